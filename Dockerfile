@@ -1,0 +1,17 @@
+# Small, non-root image of the verifier.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY verifier ./verifier
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --no-create-home verifier
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/* && rm -rf /wheels
+USER 10001
+EXPOSE 8080 50051 9464
+HEALTHCHECK --interval=10s --timeout=2s --retries=3 \
+  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=1).status == 200 else 1)"
+ENTRYPOINT ["verifier"]
+CMD ["serve", "--config", "/etc/verifier/config.yaml"]

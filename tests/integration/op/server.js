@@ -1,0 +1,299 @@
+// A real OpenID Provider (panva/node-oidc-provider, OpenID certified) for the verifier's
+// integration tests. Test harness only: secrets are fixed, storage is in memory, HTTP on loopback.
+//
+// Usage:  node server.js CONFIG.json        (or OP_CONFIG=CONFIG.json node server.js)
+// Without a config file: OP_PORT and OP_KEYS_FILE (a private JWKS) are required.
+//
+// Config (JSON; every key optional except keys_file and port):
+//   {
+//     "port": 9400, "host": "127.0.0.1",
+//     "keys_file": "/path/private-jwks.json",        // {"keys": [private JWKs with kid, alg]}
+//     "signing_kids": {"ES256": "kid", ...},         // which key signs each alg (default: the first key of that alg)
+//     "access_token_ttl": 300,                       // seconds
+//     "clients": [{"client_id": "app", "client_secret": "...", "scope": "read write admin"}]
+//   }
+//
+// Resource indicators (RFC 8707) -> access tokens (RFC 9068 JWT, typ at+jwt, unless opaque):
+//   https://api.example.test          aud https://api.example.test   ES256
+//   https://api.example.test/es256    aud https://api.example.test   ES256
+//   https://api.example.test/rs256    aud https://api.example.test   RS256
+//   https://api.example.test/eddsa    aud https://api.example.test   EdDSA (Ed25519)
+//   https://other.example.test        aud https://other.example.test ES256 (a wrong-audience token)
+//   https://opaque.example.test       opaque (introspect it)
+//
+// Extra endpoints, for tests only (not part of OpenID):
+//   GET  /__stats          counts of requests served per endpoint since start (or the last reset)
+//   POST /__stats/reset    zero the counts
+//   POST /__reload         re-read the config and keys file and swap in a new Provider (key rotation
+//                          without a restart; in-memory tokens and grants survive, the port stays)
+//   POST /__faults         {"jwks": {"status": 503, "delay_ms": 0}, ...} answer an endpoint with an
+//                          error and/or delay it; {} clears every fault
+// Requests carrying the header "x-op-harness: 1" are not counted (the harness's own bookkeeping).
+//
+// Ready: prints one line `OP_READY {"issuer": ..., "port": ...}` on stdout once listening.
+
+import * as fs from 'node:fs';
+import * as http from 'node:http';
+
+import Provider, { errors } from 'oidc-provider';
+
+const API_AUDIENCE = 'https://api.example.test';
+const DEFAULT_SCOPE = 'read write admin';
+
+// resource indicator -> [audience, format, alg]
+const RESOURCE_SERVERS = {
+  [API_AUDIENCE]: [API_AUDIENCE, 'jwt', 'ES256'],
+  [`${API_AUDIENCE}/es256`]: [API_AUDIENCE, 'jwt', 'ES256'],
+  [`${API_AUDIENCE}/rs256`]: [API_AUDIENCE, 'jwt', 'RS256'],
+  [`${API_AUDIENCE}/eddsa`]: [API_AUDIENCE, 'jwt', 'EdDSA'],
+  'https://other.example.test': ['https://other.example.test', 'jwt', 'ES256'],
+  'https://opaque.example.test': ['https://opaque.example.test', 'opaque', null],
+};
+
+// Routes as configured below; the value is the stats key.
+const COUNTED_ROUTES = {
+  '/.well-known/openid-configuration': 'discovery',
+  '/jwks': 'jwks',
+  '/token': 'token',
+  '/token/introspection': 'introspection',
+  '/token/revocation': 'revocation',
+  '/auth': 'authorization',
+};
+
+// The stock in-memory adapter keeps one store per Provider instance, so a /__reload would forget
+// every issued opaque token. This one keeps them in the process, across reloads (not restarts).
+const records = new Map(); // `${model}:${id}` -> { payload, expiresAt (ms) }
+const grantMembers = new Map(); // grantId -> Set of record keys
+
+class SharedMemoryAdapter {
+  constructor(model) {
+    this.model = model;
+  }
+
+  key(id) {
+    return `${this.model}:${id}`;
+  }
+
+  async upsert(id, payload, expiresIn) {
+    const key = this.key(id);
+    records.set(key, { payload, expiresAt: expiresIn ? Date.now() + expiresIn * 1000 : undefined });
+    if (payload.grantId) {
+      if (!grantMembers.has(payload.grantId)) grantMembers.set(payload.grantId, new Set());
+      grantMembers.get(payload.grantId).add(key);
+    }
+  }
+
+  async find(id) {
+    const key = this.key(id);
+    const record = records.get(key);
+    if (!record) return undefined;
+    if (record.expiresAt !== undefined && record.expiresAt < Date.now()) {
+      records.delete(key);
+      return undefined;
+    }
+    return record.payload;
+  }
+
+  async findByUid(uid) {
+    for (const [key, record] of records) {
+      if (key.startsWith(`${this.model}:`) && record.payload.uid === uid) return record.payload;
+    }
+    return undefined;
+  }
+
+  async findByUserCode(userCode) {
+    for (const [key, record] of records) {
+      if (key.startsWith(`${this.model}:`) && record.payload.userCode === userCode) return record.payload;
+    }
+    return undefined;
+  }
+
+  async consume(id) {
+    const record = records.get(this.key(id));
+    if (record) record.payload.consumed = Math.floor(Date.now() / 1000);
+  }
+
+  async destroy(id) {
+    records.delete(this.key(id));
+  }
+
+  async revokeByGrantId(grantId) {
+    for (const key of grantMembers.get(grantId) ?? []) records.delete(key);
+    grantMembers.delete(grantId);
+  }
+}
+
+function loadConfig() {
+  const path = process.argv[2] || process.env.OP_CONFIG;
+  const config = path ? JSON.parse(fs.readFileSync(path, 'utf8')) : {};
+  config.port = Number(config.port ?? process.env.OP_PORT);
+  config.host = config.host ?? process.env.OP_HOST ?? '127.0.0.1';
+  config.keys_file = config.keys_file ?? process.env.OP_KEYS_FILE;
+  if (!config.port) throw new Error('port missing (config "port" or OP_PORT)');
+  if (!config.keys_file) throw new Error('keys file missing (config "keys_file" or OP_KEYS_FILE)');
+  config.access_token_ttl = Number(config.access_token_ttl ?? process.env.OP_ACCESS_TOKEN_TTL ?? 300);
+  config.signing_kids = config.signing_kids ?? {};
+  config.clients = config.clients ?? [
+    { client_id: 'app', client_secret: 'app-secret-for-tests-only', scope: DEFAULT_SCOPE },
+    { client_id: 'verifier', client_secret: 'verifier-secret-for-tests-only', scope: DEFAULT_SCOPE },
+  ];
+  return config;
+}
+
+function buildProvider(config) {
+  const jwks = JSON.parse(fs.readFileSync(config.keys_file, 'utf8'));
+  const issuer = `http://${config.host}:${config.port}`;
+
+  const provider = new Provider(issuer, {
+    adapter: SharedMemoryAdapter,
+    jwks,
+    clients: config.clients.map((c) => ({
+      client_id: c.client_id,
+      client_secret: c.client_secret,
+      scope: c.scope ?? DEFAULT_SCOPE,
+      grant_types: ['client_credentials'],
+      response_types: [],
+      redirect_uris: [],
+      token_endpoint_auth_method: 'client_secret_basic',
+    })),
+    scopes: DEFAULT_SCOPE.split(' '),
+    cookies: { keys: ['test-harness-cookie-key-not-secret'] },
+    ttl: { ClientCredentials: config.access_token_ttl },
+    features: {
+      devInteractions: { enabled: false },
+      clientCredentials: { enabled: true },
+      introspection: {
+        enabled: true,
+        // Any authenticated confidential client (the verifier) may introspect any token.
+        allowedPolicy: async () => true,
+      },
+      revocation: {
+        enabled: true,
+        // Any authenticated confidential client may revoke any token, so tests need not track who issued it.
+        allowedPolicy: async () => true,
+      },
+      dPoP: { enabled: true },
+      resourceIndicators: {
+        enabled: true,
+        defaultResource: async (_ctx, _client, oneOf) => oneOf ?? API_AUDIENCE,
+        useGrantedResource: async () => true,
+        getResourceServerInfo: async (_ctx, resourceIndicator) => {
+          const entry = RESOURCE_SERVERS[resourceIndicator];
+          if (!entry) throw new errors.InvalidTarget();
+          const [audience, format, alg] = entry;
+          const info = {
+            audience,
+            scope: DEFAULT_SCOPE,
+            accessTokenTTL: config.access_token_ttl,
+            accessTokenFormat: format,
+          };
+          if (format === 'jwt') {
+            const kid = config.signing_kids[alg];
+            info.jwt = { sign: kid ? { alg, kid } : { alg } };
+          }
+          return info;
+        },
+      },
+    },
+  });
+  return provider;
+}
+
+const stats = {};
+function resetStats() {
+  for (const key of [...Object.values(COUNTED_ROUTES), 'other', 'total']) stats[key] = 0;
+}
+resetStats();
+let faults = {};
+let reloads = 0;
+
+const config = loadConfig();
+let provider = buildProvider(config);
+let handler = provider.callback();
+const issuer = `http://${config.host}:${config.port}`;
+
+function sendJson(res, status, body) {
+  const data = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) });
+  res.end(data);
+}
+
+function readBody(req) {
+  return new Promise((resolve, reject) => {
+    const chunks = [];
+    req.on('data', (c) => chunks.push(c));
+    req.on('end', () => resolve(Buffer.concat(chunks).toString('utf8')));
+    req.on('error', reject);
+  });
+}
+
+async function control(req, res, path) {
+  if (path === '/__stats' && req.method === 'GET') {
+    return sendJson(res, 200, { ...stats, reloads });
+  }
+  if (path === '/__stats/reset' && req.method === 'POST') {
+    resetStats();
+    return sendJson(res, 200, { ...stats, reloads });
+  }
+  if (path === '/__reload' && req.method === 'POST') {
+    try {
+      const fresh = loadConfig();
+      if (fresh.port !== config.port || fresh.host !== config.host) {
+        return sendJson(res, 400, { error: 'port and host cannot change on reload; restart instead' });
+      }
+      provider = buildProvider(fresh);
+      handler = provider.callback();
+      Object.assign(config, fresh);
+      reloads += 1;
+      return sendJson(res, 200, { reloaded: true, reloads });
+    } catch (err) {
+      return sendJson(res, 500, { error: String(err) });
+    }
+  }
+  if (path === '/__faults' && req.method === 'POST') {
+    try {
+      faults = JSON.parse((await readBody(req)) || '{}');
+    } catch (err) {
+      return sendJson(res, 400, { error: String(err) });
+    }
+    return sendJson(res, 200, faults);
+  }
+  return sendJson(res, 404, { error: 'not_found' });
+}
+
+const server = http.createServer(async (req, res) => {
+  const path = new URL(req.url, issuer).pathname;
+  if (path.startsWith('/__')) return control(req, res, path);
+
+  const key = COUNTED_ROUTES[path] ?? 'other';
+  if (req.headers['x-op-harness'] !== '1') {
+    stats[key] += 1;
+    stats.total += 1;
+  }
+  const fault = faults[key];
+  if (fault) {
+    if (fault.delay_ms) await new Promise((r) => setTimeout(r, fault.delay_ms));
+    if (fault.status) {
+      return sendJson(res, fault.status, { error: 'injected_fault', error_description: `test fault on ${key}` });
+    }
+  }
+  return handler(req, res);
+});
+server.keepAliveTimeout = 5000;
+
+server.on('error', (err) => {
+  console.error(`OP_FAILED ${err.message}`);
+  process.exit(1);
+});
+
+server.listen(config.port, config.host, () => {
+  console.log(`OP_READY ${JSON.stringify({ issuer, port: config.port })}`);
+});
+
+for (const signal of ['SIGTERM', 'SIGINT']) {
+  process.on(signal, () => {
+    server.close(() => process.exit(0));
+    server.closeAllConnections();
+    setTimeout(() => process.exit(0), 1000).unref();
+  });
+}

@@ -1,0 +1,160 @@
+"""The HTTP forward-auth door over real sockets, against a real (in-process) issuer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from doorkit import http_exchange, running_verifier
+
+from verifier.doors.forward_auth import attributes_from_http
+
+
+def _request(token: str | None, extra: str = "", target: str = "/v1/forward-auth", method: str = "GET") -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return f"{method} {target} HTTP/1.1\r\nHost: verifier\r\n{auth}{extra}\r\n".encode()
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def _header(answer: bytes, name: str) -> str | None:
+    head = answer.split(b"\r\n\r\n", 1)[0].decode()
+    for line in head.split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.lower() == name.lower():
+            return value.strip()
+    return None
+
+
+async def test_allows_a_valid_token_with_identity_headers_and_no_store() -> None:
+    async with running_verifier() as (app, idp):
+        token = idp.mint(sub="alice", scope="read write")
+        answer = await http_exchange(app.ports.http, _request(token, "X-Forwarded-Uri: /things?a=1\r\n"))
+        assert _status(answer) == 200
+        assert _header(answer, "x-authenticated-userid") == "alice"
+        assert _header(answer, "x-authenticated-scope") == "read write"
+        assert _header(answer, "x-authenticated-issuer") == idp.issuer
+        assert _header(answer, "x-verifier-reason") == "ok"
+
+
+@pytest.mark.parametrize("alg", ["ES256", "RS256", "EdDSA"])
+async def test_each_algorithm_verifies(alg: str) -> None:
+    async with running_verifier() as (app, idp):
+        answer = await http_exchange(app.ports.http, _request(idp.mint(alg=alg)))
+        assert _status(answer) == 200
+
+
+async def test_missing_token_gets_a_bare_bearer_challenge() -> None:
+    async with running_verifier() as (app, _):
+        answer = await http_exchange(app.ports.http, _request(None))
+        assert _status(answer) == 401
+        assert _header(answer, "www-authenticate") == 'Bearer realm="verifier"'
+        assert _header(answer, "cache-control") == "no-store"
+
+
+async def test_expired_token_is_invalid_token_with_a_description() -> None:
+    async with running_verifier() as (app, idp):
+        token = idp.mint(claims={"exp": 1_000_000_000})
+        answer = await http_exchange(app.ports.http, _request(token))
+        assert _status(answer) == 401
+        assert 'error="invalid_token"' in (_header(answer, "www-authenticate") or "")
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body["error"] == "invalid_token"
+        assert _header(answer, "x-verifier-reason") == "token_expired"
+
+
+async def test_wrong_audience_is_forbidden() -> None:
+    async with running_verifier() as (app, idp):
+        answer = await http_exchange(app.ports.http, _request(idp.mint(aud="https://other.example.test")))
+        assert _status(answer) == 403
+        assert 'error="insufficient_scope"' in (_header(answer, "www-authenticate") or "")
+
+
+async def test_tampered_signature_is_refused_and_then_served_from_the_negative_cache() -> None:
+    async with running_verifier() as (app, idp):
+        token = idp.mint()
+        head, payload, sig = token.split(".")
+        forged = f"{head}.{payload}.{sig[:-4]}{'AAAA' if not sig.endswith('AAAA') else 'BBBB'}"
+        for _ in range(3):
+            answer = await http_exchange(app.ports.http, _request(forged))
+            assert _status(answer) == 401
+            assert _header(answer, "x-verifier-reason") == "signature_invalid"
+        assert app.metrics.negative_hit._value.get() == 2
+
+
+async def test_keep_alive_and_pipelined_requests_are_answered_in_order() -> None:
+    async with running_verifier() as (app, idp):
+        good = idp.mint(sub="p1")
+        raw = _request(good) + _request(None) + _request(idp.mint(sub="p2")) + _request(good)
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
+        writer.write(raw)
+        statuses, subjects = [], []
+        for _ in range(4):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = int(_header(head, "content-length") or 0)
+            if length:
+                await reader.readexactly(length)
+            statuses.append(_status(head))
+            subjects.append(_header(head, "x-authenticated-userid"))
+        writer.close()
+        assert statuses == [200, 401, 200, 200]
+        assert subjects == ["p1", None, "p2", "p1"]
+
+
+async def test_http_1_0_without_keep_alive_is_closed_after_the_answer() -> None:
+    async with running_verifier() as (app, _):
+        answer = await http_exchange(app.ports.http, b"GET /v1/forward-auth HTTP/1.0\r\n\r\n", read_until_close=True)
+        assert _status(answer) == 401
+        assert b"connection: close" in answer
+
+
+async def test_oversized_headers_get_431_and_garbage_gets_400() -> None:
+    async with running_verifier() as (app, _):
+        big = _request("a" * 40_000)
+        assert _status(await http_exchange(app.ports.http, big, read_until_close=True)) == 431
+        assert _status(await http_exchange(app.ports.http, b"\x00\x01garbage\r\n\r\n", read_until_close=True)) == 400
+
+
+async def test_two_authorization_headers_are_a_bad_request() -> None:
+    async with running_verifier() as (app, idp):
+        token = idp.mint()
+        answer = await http_exchange(app.ports.http, _request(token, f"Authorization: Bearer {token}\r\n"))
+        assert _status(answer) == 400
+        assert _header(answer, "x-verifier-reason") == "invalid_request"
+
+
+async def test_health_reports_serving_and_unknown_paths_404() -> None:
+    async with running_verifier() as (app, _):
+        assert _status(await http_exchange(app.ports.http, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")) == 200
+        assert _status(await http_exchange(app.ports.http, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")) == 404
+
+
+def test_original_request_comes_from_forwarded_headers_first() -> None:
+    attrs = attributes_from_http(
+        "GET",
+        b"/v1/forward-auth",
+        {
+            "x-forwarded-method": "post",
+            "x-forwarded-uri": "/a?b=1",
+            "x-forwarded-host": "api",
+            "x-forwarded-proto": "HTTPS",
+            "host": "verifier",
+        },
+        "10.0.0.1",
+    )
+    assert (attrs.method, attrs.path, attrs.host, attrs.scheme) == ("POST", "/a?b=1", "api", "https")
+
+
+def test_nginx_original_headers_are_understood() -> None:
+    attrs = attributes_from_http(
+        "GET", b"/v1/forward-auth", {"x-original-method": "DELETE", "x-original-uri": "/x", "host": "h"}, ""
+    )
+    assert (attrs.method, attrs.path, attrs.host) == ("DELETE", "/x", "h")
+
+
+def test_envoy_http_mode_appends_the_original_path_and_keeps_the_method() -> None:
+    attrs = attributes_from_http("PUT", b"/v1/forward-auth/orders/7?x=1", {"host": "shop"}, "")
+    assert (attrs.method, attrs.path, attrs.host) == ("PUT", "/orders/7?x=1", "shop")

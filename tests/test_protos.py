@@ -1,0 +1,16 @@
+"""The committed generated code matches protos/ (regenerated into a temp dir and compared)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_generated_code_matches_protos(tmp_path: Path) -> None:
+    subprocess.run(["bash", str(ROOT / "scripts/gen_protos.sh"), str(tmp_path)], check=True, cwd=ROOT)
+    for name in ("verifier_pb2.py", "verifier_pb2_grpc.py", "verifier_pb2.pyi"):
+        fresh = (tmp_path / "verifier/v1" / name).read_text()
+        committed = (ROOT / "verifier/v1" / name).read_text()
+        assert fresh == committed, f"verifier/v1/{name} is stale: run scripts/gen_protos.sh"

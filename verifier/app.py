@@ -1,0 +1,153 @@
+"""The composition root: builds every part once from `Settings`, starts the doors, stops them.
+
+Dependencies and the clock come in through constructors; nothing else in the package creates
+caches, clients or verifiers of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+
+from aiohttp import web
+
+from verifier.clock import Clock, SystemClock
+from verifier.decision import Decision
+from verifier.doors.forward_auth import ForwardAuthDoor
+from verifier.doors.grpc import GrpcDoors
+from verifier.observe.metrics import Metrics
+from verifier.pipeline import Pipeline
+from verifier.principal import Principal
+from verifier.settings import Settings
+from verifier.tokens.cache import ExpiringCache
+from verifier.tokens.fetch import Fetcher, HttpFetcher
+from verifier.tokens.jwks import IssuerKeys, KeyStore
+from verifier.tokens.jwt import JwtVerifier
+
+log = logging.getLogger("verifier.app")
+
+SHUTDOWN_GRACE_SECONDS = 5.0  # in-flight calls get this long to finish on SIGTERM
+METRICS_REFRESH_SECONDS = 5.0  # how often gauges derived from state (key age) are updated
+
+
+@dataclasses.dataclass
+class BoundPorts:
+    """Where the doors actually listen (useful with port 0)."""
+
+    grpc: int | None = None
+    http: int | None = None
+    metrics: int | None = None
+
+
+class App:
+    """The running verifier."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        fetcher: Fetcher | None = None,
+        metrics: Metrics | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self._own_fetcher = fetcher is None
+        self.fetcher: Fetcher = fetcher or HttpFetcher()
+        self.metrics = metrics or Metrics()
+        self.reuse_port = reuse_port
+        self.keys = KeyStore(
+            {i.issuer: IssuerKeys(i, self.fetcher, self.clock, self.metrics) for i in settings.issuers}
+        )
+        self.jwt = JwtVerifier(
+            {i.issuer: i for i in settings.issuers}, self.keys, self.clock, max_token_bytes=settings.max_token_bytes
+        )
+        self.positive: ExpiringCache[tuple[Principal, Decision]] = ExpiringCache(
+            settings.cache.token_entries, self.clock
+        )
+        self.negative: ExpiringCache[Decision] = ExpiringCache(settings.cache.negative_entries, self.clock)
+        self.pipeline = Pipeline(
+            jwt=self.jwt,
+            positive=self.positive,
+            negative=self.negative,
+            clock=self.clock,
+            metrics=self.metrics,
+            realm=settings.realm,
+            negative_ttl=settings.cache.negative_ttl_seconds,
+            audit_enabled=settings.audit,
+        )
+        self.forward_auth = ForwardAuthDoor(self.pipeline, self.metrics, self.ready)
+        self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready)
+        self.ports = BoundPorts()
+        self._metrics_runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def ready(self) -> bool:
+        """SERVING once every issuer's keys are loaded."""
+        return self.keys.ready
+
+    async def start(self) -> None:
+        """Starts key fetching and every configured door; SERVING follows the first good key fetch."""
+        self.keys.start()
+        s = self.settings
+        if s.http is not None:
+            self.ports.http = await self.forward_auth.start(s.http.host, s.http.port, reuse_port=self.reuse_port)
+        if s.grpc is not None:
+            self.ports.grpc = await self.grpc.start(s.grpc.address, reuse_port=self.reuse_port)
+        if s.metrics is not None:
+            self.ports.metrics = await self._start_metrics(s.metrics.host, s.metrics.port)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._serve_when_ready()))
+        self._tasks.append(loop.create_task(self._refresh_gauges()))
+        log.info("verifier started", extra={"event": "started", "ports": dataclasses.asdict(self.ports)})
+
+    async def _serve_when_ready(self) -> None:
+        await self.keys.wait_ready()
+        await self.grpc.set_serving(True)
+        log.info("serving", extra={"event": "serving"})
+
+    async def _refresh_gauges(self) -> None:
+        while True:
+            for issuer, keys in self.keys.issuers.items():
+                age = keys.key_age()
+                if age is not None:
+                    self.metrics.jwks_key_age.labels(issuer).set(age)
+            await asyncio.sleep(METRICS_REFRESH_SECONDS)
+
+    async def _start_metrics(self, host: str, port: int) -> int:
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+        async def healthz(_: web.Request) -> web.Response:
+            ok = self.ready()
+            return web.Response(status=200 if ok else 503, text="SERVING\n" if ok else "NOT_SERVING\n")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None)
+        await site.start()
+        self._metrics_runner = runner
+        server = site._server  # aiohttp exposes no public accessor for the bound port
+        sockets = getattr(server, "sockets", None) or ()
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Graceful shutdown: stop accepting, drain in-flight calls, close clients."""
+        await self.grpc.stop(grace)
+        await self.forward_auth.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.keys.stop()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+        if self._own_fetcher and isinstance(self.fetcher, HttpFetcher):
+            await self.fetcher.close()

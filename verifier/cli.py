@@ -1,0 +1,140 @@
+"""Command line: `verifier serve --config FILE`, `verifier check-config FILE`, `verifier dev`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shlex
+import signal
+import sys
+
+from verifier.app import App
+from verifier.observe.audit import configure_logging
+from verifier.settings import ConfigError, IssuerSettings, Listen, Settings, load_settings
+
+log = logging.getLogger("verifier.cli")
+
+
+def _event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _run(app: App, on_ready: object = None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    if callable(on_ready):
+        await on_ready()
+    await stop.wait()
+    log.info("shutting down", extra={"event": "stopping"})
+    await app.stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Runs the verifier from a config file."""
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    _event_loop_policy()
+    asyncio.run(_run(App(settings)))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validates a config file without serving."""
+    try:
+        settings = load_settings(args.file)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print(f"ok: {len(settings.issuers)} issuer(s)")
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Runs the verifier against an embedded development identity provider."""
+    from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
+
+    _event_loop_policy()
+    idp = DevIdentityProvider(port=args.issuer_port)
+    settings = Settings(
+        grpc=Listen(host="127.0.0.1", port=args.grpc_port),
+        http=Listen(host="127.0.0.1", port=args.http_port),
+        metrics=Listen(host="127.0.0.1", port=args.metrics_port),
+        issuers=(
+            IssuerSettings(
+                issuer=idp.issuer,
+                audiences=(DEV_AUDIENCE,),
+                algorithms=("ES256", "RS256", "EdDSA"),
+                jwks_cooldown_seconds=1.0,
+            ),
+        ),
+    )
+    app = App(settings)
+
+    async def main() -> None:
+        await idp.start()
+
+        async def ready() -> None:
+            await app.keys.wait_ready()
+            token = idp.mint(sub="alice", scope="read write")
+            http = f"http://127.0.0.1:{app.ports.http}/v1/forward-auth"
+            print(
+                "\nverifier dev is running (Ctrl-C stops it)\n"
+                f"  issuer        {idp.issuer}   (POST {idp.issuer}/token mints tokens)\n"
+                f"  forward-auth  {http}\n"
+                f"  gRPC          127.0.0.1:{app.ports.grpc}  (verifier.v1.Verifier/Check, "
+                "envoy.service.auth.v3.Authorization/Check)\n"
+                f"  metrics       http://127.0.0.1:{app.ports.metrics}/metrics\n\n"
+                "Try:\n"
+                f"  curl -i -H {shlex.quote('Authorization: Bearer ' + token)} -H 'X-Forwarded-Uri: /hello' {http}\n"
+                f"  curl -i {http}      # no token: 401 with a Bearer challenge\n"
+                f"  curl -s -X POST -d sub=bob -d scope=read {idp.issuer}/token   # another token\n"
+                f'  grpcurl -plaintext -d \'{{"method":"GET","path":"/hello","headers":'
+                f'{{"authorization":"Bearer {token}"}}}}\' 127.0.0.1:{app.ports.grpc} verifier.v1.Verifier/Check\n',
+                flush=True,
+            )
+
+        try:
+            await _run(app, ready)
+        finally:
+            await idp.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    parser = argparse.ArgumentParser(prog="verifier", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the verifier")
+    serve.add_argument("--config", required=True, help="YAML settings file")
+    serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser("check-config", help="validate a settings file and exit")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+    dev = sub.add_parser("dev", help="run against an embedded development identity provider")
+    dev.add_argument("--issuer-port", type=int, default=9400)
+    dev.add_argument("--http-port", type=int, default=8080)
+    dev.add_argument("--grpc-port", type=int, default=50051)
+    dev.add_argument("--metrics-port", type=int, default=9464)
+    dev.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    return int(args.func(args))

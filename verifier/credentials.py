@@ -1,0 +1,53 @@
+"""Finds the access token in a request (RFC 6750 section 2.1 Bearer, RFC 9449 section 7.1 DPoP).
+
+Only the Authorization header is read: tokens in query strings or bodies leak into logs and caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+
+from verifier.errors import MalformedRequest, MissingToken
+from verifier.request import RequestAttributes
+
+# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+class TokenScheme(enum.Enum):
+    """How the token was presented."""
+
+    BEARER = "bearer"
+    DPOP = "dpop"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Credential:
+    """An access token and the scheme it came under."""
+
+    scheme: TokenScheme
+    token: str
+
+
+def extract(attrs: RequestAttributes) -> Credential:
+    """Returns the request's access token, or raises `MissingToken` / `MalformedRequest`."""
+    value = attrs.headers.get("authorization")
+    if not value:
+        raise MissingToken("no access token")
+    scheme, _, token = value.strip().partition(" ")
+    lowered = scheme.lower()
+    if lowered == "bearer":
+        kind = TokenScheme.BEARER
+    elif lowered == "dpop":
+        kind = TokenScheme.DPOP
+    else:
+        # Basic, Negotiate, ...: not ours. Answer with a bare challenge, as if no token were sent.
+        raise MissingToken("no access token")
+    token = token.strip()
+    if not token:
+        raise MissingToken("no access token")
+    if _B64TOKEN.fullmatch(token) is None:
+        raise MalformedRequest("malformed Authorization header")
+    return Credential(kind, token)

@@ -1,0 +1,292 @@
+"""HTTP/1.1 forward-auth: the fast door for Kong's Lua plugin, nginx `auth_request`, Traefik/Caddy
+forward-auth and Envoy's HTTP ext_authz mode.
+
+An asyncio Protocol over `httptools` (llhttp): no framework, no per-request objects beyond the
+attributes, a pre-serialized answer for every cached decision, keep-alive, TCP_NODELAY (without it
+Nagle's algorithm adds ~40 ms to every answer) and in-order answers for pipelined requests.
+
+Where the original request is described (first match wins):
+- method: `X-Forwarded-Method`, `X-Original-Method`, else this request's method (Envoy HTTP mode);
+- path: `X-Forwarded-Uri`, `X-Original-URI`, else what follows `/v1/forward-auth` (Envoy appends the
+  original path to its `path_prefix`), else `/`;
+- host: `X-Forwarded-Host`, else `Host`; scheme: `X-Forwarded-Proto`, else `http`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+
+from verifier.decision import Decision
+from verifier.observe.metrics import Metrics
+from verifier.pipeline import Pipeline
+from verifier.request import RequestAttributes
+
+DOOR = "forward_auth"
+PREFIX = b"/v1/forward-auth"
+MAX_HEADER_BYTES = 32 * 1024  # per request; larger is refused with 431 (tokens are bounded at 8 KiB)
+MAX_HEADERS = 128  # header fields per request
+MAX_PIPELINED = 64  # answers pending on one connection before we stop reading from it
+MAX_BODY_BYTES = 64 * 1024  # forward-auth requests carry no body we need; bound what we swallow
+
+_ERROR_ANSWERS = {
+    400: b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    404: b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+    413: b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    431: b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+}
+_HEALTH_OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 8\r\n\r\nSERVING\n"
+_HEALTH_NOT = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 12\r\n\r\nNOT_SERVING\n"
+
+
+def attributes_from_http(method: str, target: bytes, headers: dict[str, str], peer: str) -> RequestAttributes:
+    """Builds the original request's attributes from a forward-auth request."""
+    path = headers.get("x-forwarded-uri") or headers.get("x-original-uri")
+    if path is None:
+        suffix = target[len(PREFIX) :].decode("latin-1") if target.startswith(PREFIX) else ""
+        path = suffix if suffix.startswith("/") else "/" + suffix.lstrip("?") if suffix else "/"
+    return RequestAttributes(
+        method=(headers.get("x-forwarded-method") or headers.get("x-original-method") or method).upper(),
+        scheme=headers.get("x-forwarded-proto", "http").lower(),
+        host=headers.get("x-forwarded-host") or headers.get("host", ""),
+        path=path,
+        headers=headers,
+        client_address=(headers.get("x-forwarded-for", "").split(",", 1)[0].strip() or peer),
+        client_cert_thumbprint=headers.get("x-client-cert-thumbprint", ""),
+    )
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection from a gateway."""
+
+    __slots__ = (
+        "_body_bytes",
+        "_closing",
+        "_door",
+        "_header_bytes",
+        "_headers",
+        "_name",
+        "_parser",
+        "_paused",
+        "_peer",
+        "_pending",
+        "_transport",
+        "_url",
+    )
+
+    def __init__(self, door: ForwardAuthDoor) -> None:
+        self._door = door
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._header_bytes = 0
+        self._name = ""
+        self._body_bytes = 0
+        self._pending: collections.deque[asyncio.Future[bytes] | bytes] = collections.deque()
+        self._closing = False
+        self._paused = False
+        self._peer = ""
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        self._door.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # unix sockets have no Nagle to turn off
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) else ""
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400)
+        except httptools.HttpParserError:
+            self._fail(431 if self._header_bytes > MAX_HEADER_BYTES else 400)
+        except _TooLarge as exc:
+            self._fail(exc.status)
+
+    @property
+    def busy(self) -> bool:
+        """Whether answers are still owed on this connection."""
+        return bool(self._pending)
+
+    def close(self) -> None:
+        """Closes the connection (shutdown)."""
+        if self._transport is not None:
+            self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._door.connections.discard(self)
+        self._closing = True
+        for item in self._pending:
+            if isinstance(item, asyncio.Future):
+                item.cancel()
+        self._pending.clear()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+        self._header_bytes = 0
+        self._body_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise _TooLarge(431)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES or len(self._headers) >= MAX_HEADERS:
+            raise _TooLarge(431)
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        old = self._headers.get(key)
+        # A repeated field is joined as RFC 9110 section 5.3 says; a repeated Authorization then
+        # fails the credential syntax check instead of one of them being silently picked.
+        self._headers[key] = text if old is None else f"{old}, {text}"
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > MAX_BODY_BYTES:
+            raise _TooLarge(413)
+
+    def on_message_complete(self) -> None:
+        parser = self._parser
+        keep_alive = parser.should_keep_alive()
+        url = self._url
+        path = url.split(b"?", 1)[0]
+        door = self._door
+        if path == PREFIX or path.startswith(PREFIX + b"/"):
+            attrs = attributes_from_http(parser.get_method().decode("latin-1"), url, self._headers, self._peer)
+            started = time.perf_counter()
+            decision = door.pipeline.decide_cached(attrs)
+            if decision is not None:
+                door.observe(decision, started)
+                self._push(_answer(decision, keep_alive), keep_alive)
+            else:
+                future = asyncio.ensure_future(door.decide_slow(attrs, started, keep_alive))
+                self._push(future, keep_alive)
+        elif path in (b"/healthz", b"/readyz"):
+            self._push(_HEALTH_OK if door.ready() else _HEALTH_NOT, keep_alive)
+        elif path == b"/livez":
+            self._push(_HEALTH_OK, keep_alive)
+        else:
+            self._push(_ERROR_ANSWERS[404], keep_alive)
+
+    # answers, in request order
+    def _push(self, item: asyncio.Future[bytes] | bytes, keep_alive: bool) -> None:
+        pending = self._pending
+        if not pending and isinstance(item, bytes):
+            assert self._transport is not None
+            self._transport.write(item)
+        else:
+            pending.append(item)
+            if isinstance(item, asyncio.Future):
+                item.add_done_callback(self._flush)
+            if len(pending) >= MAX_PIPELINED and not self._paused and self._transport is not None:
+                self._paused = True
+                self._transport.pause_reading()
+        if not keep_alive:
+            self._closing = True
+            if not self._pending and self._transport is not None:
+                self._transport.close()
+
+    def _flush(self, _: Any = None) -> None:
+        transport = self._transport
+        pending = self._pending
+        if transport is None or transport.is_closing():
+            return
+        while pending:
+            head = pending[0]
+            if isinstance(head, asyncio.Future):
+                if not head.done():
+                    break
+                data = b"" if head.cancelled() else head.result()
+            else:
+                data = head
+            pending.popleft()
+            transport.write(data)
+        if self._paused and len(pending) < MAX_PIPELINED // 2:
+            self._paused = False
+            transport.resume_reading()
+        if self._closing and not pending:
+            transport.close()
+
+    def _fail(self, status: int) -> None:
+        self._closing = True
+        self._pending.append(_ERROR_ANSWERS[status])
+        self._flush()
+        if self._transport is not None and not self._pending:
+            self._transport.close()
+
+
+class _TooLarge(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _answer(decision: Decision, keep_alive: bool) -> bytes:
+    key = "http_keepalive" if keep_alive else "http_close"
+    data = decision.memo.get(key)
+    if data is None:
+        head = decision.http_head
+        data = head + (b"\r\n" if keep_alive else b"connection: close\r\n\r\n") + decision.body
+        decision.memo[key] = data
+    return data
+
+
+class ForwardAuthDoor:
+    """The HTTP forward-auth listener."""
+
+    def __init__(self, pipeline: Pipeline, metrics: Metrics, ready: Callable[[], bool]) -> None:
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.ready = ready
+        self._server: asyncio.Server | None = None
+        self.connections: set[_Connection] = set()
+
+    def observe(self, decision: Decision, started: float) -> None:
+        """Counts a decision."""
+        self.metrics.decision(DOOR, decision.outcome, decision.reason, time.perf_counter() - started)
+
+    async def decide_slow(self, attrs: RequestAttributes, started: float, keep_alive: bool) -> bytes:
+        """A decision that needs verification (first-seen token)."""
+        decision = await self.pipeline.decide(attrs, DOOR)
+        self.observe(decision, started)
+        return _answer(decision, keep_alive)
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listens; returns the bound port."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, reuse_port=reuse_port or None, backlog=2048
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stops accepting; open keep-alive connections are closed."""
+        if self._server is not None:
+            self._server.close()
+            # Drain: let answers already being computed go out, then close idle keep-alives.
+            for _ in range(50):
+                if not any(c.busy for c in self.connections):
+                    break
+                await asyncio.sleep(0.02)
+            for conn in list(self.connections):
+                conn.close()

@@ -1,0 +1,249 @@
+"""The gRPC doors: our own `verifier.v1.Verifier/Check` and Envoy's `envoy.service.auth.v3.Authorization/Check`
+(wire-compatible with Envoy's ext_authz filter), plus standard health checking and reflection.
+
+Both are registered as generic handlers whose responses are pre-serialized bytes memoized on the
+decision: a cached decision is answered without building or serializing a protobuf message.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as ea
+from envoy.type.v3 import http_status_pb2
+from google.rpc import status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from verifier.decision import Decision
+from verifier.observe.metrics import Metrics
+from verifier.pipeline import Pipeline
+from verifier.request import RequestAttributes
+from verifier.v1 import verifier_pb2
+
+OWN_SERVICE = "verifier.v1.Verifier"
+ENVOY_SERVICE = "envoy.service.auth.v3.Authorization"
+_GRPC_OK = 0
+_GRPC_PERMISSION_DENIED = 7
+_GRPC_UNAUTHENTICATED = 16
+_GRPC_UNAVAILABLE = 14
+IDENTITY_HEADERS = (
+    "x-authenticated-userid",
+    "x-authenticated-scope",
+    "x-authenticated-issuer",
+    "x-authenticated-roles",
+)
+MAX_CERT_BYTES = 64 * 1024  # a PEM certificate chain larger than this is not one we thumbprint
+
+
+def cert_thumbprint(url_encoded_pem: str) -> str:
+    """RFC 8705 `x5t#S256` of the first certificate in Envoy's URL-encoded PEM (`source.certificate`)."""
+    if not url_encoded_pem or len(url_encoded_pem) > MAX_CERT_BYTES:
+        return ""
+    pem = urllib.parse.unquote(url_encoded_pem)
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    start = pem.find(begin)
+    stop = pem.find(end, start)
+    if start < 0 or stop < 0:
+        return ""
+    try:
+        der = base64.b64decode("".join(pem[start + len(begin) : stop].split()), validate=True)
+    except ValueError:
+        return ""
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+
+
+def _lower(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def attributes_from_own(request: verifier_pb2.CheckRequest) -> RequestAttributes:
+    """Our proto's request -> attributes."""
+    return RequestAttributes(
+        method=request.method.upper() or "GET",
+        scheme=request.scheme.lower() or "http",
+        host=request.host,
+        path=request.path or "/",
+        headers=_lower(request.headers),
+        client_address=request.client_address,
+        client_cert_thumbprint=request.client_cert_thumbprint,
+    )
+
+
+def attributes_from_envoy(request: ea.CheckRequest) -> RequestAttributes:
+    """Envoy's `AttributeContext` -> attributes. Envoy sends lower-case header names."""
+    http = request.attributes.request.http
+    headers: dict[str, str] = dict(http.headers)
+    if not headers and http.header_map.headers:
+        # `encode_raw_headers: true` sends header_map instead (values as raw bytes).
+        for h in http.header_map.headers:
+            value = h.raw_value.decode("latin-1") if h.raw_value else h.value
+            key = h.key.lower()
+            headers[key] = value if key not in headers else f"{headers[key]}, {value}"
+    source = request.attributes.source
+    return RequestAttributes(
+        method=http.method.upper() or "GET",
+        scheme=http.scheme.lower() or "http",
+        host=http.host,
+        path=http.path or "/",
+        headers=headers,
+        client_address=source.address.socket_address.address,
+        client_cert_thumbprint=headers.get("x-client-cert-thumbprint", "") or cert_thumbprint(source.certificate),
+    )
+
+
+def own_response(decision: Decision) -> bytes:
+    """Our proto's answer, serialized once per decision."""
+    data = decision.memo.get("grpc_own")
+    if data is None:
+        message = verifier_pb2.CheckResponse(
+            allowed=decision.allowed,
+            http_status=decision.status,
+            upstream_headers=[verifier_pb2.Header(name=k, value=v) for k, v in decision.upstream_headers],
+            response_headers=[verifier_pb2.Header(name=k, value=v) for k, v in decision.response_headers],
+            reason=decision.reason,
+            subject=decision.subject,
+            roles=list(decision.roles),
+            body=decision.body.decode(),
+            cache_max_age_seconds=decision.cache_max_age,
+        )
+        data = decision.memo["grpc_own"] = message.SerializeToString()
+    return data
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def envoy_response(decision: Decision) -> bytes:
+    """Envoy's answer, serialized once per decision."""
+    data = decision.memo.get("grpc_envoy")
+    if data is not None:
+        return data
+    reason = _header("x-verifier-reason", decision.reason)
+    if decision.allowed:
+        set_names = {k for k, _ in decision.upstream_headers}
+        message = ea.CheckResponse(
+            status=status_pb2.Status(code=_GRPC_OK),
+            ok_response=ea.OkHttpResponse(
+                headers=[_header(k, v) for k, v in decision.upstream_headers],
+                # A client must not smuggle an identity header we did not set this time.
+                headers_to_remove=[h for h in IDENTITY_HEADERS if h not in set_names],
+            ),
+        )
+    else:
+        code = {401: _GRPC_UNAUTHENTICATED, 403: _GRPC_PERMISSION_DENIED}.get(decision.status, _GRPC_UNAVAILABLE)
+        headers = [_header(k, v) for k, v in decision.response_headers] + [reason]
+        if decision.body:
+            headers.append(_header("content-type", "application/json"))
+        headers.append(_header("cache-control", "no-store"))
+        message = ea.CheckResponse(
+            status=status_pb2.Status(code=code),
+            denied_response=ea.DeniedHttpResponse(
+                status=http_status_pb2.HttpStatus(code=decision.status),
+                headers=headers,
+                body=decision.body.decode(),
+            ),
+        )
+    serialized: bytes = message.SerializeToString()
+    decision.memo["grpc_envoy"] = serialized
+    return serialized
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+class GrpcDoors:
+    """Both Check services on one grpc.aio server."""
+
+    def __init__(self, pipeline: Pipeline, metrics: Metrics, ready: Callable[[], bool]) -> None:
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.ready = ready
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+
+    async def _decide(self, attrs: RequestAttributes, door: str) -> Decision:
+        started = time.perf_counter()
+        decision = self.pipeline.decide_cached(attrs)
+        if decision is None:
+            decision = await self.pipeline.decide(attrs, door)
+        self.metrics.decision(door, decision.outcome, decision.reason, time.perf_counter() - started)
+        return decision
+
+    async def check_own(self, request: verifier_pb2.CheckRequest, context: Any) -> bytes:
+        """verifier.v1.Verifier/Check."""
+        return own_response(await self._decide(attributes_from_own(request), "grpc"))
+
+    async def check_envoy(self, request: ea.CheckRequest, context: Any) -> bytes:
+        """envoy.service.auth.v3.Authorization/Check."""
+        return envoy_response(await self._decide(attributes_from_envoy(request), "ext_authz"))
+
+    async def start(self, address: str, *, reuse_port: bool = False) -> int:
+        """Builds the server and listens; returns the bound port."""
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
+                ("grpc.max_receive_message_length", 1 << 20),
+                ("grpc.max_concurrent_streams", 1000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ]
+        )
+        own = grpc.method_handlers_generic_handler(
+            OWN_SERVICE,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    self.check_own,
+                    request_deserializer=verifier_pb2.CheckRequest.FromString,
+                    response_serializer=_identity,
+                )
+            },
+        )
+        envoy = grpc.method_handlers_generic_handler(
+            ENVOY_SERVICE,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    self.check_envoy, request_deserializer=ea.CheckRequest.FromString, response_serializer=_identity
+                )
+            },
+        )
+        server.add_generic_rpc_handlers((own, envoy))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                OWN_SERVICE,
+                ENVOY_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        port = server.add_insecure_port(address)
+        await self.set_serving(False)
+        await server.start()
+        self._server = server
+        return int(port)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Reports SERVING (overall and per service) once the keys are in."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", OWN_SERVICE, ENVOY_SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        """Stops accepting and lets in-flight calls finish within `grace` seconds."""
+        if self._server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(grace)

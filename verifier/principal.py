@@ -1,0 +1,52 @@
+"""The identity behind a verified credential: what policy and the upstream headers work from.
+
+JWT claims and (later) introspection responses both become a `Principal`, so every policy works on
+both kinds of token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Principal:
+    """A verified caller."""
+
+    issuer: str
+    subject: str  # `sub`, or `client_id` for a client-credentials token without `sub`
+    client_id: str | None
+    scopes: tuple[str, ...]
+    roles: frozenset[str]
+    expires_at: float  # epoch seconds; nothing derived from this principal outlives it
+    claims: Mapping[str, Any]
+    kid: str | None = None
+    alg: str = ""
+
+    @property
+    def scope(self) -> str:
+        """Space-separated scopes (RFC 8693 section 4.2 / RFC 9068 `scope`)."""
+        return " ".join(self.scopes)
+
+
+def scopes_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    """Scopes from `scope` (space-separated string) or `scp` (list; Okta, Entra)."""
+    scope = claims.get("scope")
+    if isinstance(scope, str):
+        return tuple(s for s in scope.split(" ") if s)
+    scp = claims.get("scp")
+    if isinstance(scp, list):
+        return tuple(s for s in scp if isinstance(s, str) and s)
+    if isinstance(scp, str):
+        return tuple(s for s in scp.split(" ") if s)
+    return ()
+
+
+def roles_of(claims: Mapping[str, Any]) -> frozenset[str]:
+    """A `roles` claim that is a list of strings counts as roles as it stands."""
+    roles = claims.get("roles")
+    if isinstance(roles, list):
+        return frozenset(r for r in roles if isinstance(r, str) and r)
+    return frozenset()

@@ -1,0 +1,299 @@
+"""Typed settings, read from one YAML file and validated once at start-up.
+
+Every error names the offending key (`issuers[0].algorithms[1]: ...`) so an operator can fix the file
+without reading code. Secrets never live in the file: it names environment variables instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+# Algorithms we can verify with asymmetric keys. HS* is deliberately absent: a verifier that holds
+# only public keys must never accept a MAC, or a public key becomes a shared secret.
+SUPPORTED_ALGORITHMS = frozenset(
+    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
+)
+
+DEFAULT_LEEWAY_SECONDS = 30  # seconds of clock skew tolerated on exp/nbf/iat
+DEFAULT_MAX_TOKEN_BYTES = 8192  # bytes; larger tokens are refused before any parsing
+DEFAULT_TOKEN_CACHE_ENTRIES = 100_000  # verified tokens kept (bounded memory, ~1 KiB each)
+DEFAULT_NEGATIVE_CACHE_ENTRIES = 100_000  # refused tokens remembered so a replay costs one lookup
+DEFAULT_NEGATIVE_TTL_SECONDS = 30.0  # seconds a refused token stays refused without re-checking
+DEFAULT_JWKS_MIN_TTL_SECONDS = 60.0  # floor on a provider's Cache-Control max-age for the JWKS
+DEFAULT_JWKS_MAX_TTL_SECONDS = 3600.0  # ceiling: refetch at least hourly even if told otherwise
+DEFAULT_JWKS_COOLDOWN_SECONDS = 30.0  # at most one unknown-kid refresh per issuer per this many s
+DEFAULT_FETCH_TIMEOUT_SECONDS = 5.0  # deadline on every discovery/JWKS call
+DEFAULT_MAX_JWKS_BYTES = 1 << 20  # 1 MiB: a JWKS larger than this is malformed, not a key set
+DEFAULT_MAX_JWKS_KEYS = 100  # keys kept per issuer; more is a misconfiguration or an attack
+DEFAULT_REALM = "verifier"
+
+
+class ConfigError(ValueError):
+    """A settings file is invalid; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Listen:
+    """A loopback-by-default TCP listen address."""
+
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        """`host:port`, bracketing IPv6 literals."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IssuerSettings:
+    """One trusted token issuer."""
+
+    issuer: str  # exact `iss` value; discovery lives under it
+    audiences: tuple[str, ...]  # at least one must appear in `aud`
+    algorithms: tuple[str, ...]  # allow-list; tokens with any other `alg` are refused
+    leeway_seconds: int = DEFAULT_LEEWAY_SECONDS
+    discovery_url: str = ""  # default: {issuer}/.well-known/openid-configuration
+    jwks_uri: str = ""  # set to skip discovery
+    require_typ_at_jwt: bool = False  # RFC 9068 strict mode: only `typ: at+jwt` is accepted
+    jwks_min_ttl_seconds: float = DEFAULT_JWKS_MIN_TTL_SECONDS
+    jwks_max_ttl_seconds: float = DEFAULT_JWKS_MAX_TTL_SECONDS
+    jwks_cooldown_seconds: float = DEFAULT_JWKS_COOLDOWN_SECONDS
+    fetch_timeout_seconds: float = DEFAULT_FETCH_TIMEOUT_SECONDS
+
+    @property
+    def discovery(self) -> str:
+        """The OIDC discovery document's URL."""
+        return self.discovery_url or self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CacheSettings:
+    """Bounds on the verified-token and refused-token caches."""
+
+    token_entries: int = DEFAULT_TOKEN_CACHE_ENTRIES
+    negative_entries: int = DEFAULT_NEGATIVE_CACHE_ENTRIES
+    negative_ttl_seconds: float = DEFAULT_NEGATIVE_TTL_SECONDS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the verifier needs, validated."""
+
+    grpc: Listen | None
+    http: Listen | None
+    metrics: Listen | None
+    issuers: tuple[IssuerSettings, ...]
+    cache: CacheSettings = CacheSettings()
+    max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
+    realm: str = DEFAULT_REALM
+    audit: bool = True
+
+
+class _Reader:
+    """Reads one mapping, remembering its path for error messages and refusing unknown keys."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+        self.data: Mapping[str, Any] = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def raw(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.data.get(key)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.raw(key)
+        if value is None:
+            if default is None:
+                raise ConfigError(f"{self._key(key)}: required")
+            return default
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self._key(key)}: expected a non-empty string")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float = 0, maximum: float | None = None) -> float:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{self._key(key)}: expected a number")
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ConfigError(f"{self._key(key)}: {value} is outside [{minimum}, {maximum}]")
+        return float(value)
+
+    def integer(self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self._key(key)}: expected an integer")
+        if value < minimum or (maximum is not None and value > maximum):
+            raise ConfigError(f"{self._key(key)}: {value} is outside [{minimum}, {maximum}]")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)}: expected true or false")
+        return value
+
+    def strings(self, key: str, *, required: bool = True) -> tuple[str, ...]:
+        value = self.raw(key)
+        if value is None and not required:
+            return ()
+        if not isinstance(value, Sequence) or isinstance(value, str) or (required and not value):
+            raise ConfigError(f"{self._key(key)}: expected a non-empty list of strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise ConfigError(f"{self._key(key)}[{i}]: expected a non-empty string")
+        return tuple(value)
+
+    def child(self, key: str) -> _Reader | None:
+        value = self.raw(key)
+        return None if value is None else _Reader(value, self._key(key))
+
+    def children(self, key: str) -> list[_Reader]:
+        value = self.raw(key)
+        if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+            raise ConfigError(f"{self._key(key)}: expected a non-empty list")
+        return [_Reader(item, f"{self._key(key)}[{i}]") for i, item in enumerate(value)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(f"{self._key(str(unknown[0]))}: unknown key")
+
+
+def _listen(reader: _Reader | None) -> Listen | None:
+    if reader is None:
+        return None
+    text = reader.text("listen")
+    reader.done()
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{reader.path}.listen: expected host:port, got {text!r}")
+    return Listen(host=host, port=int(port_text))
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(url: str, key: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: expected an http(s) URL, got {url!r}")
+    # Keys fetched over plain HTTP can be swapped by anyone on the path: only loopback may use it.
+    if parts.scheme == "http" and not _is_loopback_url(url):
+        raise ConfigError(f"{key}: https is required for a non-loopback issuer ({url!r})")
+
+
+def _issuer(reader: _Reader) -> IssuerSettings:
+    issuer = reader.text("issuer")
+    _check_url(issuer, f"{reader.path}.issuer")
+    algorithms = reader.strings("algorithms")
+    for i, alg in enumerate(algorithms):
+        if alg not in SUPPORTED_ALGORITHMS:
+            raise ConfigError(
+                f"{reader.path}.algorithms[{i}]: {alg!r} is not allowed "
+                f"(supported: {', '.join(sorted(SUPPORTED_ALGORITHMS))})"
+            )
+    settings = IssuerSettings(
+        issuer=issuer,
+        audiences=reader.strings("audiences"),
+        algorithms=algorithms,
+        leeway_seconds=reader.integer("leeway_seconds", DEFAULT_LEEWAY_SECONDS, maximum=600),
+        discovery_url=reader.text("discovery_url", ""),
+        jwks_uri=reader.text("jwks_uri", ""),
+        require_typ_at_jwt=reader.boolean("require_typ_at_jwt", False),
+        jwks_min_ttl_seconds=reader.number("jwks_min_ttl_seconds", DEFAULT_JWKS_MIN_TTL_SECONDS, minimum=1),
+        jwks_max_ttl_seconds=reader.number("jwks_max_ttl_seconds", DEFAULT_JWKS_MAX_TTL_SECONDS, minimum=1),
+        jwks_cooldown_seconds=reader.number("jwks_cooldown_seconds", DEFAULT_JWKS_COOLDOWN_SECONDS),
+        fetch_timeout_seconds=reader.number(
+            "fetch_timeout_seconds", DEFAULT_FETCH_TIMEOUT_SECONDS, minimum=0.05, maximum=60
+        ),
+    )
+    for key in ("discovery_url", "jwks_uri"):
+        if getattr(settings, key):
+            _check_url(getattr(settings, key), f"{reader.path}.{key}")
+    if settings.jwks_min_ttl_seconds > settings.jwks_max_ttl_seconds:
+        raise ConfigError(f"{reader.path}.jwks_min_ttl_seconds: larger than jwks_max_ttl_seconds")
+    reader.done()
+    return settings
+
+
+def parse_settings(data: Any) -> Settings:
+    """Validates a decoded YAML document into `Settings`, naming the first bad key."""
+    root = _Reader(data, "")
+    issuers = tuple(_issuer(r) for r in root.children("issuers"))
+    seen: set[str] = set()
+    for i, iss in enumerate(issuers):
+        if iss.issuer in seen:
+            raise ConfigError(f"issuers[{i}].issuer: {iss.issuer!r} configured twice")
+        seen.add(iss.issuer)
+    cache_reader = root.child("cache")
+    cache = CacheSettings()
+    if cache_reader is not None:
+        cache = CacheSettings(
+            token_entries=cache_reader.integer("token_entries", DEFAULT_TOKEN_CACHE_ENTRIES, maximum=10_000_000),
+            negative_entries=cache_reader.integer(
+                "negative_entries", DEFAULT_NEGATIVE_CACHE_ENTRIES, maximum=10_000_000
+            ),
+            negative_ttl_seconds=cache_reader.number(
+                "negative_ttl_seconds", DEFAULT_NEGATIVE_TTL_SECONDS, maximum=3600
+            ),
+        )
+        cache_reader.done()
+    settings = Settings(
+        grpc=_listen(root.child("grpc")),
+        http=_listen(root.child("http")),
+        metrics=_listen(root.child("metrics")),
+        issuers=issuers,
+        cache=cache,
+        max_token_bytes=root.integer("max_token_bytes", DEFAULT_MAX_TOKEN_BYTES, minimum=256, maximum=1 << 20),
+        realm=root.text("realm", DEFAULT_REALM),
+        audit=root.boolean("audit", True),
+    )
+    root.done()
+    if settings.grpc is None and settings.http is None:
+        raise ConfigError("grpc: at least one of grpc or http must be configured")
+    return settings
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Reads and validates a YAML settings file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    return parse_settings(data)

@@ -1,0 +1,1 @@
+"""Access tokens: JWS parsing, issuer keys, JWT verification and the verified-token caches."""

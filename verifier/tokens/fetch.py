@@ -1,0 +1,97 @@
+"""Outbound HTTP for discovery, JWKS and (later) introspection: the single seam for fault injection.
+
+Every call has a deadline and a size bound. Tests replace `Fetcher` with a faulty one; production
+uses one pooled keep-alive `aiohttp` session for all providers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+from typing import Any, Protocol
+
+import aiohttp
+
+from verifier.errors import ProviderUnavailable
+
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FetchResult:
+    """A decoded JSON document and how long its sender says it stays fresh (None: unsaid)."""
+
+    document: Any
+    max_age: float | None
+
+
+class Fetcher(Protocol):
+    """Fetches JSON over HTTP with a deadline."""
+
+    async def get_json(self, url: str, *, timeout: float, max_bytes: int) -> FetchResult:
+        """GETs `url`; raises `ProviderUnavailable` on any failure (transport, status, size, JSON)."""
+        ...
+
+
+def parse_max_age(cache_control: str | None) -> float | None:
+    """Reads `max-age` from a Cache-Control header; `no-store`/`no-cache` mean zero."""
+    if not cache_control:
+        return None
+    lowered = cache_control.lower()
+    if "no-store" in lowered or "no-cache" in lowered:
+        return 0.0
+    match = _MAX_AGE.search(cache_control)
+    return float(match.group(1)) if match else None
+
+
+class HttpFetcher:
+    """The production fetcher: one pooled aiohttp session, created lazily inside the event loop."""
+
+    def __init__(self, *, user_agent: str = "edge-verifier/0.1") -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._user_agent = user_agent
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                headers={"User-Agent": self._user_agent, "Accept": "application/json"},
+                auto_decompress=True,
+            )
+        return self._session
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The shared session (introspection posts through it too)."""
+        return self._client()
+
+    async def get_json(self, url: str, *, timeout: float, max_bytes: int) -> FetchResult:
+        """GETs JSON with a total deadline and a body bound."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._client().get(url, allow_redirects=False) as response:
+                    if response.status != 200:
+                        raise ProviderUnavailable(f"HTTP {response.status} from provider")
+                    if (response.content_length or 0) > max_bytes:
+                        raise ProviderUnavailable("provider document too large")
+                    body = await response.content.read(max_bytes + 1)
+                    if len(body) > max_bytes:
+                        raise ProviderUnavailable("provider document too large")
+                    max_age = parse_max_age(response.headers.get("Cache-Control"))
+        except TimeoutError as exc:
+            raise ProviderUnavailable("provider timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise ProviderUnavailable(f"provider unreachable ({type(exc).__name__})") from exc
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise ProviderUnavailable("provider sent malformed JSON") from exc
+        return FetchResult(document, max_age)
+
+    async def close(self) -> None:
+        """Closes the pooled connections."""
+        if self._session is not None:
+            await self._session.close()

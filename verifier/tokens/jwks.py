@@ -1,0 +1,212 @@
+"""Issuer keys: OpenID Connect Discovery 1.0 section 4 -> `jwks_uri` -> parsed keys, kept fresh.
+
+Unlike PyJWT's `PyJWKClient` we keep the last good keys when a fetch fails, share one fetch among
+concurrent misses (single flight), refresh in the background before the keys go stale (Envoy's
+jwks_async_fetcher: shortly before expiry, soon after a failure), and let an unknown `kid` trigger at
+most one refresh per issuer per cooldown, so a flood of made-up kids cannot hammer the provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from verifier.clock import Clock
+from verifier.errors import ProviderUnavailable
+from verifier.observe.metrics import Metrics
+from verifier.settings import DEFAULT_MAX_JWKS_BYTES, DEFAULT_MAX_JWKS_KEYS, IssuerSettings
+from verifier.tokens.fetch import Fetcher
+from verifier.tokens.keys import KeyError_, VerificationKey, parse_jwk
+
+log = logging.getLogger("verifier.jwks")
+
+DEFAULT_JWKS_TTL_SECONDS = 600.0  # when the provider sends no Cache-Control max-age
+REFRESH_AHEAD_SECONDS = 5.0  # refetch this long before the keys' lifetime ends
+RETRY_AFTER_FAILURE_SECONDS = 1.0  # first retry after a failed fetch; doubles up to the cap
+MAX_RETRY_SECONDS = 30.0
+
+
+class IssuerKeys:
+    """The current keys of one issuer, and the machinery that keeps them current."""
+
+    def __init__(self, settings: IssuerSettings, fetcher: Fetcher, clock: Clock, metrics: Metrics) -> None:
+        self.settings = settings
+        self._fetcher = fetcher
+        self._clock = clock
+        self._metrics = metrics
+        self._by_kid: dict[str, VerificationKey] = {}
+        self._keys: tuple[VerificationKey, ...] = ()
+        self.metadata: Mapping[str, Any] = {}
+        self._jwks_uri = settings.jwks_uri
+        self._expires_at = 0.0
+        self._fetched_at: float | None = None
+        self._last_attempt = -1e18
+        self._failures = 0
+        self._inflight: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    @property
+    def kids(self) -> tuple[str | None, ...]:
+        """The kids currently held."""
+        return tuple(k.kid for k in self._keys)
+
+    def find(self, kid: str | None, alg: str) -> VerificationKey | None:
+        """The key for `kid` that fits `alg`; without a kid, the only key that fits, if exactly one."""
+        if kid is not None:
+            key = self._by_kid.get(kid)
+            return key if key is not None and key.fits(alg) else None
+        fitting = [k for k in self._keys if k.fits(alg)]
+        return fitting[0] if len(fitting) == 1 else None
+
+    def has_kid(self, kid: str | None) -> bool:
+        """Whether a key with this kid is held (whatever its type)."""
+        return kid in self._by_kid
+
+    async def key_for(self, kid: str | None, alg: str) -> VerificationKey | None:
+        """Finds the key, refreshing at most once per cooldown when the kid is unknown."""
+        key = self.find(kid, alg)
+        if key is not None or (kid is not None and kid in self._by_kid):
+            return key  # known kid of the wrong type: refreshing would not help
+        cooling = self._clock.monotonic() - self._last_attempt < self.settings.jwks_cooldown_seconds
+        if cooling and self._inflight is None:
+            return None  # a fetch already happened recently: an unknown kid now is just unknown
+        with contextlib.suppress(ProviderUnavailable):
+            await self.refresh()
+        return self.find(kid, alg)
+
+    async def refresh(self) -> None:
+        """Fetches the keys once, however many callers ask at the same time (single flight)."""
+        if self._inflight is None:
+            self._inflight = asyncio.get_running_loop().create_task(self._refresh())
+        task = self._inflight
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done() and self._inflight is task:
+                self._inflight = None
+
+    async def _refresh(self) -> None:
+        self._last_attempt = self._clock.monotonic()
+        timeout = self.settings.fetch_timeout_seconds
+        issuer = self.settings.issuer
+        try:
+            if not self._jwks_uri or (not self.settings.jwks_uri and not self.metadata):
+                await self._discover(timeout)
+            result = await self._fetcher.get_json(self._jwks_uri, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES)
+            keys = self._parse(result.document)
+        except ProviderUnavailable as exc:
+            self._failures += 1
+            self._metrics.jwks_fetch(issuer, "error")
+            if self.settings.jwks_uri == "" and self._fetched_at is None:
+                self.metadata = {}  # rediscover next time
+            log.warning(
+                "jwks fetch failed",
+                extra={"event": "jwks_fetch", "issuer": issuer, "error": exc.description, "kept": len(self._keys)},
+            )
+            raise
+        self._failures = 0
+        self._keys = keys
+        self._by_kid = {k.kid: k for k in keys if k.kid is not None}
+        ttl = result.max_age if result.max_age is not None else DEFAULT_JWKS_TTL_SECONDS
+        ttl = min(max(ttl, self.settings.jwks_min_ttl_seconds), self.settings.jwks_max_ttl_seconds)
+        now = self._clock.monotonic()
+        self._fetched_at = now
+        self._expires_at = now + ttl
+        self._metrics.jwks_fetch(issuer, "ok")
+        self._metrics.jwks_keys(issuer, len(keys))
+        log.info("jwks loaded", extra={"event": "jwks_fetch", "issuer": issuer, "kids": [k.kid for k in keys]})
+        self.ready.set()
+
+    async def _discover(self, timeout: float) -> None:
+        result = await self._fetcher.get_json(
+            self.settings.discovery, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES
+        )
+        doc = result.document
+        if not isinstance(doc, dict):
+            raise ProviderUnavailable("discovery document is not a JSON object")
+        # OIDC Discovery section 4.3: the issuer in the document must be exactly the one we asked.
+        if doc.get("issuer") != self.settings.issuer:
+            raise ProviderUnavailable("discovery issuer does not match the configured issuer")
+        jwks_uri = doc.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
+            raise ProviderUnavailable("discovery document has no usable jwks_uri")
+        if jwks_uri.startswith("http://") and not self.settings.issuer.startswith("http://"):
+            raise ProviderUnavailable("jwks_uri downgrades to http")
+        self.metadata = doc
+        if not self.settings.jwks_uri:
+            self._jwks_uri = jwks_uri
+
+    def _parse(self, document: Any) -> tuple[VerificationKey, ...]:
+        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+            raise ProviderUnavailable("JWKS is not a key set")
+        raw_keys = document["keys"]
+        if len(raw_keys) > DEFAULT_MAX_JWKS_KEYS:
+            raise ProviderUnavailable(f"JWKS has {len(raw_keys)} keys (limit {DEFAULT_MAX_JWKS_KEYS})")
+        keys: list[VerificationKey] = []
+        for raw in raw_keys:
+            if not isinstance(raw, dict):
+                continue
+            try:
+                keys.append(parse_jwk(raw))
+            except KeyError_ as exc:
+                log.warning(
+                    "jwks key skipped",
+                    extra={"event": "jwks_key_skipped", "issuer": self.settings.issuer, "error": str(exc)},
+                )
+        if not keys:
+            raise ProviderUnavailable("JWKS has no usable signing keys")
+        return tuple(keys)
+
+    def next_refresh_in(self) -> float:
+        """Seconds until the background loop should fetch again."""
+        if self._failures:
+            return float(min(RETRY_AFTER_FAILURE_SECONDS * 2.0 ** (self._failures - 1), MAX_RETRY_SECONDS))
+        return max(self._expires_at - REFRESH_AHEAD_SECONDS - self._clock.monotonic(), 0.5)
+
+    def key_age(self) -> float | None:
+        """Seconds since the keys were last fetched."""
+        return None if self._fetched_at is None else self._clock.monotonic() - self._fetched_at
+
+    async def run(self) -> None:
+        """Keeps the keys fresh until cancelled."""
+        while True:
+            with contextlib.suppress(ProviderUnavailable):
+                await self.refresh()
+            await asyncio.sleep(self.next_refresh_in())
+
+
+class KeyStore:
+    """All issuers' keys, by exact issuer string."""
+
+    def __init__(self, issuers: Mapping[str, IssuerKeys]) -> None:
+        self.issuers = dict(issuers)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def get(self, issuer: str) -> IssuerKeys | None:
+        """The keys of a configured issuer."""
+        return self.issuers.get(issuer)
+
+    def start(self) -> None:
+        """Starts every issuer's background refresh loop (the first iteration fetches at once)."""
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(keys.run()) for keys in self.issuers.values()]
+
+    @property
+    def ready(self) -> bool:
+        """True once every issuer has had one good fetch."""
+        return all(keys.ready.is_set() for keys in self.issuers.values())
+
+    async def wait_ready(self) -> None:
+        """Waits until every issuer has keys."""
+        await asyncio.gather(*(keys.ready.wait() for keys in self.issuers.values()))
+
+    async def stop(self) -> None:
+        """Cancels the refresh loops."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,111 @@
+"""JWS Compact Serialization (RFC 7515 section 7.1), parsed strictly and without verifying anything.
+
+Strict means: exactly three base64url segments with no padding and no stray characters, a JSON object
+header and payload, a bounded size, and refusal of header parameters that would make us fetch or trust
+a key named by the token itself (`jku`, `x5u`, `jwk`; RFC 8725 section 3.10) or that we do not
+understand (`crit`, RFC 7515 section 4.1.11).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import re
+from typing import Any
+
+from verifier.errors import AlgorithmRefused, MalformedToken
+
+_SEGMENT = re.compile(rb"[A-Za-z0-9_-]*")
+# Header parameters that point at a key chosen by the sender: never followed, so never accepted.
+_KEY_BY_REFERENCE = ("jku", "x5u", "jwk")  # x5c is ignored: we never read keys from tokens
+MAX_KID_LENGTH = 256  # characters; kids are short identifiers, never documents
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CompactJWS:
+    """A parsed but unverified JWS."""
+
+    header: dict[str, Any]
+    payload: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+    @property
+    def alg(self) -> str:
+        """The `alg` header (validated to be a string at parse time)."""
+        return str(self.header["alg"])
+
+    @property
+    def kid(self) -> str | None:
+        """The `kid` header, if any."""
+        kid = self.header.get("kid")
+        return kid if isinstance(kid, str) else None
+
+
+def b64url_decode(segment: bytes) -> bytes:
+    """Decodes unpadded base64url strictly (RFC 7515 section 2), raising `MalformedToken`."""
+    if _SEGMENT.fullmatch(segment) is None or len(segment) % 4 == 1:
+        raise MalformedToken("invalid base64url")
+    try:
+        return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError) as exc:  # pragma: no cover - regex above rules these out
+        raise MalformedToken("invalid base64url") from exc
+
+
+def b64url_encode(data: bytes) -> str:
+    """Encodes base64url without padding."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise MalformedToken(f"{what} is not JSON") from exc
+    if not isinstance(value, dict):
+        raise MalformedToken(f"{what} is not a JSON object")
+    return value
+
+
+def parse(token: str, *, max_bytes: int) -> CompactJWS:
+    """Parses a compact JWS; raises `MalformedToken` or `AlgorithmRefused`."""
+    if len(token) > max_bytes:
+        raise MalformedToken("token too large")
+    try:
+        raw = token.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise MalformedToken("token is not ASCII") from exc
+    parts = raw.split(b".")
+    if len(parts) != 3:
+        raise MalformedToken("not a JWS compact serialization")
+    header = _json_object(b64url_decode(parts[0]), "header")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or not alg:
+        raise MalformedToken("header has no alg")
+    if alg.lower() == "none":
+        raise AlgorithmRefused("alg none is never accepted")
+    for name in _KEY_BY_REFERENCE:
+        if name in header:
+            raise AlgorithmRefused(f"header parameter {name} is not accepted")
+    if "crit" in header:
+        raise MalformedToken("unsupported critical header")
+    if "b64" in header:  # RFC 7797 unencoded payloads are only valid with crit, refused above
+        raise MalformedToken("unsupported header b64")
+    kid = header.get("kid")
+    if kid is not None and (not isinstance(kid, str) or not kid or len(kid) > MAX_KID_LENGTH):
+        raise MalformedToken("invalid kid")
+    typ = header.get("typ")
+    if typ is not None and not isinstance(typ, str):
+        raise MalformedToken("invalid typ")
+    payload = _json_object(b64url_decode(parts[1]), "payload")
+    signature = b64url_decode(parts[2])
+    if not signature:
+        raise MalformedToken("empty signature")
+    return CompactJWS(header, payload, parts[0] + b"." + parts[1], signature)
+
+
+def looks_like_jws(token: str) -> bool:
+    """Cheap routing test: two dots and a JSON-object header (`eyJ` is base64url of `{"`)."""
+    return token.count(".") == 2 and token.startswith("eyJ")

@@ -1,0 +1,142 @@
+"""JWT access tokens: signature and claims (RFC 7519, RFC 9068 JWT access tokens, RFC 8725 BCP).
+
+Checks, in order: size and syntax (jws.py), issuer (exact match, picks the allow-list and keys),
+`alg` on the issuer's allow-list and fitting the key's type, signature, `typ`, then claims with
+leeway. Audience is checked last so a well-formed token for another API gets a 403, not a 401.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from verifier.clock import Clock
+from verifier.errors import (
+    AlgorithmRefused,
+    AudienceMismatch,
+    BadSignature,
+    ClaimInvalid,
+    MalformedToken,
+    TokenExpired,
+    TokenNotYetValid,
+    UnknownIssuer,
+    UnknownKey,
+    WrongTokenType,
+)
+from verifier.principal import Principal, roles_of, scopes_of
+from verifier.settings import IssuerSettings
+from verifier.tokens import jws
+from verifier.tokens.jwks import KeyStore
+
+# RFC 9068 section 2.1: `at+jwt` (the media type may carry its `application/` prefix, RFC 7515 4.1.9).
+_ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+# Providers that predate RFC 9068 (Okta, Keycloak, Entra) send `JWT` or nothing.
+_LEGACY_TYPES = frozenset({"jwt", "application/jwt"})
+# Claims only an ID token carries (OIDC Core 2 and 3.1.3.6): such a token is not an access token.
+_ID_TOKEN_CLAIMS = ("nonce", "at_hash", "c_hash", "s_hash")
+
+
+def _number(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ClaimInvalid(f"{name} is not a number", claim=name)
+    return float(value)
+
+
+def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings: IssuerSettings, now: float) -> None:
+    """Validates typ, exp, nbf, iat and aud against one issuer's settings at time `now`."""
+    typ = header.get("typ")
+    lowered = typ.lower() if isinstance(typ, str) else None
+    if lowered not in _ACCESS_TOKEN_TYPES and (
+        settings.require_typ_at_jwt or (lowered is not None and lowered not in _LEGACY_TYPES)
+    ):
+        raise WrongTokenType("not an access token (typ)")
+    if any(name in claims for name in _ID_TOKEN_CLAIMS):
+        raise WrongTokenType("an ID token is not an access token")
+    leeway = settings.leeway_seconds
+    exp = _number(claims, "exp")
+    if exp is None:
+        raise ClaimInvalid("exp is required", claim="exp")
+    if now >= exp + leeway:
+        raise TokenExpired("token expired")
+    nbf = _number(claims, "nbf")
+    if nbf is not None and now + leeway < nbf:
+        raise TokenNotYetValid("token not yet valid")
+    iat = _number(claims, "iat")
+    if iat is not None and now + leeway < iat:
+        raise TokenNotYetValid("token issued in the future")
+    sub = claims.get("sub")
+    if sub is not None and not isinstance(sub, str):
+        raise ClaimInvalid("sub is not a string", claim="sub")
+    client_id = claims.get("client_id", claims.get("azp"))
+    if sub is None and not isinstance(client_id, str):
+        raise ClaimInvalid("token names no subject", claim="sub")
+    aud = claims.get("aud")
+    audiences = [aud] if isinstance(aud, str) else aud
+    if not isinstance(audiences, list) or not audiences:
+        raise ClaimInvalid("aud is required", claim="aud")
+    if not any(isinstance(a, str) and a in settings.audiences for a in audiences):
+        raise AudienceMismatch("token is not for this audience")
+
+
+def principal_from_claims(
+    claims: Mapping[str, Any], issuer: str, *, kid: str | None = None, alg: str = ""
+) -> Principal:
+    """Builds the principal of a verified token."""
+    client_id = claims.get("client_id", claims.get("azp"))
+    client = client_id if isinstance(client_id, str) else None
+    sub = claims.get("sub")
+    subject = sub if isinstance(sub, str) else (client or "")
+    return Principal(
+        issuer=issuer,
+        subject=subject,
+        client_id=client,
+        scopes=scopes_of(claims),
+        roles=roles_of(claims),
+        expires_at=float(claims["exp"]),
+        claims=claims,
+        kid=kid,
+        alg=alg,
+    )
+
+
+class JwtVerifier:
+    """Verifies JWT access tokens against the configured issuers' keys."""
+
+    def __init__(
+        self, issuers: Mapping[str, IssuerSettings], keys: KeyStore, clock: Clock, *, max_token_bytes: int
+    ) -> None:
+        self._issuers = dict(issuers)
+        self._keys = keys
+        self._clock = clock
+        self._max_bytes = max_token_bytes
+
+    def parse(self, token: str) -> jws.CompactJWS:
+        """Parses without verifying (exposed so callers can audit kid/alg on failure)."""
+        return jws.parse(token, max_bytes=self._max_bytes)
+
+    async def verify(self, parsed: jws.CompactJWS) -> Principal:
+        """Verifies a parsed token; raises an `InvalidToken` subclass or `AudienceMismatch`."""
+        claims = parsed.payload
+        iss = claims.get("iss")
+        if not isinstance(iss, str):
+            raise MalformedToken("token has no iss")
+        settings = self._issuers.get(iss)
+        keys = self._keys.get(iss)
+        if settings is None or keys is None:
+            raise UnknownIssuer("untrusted issuer")
+        alg = parsed.alg
+        if alg not in settings.algorithms:
+            raise AlgorithmRefused(f"alg {alg} is not allowed for this issuer")
+        kid = parsed.kid
+        key = await keys.key_for(kid, alg)
+        if key is None:
+            if keys.has_kid(kid):
+                raise AlgorithmRefused("alg does not fit the key")
+            raise UnknownKey("no key for this token")
+        if not key.verify(alg, parsed.signing_input, parsed.signature):
+            raise BadSignature("signature verification failed")
+        check_claims(claims, parsed.header, settings, self._clock.now())
+        return principal_from_claims(claims, iss, kid=kid, alg=alg)

@@ -1,0 +1,118 @@
+"""JSON Web Keys (RFC 7517) parsed once into verification keys, with algorithm/key-type pinning.
+
+A key is usable for an `alg` only when the key's type and curve fit it (RFC 8725 section 3.1):
+an RSA key never verifies an ES256 token, an EC P-256 key never an ES384 token, and no symmetric
+(`oct`) key is ever loaded from a JWKS, which closes the HS256-with-public-key confusion for good.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
+from jwt.exceptions import InvalidKeyError
+
+# alg -> (kty, crv or None)
+ALG_KEY_TYPES: dict[str, tuple[str, str | None]] = {
+    "RS256": ("RSA", None),
+    "RS384": ("RSA", None),
+    "RS512": ("RSA", None),
+    "PS256": ("RSA", None),
+    "PS384": ("RSA", None),
+    "PS512": ("RSA", None),
+    "ES256": ("EC", "P-256"),
+    "ES384": ("EC", "P-384"),
+    "ES512": ("EC", "P-521"),
+    "EdDSA": ("OKP", None),  # Ed25519 or Ed448
+}
+
+_VERIFIERS: dict[str, Any] = {
+    "RS256": RSAAlgorithm(RSAAlgorithm.SHA256),
+    "RS384": RSAAlgorithm(RSAAlgorithm.SHA384),
+    "RS512": RSAAlgorithm(RSAAlgorithm.SHA512),
+    "PS256": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA256),
+    "PS384": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA384),
+    "PS512": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA512),
+    "ES256": ECAlgorithm(ECAlgorithm.SHA256),
+    "ES384": ECAlgorithm(ECAlgorithm.SHA384),
+    "ES512": ECAlgorithm(ECAlgorithm.SHA512),
+    "EdDSA": OKPAlgorithm(),
+}
+
+MIN_RSA_BITS = 2048  # RFC 7518 section 3.3: smaller RSA keys are refused
+
+
+class KeyError_(ValueError):
+    """A JWK that cannot be used (wrong type, private material, weak)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VerificationKey:
+    """A parsed public key with what it may verify."""
+
+    kid: str | None
+    kty: str
+    crv: str | None
+    alg: str | None  # the JWK's own `alg`, if it names one: then only that alg may use it
+    key: Any  # a cryptography public key object
+
+    def fits(self, alg: str) -> bool:
+        """Whether this key may verify a signature made with `alg`."""
+        if self.alg is not None and self.alg != alg:
+            return False
+        want = ALG_KEY_TYPES.get(alg)
+        if want is None or want[0] != self.kty:
+            return False
+        return want[1] is None or want[1] == self.crv
+
+    def verify(self, alg: str, signing_input: bytes, signature: bytes) -> bool:
+        """Checks a signature; callers have already checked `fits(alg)`."""
+        try:
+            return bool(_VERIFIERS[alg].verify(signing_input, self.key, signature))
+        except (ValueError, TypeError, InvalidKeyError):  # malformed signature bytes: just a bad signature
+            return False
+
+
+def parse_jwk(jwk: Mapping[str, Any]) -> VerificationKey:
+    """Parses one public JWK for signature verification, or raises `KeyError_`."""
+    kty = jwk.get("kty")
+    use = jwk.get("use")
+    if use is not None and use != "sig":
+        raise KeyError_("not a signing key")
+    ops = jwk.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        raise KeyError_("key_ops does not allow verify")
+    if any(name in jwk for name in ("d", "p", "q", "dp", "dq", "qi", "k")):
+        raise KeyError_("private or symmetric key material in a public key set")
+    alg = jwk.get("alg")
+    if alg is not None and alg not in ALG_KEY_TYPES:
+        raise KeyError_(f"unsupported alg {alg!r}")
+    kid = jwk.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise KeyError_("kid is not a string")
+    crv = jwk.get("crv") if isinstance(jwk.get("crv"), str) else None
+    text = json.dumps(dict(jwk))
+    key: Any
+    try:
+        if kty == "RSA":
+            key = RSAAlgorithm.from_jwk(text)
+            if key.key_size < MIN_RSA_BITS:
+                raise KeyError_("RSA key shorter than 2048 bits")
+        elif kty == "EC":
+            key = ECAlgorithm.from_jwk(text)
+        elif kty == "OKP":
+            if crv not in ("Ed25519", "Ed448"):
+                raise KeyError_("OKP key is not an EdDSA key")
+            key = OKPAlgorithm.from_jwk(text)
+        else:
+            raise KeyError_(f"unsupported kty {kty!r}")
+    except (InvalidKeyError, ValueError, TypeError) as exc:
+        if isinstance(exc, KeyError_):
+            raise
+        raise KeyError_(f"invalid {kty} key") from exc
+    if hasattr(key, "public_key") and not hasattr(key, "verify"):
+        raise KeyError_("private key")  # pragma: no cover - private members are refused above
+    return VerificationKey(kid=kid, kty=str(kty), crv=crv, alg=alg, key=key)
