@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-python3 -m ruff check verifier tests bench
+python3 -m ruff check .
 python3 -m mypy
 python3 -m pytest -q -p no:cacheprovider "$@"
