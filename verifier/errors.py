@@ -36,6 +36,8 @@ class VerifierError(Exception):
     oauth_error: str | None = "invalid_token"
     # Whether a gateway may briefly reuse this refusal for the same token (garbage floods).
     reusable: bool = False
+    # Which scheme the 401 challenge names.
+    scheme: Scheme = Scheme.BEARER
 
     def __init__(self, description: str = "", *, code: str | None = None) -> None:
         super().__init__(description or self.code)
@@ -162,5 +164,59 @@ class InternalError(VerifierError):
     """A bug, not a verdict: fail closed with 503 (the traceback is logged, never the token)."""
 
     code = "internal_error"
+    outcome = Outcome.UNAVAILABLE
+    oauth_error = None
+
+
+class InvalidDpopProof(VerifierError):
+    """RFC 9449 section 7.1: the DPoP proof is missing, malformed, replayed or does not fit."""
+
+    code = "dpop_proof_invalid"
+    oauth_error = "invalid_dpop_proof"
+    scheme = Scheme.DPOP
+
+
+class UseDpopNonce(VerifierError):
+    """RFC 9449 section 9: the resource server requires a fresh server-provided nonce."""
+
+    code = "dpop_nonce_required"
+    oauth_error = "use_dpop_nonce"
+    scheme = Scheme.DPOP
+
+    def __init__(self, description: str = "", *, nonce: str = "") -> None:
+        super().__init__(description or "a DPoP nonce is required")
+        self.nonce = nonce
+
+
+class SenderConstraintFailed(InvalidToken):
+    """RFC 8705 / RFC 9449: a bound token presented without, or with the wrong, proof of possession."""
+
+    code = "sender_constraint_failed"
+    reusable = False
+
+
+class InsufficientUserAuthentication(VerifierError):
+    """RFC 9470: authentication too weak or too old; the client must step up at the provider."""
+
+    code = "insufficient_user_authentication"
+    oauth_error = "insufficient_user_authentication"
+
+
+class RateLimited(VerifierError):
+    """Too many requests for this identity or role."""
+
+    code = "rate_limited"
+    outcome = Outcome.RATE_LIMITED
+    oauth_error = None
+
+    def __init__(self, description: str = "", *, retry_after: int = 1) -> None:
+        super().__init__(description or "rate limit exceeded")
+        self.retry_after = retry_after
+
+
+class StateUnavailable(VerifierError):
+    """Shared state (Redis) is unreachable: replay-checked requests fail closed."""
+
+    code = "state_unavailable"
     outcome = Outcome.UNAVAILABLE
     oauth_error = None

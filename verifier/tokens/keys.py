@@ -83,8 +83,10 @@ def parse_jwk(jwk: Mapping[str, Any]) -> VerificationKey:
     if use is not None and use != "sig":
         raise KeyError_("not a signing key")
     ops = jwk.get("key_ops")
-    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
-        raise KeyError_("key_ops does not allow verify")
+    # Some providers publish the signing key's own ops ("sign") on its public half; either names
+    # a signature key. Anything else (encrypt, wrapKey, ...) is not one.
+    if ops is not None and (not isinstance(ops, list) or not {"verify", "sign"} & set(map(str, ops))):
+        raise KeyError_("key_ops names no signature operation")
     if any(name in jwk for name in ("d", "p", "q", "dp", "dq", "qi", "k")):
         raise KeyError_("private or symmetric key material in a public key set")
     alg = jwk.get("alg")
