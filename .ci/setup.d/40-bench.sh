@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install what bench/ needs: the C load generators (wrk, h2load) and the Python packages of the bench
+# extra. Idempotent: installs only what is missing.
+set -euo pipefail
+
+missing=()
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+pip_missing=()
+for spec in "hdrhistogram:hdrh" "matplotlib:matplotlib" "tqdm:tqdm" "httptools:httptools" "uvloop:uvloop" \
+            "xds-protos:envoy.service.auth.v3.external_auth_pb2" "grpcio:grpc" "PyJWT:jwt" "cryptography:cryptography"; do
+  pkg=${spec%%:*}; mod=${spec#*:}
+  python3 -c "import ${mod}" >/dev/null 2>&1 || pip_missing+=("$pkg")
+done
+if ((${#pip_missing[@]})); then
+  python3 -m pip install -q "${pip_missing[@]}"
+fi
