@@ -1,0 +1,120 @@
+-- Per-worker reuse of the verifier's answers (RFC 9111 Cache-Control).
+--
+-- The verifier says how long an answer may be reused with
+-- `Cache-Control: private, max-age=N` (never past the token's exp) and forbids
+-- reuse with `no-store`; answers without max-age are never reused. Keys are the
+-- SHA-256 of everything the answer depends on, so tokens are not kept as keys,
+-- where resty.sha256 (lua-resty-string) exists; without it the key is the
+-- concatenated string itself (never MD5 or SHA-1).
+
+local lrucache = require "resty.lrucache"
+
+local concat = table.concat
+local lower = string.lower
+local tonumber = tonumber
+local type = type
+local setmetatable = setmetatable
+
+local has_sha256, resty_sha256 = pcall(require, "resty.sha256")
+if has_sha256 and type(resty_sha256) ~= "table" then
+  has_sha256 = false
+end
+
+local _M = {}
+
+-- Ceiling on any reuse (seconds): a revoked token is refused at the edge
+-- within this long even if the verifier granted a longer max-age.
+_M.MAX_TTL = 300
+
+-- one LRU per plugin configuration; a new configuration starts empty
+local caches = setmetatable({}, { __mode = "k" })
+
+local stats = { hits = 0, misses = 0, stores = 0 }
+
+
+--- The LRU for this plugin configuration, or nil when reuse is off.
+function _M.for_conf(conf)
+  local size = conf.cache_entries
+  if not size or size <= 0 then
+    return nil
+  end
+  local c = caches[conf]
+  if not c then
+    c = lrucache.new(size)
+    caches[conf] = c
+  end
+  return c
+end
+
+
+--- The cache key for the given parts (array of strings).
+function _M.key(parts)
+  -- NUL cannot occur in header values or URIs, so the join is unambiguous
+  local raw = concat(parts, "\0")
+  if not has_sha256 then
+    return raw
+  end
+  local h = resty_sha256:new()
+  h:update(raw)
+  return h:final()
+end
+
+
+--- Seconds an answer may be reused for, from its Cache-Control, or nil.
+function _M.ttl(cache_control)
+  if cache_control == nil then
+    return nil
+  end
+  if type(cache_control) == "table" then
+    cache_control = concat(cache_control, ",")
+  end
+  local max_age
+  for directive in lower(cache_control):gmatch("[^,]+") do
+    directive = directive:match("^%s*(.-)%s*$")
+    if directive == "no-store" or directive == "no-cache" then
+      return nil
+    end
+    local n = directive:match("^max%-age%s*=%s*\"?(%d+)\"?$")
+    if n then
+      max_age = tonumber(n)
+    end
+  end
+  if not max_age or max_age <= 0 then
+    return nil
+  end
+  if max_age > _M.MAX_TTL then
+    return _M.MAX_TTL
+  end
+  return max_age
+end
+
+
+function _M.get(cache, key)
+  local v = cache:get(key)
+  if v then
+    stats.hits = stats.hits + 1
+  else
+    stats.misses = stats.misses + 1
+  end
+  return v
+end
+
+
+function _M.set(cache, key, value, ttl)
+  stats.stores = stats.stores + 1
+  cache:set(key, value, ttl)
+end
+
+
+--- Hit/miss/store counters of this worker, and whether keys are hashed.
+function _M.stats()
+  return {
+    hits = stats.hits,
+    misses = stats.misses,
+    stores = stats.stores,
+    hashed_keys = has_sha256,
+  }
+end
+
+
+return _M

@@ -1,0 +1,40 @@
+-- Configuration of the edge-verifier plugin (Kong 3.x schema format).
+
+local typedefs = require "kong.db.schema.typedefs"
+
+-- Connect, send and each read towards the verifier (milliseconds): the
+-- verifier answers from memory on loopback, so a second is already generous.
+local DEFAULT_TIMEOUT_MS = 1000
+-- How long an idle connection to the verifier stays pooled (milliseconds).
+local DEFAULT_KEEPALIVE_MS = 60000
+-- Answers reused per worker when the verifier allows it (entries).
+local DEFAULT_CACHE_ENTRIES = 10000
+
+return {
+  name = "edge-verifier",
+  fields = {
+    -- the verifier names the consumer; configuring one per consumer is meaningless
+    { consumer = typedefs.no_consumer },
+    { protocols = typedefs.protocols_http },
+    { config = {
+        type = "record",
+        fields = {
+          -- the verifier's forward-auth URL, e.g. http://127.0.0.1:8080/v1/forward-auth
+          { url = typedefs.url { required = true } },
+          { timeout = { type = "integer", default = DEFAULT_TIMEOUT_MS,
+                        between = { 1, 60000 }, required = true } },
+          -- 0 closes the connection after every answer
+          { keepalive_timeout = { type = "integer", default = DEFAULT_KEEPALIVE_MS,
+                                  between = { 0, 3600000 }, required = true } },
+          -- let requests through (without identity) when the verifier is unreachable
+          { fail_open = { type = "boolean", default = false, required = true } },
+          -- 0 turns decision reuse off
+          { cache_entries = { type = "integer", default = DEFAULT_CACHE_ENTRIES,
+                              between = { 0, 1000000 }, required = true } },
+          -- forward the client's X-Client-Cert-Thumbprint; only behind a proxy
+          -- that terminates mTLS and overwrites that header
+          { trust_client_cert_header = { type = "boolean", default = false, required = true } },
+        },
+    } },
+  },
+}

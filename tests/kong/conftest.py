@@ -1,0 +1,440 @@
+"""Rig for the Kong plugin: real nginx runs kong/plugins/edge-verifier/handler.lua unmodified.
+
+Debian's nginx + libnginx-mod-http-lua load the plugin under tests/kong/shim/kong_shim.lua (the PDK
+functions it uses, over ngx.*) in front of an echo upstream that answers with the headers it received.
+
+Fixtures:
+  echo_upstream        -> port of a Python upstream answering JSON {"method", "path", "headers": [[k, v]...]}
+  standin_verifier     -> StandinVerifier: a forward-auth stand-in for fault injection (slow, chunked, counts
+                          TCP connections, records what it was sent); `.url` is its forward-auth URL
+  start_nginx          -> start_nginx(plugin_conf, upstream_port, *, consumers=(), preauthenticated=None,
+                          with_sha256=False) -> base URL
+                          ("http://127.0.0.1:PORT"); plugin_conf["url"] picks the forward-auth target, so
+                          pointing the same tests at the real verifier is one argument.
+Shim endpoints on the base URL: GET /__shim/authenticated (kong.client.authenticate calls),
+GET /__shim/cache (decision-cache counters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHIM_DIR = Path(__file__).resolve().parent / "shim"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+LUA_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules")
+# Debian's lua-resty-core / lrucache / cjson live here
+SYSTEM_LUA_PATH = "/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua"
+SYSTEM_LUA_CPATH = "/usr/lib/x86_64-linux-gnu/lua/5.1/?.so;/usr/lib/aarch64-linux-gnu/lua/5.1/?.so"
+# How long nginx may take to start listening (seconds)
+NGINX_START_TIMEOUT = 10.0
+
+
+def _module_dir() -> str | None:
+    for d in LUA_MODULE_DIRS:
+        if os.path.exists(os.path.join(d, "ngx_http_lua_module.so")):
+            return d
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_nginx_lua() -> None:
+    if os.path.exists(NGINX) and _module_dir():
+        return
+    msg = "nginx with libnginx-mod-http-lua is missing (run .ci/setup.d/30-nginx-lua.sh)"
+    if os.environ.get("CI"):
+        pytest.fail(msg)  # CI installs it; a skip there would hide a broken setup
+    pytest.skip(msg)
+
+
+# --------------------------------------------------------------------------- echo upstream
+
+
+# http.server answers 431 past 100 request headers; the spoofing tests send more
+http.client._MAXHEADERS = 2000  # type: ignore[attr-defined]
+
+
+class _EchoHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _echo(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        payload = json.dumps(
+            {
+                "method": self.command,
+                "path": self.path,
+                "headers": [[k, v] for k, v in self.headers.items()],
+                "body": body.decode("utf-8", "replace"),
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _echo
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def echo_upstream() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
+    server.daemon_threads = True
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+# --------------------------------------------------------------------------- stand-in verifier
+
+DENY_BODY = json.dumps({"error": "invalid_token", "error_description": "the token is not valid"})
+
+
+class StandinVerifier:
+    """A forward-auth stand-in: allows `Bearer good`, answers 401 otherwise; fault injection by token.
+
+    Tokens: good (allow, identity headers), consumer (allow + X-Kong-Consumer-Username: alice),
+    cached (allow with Cache-Control: private, max-age=30), chunked (allow, chunked body),
+    slow (answers after `slow_seconds`), ratelimited (429 with Retry-After and RateLimit headers),
+    nonce (allow with a DPoP-Nonce for the client), http10 (HTTP/1.0 allow, body delimited by close),
+    deny-cached (403 with Cache-Control: private, max-age=30); anything else: 401 with two challenges.
+    """
+
+    def __init__(self, *, idle_timeout: float | None = None) -> None:
+        self.connections = 0
+        self.requests: list[dict[str, Any]] = []
+        self.slow_seconds = 2.0
+        self._lock = threading.Lock()
+        verifier = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            # closes a keep-alive connection idle this long (seconds), like a server's idle timeout
+            timeout = idle_timeout
+
+            def setup(self) -> None:
+                super().setup()
+                with verifier._lock:
+                    verifier.connections += 1
+
+            def do_GET(self) -> None:
+                verifier._record(self)
+                verifier._answer(self)
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}/v1/forward-auth"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _record(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        with self._lock:
+            self.requests.append(
+                {"method": h.command, "path": h.path, "headers": [[k, v] for k, v in h.headers.items()]}
+            )
+
+    @staticmethod
+    def _send(h: http.server.BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], body: str) -> None:
+        data = body.encode()
+        h.send_response(status)
+        for k, v in headers:
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _answer(self, h: http.server.BaseHTTPRequestHandler) -> None:
+        auth = h.headers.get("Authorization", "")
+        token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
+        identity = [
+            ("X-Authenticated-Userid", "user-1"),
+            ("X-Authenticated-Scope", "read write"),
+            ("X-Authenticated-Issuer", "http://127.0.0.1:9400"),
+            ("X-Verifier-Reason", "ok"),
+        ]
+        if token == "good":
+            self._send(h, 200, [*identity, ("Cache-Control", "no-store")], "")
+        elif token == "consumer":
+            self._send(h, 200, [*identity, ("X-Kong-Consumer-Username", "alice")], "")
+        elif token == "cached":
+            self._send(h, 200, [*identity, ("Cache-Control", "private, max-age=30")], "")
+        elif token == "nonce":
+            self._send(h, 200, [*identity, ("DPoP-Nonce", "n-123")], "")
+        elif token == "slow":
+            time.sleep(self.slow_seconds)
+            with contextlib.suppress(OSError):
+                self._send(h, 200, identity, "")
+        elif token == "chunked":
+            h.send_response(200)
+            for k, v in identity:
+                h.send_header(k, v)
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            for part in (b'{"ok":', b"true}"):
+                h.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(part), part))
+            h.wfile.write(b"0\r\nX-Trailer: t\r\n\r\n")
+        elif token == "http10":
+            # HTTP/1.0 answer with no length: the body runs to the close
+            h.close_connection = True
+            h.wfile.write(b"HTTP/1.0 200 OK\r\nX-Authenticated-Userid: user-10\r\n\r\nno length here")
+        elif token == "deny-cached":
+            self._send(
+                h,
+                403,
+                [
+                    ("WWW-Authenticate", 'Bearer realm="verifier", error="insufficient_scope"'),
+                    ("Content-Type", "application/json"),
+                    ("Cache-Control", "private, max-age=30"),
+                    ("X-Verifier-Reason", "insufficient_scope"),
+                ],
+                json.dumps({"error": "insufficient_scope"}),
+            )
+        elif token == "ratelimited":
+            self._send(
+                h,
+                429,
+                [
+                    ("Retry-After", "7"),
+                    ("RateLimit-Policy", '"default";q=10;w=60'),
+                    ("RateLimit", '"default";r=0;t=7'),
+                    ("Content-Type", "application/json"),
+                    ("Cache-Control", "no-store"),
+                    ("X-Verifier-Reason", "rate_limited"),
+                ],
+                json.dumps({"error": "rate_limited"}),
+            )
+        else:
+            self._send(
+                h,
+                401,
+                [
+                    ("WWW-Authenticate", 'Bearer realm="verifier", error="invalid_token"'),
+                    ("WWW-Authenticate", 'DPoP algs="ES256 EdDSA"'),
+                    ("Content-Type", "application/json"),
+                    ("Cache-Control", "no-store"),
+                    ("X-Verifier-Reason", "invalid_token"),
+                ],
+                DENY_BODY,
+            )
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def standin_verifier() -> Iterator[StandinVerifier]:
+    v = StandinVerifier()
+    yield v
+    v.close()
+
+
+@pytest.fixture
+def make_standin_verifier() -> Iterator[Any]:
+    """Factory for stand-ins with options (idle_timeout=...)."""
+    made: list[StandinVerifier] = []
+
+    def make(**kwargs: Any) -> StandinVerifier:
+        v = StandinVerifier(**kwargs)
+        made.append(v)
+        return v
+
+    yield make
+    for v in made:
+        v.close()
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """A forward-auth URL on a loopback port where nothing listens."""
+    return f"http://127.0.0.1:{_free_port()}/v1/forward-auth"
+
+
+# --------------------------------------------------------------------------- nginx
+
+NGINX_CONF = """\
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log info;
+load_module {modules}/ndk_http_module.so;
+load_module {modules}/ngx_http_lua_module.so;
+
+events {{ worker_connections 256; }}
+
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+
+    lua_package_path "{repo}/?.lua;{shim}/?.lua;{lua_path};;";
+    lua_package_cpath "{lua_cpath};;";
+    lua_socket_log_errors off;
+
+    init_by_lua_block {{ require("kong_shim").init("{tmp}/shim.json") }}
+
+    upstream echo {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 8;
+    }}
+
+    server {{
+        listen 127.0.0.1:{port};
+        server_name localhost;
+
+        location = /__shim/authenticated {{
+            content_by_lua_block {{ require("kong_shim").report_authenticated() }}
+        }}
+        location = /__shim/cache {{
+            content_by_lua_block {{ require("kong_shim").report_cache() }}
+        }}
+        location / {{
+            access_by_lua_block {{ require("kong_shim").access() }}
+            header_filter_by_lua_block {{ require("kong_shim").header_filter() }}
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_pass http://echo;
+        }}
+    }}
+}}
+"""
+
+
+class NginxRig:
+    """Starts nginx instances for one test and stops them after it; see start_nginx in the module doc."""
+
+    def __init__(self) -> None:
+        self._procs: list[tuple[subprocess.Popen[bytes], str]] = []
+        self.error_logs: list[Path] = []
+
+    def __call__(
+        self,
+        plugin_conf: dict[str, Any],
+        upstream_port: int,
+        *,
+        consumers: tuple[dict[str, str], ...] | list[dict[str, str]] = (),
+        preauthenticated: dict[str, str] | None = None,
+        with_sha256: bool = False,
+    ) -> str:
+        """Starts nginx running the plugin with `plugin_conf` in front of 127.0.0.1:`upstream_port`.
+
+        consumers: the Kong consumers kong.client.load_consumer knows ({"id", "username", "custom_id"}).
+        preauthenticated: a consumer an earlier authenticator (key-auth, say) authenticated already.
+        with_sha256: make resty.sha256 available (Kong ships it; Debian does not), hashing cache keys.
+        Returns the base URL, "http://127.0.0.1:PORT".
+        """
+        modules = _module_dir()
+        assert modules is not None
+        # nginx workers run as nobody when started as root: the prefix must be traversable
+        tmp = tempfile.mkdtemp(prefix="kong-rig-")
+        os.chmod(tmp, 0o755)
+        port = _free_port()
+        Path(tmp, "shim.json").write_text(
+            json.dumps(
+                {
+                    "plugin_conf": plugin_conf,
+                    "consumers": list(consumers),
+                    "preauthenticated": preauthenticated,
+                }
+            )
+        )
+        Path(tmp, "nginx.conf").write_text(
+            NGINX_CONF.format(
+                tmp=tmp,
+                modules=modules,
+                repo=REPO,
+                shim=f"{SHIM_DIR}/sha256/?.lua;{SHIM_DIR}" if with_sha256 else SHIM_DIR,
+                lua_path=SYSTEM_LUA_PATH,
+                lua_cpath=SYSTEM_LUA_CPATH,
+                upstream_port=upstream_port,
+                port=port,
+            )
+        )
+        error_log = Path(tmp, "error.log")
+        self.error_logs.append(error_log)
+        proc = subprocess.Popen(
+            [NGINX, "-p", tmp, "-c", "nginx.conf", "-e", str(error_log), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self._procs.append((proc, tmp))
+        deadline = time.monotonic() + NGINX_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                log = error_log.read_text() if error_log.exists() else ""
+                raise RuntimeError(f"nginx exited with {proc.returncode}:\n{err}\n{log}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return f"http://127.0.0.1:{port}"
+            time.sleep(0.02)
+        raise RuntimeError("nginx did not start listening in time:\n" + error_log.read_text())
+
+    def error_log_text(self) -> str:
+        return "\n".join(p.read_text() for p in self.error_logs if p.exists())
+
+    def close(self) -> None:
+        for proc, tmp in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def start_nginx(request: pytest.FixtureRequest) -> Iterator[NginxRig]:
+    rig = NginxRig()
+    yield rig
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print("---- nginx error.log ----\n" + rig.error_log_text())
+    rig.close()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call":
+        item.rep_call = rep  # type: ignore[attr-defined]

@@ -1,0 +1,478 @@
+"""The Kong plugin (kong/plugins/edge-verifier) in real nginx, unmodified, under the PDK shim.
+
+Fixtures are in tests/kong/conftest.py. These cases drive the stand-in forward-auth server, which exists
+for fault injection (slow, unreachable, chunked, counted connections); pointing `plugin_conf["url"]` at
+the real verifier runs the same rig against it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.parse
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+Headers = list[tuple[str, str]]
+
+
+def call(
+    base: str, path: str = "/api/items?limit=5", headers: dict[str, str] | None = None, method: str = "GET"
+) -> tuple[int, Headers, bytes]:
+    u = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.getheaders(), r.read()
+    finally:
+        conn.close()
+
+
+def upstream_saw(body: bytes) -> dict[str, Any]:
+    """The echo upstream's view: method, path and headers keyed by lower-case name (values in a list)."""
+    data = json.loads(body)
+    hdrs: dict[str, list[str]] = {}
+    for k, v in data["headers"]:
+        hdrs.setdefault(k.lower(), []).append(v)
+    data["h"] = hdrs
+    return data
+
+
+def header(headers: Headers, name: str) -> list[str]:
+    return [v for k, v in headers if k.lower() == name.lower()]
+
+
+def shim_json(base: str, what: str) -> dict[str, Any]:
+    status, _, body = call(base, f"/__shim/{what}")
+    assert status == 200
+    return json.loads(body)
+
+
+# --------------------------------------------------------------------------- allow
+
+
+def test_allow_passes_identity_upstream_and_leaves_authorization_untouched(
+    start_nginx, echo_upstream, standin_verifier
+):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    status, _, body = call(base, "/api/items?limit=5", {"Authorization": "Bearer good", "DPoP": "proof-1"})
+
+    assert status == 200
+    seen = upstream_saw(body)
+    assert seen["path"] == "/api/items?limit=5"
+    assert seen["h"]["authorization"] == ["Bearer good"]
+    assert seen["h"]["dpop"] == ["proof-1"]
+    assert seen["h"]["x-authenticated-userid"] == ["user-1"]
+    assert seen["h"]["x-authenticated-scope"] == ["read write"]
+    assert seen["h"]["x-authenticated-issuer"] == ["http://127.0.0.1:9400"]
+    # the verifier's own headers that are not identity stay out of the upstream request
+    assert "x-verifier-reason" not in seen["h"]
+
+
+def test_verifier_is_asked_with_the_original_method_uri_and_credentials(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    call(
+        base,
+        "/api/items/7?x=1&y=%20z",
+        {"Authorization": "Bearer good", "X-WebAuthn-Assertion": "assert-1", "Cookie": "s=1"},
+        method="DELETE",
+    )
+
+    (req,) = standin_verifier.requests
+    h = {k.lower(): v for k, v in req["headers"]}
+    assert req["path"] == "/v1/forward-auth"
+    assert h["x-forwarded-method"] == "DELETE"
+    assert h["x-forwarded-uri"] == "/api/items/7?x=1&y=%20z"
+    assert h["x-forwarded-proto"] == "http"
+    assert h["x-forwarded-host"] == "127.0.0.1"
+    assert h["authorization"] == "Bearer good"
+    assert h["x-webauthn-assertion"] == "assert-1"
+    assert "cookie" not in h
+
+
+def test_chunked_verifier_answer_is_read(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    for _ in range(3):  # and the connection stays usable after the trailer section
+        status, _, body = call(base, headers={"Authorization": "Bearer chunked"})
+        assert status == 200
+        assert upstream_saw(body)["h"]["x-authenticated-userid"] == ["user-1"]
+    assert standin_verifier.connections == 1
+
+
+def test_dpop_nonce_from_an_allow_reaches_the_client(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    status, headers, body = call(base, headers={"Authorization": "Bearer nonce"})
+
+    assert status == 200
+    assert header(headers, "DPoP-Nonce") == ["n-123"]
+    assert "dpop-nonce" not in upstream_saw(body)["h"]
+
+
+# --------------------------------------------------------------------------- spoofing
+
+
+def test_client_supplied_identity_headers_are_stripped(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    status, _, body = call(
+        base,
+        headers={
+            "Authorization": "Bearer good",
+            "X-Authenticated-Userid": "admin",
+            "X-Authenticated-Roles": "superuser",
+            "X-Consumer-Username": "root",
+            "X-Consumer-ID": "0000",
+        },
+    )
+
+    assert status == 200
+    h = upstream_saw(body)["h"]
+    assert h["x-authenticated-userid"] == ["user-1"]
+    assert "x-authenticated-roles" not in h
+    assert "x-consumer-username" not in h
+    assert "x-consumer-id" not in h
+
+
+def test_spoofed_identity_is_stripped_even_when_failing_open(start_nginx, echo_upstream, dead_url):
+    base = start_nginx({"url": dead_url, "fail_open": True}, echo_upstream)
+
+    status, _, body = call(base, headers={"Authorization": "Bearer good", "X-Authenticated-Userid": "admin"})
+
+    assert status == 200
+    h = upstream_saw(body)["h"]
+    assert "x-authenticated-userid" not in h
+    assert h["authorization"] == ["Bearer good"]
+
+
+# --------------------------------------------------------------------------- deny
+
+
+def direct_answer(standin, token: str) -> tuple[int, Headers, bytes]:
+    u = urllib.parse.urlsplit(standin.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+    try:
+        conn.request("GET", u.path, headers={"Authorization": f"Bearer {token}"})
+        r = conn.getresponse()
+        return r.status, r.getheaders(), r.read()
+    finally:
+        conn.close()
+
+
+# connection-level headers that each hop writes for itself
+HOP_HEADERS = {"date", "server", "connection", "keep-alive", "content-length", "transfer-encoding"}
+
+
+def end_to_end(headers: Headers) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in headers:
+        if k.lower() not in HOP_HEADERS:
+            # repeated fields equal one comma-joined field (RFC 9110 section 5.3)
+            out[k.lower()] = f"{out[k.lower()]}, {v}" if k.lower() in out else v
+    return out
+
+
+@pytest.mark.parametrize("token", ["bad", "ratelimited"])
+def test_deny_relays_status_headers_and_body_exactly(start_nginx, echo_upstream, standin_verifier, token):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+    want_status, want_headers, want_body = direct_answer(standin_verifier, token)
+    assert want_status in (401, 429)
+
+    status, headers, body = call(base, headers={"Authorization": f"Bearer {token}"})
+
+    assert status == want_status
+    assert body == want_body
+    assert end_to_end(headers) == end_to_end(want_headers)
+    assert header(headers, "Content-Length") == [str(len(want_body))]
+
+
+def test_deny_without_a_token_never_reaches_the_upstream(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    status, headers, body = call(base)
+
+    assert status == 401
+    assert header(headers, "WWW-Authenticate")[0].startswith('Bearer realm="verifier"')
+    assert json.loads(body)["error"] == "invalid_token"
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_unreachable_verifier_fails_closed_with_503(start_nginx, echo_upstream, dead_url):
+    base = start_nginx({"url": dead_url}, echo_upstream)
+
+    status, _headers, body = call(base, headers={"Authorization": "Bearer good"})
+
+    assert status == 503
+    assert json.loads(body) == {"message": "Authorization service unavailable"}
+    assert start_nginx.error_log_text().count("verifier unavailable") == 1
+
+
+def test_slow_verifier_fails_closed_after_the_timeout(start_nginx, echo_upstream, standin_verifier):
+    standin_verifier.slow_seconds = 3.0
+    base = start_nginx({"url": standin_verifier.url, "timeout": 300}, echo_upstream)
+
+    started = time.monotonic()
+    status, _, _ = call(base, headers={"Authorization": "Bearer slow"})
+    elapsed = time.monotonic() - started
+
+    assert status == 503
+    # one read timeout, not two: a timeout is never retried
+    assert 0.25 < elapsed < 1.5
+    assert "timeout" in start_nginx.error_log_text()
+
+
+def test_fail_open_lets_requests_pass_without_identity(start_nginx, echo_upstream, dead_url):
+    base = start_nginx({"url": dead_url, "fail_open": True}, echo_upstream)
+
+    status, _, body = call(base, headers={"Authorization": "Bearer good"})
+
+    assert status == 200
+    assert "x-authenticated-userid" not in upstream_saw(body)["h"]
+    assert "fail_open lets the request pass" in start_nginx.error_log_text()
+
+
+def test_fail_open_does_not_override_a_deny(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url, "fail_open": True}, echo_upstream)
+
+    status, _, _ = call(base, headers={"Authorization": "Bearer bad"})
+
+    assert status == 401
+
+
+# --------------------------------------------------------------------------- keep-alive
+
+
+def test_keepalive_reuses_few_connections_for_many_requests(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    statuses = [call(base, headers={"Authorization": f"Bearer {t}"})[0] for t in ["good", "bad"] * 25]
+
+    assert statuses == [200, 401] * 25
+    assert len(standin_verifier.requests) == 50
+    assert standin_verifier.connections <= 2
+
+
+def test_a_pooled_connection_the_verifier_closed_is_replaced(start_nginx, echo_upstream, make_standin_verifier):
+    verifier = make_standin_verifier(idle_timeout=0.2)
+    base = start_nginx({"url": verifier.url}, echo_upstream)
+
+    assert call(base, headers={"Authorization": "Bearer good"})[0] == 200
+    time.sleep(0.6)  # the verifier closes the idle connection still in the plugin's pool
+    assert call(base, headers={"Authorization": "Bearer good"})[0] == 200
+
+    assert verifier.connections == 2
+
+
+# --------------------------------------------------------------------------- consumers
+
+
+ALICE = {"id": "6f1b5b0e-4a4e-4c53-9a58-2b1f6a0e7c11", "username": "alice", "custom_id": "cust-9"}
+
+
+def test_named_consumer_is_authenticated_for_acl_and_rate_limiting(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream, consumers=[ALICE])
+
+    status, _, body = call(base, headers={"Authorization": "Bearer consumer", "X-Consumer-Username": "eve"})
+
+    assert status == 200
+    h = upstream_saw(body)["h"]
+    assert h["x-consumer-username"] == ["alice"]
+    assert h["x-consumer-id"] == [ALICE["id"]]
+    assert h["x-consumer-custom-id"] == ["cust-9"]
+    assert h["x-credential-identifier"] == ["user-1"]
+    calls = shim_json(base, "authenticated")
+    assert calls["count"] == 1
+    (c,) = calls["calls"]
+    assert c["consumer"]["username"] == "alice"
+    assert c["credential"] == {"id": "user-1", "consumer_id": ALICE["id"]}
+
+
+def test_unknown_consumer_continues_without_one(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream, consumers=[])
+
+    status, _, body = call(base, headers={"Authorization": "Bearer consumer", "X-Consumer-ID": "spoof"})
+
+    assert status == 200
+    h = upstream_saw(body)["h"]
+    assert "x-consumer-username" not in h
+    assert "x-consumer-id" not in h
+    assert h["x-authenticated-userid"] == ["user-1"]
+    assert "Kong does not know" in start_nginx.error_log_text()
+
+
+# --------------------------------------------------------------------------- decision cache
+
+
+def test_answers_marked_reusable_are_reused(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    for _ in range(3):
+        status, _, body = call(base, "/a", headers={"Authorization": "Bearer cached"})
+        assert status == 200
+        assert upstream_saw(body)["h"]["x-authenticated-userid"] == ["user-1"]
+    call(base, "/b", headers={"Authorization": "Bearer cached"})
+
+    assert len(standin_verifier.requests) == 2  # one per path
+    stats = shim_json(base, "cache")
+    assert stats["hits"] == 2
+    assert stats["stores"] == 2
+
+
+def test_no_store_answers_are_not_reused(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    for token in ["good", "good", "bad", "bad"]:
+        call(base, "/a", headers={"Authorization": f"Bearer {token}"})
+
+    assert len(standin_verifier.requests) == 4
+
+
+def test_requests_with_a_dpop_proof_always_reach_the_verifier(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    for _ in range(2):
+        call(base, "/a", headers={"Authorization": "Bearer cached", "DPoP": "same-proof"})
+
+    assert len(standin_verifier.requests) == 2
+
+
+def test_cache_entries_zero_turns_reuse_off(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url, "cache_entries": 0}, echo_upstream)
+
+    for _ in range(2):
+        call(base, "/a", headers={"Authorization": "Bearer cached"})
+
+    assert len(standin_verifier.requests) == 2
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_schema_rejects_an_unknown_field(start_nginx, echo_upstream, standin_verifier):
+    with pytest.raises(RuntimeError, match="unknown field"):
+        start_nginx({"url": standin_verifier.url, "timeuot": 5}, echo_upstream)
+
+
+def test_schema_requires_the_url(start_nginx, echo_upstream):
+    with pytest.raises(RuntimeError, match="url is required"):
+        start_nginx({}, echo_upstream)
+
+
+# --------------------------------------------------------------------------- more framing and state
+
+
+def test_close_delimited_http10_answer_is_read_and_not_pooled(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    for _ in range(2):
+        status, _, body = call(base, headers={"Authorization": "Bearer http10"})
+        assert status == 200
+        assert upstream_saw(body)["h"]["x-authenticated-userid"] == ["user-10"]
+
+    assert standin_verifier.connections == 2
+
+
+def test_denials_marked_reusable_are_reused(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    answers = [call(base, "/a", headers={"Authorization": "Bearer deny-cached"}) for _ in range(2)]
+
+    assert len(standin_verifier.requests) == 1
+    assert answers[0][0] == answers[1][0] == 403
+    assert answers[0][2] == answers[1][2]
+    assert end_to_end(answers[0][1]) == end_to_end(answers[1][1])
+
+
+def test_cache_keys_are_sha256_digests_where_resty_sha256_exists(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream, with_sha256=True)
+
+    for path in ["/a", "/a", "/b"]:
+        assert call(base, path, headers={"Authorization": "Bearer cached"})[0] == 200
+
+    stats = shim_json(base, "cache")
+    assert stats["hashed_keys"] is True
+    assert stats["hits"] == 1
+    assert len(standin_verifier.requests) == 2
+
+
+def test_without_resty_sha256_the_key_string_itself_is_used(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    assert shim_json(base, "cache")["hashed_keys"] is False
+
+
+def test_consumer_of_an_earlier_authenticator_is_kept(start_nginx, echo_upstream, standin_verifier):
+    bob = {"id": "0b0b0b0b-0000-4000-8000-000000000001", "username": "bob"}
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream, preauthenticated=bob)
+
+    status, _, body = call(base, headers={"Authorization": "Bearer good"})
+
+    assert status == 200
+    h = upstream_saw(body)["h"]
+    assert h["x-consumer-username"] == ["bob"]
+    assert h["x-authenticated-userid"] == ["user-1"]
+    # only the earlier authenticator's call: the verifier named no consumer to replace bob
+    assert shim_json(base, "authenticated")["count"] == 1
+
+
+def test_the_named_consumer_replaces_an_earlier_one(start_nginx, echo_upstream, standin_verifier):
+    bob = {"id": "0b0b0b0b-0000-4000-8000-000000000001", "username": "bob"}
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream, consumers=[ALICE], preauthenticated=bob)
+
+    status, _, body = call(base, headers={"Authorization": "Bearer consumer"})
+
+    assert status == 200
+    assert upstream_saw(body)["h"]["x-consumer-username"] == ["alice"]
+
+
+def test_spoofed_identity_behind_many_headers_is_still_stripped(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+    headers = {f"X-Filler-{i}": "1" for i in range(150)}
+    headers.update({"Authorization": "Bearer good", "X-Authenticated-Roles": "superuser"})
+
+    status, _, body = call(base, headers=headers)
+
+    assert status == 200
+    assert "x-authenticated-roles" not in upstream_saw(body)["h"]
+
+
+def test_a_request_with_too_many_headers_to_check_is_refused(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+    headers = {f"X-F{i}": "1" for i in range(1001)}
+    headers.update({"Authorization": "Bearer good", "X-Authenticated-Roles": "superuser"})
+
+    status, _, _ = call(base, headers=headers)
+
+    assert status == 400
+    assert standin_verifier.requests == []
+
+
+@pytest.mark.parametrize(("trust", "forwarded"), [(False, None), (True, "dGh1bWJwcmludA")])
+def test_client_cert_thumbprint_header_is_forwarded_only_when_trusted(
+    start_nginx, echo_upstream, standin_verifier, trust, forwarded
+):
+    base = start_nginx({"url": standin_verifier.url, "trust_client_cert_header": trust}, echo_upstream)
+
+    call(base, headers={"Authorization": "Bearer good", "X-Client-Cert-Thumbprint": "dGh1bWJwcmludA"})
+
+    (req,) = standin_verifier.requests
+    assert {k.lower(): v for k, v in req["headers"]}.get("x-client-cert-thumbprint") == forwarded
+
+
+def test_keepalive_timeout_zero_closes_after_each_answer(start_nginx, echo_upstream, standin_verifier):
+    base = start_nginx({"url": standin_verifier.url, "keepalive_timeout": 0}, echo_upstream)
+
+    for _ in range(3):
+        assert call(base, headers={"Authorization": "Bearer good"})[0] == 200
+
+    assert standin_verifier.connections == 3
