@@ -19,10 +19,13 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def running_verifier(**issuer_options: object) -> AsyncIterator[tuple[App, DevIdentityProvider]]:
+async def running_verifier(
+    settings_options: dict[str, object] | None = None, **issuer_options: object
+) -> AsyncIterator[tuple[App, DevIdentityProvider]]:
     idp = DevIdentityProvider(port=free_port())
     await idp.start()
     settings = Settings(
+        **settings_options or {},  # type: ignore[arg-type]
         grpc=Listen(host="127.0.0.1", port=0),
         http=Listen(host="127.0.0.1", port=0),
         metrics=Listen(host="127.0.0.1", port=0),

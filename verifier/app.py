@@ -10,19 +10,27 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
 
+import aiohttp
 from aiohttp import web
 
+from verifier.binding.dpop import DpopConfig, DpopVerifier
 from verifier.clock import Clock, SystemClock
 from verifier.decision import Decision
 from verifier.doors.forward_auth import ForwardAuthDoor
 from verifier.doors.grpc import GrpcDoors
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Pipeline
+from verifier.policy.ratelimit import RateLimiter
+from verifier.policy.roles import RoleMapper
+from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.settings import Settings
+from verifier.state import build_state
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.fetch import Fetcher, HttpFetcher
+from verifier.tokens.introspection import Introspector
 from verifier.tokens.jwks import IssuerKeys, KeyStore
 from verifier.tokens.jwt import JwtVerifier
 
@@ -65,6 +73,22 @@ class App:
         self.jwt = JwtVerifier(
             {i.issuer: i for i in settings.issuers}, self.keys, self.clock, max_token_bytes=settings.max_token_bytes
         )
+        self.state = build_state(settings.state, self.clock)
+        self.dpop = DpopVerifier(settings.dpop or DpopConfig(), self.state, self.clock)
+        self.introspectors = {
+            i.issuer: Introspector(
+                issuer=i.issuer,
+                audiences=i.audiences,
+                config=i.introspection,
+                endpoint=None,
+                session_provider=self._session,
+                clock=self.clock,
+                registry=self.metrics.registry,
+                discovered_endpoint=self._discovered("introspection_endpoint", i.issuer),
+            )
+            for i in settings.issuers
+            if i.introspection is not None
+        }
         self.positive: ExpiringCache[tuple[Principal, Decision]] = ExpiringCache(
             settings.cache.token_entries, self.clock
         )
@@ -78,12 +102,39 @@ class App:
             realm=settings.realm,
             negative_ttl=settings.cache.negative_ttl_seconds,
             audit_enabled=settings.audit,
+            policies=PolicySet(settings.policies),
+            role_mappers={i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles},
+            dpop=self.dpop,
+            dpop_algs=self.dpop.algorithms,
+            rate_limiter=RateLimiter(settings.rate_limits, self.state, self.clock) if settings.rate_limits else None,
+            introspectors=self.introspectors,
+            introspect_jwts=frozenset(i.issuer for i in settings.issuers if i.introspect_jwts),
+            authorization_endpoint=lambda issuer: self._discovered("authorization_endpoint", issuer)(),
+            mtls_header=settings.mtls_thumbprint_header,
         )
         self.forward_auth = ForwardAuthDoor(self.pipeline, self.metrics, self.ready)
         self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready)
         self.ports = BoundPorts()
+        self._extra_session: aiohttp.ClientSession | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _session(self) -> aiohttp.ClientSession:
+        if isinstance(self.fetcher, HttpFetcher):
+            return self.fetcher.session
+        if self._extra_session is None or self._extra_session.closed:
+            self._extra_session = aiohttp.ClientSession()
+        return self._extra_session
+
+    def _discovered(self, name: str, issuer: str) -> Callable[[], str]:
+        """A late-bound lookup of a discovery metadata value (discovery happens after start-up)."""
+
+        def lookup() -> str:
+            keys = self.keys.get(issuer)
+            value = keys.metadata.get(name) if keys is not None else None
+            return value if isinstance(value, str) else ""
+
+        return lookup
 
     def ready(self) -> bool:
         """SERVING once every issuer's keys are loaded."""
@@ -149,5 +200,10 @@ class App:
         await self.keys.stop()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        for introspector in self.introspectors.values():
+            await introspector.close()
+        await self.state.close()
+        if self._extra_session is not None:
+            await self._extra_session.close()
         if self._own_fetcher and isinstance(self.fetcher, HttpFetcher):
             await self.fetcher.close()

@@ -70,7 +70,8 @@ class Decision:
         if self.body:
             lines.append("content-type: application/json")
         lines.append(f"content-length: {len(self.body)}")
-        return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+        # Claims may hold any Unicode: UTF-8 keeps identities distinct (obs-text to HTTP parsers).
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
 _PHRASES = {
@@ -92,26 +93,46 @@ def _quoted(text: str) -> str:
 _SAFE = frozenset(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\')
 
 
-def challenge(scheme: Scheme, realm: str, params: dict[str, str]) -> str:
-    """A `WWW-Authenticate` value: `Scheme realm="...", key="value", ...`."""
-    parts = [f'realm="{_quoted(realm)}"'] + [f'{k}="{_quoted(v)}"' for k, v in params.items()]
+def challenge(scheme: Scheme, realm: str, params: dict[str, str | int]) -> str:
+    """A `WWW-Authenticate` value: `Scheme realm="...", key="value", n=5`."""
+    parts = [f'realm="{_quoted(realm)}"']
+    parts += [f"{k}={v}" if isinstance(v, int) else f'{k}="{_quoted(v)}"' for k, v in params.items()]
     return f"{scheme.value} " + ", ".join(parts)
 
 
-def refuse(error: VerifierError, *, realm: str, scheme: Scheme = Scheme.BEARER, reusable_for: int = 0) -> Decision:
-    """Maps a refusal to its answer: the only place that does."""
+def refuse(
+    error: VerifierError,
+    *,
+    realm: str,
+    scheme: Scheme | None = None,
+    dpop_algs: str = "",
+    reusable_for: int = 0,
+) -> Decision:
+    """Maps a refusal to its answer: the only place that does.
+
+    `scheme` overrides the error's own (a request that came with DPoP is answered with a DPoP
+    challenge, RFC 9449 section 7.1); `dpop_algs` lists the proof algorithms we accept.
+    """
     status = STATUS_BY_OUTCOME[error.outcome]
     headers: list[tuple[str, str]] = []
-    body: dict[str, str] = {}
+    body: dict[str, object] = {}
     if error.outcome is Outcome.UNAVAILABLE:
         headers.append(("retry-after", RETRY_AFTER_UNAVAILABLE))
         body = {"error": "temporarily_unavailable", "error_description": _quoted(error.description)}
+    elif error.outcome is Outcome.RATE_LIMITED:
+        body = {"error": "rate_limited", "error_description": _quoted(error.description)}
     else:
-        params: dict[str, str] = {}
+        used = error.scheme if error.scheme is not Scheme.BEARER else (scheme or Scheme.BEARER)
+        params: dict[str, str | int] = {}
         if error.oauth_error is not None:
             params = {"error": error.oauth_error, "error_description": error.description}
             body = {"error": error.oauth_error, "error_description": _quoted(error.description)}
-        headers.append(("www-authenticate", challenge(scheme, realm, params)))
+        params.update(error.challenge_params())
+        if used is Scheme.DPOP and dpop_algs:
+            params["algs"] = dpop_algs
+        headers.append(("www-authenticate", challenge(used, realm, params)))
+    headers.extend(error.extra_headers())
+    body.update(error.extra_body())
     return Decision(
         allowed=False,
         status=status,

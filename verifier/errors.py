@@ -45,6 +45,18 @@ class VerifierError(Exception):
         if code is not None:
             self.code = code
 
+    def challenge_params(self) -> dict[str, str | int]:
+        """Extra `WWW-Authenticate` parameters (ints are written unquoted)."""
+        return {}
+
+    def extra_headers(self) -> tuple[tuple[str, str], ...]:
+        """Extra headers for the client (Retry-After, DPoP-Nonce, RateLimit, ...)."""
+        return ()
+
+    def extra_body(self) -> dict[str, object]:
+        """Extra members of the JSON error body."""
+        return {}
+
 
 class MissingToken(VerifierError):
     """No credential at all: a bare challenge, never reused (RFC 6750 section 3.1)."""
@@ -187,6 +199,10 @@ class UseDpopNonce(VerifierError):
         super().__init__(description or "a DPoP nonce is required")
         self.nonce = nonce
 
+    def extra_headers(self) -> tuple[tuple[str, str], ...]:
+        """RFC 9449 section 9: the fresh nonce travels in `DPoP-Nonce`."""
+        return (("dpop-nonce", self.nonce),) if self.nonce else ()
+
 
 class SenderConstraintFailed(InvalidToken):
     """RFC 8705 / RFC 9449: a bound token presented without, or with the wrong, proof of possession."""
@@ -212,6 +228,11 @@ class RateLimited(VerifierError):
     def __init__(self, description: str = "", *, retry_after: int = 1) -> None:
         super().__init__(description or "rate limit exceeded")
         self.retry_after = retry_after
+        self.headers: tuple[tuple[str, str], ...] = ()
+
+    def extra_headers(self) -> tuple[tuple[str, str], ...]:
+        """Retry-After and the RateLimit headers."""
+        return (("retry-after", str(self.retry_after)), *self.headers)
 
 
 class StateUnavailable(VerifierError):

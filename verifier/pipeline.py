@@ -1,34 +1,91 @@
-"""request attributes -> credential -> verifier -> principal -> (policy) -> decision.
+"""request attributes -> credential -> verifier -> principal -> policy -> decision.
 
-Data flows one way. Metrics and audit observe the decision; nothing flows back from them. A token
-seen before costs one SHA-256 and one dict probe (`decide_cached`); only a first-seen token goes to
-the verifier, which may await the key store.
+Data flows one way. Metrics and audit observe the decision; nothing flows back from them.
+
+A token seen before costs one SHA-256, one dict probe and the policy check (`decide_cached`); only
+a first-seen token, a sender-constrained token (its DPoP proof is per request), a rate-limited
+identity or an opaque token goes through the asynchronous path (`decide`), which may reach the key
+store, the introspection client or the shared state it was handed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from verifier import credentials
+from verifier.binding.mtls import check_certificate_binding
 from verifier.clock import Clock
+from verifier.credentials import Credential, TokenScheme
 from verifier.decision import Decision, allow, refuse
-from verifier.errors import AudienceMismatch, InternalError, InvalidToken, UnknownKey, VerifierError
+from verifier.errors import (
+    AudienceMismatch,
+    Forbidden,
+    InternalError,
+    InvalidDpopProof,
+    InvalidToken,
+    MissingToken,
+    ProviderUnavailable,
+    Scheme,
+    SenderConstraintFailed,
+    UnknownKey,
+    VerifierError,
+)
 from verifier.observe import audit
 from verifier.observe.metrics import Metrics
+from verifier.policy.ratelimit import RateLimiter
+from verifier.policy.roles import RoleMapper
+from verifier.policy.rules import CompiledPolicy, PolicySet, evaluate
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import SUPPORTED_ALGORITHMS
+from verifier.tokens import jws
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.jwt import JwtVerifier
 
 log = logging.getLogger("verifier.pipeline")
+
+ANONYMOUS = Decision(allowed=True, status=200, reason="anonymous")
+
+
+class ProofVerifier(Protocol):
+    """RFC 9449 DPoP proof verification (verifier.binding.dpop.DpopVerifier)."""
+
+    async def verify(
+        self, proof: str | None, *, method: str, url: str, access_token: str, expected_jkt: str | None
+    ) -> str:
+        """Returns the proof key's thumbprint or raises InvalidDpopProof / UseDpopNonce."""
+        ...
+
+
+class Introspector(Protocol):
+    """RFC 7662 introspection for one issuer (verifier.tokens.introspection.Introspector)."""
+
+    async def introspect(self, token: str, token_hash: bytes) -> Principal:
+        """The principal of an active token, or raises."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    """What the request needs, worked out once before any token is looked at."""
+
+    policy: CompiledPolicy | None
+    dpop_route: bool  # the route's policy requires DPoP: challenges name DPoP
 
 
 def _negative_cacheable(error: VerifierError) -> bool:
     # A refusal that no later key fetch can turn into an allow. An unknown kid may become known
     # after a rotation, so it is never remembered.
     return isinstance(error, InvalidToken | AudienceMismatch) and not isinstance(error, UnknownKey)
+
+
+def _cnf(principal: Principal) -> Mapping[str, Any]:
+    cnf = principal.claims.get("cnf")
+    return cnf if isinstance(cnf, dict) else {}
 
 
 class Pipeline:
@@ -45,6 +102,15 @@ class Pipeline:
         realm: str,
         negative_ttl: float,
         audit_enabled: bool = True,
+        policies: PolicySet | None = None,
+        role_mappers: Mapping[str, RoleMapper] | None = None,
+        dpop: ProofVerifier | None = None,
+        dpop_algs: tuple[str, ...] = (),
+        rate_limiter: RateLimiter | None = None,
+        introspectors: Mapping[str, Introspector] | None = None,
+        introspect_jwts: frozenset[str] = frozenset(),
+        authorization_endpoint: Callable[[str], str] | None = None,
+        mtls_header: str = "x-client-cert-thumbprint",
     ) -> None:
         self._jwt = jwt
         self._positive = positive
@@ -54,18 +120,45 @@ class Pipeline:
         self._realm = realm
         self._negative_ttl = negative_ttl
         self._audit = audit_enabled
+        self._policies = policies or PolicySet(None)
+        self._role_mappers = dict(role_mappers or {})
+        self._dpop = dpop
+        self._dpop_algs = " ".join(dpop_algs)
+        self._rate_limiter = rate_limiter
+        self._introspectors = dict(introspectors or {})
+        self._opaque_issuer = next(iter(self._introspectors), None)
+        self._introspect_jwts = introspect_jwts
+        self._authorization_endpoint = authorization_endpoint or (lambda issuer: "")
+        self._mtls_header = mtls_header
+        self._no_route = refuse(Forbidden("no policy allows this route", code="route_not_allowed"), realm=realm)
+
+    # -- the two entry points -------------------------------------------------------------------
 
     def decide_cached(self, attrs: RequestAttributes) -> Decision | None:
-        """The answer without any I/O, or None when the token must be verified."""
+        """The answer without any I/O, or None when the asynchronous path is needed."""
+        route = self._route(attrs)
+        if isinstance(route, Decision):
+            return route
         try:
             credential = credentials.extract(attrs)
+        except MissingToken as exc:
+            if route.policy is not None and not route.policy.require.authenticated:
+                return ANONYMOUS
+            return self._refuse(exc, None, route)
         except VerifierError as exc:
-            return refuse(exc, realm=self._realm)
+            return self._refuse(exc, None, route)
         key = audit.token_hash(credential.token)
         hit = self._positive.get(key)
         if hit is not None:
             self._metrics.positive_hit.inc()
-            return hit[1]
+            principal, allowed = hit
+            if self._needs_async(principal, credential):
+                return None
+            try:
+                self._judge(principal, credential, attrs, route)
+            except VerifierError as exc:
+                return self._refuse(exc, credential, route)
+            return allowed
         refused = self._negative.get(key)
         if refused is not None:
             self._metrics.negative_hit.inc()
@@ -78,35 +171,137 @@ class Pipeline:
             cached = self.decide_cached(attrs)
             if cached is not None:
                 return cached
-            return await self._verify(attrs, door)
+            return await self._decide(attrs, door)
         except Exception:  # fail closed on bugs; the traceback has no token in it
             log.exception("internal error while deciding", extra={"event": "internal_error", "route": attrs.route})
             return refuse(InternalError("internal error"), realm=self._realm)
 
-    async def _verify(self, attrs: RequestAttributes, door: str) -> Decision:
-        credential = credentials.extract(attrs)
+    # -- the steps ------------------------------------------------------------------------------
+
+    def _route(self, attrs: RequestAttributes) -> Route | Decision:
+        if not self._policies.enabled:
+            return Route(None, False)
+        policy = self._policies.match(attrs)
+        if policy is None:
+            return self._no_route
+        return Route(policy, policy.require.sender_constraint == "dpop")
+
+    def _needs_async(self, principal: Principal, credential: Credential) -> bool:
+        return (
+            credential.scheme is TokenScheme.DPOP
+            or "jkt" in _cnf(principal)
+            or self._rate_limiter is not None
+            or principal.issuer in self._introspect_jwts
+        )
+
+    def _judge(self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route) -> None:
+        """The synchronous checks on a principal: certificate binding and the route's policy."""
+        cnf = _cnf(principal)
+        if "x5t#S256" in cnf:
+            presented = attrs.client_cert_thumbprint or attrs.headers.get(self._mtls_header, "")
+            check_certificate_binding(cnf, presented)
+        if route.policy is not None:
+            evaluate(
+                route.policy.require,
+                principal,
+                self._clock.now(),
+                authorization_endpoint=self._authorization_endpoint(principal.issuer),
+            )
+
+    async def _decide(self, attrs: RequestAttributes, door: str) -> Decision:
+        route = self._route(attrs)
+        if isinstance(route, Decision):
+            return route
+        credential = credentials.extract(attrs)  # decide_cached already answered the failures
         key = audit.token_hash(credential.token)
-        self._metrics.positive_miss.inc()
+        hit = self._positive.get(key)
+        if hit is not None:
+            principal, allowed = hit
+        else:
+            self._metrics.positive_miss.inc()
+            verified = await self._verify(credential, key, attrs, door)
+            if isinstance(verified, Decision):
+                return verified
+            principal, allowed = verified
+        try:
+            if principal.issuer in self._introspect_jwts:
+                # Revocation check: the provider's word (cached by the introspector) on every request.
+                await self._introspectors[principal.issuer].introspect(credential.token, key)
+            await self._bind(principal, credential, attrs)
+            self._judge(principal, credential, attrs, route)
+            if self._rate_limiter is not None:
+                await self._rate_limiter.check(principal)
+        except VerifierError as exc:
+            return self._refuse(exc, credential, route)
+        return allowed
+
+    async def _verify(
+        self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str
+    ) -> tuple[Principal, Decision] | Decision:
+        """First sight of a token: signature or introspection, then cache the principal."""
         started = time.perf_counter()
         kid: str | None = None
         alg = ""
         issuer = ""
         try:
-            parsed = self._jwt.parse(credential.token)
-            kid, alg = parsed.kid, parsed.alg
-            iss = parsed.payload.get("iss")
-            issuer = iss if isinstance(iss, str) else ""
-            principal = await self._jwt.verify(parsed)
+            if jws.looks_like_jws(credential.token) or self._opaque_issuer is None:
+                parsed = self._jwt.parse(credential.token)
+                kid, alg = parsed.kid, parsed.alg
+                iss = parsed.payload.get("iss")
+                issuer = iss if isinstance(iss, str) else ""
+                principal = await self._jwt.verify(parsed)
+            else:
+                issuer = self._opaque_issuer
+                alg = "introspection"
+                principal = await self._introspectors[issuer].introspect(credential.token, key)
+            principal = self._with_roles(principal)
         except VerifierError as exc:
-            decision = refuse(exc, realm=self._realm)
+            decision = self._refuse(exc, credential, Route(None, False))
             if _negative_cacheable(exc):
                 self._negative.put(key, decision, self._clock.now() + self._negative_ttl)
             self._record(attrs, door, decision, started, key, issuer, kid, alg, "")
             return decision
-        decision = allow(principal)
-        self._positive.put(key, (principal, decision), principal.expires_at)
-        self._record(attrs, door, decision, started, key, issuer, kid, alg, principal.subject)
-        return decision
+        allowed = allow(principal)
+        self._positive.put(key, (principal, allowed), principal.expires_at)
+        self._record(attrs, door, allowed, started, key, issuer, kid, alg, principal.subject)
+        return principal, allowed
+
+    def _with_roles(self, principal: Principal) -> Principal:
+        mapper = self._role_mappers.get(principal.issuer)
+        if mapper is None:
+            return principal
+        roles = mapper.roles(principal.claims, principal.subject, principal.scopes, principal.roles)
+        return dataclasses.replace(principal, roles=roles)
+
+    async def _bind(self, principal: Principal, credential: Credential, attrs: RequestAttributes) -> None:
+        """RFC 9449: a DPoP-bound token needs its proof on every request; no downgrade to Bearer."""
+        jkt = _cnf(principal).get("jkt")
+        if credential.scheme is TokenScheme.DPOP:
+            if not isinstance(jkt, str):
+                error = InvalidToken("token is not DPoP-bound", code="token_not_dpop_bound")
+                error.scheme = Scheme.DPOP
+                raise error
+        elif jkt is not None:
+            error = SenderConstraintFailed("a DPoP-bound token must be presented with the DPoP scheme")
+            error.scheme = Scheme.DPOP
+            raise error
+        else:
+            return
+        if self._dpop is None:
+            raise InvalidDpopProof("DPoP is not enabled on this verifier")
+        url = f"{attrs.scheme}://{attrs.host}{attrs.path.split('?', 1)[0]}"
+        await self._dpop.verify(
+            attrs.headers.get("dpop"), method=attrs.method, url=url, access_token=credential.token, expected_jkt=jkt
+        )
+
+    def _refuse(self, error: VerifierError, credential: Credential | None, route: Route) -> Decision:
+        dpop = route.dpop_route or (credential is not None and credential.scheme is TokenScheme.DPOP)
+        return refuse(
+            error,
+            realm=self._realm,
+            scheme=Scheme.DPOP if dpop else None,
+            dpop_algs=self._dpop_algs,
+        )
 
     def _record(
         self,
@@ -120,7 +315,7 @@ class Pipeline:
         alg: str,
         subject: str,
     ) -> None:
-        if alg:
+        if alg and alg != "introspection":
             label = alg if alg in SUPPORTED_ALGORITHMS else "other"  # header values are attacker-chosen
             self._metrics.signature_checks.labels(label, "ok" if decision.allowed else decision.reason).inc()
         if self._audit:
@@ -136,3 +331,6 @@ class Pipeline:
                 token_hash_=key,
                 door=door,
             )
+
+
+__all__ = ["ANONYMOUS", "Introspector", "Pipeline", "ProofVerifier", "ProviderUnavailable"]

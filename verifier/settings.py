@@ -54,6 +54,72 @@ class Listen:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class RoleRule:
+    """Grants `role` when a claim contains one of `values`, a scope is held, or the subject is listed."""
+
+    role: str
+    claim: str = ""  # e.g. "groups": a string or list-of-strings claim
+    values: tuple[str, ...] = ()  # the claim must contain one of these
+    scope: str = ""  # or: this scope is held
+    subjects: tuple[str, ...] = ()  # or: the subject is one of these
+
+
+SENDER_CONSTRAINTS = ("dpop", "mtls", "any")
+STEP_UP_METHODS = ("webauthn",)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RouteMatch:
+    """Which requests a policy covers; empty fields match anything."""
+
+    hosts: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    path_prefix: str = ""
+    path: str = ""  # exact path (no query)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Requirements:
+    """What a matched route requires of the caller."""
+
+    authenticated: bool = True
+    roles_any: tuple[str, ...] = ()
+    roles_all: tuple[str, ...] = ()
+    scopes_all: tuple[str, ...] = ()
+    scopes_any: tuple[str, ...] = ()
+    amr_any: tuple[str, ...] = ()  # RFC 8176 values, e.g. hwk, pop
+    acr_any: tuple[str, ...] = ()  # e.g. phr, phrh
+    max_auth_age_seconds: int | None = None  # auth_time must be at most this old
+    sender_constraint: str = ""  # dpop | mtls | any (either)
+    step_up: str = ""  # webauthn: a request-bound WebAuthn assertion is required
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PolicySettings:
+    """One route policy: first match wins."""
+
+    name: str
+    match: RouteMatch
+    require: Requirements
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RateLimit:
+    """A token bucket: `per_second` sustained, `burst` at once."""
+
+    per_second: float
+    burst: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RateLimitSettings:
+    """Per-identity limits; a caller gets the most generous limit among its roles, else the default."""
+
+    default: RateLimit | None = None
+    roles: tuple[tuple[str, RateLimit], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class IssuerSettings:
     """One trusted token issuer."""
 
@@ -68,6 +134,9 @@ class IssuerSettings:
     jwks_max_ttl_seconds: float = DEFAULT_JWKS_MAX_TTL_SECONDS
     jwks_cooldown_seconds: float = DEFAULT_JWKS_COOLDOWN_SECONDS
     fetch_timeout_seconds: float = DEFAULT_FETCH_TIMEOUT_SECONDS
+    roles: tuple[RoleRule, ...] = ()  # claim -> role mapping rules
+    introspection: Any = None  # verifier.tokens.introspection.IntrospectionConfig when configured
+    introspect_jwts: bool = False  # also introspect this issuer's JWTs (revocation check)
 
     @property
     def discovery(self) -> str:
@@ -96,6 +165,11 @@ class Settings:
     max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
     realm: str = DEFAULT_REALM
     audit: bool = True
+    policies: tuple[PolicySettings, ...] | None = None  # None: any valid token is allowed
+    rate_limits: RateLimitSettings | None = None
+    dpop: Any = None  # verifier.binding.dpop.DpopConfig
+    state: Any = None  # verifier.state.StateConfig (Redis); None: in-memory
+    mtls_thumbprint_header: str = "x-client-cert-thumbprint"  # where a gateway puts the client cert's x5t#S256
 
 
 class _Reader:
@@ -214,6 +288,26 @@ def _check_url(url: str, key: str) -> None:
         raise ConfigError(f"{key}: https is required for a non-loopback issuer ({url!r})")
 
 
+def _introspection(reader: _Reader) -> Any:
+    raw = reader.raw("introspection")
+    if raw is None:
+        return None
+    import importlib
+
+    module = importlib.import_module("verifier.tokens.introspection")
+    return module.parse_introspection_config(raw, f"{reader.path}.introspection")
+
+
+def _optional_section(root: _Reader, key: str, module: str, function: str) -> Any:
+    raw = root.raw(key)
+    if raw is None:
+        return None
+    import importlib
+
+    parse = getattr(importlib.import_module(module), function)
+    return parse(raw, key)
+
+
 def _issuer(reader: _Reader) -> IssuerSettings:
     issuer = reader.text("issuer")
     _check_url(issuer, f"{reader.path}.issuer")
@@ -238,12 +332,102 @@ def _issuer(reader: _Reader) -> IssuerSettings:
         fetch_timeout_seconds=reader.number(
             "fetch_timeout_seconds", DEFAULT_FETCH_TIMEOUT_SECONDS, minimum=0.05, maximum=60
         ),
+        roles=tuple(_role_rule(r) for r in reader.children("roles")) if reader.raw("roles") is not None else (),
+        introspection=_introspection(reader),
+        introspect_jwts=reader.boolean("introspect_jwts", False),
     )
     for key in ("discovery_url", "jwks_uri"):
         if getattr(settings, key):
             _check_url(getattr(settings, key), f"{reader.path}.{key}")
     if settings.jwks_min_ttl_seconds > settings.jwks_max_ttl_seconds:
         raise ConfigError(f"{reader.path}.jwks_min_ttl_seconds: larger than jwks_max_ttl_seconds")
+    reader.done()
+    return settings
+
+
+def _role_rule(reader: _Reader) -> RoleRule:
+    rule = RoleRule(
+        role=reader.text("role"),
+        claim=reader.text("claim", ""),
+        values=reader.strings("values", required=False),
+        scope=reader.text("scope", ""),
+        subjects=reader.strings("subjects", required=False),
+    )
+    reader.done()
+    if bool(rule.claim) != bool(rule.values):
+        raise ConfigError(f"{reader.path}: claim and values go together")
+    if not (rule.claim or rule.scope or rule.subjects):
+        raise ConfigError(f"{reader.path}: needs claim+values, scope or subjects")
+    return rule
+
+
+def _policy(reader: _Reader, index: int) -> PolicySettings:
+    match_reader = reader.child("match")
+    if match_reader is None:
+        raise ConfigError(f"{reader.path}.match: required")
+    methods = tuple(m.upper() for m in match_reader.strings("methods", required=False))
+    prefix = match_reader.text("path_prefix", "")
+    exact = match_reader.text("path", "")
+    for key, value in (("path_prefix", prefix), ("path", exact)):
+        if value and not value.startswith("/"):
+            raise ConfigError(f"{match_reader.path}.{key}: must start with /")
+    match = RouteMatch(
+        hosts=tuple(h.lower() for h in match_reader.strings("hosts", required=False)),
+        methods=methods,
+        path_prefix=prefix,
+        path=exact,
+    )
+    match_reader.done()
+    req_reader = reader.child("require") or _Reader({}, f"{reader.path}.require")
+    max_age = req_reader.raw("max_auth_age_seconds")
+    require = Requirements(
+        authenticated=req_reader.boolean("authenticated", True),
+        roles_any=req_reader.strings("roles_any", required=False),
+        roles_all=req_reader.strings("roles_all", required=False),
+        scopes_all=req_reader.strings("scopes_all", required=False),
+        scopes_any=req_reader.strings("scopes_any", required=False),
+        amr_any=req_reader.strings("amr_any", required=False),
+        acr_any=req_reader.strings("acr_any", required=False),
+        max_auth_age_seconds=None
+        if max_age is None
+        else req_reader.integer("max_auth_age_seconds", 0, minimum=1, maximum=86_400 * 365),
+        sender_constraint=req_reader.text("sender_constraint", ""),
+        step_up=req_reader.text("step_up", ""),
+    )
+    if require.sender_constraint and require.sender_constraint not in SENDER_CONSTRAINTS:
+        raise ConfigError(f"{req_reader.path}.sender_constraint: expected one of {', '.join(SENDER_CONSTRAINTS)}")
+    if require.step_up and require.step_up not in STEP_UP_METHODS:
+        raise ConfigError(f"{req_reader.path}.step_up: expected one of {', '.join(STEP_UP_METHODS)}")
+    req_reader.done()
+    name = reader.text("name", f"policy-{index}")
+    reader.done()
+    return PolicySettings(name=name, match=match, require=require)
+
+
+def _rate_limit(reader: _Reader) -> RateLimit:
+    limit = RateLimit(
+        per_second=reader.number("per_second", 0.0, minimum=0.001, maximum=1_000_000),
+        burst=reader.integer("burst", 0, minimum=1, maximum=10_000_000),
+    )
+    if not reader.has("per_second") or not reader.has("burst"):
+        raise ConfigError(f"{reader.path}: per_second and burst are required")
+    reader.done()
+    return limit
+
+
+def _rate_limits(reader: _Reader | None) -> RateLimitSettings | None:
+    if reader is None:
+        return None
+    default = reader.child("default")
+    roles_reader = reader.child("roles")
+    roles: list[tuple[str, RateLimit]] = []
+    if roles_reader is not None:
+        for role in list(roles_reader.data):
+            child = roles_reader.child(str(role))
+            assert child is not None
+            roles.append((str(role), _rate_limit(child)))
+        roles_reader.done()
+    settings = RateLimitSettings(default=_rate_limit(default) if default else None, roles=tuple(roles))
     reader.done()
     return settings
 
@@ -279,6 +463,13 @@ def parse_settings(data: Any) -> Settings:
         max_token_bytes=root.integer("max_token_bytes", DEFAULT_MAX_TOKEN_BYTES, minimum=256, maximum=1 << 20),
         realm=root.text("realm", DEFAULT_REALM),
         audit=root.boolean("audit", True),
+        policies=tuple(_policy(r, i) for i, r in enumerate(root.children("policies")))
+        if root.raw("policies") is not None
+        else None,
+        rate_limits=_rate_limits(root.child("rate_limits")),
+        dpop=_optional_section(root, "dpop", "verifier.binding.dpop", "parse_dpop_config"),
+        state=_optional_section(root, "state", "verifier.state", "parse_state_config"),
+        mtls_thumbprint_header=root.text("mtls_thumbprint_header", "x-client-cert-thumbprint").lower(),
     )
     root.done()
     if settings.grpc is None and settings.http is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -25,9 +26,12 @@ from typing import Any
 import httptools
 
 from verifier.decision import Decision
+from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Pipeline
 from verifier.request import RequestAttributes
+
+log = logging.getLogger("verifier.forward_auth")
 
 DOOR = "forward_auth"
 PREFIX = b"/v1/forward-auth"
@@ -67,6 +71,7 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection from a gateway."""
 
     __slots__ = (
+        "_body",
         "_body_bytes",
         "_closing",
         "_door",
@@ -90,6 +95,7 @@ class _Connection(asyncio.Protocol):
         self._header_bytes = 0
         self._name = ""
         self._body_bytes = 0
+        self._body: list[bytes] = []
         self._pending: collections.deque[asyncio.Future[bytes] | bytes] = collections.deque()
         self._closing = False
         self._paused = False
@@ -142,6 +148,7 @@ class _Connection(asyncio.Protocol):
         self._headers = {}
         self._header_bytes = 0
         self._body_bytes = 0
+        self._body = []
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -164,6 +171,8 @@ class _Connection(asyncio.Protocol):
         self._body_bytes += len(body)
         if self._body_bytes > MAX_BODY_BYTES:
             raise _TooLarge(413)
+        if door_wants_body(self._url):
+            self._body.append(body)
 
     def on_message_complete(self) -> None:
         parser = self._parser
@@ -185,6 +194,16 @@ class _Connection(asyncio.Protocol):
             self._push(_HEALTH_OK if door.ready() else _HEALTH_NOT, keep_alive)
         elif path == b"/livez":
             self._push(_HEALTH_OK, keep_alive)
+        elif door.router:
+            request = HttpRequest(
+                method=parser.get_method().decode("latin-1"),
+                path=path.decode("latin-1"),
+                query=url.partition(b"?")[2].decode("latin-1"),
+                headers=self._headers,
+                body=b"".join(self._body),
+                peer=self._peer,
+            )
+            self._push(asyncio.ensure_future(door.route(request, keep_alive)), keep_alive)
         else:
             self._push(_ERROR_ANSWERS[404], keep_alive)
 
@@ -235,6 +254,11 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
+def door_wants_body(url: bytes) -> bool:
+    """Forward-auth bodies are discarded; the small endpoints get theirs."""
+    return not url.startswith(PREFIX)
+
+
 class _TooLarge(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(status)
@@ -254,7 +278,10 @@ def _answer(decision: Decision, keep_alive: bool) -> bytes:
 class ForwardAuthDoor:
     """The HTTP forward-auth listener."""
 
-    def __init__(self, pipeline: Pipeline, metrics: Metrics, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, pipeline: Pipeline, metrics: Metrics, ready: Callable[[], bool], router: Router | None = None
+    ) -> None:
+        self.router = router or Router()
         self.pipeline = pipeline
         self.metrics = metrics
         self.ready = ready
@@ -270,6 +297,15 @@ class ForwardAuthDoor:
         decision = await self.pipeline.decide(attrs, DOOR)
         self.observe(decision, started)
         return _answer(decision, keep_alive)
+
+    async def route(self, request: HttpRequest, keep_alive: bool) -> bytes:
+        """One of the small endpoints; a handler's crash is a 500, never a dropped connection."""
+        try:
+            answer = await self.router.dispatch(request)
+        except Exception:
+            log.exception("endpoint failed", extra={"event": "endpoint_error", "path": request.path})
+            answer = HttpAnswer.json(500, {"error": "server_error"})
+        return answer.serialize(keep_alive)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Listens; returns the bound port."""

@@ -79,14 +79,19 @@ class IssuerKeys:
 
     async def refresh(self) -> None:
         """Fetches the keys once, however many callers ask at the same time (single flight)."""
-        if self._inflight is None:
-            self._inflight = asyncio.get_running_loop().create_task(self._refresh())
         task = self._inflight
-        try:
-            await asyncio.shield(task)
-        finally:
-            if task.done() and self._inflight is task:
-                self._inflight = None
+        if task is None:
+            task = self._inflight = asyncio.get_running_loop().create_task(self._refresh())
+            task.add_done_callback(self._settled)
+        await asyncio.shield(task)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        # Cleared by the task itself, not by a waiter: a cancelled waiter must not leave a finished
+        # fetch behind for the next caller to mistake for a fresh one.
+        if self._inflight is task:
+            self._inflight = None
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure is already logged and counted
 
     async def _refresh(self) -> None:
         self._last_attempt = self._clock.monotonic()
@@ -151,7 +156,7 @@ class IssuerKeys:
                 continue
             try:
                 keys.append(parse_jwk(raw))
-            except KeyError_ as exc:
+            except (KeyError_, TypeError, ValueError) as exc:
                 log.warning(
                     "jwks key skipped",
                     extra={"event": "jwks_key_skipped", "issuer": self.settings.issuer, "error": str(exc)},
@@ -173,8 +178,13 @@ class IssuerKeys:
     async def run(self) -> None:
         """Keeps the keys fresh until cancelled."""
         while True:
-            with contextlib.suppress(ProviderUnavailable):
+            try:
                 await self.refresh()
+            except ProviderUnavailable:
+                pass  # logged and counted; the last good keys stay
+            except Exception:  # a hostile document must not end the loop for good
+                self._failures += 1
+                log.exception("jwks refresh crashed", extra={"event": "jwks_fetch", "issuer": self.settings.issuer})
             await asyncio.sleep(self.next_refresh_in())
 
 

@@ -7,6 +7,7 @@ leeway. Audience is checked last so a well-formed token for another API gets a 4
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,8 +41,8 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ClaimInvalid(f"{name} is not a number", claim=name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ClaimInvalid(f"{name} is not a number", claim=name)  # NaN compares false with everything
     return float(value)
 
 

@@ -90,7 +90,7 @@ def parse_jwk(jwk: Mapping[str, Any]) -> VerificationKey:
     if any(name in jwk for name in ("d", "p", "q", "dp", "dq", "qi", "k")):
         raise KeyError_("private or symmetric key material in a public key set")
     alg = jwk.get("alg")
-    if alg is not None and alg not in ALG_KEY_TYPES:
+    if alg is not None and (not isinstance(alg, str) or alg not in ALG_KEY_TYPES):
         raise KeyError_(f"unsupported alg {alg!r}")
     kid = jwk.get("kid")
     if kid is not None and not isinstance(kid, str):

@@ -1,0 +1,233 @@
+"""Introspection against a real OpenID Provider (node-oidc-provider): the aiohttp path end to end.
+
+The provider counts introspection calls on its side (`stats()`), so single flight and caching are
+checked where they matter: at the provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from op_harness import (  # tests/integration is on sys.path (pytest rootdir-relative import)
+    API_AUDIENCE,
+    OPAQUE_RESOURCE,
+    VERIFIER_CLIENT_ID,
+    VERIFIER_CLIENT_SECRET,
+    OpenIDProvider,
+    start_provider,
+)
+from prometheus_client import CollectorRegistry
+
+from verifier.errors import AudienceMismatch, InvalidToken, ProviderUnavailable
+from verifier.observe.audit import token_hash
+from verifier.principal import Principal
+from verifier.tokens.introspection import IntrospectionConfig, Introspector
+
+pytestmark = pytest.mark.integration
+
+
+class ShiftedClock:
+    """Real time plus an offset the test moves (the provider's `exp` values are real epoch seconds)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture(scope="module")
+def op(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
+    provider = start_provider(tmp_path_factory)
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture
+def fresh_op(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
+    provider = start_provider(tmp_path_factory)
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+class Harness:
+    """Builds introspectors for a provider and closes them afterwards."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self.clock = ShiftedClock()
+        self.registry = CollectorRegistry()
+        self.made: list[Introspector] = []
+
+    def introspector(
+        self, op: OpenIDProvider, *, audiences: tuple[str, ...] = (OPAQUE_RESOURCE,), **overrides: Any
+    ) -> Introspector:
+        values: dict[str, Any] = {"client_id": VERIFIER_CLIENT_ID, "client_secret": VERIFIER_CLIENT_SECRET}
+        values.update(overrides)
+        introspector = Introspector(
+            issuer=op.issuer,
+            audiences=audiences,
+            config=IntrospectionConfig(**values),
+            endpoint=None,  # found by discovery
+            session_provider=lambda: self.session,
+            clock=self.clock,
+            registry=self.registry,
+        )
+        self.made.append(introspector)
+        return introspector
+
+
+@pytest.fixture
+async def harness(session: aiohttp.ClientSession) -> AsyncIterator[Harness]:
+    h = Harness(session)
+    yield h
+    for introspector in h.made:
+        await introspector.close()
+
+
+async def introspect(introspector: Introspector, token: str) -> Principal:
+    return await introspector.introspect(token, token_hash(token))
+
+
+def introspection_calls(op: OpenIDProvider) -> int:
+    return op.stats()["introspection"]
+
+
+async def test_an_active_opaque_token_becomes_a_principal_named_by_its_client(
+    op: OpenIDProvider, harness: Harness
+) -> None:
+    token = op.opaque_token(scope="read write")
+    principal = await introspect(harness.introspector(op), token)
+    assert principal.subject == "app"  # no sub in a client-credentials token: the client_id stands in
+    assert principal.client_id == "app"
+    assert principal.scopes == ("read", "write")
+    assert principal.issuer == op.issuer
+    assert principal.claims["aud"] == OPAQUE_RESOURCE
+    assert principal.expires_at <= principal.claims["exp"]
+
+
+async def test_a_garbage_token_is_inactive(op: OpenIDProvider, harness: Harness) -> None:
+    with pytest.raises(InvalidToken) as caught:
+        await introspect(harness.introspector(op), "not-a-token-the-provider-ever-issued")
+    assert caught.value.code == "token_inactive"
+
+
+async def test_a_revoked_token_is_inactive(op: OpenIDProvider, harness: Harness) -> None:
+    token = op.opaque_token()
+    op.revoke(token)
+    with pytest.raises(InvalidToken, match="not active"):
+        await introspect(harness.introspector(op), token)
+
+
+async def test_a_token_for_another_audience_is_refused(op: OpenIDProvider, harness: Harness) -> None:
+    with pytest.raises(AudienceMismatch):
+        await introspect(harness.introspector(op, audiences=(API_AUDIENCE,)), op.opaque_token())
+
+
+async def test_revoked_after_caching_stays_active_until_the_positive_ttl_then_is_inactive(
+    op: OpenIDProvider, harness: Harness
+) -> None:
+    token = op.opaque_token()
+    introspector = harness.introspector(op, positive_ttl_seconds=30)
+    op.reset_stats()
+    await introspect(introspector, token)
+    op.revoke(token)
+    harness.clock.advance(29)
+    assert (await introspect(introspector, token)).subject == "app"  # the cached answer, by design
+    assert introspection_calls(op) == 1
+    harness.clock.advance(2)
+    with pytest.raises(InvalidToken, match="not active"):
+        await introspect(introspector, token)
+    assert introspection_calls(op) == 2
+
+
+async def test_concurrent_requests_for_one_token_make_one_provider_call(
+    op: OpenIDProvider, harness: Harness
+) -> None:
+    token = op.opaque_token()
+    introspector = harness.introspector(op)
+    await introspector.client.endpoint()  # discovery first, so only introspection is counted below
+    op.reset_stats()
+    principals = await asyncio.gather(*(introspect(introspector, token) for _ in range(50)))
+    assert {p.subject for p in principals} == {"app"}
+    assert introspection_calls(op) == 1
+
+
+async def test_distinct_tokens_make_one_call_each(op: OpenIDProvider, harness: Harness) -> None:
+    tokens = [op.opaque_token() for _ in range(8)]
+    introspector = harness.introspector(op, batch_window_seconds=0.005)
+    await introspector.client.endpoint()
+    op.reset_stats()
+    principals = await asyncio.gather(*(introspect(introspector, t) for t in tokens))
+    assert len(principals) == 8
+    assert introspection_calls(op) == 8
+    batches = harness.registry.get_sample_value("verifier_introspection_batch_size_count", {"issuer": op.issuer})
+    assert batches is not None and batches <= 2  # gathered within the window, not dispatched one by one
+
+
+async def test_a_wrong_client_secret_is_provider_unavailable(op: OpenIDProvider, harness: Harness) -> None:
+    with pytest.raises(ProviderUnavailable, match="HTTP 401"):
+        await introspect(harness.introspector(op, client_secret="wrong"), op.opaque_token())
+
+
+async def test_a_slow_provider_times_out_and_fails_closed(op: OpenIDProvider, harness: Harness) -> None:
+    token = op.opaque_token()
+    introspector = harness.introspector(op, timeout_seconds=0.3)
+    await introspector.client.endpoint()
+    op.set_fault("introspection", delay_ms=1500)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailable, match="timed out"):
+            await introspect(introspector, token)
+        assert time.monotonic() - started < 1.0
+    finally:
+        op.clear_faults()
+    assert (await introspect(introspector, token)).subject == "app"  # the timeout was not cached
+
+
+async def test_a_5xx_is_provider_unavailable_and_not_cached(op: OpenIDProvider, harness: Harness) -> None:
+    token = op.opaque_token()
+    introspector = harness.introspector(op)
+    await introspector.client.endpoint()
+    op.set_fault("introspection", status=503)
+    try:
+        with pytest.raises(ProviderUnavailable, match="HTTP 503"):
+            await introspect(introspector, token)
+    finally:
+        op.clear_faults()
+    assert (await introspect(introspector, token)).subject == "app"
+
+
+async def test_a_stopped_provider_is_unavailable_and_serve_stale_covers_for_it(
+    fresh_op: OpenIDProvider, harness: Harness
+) -> None:
+    token = fresh_op.opaque_token()
+    other = fresh_op.opaque_token()
+    strict = harness.introspector(fresh_op, positive_ttl_seconds=10)
+    lenient = harness.introspector(fresh_op, positive_ttl_seconds=10, serve_stale_on_error=True)
+    await introspect(strict, token)
+    await introspect(lenient, token)
+    fresh_op.stop()
+    harness.clock.advance(11)
+    with pytest.raises(ProviderUnavailable):
+        await introspect(strict, token)
+    assert (await introspect(lenient, token)).subject == "app"
+    with pytest.raises(ProviderUnavailable):
+        await introspect(lenient, other)  # never seen: nothing to stand in

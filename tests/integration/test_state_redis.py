@@ -1,0 +1,184 @@
+"""verifier.state.redis against a real redis-server: two replicas share replay keys and buckets,
+and a Redis that is down or hung makes every call fail closed (StateUnavailable), never allow."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from redis_harness import RedisServer, start_redis  # tests/integration is on sys.path
+
+from verifier.clock import FrozenClock
+from verifier.errors import StateUnavailable
+from verifier.state.memory import MemoryState
+from verifier.state.redis import RedisState
+
+pytestmark = pytest.mark.integration
+
+NOW = 1_700_000_000.0
+TIMEOUT = 0.2  # seconds per socket operation, as a deployment would set it
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisState, RedisState]]:
+    """Two independent stores, as two verifier replicas would build them."""
+    a = RedisState(redis_server.url, key_prefix="t:", timeout_seconds=TIMEOUT)
+    b = RedisState(redis_server.url, key_prefix="t:", timeout_seconds=TIMEOUT)
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+# --- first_use ------------------------------------------------------------------------------------
+
+
+async def test_a_key_used_on_one_replica_is_a_replay_on_the_other(replicas: tuple[RedisState, RedisState]) -> None:
+    a, b = replicas
+    assert await a.first_use("dpop:jti:1", 10) is True
+    assert await b.first_use("dpop:jti:1", 10) is False
+    assert await a.first_use("dpop:jti:1", 10) is False
+    assert await b.first_use("dpop:jti:2", 10) is True
+
+
+async def test_exactly_one_of_many_concurrent_uses_wins(replicas: tuple[RedisState, RedisState]) -> None:
+    a, b = replicas
+    results = await asyncio.gather(*(s.first_use("race", 10) for _ in range(25) for s in (a, b)))
+    assert results.count(True) == 1
+
+
+async def test_a_key_expires_after_its_ttl(replicas: tuple[RedisState, RedisState], raw: Redis) -> None:
+    a, b = replicas
+    assert await a.first_use("short", 0.2)
+    assert 0 < await raw.pttl("t:once:short") <= 200
+    await asyncio.sleep(0.3)
+    assert await b.first_use("short", 0.2) is True
+
+
+async def test_prefixes_keep_deployments_apart(redis_server: RedisServer) -> None:
+    one = RedisState(redis_server.url, key_prefix="one:")
+    two = RedisState(redis_server.url, key_prefix="two:")
+    try:
+        assert await one.first_use("k", 10) and await two.first_use("k", 10)
+    finally:
+        await one.close()
+        await two.close()
+
+
+# --- take -----------------------------------------------------------------------------------------
+
+
+async def test_two_replicas_share_one_bucket(replicas: tuple[RedisState, RedisState]) -> None:
+    a, b = replicas
+    results = [await (a if i % 2 else b).take("user-1", rate_per_second=0.001, burst=5, now=NOW) for i in range(8)]
+    assert [r.allowed for r in results] == [True] * 5 + [False] * 3
+    assert [r.remaining for r in results[:5]] == [4, 3, 2, 1, 0]
+
+
+async def test_concurrent_takes_never_exceed_the_burst(replicas: tuple[RedisState, RedisState]) -> None:
+    a, b = replicas
+    results = await asyncio.gather(
+        *(s.take("hot", rate_per_second=0.001, burst=7, now=NOW) for _ in range(20) for s in (a, b))
+    )
+    assert sum(r.allowed for r in results) == 7
+
+
+async def test_the_script_mirrors_the_memory_bucket_exactly(replicas: tuple[RedisState, RedisState]) -> None:
+    a, b = replicas
+    memory = MemoryState(FrozenClock(NOW))
+    steps = [0, 0, 0, 0.4, 0.5, 0.5, 1.999, 2.0, 2.0, 10, 10, 10, 10, 9, 12.25]  # seconds after NOW
+    for i, offset in enumerate(steps):
+        expected = await memory.take("m", rate_per_second=0.5, burst=3, now=NOW + offset)
+        got = await (a if i % 2 else b).take("m", rate_per_second=0.5, burst=3, now=NOW + offset)
+        assert got.allowed == expected.allowed and got.remaining == expected.remaining, offset
+        assert got.retry_after_seconds == pytest.approx(expected.retry_after_seconds, abs=1e-6)
+        assert got.reset_seconds == pytest.approx(expected.reset_seconds, abs=1e-6)
+        assert got.limit == 3
+
+
+async def test_a_bucket_key_expires_when_the_bucket_would_be_full(
+    replicas: tuple[RedisState, RedisState], raw: Redis
+) -> None:
+    a, _ = replicas
+    await a.take("ttl", rate_per_second=2, burst=4, now=NOW)
+    await a.take("ttl", rate_per_second=2, burst=4, now=NOW)  # 2 tokens short: full again in 1 s
+    assert 900 < await raw.pttl("t:bucket:ttl") <= 1000
+
+
+async def test_takes_survive_redis_losing_the_script(replicas: tuple[RedisState, RedisState], raw: Redis) -> None:
+    a, b = replicas
+    assert (await a.take("s", rate_per_second=1, burst=2, now=NOW)).allowed
+    await raw.script_flush()
+    assert (await b.take("s", rate_per_second=1, burst=2, now=NOW)).allowed  # EVALSHA misses, EVAL runs
+    assert not (await a.take("s", rate_per_second=1, burst=2, now=NOW)).allowed
+
+
+# --- failing closed -------------------------------------------------------------------------------
+
+
+async def test_redis_down_fails_closed_and_recovers(
+    redis_server: RedisServer, replicas: tuple[RedisState, RedisState]
+) -> None:
+    a, b = replicas
+    assert await a.first_use("before", 10)
+    redis_server.stop()
+    started = time.monotonic()
+    with pytest.raises(StateUnavailable):
+        await a.first_use("jti-while-down", 10)
+    with pytest.raises(StateUnavailable):
+        await b.first_use("jti-while-down", 10)
+    with pytest.raises(StateUnavailable):
+        await a.take("user", rate_per_second=1, burst=10, now=NOW)
+    assert time.monotonic() - started < 3  # refused promptly, not after a long hang
+
+    redis_server.start()  # same port, empty (nothing persisted)
+    assert await a.first_use("after", 10) is True  # stale pooled connections are replaced
+    assert await b.first_use("after", 10) is False
+
+
+async def test_a_fresh_replica_with_redis_unreachable_fails_closed(tmp_path: Path) -> None:
+    server = start_redis(tmp_path)
+    url = server.url
+    server.stop()
+    state = RedisState(url, timeout_seconds=TIMEOUT)
+    try:
+        with pytest.raises(StateUnavailable):
+            await state.first_use("k", 10)
+        with pytest.raises(StateUnavailable):
+            await state.take("k", rate_per_second=1, burst=1, now=NOW)
+    finally:
+        await state.close()
+
+
+async def test_a_hung_redis_fails_closed_within_the_deadline(
+    redis_server: RedisServer, replicas: tuple[RedisState, RedisState]
+) -> None:
+    a, _ = replicas
+    assert await a.first_use("warm", 10)  # a pooled connection exists
+    redis_server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await a.first_use("hung", 10)
+        with pytest.raises(StateUnavailable):
+            await a.take("hung", rate_per_second=1, burst=1, now=NOW)
+        assert time.monotonic() - started < 2 * 4 * TIMEOUT + 0.5
+    finally:
+        redis_server.resume()

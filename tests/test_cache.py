@@ -1,0 +1,97 @@
+"""verifier.tokens.cache: a bounded map whose entries never outlive their own expiry."""
+
+from __future__ import annotations
+
+import pytest
+from tokenkit import NOW
+
+from verifier.clock import FrozenClock
+from verifier.tokens.cache import ExpiringCache
+
+
+@pytest.fixture
+def cache(clock: FrozenClock) -> ExpiringCache[str]:
+    return ExpiringCache(3, clock)
+
+
+def test_returns_a_stored_value_until_its_expiry(cache: ExpiringCache[str], clock: FrozenClock) -> None:
+    cache.put(b"k", "v", NOW + 10)
+    assert cache.get(b"k") == "v"
+    clock.advance(9.999)
+    assert cache.get(b"k") == "v"
+
+
+def test_an_entry_is_gone_at_its_expiry_and_is_evicted(cache: ExpiringCache[str], clock: FrozenClock) -> None:
+    cache.put(b"k", "v", NOW + 10)
+    clock.advance(10)
+    assert cache.get(b"k") is None
+    assert len(cache) == 0
+
+
+def test_a_missing_key_is_none(cache: ExpiringCache[str]) -> None:
+    assert cache.get(b"nope") is None
+
+
+@pytest.mark.parametrize("expires_at", [NOW, NOW - 1, 0.0])
+def test_an_already_expired_value_is_not_stored(cache: ExpiringCache[str], expires_at: float) -> None:
+    cache.put(b"k", "v", expires_at)
+    assert len(cache) == 0
+    assert cache.get(b"k") is None
+
+
+def test_the_oldest_entry_is_evicted_when_full(cache: ExpiringCache[str]) -> None:
+    for i in range(4):
+        cache.put(bytes([i]), str(i), NOW + 60)
+    assert len(cache) == 3
+    assert cache.get(b"\x00") is None
+    assert [cache.get(bytes([i])) for i in (1, 2, 3)] == ["1", "2", "3"]
+
+
+def test_a_flood_of_distinct_keys_never_grows_past_the_bound(clock: FrozenClock) -> None:
+    cache: ExpiringCache[int] = ExpiringCache(100, clock)
+    for i in range(10_000):
+        cache.put(i.to_bytes(4, "big"), i, NOW + 60)
+    assert len(cache) == 100
+    assert cache.get((9_999).to_bytes(4, "big")) == 9_999
+
+
+def test_replacing_a_key_when_full_evicts_nothing(cache: ExpiringCache[str]) -> None:
+    for key in (b"a", b"b", b"c"):
+        cache.put(key, key.decode(), NOW + 60)
+    cache.put(b"a", "A", NOW + 120)
+    assert len(cache) == 3
+    assert (cache.get(b"a"), cache.get(b"b"), cache.get(b"c")) == ("A", "b", "c")
+
+
+def test_replacing_a_key_takes_the_new_expiry(cache: ExpiringCache[str], clock: FrozenClock) -> None:
+    cache.put(b"a", "old", NOW + 100)
+    cache.put(b"a", "new", NOW + 5)
+    clock.advance(6)
+    assert cache.get(b"a") is None
+
+
+@pytest.mark.parametrize("bound", [0, -1])
+def test_a_cache_with_no_room_stores_nothing(clock: FrozenClock, bound: int) -> None:
+    cache: ExpiringCache[str] = ExpiringCache(bound, clock)
+    cache.put(b"k", "v", NOW + 60)
+    assert len(cache) == 0 and cache.get(b"k") is None
+
+
+def test_discard_and_clear(cache: ExpiringCache[str]) -> None:
+    cache.put(b"a", "a", NOW + 60)
+    cache.put(b"b", "b", NOW + 60)
+    cache.discard(b"a")
+    cache.discard(b"missing")
+    assert (cache.get(b"a"), cache.get(b"b")) == (None, "b")
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_expiry_follows_wall_time_not_monotonic_time(cache: ExpiringCache[str]) -> None:
+    class WallJumps(FrozenClock):
+        def now(self) -> float:
+            return NOW + 3600
+
+    jumping: ExpiringCache[str] = ExpiringCache(3, WallJumps(NOW))
+    jumping.put(b"k", "v", NOW + 60)  # already expired by the wall clock
+    assert jumping.get(b"k") is None

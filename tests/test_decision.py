@@ -1,0 +1,212 @@
+"""verifier.decision: refusals become RFC 6750 answers in one place; allow headers cannot be injected."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from verifier.decision import Decision, allow, challenge, refuse
+from verifier.errors import (
+    AudienceMismatch,
+    BadSignature,
+    Forbidden,
+    InternalError,
+    InvalidToken,
+    MalformedRequest,
+    MissingToken,
+    Overloaded,
+    ProviderUnavailable,
+    Scheme,
+    TokenExpired,
+    VerifierError,
+)
+from verifier.principal import Principal
+
+REALM = "api"
+
+
+def _header(decision: Decision, name: str) -> str | None:
+    values = [v for k, v in decision.response_headers if k == name]
+    assert len(values) <= 1
+    return values[0] if values else None
+
+
+def _principal(**overrides: object) -> Principal:
+    values: dict[str, object] = {
+        "issuer": "https://issuer.example.test",
+        "subject": "user-1",
+        "client_id": "client-1",
+        "scopes": ("read", "write"),
+        "roles": frozenset({"b", "a"}),
+        "expires_at": 1_700_000_300.0,
+        "claims": {},
+    }
+    values.update(overrides)
+    return Principal(**values)  # type: ignore[arg-type]
+
+
+def test_a_missing_token_gets_a_bare_bearer_challenge() -> None:
+    decision = refuse(MissingToken("no access token"), realm=REALM)
+    assert (decision.allowed, decision.status, decision.reason) == (False, 401, "token_missing")
+    assert _header(decision, "www-authenticate") == 'Bearer realm="api"'
+    assert decision.body == b""
+    assert decision.cache_max_age == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(InvalidToken("bad"), "invalid_token"), (BadSignature("bad"), "signature_invalid"),
+     (TokenExpired("bad"), "token_expired")],
+)
+def test_an_invalid_token_gets_error_and_description(error: VerifierError, code: str) -> None:
+    decision = refuse(error, realm=REALM)
+    assert (decision.status, decision.reason) == (401, code)
+    assert _header(decision, "www-authenticate") == 'Bearer realm="api", error="invalid_token", error_description="bad"'
+    assert json.loads(decision.body) == {"error": "invalid_token", "error_description": "bad"}
+
+
+def test_a_dpop_refusal_names_the_dpop_scheme() -> None:
+    decision = refuse(InvalidToken("bad"), realm=REALM, scheme=Scheme.DPOP)
+    assert (_header(decision, "www-authenticate") or "").startswith('DPoP realm="api", error="invalid_token"')
+
+
+@pytest.mark.parametrize("error", [AudienceMismatch("wrong audience"), Forbidden("no")])
+def test_audience_and_policy_refusals_are_403_insufficient_scope(error: VerifierError) -> None:
+    decision = refuse(error, realm=REALM)
+    assert decision.status == 403
+    assert 'error="insufficient_scope"' in (_header(decision, "www-authenticate") or "")
+    assert json.loads(decision.body)["error"] == "insufficient_scope"
+    assert decision.outcome == "deny"
+
+
+def test_a_malformed_request_is_400_invalid_request() -> None:
+    decision = refuse(MalformedRequest("two schemes"), realm=REALM)
+    assert decision.status == 400
+    assert 'error="invalid_request"' in (_header(decision, "www-authenticate") or "")
+
+
+@pytest.mark.parametrize("error", [ProviderUnavailable("down"), Overloaded("busy"), InternalError("bug")])
+def test_unavailable_is_503_with_retry_after_and_no_challenge(error: VerifierError) -> None:
+    decision = refuse(error, realm=REALM)
+    assert decision.status == 503
+    assert _header(decision, "retry-after") == "1"
+    assert _header(decision, "www-authenticate") is None
+    assert json.loads(decision.body)["error"] == "temporarily_unavailable"
+    assert decision.outcome == "error"
+    assert decision.cache_max_age == 0
+
+
+def test_only_reusable_refusals_may_be_cached() -> None:
+    assert refuse(BadSignature("x"), realm=REALM, reusable_for=10).cache_max_age == 10
+    assert refuse(TokenExpired("x"), realm=REALM, reusable_for=10).cache_max_age == 0
+    assert refuse(MissingToken("x"), realm=REALM, reusable_for=10).cache_max_age == 0
+
+
+HOSTILE_DESCRIPTIONS = [
+    'bad" , error="none',
+    "line\r\nSet-Cookie: pwned=1",
+    "back\\slash",
+    "nul\x00byte",
+    "tab\there",
+    "unicode \u2028 sep \u00e9",
+    "x" * 1000,
+]
+
+
+@pytest.mark.parametrize("description", HOSTILE_DESCRIPTIONS)
+def test_error_description_cannot_inject_quotes_or_crlf(description: str) -> None:
+    decision = refuse(InvalidToken(description), realm='re"alm\r\n')
+    value = _header(decision, "www-authenticate") or ""
+    assert "\r" not in value and "\n" not in value and "\\" not in value and "\x00" not in value
+    assert value.count('"') == 6  # realm, error, error_description: three quoted strings
+    assert all(0x20 <= ord(c) < 0x7F for c in value)
+    body = json.loads(decision.body)
+    assert '"' not in body["error_description"] and "\n" not in body["error_description"]
+    assert len(body["error_description"]) <= 200
+    head = decision.http_head
+    assert head.count(b"\r\n") == len(decision.response_headers) + 5  # status + headers + 4 fixed lines
+
+
+def test_challenge_quotes_every_parameter() -> None:
+    assert challenge(Scheme.BEARER, "r", {"error": "invalid_token", "scope": "a b"}) == (
+        'Bearer realm="r", error="invalid_token", scope="a b"'
+    )
+
+
+def test_allow_sets_identity_headers_for_the_upstream() -> None:
+    decision = allow(_principal(), cache_max_age=30)
+    assert (decision.allowed, decision.status, decision.reason, decision.outcome) == (True, 200, "ok", "allow")
+    assert dict(decision.upstream_headers) == {
+        "x-authenticated-userid": "user-1",
+        "x-authenticated-scope": "read write",
+        "x-authenticated-issuer": "https://issuer.example.test",
+        "x-authenticated-roles": "a,b",
+    }
+    assert decision.roles == ("a", "b")
+    assert decision.response_headers == ()
+
+
+def test_allow_without_roles_sends_no_roles_header() -> None:
+    assert "x-authenticated-roles" not in dict(allow(_principal(roles=frozenset())).upstream_headers)
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["evil\r\nx-authenticated-userid: admin", "a\nb", "a\rb", "nul\x00", "del\x7f", "tab\tsep", "\x1b[31m"],
+)
+def test_allow_headers_strip_cr_lf_and_controls_from_claims(hostile: str) -> None:
+    decision = allow(_principal(subject=hostile, scopes=(hostile,), roles=frozenset({hostile})))
+    for _name, value in decision.upstream_headers:
+        assert all(c >= " " and c != "\x7f" for c in value), repr(value)
+    head = decision.http_head
+    assert head.count(b"\r\n") == len(decision.upstream_headers) + 4
+    lines = head.split(b"\r\n")
+    assert sum(line.startswith(b"x-authenticated-userid:") for line in lines) == 1
+
+
+def test_http_head_of_a_refusal_is_exact() -> None:
+    decision = refuse(InvalidToken("bad token"), realm=REALM)
+    body = b'{"error": "invalid_token", "error_description": "bad token"}'
+    assert decision.body == body
+    assert decision.http_head == (
+        b"HTTP/1.1 401 Unauthorized\r\n"
+        b'www-authenticate: Bearer realm="api", error="invalid_token", error_description="bad token"\r\n'
+        b"x-verifier-reason: invalid_token\r\n"
+        b"cache-control: no-store\r\n"
+        b"content-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n"
+    )
+
+
+def test_http_head_of_an_allow_is_exact() -> None:
+    assert allow(_principal(roles=frozenset()), cache_max_age=15).http_head == (
+        b"HTTP/1.1 200 OK\r\n"
+        b"x-authenticated-userid: user-1\r\n"
+        b"x-authenticated-scope: read write\r\n"
+        b"x-authenticated-issuer: https://issuer.example.test\r\n"
+        b"x-verifier-reason: ok\r\n"
+        b"cache-control: private, max-age=15\r\n"
+        b"content-length: 0\r\n"
+    )
+
+
+def test_http_head_is_stable_and_built_once() -> None:
+    decision = refuse(InvalidToken("bad"), realm=REALM)
+    first = decision.http_head
+    assert decision.http_head is first
+    assert refuse(InvalidToken("bad"), realm=REALM).http_head == first
+    assert decision.memo["http"] is first
+
+
+def test_the_memo_does_not_affect_equality() -> None:
+    a = refuse(InvalidToken("bad"), realm=REALM)
+    b = refuse(InvalidToken("bad"), realm=REALM)
+    _ = a.http_head
+    assert a == b
+
+
+@pytest.mark.parametrize("text", ["用户", "rôle-€", "emoji-\U0001f600"])
+def test_http_head_survives_claims_outside_latin1(text: str) -> None:
+    head = allow(_principal(subject=text, roles=frozenset({text}))).http_head
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")

@@ -1,0 +1,484 @@
+"""verifier.binding.dpop: RFC 9449 proofs checked at the resource server, and RFC 7638 thumbprints.
+
+Proofs are signed with pyjwt and real `cryptography` keys, so the verifier is checked against an
+independent implementation; the ones pyjwt refuses to make are built by hand with `compact`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from tokenkit import NOW, SigningKeys, b64, compact, private_jwk, public_jwk
+
+from verifier.binding.dpop import (
+    DEFAULT_ALGORITHMS,
+    DpopConfig,
+    DpopVerifier,
+    access_token_hash,
+    normalize_htu,
+    parse_dpop_config,
+    thumbprint,
+)
+from verifier.clock import FrozenClock
+from verifier.errors import InvalidDpopProof, SenderConstraintFailed, StateUnavailable, UseDpopNonce
+from verifier.settings import ConfigError
+from verifier.state.base import TakeResult
+from verifier.state.memory import MemoryState
+
+URL = "https://api.example.test/orders"
+TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEifQ.c2ln"  # only its hash matters
+SECRET = b"n" * 32
+
+
+def make_proof(
+    key: Any,
+    *,
+    alg: str = "ES256",
+    jwk: dict[str, Any] | None = None,
+    headers: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> str:
+    """A proof for `URL`/GET/`TOKEN` at `NOW`; claim overrides of None remove the claim."""
+    claims: dict[str, Any] = {
+        "jti": str(uuid.uuid4()),
+        "htm": "GET",
+        "htu": URL,
+        "iat": int(NOW),
+        "ath": access_token_hash(TOKEN),
+    }
+    claims.update(overrides)
+    claims = {k: v for k, v in claims.items() if v is not None}
+    header: dict[str, Any] = {"typ": "dpop+jwt", "jwk": jwk if jwk is not None else public_jwk(key)}
+    header.update(headers or {})
+    return jwt.encode(claims, key, algorithm=alg, headers=header)
+
+
+def jkt_of(key: Any) -> str:
+    return thumbprint(public_jwk(key))
+
+
+@pytest.fixture
+def state(clock: FrozenClock) -> MemoryState:
+    return MemoryState(clock)
+
+
+@pytest.fixture
+def verifier(clock: FrozenClock, state: MemoryState) -> DpopVerifier:
+    return DpopVerifier(DpopConfig(), state, clock)
+
+
+async def check(
+    verifier: DpopVerifier,
+    proof: str | None,
+    *,
+    method: str = "GET",
+    url: str = URL,
+    token: str = TOKEN,
+    jkt: str | None = None,
+) -> str:
+    return await verifier.verify(proof, method=method, url=url, access_token=token, expected_jkt=jkt)
+
+
+# --- RFC 7638 thumbprints -------------------------------------------------------------------------
+
+RFC7638_3_1_JWK = {
+    "kty": "RSA",
+    "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3"
+    "oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu"
+    "6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJ"
+    "zKnqDKgw",
+    "e": "AQAB",
+    "alg": "RS256",
+    "kid": "2011-04-29",
+}
+
+
+def test_thumbprint_matches_the_rfc7638_section_3_1_example() -> None:
+    assert thumbprint(RFC7638_3_1_JWK) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+
+
+def test_thumbprint_ignores_optional_members_and_their_order(keys: SigningKeys) -> None:
+    bare = public_jwk(keys.es256)
+    decorated = {"use": "sig", "kid": "x", **dict(reversed(list(bare.items())))}
+    assert thumbprint(decorated) == thumbprint(bare)
+
+
+@pytest.mark.parametrize(
+    "jwk", [{"kty": "RSA", "e": "AQAB"}, {"kty": "XYZ"}, {}, {"kty": "EC", "crv": "P-256", "x": 1, "y": "a"}]
+)
+def test_thumbprint_refuses_incomplete_or_unknown_keys(jwk: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        thumbprint(jwk)
+
+
+def test_access_token_hash_is_base64url_sha256() -> None:
+    assert access_token_hash("abc") == b64(hashlib.sha256(b"abc").digest())
+
+
+# --- a good proof ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ["ES256", "ES384", "RS256", "PS256", "EdDSA"])
+async def test_accepts_a_valid_proof_and_returns_its_thumbprint(
+    verifier: DpopVerifier, keys: SigningKeys, alg: str
+) -> None:
+    key = keys.for_alg(alg)
+    assert await check(verifier, make_proof(key, alg=alg), jkt=jkt_of(key)) == jkt_of(key)
+
+
+async def test_accepts_a_proof_for_an_unbound_token_and_leaves_the_verdict_to_the_caller(
+    verifier: DpopVerifier, keys: SigningKeys
+) -> None:
+    assert await check(verifier, make_proof(keys.es256)) == jkt_of(keys.es256)
+
+
+def test_the_verifier_names_its_algorithms_for_the_challenge(verifier: DpopVerifier) -> None:
+    assert verifier.algorithms == DEFAULT_ALGORITHMS
+
+
+async def test_accepts_iat_at_the_edges_of_the_window(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    await check(verifier, make_proof(keys.es256, iat=NOW - 60))
+    await check(verifier, make_proof(keys.es256, iat=NOW + 5))
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+
+async def test_refuses_a_missing_proof(verifier: DpopVerifier) -> None:
+    for proof in (None, "", "   "):
+        with pytest.raises(InvalidDpopProof, match="missing"):
+            await check(verifier, proof)
+
+
+async def test_refuses_two_proofs(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    joined = make_proof(keys.es256) + ", " + make_proof(keys.es256)
+    with pytest.raises(InvalidDpopProof, match="more than one"):
+        await check(verifier, joined)
+
+
+async def test_refuses_a_replayed_jti(verifier: DpopVerifier, keys: SigningKeys, clock: FrozenClock) -> None:
+    proof = make_proof(keys.es256)
+    await check(verifier, proof)
+    clock.advance(30)
+    with pytest.raises(InvalidDpopProof, match="replayed"):
+        await check(verifier, proof)
+
+
+async def test_the_same_jti_under_another_key_is_not_a_replay(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    await check(verifier, make_proof(keys.es256, jti="same"))
+    await check(verifier, make_proof(keys.eddsa, alg="EdDSA", jti="same"))
+
+
+async def test_a_refused_proof_does_not_use_up_its_jti(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    proof = make_proof(keys.es256)
+    with pytest.raises(InvalidDpopProof):
+        await check(verifier, proof, method="POST")
+    await check(verifier, proof)
+
+
+async def test_refuses_wrong_htm(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    with pytest.raises(InvalidDpopProof, match="htm"):
+        await check(verifier, make_proof(keys.es256, htm="POST"))
+    with pytest.raises(InvalidDpopProof, match="htm"):
+        await check(verifier, make_proof(keys.es256, htm="get"))  # methods are case-sensitive
+
+
+@pytest.mark.parametrize(
+    "htu",
+    [
+        "https://api.example.test/other",
+        "http://api.example.test/orders",
+        "https://evil.example.test/orders",
+        "https://api.example.test:8443/orders",
+        "https://api.example.test/orders/",
+        "https://api.example.test",
+        "/orders",
+        "not a url",
+    ],
+)
+async def test_refuses_wrong_htu(verifier: DpopVerifier, keys: SigningKeys, htu: str) -> None:
+    with pytest.raises(InvalidDpopProof, match="htu"):
+        await check(verifier, make_proof(keys.es256, htu=htu))
+
+
+@pytest.mark.parametrize(
+    ("htu", "request_url"),
+    [
+        (URL, URL + "?page=2#top"),  # query and fragment of the request are ignored
+        (URL + "?page=1", URL + "?page=2"),  # and of htu
+        ("HTTPS://API.Example.TEST/orders", URL),  # scheme and host are case-insensitive
+        ("https://api.example.test:443/orders", URL),  # default port
+        (URL, "https://api.example.test:443/orders"),
+        ("http://api.example.test:80/orders", "http://api.example.test/orders"),
+        ("https://api.example.test/%6Frders", URL),  # percent-encoded unreserved character
+        ("https://api.example.test/a/../orders", URL),  # dot segments
+        ("https://api.example.test", "https://api.example.test/"),  # empty path is "/"
+    ],
+)
+async def test_matches_htu_after_normalization(
+    verifier: DpopVerifier, keys: SigningKeys, htu: str, request_url: str
+) -> None:
+    await check(verifier, make_proof(keys.es256, htu=htu), url=request_url)
+
+
+def test_normalize_htu_keeps_what_is_significant() -> None:
+    assert normalize_htu("https://h.test/a%2fb") == "https://h.test/a%2Fb"  # reserved stays encoded
+    assert normalize_htu("https://h.test/Path") == "https://h.test/Path"  # paths keep their case
+    assert normalize_htu("https://h.test//a/./b/..") == "https://h.test//a/"
+    assert normalize_htu("https://[::1]:8443/x") == "https://[::1]:8443/x"
+    with pytest.raises(ValueError):
+        normalize_htu("ftp://h.test/x")
+
+
+@pytest.mark.parametrize(("offset", "message"), [(-61, "too old"), (-3600, "too old"), (6, "future")])
+async def test_refuses_stale_or_future_iat(
+    verifier: DpopVerifier, keys: SigningKeys, offset: float, message: str
+) -> None:
+    with pytest.raises(InvalidDpopProof, match=message):
+        await check(verifier, make_proof(keys.es256, iat=NOW + offset))
+
+
+@pytest.mark.parametrize("iat", [None, "1700000000", True, float("nan")])
+async def test_refuses_missing_or_malformed_iat(verifier: DpopVerifier, keys: SigningKeys, iat: Any) -> None:
+    proof = make_proof(keys.es256, iat=iat) if iat is not None else make_proof(keys.es256, iat=None)
+    with pytest.raises(InvalidDpopProof, match="iat"):
+        await check(verifier, proof)
+
+
+async def test_refuses_wrong_or_missing_ath(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    with pytest.raises(InvalidDpopProof, match="ath"):
+        await check(verifier, make_proof(keys.es256, ath=access_token_hash("another token")))
+    with pytest.raises(InvalidDpopProof, match="ath"):
+        await check(verifier, make_proof(keys.es256, ath=None))
+    with pytest.raises(InvalidDpopProof, match="ath"):
+        await check(verifier, make_proof(keys.es256), token="another token")
+
+
+async def test_refuses_lone_surrogates_without_crashing(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    with pytest.raises(InvalidDpopProof, match="ath"):
+        await check(verifier, make_proof(keys.es256, ath="\ud800"))
+    await check(verifier, make_proof(keys.es256, jti="\ud800"))  # an odd jti is still just an identifier
+
+
+@pytest.mark.parametrize("jti", [None, "", 7, "x" * 257])
+async def test_refuses_missing_or_malformed_jti(verifier: DpopVerifier, keys: SigningKeys, jti: Any) -> None:
+    proof = make_proof(keys.es256, jti=jti) if jti is not None else make_proof(keys.es256, jti=None)
+    with pytest.raises(InvalidDpopProof, match="jti"):
+        await check(verifier, proof)
+
+
+async def test_refuses_a_proof_signed_by_another_key_than_its_jwk(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    other = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(InvalidDpopProof, match="signature"):
+        await check(verifier, make_proof(other, jwk=public_jwk(keys.es256)))
+
+
+async def test_refuses_a_jwk_with_private_key_material(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    for key, alg in ((keys.es256, "ES256"), (keys.rs256, "RS256"), (keys.eddsa, "EdDSA")):
+        with pytest.raises(InvalidDpopProof, match="private"):
+            await check(verifier, make_proof(key, alg=alg, jwk=private_jwk(key, "k")))
+
+
+async def test_refuses_a_symmetric_jwk(verifier: DpopVerifier) -> None:
+    header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": {"kty": "oct", "k": b64(b"secret")}}
+    with pytest.raises(InvalidDpopProof, match="private"):
+        await check(verifier, compact(header, {"jti": "j"}))
+
+
+async def test_refuses_a_missing_jwk(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    proof = jwt.encode({"jti": "j"}, keys.es256, algorithm="ES256", headers={"typ": "dpop+jwt"})
+    with pytest.raises(InvalidDpopProof, match="no jwk"):
+        await check(verifier, proof)
+
+
+async def test_refuses_an_alg_that_does_not_fit_the_jwk(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": public_jwk(keys.es256)}
+    with pytest.raises(InvalidDpopProof, match="does not fit"):
+        await check(verifier, compact(header, {"jti": "j"}))
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "HS256", "HS512", "ES512", "RS512"])
+async def test_refuses_an_alg_outside_the_allow_list(verifier: DpopVerifier, keys: SigningKeys, alg: str) -> None:
+    header = {"typ": "dpop+jwt", "alg": alg, "jwk": public_jwk(keys.es256)}
+    with pytest.raises(InvalidDpopProof, match="alg"):
+        await check(verifier, compact(header, {"jti": "j", "htm": "GET", "htu": URL, "iat": NOW}))
+
+
+async def test_refuses_an_hs256_proof_made_with_pyjwt(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    proof = jwt.encode({"jti": "j"}, "k" * 32, algorithm="HS256",
+                       headers={"typ": "dpop+jwt", "jwk": public_jwk(keys.es256)})
+    with pytest.raises(InvalidDpopProof, match="alg"):
+        await check(verifier, proof)
+
+
+@pytest.mark.parametrize("typ", [None, "JWT", "at+jwt", "application/jwt", 1])
+async def test_refuses_a_wrong_typ(verifier: DpopVerifier, keys: SigningKeys, typ: Any) -> None:
+    header: dict[str, Any] = {"jwk": public_jwk(keys.es256)}
+    if typ is not None:
+        header["typ"] = typ
+    claims = {"jti": "j", "htm": "GET", "htu": URL, "iat": NOW, "ath": access_token_hash(TOKEN)}
+    with pytest.raises(InvalidDpopProof, match="typ"):
+        await check(verifier, jwt.encode(claims, keys.es256, algorithm="ES256", headers=header))
+
+
+async def test_accepts_typ_in_any_case(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    await check(verifier, make_proof(keys.es256, headers={"typ": "DPoP+JWT"}))
+
+
+@pytest.mark.parametrize(
+    "proof",
+    [
+        "a.b",
+        "a.b.c.d",
+        "!!!.b.c",
+        "é.b.c",
+        compact({"typ": "dpop+jwt"}, b"not json"),
+        compact({"typ": "dpop+jwt"}, b"[1]"),
+        compact({"typ": "dpop+jwt"}, {"jti": "j"}, signature=b""),
+        "x" * 9000,
+    ],
+)
+async def test_refuses_malformed_proofs(verifier: DpopVerifier, proof: str) -> None:
+    with pytest.raises(InvalidDpopProof):
+        await check(verifier, proof)
+
+
+async def test_refuses_an_unknown_critical_header(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    with pytest.raises(InvalidDpopProof, match="critical"):
+        await check(verifier, make_proof(keys.es256, headers={"crit": ["exp"], "exp": 1}))
+
+
+async def test_refuses_a_proof_by_another_key_than_the_tokens_cnf_jkt(
+    verifier: DpopVerifier, keys: SigningKeys
+) -> None:
+    with pytest.raises(SenderConstraintFailed):
+        await check(verifier, make_proof(keys.es256), jkt=jkt_of(keys.eddsa))
+
+
+async def test_fails_closed_when_replay_state_is_unavailable(keys: SigningKeys, clock: FrozenClock) -> None:
+    class DownState:
+        async def first_use(self, key: str, ttl_seconds: float) -> bool:
+            raise StateUnavailable("down")
+
+        async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
+            raise StateUnavailable("down")
+
+        async def close(self) -> None:
+            return None
+
+    with pytest.raises(StateUnavailable):
+        await check(DpopVerifier(DpopConfig(), DownState(), clock), make_proof(keys.es256))
+
+
+async def test_remembers_each_jti_for_the_whole_iat_window(keys: SigningKeys, clock: FrozenClock) -> None:
+    seen: list[float] = []
+
+    class Recording(MemoryState):
+        async def first_use(self, key: str, ttl_seconds: float) -> bool:
+            seen.append(ttl_seconds)
+            return await super().first_use(key, ttl_seconds)
+
+    config = DpopConfig(iat_past_seconds=30, iat_future_seconds=10)
+    await check(DpopVerifier(config, Recording(clock), clock), make_proof(keys.es256))
+    assert seen == [40]
+
+
+# --- server nonces (RFC 9449 section 9) ----------------------------------------------------------
+
+
+@pytest.fixture
+def nonce_verifier(clock: FrozenClock, state: MemoryState) -> DpopVerifier:
+    return DpopVerifier(DpopConfig(require_nonce=True, nonce_secret=SECRET), state, clock)
+
+
+async def test_requires_a_nonce_and_hands_out_a_fresh_one(nonce_verifier: DpopVerifier, keys: SigningKeys) -> None:
+    with pytest.raises(UseDpopNonce) as refused:
+        await check(nonce_verifier, make_proof(keys.es256))
+    nonce = refused.value.nonce
+    assert nonce and refused.value.oauth_error == "use_dpop_nonce"
+    assert await check(nonce_verifier, make_proof(keys.es256, nonce=nonce)) == jkt_of(keys.es256)
+
+
+async def test_accepts_an_issued_nonce_until_it_expires(
+    nonce_verifier: DpopVerifier, keys: SigningKeys, clock: FrozenClock
+) -> None:
+    nonce = nonce_verifier.issue_nonce()
+    clock.advance(300)
+    await check(nonce_verifier, make_proof(keys.es256, nonce=nonce, iat=clock.now()), url=URL)
+    clock.advance(1)
+    with pytest.raises(UseDpopNonce) as refused:
+        await check(nonce_verifier, make_proof(keys.es256, nonce=nonce, iat=clock.now()))
+    assert refused.value.nonce != nonce
+
+
+async def test_refuses_a_forged_or_foreign_nonce(
+    nonce_verifier: DpopVerifier, keys: SigningKeys, clock: FrozenClock, state: MemoryState
+) -> None:
+    foreign = DpopVerifier(DpopConfig(require_nonce=True, nonce_secret=b"o" * 32), state, clock).issue_nonce()
+    good = nonce_verifier.issue_nonce()
+    tampered = good[:-2] + ("AA" if not good.endswith("AA") else "BB")
+    for nonce in (foreign, tampered, "", "garbage", 42, "é"):
+        with pytest.raises(UseDpopNonce):
+            await check(nonce_verifier, make_proof(keys.es256, nonce=nonce))
+
+
+async def test_a_nonce_from_another_replica_with_the_same_secret_is_accepted(
+    nonce_verifier: DpopVerifier, keys: SigningKeys, clock: FrozenClock
+) -> None:
+    other = DpopVerifier(DpopConfig(require_nonce=True, nonce_secret=SECRET), MemoryState(clock), clock)
+    await check(nonce_verifier, make_proof(keys.es256, nonce=other.issue_nonce()))
+
+
+async def test_nonces_are_ignored_when_not_required(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    await check(verifier, make_proof(keys.es256, nonce="anything"))
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+def test_config_defaults() -> None:
+    config = parse_dpop_config(None)
+    assert config.algorithms == DEFAULT_ALGORITHMS == ("ES256", "ES384", "EdDSA", "RS256", "PS256")
+    assert (config.iat_past_seconds, config.iat_future_seconds, config.require_nonce) == (60, 5, False)
+    assert config.jti_ttl_seconds == 65
+
+
+def test_config_reads_the_nonce_secret_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DPOP_SECRET", "s" * 40)
+    config = parse_dpop_config({"require_nonce": True, "nonce_secret_env": "DPOP_SECRET", "algorithms": ["ES256"]})
+    assert config.nonce_secret == b"s" * 40 and config.algorithms == ("ES256",)
+    assert "sss" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"algorithms": ["ES256", "HS256"]}, "dpop.algorithms[1]"),
+        ({"algorithms": ["none"]}, "dpop.algorithms[0]"),
+        ({"algorithms": []}, "dpop.algorithms"),
+        ({"iat_past_seconds": -1}, "dpop.iat_past_seconds"),
+        ({"iat_future_seconds": "5"}, "dpop.iat_future_seconds"),
+        ({"require_nonce": "yes"}, "dpop.require_nonce"),
+        ({"require_nonce": True}, "dpop.nonce_secret_env"),
+        ({"nonce_secret_env": "DPOP_UNSET_VARIABLE"}, "dpop.nonce_secret_env"),
+        ({"max_proof_bytes": 10}, "dpop.max_proof_bytes"),
+        ({"nonce_lifetime": 5}, "dpop.nonce_lifetime"),
+        ([], "dpop"),
+    ],
+)
+def test_config_errors_name_the_key(data: Any, key: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_dpop_config(data)
+    assert str(refused.value).startswith(key + ": ")
+
+
+def test_config_refuses_require_nonce_without_a_secret_in_code() -> None:
+    with pytest.raises(ValueError):
+        DpopConfig(require_nonce=True)
+    with pytest.raises(ValueError):
+        DpopConfig(algorithms=("HS256",))

@@ -1,0 +1,927 @@
+"""verifier.tokens.introspection: RFC 7662 with single flight, batching, caches and a circuit breaker.
+
+Faults are injected at the one network seam (`IntrospectionHttp`); the last tests run the real aiohttp
+path against the embedded dev provider's standard and batch endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CollectorRegistry
+
+from verifier.clock import FrozenClock, SystemClock
+from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
+from verifier.errors import (
+    AudienceMismatch,
+    ClaimInvalid,
+    InvalidToken,
+    ProviderUnavailable,
+    TokenExpired,
+    WrongTokenType,
+)
+from verifier.observe.audit import token_hash
+from verifier.settings import ConfigError
+from verifier.tokens.introspection import (
+    ClientAuth,
+    IntrospectionConfig,
+    Introspector,
+    parse_introspection_config,
+)
+from verifier.tokens.introspection_breaker import BreakerState
+from verifier.tokens.introspection_client import ASSERTION_TYPE, HttpReply, HttpRequest
+from verifier.tokens.introspection_config import (
+    DEFAULT_BATCH_WINDOW_SECONDS,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_NEGATIVE_TTL_SECONDS,
+    DEFAULT_POSITIVE_TTL_SECONDS,
+    DEFAULT_TIMEOUT_SECONDS,
+)
+
+ISSUER = "https://issuer.example.test"
+AUDIENCE = "https://api.example.test"
+ENDPOINT = ISSUER + "/introspect"
+BATCH_ENDPOINT = ISSUER + "/introspect/batch"
+NOW = 1_700_000_000.0
+SECRET = "s3cret:with/odd&chars"
+
+
+def active(**overrides: Any) -> dict[str, Any]:
+    """An active RFC 7662 answer at NOW; None removes a member."""
+    answer: dict[str, Any] = {
+        "active": True,
+        "iss": ISSUER,
+        "sub": "user-1",
+        "aud": AUDIENCE,
+        "client_id": "client-1",
+        "scope": "read write",
+        "exp": int(NOW) + 300,
+        "iat": int(NOW) - 10,
+        "token_type": "Bearer",
+    }
+    answer.update(overrides)
+    return {k: v for k, v in answer.items() if v is not None}
+
+
+class FakeHttp:
+    """The seam, answering from `answers[token]`; `fault` is None, an int status, "timeout" or "down"."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, dict[str, Any]] = {}
+        self.requests: list[HttpRequest] = []
+        self.fault: int | str | None = None
+        self.delay = 0.0
+        self.discovery: dict[str, Any] | None = None
+
+    @property
+    def posts(self) -> list[HttpRequest]:
+        return [r for r in self.requests if r.method == "POST"]
+
+    def tokens_asked(self) -> list[str]:
+        asked: list[str] = []
+        for r in self.posts:
+            if r.url == BATCH_ENDPOINT:
+                asked.extend(json.loads(r.body)["tokens"])
+            else:
+                asked.append(form(r)["token"])
+        return asked
+
+    def answer(self, token: str) -> dict[str, Any]:
+        return self.answers.get(token, {"active": False})
+
+    async def send(self, request: HttpRequest) -> HttpReply:
+        self.requests.append(request)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fault == "timeout":
+            await asyncio.sleep(request.timeout + 5)
+        if self.fault == "down":
+            raise ProviderUnavailable("introspection provider unreachable (ClientConnectorError)")
+        if isinstance(self.fault, int):
+            return HttpReply(self.fault, b'{"error": "server_error"}')
+        if request.method == "GET":
+            return HttpReply(200, json.dumps(self.discovery).encode())
+        if request.url == BATCH_ENDPOINT:
+            tokens = json.loads(request.body)["tokens"]
+            return HttpReply(200, json.dumps({"results": [self.answer(t) for t in tokens]}).encode())
+        return HttpReply(200, json.dumps(self.answer(form(request)["token"])).encode())
+
+
+def form(request: HttpRequest) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(request.body.decode()))
+
+
+def config(**overrides: Any) -> IntrospectionConfig:
+    values: dict[str, Any] = {"client_id": "verifier", "client_secret": SECRET, "endpoint": ENDPOINT}
+    values.update(overrides)
+    return IntrospectionConfig(**values)
+
+
+def no_session() -> aiohttp.ClientSession:
+    raise AssertionError("the unit tests never reach aiohttp")
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(NOW)
+
+
+@pytest.fixture
+def http() -> FakeHttp:
+    return FakeHttp()
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+MakeIntrospector = Callable[..., Introspector]
+
+
+@pytest.fixture
+async def make(
+    http: FakeHttp, clock: FrozenClock, registry: CollectorRegistry
+) -> AsyncIterator[MakeIntrospector]:
+    made: list[Introspector] = []
+
+    def _make(given: str | None = None, audiences: tuple[str, ...] = (AUDIENCE,), **overrides: Any) -> Introspector:
+        """An introspector over the fake seam; `given` is the endpoint argument, `overrides` the config."""
+        introspector = Introspector(
+            issuer=ISSUER,
+            audiences=audiences,
+            config=config(**overrides),
+            endpoint=given,
+            session_provider=no_session,
+            clock=clock,
+            registry=registry,
+            http=http,
+        )
+        made.append(introspector)
+        return introspector
+
+    yield _make
+    for introspector in made:
+        await introspector.close()
+
+
+async def check(introspector: Introspector, token: str) -> Any:
+    return await introspector.introspect(token, token_hash(token))
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, {"issuer": ISSUER, **labels})
+    return 0.0 if value is None else value
+
+
+# -- principal ---------------------------------------------------------------------------------
+
+
+async def test_an_active_answer_becomes_a_principal_like_jwt_claims(make: MakeIntrospector, http: FakeHttp) -> None:
+    http.answers["tok"] = active(cnf={"jkt": "abc"}, acr="urn:mace:incommon:iap:silver", amr=["pwd"], roles=["admin"])
+    principal = await check(make(), "tok")
+    assert principal.issuer == ISSUER
+    assert principal.subject == "user-1"
+    assert principal.client_id == "client-1"
+    assert principal.scopes == ("read", "write")
+    assert principal.roles == frozenset({"admin"})
+    assert principal.claims["cnf"] == {"jkt": "abc"}
+    assert principal.claims["acr"] == "urn:mace:incommon:iap:silver"
+    assert principal.claims["amr"] == ["pwd"]
+    assert principal.claims["aud"] == AUDIENCE
+    assert principal.claims["exp"] == int(NOW) + 300
+    assert "active" not in principal.claims
+    # The principal expires when the answer stops being fresh (the positive TTL), not at exp.
+    assert principal.expires_at == NOW + DEFAULT_POSITIVE_TTL_SECONDS
+
+
+async def test_a_client_credentials_answer_without_sub_names_the_client(make: MakeIntrospector, http: FakeHttp) -> None:
+    http.answers["tok"] = active(sub=None, client_id="app")
+    principal = await check(make(), "tok")
+    assert principal.subject == "app"
+    assert principal.client_id == "app"
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "code"),
+    [
+        (active(aud="https://other.example.test"), AudienceMismatch, "audience_mismatch"),
+        (active(aud=["https://a.test", "https://b.test"]), AudienceMismatch, "audience_mismatch"),
+        (active(aud=None), ClaimInvalid, "claim_invalid"),
+        (active(iss="https://evil.example.test"), InvalidToken, "issuer_mismatch"),
+        (active(active="true"), InvalidToken, "token_inactive"),
+        (active(active=1), InvalidToken, "token_inactive"),
+        ({"active": False}, InvalidToken, "token_inactive"),
+        (active(exp=int(NOW) - 1), TokenExpired, "token_expired"),
+        (active(sub=None, client_id=None), ClaimInvalid, "claim_invalid"),
+        (active(sub=42), ClaimInvalid, "claim_invalid"),
+        (active(exp="soon"), ClaimInvalid, "claim_invalid"),
+        (active(token_type="refresh_token"), WrongTokenType, "token_type_invalid"),
+    ],
+    ids=[
+        "wrong audience -> 403",
+        "no configured audience in a list",
+        "aud missing",
+        "another issuer",
+        "active is the string true",
+        "active is the number 1",
+        "inactive",
+        "expired although active",
+        "no subject at all",
+        "sub not a string",
+        "exp not a number",
+        "a refresh token",
+    ],
+)
+async def test_refuses_unusable_answers(
+    make: MakeIntrospector, http: FakeHttp, answer: dict[str, Any], error: type[Exception], code: str
+) -> None:
+    http.answers["tok"] = answer
+    with pytest.raises(error) as caught:
+        await check(make(), "tok")
+    assert getattr(caught.value, "code", None) == code
+
+
+async def test_an_answer_without_aud_is_accepted_when_audience_is_not_required(
+    make: MakeIntrospector, http: FakeHttp
+) -> None:
+    http.answers["tok"] = active(aud=None)
+    assert (await check(make(require_audience=False), "tok")).subject == "user-1"
+
+
+async def test_an_audience_in_a_list_is_enough(make: MakeIntrospector, http: FakeHttp) -> None:
+    http.answers["tok"] = active(aud=["https://x.test", AUDIENCE])
+    assert (await check(make(), "tok")).subject == "user-1"
+
+
+# -- single flight and batching ----------------------------------------------------------------
+
+
+async def test_concurrent_requests_for_one_token_share_one_provider_call(
+    make: MakeIntrospector, http: FakeHttp, registry: CollectorRegistry
+) -> None:
+    http.answers["tok"] = active()
+    http.delay = 0.02
+    introspector = make()
+    principals = await asyncio.gather(*(check(introspector, "tok") for _ in range(50)))
+    assert {p.subject for p in principals} == {"user-1"}
+    assert len(http.posts) == 1
+    assert sample(registry, "verifier_introspection_coalesced_total") == 49
+    assert sample(registry, "verifier_introspection_calls_total", result="ok") == 1
+
+
+async def test_concurrent_requests_for_an_inactive_token_share_one_call_and_each_get_an_error(
+    make: MakeIntrospector, http: FakeHttp
+) -> None:
+    introspector = make()
+    results = await asyncio.gather(*(check(introspector, "garbage") for _ in range(10)), return_exceptions=True)
+    assert len(http.posts) == 1
+    assert all(isinstance(r, InvalidToken) and r.code == "token_inactive" for r in results)
+    assert len({id(r) for r in results}) == 10, "each waiter raises its own exception object"
+
+
+async def test_distinct_tokens_within_the_window_go_to_the_batch_endpoint_in_one_call(
+    make: MakeIntrospector, http: FakeHttp, registry: CollectorRegistry
+) -> None:
+    tokens = [f"tok-{i}" for i in range(20)]
+    for i, token in enumerate(tokens):
+        http.answers[token] = active(sub=f"user-{i}")
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0.01)
+    principals = await asyncio.gather(*(check(introspector, t) for t in tokens))
+    assert [p.subject for p in principals] == [f"user-{i}" for i in range(20)]
+    assert len(http.posts) == 1
+    assert sorted(http.tokens_asked()) == sorted(tokens)
+    assert sample(registry, "verifier_introspection_batch_size_count") == 1
+    assert sample(registry, "verifier_introspection_batch_size_sum") == 20
+
+
+async def test_a_batch_mixes_active_and_inactive_answers(make: MakeIntrospector, http: FakeHttp) -> None:
+    http.answers["good"] = active()
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0.01)
+    good, bad = await asyncio.gather(check(introspector, "good"), check(introspector, "bad"), return_exceptions=True)
+    assert not isinstance(good, BaseException) and good.subject == "user-1"
+    assert isinstance(bad, InvalidToken) and bad.code == "token_inactive"
+    assert len(http.posts) == 1
+
+
+async def test_without_a_batch_endpoint_each_token_gets_its_own_post_dispatched_together(
+    make: MakeIntrospector, http: FakeHttp, registry: CollectorRegistry
+) -> None:
+    tokens = [f"tok-{i}" for i in range(8)]
+    for token in tokens:
+        http.answers[token] = active()
+    introspector = make(batch_window_seconds=0.01)
+    await asyncio.gather(*(check(introspector, t) for t in tokens))
+    assert len(http.posts) == 8
+    assert sorted(http.tokens_asked()) == sorted(tokens)
+    assert sample(registry, "verifier_introspection_batch_size_count") == 1  # one dispatch of eight
+
+
+async def test_a_full_batch_is_sent_without_waiting_for_the_window(make: MakeIntrospector, http: FakeHttp) -> None:
+    for i in range(4):
+        http.answers[f"tok-{i}"] = active()
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=10.0, max_batch_size=2)
+    async with asyncio.timeout(2):
+        await asyncio.gather(*(check(introspector, f"tok-{i}") for i in range(4)))
+    assert len(http.posts) == 2
+
+
+async def test_in_flight_provider_calls_are_bounded(make: MakeIntrospector, http: FakeHttp) -> None:
+    peak = 0
+    current = 0
+    original = http.send
+
+    async def counting(request: HttpRequest) -> HttpReply:
+        nonlocal peak, current
+        current += 1
+        peak = max(peak, current)
+        try:
+            await asyncio.sleep(0.01)
+            return await original(request)
+        finally:
+            current -= 1
+
+    http.send = counting  # type: ignore[method-assign]
+    for i in range(30):
+        http.answers[f"tok-{i}"] = active()
+    introspector = make(max_in_flight=3)
+    await asyncio.gather(*(check(introspector, f"tok-{i}") for i in range(30)))
+    assert len(http.posts) == 30
+    assert peak == 3
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_call_others_wait_for(
+    make: MakeIntrospector, http: FakeHttp
+) -> None:
+    http.answers["tok"] = active()
+    http.delay = 0.05
+    introspector = make()
+    first = asyncio.create_task(check(introspector, "tok"))
+    second = asyncio.create_task(check(introspector, "tok"))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    assert (await second).subject == "user-1"
+    assert len(http.posts) == 1
+
+
+# -- caches ------------------------------------------------------------------------------------
+
+
+async def test_an_active_answer_is_reused_until_the_positive_ttl(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock, registry: CollectorRegistry
+) -> None:
+    http.answers["tok"] = active(exp=int(NOW) + 3600)
+    introspector = make(positive_ttl_seconds=60)
+    await check(introspector, "tok")
+    clock.advance(59)
+    await check(introspector, "tok")
+    assert len(http.posts) == 1
+    assert sample(registry, "verifier_introspection_cache_total", polarity="positive", result="hit") == 1
+    clock.advance(2)
+    await check(introspector, "tok")
+    assert len(http.posts) == 2
+
+
+async def test_an_active_answer_is_never_reused_past_the_tokens_exp(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock
+) -> None:
+    http.answers["tok"] = active(exp=int(NOW) + 30)
+    introspector = make(positive_ttl_seconds=600)
+    principal = await check(introspector, "tok")
+    assert principal.expires_at == NOW + 30
+    clock.advance(29)
+    await check(introspector, "tok")
+    assert len(http.posts) == 1
+    clock.advance(2)
+    http.answers["tok"] = {"active": False}
+    with pytest.raises(InvalidToken):
+        await check(introspector, "tok")
+    assert len(http.posts) == 2
+
+
+async def test_an_inactive_answer_is_reused_for_the_negative_ttl(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock, registry: CollectorRegistry
+) -> None:
+    introspector = make(negative_ttl_seconds=10)
+    for _ in range(3):
+        with pytest.raises(InvalidToken, match="not active"):
+            await check(introspector, "garbage")
+    assert len(http.posts) == 1
+    assert sample(registry, "verifier_introspection_cache_total", polarity="negative", result="hit") == 2
+    clock.advance(10)
+    with pytest.raises(InvalidToken):
+        await check(introspector, "garbage")
+    assert len(http.posts) == 2
+
+
+@pytest.mark.parametrize("fault", [503, 500, 401, "timeout", "down"], ids=str)
+async def test_failures_are_never_cached(
+    make: MakeIntrospector, http: FakeHttp, fault: int | str
+) -> None:
+    http.answers["tok"] = active()
+    http.fault = fault
+    introspector = make(timeout_seconds=0.05)
+    for _ in range(2):
+        with pytest.raises(ProviderUnavailable):
+            await check(introspector, "tok")
+    assert len(http.posts) == 2
+    http.fault = None
+    assert (await check(introspector, "tok")).subject == "user-1"
+
+
+async def test_a_slow_provider_times_out_as_provider_unavailable(
+    make: MakeIntrospector, http: FakeHttp, registry: CollectorRegistry
+) -> None:
+    http.answers["tok"] = active()
+    http.delay = 1.0
+    with pytest.raises(ProviderUnavailable, match="timed out"):
+        await check(make(timeout_seconds=0.05), "tok")
+    assert sample(registry, "verifier_introspection_calls_total", result="timeout") == 1
+
+
+async def test_caches_are_bounded(make: MakeIntrospector, http: FakeHttp) -> None:
+    for i in range(3):
+        http.answers[f"tok-{i}"] = active()
+    introspector = make(positive_entries=2)
+    for i in range(3):
+        await check(introspector, f"tok-{i}")
+    await check(introspector, "tok-0")  # evicted first in, first out
+    assert len(http.posts) == 4
+
+
+# -- serving stale answers ---------------------------------------------------------------------
+
+
+async def test_serve_stale_on_error_answers_from_a_still_valid_cached_positive(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock, registry: CollectorRegistry
+) -> None:
+    http.answers["tok"] = active(exp=int(NOW) + 3600)
+    introspector = make(positive_ttl_seconds=60, serve_stale_on_error=True, stale_ttl_seconds=300)
+    await check(introspector, "tok")
+    clock.advance(120)
+    http.fault = 503
+    assert (await check(introspector, "tok")).subject == "user-1"
+    assert len(http.posts) == 2, "a stale answer stands in only after the provider was asked"
+    assert sample(registry, "verifier_introspection_cache_total", polarity="stale", result="hit") == 1
+    clock.advance(300)  # past the stale bound
+    with pytest.raises(ProviderUnavailable):
+        await check(introspector, "tok")
+
+
+async def test_serve_stale_never_outlives_the_tokens_exp(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock
+) -> None:
+    http.answers["tok"] = active(exp=int(NOW) + 90)
+    introspector = make(positive_ttl_seconds=60, serve_stale_on_error=True, stale_ttl_seconds=3600)
+    await check(introspector, "tok")
+    clock.advance(91)
+    http.fault = "down"
+    with pytest.raises(ProviderUnavailable):
+        await check(introspector, "tok")
+
+
+async def test_without_serve_stale_a_down_provider_fails_closed(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock
+) -> None:
+    http.answers["tok"] = active(exp=int(NOW) + 3600)
+    introspector = make(positive_ttl_seconds=60)
+    await check(introspector, "tok")
+    clock.advance(61)
+    http.fault = "timeout"
+    with pytest.raises(ProviderUnavailable):
+        await check(make(positive_ttl_seconds=60, timeout_seconds=0.05), "tok")
+
+
+async def test_a_revoked_token_is_not_served_stale(make: MakeIntrospector, http: FakeHttp, clock: FrozenClock) -> None:
+    http.answers["tok"] = active(exp=int(NOW) + 3600)
+    introspector = make(positive_ttl_seconds=60, negative_ttl_seconds=5, serve_stale_on_error=True)
+    await check(introspector, "tok")
+    clock.advance(61)
+    http.answers["tok"] = {"active": False}
+    with pytest.raises(InvalidToken):
+        await check(introspector, "tok")
+    clock.advance(6)
+    http.fault = 503
+    with pytest.raises(ProviderUnavailable):
+        await check(introspector, "tok")
+
+
+# -- circuit breaker ---------------------------------------------------------------------------
+
+
+async def test_the_breaker_opens_fails_fast_then_half_opens_after_the_cooldown(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock, registry: CollectorRegistry
+) -> None:
+    http.answers["tok"] = active()
+    http.fault = 503
+    introspector = make(breaker_failures=3, breaker_cooldown_seconds=5)
+    for i in range(3):
+        with pytest.raises(ProviderUnavailable):
+            await check(introspector, f"tok-{i}")
+    assert introspector.breaker.state is BreakerState.OPEN
+    assert sample(registry, "verifier_introspection_breaker_state") == 1
+    for _ in range(5):
+        with pytest.raises(ProviderUnavailable, match="circuit open"):
+            await check(introspector, "tok")
+    assert len(http.posts) == 3, "an open breaker sends nothing"
+    assert sample(registry, "verifier_introspection_calls_total", result="circuit_open") == 5
+
+    clock.advance(5)
+    assert introspector.breaker.state is BreakerState.HALF_OPEN
+    with pytest.raises(ProviderUnavailable):  # the probe fails: open for another cool-down
+        await check(introspector, "tok")
+    assert len(http.posts) == 4
+    assert introspector.breaker.state is BreakerState.OPEN
+    with pytest.raises(ProviderUnavailable, match="circuit open"):
+        await check(introspector, "tok")
+
+    clock.advance(5)
+    http.fault = None
+    assert (await check(introspector, "tok")).subject == "user-1"  # the probe succeeds
+    assert introspector.breaker.state is BreakerState.CLOSED
+    assert sample(registry, "verifier_introspection_breaker_state") == 0
+
+
+async def test_half_open_lets_exactly_one_probe_through(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock
+) -> None:
+    http.fault = "down"
+    introspector = make(breaker_failures=1, breaker_cooldown_seconds=1, batch_window_seconds=0)
+    with pytest.raises(ProviderUnavailable):
+        await check(introspector, "a")
+    clock.advance(1)
+    http.fault = None
+    http.delay = 0.02
+    for i in range(5):
+        http.answers[f"t{i}"] = active()
+    results = await asyncio.gather(*(check(introspector, f"t{i}") for i in range(5)), return_exceptions=True)
+    assert len(http.posts) == 2  # the first failure and one probe
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+    assert introspector.breaker.state is BreakerState.CLOSED
+
+
+async def test_inactive_answers_do_not_count_as_provider_failures(make: MakeIntrospector, http: FakeHttp) -> None:
+    introspector = make(breaker_failures=2)
+    for i in range(5):
+        with pytest.raises(InvalidToken):
+            await check(introspector, f"garbage-{i}")
+    assert introspector.breaker.state is BreakerState.CLOSED
+
+
+# -- client authentication and endpoints ---------------------------------------------------------
+
+
+async def test_client_secret_basic_urlencodes_then_base64s_the_credentials(
+    make: MakeIntrospector, http: FakeHttp
+) -> None:
+    http.answers["tok"] = active()
+    await check(make(), "tok")
+    headers = dict(http.posts[0].headers)
+    scheme, _, value = headers["Authorization"].partition(" ")
+    assert scheme == "Basic"
+    raw_id, _, raw_secret = base64.b64decode(value).decode().partition(":")
+    assert (urllib.parse.unquote(raw_id), urllib.parse.unquote(raw_secret)) == ("verifier", SECRET)
+    assert form(http.posts[0]) == {"token": "tok", "token_type_hint": "access_token"}
+    assert headers["Content-Type"] == "application/x-www-form-urlencoded"
+
+
+async def test_client_secret_post_puts_the_credentials_in_the_body(make: MakeIntrospector, http: FakeHttp) -> None:
+    http.answers["tok"] = active()
+    await check(make(client_auth=ClientAuth.CLIENT_SECRET_POST), "tok")
+    assert "Authorization" not in dict(http.posts[0].headers)
+    body = form(http.posts[0])
+    assert (body["client_id"], body["client_secret"], body["token"]) == ("verifier", SECRET, "tok")
+
+
+async def test_private_key_jwt_sends_a_fresh_rfc7523_assertion_per_call(make: MakeIntrospector, http: FakeHttp) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    http.answers["a"] = http.answers["b"] = active()
+    introspector = make(
+        client_auth=ClientAuth.PRIVATE_KEY_JWT, client_secret="", private_key=key, assertion_alg="ES256"
+    )
+    await check(introspector, "a")
+    await check(introspector, "b")
+    jtis = set()
+    for request in http.posts:
+        body = form(request)
+        assert body["client_assertion_type"] == ASSERTION_TYPE
+        assert "client_secret" not in body and "Authorization" not in dict(request.headers)
+        claims = jwt.decode(
+            body["client_assertion"],
+            key.public_key(),
+            algorithms=["ES256"],
+            audience=ENDPOINT,
+            options={"verify_exp": False, "verify_iat": False},
+        )
+        assert claims["iss"] == claims["sub"] == "verifier"
+        assert claims["aud"] == ENDPOINT
+        assert claims["exp"] == int(NOW) + 60
+        jtis.add(claims["jti"])
+    assert len(jtis) == 2
+
+
+async def test_the_endpoint_comes_from_discovery_when_not_configured(make: MakeIntrospector, http: FakeHttp) -> None:
+    http.discovery = {"issuer": ISSUER, "introspection_endpoint": ISSUER + "/discovered"}
+    http.answers["tok"] = active()
+    introspector = make(endpoint="")
+    await asyncio.gather(check(introspector, "tok"), check(introspector, "tok"))
+    assert [r.method for r in http.requests] == ["GET", "POST"]
+    assert http.requests[0].url == ISSUER + "/.well-known/openid-configuration"
+    assert http.posts[0].url == ISSUER + "/discovered"
+
+
+async def test_discovery_naming_another_issuer_is_refused(make: MakeIntrospector, http: FakeHttp) -> None:
+    http.discovery = {"issuer": "https://evil.example.test", "introspection_endpoint": ISSUER + "/x"}
+    with pytest.raises(ProviderUnavailable, match="issuer"):
+        await check(make(endpoint=""), "tok")
+    assert http.posts == []
+
+
+async def test_the_configured_endpoint_wins_over_the_given_one(make: MakeIntrospector, http: FakeHttp) -> None:
+    introspector = make(ISSUER + "/given")  # the config names ENDPOINT
+    with pytest.raises(InvalidToken):
+        await check(introspector, "tok")
+    assert http.posts[0].url == ENDPOINT
+
+
+async def test_a_given_endpoint_is_used_without_discovery(make: MakeIntrospector, http: FakeHttp) -> None:
+    with pytest.raises(InvalidToken):
+        await check(make(ISSUER + "/given", endpoint=""), "tok")
+    assert [r.url for r in http.requests] == [ISSUER + "/given"]
+
+
+async def test_two_introspectors_share_one_registry(
+    http: FakeHttp, clock: FrozenClock, registry: CollectorRegistry
+) -> None:
+    for issuer in ("https://a.example.test", "https://b.example.test"):
+        introspector = Introspector(
+            issuer=issuer,
+            audiences=(AUDIENCE,),
+            config=config(),
+            endpoint=None,
+            session_provider=no_session,
+            clock=clock,
+            registry=registry,
+            http=http,
+        )
+        await introspector.close()
+
+
+async def test_after_close_nothing_is_sent(make: MakeIntrospector, http: FakeHttp) -> None:
+    introspector = make(batch_window_seconds=0.05)
+    waiting = asyncio.create_task(check(introspector, "tok"))
+    await asyncio.sleep(0)
+    await introspector.close()
+    with pytest.raises(ProviderUnavailable):
+        await waiting
+    with pytest.raises(ProviderUnavailable):
+        await check(introspector, "tok")
+    assert http.posts == []
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def secret_env(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("VERIFIER_IDP_SECRET", SECRET)
+    monkeypatch.delenv("VERIFIER_MISSING_SECRET", raising=False)
+    return "VERIFIER_IDP_SECRET"
+
+
+def test_the_readme_example_parses_with_documented_defaults(secret_env: str) -> None:
+    parsed = parse_introspection_config(
+        {"client_id": "verifier", "client_secret_env": secret_env}, "issuers[0].introspection"
+    )
+    assert parsed.client_id == "verifier"
+    assert parsed.client_secret == SECRET
+    assert parsed.client_auth is ClientAuth.CLIENT_SECRET_BASIC
+    assert parsed.endpoint == ""
+    assert parsed.timeout_seconds == DEFAULT_TIMEOUT_SECONDS
+    assert parsed.max_in_flight == DEFAULT_MAX_IN_FLIGHT
+    assert parsed.batch_window_seconds == DEFAULT_BATCH_WINDOW_SECONDS
+    assert parsed.negative_ttl_seconds == DEFAULT_NEGATIVE_TTL_SECONDS
+    assert parsed.serve_stale_on_error is False
+    assert SECRET not in repr(parsed)
+
+
+def test_every_key_parses(secret_env: str) -> None:
+    parsed = parse_introspection_config(
+        {
+            "client_id": "verifier",
+            "client_auth": "client_secret_post",
+            "client_secret_env": secret_env,
+            "endpoint": "https://idp.example.test/introspect",
+            "batch_endpoint": "https://idp.example.test/introspect/batch",
+            "timeout_seconds": 0.5,
+            "max_in_flight": 8,
+            "batch_window_seconds": 0.002,
+            "max_batch_size": 10,
+            "positive_ttl_seconds": 30,
+            "negative_ttl_seconds": 5,
+            "positive_entries": 10,
+            "negative_entries": 10,
+            "serve_stale_on_error": True,
+            "stale_ttl_seconds": 60,
+            "require_audience": False,
+            "breaker_failures": 2,
+            "breaker_cooldown_seconds": 1,
+            "assertion_ttl_seconds": 30,
+        },
+        "issuers[1].introspection",
+    )
+    assert parsed.client_auth is ClientAuth.CLIENT_SECRET_POST
+    assert parsed.batch_endpoint.endswith("/batch")
+    assert parsed.serve_stale_on_error and not parsed.require_audience
+    assert parsed.max_batch_size == 10
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"client_secret_env": "VERIFIER_IDP_SECRET"}, "issuers[0].introspection.client_id: required"),
+        ({"client_id": "v"}, "issuers[0].introspection.client_secret_env: required"),
+        (
+            {"client_id": "v", "client_secret_env": "VERIFIER_MISSING_SECRET"},
+            "issuers[0].introspection.client_secret_env: environment variable VERIFIER_MISSING_SECRET is not set",
+        ),
+        (
+            {"client_id": "v", "client_secret_env": "VERIFIER_IDP_SECRET", "client_auth": "tls_client_auth"},
+            "issuers[0].introspection.client_auth: 'tls_client_auth' is not one of",
+        ),
+        (
+            {"client_id": "v", "client_secret_env": "VERIFIER_IDP_SECRET", "endpoint": "http://idp.example.test/i"},
+            "issuers[0].introspection.endpoint: https is required",
+        ),
+        (
+            {"client_id": "v", "client_secret_env": "VERIFIER_IDP_SECRET", "batch_endpoint": "ftp://x"},
+            "issuers[0].introspection.batch_endpoint: expected an http(s) URL",
+        ),
+        (
+            {"client_id": "v", "client_secret_env": "VERIFIER_IDP_SECRET", "timeout_seconds": "2"},
+            "issuers[0].introspection.timeout_seconds: expected a number",
+        ),
+        (
+            {"client_id": "v", "client_secret_env": "VERIFIER_IDP_SECRET", "max_in_flight": 0},
+            "issuers[0].introspection.max_in_flight: 0 is outside",
+        ),
+        (
+            {"client_id": "v", "client_secret_env": "VERIFIER_IDP_SECRET", "serve_stale_on_error": "yes"},
+            "issuers[0].introspection.serve_stale_on_error: expected true or false",
+        ),
+        (
+            {"client_id": "v", "client_secret_env": "VERIFIER_IDP_SECRET", "client_secret": "inline"},
+            "issuers[0].introspection.client_secret: unknown key",
+        ),
+        (
+            {"client_id": "v", "client_auth": "private_key_jwt"},
+            "issuers[0].introspection.private_key_file: private_key_jwt needs one of",
+        ),
+        (
+            {"client_id": "v", "client_auth": "private_key_jwt", "private_key_file": "/nonexistent/key.pem"},
+            "issuers[0].introspection.private_key_file: cannot read /nonexistent/key.pem",
+        ),
+        (
+            {"client_id": "v", "client_auth": "private_key_jwt", "private_key_env": "VERIFIER_IDP_SECRET"},
+            "issuers[0].introspection.private_key_env: not an unencrypted PEM private key",
+        ),
+        (
+            {"client_id": "v", "client_secret_env": "VERIFIER_IDP_SECRET", "private_key_env": "X"},
+            "issuers[0].introspection.private_key_env: only used with private_key_jwt",
+        ),
+        ("not a mapping", "issuers[0].introspection: expected a mapping"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and v.startswith("issuers") else "",
+)
+def test_config_errors_name_the_key(secret_env: str, data: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_introspection_config(data, "issuers[0].introspection")
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_private_key_jwt_reads_the_key_from_a_pem_file_or_an_env_var(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path = tmp_path / "client.pem"
+    path.write_bytes(pem)
+    from_file = parse_introspection_config(
+        {"client_id": "v", "client_auth": "private_key_jwt", "private_key_file": str(path)}, "i"
+    )
+    monkeypatch.setenv("VERIFIER_CLIENT_KEY", pem.decode())
+    from_env = parse_introspection_config(
+        {"client_id": "v", "client_auth": "private_key_jwt", "private_key_env": "VERIFIER_CLIENT_KEY"}, "i"
+    )
+    for parsed in (from_file, from_env):
+        assert parsed.assertion_alg == "ES256"
+        assert parsed.private_key is not None
+        assert parsed.client_secret == ""
+        assert "BEGIN" not in repr(parsed) and "private_key=" not in repr(parsed)
+
+
+# -- the real aiohttp path against the embedded dev provider ---------------------------------------
+
+
+@pytest.fixture
+async def devidp() -> AsyncIterator[DevIdentityProvider]:
+    idp = DevIdentityProvider(port=0, introspection_client_secret=SECRET)
+    await idp.start()
+    yield idp
+    await idp.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+def dev_introspector(
+    idp: DevIdentityProvider, session: aiohttp.ClientSession, registry: CollectorRegistry, **overrides: Any
+) -> Introspector:
+    values: dict[str, Any] = {"client_id": "verifier", "client_secret": SECRET, "batch_window_seconds": 0.01}
+    values.update(overrides)
+    return Introspector(
+        issuer=idp.issuer,
+        audiences=(DEV_AUDIENCE,),
+        config=IntrospectionConfig(**values),
+        endpoint=None,
+        session_provider=lambda: session,
+        clock=SystemClock(),
+        registry=registry,
+    )
+
+
+async def test_dev_provider_batch_endpoint_answers_many_tokens_in_one_http_call(
+    devidp: DevIdentityProvider, session: aiohttp.ClientSession, registry: CollectorRegistry
+) -> None:
+    tokens = [devidp.mint_opaque(sub=f"user-{i}") for i in range(10)]
+    introspector = dev_introspector(devidp, session, registry, batch_endpoint=devidp.issuer + "/introspect/batch")
+    try:
+        principals = await asyncio.gather(*(check(introspector, t) for t in [*tokens, *tokens, "garbage"]),
+                                          return_exceptions=True)
+    finally:
+        await introspector.close()
+    assert [getattr(p, "subject", None) for p in principals[:10]] == [f"user-{i}" for i in range(10)]
+    assert isinstance(principals[-1], InvalidToken)
+    assert devidp.batch_calls == 1
+    assert devidp.batch_tokens == 11
+    assert devidp.introspection_calls == 0
+
+
+async def test_dev_provider_standard_endpoint_is_found_by_discovery_and_counts_calls(
+    devidp: DevIdentityProvider, session: aiohttp.ClientSession, registry: CollectorRegistry
+) -> None:
+    opaque = devidp.mint_opaque(sub=None, client_id="svc")
+    introspector = dev_introspector(devidp, session, registry)
+    try:
+        results = await asyncio.gather(*(check(introspector, opaque) for _ in range(20)))
+        assert {p.subject for p in results} == {"svc"}
+        assert devidp.introspection_calls == 1
+        devidp.revoke(opaque)
+        with pytest.raises(InvalidToken):
+            await check(introspector, "not-a-token")
+        assert devidp.introspection_calls == 2
+    finally:
+        await introspector.close()
+
+
+async def test_dev_provider_refuses_a_wrong_client_secret(
+    devidp: DevIdentityProvider, session: aiohttp.ClientSession, registry: CollectorRegistry
+) -> None:
+    introspector = dev_introspector(devidp, session, registry, client_secret="wrong")
+    try:
+        with pytest.raises(ProviderUnavailable, match="HTTP 401"):
+            await check(introspector, devidp.mint_opaque())
+    finally:
+        await introspector.close()
+    assert sample_any(registry, "verifier_introspection_calls_total", devidp.issuer, "http_4xx") == 1
+
+
+def sample_any(registry: CollectorRegistry, name: str, issuer: str, result: str) -> float:
+    return registry.get_sample_value(name, {"issuer": issuer, "result": result}) or 0.0
+
+
+async def test_dev_provider_mints_opaque_tokens_at_the_token_endpoint(
+    devidp: DevIdentityProvider, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(devidp.issuer + "/token", json={"format": "opaque", "sub": "alice"}) as response:
+        token = (await response.json())["access_token"]
+    assert "." not in token
+    assert devidp.introspection_answer(token)["sub"] == "alice"
+    async with session.get(devidp.issuer + "/.well-known/openid-configuration") as response:
+        assert (await response.json())["introspection_endpoint"] == devidp.issuer + "/introspect"

@@ -1,0 +1,177 @@
+"""The whole pipeline through the forward-auth door: policies, roles, DPoP, mTLS binding, rate limits."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+import uuid
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+from doorkit import http_exchange, running_verifier
+
+from verifier.binding.dpop import thumbprint
+from verifier.settings import (
+    PolicySettings,
+    RateLimit,
+    RateLimitSettings,
+    Requirements,
+    RoleRule,
+    RouteMatch,
+)
+
+POLICIES = (
+    PolicySettings(name="health", match=RouteMatch(path="/health"), require=Requirements(authenticated=False)),
+    PolicySettings(
+        name="admin",
+        match=RouteMatch(path_prefix="/admin"),
+        require=Requirements(roles_any=("admin",), sender_constraint="dpop"),
+    ),
+    PolicySettings(name="mtls", match=RouteMatch(path_prefix="/bank"), require=Requirements(sender_constraint="mtls")),
+    PolicySettings(name="api", match=RouteMatch(path_prefix="/api"), require=Requirements(scopes_all=("read",))),
+)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _request(
+    path: str, *, token: str | None = None, scheme: str = "Bearer", extra: str = "", method: str = "GET"
+) -> bytes:
+    auth = f"Authorization: {scheme} {token}\r\n" if token else ""
+    return (
+        f"GET /v1/forward-auth HTTP/1.1\r\nHost: verifier\r\nX-Forwarded-Method: {method}\r\n"
+        f"X-Forwarded-Proto: https\r\nX-Forwarded-Host: api.example.test\r\nX-Forwarded-Uri: {path}\r\n"
+        f"{auth}{extra}\r\n"
+    ).encode()
+
+
+def _parse(answer: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.lower()] = v.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+def _proof(key: ec.EllipticCurvePrivateKey, method: str, url: str, token: str, **over: object) -> str:
+    public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    claims = {
+        "jti": uuid.uuid4().hex,
+        "htm": method,
+        "htu": url,
+        "iat": int(time.time()),
+        "ath": _b64(hashlib.sha256(token.encode()).digest()),
+    }
+    claims.update(over)
+    return jwt.encode(claims, key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": public})
+
+
+async def test_policies_anonymous_route_unmatched_route_and_scopes() -> None:
+    async with running_verifier({"policies": POLICIES}) as (app, idp):
+        port = app.ports.http
+        status, headers, _ = _parse(await http_exchange(port, _request("/health")))
+        assert (status, headers["x-verifier-reason"]) == (200, "anonymous")
+        status, headers, _ = _parse(await http_exchange(port, _request("/elsewhere", token=idp.mint())))
+        assert (status, headers["x-verifier-reason"]) == (403, "route_not_allowed")
+        status, _, _ = _parse(await http_exchange(port, _request("/api/x", token=idp.mint(scope="read"))))
+        assert status == 200
+        status, headers, _ = _parse(await http_exchange(port, _request("/api/x", token=idp.mint(scope="write"))))
+        assert (status, headers["x-verifier-reason"]) == (403, "scope_missing")
+        status, headers, _ = _parse(await http_exchange(port, _request("/api/x")))
+        assert status == 401 and headers["www-authenticate"] == 'Bearer realm="verifier"'
+
+
+async def test_dpop_bound_token_with_valid_proof_replay_missing_proof_and_downgrade() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    jkt = thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())))
+    rules = (RoleRule(role="admin", claim="groups", values=("platform-admins",)),)
+    async with running_verifier({"policies": POLICIES}, roles=rules) as (app, idp):
+        port = app.ports.http
+        token = idp.mint(claims={"cnf": {"jkt": jkt}, "groups": ["platform-admins"]})
+        url = "https://api.example.test/admin/users"
+        proof = _proof(key, "DELETE", url, token)
+        ok = _request("/admin/users?page=2", token=token, scheme="DPoP", extra=f"DPoP: {proof}\r\n", method="DELETE")
+        status, headers, _ = _parse(await http_exchange(port, ok))
+        assert (status, headers["x-authenticated-roles"]) == (200, "admin")
+        assert headers["cache-control"] == "no-store"
+        # The same proof again: replay.
+        status, headers, _ = _parse(await http_exchange(port, ok))
+        assert status == 401 and headers["www-authenticate"].startswith(
+            'DPoP realm="verifier", error="invalid_dpop_proof"'
+        )
+        # A proof for another method.
+        wrong = _proof(key, "GET", url, token)
+        req = _request("/admin/users", token=token, scheme="DPoP", extra=f"DPoP: {wrong}\r\n", method="DELETE")
+        assert _parse(await http_exchange(port, req))[0] == 401
+        # No proof at all.
+        req = _request("/admin/users", token=token, scheme="DPoP", method="DELETE")
+        status, headers, _ = _parse(await http_exchange(port, req))
+        assert status == 401 and 'algs="' in headers["www-authenticate"]
+        # Downgrade: the bound token presented as a plain Bearer token.
+        req = _request("/admin/users", token=token, method="DELETE")
+        status, headers, _ = _parse(await http_exchange(port, req))
+        assert (status, headers["x-verifier-reason"]) == (401, "sender_constraint_failed")
+        assert headers["www-authenticate"].startswith("DPoP ")
+        # A proof made with another key than the token is bound to.
+        other = ec.generate_private_key(ec.SECP256R1())
+        req = _request(
+            "/admin/users",
+            token=token,
+            scheme="DPoP",
+            extra=f"DPoP: {_proof(other, 'DELETE', url, token)}\r\n",
+            method="DELETE",
+        )
+        assert _parse(await http_exchange(port, req))[0] == 401
+
+
+async def test_unbound_token_on_a_dpop_route_is_refused_with_a_dpop_challenge() -> None:
+    async with running_verifier({"policies": POLICIES}, roles=(RoleRule(role="admin", subjects=("dev-user",)),)) as (
+        app,
+        idp,
+    ):
+        status, headers, _ = _parse(await http_exchange(app.ports.http, _request("/admin", token=idp.mint())))
+        assert status == 401 and headers["www-authenticate"].startswith("DPoP ")
+
+
+async def test_mtls_bound_token_needs_the_matching_certificate_thumbprint() -> None:
+    async with running_verifier({"policies": POLICIES}) as (app, idp):
+        token = idp.mint(claims={"cnf": {"x5t#S256": "abc123"}})
+        port = app.ports.http
+        status, _, _ = _parse(
+            await http_exchange(port, _request("/bank", token=token, extra="X-Client-Cert-Thumbprint: abc123\r\n"))
+        )
+        assert status == 200
+        status, headers, _ = _parse(
+            await http_exchange(port, _request("/bank", token=token, extra="X-Client-Cert-Thumbprint: zzz\r\n"))
+        )
+        assert (status, headers["x-verifier-reason"]) == (401, "sender_constraint_failed")
+        status, _, _ = _parse(await http_exchange(port, _request("/bank", token=token)))
+        assert status == 401
+        status, headers, _ = _parse(await http_exchange(port, _request("/bank", token=idp.mint())))
+        assert (status, headers["x-verifier-reason"]) == (401, "sender_constraint_failed")
+
+
+async def test_rate_limit_is_exact_at_the_boundary_with_headers() -> None:
+    limits = RateLimitSettings(
+        default=RateLimit(per_second=0.001, burst=3), roles=(("vip", RateLimit(per_second=1000, burst=1000)),)
+    )
+    async with running_verifier({"rate_limits": limits}) as (app, idp):
+        token = idp.mint(sub="limited")
+        port = app.ports.http
+        statuses = [(_parse(await http_exchange(port, _request("/x", token=token))))[0] for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        status, headers, body = _parse(await http_exchange(port, _request("/x", token=token)))
+        assert status == 429 and int(headers["retry-after"]) >= 1
+        assert headers["ratelimit-policy"].startswith('"default";q=3')
+        assert headers["ratelimit"].startswith('"default";r=0')
+        assert json.loads(body)["error"] == "rate_limited"
+        # Another identity has its own bucket; a role with a higher limit gets that one.
+        assert _parse(await http_exchange(port, _request("/x", token=idp.mint(sub="other"))))[0] == 200
+        vip = idp.mint(sub="limited", claims={"roles": ["vip"]})
+        assert [(_parse(await http_exchange(port, _request("/x", token=vip))))[0] for _ in range(5)] == [200] * 5

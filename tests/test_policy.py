@@ -1,0 +1,155 @@
+"""Route policies, role mapping and assurance: matching, evaluation order and the answers they give."""
+
+from __future__ import annotations
+
+import pytest
+
+from verifier.decision import refuse
+from verifier.errors import Forbidden, SenderConstraintFailed
+from verifier.policy.roles import RoleMapper
+from verifier.policy.rules import PolicySet, StepUpRequired, evaluate, normalize_path
+from verifier.principal import Principal
+from verifier.request import RequestAttributes
+from verifier.settings import PolicySettings, Requirements, RoleRule, RouteMatch
+
+NOW = 1_700_000_000.0
+
+
+def _principal(**claims: object) -> Principal:
+    scope = claims.get("scope", "read")
+    return Principal(
+        issuer="https://idp",
+        subject="alice",
+        client_id=None,
+        scopes=tuple(str(scope).split()),
+        roles=frozenset(claims.pop("roles", ())),  # type: ignore[arg-type]
+        expires_at=NOW + 300,
+        claims=claims,
+    )
+
+
+def _attrs(method: str, path: str, host: str = "api.example.test") -> RequestAttributes:
+    return RequestAttributes(method=method, scheme="https", host=host, path=path, headers={})
+
+
+ADMIN = PolicySettings(
+    name="admin",
+    match=RouteMatch(path_prefix="/admin", methods=("POST", "PUT", "DELETE")),
+    require=Requirements(
+        roles_any=("admin",), scopes_all=("write",), amr_any=("hwk",), acr_any=("phr", "phrh"),
+        max_auth_age_seconds=900, sender_constraint="dpop",
+    ),
+)
+PUBLIC = PolicySettings(name="health", match=RouteMatch(path="/health"), require=Requirements(authenticated=False))
+REST = PolicySettings(name="rest", match=RouteMatch(path_prefix="/"), require=Requirements())
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [("/admin", "/admin"), ("//admin", "/admin"), ("/./admin", "/admin"), ("/x/../admin", "/admin"),
+     ("/%61dmin", "/admin"), ("/admin?x=/y", "/admin"), ("\\admin", "/admin"), ("/a/", "/a/"), ("", "/")],
+)
+def test_paths_are_normalized_before_matching(raw: str, normal: str) -> None:
+    assert normalize_path(raw) == normal
+
+
+@pytest.mark.parametrize("path", ["/admin/users", "//admin/users", "/./admin", "/%61dmin/x", "/api/../admin"])
+def test_admin_policy_cannot_be_sidestepped_by_path_tricks(path: str) -> None:
+    policy = PolicySet((ADMIN, PUBLIC, REST)).match(_attrs("DELETE", path))
+    assert policy is not None and policy.name == "admin"
+
+
+def test_first_match_wins_and_methods_and_hosts_count() -> None:
+    policies = PolicySet(
+        (PolicySettings(name="h", match=RouteMatch(hosts=("other.test",)), require=Requirements()), ADMIN, REST)
+    )
+    assert policies.match(_attrs("GET", "/admin"))
+    assert policies.match(_attrs("GET", "/admin")).name == "rest"  # type: ignore[union-attr]
+    assert policies.match(_attrs("POST", "/admin")).name == "admin"  # type: ignore[union-attr]
+    assert policies.match(_attrs("GET", "/", host="OTHER.test:8443")).name == "h"  # type: ignore[union-attr]
+
+
+def test_unmatched_route_with_policies_is_none_and_without_policies_nothing_is_enabled() -> None:
+    assert PolicySet((ADMIN,)).match(_attrs("GET", "/public")) is None
+    assert not PolicySet(None).enabled
+
+
+def test_roles_missing_is_403_before_any_step_up() -> None:
+    with pytest.raises(Forbidden) as info:
+        evaluate(ADMIN.require, _principal(scope="write", amr=["pwd"]), NOW)
+    assert info.value.code == "role_missing"
+    assert refuse(info.value, realm="r").status == 403
+
+
+def test_scope_missing_is_403() -> None:
+    with pytest.raises(Forbidden) as info:
+        evaluate(ADMIN.require, _principal(roles={"admin"}, scope="read"), NOW)
+    assert info.value.code == "scope_missing"
+
+
+def _good(**over: object) -> Principal:
+    claims: dict[str, object] = {
+        "roles": {"admin"}, "scope": "read write", "amr": ["hwk", "pin"], "acr": "phr",
+        "auth_time": NOW - 60, "cnf": {"jkt": "abc"},
+    }
+    claims.update(over)
+    return _principal(**claims)
+
+
+def test_all_requirements_met_passes() -> None:
+    evaluate(ADMIN.require, _good(), NOW)
+
+
+@pytest.mark.parametrize(
+    ("over", "description"),
+    [({"acr": "pwd"}, "stronger"), ({"amr": ["pwd"]}, "phishing-resistant"),
+     ({"auth_time": NOW - 901}, "more recent"), ({"auth_time": None}, "more recent")],
+)
+def test_weak_or_old_authentication_gets_an_rfc9470_challenge(over: dict[str, object], description: str) -> None:
+    with pytest.raises(StepUpRequired) as info:
+        evaluate(ADMIN.require, _good(**over), NOW, authorization_endpoint="https://idp/authorize")
+    assert description in info.value.description
+    decision = refuse(info.value, realm="verifier")
+    assert decision.status == 401
+    challenge = dict(decision.response_headers)["www-authenticate"]
+    assert challenge.startswith('Bearer realm="verifier", error="insufficient_user_authentication"')
+    assert 'acr_values="phr phrh"' in challenge and "max_age=900" in challenge
+    import json
+
+    body = json.loads(decision.body)
+    assert body["error"] == "insufficient_user_authentication"
+    assert body["authorization_endpoint"] == "https://idp/authorize"
+    assert decision.cache_max_age == 0
+
+
+def test_auth_time_exactly_at_the_bound_is_refused_and_one_second_inside_passes() -> None:
+    evaluate(ADMIN.require, _good(auth_time=NOW - 899), NOW)
+    with pytest.raises(StepUpRequired):
+        evaluate(ADMIN.require, _good(auth_time=NOW - 900), NOW)
+
+
+@pytest.mark.parametrize(("constraint", "cnf", "ok"), [
+    ("dpop", {"jkt": "a"}, True), ("dpop", {}, False), ("dpop", {"x5t#S256": "a"}, False),
+    ("mtls", {"x5t#S256": "a"}, True), ("mtls", {"jkt": "a"}, False),
+    ("any", {"jkt": "a"}, True), ("any", {"x5t#S256": "a"}, True), ("any", {}, False),
+])
+def test_sender_constraint_requires_a_bound_token(constraint: str, cnf: dict[str, str], ok: bool) -> None:
+    require = Requirements(sender_constraint=constraint)
+    if ok:
+        evaluate(require, _principal(cnf=cnf), NOW)
+    else:
+        with pytest.raises(SenderConstraintFailed):
+            evaluate(require, _principal(cnf=cnf), NOW)
+
+
+def test_role_mapping_from_groups_scope_and_subjects_adds_to_a_roles_claim() -> None:
+    mapper = RoleMapper((
+        RoleRule(role="admin", claim="groups", values=("platform-admins",)),
+        RoleRule(role="billing-writer", scope="billing:write"),
+        RoleRule(role="ops", subjects=("alice",)),
+        RoleRule(role="never", claim="groups", values=("nobody",)),
+    ))
+    roles = mapper.roles({"groups": ["platform-admins", "x"]}, "alice", ("billing:write",), frozenset({"viewer"}))
+    assert roles == {"viewer", "admin", "billing-writer", "ops"}
+    assert mapper.roles({"groups": "platform-admins"}, "bob", (), frozenset()) == {"admin"}
+    assert mapper.roles({"groups": [1, None]}, "bob", (), frozenset()) == frozenset()

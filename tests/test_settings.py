@@ -1,0 +1,254 @@
+"""verifier.settings: the issue's example parses; every error names the bad key; check-config exits right."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from verifier.settings import (
+    DEFAULT_LEEWAY_SECONDS,
+    DEFAULT_MAX_TOKEN_BYTES,
+    SUPPORTED_ALGORITHMS,
+    ConfigError,
+    Listen,
+    load_settings,
+    parse_settings,
+)
+
+# The configuration the issue says must work as written.
+ISSUE_EXAMPLE = """\
+grpc: {listen: "127.0.0.1:50051"}
+http: {listen: "127.0.0.1:8080"}          # forward-auth (and later WebAuthn) endpoints
+metrics: {listen: "127.0.0.1:9464"}       # Prometheus text format at /metrics
+issuers:
+  - issuer: "http://127.0.0.1:9400"       # keys found by OIDC discovery under this URL
+    audiences: ["https://api.example.test"]
+    algorithms: [ES256, RS256, EdDSA]     # allow-list; anything else is refused
+    leeway_seconds: 30
+"""
+
+
+def _example() -> dict[str, Any]:
+    return copy.deepcopy(yaml.safe_load(ISSUE_EXAMPLE))
+
+
+def test_the_issue_example_parses_as_written() -> None:
+    settings = parse_settings(yaml.safe_load(ISSUE_EXAMPLE))
+    assert settings.grpc == Listen(host="127.0.0.1", port=50051)
+    assert settings.http == Listen(host="127.0.0.1", port=8080)
+    assert settings.metrics == Listen(host="127.0.0.1", port=9464)
+    (issuer,) = settings.issuers
+    assert issuer.issuer == "http://127.0.0.1:9400"
+    assert issuer.audiences == ("https://api.example.test",)
+    assert issuer.algorithms == ("ES256", "RS256", "EdDSA")
+    assert issuer.leeway_seconds == 30
+    assert issuer.discovery == "http://127.0.0.1:9400/.well-known/openid-configuration"
+    assert issuer.require_typ_at_jwt is False
+    assert settings.max_token_bytes == DEFAULT_MAX_TOKEN_BYTES == 8192
+
+
+def test_load_settings_reads_the_issue_example_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "verifier.yaml"
+    path.write_text(ISSUE_EXAMPLE, encoding="utf-8")
+    assert load_settings(path).issuers[0].issuer == "http://127.0.0.1:9400"
+
+
+def test_defaults_apply_when_optional_keys_are_absent() -> None:
+    document = _example()
+    del document["issuers"][0]["leeway_seconds"]
+    settings = parse_settings(document)
+    assert settings.issuers[0].leeway_seconds == DEFAULT_LEEWAY_SECONDS
+    assert settings.realm == "verifier" and settings.audit is True
+
+
+def test_every_optional_key_is_read() -> None:
+    document = _example()
+    document["issuers"][0].update({
+        "discovery_url": "http://127.0.0.1:9400/custom",
+        "jwks_uri": "http://localhost:9400/jwks",
+        "require_typ_at_jwt": True,
+        "jwks_min_ttl_seconds": 10,
+        "jwks_max_ttl_seconds": 20,
+        "jwks_cooldown_seconds": 5,
+        "fetch_timeout_seconds": 2.5,
+    })
+    document.update({"max_token_bytes": 4096, "realm": "edge", "audit": False,
+                     "cache": {"token_entries": 10, "negative_entries": 20, "negative_ttl_seconds": 5}})
+    settings = parse_settings(document)
+    issuer = settings.issuers[0]
+    assert (issuer.discovery, issuer.jwks_uri, issuer.require_typ_at_jwt) == (
+        "http://127.0.0.1:9400/custom", "http://localhost:9400/jwks", True)
+    assert (issuer.jwks_min_ttl_seconds, issuer.jwks_max_ttl_seconds, issuer.jwks_cooldown_seconds,
+            issuer.fetch_timeout_seconds) == (10, 20, 5, 2.5)
+    assert (settings.max_token_bytes, settings.realm, settings.audit) == (4096, "edge", False)
+    assert (settings.cache.token_entries, settings.cache.negative_entries, settings.cache.negative_ttl_seconds) == (
+        10, 20, 5)
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port", "address"),
+    [("[::1]:8080", "::1", 8080, "[::1]:8080"), ("0.0.0.0:0", "0.0.0.0", 0, "0.0.0.0:0"),
+     ("localhost:65535", "localhost", 65535, "localhost:65535")],
+)
+def test_listen_addresses(listen: str, host: str, port: int, address: str) -> None:
+    document = _example()
+    document["http"] = {"listen": listen}
+    parsed = parse_settings(document).http
+    assert parsed is not None
+    assert (parsed.host, parsed.port, parsed.address) == (host, port, address)
+
+
+def _set(document: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
+    target: Any = document
+    for part in path[:-1]:
+        target = target[part]
+    if value is _DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+
+
+_DELETE = object()
+
+# (case id, path in the document, new value, text the error must contain)
+BAD: list[tuple[str, tuple[Any, ...], Any, str]] = [
+    ("unknown root key", ("listen_port",), 1, "listen_port: unknown key"),
+    ("unknown issuer key", ("issuers", 0, "audience"), ["x"], "issuers[0].audience: unknown key"),
+    ("unknown listen key", ("grpc", "port"), 1, "grpc.port: unknown key"),
+    ("unknown cache key", ("cache",), {"entries": 1}, "cache.entries: unknown key"),
+    ("HS256 in the allow-list", ("issuers", 0, "algorithms", 1), "HS256", "issuers[0].algorithms[1]"),
+    ("none in the allow-list", ("issuers", 0, "algorithms", 0), "none", "issuers[0].algorithms[0]"),
+    ("unknown algorithm", ("issuers", 0, "algorithms", 2), "ES999", "issuers[0].algorithms[2]"),
+    ("lower-case algorithm", ("issuers", 0, "algorithms", 0), "es256", "issuers[0].algorithms[0]"),
+    ("empty allow-list", ("issuers", 0, "algorithms"), [], "issuers[0].algorithms"),
+    ("allow-list a string", ("issuers", 0, "algorithms"), "ES256", "issuers[0].algorithms"),
+    ("http issuer off loopback", ("issuers", 0, "issuer"), "http://idp.example.test", "issuers[0].issuer: https"),
+    ("http issuer on a look-alike host", ("issuers", 0, "issuer"), "http://127.0.0.1.evil.test",
+     "issuers[0].issuer: https"),
+    ("http issuer on localhost.evil", ("issuers", 0, "issuer"), "http://localhost.evil.test",
+     "issuers[0].issuer: https"),
+    ("issuer not a URL", ("issuers", 0, "issuer"), "idp.example.test", "issuers[0].issuer"),
+    ("issuer ftp", ("issuers", 0, "issuer"), "ftp://idp.example.test", "issuers[0].issuer"),
+    ("issuer missing", ("issuers", 0, "issuer"), _DELETE, "issuers[0].issuer: required"),
+    ("http jwks_uri off loopback", ("issuers", 0, "jwks_uri"), "http://keys.example.test/jwks",
+     "issuers[0].jwks_uri"),
+    ("http discovery_url off loopback", ("issuers", 0, "discovery_url"), "http://idp.example.test/d",
+     "issuers[0].discovery_url"),
+    ("audiences missing", ("issuers", 0, "audiences"), _DELETE, "issuers[0].audiences"),
+    ("audience not a string", ("issuers", 0, "audiences"), [5], "issuers[0].audiences[0]"),
+    ("leeway too large", ("issuers", 0, "leeway_seconds"), 601, "issuers[0].leeway_seconds"),
+    ("leeway negative", ("issuers", 0, "leeway_seconds"), -1, "issuers[0].leeway_seconds"),
+    ("leeway a string", ("issuers", 0, "leeway_seconds"), "30", "issuers[0].leeway_seconds"),
+    ("leeway a boolean", ("issuers", 0, "leeway_seconds"), True, "issuers[0].leeway_seconds"),
+    ("strict typ not a boolean", ("issuers", 0, "require_typ_at_jwt"), "yes", "issuers[0].require_typ_at_jwt"),
+    ("fetch timeout too small", ("issuers", 0, "fetch_timeout_seconds"), 0, "issuers[0].fetch_timeout_seconds"),
+    ("min ttl above max ttl", ("issuers", 0, "jwks_min_ttl_seconds"), 7200, "issuers[0].jwks_min_ttl_seconds"),
+    ("listen without port", ("grpc", "listen"), "127.0.0.1", "grpc.listen"),
+    ("listen port out of range", ("http", "listen"), "127.0.0.1:70000", "http.listen"),
+    ("listen port not a number", ("http", "listen"), "127.0.0.1:http", "http.listen"),
+    ("listen without host", ("metrics", "listen"), ":9464", "metrics.listen"),
+    ("listen not a string", ("grpc", "listen"), 50051, "grpc.listen"),
+    ("listen section not a mapping", ("grpc",), "127.0.0.1:50051", "grpc: expected a mapping"),
+    ("max_token_bytes too small", ("max_token_bytes",), 10, "max_token_bytes"),
+    ("issuers empty", ("issuers",), [], "issuers"),
+    ("issuer entry not a mapping", ("issuers", 0), "http://127.0.0.1:9400", "issuers[0]"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "fragment"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_errors_name_the_bad_key(path: tuple[Any, ...], value: Any, fragment: str) -> None:
+    document = _example()
+    _set(document, path, value)
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(document)
+    assert fragment in str(caught.value)
+
+
+def test_a_duplicate_issuer_is_refused_and_named() -> None:
+    document = _example()
+    document["issuers"].append(copy.deepcopy(document["issuers"][0]))
+    with pytest.raises(ConfigError, match=r"issuers\[1\]\.issuer: .* configured twice"):
+        parse_settings(document)
+
+
+def test_at_least_one_of_grpc_or_http_is_required() -> None:
+    document = _example()
+    del document["grpc"], document["http"]
+    with pytest.raises(ConfigError, match="grpc"):
+        parse_settings(document)
+
+
+@pytest.mark.parametrize("document", [None, [], "issuers", 5])
+def test_a_document_that_is_not_a_mapping_is_refused(document: Any) -> None:
+    with pytest.raises(ConfigError, match="config: expected a mapping"):
+        parse_settings(document)
+
+
+def test_the_supported_algorithms_are_asymmetric_only() -> None:
+    assert not {alg for alg in SUPPORTED_ALGORITHMS if alg.startswith("HS") or alg.lower() == "none"}
+
+
+@pytest.mark.parametrize(
+    "issuer", ["http://localhost:9400", "http://127.0.0.1:9400", "http://[::1]:9400", "http://127.8.9.10"]
+)
+def test_plain_http_is_allowed_on_loopback_only(issuer: str) -> None:
+    document = _example()
+    document["issuers"][0]["issuer"] = issuer
+    assert parse_settings(document).issuers[0].issuer == issuer
+
+
+def test_load_settings_names_an_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_load_settings_names_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("issuers: [\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(path)
+
+
+def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "verifier", "check-config", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_check_config_exits_zero_on_the_issue_example(tmp_path: Path) -> None:
+    path = tmp_path / "good.yaml"
+    path.write_text(ISSUE_EXAMPLE, encoding="utf-8")
+    result = _check_config(path)
+    assert result.returncode == 0, result.stderr
+    assert "1 issuer" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (ISSUE_EXAMPLE.replace("ES256, RS256", "ES256, HS256"), "issuers[0].algorithms[1]"),
+        (ISSUE_EXAMPLE.replace("http://127.0.0.1:9400", "http://idp.example.test"), "issuers[0].issuer"),
+        (ISSUE_EXAMPLE + "bogus: 1\n", "bogus: unknown key"),
+        ("issuers: [\n", "not valid YAML"),
+    ],
+    ids=["hs256", "http-issuer", "unknown-key", "broken-yaml"],
+)
+def test_check_config_exits_non_zero_on_a_bad_file_and_names_the_key(
+    tmp_path: Path, text: str, fragment: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    result = _check_config(path)
+    assert result.returncode != 0
+    assert fragment in result.stderr
+
+
+def test_check_config_exits_non_zero_on_a_missing_file(tmp_path: Path) -> None:
+    assert _check_config(tmp_path / "nope.yaml").returncode != 0

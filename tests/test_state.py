@@ -1,0 +1,190 @@
+"""verifier.state: the memory store (replay keys, token buckets) on a frozen clock, and its settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from tokenkit import NOW
+
+from verifier.clock import FrozenClock
+from verifier.settings import ConfigError
+from verifier.state import StateConfig, build_state, parse_state_config
+from verifier.state.base import TakeResult
+from verifier.state.memory import MemoryState
+
+
+@pytest.fixture
+def state(clock: FrozenClock) -> MemoryState:
+    return MemoryState(clock)
+
+
+# --- first_use ------------------------------------------------------------------------------------
+
+
+async def test_first_use_is_true_once_then_false_until_the_ttl_passes(state: MemoryState, clock: FrozenClock) -> None:
+    assert await state.first_use("jti-1", 10) is True
+    assert await state.first_use("jti-1", 10) is False
+    clock.advance(9.999)
+    assert await state.first_use("jti-1", 10) is False
+    clock.advance(0.001)  # exactly ttl later the key has expired
+    assert await state.first_use("jti-1", 10) is True
+    assert await state.first_use("jti-1", 10) is False
+
+
+async def test_first_use_keys_are_independent(state: MemoryState) -> None:
+    assert await state.first_use("a", 10) is True
+    assert await state.first_use("b", 10) is True
+    assert await state.first_use("a", 10) is False
+
+
+async def test_first_use_drops_expired_keys_first_and_stays_bounded(clock: FrozenClock) -> None:
+    state = MemoryState(clock, max_entries=3)
+    await state.first_use("short", 1)
+    await state.first_use("long-1", 100)
+    await state.first_use("long-2", 100)
+    clock.advance(2)
+    assert await state.first_use("new", 100) is True  # "short" expired: no live key evicted
+    assert state.evictions == 0 and len(state) == 3
+    assert await state.first_use("long-1", 100) is False
+
+
+async def test_first_use_evicts_the_key_closest_to_expiry_when_full(clock: FrozenClock) -> None:
+    state = MemoryState(clock, max_entries=2)
+    await state.first_use("soon", 10)
+    await state.first_use("later", 50)
+    assert await state.first_use("third", 50) is True
+    assert state.evictions == 1 and len(state) == 2
+    assert await state.first_use("later", 50) is False
+    assert await state.first_use("soon", 10) is True  # the one evicted
+
+
+async def test_first_use_refuses_a_non_positive_ttl(state: MemoryState) -> None:
+    with pytest.raises(ValueError):
+        await state.first_use("k", 0)
+
+
+# --- take (token bucket) --------------------------------------------------------------------------
+
+
+async def test_bucket_allows_exactly_burst_then_refuses(state: MemoryState) -> None:
+    results = [await state.take("user", rate_per_second=1, burst=3, now=NOW) for _ in range(4)]
+    assert [r.allowed for r in results] == [True, True, True, False]
+    assert [r.remaining for r in results] == [2, 1, 0, 0]
+    assert results[0] == TakeResult(allowed=True, remaining=2, retry_after_seconds=0.0, limit=3, reset_seconds=1.0)
+    assert results[3] == TakeResult(allowed=False, remaining=0, retry_after_seconds=1.0, limit=3, reset_seconds=3.0)
+
+
+async def test_bucket_refills_one_token_exactly_at_the_boundary(state: MemoryState) -> None:
+    for _ in range(2):
+        await state.take("k", rate_per_second=0.5, burst=2, now=NOW)
+    refused = await state.take("k", rate_per_second=0.5, burst=2, now=NOW + 1.999)
+    assert not refused.allowed
+    assert refused.retry_after_seconds == pytest.approx(0.001, abs=1e-6)  # wall seconds near 1.7e9
+    allowed = await state.take("k", rate_per_second=0.5, burst=2, now=NOW + 2.0)  # one token, exactly
+    assert allowed.allowed and allowed.remaining == 0
+    assert not (await state.take("k", rate_per_second=0.5, burst=2, now=NOW + 2.0)).allowed
+
+
+@pytest.mark.parametrize("rate", [0.1, 1 / 3, 7.0, 1000.0])
+async def test_bucket_boundary_survives_float_rounding(state: MemoryState, rate: float) -> None:
+    await state.take("k", rate_per_second=rate, burst=1, now=NOW)
+    assert (await state.take("k", rate_per_second=rate, burst=1, now=NOW + 1 / rate)).allowed
+
+
+async def test_bucket_never_holds_more_than_burst(state: MemoryState) -> None:
+    await state.take("k", rate_per_second=10, burst=2, now=NOW)
+    later = await state.take("k", rate_per_second=10, burst=2, now=NOW + 3600)
+    assert later.allowed and later.remaining == 1
+
+
+async def test_bucket_refused_takes_do_not_drain_it_further(state: MemoryState) -> None:
+    await state.take("k", rate_per_second=1, burst=1, now=NOW)
+    for _ in range(5):
+        assert not (await state.take("k", rate_per_second=1, burst=1, now=NOW + 0.5)).allowed
+    assert (await state.take("k", rate_per_second=1, burst=1, now=NOW + 1)).allowed
+
+
+async def test_bucket_ignores_a_clock_going_back(state: MemoryState) -> None:
+    await state.take("k", rate_per_second=1, burst=1, now=NOW)
+    assert not (await state.take("k", rate_per_second=1, burst=1, now=NOW - 100)).allowed
+    assert not (await state.take("k", rate_per_second=1, burst=1, now=NOW + 0.5)).allowed
+    assert (await state.take("k", rate_per_second=1, burst=1, now=NOW + 1)).allowed
+
+
+async def test_buckets_are_bounded_and_evict_the_least_recently_used(clock: FrozenClock) -> None:
+    state = MemoryState(clock, max_entries=2)
+    await state.take("a", rate_per_second=1, burst=1, now=NOW)
+    await state.take("b", rate_per_second=1, burst=1, now=NOW)
+    await state.take("a", rate_per_second=1, burst=1, now=NOW)  # "a" is now the most recent
+    await state.take("c", rate_per_second=1, burst=1, now=NOW)
+    assert state.evictions == 1 and len(state) == 2
+    assert not (await state.take("a", rate_per_second=1, burst=1, now=NOW)).allowed
+    assert (await state.take("b", rate_per_second=1, burst=1, now=NOW)).allowed  # evicted, so full
+
+
+async def test_full_buckets_are_dropped_without_counting_an_eviction(clock: FrozenClock) -> None:
+    state = MemoryState(clock, max_entries=2)
+    await state.take("a", rate_per_second=1, burst=1, now=NOW)
+    await state.take("b", rate_per_second=1, burst=1, now=NOW)
+    await state.take("c", rate_per_second=1, burst=1, now=NOW + 5)
+    assert state.evictions == 0 and len(state) == 1
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(0, 1), (-1, 1), (float("inf"), 1), (1, 0)])
+async def test_bucket_refuses_a_meaningless_shape(state: MemoryState, rate: float, burst: int) -> None:
+    with pytest.raises(ValueError):
+        await state.take("k", rate_per_second=rate, burst=burst, now=NOW)
+
+
+async def test_close_forgets_everything(state: MemoryState) -> None:
+    await state.first_use("k", 10)
+    await state.take("k", rate_per_second=1, burst=1, now=NOW)
+    await state.close()
+    assert len(state) == 0
+
+
+# --- settings and the builder ---------------------------------------------------------------------
+
+
+def test_without_settings_state_lives_in_memory(clock: FrozenClock) -> None:
+    assert parse_state_config(None) == StateConfig()
+    assert isinstance(build_state(None, clock), MemoryState)
+    assert isinstance(build_state(parse_state_config({"max_entries": 10}), clock), MemoryState)
+
+
+async def test_a_redis_url_builds_a_redis_state(clock: FrozenClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    from verifier.state.redis import RedisState
+
+    monkeypatch.setenv("REDIS_PW", "pw")
+    config = parse_state_config(
+        {"redis_url": "redis://127.0.0.1:1/0", "key_prefix": "v1:", "timeout_seconds": 0.1, "password_env": "REDIS_PW"}
+    )
+    assert config.redis_url == "redis://127.0.0.1:1/0" and config.key_prefix == "v1:" and config.password == "pw"
+    assert "pw" not in repr(config).replace("password_env", "")
+    state = build_state(config, clock)
+    assert isinstance(state, RedisState)
+    await state.close()
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"redis_url": "http://x"}, "state.redis_url"),
+        ({"redis_url": "redis://:secret@x:6379"}, "state.redis_url"),
+        ({"redis_url": ""}, "state.redis_url"),
+        ({"redis_url": "redis://x", "password_env": "STATE_UNSET_VARIABLE"}, "state.password_env"),
+        ({"password_env": "HOME"}, "state.password_env"),
+        ({"key_prefix": 3}, "state.key_prefix"),
+        ({"timeout_seconds": 0}, "state.timeout_seconds"),
+        ({"timeout_seconds": 60}, "state.timeout_seconds"),
+        ({"max_entries": 0}, "state.max_entries"),
+        ({"max_entries": True}, "state.max_entries"),
+        ({"redis": "redis://x"}, "state.redis"),
+        ("redis://x", "state"),
+    ],
+)
+def test_settings_errors_name_the_key(data: Any, key: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_state_config(data)
+    assert str(refused.value).startswith(key + ": ")

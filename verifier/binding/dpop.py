@@ -1,0 +1,426 @@
+"""DPoP proofs at a resource server (RFC 9449 section 4.3 and section 7), and JWK thumbprints (RFC 7638).
+
+A DPoP proof is a JWS whose header carries the public key that signs it. That is exactly what
+`verifier.tokens.jws.parse` refuses for access tokens (RFC 8725 section 3.10), so the proof is parsed
+here, strictly and within a size bound: the key in the header is trusted only to show possession, and
+is then pinned to the access token through `cnf.jkt` (RFC 9449 section 6.1).
+
+Replay (section 11.1): each proof's `jti` is remembered in `SharedState` for as long as its `iat`
+could still be accepted, keyed by a hash of the key thumbprint and the `jti`, so every replica refuses
+a second use. Server nonces (section 9) are stateless: an issue time and an HMAC over it, so any replica
+holding the shared secret can check a nonce another replica issued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from verifier.clock import Clock
+from verifier.errors import InvalidDpopProof, MalformedToken, SenderConstraintFailed, UseDpopNonce
+from verifier.settings import ConfigError
+from verifier.state.base import SharedState
+from verifier.tokens.jws import b64url_decode, b64url_encode
+from verifier.tokens.keys import ALG_KEY_TYPES, KeyError_, VerificationKey, parse_jwk
+
+# Asymmetric only (RFC 9449 section 4.3 step 5: no `none`, no MAC). ES256 first: it is what most
+# clients use; RS256/PS256 for platforms without EC; EdDSA for the rest.
+DEFAULT_ALGORITHMS: tuple[str, ...] = ("ES256", "ES384", "EdDSA", "RS256", "PS256")
+# Seconds a proof stays acceptable after its `iat`. A proof is made just before its request, so one
+# minute covers slow networks and queueing; it is also how long each `jti` is remembered.
+DEFAULT_IAT_PAST_SECONDS = 60.0
+# Seconds a proof's `iat` may lie ahead of our clock: client clocks run ahead a little. Clients with
+# worse clocks are what server nonces (`require_nonce`) are for (RFC 9449 section 11.1).
+DEFAULT_IAT_FUTURE_SECONDS = 5.0
+# Seconds a server nonce stays acceptable after we issue it.
+DEFAULT_NONCE_LIFETIME_SECONDS = 300.0
+# Bytes; a proof with an RSA-4096 key is about 2.5 KiB, anything much larger is not a proof.
+DEFAULT_MAX_PROOF_BYTES = 8192
+MIN_NONCE_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output is weaker than it looks
+MAX_JTI_LENGTH = 256  # characters; a jti is a random identifier, never a document
+
+DPOP_TYP = "dpop+jwt"
+# JWK members that only a private or symmetric key has; a proof's key must be public.
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+# RFC 7638 section 3.2: the members that make up the thumbprint, per key type.
+_THUMBPRINT_MEMBERS: dict[str, tuple[str, ...]] = {
+    "RSA": ("e", "kty", "n"),
+    "EC": ("crv", "kty", "x", "y"),
+    "OKP": ("crv", "kty", "x"),
+    "oct": ("k", "kty"),
+}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_NONCE_VERSION = b"\x01"
+_NONCE_MAC_BYTES = 16  # 128-bit tag: forging one is out of reach, and the nonce stays short
+_CONFIG_KEYS = (
+    "algorithms",
+    "iat_past_seconds",
+    "iat_future_seconds",
+    "require_nonce",
+    "nonce_secret_env",
+    "nonce_lifetime_seconds",
+    "max_proof_bytes",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DpopConfig:
+    """How DPoP proofs are checked.
+
+    ```yaml
+    dpop:
+      algorithms: [ES256, ES384, EdDSA, RS256, PS256]  # allow-list for the proof's alg
+      iat_past_seconds: 60        # proof age accepted; also how long each jti is remembered
+      iat_future_seconds: 5       # client clock ahead of ours accepted
+      require_nonce: false        # true: every proof must carry a nonce we issued (section 9)
+      nonce_secret_env: VERIFIER_DPOP_NONCE_SECRET  # required with require_nonce; same on every replica
+      nonce_lifetime_seconds: 300
+      max_proof_bytes: 8192
+    ```
+    """
+
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    iat_past_seconds: float = DEFAULT_IAT_PAST_SECONDS
+    iat_future_seconds: float = DEFAULT_IAT_FUTURE_SECONDS
+    require_nonce: bool = False
+    nonce_secret: bytes = dataclasses.field(default=b"", repr=False)  # from `nonce_secret_env`
+    nonce_lifetime_seconds: float = DEFAULT_NONCE_LIFETIME_SECONDS
+    max_proof_bytes: int = DEFAULT_MAX_PROOF_BYTES
+
+    def __post_init__(self) -> None:
+        for alg in self.algorithms:
+            if alg not in ALG_KEY_TYPES:
+                raise ValueError(f"algorithm {alg!r} cannot sign a DPoP proof")
+        if self.require_nonce and len(self.nonce_secret) < MIN_NONCE_SECRET_BYTES:
+            raise ValueError(f"require_nonce needs a nonce secret of at least {MIN_NONCE_SECRET_BYTES} bytes")
+
+    @property
+    def jti_ttl_seconds(self) -> float:
+        """How long a `jti` must be remembered: the whole span of `iat` values we accept."""
+        return self.iat_past_seconds + self.iat_future_seconds
+
+
+def parse_dpop_config(data: Any, path: str = "dpop") -> DpopConfig:
+    """Validates the `dpop` mapping (None means defaults); raises `ConfigError` naming the key."""
+    if data is None:
+        return DpopConfig()
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in _CONFIG_KEYS:
+            raise ConfigError(f"{path}.{key}: unknown key")
+
+    def number(key: str, default: float, minimum: float, maximum: float) -> float:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not minimum <= value <= maximum:
+            raise ConfigError(f"{path}.{key}: expected a number in [{minimum}, {maximum}]")
+        return float(value)
+
+    algorithms = DEFAULT_ALGORITHMS
+    if "algorithms" in data:
+        value = data["algorithms"]
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{path}.algorithms: expected a non-empty list of strings")
+        for i, alg in enumerate(value):
+            if not isinstance(alg, str) or alg not in ALG_KEY_TYPES:
+                raise ConfigError(
+                    f"{path}.algorithms[{i}]: {alg!r} is not an asymmetric signature algorithm "
+                    f"({', '.join(sorted(ALG_KEY_TYPES))})"
+                )
+        algorithms = tuple(value)
+    require_nonce = data.get("require_nonce", False)
+    if not isinstance(require_nonce, bool):
+        raise ConfigError(f"{path}.require_nonce: expected true or false")
+    secret = b""
+    secret_env = data.get("nonce_secret_env")
+    if secret_env is not None:
+        if not isinstance(secret_env, str) or not secret_env:
+            raise ConfigError(f"{path}.nonce_secret_env: expected the name of an environment variable")
+        secret = os.environ.get(secret_env, "").encode()
+        if len(secret) < MIN_NONCE_SECRET_BYTES:
+            raise ConfigError(
+                f"{path}.nonce_secret_env: environment variable {secret_env} must hold at least "
+                f"{MIN_NONCE_SECRET_BYTES} bytes"
+            )
+    elif require_nonce:
+        raise ConfigError(f"{path}.nonce_secret_env: required when require_nonce is true (shared by all replicas)")
+    max_bytes = number("max_proof_bytes", DEFAULT_MAX_PROOF_BYTES, 512, 65536)
+    if not max_bytes.is_integer():
+        raise ConfigError(f"{path}.max_proof_bytes: expected an integer")
+    return DpopConfig(
+        algorithms=algorithms,
+        iat_past_seconds=number("iat_past_seconds", DEFAULT_IAT_PAST_SECONDS, 1, 3600),
+        iat_future_seconds=number("iat_future_seconds", DEFAULT_IAT_FUTURE_SECONDS, 0, 600),
+        require_nonce=require_nonce,
+        nonce_secret=secret,
+        nonce_lifetime_seconds=number("nonce_lifetime_seconds", DEFAULT_NONCE_LIFETIME_SECONDS, 1, 86400),
+        max_proof_bytes=int(max_bytes),
+    )
+
+
+def thumbprint(jwk: Mapping[str, Any]) -> str:
+    """The RFC 7638 JWK SHA-256 thumbprint, base64url: required members only, canonical JSON.
+
+    Raises `ValueError` for an unknown key type or a missing or non-string required member.
+    """
+    kty = jwk.get("kty")
+    members = _THUMBPRINT_MEMBERS.get(kty) if isinstance(kty, str) else None
+    if members is None:
+        raise ValueError(f"no thumbprint for kty {kty!r}")
+    required: dict[str, str] = {}
+    for name in members:  # already in lexicographic order (section 3.3)
+        value = jwk.get(name)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"JWK member {name} is missing")
+        required[name] = value
+    canonical = json.dumps(required, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    return b64url_encode(hashlib.sha256(canonical.encode("utf-8")).digest())
+
+
+def access_token_hash(access_token: str) -> str:
+    """`ath` (RFC 9449 section 4.2): base64url of the SHA-256 of the token (ASCII, by RFC 6750 syntax)."""
+    return b64url_encode(hashlib.sha256(access_token.encode("utf-8", "surrogatepass")).digest())
+
+
+def normalize_htu(url: str) -> str:
+    """The URL as `htu` compares it (RFC 9449 section 4.3 step 9, RFC 3986 sections 6.2.2 and 6.2.3).
+
+    Scheme and host lower-cased, the default port dropped, an empty path made `/`, percent-encodings
+    upper-cased and unreserved characters decoded, dot segments removed; query and fragment dropped.
+    Raises `ValueError` for anything but an absolute http(s) URL.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError("not a URL") from exc
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in _DEFAULT_PORTS or not host:
+        raise ValueError("not an absolute http(s) URL")
+    if ":" in host:
+        host = f"[{host}]"
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = (userinfo + "@" if userinfo else "") + host
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        netloc += f":{port}"
+    path = _remove_dot_segments(_PERCENT.sub(_normalize_escape, parts.path) or "/")
+    return f"{scheme}://{netloc}{path}"
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 section 5.2.4 for an absolute path; unlike `posixpath.normpath`, keeps `//`."""
+    segments = path.split("/")[1:]
+    out: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    if segments[-1] in (".", ".."):
+        out.append("")  # "/a/b/.." names the directory "/a/"
+    return "/" + "/".join(out)
+
+
+def _normalize_escape(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Proof:
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidDpopProof(f"DPoP proof {what} is not JSON") from exc
+    if not isinstance(value, dict):
+        raise InvalidDpopProof(f"DPoP proof {what} is not a JSON object")
+    return value
+
+
+def _parse_proof(proof: str, max_bytes: int) -> _Proof:
+    """Strict compact JWS parsing that, unlike `jws.parse`, expects a `jwk` header."""
+    if len(proof) > max_bytes:
+        raise InvalidDpopProof("DPoP proof too large")
+    try:
+        raw = proof.encode("ascii")
+        segments = raw.split(b".")
+        if len(segments) != 3:
+            raise InvalidDpopProof("DPoP proof is not a JWS compact serialization")
+        header_raw, claims_raw, signature = (b64url_decode(s) for s in segments)
+    except (UnicodeEncodeError, MalformedToken) as exc:
+        raise InvalidDpopProof("DPoP proof is not a JWS compact serialization") from exc
+    if not signature:
+        raise InvalidDpopProof("DPoP proof has an empty signature")
+    header = _json_object(header_raw, "header")
+    claims = _json_object(claims_raw, "claims")
+    return _Proof(header, claims, segments[0] + b"." + segments[1], signature)
+
+
+def _equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
+
+
+class DpopVerifier:
+    """Checks DPoP proofs for requests that carry a DPoP-bound access token."""
+
+    def __init__(self, config: DpopConfig, state: SharedState, clock: Clock) -> None:
+        self._config = config
+        self._state = state
+        self._clock = clock
+        self._algorithms = frozenset(config.algorithms)
+
+    @property
+    def config(self) -> DpopConfig:
+        """The settings this verifier was built with."""
+        return self._config
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """The proof algorithms accepted, in configured order (the challenge's `algs`, section 7.1)."""
+        return self._config.algorithms
+
+    def issue_nonce(self) -> str:
+        """A fresh server nonce (RFC 9449 section 9) for a `DPoP-Nonce` response header."""
+        if not self._config.nonce_secret:
+            raise RuntimeError("no nonce secret configured")
+        issued_ms = struct.pack(">Q", int(self._clock.now() * 1000))
+        body = _NONCE_VERSION + issued_ms
+        return b64url_encode(body + self._nonce_mac(body))
+
+    def _nonce_mac(self, body: bytes) -> bytes:
+        return hmac.new(self._config.nonce_secret, b"dpop-nonce:" + body, hashlib.sha256).digest()[:_NONCE_MAC_BYTES]
+
+    def _nonce_fresh(self, nonce: Any) -> bool:
+        if not isinstance(nonce, str) or len(nonce) > 64:
+            return False
+        try:
+            raw = b64url_decode(nonce.encode("ascii"))
+        except (UnicodeEncodeError, MalformedToken):
+            return False
+        if len(raw) != 1 + 8 + _NONCE_MAC_BYTES or raw[:1] != _NONCE_VERSION:
+            return False
+        body, mac = raw[:9], raw[9:]
+        if not hmac.compare_digest(mac, self._nonce_mac(body)):
+            return False
+        issued_ms: int = struct.unpack(">Q", body[1:])[0]
+        age = self._clock.now() - issued_ms / 1000
+        # a nonce from a replica whose clock runs a little ahead is still ours
+        return -self._config.iat_future_seconds <= age <= self._config.nonce_lifetime_seconds
+
+    async def verify(
+        self,
+        proof: str | None,
+        *,
+        method: str,
+        url: str,
+        access_token: str,
+        expected_jkt: str | None,
+    ) -> str:
+        """Checks one proof (RFC 9449 section 4.3) and returns its key's RFC 7638 thumbprint.
+
+        `proof` is the raw `DPoP` header value (None when absent; several headers joined with commas
+        count as several proofs); `url` is the request's absolute URL (query and fragment ignored);
+        `expected_jkt` is the token's `cnf.jkt`, or None when the token is not DPoP-bound (then the
+        caller decides what an unbound token presented with a proof means; RFC 9449 section 7.2).
+
+        Raises `InvalidDpopProof` for a missing, malformed, mis-signed, stale, mismatched or replayed
+        proof; `UseDpopNonce` (carrying a fresh nonce) when a server nonce is required and missing or
+        stale; `SenderConstraintFailed` when a good proof's key is not the one the token is bound to;
+        `StateUnavailable` when replay cannot be checked (fail closed).
+        """
+        config = self._config
+        if proof is None or not proof.strip():
+            raise InvalidDpopProof("DPoP proof missing")
+        proof = proof.strip()
+        if "," in proof:
+            raise InvalidDpopProof("more than one DPoP proof")  # section 4.3 step 1
+        parsed = _parse_proof(proof, config.max_proof_bytes)
+        header, claims = parsed.header, parsed.claims
+
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() != DPOP_TYP:  # step 4; media types ignore case
+            raise InvalidDpopProof("DPoP proof typ is not dpop+jwt")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:  # step 5: never none, never a MAC
+            raise InvalidDpopProof("DPoP proof alg is not allowed")
+        if "crit" in header:
+            raise InvalidDpopProof("DPoP proof has an unsupported critical header")
+        key, jkt = self._proof_key(header.get("jwk"), alg)  # step 7
+        if not key.verify(alg, parsed.signing_input, parsed.signature):  # step 6
+            raise InvalidDpopProof("DPoP proof signature does not verify")
+
+        jti = claims.get("jti")  # step 3: required claims
+        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
+            raise InvalidDpopProof("DPoP proof jti missing or invalid")
+        htm = claims.get("htm")
+        if not isinstance(htm, str) or htm != method:  # step 8: methods are case-sensitive
+            raise InvalidDpopProof("DPoP proof htm does not match the request method")
+        htu = claims.get("htu")
+        if not isinstance(htu, str) or not self._htu_matches(htu, url):  # step 9
+            raise InvalidDpopProof("DPoP proof htu does not match the request URL")
+        ath = claims.get("ath")
+        if not isinstance(ath, str) or not _equal(ath, access_token_hash(access_token)):  # step 11
+            raise InvalidDpopProof("DPoP proof ath does not match the access token")
+
+        if config.require_nonce and not self._nonce_fresh(claims.get("nonce")):  # step 10
+            raise UseDpopNonce("DPoP proof needs a fresh server nonce", nonce=self.issue_nonce())
+        iat = claims.get("iat")
+        if isinstance(iat, bool) or not isinstance(iat, int | float) or not math.isfinite(iat):
+            raise InvalidDpopProof("DPoP proof iat missing or invalid")
+        now = self._clock.now()
+        if iat < now - config.iat_past_seconds:  # step 11 (time window)
+            raise InvalidDpopProof("DPoP proof is too old")
+        if iat > now + config.iat_future_seconds:
+            raise InvalidDpopProof("DPoP proof iat is in the future")
+
+        if expected_jkt is not None and not _equal(expected_jkt, jkt):  # step 12, section 6.1
+            raise SenderConstraintFailed("DPoP proof key is not the key the token is bound to")
+
+        # Last, so a proof that fails any other check does not use up its jti. The key is a hash:
+        # bounded length, and no client-chosen text in shared state.
+        digest = hashlib.sha256(f"{jkt}\x00{jti}".encode("utf-8", "surrogatepass")).digest()
+        if not await self._state.first_use("dpop:jti:" + b64url_encode(digest), config.jti_ttl_seconds):
+            raise InvalidDpopProof("DPoP proof replayed")
+        return jkt
+
+    @staticmethod
+    def _proof_key(jwk: Any, alg: str) -> tuple[VerificationKey, str]:
+        if not isinstance(jwk, dict):
+            raise InvalidDpopProof("DPoP proof has no jwk header")
+        if any(name in jwk for name in _PRIVATE_MEMBERS):
+            raise InvalidDpopProof("DPoP proof jwk holds private key material")
+        try:
+            key = parse_jwk(jwk)
+            jkt = thumbprint(jwk)
+        except (KeyError_, ValueError) as exc:
+            raise InvalidDpopProof("DPoP proof jwk is not a usable public key") from exc
+        if not key.fits(alg):
+            raise InvalidDpopProof("DPoP proof alg does not fit its jwk")
+        return key, jkt
+
+    @staticmethod
+    def _htu_matches(htu: str, url: str) -> bool:
+        try:
+            return normalize_htu(htu) == normalize_htu(url)
+        except ValueError:
+            return False

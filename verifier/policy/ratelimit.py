@@ -1,0 +1,61 @@
+"""Per-identity rate limits (token buckets in the shared state), with RateLimit headers.
+
+The bucket key is a hash of issuer and subject, so Redis never holds raw identities as keys; a
+caller gets the most generous of its roles' limits, else the default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+from verifier.clock import Clock
+from verifier.errors import RateLimited
+from verifier.principal import Principal
+from verifier.settings import RateLimit, RateLimitSettings
+
+
+class RateLimiter:
+    """Counts every request of an identity against its bucket."""
+
+    def __init__(self, settings: RateLimitSettings, state: Any, clock: Clock) -> None:
+        self._default = settings.default
+        self._roles = dict(settings.roles)
+        self._state = state
+        self._clock = clock
+
+    def limit_for(self, principal: Principal) -> tuple[str, RateLimit] | None:
+        """The policy name and limit that applies (most generous role, else default)."""
+        best: tuple[str, RateLimit] | None = None
+        for role in principal.roles:
+            limit = self._roles.get(role)
+            if limit is not None and (best is None or limit.per_second > best[1].per_second):
+                best = (role, limit)
+        if best is None and self._default is not None:
+            best = ("default", self._default)
+        return best
+
+    async def check(self, principal: Principal) -> tuple[tuple[str, str], ...]:
+        """Takes one token; returns the RateLimit headers, or raises `RateLimited` with them."""
+        chosen = self.limit_for(principal)
+        if chosen is None:
+            return ()
+        name, limit = chosen
+        digest = hashlib.sha256(f"{principal.issuer}\x00{principal.subject}\x00{name}".encode()).hexdigest()[:32]
+        result = await self._state.take(
+            f"rl:{digest}", rate_per_second=limit.per_second, burst=limit.burst, now=self._clock.now()
+        )
+        window = max(1, math.ceil(limit.burst / limit.per_second))
+        reset = max(0, math.ceil(result.reset_seconds))
+        # draft-ietf-httpapi-ratelimit-headers: RateLimit-Policy names the quota, RateLimit what is left.
+        headers = (
+            ("ratelimit-policy", f'"{name}";q={limit.burst};w={window}'),
+            ("ratelimit", f'"{name}";r={max(0, result.remaining)};t={reset}'),
+        )
+        if not result.allowed:
+            retry = max(1, math.ceil(result.retry_after_seconds))
+            error = RateLimited("rate limit exceeded", retry_after=retry)
+            error.headers = headers
+            raise error
+        return headers

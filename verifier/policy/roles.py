@@ -1,0 +1,36 @@
+"""Maps identities to logical roles, per issuer, once per verified token (the result is cached with it)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from verifier.settings import RoleRule
+
+
+class RoleMapper:
+    """Applies an issuer's role rules to a token's claims."""
+
+    def __init__(self, rules: tuple[RoleRule, ...]) -> None:
+        self._rules = tuple((r.role, r.claim, frozenset(r.values), r.scope, frozenset(r.subjects)) for r in rules)
+
+    def roles(
+        self, claims: Mapping[str, Any], subject: str, scopes: tuple[str, ...], base: frozenset[str]
+    ) -> frozenset[str]:
+        """`base` (a `roles` claim) plus every role whose rule matches."""
+        if not self._rules:
+            return base
+        granted = set(base)
+        for role, claim, values, scope, subjects in self._rules:
+            if claim:
+                value = claims.get(claim)
+                items = value.split(" ") if isinstance(value, str) else value if isinstance(value, list) else ()
+                if any(isinstance(v, str) and v in values for v in items):
+                    granted.add(role)
+                    continue
+            if scope and scope in scopes:
+                granted.add(role)
+                continue
+            if subjects and subject in subjects:
+                granted.add(role)
+        return frozenset(granted)

@@ -1,0 +1,194 @@
+"""Route policies: first match wins; an unmatched route is refused once any policy exists.
+
+Matching normalizes the path first (percent-decoding, `//`, dot segments), so `/./admin`,
+`//admin` and `/%61dmin` all meet the `/admin` policy instead of slipping past it to a laxer one.
+Requirements are checked in an order that gives the client the most useful answer: authorization
+(roles, scopes: 403) before assurance (amr/acr/auth_time: an RFC 9470 step-up 401) before the
+sender constraint (a DPoP/mTLS 401).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import urllib.parse
+from collections.abc import Sequence
+
+from verifier.errors import Forbidden, InsufficientUserAuthentication, Scheme, SenderConstraintFailed
+from verifier.principal import Principal
+from verifier.request import RequestAttributes
+from verifier.settings import PolicySettings, Requirements
+
+
+def normalize_path(path: str) -> str:
+    """The path (no query) as the upstream will most likely resolve it, for matching only."""
+    raw = path.split("?", 1)[0].split("#", 1)[0]
+    decoded = urllib.parse.unquote(raw).replace("\\", "/")
+    if not decoded.startswith("/"):
+        decoded = "/" + decoded
+    normal = posixpath.normpath(decoded)
+    if normal.startswith("//"):
+        normal = "/" + normal.lstrip("/")
+    if decoded.endswith("/") and not normal.endswith("/"):
+        normal += "/"
+    return normal
+
+
+class StepUpRequired(InsufficientUserAuthentication):
+    """RFC 9470 section 3: carries the acr_values / max_age the client must come back with."""
+
+    def __init__(
+        self,
+        description: str,
+        *,
+        acr_values: Sequence[str] = (),
+        max_age: int | None = None,
+        authorization_endpoint: str = "",
+    ) -> None:
+        super().__init__(description)
+        self.acr_values = tuple(acr_values)
+        self.max_age = max_age
+        self.authorization_endpoint = authorization_endpoint
+
+    def challenge_params(self) -> dict[str, str | int]:
+        """RFC 9470 section 3: acr_values and max_age tell the client what to ask the provider for."""
+        params: dict[str, str | int] = {}
+        if self.acr_values:
+            params["acr_values"] = " ".join(self.acr_values)
+        if self.max_age is not None:
+            params["max_age"] = self.max_age
+        return params
+
+    def extra_body(self) -> dict[str, object]:
+        """Where to step up, for clients that read the JSON body."""
+        body: dict[str, object] = dict(self.challenge_params())
+        if self.authorization_endpoint:
+            body["authorization_endpoint"] = self.authorization_endpoint
+        return body
+
+
+class WebAuthnStepUpRequired(InsufficientUserAuthentication):
+    """The route needs a request-bound WebAuthn assertion (handled by the WebAuthn step-up)."""
+
+    code = "webauthn_assertion_required"
+    scheme = Scheme.WEBAUTHN
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    """A policy with its match precomputed."""
+
+    name: str
+    hosts: frozenset[str]
+    methods: frozenset[str]
+    path_prefix: str
+    path: str
+    require: Requirements
+
+    def matches(self, method: str, host: str, path: str) -> bool:
+        """Whether this policy covers the (normalized) request."""
+        if self.methods and method not in self.methods:
+            return False
+        if self.hosts and host not in self.hosts and host.rsplit(":", 1)[0] not in self.hosts:
+            return False
+        if self.path and path != self.path:
+            return False
+        return path.startswith(self.path_prefix)
+
+
+class PolicySet:
+    """The configured policies, compiled once."""
+
+    def __init__(self, policies: tuple[PolicySettings, ...] | None) -> None:
+        self.enabled = policies is not None
+        self._policies = tuple(
+            CompiledPolicy(
+                name=p.name,
+                hosts=frozenset(p.match.hosts),
+                methods=frozenset(p.match.methods),
+                path_prefix=p.match.path_prefix,
+                path=p.match.path,
+                require=p.require,
+            )
+            for p in policies or ()
+        )
+
+    def match(self, attrs: RequestAttributes) -> CompiledPolicy | None:
+        """The first policy that covers the request (None: no policy matched)."""
+        path = normalize_path(attrs.path)
+        host = attrs.host.lower()
+        for policy in self._policies:
+            if policy.matches(attrs.method, host, path):
+                return policy
+        return None
+
+
+def auth_time_left(principal: Principal, require: Requirements, now: float) -> float | None:
+    """Seconds until `max_auth_age_seconds` would refuse this principal (None: no such bound)."""
+    if require.max_auth_age_seconds is None:
+        return None
+    auth_time = principal.claims.get("auth_time")
+    if isinstance(auth_time, bool) or not isinstance(auth_time, int | float):
+        return 0.0
+    return float(auth_time) + require.max_auth_age_seconds - now
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(v for v in value if isinstance(v, str))
+    return ()
+
+
+def evaluate(require: Requirements, principal: Principal, now: float, *, authorization_endpoint: str = "") -> None:
+    """Raises the refusal for the first unmet requirement; returns when all are met."""
+    if require.roles_any and not principal.roles.intersection(require.roles_any):
+        raise Forbidden("a required role is missing", code="role_missing")
+    if require.roles_all and not principal.roles.issuperset(require.roles_all):
+        raise Forbidden("a required role is missing", code="role_missing")
+    scopes = principal.scopes
+    if require.scopes_all and not all(s in scopes for s in require.scopes_all):
+        raise Forbidden("a required scope is missing", code="scope_missing")
+    if require.scopes_any and not any(s in scopes for s in require.scopes_any):
+        raise Forbidden("a required scope is missing", code="scope_missing")
+    claims = principal.claims
+    if require.acr_any and not set(_strings(claims.get("acr"))).intersection(require.acr_any):
+        raise StepUpRequired(
+            "a stronger authentication is required",
+            acr_values=require.acr_any,
+            max_age=require.max_auth_age_seconds,
+            authorization_endpoint=authorization_endpoint,
+        )
+    if require.amr_any and not set(_strings(claims.get("amr"))).intersection(require.amr_any):
+        raise StepUpRequired(
+            "a phishing-resistant authentication is required",
+            acr_values=require.acr_any,
+            max_age=require.max_auth_age_seconds,
+            authorization_endpoint=authorization_endpoint,
+        )
+    left = auth_time_left(principal, require, now)
+    if left is not None and left <= 0:
+        raise StepUpRequired(
+            "a more recent authentication is required",
+            acr_values=require.acr_any,
+            max_age=require.max_auth_age_seconds,
+            authorization_endpoint=authorization_endpoint,
+        )
+    constraint = require.sender_constraint
+    if constraint:
+        cnf = claims.get("cnf")
+        cnf = cnf if isinstance(cnf, dict) else {}
+        dpop_bound = isinstance(cnf.get("jkt"), str)
+        mtls_bound = isinstance(cnf.get("x5t#S256"), str)
+        if (
+            (constraint == "dpop" and not dpop_bound)
+            or (constraint == "mtls" and not mtls_bound)
+            or (constraint == "any" and not (dpop_bound or mtls_bound))
+        ):
+            error = SenderConstraintFailed(
+                f"a {constraint if constraint != 'any' else 'sender'}-constrained token is required"
+            )
+            if constraint == "dpop":
+                error.scheme = Scheme.DPOP
+            raise error

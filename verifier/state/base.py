@@ -1,0 +1,90 @@
+"""The shared-state interface: replay detection and token buckets, in memory or in Redis.
+
+Replicas of the verifier behind one gateway must agree on two things a single process cannot decide
+alone: whether a one-time value (a DPoP `jti`, RFC 9449 section 11.1; a WebAuthn challenge) was
+already used, and how much of a rate limit is left. Both live behind `SharedState`, so the memory
+store (one replica, tests) and the Redis store (many replicas) are interchangeable.
+
+Both implementations fail closed: when the state cannot be read they raise
+`verifier.errors.StateUnavailable`, never answer "first use" or "allowed".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Protocol
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TakeResult:
+    """The outcome of taking one token from a bucket, with what a `RateLimit-*` answer needs."""
+
+    allowed: bool
+    remaining: int  # whole tokens left after this take
+    retry_after_seconds: float  # 0 when allowed; else seconds until one token is back
+    limit: int  # the bucket's size (burst)
+    reset_seconds: float  # seconds until the bucket is full again
+
+
+class SharedState(Protocol):
+    """State shared by every replica; every method is atomic with respect to all replicas."""
+
+    async def first_use(self, key: str, ttl_seconds: float) -> bool:
+        """True the first time `key` is seen within `ttl_seconds`, False on a replay.
+
+        Raises `StateUnavailable` when the answer cannot be known (fail closed).
+        """
+        ...
+
+    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
+        """Takes one token from the bucket `key` (size `burst`, refilled at `rate_per_second`).
+
+        `now` is wall-clock seconds (comparable across replicas). Raises `StateUnavailable` when the
+        bucket cannot be read (fail closed: never an allow).
+        """
+        ...
+
+    async def close(self) -> None:
+        """Releases connections; the state must not be used afterwards."""
+        ...
+
+
+def check_bucket(rate_per_second: float, burst: int) -> None:
+    """Refuses a bucket that could never refill or never allow (a caller's bug, not a verdict)."""
+    if not (rate_per_second > 0 and math.isfinite(rate_per_second)):
+        raise ValueError("rate_per_second must be a positive finite number")
+    if burst < 1:
+        raise ValueError("burst must be at least 1")
+
+
+def refill(tokens: float, last: float, now: float, *, rate_per_second: float, burst: int) -> tuple[float, float]:
+    """Tokens in a bucket at `now`, and the new timestamp; a clock going back adds nothing.
+
+    The Redis Lua script in `verifier.state.redis` mirrors this arithmetic line for line.
+    """
+    elapsed = max(0.0, now - last)
+    return min(float(burst), tokens + elapsed * rate_per_second), max(last, now)
+
+
+# Tokens; float arithmetic may leave a bucket at 0.9999999999 when it should hold exactly one token.
+EPSILON = 1e-9
+
+
+def take_one(tokens: float) -> tuple[bool, float]:
+    """Takes a token if there is one: (allowed, tokens left)."""
+    if tokens >= 1.0 - EPSILON:
+        return True, max(0.0, tokens - 1.0)
+    return False, tokens
+
+
+def take_result(allowed: bool, tokens: float, *, rate_per_second: float, burst: int) -> TakeResult:
+    """The answer for a bucket holding `tokens` after the take."""
+    retry_after = 0.0 if allowed else (1.0 - tokens) / rate_per_second
+    return TakeResult(
+        allowed=allowed,
+        remaining=max(0, math.floor(tokens)),
+        retry_after_seconds=max(0.0, retry_after),
+        limit=burst,
+        reset_seconds=max(0.0, (burst - tokens) / rate_per_second),
+    )

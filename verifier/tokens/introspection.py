@@ -1,0 +1,354 @@
+"""Opaque access tokens: OAuth 2.0 Token Introspection (RFC 7662) turned into a `Principal`.
+
+Per issuer, one `Introspector`:
+
+- cache: an active answer is reused until min(its `exp`, `positive_ttl_seconds`), an inactive one for
+  `negative_ttl_seconds`; both bounded and keyed by the token's SHA-256. Transport failures and 5xx
+  are never remembered.
+- single flight: concurrent requests for the same token share one provider call.
+- batching: distinct tokens arriving within `batch_window_seconds` are dispatched together (one POST
+  per token within the in-flight bound, or one call to a batch endpoint; see `introspection_client`).
+- failure: a timeout, transport error or non-200 answer is `ProviderUnavailable` (503, fail closed),
+  unless `serve_stale_on_error` lets a cached, still-valid active answer stand in; a circuit breaker
+  stops calls to a provider that keeps failing and probes it back after a cool-down.
+
+RFC 7662 section 2.2: only `"active": true` (the JSON boolean) means active. The answer's members are
+read like a JWT access token's claims (`sub` or `client_id`, `scope`, `aud`, `exp`, `cnf`, `acr`...),
+and `aud` must name one of the issuer's audiences, as for a JWT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from verifier.clock import Clock
+from verifier.errors import (
+    AudienceMismatch,
+    ClaimInvalid,
+    InternalError,
+    InvalidToken,
+    MalformedToken,
+    ProviderUnavailable,
+    TokenExpired,
+    TokenNotYetValid,
+    VerifierError,
+    WrongTokenType,
+)
+from verifier.principal import Principal, roles_of, scopes_of
+from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
+from verifier.tokens.cache import ExpiringCache
+from verifier.tokens.introspection_breaker import BreakerState, CircuitBreaker
+from verifier.tokens.introspection_client import (
+    AiohttpIntrospectionHttp,
+    Dispatcher,
+    IntrospectionHttp,
+    IntrospectionResult,
+    ProviderClient,
+    default_dispatcher,
+)
+from verifier.tokens.introspection_config import ClientAuth, IntrospectionConfig, parse_introspection_config
+from verifier.tokens.introspection_metrics import IntrospectionMetrics, IssuerIntrospectionMetrics
+
+__all__ = [
+    "ClientAuth",
+    "IntrospectionConfig",
+    "Introspector",
+    "parse_introspection_config",
+]
+
+log = logging.getLogger("verifier.introspection")
+
+# Token types an introspection answer may name that are not access tokens (RFC 8693 section 3).
+_NOT_ACCESS_TOKENS = frozenset(
+    {
+        "refresh_token",
+        "id_token",
+        "urn:ietf:params:oauth:token-type:refresh_token",
+        "urn:ietf:params:oauth:token-type:id_token",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Cached:
+    """An active answer: fresh until `fresh_until`; after that only a stand-in while the provider is down."""
+
+    principal: Principal
+    fresh_until: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Verdict:
+    """What every waiter on one provider call gets: a principal, or an error each waiter raises afresh."""
+
+    principal: Principal | None = None
+    error: VerifierError | None = None
+
+    def result(self) -> Principal:
+        if self.error is not None:
+            # A copy per waiter: one exception object raised in many tasks would share a traceback.
+            raise copy.copy(self.error).with_traceback(None)
+        assert self.principal is not None
+        return self.principal
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Pending:
+    token: str
+    token_hash: bytes
+    future: asyncio.Future[_Verdict]
+
+
+def _audiences(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(v for v in value if isinstance(v, str))
+    return ()
+
+
+def _number(answer: Mapping[str, Any], name: str) -> float | None:
+    value = answer.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ClaimInvalid(f"{name} is not a number", claim=name)
+    return float(value)
+
+
+class Introspector:
+    """Introspects one issuer's opaque tokens, with caches, single flight, batching and a breaker."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audiences: tuple[str, ...],
+        config: IntrospectionConfig,
+        endpoint: str | None,
+        session_provider: Callable[[], aiohttp.ClientSession],
+        clock: Clock,
+        registry: CollectorRegistry,
+        http: IntrospectionHttp | None = None,
+        dispatcher: Callable[[ProviderClient], Dispatcher] | None = None,
+        discovery_url: str = "",
+        discovered_endpoint: Callable[[], str] | None = None,
+    ) -> None:
+        """Endpoint, first found wins: `config.endpoint`, `endpoint`, `discovered_endpoint()` (a late-bound
+        lookup in discovery metadata someone else fetched), else discovery fetched here on first use.
+        `http` replaces the network seam (tests); `dispatcher` replaces the batch strategy."""
+        self.issuer = issuer
+        self.audiences = frozenset(audiences)
+        self.config = config
+        self._clock = clock
+        metrics = IssuerIntrospectionMetrics(IntrospectionMetrics.for_registry(registry), issuer)
+        self._metrics = metrics
+        metrics.breaker.set(int(BreakerState.CLOSED))
+        self.breaker = CircuitBreaker(
+            failure_threshold=config.breaker_failures,
+            cooldown_seconds=config.breaker_cooldown_seconds,
+            clock=clock,
+            on_change=lambda state: metrics.breaker.set(int(state)),
+        )
+        self.client = ProviderClient(
+            issuer=issuer,
+            config=config,
+            endpoint=endpoint,
+            discovered_endpoint=discovered_endpoint,
+            discovery_url=discovery_url or issuer.rstrip("/") + "/.well-known/openid-configuration",
+            http=http or AiohttpIntrospectionHttp(session_provider),
+            clock=clock,
+            breaker=self.breaker,
+            metrics=metrics,
+        )
+        self._dispatcher = (dispatcher or default_dispatcher)(self.client)
+        self._positive: ExpiringCache[_Cached] = ExpiringCache(config.positive_entries, clock)
+        self._negative: ExpiringCache[bool] = ExpiringCache(config.negative_entries, clock)
+        self._inflight: dict[bytes, asyncio.Future[_Verdict]] = {}
+        self._pending: list[_Pending] = []
+        self._timer: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def introspect(self, token: str, token_hash: bytes) -> Principal:
+        """The principal of an active token for this issuer's audiences.
+
+        Raises `InvalidToken` (code `token_inactive`) for an inactive token, another `InvalidToken`
+        subclass for an unusable answer, `AudienceMismatch`, or `ProviderUnavailable`. The principal's
+        `expires_at` is when this answer stops being fresh (min of `exp` and the positive TTL), so
+        nothing cached from it outlives the revocation bound; the token's own `exp` is in `claims`.
+        """
+        cached = self._positive.get(token_hash)
+        if cached is not None and self._clock.now() < cached.fresh_until:
+            self._metrics.positive_hit.inc()
+            return cached.principal
+        if self._negative.get(token_hash) is not None:
+            self._metrics.negative_hit.inc()
+            raise InvalidToken("token is not active", code="token_inactive")
+        if self._closed:
+            raise ProviderUnavailable("introspection is shutting down")
+        if len(token) > DEFAULT_MAX_TOKEN_BYTES:
+            raise MalformedToken("token too large")
+        future = self._inflight.get(token_hash)
+        if future is None:
+            self._metrics.miss.inc()
+            future = asyncio.get_running_loop().create_future()
+            self._inflight[token_hash] = future
+            self._enqueue(_Pending(token, token_hash, future))
+        else:
+            self._metrics.coalesced.inc()
+        # Shielded: one waiter giving up must not cancel the answer the others wait for.
+        verdict = await asyncio.shield(future)
+        return verdict.result()
+
+    # -- batching --------------------------------------------------------------------------
+
+    def _enqueue(self, pending: _Pending) -> None:
+        self._pending.append(pending)
+        if len(self._pending) >= self.config.max_batch_size:
+            self._flush_now()
+        elif self._timer is None:
+            loop = asyncio.get_running_loop()
+            window = self.config.batch_window_seconds
+            self._timer = loop.call_later(window, self._flush_now) if window > 0 else loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._flush(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        self._metrics.batch_size.observe(len(batch))
+        results: list[IntrospectionResult]
+        try:
+            answers = await self._dispatcher.dispatch([p.token for p in batch])
+            if len(answers) != len(batch):
+                raise ProviderUnavailable("introspection dispatcher answered a different number of tokens")
+            results = list(answers)
+        except ProviderUnavailable as exc:
+            results = [exc] * len(batch)
+        except asyncio.CancelledError:
+            self._fail(batch, ProviderUnavailable("introspection is shutting down"))
+            raise
+        except Exception:  # a bug: fail closed, never leave a waiter hanging
+            log.exception("introspection dispatch failed", extra={"event": "introspection_error"})
+            results = [ProviderUnavailable("introspection failed")] * len(batch)
+        for pending, result in zip(batch, results, strict=True):
+            try:
+                verdict = self._settle(pending.token_hash, result)
+            except Exception:
+                log.exception("introspection answer handling failed", extra={"event": "introspection_error"})
+                verdict = _Verdict(error=InternalError("internal error"))
+            self._inflight.pop(pending.token_hash, None)
+            if not pending.future.done():
+                pending.future.set_result(verdict)
+
+    def _fail(self, batch: list[_Pending], error: VerifierError) -> None:
+        for pending in batch:
+            self._inflight.pop(pending.token_hash, None)
+            if not pending.future.done():
+                pending.future.set_result(_Verdict(error=error))
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def _settle(self, token_hash: bytes, result: IntrospectionResult) -> _Verdict:
+        """Turns one provider result into a verdict, caching what may be cached."""
+        if isinstance(result, ProviderUnavailable):
+            if self.config.serve_stale_on_error:
+                stale = self._positive.get(token_hash)  # present only while still within exp and the stale TTL
+                if stale is not None:
+                    self._metrics.stale_hit.inc()
+                    log.warning(
+                        "introspection provider unavailable; serving a cached answer",
+                        extra={"event": "introspection_stale", "issuer": self.issuer, "error": result.description},
+                    )
+                    return _Verdict(principal=stale.principal)
+            return _Verdict(error=ProviderUnavailable(result.description))
+        now = self._clock.now()
+        if result.get("active") is not True:
+            self._positive.discard(token_hash)  # revoked: never serve the old answer, even when stale
+            self._negative.put(token_hash, True, now + self.config.negative_ttl_seconds)
+            return _Verdict(error=InvalidToken("token is not active", code="token_inactive"))
+        try:
+            principal, exp = self._principal(result, now)
+        except VerifierError as exc:
+            return _Verdict(error=exc)
+        fresh_until = principal.expires_at
+        keep_until = min(exp, fresh_until + self.config.stale_ttl_seconds) if self.config.serve_stale_on_error else (
+            fresh_until
+        )
+        self._positive.put(token_hash, _Cached(principal, fresh_until), keep_until)
+        return _Verdict(principal=principal)
+
+    def _principal(self, answer: Mapping[str, Any], now: float) -> tuple[Principal, float]:
+        """Checks an active answer like JWT claims and builds the principal; returns it and the token's exp."""
+        iss = answer.get("iss")
+        if iss is not None and iss != self.issuer:
+            raise InvalidToken("introspection answer names another issuer", code="issuer_mismatch")
+        token_type = answer.get("token_type")
+        if isinstance(token_type, str) and token_type.lower() in _NOT_ACCESS_TOKENS:
+            raise WrongTokenType("not an access token (token_type)")
+        exp = _number(answer, "exp")
+        if exp is not None and now >= exp:
+            raise TokenExpired("token expired")
+        nbf = _number(answer, "nbf")
+        if nbf is not None and now < nbf:
+            raise TokenNotYetValid("token not yet valid")
+        sub = answer.get("sub")
+        if sub is not None and not isinstance(sub, str):
+            raise ClaimInvalid("sub is not a string", claim="sub")
+        client_id = answer.get("client_id")
+        client = client_id if isinstance(client_id, str) and client_id else None
+        subject = sub or client
+        if not subject:
+            raise ClaimInvalid("token names no subject", claim="sub")
+        audiences = _audiences(answer.get("aud"))
+        if not audiences:
+            if self.config.require_audience:
+                raise ClaimInvalid("aud is required", claim="aud")
+        elif not any(a in self.audiences for a in audiences):
+            raise AudienceMismatch("token is not for this audience")
+        token_exp = exp if exp is not None else now + self.config.positive_ttl_seconds
+        claims = {k: v for k, v in answer.items() if k != "active"}
+        claims.setdefault("iss", self.issuer)
+        principal = Principal(
+            issuer=self.issuer,
+            subject=subject,
+            client_id=client,
+            scopes=scopes_of(claims),
+            roles=roles_of(claims),
+            expires_at=min(token_exp, now + self.config.positive_ttl_seconds),
+            claims=claims,
+        )
+        return principal, token_exp
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Fails whatever is queued, cancels calls in flight and waits for them to end."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        self._fail(batch, ProviderUnavailable("introspection is shutting down"))
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,97 @@
+"""A circuit breaker for one provider: closed -> open -> half-open -> closed.
+
+Closed lets every call through and counts consecutive failures; at the threshold it opens. Open
+refuses at once (no socket, no timeout to wait out) until the cool-down has passed on the injected
+monotonic clock; then half-open lets exactly one probe through. The probe's success closes the
+circuit, its failure opens it for another cool-down.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+from verifier.clock import Clock
+
+
+class BreakerState(enum.IntEnum):
+    """The breaker's state; the value is what the state gauge reports."""
+
+    CLOSED = 0
+    OPEN = 1
+    HALF_OPEN = 2
+
+
+class CircuitBreaker:
+    """Stops calls to a provider that keeps failing, and probes it back."""
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int,
+        cooldown_seconds: float,
+        clock: Clock,
+        on_change: Callable[[BreakerState], None] | None = None,
+    ) -> None:
+        self._threshold = failure_threshold
+        self._cooldown = cooldown_seconds
+        self._clock = clock
+        self._on_change = on_change
+        self._state = BreakerState.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+
+    @property
+    def state(self) -> BreakerState:
+        """The current state (an open breaker whose cool-down has passed reports half-open)."""
+        if self._state is BreakerState.OPEN and self._cooled_down():
+            return BreakerState.HALF_OPEN
+        return self._state
+
+    def _cooled_down(self) -> bool:
+        return self._clock.monotonic() - self._opened_at >= self._cooldown
+
+    def _set(self, state: BreakerState) -> None:
+        if state is not self._state:
+            self._state = state
+            if self._on_change is not None:
+                self._on_change(state)
+
+    def allow(self) -> bool:
+        """Whether a call may go out now. In half-open only one probe is allowed at a time."""
+        if self._state is BreakerState.CLOSED:
+            return True
+        if self._state is BreakerState.OPEN:
+            if not self._cooled_down():
+                return False
+            self._set(BreakerState.HALF_OPEN)
+        if self._probing:
+            return False
+        self._probing = True
+        return True
+
+    def success(self) -> None:
+        """A call succeeded: the provider is healthy."""
+        self._failures = 0
+        self._probing = False
+        self._set(BreakerState.CLOSED)
+
+    def failure(self) -> None:
+        """A call failed (timeout, transport error, 5xx, malformed answer)."""
+        self._probing = False
+        if self._state is BreakerState.HALF_OPEN:
+            self._open()
+            return
+        self._failures += 1
+        if self._state is BreakerState.CLOSED and self._failures >= self._threshold:
+            self._open()
+
+    def release(self) -> None:
+        """A permitted call ended without a verdict on the provider (cancelled): free the probe slot."""
+        self._probing = False
+
+    def _open(self) -> None:
+        self._opened_at = self._clock.monotonic()
+        self._failures = 0
+        self._set(BreakerState.OPEN)

@@ -1,0 +1,334 @@
+"""The introspection provider's client: RFC 7662 section 2 requests, client authentication, dispatchers.
+
+`IntrospectionHttp` is the single seam to the network (one method, bytes in, status and bytes out);
+tests replace it to inject faults, production uses `AiohttpIntrospectionHttp` over the shared pooled
+keep-alive session. Everything above the seam (deadlines, the in-flight bound, the circuit breaker,
+client authentication, JSON decoding) is the same in tests and in production.
+
+Client authentication: RFC 6749 section 2.3.1 (`client_secret_basic`: each part form-urlencoded
+before base64; `client_secret_post`) and RFC 7523 section 2.2 / 3 (`private_key_jwt`: a fresh
+assertion per call with iss = sub = client_id, aud = the endpoint, a unique jti and a short exp).
+
+Batch protocol (ours; no RFC defines one), offered by providers that can answer many tokens at once,
+and by `verifier.devidp`:
+
+    POST <batch_endpoint>                      client authentication as for RFC 7662
+    Content-Type: application/json
+    {"tokens": ["<token>", ...], "token_type_hint": "access_token"}
+
+    200 {"results": [<RFC 7662 section 2.2 response>, ...]}   same length and order as "tokens"
+
+With `client_secret_post` and `private_key_jwt` the credentials go as members of the JSON object
+(`client_id`, `client_secret` / `client_assertion_type`, `client_assertion`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import secrets
+import urllib.parse
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import aiohttp
+import jwt
+
+from verifier.clock import Clock
+from verifier.errors import ProviderUnavailable
+from verifier.tokens.introspection_breaker import CircuitBreaker
+from verifier.tokens.introspection_config import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    ClientAuth,
+    IntrospectionConfig,
+    is_loopback,
+)
+from verifier.tokens.introspection_metrics import IssuerIntrospectionMetrics
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 section 2.2
+MAX_DISCOVERY_BYTES = 1 << 20  # 1 MiB: a larger discovery document is malformed
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """One outbound call, fully built: the seam does no encoding of its own."""
+
+    method: str
+    url: str
+    headers: Headers
+    body: bytes
+    timeout: float  # seconds left before the caller gives up
+    max_bytes: int  # a longer answer is a failure, not something to buffer
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HttpReply:
+    """Any HTTP answer: the status and at most `max_bytes` of body."""
+
+    status: int
+    body: bytes
+
+
+class IntrospectionHttp(Protocol):
+    """The network seam: sends one request and returns the answer, whatever its status."""
+
+    async def send(self, request: HttpRequest) -> HttpReply:
+        """Raises `ProviderUnavailable` on a transport failure or an oversized body (never for a status)."""
+        ...
+
+
+class AiohttpIntrospectionHttp:
+    """The production seam: the verifier's pooled keep-alive aiohttp session, fetched per call."""
+
+    def __init__(self, session_provider: Callable[[], aiohttp.ClientSession]) -> None:
+        self._session = session_provider
+
+    async def send(self, request: HttpRequest) -> HttpReply:
+        """Sends with a total deadline; redirects are not followed (a credential must not wander)."""
+        try:
+            async with asyncio.timeout(request.timeout):
+                async with self._session().request(
+                    request.method,
+                    request.url,
+                    data=request.body or None,
+                    headers=dict(request.headers),
+                    allow_redirects=False,
+                ) as response:
+                    if (response.content_length or 0) > request.max_bytes:
+                        raise ProviderUnavailable("introspection answer too large")
+                    body = await response.content.read(request.max_bytes + 1)
+                    if len(body) > request.max_bytes:
+                        raise ProviderUnavailable("introspection answer too large")
+                    return HttpReply(response.status, body)
+        except aiohttp.ClientError as exc:
+            raise ProviderUnavailable(f"introspection provider unreachable ({type(exc).__name__})") from exc
+
+
+def basic_credentials(client_id: str, client_secret: str) -> str:
+    """The `Authorization` value for client_secret_basic (RFC 6749 section 2.3.1: urlencode, then base64)."""
+    raw = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(client_secret, safe='')}"
+    return "Basic " + base64.b64encode(raw.encode()).decode("ascii")
+
+
+def client_assertion(config: IntrospectionConfig, audience: str, now: float) -> str:
+    """A private_key_jwt client assertion (RFC 7523 section 3) for one call to `audience`."""
+    if config.private_key is None:
+        raise ValueError("private_key_jwt needs a private key")
+    issued = int(now)
+    claims = {
+        "iss": config.client_id,
+        "sub": config.client_id,
+        "aud": audience,
+        "jti": secrets.token_urlsafe(18),
+        "iat": issued,
+        "exp": issued + config.assertion_ttl_seconds,
+    }
+    return jwt.encode(claims, config.private_key, algorithm=config.assertion_alg)
+
+
+def client_credentials(config: IntrospectionConfig, audience: str, now: float) -> tuple[Headers, dict[str, str]]:
+    """The headers and body fields that authenticate the verifier for one call."""
+    if config.client_auth is ClientAuth.CLIENT_SECRET_BASIC:
+        return (("Authorization", basic_credentials(config.client_id, config.client_secret)),), {}
+    if config.client_auth is ClientAuth.CLIENT_SECRET_POST:
+        return (), {"client_id": config.client_id, "client_secret": config.client_secret}
+    return (), {
+        "client_id": config.client_id,
+        "client_assertion_type": ASSERTION_TYPE,
+        "client_assertion": client_assertion(config, audience, now),
+    }
+
+
+class ProviderClient:
+    """Talks to one issuer's introspection provider within the deadline, the in-flight bound and the breaker."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        config: IntrospectionConfig,
+        endpoint: str | None,
+        discovered_endpoint: Callable[[], str] | None,
+        discovery_url: str,
+        http: IntrospectionHttp,
+        clock: Clock,
+        breaker: CircuitBreaker,
+        metrics: IssuerIntrospectionMetrics,
+    ) -> None:
+        self.issuer = issuer
+        self.config = config
+        self._endpoint = config.endpoint or endpoint or ""
+        self._discovered = discovered_endpoint
+        self._discovery_url = discovery_url
+        self._http = http
+        self._clock = clock
+        self.breaker = breaker
+        self._metrics = metrics
+        self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._discovering: asyncio.Task[str] | None = None
+
+    async def endpoint(self) -> str:
+        """The RFC 7662 endpoint: configured, given, known to the key store's discovery, or fetched (once)."""
+        if self._endpoint:
+            return self._endpoint
+        if self._discovered is not None:
+            known = self._discovered()
+            if known:
+                self._endpoint = known
+                return known
+        if self._discovering is None:
+            self._discovering = asyncio.get_running_loop().create_task(self._discover())
+        task = self._discovering
+        try:
+            self._endpoint = await asyncio.shield(task)
+        finally:
+            if task.done() and self._discovering is task:
+                self._discovering = None
+        return self._endpoint
+
+    async def _discover(self) -> str:
+        doc = await self._call(lambda: ("GET", self._discovery_url, (), b""), max_bytes=MAX_DISCOVERY_BYTES)
+        # OIDC Discovery section 4.3: the document must name exactly the issuer we asked about.
+        if not isinstance(doc, dict) or doc.get("issuer") != self.issuer:
+            raise ProviderUnavailable("discovery issuer does not match the configured issuer")
+        url = doc.get("introspection_endpoint")
+        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ProviderUnavailable("discovery document has no usable introspection_endpoint")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ProviderUnavailable("introspection_endpoint is plain http off loopback")
+        return str(url)
+
+    async def introspect(self, token: str) -> dict[str, Any]:
+        """One RFC 7662 section 2.1 request; the decoded section 2.2 answer (any JSON object)."""
+        url = await self.endpoint()
+
+        def build() -> tuple[str, str, Headers, bytes]:
+            headers, fields = client_credentials(self.config, url, self._clock.now())
+            form = {"token": token, "token_type_hint": "access_token", **fields}
+            body = urllib.parse.urlencode(form).encode("ascii")
+            return "POST", url, (*headers, ("Content-Type", "application/x-www-form-urlencoded")), body
+
+        answer = await self._call(build, max_bytes=DEFAULT_MAX_RESPONSE_BYTES)
+        if not isinstance(answer, dict):
+            raise ProviderUnavailable("introspection answer is not a JSON object")
+        return answer
+
+    async def introspect_batch(self, tokens: Sequence[str]) -> list[dict[str, Any]]:
+        """One call to the batch endpoint for every token (see the module docstring for the protocol)."""
+        url = self.config.batch_endpoint
+
+        def build() -> tuple[str, str, Headers, bytes]:
+            headers, fields = client_credentials(self.config, url, self._clock.now())
+            body = json.dumps({"tokens": list(tokens), "token_type_hint": "access_token", **fields}).encode()
+            return "POST", url, (*headers, ("Content-Type", "application/json")), body
+
+        answer = await self._call(build, max_bytes=DEFAULT_MAX_RESPONSE_BYTES * max(1, len(tokens)))
+        results = answer.get("results") if isinstance(answer, dict) else None
+        if not isinstance(results, list) or len(results) != len(tokens):
+            raise ProviderUnavailable("batch introspection answer does not match the batch")
+        if not all(isinstance(r, dict) for r in results):
+            raise ProviderUnavailable("batch introspection answer holds a non-object")
+        return results
+
+    async def _call(self, build: Callable[[], tuple[str, str, Headers, bytes]], *, max_bytes: int) -> Any:
+        """Waits for an in-flight slot, asks the breaker, sends, decodes; all within one deadline."""
+        calls = self._metrics.calls
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.timeout_seconds
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError:
+            calls["queue_timeout"].inc()
+            raise ProviderUnavailable("introspection queue timed out") from None
+        try:
+            if not self.breaker.allow():
+                calls["circuit_open"].inc()
+                raise ProviderUnavailable("introspection provider circuit open")
+            result = "ok"
+            try:
+                method, url, headers, body = build()
+                request = HttpRequest(method, url, headers, body, max(deadline - loop.time(), 0.001), max_bytes)
+                async with asyncio.timeout_at(deadline):
+                    reply = await self._http.send(request)
+                if reply.status != 200:
+                    result = "http_5xx" if reply.status >= 500 else "http_4xx"
+                    raise ProviderUnavailable(f"HTTP {reply.status} from introspection provider")
+                try:
+                    return json.loads(reply.body)
+                except (ValueError, RecursionError):
+                    result = "malformed"
+                    raise ProviderUnavailable("introspection provider sent malformed JSON") from None
+            except TimeoutError:
+                result = "timeout"
+                raise ProviderUnavailable("introspection provider timed out") from None
+            except ProviderUnavailable:
+                if result == "ok":
+                    result = "unreachable"
+                raise
+            except asyncio.CancelledError:
+                result = ""
+                self.breaker.release()
+                raise
+            finally:
+                if result:
+                    calls[result].inc()
+                    if result == "ok":
+                        self.breaker.success()
+                    else:
+                        self.breaker.failure()
+        finally:
+            self._slots.release()
+
+
+IntrospectionResult = dict[str, Any] | ProviderUnavailable
+
+
+class Dispatcher(Protocol):
+    """Answers a batch of distinct tokens: one result per token, in order (an answer or the failure)."""
+
+    async def dispatch(self, tokens: Sequence[str]) -> Sequence[IntrospectionResult]:
+        """Never raises `ProviderUnavailable` for a single token; returns it in that token's place."""
+        ...
+
+
+class PerTokenDispatcher:
+    """The RFC 7662 default: one POST per token, concurrently, within the client's in-flight bound."""
+
+    def __init__(self, client: ProviderClient) -> None:
+        self._client = client
+
+    async def dispatch(self, tokens: Sequence[str]) -> Sequence[IntrospectionResult]:
+        """Introspects every token at once; each token gets its own answer or failure."""
+        answers = await asyncio.gather(*(self._client.introspect(t) for t in tokens), return_exceptions=True)
+        results: list[IntrospectionResult] = []
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, ProviderUnavailable):
+                raise answer
+            results.append(answer)
+        return results
+
+
+class BatchDispatcher:
+    """One HTTP call to the provider's batch endpoint answers the whole batch."""
+
+    def __init__(self, client: ProviderClient) -> None:
+        self._client = client
+
+    async def dispatch(self, tokens: Sequence[str]) -> Sequence[IntrospectionResult]:
+        """One call; its failure is every token's failure."""
+        try:
+            return await self._client.introspect_batch(tokens)
+        except ProviderUnavailable as exc:
+            return [exc] * len(tokens)
+
+
+def default_dispatcher(client: ProviderClient) -> Dispatcher:
+    """The batch endpoint when configured, else one RFC 7662 call per token."""
+    return BatchDispatcher(client) if client.config.batch_endpoint else PerTokenDispatcher(client)
+
