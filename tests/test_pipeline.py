@@ -175,3 +175,34 @@ async def test_rate_limit_is_exact_at_the_boundary_with_headers() -> None:
         assert _parse(await http_exchange(port, _request("/x", token=idp.mint(sub="other"))))[0] == 200
         vip = idp.mint(sub="limited", claims={"roles": ["vip"]})
         assert [(_parse(await http_exchange(port, _request("/x", token=vip))))[0] for _ in range(5)] == [200] * 5
+
+
+async def test_step_up_route_asks_for_a_webauthn_assertion_every_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from verifier.webauthn import WebAuthnConfig
+
+    policies = (
+        PolicySettings(name="pay", match=RouteMatch(path_prefix="/pay"), require=Requirements(step_up="webauthn")),
+        PolicySettings(name="rest", match=RouteMatch(path_prefix="/"), require=Requirements()),
+    )
+    config = WebAuthnConfig(
+        rp_id="localhost",
+        rp_name="t",
+        origins=("http://localhost:1",),
+        secret=os.urandom(32),
+        sqlite_path=str(tmp_path / "w.sqlite3"),
+    )
+    async with running_verifier({"policies": policies, "webauthn": config}) as (app, idp):
+        token = idp.mint(sub="payer")
+        assert _parse(await http_exchange(app.ports.http, _request("/account", token=token)))[0] == 200
+        challenges = set()
+        for extra in ("", "X-WebAuthn-Assertion: bm90LWpzb24\r\n"):
+            status, headers, _ = _parse(
+                await http_exchange(app.ports.http, _request("/pay", token=token, extra=extra))
+            )
+            assert status == 401 and headers["www-authenticate"].startswith("WebAuthn ")
+            assert 'rp_id="localhost"' in headers["www-authenticate"]
+            assert headers["cache-control"] == "no-store"
+            challenges.add(headers["www-authenticate"].split('challenge="', 1)[1].split('"', 1)[0])
+        assert len(challenges) == 2  # every refusal carries a fresh challenge

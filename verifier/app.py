@@ -18,14 +18,16 @@ from aiohttp import web
 from verifier.binding.dpop import DpopConfig, DpopVerifier
 from verifier.clock import Clock, SystemClock
 from verifier.decision import Decision
-from verifier.doors.forward_auth import ForwardAuthDoor
+from verifier.doors.forward_auth import ForwardAuthDoor, attributes_from_http
 from verifier.doors.grpc import GrpcDoors
+from verifier.doors.routes import HttpRequest, Router
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Pipeline
 from verifier.policy.ratelimit import RateLimiter
 from verifier.policy.roles import RoleMapper
 from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
+from verifier.revocation import RevocationService
 from verifier.settings import Settings
 from verifier.state import build_state
 from verifier.tokens.cache import ExpiringCache
@@ -33,6 +35,7 @@ from verifier.tokens.fetch import Fetcher, HttpFetcher
 from verifier.tokens.introspection import Introspector
 from verifier.tokens.jwks import IssuerKeys, KeyStore
 from verifier.tokens.jwt import JwtVerifier
+from verifier.webauthn import SqliteCredentialStore, WebAuthnService
 
 log = logging.getLogger("verifier.app")
 
@@ -89,6 +92,29 @@ class App:
             for i in settings.issuers
             if i.introspection is not None
         }
+        self.revocation: RevocationService | None = None
+        if settings.revocation is not None:
+            state_cfg = settings.state
+            self.revocation = RevocationService(
+                settings.revocation,
+                redis_url=getattr(state_cfg, "redis_url", None),
+                redis_password=getattr(state_cfg, "password", None),
+                key_prefix=getattr(state_cfg, "key_prefix", "verifier:"),
+                state=self.state,
+                fetcher=self.fetcher,
+                clock=self.clock,
+                registry=self.metrics.registry,
+            )
+        self.webauthn: WebAuthnService | None = None
+        if settings.webauthn is not None:
+            self.webauthn = WebAuthnService(
+                settings.webauthn,
+                SqliteCredentialStore(settings.webauthn.sqlite_path),
+                self.state,
+                self.clock,
+                self.metrics.registry,
+                realm=settings.realm,
+            )
         self.positive: ExpiringCache[tuple[Principal, Decision]] = ExpiringCache(
             settings.cache.token_entries, self.clock
         )
@@ -111,11 +137,20 @@ class App:
             introspect_jwts=frozenset(i.issuer for i in settings.issuers if i.introspect_jwts),
             authorization_endpoint=lambda issuer: self._discovered("authorization_endpoint", issuer)(),
             mtls_header=settings.mtls_thumbprint_header,
+            revocations=self.revocation.revocations if self.revocation else None,
+            on_revoked=self.revocation.count_refusal if self.revocation else None,
+            step_up=self.webauthn,
         )
-        self.forward_auth = ForwardAuthDoor(self.pipeline, self.metrics, self.ready)
+        self.router = Router()
+        if self.webauthn is not None:
+            self.webauthn.register_routes(self.router, self._authenticate)
+        self.forward_auth = ForwardAuthDoor(self.pipeline, self.metrics, self.ready, self.router)
         self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready)
         self.ports = BoundPorts()
         self._extra_session: aiohttp.ClientSession | None = None
+        self._extras_ready = self.revocation is None
+        if self.revocation is not None:
+            self.revocation.register_routes(self.router)
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -136,9 +171,13 @@ class App:
 
         return lookup
 
+    async def _authenticate(self, request: HttpRequest) -> Principal:
+        attrs = attributes_from_http(request.method, request.path.encode(), dict(request.headers), request.peer)
+        return await self.pipeline.authenticate(attrs)
+
     def ready(self) -> bool:
-        """SERVING once every issuer's keys are loaded."""
-        return self.keys.ready
+        """SERVING once every issuer's keys are loaded (and revocation entries, when configured)."""
+        return self.keys.ready and self._extras_ready
 
     async def start(self) -> None:
         """Starts key fetching and every configured door; SERVING follows the first good key fetch."""
@@ -156,6 +195,9 @@ class App:
         log.info("verifier started", extra={"event": "started", "ports": dataclasses.asdict(self.ports)})
 
     async def _serve_when_ready(self) -> None:
+        if self.revocation is not None:
+            await self.revocation.start()  # a late replica loads current entries before SERVING
+            self._extras_ready = True
         await self.keys.wait_ready()
         await self.grpc.set_serving(True)
         log.info("serving", extra={"event": "serving"})
@@ -200,6 +242,10 @@ class App:
         await self.keys.stop()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        if self.revocation is not None:
+            await self.revocation.stop()
+        if self.webauthn is not None:
+            await self.webauthn.close()
         for introspector in self.introspectors.values():
             await introspector.close()
         await self.state.close()

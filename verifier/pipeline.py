@@ -61,6 +61,26 @@ class ProofVerifier(Protocol):
         ...
 
 
+class RevocationCheck(Protocol):
+    """Revocation entries, checked on every decision (verifier.revocation.Revocations)."""
+
+    def check(self, principal: Principal) -> VerifierError | None:
+        """The refusal for a revoked token, or None."""
+        ...
+
+    def overrides(self, principal: Principal) -> Mapping[str, Any] | None:
+        """Claims announced since the token was issued (CAEP assurance/claims changes), or None."""
+        ...
+
+
+class StepUp(Protocol):
+    """Request-bound WebAuthn assertions (verifier.webauthn.WebAuthnService)."""
+
+    async def check_step_up(self, principal: Principal, attrs: RequestAttributes) -> None:
+        """Returns when the request carries a valid assertion; raises a WebAuthn challenge otherwise."""
+        ...
+
+
 class Introspector(Protocol):
     """RFC 7662 introspection for one issuer (verifier.tokens.introspection.Introspector)."""
 
@@ -75,6 +95,7 @@ class Route:
 
     policy: CompiledPolicy | None
     dpop_route: bool  # the route's policy requires DPoP: challenges name DPoP
+    step_up: bool = False  # the route requires a request-bound WebAuthn assertion
 
 
 def _negative_cacheable(error: VerifierError) -> bool:
@@ -111,6 +132,9 @@ class Pipeline:
         introspect_jwts: frozenset[str] = frozenset(),
         authorization_endpoint: Callable[[str], str] | None = None,
         mtls_header: str = "x-client-cert-thumbprint",
+        revocations: RevocationCheck | None = None,
+        step_up: StepUp | None = None,
+        on_revoked: Callable[[str], None] | None = None,
     ) -> None:
         self._jwt = jwt
         self._positive = positive
@@ -130,6 +154,9 @@ class Pipeline:
         self._introspect_jwts = introspect_jwts
         self._authorization_endpoint = authorization_endpoint or (lambda issuer: "")
         self._mtls_header = mtls_header
+        self._revocations = revocations
+        self._step_up = step_up
+        self._on_revoked = on_revoked or (lambda code: None)
         self._no_route = refuse(Forbidden("no policy allows this route", code="route_not_allowed"), realm=realm)
 
     # -- the two entry points -------------------------------------------------------------------
@@ -152,8 +179,8 @@ class Pipeline:
         if hit is not None:
             self._metrics.positive_hit.inc()
             principal, allowed = hit
-            if self._needs_async(principal, credential):
-                return None
+            if route.step_up or self._needs_async(principal, credential):
+                return None  # a per-request proof (DPoP, WebAuthn) or a counter must be checked
             try:
                 self._judge(principal, credential, attrs, route)
             except VerifierError as exc:
@@ -176,6 +203,25 @@ class Pipeline:
             log.exception("internal error while deciding", extra={"event": "internal_error", "route": attrs.route})
             return refuse(InternalError("internal error"), realm=self._realm)
 
+    async def authenticate(self, attrs: RequestAttributes) -> Principal:
+        """The caller's principal for the small endpoints (WebAuthn registration); raises a refusal."""
+        credential = credentials.extract(attrs)
+        key = audit.token_hash(credential.token)
+        hit = self._positive.get(key)
+        if hit is not None:
+            principal = hit[0]
+        else:
+            verified = await self._verify(credential, key, attrs, "endpoint")
+            if isinstance(verified, Decision):
+                raise InvalidToken(verified.reason.replace("_", " "), code=verified.reason)
+            principal = verified[0]
+        if self._revocations is not None:
+            revoked = self._revocations.check(principal)
+            if revoked is not None:
+                raise revoked
+        await self._bind(principal, credential, attrs)
+        return principal
+
     # -- the steps ------------------------------------------------------------------------------
 
     def _route(self, attrs: RequestAttributes) -> Route | Decision:
@@ -184,7 +230,7 @@ class Pipeline:
         policy = self._policies.match(attrs)
         if policy is None:
             return self._no_route
-        return Route(policy, policy.require.sender_constraint == "dpop")
+        return Route(policy, policy.require.sender_constraint == "dpop", policy.require.step_up == "webauthn")
 
     def _needs_async(self, principal: Principal, credential: Credential) -> bool:
         return (
@@ -195,7 +241,15 @@ class Pipeline:
         )
 
     def _judge(self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route) -> None:
-        """The synchronous checks on a principal: certificate binding and the route's policy."""
+        """The synchronous checks on a principal: revocation, certificate binding and the route's policy."""
+        if self._revocations is not None:
+            revoked = self._revocations.check(principal)
+            if revoked is not None:
+                self._on_revoked(revoked.code)
+                raise revoked
+            override = self._revocations.overrides(principal)
+            if override:
+                principal = dataclasses.replace(principal, claims={**principal.claims, **override})
         cnf = _cnf(principal)
         if "x5t#S256" in cnf:
             presented = attrs.client_cert_thumbprint or attrs.headers.get(self._mtls_header, "")
@@ -229,6 +283,10 @@ class Pipeline:
                 await self._introspectors[principal.issuer].introspect(credential.token, key)
             await self._bind(principal, credential, attrs)
             self._judge(principal, credential, attrs, route)
+            if route.step_up:
+                if self._step_up is None:
+                    raise InternalError("step-up required but WebAuthn is not configured")
+                await self._step_up.check_step_up(principal, attrs)
             if self._rate_limiter is not None:
                 await self._rate_limiter.check(principal)
         except VerifierError as exc:

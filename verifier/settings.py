@@ -170,6 +170,8 @@ class Settings:
     dpop: Any = None  # verifier.binding.dpop.DpopConfig
     state: Any = None  # verifier.state.StateConfig (Redis); None: in-memory
     mtls_thumbprint_header: str = "x-client-cert-thumbprint"  # where a gateway puts the client cert's x5t#S256
+    revocation: Any = None  # verifier.revocation.RevocationConfig: Shared Signals receiver
+    webauthn: Any = None  # verifier.webauthn config: credential registry and step-up
 
 
 class _Reader:
@@ -470,6 +472,8 @@ def parse_settings(data: Any) -> Settings:
         dpop=_optional_section(root, "dpop", "verifier.binding.dpop", "parse_dpop_config"),
         state=_optional_section(root, "state", "verifier.state", "parse_state_config"),
         mtls_thumbprint_header=root.text("mtls_thumbprint_header", "x-client-cert-thumbprint").lower(),
+        revocation=_optional_section(root, "revocation", "verifier.revocation", "parse_revocation_config"),
+        webauthn=_optional_section(root, "webauthn", "verifier.webauthn", "parse_webauthn_config"),
     )
     root.done()
     if settings.grpc is None and settings.http is None:

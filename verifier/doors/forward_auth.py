@@ -281,7 +281,7 @@ class ForwardAuthDoor:
     def __init__(
         self, pipeline: Pipeline, metrics: Metrics, ready: Callable[[], bool], router: Router | None = None
     ) -> None:
-        self.router = router or Router()
+        self.router = router if router is not None else Router()
         self.pipeline = pipeline
         self.metrics = metrics
         self.ready = ready

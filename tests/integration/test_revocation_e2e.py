@@ -1,0 +1,145 @@
+"""Revocation through the running verifier: a pushed CAEP event refuses a session's tokens on every
+door and on a second replica sharing Redis within a second; the operator kill switch does the same."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from doorkit import free_port, http_exchange
+from envoy.service.auth.v3 import attribute_context_pb2 as ac
+from envoy.service.auth.v3 import external_auth_pb2 as ea
+from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
+from redis_harness import start_redis
+from ssf_transmitter import SESSION_REVOKED, SsfTransmitter
+
+from verifier.app import App
+from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
+from verifier.revocation import parse_revocation_config
+from verifier.settings import IssuerSettings, Listen, Settings
+from verifier.state import parse_state_config
+from verifier.v1 import verifier_pb2, verifier_pb2_grpc
+
+pytestmark = pytest.mark.integration
+RECEIVER_AUD = "https://verifier.example.test"
+
+
+@contextlib.asynccontextmanager
+async def _replica(idp: DevIdentityProvider, tx: SsfTransmitter, redis_url: str | None) -> AsyncIterator[App]:
+    settings = Settings(
+        grpc=Listen(host="127.0.0.1", port=0),
+        http=Listen(host="127.0.0.1", port=0),
+        metrics=None,
+        issuers=(IssuerSettings(issuer=idp.issuer, audiences=(DEV_AUDIENCE,), algorithms=("ES256",)),),
+        state=parse_state_config({"redis_url": redis_url}) if redis_url else None,
+        revocation=parse_revocation_config(
+            {"transmitters": [{"issuer": tx.issuer, "audience": RECEIVER_AUD, "delivery": "push"}]}
+        ),
+    )
+    app = App(settings)
+    await app.start()
+    try:
+        for _ in range(200):
+            if app.ready():
+                break
+            await asyncio.sleep(0.05)
+        assert app.ready()
+        yield app
+    finally:
+        await app.stop(grace=0.2)
+
+
+async def _forward(app: App, token: str) -> tuple[int, str]:
+    raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    answer = await http_exchange(app.ports.http, raw)
+    head = answer.split(b"\r\n\r\n")[0].decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
+    return int(head[0].split()[1]), headers.get("www-authenticate", "")
+
+
+async def _grpc_both(app: App, token: str) -> tuple[bool, int]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+        own = await verifier_pb2_grpc.VerifierStub(channel).Check(
+            verifier_pb2.CheckRequest(method="GET", path="/", headers={"authorization": f"Bearer {token}"})
+        )
+        envoy = await ea_grpc.AuthorizationStub(channel).Check(
+            ea.CheckRequest(
+                attributes=ac.AttributeContext(
+                    request=ac.AttributeContext.Request(
+                        http=ac.AttributeContext.HttpRequest(
+                            method="GET", path="/", headers={"authorization": f"Bearer {token}"}
+                        )
+                    )
+                )
+            )
+        )
+    return own.allowed, envoy.status.code
+
+
+async def _push(app: App, tx: SsfTransmitter, sid: str) -> tuple[int, Any]:
+    token = tx.sign_set(
+        {SESSION_REVOKED: {"event_timestamp": int(time.time())}}, sub_id={"format": "opaque", "id": sid}
+    )
+    return await asyncio.to_thread(tx.push, f"http://127.0.0.1:{app.ports.http}/v1/ssf/events", token)
+
+
+async def test_session_revoked_event_refuses_on_every_door_and_on_a_second_replica(tmp_path: Path) -> None:
+    redis = start_redis(tmp_path)
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    try:
+        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
+            async with _replica(idp, tx, redis.url) as one, _replica(idp, tx, redis.url) as two:
+                token = idp.mint(sub="alice", claims={"sid": "session-1"})
+                other = idp.mint(sub="alice", claims={"sid": "session-2"})
+                assert (await _forward(one, token))[0] == 200  # cached as verified on one ...
+                assert (await _forward(two, token))[0] == 200  # ... and on two
+                status, _ = await _push(one, tx, "session-1")
+                assert status == 202
+                deadline = time.monotonic() + 1.0
+                while (await _forward(two, token))[0] != 401:
+                    assert time.monotonic() < deadline, "replica two did not refuse within 1 s"
+                    await asyncio.sleep(0.02)
+                status, challenge = await _forward(one, token)
+                assert status == 401 and 'error="invalid_token"' in challenge and "revoked" in challenge
+                assert await _grpc_both(one, token) == (False, 16)
+                assert await _grpc_both(two, token) == (False, 16)
+                assert (await _forward(two, other))[0] == 200  # another session stays good
+    finally:
+        await idp.stop()
+        redis.stop()
+
+
+async def test_kill_switch_needs_the_admin_token_and_then_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "s3cret-admin-token-for-tests")
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    try:
+        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
+            async with _replica(idp, tx, None) as app:
+                token = idp.mint(sub="mallory")
+                assert (await _forward(app, token))[0] == 200
+                body = json.dumps(
+                    {"subject": {"format": "iss_sub", "iss": idp.issuer, "sub": "mallory"}, "reason": "lost key"}
+                ).encode()
+                request = (
+                    b"POST /v1/admin/revocations HTTP/1.1\r\nHost: v\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n" % len(body)
+                )
+                denied = await http_exchange(app.ports.http, request + b"Authorization: Bearer wrong\r\n\r\n" + body)
+                assert denied.startswith(b"HTTP/1.1 401")
+                assert (await _forward(app, token))[0] == 200
+                created = await http_exchange(
+                    app.ports.http, request + b"Authorization: Bearer s3cret-admin-token-for-tests\r\n\r\n" + body
+                )
+                assert created.startswith(b"HTTP/1.1 201")
+                assert (await _forward(app, token))[0] == 401
+    finally:
+        await idp.stop()

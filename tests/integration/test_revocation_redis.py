@@ -1,0 +1,195 @@
+"""Several replicas sharing a real redis-server: an event received by one is refused on all within 1 s."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from redis_harness import RedisServer, start_redis
+from ssf_transmitter import ACCOUNT_DISABLED, SESSION_REVOKED, SsfTransmitter
+
+from verifier.clock import SystemClock
+from verifier.doors.routes import HttpRequest, Router
+from verifier.principal import Principal
+from verifier.revocation import RevocationService, parse_revocation_config
+from verifier.state.redis import RedisState
+from verifier.tokens.fetch import HttpFetcher
+
+pytestmark = pytest.mark.integration
+
+AUD = "https://verifier.example.test/ssf"
+IDP = "https://idp.example.test"
+ADMIN = "integration-admin-secret"
+PROPAGATION_S = 1.0  # the promise: an event received by one replica takes effect on all within ~1 s
+
+
+def principal(sub: str = "user-1", **claims: Any) -> Principal:
+    now = time.time()
+    values = {"iss": IDP, "sub": sub, "iat": now - 10, "exp": now + 300, **claims}
+    return Principal(issuer=IDP, subject=sub, client_id=None, scopes=(), roles=frozenset(),
+                     expires_at=values["exp"], claims=values)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def transmitter() -> Iterator[SsfTransmitter]:
+    with SsfTransmitter(audience=AUD) as tx:
+        yield tx
+
+
+class Replicas:
+    """Builds replicas that share one Redis; stops them all at the end."""
+
+    def __init__(self, redis_url: str, transmitter: SsfTransmitter) -> None:
+        self.redis_url = redis_url
+        self.config = parse_revocation_config({"transmitters": [{
+            "issuer": transmitter.issuer, "audience": AUD, "delivery": "push", "algorithms": ["ES256"],
+        }], "resync_interval_seconds": 30})
+        self.started: list[tuple[RevocationService, RedisState, HttpFetcher]] = []
+
+    async def start(self) -> RevocationService:
+        clock = SystemClock()
+        state = RedisState(self.redis_url, timeout_seconds=1.0)
+        fetcher = HttpFetcher()
+        service = RevocationService(self.config, redis_url=self.redis_url, state=state, fetcher=fetcher,
+                                    clock=clock, registry=CollectorRegistry(), admin_token=ADMIN)
+        await service.start()
+        self.started.append((service, state, fetcher))
+        return service
+
+    async def stop(self) -> None:
+        for service, state, fetcher in self.started:
+            await service.stop()
+            await state.close()
+            await fetcher.close()
+
+
+@pytest.fixture
+async def replicas(redis_server: RedisServer, transmitter: SsfTransmitter) -> AsyncIterator[Replicas]:
+    group = Replicas(redis_server.url, transmitter)
+    yield group
+    await group.stop()
+
+
+async def within(seconds: float, condition: Callable[[], bool]) -> float:
+    start = time.monotonic()
+    while not condition():
+        elapsed = time.monotonic() - start
+        assert elapsed < seconds, f"not within {seconds} s"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+def push_request(token: str) -> HttpRequest:
+    return HttpRequest("POST", "/v1/ssf/events", "", {"content-type": "application/secevent+jwt"}, token.encode())
+
+
+def admin_request(method: str, path: str = "/v1/admin/revocations", document: Any = None) -> HttpRequest:
+    raw = json.dumps(document).encode() if document is not None else b""
+    return HttpRequest(method, path, "", {"authorization": f"Bearer {ADMIN}"}, raw)
+
+
+def router_of(service: RevocationService) -> Router:
+    router = Router()
+    service.register_routes(router)
+    return router
+
+
+async def test_an_event_pushed_to_one_replica_is_refused_on_the_other_within_a_second(
+    replicas: Replicas, transmitter: SsfTransmitter
+) -> None:
+    a, b = await replicas.start(), await replicas.start()
+    token = transmitter.sign_set({SESSION_REVOKED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-1"})
+    answer = await router_of(a).dispatch(push_request(token))
+    assert answer.status == 202, answer.body
+    assert a.revocations.check(principal()) is not None
+    await within(PROPAGATION_S, lambda: b.revocations.check(principal()) is not None)
+    refused = b.revocations.check(principal())
+    assert refused is not None and refused.code == "session_revoked"
+
+
+async def test_the_same_set_pushed_to_another_replica_is_a_replay(
+    replicas: Replicas, transmitter: SsfTransmitter
+) -> None:
+    a, b = await replicas.start(), await replicas.start()
+    token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-2"})
+    assert (await router_of(a).dispatch(push_request(token))).status == 202
+    replay = await router_of(b).dispatch(push_request(token))
+    assert replay.status == 400 and json.loads(replay.body)["err"] == "invalid_request"
+
+
+async def test_a_late_replica_loads_existing_entries_before_start_returns(
+    replicas: Replicas, transmitter: SsfTransmitter
+) -> None:
+    a = await replicas.start()
+    token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-3"})
+    assert (await router_of(a).dispatch(push_request(token))).status == 202
+    created = await router_of(a).dispatch(admin_request("POST", document={
+        "subject": {"format": "opaque", "id": "sess-1"}}))
+    assert created.status == 201
+    late = await replicas.start()
+    assert late.revocations.check(principal("user-3")) is not None  # no waiting: loaded by start()
+    assert late.revocations.check(principal("user-9", sid="sess-1")) is not None
+    assert len(late.revocations) == 2
+
+
+async def test_lifting_an_entry_on_one_replica_lifts_it_on_the_other(
+    replicas: Replicas, transmitter: SsfTransmitter
+) -> None:
+    a, b = await replicas.start(), await replicas.start()
+    created = await router_of(a).dispatch(admin_request("POST", document={
+        "subject": {"format": "iss_sub", "iss": IDP, "sub": "user-4"}, "effect": "disable"}))
+    entry_id = json.loads(created.body)["id"]
+    await within(PROPAGATION_S, lambda: b.revocations.check(principal("user-4")) is not None)
+    assert (await router_of(b).dispatch(admin_request("DELETE", f"/v1/admin/revocations/{entry_id}"))).status == 204
+    await within(PROPAGATION_S, lambda: a.revocations.check(principal("user-4")) is None)
+
+
+async def test_a_replica_catches_up_after_redis_restarts(
+    replicas: Replicas, transmitter: SsfTransmitter, redis_server: RedisServer
+) -> None:
+    a, b = await replicas.start(), await replicas.start()
+    redis_server.stop()
+    redis_server.start()  # same port, empty (nothing persists): the subscription must come back
+    await asyncio.sleep(0.5)
+    token = transmitter.sign_set({SESSION_REVOKED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-5"})
+    deadline = time.monotonic() + 5
+    while (answer := await router_of(a).dispatch(push_request(token))).status == 503:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert answer.status == 202
+    await within(5.0, lambda: b.revocations.check(principal("user-5")) is not None)
+
+
+async def test_a_dropped_subscription_is_followed_by_a_full_reload(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    from redis.asyncio import Redis
+
+    from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+
+    b = await replicas.start()
+    entry = Entry(id="written-behind-its-back", key=SubjectKey(KeyKind.ISS_SUB, "user-6", IDP),
+                  effect=Effect.ACCOUNT_DISABLED, match=Match.ALL, event_time=time.time(), expires_at=None,
+                  source="operator", event="operator")
+    client = Redis.from_url(redis_server.url)
+    try:
+        await client.hset("verifier:revocations", entry.id, entry.to_json())  # no publish: b cannot know
+        await asyncio.sleep(0.2)
+        assert b.revocations.check(principal("user-6")) is None
+        await client.client_kill_filter(_type="pubsub")
+        await within(5.0, lambda: b.revocations.check(principal("user-6")) is not None)
+    finally:
+        await client.aclose()

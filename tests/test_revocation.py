@@ -1,0 +1,527 @@
+"""Revocation at the edge: SSF/CAEP/RISC events, forged SETs, the kill switch, expiry (FrozenClock)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CollectorRegistry
+from ssf_transmitter import (
+    ACCOUNT_DISABLED,
+    ACCOUNT_ENABLED,
+    ACCOUNT_PURGED,
+    ASSURANCE_LEVEL_CHANGE,
+    CREDENTIAL_CHANGE,
+    CREDENTIAL_COMPROMISE,
+    SESSION_REVOKED,
+    TOKEN_CLAIMS_CHANGE,
+    SsfTransmitter,
+)
+from tokenkit import ISSUER, NOW, FakeFetcher
+
+from verifier.clock import FrozenClock
+from verifier.decision import refuse
+from verifier.doors.routes import HttpAnswer, HttpRequest, Router
+from verifier.errors import InvalidToken
+from verifier.principal import Principal
+from verifier.revocation import RevocationService, TokenRevoked, parse_revocation_config
+from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.subjects import SubjectError, subject_keys
+from verifier.settings import ConfigError
+from verifier.state.memory import MemoryState
+
+TX = "https://ssf.example.test"
+RECEIVER = "https://verifier.example.test/ssf"
+LIFETIME = 3600
+ADMIN = "admin-secret-0123456789"
+USER = {"format": "iss_sub", "iss": ISSUER, "sub": "user-1"}
+
+
+def principal(sub: str = "user-1", iss: str = ISSUER, **claims: Any) -> Principal:
+    """A verified caller whose token was issued 10 s before NOW unless `iat` says otherwise."""
+    values: dict[str, Any] = {"iss": iss, "sub": sub, "iat": NOW - 10, "exp": NOW + 300}
+    values.update(claims)
+    values = {k: v for k, v in values.items() if v is not None}
+    return Principal(
+        issuer=iss, subject=sub, client_id=None, scopes=(), roles=frozenset(),
+        expires_at=float(values["exp"]), claims=values,
+    )
+
+
+@pytest.fixture
+def transmitter(clock: FrozenClock) -> SsfTransmitter:
+    return SsfTransmitter(audience=RECEIVER, issuer=TX, now=clock.now)
+
+
+@pytest.fixture
+def provider(transmitter: SsfTransmitter) -> FakeFetcher:
+    fake = FakeFetcher()
+    fake.serve(transmitter.configuration_url, transmitter.configuration())
+    fake.serve(transmitter.jwks_url, transmitter.jwks())
+    return fake
+
+
+def config(**overrides: Any) -> Any:
+    tx = {"issuer": TX, "audience": RECEIVER, "delivery": "push", "algorithms": ["ES256"], "max_age_seconds": 300}
+    tx.update(overrides)
+    return parse_revocation_config({"transmitters": [tx], "max_token_lifetime_seconds": LIFETIME})
+
+
+class Credentials:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, tuple[str, ...]]] = []
+
+    async def __call__(self, issuer: str, subject: str, ids: tuple[str, ...]) -> None:
+        self.calls.append((issuer, subject, ids))
+
+
+@pytest.fixture
+def credentials() -> Credentials:
+    return Credentials()
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+async def service(
+    clock: FrozenClock, provider: FakeFetcher, credentials: Credentials, registry: CollectorRegistry
+) -> AsyncIterator[RevocationService]:
+    svc = RevocationService(
+        config(), redis_url=None, state=MemoryState(clock), fetcher=provider, clock=clock,
+        registry=registry, on_credential_revoked=credentials, admin_token=ADMIN,
+    )
+    await svc.start()
+    yield svc
+    await svc.stop()
+
+
+def set_request(token: str, content_type: str = "application/secevent+jwt") -> HttpRequest:
+    return HttpRequest("POST", "/v1/ssf/events", "", {"content-type": content_type}, token.encode())
+
+
+async def push(service: RevocationService, token: str, **kwargs: Any) -> HttpAnswer:
+    router = Router()
+    service.register_routes(router)
+    return await router.dispatch(set_request(token, **kwargs))
+
+
+def body(answer: HttpAnswer) -> Any:
+    return json.loads(answer.body) if answer.body else None
+
+
+# -- events ---------------------------------------------------------------------------------------------
+
+
+async def test_session_revoked_refuses_every_token_of_the_session(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    token = transmitter.sign_set({SESSION_REVOKED: {"event_timestamp": int(NOW)}}, {"format": "opaque", "id": "s-1"})
+    answer = await push(service, token)
+    assert answer.status == 202 and answer.body == b""
+    refused = service.revocations.check(principal(sid="s-1", iat=NOW + 5))  # even one issued after
+    assert isinstance(refused, InvalidToken) and refused.code == "session_revoked"
+    assert refused.reusable is False
+    assert service.revocations.check(principal(sid="s-2")) is None
+    assert service.revocations.check(principal()) is None
+
+
+async def test_session_revoked_for_a_subject_refuses_tokens_issued_at_or_before_the_event_only(
+    service: RevocationService, transmitter: SsfTransmitter, clock: FrozenClock
+) -> None:
+    token = transmitter.sign_set({SESSION_REVOKED: {"event_timestamp": int(NOW) - 5}}, USER)
+    assert (await push(service, token)).status == 202
+    assert service.revocations.check(principal(iat=NOW - 10)) is not None
+    assert service.revocations.check(principal(iat=NOW - 5)) is not None  # at the event: refused
+    assert service.revocations.check(principal(iat=NOW - 4)) is None  # issued after the event
+    assert service.revocations.check(principal(sub="user-2", iat=NOW - 10)) is None
+    assert service.revocations.check(principal(iss="https://other.example.test", iat=NOW - 10)) is None
+
+
+async def test_session_revoked_without_event_timestamp_uses_the_set_iat(
+    service: RevocationService, transmitter: SsfTransmitter, clock: FrozenClock
+) -> None:
+    token = transmitter.sign_set({SESSION_REVOKED: {}}, USER, iat=NOW - 20)
+    assert (await push(service, token)).status == 202
+    assert service.revocations.check(principal(iat=NOW - 20)) is not None
+    assert service.revocations.check(principal(iat=NOW - 19)) is None
+
+
+async def test_a_refusal_is_answered_401_invalid_token_with_the_reason(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    await push(service, transmitter.sign_set({SESSION_REVOKED: {}}, USER))
+    refused = service.revocations.check(principal())
+    assert isinstance(refused, TokenRevoked) and refused.jti
+    decision = refuse(refused, realm="verifier")
+    assert decision.status == 401 and decision.reason == "session_revoked" and decision.cache_max_age == 0
+    challenge = dict(decision.response_headers)["www-authenticate"]
+    assert 'error="invalid_token"' in challenge and 'error_description="session revoked"' in challenge
+
+
+async def test_the_refusal_is_audited_at_warning_with_the_event_jti(
+    service: RevocationService, transmitter: SsfTransmitter, caplog: pytest.LogCaptureFixture
+) -> None:
+    await push(service, transmitter.sign_set({SESSION_REVOKED: {}}, USER, jti="set-jti-1"))
+    with caplog.at_level("WARNING", logger="verifier.audit"):
+        service.revocations.check(principal())
+    records = [r for r in caplog.records if r.name == "verifier.audit"]
+    assert records and records[-1].levelname == "WARNING" and records[-1].__dict__["jti"] == "set-jti-1"
+
+
+async def test_subject_from_the_event_when_there_is_no_sub_id(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    token = transmitter.sign_set({SESSION_REVOKED: {"subject": USER}})
+    assert (await push(service, token)).status == 202
+    assert service.revocations.check(principal()) is not None
+
+
+async def test_credential_change_refuses_tokens_authenticated_before_only(
+    service: RevocationService, transmitter: SsfTransmitter, credentials: Credentials
+) -> None:
+    event = {"change_type": "revoke", "credential_type": "fido2-roaming", "event_timestamp": int(NOW) - 100,
+             "credential_ids": ["cred-a", "cred-b"]}
+    assert (await push(service, transmitter.sign_set({CREDENTIAL_CHANGE: event}, USER))).status == 202
+    old = service.revocations.check(principal(auth_time=NOW - 200, iat=NOW - 10))
+    assert old is not None and old.code == "credential_revoked" and old.description == "credential revoked"
+    assert service.revocations.check(principal(auth_time=NOW - 50, iat=NOW - 10)) is None
+    # no auth_time: iat bounds it from above
+    assert service.revocations.check(principal(iat=NOW - 150)) is not None
+    assert service.revocations.check(principal(iat=NOW - 10)) is None
+    assert credentials.calls == [(ISSUER, "user-1", ("cred-a", "cred-b"))]
+
+
+async def test_credential_change_create_or_update_changes_nothing(
+    service: RevocationService, transmitter: SsfTransmitter, credentials: Credentials
+) -> None:
+    event = {"change_type": "update", "credential_type": "password", "credential_ids": ["x"]}
+    assert (await push(service, transmitter.sign_set({CREDENTIAL_CHANGE: event}, USER))).status == 202
+    assert len(service.revocations) == 0 and credentials.calls == []
+
+
+@pytest.mark.parametrize("event", [ACCOUNT_DISABLED, CREDENTIAL_COMPROMISE])
+async def test_account_disabled_refuses_every_token_until_account_enabled(
+    service: RevocationService, transmitter: SsfTransmitter, clock: FrozenClock, event: str
+) -> None:
+    assert (await push(service, transmitter.sign_set({event: {}}, USER))).status == 202
+    refused = service.revocations.check(principal(iat=NOW + 100))
+    assert refused is not None and refused.code == "account_disabled"
+    clock.advance(LIFETIME * 5)  # no expiry: only account-enabled lifts it
+    assert service.revocations.check(principal(iat=clock.now())) is not None
+    assert (await push(service, transmitter.sign_set({ACCOUNT_ENABLED: {}}, USER))).status == 202
+    assert service.revocations.check(principal(iat=clock.now())) is None
+    assert len(service.revocations) == 0
+
+
+async def test_an_older_account_enabled_does_not_lift_a_newer_disable(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {"event_timestamp": int(NOW)}}, USER))
+    await push(service, transmitter.sign_set({ACCOUNT_ENABLED: {"event_timestamp": int(NOW) - 60}}, USER))
+    assert service.revocations.check(principal()) is not None
+
+
+async def test_account_purged_refuses_until_every_token_then_alive_has_expired(
+    service: RevocationService, transmitter: SsfTransmitter, clock: FrozenClock
+) -> None:
+    await push(service, transmitter.sign_set({ACCOUNT_PURGED: {}}, USER))
+    assert service.revocations.check(principal()) is not None
+    clock.advance(LIFETIME + 1)
+    assert service.revocations.check(principal(iat=clock.now())) is None
+
+
+async def test_assurance_level_change_overrides_acr_of_existing_tokens(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    event = {"namespace": "RFC8176", "current_level": "urn:acr:low", "previous_level": "urn:acr:high",
+             "change_direction": "decrease", "event_timestamp": int(NOW)}
+    assert (await push(service, transmitter.sign_set({ASSURANCE_LEVEL_CHANGE: event}, USER))).status == 202
+    assert service.revocations.check(principal(acr="urn:acr:high")) is None  # not a refusal
+    assert service.revocations.overrides(principal(acr="urn:acr:high")) == {"acr": "urn:acr:low"}
+    assert service.revocations.overrides(principal(iat=NOW + 1)) is None  # a newer token speaks for itself
+    assert service.revocations.overrides(principal(sub="user-2")) is None
+
+
+async def test_token_claims_change_overrides_claims_but_never_identity_claims(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    event = {"claims": {"role": "guest", "groups": ["a"], "sub": "admin", "exp": 9e9}, "event_timestamp": int(NOW)}
+    await push(service, transmitter.sign_set({TOKEN_CLAIMS_CHANGE: event}, USER))
+    later = {"claims": {"role": "none"}, "event_timestamp": int(NOW) + 0}
+    await push(service, transmitter.sign_set({TOKEN_CLAIMS_CHANGE: later}, {"format": "email", "email": "U@x.test"}))
+    assert service.revocations.overrides(principal()) == {"role": "guest", "groups": ["a"]}
+    # by email only when the token says the email is verified
+    assert service.revocations.overrides(principal(sub="u2", email="u@X.test")) is None
+    assert service.revocations.overrides(principal(sub="u2", email="u@x.test", email_verified=True)) == {"role": "none"}
+
+
+async def test_unknown_events_are_accepted_and_change_nothing(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    token = transmitter.sign_set({"https://schemas.openid.net/secevent/ssf/event-type/verification": {"state": "x"}})
+    assert (await push(service, token)).status == 202
+    assert len(service.revocations) == 0
+
+
+async def test_email_subject_refuses_tokens_carrying_that_email(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "email", "email": "Ann@Example.test"}))
+    assert service.revocations.check(principal(sub="zz", email="ann@example.TEST")) is not None
+    assert service.revocations.check(principal(sub="zz", email="bob@example.test")) is None
+
+
+# -- forged or unacceptable SETs ---------------------------------------------------------------------------
+
+
+def _forgeries(tx: SsfTransmitter) -> dict[str, tuple[str, str]]:
+    other = ec.generate_private_key(ec.SECP256R1())
+    ev = {SESSION_REVOKED: {}}
+    return {
+        "bad signature": (tx.sign_set(ev, USER, key=other), "authentication_failed"),
+        "another audience": (tx.sign_set(ev, USER, aud="https://someone-else.test"), "invalid_audience"),
+        "alg none": (tx.sign_set(ev, USER, alg="none"), "invalid_key"),
+        "stale iat": (tx.sign_set(ev, USER, iat=NOW - 301), "invalid_request"),
+        "future iat": (tx.sign_set(ev, USER, iat=NOW + 60), "invalid_request"),
+        "wrong typ": (tx.sign_set(ev, USER, typ="JWT"), "invalid_request"),
+        "no typ": (tx.sign_set(ev, USER, typ=None), "invalid_request"),
+        "unknown issuer": (tx.sign_set(ev, USER, iss="https://evil.example.test"), "invalid_issuer"),
+        "unknown kid": (tx.sign_set(ev, USER, kid="nope"), "invalid_key"),
+        "alg not allowed": (tx.sign_set(ev, USER, alg="ES384", key=ec.generate_private_key(ec.SECP384R1())),
+                            "invalid_key"),
+        "not a JWS": ("garbage", "invalid_request"),
+        "malformed subject": (tx.sign_set(ev, {"format": "iss_sub", "iss": ISSUER}), "invalid_request"),
+        "no subject": (tx.sign_set(ev), "invalid_request"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_forgeries(SsfTransmitter(audience=RECEIVER, issuer=TX))))
+async def test_refuses_a_forged_set_with_the_rfc8935_error_and_changes_nothing(
+    service: RevocationService, transmitter: SsfTransmitter, case: str
+) -> None:
+    token, err = _forgeries(transmitter)[case]
+    answer = await push(service, token)
+    assert answer.status == 400, case
+    assert body(answer)["err"] == err and body(answer)["description"]
+    assert dict(answer.headers)["content-type"] == "application/json"
+    assert len(service.revocations) == 0
+    assert service.revocations.check(principal()) is None
+
+
+async def test_refuses_a_replayed_jti(service: RevocationService, transmitter: SsfTransmitter) -> None:
+    token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER)
+    assert (await push(service, token)).status == 202
+    await push(service, transmitter.sign_set({ACCOUNT_ENABLED: {}}, USER))
+    replay = await push(service, token)
+    assert replay.status == 400 and body(replay)["err"] == "invalid_request"
+    assert service.revocations.check(principal()) is None  # the replay changed nothing
+
+
+async def test_a_refused_set_does_not_burn_its_jti(service: RevocationService, transmitter: SsfTransmitter) -> None:
+    good = transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER, jti="same")
+    forged = transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER, jti="same", key=ec.generate_private_key(ec.SECP256R1()))
+    assert (await push(service, forged)).status == 400
+    assert (await push(service, good)).status == 202
+
+
+async def test_refuses_another_content_type(service: RevocationService, transmitter: SsfTransmitter) -> None:
+    answer = await push(service, transmitter.sign_set({SESSION_REVOKED: {}}, USER), content_type="application/jwt")
+    assert answer.status == 400 and body(answer)["err"] == "invalid_request"
+    assert len(service.revocations) == 0
+
+
+async def test_counts_sets_and_refusals(
+    service: RevocationService, transmitter: SsfTransmitter, registry: CollectorRegistry
+) -> None:
+    await push(service, transmitter.sign_set({SESSION_REVOKED: {}}, USER))
+    await push(service, transmitter.sign_set({SESSION_REVOKED: {}}, USER, aud="x"))
+    service.count_refusal("session_revoked")
+    value = registry.get_sample_value
+    assert value("verifier_ssf_sets_received_total", {"delivery": "push"}) == 2
+    assert value("verifier_ssf_sets_accepted_total", {"delivery": "push"}) == 1
+    assert value("verifier_ssf_sets_refused_total", {"delivery": "push", "err": "invalid_audience"}) == 1
+    assert value("verifier_ssf_events_total", {"event": "session-revoked"}) == 1
+    assert value("verifier_revocation_refusals_total", {"code": "session_revoked"}) == 1
+    assert value("verifier_revocation_entries") == 1
+
+
+# -- the kill switch -----------------------------------------------------------------------------------------
+
+
+def admin(
+    method: str, path: str = "/v1/admin/revocations", document: Any = None, token: str | None = ADMIN
+) -> HttpRequest:
+    headers = {"content-type": "application/json"}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    raw = json.dumps(document).encode() if document is not None else b""
+    return HttpRequest(method, path, "", headers, raw)
+
+
+def routes(service: RevocationService) -> Router:
+    router = Router()
+    service.register_routes(router)
+    return router
+
+
+async def test_kill_switch_revokes_lists_and_lifts(service: RevocationService, clock: FrozenClock) -> None:
+    router = routes(service)
+    created = await router.dispatch(admin("POST", document={"subject": USER, "reason": "laptop stolen"}))
+    assert created.status == 201
+    entry_id = body(created)["id"]
+    refused = service.revocations.check(principal())
+    assert refused is not None and refused.code == "token_revoked" and refused.reusable is False
+    listed = body(await router.dispatch(admin("GET")))["entries"]
+    assert [e["id"] for e in listed] == [entry_id] and listed[0]["reason"] == "laptop stolen"
+    assert listed[0]["subject"] == USER
+    clock.advance(1)
+    assert service.revocations.check(principal(iat=clock.now())) is None  # a token issued afterwards
+    deleted = await router.dispatch(admin("DELETE", f"/v1/admin/revocations/{entry_id}"))
+    assert deleted.status == 204
+    assert service.revocations.check(principal()) is None
+    assert (await router.dispatch(admin("DELETE", f"/v1/admin/revocations/{entry_id}"))).status == 404
+
+
+async def test_kill_switch_revokes_a_session(service: RevocationService) -> None:
+    router = routes(service)
+    answer = await router.dispatch(admin("POST", document={"subject": {"format": "opaque", "id": "sess-9"}}))
+    assert answer.status == 201
+    assert service.revocations.check(principal(sid="sess-9", iat=NOW + 50)) is not None
+    assert service.revocations.check(principal(sid="sess-8")) is None
+
+
+async def test_kill_switch_disable_lasts_until_deleted(service: RevocationService, clock: FrozenClock) -> None:
+    router = routes(service)
+    answer = await router.dispatch(admin("POST", document={"subject": USER, "effect": "disable"}))
+    clock.advance(LIFETIME * 10)
+    refused = service.revocations.check(principal(iat=clock.now()))
+    assert refused is not None and refused.code == "account_disabled"
+    await router.dispatch(admin("DELETE", f"/v1/admin/revocations/{body(answer)['id']}"))
+    assert service.revocations.check(principal(iat=clock.now())) is None
+
+
+@pytest.mark.parametrize("token", [None, "wrong", ADMIN + "x", ""])
+async def test_kill_switch_refuses_without_the_admin_credential(service: RevocationService, token: str | None) -> None:
+    router = routes(service)
+    for request in (admin("POST", document={"subject": USER}, token=token), admin("GET", token=token),
+                    admin("DELETE", "/v1/admin/revocations/x", token=token)):
+        answer = await router.dispatch(request)
+        assert answer.status == 401
+        assert dict(answer.headers)["www-authenticate"].startswith("Bearer")
+    assert len(service.revocations) == 0
+
+
+@pytest.mark.parametrize("document", [
+    {"subject": {"format": "iss_sub", "iss": ISSUER}},
+    {"subject": {"format": "phone_number", "phone_number": "+1"}},
+    {"subject": USER, "effect": "explode"},
+    {"subject": USER, "reason": 5},
+    [1, 2],
+])
+async def test_kill_switch_refuses_a_bad_body(service: RevocationService, document: Any) -> None:
+    answer = await routes(service).dispatch(admin("POST", document=document))
+    assert answer.status == 400 and body(answer)["error"] == "invalid_request"
+
+
+async def test_admin_api_is_404_when_the_env_var_is_unset(
+    clock: FrozenClock, provider: FakeFetcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VERIFIER_ADMIN_TOKEN", raising=False)
+    svc = RevocationService(config(), redis_url=None, state=MemoryState(clock), fetcher=provider, clock=clock,
+                            registry=CollectorRegistry())
+    router = routes(svc)
+    assert (await router.dispatch(admin("POST", document={"subject": USER}))).status == 404
+    assert (await router.dispatch(admin("GET"))).status == 404
+    assert (await router.dispatch(admin("DELETE", "/v1/admin/revocations/x"))).status == 404
+
+
+async def test_admin_token_is_read_from_the_environment(
+    clock: FrozenClock, provider: FakeFetcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "from-env")
+    svc = RevocationService(config(), redis_url=None, state=MemoryState(clock), fetcher=provider, clock=clock,
+                            registry=CollectorRegistry())
+    router = routes(svc)
+    assert (await router.dispatch(admin("GET", token="from-env"))).status == 200
+    assert (await router.dispatch(admin("GET", token=ADMIN))).status == 401
+
+
+# -- expiry ------------------------------------------------------------------------------------------------------
+
+
+async def test_entries_expire_once_every_token_they_could_match_has(
+    service: RevocationService, transmitter: SsfTransmitter, clock: FrozenClock
+) -> None:
+    await push(service, transmitter.sign_set({SESSION_REVOKED: {}}, USER))
+    await routes(service).dispatch(admin("POST", document={"subject": {"format": "opaque", "id": "s"}}))
+    assert len(service.revocations.entries()) == 2
+    clock.advance(LIFETIME - 1)
+    assert service.revocations.check(principal(sid="s", iat=NOW, exp=NOW + LIFETIME)) is not None
+    clock.advance(2)
+    assert service.revocations.check(principal(sid="s", iat=NOW, exp=NOW + LIFETIME)) is None
+    assert service.revocations.entries() == []
+    assert len(service.revocations.expired()) == 2
+    listed = body(await routes(service).dispatch(admin("GET")))
+    assert listed == {"entries": []}
+
+
+# -- pieces ------------------------------------------------------------------------------------------------------
+
+
+def test_subject_identifiers_per_rfc9493() -> None:
+    assert subject_keys(USER) == (SubjectKey(KeyKind.ISS_SUB, "user-1", ISSUER),)
+    assert subject_keys({"format": "email", "email": "A@B.test"}) == (SubjectKey(KeyKind.EMAIL, "a@b.test"),)
+    assert subject_keys({"format": "opaque", "id": "s1"}) == (SubjectKey(KeyKind.SID, "s1"),)
+    aliases = {"format": "aliases", "identifiers": [USER, {"format": "email", "email": "a@b.test"}]}
+    assert len(subject_keys(aliases)) == 2
+    complex_ = {"format": "complex", "user": USER, "session": {"format": "opaque", "id": "s1"}}
+    assert subject_keys(complex_, session=True) == (SubjectKey(KeyKind.SID, "s1"),)
+    assert subject_keys(complex_) == (SubjectKey(KeyKind.ISS_SUB, "user-1", ISSUER),)
+    assert subject_keys({"format": "phone_number", "phone_number": "+1"}) == ()
+    for bad in ("x", {"format": "email"}, {}, {"format": "iss_sub", "iss": "i", "sub": 5}):
+        with pytest.raises(SubjectError):
+            subject_keys(bad)
+
+
+def test_entry_round_trips_through_json() -> None:
+    entry = Entry(id="e1", key=SubjectKey(KeyKind.ISS_SUB, "u", "i"), effect=Effect.CLAIMS_OVERRIDE,
+                  match=Match.ISSUED_BEFORE, event_time=1.5, expires_at=None, source="s", event="ev", jti="j",
+                  reason="r", overrides={"acr": "x"})
+    assert Entry.from_json(entry.to_json()) == entry
+    with pytest.raises(ValueError):
+        Entry.from_json('{"id": 1}')
+
+
+def test_config_defaults_and_discovery_location() -> None:
+    parsed = parse_revocation_config({"transmitters": [{"issuer": "https://a.test/tenant", "audience": "x"}]})
+    (tx,) = parsed.transmitters
+    assert tx.delivery == "push" and tx.algorithms == ("ES256", "RS256", "EdDSA")
+    assert tx.discovery == "https://a.test/.well-known/ssf-configuration/tenant"
+    assert parsed.max_token_lifetime_seconds == 86400
+    assert parse_revocation_config(None).transmitters == ()
+
+
+@pytest.mark.parametrize(("data", "names"), [
+    ({"transmitters": [{"audience": "x"}]}, "revocation.transmitters[0].issuer"),
+    ({"transmitters": [{"issuer": "http://idp.example.test", "audience": "x"}]}, "transmitters[0].issuer"),
+    ({"transmitters": [{"issuer": "https://a.test", "audience": "x", "delivery": "carrier"}]}, "delivery"),
+    ({"transmitters": [{"issuer": "https://a.test", "audience": "x", "algorithms": ["HS256"]}]}, "algorithms[0]"),
+    ({"transmitters": [{"issuer": "https://a.test", "audience": "x", "max_age_seconds": 0}]}, "max_age_seconds"),
+    ({"transmitters": [{"issuer": "https://a.test", "audience": "x", "poll_interval_seconds": 5}]},
+     "poll_interval_seconds"),
+    ({"transmitters": [{"issuer": "https://a.test", "audience": "x", "bogus": 1}]}, "transmitters[0].bogus"),
+    ({"transmitters": [{"issuer": "https://a.test", "audience": "x"}] * 2}, "transmitters[1].issuer"),
+    ({"max_token_lifetime_seconds": -1}, "revocation.max_token_lifetime_seconds"),
+    ({"what": 1}, "revocation.what"),
+    ({"transmitters": [{"issuer": "https://a.test", "audience": "x", "delivery": "poll",
+                        "poll_authorization_env": "VERIFIER_TEST_UNSET_ENV"}]}, "poll_authorization_env"),
+])
+def test_config_errors_name_the_key(data: Any, names: str) -> None:
+    with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("]", r"\]")):
+        parse_revocation_config(data)

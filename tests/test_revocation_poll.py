@@ -1,0 +1,102 @@
+"""RFC 8936 poll delivery against the test transmitter over real loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CollectorRegistry
+from ssf_transmitter import ACCOUNT_DISABLED, SESSION_REVOKED, SsfTransmitter
+
+from verifier.clock import SystemClock
+from verifier.principal import Principal
+from verifier.revocation import RevocationService, parse_revocation_config
+from verifier.revocation.poll import poll_endpoint
+from verifier.state.memory import MemoryState
+from verifier.tokens.fetch import HttpFetcher
+
+AUD = "https://verifier.example.test/ssf"
+IDP = "https://idp.example.test"
+
+
+def principal(sub: str = "user-1", **claims: Any) -> Principal:
+    now = time.time()
+    values = {"iss": IDP, "sub": sub, "iat": now - 10, "exp": now + 300, **claims}
+    return Principal(issuer=IDP, subject=sub, client_id=None, scopes=(), roles=frozenset(),
+                     expires_at=values["exp"], claims=values)
+
+
+@pytest.fixture
+def transmitter() -> Iterator[SsfTransmitter]:
+    with SsfTransmitter(audience=AUD) as tx:
+        yield tx
+
+
+@pytest.fixture
+async def service(transmitter: SsfTransmitter) -> AsyncIterator[RevocationService]:
+    config = parse_revocation_config({"transmitters": [{
+        "issuer": transmitter.issuer, "audience": AUD, "delivery": "poll", "algorithms": ["ES256"],
+        "poll_interval_seconds": 0.1,
+    }]})
+    fetcher = HttpFetcher()
+    clock = SystemClock()
+    svc = RevocationService(config, redis_url=None, state=MemoryState(clock), fetcher=fetcher, clock=clock,
+                            registry=CollectorRegistry())
+    await svc.start()
+    yield svc
+    await svc.stop()
+    await fetcher.close()
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = 3.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def test_poll_endpoint_from_metadata_never_downgrades() -> None:
+    config = parse_revocation_config({"transmitters": [{"issuer": "https://a.test", "audience": "x",
+                                                         "delivery": "poll"}]})
+    (tx,) = config.transmitters
+    good = {"delivery": {"method": "urn:ietf:rfc:8936", "endpoint_url": "https://a.test/poll"}}
+    assert poll_endpoint(tx, good) == "https://a.test/poll"
+    assert poll_endpoint(tx, {"delivery": {"method": "urn:ietf:rfc:8936", "endpoint_url": "http://a.test/p"}}) == ""
+    assert poll_endpoint(tx, {"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": "https://a.test/p"}}) == ""
+
+
+async def test_polled_event_takes_effect_and_is_acknowledged(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    sub = {"format": "iss_sub", "iss": IDP, "sub": "user-1"}
+    jti = transmitter.enqueue(transmitter.sign_set({SESSION_REVOKED: {}}, sub))
+    await eventually(lambda: service.revocations.check(principal()) is not None)
+    await eventually(lambda: jti in transmitter.acked)
+    assert transmitter.pending == {}
+    assert all(r.get("returnImmediately") is True for r in transmitter.poll_requests)
+
+
+async def test_a_bad_polled_set_is_reported_in_set_errs(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    sub = {"format": "iss_sub", "iss": IDP, "sub": "user-2"}
+    forged = transmitter.sign_set({ACCOUNT_DISABLED: {}}, sub, key=ec.generate_private_key(ec.SECP256R1()))
+    jti = transmitter.enqueue(forged)
+    await eventually(lambda: jti in transmitter.set_errs)
+    assert transmitter.set_errs[jti]["err"] == "authentication_failed"
+    assert service.revocations.check(principal("user-2")) is None
+
+
+async def test_a_replayed_polled_set_is_acknowledged_again(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-3"})
+    jti = transmitter.enqueue(token)
+    await eventually(lambda: jti in transmitter.acked)
+    transmitter.enqueue(token)  # our acknowledgement was "lost": the transmitter sends it again
+    await eventually(lambda: transmitter.acked.count(jti) == 2)
+    assert jti not in transmitter.set_errs

@@ -1,0 +1,789 @@
+"""WebAuthn registry and request-bound step-up, against hand-built WebAuthn structures.
+
+`SoftAuthenticator` builds real authenticatorData (rpIdHash, flags, counter, attested credential data
+with a COSE key from `fido2.cose`), clientDataJSON and signatures with a `cryptography` EC key, so the
+verifier is checked against structures it did not make itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from fido2.cose import ES256
+from fido2.webauthn import AttestationObject, AttestedCredentialData, AuthenticatorData, CollectedClientData
+from prometheus_client import CollectorRegistry
+
+from verifier.clock import FrozenClock
+from verifier.decision import refuse
+from verifier.doors.routes import HttpRequest, Router
+from verifier.errors import InvalidToken, MissingToken
+from verifier.principal import Principal
+from verifier.request import RequestAttributes
+from verifier.settings import ConfigError
+from verifier.state.memory import MemoryState
+from verifier.webauthn import (
+    AssertionRefused,
+    SqliteCredentialStore,
+    WebAuthnConfig,
+    WebAuthnService,
+    parse_webauthn_config,
+)
+from verifier.webauthn.assertion import user_handle
+from verifier.webauthn.challenge import ChallengeSigner, request_hash, subject_hash
+
+RP_ID = "localhost"
+ORIGIN = "http://localhost:9555"
+ISSUER = "https://issuer.example.test"
+SECRET = b"s" * 32
+FLAGS = AuthenticatorData.FLAG
+
+
+def b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64u(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def encode_header(credential: Mapping[str, Any]) -> str:
+    return b64u(json.dumps(credential).encode())
+
+
+class SoftAuthenticator:
+    """A software FIDO2 authenticator: one ES256 credential, a counter, configurable misbehaviour."""
+
+    def __init__(self, *, counter: int = 0, step: int = 1) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.cose = ES256.from_cryptography_key(self.key.public_key())
+        self.credential_id = os.urandom(16)
+        self.aaguid = os.urandom(16)
+        self.counter = counter
+        self.step = step
+        self.user_handle: bytes | None = None
+
+    @property
+    def id(self) -> str:
+        return b64u(self.credential_id)
+
+    def create(
+        self,
+        public_key: Mapping[str, Any],
+        *,
+        origin: str = ORIGIN,
+        rp_id: str = RP_ID,
+        flags: int = FLAGS.UP | FLAGS.UV,
+        fmt: str = "none",
+        att_stmt: Mapping[str, Any] | None = None,
+        signer: Any = None,
+    ) -> dict[str, Any]:
+        """navigator.credentials.create(): a RegistrationResponseJSON."""
+        self.user_handle = unb64u(public_key["user"]["id"])
+        client_data = CollectedClientData.create(
+            type="webauthn.create", challenge=public_key["challenge"], origin=origin
+        )
+        auth_data = AuthenticatorData.create(
+            hashlib.sha256(rp_id.encode()).digest(),
+            FLAGS(flags | FLAGS.AT),
+            self.counter,
+            AttestedCredentialData.create(self.aaguid, self.credential_id, self.cose),
+        )
+        statement: Mapping[str, Any] = att_stmt if att_stmt is not None else {}
+        if signer is not None:
+            statement = signer(auth_data, client_data)
+        attestation = AttestationObject.create(fmt, auth_data, statement)
+        return {
+            "id": self.id,
+            "rawId": self.id,
+            "type": "public-key",
+            "response": {
+                "clientDataJSON": b64u(client_data),
+                "attestationObject": b64u(attestation),
+                "transports": ["usb"],
+            },
+            "clientExtensionResults": {},
+        }
+
+    def get(
+        self,
+        challenge: str,
+        *,
+        origin: str = ORIGIN,
+        rp_id: str = RP_ID,
+        flags: int = FLAGS.UP | FLAGS.UV,
+        counter: int | None = None,
+        cross_origin: bool = False,
+    ) -> dict[str, Any]:
+        """navigator.credentials.get(): an AuthenticationResponseJSON signed over authData || hash(clientData)."""
+        if counter is None:
+            self.counter += self.step
+            counter = self.counter
+        client_data = CollectedClientData.create(
+            type="webauthn.get", challenge=challenge, origin=origin, cross_origin=cross_origin
+        )
+        auth_data = AuthenticatorData.create(hashlib.sha256(rp_id.encode()).digest(), FLAGS(flags), counter)
+        signature = self.key.sign(auth_data + client_data.hash, ec.ECDSA(hashes.SHA256()))
+        response: dict[str, Any] = {
+            "clientDataJSON": b64u(client_data),
+            "authenticatorData": b64u(auth_data),
+            "signature": b64u(signature),
+        }
+        if self.user_handle is not None:
+            response["userHandle"] = b64u(self.user_handle)
+        return {"id": self.id, "rawId": self.id, "type": "public-key", "response": response,
+                "clientExtensionResults": {}}
+
+
+def principal(subject: str = "alice", issuer: str = ISSUER) -> Principal:
+    return Principal(issuer=issuer, subject=subject, client_id="app", scopes=("read",), roles=frozenset(),
+                     expires_at=2e9, claims={"sub": subject, "name": subject.title()})
+
+
+def attrs(method: str = "POST", path: str = "/payments/transfer", assertion: str | None = None) -> RequestAttributes:
+    headers = {"authorization": "Bearer x"}
+    if assertion is not None:
+        headers["x-webauthn-assertion"] = assertion
+    return RequestAttributes(method=method, scheme="https", host="api.example.test", path=path, headers=headers)
+
+
+class Harness:
+    """A service with a frozen clock, memory state, an in-memory SQLite store and a router."""
+
+    def __init__(self, **config: Any) -> None:
+        self.clock = FrozenClock()
+        self.state = MemoryState(self.clock)
+        self.registry = CollectorRegistry()
+        self.config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=SECRET, **config)
+        self.service = WebAuthnService(self.config, SqliteCredentialStore(":memory:"), self.state, self.clock,
+                                       self.registry)
+        self.router = Router()
+        self.service.register_routes(self.router, self.authenticate)
+
+    async def authenticate(self, request: HttpRequest) -> Principal:
+        value = request.headers.get("authorization", "")
+        if not value:
+            raise MissingToken()
+        if not value.startswith("Bearer token-"):
+            raise InvalidToken("token signature does not verify", code="signature_invalid")
+        return principal(value.removeprefix("Bearer token-"))
+
+    async def call(self, method: str, path: str, *, user: str | None = "alice", body: Any = None,
+                   headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+        all_headers = {"host": "localhost:9555", **(headers or {})}
+        if user is not None:
+            all_headers["authorization"] = f"Bearer token-{user}"
+        raw = json.dumps(body).encode() if body is not None else b""
+        answer = await self.router.dispatch(HttpRequest(method, path, "", all_headers, raw))
+        document = json.loads(answer.body) if answer.body and answer.body[:1] in (b"{", b"[") else answer.body
+        return answer.status, dict(answer.headers), document
+
+    async def register(self, authenticator: SoftAuthenticator, user: str = "alice",
+                       proof: SoftAuthenticator | None = None, **create: Any) -> int:
+        """The whole ceremony; `proof` signs the step-up a user with a credential must pass first."""
+        status, _, begun = await self.call("POST", "/v1/webauthn/register/begin", user=user, body={})
+        if status == 401 and proof is not None:
+            header = encode_header(proof.get(begun["publicKey"]["challenge"]))
+            status, _, begun = await self.call("POST", "/v1/webauthn/register/begin", user=user, body={},
+                                               headers={"x-webauthn-assertion": header})
+        if status != 200:
+            return status
+        credential = authenticator.create(begun["publicKey"], **create)
+        status, _, _ = await self.call("POST", "/v1/webauthn/register/complete", user=user,
+                                       body={"state": begun["state"], "credential": credential, "name": "key"})
+        return status
+
+    async def challenge(self, who: Principal, request: RequestAttributes) -> AssertionRefused:
+        with pytest.raises(AssertionRefused) as caught:
+            await self.service.check_step_up(who, request)
+        assert caught.value.offer is not None
+        return caught.value
+
+    def metric(self, result: str) -> float:
+        value = self.registry.get_sample_value("verifier_webauthn_assertions_total", {"result": result})
+        return value or 0.0
+
+
+@pytest.fixture
+async def harness() -> Any:
+    h = Harness()
+    yield h
+    await h.service.close()
+
+
+@pytest.fixture
+async def enrolled(harness: Harness) -> tuple[Harness, SoftAuthenticator]:
+    authenticator = SoftAuthenticator()
+    assert await harness.register(authenticator) == 201
+    return harness, authenticator
+
+
+async def assertion_for(h: Harness, a: SoftAuthenticator, request: RequestAttributes, who: Principal | None = None,
+                        **get: Any) -> str:
+    refused = await h.challenge(who or principal(), request)
+    assert refused.offer is not None
+    return encode_header(a.get(refused.offer.challenge, **get))
+
+
+# --- configuration -------------------------------------------------------------------------------------
+
+def test_parses_a_full_webauthn_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VERIFIER_WEBAUTHN_SECRET", "k" * 40)
+    config = parse_webauthn_config({
+        "rp_id": "localhost", "rp_name": "Demo", "origins": ["http://localhost:9555"],
+        "user_verification": "preferred", "attestation": "none", "challenge_timeout_seconds": 60,
+        "secret_env": "VERIFIER_WEBAUTHN_SECRET", "storage": {"sqlite_path": ":memory:"},
+    })
+    assert config.rp_name == "Demo" and config.origins == ("http://localhost:9555",)
+    assert config.secret == b"k" * 40 and config.secret_from_env
+    assert config.timeout_ms == 60_000 and not config.user_verification_required
+    assert config.sqlite_path == ":memory:"
+
+
+def test_draws_a_random_secret_per_process_when_the_variable_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VERIFIER_WEBAUTHN_SECRET", raising=False)
+    one = parse_webauthn_config({"rp_id": "localhost", "origins": [ORIGIN]})
+    two = parse_webauthn_config({"rp_id": "localhost", "origins": [ORIGIN]})
+    assert len(one.secret) == 32 and one.secret != two.secret and not one.secret_from_env
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"origins": [ORIGIN]}, "webauthn.rp_id"),
+        ({"rp_id": "localhost"}, "webauthn.origins"),
+        ({"rp_id": "localhost", "origins": ["http://evil.example"]}, "webauthn.origins[0]"),
+        ({"rp_id": "example.com", "origins": ["http://example.com"]}, "webauthn.origins[0]"),  # http off localhost
+        ({"rp_id": "example.com", "origins": ["https://example.org"]}, "webauthn.origins[0]"),
+        ({"rp_id": "https://example.com", "origins": ["https://example.com"]}, "webauthn.rp_id"),
+        ({"rp_id": "localhost", "origins": [ORIGIN], "colour": 1}, "webauthn.colour"),
+        ({"rp_id": "localhost", "origins": [ORIGIN], "user_verification": "always"}, "webauthn.user_verification"),
+        ({"rp_id": "localhost", "origins": [ORIGIN], "attestation": "direct"}, "webauthn.attestation"),
+        ({"rp_id": "localhost", "origins": [ORIGIN], "attestation": "trusted_roots"}, "webauthn.trusted_roots_pem"),
+        ({"rp_id": "localhost", "origins": [ORIGIN], "trusted_roots_pem": ["nope"]}, "webauthn.trusted_roots_pem[0]"),
+        ({"rp_id": "localhost", "origins": [ORIGIN], "challenge_timeout_seconds": 0},
+         "webauthn.challenge_timeout_seconds"),
+        ({"rp_id": "localhost", "origins": [ORIGIN], "storage": {"path": "x"}}, "webauthn.storage.path"),
+        ({"rp_id": "localhost", "origins": [ORIGIN], "demo": "yes"}, "webauthn.demo"),
+        ({"rp_id": "localhost", "origins": [ORIGIN], "secret_env": "SHORT_WEBAUTHN_SECRET"}, "webauthn.secret_env"),
+    ],
+)
+def test_refuses_a_bad_webauthn_section_naming_the_key(
+    data: dict[str, Any], key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHORT_WEBAUTHN_SECRET", "short")
+    with pytest.raises(ConfigError) as caught:
+        parse_webauthn_config(data)
+    assert str(caught.value).startswith(key + ":")
+
+
+# --- registration --------------------------------------------------------------------------------------
+
+async def test_registers_lists_and_deletes_a_credential(harness: Harness) -> None:
+    status, _, begun = await harness.call("POST", "/v1/webauthn/register/begin", body={})
+    assert status == 200
+    options = begun["publicKey"]
+    assert options["rp"] == {"id": RP_ID, "name": "edge-verifier"}
+    assert unb64u(options["user"]["id"]) == user_handle(ISSUER, "alice")
+    assert options["authenticatorSelection"]["userVerification"] == "required"
+    assert options["timeout"] == 120_000 and len(unb64u(options["challenge"])) == 32
+    assert {p["alg"] for p in options["pubKeyCredParams"]} == {-7, -8, -35, -257, -37}
+    a = SoftAuthenticator()
+    credential = a.create(options)
+    status, headers, created = await harness.call(
+        "POST", "/v1/webauthn/register/complete", body={"state": begun["state"], "credential": credential}
+    )
+    assert status == 201, created
+    assert created["id"] == a.id and headers["location"] == f"/v1/webauthn/credentials/{a.id}"
+    assert created["transports"] == ["usb"] and created["user_verified"] is True
+
+    status, _, listed = await harness.call("GET", "/v1/webauthn/credentials")
+    assert status == 200 and [c["id"] for c in listed["credentials"]] == [a.id]
+    status, _, bobs = await harness.call("GET", "/v1/webauthn/credentials", user="bob")
+    assert bobs == {"credentials": []}
+
+    status, _, challenged = await harness.call("POST", "/v1/webauthn/register/begin", body={})
+    assert status == 401  # a second key needs a step-up with the first
+    proof = encode_header(a.get(challenged["publicKey"]["challenge"]))
+    status, _, again = await harness.call("POST", "/v1/webauthn/register/begin", body={},
+                                          headers={"x-webauthn-assertion": proof})
+    assert status == 200
+    assert [c["id"] for c in again["publicKey"]["excludeCredentials"]] == [a.id]
+
+    status, _, _ = await harness.call("DELETE", f"/v1/webauthn/credentials/{a.id}", user="bob")
+    assert status == 404  # not bob's
+    status, headers, challenged = await harness.call("DELETE", f"/v1/webauthn/credentials/{a.id}")
+    assert status == 401 and headers["www-authenticate"].startswith("WebAuthn ")
+    proof = encode_header(a.get(challenged["publicKey"]["challenge"]))
+    status, _, _ = await harness.call("DELETE", f"/v1/webauthn/credentials/{a.id}",
+                                      headers={"x-webauthn-assertion": proof})
+    assert status == 204
+    status, _, _ = await harness.call("DELETE", f"/v1/webauthn/credentials/{a.id}")
+    assert status == 404
+    _, _, listed = await harness.call("GET", "/v1/webauthn/credentials")
+    assert listed == {"credentials": []}
+
+
+async def test_answers_a_missing_or_bad_token_like_the_decision_module(harness: Harness) -> None:
+    status, headers, body = await harness.call("POST", "/v1/webauthn/register/begin", user=None, body={})
+    assert status == 401 and headers["www-authenticate"] == 'Bearer realm="verifier"'
+    assert headers["x-verifier-reason"] == "token_missing"
+    status, headers, body = await harness.call(
+        "GET", "/v1/webauthn/credentials", headers={"authorization": "Bearer forged"}, user=None
+    )
+    assert status == 401 and 'error="invalid_token"' in headers["www-authenticate"]
+    assert body["error"] == "invalid_token"
+
+
+async def _begin_and_create(h: Harness, a: SoftAuthenticator, user: str = "alice", **create: Any) -> tuple[str, Any]:
+    _, _, begun = await h.call("POST", "/v1/webauthn/register/begin", user=user, body={})
+    return begun["state"], a.create(begun["publicKey"], **create)
+
+
+def _tamper_state(state: str) -> str:
+    body, tag = state.split(".")
+    document = json.loads(unb64u(body))
+    document["exp"] += 3600
+    return b64u(json.dumps(document, separators=(",", ":"), sort_keys=True).encode()) + "." + tag
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("state_body_altered", "webauthn_state_invalid"),
+        ("state_tag_altered", "webauthn_state_invalid"),
+        ("state_garbage", "webauthn_state_invalid"),
+        ("state_of_another_user", "webauthn_state_invalid"),
+        ("state_expired", "webauthn_state_expired"),
+        ("wrong_origin", "webauthn_registration_invalid"),
+        ("wrong_rp_id", "webauthn_registration_invalid"),
+        ("no_user_verification", "webauthn_registration_invalid"),
+        ("challenge_of_another_ceremony", "webauthn_registration_invalid"),
+    ],
+)
+async def test_refuses_a_registration_that_does_not_verify(harness: Harness, case: str, code: str) -> None:
+    a = SoftAuthenticator()
+    create: dict[str, Any] = {
+        "wrong_origin": {"origin": "http://localhost:1234"},
+        "wrong_rp_id": {"rp_id": "example.com"},
+        "no_user_verification": {"flags": FLAGS.UP},
+    }.get(case, {})
+    state, credential = await _begin_and_create(harness, a, **create)
+    if case == "state_body_altered":
+        state = _tamper_state(state)
+    elif case == "state_tag_altered":
+        state = state[:-2] + ("AA" if not state.endswith("AA") else "BB")
+    elif case == "state_garbage":
+        state = "not-a-state"
+    elif case == "state_of_another_user":
+        state, _ = await _begin_and_create(harness, SoftAuthenticator(), user="bob")
+    elif case == "state_expired":
+        harness.clock.advance(121)
+    elif case == "challenge_of_another_ceremony":
+        state, _ = await _begin_and_create(harness, SoftAuthenticator())
+    status, _, body = await harness.call(
+        "POST", "/v1/webauthn/register/complete", body={"state": state, "credential": credential}
+    )
+    assert status == 400 and body["error"] == code, body
+    _, _, listed = await harness.call("GET", "/v1/webauthn/credentials")
+    assert listed == {"credentials": []}
+
+
+async def test_refuses_a_replayed_registration_state(harness: Harness) -> None:
+    a = SoftAuthenticator()
+    state, credential = await _begin_and_create(harness, a)
+    body = {"state": state, "credential": credential}
+    assert (await harness.call("POST", "/v1/webauthn/register/complete", body=body))[0] == 201
+    status, _, answer = await harness.call("POST", "/v1/webauthn/register/complete", body=body)
+    assert status == 400 and answer["error"] == "webauthn_state_replayed"
+
+
+async def test_refuses_a_credential_id_registered_to_someone_else(harness: Harness) -> None:
+    a = SoftAuthenticator()
+    assert await harness.register(a, user="bob") == 201
+    assert await harness.register(a, user="alice") == 409
+
+
+async def test_refuses_malformed_registration_bodies(harness: Harness) -> None:
+    status, _, body = await harness.call("POST", "/v1/webauthn/register/begin", body={"residentKey": "always"})
+    assert status == 400 and body["error"] == "invalid_request"
+    status, _, body = await harness.call("POST", "/v1/webauthn/register/complete", body=["x"])
+    assert status == 400
+    state, _ = await _begin_and_create(harness, SoftAuthenticator())
+    status, _, body = await harness.call(
+        "POST", "/v1/webauthn/register/complete", body={"state": state, "credential": {"id": "x"}}
+    )
+    assert status == 400 and body["error"] == "webauthn_registration_invalid"
+
+
+async def test_a_stolen_token_alone_cannot_enroll_or_remove_keys_once_the_user_has_one(
+    enrolled: tuple[Harness, SoftAuthenticator],
+) -> None:
+    h, a = enrolled
+    attacker = SoftAuthenticator()
+    assert await h.register(attacker) == 401
+    assert await h.register(attacker, proof=attacker) == 401  # a key that is not enrolled proves nothing
+    status, headers, _ = await h.call("DELETE", f"/v1/webauthn/credentials/{a.id}")
+    assert status == 401 and headers["x-verifier-reason"] == "webauthn_assertion_required"
+    _, _, listed = await h.call("GET", "/v1/webauthn/credentials")
+    assert [c["id"] for c in listed["credentials"]] == [a.id]
+    # Once revocation disabled every key, the token enrolls again (the provider's login is the gate).
+    await h.service.disable_credentials(ISSUER, "alice", None)
+    assert await h.register(attacker) == 201
+
+
+# --- attestation policy: trusted roots ------------------------------------------------------------------
+
+def _certificate(subject: str, issuer: str, key: Any, signer: Any, *, ca: bool) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "SE"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test Vendor"),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Authenticator Attestation"),
+        x509.NameAttribute(NameOID.COMMON_NAME, subject),
+    ])
+    issuer_name = name if subject == issuer else x509.Name([
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "SE"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test Vendor"),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Authenticator Attestation"),
+        x509.NameAttribute(NameOID.COMMON_NAME, issuer),
+    ])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(signer, hashes.SHA256())
+    )
+
+
+def _packed_signer(leaf_key: Any, leaf: x509.Certificate) -> Any:
+    def sign(auth_data: bytes, client_data: CollectedClientData) -> dict[str, Any]:
+        signature = leaf_key.sign(auth_data + client_data.hash, ec.ECDSA(hashes.SHA256()))
+        return {"alg": -7, "sig": signature, "x5c": [leaf.public_bytes(serialization.Encoding.DER)]}
+
+    return sign
+
+
+async def test_trusted_roots_accepts_a_chain_to_a_configured_root_and_refuses_others() -> None:
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _certificate("Test Root", "Test Root", root_key, root_key, ca=True)
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = _certificate("Test Authenticator", "Test Root", leaf_key, root_key, ca=False)
+    rogue_key = ec.generate_private_key(ec.SECP256R1())
+    rogue_leaf = _certificate("Rogue", "Test Root", rogue_key, rogue_key, ca=False)  # claims the root, self-signed
+    h = Harness(attestation="trusted_roots",
+                trusted_roots_pem=(root.public_bytes(serialization.Encoding.PEM).decode(),))
+    try:
+        _, _, begun = await h.call("POST", "/v1/webauthn/register/begin", body={})
+        assert begun["publicKey"]["attestation"] == "direct"
+        assert await h.register(SoftAuthenticator()) == 400  # "none" attestation: nothing to trust
+        assert await h.register(SoftAuthenticator(), fmt="packed", signer=_packed_signer(rogue_key, rogue_leaf)) == 400
+        assert await h.register(SoftAuthenticator(), fmt="packed", signer=_packed_signer(leaf_key, leaf)) == 201
+    finally:
+        await h.service.close()
+
+
+# --- step-up assertions -------------------------------------------------------------------------------
+
+async def test_a_missing_assertion_is_answered_with_a_bound_challenge(
+    enrolled: tuple[Harness, SoftAuthenticator],
+) -> None:
+    h, a = enrolled
+    refused = await h.challenge(principal(), attrs())
+    assert refused.code == "webauthn_assertion_required"
+    decision = refuse(refused, realm="verifier")
+    assert decision.status == 401 and decision.reason == "webauthn_assertion_required"
+    header = dict(decision.response_headers)["www-authenticate"]
+    assert header.startswith('WebAuthn realm="verifier", error="insufficient_user_authentication"')
+    assert f'challenge="{refused.offer.challenge}", rp_id="localhost", timeout=120000' in header  # type: ignore[union-attr]
+    body = json.loads(decision.body)
+    assert body["publicKey"]["challenge"] == refused.offer.challenge  # type: ignore[union-attr]
+    assert body["publicKey"]["rpId"] == RP_ID and body["publicKey"]["userVerification"] == "required"
+    assert body["publicKey"]["allowCredentials"] == [{"type": "public-key", "id": a.id, "transports": ["usb"]}]
+    raw = unb64u(refused.offer.challenge)  # type: ignore[union-attr]
+    ChallengeSigner(SECRET).check(raw, subject=subject_hash(ISSUER, "alice"),
+                                  request=request_hash("POST", "/payments/transfer"), now=h.clock.now())
+
+
+async def test_accepts_a_valid_assertion_and_audits_it(
+    enrolled: tuple[Harness, SoftAuthenticator], caplog: pytest.LogCaptureFixture
+) -> None:
+    h, a = enrolled
+    header = await assertion_for(h, a, attrs())
+    with caplog.at_level(logging.INFO, logger="verifier.audit"):
+        await h.service.check_step_up(principal(), attrs(assertion=header))
+    records = [r for r in caplog.records if getattr(r, "event", "") == "webauthn_assertion"]
+    assert len(records) == 1 and records[0].levelno == logging.INFO
+    assert records[0].credential == a.id and records[0].counter == 1 and records[0].decision == "allow"  # type: ignore[attr-defined]
+    assert h.metric("ok") == 1
+    _, _, listed = await h.call("GET", "/v1/webauthn/credentials")
+    assert listed["credentials"][0]["sign_count"] == 1
+    assert listed["credentials"][0]["last_used_at"] == h.clock.now()
+
+
+async def test_refuses_a_replayed_assertion_with_a_fresh_challenge(
+    enrolled: tuple[Harness, SoftAuthenticator],
+) -> None:
+    h, a = enrolled
+    header = await assertion_for(h, a, attrs())
+    await h.service.check_step_up(principal(), attrs(assertion=header))
+    refused = await h.challenge(principal(), attrs(assertion=header))
+    assert refused.code == "webauthn_challenge_replayed"
+    assert refused.offer is not None and refused.offer.challenge not in header
+
+
+async def test_a_replay_is_refused_by_another_replica_sharing_state(
+    enrolled: tuple[Harness, SoftAuthenticator],
+) -> None:
+    h, a = enrolled
+    store = h.service._store  # the same registry; in production a shared database
+    other = WebAuthnService(h.config, store, h.state, h.clock, CollectorRegistry())
+    header = await assertion_for(h, a, attrs())
+    await other.check_step_up(principal(), attrs(assertion=header))  # a challenge from replica one
+    with pytest.raises(AssertionRefused) as caught:
+        await h.service.check_step_up(principal(), attrs(assertion=header))
+    assert caught.value.code == "webauthn_challenge_replayed"
+
+
+@pytest.mark.parametrize(
+    ("issued_for", "presented_at", "who", "code"),
+    [
+        (("POST", "/payments/transfer"), ("POST", "/payments/other"), "alice", "webauthn_challenge_mismatch"),
+        (("POST", "/payments/transfer"), ("DELETE", "/payments/transfer"), "alice", "webauthn_challenge_mismatch"),
+        (("POST", "/payments/transfer"), ("POST", "/payments/transfer?to=mallory"), "alice",
+         "webauthn_challenge_mismatch"),
+        (("POST", "/payments/transfer"), ("POST", "/payments/transfer"), "bob", "webauthn_challenge_mismatch"),
+    ],
+)
+async def test_refuses_a_challenge_issued_for_another_request_or_subject(
+    enrolled: tuple[Harness, SoftAuthenticator],
+    issued_for: tuple[str, str],
+    presented_at: tuple[str, str],
+    who: str,
+    code: str,
+) -> None:
+    h, a = enrolled
+    header = await assertion_for(h, a, attrs(*issued_for))
+    refused = await h.challenge(principal(who), attrs(*presented_at, assertion=header))
+    assert refused.code == code
+
+
+async def test_refuses_an_expired_challenge(enrolled: tuple[Harness, SoftAuthenticator]) -> None:
+    h, a = enrolled
+    header = await assertion_for(h, a, attrs())
+    h.clock.advance(120)
+    refused = await h.challenge(principal(), attrs(assertion=header))
+    assert refused.code == "webauthn_challenge_expired"
+
+
+async def test_refuses_a_challenge_this_verifier_did_not_sign(enrolled: tuple[Harness, SoftAuthenticator]) -> None:
+    h, a = enrolled
+    forged = ChallengeSigner(b"x" * 32).issue(
+        subject=subject_hash(ISSUER, "alice"), request=request_hash("POST", "/payments/transfer"),
+        expires_at=int(h.clock.now()) + 60,
+    )
+    for challenge in (b64u(forged), b64u(os.urandom(32))):
+        refused = await h.challenge(principal(), attrs(assertion=encode_header(a.get(challenge))))
+        assert refused.code == "webauthn_challenge_invalid"
+
+
+async def test_refuses_a_credential_of_another_user(harness: Harness) -> None:
+    bobs = SoftAuthenticator()
+    assert await harness.register(bobs, user="bob") == 201
+    alices = SoftAuthenticator()
+    assert await harness.register(alices, user="alice") == 201
+    bobs.user_handle = None  # a U2F-style authenticator sends no user handle
+    header = await assertion_for(harness, bobs, attrs())
+    refused = await harness.challenge(principal("alice"), attrs(assertion=header))
+    assert refused.code == "webauthn_credential_unknown"
+
+
+@pytest.mark.parametrize(
+    ("get", "code"),
+    [
+        ({"origin": "https://evil.example"}, "webauthn_origin_mismatch"),
+        ({"origin": "http://localhost:9556"}, "webauthn_origin_mismatch"),
+        ({"cross_origin": True}, "webauthn_origin_mismatch"),
+        ({"rp_id": "evil.example"}, "webauthn_rp_id_mismatch"),
+        ({"flags": FLAGS.UP}, "webauthn_user_verification_missing"),
+        ({"flags": FLAGS.UV}, "webauthn_user_presence_missing"),
+    ],
+)
+async def test_refuses_an_assertion_made_in_the_wrong_context(
+    enrolled: tuple[Harness, SoftAuthenticator], get: dict[str, Any], code: str
+) -> None:
+    h, a = enrolled
+    header = await assertion_for(h, a, attrs(), **get)
+    refused = await h.challenge(principal(), attrs(assertion=header))
+    assert refused.code == code
+    assert h.metric(code) == 1
+
+
+async def test_accepts_a_missing_uv_flag_when_verification_is_only_preferred() -> None:
+    h = Harness(user_verification="preferred")
+    try:
+        a = SoftAuthenticator()
+        assert await h.register(a, flags=FLAGS.UP) == 201
+        header = await assertion_for(h, a, attrs(), flags=FLAGS.UP)
+        await h.service.check_step_up(principal(), attrs(assertion=header))
+    finally:
+        await h.service.close()
+
+
+def _tamper(credential: dict[str, Any], part: str) -> dict[str, Any]:
+    response = dict(credential["response"])
+    if part == "authenticatorData":
+        data = bytearray(unb64u(response["authenticatorData"]))
+        data[32] |= FLAGS.BE  # flip a flag bit the attacker would like: backup eligible
+        response["authenticatorData"] = b64u(bytes(data))
+    elif part == "clientDataJSON":
+        document = json.loads(unb64u(response["clientDataJSON"]))
+        document["extra"] = "tampered"
+        response["clientDataJSON"] = b64u(json.dumps(document).encode())
+    elif part == "signature":
+        signature = bytearray(unb64u(response["signature"]))
+        signature[-1] ^= 0x01
+        response["signature"] = b64u(bytes(signature))
+    return {**credential, "response": response}
+
+
+@pytest.mark.parametrize("part", ["authenticatorData", "clientDataJSON", "signature"])
+async def test_refuses_a_tampered_assertion(enrolled: tuple[Harness, SoftAuthenticator], part: str) -> None:
+    h, a = enrolled
+    refused = await h.challenge(principal(), attrs())
+    assert refused.offer is not None
+    credential = _tamper(a.get(refused.offer.challenge), part)
+    refused = await h.challenge(principal(), attrs(assertion=encode_header(credential)))
+    assert refused.code == "webauthn_signature_invalid"
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["!!!", b64u(b"not json"), b64u(b"[]"), b64u(b'{"response": {}}'), "A" * 20000,
+     b64u(json.dumps({"id": "AA", "rawId": "AA", "type": "password", "response": {}}).encode())],
+)
+async def test_refuses_a_malformed_assertion(enrolled: tuple[Harness, SoftAuthenticator], header: str) -> None:
+    h, _ = enrolled
+    refused = await h.challenge(principal(), attrs(assertion=header))
+    assert refused.code == "webauthn_assertion_malformed"
+
+
+async def test_refuses_a_counter_regression_and_audits_a_warning(
+    enrolled: tuple[Harness, SoftAuthenticator], caplog: pytest.LogCaptureFixture
+) -> None:
+    h, a = enrolled
+    await h.service.check_step_up(principal(), attrs(assertion=await assertion_for(h, a, attrs(), counter=5)))
+    clone = await assertion_for(h, a, attrs(), counter=5)  # a cloned key replays the same counter
+    with caplog.at_level(logging.INFO, logger="verifier.audit"):
+        refused = await h.challenge(principal(), attrs(assertion=clone))
+    assert refused.code == "webauthn_counter_regression"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].getMessage() == "webauthn_counter_regression"
+    assert warnings[0].credential == a.id and warnings[0].counter == 5 and warnings[0].stored_counter == 5  # type: ignore[attr-defined]
+    lower = await assertion_for(h, a, attrs(), counter=3)
+    assert (await h.challenge(principal(), attrs(assertion=lower))).code == "webauthn_counter_regression"
+    higher = await assertion_for(h, a, attrs(), counter=6)
+    await h.service.check_step_up(principal(), attrs(assertion=higher))
+
+
+async def test_accepts_an_authenticator_that_keeps_no_counter(harness: Harness) -> None:
+    a = SoftAuthenticator(counter=0, step=0)  # passkeys synced across devices report 0 forever
+    assert await harness.register(a) == 201
+    for _ in range(2):
+        header = await assertion_for(harness, a, attrs())
+        await harness.service.check_step_up(principal(), attrs(assertion=header))
+
+
+async def test_disabled_credentials_are_refused_and_not_offered(
+    enrolled: tuple[Harness, SoftAuthenticator],
+) -> None:
+    h, a = enrolled
+    header = await assertion_for(h, a, attrs())
+    assert await h.service.disable_credentials(ISSUER, "alice", [a.id, "!!"]) == 1
+    refused = await h.challenge(principal(), attrs(assertion=header))
+    assert refused.code == "webauthn_credential_disabled"
+    assert refused.offer is not None and refused.offer.public_key["allowCredentials"] == []
+    _, _, listed = await h.call("GET", "/v1/webauthn/credentials")
+    assert listed["credentials"][0]["disabled"] is True
+
+
+async def test_disable_all_credentials_of_a_subject(harness: Harness) -> None:
+    first = SoftAuthenticator()
+    assert await harness.register(first) == 201
+    assert await harness.register(SoftAuthenticator(), proof=first) == 201
+    assert await harness.register(SoftAuthenticator(), user="bob") == 201
+    assert await harness.service.disable_credentials(ISSUER, "alice", None) == 2
+    _, _, bobs = await harness.call("GET", "/v1/webauthn/credentials", user="bob")
+    assert bobs["credentials"][0]["disabled"] is False
+
+
+async def test_a_user_handle_of_another_user_is_refused(enrolled: tuple[Harness, SoftAuthenticator]) -> None:
+    h, a = enrolled
+    a.user_handle = user_handle(ISSUER, "bob")
+    header = await assertion_for(h, a, attrs())
+    assert (await h.challenge(principal(), attrs(assertion=header))).code == "webauthn_credential_unknown"
+
+
+# --- the demo endpoints ------------------------------------------------------------------------------
+
+async def test_serves_the_demo_page_with_a_strict_policy(harness: Harness) -> None:
+    status, headers, page = await harness.call("GET", "/v1/webauthn/demo", user=None)
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b"navigator.credentials.get" in page
+    csp = headers["content-security-policy"]
+    assert "script-src 'sha256-" in csp and "unsafe-inline" not in csp.split("script-src", 1)[1].split(";")[0]
+
+
+async def test_the_demo_protected_path_runs_the_step_up(enrolled: tuple[Harness, SoftAuthenticator]) -> None:
+    h, a = enrolled
+    status, headers, body = await h.call("POST", "/v1/webauthn/demo/protected/transfer")
+    assert status == 401 and headers["www-authenticate"].startswith("WebAuthn ")
+    assert headers["x-verifier-reason"] == "webauthn_assertion_required"
+    header = encode_header(a.get(body["publicKey"]["challenge"]))
+    status, _, body = await h.call("POST", "/v1/webauthn/demo/protected/transfer",
+                                   headers={"x-webauthn-assertion": header})
+    assert status == 200 and body == {"ok": True, "subject": "alice", "name": "transfer"}
+
+
+async def test_no_demo_routes_when_disabled() -> None:
+    h = Harness(demo=False)
+    try:
+        assert (await h.call("GET", "/v1/webauthn/demo"))[0] == 404
+    finally:
+        await h.service.close()
+
+
+async def test_sqlite_store_survives_a_restart(tmp_path: Any) -> None:
+    path = str(tmp_path / "webauthn.sqlite3")
+    clock = FrozenClock()
+    config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=SECRET)
+    first = WebAuthnService(config, SqliteCredentialStore(path), MemoryState(clock), clock, CollectorRegistry())
+    h = Harness()
+    h.service = first
+    h.router = Router()
+    first.register_routes(h.router, h.authenticate)
+    a = SoftAuthenticator()
+    assert await h.register(a) == 201
+    await first.close()
+    second = SqliteCredentialStore(path)
+    try:
+        stored = await second.for_user(ISSUER, "alice")
+        assert [c.credential_id for c in stored] == [a.credential_id]
+    finally:
+        await second.close()

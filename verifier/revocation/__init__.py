@@ -1,0 +1,18 @@
+"""Revocation at the edge: SSF/CAEP/RISC events and the operator's kill switch, checked on every decision.
+
+The composition root builds one `RevocationService`; the pipeline asks `service.revocations.check()`
+(refusal or None) and `service.revocations.overrides()` (claims for policy) on every decision.
+"""
+
+from verifier.revocation.config import RevocationConfig, TransmitterConfig, parse_revocation_config
+from verifier.revocation.index import Revocations, TokenRevoked
+from verifier.revocation.service import RevocationService
+
+__all__ = [
+    "RevocationConfig",
+    "RevocationService",
+    "Revocations",
+    "TokenRevoked",
+    "TransmitterConfig",
+    "parse_revocation_config",
+]

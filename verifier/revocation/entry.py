@@ -1,0 +1,146 @@
+"""A revocation entry: who it matches (an RFC 9493 subject reduced to one lookup key), what it does, until when.
+
+Entries are what events (SSF/CAEP/RISC) and the operator's kill switch both become, and what the
+store shares between replicas; they serialize to JSON and back without loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from collections.abc import Mapping
+from typing import Any
+
+
+class KeyKind(enum.Enum):
+    """How a token is matched: by (iss, sub), by its `email` claim, or by its session (`sid`)."""
+
+    ISS_SUB = "iss_sub"
+    EMAIL = "email"
+    SID = "sid"
+
+
+class Effect(enum.Enum):
+    """What an entry does to a matching token; the refusals' values are their stable codes."""
+
+    TOKEN_REVOKED = "token_revoked"  # noqa: S105 - a code, not a secret; the operator's kill switch
+    SESSION_REVOKED = "session_revoked"  # CAEP session-revoked
+    CREDENTIAL_REVOKED = "credential_revoked"  # CAEP credential-change (revoke/delete)
+    ACCOUNT_DISABLED = "account_disabled"  # RISC account-disabled/-purged, credential-compromise
+    CLAIMS_OVERRIDE = "claims_override"  # CAEP assurance-level-change, token-claims-change
+
+
+class Match(enum.Enum):
+    """Which of the key's tokens an entry reaches."""
+
+    ALL = "all"  # every token (a revoked session, a disabled account)
+    ISSUED_BEFORE = "issued_before"  # `iat` at or before the event; no `iat` counts as before
+    AUTHENTICATED_BEFORE = "authenticated_before"  # `auth_time` (else `iat`) at or before the event
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SubjectKey:
+    """One lookup key; `iss` is set for ISS_SUB only. Emails are compared lower-cased."""
+
+    kind: KeyKind
+    value: str
+    iss: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        """The JSON form."""
+        return {"kind": self.kind.value, "value": self.value, "iss": self.iss}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SubjectKey:
+        """Parses the JSON form; raises ValueError/KeyError/TypeError when malformed."""
+        return cls(KeyKind(data["kind"]), str(data["value"]), str(data.get("iss", "")))
+
+    def describe(self) -> dict[str, str]:
+        """The RFC 9493 subject identifier this key stands for (for the admin listing)."""
+        if self.kind is KeyKind.ISS_SUB:
+            return {"format": "iss_sub", "iss": self.iss, "sub": self.value}
+        if self.kind is KeyKind.EMAIL:
+            return {"format": "email", "email": self.value}
+        return {"format": "opaque", "id": self.value}
+
+
+OPERATOR = "operator"  # the `source` of kill-switch entries
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Entry:
+    """One revocation or override."""
+
+    id: str
+    key: SubjectKey
+    effect: Effect
+    match: Match
+    event_time: float  # epoch seconds: the event's time, compared with a token's iat/auth_time
+    expires_at: float | None  # epoch seconds after which no matching token can still be alive; None: until lifted
+    source: str  # the transmitter's issuer, or OPERATOR
+    event: str  # the event type URI, or OPERATOR
+    jti: str = ""  # the SET's jti (audit)
+    reason: str = ""
+    overrides: Mapping[str, Any] | None = None  # CLAIMS_OVERRIDE only: claim -> new value
+
+    def live(self, now: float) -> bool:
+        """Whether the entry can still match a live token."""
+        return self.expires_at is None or self.expires_at > now
+
+    def to_json(self) -> str:
+        """The JSON text stored in the shared store."""
+        return json.dumps(
+            {
+                "id": self.id,
+                "key": self.key.to_json(),
+                "effect": self.effect.value,
+                "match": self.match.value,
+                "event_time": self.event_time,
+                "expires_at": self.expires_at,
+                "source": self.source,
+                "event": self.event,
+                "jti": self.jti,
+                "reason": self.reason,
+                "overrides": dict(self.overrides) if self.overrides is not None else None,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Entry:
+        """Parses the stored form; raises ValueError when it is not an entry."""
+        try:
+            data = json.loads(text)
+            overrides = data.get("overrides")
+            expires_at = data.get("expires_at")
+            return cls(
+                id=str(data["id"]),
+                key=SubjectKey.from_json(data["key"]),
+                effect=Effect(data["effect"]),
+                match=Match(data["match"]),
+                event_time=float(data["event_time"]),
+                expires_at=None if expires_at is None else float(expires_at),
+                source=str(data["source"]),
+                event=str(data["event"]),
+                jti=str(data.get("jti", "")),
+                reason=str(data.get("reason", "")),
+                overrides=dict(overrides) if isinstance(overrides, dict) else None,
+            )
+        except (KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise ValueError(f"not a revocation entry: {type(exc).__name__}") from exc
+
+    def public(self) -> dict[str, Any]:
+        """The admin API's view of the entry."""
+        return {
+            "id": self.id,
+            "subject": self.key.describe(),
+            "effect": self.effect.value,
+            "event_time": self.event_time,
+            "expires_at": self.expires_at,
+            "source": self.source,
+            "event": self.event,
+            "jti": self.jti,
+            "reason": self.reason,
+            **({"overrides": dict(self.overrides)} if self.overrides is not None else {}),
+        }

@@ -1,0 +1,207 @@
+"""The in-memory index every decision consults: synchronous, a few dict lookups, no I/O.
+
+`Revocations.check` runs on every decision, cache hits included, so it only reads dicts keyed by
+(iss, sub), `email` and `sid`; the store (memory or Redis) keeps the index in sync from outside.
+An entry whose every possible token has expired simply stops matching, before any purge runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from verifier.clock import Clock
+from verifier.errors import InvalidToken, VerifierError
+from verifier.principal import Principal
+from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+
+audit_log = logging.getLogger("verifier.audit")
+
+_DESCRIPTIONS = {
+    Effect.TOKEN_REVOKED: "token revoked",
+    Effect.SESSION_REVOKED: "session revoked",
+    Effect.CREDENTIAL_REVOKED: "credential revoked",
+    Effect.ACCOUNT_DISABLED: "account disabled",
+}
+# Which refusal wins when several entries match: the broadest and longest-lasting first.
+_PRECEDENCE = {
+    Effect.ACCOUNT_DISABLED: 0,
+    Effect.CREDENTIAL_REVOKED: 1,
+    Effect.SESSION_REVOKED: 2,
+    Effect.TOKEN_REVOKED: 3,
+}
+
+
+class TokenRevoked(InvalidToken):
+    """A token refused because of a revocation entry: final, never reused by a gateway.
+
+    `code` is the entry's effect (`session_revoked`, `credential_revoked`, `account_disabled`,
+    `token_revoked`); `jti` and `entry_id` name the event behind it for the audit line.
+    """
+
+    code = "token_revoked"
+    reusable = False  # the entry can be lifted at any moment; a cached refusal would outlive it
+
+    def __init__(self, description: str = "", *, code: str | None = None, jti: str = "", entry_id: str = "") -> None:
+        super().__init__(description, code=code)
+        self.jti = jti
+        self.entry_id = entry_id
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _reaches(entry: Entry, iat: float | None, auth_time: float | None) -> bool:
+    if entry.match is Match.ALL:
+        return True
+    # auth_time <= iat always, so without auth_time the iat is a safe upper bound on it.
+    when = auth_time if entry.match is Match.AUTHENTICATED_BEFORE and auth_time is not None else iat
+    return when is None or when <= entry.event_time  # no time at all: fail closed
+
+
+class Revocations:
+    """The synchronous checker over the current entries."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._entries: dict[str, Entry] = {}
+        self._refusals: dict[tuple[KeyKind, str, str], list[Entry]] = {}
+        self._overrides: dict[tuple[KeyKind, str, str], list[Entry]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- the hot path ----------------------------------------------------------------------------------
+
+    def check(self, principal: Principal) -> VerifierError | None:
+        """The refusal for this principal's token, or None when no entry reaches it."""
+        if not self._refusals:
+            return None
+        claims = principal.claims
+        found: Entry | None = None
+        now: float | None = None
+        iat = auth_time = None
+        for key in self._keys_of(principal, claims, for_overrides=False):
+            bucket = self._refusals.get(key)
+            if not bucket:
+                continue
+            if now is None:  # read once, and only for a principal some entry is keyed on
+                now = self._clock.now()
+                iat, auth_time = _number(claims.get("iat")), _number(claims.get("auth_time"))
+            for entry in bucket:
+                if found is not None and _PRECEDENCE[entry.effect] >= _PRECEDENCE[found.effect]:
+                    continue
+                if entry.live(now) and _reaches(entry, iat, auth_time):
+                    found = entry
+        if found is None:
+            return None
+        audit_log.warning(
+            "token_revoked",
+            extra={
+                "event": "token_revoked",
+                "issuer": principal.issuer,
+                "subject": principal.subject,
+                "reason": found.effect.value,
+                "jti": found.jti,
+                "entry": found.id,
+                "source": found.source,
+            },
+        )
+        return TokenRevoked(_DESCRIPTIONS[found.effect], code=found.effect.value, jti=found.jti, entry_id=found.id)
+
+    def overrides(self, principal: Principal) -> Mapping[str, Any] | None:
+        """Claims that replace the token's for policy evaluation (newest event last wins), or None."""
+        if not self._overrides:
+            return None
+        claims = principal.claims
+        iat = _number(claims.get("iat"))
+        now = self._clock.now()
+        found: list[Entry] = []
+        for key in self._keys_of(principal, claims, for_overrides=True):
+            found.extend(e for e in self._overrides.get(key, ()) if e.live(now) and _reaches(e, iat, None))
+        if not found:
+            return None
+        merged: dict[str, Any] = {}
+        for entry in sorted(found, key=lambda e: (e.event_time, e.id)):
+            merged.update(entry.overrides or {})
+        return merged
+
+    @staticmethod
+    def _keys_of(principal: Principal, claims: Mapping[str, Any], *, for_overrides: bool) -> list[
+        tuple[KeyKind, str, str]
+    ]:
+        keys = [(KeyKind.ISS_SUB, principal.subject, principal.issuer)]
+        sid = claims.get("sid")
+        if isinstance(sid, str) and sid:
+            keys.append((KeyKind.SID, sid, ""))
+        email = claims.get("email")
+        # An unverified email may be anyone's: good enough to refuse on, never to grant on.
+        if isinstance(email, str) and email and (not for_overrides or claims.get("email_verified") is True):
+            keys.append((KeyKind.EMAIL, email.lower(), ""))
+        return keys
+
+    # -- kept in sync by the store ---------------------------------------------------------------------
+
+    def entries(self) -> list[Entry]:
+        """The live entries, oldest event first."""
+        now = self._clock.now()
+        return sorted((e for e in self._entries.values() if e.live(now)), key=lambda e: (e.event_time, e.id))
+
+    def get(self, entry_id: str) -> Entry | None:
+        """One entry by id."""
+        return self._entries.get(entry_id)
+
+    def add(self, entries: Iterable[Entry]) -> None:
+        """Adds (or replaces, by id) entries."""
+        for entry in entries:
+            self._remove_one(entry.id)
+            self._entries[entry.id] = entry
+            table = self._overrides if entry.effect is Effect.CLAIMS_OVERRIDE else self._refusals
+            table.setdefault(_lookup(entry.key), []).append(entry)
+
+    def remove(self, ids: Iterable[str]) -> None:
+        """Drops entries by id (unknown ids are ignored)."""
+        for entry_id in ids:
+            self._remove_one(entry_id)
+
+    def replace(self, entries: Iterable[Entry]) -> None:
+        """Replaces everything with `entries` (a full resync)."""
+        self._entries.clear()
+        self._refusals.clear()
+        self._overrides.clear()
+        self.add(entries)
+
+    def expired(self) -> list[str]:
+        """Ids of entries that can no longer match any live token."""
+        now = self._clock.now()
+        return [e.id for e in self._entries.values() if not e.live(now)]
+
+    def matching(self, keys: Iterable[SubjectKey], effect: Effect, *, not_after: float, source: str) -> list[str]:
+        """Ids of `effect` entries from `source` on these keys whose event is at or before `not_after`."""
+        wanted = {_lookup(k) for k in keys}
+        return [
+            e.id
+            for e in self._entries.values()
+            if e.effect is effect and e.source == source and _lookup(e.key) in wanted and e.event_time <= not_after
+        ]
+
+    def _remove_one(self, entry_id: str) -> None:
+        old = self._entries.pop(entry_id, None)
+        if old is None:
+            return
+        table = self._overrides if old.effect is Effect.CLAIMS_OVERRIDE else self._refusals
+        key = _lookup(old.key)
+        bucket = [e for e in table.get(key, ()) if e.id != entry_id]
+        if bucket:
+            table[key] = bucket
+        else:
+            table.pop(key, None)
+
+
+def _lookup(key: SubjectKey) -> tuple[KeyKind, str, str]:
+    return (key.kind, key.value, key.iss)

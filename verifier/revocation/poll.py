@@ -1,0 +1,161 @@
+"""RFC 8936 Poll-Based SET delivery: ask the transmitter for SETs, acknowledge what we took.
+
+Each request carries the previous response's acknowledgements (`ack`) and refusals (`setErrs`,
+RFC 8936 section 2.4.3) and asks to return immediately (`returnImmediately`, section 2.4.1): a
+long-held request would tie a connection to a transmitter that may never answer. A replayed SET
+(already acted on, e.g. because our last acknowledgement was lost) is acknowledged again.
+
+The poll endpoint is `poll_endpoint_url` from the settings, else the transmitter metadata's poll
+delivery (`{"delivery": {"method": "urn:ietf:rfc:8936", "endpoint_url": ...}}`, as the stream
+configuration of SSF 1.0 section 8.1.1 spells it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from verifier.errors import ProviderUnavailable
+from verifier.revocation.config import DELIVERY_POLL_URN, TransmitterConfig
+from verifier.tokens.jwks import IssuerKeys
+
+log = logging.getLogger("verifier.revocation")
+
+MAX_POLL_RESPONSE_BYTES = 4 << 20  # bytes; maxEvents SETs of at most 64 KiB each, with room
+RETRY_MIN_SECONDS = 1.0  # after a failed poll; doubles up to the poll interval
+SETS_MEDIA = "application/json"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one polled SET: acknowledged, or refused with an RFC 8935 error."""
+
+    ack: bool
+    err: str = ""
+    description: str = ""
+
+
+Receive = Callable[[str], Awaitable[Outcome | None]]  # None: could not decide now; neither ack nor err
+
+
+def poll_endpoint(transmitter: TransmitterConfig, metadata: Any) -> str:
+    """The poll URL: configured, else from the metadata; empty when neither says."""
+    if transmitter.poll_endpoint_url:
+        return transmitter.poll_endpoint_url
+    if not isinstance(metadata, dict):
+        return ""
+    delivery = metadata.get("delivery")
+    candidates = delivery if isinstance(delivery, list) else [delivery]
+    for item in candidates:
+        if isinstance(item, dict) and item.get("method") == DELIVERY_POLL_URN:
+            url = item.get("endpoint_url")
+            if isinstance(url, str) and url.startswith(("https://", "http://")):
+                if url.startswith("http://") and not transmitter.issuer.startswith("http://"):
+                    return ""  # never downgrade to plain HTTP
+                return url
+    return ""
+
+
+class Poller:
+    """Polls one transmitter until cancelled."""
+
+    def __init__(
+        self,
+        transmitter: TransmitterConfig,
+        keys: IssuerKeys,
+        session: Callable[[], aiohttp.ClientSession],
+        receive: Receive,
+    ) -> None:
+        self._transmitter = transmitter
+        self._keys = keys
+        self._session = session
+        self._receive = receive
+        self._acks: list[str] = []
+        self._errs: dict[str, dict[str, str]] = {}
+
+    async def _endpoint(self) -> str:
+        url = poll_endpoint(self._transmitter, self._keys.metadata)
+        if not url and not self._transmitter.poll_endpoint_url:
+            with contextlib.suppress(ProviderUnavailable):
+                await self._keys.refresh()  # discovery fills the metadata
+            url = poll_endpoint(self._transmitter, self._keys.metadata)
+        return url
+
+    async def poll_once(self) -> bool:
+        """One request; True when the transmitter has more (or acknowledgements are owed)."""
+        url = await self._endpoint()
+        if not url:
+            raise ProviderUnavailable("transmitter metadata names no poll endpoint")
+        request: dict[str, Any] = {
+            "returnImmediately": True,
+            "maxEvents": self._transmitter.max_events,
+            "ack": list(self._acks),
+        }
+        if self._errs:
+            request["setErrs"] = dict(self._errs)
+        headers = {"Content-Type": SETS_MEDIA, "Accept": SETS_MEDIA}
+        if self._transmitter.poll_token:
+            headers["Authorization"] = "Bearer " + self._transmitter.poll_token
+        timeout = self._transmitter.fetch_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._session().post(
+                    url, data=json.dumps(request), headers=headers, allow_redirects=False
+                ) as response:
+                    if response.status != 200:
+                        raise ProviderUnavailable(f"HTTP {response.status} from poll endpoint")
+                    body = await response.content.read(MAX_POLL_RESPONSE_BYTES + 1)
+        except TimeoutError as exc:
+            raise ProviderUnavailable("poll timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise ProviderUnavailable(f"poll failed ({type(exc).__name__})") from exc
+        if len(body) > MAX_POLL_RESPONSE_BYTES:
+            raise ProviderUnavailable("poll response too large")
+        # The transmitter has our acknowledgements now; they are not sent again.
+        self._acks, self._errs = [], {}
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise ProviderUnavailable("poll response is not JSON") from exc
+        sets = document.get("sets") if isinstance(document, dict) else None
+        if not isinstance(sets, dict):
+            raise ProviderUnavailable("poll response has no sets")
+        for jti, token in sets.items():
+            if not isinstance(jti, str):
+                continue
+            outcome = await self._receive(token) if isinstance(token, str) else Outcome(False, "invalid_request",
+                                                                                        "SET is not a string")
+            if outcome is None:
+                continue  # not acknowledged: the transmitter delivers it again
+            if outcome.ack:
+                self._acks.append(jti)
+            else:
+                self._errs[jti] = {"err": outcome.err, "description": outcome.description}
+        more = bool(document.get("moreAvailable"))
+        return more or bool(self._acks) or bool(self._errs)
+
+    async def run(self) -> None:
+        """Polls every `poll_interval_seconds`, at once while there is more, backing off on failures."""
+        interval = self._transmitter.poll_interval_seconds
+        failures = 0
+        while True:
+            try:
+                more = await self.poll_once()
+                failures = 0
+            except ProviderUnavailable as exc:
+                failures += 1
+                log.warning(
+                    "ssf poll failed",
+                    extra={"event": "ssf_poll", "transmitter": self._transmitter.issuer, "error": exc.description},
+                )
+                await asyncio.sleep(min(RETRY_MIN_SECONDS * 2 ** (failures - 1), max(interval, RETRY_MIN_SECONDS)))
+                continue
+            if not more:
+                await asyncio.sleep(interval)

@@ -1,0 +1,289 @@
+"""The revocation service: receives SETs (push and poll), runs the kill switch, keeps the index in sync.
+
+Built once by the composition root. `revocations` is the synchronous checker the pipeline consults on
+every decision; `start()` returns only once the current entries are loaded (a late replica never
+reports SERVING with an empty index); `register_routes()` adds `POST /v1/ssf/events` and the admin API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+
+import aiohttp
+from prometheus_client import CollectorRegistry
+
+from verifier.clock import Clock
+from verifier.doors.routes import HttpAnswer, HttpRequest, Router
+from verifier.errors import StateUnavailable
+from verifier.revocation.admin import ADMIN_TOKEN_ENV, AdminApi
+from verifier.revocation.config import POLL, PUSH, RevocationConfig, TransmitterConfig
+from verifier.revocation.entry import Effect, Entry
+from verifier.revocation.index import Revocations
+from verifier.revocation.metrics import RevocationMetrics, TransmitterKeyMetrics
+from verifier.revocation.poll import Outcome, Poller
+from verifier.revocation.ssf import (
+    INVALID_REQUEST,
+    MAX_SET_BYTES,
+    SET_TYP,
+    CredentialRevocation,
+    Effects,
+    SetRefused,
+    SetVerifier,
+    effects_of,
+    short_name,
+)
+from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore
+from verifier.state.base import SharedState
+from verifier.tokens.fetch import Fetcher
+from verifier.tokens.jwks import IssuerKeys
+
+log = logging.getLogger("verifier.revocation")
+
+EVENTS_PATH = "/v1/ssf/events"
+DEFAULT_START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
+LOAD_RETRY_SECONDS = 0.2  # between attempts at the initial load
+
+CredentialCallback = Callable[[str, str, tuple[str, ...]], Awaitable[None]]
+
+
+class RevocationService:
+    """SSF receiver + kill switch + the shared index."""
+
+    def __init__(
+        self,
+        config: RevocationConfig,
+        *,
+        redis_url: str | None,
+        state: SharedState,
+        fetcher: Fetcher,
+        clock: Clock,
+        registry: CollectorRegistry,
+        on_credential_revoked: CredentialCallback | None = None,
+        redis_password: str | None = None,
+        key_prefix: str = "verifier:",
+        admin_token: str | None = None,
+        start_timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self.metrics = RevocationMetrics(registry)
+        self.revocations = Revocations(clock)
+        self._store: RevocationStore = (
+            RedisStore(redis_url, key_prefix=key_prefix, password=redis_password) if redis_url else MemoryStore()
+        )
+        key_metrics = TransmitterKeyMetrics(self.metrics)
+        self._transmitters: dict[str, tuple[TransmitterConfig, IssuerKeys]] = {
+            t.issuer: (t, IssuerKeys(t.key_settings(), fetcher, clock, key_metrics)) for t in config.transmitters
+        }
+        self._verifier = SetVerifier(self._transmitters, state, clock)
+        self._on_credential_revoked = on_credential_revoked
+        self._admin = AdminApi(
+            token=admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV) or None,
+            revocations=self.revocations,
+            add=self.add,
+            remove=self.remove,
+            clock=clock,
+            max_token_lifetime=float(config.max_token_lifetime_seconds),
+        )
+        self._start_timeout = start_timeout_seconds
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._loading: list[tuple[list[Entry], list[str]]] | None = None  # changes seen during a reload
+
+    # -- for the lead --------------------------------------------------------------------------------
+
+    def count_refusal(self, code: str) -> None:
+        """Counts one request refused for revocation (call it with the refusal's code)."""
+        self.metrics.refusal(code)
+
+    def register_routes(self, router: Router) -> None:
+        """`POST /v1/ssf/events` (when a transmitter pushes) and the admin API."""
+        if any(t.delivery == PUSH for t in self.config.transmitters):
+            router.add("POST", EVENTS_PATH, self.push)
+        self._admin.register(router)
+
+    async def start(self) -> None:
+        """Subscribes, loads every entry (retrying up to the start timeout), then starts the loops."""
+        await self._with_retry(self._store.subscribe)
+        await self._with_retry(self.resync)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._store.listen(self._on_change, self.resync)),
+            loop.create_task(self._maintain()),
+        ]
+        for transmitter, keys in self._transmitters.values():
+            self._tasks.append(loop.create_task(keys.run()))
+            if transmitter.delivery == POLL:
+                poller = Poller(transmitter, keys, self._client, self._receive_polled)
+                self._tasks.append(loop.create_task(poller.run()))
+
+    async def stop(self) -> None:
+        """Stops the loops and releases connections."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await self._store.close()
+
+    # -- keeping the index in sync ------------------------------------------------------------------
+
+    async def _with_retry(self, step: Callable[[], Awaitable[None]]) -> None:
+        deadline = self._clock.monotonic() + self._start_timeout
+        while True:
+            try:
+                await step()
+                return
+            except StateUnavailable:
+                if self._clock.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(LOAD_RETRY_SECONDS)
+
+    async def resync(self) -> None:
+        """Replaces the index with the store's entries; changes seen meanwhile are applied on top."""
+        self._loading = []
+        try:
+            entries = await self._store.load()
+        except StateUnavailable:
+            self.metrics.syncs.labels("error").inc()
+            raise
+        finally:
+            pending, self._loading = self._loading, None
+        self.revocations.replace(entries)
+        for added, removed in pending or ():
+            self._apply(added, removed)
+        self.metrics.syncs.labels("ok").inc()
+        self.metrics.entries.set(len(self.revocations))
+
+    def _on_change(self, added: list[Entry], removed: list[str]) -> None:
+        if self._loading is not None:
+            self._loading.append((added, removed))
+        self._apply(added, removed)
+
+    def _apply(self, added: list[Entry], removed: list[str]) -> None:
+        self.revocations.add(added)
+        self.revocations.remove(removed)
+        self.metrics.entries.set(len(self.revocations))
+
+    async def _maintain(self) -> None:
+        """Periodically reloads everything and drops entries no live token can match."""
+        while True:
+            await asyncio.sleep(self.config.resync_interval_seconds)
+            expired = self.revocations.expired()
+            try:
+                if expired:
+                    await self._store.delete(expired)
+                    self._apply([], expired)
+                await self.resync()
+            except StateUnavailable as exc:
+                log.warning("revocation resync failed", extra={"event": "revocation_store", "error": exc.description})
+
+    async def add(self, entries: list[Entry]) -> None:
+        """Stores entries and applies them here at once (the other replicas hear of them by pub/sub)."""
+        await self._store.put(entries)
+        self._apply(entries, [])
+
+    async def remove(self, ids: list[str]) -> None:
+        """Removes entries everywhere."""
+        await self._store.delete(ids)
+        self._apply([], ids)
+
+    # -- receiving SETs -----------------------------------------------------------------------------
+
+    async def receive(self, token: str, *, delivery: str) -> Effects:
+        """Verifies one SET, claims its jti and applies its events; raises `SetRefused` or `StateUnavailable`."""
+        self.metrics.sets_received.labels(delivery).inc()
+        try:
+            verified = await self._verifier.verify(token, delivery=delivery)
+            effects = effects_of(
+                verified, now=self._clock.now(), max_token_lifetime=float(self.config.max_token_lifetime_seconds)
+            )
+            await self._verifier.claim(verified)
+        except SetRefused as exc:
+            self.metrics.sets_refused.labels(delivery, "replay" if exc.replay else exc.err).inc()
+            log.warning(
+                "ssf set refused",
+                extra={"event": "ssf_set", "delivery": delivery, "err": exc.err, "description": exc.description},
+            )
+            raise
+        lifted: list[str] = []
+        for key, event_time in effects.lift:
+            lifted += self.revocations.matching(
+                [key], Effect.ACCOUNT_DISABLED, not_after=event_time, source=verified.transmitter.issuer
+            )
+        if effects.add:
+            await self.add(list(effects.add))
+        if lifted:
+            await self.remove(lifted)
+        self.metrics.sets_accepted.labels(delivery).inc()
+        for event in effects.events:
+            self.metrics.events.labels(short_name(event)).inc()
+        log.info(
+            "ssf set accepted",
+            extra={
+                "event": "ssf_set",
+                "delivery": delivery,
+                "transmitter": verified.transmitter.issuer,
+                "jti": verified.jti,
+                "events": list(effects.events),
+                "entries": [e.id for e in effects.add],
+                "lifted": lifted,
+            },
+        )
+        for revoked in effects.credentials:
+            await self._credentials_revoked(revoked)
+        return effects
+
+    async def _credentials_revoked(self, revoked: CredentialRevocation) -> None:
+        if self._on_credential_revoked is None:
+            return
+        try:
+            await self._on_credential_revoked(revoked.issuer, revoked.subject, revoked.credential_ids)
+        except Exception:  # the event is stored either way; the callback's failure is the callback's
+            log.exception("credential revocation callback failed", extra={"event": "ssf_set"})
+
+    async def push(self, request: HttpRequest, params: Mapping[str, str]) -> HttpAnswer:
+        """RFC 8935 section 2: 202 when accepted, 400 with `err`/`description` when refused."""
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/" + SET_TYP:
+            return _set_error(INVALID_REQUEST, "Content-Type must be application/secevent+jwt")
+        if len(request.body) > MAX_SET_BYTES:
+            return _set_error(INVALID_REQUEST, "SET too large")
+        try:
+            token = request.body.decode("ascii").strip()
+        except UnicodeDecodeError:
+            return _set_error(INVALID_REQUEST, "SET is not ASCII")
+        try:
+            await self.receive(token, delivery=PUSH)
+        except SetRefused as exc:
+            return _set_error(exc.err, exc.description)
+        except StateUnavailable:
+            return HttpAnswer.json(503, {"err": "temporarily_unavailable"}, (("retry-after", "1"),))
+        return HttpAnswer(202, (("cache-control", "no-store"),))
+
+    async def _receive_polled(self, token: str) -> Outcome | None:
+        try:
+            await self.receive(token, delivery=POLL)
+        except SetRefused as exc:
+            return Outcome(True) if exc.replay else Outcome(False, exc.err, exc.description)
+        except StateUnavailable:
+            return None
+        return Outcome(True)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers={"User-Agent": "edge-verifier/0.1 (ssf receiver)"})
+        return self._session
+
+
+def _set_error(err: str, description: str) -> HttpAnswer:
+    """RFC 8935 section 2.3: a JSON object with `err` and `description`."""
+    return HttpAnswer.json(400, {"err": err, "description": description})

@@ -1,0 +1,295 @@
+"""Security Event Tokens (RFC 8417) from SSF 1.0 transmitters: verified, then turned into entries.
+
+A SET is the transmitter's proof of itself (RFC 8935 section 2: no other authentication), so it is
+checked like an access token and more: compact JWS parsed strictly (`verifier.tokens.jws`), `typ`
+`secevent+jwt` (RFC 8417 section 2.3), `iss` a configured transmitter, `alg` on that transmitter's
+allow-list and pinned to its key type, signature against the transmitter's JWKS (found through
+`/.well-known/ssf-configuration`, SSF 1.0 section 7.2), `aud` ours, `iat` fresh, and `jti` never seen
+before by any replica. Refusals carry the RFC 8935 section 2.4 error codes.
+
+The event types understood (CAEP 1.0 section 3, RISC 1.0 section 2):
+
+| event | entry |
+|---|---|
+| caep session-revoked | session: all its tokens; subject: tokens issued at or before the event |
+| caep credential-change (revoke, delete) | tokens authenticated at or before the event; named WebAuthn |
+|   | credentials disabled (`on_credential_revoked`) |
+| caep assurance-level-change | `acr` := current_level for tokens issued at or before the event |
+| caep token-claims-change | `claims` override the token's for tokens issued at or before the event |
+| risc account-disabled, credential-compromise | every token of the subject, until account-enabled |
+| risc account-purged | every token of the subject, until every token then alive has expired |
+| risc account-enabled | lifts the transmitter's account-disabled entries on the subject |
+
+Other event types (verification, stream-updated, ...) are accepted and change nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from verifier.clock import Clock
+from verifier.errors import AlgorithmRefused, MalformedToken
+from verifier.revocation.config import TransmitterConfig
+from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.subjects import SubjectError, subject_keys
+from verifier.state.base import SharedState
+from verifier.tokens import jws
+from verifier.tokens.jwks import IssuerKeys
+
+CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
+RISC = "https://schemas.openid.net/secevent/risc/event-type/"
+SESSION_REVOKED = CAEP + "session-revoked"
+CREDENTIAL_CHANGE = CAEP + "credential-change"
+ASSURANCE_LEVEL_CHANGE = CAEP + "assurance-level-change"
+TOKEN_CLAIMS_CHANGE = CAEP + "token-claims-change"
+ACCOUNT_DISABLED = RISC + "account-disabled"
+ACCOUNT_PURGED = RISC + "account-purged"
+ACCOUNT_ENABLED = RISC + "account-enabled"
+CREDENTIAL_COMPROMISE = RISC + "credential-compromise"
+KNOWN_EVENTS = (
+    SESSION_REVOKED, CREDENTIAL_CHANGE, ASSURANCE_LEVEL_CHANGE, TOKEN_CLAIMS_CHANGE,
+    ACCOUNT_DISABLED, ACCOUNT_PURGED, ACCOUNT_ENABLED, CREDENTIAL_COMPROMISE,
+)
+
+SET_TYP = "secevent+jwt"  # RFC 8417 section 2.3 (also accepted with the `application/` prefix)
+MAX_SET_BYTES = 64 * 1024  # bytes; a SET carries a handful of events, never a document
+MAX_EVENTS_PER_SET = 10  # members of `events`; RFC 8417 sets are usually one event
+MAX_CREDENTIAL_IDS = 50  # credential ids named by one credential-change event
+# Claims a token-claims-change may not touch: they say who issued the token to whom and until when.
+PROTECTED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "client_id", "cnf", "sid", "auth_time"})
+
+# RFC 8935 section 2.4 error codes
+INVALID_REQUEST = "invalid_request"
+INVALID_KEY = "invalid_key"
+INVALID_ISSUER = "invalid_issuer"
+INVALID_AUDIENCE = "invalid_audience"
+AUTHENTICATION_FAILED = "authentication_failed"
+
+
+class SetRefused(Exception):
+    """A SET we will not act on, with its RFC 8935 error code; `replay` marks an already-seen jti."""
+
+    def __init__(self, err: str, description: str, *, replay: bool = False) -> None:
+        super().__init__(description)
+        self.err = err
+        self.description = description
+        self.replay = replay
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class VerifiedSet:
+    """A SET whose signature and claims checked out (its jti not yet claimed)."""
+
+    transmitter: TransmitterConfig
+    jti: str
+    iat: float
+    payload: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CredentialRevocation:
+    """WebAuthn credentials the verifier registered that an event says are gone."""
+
+    issuer: str
+    subject: str
+    credential_ids: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Effects:
+    """What a SET changes: entries to add, entries (by key) to lift, credentials to disable."""
+
+    add: tuple[Entry, ...] = ()
+    lift: tuple[tuple[SubjectKey, float], ...] = ()  # account-enabled: (key, event time)
+    credentials: tuple[CredentialRevocation, ...] = ()
+    events: tuple[str, ...] = ()  # the event type URIs, in order
+
+
+def _typ_ok(typ: Any) -> bool:
+    if not isinstance(typ, str):
+        return False
+    lowered = typ.lower()
+    return lowered in (SET_TYP, "application/" + SET_TYP)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+class SetVerifier:
+    """Checks SETs from the configured transmitters."""
+
+    def __init__(
+        self,
+        transmitters: Mapping[str, tuple[TransmitterConfig, IssuerKeys]],
+        state: SharedState,
+        clock: Clock,
+    ) -> None:
+        self._transmitters = dict(transmitters)
+        self._state = state
+        self._clock = clock
+
+    async def verify(self, token: str, *, delivery: str | None = None) -> VerifiedSet:
+        """Checks everything but replay; raises `SetRefused`.
+
+        `delivery` (push or poll), when given, must be the transmitter's configured delivery.
+        """
+        try:
+            parsed = jws.parse(token, max_bytes=MAX_SET_BYTES)
+        except AlgorithmRefused as exc:
+            raise SetRefused(INVALID_KEY, exc.description) from exc
+        except MalformedToken as exc:
+            raise SetRefused(INVALID_REQUEST, exc.description) from exc
+        if not _typ_ok(parsed.header.get("typ")):
+            raise SetRefused(INVALID_REQUEST, "typ is not secevent+jwt")
+        payload = parsed.payload
+        issuer = payload.get("iss")
+        found = self._transmitters.get(issuer) if isinstance(issuer, str) else None
+        if found is None or (delivery is not None and found[0].delivery != delivery):
+            raise SetRefused(INVALID_ISSUER, "iss is not a configured transmitter")
+        transmitter, keys = found
+        if parsed.alg not in transmitter.algorithms:
+            raise SetRefused(INVALID_KEY, f"alg {parsed.alg} is not allowed for this transmitter")
+        key = await keys.key_for(parsed.kid, parsed.alg)
+        if key is None:
+            raise SetRefused(INVALID_KEY, "no transmitter key fits the SET's kid and alg")
+        if not key.verify(parsed.alg, parsed.signing_input, parsed.signature):
+            raise SetRefused(AUTHENTICATION_FAILED, "signature does not verify")
+        aud = payload.get("aud")
+        audiences = aud if isinstance(aud, list) else [aud]
+        if transmitter.audience not in audiences:
+            raise SetRefused(INVALID_AUDIENCE, "aud does not name this receiver")
+        iat = _number(payload.get("iat"))
+        now = self._clock.now()
+        if iat is None:
+            raise SetRefused(INVALID_REQUEST, "iat missing")
+        if iat > now + transmitter.leeway_seconds:
+            raise SetRefused(INVALID_REQUEST, "iat is in the future")
+        if now - iat > transmitter.max_age_seconds:
+            raise SetRefused(INVALID_REQUEST, "iat is too old")
+        jti = payload.get("jti")
+        if not isinstance(jti, str) or not jti or len(jti) > 256:
+            raise SetRefused(INVALID_REQUEST, "jti missing")
+        events = payload.get("events")
+        if not isinstance(events, dict) or not events or len(events) > MAX_EVENTS_PER_SET:
+            raise SetRefused(INVALID_REQUEST, "events missing")
+        exp = payload.get("exp")
+        if exp is not None and (_number(exp) is None or float(exp) <= now - transmitter.leeway_seconds):
+            raise SetRefused(INVALID_REQUEST, "SET has expired")
+        return VerifiedSet(transmitter, jti, iat, payload)
+
+    async def claim(self, verified: VerifiedSet) -> None:
+        """Marks the jti used (shared across replicas); raises `SetRefused(replay=True)` when it was.
+
+        Raises `StateUnavailable` when the shared state cannot answer (the transmitter retries).
+        """
+        ttl = verified.transmitter.max_age_seconds + verified.transmitter.leeway_seconds
+        key = "ssf:" + hashlib.sha256(f"{verified.transmitter.issuer}\x00{verified.jti}".encode()).hexdigest()
+        if not await self._state.first_use(key, float(ttl)):
+            raise SetRefused(INVALID_REQUEST, "jti already received", replay=True)
+
+
+def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) -> Effects:
+    """What the SET's events do; raises `SetRefused(invalid_request)` for a malformed known event."""
+    payload = verified.payload
+    source = verified.transmitter.issuer
+    add: list[Entry] = []
+    lift: list[tuple[SubjectKey, float]] = []
+    credentials: list[CredentialRevocation] = []
+    events: dict[str, Any] = payload["events"]
+    for event_type, body in events.items():
+        if event_type not in KNOWN_EVENTS:
+            continue
+        if not isinstance(body, dict):
+            raise SetRefused(INVALID_REQUEST, "event payload is not an object")
+        identifier = payload.get("sub_id", body.get("subject"))
+        if identifier is None:
+            raise SetRefused(INVALID_REQUEST, "event names no subject (sub_id)")
+        try:
+            keys = subject_keys(identifier, session=event_type == SESSION_REVOKED)
+        except SubjectError as exc:
+            raise SetRefused(INVALID_REQUEST, str(exc)) from exc
+        stamp = _number(body.get("event_timestamp"))
+        # A transmitter's clock may run ahead: an event never reaches tokens issued after it arrived.
+        event_time = min(stamp if stamp is not None else verified.iat, now)
+        until = event_time + max_token_lifetime
+        why = _reason_text(body.get("reason_admin") or body.get("reason_user") or body.get("reason") or "")
+
+        def entry(
+            key: SubjectKey, effect: Effect, match: Match, expires: float | None, *,
+            overrides: Mapping[str, Any] | None = None, event_type: str = event_type, event_time: float = event_time,
+            reason: str = why,
+        ) -> Entry:
+            digest = hashlib.sha256(
+                "\x00".join((source, verified.jti, event_type, key.kind.value, key.iss, key.value)).encode()
+            ).hexdigest()[:24]
+            return Entry(
+                id="ev-" + digest, key=key, effect=effect, match=match, event_time=event_time,
+                expires_at=expires, source=source, event=event_type, jti=verified.jti,
+                reason=reason, overrides=overrides,
+            )
+
+        if event_type == SESSION_REVOKED:
+            for key in keys:
+                match = Match.ALL if key.kind is KeyKind.SID else Match.ISSUED_BEFORE
+                add.append(entry(key, Effect.SESSION_REVOKED, match, until))
+        elif event_type == CREDENTIAL_CHANGE:
+            change = body.get("change_type")
+            if not isinstance(change, str):
+                raise SetRefused(INVALID_REQUEST, "credential-change needs change_type")
+            if change not in ("revoke", "delete"):
+                continue
+            add.extend(entry(k, Effect.CREDENTIAL_REVOKED, Match.AUTHENTICATED_BEFORE, until) for k in keys)
+            ids = _credential_ids(body)
+            if ids:
+                for key in keys:
+                    credentials.append(CredentialRevocation(key.iss or source, key.value, ids))
+        elif event_type == ASSURANCE_LEVEL_CHANGE:
+            level = body.get("current_level")
+            if not isinstance(level, str) or not level:
+                raise SetRefused(INVALID_REQUEST, "assurance-level-change needs current_level")
+            add.extend(
+                entry(k, Effect.CLAIMS_OVERRIDE, Match.ISSUED_BEFORE, until, overrides={"acr": level}) for k in keys
+            )
+        elif event_type == TOKEN_CLAIMS_CHANGE:
+            new = body.get("claims")
+            if not isinstance(new, dict) or not new:
+                raise SetRefused(INVALID_REQUEST, "token-claims-change needs claims")
+            allowed = {k: v for k, v in new.items() if isinstance(k, str) and k not in PROTECTED_CLAIMS}
+            if allowed:
+                add.extend(
+                    entry(k, Effect.CLAIMS_OVERRIDE, Match.ISSUED_BEFORE, until, overrides=allowed) for k in keys
+                )
+        elif event_type in (ACCOUNT_DISABLED, CREDENTIAL_COMPROMISE):
+            add.extend(entry(k, Effect.ACCOUNT_DISABLED, Match.ALL, None) for k in keys)
+        elif event_type == ACCOUNT_PURGED:
+            add.extend(entry(k, Effect.ACCOUNT_DISABLED, Match.ALL, until) for k in keys)
+        elif event_type == ACCOUNT_ENABLED:
+            lift.extend((k, event_time) for k in keys)
+    return Effects(tuple(add), tuple(lift), tuple(credentials), tuple(events))
+
+
+def _credential_ids(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """Credential ids named by a credential-change event (`credential_id` or `credential_ids`)."""
+    raw = body.get("credential_ids", body.get("credential_id"))
+    values = raw if isinstance(raw, list) else [raw]
+    ids = tuple(v for v in values if isinstance(v, str) and v and len(v) <= 1024)
+    return ids[:MAX_CREDENTIAL_IDS]
+
+
+def _reason_text(reason: Any) -> str:
+    """CAEP reasons are strings or language-tagged maps (`{"en": "..."}`); keep a short string."""
+    if isinstance(reason, dict):
+        reason = reason.get("en") or next((v for v in reason.values() if isinstance(v, str)), "")
+    return reason[:200] if isinstance(reason, str) else ""
+
+
+def short_name(event_type: str) -> str:
+    """A bounded metric label for an event type: its last path segment if known, else `other`."""
+    return event_type.rsplit("/", 1)[-1] if event_type in KNOWN_EVENTS else "other"

@@ -1,0 +1,240 @@
+"""Where revocation entries live: this process's memory, or Redis shared by every replica.
+
+In Redis, entries sit in one hash (`{prefix}revocations`, field = entry id, value = the entry's JSON)
+and every change is published on `{prefix}revocations:changes` in the same MULTI as the write, so an
+event received by one replica reaches the others' in-memory index within one pub/sub hop. A periodic
+full reload repairs anything a dropped subscription missed; after a reconnect the reload runs at once.
+
+Every Redis failure on a write becomes `StateUnavailable` (the event's sender retries); the
+subscriber reconnects on its own and never takes the replica down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from verifier.errors import StateUnavailable
+from verifier.revocation.entry import Entry
+
+log = logging.getLogger("verifier.revocation")
+
+DEFAULT_KEY_PREFIX = "verifier:"
+DEFAULT_TIMEOUT_SECONDS = 1.0  # seconds per Redis operation; writes are off the hot path
+RECONNECT_MIN_SECONDS = 0.1  # first wait before resubscribing; doubles up to the cap
+RECONNECT_MAX_SECONDS = 5.0
+LISTEN_POLL_SECONDS = 1.0  # the subscriber wakes at least this often (health checks, cancellation)
+
+
+class Change(Protocol):
+    """Receives changes made by any replica (this one included)."""
+
+    def __call__(self, added: list[Entry], removed: list[str]) -> None:
+        """Applies added entries and removed ids."""
+        ...
+
+
+class RevocationStore(Protocol):
+    """The entries every replica shares."""
+
+    async def load(self) -> list[Entry]:
+        """Every stored entry; raises `StateUnavailable`."""
+        ...
+
+    async def put(self, entries: Iterable[Entry]) -> None:
+        """Adds or replaces entries and tells every replica; raises `StateUnavailable`."""
+        ...
+
+    async def delete(self, ids: Iterable[str]) -> None:
+        """Removes entries and tells every replica; raises `StateUnavailable`."""
+        ...
+
+    async def listen(self, on_change: Change, on_reconnect: Callable[[], Awaitable[None]]) -> None:
+        """Delivers other replicas' changes until cancelled; `on_reconnect` runs after each resubscribe."""
+        ...
+
+    async def subscribe(self) -> None:
+        """Subscribes before the first load, so no change falls between the load and the subscription."""
+        ...
+
+    async def close(self) -> None:
+        """Releases connections."""
+        ...
+
+
+class MemoryStore:
+    """A single replica's store: a dict. Nothing to tell anyone."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+
+    async def load(self) -> list[Entry]:
+        """Every entry."""
+        return list(self._entries.values())
+
+    async def put(self, entries: Iterable[Entry]) -> None:
+        """Adds or replaces entries."""
+        for entry in entries:
+            self._entries[entry.id] = entry
+
+    async def delete(self, ids: Iterable[str]) -> None:
+        """Removes entries."""
+        for entry_id in ids:
+            self._entries.pop(entry_id, None)
+
+    async def subscribe(self) -> None:
+        """Nothing to subscribe to."""
+
+    async def listen(self, on_change: Change, on_reconnect: Callable[[], Awaitable[None]]) -> None:
+        """No other replica: waits until cancelled."""
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        """Forgets everything."""
+        self._entries.clear()
+
+
+class RedisStore:
+    """Entries in a Redis hash, changes on a pub/sub channel."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        password: str | None = None,
+        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
+        self.hash_key = key_prefix + "revocations"
+        self.channel = key_prefix + "revocations:changes"
+        self._timeout = timeout_seconds
+        self._redis: Redis = Redis.from_url(
+            url,
+            password=password,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            retry_on_timeout=False,
+            retry=Retry(NoBackoff(), 1),
+            decode_responses=False,
+        )
+        # The subscriber's connection blocks on reads by design: no socket timeout on it.
+        self._sub_redis: Redis = Redis.from_url(
+            url, password=password, socket_connect_timeout=timeout_seconds, decode_responses=False
+        )
+        self._pubsub: Any = None
+        self._reconnected = False
+
+    async def _call(self, operation: Awaitable[Any]) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout * 4):
+                return await operation
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StateUnavailable(f"revocation store unavailable: {type(exc).__name__}") from exc
+
+    async def load(self) -> list[Entry]:
+        """HGETALL, skipping (and logging) anything that is not an entry."""
+        raw: dict[bytes, bytes] = await self._call(self._redis.hgetall(self.hash_key))
+        entries: list[Entry] = []
+        for field, value in raw.items():
+            try:
+                entries.append(Entry.from_json(value))
+            except ValueError:
+                log.warning("revocation entry unreadable", extra={"event": "revocation_store", "entry": repr(field)})
+        return entries
+
+    async def put(self, entries: Iterable[Entry]) -> None:
+        """HSET and PUBLISH in one MULTI."""
+        batch = list(entries)
+        if not batch:
+            return
+        message = json.dumps({"add": [json.loads(e.to_json()) for e in batch]})
+        await self._call(self._transaction(lambda pipe: pipe.hset(
+            self.hash_key, mapping={e.id: e.to_json() for e in batch}
+        ), message))
+
+    async def delete(self, ids: Iterable[str]) -> None:
+        """HDEL and PUBLISH in one MULTI."""
+        batch = list(ids)
+        if not batch:
+            return
+        message = json.dumps({"remove": batch})
+        await self._call(self._transaction(lambda pipe: pipe.hdel(self.hash_key, *batch), message))
+
+    async def _transaction(self, write: Callable[[Any], Any], message: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            write(pipe)
+            pipe.publish(self.channel, message)
+            await pipe.execute()
+
+    async def subscribe(self) -> None:
+        """SUBSCRIBE on a dedicated connection; raises `StateUnavailable`."""
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+        self._pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
+        await self._call(self._pubsub.subscribe(self.channel))
+        # redis-py reconnects and resubscribes a broken subscription by itself, silently: changes
+        # published meanwhile are gone, so every reconnect is flagged and followed by a full reload.
+        connection = self._pubsub.connection
+        if connection is not None:
+            connection.register_connect_callback(self._connected)
+        self._reconnected = False
+
+    async def _connected(self, connection: Any) -> None:
+        self._reconnected = True
+
+    async def listen(self, on_change: Change, on_reconnect: Callable[[], Awaitable[None]]) -> None:
+        """Applies published changes; on a broken subscription resubscribes, then `on_reconnect()`."""
+        delay = RECONNECT_MIN_SECONDS
+        while True:
+            try:
+                if self._pubsub is None:
+                    await self.subscribe()
+                    await on_reconnect()
+                message = await self._pubsub.get_message(timeout=LISTEN_POLL_SECONDS)
+                delay = RECONNECT_MIN_SECONDS
+                if self._reconnected:
+                    self._reconnected = False
+                    await on_reconnect()
+            except (RedisError, OSError, StateUnavailable) as exc:
+                log.warning("revocation subscription lost", extra={"event": "revocation_store",
+                                                                    "error": type(exc).__name__})
+                self._pubsub = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+                continue
+            if message is None or message.get("type") != "message":
+                continue
+            added, removed = _decode(message.get("data"))
+            if added or removed:
+                on_change(added, removed)
+
+    async def close(self) -> None:
+        """Closes both connection pools."""
+        with contextlib.suppress(RedisError, OSError):
+            if self._pubsub is not None:
+                await self._pubsub.aclose()
+        with contextlib.suppress(RedisError, OSError):
+            await self._sub_redis.aclose()
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()
+
+
+def _decode(data: Any) -> tuple[list[Entry], list[str]]:
+    try:
+        document = json.loads(data)
+        added = [Entry.from_json(json.dumps(item)) for item in document.get("add", [])]
+        removed = [str(i) for i in document.get("remove", [])]
+    except (ValueError, TypeError, AttributeError):
+        log.warning("revocation change unreadable", extra={"event": "revocation_store"})
+        return [], []
+    return added, removed

@@ -1,0 +1,63 @@
+"""RFC 9493 Subject Identifiers reduced to the lookup keys a token can be matched by.
+
+Supported formats (RFC 9493 section 3.2): `iss_sub` -> (iss, sub); `email` -> the `email` claim;
+`opaque` -> a session id (`sid`), as the admin API and CAEP session events use it; `aliases` -> each
+of its identifiers; and SSF 1.0's `complex` (section 3.3 of the SSF spec): its `session` member for a
+session event, else its `user` member. Other formats (`phone_number`, `account`, `did`, `uri`) name
+nothing a token carries and give no key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from verifier.revocation.entry import KeyKind, SubjectKey
+
+MAX_ALIASES = 20  # identifiers in one `aliases` subject; more is an abuse, not an account
+MAX_IDENTIFIER_CHARS = 512  # characters in one identifier value
+
+
+class SubjectError(ValueError):
+    """A subject identifier that is malformed (not one that is merely unsupported)."""
+
+
+def _member(data: Mapping[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value or len(value) > MAX_IDENTIFIER_CHARS:
+        raise SubjectError(f"subject format {data.get('format')!r} needs a string {name!r}")
+    return value
+
+
+def subject_keys(identifier: Any, *, session: bool = False, depth: int = 0) -> tuple[SubjectKey, ...]:
+    """The lookup keys of one subject identifier; () for a supported-by-nobody format.
+
+    `session` says the event is about a session: a `complex` subject's `session` member wins.
+    Raises `SubjectError` when the identifier is not an RFC 9493 identifier at all.
+    """
+    if not isinstance(identifier, Mapping):
+        raise SubjectError("subject identifier is not an object")
+    fmt = identifier.get("format")
+    if fmt == "iss_sub":
+        return (SubjectKey(KeyKind.ISS_SUB, _member(identifier, "sub"), _member(identifier, "iss")),)
+    if fmt == "email":
+        return (SubjectKey(KeyKind.EMAIL, _member(identifier, "email").lower()),)
+    if fmt == "opaque":
+        return (SubjectKey(KeyKind.SID, _member(identifier, "id")),)
+    if fmt == "aliases" and depth == 0:
+        aliases = identifier.get("identifiers")
+        if not isinstance(aliases, list) or not aliases or len(aliases) > MAX_ALIASES:
+            raise SubjectError("aliases subject needs a non-empty list of identifiers")
+        keys: list[SubjectKey] = []
+        for alias in aliases:
+            keys.extend(subject_keys(alias, session=session, depth=1))
+        return tuple(dict.fromkeys(keys))
+    if fmt == "complex" and depth == 0:
+        members = [m for m in ("session", "user") if isinstance(identifier.get(m), Mapping)]
+        if not members:
+            return ()
+        chosen = "session" if session and "session" in members else ("user" if "user" in members else "session")
+        return subject_keys(identifier[chosen], session=session, depth=1)
+    if not isinstance(fmt, str) or not fmt:
+        raise SubjectError("subject identifier has no format")
+    return ()
