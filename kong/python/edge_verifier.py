@@ -1,0 +1,188 @@
+"""Kong external plugin (kong-pdk, Python): asks the verifier's gRPC `verifier.v1.Verifier/Check`.
+
+The slower twin of the Lua plugin in kong/plugins/edge-verifier: the same decisions, but every PDK
+call it makes (reading the request, setting a header, exiting) is a MessagePack RPC round trip over
+the plugin server's unix socket, on top of the gRPC call itself. See kong/python/README.md.
+
+The plugin translates and decides nothing: `allowed` sets the verifier's `upstream_headers` on the
+upstream request (client-sent `X-Authenticated-*` are cleared first); a refusal is relayed with the
+verifier's status, `response_headers` and body. A verifier that cannot be reached, or answers after
+the deadline, fails closed with 503 unless `fail_open` is set.
+
+Runs under `kong-python-pluginserver` in its default threaded mode (grpcio is thread-safe; under
+`--gevent` grpcio would need `grpc.experimental.gevent.init_gevent()` first).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from verifier.v1 import verifier_pb2, verifier_pb2_grpc
+
+version = "0.1.0"
+# After Kong's bundled authenticators (jwt 1450, oauth2 1400, key-auth 1250, openid-connect 1050),
+# before what keys on the consumer (acl 950, rate-limiting 910): as the Lua plugin.
+priority = 990
+
+# Deadline of one Check (milliseconds): the verifier answers from memory on loopback.
+DEFAULT_TIMEOUT_MS = 1000
+# Request headers read (kong.request.get_headers' ceiling; its default is 100). Over the plugin
+# server's RPC Kong returns only the first result of get_headers, so truncation cannot be seen.
+MAX_REQUEST_HEADERS = 1000
+
+Schema = (
+    # host:port of the verifier's gRPC listener, e.g. 127.0.0.1:50051 (a sidecar on loopback)
+    {"grpc_target": {"type": "string", "required": True}},
+    {"timeout": {"type": "integer", "default": DEFAULT_TIMEOUT_MS, "between": [1, 60000], "required": True}},
+    # let requests through (without identity) when the verifier is unreachable or too slow
+    {"fail_open": {"type": "boolean", "default": False, "required": True}},
+)
+
+# Request headers that carry a credential or proof: forwarded to the verifier byte for byte.
+CREDENTIAL_HEADERS = ("authorization", "dpop", "x-webauthn-assertion")
+# Identity the upstream may trust only because this plugin set it.
+IDENTITY_PREFIX = "x-authenticated-"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+UNAVAILABLE_STATUS = 503
+UNAVAILABLE_MESSAGE = "Authorization service unavailable"
+REASON_HEADER = "X-Verifier-Reason"
+
+
+class VerifierClient:
+    """One gRPC channel and stub per verifier target, shared by every plugin instance and thread.
+
+    The plugin server builds a plugin instance per configuration and never tells it when it is
+    dropped, so channels are kept here by target rather than per instance (which would leak them).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stubs: dict[str, verifier_pb2_grpc.VerifierStub] = {}
+
+    def stub(self, target: str) -> verifier_pb2_grpc.VerifierStub:
+        """The stub for `target`, connecting lazily on first use."""
+        stub = self._stubs.get(target)
+        if stub is None:
+            with self._lock:
+                stub = self._stubs.get(target)
+                if stub is None:
+                    channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+                    stub = self._stubs[target] = verifier_pb2_grpc.VerifierStub(channel)
+        return stub
+
+
+# The plugin server imports this module once and has no other place to hold long-lived state.
+CLIENT = VerifierClient()
+
+
+def _value(result: Any) -> Any:
+    """A PDK call's value under either plugin-server style: Lua-style `(data, err)` or plain data.
+
+    msgpack decodes arrays to lists, so a tuple can only be the Lua-style pair.
+    """
+    if isinstance(result, tuple):
+        data, err = result
+        if err:
+            raise RuntimeError(f"PDK call failed: {err}")
+        return data
+    return result
+
+
+def _values(v: Any) -> list[str]:
+    """A header's values: Kong sends each as a list (a string, or true for an empty value, otherwise)."""
+    if isinstance(v, list):
+        return [str(x) for x in v]
+    if v is True or v is None:
+        return [""]
+    return [str(v)]
+
+
+def _joined(headers: Sequence[verifier_pb2.Header]) -> dict[str, str]:
+    """Headers for kong.response.exit; repeated names become one comma-joined field, which means the
+    same (RFC 9110 section 5.3) and is what nginx before 1.23 can send for WWW-Authenticate."""
+    out: dict[str, str] = {}
+    spelling: dict[str, str] = {}
+    for h in headers:
+        key = spelling.setdefault(h.name.lower(), h.name)
+        out[key] = f"{out[key]}, {h.value}" if key in out else h.value
+    return out
+
+
+class Plugin:
+    """The edge-verifier access handler, one instance per plugin configuration."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        """Reads the configuration Kong validated against `Schema`."""
+        self.target = str(config["grpc_target"])
+        self.timeout_s = int(config.get("timeout") or DEFAULT_TIMEOUT_MS) / 1000.0
+        self.fail_open = bool(config.get("fail_open", False))
+
+    def access(self, kong: Any) -> None:
+        """Ask the verifier about this request; pass it with identity, or answer for the verifier."""
+        headers = _value(kong.request.get_headers(MAX_REQUEST_HEADERS)) or {}
+        for name in headers:
+            if name.lower().startswith(IDENTITY_PREFIX):
+                kong.service.request.clear_header(name)
+
+        request = self._check_request(kong, headers)
+        try:
+            answer = CLIENT.stub(self.target).Check(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            if self.fail_open:
+                kong.log.warn(f"verifier unavailable ({code}); fail_open lets the request pass")
+                return
+            kong.log.err(f"verifier unavailable: {code}")
+            kong.response.error(UNAVAILABLE_STATUS, UNAVAILABLE_MESSAGE)
+            return
+
+        if not answer.allowed:
+            headers = _joined(answer.response_headers)
+            if answer.reason and not any(k.lower() == REASON_HEADER.lower() for k in headers):
+                # what the forward-auth door (and so the Lua plugin) tells the client
+                headers[REASON_HEADER] = answer.reason
+            # always a string body: a nil inside the RPC's argument array would end Kong's unpack() early
+            kong.response.exit(answer.http_status, answer.body, headers)
+            return
+
+        seen: set[str] = set()
+        for h in answer.upstream_headers:
+            lname = h.name.lower()
+            if lname in seen:
+                kong.service.request.add_header(h.name, h.value)
+            else:
+                seen.add(lname)
+                kong.service.request.set_header(h.name, h.value)
+        for h in answer.response_headers:  # an allow may carry a DPoP-Nonce for the client
+            kong.response.set_header(h.name, h.value)
+
+    def _check_request(self, kong: Any, headers: Mapping[str, Any]) -> verifier_pb2.CheckRequest:
+        scheme = str(_value(kong.request.get_scheme()))
+        host = str(_value(kong.request.get_host()))
+        port = _value(kong.request.get_port())
+        if port and int(port) != DEFAULT_PORTS.get(scheme):
+            host = f"{host}:{int(port)}"
+        credentials = {}
+        for name, v in headers.items():
+            lname = name.lower()
+            if lname in CREDENTIAL_HEADERS:
+                credentials[lname] = ", ".join(_values(v))
+        return verifier_pb2.CheckRequest(
+            method=str(_value(kong.request.get_method())),
+            scheme=scheme,
+            host=host,
+            path=str(_value(kong.request.get_path_with_query())),
+            headers=credentials,
+            client_address=str(_value(kong.client.get_ip()) or ""),
+        )
+
+
+if __name__ == "__main__":
+    # a dedicated plugin server for this one plugin: `python edge_verifier.py --help`
+    from kong_pdk.cli import start_dedicated_server
+
+    start_dedicated_server("edge_verifier", Plugin, version, priority, list(Schema))

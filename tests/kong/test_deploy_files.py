@@ -1,0 +1,229 @@
+"""deploy/: the compose and Kubernetes files parse, and agree with the plugin, the verifier and each other.
+
+No container engine runs here, so this is what can be checked without one: YAML/JSON syntax, the
+plugin's name and config fields against kong/plugins/edge-verifier/schema.lua, the verifier URL against
+the verifier's own listen address, the verifier configs through `verifier check-config`, and that every
+file the compose services mount or build from exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+PLUGIN_DIR = REPO / "kong" / "plugins" / "edge-verifier"
+SCHEMA_LUA = PLUGIN_DIR / "schema.lua"
+PLUGIN_MOUNT = "/usr/local/share/lua/5.1/kong/plugins/edge-verifier"
+FORWARD_AUTH_PATH = "/v1/forward-auth"
+
+
+def schema_name() -> str:
+    m = re.search(r'^\s*name\s*=\s*"([^"]+)"', SCHEMA_LUA.read_text(), re.MULTILINE)
+    assert m, "schema.lua names no plugin"
+    return m.group(1)
+
+
+def schema_config_fields() -> set[str]:
+    """Field names of the plugin's config record (every `{ name = ...` inside `config = { ... }`)."""
+    text = SCHEMA_LUA.read_text()
+    record = text[text.index("config = {") :]
+    return set(re.findall(r"\{\s*([a-z_]+)\s*=\s*(?:typedefs|\{)", record)) - {"config"}
+
+
+def load_yaml_docs(path: Path) -> list[Any]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def check_config(text: str, tmp_path: Path) -> None:
+    path = tmp_path / "verifier.yaml"
+    path.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "verifier", "check-config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr or result.stdout
+
+
+def edge_verifier_plugins(declarative: dict[str, Any]) -> list[dict[str, Any]]:
+    plugins = list(declarative.get("plugins") or [])
+    for service in declarative.get("services") or []:
+        plugins += service.get("plugins") or []
+        for route in service.get("routes") or []:
+            plugins += route.get("plugins") or []
+    return [p for p in plugins if p["name"] == schema_name()]
+
+
+def assert_plugin_points_at_verifier(declarative: dict[str, Any], verifier_config: dict[str, Any]) -> None:
+    (plugin,) = edge_verifier_plugins(declarative)
+    assert set(plugin["config"]) <= schema_config_fields(), set(plugin["config"]) - schema_config_fields()
+    url = urlsplit(plugin["config"]["url"])
+    assert url.scheme == "http"
+    assert f"{url.hostname}:{url.port}" == verifier_config["http"]["listen"]
+    assert url.path == FORWARD_AUTH_PATH
+
+
+# --------------------------------------------------------------------------- every file
+
+
+@pytest.mark.parametrize(
+    "path", sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml")]), ids=lambda p: str(p.relative_to(DEPLOY))
+)
+def test_every_yaml_file_parses(path):
+    assert load_yaml_docs(path)
+
+
+def test_the_schema_helpers_read_the_lua_schema():
+    assert schema_name() == "edge-verifier"
+    assert {"url", "timeout", "fail_open", "cache_entries"} <= schema_config_fields()
+
+
+# --------------------------------------------------------------------------- docker compose
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    (doc,) = load_yaml_docs(DEPLOY / "docker-compose.yml")
+    return dict(doc)
+
+
+def volume_sources(service: dict[str, Any]) -> dict[str, Path]:
+    """Bind mounts of a compose service: container path -> host path (relative to deploy/)."""
+    out = {}
+    for v in service.get("volumes") or []:
+        source, target = v.split(":")[:2]
+        out[target] = (DEPLOY / source).resolve()
+    return out
+
+
+def test_compose_runs_kong_dbless_with_the_plugin_mounted_and_enabled(compose):
+    kong = compose["services"]["kong"]
+    env = kong["environment"]
+    assert env["KONG_DATABASE"] == "off"
+    assert schema_name() in env["KONG_PLUGINS"].split(",")
+    assert "bundled" in env["KONG_PLUGINS"].split(",")
+    assert re.match(r"kong(/kong-gateway)?:3\.", kong["image"])
+    mounts = volume_sources(kong)
+    assert mounts[PLUGIN_MOUNT] == PLUGIN_DIR
+    assert mounts[env["KONG_DECLARATIVE_CONFIG"]] == DEPLOY / "kong" / "kong.yml"
+
+
+def test_compose_files_referenced_exist(compose):
+    for name, service in compose["services"].items():
+        for target, source in volume_sources(service).items():
+            assert source.exists(), f"{name}: {source} (mounted at {target}) is missing"
+        if "build" in service:
+            context = (DEPLOY / service["build"]["context"]).resolve()
+            assert (context / service["build"].get("dockerfile", "Dockerfile")).is_file(), name
+
+
+def test_compose_verifier_is_built_from_the_repo_with_the_deploy_config(compose, tmp_path):
+    verifier = compose["services"]["verifier"]
+    assert (DEPLOY / verifier["build"]["context"]).resolve() == REPO
+    # the image's CMD reads /etc/verifier/config.yaml
+    assert "/etc/verifier/config.yaml" in (REPO / "Dockerfile").read_text()
+    assert volume_sources(verifier)["/etc/verifier/config.yaml"] == DEPLOY / "verifier.yaml"
+    # the plugin reaches it on loopback: same network namespace as kong
+    assert verifier["network_mode"] == "service:kong"
+    check_config((DEPLOY / "verifier.yaml").read_text(), tmp_path)
+
+
+def test_compose_declarative_config_points_the_plugin_at_the_verifier(compose):
+    (declarative,) = load_yaml_docs(DEPLOY / "kong" / "kong.yml")
+    (verifier_config,) = load_yaml_docs(DEPLOY / "verifier.yaml")
+    assert declarative["_format_version"] == "3.0"
+    assert_plugin_points_at_verifier(declarative, verifier_config)
+
+
+def test_keycloak_realm_issues_tokens_the_verifier_accepts(compose):
+    keycloak = compose["services"]["keycloak"]
+    assert keycloak["image"].startswith("quay.io/keycloak/keycloak:")
+    assert keycloak["command"][0] == "start-dev" and "--import-realm" in keycloak["command"]
+    (realm_file,) = [s for t, s in volume_sources(keycloak).items() if t.startswith("/opt/keycloak/data/import/")]
+    realm = json.loads(realm_file.read_text())
+    (verifier_config,) = load_yaml_docs(DEPLOY / "verifier.yaml")
+    (issuer,) = verifier_config["issuers"]
+
+    hostname = next(a.split("=", 1)[1] for a in keycloak["command"] if a.startswith("--hostname="))
+    assert issuer["issuer"] == f"{hostname}/realms/{realm['realm']}"
+    audiences = {
+        m["config"]["included.custom.audience"]
+        for c in realm["clients"]
+        for m in c.get("protocolMappers", [])
+        if m["protocolMapper"] == "oidc-audience-mapper" and m["config"].get("access.token.claim") == "true"
+    }
+    assert audiences and audiences <= set(issuer["audiences"])
+    # Keycloak listens where the issuer URL says, inside kong's network namespace (loopback for the verifier)
+    assert f"--http-port={urlsplit(issuer['issuer']).port}" in keycloak["command"]
+    assert keycloak["network_mode"] == "service:kong"
+
+
+# --------------------------------------------------------------------------- kubernetes
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[tuple[str, str], dict[str, Any]]:
+    docs = load_yaml_docs(DEPLOY / "k8s" / "verifier-sidecar.yaml")
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def pod_spec(k8s: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = [d for (kind, _), d in k8s.items() if kind == "Deployment"]
+    return dict(deployment["spec"]["template"]["spec"])
+
+
+def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    (c,) = [c for c in spec["containers"] if c["name"] == name]
+    return dict(c)
+
+
+def test_k8s_verifier_is_a_non_root_sidecar_with_a_healthz_readiness_probe(k8s):
+    spec = pod_spec(k8s)
+    verifier = container(spec, "verifier")
+    sc = verifier["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert "/healthz" in json.dumps(verifier["readinessProbe"])
+    mounts = {m["mountPath"]: m["name"] for m in verifier["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mounts["/etc/verifier"]]["configMap"]["name"] == "edge-verifier-config"
+    assert ("ConfigMap", "edge-verifier-config") in k8s
+
+
+def test_k8s_verifier_config_is_valid_and_listens_on_loopback(k8s, tmp_path):
+    text = k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"]
+    check_config(text, tmp_path)
+    config = yaml.safe_load(text)
+    assert config["http"]["listen"].startswith("127.0.0.1:")
+    probe = json.dumps(container(pod_spec(k8s), "verifier")["readinessProbe"])
+    assert f"http://{config['http']['listen']}/healthz" in probe
+
+
+def test_k8s_kong_loads_the_plugin_and_points_it_at_the_sidecar(k8s):
+    spec = pod_spec(k8s)
+    kong = container(spec, "kong")
+    env = {e["name"]: e["value"] for e in kong["env"]}
+    assert env["KONG_DATABASE"] == "off"
+    assert schema_name() in env["KONG_PLUGINS"].split(",")
+    mounts = {m["mountPath"]: m["name"] for m in kong["volumeMounts"]}
+    assert PLUGIN_MOUNT in mounts
+    assert kong["securityContext"]["runAsUser"] != 0
+    assert spec["securityContext"]["runAsNonRoot"] is True
+
+    declarative = yaml.safe_load(k8s[("ConfigMap", "kong-declarative")]["data"]["kong.yml"])
+    verifier_config = yaml.safe_load(k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"])
+    assert Path(env["KONG_DECLARATIVE_CONFIG"]).parent.as_posix() in mounts
+    assert_plugin_points_at_verifier(declarative, verifier_config)
