@@ -82,7 +82,7 @@ async def test_tampered_signature_is_refused_and_then_served_from_the_negative_c
             answer = await http_exchange(app.ports.http, _request(forged))
             assert _status(answer) == 401
             assert _header(answer, "x-verifier-reason") == "signature_invalid"
-        assert app.metrics.negative_hit._value.get() == 2
+        assert app.metrics.cache_count("negative", "hit") == 2
 
 
 async def test_keep_alive_and_pipelined_requests_are_answered_in_order() -> None:

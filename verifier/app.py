@@ -17,10 +17,12 @@ from aiohttp import web
 
 from verifier.binding.dpop import DpopConfig, DpopVerifier
 from verifier.clock import Clock, SystemClock
+from verifier.credentials import Credential
 from verifier.decision import Decision
 from verifier.doors.forward_auth import ForwardAuthDoor, attributes_from_http
 from verifier.doors.grpc import GrpcDoors
 from verifier.doors.routes import HttpRequest, Router
+from verifier.observe.audit import FLUSH_INTERVAL_SECONDS, flush_logs
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Pipeline
 from verifier.policy.ratelimit import RateLimiter
@@ -115,7 +117,7 @@ class App:
                 self.metrics.registry,
                 realm=settings.realm,
             )
-        self.positive: ExpiringCache[tuple[Principal, Decision]] = ExpiringCache(
+        self.positive: ExpiringCache[tuple[Principal, Decision, Credential]] = ExpiringCache(
             settings.cache.token_entries, self.clock
         )
         self.negative: ExpiringCache[Decision] = ExpiringCache(settings.cache.negative_entries, self.clock)
@@ -192,6 +194,7 @@ class App:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._serve_when_ready()))
         self._tasks.append(loop.create_task(self._refresh_gauges()))
+        self._tasks.append(loop.create_task(self._flush_logs()))
         log.info("verifier started", extra={"event": "started", "ports": dataclasses.asdict(self.ports)})
 
     async def _serve_when_ready(self) -> None:
@@ -201,6 +204,11 @@ class App:
         await self.keys.wait_ready()
         await self.grpc.set_serving(True)
         log.info("serving", extra={"event": "serving"})
+
+    async def _flush_logs(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
+            flush_logs()
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -253,3 +261,4 @@ class App:
             await self._extra_session.close()
         if self._own_fetcher and isinstance(self.fetcher, HttpFetcher):
             await self.fetcher.close()
+        flush_logs()

@@ -165,4 +165,6 @@ def allow(principal: Principal, *, cache_max_age: int = 0) -> Decision:
 
 def _header_safe(value: str) -> str:
     """Claims go into headers: strip CR/LF and other controls so no claim can inject a header."""
+    if value.isprintable():  # the common case: nothing to strip (controls are never printable)
+        return value
     return "".join(c for c in value if c >= " " and c != "\x7f")

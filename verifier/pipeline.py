@@ -98,6 +98,10 @@ class Route:
     step_up: bool = False  # the route requires a request-bound WebAuthn assertion
 
 
+NO_POLICY = Route(None, False)
+MAX_MEMOIZED_REFUSALS = 512  # distinct static refusals kept pre-built (descriptions can echo header values)
+
+
 def _negative_cacheable(error: VerifierError) -> bool:
     # A refusal that no later key fetch can turn into an allow. An unknown kid may become known
     # after a rotation, so it is never remembered.
@@ -116,7 +120,7 @@ class Pipeline:
         self,
         *,
         jwt: JwtVerifier,
-        positive: ExpiringCache[tuple[Principal, Decision]],
+        positive: ExpiringCache[tuple[Principal, Decision, Credential]],
         negative: ExpiringCache[Decision],
         clock: Clock,
         metrics: Metrics,
@@ -157,28 +161,30 @@ class Pipeline:
         self._revocations = revocations
         self._step_up = step_up
         self._on_revoked = on_revoked or (lambda code: None)
+        self._refusals: dict[tuple[type, str, str, bool], Decision] = {}
         self._no_route = refuse(Forbidden("no policy allows this route", code="route_not_allowed"), realm=realm)
 
     # -- the two entry points -------------------------------------------------------------------
 
     def decide_cached(self, attrs: RequestAttributes) -> Decision | None:
-        """The answer without any I/O, or None when the asynchronous path is needed."""
+        """The answer without any I/O, or None when the asynchronous path is needed.
+
+        The caches are keyed by a hash of the whole Authorization value, so a token seen before is
+        found before its syntax is even looked at; only a miss pays for the credential parsing.
+        """
         route = self._route(attrs)
         if isinstance(route, Decision):
             return route
-        try:
-            credential = credentials.extract(attrs)
-        except MissingToken as exc:
+        header = attrs.headers.get("authorization")
+        if not header:
             if route.policy is not None and not route.policy.require.authenticated:
                 return ANONYMOUS
-            return self._refuse(exc, None, route)
-        except VerifierError as exc:
-            return self._refuse(exc, None, route)
-        key = audit.token_hash(credential.token)
+            return self._refuse(MissingToken("no access token"), None, route)
+        key = audit.token_hash(header)
         hit = self._positive.get(key)
         if hit is not None:
-            self._metrics.positive_hit.inc()
-            principal, allowed = hit
+            self._metrics.cache_lookup("positive", "hit")
+            principal, allowed, credential = hit
             if route.step_up or self._needs_async(principal, credential):
                 return None  # a per-request proof (DPoP, WebAuthn) or a counter must be checked
             try:
@@ -188,8 +194,16 @@ class Pipeline:
             return allowed
         refused = self._negative.get(key)
         if refused is not None:
-            self._metrics.negative_hit.inc()
+            self._metrics.cache_lookup("negative", "hit")
             return refused
+        try:
+            credentials.extract(attrs)
+        except MissingToken as exc:
+            if route.policy is not None and not route.policy.require.authenticated:
+                return ANONYMOUS
+            return self._refuse(exc, None, route)
+        except VerifierError as exc:
+            return self._refuse(exc, None, route)
         return None
 
     async def decide(self, attrs: RequestAttributes, door: str) -> Decision:
@@ -206,7 +220,7 @@ class Pipeline:
     async def authenticate(self, attrs: RequestAttributes) -> Principal:
         """The caller's principal for the small endpoints (WebAuthn registration); raises a refusal."""
         credential = credentials.extract(attrs)
-        key = audit.token_hash(credential.token)
+        key = audit.token_hash(attrs.headers.get("authorization", ""))
         hit = self._positive.get(key)
         if hit is not None:
             principal = hit[0]
@@ -226,7 +240,7 @@ class Pipeline:
 
     def _route(self, attrs: RequestAttributes) -> Route | Decision:
         if not self._policies.enabled:
-            return Route(None, False)
+            return NO_POLICY
         policy = self._policies.match(attrs)
         if policy is None:
             return self._no_route
@@ -267,12 +281,12 @@ class Pipeline:
         if isinstance(route, Decision):
             return route
         credential = credentials.extract(attrs)  # decide_cached already answered the failures
-        key = audit.token_hash(credential.token)
+        key = audit.token_hash(attrs.headers.get("authorization", ""))
         hit = self._positive.get(key)
         if hit is not None:
-            principal, allowed = hit
+            principal, allowed, credential = hit
         else:
-            self._metrics.positive_miss.inc()
+            self._metrics.cache_lookup("positive", "miss")
             verified = await self._verify(credential, key, attrs, door)
             if isinstance(verified, Decision):
                 return verified
@@ -280,7 +294,9 @@ class Pipeline:
         try:
             if principal.issuer in self._introspect_jwts:
                 # Revocation check: the provider's word (cached by the introspector) on every request.
-                await self._introspectors[principal.issuer].introspect(credential.token, key)
+                await self._introspectors[principal.issuer].introspect(
+                    credential.token, audit.token_hash(credential.token)
+                )
             await self._bind(principal, credential, attrs)
             self._judge(principal, credential, attrs, route)
             if route.step_up:
@@ -298,6 +314,7 @@ class Pipeline:
     ) -> tuple[Principal, Decision] | Decision:
         """First sight of a token: signature or introspection, then cache the principal."""
         started = time.perf_counter()
+        token_key = audit.token_hash(credential.token)  # introspection caches and the audit fingerprint
         kid: str | None = None
         alg = ""
         issuer = ""
@@ -311,17 +328,17 @@ class Pipeline:
             else:
                 issuer = self._opaque_issuer
                 alg = "introspection"
-                principal = await self._introspectors[issuer].introspect(credential.token, key)
+                principal = await self._introspectors[issuer].introspect(credential.token, token_key)
             principal = self._with_roles(principal)
         except VerifierError as exc:
             decision = self._refuse(exc, credential, Route(None, False))
             if _negative_cacheable(exc):
                 self._negative.put(key, decision, self._clock.now() + self._negative_ttl)
-            self._record(attrs, door, decision, started, key, issuer, kid, alg, "")
+            self._record(attrs, door, decision, started, token_key, issuer, kid, alg, "")
             return decision
         allowed = allow(principal)
-        self._positive.put(key, (principal, allowed), principal.expires_at)
-        self._record(attrs, door, allowed, started, key, issuer, kid, alg, principal.subject)
+        self._positive.put(key, (principal, allowed, credential), principal.expires_at)
+        self._record(attrs, door, allowed, started, token_key, issuer, kid, alg, principal.subject)
         return principal, allowed
 
     def _with_roles(self, principal: Principal) -> Principal:
@@ -354,12 +371,21 @@ class Pipeline:
 
     def _refuse(self, error: VerifierError, credential: Credential | None, route: Route) -> Decision:
         dpop = route.dpop_route or (credential is not None and credential.scheme is TokenScheme.DPOP)
-        return refuse(
+        static = not (error.challenge_params() or error.extra_headers() or error.extra_body())
+        if static:
+            memo_key = (type(error), error.code, error.description, dpop)
+            memo = self._refusals.get(memo_key)
+            if memo is not None:
+                return memo
+        decision = refuse(
             error,
             realm=self._realm,
             scheme=Scheme.DPOP if dpop else None,
             dpop_algs=self._dpop_algs,
         )
+        if static and len(self._refusals) < MAX_MEMOIZED_REFUSALS:
+            self._refusals[memo_key] = decision
+        return decision
 
     def _record(
         self,
@@ -375,7 +401,7 @@ class Pipeline:
     ) -> None:
         if alg and alg != "introspection":
             label = alg if alg in SUPPORTED_ALGORITHMS else "other"  # header values are attacker-chosen
-            self._metrics.signature_checks.labels(label, "ok" if decision.allowed else decision.reason).inc()
+            self._metrics.signature_check(label, "ok" if decision.allowed else decision.reason)
         if self._audit:
             audit.signature_check(
                 issuer=issuer,

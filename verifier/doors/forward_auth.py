@@ -82,6 +82,7 @@ class _Connection(asyncio.Protocol):
         "_paused",
         "_peer",
         "_pending",
+        "_raw",
         "_transport",
         "_url",
     )
@@ -92,6 +93,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: dict[str, str] = {}
+        self._raw: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._name = ""
         self._body_bytes = 0
@@ -145,7 +147,7 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._url = b""
-        self._headers = {}
+        self._raw = []
         self._header_bytes = 0
         self._body_bytes = 0
         self._body = []
@@ -157,15 +159,24 @@ class _Connection(asyncio.Protocol):
             raise _TooLarge(431)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        raw = self._raw
+        raw.append((name, value))
         self._header_bytes += len(name) + len(value)
-        if self._header_bytes > MAX_HEADER_BYTES or len(self._headers) >= MAX_HEADERS:
+        if self._header_bytes > MAX_HEADER_BYTES or len(raw) > MAX_HEADERS:
             raise _TooLarge(431)
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        old = self._headers.get(key)
-        # A repeated field is joined as RFC 9110 section 5.3 says; a repeated Authorization then
-        # fails the credential syntax check instead of one of them being silently picked.
-        self._headers[key] = text if old is None else f"{old}, {text}"
+
+    def on_headers_complete(self) -> None:
+        raw = self._raw
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
+        if len(headers) != len(raw):
+            # A repeated field is joined as RFC 9110 section 5.3 says; a repeated Authorization then
+            # fails the credential syntax check instead of one of them being silently picked.
+            headers = {}
+            for name, value in raw:
+                key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+                old = headers.get(key)
+                headers[key] = text if old is None else f"{old}, {text}"
+        self._headers = headers
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)

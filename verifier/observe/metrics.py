@@ -6,7 +6,11 @@ token or a path. Label children used on the hot path are bound once, up front.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import bisect
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 LATENCY_BUCKETS = (
     0.00005,
@@ -27,31 +31,58 @@ LATENCY_BUCKETS = (
 )  # seconds: the interesting range is tens of microseconds to a provider round trip
 
 
+class _HotPath:
+    """Decision counts, latencies and token-cache counts kept as plain Python numbers.
+
+    `prometheus_client` takes a lock on every `inc()`/`observe()` (~1 us each here); the hot path
+    does four of them per request. Every update happens on the event-loop thread, and so does the
+    scrape (the metrics listener runs on the same loop), so plain dicts are exact and this collector
+    exports them as ordinary Prometheus counters and histograms.
+    """
+
+    def __init__(self) -> None:
+        self.decisions: dict[tuple[str, str, str], int] = {}
+        self.buckets: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+        self.cache: dict[tuple[str, str], int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        decisions = CounterMetricFamily(
+            "verifier_decisions",
+            "Decisions by front door, outcome and reason code.",
+            labels=["door", "outcome", "reason"],
+        )
+        for labels, count in sorted(self.decisions.items()):
+            decisions.add_metric(list(labels), count)
+        yield decisions
+        latency = HistogramMetricFamily(
+            "verifier_check_duration_seconds", "Time to decide, per front door.", labels=["door"]
+        )
+        for door, counts in sorted(self.buckets.items()):
+            cumulative, running = [], 0
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                running += count
+                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            latency.add_metric([door], cumulative, self.sums[door])
+        yield latency
+        cache = CounterMetricFamily(
+            "verifier_token_cache", "Token cache lookups by cache and result.", labels=["cache", "result"]
+        )
+        for pair, count in sorted(self.cache.items()):
+            cache.add_metric(list(pair), count)
+        yield cache
+
+
 class Metrics:
     """The verifier's metrics, registered in a registry of its own (no global state)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.decisions = Counter(
-            "verifier_decisions_total",
-            "Decisions by front door, outcome and reason code.",
-            ["door", "outcome", "reason"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "verifier_check_duration_seconds",
-            "Time to decide, per front door.",
-            ["door"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.cache = Counter(
-            "verifier_token_cache_total",
-            "Token cache lookups by cache and result.",
-            ["cache", "result"],
-            registry=r,
-        )
+        self._hot = _HotPath()
+        for cache, result in (("positive", "hit"), ("positive", "miss"), ("negative", "hit")):
+            self._hot.cache[(cache, result)] = 0
+        r.register(self._hot)
         self.jwks_fetches = Counter(
             "verifier_jwks_fetch_total",
             "JWKS fetches by issuer and result.",
@@ -76,23 +107,40 @@ class Metrics:
             ["alg", "result"],
             registry=r,
         )
-        self._decision_children: dict[tuple[str, str, str], Counter] = {}
-        self._latency_children: dict[str, Histogram] = {}
-        self.positive_hit = self.cache.labels("positive", "hit")
-        self.positive_miss = self.cache.labels("positive", "miss")
-        self.negative_hit = self.cache.labels("negative", "hit")
+        self._signature_children: dict[tuple[str, str], Counter] = {}
 
     def decision(self, door: str, outcome: str, reason: str, seconds: float) -> None:
         """Counts one decision and observes its latency."""
+        hot = self._hot
         key = (door, outcome, reason)
-        child = self._decision_children.get(key)
+        hot.decisions[key] = hot.decisions.get(key, 0) + 1
+        counts = hot.buckets.get(door)
+        if counts is None:
+            counts = hot.buckets[door] = [0] * (len(LATENCY_BUCKETS) + 1)
+            hot.sums[door] = 0.0
+        counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        hot.sums[door] += seconds
+
+    def cache_lookup(self, cache: str, result: str) -> None:
+        """Counts a token-cache lookup (positive/negative, hit/miss)."""
+        key = (cache, result)
+        self._hot.cache[key] = self._hot.cache.get(key, 0) + 1
+
+    def cache_count(self, cache: str, result: str) -> int:
+        """How many lookups of this kind were counted."""
+        return self._hot.cache.get((cache, result), 0)
+
+    def decision_count(self, door: str, outcome: str | None = None) -> int:
+        """Decisions counted at a door (optionally of one outcome)."""
+        return sum(n for (d, o, _), n in self._hot.decisions.items() if d == door and outcome in (None, o))
+
+    def signature_check(self, alg: str, result: str) -> None:
+        """Counts a signature verification (label children bound once)."""
+        key = (alg, result)
+        child = self._signature_children.get(key)
         if child is None:
-            child = self._decision_children[key] = self.decisions.labels(door, outcome, reason)
+            child = self._signature_children[key] = self.signature_checks.labels(alg, result)
         child.inc()
-        hist = self._latency_children.get(door)
-        if hist is None:
-            hist = self._latency_children[door] = self.latency.labels(door)
-        hist.observe(seconds)
 
     def jwks_fetch(self, issuer: str, result: str) -> None:
         """Counts a JWKS fetch."""

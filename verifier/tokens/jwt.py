@@ -132,7 +132,9 @@ class JwtVerifier:
         if alg not in settings.algorithms:
             raise AlgorithmRefused(f"alg {alg} is not allowed for this issuer")
         kid = parsed.kid
-        key = await keys.key_for(kid, alg)
+        key = keys.find(kid, alg)  # held keys answer without an await; only a miss may refresh
+        if key is None:
+            key = await keys.key_for(kid, alg)
         if key is None:
             if keys.has_kid(kid):
                 raise AlgorithmRefused("alg does not fit the key")
