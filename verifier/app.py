@@ -139,6 +139,8 @@ class App:
             introspect_jwts=frozenset(i.issuer for i in settings.issuers if i.introspect_jwts),
             authorization_endpoint=lambda issuer: self._discovered("authorization_endpoint", issuer)(),
             mtls_header=settings.mtls_thumbprint_header,
+            edge_max_age=settings.edge_cache.max_age_seconds,
+            refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
             revocations=self.revocation.revocations if self.revocation else None,
             on_revoked=self.revocation.count_refusal if self.revocation else None,
             step_up=self.webauthn,

@@ -38,7 +38,7 @@ from verifier.observe import audit
 from verifier.observe.metrics import Metrics
 from verifier.policy.ratelimit import RateLimiter
 from verifier.policy.roles import RoleMapper
-from verifier.policy.rules import CompiledPolicy, PolicySet, evaluate
+from verifier.policy.rules import CompiledPolicy, PolicySet, auth_time_left, evaluate
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import SUPPORTED_ALGORITHMS
@@ -136,6 +136,8 @@ class Pipeline:
         introspect_jwts: frozenset[str] = frozenset(),
         authorization_endpoint: Callable[[str], str] | None = None,
         mtls_header: str = "x-client-cert-thumbprint",
+        edge_max_age: int = 0,
+        refusal_max_age: int = 0,
         revocations: RevocationCheck | None = None,
         step_up: StepUp | None = None,
         on_revoked: Callable[[str], None] | None = None,
@@ -159,6 +161,8 @@ class Pipeline:
         self._authorization_endpoint = authorization_endpoint or (lambda issuer: "")
         self._mtls_header = mtls_header
         self._revocations = revocations
+        self._edge_max_age = edge_max_age
+        self._refusal_max_age = refusal_max_age
         self._step_up = step_up
         self._on_revoked = on_revoked or (lambda code: None)
         self._refusals: dict[tuple[type, str, str, bool], Decision] = {}
@@ -191,7 +195,7 @@ class Pipeline:
                 self._judge(principal, credential, attrs, route)
             except VerifierError as exc:
                 return self._refuse(exc, credential, route)
-            return allowed
+            return self._reusable(principal, allowed, route)
         refused = self._negative.get(key)
         if refused is not None:
             self._metrics.cache_lookup("negative", "hit")
@@ -307,7 +311,7 @@ class Pipeline:
                 await self._rate_limiter.check(principal)
         except VerifierError as exc:
             return self._refuse(exc, credential, route)
-        return allowed
+        return self._reusable(principal, allowed, route)
 
     async def _verify(
         self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str
@@ -336,7 +340,9 @@ class Pipeline:
                 self._negative.put(key, decision, self._clock.now() + self._negative_ttl)
             self._record(attrs, door, decision, started, token_key, issuer, kid, alg, "")
             return decision
-        allowed = allow(principal)
+        # Reuse at the gateway is possible only when nothing per request went into the answer.
+        per_request = bool(_cnf(principal)) or self._rate_limiter is not None or issuer in self._introspect_jwts
+        allowed = allow(principal, cache_max_age=0 if per_request else self._edge_max_age)
         self._positive.put(key, (principal, allowed, credential), principal.expires_at)
         self._record(attrs, door, allowed, started, token_key, issuer, kid, alg, principal.subject)
         return principal, allowed
@@ -369,6 +375,29 @@ class Pipeline:
             attrs.headers.get("dpop"), method=attrs.method, url=url, access_token=credential.token, expected_jkt=jkt
         )
 
+    def _reusable(self, principal: Principal, allowed: Decision, route: Route) -> Decision:
+        """The allow answer with how long a gateway may reuse it (issue: decisions the gateway may reuse).
+
+        The smallest of: the configured ceiling (already in `allowed`), the principal's remaining
+        lifetime (token `exp`, or an introspection result's freshness), and the time before a
+        `max_auth_age_seconds` policy would refuse. `no-store` when the route needs a per-request
+        proof (a WebAuthn assertion).
+        """
+        ceiling = allowed.cache_max_age
+        if ceiling <= 0:
+            return allowed
+        if route.step_up:
+            return dataclasses.replace(allowed, cache_max_age=0, memo={})
+        now = self._clock.now()
+        left = principal.expires_at - now
+        if route.policy is not None:
+            auth_left = auth_time_left(principal, route.policy.require, now)
+            if auth_left is not None:
+                left = min(left, auth_left)
+        if left >= ceiling:
+            return allowed
+        return dataclasses.replace(allowed, cache_max_age=max(0, int(left)), memo={})
+
     def _refuse(self, error: VerifierError, credential: Credential | None, route: Route) -> Decision:
         dpop = route.dpop_route or (credential is not None and credential.scheme is TokenScheme.DPOP)
         static = not (error.challenge_params() or error.extra_headers() or error.extra_body())
@@ -382,6 +411,7 @@ class Pipeline:
             realm=self._realm,
             scheme=Scheme.DPOP if dpop else None,
             dpop_algs=self._dpop_algs,
+            reusable_for=self._refusal_max_age,
         )
         if static and len(self._refusals) < MAX_MEMOIZED_REFUSALS:
             self._refusals[memo_key] = decision

@@ -153,6 +153,18 @@ class CacheSettings:
     negative_ttl_seconds: float = DEFAULT_NEGATIVE_TTL_SECONDS
 
 
+DEFAULT_EDGE_MAX_AGE_SECONDS = 10  # seconds a gateway may reuse an allow; also bounds revocation reach
+DEFAULT_REFUSAL_MAX_AGE_SECONDS = 5  # seconds a gateway may reuse a refusal of a malformed/forged token
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EdgeCacheSettings:
+    """How long gateways may reuse decisions (forward-auth `Cache-Control`, gRPC `cache_max_age_seconds`)."""
+
+    max_age_seconds: int = DEFAULT_EDGE_MAX_AGE_SECONDS  # 0 turns reuse off
+    refusal_max_age_seconds: int = DEFAULT_REFUSAL_MAX_AGE_SECONDS
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the verifier needs, validated."""
@@ -170,6 +182,7 @@ class Settings:
     dpop: Any = None  # verifier.binding.dpop.DpopConfig
     state: Any = None  # verifier.state.StateConfig (Redis); None: in-memory
     mtls_thumbprint_header: str = "x-client-cert-thumbprint"  # where a gateway puts the client cert's x5t#S256
+    edge_cache: EdgeCacheSettings = EdgeCacheSettings()
     revocation: Any = None  # verifier.revocation.RevocationConfig: Shared Signals receiver
     webauthn: Any = None  # verifier.webauthn config: credential registry and step-up
 
@@ -434,6 +447,17 @@ def _rate_limits(reader: _Reader | None) -> RateLimitSettings | None:
     return settings
 
 
+def _edge_cache(reader: _Reader | None) -> EdgeCacheSettings:
+    if reader is None:
+        return EdgeCacheSettings()
+    settings = EdgeCacheSettings(
+        max_age_seconds=reader.integer("max_age_seconds", DEFAULT_EDGE_MAX_AGE_SECONDS, maximum=3600),
+        refusal_max_age_seconds=reader.integer("refusal_max_age_seconds", DEFAULT_REFUSAL_MAX_AGE_SECONDS, maximum=300),
+    )
+    reader.done()
+    return settings
+
+
 def parse_settings(data: Any) -> Settings:
     """Validates a decoded YAML document into `Settings`, naming the first bad key."""
     root = _Reader(data, "")
@@ -472,6 +496,7 @@ def parse_settings(data: Any) -> Settings:
         dpop=_optional_section(root, "dpop", "verifier.binding.dpop", "parse_dpop_config"),
         state=_optional_section(root, "state", "verifier.state", "parse_state_config"),
         mtls_thumbprint_header=root.text("mtls_thumbprint_header", "x-client-cert-thumbprint").lower(),
+        edge_cache=_edge_cache(root.child("edge_cache")),
         revocation=_optional_section(root, "revocation", "verifier.revocation", "parse_revocation_config"),
         webauthn=_optional_section(root, "webauthn", "verifier.webauthn", "parse_webauthn_config"),
     )

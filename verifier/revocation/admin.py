@@ -104,8 +104,15 @@ class AdminApi:
             match = Match.ALL if key.kind is KeyKind.SID else Match.ISSUED_BEFORE
             effect, expires = Effect.TOKEN_REVOKED, now + self._max_lifetime
         entry = Entry(
-            id="op-" + secrets.token_urlsafe(12), key=key, effect=effect, match=match, event_time=now,
-            expires_at=expires, source=OPERATOR, event=OPERATOR, reason=reason[:MAX_REASON_CHARS],
+            id="op-" + secrets.token_urlsafe(12),
+            key=key,
+            effect=effect,
+            match=match,
+            event_time=now,
+            expires_at=expires,
+            source=OPERATOR,
+            event=OPERATOR,
+            reason=reason[:MAX_REASON_CHARS],
         )
         try:
             await self._add([entry])

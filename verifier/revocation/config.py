@@ -45,9 +45,19 @@ DEFAULT_POLL_INTERVAL_SECONDS = 10.0  # seconds between polls when the transmitt
 DEFAULT_MAX_EVENTS = 100  # SETs asked for per poll (RFC 8936 section 2.4 maxEvents)
 DEFAULT_RESYNC_INTERVAL_SECONDS = 30.0  # seconds between full reloads; pub/sub carries changes in between
 _TRANSMITTER_KEYS = (
-    "issuer", "audience", "delivery", "algorithms", "max_age_seconds", "poll_interval_seconds",
-    "poll_endpoint_url", "poll_authorization_env", "max_events", "discovery_url", "jwks_uri",
-    "fetch_timeout_seconds", "leeway_seconds",
+    "issuer",
+    "audience",
+    "delivery",
+    "algorithms",
+    "max_age_seconds",
+    "poll_interval_seconds",
+    "poll_endpoint_url",
+    "poll_authorization_env",
+    "max_events",
+    "discovery_url",
+    "jwks_uri",
+    "fetch_timeout_seconds",
+    "leeway_seconds",
 )
 _KEYS = ("transmitters", "max_token_lifetime_seconds", "resync_interval_seconds")
 
@@ -218,10 +228,12 @@ def parse_revocation_config(data: Any, path: str = "revocation") -> RevocationCo
     return RevocationConfig(
         transmitters=transmitters,
         max_token_lifetime_seconds=_integer(
-            raw, "max_token_lifetime_seconds", path, DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
-            60, MAX_MAX_TOKEN_LIFETIME_SECONDS,
+            raw,
+            "max_token_lifetime_seconds",
+            path,
+            DEFAULT_MAX_TOKEN_LIFETIME_SECONDS,
+            60,
+            MAX_MAX_TOKEN_LIFETIME_SECONDS,
         ),
-        resync_interval_seconds=_number(
-            raw, "resync_interval_seconds", path, DEFAULT_RESYNC_INTERVAL_SECONDS, 1, 3600
-        ),
+        resync_interval_seconds=_number(raw, "resync_interval_seconds", path, DEFAULT_RESYNC_INTERVAL_SECONDS, 1, 3600),
     )

@@ -132,9 +132,9 @@ class Revocations:
         return merged
 
     @staticmethod
-    def _keys_of(principal: Principal, claims: Mapping[str, Any], *, for_overrides: bool) -> list[
-        tuple[KeyKind, str, str]
-    ]:
+    def _keys_of(
+        principal: Principal, claims: Mapping[str, Any], *, for_overrides: bool
+    ) -> list[tuple[KeyKind, str, str]]:
         keys = [(KeyKind.ISS_SUB, principal.subject, principal.issuer)]
         sid = claims.get("sid")
         if isinstance(sid, str) and sid:

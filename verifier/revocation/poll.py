@@ -130,8 +130,11 @@ class Poller:
         for jti, token in sets.items():
             if not isinstance(jti, str):
                 continue
-            outcome = await self._receive(token) if isinstance(token, str) else Outcome(False, "invalid_request",
-                                                                                        "SET is not a string")
+            outcome = (
+                await self._receive(token)
+                if isinstance(token, str)
+                else Outcome(False, "invalid_request", "SET is not a string")
+            )
             if outcome is None:
                 continue  # not acknowledged: the transmitter delivers it again
             if outcome.ack:

@@ -51,8 +51,14 @@ ACCOUNT_PURGED = RISC + "account-purged"
 ACCOUNT_ENABLED = RISC + "account-enabled"
 CREDENTIAL_COMPROMISE = RISC + "credential-compromise"
 KNOWN_EVENTS = (
-    SESSION_REVOKED, CREDENTIAL_CHANGE, ASSURANCE_LEVEL_CHANGE, TOKEN_CLAIMS_CHANGE,
-    ACCOUNT_DISABLED, ACCOUNT_PURGED, ACCOUNT_ENABLED, CREDENTIAL_COMPROMISE,
+    SESSION_REVOKED,
+    CREDENTIAL_CHANGE,
+    ASSURANCE_LEVEL_CHANGE,
+    TOKEN_CLAIMS_CHANGE,
+    ACCOUNT_DISABLED,
+    ACCOUNT_PURGED,
+    ACCOUNT_ENABLED,
+    CREDENTIAL_COMPROMISE,
 )
 
 SET_TYP = "secevent+jwt"  # RFC 8417 section 2.3 (also accepted with the `application/` prefix)
@@ -222,17 +228,31 @@ def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) 
         why = _reason_text(body.get("reason_admin") or body.get("reason_user") or body.get("reason") or "")
 
         def entry(
-            key: SubjectKey, effect: Effect, match: Match, expires: float | None, *,
-            overrides: Mapping[str, Any] | None = None, event_type: str = event_type, event_time: float = event_time,
+            key: SubjectKey,
+            effect: Effect,
+            match: Match,
+            expires: float | None,
+            *,
+            overrides: Mapping[str, Any] | None = None,
+            event_type: str = event_type,
+            event_time: float = event_time,
             reason: str = why,
         ) -> Entry:
             digest = hashlib.sha256(
                 "\x00".join((source, verified.jti, event_type, key.kind.value, key.iss, key.value)).encode()
             ).hexdigest()[:24]
             return Entry(
-                id="ev-" + digest, key=key, effect=effect, match=match, event_time=event_time,
-                expires_at=expires, source=source, event=event_type, jti=verified.jti,
-                reason=reason, overrides=overrides,
+                id="ev-" + digest,
+                key=key,
+                effect=effect,
+                match=match,
+                event_time=event_time,
+                expires_at=expires,
+                source=source,
+                event=event_type,
+                jti=verified.jti,
+                reason=reason,
+                overrides=overrides,
             )
 
         if event_type == SESSION_REVOKED:

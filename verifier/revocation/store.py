@@ -157,9 +157,11 @@ class RedisStore:
         if not batch:
             return
         message = json.dumps({"add": [json.loads(e.to_json()) for e in batch]})
-        await self._call(self._transaction(lambda pipe: pipe.hset(
-            self.hash_key, mapping={e.id: e.to_json() for e in batch}
-        ), message))
+        await self._call(
+            self._transaction(
+                lambda pipe: pipe.hset(self.hash_key, mapping={e.id: e.to_json() for e in batch}), message
+            )
+        )
 
     async def delete(self, ids: Iterable[str]) -> None:
         """HDEL and PUBLISH in one MULTI."""
@@ -206,8 +208,9 @@ class RedisStore:
                     self._reconnected = False
                     await on_reconnect()
             except (RedisError, OSError, StateUnavailable) as exc:
-                log.warning("revocation subscription lost", extra={"event": "revocation_store",
-                                                                    "error": type(exc).__name__})
+                log.warning(
+                    "revocation subscription lost", extra={"event": "revocation_store", "error": type(exc).__name__}
+                )
                 self._pubsub = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_SECONDS)

@@ -288,8 +288,8 @@ class Introspector:
         except VerifierError as exc:
             return _Verdict(error=exc)
         fresh_until = principal.expires_at
-        keep_until = min(exp, fresh_until + self.config.stale_ttl_seconds) if self.config.serve_stale_on_error else (
-            fresh_until
+        keep_until = (
+            min(exp, fresh_until + self.config.stale_ttl_seconds) if self.config.serve_stale_on_error else (fresh_until)
         )
         self._positive.put(token_hash, _Cached(principal, fresh_until), keep_until)
         return _Verdict(principal=principal)

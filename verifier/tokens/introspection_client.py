@@ -331,4 +331,3 @@ class BatchDispatcher:
 def default_dispatcher(client: ProviderClient) -> Dispatcher:
     """The batch endpoint when configured, else one RFC 7662 call per token."""
     return BatchDispatcher(client) if client.config.batch_endpoint else PerTokenDispatcher(client)
-

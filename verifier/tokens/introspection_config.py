@@ -232,8 +232,9 @@ def parse_introspection_config(data: Mapping[str, Any], path: str) -> Introspect
             raise ConfigError(f"{f.key('client_secret_env')}: not used with private_key_jwt")
         sources = [name for name in ("private_key_file", "private_key_env") if name in data]
         if len(sources) != 1:
-            raise ConfigError(f"{f.key('private_key_file')}: private_key_jwt needs one of private_key_file, "
-                              "private_key_env")
+            raise ConfigError(
+                f"{f.key('private_key_file')}: private_key_jwt needs one of private_key_file, private_key_env"
+            )
         if sources[0] == "private_key_file":
             file = f.text("private_key_file")
             try:
@@ -256,23 +257,15 @@ def parse_introspection_config(data: Mapping[str, Any], path: str) -> Introspect
         client_secret_env=f.text("client_secret_env", ""),
         private_key=private_key,
         assertion_alg=alg,
-        assertion_ttl_seconds=f.integer(
-            "assertion_ttl_seconds", DEFAULT_ASSERTION_TTL_SECONDS, minimum=5, maximum=600
-        ),
+        assertion_ttl_seconds=f.integer("assertion_ttl_seconds", DEFAULT_ASSERTION_TTL_SECONDS, minimum=5, maximum=600),
         endpoint=f.url("endpoint"),
         batch_endpoint=f.url("batch_endpoint"),
         timeout_seconds=f.number("timeout_seconds", DEFAULT_TIMEOUT_SECONDS, minimum=0.01, maximum=60),
         max_in_flight=f.integer("max_in_flight", DEFAULT_MAX_IN_FLIGHT, minimum=1, maximum=10_000),
-        batch_window_seconds=f.number(
-            "batch_window_seconds", DEFAULT_BATCH_WINDOW_SECONDS, minimum=0, maximum=0.1
-        ),
+        batch_window_seconds=f.number("batch_window_seconds", DEFAULT_BATCH_WINDOW_SECONDS, minimum=0, maximum=0.1),
         max_batch_size=f.integer("max_batch_size", DEFAULT_MAX_BATCH_SIZE, minimum=1, maximum=1000),
-        positive_ttl_seconds=f.number(
-            "positive_ttl_seconds", DEFAULT_POSITIVE_TTL_SECONDS, minimum=0, maximum=86_400
-        ),
-        negative_ttl_seconds=f.number(
-            "negative_ttl_seconds", DEFAULT_NEGATIVE_TTL_SECONDS, minimum=0, maximum=3600
-        ),
+        positive_ttl_seconds=f.number("positive_ttl_seconds", DEFAULT_POSITIVE_TTL_SECONDS, minimum=0, maximum=86_400),
+        negative_ttl_seconds=f.number("negative_ttl_seconds", DEFAULT_NEGATIVE_TTL_SECONDS, minimum=0, maximum=3600),
         positive_entries=f.integer("positive_entries", DEFAULT_POSITIVE_ENTRIES, minimum=0, maximum=10_000_000),
         negative_entries=f.integer("negative_entries", DEFAULT_NEGATIVE_ENTRIES, minimum=0, maximum=10_000_000),
         serve_stale_on_error=f.boolean("serve_stale_on_error", False),
@@ -284,4 +277,3 @@ def parse_introspection_config(data: Mapping[str, Any], path: str) -> Introspect
         ),
     )
     return config
-

@@ -108,8 +108,10 @@ def _origin_ok(origin: str) -> bool:
     if parts.path or parts.query or parts.fragment or parts.username or parts.password:
         return False
     # WebAuthn needs a secure context: http only for localhost (Level 3 section 13.4.9 / secure contexts).
-    return parts.scheme == "https" or parts.hostname in ("localhost", "127.0.0.1", "::1") or parts.hostname.endswith(
-        ".localhost"
+    return (
+        parts.scheme == "https"
+        or parts.hostname in ("localhost", "127.0.0.1", "::1")
+        or parts.hostname.endswith(".localhost")
     )
 
 

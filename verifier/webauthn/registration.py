@@ -111,8 +111,9 @@ def parse_preferences(body: object) -> tuple[Preferences, str]:
         resident = ResidentKeyRequirement(raw)
     name = body.get("name", "")
     if not isinstance(name, str) or len(name) > MAX_NAME_CHARS or not name.isprintable():
-        raise RegistrationRefused(f"name: expected printable text of at most {MAX_NAME_CHARS} characters",
-                                  code="invalid_request")
+        raise RegistrationRefused(
+            f"name: expected printable text of at most {MAX_NAME_CHARS} characters", code="invalid_request"
+        )
     return Preferences(attachment, resident), name
 
 

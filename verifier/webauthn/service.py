@@ -151,8 +151,9 @@ class WebAuthnService:
             "userVerification": self._config.user_verification,
             "allowCredentials": allow,
         }
-        return Offer(challenge=challenge, rp_id=self._config.rp_id, timeout_ms=self._config.timeout_ms,
-                     public_key=public_key)
+        return Offer(
+            challenge=challenge, rp_id=self._config.rp_id, timeout_ms=self._config.timeout_ms, public_key=public_key
+        )
 
     # --- revocation and lifecycle --------------------------------------------------------------------
 
@@ -169,8 +170,13 @@ class WebAuthnService:
         count = await self._store.disable(issuer, subject, ids)
         audit_log.info(
             "webauthn_credentials_disabled",
-            extra={"event": "webauthn_credentials_disabled", "issuer": issuer, "subject": subject,
-                   "credentials": credential_ids if credential_ids is not None else "all", "count": count},
+            extra={
+                "event": "webauthn_credentials_disabled",
+                "issuer": issuer,
+                "subject": subject,
+                "credentials": credential_ids if credential_ids is not None else "all",
+                "count": count,
+            },
         )
         return count
 
@@ -259,8 +265,10 @@ class WebAuthnService:
         now = self._clock.now()
         try:
             registered, challenge = self._registrar.complete(
-                body.get("state"), body.get("credential"),
-                subject=subject_hash(principal.issuer, principal.subject), now=now,
+                body.get("state"),
+                body.get("credential"),
+                subject=subject_hash(principal.issuer, principal.subject),
+                now=now,
             )
             # The state is single-use too: a second complete with it is a replay.
             ttl = float(self._config.challenge_timeout_seconds + 1)
@@ -287,14 +295,22 @@ class WebAuthnService:
             await self._store.add(stored)
         except DuplicateCredential:
             self._registration_total.labels("webauthn_credential_exists").inc()
-            return HttpAnswer.json(409, {"error": "webauthn_credential_exists",
-                                         "error_description": "this credential is already registered"})
+            return HttpAnswer.json(
+                409,
+                {"error": "webauthn_credential_exists", "error_description": "this credential is already registered"},
+            )
         self._registration_total.labels("ok").inc()
         audit_log.info(
             "webauthn_registered",
-            extra={"event": "webauthn_registered", "issuer": principal.issuer, "subject": principal.subject,
-                   "credential": credential_id_text(stored), "counter": stored.sign_count,
-                   "aaguid": stored.aaguid.hex(), "attestation": stored.attestation_format},
+            extra={
+                "event": "webauthn_registered",
+                "issuer": principal.issuer,
+                "subject": principal.subject,
+                "credential": credential_id_text(stored),
+                "counter": stored.sign_count,
+                "aaguid": stored.aaguid.hex(),
+                "attestation": stored.attestation_format,
+            },
         )
         location = f"/v1/webauthn/credentials/{credential_id_text(stored)}"
         return HttpAnswer.json(201, _describe(stored), (("location", location),))
@@ -316,8 +332,12 @@ class WebAuthnService:
             return HttpAnswer.json(404, {"error": "not_found"})
         audit_log.info(
             "webauthn_deleted",
-            extra={"event": "webauthn_deleted", "issuer": principal.issuer, "subject": principal.subject,
-                   "credential": b64url(credential_id)},
+            extra={
+                "event": "webauthn_deleted",
+                "issuer": principal.issuer,
+                "subject": principal.subject,
+                "credential": b64url(credential_id),
+            },
         )
         return HttpAnswer(204, (("cache-control", "no-store"),))
 
@@ -349,26 +369,47 @@ class WebAuthnService:
         audit_log.log(
             level,
             "webauthn_assertion",
-            extra={"event": "webauthn_assertion", "issuer": principal.issuer, "subject": principal.subject,
-                   "route": attrs.route, "decision": decision, "reason": reason, "credential": credential,
-                   "counter": counter},
+            extra={
+                "event": "webauthn_assertion",
+                "issuer": principal.issuer,
+                "subject": principal.subject,
+                "route": attrs.route,
+                "decision": decision,
+                "reason": reason,
+                "credential": credential,
+                "counter": counter,
+            },
         )
 
     def _audit_regression(self, error: CounterRegression, attrs: RequestAttributes) -> None:
         c = error.credential
         audit_log.warning(
             "webauthn_counter_regression",
-            extra={"event": "webauthn_counter_regression", "issuer": c.issuer, "subject": c.subject,
-                   "route": attrs.route, "decision": "deny", "reason": error.code, "credential": credential_id_text(c),
-                   "counter": error.received, "stored_counter": c.sign_count},
+            extra={
+                "event": "webauthn_counter_regression",
+                "issuer": c.issuer,
+                "subject": c.subject,
+                "route": attrs.route,
+                "decision": "deny",
+                "reason": error.code,
+                "credential": credential_id_text(c),
+                "counter": error.received,
+                "stored_counter": c.sign_count,
+            },
         )
 
 
 def _attributes(request: HttpRequest) -> RequestAttributes:
     """One of our own endpoints' requests as the attributes a step-up is bound to."""
     path = request.path + (f"?{request.query}" if request.query else "")
-    return RequestAttributes(method=request.method, scheme="http", host=request.headers.get("host", ""),
-                             path=path, headers=request.headers, client_address=request.peer)
+    return RequestAttributes(
+        method=request.method,
+        scheme="http",
+        host=request.headers.get("host", ""),
+        path=path,
+        headers=request.headers,
+        client_address=request.peer,
+    )
 
 
 def _describe(c: StoredCredential) -> dict[str, Any]:
@@ -385,7 +426,6 @@ def _describe(c: StoredCredential) -> dict[str, Any]:
         "backup_eligible": c.backup_eligible,
         "disabled": c.disabled,
     }
-
 
 
 def _demo_answer() -> HttpAnswer:

@@ -151,9 +151,20 @@ class SqliteCredentialStore:
         """Stores a new credential; raises `DuplicateCredential` if its id is taken."""
         c = credential
         values = (
-            c.credential_id, c.issuer, c.subject, c.public_key, c.sign_count, c.aaguid, ",".join(c.transports),
-            c.name, c.attestation_format, int(c.user_verified), int(c.backup_eligible), c.created_at,
-            c.last_used_at, int(c.disabled),
+            c.credential_id,
+            c.issuer,
+            c.subject,
+            c.public_key,
+            c.sign_count,
+            c.aaguid,
+            ",".join(c.transports),
+            c.name,
+            c.attestation_format,
+            int(c.user_verified),
+            int(c.backup_eligible),
+            c.created_at,
+            c.last_used_at,
+            int(c.disabled),
         )
 
         def insert(db: sqlite3.Connection) -> None:

@@ -1,0 +1,101 @@
+"""How long a gateway may reuse each decision: `Cache-Control` on forward-auth, a field on our gRPC Check."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from doorkit import http_exchange, running_verifier
+
+from verifier.settings import (
+    EdgeCacheSettings,
+    PolicySettings,
+    RateLimit,
+    RateLimitSettings,
+    Requirements,
+    RouteMatch,
+)
+from verifier.v1 import verifier_pb2, verifier_pb2_grpc
+
+
+def _request(token: str | None, path: str = "/x", extra: str = "") -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nX-Forwarded-Uri: {path}\r\n{auth}{extra}\r\n".encode()
+
+
+def _cache_control(answer: bytes) -> str:
+    for line in answer.split(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"cache-control:"):
+            return line.split(b":", 1)[1].strip().decode()
+    raise AssertionError("no cache-control")
+
+
+async def test_allow_is_reusable_for_the_ceiling_and_refusals_as_configured() -> None:
+    edge = EdgeCacheSettings(max_age_seconds=10, refusal_max_age_seconds=4)
+    async with running_verifier({"edge_cache": edge}) as (app, idp):
+        port = app.ports.http
+        assert _cache_control(await http_exchange(port, _request(idp.mint()))) == "private, max-age=10"
+        garbage = await http_exchange(port, _request("not.a.jwt"))
+        assert garbage.startswith(b"HTTP/1.1 401") and _cache_control(garbage) == "private, max-age=4"
+        forged = idp.mint()[:-6] + "AAAAAA"
+        assert _cache_control(await http_exchange(port, _request(forged))) == "private, max-age=4"
+        # A missing token is never reused; nor is an expiry (it carries no information worth reusing).
+        assert _cache_control(await http_exchange(port, _request(None))) == "no-store"
+        expired = idp.mint(claims={"exp": int(time.time()) - 3600})
+        assert _cache_control(await http_exchange(port, _request(expired))) == "no-store"
+
+
+async def test_reuse_never_outlives_the_token() -> None:
+    async with running_verifier({"edge_cache": EdgeCacheSettings(max_age_seconds=60)}) as (app, idp):
+        token = idp.mint(claims={"exp": int(time.time()) + 3})
+        value = _cache_control(await http_exchange(app.ports.http, _request(token)))
+        assert value in ("private, max-age=2", "private, max-age=3", "no-store")
+
+
+async def test_zero_turns_reuse_off() -> None:
+    async with running_verifier({"edge_cache": EdgeCacheSettings(max_age_seconds=0, refusal_max_age_seconds=0)}) as (
+        app,
+        idp,
+    ):
+        assert _cache_control(await http_exchange(app.ports.http, _request(idp.mint()))) == "no-store"
+        assert _cache_control(await http_exchange(app.ports.http, _request("a.b.c"))) == "no-store"
+
+
+@pytest.mark.parametrize(
+    ("options", "claims", "extra"),
+    [
+        ({"rate_limits": RateLimitSettings(default=RateLimit(per_second=100, burst=100))}, {}, ""),
+        ({}, {"cnf": {"x5t#S256": "abc"}}, "X-Client-Cert-Thumbprint: abc\r\n"),
+    ],
+    ids=["rate-limited", "certificate-bound"],
+)
+async def test_per_request_decisions_are_never_reused(
+    options: dict[str, object], claims: dict[str, object], extra: str
+) -> None:
+    async with running_verifier(options) as (app, idp):
+        answer = await http_exchange(app.ports.http, _request(idp.mint(claims=claims), extra=extra))
+        assert answer.startswith(b"HTTP/1.1 200") and _cache_control(answer) == "no-store"
+
+
+async def test_max_auth_age_bounds_reuse() -> None:
+    policies = (
+        PolicySettings(name="fresh", match=RouteMatch(path_prefix="/"), require=Requirements(max_auth_age_seconds=100)),
+    )
+    async with running_verifier({"policies": policies, "edge_cache": EdgeCacheSettings(max_age_seconds=60)}) as (
+        app,
+        idp,
+    ):
+        token = idp.mint(claims={"auth_time": int(time.time()) - 95})
+        value = _cache_control(await http_exchange(app.ports.http, _request(token)))
+        assert value in ("private, max-age=4", "private, max-age=5")
+
+
+async def test_grpc_check_carries_the_same_lifetime() -> None:
+    async with running_verifier({"edge_cache": EdgeCacheSettings(max_age_seconds=7)}) as (app, idp):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            stub = verifier_pb2_grpc.VerifierStub(channel)
+            ok = await stub.Check(verifier_pb2.CheckRequest(headers={"authorization": f"Bearer {idp.mint()}"}))
+            assert ok.allowed and ok.cache_max_age_seconds == 7
+            no = await stub.Check(verifier_pb2.CheckRequest())
+            assert not no.allowed and no.cache_max_age_seconds == 0
