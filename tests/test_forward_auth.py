@@ -158,3 +158,14 @@ def test_nginx_original_headers_are_understood() -> None:
 def test_envoy_http_mode_appends_the_original_path_and_keeps_the_method() -> None:
     attrs = attributes_from_http("PUT", b"/v1/forward-auth/orders/7?x=1", {"host": "shop"}, "")
     assert (attrs.method, attrs.path, attrs.host) == ("PUT", "/orders/7?x=1", "shop")
+
+
+def test_forwarded_port_joins_the_host_unless_it_is_the_default() -> None:
+    def host(**headers: str) -> str:
+        return attributes_from_http("GET", b"/v1/forward-auth", headers, "").host
+
+    assert host(**{"x-forwarded-host": "api", "x-forwarded-port": "8443", "x-forwarded-proto": "https"}) == "api:8443"
+    assert host(**{"x-forwarded-host": "api", "x-forwarded-port": "443", "x-forwarded-proto": "https"}) == "api"
+    assert host(**{"x-forwarded-host": "api:9", "x-forwarded-port": "8443"}) == "api:9"
+    assert host(**{"x-forwarded-host": "[::1]", "x-forwarded-port": "8080"}) == "[::1]:8080"
+    assert host(host="h:1", **{"x-forwarded-port": "5"}) == "h:1"

@@ -178,11 +178,12 @@ async def test_a_key_set_with_no_usable_key_is_a_failure_that_keeps_the_old_keys
     assert issuer_keys.kids == kids
 
 
-async def test_a_failed_first_fetch_is_not_ready_and_key_for_returns_none(
+async def test_a_failed_first_fetch_is_not_ready_and_key_for_is_unavailable(
     issuer_keys: IssuerKeys, fetcher: FakeFetcher
 ) -> None:
     fetcher.fault = "timeout"
-    assert await issuer_keys.key_for(KIDS["ES256"], "ES256") is None
+    with pytest.raises(ProviderUnavailable):  # 503 "retry later", never a verdict on the token
+        await issuer_keys.key_for(KIDS["ES256"], "ES256")
     assert not issuer_keys.ready.is_set()
     assert issuer_keys.key_age() is None
 
@@ -231,8 +232,8 @@ async def test_concurrent_misses_during_a_failing_fetch_share_one_failure(
 ) -> None:
     fetcher.fault = "unavailable"
     fetcher.delay = 0.02
-    results = await asyncio.gather(*(issuer_keys.key_for("x", "ES256") for _ in range(20)))
-    assert results == [None] * 20
+    results = await asyncio.gather(*(issuer_keys.key_for("x", "ES256") for _ in range(20)), return_exceptions=True)
+    assert all(isinstance(r, ProviderUnavailable) for r in results)
     assert fetcher.total == 1  # discovery answered 503 once; nobody retried
 
 

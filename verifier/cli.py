@@ -44,9 +44,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    _event_loop_policy()
-    asyncio.run(_run(App(settings)))
+    if settings.workers > 1:
+        from verifier.workers import supervise
+
+        return supervise(settings, settings.workers, _serve_worker)
+    _serve_worker(settings, 0)
     return 0
+
+
+def _serve_worker(settings: Settings, index: int) -> None:
+    _event_loop_policy()
+    asyncio.run(_run(App(settings, reuse_port=settings.workers > 1)))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -183,6 +184,7 @@ class Settings:
     state: Any = None  # verifier.state.StateConfig (Redis); None: in-memory
     mtls_thumbprint_header: str = "x-client-cert-thumbprint"  # where a gateway puts the client cert's x5t#S256
     edge_cache: EdgeCacheSettings = EdgeCacheSettings()
+    workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); the metrics port is offset per worker
     revocation: Any = None  # verifier.revocation.RevocationConfig: Shared Signals receiver
     webauthn: Any = None  # verifier.webauthn config: credential registry and step-up
 
@@ -221,8 +223,8 @@ class _Reader:
         value = self.raw(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{self._key(key)}: expected a number")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{self._key(key)}: expected a finite number")
         if value < minimum or (maximum is not None and value > maximum):
             raise ConfigError(f"{self._key(key)}: {value} is outside [{minimum}, {maximum}]")
         return float(value)
@@ -267,7 +269,7 @@ class _Reader:
         return [_Reader(item, f"{self._key(key)}[{i}]") for i, item in enumerate(value)]
 
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
+        unknown = sorted((set(self.data) - self.seen), key=str)
         if unknown:
             raise ConfigError(f"{self._key(str(unknown[0]))}: unknown key")
 
@@ -279,13 +281,16 @@ def _listen(reader: _Reader | None) -> Listen | None:
     reader.done()
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{reader.path}.listen: expected host:port, got {text!r}")
     return Listen(host=host, port=int(port_text))
 
 
 def _is_loopback_url(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
     if host == "localhost":
         return True
     try:
@@ -295,8 +300,12 @@ def _is_loopback_url(url: str) -> bool:
 
 
 def _check_url(url: str, key: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise ConfigError(f"{key}: not a valid URL ({exc})") from exc
+    if parts.scheme not in ("http", "https") or not hostname:
         raise ConfigError(f"{key}: expected an http(s) URL, got {url!r}")
     # Keys fetched over plain HTTP can be swapped by anyone on the path: only loopback may use it.
     if parts.scheme == "http" and not _is_loopback_url(url):
@@ -437,11 +446,10 @@ def _rate_limits(reader: _Reader | None) -> RateLimitSettings | None:
     roles_reader = reader.child("roles")
     roles: list[tuple[str, RateLimit]] = []
     if roles_reader is not None:
-        for role in list(roles_reader.data):
-            child = roles_reader.child(str(role))
-            assert child is not None
-            roles.append((str(role), _rate_limit(child)))
-        roles_reader.done()
+        for role, value in roles_reader.data.items():
+            if not isinstance(role, str) or not role:
+                raise ConfigError(f"{roles_reader.path}: role names must be strings, got {role!r}")
+            roles.append((role, _rate_limit(_Reader(value, f"{roles_reader.path}.{role}"))))
     settings = RateLimitSettings(default=_rate_limit(default) if default else None, roles=tuple(roles))
     reader.done()
     return settings
@@ -497,6 +505,7 @@ def parse_settings(data: Any) -> Settings:
         state=_optional_section(root, "state", "verifier.state", "parse_state_config"),
         mtls_thumbprint_header=root.text("mtls_thumbprint_header", "x-client-cert-thumbprint").lower(),
         edge_cache=_edge_cache(root.child("edge_cache")),
+        workers=root.integer("workers", 1, minimum=1, maximum=64),
         revocation=_optional_section(root, "revocation", "verifier.revocation", "parse_revocation_config"),
         webauthn=_optional_section(root, "webauthn", "verifier.webauthn", "parse_webauthn_config"),
     )

@@ -112,7 +112,7 @@ async def test_provider_stopped_cached_keys_keep_working_and_unknown_kids_fail_c
     # A token never seen before, signed by a key we already hold: verified from the cached keys.
     assert await _check(verifier, second) == (200, "ok")
     assert verifier.ready()
-    # A token under a kid we never fetched: the provider is gone, so it fails closed.
+    # A token under a kid we never fetched: the provider is gone, so it fails closed with 503.
     await asyncio.sleep(0.3)
     status, reason = await _check(verifier, rotated)
-    assert status == 401 and reason == "key_unknown"
+    assert status == 503 and reason == "provider_unavailable"

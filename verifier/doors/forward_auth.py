@@ -50,16 +50,28 @@ _HEALTH_OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 8\
 _HEALTH_NOT = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 12\r\n\r\nNOT_SERVING\n"
 
 
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
 def attributes_from_http(method: str, target: bytes, headers: dict[str, str], peer: str) -> RequestAttributes:
     """Builds the original request's attributes from a forward-auth request."""
     path = headers.get("x-forwarded-uri") or headers.get("x-original-uri")
     if path is None:
         suffix = target[len(PREFIX) :].decode("latin-1") if target.startswith(PREFIX) else ""
         path = suffix if suffix.startswith("/") else "/" + suffix.lstrip("?") if suffix else "/"
+    scheme = headers.get("x-forwarded-proto", "http").lower()
+    host = headers.get("x-forwarded-host")
+    if host is None:
+        host = headers.get("host", "")
+    else:
+        # Kong and Traefik send the port apart; DPoP's htu (RFC 9449) needs it when not the default.
+        port = headers.get("x-forwarded-port")
+        if port and ":" not in host.rpartition("]")[2] and port != _DEFAULT_PORTS.get(scheme):
+            host = f"{host}:{port}"
     return RequestAttributes(
         method=(headers.get("x-forwarded-method") or headers.get("x-original-method") or method).upper(),
-        scheme=headers.get("x-forwarded-proto", "http").lower(),
-        host=headers.get("x-forwarded-host") or headers.get("host", ""),
+        scheme=scheme,
+        host=host,
         path=path,
         headers=headers,
         client_address=(headers.get("x-forwarded-for", "").split(",", 1)[0].strip() or peer),
@@ -121,10 +133,12 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(400)
-        except httptools.HttpParserError:
-            self._fail(431 if self._header_bytes > MAX_HEADER_BYTES else 400)
-        except _TooLarge as exc:
-            self._fail(exc.status)
+        except (httptools.HttpParserError, _TooLarge) as exc:
+            # httptools wraps an exception raised in a callback: find our own in the chain.
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, _TooLarge):
+                cause = cause.__cause__ or cause.__context__
+            self._fail(cause.status if isinstance(cause, _TooLarge) else 400)
 
     @property
     def busy(self) -> bool:

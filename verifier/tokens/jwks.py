@@ -18,7 +18,7 @@ from verifier.clock import Clock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.metrics import Metrics
 from verifier.settings import DEFAULT_MAX_JWKS_BYTES, DEFAULT_MAX_JWKS_KEYS, IssuerSettings
-from verifier.tokens.fetch import Fetcher
+from verifier.tokens.fetch import Fetcher, FetchResult
 from verifier.tokens.keys import KeyError_, VerificationKey, parse_jwk
 
 log = logging.getLogger("verifier.jwks")
@@ -72,9 +72,12 @@ class IssuerKeys:
             return key  # known kid of the wrong type: refreshing would not help
         cooling = self._clock.monotonic() - self._last_attempt < self.settings.jwks_cooldown_seconds
         if cooling and self._inflight is None:
-            return None  # a fetch already happened recently: an unknown kid now is just unknown
-        with contextlib.suppress(ProviderUnavailable):
-            await self.refresh()
+            if self._failures:
+                # The last fetch failed: we cannot tell a rotated key from a forged one. Fail
+                # closed with 503 (retry later), not 401 (throw the token away).
+                raise ProviderUnavailable("issuer keys unavailable")
+            return None  # a fetch succeeded recently: an unknown kid now is just unknown
+        await self.refresh()  # ProviderUnavailable propagates: 503, never a verdict on the token
         return self.find(kid, alg)
 
     async def refresh(self) -> None:
@@ -98,19 +101,15 @@ class IssuerKeys:
         timeout = self.settings.fetch_timeout_seconds
         issuer = self.settings.issuer
         try:
-            if not self._jwks_uri or (not self.settings.jwks_uri and not self.metadata):
-                await self._discover(timeout)
-            result = await self._fetcher.get_json(self._jwks_uri, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES)
-            keys = self._parse(result.document)
+            # One deadline for discovery and JWKS together, whatever the fetcher does on its own.
+            async with asyncio.timeout(timeout):
+                keys, result = await self._fetch(timeout)
+        except TimeoutError:
+            error = ProviderUnavailable("issuer keys fetch timed out")
+            self._failed(error)
+            raise error from None
         except ProviderUnavailable as exc:
-            self._failures += 1
-            self._metrics.jwks_fetch(issuer, "error")
-            if self.settings.jwks_uri == "" and self._fetched_at is None:
-                self.metadata = {}  # rediscover next time
-            log.warning(
-                "jwks fetch failed",
-                extra={"event": "jwks_fetch", "issuer": issuer, "error": exc.description, "kept": len(self._keys)},
-            )
+            self._failed(exc)
             raise
         self._failures = 0
         self._keys = keys
@@ -124,6 +123,27 @@ class IssuerKeys:
         self._metrics.jwks_keys(issuer, len(keys))
         log.info("jwks loaded", extra={"event": "jwks_fetch", "issuer": issuer, "kids": [k.kid for k in keys]})
         self.ready.set()
+
+    async def _fetch(self, timeout: float) -> tuple[tuple[VerificationKey, ...], FetchResult]:
+        if not self._jwks_uri or (not self.settings.jwks_uri and not self.metadata):
+            await self._discover(timeout)
+        result = await self._fetcher.get_json(self._jwks_uri, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES)
+        return self._parse(result.document), result
+
+    def _failed(self, error: ProviderUnavailable) -> None:
+        self._failures += 1
+        self._metrics.jwks_fetch(self.settings.issuer, "error")
+        if self.settings.jwks_uri == "" and self._fetched_at is None:
+            self.metadata = {}  # rediscover next time
+        log.warning(
+            "jwks fetch failed",
+            extra={
+                "event": "jwks_fetch",
+                "issuer": self.settings.issuer,
+                "error": error.description,
+                "kept": len(self._keys),
+            },
+        )
 
     async def _discover(self, timeout: float) -> None:
         result = await self._fetcher.get_json(

@@ -96,9 +96,9 @@ def parse_jwk(jwk: Mapping[str, Any]) -> VerificationKey:
     if kid is not None and not isinstance(kid, str):
         raise KeyError_("kid is not a string")
     crv = jwk.get("crv") if isinstance(jwk.get("crv"), str) else None
-    text = json.dumps(dict(jwk))
     key: Any
     try:
+        text = json.dumps(dict(jwk))
         if kty == "RSA":
             key = RSAAlgorithm.from_jwk(text)
             if key.key_size < MIN_RSA_BITS:
@@ -111,7 +111,7 @@ def parse_jwk(jwk: Mapping[str, Any]) -> VerificationKey:
             key = OKPAlgorithm.from_jwk(text)
         else:
             raise KeyError_(f"unsupported kty {kty!r}")
-    except (InvalidKeyError, ValueError, TypeError) as exc:
+    except (InvalidKeyError, ValueError, TypeError, RecursionError) as exc:
         if isinstance(exc, KeyError_):
             raise
         raise KeyError_(f"invalid {kty} key") from exc

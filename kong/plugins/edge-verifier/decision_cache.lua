@@ -14,6 +14,7 @@ local lower = string.lower
 local tonumber = tonumber
 local type = type
 local setmetatable = setmetatable
+local pairs = pairs
 
 local has_sha256, resty_sha256 = pcall(require, "resty.sha256")
 if has_sha256 and type(resty_sha256) ~= "table" then
@@ -106,12 +107,18 @@ function _M.set(cache, key, value, ttl)
 end
 
 
---- Hit/miss/store counters of this worker, and whether keys are hashed.
+--- Hit/miss/store counters of this worker, the answers it holds now (over
+--- every configuration's LRU) and whether keys are hashed.
 function _M.stats()
+  local entries = 0
+  for _, c in pairs(caches) do
+    entries = entries + c:count()
+  end
   return {
     hits = stats.hits,
     misses = stats.misses,
     stores = stats.stores,
+    entries = entries,
     hashed_keys = has_sha256,
   }
 end

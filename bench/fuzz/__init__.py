@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing of the verifier's parsers and doors with atheris (see README.md)."""

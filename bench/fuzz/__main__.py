@@ -1,0 +1,47 @@
+"""`python -m bench.fuzz TARGET [libFuzzer flags] [CORPUS_DIR ...]` runs one atheris target.
+
+`python -m bench.fuzz --list` names the targets. tests/ must be importable (tokenkit builds the fake
+provider): run from the repository root with `PYTHONPATH=.:tests`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    """Parses the target name, instruments the verifier's modules, and hands the rest to libFuzzer."""
+    from bench.fuzz import targets
+
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "--list"):
+        print("targets:", " ".join(targets.TARGETS))
+        return
+    name = sys.argv.pop(1)
+    if name not in targets.TARGETS:
+        sys.exit(f"unknown target {name!r}; one of: {', '.join(targets.TARGETS)}")
+    import atheris
+
+    with atheris.instrument_imports(include=["verifier"]):
+        targets.load()
+        import verifier.binding.dpop
+        import verifier.credentials
+        import verifier.doors.forward_auth
+        import verifier.doors.grpc
+        import verifier.settings
+        import verifier.tokens.jws
+        import verifier.tokens.keys  # noqa: F401
+    if not any(not arg.startswith("-") for arg in sys.argv[1:]):
+        # No corpus directory given: start from the target's seeds in a throw-away one.
+        import tempfile
+        from pathlib import Path
+
+        corpus = Path(tempfile.mkdtemp(prefix=f"fuzz-{name}-"))
+        for i, seed in enumerate(targets.seeds(name)):
+            (corpus / f"seed-{i}").write_bytes(seed)
+        sys.argv.append(str(corpus))
+    atheris.Setup(sys.argv, targets.run_one(name))
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Real Envoy in both ext_authz modes (gRPC, HTTP) to the REAL verifier: the per-request proofs.
+
+tests/integration/test_gateways.py already covers, for both modes and the real verifier, an allow with
+the identity headers upstream and every refusal with its WWW-Authenticate reaching the client. What it
+cannot show with plain bearer tokens is that the proof headers get through: in HTTP mode Envoy forwards
+only Host, Method, Path, Content-Length and Authorization unless `allowed_headers` names more, so a
+`DPoP` or `X-WebAuthn-Assertion` header left out of it silently never reaches the verifier. Here:
+
+- a DPoP-bound token with a valid proof is allowed (the proof reached the verifier), its replay is
+  refused with the DPoP challenge relayed to the client, and the same token as Bearer is refused;
+- a WebAuthn step-up route answers 401 with a fresh challenge each time, and an assertion sent by the
+  client is evaluated by the verifier (its reason is no longer "assertion required");
+- a rate-limited refusal reaches the client with its Retry-After.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+if __package__:
+    from .gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_envoy, start_verifier
+else:  # tests/ is not a package: pytest put this directory on sys.path
+    from gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_envoy, start_verifier
+
+from verifier.binding.dpop import thumbprint
+
+pytestmark = pytest.mark.integration
+
+MODES = ("grpc", "http")
+#: The verifier's policies: a step-up route, a rate-limited route needs its own verifier (below).
+POLICIES = [
+    {"name": "pay", "match": {"path_prefix": "/pay"}, "require": {"step_up": "webauthn"}},
+    {"name": "rest", "match": {"path_prefix": "/"}},
+]
+WEBAUTHN = {"rp_id": "localhost", "rp_name": "x", "origins": ["http://localhost:1"]}
+#: A bucket of 2 that refills once in ~17 minutes: the third request in a test is refused.
+RATE_LIMITS = {"default": {"per_second": 0.001, "burst": 2}}
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[EchoUpstream]:
+    server = EchoUpstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream_log(upstream: EchoUpstream) -> None:
+    upstream.clear()
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[LocalIssuer]:
+    server = LocalIssuer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    tmp = tmp_path_factory.mktemp("verifier")
+    proc = start_verifier(
+        tmp,
+        issuer=issuer.issuer,
+        extra_config={
+            "policies": POLICIES,
+            # the registry's default sqlite_path is relative: keep it out of the repository
+            "webauthn": {**WEBAUTHN, "storage": {"sqlite_path": str(tmp / "webauthn.sqlite3")}},
+        },
+    )
+    yield proc
+    proc.stop()
+
+
+def _envoy(
+    mode: str, v: GatewayProcess, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> GatewayProcess:
+    tmp = tmp_path_factory.mktemp(f"envoy-{mode}")
+    if mode == "grpc":
+        return start_envoy(tmp, "grpc", verifier_grpc_port=v.extra["grpc_port"], upstream_port=upstream.port)
+    return start_envoy(tmp, "http", verifier_http_port=v.extra["http_port"], upstream_port=upstream.port)
+
+
+@pytest.fixture(scope="module", params=MODES)
+def envoy(
+    request: pytest.FixtureRequest,
+    verifier: GatewayProcess,
+    upstream: EchoUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[GatewayProcess]:
+    gw = _envoy(request.param, verifier, upstream, tmp_path_factory)
+    yield gw
+    gw.stop()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def dpop_key() -> tuple[ec.EllipticCurvePrivateKey, str]:
+    """A client key and its RFC 7638 thumbprint (the token's cnf.jkt)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key, thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())))
+
+
+def dpop_proof(key: ec.EllipticCurvePrivateKey, method: str, url: str, token: str) -> str:
+    """An RFC 9449 proof for one request (fresh jti), bound to `token` by `ath`."""
+    public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    claims = {
+        "jti": uuid.uuid4().hex,
+        "htm": method,
+        "htu": url,
+        "iat": int(time.time()),
+        "ath": _b64(hashlib.sha256(token.encode()).digest()),
+    }
+    return jwt.encode(claims, key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": public})
+
+
+def webauthn_challenge(www_authenticate: str) -> str:
+    """The challenge parameter of the `WebAuthn` scheme in a WWW-Authenticate value."""
+    found = re.search(r'WebAuthn .*\bchallenge="([^"]+)"', www_authenticate)
+    assert found, www_authenticate
+    return found.group(1)
+
+
+# ------------------------------------------------------------------------------------------------ DPoP
+
+
+def test_a_dpop_bound_token_with_a_valid_proof_is_allowed_and_its_replay_refused(
+    envoy: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    key, jkt = dpop_key()
+    token = issuer.mint(sub="carol", cnf={"jkt": jkt})
+    url = f"{envoy.url}/orders/9"  # Envoy passes the client's Host (with its port) on to the verifier
+    proof = dpop_proof(key, "POST", url, token)
+    headers = {"Authorization": f"DPoP {token}", "DPoP": proof}
+
+    ok = http_request(f"{url}?x=1", method="POST", headers=headers, body=b"{}")
+    replay = http_request(f"{url}?x=1", method="POST", headers=headers, body=b"{}")
+
+    assert ok.status == 200, (ok.status, ok.headers, ok.body)
+    (seen,) = upstream.requests
+    assert seen.headers["x-authenticated-userid"] == "carol"
+    assert seen.headers["authorization"] == f"DPoP {token}"
+    assert seen.headers["dpop"] == proof  # the proof is the client's; the upstream may check it again
+    assert replay.status == 401, (replay.status, replay.headers)
+    assert replay.headers["www-authenticate"].startswith("DPoP ")
+    assert 'error="invalid_dpop_proof"' in replay.headers["www-authenticate"]
+    assert len(upstream.requests) == 1
+
+
+def test_a_dpop_bound_token_presented_as_bearer_is_refused(
+    envoy: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    _, jkt = dpop_key()
+    r = http_request(f"{envoy.url}/orders", headers={"Authorization": f"Bearer {issuer.mint(cnf={'jkt': jkt})}"})
+
+    assert r.status == 401, (r.status, r.headers)
+    assert r.headers["www-authenticate"].startswith("DPoP ")
+    assert upstream.requests == []
+
+
+# ------------------------------------------------------------------------------------------------ WebAuthn
+
+
+def test_a_step_up_route_answers_a_fresh_challenge_each_time(
+    envoy: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    bearer = {"Authorization": f"Bearer {issuer.mint()}"}
+
+    answers = [http_request(f"{envoy.url}/pay/invoice", method="POST", headers=bearer) for _ in range(3)]
+
+    assert [r.status for r in answers] == [401] * 3
+    assert [r.headers["x-verifier-reason"] for r in answers] == ["webauthn_assertion_required"] * 3
+    challenges = {webauthn_challenge(r.headers["www-authenticate"]) for r in answers}
+    assert len(challenges) == 3
+    assert upstream.requests == []
+
+
+def test_the_webauthn_assertion_header_reaches_the_verifier(
+    envoy: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    """An assertion the verifier saw is judged on its merits; one it never saw reads as "required"."""
+    headers = {"Authorization": f"Bearer {issuer.mint()}", "X-WebAuthn-Assertion": "e30"}  # base64url "{}"
+
+    r = http_request(f"{envoy.url}/pay/invoice", method="POST", headers=headers)
+
+    assert r.status == 401, (r.status, r.headers)
+    assert r.headers["x-verifier-reason"].startswith("webauthn_")
+    assert r.headers["x-verifier-reason"] != "webauthn_assertion_required"
+    assert upstream.requests == []
+
+
+# ------------------------------------------------------------------------------------------------ rate limit
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_rate_limited_refusal_reaches_the_client_with_retry_after(
+    mode: str,
+    upstream: EchoUpstream,
+    issuer: LocalIssuer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    v = start_verifier(
+        tmp_path_factory.mktemp("limited"), issuer=issuer.issuer, extra_config={"rate_limits": RATE_LIMITS}
+    )
+    gw = _envoy(mode, v, upstream, tmp_path_factory)
+    try:
+        bearer = {"Authorization": f"Bearer {issuer.mint(sub='dave')}"}
+        answers = [http_request(f"{gw.url}/orders", headers=bearer) for _ in range(3)]
+    finally:
+        gw.stop()
+        v.stop()
+
+    assert [r.status for r in answers] == [200, 200, 429]
+    assert int(answers[2].headers["retry-after"]) > 0
+    assert len(upstream.requests) == 2

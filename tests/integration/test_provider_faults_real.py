@@ -1,0 +1,173 @@
+"""Provider faults against the real, certified OpenID Provider (npm `oidc-provider`) on loopback.
+
+The provider is slowed and broken with `op_harness.set_fault`, and stopped with `stop()`. The verifier
+runs in-process with the production `HttpFetcher`, so every deadline here is the real one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+from doorkit import http_exchange
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from op_harness import API_AUDIENCE, OpenIDProvider, start_provider
+
+from verifier.app import App
+from verifier.settings import IssuerSettings, Listen, Settings
+
+pytestmark = pytest.mark.integration
+
+FETCH_TIMEOUT = 0.5  # seconds
+SLACK = 0.5  # seconds past the deadline tolerated on a loaded runner
+
+
+@pytest.fixture
+def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
+    op = start_provider(tmp_path_factory)
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+@pytest.fixture
+async def verifier(provider: OpenIDProvider) -> AsyncIterator[App]:
+    settings = Settings(
+        grpc=Listen(host="127.0.0.1", port=0),
+        http=Listen(host="127.0.0.1", port=0),
+        metrics=None,
+        issuers=(
+            IssuerSettings(
+                issuer=provider.issuer,
+                audiences=(API_AUDIENCE,),
+                algorithms=("ES256", "RS256", "EdDSA"),
+                jwks_cooldown_seconds=0.0,
+                fetch_timeout_seconds=FETCH_TIMEOUT,
+                jwks_min_ttl_seconds=1,
+                jwks_max_ttl_seconds=1,
+            ),
+        ),
+    )
+    app = App(settings)
+    await app.start()
+    await asyncio.wait_for(app.keys.wait_ready(), 15)
+    try:
+        yield app
+    finally:
+        await app.stop(grace=0.5)
+
+
+async def _status(app: App, token: str) -> tuple[int, float]:
+    assert app.ports.http is not None
+    raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    started = time.monotonic()
+    answer = await http_exchange(app.ports.http, raw)
+    return int(answer.split(b" ", 2)[1]), time.monotonic() - started
+
+
+async def _healthy(app: App) -> None:
+    assert app.ports.http is not None and app.ports.grpc is not None
+    assert (await http_exchange(app.ports.http, b"GET /healthz HTTP/1.1\r\nHost: v\r\n\r\n")).startswith(
+        b"HTTP/1.1 200"
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def _rotated_token(provider: OpenIDProvider) -> str:
+    """A token under a kid the verifier has never seen (the JWKS keeps the old keys too)."""
+    await asyncio.to_thread(provider.rotate_keys, retain_previous=True)
+    return await asyncio.to_thread(provider.client_credentials_token, alg="ES256")
+
+
+async def test_unknown_kid_while_jwks_hangs_returns_within_fetch_timeout(
+    provider: OpenIDProvider, verifier: App
+) -> None:
+    rotated = await _rotated_token(provider)
+    await asyncio.to_thread(provider.set_fault, "jwks", delay_ms=10_000)
+    status, elapsed = await _status(verifier, rotated)
+    assert status == 503  # fail closed, "retry later": a rotation cannot be told from a forgery now
+    assert elapsed < FETCH_TIMEOUT + SLACK, elapsed
+    await _healthy(verifier)
+
+
+@pytest.mark.parametrize("http_status", [500, 503, 404])
+async def test_jwks_errors_keep_cached_keys_and_refuse_unknown_kids(
+    provider: OpenIDProvider, verifier: App, http_status: int
+) -> None:
+    known = await asyncio.to_thread(provider.client_credentials_token, alg="RS256")
+    rotated = await _rotated_token(provider)
+    await asyncio.to_thread(provider.set_fault, "jwks", status=http_status)
+    await asyncio.sleep(1.2)  # the background refresh fails at least once meanwhile
+    assert (await _status(verifier, known))[0] == 200
+    status, elapsed = await _status(verifier, rotated)
+    assert status == 503 and elapsed < FETCH_TIMEOUT + SLACK
+    await _healthy(verifier)
+    await asyncio.to_thread(provider.clear_faults)
+    await asyncio.sleep(0.1)
+    assert (await _status(verifier, rotated))[0] == 200, "the provider is back: the new kid is fetched"
+
+
+async def test_slow_jwks_within_the_deadline_still_loads(provider: OpenIDProvider, verifier: App) -> None:
+    rotated = await _rotated_token(provider)
+    await asyncio.to_thread(provider.set_fault, "jwks", delay_ms=int(FETCH_TIMEOUT * 400))
+    assert (await _status(verifier, rotated))[0] == 200
+
+
+async def test_provider_stopped_service_stays_serving_and_fails_closed(provider: OpenIDProvider, verifier: App) -> None:
+    known = await asyncio.to_thread(provider.client_credentials_token, alg="EdDSA")
+    rotated = await _rotated_token(provider)
+    await asyncio.to_thread(provider.stop)
+    await asyncio.sleep(1.5)  # refused connections on every background refresh meanwhile
+    await _healthy(verifier)
+    assert (await _status(verifier, known))[0] == 200
+    status, elapsed = await _status(verifier, rotated)
+    assert status == 503 and elapsed < FETCH_TIMEOUT + SLACK
+
+
+@pytest.mark.parametrize("fault", ["slow", "500", "refused"])
+async def test_introspection_faults_fail_closed_within_the_deadline(provider: OpenIDProvider, fault: str) -> None:
+    import aiohttp
+    from op_harness import VERIFIER_CLIENT_ID, VERIFIER_CLIENT_SECRET
+    from prometheus_client import CollectorRegistry
+
+    from verifier.clock import SystemClock
+    from verifier.errors import ProviderUnavailable
+    from verifier.observe.audit import token_hash
+    from verifier.tokens.introspection import IntrospectionConfig, Introspector
+
+    token = await asyncio.to_thread(provider.opaque_token)
+    endpoint = provider.introspection_endpoint
+    if fault == "slow":
+        await asyncio.to_thread(provider.set_fault, "introspection", delay_ms=10_000)
+    elif fault == "500":
+        await asyncio.to_thread(provider.set_fault, "introspection", status=500)
+    else:
+        await asyncio.to_thread(provider.stop)
+    async with aiohttp.ClientSession() as session:
+        introspector = Introspector(
+            issuer=provider.issuer,
+            audiences=("https://opaque.example.test",),
+            config=IntrospectionConfig(
+                client_id=VERIFIER_CLIENT_ID,
+                client_secret=VERIFIER_CLIENT_SECRET,
+                endpoint=endpoint,
+                timeout_seconds=FETCH_TIMEOUT,
+            ),
+            endpoint=None,
+            session_provider=lambda: session,
+            clock=SystemClock(),
+            registry=CollectorRegistry(),
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(ProviderUnavailable):
+                await introspector.introspect(token, token_hash(token))
+            assert time.monotonic() - started < FETCH_TIMEOUT + SLACK
+        finally:
+            await introspector.close()

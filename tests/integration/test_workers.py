@@ -1,0 +1,95 @@
+"""`workers: N`: N processes share the listeners (SO_REUSEPORT), each answers, SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from doorkit import free_port, http_exchange
+
+from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
+
+pytestmark = pytest.mark.integration
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+async def test_two_workers_share_the_ports_and_stop_together(tmp_path: Path) -> None:
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    http, metrics = free_port(), free_port()
+    while metrics + 1 == http:
+        metrics = free_port()
+    config = tmp_path / "verifier.yaml"
+    config.write_text(
+        f"""
+workers: 2
+http: {{listen: "127.0.0.1:{http}"}}
+grpc: {{listen: "127.0.0.1:{free_port()}"}}
+metrics: {{listen: "127.0.0.1:{metrics}"}}
+issuers:
+  - issuer: "{idp.issuer}"
+    audiences: ["{DEV_AUDIENCE}"]
+    algorithms: [ES256]
+"""
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "verifier", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while len(_children(proc.pid)) < 2 or not all(_metrics_up(metrics + i) for i in range(2)):
+            assert time.monotonic() < deadline, "workers did not come up"
+            await asyncio.sleep(0.2)
+        workers = _children(proc.pid)
+        token = idp.mint()
+        raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        for _ in range(40):  # fresh connections: the kernel spreads them over both workers
+            assert (await http_exchange(http, raw)).startswith(b"HTTP/1.1 200")
+        served = [_forward_auth_decisions(metrics + i) for i in range(2)]
+        assert sum(served) == 40 and all(n > 0 for n in served), served
+        # A worker that dies is replaced.
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not (len(_children(proc.pid)) == 2 and workers[0] not in _children(proc.pid)):
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            await asyncio.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert not _children(proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await idp.stop()
+
+
+def _metrics_up(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _forward_auth_decisions(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith('verifier_decisions_total{door="forward_auth"')
+        )
+    )

@@ -1,0 +1,563 @@
+"""Provider faults: discovery, JWKS and introspection that are slow, failing, refused, malformed or huge.
+
+Faults are injected at the one seam for keys (`FakeFetcher`, wrapped here by `DeadlineFetcher` where
+the production fetcher's deadline matters), at the one seam for introspection (`IntrospectionHttp`),
+and, for the transport-level faults the fakes cannot show (refused connection, TLS spoken to a
+plain-HTTP port, a body over 1 MiB, a server that never answers), against a real `HttpFetcher` and a
+small aiohttp provider on a loopback port. tests/integration/test_provider_faults_real.py does the
+same against the certified oidc-provider, stopped and slowed.
+
+Invariants checked everywhere: nothing raises out of `Pipeline.decide`, nothing is allowed that
+should not be, no request waits much past its deadline, and cached keys keep the service SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+from aiohttp import web
+from doorkit import http_exchange
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+from tokenkit import (
+    DISCOVERY_URL,
+    ISSUER,
+    JWKS_URL,
+    KIDS,
+    FakeFetcher,
+    Mint,
+    SigningKeys,
+    claims,
+    discovery_document,
+    issuer_settings,
+    public_jwk,
+)
+
+from verifier.app import App
+from verifier.clock import FrozenClock, SystemClock
+from verifier.errors import ProviderUnavailable
+from verifier.observe.audit import token_hash
+from verifier.request import RequestAttributes
+from verifier.settings import Listen, Settings
+from verifier.tokens.fetch import FetchResult, HttpFetcher
+from verifier.tokens.introspection import IntrospectionConfig, Introspector
+from verifier.tokens.introspection_client import HttpReply, HttpRequest
+
+FETCH_TIMEOUT = 0.3  # seconds; short so the slow-provider tests stay fast
+SLACK = 0.35  # seconds allowed past a deadline for scheduling on a loaded CI runner
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+class DeadlineFetcher(FakeFetcher):
+    """`FakeFetcher` that honours `timeout` as the production `HttpFetcher` does (asyncio.timeout)."""
+
+    async def get_json(self, url: str, *, timeout: float, max_bytes: int) -> FetchResult:
+        try:
+            async with asyncio.timeout(timeout):
+                result = await super().get_json(url, timeout=timeout, max_bytes=max_bytes)
+        except TimeoutError as exc:
+            raise ProviderUnavailable("provider timed out") from exc
+        if len(json.dumps(result.document)) > max_bytes:
+            raise ProviderUnavailable("provider document too large")
+        return result
+
+
+def attrs_for(token: str | None, *, scheme: str = "Bearer") -> RequestAttributes:
+    headers = {"authorization": f"{scheme} {token}"} if token else {}
+    return RequestAttributes(method="GET", scheme="https", host="api.example.test", path="/orders", headers=headers)
+
+
+def live_claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    return claims(exp=now + 300, iat=now - 5, nbf=now - 5, **overrides)
+
+
+def make_app(fetcher: Any, *, clock: Any = None, doors: bool = False, **issuer_options: Any) -> App:
+    options: dict[str, Any] = {"fetch_timeout_seconds": FETCH_TIMEOUT, "jwks_cooldown_seconds": 0.0}
+    options.update(issuer_options)
+    listen = Listen(host="127.0.0.1", port=0) if doors else None
+    settings = Settings(grpc=listen, http=listen, metrics=None, issuers=(issuer_settings(**options),))
+    return App(settings, fetcher=fetcher, clock=clock or SystemClock())
+
+
+def serving_fetcher(jwks: dict[str, Any]) -> DeadlineFetcher:
+    fake = DeadlineFetcher()
+    fake.serve(DISCOVERY_URL, discovery_document())
+    fake.serve(JWKS_URL, jwks)
+    return fake
+
+
+def many_keys(keys: SigningKeys, count: int) -> dict[str, Any]:
+    one = public_jwk(keys.es256)
+    return {"keys": [{**one, "kid": f"k{i}"} for i in range(count)]}
+
+
+# Each fault: how to break the provider (on a fetcher that served nothing yet, or served the good keys).
+Fault = Callable[[FakeFetcher, SigningKeys], None]
+
+
+def _fault(name: str) -> Fault:
+    def timeout(f: FakeFetcher, k: SigningKeys) -> None:
+        f.fault = "timeout"
+
+    def unavailable(f: FakeFetcher, k: SigningKeys) -> None:
+        f.fault = "unavailable"
+
+    def malformed_json(f: FakeFetcher, k: SigningKeys) -> None:
+        f.fault = "malformed_json"
+
+    def malformed(f: FakeFetcher, k: SigningKeys) -> None:
+        f.fault = "malformed"
+
+    def slow(f: FakeFetcher, k: SigningKeys) -> None:
+        f.fault = ("delay", FETCH_TIMEOUT * 20)
+
+    def slow_jwks(f: FakeFetcher, k: SigningKeys) -> None:
+        f.faults[JWKS_URL] = ("delay", FETCH_TIMEOUT * 20)
+
+    def jwks_500(f: FakeFetcher, k: SigningKeys) -> None:
+        f.faults[JWKS_URL] = "unavailable"
+
+    def ten_thousand_keys(f: FakeFetcher, k: SigningKeys) -> None:
+        f.serve(JWKS_URL, many_keys(k, 10_000))
+
+    def over_one_mib(f: FakeFetcher, k: SigningKeys) -> None:
+        f.serve(JWKS_URL, {"keys": [public_jwk(k.es256, "big", pad="x" * (1 << 20))]})
+
+    def issuer_mixup(f: FakeFetcher, k: SigningKeys) -> None:
+        f.serve(DISCOVERY_URL, discovery_document(issuer="https://evil.example.test"))
+
+    def issuer_trailing_slash(f: FakeFetcher, k: SigningKeys) -> None:
+        f.serve(DISCOVERY_URL, discovery_document(issuer=ISSUER + "/"))
+
+    def jwks_downgrade(f: FakeFetcher, k: SigningKeys) -> None:
+        f.serve(DISCOVERY_URL, discovery_document(jwks_uri="http://issuer.example.test/jwks"))
+
+    def discovery_not_object(f: FakeFetcher, k: SigningKeys) -> None:
+        f.serve(DISCOVERY_URL, ["issuer", ISSUER])
+
+    def jwks_not_key_set(f: FakeFetcher, k: SigningKeys) -> None:
+        f.serve(JWKS_URL, {"keys": {"kty": "EC"}})
+
+    def jwks_only_junk(f: FakeFetcher, k: SigningKeys) -> None:
+        f.serve(JWKS_URL, {"keys": [1, "a", None, {"kty": "oct", "k": "c2VjcmV0"}, {"kty": "RSA", "n": 5}]})
+
+    return locals()[name]  # type: ignore[no-any-return]
+
+
+FAULTS = [
+    "timeout",
+    "unavailable",
+    "malformed_json",
+    "malformed",
+    "slow",
+    "slow_jwks",
+    "jwks_500",
+    "ten_thousand_keys",
+    "over_one_mib",
+    "issuer_mixup",
+    "issuer_trailing_slash",
+    "jwks_downgrade",
+    "discovery_not_object",
+    "jwks_not_key_set",
+    "jwks_only_junk",
+]
+
+
+# -- the seam: cold start with a broken provider ----------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_cold_start_against_a_broken_provider_fails_closed_within_the_deadline(
+    fault: str, keys: SigningKeys, jwks_document: dict[str, Any], mint: Mint
+) -> None:
+    fetcher = serving_fetcher(jwks_document)
+    _fault(fault)(fetcher, keys)
+    app = make_app(fetcher)
+    issuer_keys = app.keys.get(ISSUER)
+    assert issuer_keys is not None
+    started = time.monotonic()
+    with pytest.raises(ProviderUnavailable):
+        await issuer_keys.refresh()
+    # discovery and JWKS are two calls, each with its own deadline
+    assert time.monotonic() - started < 2 * FETCH_TIMEOUT + SLACK
+    assert not app.ready()
+    started = time.monotonic()
+    decision = await app.pipeline.decide(attrs_for(mint(live_claims())), "test")
+    assert time.monotonic() - started < 2 * FETCH_TIMEOUT + SLACK
+    assert not decision.allowed
+    assert decision.status in (401, 503)
+    assert decision.reason != "internal_error"
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_warm_keys_survive_a_broken_provider(
+    fault: str, keys: SigningKeys, jwks_document: dict[str, Any], mint: Mint
+) -> None:
+    fetcher = serving_fetcher(jwks_document)
+    clock = FrozenClock(time.time())
+    app = make_app(fetcher, clock=clock)
+    issuer_keys = app.keys.get(ISSUER)
+    assert issuer_keys is not None
+    await issuer_keys.refresh()
+    assert app.ready()
+    _fault(fault)(fetcher, keys)
+    issuer_keys.metadata = {} if fault.startswith(("issuer", "discovery", "jwks_downgrade")) else issuer_keys.metadata
+    clock.advance(3600)  # past any TTL: a refresh is due
+    with contextlib.suppress(ProviderUnavailable):
+        await issuer_keys.refresh()
+    assert app.ready(), "a failed refresh must keep the last good keys"
+    assert set(issuer_keys.kids) == set(KIDS.values())
+    now = clock.now()
+    fresh = mint(claims(exp=int(now) + 300, iat=int(now), nbf=int(now)), alg="RS256")
+    decision = await app.pipeline.decide(attrs_for(fresh), "test")
+    assert decision.allowed and decision.reason == "ok"
+    # A token under a kid the broken provider never served: refused with 503 (we cannot tell a
+    # rotation from a forgery while the provider is broken), never allowed.
+    stranger = mint(claims(exp=int(now) + 300, iat=int(now)), kid="never-served")
+    started = time.monotonic()
+    decision = await app.pipeline.decide(attrs_for(stranger), "test")
+    assert time.monotonic() - started < FETCH_TIMEOUT + SLACK
+    assert not decision.allowed and decision.status == 503 and decision.reason == "provider_unavailable"
+
+
+async def test_an_unknown_kid_while_the_jwks_endpoint_hangs_returns_within_fetch_timeout(
+    jwks_document: dict[str, Any], mint: Mint
+) -> None:
+    fetcher = serving_fetcher(jwks_document)
+    app = make_app(fetcher)
+    issuer_keys = app.keys.get(ISSUER)
+    assert issuer_keys is not None
+    await issuer_keys.refresh()
+    fetcher.faults[JWKS_URL] = ("delay", 30.0)
+    started = time.monotonic()
+    decision = await app.pipeline.decide(attrs_for(mint(live_claims(), kid="rotated-in")), "test")
+    elapsed = time.monotonic() - started
+    assert not decision.allowed and decision.reason == "provider_unavailable"
+    assert elapsed < FETCH_TIMEOUT + SLACK, elapsed
+
+
+async def test_concurrent_unknown_kids_while_the_jwks_endpoint_hangs_share_one_fetch(
+    jwks_document: dict[str, Any], mint: Mint
+) -> None:
+    fetcher = serving_fetcher(jwks_document)
+    app = make_app(fetcher)
+    issuer_keys = app.keys.get(ISSUER)
+    assert issuer_keys is not None
+    await issuer_keys.refresh()
+    fetcher.calls.clear()
+    fetcher.faults[JWKS_URL] = ("delay", 30.0)
+    tokens = [mint(live_claims(jti=str(i)), kid=f"made-up-{i}") for i in range(50)]
+    started = time.monotonic()
+    decisions = await asyncio.gather(*(app.pipeline.decide(attrs_for(t), "test") for t in tokens))
+    assert time.monotonic() - started < FETCH_TIMEOUT + SLACK
+    assert not any(d.allowed for d in decisions)
+    assert fetcher.calls[JWKS_URL] == 1
+
+
+async def test_a_request_never_waits_on_a_fetch_longer_than_fetch_timeout(
+    jwks_document: dict[str, Any], mint: Mint
+) -> None:
+    fetcher = FakeFetcher()  # the plain fake: its ("delay", s) ignores `timeout`, like a hung fetcher
+    fetcher.serve(DISCOVERY_URL, discovery_document())
+    fetcher.serve(JWKS_URL, jwks_document)
+    app = make_app(fetcher)
+    issuer_keys = app.keys.get(ISSUER)
+    assert issuer_keys is not None
+    await issuer_keys.refresh()
+    fetcher.faults[JWKS_URL] = ("delay", 3.0)
+    started = time.monotonic()
+    decision = await app.pipeline.decide(attrs_for(mint(live_claims(), kid="rotated-in")), "test")
+    assert not decision.allowed
+    assert time.monotonic() - started < FETCH_TIMEOUT + SLACK
+
+
+async def test_discovery_plus_jwks_stay_within_one_fetch_timeout(jwks_document: dict[str, Any], mint: Mint) -> None:
+    fetcher = serving_fetcher(jwks_document)
+    fetcher.faults[DISCOVERY_URL] = ("delay", FETCH_TIMEOUT * 0.9)
+    fetcher.faults[JWKS_URL] = ("delay", FETCH_TIMEOUT * 0.9)
+    app = make_app(fetcher)
+    started = time.monotonic()
+    await app.pipeline.decide(attrs_for(mint(live_claims())), "test")
+    assert time.monotonic() - started < FETCH_TIMEOUT + SLACK / 2
+
+
+async def test_provider_down_with_nothing_cached_answers_503_with_retry_after(mint: Mint) -> None:
+    fetcher = FakeFetcher()
+    fetcher.fault = "unavailable"
+    app = make_app(fetcher)
+    decision = await app.pipeline.decide(attrs_for(mint(live_claims())), "test")
+    assert not decision.allowed
+    assert decision.status == 503
+    assert ("retry-after", "1") in [(k.lower(), v) for k, v in decision.response_headers]
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+async def test_ten_thousand_keys_are_refused_without_parsing_them_all(keys: SigningKeys, tiny: bool) -> None:
+    fetcher = FakeFetcher()  # no size bound here: the key-count bound is what is under test
+    fetcher.serve(DISCOVERY_URL, discovery_document())
+    # tiny: 10,000 short junk keys stay under the 1 MiB bound, so only the count can refuse them
+    document = {"keys": [{"kty": "EC", "kid": str(i)} for i in range(10_000)]} if tiny else many_keys(keys, 10_000)
+    fetcher.serve(JWKS_URL, document)
+    app = make_app(fetcher)
+    issuer_keys = app.keys.get(ISSUER)
+    assert issuer_keys is not None
+    started = time.monotonic()
+    with pytest.raises(ProviderUnavailable, match="10000 keys"):
+        await issuer_keys.refresh()
+    assert time.monotonic() - started < 1.0
+    assert issuer_keys.kids == ()
+
+
+# -- the real HttpFetcher against a local provider: transport faults -------------------------------
+
+
+class LocalProvider:
+    """A tiny OIDC provider on a loopback port whose answers a test can break."""
+
+    def __init__(self, jwks: dict[str, Any]) -> None:
+        self.jwks_body = json.dumps(jwks).encode()
+        self.status = 200
+        self.hang = False
+        self.body_override: bytes | None = None
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def issuer(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _discovery(self, _: web.Request) -> web.Response:
+        return web.json_response({"issuer": self.issuer, "jwks_uri": self.issuer + "/jwks"})
+
+    async def _jwks(self, _: web.Request) -> web.StreamResponse:
+        if self.hang:
+            await asyncio.sleep(3600)
+        body = self.body_override if self.body_override is not None else self.jwks_body
+        return web.Response(status=self.status, body=body, content_type="application/json")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/.well-known/openid-configuration", self._discovery)
+        app.router.add_get("/jwks", self._jwks)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def local_provider(jwks_document: dict[str, Any]) -> AsyncIterator[LocalProvider]:
+    provider = LocalProvider(jwks_document)
+    await provider.start()
+    yield provider
+    await provider.stop()
+
+
+@pytest.fixture
+async def http_fetcher() -> AsyncIterator[HttpFetcher]:
+    fetcher = HttpFetcher()
+    yield fetcher
+    await fetcher.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed when the socket is: connections are refused
+
+
+async def _refresh_outcome(fetcher: HttpFetcher, issuer: str, **options: Any) -> tuple[str, float]:
+    app = make_app(fetcher, issuer=issuer, **options)
+    issuer_keys = app.keys.get(issuer)
+    assert issuer_keys is not None
+    started = time.monotonic()
+    try:
+        await issuer_keys.refresh()
+        outcome = "ok"
+    except ProviderUnavailable as exc:
+        outcome = exc.description
+    return outcome, time.monotonic() - started
+
+
+async def test_real_fetcher_loads_keys_from_the_local_provider(
+    local_provider: LocalProvider, http_fetcher: HttpFetcher
+) -> None:
+    assert (await _refresh_outcome(http_fetcher, local_provider.issuer))[0] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        ({"status": 500}, "HTTP 500"),
+        ({"status": 404}, "HTTP 404"),
+        ({"body_override": b"{not json"}, "malformed JSON"),
+        ({"body_override": b"[" * 600_000 + b"]" * 600_000}, "too large"),
+        ({"body_override": b"[" * 200_000}, "malformed JSON"),  # 200 kB of nesting: RecursionError caught
+        ({"body_override": b'{"keys": [' + b'{"kty":"EC"},' * 200_000 + b"{}]}"}, "too large"),
+        ({"body_override": b"\xff\xfe\x00garbage"}, "malformed JSON"),
+        ({"hang": True}, "timed out"),
+    ],
+)
+async def test_real_fetcher_turns_every_provider_fault_into_provider_unavailable(
+    local_provider: LocalProvider, http_fetcher: HttpFetcher, breakage: dict[str, Any], expected: str
+) -> None:
+    for name, value in breakage.items():
+        setattr(local_provider, name, value)
+    outcome, elapsed = await _refresh_outcome(http_fetcher, local_provider.issuer)
+    assert expected in outcome
+    assert elapsed < 2 * FETCH_TIMEOUT + SLACK
+
+
+async def test_real_fetcher_connection_refused_is_provider_unavailable(http_fetcher: HttpFetcher) -> None:
+    outcome, elapsed = await _refresh_outcome(http_fetcher, f"http://127.0.0.1:{_closed_port()}")
+    assert "unreachable" in outcome
+    assert elapsed < FETCH_TIMEOUT + SLACK
+
+
+async def test_tls_to_a_plain_http_port_is_provider_unavailable_never_a_crash(
+    local_provider: LocalProvider, http_fetcher: HttpFetcher, mint: Mint
+) -> None:
+    issuer = f"https://127.0.0.1:{local_provider.port}"
+    outcome, elapsed = await _refresh_outcome(http_fetcher, issuer)
+    assert outcome != "ok" and elapsed < FETCH_TIMEOUT + SLACK
+    app = make_app(http_fetcher, issuer=issuer)
+    decision = await app.pipeline.decide(attrs_for(mint(live_claims(iss=issuer))), "test")
+    assert not decision.allowed and decision.reason != "internal_error"
+
+
+async def test_tls_to_a_silent_port_times_out(http_fetcher: HttpFetcher) -> None:
+    server = await asyncio.start_server(lambda r, w: asyncio.sleep(3600), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        outcome, elapsed = await _refresh_outcome(http_fetcher, f"https://127.0.0.1:{port}")
+    finally:
+        server.close()
+    assert "timed out" in outcome
+    assert elapsed < FETCH_TIMEOUT + SLACK
+
+
+async def test_real_fetcher_deeply_nested_jwk_is_skipped_not_a_crash(
+    local_provider: LocalProvider, http_fetcher: HttpFetcher
+) -> None:
+    good = json.loads(local_provider.jwks_body)["keys"]
+    for depth in (500, 900, 950, 980, 990):
+        nested = '{"kty":"EC","crv":"P-256","x":"AA","y":"AA","z":' + "[" * depth + "]" * depth + "}"
+        local_provider.body_override = ('{"keys":[' + nested + "," + json.dumps(good[0]) + "]}").encode()
+        app = make_app(http_fetcher, issuer=local_provider.issuer)
+        issuer_keys = app.keys.get(local_provider.issuer)
+        assert issuer_keys is not None
+        try:
+            await issuer_keys.refresh()
+        except ProviderUnavailable:
+            continue  # too deep for json.loads: refused as malformed, which is fine
+
+
+# -- SERVING with cached keys after the provider dies ------------------------------------------------
+
+
+async def test_service_stays_serving_with_cached_keys_after_the_provider_dies(
+    jwks_document: dict[str, Any], mint: Mint
+) -> None:
+    fetcher = serving_fetcher(jwks_document)
+    app = make_app(fetcher, doors=True, jwks_min_ttl_seconds=1, jwks_max_ttl_seconds=1)
+    await app.start()
+    try:
+        await asyncio.wait_for(app.keys.wait_ready(), 5)
+        fetcher.fault = "unavailable"
+        fetcher.calls.clear()
+        await asyncio.sleep(1.6)  # several background refreshes fail meanwhile
+        assert fetcher.total >= 1, "the background loop should have tried again"
+        assert app.ports.http is not None and app.ports.grpc is not None
+        health = await http_exchange(app.ports.http, b"GET /healthz HTTP/1.1\r\nHost: v\r\n\r\n")
+        assert health.startswith(b"HTTP/1.1 200")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        token = mint(live_claims(), alg="EdDSA")
+        raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        assert (await http_exchange(app.ports.http, raw)).startswith(b"HTTP/1.1 200")
+        stranger = mint(live_claims(), kid="not-cached")
+        raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {stranger}\r\n\r\n".encode()
+        assert (await http_exchange(app.ports.http, raw)).startswith(b"HTTP/1.1 503")
+    finally:
+        await app.stop(grace=0.2)
+
+
+# -- introspection: slow, 500, refused --------------------------------------------------------------
+
+INTROSPECT_TIMEOUT = 0.3
+
+
+class FaultyIntrospectionHttp:
+    """The introspection seam with one fault: "slow" (hangs), an int status, or "refused"."""
+
+    def __init__(self, fault: int | str | None) -> None:
+        self.fault = fault
+        self.calls = 0
+
+    async def send(self, request: HttpRequest) -> HttpReply:
+        self.calls += 1
+        if self.fault == "slow":
+            await asyncio.sleep(3600)
+        if self.fault == "refused":
+            raise ProviderUnavailable("introspection provider unreachable (ClientConnectorError)")
+        if self.fault == "garbage":
+            return HttpReply(200, b"\x00<html>")
+        if self.fault == "not_object":
+            return HttpReply(200, b"[true]")
+        if self.fault == "active_string":
+            return HttpReply(200, json.dumps({"active": "true", "sub": "x", "aud": "a"}).encode())
+        if isinstance(self.fault, int):
+            return HttpReply(self.fault, b'{"error":"server_error"}')
+        return HttpReply(200, b'{"active": false}')
+
+
+@pytest.mark.parametrize("fault", ["slow", 500, 503, 401, "refused", "garbage", "not_object", "active_string"])
+async def test_introspection_faults_fail_closed_within_the_deadline(fault: int | str) -> None:
+    http = FaultyIntrospectionHttp(fault)
+    introspector = Introspector(
+        issuer=ISSUER,
+        audiences=("a",),
+        config=IntrospectionConfig(
+            client_id="verifier",
+            client_secret="s",
+            endpoint=ISSUER + "/introspect",
+            timeout_seconds=INTROSPECT_TIMEOUT,
+        ),
+        endpoint=None,
+        session_provider=lambda: None,  # type: ignore[arg-type,return-value]
+        clock=SystemClock(),
+        registry=CollectorRegistry(),
+        http=http,
+    )
+    try:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(introspector.introspect(f"opaque-{i}", token_hash(f"opaque-{i}")) for i in range(5)),
+            return_exceptions=True,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        await introspector.close()
+    assert elapsed < INTROSPECT_TIMEOUT + SLACK, elapsed
+    for result in results:
+        assert isinstance(result, Exception), "a faulty provider must never yield a principal"
+        if fault in ("slow", 500, 503, 401, "refused", "garbage", "not_object"):
+            assert isinstance(result, ProviderUnavailable), repr(result)
