@@ -24,11 +24,14 @@ async def running_verifier(
 ) -> AsyncIterator[tuple[App, DevIdentityProvider]]:
     idp = DevIdentityProvider(port=free_port())
     await idp.start()
+    options: dict[str, object] = {
+        "grpc": Listen(host="127.0.0.1", port=0),
+        "http": Listen(host="127.0.0.1", port=0),
+        "metrics": Listen(host="127.0.0.1", port=0),
+        **(settings_options or {}),
+    }
     settings = Settings(
-        **settings_options or {},  # type: ignore[arg-type]
-        grpc=Listen(host="127.0.0.1", port=0),
-        http=Listen(host="127.0.0.1", port=0),
-        metrics=Listen(host="127.0.0.1", port=0),
+        **options,  # type: ignore[arg-type]
         issuers=(
             IssuerSettings(
                 issuer=idp.issuer,

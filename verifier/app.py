@@ -139,6 +139,7 @@ class App:
             introspect_jwts=frozenset(i.issuer for i in settings.issuers if i.introspect_jwts),
             authorization_endpoint=lambda issuer: self._discovered("authorization_endpoint", issuer)(),
             mtls_header=settings.mtls_thumbprint_header,
+            max_pending=settings.max_pending_checks,
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
             revocations=self.revocation.revocations if self.revocation else None,
@@ -179,6 +180,11 @@ class App:
         attrs = attributes_from_http(request.method, request.path.encode(), dict(request.headers), request.peer)
         return await self.pipeline.authenticate(attrs)
 
+    async def wait_serving(self) -> None:
+        """Returns once the verifier reports SERVING."""
+        while not self.ready():
+            await asyncio.sleep(0.05)
+
     def ready(self) -> bool:
         """SERVING once every issuer's keys are loaded (and revocation entries, when configured)."""
         return self.keys.ready and self._extras_ready
@@ -188,9 +194,16 @@ class App:
         self.keys.start()
         s = self.settings
         if s.http is not None:
-            self.ports.http = await self.forward_auth.start(s.http.host, s.http.port, reuse_port=self.reuse_port)
+            self.ports.http = await self.forward_auth.start(
+                s.http.host,
+                s.http.port,
+                reuse_port=self.reuse_port,
+                tls=s.http.tls.server_context() if s.http.tls else None,
+            )
         if s.grpc is not None:
-            self.ports.grpc = await self.grpc.start(s.grpc.address, reuse_port=self.reuse_port)
+            self.ports.grpc = await self.grpc.start(
+                s.grpc.address, reuse_port=self.reuse_port, tls=s.grpc.tls.read() if s.grpc.tls else None
+            )
         if s.metrics is not None:
             self.ports.metrics = await self._start_metrics(s.metrics.host, s.metrics.port)
         loop = asyncio.get_running_loop()

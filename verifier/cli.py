@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -30,9 +31,10 @@ async def _run(app: App, on_ready: object = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await app.start()
-    if callable(on_ready):
-        await on_ready()
+    waiter = asyncio.ensure_future(on_ready()) if callable(on_ready) else None
     await stop.wait()
+    if waiter is not None:
+        waiter.cancel()
     log.info("shutting down", extra={"event": "stopping"})
     await app.stop()
 
@@ -44,17 +46,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    if settings.workers > 1:
-        from verifier.workers import supervise
+    from verifier.workers import Supervisor
 
-        return supervise(settings, settings.workers, _serve_worker)
-    _serve_worker(settings, 0)
-    return 0
+    return Supervisor(settings, lambda: load_settings(args.config), _serve_worker).run()
 
 
-def _serve_worker(settings: Settings, index: int) -> None:
+def _serve_worker(settings: Settings, index: int, ready_fd: int) -> None:
     _event_loop_policy()
-    asyncio.run(_run(App(settings, reuse_port=settings.workers > 1)))
+    app = App(settings, reuse_port=True)
+
+    async def ready() -> None:
+        await app.wait_serving()
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+
+    asyncio.run(_run(app, ready))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

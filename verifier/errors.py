@@ -165,7 +165,7 @@ class ProviderUnavailable(VerifierError):
 
 
 class Overloaded(VerifierError):
-    """Load shedding: the verifier is at its concurrency bound."""
+    """Load shedding: the verifier is at its concurrency bound (503 + Retry-After; gRPC RESOURCE_EXHAUSTED)."""
 
     code = "overloaded"
     outcome = Outcome.UNAVAILABLE

@@ -28,6 +28,7 @@ from verifier.errors import (
     InvalidDpopProof,
     InvalidToken,
     MissingToken,
+    Overloaded,
     ProviderUnavailable,
     Scheme,
     SenderConstraintFailed,
@@ -136,6 +137,7 @@ class Pipeline:
         introspect_jwts: frozenset[str] = frozenset(),
         authorization_endpoint: Callable[[str], str] | None = None,
         mtls_header: str = "x-client-cert-thumbprint",
+        max_pending: int = 1024,
         edge_max_age: int = 0,
         refusal_max_age: int = 0,
         revocations: RevocationCheck | None = None,
@@ -161,6 +163,9 @@ class Pipeline:
         self._authorization_endpoint = authorization_endpoint or (lambda issuer: "")
         self._mtls_header = mtls_header
         self._revocations = revocations
+        self._max_pending = max_pending
+        self._pending = 0
+        self._overloaded = refuse(Overloaded("too many checks in progress"), realm=realm)
         self._edge_max_age = edge_max_age
         self._refusal_max_age = refusal_max_age
         self._step_up = step_up
@@ -211,12 +216,18 @@ class Pipeline:
         return None
 
     async def decide(self, attrs: RequestAttributes, door: str) -> Decision:
-        """The full decision; never raises."""
+        """The full decision; never raises. Sheds load past `max_pending` concurrent slow checks."""
         try:
             cached = self.decide_cached(attrs)
             if cached is not None:
                 return cached
-            return await self._decide(attrs, door)
+            if self._pending >= self._max_pending:
+                return self._overloaded
+            self._pending += 1
+            try:
+                return await self._decide(attrs, door)
+            finally:
+                self._pending -= 1
         except Exception:  # fail closed on bugs; the traceback has no token in it
             log.exception("internal error while deciding", extra={"event": "internal_error", "route": attrs.route})
             return refuse(InternalError("internal error"), realm=self._realm)

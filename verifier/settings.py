@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,36 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TlsSettings:
+    """TLS for a listener; with `client_ca_file`, clients must present a certificate it signed (mTLS)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str = ""
+
+    def read(self) -> tuple[bytes, bytes, bytes | None]:
+        """Certificate chain, private key and client CA bundle (PEM), read at start-up."""
+        ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
+        return Path(self.cert_file).read_bytes(), Path(self.key_file).read_bytes(), ca
+
+    def server_context(self) -> ssl.SSLContext:
+        """An SSLContext for asyncio listeners (TLS 1.2+, client certificates required with a CA)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca_file:
+            context.load_verify_locations(self.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Listen:
-    """A loopback-by-default TCP listen address."""
+    """A loopback-by-default TCP listen address, optionally with TLS."""
 
     host: str
     port: int
+    tls: TlsSettings | None = None
 
     @property
     def address(self) -> str:
@@ -154,6 +180,7 @@ class CacheSettings:
     negative_ttl_seconds: float = DEFAULT_NEGATIVE_TTL_SECONDS
 
 
+DEFAULT_MAX_PENDING_CHECKS = 1024  # first-seen checks in flight per worker before shedding load (503)
 DEFAULT_EDGE_MAX_AGE_SECONDS = 10  # seconds a gateway may reuse an allow; also bounds revocation reach
 DEFAULT_REFUSAL_MAX_AGE_SECONDS = 5  # seconds a gateway may reuse a refusal of a malformed/forged token
 
@@ -184,6 +211,7 @@ class Settings:
     state: Any = None  # verifier.state.StateConfig (Redis); None: in-memory
     mtls_thumbprint_header: str = "x-client-cert-thumbprint"  # where a gateway puts the client cert's x5t#S256
     edge_cache: EdgeCacheSettings = EdgeCacheSettings()
+    max_pending_checks: int = DEFAULT_MAX_PENDING_CHECKS
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); the metrics port is offset per worker
     revocation: Any = None  # verifier.revocation.RevocationConfig: Shared Signals receiver
     webauthn: Any = None  # verifier.webauthn config: credential registry and step-up
@@ -278,12 +306,25 @@ def _listen(reader: _Reader | None) -> Listen | None:
     if reader is None:
         return None
     text = reader.text("listen")
+    tls_reader = reader.child("tls")
     reader.done()
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{reader.path}.listen: expected host:port, got {text!r}")
-    return Listen(host=host, port=int(port_text))
+    tls = None
+    if tls_reader is not None:
+        tls = TlsSettings(
+            cert_file=tls_reader.text("cert_file"),
+            key_file=tls_reader.text("key_file"),
+            client_ca_file=tls_reader.text("client_ca_file", ""),
+        )
+        tls_reader.done()
+        try:
+            tls.server_context()  # unreadable files or a key that does not fit fail here, by name
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{tls_reader.path}: cannot load the certificate, key or CA ({exc})") from exc
+    return Listen(host=host, port=int(port_text), tls=tls)
 
 
 def _is_loopback_url(url: str) -> bool:
@@ -506,6 +547,7 @@ def parse_settings(data: Any) -> Settings:
         mtls_thumbprint_header=root.text("mtls_thumbprint_header", "x-client-cert-thumbprint").lower(),
         edge_cache=_edge_cache(root.child("edge_cache")),
         workers=root.integer("workers", 1, minimum=1, maximum=64),
+        max_pending_checks=root.integer("max_pending_checks", DEFAULT_MAX_PENDING_CHECKS, minimum=1, maximum=1_000_000),
         revocation=_optional_section(root, "revocation", "verifier.revocation", "parse_revocation_config"),
         webauthn=_optional_section(root, "webauthn", "verifier.webauthn", "parse_webauthn_config"),
     )

@@ -1,27 +1,40 @@
-"""Multi-process serving: `workers: N` forks N copies of the verifier sharing its listening ports.
+"""Process model: a small supervisor and N workers sharing the listening ports (SO_REUSEPORT).
 
-Each worker binds the same gRPC and HTTP addresses with SO_REUSEPORT, so the kernel spreads
-connections across them; they share nothing but the optional Redis state. A worker's metrics
-listener takes the configured port plus its index (Prometheus scrapes each worker). The parent
-only supervises: it forwards SIGTERM/SIGINT, and restarts a worker that dies unexpectedly
-(at most once per RESTART_BACKOFF_SECONDS per worker, so a crash loop does not spin).
+- `workers: N` forks N copies of the verifier; the kernel spreads connections across them. They
+  share nothing but the optional Redis state. A worker's metrics listener takes the configured
+  port plus its index (Prometheus scrapes each worker).
+- The supervisor forwards SIGTERM/SIGINT (each worker drains and stops) and restarts a worker that
+  dies unexpectedly (at most once per RESTART_BACKOFF_SECONDS per worker, so a crash loop does not
+  spin).
+- SIGHUP reloads the configuration: the file is read and validated first; if it is invalid the
+  error is logged and the running workers keep the old configuration. If it is valid, workers are
+  replaced one at a time: the new one starts beside the old one on the same ports, and only once
+  it reports SERVING (its keys are loaded) is the old one told to drain and stop. A new worker
+  that does not become ready in time is stopped and the old one kept. Listener addresses are
+  shared, so a changed listen address takes effect only on a full restart.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
+import select
 import signal
 import time
 from collections.abc import Callable
 
-from verifier.settings import Listen, Settings
+from verifier.settings import ConfigError, Listen, Settings
 
 log = logging.getLogger("verifier.workers")
 
 RESTART_BACKOFF_SECONDS = 1.0  # seconds between restarts of one worker
+READY_TIMEOUT_SECONDS = 30.0  # a reloaded worker must report SERVING within this long
+POLL_SECONDS = 0.1  # how often the supervisor looks at its children and signals
+
+RunWorker = Callable[[Settings, int, int], None]  # (settings, index, ready_fd)
 
 
 def settings_for_worker(settings: Settings, index: int) -> Settings:
@@ -32,53 +45,160 @@ def settings_for_worker(settings: Settings, index: int) -> Settings:
     return dataclasses.replace(settings, metrics=metrics)
 
 
-def supervise(settings: Settings, count: int, run_worker: Callable[[Settings, int], None]) -> int:
-    """Forks `count` workers running `run_worker(settings, index)` and supervises them until told to stop."""
-    children: dict[int, int] = {}  # pid -> index
-    last_start: dict[int, float] = {}
-    stopping = False
+class Supervisor:
+    """Starts, watches, reloads and stops the workers."""
 
-    def spawn(index: int) -> None:
+    def __init__(self, settings: Settings, load: Callable[[], Settings], run_worker: RunWorker) -> None:
+        self.settings = settings
+        self._load = load
+        self._run_worker = run_worker
+        self.children: dict[int, int] = {}  # pid -> index
+        self._last_start: dict[int, float] = {}
+        self._stopping = False
+        self._reload = False
+
+    def _spawn(self, settings: Settings, index: int) -> tuple[int, int]:
+        """Forks a worker; returns its pid and the read end of its readiness pipe."""
+        read_fd, write_fd = os.pipe()
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.close(read_fd)
+            _die_with_parent(supervisor)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
             code = 0
             try:
-                run_worker(settings_for_worker(settings, index), index)
-            except BaseException:
+                self._run_worker(settings_for_worker(settings, index), index, write_fd)
+            except BaseException:  # a worker must never return into the supervisor's loop
                 log.exception("worker crashed", extra={"event": "worker_crashed", "worker": index})
                 code = 1
             os._exit(code)
-        children[pid] = index
-        last_start[index] = time.monotonic()
+        os.close(write_fd)
+        self.children[pid] = index
+        self._last_start[index] = time.monotonic()
         log.info("worker started", extra={"event": "worker_started", "worker": index, "pid": pid})
+        return pid, read_fd
 
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in list(children):
+    def _signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+            return
+        self._stopping = True
+        for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for index in range(count):
-        spawn(index)
-    while children:
+    def _reap(self) -> list[tuple[int, int]]:
+        """Collects exited children: (pid, index) of each."""
+        gone = []
+        while self.children:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid in self.children:
+                gone.append((pid, self.children.pop(pid)))
+        return gone
+
+    def _await_ready(self, pid: int, read_fd: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
         try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        if pid not in children:
-            continue
-        index = children.pop(pid)
-        if stopping:
-            continue
-        log.warning("worker exited", extra={"event": "worker_exited", "worker": index, "status": status})
-        wait = RESTART_BACKOFF_SECONDS - (time.monotonic() - last_start.get(index, 0.0))
-        if wait > 0:
-            time.sleep(wait)
-        if not stopping:
-            spawn(index)
-    return 0
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([read_fd], [], [], POLL_SECONDS)
+                if ready:
+                    return os.read(read_fd, 1) == b"1"
+                if pid not in self.children or self._stopping:
+                    return False
+                self._restart_dead(self._reap())
+            return False
+        finally:
+            os.close(read_fd)
+
+    def _restart_dead(self, gone: list[tuple[int, int]]) -> None:
+        for pid, index in gone:
+            if self._stopping:
+                continue
+            log.warning("worker exited", extra={"event": "worker_exited", "worker": index, "pid": pid})
+            wait = RESTART_BACKOFF_SECONDS - (time.monotonic() - self._last_start.get(index, 0.0))
+            if wait > 0:
+                time.sleep(wait)
+            if not self._stopping:
+                _, fd = self._spawn(self.settings, index)
+                os.close(fd)
+
+    def _do_reload(self) -> None:
+        self._reload = False
+        try:
+            new = self._load()
+        except ConfigError as exc:
+            log.error(
+                "reload refused: the new configuration is invalid; keeping the old one",
+                extra={"event": "reload_refused", "error": str(exc)},
+            )
+            return
+        if (new.grpc, new.http, new.workers) != (self.settings.grpc, self.settings.http, self.settings.workers):
+            log.warning(
+                "listen addresses or worker count changed: they take effect on restart",
+                extra={"event": "reload_partial"},
+            )
+            new = dataclasses.replace(
+                new, grpc=self.settings.grpc, http=self.settings.http, workers=self.settings.workers
+            )
+        for old_pid, index in sorted(self.children.items(), key=lambda item: item[1]):
+            pid, fd = self._spawn(new, index)
+            if not self._await_ready(pid, fd, READY_TIMEOUT_SECONDS):
+                log.error(
+                    "reloaded worker did not become ready; keeping the old one",
+                    extra={"event": "reload_failed", "worker": index},
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self.children.pop(pid, None)
+                return
+            self.children.pop(old_pid, None)  # retired: its exit is expected
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old_pid, signal.SIGTERM)
+            self._retired.append(old_pid)
+        self.settings = new
+        log.info("configuration reloaded", extra={"event": "reloaded"})
+
+    def run(self) -> int:
+        """Runs until every worker has stopped after SIGTERM/SIGINT."""
+        self._retired: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._signal)
+        for index in range(self.settings.workers):
+            _, fd = self._spawn(self.settings, index)
+            os.close(fd)
+        while self.children or self._retired:
+            if self._reload and not self._stopping:
+                self._do_reload()
+            self._restart_dead(self._reap())
+            self._retired = [pid for pid in self._retired if _still_running(pid)]
+            time.sleep(POLL_SECONDS)
+        return 0
+
+
+def _still_running(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return done == 0
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive its supervisor (an orphan would keep serving an old config)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the supervisor's SIGTERM is all we have
+        return
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)

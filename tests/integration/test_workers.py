@@ -49,7 +49,7 @@ issuers:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 45
         while len(_children(proc.pid)) < 2 or not all(_metrics_up(metrics + i) for i in range(2)):
             assert time.monotonic() < deadline, "workers did not come up"
             await asyncio.sleep(0.2)
@@ -93,3 +93,72 @@ def _forward_auth_decisions(port: int) -> int:
             if line.startswith('verifier_decisions_total{door="forward_auth"')
         )
     )
+
+
+async def test_sighup_keeps_the_old_config_when_the_new_one_is_invalid_and_swaps_when_valid(tmp_path: Path) -> None:
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    http = free_port()
+    config = tmp_path / "verifier.yaml"
+
+    def write(audience: str, extra: str = "") -> None:
+        config.write_text(
+            f"""
+http: {{listen: "127.0.0.1:{http}"}}
+issuers:
+  - issuer: "{idp.issuer}"
+    audiences: ["{audience}"]
+    algorithms: [ES256]
+{extra}"""
+        )
+
+    write(DEV_AUDIENCE)
+    proc = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "verifier", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    token = idp.mint()
+    raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+
+    async def status() -> int:
+        return int((await http_exchange(http, raw)).split(b" ", 2)[1])
+
+    try:
+        deadline = time.monotonic() + 45
+        while True:
+            try:
+                if await status() == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "verifier did not come up"
+            await asyncio.sleep(0.2)
+        first = _children(proc.pid)
+        write(DEV_AUDIENCE, "bogus_key: 1\n")  # invalid: refused, the old config stays
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(1.0)
+        assert _children(proc.pid) == first and await status() == 200
+        write("https://other.example.test")  # valid: the token's audience is no longer accepted
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 45
+        failures = 0
+        while True:
+            try:
+                code = await status()
+            except OSError:
+                failures += 1
+                code = 0
+            if code == 403:
+                break
+            assert code in (200, 0), code
+            assert time.monotonic() < deadline, "reload did not take effect"
+            await asyncio.sleep(0.05)
+        assert failures == 0, "requests failed during the reload"
+        assert _children(proc.pid) != first
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await idp.stop()

@@ -19,6 +19,7 @@ import collections
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,7 @@ PREFIX = b"/v1/forward-auth"
 MAX_HEADER_BYTES = 32 * 1024  # per request; larger is refused with 431 (tokens are bounded at 8 KiB)
 MAX_HEADERS = 128  # header fields per request
 MAX_PIPELINED = 64  # answers pending on one connection before we stop reading from it
+LINGER_SECONDS = 1.0  # after a refused request, how long we keep reading before closing
 MAX_BODY_BYTES = 64 * 1024  # forward-auth requests carry no body we need; bound what we swallow
 
 _ERROR_ANSWERS = {
@@ -274,9 +276,22 @@ class _Connection(asyncio.Protocol):
     def _fail(self, status: int) -> None:
         self._closing = True
         self._pending.append(_ERROR_ANSWERS[status])
-        self._flush()
-        if self._transport is not None and not self._pending:
-            self._transport.close()
+        transport = self._transport
+        if transport is None:
+            return
+        if len(self._pending) == 1:  # nothing else owed: answer now, then linger
+            self._pending.clear()
+            transport.write(_ERROR_ANSWERS[status])
+            # Lingering close: closing with unread request bytes in the socket makes the kernel
+            # send a reset that can destroy the answer in flight. Half-close, discard what the
+            # client still sends (data_received ignores it), and close after LINGER_SECONDS.
+            if transport.can_write_eof():
+                transport.write_eof()
+                asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+            else:
+                transport.close()
+        else:
+            self._flush()
 
 
 def door_wants_body(url: bytes) -> bool:
@@ -332,11 +347,11 @@ class ForwardAuthDoor:
             answer = HttpAnswer.json(500, {"error": "server_error"})
         return answer.serialize(keep_alive)
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
-        """Listens; returns the bound port."""
+    async def start(self, host: str, port: int, *, reuse_port: bool = False, tls: ssl.SSLContext | None = None) -> int:
+        """Listens (with TLS when given a context); returns the bound port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_port=reuse_port or None, backlog=2048
+            lambda: _Connection(self), host, port, reuse_port=reuse_port or None, backlog=2048, ssl=tls
         )
         return int(self._server.sockets[0].getsockname()[1])
 

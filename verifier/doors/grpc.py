@@ -7,6 +7,7 @@ decision: a cached decision is answered without building or serializing a protob
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import time
@@ -174,23 +175,38 @@ class GrpcDoors:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
 
-    async def _decide(self, attrs: RequestAttributes, door: str) -> Decision:
+    async def _decide(self, attrs: RequestAttributes, door: str, context: Any) -> Decision:
         started = time.perf_counter()
         decision = self.pipeline.decide_cached(attrs)
         if decision is None:
-            decision = await self.pipeline.decide(attrs, door)
+            # The caller's deadline bounds our own work: a late answer is worth nothing to Envoy.
+            remaining = context.time_remaining() if context is not None else None
+            try:
+                if remaining is None:
+                    decision = await self.pipeline.decide(attrs, door)
+                else:
+                    async with asyncio.timeout(max(remaining, 0.0)):
+                        decision = await self.pipeline.decide(attrs, door)
+            except TimeoutError:
+                self.metrics.decision(door, "error", "deadline_exceeded", time.perf_counter() - started)
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                raise  # abort raises; this is never reached
         self.metrics.decision(door, decision.outcome, decision.reason, time.perf_counter() - started)
+        if decision.reason == "overloaded" and context is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded: retry later")
         return decision
 
     async def check_own(self, request: verifier_pb2.CheckRequest, context: Any) -> bytes:
         """verifier.v1.Verifier/Check."""
-        return own_response(await self._decide(attributes_from_own(request), "grpc"))
+        return own_response(await self._decide(attributes_from_own(request), "grpc", context))
 
     async def check_envoy(self, request: ea.CheckRequest, context: Any) -> bytes:
         """envoy.service.auth.v3.Authorization/Check."""
-        return envoy_response(await self._decide(attributes_from_envoy(request), "ext_authz"))
+        return envoy_response(await self._decide(attributes_from_envoy(request), "ext_authz", context))
 
-    async def start(self, address: str, *, reuse_port: bool = False) -> int:
+    async def start(
+        self, address: str, *, reuse_port: bool = False, tls: tuple[bytes, bytes, bytes | None] | None = None
+    ) -> int:
         """Builds the server and listens; returns the bound port."""
         server = grpc.aio.server(
             options=[
@@ -230,7 +246,14 @@ class GrpcDoors:
             ),
             server,
         )
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            cert, key, client_ca = tls
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+            )
+            port = server.add_secure_port(address, credentials)
         await self.set_serving(False)
         await server.start()
         self._server = server

@@ -1,0 +1,135 @@
+"""TLS and mTLS on the verifier's own listeners (Kong -> verifier), with certificates made here."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import ssl
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from doorkit import running_verifier
+
+from verifier.settings import ConfigError, Listen, TlsSettings, parse_settings
+from verifier.v1 import verifier_pb2, verifier_pb2_grpc
+
+
+def _cert(subject: str, issuer_key, issuer_name, key, *, ca: bool, usage) -> x509.Certificate:  # type: ignore[no-untyped-def]
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer_name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, cert: x509.Certificate, key) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    cert_file, key_file = path.with_suffix(".crt"), path.with_suffix(".key")
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(cert_file), str(key_file)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, str]:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("test-ca", ca_key, None, ca_key, ca=True, usage=None)
+    server_key, client_key, rogue_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    server = _cert("localhost", ca_key, ca.subject, server_key, ca=False, usage=ExtendedKeyUsageOID.SERVER_AUTH)
+    client = _cert("kong", ca_key, ca.subject, client_key, ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    rogue = _cert("rogue", rogue_key, None, rogue_key, ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    files: dict[str, str] = {}
+    files["ca"], _ = _write(tmp_path / "ca", ca, ca_key)
+    files["server_cert"], files["server_key"] = _write(tmp_path / "server", server, server_key)
+    files["client_cert"], files["client_key"] = _write(tmp_path / "client", client, client_key)
+    files["rogue_cert"], files["rogue_key"] = _write(tmp_path / "rogue", rogue, rogue_key)
+    return files
+
+
+def _client_context(pki: dict[str, str], cert: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=pki["ca"])
+    if cert:
+        context.load_cert_chain(pki[f"{cert}_cert"], pki[f"{cert}_key"])
+    return context
+
+
+async def _forward_auth(port: int, context: ssl.SSLContext, token: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="localhost")
+    try:
+        writer.write(f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+        await writer.drain()
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+
+
+async def test_mtls_on_both_listeners_admits_only_clients_with_a_certificate_from_the_ca(pki: dict[str, str]) -> None:
+    tls = TlsSettings(cert_file=pki["server_cert"], key_file=pki["server_key"], client_ca_file=pki["ca"])
+    listeners = {
+        "http": Listen(host="127.0.0.1", port=0, tls=tls),
+        "grpc": Listen(host="127.0.0.1", port=0, tls=tls),
+    }
+    async with running_verifier(listeners) as (app, idp):
+        token = idp.mint()
+        answer = await _forward_auth(app.ports.http, _client_context(pki, "client"), token)
+        assert answer.startswith(b"HTTP/1.1 200")
+        for bad in (None, "rogue"):
+            with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+                await _forward_auth(app.ports.http, _client_context(pki, bad), token)
+        root = open(pki["ca"], "rb").read()  # noqa: SIM115
+
+        def creds(who: str) -> grpc.ChannelCredentials:
+            return grpc.ssl_channel_credentials(
+                root_certificates=root,
+                private_key=open(pki[f"{who}_key"], "rb").read(),
+                certificate_chain=open(pki[f"{who}_cert"], "rb").read(),
+            )
+
+        options = (("grpc.ssl_target_name_override", "localhost"),)
+        async with grpc.aio.secure_channel(f"127.0.0.1:{app.ports.grpc}", creds("client"), options=options) as ch:
+            reply = await verifier_pb2_grpc.VerifierStub(ch).Check(
+                verifier_pb2.CheckRequest(headers={"authorization": f"Bearer {token}"}), timeout=5
+            )
+            assert reply.allowed
+        async with grpc.aio.secure_channel(f"127.0.0.1:{app.ports.grpc}", creds("rogue"), options=options) as ch:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await verifier_pb2_grpc.VerifierStub(ch).Check(verifier_pb2.CheckRequest(), timeout=5)
+
+
+def test_tls_files_are_checked_at_start_up(pki: dict[str, str], tmp_path: Path) -> None:
+    base = {"issuers": [{"issuer": "http://127.0.0.1:1", "audiences": ["a"], "algorithms": ["ES256"]}]}
+    ok = {
+        **base,
+        "http": {"listen": "127.0.0.1:0", "tls": {"cert_file": pki["server_cert"], "key_file": pki["server_key"]}},
+    }
+    assert parse_settings(ok).http.tls is not None  # type: ignore[union-attr]
+    missing = {**base, "http": {"listen": "127.0.0.1:0", "tls": {"cert_file": str(tmp_path / "nope"), "key_file": "x"}}}
+    with pytest.raises(ConfigError, match=r"http\.tls"):
+        parse_settings(missing)
+    mismatched = {
+        **base,
+        "http": {"listen": "127.0.0.1:0", "tls": {"cert_file": pki["server_cert"], "key_file": pki["client_key"]}},
+    }
+    with pytest.raises(ConfigError, match=r"http\.tls"):
+        parse_settings(mismatched)
