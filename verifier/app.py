@@ -117,7 +117,7 @@ class App:
                 self.metrics.registry,
                 realm=settings.realm,
             )
-        self.positive: ExpiringCache[tuple[Principal, Decision, Credential]] = ExpiringCache(
+        self.positive: ExpiringCache[tuple[Principal, Decision, Credential, bool]] = ExpiringCache(
             settings.cache.token_entries, self.clock
         )
         self.negative: ExpiringCache[Decision] = ExpiringCache(settings.cache.negative_entries, self.clock)

@@ -121,7 +121,7 @@ class Pipeline:
         self,
         *,
         jwt: JwtVerifier,
-        positive: ExpiringCache[tuple[Principal, Decision, Credential]],
+        positive: ExpiringCache[tuple[Principal, Decision, Credential, bool]],
         negative: ExpiringCache[Decision],
         clock: Clock,
         metrics: Metrics,
@@ -193,7 +193,13 @@ class Pipeline:
         hit = self._positive.get(key)
         if hit is not None:
             self._metrics.cache_lookup("positive", "hit")
-            principal, allowed, credential = hit
+            principal, allowed, credential, plain = hit
+            if plain and route is NO_POLICY and self._revocations is None:
+                # Nothing per request, no policy, no revocation index: the stored answer stands,
+                # unless the token is in its last reuse window (then the max-age must shrink).
+                if allowed.cache_max_age <= 0 or principal.expires_at - self._clock.now() >= allowed.cache_max_age:
+                    return allowed
+                return self._reusable(principal, allowed, route)
             if route.step_up or self._needs_async(principal, credential):
                 return None  # a per-request proof (DPoP, WebAuthn) or a counter must be checked
             try:
@@ -299,7 +305,7 @@ class Pipeline:
         key = audit.token_hash(attrs.headers.get("authorization", ""))
         hit = self._positive.get(key)
         if hit is not None:
-            principal, allowed, credential = hit
+            principal, allowed, credential, _ = hit
         else:
             self._metrics.cache_lookup("positive", "miss")
             verified = await self._verify(credential, key, attrs, door)
@@ -354,7 +360,8 @@ class Pipeline:
         # Reuse at the gateway is possible only when nothing per request went into the answer.
         per_request = bool(_cnf(principal)) or self._rate_limiter is not None or issuer in self._introspect_jwts
         allowed = allow(principal, cache_max_age=0 if per_request else self._edge_max_age)
-        self._positive.put(key, (principal, allowed, credential), principal.expires_at)
+        plain = not self._needs_async(principal, credential) and "x5t#S256" not in _cnf(principal)
+        self._positive.put(key, (principal, allowed, credential, plain), principal.expires_at)
         self._record(attrs, door, allowed, started, token_key, issuer, kid, alg, principal.subject)
         return principal, allowed
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -37,6 +39,9 @@ def load() -> None:
     """Imports the verifier and builds one pipeline over a fake provider (keys loaded)."""
     if _state:
         return
+    tests_dir = str(Path(__file__).resolve().parents[2] / "tests")
+    if tests_dir not in sys.path:  # tokenkit lives with the tests
+        sys.path.insert(0, tests_dir)
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
     from tokenkit import (
         DISCOVERY_URL,

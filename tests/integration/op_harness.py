@@ -19,6 +19,11 @@ resource                             ``aud``                      alg
 ``https://opaque.example.test``      (opaque token)               -
 ===================================  ===========================  ==========
 
+User tokens (:meth:`OpenIDProvider.user_token`) come from the authorization-code flow with PKCE:
+the harness logs a user in through the test-only ``POST /__login/:uid`` (chosen ``acr``, ``amr``,
+login time, ``groups``) instead of a login page, and the JWT access token carries ``sub``,
+``auth_time``, ``acr``, ``amr`` and ``groups``.
+
 Only stdlib HTTP is used for the provider's endpoints; ``cryptography`` and ``pyjwt`` generate keys
 and DPoP proofs.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import os
 import secrets
@@ -66,6 +72,12 @@ CLIENT_SECRET = "app-secret-for-tests-only"
 VERIFIER_CLIENT_ID = "verifier"
 VERIFIER_CLIENT_SECRET = "verifier-secret-for-tests-only"
 DEFAULT_SCOPE = "read write admin"
+#: The authorization-code client of user tokens (server.js WEB_CLIENT).
+WEB_CLIENT_ID = "web"
+WEB_CLIENT_SECRET = "web-secret-for-tests-only"
+WEB_REDIRECT_URI = "http://127.0.0.1/callback"
+# Redirects to follow from /auth to the code; the flow takes three.
+MAX_REDIRECTS = 6
 
 # Seconds; a cold `node` start with oidc-provider takes ~0.5 s, a loaded CI runner much more.
 STARTUP_TIMEOUT_S = 20.0
@@ -452,6 +464,124 @@ class OpenIDProvider:
             dpop_key=dpop_key,
         )
         return str(response["access_token"])
+
+    def user_token_response(
+        self,
+        sub: str = "alice",
+        *,
+        acr: str | None = "phr",
+        amr: list[str] | None = None,
+        auth_age_seconds: int = 0,
+        scope: str = "read write",
+        groups: list[str] | None = None,
+        resource: str = API_AUDIENCE,
+        dpop_key: ec.EllipticCurvePrivateKey | None = None,
+    ) -> dict[str, Any]:
+        """Log ``sub`` in and run the authorization-code grant (PKCE); return the token endpoint's JSON.
+
+        The login says ``acr``, ``amr`` (default ``["hwk"]``) and happened ``auth_age_seconds`` ago
+        (the token's ``auth_time``); ``groups`` becomes the token's ``groups`` claim. With
+        ``dpop_key`` the token is DPoP-bound (``cnf.jkt``). ``openid`` is added to ``scope`` for the
+        login; the access token for ``resource`` carries the rest.
+        """
+        verifier = secrets.token_urlsafe(48)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        state = secrets.token_urlsafe(12)
+        query = urllib.parse.urlencode({
+            "client_id": WEB_CLIENT_ID,
+            "response_type": "code",
+            "redirect_uri": WEB_REDIRECT_URI,
+            "scope": f"openid {scope}".strip(),
+            "resource": resource,
+            "state": state,
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+        })
+        cookies: dict[str, str] = {}
+        location = self._browse(f"/auth?{query}", cookies)
+        uid = urllib.parse.urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1]
+        if "/interaction/" not in location:
+            raise ProviderError(f"expected a login interaction, got a redirect to {location}")
+        login = {
+            "accountId": sub,
+            "acr": acr,
+            "amr": ["hwk"] if amr is None else amr,
+            "ts": int(time.time()) - auth_age_seconds,
+            "groups": groups,
+        }
+        body = self._json("POST", f"/__login/{uid}", body=json.dumps(login).encode(), headers=_UNCOUNTED)
+        location = str(body["returnTo"])
+        for _ in range(MAX_REDIRECTS):
+            if location.startswith(WEB_REDIRECT_URI):
+                break
+            location = self._browse(location, cookies)
+        else:
+            raise ProviderError(f"no authorization code after {MAX_REDIRECTS} redirects (last {location})")
+        answer = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(location).query))
+        if "code" not in answer or answer.get("state") != state:
+            raise ProviderError(f"authorization failed: {answer}")
+        form = {
+            "grant_type": "authorization_code",
+            "code": answer["code"],
+            "redirect_uri": WEB_REDIRECT_URI,
+            "code_verifier": verifier,
+            "resource": resource,
+        }
+        headers = {"authorization": _basic(WEB_CLIENT_ID, WEB_CLIENT_SECRET)}
+        if dpop_key is not None:
+            headers["dpop"] = dpop_proof(dpop_key, "POST", self.token_endpoint)
+        return self._json("POST", "/token", form=form, headers=headers)
+
+    def user_token(
+        self,
+        sub: str = "alice",
+        acr: str | None = "phr",
+        amr: list[str] | None = None,
+        auth_age_seconds: int = 0,
+        scope: str = "read write",
+        dpop_key: ec.EllipticCurvePrivateKey | None = None,
+        *,
+        groups: list[str] | None = None,
+        resource: str = API_AUDIENCE,
+    ) -> str:
+        """Return a user's JWT access token (``sub``, ``auth_time``, ``acr``, ``amr``).
+
+        See :meth:`user_token_response` for the parameters.
+        """
+        response = self.user_token_response(
+            sub,
+            acr=acr,
+            amr=amr,
+            auth_age_seconds=auth_age_seconds,
+            scope=scope,
+            groups=groups,
+            resource=resource,
+            dpop_key=dpop_key,
+        )
+        return str(response["access_token"])
+
+    def _browse(self, target: str, cookies: dict[str, str]) -> str:
+        """GET ``target`` as a browser would (keeping cookies, not following); return the redirect."""
+        parts = urllib.parse.urlsplit(target)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        assert self.port is not None
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=HTTP_TIMEOUT_S)
+        try:
+            headers = {"cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())} if cookies else {}
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            body = response.read()
+            for name, value in response.getheaders():
+                if name.lower() == "set-cookie":
+                    pair = value.split(";", 1)[0]
+                    key, _, val = pair.partition("=")
+                    cookies[key.strip()] = val.strip()
+            location = response.getheader("location")
+            if response.status not in (302, 303) or not location:
+                raise ProviderError(f"GET {parts.path} -> {response.status}: {body[:500].decode(errors='replace')}")
+            return urllib.parse.urljoin(self.issuer + path, location)
+        finally:
+            conn.close()
 
     def introspect(
         self,

@@ -202,6 +202,8 @@ class _Connection(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._closing:
+            return  # requests pipelined behind a "Connection: close" are not answered
         parser = self._parser
         keep_alive = parser.should_keep_alive()
         url = self._url
@@ -275,17 +277,18 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, status: int) -> None:
         self._closing = True
-        self._pending.append(_ERROR_ANSWERS[status])
         transport = self._transport
-        if transport is None:
-            return
+        if transport is None or transport.is_closing():
+            return  # an earlier answer already closed the connection: nothing more is owed
+        self._pending.append(_ERROR_ANSWERS[status])
         if len(self._pending) == 1:  # nothing else owed: answer now, then linger
             self._pending.clear()
             transport.write(_ERROR_ANSWERS[status])
             # Lingering close: closing with unread request bytes in the socket makes the kernel
             # send a reset that can destroy the answer in flight. Half-close, discard what the
             # client still sends (data_received ignores it), and close after LINGER_SECONDS.
-            if transport.can_write_eof():
+            can_half_close = getattr(transport, "can_write_eof", None)
+            if can_half_close is not None and can_half_close():
                 transport.write_eof()
                 asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
             else:

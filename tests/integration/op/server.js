@@ -28,6 +28,17 @@
 //                          without a restart; in-memory tokens and grants survive, the port stays)
 //   POST /__faults         {"jwks": {"status": 503, "delay_ms": 0}, ...} answer an endpoint with an
 //                          error and/or delay it; {} clears every fault
+//   POST /__login/:uid     {"accountId": "alice", "acr": "phr", "amr": ["hwk"], "ts": 1700000000,
+//                           "groups": ["platform-admins"]}: finish the pending login interaction
+//                          `uid` (from the /auth redirect to /interaction/:uid) as that user, with that
+//                          authentication context and time, and grant consent to every requested scope
+//                          and resource; answers {"returnTo": ".../auth/:uid"} (GET it with the
+//                          cookies /auth set to get the code). Stands in for a login page.
+//
+// User tokens (authorization code + PKCE, client "web", redirect_uri WEB_REDIRECT_URI): JWT access
+// tokens for a resource carry sub (the account), auth_time, acr, amr (from the login, copied from the
+// authorization code by extraTokenClaims) and groups (as given at /__login). Client-credentials tokens
+// are unchanged.
 // Requests carrying the header "x-op-harness: 1" are not counted (the harness's own bookkeeping).
 //
 // Ready: prints one line `OP_READY {"issuer": ..., "port": ...}` on stdout once listening.
@@ -39,6 +50,12 @@ import Provider, { errors } from 'oidc-provider';
 
 const API_AUDIENCE = 'https://api.example.test';
 const DEFAULT_SCOPE = 'read write admin';
+// The one authorization-code client, for user tokens; its redirect_uri is never fetched.
+const WEB_CLIENT = {
+  client_id: 'web',
+  client_secret: 'web-secret-for-tests-only',
+  redirect_uri: 'http://127.0.0.1/callback',
+};
 
 // resource indicator -> [audience, format, alg]
 const RESOURCE_SERVERS = {
@@ -64,6 +81,8 @@ const COUNTED_ROUTES = {
 // every issued opaque token. This one keeps them in the process, across reloads (not restarts).
 const records = new Map(); // `${model}:${id}` -> { payload, expiresAt (ms) }
 const grantMembers = new Map(); // grantId -> Set of record keys
+// accountId -> { groups }: what /__login said about each user; kept across reloads like the records.
+const accounts = new Map();
 
 class SharedMemoryAdapter {
   constructor(model) {
@@ -147,18 +166,57 @@ function buildProvider(config) {
   const provider = new Provider(issuer, {
     adapter: SharedMemoryAdapter,
     jwks,
-    clients: config.clients.map((c) => ({
-      client_id: c.client_id,
-      client_secret: c.client_secret,
-      scope: c.scope ?? DEFAULT_SCOPE,
-      grant_types: ['client_credentials'],
-      response_types: [],
-      redirect_uris: [],
-      token_endpoint_auth_method: 'client_secret_basic',
-    })),
+    clients: [
+      ...config.clients.map((c) => ({
+        client_id: c.client_id,
+        client_secret: c.client_secret,
+        scope: c.scope ?? DEFAULT_SCOPE,
+        grant_types: ['client_credentials'],
+        response_types: [],
+        redirect_uris: [],
+        token_endpoint_auth_method: 'client_secret_basic',
+      })),
+      {
+        client_id: WEB_CLIENT.client_id,
+        client_secret: WEB_CLIENT.client_secret,
+        scope: `openid ${DEFAULT_SCOPE}`,
+        grant_types: ['authorization_code'],
+        response_types: ['code'],
+        redirect_uris: [WEB_CLIENT.redirect_uri],
+        token_endpoint_auth_method: 'client_secret_basic',
+      },
+    ],
     scopes: DEFAULT_SCOPE.split(' '),
     cookies: { keys: ['test-harness-cookie-key-not-secret'] },
-    ttl: { ClientCredentials: config.access_token_ttl },
+    // Seconds; explicit so the provider does not warn about its defaults on every user login.
+    ttl: {
+      ClientCredentials: config.access_token_ttl,
+      AccessToken: config.access_token_ttl,
+      AuthorizationCode: 60,
+      IdToken: 300,
+      Interaction: 600,
+      Grant: 3600,
+      Session: 3600,
+    },
+    findAccount: async (_ctx, sub) => ({
+      accountId: sub,
+      claims: async () => ({ sub, groups: accounts.get(sub)?.groups }),
+    }),
+    // RFC 9068 section 2.2.1: a user's access token says how and when the user authenticated. The
+    // provider keeps acr/amr/authTime on the authorization code but leaves them out of JWT access tokens.
+    extraTokenClaims: async (ctx, token) => {
+      if (!token.accountId) return undefined;
+      const code = ctx.oidc?.entities?.AuthorizationCode;
+      const claims = {};
+      if (code) {
+        if (code.authTime !== undefined) claims.auth_time = code.authTime;
+        if (code.acr !== undefined) claims.acr = code.acr;
+        if (code.amr !== undefined) claims.amr = code.amr;
+      }
+      const groups = accounts.get(token.accountId)?.groups;
+      if (groups) claims.groups = groups;
+      return claims;
+    },
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
@@ -250,6 +308,14 @@ async function control(req, res, path) {
       return sendJson(res, 500, { error: String(err) });
     }
   }
+  const login = path.match(/^\/__login\/([^/]+)$/);
+  if (login && req.method === 'POST') {
+    try {
+      return sendJson(res, 200, { returnTo: await finishLogin(decodeURIComponent(login[1]), JSON.parse(await readBody(req))) });
+    } catch (err) {
+      return sendJson(res, 400, { error: String(err) });
+    }
+  }
   if (path === '/__faults' && req.method === 'POST') {
     try {
       faults = JSON.parse((await readBody(req)) || '{}');
@@ -259,6 +325,28 @@ async function control(req, res, path) {
     return sendJson(res, 200, faults);
   }
   return sendJson(res, 404, { error: 'not_found' });
+}
+
+// What a login + consent page would do: store the interaction's result, as interactionFinished does,
+// but found by uid rather than by the browser's cookie, so a test needs no HTML.
+async function finishLogin(uid, body) {
+  const interaction = await provider.Interaction.find(uid);
+  if (!interaction) throw new Error(`no pending interaction ${uid}`);
+  const accountId = String(body.accountId ?? 'alice');
+  accounts.set(accountId, { groups: body.groups ?? undefined });
+  const { params } = interaction;
+  const grant = new provider.Grant({ accountId, clientId: params.client_id });
+  if (params.scope) grant.addOIDCScope(params.scope);
+  const resources = params.resource ? [].concat(params.resource) : [API_AUDIENCE];
+  for (const resource of resources) grant.addResourceScope(resource, params.scope ?? DEFAULT_SCOPE);
+  const grantId = await grant.save();
+  const result = {
+    login: { accountId, acr: body.acr, amr: body.amr, ts: body.ts ?? Math.floor(Date.now() / 1000), remember: false },
+    consent: { grantId },
+  };
+  interaction.result = result;
+  await interaction.save(interaction.exp - Math.floor(Date.now() / 1000));
+  return interaction.returnTo;
 }
 
 const server = http.createServer(async (req, res) => {
