@@ -13,6 +13,20 @@ from bench.scenarios import SCENARIOS, select
 from bench.wire import Door
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+EXTRA_COMMANDS = {
+    "introspection": "opaque tokens against a ~20 ms provider: hot, distinct, flood; batch on/off; naive",
+    "workers": "verifier throughput against worker processes (forward-auth, gRPC), with the no-op",
+    "memory": "verifier RSS during a flood of 1,000,000 distinct junk tokens",
+    "dpop": "DPoP-bound cached token + a fresh proof per request over forward-auth, with the no-op",
+    "soak": "open loop at a fraction of the maximum for N minutes; RSS and open fds every 10 s",
+}
+EXTRA_MODULES = {
+    "introspection": "introspection_bench",
+    "workers": "workers_curve",
+    "memory": "memory",
+    "dpop": "dpop_bench",
+    "soak": "soak",
+}
 
 
 def _options(args: argparse.Namespace) -> runner.Options:
@@ -140,5 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-verifier", action="store_true", help="baselines only")
     p.add_argument("--no-naive", action="store_true", help="skip the naive PyJWKClient baseline")
     p.set_defaults(func=run)
+    # Stand-alone measurements, each its own module with its own options (``python -m bench X --help``).
+    for name, help_text in EXTRA_COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in EXTRA_COMMANDS:
+        import importlib
+
+        module = importlib.import_module(f"bench.{EXTRA_MODULES[argv[0]]}")
+        module.main(argv[1:])
+        sys.exit(0)
     args = parser.parse_args(argv)
     sys.exit(args.func(args))

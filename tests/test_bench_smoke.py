@@ -123,3 +123,30 @@ def test_run_writes_results_json_and_markdown(tmp_path: Path) -> None:
     md = (out / "results.md").read_text()
     assert "### Goals" in md and "| http | noop |" in md
     assert (out / "latency-vs-load.png").stat().st_size > 0
+
+
+def test_dpop_bench_proofs_match_the_verifiers_thumbprint_and_ath() -> None:
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from bench import dpop_bench
+    from verifier.binding.dpop import access_token_hash, thumbprint
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    jwk = dpop_bench.public_jwk(key)
+    assert dpop_bench.thumbprint(jwk) == thumbprint(jwk)
+    proof = dpop_bench._mint_proofs(pem, "the-token", 1)[0]
+    header = pyjwt.get_unverified_header(proof)
+    claims = pyjwt.decode(proof, key.public_key(), algorithms=["ES256"])
+    assert header["typ"] == "dpop+jwt" and header["jwk"] == jwk
+    assert claims["ath"] == access_token_hash("the-token") and claims["htu"] == dpop_bench.HTU
+
+
+def test_soak_slope_is_least_squares() -> None:
+    from bench import extras
+
+    assert extras.slope([0, 1, 2, 3], [5, 7, 9, 11]) == 2.0
+    assert extras.slope([0, 1, 2], [4, 4, 4]) == 0.0
+    assert extras.slope([1], [3]) == 0.0
