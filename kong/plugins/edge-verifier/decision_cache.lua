@@ -48,16 +48,36 @@ function _M.for_conf(conf)
 end
 
 
---- The cache key for the given parts (array of strings).
-function _M.key(parts)
-  -- NUL cannot occur in header values or URIs, so the join is unambiguous
-  local raw = concat(parts, "\0")
+-- One hasher per worker, reset before each key: a request never yields
+-- between reset and final, so no two requests share it mid-digest.
+-- lua-resty-string's resty.sha256 has reset(); a build without it gets a new
+-- hasher per key.
+local hasher
+
+local function sha256(raw)
+  local h = hasher
+  if h then
+    h:reset()
+  else
+    h = resty_sha256:new()
+    if h.reset then
+      hasher = h
+    end
+  end
+  h:update(raw)
+  return h:final()
+end
+
+
+--- The cache key for `raw`, the NUL-joined string of everything the answer
+--- depends on (NUL cannot occur in header values or URIs, so the join is
+--- unambiguous): its SHA-256 where resty.sha256 exists, so tokens are not
+--- kept as keys; the string itself otherwise (bounded by cache_entries).
+function _M.key(raw)
   if not has_sha256 then
     return raw
   end
-  local h = resty_sha256:new()
-  h:update(raw)
-  return h:final()
+  return sha256(raw)
 end
 
 

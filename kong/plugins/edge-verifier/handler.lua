@@ -20,6 +20,9 @@ local pcall = pcall
 local concat = table.concat
 local lower = string.lower
 local sub = string.sub
+local byte = string.byte
+local setmetatable = setmetatable
+local tostring = tostring
 
 local EdgeVerifierHandler = {
   VERSION = "0.1.0",
@@ -36,21 +39,25 @@ local USER_AGENT = "kong-edge-verifier/" .. EdgeVerifierHandler.VERSION
 local CREDENTIAL_HEADERS = { "Authorization", "DPoP", "X-WebAuthn-Assertion" }
 local CERT_THUMBPRINT_HEADER = "x-client-cert-thumbprint"
 
--- Headers a single proof or challenge makes single-use: such requests are
--- never answered from the decision cache (a replayed DPoP proof must reach
--- the verifier's replay check).
-local SINGLE_USE_HEADERS = { "dpop", "x-webauthn-assertion" }
-
 -- Request headers read (the PDK's ceiling); a request with more is refused,
 -- since every one must be checked for spoofed identity.
 local MAX_REQUEST_HEADERS = 1000
 
 -- Identity the upstream may trust only because this plugin set it.
 local IDENTITY_PREFIX = "x-authenticated-"
+local IDENTITY_PREFIX_LEN = #IDENTITY_PREFIX
 local CONSUMER_HEADERS = {
   "X-Consumer-ID", "X-Consumer-Custom-ID", "X-Consumer-Username",
   "X-Credential-Identifier", "X-Anonymous-Consumer",
 }
+local IS_CONSUMER_HEADER = {}
+for i = 1, #CONSUMER_HEADERS do
+  IS_CONSUMER_HEADER[lower(CONSUMER_HEADERS[i])] = true
+end
+-- first bytes of the header names the scan below looks at
+local BYTE_X, BYTE_UPPER_X = byte("x"), byte("X")
+local BYTE_A, BYTE_UPPER_A = byte("a"), byte("A")
+local BYTE_D, BYTE_UPPER_D = byte("d"), byte("D")
 
 -- Verifier answer headers that describe the connection, not the answer (RFC
 -- 9110 section 7.6.1), or that nginx computes itself on the way out.
@@ -69,22 +76,30 @@ local function is_client_header(lname)
       or sub(lname, 1, 12) == "x-ratelimit-"
 end
 
--- parsed verifier URLs, per worker (a URL's parts never change)
-local targets = {}
+-- What never changes for one plugin configuration, computed on its first
+-- request: the parsed verifier URL and the decision cache. Weak keys, so a
+-- replaced configuration takes its entry (and its cache) with it.
+local per_conf = setmetatable({}, { __mode = "k" })
 
 
-local function target_for(url)
-  local t = targets[url]
-  if t then
-    return t
+local function constants_for(conf)
+  local c = per_conf[conf]
+  if c then
+    return c
   end
-  local err
-  t, err = http1.parse_url(url)
-  if not t then
-    return nil, err
-  end
-  targets[url] = t
-  return t
+  local target, err = http1.parse_url(conf.url)
+  c = {
+    target = target,
+    target_err = err,
+    cache = decision_cache.for_conf(conf),
+    key_prefix = conf.url .. "\0",
+    request_opts = {
+      timeout = conf.timeout,
+      keepalive_timeout = conf.keepalive_timeout,
+    },
+  }
+  per_conf[conf] = c
+  return c
 end
 
 
@@ -104,11 +119,18 @@ local function joined(v)
 end
 
 
+-- ngx.var.ssl_client_raw_cert, which a build without the SSL module may not
+-- know; a named function so the pcall below allocates no closure.
+local function client_raw_cert()
+  return ngx.var.ssl_client_raw_cert
+end
+
+
 -- The client's certificate thumbprint (base64url SHA-256 of the DER, RFC 8705
 -- section 3.1) when this nginx terminated mutual TLS itself; nil otherwise.
 -- The second result says whether the connection carried a certificate.
 local function tls_thumbprint()
-  local ok, pem = pcall(function() return ngx.var.ssl_client_raw_cert end)
+  local ok, pem = pcall(client_raw_cert)
   if not ok or not pem or pem == "" then
     return nil, false
   end
@@ -128,32 +150,94 @@ local function tls_thumbprint()
 end
 
 
--- Clears identity headers only this plugin may set: a client sending them is
--- trying to pass as someone.
-local function strip_spoofed(headers)
-  local clear = kong.service.request.clear_header
-  for name in pairs(headers) do
-    if sub(lower(name), 1, #IDENTITY_PREFIX) == IDENTITY_PREFIX then
-      clear(name)
+-- One pass over every request header (the PDK's get_headers: names
+-- lower-cased, repeated headers as arrays). Clears identity headers only this
+-- plugin may set, since a client sending them is trying to pass as someone,
+-- and returns what the rest of the request needs:
+--   authorization   the Authorization value(s), or nil
+--   single_use      a DPoP proof or X-WebAuthn-Assertion is present: the
+--                   answer must never come from the cache (a replayed proof
+--                   must reach the verifier's replay check)
+--   consumer_sent   the client sent X-Consumer-* / X-Credential-Identifier /
+--                   X-Anonymous-Consumer (cleared unless a consumer is
+--                   authenticated)
+--   thumbprint      the X-Client-Cert-Thumbprint value(s), or nil
+-- Names are told apart by their first byte before any string is built; a
+-- lookup of an absent name in the PDK's table would go through its
+-- normalising __index instead.
+local function scan_headers(headers)
+  local authorization, single_use, consumer_sent, thumbprint
+  for name, value in pairs(headers) do
+    local b = byte(name, 1)
+    if b == BYTE_X or b == BYTE_UPPER_X then
+      local lname = lower(name)
+      if sub(lname, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX then
+        kong.service.request.clear_header(name)
+      elseif IS_CONSUMER_HEADER[lname] then
+        consumer_sent = true
+      elseif lname == "x-webauthn-assertion" then
+        single_use = true
+      elseif lname == CERT_THUMBPRINT_HEADER then
+        thumbprint = value
+      end
+    elseif b == BYTE_A or b == BYTE_UPPER_A then
+      if lower(name) == "authorization" then
+        authorization = value
+      end
+    elseif b == BYTE_D or b == BYTE_UPPER_D then
+      if lower(name) == "dpop" then
+        single_use = true
+      end
     end
   end
+  return authorization, single_use, consumer_sent, thumbprint
 end
 
 
--- The request the verifier sees: the credential headers untouched plus the
--- original method and URI, Traefik forward-auth style.
-local function build_request(conf, headers)
-  local method = kong.request.get_method()
-  local scheme = kong.request.get_scheme()
-  local host = kong.request.get_host()
-  local port = kong.request.get_port()
-  local path = kong.request.get_path()
-  local query = kong.request.get_raw_query()
+-- What the verifier's answer depends on, read once per request.
+-- Returns method, scheme, host, port, uri (path and raw query).
+local function request_line()
+  local req = kong.request
+  local path = req.get_path()
+  local query = req.get_raw_query()
   local uri = path
   if query and query ~= "" then
     uri = path .. "?" .. query
   end
+  return req.get_method(), req.get_scheme(), req.get_host(), req.get_port(), uri
+end
 
+
+-- The certificate thumbprint to forward, or nil. A thumbprint header from the
+-- client (`sent`) is a claim anyone can make; it is forwarded only when a
+-- trusted proxy in front is known to set it. A plain-http connection carries
+-- no client certificate, so only https looks for one.
+local function thumbprint_for(conf, sent, scheme)
+  local thumbprint, had_cert
+  if scheme == "https" then
+    thumbprint, had_cert = tls_thumbprint()
+  end
+  if not had_cert and conf.trust_client_cert_header then
+    thumbprint = joined(sent)
+  end
+  return thumbprint
+end
+
+
+-- One credential header's part of the cache key: its values in order, each
+-- byte for byte.
+local function key_part(name, v)
+  if type(v) == "table" then
+    return "\0" .. name .. ":" .. concat(v, "\0")
+  end
+  return "\0" .. name .. ":" .. v
+end
+
+
+-- The request the verifier sees: the credential headers untouched plus the
+-- original method and URI, Traefik forward-auth style. Built only when the
+-- verifier is asked.
+local function build_request(headers, method, scheme, host, port, uri, thumbprint)
   local out = {
     { "User-Agent", USER_AGENT },
     { "X-Forwarded-Method", method },
@@ -163,9 +247,6 @@ local function build_request(conf, headers)
     { "X-Forwarded-Uri", uri },
     { "X-Forwarded-For", kong.client.get_ip() },
   }
-  local key_parts = { conf.url, method, scheme, host, tostring(port), uri }
-  local cacheable = true
-
   for i = 1, #CREDENTIAL_HEADERS do
     local name = CREDENTIAL_HEADERS[i]
     local v = headers[lower(name)]
@@ -174,28 +255,12 @@ local function build_request(conf, headers)
       for j = 1, #values do
         out[#out + 1] = { name, values[j] }
       end
-      key_parts[#key_parts + 1] = name .. ":" .. concat(values, "\0")
     end
-  end
-
-  -- A thumbprint header from the client is a claim anyone can make; it is
-  -- forwarded only when a trusted proxy in front is known to set it.
-  local thumbprint, had_cert = tls_thumbprint()
-  if not had_cert and conf.trust_client_cert_header then
-    thumbprint = joined(headers[CERT_THUMBPRINT_HEADER])
   end
   if thumbprint then
     out[#out + 1] = { "X-Client-Cert-Thumbprint", thumbprint }
-    key_parts[#key_parts + 1] = "cnf:" .. thumbprint
   end
-
-  for i = 1, #SINGLE_USE_HEADERS do
-    if headers[SINGLE_USE_HEADERS[i]] ~= nil then
-      cacheable = false
-    end
-  end
-
-  return out, cacheable and key_parts or nil
+  return out
 end
 
 
@@ -203,21 +268,31 @@ end
 -- immutable once built, so it can be reused from the cache.
 local function to_decision(res)
   if res.status >= 200 and res.status < 300 then
-    local identity, to_client = {}, {}
+    -- identity: name -> value for one set_headers call; a name the verifier
+    -- repeats (in any spelling) keeps its last value, as set_header would
+    local identity, spelling, n = {}, {}, 0
+    local to_client = {}
     local list = res.header_list
     for i = 1, #list do
       local name, value = list[i][1], list[i][2]
       local lname = lower(name)
-      if sub(lname, 1, #IDENTITY_PREFIX) == IDENTITY_PREFIX then
-        identity[#identity + 1] = { name, value }
+      if sub(lname, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX then
+        local prev = spelling[lname]
+        if prev then
+          identity[prev] = nil
+        else
+          n = n + 1
+        end
+        spelling[lname] = name
+        identity[name] = value
       elseif is_client_header(lname) then
         to_client[#to_client + 1] = { name, value }
       end
     end
     return {
       allow = true,
-      identity = identity,
-      to_client = to_client,
+      identity = n > 0 and identity or nil,
+      to_client = #to_client > 0 and to_client or nil,
       userid = joined(res.headers["x-authenticated-userid"]),
       consumer_id = joined(res.headers["x-kong-consumer-id"]),
       consumer_username = joined(res.headers["x-kong-consumer-username"]),
@@ -284,13 +359,22 @@ end
 
 
 -- With no consumer authenticated by anyone, X-Consumer-* from the client are
--- as spoofed as X-Authenticated-* would be.
-local function strip_consumer_headers_if_unauthenticated()
-  local get_consumer = kong.client.get_consumer
-  if get_consumer and get_consumer() == nil then
+-- as spoofed as X-Authenticated-* would be. `consumer_sent`: the client sent
+-- at least one of them (scan_headers saw every request header).
+local function strip_consumer_headers(consumer_sent)
+  if consumer_sent then
+    local clear = kong.service.request.clear_header
     for i = 1, #CONSUMER_HEADERS do
-      kong.service.request.clear_header(CONSUMER_HEADERS[i])
+      clear(CONSUMER_HEADERS[i])
     end
+  end
+end
+
+
+local function strip_consumer_headers_if_unauthenticated(consumer_sent)
+  local get_consumer = kong.client.get_consumer
+  if consumer_sent and get_consumer and get_consumer() == nil then
+    strip_consumer_headers(consumer_sent)
   end
 end
 
@@ -304,18 +388,18 @@ local function set_or_clear(name, value)
 end
 
 
-local function apply_allow(decision)
-  local set_header = kong.service.request.set_header
-  local identity = decision.identity
-  for i = 1, #identity do
-    set_header(identity[i][1], identity[i][2])
+local function apply_allow(decision, consumer_sent)
+  if decision.identity then
+    kong.service.request.set_headers(decision.identity)
   end
 
-  local shared = kong.ctx.shared
-  -- for plugins that run after this one (custom logging, say)
-  shared.edge_verifier_userid = decision.userid
+  local userid = decision.userid
+  if userid then
+    -- for plugins that run after this one (custom logging, say)
+    kong.ctx.shared.edge_verifier_userid = userid
+  end
 
-  if #decision.to_client > 0 then
+  if decision.to_client then
     kong.ctx.plugin.to_client = decision.to_client
   end
 
@@ -338,9 +422,9 @@ local function apply_allow(decision)
   local earlier = get_consumer and get_consumer()
   -- authenticate() replaces what an earlier authenticator set; a verifier
   -- that names no consumer leaves that consumer in place
-  if consumer or (decision.userid and not earlier) then
-    local credential = decision.userid and {
-      id = decision.userid,
+  if consumer or (userid and not earlier) then
+    local credential = userid and {
+      id = userid,
       consumer_id = consumer and consumer.id or nil,
     } or nil
     kong.client.authenticate(consumer, credential)
@@ -351,11 +435,13 @@ local function apply_allow(decision)
     set_or_clear("X-Consumer-ID", consumer.id)
     set_or_clear("X-Consumer-Custom-ID", consumer.custom_id)
     set_or_clear("X-Consumer-Username", consumer.username)
-    set_or_clear("X-Credential-Identifier", decision.userid)
+    set_or_clear("X-Credential-Identifier", userid)
     kong.service.request.clear_header("X-Anonymous-Consumer")
+  elseif get_consumer and not earlier then
+    -- nobody authenticated a consumer (authenticate() above, if called, was
+    -- given none)
+    strip_consumer_headers(consumer_sent)
   end
-
-  strip_consumer_headers_if_unauthenticated()
 end
 
 
@@ -365,32 +451,37 @@ function EdgeVerifierHandler:access(conf)
     -- a spoofed identity header past the limit could not be seen to be cleared
     return kong.response.exit(400, { message = "Too many request headers" })
   end
-  strip_spoofed(headers)
+  local authorization, single_use, consumer_sent, sent_thumbprint = scan_headers(headers)
 
-  local target, perr = target_for(conf.url)
+  local c = constants_for(conf)
+  local target = c.target
   if not target then
-    kong.log.err("bad verifier url: ", perr)
+    kong.log.err("bad verifier url: ", c.target_err)
     return kong.response.error(500, "An unexpected error occurred")
   end
 
-  local verifier_headers, key_parts = build_request(conf, headers)
+  local method, scheme, host, port, uri = request_line()
+  local thumbprint = thumbprint_for(conf, sent_thumbprint, scheme)
 
-  local cache = key_parts and decision_cache.for_conf(conf)
+  local cache = not single_use and c.cache
   local key, decision
   if cache then
-    key = decision_cache.key(key_parts)
+    -- everything the answer depends on, joined with NUL in one concatenation
+    key = decision_cache.key(c.key_prefix .. method .. "\0" .. scheme .. "\0" .. host
+                             .. "\0" .. (port or "") .. "\0" .. uri
+                             .. (authorization ~= nil and key_part("Authorization", authorization) or "")
+                             .. (thumbprint and "\0cnf:" .. thumbprint or ""))
     decision = decision_cache.get(cache, key)
   end
 
   if not decision then
-    local res, err = http1.request(target, "GET", verifier_headers, {
-      timeout = conf.timeout,
-      keepalive_timeout = conf.keepalive_timeout,
-    })
+    local res, err = http1.request(target, "GET",
+                                   build_request(headers, method, scheme, host, port, uri, thumbprint),
+                                   c.request_opts)
     if not res then
       if conf.fail_open then
         kong.log.warn("verifier unavailable (", err, "); fail_open lets the request pass")
-        strip_consumer_headers_if_unauthenticated()
+        strip_consumer_headers_if_unauthenticated(consumer_sent)
         return
       end
       kong.log.err("verifier unavailable: ", err)
@@ -409,7 +500,7 @@ function EdgeVerifierHandler:access(conf)
     return kong.response.exit(decision.status, decision.body, decision.headers)
   end
 
-  return apply_allow(decision)
+  return apply_allow(decision, consumer_sent)
 end
 
 
