@@ -175,7 +175,15 @@ class Pipeline:
 
     # -- the two entry points -------------------------------------------------------------------
 
-    def decide_cached(self, attrs: RequestAttributes) -> Decision | None:
+    def decide_cached(self, attrs: RequestAttributes, door: str = "") -> Decision | None:
+        """The answer without any I/O, or None when `decide_after_miss` must be awaited; never raises."""
+        try:
+            return self._decide_cached(attrs, door)
+        except Exception:  # fail closed on bugs; the traceback has no token in it
+            log.exception("internal error while deciding", extra={"event": "internal_error", "route": attrs.route})
+            return refuse(InternalError("internal error"), realm=self._realm)
+
+    def _decide_cached(self, attrs: RequestAttributes, door: str) -> Decision | None:
         """The answer without any I/O, or None when the asynchronous path is needed.
 
         The caches are keyed by a hash of the whole Authorization value, so a token seen before is
@@ -212,21 +220,39 @@ class Pipeline:
             self._metrics.cache_lookup("negative", "hit")
             return refused
         try:
-            credentials.extract(attrs)
+            credential = credentials.extract(attrs)
         except MissingToken as exc:
             if route.policy is not None and not route.policy.require.authenticated:
                 return ANONYMOUS
             return self._refuse(exc, None, route)
         except VerifierError as exc:
             return self._refuse(exc, None, route)
-        return None
+        self._metrics.cache_lookup("positive", "miss")
+        verified = self._verify_now(credential, key, attrs, door)
+        if verified is None or isinstance(verified, Decision):
+            return verified
+        principal, allowed = verified
+        if route.step_up or self._needs_async(principal, credential):
+            return None  # the principal is cached now; the per-request proof is checked asynchronously
+        try:
+            self._judge(principal, credential, attrs, route)
+        except VerifierError as exc:
+            return self._refuse(exc, credential, route)
+        return self._reusable(principal, allowed, route)
 
     async def decide(self, attrs: RequestAttributes, door: str) -> Decision:
-        """The full decision; never raises. Sheds load past `max_pending` concurrent slow checks."""
+        """The full decision; never raises."""
+        cached = self.decide_cached(attrs, door)
+        if cached is not None:
+            return cached
+        return await self.decide_after_miss(attrs, door)
+
+    async def decide_after_miss(self, attrs: RequestAttributes, door: str) -> Decision:
+        """The asynchronous part, after `decide_cached` said None; never raises.
+
+        Sheds load past `max_pending` concurrent slow checks.
+        """
         try:
-            cached = self.decide_cached(attrs)
-            if cached is not None:
-                return cached
             if self._pending >= self._max_pending:
                 return self._overloaded
             self._pending += 1
@@ -307,7 +333,6 @@ class Pipeline:
         if hit is not None:
             principal, allowed, credential, _ = hit
         else:
-            self._metrics.cache_lookup("positive", "miss")
             verified = await self._verify(credential, key, attrs, door)
             if isinstance(verified, Decision):
                 return verified
@@ -330,15 +355,44 @@ class Pipeline:
             return self._refuse(exc, credential, route)
         return self._reusable(principal, allowed, route)
 
+    def _verify_now(
+        self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str
+    ) -> tuple[Principal, Decision] | Decision | None:
+        """First sight of a JWT whose key is held: verified inline, no task, no await.
+
+        None when the answer needs I/O (an unknown kid may need a key refresh; opaque tokens go to
+        introspection): the asynchronous path takes over.
+        """
+        if not (jws.looks_like_jws(credential.token) or self._opaque_issuer is None):
+            return None
+        started = time.perf_counter()
+        token_key = audit.token_hash(credential.token)
+        kid: str | None = None
+        alg = issuer = ""
+        try:
+            parsed = self._jwt.parse(credential.token)
+            kid, alg = parsed.kid, parsed.alg
+            iss = parsed.payload.get("iss")
+            issuer = iss if isinstance(iss, str) else ""
+            verified = self._jwt.verify_now(parsed)
+            if verified is None:
+                return None
+            principal = self._with_roles(verified)
+        except VerifierError as exc:
+            return self._refused(exc, credential, key, attrs, door, started, token_key, issuer, kid, alg)
+        return self._admitted(principal, credential, key, attrs, door, started, token_key, issuer, kid, alg)
+
     async def _verify(
         self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str
     ) -> tuple[Principal, Decision] | Decision:
-        """First sight of a token: signature or introspection, then cache the principal."""
+        """First sight of a token: signature (refreshing keys if need be) or introspection."""
+        done = self._verify_now(credential, key, attrs, door)
+        if done is not None:
+            return done
         started = time.perf_counter()
         token_key = audit.token_hash(credential.token)  # introspection caches and the audit fingerprint
         kid: str | None = None
-        alg = ""
-        issuer = ""
+        alg = issuer = ""
         try:
             if jws.looks_like_jws(credential.token) or self._opaque_issuer is None:
                 parsed = self._jwt.parse(credential.token)
@@ -352,11 +406,41 @@ class Pipeline:
                 principal = await self._introspectors[issuer].introspect(credential.token, token_key)
             principal = self._with_roles(principal)
         except VerifierError as exc:
-            decision = self._refuse(exc, credential, Route(None, False))
-            if _negative_cacheable(exc):
-                self._negative.put(key, decision, self._clock.now() + self._negative_ttl)
-            self._record(attrs, door, decision, started, token_key, issuer, kid, alg, "")
-            return decision
+            return self._refused(exc, credential, key, attrs, door, started, token_key, issuer, kid, alg)
+        return self._admitted(principal, credential, key, attrs, door, started, token_key, issuer, kid, alg)
+
+    def _refused(
+        self,
+        error: VerifierError,
+        credential: Credential,
+        key: bytes,
+        attrs: RequestAttributes,
+        door: str,
+        started: float,
+        token_key: bytes,
+        issuer: str,
+        kid: str | None,
+        alg: str,
+    ) -> Decision:
+        decision = self._refuse(error, credential, NO_POLICY)
+        if _negative_cacheable(error):
+            self._negative.put(key, decision, self._clock.now() + self._negative_ttl)
+        self._record(attrs, door, decision, started, token_key, issuer, kid, alg, "")
+        return decision
+
+    def _admitted(
+        self,
+        principal: Principal,
+        credential: Credential,
+        key: bytes,
+        attrs: RequestAttributes,
+        door: str,
+        started: float,
+        token_key: bytes,
+        issuer: str,
+        kid: str | None,
+        alg: str,
+    ) -> tuple[Principal, Decision]:
         # Reuse at the gateway is possible only when nothing per request went into the answer.
         per_request = bool(_cnf(principal)) or self._rate_limiter is not None or issuer in self._introspect_jwts
         allowed = allow(principal, cache_max_age=0 if per_request else self._edge_max_age)

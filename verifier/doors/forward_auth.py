@@ -212,7 +212,7 @@ class _Connection(asyncio.Protocol):
         if path == PREFIX or path.startswith(PREFIX + b"/"):
             attrs = attributes_from_http(parser.get_method().decode("latin-1"), url, self._headers, self._peer)
             started = time.perf_counter()
-            decision = door.pipeline.decide_cached(attrs)
+            decision = door.pipeline.decide_cached(attrs, DOOR)
             if decision is not None:
                 door.observe(decision, started)
                 self._push(_answer(decision, keep_alive), keep_alive)
@@ -337,7 +337,7 @@ class ForwardAuthDoor:
 
     async def decide_slow(self, attrs: RequestAttributes, started: float, keep_alive: bool) -> bytes:
         """A decision that needs verification (first-seen token)."""
-        decision = await self.pipeline.decide(attrs, DOOR)
+        decision = await self.pipeline.decide_after_miss(attrs, DOOR)
         self.observe(decision, started)
         return _answer(decision, keep_alive)
 

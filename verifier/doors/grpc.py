@@ -177,16 +177,16 @@ class GrpcDoors:
 
     async def _decide(self, attrs: RequestAttributes, door: str, context: Any) -> Decision:
         started = time.perf_counter()
-        decision = self.pipeline.decide_cached(attrs)
+        decision = self.pipeline.decide_cached(attrs, door)
         if decision is None:
             # The caller's deadline bounds our own work: a late answer is worth nothing to Envoy.
             remaining = context.time_remaining() if context is not None else None
             try:
                 if remaining is None:
-                    decision = await self.pipeline.decide(attrs, door)
+                    decision = await self.pipeline.decide_after_miss(attrs, door)
                 else:
                     async with asyncio.timeout(max(remaining, 0.0)):
-                        decision = await self.pipeline.decide(attrs, door)
+                        decision = await self.pipeline.decide_after_miss(attrs, door)
             except TimeoutError:
                 self.metrics.decision(door, "error", "deadline_exceeded", time.perf_counter() - started)
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")

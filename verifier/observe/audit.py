@@ -61,8 +61,30 @@ def signature_check(
         "door": door,
         **extra,
     }
+    fields = json.dumps(line, default=str)[1:-1]
+    sink = _direct_sink
+    if (
+        sink is not None
+        and level == logging.INFO
+        and not audit_log.handlers
+        and audit_log.propagate
+        and logging.getLogger().handlers == [sink]
+    ):
+        # Our own configuration (one buffered JSON handler on the root logger): write the line
+        # straight into its buffer. The logging machinery (record, filters, handler lock) costs
+        # as much as the line itself, and there is one line per signature check.
+        now = time.time()
+        second = int(now)
+        if second != _stamp[0]:  # strftime once per second, not once per line
+            _stamp[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+        stamp = _stamp[1]
+        sink.write_line(
+            f'{{"time": "{stamp}.{int(now * 1000) % 1000:03d}Z", "level": "INFO", '
+            f'"logger": "verifier.audit", "msg": "signature_check", {fields}}}'
+        )
+        return
     # Serialized here, once: the formatter writes it as is (no per-record attribute walk).
-    audit_log.log(level, "signature_check", extra={"_json_fields": json.dumps(line, default=str)[1:-1]})
+    audit_log.log(level, "signature_check", extra={"_json_fields": fields})
 
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -121,11 +143,20 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._last_flush = now if now is not None else time.monotonic()
         super().flush()
 
+    def write_line(self, line: str) -> None:
+        """Appends one preformatted line (the audit fast path; same buffer, same flushing)."""
+        self.stream.write(line + self.terminator)
+        self.flush()
+
     def emit(self, record: logging.LogRecord) -> None:
         """Writes a line; urgent lines go out at once."""
         super().emit(record)
         if record.levelno >= logging.WARNING:
             self.flush_now()
+
+
+_direct_sink: BufferedStderrHandler | None = None  # set by configure_logging: our own handler
+_stamp: list[Any] = [-1, ""]  # [epoch second, its ISO form]
 
 
 def flush_logs() -> None:
@@ -137,9 +168,11 @@ def flush_logs() -> None:
 
 def configure_logging(level: str = "INFO") -> None:
     """Sends JSON lines to stderr (buffered, see BufferedStderrHandler)."""
+    global _direct_sink
     handler = BufferedStderrHandler()
     atexit.register(flush_logs)
     handler.setFormatter(JsonFormatter())
+    _direct_sink = handler
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -27,7 +27,8 @@ from verifier.errors import (
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import IssuerSettings
 from verifier.tokens import jws
-from verifier.tokens.jwks import KeyStore
+from verifier.tokens.jwks import IssuerKeys, KeyStore
+from verifier.tokens.keys import VerificationKey
 
 # RFC 9068 section 2.1: `at+jwt` (the media type may carry its `application/` prefix, RFC 7515 4.1.9).
 _ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
@@ -118,28 +119,46 @@ class JwtVerifier:
         """Parses without verifying (exposed so callers can audit kid/alg on failure)."""
         return jws.parse(token, max_bytes=self._max_bytes)
 
-    async def verify(self, parsed: jws.CompactJWS) -> Principal:
-        """Verifies a parsed token; raises an `InvalidToken` subclass or `AudienceMismatch`."""
-        claims = parsed.payload
-        iss = claims.get("iss")
+    def _issuer_of(self, parsed: jws.CompactJWS) -> tuple[str, IssuerSettings, IssuerKeys]:
+        iss = parsed.payload.get("iss")
         if not isinstance(iss, str):
             raise MalformedToken("token has no iss")
         settings = self._issuers.get(iss)
         keys = self._keys.get(iss)
         if settings is None or keys is None:
             raise UnknownIssuer("untrusted issuer")
-        alg = parsed.alg
-        if alg not in settings.algorithms:
-            raise AlgorithmRefused(f"alg {alg} is not allowed for this issuer")
-        kid = parsed.kid
-        key = keys.find(kid, alg)  # held keys answer without an await; only a miss may refresh
-        if key is None:
-            key = await keys.key_for(kid, alg)
+        if parsed.alg not in settings.algorithms:
+            raise AlgorithmRefused(f"alg {parsed.alg} is not allowed for this issuer")
+        return iss, settings, keys
+
+    def _finish(
+        self, parsed: jws.CompactJWS, iss: str, settings: IssuerSettings, keys: IssuerKeys, key: VerificationKey | None
+    ) -> Principal:
+        alg, kid = parsed.alg, parsed.kid
         if key is None:
             if keys.has_kid(kid):
                 raise AlgorithmRefused("alg does not fit the key")
             raise UnknownKey("no key for this token")
         if not key.verify(alg, parsed.signing_input, parsed.signature):
             raise BadSignature("signature verification failed")
-        check_claims(claims, parsed.header, settings, self._clock.now())
-        return principal_from_claims(claims, iss, kid=kid, alg=alg)
+        check_claims(parsed.payload, parsed.header, settings, self._clock.now())
+        return principal_from_claims(parsed.payload, iss, kid=kid, alg=alg)
+
+    def verify_now(self, parsed: jws.CompactJWS) -> Principal | None:
+        """Verifies with the keys held, without waiting; None when only a key refresh could tell.
+
+        The common case (a held key) never creates a task or awaits: the whole check runs inline.
+        """
+        iss, settings, keys = self._issuer_of(parsed)
+        key = keys.find(parsed.kid, parsed.alg)
+        if key is None and not keys.has_kid(parsed.kid):
+            return None
+        return self._finish(parsed, iss, settings, keys, key)
+
+    async def verify(self, parsed: jws.CompactJWS) -> Principal:
+        """Verifies a parsed token; raises an `InvalidToken` subclass or `AudienceMismatch`."""
+        iss, settings, keys = self._issuer_of(parsed)
+        key = keys.find(parsed.kid, parsed.alg)  # held keys answer without an await; only a miss may refresh
+        if key is None:
+            key = await keys.key_for(parsed.kid, parsed.alg)
+        return self._finish(parsed, iss, settings, keys, key)
