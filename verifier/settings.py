@@ -327,11 +327,8 @@ def _listen(reader: _Reader | None) -> Listen | None:
     return Listen(host=host, port=int(port_text), tls=tls)
 
 
-def _is_loopback_url(url: str) -> bool:
-    try:
-        host = urlsplit(url).hostname or ""
-    except ValueError:
-        return False
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` names this machine: the only place plain http is allowed."""
     if host == "localhost":
         return True
     try:
@@ -340,7 +337,12 @@ def _is_loopback_url(url: str) -> bool:
         return False
 
 
-def _check_url(url: str, key: str) -> None:
+def check_url(url: str, key: str, what: str = "issuer") -> None:
+    """An http(s) URL, https unless loopback; raises `ConfigError` naming `key`.
+
+    Keys, SETs and client secrets that travel over plain HTTP can be swapped or read by anyone on
+    the path, so every outbound URL in the config goes through this one check.
+    """
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
@@ -348,9 +350,8 @@ def _check_url(url: str, key: str) -> None:
         raise ConfigError(f"{key}: not a valid URL ({exc})") from exc
     if parts.scheme not in ("http", "https") or not hostname:
         raise ConfigError(f"{key}: expected an http(s) URL, got {url!r}")
-    # Keys fetched over plain HTTP can be swapped by anyone on the path: only loopback may use it.
-    if parts.scheme == "http" and not _is_loopback_url(url):
-        raise ConfigError(f"{key}: https is required for a non-loopback issuer ({url!r})")
+    if parts.scheme == "http" and not is_loopback_host(hostname):
+        raise ConfigError(f"{key}: https is required for a non-loopback {what} ({url!r})")
 
 
 def _introspection(reader: _Reader) -> Any:
@@ -375,7 +376,7 @@ def _optional_section(root: _Reader, key: str, module: str, function: str) -> An
 
 def _issuer(reader: _Reader) -> IssuerSettings:
     issuer = reader.text("issuer")
-    _check_url(issuer, f"{reader.path}.issuer")
+    check_url(issuer, f"{reader.path}.issuer")
     algorithms = reader.strings("algorithms")
     for i, alg in enumerate(algorithms):
         if alg not in SUPPORTED_ALGORITHMS:
@@ -403,7 +404,7 @@ def _issuer(reader: _Reader) -> IssuerSettings:
     )
     for key in ("discovery_url", "jwks_uri"):
         if getattr(settings, key):
-            _check_url(getattr(settings, key), f"{reader.path}.{key}")
+            check_url(getattr(settings, key), f"{reader.path}.{key}")
     if settings.jwks_min_ttl_seconds > settings.jwks_max_ttl_seconds:
         raise ConfigError(f"{reader.path}.jwks_min_ttl_seconds: larger than jwks_max_ttl_seconds")
     reader.done()

@@ -20,7 +20,6 @@ revocation:
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +31,7 @@ from verifier.settings import (
     SUPPORTED_ALGORITHMS,
     ConfigError,
     IssuerSettings,
+    check_url,
 )
 
 PUSH = "push"
@@ -146,28 +146,10 @@ def _integer(data: Mapping[str, Any], key: str, path: str, default: int, low: in
     return value
 
 
-def _url(value: str, key: str) -> None:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{key}: expected an http(s) URL, got {value!r}")
-    if parts.scheme == "http" and not _loopback(parts.hostname):
-        # Keys (and SETs, by poll) fetched over plain HTTP can be swapped by anyone on the path.
-        raise ConfigError(f"{key}: https is required for a non-loopback transmitter ({value!r})")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _transmitter(data: Any, path: str) -> TransmitterConfig:
     raw = _mapping(data, path, _TRANSMITTER_KEYS)
     issuer = _text(raw, "issuer", path)
-    _url(issuer, f"{path}.issuer")
+    check_url(issuer, f"{path}.issuer", "transmitter")
     audience = _text(raw, "audience", path)
     delivery = _text(raw, "delivery", path, PUSH)
     if delivery not in (PUSH, POLL):
@@ -180,7 +162,7 @@ def _transmitter(data: Any, path: str) -> TransmitterConfig:
             raise ConfigError(f"{path}.algorithms[{i}]: unsupported algorithm {alg!r}")
     for key in ("discovery_url", "jwks_uri", "poll_endpoint_url"):
         if raw.get(key) is not None:
-            _url(_text(raw, key, path), f"{path}.{key}")
+            check_url(_text(raw, key, path), f"{path}.{key}", "transmitter")
     poll_token: str | None = None
     env = raw.get("poll_authorization_env")
     if env is not None:

@@ -38,12 +38,12 @@ import jwt
 
 from verifier.clock import Clock
 from verifier.errors import ProviderUnavailable
+from verifier.settings import is_loopback_host
 from verifier.tokens.introspection_breaker import CircuitBreaker
 from verifier.tokens.introspection_config import (
     DEFAULT_MAX_RESPONSE_BYTES,
     ClientAuth,
     IntrospectionConfig,
-    is_loopback,
 )
 from verifier.tokens.introspection_metrics import IssuerIntrospectionMetrics
 
@@ -199,7 +199,7 @@ class ProviderClient:
         parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
         if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
             raise ProviderUnavailable("discovery document has no usable introspection_endpoint")
-        if parts.scheme == "http" and not is_loopback(parts.hostname):
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
             raise ProviderUnavailable("introspection_endpoint is plain http off loopback")
         return str(url)
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from verifier.settings import ConfigError
+from verifier.settings import ConfigError, check_url
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -162,27 +160,8 @@ class _Fields:
     def url(self, name: str) -> str:
         url = self.text(name, "")
         if url:
-            _check_url(url, self.key(name))
+            check_url(url, self.key(name), "endpoint")
         return url
-
-
-def _check_url(url: str, key: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{key}: expected an http(s) URL, got {url!r}")
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
-        # A client secret sent in the clear is a secret given away: only loopback may use http.
-        raise ConfigError(f"{key}: https is required for a non-loopback endpoint ({url!r})")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` names this machine (plain http is allowed only there)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _load_key(pem: bytes, key: str) -> tuple[SigningKey, str]:
