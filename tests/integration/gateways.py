@@ -876,33 +876,7 @@ def start_nginx(tmp_path: Path, verifier_http_port: int, upstream_port: int) -> 
         upstream_port=upstream_port,
         listen_port=listen_port,
     )
-    config_path = prefix / "nginx.conf"
-    config_path.write_text(conf)
-    binary = str(nginx_binary())
-    # -e overrides the compiled-in error log, which nginx opens before it has read the config.
-    base = [binary, "-p", f"{prefix}/", "-c", str(config_path), "-e", str(prefix / "error.log")]
-    check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True)
-    if check.returncode != 0:
-        raise RuntimeError(f"nginx -t rejected the generated config:\n{check.stderr}\n{conf}")
-    gw = GatewayProcess(
-        name="nginx",
-        url=f"http://{LOOPBACK}:{listen_port}",
-        proc=_spawn([*base, "-g", "daemon off;"], prefix / "stdout.log", cwd=prefix),
-        log_path=prefix / "error.log",
-        config_path=config_path,
-    )
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        if gw.proc.poll() is not None:
-            raise RuntimeError(f"nginx exited with {gw.proc.returncode}:\n{gw.log()[-4000:]}")
-        try:
-            with socket.create_connection((LOOPBACK, listen_port), timeout=0.5):
-                return gw
-        except OSError:
-            if time.monotonic() > deadline:
-                gw.stop()
-                raise TimeoutError(f"nginx not listening on {listen_port}:\n{gw.log()[-4000:]}") from None
-            time.sleep(0.05)
+    return run_nginx(prefix, conf, listen_port, name="nginx")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -977,3 +951,33 @@ def start_verifier(
         extra={"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port},
     )
     return _wait_ready(gw, f"{gw.url}/healthz")
+
+
+def run_nginx(prefix: Path, conf: str, listen_port: int, *, name: str) -> GatewayProcess:
+    """Writes `conf` under `prefix`, checks it with `nginx -t`, starts nginx and waits until it listens."""
+    config_path = prefix / "nginx.conf"
+    config_path.write_text(conf)
+    # -e overrides the compiled-in error log, which nginx opens before it has read the config.
+    base = [str(nginx_binary()), "-p", f"{prefix}/", "-c", str(config_path), "-e", str(prefix / "error.log")]
+    check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True, check=False)
+    if check.returncode != 0:
+        raise RuntimeError(f"nginx -t rejected the generated config:\n{check.stderr}\n{conf}")
+    gw = GatewayProcess(
+        name=name,
+        url=f"http://{LOOPBACK}:{listen_port}",
+        proc=_spawn([*base, "-g", "daemon off;"], prefix / "stdout.log", cwd=prefix),
+        log_path=prefix / "error.log",
+        config_path=config_path,
+    )
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        if gw.proc.poll() is not None:
+            raise RuntimeError(f"nginx exited with {gw.proc.returncode}:\n{gw.log()[-4000:]}")
+        try:
+            with socket.create_connection((LOOPBACK, listen_port), timeout=0.5):
+                return gw
+        except OSError:
+            if time.monotonic() > deadline:
+                gw.stop()
+                raise TimeoutError(f"nginx not listening on {listen_port}:\n{gw.log()[-4000:]}") from None
+            time.sleep(0.05)

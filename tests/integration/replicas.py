@@ -19,7 +19,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -34,13 +33,11 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from gateways import (
     LOOPBACK,
-    READY_TIMEOUT_S,
     GatewayProcess,
     HttpResult,
-    _spawn,
     free_port,
     http_request,
-    nginx_binary,
+    run_nginx,
     start_verifier,
 )
 
@@ -185,31 +182,7 @@ def start_nginx_pool(tmp_path: Path, verifier_http_ports: Sequence[int]) -> Gate
         connect_timeout=NGINX_CONNECT_TIMEOUT,
         read_timeout=NGINX_READ_TIMEOUT,
     )
-    config_path = prefix / "nginx.conf"
-    config_path.write_text(conf)
-    base = [str(nginx_binary()), "-p", f"{prefix}/", "-c", str(config_path), "-e", str(prefix / "error.log")]
-    check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True, check=False)
-    if check.returncode != 0:
-        raise RuntimeError(f"nginx -t rejected the generated config:\n{check.stderr}\n{conf}")
-    gw = GatewayProcess(
-        name="nginx-pool",
-        url=f"http://{LOOPBACK}:{listen_port}",
-        proc=_spawn([*base, "-g", "daemon off;"], prefix / "stdout.log", cwd=prefix),
-        log_path=prefix / "error.log",
-        config_path=config_path,
-    )
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        if gw.proc.poll() is not None:
-            raise RuntimeError(f"nginx exited with {gw.proc.returncode}:\n{gw.log()[-4000:]}")
-        try:
-            with socket.create_connection((LOOPBACK, listen_port), timeout=0.5):
-                return gw
-        except OSError:
-            if time.monotonic() > deadline:
-                gw.stop()
-                raise TimeoutError(f"nginx not listening on {listen_port}:\n{gw.log()[-4000:]}") from None
-            time.sleep(0.05)
+    return run_nginx(prefix, conf, listen_port, name="nginx-pool")
 
 
 def forward_auth(
