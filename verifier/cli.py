@@ -10,6 +10,7 @@ import shlex
 import signal
 import sys
 
+from verifier import ports
 from verifier.app import App
 from verifier.observe.audit import configure_logging
 from verifier.settings import ConfigError, IssuerSettings, Listen, Settings, load_settings
@@ -39,12 +40,40 @@ async def _run(app: App, on_ready: object = None) -> None:
     await app.stop()
 
 
+def _config_error(exc: ConfigError) -> int:
+    """Prints every problem of a settings file, one a line; the exit code for a bad config."""
+    for line in str(exc).splitlines():
+        print(f"config error: {line}", file=sys.stderr)
+    return 2
+
+
+def _ports_busy(listeners: list[tuple[str, str, int]], *, reuse_port: bool) -> bool:
+    """Prints one line and says True when a listen address is taken (no traceback, the key named)."""
+    problem = ports.first_problem(listeners, reuse_port=reuse_port)
+    if problem is not None:
+        print(f"verifier: {problem}", file=sys.stderr)
+    return problem is not None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Runs the verifier from a config file."""
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        return _config_error(exc)
+    listeners = [
+        (f"{name}.listen in {args.config}", listen.host, listen.port)
+        for name, listen in (("grpc", settings.grpc), ("http", settings.http))
+        if listen is not None
+    ]
+    if settings.metrics is not None:
+        listeners += [
+            (f"metrics.listen in {args.config} (worker {i} uses its port + {i})", settings.metrics.host, port)
+            for i, port in enumerate(
+                settings.metrics.port + i if settings.metrics.port else 0 for i in range(settings.workers)
+            )
+        ]
+    if _ports_busy(listeners, reuse_port=True):
         return 2
     from verifier.workers import Supervisor
 
@@ -68,8 +97,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.file)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return _config_error(exc)
     print(f"ok: {len(settings.issuers)} issuer(s)")
     return 0
 
@@ -78,6 +106,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
     """Runs the verifier against an embedded development identity provider."""
     from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 
+    listeners = [
+        (f"--{name}-port", "127.0.0.1", getattr(args, f"{name}_port")) for name in ("issuer", "http", "grpc", "metrics")
+    ]
+    if _ports_busy(listeners, reuse_port=False):
+        return 2
     _event_loop_policy()
     idp = DevIdentityProvider(port=args.issuer_port)
     settings = Settings(
@@ -123,7 +156,14 @@ def cmd_dev(args: argparse.Namespace) -> int:
         finally:
             await idp.stop()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as exc:  # a port taken between the check above and the bind
+        print(
+            f"verifier: cannot listen ({exc}); change --issuer-port/--http-port/--grpc-port/--metrics-port",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

@@ -6,12 +6,14 @@ without reading code. Secrets never live in the file: it names environment varia
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import difflib
 import ipaddress
 import math
 import os
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -218,7 +220,12 @@ class Settings:
 
 
 class _Reader:
-    """Reads one mapping, remembering its path for error messages and refusing unknown keys."""
+    """Reads one mapping, remembering its path for error messages and refusing unknown keys.
+
+    Inside `parse_settings` a problem is recorded and reading goes on with the key's default (or an
+    empty value), so one run of `check-config` names every problem, not only the first; an unknown key
+    is named with the nearest known one. Outside it, the first problem raises.
+    """
 
     def __init__(self, data: Any, path: str) -> None:
         if not isinstance(data, Mapping):
@@ -229,6 +236,10 @@ class _Reader:
 
     def _key(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
+
+    def _problem(self, key: str, message: str) -> None:
+        """Records (or, outside `parse_settings`, raises) a problem with `key`."""
+        _record(f"{self._key(key)}: {message}")
 
     def raw(self, key: str) -> Any:
         self.seen.add(key)
@@ -241,10 +252,12 @@ class _Reader:
         value = self.raw(key)
         if value is None:
             if default is None:
-                raise ConfigError(f"{self._key(key)}: required")
+                self._problem(key, "required")
+                return ""
             return default
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{self._key(key)}: expected a non-empty string")
+            self._problem(key, "expected a non-empty string")
+            return default or ""
         return value
 
     def number(self, key: str, default: float, *, minimum: float = 0, maximum: float | None = None) -> float:
@@ -252,9 +265,11 @@ class _Reader:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(f"{self._key(key)}: expected a finite number")
+            self._problem(key, "expected a finite number")
+            return default
         if value < minimum or (maximum is not None and value > maximum):
-            raise ConfigError(f"{self._key(key)}: {value} is outside [{minimum}, {maximum}]")
+            self._problem(key, f"{value} is outside [{minimum}, {maximum}]")
+            return default
         return float(value)
 
     def integer(self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
@@ -262,9 +277,11 @@ class _Reader:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{self._key(key)}: expected an integer")
+            self._problem(key, "expected an integer")
+            return default
         if value < minimum or (maximum is not None and value > maximum):
-            raise ConfigError(f"{self._key(key)}: {value} is outside [{minimum}, {maximum}]")
+            self._problem(key, f"{value} is outside [{minimum}, {maximum}]")
+            return default
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -272,7 +289,8 @@ class _Reader:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise ConfigError(f"{self._key(key)}: expected true or false")
+            self._problem(key, "expected true or false")
+            return default
         return value
 
     def strings(self, key: str, *, required: bool = True) -> tuple[str, ...]:
@@ -280,26 +298,73 @@ class _Reader:
         if value is None and not required:
             return ()
         if not isinstance(value, Sequence) or isinstance(value, str) or (required and not value):
-            raise ConfigError(f"{self._key(key)}: expected a non-empty list of strings")
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item:
-                raise ConfigError(f"{self._key(key)}[{i}]: expected a non-empty string")
-        return tuple(value)
+            self._problem(key, "expected a non-empty list of strings")
+            return ()
+        bad = [i for i, item in enumerate(value) if not isinstance(item, str) or not item]
+        for i in bad:
+            self._problem(f"{key}[{i}]", "expected a non-empty string")
+        return () if bad else tuple(value)
 
     def child(self, key: str) -> _Reader | None:
         value = self.raw(key)
-        return None if value is None else _Reader(value, self._key(key))
+        if value is None:
+            return None
+        try:
+            return _Reader(value, self._key(key))
+        except ConfigError as exc:
+            _record(str(exc))
+            return None
 
     def children(self, key: str) -> list[_Reader]:
         value = self.raw(key)
         if not isinstance(value, Sequence) or isinstance(value, str) or not value:
-            raise ConfigError(f"{self._key(key)}: expected a non-empty list")
-        return [_Reader(item, f"{self._key(key)}[{i}]") for i, item in enumerate(value)]
+            self._problem(key, "expected a non-empty list")
+            return []
+        readers = []
+        for i, item in enumerate(value):
+            try:
+                readers.append(_Reader(item, f"{self._key(key)}[{i}]"))
+            except ConfigError as exc:
+                _record(str(exc))
+        return readers
 
     def done(self) -> None:
-        unknown = sorted((set(self.data) - self.seen), key=str)
-        if unknown:
-            raise ConfigError(f"{self._key(str(unknown[0]))}: unknown key")
+        for key in sorted((set(self.data) - self.seen), key=str):
+            near = difflib.get_close_matches(str(key), sorted(self.seen), n=1, cutoff=0.6)
+            self._problem(str(key), f"unknown key (did you mean {near[0]}?)" if near else "unknown key")
+
+
+# The problems found so far by the `parse_settings` call in progress (None: raise at the first one).
+_problems: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("config_problems", default=None)
+
+
+def _record(message: str) -> None:
+    problems = _problems.get()
+    if problems is None:
+        raise ConfigError(message)
+    if message not in problems:
+        problems.append(message)
+
+
+def _collecting(parse: Callable[[Any], Settings], data: Any) -> Settings:
+    """Runs `parse` recording every problem; raises one `ConfigError` listing them all, one a line."""
+    problems: list[str] = []
+    token = _problems.set(problems)
+    try:
+        settings = parse(data)
+    except ConfigError as exc:  # a check that cannot go on: it ends the run, after what was recorded
+        key = str(exc).split(":", 1)[0]
+        if not any(p.split(":", 1)[0] == key for p in problems):
+            problems.append(str(exc))
+    except Exception:
+        if not problems:
+            raise
+        # an earlier problem left a value the later code could not use: the problems already say why
+    finally:
+        _problems.reset(token)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return settings
 
 
 def _listen(reader: _Reader | None) -> Listen | None:
@@ -371,7 +436,11 @@ def _optional_section(root: _Reader, key: str, module: str, function: str) -> An
     import importlib
 
     parse = getattr(importlib.import_module(module), function)
-    return parse(raw, key)
+    try:
+        return parse(raw, key)
+    except ConfigError as exc:  # recorded: the other sections are still read
+        _record(str(exc))
+        return None
 
 
 def _issuer(reader: _Reader) -> IssuerSettings:
@@ -509,7 +578,11 @@ def _edge_cache(reader: _Reader | None) -> EdgeCacheSettings:
 
 
 def parse_settings(data: Any) -> Settings:
-    """Validates a decoded YAML document into `Settings`, naming the first bad key."""
+    """Validates a decoded YAML document into `Settings`; the error names every bad key, one a line."""
+    return _collecting(_parse_settings, data)
+
+
+def _parse_settings(data: Any) -> Settings:
     root = _Reader(data, "")
     issuers = tuple(_issuer(r) for r in root.children("issuers"))
     seen: set[str] = set()
