@@ -167,6 +167,28 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Runs one decision as the service would make it and prints why (never the token)."""
+    from verifier.explain import explain, render
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        return _config_error(exc)
+    from_stdin = args.token == "-"  # noqa: S105 - "-" names stdin, it is not a password
+    token = sys.stdin.read().strip() if from_stdin else args.token.strip()
+    if not token:
+        print("verifier explain: no token given (pass it, or - to read it from stdin)", file=sys.stderr)
+        return 2
+    scheme, _, rest = token.partition(" ")
+    authorization = token if rest and scheme.lower() in ("bearer", "dpop") else f"Bearer {token}"
+    if args.log_level == "INFO":  # key fetches and the audit line would repeat what the report says
+        logging.getLogger("verifier").setLevel(logging.WARNING)
+    report = asyncio.run(explain(settings, authorization, method=args.method.upper(), host=args.host, path=args.path))
+    print(render(report, as_json=args.json))
+    return 0 if report.answer["allowed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     parser = argparse.ArgumentParser(prog="verifier", description=__doc__)
@@ -178,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a settings file and exit")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
+    explain = sub.add_parser("explain", help="show the decision for one token and request, and why")
+    explain.add_argument("--config", required=True, help="YAML settings file")
+    explain.add_argument("--method", default="GET")
+    explain.add_argument("--host", default="", help="the request's Host (for host-matched policies)")
+    explain.add_argument("--path", default="/", help="the request's path and query")
+    explain.add_argument("--json", action="store_true", help="print the report as JSON")
+    explain.add_argument("token", help="the access token, or - to read it from stdin")
+    explain.set_defaults(func=cmd_explain)
     dev = sub.add_parser("dev", help="run against an embedded development identity provider")
     dev.add_argument("--issuer-port", type=int, default=9400)
     dev.add_argument("--http-port", type=int, default=8080)
