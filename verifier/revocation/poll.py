@@ -72,8 +72,10 @@ class Poller:
         keys: IssuerKeys,
         session: Callable[[], aiohttp.ClientSession],
         receive: Receive,
+        on_poll: Callable[[str], None] | None = None,
     ) -> None:
         self._transmitter = transmitter
+        self._on_poll = on_poll or (lambda result: None)  # counts each poll: "ok" or "error"
         self._keys = keys
         self._session = session
         self._receive = receive
@@ -152,8 +154,10 @@ class Poller:
             try:
                 more = await self.poll_once()
                 failures = 0
+                self._on_poll("ok")
             except ProviderUnavailable as exc:
                 failures += 1
+                self._on_poll("error")
                 log.warning(
                     "ssf poll failed",
                     extra={"event": "ssf_poll", "transmitter": self._transmitter.issuer, "error": exc.description},
