@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,25 @@ set -euo pipefail
 command -v python python3 pip
 echo "PYTHON=$PYTHON"
 python -c 'import sys; print("prefix=" + sys.prefix)'
-python -m pip install --disable-pip-version-check --no-index --no-deps --no-build-isolation \\
-  --dry-run "$REPO/tests/fixtures/tiny_pkg"
+python -m pip install --disable-pip-version-check -q --no-index "$WHEEL"
+python -c 'import tiny_probe; print("imported " + tiny_probe.WHERE)'
 """
+
+
+def _wheel(directory: Path) -> Path:
+    """A one-module wheel made here (no build step, no index): what pip must agree to install into the venv."""
+    wheel = directory / "tiny_probe-0.1-py3-none-any.whl"
+    files = {
+        "tiny_probe.py": "WHERE = 'venv'\n",
+        "tiny_probe-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: tiny-probe\nVersion: 0.1\n",
+        "tiny_probe-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [f"{name},," for name in files] + ["tiny_probe-0.1.dist-info/RECORD,,"]
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+        archive.writestr("tiny_probe-0.1.dist-info/RECORD", "\n".join(record) + "\n")
+    return wheel
 
 
 def _run(script: str, cwd: Path, path: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -53,7 +70,13 @@ def _run(script: str, cwd: Path, path: str, **env: str) -> subprocess.CompletedP
         capture_output=True,
         text=True,
         timeout=300,
-        env={"HOME": os.environ.get("HOME", "/root"), "PATH": path, "REPO": str(REPO), **env},
+        env={
+            "HOME": os.environ.get("HOME", "/root"),
+            "PATH": path,
+            "REPO": str(REPO),
+            "WHEEL": str(_wheel(cwd)),
+            **env,
+        },
     )
 
 
@@ -75,7 +98,7 @@ def test_venv_sh_creates_and_uses_the_project_venv(tmp_path: Path) -> None:
     assert which[:3] == [str(venv / "bin" / name) for name in ("python", "python3", "pip")]
     assert f"PYTHON={venv}/bin/python" in lines
     assert f"prefix={venv}" in lines
-    assert "Would install tiny-pkg-0.1" in result.stdout
+    assert "imported venv" in lines
     again = _run(PROBE, tmp_path, DEBIAN_PATH)  # the second run reuses it
     assert again.returncode == 0 and "creating" not in again.stdout
 
