@@ -186,3 +186,26 @@ async def test_explain_with_no_token_on_stdin_is_a_clear_error(provider: tuple[D
     _, config = provider
     code, _out, err = await _explain(config, "-", stdin=b"")
     assert code == 2 and "no token given" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("active", [True, False])
+async def test_explain_an_opaque_token_reports_introspection(
+    active: bool, provider: tuple[DevIdentityProvider, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    idp, config = provider
+    settings = yaml.safe_load(config.read_text())
+    settings["issuers"][0]["introspection"] = {"client_id": "verifier", "client_secret_env": "EXPLAIN_IDP_SECRET"}
+    config.write_text(yaml.safe_dump(settings))
+    monkeypatch.setenv("EXPLAIN_IDP_SECRET", idp.introspection_client_secret)
+    token = idp.mint_opaque(sub="dora")
+    if not active:
+        idp.revoke(token)
+    code, out, err = await _explain(config, "--json", "--path", "/hello", token)
+    assert token not in out and token not in err
+    report = json.loads(out)
+    assert report["token"]["kind"] == "opaque"
+    (check,) = report["checks"][:1]
+    assert check["step"] == "introspection" and check["result"] == ("passed" if active else "failed")
+    assert report["answer"]["status"] == (200 if active else 401) and code == (0 if active else 1)
+    service = await _service_answer(config, token, "/hello")
+    assert int(service["status"]) == report["answer"]["status"]

@@ -184,6 +184,14 @@ def _token_checks(error: VerifierError | None, details: Mapping[str, str]) -> li
     return checks
 
 
+def _introspection_check(principal: Principal | None, error: VerifierError | None) -> Check:
+    if principal is not None:
+        return Check("introspection", "passed", f"active, issuer {principal.issuer}")
+    if error is not None:
+        return Check("introspection", "failed", f"{error.code} ({error.description})")
+    return Check("introspection", "not run")
+
+
 def _policy_summary(policy: CompiledPolicy) -> str:
     match = {
         "methods": sorted(policy.methods),
@@ -286,9 +294,10 @@ def _report(
     token_error: VerifierError | None = token_event.get("error") if token_event else None
     if token_event is None and refusals:
         token_error = refusals[0]  # refused before any verification: no token, or not a token at all
-    checks = _token_checks(token_error, _token_details(parsed, issuer, app, now))
-    if principal is not None and token_info["kind"] == "opaque":
-        checks = [Check("introspection", "passed", f"active, issuer {principal.issuer}")]
+    if token_info["kind"] == "opaque":  # RFC 7662: the provider's answer is the whole token check
+        checks = [_introspection_check(principal, token_error)]
+    else:
+        checks = _token_checks(token_error, _token_details(parsed, issuer, app, now))
     policy = route_event["policy"] if route_event else None
     if settings.policies is None:
         summary = "no route policies configured: any valid token is allowed"
