@@ -137,3 +137,26 @@ def test_a_problem_in_an_optional_section_does_not_hide_the_others(tmp_path: Pat
     result = _verifier("check-config", config)
     assert result.returncode == 2
     assert "dpop" in result.stderr and "realm: expected a non-empty string" in result.stderr
+
+
+def test_a_bad_url_does_not_hide_the_problems_after_it(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "http": {"listen": "127.0.0.1:8080"},
+                "issuers": [
+                    {"issuer": "http://idp.example.test", "audiences": ["a"], "algorithms": ["ES256"], "leway": 1}
+                ],
+                "realm": 7,
+            }
+        )
+    )
+    result = _verifier("check-config", str(config))
+    assert result.returncode == 2
+    for text in (
+        "issuers[0].issuer: https is required for a non-loopback issuer",
+        "issuers[0].leway: unknown key (did you mean leeway_seconds?)",
+        "realm: expected a non-empty string",
+    ):
+        assert text in result.stderr, (text, result.stderr)

@@ -330,8 +330,21 @@ class _Reader:
 
     def done(self) -> None:
         for key in sorted((set(self.data) - self.seen), key=str):
-            near = difflib.get_close_matches(str(key), sorted(self.seen), n=1, cutoff=0.6)
-            self._problem(str(key), f"unknown key (did you mean {near[0]}?)" if near else "unknown key")
+            near = _nearest(str(key), self.seen)
+            self._problem(str(key), f"unknown key (did you mean {near}?)" if near else "unknown key")
+
+
+def _nearest(key: str, known: set[str]) -> str | None:
+    """The known key `key` was most likely meant to be (a typo of it, or of its first word), or None."""
+    best, score = None, 0.0
+    for candidate in sorted(known):
+        ratio = max(
+            difflib.SequenceMatcher(None, key, candidate).ratio(),
+            difflib.SequenceMatcher(None, key, candidate.split("_", 1)[0]).ratio() - 0.1,
+        )
+        if ratio > score:
+            best, score = candidate, ratio
+    return best if score >= 0.6 else None
 
 
 # The problems found so far by the `parse_settings` call in progress (None: raise at the first one).
@@ -342,7 +355,8 @@ def _record(message: str) -> None:
     problems = _problems.get()
     if problems is None:
         raise ConfigError(message)
-    if message not in problems:
+    key = message.split(":", 1)[0]
+    if not any(p.split(":", 1)[0] == key for p in problems):  # the first problem with a key says enough
         problems.append(message)
 
 
@@ -403,7 +417,7 @@ def is_loopback_host(host: str) -> bool:
 
 
 def check_url(url: str, key: str, what: str = "issuer") -> None:
-    """An http(s) URL, https unless loopback; raises `ConfigError` naming `key`.
+    """An http(s) URL, https unless loopback; a `ConfigError` naming `key` (recorded in `parse_settings`).
 
     Keys, SETs and client secrets that travel over plain HTTP can be swapped or read by anyone on
     the path, so every outbound URL in the config goes through this one check.
@@ -412,11 +426,12 @@ def check_url(url: str, key: str, what: str = "issuer") -> None:
         parts = urlsplit(url)
         hostname = parts.hostname
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
-        raise ConfigError(f"{key}: not a valid URL ({exc})") from exc
+        _record(f"{key}: not a valid URL ({exc})")
+        return
     if parts.scheme not in ("http", "https") or not hostname:
-        raise ConfigError(f"{key}: expected an http(s) URL, got {url!r}")
-    if parts.scheme == "http" and not is_loopback_host(hostname):
-        raise ConfigError(f"{key}: https is required for a non-loopback {what} ({url!r})")
+        _record(f"{key}: expected an http(s) URL, got {url!r}")
+    elif parts.scheme == "http" and not is_loopback_host(hostname):
+        _record(f"{key}: https is required for a non-loopback {what} ({url!r})")
 
 
 def _introspection(reader: _Reader) -> Any:
