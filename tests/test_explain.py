@@ -209,3 +209,18 @@ async def test_explain_an_opaque_token_reports_introspection(
     assert report["answer"]["status"] == (200 if active else 401) and code == (0 if active else 1)
     service = await _service_answer(config, token, "/hello")
     assert int(service["status"]) == report["answer"]["status"]
+
+
+async def test_explain_with_the_provider_down_says_so(provider: tuple[DevIdentityProvider, Path]) -> None:
+    idp, config = provider
+    settings = yaml.safe_load(config.read_text())
+    settings["issuers"][0]["fetch_timeout_seconds"] = 0.5
+    config.write_text(yaml.safe_dump(settings))
+    token = idp.mint(sub="erin")
+    await idp.stop()  # the keys cannot be fetched: the service would not be SERVING
+    code, out, err = await _explain(config, "--json", "--path", "/hello", token)
+    assert code == 1 and token not in out + err and "Traceback" not in err
+    report = json.loads(out)
+    assert report["answer"]["status"] == 503 and report["answer"]["reason"] == "provider_unavailable"
+    assert {c["step"]: c["result"] for c in report["checks"]}["key"] == "failed"
+    assert any("NOT_SERVING" in note for note in report["notes"])
