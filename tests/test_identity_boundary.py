@@ -190,9 +190,16 @@ async def _step_up(app: App, token: str, authenticator: SoftAuthenticator, path:
 # -- finding 5: token-claims-change recomputes scopes and roles ------------------------------------------
 
 
-async def test_token_claims_change_taking_a_scope_or_group_away_refuses_the_next_request() -> None:
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"rate_limits": RateLimitSettings(default=RateLimit(per_second=1000, burst=1000))}],
+    ids=["cached-path", "asynchronous-path"],  # a rate limit sends every request down `decide_after_miss`
+)
+async def test_token_claims_change_taking_a_scope_or_group_away_refuses_the_next_request(
+    options: dict[str, Any],
+) -> None:
     async with _providers() as (idp,), _ssf() as tx:
-        async with _verifier([_issuer(idp)], [_transmitter(tx, [idp.issuer])], policies=POLICIES) as app:
+        async with _verifier([_issuer(idp)], [_transmitter(tx, [idp.issuer])], policies=POLICIES, **options) as app:
             alice = idp.mint(sub="alice", scope="read write", claims={"groups": ["platform-admins"]})
             bob = idp.mint(sub="bob", scope="read write", claims={"groups": ["platform-admins"]})
             for token in (alice, bob):

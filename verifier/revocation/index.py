@@ -106,6 +106,7 @@ class Revocations:
                 "event": "token_revoked",
                 "issuer": principal.issuer,
                 "subject": principal.subject,
+                "client_id": principal.client_id,
                 "reason": found.effect.value,
                 "jti": found.jti,
                 "entry": found.id,
