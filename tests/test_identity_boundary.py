@@ -225,6 +225,24 @@ async def test_token_claims_change_taking_a_scope_or_group_away_refuses_the_next
                 assert (await _forward(app, bob, path))[0] == 200
 
 
+async def test_an_announced_scope_replaces_the_token_s_whichever_claim_either_uses() -> None:
+    async with _providers() as (idp,), _ssf() as tx:
+        async with _verifier([_issuer(idp)], [_transmitter(tx, [idp.issuer])], policies=POLICIES) as app:
+            scp_token = idp.mint(sub="carol", claims={"scope": None, "scp": ["read", "write"]})
+            scope_token = idp.mint(sub="dave", scope="read write")
+            for token in (scp_token, scope_token):
+                assert (await _forward(app, token, "/write/x"))[0] == 200
+            now = int(time.time())
+            as_scope = {"claims": {"scope": "read"}, "event_timestamp": now}
+            as_scp = {"claims": {"scp": ["read"]}, "event_timestamp": now}
+            assert await _push(app, tx, {TOKEN_CLAIMS_CHANGE: as_scope}, _user(idp, "carol")) == 202
+            assert await _push(app, tx, {TOKEN_CLAIMS_CHANGE: as_scp}, _user(idp, "dave")) == 202
+            for token in (scp_token, scope_token):
+                status, headers = await _forward(app, token, "/write/x")
+                assert (status, headers["x-verifier-reason"]) == (403, "scope_missing")
+                assert (await _forward(app, token, "/read"))[1]["x-authenticated-scope"] == "read"
+
+
 # -- finding 6: credential-change disables WebAuthn keys --------------------------------------------------
 
 
