@@ -20,6 +20,12 @@ key, or delete the user's keys and then enroll, and pass every step-up after tha
 disabled by a revocation event no longer counts, so a user whose keys were all revoked enrolls again
 with a token (make the provider's login for that strong: `acr`/`amr`/`max_auth_age` policies).
 
+Credentials belong to users, (issuer, `sub`): a client-credentials token (no `sub`) is refused on
+every endpoint and step-up with 403 `webauthn_user_required`, whatever its `client_id`. Callers are
+authenticated by `Pipeline.authenticate`, which runs the forward-auth checks (revocation, certificate
+and DPoP binding, `introspect_jwts`); a CAEP credential-change disables credentials through
+`disable_credentials`, wired by the composition root.
+
 Audit: one INFO line on logger `verifier.audit` per accepted assertion (credential id, counter) and per
 registration; a counter regression (a cloned authenticator) is a WARNING.
 """
