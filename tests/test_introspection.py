@@ -209,7 +209,7 @@ async def test_an_active_answer_becomes_a_principal_like_jwt_claims(make: MakeIn
 async def test_a_client_credentials_answer_without_sub_names_the_client(make: MakeIntrospector, http: FakeHttp) -> None:
     http.answers["tok"] = active(sub=None, client_id="app")
     principal = await check(make(), "tok")
-    assert principal.subject == "app"
+    assert principal.subject == ""  # a client is not a user
     assert principal.client_id == "app"
 
 
@@ -890,7 +890,7 @@ async def test_dev_provider_standard_endpoint_is_found_by_discovery_and_counts_c
     introspector = dev_introspector(devidp, session, registry)
     try:
         results = await asyncio.gather(*(check(introspector, opaque) for _ in range(20)))
-        assert {p.subject for p in results} == {"svc"}
+        assert {(p.subject, p.client_id) for p in results} == {("", "svc")}
         assert devidp.introspection_calls == 1
         devidp.revoke(opaque)
         with pytest.raises(InvalidToken):

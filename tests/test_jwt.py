@@ -111,14 +111,14 @@ async def test_refuses_a_token_without_kid_when_several_keys_fit(
     assert type(err) is UnknownKey
 
 
-async def test_a_client_credentials_token_without_sub_uses_client_id(verifier: JwtVerifier, mint: Mint) -> None:
+async def test_a_client_credentials_token_without_sub_is_a_client_not_a_user(verifier: JwtVerifier, mint: Mint) -> None:
     principal = await _verify(verifier, mint(claims(sub=None, client_id="svc-7")))
-    assert (principal.subject, principal.client_id) == ("svc-7", "svc-7")
+    assert (principal.subject, principal.client_id, principal.caller) == ("", "svc-7", "client:svc-7")
 
 
 async def test_azp_stands_in_for_client_id_when_sub_is_missing(verifier: JwtVerifier, mint: Mint) -> None:
     principal = await _verify(verifier, mint(claims(sub=None, client_id=None, azp="svc-8")))
-    assert principal.subject == "svc-8"
+    assert (principal.subject, principal.client_id) == ("", "svc-8")
 
 
 async def test_an_audience_list_needs_only_one_configured_audience(verifier: JwtVerifier, mint: Mint) -> None:

@@ -177,6 +177,24 @@ def test_a_duplicate_issuer_is_refused_and_named() -> None:
         parse_settings(document)
 
 
+@pytest.mark.parametrize(
+    ("transmitter", "fragment"),
+    [
+        ({}, "revocation.transmitters[0].subjects_of: defaults to"),
+        ({"subjects_of": ["https://other.example.test"]}, "revocation.transmitters[0].subjects_of[0]: "),
+    ],
+)
+def test_a_transmitter_speaks_for_configured_issuers_only(transmitter: dict[str, Any], fragment: str) -> None:
+    data = _example()
+    tx = {"issuer": "https://ssf.example.test", "audience": "https://verifier.example.test", **transmitter}
+    data["revocation"] = {"transmitters": [tx]}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(data)
+    assert str(caught.value).startswith(fragment)
+    tx["subjects_of"] = ["http://127.0.0.1:9400"]
+    assert parse_settings(data).revocation.transmitters[0].scope == ("http://127.0.0.1:9400",)
+
+
 def test_at_least_one_of_grpc_or_http_is_required() -> None:
     document = _example()
     del document["grpc"], document["http"]

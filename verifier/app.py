@@ -30,6 +30,8 @@ from verifier.policy.roles import RoleMapper
 from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.revocation import RevocationService
+from verifier.revocation.config import check_transmitter_scopes
+from verifier.revocation.ssf import CredentialRevocation
 from verifier.settings import Settings
 from verifier.state import build_state
 from verifier.tokens.cache import ExpiringCache
@@ -96,6 +98,7 @@ class App:
         }
         self.revocation: RevocationService | None = None
         if settings.revocation is not None:
+            check_transmitter_scopes(settings.revocation, (i.issuer for i in settings.issuers))
             state_cfg = settings.state
             self.revocation = RevocationService(
                 settings.revocation,
@@ -106,6 +109,7 @@ class App:
                 fetcher=self.fetcher,
                 clock=self.clock,
                 registry=self.metrics.registry,
+                on_credential_revoked=self._credentials_revoked,
             )
         self.webauthn: WebAuthnService | None = None
         if settings.webauthn is not None:
@@ -175,6 +179,12 @@ class App:
             return value if isinstance(value, str) else ""
 
         return lookup
+
+    async def _credentials_revoked(self, revoked: CredentialRevocation) -> None:
+        """A CAEP credential-change for a WebAuthn credential: the user's keys are disabled here."""
+        if self.webauthn is not None:
+            ids = list(revoked.credential_ids) or None
+            await self.webauthn.disable_credentials(revoked.issuer, revoked.subject, ids, aaguid=revoked.aaguid)
 
     async def _authenticate(self, request: HttpRequest) -> Principal:
         attrs = attributes_from_http(request.method, request.path.encode(), dict(request.headers), request.peer)

@@ -641,6 +641,11 @@ def _parse_settings(data: Any) -> Settings:
         webauthn=_optional_section(root, "webauthn", "verifier.webauthn", "parse_webauthn_config"),
     )
     root.done()
+    if settings.revocation is not None:  # transmitters speak for configured issuers only
+        import importlib
+
+        scopes = importlib.import_module("verifier.revocation.config").check_transmitter_scopes
+        scopes(settings.revocation, (i.issuer for i in issuers))
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")
     return settings

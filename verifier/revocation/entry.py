@@ -41,7 +41,11 @@ class Match(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SubjectKey:
-    """One lookup key; `iss` is set for ISS_SUB only. Emails are compared lower-cased."""
+    """One lookup key. Emails are compared lower-cased.
+
+    `iss` is the issuer an ISS_SUB names; for EMAIL and SID it is the issuer the key is narrowed to
+    (a transmitter's `subjects_of`), or "" for the operator's keys, which reach every issuer.
+    """
 
     kind: KeyKind
     value: str

@@ -106,6 +106,7 @@ class Revocations:
                 "event": "token_revoked",
                 "issuer": principal.issuer,
                 "subject": principal.subject,
+                "client_id": principal.client_id,
                 "reason": found.effect.value,
                 "jti": found.jti,
                 "entry": found.id,
@@ -135,14 +136,18 @@ class Revocations:
     def _keys_of(
         principal: Principal, claims: Mapping[str, Any], *, for_overrides: bool
     ) -> list[tuple[KeyKind, str, str]]:
-        keys = [(KeyKind.ISS_SUB, principal.subject, principal.issuer)]
+        # A client-credentials token has no `sub` (its subject is ""): no user's entry reaches it.
+        issuer = principal.issuer
+        keys = [(KeyKind.ISS_SUB, principal.subject, issuer)]
+        # Session ids and emails: the operator's entries (no issuer) and a transmitter's (its issuers').
         sid = claims.get("sid")
         if isinstance(sid, str) and sid:
-            keys.append((KeyKind.SID, sid, ""))
+            keys += ((KeyKind.SID, sid, ""), (KeyKind.SID, sid, issuer))
         email = claims.get("email")
         # An unverified email may be anyone's: good enough to refuse on, never to grant on.
         if isinstance(email, str) and email and (not for_overrides or claims.get("email_verified") is True):
-            keys.append((KeyKind.EMAIL, email.lower(), ""))
+            lowered = email.lower()
+            keys += ((KeyKind.EMAIL, lowered, ""), (KeyKind.EMAIL, lowered, issuer))
         return keys
 
     # -- kept in sync by the store ---------------------------------------------------------------------

@@ -48,7 +48,7 @@ EVENTS_PATH = "/v1/ssf/events"
 DEFAULT_START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
 LOAD_RETRY_SECONDS = 0.2  # between attempts at the initial load
 
-CredentialCallback = Callable[[str, str, tuple[str, ...]], Awaitable[None]]
+CredentialCallback = Callable[[CredentialRevocation], Awaitable[None]]  # disables WebAuthn credentials
 
 
 class RevocationService:
@@ -231,6 +231,8 @@ class RevocationService:
         if lifted:
             await self.remove(lifted)
         self.metrics.sets_accepted.labels(delivery).inc()
+        if effects.ignored:
+            self.metrics.subjects_ignored.labels(verified.transmitter.issuer).inc(effects.ignored)
         for event in effects.events:
             self.metrics.events.labels(short_name(event)).inc()
         log.info(
@@ -243,6 +245,7 @@ class RevocationService:
                 "events": list(effects.events),
                 "entries": [e.id for e in effects.add],
                 "lifted": lifted,
+                "ignored_subjects": effects.ignored,
             },
         )
         for revoked in effects.credentials:
@@ -253,7 +256,7 @@ class RevocationService:
         if self._on_credential_revoked is None:
             return
         try:
-            await self._on_credential_revoked(revoked.issuer, revoked.subject, revoked.credential_ids)
+            await self._on_credential_revoked(revoked)
         except Exception:  # the event is stored either way; the callback's failure is the callback's
             log.exception("credential revocation callback failed", extra={"event": "ssf_set"})
 

@@ -313,9 +313,9 @@ class Introspector:
             raise ClaimInvalid("sub is not a string", claim="sub")
         client_id = answer.get("client_id")
         client = client_id if isinstance(client_id, str) and client_id else None
-        subject = sub or client
-        if not subject:
+        if not (sub or client):
             raise ClaimInvalid("token names no subject", claim="sub")
+        subject = sub or ""  # a client is not a user: see `Principal`
         audiences = _audiences(answer.get("aud"))
         if not audiences:
             if self.config.require_audience:

@@ -90,7 +90,7 @@ def principal_from_claims(
     client_id = claims.get("client_id", claims.get("azp"))
     client = client_id if isinstance(client_id, str) else None
     sub = claims.get("sub")
-    subject = sub if isinstance(sub, str) else (client or "")
+    subject = sub if isinstance(sub, str) else ""  # a client is not a user: see `Principal`
     return Principal(
         issuer=issuer,
         subject=subject,
