@@ -193,3 +193,40 @@ async def test_a_dropped_subscription_is_followed_by_a_full_reload(
         await within(5.0, lambda: b.revocations.check(principal("user-6")) is not None)
     finally:
         await client.aclose()
+
+
+async def test_redis_restarted_empty_gets_the_entries_back_and_nobody_forgets(
+    replicas: Replicas, transmitter: SsfTransmitter, redis_server: RedisServer
+) -> None:
+    """#26 G3: a Redis that comes back empty is refilled by the replicas, never adopted as "no entries"."""
+    from redis.asyncio import Redis
+
+    a, b = await replicas.start(), await replicas.start()
+    created = await router_of(a).dispatch(admin_request("POST", document={
+        "subject": {"format": "iss_sub", "iss": IDP, "sub": "user-7"}, "effect": "disable"}))
+    assert created.status == 201
+    entry_id = json.loads(created.body)["id"]
+    token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-8"})
+    assert (await router_of(a).dispatch(push_request(token))).status == 202
+    await within(PROPAGATION_S, lambda: b.revocations.check(principal("user-8")) is not None)
+    redis_server.stop()
+    redis_server.start()  # same port, nothing persisted: an empty Redis
+    client = Redis.from_url(redis_server.url)
+    try:
+        async def stored() -> dict[bytes, bytes]:
+            return await client.hgetall("verifier:revocations")
+
+        deadline = time.monotonic() + 8
+        while entry_id.encode() not in await stored():
+            for replica in (a, b):
+                for sub in ("user-7", "user-8"):
+                    assert replica.revocations.check(principal(sub)) is not None, "a replica forgot an entry"
+            assert time.monotonic() < deadline, "the entries never came back into Redis"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # every replica has resynced after its reconnect by now
+        for replica in (a, b):
+            for sub in ("user-7", "user-8"):
+                assert replica.revocations.check(principal(sub)) is not None
+        assert len([k for k in await stored() if not k.startswith(b"~")]) == 2
+    finally:
+        await client.aclose()

@@ -151,7 +151,7 @@ class RevocationService:
         """Replaces the index with the store's entries; changes seen meanwhile are applied on top."""
         self._loading = []
         try:
-            entries = await self._store.load()
+            entries = await self._store.sync(self.revocations.entries())
         except StateUnavailable:
             self.metrics.syncs.labels("error").inc()
             raise

@@ -5,6 +5,12 @@ and every change is published on `{prefix}revocations:changes` in the same MULTI
 event received by one replica reaches the others' in-memory index within one pub/sub hop. A periodic
 full reload repairs anything a dropped subscription missed; after a reconnect the reload runs at once.
 
+A Redis that restarts without persistence (or is flushed) comes back empty, and "no entries" must
+never be believed: a disabled account would be allowed again. The hash therefore carries an epoch
+field, written once by whoever finds it missing. A reload that finds no epoch, or another epoch than
+the one this replica last saw, means Redis lost the hash: the replica first writes back every entry
+it holds (ids are deterministic, so several replicas restoring at once agree), then adopts the hash.
+
 Every Redis failure on a write becomes `StateUnavailable` (the event's sender retries); the
 subscriber reconnects on its own and never takes the replica down.
 """
@@ -15,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
@@ -32,6 +39,7 @@ DEFAULT_KEY_PREFIX = "verifier:"
 DEFAULT_TIMEOUT_SECONDS = 1.0  # seconds per Redis operation; writes are off the hot path
 RECONNECT_MIN_SECONDS = 0.1  # first wait before resubscribing; doubles up to the cap
 RECONNECT_MAX_SECONDS = 5.0
+EPOCH_FIELD = b"~epoch"  # in the entries' hash; entry ids start with "ev-" or "op-", never "~"
 LISTEN_POLL_SECONDS = 1.0  # the subscriber wakes at least this often (health checks, cancellation)
 
 
@@ -46,8 +54,12 @@ class Change(Protocol):
 class RevocationStore(Protocol):
     """The entries every replica shares."""
 
-    async def load(self) -> list[Entry]:
-        """Every stored entry; raises `StateUnavailable`."""
+    async def sync(self, held: list[Entry]) -> list[Entry]:
+        """Every stored entry; raises `StateUnavailable`.
+
+        `held` is what this replica holds now: a store that lost its contents since the last call
+        (Redis restarted empty) gets them back before answering, so a loss is never adopted.
+        """
         ...
 
     async def put(self, entries: Iterable[Entry]) -> None:
@@ -77,8 +89,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
 
-    async def load(self) -> list[Entry]:
-        """Every entry."""
+    async def sync(self, held: list[Entry]) -> list[Entry]:
+        """Every entry (this store is the only copy: nothing can have been lost)."""
         return list(self._entries.values())
 
     async def put(self, entries: Iterable[Entry]) -> None:
@@ -132,6 +144,7 @@ class RedisStore:
         )
         self._pubsub: Any = None
         self._reconnected = False
+        self._epoch: bytes | None = None  # the hash's epoch at this replica's last reload
 
     async def _call(self, operation: Awaitable[Any]) -> Any:
         try:
@@ -140,9 +153,21 @@ class RedisStore:
         except (RedisError, OSError, TimeoutError) as exc:
             raise StateUnavailable(f"revocation store unavailable: {type(exc).__name__}") from exc
 
-    async def load(self) -> list[Entry]:
-        """HGETALL, skipping (and logging) anything that is not an entry."""
+    async def sync(self, held: list[Entry]) -> list[Entry]:
+        """HGETALL; when the hash lost its epoch (Redis restarted empty), `held` is written back first."""
         raw: dict[bytes, bytes] = await self._call(self._redis.hgetall(self.hash_key))
+        epoch = raw.pop(EPOCH_FIELD, None)
+        if epoch is None or (self._epoch is not None and epoch != self._epoch):
+            log.warning(
+                "revocation store lost its entries; restoring the ones this replica holds",
+                extra={"event": "revocation_store_restored", "entries": len(held)},
+            )
+            await self._call(self._restore(held))
+            raw = await self._call(self._redis.hgetall(self.hash_key))
+            epoch = raw.pop(EPOCH_FIELD, None)
+            if epoch is None:  # flushed again between the two calls: try on the next reload
+                raise StateUnavailable("revocation store lost its entries while restoring them")
+        self._epoch = epoch
         entries: list[Entry] = []
         for field, value in raw.items():
             try:
@@ -150,6 +175,17 @@ class RedisStore:
             except ValueError:
                 log.warning("revocation entry unreadable", extra={"event": "revocation_store", "entry": repr(field)})
         return entries
+
+    async def _restore(self, held: list[Entry]) -> None:
+        """HSET every held entry and HSETNX a new epoch, published like any write, in one MULTI."""
+        message = json.dumps({"add": [json.loads(e.to_json()) for e in held]})
+
+        def write(pipe: Any) -> None:
+            if held:
+                pipe.hset(self.hash_key, mapping={e.id: e.to_json() for e in held})
+            pipe.hsetnx(self.hash_key, EPOCH_FIELD, secrets.token_hex(16))
+
+        await self._transaction(write, message)
 
     async def put(self, entries: Iterable[Entry]) -> None:
         """HSET and PUBLISH in one MULTI."""
