@@ -365,6 +365,9 @@ async def test_fails_closed_when_replay_state_is_unavailable(keys: SigningKeys, 
         async def first_use(self, key: str, ttl_seconds: float) -> bool:
             raise StateUnavailable("down")
 
+        async def seen(self, key: str) -> bool:
+            raise StateUnavailable("down")
+
         async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
             raise StateUnavailable("down")
 

@@ -58,10 +58,11 @@ class Replicas:
             "issuer": transmitter.issuer, "audience": AUD, "delivery": "push", "algorithms": ["ES256"],
         }], "resync_interval_seconds": 30})
         self.started: list[tuple[RevocationService, RedisState, HttpFetcher]] = []
+        self.state_timeout = 1.0  # seconds per operation on the replay cache
 
     async def start(self) -> RevocationService:
         clock = SystemClock()
-        state = RedisState(self.redis_url, timeout_seconds=1.0)
+        state = RedisState(self.redis_url, timeout_seconds=self.state_timeout)
         fetcher = HttpFetcher()
         service = RevocationService(self.config, redis_url=self.redis_url, state=state, fetcher=fetcher,
                                     clock=clock, registry=CollectorRegistry(), admin_token=ADMIN)
@@ -230,3 +231,33 @@ async def test_redis_restarted_empty_gets_the_entries_back_and_nobody_forgets(
         assert len([k for k in await stored() if not k.startswith(b"~")]) == 2
     finally:
         await client.aclose()
+
+
+async def test_a_set_answered_503_during_a_redis_stall_takes_effect_when_retried(
+    redis_server: RedisServer, transmitter: SsfTransmitter
+) -> None:
+    """#26 G2: a stall must not let Redis mark the jti late while the entries were never stored."""
+    group = Replicas(redis_server.url, transmitter)
+    group.state_timeout = 0.25
+    try:
+        a = await group.start()
+        token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-10"})
+        router = router_of(a)
+        await group.started[0][1].first_use("warm-up", 1.0)  # the connection is open, as in production
+        redis_server.pause()  # a hung Redis: the commands queue up and run when it resumes
+        try:
+            stalled = await router.dispatch(push_request(token))
+        finally:
+            await asyncio.sleep(0.3)
+            redis_server.resume()
+        assert stalled.status == 503
+        await asyncio.sleep(0.3)  # Redis has run whatever was queued
+        retried = await router.dispatch(push_request(token))
+        assert retried.status == 202, retried.body
+        assert a.revocations.check(principal("user-10")) is not None
+        late = await group.start()
+        assert late.revocations.check(principal("user-10")) is not None  # stored in Redis, not only here
+        replay = await router.dispatch(push_request(token))
+        assert replay.status == 400 and json.loads(replay.body)["err"] == "invalid_request"
+    finally:
+        await group.stop()

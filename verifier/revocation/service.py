@@ -199,14 +199,14 @@ class RevocationService:
     # -- receiving SETs -----------------------------------------------------------------------------
 
     async def receive(self, token: str, *, delivery: str) -> Effects:
-        """Verifies one SET, claims its jti and applies its events; raises `SetRefused` or `StateUnavailable`."""
+        """Verifies one SET, applies its events, then marks its jti; raises `SetRefused` or `StateUnavailable`."""
         self.metrics.sets_received.labels(delivery).inc()
         try:
             verified = await self._verifier.verify(token, delivery=delivery)
             effects = effects_of(
                 verified, now=self._clock.now(), max_token_lifetime=float(self.config.max_token_lifetime_seconds)
             )
-            await self._verifier.claim(verified)
+            await self._verifier.check_fresh(verified)
         except SetRefused as exc:
             self.metrics.sets_refused.labels(delivery, "replay" if exc.replay else exc.err).inc()
             log.warning(
@@ -223,6 +223,9 @@ class RevocationService:
             await self.add(list(effects.add))
         if lifted:
             await self.remove(lifted)
+        for revoked in effects.credentials:
+            await self._credentials_revoked(revoked)
+        await self._verifier.claim(verified)  # only now: a retry after a failure above is applied again
         self.metrics.sets_accepted.labels(delivery).inc()
         for event in effects.events:
             self.metrics.events.labels(short_name(event)).inc()
@@ -238,8 +241,6 @@ class RevocationService:
                 "lifted": lifted,
             },
         )
-        for revoked in effects.credentials:
-            await self._credentials_revoked(revoked)
         return effects
 
     async def _credentials_revoked(self, revoked: CredentialRevocation) -> None:

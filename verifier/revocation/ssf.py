@@ -190,15 +190,28 @@ class SetVerifier:
             raise SetRefused(INVALID_REQUEST, "SET has expired")
         return VerifiedSet(transmitter, jti, iat, payload)
 
-    async def claim(self, verified: VerifiedSet) -> None:
-        """Marks the jti used (shared across replicas); raises `SetRefused(replay=True)` when it was.
+    async def check_fresh(self, verified: VerifiedSet) -> None:
+        """Raises `SetRefused(replay=True)` when the jti was already received (and its effects stored).
 
-        Raises `StateUnavailable` when the shared state cannot answer (the transmitter retries).
+        Only a read: the jti is marked by `claim`, once its effects are stored. Marking first would let
+        a stalled Redis run the mark late after a 503, and the transmitter's retry would be refused as
+        a replay of an event that never took effect. Raises `StateUnavailable` (the transmitter retries).
+        """
+        if await self._state.seen(_jti_key(verified)):
+            raise SetRefused(INVALID_REQUEST, "jti already received", replay=True)
+
+    async def claim(self, verified: VerifiedSet) -> None:
+        """Marks the jti received (shared across replicas), after its effects are stored.
+
+        Two deliveries racing past `check_fresh` both apply the same effects (entry ids are
+        deterministic), so losing the race here changes nothing. Raises `StateUnavailable`.
         """
         ttl = verified.transmitter.max_age_seconds + verified.transmitter.leeway_seconds
-        key = "ssf:" + hashlib.sha256(f"{verified.transmitter.issuer}\x00{verified.jti}".encode()).hexdigest()
-        if not await self._state.first_use(key, float(ttl)):
-            raise SetRefused(INVALID_REQUEST, "jti already received", replay=True)
+        await self._state.first_use(_jti_key(verified), float(ttl))
+
+
+def _jti_key(verified: VerifiedSet) -> str:
+    return "ssf:" + hashlib.sha256(f"{verified.transmitter.issuer}\x00{verified.jti}".encode()).hexdigest()
 
 
 def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) -> Effects:
