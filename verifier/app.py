@@ -102,6 +102,7 @@ class App:
                 redis_url=getattr(state_cfg, "redis_url", None),
                 redis_password=getattr(state_cfg, "password", None),
                 key_prefix=getattr(state_cfg, "key_prefix", "verifier:"),
+                local_path=getattr(state_cfg, "path", None),
                 state=self.state,
                 fetcher=self.fetcher,
                 clock=self.clock,

@@ -36,7 +36,7 @@ from verifier.revocation.ssf import (
     effects_of,
     short_name,
 )
-from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore
+from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
 from verifier.state.base import SharedState
 from verifier.tokens.fetch import Fetcher
 from verifier.tokens.jwks import IssuerKeys
@@ -65,6 +65,7 @@ class RevocationService:
         on_credential_revoked: CredentialCallback | None = None,
         redis_password: str | None = None,
         key_prefix: str = "verifier:",
+        local_path: str | None = None,
         admin_token: str | None = None,
         start_timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
     ) -> None:
@@ -72,9 +73,13 @@ class RevocationService:
         self._clock = clock
         self.metrics = RevocationMetrics(registry)
         self.revocations = Revocations(clock)
-        self._store: RevocationStore = (
-            RedisStore(redis_url, key_prefix=key_prefix, password=redis_password) if redis_url else MemoryStore()
-        )
+        self._store: RevocationStore
+        if redis_url:
+            self._store = RedisStore(redis_url, key_prefix=key_prefix, password=redis_password)
+        elif local_path:  # without Redis: a file that outlives this worker (reload, restart)
+            self._store = SqliteStore(local_path)
+        else:
+            self._store = MemoryStore()
         key_metrics = TransmitterKeyMetrics(self.metrics)
         self._transmitters: dict[str, tuple[TransmitterConfig, IssuerKeys]] = {
             t.issuer: (t, IssuerKeys(t.key_settings(), fetcher, clock, key_metrics)) for t in config.transmitters
