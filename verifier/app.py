@@ -133,7 +133,9 @@ class App:
             audit_enabled=settings.audit,
             policies=PolicySet(settings.policies),
             role_mappers={i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles},
-            dpop=self.dpop,
+            # Several workers without Redis would each accept a proof once: DPoP is refused instead
+            # (configuring it that way is refused at start-up).
+            dpop=self.dpop if settings.state_is_shared else None,
             dpop_algs=self.dpop.algorithms,
             rate_limiter=RateLimiter(settings.rate_limits, self.state, self.clock) if settings.rate_limits else None,
             introspectors=self.introspectors,

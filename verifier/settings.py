@@ -216,6 +216,11 @@ class Settings:
     revocation: Any = None  # verifier.revocation.RevocationConfig: Shared Signals receiver
     webauthn: Any = None  # verifier.webauthn config: credential registry and step-up
 
+    @property
+    def state_is_shared(self) -> bool:
+        """Whether every worker sees the same replay caches, buckets and entries (one worker, or Redis)."""
+        return self.workers == 1 or getattr(self.state, "redis_url", None) is not None
+
 
 class _Reader:
     """Reads one mapping, remembering its path for error messages and refusing unknown keys."""
@@ -555,7 +560,40 @@ def parse_settings(data: Any) -> Settings:
     root.done()
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")
+    _check_shared_state(settings)
     return settings
+
+
+def _check_shared_state(settings: Settings) -> None:
+    """Refuses `workers: N > 1` without Redis when a feature needs every worker to see the same state.
+
+    Workers share nothing else: a kill switch would reach one worker in N, a DPoP proof or an SSF
+    `jti` would be accepted once per worker, a rate limit would allow N times its burst.
+    """
+    if settings.state_is_shared:
+        return
+    needs = [
+        key
+        for key, used in (
+            ("revocation", settings.revocation is not None),
+            ("dpop", settings.dpop is not None),
+            ("webauthn", settings.webauthn is not None),
+            ("rate_limits", settings.rate_limits is not None),
+        )
+        if used
+    ]
+    needs += [
+        f"policies[{i}].require.{key}"
+        for i, policy in enumerate(settings.policies or ())
+        for key in ("sender_constraint", "step_up")
+        if getattr(policy.require, key)
+    ]
+    if needs:
+        raise ConfigError(
+            f"workers: {settings.workers} processes share nothing without state.redis_url, and "
+            f"{', '.join(needs)} need(s) one shared state (kill switch, replay caches, buckets); "
+            "set state.redis_url (and state.key_prefix) or use workers: 1"
+        )
 
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:
