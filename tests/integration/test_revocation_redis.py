@@ -59,12 +59,14 @@ class Replicas:
         }], "resync_interval_seconds": 30})
         self.started: list[tuple[RevocationService, RedisState, HttpFetcher]] = []
         self.state_timeout = 1.0  # seconds per operation on the replay cache
+        self.key_prefix = "verifier:"  # the deployment's namespace in Redis
 
     async def start(self) -> RevocationService:
         clock = SystemClock()
-        state = RedisState(self.redis_url, timeout_seconds=self.state_timeout)
+        state = RedisState(self.redis_url, key_prefix=self.key_prefix, timeout_seconds=self.state_timeout)
         fetcher = HttpFetcher()
-        service = RevocationService(self.config, redis_url=self.redis_url, state=state, fetcher=fetcher,
+        service = RevocationService(self.config, redis_url=self.redis_url, key_prefix=self.key_prefix,
+                                    state=state, fetcher=fetcher,
                                     clock=clock, registry=CollectorRegistry(), admin_token=ADMIN)
         await service.start()
         self.started.append((service, state, fetcher))
@@ -261,3 +263,33 @@ async def test_a_set_answered_503_during_a_redis_stall_takes_effect_when_retried
         assert replay.status == 400 and json.loads(replay.body)["err"] == "invalid_request"
     finally:
         await group.stop()
+
+
+async def test_two_deployments_with_their_own_prefixes_on_one_redis_see_nothing_of_each_other(
+    redis_server: RedisServer, transmitter: SsfTransmitter
+) -> None:
+    """#26 G6: one operator must not see, or lift, another deployment's entries; SSF jtis stay apart too."""
+    blue, green = Replicas(redis_server.url, transmitter), Replicas(redis_server.url, transmitter)
+    blue.key_prefix, green.key_prefix = "blue:", "green:"
+    try:
+        a, b = await blue.start(), await green.start()
+        created = await router_of(a).dispatch(admin_request("POST", document={
+            "subject": {"format": "iss_sub", "iss": IDP, "sub": "user-11"}, "effect": "disable"}))
+        entry_id = json.loads(created.body)["id"]
+        token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-12"})
+        assert (await router_of(a).dispatch(push_request(token))).status == 202
+        # the same SET reaches the other deployment as its own first delivery
+        assert (await router_of(b).dispatch(push_request(token))).status == 202
+        await asyncio.sleep(0.3)
+        assert b.revocations.check(principal("user-11")) is None
+        listed = await router_of(b).dispatch(admin_request("GET"))
+        assert entry_id not in listed.body.decode()
+        lifted = await router_of(b).dispatch(admin_request("DELETE", f"/v1/admin/revocations/{entry_id}"))
+        assert lifted.status == 404
+        assert a.revocations.check(principal("user-11")) is not None
+        late_green = await green.start()
+        assert late_green.revocations.check(principal("user-11")) is None
+        assert late_green.revocations.check(principal("user-12")) is not None
+    finally:
+        await blue.stop()
+        await green.stop()

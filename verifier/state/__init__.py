@@ -4,7 +4,7 @@
 state:                               # optional; without it (or without redis_url) state is in memory
   redis_url: "redis://10.0.0.5:6379/0"   # redis://, rediss:// (TLS) or unix://; no password here
   password_env: VERIFIER_REDIS_PASSWORD  # optional: the environment variable holding the password
-  key_prefix: "verifier:"            # keeps several deployments apart in one Redis
+  key_prefix: "payments-prod:"       # required with redis_url: this deployment's namespace in Redis
   timeout_seconds: 0.25              # per socket operation; past it the request fails closed (503)
   max_entries: 100000                # memory store only: bound per table
   path: /var/lib/verifier            # without redis_url: a directory for the durable local store
@@ -88,6 +88,13 @@ def parse_state_config(data: Any, path: str = "state") -> StateConfig:
     prefix = data.get("key_prefix", DEFAULT_KEY_PREFIX)
     if not isinstance(prefix, str):
         raise ConfigError(f"{path}.key_prefix: expected a string")
+    if url is not None and not data.get("key_prefix"):
+        # Without it two deployments on one Redis share the kill switch (one operator can list and
+        # lift the other's entries), SSF effects, replay caches and rate buckets.
+        raise ConfigError(
+            f"{path}.key_prefix: required with {path}.redis_url: a name for this deployment "
+            '(e.g. "payments-prod:") so deployments sharing a Redis never see each other\'s keys'
+        )
     timeout = data.get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TIMEOUT_SECONDS:
         raise ConfigError(f"{path}.timeout_seconds: expected a number in (0, {MAX_TIMEOUT_SECONDS}]")
