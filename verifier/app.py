@@ -139,6 +139,10 @@ class App:
             dpop_algs=self.dpop.algorithms,
             rate_limiter=RateLimiter(settings.rate_limits, self.state, self.clock) if settings.rate_limits else None,
             introspectors=self.introspectors,
+            opaque_issuer=next(
+                (i.issuer for i in settings.issuers if i.introspection is not None and i.introspection.opaque_tokens),
+                None,
+            ),
             introspect_jwts=frozenset(i.issuer for i in settings.issuers if i.introspect_jwts),
             authorization_endpoint=lambda issuer: self._discovered("authorization_endpoint", issuer)(),
             mtls_header=settings.mtls_thumbprint_header,

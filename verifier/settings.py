@@ -513,6 +513,18 @@ def _edge_cache(reader: _Reader | None) -> EdgeCacheSettings:
     return settings
 
 
+def _check_opaque_introspection(issuers: Sequence[IssuerSettings]) -> None:
+    """At most one issuer introspects opaque tokens: a token that names no issuer must never reach
+    a provider that did not issue it (that provider would see, and could replay, another's tokens)."""
+    opaque = [i for i, iss in enumerate(issuers) if iss.introspection is not None and iss.introspection.opaque_tokens]
+    if len(opaque) > 1:
+        raise ConfigError(
+            f"issuers[{opaque[1]}].introspection.opaque_tokens: issuers[{opaque[0]}] introspects opaque tokens "
+            "already, and an opaque token does not say which issuer it came from; set opaque_tokens: false "
+            "on all but one issuer (it can still introspect its own JWTs with introspect_jwts: true)"
+        )
+
+
 def parse_settings(data: Any) -> Settings:
     """Validates a decoded YAML document into `Settings`, naming the first bad key."""
     root = _Reader(data, "")
@@ -522,6 +534,7 @@ def parse_settings(data: Any) -> Settings:
         if iss.issuer in seen:
             raise ConfigError(f"issuers[{i}].issuer: {iss.issuer!r} configured twice")
         seen.add(iss.issuer)
+    _check_opaque_introspection(issuers)
     cache_reader = root.child("cache")
     cache = CacheSettings()
     if cache_reader is not None:
