@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from verifier.clock import Clock
 from verifier.errors import AlgorithmRefused, MalformedToken
+from verifier.numbers import json_number
 from verifier.revocation.config import TransmitterConfig
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.subjects import SubjectError, subject_keys
@@ -122,12 +122,6 @@ def _typ_ok(typ: Any) -> bool:
     return lowered in (SET_TYP, "application/" + SET_TYP)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 class SetVerifier:
     """Checks SETs from the configured transmitters."""
 
@@ -171,7 +165,7 @@ class SetVerifier:
         audiences = aud if isinstance(aud, list) else [aud]
         if transmitter.audience not in audiences:
             raise SetRefused(INVALID_AUDIENCE, "aud does not name this receiver")
-        iat = _number(payload.get("iat"))
+        iat = json_number(payload.get("iat"))
         now = self._clock.now()
         if iat is None:
             raise SetRefused(INVALID_REQUEST, "iat missing")
@@ -186,7 +180,8 @@ class SetVerifier:
         if not isinstance(events, dict) or not events or len(events) > MAX_EVENTS_PER_SET:
             raise SetRefused(INVALID_REQUEST, "events missing")
         exp = payload.get("exp")
-        if exp is not None and (_number(exp) is None or float(exp) <= now - transmitter.leeway_seconds):
+        exp_time = json_number(exp)
+        if exp is not None and (exp_time is None or exp_time <= now - transmitter.leeway_seconds):
             raise SetRefused(INVALID_REQUEST, "SET has expired")
         return VerifiedSet(transmitter, jti, iat, payload)
 
@@ -234,7 +229,7 @@ def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) 
             keys = subject_keys(identifier, session=event_type == SESSION_REVOKED)
         except SubjectError as exc:
             raise SetRefused(INVALID_REQUEST, str(exc)) from exc
-        stamp = _number(body.get("event_timestamp"))
+        stamp = json_number(body.get("event_timestamp"))  # unreadable: ignored, the SET's iat stands in
         # A transmitter's clock may run ahead: an event never reaches tokens issued after it arrived.
         event_time = min(stamp if stamp is not None else verified.iat, now)
         until = event_time + max_token_lifetime

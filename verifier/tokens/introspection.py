@@ -43,6 +43,7 @@ from verifier.errors import (
     VerifierError,
     WrongTokenType,
 )
+from verifier.numbers import json_number
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
 from verifier.tokens.cache import ExpiringCache
@@ -120,9 +121,10 @@ def _number(answer: Mapping[str, Any], name: str) -> float | None:
     value = answer.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    number = json_number(value)
+    if number is None:  # NaN, Infinity, 10**400: a provider's answer is parsed by Python's json
         raise ClaimInvalid(f"{name} is not a number", claim=name)
-    return float(value)
+    return number
 
 
 class Introspector:
