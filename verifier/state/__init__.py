@@ -7,7 +7,7 @@ state:                               # optional; without it (or without redis_ur
   key_prefix: "payments-prod:"       # required with redis_url: this deployment's namespace in Redis
   timeout_seconds: 0.25              # per socket operation; past it the request fails closed (503)
   max_entries: 100000                # memory store only: bound per table
-  path: /var/lib/verifier            # without redis_url: a directory for the durable local store
+  # path: /var/lib/verifier          # only without redis_url: a directory for the durable local store
 ```
 
 Without `redis_url`, revocation entries (kill switch, SSF events) are kept in a SQLite file in
