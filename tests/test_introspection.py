@@ -929,7 +929,7 @@ async def test_dev_provider_mints_opaque_tokens_at_the_token_endpoint(
         assert (await response.json())["introspection_endpoint"] == devidp.issuer + "/introspect"
 
 
-@pytest.mark.parametrize("member", ["exp", "nbf"])
+@pytest.mark.parametrize("member", ["exp", "nbf", "iat", "auth_time"])
 @pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
 async def test_a_hostile_number_in_an_answer_is_a_clean_401(
     make: MakeIntrospector, http: FakeHttp, member: str, value: Any

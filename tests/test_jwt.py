@@ -414,7 +414,7 @@ def test_a_nan_nbf_is_refused(settings: IssuerSettings) -> None:
         check_claims(claims(nbf=float("nan")), HEADER_AT, settings, NOW)
 
 
-@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat", "auth_time"])
 @pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
 async def test_a_hostile_number_in_a_time_claim_is_a_clean_401(
     verifier: JwtVerifier, mint: Mint, claim: str, value: Any

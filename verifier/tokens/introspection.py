@@ -310,6 +310,8 @@ class Introspector:
         nbf = _number(answer, "nbf")
         if nbf is not None and now < nbf:
             raise TokenNotYetValid("token not yet valid")
+        for member in ("iat", "auth_time"):  # read later by policies and revocation: numbers or absent
+            _number(answer, member)
         sub = answer.get("sub")
         if sub is not None and not isinstance(sub, str):
             raise ClaimInvalid("sub is not a string", claim="sub")

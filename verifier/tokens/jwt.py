@@ -70,6 +70,7 @@ def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings:
     iat = _number(claims, "iat")
     if iat is not None and now + leeway < iat:
         raise TokenNotYetValid("token issued in the future")
+    _number(claims, "auth_time")  # read later by policies and revocation: a number or absent
     sub = claims.get("sub")
     if sub is not None and not isinstance(sub, str):
         raise ClaimInvalid("sub is not a string", claim="sub")
