@@ -237,8 +237,9 @@ def test_check_config_exits_zero_on_the_issue_example(tmp_path: Path) -> None:
         (ISSUE_EXAMPLE.replace("http://127.0.0.1:9400", "http://idp.example.test"), "issuers[0].issuer"),
         (ISSUE_EXAMPLE + "bogus: 1\n", "bogus: unknown key"),
         ("issuers: [\n", "not valid YAML"),
+        (ISSUE_EXAMPLE + 'state: {redis_url: "redis://127.0.0.1:6379/0"}\n', "state.key_prefix: required"),
     ],
-    ids=["hs256", "http-issuer", "unknown-key", "broken-yaml"],
+    ids=["hs256", "http-issuer", "unknown-key", "broken-yaml", "redis-without-key-prefix"],
 )
 def test_check_config_exits_non_zero_on_a_bad_file_and_names_the_key(
     tmp_path: Path, text: str, fragment: str
