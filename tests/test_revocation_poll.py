@@ -122,7 +122,7 @@ async def test_a_polled_set_whose_mark_was_lost_still_takes_effect(transmitter: 
     """#26 G2: the SET is redelivered and acknowledged as a replay, so its effect must already be stored."""
     config = parse_revocation_config({"transmitters": [{
         "issuer": transmitter.issuer, "audience": AUD, "delivery": "poll", "algorithms": ["ES256"],
-        "poll_interval_seconds": 0.1,
+        "poll_interval_seconds": 0.1, "subjects_of": [IDP],
     }]})
     fetcher, clock = HttpFetcher(), SystemClock()
     state = LateMark(clock)

@@ -120,6 +120,7 @@ revocation:
     - issuer: "{transmitter.issuer}"
       audience: "{RECEIVER_AUD}"
       delivery: push
+      subjects_of: ["{idp.issuer}"]
 {state}"""
     )
     if durable:
