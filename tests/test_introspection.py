@@ -19,6 +19,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from prometheus_client import CollectorRegistry
 
 from verifier.clock import FrozenClock, SystemClock
@@ -27,6 +28,7 @@ from verifier.errors import (
     AudienceMismatch,
     ClaimInvalid,
     InvalidToken,
+    Outcome,
     ProviderUnavailable,
     TokenExpired,
     WrongTokenType,
@@ -925,3 +927,15 @@ async def test_dev_provider_mints_opaque_tokens_at_the_token_endpoint(
     assert devidp.introspection_answer(token)["sub"] == "alice"
     async with session.get(devidp.issuer + "/.well-known/openid-configuration") as response:
         assert (await response.json())["introspection_endpoint"] == devidp.issuer + "/introspect"
+
+
+@pytest.mark.parametrize("member", ["exp", "nbf", "iat", "auth_time"])
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+async def test_a_hostile_number_in_an_answer_is_a_clean_401(
+    make: MakeIntrospector, http: FakeHttp, member: str, value: Any
+) -> None:
+    """#18 F11: the answer travels as JSON text, so NaN/Infinity/huge ints arrive as a provider sends them."""
+    http.answers["tok"] = active(**{member: value})
+    with pytest.raises(InvalidToken) as caught:
+        await check(make(), "tok")
+    assert caught.value.outcome is Outcome.UNAUTHENTICATED and caught.value.code == "claim_invalid"

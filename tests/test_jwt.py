@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from tokenkit import (
     AUDIENCE,
     ISSUER,
@@ -411,3 +412,13 @@ def test_a_non_finite_exp_is_refused(settings: IssuerSettings, exp: float) -> No
 def test_a_nan_nbf_is_refused(settings: IssuerSettings) -> None:
     with pytest.raises(ClaimInvalid):
         check_claims(claims(nbf=float("nan")), HEADER_AT, settings, NOW)
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat", "auth_time"])
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+async def test_a_hostile_number_in_a_time_claim_is_a_clean_401(
+    verifier: JwtVerifier, mint: Mint, claim: str, value: Any
+) -> None:
+    """#18 F11: through the real parser (pyjwt writes NaN/Infinity/huge ints literally)."""
+    err = await _refusal(verifier, mint(claims(**{claim: value})))
+    assert err.outcome is Outcome.UNAUTHENTICATED and err.code == "claim_invalid"

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from prometheus_client import CollectorRegistry
 from ssf_transmitter import (
     ACCOUNT_DISABLED,
@@ -575,3 +576,41 @@ def test_config_defaults_and_discovery_location() -> None:
 def test_config_errors_name_the_key(data: Any, names: str) -> None:
     with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("]", r"\]")):
         parse_revocation_config(data)
+
+
+# -- hostile numbers (#18 F11) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("claim", ["iat", "exp"])
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+async def test_a_hostile_number_in_a_set_is_a_clean_400(
+    service: RevocationService, transmitter: SsfTransmitter, claim: str, value: Any
+) -> None:
+    token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER, extra={claim: value})
+    answer = await push(service, token)
+    assert answer.status == 400 and body(answer)["err"] == "invalid_request"
+    assert service.revocations.check(principal()) is None
+
+
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+async def test_a_hostile_event_timestamp_is_ignored_for_the_set_iat(
+    service: RevocationService, transmitter: SsfTransmitter, value: Any
+) -> None:
+    token = transmitter.sign_set({SESSION_REVOKED: {"event_timestamp": value}}, USER)
+    assert (await push(service, token)).status == 202
+    (entry,) = service.revocations.entries()
+    assert entry.event_time == NOW  # the SET's iat
+    assert service.revocations.check(principal(iat=NOW - 1)) is not None
+
+
+@pytest.mark.parametrize("claim", ["iat", "auth_time"])
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+async def test_a_hostile_iat_or_auth_time_on_a_token_is_refused_not_a_crash(
+    service: RevocationService, transmitter: SsfTransmitter, claim: str, value: Any
+) -> None:
+    """An introspection answer's members are not checked like a JWT's: they reach the index as sent."""
+    event = {"change_type": "revoke", "event_timestamp": int(NOW)}
+    token = transmitter.sign_set({CREDENTIAL_CHANGE: event}, USER)
+    assert (await push(service, token)).status == 202
+    refused = service.revocations.check(principal(**{claim: value}))  # no time to compare: fail closed
+    assert isinstance(refused, InvalidToken) and refused.code == "credential_revoked"

@@ -105,6 +105,7 @@ class App:
                 redis_url=getattr(state_cfg, "redis_url", None),
                 redis_password=getattr(state_cfg, "password", None),
                 key_prefix=getattr(state_cfg, "key_prefix", "verifier:"),
+                local_path=getattr(state_cfg, "path", None),
                 state=self.state,
                 fetcher=self.fetcher,
                 clock=self.clock,
@@ -136,10 +137,16 @@ class App:
             audit_enabled=settings.audit,
             policies=PolicySet(settings.policies),
             role_mappers={i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles},
-            dpop=self.dpop,
+            # Several workers without Redis would each accept a proof once: DPoP is refused instead
+            # (configuring it that way is refused at start-up).
+            dpop=self.dpop if settings.state_is_shared else None,
             dpop_algs=self.dpop.algorithms,
             rate_limiter=RateLimiter(settings.rate_limits, self.state, self.clock) if settings.rate_limits else None,
             introspectors=self.introspectors,
+            opaque_issuer=next(
+                (i.issuer for i in settings.issuers if i.introspection is not None and i.introspection.opaque_tokens),
+                None,
+            ),
             introspect_jwts=frozenset(i.issuer for i in settings.issuers if i.introspect_jwts),
             authorization_endpoint=lambda issuer: self._discovered("authorization_endpoint", issuer)(),
             mtls_header=settings.mtls_thumbprint_header,

@@ -137,6 +137,7 @@ class Pipeline:
         dpop_algs: tuple[str, ...] = (),
         rate_limiter: RateLimiter | None = None,
         introspectors: Mapping[str, Introspector] | None = None,
+        opaque_issuer: str | None = None,  # the issuer whose introspector takes opaque tokens
         introspect_jwts: frozenset[str] = frozenset(),
         authorization_endpoint: Callable[[str], str] | None = None,
         mtls_header: str = "x-client-cert-thumbprint",
@@ -161,7 +162,8 @@ class Pipeline:
         self._dpop_algs = " ".join(dpop_algs)
         self._rate_limiter = rate_limiter
         self._introspectors = dict(introspectors or {})
-        self._opaque_issuer = next(iter(self._introspectors), None)
+        # The one issuer that takes opaque tokens (settings refuse more than one), never just the first.
+        self._opaque_issuer = opaque_issuer if opaque_issuer in self._introspectors else None
         self._introspect_jwts = introspect_jwts
         self._authorization_endpoint = authorization_endpoint or (lambda issuer: "")
         self._mtls_header = mtls_header

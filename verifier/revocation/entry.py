@@ -131,7 +131,7 @@ class Entry:
                 reason=str(data.get("reason", "")),
                 overrides=dict(overrides) if isinstance(overrides, dict) else None,
             )
-        except (KeyError, TypeError, AttributeError, RecursionError) as exc:
+        except (KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
             raise ValueError(f"not a revocation entry: {type(exc).__name__}") from exc
 
     def public(self) -> dict[str, Any]:

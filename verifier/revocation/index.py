@@ -8,12 +8,12 @@ An entry whose every possible token has expired simply stops matching, before an
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from verifier.clock import Clock
 from verifier.errors import InvalidToken, VerifierError
+from verifier.numbers import json_number
 from verifier.principal import Principal
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 
@@ -48,12 +48,6 @@ class TokenRevoked(InvalidToken):
         super().__init__(description, code=code)
         self.jti = jti
         self.entry_id = entry_id
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def _reaches(entry: Entry, iat: float | None, auth_time: float | None) -> bool:
@@ -92,7 +86,7 @@ class Revocations:
                 continue
             if now is None:  # read once, and only for a principal some entry is keyed on
                 now = self._clock.now()
-                iat, auth_time = _number(claims.get("iat")), _number(claims.get("auth_time"))
+                iat, auth_time = json_number(claims.get("iat")), json_number(claims.get("auth_time"))
             for entry in bucket:
                 if found is not None and _PRECEDENCE[entry.effect] >= _PRECEDENCE[found.effect]:
                     continue
@@ -120,7 +114,7 @@ class Revocations:
         if not self._overrides:
             return None
         claims = principal.claims
-        iat = _number(claims.get("iat"))
+        iat = json_number(claims.get("iat"))
         now = self._clock.now()
         found: list[Entry] = []
         for key in self._keys_of(principal, claims, for_overrides=True):

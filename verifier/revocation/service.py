@@ -37,7 +37,7 @@ from verifier.revocation.ssf import (
     effects_of,
     short_name,
 )
-from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore
+from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
 from verifier.state.base import SharedState
 from verifier.tokens.fetch import Fetcher
 from verifier.tokens.jwks import IssuerKeys
@@ -66,6 +66,7 @@ class RevocationService:
         on_credential_revoked: CredentialCallback | None = None,
         redis_password: str | None = None,
         key_prefix: str = "verifier:",
+        local_path: str | None = None,
         admin_token: str | None = None,
         start_timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
     ) -> None:
@@ -73,9 +74,13 @@ class RevocationService:
         self._clock = clock
         self.metrics = RevocationMetrics(registry)
         self.revocations = Revocations(clock)
-        self._store: RevocationStore = (
-            RedisStore(redis_url, key_prefix=key_prefix, password=redis_password) if redis_url else MemoryStore()
-        )
+        self._store: RevocationStore
+        if redis_url:
+            self._store = RedisStore(redis_url, key_prefix=key_prefix, password=redis_password)
+        elif local_path:  # without Redis: a file that outlives this worker (reload, restart)
+            self._store = SqliteStore(local_path)
+        else:
+            self._store = MemoryStore()
         key_metrics = TransmitterKeyMetrics(self.metrics)
         self._transmitters: dict[str, tuple[TransmitterConfig, IssuerKeys]] = {
             t.issuer: (t, IssuerKeys(t.key_settings(), fetcher, clock, key_metrics)) for t in config.transmitters
@@ -158,7 +163,7 @@ class RevocationService:
         """Replaces the index with the store's entries; changes seen meanwhile are applied on top."""
         self._loading = []
         try:
-            entries = await self._store.load()
+            entries = await self._store.sync(self.revocations.entries())
         except StateUnavailable:
             self.metrics.syncs.labels("error").inc()
             raise
@@ -206,14 +211,14 @@ class RevocationService:
     # -- receiving SETs -----------------------------------------------------------------------------
 
     async def receive(self, token: str, *, delivery: str) -> Effects:
-        """Verifies one SET, claims its jti and applies its events; raises `SetRefused` or `StateUnavailable`."""
+        """Verifies one SET, applies its events, then marks its jti; raises `SetRefused` or `StateUnavailable`."""
         self.metrics.sets_received.labels(delivery).inc()
         try:
             verified = await self._verifier.verify(token, delivery=delivery)
             effects = effects_of(
                 verified, now=self._clock.now(), max_token_lifetime=float(self.config.max_token_lifetime_seconds)
             )
-            await self._verifier.claim(verified)
+            await self._verifier.check_fresh(verified)
         except SetRefused as exc:
             self.metrics.sets_refused.labels(delivery, "replay" if exc.replay else exc.err).inc()
             log.warning(
@@ -230,6 +235,9 @@ class RevocationService:
             await self.add(list(effects.add))
         if lifted:
             await self.remove(lifted)
+        for revoked in effects.credentials:
+            await self._credentials_revoked(revoked)
+        await self._verifier.claim(verified)  # only now: a retry after a failure above is applied again
         self.metrics.sets_accepted.labels(delivery).inc()
         if effects.ignored:
             self.metrics.subjects_ignored.labels(verified.transmitter.issuer).inc(effects.ignored)
@@ -248,8 +256,6 @@ class RevocationService:
                 "ignored_subjects": effects.ignored,
             },
         )
-        for revoked in effects.credentials:
-            await self._credentials_revoked(revoked)
         return effects
 
     async def _credentials_revoked(self, revoked: CredentialRevocation) -> None:

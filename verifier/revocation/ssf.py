@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from verifier.clock import Clock
 from verifier.errors import AlgorithmRefused, MalformedToken
+from verifier.numbers import json_number
 from verifier.revocation.config import TransmitterConfig
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.subjects import SubjectError, subject_keys
@@ -136,12 +136,6 @@ def _typ_ok(typ: Any) -> bool:
     return lowered in (SET_TYP, "application/" + SET_TYP)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 class SetVerifier:
     """Checks SETs from the configured transmitters."""
 
@@ -185,7 +179,7 @@ class SetVerifier:
         audiences = aud if isinstance(aud, list) else [aud]
         if transmitter.audience not in audiences:
             raise SetRefused(INVALID_AUDIENCE, "aud does not name this receiver")
-        iat = _number(payload.get("iat"))
+        iat = json_number(payload.get("iat"))
         now = self._clock.now()
         if iat is None:
             raise SetRefused(INVALID_REQUEST, "iat missing")
@@ -200,19 +194,33 @@ class SetVerifier:
         if not isinstance(events, dict) or not events or len(events) > MAX_EVENTS_PER_SET:
             raise SetRefused(INVALID_REQUEST, "events missing")
         exp = payload.get("exp")
-        if exp is not None and (_number(exp) is None or float(exp) <= now - transmitter.leeway_seconds):
+        exp_time = json_number(exp)
+        if exp is not None and (exp_time is None or exp_time <= now - transmitter.leeway_seconds):
             raise SetRefused(INVALID_REQUEST, "SET has expired")
         return VerifiedSet(transmitter, jti, iat, payload)
 
-    async def claim(self, verified: VerifiedSet) -> None:
-        """Marks the jti used (shared across replicas); raises `SetRefused(replay=True)` when it was.
+    async def check_fresh(self, verified: VerifiedSet) -> None:
+        """Raises `SetRefused(replay=True)` when the jti was already received (and its effects stored).
 
-        Raises `StateUnavailable` when the shared state cannot answer (the transmitter retries).
+        Only a read: the jti is marked by `claim`, once its effects are stored. Marking first would let
+        a stalled Redis run the mark late after a 503, and the transmitter's retry would be refused as
+        a replay of an event that never took effect. Raises `StateUnavailable` (the transmitter retries).
+        """
+        if await self._state.seen(_jti_key(verified)):
+            raise SetRefused(INVALID_REQUEST, "jti already received", replay=True)
+
+    async def claim(self, verified: VerifiedSet) -> None:
+        """Marks the jti received (shared across replicas), after its effects are stored.
+
+        Two deliveries racing past `check_fresh` both apply the same effects (entry ids are
+        deterministic), so losing the race here changes nothing. Raises `StateUnavailable`.
         """
         ttl = verified.transmitter.max_age_seconds + verified.transmitter.leeway_seconds
-        key = "ssf:" + hashlib.sha256(f"{verified.transmitter.issuer}\x00{verified.jti}".encode()).hexdigest()
-        if not await self._state.first_use(key, float(ttl)):
-            raise SetRefused(INVALID_REQUEST, "jti already received", replay=True)
+        await self._state.first_use(_jti_key(verified), float(ttl))
+
+
+def _jti_key(verified: VerifiedSet) -> str:
+    return "ssf:" + hashlib.sha256(f"{verified.transmitter.issuer}\x00{verified.jti}".encode()).hexdigest()
 
 
 def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) -> Effects:
@@ -239,7 +247,7 @@ def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) 
             raise SetRefused(INVALID_REQUEST, str(exc)) from exc
         keys, outside = _scoped(keys, scope)
         ignored += outside
-        stamp = _number(body.get("event_timestamp"))
+        stamp = json_number(body.get("event_timestamp"))  # unreadable: ignored, the SET's iat stands in
         # A transmitter's clock may run ahead: an event never reaches tokens issued after it arrived.
         event_time = min(stamp if stamp is not None else verified.iat, now)
         until = event_time + max_token_lifetime
