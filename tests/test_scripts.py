@@ -9,6 +9,7 @@ everything after it (python, python3, pip, $PYTHON) is the venv's and that pip i
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -141,3 +142,6 @@ def test_the_scripts_use_the_venv_for_everything() -> None:
         code = [line for line in text.split(". scripts/venv.sh", 1)[0].splitlines() if not line.startswith("#")]
         assert not any("python" in line for line in code), name
     assert ".venv/" in (REPO / ".gitignore").read_text().splitlines()
+    for script in sorted((REPO / ".ci" / "setup.d").glob("*.sh")):
+        text = script.read_text()
+        assert not re.search(r"^\s*[^#\n]*\bpython3? -(m|c)\b", text, re.M), f"{script.name}: use \"$PY\" (the venv's)"
