@@ -96,7 +96,8 @@ def attributes_from_envoy(request: ea.CheckRequest) -> RequestAttributes:
         path=http.path or "/",
         headers=headers,
         client_address=source.address.socket_address.address,
-        client_cert_thumbprint=headers.get("x-client-cert-thumbprint", "") or cert_thumbprint(source.certificate),
+        # Envoy's own view of the TLS peer; a header could have come from the client.
+        client_cert_thumbprint=cert_thumbprint(source.certificate),
     )
 
 
