@@ -326,3 +326,29 @@ async def test_only_the_declared_thumbprint_header_is_read() -> None:
         assert _status(declared) == 200
         wrong = await http_exchange(app.ports.http, _request(token, "X-SSL-Client-Thumbprint: zzz\r\n"))
         assert _status(wrong) == 401
+
+
+HOST_ROUTES = (
+    PolicySettings(
+        name="admin", match=RouteMatch(hosts=("admin.example.test",)), require=Requirements(roles_any=("admin",))
+    ),
+    PolicySettings(name="open", match=RouteMatch(path_prefix="/"), require=Requirements(authenticated=False)),
+)
+HOST_SPELLINGS = ["ADMIN.example.test.", "admin.example.test:443", "Admin.Example.Test.:8443"]
+
+
+@pytest.mark.parametrize("spelling", HOST_SPELLINGS)
+@pytest.mark.parametrize(
+    ("family", "header"),
+    [("x-forwarded", "Host"), ("x-forwarded", "X-Forwarded-Host"), ("x-original", "X-Original-Host")],
+)
+async def test_a_host_policy_holds_for_every_spelling_of_the_host(family: str, header: str, spelling: str) -> None:
+    options = {"policies": HOST_ROUTES, "forward_auth": ForwardAuthSettings(forwarded_headers=family)}
+    async with running_verifier(options) as (app, _):
+        raw = f"GET /v1/forward-auth HTTP/1.1\r\n{header}: {spelling}\r\n\r\n".encode()
+        if header != "Host":
+            raw = raw.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nHost: verifier\r\n")
+        answer = await http_exchange(app.ports.http, raw)
+        assert _status(answer) == 401, "the admin host's policy, not the open one"
+        open_host = await http_exchange(app.ports.http, raw.replace(spelling.encode(), b"www.example.test"))
+        assert _status(open_host) == 200

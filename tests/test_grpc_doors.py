@@ -13,6 +13,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from verifier.doors.grpc import cert_thumbprint
+from verifier.settings import PolicySettings, Requirements, RouteMatch
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 
@@ -153,3 +154,24 @@ async def test_own_check_takes_the_certificate_from_its_field_never_from_a_heade
                 )
             )
             assert ok.allowed
+
+
+HOST_ROUTES = (
+    PolicySettings(
+        name="admin", match=RouteMatch(hosts=("admin.example.test",)), require=Requirements(roles_any=("admin",))
+    ),
+    PolicySettings(name="open", match=RouteMatch(path_prefix="/"), require=Requirements(authenticated=False)),
+)
+
+
+@pytest.mark.parametrize("spelling", ["ADMIN.example.test.", "admin.example.test:443", "Admin.Example.Test.:8443"])
+async def test_a_host_policy_holds_for_every_spelling_of_the_host_on_both_grpc_doors(spelling: str) -> None:
+    async with running_verifier({"policies": HOST_ROUTES}) as (app, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            own = verifier_pb2_grpc.VerifierStub(channel)
+            envoy = ea_grpc.AuthorizationStub(channel)
+            for host, allowed in ((spelling, False), ("www.example.test", True)):
+                answer = await own.Check(verifier_pb2.CheckRequest(method="GET", host=host, path="/"))
+                assert answer.allowed is allowed, host
+                reply = await envoy.Check(_envoy_request(None, "/", host=host))
+                assert (reply.status.code == 0) is allowed, host

@@ -283,3 +283,12 @@ def test_check_config_exits_non_zero_on_a_bad_file_and_names_the_key(
 
 def test_check_config_exits_non_zero_on_a_missing_file(tmp_path: Path) -> None:
     assert _check_config(tmp_path / "nope.yaml").returncode != 0
+
+
+def test_policy_hosts_are_normalized_and_a_port_is_refused() -> None:
+    document = _example()
+    document["policies"] = [{"match": {"hosts": ["API.Example.Test."]}}]
+    assert parse_settings(document).policies[0].match.hosts == ("api.example.test",)  # type: ignore[index]
+    document["policies"] = [{"match": {"hosts": ["api.example.test", "api.example.test:8443"]}}]
+    with pytest.raises(ConfigError, match=r"policies\[0\]\.match\.hosts\[1\]: expected a host name without a port"):
+        parse_settings(document)

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from verifier.request import host_name, normalize_host
+
 # Algorithms we can verify with asymmetric keys. HS* is deliberately absent: a verifier that holds
 # only public keys must never accept a MAC, or a public key becomes a shared secret.
 SUPPORTED_ALGORITHMS = frozenset(
@@ -457,8 +459,12 @@ def _policy(reader: _Reader, index: int) -> PolicySettings:
     for key, value in (("path_prefix", prefix), ("path", exact)):
         if value and not value.startswith("/"):
             raise ConfigError(f"{match_reader.path}.{key}: must start with /")
+    hosts = tuple(normalize_host(h) for h in match_reader.strings("hosts", required=False))
+    for i, host in enumerate(hosts):
+        if host_name(host) != host or not host:
+            raise ConfigError(f"{match_reader.path}.hosts[{i}]: expected a host name without a port, got {host!r}")
     match = RouteMatch(
-        hosts=tuple(h.lower() for h in match_reader.strings("hosts", required=False)),
+        hosts=hosts,
         methods=methods,
         path_prefix=prefix,
         path=exact,
