@@ -352,3 +352,23 @@ async def test_a_host_policy_holds_for_every_spelling_of_the_host(family: str, h
         assert _status(answer) == 401, "the admin host's policy, not the open one"
         open_host = await http_exchange(app.ports.http, raw.replace(spelling.encode(), b"www.example.test"))
         assert _status(open_host) == 200
+
+
+async def test_an_allow_tells_envoy_to_remove_identity_headers_the_client_sent() -> None:
+    smuggled = "X-Authenticated-Userid: admin\r\nX-Authenticated-Tenant: acme\r\nx-authenticated-roles: admin\r\n"
+    async with running_verifier() as (app, idp):
+        token = idp.mint(sub="erin")
+        plain = await http_exchange(app.ports.http, _request(token))
+        assert _header(plain, "x-envoy-auth-headers-to-remove") is None
+        answer = await http_exchange(app.ports.http, _request(token, smuggled))
+        assert _status(answer) == 200 and _header(answer, "x-authenticated-userid") == "erin"
+        assert _header(answer, "x-envoy-auth-headers-to-remove") == "x-authenticated-roles, x-authenticated-tenant"
+        closing = await http_exchange(
+            app.ports.http, _request(token, smuggled + "Connection: close\r\n"), read_until_close=True
+        )
+        assert _header(closing, "x-envoy-auth-headers-to-remove") == "x-authenticated-roles, x-authenticated-tenant"
+        assert _header(closing, "connection") == "close"
+        # The per-request header never leaks into the memoized answer, and refusals carry none.
+        assert await http_exchange(app.ports.http, _request(token)) == plain
+        refused = await http_exchange(app.ports.http, _request(None, smuggled))
+        assert _status(refused) == 401 and _header(refused, "x-envoy-auth-headers-to-remove") is None

@@ -37,12 +37,12 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httptools
 
-from verifier.decision import Decision
+from verifier.decision import Decision, smuggled_identity
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Pipeline
@@ -274,7 +274,7 @@ class _Connection(asyncio.Protocol):
             decision = door.pipeline.decide_cached(attrs, DOOR)
             if decision is not None:
                 door.observe(decision, started)
-                self._push(_answer(decision, keep_alive), keep_alive)
+                self._push(_answer(decision, keep_alive, attrs.headers), keep_alive)
             else:
                 future = asyncio.ensure_future(door.decide_slow(attrs, started, keep_alive))
                 self._push(future, keep_alive)
@@ -367,12 +367,19 @@ class _TooLarge(Exception):
         self.status = status
 
 
-def _answer(decision: Decision, keep_alive: bool) -> bytes:
+def _answer(decision: Decision, keep_alive: bool, request_headers: Mapping[str, str]) -> bytes:
+    end = b"\r\n" if keep_alive else b"connection: close\r\n\r\n"
+    if decision.allowed:
+        smuggled = smuggled_identity(decision, request_headers)
+        if smuggled:
+            # Envoy's HTTP ext_authz mode removes these from the upstream request (the names are
+            # tokens: llhttp refuses anything else in a field name). Built per request, never memoized.
+            remove = ("x-envoy-auth-headers-to-remove: " + ", ".join(smuggled) + "\r\n").encode("latin-1")
+            return decision.http_head + remove + end + decision.body
     key = "http_keepalive" if keep_alive else "http_close"
     data = decision.memo.get(key)
     if data is None:
-        head = decision.http_head
-        data = head + (b"\r\n" if keep_alive else b"connection: close\r\n\r\n") + decision.body
+        data = decision.http_head + end + decision.body
         decision.memo[key] = data
     return data
 
@@ -414,7 +421,7 @@ class ForwardAuthDoor:
         """A decision that needs verification (first-seen token)."""
         decision = await self.pipeline.decide_after_miss(attrs, DOOR)
         self.observe(decision, started)
-        return _answer(decision, keep_alive)
+        return _answer(decision, keep_alive, attrs.headers)
 
     async def route(self, request: HttpRequest, keep_alive: bool) -> bytes:
         """One of the small endpoints; a handler's crash is a 500, never a dropped connection."""
