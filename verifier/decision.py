@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Collection
 
 from verifier.errors import Outcome, Scheme, VerifierError
 from verifier.principal import Principal
@@ -165,15 +165,15 @@ def allow(principal: Principal, *, cache_max_age: int = 0) -> Decision:
     )
 
 
-def smuggled_identity(decision: Decision, request_headers: Iterable[str]) -> list[str]:
+def smuggled_identity(decision: Decision, request_headers: Collection[str]) -> list[str]:
     """The request's `X-Authenticated-*` names (lower-case) that this allow answer does not overwrite.
 
     A client sending one is trying to pass as someone: the door tells the gateway to remove it.
-    Empty in the common case, after one pass over the names.
+    Empty in the common case, found by one scan of the joined names.
     """
+    if IDENTITY_PREFIX not in "\n".join(request_headers):  # one C-level scan: the common case
+        return []
     names = [name for name in request_headers if name.startswith(IDENTITY_PREFIX)]
-    if not names:
-        return names
     ours = {name for name, _ in decision.upstream_headers}
     return sorted({name for name in names if name not in ours})
 
