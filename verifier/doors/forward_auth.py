@@ -491,7 +491,14 @@ class ForwardAuthDoor:
         """Listens (with TLS when given a context); returns the bound port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_port=reuse_port or None, backlog=2048, ssl=tls
+            lambda: _Connection(self),
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            backlog=2048,
+            ssl=tls,
+            # A TLS handshake that stalls holds a connection as a half-sent request would.
+            ssl_handshake_timeout=self.header_timeout if tls is not None else None,
         )
         return int(self._server.sockets[0].getsockname()[1])
 
