@@ -207,3 +207,20 @@ async def test_step_up_route_asks_for_a_webauthn_assertion_every_time(tmp_path) 
             assert headers["cache-control"] == "no-store"
             challenges.add(headers["www-authenticate"].split('challenge="', 1)[1].split('"', 1)[0])
         assert len(challenges) == 2  # every refusal carries a fresh challenge
+
+
+async def test_several_workers_without_redis_refuse_dpop_instead_of_accepting_a_proof_once_per_worker() -> None:
+    """#18 F8: each worker had its own replay cache, so one proof was good once per worker."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jkt = thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())))
+    async with running_verifier({"workers": 2}) as (app, idp):
+        token = idp.mint(scope="read", claims={"cnf": {"jkt": jkt}})
+        proof = _proof(key, "GET", "https://api.example.test/api/x", token)
+        req = _request("/api/x", token=token, scheme="DPoP", extra=f"DPoP: {proof}\r\n")
+        status, headers, _ = _parse(await http_exchange(app.ports.http, req))
+        assert status == 401 and 'error="invalid_dpop_proof"' in headers["www-authenticate"]
+    async with running_verifier({"workers": 1}) as (app, idp):  # one worker: one replay cache, accepted
+        token = idp.mint(scope="read", claims={"cnf": {"jkt": jkt}})
+        proof = _proof(key, "GET", "https://api.example.test/api/x", token)
+        req = _request("/api/x", token=token, scheme="DPoP", extra=f"DPoP: {proof}\r\n")
+        assert _parse(await http_exchange(app.ports.http, req))[0] == 200

@@ -238,6 +238,11 @@ class Settings:
     revocation: Any = None  # verifier.revocation.RevocationConfig: Shared Signals receiver
     webauthn: Any = None  # verifier.webauthn config: credential registry and step-up
 
+    @property
+    def state_is_shared(self) -> bool:
+        """Whether every worker sees the same replay caches, buckets and entries (one worker, or Redis)."""
+        return self.workers == 1 or getattr(self.state, "redis_url", None) is not None
+
 
 class _Reader:
     """Reads one mapping, remembering its path for error messages and refusing unknown keys."""
@@ -568,6 +573,18 @@ def _header_name(root: _Reader, key: str) -> str:
     return name
 
 
+def _check_opaque_introspection(issuers: Sequence[IssuerSettings]) -> None:
+    """At most one issuer introspects opaque tokens: a token that names no issuer must never reach
+    a provider that did not issue it (that provider would see, and could replay, another's tokens)."""
+    opaque = [i for i, iss in enumerate(issuers) if iss.introspection is not None and iss.introspection.opaque_tokens]
+    if len(opaque) > 1:
+        raise ConfigError(
+            f"issuers[{opaque[1]}].introspection.opaque_tokens: issuers[{opaque[0]}] introspects opaque tokens "
+            "already, and an opaque token does not say which issuer it came from; set opaque_tokens: false "
+            "on all but one issuer (it can still introspect its own JWTs with introspect_jwts: true)"
+        )
+
+
 def parse_settings(data: Any) -> Settings:
     """Validates a decoded YAML document into `Settings`, naming the first bad key."""
     root = _Reader(data, "")
@@ -577,6 +594,7 @@ def parse_settings(data: Any) -> Settings:
         if iss.issuer in seen:
             raise ConfigError(f"issuers[{i}].issuer: {iss.issuer!r} configured twice")
         seen.add(iss.issuer)
+    _check_opaque_introspection(issuers)
     cache_reader = root.child("cache")
     cache = CacheSettings()
     if cache_reader is not None:
@@ -616,9 +634,47 @@ def parse_settings(data: Any) -> Settings:
         webauthn=_optional_section(root, "webauthn", "verifier.webauthn", "parse_webauthn_config"),
     )
     root.done()
+    if settings.revocation is not None:  # transmitters speak for configured issuers only
+        import importlib
+
+        scopes = importlib.import_module("verifier.revocation.config").check_transmitter_scopes
+        scopes(settings.revocation, (i.issuer for i in issuers))
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")
+    _check_shared_state(settings)
     return settings
+
+
+def _check_shared_state(settings: Settings) -> None:
+    """Refuses `workers: N > 1` without Redis when a feature needs every worker to see the same state.
+
+    Workers share nothing else: a kill switch would reach one worker in N, a DPoP proof or an SSF
+    `jti` would be accepted once per worker, a rate limit would allow N times its burst.
+    """
+    if settings.state_is_shared:
+        return
+    needs = [
+        key
+        for key, used in (
+            ("revocation", settings.revocation is not None),
+            ("dpop", settings.dpop is not None),
+            ("webauthn", settings.webauthn is not None),
+            ("rate_limits", settings.rate_limits is not None),
+        )
+        if used
+    ]
+    needs += [
+        f"policies[{i}].require.{key}"
+        for i, policy in enumerate(settings.policies or ())
+        for key in ("sender_constraint", "step_up")
+        if getattr(policy.require, key)
+    ]
+    if needs:
+        raise ConfigError(
+            f"workers: {settings.workers} processes share nothing without state.redis_url, and "
+            f"{', '.join(needs)} need(s) one shared state (kill switch, replay caches, buckets); "
+            "set state.redis_url (and state.key_prefix) or use workers: 1"
+        )
 
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:
