@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from doorkit import running_verifier
 
-from verifier.settings import ConfigError, Listen, TlsSettings, parse_settings
+from verifier.settings import ConfigError, ForwardAuthSettings, Listen, TlsSettings, parse_settings
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 
@@ -133,3 +133,24 @@ def test_tls_files_are_checked_at_start_up(pki: dict[str, str], tmp_path: Path) 
     }
     with pytest.raises(ConfigError, match=r"http\.tls"):
         parse_settings(mismatched)
+
+
+async def test_a_stalled_tls_handshake_is_closed_after_the_header_timeout(pki: dict[str, str]) -> None:
+    tls = TlsSettings(cert_file=pki["server_cert"], key_file=pki["server_key"])
+    options = {
+        "http": Listen(host="127.0.0.1", port=0, tls=tls),
+        "forward_auth": ForwardAuthSettings(header_timeout_seconds=0.3),
+    }
+    async with running_verifier(options) as (app, _):
+        # Plain TCP that never sends a ClientHello (or sends half of one).
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
+        writer.write(b"\x16\x03\x01\x00")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        except ConnectionResetError:
+            pass
+        finally:
+            writer.close()
+        assert loop.time() - started < 2.0

@@ -137,7 +137,6 @@ class Pipeline:
         opaque_issuer: str | None = None,  # the issuer whose introspector takes opaque tokens
         introspect_jwts: frozenset[str] = frozenset(),
         authorization_endpoint: Callable[[str], str] | None = None,
-        mtls_header: str = "x-client-cert-thumbprint",
         max_pending: int = 1024,
         edge_max_age: int = 0,
         refusal_max_age: int = 0,
@@ -163,7 +162,6 @@ class Pipeline:
         self._opaque_issuer = opaque_issuer if opaque_issuer in self._introspectors else None
         self._introspect_jwts = introspect_jwts
         self._authorization_endpoint = authorization_endpoint or (lambda issuer: "")
-        self._mtls_header = mtls_header
         self._revocations = revocations
         self._max_pending = max_pending
         self._pending = 0

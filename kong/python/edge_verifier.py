@@ -6,8 +6,10 @@ the plugin server's unix socket, on top of the gRPC call itself. See kong/python
 
 The plugin translates and decides nothing: `allowed` sets the verifier's `upstream_headers` on the
 upstream request (client-sent `X-Authenticated-*` are cleared first); a refusal is relayed with the
-verifier's status, `response_headers` and body. A verifier that cannot be reached, or answers after
-the deadline, fails closed with 503 unless `fail_open` is set.
+verifier's status, `response_headers` and body. The client certificate's thumbprint (RFC 8705) goes in
+`client_cert_thumbprint` only when Kong itself terminated mutual TLS (`ssl_client_raw_cert`); a
+header claiming one is never forwarded, since a client can send any header. A verifier that cannot be
+reached, or answers after the deadline, fails closed with 503 unless `fail_open` is set.
 
 Runs under `kong-python-pluginserver` in its default threaded mode (grpcio is thread-safe; under
 `--gevent` grpcio would need `grpc.experimental.gevent.init_gevent()` first).
@@ -21,6 +23,8 @@ from typing import Any
 
 import grpc
 
+from verifier.binding.mtls import thumbprint_from_pem
+from verifier.errors import MalformedRequest
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 version = "0.1.0"
@@ -112,6 +116,19 @@ def _joined(headers: Sequence[verifier_pb2.Header]) -> dict[str, str]:
     return out
 
 
+def _client_cert_thumbprint(kong: Any, scheme: str) -> str:
+    """`x5t#S256` of the certificate the client presented to Kong's own TLS listener, or ""."""
+    if scheme != "https":
+        return ""  # a plain-http connection carries no client certificate
+    pem = _value(kong.nginx.get_var("ssl_client_raw_cert"))
+    if not pem or not isinstance(pem, str):
+        return ""
+    try:
+        return thumbprint_from_pem(pem)
+    except MalformedRequest:
+        return ""  # fail closed: a certificate-bound token is then refused
+
+
 class Plugin:
     """The edge-verifier access handler, one instance per plugin configuration."""
 
@@ -178,6 +195,7 @@ class Plugin:
             path=str(_value(kong.request.get_path_with_query())),
             headers=credentials,
             client_address=str(_value(kong.client.get_ip()) or ""),
+            client_cert_thumbprint=_client_cert_thumbprint(kong, scheme),
         )
 
 

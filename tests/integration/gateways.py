@@ -733,7 +733,8 @@ def envoy_stats(gw: GatewayProcess, prefix: str = "") -> dict[str, int]:
 # The nginx auth_request idiom, spelled out once:
 #  * Every request to location / first runs an internal subrequest to /_auth, which proxies the original
 #    request's headers (never its body) to the verifier's forward-auth door. nginx tells the verifier what
-#    the original request was through X-Original-URI / X-Original-Method / X-Forwarded-*.
+#    the original request was through X-Forwarded-Uri / -Method / -Host / -Proto (the verifier's default
+#    `http.forwarded_headers: x-forwarded` family; nginx overwrites each one a client might send).
 #  * 2xx from the verifier allows the request; 401 / 403 deny with that status; anything else (503, a
 #    refused connection, a timeout) becomes 500 inside nginx, which error_page maps to 503 (fail closed).
 #  * The subrequest's response headers are visible only through $upstream_http_* in auth_request_set.
@@ -805,8 +806,8 @@ http {{
             proxy_pass http://verifier/v1/forward-auth;
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
-            proxy_set_header X-Original-URI $request_uri;
-            proxy_set_header X-Original-Method $request_method;
+            proxy_set_header X-Forwarded-Uri $request_uri;
+            proxy_set_header X-Forwarded-Method $request_method;
             proxy_set_header X-Forwarded-Host $http_host;
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_http_version 1.1;

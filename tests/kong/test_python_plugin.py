@@ -78,9 +78,12 @@ class KongRequest:
     port: int = 8000
     path_with_query: str = "/api/items?limit=5"
     client_ip: str = "203.0.113.9"
+    client_cert_pem: str = ""  # what nginx's $ssl_client_raw_cert holds when Kong terminated mutual TLS
 
     def answer(self, method: str, args: list[Any]) -> Any:
         """What Kong's PDK returns for `method` (after mp_rpc.lua's fix_mmap for header maps)."""
+        if method == "kong.nginx.get_var":
+            return self.client_cert_pem if args == ["ssl_client_raw_cert"] else None
         if method == "kong.request.get_headers":
             # Kong's headers table: lower-case names; fix_mmap sends a lone string as a 1-list
             return {k.lower(): v if isinstance(v, list) else [v] for k, v in self.headers.items()}
@@ -422,3 +425,42 @@ def test_fail_open_passes_without_identity(kong, token):
     assert not named(calls, "kong.response.error") and not named(calls, "kong.response.exit")
     assert named(calls, "kong.service.request.clear_header") == [["x-authenticated-userid"]]
     assert not named(calls, "kong.service.request.set_header")
+
+
+class _Capturing(verifier_pb2_grpc.VerifierServicer):
+    def __init__(self) -> None:
+        self.requests: list[verifier_pb2.CheckRequest] = []
+
+    def Check(self, request: verifier_pb2.CheckRequest, context: grpc.ServicerContext) -> verifier_pb2.CheckResponse:
+        self.requests.append(request)
+        return verifier_pb2.CheckResponse(allowed=True, http_status=200)
+
+
+def test_the_client_certificate_comes_from_kongs_own_tls_never_from_a_header(kong, token):
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from test_mtls import make_certificate
+
+    from verifier.binding.mtls import thumbprint_from_der
+
+    cert = make_certificate("kong-client")
+    pem, expected = cert.public_bytes(Encoding.PEM).decode(), thumbprint_from_der(cert.public_bytes(Encoding.DER))
+    capturing = _Capturing()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    verifier_pb2_grpc.add_VerifierServicer_to_server(capturing, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    spoof = {"Authorization": f"Bearer {token}", "X-Client-Cert-Thumbprint": expected}
+    try:
+        iid = start_instance(kong, grpc_target=f"127.0.0.1:{port}", timeout=1000)
+        for request in (
+            KongRequest(headers=spoof, scheme="https", port=443, client_cert_pem=pem),  # mutual TLS at Kong
+            KongRequest(headers=spoof, scheme="https", port=443),  # TLS without a client certificate
+            KongRequest(headers=spoof, scheme="https", port=443, client_cert_pem="not a certificate"),
+            KongRequest(headers=spoof),  # plain http
+        ):
+            kong.handle_event(iid, "access", request)
+    finally:
+        server.stop(grace=None)
+
+    assert [r.client_cert_thumbprint for r in capturing.requests] == [expected, "", "", ""]
+    assert all("x-client-cert-thumbprint" not in r.headers for r in capturing.requests)
