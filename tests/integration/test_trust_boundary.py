@@ -292,3 +292,29 @@ def test_another_host_is_served_with_the_same_token(
 
     assert r.status == 200, (edge.name, r.status, r.body)
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("spoof", ["X-Forwarded-Host", "X-Original-Host"])
+def test_a_client_naming_another_host_still_gets_the_admin_hosts_policy(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], spoof: str
+) -> None:
+    r = http_request(f"{edge.url}/orders", headers={"Host": ADMIN_HOST, spoof: API_HOST, **bearer(tokens("read"))})
+
+    assert r.status == 403, (edge.name, r.status, r.headers, r.body)
+    assert upstream.requests == []
+
+
+# ------------------------------------------------------------------------------------------------ after the verifier
+
+
+@pytest.mark.parametrize("override", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])
+def test_a_method_override_never_reaches_the_upstream(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], override: str
+) -> None:
+    """The verifier judged a GET with a read-only token; the application must not be told to DELETE."""
+    r = http_request(f"{edge.url}/orders", headers={override: "DELETE", **bearer(tokens("read"))})
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    assert seen.method == "GET"
+    assert override.lower() not in seen.headers, seen.headers
