@@ -140,7 +140,8 @@ async def test_unbound_token_on_a_dpop_route_is_refused_with_a_dpop_challenge() 
 
 
 async def test_mtls_bound_token_needs_the_matching_certificate_thumbprint() -> None:
-    async with running_verifier({"policies": POLICIES}) as (app, idp):
+    options = {"policies": POLICIES, "mtls_thumbprint_header": "x-client-cert-thumbprint"}
+    async with running_verifier(options) as (app, idp):
         token = idp.mint(claims={"cnf": {"x5t#S256": "abc123"}})
         port = app.ports.http
         status, _, _ = _parse(

@@ -19,7 +19,7 @@ from verifier.binding.dpop import DpopConfig, DpopVerifier
 from verifier.clock import Clock, SystemClock
 from verifier.credentials import Credential
 from verifier.decision import Decision
-from verifier.doors.forward_auth import ForwardAuthDoor, attributes_from_http
+from verifier.doors.forward_auth import ForwardAuthDoor
 from verifier.doors.grpc import GrpcDoors
 from verifier.doors.routes import HttpRequest, Router
 from verifier.observe.audit import FLUSH_INTERVAL_SECONDS, flush_logs
@@ -138,7 +138,6 @@ class App:
             introspectors=self.introspectors,
             introspect_jwts=frozenset(i.issuer for i in settings.issuers if i.introspect_jwts),
             authorization_endpoint=lambda issuer: self._discovered("authorization_endpoint", issuer)(),
-            mtls_header=settings.mtls_thumbprint_header,
             max_pending=settings.max_pending_checks,
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
@@ -149,7 +148,14 @@ class App:
         self.router = Router()
         if self.webauthn is not None:
             self.webauthn.register_routes(self.router, self._authenticate)
-        self.forward_auth = ForwardAuthDoor(self.pipeline, self.metrics, self.ready, self.router)
+        self.forward_auth = ForwardAuthDoor(
+            self.pipeline,
+            self.metrics,
+            self.ready,
+            self.router,
+            settings=settings.forward_auth,
+            thumbprint_header=settings.mtls_thumbprint_header,
+        )
         self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready)
         self.ports = BoundPorts()
         self._extra_session: aiohttp.ClientSession | None = None
@@ -177,7 +183,7 @@ class App:
         return lookup
 
     async def _authenticate(self, request: HttpRequest) -> Principal:
-        attrs = attributes_from_http(request.method, request.path.encode(), dict(request.headers), request.peer)
+        attrs = self.forward_auth.attributes(request.method, request.path.encode(), dict(request.headers), request.peer)
         return await self.pipeline.authenticate(attrs)
 
     async def wait_serving(self) -> None:

@@ -136,7 +136,6 @@ class Pipeline:
         introspectors: Mapping[str, Introspector] | None = None,
         introspect_jwts: frozenset[str] = frozenset(),
         authorization_endpoint: Callable[[str], str] | None = None,
-        mtls_header: str = "x-client-cert-thumbprint",
         max_pending: int = 1024,
         edge_max_age: int = 0,
         refusal_max_age: int = 0,
@@ -161,7 +160,6 @@ class Pipeline:
         self._opaque_issuer = next(iter(self._introspectors), None)
         self._introspect_jwts = introspect_jwts
         self._authorization_endpoint = authorization_endpoint or (lambda issuer: "")
-        self._mtls_header = mtls_header
         self._revocations = revocations
         self._max_pending = max_pending
         self._pending = 0
@@ -313,8 +311,8 @@ class Pipeline:
                 principal = dataclasses.replace(principal, claims={**principal.claims, **override})
         cnf = _cnf(principal)
         if "x5t#S256" in cnf:
-            presented = attrs.client_cert_thumbprint or attrs.headers.get(self._mtls_header, "")
-            check_certificate_binding(cnf, presented)
+            # Only the door's declared trusted source fills this in; a request header never does here.
+            check_certificate_binding(cnf, attrs.client_cert_thumbprint)
         if route.policy is not None:
             evaluate(
                 route.policy.require,

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from verifier.request import host_name, normalize_host
+
 # Algorithms we can verify with asymmetric keys. HS* is deliberately absent: a verifier that holds
 # only public keys must never accept a MAC, or a public key becomes a shared secret.
 SUPPORTED_ALGORITHMS = frozenset(
@@ -193,6 +195,23 @@ class EdgeCacheSettings:
     refusal_max_age_seconds: int = DEFAULT_REFUSAL_MAX_AGE_SECONDS
 
 
+FORWARDED_HEADER_FAMILIES = ("x-forwarded", "x-original")  # which headers describe the original request
+DEFAULT_FORWARDED_HEADERS = "x-forwarded"  # Traefik/Caddy/Kong style; nginx templates set the same names
+DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0  # seconds for a request (headers, small body) to arrive: slowloris bound
+# Seconds an idle keep-alive connection stays open: longer than the gateways' own (nginx's upstream
+# keepalive_timeout is 60 s) so the gateway closes first and never sends on a connection we are closing.
+DEFAULT_IDLE_TIMEOUT_SECONDS = 75.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ForwardAuthSettings:
+    """The forward-auth listener's trust and timeouts (keys of the `http` section)."""
+
+    forwarded_headers: str = DEFAULT_FORWARDED_HEADERS  # one of FORWARDED_HEADER_FAMILIES; the other is ignored
+    header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS
+    idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the verifier needs, validated."""
@@ -209,7 +228,10 @@ class Settings:
     rate_limits: RateLimitSettings | None = None
     dpop: Any = None  # verifier.binding.dpop.DpopConfig
     state: Any = None  # verifier.state.StateConfig (Redis); None: in-memory
-    mtls_thumbprint_header: str = "x-client-cert-thumbprint"  # where a gateway puts the client cert's x5t#S256
+    # The forward-auth request header a trusted gateway puts the client certificate's x5t#S256 in;
+    # empty: none is read (a client could send it), so certificate-bound tokens need a gRPC door.
+    mtls_thumbprint_header: str = ""
+    forward_auth: ForwardAuthSettings = ForwardAuthSettings()
     edge_cache: EdgeCacheSettings = EdgeCacheSettings()
     max_pending_checks: int = DEFAULT_MAX_PENDING_CHECKS
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); the metrics port is offset per worker
@@ -437,8 +459,12 @@ def _policy(reader: _Reader, index: int) -> PolicySettings:
     for key, value in (("path_prefix", prefix), ("path", exact)):
         if value and not value.startswith("/"):
             raise ConfigError(f"{match_reader.path}.{key}: must start with /")
+    hosts = tuple(normalize_host(h) for h in match_reader.strings("hosts", required=False))
+    for i, host in enumerate(hosts):
+        if host_name(host) != host or not host:
+            raise ConfigError(f"{match_reader.path}.hosts[{i}]: expected a host name without a port, got {host!r}")
     match = RouteMatch(
-        hosts=tuple(h.lower() for h in match_reader.strings("hosts", required=False)),
+        hosts=hosts,
         methods=methods,
         path_prefix=prefix,
         path=exact,
@@ -508,6 +534,40 @@ def _edge_cache(reader: _Reader | None) -> EdgeCacheSettings:
     return settings
 
 
+def _forward_auth(reader: _Reader | None) -> ForwardAuthSettings:
+    """The forward-auth keys of the `http` section (read before `_listen`, which refuses the rest)."""
+    if reader is None:
+        return ForwardAuthSettings()
+    family = reader.text("forwarded_headers", DEFAULT_FORWARDED_HEADERS)
+    if family not in FORWARDED_HEADER_FAMILIES:
+        raise ConfigError(
+            f"{reader.path}.forwarded_headers: expected one of {', '.join(FORWARDED_HEADER_FAMILIES)}, got {family!r}"
+        )
+    return ForwardAuthSettings(
+        forwarded_headers=family,
+        header_timeout_seconds=reader.number(
+            "header_timeout_seconds", DEFAULT_HEADER_TIMEOUT_SECONDS, minimum=0.01, maximum=3600
+        ),
+        idle_timeout_seconds=reader.number(
+            "idle_timeout_seconds", DEFAULT_IDLE_TIMEOUT_SECONDS, minimum=0.01, maximum=86_400
+        ),
+    )
+
+
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def _header_name(root: _Reader, key: str) -> str:
+    """An optional request header name (RFC 9110 token), lower-cased; empty when absent."""
+    value = root.raw(key)
+    if value is None or value == "":
+        return ""
+    name = root.text(key).lower()
+    if not set(name) <= _TCHAR:
+        raise ConfigError(f"{key}: {name!r} is not a header name")
+    return name
+
+
 def parse_settings(data: Any) -> Settings:
     """Validates a decoded YAML document into `Settings`, naming the first bad key."""
     root = _Reader(data, "")
@@ -530,9 +590,12 @@ def parse_settings(data: Any) -> Settings:
             ),
         )
         cache_reader.done()
+    http = root.child("http")
+    forward_auth = _forward_auth(http)
     settings = Settings(
         grpc=_listen(root.child("grpc")),
-        http=_listen(root.child("http")),
+        http=_listen(http),
+        forward_auth=forward_auth,
         metrics=_listen(root.child("metrics")),
         issuers=issuers,
         cache=cache,
@@ -545,7 +608,7 @@ def parse_settings(data: Any) -> Settings:
         rate_limits=_rate_limits(root.child("rate_limits")),
         dpop=_optional_section(root, "dpop", "verifier.binding.dpop", "parse_dpop_config"),
         state=_optional_section(root, "state", "verifier.state", "parse_state_config"),
-        mtls_thumbprint_header=root.text("mtls_thumbprint_header", "x-client-cert-thumbprint").lower(),
+        mtls_thumbprint_header=_header_name(root, "mtls_thumbprint_header"),
         edge_cache=_edge_cache(root.child("edge_cache")),
         workers=root.integer("workers", 1, minimum=1, maximum=64),
         max_pending_checks=root.integer("max_pending_checks", DEFAULT_MAX_PENDING_CHECKS, minimum=1, maximum=1_000_000),

@@ -5,11 +5,26 @@ An asyncio Protocol over `httptools` (llhttp): no framework, no per-request obje
 attributes, a pre-serialized answer for every cached decision, keep-alive, TCP_NODELAY (without it
 Nagle's algorithm adds ~40 ms to every answer) and in-order answers for pipelined requests.
 
-Where the original request is described (first match wins):
-- method: `X-Forwarded-Method`, `X-Original-Method`, else this request's method (Envoy HTTP mode);
-- path: `X-Forwarded-Uri`, `X-Original-URI`, else what follows `/v1/forward-auth` (Envoy appends the
-  original path to its `path_prefix`), else `/`;
-- host: `X-Forwarded-Host`, else `Host`; scheme: `X-Forwarded-Proto`, else `http`.
+Every header is a trust decision. The original request is described by ONE declared family of
+headers (`http.forwarded_headers`), which the gateway in front must overwrite on every request; the
+other family is never read, not even as a fallback, since whatever a gateway does not overwrite
+(nginx `auth_request` passes the client's headers through) the client chose:
+- `x-forwarded` (default; Kong's plugin, Traefik, Caddy): `X-Forwarded-Method`, `-Uri`, `-Host`
+  (+ `-Port`), `-Proto`, and the client address from the first `X-Forwarded-For` element;
+- `x-original` (nginx style): `X-Original-Method`, `X-Original-URI`, `X-Original-Host`,
+  `X-Original-Proto`; the client address is the peer's (no standard header names it).
+A header of the family that is absent falls back to this request: its own method (Envoy HTTP mode),
+what follows `/v1/forward-auth` in its target (Envoy appends the original path), else `/`; the `Host`
+header; scheme `http`. `X-Envoy-Original-Path`, `X-HTTP-Method-Override` and the like are never read.
+
+The client certificate's thumbprint (RFC 8705 `x5t#S256`) is read only from the header named by
+`mtls_thumbprint_header`; by default none is, so a certificate-bound token is refused here unless the
+operator declares the header their gateway overwrites.
+
+On an allow, identity headers a client sent (`X-Authenticated-*`) that this answer does not set are
+listed in `x-envoy-auth-headers-to-remove` (Envoy HTTP mode removes them; the headers we set
+overwrite). Connections whose request does not arrive within `http.header_timeout_seconds`, or that
+stay idle for `http.idle_timeout_seconds`, are closed.
 """
 
 from __future__ import annotations
@@ -17,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
@@ -30,7 +46,8 @@ from verifier.decision import Decision
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Pipeline
-from verifier.request import RequestAttributes
+from verifier.request import RequestAttributes, normalize_host
+from verifier.settings import ForwardAuthSettings
 
 log = logging.getLogger("verifier.forward_auth")
 
@@ -55,29 +72,71 @@ _HEALTH_NOT = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
-def attributes_from_http(method: str, target: bytes, headers: dict[str, str], peer: str) -> RequestAttributes:
-    """Builds the original request's attributes from a forward-auth request."""
-    path = headers.get("x-forwarded-uri") or headers.get("x-original-uri")
-    if path is None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class ForwardedHeaders:
+    """One family of headers that describes the original request (names lower-case; "" = none)."""
+
+    method: str
+    path: str
+    host: str
+    port: str
+    scheme: str
+    client: str
+
+
+FORWARDED_FAMILIES = {
+    "x-forwarded": ForwardedHeaders(
+        method="x-forwarded-method",
+        path="x-forwarded-uri",
+        host="x-forwarded-host",
+        port="x-forwarded-port",
+        scheme="x-forwarded-proto",
+        client="x-forwarded-for",
+    ),
+    "x-original": ForwardedHeaders(
+        method="x-original-method",
+        path="x-original-uri",
+        host="x-original-host",
+        port="",
+        scheme="x-original-proto",
+        client="",
+    ),
+}
+X_FORWARDED = FORWARDED_FAMILIES["x-forwarded"]
+
+
+def attributes_from_http(
+    method: str,
+    target: bytes,
+    headers: dict[str, str],
+    peer: str,
+    family: ForwardedHeaders = X_FORWARDED,
+    thumbprint_header: str = "",
+) -> RequestAttributes:
+    """Builds the original request's attributes from a forward-auth request, reading only `family`."""
+    get = headers.get
+    path = get(family.path)
+    if not path:
         suffix = target[len(PREFIX) :].decode("latin-1") if target.startswith(PREFIX) else ""
         path = suffix if suffix.startswith("/") else "/" + suffix.lstrip("?") if suffix else "/"
-    scheme = headers.get("x-forwarded-proto", "http").lower()
-    host = headers.get("x-forwarded-host")
+    scheme = get(family.scheme, "http").lower()
+    host = get(family.host)
     if host is None:
-        host = headers.get("host", "")
-    else:
+        host = get("host", "")
+    elif family.port:
         # Kong and Traefik send the port apart; DPoP's htu (RFC 9449) needs it when not the default.
-        port = headers.get("x-forwarded-port")
+        port = get(family.port)
         if port and ":" not in host.rpartition("]")[2] and port != _DEFAULT_PORTS.get(scheme):
             host = f"{host}:{port}"
+    client = get(family.client, "").split(",", 1)[0].strip() if family.client else ""
     return RequestAttributes(
-        method=(headers.get("x-forwarded-method") or headers.get("x-original-method") or method).upper(),
+        method=(get(family.method) or method).upper(),
         scheme=scheme,
-        host=host,
+        host=normalize_host(host),
         path=path,
         headers=headers,
-        client_address=(headers.get("x-forwarded-for", "").split(",", 1)[0].strip() or peer),
-        client_cert_thumbprint=headers.get("x-client-cert-thumbprint", ""),
+        client_address=client or peer,
+        client_cert_thumbprint=get(thumbprint_header, "") if thumbprint_header else "",
     )
 
 
@@ -210,7 +269,7 @@ class _Connection(asyncio.Protocol):
         path = url.split(b"?", 1)[0]
         door = self._door
         if path == PREFIX or path.startswith(PREFIX + b"/"):
-            attrs = attributes_from_http(parser.get_method().decode("latin-1"), url, self._headers, self._peer)
+            attrs = door.attributes(parser.get_method().decode("latin-1"), url, self._headers, self._peer)
             started = time.perf_counter()
             decision = door.pipeline.decide_cached(attrs, DOOR)
             if decision is not None:
@@ -322,14 +381,30 @@ class ForwardAuthDoor:
     """The HTTP forward-auth listener."""
 
     def __init__(
-        self, pipeline: Pipeline, metrics: Metrics, ready: Callable[[], bool], router: Router | None = None
+        self,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+        router: Router | None = None,
+        *,
+        settings: ForwardAuthSettings | None = None,
+        thumbprint_header: str = "",
     ) -> None:
+        settings = settings or ForwardAuthSettings()
+        self.family = FORWARDED_FAMILIES[settings.forwarded_headers]
+        self.thumbprint_header = thumbprint_header
+        self.header_timeout = settings.header_timeout_seconds
+        self.idle_timeout = settings.idle_timeout_seconds
         self.router = router if router is not None else Router()
         self.pipeline = pipeline
         self.metrics = metrics
         self.ready = ready
         self._server: asyncio.Server | None = None
         self.connections: set[_Connection] = set()
+
+    def attributes(self, method: str, target: bytes, headers: dict[str, str], peer: str) -> RequestAttributes:
+        """A request's attributes as this door reads them (its header family, its thumbprint header)."""
+        return attributes_from_http(method, target, headers, peer, self.family, self.thumbprint_header)
 
     def observe(self, decision: Decision, started: float) -> None:
         """Counts a decision."""

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from verifier.decision import Decision
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Pipeline
-from verifier.request import RequestAttributes
+from verifier.request import RequestAttributes, normalize_host
 from verifier.v1 import verifier_pb2
 
 OWN_SERVICE = "verifier.v1.Verifier"
@@ -70,7 +70,7 @@ def attributes_from_own(request: verifier_pb2.CheckRequest) -> RequestAttributes
     return RequestAttributes(
         method=request.method.upper() or "GET",
         scheme=request.scheme.lower() or "http",
-        host=request.host,
+        host=normalize_host(request.host),
         path=request.path or "/",
         headers=_lower(request.headers),
         client_address=request.client_address,
@@ -92,11 +92,12 @@ def attributes_from_envoy(request: ea.CheckRequest) -> RequestAttributes:
     return RequestAttributes(
         method=http.method.upper() or "GET",
         scheme=http.scheme.lower() or "http",
-        host=http.host,
+        host=normalize_host(http.host),
         path=http.path or "/",
         headers=headers,
         client_address=source.address.socket_address.address,
-        client_cert_thumbprint=headers.get("x-client-cert-thumbprint", "") or cert_thumbprint(source.certificate),
+        # Envoy's own view of the TLS peer; a header could have come from the client.
+        client_cert_thumbprint=cert_thumbprint(source.certificate),
     )
 
 
