@@ -165,6 +165,16 @@ def test_a_client_naming_a_public_path_does_not_open_a_protected_one(
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize("path", ["/health/../admin/secret", "/health/%2e%2e/admin/secret", "//admin/secret"])
+def test_a_public_path_with_dot_segments_does_not_open_a_protected_one(
+    edge: Edge, upstream: EchoUpstream, path: str
+) -> None:
+    r = http_request(f"{edge.url}{path}")
+
+    assert r.status in (301, 307, 308, 400, 401, 404), (edge.name, path, r.status, r.body)
+    assert upstream.requests == []
+
+
 def test_the_public_path_itself_stays_public(edge: Edge, upstream: EchoUpstream) -> None:
     """The control for the test above: /health really is open, so a 401 there is the path being judged."""
     r = http_request(f"{edge.url}/health")
