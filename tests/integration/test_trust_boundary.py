@@ -247,6 +247,22 @@ def test_client_identity_headers_never_reach_the_upstream_and_the_verifiers_do(
     assert "x-authenticated-anything" not in seen.headers
 
 
+def test_identity_headers_spelled_with_underscores_never_reach_the_upstream(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    """CGI-style frameworks (WSGI, Rack, PHP) read `X_Authenticated_Roles` as `X-Authenticated-Roles`."""
+    spoof = {"X_Authenticated_Roles": "admin", "X_Authenticated_Userid": "root", "x-authenticated_scope": "all"}
+
+    r = http_request(f"{edge.url}/orders", headers={**spoof, **bearer(tokens("read"))})
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    as_cgi = {name.replace("_", "-"): value for name, value in seen.headers.items()}
+    assert as_cgi.get("x-authenticated-userid") == "alice", seen.headers
+    assert as_cgi.get("x-authenticated-scope") == "read", seen.headers
+    assert "x-authenticated-roles" not in as_cgi, seen.headers
+
+
 def test_client_identity_headers_do_not_pass_a_role_check(
     edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
 ) -> None:

@@ -28,6 +28,7 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
     test_client_identity_headers_do_not_pass_a_role_check,
     test_client_identity_headers_never_reach_the_upstream_and_the_verifiers_do,
     test_every_spelling_of_the_admin_host_gets_the_admin_hosts_policy,
+    test_identity_headers_spelled_with_underscores_never_reach_the_upstream,
     test_the_public_path_itself_stays_public,
     test_the_verifiers_roles_reach_the_upstream,
     tokens,
@@ -38,7 +39,14 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def edge(start_nginx: Any, verifier: GatewayProcess, upstream: EchoUpstream) -> Iterator[Edge]:  # noqa: F811
-    base = start_nginx({"url": f"{verifier.url}/v1/forward-auth", "cache_entries": 0}, upstream.port)
-    yield Edge(name="kong-lua", url=base)
+@pytest.fixture(params=["underscores-dropped", "underscores-in-headers-on"])
+def edge(
+    request: pytest.FixtureRequest, start_nginx: Any, verifier: GatewayProcess, upstream: EchoUpstream  # noqa: F811
+) -> Iterator[Edge]:
+    """The plugin's rig; also with `underscores_in_headers on`, where `X_Authenticated_Roles` reaches the plugin."""
+    base = start_nginx(
+        {"url": f"{verifier.url}/v1/forward-auth", "cache_entries": 0},
+        upstream.port,
+        underscores_in_headers=request.param == "underscores-in-headers-on",
+    )
+    yield Edge(name=f"kong-lua[{request.param}]", url=base)

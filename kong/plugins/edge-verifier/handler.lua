@@ -20,6 +20,7 @@ local pcall = pcall
 local concat = table.concat
 local lower = string.lower
 local sub = string.sub
+local gsub = string.gsub
 local byte = string.byte
 local setmetatable = setmetatable
 local tostring = tostring
@@ -177,7 +178,10 @@ local function scan_headers(headers)
     local b = byte(name, 1)
     if b == BYTE_X or b == BYTE_UPPER_X then
       local lname = lower(name)
-      if sub(lname, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX or IS_METHOD_OVERRIDE[lname] then
+      -- `x_authenticated_roles` is X-Authenticated-Roles to CGI-style
+      -- frameworks (nginx drops such names unless underscores_in_headers is on)
+      if gsub(sub(lname, 1, IDENTITY_PREFIX_LEN), "_", "-") == IDENTITY_PREFIX
+          or IS_METHOD_OVERRIDE[gsub(lname, "_", "-")] then
         kong.service.request.clear_header(name)
       elseif IS_CONSUMER_HEADER[lname] then
         consumer_sent = true
