@@ -352,3 +352,107 @@ async def test_a_host_policy_holds_for_every_spelling_of_the_host(family: str, h
         assert _status(answer) == 401, "the admin host's policy, not the open one"
         open_host = await http_exchange(app.ports.http, raw.replace(spelling.encode(), b"www.example.test"))
         assert _status(open_host) == 200
+
+
+async def test_an_allow_tells_envoy_to_remove_identity_headers_the_client_sent() -> None:
+    smuggled = "X-Authenticated-Userid: admin\r\nX-Authenticated-Tenant: acme\r\nx-authenticated-roles: admin\r\n"
+    async with running_verifier() as (app, idp):
+        token = idp.mint(sub="erin")
+        plain = await http_exchange(app.ports.http, _request(token))
+        assert _header(plain, "x-envoy-auth-headers-to-remove") is None
+        answer = await http_exchange(app.ports.http, _request(token, smuggled))
+        assert _status(answer) == 200 and _header(answer, "x-authenticated-userid") == "erin"
+        assert _header(answer, "x-envoy-auth-headers-to-remove") == "x-authenticated-roles, x-authenticated-tenant"
+        closing = await http_exchange(
+            app.ports.http, _request(token, smuggled + "Connection: close\r\n"), read_until_close=True
+        )
+        assert _header(closing, "x-envoy-auth-headers-to-remove") == "x-authenticated-roles, x-authenticated-tenant"
+        assert _header(closing, "connection") == "close"
+        # The per-request header never leaks into the memoized answer, and refusals carry none.
+        assert await http_exchange(app.ports.http, _request(token)) == plain
+        refused = await http_exchange(app.ports.http, _request(None, smuggled))
+        assert _status(refused) == 401 and _header(refused, "x-envoy-auth-headers-to-remove") is None
+
+
+# -- listener timeouts (slowloris, idle keep-alives) ---------------------------------------------------
+
+SHORT = ForwardAuthSettings(header_timeout_seconds=0.3, idle_timeout_seconds=0.6)
+
+
+async def _seconds_until_closed(reader: asyncio.StreamReader, limit: float = 5.0) -> float:
+    """Reads (and discards) until the server closes; returns how long that took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(limit):
+        while await reader.read(4096):
+            pass
+    return loop.time() - started
+
+
+async def test_half_sent_requests_are_closed_after_the_header_timeout() -> None:
+    async with running_verifier({"forward_auth": SHORT}) as (app, _):
+        connections = [await asyncio.open_connection("127.0.0.1", app.ports.http) for _ in range(40)]
+        slow = [writer for i, (_, writer) in enumerate(connections) if i % 4]  # a quarter send nothing at all
+        for writer in slow:
+            writer.write(b"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\n")
+
+        async def trickle() -> None:
+            # Slowloris: a header line now and then never extends the deadline.
+            for _ in range(20):
+                await asyncio.sleep(0.05)
+                for writer in slow:
+                    if not writer.is_closing():
+                        writer.write(b"X-a: b\r\n")
+
+        trickling = asyncio.ensure_future(trickle())
+        try:
+            waits = await asyncio.gather(*(_seconds_until_closed(r) for r, _ in connections))
+        finally:
+            trickling.cancel()
+            for _, writer in connections:
+                writer.close()
+        assert all(0.2 <= w <= 1.5 for w in waits), waits
+        assert not app.forward_auth.connections
+        # The listener still serves.
+        assert _status(await http_exchange(app.ports.http, _request(None))) == 401
+
+
+async def test_an_idle_keep_alive_is_closed_after_the_idle_timeout() -> None:
+    async with running_verifier({"forward_auth": SHORT}) as (app, idp):
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
+        try:
+            writer.write(_request(idp.mint()))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert _status(head) == 200
+            waited = await _seconds_until_closed(reader)
+            assert 0.5 <= waited <= 2.0, waited
+        finally:
+            writer.close()
+
+
+async def test_an_active_pipelined_connection_outlives_both_timeouts() -> None:
+    async with running_verifier({"forward_auth": SHORT}) as (app, idp):
+        token = idp.mint()
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answered = 0
+        try:
+            while loop.time() - started < 2.0:  # several header and idle timeouts long
+                writer.write(_request(token) + _request(None) + _request(token))  # pipelined
+                for _ in range(3):
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    length = int(_header(head, "content-length") or 0)
+                    if length:
+                        await reader.readexactly(length)
+                    answered += 1
+                await asyncio.sleep(0.2)  # below the idle timeout
+            # A request sent slowly but completely within the header timeout is answered too.
+            raw = _request(token)
+            writer.write(raw[:20])
+            await asyncio.sleep(0.15)
+            writer.write(raw[20:])
+            assert _status(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)) == 200
+        finally:
+            writer.close()
+        assert answered >= 18

@@ -7,6 +7,7 @@ import urllib.parse
 import grpc
 import pytest
 from doorkit import running_verifier
+from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2 as ac
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
@@ -175,3 +176,23 @@ async def test_a_host_policy_holds_for_every_spelling_of_the_host_on_both_grpc_d
                 assert answer.allowed is allowed, host
                 reply = await envoy.Check(_envoy_request(None, "/", host=host))
                 assert (reply.status.code == 0) is allowed, host
+
+
+async def test_envoy_removes_every_identity_header_a_client_sent_that_the_answer_does_not_set() -> None:
+    smuggled = {"x-authenticated-userid": "admin", "x-authenticated-tenant": "acme", "x-authenticated-roles": "admin"}
+    async with running_verifier() as (app, idp):
+        token = idp.mint(sub="erin")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            stub = ea_grpc.AuthorizationStub(channel)
+            plain = await stub.Check(_envoy_request(token))  # memoizes the common answer first
+            answer = await stub.Check(_envoy_request(token, extra=smuggled))
+            assert answer.status.code == 0
+            ours = {h.header.key: (h.header.value, h.append_action) for h in answer.ok_response.headers}
+            assert ours["x-authenticated-userid"] == ("erin", base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+            removed = set(answer.ok_response.headers_to_remove)
+            assert {"x-authenticated-tenant", "x-authenticated-roles"} <= removed
+            assert not removed & set(ours), "a header we set must not also be removed"
+            # The per-request list never leaks into the memoized answer other requests get.
+            again = await stub.Check(_envoy_request(token))
+            assert again.SerializeToString() == plain.SerializeToString()
+            assert "x-authenticated-tenant" not in again.ok_response.headers_to_remove

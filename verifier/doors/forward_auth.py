@@ -37,12 +37,12 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httptools
 
-from verifier.decision import Decision
+from verifier.decision import Decision, smuggled_identity
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Pipeline
@@ -58,6 +58,7 @@ MAX_HEADERS = 128  # header fields per request
 MAX_PIPELINED = 64  # answers pending on one connection before we stop reading from it
 LINGER_SECONDS = 1.0  # after a refused request, how long we keep reading before closing
 MAX_BODY_BYTES = 64 * 1024  # forward-auth requests carry no body we need; bound what we swallow
+TIMER_SLACK_SECONDS = 0.001  # a loop may wake a timer this early (libuv has millisecond timers)
 
 _ERROR_ANSWERS = {
     400: b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
@@ -147,6 +148,7 @@ class _Connection(asyncio.Protocol):
         "_body",
         "_body_bytes",
         "_closing",
+        "_deadline",
         "_door",
         "_header_bytes",
         "_headers",
@@ -156,6 +158,8 @@ class _Connection(asyncio.Protocol):
         "_peer",
         "_pending",
         "_raw",
+        "_reading",
+        "_timer",
         "_transport",
         "_url",
     )
@@ -175,6 +179,12 @@ class _Connection(asyncio.Protocol):
         self._closing = False
         self._paused = False
         self._peer = ""
+        # One timer per connection (see _tick): `_deadline` is when the connection is closed unless
+        # its state changes first: a request being read must arrive by then, an idle keep-alive
+        # must be used by then; 0.0 while answers are owed (the pipeline bounds its own work).
+        self._reading = False
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -186,6 +196,12 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self._peer = peer[0] if isinstance(peer, tuple) else ""
+        # A connection is opened to send a request: its first one gets the header timeout.
+        door = self._door
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._deadline = now + door.header_timeout
+        self._timer = loop.call_at(now + door.tick, self._tick)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -214,13 +230,44 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._door.connections.discard(self)
         self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for item in self._pending:
             if isinstance(item, asyncio.Future):
                 item.cancel()
         self._pending.clear()
 
+    def _tick(self) -> None:
+        """The connection's one timer: closes it past its deadline, else wakes again within `tick`.
+
+        State changes only move `_deadline` (a float store, no timer handle per request); since every
+        deadline set is at least `tick` ahead and the timer always wakes within `tick`, it is never late.
+        """
+        self._timer = None
+        transport = self._transport
+        if self._closing or transport is None or transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = self._deadline
+        if deadline and now >= deadline - TIMER_SLACK_SECONDS:
+            # A request that never completes (slowloris) or an unused keep-alive: close, no answer
+            # (nginx does the same for client_header_timeout and keepalive_timeout).
+            self._closing = True
+            transport.close()
+            return
+        wake = now + self._door.tick
+        self._timer = loop.call_at(deadline if deadline and deadline < wake else wake, self._tick)
+
+    def _idle(self) -> None:
+        """Nothing owed and nothing being read: the keep-alive may stay idle for `idle_timeout`."""
+        self._deadline = asyncio.get_running_loop().time() + self._door.idle_timeout
+
     # httptools callbacks
     def on_message_begin(self) -> None:
+        self._reading = True
+        self._deadline = asyncio.get_running_loop().time() + self._door.header_timeout
         self._url = b""
         self._raw = []
         self._header_bytes = 0
@@ -261,6 +308,7 @@ class _Connection(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._reading = False
         if self._closing:
             return  # requests pipelined behind a "Connection: close" are not answered
         parser = self._parser
@@ -274,7 +322,7 @@ class _Connection(asyncio.Protocol):
             decision = door.pipeline.decide_cached(attrs, DOOR)
             if decision is not None:
                 door.observe(decision, started)
-                self._push(_answer(decision, keep_alive), keep_alive)
+                self._push(_answer(decision, keep_alive, attrs.headers), keep_alive)
             else:
                 future = asyncio.ensure_future(door.decide_slow(attrs, started, keep_alive))
                 self._push(future, keep_alive)
@@ -294,6 +342,10 @@ class _Connection(asyncio.Protocol):
             self._push(asyncio.ensure_future(door.route(request, keep_alive)), keep_alive)
         else:
             self._push(_ERROR_ANSWERS[404], keep_alive)
+        if self._pending:
+            self._deadline = 0.0  # answers owed: no deadline until they are out
+        else:
+            self._idle()
 
     # answers, in request order
     def _push(self, item: asyncio.Future[bytes] | bytes, keep_alive: bool) -> None:
@@ -333,6 +385,8 @@ class _Connection(asyncio.Protocol):
             transport.resume_reading()
         if self._closing and not pending:
             transport.close()
+        elif not pending and not self._reading:
+            self._idle()
 
     def _fail(self, status: int) -> None:
         self._closing = True
@@ -367,12 +421,19 @@ class _TooLarge(Exception):
         self.status = status
 
 
-def _answer(decision: Decision, keep_alive: bool) -> bytes:
+def _answer(decision: Decision, keep_alive: bool, request_headers: Mapping[str, str]) -> bytes:
+    end = b"\r\n" if keep_alive else b"connection: close\r\n\r\n"
+    if decision.allowed:
+        smuggled = smuggled_identity(decision, request_headers)
+        if smuggled:
+            # Envoy's HTTP ext_authz mode removes these from the upstream request (the names are
+            # tokens: llhttp refuses anything else in a field name). Built per request, never memoized.
+            remove = ("x-envoy-auth-headers-to-remove: " + ", ".join(smuggled) + "\r\n").encode("latin-1")
+            return decision.http_head + remove + end + decision.body
     key = "http_keepalive" if keep_alive else "http_close"
     data = decision.memo.get(key)
     if data is None:
-        head = decision.http_head
-        data = head + (b"\r\n" if keep_alive else b"connection: close\r\n\r\n") + decision.body
+        data = decision.http_head + end + decision.body
         decision.memo[key] = data
     return data
 
@@ -395,6 +456,7 @@ class ForwardAuthDoor:
         self.thumbprint_header = thumbprint_header
         self.header_timeout = settings.header_timeout_seconds
         self.idle_timeout = settings.idle_timeout_seconds
+        self.tick = min(self.header_timeout, self.idle_timeout)  # a connection's timer wakes at least this often
         self.router = router if router is not None else Router()
         self.pipeline = pipeline
         self.metrics = metrics
@@ -414,7 +476,7 @@ class ForwardAuthDoor:
         """A decision that needs verification (first-seen token)."""
         decision = await self.pipeline.decide_after_miss(attrs, DOOR)
         self.observe(decision, started)
-        return _answer(decision, keep_alive)
+        return _answer(decision, keep_alive, attrs.headers)
 
     async def route(self, request: HttpRequest, keep_alive: bool) -> bytes:
         """One of the small endpoints; a handler's crash is a 500, never a dropped connection."""
