@@ -633,8 +633,14 @@ def start_envoy(
     jwks: Mapping[str, Any] | None = None,
     jwks_uri: str | None = None,
     log_level: str = "warn",
+    downstream_tls: Mapping[str, str] | None = None,
 ) -> GatewayProcess:
     """Run Envoy in front of ``upstream_port`` and wait until its admin ``/ready`` says LIVE.
+
+    ``downstream_tls`` (``cert_file``, ``key_file``, ``ca_file``: PEM paths) makes the listener of a
+    rendered template terminate TLS and verify client certificates from that CA (optional ones, so a
+    test can also connect without), as the gRPC template's header comment describes; ``url`` is then
+    ``https://``.
 
     Modes: ``grpc`` (ext_authz over gRPC to the verifier), ``http`` (ext_authz HTTP service to the
     verifier's ``/v1/forward-auth``), ``jwt_authn`` (Envoy's own JWT filter with ``jwks`` inline or
@@ -672,6 +678,8 @@ def start_envoy(
             jwks_uri=jwks_uri,
         )
         rendered = yaml.safe_dump(config, sort_keys=False)
+    if downstream_tls is not None:
+        rendered = _with_downstream_tls(rendered, downstream_tls)
     config_path.write_text(rendered)
     argv = [
         str(envoy_binary()),
@@ -683,13 +691,34 @@ def start_envoy(
     ]  # fmt: skip
     gw = GatewayProcess(
         name=f"envoy[{mode}]",
-        url=f"http://{LOOPBACK}:{listen_port}",
+        url=f"{'https' if downstream_tls else 'http'}://{LOOPBACK}:{listen_port}",
         proc=_spawn(argv, work / "envoy.log", cwd=work),
         log_path=work / "envoy.log",
         admin_url=f"http://{LOOPBACK}:{admin_port}",
         config_path=config_path,
     )
     return _wait_ready(gw, f"{gw.admin_url}/ready")
+
+
+def _with_downstream_tls(rendered: str, tls: Mapping[str, str]) -> str:
+    """The rendered bootstrap with a DownstreamTlsContext on its one listener (client certificates optional)."""
+    config = yaml.safe_load(rendered)
+    (listener,) = config["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    chain["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": TYPE_URL + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": False,
+            "common_tls_context": {
+                "tls_certificates": [
+                    {"certificate_chain": {"filename": tls["cert_file"]}, "private_key": {"filename": tls["key_file"]}}
+                ],
+                "validation_context": {"trusted_ca": {"filename": tls["ca_file"]}},
+            },
+        },
+    }
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def envoy_stats(gw: GatewayProcess, prefix: str = "") -> dict[str, int]:

@@ -13,12 +13,24 @@ protected application (an echo upstream recording every request) received, not o
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
+import http.client
+import ipaddress
 import socket
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
+
+from verifier.binding.mtls import thumbprint_from_der
 
 if __package__:
     from .gateways import (
@@ -190,9 +202,7 @@ def test_the_public_path_itself_stays_public(edge: Edge, upstream: EchoUpstream)
 def test_a_client_naming_a_safe_method_does_not_write_with_a_read_only_token(
     edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], spoof: str
 ) -> None:
-    r = http_request(
-        f"{edge.url}/orders", method="POST", headers={**bearer(tokens("read")), spoof: "GET"}, body=b"{}"
-    )
+    r = http_request(f"{edge.url}/orders", method="POST", headers={**bearer(tokens("read")), spoof: "GET"}, body=b"{}")
 
     assert r.status == 403, (edge.name, r.status, r.headers, r.body)
     assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
@@ -266,17 +276,13 @@ def test_identity_headers_spelled_with_underscores_never_reach_the_upstream(
 def test_client_identity_headers_do_not_pass_a_role_check(
     edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
 ) -> None:
-    r = http_request(
-        f"{edge.url}/admin/secret", headers={"X-Authenticated-Roles": "admin", **bearer(tokens("read"))}
-    )
+    r = http_request(f"{edge.url}/admin/secret", headers={"X-Authenticated-Roles": "admin", **bearer(tokens("read"))})
 
     assert r.status == 403, (edge.name, r.status, r.body)
     assert upstream.requests == []
 
 
-def test_the_verifiers_roles_reach_the_upstream(
-    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
-) -> None:
+def test_the_verifiers_roles_reach_the_upstream(edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]) -> None:
     r = http_request(
         f"{edge.url}/admin/secret", headers={"X-Authenticated-Roles": "nobody", **bearer(tokens(roles=["admin"]))}
     )
@@ -344,3 +350,116 @@ def test_a_method_override_never_reaches_the_upstream(
     (seen,) = upstream.requests
     assert seen.method == "GET"
     assert override.lower() not in seen.headers, seen.headers
+
+
+# ------------------------------------------------------------------------------------------------ a real certificate
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pki:
+    """PEM files: a CA, Envoy's server certificate for 127.0.0.1, two client certificates of that CA."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    clients: tuple[tuple[Path, Path, str], ...]  # (cert, key, x5t#S256)
+
+
+def _issue(
+    subject: str, issuer_key: ec.EllipticCurvePrivateKey | None, issuer_name: x509.Name | None, *, ca: bool = False
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))])
+        builder = builder.add_extension(san, critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256()), key
+
+
+def _write(directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    ca_cert, ca_key = _issue("test CA", None, None, ca=True)
+    ca_path, _ = _write(directory, "ca", ca_cert, ca_key)
+    server_cert, server_key = _write(directory, "server", *_issue(LOOPBACK, ca_key, ca_cert.subject))
+    clients = []
+    for name in ("client-a", "client-b"):
+        cert, key = _issue(name, ca_key, ca_cert.subject)
+        clients.append((*_write(directory, name, cert, key), thumbprint_from_der(cert.public_bytes(Encoding.DER))))
+    return Pki(ca=ca_path, server_cert=server_cert, server_key=server_key, clients=tuple(clients))
+
+
+@pytest.fixture(scope="module")
+def envoy_mtls(
+    pki: Pki, verifier: GatewayProcess, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """The gRPC template with the mutual-TLS listener its header comment describes."""
+    gw = start_envoy(
+        tmp_path_factory.mktemp("envoy-mtls"),
+        "grpc",
+        verifier_grpc_port=verifier.extra["grpc_port"],
+        upstream_port=upstream.port,
+        downstream_tls={"cert_file": str(pki.server_cert), "key_file": str(pki.server_key), "ca_file": str(pki.ca)},
+    )
+    yield gw
+    gw.stop()
+
+
+def https_get(gw: GatewayProcess, pki: Pki, headers: dict[str, str], client: int | None) -> int:
+    """GET /orders over TLS, presenting client certificate number `client` (or none); the status."""
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client is not None:
+        cert, key, _ = pki.clients[client]
+        context.load_cert_chain(str(cert), str(key))
+    conn = http.client.HTTPSConnection(LOOPBACK, int(gw.url.rsplit(":", 1)[1]), context=context, timeout=10)
+    try:
+        conn.request("GET", "/orders", headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_a_certificate_bound_token_passes_with_its_certificate_through_envoy_grpc(
+    envoy_mtls: GatewayProcess, pki: Pki, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    """The control for the thumbprint tests: the declared source (`source.certificate`) does work."""
+    token = tokens(cnf={"x5t#S256": pki.clients[0][2]})
+
+    status = https_get(envoy_mtls, pki, bearer(token), client=0)
+
+    assert status == 200
+    (seen,) = upstream.requests
+    assert seen.headers["x-authenticated-userid"] == "alice"
+
+
+def test_a_certificate_bound_token_with_another_certificate_is_refused(
+    envoy_mtls: GatewayProcess, pki: Pki, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    token = tokens(cnf={"x5t#S256": pki.clients[0][2]})
+    spoof = {**bearer(token), "X-Client-Cert-Thumbprint": pki.clients[0][2]}
+
+    other = https_get(envoy_mtls, pki, spoof, client=1)
+    none = https_get(envoy_mtls, pki, spoof, client=None)
+
+    assert (other, none) == (401, 401)
+    assert upstream.requests == []

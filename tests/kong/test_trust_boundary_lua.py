@@ -41,7 +41,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(params=["underscores-dropped", "underscores-in-headers-on"])
 def edge(
-    request: pytest.FixtureRequest, start_nginx: Any, verifier: GatewayProcess, upstream: EchoUpstream  # noqa: F811
+    request: pytest.FixtureRequest,
+    start_nginx: Any,
+    verifier: GatewayProcess,  # noqa: F811 - the imported fixture, requested by name
+    upstream: EchoUpstream,  # noqa: F811
 ) -> Iterator[Edge]:
     """The plugin's rig; also with `underscores_in_headers on`, where `X_Authenticated_Roles` reaches the plugin."""
     base = start_nginx(
