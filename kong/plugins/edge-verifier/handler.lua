@@ -20,6 +20,7 @@ local pcall = pcall
 local concat = table.concat
 local lower = string.lower
 local sub = string.sub
+local gsub = string.gsub
 local byte = string.byte
 local setmetatable = setmetatable
 local tostring = tostring
@@ -54,6 +55,12 @@ local IS_CONSUMER_HEADER = {}
 for i = 1, #CONSUMER_HEADERS do
   IS_CONSUMER_HEADER[lower(CONSUMER_HEADERS[i])] = true
 end
+-- Method overrides an application framework may honour: the verifier judged
+-- the request's real method, so the upstream must not be told another one.
+local IS_METHOD_OVERRIDE = {
+  ["x-http-method-override"] = true, ["x-http-method"] = true,
+  ["x-method-override"] = true,
+}
 -- first bytes of the header names the scan below looks at
 local BYTE_X, BYTE_UPPER_X = byte("x"), byte("X")
 local BYTE_A, BYTE_UPPER_A = byte("a"), byte("A")
@@ -153,7 +160,7 @@ end
 -- One pass over every request header (the PDK's get_headers: names
 -- lower-cased, repeated headers as arrays). Clears identity headers only this
 -- plugin may set, since a client sending them is trying to pass as someone,
--- and returns what the rest of the request needs:
+-- and method overrides, and returns what the rest of the request needs:
 --   authorization   the Authorization value(s), or nil
 --   single_use      a DPoP proof or X-WebAuthn-Assertion is present: the
 --                   answer must never come from the cache (a replayed proof
@@ -171,7 +178,10 @@ local function scan_headers(headers)
     local b = byte(name, 1)
     if b == BYTE_X or b == BYTE_UPPER_X then
       local lname = lower(name)
-      if sub(lname, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX then
+      -- `x_authenticated_roles` is X-Authenticated-Roles to CGI-style
+      -- frameworks (nginx drops such names unless underscores_in_headers is on)
+      if gsub(sub(lname, 1, IDENTITY_PREFIX_LEN), "_", "-") == IDENTITY_PREFIX
+          or IS_METHOD_OVERRIDE[gsub(lname, "_", "-")] then
         kong.service.request.clear_header(name)
       elseif IS_CONSUMER_HEADER[lname] then
         consumer_sent = true
