@@ -24,6 +24,7 @@ import aiohttp
 
 from verifier.errors import ProviderUnavailable
 from verifier.revocation.config import DELIVERY_POLL_URN, TransmitterConfig
+from verifier.tokens.fetch import read_body
 from verifier.tokens.jwks import IssuerKeys
 
 log = logging.getLogger("verifier.revocation")
@@ -111,13 +112,11 @@ class Poller:
                 ) as response:
                     if response.status != 200:
                         raise ProviderUnavailable(f"HTTP {response.status} from poll endpoint")
-                    body = await response.content.read(MAX_POLL_RESPONSE_BYTES + 1)
+                    body = await read_body(response, MAX_POLL_RESPONSE_BYTES, "poll response")
         except TimeoutError as exc:
             raise ProviderUnavailable("poll timed out") from exc
         except aiohttp.ClientError as exc:
             raise ProviderUnavailable(f"poll failed ({type(exc).__name__})") from exc
-        if len(body) > MAX_POLL_RESPONSE_BYTES:
-            raise ProviderUnavailable("poll response too large")
         # The transmitter has our acknowledgements now; they are not sent again.
         self._acks, self._errs = [], {}
         try:

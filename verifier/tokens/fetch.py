@@ -35,6 +35,25 @@ class Fetcher(Protocol):
         ...
 
 
+async def read_body(response: aiohttp.ClientResponse, max_bytes: int, what: str) -> bytes:
+    """The whole body, read to its end, or `ProviderUnavailable` as soon as it passes `max_bytes`.
+
+    `StreamReader.read(n)` returns only what is buffered so far: a body that arrives in more than one
+    piece (two writes, a TCP segment boundary, chunked encoding) would come back cut off. A declared
+    Content-Length over the bound is refused before any of the body is read.
+    """
+    if (response.content_length or 0) > max_bytes:
+        raise ProviderUnavailable(f"{what} too large")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await response.content.readany():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ProviderUnavailable(f"{what} too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_max_age(cache_control: str | None) -> float | None:
     """Reads `max-age` from a Cache-Control header; `no-store`/`no-cache` mean zero."""
     if not cache_control:
@@ -75,11 +94,7 @@ class HttpFetcher:
                 async with self._client().get(url, allow_redirects=False) as response:
                     if response.status != 200:
                         raise ProviderUnavailable(f"HTTP {response.status} from provider")
-                    if (response.content_length or 0) > max_bytes:
-                        raise ProviderUnavailable("provider document too large")
-                    body = await response.content.read(max_bytes + 1)
-                    if len(body) > max_bytes:
-                        raise ProviderUnavailable("provider document too large")
+                    body = await read_body(response, max_bytes, "provider document")
                     max_age = parse_max_age(response.headers.get("Cache-Control"))
         except TimeoutError as exc:
             raise ProviderUnavailable("provider timed out") from exc

@@ -39,6 +39,7 @@ import jwt
 from verifier.clock import Clock
 from verifier.errors import ProviderUnavailable
 from verifier.settings import is_loopback_host
+from verifier.tokens.fetch import read_body
 from verifier.tokens.introspection_breaker import CircuitBreaker
 from verifier.tokens.introspection_config import (
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -98,11 +99,7 @@ class AiohttpIntrospectionHttp:
                     headers=dict(request.headers),
                     allow_redirects=False,
                 ) as response:
-                    if (response.content_length or 0) > request.max_bytes:
-                        raise ProviderUnavailable("introspection answer too large")
-                    body = await response.content.read(request.max_bytes + 1)
-                    if len(body) > request.max_bytes:
-                        raise ProviderUnavailable("introspection answer too large")
+                    body = await read_body(response, request.max_bytes, "introspection answer")
                     return HttpReply(response.status, body)
         except aiohttp.ClientError as exc:
             raise ProviderUnavailable(f"introspection provider unreachable ({type(exc).__name__})") from exc
