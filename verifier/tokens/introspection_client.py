@@ -54,6 +54,19 @@ MAX_DISCOVERY_BYTES = 1 << 20  # 1 MiB: a larger discovery document is malformed
 Headers = tuple[tuple[str, str], ...]
 
 
+# Call results that count against the provider in the breaker: its faults, never its refusals. A 4xx
+# answers the request (a throttled flood, a refused client, a token the provider will not discuss);
+# counting it would let anyone who can send junk tokens open the breaker for everyone (issue #26 G7).
+PROVIDER_FAULTS = frozenset({"timeout", "unreachable", "http_5xx", "malformed"})
+
+
+def _status_result(status: int) -> str:
+    """The metrics result for a non-200 answer; 429 is throttling (still 503 retry-later, not a fault)."""
+    if status >= 500:
+        return "http_5xx"
+    return "throttled" if status == 429 else "http_4xx"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class HttpRequest:
     """One outbound call, fully built: the seam does no encoding of its own."""
@@ -254,7 +267,7 @@ class ProviderClient:
                 async with asyncio.timeout_at(deadline):
                     reply = await self._http.send(request)
                 if reply.status != 200:
-                    result = "http_5xx" if reply.status >= 500 else "http_4xx"
+                    result = _status_result(reply.status)
                     raise ProviderUnavailable(f"HTTP {reply.status} from introspection provider")
                 try:
                     return json.loads(reply.body)
@@ -277,8 +290,10 @@ class ProviderClient:
                     calls[result].inc()
                     if result == "ok":
                         self.breaker.success()
-                    else:
+                    elif result in PROVIDER_FAULTS:
                         self.breaker.failure()
+                    else:
+                        self.breaker.release()  # a refusal says nothing about the provider's health
         finally:
             self._slots.release()
 
