@@ -140,6 +140,7 @@ class App:
             authorization_endpoint=lambda issuer: self._discovered("authorization_endpoint", issuer)(),
             mtls_header=settings.mtls_thumbprint_header,
             max_pending=settings.max_pending_checks,
+            deadline=settings.deadline_seconds,
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
             revocations=self.revocation.revocations if self.revocation else None,

@@ -36,6 +36,11 @@ DEFAULT_FETCH_TIMEOUT_SECONDS = 5.0  # deadline on every discovery/JWKS call
 DEFAULT_MAX_JWKS_BYTES = 1 << 20  # 1 MiB: a JWKS larger than this is malformed, not a key set
 DEFAULT_MAX_JWKS_KEYS = 100  # keys kept per issuer; more is a misconfiguration or an attack
 DEFAULT_REALM = "verifier"
+# Seconds a door waits for a decision before answering 503 retry-later. Below the Kong plugins' 1 s
+# default timeout (and any gateway deadline must stay above it): a gateway that gives up first would
+# see an unreachable verifier, which `fail_open` turns into a pass (issue #26 G9).
+DEFAULT_DEADLINE_SECONDS = 0.8
+MAX_DEADLINE_SECONDS = 30.0
 
 
 class ConfigError(ValueError):
@@ -212,6 +217,7 @@ class Settings:
     mtls_thumbprint_header: str = "x-client-cert-thumbprint"  # where a gateway puts the client cert's x5t#S256
     edge_cache: EdgeCacheSettings = EdgeCacheSettings()
     max_pending_checks: int = DEFAULT_MAX_PENDING_CHECKS
+    deadline_seconds: float = DEFAULT_DEADLINE_SECONDS  # a door answers 503 retry-later past this
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); the metrics port is offset per worker
     revocation: Any = None  # verifier.revocation.RevocationConfig: Shared Signals receiver
     webauthn: Any = None  # verifier.webauthn config: credential registry and step-up
@@ -549,6 +555,9 @@ def parse_settings(data: Any) -> Settings:
         edge_cache=_edge_cache(root.child("edge_cache")),
         workers=root.integer("workers", 1, minimum=1, maximum=64),
         max_pending_checks=root.integer("max_pending_checks", DEFAULT_MAX_PENDING_CHECKS, minimum=1, maximum=1_000_000),
+        deadline_seconds=root.number(
+            "deadline_seconds", DEFAULT_DEADLINE_SECONDS, minimum=0.001, maximum=MAX_DEADLINE_SECONDS
+        ),
         revocation=_optional_section(root, "revocation", "verifier.revocation", "parse_revocation_config"),
         webauthn=_optional_section(root, "webauthn", "verifier.webauthn", "parse_webauthn_config"),
     )
