@@ -349,15 +349,29 @@ def check_url(url: str, key: str, what: str = "issuer") -> None:
     Keys, SETs and client secrets that travel over plain HTTP can be swapped or read by anyone on
     the path, so every outbound URL in the config goes through this one check.
     """
+    problem = url_problem(url, what)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def url_problem(url: object, what: str = "issuer", *, allow_http: bool = True) -> str:
+    """Why `url` must not be called (empty: it may): http(s), parseable, https unless loopback.
+
+    `allow_http=False` refuses plain http even on loopback: a URL learned from an https issuer's
+    metadata must not downgrade (see `verifier.tokens.fetch.check_learned_url`).
+    """
+    if not isinstance(url, str):
+        return f"expected an http(s) URL, got {type(url).__name__}"
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
-        raise ConfigError(f"{key}: not a valid URL ({exc})") from exc
+        return f"not a valid URL ({exc})"
     if parts.scheme not in ("http", "https") or not hostname:
-        raise ConfigError(f"{key}: expected an http(s) URL, got {url!r}")
-    if parts.scheme == "http" and not is_loopback_host(hostname):
-        raise ConfigError(f"{key}: https is required for a non-loopback {what} ({url!r})")
+        return f"expected an http(s) URL, got {url!r}"
+    if parts.scheme == "http" and not (allow_http and is_loopback_host(hostname)):
+        return f"https is required for a non-loopback {what} ({url!r})" if allow_http else f"plain http ({url!r})"
+    return ""
 
 
 def _introspection(reader: _Reader) -> Any:

@@ -24,7 +24,7 @@ import aiohttp
 
 from verifier.errors import ProviderUnavailable
 from verifier.revocation.config import DELIVERY_POLL_URN, TransmitterConfig
-from verifier.tokens.fetch import read_body
+from verifier.tokens.fetch import check_learned_url, read_body
 from verifier.tokens.jwks import IssuerKeys
 
 log = logging.getLogger("verifier.revocation")
@@ -56,11 +56,9 @@ def poll_endpoint(transmitter: TransmitterConfig, metadata: Any) -> str:
     candidates = delivery if isinstance(delivery, list) else [delivery]
     for item in candidates:
         if isinstance(item, dict) and item.get("method") == DELIVERY_POLL_URN:
-            url = item.get("endpoint_url")
-            if isinstance(url, str) and url.startswith(("https://", "http://")):
-                if url.startswith("http://") and not transmitter.issuer.startswith("http://"):
-                    return ""  # never downgrade to plain HTTP
-                return url
+            # the poll bearer goes there: the outbound URL rule, never a downgrade to plain http
+            with contextlib.suppress(ProviderUnavailable):
+                return check_learned_url(item.get("endpoint_url"), issuer=transmitter.issuer, what="poll endpoint")
     return ""
 
 

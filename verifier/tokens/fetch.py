@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from verifier.errors import ProviderUnavailable
+from verifier.settings import url_problem
 
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)", re.IGNORECASE)
 
@@ -33,6 +34,20 @@ class Fetcher(Protocol):
     async def get_json(self, url: str, *, timeout: float, max_bytes: int) -> FetchResult:
         """GETs `url`; raises `ProviderUnavailable` on any failure (transport, status, size, JSON)."""
         ...
+
+
+def check_learned_url(url: object, *, issuer: str, what: str) -> str:
+    """A URL a provider's metadata names, checked as a configured one would be; else `ProviderUnavailable`.
+
+    Keys are trusted and secrets sent (the introspection client secret, the poll bearer) to whatever
+    the metadata says, so it gets the outbound URL rule: https, or plain http on loopback only for an
+    issuer that is itself plain http (allowed by the config), never a downgrade from https.
+    """
+    problem = url_problem(url, what, allow_http=issuer.startswith("http://"))
+    if problem:
+        raise ProviderUnavailable(f"{what} refused: {problem}")
+    assert isinstance(url, str)
+    return url
 
 
 async def read_body(response: aiohttp.ClientResponse, max_bytes: int, what: str) -> bytes:

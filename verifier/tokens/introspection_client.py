@@ -38,8 +38,7 @@ import jwt
 
 from verifier.clock import Clock
 from verifier.errors import ProviderUnavailable
-from verifier.settings import is_loopback_host
-from verifier.tokens.fetch import read_body
+from verifier.tokens.fetch import check_learned_url, read_body
 from verifier.tokens.introspection_breaker import CircuitBreaker
 from verifier.tokens.introspection_config import (
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -188,7 +187,7 @@ class ProviderClient:
         if self._discovered is not None:
             known = self._discovered()
             if known:
-                self._endpoint = known
+                self._endpoint = check_learned_url(known, issuer=self.issuer, what="introspection_endpoint")
                 return known
         if self._discovering is None:
             self._discovering = asyncio.get_running_loop().create_task(self._discover())
@@ -205,13 +204,7 @@ class ProviderClient:
         # OIDC Discovery section 4.3: the document must name exactly the issuer we asked about.
         if not isinstance(doc, dict) or doc.get("issuer") != self.issuer:
             raise ProviderUnavailable("discovery issuer does not match the configured issuer")
-        url = doc.get("introspection_endpoint")
-        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ProviderUnavailable("discovery document has no usable introspection_endpoint")
-        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-            raise ProviderUnavailable("introspection_endpoint is plain http off loopback")
-        return str(url)
+        return check_learned_url(doc.get("introspection_endpoint"), issuer=self.issuer, what="introspection_endpoint")
 
     async def introspect(self, token: str) -> dict[str, Any]:
         """One RFC 7662 section 2.1 request; the decoded section 2.2 answer (any JSON object)."""
