@@ -104,14 +104,18 @@ async def test_the_client_secret_never_goes_to_a_learned_introspection_endpoint_
     [(LOOPBACK, "http://evil.example.test/poll"), (HTTPS, "http://127.0.0.1:1/poll"), (LOOPBACK, "http://[::1/p")],
 )
 def test_a_learned_poll_endpoint_failing_the_check_is_never_used(issuer: str, learned: str) -> None:
-    config = parse_revocation_config({"transmitters": [{"issuer": issuer, "audience": "a", "delivery": "poll"}]})
+    config = parse_revocation_config(
+        {"transmitters": [{"issuer": issuer, "audience": "a", "delivery": "poll", "allow_insecure_http": True}]}
+    )
     (transmitter,) = config.transmitters
     metadata = {"delivery": {"method": "urn:ietf:rfc:8936", "endpoint_url": learned}}
     assert poll_endpoint(transmitter, metadata) == ""
 
 
 def test_a_learned_loopback_poll_endpoint_of_a_loopback_transmitter_is_used() -> None:
-    config = parse_revocation_config({"transmitters": [{"issuer": LOOPBACK, "audience": "a", "delivery": "poll"}]})
+    config = parse_revocation_config(
+        {"transmitters": [{"issuer": LOOPBACK, "audience": "a", "delivery": "poll", "allow_insecure_http": True}]}
+    )
     (transmitter,) = config.transmitters
     metadata = {"delivery": {"method": "urn:ietf:rfc:8936", "endpoint_url": LOOPBACK + "/poll"}}
     assert poll_endpoint(transmitter, metadata) == LOOPBACK + "/poll"

@@ -100,6 +100,7 @@ async def test_a_135_kb_poll_answer_sent_in_pieces_is_delivered(
     config = parse_revocation_config({"transmitters": [{
         "issuer": provider.url, "audience": "aud", "delivery": "poll", "algorithms": ["ES256"],
         "poll_endpoint_url": provider.url + "/poll", "jwks_uri": provider.url + "/jwks",
+        "allow_insecure_http": True,
     }]})
     (transmitter,) = config.transmitters
     received: list[str] = []

@@ -40,6 +40,7 @@ def transmitter() -> Iterator[SsfTransmitter]:
 async def service(transmitter: SsfTransmitter) -> AsyncIterator[RevocationService]:
     config = parse_revocation_config({"transmitters": [{
         "issuer": transmitter.issuer, "audience": AUD, "delivery": "poll", "algorithms": ["ES256"],
+        "allow_insecure_http": True,
         "poll_interval_seconds": 0.1,
     }]})
     fetcher = HttpFetcher()

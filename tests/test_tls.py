@@ -118,7 +118,7 @@ async def test_mtls_on_both_listeners_admits_only_clients_with_a_certificate_fro
 
 
 def test_tls_files_are_checked_at_start_up(pki: dict[str, str], tmp_path: Path) -> None:
-    base = {"issuers": [{"issuer": "http://127.0.0.1:1", "audiences": ["a"], "algorithms": ["ES256"]}]}
+    base = {"issuers": [{"issuer": "https://idp.example.test", "audiences": ["a"], "algorithms": ["ES256"]}]}
     ok = {
         **base,
         "http": {"listen": "127.0.0.1:0", "tls": {"cert_file": pki["server_cert"], "key_file": pki["server_key"]}},

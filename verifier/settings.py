@@ -343,15 +343,19 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def check_url(url: str, key: str, what: str = "issuer") -> None:
-    """An http(s) URL, https unless loopback; raises `ConfigError` naming `key`.
+def check_url(url: str, key: str, what: str = "issuer", *, allow_insecure_http: bool = False) -> None:
+    """An http(s) URL, https unless loopback and allowed; raises `ConfigError` naming `key`.
 
     Keys, SETs and client secrets that travel over plain HTTP can be swapped or read by anyone on
-    the path, so every outbound URL in the config goes through this one check.
+    the path, so every outbound URL in the config goes through this one check. Plain http on loopback
+    is trusted by address only when the config says so (`allow_insecure_http: true`, for tests and
+    local labs; `verifier dev` builds its settings itself).
     """
     problem = url_problem(url, what)
     if problem:
         raise ConfigError(f"{key}: {problem}")
+    if not allow_insecure_http and url.lower().startswith("http://"):
+        raise ConfigError(f"{key}: plain http needs allow_insecure_http: true (tests and local labs only; {url!r})")
 
 
 def url_problem(url: object, what: str = "issuer", *, allow_http: bool = True) -> str:
@@ -374,14 +378,16 @@ def url_problem(url: object, what: str = "issuer", *, allow_http: bool = True) -
     return ""
 
 
-def _introspection(reader: _Reader) -> Any:
+def _introspection(reader: _Reader, allow_insecure_http: bool) -> Any:
     raw = reader.raw("introspection")
     if raw is None:
         return None
     import importlib
 
     module = importlib.import_module("verifier.tokens.introspection")
-    return module.parse_introspection_config(raw, f"{reader.path}.introspection")
+    return module.parse_introspection_config(
+        raw, f"{reader.path}.introspection", allow_insecure_http=allow_insecure_http
+    )
 
 
 def _optional_section(root: _Reader, key: str, module: str, function: str) -> Any:
@@ -396,7 +402,8 @@ def _optional_section(root: _Reader, key: str, module: str, function: str) -> An
 
 def _issuer(reader: _Reader) -> IssuerSettings:
     issuer = reader.text("issuer")
-    check_url(issuer, f"{reader.path}.issuer")
+    insecure = reader.boolean("allow_insecure_http", False)
+    check_url(issuer, f"{reader.path}.issuer", allow_insecure_http=insecure)
     algorithms = reader.strings("algorithms")
     for i, alg in enumerate(algorithms):
         if alg not in SUPPORTED_ALGORITHMS:
@@ -419,12 +426,12 @@ def _issuer(reader: _Reader) -> IssuerSettings:
             "fetch_timeout_seconds", DEFAULT_FETCH_TIMEOUT_SECONDS, minimum=0.05, maximum=60
         ),
         roles=tuple(_role_rule(r) for r in reader.children("roles")) if reader.raw("roles") is not None else (),
-        introspection=_introspection(reader),
+        introspection=_introspection(reader, insecure),
         introspect_jwts=reader.boolean("introspect_jwts", False),
     )
     for key in ("discovery_url", "jwks_uri"):
         if getattr(settings, key):
-            check_url(getattr(settings, key), f"{reader.path}.{key}")
+            check_url(getattr(settings, key), f"{reader.path}.{key}", allow_insecure_http=insecure)
     if settings.jwks_min_ttl_seconds > settings.jwks_max_ttl_seconds:
         raise ConfigError(f"{reader.path}.jwks_min_ttl_seconds: larger than jwks_max_ttl_seconds")
     reader.done()

@@ -40,7 +40,8 @@ async def _replica(idp: DevIdentityProvider, tx: SsfTransmitter, redis_url: str 
         issuers=(IssuerSettings(issuer=idp.issuer, audiences=(DEV_AUDIENCE,), algorithms=("ES256",)),),
         state=parse_state_config({"redis_url": redis_url}) if redis_url else None,
         revocation=parse_revocation_config(
-            {"transmitters": [{"issuer": tx.issuer, "audience": RECEIVER_AUD, "delivery": "push"}]}
+            {"transmitters": [{"issuer": tx.issuer, "audience": RECEIVER_AUD, "delivery": "push",
+                               "allow_insecure_http": True}]}
         ),
     )
     app = App(settings)

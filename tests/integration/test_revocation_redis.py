@@ -56,6 +56,7 @@ class Replicas:
         self.redis_url = redis_url
         self.config = parse_revocation_config({"transmitters": [{
             "issuer": transmitter.issuer, "audience": AUD, "delivery": "push", "algorithms": ["ES256"],
+            "allow_insecure_http": True,
         }], "resync_interval_seconds": 30})
         self.started: list[tuple[RevocationService, RedisState, HttpFetcher]] = []
 

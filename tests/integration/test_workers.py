@@ -41,6 +41,7 @@ issuers:
   - issuer: "{idp.issuer}"
     audiences: ["{DEV_AUDIENCE}"]
     algorithms: [ES256]
+    allow_insecure_http: true
 """
     )
     proc = subprocess.Popen(
@@ -109,6 +110,7 @@ issuers:
   - issuer: "{idp.issuer}"
     audiences: ["{audience}"]
     algorithms: [ES256]
+    allow_insecure_http: true
 {extra}"""
         )
 
