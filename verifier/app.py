@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import ssl
 from collections.abc import Callable
 
 import aiohttp
@@ -206,7 +207,9 @@ class App:
                 s.grpc.address, reuse_port=self.reuse_port, tls=s.grpc.tls.read() if s.grpc.tls else None
             )
         if s.metrics is not None:
-            self.ports.metrics = await self._start_metrics(s.metrics.host, s.metrics.port)
+            self.ports.metrics = await self._start_metrics(
+                s.metrics.host, s.metrics.port, s.metrics.tls.server_context() if s.metrics.tls else None
+            )
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._serve_when_ready()))
         self._tasks.append(loop.create_task(self._refresh_gauges()))
@@ -234,7 +237,7 @@ class App:
                     self.metrics.jwks_key_age.labels(issuer).set(age)
             await asyncio.sleep(METRICS_REFRESH_SECONDS)
 
-    async def _start_metrics(self, host: str, port: int) -> int:
+    async def _start_metrics(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         async def metrics(_: web.Request) -> web.Response:
             return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
@@ -247,7 +250,7 @@ class App:
         app.router.add_get("/healthz", healthz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None)
+        site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None, ssl_context=tls)
         await site.start()
         self._metrics_runner = runner
         server = site._server  # aiohttp exposes no public accessor for the bound port
