@@ -30,6 +30,7 @@ class Route:
     framing: str = "split"
     headers: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0  # seconds before the head is written
+    pause: float = PAUSE  # seconds between the writes of the body
 
 
 def json_route(document: Any, **kwargs: Any) -> Route:
@@ -100,12 +101,12 @@ class RawProvider:
         await writer.drain()
         step = max(1, -(-len(body) // PIECES))
         for start in range(0, len(body), step):
-            await asyncio.sleep(PAUSE)
+            await asyncio.sleep(route.pause)
             piece = body[start : start + step]
             writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if route.framing == "chunked" else piece)
             await writer.drain()
         if route.framing == "chunked":
-            await asyncio.sleep(PAUSE)
+            await asyncio.sleep(route.pause)
             writer.write(b"0\r\n\r\n")
             await writer.drain()
         return route.framing != "close"

@@ -101,3 +101,19 @@ async def test_a_replayed_polled_set_is_acknowledged_again(
     transmitter.enqueue(token)  # our acknowledgement was "lost": the transmitter sends it again
     await eventually(lambda: transmitter.acked.count(jti) == 2)
     assert jti not in transmitter.set_errs
+
+
+async def test_a_set_with_an_absurd_iat_is_refused_and_polling_goes_on(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    # issue #26 G11: such a SET used to end the poll task silently
+    huge = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-4"},
+                                extra={"iat": 10**400})
+    bad = transmitter.enqueue(huge)
+    await eventually(lambda: bad in transmitter.set_errs or bad in transmitter.acked)
+    good = transmitter.enqueue(transmitter.sign_set({SESSION_REVOKED: {}}, {"format": "iss_sub", "iss": IDP,
+                                                                             "sub": "user-5"}))
+    await eventually(lambda: service.revocations.check(principal("user-5")) is not None)
+    await eventually(lambda: good in transmitter.acked)
+    assert transmitter.set_errs[bad]["err"] == "invalid_request"
+    assert service.revocations.check(principal("user-4")) is None
