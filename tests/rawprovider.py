@@ -7,7 +7,8 @@ Not a mock: a real socket, a real HTTP exchange, written byte by byte the way a 
 - `chunked`: the head, then the body as Transfer-Encoding: chunked, one chunk per write with pauses;
 - `close`: the head without Content-Length, the body in several writes, then the connection closes.
 
-Every request seen is recorded as (method, path, headers, body).
+Every request seen is recorded as (method, path, headers, body). The `raw_provider` and `http_fetcher`
+(the production `HttpFetcher`) fixtures are registered in conftest.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from collections.abc import AsyncIterator
 from typing import Any
+
+import pytest
+
+from verifier.tokens.fetch import HttpFetcher
 
 PIECES = 4  # writes per body
 PAUSE = 0.02  # seconds between writes: long enough for the client to read what arrived so far
@@ -110,3 +116,18 @@ class RawProvider:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
         return route.framing != "close"
+
+
+@pytest.fixture
+async def raw_provider() -> AsyncIterator[RawProvider]:
+    """A running RawProvider with no routes yet."""
+    async with RawProvider() as raw:
+        yield raw
+
+
+@pytest.fixture
+async def http_fetcher() -> AsyncIterator[HttpFetcher]:
+    """The production fetcher (one pooled aiohttp session), closed afterwards."""
+    http = HttpFetcher()
+    yield http
+    await http.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -23,19 +23,6 @@ from verifier.tokens.introspection import Introspector, parse_introspection_conf
 from verifier.tokens.introspection_breaker import BreakerState
 
 GOOD = "good-token"
-
-
-@pytest.fixture
-async def provider() -> AsyncIterator[RawProvider]:
-    async with RawProvider() as raw:
-        yield raw
-
-
-@pytest.fixture
-async def fetcher() -> AsyncIterator[HttpFetcher]:
-    http = HttpFetcher()
-    yield http
-    await http.close()
 
 
 def provider_answers(state: dict[str, object], junk_status: int) -> Callable[[bytes], Route]:
@@ -52,25 +39,27 @@ def provider_answers(state: dict[str, object], junk_status: int) -> Callable[[by
     return answer
 
 
-def introspector(provider: RawProvider, fetcher: HttpFetcher, clock: FrozenClock, **extra: object) -> Introspector:
+def introspector(
+    raw_provider: RawProvider, http_fetcher: HttpFetcher, clock: FrozenClock, **extra: object
+) -> Introspector:
     config = parse_introspection_config(
         {"client_id": "verifier", "client_secret_env": "VERIFIER_RAW_SECRET", "breaker_failures": 3,
          "batch_window_seconds": 0, **extra},
         "issuers[0].introspection",
     )
     return Introspector(
-        issuer=provider.url, audiences=(AUDIENCE,), config=config, endpoint=provider.url + "/introspect",
-        session_provider=lambda: fetcher.session, clock=clock, registry=CollectorRegistry(),
+        issuer=raw_provider.url, audiences=(AUDIENCE,), config=config, endpoint=raw_provider.url + "/introspect",
+        session_provider=lambda: http_fetcher.session, clock=clock, registry=CollectorRegistry(),
     )
 
 
 @pytest.mark.parametrize("junk_status", [400, 401, 429])
 async def test_a_junk_flood_answered_4xx_never_opens_the_breaker(
-    provider: RawProvider, fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch, junk_status: int
+    raw_provider: RawProvider, http_fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch, junk_status: int
 ) -> None:
     monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
-    provider.routes["/introspect"] = provider_answers({}, junk_status)
-    intro = introspector(provider, fetcher, FrozenClock())
+    raw_provider.routes["/introspect"] = provider_answers({}, junk_status)
+    intro = introspector(raw_provider, http_fetcher, FrozenClock())
     try:
         for i in range(20):
             with pytest.raises(ProviderUnavailable, match=f"HTTP {junk_status}"):
@@ -83,11 +72,11 @@ async def test_a_junk_flood_answered_4xx_never_opens_the_breaker(
 
 
 async def test_provider_faults_still_open_the_breaker(
-    provider: RawProvider, fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch
+    raw_provider: RawProvider, http_fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
-    provider.routes["/introspect"] = provider_answers({}, 503)
-    intro = introspector(provider, fetcher, FrozenClock())
+    raw_provider.routes["/introspect"] = provider_answers({}, 503)
+    intro = introspector(raw_provider, http_fetcher, FrozenClock())
     try:
         for i in range(3):
             with pytest.raises(ProviderUnavailable, match="HTTP 503"):
@@ -99,13 +88,13 @@ async def test_provider_faults_still_open_the_breaker(
 
 @pytest.mark.parametrize("junk_status", [400, 429])
 async def test_a_revoked_token_is_never_served_stale_after_a_junk_flood(
-    provider: RawProvider, fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch, junk_status: int
+    raw_provider: RawProvider, http_fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch, junk_status: int
 ) -> None:
     monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
     state: dict[str, object] = {}
-    provider.routes["/introspect"] = provider_answers(state, junk_status)
+    raw_provider.routes["/introspect"] = provider_answers(state, junk_status)
     clock = FrozenClock()
-    intro = introspector(provider, fetcher, clock, serve_stale_on_error=True, positive_ttl_seconds=5,
+    intro = introspector(raw_provider, http_fetcher, clock, serve_stale_on_error=True, positive_ttl_seconds=5,
                          breaker_cooldown_seconds=60)
     try:
         assert (await intro.introspect(GOOD, b"g" * 32)).subject == "alice"
@@ -117,7 +106,7 @@ async def test_a_revoked_token_is_never_served_stale_after_a_junk_flood(
         with pytest.raises(InvalidToken, match="not active"):
             await intro.introspect(GOOD, b"g" * 32)
         clock.advance(60)  # the negative answer expired too: still never the stale active one
-        provider.routes["/introspect"] = lambda body: Route(b"oops", status=503)
+        raw_provider.routes["/introspect"] = lambda body: Route(b"oops", status=503)
         with pytest.raises(ProviderUnavailable):
             await intro.introspect(GOOD, b"g" * 32)
     finally:

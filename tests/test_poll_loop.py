@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry
 from rawprovider import RawProvider, Route, json_route
 
@@ -26,59 +25,46 @@ INTERVAL = 0.2  # seconds: poll_interval_seconds in these tests
 RUN_FOR = 1.0  # seconds each loop runs
 
 
-@pytest.fixture
-async def provider() -> AsyncIterator[RawProvider]:
-    async with RawProvider() as raw:
-        yield raw
-
-
-@pytest.fixture
-async def fetcher() -> AsyncIterator[HttpFetcher]:
-    http = HttpFetcher()
-    yield http
-    await http.close()
-
-
 async def run_poller(
-    provider: RawProvider,
-    fetcher: HttpFetcher,
+    raw_provider: RawProvider,
+    http_fetcher: HttpFetcher,
     receive: Callable[[str], Outcome],
     run_for: float = RUN_FOR,
     **extra: object,
 ) -> list[dict[str, Any]]:
     """Runs the loop for `run_for` seconds; returns the poll requests the transmitter saw."""
     config = parse_revocation_config({"transmitters": [{
-        "issuer": provider.url, "audience": "aud", "delivery": "poll", "algorithms": ["ES256"],
-        "poll_endpoint_url": provider.url + "/poll", "jwks_uri": provider.url + "/jwks",
+        "issuer": raw_provider.url, "audience": "aud", "delivery": "poll", "algorithms": ["ES256"],
+        "poll_endpoint_url": raw_provider.url + "/poll", "jwks_uri": raw_provider.url + "/jwks",
         "allow_insecure_http": True, "poll_interval_seconds": INTERVAL, **extra,
     }]})
     (transmitter,) = config.transmitters
-    keys = IssuerKeys(transmitter.key_settings(), fetcher, SystemClock(), Metrics(CollectorRegistry()))
+    keys = IssuerKeys(transmitter.key_settings(), http_fetcher, SystemClock(), Metrics(CollectorRegistry()))
 
     async def receive_async(token: str) -> Outcome:
         return receive(token)
 
-    task = asyncio.get_running_loop().create_task(Poller(transmitter, keys, lambda: fetcher.session,
+    task = asyncio.get_running_loop().create_task(Poller(transmitter, keys, lambda: http_fetcher.session,
                                                          receive_async).run())
     await asyncio.sleep(run_for)
     assert not task.done(), f"the poll task ended: {task.exception() if task.done() else ''}"
     task.cancel()
-    return [json.loads(body) for method, path, _, body in provider.requests if path == "/poll"]
+    return [json.loads(body) for method, path, _, body in raw_provider.requests if path == "/poll"]
 
 
 async def test_an_empty_answer_claiming_more_does_not_make_the_loop_spin(
-    provider: RawProvider, fetcher: HttpFetcher
+    raw_provider: RawProvider, http_fetcher: HttpFetcher
 ) -> None:
-    provider.routes["/poll"] = json_route({"sets": {}, "moreAvailable": True}, pause=0)
-    polls = await run_poller(provider, fetcher, lambda token: Outcome(True))
+    raw_provider.routes["/poll"] = json_route({"sets": {}, "moreAvailable": True}, pause=0)
+    polls = await run_poller(raw_provider, http_fetcher, lambda token: Outcome(True))
     assert 1 <= len(polls) <= RUN_FOR / INTERVAL + 2, len(polls)
 
 
 async def test_no_more_sets_than_max_events_are_taken_from_one_answer(
-    provider: RawProvider, fetcher: HttpFetcher
+    raw_provider: RawProvider, http_fetcher: HttpFetcher
 ) -> None:
     counter = iter(range(1_000_000))
-    provider.routes["/poll"] = lambda body: json_route(
+    raw_provider.routes["/poll"] = lambda body: json_route(
         {"sets": {f"jti-{next(counter)}": "x.y.z" for _ in range(5)}, "moreAvailable": True}, pause=0
     )
     received: list[str] = []
@@ -87,7 +73,7 @@ async def test_no_more_sets_than_max_events_are_taken_from_one_answer(
         received.append(token)
         return Outcome(True)
 
-    polls = await run_poller(provider, fetcher, receive, max_events=2)
+    polls = await run_poller(raw_provider, http_fetcher, receive, max_events=2)
     assert all(p["maxEvents"] == 2 for p in polls)
     assert all(len(p["ack"]) <= 2 for p in polls)
     assert len(received) <= 2 * len(polls)
@@ -95,25 +81,25 @@ async def test_no_more_sets_than_max_events_are_taken_from_one_answer(
 
 
 async def test_a_set_that_breaks_the_receiver_is_refused_and_polling_goes_on(
-    provider: RawProvider, fetcher: HttpFetcher
+    raw_provider: RawProvider, http_fetcher: HttpFetcher
 ) -> None:
-    provider.routes["/poll"] = json_route({"sets": {"bad": "boom", "good": "fine"}, "moreAvailable": False})
+    raw_provider.routes["/poll"] = json_route({"sets": {"bad": "boom", "good": "fine"}, "moreAvailable": False})
 
     def receive(token: str) -> Outcome:
         if token == "boom":
             raise OverflowError("int too large to convert to float")  # e.g. iat: 10**400
         return Outcome(True)
 
-    polls = await run_poller(provider, fetcher, receive)
+    polls = await run_poller(raw_provider, http_fetcher, receive)
     assert len(polls) >= 2
     assert polls[1]["ack"] == ["good"]
     assert polls[1]["setErrs"]["bad"]["err"] == "invalid_request"
 
 
 async def test_transport_failures_and_hostile_answers_back_off_and_never_end_the_task(
-    provider: RawProvider, fetcher: HttpFetcher
+    raw_provider: RawProvider, http_fetcher: HttpFetcher
 ) -> None:
     answers = iter([Route(b"not json"), Route(b"[]"), Route(b'{"sets": 5}'), Route(b"x", status=500)] * 100)
-    provider.routes["/poll"] = lambda body: next(answers)
-    polls = await run_poller(provider, fetcher, lambda token: Outcome(True), run_for=3.6)
+    raw_provider.routes["/poll"] = lambda body: next(answers)
+    polls = await run_poller(raw_provider, http_fetcher, lambda token: Outcome(True), run_for=3.6)
     assert 2 <= len(polls) <= 4, len(polls)  # at 0 s, 1 s, 3 s: backing off, not every 0.2 s

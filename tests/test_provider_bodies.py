@@ -8,7 +8,6 @@ writes with pauses, or chunked. A reader that takes only what is buffered refuse
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -29,35 +28,22 @@ from verifier.tokens.jwks import IssuerKeys
 FRAMINGS = ["split", "chunked", "close"]
 
 
-@pytest.fixture
-async def provider() -> AsyncIterator[RawProvider]:
-    async with RawProvider() as raw:
-        yield raw
-
-
-@pytest.fixture
-async def fetcher() -> AsyncIterator[HttpFetcher]:
-    http = HttpFetcher()
-    yield http
-    await http.close()
-
-
-def discovery(provider: RawProvider) -> dict[str, Any]:
+def discovery(raw_provider: RawProvider) -> dict[str, Any]:
     return {
-        "issuer": provider.url,
-        "jwks_uri": provider.url + "/jwks",
-        "introspection_endpoint": provider.url + "/introspect",
+        "issuer": raw_provider.url,
+        "jwks_uri": raw_provider.url + "/jwks",
+        "introspection_endpoint": raw_provider.url + "/introspect",
     }
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
 async def test_discovery_and_jwks_sent_in_pieces_make_the_issuer_ready(
-    provider: RawProvider, fetcher: HttpFetcher, jwks_document: dict[str, Any], framing: str
+    raw_provider: RawProvider, http_fetcher: HttpFetcher, jwks_document: dict[str, Any], framing: str
 ) -> None:
-    provider.routes["/.well-known/openid-configuration"] = json_route(discovery(provider), framing=framing)
-    provider.routes["/jwks"] = json_route(jwks_document, framing=framing)
-    settings = IssuerSettings(issuer=provider.url, audiences=(AUDIENCE,), algorithms=("ES256",))
-    issuer_keys = IssuerKeys(settings, fetcher, SystemClock(), Metrics(CollectorRegistry()))
+    raw_provider.routes["/.well-known/openid-configuration"] = json_route(discovery(raw_provider), framing=framing)
+    raw_provider.routes["/jwks"] = json_route(jwks_document, framing=framing)
+    settings = IssuerSettings(issuer=raw_provider.url, audiences=(AUDIENCE,), algorithms=("ES256",))
+    issuer_keys = IssuerKeys(settings, http_fetcher, SystemClock(), Metrics(CollectorRegistry()))
     await issuer_keys.refresh()
     assert issuer_keys.ready.is_set()
     assert len(issuer_keys.kids) == len(jwks_document["keys"])
@@ -65,21 +51,21 @@ async def test_discovery_and_jwks_sent_in_pieces_make_the_issuer_ready(
 
 @pytest.mark.parametrize("framing", FRAMINGS)
 async def test_an_introspection_answer_sent_in_pieces_is_read_whole(
-    provider: RawProvider, fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch, framing: str
+    raw_provider: RawProvider, http_fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch, framing: str
 ) -> None:
     monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
-    provider.routes["/.well-known/openid-configuration"] = json_route(discovery(provider), framing=framing)
+    raw_provider.routes["/.well-known/openid-configuration"] = json_route(discovery(raw_provider), framing=framing)
     answer = {"active": True, "sub": "alice", "aud": AUDIENCE, "scope": "read " + "x" * 4000}
-    provider.routes["/introspect"] = json_route(answer, framing=framing)
+    raw_provider.routes["/introspect"] = json_route(answer, framing=framing)
     config = parse_introspection_config(
         {"client_id": "verifier", "client_secret_env": "VERIFIER_RAW_SECRET"}, "issuers[0].introspection"
     )
     introspector = Introspector(
-        issuer=provider.url,
+        issuer=raw_provider.url,
         audiences=(AUDIENCE,),
         config=config,
         endpoint=None,  # discovered through the same reader
-        session_provider=lambda: fetcher.session,
+        session_provider=lambda: http_fetcher.session,
         clock=SystemClock(),
         registry=CollectorRegistry(),
     )
@@ -93,13 +79,13 @@ async def test_an_introspection_answer_sent_in_pieces_is_read_whole(
 
 @pytest.mark.parametrize("framing", FRAMINGS)
 async def test_a_135_kb_poll_answer_sent_in_pieces_is_delivered(
-    provider: RawProvider, fetcher: HttpFetcher, framing: str
+    raw_provider: RawProvider, http_fetcher: HttpFetcher, framing: str
 ) -> None:
     sets = {f"jti-{i}": "e30." + "A" * 1300 + ".sig" for i in range(100)}
-    provider.routes["/poll"] = json_route({"sets": sets, "moreAvailable": False}, framing=framing)
+    raw_provider.routes["/poll"] = json_route({"sets": sets, "moreAvailable": False}, framing=framing)
     config = parse_revocation_config({"transmitters": [{
-        "issuer": provider.url, "audience": "aud", "delivery": "poll", "algorithms": ["ES256"],
-        "poll_endpoint_url": provider.url + "/poll", "jwks_uri": provider.url + "/jwks",
+        "issuer": raw_provider.url, "audience": "aud", "delivery": "poll", "algorithms": ["ES256"],
+        "poll_endpoint_url": raw_provider.url + "/poll", "jwks_uri": raw_provider.url + "/jwks",
         "allow_insecure_http": True,
     }]})
     (transmitter,) = config.transmitters
@@ -109,23 +95,23 @@ async def test_a_135_kb_poll_answer_sent_in_pieces_is_delivered(
         received.append(token)
         return Outcome(True)
 
-    issuer_keys = IssuerKeys(transmitter.key_settings(), fetcher, SystemClock(), Metrics(CollectorRegistry()))
-    poller = Poller(transmitter, issuer_keys, lambda: fetcher.session, receive)
+    issuer_keys = IssuerKeys(transmitter.key_settings(), http_fetcher, SystemClock(), Metrics(CollectorRegistry()))
+    poller = Poller(transmitter, issuer_keys, lambda: http_fetcher.session, receive)
     assert len(json.dumps({"sets": sets})) > 130_000
     assert await poller.poll_once() is True  # acknowledgements owed
     assert len(received) == len(sets)
 
 
 async def test_a_body_past_the_bound_is_refused_without_reading_it_all(
-    provider: RawProvider, fetcher: HttpFetcher
+    raw_provider: RawProvider, http_fetcher: HttpFetcher
 ) -> None:
-    provider.routes["/big"] = Route(b"[" + b"1," * 5000 + b"1]", framing="chunked")
-    async with fetcher.session.get(provider.url + "/big") as response:
+    raw_provider.routes["/big"] = Route(b"[" + b"1," * 5000 + b"1]", framing="chunked")
+    async with http_fetcher.session.get(raw_provider.url + "/big") as response:
         with pytest.raises(ProviderUnavailable, match="too large"):
             await read_body(response, 1000, "document")
-    provider.routes["/declared"] = Route(b"[" + b"1," * 5000 + b"1]", framing="split")
-    async with fetcher.session.get(provider.url + "/declared") as response:
+    raw_provider.routes["/declared"] = Route(b"[" + b"1," * 5000 + b"1]", framing="split")
+    async with http_fetcher.session.get(raw_provider.url + "/declared") as response:
         with pytest.raises(ProviderUnavailable, match="too large"):
             await read_body(response, 1000, "document")
-    result = await fetcher.get_json(provider.url + "/declared", timeout=2, max_bytes=20_000)
+    result = await http_fetcher.get_json(raw_provider.url + "/declared", timeout=2, max_bytes=20_000)
     assert len(result.document) == 5001
