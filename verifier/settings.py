@@ -40,6 +40,8 @@ DEFAULT_REALM = "verifier"
 # default timeout (and any gateway deadline must stay above it): a gateway that gives up first would
 # see an unreachable verifier, which `fail_open` turns into a pass (issue #26 G9).
 DEFAULT_DEADLINE_SECONDS = 0.8
+ADMIN_TOKEN_ENV = "VERIFIER_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not its value
+MIN_ADMIN_TOKEN_CHARS = 32  # e.g. `openssl rand -hex 16`; the admin API revokes anyone's access
 MAX_DEADLINE_SECONDS = 30.0
 
 
@@ -585,7 +587,32 @@ def parse_settings(data: Any) -> Settings:
     root.done()
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")
+    _check_distinct_ports(settings)
+    check_admin_token(os.environ.get(ADMIN_TOKEN_ENV))
     return settings
+
+
+def _check_distinct_ports(settings: Settings) -> None:
+    """Each listener its own port: with SO_REUSEPORT two of them on one port would share its connections
+    (metrics answering on the auth port, or the reverse). Worker i serves metrics on the port + i."""
+    taken: dict[int, str] = {}
+    for name in ("grpc", "http", "metrics"):
+        listen: Listen | None = getattr(settings, name)
+        if listen is None or listen.port == 0:
+            continue
+        span = settings.workers if name == "metrics" else 1
+        for port in range(listen.port, listen.port + span):
+            if port in taken:
+                raise ConfigError(f"{name}.listen: port {port} is also the {taken[port]} listener's")
+            taken[port] = name
+
+
+def check_admin_token(token: str | None) -> None:
+    """The admin API's bearer secret, when set, must be hard to guess; raises `ConfigError` otherwise."""
+    if token and len(token) < MIN_ADMIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"{ADMIN_TOKEN_ENV}: at least {MIN_ADMIN_TOKEN_CHARS} characters are required (got {len(token)})"
+        )
 
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:

@@ -119,7 +119,7 @@ async def test_session_revoked_event_refuses_on_every_door_and_on_a_second_repli
 
 
 async def test_kill_switch_needs_the_admin_token_and_then_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "s3cret-admin-token-for-tests")
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "s3cret-admin-token-for-tests-01234567")
     idp = DevIdentityProvider(port=free_port())
     await idp.start()
     try:
@@ -138,7 +138,8 @@ async def test_kill_switch_needs_the_admin_token_and_then_refuses(monkeypatch: p
                 assert denied.startswith(b"HTTP/1.1 401")
                 assert (await _forward(app, token))[0] == 200
                 created = await http_exchange(
-                    app.ports.http, request + b"Authorization: Bearer s3cret-admin-token-for-tests\r\n\r\n" + body
+                    app.ports.http,
+                    request + b"Authorization: Bearer s3cret-admin-token-for-tests-01234567\r\n\r\n" + body,
                 )
                 assert created.startswith(b"HTTP/1.1 201")
                 assert (await _forward(app, token))[0] == 401

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 AUD = "https://verifier.example.test/ssf"
 IDP = "https://idp.example.test"
-ADMIN = "integration-admin-secret"
+ADMIN = "integration-admin-secret-0123456789ab"
 PROPAGATION_S = 1.0  # the promise: an event received by one replica takes effect on all within ~1 s
 
 
