@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 
+from verifier.doors.grpc import cert_thumbprint
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 version = "0.1.0"
@@ -195,6 +196,11 @@ class Plugin:
         port = _value(kong.request.get_port())
         if port and int(port) != DEFAULT_PORTS.get(scheme):
             host = f"{host}:{int(port)}"
+        thumbprint = ""
+        if scheme == "https":
+            # RFC 8705: the certificate of the TLS connection Kong terminated, never a request header
+            chain = _value(kong.client.tls.get_full_client_certificate_chain())
+            thumbprint = cert_thumbprint(chain) if isinstance(chain, str) else ""
         credentials = {}
         for name, v in headers.items():
             lname = name.lower()
@@ -207,6 +213,7 @@ class Plugin:
             path=str(_value(kong.request.get_path_with_query())),
             headers=credentials,
             client_address=str(_value(kong.client.get_ip()) or ""),
+            client_cert_thumbprint=thumbprint,
         )
 
 

@@ -11,7 +11,10 @@ issuer is the REAL oidc-provider (tests/integration/op_harness.py).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime
+import hashlib
 import http.client
 import json
 import os
@@ -29,6 +32,11 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 from gateways import GatewayProcess, free_port, start_verifier
 from op_harness import OTHER_AUDIENCE, OpenIDProvider, start_provider
 
@@ -78,6 +86,7 @@ class KongRequest:
     port: int = 8000
     path_with_query: str = "/api/items?limit=5"
     client_ip: str = "203.0.113.9"
+    client_cert_pem: str | None = None  # the certificate of the TLS connection Kong terminated
 
     def answer(self, method: str, args: list[Any]) -> Any:
         """What Kong's PDK returns for `method` (after mp_rpc.lua's fix_mmap for header maps)."""
@@ -102,6 +111,7 @@ class KongRequest:
             "kong.request.get_port": self.port,
             "kong.request.get_path_with_query": self.path_with_query,
             "kong.client.get_ip": self.client_ip,
+            "kong.client.tls.get_full_client_certificate_chain": self.client_cert_pem,
         }
         return simple.get(method)
 
@@ -534,6 +544,26 @@ def test_a_client_cert_thumbprint_header_is_never_sent_as_the_thumbprint(kong, r
     (sent,) = servicer.requests
     assert sent.client_cert_thumbprint == ""
     assert "forged" not in sent.headers.values()
+
+
+def test_the_thumbprint_comes_from_the_tls_connection_kong_terminated(kong, recording_verifier):
+    servicer, target = recording_verifier
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    expected = base64.urlsafe_b64encode(hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()).rstrip(b"=")
+    iid = start_instance(kong, grpc_target=target)
+    request = KongRequest(scheme="https", client_cert_pem=cert.public_bytes(Encoding.PEM).decode(),
+                          headers={"Authorization": "Bearer x", "X-Client-Cert-Thumbprint": "forged"})
+    kong.handle_event(iid, "access", request)
+
+    (sent,) = servicer.requests
+    assert sent.client_cert_thumbprint == expected.decode()
 
 
 def test_fail_open_never_passes_a_request_whose_check_timed_out(kong, token):
