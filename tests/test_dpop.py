@@ -13,6 +13,7 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from tokenkit import NOW, SigningKeys, b64, compact, private_jwk, public_jwk
 
 from verifier.binding.dpop import (
@@ -365,6 +366,9 @@ async def test_fails_closed_when_replay_state_is_unavailable(keys: SigningKeys, 
         async def first_use(self, key: str, ttl_seconds: float) -> bool:
             raise StateUnavailable("down")
 
+        async def seen(self, key: str) -> bool:
+            raise StateUnavailable("down")
+
         async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
             raise StateUnavailable("down")
 
@@ -482,3 +486,12 @@ def test_config_refuses_require_nonce_without_a_secret_in_code() -> None:
         DpopConfig(require_nonce=True)
     with pytest.raises(ValueError):
         DpopConfig(algorithms=("HS256",))
+
+
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+async def test_a_hostile_number_as_iat_is_an_invalid_proof(
+    verifier: DpopVerifier, keys: SigningKeys, value: Any
+) -> None:
+    """#18 F11: `iat` of 10**400 answered 503 with a traceback (math.isfinite overflowed)."""
+    with pytest.raises(InvalidDpopProof):
+        await check(verifier, make_proof(keys.es256, iat=value))

@@ -19,6 +19,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from prometheus_client import CollectorRegistry
 
 from verifier.clock import FrozenClock, SystemClock
@@ -27,6 +28,7 @@ from verifier.errors import (
     AudienceMismatch,
     ClaimInvalid,
     InvalidToken,
+    Outcome,
     ProviderUnavailable,
     TokenExpired,
     WrongTokenType,
@@ -209,7 +211,7 @@ async def test_an_active_answer_becomes_a_principal_like_jwt_claims(make: MakeIn
 async def test_a_client_credentials_answer_without_sub_names_the_client(make: MakeIntrospector, http: FakeHttp) -> None:
     http.answers["tok"] = active(sub=None, client_id="app")
     principal = await check(make(), "tok")
-    assert principal.subject == "app"
+    assert principal.subject == ""  # a client is not a user
     assert principal.client_id == "app"
 
 
@@ -890,7 +892,7 @@ async def test_dev_provider_standard_endpoint_is_found_by_discovery_and_counts_c
     introspector = dev_introspector(devidp, session, registry)
     try:
         results = await asyncio.gather(*(check(introspector, opaque) for _ in range(20)))
-        assert {p.subject for p in results} == {"svc"}
+        assert {(p.subject, p.client_id) for p in results} == {("", "svc")}
         assert devidp.introspection_calls == 1
         devidp.revoke(opaque)
         with pytest.raises(InvalidToken):
@@ -925,3 +927,15 @@ async def test_dev_provider_mints_opaque_tokens_at_the_token_endpoint(
     assert devidp.introspection_answer(token)["sub"] == "alice"
     async with session.get(devidp.issuer + "/.well-known/openid-configuration") as response:
         assert (await response.json())["introspection_endpoint"] == devidp.issuer + "/introspect"
+
+
+@pytest.mark.parametrize("member", ["exp", "nbf", "iat", "auth_time"])
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+async def test_a_hostile_number_in_an_answer_is_a_clean_401(
+    make: MakeIntrospector, http: FakeHttp, member: str, value: Any
+) -> None:
+    """#18 F11: the answer travels as JSON text, so NaN/Infinity/huge ints arrive as a provider sends them."""
+    http.answers["tok"] = active(**{member: value})
+    with pytest.raises(InvalidToken) as caught:
+        await check(make(), "tok")
+    assert caught.value.outcome is Outcome.UNAUTHENTICATED and caught.value.code == "claim_invalid"

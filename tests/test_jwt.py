@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from tokenkit import (
     AUDIENCE,
     ISSUER,
@@ -111,14 +112,14 @@ async def test_refuses_a_token_without_kid_when_several_keys_fit(
     assert type(err) is UnknownKey
 
 
-async def test_a_client_credentials_token_without_sub_uses_client_id(verifier: JwtVerifier, mint: Mint) -> None:
+async def test_a_client_credentials_token_without_sub_is_a_client_not_a_user(verifier: JwtVerifier, mint: Mint) -> None:
     principal = await _verify(verifier, mint(claims(sub=None, client_id="svc-7")))
-    assert (principal.subject, principal.client_id) == ("svc-7", "svc-7")
+    assert (principal.subject, principal.client_id, principal.caller) == ("", "svc-7", "client:svc-7")
 
 
 async def test_azp_stands_in_for_client_id_when_sub_is_missing(verifier: JwtVerifier, mint: Mint) -> None:
     principal = await _verify(verifier, mint(claims(sub=None, client_id=None, azp="svc-8")))
-    assert principal.subject == "svc-8"
+    assert (principal.subject, principal.client_id) == ("", "svc-8")
 
 
 async def test_an_audience_list_needs_only_one_configured_audience(verifier: JwtVerifier, mint: Mint) -> None:
@@ -411,3 +412,13 @@ def test_a_non_finite_exp_is_refused(settings: IssuerSettings, exp: float) -> No
 def test_a_nan_nbf_is_refused(settings: IssuerSettings) -> None:
     with pytest.raises(ClaimInvalid):
         check_claims(claims(nbf=float("nan")), HEADER_AT, settings, NOW)
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat", "auth_time"])
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+async def test_a_hostile_number_in_a_time_claim_is_a_clean_401(
+    verifier: JwtVerifier, mint: Mint, claim: str, value: Any
+) -> None:
+    """#18 F11: through the real parser (pyjwt writes NaN/Infinity/huge ints literally)."""
+    err = await _refusal(verifier, mint(claims(**{claim: value})))
+    assert err.outcome is Outcome.UNAUTHENTICATED and err.code == "claim_invalid"

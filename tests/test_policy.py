@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 
 from verifier.decision import refuse
 from verifier.errors import Forbidden, SenderConstraintFailed
@@ -153,3 +154,10 @@ def test_role_mapping_from_groups_scope_and_subjects_adds_to_a_roles_claim() -> 
     assert roles == {"viewer", "admin", "billing-writer", "ops"}
     assert mapper.roles({"groups": "platform-admins"}, "bob", (), frozenset()) == {"admin"}
     assert mapper.roles({"groups": [1, None]}, "bob", (), frozenset()) == frozenset()
+
+
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+def test_a_hostile_auth_time_asks_for_a_fresh_authentication(value: object) -> None:
+    """#18 F11: NaN or +inf passed `max_auth_age_seconds`; 10**400 overflowed."""
+    with pytest.raises(StepUpRequired, match="more recent"):
+        evaluate(ADMIN.require, _good(auth_time=value), NOW)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from prometheus_client import CollectorRegistry
 from ssf_transmitter import (
     ACCOUNT_DISABLED,
@@ -29,6 +30,7 @@ from verifier.errors import InvalidToken
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, TokenRevoked, parse_revocation_config
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.subjects import SubjectError, subject_keys
 from verifier.settings import ConfigError
 from verifier.state.memory import MemoryState
@@ -65,17 +67,18 @@ def provider(transmitter: SsfTransmitter) -> FakeFetcher:
 
 
 def config(**overrides: Any) -> Any:
-    tx = {"issuer": TX, "audience": RECEIVER, "delivery": "push", "algorithms": ["ES256"], "max_age_seconds": 300}
+    tx = {"issuer": TX, "audience": RECEIVER, "delivery": "push", "algorithms": ["ES256"], "max_age_seconds": 300,
+          "subjects_of": [ISSUER]}
     tx.update(overrides)
     return parse_revocation_config({"transmitters": [tx], "max_token_lifetime_seconds": LIFETIME})
 
 
 class Credentials:
     def __init__(self) -> None:
-        self.calls: list[tuple[str, str, tuple[str, ...]]] = []
+        self.calls: list[tuple[str, str, tuple[str, ...], str]] = []
 
-    async def __call__(self, issuer: str, subject: str, ids: tuple[str, ...]) -> None:
-        self.calls.append((issuer, subject, ids))
+    async def __call__(self, revoked: CredentialRevocation) -> None:
+        self.calls.append((revoked.issuer, revoked.subject, revoked.credential_ids, revoked.aaguid))
 
 
 @pytest.fixture
@@ -194,7 +197,7 @@ async def test_credential_change_refuses_tokens_authenticated_before_only(
     # no auth_time: iat bounds it from above
     assert service.revocations.check(principal(iat=NOW - 150)) is not None
     assert service.revocations.check(principal(iat=NOW - 10)) is None
-    assert credentials.calls == [(ISSUER, "user-1", ("cred-a", "cred-b"))]
+    assert credentials.calls == [(ISSUER, "user-1", ("cred-a", "cred-b"), "")]
 
 
 async def test_credential_change_create_or_update_changes_nothing(
@@ -275,6 +278,54 @@ async def test_email_subject_refuses_tokens_carrying_that_email(
     await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "email", "email": "Ann@Example.test"}))
     assert service.revocations.check(principal(sub="zz", email="ann@example.TEST")) is not None
     assert service.revocations.check(principal(sub="zz", email="bob@example.test")) is None
+    # Only the tokens of the issuers the transmitter speaks for.
+    elsewhere = principal(sub="zz", iss="https://other.example.test", email="ann@example.test")
+    assert service.revocations.check(elsewhere) is None
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        ({"credential_type": "fido2-roaming"}, [(ISSUER, "user-1", (), "")]),
+        ({"credential_type": "fido-u2f", "fido2_aaguid": "ADCE0002-35BC-C60A-648B-0B25F1F05503"},
+         [(ISSUER, "user-1", (), "adce000235bcc60a648b0b25f1f05503")]),
+        ({"credential_type": "fido2-platform", "fido2_aaguid": "not-a-uuid"}, [(ISSUER, "user-1", (), "")]),
+        ({"credential_type": "password"}, []),
+        ({"credential_type": "x509", "credential_ids": ["ours"]}, [(ISSUER, "user-1", ("ours",), "")]),
+    ],
+)
+async def test_credential_change_names_the_webauthn_credentials_to_disable(
+    service: RevocationService, transmitter: SsfTransmitter, credentials: Credentials,
+    event: dict[str, Any], expected: list[Any],
+) -> None:
+    body = {"change_type": "delete", **event}
+    assert (await push(service, transmitter.sign_set({CREDENTIAL_CHANGE: body}, USER))).status == 202
+    assert credentials.calls == expected
+
+
+async def test_events_about_another_issuers_subjects_are_acknowledged_ignored_and_counted(
+    service: RevocationService, transmitter: SsfTransmitter, credentials: Credentials, registry: CollectorRegistry
+) -> None:
+    other = {"format": "iss_sub", "iss": "https://other.example.test", "sub": "user-1"}
+    revoke = {"change_type": "revoke", "credential_type": "fido2-roaming"}
+    token = transmitter.sign_set({ACCOUNT_DISABLED: {}, CREDENTIAL_CHANGE: revoke}, other)
+    assert (await push(service, token)).status == 202
+    assert len(service.revocations) == 0 and credentials.calls == []
+    ignored = registry.get_sample_value("verifier_ssf_subjects_ignored_total", {"transmitter": TX})
+    assert ignored == 2  # one subject, named by two events
+    assert service.revocations.check(principal(iss="https://other.example.test")) is None
+
+
+def test_subjects_of_must_name_configured_issuers() -> None:
+    from verifier.revocation.config import check_transmitter_scopes
+
+    check_transmitter_scopes(config(), [ISSUER])
+    with pytest.raises(ConfigError, match=r"^revocation\.transmitters\[0\]\.subjects_of\[0\]: "):
+        check_transmitter_scopes(config(), ["https://elsewhere.example.test"])
+    with pytest.raises(ConfigError, match=r"^revocation\.transmitters\[0\]\.subjects_of: defaults to"):
+        check_transmitter_scopes(config(subjects_of=[TX]), [ISSUER])
+    with pytest.raises(ConfigError, match=r"subjects_of: expected a non-empty list"):
+        config(subjects_of=[])
 
 
 # -- forged or unacceptable SETs ---------------------------------------------------------------------------
@@ -525,3 +576,41 @@ def test_config_defaults_and_discovery_location() -> None:
 def test_config_errors_name_the_key(data: Any, names: str) -> None:
     with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("]", r"\]")):
         parse_revocation_config(data)
+
+
+# -- hostile numbers (#18 F11) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("claim", ["iat", "exp"])
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+async def test_a_hostile_number_in_a_set_is_a_clean_400(
+    service: RevocationService, transmitter: SsfTransmitter, claim: str, value: Any
+) -> None:
+    token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER, extra={claim: value})
+    answer = await push(service, token)
+    assert answer.status == 400 and body(answer)["err"] == "invalid_request"
+    assert service.revocations.check(principal()) is None
+
+
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+async def test_a_hostile_event_timestamp_is_ignored_for_the_set_iat(
+    service: RevocationService, transmitter: SsfTransmitter, value: Any
+) -> None:
+    token = transmitter.sign_set({SESSION_REVOKED: {"event_timestamp": value}}, USER)
+    assert (await push(service, token)).status == 202
+    (entry,) = service.revocations.entries()
+    assert entry.event_time == NOW  # the SET's iat
+    assert service.revocations.check(principal(iat=NOW - 1)) is not None
+
+
+@pytest.mark.parametrize("claim", ["iat", "auth_time"])
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+async def test_a_hostile_iat_or_auth_time_on_a_token_is_refused_not_a_crash(
+    service: RevocationService, transmitter: SsfTransmitter, claim: str, value: Any
+) -> None:
+    """An introspection answer's members are not checked like a JWT's: they reach the index as sent."""
+    event = {"change_type": "revoke", "event_timestamp": int(NOW)}
+    token = transmitter.sign_set({CREDENTIAL_CHANGE: event}, USER)
+    assert (await push(service, token)).status == 202
+    refused = service.revocations.check(principal(**{claim: value}))  # no time to compare: fail closed
+    assert isinstance(refused, InvalidToken) and refused.code == "credential_revoked"

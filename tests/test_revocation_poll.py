@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from ssf_transmitter import ACCOUNT_DISABLED, SESSION_REVOKED, SsfTransmitter
 
 from verifier.clock import SystemClock
+from verifier.errors import StateUnavailable
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, parse_revocation_config
 from verifier.revocation.poll import poll_endpoint
@@ -41,7 +42,7 @@ async def service(transmitter: SsfTransmitter) -> AsyncIterator[RevocationServic
     config = parse_revocation_config({"transmitters": [{
         "issuer": transmitter.issuer, "audience": AUD, "delivery": "poll", "algorithms": ["ES256"],
         "allow_insecure_http": True,
-        "poll_interval_seconds": 0.1,
+        "poll_interval_seconds": 0.1, "subjects_of": [IDP],
     }]})
     fetcher = HttpFetcher()
     clock = SystemClock()
@@ -101,6 +102,43 @@ async def test_a_replayed_polled_set_is_acknowledged_again(
     transmitter.enqueue(token)  # our acknowledgement was "lost": the transmitter sends it again
     await eventually(lambda: transmitter.acked.count(jti) == 2)
     assert jti not in transmitter.set_errs
+
+
+class LateMark(MemoryState):
+    """The first jti mark runs on the server but its answer is lost (a Redis stall past the timeout)."""
+
+    def __init__(self, clock: SystemClock) -> None:
+        super().__init__(clock)
+        self.lost = 0
+
+    async def first_use(self, key: str, ttl_seconds: float) -> bool:
+        created = await super().first_use(key, ttl_seconds)
+        if key.startswith("ssf:") and not self.lost:
+            self.lost += 1
+            raise StateUnavailable("timed out after the server ran the command")
+        return created
+
+
+async def test_a_polled_set_whose_mark_was_lost_still_takes_effect(transmitter: SsfTransmitter) -> None:
+    """#26 G2: the SET is redelivered and acknowledged as a replay, so its effect must already be stored."""
+    config = parse_revocation_config({"transmitters": [{
+        "issuer": transmitter.issuer, "audience": AUD, "delivery": "poll", "algorithms": ["ES256"],
+        "poll_interval_seconds": 0.1, "subjects_of": [IDP], "allow_insecure_http": True,
+    }]})
+    fetcher, clock = HttpFetcher(), SystemClock()
+    state = LateMark(clock)
+    svc = RevocationService(config, redis_url=None, state=state, fetcher=fetcher, clock=clock,
+                            registry=CollectorRegistry())
+    await svc.start()
+    try:
+        token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-4"})
+        jti = transmitter.enqueue(token)
+        await eventually(lambda: jti in transmitter.acked)
+        assert state.lost == 1
+        assert svc.revocations.check(principal("user-4")) is not None
+    finally:
+        await svc.stop()
+        await fetcher.close()
 
 
 async def test_a_set_with_an_absurd_iat_is_refused_and_polling_goes_on(

@@ -178,6 +178,24 @@ def test_a_duplicate_issuer_is_refused_and_named() -> None:
         parse_settings(document)
 
 
+@pytest.mark.parametrize(
+    ("transmitter", "fragment"),
+    [
+        ({}, "revocation.transmitters[0].subjects_of: defaults to"),
+        ({"subjects_of": ["https://other.example.test"]}, "revocation.transmitters[0].subjects_of[0]: "),
+    ],
+)
+def test_a_transmitter_speaks_for_configured_issuers_only(transmitter: dict[str, Any], fragment: str) -> None:
+    data = _example()
+    tx = {"issuer": "https://ssf.example.test", "audience": "https://verifier.example.test", **transmitter}
+    data["revocation"] = {"transmitters": [tx]}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(data)
+    assert str(caught.value).startswith(fragment)
+    tx["subjects_of"] = ["http://127.0.0.1:9400"]
+    assert parse_settings(data).revocation.transmitters[0].scope == ("http://127.0.0.1:9400",)
+
+
 def test_at_least_one_of_grpc_or_http_is_required() -> None:
     document = _example()
     del document["grpc"], document["http"]
@@ -238,8 +256,9 @@ def test_check_config_exits_zero_on_the_issue_example(tmp_path: Path) -> None:
         (ISSUE_EXAMPLE.replace("http://127.0.0.1:9400", "http://idp.example.test"), "issuers[0].issuer"),
         (ISSUE_EXAMPLE + "bogus: 1\n", "bogus: unknown key"),
         ("issuers: [\n", "not valid YAML"),
+        (ISSUE_EXAMPLE + 'state: {redis_url: "redis://127.0.0.1:6379/0"}\n', "state.key_prefix: required"),
     ],
-    ids=["hs256", "http-issuer", "unknown-key", "broken-yaml"],
+    ids=["hs256", "http-issuer", "unknown-key", "broken-yaml", "redis-without-key-prefix"],
 )
 def test_check_config_exits_non_zero_on_a_bad_file_and_names_the_key(
     tmp_path: Path, text: str, fragment: str
@@ -253,3 +272,34 @@ def test_check_config_exits_non_zero_on_a_bad_file_and_names_the_key(
 
 def test_check_config_exits_non_zero_on_a_missing_file(tmp_path: Path) -> None:
     assert _check_config(tmp_path / "nope.yaml").returncode != 0
+
+
+# --- workers: N > 1 share nothing without Redis (#18 F8) ------------------------------------------
+
+SHARED_STATE_FEATURES = {
+    "revocation": "revocation: {}\n",
+    "dpop": "dpop: {iat_past_seconds: 30}\n",
+    "rate_limits": "rate_limits: {default: {per_second: 5, burst: 10}}\n",
+    "sender_constraint": "policies:\n  - match: {path_prefix: /}\n    require: {sender_constraint: dpop}\n",
+}
+
+
+@pytest.mark.parametrize("feature", list(SHARED_STATE_FEATURES))
+def test_refuses_several_workers_without_redis_when_a_feature_needs_shared_state(feature: str) -> None:
+    data = yaml.safe_load(ISSUE_EXAMPLE + "workers: 2\n" + SHARED_STATE_FEATURES[feature])
+    with pytest.raises(ConfigError, match=r"state\.redis_url") as info:
+        parse_settings(data)
+    assert feature in str(info.value) or "policies[0]" in str(info.value)
+    parse_settings(yaml.safe_load(ISSUE_EXAMPLE + "workers: 1\n" + SHARED_STATE_FEATURES[feature]))
+
+
+def test_several_workers_without_redis_and_without_shared_features_are_fine() -> None:
+    assert parse_settings(yaml.safe_load(ISSUE_EXAMPLE + "workers: 2\n")).workers == 2
+
+
+def test_check_config_refuses_several_workers_sharing_a_kill_switch_without_redis(tmp_path: Path) -> None:
+    path = tmp_path / "workers.yaml"
+    path.write_text(ISSUE_EXAMPLE + "workers: 4\nrevocation: {}\n", encoding="utf-8")
+    result = _check_config(path)
+    assert result.returncode == 2
+    assert "state.redis_url" in result.stderr and "workers" in result.stderr

@@ -174,6 +174,10 @@ async def test_a_redis_url_builds_a_redis_state(clock: FrozenClock, monkeypatch:
         ({"redis_url": "redis://:secret@x:6379"}, "state.redis_url"),
         ({"redis_url": ""}, "state.redis_url"),
         ({"redis_url": "redis://x", "password_env": "STATE_UNSET_VARIABLE"}, "state.password_env"),
+        ({"redis_url": "redis://x"}, "state.key_prefix"),  # #26 G6: two deployments would share everything
+        ({"redis_url": "redis://x", "key_prefix": ""}, "state.key_prefix"),
+        ({"redis_url": "redis://x", "key_prefix": "a:", "path": "/tmp"}, "state.path"),
+        ({"path": "/nonexistent/verifier-state"}, "state.path"),
         ({"password_env": "HOME"}, "state.password_env"),
         ({"key_prefix": 3}, "state.key_prefix"),
         ({"timeout_seconds": 0}, "state.timeout_seconds"),

@@ -7,9 +7,7 @@ verifier is checked against structures it did not make itself.
 
 from __future__ import annotations
 
-import base64
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -21,9 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from fido2.cose import ES256
-from fido2.webauthn import AttestationObject, AttestedCredentialData, AuthenticatorData, CollectedClientData
+from fido2.webauthn import CollectedClientData
 from prometheus_client import CollectorRegistry
+from webauthnkit import FLAGS, ORIGIN, RP_ID, SoftAuthenticator, b64u, encode_header, unb64u
 
 from verifier.clock import FrozenClock
 from verifier.decision import refuse
@@ -43,107 +41,8 @@ from verifier.webauthn import (
 from verifier.webauthn.assertion import user_handle
 from verifier.webauthn.challenge import ChallengeSigner, request_hash, subject_hash
 
-RP_ID = "localhost"
-ORIGIN = "http://localhost:9555"
 ISSUER = "https://issuer.example.test"
 SECRET = b"s" * 32
-FLAGS = AuthenticatorData.FLAG
-
-
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unb64u(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def encode_header(credential: Mapping[str, Any]) -> str:
-    return b64u(json.dumps(credential).encode())
-
-
-class SoftAuthenticator:
-    """A software FIDO2 authenticator: one ES256 credential, a counter, configurable misbehaviour."""
-
-    def __init__(self, *, counter: int = 0, step: int = 1) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.cose = ES256.from_cryptography_key(self.key.public_key())
-        self.credential_id = os.urandom(16)
-        self.aaguid = os.urandom(16)
-        self.counter = counter
-        self.step = step
-        self.user_handle: bytes | None = None
-
-    @property
-    def id(self) -> str:
-        return b64u(self.credential_id)
-
-    def create(
-        self,
-        public_key: Mapping[str, Any],
-        *,
-        origin: str = ORIGIN,
-        rp_id: str = RP_ID,
-        flags: int = FLAGS.UP | FLAGS.UV,
-        fmt: str = "none",
-        att_stmt: Mapping[str, Any] | None = None,
-        signer: Any = None,
-    ) -> dict[str, Any]:
-        """navigator.credentials.create(): a RegistrationResponseJSON."""
-        self.user_handle = unb64u(public_key["user"]["id"])
-        client_data = CollectedClientData.create(
-            type="webauthn.create", challenge=public_key["challenge"], origin=origin
-        )
-        auth_data = AuthenticatorData.create(
-            hashlib.sha256(rp_id.encode()).digest(),
-            FLAGS(flags | FLAGS.AT),
-            self.counter,
-            AttestedCredentialData.create(self.aaguid, self.credential_id, self.cose),
-        )
-        statement: Mapping[str, Any] = att_stmt if att_stmt is not None else {}
-        if signer is not None:
-            statement = signer(auth_data, client_data)
-        attestation = AttestationObject.create(fmt, auth_data, statement)
-        return {
-            "id": self.id,
-            "rawId": self.id,
-            "type": "public-key",
-            "response": {
-                "clientDataJSON": b64u(client_data),
-                "attestationObject": b64u(attestation),
-                "transports": ["usb"],
-            },
-            "clientExtensionResults": {},
-        }
-
-    def get(
-        self,
-        challenge: str,
-        *,
-        origin: str = ORIGIN,
-        rp_id: str = RP_ID,
-        flags: int = FLAGS.UP | FLAGS.UV,
-        counter: int | None = None,
-        cross_origin: bool = False,
-    ) -> dict[str, Any]:
-        """navigator.credentials.get(): an AuthenticationResponseJSON signed over authData || hash(clientData)."""
-        if counter is None:
-            self.counter += self.step
-            counter = self.counter
-        client_data = CollectedClientData.create(
-            type="webauthn.get", challenge=challenge, origin=origin, cross_origin=cross_origin
-        )
-        auth_data = AuthenticatorData.create(hashlib.sha256(rp_id.encode()).digest(), FLAGS(flags), counter)
-        signature = self.key.sign(auth_data + client_data.hash, ec.ECDSA(hashes.SHA256()))
-        response: dict[str, Any] = {
-            "clientDataJSON": b64u(client_data),
-            "authenticatorData": b64u(auth_data),
-            "signature": b64u(signature),
-        }
-        if self.user_handle is not None:
-            response["userHandle"] = b64u(self.user_handle)
-        return {"id": self.id, "rawId": self.id, "type": "public-key", "response": response,
-                "clientExtensionResults": {}}
 
 
 def principal(subject: str = "alice", issuer: str = ISSUER) -> Principal:
@@ -151,11 +50,12 @@ def principal(subject: str = "alice", issuer: str = ISSUER) -> Principal:
                      expires_at=2e9, claims={"sub": subject, "name": subject.title()})
 
 
-def attrs(method: str = "POST", path: str = "/payments/transfer", assertion: str | None = None) -> RequestAttributes:
+def attrs(method: str = "POST", path: str = "/payments/transfer", assertion: str | None = None,
+          host: str = "api.example.test") -> RequestAttributes:
     headers = {"authorization": "Bearer x"}
     if assertion is not None:
         headers["x-webauthn-assertion"] = assertion
-    return RequestAttributes(method=method, scheme="https", host="api.example.test", path=path, headers=headers)
+    return RequestAttributes(method=method, scheme="https", host=host, path=path, headers=headers)
 
 
 class Harness:
@@ -518,7 +418,8 @@ async def test_a_missing_assertion_is_answered_with_a_bound_challenge(
     assert body["publicKey"]["allowCredentials"] == [{"type": "public-key", "id": a.id, "transports": ["usb"]}]
     raw = unb64u(refused.offer.challenge)  # type: ignore[union-attr]
     ChallengeSigner(SECRET).check(raw, subject=subject_hash(ISSUER, "alice"),
-                                  request=request_hash("POST", "/payments/transfer"), now=h.clock.now())
+                                  request=request_hash("POST", "api.example.test", "/payments/transfer"),
+                                  now=h.clock.now())
 
 
 async def test_accepts_a_valid_assertion_and_audits_it(
@@ -584,6 +485,17 @@ async def test_refuses_a_challenge_issued_for_another_request_or_subject(
     assert refused.code == code
 
 
+async def test_refuses_an_assertion_made_for_another_host_on_the_same_path(
+    enrolled: tuple[Harness, SoftAuthenticator],
+) -> None:
+    h, a = enrolled
+    header = await assertion_for(h, a, attrs(host="payments.example.test"))
+    refused = await h.challenge(principal(), attrs(host="admin.example.test", assertion=header))
+    assert refused.code == "webauthn_challenge_mismatch" and "host" in refused.description
+    same_host_other_case = await assertion_for(h, a, attrs(host="payments.example.test"))
+    await h.service.check_step_up(principal(), attrs(host="Payments.Example.Test", assertion=same_host_other_case))
+
+
 async def test_refuses_an_expired_challenge(enrolled: tuple[Harness, SoftAuthenticator]) -> None:
     h, a = enrolled
     header = await assertion_for(h, a, attrs())
@@ -595,7 +507,7 @@ async def test_refuses_an_expired_challenge(enrolled: tuple[Harness, SoftAuthent
 async def test_refuses_a_challenge_this_verifier_did_not_sign(enrolled: tuple[Harness, SoftAuthenticator]) -> None:
     h, a = enrolled
     forged = ChallengeSigner(b"x" * 32).issue(
-        subject=subject_hash(ISSUER, "alice"), request=request_hash("POST", "/payments/transfer"),
+        subject=subject_hash(ISSUER, "alice"), request=request_hash("POST", "api.example.test", "/payments/transfer"),
         expires_at=int(h.clock.now()) + 60,
     )
     for challenge in (b64u(forged), b64u(os.urandom(32))):

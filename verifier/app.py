@@ -31,6 +31,8 @@ from verifier.policy.roles import RoleMapper
 from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.revocation import RevocationService
+from verifier.revocation.config import check_transmitter_scopes
+from verifier.revocation.ssf import CredentialRevocation
 from verifier.settings import Settings
 from verifier.state import build_state
 from verifier.tokens.cache import ExpiringCache
@@ -97,16 +99,19 @@ class App:
         }
         self.revocation: RevocationService | None = None
         if settings.revocation is not None:
+            check_transmitter_scopes(settings.revocation, (i.issuer for i in settings.issuers))
             state_cfg = settings.state
             self.revocation = RevocationService(
                 settings.revocation,
                 redis_url=getattr(state_cfg, "redis_url", None),
                 redis_password=getattr(state_cfg, "password", None),
                 key_prefix=getattr(state_cfg, "key_prefix", "verifier:"),
+                local_path=getattr(state_cfg, "path", None),
                 state=self.state,
                 fetcher=self.fetcher,
                 clock=self.clock,
                 registry=self.metrics.registry,
+                on_credential_revoked=self._credentials_revoked,
             )
         self.webauthn: WebAuthnService | None = None
         if settings.webauthn is not None:
@@ -133,10 +138,16 @@ class App:
             audit_enabled=settings.audit,
             policies=PolicySet(settings.policies),
             role_mappers={i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles},
-            dpop=self.dpop,
+            # Several workers without Redis would each accept a proof once: DPoP is refused instead
+            # (configuring it that way is refused at start-up).
+            dpop=self.dpop if settings.state_is_shared else None,
             dpop_algs=self.dpop.algorithms,
             rate_limiter=RateLimiter(settings.rate_limits, self.state, self.clock) if settings.rate_limits else None,
             introspectors=self.introspectors,
+            opaque_issuer=next(
+                (i.issuer for i in settings.issuers if i.introspection is not None and i.introspection.opaque_tokens),
+                None,
+            ),
             introspect_jwts=frozenset(i.issuer for i in settings.issuers if i.introspect_jwts),
             authorization_endpoint=lambda issuer: self._discovered("authorization_endpoint", issuer)(),
             mtls_header=settings.mtls_thumbprint_header,
@@ -177,6 +188,12 @@ class App:
             return value if isinstance(value, str) else ""
 
         return lookup
+
+    async def _credentials_revoked(self, revoked: CredentialRevocation) -> None:
+        """A CAEP credential-change for a WebAuthn credential: the user's keys are disabled here."""
+        if self.webauthn is not None:
+            ids = list(revoked.credential_ids) or None
+            await self.webauthn.disable_credentials(revoked.issuer, revoked.subject, ids, aaguid=revoked.aaguid)
 
     async def _authenticate(self, request: HttpRequest) -> Principal:
         attrs = attributes_from_http(request.method, request.path.encode(), dict(request.headers), request.peer)

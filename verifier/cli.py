@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 
 from verifier.app import App
 from verifier.observe.audit import configure_logging
 from verifier.settings import ConfigError, IssuerSettings, Listen, Settings, load_settings
+from verifier.state import with_default_path
 
 log = logging.getLogger("verifier.cli")
 
@@ -48,7 +52,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from verifier.workers import Supervisor
 
-    return Supervisor(settings, lambda: load_settings(args.config), _serve_worker).run()
+    # Without Redis or state.path, revocations live in a directory the supervisor keeps: a reloaded
+    # or restarted worker reads them back (a full restart needs state.path).
+    runtime = tempfile.mkdtemp(prefix="verifier-state-")
+
+    def load() -> Settings:
+        loaded = load_settings(args.config)
+        return dataclasses.replace(loaded, state=with_default_path(loaded.state, runtime))
+
+    try:
+        return Supervisor(
+            dataclasses.replace(settings, state=with_default_path(settings.state, runtime)), load, _serve_worker
+        ).run()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def _serve_worker(settings: Settings, index: int, ready_fd: int) -> None:

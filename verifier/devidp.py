@@ -97,14 +97,19 @@ class DevIdentityProvider:
     def mint(
         self,
         *,
-        sub: str = "dev-user",
+        sub: str | None = "dev-user",
         scope: str = "read write",
         aud: str = DEV_AUDIENCE,
         alg: str = "ES256",
         ttl: int = DEFAULT_TTL_SECONDS,
         claims: dict[str, Any] | None = None,
+        introspectable: bool = False,
     ) -> str:
-        """Signs an access token."""
+        """Signs an access token.
+
+        `sub=None` makes a client-credentials token (only `client_id`); `introspectable` makes the
+        introspection endpoint answer for it (active until `revoke`), as a provider does for its JWTs.
+        """
         if alg not in self._keys:
             raise ValueError(f"alg must be one of {sorted(self._keys)}")
         kid, private = self._keys[alg]
@@ -119,8 +124,13 @@ class DevIdentityProvider:
             "exp": now + max(1, min(ttl, MAX_TTL_SECONDS)),
             "jti": uuid.uuid4().hex,
         }
+        if sub is None:
+            del body["sub"]
         body.update(claims or {})
-        return jwt.encode(body, private, algorithm=alg, headers={"kid": kid, "typ": "at+jwt"})
+        token = jwt.encode(body, private, algorithm=alg, headers={"kid": kid, "typ": "at+jwt"})
+        if introspectable:
+            self._opaque[token] = {**body, "token_type": "Bearer"}
+        return token
 
     def mint_opaque(
         self,

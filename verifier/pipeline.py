@@ -41,7 +41,7 @@ from verifier.observe.metrics import Metrics
 from verifier.policy.ratelimit import RateLimiter
 from verifier.policy.roles import RoleMapper
 from verifier.policy.rules import CompiledPolicy, PolicySet, auth_time_left, evaluate
-from verifier.principal import Principal
+from verifier.principal import Principal, roles_of, scopes_of
 from verifier.request import RequestAttributes
 from verifier.settings import SUPPORTED_ALGORITHMS
 from verifier.tokens import jws
@@ -135,6 +135,7 @@ class Pipeline:
         dpop_algs: tuple[str, ...] = (),
         rate_limiter: RateLimiter | None = None,
         introspectors: Mapping[str, Introspector] | None = None,
+        opaque_issuer: str | None = None,  # the issuer whose introspector takes opaque tokens
         introspect_jwts: frozenset[str] = frozenset(),
         authorization_endpoint: Callable[[str], str] | None = None,
         mtls_header: str = "x-client-cert-thumbprint",
@@ -160,7 +161,8 @@ class Pipeline:
         self._dpop_algs = " ".join(dpop_algs)
         self._rate_limiter = rate_limiter
         self._introspectors = dict(introspectors or {})
-        self._opaque_issuer = next(iter(self._introspectors), None)
+        # The one issuer that takes opaque tokens (settings refuse more than one), never just the first.
+        self._opaque_issuer = opaque_issuer if opaque_issuer in self._introspectors else None
         self._introspect_jwts = introspect_jwts
         self._authorization_endpoint = authorization_endpoint or (lambda issuer: "")
         self._mtls_header = mtls_header
@@ -214,10 +216,10 @@ class Pipeline:
             if route.step_up or self._needs_async(principal, credential):
                 return None  # a per-request proof (DPoP, WebAuthn) or a counter must be checked
             try:
-                self._judge(principal, credential, attrs, route)
+                judged = self._judge(principal, credential, attrs, route)
             except VerifierError as exc:
                 return self._refuse(exc, credential, route)
-            return self._reusable(principal, allowed, route)
+            return self._answer(principal, judged, allowed, route)
         refused = self._negative.get(key)
         if refused is not None:
             self._metrics.cache_lookup("negative", "hit")
@@ -238,10 +240,10 @@ class Pipeline:
         if route.step_up or self._needs_async(principal, credential):
             return None  # the principal is cached now; the per-request proof is checked asynchronously
         try:
-            self._judge(principal, credential, attrs, route)
+            judged = self._judge(principal, credential, attrs, route)
         except VerifierError as exc:
             return self._refuse(exc, credential, route)
-        return self._reusable(principal, allowed, route)
+        return self._answer(principal, judged, allowed, route)
 
     async def decide(self, attrs: RequestAttributes, door: str) -> Decision:
         """The full decision; never raises."""
@@ -273,7 +275,12 @@ class Pipeline:
             return refuse(InternalError("internal error"), realm=self._realm)
 
     async def authenticate(self, attrs: RequestAttributes) -> Principal:
-        """The caller's principal for the small endpoints (WebAuthn registration); raises a refusal."""
+        """The caller's principal for our own endpoints (WebAuthn registry); raises a refusal.
+
+        The same per-request checks as forward-auth (`_check`: introspection of JWTs, DPoP, revocation,
+        certificate binding), without a route policy; the principal returned carries announced claim
+        changes.
+        """
         credential = credentials.extract(attrs)
         key = audit.token_hash(attrs.headers.get("authorization", ""))
         hit = self._positive.get(key)
@@ -284,12 +291,7 @@ class Pipeline:
             if isinstance(verified, Decision):
                 raise InvalidToken(verified.reason.replace("_", " "), code=verified.reason)
             principal = verified[0]
-        if self._revocations is not None:
-            revoked = self._revocations.check(principal)
-            if revoked is not None:
-                raise revoked
-        await self._bind(principal, credential, attrs)
-        return principal
+        return await self._check(principal, credential, attrs, NO_POLICY)
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -309,8 +311,30 @@ class Pipeline:
             or principal.issuer in self._introspect_jwts
         )
 
-    def _judge(self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route) -> None:
-        """The synchronous checks on a principal: revocation, certificate binding and the route's policy."""
+    async def _check(
+        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
+    ) -> Principal:
+        """Every per-request check on a verified principal, in one place for every caller.
+
+        Forward-auth (`_decide`) and our own endpoints (`authenticate`) both come through here, so the
+        checks cannot drift apart: the provider's word on a JWT (`introspect_jwts`), the DPoP proof,
+        then the synchronous `_judge`. `decide_cached` runs `_judge` alone, and only for a principal
+        `_needs_async` says needs nothing asynchronous.
+        """
+        if principal.issuer in self._introspect_jwts:
+            # Revocation check: the provider's word (cached by the introspector) on every request.
+            await self._introspectors[principal.issuer].introspect(credential.token, audit.token_hash(credential.token))
+        await self._bind(principal, credential, attrs)
+        return self._judge(principal, credential, attrs, route)
+
+    def _judge(
+        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
+    ) -> Principal:
+        """The synchronous checks on a principal: revocation, certificate binding and the route's policy.
+
+        Returns the principal the policy judged: the admitted one, or, when a CAEP event announced
+        changed claims since the token was issued, one whose scopes and roles follow those claims.
+        """
         if self._revocations is not None:
             revoked = self._revocations.check(principal)
             if revoked is not None:
@@ -318,11 +342,11 @@ class Pipeline:
                 raise revoked
             override = self._revocations.overrides(principal)
             if override:
-                principal = dataclasses.replace(principal, claims={**principal.claims, **override})
+                principal = self._overridden(principal, override)
         cnf = _cnf(principal)
         if "x5t#S256" in cnf:
-            presented = attrs.client_cert_thumbprint or attrs.headers.get(self._mtls_header, "")
-            check_certificate_binding(cnf, presented)
+            # Only the thumbprint of the certificate the door verified (or its trusted gateway named).
+            check_certificate_binding(cnf, attrs.client_cert_thumbprint)
         if route.policy is not None:
             evaluate(
                 route.policy.require,
@@ -330,6 +354,24 @@ class Pipeline:
                 self._clock.now(),
                 authorization_endpoint=self._authorization_endpoint(principal.issuer),
             )
+        return principal
+
+    def _overridden(self, principal: Principal, override: Mapping[str, Any]) -> Principal:
+        """The principal with announced claims, its scopes and roles derived again as at admission."""
+        claims = {**principal.claims, **override}
+        if "scope" in override or "scp" in override:
+            # The announced scope replaces the token's, whichever of the two claims the token used.
+            for name in ("scope", "scp"):
+                if name not in override:
+                    claims.pop(name, None)
+        changed = dataclasses.replace(principal, claims=claims, scopes=scopes_of(claims), roles=roles_of(claims))
+        return self._with_roles(changed)
+
+    def _answer(self, admitted: Principal, judged: Principal, allowed: Decision, route: Route) -> Decision:
+        """The allow answer for the principal the policy judged (its headers follow announced claims)."""
+        if judged is not admitted:
+            allowed = allow(judged, cache_max_age=allowed.cache_max_age)
+        return self._reusable(judged, allowed, route)
 
     async def _decide(self, attrs: RequestAttributes, door: str) -> Decision:
         route = self._route(attrs)
@@ -346,22 +388,16 @@ class Pipeline:
                 return verified
             principal, allowed = verified
         try:
-            if principal.issuer in self._introspect_jwts:
-                # Revocation check: the provider's word (cached by the introspector) on every request.
-                await self._introspectors[principal.issuer].introspect(
-                    credential.token, audit.token_hash(credential.token)
-                )
-            await self._bind(principal, credential, attrs)
-            self._judge(principal, credential, attrs, route)
+            judged = await self._check(principal, credential, attrs, route)
             if route.step_up:
                 if self._step_up is None:
                     raise InternalError("step-up required but WebAuthn is not configured")
-                await self._step_up.check_step_up(principal, attrs)
+                await self._step_up.check_step_up(judged, attrs)
             if self._rate_limiter is not None:
-                await self._rate_limiter.check(principal)
+                await self._rate_limiter.check(judged)
         except VerifierError as exc:
             return self._refuse(exc, credential, route)
-        return self._reusable(principal, allowed, route)
+        return self._answer(principal, judged, allowed, route)
 
     def _verify_now(
         self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str
@@ -454,7 +490,7 @@ class Pipeline:
         allowed = allow(principal, cache_max_age=0 if per_request else self._edge_max_age)
         plain = not self._needs_async(principal, credential) and "x5t#S256" not in _cnf(principal)
         self._positive.put(key, (principal, allowed, credential, plain), principal.expires_at)
-        self._record(attrs, door, allowed, started, token_key, issuer, kid, alg, principal.subject)
+        self._record(attrs, door, allowed, started, token_key, issuer, kid, alg, principal.subject, principal.client_id)
         return principal, allowed
 
     def _with_roles(self, principal: Principal) -> Principal:
@@ -538,6 +574,7 @@ class Pipeline:
         kid: str | None,
         alg: str,
         subject: str,
+        client_id: str | None = None,
     ) -> None:
         if alg and alg != "introspection":
             label = alg if alg in SUPPORTED_ALGORITHMS else "other"  # header values are attacker-chosen
@@ -554,6 +591,7 @@ class Pipeline:
                 latency_seconds=time.perf_counter() - started,
                 token_hash_=key,
                 door=door,
+                client_id=client_id,  # with subject "", a client-credentials token: no user
             )
 
 

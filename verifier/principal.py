@@ -2,6 +2,12 @@
 
 JWT claims and (later) introspection responses both become a `Principal`, so every policy works on
 both kinds of token.
+
+Users and clients are separate namespaces. `subject` is the token's `sub` and nothing else: a
+client-credentials token (no `sub`) has the subject "" and is known by its `client_id`. So a client
+registered as `alice` never matches what is keyed on the user `alice`: `subjects:` role rules,
+revocation entries, WebAuthn credentials; and the rate limiter keys on `caller`, which keeps the two
+apart.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ class Principal:
     """A verified caller."""
 
     issuer: str
-    subject: str  # `sub`, or `client_id` for a client-credentials token without `sub`
+    subject: str  # `sub`; "" for a client-credentials token (no `sub`), which `client_id` names
     client_id: str | None
     scopes: tuple[str, ...]
     roles: frozenset[str]
@@ -24,6 +30,11 @@ class Principal:
     claims: Mapping[str, Any]
     kid: str | None = None
     alg: str = ""
+
+    @property
+    def caller(self) -> str:
+        """Who is calling, users and clients apart: `sub:<sub>`, or `client:<client_id>` without a `sub`."""
+        return f"sub:{self.subject}" if self.subject else f"client:{self.client_id or ''}"
 
     @property
     def scope(self) -> str:

@@ -224,6 +224,11 @@ class Settings:
     revocation: Any = None  # verifier.revocation.RevocationConfig: Shared Signals receiver
     webauthn: Any = None  # verifier.webauthn config: credential registry and step-up
 
+    @property
+    def state_is_shared(self) -> bool:
+        """Whether every worker sees the same replay caches, buckets and entries (one worker, or Redis)."""
+        return self.workers == 1 or getattr(self.state, "redis_url", None) is not None
+
 
 class _Reader:
     """Reads one mapping, remembering its path for error messages and refusing unknown keys."""
@@ -537,6 +542,18 @@ def _edge_cache(reader: _Reader | None) -> EdgeCacheSettings:
     return settings
 
 
+def _check_opaque_introspection(issuers: Sequence[IssuerSettings]) -> None:
+    """At most one issuer introspects opaque tokens: a token that names no issuer must never reach
+    a provider that did not issue it (that provider would see, and could replay, another's tokens)."""
+    opaque = [i for i, iss in enumerate(issuers) if iss.introspection is not None and iss.introspection.opaque_tokens]
+    if len(opaque) > 1:
+        raise ConfigError(
+            f"issuers[{opaque[1]}].introspection.opaque_tokens: issuers[{opaque[0]}] introspects opaque tokens "
+            "already, and an opaque token does not say which issuer it came from; set opaque_tokens: false "
+            "on all but one issuer (it can still introspect its own JWTs with introspect_jwts: true)"
+        )
+
+
 def parse_settings(data: Any) -> Settings:
     """Validates a decoded YAML document into `Settings`, naming the first bad key."""
     root = _Reader(data, "")
@@ -546,6 +563,7 @@ def parse_settings(data: Any) -> Settings:
         if iss.issuer in seen:
             raise ConfigError(f"issuers[{i}].issuer: {iss.issuer!r} configured twice")
         seen.add(iss.issuer)
+    _check_opaque_introspection(issuers)
     cache_reader = root.child("cache")
     cache = CacheSettings()
     if cache_reader is not None:
@@ -585,10 +603,16 @@ def parse_settings(data: Any) -> Settings:
         webauthn=_optional_section(root, "webauthn", "verifier.webauthn", "parse_webauthn_config"),
     )
     root.done()
+    if settings.revocation is not None:  # transmitters speak for configured issuers only
+        import importlib
+
+        scopes = importlib.import_module("verifier.revocation.config").check_transmitter_scopes
+        scopes(settings.revocation, (i.issuer for i in issuers))
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")
     _check_distinct_ports(settings)
     check_admin_token(os.environ.get(ADMIN_TOKEN_ENV))
+    _check_shared_state(settings)
     return settings
 
 
@@ -612,6 +636,38 @@ def check_admin_token(token: str | None) -> None:
     if token and len(token) < MIN_ADMIN_TOKEN_CHARS:
         raise ConfigError(
             f"{ADMIN_TOKEN_ENV}: at least {MIN_ADMIN_TOKEN_CHARS} characters are required (got {len(token)})"
+        )
+
+
+def _check_shared_state(settings: Settings) -> None:
+    """Refuses `workers: N > 1` without Redis when a feature needs every worker to see the same state.
+
+    Workers share nothing else: a kill switch would reach one worker in N, a DPoP proof or an SSF
+    `jti` would be accepted once per worker, a rate limit would allow N times its burst.
+    """
+    if settings.state_is_shared:
+        return
+    needs = [
+        key
+        for key, used in (
+            ("revocation", settings.revocation is not None),
+            ("dpop", settings.dpop is not None),
+            ("webauthn", settings.webauthn is not None),
+            ("rate_limits", settings.rate_limits is not None),
+        )
+        if used
+    ]
+    needs += [
+        f"policies[{i}].require.{key}"
+        for i, policy in enumerate(settings.policies or ())
+        for key in ("sender_constraint", "step_up")
+        if getattr(policy.require, key)
+    ]
+    if needs:
+        raise ConfigError(
+            f"workers: {settings.workers} processes share nothing without state.redis_url, and "
+            f"{', '.join(needs)} need(s) one shared state (kill switch, replay caches, buckets); "
+            "set state.redis_url (and state.key_prefix) or use workers: 1"
         )
 
 

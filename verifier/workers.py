@@ -1,8 +1,11 @@
 """Process model: a small supervisor and N workers sharing the listening ports (SO_REUSEPORT).
 
 - `workers: N` forks N copies of the verifier; the kernel spreads connections across them. They
-  share nothing but the optional Redis state. A worker's metrics listener takes the configured
-  port plus its index (Prometheus scrapes each worker).
+  share nothing but the optional Redis state (so features needing shared state refuse N > 1
+  without it) and, without Redis, the revocation file in `state.path` or in the directory
+  `verifier serve` keeps for the supervisor's lifetime (a reloaded or restarted worker reads it
+  back). A worker's metrics listener takes the configured port plus its index (Prometheus scrapes
+  each worker).
 - The supervisor forwards SIGTERM/SIGINT (each worker drains and stops) and restarts a worker that
   dies unexpectedly (at most once per RESTART_BACKOFF_SECONDS per worker, so a crash loop does not
   spin).

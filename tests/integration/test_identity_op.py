@@ -421,7 +421,7 @@ def test_two_verifiers_on_one_redis_share_one_rate_limit_bucket(
         config = {
             "issuers": [_issuer_config(op)],
             "rate_limits": {"default": {"per_second": 0.01, "burst": 4}},
-            "state": {"redis_url": redis.url},
+            "state": {"redis_url": redis.url, "key_prefix": "identity-op:"},
         }
         for _ in range(2):
             replicas.append(start_verifier(tmp, issuer=op.issuer, extra_config=config))

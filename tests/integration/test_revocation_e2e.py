@@ -38,10 +38,12 @@ async def _replica(idp: DevIdentityProvider, tx: SsfTransmitter, redis_url: str 
         http=Listen(host="127.0.0.1", port=0),
         metrics=None,
         issuers=(IssuerSettings(issuer=idp.issuer, audiences=(DEV_AUDIENCE,), algorithms=("ES256",)),),
-        state=parse_state_config({"redis_url": redis_url}) if redis_url else None,
+        state=parse_state_config({"redis_url": redis_url, "key_prefix": "e2e:"}) if redis_url else None,
         revocation=parse_revocation_config(
-            {"transmitters": [{"issuer": tx.issuer, "audience": RECEIVER_AUD, "delivery": "push",
-                               "allow_insecure_http": True}]}
+            {"transmitters": [
+                {"issuer": tx.issuer, "audience": RECEIVER_AUD, "delivery": "push", "subjects_of": [idp.issuer],
+                 "allow_insecure_http": True}
+            ]}
         ),
     )
     app = App(settings)

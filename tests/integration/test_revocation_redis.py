@@ -56,15 +56,19 @@ class Replicas:
         self.redis_url = redis_url
         self.config = parse_revocation_config({"transmitters": [{
             "issuer": transmitter.issuer, "audience": AUD, "delivery": "push", "algorithms": ["ES256"],
+            "subjects_of": [IDP],
             "allow_insecure_http": True,
         }], "resync_interval_seconds": 30})
         self.started: list[tuple[RevocationService, RedisState, HttpFetcher]] = []
+        self.state_timeout = 1.0  # seconds per operation on the replay cache
+        self.key_prefix = "verifier:"  # the deployment's namespace in Redis
 
     async def start(self) -> RevocationService:
         clock = SystemClock()
-        state = RedisState(self.redis_url, timeout_seconds=1.0)
+        state = RedisState(self.redis_url, key_prefix=self.key_prefix, timeout_seconds=self.state_timeout)
         fetcher = HttpFetcher()
-        service = RevocationService(self.config, redis_url=self.redis_url, state=state, fetcher=fetcher,
+        service = RevocationService(self.config, redis_url=self.redis_url, key_prefix=self.key_prefix,
+                                    state=state, fetcher=fetcher,
                                     clock=clock, registry=CollectorRegistry(), admin_token=ADMIN)
         await service.start()
         self.started.append((service, state, fetcher))
@@ -194,3 +198,100 @@ async def test_a_dropped_subscription_is_followed_by_a_full_reload(
         await within(5.0, lambda: b.revocations.check(principal("user-6")) is not None)
     finally:
         await client.aclose()
+
+
+async def test_redis_restarted_empty_gets_the_entries_back_and_nobody_forgets(
+    replicas: Replicas, transmitter: SsfTransmitter, redis_server: RedisServer
+) -> None:
+    """#26 G3: a Redis that comes back empty is refilled by the replicas, never adopted as "no entries"."""
+    from redis.asyncio import Redis
+
+    a, b = await replicas.start(), await replicas.start()
+    created = await router_of(a).dispatch(admin_request("POST", document={
+        "subject": {"format": "iss_sub", "iss": IDP, "sub": "user-7"}, "effect": "disable"}))
+    assert created.status == 201
+    entry_id = json.loads(created.body)["id"]
+    token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-8"})
+    assert (await router_of(a).dispatch(push_request(token))).status == 202
+    await within(PROPAGATION_S, lambda: b.revocations.check(principal("user-8")) is not None)
+    redis_server.stop()
+    redis_server.start()  # same port, nothing persisted: an empty Redis
+    client = Redis.from_url(redis_server.url)
+    try:
+        async def stored() -> dict[bytes, bytes]:
+            return await client.hgetall("verifier:revocations")
+
+        deadline = time.monotonic() + 8
+        while entry_id.encode() not in await stored():
+            for replica in (a, b):
+                for sub in ("user-7", "user-8"):
+                    assert replica.revocations.check(principal(sub)) is not None, "a replica forgot an entry"
+            assert time.monotonic() < deadline, "the entries never came back into Redis"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # every replica has resynced after its reconnect by now
+        for replica in (a, b):
+            for sub in ("user-7", "user-8"):
+                assert replica.revocations.check(principal(sub)) is not None
+        assert len([k for k in await stored() if not k.startswith(b"~")]) == 2
+    finally:
+        await client.aclose()
+
+
+async def test_a_set_answered_503_during_a_redis_stall_takes_effect_when_retried(
+    redis_server: RedisServer, transmitter: SsfTransmitter
+) -> None:
+    """#26 G2: a stall must not let Redis mark the jti late while the entries were never stored."""
+    group = Replicas(redis_server.url, transmitter)
+    group.state_timeout = 0.25
+    try:
+        a = await group.start()
+        token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-10"})
+        router = router_of(a)
+        await group.started[0][1].first_use("warm-up", 1.0)  # the connection is open, as in production
+        redis_server.pause()  # a hung Redis: the commands queue up and run when it resumes
+        try:
+            stalled = await router.dispatch(push_request(token))
+        finally:
+            await asyncio.sleep(0.3)
+            redis_server.resume()
+        assert stalled.status == 503
+        await asyncio.sleep(0.3)  # Redis has run whatever was queued
+        retried = await router.dispatch(push_request(token))
+        assert retried.status == 202, retried.body
+        assert a.revocations.check(principal("user-10")) is not None
+        late = await group.start()
+        assert late.revocations.check(principal("user-10")) is not None  # stored in Redis, not only here
+        replay = await router.dispatch(push_request(token))
+        assert replay.status == 400 and json.loads(replay.body)["err"] == "invalid_request"
+    finally:
+        await group.stop()
+
+
+async def test_two_deployments_with_their_own_prefixes_on_one_redis_see_nothing_of_each_other(
+    redis_server: RedisServer, transmitter: SsfTransmitter
+) -> None:
+    """#26 G6: one operator must not see, or lift, another deployment's entries; SSF jtis stay apart too."""
+    blue, green = Replicas(redis_server.url, transmitter), Replicas(redis_server.url, transmitter)
+    blue.key_prefix, green.key_prefix = "blue:", "green:"
+    try:
+        a, b = await blue.start(), await green.start()
+        created = await router_of(a).dispatch(admin_request("POST", document={
+            "subject": {"format": "iss_sub", "iss": IDP, "sub": "user-11"}, "effect": "disable"}))
+        entry_id = json.loads(created.body)["id"]
+        token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-12"})
+        assert (await router_of(a).dispatch(push_request(token))).status == 202
+        # the same SET reaches the other deployment as its own first delivery
+        assert (await router_of(b).dispatch(push_request(token))).status == 202
+        await asyncio.sleep(0.3)
+        assert b.revocations.check(principal("user-11")) is None
+        listed = await router_of(b).dispatch(admin_request("GET"))
+        assert entry_id not in listed.body.decode()
+        lifted = await router_of(b).dispatch(admin_request("DELETE", f"/v1/admin/revocations/{entry_id}"))
+        assert lifted.status == 404
+        assert a.revocations.check(principal("user-11")) is not None
+        late_green = await green.start()
+        assert late_green.revocations.check(principal("user-11")) is None
+        assert late_green.revocations.check(principal("user-12")) is not None
+    finally:
+        await blue.stop()
+        await green.stop()

@@ -164,3 +164,27 @@ issuers:
         if proc.poll() is None:
             proc.kill()
         await idp.stop()
+
+
+def test_serve_refuses_several_workers_that_would_each_have_their_own_kill_switch(tmp_path: Path) -> None:
+    """#18 F8: with `workers: 2` and no Redis, a revocation reached one worker in two."""
+    config = tmp_path / "verifier.yaml"
+    config.write_text(
+        f"""
+workers: 2
+http: {{listen: "127.0.0.1:{free_port()}"}}
+issuers:
+  - issuer: "http://127.0.0.1:{free_port()}"
+    audiences: ["{DEV_AUDIENCE}"]
+    algorithms: [ES256]
+    allow_insecure_http: true
+revocation: {{}}
+"""
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "verifier", "serve", "--config", str(config)],
+        env={**os.environ, "VERIFIER_ADMIN_TOKEN": "an-admin-secret-of-32-characters"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 2
+    assert "state.redis_url" in result.stderr and "revocation" in result.stderr

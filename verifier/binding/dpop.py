@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import hmac
 import json
-import math
 import os
 import re
 import struct
@@ -27,6 +26,7 @@ from urllib.parse import urlsplit
 
 from verifier.clock import Clock
 from verifier.errors import InvalidDpopProof, MalformedToken, SenderConstraintFailed, UseDpopNonce
+from verifier.numbers import json_number
 from verifier.settings import ConfigError
 from verifier.state.base import SharedState
 from verifier.tokens.jws import b64url_decode, b64url_encode
@@ -384,8 +384,8 @@ class DpopVerifier:
 
         if config.require_nonce and not self._nonce_fresh(claims.get("nonce")):  # step 10
             raise UseDpopNonce("DPoP proof needs a fresh server nonce", nonce=self.issue_nonce())
-        iat = claims.get("iat")
-        if isinstance(iat, bool) or not isinstance(iat, int | float) or not math.isfinite(iat):
+        iat = json_number(claims.get("iat"))
+        if iat is None:  # 10**400 overflowed math.isfinite (503 and a traceback)
             raise InvalidDpopProof("DPoP proof iat missing or invalid")
         now = self._clock.now()
         if iat < now - config.iat_past_seconds:  # step 11 (time window)

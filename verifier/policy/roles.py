@@ -31,6 +31,6 @@ class RoleMapper:
             if scope and scope in scopes:
                 granted.add(role)
                 continue
-            if subjects and subject in subjects:
+            if subjects and subject and subject in subjects:  # "" is a client: never a listed user
                 granted.add(role)
         return frozenset(granted)

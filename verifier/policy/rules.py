@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Sequence
 
 from verifier.errors import Forbidden, InsufficientUserAuthentication, Scheme, SenderConstraintFailed
+from verifier.numbers import json_number
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import PolicySettings, Requirements
@@ -127,10 +128,10 @@ def auth_time_left(principal: Principal, require: Requirements, now: float) -> f
     """Seconds until `max_auth_age_seconds` would refuse this principal (None: no such bound)."""
     if require.max_auth_age_seconds is None:
         return None
-    auth_time = principal.claims.get("auth_time")
-    if isinstance(auth_time, bool) or not isinstance(auth_time, int | float):
+    auth_time = json_number(principal.claims.get("auth_time"))
+    if auth_time is None:  # missing, NaN (which passed every comparison), inf, 10**400: re-authenticate
         return 0.0
-    return float(auth_time) + require.max_auth_age_seconds - now
+    return auth_time + require.max_auth_age_seconds - now
 
 
 def _strings(value: object) -> tuple[str, ...]:

@@ -10,6 +10,8 @@ revocation:
       delivery: push                     # push (RFC 8935, POST /v1/ssf/events) or poll (RFC 8936)
       algorithms: [ES256, RS256, EdDSA]  # allow-list, pinned to the key type as for access tokens
       max_age_seconds: 300               # a SET whose `iat` is older is refused (and its jti forgotten)
+      subjects_of: ["https://idp.example.test"]   # configured issuers whose users its events may touch
+                                         # (default: its own `issuer`, when the provider transmits itself)
       # poll only: poll_interval_seconds (10), poll_endpoint_url (else the metadata's poll delivery),
       #            poll_authorization_env (env var holding a bearer token for the poll endpoint),
       #            max_events (100)
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,6 +60,7 @@ _TRANSMITTER_KEYS = (
     "jwks_uri",
     "fetch_timeout_seconds",
     "leeway_seconds",
+    "subjects_of",
     "allow_insecure_http",
 )
 _KEYS = ("transmitters", "max_token_lifetime_seconds", "resync_interval_seconds")
@@ -80,6 +83,15 @@ class TransmitterConfig:
     discovery_url: str = ""  # default: SSF 1.0 section 7.2.1 well-known location under `issuer`
     jwks_uri: str = ""  # set to skip discovery (then poll needs poll_endpoint_url)
     fetch_timeout_seconds: float = DEFAULT_FETCH_TIMEOUT_SECONDS
+    # The configured issuers whose subjects its events may touch (empty: its own `issuer`). An event
+    # about anyone else is acknowledged and ignored: one provider's transmitter cannot sign out (or
+    # change the claims of) another provider's users.
+    subjects_of: tuple[str, ...] = ()
+
+    @property
+    def scope(self) -> tuple[str, ...]:
+        """The issuers whose subjects this transmitter speaks for."""
+        return self.subjects_of or (self.issuer,)
 
     @property
     def discovery(self) -> str:
@@ -180,8 +192,15 @@ def _transmitter(data: Any, path: str) -> TransmitterConfig:
                 raise ConfigError(f"{path}.{key}: only meaningful with delivery: poll")
     elif raw.get("jwks_uri") and not raw.get("poll_endpoint_url"):
         raise ConfigError(f"{path}.poll_endpoint_url: required when jwks_uri skips discovery")
+    subjects_of = raw.get("subjects_of", [issuer])
+    if not isinstance(subjects_of, list) or not subjects_of:
+        raise ConfigError(f"{path}.subjects_of: expected a non-empty list of issuer URLs")
+    for i, name in enumerate(subjects_of):
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{path}.subjects_of[{i}]: expected an issuer URL")
     return TransmitterConfig(
         issuer=issuer,
+        subjects_of=tuple(dict.fromkeys(subjects_of)),
         audience=audience,
         delivery=delivery,
         algorithms=tuple(algorithms),
@@ -223,3 +242,19 @@ def parse_revocation_config(data: Any, path: str = "revocation") -> RevocationCo
         ),
         resync_interval_seconds=_number(raw, "resync_interval_seconds", path, DEFAULT_RESYNC_INTERVAL_SECONDS, 1, 3600),
     )
+
+
+def check_transmitter_scopes(config: RevocationConfig, issuers: Iterable[str], path: str = "revocation") -> None:
+    """Every issuer a transmitter speaks for must be a configured token issuer; raises `ConfigError`."""
+    known = frozenset(issuers)
+    for i, transmitter in enumerate(config.transmitters):
+        here = f"{path}.transmitters[{i}].subjects_of"
+        scope = transmitter.scope
+        if scope == (transmitter.issuer,) and transmitter.issuer not in known:
+            raise ConfigError(
+                f"{here}: defaults to the transmitter's issuer {transmitter.issuer!r}, which is not a configured "
+                "issuer; list the issuers whose subjects this transmitter speaks for"
+            )
+        for j, name in enumerate(scope):
+            if name not in known:
+                raise ConfigError(f"{here}[{j}]: {name!r} is not a configured issuer")

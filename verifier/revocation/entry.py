@@ -41,7 +41,11 @@ class Match(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SubjectKey:
-    """One lookup key; `iss` is set for ISS_SUB only. Emails are compared lower-cased."""
+    """One lookup key. Emails are compared lower-cased.
+
+    `iss` is the issuer an ISS_SUB names; for EMAIL and SID it is the issuer the key is narrowed to
+    (a transmitter's `subjects_of`), or "" for the operator's keys, which reach every issuer.
+    """
 
     kind: KeyKind
     value: str
@@ -127,7 +131,7 @@ class Entry:
                 reason=str(data.get("reason", "")),
                 overrides=dict(overrides) if isinstance(overrides, dict) else None,
             )
-        except (KeyError, TypeError, AttributeError, RecursionError) as exc:
+        except (KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
             raise ValueError(f"not a revocation entry: {type(exc).__name__}") from exc
 
     def public(self) -> dict[str, Any]:

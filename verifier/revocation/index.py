@@ -8,12 +8,12 @@ An entry whose every possible token has expired simply stops matching, before an
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from verifier.clock import Clock
 from verifier.errors import InvalidToken, VerifierError
+from verifier.numbers import json_number
 from verifier.principal import Principal
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 
@@ -48,12 +48,6 @@ class TokenRevoked(InvalidToken):
         super().__init__(description, code=code)
         self.jti = jti
         self.entry_id = entry_id
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def _reaches(entry: Entry, iat: float | None, auth_time: float | None) -> bool:
@@ -92,7 +86,7 @@ class Revocations:
                 continue
             if now is None:  # read once, and only for a principal some entry is keyed on
                 now = self._clock.now()
-                iat, auth_time = _number(claims.get("iat")), _number(claims.get("auth_time"))
+                iat, auth_time = json_number(claims.get("iat")), json_number(claims.get("auth_time"))
             for entry in bucket:
                 if found is not None and _PRECEDENCE[entry.effect] >= _PRECEDENCE[found.effect]:
                     continue
@@ -106,6 +100,7 @@ class Revocations:
                 "event": "token_revoked",
                 "issuer": principal.issuer,
                 "subject": principal.subject,
+                "client_id": principal.client_id,
                 "reason": found.effect.value,
                 "jti": found.jti,
                 "entry": found.id,
@@ -119,7 +114,7 @@ class Revocations:
         if not self._overrides:
             return None
         claims = principal.claims
-        iat = _number(claims.get("iat"))
+        iat = json_number(claims.get("iat"))
         now = self._clock.now()
         found: list[Entry] = []
         for key in self._keys_of(principal, claims, for_overrides=True):
@@ -135,14 +130,18 @@ class Revocations:
     def _keys_of(
         principal: Principal, claims: Mapping[str, Any], *, for_overrides: bool
     ) -> list[tuple[KeyKind, str, str]]:
-        keys = [(KeyKind.ISS_SUB, principal.subject, principal.issuer)]
+        # A client-credentials token has no `sub` (its subject is ""): no user's entry reaches it.
+        issuer = principal.issuer
+        keys = [(KeyKind.ISS_SUB, principal.subject, issuer)]
+        # Session ids and emails: the operator's entries (no issuer) and a transmitter's (its issuers').
         sid = claims.get("sid")
         if isinstance(sid, str) and sid:
-            keys.append((KeyKind.SID, sid, ""))
+            keys += ((KeyKind.SID, sid, ""), (KeyKind.SID, sid, issuer))
         email = claims.get("email")
         # An unverified email may be anyone's: good enough to refuse on, never to grant on.
         if isinstance(email, str) and email and (not for_overrides or claims.get("email_verified") is True):
-            keys.append((KeyKind.EMAIL, email.lower(), ""))
+            lowered = email.lower()
+            keys += ((KeyKind.EMAIL, lowered, ""), (KeyKind.EMAIL, lowered, issuer))
         return keys
 
     # -- kept in sync by the store ---------------------------------------------------------------------

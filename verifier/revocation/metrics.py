@@ -28,6 +28,13 @@ class RevocationMetrics:
             ["delivery", "err"],
             registry=registry,
         )
+        self.subjects_ignored = Counter(
+            "verifier_ssf_subjects_ignored_total",
+            "Subjects in accepted SETs ignored because they belong to an issuer outside the transmitter's"
+            " subjects_of, by transmitter.",
+            ["transmitter"],
+            registry=registry,
+        )
         self.events = Counter(
             "verifier_ssf_events_total", "Events in accepted SETs, by event type.", ["event"], registry=registry
         )

@@ -36,7 +36,7 @@ from verifier.revocation.ssf import (
     effects_of,
     short_name,
 )
-from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore
+from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
 from verifier.settings import ADMIN_TOKEN_ENV
 from verifier.state.base import SharedState
 from verifier.tokens.fetch import Fetcher
@@ -48,7 +48,7 @@ EVENTS_PATH = "/v1/ssf/events"
 DEFAULT_START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
 LOAD_RETRY_SECONDS = 0.2  # between attempts at the initial load
 
-CredentialCallback = Callable[[str, str, tuple[str, ...]], Awaitable[None]]
+CredentialCallback = Callable[[CredentialRevocation], Awaitable[None]]  # disables WebAuthn credentials
 
 
 class RevocationService:
@@ -66,6 +66,7 @@ class RevocationService:
         on_credential_revoked: CredentialCallback | None = None,
         redis_password: str | None = None,
         key_prefix: str = "verifier:",
+        local_path: str | None = None,
         admin_token: str | None = None,
         start_timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
     ) -> None:
@@ -73,9 +74,13 @@ class RevocationService:
         self._clock = clock
         self.metrics = RevocationMetrics(registry)
         self.revocations = Revocations(clock)
-        self._store: RevocationStore = (
-            RedisStore(redis_url, key_prefix=key_prefix, password=redis_password) if redis_url else MemoryStore()
-        )
+        self._store: RevocationStore
+        if redis_url:
+            self._store = RedisStore(redis_url, key_prefix=key_prefix, password=redis_password)
+        elif local_path:  # without Redis: a file that outlives this worker (reload, restart)
+            self._store = SqliteStore(local_path)
+        else:
+            self._store = MemoryStore()
         key_metrics = TransmitterKeyMetrics(self.metrics)
         self._transmitters: dict[str, tuple[TransmitterConfig, IssuerKeys]] = {
             t.issuer: (t, IssuerKeys(t.key_settings(), fetcher, clock, key_metrics)) for t in config.transmitters
@@ -152,7 +157,7 @@ class RevocationService:
         """Replaces the index with the store's entries; changes seen meanwhile are applied on top."""
         self._loading = []
         try:
-            entries = await self._store.load()
+            entries = await self._store.sync(self.revocations.entries())
         except StateUnavailable:
             self.metrics.syncs.labels("error").inc()
             raise
@@ -200,14 +205,14 @@ class RevocationService:
     # -- receiving SETs -----------------------------------------------------------------------------
 
     async def receive(self, token: str, *, delivery: str) -> Effects:
-        """Verifies one SET, claims its jti and applies its events; raises `SetRefused` or `StateUnavailable`."""
+        """Verifies one SET, applies its events, then marks its jti; raises `SetRefused` or `StateUnavailable`."""
         self.metrics.sets_received.labels(delivery).inc()
         try:
             verified = await self._verifier.verify(token, delivery=delivery)
             effects = effects_of(
                 verified, now=self._clock.now(), max_token_lifetime=float(self.config.max_token_lifetime_seconds)
             )
-            await self._verifier.claim(verified)
+            await self._verifier.check_fresh(verified)
         except SetRefused as exc:
             self.metrics.sets_refused.labels(delivery, "replay" if exc.replay else exc.err).inc()
             log.warning(
@@ -224,7 +229,12 @@ class RevocationService:
             await self.add(list(effects.add))
         if lifted:
             await self.remove(lifted)
+        for revoked in effects.credentials:
+            await self._credentials_revoked(revoked)
+        await self._verifier.claim(verified)  # only now: a retry after a failure above is applied again
         self.metrics.sets_accepted.labels(delivery).inc()
+        if effects.ignored:
+            self.metrics.subjects_ignored.labels(verified.transmitter.issuer).inc(effects.ignored)
         for event in effects.events:
             self.metrics.events.labels(short_name(event)).inc()
         log.info(
@@ -237,17 +247,16 @@ class RevocationService:
                 "events": list(effects.events),
                 "entries": [e.id for e in effects.add],
                 "lifted": lifted,
+                "ignored_subjects": effects.ignored,
             },
         )
-        for revoked in effects.credentials:
-            await self._credentials_revoked(revoked)
         return effects
 
     async def _credentials_revoked(self, revoked: CredentialRevocation) -> None:
         if self._on_credential_revoked is None:
             return
         try:
-            await self._on_credential_revoked(revoked.issuer, revoked.subject, revoked.credential_ids)
+            await self._on_credential_revoked(revoked)
         except Exception:  # the event is stored either way; the callback's failure is the callback's
             log.exception("credential revocation callback failed", extra={"event": "ssf_set"})
 

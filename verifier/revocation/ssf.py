@@ -12,8 +12,9 @@ The event types understood (CAEP 1.0 section 3, RISC 1.0 section 2):
 | event | entry |
 |---|---|
 | caep session-revoked | session: all its tokens; subject: tokens issued at or before the event |
-| caep credential-change (revoke, delete) | tokens authenticated at or before the event; named WebAuthn |
-|   | credentials disabled (`on_credential_revoked`) |
+| caep credential-change (revoke, delete) | tokens authenticated at or before the event; for a |
+|   | `fido2-platform`/`fido2-roaming`/`fido-u2f` credential (or named `credential_ids`), the |
+|   | user's WebAuthn credentials disabled: those ids, else those of `fido2_aaguid`, else all |
 | caep assurance-level-change | `acr` := current_level for tokens issued at or before the event |
 | caep token-claims-change | `claims` override the token's for tokens issued at or before the event |
 | risc account-disabled, credential-compromise | every token of the subject, until account-enabled |
@@ -21,18 +22,23 @@ The event types understood (CAEP 1.0 section 3, RISC 1.0 section 2):
 | risc account-enabled | lifts the transmitter's account-disabled entries on the subject |
 
 Other event types (verification, stream-updated, ...) are accepted and change nothing.
+
+A transmitter speaks only for the subjects of the issuers it is scoped to (`subjects_of`): an
+`iss_sub` subject of another issuer is acknowledged and ignored (and counted); a subject format
+without an issuer (`email`, `opaque` session ids) reaches the tokens of its scoped issuers only.
+WebAuthn credentials are owned by (issuer, `sub`), so only an `iss_sub` subject disables them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from verifier.clock import Clock
 from verifier.errors import AlgorithmRefused, MalformedToken
+from verifier.numbers import json_number
 from verifier.revocation.config import TransmitterConfig
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.subjects import SubjectError, subject_keys
@@ -65,6 +71,8 @@ SET_TYP = "secevent+jwt"  # RFC 8417 section 2.3 (also accepted with the `applic
 MAX_SET_BYTES = 64 * 1024  # bytes; a SET carries a handful of events, never a document
 MAX_EVENTS_PER_SET = 10  # members of `events`; RFC 8417 sets are usually one event
 MAX_CREDENTIAL_IDS = 50  # credential ids named by one credential-change event
+# CAEP 1.0 section 3.3 credential types that are WebAuthn credentials.
+WEBAUTHN_CREDENTIAL_TYPES = frozenset({"fido2-platform", "fido2-roaming", "fido-u2f"})
 # Claims a token-claims-change may not touch: they say who issued the token to whom and until when.
 PROTECTED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "client_id", "cnf", "sid", "auth_time"})
 
@@ -98,11 +106,16 @@ class VerifiedSet:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CredentialRevocation:
-    """WebAuthn credentials the verifier registered that an event says are gone."""
+    """WebAuthn credentials of one user (issuer, `sub`) that an event says are gone.
+
+    The named `credential_ids` (base64url); without them, those whose authenticator model is
+    `aaguid` (32 lower-case hex digits); without either, all of the user's credentials.
+    """
 
     issuer: str
     subject: str
-    credential_ids: tuple[str, ...]
+    credential_ids: tuple[str, ...] = ()
+    aaguid: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -113,6 +126,7 @@ class Effects:
     lift: tuple[tuple[SubjectKey, float], ...] = ()  # account-enabled: (key, event time)
     credentials: tuple[CredentialRevocation, ...] = ()
     events: tuple[str, ...] = ()  # the event type URIs, in order
+    ignored: int = 0  # subject identifiers outside the transmitter's `subjects_of`
 
 
 def _typ_ok(typ: Any) -> bool:
@@ -120,12 +134,6 @@ def _typ_ok(typ: Any) -> bool:
         return False
     lowered = typ.lower()
     return lowered in (SET_TYP, "application/" + SET_TYP)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 class SetVerifier:
@@ -171,7 +179,7 @@ class SetVerifier:
         audiences = aud if isinstance(aud, list) else [aud]
         if transmitter.audience not in audiences:
             raise SetRefused(INVALID_AUDIENCE, "aud does not name this receiver")
-        iat = _number(payload.get("iat"))
+        iat = json_number(payload.get("iat"))
         now = self._clock.now()
         if iat is None:
             raise SetRefused(INVALID_REQUEST, "iat missing")
@@ -186,25 +194,41 @@ class SetVerifier:
         if not isinstance(events, dict) or not events or len(events) > MAX_EVENTS_PER_SET:
             raise SetRefused(INVALID_REQUEST, "events missing")
         exp = payload.get("exp")
-        if exp is not None and (_number(exp) is None or float(exp) <= now - transmitter.leeway_seconds):
+        exp_time = json_number(exp)
+        if exp is not None and (exp_time is None or exp_time <= now - transmitter.leeway_seconds):
             raise SetRefused(INVALID_REQUEST, "SET has expired")
         return VerifiedSet(transmitter, jti, iat, payload)
 
-    async def claim(self, verified: VerifiedSet) -> None:
-        """Marks the jti used (shared across replicas); raises `SetRefused(replay=True)` when it was.
+    async def check_fresh(self, verified: VerifiedSet) -> None:
+        """Raises `SetRefused(replay=True)` when the jti was already received (and its effects stored).
 
-        Raises `StateUnavailable` when the shared state cannot answer (the transmitter retries).
+        Only a read: the jti is marked by `claim`, once its effects are stored. Marking first would let
+        a stalled Redis run the mark late after a 503, and the transmitter's retry would be refused as
+        a replay of an event that never took effect. Raises `StateUnavailable` (the transmitter retries).
+        """
+        if await self._state.seen(_jti_key(verified)):
+            raise SetRefused(INVALID_REQUEST, "jti already received", replay=True)
+
+    async def claim(self, verified: VerifiedSet) -> None:
+        """Marks the jti received (shared across replicas), after its effects are stored.
+
+        Two deliveries racing past `check_fresh` both apply the same effects (entry ids are
+        deterministic), so losing the race here changes nothing. Raises `StateUnavailable`.
         """
         ttl = verified.transmitter.max_age_seconds + verified.transmitter.leeway_seconds
-        key = "ssf:" + hashlib.sha256(f"{verified.transmitter.issuer}\x00{verified.jti}".encode()).hexdigest()
-        if not await self._state.first_use(key, float(ttl)):
-            raise SetRefused(INVALID_REQUEST, "jti already received", replay=True)
+        await self._state.first_use(_jti_key(verified), float(ttl))
+
+
+def _jti_key(verified: VerifiedSet) -> str:
+    return "ssf:" + hashlib.sha256(f"{verified.transmitter.issuer}\x00{verified.jti}".encode()).hexdigest()
 
 
 def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) -> Effects:
     """What the SET's events do; raises `SetRefused(invalid_request)` for a malformed known event."""
     payload = verified.payload
     source = verified.transmitter.issuer
+    scope = verified.transmitter.scope
+    ignored = 0
     add: list[Entry] = []
     lift: list[tuple[SubjectKey, float]] = []
     credentials: list[CredentialRevocation] = []
@@ -221,7 +245,9 @@ def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) 
             keys = subject_keys(identifier, session=event_type == SESSION_REVOKED)
         except SubjectError as exc:
             raise SetRefused(INVALID_REQUEST, str(exc)) from exc
-        stamp = _number(body.get("event_timestamp"))
+        keys, outside = _scoped(keys, scope)
+        ignored += outside
+        stamp = json_number(body.get("event_timestamp"))  # unreadable: ignored, the SET's iat stands in
         # A transmitter's clock may run ahead: an event never reaches tokens issued after it arrived.
         event_time = min(stamp if stamp is not None else verified.iat, now)
         until = event_time + max_token_lifetime
@@ -267,9 +293,11 @@ def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) 
                 continue
             add.extend(entry(k, Effect.CREDENTIAL_REVOKED, Match.AUTHENTICATED_BEFORE, until) for k in keys)
             ids = _credential_ids(body)
-            if ids:
-                for key in keys:
-                    credentials.append(CredentialRevocation(key.iss or source, key.value, ids))
+            if ids or body.get("credential_type") in WEBAUTHN_CREDENTIAL_TYPES:
+                aaguid = "" if ids else _aaguid(body.get("fido2_aaguid"))
+                credentials.extend(
+                    CredentialRevocation(k.iss, k.value, ids, aaguid) for k in keys if k.kind is KeyKind.ISS_SUB
+                )
         elif event_type == ASSURANCE_LEVEL_CHANGE:
             level = body.get("current_level")
             if not isinstance(level, str) or not level:
@@ -292,7 +320,37 @@ def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) 
             add.extend(entry(k, Effect.ACCOUNT_DISABLED, Match.ALL, until) for k in keys)
         elif event_type == ACCOUNT_ENABLED:
             lift.extend((k, event_time) for k in keys)
-    return Effects(tuple(add), tuple(lift), tuple(credentials), tuple(events))
+    return Effects(tuple(add), tuple(lift), tuple(credentials), tuple(events), ignored)
+
+
+def _scoped(keys: tuple[SubjectKey, ...], scope: tuple[str, ...]) -> tuple[tuple[SubjectKey, ...], int]:
+    """The keys a transmitter scoped to `scope` may act on, and how many it may not.
+
+    An `iss_sub` names its issuer: kept when that issuer is in scope. A format without an issuer is
+    narrowed to one key per scoped issuer, so it matches only those issuers' tokens.
+    """
+    kept: list[SubjectKey] = []
+    outside = 0
+    for key in keys:
+        if key.kind is KeyKind.ISS_SUB:
+            if key.iss in scope:
+                kept.append(key)
+            else:
+                outside += 1
+        else:
+            kept.extend(SubjectKey(key.kind, key.value, issuer) for issuer in scope)
+    return tuple(kept), outside
+
+
+def _aaguid(value: Any) -> str:
+    """A `fido2_aaguid` (a UUID, dashes optional) as 32 lower-case hex digits; "" when absent or unreadable.
+
+    "" widens the revocation to every credential of the user: an unreadable model fails closed.
+    """
+    if not isinstance(value, str):
+        return ""
+    digits = value.replace("-", "").lower()
+    return digits if len(digits) == 32 and all(c in "0123456789abcdef" for c in digits) else ""
 
 
 def _credential_ids(body: Mapping[str, Any]) -> tuple[str, ...]:

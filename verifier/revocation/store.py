@@ -5,6 +5,18 @@ and every change is published on `{prefix}revocations:changes` in the same MULTI
 event received by one replica reaches the others' in-memory index within one pub/sub hop. A periodic
 full reload repairs anything a dropped subscription missed; after a reconnect the reload runs at once.
 
+A Redis that restarts without persistence (or is flushed) comes back empty, and "no entries" must
+never be believed: a disabled account would be allowed again. The hash therefore carries an epoch
+field, written once by whoever finds it missing. A reload that finds no epoch, or another epoch than
+the one this replica last saw, means Redis lost the hash: the replica first writes back every entry
+it holds (ids are deterministic, so several replicas restoring at once agree), then adopts the hash.
+
+Without Redis, entries live in a SQLite file (`SqliteStore`) in `state.path`, or in a directory the
+supervisor keeps for its lifetime: a reloaded or restarted worker reads them back, and a worker
+started beside the old one during a reload sees the old one's last writes (it polls the file's
+`data_version`). Every write is committed with `synchronous=FULL` (fsync'd) before it returns, so a
+202 to a transmitter means the entry is on disk.
+
 Every Redis failure on a write becomes `StateUnavailable` (the event's sender retries); the
 subscriber reconnects on its own and never takes the replica down.
 """
@@ -15,7 +27,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
@@ -32,7 +48,11 @@ DEFAULT_KEY_PREFIX = "verifier:"
 DEFAULT_TIMEOUT_SECONDS = 1.0  # seconds per Redis operation; writes are off the hot path
 RECONNECT_MIN_SECONDS = 0.1  # first wait before resubscribing; doubles up to the cap
 RECONNECT_MAX_SECONDS = 5.0
+EPOCH_FIELD = b"~epoch"  # in the entries' hash; entry ids start with "ev-" or "op-", never "~"
 LISTEN_POLL_SECONDS = 1.0  # the subscriber wakes at least this often (health checks, cancellation)
+SQLITE_FILE = "revocations.sqlite3"  # in `state.path`
+SQLITE_POLL_SECONDS = 0.25  # how often a local store looks for another worker's writes
+SQLITE_BUSY_SECONDS = 5.0  # a write waits this long for another worker's transaction
 
 
 class Change(Protocol):
@@ -46,8 +66,12 @@ class Change(Protocol):
 class RevocationStore(Protocol):
     """The entries every replica shares."""
 
-    async def load(self) -> list[Entry]:
-        """Every stored entry; raises `StateUnavailable`."""
+    async def sync(self, held: list[Entry]) -> list[Entry]:
+        """Every stored entry; raises `StateUnavailable`.
+
+        `held` is what this replica holds now: a store that lost its contents since the last call
+        (Redis restarted empty) gets them back before answering, so a loss is never adopted.
+        """
         ...
 
     async def put(self, entries: Iterable[Entry]) -> None:
@@ -77,8 +101,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
 
-    async def load(self) -> list[Entry]:
-        """Every entry."""
+    async def sync(self, held: list[Entry]) -> list[Entry]:
+        """Every entry (this store is the only copy: nothing can have been lost)."""
         return list(self._entries.values())
 
     async def put(self, entries: Iterable[Entry]) -> None:
@@ -101,6 +125,82 @@ class MemoryStore:
     async def close(self) -> None:
         """Forgets everything."""
         self._entries.clear()
+
+
+class SqliteStore:
+    """One host's durable store: a SQLite file shared by this host's workers (old and new, on a reload)."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, SQLITE_FILE)
+        self._lock = threading.Lock()  # one connection, used from worker threads one at a time
+        try:
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=SQLITE_BUSY_SECONDS
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # fsync on every commit: a 202 means on disk
+            self._db.execute("CREATE TABLE IF NOT EXISTS entries (id TEXT PRIMARY KEY, entry TEXT NOT NULL)")
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"revocation store {self.path} unusable: {exc}") from exc
+        self._version: int | None = None
+
+    async def _run(self, sql: str, rows: Sequence[tuple[str, ...]] | None = None) -> list[Any]:
+        def work() -> list[Any]:
+            with self._lock:
+                if rows is None:
+                    return self._db.execute(sql).fetchall()
+                with self._db:  # one transaction
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.executemany(sql, rows)
+                return []
+
+        try:
+            return await asyncio.to_thread(work)
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"revocation store unavailable: {type(exc).__name__}") from exc
+
+    async def sync(self, held: list[Entry]) -> list[Entry]:
+        """Every stored entry (the file is the only copy: nothing was lost that `held` could restore)."""
+        entries: list[Entry] = []
+        for entry_id, text in await self._run("SELECT id, entry FROM entries"):
+            try:
+                entries.append(Entry.from_json(text))
+            except ValueError:
+                log.warning("revocation entry unreadable", extra={"event": "revocation_store", "entry": entry_id})
+        return entries
+
+    async def put(self, entries: Iterable[Entry]) -> None:
+        """INSERT OR REPLACE in one fsync'd transaction."""
+        rows = [(e.id, e.to_json()) for e in entries]
+        if rows:
+            await self._run("INSERT OR REPLACE INTO entries (id, entry) VALUES (?, ?)", rows)
+
+    async def delete(self, ids: Iterable[str]) -> None:
+        """DELETE in one fsync'd transaction."""
+        rows = [(i,) for i in ids]
+        if rows:
+            await self._run("DELETE FROM entries WHERE id = ?", rows)
+
+    async def subscribe(self) -> None:
+        """Notes the file's version, so the first change by another worker is seen."""
+        self._version = (await self._run("PRAGMA data_version"))[0][0]
+
+    async def listen(self, on_change: Change, on_reconnect: Callable[[], Awaitable[None]]) -> None:
+        """Reloads (`on_reconnect`) whenever another worker committed to the file."""
+        while True:
+            await asyncio.sleep(SQLITE_POLL_SECONDS)
+            try:
+                version = (await self._run("PRAGMA data_version"))[0][0]
+                if version != self._version:
+                    await on_reconnect()
+                    self._version = version
+            except StateUnavailable as exc:
+                log.warning("revocation store unreadable", extra={"event": "revocation_store", "error": str(exc)})
+
+    async def close(self) -> None:
+        """Closes the file."""
+        with self._lock:
+            self._db.close()
 
 
 class RedisStore:
@@ -132,6 +232,7 @@ class RedisStore:
         )
         self._pubsub: Any = None
         self._reconnected = False
+        self._epoch: bytes | None = None  # the hash's epoch at this replica's last reload
 
     async def _call(self, operation: Awaitable[Any]) -> Any:
         try:
@@ -140,9 +241,21 @@ class RedisStore:
         except (RedisError, OSError, TimeoutError) as exc:
             raise StateUnavailable(f"revocation store unavailable: {type(exc).__name__}") from exc
 
-    async def load(self) -> list[Entry]:
-        """HGETALL, skipping (and logging) anything that is not an entry."""
+    async def sync(self, held: list[Entry]) -> list[Entry]:
+        """HGETALL; when the hash lost its epoch (Redis restarted empty), `held` is written back first."""
         raw: dict[bytes, bytes] = await self._call(self._redis.hgetall(self.hash_key))
+        epoch = raw.pop(EPOCH_FIELD, None)
+        if epoch is None or (self._epoch is not None and epoch != self._epoch):
+            log.warning(
+                "revocation store lost its entries; restoring the ones this replica holds",
+                extra={"event": "revocation_store_restored", "entries": len(held)},
+            )
+            await self._call(self._restore(held))
+            raw = await self._call(self._redis.hgetall(self.hash_key))
+            epoch = raw.pop(EPOCH_FIELD, None)
+            if epoch is None:  # flushed again between the two calls: try on the next reload
+                raise StateUnavailable("revocation store lost its entries while restoring them")
+        self._epoch = epoch
         entries: list[Entry] = []
         for field, value in raw.items():
             try:
@@ -150,6 +263,17 @@ class RedisStore:
             except ValueError:
                 log.warning("revocation entry unreadable", extra={"event": "revocation_store", "entry": repr(field)})
         return entries
+
+    async def _restore(self, held: list[Entry]) -> None:
+        """HSET every held entry and HSETNX a new epoch, published like any write, in one MULTI."""
+        message = json.dumps({"add": [json.loads(e.to_json()) for e in held]})
+
+        def write(pipe: Any) -> None:
+            if held:
+                pipe.hset(self.hash_key, mapping={e.id: e.to_json() for e in held})
+            pipe.hsetnx(self.hash_key, EPOCH_FIELD, secrets.token_hex(16))
+
+        await self._transaction(write, message)
 
     async def put(self, entries: Iterable[Entry]) -> None:
         """HSET and PUBLISH in one MULTI."""

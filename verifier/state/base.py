@@ -37,6 +37,14 @@ class SharedState(Protocol):
         """
         ...
 
+    async def seen(self, key: str) -> bool:
+        """True while `key` is marked by `first_use` (a read: it marks nothing).
+
+        For a one-time value whose effect must be stored before it is marked (an SSF `jti`): check,
+        store, then mark. Raises `StateUnavailable` when the answer cannot be known.
+        """
+        ...
+
     async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
         """Takes one token from the bucket `key` (size `burst`, refilled at `rate_per_second`).
 

@@ -55,6 +55,11 @@ class MemoryState:
         heapq.heappush(self._expiries, (now + ttl_seconds, key))
         return True
 
+    async def seen(self, key: str) -> bool:
+        """True while `key` is marked."""
+        expiry = self._seen.get(key)
+        return expiry is not None and expiry > self._clock.monotonic()
+
     def _purge_seen(self, now: float) -> None:
         # Every expired key is popped before a key is set again, so the heap never holds a stale
         # duplicate and stays exactly as large as `_seen`.

@@ -88,6 +88,10 @@ class RedisState:
         created = await self._call(self._redis.set(self._prefix + "once:" + key, b"1", nx=True, px=ttl_ms))
         return created is True
 
+    async def seen(self, key: str) -> bool:
+        """`EXISTS key`."""
+        return bool(await self._call(self._redis.exists(self._prefix + "once:" + key)))
+
     async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
         """Token bucket in one atomic script (EVALSHA, loading the script once if Redis lost it)."""
         check_bucket(rate_per_second, burst)

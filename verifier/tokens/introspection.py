@@ -43,6 +43,7 @@ from verifier.errors import (
     VerifierError,
     WrongTokenType,
 )
+from verifier.numbers import json_number
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
 from verifier.tokens.cache import ExpiringCache
@@ -120,9 +121,10 @@ def _number(answer: Mapping[str, Any], name: str) -> float | None:
     value = answer.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    number = json_number(value)
+    if number is None:  # NaN, Infinity, 10**400: a provider's answer is parsed by Python's json
         raise ClaimInvalid(f"{name} is not a number", claim=name)
-    return float(value)
+    return number
 
 
 class Introspector:
@@ -308,14 +310,16 @@ class Introspector:
         nbf = _number(answer, "nbf")
         if nbf is not None and now < nbf:
             raise TokenNotYetValid("token not yet valid")
+        for member in ("iat", "auth_time"):  # read later by policies and revocation: numbers or absent
+            _number(answer, member)
         sub = answer.get("sub")
         if sub is not None and not isinstance(sub, str):
             raise ClaimInvalid("sub is not a string", claim="sub")
         client_id = answer.get("client_id")
         client = client_id if isinstance(client_id, str) and client_id else None
-        subject = sub or client
-        if not subject:
+        if not (sub or client):
             raise ClaimInvalid("token names no subject", claim="sub")
+        subject = sub or ""  # a client is not a user: see `Principal`
         audiences = _audiences(answer.get("aud"))
         if not audiences:
             if self.config.require_audience:

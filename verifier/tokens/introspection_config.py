@@ -70,6 +70,9 @@ class IntrospectionConfig:
     serve_stale_on_error: bool = False  # provider down: answer from a still-valid cached active result
     stale_ttl_seconds: float = DEFAULT_STALE_TTL_SECONDS
     require_audience: bool = True  # an answer without `aud` is refused (RFC 7662 makes it optional)
+    # Opaque tokens name no issuer: at most one issuer may take them (else one provider would see
+    # another's bearer tokens). false: only this issuer's own JWTs are introspected (introspect_jwts).
+    opaque_tokens: bool = True
     breaker_failures: int = DEFAULT_BREAKER_FAILURES
     breaker_cooldown_seconds: float = DEFAULT_BREAKER_COOLDOWN_SECONDS
 
@@ -94,6 +97,7 @@ _KEYS = frozenset(
         "serve_stale_on_error",
         "stale_ttl_seconds",
         "require_audience",
+        "opaque_tokens",
         "breaker_failures",
         "breaker_cooldown_seconds",
         "assertion_ttl_seconds",
@@ -253,6 +257,7 @@ def parse_introspection_config(
         serve_stale_on_error=f.boolean("serve_stale_on_error", False),
         stale_ttl_seconds=f.number("stale_ttl_seconds", DEFAULT_STALE_TTL_SECONDS, minimum=0, maximum=86_400),
         require_audience=f.boolean("require_audience", True),
+        opaque_tokens=f.boolean("opaque_tokens", True),
         breaker_failures=f.integer("breaker_failures", DEFAULT_BREAKER_FAILURES, minimum=1, maximum=1000),
         breaker_cooldown_seconds=f.number(
             "breaker_cooldown_seconds", DEFAULT_BREAKER_COOLDOWN_SECONDS, minimum=0.1, maximum=600

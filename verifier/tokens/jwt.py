@@ -7,7 +7,6 @@ leeway. Audience is checked last so a well-formed token for another API gets a 4
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ from verifier.errors import (
     UnknownKey,
     WrongTokenType,
 )
+from verifier.numbers import json_number
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import IssuerSettings
 from verifier.tokens import jws
@@ -42,9 +42,10 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ClaimInvalid(f"{name} is not a number", claim=name)  # NaN compares false with everything
-    return float(value)
+    number = json_number(value)
+    if number is None:  # NaN compares false with everything; 10**400 overflows a float
+        raise ClaimInvalid(f"{name} is not a number", claim=name)
+    return number
 
 
 def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings: IssuerSettings, now: float) -> None:
@@ -69,6 +70,7 @@ def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings:
     iat = _number(claims, "iat")
     if iat is not None and now + leeway < iat:
         raise TokenNotYetValid("token issued in the future")
+    _number(claims, "auth_time")  # read later by policies and revocation: a number or absent
     sub = claims.get("sub")
     if sub is not None and not isinstance(sub, str):
         raise ClaimInvalid("sub is not a string", claim="sub")
@@ -90,14 +92,14 @@ def principal_from_claims(
     client_id = claims.get("client_id", claims.get("azp"))
     client = client_id if isinstance(client_id, str) else None
     sub = claims.get("sub")
-    subject = sub if isinstance(sub, str) else (client or "")
+    subject = sub if isinstance(sub, str) else ""  # a client is not a user: see `Principal`
     return Principal(
         issuer=issuer,
         subject=subject,
         client_id=client,
         scopes=scopes_of(claims),
         roles=roles_of(claims),
-        expires_at=float(claims["exp"]),
+        expires_at=float(claims["exp"]),  # bounded by check_claims
         claims=claims,
         kid=kid,
         alg=alg,

@@ -3,7 +3,7 @@
 The client sends `X-WebAuthn-Assertion: <base64url of PublicKeyCredential.toJSON() as JSON>`. Each
 step of section 7.2 that applies at the edge is one check with a stable code, in this order:
 parse (`webauthn_assertion_malformed`), `type` is webauthn.get (step 11), the challenge is ours,
-unexpired and bound to this subject, method and path (step 12), the origin is allowed (step 13), the
+unexpired and bound to this subject, method, host and path (step 12), the origin is allowed (step 13), the
 credential belongs to the token's subject and is enabled (steps 5-6), rpIdHash (step 15), UP and UV
 (steps 16-17), the signature (step 21), single use of the challenge, and the sign counter (step 22).
 
@@ -66,9 +66,9 @@ def user_handle(issuer: str, subject: str) -> bytes:
     return hashlib.sha256(b"user\x00" + issuer.encode() + b"\x00" + subject.encode()).digest()
 
 
-def binding_path(attrs: RequestAttributes) -> str:
-    """What a challenge is bound to besides the method: the path with its query, as received."""
-    return attrs.path or "/"
+def binding(attrs: RequestAttributes) -> bytes:
+    """The request hash a challenge is bound to: method, host and the path with its query, as received."""
+    return request_hash(attrs.method, attrs.host, attrs.path or "/")
 
 
 def _malformed(reason: str) -> AssertionRefused:
@@ -123,7 +123,7 @@ class AssertionVerifier:
         challenge = self._signer.check(
             client_data.challenge,
             subject=subject_hash(principal.issuer, principal.subject),
-            request=request_hash(attrs.method, binding_path(attrs)),
+            request=binding(attrs),
             now=now,
         )
         if client_data.origin not in self._origins:

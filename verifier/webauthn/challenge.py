@@ -6,7 +6,8 @@ the key every replica shares, and names what it was issued for:
 
     version (1) | expiry, epoch seconds (8) | nonce (16) | subject hash (16) | request hash (16) | tag (32)
 
-The subject hash is SHA-256 over issuer and subject; the request hash is SHA-256 over method and path.
+The subject hash is SHA-256 over issuer and subject; the request hash is SHA-256 over method, host
+and path, so an assertion made for one virtual host is refused on another with the same path.
 Any replica can check a challenge another replica issued; `SharedState.first_use` keyed by the nonce
 makes each one single-use across replicas. A registration's state (section 7.1) round-trips through
 the client the same way: a signed JSON document bound to the subject, with an expiry.
@@ -32,7 +33,7 @@ _HASH_BYTES = 16  # truncated SHA-256: binding, not secrecy; 128 bits rules out 
 _TAG_BYTES = 32  # full HMAC-SHA256 tag
 _HEAD = struct.Struct(">BQ")
 CHALLENGE_BYTES = _HEAD.size + _NONCE_BYTES + 2 * _HASH_BYTES + _TAG_BYTES
-_CHALLENGE_CONTEXT = b"verifier/webauthn/step-up/v1\x00"
+_CHALLENGE_CONTEXT = b"verifier/webauthn/step-up/v2\x00"  # v2: the request hash covers the host
 _STATE_CONTEXT = b"verifier/webauthn/register/v1\x00"
 MAX_STATE_CHARS = 4096  # a state is a few hundred characters; anything longer is not ours
 
@@ -60,9 +61,10 @@ def subject_hash(issuer: str, subject: str) -> bytes:
     return hashlib.sha256(b"subject\x00" + issuer.encode() + b"\x00" + subject.encode()).digest()[:_HASH_BYTES]
 
 
-def request_hash(method: str, path: str) -> bytes:
-    """The 16-byte digest of what a step-up challenge is bound to: method and path."""
-    return hashlib.sha256(b"request\x00" + method.upper().encode() + b"\x00" + path.encode()).digest()[:_HASH_BYTES]
+def request_hash(method: str, host: str, path: str) -> bytes:
+    """The 16-byte digest of what a step-up challenge is bound to: method, host (case-insensitive) and path."""
+    text = "\x00".join((method.upper(), host.lower(), path))
+    return hashlib.sha256(b"request\x00" + text.encode()).digest()[:_HASH_BYTES]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -117,7 +119,7 @@ class ChallengeSigner:
             raise AssertionRefused("the challenge was issued to another user", code="webauthn_challenge_mismatch")
         if not hmac.compare_digest(bound_request, request):
             raise AssertionRefused(
-                "the challenge was issued for another method or path", code="webauthn_challenge_mismatch"
+                "the challenge was issued for another method, host or path", code="webauthn_challenge_mismatch"
             )
         return Challenge(raw=raw, expires_at=expires_at, nonce=nonce, subject=bound_subject, request=bound_request)
 

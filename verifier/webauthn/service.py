@@ -20,6 +20,12 @@ key, or delete the user's keys and then enroll, and pass every step-up after tha
 disabled by a revocation event no longer counts, so a user whose keys were all revoked enrolls again
 with a token (make the provider's login for that strong: `acr`/`amr`/`max_auth_age` policies).
 
+Credentials belong to users, (issuer, `sub`): a client-credentials token (no `sub`) is refused on
+every endpoint and step-up with 403 `webauthn_user_required`, whatever its `client_id`. Callers are
+authenticated by `Pipeline.authenticate`, which runs the forward-auth checks (revocation, certificate
+and DPoP binding, `introspect_jwts`); a CAEP credential-change disables credentials through
+`disable_credentials`, wired by the composition root.
+
 Audit: one INFO line on logger `verifier.audit` per accepted assertion (credential id, counter) and per
 registration; a counter regression (a cloned authenticator) is a WARNING.
 """
@@ -38,7 +44,7 @@ from prometheus_client import CollectorRegistry, Counter
 from verifier.clock import Clock
 from verifier.decision import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
-from verifier.errors import VerifierError
+from verifier.errors import Forbidden, VerifierError
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.state.base import SharedState
@@ -46,11 +52,11 @@ from verifier.webauthn.assertion import (
     ASSERTION_HEADER,
     AssertionVerifier,
     CounterRegression,
-    binding_path,
+    binding,
     credential_id_text,
     user_handle,
 )
-from verifier.webauthn.challenge import ChallengeSigner, b64url, b64url_decode, request_hash, subject_hash
+from verifier.webauthn.challenge import ChallengeSigner, b64url, b64url_decode, subject_hash
 from verifier.webauthn.config import WebAuthnConfig
 from verifier.webauthn.errors import AssertionRefused, Offer, RegistrationRefused
 from verifier.webauthn.registration import Registrar, parse_preferences
@@ -62,6 +68,7 @@ logger = logging.getLogger(__name__)
 Authenticate = Callable[[HttpRequest], Awaitable[Principal]]
 MAX_BODY_BYTES = 65536  # a registration response with an attestation chain is a few KiB
 _MISSING = "webauthn_assertion_required"
+_USER_REQUIRED = "webauthn_user_required"  # a client-credentials token has no credentials to assert with
 
 
 class WebAuthnService:
@@ -109,8 +116,9 @@ class WebAuthnService:
     async def check_step_up(self, principal: Principal, attrs: RequestAttributes) -> None:
         """Returns when the request carries a valid assertion bound to it; else raises `AssertionRefused`.
 
-        The refusal always carries a fresh challenge for this subject, method and path.
+        The refusal always carries a fresh challenge for this subject, method, host and path.
         """
+        _require_user(principal)
         header = attrs.headers.get(ASSERTION_HEADER, "")
         try:
             if not header:
@@ -130,10 +138,10 @@ class WebAuthnService:
         )
 
     async def offer(self, principal: Principal, attrs: RequestAttributes) -> Offer:
-        """A fresh challenge bound to this subject, method and path, with the subject's credentials."""
+        """A fresh challenge bound to this subject, method, host and path, with the subject's credentials."""
         raw = self._signer.issue(
             subject=subject_hash(principal.issuer, principal.subject),
-            request=request_hash(attrs.method, binding_path(attrs)),
+            request=binding(attrs),
             expires_at=int(self._clock.now()) + self._config.challenge_timeout_seconds,
         )
         challenge = b64url(raw)
@@ -157,10 +165,15 @@ class WebAuthnService:
 
     # --- revocation and lifecycle --------------------------------------------------------------------
 
-    async def disable_credentials(self, issuer: str, subject: str, credential_ids: list[str] | None) -> int:
-        """Disables the user's listed credentials (base64url ids; None: all). Returns how many changed."""
+    async def disable_credentials(
+        self, issuer: str, subject: str, credential_ids: list[str] | None, *, aaguid: str = ""
+    ) -> int:
+        """Disables the user's listed credentials (base64url ids; None: all, or all of one authenticator
+        model when `aaguid`, 32 hex digits, is given). Returns how many changed."""
         ids: list[bytes] | None = None
-        if credential_ids is not None:
+        if credential_ids is None and aaguid:
+            ids = [c.credential_id for c in await self._store.for_user(issuer, subject) if c.aaguid.hex() == aaguid]
+        elif credential_ids is not None:
             ids = []
             for text in credential_ids:
                 try:
@@ -168,13 +181,14 @@ class WebAuthnService:
                 except ValueError:
                     continue  # an id we never issued matches nothing
         count = await self._store.disable(issuer, subject, ids)
+        which: object = credential_ids if credential_ids is not None else (f"aaguid {aaguid}" if aaguid else "all")
         audit_log.info(
             "webauthn_credentials_disabled",
             extra={
                 "event": "webauthn_credentials_disabled",
                 "issuer": issuer,
                 "subject": subject,
-                "credentials": credential_ids if credential_ids is not None else "all",
+                "credentials": which,
                 "count": count,
             },
         )
@@ -195,6 +209,7 @@ class WebAuthnService:
             async def run(request: HttpRequest, params: Mapping[str, str]) -> HttpAnswer:
                 try:
                     principal = await authenticate(request)
+                    _require_user(principal)
                     return await handler(request, params, principal)
                 except RegistrationRefused as exc:
                     return HttpAnswer.json(400, {"error": exc.code, "error_description": exc.description})
@@ -397,6 +412,12 @@ class WebAuthnService:
                 "stored_counter": c.sign_count,
             },
         )
+
+
+def _require_user(principal: Principal) -> None:
+    """WebAuthn credentials belong to users (issuer, `sub`); a client-credentials token has none."""
+    if not principal.subject:
+        raise Forbidden("WebAuthn credentials belong to users; this token names a client", code=_USER_REQUIRED)
 
 
 def _attributes(request: HttpRequest) -> RequestAttributes:

@@ -1,0 +1,438 @@
+"""Identity boundaries through the running verifier (issue #18, findings 5-7 and the design risks).
+
+Each test starts the real `App` with its HTTP door, a development issuer and (where events matter) a
+real SSF transmitter pushing signed SETs to `/v1/ssf/events`, and then acts as the attacker would:
+
+- a CAEP token-claims-change that takes away a scope or an admin group takes effect on the next
+  request, cached or not (finding 5);
+- a CAEP credential-change for a FIDO2 credential disables the user's WebAuthn keys (finding 6);
+- the WebAuthn endpoints apply the forward-auth checks: certificate binding, the provider's word on
+  a JWT (`introspect_jwts`), revocation, DPoP (finding 7);
+- a client-credentials token named like a user is not that user; a transmitter speaks only for the
+  issuers it is scoped to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from doorkit import free_port, http_exchange
+from ssf_transmitter import ACCOUNT_DISABLED, CREDENTIAL_CHANGE, SESSION_REVOKED, TOKEN_CLAIMS_CHANGE, SsfTransmitter
+from webauthnkit import ORIGIN, RP_ID, SoftAuthenticator, encode_header
+
+from verifier.app import App
+from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
+from verifier.revocation import parse_revocation_config
+from verifier.settings import (
+    ConfigError,
+    IssuerSettings,
+    Listen,
+    PolicySettings,
+    RateLimit,
+    RateLimitSettings,
+    Requirements,
+    RoleRule,
+    RouteMatch,
+    Settings,
+)
+from verifier.tokens.introspection_config import IntrospectionConfig
+from verifier.webauthn import WebAuthnConfig
+
+RECEIVER = "https://verifier.example.test"
+INTROSPECTION_SECRET = "introspection-secret-for-tests"
+ROLES = (
+    RoleRule(role="admin", claim="groups", values=("platform-admins",)),
+    RoleRule(role="ops", subjects=("alice",)),
+)
+POLICIES = (
+    PolicySettings(name="write", match=RouteMatch(path_prefix="/write"), require=Requirements(scopes_all=("write",))),
+    PolicySettings(name="admin", match=RouteMatch(path_prefix="/admin"), require=Requirements(roles_any=("admin",))),
+    PolicySettings(name="ops", match=RouteMatch(path_prefix="/ops"), require=Requirements(roles_any=("ops",))),
+    PolicySettings(name="rest", match=RouteMatch(path_prefix="/"), require=Requirements()),
+)
+PROTECTED = "/v1/webauthn/demo/protected/transfer"
+
+
+def _issuer(idp: DevIdentityProvider, **options: Any) -> IssuerSettings:
+    return IssuerSettings(issuer=idp.issuer, audiences=(DEV_AUDIENCE,), algorithms=("ES256",), roles=ROLES, **options)
+
+
+def _transmitter(tx: SsfTransmitter, subjects_of: Sequence[str]) -> dict[str, Any]:
+    return {"issuer": tx.issuer, "audience": RECEIVER, "delivery": "push", "subjects_of": list(subjects_of),
+            "allow_insecure_http": True}
+
+
+@contextlib.asynccontextmanager
+async def _providers(count: int = 1) -> AsyncIterator[list[DevIdentityProvider]]:
+    idps = [
+        DevIdentityProvider(port=free_port(), introspection_client_secret=INTROSPECTION_SECRET)
+        for _ in range(count)
+    ]
+    for idp in idps:
+        await idp.start()
+    try:
+        yield idps
+    finally:
+        for idp in idps:
+            await idp.stop()
+
+
+@contextlib.asynccontextmanager
+async def _verifier(
+    issuers: Sequence[IssuerSettings],
+    transmitters: Sequence[dict[str, Any]] = (),
+    **options: Any,
+) -> AsyncIterator[App]:
+    settings = Settings(
+        grpc=None,
+        http=Listen(host="127.0.0.1", port=0),
+        metrics=None,
+        issuers=tuple(issuers),
+        revocation=parse_revocation_config({"transmitters": list(transmitters)}) if transmitters else None,
+        **options,
+    )
+    app = App(settings)
+    await app.start()
+    try:
+        await asyncio.wait_for(app.wait_serving(), 10)
+        yield app
+    finally:
+        await app.stop(grace=0.2)
+
+
+@contextlib.asynccontextmanager
+async def _ssf() -> AsyncIterator[SsfTransmitter]:
+    """A transmitter serving its metadata and keys on a loopback port."""
+    with SsfTransmitter(audience=RECEIVER) as tx:
+        yield tx
+
+
+def _webauthn(tmp_path: Path) -> WebAuthnConfig:
+    return WebAuthnConfig(
+        rp_id=RP_ID, origins=(ORIGIN,), secret=os.urandom(32), sqlite_path=str(tmp_path / "w.sqlite3"), demo=True
+    )
+
+
+async def _call(
+    app: App,
+    method: str,
+    path: str,
+    *,
+    token: str | None = None,
+    body: Any = None,
+    headers: Mapping[str, str] | None = None,
+    scheme: str = "Bearer",
+) -> tuple[int, dict[str, str], Any]:
+    """One request to the HTTP door: (status, headers, JSON body or raw bytes)."""
+    raw = json.dumps(body).encode() if body is not None else b""
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost:9555", f"Content-Length: {len(raw)}"]
+    if body is not None:
+        lines.append("Content-Type: application/json")
+    if token is not None:
+        lines.append(f"Authorization: {scheme} {token}")
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    assert app.ports.http is not None
+    answer = await http_exchange(app.ports.http, ("\r\n".join(lines) + "\r\n\r\n").encode() + raw)
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    parsed = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+    document = json.loads(payload) if payload[:1] in (b"{", b"[") else payload
+    return int(status_line.split()[1]), parsed, document
+
+
+async def _forward(app: App, token: str, path: str = "/", **headers: str) -> tuple[int, dict[str, str]]:
+    """A forward-auth check of `GET path` on the upstream."""
+    status, answer, _ = await _call(
+        app, "GET", "/v1/forward-auth", token=token, headers={"X-Forwarded-Uri": path, **headers}
+    )
+    return status, answer
+
+
+async def _push(app: App, tx: SsfTransmitter, events: Mapping[str, Any], sub_id: Mapping[str, Any]) -> int:
+    token = tx.sign_set({k: dict(v) for k, v in events.items()}, sub_id=sub_id)
+    status, _ = await asyncio.to_thread(tx.push, f"http://127.0.0.1:{app.ports.http}/v1/ssf/events", token)
+    return status
+
+
+def _user(idp: DevIdentityProvider, sub: str) -> dict[str, str]:
+    return {"format": "iss_sub", "iss": idp.issuer, "sub": sub}
+
+
+async def _register(app: App, token: str, authenticator: SoftAuthenticator) -> int:
+    status, _, begun = await _call(app, "POST", "/v1/webauthn/register/begin", token=token, body={})
+    if status != 200:
+        return status
+    credential = authenticator.create(begun["publicKey"])
+    status, _, _ = await _call(
+        app, "POST", "/v1/webauthn/register/complete", token=token,
+        body={"state": begun["state"], "credential": credential},
+    )
+    return status
+
+
+async def _step_up(app: App, token: str, authenticator: SoftAuthenticator, path: str = PROTECTED) -> tuple[int, str]:
+    """The step-up dance on a protected path: (final status, its reason)."""
+    status, headers, first = await _call(app, "POST", path, token=token)
+    if status != 401 or "publicKey" not in first:
+        return status, headers.get("x-verifier-reason", "")
+    proof = encode_header(authenticator.get(first["publicKey"]["challenge"]))
+    status, headers, _ = await _call(app, "POST", path, token=token, headers={"X-WebAuthn-Assertion": proof})
+    return status, headers.get("x-verifier-reason", "")
+
+
+# -- finding 5: token-claims-change recomputes scopes and roles ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"rate_limits": RateLimitSettings(default=RateLimit(per_second=1000, burst=1000))}],
+    ids=["cached-path", "asynchronous-path"],  # a rate limit sends every request down `decide_after_miss`
+)
+async def test_token_claims_change_taking_a_scope_or_group_away_refuses_the_next_request(
+    options: dict[str, Any],
+) -> None:
+    async with _providers() as (idp,), _ssf() as tx:
+        async with _verifier([_issuer(idp)], [_transmitter(tx, [idp.issuer])], policies=POLICIES, **options) as app:
+            alice = idp.mint(sub="alice", scope="read write", claims={"groups": ["platform-admins"]})
+            bob = idp.mint(sub="bob", scope="read write", claims={"groups": ["platform-admins"]})
+            for token in (alice, bob):
+                for path in ("/write/x", "/admin/x", "/write/x"):  # the second /write is a cache hit
+                    assert (await _forward(app, token, path))[0] == 200
+            changed = {"claims": {"scope": "read"}, "event_timestamp": int(time.time())}
+            assert await _push(app, tx, {TOKEN_CLAIMS_CHANGE: changed}, _user(idp, "alice")) == 202
+            status, headers = await _forward(app, alice, "/write/x")
+            assert (status, headers["x-verifier-reason"]) == (403, "scope_missing")
+            status, headers = await _forward(app, alice, "/read")
+            assert status == 200 and headers["x-authenticated-scope"] == "read"  # the upstream sees it too
+            assert (await _forward(app, alice, "/admin/x"))[0] == 200  # the group still stands
+
+            demoted = {"claims": {"groups": ["staff"]}, "event_timestamp": int(time.time())}
+            assert await _push(app, tx, {TOKEN_CLAIMS_CHANGE: demoted}, _user(idp, "alice")) == 202
+            status, headers = await _forward(app, alice, "/admin/x")
+            assert (status, headers["x-verifier-reason"]) == (403, "role_missing")
+            assert (await _forward(app, alice, "/read"))[1]["x-authenticated-roles"] == "ops"  # admin is gone
+
+            unrelated = {"claims": {"department": "finance"}, "event_timestamp": int(time.time())}
+            assert await _push(app, tx, {TOKEN_CLAIMS_CHANGE: unrelated}, _user(idp, "bob")) == 202
+            for path in ("/write/x", "/admin/x"):
+                assert (await _forward(app, bob, path))[0] == 200
+
+
+async def test_an_announced_scope_replaces_the_token_s_whichever_claim_either_uses() -> None:
+    async with _providers() as (idp,), _ssf() as tx:
+        async with _verifier([_issuer(idp)], [_transmitter(tx, [idp.issuer])], policies=POLICIES) as app:
+            scp_token = idp.mint(sub="carol", claims={"scope": None, "scp": ["read", "write"]})
+            scope_token = idp.mint(sub="dave", scope="read write")
+            for token in (scp_token, scope_token):
+                assert (await _forward(app, token, "/write/x"))[0] == 200
+            now = int(time.time())
+            as_scope = {"claims": {"scope": "read"}, "event_timestamp": now}
+            as_scp = {"claims": {"scp": ["read"]}, "event_timestamp": now}
+            assert await _push(app, tx, {TOKEN_CLAIMS_CHANGE: as_scope}, _user(idp, "carol")) == 202
+            assert await _push(app, tx, {TOKEN_CLAIMS_CHANGE: as_scp}, _user(idp, "dave")) == 202
+            for token in (scp_token, scope_token):
+                status, headers = await _forward(app, token, "/write/x")
+                assert (status, headers["x-verifier-reason"]) == (403, "scope_missing")
+                assert (await _forward(app, token, "/read"))[1]["x-authenticated-scope"] == "read"
+
+
+# -- finding 6: credential-change disables WebAuthn keys --------------------------------------------------
+
+
+async def test_credential_change_for_a_fido2_key_disables_it_in_the_running_service(tmp_path: Path) -> None:
+    async with _providers() as (idp,), _ssf() as tx:
+        webauthn = _webauthn(tmp_path)
+        async with _verifier([_issuer(idp)], [_transmitter(tx, [idp.issuer])], webauthn=webauthn) as app:
+            now = int(time.time())
+            key, bobs_key = SoftAuthenticator(), SoftAuthenticator()
+            alice = idp.mint(sub="alice", claims={"auth_time": now - 60})
+            bob = idp.mint(sub="bob", claims={"auth_time": now - 60})
+            assert await _register(app, alice, key) == 201
+            assert await _register(app, bob, bobs_key) == 201
+            assert await _step_up(app, alice, key) == (200, "")
+
+            password = {"change_type": "revoke", "credential_type": "password", "event_timestamp": now - 30}
+            assert await _push(app, tx, {CREDENTIAL_CHANGE: password}, _user(idp, "alice")) == 202
+            fresh = idp.mint(sub="alice", claims={"auth_time": now})  # signed in again after the event
+            assert await _step_up(app, fresh, key) == (200, "")  # a password change leaves keys alone
+
+            revoked = {"change_type": "revoke", "credential_type": "fido2-roaming", "event_timestamp": now - 30}
+            assert await _push(app, tx, {CREDENTIAL_CHANGE: revoked}, _user(idp, "alice")) == 202
+            assert (await _call(app, "POST", PROTECTED, token=alice))[1]["x-verifier-reason"] == "credential_revoked"
+            assert await _step_up(app, fresh, key) == (401, "webauthn_credential_disabled")
+            status, _, listed = await _call(app, "GET", "/v1/webauthn/credentials", token=fresh)
+            assert status == 200 and [c["disabled"] for c in listed["credentials"]] == [True]
+            assert await _step_up(app, bob, bobs_key) == (200, "")  # someone else's keys stay
+
+
+async def test_credential_change_delete_naming_an_aaguid_disables_only_that_authenticator(tmp_path: Path) -> None:
+    async with _providers() as (idp,), _ssf() as tx:
+        async with _verifier([_issuer(idp)], [_transmitter(tx, [idp.issuer])], webauthn=_webauthn(tmp_path)) as app:
+            now = int(time.time())
+            token = idp.mint(sub="alice", claims={"auth_time": now})
+            lost, kept = SoftAuthenticator(), SoftAuthenticator()
+            assert await _register(app, token, lost) == 201
+            status, _, challenged = await _call(app, "POST", "/v1/webauthn/register/begin", token=token, body={})
+            assert status == 401  # the second key needs a step-up with the first
+            proof = encode_header(lost.get(challenged["publicKey"]["challenge"]))
+            _, _, begun = await _call(
+                app, "POST", "/v1/webauthn/register/begin", token=token, body={},
+                headers={"X-WebAuthn-Assertion": proof},
+            )
+            credential = kept.create(begun["publicKey"])
+            status, _, _ = await _call(
+                app, "POST", "/v1/webauthn/register/complete", token=token,
+                body={"state": begun["state"], "credential": credential},
+            )
+            assert status == 201
+            aaguid = lost.aaguid.hex()
+            guid = f"{aaguid[:8]}-{aaguid[8:12]}-{aaguid[12:16]}-{aaguid[16:20]}-{aaguid[20:]}"
+            event = {"change_type": "delete", "credential_type": "fido2-platform", "fido2_aaguid": guid,
+                     "event_timestamp": now - 30}
+            assert await _push(app, tx, {CREDENTIAL_CHANGE: event}, _user(idp, "alice")) == 202
+            assert await _step_up(app, token, lost) == (401, "webauthn_credential_disabled")
+            assert await _step_up(app, token, kept) == (200, "")
+
+
+# -- finding 7: the WebAuthn endpoints apply every forward-auth check -------------------------------------
+
+
+async def test_a_certificate_bound_token_without_its_certificate_cannot_enroll_a_passkey(tmp_path: Path) -> None:
+    async with _providers() as (idp,), _verifier([_issuer(idp)], webauthn=_webauthn(tmp_path)) as app:
+        token = idp.mint(sub="alice", claims={"cnf": {"x5t#S256": "thumb-of-alices-cert"}})
+        status, headers, _ = await _call(app, "POST", "/v1/webauthn/register/begin", token=token, body={})
+        assert (status, headers["x-verifier-reason"]) == (401, "sender_constraint_failed")
+        wrong = {"X-Client-Cert-Thumbprint": "thumb-of-the-attackers-cert"}
+        status, _, _ = await _call(app, "POST", "/v1/webauthn/register/begin", token=token, body={}, headers=wrong)
+        assert status == 401
+        assert (await _forward(app, token))[0] == 401  # as forward-auth says
+
+
+async def test_a_jwt_the_provider_reports_inactive_cannot_enroll_a_passkey(tmp_path: Path) -> None:
+    introspection = IntrospectionConfig(client_id="verifier", client_secret=INTROSPECTION_SECRET)
+    async with _providers() as (idp,):
+        issuer = _issuer(idp, introspection=introspection, introspect_jwts=True)
+        async with _verifier([issuer], webauthn=_webauthn(tmp_path)) as app:
+            token = idp.mint(sub="alice", introspectable=True)
+            assert (await _forward(app, token))[0] == 200
+            status, _, _ = await _call(app, "GET", "/v1/webauthn/credentials", token=token)
+            assert status == 200
+            revoked = idp.mint(sub="alice", introspectable=True)
+            idp.revoke(revoked)
+            assert (await _forward(app, revoked))[0] == 401
+            status, headers, _ = await _call(app, "POST", "/v1/webauthn/register/begin", token=revoked, body={})
+            assert status == 401 and headers["x-verifier-reason"] != "ok"
+            assert await _register(app, revoked, SoftAuthenticator()) == 401
+
+
+async def test_revoked_and_dpop_bound_tokens_cannot_use_the_webauthn_endpoints(tmp_path: Path) -> None:
+    async with _providers() as (idp,), _ssf() as tx:
+        async with _verifier([_issuer(idp)], [_transmitter(tx, [idp.issuer])], webauthn=_webauthn(tmp_path)) as app:
+            token = idp.mint(sub="mallory")
+            assert (await _call(app, "GET", "/v1/webauthn/credentials", token=token))[0] == 200
+            assert await _push(app, tx, {ACCOUNT_DISABLED: {}}, _user(idp, "mallory")) == 202
+            status, headers, _ = await _call(app, "POST", "/v1/webauthn/register/begin", token=token, body={})
+            assert (status, headers["x-verifier-reason"]) == (401, "account_disabled")
+            bound = idp.mint(sub="alice", claims={"cnf": {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}})
+            status, headers, _ = await _call(app, "POST", "/v1/webauthn/register/begin", token=bound, body={})
+            assert (status, headers["x-verifier-reason"]) == (401, "sender_constraint_failed")
+
+
+# -- design risk: clients and users are separate namespaces -----------------------------------------------
+
+
+async def test_a_client_named_like_a_user_is_not_that_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "admin-token-for-the-client-test-0123")
+    async with _providers() as (idp,), _ssf() as tx:
+        async with _verifier(
+            [_issuer(idp)], [_transmitter(tx, [idp.issuer])], policies=POLICIES, webauthn=_webauthn(tmp_path)
+        ) as app:
+            user = idp.mint(sub="alice")
+            client = idp.mint(sub=None, claims={"client_id": "alice"})
+            # Roles: `subjects: [alice]` is the user's, not the client's.
+            assert (await _forward(app, user, "/ops"))[0] == 200
+            status, headers = await _forward(app, client, "/ops")
+            assert (status, headers["x-verifier-reason"]) == (403, "role_missing")
+            # The upstream cannot take the client for the user: no user id for a client token.
+            status, headers = await _forward(app, client, "/read")
+            assert status == 200 and headers["x-authenticated-userid"] == ""
+            # WebAuthn: the user enrolls; the client can neither see nor use those keys, nor enroll.
+            key = SoftAuthenticator()
+            assert await _register(app, user, key) == 201
+            status, headers, _ = await _call(app, "GET", "/v1/webauthn/credentials", token=client)
+            assert (status, headers["x-verifier-reason"]) == (403, "webauthn_user_required")
+            assert await _register(app, client, SoftAuthenticator()) == 403
+            assert (await _step_up(app, client, key))[0] == 403
+            # A kill switch on user alice stops the user, not a client that happens to be named alice.
+            body = json.dumps({"subject": _user(idp, "alice"), "reason": "stolen laptop"}).encode()
+            created = await http_exchange(
+                app.ports.http or 0,
+                b"POST /v1/admin/revocations HTTP/1.1\r\nHost: v\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer admin-token-for-the-client-test-0123\r\nContent-Length: %d\r\n\r\n" % len(body)
+                + body,
+            )
+            assert created.startswith(b"HTTP/1.1 201")
+            assert (await _forward(app, user, "/read"))[0] == 401
+            assert (await _forward(app, client, "/read"))[0] == 200
+
+
+async def test_client_and_user_rate_limit_buckets_are_separate() -> None:
+    limits = RateLimitSettings(default=RateLimit(per_second=0.001, burst=2))
+    async with _providers() as (idp,), _verifier([_issuer(idp)], rate_limits=limits) as app:
+        user = idp.mint(sub="alice")
+        client = idp.mint(sub=None, claims={"client_id": "alice"})
+        assert [(await _forward(app, user))[0] for _ in range(3)] == [200, 200, 429]
+        assert [(await _forward(app, client))[0] for _ in range(3)] == [200, 200, 429]
+
+
+# -- design risk: a transmitter speaks for its own issuers only -------------------------------------------
+
+
+async def test_each_transmitter_affects_only_the_subjects_of_its_issuers() -> None:
+    async with _providers(2) as (one, two), _ssf() as tx_one, _ssf() as tx_two:
+        transmitters = [_transmitter(tx_one, [one.issuer]), _transmitter(tx_two, [two.issuer])]
+        async with _verifier([_issuer(one), _issuer(two)], transmitters) as app:
+            alice_one = one.mint(sub="alice", claims={"email": "alice@example.test", "sid": "s-1"})
+            alice_two = two.mint(sub="alice", claims={"email": "alice@example.test", "sid": "s-1"})
+            for token in (alice_one, alice_two):
+                assert (await _forward(app, token))[0] == 200
+            # Transmitter two speaks about issuer one's alice: acknowledged, ignored, counted.
+            assert await _push(app, tx_two, {ACCOUNT_DISABLED: {}}, _user(one, "alice")) == 202
+            assert (await _forward(app, alice_one))[0] == 200
+            ignored = app.metrics.registry.get_sample_value(
+                "verifier_ssf_subjects_ignored_total", {"transmitter": tx_two.issuer}
+            )
+            assert ignored == 1
+            # Formats without an issuer reach only the transmitter's own issuers' tokens.
+            by_email = {"format": "email", "email": "alice@example.test"}
+            assert await _push(app, tx_two, {ACCOUNT_DISABLED: {}}, by_email) == 202
+            assert (await _forward(app, alice_one))[0] == 200
+            assert (await _forward(app, alice_two))[0] == 401
+            by_session = {"format": "opaque", "id": "s-1"}
+            assert await _push(app, tx_one, {SESSION_REVOKED: {}}, by_session) == 202
+            assert (await _forward(app, alice_one))[0] == 401
+            # And transmitter one does reach issuer one's subjects by iss_sub.
+            bob_one, bob_two = one.mint(sub="bob"), two.mint(sub="bob")
+            assert await _push(app, tx_one, {ACCOUNT_DISABLED: {}}, _user(one, "bob")) == 202
+            assert await _push(app, tx_one, {ACCOUNT_DISABLED: {}}, _user(two, "bob")) == 202
+            assert (await _forward(app, bob_one))[0] == 401
+            assert (await _forward(app, bob_two))[0] == 200
+
+
+async def test_a_transmitter_must_be_scoped_to_configured_issuers() -> None:
+    async with _providers() as (idp,), _ssf() as tx:
+        unscoped = {"issuer": tx.issuer, "audience": RECEIVER, "delivery": "push", "allow_insecure_http": True}
+        with pytest.raises(ConfigError, match=r"transmitters\[0\]\.subjects_of"):
+            async with _verifier([_issuer(idp)], [unscoped]):
+                pass
+        with pytest.raises(ConfigError, match=r"transmitters\[0\]\.subjects_of\[0\]"):
+            async with _verifier([_issuer(idp)], [_transmitter(tx, ["https://elsewhere.example.test"])]):
+                pass

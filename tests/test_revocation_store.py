@@ -1,0 +1,77 @@
+"""verifier.revocation.store.SqliteStore: the local durable store used without Redis (#18 F9)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
+
+from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.store import SQLITE_FILE, SqliteStore
+
+
+def entry(entry_id: str, sub: str = "user-1") -> Entry:
+    return Entry(id=entry_id, key=SubjectKey(KeyKind.ISS_SUB, sub, "https://idp.example.test"),
+                 effect=Effect.ACCOUNT_DISABLED, match=Match.ALL, event_time=time.time(), expires_at=None,
+                 source="operator", event="operator")
+
+
+async def test_entries_outlive_the_store_that_wrote_them(tmp_path: Path) -> None:
+    first = SqliteStore(str(tmp_path))
+    await first.put([entry("op-1"), entry("op-2", "user-2")])
+    await first.delete(["op-2"])
+    await first.close()
+    second = SqliteStore(str(tmp_path))
+    try:
+        assert [e.id for e in await second.sync([])] == ["op-1"]
+    finally:
+        await second.close()
+
+
+async def test_every_commit_is_fsynced(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path))
+    try:
+        assert (await store._run("PRAGMA synchronous"))[0][0] == 2  # FULL: fsync before put() returns
+        assert (await store._run("PRAGMA journal_mode"))[0][0] == "wal"
+    finally:
+        await store.close()
+
+
+async def test_another_workers_write_is_picked_up_by_polling(tmp_path: Path) -> None:
+    """During a SIGHUP reload the old worker keeps writing while the new one already loaded."""
+    old, new = SqliteStore(str(tmp_path)), SqliteStore(str(tmp_path))
+    reloads: list[int] = []
+
+    async def reload() -> None:
+        reloads.append(len(await new.sync([])))
+
+    await new.subscribe()
+    listener = asyncio.ensure_future(new.listen(lambda added, removed: None, reload))
+    try:
+        await old.put([entry("op-late")])
+        for _ in range(100):
+            if reloads:
+                break
+            await asyncio.sleep(0.02)
+        assert reloads == [1]
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await old.close()
+        await new.close()
+
+
+async def test_an_unreadable_row_is_skipped_not_fatal(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path))
+    await store.put([entry("op-1")])
+    with sqlite3.connect(tmp_path / SQLITE_FILE) as raw:
+        raw.execute("INSERT INTO entries (id, entry) VALUES ('bad', '{\"id\": 1}')")
+        raw.execute("INSERT INTO entries (id, entry) VALUES ('huge', ?)",
+                    (entry("huge").to_json().replace('"event_time":', '"event_time":1' + "0" * 400 + ',"x":'),))
+    try:
+        assert [e.id for e in await store.sync([])] == ["op-1"]
+    finally:
+        await store.close()
