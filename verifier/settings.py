@@ -42,7 +42,7 @@ DEFAULT_REALM = "verifier"
 DEFAULT_DEADLINE_SECONDS = 0.8
 ADMIN_TOKEN_ENV = "VERIFIER_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not its value
 MIN_ADMIN_TOKEN_CHARS = 32  # e.g. `openssl rand -hex 16`; the admin API revokes anyone's access
-MAX_DEADLINE_SECONDS = 30.0
+MAX_DEADLINE_SECONDS = 30.0  # seconds; no gateway waits longer for an authorization answer
 
 
 class ConfigError(ValueError):
