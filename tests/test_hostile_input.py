@@ -515,7 +515,9 @@ yamlish = st.recursive(
 )
 VALID = {
     "http": {"listen": "127.0.0.1:8080"},
-    "issuers": [{"issuer": "http://127.0.0.1:9400", "audiences": ["a"], "algorithms": ["ES256"]}],
+    "issuers": [
+        {"issuer": "http://127.0.0.1:9400", "audiences": ["a"], "algorithms": ["ES256"], "allow_insecure_http": True}
+    ],
 }
 
 

@@ -32,6 +32,7 @@ issuers:
     audiences: ["https://api.example.test"]
     algorithms: [ES256, RS256, EdDSA]     # allow-list; anything else is refused
     leeway_seconds: 30
+    allow_insecure_http: true             # plain http on loopback (issue #26 G10: never by address alone)
 """
 
 

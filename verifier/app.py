@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import ssl
 from collections.abc import Callable
 
 import aiohttp
@@ -150,6 +151,7 @@ class App:
             introspect_jwts=frozenset(i.issuer for i in settings.issuers if i.introspect_jwts),
             authorization_endpoint=lambda issuer: self._discovered("authorization_endpoint", issuer)(),
             max_pending=settings.max_pending_checks,
+            deadline=settings.deadline_seconds,
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
             revocations=self.revocation.revocations if self.revocation else None,
@@ -228,7 +230,9 @@ class App:
                 s.grpc.address, reuse_port=self.reuse_port, tls=s.grpc.tls.read() if s.grpc.tls else None
             )
         if s.metrics is not None:
-            self.ports.metrics = await self._start_metrics(s.metrics.host, s.metrics.port)
+            self.ports.metrics = await self._start_metrics(
+                s.metrics.host, s.metrics.port, s.metrics.tls.server_context() if s.metrics.tls else None
+            )
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._serve_when_ready()))
         self._tasks.append(loop.create_task(self._refresh_gauges()))
@@ -256,7 +260,7 @@ class App:
                     self.metrics.jwks_key_age.labels(issuer).set(age)
             await asyncio.sleep(METRICS_REFRESH_SECONDS)
 
-    async def _start_metrics(self, host: str, port: int) -> int:
+    async def _start_metrics(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         async def metrics(_: web.Request) -> web.Response:
             return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
@@ -269,7 +273,7 @@ class App:
         app.router.add_get("/healthz", healthz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None)
+        site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None, ssl_context=tls)
         await site.start()
         self._metrics_runner = runner
         server = site._server  # aiohttp exposes no public accessor for the bound port

@@ -38,6 +38,13 @@ DEFAULT_FETCH_TIMEOUT_SECONDS = 5.0  # deadline on every discovery/JWKS call
 DEFAULT_MAX_JWKS_BYTES = 1 << 20  # 1 MiB: a JWKS larger than this is malformed, not a key set
 DEFAULT_MAX_JWKS_KEYS = 100  # keys kept per issuer; more is a misconfiguration or an attack
 DEFAULT_REALM = "verifier"
+# Seconds a door waits for a decision before answering 503 retry-later. Below the Kong plugins' 1 s
+# default timeout (and any gateway deadline must stay above it): a gateway that gives up first would
+# see an unreachable verifier, which `fail_open` turns into a pass (issue #26 G9).
+DEFAULT_DEADLINE_SECONDS = 0.8
+ADMIN_TOKEN_ENV = "VERIFIER_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not its value
+MIN_ADMIN_TOKEN_CHARS = 32  # e.g. `openssl rand -hex 16`; the admin API revokes anyone's access
+MAX_DEADLINE_SECONDS = 30.0  # seconds; no gateway waits longer for an authorization answer
 
 
 class ConfigError(ValueError):
@@ -234,6 +241,7 @@ class Settings:
     forward_auth: ForwardAuthSettings = ForwardAuthSettings()
     edge_cache: EdgeCacheSettings = EdgeCacheSettings()
     max_pending_checks: int = DEFAULT_MAX_PENDING_CHECKS
+    deadline_seconds: float = DEFAULT_DEADLINE_SECONDS  # a door answers 503 retry-later past this
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); the metrics port is offset per worker
     revocation: Any = None  # verifier.revocation.RevocationConfig: Shared Signals receiver
     webauthn: Any = None  # verifier.webauthn config: credential registry and step-up
@@ -364,31 +372,51 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def check_url(url: str, key: str, what: str = "issuer") -> None:
-    """An http(s) URL, https unless loopback; raises `ConfigError` naming `key`.
+def check_url(url: str, key: str, what: str = "issuer", *, allow_insecure_http: bool = False) -> None:
+    """An http(s) URL, https unless loopback and allowed; raises `ConfigError` naming `key`.
 
     Keys, SETs and client secrets that travel over plain HTTP can be swapped or read by anyone on
-    the path, so every outbound URL in the config goes through this one check.
+    the path, so every outbound URL in the config goes through this one check. Plain http on loopback
+    is trusted by address only when the config says so (`allow_insecure_http: true`, for tests and
+    local labs; `verifier dev` builds its settings itself).
     """
+    problem = url_problem(url, what)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
+    if not allow_insecure_http and url.lower().startswith("http://"):
+        raise ConfigError(f"{key}: plain http needs allow_insecure_http: true (tests and local labs only; {url!r})")
+
+
+def url_problem(url: object, what: str = "issuer", *, allow_http: bool = True) -> str:
+    """Why `url` must not be called (empty: it may): http(s), parseable, https unless loopback.
+
+    `allow_http=False` refuses plain http even on loopback: a URL learned from an https issuer's
+    metadata must not downgrade (see `verifier.tokens.fetch.check_learned_url`).
+    """
+    if not isinstance(url, str):
+        return f"expected an http(s) URL, got {type(url).__name__}"
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
-        raise ConfigError(f"{key}: not a valid URL ({exc})") from exc
+        return f"not a valid URL ({exc})"
     if parts.scheme not in ("http", "https") or not hostname:
-        raise ConfigError(f"{key}: expected an http(s) URL, got {url!r}")
-    if parts.scheme == "http" and not is_loopback_host(hostname):
-        raise ConfigError(f"{key}: https is required for a non-loopback {what} ({url!r})")
+        return f"expected an http(s) URL, got {url!r}"
+    if parts.scheme == "http" and not (allow_http and is_loopback_host(hostname)):
+        return f"https is required for a non-loopback {what} ({url!r})" if allow_http else f"plain http ({url!r})"
+    return ""
 
 
-def _introspection(reader: _Reader) -> Any:
+def _introspection(reader: _Reader, allow_insecure_http: bool) -> Any:
     raw = reader.raw("introspection")
     if raw is None:
         return None
     import importlib
 
     module = importlib.import_module("verifier.tokens.introspection")
-    return module.parse_introspection_config(raw, f"{reader.path}.introspection")
+    return module.parse_introspection_config(
+        raw, f"{reader.path}.introspection", allow_insecure_http=allow_insecure_http
+    )
 
 
 def _optional_section(root: _Reader, key: str, module: str, function: str) -> Any:
@@ -403,7 +431,8 @@ def _optional_section(root: _Reader, key: str, module: str, function: str) -> An
 
 def _issuer(reader: _Reader) -> IssuerSettings:
     issuer = reader.text("issuer")
-    check_url(issuer, f"{reader.path}.issuer")
+    insecure = reader.boolean("allow_insecure_http", False)
+    check_url(issuer, f"{reader.path}.issuer", allow_insecure_http=insecure)
     algorithms = reader.strings("algorithms")
     for i, alg in enumerate(algorithms):
         if alg not in SUPPORTED_ALGORITHMS:
@@ -426,12 +455,12 @@ def _issuer(reader: _Reader) -> IssuerSettings:
             "fetch_timeout_seconds", DEFAULT_FETCH_TIMEOUT_SECONDS, minimum=0.05, maximum=60
         ),
         roles=tuple(_role_rule(r) for r in reader.children("roles")) if reader.raw("roles") is not None else (),
-        introspection=_introspection(reader),
+        introspection=_introspection(reader, insecure),
         introspect_jwts=reader.boolean("introspect_jwts", False),
     )
     for key in ("discovery_url", "jwks_uri"):
         if getattr(settings, key):
-            check_url(getattr(settings, key), f"{reader.path}.{key}")
+            check_url(getattr(settings, key), f"{reader.path}.{key}", allow_insecure_http=insecure)
     if settings.jwks_min_ttl_seconds > settings.jwks_max_ttl_seconds:
         raise ConfigError(f"{reader.path}.jwks_min_ttl_seconds: larger than jwks_max_ttl_seconds")
     reader.done()
@@ -630,6 +659,9 @@ def parse_settings(data: Any) -> Settings:
         edge_cache=_edge_cache(root.child("edge_cache")),
         workers=root.integer("workers", 1, minimum=1, maximum=64),
         max_pending_checks=root.integer("max_pending_checks", DEFAULT_MAX_PENDING_CHECKS, minimum=1, maximum=1_000_000),
+        deadline_seconds=root.number(
+            "deadline_seconds", DEFAULT_DEADLINE_SECONDS, minimum=0.001, maximum=MAX_DEADLINE_SECONDS
+        ),
         revocation=_optional_section(root, "revocation", "verifier.revocation", "parse_revocation_config"),
         webauthn=_optional_section(root, "webauthn", "verifier.webauthn", "parse_webauthn_config"),
     )
@@ -641,8 +673,33 @@ def parse_settings(data: Any) -> Settings:
         scopes(settings.revocation, (i.issuer for i in issuers))
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")
+    _check_distinct_ports(settings)
+    check_admin_token(os.environ.get(ADMIN_TOKEN_ENV))
     _check_shared_state(settings)
     return settings
+
+
+def _check_distinct_ports(settings: Settings) -> None:
+    """Each listener its own port: with SO_REUSEPORT two of them on one port would share its connections
+    (metrics answering on the auth port, or the reverse). Worker i serves metrics on the port + i."""
+    taken: dict[int, str] = {}
+    for name in ("grpc", "http", "metrics"):
+        listen: Listen | None = getattr(settings, name)
+        if listen is None or listen.port == 0:
+            continue
+        span = settings.workers if name == "metrics" else 1
+        for port in range(listen.port, listen.port + span):
+            if port in taken:
+                raise ConfigError(f"{name}.listen: port {port} is also the {taken[port]} listener's")
+            taken[port] = name
+
+
+def check_admin_token(token: str | None) -> None:
+    """The admin API's bearer secret, when set, must be hard to guess; raises `ConfigError` otherwise."""
+    if token and len(token) < MIN_ADMIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"{ADMIN_TOKEN_ENV}: at least {MIN_ADMIN_TOKEN_CHARS} characters are required (got {len(token)})"
+        )
 
 
 def _check_shared_state(settings: Settings) -> None:

@@ -829,6 +829,7 @@ def start_verifier(
                 "audiences": list(audiences),
                 "algorithms": list(algorithms),
                 "leeway_seconds": leeway_seconds,
+                "allow_insecure_http": issuer.startswith("http://"),  # the loopback test providers
             }
         ],
         **(extra_config or {}),

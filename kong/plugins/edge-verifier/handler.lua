@@ -4,7 +4,8 @@
 -- The plugin translates and decides nothing itself: the verifier's 2xx is an
 -- allow, any other answer is relayed to the client as it came (status,
 -- headers, body). A verifier that cannot be reached, or answers too late,
--- fails closed with 503 unless `fail_open` is set.
+-- fails closed with 503; `fail_open` passes only when the connection failed
+-- (never after a timeout: the credential may have been under check).
 --
 -- Uses only PDK functions present on every Kong 3.x, plus ngx.socket.tcp, so
 -- it needs neither lua-resty-http nor a Kong newer than 3.0.
@@ -489,7 +490,10 @@ function EdgeVerifierHandler:access(conf)
                                    build_request(headers, method, scheme, host, port, uri, thumbprint),
                                    c.request_opts)
     if not res then
-      if conf.fail_open then
+      -- fail_open only when nothing reached the verifier (connect failed): a
+      -- request already sent may be a credential still being checked, and a
+      -- timeout there must never become a pass (issue #26 G9)
+      if conf.fail_open and sub(err, 1, 9) == "connect: " then
         kong.log.warn("verifier unavailable (", err, "); fail_open lets the request pass")
         strip_consumer_headers_if_unauthenticated(consumer_sent)
         return
