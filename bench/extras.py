@@ -58,7 +58,8 @@ def verifier_config(
         f'  - issuer: "{issuer_url or bench.issuer_url}"\n'
         f'    audiences: ["{wire.AUDIENCE}"]\n'
         "    algorithms: [ES256, RS256, EdDSA]\n"
-        "    leeway_seconds: 30\n" + extra_issuer + extra_root
+        "    leeway_seconds: 30\n"
+        "    allow_insecure_http: true\n" + extra_issuer + extra_root
     )
     return grpc_addr, http_addr, config
 

@@ -171,6 +171,7 @@ class Bench:
             f'    audiences: ["{wire.AUDIENCE}"]\n'
             "    algorithms: [ES256, RS256, EdDSA]\n"
             "    leeway_seconds: 30\n"
+            "    allow_insecure_http: true\n"  # the bench issuer is plain http on loopback
         )
         proc = self._spawn([*self.opts.verifier_cmd, str(config)], "verifier.log")
         _wait_port(grpc_addr, proc)

@@ -232,6 +232,7 @@ def test_normalize_htu_keeps_what_is_significant() -> None:
     assert normalize_htu("https://h.test/Path") == "https://h.test/Path"  # paths keep their case
     assert normalize_htu("https://h.test//a/./b/..") == "https://h.test//a/"
     assert normalize_htu("https://[::1]:8443/x") == "https://[::1]:8443/x"
+    assert normalize_htu("https://API.h.test.:443/x") == "https://api.h.test/x"  # as the doors spell the host
     with pytest.raises(ValueError):
         normalize_htu("ftp://h.test/x")
 

@@ -66,7 +66,11 @@ async def test_zero_turns_reuse_off() -> None:
     ("options", "claims", "extra"),
     [
         ({"rate_limits": RateLimitSettings(default=RateLimit(per_second=100, burst=100))}, {}, ""),
-        ({}, {"cnf": {"x5t#S256": "abc"}}, "X-Client-Cert-Thumbprint: abc\r\n"),
+        (
+            {"mtls_thumbprint_header": "x-client-cert-thumbprint"},
+            {"cnf": {"x5t#S256": "abc"}},
+            "X-Client-Cert-Thumbprint: abc\r\n",
+        ),
     ],
     ids=["rate-limited", "certificate-bound"],
 )

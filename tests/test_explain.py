@@ -38,6 +38,7 @@ async def provider(tmp_path: Path) -> AsyncIterator[tuple[DevIdentityProvider, P
                 "issuer": idp.issuer,
                 "audiences": [DEV_AUDIENCE],
                 "algorithms": ["ES256", "RS256"],
+                "allow_insecure_http": True,  # the dev provider is plain http on loopback
                 "roles": [{"role": "admin", "claim": "groups", "values": ["platform-admins"]}],
             }
         ],

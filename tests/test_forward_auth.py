@@ -8,7 +8,16 @@ import json
 import pytest
 from doorkit import http_exchange, running_verifier
 
-from verifier.doors.forward_auth import attributes_from_http
+from verifier.doors.forward_auth import FORWARDED_FAMILIES, X_FORWARDED, attributes_from_http
+from verifier.settings import (
+    FORWARDED_HEADER_FAMILIES,
+    ForwardAuthSettings,
+    PolicySettings,
+    Requirements,
+    RouteMatch,
+)
+
+X_ORIGINAL = FORWARDED_FAMILIES["x-original"]
 
 
 def _request(token: str | None, extra: str = "", target: str = "/v1/forward-auth", method: str = "GET") -> bytes:
@@ -132,7 +141,7 @@ async def test_health_reports_serving_and_unknown_paths_404() -> None:
         assert _status(await http_exchange(app.ports.http, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")) == 404
 
 
-def test_original_request_comes_from_forwarded_headers_first() -> None:
+def test_original_request_comes_from_the_x_forwarded_family_by_default() -> None:
     attrs = attributes_from_http(
         "GET",
         b"/v1/forward-auth",
@@ -141,18 +150,143 @@ def test_original_request_comes_from_forwarded_headers_first() -> None:
             "x-forwarded-uri": "/a?b=1",
             "x-forwarded-host": "api",
             "x-forwarded-proto": "HTTPS",
+            "x-forwarded-for": "203.0.113.9, 10.0.0.2",
             "host": "verifier",
         },
         "10.0.0.1",
     )
     assert (attrs.method, attrs.path, attrs.host, attrs.scheme) == ("POST", "/a?b=1", "api", "https")
+    assert attrs.client_address == "203.0.113.9"
 
 
-def test_nginx_original_headers_are_understood() -> None:
-    attrs = attributes_from_http(
-        "GET", b"/v1/forward-auth", {"x-original-method": "DELETE", "x-original-uri": "/x", "host": "h"}, ""
+def test_the_x_original_family_is_understood_when_declared() -> None:
+    headers = {
+        "x-original-method": "DELETE",
+        "x-original-uri": "/x",
+        "x-original-host": "API.example.test",
+        "x-original-proto": "https",
+        "host": "h",
+    }
+    attrs = attributes_from_http("GET", b"/v1/forward-auth", headers, "10.0.0.1", X_ORIGINAL)
+    assert (attrs.method, attrs.path, attrs.host, attrs.scheme) == ("DELETE", "/x", "api.example.test", "https")
+    assert attrs.client_address == "10.0.0.1"  # no standard x-original header names the client: the peer
+
+
+# What a client adds to win the route through a gateway that only overwrites the declared family
+# (nginx auth_request passes every client header on).
+SPOOFED_X_FORWARDED = {
+    "x-forwarded-method": "GET",
+    "x-forwarded-uri": "/public",
+    "x-forwarded-host": "public.example.test",
+    "x-forwarded-port": "8443",
+    "x-forwarded-proto": "http",
+    "x-forwarded-for": "198.51.100.66",
+}
+SPOOFED_X_ORIGINAL = {
+    "x-original-method": "GET",
+    "x-original-uri": "/public",
+    "x-original-host": "public.example.test",
+    "x-original-proto": "http",
+}
+GATEWAY_X_FORWARDED = {
+    "x-forwarded-method": "DELETE",
+    "x-forwarded-uri": "/admin/users/7",
+    "x-forwarded-host": "admin.example.test",
+    "x-forwarded-proto": "https",
+}
+GATEWAY_X_ORIGINAL = {
+    "x-original-method": "DELETE",
+    "x-original-uri": "/admin/users/7",
+    "x-original-host": "admin.example.test",
+    "x-original-proto": "https",
+}
+
+
+@pytest.mark.parametrize(
+    ("family", "gateway", "spoofed"),
+    [("x-original", GATEWAY_X_ORIGINAL, SPOOFED_X_FORWARDED), ("x-forwarded", GATEWAY_X_FORWARDED, SPOOFED_X_ORIGINAL)],
+)
+def test_the_other_familys_headers_are_never_read(
+    family: str, gateway: dict[str, str], spoofed: dict[str, str]
+) -> None:
+    headers = {"host": "verifier", **spoofed, **gateway}
+    attrs = attributes_from_http("GET", b"/v1/forward-auth", headers, "10.0.0.1", FORWARDED_FAMILIES[family])
+    assert (attrs.method, attrs.path, attrs.host, attrs.scheme) == (
+        "DELETE",
+        "/admin/users/7",
+        "admin.example.test",
+        "https",
     )
-    assert (attrs.method, attrs.path, attrs.host) == ("DELETE", "/x", "h")
+
+
+@pytest.mark.parametrize(
+    ("family", "spoofed"), [("x-original", SPOOFED_X_FORWARDED), ("x-forwarded", SPOOFED_X_ORIGINAL)]
+)
+def test_absent_family_headers_fall_back_to_this_request_never_to_the_other_family(
+    family: str, spoofed: dict[str, str]
+) -> None:
+    headers = {"host": "Shop.example.test", **spoofed}
+    attrs = attributes_from_http("PUT", b"/v1/forward-auth/orders/7", headers, "10.0.0.1", FORWARDED_FAMILIES[family])
+    assert (attrs.method, attrs.path, attrs.host, attrs.scheme, attrs.client_address) == (
+        "PUT",
+        "/orders/7",
+        "shop.example.test",
+        "http",
+        "10.0.0.1",
+    )
+    bare = attributes_from_http("POST", b"/v1/forward-auth", headers, "", FORWARDED_FAMILIES[family])
+    assert (bare.method, bare.path) == ("POST", "/")
+
+
+@pytest.mark.parametrize("family", [X_FORWARDED, X_ORIGINAL])
+def test_method_override_and_envoy_original_path_change_nothing(family: object) -> None:
+    base = {"host": "api", "x-forwarded-uri": "/a", "x-original-uri": "/a"}
+    tricks = {
+        "x-http-method-override": "DELETE",
+        "x-method-override": "DELETE",
+        "x-envoy-original-path": "/public",
+        "x-original-url": "/public",
+        "x-rewrite-url": "/public",
+    }
+    plain = attributes_from_http("GET", b"/v1/forward-auth", base, "", family)  # type: ignore[arg-type]
+    tricked = attributes_from_http("GET", b"/v1/forward-auth", {**base, **tricks}, "", family)  # type: ignore[arg-type]
+    assert plain._replace(headers={}) == tricked._replace(headers={})
+    assert (tricked.method, tricked.path) == ("GET", "/a")
+
+
+def test_every_declared_family_has_its_headers() -> None:
+    assert tuple(FORWARDED_FAMILIES) == FORWARDED_HEADER_FAMILIES
+
+
+ROUTES = (
+    PolicySettings(name="public", match=RouteMatch(path_prefix="/public"), require=Requirements(authenticated=False)),
+    PolicySettings(name="admin", match=RouteMatch(path_prefix="/admin"), require=Requirements(roles_any=("admin",))),
+)
+
+
+def _wire(headers: dict[str, str]) -> str:
+    return "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+
+@pytest.mark.parametrize(
+    ("family", "gateway", "spoofed"),
+    [("x-original", GATEWAY_X_ORIGINAL, SPOOFED_X_FORWARDED), ("x-forwarded", GATEWAY_X_FORWARDED, SPOOFED_X_ORIGINAL)],
+)
+async def test_a_client_cannot_choose_the_judged_route_through_the_door(
+    family: str, gateway: dict[str, str], spoofed: dict[str, str]
+) -> None:
+    options = {"policies": ROUTES, "forward_auth": ForwardAuthSettings(forwarded_headers=family)}
+    async with running_verifier(options) as (app, idp):
+        # The client's headers first, the gateway's after (as nginx adds proxy_set_header ones).
+        extra = _wire(spoofed) + _wire(gateway)
+        refused = await http_exchange(app.ports.http, _request(None, extra))
+        assert _status(refused) == 401, "no token: the admin route was judged, not the client's /public"
+        answer = await http_exchange(app.ports.http, _request(idp.mint(sub="mallory"), extra))
+        assert (_status(answer), _header(answer, "x-verifier-reason")) == (403, "role_missing")
+        public = await http_exchange(
+            app.ports.http, _request(None, _wire({**gateway, FORWARDED_FAMILIES[family].path: "/public/x"}))
+        )
+        assert _status(public) == 200
 
 
 def test_envoy_http_mode_appends_the_original_path_and_keeps_the_method() -> None:
@@ -169,3 +303,156 @@ def test_forwarded_port_joins_the_host_unless_it_is_the_default() -> None:
     assert host(**{"x-forwarded-host": "api:9", "x-forwarded-port": "8443"}) == "api:9"
     assert host(**{"x-forwarded-host": "[::1]", "x-forwarded-port": "8080"}) == "[::1]:8080"
     assert host(host="h:1", **{"x-forwarded-port": "5"}) == "h:1"
+
+
+async def test_a_client_sent_thumbprint_header_is_not_a_certificate_by_default() -> None:
+    # RFC 8705 section 3: a certificate-bound token without the certificate is invalid_token. By default
+    # forward-auth reads no thumbprint header at all, so a client cannot claim the certificate.
+    async with running_verifier() as (app, idp):
+        token = idp.mint(claims={"cnf": {"x5t#S256": "abc123"}})
+        for name in ("X-Client-Cert-Thumbprint", "X-SSL-Client-Thumbprint", "X-Forwarded-Client-Cert"):
+            answer = await http_exchange(app.ports.http, _request(token, f"{name}: abc123\r\n"))
+            assert _status(answer) == 401, name
+            assert _header(answer, "x-verifier-reason") == "sender_constraint_failed"
+            assert 'error="invalid_token"' in (_header(answer, "www-authenticate") or "")
+
+
+async def test_only_the_declared_thumbprint_header_is_read() -> None:
+    async with running_verifier({"mtls_thumbprint_header": "x-ssl-client-thumbprint"}) as (app, idp):
+        token = idp.mint(claims={"cnf": {"x5t#S256": "abc123"}})
+        other = await http_exchange(app.ports.http, _request(token, "X-Client-Cert-Thumbprint: abc123\r\n"))
+        assert (_status(other), _header(other, "x-verifier-reason")) == (401, "sender_constraint_failed")
+        declared = await http_exchange(app.ports.http, _request(token, "X-SSL-Client-Thumbprint: abc123\r\n"))
+        assert _status(declared) == 200
+        wrong = await http_exchange(app.ports.http, _request(token, "X-SSL-Client-Thumbprint: zzz\r\n"))
+        assert _status(wrong) == 401
+
+
+HOST_ROUTES = (
+    PolicySettings(
+        name="admin", match=RouteMatch(hosts=("admin.example.test",)), require=Requirements(roles_any=("admin",))
+    ),
+    PolicySettings(name="open", match=RouteMatch(path_prefix="/"), require=Requirements(authenticated=False)),
+)
+HOST_SPELLINGS = ["ADMIN.example.test.", "admin.example.test:443", "Admin.Example.Test.:8443"]
+
+
+@pytest.mark.parametrize("spelling", HOST_SPELLINGS)
+@pytest.mark.parametrize(
+    ("family", "header"),
+    [("x-forwarded", "Host"), ("x-forwarded", "X-Forwarded-Host"), ("x-original", "X-Original-Host")],
+)
+async def test_a_host_policy_holds_for_every_spelling_of_the_host(family: str, header: str, spelling: str) -> None:
+    options = {"policies": HOST_ROUTES, "forward_auth": ForwardAuthSettings(forwarded_headers=family)}
+    async with running_verifier(options) as (app, _):
+        raw = f"GET /v1/forward-auth HTTP/1.1\r\n{header}: {spelling}\r\n\r\n".encode()
+        if header != "Host":
+            raw = raw.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nHost: verifier\r\n")
+        answer = await http_exchange(app.ports.http, raw)
+        assert _status(answer) == 401, "the admin host's policy, not the open one"
+        open_host = await http_exchange(app.ports.http, raw.replace(spelling.encode(), b"www.example.test"))
+        assert _status(open_host) == 200
+
+
+async def test_an_allow_tells_envoy_to_remove_identity_headers_the_client_sent() -> None:
+    smuggled = "X-Authenticated-Userid: admin\r\nX-Authenticated-Tenant: acme\r\nx-authenticated-roles: admin\r\n"
+    async with running_verifier() as (app, idp):
+        token = idp.mint(sub="erin")
+        plain = await http_exchange(app.ports.http, _request(token))
+        assert _header(plain, "x-envoy-auth-headers-to-remove") is None
+        answer = await http_exchange(app.ports.http, _request(token, smuggled))
+        assert _status(answer) == 200 and _header(answer, "x-authenticated-userid") == "erin"
+        assert _header(answer, "x-envoy-auth-headers-to-remove") == "x-authenticated-roles, x-authenticated-tenant"
+        closing = await http_exchange(
+            app.ports.http, _request(token, smuggled + "Connection: close\r\n"), read_until_close=True
+        )
+        assert _header(closing, "x-envoy-auth-headers-to-remove") == "x-authenticated-roles, x-authenticated-tenant"
+        assert _header(closing, "connection") == "close"
+        # The per-request header never leaks into the memoized answer, and refusals carry none.
+        assert await http_exchange(app.ports.http, _request(token)) == plain
+        refused = await http_exchange(app.ports.http, _request(None, smuggled))
+        assert _status(refused) == 401 and _header(refused, "x-envoy-auth-headers-to-remove") is None
+
+
+# -- listener timeouts (slowloris, idle keep-alives) ---------------------------------------------------
+
+SHORT = ForwardAuthSettings(header_timeout_seconds=0.3, idle_timeout_seconds=0.6)
+
+
+async def _seconds_until_closed(reader: asyncio.StreamReader, limit: float = 5.0) -> float:
+    """Reads (and discards) until the server closes; returns how long that took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(limit):
+        while await reader.read(4096):
+            pass
+    return loop.time() - started
+
+
+async def test_half_sent_requests_are_closed_after_the_header_timeout() -> None:
+    async with running_verifier({"forward_auth": SHORT}) as (app, _):
+        connections = [await asyncio.open_connection("127.0.0.1", app.ports.http) for _ in range(40)]
+        slow = [writer for i, (_, writer) in enumerate(connections) if i % 4]  # a quarter send nothing at all
+        for writer in slow:
+            writer.write(b"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\n")
+
+        async def trickle() -> None:
+            # Slowloris: a header line now and then never extends the deadline.
+            for _ in range(20):
+                await asyncio.sleep(0.05)
+                for writer in slow:
+                    if not writer.is_closing():
+                        writer.write(b"X-a: b\r\n")
+
+        trickling = asyncio.ensure_future(trickle())
+        try:
+            waits = await asyncio.gather(*(_seconds_until_closed(r) for r, _ in connections))
+        finally:
+            trickling.cancel()
+            for _, writer in connections:
+                writer.close()
+        assert all(0.2 <= w <= 1.5 for w in waits), waits
+        assert not app.forward_auth.connections
+        # The listener still serves.
+        assert _status(await http_exchange(app.ports.http, _request(None))) == 401
+
+
+async def test_an_idle_keep_alive_is_closed_after_the_idle_timeout() -> None:
+    async with running_verifier({"forward_auth": SHORT}) as (app, idp):
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
+        try:
+            writer.write(_request(idp.mint()))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert _status(head) == 200
+            waited = await _seconds_until_closed(reader)
+            assert 0.5 <= waited <= 2.0, waited
+        finally:
+            writer.close()
+
+
+async def test_an_active_pipelined_connection_outlives_both_timeouts() -> None:
+    async with running_verifier({"forward_auth": SHORT}) as (app, idp):
+        token = idp.mint()
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answered = 0
+        try:
+            while loop.time() - started < 2.0:  # several header and idle timeouts long
+                writer.write(_request(token) + _request(None) + _request(token))  # pipelined
+                for _ in range(3):
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    length = int(_header(head, "content-length") or 0)
+                    if length:
+                        await reader.readexactly(length)
+                    answered += 1
+                await asyncio.sleep(0.2)  # below the idle timeout
+            # A request sent slowly but completely within the header timeout is answered too.
+            raw = _request(token)
+            writer.write(raw[:20])
+            await asyncio.sleep(0.15)
+            writer.write(raw[20:])
+            assert _status(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)) == 200
+        finally:
+            writer.close()
+        assert answered >= 18

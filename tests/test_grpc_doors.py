@@ -2,29 +2,41 @@
 
 from __future__ import annotations
 
+import urllib.parse
+
 import grpc
 import pytest
 from doorkit import running_verifier
+from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2 as ac
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from verifier.doors.grpc import cert_thumbprint
+from verifier.settings import PolicySettings, Requirements, RouteMatch
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 
-def _envoy_request(token: str | None, path: str = "/orders") -> ea.CheckRequest:
-    headers = {":path": path, "host": "shop"}
+def _envoy_request(
+    token: str | None,
+    path: str = "/orders",
+    *,
+    extra: dict[str, str] | None = None,
+    certificate: str = "",
+    host: str = "shop",
+) -> ea.CheckRequest:
+    headers = {":path": path, "host": host, **(extra or {})}
     if token:
         headers["authorization"] = f"Bearer {token}"
     return ea.CheckRequest(
         attributes=ac.AttributeContext(
+            source=ac.AttributeContext.Peer(certificate=certificate),
             request=ac.AttributeContext.Request(
                 http=ac.AttributeContext.HttpRequest(
-                    method="GET", path=path, host="shop", scheme="https", headers=headers
+                    method="GET", path=path, host=host, scheme="https", headers=headers
                 )
-            )
+            ),
         )
     )
 
@@ -94,3 +106,93 @@ def test_client_certificate_thumbprint_is_rfc8705_x5t_s256() -> None:
     expected = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
     assert cert_thumbprint(urllib.parse.quote(pem)) == expected
     assert cert_thumbprint("not a pem") == ""
+
+
+def _pem(common_name: str) -> tuple[str, str]:
+    """A self-signed certificate as Envoy sends it (URL-encoded PEM) and its RFC 8705 x5t#S256."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from test_mtls import make_certificate
+
+    from verifier.binding.mtls import thumbprint_from_der
+
+    cert = make_certificate(common_name)
+    return urllib.parse.quote(cert.public_bytes(Encoding.PEM).decode()), thumbprint_from_der(
+        cert.public_bytes(Encoding.DER)
+    )
+
+
+async def test_envoy_takes_the_certificate_from_source_certificate_never_from_a_header() -> None:
+    bound_pem, bound = _pem("bound-client")
+    other_pem, _ = _pem("attacker")
+    async with running_verifier() as (app, idp):
+        token = idp.mint(claims={"cnf": {"x5t#S256": bound}})
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            stub = ea_grpc.AuthorizationStub(channel)
+            claimed = {"x-client-cert-thumbprint": bound}
+            # The attacker's own certificate, or none, plus a header naming the bound one.
+            for certificate in (other_pem, ""):
+                answer = await stub.Check(_envoy_request(token, extra=claimed, certificate=certificate))
+                assert answer.status.code == 16 and answer.denied_response.status.code == 401
+                reasons = {
+                    h.header.value for h in answer.denied_response.headers if h.header.key == "x-verifier-reason"
+                }
+                assert reasons == {"sender_constraint_failed"}
+            ok = await stub.Check(_envoy_request(token, certificate=bound_pem))
+            assert ok.status.code == 0
+
+
+async def test_own_check_takes_the_certificate_from_its_field_never_from_a_header() -> None:
+    async with running_verifier() as (app, idp):
+        token = idp.mint(claims={"cnf": {"x5t#S256": "abc123"}})
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            stub = verifier_pb2_grpc.VerifierStub(channel)
+            headers = {"authorization": f"Bearer {token}", "x-client-cert-thumbprint": "abc123"}
+            spoofed = await stub.Check(verifier_pb2.CheckRequest(method="GET", host="api", path="/x", headers=headers))
+            assert not spoofed.allowed and spoofed.reason == "sender_constraint_failed"
+            ok = await stub.Check(
+                verifier_pb2.CheckRequest(
+                    method="GET", host="api", path="/x", headers=headers, client_cert_thumbprint="abc123"
+                )
+            )
+            assert ok.allowed
+
+
+HOST_ROUTES = (
+    PolicySettings(
+        name="admin", match=RouteMatch(hosts=("admin.example.test",)), require=Requirements(roles_any=("admin",))
+    ),
+    PolicySettings(name="open", match=RouteMatch(path_prefix="/"), require=Requirements(authenticated=False)),
+)
+
+
+@pytest.mark.parametrize("spelling", ["ADMIN.example.test.", "admin.example.test:443", "Admin.Example.Test.:8443"])
+async def test_a_host_policy_holds_for_every_spelling_of_the_host_on_both_grpc_doors(spelling: str) -> None:
+    async with running_verifier({"policies": HOST_ROUTES}) as (app, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            own = verifier_pb2_grpc.VerifierStub(channel)
+            envoy = ea_grpc.AuthorizationStub(channel)
+            for host, allowed in ((spelling, False), ("www.example.test", True)):
+                answer = await own.Check(verifier_pb2.CheckRequest(method="GET", host=host, path="/"))
+                assert answer.allowed is allowed, host
+                reply = await envoy.Check(_envoy_request(None, "/", host=host))
+                assert (reply.status.code == 0) is allowed, host
+
+
+async def test_envoy_removes_every_identity_header_a_client_sent_that_the_answer_does_not_set() -> None:
+    smuggled = {"x-authenticated-userid": "admin", "x-authenticated-tenant": "acme", "x-authenticated-roles": "admin"}
+    async with running_verifier() as (app, idp):
+        token = idp.mint(sub="erin")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            stub = ea_grpc.AuthorizationStub(channel)
+            plain = await stub.Check(_envoy_request(token))  # memoizes the common answer first
+            answer = await stub.Check(_envoy_request(token, extra=smuggled))
+            assert answer.status.code == 0
+            ours = {h.header.key: (h.header.value, h.append_action) for h in answer.ok_response.headers}
+            assert ours["x-authenticated-userid"] == ("erin", base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+            removed = set(answer.ok_response.headers_to_remove)
+            assert {"x-authenticated-tenant", "x-authenticated-roles"} <= removed
+            assert not removed & set(ours), "a header we set must not also be removed"
+            # The per-request list never leaks into the memoized answer other requests get.
+            again = await stub.Check(_envoy_request(token))
+            assert again.SerializeToString() == plain.SerializeToString()
+            assert "x-authenticated-tenant" not in again.ok_response.headers_to_remove

@@ -55,7 +55,7 @@ from verifier.app import App
 from verifier.binding.dpop import DpopConfig, DpopVerifier
 from verifier.clock import FrozenClock
 from verifier.credentials import Credential
-from verifier.doors.forward_auth import attributes_from_http
+from verifier.doors.forward_auth import FORWARDED_FAMILIES, attributes_from_http
 from verifier.doors.grpc import attributes_from_envoy, attributes_from_own, cert_thumbprint
 from verifier.errors import AlgorithmRefused, MalformedToken, VerifierError
 from verifier.request import RequestAttributes
@@ -149,6 +149,10 @@ header_names = st.sampled_from(
         "x-forwarded-host",
         "x-forwarded-proto",
         "x-forwarded-for",
+        "x-forwarded-port",
+        "x-original-host",
+        "x-original-proto",
+        "x-authenticated-userid",
         "x-client-cert-thumbprint",
         "x-webauthn-assertion",
     ]
@@ -316,12 +320,22 @@ def test_webauthn_assertion_header_raises_only_assertion_refused(header: str) ->
     method=st.text(max_size=8),
     target=st.binary(max_size=60).map(lambda b: b"/v1/forward-auth" + b) | st.binary(max_size=60),
     headers=header_maps,
+    family=st.sampled_from(sorted(FORWARDED_FAMILIES)),
+    thumbprint_header=st.sampled_from(["", "x-client-cert-thumbprint"]),
 )
 def test_attributes_from_http_never_raises_and_pipeline_never_allows(
-    method: str, target: bytes, headers: dict[str, str], app: App, loop: asyncio.AbstractEventLoop
+    method: str,
+    target: bytes,
+    headers: dict[str, str],
+    family: str,
+    thumbprint_header: str,
+    app: App,
+    loop: asyncio.AbstractEventLoop,
 ) -> None:
-    attrs = attributes_from_http(method, target, headers, "127.0.0.1")
-    assert attrs.path.startswith("/") or headers.get("x-forwarded-uri") or headers.get("x-original-uri")
+    declared = FORWARDED_FAMILIES[family]
+    attrs = attributes_from_http(method, target, headers, "127.0.0.1", declared, thumbprint_header)
+    assert attrs.path.startswith("/") or headers.get(declared.path)
+    assert attrs.host == attrs.host.lower()
     decide(app, loop, attrs)
 
 
@@ -501,7 +515,9 @@ yamlish = st.recursive(
 )
 VALID = {
     "http": {"listen": "127.0.0.1:8080"},
-    "issuers": [{"issuer": "http://127.0.0.1:9400", "audiences": ["a"], "algorithms": ["ES256"]}],
+    "issuers": [
+        {"issuer": "http://127.0.0.1:9400", "audiences": ["a"], "algorithms": ["ES256"], "allow_insecure_http": True}
+    ],
 }
 
 

@@ -66,7 +66,8 @@ def _issuer(idp: DevIdentityProvider, **options: Any) -> IssuerSettings:
 
 
 def _transmitter(tx: SsfTransmitter, subjects_of: Sequence[str]) -> dict[str, Any]:
-    return {"issuer": tx.issuer, "audience": RECEIVER, "delivery": "push", "subjects_of": list(subjects_of)}
+    return {"issuer": tx.issuer, "audience": RECEIVER, "delivery": "push", "subjects_of": list(subjects_of),
+            "allow_insecure_http": True}
 
 
 @contextlib.asynccontextmanager
@@ -349,7 +350,7 @@ async def test_revoked_and_dpop_bound_tokens_cannot_use_the_webauthn_endpoints(t
 
 
 async def test_a_client_named_like_a_user_is_not_that_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "admin-token-for-the-client-test")
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "admin-token-for-the-client-test-0123")
     async with _providers() as (idp,), _ssf() as tx:
         async with _verifier(
             [_issuer(idp)], [_transmitter(tx, [idp.issuer])], policies=POLICIES, webauthn=_webauthn(tmp_path)
@@ -375,7 +376,7 @@ async def test_a_client_named_like_a_user_is_not_that_user(tmp_path: Path, monke
             created = await http_exchange(
                 app.ports.http or 0,
                 b"POST /v1/admin/revocations HTTP/1.1\r\nHost: v\r\nContent-Type: application/json\r\n"
-                b"Authorization: Bearer admin-token-for-the-client-test\r\nContent-Length: %d\r\n\r\n" % len(body)
+                b"Authorization: Bearer admin-token-for-the-client-test-0123\r\nContent-Length: %d\r\n\r\n" % len(body)
                 + body,
             )
             assert created.startswith(b"HTTP/1.1 201")
@@ -428,7 +429,7 @@ async def test_each_transmitter_affects_only_the_subjects_of_its_issuers() -> No
 
 async def test_a_transmitter_must_be_scoped_to_configured_issuers() -> None:
     async with _providers() as (idp,), _ssf() as tx:
-        unscoped = {"issuer": tx.issuer, "audience": RECEIVER, "delivery": "push"}
+        unscoped = {"issuer": tx.issuer, "audience": RECEIVER, "delivery": "push", "allow_insecure_http": True}
         with pytest.raises(ConfigError, match=r"transmitters\[0\]\.subjects_of"):
             async with _verifier([_issuer(idp)], [unscoped]):
                 pass

@@ -25,6 +25,7 @@ def _issuer(idp: DevIdentityProvider, env: str, **introspection: Any) -> dict[st
         "issuer": idp.issuer,
         "audiences": [DEV_AUDIENCE],
         "algorithms": ["ES256"],
+        "allow_insecure_http": True,  # the development provider on loopback
         "introspection": {"client_id": idp.introspection_client_id, "client_secret_env": env, **introspection},
     }
 

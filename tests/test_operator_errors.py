@@ -35,7 +35,7 @@ def taken() -> socket.socket:
     sock.close()
 
 
-ISSUER = {"issuer": "http://127.0.0.1:9", "audiences": ["a"], "algorithms": ["ES256"]}
+ISSUER = {"issuer": "http://127.0.0.1:9", "audiences": ["a"], "algorithms": ["ES256"], "allow_insecure_http": True}
 
 
 def _config(tmp_path: Path, settings: dict[str, object]) -> str:

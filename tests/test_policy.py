@@ -10,7 +10,7 @@ from verifier.errors import Forbidden, SenderConstraintFailed
 from verifier.policy.roles import RoleMapper
 from verifier.policy.rules import PolicySet, StepUpRequired, evaluate, normalize_path
 from verifier.principal import Principal
-from verifier.request import RequestAttributes
+from verifier.request import RequestAttributes, host_name, normalize_host
 from verifier.settings import PolicySettings, Requirements, RoleRule, RouteMatch
 
 NOW = 1_700_000_000.0
@@ -30,7 +30,8 @@ def _principal(**claims: object) -> Principal:
 
 
 def _attrs(method: str, path: str, host: str = "api.example.test") -> RequestAttributes:
-    return RequestAttributes(method=method, scheme="https", host=host, path=path, headers={})
+    # As every door builds them: the host normalized once.
+    return RequestAttributes(method=method, scheme="https", host=normalize_host(host), path=path, headers={})
 
 
 ADMIN = PolicySettings(
@@ -68,6 +69,40 @@ def test_first_match_wins_and_methods_and_hosts_count() -> None:
     assert policies.match(_attrs("GET", "/admin")).name == "rest"  # type: ignore[union-attr]
     assert policies.match(_attrs("POST", "/admin")).name == "admin"  # type: ignore[union-attr]
     assert policies.match(_attrs("GET", "/", host="OTHER.test:8443")).name == "h"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal", "name"),
+    [
+        ("admin.example.test", "admin.example.test", "admin.example.test"),
+        ("ADMIN.Example.TEST.", "admin.example.test", "admin.example.test"),
+        ("admin.example.test:443", "admin.example.test:443", "admin.example.test"),
+        ("Admin.Example.Test.:8443", "admin.example.test:8443", "admin.example.test"),
+        ("admin.example.test..", "admin.example.test.", "admin.example.test."),
+        ("[::1]:8080", "[::1]:8080", "[::1]"),
+        ("[::1]", "[::1]", "[::1]"),
+        ("", "", ""),
+        (".", "", ""),
+    ],
+)
+def test_hosts_are_normalized_once_and_matched_without_their_port(raw: str, normal: str, name: str) -> None:
+    assert normalize_host(raw) == normal
+    assert host_name(normal) == name
+
+
+ADMIN_HOST = PolicySettings(
+    name="admin-host", match=RouteMatch(hosts=("Admin.Example.Test.",)), require=Requirements(roles_any=("admin",))
+)
+OPEN = PolicySettings(name="open", match=RouteMatch(path_prefix="/"), require=Requirements(authenticated=False))
+
+
+@pytest.mark.parametrize(
+    "host", ["admin.example.test", "ADMIN.example.test.", "admin.example.test:443", "ADMIN.EXAMPLE.TEST.:8443"]
+)
+def test_a_host_policy_cannot_be_sidestepped_by_case_a_trailing_dot_or_a_port(host: str) -> None:
+    policy = PolicySet((ADMIN_HOST, OPEN)).match(_attrs("GET", "/", host=host))
+    assert policy is not None and policy.name == "admin-host"
+    assert PolicySet((ADMIN_HOST, OPEN)).match(_attrs("GET", "/", host="public.example.test")).name == "open"  # type: ignore[union-attr]
 
 
 def test_unmatched_route_with_policies_is_none_and_without_policies_nothing_is_enabled() -> None:

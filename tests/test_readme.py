@@ -22,4 +22,5 @@ def test_the_readme_configuration_reference_validates(monkeypatch: pytest.Monkey
     assert settings.issuers[0].introspection is not None
     assert settings.policies is not None and len(settings.policies) == 4
     assert settings.edge_cache.max_age_seconds == 10
+    assert settings.forward_auth.forwarded_headers == "x-forwarded" and settings.mtls_thumbprint_header == ""
     assert settings.webauthn is not None and settings.revocation is not None and settings.dpop is not None

@@ -38,7 +38,7 @@ from verifier.state.memory import MemoryState
 TX = "https://ssf.example.test"
 RECEIVER = "https://verifier.example.test/ssf"
 LIFETIME = 3600
-ADMIN = "admin-secret-0123456789"
+ADMIN = "admin-secret-0123456789-abcdefghijkl"
 USER = {"format": "iss_sub", "iss": ISSUER, "sub": "user-1"}
 
 
@@ -495,11 +495,11 @@ async def test_admin_api_is_404_when_the_env_var_is_unset(
 async def test_admin_token_is_read_from_the_environment(
     clock: FrozenClock, provider: FakeFetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "from-env")
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "from-env-" + "e" * 32)
     svc = RevocationService(config(), redis_url=None, state=MemoryState(clock), fetcher=provider, clock=clock,
                             registry=CollectorRegistry())
     router = routes(svc)
-    assert (await router.dispatch(admin("GET", token="from-env"))).status == 200
+    assert (await router.dispatch(admin("GET", token="from-env-" + "e" * 32))).status == 200
     assert (await router.dispatch(admin("GET", token=ADMIN))).status == 401
 
 

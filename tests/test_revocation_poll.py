@@ -41,6 +41,7 @@ def transmitter() -> Iterator[SsfTransmitter]:
 async def service(transmitter: SsfTransmitter) -> AsyncIterator[RevocationService]:
     config = parse_revocation_config({"transmitters": [{
         "issuer": transmitter.issuer, "audience": AUD, "delivery": "poll", "algorithms": ["ES256"],
+        "allow_insecure_http": True,
         "poll_interval_seconds": 0.1, "subjects_of": [IDP],
     }]})
     fetcher = HttpFetcher()
@@ -122,7 +123,7 @@ async def test_a_polled_set_whose_mark_was_lost_still_takes_effect(transmitter: 
     """#26 G2: the SET is redelivered and acknowledged as a replay, so its effect must already be stored."""
     config = parse_revocation_config({"transmitters": [{
         "issuer": transmitter.issuer, "audience": AUD, "delivery": "poll", "algorithms": ["ES256"],
-        "poll_interval_seconds": 0.1, "subjects_of": [IDP],
+        "poll_interval_seconds": 0.1, "subjects_of": [IDP], "allow_insecure_http": True,
     }]})
     fetcher, clock = HttpFetcher(), SystemClock()
     state = LateMark(clock)
@@ -138,3 +139,19 @@ async def test_a_polled_set_whose_mark_was_lost_still_takes_effect(transmitter: 
     finally:
         await svc.stop()
         await fetcher.close()
+
+
+async def test_a_set_with_an_absurd_iat_is_refused_and_polling_goes_on(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    # issue #26 G11: such a SET used to end the poll task silently
+    huge = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-4"},
+                                extra={"iat": 10**400})
+    bad = transmitter.enqueue(huge)
+    await eventually(lambda: bad in transmitter.set_errs or bad in transmitter.acked)
+    good = transmitter.enqueue(transmitter.sign_set({SESSION_REVOKED: {}}, {"format": "iss_sub", "iss": IDP,
+                                                                             "sub": "user-5"}))
+    await eventually(lambda: service.revocations.check(principal("user-5")) is not None)
+    await eventually(lambda: good in transmitter.acked)
+    assert transmitter.set_errs[bad]["err"] == "invalid_request"
+    assert service.revocations.check(principal("user-4")) is None

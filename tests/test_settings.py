@@ -16,6 +16,7 @@ from verifier.settings import (
     DEFAULT_MAX_TOKEN_BYTES,
     SUPPORTED_ALGORITHMS,
     ConfigError,
+    ForwardAuthSettings,
     Listen,
     load_settings,
     parse_settings,
@@ -31,6 +32,7 @@ issuers:
     audiences: ["https://api.example.test"]
     algorithms: [ES256, RS256, EdDSA]     # allow-list; anything else is refused
     leeway_seconds: 30
+    allow_insecure_http: true             # plain http on loopback (issue #26 G10: never by address alone)
 """
 
 
@@ -65,6 +67,28 @@ def test_defaults_apply_when_optional_keys_are_absent() -> None:
     settings = parse_settings(document)
     assert settings.issuers[0].leeway_seconds == DEFAULT_LEEWAY_SECONDS
     assert settings.realm == "verifier" and settings.audit is True
+
+
+def test_the_forward_auth_trust_defaults_read_no_client_certificate_header() -> None:
+    settings = parse_settings(_example())
+    assert settings.mtls_thumbprint_header == ""
+    assert settings.forward_auth == ForwardAuthSettings(
+        forwarded_headers="x-forwarded", header_timeout_seconds=10, idle_timeout_seconds=75
+    )
+
+
+def test_the_forward_auth_keys_are_read_from_the_http_section() -> None:
+    document = _example()
+    document["http"].update(
+        {"forwarded_headers": "x-original", "header_timeout_seconds": 2.5, "idle_timeout_seconds": 90}
+    )
+    document["mtls_thumbprint_header"] = "X-SSL-Client-Thumbprint"
+    settings = parse_settings(document)
+    assert settings.forward_auth == ForwardAuthSettings(
+        forwarded_headers="x-original", header_timeout_seconds=2.5, idle_timeout_seconds=90
+    )
+    assert settings.mtls_thumbprint_header == "x-ssl-client-thumbprint"
+    assert settings.http == Listen(host="127.0.0.1", port=8080)
 
 
 def test_every_optional_key_is_read() -> None:
@@ -158,6 +182,14 @@ BAD: list[tuple[str, tuple[Any, ...], Any, str]] = [
     ("max_token_bytes too small", ("max_token_bytes",), 10, "max_token_bytes"),
     ("issuers empty", ("issuers",), [], "issuers"),
     ("issuer entry not a mapping", ("issuers", 0), "http://127.0.0.1:9400", "issuers[0]"),
+    ("unknown forwarded header family", ("http", "forwarded_headers"), "both", "http.forwarded_headers"),
+    ("forwarded header family not a string", ("http", "forwarded_headers"), ["x-original"], "http.forwarded_headers"),
+    ("forwarded headers on the gRPC listener", ("grpc", "forwarded_headers"), "x-original",
+     "grpc.forwarded_headers: unknown key"),
+    ("header timeout zero", ("http", "header_timeout_seconds"), 0, "http.header_timeout_seconds"),
+    ("idle timeout a string", ("http", "idle_timeout_seconds"), "75", "http.idle_timeout_seconds"),
+    ("thumbprint header not a header name", ("mtls_thumbprint_header",), "x cert", "mtls_thumbprint_header"),
+    ("thumbprint header not a string", ("mtls_thumbprint_header",), 5, "mtls_thumbprint_header"),
 ]
 
 
@@ -271,6 +303,15 @@ def test_check_config_exits_non_zero_on_a_bad_file_and_names_the_key(
 
 def test_check_config_exits_non_zero_on_a_missing_file(tmp_path: Path) -> None:
     assert _check_config(tmp_path / "nope.yaml").returncode != 0
+
+
+def test_policy_hosts_are_normalized_and_a_port_is_refused() -> None:
+    document = _example()
+    document["policies"] = [{"match": {"hosts": ["API.Example.Test."]}}]
+    assert parse_settings(document).policies[0].match.hosts == ("api.example.test",)  # type: ignore[index]
+    document["policies"] = [{"match": {"hosts": ["api.example.test", "api.example.test:8443"]}}]
+    with pytest.raises(ConfigError, match=r"policies\[0\]\.match\.hosts\[1\]: expected a host name without a port"):
+        parse_settings(document)
 
 
 # --- workers: N > 1 share nothing without Redis (#18 F8) ------------------------------------------

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from doorkit import running_verifier
 
-from verifier.settings import ConfigError, Listen, TlsSettings, parse_settings
+from verifier.settings import ConfigError, ForwardAuthSettings, Listen, TlsSettings, parse_settings
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 
@@ -118,7 +118,7 @@ async def test_mtls_on_both_listeners_admits_only_clients_with_a_certificate_fro
 
 
 def test_tls_files_are_checked_at_start_up(pki: dict[str, str], tmp_path: Path) -> None:
-    base = {"issuers": [{"issuer": "http://127.0.0.1:1", "audiences": ["a"], "algorithms": ["ES256"]}]}
+    base = {"issuers": [{"issuer": "https://idp.example.test", "audiences": ["a"], "algorithms": ["ES256"]}]}
     ok = {
         **base,
         "http": {"listen": "127.0.0.1:0", "tls": {"cert_file": pki["server_cert"], "key_file": pki["server_key"]}},
@@ -133,3 +133,51 @@ def test_tls_files_are_checked_at_start_up(pki: dict[str, str], tmp_path: Path) 
     }
     with pytest.raises(ConfigError, match=r"http\.tls"):
         parse_settings(mismatched)
+
+
+async def test_a_stalled_tls_handshake_is_closed_after_the_header_timeout(pki: dict[str, str]) -> None:
+    tls = TlsSettings(cert_file=pki["server_cert"], key_file=pki["server_key"])
+    options = {
+        "http": Listen(host="127.0.0.1", port=0, tls=tls),
+        "forward_auth": ForwardAuthSettings(header_timeout_seconds=0.3),
+    }
+    async with running_verifier(options) as (app, _):
+        # Plain TCP that never sends a ClientHello (or sends half of one).
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
+        writer.write(b"\x16\x03\x01\x00")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        except ConnectionResetError:
+            pass
+        finally:
+            writer.close()
+        assert loop.time() - started < 2.0
+async def _metrics(port: int, context: ssl.SSLContext | None) -> bytes:
+    if context is None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="localhost")
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def test_metrics_tls_is_applied_with_mtls(pki: dict[str, str]) -> None:
+    # issue #26 G8: metrics.tls was accepted and ignored (plain HTTP, no client certificate)
+    tls = TlsSettings(cert_file=pki["server_cert"], key_file=pki["server_key"], client_ca_file=pki["ca"])
+    async with running_verifier({"metrics": Listen(host="127.0.0.1", port=0, tls=tls)}) as (app, _):
+        assert app.ports.metrics is not None
+        answer = await _metrics(app.ports.metrics, _client_context(pki, "client"))
+        assert answer.startswith(b"HTTP/1.1 200") and b"verifier_" in answer
+        for bad in (None, "rogue"):
+            with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+                answer = await _metrics(app.ports.metrics, _client_context(pki, bad))
+                assert not answer.startswith(b"HTTP/1.1 200")  # a closed TLS stream may read as b""
+                raise ConnectionError("refused")
+        plain = await _metrics(app.ports.metrics, None)
+        assert not plain.startswith(b"HTTP/1.1 200")

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import ssl
 from collections.abc import Callable
 
 import aiohttp
@@ -19,7 +20,7 @@ from verifier.binding.dpop import DpopConfig, DpopVerifier
 from verifier.clock import Clock, SystemClock
 from verifier.credentials import Credential
 from verifier.decision import Decision
-from verifier.doors.forward_auth import ForwardAuthDoor, attributes_from_http
+from verifier.doors.forward_auth import ForwardAuthDoor
 from verifier.doors.grpc import GrpcDoors
 from verifier.doors.routes import HttpRequest, Router
 from verifier.observe.audit import FLUSH_INTERVAL_SECONDS, flush_logs
@@ -149,8 +150,8 @@ class App:
             ),
             introspect_jwts=frozenset(i.issuer for i in settings.issuers if i.introspect_jwts),
             authorization_endpoint=lambda issuer: self._discovered("authorization_endpoint", issuer)(),
-            mtls_header=settings.mtls_thumbprint_header,
             max_pending=settings.max_pending_checks,
+            deadline=settings.deadline_seconds,
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
             revocations=self.revocation.revocations if self.revocation else None,
@@ -160,7 +161,14 @@ class App:
         self.router = Router()
         if self.webauthn is not None:
             self.webauthn.register_routes(self.router, self._authenticate)
-        self.forward_auth = ForwardAuthDoor(self.pipeline, self.metrics, self.ready, self.router)
+        self.forward_auth = ForwardAuthDoor(
+            self.pipeline,
+            self.metrics,
+            self.ready,
+            self.router,
+            settings=settings.forward_auth,
+            thumbprint_header=settings.mtls_thumbprint_header,
+        )
         self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready)
         self.ports = BoundPorts()
         self._extra_session: aiohttp.ClientSession | None = None
@@ -194,7 +202,7 @@ class App:
             await self.webauthn.disable_credentials(revoked.issuer, revoked.subject, ids, aaguid=revoked.aaguid)
 
     async def _authenticate(self, request: HttpRequest) -> Principal:
-        attrs = attributes_from_http(request.method, request.path.encode(), dict(request.headers), request.peer)
+        attrs = self.forward_auth.attributes(request.method, request.path.encode(), dict(request.headers), request.peer)
         return await self.pipeline.authenticate(attrs)
 
     async def wait_serving(self) -> None:
@@ -222,7 +230,9 @@ class App:
                 s.grpc.address, reuse_port=self.reuse_port, tls=s.grpc.tls.read() if s.grpc.tls else None
             )
         if s.metrics is not None:
-            self.ports.metrics = await self._start_metrics(s.metrics.host, s.metrics.port)
+            self.ports.metrics = await self._start_metrics(
+                s.metrics.host, s.metrics.port, s.metrics.tls.server_context() if s.metrics.tls else None
+            )
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._serve_when_ready()))
         self._tasks.append(loop.create_task(self._refresh_gauges()))
@@ -254,7 +264,7 @@ class App:
                 self.metrics.state_up.labels("redis").set(1.0 if await ping() else 0.0)
             await asyncio.sleep(METRICS_REFRESH_SECONDS)
 
-    async def _start_metrics(self, host: str, port: int) -> int:
+    async def _start_metrics(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
         async def metrics(_: web.Request) -> web.Response:
             return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
@@ -267,7 +277,7 @@ class App:
         app.router.add_get("/healthz", healthz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None)
+        site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None, ssl_context=tls)
         await site.start()
         self._metrics_runner = runner
         server = site._server  # aiohttp exposes no public accessor for the bound port

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Collection
 
 from verifier.errors import Outcome, Scheme, VerifierError
 from verifier.principal import Principal
@@ -22,6 +23,7 @@ STATUS_BY_OUTCOME = {
     Outcome.BAD_REQUEST: 400,
 }
 REASON_HEADER = "x-verifier-reason"
+IDENTITY_PREFIX = "x-authenticated-"  # reserved: only an allow answer of ours may set these upstream
 RETRY_AFTER_UNAVAILABLE = "1"  # seconds; providers usually come back quickly or not at all
 
 
@@ -161,6 +163,19 @@ def allow(principal: Principal, *, cache_max_age: int = 0) -> Decision:
         roles=tuple(sorted(principal.roles)),
         cache_max_age=cache_max_age,
     )
+
+
+def smuggled_identity(decision: Decision, request_headers: Collection[str]) -> list[str]:
+    """The request's `X-Authenticated-*` names (lower-case) that this allow answer does not overwrite.
+
+    A client sending one is trying to pass as someone: the door tells the gateway to remove it.
+    Empty in the common case, found by one scan of the joined names.
+    """
+    if IDENTITY_PREFIX not in "\n".join(request_headers):  # one C-level scan: the common case
+        return []
+    names = [name for name in request_headers if name.startswith(IDENTITY_PREFIX)]
+    ours = {name for name, _ in decision.upstream_headers}
+    return sorted({name for name in names if name not in ours})
 
 
 def _header_safe(value: str) -> str:

@@ -10,6 +10,7 @@ store, the introspection client or the shared state it was handed.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -140,8 +141,8 @@ class Pipeline:
         opaque_issuer: str | None = None,  # the issuer whose introspector takes opaque tokens
         introspect_jwts: frozenset[str] = frozenset(),
         authorization_endpoint: Callable[[str], str] | None = None,
-        mtls_header: str = "x-client-cert-thumbprint",
         max_pending: int = 1024,
+        deadline: float | None = None,
         edge_max_age: int = 0,
         refusal_max_age: int = 0,
         revocations: RevocationCheck | None = None,
@@ -166,11 +167,11 @@ class Pipeline:
         self._opaque_issuer = opaque_issuer if opaque_issuer in self._introspectors else None
         self._introspect_jwts = introspect_jwts
         self._authorization_endpoint = authorization_endpoint or (lambda issuer: "")
-        self._mtls_header = mtls_header
         self._revocations = revocations
         self._max_pending = max_pending
         self._pending = 0
         self._overloaded = refuse(Overloaded("too many checks in progress"), realm=realm)
+        self._deadline = deadline
         self._edge_max_age = edge_max_age
         self._refusal_max_age = refusal_max_age
         self._step_up = step_up
@@ -256,14 +257,19 @@ class Pipeline:
     async def decide_after_miss(self, attrs: RequestAttributes, door: str) -> Decision:
         """The asynchronous part, after `decide_cached` said None; never raises.
 
-        Sheds load past `max_pending` concurrent slow checks.
+        Sheds load past `max_pending` concurrent slow checks; past `deadline` seconds answers 503 retry-later.
         """
         try:
             if self._pending >= self._max_pending:
                 return self._overloaded
             self._pending += 1
             try:
-                return await self._decide(attrs, door)
+                async with asyncio.timeout(self._deadline):
+                    return await self._decide(attrs, door)
+            except TimeoutError:
+                # Answer before the gateway gives up (see settings.DEFAULT_DEADLINE_SECONDS); a provider
+                # call in flight goes on, shielded, and its answer serves the retry.
+                return refuse(ProviderUnavailable("decision deadline passed; retry later"), realm=self._realm)
             finally:
                 self._pending -= 1
         except Exception:  # fail closed on bugs; the traceback has no token in it

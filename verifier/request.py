@@ -1,4 +1,9 @@
-"""The attributes every front door produces from the gateway's request: the pipeline's only input."""
+"""The attributes every front door produces from the gateway's request: the pipeline's only input.
+
+Every door normalizes the host the same way (`normalize_host`) so that `ADMIN.example.test.` and
+`admin.example.test:443` meet the policy written for `admin.example.test` (RFC 9110 section 4.2.3:
+the host is case-insensitive; RFC 1034 section 3.1: a trailing dot names the same absolute domain).
+"""
 
 from __future__ import annotations
 
@@ -25,3 +30,25 @@ class RequestAttributes(NamedTuple):
     def route(self) -> str:
         """`METHOD /path` without the query: safe for audit lines (queries can carry secrets)."""
         return f"{self.method} {self.path.split('?', 1)[0]}"
+
+
+def normalize_host(host: str) -> str:
+    """`Host` as one spelling: lower-case, one trailing dot dropped (before the port); the port is kept.
+
+    The port stays because DPoP's `htu` (RFC 9449) is compared with it; policies use `host_name`.
+    """
+    host = host.lower()
+    if host.endswith("."):
+        return host[:-1]
+    colon = host.rfind(":")
+    if colon > 0 and host[colon - 1] == "." and "]" not in host[colon:]:
+        return host[: colon - 1] + host[colon:]
+    return host
+
+
+def host_name(host: str) -> str:
+    """The host without its port (`[::1]:8443` -> `[::1]`, `api:443` -> `api`), for policy matching."""
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    return host.partition(":")[0]

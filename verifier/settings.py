@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from verifier.request import host_name, normalize_host
+
 # Algorithms we can verify with asymmetric keys. HS* is deliberately absent: a verifier that holds
 # only public keys must never accept a MAC, or a public key becomes a shared secret.
 SUPPORTED_ALGORITHMS = frozenset(
@@ -38,6 +40,13 @@ DEFAULT_FETCH_TIMEOUT_SECONDS = 5.0  # deadline on every discovery/JWKS call
 DEFAULT_MAX_JWKS_BYTES = 1 << 20  # 1 MiB: a JWKS larger than this is malformed, not a key set
 DEFAULT_MAX_JWKS_KEYS = 100  # keys kept per issuer; more is a misconfiguration or an attack
 DEFAULT_REALM = "verifier"
+# Seconds a door waits for a decision before answering 503 retry-later. Below the Kong plugins' 1 s
+# default timeout (and any gateway deadline must stay above it): a gateway that gives up first would
+# see an unreachable verifier, which `fail_open` turns into a pass (issue #26 G9).
+DEFAULT_DEADLINE_SECONDS = 0.8
+ADMIN_TOKEN_ENV = "VERIFIER_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not its value
+MIN_ADMIN_TOKEN_CHARS = 32  # e.g. `openssl rand -hex 16`; the admin API revokes anyone's access
+MAX_DEADLINE_SECONDS = 30.0  # seconds; no gateway waits longer for an authorization answer
 
 
 class ConfigError(ValueError):
@@ -195,6 +204,23 @@ class EdgeCacheSettings:
     refusal_max_age_seconds: int = DEFAULT_REFUSAL_MAX_AGE_SECONDS
 
 
+FORWARDED_HEADER_FAMILIES = ("x-forwarded", "x-original")  # which headers describe the original request
+DEFAULT_FORWARDED_HEADERS = "x-forwarded"  # Traefik/Caddy/Kong style; nginx templates set the same names
+DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0  # seconds for a request (headers, small body) to arrive: slowloris bound
+# Seconds an idle keep-alive connection stays open: longer than the gateways' own (nginx's upstream
+# keepalive_timeout is 60 s) so the gateway closes first and never sends on a connection we are closing.
+DEFAULT_IDLE_TIMEOUT_SECONDS = 75.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ForwardAuthSettings:
+    """The forward-auth listener's trust and timeouts (keys of the `http` section)."""
+
+    forwarded_headers: str = DEFAULT_FORWARDED_HEADERS  # one of FORWARDED_HEADER_FAMILIES; the other is ignored
+    header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS
+    idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the verifier needs, validated."""
@@ -211,9 +237,13 @@ class Settings:
     rate_limits: RateLimitSettings | None = None
     dpop: Any = None  # verifier.binding.dpop.DpopConfig
     state: Any = None  # verifier.state.StateConfig (Redis); None: in-memory
-    mtls_thumbprint_header: str = "x-client-cert-thumbprint"  # where a gateway puts the client cert's x5t#S256
+    # The forward-auth request header a trusted gateway puts the client certificate's x5t#S256 in;
+    # empty: none is read (a client could send it), so certificate-bound tokens need a gRPC door.
+    mtls_thumbprint_header: str = ""
+    forward_auth: ForwardAuthSettings = ForwardAuthSettings()
     edge_cache: EdgeCacheSettings = EdgeCacheSettings()
     max_pending_checks: int = DEFAULT_MAX_PENDING_CHECKS
+    deadline_seconds: float = DEFAULT_DEADLINE_SECONDS  # a door answers 503 retry-later past this
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); the metrics port is offset per worker
     revocation: Any = None  # verifier.revocation.RevocationConfig: Shared Signals receiver
     webauthn: Any = None  # verifier.webauthn config: credential registry and step-up
@@ -421,32 +451,51 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def check_url(url: str, key: str, what: str = "issuer") -> None:
-    """An http(s) URL, https unless loopback; a `ConfigError` naming `key` (recorded in `parse_settings`).
+def check_url(url: str, key: str, what: str = "issuer", *, allow_insecure_http: bool = False) -> None:
+    """An http(s) URL, https unless loopback and allowed; a `ConfigError` naming `key` (recorded in `parse_settings`).
 
     Keys, SETs and client secrets that travel over plain HTTP can be swapped or read by anyone on
-    the path, so every outbound URL in the config goes through this one check.
+    the path, so every outbound URL in the config goes through this one check. Plain http on loopback
+    is trusted by address only when the config says so (`allow_insecure_http: true`, for tests and
+    local labs; `verifier dev` builds its settings itself).
     """
+    problem = url_problem(url, what)
+    if problem:
+        _record(f"{key}: {problem}")
+    elif not allow_insecure_http and url.lower().startswith("http://"):
+        _record(f"{key}: plain http needs allow_insecure_http: true (tests and local labs only; {url!r})")
+
+
+def url_problem(url: object, what: str = "issuer", *, allow_http: bool = True) -> str:
+    """Why `url` must not be called (empty: it may): http(s), parseable, https unless loopback.
+
+    `allow_http=False` refuses plain http even on loopback: a URL learned from an https issuer's
+    metadata must not downgrade (see `verifier.tokens.fetch.check_learned_url`).
+    """
+    if not isinstance(url, str):
+        return f"expected an http(s) URL, got {type(url).__name__}"
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
-        _record(f"{key}: not a valid URL ({exc})")
-        return
+        return f"not a valid URL ({exc})"
     if parts.scheme not in ("http", "https") or not hostname:
-        _record(f"{key}: expected an http(s) URL, got {url!r}")
-    elif parts.scheme == "http" and not is_loopback_host(hostname):
-        _record(f"{key}: https is required for a non-loopback {what} ({url!r})")
+        return f"expected an http(s) URL, got {url!r}"
+    if parts.scheme == "http" and not (allow_http and is_loopback_host(hostname)):
+        return f"https is required for a non-loopback {what} ({url!r})" if allow_http else f"plain http ({url!r})"
+    return ""
 
 
-def _introspection(reader: _Reader) -> Any:
+def _introspection(reader: _Reader, allow_insecure_http: bool) -> Any:
     raw = reader.raw("introspection")
     if raw is None:
         return None
     import importlib
 
     module = importlib.import_module("verifier.tokens.introspection")
-    return module.parse_introspection_config(raw, f"{reader.path}.introspection")
+    return module.parse_introspection_config(
+        raw, f"{reader.path}.introspection", allow_insecure_http=allow_insecure_http
+    )
 
 
 def _optional_section(root: _Reader, key: str, module: str, function: str) -> Any:
@@ -465,7 +514,8 @@ def _optional_section(root: _Reader, key: str, module: str, function: str) -> An
 
 def _issuer(reader: _Reader) -> IssuerSettings:
     issuer = reader.text("issuer")
-    check_url(issuer, f"{reader.path}.issuer")
+    insecure = reader.boolean("allow_insecure_http", False)
+    check_url(issuer, f"{reader.path}.issuer", allow_insecure_http=insecure)
     algorithms = reader.strings("algorithms")
     for i, alg in enumerate(algorithms):
         if alg not in SUPPORTED_ALGORITHMS:
@@ -488,12 +538,12 @@ def _issuer(reader: _Reader) -> IssuerSettings:
             "fetch_timeout_seconds", DEFAULT_FETCH_TIMEOUT_SECONDS, minimum=0.05, maximum=60
         ),
         roles=tuple(_role_rule(r) for r in reader.children("roles")) if reader.raw("roles") is not None else (),
-        introspection=_introspection(reader),
+        introspection=_introspection(reader, insecure),
         introspect_jwts=reader.boolean("introspect_jwts", False),
     )
     for key in ("discovery_url", "jwks_uri"):
         if getattr(settings, key):
-            check_url(getattr(settings, key), f"{reader.path}.{key}")
+            check_url(getattr(settings, key), f"{reader.path}.{key}", allow_insecure_http=insecure)
     if settings.jwks_min_ttl_seconds > settings.jwks_max_ttl_seconds:
         raise ConfigError(f"{reader.path}.jwks_min_ttl_seconds: larger than jwks_max_ttl_seconds")
     reader.done()
@@ -526,8 +576,12 @@ def _policy(reader: _Reader, index: int) -> PolicySettings:
     for key, value in (("path_prefix", prefix), ("path", exact)):
         if value and not value.startswith("/"):
             raise ConfigError(f"{match_reader.path}.{key}: must start with /")
+    hosts = tuple(normalize_host(h) for h in match_reader.strings("hosts", required=False))
+    for i, host in enumerate(hosts):
+        if host_name(host) != host or not host:
+            raise ConfigError(f"{match_reader.path}.hosts[{i}]: expected a host name without a port, got {host!r}")
     match = RouteMatch(
-        hosts=tuple(h.lower() for h in match_reader.strings("hosts", required=False)),
+        hosts=hosts,
         methods=methods,
         path_prefix=prefix,
         path=exact,
@@ -597,6 +651,40 @@ def _edge_cache(reader: _Reader | None) -> EdgeCacheSettings:
     return settings
 
 
+def _forward_auth(reader: _Reader | None) -> ForwardAuthSettings:
+    """The forward-auth keys of the `http` section (read before `_listen`, which refuses the rest)."""
+    if reader is None:
+        return ForwardAuthSettings()
+    family = reader.text("forwarded_headers", DEFAULT_FORWARDED_HEADERS)
+    if family not in FORWARDED_HEADER_FAMILIES:
+        raise ConfigError(
+            f"{reader.path}.forwarded_headers: expected one of {', '.join(FORWARDED_HEADER_FAMILIES)}, got {family!r}"
+        )
+    return ForwardAuthSettings(
+        forwarded_headers=family,
+        header_timeout_seconds=reader.number(
+            "header_timeout_seconds", DEFAULT_HEADER_TIMEOUT_SECONDS, minimum=0.01, maximum=3600
+        ),
+        idle_timeout_seconds=reader.number(
+            "idle_timeout_seconds", DEFAULT_IDLE_TIMEOUT_SECONDS, minimum=0.01, maximum=86_400
+        ),
+    )
+
+
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def _header_name(root: _Reader, key: str) -> str:
+    """An optional request header name (RFC 9110 token), lower-cased; empty when absent."""
+    value = root.raw(key)
+    if value is None or value == "":
+        return ""
+    name = root.text(key).lower()
+    if not set(name) <= _TCHAR:
+        raise ConfigError(f"{key}: {name!r} is not a header name")
+    return name
+
+
 def _check_opaque_introspection(issuers: Sequence[IssuerSettings]) -> None:
     """At most one issuer introspects opaque tokens: a token that names no issuer must never reach
     a provider that did not issue it (that provider would see, and could replay, another's tokens)."""
@@ -636,9 +724,12 @@ def _parse_settings(data: Any) -> Settings:
             ),
         )
         cache_reader.done()
+    http = root.child("http")
+    forward_auth = _forward_auth(http)
     settings = Settings(
         grpc=_listen(root.child("grpc")),
-        http=_listen(root.child("http")),
+        http=_listen(http),
+        forward_auth=forward_auth,
         metrics=_listen(root.child("metrics")),
         issuers=issuers,
         cache=cache,
@@ -651,10 +742,13 @@ def _parse_settings(data: Any) -> Settings:
         rate_limits=_rate_limits(root.child("rate_limits")),
         dpop=_optional_section(root, "dpop", "verifier.binding.dpop", "parse_dpop_config"),
         state=_optional_section(root, "state", "verifier.state", "parse_state_config"),
-        mtls_thumbprint_header=root.text("mtls_thumbprint_header", "x-client-cert-thumbprint").lower(),
+        mtls_thumbprint_header=_header_name(root, "mtls_thumbprint_header"),
         edge_cache=_edge_cache(root.child("edge_cache")),
         workers=root.integer("workers", 1, minimum=1, maximum=64),
         max_pending_checks=root.integer("max_pending_checks", DEFAULT_MAX_PENDING_CHECKS, minimum=1, maximum=1_000_000),
+        deadline_seconds=root.number(
+            "deadline_seconds", DEFAULT_DEADLINE_SECONDS, minimum=0.001, maximum=MAX_DEADLINE_SECONDS
+        ),
         revocation=_optional_section(root, "revocation", "verifier.revocation", "parse_revocation_config"),
         webauthn=_optional_section(root, "webauthn", "verifier.webauthn", "parse_webauthn_config"),
     )
@@ -666,8 +760,33 @@ def _parse_settings(data: Any) -> Settings:
         scopes(settings.revocation, (i.issuer for i in issuers))
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")
+    _check_distinct_ports(settings)
+    check_admin_token(os.environ.get(ADMIN_TOKEN_ENV))
     _check_shared_state(settings)
     return settings
+
+
+def _check_distinct_ports(settings: Settings) -> None:
+    """Each listener its own port: with SO_REUSEPORT two of them on one port would share its connections
+    (metrics answering on the auth port, or the reverse). Worker i serves metrics on the port + i."""
+    taken: dict[int, str] = {}
+    for name in ("grpc", "http", "metrics"):
+        listen: Listen | None = getattr(settings, name)
+        if listen is None or listen.port == 0:
+            continue
+        span = settings.workers if name == "metrics" else 1
+        for port in range(listen.port, listen.port + span):
+            if port in taken:
+                raise ConfigError(f"{name}.listen: port {port} is also the {taken[port]} listener's")
+            taken[port] = name
+
+
+def check_admin_token(token: str | None) -> None:
+    """The admin API's bearer secret, when set, must be hard to guess; raises `ConfigError` otherwise."""
+    if token and len(token) < MIN_ADMIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"{ADMIN_TOKEN_ENV}: at least {MIN_ADMIN_TOKEN_CHARS} characters are required (got {len(token)})"
+        )
 
 
 def _check_shared_state(settings: Settings) -> None:

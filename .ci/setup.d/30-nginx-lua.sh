@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Debian's nginx with the Lua module, for tests/kong (the Kong plugin run under a PDK shim).
+# Debian's nginx with the Lua module, for tests/kong (the Kong plugin run under a PDK shim), and the
+# headers-more module that deploy/nginx/nginx.conf.template loads (more_clear_input_headers).
 # Idempotent: installs only what is missing, and refreshes the package lists only then.
 # Never install Debian's `luajit` package here: it conflicts with libluajit2 that the Lua module uses.
 set -euo pipefail
 
-packages=(nginx libnginx-mod-http-lua lua-resty-core lua-resty-lrucache lua-cjson)
+packages=(nginx libnginx-mod-http-lua lua-resty-core lua-resty-lrucache lua-cjson
+          libnginx-mod-http-headers-more-filter gettext-base)
 
 missing=()
 for p in "${packages[@]}"; do

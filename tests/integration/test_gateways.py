@@ -325,7 +325,9 @@ def test_forward_auth_call_carries_the_original_request(
     else:
         # nginx's subrequest is a GET to the fixed URI; the original request travels in headers.
         assert (call["method"], call["path"]) == ("GET", "/v1/forward-auth")
-        assert seen["x-original-uri"] == "/orders/7?x=1"
-        assert seen["x-original-method"] == "POST"
+        assert seen["x-forwarded-uri"] == "/orders/7?x=1"
+        assert seen["x-forwarded-method"] == "POST"
         assert seen["x-forwarded-proto"] == "http"
-        assert seen["x-forwarded-host"].startswith("127.0.0.1:")
+        assert seen["x-forwarded-host"] == "127.0.0.1"  # $host: no port, lower-case, no trailing dot
+        assert seen["x-forwarded-port"] == gw.url.rsplit(":", 1)[1]
+        assert "x-original-uri" not in seen and "x-original-method" not in seen

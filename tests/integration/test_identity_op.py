@@ -74,6 +74,7 @@ def _issuer_config(op: OpenIDProvider) -> dict[str, Any]:
         "algorithms": ["ES256", "RS256", "EdDSA"],
         "leeway_seconds": 30,
         "roles": ROLES,
+        "allow_insecure_http": True,  # the provider listens on loopback http
     }
 
 

@@ -115,7 +115,7 @@ async def test_an_active_opaque_token_becomes_a_principal_named_by_its_client(
 ) -> None:
     token = op.opaque_token(scope="read write")
     principal = await introspect(harness.introspector(op), token)
-    assert principal.subject == "app"  # no sub in a client-credentials token: the client_id stands in
+    assert principal.subject == ""  # no sub in a client-credentials token: a client, never a user
     assert principal.client_id == "app"
     assert principal.scopes == ("read", "write")
     assert principal.issuer == op.issuer
@@ -150,7 +150,7 @@ async def test_revoked_after_caching_stays_active_until_the_positive_ttl_then_is
     await introspect(introspector, token)
     op.revoke(token)
     harness.clock.advance(29)
-    assert (await introspect(introspector, token)).subject == "app"  # the cached answer, by design
+    assert (await introspect(introspector, token)).client_id == "app"  # the cached answer, by design
     assert introspection_calls(op) == 1
     harness.clock.advance(2)
     with pytest.raises(InvalidToken, match="not active"):
@@ -166,7 +166,7 @@ async def test_concurrent_requests_for_one_token_make_one_provider_call(
     await introspector.client.endpoint()  # discovery first, so only introspection is counted below
     op.reset_stats()
     principals = await asyncio.gather(*(introspect(introspector, token) for _ in range(50)))
-    assert {p.subject for p in principals} == {"app"}
+    assert {p.client_id for p in principals} == {"app"}
     assert introspection_calls(op) == 1
 
 
@@ -199,7 +199,7 @@ async def test_a_slow_provider_times_out_and_fails_closed(op: OpenIDProvider, ha
         assert time.monotonic() - started < 1.0
     finally:
         op.clear_faults()
-    assert (await introspect(introspector, token)).subject == "app"  # the timeout was not cached
+    assert (await introspect(introspector, token)).client_id == "app"  # the timeout was not cached
 
 
 async def test_a_5xx_is_provider_unavailable_and_not_cached(op: OpenIDProvider, harness: Harness) -> None:
@@ -212,7 +212,7 @@ async def test_a_5xx_is_provider_unavailable_and_not_cached(op: OpenIDProvider, 
             await introspect(introspector, token)
     finally:
         op.clear_faults()
-    assert (await introspect(introspector, token)).subject == "app"
+    assert (await introspect(introspector, token)).client_id == "app"
 
 
 async def test_a_stopped_provider_is_unavailable_and_serve_stale_covers_for_it(
@@ -228,6 +228,6 @@ async def test_a_stopped_provider_is_unavailable_and_serve_stale_covers_for_it(
     harness.clock.advance(11)
     with pytest.raises(ProviderUnavailable):
         await introspect(strict, token)
-    assert (await introspect(lenient, token)).subject == "app"
+    assert (await introspect(lenient, token)).client_id == "app"
     with pytest.raises(ProviderUnavailable):
         await introspect(lenient, other)  # never seen: nothing to stand in

@@ -26,7 +26,7 @@ from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 pytestmark = pytest.mark.integration
 
 RECEIVER_AUD = "https://verifier.example.test/ssf"
-ADMIN = "durable-admin-secret"
+ADMIN = "durable-admin-secret-0123456789abcd"
 START_S = 45.0  # seconds for a (re)started verifier to serve; a loaded CI runner is slow
 
 
@@ -115,12 +115,14 @@ issuers:
   - issuer: "{idp.issuer}"
     audiences: ["{DEV_AUDIENCE}"]
     algorithms: [ES256]
+    allow_insecure_http: true
 revocation:
   transmitters:
     - issuer: "{transmitter.issuer}"
       audience: "{RECEIVER_AUD}"
       delivery: push
       subjects_of: ["{idp.issuer}"]
+      allow_insecure_http: true
 {state}"""
     )
     if durable:

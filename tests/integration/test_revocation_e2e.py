@@ -41,7 +41,8 @@ async def _replica(idp: DevIdentityProvider, tx: SsfTransmitter, redis_url: str 
         state=parse_state_config({"redis_url": redis_url, "key_prefix": "e2e:"}) if redis_url else None,
         revocation=parse_revocation_config(
             {"transmitters": [
-                {"issuer": tx.issuer, "audience": RECEIVER_AUD, "delivery": "push", "subjects_of": [idp.issuer]}
+                {"issuer": tx.issuer, "audience": RECEIVER_AUD, "delivery": "push", "subjects_of": [idp.issuer],
+                 "allow_insecure_http": True}
             ]}
         ),
     )
@@ -120,7 +121,7 @@ async def test_session_revoked_event_refuses_on_every_door_and_on_a_second_repli
 
 
 async def test_kill_switch_needs_the_admin_token_and_then_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "s3cret-admin-token-for-tests")
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "s3cret-admin-token-for-tests-01234567")
     idp = DevIdentityProvider(port=free_port())
     await idp.start()
     try:
@@ -139,7 +140,8 @@ async def test_kill_switch_needs_the_admin_token_and_then_refuses(monkeypatch: p
                 assert denied.startswith(b"HTTP/1.1 401")
                 assert (await _forward(app, token))[0] == 200
                 created = await http_exchange(
-                    app.ports.http, request + b"Authorization: Bearer s3cret-admin-token-for-tests\r\n\r\n" + body
+                    app.ports.http,
+                    request + b"Authorization: Bearer s3cret-admin-token-for-tests-01234567\r\n\r\n" + body,
                 )
                 assert created.startswith(b"HTTP/1.1 201")
                 assert (await _forward(app, token))[0] == 401

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 AUD = "https://verifier.example.test/ssf"
 IDP = "https://idp.example.test"
-ADMIN = "integration-admin-secret"
+ADMIN = "integration-admin-secret-0123456789ab"
 PROPAGATION_S = 1.0  # the promise: an event received by one replica takes effect on all within ~1 s
 
 
@@ -57,6 +57,7 @@ class Replicas:
         self.config = parse_revocation_config({"transmitters": [{
             "issuer": transmitter.issuer, "audience": AUD, "delivery": "push", "algorithms": ["ES256"],
             "subjects_of": [IDP],
+            "allow_insecure_http": True,
         }], "resync_interval_seconds": 30})
         self.started: list[tuple[RevocationService, RedisState, HttpFetcher]] = []
         self.state_timeout = 1.0  # seconds per operation on the replay cache

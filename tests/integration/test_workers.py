@@ -41,6 +41,7 @@ issuers:
   - issuer: "{idp.issuer}"
     audiences: ["{DEV_AUDIENCE}"]
     algorithms: [ES256]
+    allow_insecure_http: true
 """
     )
     proc = subprocess.Popen(
@@ -109,6 +110,7 @@ issuers:
   - issuer: "{idp.issuer}"
     audiences: ["{audience}"]
     algorithms: [ES256]
+    allow_insecure_http: true
 {extra}"""
         )
 
@@ -175,12 +177,13 @@ issuers:
   - issuer: "http://127.0.0.1:{free_port()}"
     audiences: ["{DEV_AUDIENCE}"]
     algorithms: [ES256]
+    allow_insecure_http: true
 revocation: {{}}
 """
     )
     result = subprocess.run(
         [sys.executable, "-m", "verifier", "serve", "--config", str(config)],
-        env={**os.environ, "VERIFIER_ADMIN_TOKEN": "an-admin-secret"},
+        env={**os.environ, "VERIFIER_ADMIN_TOKEN": "an-admin-secret-of-32-characters"},
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 2

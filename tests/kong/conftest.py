@@ -316,6 +316,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         server_name localhost;
+        underscores_in_headers {underscores};
 
         location = /__shim/authenticated {{
             content_by_lua_block {{ require("kong_shim").report_authenticated() }}
@@ -351,12 +352,14 @@ class NginxRig:
         consumers: tuple[dict[str, str], ...] | list[dict[str, str]] = (),
         preauthenticated: dict[str, str] | None = None,
         with_sha256: bool = False,
+        underscores_in_headers: bool = False,
     ) -> str:
         """Starts nginx running the plugin with `plugin_conf` in front of 127.0.0.1:`upstream_port`.
 
         consumers: the Kong consumers kong.client.load_consumer knows ({"id", "username", "custom_id"}).
         preauthenticated: a consumer an earlier authenticator (key-auth, say) authenticated already.
         with_sha256: make resty.sha256 available (Kong ships it; Debian does not), hashing cache keys.
+        underscores_in_headers: let header names with `_` through (nginx drops them by default).
         Returns the base URL, "http://127.0.0.1:PORT".
         """
         modules = _module_dir()
@@ -384,6 +387,7 @@ class NginxRig:
                 lua_cpath=SYSTEM_LUA_CPATH,
                 upstream_port=upstream_port,
                 port=port,
+                underscores="on" if underscores_in_headers else "off",
             )
         )
         error_log = Path(tmp, "error.log")

@@ -241,6 +241,18 @@ def test_fail_open_lets_requests_pass_without_identity(start_nginx, echo_upstrea
     assert "fail_open lets the request pass" in start_nginx.error_log_text()
 
 
+def test_fail_open_never_passes_a_request_whose_check_timed_out(start_nginx, echo_upstream, standin_verifier):
+    # issue #26 G9: the request reached the verifier, which was still checking the credential;
+    # only an unreachable verifier (nothing sent) may fail open
+    standin_verifier.slow_seconds = 3.0
+    base = start_nginx({"url": standin_verifier.url, "timeout": 300, "fail_open": True}, echo_upstream)
+
+    status, _, _ = call(base, headers={"Authorization": "Bearer slow", "X-Authenticated-Userid": "admin"})
+
+    assert status == 503
+    assert "fail_open lets the request pass" not in start_nginx.error_log_text()
+
+
 def test_fail_open_does_not_override_a_deny(start_nginx, echo_upstream, standin_verifier):
     base = start_nginx({"url": standin_verifier.url, "fail_open": True}, echo_upstream)
 

@@ -11,7 +11,10 @@ issuer is the REAL oidc-provider (tests/integration/op_harness.py).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime
+import hashlib
 import http.client
 import json
 import os
@@ -29,6 +32,11 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 from gateways import GatewayProcess, free_port, start_verifier
 from op_harness import OTHER_AUDIENCE, OpenIDProvider, start_provider
 
@@ -78,12 +86,26 @@ class KongRequest:
     port: int = 8000
     path_with_query: str = "/api/items?limit=5"
     client_ip: str = "203.0.113.9"
+    client_cert_pem: str = ""  # what nginx's $ssl_client_raw_cert holds when Kong terminated mutual TLS
 
     def answer(self, method: str, args: list[Any]) -> Any:
         """What Kong's PDK returns for `method` (after mp_rpc.lua's fix_mmap for header maps)."""
+        if method == "kong.nginx.get_var":
+            return self.client_cert_pem if args == ["ssl_client_raw_cert"] else None
         if method == "kong.request.get_headers":
-            # Kong's headers table: lower-case names; fix_mmap sends a lone string as a 1-list
-            return {k.lower(): v if isinstance(v, list) else [v] for k, v in self.headers.items()}
+            # Kong's headers table: lower-case names; fix_mmap sends a lone string as a 1-list. As
+            # ngx.req.get_headers(max), only the first `max` header lines are returned, and over the
+            # plugin server's RPC the "truncated" error is lost.
+            limit = int(args[0]) if args else 100
+            table: dict[str, list[str]] = {}
+            lines = 0
+            for k, v in self.headers.items():
+                for one in v if isinstance(v, list) else [v]:
+                    if lines == limit:
+                        return table
+                    table.setdefault(k.lower(), []).append(one)
+                    lines += 1
+            return table
         simple = {
             "kong.request.get_method": self.method,
             "kong.request.get_scheme": self.scheme,
@@ -91,6 +113,7 @@ class KongRequest:
             "kong.request.get_port": self.port,
             "kong.request.get_path_with_query": self.path_with_query,
             "kong.client.get_ip": self.client_ip,
+            "kong.client.tls.get_full_client_certificate_chain": self.client_cert_pem,
         }
         return simple.get(method)
 
@@ -294,7 +317,7 @@ def test_allow_sets_the_verified_identity_on_the_upstream_request(kong, verifier
 
     assert not named(calls, "kong.response.exit") and not named(calls, "kong.response.error")
     # the client's spoofed identity is cleared before the verifier's is set
-    assert named(calls, "kong.service.request.clear_header") == [["x-authenticated-userid"]]
+    assert "x-authenticated-userid" in cleared(calls)
     set_headers = {args[0].lower(): args[1] for args in named(calls, "kong.service.request.set_header")}
     assert set_headers == {
         "x-authenticated-userid": "app",
@@ -396,18 +419,25 @@ class _SlowVerifier(verifier_pb2_grpc.VerifierServicer):
         return verifier_pb2.CheckResponse(allowed=True, http_status=200)
 
 
-def test_a_verifier_slower_than_the_deadline_fails_closed(kong, token):
+@contextlib.contextmanager
+def fake_verifier(servicer: verifier_pb2_grpc.VerifierServicer) -> Iterator[str]:
+    """A gRPC verifier on loopback answering with `servicer`; yields its target."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    verifier_pb2_grpc.add_VerifierServicer_to_server(_SlowVerifier(), server)
+    verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        iid = start_instance(kong, grpc_target=f"127.0.0.1:{port}", timeout=200)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_verifier_slower_than_the_deadline_fails_closed(kong, token):
+    with fake_verifier(_SlowVerifier()) as target:
+        iid = start_instance(kong, grpc_target=target, timeout=200)
         started = time.monotonic()
         calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"Bearer {token}"}))
         elapsed = time.monotonic() - started
-    finally:
-        server.stop(grace=None)
 
     assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
     assert elapsed < 1.5
@@ -420,5 +450,158 @@ def test_fail_open_passes_without_identity(kong, token):
     calls = kong.handle_event(iid, "access", request)
 
     assert not named(calls, "kong.response.error") and not named(calls, "kong.response.exit")
-    assert named(calls, "kong.service.request.clear_header") == [["x-authenticated-userid"]]
+    assert "x-authenticated-userid" in cleared(calls)
     assert not named(calls, "kong.service.request.set_header")
+
+
+# --------------------------------------------------------------------------- issue #26: G4, G5, G9
+
+CONSUMER_HEADERS = {
+    "x-consumer-id", "x-consumer-custom-id", "x-consumer-username", "x-credential-identifier", "x-anonymous-consumer"
+}
+IDENTITY_HEADERS = {
+    "x-authenticated-userid", "x-authenticated-scope", "x-authenticated-issuer", "x-authenticated-roles"
+}
+
+
+class _RecordingVerifier(verifier_pb2_grpc.VerifierServicer):
+    """Allows every request with a fixed identity and keeps what it was asked."""
+
+    def __init__(self) -> None:
+        self.requests: list[verifier_pb2.CheckRequest] = []
+
+    def Check(self, request: verifier_pb2.CheckRequest, context: grpc.ServicerContext) -> verifier_pb2.CheckResponse:
+        self.requests.append(request)
+        return verifier_pb2.CheckResponse(
+            allowed=True, http_status=200, upstream_headers=[verifier_pb2.Header(name="X-Authenticated-Userid",
+                                                                                 value="app")]
+        )
+
+
+@pytest.fixture
+def recording_verifier() -> Iterator[tuple[_RecordingVerifier, str]]:
+    servicer = _RecordingVerifier()
+    with fake_verifier(servicer) as target:
+        yield servicer, target
+
+
+def cleared(calls: list[tuple[str, list[Any]]]) -> set[str]:
+    return {args[0].lower() for args in named(calls, "kong.service.request.clear_header")}
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+def test_client_consumer_headers_never_reach_the_upstream(kong, recording_verifier, fail_open):
+    # G4: the Lua plugin clears them when no Kong authenticator named a consumer; so must this one
+    _, target = recording_verifier
+    iid = start_instance(kong, grpc_target=target if not fail_open else f"127.0.0.1:{free_port()}",
+                         fail_open=fail_open)
+    spoofed = {name: "admin" for name in CONSUMER_HEADERS}
+    calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": "Bearer x", **spoofed}))
+
+    assert not named(calls, "kong.response.error")
+    assert cleared(calls) >= CONSUMER_HEADERS
+
+
+def test_identity_and_consumer_headers_are_cleared_by_name_even_unseen(kong, recording_verifier):
+    # G5: clearing does not depend on seeing the header in the (bounded) enumeration
+    _, target = recording_verifier
+    iid = start_instance(kong, grpc_target=target)
+    calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": "Bearer x"}))
+
+    assert cleared(calls) >= (CONSUMER_HEADERS | IDENTITY_HEADERS)
+
+
+def test_every_client_x_authenticated_header_is_cleared(kong, recording_verifier):
+    _, target = recording_verifier
+    iid = start_instance(kong, grpc_target=target)
+    request = KongRequest(headers={"Authorization": "Bearer x", "X-Authenticated-Groups": "admins",
+                                   "x-authenticated-tenant": "other"})
+    calls = kong.handle_event(iid, "access", request)
+
+    assert {"x-authenticated-groups", "x-authenticated-tenant"} <= cleared(calls)
+    assert calls.index(next(c for c in calls if c[0] == "kong.service.request.set_header")) > max(
+        i for i, c in enumerate(calls) if c[0] == "kong.service.request.clear_header"
+    ), "the verifier's identity is set after the client's is cleared"
+
+
+def test_more_request_headers_than_can_be_enumerated_are_refused(kong, recording_verifier):
+    # G5: a spoofed identity header past the 1000th would not be seen to be cleared
+    servicer, target = recording_verifier
+    iid = start_instance(kong, grpc_target=target, fail_open=True)
+    headers: dict[str, str | list[str]] = {"Authorization": "Bearer x", "X-Padding": ["p"] * 1000,
+                                           "X-Authenticated-Tenant": "other"}
+    calls = kong.handle_event(iid, "access", KongRequest(headers=headers))
+
+    (exit_args,) = named(calls, "kong.response.exit")
+    assert exit_args[0] == 400
+    assert not servicer.requests and not named(calls, "kong.service.request.set_header")
+
+
+def test_a_client_cert_thumbprint_header_is_never_sent_as_the_thumbprint(kong, recording_verifier):
+    servicer, target = recording_verifier
+    iid = start_instance(kong, grpc_target=target)
+    request = KongRequest(scheme="https", headers={"Authorization": "Bearer x", "X-Client-Cert-Thumbprint": "forged"})
+    kong.handle_event(iid, "access", request)
+
+    (sent,) = servicer.requests
+    assert sent.client_cert_thumbprint == ""
+    assert "forged" not in sent.headers.values()
+
+
+def test_the_thumbprint_comes_from_the_tls_connection_kong_terminated(kong, recording_verifier):
+    servicer, target = recording_verifier
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    expected = base64.urlsafe_b64encode(hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()).rstrip(b"=")
+    iid = start_instance(kong, grpc_target=target)
+    request = KongRequest(scheme="https", client_cert_pem=cert.public_bytes(Encoding.PEM).decode(),
+                          headers={"Authorization": "Bearer x", "X-Client-Cert-Thumbprint": "forged"})
+    kong.handle_event(iid, "access", request)
+
+    (sent,) = servicer.requests
+    assert sent.client_cert_thumbprint == expected.decode()
+
+
+def test_fail_open_never_passes_a_request_whose_check_timed_out(kong, token):
+    # G9: the verifier had the request and was still checking it; only an unreachable verifier fails open
+    with fake_verifier(_SlowVerifier()) as target:
+        iid = start_instance(kong, grpc_target=target, timeout=200, fail_open=True)
+        calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"Bearer {token}"}))
+
+    assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
+
+
+def test_the_client_certificate_comes_from_kongs_own_tls_never_from_a_header(kong, token):
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from test_mtls import make_certificate
+
+    from verifier.binding.mtls import thumbprint_from_der
+
+    cert = make_certificate("kong-client")
+    pem, expected = cert.public_bytes(Encoding.PEM).decode(), thumbprint_from_der(cert.public_bytes(Encoding.DER))
+    capturing = _RecordingVerifier()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    verifier_pb2_grpc.add_VerifierServicer_to_server(capturing, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    spoof = {"Authorization": f"Bearer {token}", "X-Client-Cert-Thumbprint": expected}
+    try:
+        iid = start_instance(kong, grpc_target=f"127.0.0.1:{port}", timeout=1000)
+        for request in (
+            KongRequest(headers=spoof, scheme="https", port=443, client_cert_pem=pem),  # mutual TLS at Kong
+            KongRequest(headers=spoof, scheme="https", port=443),  # TLS without a client certificate
+            KongRequest(headers=spoof, scheme="https", port=443, client_cert_pem="not a certificate"),
+            KongRequest(headers=spoof),  # plain http
+        ):
+            kong.handle_event(iid, "access", request)
+    finally:
+        server.stop(grace=None)
+
+    assert [r.client_cert_thumbprint for r in capturing.requests] == [expected, "", "", ""]
+    assert all("x-client-cert-thumbprint" not in r.headers for r in capturing.requests)

@@ -196,8 +196,9 @@ def access_token_hash(access_token: str) -> str:
 def normalize_htu(url: str) -> str:
     """The URL as `htu` compares it (RFC 9449 section 4.3 step 9, RFC 3986 sections 6.2.2 and 6.2.3).
 
-    Scheme and host lower-cased, the default port dropped, an empty path made `/`, percent-encodings
-    upper-cased and unreserved characters decoded, dot segments removed; query and fragment dropped.
+    Scheme and host lower-cased (one trailing dot dropped), the default port dropped, an empty path
+    made `/`, percent-encodings upper-cased and unreserved characters decoded, dot segments removed;
+    query and fragment dropped.
     Raises `ValueError` for anything but an absolute http(s) URL.
     """
     try:
@@ -207,6 +208,8 @@ def normalize_htu(url: str) -> str:
         raise ValueError("not a URL") from exc
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
+    if host.endswith("."):
+        host = host[:-1]  # the same absolute name, as the doors spell the request's host (normalize_host)
     if scheme not in _DEFAULT_PORTS or not host:
         raise ValueError("not an absolute http(s) URL")
     if ":" in host:

@@ -5,11 +5,26 @@ An asyncio Protocol over `httptools` (llhttp): no framework, no per-request obje
 attributes, a pre-serialized answer for every cached decision, keep-alive, TCP_NODELAY (without it
 Nagle's algorithm adds ~40 ms to every answer) and in-order answers for pipelined requests.
 
-Where the original request is described (first match wins):
-- method: `X-Forwarded-Method`, `X-Original-Method`, else this request's method (Envoy HTTP mode);
-- path: `X-Forwarded-Uri`, `X-Original-URI`, else what follows `/v1/forward-auth` (Envoy appends the
-  original path to its `path_prefix`), else `/`;
-- host: `X-Forwarded-Host`, else `Host`; scheme: `X-Forwarded-Proto`, else `http`.
+Every header is a trust decision. The original request is described by ONE declared family of
+headers (`http.forwarded_headers`), which the gateway in front must overwrite on every request; the
+other family is never read, not even as a fallback, since whatever a gateway does not overwrite
+(nginx `auth_request` passes the client's headers through) the client chose:
+- `x-forwarded` (default; Kong's plugin, Traefik, Caddy): `X-Forwarded-Method`, `-Uri`, `-Host`
+  (+ `-Port`), `-Proto`, and the client address from the first `X-Forwarded-For` element;
+- `x-original` (nginx style): `X-Original-Method`, `X-Original-URI`, `X-Original-Host`,
+  `X-Original-Proto`; the client address is the peer's (no standard header names it).
+A header of the family that is absent falls back to this request: its own method (Envoy HTTP mode),
+what follows `/v1/forward-auth` in its target (Envoy appends the original path), else `/`; the `Host`
+header; scheme `http`. `X-Envoy-Original-Path`, `X-HTTP-Method-Override` and the like are never read.
+
+The client certificate's thumbprint (RFC 8705 `x5t#S256`) is read only from the header named by
+`mtls_thumbprint_header`; by default none is, so a certificate-bound token is refused here unless the
+operator declares the header their gateway overwrites.
+
+On an allow, identity headers a client sent (`X-Authenticated-*`) that this answer does not set are
+listed in `x-envoy-auth-headers-to-remove` (Envoy HTTP mode removes them; the headers we set
+overwrite). Connections whose request does not arrive within `http.header_timeout_seconds`, or that
+stay idle for `http.idle_timeout_seconds`, are closed.
 """
 
 from __future__ import annotations
@@ -17,20 +32,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httptools
 
-from verifier.decision import Decision
+from verifier.decision import Decision, smuggled_identity
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Pipeline
-from verifier.request import RequestAttributes
+from verifier.request import RequestAttributes, normalize_host
+from verifier.settings import ForwardAuthSettings
 
 log = logging.getLogger("verifier.forward_auth")
 
@@ -41,6 +58,7 @@ MAX_HEADERS = 128  # header fields per request
 MAX_PIPELINED = 64  # answers pending on one connection before we stop reading from it
 LINGER_SECONDS = 1.0  # after a refused request, how long we keep reading before closing
 MAX_BODY_BYTES = 64 * 1024  # forward-auth requests carry no body we need; bound what we swallow
+TIMER_SLACK_SECONDS = 0.001  # a loop may wake a timer this early (libuv has millisecond timers)
 
 _ERROR_ANSWERS = {
     400: b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
@@ -55,29 +73,71 @@ _HEALTH_NOT = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
-def attributes_from_http(method: str, target: bytes, headers: dict[str, str], peer: str) -> RequestAttributes:
-    """Builds the original request's attributes from a forward-auth request."""
-    path = headers.get("x-forwarded-uri") or headers.get("x-original-uri")
-    if path is None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class ForwardedHeaders:
+    """One family of headers that describes the original request (names lower-case; "" = none)."""
+
+    method: str
+    path: str
+    host: str
+    port: str
+    scheme: str
+    client: str
+
+
+FORWARDED_FAMILIES = {
+    "x-forwarded": ForwardedHeaders(
+        method="x-forwarded-method",
+        path="x-forwarded-uri",
+        host="x-forwarded-host",
+        port="x-forwarded-port",
+        scheme="x-forwarded-proto",
+        client="x-forwarded-for",
+    ),
+    "x-original": ForwardedHeaders(
+        method="x-original-method",
+        path="x-original-uri",
+        host="x-original-host",
+        port="",
+        scheme="x-original-proto",
+        client="",
+    ),
+}
+X_FORWARDED = FORWARDED_FAMILIES["x-forwarded"]
+
+
+def attributes_from_http(
+    method: str,
+    target: bytes,
+    headers: dict[str, str],
+    peer: str,
+    family: ForwardedHeaders = X_FORWARDED,
+    thumbprint_header: str = "",
+) -> RequestAttributes:
+    """Builds the original request's attributes from a forward-auth request, reading only `family`."""
+    get = headers.get
+    path = get(family.path)
+    if not path:
         suffix = target[len(PREFIX) :].decode("latin-1") if target.startswith(PREFIX) else ""
         path = suffix if suffix.startswith("/") else "/" + suffix.lstrip("?") if suffix else "/"
-    scheme = headers.get("x-forwarded-proto", "http").lower()
-    host = headers.get("x-forwarded-host")
+    scheme = get(family.scheme, "http").lower()
+    host = get(family.host)
     if host is None:
-        host = headers.get("host", "")
-    else:
+        host = get("host", "")
+    elif family.port:
         # Kong and Traefik send the port apart; DPoP's htu (RFC 9449) needs it when not the default.
-        port = headers.get("x-forwarded-port")
+        port = get(family.port)
         if port and ":" not in host.rpartition("]")[2] and port != _DEFAULT_PORTS.get(scheme):
             host = f"{host}:{port}"
+    client = get(family.client, "").split(",", 1)[0].strip() if family.client else ""
     return RequestAttributes(
-        method=(headers.get("x-forwarded-method") or headers.get("x-original-method") or method).upper(),
+        method=(get(family.method) or method).upper(),
         scheme=scheme,
-        host=host,
+        host=normalize_host(host),
         path=path,
         headers=headers,
-        client_address=(headers.get("x-forwarded-for", "").split(",", 1)[0].strip() or peer),
-        client_cert_thumbprint=headers.get("x-client-cert-thumbprint", ""),
+        client_address=client or peer,
+        client_cert_thumbprint=get(thumbprint_header, "") if thumbprint_header else "",
     )
 
 
@@ -88,6 +148,7 @@ class _Connection(asyncio.Protocol):
         "_body",
         "_body_bytes",
         "_closing",
+        "_deadline",
         "_door",
         "_header_bytes",
         "_headers",
@@ -97,6 +158,8 @@ class _Connection(asyncio.Protocol):
         "_peer",
         "_pending",
         "_raw",
+        "_reading",
+        "_timer",
         "_transport",
         "_url",
     )
@@ -116,6 +179,12 @@ class _Connection(asyncio.Protocol):
         self._closing = False
         self._paused = False
         self._peer = ""
+        # One timer per connection (see _tick): `_deadline` is when the connection is closed unless
+        # its state changes first: a request being read must arrive by then, an idle keep-alive
+        # must be used by then; 0.0 while answers are owed (the pipeline bounds its own work).
+        self._reading = False
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -127,6 +196,12 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self._peer = peer[0] if isinstance(peer, tuple) else ""
+        # A connection is opened to send a request: its first one gets the header timeout.
+        door = self._door
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._deadline = now + door.header_timeout
+        self._timer = loop.call_at(now + door.tick, self._tick)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -155,13 +230,44 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._door.connections.discard(self)
         self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for item in self._pending:
             if isinstance(item, asyncio.Future):
                 item.cancel()
         self._pending.clear()
 
+    def _tick(self) -> None:
+        """The connection's one timer: closes it past its deadline, else wakes again within `tick`.
+
+        State changes only move `_deadline` (a float store, no timer handle per request); since every
+        deadline set is at least `tick` ahead and the timer always wakes within `tick`, it is never late.
+        """
+        self._timer = None
+        transport = self._transport
+        if self._closing or transport is None or transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = self._deadline
+        if deadline and now >= deadline - TIMER_SLACK_SECONDS:
+            # A request that never completes (slowloris) or an unused keep-alive: close, no answer
+            # (nginx does the same for client_header_timeout and keepalive_timeout).
+            self._closing = True
+            transport.close()
+            return
+        wake = now + self._door.tick
+        self._timer = loop.call_at(deadline if deadline and deadline < wake else wake, self._tick)
+
+    def _idle(self) -> None:
+        """Nothing owed and nothing being read: the keep-alive may stay idle for `idle_timeout`."""
+        self._deadline = asyncio.get_running_loop().time() + self._door.idle_timeout
+
     # httptools callbacks
     def on_message_begin(self) -> None:
+        self._reading = True
+        self._deadline = asyncio.get_running_loop().time() + self._door.header_timeout
         self._url = b""
         self._raw = []
         self._header_bytes = 0
@@ -202,6 +308,7 @@ class _Connection(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._reading = False
         if self._closing:
             return  # requests pipelined behind a "Connection: close" are not answered
         parser = self._parser
@@ -210,12 +317,12 @@ class _Connection(asyncio.Protocol):
         path = url.split(b"?", 1)[0]
         door = self._door
         if path == PREFIX or path.startswith(PREFIX + b"/"):
-            attrs = attributes_from_http(parser.get_method().decode("latin-1"), url, self._headers, self._peer)
+            attrs = door.attributes(parser.get_method().decode("latin-1"), url, self._headers, self._peer)
             started = time.perf_counter()
             decision = door.pipeline.decide_cached(attrs, DOOR)
             if decision is not None:
                 door.observe(decision, started)
-                self._push(_answer(decision, keep_alive), keep_alive)
+                self._push(_answer(decision, keep_alive, attrs.headers), keep_alive)
             else:
                 future = asyncio.ensure_future(door.decide_slow(attrs, started, keep_alive))
                 self._push(future, keep_alive)
@@ -235,6 +342,10 @@ class _Connection(asyncio.Protocol):
             self._push(asyncio.ensure_future(door.route(request, keep_alive)), keep_alive)
         else:
             self._push(_ERROR_ANSWERS[404], keep_alive)
+        if self._pending:
+            self._deadline = 0.0  # answers owed: no deadline until they are out
+        else:
+            self._idle()
 
     # answers, in request order
     def _push(self, item: asyncio.Future[bytes] | bytes, keep_alive: bool) -> None:
@@ -274,6 +385,8 @@ class _Connection(asyncio.Protocol):
             transport.resume_reading()
         if self._closing and not pending:
             transport.close()
+        elif not pending and not self._reading:
+            self._idle()
 
     def _fail(self, status: int) -> None:
         self._closing = True
@@ -308,12 +421,19 @@ class _TooLarge(Exception):
         self.status = status
 
 
-def _answer(decision: Decision, keep_alive: bool) -> bytes:
+def _answer(decision: Decision, keep_alive: bool, request_headers: Mapping[str, str]) -> bytes:
+    end = b"\r\n" if keep_alive else b"connection: close\r\n\r\n"
+    if decision.allowed:
+        smuggled = smuggled_identity(decision, request_headers)
+        if smuggled:
+            # Envoy's HTTP ext_authz mode removes these from the upstream request (the names are
+            # tokens: llhttp refuses anything else in a field name). Built per request, never memoized.
+            remove = ("x-envoy-auth-headers-to-remove: " + ", ".join(smuggled) + "\r\n").encode("latin-1")
+            return decision.http_head + remove + end + decision.body
     key = "http_keepalive" if keep_alive else "http_close"
     data = decision.memo.get(key)
     if data is None:
-        head = decision.http_head
-        data = head + (b"\r\n" if keep_alive else b"connection: close\r\n\r\n") + decision.body
+        data = decision.http_head + end + decision.body
         decision.memo[key] = data
     return data
 
@@ -322,14 +442,31 @@ class ForwardAuthDoor:
     """The HTTP forward-auth listener."""
 
     def __init__(
-        self, pipeline: Pipeline, metrics: Metrics, ready: Callable[[], bool], router: Router | None = None
+        self,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+        router: Router | None = None,
+        *,
+        settings: ForwardAuthSettings | None = None,
+        thumbprint_header: str = "",
     ) -> None:
+        settings = settings or ForwardAuthSettings()
+        self.family = FORWARDED_FAMILIES[settings.forwarded_headers]
+        self.thumbprint_header = thumbprint_header
+        self.header_timeout = settings.header_timeout_seconds
+        self.idle_timeout = settings.idle_timeout_seconds
+        self.tick = min(self.header_timeout, self.idle_timeout)  # a connection's timer wakes at least this often
         self.router = router if router is not None else Router()
         self.pipeline = pipeline
         self.metrics = metrics
         self.ready = ready
         self._server: asyncio.Server | None = None
         self.connections: set[_Connection] = set()
+
+    def attributes(self, method: str, target: bytes, headers: dict[str, str], peer: str) -> RequestAttributes:
+        """A request's attributes as this door reads them (its header family, its thumbprint header)."""
+        return attributes_from_http(method, target, headers, peer, self.family, self.thumbprint_header)
 
     def observe(self, decision: Decision, started: float) -> None:
         """Counts a decision."""
@@ -339,7 +476,7 @@ class ForwardAuthDoor:
         """A decision that needs verification (first-seen token)."""
         decision = await self.pipeline.decide_after_miss(attrs, DOOR)
         self.observe(decision, started)
-        return _answer(decision, keep_alive)
+        return _answer(decision, keep_alive, attrs.headers)
 
     async def route(self, request: HttpRequest, keep_alive: bool) -> bytes:
         """One of the small endpoints; a handler's crash is a 500, never a dropped connection."""
@@ -354,7 +491,14 @@ class ForwardAuthDoor:
         """Listens (with TLS when given a context); returns the bound port."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_port=reuse_port or None, backlog=2048, ssl=tls
+            lambda: _Connection(self),
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            backlog=2048,
+            ssl=tls,
+            # A TLS handshake that stalls holds a connection as a half-sent request would.
+            ssl_handshake_timeout=self.header_timeout if tls is not None else None,
         )
         return int(self._server.sockets[0].getsockname()[1])
 

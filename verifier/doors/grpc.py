@@ -12,7 +12,7 @@ import base64
 import hashlib
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -23,10 +23,10 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from verifier.decision import Decision
+from verifier.decision import Decision, smuggled_identity
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Pipeline
-from verifier.request import RequestAttributes
+from verifier.request import RequestAttributes, normalize_host
 from verifier.v1 import verifier_pb2
 
 OWN_SERVICE = "verifier.v1.Verifier"
@@ -70,7 +70,7 @@ def attributes_from_own(request: verifier_pb2.CheckRequest) -> RequestAttributes
     return RequestAttributes(
         method=request.method.upper() or "GET",
         scheme=request.scheme.lower() or "http",
-        host=request.host,
+        host=normalize_host(request.host),
         path=request.path or "/",
         headers=_lower(request.headers),
         client_address=request.client_address,
@@ -92,11 +92,12 @@ def attributes_from_envoy(request: ea.CheckRequest) -> RequestAttributes:
     return RequestAttributes(
         method=http.method.upper() or "GET",
         scheme=http.scheme.lower() or "http",
-        host=http.host,
+        host=normalize_host(http.host),
         path=http.path or "/",
         headers=headers,
         client_address=source.address.socket_address.address,
-        client_cert_thumbprint=headers.get("x-client-cert-thumbprint", "") or cert_thumbprint(source.certificate),
+        # Envoy's own view of the TLS peer; a header could have come from the client.
+        client_cert_thumbprint=cert_thumbprint(source.certificate),
     )
 
 
@@ -126,25 +127,35 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def envoy_response(decision: Decision) -> bytes:
-    """Envoy's answer, serialized once per decision."""
+def _envoy_allow(decision: Decision, smuggled: Iterable[str]) -> ea.CheckResponse:
+    set_names = {k for k, _ in decision.upstream_headers}
+    return ea.CheckResponse(
+        status=status_pb2.Status(code=_GRPC_OK),
+        ok_response=ea.OkHttpResponse(
+            # Ours overwrite whatever the client sent under the same names.
+            headers=[_header(k, v) for k, v in decision.upstream_headers],
+            # A client must not smuggle an identity header we did not set this time.
+            headers_to_remove=[h for h in IDENTITY_HEADERS if h not in set_names]
+            + [h for h in smuggled if h not in IDENTITY_HEADERS],
+        ),
+    )
+
+
+def envoy_response(decision: Decision, request_headers: Mapping[str, str] | None = None) -> bytes:
+    """Envoy's answer, serialized once per decision (per request when a client sent identity headers)."""
+    if decision.allowed and request_headers:
+        smuggled = smuggled_identity(decision, request_headers)
+        if smuggled:
+            return _envoy_allow(decision, smuggled).SerializeToString()  # type: ignore[no-any-return]
     data = decision.memo.get("grpc_envoy")
     if data is not None:
         return data
-    reason = _header("x-verifier-reason", decision.reason)
     if decision.allowed:
-        set_names = {k for k, _ in decision.upstream_headers}
-        message = ea.CheckResponse(
-            status=status_pb2.Status(code=_GRPC_OK),
-            ok_response=ea.OkHttpResponse(
-                headers=[_header(k, v) for k, v in decision.upstream_headers],
-                # A client must not smuggle an identity header we did not set this time.
-                headers_to_remove=[h for h in IDENTITY_HEADERS if h not in set_names],
-            ),
-        )
+        message = _envoy_allow(decision, ())
     else:
         code = {401: _GRPC_UNAUTHENTICATED, 403: _GRPC_PERMISSION_DENIED}.get(decision.status, _GRPC_UNAVAILABLE)
-        headers = [_header(k, v) for k, v in decision.response_headers] + [reason]
+        headers = [_header(k, v) for k, v in decision.response_headers]
+        headers.append(_header("x-verifier-reason", decision.reason))
         if decision.body:
             headers.append(_header("content-type", "application/json"))
         headers.append(_header("cache-control", "no-store"))
@@ -202,7 +213,8 @@ class GrpcDoors:
 
     async def check_envoy(self, request: ea.CheckRequest, context: Any) -> bytes:
         """envoy.service.auth.v3.Authorization/Check."""
-        return envoy_response(await self._decide(attributes_from_envoy(request), "ext_authz", context))
+        attrs = attributes_from_envoy(request)
+        return envoy_response(await self._decide(attrs, "ext_authz", context), attrs.headers)
 
     async def start(
         self, address: str, *, reuse_port: bool = False, tls: tuple[bytes, bytes, bytes | None] | None = None

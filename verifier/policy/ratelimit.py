@@ -1,8 +1,8 @@
 """Per-identity rate limits (token buckets in the shared state), with RateLimit headers.
 
 The bucket key is a hash of issuer and caller (a user's `sub` or, for a client-credentials token, its
-`client_id`, in separate namespaces), so Redis never holds raw identities as keys; a
-caller gets the most generous of its roles' limits, else the default.
+`client_id`, in separate namespaces), one bucket per identity whatever its roles, so Redis never holds
+raw identities as keys; a caller gets the most generous of its roles' limits, else the default.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class RateLimiter:
         if chosen is None:
             return ()
         name, limit = chosen
-        digest = hashlib.sha256(f"{principal.issuer}\x00{principal.caller}\x00{name}".encode()).hexdigest()[:32]
+        # One bucket per identity: keyed by the limit class too, a user whose tokens carry different roles
+        # (or whose roles change) would get a fresh bucket per class (issue #26 G14).
+        digest = hashlib.sha256(f"{principal.issuer}\x00{principal.caller}".encode()).hexdigest()[:32]
         result = await self._state.take(
             f"rl:{digest}", rate_per_second=limit.per_second, burst=limit.burst, now=self._clock.now()
         )

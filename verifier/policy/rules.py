@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from verifier.errors import Forbidden, InsufficientUserAuthentication, Scheme, SenderConstraintFailed
 from verifier.numbers import json_number
 from verifier.principal import Principal
-from verifier.request import RequestAttributes
+from verifier.request import RequestAttributes, host_name, normalize_host
 from verifier.settings import PolicySettings, Requirements
 
 
@@ -87,10 +87,10 @@ class CompiledPolicy:
     require: Requirements
 
     def matches(self, method: str, host: str, path: str) -> bool:
-        """Whether this policy covers the (normalized) request."""
+        """Whether this policy covers the (normalized) request; `host` is the name without its port."""
         if self.methods and method not in self.methods:
             return False
-        if self.hosts and host not in self.hosts and host.rsplit(":", 1)[0] not in self.hosts:
+        if self.hosts and host not in self.hosts:
             return False
         if self.path and path != self.path:
             return False
@@ -105,7 +105,7 @@ class PolicySet:
         self._policies = tuple(
             CompiledPolicy(
                 name=p.name,
-                hosts=frozenset(p.match.hosts),
+                hosts=frozenset(normalize_host(h) for h in p.match.hosts),
                 methods=frozenset(p.match.methods),
                 path_prefix=p.match.path_prefix,
                 path=p.match.path,
@@ -115,9 +115,13 @@ class PolicySet:
         )
 
     def match(self, attrs: RequestAttributes) -> CompiledPolicy | None:
-        """The first policy that covers the request (None: no policy matched)."""
+        """The first policy that covers the request (None: no policy matched).
+
+        The doors normalized the host (`normalize_host`); a policy names hosts, not ports, so
+        `admin.example.test:443` and `:8443` meet the policy for `admin.example.test`.
+        """
         path = normalize_path(attrs.path)
-        host = attrs.host.lower()
+        host = host_name(attrs.host)
         for policy in self._policies:
             if policy.matches(attrs.method, host, path):
                 return policy

@@ -26,8 +26,8 @@ from verifier.errors import StateUnavailable
 from verifier.revocation.entry import OPERATOR, Effect, Entry, KeyKind, Match
 from verifier.revocation.index import Revocations
 from verifier.revocation.subjects import SubjectError, subject_keys
+from verifier.settings import check_admin_token
 
-ADMIN_TOKEN_ENV = "VERIFIER_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not its value
 COLLECTION = "/v1/admin/revocations"
 MAX_BODY_BYTES = 16 * 1024  # bytes; a subject and a reason
 MAX_REASON_CHARS = 200
@@ -46,6 +46,7 @@ class AdminApi:
         clock: Clock,
         max_token_lifetime: float,
     ) -> None:
+        check_admin_token(token)
         self._token = token.encode() if token else None
         self._revocations = revocations
         self._add = add

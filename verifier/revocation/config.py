@@ -61,6 +61,7 @@ _TRANSMITTER_KEYS = (
     "fetch_timeout_seconds",
     "leeway_seconds",
     "subjects_of",
+    "allow_insecure_http",
 )
 _KEYS = ("transmitters", "max_token_lifetime_seconds", "resync_interval_seconds")
 
@@ -161,7 +162,10 @@ def _integer(data: Mapping[str, Any], key: str, path: str, default: int, low: in
 def _transmitter(data: Any, path: str) -> TransmitterConfig:
     raw = _mapping(data, path, _TRANSMITTER_KEYS)
     issuer = _text(raw, "issuer", path)
-    check_url(issuer, f"{path}.issuer", "transmitter")
+    insecure = raw.get("allow_insecure_http", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"{path}.allow_insecure_http: expected true or false")
+    check_url(issuer, f"{path}.issuer", "transmitter", allow_insecure_http=insecure)
     audience = _text(raw, "audience", path)
     delivery = _text(raw, "delivery", path, PUSH)
     if delivery not in (PUSH, POLL):
@@ -174,7 +178,7 @@ def _transmitter(data: Any, path: str) -> TransmitterConfig:
             raise ConfigError(f"{path}.algorithms[{i}]: unsupported algorithm {alg!r}")
     for key in ("discovery_url", "jwks_uri", "poll_endpoint_url"):
         if raw.get(key) is not None:
-            check_url(_text(raw, key, path), f"{path}.{key}", "transmitter")
+            check_url(_text(raw, key, path), f"{path}.{key}", "transmitter", allow_insecure_http=insecure)
     poll_token: str | None = None
     env = raw.get("poll_authorization_env")
     if env is not None:

@@ -24,12 +24,15 @@ import aiohttp
 
 from verifier.errors import ProviderUnavailable
 from verifier.revocation.config import DELIVERY_POLL_URN, TransmitterConfig
+from verifier.tokens.fetch import check_learned_url, read_body
 from verifier.tokens.jwks import IssuerKeys
 
 log = logging.getLogger("verifier.revocation")
 
 MAX_POLL_RESPONSE_BYTES = 4 << 20  # bytes; maxEvents SETs of at most 64 KiB each, with room
-RETRY_MIN_SECONDS = 1.0  # after a failed poll; doubles up to the poll interval
+RETRY_MIN_SECONDS = 1.0  # after a failed poll; doubles up to RETRY_MAX_SECONDS (or the poll interval)
+RETRY_MAX_SECONDS = 60.0  # a transmitter that keeps failing is still asked at least once a minute
+MIN_POLL_PAUSE_SECONDS = 0.05  # between polls even while SETs keep coming: at most 20 polls a second
 SETS_MEDIA = "application/json"
 
 
@@ -55,11 +58,9 @@ def poll_endpoint(transmitter: TransmitterConfig, metadata: Any) -> str:
     candidates = delivery if isinstance(delivery, list) else [delivery]
     for item in candidates:
         if isinstance(item, dict) and item.get("method") == DELIVERY_POLL_URN:
-            url = item.get("endpoint_url")
-            if isinstance(url, str) and url.startswith(("https://", "http://")):
-                if url.startswith("http://") and not transmitter.issuer.startswith("http://"):
-                    return ""  # never downgrade to plain HTTP
-                return url
+            # the poll bearer goes there: the outbound URL rule, never a downgrade to plain http
+            with contextlib.suppress(ProviderUnavailable):
+                return check_learned_url(item.get("endpoint_url"), issuer=transmitter.issuer, what="poll endpoint")
     return ""
 
 
@@ -91,7 +92,8 @@ class Poller:
         return url
 
     async def poll_once(self) -> bool:
-        """One request; True when the transmitter has more (or acknowledgements are owed)."""
+        """One request; True when polling again soon is worth it: SETs came, and more are available or
+        acknowledgements are owed. An empty answer is never a reason to hurry, whatever it claims."""
         url = await self._endpoint()
         if not url:
             raise ProviderUnavailable("transmitter metadata names no poll endpoint")
@@ -113,13 +115,11 @@ class Poller:
                 ) as response:
                     if response.status != 200:
                         raise ProviderUnavailable(f"HTTP {response.status} from poll endpoint")
-                    body = await response.content.read(MAX_POLL_RESPONSE_BYTES + 1)
+                    body = await read_body(response, MAX_POLL_RESPONSE_BYTES, "poll response")
         except TimeoutError as exc:
             raise ProviderUnavailable("poll timed out") from exc
         except aiohttp.ClientError as exc:
             raise ProviderUnavailable(f"poll failed ({type(exc).__name__})") from exc
-        if len(body) > MAX_POLL_RESPONSE_BYTES:
-            raise ProviderUnavailable("poll response too large")
         # The transmitter has our acknowledgements now; they are not sent again.
         self._acks, self._errs = [], {}
         try:
@@ -129,14 +129,12 @@ class Poller:
         sets = document.get("sets") if isinstance(document, dict) else None
         if not isinstance(sets, dict):
             raise ProviderUnavailable("poll response has no sets")
-        for jti, token in sets.items():
+        # RFC 8936 section 2.4: we asked for at most maxEvents; SETs past it are neither acknowledged nor
+        # refused, so the transmitter delivers them again later.
+        for jti, token in list(sets.items())[: self._transmitter.max_events]:
             if not isinstance(jti, str):
                 continue
-            outcome = (
-                await self._receive(token)
-                if isinstance(token, str)
-                else Outcome(False, "invalid_request", "SET is not a string")
-            )
+            outcome = await self._outcome(token)
             if outcome is None:
                 continue  # not acknowledged: the transmitter delivers it again
             if outcome.ack:
@@ -144,10 +142,26 @@ class Poller:
             else:
                 self._errs[jti] = {"err": outcome.err, "description": outcome.description}
         more = bool(document.get("moreAvailable"))
-        return more or bool(self._acks) or bool(self._errs)
+        return bool(sets) and (more or bool(self._acks) or bool(self._errs))
+
+    async def _outcome(self, token: object) -> Outcome | None:
+        """What to answer for one SET; a SET that breaks the receiver is refused, never fatal to the loop."""
+        if not isinstance(token, str):
+            return Outcome(False, "invalid_request", "SET is not a string")
+        try:
+            return await self._receive(token)
+        except Exception:  # e.g. an iat of 10**400 that no float holds: refuse this SET, keep polling
+            log.exception(
+                "polled SET could not be processed",
+                extra={"event": "ssf_poll", "transmitter": self._transmitter.issuer},
+            )
+            return Outcome(False, "invalid_request", "SET could not be processed")
 
     async def run(self) -> None:
-        """Polls every `poll_interval_seconds`, at once while there is more, backing off on failures."""
+        """Polls every `poll_interval_seconds`, soon again while SETs keep coming, backing off on failures.
+
+        Never ends on its own: a failed poll or a bug on a hostile answer is logged and retried later.
+        """
         interval = self._transmitter.poll_interval_seconds
         failures = 0
         while True:
@@ -155,14 +169,15 @@ class Poller:
                 more = await self.poll_once()
                 failures = 0
                 self._on_poll("ok")
-            except ProviderUnavailable as exc:
+            except Exception as exc:
                 failures += 1
                 self._on_poll("error")
+                error = exc.description if isinstance(exc, ProviderUnavailable) else type(exc).__name__
                 log.warning(
                     "ssf poll failed",
-                    extra={"event": "ssf_poll", "transmitter": self._transmitter.issuer, "error": exc.description},
+                    extra={"event": "ssf_poll", "transmitter": self._transmitter.issuer, "error": error},
                 )
-                await asyncio.sleep(min(RETRY_MIN_SECONDS * 2 ** (failures - 1), max(interval, RETRY_MIN_SECONDS)))
+                backoff = RETRY_MIN_SECONDS * 2 ** min(failures - 1, 16)
+                await asyncio.sleep(min(backoff, max(interval, RETRY_MAX_SECONDS)))
                 continue
-            if not more:
-                await asyncio.sleep(interval)
+            await asyncio.sleep(MIN_POLL_PAUSE_SECONDS if more else interval)

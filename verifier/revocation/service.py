@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from verifier.clock import Clock
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.errors import StateUnavailable
-from verifier.revocation.admin import ADMIN_TOKEN_ENV, AdminApi
+from verifier.revocation.admin import AdminApi
 from verifier.revocation.config import POLL, PUSH, RevocationConfig, TransmitterConfig
 from verifier.revocation.entry import Effect, Entry
 from verifier.revocation.index import Revocations
@@ -38,6 +38,7 @@ from verifier.revocation.ssf import (
     short_name,
 )
 from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
+from verifier.settings import ADMIN_TOKEN_ENV
 from verifier.state.base import SharedState
 from verifier.tokens.fetch import Fetcher
 from verifier.tokens.jwks import IssuerKeys

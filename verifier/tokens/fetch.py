@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from verifier.errors import ProviderUnavailable
+from verifier.settings import url_problem
 
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)", re.IGNORECASE)
 
@@ -33,6 +34,39 @@ class Fetcher(Protocol):
     async def get_json(self, url: str, *, timeout: float, max_bytes: int) -> FetchResult:
         """GETs `url`; raises `ProviderUnavailable` on any failure (transport, status, size, JSON)."""
         ...
+
+
+def check_learned_url(url: object, *, issuer: str, what: str) -> str:
+    """A URL a provider's metadata names, checked as a configured one would be; else `ProviderUnavailable`.
+
+    Keys are trusted and secrets sent (the introspection client secret, the poll bearer) to whatever
+    the metadata says, so it gets the outbound URL rule: https, or plain http on loopback only for an
+    issuer that is itself plain http (allowed by the config), never a downgrade from https.
+    """
+    problem = url_problem(url, what, allow_http=issuer.startswith("http://"))
+    if problem:
+        raise ProviderUnavailable(f"{what} refused: {problem}")
+    assert isinstance(url, str)
+    return url
+
+
+async def read_body(response: aiohttp.ClientResponse, max_bytes: int, what: str) -> bytes:
+    """The whole body, read to its end, or `ProviderUnavailable` as soon as it passes `max_bytes`.
+
+    `StreamReader.read(n)` returns only what is buffered so far: a body that arrives in more than one
+    piece (two writes, a TCP segment boundary, chunked encoding) would come back cut off. A declared
+    Content-Length over the bound is refused before any of the body is read.
+    """
+    if (response.content_length or 0) > max_bytes:
+        raise ProviderUnavailable(f"{what} too large")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await response.content.readany():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ProviderUnavailable(f"{what} too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_max_age(cache_control: str | None) -> float | None:
@@ -75,11 +109,7 @@ class HttpFetcher:
                 async with self._client().get(url, allow_redirects=False) as response:
                     if response.status != 200:
                         raise ProviderUnavailable(f"HTTP {response.status} from provider")
-                    if (response.content_length or 0) > max_bytes:
-                        raise ProviderUnavailable("provider document too large")
-                    body = await response.content.read(max_bytes + 1)
-                    if len(body) > max_bytes:
-                        raise ProviderUnavailable("provider document too large")
+                    body = await read_body(response, max_bytes, "provider document")
                     max_age = parse_max_age(response.headers.get("Cache-Control"))
         except TimeoutError as exc:
             raise ProviderUnavailable("provider timed out") from exc

@@ -38,7 +38,7 @@ import jwt
 
 from verifier.clock import Clock
 from verifier.errors import ProviderUnavailable
-from verifier.settings import is_loopback_host
+from verifier.tokens.fetch import check_learned_url, read_body
 from verifier.tokens.introspection_breaker import CircuitBreaker
 from verifier.tokens.introspection_config import (
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -51,6 +51,19 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC
 MAX_DISCOVERY_BYTES = 1 << 20  # 1 MiB: a larger discovery document is malformed
 
 Headers = tuple[tuple[str, str], ...]
+
+
+# Call results that count against the provider in the breaker: its faults, never its refusals. A 4xx
+# answers the request (a throttled flood, a refused client, a token the provider will not discuss);
+# counting it would let anyone who can send junk tokens open the breaker for everyone (issue #26 G7).
+PROVIDER_FAULTS = frozenset({"timeout", "unreachable", "http_5xx", "malformed"})
+
+
+def _status_result(status: int) -> str:
+    """The metrics result for a non-200 answer; 429 is throttling (still 503 retry-later, not a fault)."""
+    if status >= 500:
+        return "http_5xx"
+    return "throttled" if status == 429 else "http_4xx"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,11 +111,7 @@ class AiohttpIntrospectionHttp:
                     headers=dict(request.headers),
                     allow_redirects=False,
                 ) as response:
-                    if (response.content_length or 0) > request.max_bytes:
-                        raise ProviderUnavailable("introspection answer too large")
-                    body = await response.content.read(request.max_bytes + 1)
-                    if len(body) > request.max_bytes:
-                        raise ProviderUnavailable("introspection answer too large")
+                    body = await read_body(response, request.max_bytes, "introspection answer")
                     return HttpReply(response.status, body)
         except aiohttp.ClientError as exc:
             raise ProviderUnavailable(f"introspection provider unreachable ({type(exc).__name__})") from exc
@@ -178,7 +187,7 @@ class ProviderClient:
         if self._discovered is not None:
             known = self._discovered()
             if known:
-                self._endpoint = known
+                self._endpoint = check_learned_url(known, issuer=self.issuer, what="introspection_endpoint")
                 return known
         if self._discovering is None:
             self._discovering = asyncio.get_running_loop().create_task(self._discover())
@@ -195,13 +204,7 @@ class ProviderClient:
         # OIDC Discovery section 4.3: the document must name exactly the issuer we asked about.
         if not isinstance(doc, dict) or doc.get("issuer") != self.issuer:
             raise ProviderUnavailable("discovery issuer does not match the configured issuer")
-        url = doc.get("introspection_endpoint")
-        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ProviderUnavailable("discovery document has no usable introspection_endpoint")
-        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-            raise ProviderUnavailable("introspection_endpoint is plain http off loopback")
-        return str(url)
+        return check_learned_url(doc.get("introspection_endpoint"), issuer=self.issuer, what="introspection_endpoint")
 
     async def introspect(self, token: str) -> dict[str, Any]:
         """One RFC 7662 section 2.1 request; the decoded section 2.2 answer (any JSON object)."""
@@ -257,7 +260,7 @@ class ProviderClient:
                 async with asyncio.timeout_at(deadline):
                     reply = await self._http.send(request)
                 if reply.status != 200:
-                    result = "http_5xx" if reply.status >= 500 else "http_4xx"
+                    result = _status_result(reply.status)
                     raise ProviderUnavailable(f"HTTP {reply.status} from introspection provider")
                 try:
                     return json.loads(reply.body)
@@ -280,8 +283,10 @@ class ProviderClient:
                     calls[result].inc()
                     if result == "ok":
                         self.breaker.success()
-                    else:
+                    elif result in PROVIDER_FAULTS:
                         self.breaker.failure()
+                    else:
+                        self.breaker.release()  # a refusal says nothing about the provider's health
         finally:
             self._slots.release()
 

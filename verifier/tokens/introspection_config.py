@@ -108,9 +108,10 @@ _KEYS = frozenset(
 class _Fields:
     """Typed reads from one mapping; every error names `path.key`."""
 
-    def __init__(self, data: Mapping[str, Any], path: str) -> None:
+    def __init__(self, data: Mapping[str, Any], path: str, *, allow_insecure_http: bool = False) -> None:
         self.data = data
         self.path = path
+        self.allow_insecure_http = allow_insecure_http  # the issuer's permission for loopback http
 
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
@@ -164,7 +165,7 @@ class _Fields:
     def url(self, name: str) -> str:
         url = self.text(name, "")
         if url:
-            check_url(url, self.key(name), "endpoint")
+            check_url(url, self.key(name), "endpoint", allow_insecure_http=self.allow_insecure_http)
         return url
 
 
@@ -188,7 +189,9 @@ def _load_key(pem: bytes, key: str) -> tuple[SigningKey, str]:
     raise ConfigError(f"{key}: unsupported key type {type(private).__name__}")
 
 
-def parse_introspection_config(data: Mapping[str, Any], path: str) -> IntrospectionConfig:
+def parse_introspection_config(
+    data: Mapping[str, Any], path: str, *, allow_insecure_http: bool = False
+) -> IntrospectionConfig:
     """Validates one issuer's `introspection:` mapping, reading the secrets it names from the environment.
 
     Raises `ConfigError` naming the key (`issuers[0].introspection.client_auth: ...`).
@@ -198,7 +201,7 @@ def parse_introspection_config(data: Mapping[str, Any], path: str) -> Introspect
     unknown = sorted(str(k) for k in data if k not in _KEYS)
     if unknown:
         raise ConfigError(f"{path}.{unknown[0]}: unknown key")
-    f = _Fields(data, path)
+    f = _Fields(data, path, allow_insecure_http=allow_insecure_http)
     client_id = f.text("client_id")
     auth_text = f.text("client_auth", ClientAuth.CLIENT_SECRET_BASIC.value)
     try:

@@ -13,7 +13,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)  # tokens per dispatch
 
 # Provider call results (the `result` label of verifier_introspection_calls_total).
-RESULTS = ("ok", "timeout", "unreachable", "http_4xx", "http_5xx", "malformed", "circuit_open", "queue_timeout")
+RESULTS = (
+    "ok",
+    "timeout",
+    "unreachable",
+    "http_4xx",
+    "throttled",
+    "http_5xx",
+    "malformed",
+    "circuit_open",
+    "queue_timeout",
+)
 
 
 class IntrospectionMetrics:

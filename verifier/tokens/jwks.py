@@ -18,7 +18,7 @@ from verifier.clock import Clock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.metrics import Metrics
 from verifier.settings import DEFAULT_MAX_JWKS_BYTES, DEFAULT_MAX_JWKS_KEYS, IssuerSettings
-from verifier.tokens.fetch import Fetcher, FetchResult
+from verifier.tokens.fetch import Fetcher, FetchResult, check_learned_url
 from verifier.tokens.keys import KeyError_, VerificationKey, parse_jwk
 
 log = logging.getLogger("verifier.jwks")
@@ -155,11 +155,7 @@ class IssuerKeys:
         # OIDC Discovery section 4.3: the issuer in the document must be exactly the one we asked.
         if doc.get("issuer") != self.settings.issuer:
             raise ProviderUnavailable("discovery issuer does not match the configured issuer")
-        jwks_uri = doc.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
-            raise ProviderUnavailable("discovery document has no usable jwks_uri")
-        if jwks_uri.startswith("http://") and not self.settings.issuer.startswith("http://"):
-            raise ProviderUnavailable("jwks_uri downgrades to http")
+        jwks_uri = check_learned_url(doc.get("jwks_uri"), issuer=self.settings.issuer, what="jwks_uri")
         self.metadata = doc
         if not self.settings.jwks_uri:
             self._jwks_uri = jwks_uri

@@ -46,7 +46,7 @@ from verifier.decision import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.errors import Forbidden, VerifierError
 from verifier.principal import Principal
-from verifier.request import RequestAttributes
+from verifier.request import RequestAttributes, normalize_host
 from verifier.state.base import SharedState
 from verifier.webauthn.assertion import (
     ASSERTION_HEADER,
@@ -426,7 +426,7 @@ def _attributes(request: HttpRequest) -> RequestAttributes:
     return RequestAttributes(
         method=request.method,
         scheme="http",
-        host=request.headers.get("host", ""),
+        host=normalize_host(request.headers.get("host", "")),
         path=path,
         headers=request.headers,
         client_address=request.peer,

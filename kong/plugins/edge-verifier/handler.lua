@@ -4,7 +4,8 @@
 -- The plugin translates and decides nothing itself: the verifier's 2xx is an
 -- allow, any other answer is relayed to the client as it came (status,
 -- headers, body). A verifier that cannot be reached, or answers too late,
--- fails closed with 503 unless `fail_open` is set.
+-- fails closed with 503; `fail_open` passes only when the connection failed
+-- (never after a timeout: the credential may have been under check).
 --
 -- Uses only PDK functions present on every Kong 3.x, plus ngx.socket.tcp, so
 -- it needs neither lua-resty-http nor a Kong newer than 3.0.
@@ -20,6 +21,7 @@ local pcall = pcall
 local concat = table.concat
 local lower = string.lower
 local sub = string.sub
+local gsub = string.gsub
 local byte = string.byte
 local setmetatable = setmetatable
 local tostring = tostring
@@ -54,6 +56,12 @@ local IS_CONSUMER_HEADER = {}
 for i = 1, #CONSUMER_HEADERS do
   IS_CONSUMER_HEADER[lower(CONSUMER_HEADERS[i])] = true
 end
+-- Method overrides an application framework may honour: the verifier judged
+-- the request's real method, so the upstream must not be told another one.
+local IS_METHOD_OVERRIDE = {
+  ["x-http-method-override"] = true, ["x-http-method"] = true,
+  ["x-method-override"] = true,
+}
 -- first bytes of the header names the scan below looks at
 local BYTE_X, BYTE_UPPER_X = byte("x"), byte("X")
 local BYTE_A, BYTE_UPPER_A = byte("a"), byte("A")
@@ -153,7 +161,7 @@ end
 -- One pass over every request header (the PDK's get_headers: names
 -- lower-cased, repeated headers as arrays). Clears identity headers only this
 -- plugin may set, since a client sending them is trying to pass as someone,
--- and returns what the rest of the request needs:
+-- and method overrides, and returns what the rest of the request needs:
 --   authorization   the Authorization value(s), or nil
 --   single_use      a DPoP proof or X-WebAuthn-Assertion is present: the
 --                   answer must never come from the cache (a replayed proof
@@ -171,7 +179,10 @@ local function scan_headers(headers)
     local b = byte(name, 1)
     if b == BYTE_X or b == BYTE_UPPER_X then
       local lname = lower(name)
-      if sub(lname, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX then
+      -- `x_authenticated_roles` is X-Authenticated-Roles to CGI-style
+      -- frameworks (nginx drops such names unless underscores_in_headers is on)
+      if gsub(sub(lname, 1, IDENTITY_PREFIX_LEN), "_", "-") == IDENTITY_PREFIX
+          or IS_METHOD_OVERRIDE[gsub(lname, "_", "-")] then
         kong.service.request.clear_header(name)
       elseif IS_CONSUMER_HEADER[lname] then
         consumer_sent = true
@@ -479,7 +490,10 @@ function EdgeVerifierHandler:access(conf)
                                    build_request(headers, method, scheme, host, port, uri, thumbprint),
                                    c.request_opts)
     if not res then
-      if conf.fail_open then
+      -- fail_open only when nothing reached the verifier (connect failed): a
+      -- request already sent may be a credential still being checked, and a
+      -- timeout there must never become a pass (issue #26 G9)
+      if conf.fail_open and sub(err, 1, 9) == "connect: " then
         kong.log.warn("verifier unavailable (", err, "); fail_open lets the request pass")
         strip_consumer_headers_if_unauthenticated(consumer_sent)
         return

@@ -1,0 +1,465 @@
+"""Issue #18: what a client sends must never choose what is judged. The attacks of the security review,
+each through every shipped gateway configuration, against the REAL verifier.
+
+Gateways: the rendered deploy/nginx/nginx.conf.template (real nginx), deploy/envoy/envoy-grpc.yaml.template
+and envoy-http.yaml.template (real Envoy). tests/kong/test_trust_boundary_lua.py runs these same tests
+through the Kong Lua plugin in real nginx (it imports them and supplies its own `edge` fixture).
+
+The verifier's policies: a public `/health`, the `admin.example.test` host and `/admin` needing the `admin`
+role, writes needing the `write` scope, everything else any valid token. Each test asserts on what the
+protected application (an echo upstream recording every request) received, not only on the status.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import http.client
+import ipaddress
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
+
+from verifier.binding.mtls import thumbprint_from_der
+
+if __package__:
+    from .gateways import (
+        LOOPBACK,
+        EchoUpstream,
+        GatewayProcess,
+        LocalIssuer,
+        http_request,
+        start_envoy,
+        start_nginx,
+        start_verifier,
+    )
+else:  # tests/ is not a package: pytest put this directory on sys.path
+    from gateways import (
+        LOOPBACK,
+        EchoUpstream,
+        GatewayProcess,
+        LocalIssuer,
+        http_request,
+        start_envoy,
+        start_nginx,
+        start_verifier,
+    )
+
+pytestmark = pytest.mark.integration
+
+ADMIN_HOST = "admin.example.test"
+API_HOST = "api.example.test"
+POLICIES = [
+    {"name": "health", "match": {"path": "/health"}, "require": {"authenticated": False}},
+    {"name": "admin-host", "match": {"hosts": [ADMIN_HOST]}, "require": {"roles_any": ["admin"]}},
+    {"name": "admin", "match": {"path_prefix": "/admin"}, "require": {"roles_any": ["admin"]}},
+    {"name": "writes", "match": {"methods": ["POST", "PUT", "PATCH", "DELETE"]}, "require": {"scopes_all": ["write"]}},
+    {"name": "rest", "match": {"path_prefix": "/"}, "require": {"authenticated": True}},
+]
+#: A certificate the client does NOT present; the token is bound to it (RFC 8705 cnf.x5t#S256).
+BOUND_THUMBPRINT = base64.urlsafe_b64encode(hashlib.sha256(b"a DER certificate").digest()).rstrip(b"=").decode()
+
+GATEWAYS = ("nginx", "envoy-grpc", "envoy-http")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Edge:
+    """A gateway under test: where clients send requests."""
+
+    name: str
+    url: str
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[EchoUpstream]:
+    server = EchoUpstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream_log(upstream: EchoUpstream) -> None:
+    upstream.clear()
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[LocalIssuer]:
+    server = LocalIssuer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    proc = start_verifier(
+        tmp_path_factory.mktemp("verifier"), issuer=issuer.issuer, extra_config={"policies": POLICIES}
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module", params=GATEWAYS)
+def edge(
+    request: pytest.FixtureRequest,
+    verifier: GatewayProcess,
+    upstream: EchoUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Edge]:
+    tmp = tmp_path_factory.mktemp(request.param)
+    if request.param == "nginx":
+        gw = start_nginx(tmp, verifier.extra["http_port"], upstream.port)
+    elif request.param == "envoy-grpc":
+        gw = start_envoy(tmp, "grpc", verifier_grpc_port=verifier.extra["grpc_port"], upstream_port=upstream.port)
+    else:
+        gw = start_envoy(tmp, "http", verifier_http_port=verifier.extra["http_port"], upstream_port=upstream.port)
+    yield Edge(name=request.param, url=gw.url)
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def tokens(issuer: LocalIssuer) -> Callable[..., str]:
+    """Mints a token: `tokens("read")` read-only, `tokens("read write")`, `tokens(roles=["admin"])`..."""
+
+    def mint(scope: str = "read", **claims: object) -> str:
+        return issuer.mint(sub="alice", scope=scope, **claims)
+
+    return mint
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def absolute_form(edge: Edge, target: str, headers: dict[str, str]) -> int:
+    """Sends `GET <absolute URI> HTTP/1.1` (RFC 9112 section 3.2.2) and returns the status code."""
+    lines = [f"GET {target} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items()), "Connection: close", "", ""]
+    with socket.create_connection((LOOPBACK, edge.port), timeout=10) as sock:
+        sock.sendall("\r\n".join(lines).encode())
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    status_line = data.split(b"\r\n", 1)[0].split()
+    assert len(status_line) >= 2, data
+    return int(status_line[1])
+
+
+# ------------------------------------------------------------------------------------------------ the path
+
+
+@pytest.mark.parametrize("spoof", ["X-Forwarded-Uri", "X-Original-URI", "X-Envoy-Original-Path"])
+def test_a_client_naming_a_public_path_does_not_open_a_protected_one(
+    edge: Edge, upstream: EchoUpstream, spoof: str
+) -> None:
+    r = http_request(f"{edge.url}/admin/secret", headers={spoof: "/health"})
+
+    assert r.status == 401, (edge.name, r.status, r.headers, r.body)
+    assert r.headers["www-authenticate"].startswith("Bearer"), r.headers
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("path", ["/health/../admin/secret", "/health/%2e%2e/admin/secret", "//admin/secret"])
+def test_a_public_path_with_dot_segments_does_not_open_a_protected_one(
+    edge: Edge, upstream: EchoUpstream, path: str
+) -> None:
+    r = http_request(f"{edge.url}{path}")
+
+    assert r.status in (301, 307, 308, 400, 401, 404), (edge.name, path, r.status, r.body)
+    assert upstream.requests == []
+
+
+def test_the_public_path_itself_stays_public(edge: Edge, upstream: EchoUpstream) -> None:
+    """The control for the test above: /health really is open, so a 401 there is the path being judged."""
+    r = http_request(f"{edge.url}/health")
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    assert [s.path for s in upstream.requests] == ["/health"]
+
+
+# ------------------------------------------------------------------------------------------------ the method
+
+
+@pytest.mark.parametrize("spoof", ["X-Forwarded-Method", "X-Original-Method", "X-HTTP-Method-Override"])
+def test_a_client_naming_a_safe_method_does_not_write_with_a_read_only_token(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], spoof: str
+) -> None:
+    r = http_request(f"{edge.url}/orders", method="POST", headers={**bearer(tokens("read")), spoof: "GET"}, body=b"{}")
+
+    assert r.status == 403, (edge.name, r.status, r.headers, r.body)
+    assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
+    assert upstream.requests == []
+
+
+def test_a_write_token_may_post(edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]) -> None:
+    r = http_request(f"{edge.url}/orders", method="POST", headers=bearer(tokens("read write")), body=b"{}")
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    assert seen.method == "POST"
+    assert "x-http-method-override" not in seen.headers
+
+
+# ------------------------------------------------------------------------------------------------ the certificate
+
+
+def test_a_client_sent_thumbprint_does_not_stand_in_for_a_certificate(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    token = tokens(cnf={"x5t#S256": BOUND_THUMBPRINT})
+
+    r = http_request(f"{edge.url}/orders", headers={**bearer(token), "X-Client-Cert-Thumbprint": BOUND_THUMBPRINT})
+
+    assert r.status == 401, (edge.name, r.status, r.headers, r.body)
+    assert r.headers["x-verifier-reason"] == "sender_constraint_failed", r.headers
+    assert upstream.requests == []
+
+
+# ------------------------------------------------------------------------------------------------ the identity
+
+
+def test_client_identity_headers_never_reach_the_upstream_and_the_verifiers_do(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], issuer: LocalIssuer
+) -> None:
+    spoof = {
+        "X-Authenticated-Roles": "admin",
+        "X-Authenticated-Userid": "root",
+        "X-Authenticated-Anything": "x",
+        "x-authenticated-issuer": "https://evil.example.test",
+    }
+
+    r = http_request(f"{edge.url}/orders", headers={**spoof, **bearer(tokens("read"))})
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    assert seen.headers["x-authenticated-userid"] == "alice"
+    assert seen.headers["x-authenticated-issuer"] == issuer.issuer
+    assert seen.headers["x-authenticated-scope"] == "read"
+    assert "x-authenticated-roles" not in seen.headers  # the token has no role: the verifier set none
+    assert "x-authenticated-anything" not in seen.headers
+
+
+def test_identity_headers_spelled_with_underscores_never_reach_the_upstream(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    """CGI-style frameworks (WSGI, Rack, PHP) read `X_Authenticated_Roles` as `X-Authenticated-Roles`."""
+    spoof = {"X_Authenticated_Roles": "admin", "X_Authenticated_Userid": "root", "x-authenticated_scope": "all"}
+
+    r = http_request(f"{edge.url}/orders", headers={**spoof, **bearer(tokens("read"))})
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    as_cgi = {name.replace("_", "-"): value for name, value in seen.headers.items()}
+    assert as_cgi.get("x-authenticated-userid") == "alice", seen.headers
+    assert as_cgi.get("x-authenticated-scope") == "read", seen.headers
+    assert "x-authenticated-roles" not in as_cgi, seen.headers
+
+
+def test_client_identity_headers_do_not_pass_a_role_check(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    r = http_request(f"{edge.url}/admin/secret", headers={"X-Authenticated-Roles": "admin", **bearer(tokens("read"))})
+
+    assert r.status == 403, (edge.name, r.status, r.body)
+    assert upstream.requests == []
+
+
+def test_the_verifiers_roles_reach_the_upstream(edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]) -> None:
+    r = http_request(
+        f"{edge.url}/admin/secret", headers={"X-Authenticated-Roles": "nobody", **bearer(tokens(roles=["admin"]))}
+    )
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    assert seen.headers["x-authenticated-roles"] == "admin"
+
+
+# ------------------------------------------------------------------------------------------------ the host
+
+
+@pytest.mark.parametrize("host", [ADMIN_HOST, "ADMIN.example.test", "Admin.Example.Test", f"{ADMIN_HOST}."])
+def test_every_spelling_of_the_admin_host_gets_the_admin_hosts_policy(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], host: str
+) -> None:
+    r = http_request(f"{edge.url}/orders", headers={"Host": host, **bearer(tokens("read"))})
+
+    assert r.status == 403, (edge.name, host, r.status, r.headers, r.body)
+    assert upstream.requests == []
+
+
+def test_an_absolute_form_target_gets_the_policy_of_the_host_it_names(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    headers = {"Host": API_HOST, **bearer(tokens("read"))}
+
+    status = absolute_form(edge, f"http://{ADMIN_HOST}/orders", headers)
+
+    assert status == 403, (edge.name, status)
+    assert upstream.requests == []
+
+
+def test_another_host_is_served_with_the_same_token(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    """The control for the host tests: the same token and path on another host are allowed."""
+    r = http_request(f"{edge.url}/orders", headers={"Host": API_HOST, **bearer(tokens("read"))})
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("spoof", ["X-Forwarded-Host", "X-Original-Host"])
+def test_a_client_naming_another_host_still_gets_the_admin_hosts_policy(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], spoof: str
+) -> None:
+    r = http_request(f"{edge.url}/orders", headers={"Host": ADMIN_HOST, spoof: API_HOST, **bearer(tokens("read"))})
+
+    assert r.status == 403, (edge.name, r.status, r.headers, r.body)
+    assert upstream.requests == []
+
+
+# ------------------------------------------------------------------------------------------------ after the verifier
+
+
+@pytest.mark.parametrize("override", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])
+def test_a_method_override_never_reaches_the_upstream(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], override: str
+) -> None:
+    """The verifier judged a GET with a read-only token; the application must not be told to DELETE."""
+    r = http_request(f"{edge.url}/orders", headers={override: "DELETE", **bearer(tokens("read"))})
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    assert seen.method == "GET"
+    assert override.lower() not in seen.headers, seen.headers
+
+
+# ------------------------------------------------------------------------------------------------ a real certificate
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pki:
+    """PEM files: a CA, Envoy's server certificate for 127.0.0.1, two client certificates of that CA."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    clients: tuple[tuple[Path, Path, str], ...]  # (cert, key, x5t#S256)
+
+
+def _issue(
+    subject: str, issuer_key: ec.EllipticCurvePrivateKey | None, issuer_name: x509.Name | None, *, ca: bool = False
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))])
+        builder = builder.add_extension(san, critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256()), key
+
+
+def _write(directory: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    ca_cert, ca_key = _issue("test CA", None, None, ca=True)
+    ca_path, _ = _write(directory, "ca", ca_cert, ca_key)
+    server_cert, server_key = _write(directory, "server", *_issue(LOOPBACK, ca_key, ca_cert.subject))
+    clients = []
+    for name in ("client-a", "client-b"):
+        cert, key = _issue(name, ca_key, ca_cert.subject)
+        clients.append((*_write(directory, name, cert, key), thumbprint_from_der(cert.public_bytes(Encoding.DER))))
+    return Pki(ca=ca_path, server_cert=server_cert, server_key=server_key, clients=tuple(clients))
+
+
+@pytest.fixture(scope="module")
+def envoy_mtls(
+    pki: Pki, verifier: GatewayProcess, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """The gRPC template with the mutual-TLS listener its header comment describes."""
+    gw = start_envoy(
+        tmp_path_factory.mktemp("envoy-mtls"),
+        "grpc",
+        verifier_grpc_port=verifier.extra["grpc_port"],
+        upstream_port=upstream.port,
+        downstream_tls={"cert_file": str(pki.server_cert), "key_file": str(pki.server_key), "ca_file": str(pki.ca)},
+    )
+    yield gw
+    gw.stop()
+
+
+def https_get(gw: GatewayProcess, pki: Pki, headers: dict[str, str], client: int | None) -> int:
+    """GET /orders over TLS, presenting client certificate number `client` (or none); the status."""
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client is not None:
+        cert, key, _ = pki.clients[client]
+        context.load_cert_chain(str(cert), str(key))
+    conn = http.client.HTTPSConnection(LOOPBACK, int(gw.url.rsplit(":", 1)[1]), context=context, timeout=10)
+    try:
+        conn.request("GET", "/orders", headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_a_certificate_bound_token_passes_with_its_certificate_through_envoy_grpc(
+    envoy_mtls: GatewayProcess, pki: Pki, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    """The control for the thumbprint tests: the declared source (`source.certificate`) does work."""
+    token = tokens(cnf={"x5t#S256": pki.clients[0][2]})
+
+    status = https_get(envoy_mtls, pki, bearer(token), client=0)
+
+    assert status == 200
+    (seen,) = upstream.requests
+    assert seen.headers["x-authenticated-userid"] == "alice"
+
+
+def test_a_certificate_bound_token_with_another_certificate_is_refused(
+    envoy_mtls: GatewayProcess, pki: Pki, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    token = tokens(cnf={"x5t#S256": pki.clients[0][2]})
+    spoof = {**bearer(token), "X-Client-Cert-Thumbprint": pki.clients[0][2]}
+
+    other = https_get(envoy_mtls, pki, spoof, client=1)
+    none = https_get(envoy_mtls, pki, spoof, client=None)
+
+    assert (other, none) == (401, 401)
+    assert upstream.requests == []

@@ -1,0 +1,55 @@
+"""Issue #18's attacks through the Kong Lua plugin (kong/plugins/edge-verifier, unmodified, in real nginx
+under the PDK shim) to the REAL verifier with the same policies.
+
+The tests are tests/integration/test_trust_boundary.py's own, imported; only the gateway differs: `edge`
+here is the plugin's rig, with answer reuse off so that every request reaches the verifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from gateways import EchoUpstream, GatewayProcess
+from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected here against this `edge`
+    Edge,
+    _fresh_upstream_log,
+    issuer,
+    test_a_client_naming_a_public_path_does_not_open_a_protected_one,
+    test_a_client_naming_a_safe_method_does_not_write_with_a_read_only_token,
+    test_a_client_naming_another_host_still_gets_the_admin_hosts_policy,
+    test_a_client_sent_thumbprint_does_not_stand_in_for_a_certificate,
+    test_a_method_override_never_reaches_the_upstream,
+    test_a_public_path_with_dot_segments_does_not_open_a_protected_one,
+    test_a_write_token_may_post,
+    test_an_absolute_form_target_gets_the_policy_of_the_host_it_names,
+    test_another_host_is_served_with_the_same_token,
+    test_client_identity_headers_do_not_pass_a_role_check,
+    test_client_identity_headers_never_reach_the_upstream_and_the_verifiers_do,
+    test_every_spelling_of_the_admin_host_gets_the_admin_hosts_policy,
+    test_identity_headers_spelled_with_underscores_never_reach_the_upstream,
+    test_the_public_path_itself_stays_public,
+    test_the_verifiers_roles_reach_the_upstream,
+    tokens,
+    upstream,
+    verifier,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["underscores-dropped", "underscores-in-headers-on"])
+def edge(
+    request: pytest.FixtureRequest,
+    start_nginx: Any,
+    verifier: GatewayProcess,  # noqa: F811 - the imported fixture, requested by name
+    upstream: EchoUpstream,  # noqa: F811
+) -> Iterator[Edge]:
+    """The plugin's rig; also with `underscores_in_headers on`, where `X_Authenticated_Roles` reaches the plugin."""
+    base = start_nginx(
+        {"url": f"{verifier.url}/v1/forward-auth", "cache_entries": 0},
+        upstream.port,
+        underscores_in_headers=request.param == "underscores-in-headers-on",
+    )
+    yield Edge(name=f"kong-lua[{request.param}]", url=base)

@@ -1,0 +1,113 @@
+"""An unauthenticated junk flood never opens the introspection breaker (issue #26 G7).
+
+The provider (a real loopback HTTP server) throttles or refuses junk tokens with 4xx; only provider
+faults (5xx, timeouts, connection errors, malformed answers) may count against it. A token whose last
+answer was inactive is never served from the stale cache.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+from rawprovider import RawProvider, Route, json_route
+from tokenkit import AUDIENCE
+
+from verifier.clock import FrozenClock
+from verifier.errors import InvalidToken, ProviderUnavailable
+from verifier.tokens.fetch import HttpFetcher
+from verifier.tokens.introspection import Introspector, parse_introspection_config
+from verifier.tokens.introspection_breaker import BreakerState
+
+GOOD = "good-token"
+
+
+def provider_answers(state: dict[str, object], junk_status: int) -> Callable[[bytes], Route]:
+    """Active for GOOD (until state['revoked']), `junk_status` for anything else."""
+
+    def answer(body: bytes) -> Route:
+        token = urllib.parse.parse_qs(body.decode())["token"][0]
+        if token != GOOD:
+            return Route(json.dumps({"error": "slow_down"}).encode(), status=junk_status)
+        if state.get("revoked"):
+            return json_route({"active": False})
+        return json_route({"active": True, "sub": "alice", "aud": AUDIENCE, "exp": FrozenClock().now() + 3600})
+
+    return answer
+
+
+def introspector(
+    raw_provider: RawProvider, http_fetcher: HttpFetcher, clock: FrozenClock, **extra: object
+) -> Introspector:
+    config = parse_introspection_config(
+        {"client_id": "verifier", "client_secret_env": "VERIFIER_RAW_SECRET", "breaker_failures": 3,
+         "batch_window_seconds": 0, **extra},
+        "issuers[0].introspection",
+    )
+    return Introspector(
+        issuer=raw_provider.url, audiences=(AUDIENCE,), config=config, endpoint=raw_provider.url + "/introspect",
+        session_provider=lambda: http_fetcher.session, clock=clock, registry=CollectorRegistry(),
+    )
+
+
+@pytest.mark.parametrize("junk_status", [400, 401, 429])
+async def test_a_junk_flood_answered_4xx_never_opens_the_breaker(
+    raw_provider: RawProvider, http_fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch, junk_status: int
+) -> None:
+    monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
+    raw_provider.routes["/introspect"] = provider_answers({}, junk_status)
+    intro = introspector(raw_provider, http_fetcher, FrozenClock())
+    try:
+        for i in range(20):
+            with pytest.raises(ProviderUnavailable, match=f"HTTP {junk_status}"):
+                await intro.introspect(f"junk-{i}", b"j%031d" % i)
+        assert intro.breaker.state is BreakerState.CLOSED
+        principal = await intro.introspect(GOOD, b"g" * 32)  # a new, real token still gets through
+        assert principal.subject == "alice"
+    finally:
+        await intro.close()
+
+
+async def test_provider_faults_still_open_the_breaker(
+    raw_provider: RawProvider, http_fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
+    raw_provider.routes["/introspect"] = provider_answers({}, 503)
+    intro = introspector(raw_provider, http_fetcher, FrozenClock())
+    try:
+        for i in range(3):
+            with pytest.raises(ProviderUnavailable, match="HTTP 503"):
+                await intro.introspect(f"junk-{i}", b"j%031d" % i)
+        assert intro.breaker.state is BreakerState.OPEN
+    finally:
+        await intro.close()
+
+
+@pytest.mark.parametrize("junk_status", [400, 429])
+async def test_a_revoked_token_is_never_served_stale_after_a_junk_flood(
+    raw_provider: RawProvider, http_fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch, junk_status: int
+) -> None:
+    monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
+    state: dict[str, object] = {}
+    raw_provider.routes["/introspect"] = provider_answers(state, junk_status)
+    clock = FrozenClock()
+    intro = introspector(raw_provider, http_fetcher, clock, serve_stale_on_error=True, positive_ttl_seconds=5,
+                         breaker_cooldown_seconds=60)
+    try:
+        assert (await intro.introspect(GOOD, b"g" * 32)).subject == "alice"
+        state["revoked"] = True
+        for i in range(20):
+            with pytest.raises(ProviderUnavailable):
+                await intro.introspect(f"junk-{i}", b"j%031d" % i)
+        clock.advance(6)  # the active answer is no longer fresh; only a stale stand-in remains
+        with pytest.raises(InvalidToken, match="not active"):
+            await intro.introspect(GOOD, b"g" * 32)
+        clock.advance(60)  # the negative answer expired too: still never the stale active one
+        raw_provider.routes["/introspect"] = lambda body: Route(b"oops", status=503)
+        with pytest.raises(ProviderUnavailable):
+            await intro.introspect(GOOD, b"g" * 32)
+    finally:
+        await intro.close()
