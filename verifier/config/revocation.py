@@ -27,13 +27,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from verifier.settings import (
+from verifier.config.base import ConfigError, check_url
+from verifier.config.issuer import (
     DEFAULT_FETCH_TIMEOUT_SECONDS,
     DEFAULT_LEEWAY_SECONDS,
     SUPPORTED_ALGORITHMS,
-    ConfigError,
     IssuerSettings,
-    check_url,
 )
 
 PUSH = "push"

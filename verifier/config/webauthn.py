@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from verifier.settings import ConfigError
+from verifier.config.base import ConfigError
 
 DEFAULT_RP_NAME = "edge-verifier"
 # Seconds a challenge (step-up or registration) stays valid. WebAuthn Level 3 section 15.1 recommends
