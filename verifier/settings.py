@@ -15,7 +15,17 @@ from typing import Any, TypeVar
 
 import yaml
 
-from verifier.config.base import ConfigError, Reader, check_url, collecting, is_loopback_host, record, url_problem
+from verifier.config.base import (
+    ConfigError,
+    Reader,
+    check_url,
+    collecting,
+    is_loopback_host,
+    read_fields,
+    record,
+    setting,
+    url_problem,
+)
 from verifier.config.dpop import DpopConfig, parse_dpop_config
 from verifier.config.introspection import IntrospectionConfig, parse_introspection_config
 from verifier.config.issuer import (
@@ -76,9 +86,9 @@ MAX_DEADLINE_SECONDS = 30.0  # seconds; no gateway waits longer for an authoriza
 class TlsSettings:
     """TLS for a listener; with `client_ca_file`, clients must present a certificate it signed (mTLS)."""
 
-    cert_file: str
-    key_file: str
-    client_ca_file: str = ""
+    cert_file: str = setting(doc="PEM certificate chain")
+    key_file: str = setting(doc="PEM private key")
+    client_ca_file: str = setting("", doc="PEM CA bundle: clients must present a certificate it signed (mTLS)")
 
     def read(self) -> tuple[bytes, bytes, bytes | None]:
         """Certificate chain, private key and client CA bundle (PEM), read at start-up."""
@@ -169,9 +179,15 @@ class RateLimitSettings:
 class CacheSettings:
     """Bounds on the verified-token and refused-token caches."""
 
-    token_entries: int = DEFAULT_TOKEN_CACHE_ENTRIES
-    negative_entries: int = DEFAULT_NEGATIVE_CACHE_ENTRIES
-    negative_ttl_seconds: float = DEFAULT_NEGATIVE_TTL_SECONDS
+    token_entries: int = setting(
+        DEFAULT_TOKEN_CACHE_ENTRIES, maximum=10_000_000, unit="entries", doc="verified tokens kept (~1 KiB each)"
+    )
+    negative_entries: int = setting(
+        DEFAULT_NEGATIVE_CACHE_ENTRIES, maximum=10_000_000, unit="entries", doc="refused tokens remembered"
+    )
+    negative_ttl_seconds: float = setting(
+        DEFAULT_NEGATIVE_TTL_SECONDS, maximum=3600, unit="seconds", doc="a refused token stays refused this long"
+    )
 
 
 DEFAULT_MAX_PENDING_CHECKS = 1024  # first-seen checks in flight per worker before shedding load (503)
@@ -183,8 +199,12 @@ DEFAULT_REFUSAL_MAX_AGE_SECONDS = 5  # seconds a gateway may reuse a refusal of 
 class EdgeCacheSettings:
     """How long gateways may reuse decisions (forward-auth `Cache-Control`, gRPC `cache_max_age_seconds`)."""
 
-    max_age_seconds: int = DEFAULT_EDGE_MAX_AGE_SECONDS  # 0 turns reuse off
-    refusal_max_age_seconds: int = DEFAULT_REFUSAL_MAX_AGE_SECONDS
+    max_age_seconds: int = setting(
+        DEFAULT_EDGE_MAX_AGE_SECONDS, maximum=3600, unit="seconds", doc="a gateway may reuse an allow (0: never)"
+    )
+    refusal_max_age_seconds: int = setting(
+        DEFAULT_REFUSAL_MAX_AGE_SECONDS, maximum=300, unit="seconds", doc="reuse of a malformed/forged-token refusal"
+    )
 
 
 FORWARDED_HEADER_FAMILIES = ("x-forwarded", "x-original")  # which headers describe the original request
@@ -199,9 +219,17 @@ DEFAULT_IDLE_TIMEOUT_SECONDS = 75.0
 class ForwardAuthSettings:
     """The forward-auth listener's trust and timeouts (keys of the `http` section)."""
 
-    forwarded_headers: str = DEFAULT_FORWARDED_HEADERS  # one of FORWARDED_HEADER_FAMILIES; the other is ignored
-    header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT_SECONDS
-    idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS
+    forwarded_headers: str = setting(
+        DEFAULT_FORWARDED_HEADERS,
+        choices=FORWARDED_HEADER_FAMILIES,
+        doc="the ONE header family describing the original request; the other is ignored",
+    )
+    header_timeout_seconds: float = setting(
+        DEFAULT_HEADER_TIMEOUT_SECONDS, minimum=0.01, maximum=3600, unit="seconds", doc="a request must arrive within"
+    )
+    idle_timeout_seconds: float = setting(
+        DEFAULT_IDLE_TIMEOUT_SECONDS, minimum=0.01, maximum=86_400, unit="seconds", doc="idle keep-alives closed after"
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -213,9 +241,11 @@ class Settings:
     metrics: Listen | None
     issuers: tuple[IssuerSettings, ...]
     cache: CacheSettings = CacheSettings()
-    max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
-    realm: str = DEFAULT_REALM
-    audit: bool = True
+    max_token_bytes: int = setting(
+        DEFAULT_MAX_TOKEN_BYTES, minimum=256, maximum=1 << 20, unit="bytes", doc="larger tokens are refused unparsed"
+    )
+    realm: str = setting(DEFAULT_REALM, doc="the realm of WWW-Authenticate challenges")
+    audit: bool = setting(True, doc="one JSON audit line per decision")
     policies: tuple[PolicySettings, ...] | None = None  # None: any valid token is allowed
     rate_limits: RateLimitSettings | None = None
     dpop: DpopConfig | None = None
@@ -225,9 +255,19 @@ class Settings:
     mtls_thumbprint_header: str = ""
     forward_auth: ForwardAuthSettings = ForwardAuthSettings()
     edge_cache: EdgeCacheSettings = EdgeCacheSettings()
-    max_pending_checks: int = DEFAULT_MAX_PENDING_CHECKS
-    deadline_seconds: float = DEFAULT_DEADLINE_SECONDS  # a door answers 503 retry-later past this
-    workers: int = 1  # processes sharing the listeners (SO_REUSEPORT); the metrics port is offset per worker
+    max_pending_checks: int = setting(
+        DEFAULT_MAX_PENDING_CHECKS, minimum=1, maximum=1_000_000, doc="first-seen checks in flight per worker (503)"
+    )
+    deadline_seconds: float = setting(
+        DEFAULT_DEADLINE_SECONDS,
+        minimum=0.001,
+        maximum=MAX_DEADLINE_SECONDS,
+        unit="seconds",
+        doc="a door answers 503 retry-later past this; keep gateway timeouts above",
+    )
+    workers: int = setting(
+        1, minimum=1, maximum=64, doc="processes sharing the listeners (SO_REUSEPORT); metrics port + i per worker"
+    )
     revocation: RevocationConfig | None = None  # Shared Signals receiver
     webauthn: WebAuthnConfig | None = None  # credential registry and step-up
 
@@ -249,11 +289,7 @@ def _listen(reader: Reader | None) -> Listen | None:
         raise ConfigError(f"{reader.path}.listen: expected host:port, got {text!r}")
     tls = None
     if tls_reader is not None:
-        tls = TlsSettings(
-            cert_file=tls_reader.text("cert_file"),
-            key_file=tls_reader.text("key_file"),
-            client_ca_file=tls_reader.text("client_ca_file", ""),
-        )
+        tls = TlsSettings(**read_fields(tls_reader, TlsSettings))
         tls_reader.done()
         try:
             tls.server_context()  # unreadable files or a key that does not fit fail here, by name
@@ -292,23 +328,17 @@ def _issuer(reader: Reader) -> IssuerSettings:
                 f"{reader.path}.algorithms[{i}]: {alg!r} is not allowed "
                 f"(supported: {', '.join(sorted(SUPPORTED_ALGORITHMS))})"
             )
+    roles = tuple(_role_rule(r) for r in reader.children("roles")) if reader.raw("roles") is not None else ()
     settings = IssuerSettings(
-        issuer=issuer,
-        audiences=reader.strings("audiences"),
-        algorithms=algorithms,
-        leeway_seconds=reader.integer("leeway_seconds", DEFAULT_LEEWAY_SECONDS, maximum=600),
-        discovery_url=reader.text("discovery_url", ""),
-        jwks_uri=reader.text("jwks_uri", ""),
-        require_typ_at_jwt=reader.boolean("require_typ_at_jwt", False),
-        jwks_min_ttl_seconds=reader.number("jwks_min_ttl_seconds", DEFAULT_JWKS_MIN_TTL_SECONDS, minimum=1),
-        jwks_max_ttl_seconds=reader.number("jwks_max_ttl_seconds", DEFAULT_JWKS_MAX_TTL_SECONDS, minimum=1),
-        jwks_cooldown_seconds=reader.number("jwks_cooldown_seconds", DEFAULT_JWKS_COOLDOWN_SECONDS),
-        fetch_timeout_seconds=reader.number(
-            "fetch_timeout_seconds", DEFAULT_FETCH_TIMEOUT_SECONDS, minimum=0.05, maximum=60
-        ),
-        roles=tuple(_role_rule(r) for r in reader.children("roles")) if reader.raw("roles") is not None else (),
-        introspection=_introspection(reader, insecure),
-        introspect_jwts=reader.boolean("introspect_jwts", False),
+        **read_fields(
+            reader,
+            IssuerSettings,
+            issuer=issuer,
+            allow_insecure_http=insecure,
+            algorithms=algorithms,
+            roles=roles,
+            introspection=_introspection(reader, insecure),
+        )
     )
     for key in ("discovery_url", "jwks_uri"):
         if getattr(settings, key):
@@ -320,13 +350,7 @@ def _issuer(reader: Reader) -> IssuerSettings:
 
 
 def _role_rule(reader: Reader) -> RoleRule:
-    rule = RoleRule(
-        role=reader.text("role"),
-        claim=reader.text("claim", ""),
-        values=reader.strings("values", required=False),
-        scope=reader.text("scope", ""),
-        subjects=reader.strings("subjects", required=False),
-    )
+    rule = RoleRule(**read_fields(reader, RoleRule))
     reader.done()
     if bool(rule.claim) != bool(rule.values):
         raise ConfigError(f"{reader.path}: claim and values go together")
@@ -412,10 +436,7 @@ def _rate_limits(reader: Reader | None) -> RateLimitSettings | None:
 def _edge_cache(reader: Reader | None) -> EdgeCacheSettings:
     if reader is None:
         return EdgeCacheSettings()
-    settings = EdgeCacheSettings(
-        max_age_seconds=reader.integer("max_age_seconds", DEFAULT_EDGE_MAX_AGE_SECONDS, maximum=3600),
-        refusal_max_age_seconds=reader.integer("refusal_max_age_seconds", DEFAULT_REFUSAL_MAX_AGE_SECONDS, maximum=300),
-    )
+    settings = EdgeCacheSettings(**read_fields(reader, EdgeCacheSettings))
     reader.done()
     return settings
 
@@ -424,20 +445,7 @@ def _forward_auth(reader: Reader | None) -> ForwardAuthSettings:
     """The forward-auth keys of the `http` section (read before `_listen`, which refuses the rest)."""
     if reader is None:
         return ForwardAuthSettings()
-    family = reader.text("forwarded_headers", DEFAULT_FORWARDED_HEADERS)
-    if family not in FORWARDED_HEADER_FAMILIES:
-        raise ConfigError(
-            f"{reader.path}.forwarded_headers: expected one of {', '.join(FORWARDED_HEADER_FAMILIES)}, got {family!r}"
-        )
-    return ForwardAuthSettings(
-        forwarded_headers=family,
-        header_timeout_seconds=reader.number(
-            "header_timeout_seconds", DEFAULT_HEADER_TIMEOUT_SECONDS, minimum=0.01, maximum=3600
-        ),
-        idle_timeout_seconds=reader.number(
-            "idle_timeout_seconds", DEFAULT_IDLE_TIMEOUT_SECONDS, minimum=0.01, maximum=86_400
-        ),
-    )
+    return ForwardAuthSettings(**read_fields(reader, ForwardAuthSettings))
 
 
 _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
@@ -483,43 +491,31 @@ def _parse_settings(data: Any) -> Settings:
     cache_reader = root.child("cache")
     cache = CacheSettings()
     if cache_reader is not None:
-        cache = CacheSettings(
-            token_entries=cache_reader.integer("token_entries", DEFAULT_TOKEN_CACHE_ENTRIES, maximum=10_000_000),
-            negative_entries=cache_reader.integer(
-                "negative_entries", DEFAULT_NEGATIVE_CACHE_ENTRIES, maximum=10_000_000
-            ),
-            negative_ttl_seconds=cache_reader.number(
-                "negative_ttl_seconds", DEFAULT_NEGATIVE_TTL_SECONDS, maximum=3600
-            ),
-        )
+        cache = CacheSettings(**read_fields(cache_reader, CacheSettings))
         cache_reader.done()
     http = root.child("http")
     forward_auth = _forward_auth(http)
     settings = Settings(
-        grpc=_listen(root.child("grpc")),
-        http=_listen(http),
-        forward_auth=forward_auth,
-        metrics=_listen(root.child("metrics")),
-        issuers=issuers,
-        cache=cache,
-        max_token_bytes=root.integer("max_token_bytes", DEFAULT_MAX_TOKEN_BYTES, minimum=256, maximum=1 << 20),
-        realm=root.text("realm", DEFAULT_REALM),
-        audit=root.boolean("audit", True),
-        policies=tuple(_policy(r, i) for i, r in enumerate(root.children("policies")))
-        if root.raw("policies") is not None
-        else None,
-        rate_limits=_rate_limits(root.child("rate_limits")),
-        dpop=_optional_section(root, "dpop", parse_dpop_config),
-        state=_optional_section(root, "state", parse_state_config),
-        mtls_thumbprint_header=_header_name(root, "mtls_thumbprint_header"),
-        edge_cache=_edge_cache(root.child("edge_cache")),
-        workers=root.integer("workers", 1, minimum=1, maximum=64),
-        max_pending_checks=root.integer("max_pending_checks", DEFAULT_MAX_PENDING_CHECKS, minimum=1, maximum=1_000_000),
-        deadline_seconds=root.number(
-            "deadline_seconds", DEFAULT_DEADLINE_SECONDS, minimum=0.001, maximum=MAX_DEADLINE_SECONDS
-        ),
-        revocation=_optional_section(root, "revocation", parse_revocation_config),
-        webauthn=_optional_section(root, "webauthn", parse_webauthn_config),
+        **read_fields(
+            root,
+            Settings,
+            grpc=_listen(root.child("grpc")),
+            http=_listen(http),
+            forward_auth=forward_auth,
+            metrics=_listen(root.child("metrics")),
+            issuers=issuers,
+            cache=cache,
+            policies=tuple(_policy(r, i) for i, r in enumerate(root.children("policies")))
+            if root.raw("policies") is not None
+            else None,
+            rate_limits=_rate_limits(root.child("rate_limits")),
+            dpop=_optional_section(root, "dpop", parse_dpop_config),
+            state=_optional_section(root, "state", parse_state_config),
+            mtls_thumbprint_header=_header_name(root, "mtls_thumbprint_header"),
+            edge_cache=_edge_cache(root.child("edge_cache")),
+            revocation=_optional_section(root, "revocation", parse_revocation_config),
+            webauthn=_optional_section(root, "webauthn", parse_webauthn_config),
+        )
     )
     root.done()
     if settings.revocation is not None:  # transmitters speak for configured issuers only

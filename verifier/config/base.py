@@ -7,9 +7,11 @@ Nothing here imports the rest of the verifier: settings sections (`verifier.conf
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import difflib
 import ipaddress
 import math
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -40,7 +42,7 @@ class Reader:
     def _key(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def _problem(self, key: str, message: str) -> None:
+    def problem(self, key: str, message: str) -> None:
         """Records (or, outside `parse_settings`, raises) a problem with `key`."""
         record(f"{self._key(key)}: {message}")
 
@@ -55,11 +57,11 @@ class Reader:
         value = self.raw(key)
         if value is None:
             if default is None:
-                self._problem(key, "required")
+                self.problem(key, "required")
                 return ""
             return default
         if not isinstance(value, str) or not value:
-            self._problem(key, "expected a non-empty string")
+            self.problem(key, "expected a non-empty string")
             return default or ""
         return value
 
@@ -68,10 +70,10 @@ class Reader:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            self._problem(key, "expected a finite number")
+            self.problem(key, "expected a finite number")
             return default
         if value < minimum or (maximum is not None and value > maximum):
-            self._problem(key, f"{value} is outside [{minimum}, {maximum}]")
+            self.problem(key, f"{value} is outside [{minimum}, {maximum}]")
             return default
         return float(value)
 
@@ -80,10 +82,10 @@ class Reader:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            self._problem(key, "expected an integer")
+            self.problem(key, "expected an integer")
             return default
         if value < minimum or (maximum is not None and value > maximum):
-            self._problem(key, f"{value} is outside [{minimum}, {maximum}]")
+            self.problem(key, f"{value} is outside [{minimum}, {maximum}]")
             return default
         return value
 
@@ -92,7 +94,7 @@ class Reader:
         if value is None:
             return default
         if not isinstance(value, bool):
-            self._problem(key, "expected true or false")
+            self.problem(key, "expected true or false")
             return default
         return value
 
@@ -101,11 +103,11 @@ class Reader:
         if value is None and not required:
             return ()
         if not isinstance(value, Sequence) or isinstance(value, str) or (required and not value):
-            self._problem(key, "expected a non-empty list of strings")
+            self.problem(key, "expected a non-empty list of strings")
             return ()
         bad = [i for i, item in enumerate(value) if not isinstance(item, str) or not item]
         for i in bad:
-            self._problem(f"{key}[{i}]", "expected a non-empty string")
+            self.problem(f"{key}[{i}]", "expected a non-empty string")
         return () if bad else tuple(value)
 
     def child(self, key: str) -> Reader | None:
@@ -121,7 +123,7 @@ class Reader:
     def children(self, key: str) -> list[Reader]:
         value = self.raw(key)
         if not isinstance(value, Sequence) or isinstance(value, str) or not value:
-            self._problem(key, "expected a non-empty list")
+            self.problem(key, "expected a non-empty list")
             return []
         readers = []
         for i, item in enumerate(value):
@@ -134,7 +136,7 @@ class Reader:
     def done(self) -> None:
         for key in sorted((set(self.data) - self.seen), key=str):
             near = nearest(str(key), self.seen)
-            self._problem(str(key), f"unknown key (did you mean {near}?)" if near else "unknown key")
+            self.problem(str(key), f"unknown key (did you mean {near}?)" if near else "unknown key")
 
 
 def nearest(key: str, known: set[str]) -> str | None:
@@ -229,3 +231,70 @@ def url_problem(url: object, what: str = "issuer", *, allow_http: bool = True) -
         return f"https is required for a non-loopback {what} ({url!r})" if allow_http else f"plain http ({url!r})"
     return ""
 
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Setting:
+    """What the schema says about one key: the line of the reference, the bounds the reader enforces."""
+
+    doc: str
+    minimum: float | None = None  # numbers: the smallest accepted value (0 when None)
+    maximum: float | None = None  # numbers: the largest accepted value (unbounded when None)
+    unit: str = ""  # e.g. seconds, bytes, entries
+    choices: tuple[str, ...] = ()  # strings: the accepted values
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    doc: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    unit: str = "",
+    choices: tuple[str, ...] = (),
+) -> Any:
+    """A dataclass field that is a config key: its default, bounds, unit and one-line doc, declared once."""
+    meta = Setting(doc=doc, minimum=minimum, maximum=maximum, unit=unit, choices=choices)
+    return dataclasses.field(default=default, metadata={"setting": meta})
+
+
+def setting_of(field: dataclasses.Field[Any]) -> Setting | None:
+    """The field's `Setting`, or None when it is not read from a key of its own."""
+    meta = field.metadata.get("setting")
+    return meta if isinstance(meta, Setting) else None
+
+
+def read_fields(reader: Reader, cls: type[Any], **given: Any) -> dict[str, Any]:
+    """Reads every `setting` field of the dataclass `cls` from `reader`, as the schema says; `given`
+    fields (read by a section's own code) are passed through. Problems are recorded by key."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        meta = setting_of(field)
+        if meta is None or field.name in given:
+            continue
+        values[field.name] = _read_value(reader, field.name, hints[field.name], field.default, meta)
+    return {**values, **given}
+
+
+def _read_value(reader: Reader, key: str, hint: Any, default: Any, meta: Setting) -> Any:
+    required = default is dataclasses.MISSING
+    if hint is bool:
+        return reader.boolean(key, default)
+    if hint is int:
+        return reader.integer(key, default, minimum=int(meta.minimum or 0), maximum=_int_or_none(meta.maximum))
+    if hint is float:
+        return reader.number(key, default, minimum=meta.minimum or 0, maximum=meta.maximum)
+    if hint is str:
+        value = reader.text(key, None if required else default)
+        if meta.choices and value and value not in meta.choices:
+            reader.problem(key, f"expected one of {', '.join(meta.choices)}, got {value!r}")
+            return default if not required else meta.choices[0]
+        return value
+    if hint == tuple[str, ...]:
+        return reader.strings(key, required=required)
+    raise TypeError(f"{key}: no reader for {hint!r}")  # a schema mistake, caught by the tests
+
+
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None else int(value)
