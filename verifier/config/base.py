@@ -291,6 +291,8 @@ def _read_value(reader: Reader, key: str, hint: Any, default: Any, meta: Setting
             reader.problem(key, f"expected one of {', '.join(meta.choices)}, got {value!r}")
             return default if not required else meta.choices[0]
         return value
+    if hint == str | None:  # optional, no default: absent is None, present must be a non-empty string
+        return None if reader.raw(key) is None else reader.text(key)
     if hint == tuple[str, ...]:
         return reader.strings(key, required=required)
     raise TypeError(f"{key}: no reader for {hint!r}")  # a schema mistake, caught by the tests

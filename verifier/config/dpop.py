@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
 from typing import Any
 
-from verifier.config.base import ConfigError
+from verifier.config.base import Reader, read_fields, setting
 from verifier.tokens.keys import ALG_KEY_TYPES
 
 # Asymmetric only (RFC 9449 section 4.3 step 5: no `none`, no MAC). ES256 first: it is what most
@@ -25,17 +24,6 @@ DEFAULT_NONCE_LIFETIME_SECONDS = 300.0
 DEFAULT_MAX_PROOF_BYTES = 8192
 MIN_NONCE_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output is weaker than it looks
 
-_CONFIG_KEYS = (
-    "algorithms",
-    "iat_past_seconds",
-    "iat_future_seconds",
-    "require_nonce",
-    "nonce_secret_env",
-    "nonce_lifetime_seconds",
-    "max_proof_bytes",
-)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DpopConfig:
     """How DPoP proofs are checked.
@@ -52,13 +40,28 @@ class DpopConfig:
     ```
     """
 
-    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
-    iat_past_seconds: float = DEFAULT_IAT_PAST_SECONDS
-    iat_future_seconds: float = DEFAULT_IAT_FUTURE_SECONDS
-    require_nonce: bool = False
-    nonce_secret: bytes = dataclasses.field(default=b"", repr=False)  # from `nonce_secret_env`
-    nonce_lifetime_seconds: float = DEFAULT_NONCE_LIFETIME_SECONDS
-    max_proof_bytes: int = DEFAULT_MAX_PROOF_BYTES
+    algorithms: tuple[str, ...] = setting(DEFAULT_ALGORITHMS, doc="allow-list for the proof's alg (asymmetric only)")
+    iat_past_seconds: float = setting(
+        DEFAULT_IAT_PAST_SECONDS,
+        minimum=1,
+        maximum=3600,
+        unit="seconds",
+        doc="proof age accepted; also how long each jti is remembered",
+    )
+    iat_future_seconds: float = setting(
+        DEFAULT_IAT_FUTURE_SECONDS, minimum=0, maximum=600, unit="seconds", doc="client clock ahead of ours accepted"
+    )
+    require_nonce: bool = setting(False, doc="every proof must carry a nonce we issued (RFC 9449 section 9)")
+    nonce_secret_env: str = setting(
+        "", doc=f"environment variable with the nonce key ({MIN_NONCE_SECRET_BYTES}+ bytes, same on every replica)"
+    )
+    nonce_secret: bytes = dataclasses.field(default=b"", repr=False)  # read from `nonce_secret_env`
+    nonce_lifetime_seconds: float = setting(
+        DEFAULT_NONCE_LIFETIME_SECONDS, minimum=1, maximum=86400, unit="seconds", doc="a server nonce's lifetime"
+    )
+    max_proof_bytes: int = setting(
+        DEFAULT_MAX_PROOF_BYTES, minimum=512, maximum=65536, unit="bytes", doc="larger proofs are refused unparsed"
+    )
 
     def __post_init__(self) -> None:
         for alg in self.algorithms:
@@ -74,58 +77,43 @@ class DpopConfig:
 
 
 def parse_dpop_config(data: Any, path: str = "dpop") -> DpopConfig:
-    """Validates the `dpop` mapping (None means defaults); raises `ConfigError` naming the key."""
+    """Validates the `dpop` mapping (None means defaults); problems are named by key (`verifier.config.base`)."""
     if data is None:
         return DpopConfig()
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
-    for key in data:
-        if key not in _CONFIG_KEYS:
-            raise ConfigError(f"{path}.{key}: unknown key")
-
-    def number(key: str, default: float, minimum: float, maximum: float) -> float:
-        value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not minimum <= value <= maximum:
-            raise ConfigError(f"{path}.{key}: expected a number in [{minimum}, {maximum}]")
-        return float(value)
-
+    reader = Reader(data, path)
     algorithms = DEFAULT_ALGORITHMS
-    if "algorithms" in data:
-        value = data["algorithms"]
-        if not isinstance(value, list) or not value:
-            raise ConfigError(f"{path}.algorithms: expected a non-empty list of strings")
-        for i, alg in enumerate(value):
-            if not isinstance(alg, str) or alg not in ALG_KEY_TYPES:
-                raise ConfigError(
-                    f"{path}.algorithms[{i}]: {alg!r} is not an asymmetric signature algorithm "
-                    f"({', '.join(sorted(ALG_KEY_TYPES))})"
+    if reader.raw("algorithms") is not None:
+        algorithms = reader.strings("algorithms") or DEFAULT_ALGORITHMS
+        for i, alg in enumerate(algorithms):
+            if alg not in ALG_KEY_TYPES:
+                reader.problem(
+                    f"algorithms[{i}]",
+                    f"{alg!r} is not an asymmetric signature algorithm ({', '.join(sorted(ALG_KEY_TYPES))})",
                 )
-        algorithms = tuple(value)
-    require_nonce = data.get("require_nonce", False)
-    if not isinstance(require_nonce, bool):
-        raise ConfigError(f"{path}.require_nonce: expected true or false")
+                algorithms = DEFAULT_ALGORITHMS
+    require_nonce = reader.boolean("require_nonce", False)
     secret = b""
-    secret_env = data.get("nonce_secret_env")
-    if secret_env is not None:
-        if not isinstance(secret_env, str) or not secret_env:
-            raise ConfigError(f"{path}.nonce_secret_env: expected the name of an environment variable")
+    secret_env = reader.text("nonce_secret_env", "")
+    if secret_env:
         secret = os.environ.get(secret_env, "").encode()
         if len(secret) < MIN_NONCE_SECRET_BYTES:
-            raise ConfigError(
-                f"{path}.nonce_secret_env: environment variable {secret_env} must hold at least "
-                f"{MIN_NONCE_SECRET_BYTES} bytes"
+            reader.problem(
+                "nonce_secret_env",
+                f"environment variable {secret_env} must hold at least {MIN_NONCE_SECRET_BYTES} bytes",
             )
     elif require_nonce:
-        raise ConfigError(f"{path}.nonce_secret_env: required when require_nonce is true (shared by all replicas)")
-    max_bytes = number("max_proof_bytes", DEFAULT_MAX_PROOF_BYTES, 512, 65536)
-    if not max_bytes.is_integer():
-        raise ConfigError(f"{path}.max_proof_bytes: expected an integer")
-    return DpopConfig(
-        algorithms=algorithms,
-        iat_past_seconds=number("iat_past_seconds", DEFAULT_IAT_PAST_SECONDS, 1, 3600),
-        iat_future_seconds=number("iat_future_seconds", DEFAULT_IAT_FUTURE_SECONDS, 0, 600),
-        require_nonce=require_nonce,
-        nonce_secret=secret,
-        nonce_lifetime_seconds=number("nonce_lifetime_seconds", DEFAULT_NONCE_LIFETIME_SECONDS, 1, 86400),
-        max_proof_bytes=int(max_bytes),
+        reader.problem("nonce_secret_env", "required when require_nonce is true (shared by all replicas)")
+    if len(secret) < MIN_NONCE_SECRET_BYTES:
+        require_nonce = False  # recorded above; the config is not used
+    config = DpopConfig(
+        **read_fields(
+            reader,
+            DpopConfig,
+            algorithms=algorithms,
+            require_nonce=require_nonce,
+            nonce_secret_env=secret_env,
+            nonce_secret=secret,
+        )
     )
+    reader.done()
+    return config

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from verifier.config.base import ConfigError
+from verifier.config.base import Reader, read_fields, setting
 
 DEFAULT_MAX_ENTRIES = 100_000  # memory store: entries per table (replay keys, buckets); ~200 bytes each
 DEFAULT_KEY_PREFIX = "verifier:"  # namespace for every key this verifier writes
@@ -33,81 +32,66 @@ DEFAULT_KEY_PREFIX = "verifier:"  # namespace for every key this verifier writes
 DEFAULT_TIMEOUT_SECONDS = 0.25
 MAX_TIMEOUT_SECONDS = 5.0  # seconds; a slower answer holds the gateway's request too long
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
-_KEYS = ("redis_url", "password_env", "key_prefix", "timeout_seconds", "max_entries", "path")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StateConfig:
     """Where shared state lives: Redis when `redis_url` is set, else this process's memory."""
 
-    redis_url: str | None = None
-    key_prefix: str = DEFAULT_KEY_PREFIX
-    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
-    max_entries: int = DEFAULT_MAX_ENTRIES
+    redis_url: str | None = setting(None, doc="redis://, rediss:// (TLS) or unix://; no password here")
+    password_env: str | None = setting(None, doc="environment variable holding the Redis password")
+    key_prefix: str = setting(DEFAULT_KEY_PREFIX, doc="required with redis_url: this deployment's namespace")
+    timeout_seconds: float = setting(
+        DEFAULT_TIMEOUT_SECONDS,
+        maximum=MAX_TIMEOUT_SECONDS,
+        unit="seconds",
+        doc="per Redis operation, above 0; past it the request fails closed (503)",
+    )
+    max_entries: int = setting(DEFAULT_MAX_ENTRIES, minimum=1, unit="entries", doc="memory store: bound per table")
     password: str | None = dataclasses.field(default=None, repr=False)  # read from `password_env`
-    path: str | None = None  # without Redis: the directory of the durable local store
+    path: str | None = setting(None, doc="without redis_url: directory of the durable local store (SQLite)")
 
 
 def parse_state_config(data: Any, path: str = "state") -> StateConfig:
-    """Validates the `state` mapping (None means defaults); raises `ConfigError` naming the key."""
+    """Validates the `state` mapping (None means defaults); problems are named by key (`verifier.config.base`)."""
     if data is None:
         return StateConfig()
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
-    for key in data:
-        if key not in _KEYS:
-            raise ConfigError(f"{path}.{key}: unknown key")
-
-    def text(key: str) -> str | None:
-        value = data.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{path}.{key}: expected a non-empty string")
-        return value
-
-    url = text("redis_url")
+    reader = Reader(data, path)
+    values = read_fields(reader, StateConfig, key_prefix=reader.raw("key_prefix"))
+    url = values["redis_url"]
     if url is not None:
         parts = urlsplit(url)
         if parts.scheme not in _REDIS_SCHEMES:
-            raise ConfigError(f"{path}.redis_url: expected a redis://, rediss:// or unix:// URL")
-        if parts.password:
-            raise ConfigError(f"{path}.redis_url: must not contain a password; use {path}.password_env")
-    password: str | None = None
-    password_env = text("password_env")
+            reader.problem("redis_url", "expected a redis://, rediss:// or unix:// URL")
+        elif parts.password:
+            reader.problem("redis_url", f"must not contain a password; use {path}.password_env")
+    password_env = values["password_env"]
     if password_env is not None:
         if url is None:
-            raise ConfigError(f"{path}.password_env: only meaningful with {path}.redis_url")
-        password = os.environ.get(password_env)
-        if not password:
-            raise ConfigError(f"{path}.password_env: environment variable {password_env} is not set")
-    prefix = data.get("key_prefix", DEFAULT_KEY_PREFIX)
-    if not isinstance(prefix, str):
-        raise ConfigError(f"{path}.key_prefix: expected a string")
-    if url is not None and not data.get("key_prefix"):
+            reader.problem("password_env", f"only meaningful with {path}.redis_url")
+        values["password"] = os.environ.get(password_env)
+        if not values["password"]:
+            reader.problem("password_env", f"environment variable {password_env} is not set")
+    prefix = values["key_prefix"]
+    if prefix is None:
+        values["key_prefix"] = DEFAULT_KEY_PREFIX
+    elif not isinstance(prefix, str):
+        reader.problem("key_prefix", "expected a string")
+    if url is not None and not prefix:
         # Without it two deployments on one Redis share the kill switch (one operator can list and
         # lift the other's entries), SSF effects, replay caches and rate buckets.
-        raise ConfigError(
-            f"{path}.key_prefix: required with {path}.redis_url: a name for this deployment "
-            '(e.g. "payments-prod:") so deployments sharing a Redis never see each other\'s keys'
+        reader.problem(
+            "key_prefix",
+            f"required with {path}.redis_url: a name for this deployment "
+            '(e.g. "payments-prod:") so deployments sharing a Redis never see each other\'s keys',
         )
-    timeout = data.get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TIMEOUT_SECONDS:
-        raise ConfigError(f"{path}.timeout_seconds: expected a number in (0, {MAX_TIMEOUT_SECONDS}]")
-    entries = data.get("max_entries", DEFAULT_MAX_ENTRIES)
-    if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1:
-        raise ConfigError(f"{path}.max_entries: expected a positive integer")
-    directory = text("path")
+    if not values["timeout_seconds"] > 0:
+        reader.problem("timeout_seconds", f"expected a number in (0, {MAX_TIMEOUT_SECONDS}]")
+    directory = values["path"]
     if directory is not None:
         if url is not None:
-            raise ConfigError(f"{path}.path: only without {path}.redis_url (Redis keeps the entries)")
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
-            raise ConfigError(f"{path}.path: {directory!r} is not a writable directory")
-    return StateConfig(
-        path=directory,
-        redis_url=url,
-        key_prefix=prefix,
-        timeout_seconds=float(timeout),
-        max_entries=entries,
-        password=password,
-    )
+            reader.problem("path", f"only without {path}.redis_url (Redis keeps the entries)")
+        elif not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+            reader.problem("path", f"{directory!r} is not a writable directory")
+    reader.done()
+    return StateConfig(**values)
