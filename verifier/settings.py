@@ -252,7 +252,9 @@ class Settings:
     state: StateConfig | None = None  # Redis, or a local store's path; None: in-memory
     # The forward-auth request header a trusted gateway puts the client certificate's x5t#S256 in;
     # empty: none is read (a client could send it), so certificate-bound tokens need a gRPC door.
-    mtls_thumbprint_header: str = ""
+    mtls_thumbprint_header: str = setting(
+        "", doc="forward-auth: the header a trusted gateway overwrites with the client cert's x5t#S256"
+    )
     forward_auth: ForwardAuthSettings = ForwardAuthSettings()
     edge_cache: EdgeCacheSettings = EdgeCacheSettings()
     max_pending_checks: int = setting(
