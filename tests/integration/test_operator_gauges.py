@@ -77,6 +77,7 @@ async def test_ssf_polls_are_counted_by_result(reachable: bool) -> None:
                         "algorithms": ["ES256"],
                         "poll_interval_seconds": 0.1,
                         "fetch_timeout_seconds": 0.5,
+                        "allow_insecure_http": True,
                     }
                 ]
             }
