@@ -90,7 +90,14 @@ async def test_prometheus_scrapes_both_workers_and_loads_the_rules(tmp_path: Pat
                 "workers": 2,
                 "http": {"listen": f"127.0.0.1:{http}"},
                 "metrics": {"listen": f"127.0.0.1:{metrics}"},
-                "issuers": [{"issuer": idp.issuer, "audiences": [DEV_AUDIENCE], "algorithms": ["ES256"]}],
+                "issuers": [
+                    {
+                        "issuer": idp.issuer,
+                        "audiences": [DEV_AUDIENCE],
+                        "algorithms": ["ES256"],
+                        "allow_insecure_http": True,
+                    }
+                ],
             }
         )
     )
