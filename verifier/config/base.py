@@ -242,6 +242,7 @@ class Setting:
     maximum: float | None = None  # numbers: the largest accepted value (unbounded when None)
     unit: str = ""  # e.g. seconds, bytes, entries
     choices: tuple[str, ...] = ()  # strings: the accepted values
+    key: str = ""  # the key's path in its section when it is not the field's name (read by the section)
 
 
 def setting(
@@ -252,9 +253,10 @@ def setting(
     maximum: float | None = None,
     unit: str = "",
     choices: tuple[str, ...] = (),
+    key: str = "",
 ) -> Any:
     """A dataclass field that is a config key: its default, bounds, unit and one-line doc, declared once."""
-    meta = Setting(doc=doc, minimum=minimum, maximum=maximum, unit=unit, choices=choices)
+    meta = Setting(doc=doc, minimum=minimum, maximum=maximum, unit=unit, choices=choices, key=key)
     return dataclasses.field(default=default, metadata={"setting": meta})
 
 

@@ -25,7 +25,6 @@ _OWN_READERS = (
     ("policies[]", "-", "match, require", "route policies, first match wins: see the example above"),
     ("rate_limits", "-", "default, roles", "token buckets per identity: {per_second, burst}"),
     ("revocation", "-", "mapping", "SSF transmitters and the kill switch: verifier/config/revocation.py"),
-    ("webauthn", "-", "mapping", "relying party, origins, step-up: verifier/config/webauthn.py"),
 )
 
 
@@ -77,6 +76,7 @@ def rows(cls: type[Any], prefix: str = "") -> list[tuple[str, str, str, str]]:
         key = prefix + _KEYS.get(field.name, field.name)
         meta = setting_of(field)
         if meta is not None:
+            key = prefix + meta.key if meta.key else key
             found.append((key, _default(field), _bounds(field), meta.doc))
             continue
         section, many = _section_type(hints[field.name])
