@@ -51,7 +51,7 @@ def test_the_reference_names_every_key_the_readers_accept() -> None:
             return [k for item in value for k in keys(item, prefix[:-1] + "[].")]
         return [prefix[:-1]]
 
-    sections = ("issuers[].introspection", "policies[]", "rate_limits", "revocation")
+    sections = ("issuers[].introspection", "policies[]", "rate_limits")
     missing = {
         key
         for key in keys(example, "")

@@ -296,6 +296,8 @@ def _read_value(reader: Reader, key: str, hint: Any, default: Any, meta: Setting
     if hint == str | None:  # optional, no default: absent is None, present must be a non-empty string
         return None if reader.raw(key) is None else reader.text(key)
     if hint == tuple[str, ...]:
+        if not required and reader.raw(key) is None:
+            return default
         return reader.strings(key, required=required)
     raise TypeError(f"{key}: no reader for {hint!r}")  # a schema mistake, caught by the tests
 

@@ -24,7 +24,6 @@ _OWN_READERS = (
     ("issuers[].introspection", "-", "mapping", "RFC 7662 opaque tokens: verifier/config/introspection.py"),
     ("policies[]", "-", "match, require", "route policies, first match wins: see the example above"),
     ("rate_limits", "-", "default, roles", "token buckets per identity: {per_second, burst}"),
-    ("revocation", "-", "mapping", "SSF transmitters and the kill switch: verifier/config/revocation.py"),
 )
 
 
