@@ -52,8 +52,9 @@ from tokenkit import (
 
 from verifier import credentials
 from verifier.app import App
-from verifier.binding.dpop import DpopConfig, DpopVerifier
+from verifier.binding.dpop import DpopVerifier
 from verifier.clock import FrozenClock
+from verifier.config.dpop import DpopConfig
 from verifier.credentials import Credential
 from verifier.doors.forward_auth import FORWARDED_FAMILIES, attributes_from_http
 from verifier.doors.grpc import attributes_from_envoy, attributes_from_own, cert_thumbprint

@@ -29,6 +29,7 @@ from ssf_transmitter import ACCOUNT_DISABLED, CREDENTIAL_CHANGE, SESSION_REVOKED
 from webauthnkit import ORIGIN, RP_ID, SoftAuthenticator, encode_header
 
 from verifier.app import App
+from verifier.config.introspection import IntrospectionConfig
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 from verifier.revocation import parse_revocation_config
 from verifier.settings import (
@@ -43,7 +44,6 @@ from verifier.settings import (
     RouteMatch,
     Settings,
 )
-from verifier.tokens.introspection_config import IntrospectionConfig
 from verifier.webauthn import WebAuthnConfig
 
 RECEIVER = "https://verifier.example.test"

@@ -23,6 +23,13 @@ from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from prometheus_client import CollectorRegistry
 
 from verifier.clock import FrozenClock, SystemClock
+from verifier.config.introspection import (
+    DEFAULT_BATCH_WINDOW_SECONDS,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_NEGATIVE_TTL_SECONDS,
+    DEFAULT_POSITIVE_TTL_SECONDS,
+    DEFAULT_TIMEOUT_SECONDS,
+)
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 from verifier.errors import (
     AudienceMismatch,
@@ -43,13 +50,6 @@ from verifier.tokens.introspection import (
 )
 from verifier.tokens.introspection_breaker import BreakerState
 from verifier.tokens.introspection_client import ASSERTION_TYPE, HttpReply, HttpRequest
-from verifier.tokens.introspection_config import (
-    DEFAULT_BATCH_WINDOW_SECONDS,
-    DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_NEGATIVE_TTL_SECONDS,
-    DEFAULT_POSITIVE_TTL_SECONDS,
-    DEFAULT_TIMEOUT_SECONDS,
-)
 
 ISSUER = "https://issuer.example.test"
 AUDIENCE = "https://api.example.test"

@@ -14,13 +14,13 @@ from prometheus_client import CollectorRegistry
 from tokenkit import AUDIENCE, FakeFetcher, discovery_document, make_issuer_keys
 
 from verifier.clock import FrozenClock
+from verifier.config.introspection import IntrospectionConfig
 from verifier.errors import ProviderUnavailable
 from verifier.revocation import parse_revocation_config
 from verifier.revocation.poll import poll_endpoint
 from verifier.settings import IssuerSettings
 from verifier.tokens.introspection import Introspector
 from verifier.tokens.introspection_client import HttpReply, HttpRequest
-from verifier.tokens.introspection_config import IntrospectionConfig
 
 LOOPBACK = "http://127.0.0.1:9400"
 HTTPS = "https://idp.example.test"

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 from rawprovider import RawProvider, Route, json_route
 
 from verifier.clock import SystemClock
+from verifier.config.revocation import parse_revocation_config
 from verifier.observe.metrics import Metrics
-from verifier.revocation.config import parse_revocation_config
 from verifier.revocation.poll import Outcome, Poller
 from verifier.tokens.fetch import HttpFetcher
 from verifier.tokens.jwks import IssuerKeys

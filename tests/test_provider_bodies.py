@@ -16,9 +16,9 @@ from rawprovider import RawProvider, Route, json_route
 from tokenkit import AUDIENCE
 
 from verifier.clock import SystemClock
+from verifier.config.revocation import parse_revocation_config
 from verifier.errors import ProviderUnavailable
 from verifier.observe.metrics import Metrics
-from verifier.revocation.config import parse_revocation_config
 from verifier.revocation.poll import Outcome, Poller
 from verifier.settings import IssuerSettings
 from verifier.tokens.fetch import HttpFetcher, read_body

@@ -317,7 +317,7 @@ async def test_events_about_another_issuers_subjects_are_acknowledged_ignored_an
 
 
 def test_subjects_of_must_name_configured_issuers() -> None:
-    from verifier.revocation.config import check_transmitter_scopes
+    from verifier.config.revocation import check_transmitter_scopes
 
     check_transmitter_scopes(config(), [ISSUER])
     with pytest.raises(ConfigError, match=r"^revocation\.transmitters\[0\]\.subjects_of\[0\]: "):

@@ -343,3 +343,34 @@ def test_check_config_refuses_several_workers_sharing_a_kill_switch_without_redi
     result = _check_config(path)
     assert result.returncode == 2
     assert "state.redis_url" in result.stderr and "workers" in result.stderr
+
+
+def test_the_dpop_and_state_sections_report_every_problem_with_suggestions(tmp_path: Path) -> None:
+    """Sections read by the schema's one reader: a typo names the nearest key, and one run names them all."""
+    document = _example()
+    document["dpop"] = {"iat_past_secs": 60, "max_proof_bytes": 10}
+    document["state"] = {"max_entrys": 5, "timeout_seconds": 9}
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(document)
+    lines = str(caught.value).splitlines()
+    assert "dpop.iat_past_secs: unknown key (did you mean iat_past_seconds?)" in lines
+    assert any(line.startswith("dpop.max_proof_bytes: 10 is outside [512, 65536]") for line in lines)
+    assert "state.max_entrys: unknown key (did you mean max_entries?)" in lines
+    assert any(line.startswith("state.timeout_seconds: 9 is outside") for line in lines)
+
+
+def test_the_webauthn_and_revocation_sections_report_every_problem_with_suggestions() -> None:
+    document = _example()
+    document["webauthn"] = {"rp_id": "localhost", "origin": ["http://localhost:9555"], "demo": "yes"}
+    document["revocation"] = {
+        "transmitters": [{"issuer": "https://idp.example.test", "audiance": "x", "max_age_seconds": 0}],
+        "resync_interval": 5,
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(document)
+    lines = str(caught.value).splitlines()
+    assert "webauthn.origin: unknown key (did you mean origins?)" in lines
+    assert "webauthn.demo: expected true or false" in lines
+    assert "revocation.transmitters[0].audiance: unknown key (did you mean audience?)" in lines
+    assert any(line.startswith("revocation.transmitters[0].max_age_seconds: 0 is outside") for line in lines)
+    assert "revocation.resync_interval: unknown key (did you mean resync_interval_seconds?)" in lines

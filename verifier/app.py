@@ -16,8 +16,10 @@ from collections.abc import Callable
 import aiohttp
 from aiohttp import web
 
-from verifier.binding.dpop import DpopConfig, DpopVerifier
+from verifier.binding.dpop import DpopVerifier
 from verifier.clock import Clock, SystemClock
+from verifier.config.dpop import DpopConfig
+from verifier.config.revocation import check_transmitter_scopes
 from verifier.credentials import Credential
 from verifier.decision import Decision
 from verifier.doors.forward_auth import ForwardAuthDoor
@@ -31,7 +33,6 @@ from verifier.policy.roles import RoleMapper
 from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.revocation import RevocationService
-from verifier.revocation.config import check_transmitter_scopes
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.settings import Settings
 from verifier.state import build_state

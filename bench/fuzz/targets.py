@@ -143,8 +143,9 @@ def jwk_target(data: bytes) -> None:
 
 
 def dpop_target(data: bytes) -> None:
-    from verifier.binding.dpop import DpopConfig, DpopVerifier
+    from verifier.binding.dpop import DpopVerifier
     from verifier.clock import FrozenClock
+    from verifier.config.dpop import DpopConfig
     from verifier.errors import VerifierError
     from verifier.state.memory import MemoryState
 

@@ -4,7 +4,7 @@ The composition root builds one `RevocationService`; the pipeline asks `service.
 (refusal or None) and `service.revocations.overrides()` (claims for policy) on every decision.
 """
 
-from verifier.revocation.config import RevocationConfig, TransmitterConfig, parse_revocation_config
+from verifier.config.revocation import RevocationConfig, TransmitterConfig, parse_revocation_config
 from verifier.revocation.index import Revocations, TokenRevoked
 from verifier.revocation.service import RevocationService
 

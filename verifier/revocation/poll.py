@@ -22,8 +22,8 @@ from typing import Any
 
 import aiohttp
 
+from verifier.config.revocation import DELIVERY_POLL_URN, TransmitterConfig
 from verifier.errors import ProviderUnavailable
-from verifier.revocation.config import DELIVERY_POLL_URN, TransmitterConfig
 from verifier.tokens.fetch import check_learned_url, read_body
 from verifier.tokens.jwks import IssuerKeys
 

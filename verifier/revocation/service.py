@@ -18,10 +18,10 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from verifier.clock import Clock
+from verifier.config.revocation import POLL, PUSH, RevocationConfig, TransmitterConfig
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.errors import StateUnavailable
 from verifier.revocation.admin import AdminApi
-from verifier.revocation.config import POLL, PUSH, RevocationConfig, TransmitterConfig
 from verifier.revocation.entry import Effect, Entry
 from verifier.revocation.index import Revocations
 from verifier.revocation.metrics import RevocationMetrics, TransmitterKeyMetrics

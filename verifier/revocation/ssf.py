@@ -37,9 +37,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from verifier.clock import Clock
+from verifier.config.revocation import TransmitterConfig
 from verifier.errors import AlgorithmRefused, MalformedToken
 from verifier.numbers import json_number
-from verifier.revocation.config import TransmitterConfig
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.subjects import SubjectError, subject_keys
 from verifier.state.base import SharedState

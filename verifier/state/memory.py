@@ -16,9 +16,8 @@ import heapq
 from collections import OrderedDict
 
 from verifier.clock import Clock
+from verifier.config.state import DEFAULT_MAX_ENTRIES
 from verifier.state.base import TakeResult, check_bucket, refill, take_one, take_result
-
-DEFAULT_MAX_ENTRIES = 100_000  # entries per table (replay keys, buckets); ~200 bytes each
 
 
 class MemoryState:

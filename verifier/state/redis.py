@@ -18,8 +18,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
+from verifier.config.state import DEFAULT_KEY_PREFIX, DEFAULT_TIMEOUT_SECONDS
 from verifier.errors import StateUnavailable
-from verifier.state import DEFAULT_KEY_PREFIX, DEFAULT_TIMEOUT_SECONDS
 from verifier.state.base import TakeResult, check_bucket, take_result
 
 # Mirrors verifier.state.base.refill / take_one / the bucket's expiry, atomically on the server.

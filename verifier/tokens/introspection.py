@@ -31,6 +31,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from verifier.clock import Clock
+from verifier.config.introspection import ClientAuth, IntrospectionConfig, parse_introspection_config
 from verifier.errors import (
     AudienceMismatch,
     ClaimInvalid,
@@ -56,7 +57,6 @@ from verifier.tokens.introspection_client import (
     ProviderClient,
     default_dispatcher,
 )
-from verifier.tokens.introspection_config import ClientAuth, IntrospectionConfig, parse_introspection_config
 from verifier.tokens.introspection_metrics import IntrospectionMetrics, IssuerIntrospectionMetrics
 
 __all__ = [

@@ -37,14 +37,14 @@ import aiohttp
 import jwt
 
 from verifier.clock import Clock
-from verifier.errors import ProviderUnavailable
-from verifier.tokens.fetch import check_learned_url, read_body
-from verifier.tokens.introspection_breaker import CircuitBreaker
-from verifier.tokens.introspection_config import (
+from verifier.config.introspection import (
     DEFAULT_MAX_RESPONSE_BYTES,
     ClientAuth,
     IntrospectionConfig,
 )
+from verifier.errors import ProviderUnavailable
+from verifier.tokens.fetch import check_learned_url, read_body
+from verifier.tokens.introspection_breaker import CircuitBreaker
 from verifier.tokens.introspection_metrics import IssuerIntrospectionMetrics
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 section 2.2

@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
+from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
 from verifier.webauthn.assertion import ASSERTION_HEADER
-from verifier.webauthn.config import WebAuthnConfig, parse_webauthn_config
 from verifier.webauthn.errors import AssertionRefused, Offer, RegistrationRefused
 from verifier.webauthn.service import WebAuthnService
 from verifier.webauthn.store import CredentialStore, DuplicateCredential, SqliteCredentialStore, StoredCredential

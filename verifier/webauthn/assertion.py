@@ -27,11 +27,11 @@ from fido2.cose import CoseKey
 from fido2.webauthn import AuthenticationResponse, CollectedClientData
 
 from verifier.clock import Clock
+from verifier.config.webauthn import WebAuthnConfig
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.state.base import SharedState
 from verifier.webauthn.challenge import ChallengeSigner, b64url, b64url_decode, request_hash, subject_hash
-from verifier.webauthn.config import WebAuthnConfig
 from verifier.webauthn.errors import AssertionRefused
 from verifier.webauthn.store import CredentialStore, StoredCredential
 

@@ -34,8 +34,8 @@ from fido2.webauthn import (
     UserVerificationRequirement,
 )
 
+from verifier.config.webauthn import WebAuthnConfig
 from verifier.webauthn.challenge import ChallengeSigner, b64url
-from verifier.webauthn.config import WebAuthnConfig
 from verifier.webauthn.errors import RegistrationRefused
 
 # COSE algorithms we offer and accept (IANA COSE registry): ES256 first (every authenticator has it),

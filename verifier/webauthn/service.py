@@ -42,6 +42,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from verifier.clock import Clock
+from verifier.config.webauthn import WebAuthnConfig
 from verifier.decision import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.errors import Forbidden, VerifierError
@@ -57,7 +58,6 @@ from verifier.webauthn.assertion import (
     user_handle,
 )
 from verifier.webauthn.challenge import ChallengeSigner, b64url, b64url_decode, subject_hash
-from verifier.webauthn.config import WebAuthnConfig
 from verifier.webauthn.errors import AssertionRefused, Offer, RegistrationRefused
 from verifier.webauthn.registration import Registrar, parse_preferences
 from verifier.webauthn.store import CredentialStore, DuplicateCredential, StoredCredential

@@ -25,13 +25,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
-from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from verifier.settings import ConfigError
+from verifier.config.base import ConfigError, Reader, read_fields, setting
 
 DEFAULT_RP_NAME = "edge-verifier"
 # Seconds a challenge (step-up or registration) stays valid. WebAuthn Level 3 section 15.1 recommends
@@ -43,36 +42,35 @@ MIN_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output is weaker th
 DEFAULT_SQLITE_PATH = "webauthn.sqlite3"
 USER_VERIFICATION = ("required", "preferred", "discouraged")
 ATTESTATION = ("none", "trusted_roots")
-_KEYS = (
-    "rp_id",
-    "rp_name",
-    "origins",
-    "user_verification",
-    "attestation",
-    "trusted_roots_pem",
-    "challenge_timeout_seconds",
-    "secret_env",
-    "storage",
-    "demo",
-)
-_STORAGE_KEYS = ("sqlite_path",)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WebAuthnConfig:
     """The relying party as configured; built once at start-up (see the module docstring)."""
 
-    rp_id: str
-    rp_name: str = DEFAULT_RP_NAME
-    origins: tuple[str, ...]
-    user_verification: str = "required"
-    attestation: str = "none"
-    trusted_roots_pem: tuple[str, ...] = ()
-    challenge_timeout_seconds: int = DEFAULT_CHALLENGE_TIMEOUT_SECONDS
+    rp_id: str = setting(doc="the registrable domain (WebAuthn Level 3 section 5.1.2), no scheme or port")
+    rp_name: str = setting(DEFAULT_RP_NAME, doc="shown by the authenticator")
+    origins: tuple[str, ...] = setting(doc="exact origins on rp_id whose clientDataJSON we accept (http: localhost)")
+    user_verification: str = setting("required", choices=USER_VERIFICATION, doc="the UV flag policy")
+    attestation: str = setting("none", choices=ATTESTATION, doc="trusted_roots: only authenticators those roots sign")
+    trusted_roots_pem: tuple[str, ...] = setting((), doc="PEM roots accepted with attestation: trusted_roots")
+    challenge_timeout_seconds: int = setting(
+        DEFAULT_CHALLENGE_TIMEOUT_SECONDS,
+        minimum=1,
+        maximum=MAX_CHALLENGE_TIMEOUT_SECONDS,
+        unit="seconds",
+        doc="lifetime of a challenge or registration state",
+    )
+    secret_env: str = setting(
+        DEFAULT_SECRET_ENV,
+        doc=f"environment variable with the HMAC key ({MIN_SECRET_BYTES}+ bytes, same on every replica)",
+    )
     secret: bytes = dataclasses.field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     secret_from_env: bool = False  # False: a per-process random key (single replica only)
-    sqlite_path: str = DEFAULT_SQLITE_PATH
-    demo: bool = True
+    sqlite_path: str = setting(
+        DEFAULT_SQLITE_PATH, key="storage.sqlite_path", doc="the credential registry (or :memory:)"
+    )
+    demo: bool = setting(True, doc="serve GET /v1/webauthn/demo (a same-origin test page)")
 
     def __post_init__(self) -> None:
         if not self.rp_id:
@@ -121,92 +119,50 @@ def _rp_id_fits(rp_id: str, origin: str) -> bool:
 
 
 def parse_webauthn_config(data: Any, path: str = "webauthn") -> WebAuthnConfig:
-    """Validates the `webauthn` mapping; raises `ConfigError` naming the key."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
-    for key in data:
-        if key not in _KEYS:
-            raise ConfigError(f"{path}.{key}: unknown key")
-
-    def text(key: str, default: str | None = None) -> str:
-        value = data.get(key, default)
-        if value is None:
-            raise ConfigError(f"{path}.{key}: required")
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{path}.{key}: expected a non-empty string")
-        return value
-
-    def choice(key: str, default: str, allowed: tuple[str, ...]) -> str:
-        value = text(key, default)
-        if value not in allowed:
-            raise ConfigError(f"{path}.{key}: expected one of {', '.join(allowed)}")
-        return value
-
-    rp_id = text("rp_id").lower()
+    """Validates the `webauthn` mapping; problems are named by key (`verifier.config.base`)."""
+    reader = Reader(data, path)
+    rp_id = reader.text("rp_id").lower()
     if "/" in rp_id or ":" in rp_id:
-        raise ConfigError(f"{path}.rp_id: expected a domain name (no scheme, port or path)")
-    raw_origins = data.get("origins")
-    if not isinstance(raw_origins, list) or not raw_origins:
-        raise ConfigError(f"{path}.origins: expected a non-empty list of origins")
+        reader.problem("rp_id", "expected a domain name (no scheme, port or path)")
     origins: list[str] = []
-    for i, origin in enumerate(raw_origins):
-        if not isinstance(origin, str) or not _origin_ok(origin):
-            raise ConfigError(
-                f"{path}.origins[{i}]: expected an origin such as https://app.example.com (http only for localhost)"
+    for i, origin in enumerate(reader.strings("origins")):
+        if not _origin_ok(origin):
+            reader.problem(
+                f"origins[{i}]", "expected an origin such as https://app.example.com (http only for localhost)"
             )
-        if not _rp_id_fits(rp_id, origin):
-            raise ConfigError(f"{path}.origins[{i}]: {origin!r} is not on rp_id {rp_id!r} or a subdomain of it")
-        origins.append(origin.rstrip("/"))
-    attestation = choice("attestation", "none", ATTESTATION)
+        elif not _rp_id_fits(rp_id, origin):
+            reader.problem(f"origins[{i}]", f"{origin!r} is not on rp_id {rp_id!r} or a subdomain of it")
+        else:
+            origins.append(origin.rstrip("/"))
     roots: list[str] = []
-    raw_roots = data.get("trusted_roots_pem")
-    if raw_roots is not None:
-        if not isinstance(raw_roots, list):
-            raise ConfigError(f"{path}.trusted_roots_pem: expected a list of PEM certificates")
-        for i, pem in enumerate(raw_roots):
-            if not isinstance(pem, str):
-                raise ConfigError(f"{path}.trusted_roots_pem[{i}]: expected a PEM certificate")
-            try:
-                x509.load_pem_x509_certificate(pem.encode())
-            except ValueError as exc:
-                raise ConfigError(f"{path}.trusted_roots_pem[{i}]: not a PEM certificate") from exc
+    for i, pem in enumerate(reader.strings("trusted_roots_pem", required=False)):
+        try:
+            x509.load_pem_x509_certificate(pem.encode())
             roots.append(pem)
-    if attestation == "trusted_roots" and not roots:
-        raise ConfigError(f"{path}.trusted_roots_pem: required (non-empty) when attestation is trusted_roots")
-    timeout = data.get("challenge_timeout_seconds", DEFAULT_CHALLENGE_TIMEOUT_SECONDS)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= MAX_CHALLENGE_TIMEOUT_SECONDS:
-        raise ConfigError(
-            f"{path}.challenge_timeout_seconds: expected an integer in [1, {MAX_CHALLENGE_TIMEOUT_SECONDS}]"
-        )
-    secret_env = text("secret_env", DEFAULT_SECRET_ENV)
+        except ValueError:
+            reader.problem(f"trusted_roots_pem[{i}]", "not a PEM certificate")
+    secret_env = reader.text("secret_env", DEFAULT_SECRET_ENV)
     env_value = os.environ.get(secret_env, "")
     if env_value and len(env_value.encode()) < MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"{path}.secret_env: environment variable {secret_env} must hold at least {MIN_SECRET_BYTES} bytes"
-        )
-    secret = env_value.encode() if env_value else secrets.token_bytes(32)
-    storage = data.get("storage", {})
-    if not isinstance(storage, Mapping):
-        raise ConfigError(f"{path}.storage: expected a mapping")
-    for key in storage:
-        if key not in _STORAGE_KEYS:
-            raise ConfigError(f"{path}.storage.{key}: unknown key")
-    sqlite_path = storage.get("sqlite_path", DEFAULT_SQLITE_PATH)
-    if not isinstance(sqlite_path, str) or not sqlite_path:
-        raise ConfigError(f"{path}.storage.sqlite_path: expected a file path (or :memory:)")
-    demo = data.get("demo", True)
-    if not isinstance(demo, bool):
-        raise ConfigError(f"{path}.demo: expected true or false")
-    return WebAuthnConfig(
+        reader.problem("secret_env", f"environment variable {secret_env} must hold at least {MIN_SECRET_BYTES} bytes")
+        env_value = ""
+    storage = reader.child("storage") or Reader({}, f"{path}.storage")
+    sqlite_path = storage.text("sqlite_path", DEFAULT_SQLITE_PATH)
+    storage.done()
+    values = read_fields(
+        reader,
+        WebAuthnConfig,
         rp_id=rp_id,
-        rp_name=text("rp_name", DEFAULT_RP_NAME),
         origins=tuple(origins),
-        user_verification=choice("user_verification", "required", USER_VERIFICATION),
-        attestation=attestation,
         trusted_roots_pem=tuple(roots),
-        challenge_timeout_seconds=timeout,
-        secret=secret,
-        secret_from_env=bool(env_value),
+        secret_env=secret_env,
         sqlite_path=sqlite_path,
-        demo=demo,
     )
+    if values["attestation"] == "trusted_roots" and not roots:
+        reader.problem("trusted_roots_pem", "required (non-empty) when attestation is trusted_roots")
+    reader.done()
+    secret = env_value.encode() if env_value else secrets.token_bytes(32)
+    try:
+        return WebAuthnConfig(**values, secret=secret, secret_from_env=bool(env_value))
+    except ValueError as exc:  # only after a problem was recorded above (check-config goes on reading)
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,119 @@
+"""The `dpop` section: how DPoP proofs (RFC 9449) are checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from verifier.config.base import Reader, read_fields, setting
+from verifier.tokens.keys import ALG_KEY_TYPES
+
+# Asymmetric only (RFC 9449 section 4.3 step 5: no `none`, no MAC). ES256 first: it is what most
+# clients use; RS256/PS256 for platforms without EC; EdDSA for the rest.
+DEFAULT_ALGORITHMS: tuple[str, ...] = ("ES256", "ES384", "EdDSA", "RS256", "PS256")
+# Seconds a proof stays acceptable after its `iat`. A proof is made just before its request, so one
+# minute covers slow networks and queueing; it is also how long each `jti` is remembered.
+DEFAULT_IAT_PAST_SECONDS = 60.0
+# Seconds a proof's `iat` may lie ahead of our clock: client clocks run ahead a little. Clients with
+# worse clocks are what server nonces (`require_nonce`) are for (RFC 9449 section 11.1).
+DEFAULT_IAT_FUTURE_SECONDS = 5.0
+# Seconds a server nonce stays acceptable after we issue it.
+DEFAULT_NONCE_LIFETIME_SECONDS = 300.0
+# Bytes; a proof with an RSA-4096 key is about 2.5 KiB, anything much larger is not a proof.
+DEFAULT_MAX_PROOF_BYTES = 8192
+MIN_NONCE_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output is weaker than it looks
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DpopConfig:
+    """How DPoP proofs are checked.
+
+    ```yaml
+    dpop:
+      algorithms: [ES256, ES384, EdDSA, RS256, PS256]  # allow-list for the proof's alg
+      iat_past_seconds: 60        # proof age accepted; also how long each jti is remembered
+      iat_future_seconds: 5       # client clock ahead of ours accepted
+      require_nonce: false        # true: every proof must carry a nonce we issued (section 9)
+      nonce_secret_env: VERIFIER_DPOP_NONCE_SECRET  # required with require_nonce; same on every replica
+      nonce_lifetime_seconds: 300
+      max_proof_bytes: 8192
+    ```
+    """
+
+    algorithms: tuple[str, ...] = setting(DEFAULT_ALGORITHMS, doc="allow-list for the proof's alg (asymmetric only)")
+    iat_past_seconds: float = setting(
+        DEFAULT_IAT_PAST_SECONDS,
+        minimum=1,
+        maximum=3600,
+        unit="seconds",
+        doc="proof age accepted; also how long each jti is remembered",
+    )
+    iat_future_seconds: float = setting(
+        DEFAULT_IAT_FUTURE_SECONDS, minimum=0, maximum=600, unit="seconds", doc="client clock ahead of ours accepted"
+    )
+    require_nonce: bool = setting(False, doc="every proof must carry a nonce we issued (RFC 9449 section 9)")
+    nonce_secret_env: str = setting(
+        "", doc=f"environment variable with the nonce key ({MIN_NONCE_SECRET_BYTES}+ bytes, same on every replica)"
+    )
+    nonce_secret: bytes = dataclasses.field(default=b"", repr=False)  # read from `nonce_secret_env`
+    nonce_lifetime_seconds: float = setting(
+        DEFAULT_NONCE_LIFETIME_SECONDS, minimum=1, maximum=86400, unit="seconds", doc="a server nonce's lifetime"
+    )
+    max_proof_bytes: int = setting(
+        DEFAULT_MAX_PROOF_BYTES, minimum=512, maximum=65536, unit="bytes", doc="larger proofs are refused unparsed"
+    )
+
+    def __post_init__(self) -> None:
+        for alg in self.algorithms:
+            if alg not in ALG_KEY_TYPES:
+                raise ValueError(f"algorithm {alg!r} cannot sign a DPoP proof")
+        if self.require_nonce and len(self.nonce_secret) < MIN_NONCE_SECRET_BYTES:
+            raise ValueError(f"require_nonce needs a nonce secret of at least {MIN_NONCE_SECRET_BYTES} bytes")
+
+    @property
+    def jti_ttl_seconds(self) -> float:
+        """How long a `jti` must be remembered: the whole span of `iat` values we accept."""
+        return self.iat_past_seconds + self.iat_future_seconds
+
+
+def parse_dpop_config(data: Any, path: str = "dpop") -> DpopConfig:
+    """Validates the `dpop` mapping (None means defaults); problems are named by key (`verifier.config.base`)."""
+    if data is None:
+        return DpopConfig()
+    reader = Reader(data, path)
+    algorithms = DEFAULT_ALGORITHMS
+    if reader.raw("algorithms") is not None:
+        algorithms = reader.strings("algorithms") or DEFAULT_ALGORITHMS
+        for i, alg in enumerate(algorithms):
+            if alg not in ALG_KEY_TYPES:
+                reader.problem(
+                    f"algorithms[{i}]",
+                    f"{alg!r} is not an asymmetric signature algorithm ({', '.join(sorted(ALG_KEY_TYPES))})",
+                )
+                algorithms = DEFAULT_ALGORITHMS
+    require_nonce = reader.boolean("require_nonce", False)
+    secret = b""
+    secret_env = reader.text("nonce_secret_env", "")
+    if secret_env:
+        secret = os.environ.get(secret_env, "").encode()
+        if len(secret) < MIN_NONCE_SECRET_BYTES:
+            reader.problem(
+                "nonce_secret_env",
+                f"environment variable {secret_env} must hold at least {MIN_NONCE_SECRET_BYTES} bytes",
+            )
+    elif require_nonce:
+        reader.problem("nonce_secret_env", "required when require_nonce is true (shared by all replicas)")
+    if len(secret) < MIN_NONCE_SECRET_BYTES:
+        require_nonce = False  # recorded above; the config is not used
+    config = DpopConfig(
+        **read_fields(
+            reader,
+            DpopConfig,
+            algorithms=algorithms,
+            require_nonce=require_nonce,
+            nonce_secret_env=secret_env,
+            nonce_secret=secret,
+        )
+    )
+    reader.done()
+    return config

@@ -1,0 +1,97 @@
+"""The `state` section: where shared state (replay caches, token buckets, revocations) lives.
+
+```yaml
+state:                               # optional; without it (or without redis_url) state is in memory
+  redis_url: "redis://10.0.0.5:6379/0"   # redis://, rediss:// (TLS) or unix://; no password here
+  password_env: VERIFIER_REDIS_PASSWORD  # optional: the environment variable holding the password
+  key_prefix: "payments-prod:"       # required with redis_url: this deployment's namespace in Redis
+  timeout_seconds: 0.25              # per socket operation; past it the request fails closed (503)
+  max_entries: 100000                # memory store only: bound per table
+  # path: /var/lib/verifier          # only without redis_url: a directory for the durable local store
+```
+
+Without `redis_url`, revocation entries (kill switch, SSF events) are kept in a SQLite file in
+`path`, so they survive a full restart; without `path`, `verifier serve` keeps them in a temporary
+directory for the supervisor's lifetime (a reload or a worker restart keeps them, a full restart
+does not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+from verifier.config.base import Reader, read_fields, setting
+
+DEFAULT_MAX_ENTRIES = 100_000  # memory store: entries per table (replay keys, buckets); ~200 bytes each
+DEFAULT_KEY_PREFIX = "verifier:"  # namespace for every key this verifier writes
+# Seconds per Redis socket operation (connect, write, read). Redis sits a LAN hop away; a request
+# waiting longer than this is better refused (503, fail closed) than left hanging at the gateway.
+DEFAULT_TIMEOUT_SECONDS = 0.25
+MAX_TIMEOUT_SECONDS = 5.0  # seconds; a slower answer holds the gateway's request too long
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StateConfig:
+    """Where shared state lives: Redis when `redis_url` is set, else this process's memory."""
+
+    redis_url: str | None = setting(None, doc="redis://, rediss:// (TLS) or unix://; no password here")
+    password_env: str | None = setting(None, doc="environment variable holding the Redis password")
+    key_prefix: str = setting(DEFAULT_KEY_PREFIX, doc="required with redis_url: this deployment's namespace")
+    timeout_seconds: float = setting(
+        DEFAULT_TIMEOUT_SECONDS,
+        maximum=MAX_TIMEOUT_SECONDS,
+        unit="seconds",
+        doc="per Redis operation, above 0; past it the request fails closed (503)",
+    )
+    max_entries: int = setting(DEFAULT_MAX_ENTRIES, minimum=1, unit="entries", doc="memory store: bound per table")
+    password: str | None = dataclasses.field(default=None, repr=False)  # read from `password_env`
+    path: str | None = setting(None, doc="without redis_url: directory of the durable local store (SQLite)")
+
+
+def parse_state_config(data: Any, path: str = "state") -> StateConfig:
+    """Validates the `state` mapping (None means defaults); problems are named by key (`verifier.config.base`)."""
+    if data is None:
+        return StateConfig()
+    reader = Reader(data, path)
+    values = read_fields(reader, StateConfig, key_prefix=reader.raw("key_prefix"))
+    url = values["redis_url"]
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in _REDIS_SCHEMES:
+            reader.problem("redis_url", "expected a redis://, rediss:// or unix:// URL")
+        elif parts.password:
+            reader.problem("redis_url", f"must not contain a password; use {path}.password_env")
+    password_env = values["password_env"]
+    if password_env is not None:
+        if url is None:
+            reader.problem("password_env", f"only meaningful with {path}.redis_url")
+        values["password"] = os.environ.get(password_env)
+        if not values["password"]:
+            reader.problem("password_env", f"environment variable {password_env} is not set")
+    prefix = values["key_prefix"]
+    if prefix is None:
+        values["key_prefix"] = DEFAULT_KEY_PREFIX
+    elif not isinstance(prefix, str):
+        reader.problem("key_prefix", "expected a string")
+    if url is not None and not prefix:
+        # Without it two deployments on one Redis share the kill switch (one operator can list and
+        # lift the other's entries), SSF effects, replay caches and rate buckets.
+        reader.problem(
+            "key_prefix",
+            f"required with {path}.redis_url: a name for this deployment "
+            '(e.g. "payments-prod:") so deployments sharing a Redis never see each other\'s keys',
+        )
+    if not values["timeout_seconds"] > 0:
+        reader.problem("timeout_seconds", f"expected a number in (0, {MAX_TIMEOUT_SECONDS}]")
+    directory = values["path"]
+    if directory is not None:
+        if url is not None:
+            reader.problem("path", f"only without {path}.redis_url (Redis keeps the entries)")
+        elif not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+            reader.problem("path", f"{directory!r} is not a writable directory")
+    reader.done()
+    return StateConfig(**values)
