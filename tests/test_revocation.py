@@ -24,8 +24,10 @@ from ssf_transmitter import (
 from tokenkit import ISSUER, NOW, FakeFetcher
 
 from verifier.clock import FrozenClock
-from verifier.decision import refuse
+from verifier.doors.admin_http import add_admin_routes
+from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
+from verifier.doors.ssf_http import add_ssf_routes
 from verifier.errors import InvalidToken
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, TokenRevoked, parse_revocation_config
@@ -110,7 +112,8 @@ def set_request(token: str, content_type: str = "application/secevent+jwt") -> H
 
 async def push(service: RevocationService, token: str, **kwargs: Any) -> HttpAnswer:
     router = Router()
-    service.register_routes(router)
+    add_ssf_routes(router, service)
+    add_admin_routes(router, service.admin)
     return await router.dispatch(set_request(token, **kwargs))
 
 
@@ -417,7 +420,8 @@ def admin(
 
 def routes(service: RevocationService) -> Router:
     router = Router()
-    service.register_routes(router)
+    add_ssf_routes(router, service)
+    add_admin_routes(router, service.admin)
     return router
 
 

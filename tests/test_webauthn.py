@@ -24,8 +24,9 @@ from prometheus_client import CollectorRegistry
 from webauthnkit import FLAGS, ORIGIN, RP_ID, SoftAuthenticator, b64u, encode_header, unb64u
 
 from verifier.clock import FrozenClock
-from verifier.decision import refuse
+from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpRequest, Router
+from verifier.doors.webauthn_http import add_webauthn_routes
 from verifier.errors import InvalidToken, MissingToken
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
@@ -69,7 +70,7 @@ class Harness:
         self.service = WebAuthnService(self.config, SqliteCredentialStore(":memory:"), self.state, self.clock,
                                        self.registry)
         self.router = Router()
-        self.service.register_routes(self.router, self.authenticate)
+        add_webauthn_routes(self.router, self.service, self.authenticate)
 
     async def authenticate(self, request: HttpRequest) -> Principal:
         value = request.headers.get("authorization", "")
@@ -689,7 +690,7 @@ async def test_sqlite_store_survives_a_restart(tmp_path: Any) -> None:
     h = Harness()
     h.service = first
     h.router = Router()
-    first.register_routes(h.router, h.authenticate)
+    add_webauthn_routes(h.router, first, h.authenticate)
     a = SoftAuthenticator()
     assert await h.register(a) == 201
     await first.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from verifier.errors import Outcome, VerifierError
+from verifier.errors import VerifierError
 from verifier.policy.rules import WebAuthnStepUpRequired
 
 
@@ -51,5 +51,9 @@ class RegistrationRefused(VerifierError):
     """A registration ceremony that does not verify: answered 400 by the registration endpoints."""
 
     code = "webauthn_registration_invalid"
-    outcome = Outcome.BAD_REQUEST
-    oauth_error = "invalid_request"
+
+
+class CredentialExists(VerifierError):
+    """The credential is already registered (to this user or another): 409."""
+
+    code = "webauthn_credential_exists"
