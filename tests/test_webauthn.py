@@ -293,10 +293,11 @@ async def test_refuses_a_registration_that_does_not_verify(harness: Harness, cas
         harness.clock.advance(121)
     elif case == "challenge_of_another_ceremony":
         state, _ = await _begin_and_create(harness, SoftAuthenticator())
-    status, _, body = await harness.call(
+    status, headers, body = await harness.call(
         "POST", "/v1/webauthn/register/complete", body={"state": state, "credential": credential}
     )
     assert status == 400 and body["error"] == code, body
+    assert headers["x-verifier-reason"] == code and "www-authenticate" not in headers  # the body, not the token
     _, _, listed = await harness.call("GET", "/v1/webauthn/credentials")
     assert listed == {"credentials": []}
 
@@ -314,6 +315,11 @@ async def test_refuses_a_credential_id_registered_to_someone_else(harness: Harne
     a = SoftAuthenticator()
     assert await harness.register(a, user="bob") == 201
     assert await harness.register(a, user="alice") == 409
+    state, credential = await _begin_and_create(harness, a)
+    status, headers, body = await harness.call(
+        "POST", "/v1/webauthn/register/complete", body={"state": state, "credential": credential}
+    )
+    assert (status, body["error"], headers["x-verifier-reason"]) == (409, "webauthn_credential_exists", body["error"])
 
 
 async def test_refuses_malformed_registration_bodies(harness: Harness) -> None:

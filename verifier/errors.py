@@ -62,6 +62,12 @@ class VerifierError(Exception, metaclass=_Frozen):
         """Whether a gateway may briefly reuse this refusal for the same token (from the catalogue)."""
         return self.reason.reusable
 
+    def __copy__(self) -> Self:
+        return self.replace()
+
+    def __setstate__(self, state: dict[str, Any] | None) -> None:  # copy.deepcopy and pickle restore this way
+        self.__dict__.update(state or {})
+
     def replace(self, **changes: Any) -> Self:
         """A copy with some attributes changed (errors are immutable, like `dataclasses.replace`)."""
         clone = type(self).__new__(type(self))

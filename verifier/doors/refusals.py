@@ -145,14 +145,13 @@ def sheds(decision: Decision) -> bool:
 
 
 def _row(r: Reason) -> str:
+    decision = refuse(VerifierError(r.summary, code=r.code), realm="verifier")  # the answer itself
+    challenge_header = dict(decision.response_headers).get("www-authenticate", "")
     error = f"`{r.oauth_error}`" if r.oauth_error else ""
-    challenge_scheme = r.scheme.value if STATUS_BY_OUTCOME[r.outcome] == 401 else ""
-    grpc = GRPC_NAMES[GRPC_CODE_BY_OUTCOME[r.outcome]]
-    if r.outcome is Outcome.OVERLOADED:
-        grpc += " (the call fails)"
+    grpc = GRPC_NAMES[GRPC_CODE_BY_OUTCOME[r.outcome]] + (" (the call fails)" if sheds(decision) else "")
     reuse = "yes" if r.reusable else ""
-    status = STATUS_BY_OUTCOME[r.outcome]
-    return f"| `{r.code}` | {status} | {challenge_scheme} | {error} | {grpc} | {reuse} | {r.summary} |"
+    cells = (f"`{r.code}`", str(decision.status), challenge_header.partition(" ")[0], error, grpc, reuse, r.summary)
+    return "| " + " | ".join(cells) + " |"
 
 
 def answer_table() -> str:
