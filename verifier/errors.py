@@ -8,11 +8,13 @@ code), so every front door answers alike. Errors are immutable: a changed copy c
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 from verifier.reasons import Outcome as Outcome  # re-exported: the catalogue defines them
 from verifier.reasons import Reason, reason
 from verifier.reasons import Scheme as Scheme
+
+T = TypeVar("T")
 
 
 class _Frozen(type):
@@ -22,6 +24,17 @@ class _Frozen(type):
         error = super().__call__(*args, **kwargs)
         error.__dict__["_frozen"] = True
         return error
+
+
+class _FromCatalogue(Generic[T]):
+    """A read-only attribute an error takes from its code's catalogue entry (on the class too)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __get__(self, error: VerifierError | None, owner: type[VerifierError]) -> T:
+        value: T = getattr(reason(owner.code) if error is None else error.reason, self._name)
+        return value
 
 
 class VerifierError(Exception, metaclass=_Frozen):
@@ -47,20 +60,10 @@ class VerifierError(Exception, metaclass=_Frozen):
             raise AttributeError(f"{type(self).__name__} is immutable; use replace()")
         super().__setattr__(name, value)
 
-    @property
-    def outcome(self) -> Outcome:
-        """How this refusal maps onto the protocols (from the catalogue)."""
-        return self.reason.outcome
-
-    @property
-    def oauth_error(self) -> str | None:
-        """RFC 6750 section 3.1 error for the challenge (from the catalogue); None: none."""
-        return self.reason.oauth_error
-
-    @property
-    def reusable(self) -> bool:
-        """Whether a gateway may briefly reuse this refusal for the same token (from the catalogue)."""
-        return self.reason.reusable
+    # Read from the catalogue by code, on an instance or on its class.
+    outcome: _FromCatalogue[Outcome] = _FromCatalogue("outcome")
+    oauth_error: _FromCatalogue[str | None] = _FromCatalogue("oauth_error")
+    reusable: _FromCatalogue[bool] = _FromCatalogue("reusable")
 
     def __copy__(self) -> Self:
         return self.replace()
