@@ -2,7 +2,7 @@
 
 `AssertionRefused` is raised by each check with a stable code (`webauthn_origin_mismatch`, ...);
 `WebAuthnService.check_step_up` attaches a fresh `Offer` before the error leaves the service, so every
-missing or failed assertion is answered by `verifier.decision.refuse` with a new challenge in
+missing or failed assertion is answered by `verifier.doors.refusals.refuse` with a new challenge in
 `WWW-Authenticate: WebAuthn challenge="...", rp_id="...", timeout=...` and in the JSON body.
 """
 
