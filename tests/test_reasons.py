@@ -233,3 +233,35 @@ def test_services_do_not_speak_http(package: str) -> None:
             if isinstance(node, ast.Name) and node.id in ("HttpAnswer", "HttpRequest", "Router"):
                 offenders.append(f"{path.name}: {node.id}")
     assert offenders == []
+
+
+async def test_the_pipelines_refusals_are_answered_as_their_catalogue_entries_say() -> None:
+    """Table-driven through a running verifier: each refusal's status, challenge error and reuse follow its code."""
+    from doorkit import running_verifier
+
+    from verifier.request import RequestAttributes
+
+    async with running_verifier() as (app, idp):
+        reuse = app.settings.edge_cache.refusal_max_age_seconds > 0
+        good = idp.mint(sub="zoe")
+        header, payload, _ = good.split(".")
+        cases = {
+            "token_missing": None,
+            "invalid_request": "Bearer a b",
+            "token_malformed": "Bearer not-a-jwt",
+            "signature_invalid": f"Bearer {header}.{payload}.AAAA",
+            "token_expired": f"Bearer {idp.mint(claims={'iat': 1_000_000, 'exp': 1_000_600})}",
+            "audience_mismatch": f"Bearer {idp.mint(aud='https://elsewhere.test')}",
+            "dpop_proof_invalid": f"DPoP {idp.mint(claims={'cnf': {'jkt': 'x' * 43}})}",
+            "sender_constraint_failed": f"Bearer {idp.mint(claims={'cnf': {'jkt': 'x' * 43}})}",
+        }
+        for expected, authorization in cases.items():
+            headers = {"authorization": authorization} if authorization else {}
+            attrs = RequestAttributes(method="GET", scheme="https", host="api", path="/x", headers=headers)
+            decision = await app.pipeline.decide(attrs, "test")
+            assert decision.reason == expected, (expected, decision.reason)
+            entry = CATALOGUE[decision.reason]
+            assert decision.status == STATUS_BY_OUTCOME[entry.outcome]
+            challenge = dict(decision.response_headers).get("www-authenticate", "")
+            assert (f'error="{entry.oauth_error}"' in challenge) is (entry.oauth_error is not None), challenge
+            assert (decision.cache_max_age > 0) is (entry.reusable and reuse)
