@@ -148,6 +148,8 @@ def test_errors_are_immutable_and_changed_by_copy() -> None:
     assert type(dpop) is SenderConstraintFailed and dpop.code == error.code and str(dpop) == str(error)
     with pytest.raises(AttributeError):
         error.replace(no_such_field=1)
+    with pytest.raises(AttributeError, match="new error"):
+        error.replace(code="forbidden")  # the outcome follows the code: another code is another error
     for clone in (copy.copy(error), copy.deepcopy(error), pickle.loads(pickle.dumps(error))):
         assert (type(clone), clone.code, clone.description) == (SenderConstraintFailed, error.code, error.description)
         with pytest.raises(AttributeError, match="immutable"):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Generic, Self, TypeVar
 
+from verifier.reasons import CATALOGUE as _CATALOGUE
 from verifier.reasons import Outcome as Outcome  # re-exported: the catalogue defines them
 from verifier.reasons import Reason, reason
 from verifier.reasons import Scheme as Scheme
 
 T = TypeVar("T")
+_DERIVED = frozenset({"code", "reason", "outcome", "oauth_error", "reusable"})  # follow the code
 
 
 class _Frozen(type):
@@ -33,7 +35,7 @@ class _FromCatalogue(Generic[T]):
         self._name = name
 
     def __get__(self, error: VerifierError | None, owner: type[VerifierError]) -> T:
-        value: T = getattr(reason(owner.code) if error is None else error.reason, self._name)
+        value: T = getattr(reason(owner.code if error is None else error.code), self._name)
         return value
 
 
@@ -42,14 +44,25 @@ class VerifierError(Exception, metaclass=_Frozen):
 
     code: str = "invalid_token"
 
+    reason: Reason
+    description: str
+    scheme: Scheme  # which scheme the 401 challenge names: the code's own, or the one this refusal is about
+
     def __init__(self, description: str = "", *, code: str | None = None, scheme: Scheme | None = None) -> None:
         code = code if code is not None else type(self).code
-        self.reason: Reason = reason(code)  # a code outside the catalogue is a bug: refused here
+        entry = _CATALOGUE.get(code) or reason(code)  # a code outside the catalogue is a bug: refused here
         super().__init__(description or code)
-        self.description = description or code.replace("_", " ")
-        self.code = code
-        # Which scheme the 401 challenge names: the code's own, or the one this refusal is about.
-        self.scheme = scheme if scheme is not None else self.reason.scheme
+        # One dict update (refusals are built on the hot path); the catalogue's values are copied so an
+        # instance reads them as plain attributes (the descriptors below serve the class).
+        self.__dict__.update(
+            reason=entry,
+            code=code,
+            description=description or code.replace("_", " "),
+            scheme=scheme if scheme is not None else entry.scheme,
+            outcome=entry.outcome,
+            oauth_error=entry.oauth_error,
+            reusable=entry.reusable,
+        )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -60,7 +73,7 @@ class VerifierError(Exception, metaclass=_Frozen):
             raise AttributeError(f"{type(self).__name__} is immutable; use replace()")
         super().__setattr__(name, value)
 
-    # Read from the catalogue by code, on an instance or on its class.
+    # Read from the catalogue by code on the class; an instance holds its own copies (set in __init__).
     outcome: _FromCatalogue[Outcome] = _FromCatalogue("outcome")
     oauth_error: _FromCatalogue[str | None] = _FromCatalogue("oauth_error")
     reusable: _FromCatalogue[bool] = _FromCatalogue("reusable")
@@ -77,8 +90,8 @@ class VerifierError(Exception, metaclass=_Frozen):
         Exception.__init__(clone, *self.args)
         clone.__dict__.update(self.__dict__)
         for name in changes:
-            if name not in self.__dict__:
-                raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+            if name not in self.__dict__ or name in _DERIVED:
+                raise AttributeError(f"{type(self).__name__}.{name} cannot be replaced (another code: a new error)")
         clone.__dict__.update(changes)
         return clone
 
