@@ -124,7 +124,8 @@ class StandinVerifier:
     cached (allow with Cache-Control: private, max-age=30), chunked (allow, chunked body),
     slow (answers after `slow_seconds`), ratelimited (429 with Retry-After and RateLimit headers),
     nonce (allow with a DPoP-Nonce for the client), http10 (HTTP/1.0 allow, body delimited by close),
-    deny-cached (403 with Cache-Control: private, max-age=30); anything else: 401 with two challenges.
+    deny-cached (403 with Cache-Control: private, max-age=30), client (allow with an empty user id);
+    anything else: 401 with two challenges.
     """
 
     def __init__(self, *, idle_timeout: float | None = None) -> None:
@@ -191,6 +192,9 @@ class StandinVerifier:
             self._send(h, 200, [*identity, ("X-Kong-Consumer-Username", "alice")], "")
         elif token == "cached":
             self._send(h, 200, [*identity, ("Cache-Control", "private, max-age=30")], "")
+        elif token == "client":  # a client-credentials token: no `sub`, so an empty user id
+            client = [("X-Authenticated-Userid", ""), *identity[1:]]
+            self._send(h, 200, [*client, ("Cache-Control", "no-store")], "")
         elif token == "nonce":
             self._send(h, 200, [*identity, ("DPoP-Nonce", "n-123")], "")
         elif token == "slow":

@@ -309,6 +309,19 @@ def test_named_consumer_is_authenticated_for_acl_and_rate_limiting(start_nginx, 
     assert c["credential"] == {"id": "user-1", "consumer_id": ALICE["id"]}
 
 
+def test_a_client_token_authenticates_no_kong_credential(start_nginx, echo_upstream, standin_verifier):
+    # A client-credentials token has no user: an empty X-Authenticated-Userid must not become a Kong
+    # credential with an empty id (nor an X-Credential-Identifier a plugin after us would trust).
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream, consumers=[ALICE])
+
+    status, _, body = call(base, headers={"Authorization": "Bearer client", "X-Credential-Identifier": "spoof"})
+
+    assert status == 200
+    h = upstream_saw(body)["h"]
+    assert "x-credential-identifier" not in h
+    assert shim_json(base, "authenticated")["count"] == 0
+
+
 def test_unknown_consumer_continues_without_one(start_nginx, echo_upstream, standin_verifier):
     base = start_nginx({"url": standin_verifier.url}, echo_upstream, consumers=[])
 

@@ -101,6 +101,18 @@ class Metrics:
             ["issuer"],
             registry=r,
         )
+        self.jwks_refresh_interval = Gauge(
+            "verifier_jwks_refresh_interval_seconds",
+            "Seconds between key refreshes in use per issuer (the provider's Cache-Control max-age, clamped).",
+            ["issuer"],
+            registry=r,
+        )
+        self.state_up = Gauge(
+            "verifier_state_up",
+            "1 when the shared state store answers a ping, else 0 (only with Redis configured).",
+            ["backend"],
+            registry=r,
+        )
         self.signature_checks = Counter(
             "verifier_signature_checks_total",
             "Signature verifications by algorithm and result.",

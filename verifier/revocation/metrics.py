@@ -48,6 +48,12 @@ class RevocationMetrics:
         self.syncs = Counter(
             "verifier_revocation_sync_total", "Full reloads from the store, by result.", ["result"], registry=registry
         )
+        self.polls = Counter(
+            "verifier_ssf_polls_total",
+            "Poll requests to transmitters (RFC 8936), by transmitter and result (ok, error).",
+            ["transmitter", "result"],
+            registry=registry,
+        )
         self.key_fetches = Counter(
             "verifier_ssf_jwks_fetch_total",
             "Transmitter key fetches, by transmitter and result.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -119,7 +120,13 @@ class RevocationService:
         for transmitter, keys in self._transmitters.values():
             self._tasks.append(loop.create_task(keys.run()))
             if transmitter.delivery == POLL:
-                poller = Poller(transmitter, keys, self._client, self._receive_polled)
+                poller = Poller(
+                    transmitter,
+                    keys,
+                    self._client,
+                    self._receive_polled,
+                    functools.partial(self._count_poll, transmitter.issuer),
+                )
                 self._tasks.append(loop.create_task(poller.run()))
 
     async def stop(self) -> None:
@@ -254,6 +261,9 @@ class RevocationService:
             await self._on_credential_revoked(revoked)
         except Exception:  # the event is stored either way; the callback's failure is the callback's
             log.exception("credential revocation callback failed", extra={"event": "ssf_set"})
+
+    def _count_poll(self, transmitter: str, result: str) -> None:
+        self.metrics.polls.labels(transmitter, result).inc()
 
     async def _receive_polled(self, token: str) -> Outcome | None:
         try:

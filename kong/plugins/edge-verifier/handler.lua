@@ -405,6 +405,10 @@ local function apply_allow(decision, consumer_sent)
   end
 
   local userid = decision.userid
+  if userid == "" then
+    -- a client-credentials token names no user: no Kong credential with an empty id
+    userid = nil
+  end
   if userid then
     -- for plugins that run after this one (custom logging, say)
     kong.ctx.shared.edge_verifier_userid = userid
