@@ -1,5 +1,31 @@
 """Fixtures shared by the unit tests; the helpers themselves live in tokenkit.py (importable by name)."""
 
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
 from rawprovider import http_fetcher, raw_provider  # noqa: F401
 from tokenkit import clock, fetcher, jwks_document, keys, mint, settings  # noqa: F401
 
+from verifier.decision import Decision
+from verifier.reasons import ALLOW, CATALOGUE
+
+# Every decision any test produces (in this process) must carry a catalogued reason: see test_reasons.py.
+_uncatalogued: list[str] = []
+_init = Decision.__init__
+
+
+def _checked_init(self: Decision, *args: Any, **kwargs: Any) -> None:
+    _init(self, *args, **kwargs)
+    if self.reason != ALLOW and self.reason not in CATALOGUE:
+        _uncatalogued.append(self.reason)
+
+
+Decision.__init__ = _checked_init  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _every_decision_reason_is_catalogued() -> Iterator[None]:
+    _uncatalogued.clear()
+    yield
+    assert _uncatalogued == [], f"decisions with reasons outside verifier/reasons.py: {_uncatalogued}"

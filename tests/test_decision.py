@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from verifier.decision import Decision, allow, challenge, refuse
+from verifier.decision import Decision, allow
+from verifier.doors.refusals import challenge, refuse
 from verifier.errors import (
     AudienceMismatch,
     BadSignature,

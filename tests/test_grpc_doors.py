@@ -14,7 +14,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from verifier.doors.grpc import cert_thumbprint
-from verifier.settings import PolicySettings, Requirements, RouteMatch
+from verifier.settings import PolicySettings, RateLimit, RateLimitSettings, Requirements, RouteMatch
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 
@@ -196,3 +196,35 @@ async def test_envoy_removes_every_identity_header_a_client_sent_that_the_answer
             again = await stub.Check(_envoy_request(token))
             assert again.SerializeToString() == plain.SerializeToString()
             assert "x-authenticated-tenant" not in again.ok_response.headers_to_remove
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "code"),
+    [
+        ("Bearer a b", 400, grpc.StatusCode.INVALID_ARGUMENT.value[0]),  # was UNAVAILABLE: not our outage
+        (None, 401, grpc.StatusCode.UNAUTHENTICATED.value[0]),
+    ],
+)
+async def test_envoy_denials_carry_the_standard_grpc_code_for_their_http_status(
+    header: str | None, status: int, code: int
+) -> None:
+    async with running_verifier() as (app, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            extra = {"authorization": header} if header else None
+            answer = await ea_grpc.AuthorizationStub(channel).Check(_envoy_request(None, extra=extra))
+            assert (answer.status.code, answer.denied_response.status.code) == (code, status)
+
+
+async def test_an_envoy_rate_limit_denial_is_resource_exhausted_with_429_and_retry_after() -> None:
+    limits = RateLimitSettings(default=RateLimit(per_second=0.001, burst=1))
+    async with running_verifier({"rate_limits": limits}) as (app, idp):
+        token = idp.mint(sub="erin")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            stub = ea_grpc.AuthorizationStub(channel)
+            assert (await stub.Check(_envoy_request(token))).status.code == 0
+            answer = await stub.Check(_envoy_request(token))
+            # Envoy denies on any non-OK status and answers the client with denied_response (429 here).
+            assert answer.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert answer.denied_response.status.code == 429
+            headers = {h.header.key: h.header.value for h in answer.denied_response.headers}
+            assert headers["x-verifier-reason"] == "rate_limited" and headers["retry-after"]

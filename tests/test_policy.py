@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 
-from verifier.decision import refuse
+from verifier.doors.refusals import refuse
 from verifier.errors import Forbidden, SenderConstraintFailed
 from verifier.policy.roles import RoleMapper
 from verifier.policy.rules import PolicySet, StepUpRequired, evaluate, normalize_path

@@ -24,8 +24,10 @@ from ssf_transmitter import (
 from tokenkit import ISSUER, NOW, FakeFetcher
 
 from verifier.clock import FrozenClock
-from verifier.decision import refuse
+from verifier.doors.admin_http import add_admin_routes
+from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
+from verifier.doors.ssf_http import add_ssf_routes
 from verifier.errors import InvalidToken
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, TokenRevoked, parse_revocation_config
@@ -110,7 +112,8 @@ def set_request(token: str, content_type: str = "application/secevent+jwt") -> H
 
 async def push(service: RevocationService, token: str, **kwargs: Any) -> HttpAnswer:
     router = Router()
-    service.register_routes(router)
+    add_ssf_routes(router, service)
+    add_admin_routes(router, service.admin)
     return await router.dispatch(set_request(token, **kwargs))
 
 
@@ -417,7 +420,8 @@ def admin(
 
 def routes(service: RevocationService) -> Router:
     router = Router()
-    service.register_routes(router)
+    add_ssf_routes(router, service)
+    add_admin_routes(router, service.admin)
     return router
 
 
@@ -468,6 +472,22 @@ async def test_kill_switch_refuses_without_the_admin_credential(service: Revocat
     assert len(service.revocations) == 0
 
 
+async def test_kill_switch_answers_through_the_catalogue_mapping(service: RevocationService) -> None:
+    """RFC 6750 section 3.1: no token is a bare challenge; a wrong one is invalid_token; every answer names its code."""
+    router = routes(service)
+    missing = await router.dispatch(admin("GET", token=None))
+    wrong = await router.dispatch(admin("GET", token="wrong"))
+    absent = await router.dispatch(admin("DELETE", "/v1/admin/revocations/op-nothing"))
+    bad = await router.dispatch(admin("POST", document={"subject": USER, "effect": "explode"}))
+    assert dict(missing.headers)["www-authenticate"] == 'Bearer realm="verifier-admin"' and not missing.body
+    assert 'error="invalid_token"' in dict(wrong.headers)["www-authenticate"]
+    assert body(wrong)["error"] == "invalid_token"
+    assert (absent.status, body(absent)["error"]) == (404, "not_found")
+    assert (bad.status, body(bad)["error"]) == (400, "invalid_request")
+    reasons = [dict(a.headers)["x-verifier-reason"] for a in (missing, wrong, absent, bad)]
+    assert reasons == ["token_missing", "invalid_token", "not_found", "invalid_request"]
+
+
 @pytest.mark.parametrize("document", [
     {"subject": {"format": "iss_sub", "iss": ISSUER}},
     {"subject": {"format": "phone_number", "phone_number": "+1"}},
@@ -488,6 +508,7 @@ async def test_admin_api_is_404_when_the_env_var_is_unset(
                             registry=CollectorRegistry())
     router = routes(svc)
     assert (await router.dispatch(admin("POST", document={"subject": USER}))).status == 404
+    assert (await router.dispatch(admin("PUT"))).status == 404  # not 405: nothing discloses the API
     assert (await router.dispatch(admin("GET"))).status == 404
     assert (await router.dispatch(admin("DELETE", "/v1/admin/revocations/x"))).status == 404
 

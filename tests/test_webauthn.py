@@ -24,8 +24,9 @@ from prometheus_client import CollectorRegistry
 from webauthnkit import FLAGS, ORIGIN, RP_ID, SoftAuthenticator, b64u, encode_header, unb64u
 
 from verifier.clock import FrozenClock
-from verifier.decision import refuse
+from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpRequest, Router
+from verifier.doors.webauthn_http import add_webauthn_routes
 from verifier.errors import InvalidToken, MissingToken
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
@@ -69,7 +70,7 @@ class Harness:
         self.service = WebAuthnService(self.config, SqliteCredentialStore(":memory:"), self.state, self.clock,
                                        self.registry)
         self.router = Router()
-        self.service.register_routes(self.router, self.authenticate)
+        add_webauthn_routes(self.router, self.service, self.authenticate)
 
     async def authenticate(self, request: HttpRequest) -> Principal:
         value = request.headers.get("authorization", "")
@@ -292,10 +293,11 @@ async def test_refuses_a_registration_that_does_not_verify(harness: Harness, cas
         harness.clock.advance(121)
     elif case == "challenge_of_another_ceremony":
         state, _ = await _begin_and_create(harness, SoftAuthenticator())
-    status, _, body = await harness.call(
+    status, headers, body = await harness.call(
         "POST", "/v1/webauthn/register/complete", body={"state": state, "credential": credential}
     )
     assert status == 400 and body["error"] == code, body
+    assert headers["x-verifier-reason"] == code and "www-authenticate" not in headers  # the body, not the token
     _, _, listed = await harness.call("GET", "/v1/webauthn/credentials")
     assert listed == {"credentials": []}
 
@@ -313,6 +315,11 @@ async def test_refuses_a_credential_id_registered_to_someone_else(harness: Harne
     a = SoftAuthenticator()
     assert await harness.register(a, user="bob") == 201
     assert await harness.register(a, user="alice") == 409
+    state, credential = await _begin_and_create(harness, a)
+    status, headers, body = await harness.call(
+        "POST", "/v1/webauthn/register/complete", body={"state": state, "credential": credential}
+    )
+    assert (status, body["error"], headers["x-verifier-reason"]) == (409, "webauthn_credential_exists", body["error"])
 
 
 async def test_refuses_malformed_registration_bodies(harness: Harness) -> None:
@@ -689,7 +696,7 @@ async def test_sqlite_store_survives_a_restart(tmp_path: Any) -> None:
     h = Harness()
     h.service = first
     h.router = Router()
-    first.register_routes(h.router, h.authenticate)
+    add_webauthn_routes(h.router, first, h.authenticate)
     a = SoftAuthenticator()
     assert await h.register(a) == 201
     await first.close()

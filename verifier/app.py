@@ -22,9 +22,12 @@ from verifier.config.dpop import DpopConfig
 from verifier.config.revocation import check_transmitter_scopes
 from verifier.credentials import Credential
 from verifier.decision import Decision
+from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.forward_auth import ForwardAuthDoor
 from verifier.doors.grpc import GrpcDoors
 from verifier.doors.routes import HttpRequest, Router
+from verifier.doors.ssf_http import add_ssf_routes
+from verifier.doors.webauthn_http import add_webauthn_routes
 from verifier.observe.audit import FLUSH_INTERVAL_SECONDS, flush_logs
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Pipeline
@@ -161,7 +164,7 @@ class App:
         )
         self.router = Router()
         if self.webauthn is not None:
-            self.webauthn.register_routes(self.router, self._authenticate)
+            add_webauthn_routes(self.router, self.webauthn, self._authenticate)
         self.forward_auth = ForwardAuthDoor(
             self.pipeline,
             self.metrics,
@@ -175,7 +178,8 @@ class App:
         self._extra_session: aiohttp.ClientSession | None = None
         self._extras_ready = self.revocation is None
         if self.revocation is not None:
-            self.revocation.register_routes(self.router)
+            add_ssf_routes(self.router, self.revocation)
+            add_admin_routes(self.router, self.revocation.admin)
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 

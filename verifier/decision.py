@@ -1,30 +1,21 @@
-"""The one thing every front door returns, and the one place refusals become protocol answers.
+"""The one thing every front door returns: allow (`allow()`) or a refusal.
 
-`refuse()` maps a `VerifierError` to status, challenge and body: RFC 6750 section 3 for Bearer,
-RFC 9449 section 7.1 for DPoP, RFC 9470 for step-up. No front door builds a challenge of its own.
+Refusals are built by `verifier.doors.refusals.refuse`, the one place a `VerifierError` becomes an
+answer (status, challenge, body).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Collection
 
-from verifier.errors import Outcome, Scheme, VerifierError
 from verifier.principal import Principal
+from verifier.reasons import ALLOW
 
 Headers = tuple[tuple[str, str], ...]
 
-STATUS_BY_OUTCOME = {
-    Outcome.UNAUTHENTICATED: 401,
-    Outcome.FORBIDDEN: 403,
-    Outcome.RATE_LIMITED: 429,
-    Outcome.UNAVAILABLE: 503,
-    Outcome.BAD_REQUEST: 400,
-}
 REASON_HEADER = "x-verifier-reason"
 IDENTITY_PREFIX = "x-authenticated-"  # reserved: only an allow answer of ours may set these upstream
-RETRY_AFTER_UNAVAILABLE = "1"  # seconds; providers usually come back quickly or not at all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +24,7 @@ class Decision:
 
     allowed: bool
     status: int
-    reason: str  # stable code: "ok" or a VerifierError code
+    reason: str  # stable code: "ok" or a catalogued refusal code (verifier.reasons)
     upstream_headers: Headers = ()  # set on the upstream request when allowed
     response_headers: Headers = ()  # returned to the client when refused
     body: bytes = b""
@@ -87,64 +78,6 @@ _PHRASES = {
 }
 
 
-def _quoted(text: str) -> str:
-    """Keeps only the characters RFC 6750 section 3 allows inside error_description."""
-    return "".join(c for c in text if c in _SAFE)[:200]
-
-
-_SAFE = frozenset(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\')
-
-
-def challenge(scheme: Scheme, realm: str, params: dict[str, str | int]) -> str:
-    """A `WWW-Authenticate` value: `Scheme realm="...", key="value", n=5`."""
-    parts = [f'realm="{_quoted(realm)}"']
-    parts += [f"{k}={v}" if isinstance(v, int) else f'{k}="{_quoted(v)}"' for k, v in params.items()]
-    return f"{scheme.value} " + ", ".join(parts)
-
-
-def refuse(
-    error: VerifierError,
-    *,
-    realm: str,
-    scheme: Scheme | None = None,
-    dpop_algs: str = "",
-    reusable_for: int = 0,
-) -> Decision:
-    """Maps a refusal to its answer: the only place that does.
-
-    `scheme` overrides the error's own (a request that came with DPoP is answered with a DPoP
-    challenge, RFC 9449 section 7.1); `dpop_algs` lists the proof algorithms we accept.
-    """
-    status = STATUS_BY_OUTCOME[error.outcome]
-    headers: list[tuple[str, str]] = []
-    body: dict[str, object] = {}
-    if error.outcome is Outcome.UNAVAILABLE:
-        headers.append(("retry-after", RETRY_AFTER_UNAVAILABLE))
-        body = {"error": "temporarily_unavailable", "error_description": _quoted(error.description)}
-    elif error.outcome is Outcome.RATE_LIMITED:
-        body = {"error": "rate_limited", "error_description": _quoted(error.description)}
-    else:
-        used = error.scheme if error.scheme is not Scheme.BEARER else (scheme or Scheme.BEARER)
-        params: dict[str, str | int] = {}
-        if error.oauth_error is not None:
-            params = {"error": error.oauth_error, "error_description": error.description}
-            body = {"error": error.oauth_error, "error_description": _quoted(error.description)}
-        params.update(error.challenge_params())
-        if used is Scheme.DPOP and dpop_algs:
-            params["algs"] = dpop_algs
-        headers.append(("www-authenticate", challenge(used, realm, params)))
-    headers.extend(error.extra_headers())
-    body.update(error.extra_body())
-    return Decision(
-        allowed=False,
-        status=status,
-        reason=error.code,
-        response_headers=tuple(headers),
-        body=json.dumps(body).encode() if body else b"",
-        cache_max_age=reusable_for if error.reusable else 0,
-    )
-
-
 def allow(principal: Principal, *, cache_max_age: int = 0) -> Decision:
     """The allow answer: identity headers for the upstream, the token left untouched."""
     headers: list[tuple[str, str]] = [
@@ -157,7 +90,7 @@ def allow(principal: Principal, *, cache_max_age: int = 0) -> Decision:
     return Decision(
         allowed=True,
         status=200,
-        reason="ok",
+        reason=ALLOW,
         upstream_headers=tuple((k, _header_safe(v)) for k, v in headers),
         subject=principal.subject,
         roles=tuple(sorted(principal.roles)),

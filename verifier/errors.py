@@ -1,49 +1,99 @@
-"""One error tree for every refusal, each with a stable snake_case code and an outcome.
+"""One error tree for every refusal, each with a stable snake_case code from the catalogue.
 
-Parsers and verifiers raise these; only `verifier.decision` turns them into answers (HTTP status,
-`WWW-Authenticate` challenges per RFC 6750 / RFC 9449 / RFC 9470), so every front door answers alike.
+Parsers and verifiers raise these; what a code means on the wire (outcome, RFC 6750 error, challenge
+scheme, reuse) is declared once in `verifier.reasons`, and only `verifier.doors.refusals` turns an error
+into an answer (HTTP status, `WWW-Authenticate` challenges per RFC 6750 / RFC 9449 / RFC 9470, gRPC
+code), so every front door answers alike. Errors are immutable: a changed copy comes from `replace`.
 """
 
 from __future__ import annotations
 
-import enum
+from typing import Any, Generic, Self, TypeVar
+
+from verifier.reasons import CATALOGUE as _CATALOGUE
+from verifier.reasons import Outcome as Outcome  # re-exported: the catalogue defines them
+from verifier.reasons import Reason, reason
+from verifier.reasons import Scheme as Scheme
+
+T = TypeVar("T")
+_DERIVED = frozenset({"code", "reason", "outcome", "oauth_error", "reusable"})  # follow the code
 
 
-class Outcome(enum.Enum):
-    """How a refusal maps onto the protocol: the one axis the front doors care about."""
+class _Frozen(type):
+    """Freezes an error once its (most derived) constructor has run."""
 
-    UNAUTHENTICATED = "unauthenticated"  # 401, with a challenge
-    FORBIDDEN = "forbidden"  # 403
-    RATE_LIMITED = "rate_limited"  # 429
-    UNAVAILABLE = "unavailable"  # 503: we could not decide; fail closed
-    BAD_REQUEST = "bad_request"  # 400: the gateway sent something we cannot read
-
-
-class Scheme(enum.Enum):
-    """Which authentication scheme a 401 challenge names."""
-
-    BEARER = "Bearer"
-    DPOP = "DPoP"
-    WEBAUTHN = "WebAuthn"
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        error = super().__call__(*args, **kwargs)
+        error.__dict__["_frozen"] = True
+        return error
 
 
-class VerifierError(Exception):
-    """Base of every refusal. `code` is stable (metrics, audit, `X-Verifier-Reason`)."""
+class _FromCatalogue(Generic[T]):
+    """A read-only attribute an error takes from its code's catalogue entry (on the class too)."""
 
-    code: str = "error"
-    outcome: Outcome = Outcome.UNAUTHENTICATED
-    # RFC 6750 section 3.1 error code for the challenge; None means a bare challenge (no token sent).
-    oauth_error: str | None = "invalid_token"
-    # Whether a gateway may briefly reuse this refusal for the same token (garbage floods).
-    reusable: bool = False
-    # Which scheme the 401 challenge names.
-    scheme: Scheme = Scheme.BEARER
+    def __init__(self, name: str) -> None:
+        self._name = name
 
-    def __init__(self, description: str = "", *, code: str | None = None) -> None:
-        super().__init__(description or self.code)
-        self.description = description or self.code.replace("_", " ")
-        if code is not None:
-            self.code = code
+    def __get__(self, error: VerifierError | None, owner: type[VerifierError]) -> T:
+        value: T = getattr(reason(owner.code if error is None else error.code), self._name)
+        return value
+
+
+class VerifierError(Exception, metaclass=_Frozen):
+    """Base of every refusal. `code` is stable (metrics, audit, `X-Verifier-Reason`) and catalogued."""
+
+    code: str = "invalid_token"
+
+    reason: Reason
+    description: str
+    scheme: Scheme  # which scheme the 401 challenge names: the code's own, or the one this refusal is about
+
+    def __init__(self, description: str = "", *, code: str | None = None, scheme: Scheme | None = None) -> None:
+        code = code if code is not None else type(self).code
+        entry = _CATALOGUE.get(code) or reason(code)  # a code outside the catalogue is a bug: refused here
+        super().__init__(description or code)
+        # One dict update (refusals are built on the hot path); the catalogue's values are copied so an
+        # instance reads them as plain attributes (the descriptors below serve the class).
+        self.__dict__.update(
+            reason=entry,
+            code=code,
+            description=description or code.replace("_", " "),
+            scheme=scheme if scheme is not None else entry.scheme,
+            outcome=entry.outcome,
+            oauth_error=entry.oauth_error,
+            reusable=entry.reusable,
+        )
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        reason(cls.code)  # a class whose code is not catalogued fails at import
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen") and not name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__} is immutable; use replace()")
+        super().__setattr__(name, value)
+
+    # Read from the catalogue by code on the class; an instance holds its own copies (set in __init__).
+    outcome: _FromCatalogue[Outcome] = _FromCatalogue("outcome")
+    oauth_error: _FromCatalogue[str | None] = _FromCatalogue("oauth_error")
+    reusable: _FromCatalogue[bool] = _FromCatalogue("reusable")
+
+    def __copy__(self) -> Self:
+        return self.replace()
+
+    def __setstate__(self, state: dict[str, Any] | None) -> None:  # copy.deepcopy and pickle restore this way
+        self.__dict__.update(state or {})
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some attributes changed (errors are immutable, like `dataclasses.replace`)."""
+        clone = type(self).__new__(type(self))
+        Exception.__init__(clone, *self.args)
+        clone.__dict__.update(self.__dict__)
+        for name in changes:
+            if name not in self.__dict__ or name in _DERIVED:
+                raise AttributeError(f"{type(self).__name__}.{name} cannot be replaced (another code: a new error)")
+        clone.__dict__.update(changes)
+        return clone
 
     def challenge_params(self) -> dict[str, str | int]:
         """Extra `WWW-Authenticate` parameters (ints are written unquoted)."""
@@ -62,22 +112,18 @@ class MissingToken(VerifierError):
     """No credential at all: a bare challenge, never reused (RFC 6750 section 3.1)."""
 
     code = "token_missing"
-    oauth_error = None
 
 
 class MalformedRequest(VerifierError):
     """The credential header itself cannot be read (two Authorization schemes, bad syntax)."""
 
     code = "invalid_request"
-    oauth_error = "invalid_request"
-    outcome = Outcome.BAD_REQUEST
 
 
 class InvalidToken(VerifierError):
     """The token is malformed, badly signed, expired, or otherwise not acceptable."""
 
     code = "invalid_token"
-    reusable = True
 
 
 class MalformedToken(InvalidToken):
@@ -114,14 +160,12 @@ class TokenExpired(InvalidToken):
     """`exp` is in the past (beyond leeway)."""
 
     code = "token_expired"
-    reusable = False  # the answer is already final; nothing to gain, and time-dependent
 
 
 class TokenNotYetValid(InvalidToken):
     """`nbf` or `iat` lies in the future (beyond leeway)."""
 
     code = "token_not_yet_valid"
-    reusable = False
 
 
 class ClaimInvalid(InvalidToken):
@@ -134,6 +178,12 @@ class ClaimInvalid(InvalidToken):
         self.claim = claim
 
 
+class NotFound(VerifierError):
+    """One of our own endpoints' resources (a revocation entry, a WebAuthn credential) does not exist."""
+
+    code = "not_found"
+
+
 class WrongTokenType(InvalidToken):
     """`typ` says this is not an access token (e.g. an ID token presented as one)."""
 
@@ -144,56 +194,42 @@ class AudienceMismatch(VerifierError):
     """Valid token, but not meant for this API (RFC 6750: insufficient_scope, 403)."""
 
     code = "audience_mismatch"
-    outcome = Outcome.FORBIDDEN
-    oauth_error = "insufficient_scope"
 
 
 class Forbidden(VerifierError):
     """A policy refused an authenticated caller."""
 
     code = "forbidden"
-    outcome = Outcome.FORBIDDEN
-    oauth_error = "insufficient_scope"
 
 
 class ProviderUnavailable(VerifierError):
     """We could not reach the provider (keys or introspection) and have nothing cached: fail closed."""
 
     code = "provider_unavailable"
-    outcome = Outcome.UNAVAILABLE
-    oauth_error = None
 
 
 class Overloaded(VerifierError):
     """Load shedding: the verifier is at its concurrency bound (503 + Retry-After; gRPC RESOURCE_EXHAUSTED)."""
 
     code = "overloaded"
-    outcome = Outcome.UNAVAILABLE
-    oauth_error = None
 
 
 class InternalError(VerifierError):
     """A bug, not a verdict: fail closed with 503 (the traceback is logged, never the token)."""
 
     code = "internal_error"
-    outcome = Outcome.UNAVAILABLE
-    oauth_error = None
 
 
 class InvalidDpopProof(VerifierError):
     """RFC 9449 section 7.1: the DPoP proof is missing, malformed, replayed or does not fit."""
 
     code = "dpop_proof_invalid"
-    oauth_error = "invalid_dpop_proof"
-    scheme = Scheme.DPOP
 
 
 class UseDpopNonce(VerifierError):
     """RFC 9449 section 9: the resource server requires a fresh server-provided nonce."""
 
     code = "dpop_nonce_required"
-    oauth_error = "use_dpop_nonce"
-    scheme = Scheme.DPOP
 
     def __init__(self, description: str = "", *, nonce: str = "") -> None:
         super().__init__(description or "a DPoP nonce is required")
@@ -208,27 +244,25 @@ class SenderConstraintFailed(InvalidToken):
     """RFC 8705 / RFC 9449: a bound token presented without, or with the wrong, proof of possession."""
 
     code = "sender_constraint_failed"
-    reusable = False
 
 
 class InsufficientUserAuthentication(VerifierError):
     """RFC 9470: authentication too weak or too old; the client must step up at the provider."""
 
     code = "insufficient_user_authentication"
-    oauth_error = "insufficient_user_authentication"
 
 
 class RateLimited(VerifierError):
     """Too many requests for this identity or role."""
 
     code = "rate_limited"
-    outcome = Outcome.RATE_LIMITED
-    oauth_error = None
 
-    def __init__(self, description: str = "", *, retry_after: int = 1) -> None:
+    def __init__(
+        self, description: str = "", *, retry_after: int = 1, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(description or "rate limit exceeded")
         self.retry_after = retry_after
-        self.headers: tuple[tuple[str, str], ...] = ()
+        self.headers = headers  # the RateLimit-Policy / RateLimit headers
 
     def extra_headers(self) -> tuple[tuple[str, str], ...]:
         """Retry-After and the RateLimit headers."""
@@ -239,5 +273,3 @@ class StateUnavailable(VerifierError):
     """Shared state (Redis) is unreachable: replay-checked requests fail closed."""
 
     code = "state_unavailable"
-    outcome = Outcome.UNAVAILABLE
-    oauth_error = None

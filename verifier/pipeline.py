@@ -21,7 +21,8 @@ from verifier import credentials
 from verifier.binding.mtls import check_certificate_binding
 from verifier.clock import Clock
 from verifier.credentials import Credential, TokenScheme
-from verifier.decision import Decision, allow, refuse
+from verifier.decision import Decision, allow
+from verifier.doors.refusals import refuse
 from verifier.errors import (
     AudienceMismatch,
     Forbidden,
@@ -176,7 +177,7 @@ class Pipeline:
         self._refusal_max_age = refusal_max_age
         self._step_up = step_up
         self._on_revoked = on_revoked or (lambda code: None)
-        self._refusals: dict[tuple[type, str, str, bool], Decision] = {}
+        self._refusals: dict[tuple[type, str, str, Scheme, bool], Decision] = {}
         self._no_route = refuse(Forbidden("no policy allows this route", code="route_not_allowed"), realm=realm)
         self.trace: Tracer | None = None  # `verifier explain` listens here; off (None) in the service
 
@@ -513,13 +514,11 @@ class Pipeline:
         jkt = _cnf(principal).get("jkt")
         if credential.scheme is TokenScheme.DPOP:
             if not isinstance(jkt, str):
-                error = InvalidToken("token is not DPoP-bound", code="token_not_dpop_bound")
-                error.scheme = Scheme.DPOP
-                raise error
+                raise InvalidToken("token is not DPoP-bound", code="token_not_dpop_bound")  # a DPoP challenge
         elif jkt is not None:
-            error = SenderConstraintFailed("a DPoP-bound token must be presented with the DPoP scheme")
-            error.scheme = Scheme.DPOP
-            raise error
+            raise SenderConstraintFailed(
+                "a DPoP-bound token must be presented with the DPoP scheme", scheme=Scheme.DPOP
+            )
         else:
             return
         if self._dpop is None:
@@ -558,7 +557,7 @@ class Pipeline:
         dpop = route.dpop_route or (credential is not None and credential.scheme is TokenScheme.DPOP)
         static = not (error.challenge_params() or error.extra_headers() or error.extra_body())
         if static:
-            memo_key = (type(error), error.code, error.description, dpop)
+            memo_key = (type(error), error.code, error.description, error.scheme, dpop)
             memo = self._refusals.get(memo_key)
             if memo is not None:
                 return memo

@@ -10,7 +10,9 @@ only Host, Method, Path, Content-Length and Authorization unless `allowed_header
   refused with the DPoP challenge relayed to the client, and the same token as Bearer is refused;
 - a WebAuthn step-up route answers 401 with a fresh challenge each time, and an assertion sent by the
   client is evaluated by the verifier (its reason is no longer "assertion required");
-- a rate-limited refusal reaches the client with its Retry-After.
+- a rate-limited refusal reaches the client with its Retry-After, and an unreadable Authorization
+  header its 400 (in gRPC mode both carry the standard gRPC code of their status: RESOURCE_EXHAUSTED,
+  INVALID_ARGUMENT; Envoy denies on any non-OK status and answers with `denied_response`).
 """
 
 from __future__ import annotations
@@ -173,6 +175,18 @@ def test_a_dpop_bound_token_presented_as_bearer_is_refused(
 
     assert r.status == 401, (r.status, r.headers)
     assert r.headers["www-authenticate"].startswith("DPoP ")
+    assert upstream.requests == []
+
+
+def test_an_unreadable_authorization_header_reaches_the_client_as_400_invalid_request(
+    envoy: GatewayProcess, upstream: EchoUpstream
+) -> None:
+    """gRPC mode: the CheckResponse status is INVALID_ARGUMENT (was UNAVAILABLE); Envoy relays denied_response."""
+    r = http_request(f"{envoy.url}/orders", headers={"Authorization": "Bearer a b"})
+
+    assert r.status == 400, (r.status, r.headers)
+    assert r.headers["x-verifier-reason"] == "invalid_request"
+    assert 'error="invalid_request"' in r.headers["www-authenticate"]
     assert upstream.requests == []
 
 

@@ -15,7 +15,9 @@ from redis_harness import RedisServer, start_redis
 from ssf_transmitter import ACCOUNT_DISABLED, SESSION_REVOKED, SsfTransmitter
 
 from verifier.clock import SystemClock
+from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.routes import HttpRequest, Router
+from verifier.doors.ssf_http import add_ssf_routes
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, parse_revocation_config
 from verifier.state.redis import RedisState
@@ -108,7 +110,8 @@ def admin_request(method: str, path: str = "/v1/admin/revocations", document: An
 
 def router_of(service: RevocationService) -> Router:
     router = Router()
-    service.register_routes(router)
+    add_ssf_routes(router, service)
+    add_admin_routes(router, service.admin)
     return router
 
 

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from verifier.decision import Decision, smuggled_identity
+from verifier.doors.refusals import GRPC_OK, grpc_code, sheds
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Pipeline
 from verifier.request import RequestAttributes, normalize_host
@@ -31,10 +32,6 @@ from verifier.v1 import verifier_pb2
 
 OWN_SERVICE = "verifier.v1.Verifier"
 ENVOY_SERVICE = "envoy.service.auth.v3.Authorization"
-_GRPC_OK = 0
-_GRPC_PERMISSION_DENIED = 7
-_GRPC_UNAUTHENTICATED = 16
-_GRPC_UNAVAILABLE = 14
 IDENTITY_HEADERS = (
     "x-authenticated-userid",
     "x-authenticated-scope",
@@ -130,7 +127,7 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
 def _envoy_allow(decision: Decision, smuggled: Iterable[str]) -> ea.CheckResponse:
     set_names = {k for k, _ in decision.upstream_headers}
     return ea.CheckResponse(
-        status=status_pb2.Status(code=_GRPC_OK),
+        status=status_pb2.Status(code=GRPC_OK),
         ok_response=ea.OkHttpResponse(
             # Ours overwrite whatever the client sent under the same names.
             headers=[_header(k, v) for k, v in decision.upstream_headers],
@@ -153,14 +150,13 @@ def envoy_response(decision: Decision, request_headers: Mapping[str, str] | None
     if decision.allowed:
         message = _envoy_allow(decision, ())
     else:
-        code = {401: _GRPC_UNAUTHENTICATED, 403: _GRPC_PERMISSION_DENIED}.get(decision.status, _GRPC_UNAVAILABLE)
         headers = [_header(k, v) for k, v in decision.response_headers]
         headers.append(_header("x-verifier-reason", decision.reason))
         if decision.body:
             headers.append(_header("content-type", "application/json"))
         headers.append(_header("cache-control", "no-store"))
         message = ea.CheckResponse(
-            status=status_pb2.Status(code=code),
+            status=status_pb2.Status(code=grpc_code(decision)),
             denied_response=ea.DeniedHttpResponse(
                 status=http_status_pb2.HttpStatus(code=decision.status),
                 headers=headers,
@@ -203,7 +199,7 @@ class GrpcDoors:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
                 raise  # abort raises; this is never reached
         self.metrics.decision(door, decision.outcome, decision.reason, time.perf_counter() - started)
-        if decision.reason == "overloaded" and context is not None:
+        if context is not None and not decision.allowed and sheds(decision):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded: retry later")
         return decision
 

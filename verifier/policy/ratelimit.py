@@ -58,7 +58,5 @@ class RateLimiter:
         )
         if not result.allowed:
             retry = max(1, math.ceil(result.retry_after_seconds))
-            error = RateLimited("rate limit exceeded", retry_after=retry)
-            error.headers = headers
-            raise error
+            raise RateLimited("rate limit exceeded", retry_after=retry, headers=headers)
         return headers

@@ -72,7 +72,6 @@ class WebAuthnStepUpRequired(InsufficientUserAuthentication):
     """The route needs a request-bound WebAuthn assertion (handled by the WebAuthn step-up)."""
 
     code = "webauthn_assertion_required"
-    scheme = Scheme.WEBAUTHN
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -191,9 +190,7 @@ def evaluate(require: Requirements, principal: Principal, now: float, *, authori
             or (constraint == "mtls" and not mtls_bound)
             or (constraint == "any" and not (dpop_bound or mtls_bound))
         ):
-            error = SenderConstraintFailed(
-                f"a {constraint if constraint != 'any' else 'sender'}-constrained token is required"
+            raise SenderConstraintFailed(
+                f"a {constraint if constraint != 'any' else 'sender'}-constrained token is required",
+                scheme=Scheme.DPOP if constraint == "dpop" else None,
             )
-            if constraint == "dpop":
-                error.scheme = Scheme.DPOP
-            raise error

@@ -1,4 +1,5 @@
-"""The operator's kill switch: `POST/GET /v1/admin/revocations`, `DELETE /v1/admin/revocations/{id}`.
+"""The operator's kill switch, served as `POST/GET /v1/admin/revocations`, `DELETE /v1/admin/revocations/{id}`
+by `verifier.doors.admin_http`.
 
 A bearer secret from `VERIFIER_ADMIN_TOKEN` guards it (compared with `hmac.compare_digest`); without
 that variable the API does not exist (404 on every route, so its presence is not even disclosed).
@@ -17,24 +18,21 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from verifier.clock import Clock
-from verifier.doors.routes import HttpAnswer, HttpRequest, Router
-from verifier.errors import StateUnavailable
+from verifier.errors import InvalidToken, MalformedRequest, MissingToken, NotFound
 from verifier.revocation.entry import OPERATOR, Effect, Entry, KeyKind, Match
 from verifier.revocation.index import Revocations
 from verifier.revocation.subjects import SubjectError, subject_keys
 from verifier.settings import check_admin_token
 
-COLLECTION = "/v1/admin/revocations"
-MAX_BODY_BYTES = 16 * 1024  # bytes; a subject and a reason
 MAX_REASON_CHARS = 200
 
 
-class AdminApi:
-    """The kill switch's three routes."""
+class KillSwitch:
+    """The kill switch: who may use it, and what its three operations do (HTTP: `doors.admin_http`)."""
 
     def __init__(
         self,
@@ -54,49 +52,40 @@ class AdminApi:
         self._clock = clock
         self._max_lifetime = max_token_lifetime
 
-    def register(self, router: Router) -> None:
-        """Adds the routes."""
-        router.add("POST", COLLECTION, self.create)
-        router.add("GET", COLLECTION, self.list)
-        router.add("DELETE", COLLECTION + "/{id}", self.delete)
+    @property
+    def enabled(self) -> bool:
+        """Whether the API exists at all (an admin token is configured)."""
+        return self._token is not None
 
-    def _refusal(self, request: HttpRequest) -> HttpAnswer | None:
-        if self._token is None:
-            return HttpAnswer.json(404, {"error": "not_found"})
-        header = request.headers.get("authorization", "")
-        scheme, _, presented = header.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self._token)
-        if ok:
-            return None
-        return HttpAnswer.json(
-            401, {"error": "invalid_token"}, (("www-authenticate", 'Bearer realm="verifier-admin"'),)
-        )
+    def authorize(self, authorization: str) -> None:
+        """Returns when the `Authorization` header carries the admin token; else raises (401)."""
+        scheme, _, presented = authorization.partition(" ")
+        if not presented.strip():
+            raise MissingToken("the admin API needs its bearer token")
+        ok = self._token is not None and scheme.lower() == "bearer"
+        if not (ok and hmac.compare_digest(presented.strip().encode(), self._token or b"")):
+            raise InvalidToken("not the admin token")
 
-    async def create(self, request: HttpRequest, params: Mapping[str, str]) -> HttpAnswer:
-        """POST: a new entry per key of the subject; answers with the first id (one key in practice)."""
-        refusal = self._refusal(request)
-        if refusal is not None:
-            return refusal
-        if len(request.body) > MAX_BODY_BYTES:
-            return HttpAnswer.json(413, {"error": "invalid_request", "error_description": "body too large"})
-        try:
-            document: Any = request.json()
-        except (ValueError, RecursionError):
-            return _bad("body is not JSON")
+    async def create(self, document: Any) -> Entry:
+        """A new entry for the subject named by `document` (see the module docstring).
+
+        Raises `MalformedRequest` for a document that does not name exactly one subject, or
+        `StateUnavailable` when the store cannot take it.
+        """
         if not isinstance(document, dict):
-            return _bad("body is not a JSON object")
+            raise MalformedRequest("body is not a JSON object")
         reason = document.get("reason", "")
         if not isinstance(reason, str):
-            return _bad("reason must be a string")
+            raise MalformedRequest("reason must be a string")
         effect_name = document.get("effect", "revoke")
         if effect_name not in ("revoke", "disable"):
-            return _bad("effect must be revoke or disable")
+            raise MalformedRequest("effect must be revoke or disable")
         try:
             keys = subject_keys(document.get("subject"), session=True)
         except SubjectError as exc:
-            return _bad(str(exc))
+            raise MalformedRequest(str(exc)) from exc
         if len(keys) != 1:
-            return _bad("subject must name exactly one iss_sub, email or opaque (session) identifier")
+            raise MalformedRequest("subject must name exactly one iss_sub, email or opaque (session) identifier")
         key = keys[0]
         now = self._clock.now()
         if effect_name == "disable":
@@ -115,37 +104,15 @@ class AdminApi:
             event=OPERATOR,
             reason=reason[:MAX_REASON_CHARS],
         )
-        try:
-            await self._add([entry])
-        except StateUnavailable:
-            return _unavailable()
-        return HttpAnswer.json(201, {"id": entry.id}, (("location", f"{COLLECTION}/{entry.id}"),))
+        await self._add([entry])
+        return entry
 
-    async def list(self, request: HttpRequest, params: Mapping[str, str]) -> HttpAnswer:
-        """GET: every live entry, events' and operators'."""
-        refusal = self._refusal(request)
-        if refusal is not None:
-            return refusal
-        return HttpAnswer.json(200, {"entries": [e.public() for e in self._revocations.entries()]})
+    def entries(self) -> list[Entry]:
+        """Every live entry, events' and operators'."""
+        return self._revocations.entries()
 
-    async def delete(self, request: HttpRequest, params: Mapping[str, str]) -> HttpAnswer:
-        """DELETE: lifts one entry (an event's too: the operator has the last word)."""
-        refusal = self._refusal(request)
-        if refusal is not None:
-            return refusal
-        entry_id = params["id"]
+    async def lift(self, entry_id: str) -> None:
+        """Lifts one entry (an event's too: the operator has the last word); raises `NotFound`."""
         if self._revocations.get(entry_id) is None:
-            return HttpAnswer.json(404, {"error": "not_found"})
-        try:
-            await self._remove([entry_id])
-        except StateUnavailable:
-            return _unavailable()
-        return HttpAnswer(204, (("cache-control", "no-store"),))
-
-
-def _bad(description: str) -> HttpAnswer:
-    return HttpAnswer.json(400, {"error": "invalid_request", "error_description": description})
-
-
-def _unavailable() -> HttpAnswer:
-    return HttpAnswer.json(503, {"error": "temporarily_unavailable"}, (("retry-after", "1"),))
+            raise NotFound("no such revocation entry")
+        await self._remove([entry_id])

@@ -2,7 +2,8 @@
 
 Built once by the composition root. `revocations` is the synchronous checker the pipeline consults on
 every decision; `start()` returns only once the current entries are loaded (a late replica never
-reports SERVING with an empty index); `register_routes()` adds `POST /v1/ssf/events` and the admin API.
+reports SERVING with an empty index). It speaks no HTTP: `verifier.doors.ssf_http` serves the push
+endpoint (`receive`) and `verifier.doors.admin_http` the kill switch (`admin`).
 """
 
 from __future__ import annotations
@@ -12,24 +13,20 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from prometheus_client import CollectorRegistry
 
 from verifier.clock import Clock
 from verifier.config.revocation import POLL, PUSH, RevocationConfig, TransmitterConfig
-from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.errors import StateUnavailable
-from verifier.revocation.admin import AdminApi
+from verifier.revocation.admin import KillSwitch
 from verifier.revocation.entry import Effect, Entry
 from verifier.revocation.index import Revocations
 from verifier.revocation.metrics import RevocationMetrics, TransmitterKeyMetrics
 from verifier.revocation.poll import Outcome, Poller
 from verifier.revocation.ssf import (
-    INVALID_REQUEST,
-    MAX_SET_BYTES,
-    SET_TYP,
     CredentialRevocation,
     Effects,
     SetRefused,
@@ -45,7 +42,6 @@ from verifier.tokens.jwks import IssuerKeys
 
 log = logging.getLogger("verifier.revocation")
 
-EVENTS_PATH = "/v1/ssf/events"
 DEFAULT_START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
 LOAD_RETRY_SECONDS = 0.2  # between attempts at the initial load
 
@@ -88,7 +84,7 @@ class RevocationService:
         }
         self._verifier = SetVerifier(self._transmitters, state, clock)
         self._on_credential_revoked = on_credential_revoked
-        self._admin = AdminApi(
+        self.admin = KillSwitch(
             token=admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV) or None,
             revocations=self.revocations,
             add=self.add,
@@ -107,11 +103,10 @@ class RevocationService:
         """Counts one request refused for revocation (call it with the refusal's code)."""
         self.metrics.refusal(code)
 
-    def register_routes(self, router: Router) -> None:
-        """`POST /v1/ssf/events` (when a transmitter pushes) and the admin API."""
-        if any(t.delivery == PUSH for t in self.config.transmitters):
-            router.add("POST", EVENTS_PATH, self.push)
-        self._admin.register(router)
+    @property
+    def push_enabled(self) -> bool:
+        """Whether a transmitter pushes (RFC 8935), so `POST /v1/ssf/events` is served."""
+        return any(t.delivery == PUSH for t in self.config.transmitters)
 
     async def start(self) -> None:
         """Subscribes, loads every entry (retrying up to the start timeout), then starts the loops."""
@@ -267,25 +262,6 @@ class RevocationService:
         except Exception:  # the event is stored either way; the callback's failure is the callback's
             log.exception("credential revocation callback failed", extra={"event": "ssf_set"})
 
-    async def push(self, request: HttpRequest, params: Mapping[str, str]) -> HttpAnswer:
-        """RFC 8935 section 2: 202 when accepted, 400 with `err`/`description` when refused."""
-        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media != "application/" + SET_TYP:
-            return _set_error(INVALID_REQUEST, "Content-Type must be application/secevent+jwt")
-        if len(request.body) > MAX_SET_BYTES:
-            return _set_error(INVALID_REQUEST, "SET too large")
-        try:
-            token = request.body.decode("ascii").strip()
-        except UnicodeDecodeError:
-            return _set_error(INVALID_REQUEST, "SET is not ASCII")
-        try:
-            await self.receive(token, delivery=PUSH)
-        except SetRefused as exc:
-            return _set_error(exc.err, exc.description)
-        except StateUnavailable:
-            return HttpAnswer.json(503, {"err": "temporarily_unavailable"}, (("retry-after", "1"),))
-        return HttpAnswer(202, (("cache-control", "no-store"),))
-
     def _count_poll(self, transmitter: str, result: str) -> None:
         self.metrics.polls.labels(transmitter, result).inc()
 
@@ -302,8 +278,3 @@ class RevocationService:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(headers={"User-Agent": "edge-verifier/0.1 (ssf receiver)"})
         return self._session
-
-
-def _set_error(err: str, description: str) -> HttpAnswer:
-    """RFC 8935 section 2.3: a JSON object with `err` and `description`."""
-    return HttpAnswer.json(400, {"err": err, "description": description})

@@ -2,7 +2,7 @@
 
 `AssertionRefused` is raised by each check with a stable code (`webauthn_origin_mismatch`, ...);
 `WebAuthnService.check_step_up` attaches a fresh `Offer` before the error leaves the service, so every
-missing or failed assertion is answered by `verifier.decision.refuse` with a new challenge in
+missing or failed assertion is answered by `verifier.doors.refusals.refuse` with a new challenge in
 `WWW-Authenticate: WebAuthn challenge="...", rp_id="...", timeout=...` and in the JSON body.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from verifier.errors import Outcome, VerifierError
+from verifier.errors import VerifierError
 from verifier.policy.rules import WebAuthnStepUpRequired
 
 
@@ -51,5 +51,9 @@ class RegistrationRefused(VerifierError):
     """A registration ceremony that does not verify: answered 400 by the registration endpoints."""
 
     code = "webauthn_registration_invalid"
-    outcome = Outcome.BAD_REQUEST
-    oauth_error = "invalid_request"
+
+
+class CredentialExists(VerifierError):
+    """The credential is already registered (to this user or another): 409."""
+
+    code = "webauthn_credential_exists"

@@ -1,17 +1,9 @@
-"""The WebAuthn service: request-bound step-up for the pipeline, and the credential registry's endpoints.
+"""The WebAuthn service: request-bound step-up for the pipeline, and the credential registry.
 
 Built once by the composition root. The pipeline calls `check_step_up` for a route whose policy says
-`require: {step_up: webauthn}`; the forward-auth door's router serves the endpoints that
-`register_routes` adds:
-
-| method and path                         | what                                                  |
-|-----------------------------------------|-------------------------------------------------------|
-| `POST /v1/webauthn/register/begin`      | creation options and a signed state (Bearer token)     |
-| `POST /v1/webauthn/register/complete`   | verifies and stores the credential: 201                |
-| `GET /v1/webauthn/credentials`          | the caller's credentials                               |
-| `DELETE /v1/webauthn/credentials/{id}`  | removes one (id base64url): 204                        |
-| `GET /v1/webauthn/demo`                 | a same-origin demo page (when `demo: true`)            |
-| `POST /v1/webauthn/demo/protected/{n}`  | a step-up-protected echo the demo page calls           |
+`require: {step_up: webauthn}`; `verifier.doors.webauthn_http` serves the registry's endpoints over
+HTTP (`begin_registration`, `complete_registration`, `credentials`, `delete_credential`): the methods
+return values or raise catalogued errors, never answers.
 
 A token alone enrolls a user's first credential. Once the user has a usable (enabled) credential,
 beginning another registration and deleting a credential need a step-up assertion from an enrolled
@@ -32,22 +24,17 @@ registration; a counter regression (a cloned authenticator) is a WARNING.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import importlib.resources
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
 from verifier.clock import Clock
 from verifier.config.webauthn import WebAuthnConfig
-from verifier.decision import refuse
-from verifier.doors.routes import HttpAnswer, HttpRequest, Router
-from verifier.errors import Forbidden, VerifierError
+from verifier.errors import Forbidden, NotFound
 from verifier.principal import Principal
-from verifier.request import RequestAttributes, normalize_host
+from verifier.request import RequestAttributes
 from verifier.state.base import SharedState
 from verifier.webauthn.assertion import (
     ASSERTION_HEADER,
@@ -58,15 +45,13 @@ from verifier.webauthn.assertion import (
     user_handle,
 )
 from verifier.webauthn.challenge import ChallengeSigner, b64url, b64url_decode, subject_hash
-from verifier.webauthn.errors import AssertionRefused, Offer, RegistrationRefused
+from verifier.webauthn.errors import AssertionRefused, CredentialExists, Offer, RegistrationRefused
 from verifier.webauthn.registration import Registrar, parse_preferences
 from verifier.webauthn.store import CredentialStore, DuplicateCredential, StoredCredential
 
 audit_log = logging.getLogger("verifier.audit")
 logger = logging.getLogger(__name__)
 
-Authenticate = Callable[[HttpRequest], Awaitable[Principal]]
-MAX_BODY_BYTES = 65536  # a registration response with an attestation chain is a few KiB
 _MISSING = "webauthn_assertion_required"
 _USER_REQUIRED = "webauthn_user_required"  # a client-credentials token has no credentials to assert with
 
@@ -88,11 +73,11 @@ class WebAuthnService:
         self._store = store
         self._state = state
         self._clock = clock
-        self._realm = realm
+        self.realm = realm  # the realm its refusals' challenges name
+        self.demo = config.demo  # whether the demo page and its protected echo are served
         self._signer = ChallengeSigner(config.secret)
         self._assertions = AssertionVerifier(config, store, state, clock, self._signer)
         self._registrar = Registrar(config, self._signer)
-        self._demo: HttpAnswer | None = None
         self._assertion_total = Counter(
             "verifier_webauthn_assertions_total",
             "WebAuthn step-up checks by result (ok or a refusal code).",
@@ -118,7 +103,7 @@ class WebAuthnService:
 
         The refusal always carries a fresh challenge for this subject, method, host and path.
         """
-        _require_user(principal)
+        require_user(principal)
         header = attrs.headers.get(ASSERTION_HEADER, "")
         try:
             if not header:
@@ -130,8 +115,7 @@ class WebAuthnService:
                 self._audit_regression(exc, attrs)
             elif exc.code != _MISSING:
                 self._audit_assertion(logging.INFO, principal, attrs, "deny", exc.code, None, None)
-            exc.offer = await self.offer(principal, attrs)
-            raise
+            raise exc.replace(offer=await self.offer(principal, attrs)) from None
         self._assertion_total.labels("ok").inc()
         self._audit_assertion(
             logging.INFO, principal, attrs, "allow", "ok", credential_id_text(verified.credential), verified.sign_count
@@ -198,63 +182,20 @@ class WebAuthnService:
         """Closes the credential store."""
         await self._store.close()
 
-    # --- HTTP endpoints -----------------------------------------------------------------------------
-
-    def register_routes(self, router: Router, authenticate: Authenticate) -> None:
-        """Adds the registry's endpoints (and the demo page when configured) to `router`."""
-
-        def guarded(
-            handler: Callable[[HttpRequest, Mapping[str, str], Principal], Awaitable[HttpAnswer]],
-        ) -> Callable[[HttpRequest, Mapping[str, str]], Awaitable[HttpAnswer]]:
-            async def run(request: HttpRequest, params: Mapping[str, str]) -> HttpAnswer:
-                try:
-                    principal = await authenticate(request)
-                    _require_user(principal)
-                    return await handler(request, params, principal)
-                except RegistrationRefused as exc:
-                    return HttpAnswer.json(400, {"error": exc.code, "error_description": exc.description})
-                except VerifierError as exc:
-                    return self._refusal(exc)
-
-            return run
-
-        router.add("POST", "/v1/webauthn/register/begin", guarded(self._register_begin))
-        router.add("POST", "/v1/webauthn/register/complete", guarded(self._register_complete))
-        router.add("GET", "/v1/webauthn/credentials", guarded(self._list))
-        router.add("DELETE", "/v1/webauthn/credentials/{id}", guarded(self._delete))
-        if self._config.demo:
-            router.add("GET", "/v1/webauthn/demo", self._demo_page)
-            router.add("POST", "/v1/webauthn/demo/protected/{name}", guarded(self._demo_protected))
-
-    def _refusal(self, error: VerifierError) -> HttpAnswer:
-        """The same answer the decision module gives the gateway, as an HTTP answer of our own."""
-        decision = refuse(error, realm=self._realm)
-        headers = list(decision.response_headers)
-        if decision.body:
-            headers.append(("content-type", "application/json"))
-        headers += [("cache-control", "no-store"), ("x-verifier-reason", decision.reason)]
-        return HttpAnswer(decision.status, tuple(headers), decision.body)
-
-    @staticmethod
-    def _body(request: HttpRequest) -> Any:
-        if len(request.body) > MAX_BODY_BYTES:
-            raise RegistrationRefused("the request body is too large", code="invalid_request")
-        try:
-            return request.json()
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise RegistrationRefused("the request body is not JSON", code="invalid_request") from exc
+    # --- the credential registry (served by verifier.doors.webauthn_http) ----------------------------
 
     async def _guard_enrolled(
-        self, request: HttpRequest, principal: Principal, existing: list[StoredCredential]
+        self, attrs: RequestAttributes, principal: Principal, existing: list[StoredCredential]
     ) -> None:
         """A user who has a usable credential proves it before changing the set (see the module docstring)."""
         if any(not c.disabled for c in existing):
-            await self.check_step_up(principal, _attributes(request))
+            await self.check_step_up(principal, attrs)
 
-    async def _register_begin(self, request: HttpRequest, _: Mapping[str, str], principal: Principal) -> HttpAnswer:
-        preferences, _name = parse_preferences(self._body(request))
+    async def begin_registration(self, principal: Principal, document: Any, attrs: RequestAttributes) -> dict[str, Any]:
+        """Creation options and the signed state for a new credential (`{"publicKey": ..., "state": ...}`)."""
+        preferences, _name = parse_preferences(document)
         existing = await self._store.for_user(principal.issuer, principal.subject)
-        await self._guard_enrolled(request, principal, existing)
+        await self._guard_enrolled(attrs, principal, existing)
         claims = principal.claims
         user_name = next(
             (v for v in (claims.get("preferred_username"), claims.get("email")) if isinstance(v, str) and v),
@@ -270,18 +211,18 @@ class WebAuthnService:
             preferences=preferences,
             now=self._clock.now(),
         )
-        return HttpAnswer.json(200, {"publicKey": options, "state": state})
+        return {"publicKey": options, "state": state}
 
-    async def _register_complete(self, request: HttpRequest, _: Mapping[str, str], principal: Principal) -> HttpAnswer:
-        body = self._body(request)
-        if not isinstance(body, Mapping):
+    async def complete_registration(self, principal: Principal, document: Any) -> StoredCredential:
+        """Verifies and stores the credential; raises `RegistrationRefused` or `CredentialExists`."""
+        if not isinstance(document, Mapping):
             raise RegistrationRefused("expected a JSON object with state and credential", code="invalid_request")
-        name = parse_preferences({"name": body.get("name", "")})[1]
+        name = parse_preferences({"name": document.get("name", "")})[1]
         now = self._clock.now()
         try:
             registered, challenge = self._registrar.complete(
-                body.get("state"),
-                body.get("credential"),
+                document.get("state"),
+                document.get("credential"),
                 subject=subject_hash(principal.issuer, principal.subject),
                 now=now,
             )
@@ -309,11 +250,8 @@ class WebAuthnService:
         try:
             await self._store.add(stored)
         except DuplicateCredential:
-            self._registration_total.labels("webauthn_credential_exists").inc()
-            return HttpAnswer.json(
-                409,
-                {"error": "webauthn_credential_exists", "error_description": "this credential is already registered"},
-            )
+            self._registration_total.labels(CredentialExists.code).inc()
+            raise CredentialExists("this credential is already registered") from None
         self._registration_total.labels("ok").inc()
         audit_log.info(
             "webauthn_registered",
@@ -327,45 +265,33 @@ class WebAuthnService:
                 "attestation": stored.attestation_format,
             },
         )
-        location = f"/v1/webauthn/credentials/{credential_id_text(stored)}"
-        return HttpAnswer.json(201, _describe(stored), (("location", location),))
+        return stored
 
-    async def _list(self, _: HttpRequest, __: Mapping[str, str], principal: Principal) -> HttpAnswer:
-        credentials = await self._store.for_user(principal.issuer, principal.subject)
-        return HttpAnswer.json(200, {"credentials": [_describe(c) for c in credentials]})
+    async def credentials(self, principal: Principal) -> list[StoredCredential]:
+        """The caller's credentials (disabled ones too)."""
+        return await self._store.for_user(principal.issuer, principal.subject)
 
-    async def _delete(self, request: HttpRequest, params: Mapping[str, str], principal: Principal) -> HttpAnswer:
+    async def delete_credential(self, principal: Principal, credential_id: str, attrs: RequestAttributes) -> None:
+        """Removes one of the caller's credentials (id base64url); raises `NotFound` when there is none."""
         try:
-            credential_id = b64url_decode(params["id"])
+            raw_id = b64url_decode(credential_id)
         except ValueError:
-            return HttpAnswer.json(404, {"error": "not_found"})
+            raise NotFound() from None
         existing = await self._store.for_user(principal.issuer, principal.subject)
-        if not any(c.credential_id == credential_id for c in existing):
-            return HttpAnswer.json(404, {"error": "not_found"})
-        await self._guard_enrolled(request, principal, existing)
-        if not await self._store.delete(principal.issuer, principal.subject, credential_id):
-            return HttpAnswer.json(404, {"error": "not_found"})
+        if not any(c.credential_id == raw_id for c in existing):
+            raise NotFound()
+        await self._guard_enrolled(attrs, principal, existing)
+        if not await self._store.delete(principal.issuer, principal.subject, raw_id):
+            raise NotFound()
         audit_log.info(
             "webauthn_deleted",
             extra={
                 "event": "webauthn_deleted",
                 "issuer": principal.issuer,
                 "subject": principal.subject,
-                "credential": b64url(credential_id),
+                "credential": b64url(raw_id),
             },
         )
-        return HttpAnswer(204, (("cache-control", "no-store"),))
-
-    async def _demo_page(self, _: HttpRequest, __: Mapping[str, str]) -> HttpAnswer:
-        if self._demo is None:
-            self._demo = _demo_answer()
-        return self._demo
-
-    async def _demo_protected(
-        self, request: HttpRequest, params: Mapping[str, str], principal: Principal
-    ) -> HttpAnswer:
-        await self.check_step_up(principal, _attributes(request))
-        return HttpAnswer.json(200, {"ok": True, "subject": principal.subject, "name": params["name"]})
 
     # --- audit ---------------------------------------------------------------------------------------
 
@@ -414,26 +340,14 @@ class WebAuthnService:
         )
 
 
-def _require_user(principal: Principal) -> None:
+def require_user(principal: Principal) -> None:
     """WebAuthn credentials belong to users (issuer, `sub`); a client-credentials token has none."""
     if not principal.subject:
         raise Forbidden("WebAuthn credentials belong to users; this token names a client", code=_USER_REQUIRED)
 
 
-def _attributes(request: HttpRequest) -> RequestAttributes:
-    """One of our own endpoints' requests as the attributes a step-up is bound to."""
-    path = request.path + (f"?{request.query}" if request.query else "")
-    return RequestAttributes(
-        method=request.method,
-        scheme="http",
-        host=normalize_host(request.headers.get("host", "")),
-        path=path,
-        headers=request.headers,
-        client_address=request.peer,
-    )
-
-
-def _describe(c: StoredCredential) -> dict[str, Any]:
+def describe(c: StoredCredential) -> dict[str, Any]:
+    """A credential as the registry's endpoints list it (no key material)."""
     return {
         "id": credential_id_text(c),
         "name": c.name,
@@ -447,25 +361,3 @@ def _describe(c: StoredCredential) -> dict[str, Any]:
         "backup_eligible": c.backup_eligible,
         "disabled": c.disabled,
     }
-
-
-def _demo_answer() -> HttpAnswer:
-    """The demo page, with a CSP that allows exactly its one inline script (by hash) and nothing else."""
-    page = importlib.resources.files("verifier.webauthn").joinpath("static/demo.html").read_bytes()
-    script = page.split(b"<script>", 1)[1].split(b"</script>", 1)[0]
-    digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
-    csp = (
-        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; connect-src 'self'; "
-        "form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
-    )
-    return HttpAnswer(
-        200,
-        (
-            ("content-type", "text/html; charset=utf-8"),
-            ("cache-control", "no-store"),
-            ("content-security-policy", csp),
-            ("x-content-type-options", "nosniff"),
-            ("referrer-policy", "no-referrer"),
-        ),
-        page,
-    )
