@@ -21,8 +21,9 @@ from ssf_transmitter import (
     TOKEN_CLAIMS_CHANGE,
     SsfTransmitter,
 )
-from tokenkit import ISSUER, NOW, FakeFetcher
+from tokenkit import ISSUER, NOW, FakeFetcher, issuer_settings
 
+from verifier.app import App
 from verifier.clock import FrozenClock
 from verifier.decision import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
@@ -32,7 +33,7 @@ from verifier.revocation import RevocationService, TokenRevoked, parse_revocatio
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.subjects import SubjectError, subject_keys
-from verifier.settings import ConfigError
+from verifier.settings import ConfigError, Settings
 from verifier.state.memory import MemoryState
 
 TX = "https://ssf.example.test"
@@ -96,7 +97,7 @@ async def service(
     clock: FrozenClock, provider: FakeFetcher, credentials: Credentials, registry: CollectorRegistry
 ) -> AsyncIterator[RevocationService]:
     svc = RevocationService(
-        config(), redis_url=None, state=MemoryState(clock), fetcher=provider, clock=clock,
+        config(), state=MemoryState(clock), fetcher=provider, clock=clock,
         registry=registry, on_credential_revoked=credentials, admin_token=ADMIN,
     )
     await svc.start()
@@ -484,7 +485,7 @@ async def test_admin_api_is_404_when_the_env_var_is_unset(
     clock: FrozenClock, provider: FakeFetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("VERIFIER_ADMIN_TOKEN", raising=False)
-    svc = RevocationService(config(), redis_url=None, state=MemoryState(clock), fetcher=provider, clock=clock,
+    svc = RevocationService(config(), state=MemoryState(clock), fetcher=provider, clock=clock,
                             registry=CollectorRegistry())
     router = routes(svc)
     assert (await router.dispatch(admin("POST", document={"subject": USER}))).status == 404
@@ -492,15 +493,28 @@ async def test_admin_api_is_404_when_the_env_var_is_unset(
     assert (await router.dispatch(admin("DELETE", "/v1/admin/revocations/x"))).status == 404
 
 
-async def test_admin_token_is_read_from_the_environment(
+async def test_admin_token_is_read_from_the_environment_by_the_root(
     clock: FrozenClock, provider: FakeFetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The composition root reads VERIFIER_ADMIN_TOKEN and hands it to the service."""
     monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "from-env-" + "e" * 32)
-    svc = RevocationService(config(), redis_url=None, state=MemoryState(clock), fetcher=provider, clock=clock,
-                            registry=CollectorRegistry())
-    router = routes(svc)
+    settings = Settings(grpc=None, http=None, metrics=None, issuers=(issuer_settings(),), revocation=config())
+    app = App(settings, clock=clock, fetcher=provider)
+    assert app.revocation is not None
+    router = routes(app.revocation)
     assert (await router.dispatch(admin("GET", token="from-env-" + "e" * 32))).status == 200
     assert (await router.dispatch(admin("GET", token=ADMIN))).status == 401
+
+
+async def test_the_service_does_not_read_the_environment(
+    clock: FrozenClock, provider: FakeFetcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a token passed in, the admin API is off, whatever the environment holds."""
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "from-env-" + "e" * 32)
+    svc = RevocationService(config(), state=MemoryState(clock), fetcher=provider, clock=clock,
+                            registry=CollectorRegistry())
+    router = routes(svc)
+    assert (await router.dispatch(admin("GET", token="from-env-" + "e" * 32))).status != 200
 
 
 # -- expiry ------------------------------------------------------------------------------------------------------

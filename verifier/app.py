@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import ssl
 from collections.abc import Callable
 
@@ -33,8 +34,9 @@ from verifier.principal import Principal
 from verifier.revocation import RevocationService
 from verifier.revocation.config import check_transmitter_scopes
 from verifier.revocation.ssf import CredentialRevocation
-from verifier.settings import Settings
-from verifier.state import build_state
+from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
+from verifier.settings import ADMIN_TOKEN_ENV, Settings
+from verifier.state import StateConfig, build_state
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.fetch import Fetcher, HttpFetcher
 from verifier.tokens.introspection import Introspector
@@ -46,6 +48,15 @@ log = logging.getLogger("verifier.app")
 
 SHUTDOWN_GRACE_SECONDS = 5.0  # in-flight calls get this long to finish on SIGTERM
 METRICS_REFRESH_SECONDS = 5.0  # how often gauges derived from state (key age) are updated
+
+
+def revocation_store(state: StateConfig | None) -> RevocationStore:
+    """Where revocation entries live: the shared Redis, else a local file that outlives a worker, else memory."""
+    if state is not None and state.redis_url:
+        return RedisStore(state.redis_url, key_prefix=state.key_prefix, password=state.password)
+    if state is not None and state.path:  # survives a reload or a worker restart
+        return SqliteStore(state.path)
+    return MemoryStore()
 
 
 @dataclasses.dataclass
@@ -100,13 +111,10 @@ class App:
         self.revocation: RevocationService | None = None
         if settings.revocation is not None:
             check_transmitter_scopes(settings.revocation, (i.issuer for i in settings.issuers))
-            state_cfg = settings.state
             self.revocation = RevocationService(
                 settings.revocation,
-                redis_url=getattr(state_cfg, "redis_url", None),
-                redis_password=getattr(state_cfg, "password", None),
-                key_prefix=getattr(state_cfg, "key_prefix", "verifier:"),
-                local_path=getattr(state_cfg, "path", None),
+                store=revocation_store(settings.state),
+                admin_token=os.environ.get(ADMIN_TOKEN_ENV),  # validated by load_settings
                 state=self.state,
                 fetcher=self.fetcher,
                 clock=self.clock,

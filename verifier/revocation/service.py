@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
@@ -19,11 +18,11 @@ from prometheus_client import CollectorRegistry
 from verifier.clock import Clock
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.errors import StateUnavailable
+from verifier.observe.metrics import RevocationMetrics, TransmitterKeyMetrics
 from verifier.revocation.admin import AdminApi
 from verifier.revocation.config import POLL, PUSH, RevocationConfig, TransmitterConfig
 from verifier.revocation.entry import Effect, Entry
 from verifier.revocation.index import Revocations
-from verifier.revocation.metrics import RevocationMetrics, TransmitterKeyMetrics
 from verifier.revocation.poll import Outcome, Poller
 from verifier.revocation.ssf import (
     INVALID_REQUEST,
@@ -36,8 +35,7 @@ from verifier.revocation.ssf import (
     effects_of,
     short_name,
 )
-from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
-from verifier.settings import ADMIN_TOKEN_ENV
+from verifier.revocation.store import MemoryStore, RevocationStore
 from verifier.state.base import SharedState
 from verifier.tokens.fetch import Fetcher
 from verifier.tokens.jwks import IssuerKeys
@@ -58,29 +56,20 @@ class RevocationService:
         self,
         config: RevocationConfig,
         *,
-        redis_url: str | None,
         state: SharedState,
         fetcher: Fetcher,
         clock: Clock,
         registry: CollectorRegistry,
         on_credential_revoked: CredentialCallback | None = None,
-        redis_password: str | None = None,
-        key_prefix: str = "verifier:",
-        local_path: str | None = None,
+        store: RevocationStore | None = None,
         admin_token: str | None = None,
         start_timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
     ) -> None:
         self.config = config
         self._clock = clock
-        self.metrics = RevocationMetrics(registry)
+        self.metrics = RevocationMetrics(registry, (e.value for e in Effect if e is not Effect.CLAIMS_OVERRIDE))
         self.revocations = Revocations(clock)
-        self._store: RevocationStore
-        if redis_url:
-            self._store = RedisStore(redis_url, key_prefix=key_prefix, password=redis_password)
-        elif local_path:  # without Redis: a file that outlives this worker (reload, restart)
-            self._store = SqliteStore(local_path)
-        else:
-            self._store = MemoryStore()
+        self._store: RevocationStore = store if store is not None else MemoryStore()  # the root picks the store
         key_metrics = TransmitterKeyMetrics(self.metrics)
         self._transmitters: dict[str, tuple[TransmitterConfig, IssuerKeys]] = {
             t.issuer: (t, IssuerKeys(t.key_settings(), fetcher, clock, key_metrics)) for t in config.transmitters
@@ -88,7 +77,7 @@ class RevocationService:
         self._verifier = SetVerifier(self._transmitters, state, clock)
         self._on_credential_revoked = on_credential_revoked
         self._admin = AdminApi(
-            token=admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV) or None,
+            token=admin_token or None,  # the root reads it from the environment; None disables the admin API
             revocations=self.revocations,
             add=self.add,
             remove=self.remove,

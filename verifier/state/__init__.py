@@ -26,15 +26,11 @@ from urllib.parse import urlsplit
 
 from verifier.clock import Clock
 from verifier.settings import ConfigError
-from verifier.state.base import SharedState, TakeResult
+from verifier.state.base import DEFAULT_KEY_PREFIX, DEFAULT_TIMEOUT_SECONDS, SharedState, TakeResult
 from verifier.state.memory import DEFAULT_MAX_ENTRIES, MemoryState
 
 __all__ = ["SharedState", "StateConfig", "TakeResult", "build_state", "parse_state_config", "with_default_path"]
 
-DEFAULT_KEY_PREFIX = "verifier:"  # namespace for every key this verifier writes
-# Seconds per Redis socket operation (connect, write, read). Redis sits a LAN hop away; a request
-# waiting longer than this is better refused (503, fail closed) than left hanging at the gateway.
-DEFAULT_TIMEOUT_SECONDS = 0.25
 MAX_TIMEOUT_SECONDS = 5.0  # seconds; a slower answer holds the gateway's request too long
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _KEYS = ("redis_url", "password_env", "key_prefix", "timeout_seconds", "max_entries", "path")

@@ -19,8 +19,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from verifier.errors import StateUnavailable
-from verifier.state import DEFAULT_KEY_PREFIX, DEFAULT_TIMEOUT_SECONDS
-from verifier.state.base import TakeResult, check_bucket, take_result
+from verifier.state.base import DEFAULT_KEY_PREFIX, DEFAULT_TIMEOUT_SECONDS, TakeResult, check_bucket, take_result
 
 # Mirrors verifier.state.base.refill / take_one / the bucket's expiry, atomically on the server.
 # KEYS[1] bucket; ARGV rate_per_second, burst, now (wall seconds). Returns {allowed, tokens as text}:

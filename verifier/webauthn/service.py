@@ -39,12 +39,13 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from verifier.clock import Clock
 from verifier.decision import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.errors import Forbidden, VerifierError
+from verifier.observe.metrics import WebAuthnMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes, normalize_host
 from verifier.state.base import SharedState
@@ -93,18 +94,9 @@ class WebAuthnService:
         self._assertions = AssertionVerifier(config, store, state, clock, self._signer)
         self._registrar = Registrar(config, self._signer)
         self._demo: HttpAnswer | None = None
-        self._assertion_total = Counter(
-            "verifier_webauthn_assertions_total",
-            "WebAuthn step-up checks by result (ok or a refusal code).",
-            ["result"],
-            registry=registry,
-        )
-        self._registration_total = Counter(
-            "verifier_webauthn_registrations_total",
-            "WebAuthn registrations by result (ok or a refusal code).",
-            ["result"],
-            registry=registry,
-        )
+        metrics = WebAuthnMetrics(registry)
+        self._assertion_total = metrics.assertions
+        self._registration_total = metrics.registrations
         if not config.secret_from_env:
             logger.warning(
                 "webauthn: no shared secret in the environment; challenges are signed with a per-process key "
