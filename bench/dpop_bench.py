@@ -1,4 +1,5 @@
-"""``python -m bench dpop [--quick]``: a DPoP-bound token (RFC 9449) over forward-auth, with the no-op baseline.
+"""``python -m bench run --scenario dpop [--quick]``:
+a DPoP-bound token (RFC 9449) over forward-auth, with the no-op baseline.
 
 The client holds one P-256 key; the bench issuer signs one ES256 access token bound to it
 (``cnf.jkt``, RFC 9449 section 6.1), so the verifier caches the token, and every request carries a
@@ -395,14 +396,10 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m bench dpop", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench run --scenario dpop", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 s points (default 5 s)")
     parser.add_argument("--duration", type=float, help="seconds per point")
     parser.add_argument("--pool", type=int, default=30_000, help="proofs minted per closed-loop point")
     parser.add_argument("--fraction", type=float, default=0.5, help="open-loop rate as a fraction of the DPoP max")
     parser.add_argument("--out", help="results folder (default bench/results/<timestamp>-dpop)")
     run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,5 @@
-"""``python -m bench memory [--tokens 1000000]``: the verifier's resident memory during a flood of distinct junk.
+"""``python -m bench run --scenario memory [--tokens 1000000]``:
+the verifier's resident memory during a flood of distinct junk.
 
 One verifier (default config: refused-token cache of 100,000 entries) behind forward-auth; wrk sends
 junk tokens made in its Lua script, a different one on every request (half look like a JWS with an
@@ -281,7 +282,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench run --scenario memory", description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1_000_000, help="distinct junk tokens to send")
     parser.add_argument("--chunk", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
@@ -289,7 +290,3 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after the flood before 'after'")
     parser.add_argument("--out", help="results folder (default bench/results/<timestamp>-memory)")
     run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

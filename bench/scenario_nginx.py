@@ -1,4 +1,4 @@
-"""``python -m bench.scenario_nginx [--quick]``: the Kong Lua plugin's cost in front of a route, in one run.
+"""``python -m bench run --scenario nginx [--quick]``: the Kong Lua plugin's cost in front of a route, in one run.
 
 Three routes on the same nginx build, measured alternately in each repetition with wrk and one repeated
 token (what a busy client sends):
@@ -217,7 +217,7 @@ def markdown(rows: list[dict[str, Any]], opts_line: str, machine: dict[str, Any]
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m bench.scenario_nginx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench run --scenario nginx", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 s points, one repetition")
     parser.add_argument("--duration", type=float, help="seconds per point (default 5, --quick 1)")
     parser.add_argument("--reps", type=int, help="alternating repetitions (default 3, --quick 1)")
@@ -290,7 +290,3 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(md)
     print(f"bench: wrote {out}/results.md and results.json", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

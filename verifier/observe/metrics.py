@@ -149,10 +149,6 @@ class Metrics:
         """How many lookups of this kind were counted."""
         return self._hot.cache.get((cache, result), 0)
 
-    def decision_count(self, door: str, outcome: str | None = None) -> int:
-        """Decisions counted at a door (optionally of one outcome)."""
-        return sum(n for (d, o, _), n in self._hot.decisions.items() if d == door and outcome in (None, o))
-
     def signature_check(self, alg: str, result: str) -> None:
         """Counts a signature verification (label children bound once)."""
         key = (alg, result)
