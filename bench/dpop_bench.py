@@ -21,9 +21,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import re
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench import extras, issuer, loadgen, procstat, runner, wire
+from bench import extras, issuer, loadgen, procstat, runner, tools, wire
 from bench.wire import Door
 
 HTU = f"https://{wire.ORIGINAL_HOST}{wire.ORIGINAL_PATH}"  # what the verifier rebuilds from X-Forwarded-*
@@ -61,12 +59,6 @@ function request()
     ["X-Forwarded-Host"] = "%(host)s",
     ["X-Forwarded-Proto"] = "https",
   })
-end
-function done(summary, latency, requests)
-  io.write(string.format('BENCH_JSON {"requests": %%d, "duration_us": %%d, '
-    .. '"status_errors": %%d, "socket_errors": %%d}\n',
-    summary.requests, summary.duration, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end
 """
 
@@ -146,28 +138,16 @@ def _wrk(addr: str, token: str, proofs: list[str], out: Path, duration_s: float)
     work.mkdir(exist_ok=True)
     proofs_file = work / "dpop-proofs.txt"
     proofs_file.write_text("\n".join(proofs) + "\n")
-    script = work / "wrk-dpop.lua"
-    script.write_text(
-        WRK_DPOP
-        % dict(
-            proofs=proofs_file,
-            threads=1,
-            token=token,
-            path=wire.FORWARD_AUTH_PATH,
-            uri=wire.ORIGINAL_PATH,
-            host=wire.ORIGINAL_HOST,
-        )
+    script = WRK_DPOP % dict(
+        proofs=proofs_file,
+        threads=1,
+        token=token,
+        path=wire.FORWARD_AUTH_PATH,
+        uri=wire.ORIGINAL_PATH,
+        host=wire.ORIGINAL_HOST,
     )
-    cmd = ["wrk", "-t", "1", "-c", "16", "-d", f"{max(1, round(duration_s))}s", "-s", str(script)]
-    t0 = os.times()
-    done = subprocess.run([*cmd, f"http://{addr}{wire.FORWARD_AUTH_PATH}"], capture_output=True, text=True, timeout=120)
-    t1 = os.times()
-    m = re.search(r"BENCH_JSON (\{.*\})", done.stdout)
-    if not m:
-        raise RuntimeError(f"wrk output not understood:\n{done.stdout}{done.stderr}")
-    res = dict(json.loads(m.group(1)))
-    res["client_cpu_s"] = (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
-    return res
+    url = f"http://{addr}{wire.FORWARD_AUTH_PATH}"
+    return tools.run_wrk(url, script, workdir=work, name="dpop", duration_s=duration_s)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
