@@ -31,6 +31,7 @@ from verifier.errors import InvalidToken
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, TokenRevoked, parse_revocation_config
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.service import SSF_USER_AGENT
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.subjects import SubjectError, subject_keys
 from verifier.settings import ConfigError, Settings
@@ -504,6 +505,19 @@ async def test_admin_token_is_read_from_the_environment_by_the_root(
     router = routes(app.revocation)
     assert (await router.dispatch(admin("GET", token="from-env-" + "e" * 32))).status == 200
     assert (await router.dispatch(admin("GET", token=ADMIN))).status == 401
+
+
+async def test_the_root_builds_the_pollers_http_session(clock: FrozenClock, provider: FakeFetcher) -> None:
+    """The composition root builds the SSF poller's session (with its User-Agent); the service uses it."""
+    settings = Settings(grpc=None, http=None, metrics=None, issuers=(issuer_settings(),), revocation=config())
+    app = App(settings, clock=clock, fetcher=provider)
+    assert app.revocation is not None
+    session = app.revocation._client()
+    try:
+        assert session is app._ssf_client()
+        assert session.headers["User-Agent"] == SSF_USER_AGENT
+    finally:
+        await session.close()
 
 
 async def test_the_service_does_not_read_the_environment(

@@ -33,6 +33,7 @@ from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.revocation import RevocationService
 from verifier.revocation.config import check_transmitter_scopes
+from verifier.revocation.service import SSF_USER_AGENT
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
 from verifier.settings import ADMIN_TOKEN_ENV, Settings
@@ -109,12 +110,14 @@ class App:
             if i.introspection is not None
         }
         self.revocation: RevocationService | None = None
+        self._ssf_session: aiohttp.ClientSession | None = None
         if settings.revocation is not None:
             check_transmitter_scopes(settings.revocation, (i.issuer for i in settings.issuers))
             self.revocation = RevocationService(
                 settings.revocation,
                 store=revocation_store(settings.state),
                 admin_token=os.environ.get(ADMIN_TOKEN_ENV),  # validated by load_settings
+                session=self._ssf_client,
                 state=self.state,
                 fetcher=self.fetcher,
                 clock=self.clock,
@@ -185,6 +188,12 @@ class App:
             self.revocation.register_routes(self.router)
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _ssf_client(self) -> aiohttp.ClientSession:
+        """The revocation poller's session (its own User-Agent), built here and closed in `stop`."""
+        if self._ssf_session is None or self._ssf_session.closed:
+            self._ssf_session = aiohttp.ClientSession(headers={"User-Agent": SSF_USER_AGENT})
+        return self._ssf_session
 
     def _session(self) -> aiohttp.ClientSession:
         if isinstance(self.fetcher, HttpFetcher):
@@ -309,6 +318,8 @@ class App:
         await self.state.close()
         if self._extra_session is not None:
             await self._extra_session.close()
+        if self._ssf_session is not None:
+            await self._ssf_session.close()
         if self._own_fetcher and isinstance(self.fetcher, HttpFetcher):
             await self.fetcher.close()
         flush_logs()

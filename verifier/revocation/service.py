@@ -43,6 +43,7 @@ from verifier.tokens.jwks import IssuerKeys
 log = logging.getLogger("verifier.revocation")
 
 EVENTS_PATH = "/v1/ssf/events"
+SSF_USER_AGENT = "edge-verifier/0.1 (ssf receiver)"  # what a transmitter sees on poll requests
 DEFAULT_START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
 LOAD_RETRY_SECONDS = 0.2  # between attempts at the initial load
 
@@ -63,6 +64,7 @@ class RevocationService:
         on_credential_revoked: CredentialCallback | None = None,
         store: RevocationStore | None = None,
         admin_token: str | None = None,
+        session: Callable[[], aiohttp.ClientSession] | None = None,
         start_timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
     ) -> None:
         self.config = config
@@ -86,7 +88,8 @@ class RevocationService:
         )
         self._start_timeout = start_timeout_seconds
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # only without `session` (tests): owned here
+        self._given_session = session  # the root's: it closes it
         self._loading: list[tuple[list[Entry], list[str]]] | None = None  # changes seen during a reload
 
     # -- for the lead --------------------------------------------------------------------------------
@@ -278,8 +281,10 @@ class RevocationService:
         return Outcome(True)
 
     def _client(self) -> aiohttp.ClientSession:
+        if self._given_session is not None:
+            return self._given_session()
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers={"User-Agent": "edge-verifier/0.1 (ssf receiver)"})
+            self._session = aiohttp.ClientSession(headers={"User-Agent": SSF_USER_AGENT})
         return self._session
 
 
