@@ -145,10 +145,6 @@ class Metrics:
         key = (cache, result)
         self._hot.cache[key] = self._hot.cache.get(key, 0) + 1
 
-    def cache_count(self, cache: str, result: str) -> int:
-        """How many lookups of this kind were counted."""
-        return self._hot.cache.get((cache, result), 0)
-
     def signature_check(self, alg: str, result: str) -> None:
         """Counts a signature verification (label children bound once)."""
         key = (alg, result)
