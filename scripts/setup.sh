@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything the verifier, its tests and its benchmarks need on a fresh Debian machine:
-# the Python package with its dev/bench extras, then each .ci/setup.d/*.sh (apt packages, npm).
+# the Python package with its dev/bench extras into the project venv .venv (scripts/venv.sh), then each
+# .ci/setup.d/*.sh (apt packages, npm, more pip packages: they run with .venv/bin first on PATH and
+# $PYTHON set to the venv's python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
+. scripts/venv.sh
+python -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
 for script in .ci/setup.d/*.sh; do
   [ -e "$script" ] || continue
   echo "--- $script"

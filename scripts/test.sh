@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need, then runs lint, types and the whole suite.
+# The test command: installs what the tests need (scripts/setup.sh, into .venv), then runs lint, types
+# and the whole suite with the venv's python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/venv.sh
 bash scripts/setup.sh
-python3 -m ruff check .
-python3 -m mypy
-python3 -m pytest -q -p no:cacheprovider "$@"
+python -m ruff check .
+python -m mypy
+python -m pytest -q -p no:cacheprovider "$@"

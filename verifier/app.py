@@ -275,6 +275,10 @@ class App:
                 age = keys.key_age()
                 if age is not None:
                     self.metrics.jwks_key_age.labels(issuer).set(age)
+                    self.metrics.jwks_refresh_interval.labels(issuer).set(keys.refresh_interval())
+            ping = getattr(self.state, "ping", None)  # Redis only: the in-memory store is always there
+            if ping is not None:
+                self.metrics.state_up.labels("redis").set(1.0 if await ping() else 0.0)
             await asyncio.sleep(METRICS_REFRESH_SECONDS)
 
     async def _start_metrics(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:

@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 
+from verifier import ports
 from verifier.app import App
 from verifier.observe.audit import configure_logging
 from verifier.settings import ConfigError, IssuerSettings, Listen, Settings, load_settings
@@ -43,12 +44,40 @@ async def _run(app: App, on_ready: object = None) -> None:
     await app.stop()
 
 
+def _config_error(exc: ConfigError) -> int:
+    """Prints every problem of a settings file, one a line; the exit code for a bad config."""
+    for line in str(exc).splitlines():
+        print(f"config error: {line}", file=sys.stderr)
+    return 2
+
+
+def _ports_busy(listeners: list[tuple[str, str, int]], *, reuse_port: bool) -> bool:
+    """Prints one line and says True when a listen address is taken (no traceback, the key named)."""
+    problem = ports.first_problem(listeners, reuse_port=reuse_port)
+    if problem is not None:
+        print(f"verifier: {problem}", file=sys.stderr)
+    return problem is not None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Runs the verifier from a config file."""
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        return _config_error(exc)
+    listeners = [
+        (f"{name}.listen in {args.config}", listen.host, listen.port)
+        for name, listen in (("grpc", settings.grpc), ("http", settings.http))
+        if listen is not None
+    ]
+    if settings.metrics is not None:
+        listeners += [
+            (f"metrics.listen in {args.config} (worker {i} uses its port + {i})", settings.metrics.host, port)
+            for i, port in enumerate(
+                settings.metrics.port + i if settings.metrics.port else 0 for i in range(settings.workers)
+            )
+        ]
+    if _ports_busy(listeners, reuse_port=True):
         return 2
     from verifier.workers import Supervisor
 
@@ -85,8 +114,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.file)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+        return _config_error(exc)
     print(f"ok: {len(settings.issuers)} issuer(s)")
     return 0
 
@@ -95,6 +123,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
     """Runs the verifier against an embedded development identity provider."""
     from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 
+    listeners = [
+        (f"--{name}-port", "127.0.0.1", getattr(args, f"{name}_port")) for name in ("issuer", "http", "grpc", "metrics")
+    ]
+    if _ports_busy(listeners, reuse_port=False):
+        return 2
     _event_loop_policy()
     idp = DevIdentityProvider(port=args.issuer_port)
     settings = Settings(
@@ -140,8 +173,37 @@ def cmd_dev(args: argparse.Namespace) -> int:
         finally:
             await idp.stop()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as exc:  # a port taken between the check above and the bind
+        print(
+            f"verifier: cannot listen ({exc}); change --issuer-port/--http-port/--grpc-port/--metrics-port",
+            file=sys.stderr,
+        )
+        return 2
     return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Runs one decision as the service would make it and prints why (never the token)."""
+    from verifier.explain import explain, render
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        return _config_error(exc)
+    from_stdin = args.token == "-"  # noqa: S105 - "-" names stdin, it is not a password
+    token = sys.stdin.read().strip() if from_stdin else args.token.strip()
+    if not token:
+        print("verifier explain: no token given (pass it, or - to read it from stdin)", file=sys.stderr)
+        return 2
+    scheme, _, rest = token.partition(" ")
+    authorization = token if rest and scheme.lower() in ("bearer", "dpop") else f"Bearer {token}"
+    if args.log_level == "INFO":  # key fetches and the audit line would repeat what the report says
+        logging.getLogger("verifier").setLevel(logging.WARNING)
+    report = asyncio.run(explain(settings, authorization, method=args.method.upper(), host=args.host, path=args.path))
+    print(render(report, as_json=args.json))
+    return 0 if report.answer["allowed"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a settings file and exit")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
+    explain = sub.add_parser("explain", help="show the decision for one token and request, and why")
+    explain.add_argument("--config", required=True, help="YAML settings file")
+    explain.add_argument("--method", default="GET")
+    explain.add_argument("--host", default="", help="the request's Host (for host-matched policies)")
+    explain.add_argument("--path", default="/", help="the request's path and query")
+    explain.add_argument("--json", action="store_true", help="print the report as JSON")
+    explain.add_argument("token", help="the access token, or - to read it from stdin")
+    explain.set_defaults(func=cmd_explain)
     dev = sub.add_parser("dev", help="run against an embedded development identity provider")
     dev.add_argument("--issuer-port", type=int, default=9400)
     dev.add_argument("--http-port", type=int, default=8080)

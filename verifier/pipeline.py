@@ -101,6 +101,9 @@ class Route:
 
 
 NO_POLICY = Route(None, False)
+
+# An observer of the steps of one decision (`verifier explain`): (step, details). The service sets none.
+Tracer = Callable[[str, Mapping[str, Any]], None]
 MAX_MEMOIZED_REFUSALS = 512  # distinct static refusals kept pre-built (descriptions can echo header values)
 
 
@@ -175,6 +178,7 @@ class Pipeline:
         self._on_revoked = on_revoked or (lambda code: None)
         self._refusals: dict[tuple[type, str, str, bool], Decision] = {}
         self._no_route = refuse(Forbidden("no policy allows this route", code="route_not_allowed"), realm=realm)
+        self.trace: Tracer | None = None  # `verifier explain` listens here; off (None) in the service
 
     # -- the two entry points -------------------------------------------------------------------
 
@@ -297,6 +301,8 @@ class Pipeline:
         if not self._policies.enabled:
             return NO_POLICY
         policy = self._policies.match(attrs)
+        if self.trace is not None:
+            self.trace("route", {"policy": policy})
         if policy is None:
             return self._no_route
         return Route(policy, policy.require.sender_constraint == "dpop", policy.require.step_up == "webauthn")
@@ -464,6 +470,8 @@ class Pipeline:
         kid: str | None,
         alg: str,
     ) -> Decision:
+        if self.trace is not None:
+            self.trace("token", {"issuer": issuer, "kid": kid, "alg": alg, "error": error})
         decision = self._refuse(error, credential, NO_POLICY)
         if _negative_cacheable(error):
             self._negative.put(key, decision, self._clock.now() + self._negative_ttl)
@@ -483,6 +491,8 @@ class Pipeline:
         kid: str | None,
         alg: str,
     ) -> tuple[Principal, Decision]:
+        if self.trace is not None:
+            self.trace("token", {"issuer": issuer, "kid": kid, "alg": alg, "principal": principal})
         # Reuse at the gateway is possible only when nothing per request went into the answer.
         per_request = bool(_cnf(principal)) or self._rate_limiter is not None or issuer in self._introspect_jwts
         allowed = allow(principal, cache_max_age=0 if per_request else self._edge_max_age)
@@ -543,6 +553,8 @@ class Pipeline:
         return dataclasses.replace(allowed, cache_max_age=max(0, int(left)), memo={})
 
     def _refuse(self, error: VerifierError, credential: Credential | None, route: Route) -> Decision:
+        if self.trace is not None:
+            self.trace("refused", {"error": error})
         dpop = route.dpop_route or (credential is not None and credential.scheme is TokenScheme.DPOP)
         static = not (error.challenge_params() or error.extra_headers() or error.extra_body())
         if static:

@@ -6,12 +6,14 @@ without reading code. Secrets never live in the file: it names environment varia
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import difflib
 import ipaddress
 import math
 import os
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -253,7 +255,12 @@ class Settings:
 
 
 class _Reader:
-    """Reads one mapping, remembering its path for error messages and refusing unknown keys."""
+    """Reads one mapping, remembering its path for error messages and refusing unknown keys.
+
+    Inside `parse_settings` a problem is recorded and reading goes on with the key's default (or an
+    empty value), so one run of `check-config` names every problem, not only the first; an unknown key
+    is named with the nearest known one. Outside it, the first problem raises.
+    """
 
     def __init__(self, data: Any, path: str) -> None:
         if not isinstance(data, Mapping):
@@ -264,6 +271,10 @@ class _Reader:
 
     def _key(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
+
+    def _problem(self, key: str, message: str) -> None:
+        """Records (or, outside `parse_settings`, raises) a problem with `key`."""
+        _record(f"{self._key(key)}: {message}")
 
     def raw(self, key: str) -> Any:
         self.seen.add(key)
@@ -276,10 +287,12 @@ class _Reader:
         value = self.raw(key)
         if value is None:
             if default is None:
-                raise ConfigError(f"{self._key(key)}: required")
+                self._problem(key, "required")
+                return ""
             return default
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{self._key(key)}: expected a non-empty string")
+            self._problem(key, "expected a non-empty string")
+            return default or ""
         return value
 
     def number(self, key: str, default: float, *, minimum: float = 0, maximum: float | None = None) -> float:
@@ -287,9 +300,11 @@ class _Reader:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ConfigError(f"{self._key(key)}: expected a finite number")
+            self._problem(key, "expected a finite number")
+            return default
         if value < minimum or (maximum is not None and value > maximum):
-            raise ConfigError(f"{self._key(key)}: {value} is outside [{minimum}, {maximum}]")
+            self._problem(key, f"{value} is outside [{minimum}, {maximum}]")
+            return default
         return float(value)
 
     def integer(self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
@@ -297,9 +312,11 @@ class _Reader:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{self._key(key)}: expected an integer")
+            self._problem(key, "expected an integer")
+            return default
         if value < minimum or (maximum is not None and value > maximum):
-            raise ConfigError(f"{self._key(key)}: {value} is outside [{minimum}, {maximum}]")
+            self._problem(key, f"{value} is outside [{minimum}, {maximum}]")
+            return default
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -307,7 +324,8 @@ class _Reader:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise ConfigError(f"{self._key(key)}: expected true or false")
+            self._problem(key, "expected true or false")
+            return default
         return value
 
     def strings(self, key: str, *, required: bool = True) -> tuple[str, ...]:
@@ -315,26 +333,87 @@ class _Reader:
         if value is None and not required:
             return ()
         if not isinstance(value, Sequence) or isinstance(value, str) or (required and not value):
-            raise ConfigError(f"{self._key(key)}: expected a non-empty list of strings")
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item:
-                raise ConfigError(f"{self._key(key)}[{i}]: expected a non-empty string")
-        return tuple(value)
+            self._problem(key, "expected a non-empty list of strings")
+            return ()
+        bad = [i for i, item in enumerate(value) if not isinstance(item, str) or not item]
+        for i in bad:
+            self._problem(f"{key}[{i}]", "expected a non-empty string")
+        return () if bad else tuple(value)
 
     def child(self, key: str) -> _Reader | None:
         value = self.raw(key)
-        return None if value is None else _Reader(value, self._key(key))
+        if value is None:
+            return None
+        try:
+            return _Reader(value, self._key(key))
+        except ConfigError as exc:
+            _record(str(exc))
+            return None
 
     def children(self, key: str) -> list[_Reader]:
         value = self.raw(key)
         if not isinstance(value, Sequence) or isinstance(value, str) or not value:
-            raise ConfigError(f"{self._key(key)}: expected a non-empty list")
-        return [_Reader(item, f"{self._key(key)}[{i}]") for i, item in enumerate(value)]
+            self._problem(key, "expected a non-empty list")
+            return []
+        readers = []
+        for i, item in enumerate(value):
+            try:
+                readers.append(_Reader(item, f"{self._key(key)}[{i}]"))
+            except ConfigError as exc:
+                _record(str(exc))
+        return readers
 
     def done(self) -> None:
-        unknown = sorted((set(self.data) - self.seen), key=str)
-        if unknown:
-            raise ConfigError(f"{self._key(str(unknown[0]))}: unknown key")
+        for key in sorted((set(self.data) - self.seen), key=str):
+            near = _nearest(str(key), self.seen)
+            self._problem(str(key), f"unknown key (did you mean {near}?)" if near else "unknown key")
+
+
+def _nearest(key: str, known: set[str]) -> str | None:
+    """The known key `key` was most likely meant to be (a typo of it, or of its first word), or None."""
+    best, score = None, 0.0
+    for candidate in sorted(known):
+        ratio = max(
+            difflib.SequenceMatcher(None, key, candidate).ratio(),
+            difflib.SequenceMatcher(None, key, candidate.split("_", 1)[0]).ratio() - 0.1,
+        )
+        if ratio > score:
+            best, score = candidate, ratio
+    return best if score >= 0.6 else None
+
+
+# The problems found so far by the `parse_settings` call in progress (None: raise at the first one).
+_problems: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("config_problems", default=None)
+
+
+def _record(message: str) -> None:
+    problems = _problems.get()
+    if problems is None:
+        raise ConfigError(message)
+    key = message.split(":", 1)[0]
+    if not any(p.split(":", 1)[0] == key for p in problems):  # the first problem with a key says enough
+        problems.append(message)
+
+
+def _collecting(parse: Callable[[Any], Settings], data: Any) -> Settings:
+    """Runs `parse` recording every problem; raises one `ConfigError` listing them all, one a line."""
+    problems: list[str] = []
+    token = _problems.set(problems)
+    try:
+        settings = parse(data)
+    except ConfigError as exc:  # a check that cannot go on: it ends the run, after what was recorded
+        key = str(exc).split(":", 1)[0]
+        if not any(p.split(":", 1)[0] == key for p in problems):
+            problems.append(str(exc))
+    except Exception:
+        if not problems:
+            raise
+        # an earlier problem left a value the later code could not use: the problems already say why
+    finally:
+        _problems.reset(token)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return settings
 
 
 def _listen(reader: _Reader | None) -> Listen | None:
@@ -373,7 +452,7 @@ def is_loopback_host(host: str) -> bool:
 
 
 def check_url(url: str, key: str, what: str = "issuer", *, allow_insecure_http: bool = False) -> None:
-    """An http(s) URL, https unless loopback and allowed; raises `ConfigError` naming `key`.
+    """An http(s) URL, https unless loopback and allowed; a `ConfigError` naming `key` (recorded in `parse_settings`).
 
     Keys, SETs and client secrets that travel over plain HTTP can be swapped or read by anyone on
     the path, so every outbound URL in the config goes through this one check. Plain http on loopback
@@ -382,9 +461,9 @@ def check_url(url: str, key: str, what: str = "issuer", *, allow_insecure_http: 
     """
     problem = url_problem(url, what)
     if problem:
-        raise ConfigError(f"{key}: {problem}")
-    if not allow_insecure_http and url.lower().startswith("http://"):
-        raise ConfigError(f"{key}: plain http needs allow_insecure_http: true (tests and local labs only; {url!r})")
+        _record(f"{key}: {problem}")
+    elif not allow_insecure_http and url.lower().startswith("http://"):
+        _record(f"{key}: plain http needs allow_insecure_http: true (tests and local labs only; {url!r})")
 
 
 def url_problem(url: object, what: str = "issuer", *, allow_http: bool = True) -> str:
@@ -426,7 +505,11 @@ def _optional_section(root: _Reader, key: str, module: str, function: str) -> An
     import importlib
 
     parse = getattr(importlib.import_module(module), function)
-    return parse(raw, key)
+    try:
+        return parse(raw, key)
+    except ConfigError as exc:  # recorded: the other sections are still read
+        _record(str(exc))
+        return None
 
 
 def _issuer(reader: _Reader) -> IssuerSettings:
@@ -615,7 +698,11 @@ def _check_opaque_introspection(issuers: Sequence[IssuerSettings]) -> None:
 
 
 def parse_settings(data: Any) -> Settings:
-    """Validates a decoded YAML document into `Settings`, naming the first bad key."""
+    """Validates a decoded YAML document into `Settings`; the error names every bad key, one a line."""
+    return _collecting(_parse_settings, data)
+
+
+def _parse_settings(data: Any) -> Settings:
     root = _Reader(data, "")
     issuers = tuple(_issuer(r) for r in root.children("issuers"))
     seen: set[str] = set()

@@ -3,6 +3,8 @@
 # extra. Idempotent: installs only what is missing.
 set -euo pipefail
 
+PY="${PYTHON:-python3}"  # scripts/setup.sh sets PYTHON to the project venv's python
+
 missing=()
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
@@ -16,8 +18,8 @@ pip_missing=()
 for spec in "hdrhistogram:hdrh" "matplotlib:matplotlib" "tqdm:tqdm" "httptools:httptools" "uvloop:uvloop" \
             "xds-protos:envoy.service.auth.v3.external_auth_pb2" "grpcio:grpc" "PyJWT:jwt" "cryptography:cryptography"; do
   pkg=${spec%%:*}; mod=${spec#*:}
-  python3 -c "import ${mod}" >/dev/null 2>&1 || pip_missing+=("$pkg")
+  "$PY" -c "import ${mod}" >/dev/null 2>&1 || pip_missing+=("$pkg")
 done
 if ((${#pip_missing[@]})); then
-  python3 -m pip install -q "${pip_missing[@]}"
+  "$PY" -m pip install -q "${pip_missing[@]}"
 fi

@@ -4,11 +4,13 @@
 # skips with a note. Idempotent: does nothing when atheris already imports. Never fails the setup.
 set -uo pipefail
 
-if python3 -c "import atheris" >/dev/null 2>&1; then
-  echo "45-fuzz: atheris $(python3 -c 'import importlib.metadata as m; print(m.version("atheris"))') already installed"
+PY="${PYTHON:-python3}"  # scripts/setup.sh sets PYTHON to the project venv's python
+
+if "$PY" -c "import atheris" >/dev/null 2>&1; then
+  echo "45-fuzz: atheris $("$PY" -c 'import importlib.metadata as m; print(m.version("atheris"))') already installed"
   exit 0
 fi
-if python3 -m pip install --disable-pip-version-check -q --only-binary=:all: atheris; then
+if "$PY" -m pip install --disable-pip-version-check -q --only-binary=:all: atheris; then
   echo "45-fuzz: installed atheris"
 else
   echo "45-fuzz: NOTE: atheris could not be installed here (no wheel for this Python/platform?);" \

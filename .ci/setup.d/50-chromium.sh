@@ -5,6 +5,8 @@
 # `playwright install` (which downloads its own browser build) is never run. Idempotent.
 set -euo pipefail
 
+PY="${PYTHON:-python3}"  # scripts/setup.sh sets PYTHON to the project venv's python
+
 if [ -x /usr/bin/chromium ]; then
   echo "50-chromium: $(/usr/bin/chromium --version 2>/dev/null || echo chromium) already installed"
 else
@@ -15,9 +17,9 @@ else
   /usr/bin/chromium --version || true
 fi
 
-if python3 -c "import playwright" >/dev/null 2>&1; then
+if "$PY" -c "import playwright" >/dev/null 2>&1; then
   echo "50-chromium: playwright already installed"
 else
   echo "50-chromium: installing the playwright driver (pip; no browser download)"
-  python3 -m pip install -q "playwright>=1.45"
+  "$PY" -m pip install -q "playwright>=1.45"
 fi

@@ -27,6 +27,7 @@ import signal
 import socket
 import string
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -791,7 +792,7 @@ def verifier_unusable_reason() -> str | None:
     if not (REPO_ROOT / "verifier" / "cli.py").exists():
         return "verifier core not there yet (verifier/cli.py missing)"
     probe = subprocess.run(
-        ["python", "-m", "verifier", "serve", "--help"],
+        [sys.executable, "-m", "verifier", "serve", "--help"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -842,7 +843,7 @@ def start_verifier(
         name="verifier",
         url=f"http://{LOOPBACK}:{http_port}",
         proc=_spawn(
-            ["python", "-m", "verifier", "serve", "--config", str(config_path)],
+            [sys.executable, "-m", "verifier", "serve", "--config", str(config_path)],
             work / "verifier.log",
             cwd=REPO_ROOT,
             env=env,

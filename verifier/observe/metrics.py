@@ -120,6 +120,18 @@ class Metrics:
             ["issuer"],
             registry=r,
         )
+        self.jwks_refresh_interval = Gauge(
+            "verifier_jwks_refresh_interval_seconds",
+            "Seconds between key refreshes in use per issuer (the provider's Cache-Control max-age, clamped).",
+            ["issuer"],
+            registry=r,
+        )
+        self.state_up = Gauge(
+            "verifier_state_up",
+            "1 when the shared state store answers a ping, else 0 (only with Redis configured).",
+            ["backend"],
+            registry=r,
+        )
         self.signature_checks = Counter(
             "verifier_signature_checks_total",
             "Signature verifications by algorithm and result.",
@@ -201,6 +213,12 @@ class RevocationMetrics:
         self.entries = Gauge("verifier_revocation_entries", "Revocation entries held.", registry=registry)
         self.syncs = Counter(
             "verifier_revocation_sync_total", "Full reloads from the store, by result.", ["result"], registry=registry
+        )
+        self.polls = Counter(
+            "verifier_ssf_polls_total",
+            "Poll requests to transmitters (RFC 8936), by transmitter and result (ok, error).",
+            ["transmitter", "result"],
+            registry=registry,
         )
         self.key_fetches = Counter(
             "verifier_ssf_jwks_fetch_total",

@@ -73,8 +73,10 @@ class Poller:
         keys: IssuerKeys,
         session: Callable[[], aiohttp.ClientSession],
         receive: Receive,
+        on_poll: Callable[[str], None] | None = None,
     ) -> None:
         self._transmitter = transmitter
+        self._on_poll = on_poll or (lambda result: None)  # counts each poll: "ok" or "error"
         self._keys = keys
         self._session = session
         self._receive = receive
@@ -166,8 +168,10 @@ class Poller:
             try:
                 more = await self.poll_once()
                 failures = 0
+                self._on_poll("ok")
             except Exception as exc:
                 failures += 1
+                self._on_poll("error")
                 error = exc.description if isinstance(exc, ProviderUnavailable) else type(exc).__name__
                 log.warning(
                     "ssf poll failed",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -116,7 +117,13 @@ class RevocationService:
         for transmitter, keys in self._transmitters.values():
             self._tasks.append(loop.create_task(keys.run()))
             if transmitter.delivery == POLL:
-                poller = Poller(transmitter, keys, self._client, self._receive_polled)
+                poller = Poller(
+                    transmitter,
+                    keys,
+                    self._client,
+                    self._receive_polled,
+                    functools.partial(self._count_poll, transmitter.issuer),
+                )
                 self._tasks.append(loop.create_task(poller.run()))
 
     async def stop(self) -> None:
@@ -270,6 +277,9 @@ class RevocationService:
         except StateUnavailable:
             return HttpAnswer.json(503, {"err": "temporarily_unavailable"}, (("retry-after", "1"),))
         return HttpAnswer(202, (("cache-control", "no-store"),))
+
+    def _count_poll(self, transmitter: str, result: str) -> None:
+        self.metrics.polls.labels(transmitter, result).inc()
 
     async def _receive_polled(self, token: str) -> Outcome | None:
         try:

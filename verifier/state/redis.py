@@ -119,6 +119,14 @@ class RedisState:
         except (RedisError, OSError, TimeoutError) as exc:
             raise StateUnavailable(f"shared state unavailable: {type(exc).__name__}") from exc
 
+    async def ping(self) -> bool:
+        """Whether Redis answers now, within the configured deadline (the `verifier_state_up` gauge)."""
+        try:
+            await self._call(self._redis.ping())
+        except StateUnavailable:
+            return False
+        return True
+
     async def close(self) -> None:
         """Closes the connection pool."""
         with contextlib.suppress(RedisError, OSError):  # a pool whose server is gone closes anyway

@@ -187,6 +187,10 @@ class IssuerKeys:
             return float(min(RETRY_AFTER_FAILURE_SECONDS * 2.0 ** (self._failures - 1), MAX_RETRY_SECONDS))
         return max(self._expires_at - REFRESH_AHEAD_SECONDS - self._clock.monotonic(), 0.5)
 
+    def refresh_interval(self) -> float:
+        """Seconds between refreshes the last good fetch asked for (its max-age within the configured bounds)."""
+        return max(self._expires_at - (self._fetched_at or 0.0), 0.0)
+
     def key_age(self) -> float | None:
         """Seconds since the keys were last fetched."""
         return None if self._fetched_at is None else self._clock.monotonic() - self._fetched_at

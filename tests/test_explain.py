@@ -1,0 +1,231 @@
+"""`verifier explain`: the decision the running service would make for one token and request, and why.
+
+Each case runs the real CLI (`python -m verifier explain`) against the embedded development provider
+and compares its answer with what a running verifier (same config, forward-auth door) answers for the
+same request. The token itself must never appear in what explain prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from doorkit import http_exchange
+
+from verifier.app import App
+from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
+from verifier.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+async def provider(tmp_path: Path) -> AsyncIterator[tuple[DevIdentityProvider, Path]]:
+    idp = DevIdentityProvider(port=0)
+    await idp.start()
+    config = {
+        "http": {"listen": "127.0.0.1:0"},
+        "issuers": [
+            {
+                "issuer": idp.issuer,
+                "audiences": [DEV_AUDIENCE],
+                "algorithms": ["ES256", "RS256"],
+                "allow_insecure_http": True,  # the dev provider is plain http on loopback
+                "roles": [{"role": "admin", "claim": "groups", "values": ["platform-admins"]}],
+            }
+        ],
+        "policies": [
+            {"name": "admin-api", "match": {"path_prefix": "/admin"}, "require": {"roles_any": ["admin"]}},
+            {"name": "everything-else", "match": {"path_prefix": "/"}, "require": {"scopes_any": ["read"]}},
+        ],
+    }
+    path = tmp_path / "verifier.yaml"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        yield idp, path
+    finally:
+        await idp.stop()
+
+
+async def _explain(config: Path, *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "verifier",
+        "explain",
+        "--config",
+        str(config),
+        *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _service_answer(config: Path, token: str, path: str) -> dict[str, str]:
+    """What a running verifier with the same config answers on its forward-auth door."""
+    app = App(load_settings(config))
+    await app.start()
+    try:
+        await asyncio.wait_for(app.keys.wait_ready(), 10)
+        raw = await http_exchange(
+            app.ports.http or 0,
+            f"GET /v1/forward-auth HTTP/1.1\r\nhost: api\r\nauthorization: Bearer {token}\r\n"
+            f"x-forwarded-uri: {path}\r\n\r\n".encode(),
+        )
+    finally:
+        await app.stop(grace=0)
+    head = raw.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+    answer = {"status": head[0].split(" ")[1]}
+    answer.update({k.lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:])})
+    return answer
+
+
+def _token(idp: DevIdentityProvider, case: str) -> tuple[str, str]:
+    if case == "allowed":
+        return idp.mint(sub="alice", claims={"groups": ["platform-admins"]}), "/admin/users"
+    if case == "expired":
+        return idp.mint(sub="alice", claims={"exp": int(time.time()) - 600, "iat": int(time.time()) - 900}), "/hello"
+    if case == "wrong-audience":
+        return idp.mint(sub="alice", aud="https://other.example.test"), "/hello"
+    if case == "role-missing":
+        return idp.mint(sub="bob"), "/admin/users"
+    return "eyJhbGciOiJFUzI1NiJ9.not-json.c2ln", "/hello"  # malformed
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "allowed": {"status": 200, "reason": "ok", "failed": None},
+    "expired": {"status": 401, "reason": "token_expired", "failed": "exp"},
+    "wrong-audience": {"status": 403, "reason": "audience_mismatch", "failed": "aud"},
+    "role-missing": {"status": 403, "reason": "role_missing", "failed": "policy"},
+    "malformed": {"status": 401, "reason": "token_malformed", "failed": "syntax"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_explain_reports_the_services_decision_and_why(
+    case: str, provider: tuple[DevIdentityProvider, Path]
+) -> None:
+    idp, config = provider
+    token, path = _token(idp, case)
+    expected = CASES[case]
+    code, out, err = await _explain(config, "--json", "--path", path, token)
+    assert token not in out and token not in err
+    report = json.loads(out)
+    answer = report["answer"]
+    assert (answer["status"], answer["reason"]) == (expected["status"], expected["reason"])
+    assert code == (0 if expected["status"] == 200 else 1)
+    results = {c["step"]: c["result"] for c in report["checks"]}
+    if expected["failed"] is None:
+        assert set(results.values()) == {"passed"}
+        assert report["principal"]["roles"] == ["admin"] and report["route"]["policy"] == "admin-api"
+    else:
+        assert results[expected["failed"]] == "failed", report["checks"]
+        failed_at = [c["step"] for c in report["checks"]].index(expected["failed"])
+        assert all(c["result"] == "passed" for c in report["checks"][:failed_at])
+        assert all(c["result"] == "not run" for c in report["checks"][failed_at + 1 :])
+    if case != "malformed":
+        assert report["token"]["kid"] and report["token"]["alg"] == "ES256"
+        assert report["token"]["jwks_uri"] == f"{idp.issuer}/jwks"  # found by discovery, as the service does
+    # The same answer as a running verifier with the same config gives the gateway.
+    service = await _service_answer(config, token, path)
+    assert int(service["status"]) == answer["status"]
+    assert service["x-verifier-reason"] == answer["reason"]
+    assert service.get("www-authenticate", "") == answer["www_authenticate"]
+    max_age = f"private, max-age={answer['max_age']}" if answer["max_age"] > 0 else "no-store"
+    assert service["cache-control"] == max_age
+
+
+async def test_explain_text_names_issuer_key_checks_route_and_answer(
+    provider: tuple[DevIdentityProvider, Path],
+) -> None:
+    idp, config = provider
+    token = idp.mint(sub="bob")
+    code, out, err = await _explain(config, "--path", "/admin/x", "--method", "post", token)
+    assert code == 1
+    assert token not in out and token not in err
+    assert "Traceback" not in err
+    for text in (
+        "request   POST /admin/x",
+        f"issuer    {idp.issuer}",
+        "alg ES256",
+        "route     policy 'admin-api' (path_prefix /admin) requires roles_any [admin]",
+        "failed    policy",
+        "answer    403 role_missing (refused)",
+        'WWW-Authenticate: Bearer realm="verifier", error="insufficient_scope"',
+        "reuse     no-store",
+    ):
+        assert text in out, (text, out)
+
+
+async def test_explain_reads_the_token_from_stdin(provider: tuple[DevIdentityProvider, Path]) -> None:
+    idp, config = provider
+    token = idp.mint(sub="carol")
+    code, out, err = await _explain(config, "--json", "--path", "/hello", "-", stdin=token.encode() + b"\n")
+    assert code == 0, err
+    assert token not in out and token not in err
+    report = json.loads(out)
+    assert report["principal"]["subject"] == "carol"
+    assert report["answer"]["max_age"] == 10 and report["route"]["policy"] == "everything-else"
+    assert report["token"]["fingerprint"] and len(report["token"]["fingerprint"]) == 16
+
+
+async def test_explain_with_no_token_on_stdin_is_a_clear_error(provider: tuple[DevIdentityProvider, Path]) -> None:
+    _, config = provider
+    code, _out, err = await _explain(config, "-", stdin=b"")
+    assert code == 2 and "no token given" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("active", [True, False])
+async def test_explain_an_opaque_token_reports_introspection(
+    active: bool, provider: tuple[DevIdentityProvider, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    idp, config = provider
+    settings = yaml.safe_load(config.read_text())
+    settings["issuers"][0]["introspection"] = {
+        "client_id": "verifier",
+        "client_secret_env": "EXPLAIN_IDP_SECRET",
+        "timeout_seconds": 10,  # a loaded test machine must not turn an answer into 503 provider_unavailable
+    }
+    config.write_text(yaml.safe_dump(settings))
+    monkeypatch.setenv("EXPLAIN_IDP_SECRET", idp.introspection_client_secret)
+    token = idp.mint_opaque(sub="dora")
+    if not active:
+        idp.revoke(token)
+    code, out, err = await _explain(config, "--json", "--path", "/hello", token)
+    assert token not in out and token not in err
+    report = json.loads(out)
+    assert report["token"]["kind"] == "opaque"
+    (check,) = report["checks"][:1]
+    assert check["step"] == "introspection" and check["result"] == ("passed" if active else "failed")
+    assert report["answer"]["status"] == (200 if active else 401) and code == (0 if active else 1)
+    service = await _service_answer(config, token, "/hello")
+    assert int(service["status"]) == report["answer"]["status"]
+
+
+async def test_explain_with_the_provider_down_says_so(provider: tuple[DevIdentityProvider, Path]) -> None:
+    idp, config = provider
+    settings = yaml.safe_load(config.read_text())
+    settings["issuers"][0]["fetch_timeout_seconds"] = 0.5
+    config.write_text(yaml.safe_dump(settings))
+    token = idp.mint(sub="erin")
+    await idp.stop()  # the keys cannot be fetched: the service would not be SERVING
+    code, out, err = await _explain(config, "--json", "--path", "/hello", token)
+    assert code == 1 and token not in out + err and "Traceback" not in err
+    report = json.loads(out)
+    assert report["answer"]["status"] == 503 and report["answer"]["reason"] == "provider_unavailable"
+    assert {c["step"]: c["result"] for c in report["checks"]}["key"] == "failed"
+    assert any("NOT_SERVING" in note for note in report["notes"])

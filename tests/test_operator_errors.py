@@ -1,0 +1,156 @@
+"""Errors an operator can act on: a busy port is one line naming the key or flag; check-config names every problem."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from doorkit import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _verifier(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "verifier", *args], capture_output=True, text=True, timeout=timeout, env=env
+        )
+    except subprocess.TimeoutExpired as exc:  # the old code restarted a crashing worker forever
+        pytest.fail(f"verifier {' '.join(args)} did not exit: {exc.stderr!r}")
+
+
+@pytest.fixture
+def taken() -> socket.socket:
+    """A loopback port held by another program (no SO_REUSEPORT), as an operator would meet it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock
+    sock.close()
+
+
+ISSUER = {"issuer": "http://127.0.0.1:9", "audiences": ["a"], "algorithms": ["ES256"], "allow_insecure_http": True}
+
+
+def _config(tmp_path: Path, settings: dict[str, object]) -> str:
+    path = tmp_path / "verifier.yaml"
+    path.write_text(yaml.safe_dump({"issuers": [ISSUER], **settings}))
+    return str(path)
+
+
+def _one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_serve_with_a_busy_port_says_which_key_to_change(tmp_path: Path, taken: socket.socket) -> None:
+    port = taken.getsockname()[1]
+    config = _config(
+        tmp_path, {"http": {"listen": f"127.0.0.1:{port}"}, "grpc": {"listen": f"127.0.0.1:{free_port()}"}}
+    )
+    result = _verifier("serve", "--config", config)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert f"127.0.0.1:{port}" in line and "http.listen" in line and "in use" in line
+
+
+def test_serve_names_the_metrics_port_of_a_later_worker(tmp_path: Path) -> None:
+    base = free_port()
+    with socket.socket() as sock:  # worker 1's metrics port (base + 1) is taken
+        try:
+            sock.bind(("127.0.0.1", base + 1))
+        except OSError:
+            pytest.skip("the neighbouring port is taken already")
+        sock.listen()
+        config = _config(
+            tmp_path,
+            {"workers": 2, "http": {"listen": f"127.0.0.1:{free_port()}"}, "metrics": {"listen": f"127.0.0.1:{base}"}},
+        )
+        result = _verifier("serve", "--config", config)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert f"127.0.0.1:{base + 1}" in line and "metrics.listen" in line and "worker 1" in line
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--grpc-port", "--metrics-port", "--issuer-port"])
+def test_dev_with_a_busy_port_names_the_flag(flag: str, taken: socket.socket) -> None:
+    ports = {f: str(free_port()) for f in ("--http-port", "--grpc-port", "--metrics-port", "--issuer-port")}
+    ports[flag] = str(taken.getsockname()[1])
+    result = _verifier("dev", *[x for pair in ports.items() for x in pair])
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert f"127.0.0.1:{ports[flag]}" in line and flag in line
+
+
+EVERY_PROBLEM = {
+    "typos-and-types": (
+        {
+            "http": {"listen": "127.0.0.1:8080"},
+            "issuers": [
+                {
+                    "issuer": "http://127.0.0.1:9400",
+                    "audience_list": ["https://api.example.test"],
+                    "algorithms": ["ES256"],
+                    "leeway_seconds": "30",
+                }
+            ],
+            "cache": {"token_entrys": 5},
+            "edge_cache": {"max_age_seconds": -1},
+            "worker": 2,
+        },
+        [
+            "issuers[0].audience_list: unknown key (did you mean audiences?)",
+            "issuers[0].leeway_seconds: expected an integer",
+            "cache.token_entrys: unknown key (did you mean token_entries?)",
+            "edge_cache.max_age_seconds: -1 is outside",
+            "worker: unknown key (did you mean workers?)",
+        ],
+    ),
+    "a-bad-url-first": (
+        {
+            "http": {"listen": "127.0.0.1:8080"},
+            "issuers": [{"issuer": "http://idp.example.test", "audiences": ["a"], "algorithms": ["ES256"], "leway": 1}],
+            "realm": 7,
+        },
+        [
+            "issuers[0].issuer: https is required for a non-loopback issuer",
+            "issuers[0].leway: unknown key (did you mean leeway_seconds?)",
+            "realm: expected a non-empty string",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVERY_PROBLEM))
+def test_check_config_reports_every_problem_with_suggestions(case: str, tmp_path: Path) -> None:
+    settings, expected = EVERY_PROBLEM[case]
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    result = _verifier("check-config", str(config))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    for text in expected:
+        assert any(text in line and line.startswith("config error: ") for line in lines), (text, result.stderr)
+
+
+def test_check_config_unknown_key_without_a_near_one(tmp_path: Path) -> None:
+    config = _config(tmp_path, {"http": {"listen": "127.0.0.1:8080"}, "zzzz": 1})
+    result = _verifier("check-config", config)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "config error: zzzz: unknown key"
+
+
+def test_a_problem_in_an_optional_section_does_not_hide_the_others(tmp_path: Path) -> None:
+    config = _config(tmp_path, {"http": {"listen": "127.0.0.1:8080"}, "dpop": {"no_such_dpop_key": 1}, "realm": 7})
+    result = _verifier("check-config", config)
+    assert result.returncode == 2
+    assert "dpop" in result.stderr and "realm: expected a non-empty string" in result.stderr
