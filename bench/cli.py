@@ -1,4 +1,8 @@
-"""``python -m bench run --scenario jwt-cached | --all [--quick]``: run, then write results and print goals."""
+"""``python -m bench run --scenario NAME ... | --all [--quick]``: run, then write results and print goals.
+
+Scenarios (bench/scenarios.py) run together against the same-run baselines; each suite (introspection,
+workers, memory, dpop, soak, nginx, edge) then runs in turn, writing into its own sub-folder.
+"""
 
 from __future__ import annotations
 
@@ -9,29 +13,13 @@ import time
 from pathlib import Path
 
 from bench import report, runner
-from bench.scenarios import SCENARIOS, select
+from bench.scenarios import SCENARIOS, SUITES, Scenario, Suite, select
 from bench.wire import Door
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-EXTRA_COMMANDS = {
-    "introspection": "opaque tokens against a ~20 ms provider: hot, distinct, flood; batch on/off; naive",
-    "workers": "verifier throughput against worker processes (forward-auth, gRPC), with the no-op",
-    "memory": "verifier RSS during a flood of 1,000,000 distinct junk tokens",
-    "dpop": "DPoP-bound cached token + a fresh proof per request over forward-auth, with the no-op",
-    "soak": "open loop at a fraction of the maximum for N minutes; RSS and open fds every 10 s",
-}
-EXTRA_MODULES = {
-    "introspection": "introspection_bench",
-    "workers": "workers_curve",
-    "memory": "memory",
-    "dpop": "dpop_bench",
-    "soak": "soak",
-}
 
 
-def _options(args: argparse.Namespace) -> runner.Options:
-    scenarios = list(SCENARIOS.values()) if args.all else select(args.scenario or ["jwt-cached"])
-    out = Path(args.out) if args.out else RESULTS_DIR / time.strftime("%Y%m%d-%H%M%S")
+def _options(args: argparse.Namespace, scenarios: list[Scenario], out: Path) -> runner.Options:
     out.mkdir(parents=True, exist_ok=True)
     doors = [Door(d) for d in args.door] if args.door else list(Door)
     common = dict(
@@ -53,11 +41,38 @@ def _options(args: argparse.Namespace) -> runner.Options:
     return runner.Options(**{**opts.__dict__, **overrides}) if overrides else opts
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark; exit status 0 even on a MISS (a goal is a finding, not a crash)."""
+def run(args: argparse.Namespace, passed_on: list[str]) -> int:
+    """Run the selected scenarios, then each suite; exit status 0 even on a MISS (a goal is a finding)."""
+    if args.all:
+        scenarios, suites = list(SCENARIOS.values()), list(SUITES.values())
+    else:
+        scenarios, suites = select(args.scenario or ["jwt-cached"])
+    if passed_on and not suites:
+        raise SystemExit(f"unrecognized arguments: {' '.join(passed_on)}")
+    out = Path(args.out) if args.out else RESULTS_DIR / time.strftime("%Y%m%d-%H%M%S")
+    if scenarios:
+        run_scenarios(args, _options(args, scenarios, out))
+    for suite in suites:
+        run_suite(suite, args, passed_on, out / suite.name if scenarios or len(suites) > 1 else out)
+    return 0
+
+
+def run_suite(suite: Suite, args: argparse.Namespace, passed_on: list[str], out: Path) -> None:
+    """One suite with the run's options (``--quick`` as the suite reads it, ``--duration``, ``--out``)."""
+    import importlib
+
+    argv = [*(suite.quick if args.quick else ()), "--out", str(out), *passed_on]
+    for option in suite.shared:
+        if getattr(args, option) is not None:
+            argv += [f"--{option}", str(getattr(args, option))]
+    print(f"bench: scenario {suite.name}: {' '.join(argv)}", file=sys.stderr)
+    importlib.import_module(f"bench.{suite.module}").main(argv)
+
+
+def run_scenarios(args: argparse.Namespace, opts: runner.Options) -> None:
+    """The token scenarios at every door, with the no-op, naive and floor baselines of the same run."""
     from tqdm import tqdm
 
-    opts = _options(args)
     bench = runner.Bench(opts)
     started = time.time()
     try:
@@ -135,7 +150,6 @@ def run(args: argparse.Namespace) -> int:
     for g in goal_list:
         print(f"{g.verdict:4}  {g.name}: {g.value:.2f} ({'>=' if g.at_least else '<='} {g.threshold}; {g.detail})")
     print(f"bench: wrote {opts.out_dir}/results.md, results.json and {len(plots)} plot(s)", file=sys.stderr)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,25 +158,19 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run scenarios and write results under bench/results/<timestamp>/")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--scenario", action="append", help=f"one of: {', '.join(SCENARIOS)} (or a prefix)")
-    which.add_argument("--all", action="store_true", help="every scenario")
-    p.add_argument("--quick", action="store_true", help="1 s points, one repetition (~1-2 min): a smoke run")
+    names = "; ".join(f"{s.name}: {s.description}" for s in SUITES.values())
+    which.add_argument(
+        "--scenario",
+        action="append",
+        help=f"one of: {', '.join(SCENARIOS)} (or a prefix); or a suite ({names}); repeatable",
+    )
+    which.add_argument("--all", action="store_true", help="every scenario and every suite")
+    p.add_argument("--quick", action="store_true", help="1 s points, one repetition; suites' smoke options")
     p.add_argument("--door", action="append", choices=[d.value for d in Door], help="limit to these doors")
     p.add_argument("--duration", type=float, help="seconds per point (overrides the mode's default)")
-    p.add_argument("--reps", type=int, help="alternating repetitions (default 3, --quick 1)")
-    p.add_argument("--out", help="results folder (default bench/results/<timestamp>)")
+    p.add_argument("--reps", type=int, help="alternating repetitions (default 3, --quick 1; nginx, edge too)")
+    p.add_argument("--out", help="results folder (default bench/results/<timestamp>; a suite's: <out>/<name>)")
     p.add_argument("--no-verifier", action="store_true", help="baselines only")
     p.add_argument("--no-naive", action="store_true", help="skip the naive PyJWKClient baseline")
-    p.set_defaults(func=run)
-    # Stand-alone measurements, each its own module with its own options (``python -m bench X --help``).
-    for name, help_text in EXTRA_COMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in EXTRA_COMMANDS:
-        import importlib
-
-        module = importlib.import_module(f"bench.{EXTRA_MODULES[argv[0]]}")
-        module.main(argv[1:])
-        sys.exit(0)
-    args = parser.parse_args(argv)
-    sys.exit(args.func(args))
+    args, passed_on = parser.parse_known_args(argv)
+    sys.exit(run(args, passed_on))

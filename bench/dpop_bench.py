@@ -1,4 +1,5 @@
-"""``python -m bench dpop [--quick]``: a DPoP-bound token (RFC 9449) over forward-auth, with the no-op baseline.
+"""``python -m bench run --scenario dpop [--quick]``:
+a DPoP-bound token (RFC 9449) over forward-auth, with the no-op baseline.
 
 The client holds one P-256 key; the bench issuer signs one ES256 access token bound to it
 (``cnf.jkt``, RFC 9449 section 6.1), so the verifier caches the token, and every request carries a
@@ -20,9 +21,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import re
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench import extras, issuer, loadgen, procstat, runner, wire
+from bench import extras, issuer, loadgen, procstat, runner, tools, wire
 from bench.wire import Door
 
 HTU = f"https://{wire.ORIGINAL_HOST}{wire.ORIGINAL_PATH}"  # what the verifier rebuilds from X-Forwarded-*
@@ -60,12 +59,6 @@ function request()
     ["X-Forwarded-Host"] = "%(host)s",
     ["X-Forwarded-Proto"] = "https",
   })
-end
-function done(summary, latency, requests)
-  io.write(string.format('BENCH_JSON {"requests": %%d, "duration_us": %%d, '
-    .. '"status_errors": %%d, "socket_errors": %%d}\n',
-    summary.requests, summary.duration, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end
 """
 
@@ -145,28 +138,16 @@ def _wrk(addr: str, token: str, proofs: list[str], out: Path, duration_s: float)
     work.mkdir(exist_ok=True)
     proofs_file = work / "dpop-proofs.txt"
     proofs_file.write_text("\n".join(proofs) + "\n")
-    script = work / "wrk-dpop.lua"
-    script.write_text(
-        WRK_DPOP
-        % dict(
-            proofs=proofs_file,
-            threads=1,
-            token=token,
-            path=wire.FORWARD_AUTH_PATH,
-            uri=wire.ORIGINAL_PATH,
-            host=wire.ORIGINAL_HOST,
-        )
+    script = WRK_DPOP % dict(
+        proofs=proofs_file,
+        threads=1,
+        token=token,
+        path=wire.FORWARD_AUTH_PATH,
+        uri=wire.ORIGINAL_PATH,
+        host=wire.ORIGINAL_HOST,
     )
-    cmd = ["wrk", "-t", "1", "-c", "16", "-d", f"{max(1, round(duration_s))}s", "-s", str(script)]
-    t0 = os.times()
-    done = subprocess.run([*cmd, f"http://{addr}{wire.FORWARD_AUTH_PATH}"], capture_output=True, text=True, timeout=120)
-    t1 = os.times()
-    m = re.search(r"BENCH_JSON (\{.*\})", done.stdout)
-    if not m:
-        raise RuntimeError(f"wrk output not understood:\n{done.stdout}{done.stderr}")
-    res = dict(json.loads(m.group(1)))
-    res["client_cpu_s"] = (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
-    return res
+    url = f"http://{addr}{wire.FORWARD_AUTH_PATH}"
+    return tools.run_wrk(url, script, workdir=work, name="dpop", duration_s=duration_s)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -395,14 +376,10 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m bench dpop", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench run --scenario dpop", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 s points (default 5 s)")
     parser.add_argument("--duration", type=float, help="seconds per point")
     parser.add_argument("--pool", type=int, default=30_000, help="proofs minted per closed-loop point")
     parser.add_argument("--fraction", type=float, default=0.5, help="open-loop rate as a fraction of the DPoP max")
     parser.add_argument("--out", help="results folder (default bench/results/<timestamp>-dpop)")
     run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -162,12 +162,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence
     return "\n".join(lines)
 
 
-def machine_line() -> str:
-    """One line naming the machine (CPU, cores, Python)."""
-    m = runner.machine_info()
-    return f"{m['cpu']}, {m['cores']} cores, {m['memory']} RAM, kernel {m['kernel']}, Python {m['python']}"
-
-
 def write(out: Path, md: str, data: dict[str, Any]) -> None:
     """``results.md`` and ``results.json`` in ``out``; the Markdown also goes to stdout."""
     (out / "results.md").write_text(md)

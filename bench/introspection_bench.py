@@ -1,4 +1,4 @@
-"""``python -m bench introspection [--quick]``: opaque tokens against a provider with ~20 ms latency.
+"""``python -m bench run --scenario introspection [--quick]``: opaque tokens against a provider with ~20 ms latency.
 
 The provider is verifier/devidp.py in a helper process (bench/idp_helper.py) with ``delay_seconds``
 (default 0.02), so every introspection call takes at least that long. Three targets, alternated per
@@ -367,14 +367,12 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m bench introspection", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench run --scenario introspection", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--quick", action="store_true", help="4 s points (default 10 s)")
     parser.add_argument("--duration", type=float, help="seconds measured per point")
     parser.add_argument("--rate", type=float, default=1000.0, help="offered checks/s (open loop)")
     parser.add_argument("--delay", type=float, default=0.02, help="provider latency in seconds")
     parser.add_argument("--out", help="results folder (default bench/results/<timestamp>-introspection)")
     run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,19 +1,15 @@
-"""A tiny local token issuer for the bench: keys, OIDC discovery + JWKS over HTTP, and token minting.
+"""The bench's signing keys and token minting; ``verifier.devidp`` (bench/idp_helper.py) publishes them.
 
-The bench mints its own tokens rather than use ``verifier dev`` so that the issuer is outside the
-process under test and the keys are the same for the verifier, the naive baseline and the
-crypto floor. Access tokens follow RFC 9068 (``typ: at+jwt``); discovery is OpenID Connect
-Discovery 1.0 section 4; the JWKS is RFC 7517.
-
-``python -m bench.issuer --dir D --port P`` serves ``D/openid-configuration.json`` and ``D/jwks.json``.
+The bench mints its own tokens, in many processes, with keys it generates, so the keys are the same
+for the verifier, the naive baseline and the crypto floor; the provider serving discovery and the JWKS
+is the package's dev provider in a process of its own (``write_keys`` hands it the keys), outside
+the process under test. Access tokens follow RFC 9068 (``typ: at+jwt``).
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import concurrent.futures
-import http.server
 import json
 import os
 import secrets
@@ -70,18 +66,18 @@ def generate_keys() -> dict[str, SigningKey]:
     return keys
 
 
-def write_documents(directory: Path, issuer: str, keys: dict[str, SigningKey]) -> None:
-    """Write the discovery document and the JWKS the issuer process serves."""
-    directory.mkdir(parents=True, exist_ok=True)
-    discovery = {
-        "issuer": issuer,
-        "jwks_uri": f"{issuer}/jwks.json",
-        "id_token_signing_alg_values_supported": list(ALGORITHMS),
-        "response_types_supported": ["code"],
-        "subject_types_supported": ["public"],
+def write_keys(path: Path, keys: dict[str, SigningKey]) -> None:
+    """The keys as JSON for bench/idp_helper.py (a loopback-only bench run's own throw-away keys)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"alg": k.alg, "kid": k.kid, "pem": k.pem.decode()} for k in keys.values()]))
+
+
+def read_keys(path: Path) -> dict[str, tuple[str, object]]:
+    """What ``write_keys`` wrote, as ``DevIdentityProvider(keys=...)`` takes them: alg -> (kid, private key)."""
+    return {
+        k["alg"]: (k["kid"], serialization.load_pem_private_key(k["pem"].encode(), password=None))
+        for k in json.loads(path.read_text())
     }
-    (directory / "openid-configuration.json").write_text(json.dumps(discovery))
-    (directory / "jwks.json").write_text(json.dumps({"keys": [k.public_jwk() for k in keys.values()]}))
 
 
 def _mint_batch(alg: str, kid: str, pem: bytes, issuer: str, start: int, count: int, now: int) -> list[str]:
@@ -129,48 +125,3 @@ def garbage_tokens(count: int) -> list[str]:
             head = base64.urlsafe_b64encode(b'{"alg":"ES256","kid":"nope"}').rstrip(b"=").decode()
             out.append(f"{head}.{secrets.token_urlsafe(64)}.{secrets.token_urlsafe(64)}")
     return out
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    directory: Path
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        name = {
-            "/.well-known/openid-configuration": "openid-configuration.json",
-            "/jwks.json": "jwks.json",
-        }.get(self.path.split("?")[0])
-        if name is None:
-            self.send_error(404)
-            return
-        body = (self.directory / name).read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "max-age=300")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass  # the naive baseline fetches per request: keep stderr quiet
-
-
-def serve(directory: Path, port: int) -> None:
-    """Serve the documents on 127.0.0.1:``port`` until killed."""
-    handler = type("Handler", (_Handler,), {"directory": directory})
-    http.server.ThreadingHTTPServer.daemon_threads = True
-    with http.server.ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
-        server.serve_forever()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m bench.issuer")
-    parser.add_argument("--dir", type=Path, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args(argv)
-    serve(args.dir, args.port)
-
-
-if __name__ == "__main__":
-    main()

@@ -38,7 +38,6 @@ from bench.wire import Door
 HIST_MAX_US = 120_000_000  # 2 minutes: anything slower is a hang, not a latency
 HIST_DIGITS = 3
 DRAIN_S = 2.0  # after the schedule ends, how long late requests may still complete
-READY_TIMEOUT_S = 30.0
 
 
 def new_histogram() -> HdrHistogram:

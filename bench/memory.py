@@ -1,4 +1,5 @@
-"""``python -m bench memory [--tokens 1000000]``: the verifier's resident memory during a flood of distinct junk.
+"""``python -m bench run --scenario memory [--tokens 1000000]``:
+the verifier's resident memory during a flood of distinct junk.
 
 One verifier (default config: refused-token cache of 100,000 entries) behind forward-auth; wrk sends
 junk tokens made in its Lua script, a different one on every request (half look like a JWS with an
@@ -12,8 +13,6 @@ Goal (issue "Hostile input"): resident size stays below 300 MB throughout.
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
 import threading
 import time
@@ -58,12 +57,6 @@ function request()
     ["X-Forwarded-Proto"] = "https",
   })
 end
-function done(summary, latency, requests)
-  io.write(string.format('BENCH_JSON {"requests": %%d, "duration_us": %%d, '
-    .. '"status_errors": %%d, "socket_errors": %%d}\n',
-    summary.requests, summary.duration, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
-end
 """
 
 
@@ -98,26 +91,17 @@ def _hwm_kib(pid: int) -> int:
 
 
 def _wrk_chunk(addr: str, out: Path, offset: int, seconds: float, connections: int, threads: int) -> dict[str, Any]:
-    script = out / "wrk-junk.lua"
-    script.write_text(
-        WRK_JUNK
-        % {
-            "offset": offset,
-            "threads": threads,
-            "path": wire.FORWARD_AUTH_PATH,
-            "uri": wire.ORIGINAL_PATH,
-            "host": wire.ORIGINAL_HOST,
-        }
+    script = WRK_JUNK % {
+        "offset": offset,
+        "threads": threads,
+        "path": wire.FORWARD_AUTH_PATH,
+        "uri": wire.ORIGINAL_PATH,
+        "host": wire.ORIGINAL_HOST,
+    }
+    url = f"http://{addr}{wire.FORWARD_AUTH_PATH}"
+    return tools.run_wrk(
+        url, script, workdir=out, name="junk", duration_s=seconds, connections=connections, threads=threads
     )
-    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "-s", str(script)]
-    cmd.append(f"http://{addr}{wire.FORWARD_AUTH_PATH}")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    m = re.search(r"BENCH_JSON (\{.*\})", done.stdout)
-    if not m:
-        raise RuntimeError(f"wrk output not understood:\n{done.stdout}{done.stderr}")
-    import json
-
-    return dict(json.loads(m.group(1)))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -281,7 +265,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench run --scenario memory", description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1_000_000, help="distinct junk tokens to send")
     parser.add_argument("--chunk", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
@@ -289,7 +273,3 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after the flood before 'after'")
     parser.add_argument("--out", help="results folder (default bench/results/<timestamp>-memory)")
     run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -17,7 +17,7 @@ ALGORITHMS = ["ES256", "RS256", "EdDSA"]
 
 def naive_decider(issuer: str) -> Decide:
     """A decision function that verifies the bearer token the naive way, against ``issuer``."""
-    jwks_uri = issuer.rstrip("/") + "/jwks.json"
+    jwks_uri = issuer.rstrip("/") + "/jwks"  # verifier.devidp's
 
     def decide(authorization: str) -> bool:
         scheme, _, token = authorization.partition(" ")

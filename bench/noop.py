@@ -94,7 +94,7 @@ def _grpc_handlers(decide: Decide) -> list[grpc.GenericRpcHandler]:
     else:
 
         async def verifier_check(request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
-            authz = wire.decode_verifier_headers(request).get("authorization", "")
+            authz = wire.verifier_authorization(request)
             return wire.VERIFIER_ALLOW if decide(authz) else wire.VERIFIER_DENY
 
         async def envoy_check(request: bytes, _context: grpc.aio.ServicerContext) -> bytes:

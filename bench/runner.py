@@ -131,13 +131,13 @@ class Bench:
         return proc
 
     def start_issuer(self) -> None:
-        """Keys, documents and the issuer process."""
+        """Keys, and verifier.devidp publishing them in a process of its own."""
         port = free_port()
         self.issuer_url = f"http://127.0.0.1:{port}"
         self.keys = issuer.generate_keys()
-        docs = self.opts.out_dir / "issuer"
-        issuer.write_documents(docs, self.issuer_url, self.keys)
-        cmd = [sys.executable, "-m", "bench.issuer", "--dir", str(docs), "--port", str(port)]
+        keys = self.opts.out_dir / "issuer" / "keys.json"
+        issuer.write_keys(keys, self.keys)
+        cmd = [sys.executable, "-m", "bench.idp_helper", "--port", str(port), "--keys", str(keys)]
         proc = self._spawn(cmd, "issuer.log")
         _wait_port(f"127.0.0.1:{port}", proc)
         self.cached_token = issuer.mint(self.keys["ES256"], self.issuer_url, 1)[0]

@@ -1,4 +1,4 @@
-"""``python -m bench.scenario_edge [--quick]``: the fast path at the edge, every gateway side by side in one run.
+"""``python -m bench run --scenario edge [--quick]``: the fast path at the edge, every gateway side by side in one run.
 
 Seven routes, measured alternately in each repetition with wrk and one repeated ES256 token (what a
 busy client sends), against one verifier (``python -m verifier serve``, default ``edge_cache``: allows
@@ -129,7 +129,7 @@ def markdown(rows: dict[str, dict[str, Any]], opts_line: str, machine: dict[str,
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m bench.scenario_edge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench run --scenario edge", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 s points, one repetition")
     parser.add_argument("--duration", type=float, help="seconds per point (default 5, --quick 1)")
     parser.add_argument("--reps", type=int, help="alternating repetitions (default 3, --quick 1)")
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             urls[route] = nginxes[route].url(route)
         urls[PLAIN] = nginxes[REUSE_ON].url("plain")
         upstream = _upstream_port(nginxes[REUSE_ON])
-        jwks = json.loads((out / "issuer" / "jwks.json").read_text())
+        jwks = {"keys": [key.public_jwk() for key in bench.keys.values()]}
         start: dict[str, Callable[[], Any]] = {
             ENVOY_NONE: lambda: gateways.start_envoy(out, "none", upstream_port=upstream),
             ENVOY_JWT: lambda: gateways.start_envoy(
@@ -248,7 +248,3 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(md)
     print(f"bench: wrote {out}/results.md and results.json", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

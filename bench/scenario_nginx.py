@@ -1,4 +1,4 @@
-"""``python -m bench.scenario_nginx [--quick]``: the Kong Lua plugin's cost in front of a route, in one run.
+"""``python -m bench run --scenario nginx [--quick]``: the Kong Lua plugin's cost in front of a route, in one run.
 
 Three routes on the same nginx build, measured alternately in each repetition with wrk and one repeated
 token (what a busy client sends):
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import runner, wire
+from bench import runner, tools, wire
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHIM_DIR = PROJECT_ROOT / "tests" / "kong" / "shim"
@@ -95,14 +95,6 @@ http {{
 
 WRK_SCRIPT = r"""
 wrk.headers["Authorization"] = "Bearer %(token)s"
-function done(summary, latency, requests)
-  io.write(string.format(
-    'BENCH_JSON {"requests": %%d, "duration_us": %%d, "status_errors": %%d, "socket_errors": %%d, '
-    .. '"p50_us": %%d, "p99_us": %%d}\n',
-    summary.requests, summary.duration, summary.errors.status,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
 """
 
 
@@ -173,16 +165,14 @@ def start_nginx(verifier_http: str, cache_entries: int) -> Nginx:
 
 def run_wrk(url: str, token: str, *, connections: int, duration_s: float, workdir: Path) -> dict[str, Any]:
     """One closed-loop wrk run; requests, seconds, errors and latency percentiles (us)."""
-    script = workdir / "wrk-nginx.lua"
-    script.write_text(WRK_SCRIPT % {"token": token})
-    cmd = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{max(1, round(duration_s))}s", "-s", str(script), url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 30).stdout
-    line = next((x for x in out.splitlines() if x.startswith("BENCH_JSON ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk output not understood:\n{out}")
-    j = dict(json.loads(line[len("BENCH_JSON ") :]))
-    j["throughput"] = j["requests"] / (j["duration_us"] / 1e6)
-    return j
+    return tools.run_wrk(
+        url,
+        WRK_SCRIPT % {"token": token},
+        workdir=workdir,
+        name="nginx",
+        duration_s=duration_s,
+        connections=connections,
+    )
 
 
 def check_route(url: str, token: str) -> int:
@@ -217,7 +207,7 @@ def markdown(rows: list[dict[str, Any]], opts_line: str, machine: dict[str, Any]
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m bench.scenario_nginx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench run --scenario nginx", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 s points, one repetition")
     parser.add_argument("--duration", type=float, help="seconds per point (default 5, --quick 1)")
     parser.add_argument("--reps", type=int, help="alternating repetitions (default 3, --quick 1)")
@@ -290,7 +280,3 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(md)
     print(f"bench: wrote {out}/results.md and results.json", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

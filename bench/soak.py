@@ -1,4 +1,5 @@
-"""``python -m bench soak --minutes 10 --rate-fraction 0.7``: a long open loop; is memory and fd use flat?
+"""``python -m bench run --scenario soak --minutes 10 --rate-fraction 0.7``:
+a long open loop; is memory and fd use flat?
 
 One verifier behind forward-auth. First its maximum throughput is measured (wrk, closed loop, 3 s) on
 the soak's own mix: 90% one valid cached ES256 token, 10% distinct junk (each refused once and then
@@ -236,12 +237,8 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m bench soak", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench run --scenario soak", description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--rate-fraction", type=float, default=0.7, help="of the mix's closed-loop maximum")
     parser.add_argument("--out", help="results folder (default bench/results/<timestamp>-soak)")
     run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench import wire
 from bench.wire import Door
@@ -50,12 +51,15 @@ function request()
     ["X-Forwarded-Proto"] = "https",
   })
 end
+"""
 
 
+# Appended to every wrk script: the totals and percentiles as one JSON line (plain text, not %-formatted).
+WRK_DONE = r"""
 function done(summary, latency, requests)
   io.write(string.format(
-    'BENCH_JSON {"requests": %%d, "duration_us": %%d, "status_errors": %%d, "socket_errors": %%d, '
-    .. '"p50_us": %%d, "p99_us": %%d}\n',
+    'BENCH_JSON {"requests": %d, "duration_us": %d, "status_errors": %d, "socket_errors": %d, '
+    .. '"p50_us": %d, "p99_us": %d}\n',
     summary.requests, summary.duration, summary.errors.status,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
     latency:percentile(50), latency:percentile(99)))
@@ -163,36 +167,22 @@ def wrk(
     ``requests`` against the pool size, since wrk cannot stop early and still report a true rate)."""
     tokens_file = workdir / "wrk-tokens.txt"
     tokens_file.write_text("\n".join(tokens) + "\n")
-    script = workdir / "wrk-forward-auth.lua"
-    script.write_text(
-        WRK_SCRIPT
-        % {
-            "tokens": tokens_file,
-            "threads": threads,
-            "path": wire.FORWARD_AUTH_PATH,
-            "uri": wire.ORIGINAL_PATH,
-            "host": wire.ORIGINAL_HOST,
-        }
-    )
-    cmd = [
-        "wrk",
-        "-t",
-        str(threads),
-        "-c",
-        str(connections),
-        "-d",
-        f"{max(1, round(duration_s))}s",
-        "-s",
-        str(script),
+    script = WRK_SCRIPT % {
+        "tokens": tokens_file,
+        "threads": threads,
+        "path": wire.FORWARD_AUTH_PATH,
+        "uri": wire.ORIGINAL_PATH,
+        "host": wire.ORIGINAL_HOST,
+    }
+    j = run_wrk(
         f"http://{addr}{wire.FORWARD_AUTH_PATH}",
-    ]
-    cpu0 = _children_cpu()
-    out = _run(cmd, timeout=duration_s + 30)
-    cpu = _children_cpu() - cpu0
-    m = re.search(r"BENCH_JSON (\{.*\})", out)
-    if not m:
-        raise RuntimeError(f"wrk output not understood:\n{out}")
-    j = json.loads(m.group(1))
+        script,
+        workdir=workdir,
+        name="forward-auth",
+        duration_s=duration_s,
+        connections=connections,
+        threads=threads,
+    )
     # Every answer counts as throughput, a 401 included: the garbage flood is all refusals.
     return ToolResult(
         tool="wrk",
@@ -200,5 +190,31 @@ def wrk(
         errors=j["socket_errors"],
         refusals=j["status_errors"],
         seconds=j["duration_us"] / 1e6,
-        cpu_s=cpu,
+        cpu_s=j["client_cpu_s"],
     )
+
+
+def run_wrk(
+    url: str,
+    script: str,
+    *,
+    workdir: Path,
+    name: str,
+    duration_s: float,
+    connections: int = 16,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """One closed-loop wrk run of ``script`` (+ ``WRK_DONE``): its BENCH_JSON totals, with the
+    generator's own CPU as ``client_cpu_s`` and ``throughput`` (answers per second, refusals included)."""
+    path = workdir / f"wrk-{name}.lua"
+    path.write_text(script + WRK_DONE)
+    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration_s))}s", "-s", str(path)]
+    cpu0 = _children_cpu()
+    out = _run([*cmd, url], timeout=duration_s + 60)
+    m = re.search(r"BENCH_JSON (\{.*\})", out)
+    if not m:
+        raise RuntimeError(f"wrk output not understood:\n{out}")
+    result = dict(json.loads(m.group(1)))
+    result["client_cpu_s"] = _children_cpu() - cpu0
+    result["throughput"] = result["requests"] / (result["duration_us"] / 1e6) if result["duration_us"] else 0.0
+    return result

@@ -1,4 +1,5 @@
-"""``python -m bench workers [--quick] [--workers 1,2]``: the verifier's throughput against worker processes.
+"""``python -m bench run --scenario workers [--quick] [--workers 1,2]``:
+the verifier's throughput against worker processes.
 
 For each N, a verifier with ``workers: N`` (N forked processes on SO_REUSEPORT listeners) and the no-op
 with ``--workers N`` are measured alternately, closed loop, with one repeated valid ES256 token
@@ -178,13 +179,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(prog="python -m bench workers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench run --scenario workers", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 s points (default 5 s)")
     parser.add_argument("--duration", type=float, help="seconds per point")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
     parser.add_argument("--out", help="results folder (default bench/results/<timestamp>-workers)")
     run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

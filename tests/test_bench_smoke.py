@@ -150,3 +150,18 @@ def test_soak_slope_is_least_squares() -> None:
     assert extras.slope([0, 1, 2, 3], [5, 7, 9, 11]) == 2.0
     assert extras.slope([0, 1, 2], [4, 4, 4]) == 0.0
     assert extras.slope([1], [3]) == 0.0
+
+
+def test_every_stand_alone_measurement_is_a_scenario_of_run() -> None:
+    """The seven suites are reached through `run --scenario NAME`; options `run` does not know go to them."""
+    from bench import cli
+    from bench.scenarios import SUITES, select
+
+    assert set(SUITES) == {"introspection", "workers", "memory", "dpop", "soak", "nginx", "edge"}
+    scenarios, suites = select(["jwt-first-seen", "soak"])
+    assert [s.name for s in scenarios] == ["jwt-first-seen-es256", "jwt-first-seen-rs256", "jwt-first-seen-eddsa"]
+    assert [s.name for s in suites] == ["soak"]
+    with pytest.raises(SystemExit, match=r"unknown scenario 'nope'.*introspection"):
+        select(["nope"])
+    with pytest.raises(SystemExit, match="unrecognized arguments: --minutes"):
+        cli.main(["run", "--scenario", "jwt-cached", "--minutes", "1"])

@@ -9,7 +9,7 @@ Invariants, for any input:
 - `parse_settings` lets only `ConfigError` escape.
 
 Example counts are tuned so this file runs in well under a minute; `HYPOTHESIS_PROFILE=long` (see
-bench/fuzz/README.md) multiplies them by 50 for a nightly run.
+tests/fuzz/README.md) multiplies them by 50 for a nightly run.
 """
 
 from __future__ import annotations
@@ -896,8 +896,7 @@ def _atheris_missing() -> str | None:
 def test_atheris_targets_run_clean(tmp_path: Path) -> None:
     """Every target for FUZZ_SECONDS, all at once (one process each): no crash, no allow."""
     artifacts = tmp_path
-    sys.path.insert(0, str(ROOT))
-    from bench.fuzz.targets import TARGETS
+    from fuzz.targets import TARGETS
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     processes = {
@@ -905,7 +904,7 @@ def test_atheris_targets_run_clean(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "bench.fuzz",
+                "fuzz",
                 name,
                 f"-max_total_time={FUZZ_SECONDS}",
                 "-rss_limit_mb=2048",

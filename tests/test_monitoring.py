@@ -15,9 +15,7 @@ import pytest
 import yaml
 from binaries import require
 
-from verifier.observe.metrics import Metrics
-from verifier.revocation.metrics import RevocationMetrics
-from verifier.tokens.introspection_metrics import IntrospectionMetrics
+from verifier.observe.metrics import IntrospectionMetrics, Metrics, RevocationMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"

@@ -21,8 +21,9 @@ from ssf_transmitter import (
     TOKEN_CLAIMS_CHANGE,
     SsfTransmitter,
 )
-from tokenkit import ISSUER, NOW, FakeFetcher
+from tokenkit import ISSUER, NOW, FakeFetcher, issuer_settings
 
+from verifier.app import App
 from verifier.clock import FrozenClock
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.refusals import refuse
@@ -32,9 +33,10 @@ from verifier.errors import InvalidToken
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, TokenRevoked, parse_revocation_config
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.service import SSF_USER_AGENT
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.subjects import SubjectError, subject_keys
-from verifier.settings import ConfigError
+from verifier.settings import ConfigError, Settings
 from verifier.state.memory import MemoryState
 
 TX = "https://ssf.example.test"
@@ -98,7 +100,7 @@ async def service(
     clock: FrozenClock, provider: FakeFetcher, credentials: Credentials, registry: CollectorRegistry
 ) -> AsyncIterator[RevocationService]:
     svc = RevocationService(
-        config(), redis_url=None, state=MemoryState(clock), fetcher=provider, clock=clock,
+        config(), state=MemoryState(clock), fetcher=provider, clock=clock,
         registry=registry, on_credential_revoked=credentials, admin_token=ADMIN,
     )
     await svc.start()
@@ -504,7 +506,7 @@ async def test_admin_api_is_404_when_the_env_var_is_unset(
     clock: FrozenClock, provider: FakeFetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("VERIFIER_ADMIN_TOKEN", raising=False)
-    svc = RevocationService(config(), redis_url=None, state=MemoryState(clock), fetcher=provider, clock=clock,
+    svc = RevocationService(config(), state=MemoryState(clock), fetcher=provider, clock=clock,
                             registry=CollectorRegistry())
     router = routes(svc)
     assert (await router.dispatch(admin("POST", document={"subject": USER}))).status == 404
@@ -513,15 +515,41 @@ async def test_admin_api_is_404_when_the_env_var_is_unset(
     assert (await router.dispatch(admin("DELETE", "/v1/admin/revocations/x"))).status == 404
 
 
-async def test_admin_token_is_read_from_the_environment(
+async def test_admin_token_is_read_from_the_environment_by_the_root(
     clock: FrozenClock, provider: FakeFetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The composition root reads VERIFIER_ADMIN_TOKEN and hands it to the service."""
     monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "from-env-" + "e" * 32)
-    svc = RevocationService(config(), redis_url=None, state=MemoryState(clock), fetcher=provider, clock=clock,
-                            registry=CollectorRegistry())
-    router = routes(svc)
+    settings = Settings(grpc=None, http=None, metrics=None, issuers=(issuer_settings(),), revocation=config())
+    app = App(settings, clock=clock, fetcher=provider)
+    assert app.revocation is not None
+    router = routes(app.revocation)
     assert (await router.dispatch(admin("GET", token="from-env-" + "e" * 32))).status == 200
     assert (await router.dispatch(admin("GET", token=ADMIN))).status == 401
+
+
+async def test_the_root_builds_the_pollers_http_session(clock: FrozenClock, provider: FakeFetcher) -> None:
+    """The composition root builds the SSF poller's session (with its User-Agent); the service uses it."""
+    settings = Settings(grpc=None, http=None, metrics=None, issuers=(issuer_settings(),), revocation=config())
+    app = App(settings, clock=clock, fetcher=provider)
+    assert app.revocation is not None
+    session = app.revocation._client()
+    try:
+        assert session is app._ssf_client()
+        assert session.headers["User-Agent"] == SSF_USER_AGENT
+    finally:
+        await session.close()
+
+
+async def test_the_service_does_not_read_the_environment(
+    clock: FrozenClock, provider: FakeFetcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a token passed in, the admin API is off, whatever the environment holds."""
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "from-env-" + "e" * 32)
+    svc = RevocationService(config(), state=MemoryState(clock), fetcher=provider, clock=clock,
+                            registry=CollectorRegistry())
+    router = routes(svc)
+    assert (await router.dispatch(admin("GET", token="from-env-" + "e" * 32))).status != 200
 
 
 # -- expiry ------------------------------------------------------------------------------------------------------

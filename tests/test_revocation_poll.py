@@ -46,7 +46,7 @@ async def service(transmitter: SsfTransmitter) -> AsyncIterator[RevocationServic
     }]})
     fetcher = HttpFetcher()
     clock = SystemClock()
-    svc = RevocationService(config, redis_url=None, state=MemoryState(clock), fetcher=fetcher, clock=clock,
+    svc = RevocationService(config, state=MemoryState(clock), fetcher=fetcher, clock=clock,
                             registry=CollectorRegistry())
     await svc.start()
     yield svc
@@ -127,7 +127,7 @@ async def test_a_polled_set_whose_mark_was_lost_still_takes_effect(transmitter: 
     }]})
     fetcher, clock = HttpFetcher(), SystemClock()
     state = LateMark(clock)
-    svc = RevocationService(config, redis_url=None, state=state, fetcher=fetcher, clock=clock,
+    svc = RevocationService(config, state=state, fetcher=fetcher, clock=clock,
                             registry=CollectorRegistry())
     await svc.start()
     try:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import ssl
 from collections.abc import Callable
 
@@ -36,9 +37,11 @@ from verifier.policy.roles import RoleMapper
 from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.revocation import RevocationService
+from verifier.revocation.service import SSF_USER_AGENT
 from verifier.revocation.ssf import CredentialRevocation
-from verifier.settings import Settings
-from verifier.state import build_state
+from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
+from verifier.settings import ADMIN_TOKEN_ENV, Settings
+from verifier.state import StateConfig, build_state
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.fetch import Fetcher, HttpFetcher
 from verifier.tokens.introspection import Introspector
@@ -50,6 +53,15 @@ log = logging.getLogger("verifier.app")
 
 SHUTDOWN_GRACE_SECONDS = 5.0  # in-flight calls get this long to finish on SIGTERM
 METRICS_REFRESH_SECONDS = 5.0  # how often gauges derived from state (key age) are updated
+
+
+def revocation_store(state: StateConfig | None) -> RevocationStore:
+    """Where revocation entries live: the shared Redis, else a local file that outlives a worker, else memory."""
+    if state is not None and state.redis_url:
+        return RedisStore(state.redis_url, key_prefix=state.key_prefix, password=state.password)
+    if state is not None and state.path:  # survives a reload or a worker restart
+        return SqliteStore(state.path)
+    return MemoryStore()
 
 
 @dataclasses.dataclass
@@ -102,15 +114,14 @@ class App:
             if i.introspection is not None
         }
         self.revocation: RevocationService | None = None
+        self._ssf_session: aiohttp.ClientSession | None = None
         if settings.revocation is not None:
             check_transmitter_scopes(settings.revocation, (i.issuer for i in settings.issuers))
-            state_cfg = settings.state
             self.revocation = RevocationService(
                 settings.revocation,
-                redis_url=getattr(state_cfg, "redis_url", None),
-                redis_password=getattr(state_cfg, "password", None),
-                key_prefix=getattr(state_cfg, "key_prefix", "verifier:"),
-                local_path=getattr(state_cfg, "path", None),
+                store=revocation_store(settings.state),
+                admin_token=os.environ.get(ADMIN_TOKEN_ENV),  # validated by load_settings
+                session=self._ssf_client,
                 state=self.state,
                 fetcher=self.fetcher,
                 clock=self.clock,
@@ -182,6 +193,12 @@ class App:
             add_admin_routes(self.router, self.revocation.admin)
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _ssf_client(self) -> aiohttp.ClientSession:
+        """The revocation poller's session (its own User-Agent), built here and closed in `stop`."""
+        if self._ssf_session is None or self._ssf_session.closed:
+            self._ssf_session = aiohttp.ClientSession(headers={"User-Agent": SSF_USER_AGENT})
+        return self._ssf_session
 
     def _session(self) -> aiohttp.ClientSession:
         if isinstance(self.fetcher, HttpFetcher):
@@ -310,6 +327,8 @@ class App:
         await self.state.close()
         if self._extra_session is not None:
             await self._extra_session.close()
+        if self._ssf_session is not None:
+            await self._ssf_session.close()
         if self._own_fetcher and isinstance(self.fetcher, HttpFetcher):
             await self.fetcher.close()
         flush_logs()

@@ -19,6 +19,7 @@ import secrets
 import time
 import urllib.parse
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import jwt
@@ -42,8 +43,13 @@ class DevIdentityProvider:
         *,
         introspection_client_id: str = DEV_INTROSPECTION_CLIENT_ID,
         introspection_client_secret: str | None = None,
+        keys: Mapping[str, tuple[str, Any]] | None = None,
     ) -> None:
-        """`port` 0 picks a free port (read `port` after `start`); the secret is random unless given."""
+        """`port` 0 picks a free port (read `port` after `start`); the secret is random unless given.
+
+        `keys` (alg -> (kid, private key)) replaces the keys generated here, for a caller that mints
+        tokens itself (the benchmark, in processes of its own); it must name ES256, RS256 and EdDSA.
+        """
         self.host = host
         self.port = port
         self.introspection_client_id = introspection_client_id
@@ -54,14 +60,19 @@ class DevIdentityProvider:
         self.batch_tokens = 0  # tokens asked about across all batch calls
         self.fail_status: int | None = None  # answer both introspection endpoints with this status (faults)
         self.delay_seconds = 0.0  # wait this long before answering them (faults)
-        self._keys: dict[str, tuple[str, Any]] = {
-            "ES256": (f"dev-es256-{uuid.uuid4().hex[:8]}", ec.generate_private_key(ec.SECP256R1())),
-            "RS256": (
-                f"dev-rs256-{uuid.uuid4().hex[:8]}",
-                rsa.generate_private_key(public_exponent=65537, key_size=2048),
-            ),
-            "EdDSA": (f"dev-eddsa-{uuid.uuid4().hex[:8]}", ed25519.Ed25519PrivateKey.generate()),
-        }
+        self._keys: dict[str, tuple[str, Any]] = (
+            {
+                "ES256": (f"dev-es256-{uuid.uuid4().hex[:8]}", ec.generate_private_key(ec.SECP256R1())),
+                "RS256": (
+                    f"dev-rs256-{uuid.uuid4().hex[:8]}",
+                    rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                ),
+                "EdDSA": (f"dev-eddsa-{uuid.uuid4().hex[:8]}", ed25519.Ed25519PrivateKey.generate()),
+            }
+            if keys is None
+            else dict(keys)
+        )
+        self._jwks: dict[str, Any] | None = None  # the public keys never change: built once
         self._runner: web.AppRunner | None = None
 
     @property
@@ -86,13 +97,16 @@ class DevIdentityProvider:
 
     def jwks(self) -> dict[str, Any]:
         """The public keys."""
+        if self._jwks is not None:
+            return self._jwks
         keys = []
         for alg, (kid, private) in self._keys.items():
             algorithm = jwt.get_algorithm_by_name(alg)
             jwk = json.loads(algorithm.to_jwk(private.public_key()))
             jwk.update({"kid": kid, "alg": alg, "use": "sig"})
             keys.append(jwk)
-        return {"keys": keys}
+        self._jwks = {"keys": keys}
+        return self._jwks
 
     def mint(
         self,

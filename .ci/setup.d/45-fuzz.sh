@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# atheris (libFuzzer for Python), for bench/fuzz and tests/test_hostile_input.py::test_atheris_targets_run_clean.
+# atheris (libFuzzer for Python), for tests/fuzz and tests/test_hostile_input.py::test_atheris_targets_run_clean.
 # Wheels exist for CPython 3.11 on Linux x86_64; elsewhere the install may fail, and then the fuzz test
 # skips with a note. Idempotent: does nothing when atheris already imports. Never fails the setup.
 set -uo pipefail

@@ -86,7 +86,7 @@ async def test_ssf_polls_are_counted_by_result(reachable: bool) -> None:
         fetcher = HttpFetcher()
         clock = SystemClock()
         service = RevocationService(
-            config, redis_url=None, state=MemoryState(clock), fetcher=fetcher, clock=clock, registry=registry
+            config, state=MemoryState(clock), fetcher=fetcher, clock=clock, registry=registry
         )
         try:
             if reachable:

@@ -20,6 +20,7 @@ from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, parse_revocation_config
+from verifier.revocation.store import RedisStore
 from verifier.state.redis import RedisState
 from verifier.tokens.fetch import HttpFetcher
 
@@ -69,7 +70,7 @@ class Replicas:
         clock = SystemClock()
         state = RedisState(self.redis_url, key_prefix=self.key_prefix, timeout_seconds=self.state_timeout)
         fetcher = HttpFetcher()
-        service = RevocationService(self.config, redis_url=self.redis_url, key_prefix=self.key_prefix,
+        service = RevocationService(self.config, store=RedisStore(self.redis_url, key_prefix=self.key_prefix),
                                     state=state, fetcher=fetcher,
                                     clock=clock, registry=CollectorRegistry(), admin_token=ADMIN)
         await service.start()

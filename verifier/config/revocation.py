@@ -37,7 +37,6 @@ from verifier.config.issuer import (
 
 PUSH = "push"
 POLL = "poll"
-DELIVERY_PUSH_URN = "urn:ietf:rfc:8935"  # SSF 1.0 section 6.1.1
 DELIVERY_POLL_URN = "urn:ietf:rfc:8936"  # SSF 1.0 section 6.1.2
 DEFAULT_MAX_TOKEN_LIFETIME_SECONDS = 86_400  # seconds; a day covers access and most refresh-bound tokens
 MAX_MAX_TOKEN_LIFETIME_SECONDS = 90 * 86_400  # seconds; beyond this entries would pile up for months

@@ -1,15 +1,18 @@
 """Every Prometheus metric in one place (Envoy's jwt_authn stats pattern).
 
-Labels are bounded: door, outcome, reason code, issuer (configured, so finite). Never a subject, a
-token or a path. Label children used on the hot path are bound once, up front.
+Labels are bounded: door, outcome, reason code, issuer (configured, so finite), delivery, event
+short name, a fixed result vocabulary. Never a subject, a jti, a token or a path. Label children used
+on the hot path are bound once, up front. No other module creates a metric:
+tests/test_composition_root.py fails when one does.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 LATENCY_BUCKETS = (
@@ -29,6 +32,22 @@ LATENCY_BUCKETS = (
     1.0,
     2.5,
 )  # seconds: the interesting range is tens of microseconds to a provider round trip
+
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)  # tokens per dispatch
+
+# Provider call results (the `result` label of verifier_introspection_calls_total).
+RESULTS = (
+    "ok",
+    "timeout",
+    "unreachable",
+    "http_4xx",
+    "throttled",
+    "http_5xx",
+    "malformed",
+    "circuit_open",
+    "queue_timeout",
+)
 
 
 class _HotPath:
@@ -138,14 +157,6 @@ class Metrics:
         key = (cache, result)
         self._hot.cache[key] = self._hot.cache.get(key, 0) + 1
 
-    def cache_count(self, cache: str, result: str) -> int:
-        """How many lookups of this kind were counted."""
-        return self._hot.cache.get((cache, result), 0)
-
-    def decision_count(self, door: str, outcome: str | None = None) -> int:
-        """Decisions counted at a door (optionally of one outcome)."""
-        return sum(n for (d, o, _), n in self._hot.decisions.items() if d == door and outcome in (None, o))
-
     def signature_check(self, alg: str, result: str) -> None:
         """Counts a signature verification (label children bound once)."""
         key = (alg, result)
@@ -165,3 +176,158 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
+
+
+class RevocationMetrics:
+    """SETs received/accepted/refused, events applied, requests refused, entries held."""
+
+    def __init__(self, registry: CollectorRegistry, refusal_codes: Iterable[str] = ()) -> None:
+        self.sets_received = Counter(
+            "verifier_ssf_sets_received_total", "SETs received, by delivery.", ["delivery"], registry=registry
+        )
+        self.sets_accepted = Counter(
+            "verifier_ssf_sets_accepted_total", "SETs accepted, by delivery.", ["delivery"], registry=registry
+        )
+        self.sets_refused = Counter(
+            "verifier_ssf_sets_refused_total",
+            "SETs refused, by delivery and RFC 8935 error code.",
+            ["delivery", "err"],
+            registry=registry,
+        )
+        self.subjects_ignored = Counter(
+            "verifier_ssf_subjects_ignored_total",
+            "Subjects in accepted SETs ignored because they belong to an issuer outside the transmitter's"
+            " subjects_of, by transmitter.",
+            ["transmitter"],
+            registry=registry,
+        )
+        self.events = Counter(
+            "verifier_ssf_events_total", "Events in accepted SETs, by event type.", ["event"], registry=registry
+        )
+        self.refusals = Counter(
+            "verifier_revocation_refusals_total",
+            "Requests refused because of a revocation, by code.",
+            ["code"],
+            registry=registry,
+        )
+        self.entries = Gauge("verifier_revocation_entries", "Revocation entries held.", registry=registry)
+        self.syncs = Counter(
+            "verifier_revocation_sync_total", "Full reloads from the store, by result.", ["result"], registry=registry
+        )
+        self.polls = Counter(
+            "verifier_ssf_polls_total",
+            "Poll requests to transmitters (RFC 8936), by transmitter and result (ok, error).",
+            ["transmitter", "result"],
+            registry=registry,
+        )
+        self.key_fetches = Counter(
+            "verifier_ssf_jwks_fetch_total",
+            "Transmitter key fetches, by transmitter and result.",
+            ["transmitter", "result"],
+            registry=registry,
+        )
+        self._refusal_children = {code: self.refusals.labels(code) for code in refusal_codes}  # exported at 0
+
+    def refusal(self, code: str) -> None:
+        """Counts one request refused for revocation."""
+        child = self._refusal_children.get(code)
+        if child is None:
+            child = self._refusal_children[code] = self.refusals.labels(code)
+        child.inc()
+
+
+class TransmitterKeyMetrics(Metrics):
+    """What `IssuerKeys` reports about a transmitter's keys, counted among the revocation metrics.
+
+    `IssuerKeys` only calls `jwks_fetch` and `jwks_keys`; the verifier's own metrics (which it would
+    otherwise register a second time) are deliberately not created here.
+    """
+
+    def __init__(self, metrics: RevocationMetrics) -> None:  # no super().__init__: see the docstring
+        self._revocation = metrics
+
+    def jwks_fetch(self, issuer: str, result: str) -> None:
+        """Counts a transmitter key fetch."""
+        self._revocation.key_fetches.labels(issuer, result).inc()
+
+    def jwks_keys(self, issuer: str, count: int) -> None:
+        """Not exported for transmitters."""
+
+
+class IntrospectionMetrics:
+    """The collectors; use `for_registry` so several introspectors share one set per registry."""
+
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, IntrospectionMetrics] = weakref.WeakKeyDictionary()
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter(
+            "verifier_introspection_calls_total",
+            "HTTP calls to an introspection provider by issuer and result.",
+            ["issuer", "result"],
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "verifier_introspection_batch_size",
+            "Distinct tokens per introspection dispatch.",
+            ["issuer"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.coalesced = Counter(
+            "verifier_introspection_coalesced_total",
+            "Requests that waited on an introspection already in flight for the same token.",
+            ["issuer"],
+            registry=registry,
+        )
+        self.cache = Counter(
+            "verifier_introspection_cache_total",
+            "Introspection cache lookups by issuer, polarity (positive, negative, stale) and result.",
+            ["issuer", "polarity", "result"],
+            registry=registry,
+        )
+        self.breaker = Gauge(
+            "verifier_introspection_breaker_state",
+            "Circuit breaker state per issuer: 0 closed, 1 open, 2 half-open.",
+            ["issuer"],
+            registry=registry,
+        )
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry) -> IntrospectionMetrics:
+        """The one set of introspection collectors in `registry` (created on first use)."""
+        metrics = cls._by_registry.get(registry)
+        if metrics is None:
+            metrics = cls._by_registry[registry] = cls(registry)
+        return metrics
+
+
+class IssuerIntrospectionMetrics:
+    """The label children of one issuer, bound once up front (hot path: no label lookups)."""
+
+    def __init__(self, metrics: IntrospectionMetrics, issuer: str) -> None:
+        self.calls = {result: metrics.calls.labels(issuer, result) for result in RESULTS}
+        self.batch_size = metrics.batch_size.labels(issuer)
+        self.coalesced = metrics.coalesced.labels(issuer)
+        self.positive_hit = metrics.cache.labels(issuer, "positive", "hit")
+        self.negative_hit = metrics.cache.labels(issuer, "negative", "hit")
+        self.stale_hit = metrics.cache.labels(issuer, "stale", "hit")
+        self.miss = metrics.cache.labels(issuer, "any", "miss")
+        self.breaker = metrics.breaker.labels(issuer)
+
+
+class WebAuthnMetrics:
+    """Step-up assertions and registrations, by result (ok or a refusal code)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.assertions = Counter(
+            "verifier_webauthn_assertions_total",
+            "WebAuthn step-up checks by result (ok or a refusal code).",
+            ["result"],
+            registry=registry,
+        )
+        self.registrations = Counter(
+            "verifier_webauthn_registrations_total",
+            "WebAuthn registrations by result (ok or a refusal code).",
+            ["result"],
+            registry=registry,
+        )

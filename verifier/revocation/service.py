@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -21,10 +20,10 @@ from prometheus_client import CollectorRegistry
 from verifier.clock import Clock
 from verifier.config.revocation import POLL, PUSH, RevocationConfig, TransmitterConfig
 from verifier.errors import StateUnavailable
+from verifier.observe.metrics import RevocationMetrics, TransmitterKeyMetrics
 from verifier.revocation.admin import KillSwitch
 from verifier.revocation.entry import Effect, Entry
 from verifier.revocation.index import Revocations
-from verifier.revocation.metrics import RevocationMetrics, TransmitterKeyMetrics
 from verifier.revocation.poll import Outcome, Poller
 from verifier.revocation.ssf import (
     CredentialRevocation,
@@ -34,14 +33,14 @@ from verifier.revocation.ssf import (
     effects_of,
     short_name,
 )
-from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
-from verifier.settings import ADMIN_TOKEN_ENV
+from verifier.revocation.store import MemoryStore, RevocationStore
 from verifier.state.base import SharedState
 from verifier.tokens.fetch import Fetcher
 from verifier.tokens.jwks import IssuerKeys
 
 log = logging.getLogger("verifier.revocation")
 
+SSF_USER_AGENT = "edge-verifier/0.1 (ssf receiver)"  # what a transmitter sees on poll requests
 DEFAULT_START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
 LOAD_RETRY_SECONDS = 0.2  # between attempts at the initial load
 
@@ -55,29 +54,21 @@ class RevocationService:
         self,
         config: RevocationConfig,
         *,
-        redis_url: str | None,
         state: SharedState,
         fetcher: Fetcher,
         clock: Clock,
         registry: CollectorRegistry,
         on_credential_revoked: CredentialCallback | None = None,
-        redis_password: str | None = None,
-        key_prefix: str = "verifier:",
-        local_path: str | None = None,
+        store: RevocationStore | None = None,
         admin_token: str | None = None,
+        session: Callable[[], aiohttp.ClientSession] | None = None,
         start_timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
     ) -> None:
         self.config = config
         self._clock = clock
-        self.metrics = RevocationMetrics(registry)
+        self.metrics = RevocationMetrics(registry, (e.value for e in Effect if e is not Effect.CLAIMS_OVERRIDE))
         self.revocations = Revocations(clock)
-        self._store: RevocationStore
-        if redis_url:
-            self._store = RedisStore(redis_url, key_prefix=key_prefix, password=redis_password)
-        elif local_path:  # without Redis: a file that outlives this worker (reload, restart)
-            self._store = SqliteStore(local_path)
-        else:
-            self._store = MemoryStore()
+        self._store: RevocationStore = store if store is not None else MemoryStore()  # the root picks the store
         key_metrics = TransmitterKeyMetrics(self.metrics)
         self._transmitters: dict[str, tuple[TransmitterConfig, IssuerKeys]] = {
             t.issuer: (t, IssuerKeys(t.key_settings(), fetcher, clock, key_metrics)) for t in config.transmitters
@@ -85,7 +76,7 @@ class RevocationService:
         self._verifier = SetVerifier(self._transmitters, state, clock)
         self._on_credential_revoked = on_credential_revoked
         self.admin = KillSwitch(
-            token=admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV) or None,
+            token=admin_token or None,  # the root reads it from the environment; None disables the admin API
             revocations=self.revocations,
             add=self.add,
             remove=self.remove,
@@ -94,7 +85,8 @@ class RevocationService:
         )
         self._start_timeout = start_timeout_seconds
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # only without `session` (tests): owned here
+        self._given_session = session  # the root's: it closes it
         self._loading: list[tuple[list[Entry], list[str]]] | None = None  # changes seen during a reload
 
     # -- for the lead --------------------------------------------------------------------------------
@@ -275,6 +267,8 @@ class RevocationService:
         return Outcome(True)
 
     def _client(self) -> aiohttp.ClientSession:
+        if self._given_session is not None:
+            return self._given_session()
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers={"User-Agent": "edge-verifier/0.1 (ssf receiver)"})
+            self._session = aiohttp.ClientSession(headers={"User-Agent": SSF_USER_AGENT})
         return self._session

@@ -45,6 +45,7 @@ from verifier.errors import (
     WrongTokenType,
 )
 from verifier.numbers import json_number
+from verifier.observe.metrics import IntrospectionMetrics, IssuerIntrospectionMetrics
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
 from verifier.tokens.cache import ExpiringCache
@@ -57,7 +58,6 @@ from verifier.tokens.introspection_client import (
     ProviderClient,
     default_dispatcher,
 )
-from verifier.tokens.introspection_metrics import IntrospectionMetrics, IssuerIntrospectionMetrics
 
 __all__ = [
     "ClientAuth",

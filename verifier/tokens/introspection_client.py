@@ -43,9 +43,9 @@ from verifier.config.introspection import (
     IntrospectionConfig,
 )
 from verifier.errors import ProviderUnavailable
+from verifier.observe.metrics import IssuerIntrospectionMetrics
 from verifier.tokens.fetch import check_learned_url, read_body
 from verifier.tokens.introspection_breaker import CircuitBreaker
-from verifier.tokens.introspection_metrics import IssuerIntrospectionMetrics
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 section 2.2
 MAX_DISCOVERY_BYTES = 1 << 20  # 1 MiB: a larger discovery document is malformed

@@ -28,11 +28,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from verifier.clock import Clock
 from verifier.config.webauthn import WebAuthnConfig
 from verifier.errors import Forbidden, NotFound
+from verifier.observe.metrics import WebAuthnMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.state.base import SharedState
@@ -78,18 +79,9 @@ class WebAuthnService:
         self._signer = ChallengeSigner(config.secret)
         self._assertions = AssertionVerifier(config, store, state, clock, self._signer)
         self._registrar = Registrar(config, self._signer)
-        self._assertion_total = Counter(
-            "verifier_webauthn_assertions_total",
-            "WebAuthn step-up checks by result (ok or a refusal code).",
-            ["result"],
-            registry=registry,
-        )
-        self._registration_total = Counter(
-            "verifier_webauthn_registrations_total",
-            "WebAuthn registrations by result (ok or a refusal code).",
-            ["result"],
-            registry=registry,
-        )
+        metrics = WebAuthnMetrics(registry)
+        self._assertion_total = metrics.assertions
+        self._registration_total = metrics.registrations
         if not config.secret_from_env:
             logger.warning(
                 "webauthn: no shared secret in the environment; challenges are signed with a per-process key "

@@ -1,7 +1,7 @@
-"""`python -m bench.fuzz TARGET [libFuzzer flags] [CORPUS_DIR ...]` runs one atheris target.
+"""`python -m fuzz TARGET [libFuzzer flags] [CORPUS_DIR ...]` runs one atheris target.
 
-`python -m bench.fuzz --list` names the targets. tests/ must be importable (tokenkit builds the fake
-provider): run from the repository root with `PYTHONPATH=.:tests`.
+`python -m fuzz --list` names the targets. Run from the repository root with `PYTHONPATH=.:tests`
+(the package lives in tests/fuzz; tokenkit, beside it, builds the fake provider).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 def main() -> None:
     """Parses the target name, instruments the verifier's modules, and hands the rest to libFuzzer."""
-    from bench.fuzz import targets
+    from fuzz import targets
 
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "--list"):
         print("targets:", " ".join(targets.TARGETS))
