@@ -70,11 +70,13 @@ class JwtAuthenticator:
 
     def verify_now(self, token: str, seen: Seen) -> Principal | None:
         """Verified inline when the key is held; None when the kid is unknown (a refresh may find it)."""
-        return self._jwt.verify_now(self._parse(token, seen))
+        parsed = self._parse(token, seen)
+        return self._jwt.verify_now(parsed)
 
     async def verify(self, token: str, token_hash: bytes, seen: Seen) -> Principal:
         """Verified, refreshing the issuer's keys if need be."""
-        return await self._jwt.verify(self._parse(token, seen))
+        parsed = self._parse(token, seen)
+        return await self._jwt.verify(parsed)
 
 
 class OpaqueIntrospection:
