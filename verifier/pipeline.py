@@ -60,6 +60,27 @@ class Admitted:
     allowed: Decision  # the answer while no check changes the principal; its max-age is the reuse ceiling
     credential: Credential  # as first presented (its scheme decides DPoP challenges)
     checks: tuple[Check, ...]  # the listed checks that apply to this token, in order; none: `allowed` stands
+    mask: int  # the same checks as bits of the pipeline's list (bit i: checks[i]), for one AND per request
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """The checks one request runs (a token's, on a route), and what their declarations add up to."""
+
+    checks: tuple[Check, ...]
+    from_memory: bool  # every one is answered without I/O: the fast path may answer
+    per_request: bool  # one depends on the request itself: the answer is never reused by a gateway
+    bounded: tuple[Check, ...]  # the ones that bound reuse themselves (`reuse_left` overridden)
+
+    @classmethod
+    def of(cls, checks: tuple[Check, ...]) -> Plan:
+        """The plan for these checks, in their order."""
+        return cls(
+            checks,
+            all(c.from_memory for c in checks),
+            any(c.per_request for c in checks),
+            tuple(c for c in checks if type(c).reuse_left is not Check.reuse_left),
+        )
 
 
 def _negative_cacheable(error: VerifierError) -> bool:
@@ -115,6 +136,20 @@ class Pipeline:
         self._refusal_max_age = refusal_max_age
         self._refusals: dict[tuple[type, str, str, bool], Decision] = {}
         self._no_route = refuse(Forbidden("no policy allows this route", code="route_not_allowed"), realm=realm)
+        # Worked out once per route and per combination of checks, never per request.
+        self._routes: dict[int, tuple[Route, int]] = {}  # id(policy) -> the route and its checks' bits
+        self._no_policy = (NO_POLICY, self._mask(NO_POLICY))
+        self._own_endpoint = (OWN_ENDPOINT, self._mask(OWN_ENDPOINT))
+        self._plans: dict[int, Plan] = {}
+
+    def _mask(self, route: Route) -> int:
+        return sum(1 << i for i, check in enumerate(self._checks) if check.for_route(route))
+
+    def _plan(self, mask: int) -> Plan:
+        plan = self._plans.get(mask)
+        if plan is None:
+            plan = self._plans[mask] = Plan.of(tuple(c for i, c in enumerate(self._checks) if mask >> i & 1))
+        return plan
 
     # -- the three entry points -----------------------------------------------------------------
 
@@ -132,9 +167,10 @@ class Pipeline:
         The caches are keyed by a hash of the whole Authorization value, so a token seen before is
         found before its syntax is even looked at; only a miss pays for the credential parsing.
         """
-        route = self._route(attrs)
-        if isinstance(route, Decision):
-            return route
+        routed = self._route(attrs)
+        if isinstance(routed, Decision):
+            return routed
+        route = routed[0]
         header = attrs.headers.get("authorization")
         if not header:
             if route.policy is not None and not route.policy.require.authenticated:
@@ -144,7 +180,7 @@ class Pipeline:
         hit = self._positive.get(key)
         if hit is not None:
             self._metrics.cache_lookup("positive", "hit")
-            return self._now(hit, attrs, route)
+            return self._now(hit, attrs, routed)
         refused = self._negative.get(key)
         if refused is not None:
             self._metrics.cache_lookup("negative", "hit")
@@ -161,7 +197,7 @@ class Pipeline:
         verified = self._verify_now(credential, key, attrs, door)
         if verified is None or isinstance(verified, Decision):
             return verified
-        return self._now(verified, attrs, route)
+        return self._now(verified, attrs, routed)
 
     async def decide(self, attrs: RequestAttributes, door: str) -> Decision:
         """The full decision; never raises."""
@@ -206,44 +242,50 @@ class Pipeline:
             if isinstance(verified, Decision):
                 raise InvalidToken(verified.reason.replace("_", " "), code=verified.reason)
             admitted = verified
-        checks = [c for c in admitted.checks if c.for_route(OWN_ENDPOINT)]
-        return await self._run(admitted.principal, credential, attrs, OWN_ENDPOINT, checks)
+        plan = self._plan(admitted.mask & self._own_endpoint[1])
+        return await self._run(admitted.principal, credential, attrs, OWN_ENDPOINT, plan.checks)
 
     # -- the steps ------------------------------------------------------------------------------
 
-    def _route(self, attrs: RequestAttributes) -> Route | Decision:
+    def _route(self, attrs: RequestAttributes) -> tuple[Route, int] | Decision:
+        """The request's route, with the bits of the checks that apply on it."""
         if not self._policies.enabled:
-            return NO_POLICY
+            return self._no_policy
         policy = self._policies.match(attrs)
         if policy is None:
             return self._no_route
-        return Route(policy, policy.require.sender_constraint == "dpop", policy.require.step_up == "webauthn")
+        routed = self._routes.get(id(policy))
+        if routed is None:
+            route = Route(policy, policy.require.sender_constraint == "dpop", policy.require.step_up == "webauthn")
+            routed = self._routes[id(policy)] = (route, self._mask(route))
+        return routed
 
-    def _now(self, admitted: Admitted, attrs: RequestAttributes, route: Route) -> Decision | None:
+    def _now(self, admitted: Admitted, attrs: RequestAttributes, routed: tuple[Route, int]) -> Decision | None:
         """An admitted token's answer from memory, or None when one of its checks needs I/O."""
-        if not admitted.checks:
+        route, route_mask = routed
+        if not admitted.mask:
             # No check applies: the stored answer stands, unless the token is in its last reuse
             # window (then the max-age must shrink).
             allowed = admitted.allowed
             if allowed.cache_max_age <= 0 or admitted.principal.expires_at - self._clock.now() >= allowed.cache_max_age:
                 return allowed
-            return self._reusable(admitted.principal, allowed, route, ())
-        checks = [c for c in admitted.checks if c.for_route(route)]
+            return self._reusable(admitted.principal, allowed, route, self._plan(0))
+        plan = self._plan(admitted.mask & route_mask)
+        if not plan.from_memory:
+            return None  # a per-request proof, a counter or the provider: decide_after_miss
         principal = admitted.principal
-        for check in checks:
-            if not check.from_memory:
-                return None  # a per-request proof, a counter or the provider: decide_after_miss
         try:
-            for check in checks:
+            for check in plan.checks:
                 principal = check.check_now(principal, admitted.credential, attrs, route)
         except VerifierError as exc:
             return self._refuse(exc, admitted.credential, route)
-        return self._answer(admitted, principal, route, checks)
+        return self._answer(admitted, principal, route, plan)
 
     async def _decide(self, attrs: RequestAttributes, door: str) -> Decision:
-        route = self._route(attrs)
-        if isinstance(route, Decision):
-            return route
+        routed = self._route(attrs)
+        if isinstance(routed, Decision):
+            return routed
+        route, route_mask = routed
         credential = credentials.extract(attrs)  # decide_cached already answered the failures
         key = audit.token_hash(attrs.headers.get("authorization", ""))
         admitted = self._positive.get(key)
@@ -252,12 +294,12 @@ class Pipeline:
             if isinstance(verified, Decision):
                 return verified
             admitted = verified
-        checks = [c for c in admitted.checks if c.for_route(route)]
+        plan = self._plan(admitted.mask & route_mask)
         try:
-            judged = await self._run(admitted.principal, admitted.credential, attrs, route, checks)
+            judged = await self._run(admitted.principal, admitted.credential, attrs, route, plan.checks)
         except VerifierError as exc:
             return self._refuse(exc, admitted.credential, route)
-        return self._answer(admitted, judged, route, checks)
+        return self._answer(admitted, judged, route, plan)
 
     @staticmethod
     async def _run(
@@ -271,12 +313,12 @@ class Pipeline:
                 principal = await check.check(principal, credential, attrs, route)
         return principal
 
-    def _answer(self, admitted: Admitted, judged: Principal, route: Route, checks: Sequence[Check]) -> Decision:
+    def _answer(self, admitted: Admitted, judged: Principal, route: Route, plan: Plan) -> Decision:
         """The allow answer for the principal the checks judged (its headers follow announced claims)."""
         allowed = admitted.allowed
         if judged is not admitted.principal:
             allowed = allow(judged, cache_max_age=allowed.cache_max_age)
-        return self._reusable(judged, allowed, route, checks)
+        return self._reusable(judged, allowed, route, plan)
 
     def _verify_now(
         self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str
@@ -354,18 +396,18 @@ class Pipeline:
         started: float,
         seen: Seen,
     ) -> Admitted:
-        checks = tuple(c for c in self._checks if c.for_token(principal, credential))
+        mask = sum(1 << i for i, c in enumerate(self._checks) if c.for_token(principal, credential))
         # A per-request check that applies on any route makes the stored answer no-store from the
         # start (built and serialized once); one bound to some routes (step-up) is applied per
         # request by `_reusable`.
-        no_store = any(c.per_request and c.for_route(NO_POLICY) for c in checks)
+        no_store = self._plan(mask & self._no_policy[1]).per_request
         allowed = allow(principal, cache_max_age=0 if no_store else self._edge_max_age)
-        admitted = Admitted(principal, allowed, credential, checks)
+        admitted = Admitted(principal, allowed, credential, self._plan(mask).checks, mask)
         self._positive.put(key, admitted, principal.expires_at)
         self._record(attrs, door, allowed, started, credential, seen, principal.subject, principal.client_id)
         return admitted
 
-    def _reusable(self, principal: Principal, allowed: Decision, route: Route, checks: Sequence[Check]) -> Decision:
+    def _reusable(self, principal: Principal, allowed: Decision, route: Route, plan: Plan) -> Decision:
         """The allow answer with how long a gateway may reuse it (issue: decisions the gateway may reuse).
 
         The smallest of: the configured ceiling (already in `allowed`), the principal's remaining
@@ -375,11 +417,11 @@ class Pipeline:
         ceiling = allowed.cache_max_age
         if ceiling <= 0:
             return allowed
+        if plan.per_request:
+            return dataclasses.replace(allowed, cache_max_age=0, memo={})
         now = self._clock.now()
         left = principal.expires_at - now
-        for check in checks:
-            if check.per_request:
-                return dataclasses.replace(allowed, cache_max_age=0, memo={})
+        for check in plan.bounded:
             bound = check.reuse_left(principal, route, now)
             if bound is not None:
                 left = min(left, bound)
@@ -437,4 +479,4 @@ class Pipeline:
             )
 
 
-__all__ = ["ANONYMOUS", "Admitted", "Pipeline", "ProviderUnavailable"]
+__all__ = ["ANONYMOUS", "Admitted", "Pipeline", "Plan", "ProviderUnavailable"]
