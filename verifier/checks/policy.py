@@ -34,10 +34,13 @@ class RoutePolicy(Check):
     ) -> Principal:
         """Raises the refusal for the first unmet requirement."""
         assert route.policy is not None  # for_route
+        require = route.policy.require
+        # Only the RFC 9470 step-up challenges name it: not looked up on every request.
+        challenges = bool(require.acr_any or require.amr_any or require.max_auth_age_seconds is not None)
         evaluate(
-            route.policy.require,
+            require,
             principal,
             self._clock.now(),
-            authorization_endpoint=self._authorization_endpoint(principal.issuer),
+            authorization_endpoint=self._authorization_endpoint(principal.issuer) if challenges else "",
         )
         return principal
