@@ -17,11 +17,19 @@ from collections.abc import Callable
 import aiohttp
 from aiohttp import web
 
+from verifier.authenticators import Authenticator, JwtAuthenticator, OpaqueIntrospection
 from verifier.binding.dpop import DpopVerifier
+from verifier.checks.base import Check
+from verifier.checks.certificate import CertificateBinding
+from verifier.checks.dpop import DpopBinding
+from verifier.checks.introspect_jwts import IntrospectJwts
+from verifier.checks.policy import RoutePolicy
+from verifier.checks.rate_limit import RateLimit
+from verifier.checks.revocation import Revocation
+from verifier.checks.step_up import WebAuthnStepUp
 from verifier.clock import Clock, SystemClock
 from verifier.config.dpop import DpopConfig
 from verifier.config.revocation import check_transmitter_scopes
-from verifier.credentials import Credential
 from verifier.decision import Decision
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.forward_auth import ForwardAuthDoor
@@ -31,9 +39,9 @@ from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
 from verifier.observe.audit import FLUSH_INTERVAL_SECONDS, flush_logs
 from verifier.observe.metrics import Metrics
-from verifier.pipeline import Pipeline
+from verifier.pipeline import Admitted, Pipeline
 from verifier.policy.ratelimit import RateLimiter
-from verifier.policy.roles import RoleMapper
+from verifier.policy.roles import IssuerRoles, RoleMapper
 from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.revocation import RevocationService
@@ -138,12 +146,39 @@ class App:
                 self.metrics.registry,
                 realm=settings.realm,
             )
-        self.positive: ExpiringCache[tuple[Principal, Decision, Credential, bool]] = ExpiringCache(
-            settings.cache.token_entries, self.clock
-        )
+        self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)
         self.negative: ExpiringCache[Decision] = ExpiringCache(settings.cache.negative_entries, self.clock)
+        policies = PolicySet(settings.policies)
+        with_roles = IssuerRoles({i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles})
+        opaque = next(
+            (i.issuer for i in settings.issuers if i.introspection is not None and i.introspection.opaque_tokens), None
+        )
+        # Tried in order; a token goes to a provider only if that provider is responsible for it
+        # (settings refuse a second issuer introspecting opaque tokens).
+        authenticators: list[Authenticator] = [JwtAuthenticator(self.jwt)]
+        if opaque is not None and opaque in self.introspectors:
+            authenticators.append(OpaqueIntrospection(opaque, self.introspectors[opaque]))
+        # Run in this order on every request, a cached token's included (see verifier.checks).
+        checks: list[Check] = []
+        introspect_jwts = frozenset(i.issuer for i in settings.issuers if i.introspect_jwts)
+        if introspect_jwts:
+            checks.append(IntrospectJwts(introspect_jwts, self.introspectors))
+        # Several workers without Redis would each accept a proof once: DPoP is refused instead
+        # (configuring it that way is refused at start-up).
+        checks.append(DpopBinding(self.dpop if settings.state_is_shared else None))
+        if self.revocation is not None:
+            checks.append(
+                Revocation(self.revocation.revocations, with_roles=with_roles, on_revoked=self.revocation.count_refusal)
+            )
+        checks.append(CertificateBinding())
+        if policies.enabled:
+            checks.append(RoutePolicy(self.clock, lambda issuer: self._discovered("authorization_endpoint", issuer)()))
+            checks.append(WebAuthnStepUp(self.webauthn))
+        if settings.rate_limits:
+            checks.append(RateLimit(RateLimiter(settings.rate_limits, self.state, self.clock)))
         self.pipeline = Pipeline(
-            jwt=self.jwt,
+            authenticators=authenticators,
+            checks=checks,
             positive=self.positive,
             negative=self.negative,
             clock=self.clock,
@@ -151,27 +186,13 @@ class App:
             realm=settings.realm,
             negative_ttl=settings.cache.negative_ttl_seconds,
             audit_enabled=settings.audit,
-            policies=PolicySet(settings.policies),
-            role_mappers={i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles},
-            # Several workers without Redis would each accept a proof once: DPoP is refused instead
-            # (configuring it that way is refused at start-up).
-            dpop=self.dpop if settings.state_is_shared else None,
+            policies=policies,
+            with_roles=with_roles,
             dpop_algs=self.dpop.algorithms,
-            rate_limiter=RateLimiter(settings.rate_limits, self.state, self.clock) if settings.rate_limits else None,
-            introspectors=self.introspectors,
-            opaque_issuer=next(
-                (i.issuer for i in settings.issuers if i.introspection is not None and i.introspection.opaque_tokens),
-                None,
-            ),
-            introspect_jwts=frozenset(i.issuer for i in settings.issuers if i.introspect_jwts),
-            authorization_endpoint=lambda issuer: self._discovered("authorization_endpoint", issuer)(),
             max_pending=settings.max_pending_checks,
             deadline=settings.deadline_seconds,
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
-            revocations=self.revocation.revocations if self.revocation else None,
-            on_revoked=self.revocation.count_refusal if self.revocation else None,
-            step_up=self.webauthn,
         )
         self.router = Router()
         if self.webauthn is not None:

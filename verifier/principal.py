@@ -61,3 +61,9 @@ def roles_of(claims: Mapping[str, Any]) -> frozenset[str]:
     if isinstance(roles, list):
         return frozenset(r for r in roles if isinstance(r, str) and r)
     return frozenset()
+
+
+def confirmation(principal: Principal) -> Mapping[str, Any]:
+    """The token's `cnf` claim (RFC 7800): the key or certificate it is bound to; empty when unbound."""
+    cnf = principal.claims.get("cnf")
+    return cnf if isinstance(cnf, dict) else {}

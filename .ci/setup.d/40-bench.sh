@@ -15,7 +15,7 @@ if ((${#missing[@]})); then
 fi
 
 pip_missing=()
-for spec in "hdrhistogram:hdrh" "matplotlib:matplotlib" "tqdm:tqdm" "httptools:httptools" "uvloop:uvloop" \
+for spec in "hdrhistogram:hdrh" "matplotlib:matplotlib" "tqdm:tqdm" "cachetools:cachetools" "httptools:httptools" "uvloop:uvloop" \
             "xds-protos:envoy.service.auth.v3.external_auth_pb2" "grpcio:grpc" "PyJWT:jwt" "cryptography:cryptography"; do
   pkg=${spec%%:*}; mod=${spec#*:}
   "$PY" -c "import ${mod}" >/dev/null 2>&1 || pip_missing+=("$pkg")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from verifier.principal import Principal
 from verifier.settings import RoleRule
 
 
@@ -34,3 +36,18 @@ class RoleMapper:
             if subjects and subject and subject in subjects:  # "" is a client: never a listed user
                 granted.add(role)
         return frozenset(granted)
+
+
+class IssuerRoles:
+    """Every issuer's role rules: the roles a principal gets at admission (and again after announced claims)."""
+
+    def __init__(self, mappers: Mapping[str, RoleMapper]) -> None:
+        self._mappers = dict(mappers)
+
+    def __call__(self, principal: Principal) -> Principal:
+        """The principal with its issuer's roles added."""
+        mapper = self._mappers.get(principal.issuer)
+        if mapper is None:
+            return principal
+        roles = mapper.roles(principal.claims, principal.subject, principal.scopes, principal.roles)
+        return dataclasses.replace(principal, roles=roles)

@@ -1,0 +1,330 @@
+"""The pipeline as a declared chain, built from fakes: no App, no keys, no servers.
+
+What the chain promises (issue #19 part 1): a check in the list is applied by every entry point
+(`decide_cached`, `decide_after_miss`, `authenticate`) and cannot be skipped by a cache hit; its
+declarations decide the fast path and the reuse lifetime; an authenticator that is not responsible
+lets the token fall through to the next, and a token nobody takes is refused 401 invalid_token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import ClassVar
+
+import pytest
+
+from verifier.authenticators import JwtAuthenticator, NotResponsible, OpaqueIntrospection, Seen
+from verifier.checks.base import Check, Route
+from verifier.clock import FrozenClock
+from verifier.credentials import Credential
+from verifier.decision import Decision
+from verifier.errors import Forbidden, VerifierError
+from verifier.observe.metrics import Metrics
+from verifier.pipeline import Admitted, Pipeline
+from verifier.principal import Principal
+from verifier.request import RequestAttributes
+from verifier.tokens.cache import ExpiringCache
+
+NOW = 1_700_000_000.0
+EDGE_MAX_AGE = 60
+
+
+def _principal(token: str, **claims: object) -> Principal:
+    return Principal(
+        issuer="https://idp.test",
+        subject=token,
+        client_id=None,
+        scopes=(),
+        roles=frozenset(),
+        expires_at=NOW + 3600,
+        claims={"sub": token, **claims},
+    )
+
+
+class FakeAuthenticator:
+    """Takes tokens starting with `prefix`; `slow-` tokens need I/O (verify_now says None)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.asked: list[str] = []
+        self.verified: list[str] = []
+
+    def _take(self, token: str, seen: Seen) -> None:
+        self.asked.append(token)
+        if not token.startswith(self.prefix):
+            raise NotResponsible
+        seen.issuer, seen.alg = "https://idp.test", "fake"
+
+    def verify_now(self, token: str, seen: Seen) -> Principal | None:
+        self._take(token, seen)
+        if "slow" in token:
+            return None
+        self.verified.append(token)
+        return _principal(token, tenant=token.rsplit("-", 1)[-1])
+
+    async def verify(self, token: str, token_hash: bytes, seen: Seen) -> Principal:
+        self._take(token, seen)
+        await asyncio.sleep(0)
+        self.verified.append(token)
+        return _principal(token, tenant=token.rsplit("-", 1)[-1])
+
+
+class TenantCheck(Check):
+    """A new check as a deployment would add one: the token's tenant must be `acme`."""
+
+    per_request = False
+    from_memory = True
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def check_now(
+        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
+    ) -> Principal:
+        self.runs += 1
+        if principal.claims.get("tenant") != "acme":
+            raise Forbidden("wrong tenant", code="tenant_refused")
+        return principal
+
+
+class AsyncTenantCheck(TenantCheck):
+    """The same rule asked of a remote service: not answered from memory."""
+
+    from_memory = False
+
+    async def check(
+        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
+    ) -> Principal:
+        await asyncio.sleep(0)
+        return self.check_now(principal, credential, attrs, route)
+
+
+class PerRequestCheck(Check):
+    """Depends on the request itself (as a certificate or a counter does), answered from memory."""
+
+    per_request = True
+    from_memory = True
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def check_now(
+        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
+    ) -> Principal:
+        self.runs += 1
+        if attrs.headers.get("x-ok") != "1":
+            raise Forbidden("request refused", code="request_refused")
+        return principal
+
+
+class ReuseCap(Check):
+    """Allows everything, but lets a gateway reuse the answer for 7 seconds at most."""
+
+    def check_now(
+        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
+    ) -> Principal:
+        return principal
+
+    def reuse_left(self, principal: Principal, route: Route, now: float) -> float | None:
+        return 7.0
+
+
+def _pipeline(checks: list[Check], authenticators: list[FakeAuthenticator] | None = None) -> Pipeline:
+    clock = FrozenClock(NOW)
+    return Pipeline(
+        authenticators=authenticators if authenticators is not None else [FakeAuthenticator("tok-")],
+        checks=checks,
+        positive=ExpiringCache(100, clock),
+        negative=ExpiringCache(100, clock),
+        clock=clock,
+        metrics=Metrics(),
+        realm="test",
+        negative_ttl=30,
+        audit_enabled=False,
+        edge_max_age=EDGE_MAX_AGE,
+    )
+
+
+def _attrs(token: str, **headers: str) -> RequestAttributes:
+    return RequestAttributes("GET", "https", "api.test", "/x", {"authorization": f"Bearer {token}", **headers})
+
+
+def _hits(pipeline: Pipeline) -> int:
+    return pipeline._metrics._hot.cache[("positive", "hit")]
+
+
+def test_a_per_request_check_runs_on_every_cache_hit_and_forbids_reuse() -> None:
+    check = PerRequestCheck()
+    pipeline = _pipeline([check])
+    first = pipeline.decide_cached(_attrs("tok-acme", **{"x-ok": "1"}))
+    assert first is not None and first.allowed and first.cache_max_age == 0
+    for _ in range(3):
+        hit = pipeline.decide_cached(_attrs("tok-acme", **{"x-ok": "1"}))
+        assert hit is not None and hit.allowed and hit.cache_max_age == 0
+    assert check.runs == 4 and _hits(pipeline) == 3
+    refused = pipeline.decide_cached(_attrs("tok-acme"))  # the same cached token, a request that fails
+    assert refused is not None and not refused.allowed and refused.reason == "request_refused"
+    assert check.runs == 5
+
+
+@pytest.mark.parametrize("kind", [TenantCheck, AsyncTenantCheck], ids=["from-memory", "with-io"])
+async def test_a_listed_check_is_applied_by_every_entry_point(kind: type[TenantCheck]) -> None:
+    check = kind()
+    pipeline = _pipeline([check])
+    for token in ("tok-evil", "tok-slow-evil"):
+        first = pipeline.decide_cached(_attrs(token))
+        if first is None:  # the check (or the authenticator) needs I/O
+            first = await pipeline.decide_after_miss(_attrs(token), "test")
+        assert not first.allowed and first.reason == "tenant_refused"
+        assert any(record.principal.subject == token for record, _ in pipeline._positive._data.values())
+        cached = pipeline.decide_cached(_attrs(token))  # a cache hit: the check still runs
+        assert cached is None if not kind.from_memory else (cached is not None and cached.reason == "tenant_refused")
+        slow = await pipeline.decide_after_miss(_attrs(token), "test")
+        assert not slow.allowed and slow.reason == "tenant_refused"
+        with pytest.raises(Forbidden):
+            await pipeline.authenticate(_attrs(token))
+    assert (await pipeline.decide(_attrs("tok-acme"), "test")).allowed
+    assert (await pipeline.authenticate(_attrs("tok-acme"))).subject == "tok-acme"
+    assert (await pipeline.decide(_attrs("tok-slow-acme"), "test")).allowed
+
+
+async def test_a_check_needing_io_sends_a_cached_token_down_the_asynchronous_path() -> None:
+    check = AsyncTenantCheck()
+    pipeline = _pipeline([check])
+    assert pipeline.decide_cached(_attrs("tok-acme")) is None  # admitted, then the check needs I/O
+    assert pipeline.decide_cached(_attrs("tok-acme")) is None  # the hit does not skip it
+    assert check.runs == 0
+    assert (await pipeline.decide_after_miss(_attrs("tok-acme"), "test")).allowed
+    assert check.runs == 1
+
+
+def test_a_check_caps_how_long_a_gateway_may_reuse_the_answer() -> None:
+    pipeline = _pipeline([ReuseCap()])
+    for _ in range(2):
+        decision = pipeline.decide_cached(_attrs("tok-acme"))
+        assert decision is not None and decision.allowed and decision.cache_max_age == 7
+    bare = _pipeline([]).decide_cached(_attrs("tok-acme"))
+    assert bare is not None and bare.cache_max_age == EDGE_MAX_AGE
+
+
+async def test_a_not_responsible_authenticator_falls_through_to_the_next() -> None:
+    first, second = FakeAuthenticator("jwt-"), FakeAuthenticator("tok-")
+    pipeline = _pipeline([], [first, second])
+    assert (await pipeline.decide(_attrs("tok-acme"), "test")).allowed
+    assert (await pipeline.decide(_attrs("tok-slow-acme"), "test")).allowed
+    assert first.verified == [] and "tok-acme" in first.asked
+    assert second.verified == ["tok-acme", "tok-slow-acme"]
+
+
+@pytest.mark.parametrize("token", ["opaque-acme", "slow-opaque"])
+async def test_a_token_no_authenticator_takes_is_refused_401_invalid_token(token: str) -> None:
+    pipeline = _pipeline([], [FakeAuthenticator("jwt-"), FakeAuthenticator("tok-")])
+    decision = await pipeline.decide(_attrs(token), "test")
+    assert (decision.status, decision.reason) == (401, "token_malformed")
+    assert 'error="invalid_token"' in dict(decision.response_headers)["www-authenticate"]
+    with pytest.raises(VerifierError) as raised:
+        await pipeline.authenticate(_attrs(token))
+    assert raised.value.code == "token_malformed"
+
+
+class _Introspector:
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    async def introspect(self, token: str, token_hash: bytes) -> Principal:
+        self.tokens.append(token)
+        return _principal("opaque")
+
+
+async def test_the_real_authenticators_say_not_responsible_for_the_other_kind() -> None:
+    provider = _Introspector()
+    opaque = OpaqueIntrospection("https://idp.test", provider)
+    jwt = JwtAuthenticator(None)  # type: ignore[arg-type]  # never reached for an opaque token
+    with pytest.raises(NotResponsible):
+        jwt.verify_now("an-opaque-token", Seen())
+    with pytest.raises(NotResponsible):
+        await jwt.verify("an-opaque-token", b"", Seen())
+    a_jwt = "eyJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJ4In0.c2ln"
+    with pytest.raises(NotResponsible):
+        opaque.verify_now(a_jwt, Seen())
+    with pytest.raises(NotResponsible):
+        await opaque.verify(a_jwt, b"", Seen())
+    assert provider.tokens == []  # a JWT is never disclosed to the opaque-token provider
+    seen = Seen()
+    assert opaque.verify_now("an-opaque-token", seen) is None and seen.alg == "introspection"
+    assert (await opaque.verify("an-opaque-token", b"", seen)).subject == "opaque"
+
+
+def test_the_cache_holds_a_named_frozen_record() -> None:
+    check = PerRequestCheck()
+    pipeline = _pipeline([check, TenantCheck()])
+    pipeline.decide_cached(_attrs("tok-acme", **{"x-ok": "1"}))
+    ((record, _),) = pipeline._positive._data.values()
+    assert isinstance(record, Admitted) and isinstance(record.allowed, Decision)
+    assert record.principal.subject == "tok-acme" and len(record.checks) == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.checks = ()  # type: ignore[misc]
+
+
+class OnlyBound(Check):
+    """Applies to tokens carrying a `bound` claim only (as DPoP and mTLS do)."""
+
+    per_request = True
+    runs: ClassVar[int] = 0
+
+    def for_token(self, principal: Principal, credential: Credential) -> bool:
+        return "bound" in principal.claims
+
+    def check_now(
+        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
+    ) -> Principal:
+        OnlyBound.runs += 1
+        return principal
+
+
+def test_a_check_that_does_not_apply_to_a_token_leaves_the_fast_answer_alone() -> None:
+    pipeline = _pipeline([OnlyBound()])
+    first = pipeline.decide_cached(_attrs("tok-acme"))
+    second = pipeline.decide_cached(_attrs("tok-acme"))
+    assert first is second and second is not None and second.cache_max_age == EDGE_MAX_AGE
+    assert OnlyBound.runs == 0
+
+
+class StepUpLike(PerRequestCheck):
+    """A per-request check bound to some routes (as WebAuthn step-up is)."""
+
+    def for_route(self, route: Route) -> bool:
+        return route.step_up
+
+
+def test_a_per_request_check_bound_to_a_route_makes_only_that_routes_answers_no_store() -> None:
+    from verifier.policy.rules import PolicySet
+    from verifier.settings import PolicySettings, Requirements, RouteMatch
+
+    clock = FrozenClock(NOW)
+    check = StepUpLike()
+    pipeline = Pipeline(
+        authenticators=[FakeAuthenticator("tok-")],
+        checks=[check],
+        positive=ExpiringCache(100, clock),
+        negative=ExpiringCache(100, clock),
+        clock=clock,
+        metrics=Metrics(),
+        realm="test",
+        negative_ttl=30,
+        audit_enabled=False,
+        edge_max_age=EDGE_MAX_AGE,
+        policies=PolicySet(
+            (
+                PolicySettings(name="s", match=RouteMatch(path_prefix="/s"), require=Requirements(step_up="webauthn")),
+                PolicySettings(name="x", match=RouteMatch(path_prefix="/x"), require=Requirements()),
+            )
+        ),
+    )
+    for _ in range(2):
+        plain = pipeline.decide_cached(_attrs("tok-acme"))
+        assert plain is not None and plain.allowed and plain.cache_max_age == EDGE_MAX_AGE
+        stepped = pipeline.decide_cached(_attrs("tok-acme", **{"x-ok": "1"})._replace(path="/s/1"))
+        assert stepped is not None and stepped.allowed and stepped.cache_max_age == 0
+    assert check.runs == 2

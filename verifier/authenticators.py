@@ -1,0 +1,107 @@
+"""Who vouches for a token: tried in order, each able to say "not responsible" (Ory Oathkeeper's chain).
+
+A JWT is checked against its issuer's keys; an opaque token is sent to the one issuer configured to
+introspect opaque tokens (settings refuse a second: an opaque token does not name its issuer, and a
+token is never disclosed to a provider that is not responsible for it). When no authenticator takes
+a token, it is refused as malformed (401 invalid_token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+from verifier.errors import MalformedToken
+from verifier.principal import Principal
+from verifier.tokens import jws
+from verifier.tokens.jwt import JwtVerifier
+
+
+class NotResponsible(Exception):
+    """This authenticator does not take this kind of token: the next one is asked."""
+
+
+NO_AUTHENTICATOR = "no authenticator takes this token (not a JWS, and no issuer introspects opaque tokens)"
+
+
+@dataclasses.dataclass(slots=True)
+class Seen:
+    """What an authenticator learned of a token before deciding, for the audit record of either outcome."""
+
+    issuer: str = ""
+    kid: str | None = None
+    alg: str = ""
+
+
+class Introspector(Protocol):
+    """RFC 7662 introspection for one issuer (verifier.tokens.introspection.Introspector)."""
+
+    async def introspect(self, token: str, token_hash: bytes) -> Principal:
+        """The principal of an active token, or raises."""
+        ...
+
+
+class Authenticator(Protocol):
+    """Turns a token into a principal, or raises `NotResponsible` before looking further."""
+
+    def verify_now(self, token: str, seen: Seen) -> Principal | None:
+        """The principal without I/O, or None when `verify` must be awaited; raises a refusal."""
+        ...
+
+    async def verify(self, token: str, token_hash: bytes, seen: Seen) -> Principal:
+        """The principal, with I/O if need be (a key refresh, the provider); raises a refusal."""
+        ...
+
+
+class JwtAuthenticator:
+    """RFC 7519 / RFC 9068: a JWS-looking token, verified against its issuer's keys."""
+
+    def __init__(self, jwt: JwtVerifier) -> None:
+        self._jwt = jwt
+
+    def _parse(self, token: str, seen: Seen) -> jws.CompactJWS:
+        if not jws.looks_like_jws(token):
+            raise NotResponsible
+        parsed = self._jwt.parse(token)
+        seen.kid, seen.alg = parsed.kid, parsed.alg
+        iss = parsed.payload.get("iss")
+        seen.issuer = iss if isinstance(iss, str) else ""
+        return parsed
+
+    def verify_now(self, token: str, seen: Seen) -> Principal | None:
+        """Verified inline when the key is held; None when the kid is unknown (a refresh may find it)."""
+        parsed = self._parse(token, seen)
+        return self._jwt.verify_now(parsed)
+
+    async def verify(self, token: str, token_hash: bytes, seen: Seen) -> Principal:
+        """Verified, refreshing the issuer's keys if need be."""
+        parsed = self._parse(token, seen)
+        return await self._jwt.verify(parsed)
+
+
+class OpaqueIntrospection:
+    """RFC 7662: a token that is not a JWS, sent to the one issuer that introspects opaque tokens."""
+
+    def __init__(self, issuer: str, introspector: Introspector) -> None:
+        self._issuer = issuer
+        self._introspector = introspector
+
+    def _take(self, token: str, seen: Seen) -> None:
+        if jws.looks_like_jws(token):
+            raise NotResponsible  # a JWT names its issuer; it is never sent to this one on a guess
+        seen.issuer, seen.alg = self._issuer, "introspection"
+
+    def verify_now(self, token: str, seen: Seen) -> Principal | None:
+        """Always None for a token it takes: the provider must be asked."""
+        self._take(token, seen)
+        return None
+
+    async def verify(self, token: str, token_hash: bytes, seen: Seen) -> Principal:
+        """The provider's answer (cached by the introspector)."""
+        self._take(token, seen)
+        return await self._introspector.introspect(token, token_hash)
+
+
+def none_responsible() -> MalformedToken:
+    """The refusal when every authenticator said "not responsible"."""
+    return MalformedToken(NO_AUTHENTICATOR)

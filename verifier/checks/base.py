@@ -1,0 +1,73 @@
+"""One check on a verified principal, and the route a request is checked against.
+
+The pipeline runs an ordered list of checks (Envoy's filter chain, Oathkeeper's authorizers) on every
+request, a cached token's included. Each check declares two things the pipeline derives everything
+else from:
+
+- `per_request`: its answer depends on the request itself (a proof, a certificate, a counter), not only
+  on the token and the route, so a gateway may not reuse the answer (`Cache-Control: no-store`).
+- `from_memory`: it is answered without I/O, so the synchronous fast path (`decide_cached`) may run it;
+  a check that is not sends the request down the asynchronous path.
+
+A new check is one subclass in one file, added to the list the composition root (`verifier.app`)
+hands the pipeline; a cache hit cannot skip it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from verifier.credentials import Credential
+from verifier.policy.rules import CompiledPolicy
+from verifier.principal import Principal
+from verifier.request import RequestAttributes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    """What the request needs, worked out once before any token is looked at."""
+
+    policy: CompiledPolicy | None
+    dpop_route: bool  # the route's policy requires DPoP: challenges name DPoP
+    step_up: bool = False  # the route requires a request-bound WebAuthn assertion
+    endpoint: bool = False  # one of our own endpoints (WebAuthn registry), not a gateway's request
+
+
+NO_POLICY = Route(None, False)
+OWN_ENDPOINT = Route(None, False, endpoint=True)
+
+
+class Check:
+    """One check on a verified principal; raises a `VerifierError` to refuse.
+
+    Returns the principal later checks (and the answer's headers) see: the same one, or one whose
+    claims an announcement changed.
+    """
+
+    per_request: ClassVar[bool] = False
+    from_memory: ClassVar[bool] = True
+
+    def for_token(self, principal: Principal, credential: Credential) -> bool:
+        """Whether this check has anything to do for this token: asked once, when the token is admitted."""
+        return True
+
+    def for_route(self, route: Route) -> bool:
+        """Whether this check has anything to do on this route: asked on every request."""
+        return True
+
+    def reuse_left(self, principal: Principal, route: Route, now: float) -> float | None:
+        """Seconds a gateway may reuse an allow this check passed, or None for no limit of its own."""
+        return None
+
+    def check_now(
+        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
+    ) -> Principal:
+        """The check without I/O (only called when `from_memory`)."""
+        raise NotImplementedError(f"{type(self).__name__} is not answered from memory")
+
+    async def check(
+        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
+    ) -> Principal:
+        """The check, with I/O if need be."""
+        return self.check_now(principal, credential, attrs, route)

@@ -1,0 +1,57 @@
+"""RFC 9449: a DPoP-bound token needs its proof on every request; no downgrade to Bearer."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from verifier.checks.base import Check, Route
+from verifier.credentials import Credential, TokenScheme
+from verifier.errors import InvalidDpopProof, InvalidToken, Scheme, SenderConstraintFailed
+from verifier.principal import Principal, confirmation
+from verifier.request import RequestAttributes
+
+
+class ProofVerifier(Protocol):
+    """RFC 9449 DPoP proof verification (verifier.binding.dpop.DpopVerifier)."""
+
+    async def verify(
+        self, proof: str | None, *, method: str, url: str, access_token: str, expected_jkt: str | None
+    ) -> str:
+        """Returns the proof key's thumbprint or raises InvalidDpopProof / UseDpopNonce."""
+        ...
+
+
+class DpopBinding(Check):
+    """The DPoP proof of a DPoP-bound token (section 7.1), or the refusal of a downgrade (section 7.2)."""
+
+    per_request = True
+    from_memory = False  # a proof's jti is remembered in the shared state
+
+    def __init__(self, verifier: ProofVerifier | None) -> None:
+        self._verifier = verifier  # None: DPoP is refused (several workers without shared state)
+
+    def for_token(self, principal: Principal, credential: Credential) -> bool:
+        """Presented with the DPoP scheme, or bound to a DPoP key."""
+        return credential.scheme is TokenScheme.DPOP or "jkt" in confirmation(principal)
+
+    async def check(
+        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
+    ) -> Principal:
+        """Raises unless the request carries a valid proof by the key the token is bound to."""
+        jkt = confirmation(principal).get("jkt")
+        if credential.scheme is TokenScheme.DPOP:
+            if not isinstance(jkt, str):
+                raise InvalidToken("token is not DPoP-bound", code="token_not_dpop_bound")  # a DPoP challenge
+        elif jkt is not None:
+            raise SenderConstraintFailed(
+                "a DPoP-bound token must be presented with the DPoP scheme", scheme=Scheme.DPOP
+            )
+        else:
+            return principal
+        if self._verifier is None:
+            raise InvalidDpopProof("DPoP is not enabled on this verifier")
+        url = f"{attrs.scheme}://{attrs.host}{attrs.path.split('?', 1)[0]}"
+        await self._verifier.verify(
+            attrs.headers.get("dpop"), method=attrs.method, url=url, access_token=credential.token, expected_jkt=jkt
+        )
+        return principal
