@@ -84,7 +84,7 @@ class TenantCheck(Check):
     ) -> Principal:
         self.runs += 1
         if principal.claims.get("tenant") != "acme":
-            raise Forbidden("wrong tenant", code="tenant_refused")
+            raise Forbidden("wrong tenant", code="forbidden")  # a catalogued code
         return principal
 
 
@@ -114,7 +114,7 @@ class PerRequestCheck(Check):
     ) -> Principal:
         self.runs += 1
         if attrs.headers.get("x-ok") != "1":
-            raise Forbidden("request refused", code="request_refused")
+            raise Forbidden("request refused", code="role_missing")  # a catalogued code
         return principal
 
 
@@ -164,7 +164,7 @@ def test_a_per_request_check_runs_on_every_cache_hit_and_forbids_reuse() -> None
         assert hit is not None and hit.allowed and hit.cache_max_age == 0
     assert check.runs == 4 and _hits(pipeline) == 3
     refused = pipeline.decide_cached(_attrs("tok-acme"))  # the same cached token, a request that fails
-    assert refused is not None and not refused.allowed and refused.reason == "request_refused"
+    assert refused is not None and not refused.allowed and refused.reason == "role_missing"
     assert check.runs == 5
 
 
@@ -176,12 +176,12 @@ async def test_a_listed_check_is_applied_by_every_entry_point(kind: type[TenantC
         first = pipeline.decide_cached(_attrs(token))
         if first is None:  # the check (or the authenticator) needs I/O
             first = await pipeline.decide_after_miss(_attrs(token), "test")
-        assert not first.allowed and first.reason == "tenant_refused"
+        assert not first.allowed and first.reason == "forbidden"
         assert any(record.principal.subject == token for record, _ in pipeline._positive._data.values())
         cached = pipeline.decide_cached(_attrs(token))  # a cache hit: the check still runs
-        assert cached is None if not kind.from_memory else (cached is not None and cached.reason == "tenant_refused")
+        assert cached is None if not kind.from_memory else (cached is not None and cached.reason == "forbidden")
         slow = await pipeline.decide_after_miss(_attrs(token), "test")
-        assert not slow.allowed and slow.reason == "tenant_refused"
+        assert not slow.allowed and slow.reason == "forbidden"
         with pytest.raises(Forbidden):
             await pipeline.authenticate(_attrs(token))
     assert (await pipeline.decide(_attrs("tok-acme"), "test")).allowed
