@@ -207,8 +207,12 @@ def test_the_same_token_on_another_request_is_asked_again(
     before = asked(verifier)
 
     method, path, host = then
-    assert get(nginx, path, tok, method=method, host=host).status == 403
+    refused = get(nginx, path, tok, method=method, host=host)
+    assert refused.status == 403
     assert asked(verifier) - before == 1
+    # Asked again at once, the refusal is the same whether or not nginx kept it.
+    again = get(nginx, path, tok, method=method, host=host)
+    assert (again.status, again.headers.get("www-authenticate")) == (403, refused.headers.get("www-authenticate"))
 
 
 def test_the_query_string_is_part_of_the_key(nginx: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:
@@ -236,8 +240,12 @@ def test_a_cached_refusal_does_not_refuse_another_token(
     garbage = f"not-a-jwt-{uuid.uuid4().hex}"
     before = asked(verifier)
     # A flood of the same garbage costs one verifier call per refusal_max_age window.
-    assert [get(nginx, "/orders", garbage).status for _ in range(5)] == [401] * 5
+    answers = [get(nginx, "/orders", garbage) for _ in range(5)]
+    assert [a.status for a in answers] == [401] * 5
     assert asked(verifier) - before == 1
+    # A refusal from the cache is the verifier's refusal: its challenge and reason included.
+    assert len({(a.headers.get("www-authenticate"), a.headers.get("x-verifier-reason")) for a in answers}) == 1
+    assert "invalid_token" in answers[-1].headers["www-authenticate"]
     # ...and poisons nothing: a valid token on the same request is judged on its own.
     assert get(nginx, "/orders", token(issuer)).status == 200
     assert asked(verifier) - before == 2
