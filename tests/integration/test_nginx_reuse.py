@@ -128,7 +128,7 @@ def test_a_repeated_token_is_answered_by_nginx_within_max_age_and_asked_again_af
 
     # Asked again once the verifier's max-age is over: not later (nor much sooner).
     while asked(verifier) - before == 1:
-        assert time.monotonic() - first <= MAX_AGE + 0.2, "nginx reused the answer beyond its max-age"
+        assert time.monotonic() - first <= MAX_AGE + 0.3, "nginx reused the answer beyond its max-age"
         time.sleep(0.05)
         assert get(nginx, "/orders", tok).status == 200
     assert time.monotonic() - first >= MAX_AGE - 1
