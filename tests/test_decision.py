@@ -126,7 +126,7 @@ def test_error_description_cannot_inject_quotes_or_crlf(description: str) -> Non
     assert '"' not in body["error_description"] and "\n" not in body["error_description"]
     assert len(body["error_description"]) <= 200
     head = decision.http_head
-    assert head.count(b"\r\n") == len(decision.response_headers) + 5  # status + headers + 4 fixed lines
+    assert head.count(b"\r\n") == len(decision.response_headers) + 6  # status + headers + 5 fixed lines
 
 
 def test_challenge_quotes_every_parameter() -> None:
@@ -161,7 +161,7 @@ def test_allow_headers_strip_cr_lf_and_controls_from_claims(hostile: str) -> Non
     for _name, value in decision.upstream_headers:
         assert all(c >= " " and c != "\x7f" for c in value), repr(value)
     head = decision.http_head
-    assert head.count(b"\r\n") == len(decision.upstream_headers) + 4
+    assert head.count(b"\r\n") == len(decision.upstream_headers) + 5
     lines = head.split(b"\r\n")
     assert sum(line.startswith(b"x-authenticated-userid:") for line in lines) == 1
 
@@ -174,6 +174,7 @@ def test_http_head_of_a_refusal_is_exact() -> None:
         b"HTTP/1.1 401 Unauthorized\r\n"
         b'www-authenticate: Bearer realm="api", error="invalid_token", error_description="bad token"\r\n'
         b"x-verifier-reason: invalid_token\r\n"
+        b"x-accel-expires: 0\r\n"
         b"cache-control: no-store\r\n"
         b"content-type: application/json\r\n"
         b"content-length: " + str(len(body)).encode() + b"\r\n"
@@ -187,6 +188,7 @@ def test_http_head_of_an_allow_is_exact() -> None:
         b"x-authenticated-scope: read write\r\n"
         b"x-authenticated-issuer: https://issuer.example.test\r\n"
         b"x-verifier-reason: ok\r\n"
+        b"x-accel-expires: 14\r\n"
         b"cache-control: private, max-age=15\r\n"
         b"content-length: 0\r\n"
     )

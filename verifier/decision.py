@@ -55,11 +55,15 @@ class Decision:
         headers = self.upstream_headers if self.allowed else self.response_headers
         lines.extend(f"{name}: {value}" for name, value in headers)
         lines.append(f"{REASON_HEADER}: {self.reason}")
-        lines.append(
-            f"cache-control: private, max-age={self.cache_max_age}"
-            if self.cache_max_age > 0
-            else "cache-control: no-store"
-        )
+        # nginx's proxy_cache ignores a `private` answer: X-Accel-Expires (nginx reads it first and then
+        # skips Cache-Control; it never passes it on) sets its auth cache's lifetime. nginx keeps an entry
+        # through the whole second it expires in, so N-1 there is reuse for at most N seconds, never more.
+        if self.cache_max_age > 0:
+            lines.append(f"x-accel-expires: {self.cache_max_age - 1}")
+            lines.append(f"cache-control: private, max-age={self.cache_max_age}")
+        else:
+            lines.append("x-accel-expires: 0")
+            lines.append("cache-control: no-store")
         if self.body:
             lines.append("content-type: application/json")
         lines.append(f"content-length: {len(self.body)}")

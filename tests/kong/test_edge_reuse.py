@@ -309,3 +309,13 @@ def test_a_flood_of_distinct_garbage_tokens_does_not_grow_the_cache_past_cache_e
     assert asked(verifier) - before == FLOOD + 1
     assert call(base, "/api/flood-many", bearer(tokens[-1]))[0] == 401
     assert asked(verifier) - before == FLOOD + 1
+
+
+def test_the_verifiers_nginx_cache_header_is_never_relayed_to_the_client(start_nginx, echo_upstream, verifier):
+    # X-Accel-Expires is for an nginx auth cache (deploy/nginx); relayed, an nginx cache in front of Kong
+    # would honour it over `Cache-Control: private` and serve one client's refusal to others.
+    base = start_nginx({"url": forward_auth_url(verifier)}, echo_upstream, with_sha256=True)
+    for token in ("not.a.jwt-" + uuid.uuid4().hex, "x"):
+        status, headers, _ = call(base, "/api/accel", bearer(token))
+        assert status == 401
+        assert not any(name.lower().startswith("x-accel") for name in headers), headers

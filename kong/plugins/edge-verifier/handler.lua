@@ -74,6 +74,9 @@ local NOT_RELAYED = {
   ["te"] = true, ["trailer"] = true, ["transfer-encoding"] = true,
   ["upgrade"] = true, ["content-length"] = true, ["date"] = true,
   ["server"] = true,
+  -- for deploy/nginx's auth cache only: an nginx cache in front of Kong would
+  -- honour it over `Cache-Control: private`
+  ["x-accel-expires"] = true,
 }
 
 -- Headers of an allow answer meant for the client, not the upstream: a fresh

@@ -1,0 +1,272 @@
+"""Issue #23 item 1: the shipped nginx template reuses the verifier's forward-auth answer for exactly the
+lifetime the verifier chose (`X-Accel-Expires`), keyed by the credentials and the request judged.
+
+Real nginx (the rendered deploy/nginx/nginx.conf.template) in front of the REAL verifier; a verifier call is
+counted by its own `verifier_decisions_total{door="forward_auth"}`. Every test sends tokens no other test
+sends, so the shared cache never carries an answer from one test into another.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from verifier.binding.dpop import thumbprint
+
+if __package__:
+    from .gateways import (
+        EchoUpstream,
+        GatewayProcess,
+        HttpResult,
+        LocalIssuer,
+        http_request,
+        start_nginx,
+        start_verifier,
+    )
+    from .replicas import dpop_proof, forward_auth_decisions, public_jwk
+else:  # tests/ is not a package: pytest put this directory on sys.path
+    from gateways import (
+        EchoUpstream,
+        GatewayProcess,
+        HttpResult,
+        LocalIssuer,
+        http_request,
+        start_nginx,
+        start_verifier,
+    )
+    from replicas import dpop_proof, forward_auth_decisions, public_jwk
+
+pytestmark = pytest.mark.integration
+
+MAX_AGE = 2  # edge_cache.max_age_seconds and refusal_max_age_seconds: short, so expiry is observable
+ADMIN_TOKEN = "an-admin-secret-for-the-reuse-tests-0123"
+ADMIN_HOST = "admin.example.test"
+POLICIES = [
+    {"name": "admin-host", "match": {"hosts": [ADMIN_HOST]}, "require": {"roles_any": ["admin"]}},
+    {"name": "admin", "match": {"path_prefix": "/admin"}, "require": {"roles_any": ["admin"]}},
+    {"name": "writes", "match": {"methods": ["POST", "PUT", "PATCH", "DELETE"]}, "require": {"scopes_all": ["write"]}},
+    {"name": "rest", "match": {"path_prefix": "/"}, "require": {"authenticated": True}},
+]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[EchoUpstream]:
+    server = EchoUpstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[LocalIssuer]:
+    server = LocalIssuer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VERIFIER_ADMIN_TOKEN", ADMIN_TOKEN)
+        proc = start_verifier(
+            tmp_path_factory.mktemp("verifier"),
+            issuer=issuer.issuer,
+            extra_config={
+                "policies": POLICIES,
+                "edge_cache": {"max_age_seconds": MAX_AGE, "refusal_max_age_seconds": MAX_AGE},
+                "revocation": {"transmitters": []},  # the kill switch alone
+            },
+        )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx(verifier: GatewayProcess, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    gw = start_nginx(tmp_path_factory.mktemp("nginx"), verifier.extra["http_port"], upstream.port)
+    yield gw.url
+    gw.stop()
+
+
+def token(issuer: LocalIssuer, scope: str = "read", **claims: object) -> str:
+    """A token no other request of the module carries (its own subject and jti)."""
+    return issuer.mint(sub=f"user-{uuid.uuid4().hex[:8]}", scope=scope, jti=uuid.uuid4().hex, **claims)
+
+
+def get(url: str, path: str, tok: str, *, method: str = "GET", host: str = "", scheme: str = "Bearer") -> HttpResult:
+    headers = {"Authorization": f"{scheme} {tok}"}
+    if host:
+        headers["Host"] = host
+    return http_request(url + path, method=method, headers=headers)
+
+
+def asked(verifier: GatewayProcess) -> int:
+    """How many forward-auth answers the verifier has given so far."""
+    return forward_auth_decisions(verifier)
+
+
+def test_a_repeated_token_is_answered_by_nginx_within_max_age_and_asked_again_after(
+    nginx: str, verifier: GatewayProcess, issuer: LocalIssuer, upstream: EchoUpstream
+) -> None:
+    tok, before = token(issuer), asked(verifier)
+    upstream.clear()
+    first = time.monotonic()
+    statuses = [get(nginx, "/orders", tok).status for _ in range(4)]
+
+    assert statuses == [200] * 4
+    assert asked(verifier) - before == 1
+    # A cache hit still hands the upstream the verifier's identity, never nothing.
+    assert [seen.headers.get("x-authenticated-userid") for seen in upstream.requests] == [
+        json.loads(_payload(tok))["sub"]
+    ] * 4
+
+    # Asked again once the verifier's max-age is over: not later (nor much sooner).
+    while asked(verifier) - before == 1:
+        assert time.monotonic() - first <= MAX_AGE + 0.3, "nginx reused the answer beyond its max-age"
+        time.sleep(0.05)
+        assert get(nginx, "/orders", tok).status == 200
+    assert time.monotonic() - first >= MAX_AGE - 1
+
+
+def test_the_cache_header_never_reaches_the_client_or_the_upstream(
+    nginx: str, issuer: LocalIssuer, upstream: EchoUpstream
+) -> None:
+    tok = token(issuer)
+    upstream.clear()
+    answers = [get(nginx, "/orders", tok), get(nginx, "/orders", tok), get(nginx, "/orders", "garbage")]
+
+    assert [a.status for a in answers] == [200, 200, 401]
+    for answer in answers:
+        assert not any(name.startswith("x-accel") for name in answer.headers), answer.headers
+    for seen in upstream.requests:
+        assert not any(name.lower().startswith("x-accel") for name in seen.headers), seen.headers
+
+
+def test_a_dpop_proof_replayed_within_max_age_is_refused_not_served_from_the_cache(
+    nginx: str, verifier: GatewayProcess, issuer: LocalIssuer
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    proof = dpop_proof(key, "GET", f"{nginx}/orders", tok)
+    headers = {"Authorization": f"DPoP {tok}", "DPoP": proof}
+    before = asked(verifier)
+
+    first = http_request(f"{nginx}/orders", headers=headers)
+    replayed = http_request(f"{nginx}/orders", headers=headers)
+
+    assert first.status == 200, first.body
+    assert replayed.status == 401, "a captured DPoP request replayed through nginx's cache"
+    assert asked(verifier) - before == 2
+
+
+def test_a_no_store_refusal_is_never_reused(nginx: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:
+    tok = token(issuer)
+    _revoke(verifier, issuer, tok)  # a revoked token's refusal is no-store: revocation may be lifted
+    before = asked(verifier)
+
+    assert [get(nginx, "/orders", tok).status for _ in range(3)] == [401] * 3
+    assert asked(verifier) - before == 3
+
+
+def test_a_token_revoked_by_the_kill_switch_is_refused_by_nginx_within_max_age(
+    nginx: str, verifier: GatewayProcess, issuer: LocalIssuer
+) -> None:
+    tok = token(issuer)
+    assert get(nginx, "/orders", tok).status == 200  # now in nginx's cache
+    _revoke(verifier, issuer, tok)
+    revoked_at = time.monotonic()
+
+    while get(nginx, "/orders", tok).status == 200:
+        assert time.monotonic() - revoked_at <= MAX_AGE + 0.5, "nginx kept serving a revoked token"
+        time.sleep(0.1)
+    assert get(nginx, "/orders", tok).status == 401
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (("GET", "/orders", ""), ("POST", "/orders", "")),  # a read-only token may not write
+        (("GET", "/orders", ""), ("GET", "/admin/users", "")),  # nor open the admin paths
+        (("GET", "/orders", ""), ("GET", "/orders/../admin/users", "")),
+        (("GET", "/orders", ""), ("GET", "/orders", ADMIN_HOST)),  # nor the admin host
+    ],
+    ids=["method", "path", "dot-segments", "host"],
+)
+def test_the_same_token_on_another_request_is_asked_again(
+    nginx: str, verifier: GatewayProcess, issuer: LocalIssuer, first: tuple[str, str, str], then: tuple[str, str, str]
+) -> None:
+    tok = token(issuer)
+    method, path, host = first
+    assert get(nginx, path, tok, method=method, host=host).status == 200
+    before = asked(verifier)
+
+    method, path, host = then
+    refused = get(nginx, path, tok, method=method, host=host)
+    assert refused.status == 403
+    assert asked(verifier) - before == 1
+    # Asked again at once, the refusal is the same whether or not nginx kept it.
+    again = get(nginx, path, tok, method=method, host=host)
+    assert (again.status, again.headers.get("www-authenticate")) == (403, refused.headers.get("www-authenticate"))
+
+
+def test_the_query_string_is_part_of_the_key(nginx: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:
+    tok = token(issuer)
+    before = asked(verifier)
+    for path in ("/orders", "/orders?page=2", "/orders?page=3"):
+        assert get(nginx, path, tok).status == 200
+    assert asked(verifier) - before == 3
+
+
+def test_another_credential_never_gets_a_cached_allow(nginx: str, issuer: LocalIssuer) -> None:
+    victim = token(issuer)
+    assert get(nginx, "/orders", victim).status == 200  # the victim's allow is cached
+
+    # Near-misses of the victim's credential must be judged, not served the victim's answer.
+    assert get(nginx, "/orders", victim + "x").status == 401
+    assert get(nginx, "/orders", victim, scheme="Basic").status == 401
+    no_auth = http_request(f"{nginx}/orders", headers={})
+    assert no_auth.status == 401
+
+
+def test_a_cached_refusal_does_not_refuse_another_token(
+    nginx: str, verifier: GatewayProcess, issuer: LocalIssuer
+) -> None:
+    garbage = f"not-a-jwt-{uuid.uuid4().hex}"
+    before = asked(verifier)
+    # A flood of the same garbage costs one verifier call per refusal_max_age window.
+    answers = [get(nginx, "/orders", garbage) for _ in range(5)]
+    assert [a.status for a in answers] == [401] * 5
+    assert asked(verifier) - before == 1
+    # A refusal from the cache is the verifier's refusal: its challenge and reason included.
+    assert len({(a.headers.get("www-authenticate"), a.headers.get("x-verifier-reason")) for a in answers}) == 1
+    assert "invalid_token" in answers[-1].headers["www-authenticate"]
+    # ...and poisons nothing: a valid token on the same request is judged on its own.
+    assert get(nginx, "/orders", token(issuer)).status == 200
+    assert asked(verifier) - before == 2
+
+
+def _payload(tok: str) -> str:
+    part = tok.split(".")[1]
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode()
+
+
+def _sub(tok: str) -> str:
+    return str(json.loads(_payload(tok))["sub"])
+
+
+def _revoke(verifier: GatewayProcess, issuer: LocalIssuer, tok: str) -> None:
+    subject = {"format": "iss_sub", "iss": issuer.issuer, "sub": _sub(tok)}
+    request = urllib.request.Request(
+        f"{verifier.url}/v1/admin/revocations",
+        data=json.dumps({"subject": subject, "reason": "test"}).encode(),
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        assert answer.status == 201
