@@ -64,8 +64,8 @@ NOISY_SPREAD = 1.15
 
 
 def _gateways() -> Any:
-    """tests/integration/gateways.py (the Envoy rig), imported from its folder."""
-    sys.path.insert(0, str(PROJECT_ROOT / "tests" / "integration"))
+    """tests/integration/gateways.py (the Envoy rig), imported from its folder (it needs tests/support.py too)."""
+    sys.path[:0] = [str(PROJECT_ROOT / "tests" / "integration"), str(PROJECT_ROOT / "tests")]
     import gateways
 
     return gateways

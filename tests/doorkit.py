@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
+
+from support import free_port
 
 from verifier.app import App
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 from verifier.settings import IssuerSettings, Listen, Settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

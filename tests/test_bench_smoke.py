@@ -16,15 +16,11 @@ import pytest
 pytest.importorskip("hdrh")
 pytest.importorskip("httptools")
 
+from support import free_port
+
 from bench import loadgen, wire
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
@@ -42,7 +38,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 def stalling_noop() -> Iterator[str]:
     """An HTTP no-op that freezes its event loop for 100 ms every 250 ms."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -772,7 +772,7 @@ def test_every_key_parses(secret_env: str) -> None:
         ),
         (
             {"client_id": "v", "client_secret_env": "VERIFIER_IDP_SECRET", "timeout_seconds": "2"},
-            "issuers[0].introspection.timeout_seconds: expected a number",
+            "issuers[0].introspection.timeout_seconds: expected a finite number",
         ),
         (
             {"client_id": "v", "client_secret_env": "VERIFIER_IDP_SECRET", "max_in_flight": 0},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import time
@@ -12,6 +11,7 @@ import uuid
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from doorkit import http_exchange, running_verifier
+from support import b64url
 
 from verifier.binding.dpop import thumbprint
 from verifier.settings import (
@@ -33,10 +33,6 @@ POLICIES = (
     PolicySettings(name="mtls", match=RouteMatch(path_prefix="/bank"), require=Requirements(sender_constraint="mtls")),
     PolicySettings(name="api", match=RouteMatch(path_prefix="/api"), require=Requirements(scopes_all=("read",))),
 )
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def _request(
@@ -67,7 +63,7 @@ def _proof(key: ec.EllipticCurvePrivateKey, method: str, url: str, token: str, *
         "htm": method,
         "htu": url,
         "iat": int(time.time()),
-        "ath": _b64(hashlib.sha256(token.encode()).digest()),
+        "ath": b64url(hashlib.sha256(token.encode()).digest()),
     }
     claims.update(over)
     return jwt.encode(claims, key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": public})

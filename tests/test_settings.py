@@ -374,3 +374,22 @@ def test_the_webauthn_and_revocation_sections_report_every_problem_with_suggesti
     assert "revocation.transmitters[0].audiance: unknown key (did you mean audience?)" in lines
     assert any(line.startswith("revocation.transmitters[0].max_age_seconds: 0 is outside") for line in lines)
     assert "revocation.resync_interval: unknown key (did you mean resync_interval_seconds?)" in lines
+
+
+def test_the_introspection_section_reports_every_problem_with_suggestions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Introspection keys go through the schema's one reader too (issue #19): all problems, nearest-key hints."""
+    monkeypatch.setenv("VERIFIER_IDP_SECRET", "s3cret")
+    document = _example()
+    document["issuers"][0]["introspection"] = {
+        "client_id": "verifier",
+        "client_secret_env": "VERIFIER_IDP_SECRET",
+        "timout_seconds": 1,
+        "max_in_flight": 0,
+        "serve_stale_on_error": "yes",
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(document)
+    lines = str(caught.value).splitlines()
+    assert "issuers[0].introspection.timout_seconds: unknown key (did you mean timeout_seconds?)" in lines
+    assert any(line.startswith("issuers[0].introspection.max_in_flight: 0 is outside [1, 10000]") for line in lines)
+    assert "issuers[0].introspection.serve_stale_on_error: expected true or false" in lines

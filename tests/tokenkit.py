@@ -7,7 +7,6 @@ is always checked against an independent implementation, never against itself.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import json
 from collections import Counter
@@ -18,6 +17,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from support import b64url as b64
 
 from verifier.clock import FrozenClock
 from verifier.errors import ProviderUnavailable
@@ -107,11 +107,6 @@ def jwks_document(keys: SigningKeys) -> dict[str, Any]:
             public_jwk(keys.es384, KIDS["ES384"]),
         ]
     }
-
-
-def b64(data: bytes) -> str:
-    """base64url without padding."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def compact(header: Mapping[str, Any], payload: Mapping[str, Any] | bytes, signature: bytes = b"sig") -> str:

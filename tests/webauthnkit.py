@@ -18,14 +18,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from fido2.cose import ES256
 from fido2.webauthn import AttestationObject, AttestedCredentialData, AuthenticatorData, CollectedClientData
+from support import b64url as b64u
 
 RP_ID = "localhost"
 ORIGIN = "http://localhost:9555"
 FLAGS = AuthenticatorData.FLAG
-
-
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def unb64u(text: str) -> bytes:

@@ -15,11 +15,11 @@ import asyncio
 import contextlib
 import importlib.util
 import os
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from support import free_port
 
 from verifier.app import App
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
@@ -54,13 +54,6 @@ def require_browser() -> None:
         pytest.skip(f"{CHROMIUM} not installed (run {SETUP_SCRIPT})")
     if importlib.util.find_spec("playwright") is None:
         pytest.skip(f"pip package playwright not installed (run {SETUP_SCRIPT})")
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class WebAuthnSite:

@@ -15,7 +15,6 @@ so the rigs run as root without touching /etc, /var or the network.
 
 from __future__ import annotations
 
-import base64
 import grp
 import http.client
 import json
@@ -41,6 +40,7 @@ from typing import Any, Literal
 import jwt
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
+from support import b64url, free_port
 
 LOOPBACK = "127.0.0.1"
 # Seconds to wait for a gateway or server to become ready; generous because CI machines are slow.
@@ -91,13 +91,6 @@ def render_template(template: Path, **values: object) -> str:
         unknown_used, missing = sorted(used - set(TEMPLATE_VARIABLES)), sorted(used - set(values))
         raise ValueError(f"{template.name}: unknown {unknown_used}, missing {missing}")
     return string.Template(text).safe_substitute({k: str(v) for k, v in values.items()})
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (the usual bind-to-0 idiom)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -283,7 +276,7 @@ class EchoUpstream(_ServerThread):
 
 
 def _b64url_uint(n: int, size: int) -> str:
-    return base64.urlsafe_b64encode(n.to_bytes(size, "big")).rstrip(b"=").decode()
+    return b64url(n.to_bytes(size, "big"))
 
 
 def ec_public_jwk(key: ec.EllipticCurvePrivateKey, kid: str) -> dict[str, str]:

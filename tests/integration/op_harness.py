@@ -37,7 +37,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -51,6 +50,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from support import free_port
 
 OP_DIR = Path(__file__).resolve().parent / "op"
 SERVER_JS = OP_DIR / "server.js"
@@ -97,13 +97,6 @@ class ProviderError(RuntimeError):
 def node_binary() -> str | None:
     """Return the path of ``node`` (``$NODE`` wins), or None when Node.js is not installed."""
     return os.environ.get("NODE") or shutil.which("node")
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _kid(alg: str) -> str:

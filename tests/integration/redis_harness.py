@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 
 import pytest
+from support import free_port
 
 SETUP_SCRIPT = ".ci/setup.d/25-redis.sh"
 # Seconds; redis-server is ready in a few milliseconds, a loaded CI runner may need far more.
@@ -40,13 +41,6 @@ class RedisError(RuntimeError):
 def redis_binary() -> str | None:
     """The path of `redis-server` (`$REDIS_SERVER` wins), or None when it is not installed."""
     return os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _ping(port: int) -> bool:

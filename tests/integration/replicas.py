@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import http.client
@@ -40,6 +39,7 @@ from gateways import (
     run_nginx,
     start_verifier,
 )
+from support import b64url
 
 # The host and scheme clients claim; DPoP proofs are made for this origin (htu).
 API_HOST = "api.example.test"
@@ -206,10 +206,6 @@ def forward_auth(
     return http_request(f"{replica.url}/v1/forward-auth", headers=sent, timeout=5.0)
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def public_jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
     """The public JWK of a P-256 key (what a DPoP proof's header carries)."""
     jwk: dict[str, Any] = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
@@ -223,7 +219,7 @@ def dpop_proof(key: ec.EllipticCurvePrivateKey, method: str, url: str, token: st
         "htm": method,
         "htu": url,
         "iat": int(time.time()),
-        "ath": _b64url(hashlib.sha256(token.encode()).digest()),
+        "ath": b64url(hashlib.sha256(token.encode()).digest()),
     }
     return jwt.encode(claims, key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": public_jwk(key)})
 

@@ -25,6 +25,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
+from support import b64url
 
 PUSH_URN = "urn:ietf:rfc:8935"
 POLL_URN = "urn:ietf:rfc:8936"
@@ -36,12 +37,6 @@ ACCOUNT_DISABLED = "https://schemas.openid.net/secevent/risc/event-type/account-
 ACCOUNT_ENABLED = "https://schemas.openid.net/secevent/risc/event-type/account-enabled"
 ACCOUNT_PURGED = "https://schemas.openid.net/secevent/risc/event-type/account-purged"
 CREDENTIAL_COMPROMISE = "https://schemas.openid.net/secevent/risc/event-type/credential-compromise"
-
-
-def _b64(data: bytes) -> str:
-    import base64
-
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 class SsfTransmitter:
@@ -134,7 +129,7 @@ class SsfTransmitter:
             headers["typ"] = typ
         if alg == "none":
             header = {"alg": "none", **headers}
-            return f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(payload).encode())}."
+            return f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}."
         return jwt.encode(payload, key if key is not None else self.key, algorithm=alg, headers=headers)
 
     def push(self, url: str, token: str, *, content_type: str = "application/secevent+jwt") -> tuple[int, Any]:

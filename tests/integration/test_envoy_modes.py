@@ -17,7 +17,6 @@ only Host, Method, Path, Content-Length and Authorization unless `allowed_header
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
@@ -33,6 +32,8 @@ if __package__:
     from .gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_envoy, start_verifier
 else:  # tests/ is not a package: pytest put this directory on sys.path
     from gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_envoy, start_verifier
+
+from support import b64url
 
 from verifier.binding.dpop import thumbprint
 
@@ -111,10 +112,6 @@ def envoy(
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def dpop_key() -> tuple[ec.EllipticCurvePrivateKey, str]:
     """A client key and its RFC 7638 thumbprint (the token's cnf.jkt)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -129,7 +126,7 @@ def dpop_proof(key: ec.EllipticCurvePrivateKey, method: str, url: str, token: st
         "htm": method,
         "htu": url,
         "iat": int(time.time()),
-        "ath": _b64(hashlib.sha256(token.encode()).digest()),
+        "ath": b64url(hashlib.sha256(token.encode()).digest()),
     }
     return jwt.encode(claims, key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": public})
 

@@ -11,7 +11,6 @@ share one rate-limit bucket.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import time
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateways import GatewayProcess, HttpResult, http_request, start_verifier
 from op_harness import OpenIDProvider, dpop_proof, start_provider
 from redis_harness import start_redis
+from support import b64url
 
 pytestmark = pytest.mark.integration
 
@@ -156,12 +156,8 @@ def _assert_dpop_refused(answer: HttpResult) -> None:
     assert 'algs="' in challenge
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def _ath(token: str) -> str:
-    return _b64(hashlib.sha256(token.encode()).digest())
+    return b64url(hashlib.sha256(token.encode()).digest())
 
 
 def _proof_without_ath(key: ec.EllipticCurvePrivateKey, htm: str, htu: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from browser import WebAuthnSite, add_virtual_authenticator, launch_chromium, require_browser
+from support import b64url
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,7 @@ async def site(tmp_path: Any) -> AsyncIterator[WebAuthnSite]:
 
 def _b64u(std_b64: str) -> str:
     """CDP reports credential ids in standard base64; the verifier speaks base64url."""
-    return base64.urlsafe_b64encode(base64.b64decode(std_b64)).rstrip(b"=").decode()
+    return b64url(base64.b64decode(std_b64))
 
 
 async def test_register_step_up_replay_wrong_path_and_delete_in_chromium(site: WebAuthnSite) -> None:

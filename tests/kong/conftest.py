@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SHIM_DIR = Path(__file__).resolve().parent / "shim"
@@ -50,12 +51,6 @@ def _module_dir() -> str | None:
         if os.path.exists(os.path.join(d, "ngx_http_lua_module.so")):
             return d
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -284,7 +279,7 @@ def make_standin_verifier() -> Iterator[Any]:
 @pytest.fixture
 def dead_url() -> str:
     """A forward-auth URL on a loopback port where nothing listens."""
-    return f"http://127.0.0.1:{_free_port()}/v1/forward-auth"
+    return f"http://127.0.0.1:{free_port()}/v1/forward-auth"
 
 
 # --------------------------------------------------------------------------- nginx
@@ -371,7 +366,7 @@ class NginxRig:
         # nginx workers run as nobody when started as root: the prefix must be traversable
         tmp = tempfile.mkdtemp(prefix="kong-rig-")
         os.chmod(tmp, 0o755)
-        port = _free_port()
+        port = free_port()
         Path(tmp, "shim.json").write_text(
             json.dumps(
                 {

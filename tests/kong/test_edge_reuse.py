@@ -11,7 +11,6 @@ so "served from the plugin's cache" means "the verifier never heard of it".
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import http.client
 import json
@@ -27,6 +26,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from gateways import GatewayProcess, start_verifier
+from support import b64url
 
 from verifier.binding.dpop import thumbprint
 from verifier.devidp import DevIdentityProvider
@@ -134,10 +134,6 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def dpop_proof(key: ec.EllipticCurvePrivateKey, method: str, url: str, token: str) -> str:
     """An RFC 9449 proof for one request (fresh jti), bound to `token` by `ath`."""
     public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
@@ -146,7 +142,7 @@ def dpop_proof(key: ec.EllipticCurvePrivateKey, method: str, url: str, token: st
         "htm": method,
         "htu": url,
         "iat": int(time.time()),
-        "ath": _b64(hashlib.sha256(token.encode()).digest()),
+        "ath": b64url(hashlib.sha256(token.encode()).digest()),
     }
     return jwt.encode(claims, key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": public})
 

@@ -21,7 +21,12 @@ _KEYS = {"forward_auth": "http"}
 # Keys still read by code of their own (not yet `setting` fields): named here so the table is complete.
 _OWN_READERS = (
     ("grpc.listen, http.listen, metrics.listen", "-", "host:port", "a door's address; grpc or http is required"),
-    ("issuers[].introspection", "-", "mapping", "RFC 7662 opaque tokens: verifier/config/introspection.py"),
+    (
+        "issuers[].introspection.client_auth, client_secret_env, private_key_file, private_key_env",
+        "client_secret_basic",
+        "client_secret_basic \\| client_secret_post \\| private_key_jwt",
+        "RFC 7662 client authentication: a secret from the named env var, or a PEM key (file or env var)",
+    ),
     ("policies[]", "-", "match, require", "route policies, first match wins: see the example above"),
     ("rate_limits", "-", "default, roles", "token buckets per identity: {per_second, burst}"),
 )

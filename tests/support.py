@@ -1,0 +1,22 @@
+"""Small helpers every kind of test needs: a free loopback port and unpadded base64url.
+
+One definition here instead of a copy per rig (issue #19). tests/ and tests/integration are both on pytest's
+``pythonpath`` (pyproject.toml), so any test or harness imports it as ``from support import ...``.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the usual bind-to-0 idiom)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def b64url(data: bytes) -> str:
+    """base64url without padding (RFC 7515 section 2), as JOSE and WebAuthn use it."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
