@@ -24,18 +24,34 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def _two_free_ports(*avoid: int) -> int:
+    """A port p such that p and p + 1 are both free now (and neither is one of `avoid`)."""
+    import socket
+
+    for _ in range(50):
+        port = free_port()
+        if port in avoid or port + 1 in avoid:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no two adjacent free ports")
+
+
 async def test_two_workers_share_the_ports_and_stop_together(tmp_path: Path) -> None:
     idp = DevIdentityProvider(port=free_port())
     await idp.start()
-    http, metrics = free_port(), free_port()
-    while metrics + 1 == http:
-        metrics = free_port()
+    http, grpc = free_port(), free_port()
+    metrics = _two_free_ports(http, grpc)  # worker i serves metrics on metrics + i
     config = tmp_path / "verifier.yaml"
     config.write_text(
         f"""
 workers: 2
 http: {{listen: "127.0.0.1:{http}"}}
-grpc: {{listen: "127.0.0.1:{free_port()}"}}
+grpc: {{listen: "127.0.0.1:{grpc}"}}
 metrics: {{listen: "127.0.0.1:{metrics}"}}
 issuers:
   - issuer: "{idp.issuer}"
@@ -44,15 +60,16 @@ issuers:
     allow_insecure_http: true
 """
     )
+    log = tmp_path / "serve.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "verifier", "serve", "--config", str(config)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log.open("wb"),
     )
     try:
         deadline = time.monotonic() + 45
         while len(_children(proc.pid)) < 2 or not all(_metrics_up(metrics + i) for i in range(2)):
-            assert time.monotonic() < deadline, "workers did not come up"
+            assert time.monotonic() < deadline, "workers did not come up: " + log.read_text()[-3000:]
             await asyncio.sleep(0.2)
         workers = _children(proc.pid)
         token = idp.mint()
