@@ -40,6 +40,7 @@ from verifier.config.issuer import (
     IssuerSettings,
     RoleRule,
 )
+from verifier.config.logout import parse_backchannel_logout
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes, parse_revocation_config
 from verifier.config.state import StateConfig, parse_state_config
 from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
@@ -313,7 +314,7 @@ def _optional_section(root: Reader, key: str, parse: Callable[[Any, str], T]) ->
     if raw is None:
         return None
     try:
-        return parse(raw, key)
+        return parse(raw, f"{root.path}.{key}" if root.path else key)
     except ConfigError as exc:  # recorded: the other sections are still read
         record(str(exc))
         return None
@@ -340,6 +341,7 @@ def _issuer(reader: Reader) -> IssuerSettings:
             algorithms=algorithms,
             roles=roles,
             introspection=_introspection(reader, insecure),
+            backchannel_logout=_optional_section(reader, "backchannel_logout", parse_backchannel_logout),
         )
     )
     for key in ("discovery_url", "jwks_uri"):
@@ -568,6 +570,7 @@ def _check_shared_state(settings: Settings) -> None:
             ("dpop", settings.dpop is not None),
             ("webauthn", settings.webauthn is not None),
             ("rate_limits", settings.rate_limits is not None),
+            ("issuers[].backchannel_logout", any(i.backchannel_logout for i in settings.issuers)),
         )
         if used
     ]
