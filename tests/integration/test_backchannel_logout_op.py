@@ -13,14 +13,15 @@ token of the user issued before the logout is refused, since none says its sessi
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from gateways import EchoUpstream, GatewayProcess, HttpResult, http_request, start_nginx, verifier_unusable_reason
 from op_harness import WEB_CLIENT_ID, OpenIDProvider
-from redis_harness import RedisServer, start_redis
+from redis_harness import start_redis
 from replicas import forward_auth, start_replicas
 
 pytestmark = pytest.mark.integration
@@ -29,32 +30,17 @@ EDGE_MAX_AGE_SECONDS = 2  # how long nginx may reuse the verifier's allow
 PROPAGATION_SECONDS = 3.0  # replica B hears of the entry through Redis pub/sub well within this
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _verifier_runs() -> None:
+def _rig(stack: contextlib.ExitStack, tmp_path: Path, access_token_sid: bool) -> tuple[
+    OpenIDProvider, list[GatewayProcess], GatewayProcess
+]:
+    """The provider, two replicas sharing a real Redis, and the shipped nginx in front of replica B."""
     reason = verifier_unusable_reason()
     if reason:
         pytest.skip(reason)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def upstream() -> Iterator[EchoUpstream]:
-    app = EchoUpstream()
-    yield app
-    app.stop()
-
-
-def _rig(
-    tmp_path: Path, redis_server: RedisServer, upstream: EchoUpstream, access_token_sid: bool
-) -> tuple[OpenIDProvider, list[GatewayProcess], GatewayProcess]:
-    op = OpenIDProvider(tmp_path / "op", access_token_sid=access_token_sid)
-    op.start()
+    redis_server = stack.enter_context(start_redis(tmp_path))
+    upstream = EchoUpstream()
+    stack.callback(upstream.stop)
+    op = stack.enter_context(OpenIDProvider(tmp_path / "op", access_token_sid=access_token_sid))
     issuer = {
         "issuer": op.issuer,
         "audiences": ["https://api.example.test"],
@@ -68,7 +54,10 @@ def _rig(
         "edge_cache": {"max_age_seconds": EDGE_MAX_AGE_SECONDS},
     }
     replicas = start_replicas(tmp_path, issuer=op.issuer, count=2, extra_config=config)
+    for replica in replicas:
+        stack.callback(replica.stop)
     nginx = start_nginx(tmp_path, replicas[1].extra["http_port"], upstream.port)
+    stack.callback(nginx.stop)
     op.set_backchannel_logout_uri(f"{replicas[0].url}/v1/backchannel-logout")
     return op, replicas, nginx
 
@@ -90,10 +79,10 @@ def _until_refused(ask: Callable[[], HttpResult], within: float) -> tuple[HttpRe
 
 @pytest.mark.parametrize("access_token_sid", [True, False], ids=["tokens-with-sid", "tokens-without-sid"])
 def test_a_logout_at_the_provider_stops_the_session_at_every_replica_and_gateway(
-    tmp_path: Path, redis_server: RedisServer, upstream: EchoUpstream, access_token_sid: bool
+    tmp_path: Path, access_token_sid: bool
 ) -> None:
-    op, replicas, nginx = _rig(tmp_path, redis_server, upstream, access_token_sid)
-    try:
+    with contextlib.ExitStack() as stack:
+        op, replicas, nginx = _rig(stack, tmp_path, access_token_sid)
         laptop: dict[str, str] = {}
         token = str(op.user_token_response("alice", cookies=laptop)["access_token"])
         phone = str(op.user_token_response("alice", cookies={})["access_token"])  # another session
@@ -133,8 +122,3 @@ def test_a_logout_at_the_provider_stops_the_session_at_every_replica_and_gateway
 
         metrics = http_request(f"http://127.0.0.1:{replicas[0].extra['metrics_port']}/metrics").body.decode()
         assert f'verifier_backchannel_logouts_total{{issuer="{op.issuer}",result="accepted"}} 1.0' in metrics
-    finally:
-        nginx.stop()
-        for replica in replicas:
-            replica.stop()
-        op.stop()
