@@ -31,7 +31,7 @@ PROPAGATION_SECONDS = 3.0  # replica B hears of the entry through Redis pub/sub 
 
 
 def _rig(stack: contextlib.ExitStack, tmp_path: Path, access_token_sid: bool) -> tuple[
-    OpenIDProvider, list[GatewayProcess], GatewayProcess
+    OpenIDProvider, list[GatewayProcess], GatewayProcess, EchoUpstream
 ]:
     """The provider, two replicas sharing a real Redis, and the shipped nginx in front of replica B."""
     reason = verifier_unusable_reason()
@@ -59,7 +59,7 @@ def _rig(stack: contextlib.ExitStack, tmp_path: Path, access_token_sid: bool) ->
     nginx = start_nginx(tmp_path, replicas[1].extra["http_port"], upstream.port)
     stack.callback(nginx.stop)
     op.set_backchannel_logout_uri(f"{replicas[0].url}/v1/backchannel-logout")
-    return op, replicas, nginx
+    return op, replicas, nginx, upstream
 
 
 def _through_nginx(nginx: GatewayProcess, token: str) -> HttpResult:
@@ -82,7 +82,7 @@ def test_a_logout_at_the_provider_stops_the_session_at_every_replica_and_gateway
     tmp_path: Path, access_token_sid: bool
 ) -> None:
     with contextlib.ExitStack() as stack:
-        op, replicas, nginx = _rig(stack, tmp_path, access_token_sid)
+        op, replicas, nginx, upstream = _rig(stack, tmp_path, access_token_sid)
         laptop: dict[str, str] = {}
         token = str(op.user_token_response("alice", cookies=laptop)["access_token"])
         phone = str(op.user_token_response("alice", cookies={})["access_token"])  # another session
@@ -91,6 +91,16 @@ def test_a_logout_at_the_provider_stops_the_session_at_every_replica_and_gateway
             assert _through_nginx(nginx, bearer).status == 200  # nginx now holds the allow
             for replica in replicas:
                 assert forward_auth(replica, authorization=f"Bearer {bearer}").status == 200
+
+        # Through the gateway the path is the protected API's, never the verifier's endpoint.
+        form = {"content-type": "application/x-www-form-urlencoded"}
+        sneaked = http_request(f"{nginx.url}/v1/backchannel-logout", method="POST", headers=form,
+                               body=b"logout_token=x", timeout=5.0)
+        assert sneaked.status == 401 and sneaked.headers["x-verifier-reason"] == "token_missing", sneaked
+        upstream.clear()
+        passed = http_request(f"{nginx.url}/v1/backchannel-logout", method="POST",
+                              headers={**form, "Authorization": f"Bearer {bob}"}, body=b"logout_token=x", timeout=5.0)
+        assert passed.status == 200 and [r.path for r in upstream.requests] == ["/v1/backchannel-logout"]
 
         op.end_session(laptop)  # the provider posts its logout token before it answers
         log = op.log_text()
