@@ -34,9 +34,9 @@ from typing import Any
 from verifier.clock import Clock
 from verifier.config.issuer import IssuerSettings
 from verifier.errors import AlgorithmRefused, MalformedToken
-from verifier.numbers import json_number
 from verifier.observe.metrics import RevocationMetrics
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.signed import Failed, MessageRefused, check_signature, check_times, jti_key, jti_of
 from verifier.revocation.subjects import MAX_IDENTIFIER_CHARS
 from verifier.state.base import SharedState
 from verifier.tokens import jws
@@ -49,20 +49,19 @@ BACKCHANNEL_LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout" 
 LOGOUT_TYP = "logout+jwt"  # section 2.4 explicit typing (also accepted with the `application/` prefix)
 GENERIC_TYP = "jwt"  # RFC 7519 section 5.1: says nothing about the kind; the claims decide
 MAX_LOGOUT_TOKEN_BYTES = 16 * 1024  # bytes; a logout token is a handful of short claims
-MAX_JTI_CHARS = 256  # characters; a jti is an identifier, never a document
 
 # Stable codes of a refused logout token: the metric's `result` label and the log's `code`. The answer
 # itself carries OAuth's `invalid_request` (section 2.8), whatever the code.
 MALFORMED = "malformed"
 WRONG_TYP = "typ"
 UNKNOWN_ISSUER = "issuer"
-ALGORITHM = "algorithm"
-NO_KEY = "key"
-SIGNATURE = "signature"
+ALGORITHM = Failed.ALGORITHM.value
+NO_KEY = Failed.KEY.value
+SIGNATURE = Failed.SIGNATURE.value
 AUDIENCE = "audience"
-IAT = "iat"
-EXPIRED = "exp"
-JTI = "jti"
+IAT = Failed.IAT.value
+EXPIRED = Failed.EXP.value
+JTI = Failed.JTI.value
 EVENTS = "events"
 NONCE = "nonce"
 SUBJECT = "subject"
@@ -149,33 +148,16 @@ class LogoutTokenVerifier:
         settings, keys = found
         config = settings.backchannel_logout
         assert config is not None  # only such issuers are handed in
-        if parsed.alg not in settings.algorithms:
-            raise LogoutRefused(ALGORITHM, f"alg {parsed.alg} is not allowed for this issuer")
-        key = await keys.key_for(parsed.kid, parsed.alg)
-        if key is None:
-            raise LogoutRefused(NO_KEY, "no issuer key fits the token's kid and alg")
-        if not key.verify(parsed.alg, parsed.signing_input, parsed.signature):
-            raise LogoutRefused(SIGNATURE, "signature does not verify")
-        aud = payload.get("aud")
-        audiences = aud if isinstance(aud, list) else [aud]
-        if not any(isinstance(a, str) and a in config.audiences for a in audiences):
-            raise LogoutRefused(AUDIENCE, "aud names none of the configured client ids")
-        now = self._clock.now()
-        leeway = settings.leeway_seconds
-        iat = json_number(payload.get("iat"))
-        if iat is None:
-            raise LogoutRefused(IAT, "iat missing")
-        if iat > now + leeway:
-            raise LogoutRefused(IAT, "iat is in the future")
-        if now - iat > config.max_age_seconds:
-            raise LogoutRefused(IAT, "iat is too old")
-        exp = payload.get("exp")
-        exp_time = json_number(exp)
-        if exp is not None and (exp_time is None or exp_time <= now - leeway):
-            raise LogoutRefused(EXPIRED, "logout token has expired")
-        jti = payload.get("jti")
-        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_CHARS:
-            raise LogoutRefused(JTI, "jti missing")
+        try:
+            await check_signature(parsed, settings.algorithms, keys)
+            aud = payload.get("aud")
+            if not any(isinstance(a, str) and a in config.audiences for a in (aud if isinstance(aud, list) else [aud])):
+                raise LogoutRefused(AUDIENCE, "aud names none of the configured client ids")
+            leeway = settings.leeway_seconds
+            iat = check_times(payload, now=self._clock.now(), leeway=leeway, max_age=config.max_age_seconds)
+            jti = jti_of(payload)
+        except MessageRefused as exc:
+            raise LogoutRefused(exc.failed.value, exc.description) from exc
         events = payload.get("events")
         if not isinstance(events, dict) or not isinstance(events.get(BACKCHANNEL_LOGOUT_EVENT), dict):
             raise LogoutRefused(EVENTS, "events lacks the back-channel logout member")
@@ -282,4 +264,4 @@ class BackchannelLogout:
 
 
 def _jti_key(verified: VerifiedLogout) -> str:
-    return "bcl:" + hashlib.sha256(f"{verified.issuer}\x00{verified.jti}".encode()).hexdigest()
+    return jti_key("bcl", verified.issuer, verified.jti)
