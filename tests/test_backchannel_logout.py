@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from tokenkit import ISSUER, KIDS, NOW, FakeFetcher, Mint, SigningKeys, compact,
 from verifier.app import App
 from verifier.clock import FrozenClock
 from verifier.config.logout import BackchannelLogoutConfig
+from verifier.config.state import StateConfig
 from verifier.doors.logout_http import LOGOUT_PATH
 from verifier.doors.routes import HttpAnswer, HttpRequest
 from verifier.errors import StateUnavailable
@@ -45,12 +47,12 @@ def logout_claims(**overrides: Any) -> dict[str, Any]:
     return {k: v for k, v in base.items() if v is not None}
 
 
-def principal(sub: str = "user-1", **claims: Any) -> Principal:
+def principal(sub: str = "user-1", iss: str = ISSUER, **claims: Any) -> Principal:
     """A caller whose access token was issued 10 s before NOW unless `iat` says otherwise."""
-    values: dict[str, Any] = {"iss": ISSUER, "sub": sub, "iat": NOW - 10, "exp": NOW + 300}
+    values: dict[str, Any] = {"iss": iss, "sub": sub, "iat": NOW - 10, "exp": NOW + 300}
     values.update(claims)
     return Principal(
-        issuer=ISSUER, subject=sub, client_id=None, scopes=(), roles=frozenset(),
+        issuer=iss, subject=sub, client_id=None, scopes=(), roles=frozenset(),
         expires_at=float(values["exp"]), claims=values,
     )
 
@@ -114,7 +116,10 @@ async def test_a_logout_with_sid_and_sub_refuses_that_session_and_the_users_sess
     assert check(principal()) is not None  # no sid: may be the logged-out session, fail closed
     assert check(principal(iat=NOW + 1)) is None  # issued after the logout
     assert check(principal(sub="user-2")) is None
-    assert check(principal(sub="user-2", sid="session-1", iss="https://other.example.test")) is not None
+    assert check(principal(sub="user-2", sid="session-1")) is not None  # the session, whoever's token
+    other = "https://other.example.test"  # another issuer's session ids and users are its own
+    assert check(principal(sid="session-1", iss=other)) is None
+    assert check(principal(iss=other)) is None
 
 
 async def test_a_logout_with_sub_only_refuses_every_session_of_the_user_issued_before(
@@ -363,3 +368,25 @@ def test_config_errors_name_the_key(logout: Any, top: dict[str, Any], names: str
     with pytest.raises(ConfigError) as caught:
         parse_settings(_config(logout, **top))
     assert names in str(caught.value)
+
+
+async def test_a_logout_survives_a_restart_in_the_durable_local_store(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint, tmp_path: Path
+) -> None:
+    """Without Redis, a logout is in the SQLite store before the provider gets its 200: a restart keeps it."""
+    issuer = issuer_settings(backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,)))
+    settings = Settings(grpc=None, http=None, metrics=None, issuers=(issuer,), state=StateConfig(path=str(tmp_path)))
+    first = App(settings, clock=clock, fetcher=fetcher)
+    assert first.revocation is not None
+    await first.revocation.start()
+    try:
+        assert (await post(first, sign(mint))).status == 200
+    finally:
+        await first.revocation.stop()
+    second = App(settings, clock=clock, fetcher=fetcher)
+    assert second.revocation is not None
+    await second.revocation.start()
+    try:
+        assert second.revocation.revocations.check(principal(sid="session-1")) is not None
+    finally:
+        await second.revocation.stop()
