@@ -82,8 +82,7 @@ class Revocations:
         found: Entry | None = None
         now: float | None = None
         iat = auth_time = None
-        sid = claims.get("sid")
-        has_sid = isinstance(sid, str) and bool(sid)
+        has_sid = False
         for key in self._keys_of(principal, claims, for_overrides=False):
             bucket = self._refusals.get(key)
             if not bucket:
@@ -91,6 +90,8 @@ class Revocations:
             if now is None:  # read once, and only for a principal some entry is keyed on
                 now = self._clock.now()
                 iat, auth_time = json_number(claims.get("iat")), json_number(claims.get("auth_time"))
+                sid = claims.get("sid")
+                has_sid = isinstance(sid, str) and bool(sid)
             for entry in bucket:
                 if found is not None and _PRECEDENCE[entry.effect] >= _PRECEDENCE[found.effect]:
                     continue
