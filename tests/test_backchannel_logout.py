@@ -6,6 +6,7 @@ composition root's router, so the wiring is what runs in production.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -25,7 +26,7 @@ from verifier.errors import StateUnavailable
 from verifier.principal import Principal
 from verifier.revocation import RevocationService
 from verifier.revocation.logout import BACKCHANNEL_LOGOUT_EVENT
-from verifier.settings import ConfigError, Settings, parse_settings
+from verifier.settings import ConfigError, Listen, Settings, parse_settings
 
 CLIENT = "gateway-client"
 FORM = "application/x-www-form-urlencoded"
@@ -390,3 +391,38 @@ async def test_a_logout_survives_a_restart_in_the_durable_local_store(
         assert second.revocation.revocations.check(principal(sid="session-1")) is not None
     finally:
         await second.revocation.stop()
+
+
+async def test_the_http_door_reads_a_logout_sent_in_pieces(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    """Through the real forward-auth listener: headers and form arrive in pieces, plain and chunked."""
+    issuer = issuer_settings(backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,)))
+    settings = Settings(grpc=None, http=Listen(host="127.0.0.1", port=0), metrics=None, issuers=(issuer,))
+    app = App(settings, clock=clock, fetcher=fetcher)
+    await app.start()
+    try:
+        await asyncio.wait_for(app.wait_serving(), 10)
+        assert app.ports.http is not None
+        for jti, chunked in (("pieces-1", False), ("pieces-2", True)):
+            form = ("logout_token=" + sign(mint, jti=jti, sid=jti)).encode()
+            framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(form)}"
+            head = f"POST {LOGOUT_PATH} HTTP/1.1\r\nHost: verifier\r\nContent-Type: {FORM}\r\n{framing}\r\n\r\n"
+            pieces = (form[:100], form[100:])
+            body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n" if chunked else form
+            raw = head.encode() + body
+            reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
+            try:
+                for start in range(0, len(raw), 97):
+                    writer.write(raw[start:start + 97])
+                    await writer.drain()
+                    await asyncio.sleep(0.005)
+                answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            finally:
+                writer.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            assert b"cache-control: no-store" in answer.lower()
+            assert app.revocation is not None
+            assert app.revocation.revocations.check(principal(sid=jti)) is not None
+    finally:
+        await app.stop(grace=0.5)
