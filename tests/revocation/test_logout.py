@@ -1,4 +1,5 @@
-"""OpenID Connect Back-Channel Logout 1.0: every malformed logout token refused, valid ones revoke (FrozenClock).
+"""OpenID Connect Back-Channel Logout 1.0 (`verifier/revocation/logout.py`, `verifier/doors/logout_http.py`): every
+malformed logout token refused, valid ones revoke (FrozenClock).
 
 Logout tokens are signed with pyjwt (tokenkit's `mint`), never by the verifier, and posted through the
 composition root's router, so the wiring is what runs in production.
