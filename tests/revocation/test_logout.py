@@ -26,7 +26,7 @@ from verifier.doors.routes import HttpAnswer, HttpRequest
 from verifier.errors import StateUnavailable
 from verifier.principal import Principal
 from verifier.revocation import RevocationService
-from verifier.revocation.logout import BACKCHANNEL_LOGOUT_EVENT
+from verifier.revocation.logout import BACKCHANNEL_LOGOUT_EVENT, REFUSAL_CODES
 from verifier.settings import ConfigError, Listen, Settings, parse_settings
 
 CLIENT = "gateway-client"
@@ -270,6 +270,8 @@ async def test_every_malformed_logout_token_is_a_400_that_changes_nothing(
         assert counted(app, ISSUER, code) + counted(app, "unknown", code) == before + 1, (name, description)
     assert service.revocations.entries() == []
     assert counted(app, ISSUER, "accepted") == 0
+    # every refusal code is exercised here (a replay, by its own test)
+    assert {code for _, code in forgeries.values()} == set(REFUSAL_CODES) - {"replay"}
 
 
 @pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
