@@ -312,6 +312,27 @@ async def test_a_malformed_request_is_a_400(app: App, body: str | bytes, content
     assert counted(app, "unknown", "malformed") == 1
 
 
+@pytest.mark.parametrize(
+    ("shape", "content_type"),
+    [
+        ("logout_token={t}", "application/json"),
+        ("logout_token={t}", "text/plain"),
+        ("logout_token={t}&logout_token={t}", FORM),
+        ("logout_token={t}&&state=1", FORM),
+        ("logout_token={t}&state", FORM),
+        ("logout_token={t}&state=caf\u00e9", FORM),
+    ],
+    ids=["json", "text", "twice", "empty-pair", "no-equals", "non-ascii-field"],
+)
+async def test_a_valid_token_in_a_malformed_request_is_refused(
+    app: App, service: RevocationService, mint: Mint, shape: str, content_type: str
+) -> None:
+    """The request is judged before the token: a good token does not excuse a bad form."""
+    answer = await app.router.dispatch(form_request(shape.format(t=sign(mint)), content_type))
+    error_of(answer)
+    assert service.revocations.entries() == []
+
+
 async def test_a_charset_parameter_and_other_form_fields_are_fine(app: App, mint: Mint) -> None:
     body = "state=ignored&logout_token=" + sign(mint)
     answer = await app.router.dispatch(form_request(body, FORM + "; charset=UTF-8"))
