@@ -147,6 +147,27 @@ async def test_a_logout_with_sid_only_reaches_only_tokens_naming_the_session(
     assert check(principal()) is None  # documented limit: a sid-less token cannot be tied to the session
 
 
+async def test_a_provider_clock_running_ahead_never_reaches_tokens_issued_after_the_logout_arrived(
+    app: App, service: RevocationService, mint: Mint
+) -> None:
+    assert (await post(app, sign(mint, sid=None, iat=int(NOW) + 20))).status == 200  # within the leeway
+    assert service.revocations.check(principal(iat=NOW)) is not None
+    assert service.revocations.check(principal(iat=NOW + 5)) is None
+
+
+async def test_the_entries_go_once_every_token_they_could_reach_has_expired(
+    app: App, service: RevocationService, mint: Mint, clock: FrozenClock
+) -> None:
+    assert (await post(app, sign(mint))).status == 200
+    lifetime = service.config.max_token_lifetime_seconds
+    clock.advance(lifetime - 1)
+    assert service.revocations.expired() == []
+    assert service.revocations.check(principal(sid="session-1")) is not None
+    clock.advance(2)
+    assert len(service.revocations.expired()) == 2
+    assert service.revocations.check(principal(sid="session-1")) is None
+
+
 async def test_an_aud_list_naming_the_client_is_accepted(app: App, mint: Mint) -> None:
     assert (await post(app, sign(mint, aud=["someone-else", CLIENT]))).status == 200
 
