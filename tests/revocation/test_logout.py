@@ -213,6 +213,16 @@ async def test_a_logout_that_could_not_be_stored_is_503_and_its_retry_applies(
     assert service.revocations.check(principal(sid="session-1")) is not None
 
 
+async def test_issuer_keys_out_of_reach_is_503_not_a_verdict(
+    app: App, service: RevocationService, mint: Mint, fetcher: FakeFetcher
+) -> None:
+    fetcher.fault = "unavailable"  # discovery and JWKS answer 503: the token can be judged neither way
+    answer = await post(app, sign(mint))
+    assert answer.status == 503 and dict(answer.headers)["retry-after"]
+    assert ("cache-control", "no-store") in answer.headers
+    assert service.revocations.entries() == []
+
+
 async def test_a_logout_is_counted_and_audited(
     app: App, mint: Mint, caplog: pytest.LogCaptureFixture
 ) -> None:
