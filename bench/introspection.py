@@ -56,7 +56,7 @@ def run(ctx: Context) -> None:
         "verifier batch on": ctx.servers.start_verifier(
             provider.url, name="verifier batch on", issuer_yaml=intro + f', batch_endpoint: "{base}/batch"}}\n'
         ),
-        "naive": ctx.servers.start_baseline("introspect", issuer=provider.url),
+        "naive": ctx.servers.start_baseline("introspect", issuer=provider.url).renamed("naive"),
     }
 
     def counts() -> dict[str, float]:

@@ -110,9 +110,9 @@ def closed(
         p = dict(tool=r.tool, requests=r.requests, errors=r.errors, refusals=None, seconds=r.seconds)
         p.update(client_cpu_s=r.cpu_s, reused=0)
     else:
-        lr, server_cpu = _own(
-            ctx, target, door, [wire.payload(door, t, target.addr(door)) for t in tokens], "closed", 0
-        )
+        payloads = [wire.payload(door, t, target.addr(door)) for t in tokens]
+        lr, window = _own(ctx, target, door, payloads, "closed", 0, duration_s=duration_s, warmup_s=warmup_s)
+        server_cpu = window["cpu"]
         p = dict(tool="bench.load", requests=lr.completed, errors=lr.errors, refusals=lr.denied, seconds=lr.window_s)
         p.update(client_cpu_s=lr.cpu_s, reused=lr.reused_payloads)
     p.update(

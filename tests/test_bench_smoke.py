@@ -162,7 +162,7 @@ def test_every_stand_alone_measurement_is_a_scenario_of_run() -> None:
     assert [s.name for s in suites] == ["soak"]
     with pytest.raises(SystemExit, match=r"unknown scenario 'nope'.*introspection"):
         select(["nope"])
-    with pytest.raises(SystemExit, match="unrecognized arguments: --minutes .*soak"):
+    with pytest.raises(SystemExit, match=r"unrecognized arguments: --minutes .*soak"):
         cli.main(["run", "--scenario", "jwt-cached", "--minutes", "1"])
 
 
@@ -177,7 +177,7 @@ def recording_server() -> Iterator[tuple[str, list[str]]]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        def do_GET(self) -> None:
             seen.append(self.headers.get("Authorization", ""))
             self.send_response(200 if self.headers.get("X-Forwarded-Uri") == wire.ORIGINAL_PATH else 400)
             self.send_header("Content-Length", "0")
