@@ -220,7 +220,7 @@ def measure(
     headers = {"Authorization": f"Bearer {token}"}
     for route, url in urls.items():  # the bench refuses to measure a route that does not answer 200
         host, _, path = url.removeprefix("http://").partition("/")
-        if (status := procs._get_status(host, "/" + path, headers)) != 200:
+        if (status := procs.get_status(host, "/" + path, headers)) != 200:
             raise SystemExit(f"{route}: a request got {status}, not 200 (see {ctx.out}/verifier.log)")
     samples: dict[str, list[Any]] = {r: [] for r in urls}
     for rep in range(reps):

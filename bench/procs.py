@@ -49,7 +49,8 @@ def wait_port(addr: str, proc: subprocess.Popen[bytes], timeout: float = START_T
     raise RuntimeError(f"nothing listens on {addr} after {timeout}s")
 
 
-def _get_status(addr: str, path: str, headers: dict[str, str] | None = None) -> int:
+def get_status(addr: str, path: str, headers: dict[str, str] | None = None) -> int:
+    """The status of one GET."""
     host, _, port = addr.rpartition(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=5)
     try:
@@ -64,7 +65,7 @@ def _get_status(addr: str, path: str, headers: dict[str, str] | None = None) -> 
 def check_once(target: Target, door: Door, token: str, headers: dict[str, str] | None = None) -> bool:
     """One real check through ``door``; True when allowed. The bench's guard against fast wrong answers."""
     if door is Door.HTTP:
-        return _get_status(target.http_addr, wire.FORWARD_AUTH_PATH, headers or wire.http_headers(token)) == 200
+        return get_status(target.http_addr, wire.FORWARD_AUTH_PATH, headers or wire.http_headers(token)) == 200
     import grpc
 
     with grpc.insecure_channel(target.grpc_addr) as channel:
@@ -220,7 +221,7 @@ class Servers:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             with contextlib.suppress(OSError, http.client.HTTPException):
-                if _get_status(http_addr, "/healthz") == 200:
+                if get_status(http_addr, "/healthz") == 200:
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{http_addr}/healthz never answered 200")
