@@ -5,8 +5,8 @@
 * ``noop``: both gRPC Check services (``verifier.v1.Verifier`` and Envoy's ``Authorization``) on
   grpc.aio over uvloop with a pre-serialized allow, and HTTP/1.1 forward-auth on an asyncio
   ``Protocol`` + httptools answering ``200`` with keep-alive: the ceiling on the same front door.
-  ``--pause-ms``/``--pause-every-ms`` freeze the event loop periodically (a stalling server, for
-  checking that the open-loop generator does not hide the stall);
+  Several processes may share the ports (SO_REUSEPORT). ``--pause-ms``/``--pause-every-ms`` freeze the
+  event loop periodically (a stalling server: the open-loop generator must not hide the stall);
 * ``naive``: a fresh ``PyJWKClient`` per request against ``--issuer``'s JWKS (what a user writes first):
   every check fetches the keys, blocking the loop, and verifies; nothing is cached;
 * ``introspect``: forward-auth with one aiohttp POST to ``--issuer``/introspect per request (RFC 7662,
@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -200,13 +198,6 @@ async def serve(args: argparse.Namespace) -> None:
         await server.stop(0)
 
 
-def _run_worker(args: argparse.Namespace) -> None:
-    import uvloop
-
-    uvloop.install()
-    asyncio.run(serve(args))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Command line: see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m bench.baselines", description=__doc__.splitlines()[0])
@@ -214,29 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grpc", help="host:port for both gRPC Check services (not with introspect)")
     parser.add_argument("--decide", choices=["noop", "naive", "introspect"], default="noop")
     parser.add_argument("--issuer", default="", help="the provider's URL (naive, introspect)")
-    parser.add_argument("--workers", type=int, default=1, help="processes sharing the ports (SO_REUSEPORT)")
     parser.add_argument("--pause-ms", type=float, default=0.0, help="freeze the loop this long ...")
     parser.add_argument("--pause-every-ms", type=float, default=1000.0, help="... this often")
     args = parser.parse_args(argv)
-    if args.workers <= 1:
-        _run_worker(args)
-        return
-    # Fork before any gRPC object exists: gRPC core does not survive a fork.
-    ctx = multiprocessing.get_context("fork")
-    workers = [ctx.Process(target=_run_worker, args=(args,), daemon=True) for _ in range(args.workers)]
-    for w in workers:
-        w.start()
+    import uvloop
 
-    def _stop(_sig: int, _frame: object) -> None:
-        for w in workers:
-            if w.pid:
-                os.kill(w.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    for w in workers:
-        w.join()
-    sys.exit(0)
+    uvloop.install()
+    asyncio.run(serve(args))
 
 
 if __name__ == "__main__":

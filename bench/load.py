@@ -7,8 +7,8 @@ request that should have been sent during the stall is charged for it: coordinat
 hidden. Requests not completed before the drain deadline are counted as ``dropped`` and recorded at
 the deadline (a lower bound). The *send lag* (actual - intended) shows the generator's own share.
 **Closed loop** keeps ``concurrency`` requests in flight (maximum throughput where the C tools cannot
-vary the request). Each process is ``python -m bench.load SPEC``: it prints ``ready``, waits for
-``go <perf_counter start>``, runs and prints one JSON line; :func:`run` merges their HdrHistograms.
+vary the request). The generator is ``python -m bench.load SPEC``, a process of its own: it prints ``ready``, waits for
+``go <perf_counter start>``, runs and prints one JSON line with its HdrHistograms encoded.
 
 **wrk** (forward-auth) and **h2load** (gRPC) give closed-loop maximum throughput only (their latencies
 hide coordinated omission). They must cost less than the server they measure: one fixed request is
@@ -64,16 +64,14 @@ class LoadSpec:
     payload_file: str  # length-prefixed records (see write_payloads)
     duration_s: float
     warmup_s: float = 0.5
-    rate: float = 0.0  # open loop: requests per second, total over all processes
-    connections: int = 8  # total over all processes
-    concurrency: int = 32  # closed loop: requests in flight, total over all processes
-    processes: int = 1
-    index: int = 0  # set per process by run()
+    rate: float = 0.0  # open loop: requests per second
+    connections: int = 8
+    concurrency: int = 32  # closed loop: requests in flight
 
 
 @dataclass(kw_only=True)
 class LoadResult:
-    """What one point measured (merged over processes)."""
+    """What one point measured."""
 
     completed: int = 0
     allowed: int = 0
@@ -82,7 +80,7 @@ class LoadResult:
     dropped: int = 0
     reused_payloads: int = 0
     window_s: float = 0.0
-    cpu_s: float = 0.0  # the generator's own CPU over the whole run, all processes
+    cpu_s: float = 0.0  # the generator's own CPU over the whole run
     wall_s: float = 0.0
     latency: HdrHistogram = field(default_factory=new_histogram)  # from intended send (open) / send (closed)
     service: HdrHistogram = field(default_factory=new_histogram)  # from actual send
@@ -109,14 +107,13 @@ def write_payloads(path: Path, payloads: Sequence[bytes]) -> None:
     path.write_bytes(b"".join(struct.pack(">I", len(p)) + p for p in payloads))
 
 
-def read_payloads(path: Path, index: int, stride: int) -> list[bytes]:
-    """Records ``index``, ``index + stride``, ...: each process gets its own share of a pool."""
-    data, out, pos, i = path.read_bytes(), [], 0, 0
+def read_payloads(path: Path) -> list[bytes]:
+    """What ``write_payloads`` wrote."""
+    data, out, pos = path.read_bytes(), [], 0
     while pos < len(data):
         (n,) = struct.unpack_from(">I", data, pos)
-        if i % stride == index:
-            out.append(data[pos + 4 : pos + 4 + n])
-        pos, i = pos + 4 + n, i + 1
+        out.append(data[pos + 4 : pos + 4 + n])
+        pos += 4 + n
     return out
 
 
@@ -296,7 +293,7 @@ def _child_main(spec_json: str) -> None:
 
     uvloop.install()
     spec = LoadSpec(**json.loads(spec_json))
-    payloads = _Payloads(read_payloads(Path(spec.payload_file), spec.index, spec.processes))
+    payloads = _Payloads(read_payloads(Path(spec.payload_file)))
     print("ready", flush=True)
     start = float(sys.stdin.readline().split()[1])
     end = start + spec.warmup_s + spec.duration_s
@@ -312,37 +309,26 @@ def _child_main(spec_json: str) -> None:
 
 
 def run(spec: LoadSpec, *, on_window: Callable[[float, float], None] | None = None) -> LoadResult:
-    """Run ``spec`` over ``spec.processes`` processes; ``on_window(start, end)`` is called with the
-    measured window's edges (perf_counter clock) so the caller can sample the server meanwhile."""
-    procs = []
-    for k in range(spec.processes):
-        share = dict(asdict(spec), index=k, rate=spec.rate / spec.processes)
-        share["connections"] = max(1, spec.connections // spec.processes)
-        share["concurrency"] = max(1, spec.concurrency // spec.processes)
-        cmd = [sys.executable, "-m", "bench.load", json.dumps(share)]
-        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-    for p in procs:
-        assert p.stdout is not None
-        if p.stdout.readline().strip() != "ready":
-            raise RuntimeError("load generator failed to start")
+    """Run ``spec`` in a process of its own; ``on_window(start, end)`` is called with the measured
+    window's edges (perf_counter clock) so the caller can sample the server meanwhile."""
+    cmd = [sys.executable, "-m", "bench.load", json.dumps(asdict(spec))]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError("load generator failed to start")
     start = time.perf_counter() + 0.3  # time to connect
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write(f"go {start!r}\n")
-        p.stdin.flush()
+    proc.stdin.write(f"go {start!r}\n")
+    proc.stdin.flush()
     if on_window is not None:
         on_window(start + spec.warmup_s, start + spec.warmup_s + spec.duration_s)
-    out = LoadResult()
-    for p in procs:
-        text = p.communicate()[0]
-        if p.returncode != 0 or not text.strip():
-            raise RuntimeError(f"load generator exited with {p.returncode}")
-        part = json.loads(text.strip().splitlines()[-1])
-        for name in ("completed", "allowed", "denied", "errors", "dropped", "reused_payloads", "cpu_s"):
-            setattr(out, name, getattr(out, name) + part[name])
-        out.wall_s, out.window_s = max(out.wall_s, part["wall_s"]), part["window_s"]
-        for name in ("latency", "service", "lag"):
-            getattr(out, name).add(HdrHistogram.decode(part[name + "_hdr"].encode()))
+    text = proc.communicate()[0]
+    if proc.returncode != 0 or not text.strip():
+        raise RuntimeError(f"load generator exited with {proc.returncode}")
+    part = json.loads(text.strip().splitlines()[-1])
+    out = LoadResult(**{k: part[k] for k in ("completed", "allowed", "denied", "errors", "dropped", "reused_payloads")})
+    out.cpu_s, out.wall_s, out.window_s = part["cpu_s"], part["wall_s"], part["window_s"]
+    for name in ("latency", "service", "lag"):
+        setattr(out, name, HdrHistogram.decode(part[name + "_hdr"].encode()))
     return out
 
 

@@ -229,18 +229,19 @@ class Servers:
         return Target(name=name, grpc_addr=grpc_addr, http_addr=http_addr, pids=(proc.pid,))
 
     def start_baseline(self, decide: str = "noop", *, workers: int = 1, issuer: str = "", **flags: str) -> Target:
-        """bench/baselines.py (``noop``, ``naive`` or ``introspect``) on fresh ports."""
+        """bench/baselines.py (``noop``, ``naive`` or ``introspect``) on fresh ports, in ``workers`` processes."""
         grpc_addr, http_addr = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         cmd = [sys.executable, "-m", "bench.baselines", "--http", http_addr, "--decide", decide, "--issuer", issuer]
-        cmd += ["--workers", str(workers)] + (["--grpc", grpc_addr] if decide != "introspect" else [])
+        cmd += ["--grpc", grpc_addr] if decide != "introspect" else []
         for k, v in flags.items():
             cmd += [f"--{k.replace('_', '-')}", v]
-        proc = self.spawn(cmd, f"{decide}.log")
-        wait_port(http_addr, proc)
-        if decide != "introspect":
-            wait_port(grpc_addr, proc)
+        started = [self.spawn(cmd, f"{decide}.log") for _ in range(workers)]  # sharing the ports (SO_REUSEPORT)
+        for proc in started:
+            wait_port(http_addr, proc)
+            if decide != "introspect":
+                wait_port(grpc_addr, proc)
         name = decide if workers == 1 else f"{decide} x{workers}"
-        return Target(name=name, grpc_addr=grpc_addr, http_addr=http_addr, pids=(proc.pid,))
+        return Target(name=name, grpc_addr=grpc_addr, http_addr=http_addr, pids=tuple(p.pid for p in started))
 
     def stop(self, target: Target | None = None) -> None:
         """Stop one target's processes, or all of them."""

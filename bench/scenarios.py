@@ -56,7 +56,7 @@ SUITES: dict[str, Suite] = {
                 ("--chunk", float, "seconds per wrk run (default 10)"),
                 ("--settle", float, "seconds after the flood before 'after' (default 5)"),
                 ("--threads", int, "wrk threads (default 1)"),
-                ("--connections", int, ""),
+                ("--connections", int, "wrk connections (memory: 32; nginx, edge: 16)"),
             ),
         ),
         Suite(
