@@ -1,4 +1,4 @@
-"""Small helpers every kind of test needs: a free loopback port and unpadded base64url.
+"""Small helpers every kind of test needs: a free loopback port, unpadded base64url, no HTTP session.
 
 One definition here instead of a copy per rig (issue #19). tests/ and tests/integration are both on pytest's
 ``pythonpath`` (pyproject.toml), so any test or harness imports it as ``from support import ...``.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import socket
+
+import aiohttp
 
 
 def free_port() -> int:
@@ -20,3 +22,8 @@ def free_port() -> int:
 def b64url(data: bytes) -> str:
     """base64url without padding (RFC 7515 section 2), as JOSE and WebAuthn use it."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def no_http_session() -> aiohttp.ClientSession:
+    """A session provider for a service that must make no outbound call in this test."""
+    raise AssertionError("this test makes no outbound HTTP call")

@@ -4,6 +4,9 @@
   and build their metric set from that module.
 - No service reads the environment: the root (`app.py`), the command line (`cli.py`) and settings read
   it and pass values in.
+- Only the root builds clients of the outside world (Redis connection pools, HTTP sessions, gRPC
+  channels): services take them, or a provider of them, through their constructors, so a test can hand
+  in its own and nothing opens a connection the root cannot close.
 """
 
 from __future__ import annotations
@@ -26,6 +29,26 @@ SECTION_PARSERS = {
     "config/revocation.py",
     "config/state.py",
     "config/webauthn.py",
+}
+
+
+# The composition root and the process entry points may build clients; nothing else in verifier/ may.
+COMPOSITION_ROOT = {"app.py", "cli.py", "workers.py"}
+# Constructors (called as `X(...)` or `module.X(...)`) of a Redis pool, an HTTP session or connection, a
+# gRPC channel.
+CLIENT_CONSTRUCTORS = {
+    "Redis",
+    "StrictRedis",
+    "RedisCluster",
+    "from_url",
+    "ClientSession",
+    "TCPConnector",
+    "urlopen",
+    "HTTPConnection",
+    "HTTPSConnection",
+    "AsyncClient",
+    "insecure_channel",
+    "secure_channel",
 }
 
 
@@ -87,3 +110,37 @@ def test_no_service_reads_the_environment() -> None:
 def test_the_environment_scan_sees_a_read() -> None:
     """The scan can fail: settings.py is seen to read the environment."""
     assert _environment_reads(_sources()["settings.py"])
+
+
+def _called(node: ast.Call) -> str | None:
+    """The name a call invokes: `X` for `X(...)` and `a.b.X(...)`."""
+    if isinstance(node.func, ast.Name):
+        return node.func.id
+    if isinstance(node.func, ast.Attribute):
+        return node.func.attr
+    return None
+
+
+def _constructions(tree: ast.Module, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of every call to one of `names`."""
+    return [
+        (node.lineno, name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and (name := _called(node)) in names
+    ]
+
+
+def test_only_the_root_builds_clients() -> None:
+    """A Redis pool or HTTP session built inside a service would escape the root's wiring and shutdown."""
+    offenders = {
+        name: found
+        for name, tree in _sources().items()
+        if name not in COMPOSITION_ROOT and (found := _constructions(tree, CLIENT_CONSTRUCTORS))
+    }
+    assert not offenders, f"clients built outside {sorted(COMPOSITION_ROOT)}: {offenders}"
+
+
+def test_the_client_scan_sees_the_root_build_them() -> None:
+    """The scan can fail: the root is seen to build the Redis pools and the HTTP sessions."""
+    found = {name for _, name in _constructions(_sources()["app.py"], CLIENT_CONSTRUCTORS)}
+    assert {"from_url", "ClientSession"} <= found

@@ -41,7 +41,7 @@ from tokenkit import (
     public_jwk,
 )
 
-from verifier.app import App
+from verifier.app import App, HttpSessions
 from verifier.clock import FrozenClock, SystemClock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.audit import token_hash
@@ -371,9 +371,9 @@ async def local_provider(jwks_document: dict[str, Any]) -> AsyncIterator[LocalPr
 
 @pytest.fixture
 async def http_fetcher() -> AsyncIterator[HttpFetcher]:
-    fetcher = HttpFetcher()
-    yield fetcher
-    await fetcher.close()
+    sessions = HttpSessions()
+    yield HttpFetcher(sessions.providers)
+    await sessions.close()
 
 
 def _closed_port() -> int:
