@@ -7,6 +7,8 @@
 - Only the root builds clients of the outside world (Redis connection pools, HTTP sessions, gRPC
   channels): services take them, or a provider of them, through their constructors, so a test can hand
   in its own and nothing opens a connection the root cannot close.
+- Only the root builds circuit breakers and the metric sets that register collectors (the classes of
+  `observe/metrics.py` that create a Counter/Gauge/Histogram or a registry): services receive theirs.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent / "verifier"
 METRIC_TYPES = {"Counter", "Gauge", "Histogram", "Summary", "Info", "Enum"}
 METRICS_MODULE = "observe/metrics.py"
-# Reading the environment is for whoever assembles the values, not for the services that use them.
+# Reading the environment is for whoever assembles the values, not for the services that use them:
+# the root (the admin token), the command line, and the settings layer at start-up. Within the settings
+# layer the line is drawn at the section parsers below: each reads only the `*_env` variables its own
+# section names, once, while the file is parsed, and hands the values on in its frozen section. Any
+# other module (a service, a door, a store) that reads the environment fails this test.
 ENVIRONMENT_READERS = {"app.py", "cli.py", "settings.py"}
-# Section parsers still read their `*_env` keys themselves; they move into the config package in the
-# schema branch (issue #19 part 2), which reads every `*_env` key in one place.
-# The config sections (verifier/config/) belong to the settings layer: they read the `*_env` variables
-# the file names, once, at start-up.
 SECTION_PARSERS = {
     "config/dpop.py",
     "config/introspection.py",
@@ -144,3 +146,36 @@ def test_the_client_scan_sees_the_root_build_them() -> None:
     """The scan can fail: the root is seen to build the Redis pools and the HTTP sessions."""
     found = {name for _, name in _constructions(_sources()["app.py"], CLIENT_CONSTRUCTORS)}
     assert {"from_url", "ClientSession"} <= found
+
+
+# Stateful parts with a lifetime of their own: one per provider, built where the wiring is visible.
+BREAKERS = {"CircuitBreaker"}
+
+
+def _registering_metric_sets() -> set[str]:
+    """Classes of the metrics module that create collectors (or a registry) when built, and `for_registry`."""
+    tree = _sources()[METRICS_MODULE]
+    found = {"for_registry"}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(
+            isinstance(call, ast.Call) and _called(call) in METRIC_TYPES | {"CollectorRegistry"}
+            for call in ast.walk(node)
+        ):
+            found.add(node.name)
+    return found
+
+
+def test_the_metric_sets_are_known() -> None:
+    """The scan below can fail: it knows the sets every service used to build for itself."""
+    assert {"Metrics", "RevocationMetrics", "IntrospectionMetrics", "WebAuthnMetrics"} <= _registering_metric_sets()
+
+
+def test_only_the_root_builds_breakers_and_metric_sets() -> None:
+    """A service building its own breaker or metric set hides it from the root (and from a test's fake)."""
+    names = BREAKERS | _registering_metric_sets()
+    offenders = {
+        name: found
+        for name, tree in _sources().items()
+        if name not in COMPOSITION_ROOT | {METRICS_MODULE} and (found := _constructions(tree, names))
+    }
+    assert not offenders, f"breakers or metric sets built outside {sorted(COMPOSITION_ROOT)}: {offenders}"

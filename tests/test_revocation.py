@@ -31,9 +31,10 @@ from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.errors import InvalidToken
+from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, TokenRevoked, parse_revocation_config
-from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.entry import REFUSAL_CODES, Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.subjects import SubjectError, subject_keys
 from verifier.settings import ConfigError, Settings
@@ -101,7 +102,8 @@ async def service(
 ) -> AsyncIterator[RevocationService]:
     svc = RevocationService(
         config(), state=MemoryState(clock), fetcher=provider, clock=clock,
-        registry=registry, session=no_http_session, on_credential_revoked=credentials, admin_token=ADMIN,
+        metrics=RevocationMetrics(registry, REFUSAL_CODES), session=no_http_session,
+        on_credential_revoked=credentials, admin_token=ADMIN,
     )
     await svc.start()
     yield svc
@@ -507,7 +509,7 @@ async def test_admin_api_is_404_when_the_env_var_is_unset(
 ) -> None:
     monkeypatch.delenv("VERIFIER_ADMIN_TOKEN", raising=False)
     svc = RevocationService(config(), state=MemoryState(clock), fetcher=provider, clock=clock,
-                            registry=CollectorRegistry(), session=no_http_session)
+                            metrics=RevocationMetrics(CollectorRegistry()), session=no_http_session)
     router = routes(svc)
     assert (await router.dispatch(admin("POST", document={"subject": USER}))).status == 404
     assert (await router.dispatch(admin("PUT"))).status == 404  # not 405: nothing discloses the API
@@ -547,7 +549,7 @@ async def test_the_service_does_not_read_the_environment(
     """Without a token passed in, the admin API is off, whatever the environment holds."""
     monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "from-env-" + "e" * 32)
     svc = RevocationService(config(), state=MemoryState(clock), fetcher=provider, clock=clock,
-                            registry=CollectorRegistry(), session=no_http_session)
+                            metrics=RevocationMetrics(CollectorRegistry()), session=no_http_session)
     router = routes(svc)
     assert (await router.dispatch(admin("GET", token="from-env-" + "e" * 32))).status != 200
 

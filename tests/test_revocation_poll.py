@@ -15,6 +15,7 @@ from ssf_transmitter import ACCOUNT_DISABLED, SESSION_REVOKED, SsfTransmitter
 from verifier.app import HttpSessions
 from verifier.clock import SystemClock
 from verifier.errors import StateUnavailable
+from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, parse_revocation_config
 from verifier.revocation.poll import poll_endpoint
@@ -47,7 +48,7 @@ async def service(transmitter: SsfTransmitter) -> AsyncIterator[RevocationServic
     }]})
     sessions, clock = HttpSessions(), SystemClock()
     svc = RevocationService(config, state=MemoryState(clock), fetcher=HttpFetcher(sessions.providers), clock=clock,
-                            registry=CollectorRegistry(), session=sessions.ssf)
+                            metrics=RevocationMetrics(CollectorRegistry()), session=sessions.ssf)
     await svc.start()
     yield svc
     await svc.stop()
@@ -128,7 +129,7 @@ async def test_a_polled_set_whose_mark_was_lost_still_takes_effect(transmitter: 
     sessions, clock = HttpSessions(), SystemClock()
     state = LateMark(clock)
     svc = RevocationService(config, state=state, fetcher=HttpFetcher(sessions.providers), clock=clock,
-                            registry=CollectorRegistry(), session=sessions.ssf)
+                            metrics=RevocationMetrics(CollectorRegistry()), session=sessions.ssf)
     await svc.start()
     try:
         token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-4"})

@@ -13,9 +13,11 @@ import logging
 import os
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -32,6 +34,7 @@ from verifier.checks.revocation import Revocation
 from verifier.checks.step_up import WebAuthnStepUp
 from verifier.clock import Clock, SystemClock
 from verifier.config.dpop import DpopConfig
+from verifier.config.introspection import IntrospectionConfig
 from verifier.config.revocation import check_transmitter_scopes
 from verifier.decision import Decision
 from verifier.doors.admin_http import add_admin_routes
@@ -41,13 +44,20 @@ from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
 from verifier.observe.audit import FLUSH_INTERVAL_SECONDS, flush_logs
-from verifier.observe.metrics import Metrics
+from verifier.observe.metrics import (
+    IntrospectionMetrics,
+    IssuerIntrospectionMetrics,
+    Metrics,
+    RevocationMetrics,
+    WebAuthnMetrics,
+)
 from verifier.pipeline import Admitted, Pipeline
 from verifier.policy.ratelimit import RateLimiter
 from verifier.policy.roles import IssuerRoles, RoleMapper
 from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.revocation import RevocationService
+from verifier.revocation.entry import REFUSAL_CODES
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.store import DEFAULT_TIMEOUT_SECONDS as STORE_TIMEOUT_SECONDS
 from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
@@ -57,6 +67,7 @@ from verifier.state.redis import RedisState
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.fetch import Fetcher, HttpFetcher
 from verifier.tokens.introspection import Introspector
+from verifier.tokens.introspection_breaker import BreakerState, CircuitBreaker
 from verifier.tokens.jwks import IssuerKeys, KeyStore
 from verifier.tokens.jwt import JwtVerifier
 from verifier.webauthn import SqliteCredentialStore, WebAuthnService
@@ -103,6 +114,24 @@ class HttpSessions:
         for session in self._open.values():
             await session.close()
         self._open.clear()
+
+
+def build_introspector(
+    *, issuer: str, config: IntrospectionConfig, clock: Clock, registry: CollectorRegistry, **options: Any
+) -> Introspector:
+    """One issuer's introspector, with its metrics and its circuit breaker (reported on the breaker gauge).
+
+    `options` are the rest of `Introspector`'s arguments (audiences, endpoint, session provider, seams).
+    """
+    metrics = IssuerIntrospectionMetrics(IntrospectionMetrics.for_registry(registry), issuer)
+    metrics.breaker.set(int(BreakerState.CLOSED))
+    breaker = CircuitBreaker(
+        failure_threshold=config.breaker_failures,
+        cooldown_seconds=config.breaker_cooldown_seconds,
+        clock=clock,
+        on_change=lambda state: metrics.breaker.set(int(state)),
+    )
+    return Introspector(issuer=issuer, config=config, clock=clock, metrics=metrics, breaker=breaker, **options)
 
 
 def redis_client(url: str, *, password: str | None, timeout_seconds: float, subscriber: bool = False) -> Redis:
@@ -184,7 +213,7 @@ class App:
         self.state = shared_state(settings.state, self.clock)
         self.dpop = DpopVerifier(settings.dpop or DpopConfig(), self.state, self.clock)
         self.introspectors = {
-            i.issuer: Introspector(
+            i.issuer: build_introspector(
                 issuer=i.issuer,
                 audiences=i.audiences,
                 config=i.introspection,
@@ -208,7 +237,7 @@ class App:
                 state=self.state,
                 fetcher=self.fetcher,
                 clock=self.clock,
-                registry=self.metrics.registry,
+                metrics=RevocationMetrics(self.metrics.registry, REFUSAL_CODES),
                 on_credential_revoked=self._credentials_revoked,
             )
         self.webauthn: WebAuthnService | None = None
@@ -218,7 +247,7 @@ class App:
                 SqliteCredentialStore(settings.webauthn.sqlite_path),
                 self.state,
                 self.clock,
-                self.metrics.registry,
+                WebAuthnMetrics(self.metrics.registry),
                 realm=settings.realm,
             )
         self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)

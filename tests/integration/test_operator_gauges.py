@@ -16,6 +16,7 @@ from ssf_transmitter import SsfTransmitter
 from verifier import app as app_module
 from verifier.app import HttpSessions
 from verifier.clock import SystemClock
+from verifier.observe.metrics import RevocationMetrics
 from verifier.revocation import RevocationService, parse_revocation_config
 from verifier.state import StateConfig
 from verifier.state.memory import MemoryState
@@ -87,7 +88,7 @@ async def test_ssf_polls_are_counted_by_result(reachable: bool) -> None:
         sessions, clock = HttpSessions(), SystemClock()
         service = RevocationService(
             config, state=MemoryState(clock), fetcher=HttpFetcher(sessions.providers), clock=clock,
-            registry=registry, session=sessions.ssf,
+            metrics=RevocationMetrics(registry), session=sessions.ssf,
         )
         try:
             if reachable:

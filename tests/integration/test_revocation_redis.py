@@ -19,6 +19,7 @@ from verifier.clock import SystemClock
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
+from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, parse_revocation_config
 from verifier.state import SharedState, StateConfig
@@ -74,7 +75,7 @@ class Replicas:
         fetcher = HttpFetcher(sessions.providers)
         service = RevocationService(self.config, store=revocation_store(config),
                                     state=state, fetcher=fetcher,
-                                    clock=clock, registry=CollectorRegistry(), session=sessions.ssf,
+                                    clock=clock, metrics=RevocationMetrics(CollectorRegistry()), session=sessions.ssf,
                                     admin_token=ADMIN)
         await service.start()
         self.started.append((service, state, sessions))

@@ -15,7 +15,6 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 
 from verifier.clock import Clock
 from verifier.config.revocation import POLL, PUSH, RevocationConfig, TransmitterConfig
@@ -56,7 +55,7 @@ class RevocationService:
         state: SharedState,
         fetcher: Fetcher,
         clock: Clock,
-        registry: CollectorRegistry,
+        metrics: RevocationMetrics,
         session: Callable[[], aiohttp.ClientSession],
         on_credential_revoked: CredentialCallback | None = None,
         store: RevocationStore | None = None,
@@ -65,7 +64,7 @@ class RevocationService:
     ) -> None:
         self.config = config
         self._clock = clock
-        self.metrics = RevocationMetrics(registry, (e.value for e in Effect if e is not Effect.CLAIMS_OVERRIDE))
+        self.metrics = metrics  # the root's, with `REFUSAL_CODES` exported at zero
         self.revocations = Revocations(clock)
         self._store: RevocationStore = store if store is not None else MemoryStore()  # the root picks the store
         key_metrics = TransmitterKeyMetrics(self.metrics)
