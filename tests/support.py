@@ -1,4 +1,5 @@
-"""Small helpers every kind of test needs: a free loopback port, unpadded base64url, no HTTP session.
+"""Small helpers every kind of test needs: a free loopback port, unpadded base64url, no HTTP session,
+a frozen clock.
 
 One definition here instead of a copy per rig (issue #19). tests/ and tests/integration are both on pytest's
 ``pythonpath`` (pyproject.toml), so any test or harness imports it as ``from support import ...``.
@@ -27,3 +28,24 @@ def b64url(data: bytes) -> str:
 def no_http_session() -> aiohttp.ClientSession:
     """A session provider for a service that must make no outbound call in this test."""
     raise AssertionError("this test makes no outbound HTTP call")
+
+
+class FrozenClock:
+    """A `verifier.clock.Clock` that moves only when told to."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self._now = now
+        self._mono = 1000.0
+
+    def now(self) -> float:
+        """The frozen wall time."""
+        return self._now
+
+    def monotonic(self) -> float:
+        """The frozen monotonic time."""
+        return self._mono
+
+    def advance(self, seconds: float) -> None:
+        """Moves both clocks forward."""
+        self._now += seconds
+        self._mono += seconds

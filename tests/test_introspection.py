@@ -21,9 +21,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from prometheus_client import CollectorRegistry
+from support import FrozenClock
 
 from verifier.app import build_introspector
-from verifier.clock import FrozenClock, SystemClock
+from verifier.clock import SystemClock
 from verifier.config.introspection import (
     DEFAULT_BATCH_WINDOW_SECONDS,
     DEFAULT_MAX_IN_FLIGHT,

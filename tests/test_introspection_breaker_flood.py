@@ -14,10 +14,10 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import CollectorRegistry
 from rawprovider import RawProvider, Route, json_route
+from support import FrozenClock
 from tokenkit import AUDIENCE
 
 from verifier.app import build_introspector
-from verifier.clock import FrozenClock
 from verifier.errors import InvalidToken, ProviderUnavailable
 from verifier.tokens.fetch import HttpFetcher
 from verifier.tokens.introspection import Introspector, parse_introspection_config

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from support import FrozenClock
 from tokenkit import AUDIENCE, FakeFetcher, discovery_document, make_issuer_keys
 
 from verifier.app import build_introspector
-from verifier.clock import FrozenClock
 from verifier.config.introspection import IntrospectionConfig
 from verifier.errors import ProviderUnavailable
 from verifier.revocation import parse_revocation_config

@@ -27,6 +27,7 @@ from aiohttp import web
 from doorkit import http_exchange
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
+from support import FrozenClock
 from tokenkit import (
     DISCOVERY_URL,
     ISSUER,
@@ -42,7 +43,7 @@ from tokenkit import (
 )
 
 from verifier.app import App, HttpSessions, build_introspector
-from verifier.clock import FrozenClock, SystemClock
+from verifier.clock import SystemClock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.audit import token_hash
 from verifier.request import RequestAttributes

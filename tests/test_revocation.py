@@ -21,11 +21,10 @@ from ssf_transmitter import (
     TOKEN_CLAIMS_CHANGE,
     SsfTransmitter,
 )
-from support import no_http_session
+from support import FrozenClock, no_http_session
 from tokenkit import ISSUER, NOW, FakeFetcher, issuer_settings
 
 from verifier.app import SSF_USER_AGENT, App
-from verifier.clock import FrozenClock
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from support import FrozenClock
 from tokenkit import NOW
 
 from verifier.app import shared_state
-from verifier.clock import FrozenClock
 from verifier.settings import ConfigError
 from verifier.state import StateConfig, parse_state_config
 from verifier.state.base import TakeResult

@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fido2.webauthn import CollectedClientData
 from prometheus_client import CollectorRegistry
+from support import FrozenClock
 from webauthnkit import FLAGS, ORIGIN, RP_ID, SoftAuthenticator, b64u, encode_header, unb64u
 
-from verifier.clock import FrozenClock
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.webauthn_http import add_webauthn_routes

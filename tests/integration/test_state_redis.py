@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 from redis_harness import RedisServer, start_redis  # tests/integration is on sys.path
+from support import FrozenClock
 
 from verifier.app import redis_client
-from verifier.clock import FrozenClock
 from verifier.errors import StateUnavailable
 from verifier.state.memory import MemoryState
 from verifier.state.redis import RedisState

@@ -39,7 +39,7 @@ from verifier.tokens.jwks import IssuerKeys
 
 log = logging.getLogger("verifier.revocation")
 
-DEFAULT_START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
+START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
 LOAD_RETRY_SECONDS = 0.2  # between attempts at the initial load
 
 CredentialCallback = Callable[[CredentialRevocation], Awaitable[None]]  # disables WebAuthn credentials
@@ -60,7 +60,6 @@ class RevocationService:
         on_credential_revoked: CredentialCallback | None = None,
         store: RevocationStore | None = None,
         admin_token: str | None = None,
-        start_timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
     ) -> None:
         self.config = config
         self._clock = clock
@@ -81,7 +80,6 @@ class RevocationService:
             clock=clock,
             max_token_lifetime=float(config.max_token_lifetime_seconds),
         )
-        self._start_timeout = start_timeout_seconds
         self._tasks: list[asyncio.Task[None]] = []
         self._session = session  # the poller's: the root builds it and closes it
         self._loading: list[tuple[list[Entry], list[str]]] | None = None  # changes seen during a reload
@@ -131,7 +129,7 @@ class RevocationService:
     # -- keeping the index in sync ------------------------------------------------------------------
 
     async def _with_retry(self, step: Callable[[], Awaitable[None]]) -> None:
-        deadline = self._clock.monotonic() + self._start_timeout
+        deadline = self._clock.monotonic() + START_TIMEOUT_SECONDS
         while True:
             try:
                 await step()

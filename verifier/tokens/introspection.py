@@ -51,7 +51,6 @@ from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.introspection_breaker import CircuitBreaker
 from verifier.tokens.introspection_client import (
     AiohttpIntrospectionHttp,
-    Dispatcher,
     IntrospectionHttp,
     IntrospectionResult,
     ProviderClient,
@@ -141,14 +140,12 @@ class Introspector:
         metrics: IssuerIntrospectionMetrics,
         breaker: CircuitBreaker,
         http: IntrospectionHttp | None = None,
-        dispatcher: Callable[[ProviderClient], Dispatcher] | None = None,
-        discovery_url: str = "",
         discovered_endpoint: Callable[[], str] | None = None,
     ) -> None:
         """Endpoint, first found wins: `config.endpoint`, `endpoint`, `discovered_endpoint()` (a late-bound
         lookup in discovery metadata someone else fetched), else discovery fetched here on first use.
-        `http` replaces the network seam (tests); `dispatcher` replaces the batch strategy. `metrics` and
-        `breaker` are the root's (`verifier.app.build_introspector`): the breaker reports to the breaker gauge."""
+        `http` replaces the network seam (tests). `metrics` and `breaker` are the root's
+        (`verifier.app.build_introspector`): the breaker reports to the breaker gauge."""
         self.issuer = issuer
         self.audiences = frozenset(audiences)
         self.config = config
@@ -160,13 +157,13 @@ class Introspector:
             config=config,
             endpoint=endpoint,
             discovered_endpoint=discovered_endpoint,
-            discovery_url=discovery_url or issuer.rstrip("/") + "/.well-known/openid-configuration",
+            discovery_url=issuer.rstrip("/") + "/.well-known/openid-configuration",
             http=http or AiohttpIntrospectionHttp(session_provider),
             clock=clock,
             breaker=self.breaker,
             metrics=metrics,
         )
-        self._dispatcher = (dispatcher or default_dispatcher)(self.client)
+        self._dispatcher = default_dispatcher(self.client)
         self._positive: ExpiringCache[_Cached] = ExpiringCache(config.positive_entries, clock)
         self._negative: ExpiringCache[bool] = ExpiringCache(config.negative_entries, clock)
         self._inflight: dict[bytes, asyncio.Future[_Verdict]] = {}
