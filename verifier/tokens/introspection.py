@@ -48,7 +48,7 @@ from verifier.observe.metrics import IssuerIntrospectionMetrics
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
 from verifier.tokens.cache import ExpiringCache
-from verifier.tokens.introspection_breaker import CircuitBreaker
+from verifier.tokens.introspection_breaker import Breaker
 from verifier.tokens.introspection_client import (
     AiohttpIntrospectionHttp,
     IntrospectionHttp,
@@ -138,7 +138,7 @@ class Introspector:
         session_provider: Callable[[], aiohttp.ClientSession],
         clock: Clock,
         metrics: IssuerIntrospectionMetrics,
-        breaker: CircuitBreaker,
+        breaker: Breaker,
         http: IntrospectionHttp | None = None,
         discovered_endpoint: Callable[[], str] | None = None,
     ) -> None:
