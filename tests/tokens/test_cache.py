@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from support import FrozenClock
 from tokenkit import NOW
 
-from verifier.clock import FrozenClock
 from verifier.tokens.cache import ExpiringCache
 
 
