@@ -1,0 +1,159 @@
+-- The Kong consumer behind a verified identity.
+--
+-- The verifier names it in its allow answer (`upstream.consumer` in the
+-- verifier's config): `X-Kong-Consumer-Username` or `X-Kong-Consumer-Custom-Id`.
+-- This module finds that consumer in Kong's datastore through Kong's entity
+-- cache and authenticates it the way Kong's own authenticators do
+-- (kong.client.authenticate plus the X-Consumer-* upstream headers), so acl
+-- (also by consumer group), rate-limiting by consumer and consumer-scoped
+-- plugins after this one key on it.
+
+local kong = kong
+local ngx = ngx
+local type = type
+local pcall = pcall
+local require = require
+
+local _M = {}
+
+-- Answer headers naming the consumer, and the consumer field each names.
+local NAMING_HEADERS = {
+  { "x-kong-consumer-username", "username" },
+  { "x-kong-consumer-custom-id", "custom_id" },
+}
+
+-- The upstream headers every Kong authenticator sets; a client sending them
+-- is trying to pass as a consumer.
+_M.HEADERS = {
+  "X-Consumer-ID", "X-Consumer-Custom-ID", "X-Consumer-Username",
+  "X-Credential-Identifier", "X-Anonymous-Consumer",
+}
+
+
+--- What the verifier's answer names: field ("username" or "custom_id") and
+-- value; nil when it names no consumer; nil, nil, err when it names one
+-- ambiguously (both ways, or a header repeated), which is a misconfiguration.
+-- `headers`: lower-case name -> value, or array of values.
+function _M.named(headers)
+  local field, value
+  for i = 1, #NAMING_HEADERS do
+    local v = headers[NAMING_HEADERS[i][1]]
+    if v ~= nil then
+      if field or type(v) == "table" then
+        return nil, nil, "the verifier's answer names more than one consumer"
+      end
+      field, value = NAMING_HEADERS[i][2], v
+    end
+  end
+  return field, value
+end
+
+
+local function select_by_username(username)
+  return kong.db.consumers:select_by_username(username)
+end
+
+
+local function select_by_custom_id(custom_id)
+  return kong.db.consumers:select_by_custom_id(custom_id)
+end
+
+
+-- Kong keeps no cache entry by custom_id; this plugin's own, invalidated in
+-- init_worker. The second part keeps it apart from Kong's keys by id and by
+-- username (both a single part).
+local function custom_id_key(custom_id)
+  return kong.db.consumers:cache_key("custom_id", custom_id)
+end
+
+
+--- The consumer whose `field` is `value`, or nil; or nil, err when the
+-- datastore failed.
+function _M.load(field, value)
+  if value == "" then
+    return nil  -- no consumer has an empty name, and "" would blur cache keys
+  end
+  local consumers, cache = kong.db.consumers, kong.cache
+  if field == "custom_id" then
+    return cache:get(custom_id_key(value), nil, select_by_custom_id, value)
+  end
+  -- Kong caches consumers by username under this key (and invalidates it when
+  -- one changes), as for an authenticator's `anonymous` by username. Not
+  -- kong.client.load_consumer(value, true): that first tries the value as an
+  -- id, so a subject equal to some consumer's id would become that consumer.
+  local consumer, err = cache:get(consumers:cache_key(value), nil, select_by_username, value)
+  if consumer and consumer.username ~= value then
+    -- the same key holds consumers cached by id (jwt, key-auth, anonymous):
+    -- a username that is another consumer's id must not find that one
+    return consumers:select_by_username(value)
+  end
+  return consumer, err
+end
+
+
+--- The `anonymous` consumer of the configuration (its id or username, Kong's
+-- convention), or nil; or nil, err. Loaded as Kong's authenticators load theirs.
+function _M.load_anonymous(name)
+  return kong.cache:get(kong.db.consumers:cache_key(name), nil,
+                        kong.client.load_consumer, name, true)
+end
+
+
+local function set_or_clear(name, value)
+  if value == nil or value == ngx.null then
+    return kong.service.request.clear_header(name)
+  end
+  return kong.service.request.set_header(name, value)
+end
+
+
+--- Authenticates `consumer` with `credential` (nil for the anonymous
+-- consumer, or an identity without a user id) and sets the upstream headers
+-- as Kong's authenticators do. The consumer groups an earlier authenticator's
+-- consumer brought are dropped first: kong.client.authenticate keeps groups
+-- already set, and they are not this consumer's.
+function _M.authenticate(consumer, credential, anonymous)
+  local client = kong.client
+  if client.set_authenticated_consumer_groups then  -- Kong 3.4 and later
+    client.set_authenticated_consumer_groups(nil)
+  end
+  client.authenticate(consumer, credential)
+  set_or_clear("X-Consumer-ID", consumer.id)
+  set_or_clear("X-Consumer-Custom-ID", consumer.custom_id)
+  set_or_clear("X-Consumer-Username", consumer.username)
+  set_or_clear("X-Credential-Identifier", credential and credential.id)
+  if anonymous then
+    kong.service.request.set_header("X-Anonymous-Consumer", "true")
+  else
+    kong.service.request.clear_header("X-Anonymous-Consumer")
+  end
+end
+
+
+local function invalidate_custom_id(entity)
+  local custom_id = entity and entity.custom_id
+  if type(custom_id) == "string" and custom_id ~= "" then
+    kong.cache:invalidate(custom_id_key(custom_id))
+  end
+end
+
+
+local function on_consumer_crud(data)
+  -- cache keys carry the workspace: the event's, not whatever was current
+  local ok, workspaces = pcall(require, "kong.workspaces")
+  if ok and workspaces.set_workspace then
+    workspaces.set_workspace(data.workspace)
+  end
+  invalidate_custom_id(data.old_entity)
+  invalidate_custom_id(data.entity)
+end
+
+
+--- Drops this worker's custom_id entries whenever a consumer changes (Kong
+-- sends every node's consumer writes to every worker as "crud" events).
+function _M.init_worker()
+  kong.worker_events.register(on_consumer_crud, "crud", "consumers")
+end
+
+
+return _M
