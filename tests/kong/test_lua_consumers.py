@@ -19,8 +19,12 @@ from test_lua_plugin import call, shim_json, upstream_saw
 
 pytestmark = pytest.mark.integration
 
-ALICE = {"id": "6f1b5b0e-4a4e-4c53-9a58-2b1f6a0e7c11", "username": "alice", "custom_id": "cust-9",
-         "groups": ["readers"]}
+ALICE = {
+    "id": "6f1b5b0e-4a4e-4c53-9a58-2b1f6a0e7c11",
+    "username": "alice",
+    "custom_id": "cust-9",
+    "groups": ["readers"],
+}
 CAROL = {"id": "c0c0c0c0-1111-4222-8333-444455556666", "username": "carol", "groups": ["guests"]}
 GUEST = {"id": "9e9e9e9e-0000-4000-8000-00000000a000", "username": "guest", "groups": ["anonymous-readers"]}
 BOB = {"id": "0b0b0b0b-0000-4000-8000-000000000001", "username": "bob", "groups": ["admins"]}
@@ -184,9 +188,7 @@ def test_an_unknown_consumer_passes_as_the_anonymous_consumer_when_configured(
     assert c["credential"] is None
 
 
-def test_a_configured_anonymous_consumer_that_does_not_exist_fails_closed(
-    start_nginx, echo_upstream, standin_verifier
-):
+def test_a_configured_anonymous_consumer_that_does_not_exist_fails_closed(start_nginx, echo_upstream, standin_verifier):
     conf = {"url": standin_verifier.url, "consumer_not_found": "anonymous", "anonymous": "ghost"}
     base = start_nginx(conf, echo_upstream, consumers=CONSUMERS)
 
@@ -239,7 +241,10 @@ def test_the_consumer_of_an_earlier_authenticator_is_kept_when_none_is_named(
 def test_the_named_consumer_replaces_an_earlier_one_and_its_groups(start_nginx, echo_upstream, standin_verifier):
     # Kong's authenticate keeps consumer groups already set: bob's "admins" must not stick to alice
     base = start_nginx(
-        {"url": standin_verifier.url}, echo_upstream, consumers=CONSUMERS, preauthenticated=BOB,
+        {"url": standin_verifier.url},
+        echo_upstream,
+        consumers=CONSUMERS,
+        preauthenticated=BOB,
         later={"acl": {"allow": ["admins"]}},
     )
 
@@ -302,8 +307,9 @@ def test_client_consumer_groups_never_reach_the_upstream(start_nginx, echo_upstr
     base = start_nginx({"url": standin_verifier.url}, echo_upstream, consumers=CONSUMERS)
 
     for token in ["good", "username=alice"]:
-        status, _, body = call(base, headers=bearer(token, **{"X-Consumer-Groups": "admins",
-                                                             "x_consumer_groups": "admins"}))
+        status, _, body = call(
+            base, headers=bearer(token, **{"X-Consumer-Groups": "admins", "x_consumer_groups": "admins"})
+        )
         assert status == 200
         assert "x-consumer-groups" not in upstream_saw(body)["h"]
 

@@ -783,3 +783,21 @@ def test_the_naming_headers_never_reach_the_upstream(kong, naming_verifier):
 
     written = named(calls, "kong.service.request.set_header") + named(calls, "kong.service.request.add_header")
     assert written and not [args for args in written if args[0].lower().startswith("x-kong")]
+
+
+@pytest.mark.xfail(strict=True, reason="needs #20 verifier side")
+def test_the_consumer_the_real_verifier_names_is_authenticated(kong, provider, token, tmp_path):
+    # the harness's client-credentials tokens have `sub` "app"
+    app = {"id": "a0a0a0a0-0000-4000-8000-00000000a001", "username": "app"}
+    own = start_verifier(tmp_path, issuer=provider.issuer,
+                         extra_config={"upstream": {"consumer": {"claim": "sub", "by": "username"}}})
+    try:
+        iid = start_instance(kong, grpc_target=grpc_target(own))
+        calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"Bearer {token}"},
+                                                             consumers=[app]))
+    finally:
+        own.stop()
+
+    assert not named(calls, "kong.response.error") and not named(calls, "kong.response.exit")
+    assert named(calls, "kong.client.authenticate") == [[app, {"id": "app", "consumer_id": app["id"]}]]
+    assert upstream_after(calls)["x-consumer-username"] == "app"
