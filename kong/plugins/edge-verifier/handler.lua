@@ -165,7 +165,8 @@ end
 -- One pass over every request header (the PDK's get_headers: names
 -- lower-cased, repeated headers as arrays). Clears identity headers only this
 -- plugin may set, since a client sending them is trying to pass as someone,
--- X-Consumer-Groups, and method overrides, and returns what the rest of the request needs:
+-- X-Consumer-Groups, and method overrides, and returns what the rest of the
+-- request needs:
 --   authorization   the Authorization value(s), or nil
 --   single_use      a DPoP proof or X-WebAuthn-Assertion is present: the
 --                   answer must never come from the cache (a replayed proof
@@ -383,7 +384,8 @@ local function authenticate_named(conf, decision, userid)
     return unexpected("loading the consumer the verifier named: ", err)
   end
   if consumer then
-    return consumers.authenticate(consumer, userid and { id = userid, consumer_id = consumer.id } or nil)
+    local credential = userid and { id = userid, consumer_id = consumer.id } or nil
+    return consumers.authenticate(consumer, credential)
   end
 
   if conf.consumer_not_found ~= "anonymous" then
