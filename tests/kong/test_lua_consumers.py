@@ -37,6 +37,7 @@ SPOOFED = {
     "X-Credential-Identifier": "root-credential",
     "X-Anonymous-Consumer": "false",
     "X-Consumer-Groups": "admins",
+    "X-Kong-Consumer-Username": "root",
 }
 REFUSED = {"message": "The verified identity is not a known consumer"}
 

@@ -633,6 +633,8 @@ GUEST = {"id": "9e9e9e9e-0000-4000-8000-00000000a000", "username": "guest"}
 BOB = {"id": "0b0b0b0b-0000-4000-8000-000000000001", "username": "bob"}
 UNKNOWN_CONSUMER = [[403, "The verified identity is not a known consumer"]]
 UNEXPECTED = [[500, "An unexpected error occurred"]]
+# cleared on every request: how the verifier names a consumer, and the one a client claimed to be named by
+NAMES_CLEARED = {"x-kong-consumer-username": None, "x-kong-consumer-custom-id": None, "x-kong-consumer-id": None}
 
 
 class _NamingVerifier(verifier_pb2_grpc.VerifierServicer):
@@ -659,7 +661,7 @@ def naming_verifier() -> Iterator[str]:
 
 
 def consumer_request(token: str, **kwargs: Any) -> KongRequest:
-    spoofed = {name: "admin" for name in CONSUMER_HEADERS} | {"X-Consumer-Groups": "admins"}
+    spoofed = {name: "admin" for name in CONSUMER_HEADERS} | {"X-Consumer-Groups": "admins", "X-Kong-Consumer-Id": "0"}
     return KongRequest(headers={"Authorization": f"Bearer {token}", **spoofed}, consumers=[ALICE, GUEST], **kwargs)
 
 
@@ -692,6 +694,7 @@ def test_the_named_consumer_is_authenticated_with_the_usual_upstream_headers(kon
         "x-credential-identifier": "user-1",
         "x-anonymous-consumer": None,
         "x-consumer-groups": None,
+        **NAMES_CLEARED,
     }
 
 
@@ -728,6 +731,7 @@ def test_an_unknown_consumer_passes_as_the_anonymous_consumer_when_configured(ko
         "x-credential-identifier": None,
         "x-anonymous-consumer": "true",
         "x-consumer-groups": None,
+        **NAMES_CLEARED,
     }
 
 
@@ -772,8 +776,8 @@ def test_the_consumer_of_an_earlier_authenticator_is_kept_when_none_is_named(kon
     calls = kong.handle_event(iid, "access", consumer_request("good", consumer=BOB))
 
     assert not named(calls, "kong.client.authenticate")
-    # bob's X-Consumer-* stay; a client's X-Consumer-Groups never does
-    assert upstream_after(calls) == {"x-consumer-groups": None}
+    # bob's X-Consumer-* stay; a client's X-Consumer-Groups and X-Kong-Consumer-* never do
+    assert upstream_after(calls) == {"x-consumer-groups": None, **NAMES_CLEARED}
 
 
 def test_the_naming_headers_never_reach_the_upstream(kong, naming_verifier):

@@ -63,6 +63,10 @@ local IS_METHOD_OVERRIDE = {
 -- Set by acl (priority 950, after this plugin) for the consumer it allowed;
 -- from a client it is a claim to groups nobody checked.
 local CONSUMER_GROUPS_HEADER = "x-consumer-groups"
+-- How the verifier names the consumer to this plugin; from a client, a name
+-- nobody checked.
+local NAMING_PREFIX = "x-kong-consumer-"
+local NAMING_PREFIX_LEN = #NAMING_PREFIX
 -- first bytes of the header names the scan below looks at
 local BYTE_X, BYTE_UPPER_X = byte("x"), byte("X")
 local BYTE_A, BYTE_UPPER_A = byte("a"), byte("A")
@@ -165,8 +169,8 @@ end
 -- One pass over every request header (the PDK's get_headers: names
 -- lower-cased, repeated headers as arrays). Clears identity headers only this
 -- plugin may set, since a client sending them is trying to pass as someone,
--- X-Consumer-Groups, and method overrides, and returns what the rest of the
--- request needs:
+-- X-Consumer-Groups, X-Kong-Consumer-*, and method overrides, and returns what
+-- the rest of the request needs:
 --   authorization   the Authorization value(s), or nil
 --   single_use      a DPoP proof or X-WebAuthn-Assertion is present: the
 --                   answer must never come from the cache (a replayed proof
@@ -188,7 +192,8 @@ local function scan_headers(headers)
       -- frameworks (nginx drops such names unless underscores_in_headers is on)
       local dashed = gsub(lname, "_", "-")
       if sub(dashed, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX
-          or IS_METHOD_OVERRIDE[dashed] or dashed == CONSUMER_GROUPS_HEADER then
+          or IS_METHOD_OVERRIDE[dashed] or dashed == CONSUMER_GROUPS_HEADER
+          or sub(dashed, 1, NAMING_PREFIX_LEN) == NAMING_PREFIX then
         kong.service.request.clear_header(name)
       elseif IS_CONSUMER_HEADER[lname] then
         consumer_sent = true
