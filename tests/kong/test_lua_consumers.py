@@ -291,6 +291,23 @@ def test_a_subject_equal_to_a_consumer_id_kong_cached_by_id_does_not_become_that
     assert "x-credential-identifier" not in h
 
 
+def test_a_subject_equal_to_a_consumer_id_does_not_poison_kongs_cache_entry_for_that_id(
+    start_nginx, echo_upstream, standin_verifier
+):
+    # Kong keeps consumers by id under consumers:cache_key(id) (its authenticators, `anonymous` by id):
+    # a username lookup remembered there as "not found" would make that consumer vanish for all of them
+    conf = {"url": standin_verifier.url, "consumer_not_found": "anonymous", "anonymous": GUEST["id"]}
+    base = start_nginx(conf, echo_upstream, consumers=CONSUMERS)
+
+    first = call(base, headers=bearer(f"username={GUEST['id']}"))
+    then = call(base, headers=bearer("username=mallory"))
+
+    for status, _, body in (first, then):
+        assert status == 200
+        assert consumer_headers(body)["x-anonymous-consumer"] == ["true"]
+        assert consumer_headers(body)["x-consumer-id"] == [GUEST["id"]]
+
+
 @pytest.mark.parametrize("token", ["both", "twice"])
 def test_an_answer_naming_more_than_one_consumer_fails_closed(start_nginx, echo_upstream, standin_verifier, token):
     base = start_nginx({"url": standin_verifier.url}, echo_upstream, consumers=[*CONSUMERS, BOB])

@@ -12,6 +12,7 @@ local kong = kong
 local ngx = ngx
 local type = type
 local pcall = pcall
+local pairs = pairs
 local require = require
 
 local _M = {}
@@ -59,35 +60,29 @@ local function select_by_custom_id(custom_id)
 end
 
 
--- Kong keeps no cache entry by custom_id; this plugin's own, invalidated in
--- init_worker. The second part keeps it apart from Kong's keys by id and by
--- username (both a single part).
-local function custom_id_key(custom_id)
-  return kong.db.consumers:cache_key("custom_id", custom_id)
+local SELECT_BY = { username = select_by_username, custom_id = select_by_custom_id }
+
+
+-- This plugin's cache key for the consumer whose `field` is `value`; it
+-- invalidates them itself (init_worker). Not Kong's consumers:cache_key(name),
+-- which Kong's authenticators share for ids and usernames alike: a subject
+-- equal to some consumer's id would read that consumer there, or, not found
+-- as a username, leave a miss that hides that consumer from them all. The
+-- second part keeps these keys apart from Kong's (one part, `value` not "").
+local function key_for(field, value)
+  return kong.db.consumers:cache_key(field, value)
 end
 
 
---- The consumer whose `field` is `value`, or nil; or nil, err when the
--- datastore failed.
+--- The consumer whose `field` ("username" or "custom_id") is `value`, or
+-- nil; or nil, err when the datastore failed. Not kong.client.load_consumer
+-- (value, true): that tries the value as an id first, so a subject equal to
+-- some consumer's id would become that consumer.
 function _M.load(field, value)
   if value == "" then
     return nil  -- no consumer has an empty name, and "" would blur cache keys
   end
-  local consumers, cache = kong.db.consumers, kong.cache
-  if field == "custom_id" then
-    return cache:get(custom_id_key(value), nil, select_by_custom_id, value)
-  end
-  -- Kong caches consumers by username under this key (and invalidates it when
-  -- one changes), as for an authenticator's `anonymous` by username. Not
-  -- kong.client.load_consumer(value, true): that first tries the value as an
-  -- id, so a subject equal to some consumer's id would become that consumer.
-  local consumer, err = cache:get(consumers:cache_key(value), nil, select_by_username, value)
-  if consumer and consumer.username ~= value then
-    -- the same key holds consumers cached by id (jwt, key-auth, anonymous):
-    -- a username that is another consumer's id must not find that one
-    return consumers:select_by_username(value)
-  end
-  return consumer, err
+  return kong.cache:get(key_for(field, value), nil, SELECT_BY[field], value)
 end
 
 
@@ -130,10 +125,15 @@ function _M.authenticate(consumer, credential, anonymous)
 end
 
 
-local function invalidate_custom_id(entity)
-  local custom_id = entity and entity.custom_id
-  if type(custom_id) == "string" and custom_id ~= "" then
-    kong.cache:invalidate(custom_id_key(custom_id))
+local function invalidate(entity)
+  if not entity then
+    return
+  end
+  for field in pairs(SELECT_BY) do
+    local value = entity[field]
+    if type(value) == "string" and value ~= "" then
+      kong.cache:invalidate(key_for(field, value))
+    end
   end
 end
 
@@ -144,13 +144,14 @@ local function on_consumer_crud(data)
   if ok and workspaces.set_workspace then
     workspaces.set_workspace(data.workspace)
   end
-  invalidate_custom_id(data.old_entity)
-  invalidate_custom_id(data.entity)
+  invalidate(data.old_entity)
+  invalidate(data.entity)
 end
 
 
---- Drops this worker's custom_id entries whenever a consumer changes (Kong
--- sends every node's consumer writes to every worker as "crud" events).
+--- Drops this worker's entries for a consumer's old and new username and
+-- custom_id whenever it changes (Kong sends every node's consumer writes to
+-- every worker as "crud" events; a created consumer ends a remembered miss).
 function _M.init_worker()
   kong.worker_events.register(on_consumer_crud, "crud", "consumers")
 end
