@@ -258,6 +258,10 @@ class Plugin:
             else:
                 seen.add(lname)
                 kong.service.request.set_header(h.name, h.value)
+        # a verifier whose proto has `answer_headers` (for the gateway, never the upstream) names the
+        # consumer there; one without it, among upstream_headers (above)
+        named += [(h.name.lower(), h.value) for h in getattr(answer, "answer_headers", ())
+                  if h.name.lower() in NAMING_HEADERS]
         if named and not self._authenticate_named(kong, named, userid):
             return
         for h in answer.response_headers:  # an allow may carry a DPoP-Nonce for the client

@@ -805,3 +805,30 @@ def test_the_consumer_the_real_verifier_names_is_authenticated(kong, provider, t
     assert not named(calls, "kong.response.error") and not named(calls, "kong.response.exit")
     assert named(calls, "kong.client.authenticate") == [[app, {"id": "app", "consumer_id": app["id"]}]]
     assert upstream_after(calls)["x-consumer-username"] == "app"
+
+
+#: issue #20's verifier side adds `answer_headers` (headers for the gateway, never the upstream) to our proto
+HAS_ANSWER_HEADERS = "answer_headers" in verifier_pb2.CheckResponse.DESCRIPTOR.fields_by_name
+
+
+class _AnswerNamingVerifier(verifier_pb2_grpc.VerifierServicer):
+    """Allows every request, naming alice in `answer_headers`, as the #20 verifier side does."""
+
+    def Check(self, request: verifier_pb2.CheckRequest, context: grpc.ServicerContext) -> verifier_pb2.CheckResponse:
+        return verifier_pb2.CheckResponse(
+            allowed=True,
+            http_status=200,
+            upstream_headers=[verifier_pb2.Header(name="X-Authenticated-Userid", value="user-1")],
+            answer_headers=[verifier_pb2.Header(name="X-Kong-Consumer-Username", value="alice")],
+        )
+
+
+@pytest.mark.xfail(not HAS_ANSWER_HEADERS, strict=True, reason="needs #20 verifier side (answer_headers)")
+def test_a_consumer_named_in_answer_headers_is_authenticated(kong):
+    with fake_verifier(_AnswerNamingVerifier()) as target:
+        iid = start_instance(kong, grpc_target=target)
+        calls = kong.handle_event(iid, "access", consumer_request("good"))
+
+    assert not named(calls, "kong.response.error")
+    assert named(calls, "kong.client.authenticate") == [[ALICE, {"id": "user-1", "consumer_id": ALICE["id"]}]]
+    assert upstream_after(calls)["x-consumer-username"] == "alice"
