@@ -149,9 +149,10 @@ local function on_consumer_crud(data)
 end
 
 
---- Drops this worker's entries for a consumer's old and new username and
--- custom_id whenever it changes (Kong sends every node's consumer writes to
--- every worker as "crud" events; a created consumer ends a remembered miss).
+--- Drops the entries for a consumer's old and new username and custom_id
+-- whenever it changes, as Kong's own handler does for its keys: the node that
+-- wrote the consumer gets the "crud" event, and kong.cache:invalidate reaches
+-- every node. A created consumer ends a remembered miss.
 function _M.init_worker()
   kong.worker_events.register(on_consumer_crud, "crud", "consumers")
 end
