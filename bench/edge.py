@@ -7,17 +7,21 @@ client sends), against one verifier (``python -m verifier serve``, default ``edg
 * ``nginx+plugin reuse on``  -- the same behind kong/plugins/edge-verifier (run unmodified under the PDK
   shim of tests/kong/shim), decision cache on: it asks the verifier about once per max-age
 * ``nginx+plugin reuse off`` -- ``cache_entries = 0``: every request asks the verifier
+* ``nginx auth_request reuse`` -- the shipped deploy/nginx/nginx.conf.template (one worker): ``auth_request``
+  to the verifier, its answers kept in nginx's ``proxy_cache`` for their ``X-Accel-Expires`` (issue #23)
 * ``envoy none``             -- Envoy proxying to the same upstream, no auth (Envoy's ceiling)
 * ``envoy jwt_authn``        -- Envoy's own JWT filter, keys inline (no verifier)
 * ``envoy ext_authz grpc``   -- ext_authz over gRPC to the verifier's Envoy Check service
 * ``envoy ext_authz http``   -- ext_authz HTTP service to the verifier's /v1/forward-auth
+* ``envoy lua reuse``        -- deploy/envoy/envoy-reuse.yaml.template: a Lua filter asking the same door and
+  reusing each answer for its max-age (issue #23; no released ext_authz reuses answers)
 
-``nginx`` runs the first three (the Kong Lua plugin's cost), ``edge`` all seven. nginx has 1 worker;
-Envoy (``--concurrency 1``) is the test rig's (tests/integration/gateways.py), so the bench measures the
-configuration the tests check. Throughput: wrk with ``--connections`` (16), closed loop. Latency: wrk
-with one connection (no queueing, so p50 is the service time). The goals (issue "The fast path at the
+``nginx`` runs the first three (the Kong Lua plugin's cost), ``edge`` all nine. nginx has 1 worker;
+Envoy (``--concurrency 1``) and the shipped nginx are the test rig's (tests/integration/gateways.py), so
+the bench measures the configuration the tests check. Throughput: wrk with ``--connections`` (16), closed
+loop. Latency: wrk with one connection (no queueing, so p50 is the service time). The goals (issue "The fast path at the
 edge"): plugin with reuse on >= 0.9x plain nginx and <= 30 us p50 added; reuse off >= 0.5x; Envoy HTTP
-mode >= 2x gRPC mode.
+mode >= 2x gRPC mode; (#23) nginx auth_request reuse >= 0.75x nginx, Envoy Lua reuse >= 0.5x Envoy.
 """
 
 from __future__ import annotations
@@ -49,11 +53,18 @@ ENVOY_NONE, ENVOY_JWT, ENVOY_GRPC, ENVOY_HTTP = (
     "envoy ext_authz grpc",
     "envoy ext_authz http",
 )
+NGINX_AUTH, ENVOY_REUSE = "nginx auth_request reuse", "envoy lua reuse"
 NGINX_ROUTES = (PLAIN, REUSE_ON, REUSE_OFF)
-ROUTES = (*NGINX_ROUTES, ENVOY_NONE, ENVOY_JWT, ENVOY_GRPC, ENVOY_HTTP)
+ROUTES = (*NGINX_ROUTES, NGINX_AUTH, ENVOY_NONE, ENVOY_JWT, ENVOY_GRPC, ENVOY_HTTP, ENVOY_REUSE)
 BASELINE = {r: (ENVOY_NONE if r.startswith("envoy") else PLAIN) for r in ROUTES}  # the same proxy without auth
 CACHE_ENTRIES = {REUSE_ON: 10_000, REUSE_OFF: 0}  # the plugin's cache size with reuse on (its default) and off
-RATIO_GOALS = ((REUSE_ON, PLAIN, 0.9), (REUSE_OFF, PLAIN, 0.5), (ENVOY_HTTP, ENVOY_GRPC, 2.0))
+RATIO_GOALS = (
+    (REUSE_ON, PLAIN, 0.9),
+    (REUSE_OFF, PLAIN, 0.5),
+    (ENVOY_HTTP, ENVOY_GRPC, 2.0),
+    (NGINX_AUTH, PLAIN, 0.75),  # issue #23
+    (ENVOY_REUSE, ENVOY_NONE, 0.5),  # issue #23
+)
 P50_ADDED_GOAL_US = 30.0
 NOISY_SPREAD = 1.15  # max/min throughput over repetitions above which a route is flagged as noisy
 
@@ -182,7 +193,7 @@ def run(ctx: Context, routes: tuple[str, ...] = ROUTES) -> None:
 
 
 def start_envoys(ctx: Context, issuer: idp.Issuer, target: Any, upstream: int, envoys: list[Any]) -> dict[str, str]:
-    """The four Envoy routes (tests/integration/gateways.py's rig); their URLs."""
+    """The shipped nginx and the five Envoy routes (tests/integration/gateways.py's rigs); their URLs."""
     sys.path[:0] = [str(procs.PROJECT_ROOT / "tests" / "integration"), str(procs.PROJECT_ROOT / "tests")]
     import gateways
 
@@ -190,6 +201,7 @@ def start_envoys(ctx: Context, issuer: idp.Issuer, target: Any, upstream: int, e
         return int(addr.rsplit(":", 1)[1])
 
     start: dict[str, Callable[[], Any]] = {
+        NGINX_AUTH: lambda: gateways.start_nginx(ctx.out, port(target.http_addr), upstream, workers=1),
         ENVOY_NONE: lambda: gateways.start_envoy(ctx.out, "none", upstream_port=upstream),
         ENVOY_JWT: lambda: gateways.start_envoy(
             ctx.out,
@@ -204,6 +216,9 @@ def start_envoys(ctx: Context, issuer: idp.Issuer, target: Any, upstream: int, e
         ),
         ENVOY_HTTP: lambda: gateways.start_envoy(
             ctx.out, "http", verifier_http_port=port(target.http_addr), upstream_port=upstream
+        ),
+        ENVOY_REUSE: lambda: gateways.start_envoy(
+            ctx.out, "reuse", verifier_http_port=port(target.http_addr), upstream_port=upstream
         ),
     }
     urls = {}
