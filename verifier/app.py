@@ -39,6 +39,7 @@ from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
 from verifier.observe.audit import FLUSH_INTERVAL_SECONDS, flush_logs
 from verifier.observe.metrics import Metrics
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.pipeline import Admitted, Pipeline
 from verifier.policy.ratelimit import RateLimiter
 from verifier.policy.roles import IssuerRoles, RoleMapper
@@ -92,15 +93,24 @@ class App:
         fetcher: Fetcher | None = None,
         metrics: Metrics | None = None,
         reuse_port: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        # Spans only when configured (the `tracing` section or OTEL_* variables; `tracing` replaces it in
+        # tests). Off: the doors hold None and never touch tracing; fetches and audit get the null object.
+        if tracing is None and settings.tracing is not None:
+            from verifier.observe.otel import build_tracing  # OpenTelemetry is loaded only when used
+
+            tracing = build_tracing(settings.tracing)
+        self.tracing = tracing
+        traced: Tracing = tracing or NO_TRACING
         self.clock = clock or SystemClock()
         self._own_fetcher = fetcher is None
         self.fetcher: Fetcher = fetcher or HttpFetcher()
         self.metrics = metrics or Metrics()
         self.reuse_port = reuse_port
         self.keys = KeyStore(
-            {i.issuer: IssuerKeys(i, self.fetcher, self.clock, self.metrics) for i in settings.issuers}
+            {i.issuer: IssuerKeys(i, self.fetcher, self.clock, self.metrics, traced) for i in settings.issuers}
         )
         self.jwt = JwtVerifier(
             {i.issuer: i for i in settings.issuers}, self.keys, self.clock, max_token_bytes=settings.max_token_bytes
@@ -117,6 +127,7 @@ class App:
                 clock=self.clock,
                 registry=self.metrics.registry,
                 discovered_endpoint=self._discovered("introspection_endpoint", i.issuer),
+                tracing=traced,
             )
             for i in settings.issuers
             if i.introspection is not None
@@ -135,6 +146,7 @@ class App:
                 clock=self.clock,
                 registry=self.metrics.registry,
                 on_credential_revoked=self._credentials_revoked,
+                tracing=traced,
             )
         self.webauthn: WebAuthnService | None = None
         if settings.webauthn is not None:
@@ -193,6 +205,7 @@ class App:
             deadline=settings.deadline_seconds,
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
+            tracing=traced,
         )
         self.router = Router()
         if self.webauthn is not None:
@@ -204,8 +217,9 @@ class App:
             self.router,
             settings=settings.forward_auth,
             thumbprint_header=settings.mtls_thumbprint_header,
+            tracing=tracing,
         )
-        self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready)
+        self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready, tracing)
         self.ports = BoundPorts()
         self._extra_session: aiohttp.ClientSession | None = None
         self._extras_ready = self.revocation is None
@@ -352,4 +366,6 @@ class App:
             await self._ssf_session.close()
         if self._own_fetcher and isinstance(self.fetcher, HttpFetcher):
             await self.fetcher.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()  # the spans still queued are exported
         flush_logs()

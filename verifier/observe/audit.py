@@ -42,11 +42,14 @@ def signature_check(
     token_hash_: bytes,
     door: str,
     level: int = logging.INFO,
+    trace_id: str = "",
     **extra: Any,
 ) -> None:
-    """Writes the audit line for one signature check."""
+    """Writes the audit line for one signature check; `trace_id` (W3C, hex) when the decision has a trace."""
     if not audit_log.isEnabledFor(level):
         return
+    if trace_id:  # the gateway's trace (its traceparent), or the span's when tracing is on
+        extra["trace_id"] = trace_id
     line = {
         "event": "signature_check",
         "issuer": issuer,

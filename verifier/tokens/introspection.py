@@ -46,6 +46,7 @@ from verifier.errors import (
 )
 from verifier.numbers import json_number
 from verifier.observe.metrics import IntrospectionMetrics, IssuerIntrospectionMetrics
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
 from verifier.tokens.cache import ExpiringCache
@@ -144,6 +145,7 @@ class Introspector:
         dispatcher: Callable[[ProviderClient], Dispatcher] | None = None,
         discovery_url: str = "",
         discovered_endpoint: Callable[[], str] | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         """Endpoint, first found wins: `config.endpoint`, `endpoint`, `discovered_endpoint()` (a late-bound
         lookup in discovery metadata someone else fetched), else discovery fetched here on first use.
@@ -167,7 +169,7 @@ class Introspector:
             endpoint=endpoint,
             discovered_endpoint=discovered_endpoint,
             discovery_url=discovery_url or issuer.rstrip("/") + "/.well-known/openid-configuration",
-            http=http or AiohttpIntrospectionHttp(session_provider),
+            http=http or AiohttpIntrospectionHttp(session_provider, tracing),
             clock=clock,
             breaker=self.breaker,
             metrics=metrics,
