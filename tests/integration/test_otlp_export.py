@@ -1,27 +1,20 @@
-"""A real OTLP/HTTP receiver on loopback gets the spans of a `verifier serve` configured with
-`tracing.otlp_endpoint`: protobuf `ExportTraceServiceRequest`s on POST /v1/traces, decoded with
-opentelemetry-proto, the decision span a child of the traceparent the gateway sent."""
+"""A real OTLP/HTTP receiver on loopback (otlp_receiver.py) gets the spans of a `verifier serve` configured
+with `tracing.otlp_endpoint`, the decision span a child of the traceparent the gateway sent."""
 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from aiohttp import web
 from doorkit import free_port, http_exchange
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from otlp_receiver import CLIENT, SERVER, OtlpReceiver
 
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 
@@ -31,49 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT = "b7ad6b7169203331"
 SUBJECT = "otlp-subject-kept-private"
-
-
-class Receiver:
-    """POST /v1/traces: every span received, flattened with its resource's attributes."""
-
-    def __init__(self) -> None:
-        self.spans: list[dict[str, Any]] = []
-        self.content_types: set[str] = set()
-        self.raw = b""
-
-    async def traces(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        if request.headers.get("Content-Encoding") == "gzip":
-            body = gzip.decompress(body)
-        self.content_types.add(request.headers.get("Content-Type", ""))
-        self.raw += body
-        message = ExportTraceServiceRequest.FromString(body)
-        for resource_spans in message.resource_spans:
-            resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    self.spans.append(
-                        {
-                            "name": span.name,
-                            "kind": span.kind,
-                            "trace_id": span.trace_id.hex(),
-                            "span_id": span.span_id.hex(),
-                            "parent_span_id": span.parent_span_id.hex(),
-                            "attributes": {a.key: _value(a.value) for a in span.attributes},
-                            "resource": resource,
-                        }
-                    )
-        return web.Response(
-            body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf"
-        )
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [s for s in self.spans if s["name"] == name]
-
-
-def _value(value: Any) -> Any:
-    kind = value.WhichOneof("value")
-    return getattr(value, kind) if kind else None
 
 
 def _forward_auth(path: str, headers: dict[str, str]) -> bytes:
@@ -96,13 +46,8 @@ async def _wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path) -> No
 
 
 async def test_a_running_verifier_exports_its_spans_to_an_otlp_receiver(tmp_path: Path) -> None:
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/v1/traces", receiver.traces)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    otlp_port, http_port = free_port(), free_port()
-    await web.TCPSite(runner, "127.0.0.1", otlp_port).start()
+    receiver = OtlpReceiver()
+    http_port = free_port()
     idp = DevIdentityProvider(port=0)
     await idp.start()
     config = tmp_path / "verifier.yaml"
@@ -118,7 +63,7 @@ async def test_a_running_verifier_exports_its_spans_to_an_otlp_receiver(tmp_path
                         "allow_insecure_http": True,
                     }
                 ],
-                "tracing": {"otlp_endpoint": f"http://127.0.0.1:{otlp_port}", "service_name": "edge-verifier-test"},
+                "tracing": {"otlp_endpoint": receiver.url, "service_name": "edge-verifier-test"},
             }
         )
     )
@@ -150,7 +95,7 @@ async def test_a_running_verifier_exports_its_spans_to_an_otlp_receiver(tmp_path
                 proc.kill()
                 proc.wait(5)
         await idp.stop()
-        await runner.cleanup()
+        receiver.stop()
     output = log.read_text()
     decided = receiver.named("verifier.decide")
     assert len(decided) == 3, (receiver.spans, output)
@@ -158,7 +103,7 @@ async def test_a_running_verifier_exports_its_spans_to_an_otlp_receiver(tmp_path
     traced, fresh = decided[:2], decided[2]
     for span in traced:
         assert (span["trace_id"], span["parent_span_id"]) == (TRACE, PARENT)
-        assert span["kind"] == 2  # SPAN_KIND_SERVER
+        assert span["kind"] == SERVER
         assert span["resource"]["service.name"] == "edge-verifier-test"
         assert span["attributes"]["verifier.door"] == "forward_auth"
         assert span["attributes"]["verifier.issuer"] == idp.issuer
@@ -166,8 +111,8 @@ async def test_a_running_verifier_exports_its_spans_to_an_otlp_receiver(tmp_path
     assert [s["attributes"]["verifier.cache.hit"] for s in traced] == [False, True]
     assert fresh["parent_span_id"] == "" and fresh["trace_id"] != TRACE  # a malformed traceparent: a new trace
     assert fresh["attributes"]["verifier.reason"] == "token_missing"
-    # The start-up key fetches, CLIENT spans (kind 3) of their own.
-    assert {s["name"] for s in receiver.spans if s["kind"] == 3} >= {"discovery", "jwks"}
+    # The start-up key fetches, CLIENT spans of their own.
+    assert {s["name"] for s in receiver.spans if s["kind"] == CLIENT} >= {"discovery", "jwks"}
     assert token.encode() not in receiver.raw and SUBJECT.encode() not in receiver.raw
     # The audit line names the trace the gateway sent.
     audit = [line for line in output.splitlines() if '"signature_check"' in line]
