@@ -157,6 +157,7 @@ class App:
                 self.clock,
                 self.metrics.registry,
                 realm=settings.realm,
+                trace_id=traced.trace_id,
             )
         self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)
         self.negative: ExpiringCache[Decision] = ExpiringCache(settings.cache.negative_entries, self.clock)

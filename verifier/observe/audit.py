@@ -29,6 +29,11 @@ def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
+def trace_fields(trace_id: str) -> dict[str, str]:
+    """The audit line's `trace_id` field when the decision has a trace (W3C trace id, hex), else nothing."""
+    return {"trace_id": trace_id} if trace_id else {}
+
+
 def signature_check(
     *,
     issuer: str,

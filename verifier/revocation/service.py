@@ -70,7 +70,7 @@ class RevocationService:
         self._tracing = tracing  # CLIENT spans around the transmitters' metadata, JWKS and poll fetches
         self._clock = clock
         self.metrics = RevocationMetrics(registry, (e.value for e in Effect if e is not Effect.CLAIMS_OVERRIDE))
-        self.revocations = Revocations(clock)
+        self.revocations = Revocations(clock, tracing.trace_id)
         self._store: RevocationStore = store if store is not None else MemoryStore()  # the root picks the store
         key_metrics = TransmitterKeyMetrics(self.metrics)
         self._transmitters: dict[str, tuple[TransmitterConfig, IssuerKeys]] = {
