@@ -198,16 +198,13 @@ class GrpcDoors:
         self, pipeline: Pipeline, metrics: Metrics, ready: Callable[[], bool], tracing: Tracing | None = None
     ) -> None:
         self.pipeline = pipeline
-        self.tracing = tracing  # None: off, and no per-request tracing work at all
+        self.tracing = tracing
+        # Chosen once: with tracing off a call costs exactly what it did before tracing existed.
+        self._decider = self._decide if tracing is None else self._decide_traced
         self.metrics = metrics
         self.ready = ready
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
-
-    async def _decide(self, attrs: RequestAttributes, door: str, context: Any) -> Decision:
-        if self.tracing is not None:  # the one test tracing costs when off
-            return await self._decide_traced(attrs, door, context)
-        return await self._decide_now(attrs, door, context)
 
     async def _decide_traced(self, attrs: RequestAttributes, door: str, context: Any) -> Decision:
         """A decision inside its span. The parent: the call's own `traceparent` metadata (the gateway's
@@ -220,13 +217,13 @@ class GrpcDoors:
         decision: Decision | None = None
         try:
             with span.current():
-                decision = await self._decide_now(attrs, door, context)
+                decision = await self._decide(attrs, door, context)
         finally:
             # An abort (deadline, shedding) ends the call with a gRPC status instead of an answer.
             span.end(decision if decision is not None else ABORTED)
         return decision
 
-    async def _decide_now(self, attrs: RequestAttributes, door: str, context: Any) -> Decision:
+    async def _decide(self, attrs: RequestAttributes, door: str, context: Any) -> Decision:
         started = time.perf_counter()
         decision = self.pipeline.decide_cached(attrs, door)
         if decision is None:
@@ -249,12 +246,12 @@ class GrpcDoors:
 
     async def check_own(self, request: verifier_pb2.CheckRequest, context: Any) -> bytes:
         """verifier.v1.Verifier/Check."""
-        return own_response(await self._decide(attributes_from_own(request), "grpc", context))
+        return own_response(await self._decider(attributes_from_own(request), "grpc", context))
 
     async def check_envoy(self, request: ea.CheckRequest, context: Any) -> bytes:
         """envoy.service.auth.v3.Authorization/Check."""
         attrs = attributes_from_envoy(request)
-        return envoy_response(await self._decide(attrs, "ext_authz", context), attrs.headers)
+        return envoy_response(await self._decider(attrs, "ext_authz", context), attrs.headers)
 
     async def start(
         self, address: str, *, reuse_port: bool = False, tls: tuple[bytes, bytes, bytes | None] | None = None

@@ -43,8 +43,9 @@ class Tracing(Protocol):
         ...
 
     def fetch(self, what: str, method: str, url: str) -> AbstractContextManager[object]:
-        """A CLIENT span around one outbound call (`what`: jwks, discovery, introspection, ssf.poll, ...),
-        a child of the current decision when a decision caused it."""
+        """A CLIENT span around one outbound call, a child of the current decision when a decision caused
+        it. `what` names the call: jwks, discovery, introspection, ssf.poll; a new kind of fetch (e.g.
+        logout) wraps its call the same way, `with tracing.fetch("logout", "POST", url): ...`."""
         ...
 
     def token_checked(self, headers: Mapping[str, str], issuer: str) -> str:
