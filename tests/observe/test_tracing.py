@@ -21,9 +21,11 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind
 
 from verifier.config.introspection import IntrospectionConfig
+from verifier.decision import Decision
 from verifier.observe.otel import OtelTracing
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
@@ -278,3 +280,37 @@ def test_a_verifier_without_tracing_never_loads_opentelemetry() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+async def test_a_decision_under_an_unsampled_gateway_span_records_nothing_but_names_its_trace(
+    exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Parent-based sampling: the gateway said "not sampled", so neither the decision nor the introspection it
+    causes is exported; the audit line still names the gateway's trace."""
+    caplog.set_level(logging.INFO, logger="verifier.audit")
+    config = IntrospectionConfig(client_id="verifier", client_secret=SECRET)
+    unsampled = f"00-{TRACE}-{PARENT}-00"
+    async with running_verifier(tracing=tracing(exporter), introspection=config) as (app, idp):
+        assert app.ports.http is not None
+        idp.introspection_client_secret = SECRET
+        exporter.clear()  # the start-up key fetches
+        jwt = {"Authorization": f"Bearer {idp.mint()}", "traceparent": unsampled}
+        opaque = {"Authorization": f"Bearer {idp.mint_opaque()}", "traceparent": unsampled}
+        assert (await http_exchange(app.ports.http, forward_auth("/u", jwt))).startswith(b"HTTP/1.1 200")
+        assert (await http_exchange(app.ports.http, forward_auth("/u", opaque))).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.2)
+    assert exporter.get_finished_spans() == ()
+    lines = [json.loads("{" + r.__dict__["_json_fields"] + "}") for r in caplog.records if r.msg == "signature_check"]
+    assert [line["trace_id"] for line in lines] == [TRACE, TRACE]
+
+
+def test_a_sampler_that_ignores_the_parent_still_gets_a_span_under_an_unsampled_one(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """OTEL_TRACES_SAMPLER=always_on (not parent-based): the gateway's unsampled flag does not skip the span."""
+    provider = TracerProvider(sampler=ALWAYS_ON)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    span = OtelTracing(provider, parent_based=False).decision("forward_auth", f"00-{TRACE}-{PARENT}-00", None, None)
+    span.end(Decision(allowed=True, status=200, reason="ok"))
+    (finished,) = exporter.get_finished_spans()
+    assert finished.context is not None and format(finished.context.trace_id, "032x") == TRACE

@@ -46,14 +46,8 @@ STATUS = "http.response.status_code"
 FETCH = "verifier.fetch"
 
 
-def _remote_parent(parent: str | None, state: str | None) -> otel_context.Context:
-    """The context a decision span starts in: the gateway's span, or an empty one (a new trace).
-
-    Never the ambient context: a decision is a root of ours unless the gateway says otherwise.
-    """
-    found = traceparent.parse(parent)
-    if found is None:
-        return otel_context.Context()
+def _remote_span(found: traceparent.TraceParent, state: str | None) -> NonRecordingSpan:
+    """The gateway's span, as OpenTelemetry's parent of ours."""
     members = traceparent.tracestate(state)
     span_context = SpanContext(
         trace_id=int(found.trace_id, 16),
@@ -62,7 +56,7 @@ def _remote_parent(parent: str | None, state: str | None) -> otel_context.Contex
         trace_flags=TraceFlags(found.flags & TraceFlags.SAMPLED),
         trace_state=TraceState([tuple(m.split("=", 1)) for m in members.split(",")]) if members else None,  # type: ignore[misc]
     )
-    return trace.set_span_in_context(NonRecordingSpan(span_context))
+    return NonRecordingSpan(span_context)
 
 
 def _trace_hex(span: trace.Span) -> str:
@@ -100,18 +94,49 @@ class _Decision:
         span.end()
 
 
-class OtelTracing:
-    """Spans from one tracer of the given provider (the composition root's; the tests' in-memory one)."""
+class _Unsampled:
+    """A decision under a gateway span that was not sampled, with a parent-based sampler: OpenTelemetry would
+    make a span that records nothing; this skips making it (the SDK's `start_span` is most of a traced
+    decision's cost). The gateway's span is current inside, so fetch spans are not sampled either and audit
+    lines name its trace."""
 
-    def __init__(self, provider: TracerProvider) -> None:
+    __slots__ = ("_parent",)
+
+    def __init__(self, parent: NonRecordingSpan) -> None:
+        self._parent = parent
+
+    def current(self) -> AbstractContextManager[object]:
+        """The gateway's span as the current one."""
+        return trace.use_span(self._parent, record_exception=False, set_status_on_exception=False)
+
+    def end(self, decision: Decision) -> None:
+        """Nothing was recorded."""
+
+
+class OtelTracing:
+    """Spans from one tracer of the given provider (the composition root's; the tests' in-memory one).
+
+    `parent_based`: the provider's sampler follows the parent's sampled flag (the default), so a decision
+    under an unsampled gateway span needs no span of its own.
+    """
+
+    def __init__(self, provider: TracerProvider, *, parent_based: bool = True) -> None:
         self.provider = provider
         self._tracer = provider.get_tracer(INSTRUMENTATION)
+        self._parent_based = parent_based
 
     def decision(self, door: str, parent: str | None, state: str | None, cached: str | None) -> DecisionSpan:
-        """A SERVER span, child of the gateway's span when its `traceparent` parses."""
-        span = self._tracer.start_span(
-            DECISION_SPAN, context=_remote_parent(parent, state), kind=SpanKind.SERVER, attributes={DOOR: door}
-        )
+        """A SERVER span, child of the gateway's span when its `traceparent` parses (never the ambient
+        context: a decision is a root of ours unless the gateway says otherwise)."""
+        found = traceparent.parse(parent)
+        if found is None:
+            context = otel_context.Context()
+        else:
+            remote = _remote_span(found, state)
+            if not found.sampled and self._parent_based:
+                return _Unsampled(remote)
+            context = trace.set_span_in_context(remote)
+        span = self._tracer.start_span(DECISION_SPAN, context=context, kind=SpanKind.SERVER, attributes={DOOR: door})
         return _Decision(span, cached)
 
     @contextlib.contextmanager
@@ -175,4 +200,4 @@ def build_tracing(config: TracingConfig, processor: SpanProcessor | None = None)
             export_timeout_millis=config.export_timeout_seconds * 1000,
         )
     provider.add_span_processor(processor)
-    return OtelTracing(provider)
+    return OtelTracing(provider, parent_based=config.parent_based)
