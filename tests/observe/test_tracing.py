@@ -314,3 +314,21 @@ def test_a_sampler_that_ignores_the_parent_still_gets_a_span_under_an_unsampled_
     span.end(Decision(allowed=True, status=200, reason="ok"))
     (finished,) = exporter.get_finished_spans()
     assert finished.context is not None and format(finished.context.trace_id, "032x") == TRACE
+
+
+@pytest.mark.parametrize(
+    ("url", "full"),
+    [
+        ("https://user:pw@idp.example.test:8443/jwks?key=secret#frag", "https://idp.example.test:8443/jwks"),
+        ("http://[::1]:9400/introspect", "http://[::1]:9400/introspect"),
+    ],
+)
+def test_a_fetch_span_names_the_url_without_credentials_or_query(
+    exporter: InMemorySpanExporter, url: str, full: str
+) -> None:
+    with tracing(exporter).fetch("jwks", "GET", url):
+        pass
+    (span,) = exporter.get_finished_spans()
+    assert span.kind is SpanKind.CLIENT and span.name == "jwks"
+    assert dict(span.attributes or {})["url.full"] == full
+    assert "secret" not in everything_recorded([span]) and "pw" not in everything_recorded([span])

@@ -143,12 +143,14 @@ class OtelTracing:
     def fetch(self, what: str, method: str, url: str) -> Iterator[object]:
         """A CLIENT span around one outbound call; a failure marks it (its type and our description)."""
         parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
         attributes: dict[str, str | int] = {
             FETCH: what,
             "http.request.method": method,
             # No query (it may carry a secret) and no user info.
-            "url.full": f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}",
-            "server.address": parts.hostname or "",
+            "url.full": f"{parts.scheme}://{netloc}{f':{parts.port}' if parts.port else ''}{parts.path}",
+            "server.address": host,
         }
         if parts.port:
             attributes["server.port"] = parts.port
