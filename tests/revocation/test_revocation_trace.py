@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from support import FrozenClock
 
 from verifier.checks.base import NO_POLICY
 from verifier.checks.revocation import Revocation
-from verifier.clock import FrozenClock
 from verifier.credentials import Credential, TokenScheme
 from verifier.errors import VerifierError
 from verifier.principal import Principal

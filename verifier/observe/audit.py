@@ -46,12 +46,11 @@ def signature_check(
     latency_seconds: float,
     token_hash_: bytes,
     door: str,
-    level: int = logging.INFO,
     trace_id: str = "",
     **extra: Any,
 ) -> None:
     """Writes the audit line for one signature check; `trace_id` (W3C, hex) when the decision has a trace."""
-    if not audit_log.isEnabledFor(level):
+    if not audit_log.isEnabledFor(logging.INFO):
         return
     if trace_id:  # the gateway's trace (its traceparent), or the span's when tracing is on
         extra["trace_id"] = trace_id
@@ -73,7 +72,6 @@ def signature_check(
     sink = _direct_sink
     if (
         sink is not None
-        and level == logging.INFO
         and not audit_log.handlers
         and audit_log.propagate
         and logging.getLogger().handlers == [sink]
@@ -92,7 +90,7 @@ def signature_check(
         )
         return
     # Serialized here, once: the formatter writes it as is (no per-record attribute walk).
-    audit_log.log(level, "signature_check", extra={"_json_fields": fields})
+    audit_log.info("signature_check", extra={"_json_fields": fields})
 
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
