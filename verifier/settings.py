@@ -43,6 +43,7 @@ from verifier.config.issuer import (
 from verifier.config.logout import parse_backchannel_logout
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes, parse_revocation_config
 from verifier.config.state import StateConfig, parse_state_config
+from verifier.config.tracing import TracingConfig, parse_tracing_config
 from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
 from verifier.request import host_name, normalize_host
 
@@ -111,7 +112,8 @@ class TlsSettings:
 class Listen:
     """A loopback-by-default TCP listen address, optionally with TLS."""
 
-    host: str
+    # Both from the one `listen` key (host:port), which the section reads itself.
+    host: str = setting(doc="a door's address; grpc or http is required", unit="host:port", key="listen")
     port: int
     tls: TlsSettings | None = None
 
@@ -164,8 +166,8 @@ class PolicySettings:
 class RateLimit:
     """A token bucket: `per_second` sustained, `burst` at once."""
 
-    per_second: float
-    burst: int
+    per_second: float = setting(doc="tokens added back per second", minimum=0.001, maximum=1_000_000, unit="per second")
+    burst: int = setting(doc="the bucket's size: requests allowed at once", minimum=1, maximum=10_000_000)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -273,6 +275,7 @@ class Settings:
     )
     revocation: RevocationConfig | None = None  # Shared Signals receiver
     webauthn: WebAuthnConfig | None = None  # credential registry and step-up
+    tracing: TracingConfig | None = None  # OpenTelemetry export (the file or OTEL_* variables); None: off
 
     @property
     def state_is_shared(self) -> bool:
@@ -411,14 +414,11 @@ def _policy(reader: Reader, index: int) -> PolicySettings:
 
 
 def _rate_limit(reader: Reader) -> RateLimit:
-    limit = RateLimit(
-        per_second=reader.number("per_second", 0.0, minimum=0.001, maximum=1_000_000),
-        burst=reader.integer("burst", 0, minimum=1, maximum=10_000_000),
-    )
+    values = read_fields(reader, RateLimit)
     if not reader.has("per_second") or not reader.has("burst"):
         raise ConfigError(f"{reader.path}: per_second and burst are required")
     reader.done()
-    return limit
+    return RateLimit(**values)
 
 
 def _rate_limits(reader: Reader | None) -> RateLimitSettings | None:
@@ -519,6 +519,7 @@ def _parse_settings(data: Any) -> Settings:
             edge_cache=_edge_cache(root.child("edge_cache")),
             revocation=_optional_section(root, "revocation", parse_revocation_config),
             webauthn=_optional_section(root, "webauthn", parse_webauthn_config),
+            tracing=parse_tracing_config(root.raw("tracing"), os.environ),
         )
     )
     root.done()

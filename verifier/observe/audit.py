@@ -29,6 +29,11 @@ def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
+def trace_fields(trace_id: str) -> dict[str, str]:
+    """The audit line's `trace_id` field when the decision has a trace (W3C trace id, hex), else nothing."""
+    return {"trace_id": trace_id} if trace_id else {}
+
+
 def signature_check(
     *,
     issuer: str,
@@ -41,12 +46,14 @@ def signature_check(
     latency_seconds: float,
     token_hash_: bytes,
     door: str,
-    level: int = logging.INFO,
+    trace_id: str = "",
     **extra: Any,
 ) -> None:
-    """Writes the audit line for one signature check."""
-    if not audit_log.isEnabledFor(level):
+    """Writes the audit line for one signature check; `trace_id` (W3C, hex) when the decision has a trace."""
+    if not audit_log.isEnabledFor(logging.INFO):
         return
+    if trace_id:  # the gateway's trace (its traceparent), or the span's when tracing is on
+        extra["trace_id"] = trace_id
     line = {
         "event": "signature_check",
         "issuer": issuer,
@@ -65,7 +72,6 @@ def signature_check(
     sink = _direct_sink
     if (
         sink is not None
-        and level == logging.INFO
         and not audit_log.handlers
         and audit_log.propagate
         and logging.getLogger().handlers == [sink]
@@ -84,7 +90,7 @@ def signature_check(
         )
         return
     # Serialized here, once: the formatter writes it as is (no per-record attribute walk).
-    audit_log.log(level, "signature_check", extra={"_json_fields": fields})
+    audit_log.info("signature_check", extra={"_json_fields": fields})
 
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}

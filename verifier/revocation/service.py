@@ -15,12 +15,12 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 
 from verifier.clock import Clock
 from verifier.config.revocation import POLL, PUSH, RevocationConfig, TransmitterConfig
 from verifier.errors import StateUnavailable
 from verifier.observe.metrics import RevocationMetrics, TransmitterKeyMetrics
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.revocation.admin import KillSwitch
 from verifier.revocation.entry import Effect, Entry
 from verifier.revocation.index import Revocations
@@ -40,8 +40,7 @@ from verifier.tokens.jwks import IssuerKeys
 
 log = logging.getLogger("verifier.revocation")
 
-SSF_USER_AGENT = "edge-verifier/0.1 (ssf receiver)"  # what a transmitter sees on poll requests
-DEFAULT_START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
+START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
 LOAD_RETRY_SECONDS = 0.2  # between attempts at the initial load
 
 CredentialCallback = Callable[[CredentialRevocation], Awaitable[None]]  # disables WebAuthn credentials
@@ -57,21 +56,23 @@ class RevocationService:
         state: SharedState,
         fetcher: Fetcher,
         clock: Clock,
-        registry: CollectorRegistry,
+        metrics: RevocationMetrics,
+        session: Callable[[], aiohttp.ClientSession],
         on_credential_revoked: CredentialCallback | None = None,
         store: RevocationStore | None = None,
         admin_token: str | None = None,
-        session: Callable[[], aiohttp.ClientSession] | None = None,
-        start_timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.config = config
+        self._tracing = tracing  # CLIENT spans around the transmitters' metadata, JWKS and poll fetches
         self._clock = clock
-        self.metrics = RevocationMetrics(registry, (e.value for e in Effect if e is not Effect.CLAIMS_OVERRIDE))
-        self.revocations = Revocations(clock)
+        self.metrics = metrics  # the root's, with `REFUSAL_CODES` exported at zero
+        self.revocations = Revocations(clock, tracing.trace_id)
         self._store: RevocationStore = store if store is not None else MemoryStore()  # the root picks the store
         key_metrics = TransmitterKeyMetrics(self.metrics)
         self._transmitters: dict[str, tuple[TransmitterConfig, IssuerKeys]] = {
-            t.issuer: (t, IssuerKeys(t.key_settings(), fetcher, clock, key_metrics)) for t in config.transmitters
+            t.issuer: (t, IssuerKeys(t.key_settings(), fetcher, clock, key_metrics, tracing))
+            for t in config.transmitters
         }
         self._verifier = SetVerifier(self._transmitters, state, clock)
         self._on_credential_revoked = on_credential_revoked
@@ -83,10 +84,8 @@ class RevocationService:
             clock=clock,
             max_token_lifetime=float(config.max_token_lifetime_seconds),
         )
-        self._start_timeout = start_timeout_seconds
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None  # only without `session` (tests): owned here
-        self._given_session = session  # the root's: it closes it
+        self._session = session  # the poller's: the root builds it and closes it
         self._loading: list[tuple[list[Entry], list[str]]] | None = None  # changes seen during a reload
 
     # -- for the lead --------------------------------------------------------------------------------
@@ -115,9 +114,10 @@ class RevocationService:
                 poller = Poller(
                     transmitter,
                     keys,
-                    self._client,
+                    self._session,
                     self._receive_polled,
                     functools.partial(self._count_poll, transmitter.issuer),
+                    tracing=self._tracing,
                 )
                 self._tasks.append(loop.create_task(poller.run()))
 
@@ -129,15 +129,12 @@ class RevocationService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
         await self._store.close()
 
     # -- keeping the index in sync ------------------------------------------------------------------
 
     async def _with_retry(self, step: Callable[[], Awaitable[None]]) -> None:
-        deadline = self._clock.monotonic() + self._start_timeout
+        deadline = self._clock.monotonic() + START_TIMEOUT_SECONDS
         while True:
             try:
                 await step()
@@ -266,9 +263,3 @@ class RevocationService:
             return None
         return Outcome(True)
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._given_session is not None:
-            return self._given_session()
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers={"User-Agent": SSF_USER_AGENT})
-        return self._session
