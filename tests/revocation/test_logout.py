@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
+from support import FrozenClock
 from tokenkit import ISSUER, KIDS, NOW, FakeFetcher, Mint, SigningKeys, compact, issuer_settings
 
 from verifier.app import App
-from verifier.clock import FrozenClock
 from verifier.config.logout import BackchannelLogoutConfig
 from verifier.config.state import StateConfig
 from verifier.doors.logout_http import LOGOUT_PATH
