@@ -48,13 +48,14 @@ from verifier.revocation import RevocationService
 from verifier.revocation.service import SSF_USER_AGENT
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
-from verifier.settings import ADMIN_TOKEN_ENV, Settings
+from verifier.settings import ADMIN_TOKEN_ENV, IssuerSettings, Settings
 from verifier.state import StateConfig, build_state
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.fetch import Fetcher, HttpFetcher
 from verifier.tokens.introspection import Introspector
 from verifier.tokens.jwks import IssuerKeys, KeyStore
 from verifier.tokens.jwt import JwtVerifier
+from verifier.tokens.tenants import TenantKeys
 from verifier.webauthn import SqliteCredentialStore, WebAuthnService
 
 log = logging.getLogger("verifier.app")
@@ -100,7 +101,12 @@ class App:
         self.metrics = metrics or Metrics()
         self.reuse_port = reuse_port
         self.keys = KeyStore(
-            {i.issuer: IssuerKeys(i, self.fetcher, self.clock, self.metrics) for i in settings.issuers}
+            {
+                i.issuer: IssuerKeys(i, self._fetcher_for(i), self.clock, self.metrics)
+                for i in settings.issuers
+                if not i.is_template
+            },
+            [TenantKeys(i, self._fetcher_for(i), self.clock, self.metrics) for i in settings.issuers if i.is_template],
         )
         self.jwt = JwtVerifier(
             {i.issuer: i for i in settings.issuers}, self.keys, self.clock, max_token_bytes=settings.max_token_bytes
@@ -149,7 +155,9 @@ class App:
         self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)
         self.negative: ExpiringCache[Decision] = ExpiringCache(settings.cache.negative_entries, self.clock)
         policies = PolicySet(settings.policies)
-        with_roles = IssuerRoles({i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles})
+        with_roles = IssuerRoles(
+            {i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles}, configured=self.keys.configured
+        )
         opaque = next(
             (i.issuer for i in settings.issuers if i.introspection is not None and i.introspection.opaque_tokens), None
         )
@@ -214,6 +222,14 @@ class App:
             add_admin_routes(self.router, self.revocation.admin)
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _fetcher_for(self, issuer: IssuerSettings) -> Fetcher:
+        """The fetcher of one issuer's discovery and JWKS: the shared one, or its view with the issuer's TLS rules."""
+        if not (issuer.jwks_pin_sha256 or issuer.tls_ca_file):
+            return self.fetcher
+        if not isinstance(self.fetcher, HttpFetcher):  # a pin nobody checks would be a silent pass
+            raise ValueError(f"{issuer.issuer}: jwks_pin_sha256 and tls_ca_file need the HTTP fetcher")
+        return self.fetcher.with_tls(ca_file=issuer.tls_ca_file, pins=issuer.jwks_pin_sha256)
 
     def _ssf_client(self) -> aiohttp.ClientSession:
         """The revocation poller's session (its own User-Agent), built here and closed in `stop`."""

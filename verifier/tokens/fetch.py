@@ -7,12 +7,19 @@ uses one pooled keep-alive `aiohttp` session for all providers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import hashlib
+import hmac
 import json
 import re
+import ssl
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from verifier.errors import ProviderUnavailable
 from verifier.settings import url_problem
@@ -36,18 +43,34 @@ class Fetcher(Protocol):
         ...
 
 
-def check_learned_url(url: object, *, issuer: str, what: str) -> str:
+def check_learned_url(url: object, *, issuer: str, what: str, origin: str = "") -> str:
     """A URL a provider's metadata names, checked as a configured one would be; else `ProviderUnavailable`.
 
     Keys are trusted and secrets sent (the introspection client secret, the poll bearer) to whatever
     the metadata says, so it gets the outbound URL rule: https, or plain http on loopback only for an
-    issuer that is itself plain http (allowed by the config), never a downgrade from https.
+    issuer that is itself plain http (allowed by the config), never a downgrade from https. With `origin`
+    (an issuer template's pinned scheme://host[:port]) the URL must also be on that origin.
     """
     problem = url_problem(url, what, allow_http=issuer.startswith("http://"))
     if problem:
         raise ProviderUnavailable(f"{what} refused: {problem}")
     assert isinstance(url, str)
+    if origin and url_origin(url) != origin:
+        raise ProviderUnavailable(f"{what} refused: not on the issuer template's host {origin!r} ({url!r})")
     return url
+
+
+def url_origin(url: str) -> str:
+    """scheme://host[:port] of a URL, lower-cased, with the port only when it is not the scheme's default."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # not a port: matches no origin
+        return ""
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    host = (parts.hostname or "").lower()
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme.lower()}://{host}" + (f":{port}" if port is not None and port != default else "")
 
 
 async def read_body(response: aiohttp.ClientResponse, max_bytes: int, what: str) -> bytes:
@@ -80,6 +103,48 @@ def parse_max_age(cache_control: str | None) -> float | None:
     return float(match.group(1)) if match else None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsRules:
+    """One issuer's TLS rules for its discovery and JWKS calls: its own CA bundle, and key pins."""
+
+    context: ssl.SSLContext | None  # None: the system's trust store
+    pins: frozenset[bytes]  # SHA-256 digests of acceptable server SPKIs (empty: no pinning)
+
+
+def spki_sha256(der_certificate: bytes) -> bytes:
+    """SHA-256 of a certificate's SubjectPublicKeyInfo (RFC 7469 section 2.4's pin, HPKP-style)."""
+    public_key = x509.load_der_x509_certificate(der_certificate).public_key()
+    spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).digest()
+
+
+def check_pins(response: aiohttp.ClientResponse, pins: frozenset[bytes]) -> None:
+    """The server's key must be one of `pins`; checked on the connection the answer came on, before its body is read.
+
+    The certificate chain and host name are verified first, as for any https call; the pin narrows
+    the trust to the keys named, so a CA that issues a certificate for the provider's name is not enough.
+    """
+    connection = response.connection
+    ssl_object = connection.transport.get_extra_info("ssl_object") if connection and connection.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        raise ProviderUnavailable("pinned provider key: the connection is not TLS")
+    if not any(hmac.compare_digest(spki_sha256(der), pin) for pin in pins):
+        raise ProviderUnavailable("provider's TLS key matches no jwks_pin_sha256")
+
+
+class TlsFetcher:
+    """The shared HTTP fetcher with one issuer's TLS rules (its CA bundle, its pinned keys)."""
+
+    def __init__(self, http: HttpFetcher, rules: TlsRules) -> None:
+        self._http = http
+        self._rules = rules
+
+    async def get_json(self, url: str, *, timeout: float, max_bytes: int) -> FetchResult:
+        """GETs JSON as `HttpFetcher.get_json` does, under this issuer's TLS rules."""
+        return await self._http.get_json(url, timeout=timeout, max_bytes=max_bytes, tls=self._rules)
+
+
 class HttpFetcher:
     """The production fetcher: one pooled aiohttp session, created lazily inside the event loop."""
 
@@ -102,11 +167,21 @@ class HttpFetcher:
         """The shared session (introspection posts through it too)."""
         return self._client()
 
-    async def get_json(self, url: str, *, timeout: float, max_bytes: int) -> FetchResult:
-        """GETs JSON with a total deadline and a body bound."""
+    def with_tls(self, *, ca_file: str = "", pins: tuple[str, ...] = ()) -> TlsFetcher:
+        """This fetcher, trusting only `ca_file` (when given) and only servers whose key is pinned (when given)."""
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        return TlsFetcher(self, TlsRules(context, frozenset(base64.b64decode(p) for p in pins)))
+
+    async def get_json(
+        self, url: str, *, timeout: float, max_bytes: int, tls: TlsRules | None = None
+    ) -> FetchResult:
+        """GETs JSON with a total deadline and a body bound (and an issuer's TLS rules)."""
+        context: ssl.SSLContext | bool = tls.context if tls is not None and tls.context is not None else True
         try:
             async with asyncio.timeout(timeout):
-                async with self._client().get(url, allow_redirects=False) as response:
+                async with self._client().get(url, allow_redirects=False, ssl=context) as response:
+                    if tls is not None and tls.pins:
+                        check_pins(response, tls.pins)
                     if response.status != 200:
                         raise ProviderUnavailable(f"HTTP {response.status} from provider")
                     body = await read_body(response, max_bytes, "provider document")
