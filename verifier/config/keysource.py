@@ -136,6 +136,9 @@ def check_key_source(settings: IssuerSettings, path: str) -> None:
         for key in ("jwks_uri", "discovery_url", "jwks_pin_sha256", "tls_ca_file"):
             if getattr(settings, key):
                 record(f"{path}.{key}: nothing is fetched with {static}")
+    if (settings.jwks_pin_sha256 or settings.tls_ca_file) and settings.issuer.lower().startswith("http://"):
+        key = "jwks_pin_sha256" if settings.jwks_pin_sha256 else "tls_ca_file"
+        record(f"{path}.{key}: needs an https issuer (plain http has no server key to check)")
     for i, pin in enumerate(settings.jwks_pin_sha256):
         try:
             decode_pin(pin)

@@ -103,46 +103,51 @@ def parse_max_age(cache_control: str | None) -> float | None:
     return float(match.group(1)) if match else None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class TlsRules:
-    """One issuer's TLS rules for its discovery and JWKS calls: its own CA bundle, and key pins."""
-
-    context: ssl.SSLContext | None  # None: the system's trust store
-    pins: frozenset[bytes]  # SHA-256 digests of acceptable server SPKIs (empty: no pinning)
+PIN_MISMATCH = "the server's key matches no jwks_pin_sha256"
 
 
 def spki_sha256(der_certificate: bytes) -> bytes:
-    """SHA-256 of a certificate's SubjectPublicKeyInfo (RFC 7469 section 2.4's pin, HPKP-style)."""
+    """SHA-256 of a certificate's SubjectPublicKeyInfo: the pin of RFC 7469 section 2.4 (HPKP)."""
     public_key = x509.load_der_x509_certificate(der_certificate).public_key()
     spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).digest()
 
 
-def check_pins(response: aiohttp.ClientResponse, pins: frozenset[bytes]) -> None:
-    """The server's key must be one of `pins`; checked on the connection the answer came on, before its body is read.
+def issuer_tls_context(*, ca_file: str = "", pins: frozenset[bytes] = frozenset()) -> ssl.SSLContext:
+    """A client TLS context trusting `ca_file` (else the system's CAs) that, with `pins`, also requires the
+    server's public key (SPKI SHA-256) to be one of them.
 
-    The certificate chain and host name are verified first, as for any https call; the pin narrows
-    the trust to the keys named, so a CA that issues a certificate for the provider's name is not enough.
+    The pin is checked inside the TLS handshake (`SSLContext.sslobject_class`, which both asyncio and
+    uvloop use), after the usual chain and host-name checks and before a byte of HTTP is sent, on every
+    new connection. So a CA that issues a certificate for the provider's name is not enough: the server
+    must hold a pinned key. Pinning the key, not the certificate, survives a certificate renewal that
+    keeps the key.
     """
-    connection = response.connection
-    ssl_object = connection.transport.get_extra_info("ssl_object") if connection and connection.transport else None
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    if not der:
-        raise ProviderUnavailable("pinned provider key: the connection is not TLS")
-    if not any(hmac.compare_digest(spki_sha256(der), pin) for pin in pins):
-        raise ProviderUnavailable("provider's TLS key matches no jwks_pin_sha256")
+    context = ssl.create_default_context(cafile=ca_file or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if pins:
+
+        class PinnedObject(ssl.SSLObject):
+            def do_handshake(self) -> None:
+                super().do_handshake()  # raises SSLWantReadError until the handshake is done
+                der = self.getpeercert(binary_form=True)
+                if not der or not any(hmac.compare_digest(spki_sha256(der), pin) for pin in pins):
+                    raise ssl.SSLCertVerificationError(PIN_MISMATCH)
+
+        context.sslobject_class = PinnedObject
+    return context
 
 
 class TlsFetcher:
-    """The shared HTTP fetcher with one issuer's TLS rules (its CA bundle, its pinned keys)."""
+    """The shared HTTP fetcher under one issuer's TLS context (its CA bundle, its pinned keys)."""
 
-    def __init__(self, http: HttpFetcher, rules: TlsRules) -> None:
+    def __init__(self, http: HttpFetcher, context: ssl.SSLContext) -> None:
         self._http = http
-        self._rules = rules
+        self._context = context
 
     async def get_json(self, url: str, *, timeout: float, max_bytes: int) -> FetchResult:
-        """GETs JSON as `HttpFetcher.get_json` does, under this issuer's TLS rules."""
-        return await self._http.get_json(url, timeout=timeout, max_bytes=max_bytes, tls=self._rules)
+        """GETs JSON as `HttpFetcher.get_json` does, over this issuer's TLS context."""
+        return await self._http.get_json(url, timeout=timeout, max_bytes=max_bytes, tls=self._context)
 
 
 class HttpFetcher:
@@ -168,20 +173,22 @@ class HttpFetcher:
         return self._client()
 
     def with_tls(self, *, ca_file: str = "", pins: tuple[str, ...] = ()) -> TlsFetcher:
-        """This fetcher, trusting only `ca_file` (when given) and only servers whose key is pinned (when given)."""
-        context = ssl.create_default_context(cafile=ca_file) if ca_file else None
-        return TlsFetcher(self, TlsRules(context, frozenset(base64.b64decode(p) for p in pins)))
+        """This fetcher trusting only `ca_file` (when given), and only servers holding a pinned key (when given).
+
+        A pinned issuer's URLs must be https: over plain http there is no key to check.
+        """
+        digests = frozenset(base64.b64decode(pin) for pin in pins)
+        return TlsFetcher(self, issuer_tls_context(ca_file=ca_file, pins=digests))
 
     async def get_json(
-        self, url: str, *, timeout: float, max_bytes: int, tls: TlsRules | None = None
+        self, url: str, *, timeout: float, max_bytes: int, tls: ssl.SSLContext | None = None
     ) -> FetchResult:
-        """GETs JSON with a total deadline and a body bound (and an issuer's TLS rules)."""
-        context: ssl.SSLContext | bool = tls.context if tls is not None and tls.context is not None else True
+        """GETs JSON with a total deadline and a body bound (over an issuer's own TLS context, if given)."""
+        if tls is not None and not url.lower().startswith("https://"):
+            raise ProviderUnavailable("an issuer with TLS rules (pins, CA file) is fetched over https only")
         try:
             async with asyncio.timeout(timeout):
-                async with self._client().get(url, allow_redirects=False, ssl=context) as response:
-                    if tls is not None and tls.pins:
-                        check_pins(response, tls.pins)
+                async with self._client().get(url, allow_redirects=False, ssl=tls or True) as response:
                     if response.status != 200:
                         raise ProviderUnavailable(f"HTTP {response.status} from provider")
                     body = await read_body(response, max_bytes, "provider document")
@@ -189,6 +196,8 @@ class HttpFetcher:
         except TimeoutError as exc:
             raise ProviderUnavailable("provider timed out") from exc
         except aiohttp.ClientError as exc:
+            if PIN_MISMATCH in str(exc):
+                raise ProviderUnavailable(f"provider refused: {PIN_MISMATCH}") from exc
             raise ProviderUnavailable(f"provider unreachable ({type(exc).__name__})") from exc
         try:
             document = json.loads(body)
