@@ -11,6 +11,8 @@ import asyncio
 import base64
 import datetime
 import ipaddress
+import json
+import re
 import secrets
 import ssl
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -223,3 +226,17 @@ def test_pins_on_a_plain_http_issuer_are_refused_at_start_up() -> None:
     issuer = {"issuer": "http://127.0.0.1:9", "audiences": ["a"], "algorithms": ["ES256"], "allow_insecure_http": True}
     with pytest.raises(ConfigError, match=r"issuers\[0\]\.jwks_pin_sha256: needs an https issuer"):
         parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [{**issuer, "jwks_pin_sha256": [pin]}]})
+
+
+def test_the_readme_multi_tenant_example_is_a_valid_configuration(
+    tmp_path: Path, jwks_document: dict[str, Any]
+) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL) if "{tenant}" in b)
+    keys, ca = tmp_path / "batch-jwks.json", tmp_path / "internal-ca.pem"
+    keys.write_text(json.dumps(jwks_document))
+    ca.write_bytes(self_signed(ec.generate_private_key(ec.SECP256R1())).public_bytes(serialization.Encoding.PEM))
+    text = block.replace("/etc/verifier/batch-jwks.json", str(keys)).replace("/etc/verifier/internal-ca.pem", str(ca))
+    entra, offline, pinned_issuer = parse_settings(yaml.safe_load(text)).issuers
+    assert entra.is_template and entra.tenant_claim == "tid" and len(entra.tenants) == 2
+    assert offline.static_jwks and pinned_issuer.jwks_pin_sha256 and pinned_issuer.tls_ca_file == str(ca)
