@@ -259,3 +259,21 @@ def test_a_template_with_any_tenant_loads() -> None:
     settings = parse_settings(config({"tenants": "any", "tenant_claim": "tid"})).issuers[0]
     assert settings.is_template and settings.any_tenant and settings.tenant_claim == "tid"
     assert settings.for_tenant("x").discovery == "https://idp.example.test/x/v2.0/.well-known/openid-configuration"
+
+
+async def test_an_iss_refused_by_one_template_may_still_be_a_tenant_of_another(
+    clock: FrozenClock, mint: Mint, jwks_document: dict[str, Any]
+) -> None:
+    fake = FakeFetcher()
+    fake.serve(
+        "https://idp.example.test/a/x/.well-known/openid-configuration",
+        discovery_document("https://idp.example.test/a/x", "https://idp.example.test/a/x/keys"),
+    )
+    fake.serve("https://idp.example.test/a/x/keys", jwks_document)
+    first = TenantKeys(template(issuer="https://idp.example.test/{tenant}/x", tenants=("b",)), fake, clock, Metrics())
+    second = TenantKeys(template(issuer="https://idp.example.test/a/{tenant}", tenants=("x",)), fake, clock, Metrics())
+    verifier = JwtVerifier({}, KeyStore({}, [first, second]), clock, max_token_bytes=MAX_TOKEN_BYTES)
+    principal = await verify(verifier, mint(claims(iss="https://idp.example.test/a/x")))
+    assert principal.issuer == "https://idp.example.test/a/x" and second.tenants_held == 1
+    with pytest.raises(TenantNotAllowed):  # fits both, allowed by neither
+        await verify(verifier, mint(claims(iss="https://idp.example.test/a/y")))

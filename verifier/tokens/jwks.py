@@ -277,11 +277,19 @@ class KeyStore:
         return found[0].held(found[1]) if found is not None else None
 
     def template_of(self, issuer: str) -> tuple[Tenants, str] | None:
-        """The template `issuer` fits and its tenant; raises `TenantNotAllowed` for a tenant not on its list."""
+        """The template `issuer` fits and its tenant; raises `TenantNotAllowed` when it fits templates
+        only with a tenant none of them allows (no I/O)."""
+        refused: VerifierError | None = None
         for template in self.templates:
-            tenant = template.tenant_of(issuer)
+            try:
+                tenant = template.tenant_of(issuer)
+            except VerifierError as exc:  # TenantNotAllowed: another template may still allow it
+                refused = exc
+                continue
             if tenant is not None:
                 return template, tenant
+        if refused is not None:
+            raise refused
         return None
 
     def configured(self, issuer: str) -> str:
