@@ -245,6 +245,8 @@ def config(issuer: dict[str, Any]) -> dict[str, Any]:
         ({"tenants": "any", "introspect_jwts": True}, "not supported"),
         ({"tenants": "any", "jwks_inline": {"keys": []}}, "jwks_inline"),
         ({"tenants": "any", "max_tenants": 0}, "max_tenants"),
+        ({"tenants": "any", "discovery_url": "https://idp.example.test/common/v2.0"}, "needs {tenant}"),
+        ({"tenants": "any", "discovery_url": "https://idp.example.test/x{tenant}"}, "whole path segment"),
         ({"tenants": "any", "jwks_pin_sha256": ["not base64!"]}, "is not base64"),
         ({"tenants": "any", "jwks_pin_sha256": ["AAAA"]}, "a SHA-256 digest is 32"),
     ],
@@ -277,3 +279,14 @@ async def test_an_iss_refused_by_one_template_may_still_be_a_tenant_of_another(
     assert principal.issuer == "https://idp.example.test/a/x" and second.tenants_held == 1
     with pytest.raises(TenantNotAllowed):  # fits both, allowed by neither
         await verify(verifier, mint(claims(iss="https://idp.example.test/a/y")))
+
+
+async def test_a_template_s_discovery_url_and_jwks_uri_take_the_tenant_too(
+    clock: FrozenClock, mint: Mint, jwks_document: dict[str, Any]
+) -> None:
+    fake = FakeFetcher()
+    fake.serve("https://idp.example.test/keys/b", jwks_document)
+    settings = parse_settings(config({"tenants": ["b"], "jwks_uri": "https://idp.example.test/keys/{tenant}"}))
+    verifier, _ = build(settings.issuers[0], fake, clock)
+    await verify(verifier, token(mint, "b"))
+    assert list(fake.calls) == ["https://idp.example.test/keys/b"]  # no discovery: the keys' URL is configured

@@ -124,6 +124,9 @@ def check_key_source(settings: IssuerSettings, path: str) -> None:
             record(f"{path}.introspection: not supported with a {TENANT_PLACEHOLDER} issuer")
         if settings.static_jwks or settings.jwks_file or settings.jwks_inline:
             record(f"{path}.jwks_file: a {TENANT_PLACEHOLDER} issuer finds each tenant's keys by discovery")
+        if settings.discovery_url and TENANT_PLACEHOLDER not in settings.discovery_url:
+            # One document cannot name every tenant's issuer exactly (OIDC Discovery 1.0 section 4.3).
+            record(f"{path}.discovery_url: needs {TENANT_PLACEHOLDER} with a {TENANT_PLACEHOLDER} issuer")
     else:
         for key in ("tenants", "tenant_claim"):
             if getattr(settings, key) or (key == "tenants" and settings.any_tenant):
