@@ -290,3 +290,19 @@ async def test_a_template_s_discovery_url_and_jwks_uri_take_the_tenant_too(
     verifier, _ = build(settings.issuers[0], fake, clock)
     await verify(verifier, token(mint, "b"))
     assert list(fake.calls) == ["https://idp.example.test/keys/b"]  # no discovery: the keys' URL is configured
+
+
+async def test_a_document_that_breaks_the_parser_is_not_fetched_again_per_token(
+    provider: FakeFetcher, clock: FrozenClock, mint: Mint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from verifier.tokens import jwks
+
+    def crash(*_: Any, **__: Any) -> Any:
+        raise RecursionError("a hostile document")
+
+    monkeypatch.setattr(jwks, "parse_key_set", crash)
+    verifier, _ = build(template(), provider, clock)
+    for _ in range(5):
+        with pytest.raises((RecursionError, ProviderUnavailable)):
+            await verify(verifier, token(mint, "a"))
+    assert provider.total == 2  # discovery and JWKS once; then remembered as failed for the cooldown

@@ -111,7 +111,7 @@ class TenantKeys:
         )
         try:
             await keys.refresh()
-        except ProviderUnavailable:
+        except Exception:  # unavailable, or a document that broke the parser: not asked again this cooldown
             self._remember_failure(tenant)
             raise
         finally:
