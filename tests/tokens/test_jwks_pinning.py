@@ -231,7 +231,7 @@ def test_pins_on_a_plain_http_issuer_are_refused_at_start_up() -> None:
 def test_the_readme_multi_tenant_example_is_a_valid_configuration(
     tmp_path: Path, jwks_document: dict[str, Any]
 ) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL) if "{tenant}" in b)
     keys, ca = tmp_path / "batch-jwks.json", tmp_path / "internal-ca.pem"
     keys.write_text(json.dumps(jwks_document))
