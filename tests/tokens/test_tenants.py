@@ -306,3 +306,12 @@ async def test_a_document_that_breaks_the_parser_is_not_fetched_again_per_token(
         with pytest.raises((RecursionError, ProviderUnavailable)):
             await verify(verifier, token(mint, "a"))
     assert provider.total == 2  # discovery and JWKS once; then remembered as failed for the cooldown
+
+
+def test_looking_up_keys_never_refuses(provider: FakeFetcher, clock: FrozenClock) -> None:
+    """`KeyStore.get` serves lookups (discovered endpoints, explain): a tenant off the list simply has no keys."""
+    _, tenants = build(template(tenants=("a",)), provider, clock)
+    store = KeyStore({}, [tenants])
+    assert store.get(tenant_issuer("b")) is None and store.get(tenant_issuer("a")) is None
+    assert store.configured(tenant_issuer("b")) == "" and store.configured(tenant_issuer("a")) == TEMPLATE
+    assert provider.total == 0

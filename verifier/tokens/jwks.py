@@ -66,6 +66,7 @@ class IssuerKeys:
         if settings.static_jwks:  # jwks_file / jwks_inline: checked when the settings were loaded
             self._keys = self._parse(json.loads(settings.static_jwks))
             self._by_kid = {k.kid: k for k in self._keys if k.kid is not None}
+            # Never due (refresh_interval() is +Inf: the key-age alert cannot fire for keys on disk).
             self._fetched_at, self._expires_at = clock.monotonic(), math.inf
             self.ready.set()
 
@@ -269,12 +270,15 @@ class KeyStore:
         self._tasks: list[asyncio.Task[None]] = []
 
     def get(self, issuer: str) -> IssuerKeys | None:
-        """The keys of a configured issuer, or of a template's tenant whose keys are held (no I/O)."""
+        """The keys of a configured issuer, or of a template's tenant whose keys are held (no I/O, no refusal)."""
         keys = self.issuers.get(issuer)
         if keys is not None:
             return keys
-        found = self.template_of(issuer)
-        return found[0].held(found[1]) if found is not None else None
+        with contextlib.suppress(VerifierError):  # a tenant not allowed has no keys
+            found = self.template_of(issuer)
+            if found is not None:
+                return found[0].held(found[1])
+        return None
 
     def template_of(self, issuer: str) -> tuple[Tenants, str] | None:
         """The template `issuer` fits and its tenant; raises `TenantNotAllowed` when it fits templates
