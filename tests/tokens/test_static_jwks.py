@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import FrozenClock
 from tokenkit import AUDIENCE, ISSUER, KIDS, FakeFetcher, Mint, SigningKeys, claims, make_verifier, private_jwk
 
-from verifier.clock import FrozenClock
 from verifier.config.base import ConfigError
 from verifier.errors import UnknownKey
 from verifier.settings import IssuerSettings, parse_settings

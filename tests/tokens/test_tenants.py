@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from support import FrozenClock
 from tokenkit import AUDIENCE, MAX_TOKEN_BYTES, FakeFetcher, Mint, claims, discovery_document
 
-from verifier.clock import FrozenClock
 from verifier.config.base import ConfigError
 from verifier.errors import ClaimInvalid, ProviderUnavailable, TenantNotAllowed, UnknownIssuer
 from verifier.observe.metrics import Metrics
