@@ -43,6 +43,7 @@ from verifier.config.issuer import (
 from verifier.config.keysource import check_issuer_url, check_key_source, read_static_jwks, read_tenants
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes, parse_revocation_config
 from verifier.config.state import StateConfig, parse_state_config
+from verifier.config.tracing import TracingConfig, parse_tracing_config
 from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
 from verifier.request import host_name, normalize_host
 
@@ -274,6 +275,7 @@ class Settings:
     )
     revocation: RevocationConfig | None = None  # Shared Signals receiver
     webauthn: WebAuthnConfig | None = None  # credential registry and step-up
+    tracing: TracingConfig | None = None  # OpenTelemetry export (the file or OTEL_* variables); None: off
 
     @property
     def state_is_shared(self) -> bool:
@@ -519,6 +521,7 @@ def _parse_settings(data: Any) -> Settings:
             edge_cache=_edge_cache(root.child("edge_cache")),
             revocation=_optional_section(root, "revocation", parse_revocation_config),
             webauthn=_optional_section(root, "webauthn", parse_webauthn_config),
+            tracing=parse_tracing_config(root.raw("tracing"), os.environ),
         )
     )
     root.done()

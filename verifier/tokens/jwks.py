@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from verifier.clock import Clock
 from verifier.errors import ProviderUnavailable, VerifierError
 from verifier.observe.metrics import Metrics
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.settings import DEFAULT_MAX_JWKS_BYTES, DEFAULT_MAX_JWKS_KEYS, IssuerSettings
 from verifier.tokens.fetch import Fetcher, FetchResult, check_learned_url
 from verifier.tokens.keys import KeyError_, VerificationKey, parse_key_set
@@ -40,6 +41,7 @@ class IssuerKeys:
         fetcher: Fetcher,
         clock: Clock,
         metrics: Metrics,
+        tracing: Tracing = NO_TRACING,
         *,
         label: str = "",
         origin: str = "",
@@ -50,6 +52,7 @@ class IssuerKeys:
         # made-up tenant names cannot grow the metrics without bound).
         self._label = label or settings.issuer
         self._fetcher = fetcher
+        self._tracing = tracing  # a CLIENT span around each discovery and JWKS fetch
         self._clock = clock
         self._metrics = metrics
         self._by_kid: dict[str, VerificationKey] = {}
@@ -166,7 +169,8 @@ class IssuerKeys:
     async def _fetch(self, timeout: float) -> tuple[tuple[VerificationKey, ...], FetchResult]:
         if not self._jwks_uri or (not self.settings.jwks_uri and not self.metadata):
             await self._discover(timeout)
-        result = await self._fetcher.get_json(self._jwks_uri, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES)
+        with self._tracing.fetch("jwks", "GET", self._jwks_uri):
+            result = await self._fetcher.get_json(self._jwks_uri, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES)
         return self._parse(result.document), result
 
     def _failed(self, error: ProviderUnavailable) -> None:
@@ -185,9 +189,10 @@ class IssuerKeys:
         )
 
     async def _discover(self, timeout: float) -> None:
-        result = await self._fetcher.get_json(
-            self.settings.discovery, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES
-        )
+        with self._tracing.fetch("discovery", "GET", self.settings.discovery):
+            result = await self._fetcher.get_json(
+                self.settings.discovery, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES
+            )
         doc = result.document
         if not isinstance(doc, dict):
             raise ProviderUnavailable("discovery document is not a JSON object")

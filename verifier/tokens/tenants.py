@@ -23,6 +23,7 @@ from verifier.clock import Clock
 from verifier.config.issuer import TENANT_NAME, TENANT_PLACEHOLDER, IssuerSettings
 from verifier.errors import ProviderUnavailable, TenantNotAllowed
 from verifier.observe.metrics import Metrics
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.tokens.fetch import Fetcher, url_origin
 from verifier.tokens.jwks import IssuerKeys
 
@@ -37,11 +38,19 @@ def _retrieved(task: asyncio.Task[IssuerKeys]) -> None:
 class TenantKeys:
     """The keys of every tenant of one issuer template."""
 
-    def __init__(self, settings: IssuerSettings, fetcher: Fetcher, clock: Clock, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: IssuerSettings,
+        fetcher: Fetcher,
+        clock: Clock,
+        metrics: Metrics,
+        tracing: Tracing = NO_TRACING,
+    ) -> None:
         self.settings = settings
         self._fetcher = fetcher
         self._clock = clock
         self._metrics = metrics
+        self._tracing = tracing
         prefix, suffix = settings.issuer.split(TENANT_PLACEHOLDER)
         self._pattern = re.compile(re.escape(prefix) + r"([A-Za-z0-9._-]{1,64})" + re.escape(suffix))
         self._origin = url_origin(prefix)
@@ -106,6 +115,7 @@ class TenantKeys:
             self._fetcher,
             self._clock,
             self._metrics,
+            self._tracing,
             label=self.settings.issuer,
             origin=self._origin,
         )
