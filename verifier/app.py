@@ -34,6 +34,7 @@ from verifier.decision import Decision
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.forward_auth import ForwardAuthDoor
 from verifier.doors.grpc import GrpcDoors
+from verifier.doors.jwks_http import add_jwks_route
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
@@ -55,6 +56,7 @@ from verifier.tokens.fetch import Fetcher, HttpFetcher
 from verifier.tokens.introspection import Introspector
 from verifier.tokens.jwks import IssuerKeys, KeyStore
 from verifier.tokens.jwt import JwtVerifier
+from verifier.upstream import UpstreamAnswers
 from verifier.webauthn import SqliteCredentialStore, WebAuthnService
 
 log = logging.getLogger("verifier.app")
@@ -176,6 +178,7 @@ class App:
             checks.append(WebAuthnStepUp(self.webauthn))
         if settings.rate_limits:
             checks.append(RateLimit(RateLimiter(settings.rate_limits, self.state, self.clock)))
+        self.upstream = UpstreamAnswers(settings.upstream)  # keys parsed at start-up, by the settings
         self.pipeline = Pipeline(
             authenticators=authenticators,
             checks=checks,
@@ -193,8 +196,11 @@ class App:
             deadline=settings.deadline_seconds,
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
+            upstream=self.upstream,
         )
         self.router = Router()
+        if self.upstream.assertions is not None:
+            add_jwks_route(self.router, self.upstream.assertions.jwks)
         if self.webauthn is not None:
             add_webauthn_routes(self.router, self.webauthn, self._authenticate)
         self.forward_auth = ForwardAuthDoor(
