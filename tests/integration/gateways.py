@@ -494,13 +494,20 @@ def _strip_identity_filter() -> dict[str, Any]:
     """Drop client-supplied identity headers before any auth filter runs.
 
     ext_authz overwrites the headers the verifier returns, but a header the verifier does not return
-    (say, no scope) would otherwise reach the upstream as the client sent it.
+    (say, no scope, or a mapped claim the token lacks) would otherwise reach the upstream as the client
+    sent it. The whole reserved family goes, as in the shipped templates, and so does X-Kong-Consumer-*
+    (it names a Kong consumer to a Kong plugin, never to an upstream).
     """
+    prefixes = ("x-authenticated-", "x-kong-consumer-")
     return {
         "name": "envoy.filters.http.header_mutation",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            "mutations": {"request_mutations": [{"remove": h} for h in IDENTITY_HEADERS]},
+            "mutations": {
+                "request_mutations": [
+                    {"remove_on_match": {"key_matcher": {"prefix": p, "ignore_case": True}}} for p in prefixes
+                ]
+            },
         },
     }
 

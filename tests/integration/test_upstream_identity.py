@@ -1,0 +1,246 @@
+"""Issue #20: what the upstream receives, through every shipped gateway configuration, from the REAL verifier.
+
+Gateways: the rendered deploy/nginx/nginx.conf.template (real nginx), deploy/envoy/envoy-grpc.yaml.template and
+envoy-http.yaml.template (real Envoy). The verifier maps claims to X-Authenticated-Email/-Tenant/-Groups, names
+the Kong consumer (an answer header for the Kong plugin, never for an upstream) and signs an identity assertion.
+The protected application (an echo upstream on loopback) receives the request; the test then verifies the
+assertion it received with PyJWT against the verifier's /.well-known/jwks.json, as an upstream would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+if __package__:
+    from .gateways import (
+        EchoUpstream,
+        GatewayProcess,
+        LocalIssuer,
+        http_request,
+        start_envoy,
+        start_nginx,
+        start_verifier,
+    )
+else:  # tests/ is not a package: pytest put this directory on sys.path
+    from gateways import (
+        EchoUpstream,
+        GatewayProcess,
+        LocalIssuer,
+        http_request,
+        start_envoy,
+        start_nginx,
+        start_verifier,
+    )
+
+pytestmark = pytest.mark.integration
+
+ASSERTION_ISSUER = "https://verifier.internal"
+ORDERS = "https://orders.internal"
+BILLING = "https://billing.internal"
+GATEWAYS = ("nginx", "envoy-grpc", "envoy-http")
+MAX_VALUE_BYTES = 1024
+CLIENT_COPIES = {
+    "X-Authenticated-Email": "boss@example.test",
+    "X-Authenticated-Tenant": "another-tenant",
+    "X-Authenticated-Groups": "admins",
+    "X-Authenticated-Identity": "eyJhbGciOiJub25lIn0.eyJzdWIiOiJib3NzIn0.",
+    "X-Kong-Consumer-Username": "admin",
+    "X-Kong-Consumer-Custom-Id": "c-admin",
+    "X-Kong-Consumer-Id": "00000000-0000-0000-0000-000000000000",
+}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[EchoUpstream]:
+    server = EchoUpstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream_log(upstream: EchoUpstream) -> None:
+    upstream.clear()
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[LocalIssuer]:
+    server = LocalIssuer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    tmp = tmp_path_factory.mktemp("identity")
+    key_file = tmp / "identity.pem"
+    key_file.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    upstream_config = {
+        "headers": [
+            {"header": "X-Authenticated-Email", "claim": "email"},
+            {"header": "X-Authenticated-Tenant", "claim": "org.tenant_id"},
+            {"header": "X-Authenticated-Groups", "claim": "groups"},
+        ],
+        "consumer": {"claim": "sub", "by": "username"},
+        "identity_token": {
+            "issuer": ASSERTION_ISSUER,
+            "algorithm": "ES256",
+            "private_key_file": str(key_file),
+            "audience": ORDERS,
+            "lifetime_seconds": 60,
+            "claims": ["sub", "scope", "roles", "email"],
+        },
+        "max_value_bytes": MAX_VALUE_BYTES,
+    }
+    policies = [
+        {
+            "name": "billing",
+            "match": {"path_prefix": "/billing"},
+            "upstream": {"identity_token": {"audience": BILLING}},
+        },
+        {"name": "rest", "match": {"path_prefix": "/"}},
+    ]
+    proc = start_verifier(tmp, issuer=issuer.issuer, extra_config={"upstream": upstream_config, "policies": policies})
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module", params=GATEWAYS)
+def edge(
+    request: pytest.FixtureRequest,
+    verifier: GatewayProcess,
+    upstream: EchoUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, str]]:
+    tmp: Path = tmp_path_factory.mktemp(request.param)
+    if request.param == "nginx":
+        gw = start_nginx(tmp, verifier.extra["http_port"], upstream.port)
+    elif request.param == "envoy-grpc":
+        gw = start_envoy(tmp, "grpc", verifier_grpc_port=verifier.extra["grpc_port"], upstream_port=upstream.port)
+    else:
+        gw = start_envoy(tmp, "http", verifier_http_port=verifier.extra["http_port"], upstream_port=upstream.port)
+    yield request.param, gw.url
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def jwks_client(verifier: GatewayProcess) -> jwt.PyJWKClient:
+    """What an upstream uses: PyJWT's JWKS client on the verifier's published keys."""
+    return jwt.PyJWKClient(f"{verifier.url}/.well-known/jwks.json", cache_keys=True)
+
+
+def _through(edge: tuple[str, str], upstream: EchoUpstream, path: str, token: str, **extra: str) -> dict[str, str]:
+    name, url = edge
+    r = http_request(f"{url}{path}", headers={"Authorization": f"Bearer {token}", **CLIENT_COPIES, **extra})
+    assert r.status == 200, (name, r.status, r.body)
+    (seen,) = upstream.requests
+    return dict(seen.headers)
+
+
+def _verify(assertion: str, client: jwt.PyJWKClient, audience: str) -> dict[str, Any]:
+    decoded: dict[str, Any] = jwt.decode(
+        assertion,
+        client.get_signing_key_from_jwt(assertion).key,
+        algorithms=["ES256"],
+        audience=audience,
+        issuer=ASSERTION_ISSUER,
+        options={"require": ["iss", "aud", "iat", "exp", "jti"]},
+    )
+    return decoded
+
+
+def test_mapped_claims_arrive_and_client_copies_never_do(
+    edge: tuple[str, str], upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    token = issuer.mint(email="alice@example.test", org={"tenant_id": "t-42"}, groups=["ops", "billing"])
+    seen = _through(edge, upstream, "/orders/1", token)
+    assert seen["x-authenticated-email"] == "alice@example.test"
+    assert seen["x-authenticated-tenant"] == "t-42"
+    assert seen["x-authenticated-groups"] == "ops, billing"
+    assert seen["x-authenticated-userid"] == "alice"
+    assert seen["authorization"] == f"Bearer {token}"  # the client's token passes unchanged
+    # the consumer is named to a Kong plugin only: neither the verifier's answer nor the client's copy arrives
+    assert not [name for name in seen if name.startswith("x-kong-consumer")], seen
+
+
+def test_a_missing_claim_sends_no_header_and_the_clients_copy_is_removed(
+    edge: tuple[str, str], upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    seen = _through(edge, upstream, "/orders/1", issuer.mint())
+    for name in ("x-authenticated-email", "x-authenticated-tenant", "x-authenticated-groups"):
+        assert name not in seen, (edge[0], name, seen.get(name))
+    assert not [name for name in seen if name.startswith("x-kong-consumer")], seen
+
+
+def test_the_upstream_verifies_the_assertion_against_the_verifiers_jwks(
+    edge: tuple[str, str], upstream: EchoUpstream, issuer: LocalIssuer, jwks_client: jwt.PyJWKClient
+) -> None:
+    seen = _through(edge, upstream, "/orders/1", issuer.mint(email="alice@example.test", roles=["admin"]))
+    assertion = seen["x-authenticated-identity"]
+    assert assertion != CLIENT_COPIES["X-Authenticated-Identity"]
+    decoded = _verify(assertion, jwks_client, ORDERS)
+    assert decoded["sub"] == "alice" and decoded["scope"] == "read write" and decoded["roles"] == ["admin"]
+    assert decoded["email"] == "alice@example.test"
+    assert decoded["iat"] <= time.time() + 1 < decoded["exp"] <= decoded["iat"] + 60
+    assert jwt.get_unverified_header(assertion)["typ"] == "JWT"
+    with pytest.raises(jwt.InvalidAudienceError):
+        _verify(assertion, jwks_client, BILLING)
+
+
+def test_a_route_gets_an_assertion_for_its_own_audience(
+    edge: tuple[str, str], upstream: EchoUpstream, issuer: LocalIssuer, jwks_client: jwt.PyJWKClient
+) -> None:
+    seen = _through(edge, upstream, "/billing/7", issuer.mint())
+    assert _verify(seen["x-authenticated-identity"], jwks_client, BILLING)["sub"] == "alice"
+
+
+@pytest.mark.parametrize(
+    ("claims", "expected"),
+    [
+        (
+            {"email": "alice@example.test\r\nX-Injected: yes"},
+            {"x-authenticated-email": "alice@example.testX-Injected: yes"},
+        ),
+        ({"email": "a\nx-authenticated-userid: root"}, {"x-authenticated-email": "ax-authenticated-userid: root"}),
+        (
+            {"org": {"tenant_id": 42}, "groups": [1, True, "g"]},
+            {"x-authenticated-tenant": "42", "x-authenticated-groups": "1, true, g"},
+        ),
+        ({"org": {"tenant_id": {"deep": {"deeper": ["x"]}}}}, {"x-authenticated-tenant": None}),
+        ({"groups": [["nested"]]}, {"x-authenticated-groups": None}),
+    ],
+    ids=["crlf", "lf-userid", "non-strings", "nested-object", "nested-array"],
+)
+def test_hostile_claims_never_forge_a_header(
+    edge: tuple[str, str],
+    upstream: EchoUpstream,
+    issuer: LocalIssuer,
+    claims: dict[str, Any],
+    expected: dict[str, str | None],
+) -> None:
+    seen = _through(edge, upstream, "/orders/1", issuer.mint(**claims))
+    for name, value in expected.items():
+        assert seen.get(name) == value, (edge[0], name, seen.get(name))
+    assert "x-injected" not in seen and seen["x-authenticated-userid"] == "alice", seen
+
+
+def test_a_claim_too_large_for_a_header_is_refused_and_never_reaches_the_upstream(
+    edge: tuple[str, str], upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    name, url = edge
+    token = issuer.mint(groups=[f"group-{i:04d}" for i in range(MAX_VALUE_BYTES // 8)])
+    r = http_request(f"{url}/orders/1", headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 403, (name, r.status, r.body)
+    assert r.headers.get("x-verifier-reason") == "upstream_claim_too_large", (name, r.headers)
+    assert upstream.requests == []
