@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -20,32 +19,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 if __package__:
-    from .gateways import (
-        EchoUpstream,
-        GatewayProcess,
-        LocalIssuer,
-        http_request,
-        start_envoy,
-        start_nginx,
-        start_verifier,
-    )
+    from .gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_verifier
+    from .test_trust_boundary import Edge, _fresh_upstream_log, edge, issuer, upstream
 else:  # tests/ is not a package: pytest put this directory on sys.path
-    from gateways import (
-        EchoUpstream,
-        GatewayProcess,
-        LocalIssuer,
-        http_request,
-        start_envoy,
-        start_nginx,
-        start_verifier,
-    )
+    from gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_verifier
+    from test_trust_boundary import Edge, _fresh_upstream_log, edge, issuer, upstream
+
+__all__ = ["_fresh_upstream_log", "edge", "issuer", "upstream"]  # the trust-boundary rigs, against this verifier
 
 pytestmark = pytest.mark.integration
 
 ASSERTION_ISSUER = "https://verifier.internal"
 ORDERS = "https://orders.internal"
 BILLING = "https://billing.internal"
-GATEWAYS = ("nginx", "envoy-grpc", "envoy-http")
 MAX_VALUE_BYTES = 1024
 CLIENT_COPIES = {
     "X-Authenticated-Email": "boss@example.test",
@@ -56,25 +42,6 @@ CLIENT_COPIES = {
     "X-Kong-Consumer-Custom-Id": "c-admin",
     "X-Kong-Consumer-Id": "00000000-0000-0000-0000-000000000000",
 }
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[EchoUpstream]:
-    server = EchoUpstream()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_upstream_log(upstream: EchoUpstream) -> None:
-    upstream.clear()
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    server = LocalIssuer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -116,34 +83,15 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
     proc.stop()
 
 
-@pytest.fixture(scope="module", params=GATEWAYS)
-def edge(
-    request: pytest.FixtureRequest,
-    verifier: GatewayProcess,
-    upstream: EchoUpstream,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[str, str]]:
-    tmp: Path = tmp_path_factory.mktemp(request.param)
-    if request.param == "nginx":
-        gw = start_nginx(tmp, verifier.extra["http_port"], upstream.port)
-    elif request.param == "envoy-grpc":
-        gw = start_envoy(tmp, "grpc", verifier_grpc_port=verifier.extra["grpc_port"], upstream_port=upstream.port)
-    else:
-        gw = start_envoy(tmp, "http", verifier_http_port=verifier.extra["http_port"], upstream_port=upstream.port)
-    yield request.param, gw.url
-    gw.stop()
-
-
 @pytest.fixture(scope="module")
 def jwks_client(verifier: GatewayProcess) -> jwt.PyJWKClient:
     """What an upstream uses: PyJWT's JWKS client on the verifier's published keys."""
     return jwt.PyJWKClient(f"{verifier.url}/.well-known/jwks.json", cache_keys=True)
 
 
-def _through(edge: tuple[str, str], upstream: EchoUpstream, path: str, token: str, **extra: str) -> dict[str, str]:
-    name, url = edge
-    r = http_request(f"{url}{path}", headers={"Authorization": f"Bearer {token}", **CLIENT_COPIES, **extra})
-    assert r.status == 200, (name, r.status, r.body)
+def _through(edge: Edge, upstream: EchoUpstream, path: str, token: str, **extra: str) -> dict[str, str]:
+    r = http_request(f"{edge.url}{path}", headers={"Authorization": f"Bearer {token}", **CLIENT_COPIES, **extra})
+    assert r.status == 200, (edge.name, r.status, r.body)
     (seen,) = upstream.requests
     return dict(seen.headers)
 
@@ -161,7 +109,7 @@ def _verify(assertion: str, client: jwt.PyJWKClient, audience: str) -> dict[str,
 
 
 def test_mapped_claims_arrive_and_client_copies_never_do(
-    edge: tuple[str, str], upstream: EchoUpstream, issuer: LocalIssuer
+    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer
 ) -> None:
     token = issuer.mint(email="alice@example.test", org={"tenant_id": "t-42"}, groups=["ops", "billing"])
     seen = _through(edge, upstream, "/orders/1", token)
@@ -175,16 +123,16 @@ def test_mapped_claims_arrive_and_client_copies_never_do(
 
 
 def test_a_missing_claim_sends_no_header_and_the_clients_copy_is_removed(
-    edge: tuple[str, str], upstream: EchoUpstream, issuer: LocalIssuer
+    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer
 ) -> None:
     seen = _through(edge, upstream, "/orders/1", issuer.mint())
     for name in ("x-authenticated-email", "x-authenticated-tenant", "x-authenticated-groups"):
-        assert name not in seen, (edge[0], name, seen.get(name))
+        assert name not in seen, (edge.name, name, seen.get(name))
     assert not [name for name in seen if name.startswith("x-kong-consumer")], seen
 
 
 def test_the_upstream_verifies_the_assertion_against_the_verifiers_jwks(
-    edge: tuple[str, str], upstream: EchoUpstream, issuer: LocalIssuer, jwks_client: jwt.PyJWKClient
+    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer, jwks_client: jwt.PyJWKClient
 ) -> None:
     seen = _through(edge, upstream, "/orders/1", issuer.mint(email="alice@example.test", roles=["admin"]))
     assertion = seen["x-authenticated-identity"]
@@ -199,7 +147,7 @@ def test_the_upstream_verifies_the_assertion_against_the_verifiers_jwks(
 
 
 def test_a_route_gets_an_assertion_for_its_own_audience(
-    edge: tuple[str, str], upstream: EchoUpstream, issuer: LocalIssuer, jwks_client: jwt.PyJWKClient
+    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer, jwks_client: jwt.PyJWKClient
 ) -> None:
     seen = _through(edge, upstream, "/billing/7", issuer.mint())
     assert _verify(seen["x-authenticated-identity"], jwks_client, BILLING)["sub"] == "alice"
@@ -223,7 +171,7 @@ def test_a_route_gets_an_assertion_for_its_own_audience(
     ids=["crlf", "lf-userid", "non-strings", "nested-object", "nested-array"],
 )
 def test_hostile_claims_never_forge_a_header(
-    edge: tuple[str, str],
+    edge: Edge,
     upstream: EchoUpstream,
     issuer: LocalIssuer,
     claims: dict[str, Any],
@@ -231,16 +179,15 @@ def test_hostile_claims_never_forge_a_header(
 ) -> None:
     seen = _through(edge, upstream, "/orders/1", issuer.mint(**claims))
     for name, value in expected.items():
-        assert seen.get(name) == value, (edge[0], name, seen.get(name))
+        assert seen.get(name) == value, (edge.name, name, seen.get(name))
     assert "x-injected" not in seen and seen["x-authenticated-userid"] == "alice", seen
 
 
 def test_a_claim_too_large_for_a_header_is_refused_and_never_reaches_the_upstream(
-    edge: tuple[str, str], upstream: EchoUpstream, issuer: LocalIssuer
+    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer
 ) -> None:
-    name, url = edge
     token = issuer.mint(groups=[f"group-{i:04d}" for i in range(MAX_VALUE_BYTES // 8)])
-    r = http_request(f"{url}/orders/1", headers={"Authorization": f"Bearer {token}"})
-    assert r.status == 403, (name, r.status, r.body)
-    assert r.headers.get("x-verifier-reason") == "upstream_claim_too_large", (name, r.headers)
+    r = http_request(f"{edge.url}/orders/1", headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 403, (edge.name, r.status, r.body)
+    assert r.headers.get("x-verifier-reason") == "upstream_claim_too_large", (edge.name, r.headers)
     assert upstream.requests == []
