@@ -9,14 +9,18 @@ assertion it received with PyJWT against the verifier's /.well-known/jwks.json, 
 
 from __future__ import annotations
 
+import json
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 if __package__:
     from .gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_verifier
@@ -44,15 +48,17 @@ CLIENT_COPIES = {
 }
 
 
+def _write_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, path: Path) -> str:
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     tmp = tmp_path_factory.mktemp("identity")
-    key_file = tmp / "identity.pem"
-    key_file.write_bytes(
-        ec.generate_private_key(ec.SECP256R1()).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    key_file = _write_key(ec.generate_private_key(ec.SECP256R1()), tmp / "identity.pem")
     upstream_config = {
         "headers": [
             {"header": "X-Authenticated-Email", "claim": "email"},
@@ -63,7 +69,7 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
         "identity_token": {
             "issuer": ASSERTION_ISSUER,
             "algorithm": "ES256",
-            "private_key_file": str(key_file),
+            "private_key_file": key_file,
             "audience": ORDERS,
             "lifetime_seconds": 60,
             "claims": ["sub", "scope", "roles", "email"],
@@ -191,3 +197,65 @@ def test_a_claim_too_large_for_a_header_is_refused_and_never_reaches_the_upstrea
     assert r.status == 403, (edge.name, r.status, r.body)
     assert r.headers.get("x-verifier-reason") == "upstream_claim_too_large", (edge.name, r.headers)
     assert upstream.requests == []
+
+
+def _assertion_from(verifier: GatewayProcess, token: str) -> str:
+    """The assertion in the verifier's forward-auth answer (what every gateway copies to the upstream)."""
+    r = http_request(
+        f"{verifier.url}/v1/forward-auth",
+        headers={"Authorization": f"Bearer {token}", "X-Forwarded-Uri": "/orders/1", "X-Forwarded-Host": "api"},
+    )
+    assert r.status == 200, (r.status, r.body)
+    return r.headers["x-authenticated-identity"]
+
+
+def test_a_rotation_by_reload_keeps_assertions_already_handed_out_verifiable(
+    issuer: LocalIssuer, tmp_path: Path
+) -> None:
+    """SIGHUP with a new key and the old public key: the JWKS lists both, old and new assertions verify."""
+    old_key = ec.generate_private_key(ec.SECP256R1())
+    identity = {
+        "issuer": ASSERTION_ISSUER,
+        "private_key_file": _write_key(old_key, tmp_path / "old.pem"),
+        "audience": ORDERS,
+    }
+    proc = start_verifier(tmp_path, issuer=issuer.issuer, extra_config={"upstream": {"identity_token": identity}})
+    try:
+        before = _assertion_from(proc, issuer.mint())
+        old_pub = tmp_path / "old.pub.pem"
+        old_pub.write_bytes(
+            old_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        assert proc.config_path is not None
+        config = yaml.safe_load(proc.config_path.read_text())
+        config["upstream"]["identity_token"].update(
+            algorithm="EdDSA",
+            private_key_file=_write_key(ed25519.Ed25519PrivateKey.generate(), tmp_path / "new.pem"),
+            previous_public_key_files=[str(old_pub)],
+        )
+        proc.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        proc.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while True:
+            keys = json.loads(http_request(f"{proc.url}/.well-known/jwks.json").body)["keys"]
+            if len(keys) == 2:
+                break
+            assert time.monotonic() < deadline, proc.log()
+            time.sleep(0.2)
+        client = jwt.PyJWKClient(f"{proc.url}/.well-known/jwks.json")
+        assert _verify(before, client, ORDERS)["sub"] == "alice"  # handed out before the rotation
+        after = _assertion_from(proc, issuer.mint())
+        assert jwt.get_unverified_header(after)["alg"] == "EdDSA"
+        assert jwt.get_unverified_header(after)["kid"] != jwt.get_unverified_header(before)["kid"]
+        decoded = jwt.decode(
+            after,
+            client.get_signing_key_from_jwt(after).key,
+            algorithms=["EdDSA"],
+            audience=ORDERS,
+            issuer=ASSERTION_ISSUER,
+        )
+        assert decoded["sub"] == "alice"
+    finally:
+        proc.stop()
