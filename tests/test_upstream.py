@@ -512,3 +512,21 @@ async def test_no_jwks_endpoint_without_an_assertion(started: Started) -> None:
 def test_settings_without_upstream_keep_the_fixed_four() -> None:
     settings: Settings = parse_settings(_document())
     assert settings.upstream is None
+
+
+async def test_an_assertion_is_handed_out_only_in_the_first_half_of_its_life(
+    started: Started, mint: Any, tmp_path: Path
+) -> None:
+    """With a gateway reuse (10 s) shorter than half its life (30 s), the hot path still renews at half-life."""
+    identity = _identity(_pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "id.pem"), lifetime_seconds=60)
+    app = await started(_document({"identity_token": identity}, edge_cache={"max_age_seconds": 10}))
+    clock: FrozenClock = app.clock  # type: ignore[assignment]
+    token = mint(claims(exp=int(NOW) + 3600))
+    first = _headers(await app.pipeline.decide(_attrs(token), "test"))["x-authenticated-identity"]
+    for _ in range(70):
+        clock.advance(1)
+        answer = app.pipeline.decide_cached(_attrs(token), "test")
+        assert answer is not None and answer.allowed and answer.cache_max_age == 10
+        assertion = jwt.decode(_headers(answer)["x-authenticated-identity"], options={"verify_signature": False})
+        assert assertion["exp"] - clock.now() >= 30, (clock.now() - NOW, assertion["exp"] - NOW)
+    assert _headers(answer)["x-authenticated-identity"] != first

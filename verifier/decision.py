@@ -36,7 +36,7 @@ class Decision:
     roles: tuple[str, ...] = ()
     cache_max_age: int = 0  # seconds a gateway may reuse this decision; 0 = no-store
     # Epoch seconds: a stored allow is answered as it is, with its max-age, while at least that max-age
-    # is left before this (its token's `exp`, its identity assertion's `exp`).
+    # is left before this (its token's `exp`; with an identity assertion, its renewal plus the max-age).
     fresh_until: float = math.inf
     renew_at: float = math.inf  # its identity assertion is re-minted from here on (inf: it has none)
     # Serialized forms built once per decision by the doors (HTTP head, gRPC answers); a cached
@@ -97,13 +97,12 @@ def allow(
     headers: Headers = (),
     answer_headers: Headers = (),
     renew_at: float = math.inf,
-    valid_until: float = math.inf,
 ) -> Decision:
     """The allow answer: identity headers for the upstream, the token left untouched.
 
     `headers` (mapped claims, the identity assertion) and `answer_headers` come rendered and checked
-    (`verifier.upstream`); the fixed four are built here. With an assertion, `valid_until` is its `exp`
-    and `renew_at` when a fresh one is minted instead.
+    (`verifier.upstream`); the fixed four are built here. With an identity assertion, `renew_at` is when
+    a fresh one is minted instead: the answer is handed out until then, and reused for its max-age at most.
     """
     fixed: list[tuple[str, str]] = [
         ("x-authenticated-userid", principal.subject),
@@ -121,7 +120,7 @@ def allow(
         subject=principal.subject,
         roles=tuple(sorted(principal.roles)),
         cache_max_age=cache_max_age,
-        fresh_until=min(principal.expires_at, valid_until),
+        fresh_until=min(principal.expires_at, renew_at + cache_max_age),
         renew_at=renew_at,
     )
 

@@ -62,16 +62,16 @@ class UpstreamAnswers:
             value = None if isinstance(found, list) else header_value(found, self._max, f"claim {consumer.claim!r}")
             if value is not None:
                 answer = ((consumer.answer_header, value),)
-        renew_at = valid_until = math.inf
+        renew_at = math.inf
         if self.assertions is not None:
             token, expires = self.assertions.mint(principal, variant.audience, now)
             if len(token) > self._max:
                 raise UpstreamClaimTooLarge(f"the identity assertion is longer than {self._max} bytes")
             headers.append((self.assertions.header, token))
-            # Re-minted at half its life, and reusable for at most that half: an answer is never reused past
-            # the assertion's `exp`, nor handed out with less than half of its life left.
+            # Handed out in the first half of its life, then re-minted, and reusable for at most that half:
+            # no answer is reused past the assertion's `exp`, none handed out with less than half its life.
             half = (expires - now) / 2
-            renew_at, valid_until = now + half, expires
+            renew_at = now + half
             ceiling = min(ceiling, int(half))
         return allow(
             principal,
@@ -79,5 +79,4 @@ class UpstreamAnswers:
             headers=tuple(headers),
             answer_headers=answer,
             renew_at=renew_at,
-            valid_until=valid_until,
         )
