@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from verifier.app import App
 from verifier.clock import FrozenClock
 from verifier.config.base import ConfigError
 from verifier.doors.grpc import envoy_response, own_response
+from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import Settings, parse_settings
+from verifier.upstream.assertion import IdentityAssertions
 from verifier.upstream.claims import UpstreamClaimTooLarge, claim_at, header_value
 from verifier.v1 import verifier_pb2
 
@@ -530,3 +533,57 @@ async def test_an_assertion_is_handed_out_only_in_the_first_half_of_its_life(
         assertion = jwt.decode(_headers(answer)["x-authenticated-identity"], options={"verify_signature": False})
         assert assertion["exp"] - clock.now() >= 30, (clock.now() - NOW, assertion["exp"] - NOW)
     assert _headers(answer)["x-authenticated-identity"] != first
+
+
+@pytest.mark.parametrize("depth", [10, 400, 900, 940, 950, 956, 990, 1200])
+async def test_a_deeply_nested_claim_never_breaks_the_assertion(
+    started: Started, mint: Any, tmp_path: Path, depth: int
+) -> None:
+    identity = _identity(_pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "id.pem"))
+    mapping = [{"header": "X-Authenticated-Email", "claim": "email"}]
+    app = await started(_document({"identity_token": identity, "headers": mapping}))
+    nested: list[Any] = []
+    inner = nested
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 2 * depth)  # only to sign the test token; the verifier runs with the default
+    try:
+        token = mint(claims(email=nested))
+    finally:
+        sys.setrecursionlimit(limit)
+    decision = await app.pipeline.decide(_attrs(token), "test")
+    assert decision.reason != "internal_error"
+    if decision.allowed:
+        assert "x-authenticated-email" not in _headers(decision)
+        assertion = jwt.decode(_headers(decision)["x-authenticated-identity"], options={"verify_signature": False})
+        assert "email" not in assertion or isinstance(assertion["email"], list)
+
+
+def test_a_claim_json_cannot_encode_is_refused_not_a_crash(tmp_path: Path) -> None:
+    """An identity from elsewhere (introspection, a claims change) may hold what JSON cannot encode."""
+    settings = parse_settings(
+        _document({"identity_token": _identity(_pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "k.pem"))})
+    )
+    assert settings.upstream is not None and settings.upstream.identity_token is not None
+    assertions = IdentityAssertions(settings.upstream.identity_token)
+    deep: list[Any] = []
+    inner = deep
+    for _ in range(sys.getrecursionlimit() * 2):
+        inner.append([])
+        inner = inner[0]
+    circular: dict[str, Any] = {}
+    circular["self"] = circular
+    for value in (deep, circular):
+        principal = Principal(
+            issuer=ISSUER,
+            subject="u",
+            client_id=None,
+            scopes=(),
+            roles=frozenset(),
+            expires_at=NOW + 60,
+            claims={"email": value},
+        )
+        with pytest.raises(UpstreamClaimTooLarge):
+            assertions.mint(principal, ORDERS, NOW)

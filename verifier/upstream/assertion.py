@@ -22,6 +22,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 from verifier.binding.dpop import thumbprint
 from verifier.config.upstream import IdentityTokenConfig, PublicKey
 from verifier.principal import Principal
+from verifier.upstream.claims import UpstreamClaimTooLarge
 
 
 def public_jwk(key: PublicKey) -> dict[str, Any]:
@@ -67,7 +68,10 @@ class IdentityAssertions:
         claims.update(
             iss=self.config.issuer, aud=audience, iat=issued, exp=expires, jti=secrets.token_urlsafe(16)
         )
-        token = jwt.encode(claims, self._key, algorithm=self.config.algorithm, headers=self._headers)
+        try:
+            token = jwt.encode(claims, self._key, algorithm=self.config.algorithm, headers=self._headers)
+        except (RecursionError, ValueError, TypeError) as exc:  # a listed claim nested past what JSON encodes
+            raise UpstreamClaimTooLarge("a listed claim cannot be put in the identity assertion") from exc
         return token, expires
 
 
