@@ -138,9 +138,7 @@ def http_request(
         conn.close()
 
 
-def wait_http_ok(
-    url: str, *, timeout: float = READY_TIMEOUT_S, proc: subprocess.Popen[bytes] | None = None
-) -> None:
+def wait_http_ok(url: str, *, timeout: float = READY_TIMEOUT_S, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Poll ``url`` until it answers 200; fail early if ``proc`` dies meanwhile."""
     deadline = time.monotonic() + timeout
     last: str = "no answer"
@@ -193,9 +191,7 @@ class _ServerThread:
         self._server.daemon_threads = True
         self._server.owner = self  # type: ignore[attr-defined]  # handlers reach their owner through it
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name=type(self).__name__, daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, name=type(self).__name__, daemon=True)
         self._thread.start()
 
     @property
@@ -584,8 +580,7 @@ def envoy_config(
         },
     ]
     hcm = {
-        "@type": TYPE_URL
-        + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": TYPE_URL + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
         "route_config": {
@@ -609,11 +604,7 @@ def envoy_config(
                     "name": "ingress",
                     "address": _socket_address(listen_port),
                     "filter_chains": [
-                        {
-                            "filters": [
-                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                            ]
-                        }
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
                     ],
                 }
             ],
@@ -738,6 +729,7 @@ def envoy_stats(gw: GatewayProcess, prefix: str = "") -> dict[str, int]:
 # nginx
 # --------------------------------------------------------------------------------------------------------
 
+
 def nginx_binary() -> Path:
     """The nginx executable (Debian's package installs /usr/sbin/nginx)."""
     found = (
@@ -750,12 +742,15 @@ def nginx_binary() -> Path:
     return Path(found)
 
 
-def start_nginx(tmp_path: Path, verifier_http_port: int, upstream_port: int) -> GatewayProcess:
+def start_nginx(
+    tmp_path: Path, verifier_http_port: int, upstream_port: int, *, http_directives: str = ""
+) -> GatewayProcess:
     """Run the shipped ``deploy/nginx/nginx.conf.template`` (rendered) in the foreground under ``tmp_path``.
 
     Started as ``nginx -p <prefix>/ -c nginx.conf -g 'daemon off;'`` so the pid file, logs and temp
     directories stay under ``tmp_path``; ready once its status port answers. ``extra["admin_port"]`` is
-    that port.
+    that port. ``http_directives`` go at the top of the ``http`` block, as an operator adds a documented
+    snippet.
     """
     prefix = (Path(tmp_path) / f"nginx-{uuid.uuid4().hex[:6]}").resolve()
     (prefix / "tmp").mkdir(parents=True)
@@ -770,6 +765,8 @@ def start_nginx(tmp_path: Path, verifier_http_port: int, upstream_port: int) -> 
         UPSTREAM_HOST=LOOPBACK,
         UPSTREAM_PORT=upstream_port,
     )
+    if http_directives:
+        conf = conf.replace("\nhttp {\n", f"\nhttp {{\n{http_directives}\n", 1)
     # As root, nginx would drop its worker to `nobody`, which cannot enter pytest's 0700 tmp directories to
     # spool a large body; keep the worker as the invoking user (given on the command line, the file stays
     # as shipped).

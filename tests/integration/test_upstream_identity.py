@@ -23,10 +23,26 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 if __package__:
-    from .gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_verifier
+    from .gateways import (
+        NGINX_TEMPLATE,
+        EchoUpstream,
+        GatewayProcess,
+        LocalIssuer,
+        http_request,
+        start_nginx,
+        start_verifier,
+    )
     from .test_trust_boundary import Edge, _fresh_upstream_log, edge, issuer, upstream
 else:  # tests/ is not a package: pytest put this directory on sys.path
-    from gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_verifier
+    from gateways import (
+        NGINX_TEMPLATE,
+        EchoUpstream,
+        GatewayProcess,
+        LocalIssuer,
+        http_request,
+        start_nginx,
+        start_verifier,
+    )
     from test_trust_boundary import Edge, _fresh_upstream_log, edge, issuer, upstream
 
 __all__ = ["_fresh_upstream_log", "edge", "issuer", "upstream"]  # the trust-boundary rigs, against this verifier
@@ -64,6 +80,7 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
             {"header": "X-Authenticated-Email", "claim": "email"},
             {"header": "X-Authenticated-Tenant", "claim": "org.tenant_id"},
             {"header": "X-Authenticated-Groups", "claim": "groups"},
+            {"header": "X-Authenticated-Plan", "claim": "plan"},  # not in the nginx template: its snippet
         ],
         "consumer": {"claim": "sub", "by": "username"},
         "identity_token": {
@@ -237,13 +254,15 @@ def test_a_rotation_by_reload_keeps_assertions_already_handed_out_verifiable(
         )
         proc.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         proc.proc.send_signal(signal.SIGHUP)
+        # The old worker serves until the new one is ready, then drains: wait until only the new one answers.
         deadline = time.monotonic() + 30
-        while True:
-            keys = json.loads(http_request(f"{proc.url}/.well-known/jwks.json").body)["keys"]
-            if len(keys) == 2:
-                break
+        fresh = 0
+        while fresh < 5:
             assert time.monotonic() < deadline, proc.log()
-            time.sleep(0.2)
+            keys = json.loads(http_request(f"{proc.url}/.well-known/jwks.json").body)["keys"]
+            renewed = jwt.get_unverified_header(_assertion_from(proc, issuer.mint()))["alg"] == "EdDSA"
+            fresh = fresh + 1 if len(keys) == 2 and renewed and "configuration reloaded" in proc.log() else 0
+            time.sleep(0.1)
         client = jwt.PyJWKClient(f"{proc.url}/.well-known/jwks.json")
         assert _verify(before, client, ORDERS)["sub"] == "alice"  # handed out before the rotation
         after = _assertion_from(proc, issuer.mint())
@@ -259,3 +278,30 @@ def test_a_rotation_by_reload_keeps_assertions_already_handed_out_verifiable(
         assert decoded["sub"] == "alice"
     finally:
         proc.stop()
+
+
+def test_the_nginx_templates_snippet_copies_another_mapped_header(
+    verifier: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer, tmp_path: Path
+) -> None:
+    """nginx copies answer headers by name: a mapped header outside the template's set needs the two lines
+    its header comment documents, and arrives with them; a client's copy never does either way."""
+    snippet = "\n".join(
+        line.lstrip("#").strip()
+        for line in NGINX_TEMPLATE.read_text().splitlines()
+        if line.startswith("#        auth_request_set $auth_plan")
+        or line.startswith("#        proxy_set_header X-Authenticated-Plan")
+    )
+    assert snippet.count(";") == 2, snippet
+    token = issuer.mint(plan="gold")
+    for directives, expected in (("", None), (snippet, "gold")):
+        gw = start_nginx(tmp_path, verifier.extra["http_port"], upstream.port, http_directives=directives)
+        try:
+            upstream.clear()
+            r = http_request(
+                f"{gw.url}/orders/1", headers={"Authorization": f"Bearer {token}", "X-Authenticated-Plan": "platinum"}
+            )
+            assert r.status == 200, (r.status, r.body, gw.log())
+            (seen,) = upstream.requests
+            assert seen.headers.get("x-authenticated-plan") == expected, (directives, seen.headers)
+        finally:
+            gw.stop()
