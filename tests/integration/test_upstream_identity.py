@@ -16,11 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jwt
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 if __package__:
     from .gateways import (
@@ -305,3 +308,24 @@ def test_the_nginx_templates_snippet_copies_another_mapped_header(
             assert seen.headers.get("x-authenticated-plan") == expected, (directives, seen.headers)
         finally:
             gw.stop()
+
+
+def test_every_door_answers_the_kong_consumer_to_the_plugin(verifier: GatewayProcess, issuer: LocalIssuer) -> None:
+    """The contract with the Kong plugins: forward-auth answer headers, our gRPC `answer_headers`; never upstream."""
+    token = issuer.mint()
+    r = http_request(
+        f"{verifier.url}/v1/forward-auth",
+        headers={"Authorization": f"Bearer {token}", "X-Forwarded-Uri": "/orders/1", "X-Forwarded-Host": "api"},
+    )
+    assert r.status == 200 and r.headers["x-kong-consumer-username"] == "alice", r.headers
+    with grpc.insecure_channel(f"127.0.0.1:{verifier.extra['grpc_port']}") as channel:
+        answer = verifier_pb2_grpc.VerifierStub(channel).Check(
+            verifier_pb2.CheckRequest(
+                method="GET", scheme="https", host="api", path="/orders/1", headers={"authorization": f"Bearer {token}"}
+            ),
+            timeout=10,
+        )
+    assert answer.allowed
+    assert [(h.name, h.value) for h in answer.answer_headers] == [("x-kong-consumer-username", "alice")]
+    assert not [h.name for h in answer.upstream_headers if h.name.startswith("x-kong-")]
+    assert {h.name for h in answer.upstream_headers} >= {"x-authenticated-userid", "x-authenticated-identity"}
