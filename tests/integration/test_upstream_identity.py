@@ -31,24 +31,26 @@ if __package__:
         EchoUpstream,
         GatewayProcess,
         LocalIssuer,
+        SeenRequest,
         http_request,
         start_nginx,
         start_verifier,
     )
-    from .test_trust_boundary import Edge, _fresh_upstream_log, edge, issuer, upstream
+    from .test_trust_boundary import Edge, _fresh_upstream_log, edge, issuer
 else:  # tests/ is not a package: pytest put this directory on sys.path
     from gateways import (
         NGINX_TEMPLATE,
         EchoUpstream,
         GatewayProcess,
         LocalIssuer,
+        SeenRequest,
         http_request,
         start_nginx,
         start_verifier,
     )
-    from test_trust_boundary import Edge, _fresh_upstream_log, edge, issuer, upstream
+    from test_trust_boundary import Edge, _fresh_upstream_log, edge, issuer
 
-__all__ = ["_fresh_upstream_log", "edge", "issuer", "upstream"]  # the trust-boundary rigs, against this verifier
+__all__ = ["_fresh_upstream_log", "edge", "issuer"]  # the trust-boundary rigs, against this verifier and upstream
 
 pytestmark = pytest.mark.integration
 
@@ -115,6 +117,39 @@ def jwks_client(verifier: GatewayProcess) -> jwt.PyJWKClient:
     return jwt.PyJWKClient(f"{verifier.url}/.well-known/jwks.json", cache_keys=True)
 
 
+class VerifyingUpstream(EchoUpstream):
+    """The protected application as one would build it: it verifies the assertion each request carries
+    (PyJWT against the verifier's /.well-known/jwks.json, its own audience: /billing is the billing service)
+    and keeps the verified claims, or the error, beside what it received."""
+
+    def __init__(self, jwks: jwt.PyJWKClient) -> None:
+        self._jwks = jwks
+        self.verified: list[dict[str, Any] | Exception] = []
+        super().__init__()
+
+    def _record(self, seen: SeenRequest) -> None:
+        audience = BILLING if seen.path.startswith("/billing") else ORDERS
+        try:
+            result: dict[str, Any] | Exception = _verify(seen.headers["x-authenticated-identity"], self._jwks, audience)
+        except Exception as exc:  # what the application would answer 401 for
+            result = exc
+        with self._lock:
+            self.verified.append(result)
+        super()._record(seen)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.verified.clear()
+        super().clear()
+
+
+@pytest.fixture(scope="module")
+def upstream(verifier: GatewayProcess) -> Iterator[VerifyingUpstream]:
+    server = VerifyingUpstream(jwt.PyJWKClient(f"{verifier.url}/.well-known/jwks.json"))
+    yield server
+    server.stop()
+
+
 def _through(edge: Edge, upstream: EchoUpstream, path: str, token: str, **extra: str) -> dict[str, str]:
     r = http_request(f"{edge.url}{path}", headers={"Authorization": f"Bearer {token}", **CLIENT_COPIES, **extra})
     assert r.status == 200, (edge.name, r.status, r.body)
@@ -158,12 +193,13 @@ def test_a_missing_claim_sends_no_header_and_the_clients_copy_is_removed(
 
 
 def test_the_upstream_verifies_the_assertion_against_the_verifiers_jwks(
-    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer, jwks_client: jwt.PyJWKClient
+    edge: Edge, upstream: VerifyingUpstream, issuer: LocalIssuer, jwks_client: jwt.PyJWKClient
 ) -> None:
     seen = _through(edge, upstream, "/orders/1", issuer.mint(email="alice@example.test", roles=["admin"]))
     assertion = seen["x-authenticated-identity"]
     assert assertion != CLIENT_COPIES["X-Authenticated-Identity"]
-    decoded = _verify(assertion, jwks_client, ORDERS)
+    (decoded,) = upstream.verified
+    assert isinstance(decoded, dict), (edge.name, decoded)
     assert decoded["sub"] == "alice" and decoded["scope"] == "read write" and decoded["roles"] == ["admin"]
     assert decoded["email"] == "alice@example.test"
     assert decoded["iat"] <= time.time() + 1 < decoded["exp"] <= decoded["iat"] + 60
@@ -173,10 +209,11 @@ def test_the_upstream_verifies_the_assertion_against_the_verifiers_jwks(
 
 
 def test_a_route_gets_an_assertion_for_its_own_audience(
-    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer, jwks_client: jwt.PyJWKClient
+    edge: Edge, upstream: VerifyingUpstream, issuer: LocalIssuer
 ) -> None:
-    seen = _through(edge, upstream, "/billing/7", issuer.mint())
-    assert _verify(seen["x-authenticated-identity"], jwks_client, BILLING)["sub"] == "alice"
+    _through(edge, upstream, "/billing/7", issuer.mint())
+    (decoded,) = upstream.verified  # the billing service's own audience
+    assert isinstance(decoded, dict) and decoded["sub"] == "alice", (edge.name, decoded)
 
 
 @pytest.mark.parametrize(
