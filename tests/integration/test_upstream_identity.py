@@ -364,3 +364,23 @@ def test_every_door_answers_the_kong_consumer_to_the_plugin(verifier: GatewayPro
     assert [(h.name, h.value) for h in answer.answer_headers] == [("x-kong-consumer-username", "alice")]
     assert not [h.name for h in answer.upstream_headers if h.name.startswith("x-kong-")]
     assert {h.name for h in answer.upstream_headers} >= {"x-authenticated-userid", "x-authenticated-identity"}
+
+
+def test_a_reused_answer_never_outlives_its_assertion(
+    edge: Edge, verifier: GatewayProcess, upstream: VerifyingUpstream, issuer: LocalIssuer
+) -> None:
+    """The verifier's max-age (X-Accel-Expires for nginx) ends before the assertion's exp; a gateway that
+    reuses the answer (nginx's auth cache, the Envoy reuse filter) hands the upstream one that still verifies."""
+    token = issuer.mint()
+    r = http_request(
+        f"{verifier.url}/v1/forward-auth",
+        headers={"Authorization": f"Bearer {token}", "X-Forwarded-Uri": "/orders/1", "X-Forwarded-Host": "api"},
+    )
+    max_age = int(r.headers["cache-control"].rsplit("=", 1)[1])
+    exp = jwt.decode(r.headers["x-authenticated-identity"], options={"verify_signature": False})["exp"]
+    assert max_age > 0 and time.time() + max_age <= exp and int(r.headers["x-accel-expires"]) < max_age
+    for _ in range(3):
+        _through(edge, upstream, "/orders/1", token)
+        (verified,) = upstream.verified
+        assert isinstance(verified, dict), (edge.name, verified)
+        upstream.clear()
