@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from doorkit import http_exchange
 from envoy.service.auth.v3 import external_auth_pb2 as ea
+from support import FrozenClock
 from tokenkit import AUDIENCE, ISSUER, NOW, FakeFetcher, claims
 
 from verifier.app import App
-from verifier.clock import FrozenClock
 from verifier.config.base import ConfigError
 from verifier.doors.grpc import envoy_response, own_response
 from verifier.principal import Principal
