@@ -52,6 +52,7 @@ from verifier.observe.metrics import (
     RevocationMetrics,
     WebAuthnMetrics,
 )
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.pipeline import Admitted, Pipeline
 from verifier.policy.ratelimit import RateLimiter
 from verifier.policy.roles import IssuerRoles, RoleMapper
@@ -199,15 +200,24 @@ class App:
         fetcher: Fetcher | None = None,
         metrics: Metrics | None = None,
         reuse_port: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        # Spans only when configured (the `tracing` section or OTEL_* variables; `tracing` replaces it in
+        # tests). Off: the doors hold None and never touch tracing; fetches and audit get the null object.
+        if tracing is None and settings.tracing is not None:
+            from verifier.observe.otel import build_tracing  # OpenTelemetry is loaded only when used
+
+            tracing = build_tracing(settings.tracing)
+        self.tracing = tracing
+        traced: Tracing = tracing or NO_TRACING
         self.clock = clock or SystemClock()
         self.sessions = HttpSessions()
         self.fetcher: Fetcher = fetcher or HttpFetcher(self.sessions.providers)
         self.metrics = metrics or Metrics()
         self.reuse_port = reuse_port
         self.keys = KeyStore(
-            {i.issuer: IssuerKeys(i, self.fetcher, self.clock, self.metrics) for i in settings.issuers}
+            {i.issuer: IssuerKeys(i, self.fetcher, self.clock, self.metrics, traced) for i in settings.issuers}
         )
         self.jwt = JwtVerifier(
             {i.issuer: i for i in settings.issuers}, self.keys, self.clock, max_token_bytes=settings.max_token_bytes
@@ -224,6 +234,7 @@ class App:
                 clock=self.clock,
                 registry=self.metrics.registry,
                 discovered_endpoint=self._discovered("introspection_endpoint", i.issuer),
+                tracing=traced,
             )
             for i in settings.issuers
             if i.introspection is not None
@@ -241,6 +252,7 @@ class App:
                 clock=self.clock,
                 metrics=RevocationMetrics(self.metrics.registry, REFUSAL_CODES),
                 on_credential_revoked=self._credentials_revoked,
+                tracing=traced,
             )
         self.webauthn: WebAuthnService | None = None
         if settings.webauthn is not None:
@@ -251,6 +263,7 @@ class App:
                 self.clock,
                 WebAuthnMetrics(self.metrics.registry),
                 realm=settings.realm,
+                trace_id=traced.trace_id,
             )
         self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)
         self.negative: ExpiringCache[Decision] = ExpiringCache(settings.cache.negative_entries, self.clock)
@@ -301,6 +314,7 @@ class App:
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
             upstream=self.upstream,
+            tracing=traced,
         )
         self.router = Router()
         if self.upstream.assertions is not None:
@@ -314,8 +328,9 @@ class App:
             self.router,
             settings=settings.forward_auth,
             thumbprint_header=settings.mtls_thumbprint_header,
+            tracing=tracing,
         )
-        self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready)
+        self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready, tracing)
         self.ports = BoundPorts()
         self._extras_ready = self.revocation is None
         if self.revocation is not None:
@@ -443,4 +458,6 @@ class App:
             await introspector.close()
         await self.state.close()
         await self.sessions.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()  # the spans still queued are exported
         flush_logs()

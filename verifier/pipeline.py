@@ -43,6 +43,7 @@ from verifier.errors import (
 )
 from verifier.observe import audit
 from verifier.observe.metrics import Metrics
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
@@ -130,6 +131,7 @@ class Pipeline:
         edge_max_age: int = 0,
         refusal_max_age: int = 0,
         upstream: UpstreamAnswers | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._authenticators = tuple(authenticators)
         self._checks = tuple(checks)
@@ -158,6 +160,7 @@ class Pipeline:
         self._own_endpoint = (OWN_ENDPOINT, self._mask(OWN_ENDPOINT))
         self._plans: dict[int, Plan] = {}
         self.trace: Tracer | None = None  # `verifier explain` listens here; off (None) in the service
+        self._tracing = tracing  # spans (annotated on first sight only) and the audit line's trace id
 
     def _mask(self, route: Route) -> int:
         return sum(1 << i for i, check in enumerate(self._checks) if check.for_route(route))
@@ -268,6 +271,18 @@ class Pipeline:
             admitted = verified
         plan = self._plan(admitted.mask & self._own_endpoint[1])
         return await self._run(admitted.principal, credential, attrs, OWN_ENDPOINT, plan.checks)
+
+    def known(self, attrs: RequestAttributes) -> str | None:
+        """For a span's `cache.hit` (asked only when tracing is on): the issuer of the admitted token a
+        cache holds for this request, "" for a remembered refusal, None when no cache knows the token."""
+        header = attrs.headers.get("authorization")
+        if not header:
+            return None
+        key = audit.token_hash(header)
+        admitted = self._positive.get(key)
+        if admitted is not None:
+            return admitted.principal.issuer
+        return "" if self._negative.get(key) is not None else None
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -521,6 +536,7 @@ class Pipeline:
         subject: str,
         client_id: str | None = None,
     ) -> None:
+        trace_id = self._tracing.token_checked(attrs.headers, seen.issuer)
         alg = seen.alg
         if alg and alg != "introspection":
             label = alg if alg in SUPPORTED_ALGORITHMS else "other"  # header values are attacker-chosen
@@ -538,6 +554,7 @@ class Pipeline:
                 token_hash_=audit.token_hash(credential.token),
                 door=door,
                 client_id=client_id,  # with subject "", a client-credentials token: no user
+                trace_id=trace_id,
             )
 
 

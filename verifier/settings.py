@@ -42,6 +42,7 @@ from verifier.config.issuer import (
 )
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes, parse_revocation_config
 from verifier.config.state import StateConfig, parse_state_config
+from verifier.config.tracing import TracingConfig, parse_tracing_config
 from verifier.config.upstream import RouteUpstream, UpstreamConfig, parse_route_upstream, parse_upstream_config
 from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
 from verifier.request import host_name, normalize_host
@@ -276,6 +277,7 @@ class Settings:
     revocation: RevocationConfig | None = None  # Shared Signals receiver
     webauthn: WebAuthnConfig | None = None  # credential registry and step-up
     upstream: UpstreamConfig | None = None  # mapped claims, the Kong consumer, the identity assertion
+    tracing: TracingConfig | None = None  # OpenTelemetry export (the file or OTEL_* variables); None: off
 
     @property
     def state_is_shared(self) -> bool:
@@ -521,6 +523,7 @@ def _parse_settings(data: Any) -> Settings:
             revocation=_optional_section(root, "revocation", parse_revocation_config),
             webauthn=_optional_section(root, "webauthn", parse_webauthn_config),
             upstream=_optional_section(root, "upstream", parse_upstream_config),
+            tracing=parse_tracing_config(root.raw("tracing"), os.environ),
         )
     )
     root.done()
