@@ -40,6 +40,7 @@ from verifier.decision import Decision
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.forward_auth import ForwardAuthDoor
 from verifier.doors.grpc import GrpcDoors
+from verifier.doors.jwks_http import add_jwks_route
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
@@ -71,6 +72,7 @@ from verifier.tokens.introspection import Introspector
 from verifier.tokens.introspection_breaker import BreakerState, CircuitBreaker
 from verifier.tokens.jwks import IssuerKeys, KeyStore
 from verifier.tokens.jwt import JwtVerifier
+from verifier.upstream import UpstreamAnswers
 from verifier.webauthn import SqliteCredentialStore, WebAuthnService
 
 log = logging.getLogger("verifier.app")
@@ -293,6 +295,7 @@ class App:
             checks.append(WebAuthnStepUp(self.webauthn))
         if settings.rate_limits:
             checks.append(RateLimit(RateLimiter(settings.rate_limits, self.state, self.clock)))
+        self.upstream = UpstreamAnswers(settings.upstream)  # keys parsed at start-up, by the settings
         self.pipeline = Pipeline(
             authenticators=authenticators,
             checks=checks,
@@ -310,9 +313,12 @@ class App:
             deadline=settings.deadline_seconds,
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
+            upstream=self.upstream,
             tracing=traced,
         )
         self.router = Router()
+        if self.upstream.assertions is not None:
+            add_jwks_route(self.router, self.upstream.assertions.jwks)
         if self.webauthn is not None:
             add_webauthn_routes(self.router, self.webauthn, self._authenticate)
         self.forward_auth = ForwardAuthDoor(

@@ -43,6 +43,7 @@ from verifier.config.issuer import (
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes, parse_revocation_config
 from verifier.config.state import StateConfig, parse_state_config
 from verifier.config.tracing import TracingConfig, parse_tracing_config
+from verifier.config.upstream import RouteUpstream, UpstreamConfig, parse_route_upstream, parse_upstream_config
 from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
 from verifier.request import host_name, normalize_host
 
@@ -159,6 +160,7 @@ class PolicySettings:
     name: str
     match: RouteMatch
     require: Requirements
+    upstream: RouteUpstream | None = None  # what this route's upstream receives, beyond `upstream`
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -274,6 +276,7 @@ class Settings:
     )
     revocation: RevocationConfig | None = None  # Shared Signals receiver
     webauthn: WebAuthnConfig | None = None  # credential registry and step-up
+    upstream: UpstreamConfig | None = None  # mapped claims, the Kong consumer, the identity assertion
     tracing: TracingConfig | None = None  # OpenTelemetry export (the file or OTEL_* variables); None: off
 
     @property
@@ -407,8 +410,10 @@ def _policy(reader: Reader, index: int) -> PolicySettings:
         raise ConfigError(f"{req_reader.path}.step_up: expected one of {', '.join(STEP_UP_METHODS)}")
     req_reader.done()
     name = reader.text("name", f"policy-{index}")
+    raw_upstream = reader.raw("upstream")
+    upstream = None if raw_upstream is None else parse_route_upstream(raw_upstream, f"{reader.path}.upstream")
     reader.done()
-    return PolicySettings(name=name, match=match, require=require)
+    return PolicySettings(name=name, match=match, require=require, upstream=upstream)
 
 
 def _rate_limit(reader: Reader) -> RateLimit:
@@ -517,10 +522,12 @@ def _parse_settings(data: Any) -> Settings:
             edge_cache=_edge_cache(root.child("edge_cache")),
             revocation=_optional_section(root, "revocation", parse_revocation_config),
             webauthn=_optional_section(root, "webauthn", parse_webauthn_config),
+            upstream=_optional_section(root, "upstream", parse_upstream_config),
             tracing=parse_tracing_config(root.raw("tracing"), os.environ),
         )
     )
     root.done()
+    _check_route_upstreams(settings)
     if settings.revocation is not None:  # transmitters speak for configured issuers only
         check_transmitter_scopes(settings.revocation, (i.issuer for i in issuers))
     if settings.grpc is None and settings.http is None:
@@ -529,6 +536,19 @@ def _parse_settings(data: Any) -> Settings:
     check_admin_token(os.environ.get(ADMIN_TOKEN_ENV))
     _check_shared_state(settings)
     return settings
+
+
+def _check_route_upstreams(settings: Settings) -> None:
+    """A route's audience needs an assertion to carry it; a route's header may not take the assertion's name."""
+    identity = settings.upstream.identity_token if settings.upstream is not None else None
+    for i, policy in enumerate(settings.policies or ()):
+        if policy.upstream is None:
+            continue
+        if policy.upstream.audience and identity is None:
+            record(f"policies[{i}].upstream.identity_token: needs upstream.identity_token to be configured")
+        for j, mapping in enumerate(policy.upstream.headers):
+            if identity is not None and mapping.header == identity.header:
+                record(f"policies[{i}].upstream.headers[{j}].header: {mapping.header!r} carries the assertion")
 
 
 def _check_distinct_ports(settings: Settings) -> None:

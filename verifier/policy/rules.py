@@ -14,6 +14,7 @@ import posixpath
 import urllib.parse
 from collections.abc import Sequence
 
+from verifier.config.upstream import RouteUpstream
 from verifier.errors import Forbidden, InsufficientUserAuthentication, Scheme, SenderConstraintFailed
 from verifier.numbers import json_number
 from verifier.principal import Principal
@@ -84,6 +85,7 @@ class CompiledPolicy:
     path_prefix: str
     path: str
     require: Requirements
+    upstream: RouteUpstream | None = None  # what this route's upstream receives, beyond `upstream`
 
     def matches(self, method: str, host: str, path: str) -> bool:
         """Whether this policy covers the (normalized) request; `host` is the name without its port."""
@@ -109,6 +111,7 @@ class PolicySet:
                 path_prefix=p.match.path_prefix,
                 path=p.match.path,
                 require=p.require,
+                upstream=p.upstream,
             )
             for p in policies or ()
         )
