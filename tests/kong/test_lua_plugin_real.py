@@ -246,9 +246,6 @@ def test_decision_cache_honours_the_verifiers_cache_control(start_nginx, echo_up
 
 # --------------------------------------------------------------------------- Kong consumers (issue #20)
 
-#: The verifier names the consumer once `upstream.consumer` is configured (issue #20's verifier side,
-#: built on another branch: until both are merged the verifier refuses the key and these cannot pass).
-NEEDS_VERIFIER_SIDE = pytest.mark.xfail(strict=True, reason="needs #20 verifier side")
 #: The harness's client-credentials tokens: `sub` is the client, "app".
 APP = {"id": "a0a0a0a0-0000-4000-8000-00000000a001", "username": "app", "custom_id": "app", "groups": ["readers"]}
 
@@ -259,7 +256,6 @@ def naming_verifier(tmp_path: Path, provider: OpenIDProvider, by: str) -> Gatewa
     return start_verifier(tmp_path, issuer=provider.issuer, extra_config={"upstream": upstream})
 
 
-@NEEDS_VERIFIER_SIDE
 @pytest.mark.parametrize("by", ["username", "custom_id"])
 def test_the_consumer_the_verifier_names_is_what_acl_and_the_upstream_see(
     start_nginx, echo_upstream, provider, token, tmp_path: Path, by: str
@@ -286,7 +282,6 @@ def test_the_consumer_the_verifier_names_is_what_acl_and_the_upstream_see(
         own.stop()
 
 
-@NEEDS_VERIFIER_SIDE
 def test_a_verified_identity_kong_has_no_consumer_for_is_refused(start_nginx, echo_upstream, provider, token, tmp_path):
     own = naming_verifier(tmp_path, provider, "username")
     try:
