@@ -40,10 +40,17 @@ from verifier.config.issuer import (
     IssuerSettings,
     RoleRule,
 )
+from verifier.config.policy import (
+    SENDER_CONSTRAINTS,
+    STEP_UP_METHODS,
+    PolicySettings,
+    Requirements,
+    RouteMatch,
+    parse_policy,
+)
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes, parse_revocation_config
 from verifier.config.state import StateConfig, parse_state_config
 from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
-from verifier.request import host_name, normalize_host
 
 T = TypeVar("T")
 
@@ -55,10 +62,15 @@ __all__ = [  # the sections live in verifier.config; these names stay importable
     "DEFAULT_LEEWAY_SECONDS",
     "DEFAULT_MAX_JWKS_BYTES",
     "DEFAULT_MAX_JWKS_KEYS",
+    "SENDER_CONSTRAINTS",
+    "STEP_UP_METHODS",
     "SUPPORTED_ALGORITHMS",
     "ConfigError",
     "IssuerSettings",
+    "PolicySettings",
+    "Requirements",
     "RoleRule",
+    "RouteMatch",
     "Settings",
     "check_admin_token",
     "check_url",
@@ -118,45 +130,6 @@ class Listen:
     def address(self) -> str:
         """`host:port`, bracketing IPv6 literals."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-SENDER_CONSTRAINTS = ("dpop", "mtls", "any")
-STEP_UP_METHODS = ("webauthn",)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RouteMatch:
-    """Which requests a policy covers; empty fields match anything."""
-
-    hosts: tuple[str, ...] = ()
-    methods: tuple[str, ...] = ()
-    path_prefix: str = ""
-    path: str = ""  # exact path (no query)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Requirements:
-    """What a matched route requires of the caller."""
-
-    authenticated: bool = True
-    roles_any: tuple[str, ...] = ()
-    roles_all: tuple[str, ...] = ()
-    scopes_all: tuple[str, ...] = ()
-    scopes_any: tuple[str, ...] = ()
-    amr_any: tuple[str, ...] = ()  # RFC 8176 values, e.g. hwk, pop
-    acr_any: tuple[str, ...] = ()  # e.g. phr, phrh
-    max_auth_age_seconds: int | None = None  # auth_time must be at most this old
-    sender_constraint: str = ""  # dpop | mtls | any (either)
-    step_up: str = ""  # webauthn: a request-bound WebAuthn assertion is required
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PolicySettings:
-    """One route policy: first match wins."""
-
-    name: str
-    match: RouteMatch
-    require: Requirements
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -361,53 +334,6 @@ def _role_rule(reader: Reader) -> RoleRule:
     return rule
 
 
-def _policy(reader: Reader, index: int) -> PolicySettings:
-    match_reader = reader.child("match")
-    if match_reader is None:
-        raise ConfigError(f"{reader.path}.match: required")
-    methods = tuple(m.upper() for m in match_reader.strings("methods", required=False))
-    prefix = match_reader.text("path_prefix", "")
-    exact = match_reader.text("path", "")
-    for key, value in (("path_prefix", prefix), ("path", exact)):
-        if value and not value.startswith("/"):
-            raise ConfigError(f"{match_reader.path}.{key}: must start with /")
-    hosts = tuple(normalize_host(h) for h in match_reader.strings("hosts", required=False))
-    for i, host in enumerate(hosts):
-        if host_name(host) != host or not host:
-            raise ConfigError(f"{match_reader.path}.hosts[{i}]: expected a host name without a port, got {host!r}")
-    match = RouteMatch(
-        hosts=hosts,
-        methods=methods,
-        path_prefix=prefix,
-        path=exact,
-    )
-    match_reader.done()
-    req_reader = reader.child("require") or Reader({}, f"{reader.path}.require")
-    max_age = req_reader.raw("max_auth_age_seconds")
-    require = Requirements(
-        authenticated=req_reader.boolean("authenticated", True),
-        roles_any=req_reader.strings("roles_any", required=False),
-        roles_all=req_reader.strings("roles_all", required=False),
-        scopes_all=req_reader.strings("scopes_all", required=False),
-        scopes_any=req_reader.strings("scopes_any", required=False),
-        amr_any=req_reader.strings("amr_any", required=False),
-        acr_any=req_reader.strings("acr_any", required=False),
-        max_auth_age_seconds=None
-        if max_age is None
-        else req_reader.integer("max_auth_age_seconds", 0, minimum=1, maximum=86_400 * 365),
-        sender_constraint=req_reader.text("sender_constraint", ""),
-        step_up=req_reader.text("step_up", ""),
-    )
-    if require.sender_constraint and require.sender_constraint not in SENDER_CONSTRAINTS:
-        raise ConfigError(f"{req_reader.path}.sender_constraint: expected one of {', '.join(SENDER_CONSTRAINTS)}")
-    if require.step_up and require.step_up not in STEP_UP_METHODS:
-        raise ConfigError(f"{req_reader.path}.step_up: expected one of {', '.join(STEP_UP_METHODS)}")
-    req_reader.done()
-    name = reader.text("name", f"policy-{index}")
-    reader.done()
-    return PolicySettings(name=name, match=match, require=require)
-
-
 def _rate_limit(reader: Reader) -> RateLimit:
     limit = RateLimit(
         per_second=reader.number("per_second", 0.0, minimum=0.001, maximum=1_000_000),
@@ -507,7 +433,7 @@ def _parse_settings(data: Any) -> Settings:
             metrics=_listen(root.child("metrics")),
             issuers=issuers,
             cache=cache,
-            policies=tuple(_policy(r, i) for i, r in enumerate(root.children("policies")))
+            policies=tuple(parse_policy(r, i) for i, r in enumerate(root.children("policies")))
             if root.raw("policies") is not None
             else None,
             rate_limits=_rate_limits(root.child("rate_limits")),

@@ -27,7 +27,6 @@ _OWN_READERS = (
         "client_secret_basic \\| client_secret_post \\| private_key_jwt",
         "RFC 7662 client authentication: a secret from the named env var, or a PEM key (file or env var)",
     ),
-    ("policies[]", "-", "match, require", "route policies, first match wins: see the example above"),
     ("rate_limits", "-", "default, roles", "token buckets per identity: {per_second, burst}"),
 )
 
