@@ -27,19 +27,22 @@ from verifier.checks.policy import RoutePolicy
 from verifier.checks.rate_limit import RateLimit
 from verifier.checks.revocation import Revocation
 from verifier.checks.step_up import WebAuthnStepUp
+from verifier.checks.trust import RouteTrust
 from verifier.clock import Clock, SystemClock
 from verifier.config.dpop import DpopConfig
+from verifier.config.resource import ProtectedResourceConfig
 from verifier.config.revocation import check_transmitter_scopes
-from verifier.decision import Decision
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.forward_auth import ForwardAuthDoor
 from verifier.doors.grpc import GrpcDoors
+from verifier.doors.metadata_http import add_metadata_routes
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
 from verifier.observe.audit import FLUSH_INTERVAL_SECONDS, flush_logs
 from verifier.observe.metrics import Metrics
-from verifier.pipeline import Admitted, Pipeline
+from verifier.pipeline import Admitted, Pipeline, Refused
+from verifier.policy.metadata import resource_documents
 from verifier.policy.ratelimit import RateLimiter
 from verifier.policy.roles import IssuerRoles, RoleMapper
 from verifier.policy.rules import PolicySet
@@ -147,8 +150,8 @@ class App:
                 realm=settings.realm,
             )
         self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)
-        self.negative: ExpiringCache[Decision] = ExpiringCache(settings.cache.negative_entries, self.clock)
-        policies = PolicySet(settings.policies)
+        self.negative: ExpiringCache[Refused] = ExpiringCache(settings.cache.negative_entries, self.clock)
+        policies = PolicySet(settings.policies, settings.protected_resource)
         with_roles = IssuerRoles({i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles})
         opaque = next(
             (i.issuer for i in settings.issuers if i.introspection is not None and i.introspection.opaque_tokens), None
@@ -159,7 +162,7 @@ class App:
         if opaque is not None and opaque in self.introspectors:
             authenticators.append(OpaqueIntrospection(opaque, self.introspectors[opaque]))
         # Run in this order on every request, a cached token's included (see verifier.checks).
-        checks: list[Check] = []
+        checks: list[Check] = [RouteTrust()]  # first: a token the route does not take goes no further
         introspect_jwts = frozenset(i.issuer for i in settings.issuers if i.introspect_jwts)
         if introspect_jwts:
             checks.append(IntrospectJwts(introspect_jwts, self.introspectors))
@@ -195,6 +198,17 @@ class App:
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
         )
         self.router = Router()
+        add_metadata_routes(  # RFC 9728: unauthenticated discovery of the resources and their issuers
+            self.router,
+            resource_documents(
+                settings.policies or (),
+                settings.protected_resource,
+                [i.issuer for i in settings.issuers],
+                self.dpop.algorithms,
+                dpop_configured=settings.dpop is not None,
+            ),
+            max_age=(settings.protected_resource or ProtectedResourceConfig()).max_age_seconds,
+        )
         if self.webauthn is not None:
             add_webauthn_routes(self.router, self.webauthn, self._authenticate)
         self.forward_auth = ForwardAuthDoor(

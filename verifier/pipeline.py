@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from verifier import credentials
-from verifier.authenticators import Authenticator, NotResponsible, Seen, none_responsible
-from verifier.checks.base import NO_POLICY, OWN_ENDPOINT, Check, Route
+from verifier.authenticators import Authenticator, NotResponsible, Seen, issuer_not_trusted, none_responsible
+from verifier.checks.base import OWN_ENDPOINT, Check, Route
 from verifier.clock import Clock
 from verifier.credentials import Credential, TokenScheme
 from verifier.decision import Decision, allow
@@ -63,6 +63,15 @@ class Admitted:
     credential: Credential  # as first presented (its scheme decides DPoP challenges)
     checks: tuple[Check, ...]  # the listed checks that apply to this token, in order; none: `allowed` stands
     mask: int  # the same checks as bits of the pipeline's list (bit i: checks[i]), for one AND per request
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refused:
+    """What the negative cache holds for a token no route can take: answered anew on each route, since
+    a challenge names the route's own `resource_metadata` and `scope`."""
+
+    error: VerifierError
+    credential: Credential
 
 
 # An observer of the steps of one decision (`verifier explain`): (step, details). The service sets none.
@@ -108,7 +117,7 @@ class Pipeline:
         authenticators: Sequence[Authenticator],
         checks: Sequence[Check],
         positive: ExpiringCache[Admitted],
-        negative: ExpiringCache[Decision],
+        negative: ExpiringCache[Refused],
         clock: Clock,
         metrics: Metrics,
         realm: str,
@@ -140,11 +149,16 @@ class Pipeline:
         self._deadline = deadline
         self._edge_max_age = edge_max_age
         self._refusal_max_age = refusal_max_age
-        self._refusals: dict[tuple[type, str, str, Scheme, bool], Decision] = {}
-        self._no_route = refuse(Forbidden("no policy allows this route", code="route_not_allowed"), realm=realm)
+        self._refusals: dict[tuple[type, str, str, Scheme, bool, tuple[tuple[str, str], ...]], Decision] = {}
+        default = Route(None, False, challenge=self._policies.default_challenge)  # no policy: the default resource
+        self._no_route = refuse(
+            Forbidden("no policy allows this route", code="route_not_allowed"),
+            realm=realm,
+            route_params=default.challenge,
+        )
         # Worked out once per route and per combination of checks, never per request.
         self._routes: dict[int, tuple[Route, int]] = {}  # id(policy) -> the route and its checks' bits
-        self._no_policy = (NO_POLICY, self._mask(NO_POLICY))
+        self._no_policy = (default, self._mask(default))
         self._own_endpoint = (OWN_ENDPOINT, self._mask(OWN_ENDPOINT))
         self._plans: dict[int, Plan] = {}
         self.trace: Tracer | None = None  # `verifier explain` listens here; off (None) in the service
@@ -197,7 +211,7 @@ class Pipeline:
         refused = self._negative.get(key)
         if refused is not None:
             self._metrics.cache_lookup("negative", "hit")
-            return refused
+            return self._refuse(refused.error, refused.credential, route)
         try:
             credential = credentials.extract(attrs)
         except MissingToken as exc:
@@ -207,7 +221,7 @@ class Pipeline:
         except VerifierError as exc:
             return self._refuse(exc, None, route)
         self._metrics.cache_lookup("positive", "miss")
-        verified = self._verify_now(credential, key, attrs, door)
+        verified = self._verify_now(credential, key, attrs, door, route)
         if verified is None or isinstance(verified, Decision):
             return verified
         return self._now(verified, attrs, routed)
@@ -251,7 +265,7 @@ class Pipeline:
         key = audit.token_hash(attrs.headers.get("authorization", ""))
         admitted = self._positive.get(key)
         if admitted is None:
-            verified = await self._verify(credential, key, attrs, "endpoint")
+            verified = await self._verify(credential, key, attrs, "endpoint", OWN_ENDPOINT)
             if isinstance(verified, Decision):
                 raise InvalidToken(verified.reason.replace("_", " "), code=verified.reason)
             admitted = verified
@@ -271,7 +285,12 @@ class Pipeline:
             return self._no_route
         routed = self._routes.get(id(policy))
         if routed is None:
-            route = Route(policy, policy.require.sender_constraint == "dpop", policy.require.step_up == "webauthn")
+            route = Route(
+                policy,
+                policy.require.sender_constraint == "dpop",
+                policy.require.step_up == "webauthn",
+                challenge=policy.challenge,
+            )
             routed = self._routes[id(policy)] = (route, self._mask(route))
         return routed
 
@@ -305,7 +324,7 @@ class Pipeline:
         key = audit.token_hash(attrs.headers.get("authorization", ""))
         admitted = self._positive.get(key)
         if admitted is None:
-            verified = await self._verify(credential, key, attrs, door)
+            verified = await self._verify(credential, key, attrs, door, route)
             if isinstance(verified, Decision):
                 return verified
             admitted = verified
@@ -336,7 +355,7 @@ class Pipeline:
         return self._reusable(judged, allowed, route, plan)
 
     def _verify_now(
-        self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str
+        self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str, route: Route
     ) -> Admitted | Decision | None:
         """First sight of a token an authenticator can vouch for without I/O: no task, no await.
 
@@ -346,7 +365,11 @@ class Pipeline:
         started = time.perf_counter()
         seen = Seen()
         try:
+            untrusted = False
             for authenticator in self._authenticators:
+                if authenticator.sends_to is not None and not route.trusts_issuer(authenticator.sends_to):
+                    untrusted = True  # never disclosed to a provider this route does not trust
+                    continue
                 try:
                     verified = authenticator.verify_now(credential.token, seen)
                 except NotResponsible:
@@ -355,17 +378,17 @@ class Pipeline:
                     return None
                 break
             else:
-                raise none_responsible()
+                raise issuer_not_trusted() if untrusted else none_responsible()
             principal = self._with_roles(verified)
         except VerifierError as exc:
-            return self._refused(exc, credential, key, attrs, door, started, seen)
+            return self._refused(exc, credential, key, attrs, door, started, seen, route)
         return self._admitted(principal, credential, key, attrs, door, started, seen)
 
     async def _verify(
-        self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str
+        self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str, route: Route
     ) -> Admitted | Decision:
         """First sight of a token: the first responsible authenticator, with I/O if need be."""
-        done = self._verify_now(credential, key, attrs, door)
+        done = self._verify_now(credential, key, attrs, door, route)
         if done is not None:
             return done
         started = time.perf_counter()
@@ -373,6 +396,8 @@ class Pipeline:
         token_key = audit.token_hash(credential.token)  # introspection caches and the audit fingerprint
         try:
             for authenticator in self._authenticators:
+                if authenticator.sends_to is not None and not route.trusts_issuer(authenticator.sends_to):
+                    continue  # `_verify_now` answered when no trusted authenticator takes the token
                 try:
                     verified = await authenticator.verify(credential.token, token_key, seen)
                 except NotResponsible:
@@ -382,7 +407,7 @@ class Pipeline:
                 raise none_responsible()
             principal = self._with_roles(verified)
         except VerifierError as exc:
-            return self._refused(exc, credential, key, attrs, door, started, seen)
+            return self._refused(exc, credential, key, attrs, door, started, seen, route)
         return self._admitted(principal, credential, key, attrs, door, started, seen)
 
     def _refused(
@@ -394,12 +419,13 @@ class Pipeline:
         door: str,
         started: float,
         seen: Seen,
+        route: Route,
     ) -> Decision:
         if self.trace is not None:
             self.trace("token", {"issuer": seen.issuer, "kid": seen.kid, "alg": seen.alg, "error": error})
-        decision = self._refuse(error, credential, NO_POLICY)
+        decision = self._refuse(error, credential, route)
         if _negative_cacheable(error):
-            self._negative.put(key, decision, self._clock.now() + self._negative_ttl)
+            self._negative.put(key, Refused(error, credential), self._clock.now() + self._negative_ttl)
         self._record(attrs, door, decision, started, credential, seen, "")
         return decision
 
@@ -454,7 +480,7 @@ class Pipeline:
         dpop = route.dpop_route or (credential is not None and credential.scheme is TokenScheme.DPOP)
         static = not (error.challenge_params() or error.extra_headers() or error.extra_body())
         if static:
-            memo_key = (type(error), error.code, error.description, error.scheme, dpop)
+            memo_key = (type(error), error.code, error.description, error.scheme, dpop, route.challenge)
             memo = self._refusals.get(memo_key)
             if memo is not None:
                 return memo
@@ -464,6 +490,7 @@ class Pipeline:
             scheme=Scheme.DPOP if dpop else None,
             dpop_algs=self._dpop_algs,
             reusable_for=self._refusal_max_age,
+            route_params=route.challenge,
         )
         if static and len(self._refusals) < MAX_MEMOIZED_REFUSALS:
             self._refusals[memo_key] = decision
@@ -500,4 +527,4 @@ class Pipeline:
             )
 
 
-__all__ = ["ANONYMOUS", "Admitted", "Pipeline", "Plan", "ProviderUnavailable"]
+__all__ = ["ANONYMOUS", "Admitted", "Pipeline", "Plan", "ProviderUnavailable", "Refused"]

@@ -46,8 +46,10 @@ from verifier.config.policy import (
     PolicySettings,
     Requirements,
     RouteMatch,
+    check_trusted_issuers,
     parse_policy,
 )
+from verifier.config.resource import ProtectedResourceConfig, parse_protected_resource_config
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes, parse_revocation_config
 from verifier.config.state import StateConfig, parse_state_config
 from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
@@ -245,6 +247,7 @@ class Settings:
     )
     revocation: RevocationConfig | None = None  # Shared Signals receiver
     webauthn: WebAuthnConfig | None = None  # credential registry and step-up
+    protected_resource: ProtectedResourceConfig | None = None  # RFC 9728: the default resource's metadata
 
     @property
     def state_is_shared(self) -> bool:
@@ -443,11 +446,13 @@ def _parse_settings(data: Any) -> Settings:
             edge_cache=_edge_cache(root.child("edge_cache")),
             revocation=_optional_section(root, "revocation", parse_revocation_config),
             webauthn=_optional_section(root, "webauthn", parse_webauthn_config),
+            protected_resource=_optional_section(root, "protected_resource", parse_protected_resource_config),
         )
     )
     root.done()
     if settings.revocation is not None:  # transmitters speak for configured issuers only
         check_transmitter_scopes(settings.revocation, (i.issuer for i in issuers))
+    check_trusted_issuers(settings.policies or (), tuple(i.issuer for i in issuers))
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")
     _check_distinct_ports(settings)

@@ -4,15 +4,18 @@
 policies:
   - name: orders                          # default: policy-<index>
     match: {hosts: [api.example.test], methods: [GET, POST], path_prefix: /orders}   # or path: exact
-    require: {scopes_any: [orders:read]}
+    require: {scopes_any: [orders:read], issuers_any: ["https://idp.example.test"],
+              audiences_any: ["https://api.example.test"], clients_any: [mcp-client]}
+    resource: "https://api.example.test/orders"   # RFC 9728 metadata; also a required audience (RFC 8707)
 ```
 """
 
 from __future__ import annotations
 
 import dataclasses
+from urllib.parse import urlsplit
 
-from verifier.config.base import ConfigError, Reader, read_fields, setting
+from verifier.config.base import ConfigError, Reader, read_fields, setting, url_problem
 from verifier.request import host_name, normalize_host
 
 SENDER_CONSTRAINTS = ("dpop", "mtls", "any")
@@ -46,6 +49,11 @@ class Requirements:
     )
     sender_constraint: str = setting("", choices=SENDER_CONSTRAINTS, doc="a DPoP- or mTLS-bound token (any: either)")
     step_up: str = setting("", choices=STEP_UP_METHODS, doc="a WebAuthn assertion bound to this request")
+    issuers_any: tuple[str, ...] = setting(
+        (), doc="only these configured issuers' tokens (401 issuer_not_trusted); opaque tokens too"
+    )
+    audiences_any: tuple[str, ...] = setting((), doc="`aud` names one of these (401 audience_not_trusted)")
+    clients_any: tuple[str, ...] = setting((), doc="`azp`, else `client_id`, is one of these (403 client_not_allowed)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,6 +63,35 @@ class PolicySettings:
     name: str = setting("", doc="names the policy in logs and `verifier explain` (default: policy-<index>)")
     match: RouteMatch
     require: Requirements = Requirements()
+    resource: str = setting(
+        "", doc="RFC 9728 resource identifier (https URL): metadata served, and a required audience (RFC 8707)"
+    )
+    resource_name: str = setting("", doc="RFC 9728 resource_name: a human-readable name for the metadata")
+    scopes_supported: tuple[str, ...] = setting(
+        (), doc="RFC 9728 scopes_supported (default: scopes_all + scopes_any); also the challenges' scope"
+    )
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """The scopes this route advertises: `scopes_supported`, else the ones it requires."""
+        if self.scopes_supported:
+            return self.scopes_supported
+        return tuple(dict.fromkeys(self.require.scopes_all + self.require.scopes_any))
+
+
+def resource_problem(resource: str) -> str:
+    """Why `resource` is not an RFC 9728 section 1.2 / RFC 8707 resource identifier (empty: it is)."""
+    problem = url_problem(resource, "resource")
+    if problem:
+        return problem
+    if any(not 0x21 <= ord(c) <= 0x7E or c in '"\\' for c in resource):
+        return "a resource identifier is printable ASCII without quotes or backslashes (RFC 3986)"
+    parts = urlsplit(resource)
+    if parts.fragment or "#" in resource:
+        return "a resource identifier has no fragment (RFC 9728 section 1.2)"
+    if parts.query:
+        return "a resource identifier has no query here (RFC 9728 section 1.2 discourages it)"
+    return ""
 
 
 def _match(reader: Reader) -> RouteMatch:
@@ -81,5 +118,19 @@ def parse_policy(reader: Reader, index: int) -> PolicySettings:
     require = Requirements(**read_fields(require_reader, Requirements))
     require_reader.done()
     policy = PolicySettings(**read_fields(reader, PolicySettings, match=match, require=require))
+    if policy.resource:
+        problem = resource_problem(policy.resource)
+        if problem:
+            reader.problem("resource", problem)
     reader.done()
     return policy if policy.name else dataclasses.replace(policy, name=f"policy-{index}")
+
+
+def check_trusted_issuers(policies: tuple[PolicySettings, ...], issuers: tuple[str, ...]) -> None:
+    """Every `issuers_any` entry names a configured issuer (`issuers[].issuer`, a template's string too):
+    a typo would otherwise refuse every token on the route, silently."""
+    known = frozenset(issuers)
+    for i, policy in enumerate(policies):
+        for j, issuer in enumerate(policy.require.issuers_any):
+            if issuer not in known:
+                raise ConfigError(f"policies[{i}].require.issuers_any[{j}]: {issuer!r} is not a configured issuer")
