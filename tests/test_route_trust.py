@@ -53,11 +53,13 @@ async def tenants(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Tenants]:
     await b.start()
     monkeypatch.setenv("TRUST_SECRET_B", b.introspection_client_secret)
     introspection = {"client_id": b.introspection_client_id, "client_secret_env": "TRUST_SECRET_B"}
-    settings = parse_settings({
-        "http": {"listen": "127.0.0.1:0"},
-        "issuers": [_issuer(a), _issuer(b, introspection=introspection)],
-        "policies": _policies(a, b),
-    })
+    settings = parse_settings(
+        {
+            "http": {"listen": "127.0.0.1:0"},
+            "issuers": [_issuer(a), _issuer(b, introspection=introspection)],
+            "policies": _policies(a, b),
+        }
+    )
     app = App(settings)
     await app.start()
     try:
@@ -71,8 +73,7 @@ async def tenants(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Tenants]:
 
 async def _ask(app: App, path: str, token: str) -> tuple[int, dict[str, str]]:
     raw = (
-        f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nX-Forwarded-Uri: {path}\r\n"
-        f"Authorization: Bearer {token}\r\n\r\n"
+        f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nX-Forwarded-Uri: {path}\r\nAuthorization: Bearer {token}\r\n\r\n"
     ).encode()
     assert app.ports.http is not None
     head = (await http_exchange(app.ports.http, raw)).split(b"\r\n\r\n", 1)[0].decode()
@@ -136,9 +137,7 @@ async def test_audiences_any_takes_a_token_for_one_of_its_audiences_only(
         ({"azp": ["mcp-client"]}, False),  # not a string: falls back to client_id dev-client
     ],
 )
-async def test_clients_any_reads_azp_then_client_id(
-    tenants: Tenants, claims: dict[str, Any], allowed: bool
-) -> None:
+async def test_clients_any_reads_azp_then_client_id(tenants: Tenants, claims: dict[str, Any], allowed: bool) -> None:
     app, a, _ = tenants
     status, headers = await _ask(app, "/client", a.mint(claims=claims))
     if allowed:
@@ -150,8 +149,10 @@ async def test_clients_any_reads_azp_then_client_id(
 
 def test_an_unknown_issuer_in_issuers_any_is_refused_at_start_up() -> None:
     with pytest.raises(ConfigError, match=r"policies\[0\]\.require\.issuers_any\[0\]: 'https://typo\.test' is not"):
-        parse_settings({
-            "http": {"listen": "127.0.0.1:0"},
-            "issuers": [{"issuer": "https://idp.test", "audiences": ["x"], "algorithms": ["ES256"]}],
-            "policies": [{"match": {"path_prefix": "/"}, "require": {"issuers_any": ["https://typo.test"]}}],
-        })
+        parse_settings(
+            {
+                "http": {"listen": "127.0.0.1:0"},
+                "issuers": [{"issuer": "https://idp.test", "audiences": ["x"], "algorithms": ["ES256"]}],
+                "policies": [{"match": {"path_prefix": "/"}, "require": {"issuers_any": ["https://typo.test"]}}],
+            }
+        )

@@ -32,9 +32,7 @@ def _handler(found: list[ResourceMetadata], cache_control: str) -> Handler:
             chosen = [d for d in found if _host_of(d.resource) == host]
             if not chosen:
                 return HttpAnswer.json(404, {"error": "not_found"})
-        return HttpAnswer(
-            200, (("content-type", "application/json"), ("cache-control", cache_control)), chosen[0].body
-        )
+        return HttpAnswer(200, (("content-type", "application/json"), ("cache-control", cache_control)), chosen[0].body)
 
     return metadata
 
