@@ -226,3 +226,35 @@ def test_a_bad_resource_identifier_is_refused_by_key(resource: str, problem: str
     message = str(refused.value)
     assert "policies[0].resource: " in message and "protected_resource.resource: " in message
     assert problem in message
+
+
+def test_the_readme_mcp_example_answers_as_documented() -> None:
+    """The README's MCP-server example: its config validates, and the 401 and the document it shows are ours."""
+    from pathlib import Path
+
+    import yaml
+
+    from verifier.doors.refusals import refuse
+    from verifier.errors import MissingToken
+    from verifier.policy.metadata import resource_documents
+    from verifier.policy.rules import PolicySet
+    from verifier.request import RequestAttributes
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("**An MCP server behind the verifier.**") :]
+    config, header, document = (
+        re.search(rf"```{kind}\n(.*?)```", section, re.DOTALL).group(1)  # type: ignore[union-attr]
+        for kind in ("yaml", "text", "json")
+    )
+    settings = parse_settings({**yaml.safe_load(config), "http": {"listen": "127.0.0.1:0"}})
+    assert settings.policies is not None
+    policies = PolicySet(settings.policies, settings.protected_resource)
+    attrs = RequestAttributes(method="POST", scheme="https", host="mcp.example.test", path="/mcp", headers={})
+    route = policies.match(attrs)
+    assert route is not None
+    answer = refuse(MissingToken("no access token"), realm=settings.realm, route_params=route.challenge)
+    documented = dict(line.split(": ", 1) for line in header.strip().splitlines()[1:])
+    assert dict(answer.response_headers)["www-authenticate"] == documented["WWW-Authenticate"]
+    served = resource_documents(settings.policies, settings.protected_resource, ["https://idp.example.test"], [],
+                                dpop_configured=False)  # fmt: skip
+    assert json.loads(document) in [d.document for d in served]
