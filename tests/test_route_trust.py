@@ -156,3 +156,25 @@ def test_an_unknown_issuer_in_issuers_any_is_refused_at_start_up() -> None:
                 "policies": [{"match": {"path_prefix": "/"}, "require": {"issuers_any": ["https://typo.test"]}}],
             }
         )
+
+
+@pytest.mark.parametrize(
+    ("listed", "accepted"),
+    [
+        ("https://login.example.test/{tenant}/v2.0", True),  # the template string itself
+        ("https://login.example.test/acme/v2.0", True),  # one concrete issuer of it
+        ("https://login.example.test/acme/x/v2.0", False),  # a placeholder stands for one segment
+        ("https://evil.example.test/acme/v2.0", False),
+    ],
+)
+def test_issuers_any_may_name_an_issuer_template_or_a_concrete_issuer_of_it(listed: str, accepted: bool) -> None:
+    from verifier.config.base import Reader
+    from verifier.config.policy import check_trusted_issuers, parse_policy
+
+    configured = ("https://idp.test", "https://login.example.test/{tenant}/v2.0")
+    policy = parse_policy(Reader({"match": {}, "require": {"issuers_any": [listed]}}, "policies[0]"), 0)
+    if accepted:
+        check_trusted_issuers((policy,), configured)
+    else:
+        with pytest.raises(ConfigError, match="is not a configured issuer"):
+            check_trusted_issuers((policy,), configured)

@@ -102,6 +102,15 @@ def test_a_401_names_metadata_the_client_can_fetch_through_the_gateway_without_a
     assert not upstream.requests, "discovery reached the upstream"
 
 
+def test_a_client_chosen_host_never_changes_where_the_challenge_points(gateway: str) -> None:
+    for host in ("evil.example.test", "evil.example.test:8443"):
+        refused = http_request(
+            f"{gateway}/orders/42", headers={"Host": host, "X-Forwarded-Host": host, "Forwarded": f"host={host}"}
+        )
+        assert refused.status == 401
+        assert f'resource_metadata="https://{HOST}{WELL_KNOWN}/orders"' in refused.headers["www-authenticate"]
+
+
 def test_a_403_carries_the_same_discovery_parameters(gateway: str, issuer: LocalIssuer) -> None:
     refused = http_request(
         f"{gateway}/orders/42",

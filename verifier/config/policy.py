@@ -13,6 +13,7 @@ policies:
 from __future__ import annotations
 
 import dataclasses
+import re
 from urllib.parse import urlsplit
 
 from verifier.config.base import ConfigError, Reader, read_fields, setting, url_problem
@@ -126,11 +127,23 @@ def parse_policy(reader: Reader, index: int) -> PolicySettings:
     return policy if policy.name else dataclasses.replace(policy, name=f"policy-{index}")
 
 
+def _names(issuer: str, configured: str) -> bool:
+    """Whether `issuer` is the configured issuer string, or a concrete issuer of it when it is a template
+    (`{...}` placeholders, each standing for one non-empty segment without `/`)."""
+    if issuer == configured:
+        return True
+    if "{" not in configured:
+        return False
+    pattern = "".join(
+        "[^/]+" if part.startswith("{") else re.escape(part) for part in re.split(r"(\{[^}]*\})", configured)
+    )
+    return re.fullmatch(pattern, issuer) is not None
+
+
 def check_trusted_issuers(policies: tuple[PolicySettings, ...], issuers: tuple[str, ...]) -> None:
-    """Every `issuers_any` entry names a configured issuer (`issuers[].issuer`, a template's string too):
-    a typo would otherwise refuse every token on the route, silently."""
-    known = frozenset(issuers)
+    """Every `issuers_any` entry names a configured issuer (an `issuers[].issuer` string, or a concrete
+    issuer of a template one): a typo would otherwise refuse every token on the route, silently."""
     for i, policy in enumerate(policies):
         for j, issuer in enumerate(policy.require.issuers_any):
-            if issuer not in known:
+            if not any(_names(issuer, configured) for configured in issuers):
                 raise ConfigError(f"policies[{i}].require.issuers_any[{j}]: {issuer!r} is not a configured issuer")
