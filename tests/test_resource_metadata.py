@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from doorkit import http_exchange
+from rfc9728kit import check_rfc9728_document, parse_challenge
 from support import free_port
 
 from verifier.app import App
@@ -77,46 +78,6 @@ async def _ask(app: App, path: str, token: str | None = None, **extra: str) -> t
         headers["Authorization"] = f"Bearer {token}"
     status, fields, _ = await _get(app, "/v1/forward-auth", headers)
     return status, fields
-
-
-_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_PARAM = re.compile(rf'\s*({_TOKEN})\s*=\s*(?:({_TOKEN})|"((?:[^"\\]|\\.)*)")\s*(?:,|$)')
-
-
-def parse_challenge(value: str) -> tuple[str, dict[str, str]]:
-    """One challenge (RFC 9110 section 11.6.1): the scheme and its auth-params; fails on anything else."""
-    scheme, _, rest = value.partition(" ")
-    assert re.fullmatch(_TOKEN, scheme), value
-    params: dict[str, str] = {}
-    position = 0
-    while position < len(rest):
-        found = _PARAM.match(rest, position)
-        assert found is not None, f"not an auth-param list at {rest[position:]!r}"
-        name = found.group(1).lower()
-        assert name not in params, f"{name} given twice"
-        params[name] = found.group(2) if found.group(2) is not None else re.sub(r"\\(.)", r"\1", found.group(3))
-        position = found.end()
-    return scheme, params
-
-
-def check_rfc9728_document(document: dict[str, Any], fetched_from: str) -> None:
-    """RFC 9728 section 2 member types, and section 3.3: `resource` is the identifier behind `fetched_from`."""
-    assert isinstance(document.get("resource"), str), "resource is REQUIRED"
-    origin, _, path = fetched_from.partition(WELL_KNOWN)
-    expected = origin + path if path else origin
-    assert document["resource"] in (expected, expected + "/"), (document["resource"], fetched_from)
-    assert metadata_url(document["resource"]) == fetched_from
-    assert "#" not in document["resource"]
-    for member in ("authorization_servers", "scopes_supported", "bearer_methods_supported",
-                   "dpop_signing_alg_values_supported"):  # fmt: skip
-        if member in document:
-            assert isinstance(document[member], list) and document[member], member
-            assert all(isinstance(item, str) and item for item in document[member]), member
-    assert set(document.get("bearer_methods_supported", [])) <= {"header", "body", "query"}
-    assert "none" not in document.get("dpop_signing_alg_values_supported", [])
-    for member in ("dpop_bound_access_tokens_required", "tls_client_certificate_bound_access_tokens"):
-        assert isinstance(document.get(member, False), bool), member
-    assert isinstance(document.get("resource_name", ""), str)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from gateways import (
     start_nginx,
     start_verifier,
 )
+from rfc9728kit import check_rfc9728_document, parse_challenge
 
 pytestmark = pytest.mark.integration
 
@@ -87,14 +88,15 @@ def test_a_401_names_metadata_the_client_can_fetch_through_the_gateway_without_a
     upstream.clear()
     refused = http_request(f"{gateway}/orders/42", headers={"Host": HOST})
     assert refused.status == 401
-    challenge = refused.headers["www-authenticate"]
-    assert f'resource_metadata="https://{HOST}{WELL_KNOWN}/orders"' in challenge
-    assert 'scope="orders:read"' in challenge
-    url = urllib.parse.urlsplit(challenge.split('resource_metadata="', 1)[1].split('"', 1)[0])
+    scheme, params = parse_challenge(refused.headers["www-authenticate"])
+    assert scheme == "Bearer" and params["resource_metadata"] == f"https://{HOST}{WELL_KNOWN}/orders"
+    assert params["scope"] == "orders:read"
+    url = urllib.parse.urlsplit(params["resource_metadata"])
     fetched = http_request(f"{gateway}{url.path}", headers={"Host": url.netloc})  # no Authorization at all
     assert fetched.status == 200, fetched.body
     assert fetched.headers["cache-control"] == "public, max-age=300"
     document = json.loads(fetched.body)
+    check_rfc9728_document(document, params["resource_metadata"])
     assert document["resource"] == ORDERS and document["authorization_servers"] == [issuer.issuer]
     assert document["scopes_supported"] == ["orders:read"] and document["bearer_methods_supported"] == ["header"]
     default = http_request(f"{gateway}{WELL_KNOWN}", headers={"Host": HOST})
@@ -108,7 +110,8 @@ def test_a_client_chosen_host_never_changes_where_the_challenge_points(gateway: 
             f"{gateway}/orders/42", headers={"Host": host, "X-Forwarded-Host": host, "Forwarded": f"host={host}"}
         )
         assert refused.status == 401
-        assert f'resource_metadata="https://{HOST}{WELL_KNOWN}/orders"' in refused.headers["www-authenticate"]
+        resource_metadata = parse_challenge(refused.headers["www-authenticate"])[1]["resource_metadata"]
+        assert resource_metadata == f"https://{HOST}{WELL_KNOWN}/orders"
 
 
 def test_a_403_carries_the_same_discovery_parameters(gateway: str, issuer: LocalIssuer) -> None:
@@ -116,8 +119,9 @@ def test_a_403_carries_the_same_discovery_parameters(gateway: str, issuer: Local
         f"{gateway}/orders/42",
         headers={"Host": HOST, "Authorization": f"Bearer {issuer.mint(aud=[issuer.audience, ORDERS], scope='read')}"},
     )
-    assert refused.status == 403
-    assert f'resource_metadata="https://{HOST}{WELL_KNOWN}/orders"' in refused.headers["www-authenticate"]
+    _, params = parse_challenge(refused.headers["www-authenticate"])
+    assert (refused.status, params["error"]) == (403, "insufficient_scope")
+    assert params["resource_metadata"] == f"https://{HOST}{WELL_KNOWN}/orders" and params["scope"] == "orders:read"
 
 
 def test_only_get_reaches_the_metadata(gateway: str, upstream: EchoUpstream) -> None:
