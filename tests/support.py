@@ -1,4 +1,4 @@
-"""Small helpers every kind of test needs: a free loopback port and unpadded base64url.
+"""Small helpers every kind of test needs: a free loopback port, unpadded base64url, a throwaway certificate.
 
 One definition here instead of a copy per rig (issue #19). tests/ and tests/integration are both on pytest's
 ``pythonpath`` (pyproject.toml), so any test or harness imports it as ``from support import ...``.
@@ -7,7 +7,13 @@ One definition here instead of a copy per rig (issue #19). tests/ and tests/inte
 from __future__ import annotations
 
 import base64
+import datetime
 import socket
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 
 def free_port() -> int:
@@ -20,3 +26,20 @@ def free_port() -> int:
 def b64url(data: bytes) -> str:
     """base64url without padding (RFC 7515 section 2), as JOSE and WebAuthn use it."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def make_certificate(common_name: str) -> x509.Certificate:
+    """A self-signed P-256 certificate for `common_name` (mTLS binding tests: only its DER thumbprint matters)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    start = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )

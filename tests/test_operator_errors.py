@@ -62,6 +62,28 @@ def test_serve_with_a_busy_port_says_which_key_to_change(tmp_path: Path, taken: 
     assert f"127.0.0.1:{port}" in line and "http.listen" in line and "in use" in line
 
 
+@pytest.fixture
+def shared() -> socket.socket:
+    """A loopback port listened on WITH SO_REUSEPORT, as another running verifier holds its ports."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock
+    sock.close()
+
+
+def test_serve_refuses_a_port_another_verifier_shares(tmp_path: Path, shared: socket.socket) -> None:
+    """Joining it would split the gateway's connections between two configurations (a stale or foreign
+    verifier answering part of the traffic): the second one must refuse to start, not join."""
+    port = shared.getsockname()[1]
+    config = _config(tmp_path, {"http": {"listen": f"127.0.0.1:{port}"}})
+    result = _verifier("serve", "--config", config, timeout=15)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert f"127.0.0.1:{port}" in line and "http.listen" in line and "in use" in line
+
+
 def test_serve_names_the_metrics_port_of_a_later_worker(tmp_path: Path) -> None:
     base = free_port()
     with socket.socket() as sock:  # worker 1's metrics port (base + 1) is taken

@@ -77,7 +77,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 settings.metrics.port + i if settings.metrics.port else 0 for i in range(settings.workers)
             )
         ]
-    if _ports_busy(listeners, reuse_port=True):
+    # Checked WITHOUT SO_REUSEPORT: a port another verifier (or anything) already shares would otherwise
+    # pass, and the kernel would then split the connections between two processes with different configs.
+    # The workers themselves set it (they share the ports with each other and, on SIGHUP, with their successor).
+    if _ports_busy(listeners, reuse_port=False):
         return 2
     from verifier.workers import Supervisor
 

@@ -1,8 +1,10 @@
 """Before listening: is each configured address free? One plain line naming the key to change, not a traceback.
 
 The check binds each address the way the doors will (SO_REUSEADDR, and SO_REUSEPORT when workers share
-the ports) and lets go at once. Another program that holds the port without SO_REUSEPORT makes the bind
-fail with EADDRINUSE; a verifier worker already sharing the port (a reload) does not.
+the ports, when the caller asks) and lets go at once. `verifier serve` asks without SO_REUSEPORT, so any
+holder makes the bind fail with EADDRINUSE, another verifier sharing the port included: two processes on one
+port would split its connections between two configurations. Its own workers share the ports (and a SIGHUP
+successor starts beside its predecessor) without passing through this check.
 """
 
 from __future__ import annotations

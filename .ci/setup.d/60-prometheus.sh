@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's prometheus package, for its two binaries: `promtool` (tests/test_monitoring.py runs
+# Debian's prometheus package, for its two binaries: `promtool` (tests/observe/test_monitoring.py runs
 # `promtool check rules` and `promtool test rules` on deploy/prometheus/) and `prometheus` (the same test
 # file runs one on a loopback port, with a temp config and a temp --storage.tsdb.path, to scrape a
 # `verifier serve`). Idempotent: does nothing when both are on PATH. Never starts or enables the system

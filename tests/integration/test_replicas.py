@@ -36,7 +36,7 @@ from replicas import (
     start_replicas,
     worker_pids,
 )
-from test_webauthn import SoftAuthenticator, encode_header  # type: ignore[import-not-found]
+from webauthnkit import SoftAuthenticator, encode_header
 
 from verifier.binding.dpop import thumbprint
 

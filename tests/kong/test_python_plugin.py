@@ -579,7 +579,7 @@ def test_fail_open_never_passes_a_request_whose_check_timed_out(kong, token):
 
 def test_the_client_certificate_comes_from_kongs_own_tls_never_from_a_header(kong, token):
     from cryptography.hazmat.primitives.serialization import Encoding
-    from test_mtls import make_certificate
+    from support import make_certificate
 
     from verifier.binding.mtls import thumbprint_from_der
 

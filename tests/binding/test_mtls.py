@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
+from support import make_certificate
 from tokenkit import b64
 
 from verifier.binding.mtls import (
@@ -21,22 +18,6 @@ from verifier.binding.mtls import (
     thumbprint_from_pem,
 )
 from verifier.errors import MalformedRequest, SenderConstraintFailed
-
-
-def make_certificate(common_name: str) -> x509.Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    start = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
 
 
 @pytest.fixture(scope="module")

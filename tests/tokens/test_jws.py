@@ -16,7 +16,7 @@ from verifier.errors import AlgorithmRefused, InvalidToken, MalformedToken
 from verifier.tokens import jws
 from verifier.tokens.keys import parse_jwk
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 VECTORS = sorted((FIXTURES / "rfc7515").glob("*.json")) + sorted((FIXTURES / "rfc7520").glob("*.json"))
 
 

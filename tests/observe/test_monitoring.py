@@ -17,7 +17,7 @@ from binaries import require
 
 from verifier.observe.metrics import IntrospectionMetrics, Metrics, RevocationMetrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "rules.test.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "verifier-dashboard.json"

@@ -111,7 +111,7 @@ def test_client_certificate_thumbprint_is_rfc8705_x5t_s256() -> None:
 def _pem(common_name: str) -> tuple[str, str]:
     """A self-signed certificate as Envoy sends it (URL-encoded PEM) and its RFC 8705 x5t#S256."""
     from cryptography.hazmat.primitives.serialization import Encoding
-    from test_mtls import make_certificate
+    from support import make_certificate
 
     from verifier.binding.mtls import thumbprint_from_der
 

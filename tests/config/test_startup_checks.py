@@ -62,6 +62,6 @@ def test_check_config_refuses_a_short_admin_token(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "verifier", "check-config", str(path)],
         capture_output=True, text=True, timeout=60, check=False,
-        env={"VERIFIER_ADMIN_TOKEN": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        env={"VERIFIER_ADMIN_TOKEN": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     assert result.returncode == 2 and "VERIFIER_ADMIN_TOKEN" in result.stderr
