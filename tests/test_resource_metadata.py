@@ -219,3 +219,34 @@ def test_the_readme_mcp_example_answers_as_documented() -> None:
     served = resource_documents(settings.policies, settings.protected_resource, ["https://idp.example.test"], [],
                                 dpop_configured=False)  # fmt: skip
     assert json.loads(document) in [d.document for d in served]
+
+
+async def test_both_grpc_doors_relay_the_routes_resource_metadata() -> None:
+    """Envoy's ext_authz gRPC (denied_response) and our own Check carry the same challenge as forward-auth."""
+    import grpc
+    from doorkit import running_verifier
+    from envoy.service.auth.v3 import attribute_context_pb2 as ac
+    from envoy.service.auth.v3 import external_auth_pb2 as ea
+    from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
+
+    from verifier.settings import PolicySettings, Requirements, RouteMatch
+    from verifier.v1 import verifier_pb2, verifier_pb2_grpc
+
+    policy = PolicySettings(
+        name="orders", match=RouteMatch(path_prefix="/orders"), require=Requirements(scopes_any=("orders:read",)),
+        resource=ORDERS,
+    )  # fmt: skip
+    http = ac.AttributeContext.HttpRequest(method="GET", path="/orders/1", host="evil.example.test", scheme="https")
+    expected = {"realm": "verifier", "resource_metadata": f"{API}{WELL_KNOWN}/orders", "scope": "orders:read"}
+    async with running_verifier({"policies": (policy,)}) as (app, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            envoy = await ea_grpc.AuthorizationStub(channel).Check(
+                ea.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(http=http)))
+            )
+            headers = {h.header.key.lower(): h.header.value for h in envoy.denied_response.headers}
+            assert parse_challenge(headers["www-authenticate"]) == ("Bearer", expected)
+            own = await verifier_pb2_grpc.VerifierStub(channel).Check(
+                verifier_pb2.CheckRequest(method="GET", host="evil.example.test", path="/orders/1")
+            )
+            ours = {h.name.lower(): h.value for h in own.response_headers}
+            assert parse_challenge(ours["www-authenticate"]) == ("Bearer", expected)
