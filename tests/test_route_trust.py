@@ -178,3 +178,80 @@ def test_issuers_any_may_name_an_issuer_template_or_a_concrete_issuer_of_it(list
     else:
         with pytest.raises(ConfigError, match="is not a configured issuer"):
             check_trusted_issuers((policy,), configured)
+
+
+@pytest.fixture
+async def opaque_tenants(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Tenants]:
+    """Both tenants issue opaque tokens; every route trusts one of them (the catch-all trusts A)."""
+    a, b = DevIdentityProvider(port=free_port()), DevIdentityProvider(port=free_port())
+    await a.start()
+    await b.start()
+    monkeypatch.setenv("TRUST_SECRET_A", a.introspection_client_secret)
+    monkeypatch.setenv("TRUST_SECRET_B", b.introspection_client_secret)
+    settings = parse_settings({
+        "http": {"listen": "127.0.0.1:0"},
+        "issuers": [
+            _issuer(a, introspection={"client_id": a.introspection_client_id, "client_secret_env": "TRUST_SECRET_A"}),
+            _issuer(b, introspection={"client_id": b.introspection_client_id, "client_secret_env": "TRUST_SECRET_B"}),
+        ],
+        "policies": [
+            {"match": {"path_prefix": "/tenant-a/"}, "require": {"issuers_any": [a.issuer]}},
+            {"match": {"path_prefix": "/tenant-b/"}, "require": {"issuers_any": [b.issuer]}},
+            {"match": {"path_prefix": "/"}, "require": {"issuers_any": [a.issuer]}},
+        ],
+    })
+    app = App(settings)
+    await app.start()
+    try:
+        await asyncio.wait_for(app.wait_serving(), 10)
+        yield app, a, b
+    finally:
+        await app.stop(grace=0.2)
+        await a.stop()
+        await b.stop()
+
+
+async def test_with_two_opaque_issuers_each_route_asks_only_the_one_it_trusts(opaque_tenants: Tenants) -> None:
+    app, a, b = opaque_tenants
+    a.reset_counts()
+    b.reset_counts()
+    b_token = b.mint_opaque(sub="bob")
+    status, headers = await _ask(app, "/tenant-a/x", b_token)  # asked of A, the route's issuer: not A's token
+    assert (status, headers["x-verifier-reason"]) == (401, "token_inactive")
+    assert (a.introspection_calls, b.introspection_calls) == (1, 0)
+    assert (await _ask(app, "/tenant-b/x", b_token))[0] == 200  # A's "inactive" was not remembered for B
+    assert (a.introspection_calls, b.introspection_calls) == (1, 1)
+    assert (await _ask(app, "/tenant-a/x", b_token))[1]["x-verifier-reason"] == "issuer_not_trusted"  # cached
+    a_token = a.mint_opaque(sub="alice")
+    assert (await _ask(app, "/other", a_token))[0] == 200
+    assert (await _ask(app, "/tenant-b/x", a_token))[1]["x-verifier-reason"] == "issuer_not_trusted"
+    assert (a.introspection_calls, b.introspection_calls) == (2, 1)
+    # Our own endpoints (WebAuthn registry) have no route to tell the two apart: neither is asked.
+    from verifier.errors import VerifierError
+    from verifier.request import RequestAttributes
+
+    fresh = b.mint_opaque(sub="bob")
+    attrs = RequestAttributes("GET", "https", "v", "/v1/webauthn/credentials", {"authorization": f"Bearer {fresh}"})
+    with pytest.raises(VerifierError) as refused:
+        await app.pipeline.authenticate(attrs)
+    assert refused.value.code == "issuer_not_trusted"
+    assert (a.introspection_calls, b.introspection_calls) == (2, 1)
+
+
+def test_two_opaque_issuers_need_every_policy_to_trust_at_most_one() -> None:
+    issuers = [
+        {"issuer": f"https://{n}.example.test", "audiences": ["x"], "algorithms": ["ES256"],
+         "introspection": {"client_id": "v", "client_secret_env": "PATH"}}
+        for n in ("a", "b")
+    ]  # fmt: skip
+    base = {"http": {"listen": "127.0.0.1:0"}, "issuers": issuers}
+    with pytest.raises(ConfigError, match=r"issuers\[1\]\.introspection\.opaque_tokens: .*without policies"):
+        parse_settings(base)
+    policies = [
+        {"match": {"path_prefix": "/a"}, "require": {"issuers_any": ["https://a.example.test"]}},
+        {"match": {"path_prefix": "/"}},  # no issuers_any: trusts both
+    ]
+    with pytest.raises(ConfigError, match=r"policies\[1\]\.require\.issuers_any: trusts both"):
+        parse_settings({**base, "policies": policies})
+    policies[1]["require"] = {"issuers_any": ["https://b.example.test"]}
+    assert parse_settings({**base, "policies": policies}).policies is not None

@@ -153,14 +153,14 @@ class App:
         self.negative: ExpiringCache[Refused] = ExpiringCache(settings.cache.negative_entries, self.clock)
         policies = PolicySet(settings.policies, settings.protected_resource)
         with_roles = IssuerRoles({i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles})
-        opaque = next(
-            (i.issuer for i in settings.issuers if i.introspection is not None and i.introspection.opaque_tokens), None
-        )
-        # Tried in order; a token goes to a provider only if that provider is responsible for it
-        # (settings refuse a second issuer introspecting opaque tokens).
+        # Tried in order; a token goes to a provider only if that provider is responsible for it and
+        # the route trusts it (settings refuse two opaque-token issuers a route could not tell apart).
         authenticators: list[Authenticator] = [JwtAuthenticator(self.jwt)]
-        if opaque is not None and opaque in self.introspectors:
-            authenticators.append(OpaqueIntrospection(opaque, self.introspectors[opaque]))
+        authenticators += [
+            OpaqueIntrospection(i.issuer, self.introspectors[i.issuer])
+            for i in settings.issuers
+            if i.introspection is not None and i.introspection.opaque_tokens
+        ]
         # Run in this order on every request, a cached token's included (see verifier.checks).
         checks: list[Check] = [RouteTrust()]  # first: a token the route does not take goes no further
         introspect_jwts = frozenset(i.issuer for i in settings.issuers if i.introspect_jwts)

@@ -1,9 +1,10 @@
 """Who vouches for a token: tried in order, each able to say "not responsible" (Ory Oathkeeper's chain).
 
-A JWT is checked against its issuer's keys; an opaque token is sent to the one issuer configured to
-introspect opaque tokens (settings refuse a second: an opaque token does not name its issuer, and a
-token is never disclosed to a provider that is not responsible for it). When no authenticator takes
-a token, it is refused as malformed (401 invalid_token).
+A JWT is checked against its issuer's keys; an opaque token is sent to the one issuer the route trusts
+among those configured to introspect opaque tokens (settings refuse two that a route could not tell
+apart: an opaque token does not name its issuer, and a token is never disclosed to a provider that is
+not responsible for it; `verifier.pipeline` picks the authenticators per route by `sends_to`). When
+no authenticator takes a token, it is refused as malformed (401 invalid_token).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class JwtAuthenticator:
 
 
 class OpaqueIntrospection:
-    """RFC 7662: a token that is not a JWS, sent to the one issuer that introspects opaque tokens."""
+    """RFC 7662: a token that is not a JWS, sent to an issuer that introspects opaque tokens."""
 
     def __init__(self, issuer: str, introspector: Introspector) -> None:
         self._issuer = issuer

@@ -132,6 +132,9 @@ class Pipeline:
         refusal_max_age: int = 0,
     ) -> None:
         self._authenticators = tuple(authenticators)
+        # Several providers take opaque tokens: a refusal from one says nothing of the others.
+        self._opaque_providers = sum(a.sends_to is not None for a in self._authenticators)
+        self._by_route: dict[int, tuple[Route, tuple[Authenticator, ...], bool]] = {}
         self._checks = tuple(checks)
         self._positive = positive
         self._negative = negative
@@ -364,12 +367,9 @@ class Pipeline:
         """
         started = time.perf_counter()
         seen = Seen()
+        authenticators, untrusted = self._authenticators_for(route)
         try:
-            untrusted = False
-            for authenticator in self._authenticators:
-                if authenticator.sends_to is not None and not route.trusts_issuer(authenticator.sends_to):
-                    untrusted = True  # never disclosed to a provider this route does not trust
-                    continue
+            for authenticator in authenticators:
                 try:
                     verified = authenticator.verify_now(credential.token, seen)
                 except NotResponsible:
@@ -384,6 +384,21 @@ class Pipeline:
             return self._refused(exc, credential, key, attrs, door, started, seen, route)
         return self._admitted(principal, credential, key, attrs, door, started, seen)
 
+    def _authenticators_for(self, route: Route) -> tuple[tuple[Authenticator, ...], bool]:
+        """The authenticators a token may go to on this route, and whether a provider was left out.
+
+        A provider the route does not trust (`issuers_any`) never sees its tokens; nor does any, when
+        the route trusts several that take opaque tokens (an opaque token does not say whose it is).
+        Worked out once per route.
+        """
+        found = self._by_route.get(id(route))
+        if found is None or found[0] is not route:
+            trusted = [a for a in self._authenticators if a.sends_to is None or route.trusts_issuer(a.sends_to)]
+            if sum(a.sends_to is not None for a in trusted) > 1:
+                trusted = [a for a in trusted if a.sends_to is None]
+            found = self._by_route[id(route)] = (route, tuple(trusted), len(trusted) < len(self._authenticators))
+        return found[1], found[2]
+
     async def _verify(
         self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str, route: Route
     ) -> Admitted | Decision:
@@ -394,12 +409,11 @@ class Pipeline:
         started = time.perf_counter()
         seen = Seen()
         token_key = audit.token_hash(credential.token)  # introspection caches and the audit fingerprint
+        asked: Authenticator | None = None
         try:
-            for authenticator in self._authenticators:
-                if authenticator.sends_to is not None and not route.trusts_issuer(authenticator.sends_to):
-                    continue  # `_verify_now` answered when no trusted authenticator takes the token
+            for asked in self._authenticators_for(route)[0]:  # `_verify_now` answered when none is trusted
                 try:
-                    verified = await authenticator.verify(credential.token, token_key, seen)
+                    verified = await asked.verify(credential.token, token_key, seen)
                 except NotResponsible:
                     continue
                 break
@@ -407,7 +421,9 @@ class Pipeline:
                 raise none_responsible()
             principal = self._with_roles(verified)
         except VerifierError as exc:
-            return self._refused(exc, credential, key, attrs, door, started, seen, route)
+            # One provider's "inactive" is not another's: with several, the token is not remembered as bad.
+            remember = asked is None or asked.sends_to is None or self._opaque_providers < 2
+            return self._refused(exc, credential, key, attrs, door, started, seen, route, remember=remember)
         return self._admitted(principal, credential, key, attrs, door, started, seen)
 
     def _refused(
@@ -420,11 +436,13 @@ class Pipeline:
         started: float,
         seen: Seen,
         route: Route,
+        *,
+        remember: bool = True,
     ) -> Decision:
         if self.trace is not None:
             self.trace("token", {"issuer": seen.issuer, "kid": seen.kid, "alg": seen.alg, "error": error})
         decision = self._refuse(error, credential, route)
-        if _negative_cacheable(error):
+        if remember and _negative_cacheable(error):
             self._negative.put(key, Refused(error, credential), self._clock.now() + self._negative_ttl)
         self._record(attrs, door, decision, started, credential, seen, "")
         return decision

@@ -48,6 +48,7 @@ from verifier.config.policy import (
     RouteMatch,
     check_trusted_issuers,
     parse_policy,
+    trusted_among,
 )
 from verifier.config.resource import ProtectedResourceConfig, parse_protected_resource_config
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes, parse_revocation_config
@@ -393,15 +394,24 @@ def _header_name(root: Reader, key: str) -> str:
     return name
 
 
-def _check_opaque_introspection(issuers: Sequence[IssuerSettings]) -> None:
-    """At most one issuer introspects opaque tokens: a token that names no issuer must never reach
-    a provider that did not issue it (that provider would see, and could replay, another's tokens)."""
+def _check_opaque_introspection(
+    issuers: Sequence[IssuerSettings], policies: Sequence[PolicySettings] | None
+) -> None:
+    """An opaque token never reaches a provider that did not issue it (that provider would see, and could
+    replay, another's tokens): one issuer takes opaque tokens, or several when every route trusts at most
+    one of them (`require.issuers_any`), which is then the only one its opaque tokens are sent to."""
     opaque = [i for i, iss in enumerate(issuers) if iss.introspection is not None and iss.introspection.opaque_tokens]
-    if len(opaque) > 1:
+    if len(opaque) < 2:
+        return
+    names = [issuers[i].issuer for i in opaque]
+    shared = [i for i, policy in enumerate(policies or ()) if len(trusted_among(policy, names)) > 1]
+    if policies is None or shared:
+        where = f"policies[{shared[0]}].require.issuers_any: trusts both, and" if shared else "and without policies"
         raise ConfigError(
             f"issuers[{opaque[1]}].introspection.opaque_tokens: issuers[{opaque[0]}] introspects opaque tokens "
-            "already, and an opaque token does not say which issuer it came from; set opaque_tokens: false "
-            "on all but one issuer (it can still introspect its own JWTs with introspect_jwts: true)"
+            f"already, {where} an opaque token does not say which issuer it came from; set opaque_tokens: "
+            "false on all but one issuer (it can still introspect its own JWTs with introspect_jwts: true), "
+            "or let each policy trust at most one of them (policies[].require.issuers_any)"
         )
 
 
@@ -418,7 +428,6 @@ def _parse_settings(data: Any) -> Settings:
         if iss.issuer in seen:
             raise ConfigError(f"issuers[{i}].issuer: {iss.issuer!r} configured twice")
         seen.add(iss.issuer)
-    _check_opaque_introspection(issuers)
     cache_reader = root.child("cache")
     cache = CacheSettings()
     if cache_reader is not None:
@@ -453,6 +462,7 @@ def _parse_settings(data: Any) -> Settings:
     if settings.revocation is not None:  # transmitters speak for configured issuers only
         check_transmitter_scopes(settings.revocation, (i.issuer for i in issuers))
     check_trusted_issuers(settings.policies or (), tuple(i.issuer for i in issuers))
+    _check_opaque_introspection(issuers, settings.policies)
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")
     _check_distinct_ports(settings)

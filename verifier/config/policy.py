@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from verifier.config.base import ConfigError, Reader, read_fields, setting, url_problem
@@ -147,3 +148,9 @@ def check_trusted_issuers(policies: tuple[PolicySettings, ...], issuers: tuple[s
         for j, issuer in enumerate(policy.require.issuers_any):
             if not any(_names(issuer, configured) for configured in issuers):
                 raise ConfigError(f"policies[{i}].require.issuers_any[{j}]: {issuer!r} is not a configured issuer")
+
+
+def trusted_among(policy: PolicySettings, issuers: Sequence[str]) -> list[str]:
+    """The `issuers` a policy trusts: all of them without `issuers_any`, else those it names."""
+    listed = policy.require.issuers_any
+    return [i for i in issuers if not listed or any(_names(name, i) for name in listed)]
