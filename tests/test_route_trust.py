@@ -9,7 +9,8 @@ provider); routes without `issuers_any`/`audiences_any`/`clients_any` keep the g
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -46,21 +47,18 @@ def _policies(a: DevIdentityProvider, b: DevIdentityProvider) -> list[dict[str, 
 Tenants = tuple[App, DevIdentityProvider, DevIdentityProvider]
 
 
-@pytest.fixture
-async def tenants(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Tenants]:
+@contextlib.asynccontextmanager
+async def _serving(
+    monkeypatch: pytest.MonkeyPatch, configure: Callable[[DevIdentityProvider, DevIdentityProvider], dict[str, Any]]
+) -> AsyncIterator[Tenants]:
+    """Two development providers (their introspection secrets in TRUST_SECRET_A/_B) and a verifier
+    configured by `configure(a, b)`."""
     a, b = DevIdentityProvider(port=free_port()), DevIdentityProvider(port=free_port())
     await a.start()
     await b.start()
+    monkeypatch.setenv("TRUST_SECRET_A", a.introspection_client_secret)
     monkeypatch.setenv("TRUST_SECRET_B", b.introspection_client_secret)
-    introspection = {"client_id": b.introspection_client_id, "client_secret_env": "TRUST_SECRET_B"}
-    settings = parse_settings(
-        {
-            "http": {"listen": "127.0.0.1:0"},
-            "issuers": [_issuer(a), _issuer(b, introspection=introspection)],
-            "policies": _policies(a, b),
-        }
-    )
-    app = App(settings)
+    app = App(parse_settings({"http": {"listen": "127.0.0.1:0"}, **configure(a, b)}))
     await app.start()
     try:
         await asyncio.wait_for(app.wait_serving(), 10)
@@ -69,6 +67,22 @@ async def tenants(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Tenants]:
         await app.stop(grace=0.2)
         await a.stop()
         await b.stop()
+
+
+def _introspection(idp: DevIdentityProvider, env: str) -> dict[str, str]:
+    return {"client_id": idp.introspection_client_id, "client_secret_env": env}
+
+
+@pytest.fixture
+async def tenants(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Tenants]:
+    """A issues JWTs, B opaque tokens."""
+
+    def configure(a: DevIdentityProvider, b: DevIdentityProvider) -> dict[str, Any]:
+        issuers = [_issuer(a), _issuer(b, introspection=_introspection(b, "TRUST_SECRET_B"))]
+        return {"issuers": issuers, "policies": _policies(a, b)}
+
+    async with _serving(monkeypatch, configure) as running:
+        yield running
 
 
 async def _ask(app: App, path: str, token: str) -> tuple[int, dict[str, str]]:
@@ -183,32 +197,21 @@ def test_issuers_any_may_name_an_issuer_template_or_a_concrete_issuer_of_it(list
 @pytest.fixture
 async def opaque_tenants(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Tenants]:
     """Both tenants issue opaque tokens; every route trusts one of them (the catch-all trusts A)."""
-    a, b = DevIdentityProvider(port=free_port()), DevIdentityProvider(port=free_port())
-    await a.start()
-    await b.start()
-    monkeypatch.setenv("TRUST_SECRET_A", a.introspection_client_secret)
-    monkeypatch.setenv("TRUST_SECRET_B", b.introspection_client_secret)
-    settings = parse_settings({
-        "http": {"listen": "127.0.0.1:0"},
-        "issuers": [
-            _issuer(a, introspection={"client_id": a.introspection_client_id, "client_secret_env": "TRUST_SECRET_A"}),
-            _issuer(b, introspection={"client_id": b.introspection_client_id, "client_secret_env": "TRUST_SECRET_B"}),
-        ],
-        "policies": [
+
+    def configure(a: DevIdentityProvider, b: DevIdentityProvider) -> dict[str, Any]:
+        issuers = [
+            _issuer(a, introspection=_introspection(a, "TRUST_SECRET_A")),
+            _issuer(b, introspection=_introspection(b, "TRUST_SECRET_B")),
+        ]
+        policies = [
             {"match": {"path_prefix": "/tenant-a/"}, "require": {"issuers_any": [a.issuer]}},
             {"match": {"path_prefix": "/tenant-b/"}, "require": {"issuers_any": [b.issuer]}},
             {"match": {"path_prefix": "/"}, "require": {"issuers_any": [a.issuer]}},
-        ],
-    })
-    app = App(settings)
-    await app.start()
-    try:
-        await asyncio.wait_for(app.wait_serving(), 10)
-        yield app, a, b
-    finally:
-        await app.stop(grace=0.2)
-        await a.stop()
-        await b.stop()
+        ]
+        return {"issuers": issuers, "policies": policies}
+
+    async with _serving(monkeypatch, configure) as running:
+        yield running
 
 
 async def test_with_two_opaque_issuers_each_route_asks_only_the_one_it_trusts(opaque_tenants: Tenants) -> None:
