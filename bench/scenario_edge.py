@@ -1,6 +1,6 @@
 """``python -m bench run --scenario edge [--quick]``: the fast path at the edge, every gateway side by side in one run.
 
-Seven routes, measured alternately in each repetition with wrk and one repeated ES256 token (what a
+Eight routes, measured alternately in each repetition with wrk and one repeated ES256 token (what a
 busy client sends), against one verifier (``python -m verifier serve``, default ``edge_cache``: allows
 reusable for 10 s):
 
@@ -13,6 +13,8 @@ reusable for 10 s):
 * ``envoy jwt_authn``       -- Envoy's own JWT filter, keys inline (no verifier)
 * ``envoy ext_authz grpc``  -- ext_authz over gRPC to the verifier's Envoy Check service
 * ``envoy ext_authz http``  -- ext_authz HTTP service to the verifier's /v1/forward-auth
+* ``envoy lua reuse``       -- deploy/envoy/envoy-reuse.yaml.template: a Lua filter asking the same door and
+  reusing each answer for its max-age (issue #23; no released ext_authz reuses answers)
 
 nginx (1 worker) reuses bench/scenario_nginx.py; Envoy (``--concurrency 1``) is the test rig's
 (tests/integration/gateways.py start_envoy), so the bench measures the configuration the tests check.
@@ -47,7 +49,8 @@ ENVOY_NONE = "envoy none"
 ENVOY_JWT = "envoy jwt_authn"
 ENVOY_GRPC = "envoy ext_authz grpc"
 ENVOY_HTTP = "envoy ext_authz http"
-ROUTES = (PLAIN, REUSE_ON, REUSE_OFF, ENVOY_NONE, ENVOY_JWT, ENVOY_GRPC, ENVOY_HTTP)
+ENVOY_REUSE = "envoy lua reuse"
+ROUTES = (PLAIN, REUSE_ON, REUSE_OFF, ENVOY_NONE, ENVOY_JWT, ENVOY_GRPC, ENVOY_HTTP, ENVOY_REUSE)
 #: Each route's baseline for "vs" and "p50 added": the same proxy without auth.
 BASELINE = {r: (ENVOY_NONE if r.startswith("envoy") else PLAIN) for r in ROUTES}
 #: The plugin's cache size with reuse on (its schema default) and off (entries).
@@ -57,6 +60,7 @@ RATIO_GOALS = (
     ("nginx+plugin reuse on / nginx", REUSE_ON, PLAIN, 0.9),
     ("nginx+plugin reuse off / nginx", REUSE_OFF, PLAIN, 0.5),
     ("envoy ext_authz http / grpc", ENVOY_HTTP, ENVOY_GRPC, 2.0),
+    ("envoy lua reuse / envoy none", ENVOY_REUSE, ENVOY_NONE, 0.5),  # issue #23
 )
 P50_ADDED_GOAL_US = 30.0
 #: Spread (max/min over repetitions) above which a route's throughput is flagged as noisy.
@@ -176,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
             ),
             ENVOY_HTTP: lambda: gateways.start_envoy(
                 out, "http", verifier_http_port=_port(target.http_addr), upstream_port=upstream
+            ),
+            ENVOY_REUSE: lambda: gateways.start_envoy(
+                out, "reuse", verifier_http_port=_port(target.http_addr), upstream_port=upstream
             ),
         }
         for route, make in start.items():

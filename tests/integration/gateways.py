@@ -50,8 +50,8 @@ AUTHZ_TIMEOUT = "2s"
 # The audience every test token is minted for and every rig is configured with.
 DEFAULT_AUDIENCE = "https://api.example.test"
 
-EnvoyMode = Literal["grpc", "http", "jwt_authn", "none"]
-ENVOY_MODES: tuple[EnvoyMode, ...] = ("grpc", "http", "jwt_authn", "none")
+EnvoyMode = Literal["grpc", "http", "reuse", "jwt_authn", "none"]
+ENVOY_MODES: tuple[EnvoyMode, ...] = ("grpc", "http", "reuse", "jwt_authn", "none")
 
 # Identity headers the verifier sets on an allowed request; a client must never be able to supply them.
 IDENTITY_HEADERS = ("x-authenticated-userid", "x-authenticated-scope", "x-authenticated-issuer")
@@ -62,6 +62,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 NGINX_TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "nginx.conf.template"
 ENVOY_GRPC_TEMPLATE = REPO_ROOT / "deploy" / "envoy" / "envoy-grpc.yaml.template"
 ENVOY_HTTP_TEMPLATE = REPO_ROOT / "deploy" / "envoy" / "envoy-http.yaml.template"
+# Envoy reusing the verifier's answers: a Lua filter instead of ext_authz (docs/ENVOY.md)
+ENVOY_REUSE_TEMPLATE = REPO_ROOT / "deploy" / "envoy" / "envoy-reuse.yaml.template"
+ENVOY_REUSE_LUA = REPO_ROOT / "deploy" / "envoy" / "verifier-reuse.lua"
 #: Every placeholder the templates may use; rendering substitutes these names and nothing else, like
 #: `envsubst '${LISTEN_HOST} ${LISTEN_PORT} ...'` (nginx's own `$host` etc. stay as they are).
 TEMPLATE_VARIABLES = (
@@ -73,6 +76,7 @@ TEMPLATE_VARIABLES = (
     "VERIFIER_GRPC_PORT",
     "UPSTREAM_HOST",
     "UPSTREAM_PORT",
+    "VERIFIER_LUA",
 )
 
 
@@ -637,7 +641,8 @@ def start_envoy(
     ``https://``.
 
     Modes: ``grpc`` (ext_authz over gRPC to the verifier), ``http`` (ext_authz HTTP service to the
-    verifier's ``/v1/forward-auth``), ``jwt_authn`` (Envoy's own JWT filter with ``jwks`` inline or
+    verifier's ``/v1/forward-auth``), ``reuse`` (deploy/envoy/verifier-reuse.lua to the same door, reusing
+    answers), ``jwt_authn`` (Envoy's own JWT filter with ``jwks`` inline or
     ``jwks_uri`` fetched from 127.0.0.1; for benchmarks), ``none`` (no auth). One worker thread
     (``--concurrency 1``); a dynamic base id so several Envoys can run at once.
     """
@@ -645,13 +650,14 @@ def start_envoy(
     work.mkdir(parents=True)
     listen_port, admin_port = free_port(), free_port()
     config_path = work / "envoy.yaml"
-    if mode in ("grpc", "http"):
+    if mode in ("grpc", "http", "reuse"):
         verifier_port = verifier_grpc_port if mode == "grpc" else verifier_http_port
         if verifier_port is None:
-            raise ValueError(f"{mode} mode needs verifier_{mode}_port")
+            raise ValueError(f"{mode} mode needs verifier_{'grpc' if mode == 'grpc' else 'http'}_port")
         port_name = "VERIFIER_GRPC_PORT" if mode == "grpc" else "VERIFIER_HTTP_PORT"
+        extra: dict[str, object] = {"VERIFIER_LUA": ENVOY_REUSE_LUA} if mode == "reuse" else {}
         rendered = render_template(
-            ENVOY_GRPC_TEMPLATE if mode == "grpc" else ENVOY_HTTP_TEMPLATE,
+            {"grpc": ENVOY_GRPC_TEMPLATE, "http": ENVOY_HTTP_TEMPLATE, "reuse": ENVOY_REUSE_TEMPLATE}[mode],
             LISTEN_HOST=LOOPBACK,
             LISTEN_PORT=listen_port,
             ADMIN_PORT=admin_port,
@@ -659,6 +665,7 @@ def start_envoy(
             UPSTREAM_HOST=LOOPBACK,
             UPSTREAM_PORT=upstream_port,
             **{port_name: verifier_port},
+            **extra,
         )
     else:
         config = envoy_config(

@@ -19,6 +19,8 @@ if __package__:
     from .gateways import (
         ENVOY_GRPC_TEMPLATE,
         ENVOY_HTTP_TEMPLATE,
+        ENVOY_REUSE_LUA,
+        ENVOY_REUSE_TEMPLATE,
         NGINX_TEMPLATE,
         TEMPLATE_VARIABLES,
         envoy_binary,
@@ -28,13 +30,15 @@ else:  # tests/ is not a package: pytest put this directory on sys.path
     from gateways import (
         ENVOY_GRPC_TEMPLATE,
         ENVOY_HTTP_TEMPLATE,
+        ENVOY_REUSE_LUA,
+        ENVOY_REUSE_TEMPLATE,
         NGINX_TEMPLATE,
         TEMPLATE_VARIABLES,
         envoy_binary,
         render_template,
     )
 
-TEMPLATES = (NGINX_TEMPLATE, ENVOY_GRPC_TEMPLATE, ENVOY_HTTP_TEMPLATE)
+TEMPLATES = (NGINX_TEMPLATE, ENVOY_GRPC_TEMPLATE, ENVOY_HTTP_TEMPLATE, ENVOY_REUSE_TEMPLATE)
 VALUES = {
     "LISTEN_HOST": "127.0.0.1",
     "LISTEN_PORT": 18080,
@@ -44,6 +48,7 @@ VALUES = {
     "VERIFIER_GRPC_PORT": 19001,
     "UPSTREAM_HOST": "127.0.0.1",
     "UPSTREAM_PORT": 13000,
+    "VERIFIER_LUA": "/etc/envoy/verifier-reuse.lua",
 }
 #: The nginx variables the trust boundary rests on (docs/SECURITY-TESTING.md, "Trust boundary").
 NGINX_VARIABLES = ("$host", "$request_uri", "$request_method", "$scheme", "$server_port", "$remote_addr")
@@ -71,6 +76,11 @@ def test_envsubst_with_the_named_variables_renders_the_same_file(template: Path)
     assert "${" not in out.stdout
 
 
+def lua_path(template: Path) -> dict[str, object]:
+    """Envoy validates the Lua filter's file too: the shipped one, where it lies in the repository."""
+    return {"VERIFIER_LUA": ENVOY_REUSE_LUA} if "${VERIFIER_LUA}" in template.read_text() else {}
+
+
 def test_nginx_variables_survive_rendering() -> None:
     rendered = render_template(NGINX_TEMPLATE, **used(NGINX_TEMPLATE))
 
@@ -89,9 +99,11 @@ def test_a_placeholder_left_without_a_value_is_refused() -> None:
         render_template(NGINX_TEMPLATE, **values)
 
 
-@pytest.mark.parametrize("template", (ENVOY_GRPC_TEMPLATE, ENVOY_HTTP_TEMPLATE), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "template", (ENVOY_GRPC_TEMPLATE, ENVOY_HTTP_TEMPLATE, ENVOY_REUSE_TEMPLATE), ids=lambda p: p.name
+)
 def test_the_envoy_templates_pass_envoys_own_validation(template: Path, tmp_path: Path) -> None:
-    rendered = render_template(template, **used(template))
+    rendered = render_template(template, **{**used(template), **lua_path(template)})
     yaml.safe_load(rendered)
     config = tmp_path / "envoy.yaml"
     config.write_text(rendered)

@@ -2,7 +2,8 @@
 each through every shipped gateway configuration, against the REAL verifier.
 
 Gateways: the rendered deploy/nginx/nginx.conf.template (real nginx), deploy/envoy/envoy-grpc.yaml.template
-and envoy-http.yaml.template (real Envoy). tests/kong/test_trust_boundary_lua.py runs these same tests
+envoy-http.yaml.template and envoy-reuse.yaml.template (real Envoy; the last reuses answers in its Lua
+filter, deploy/envoy/verifier-reuse.lua). tests/kong/test_trust_boundary_lua.py runs these same tests
 through the Kong Lua plugin in real nginx (it imports them and supplies its own `edge` fixture).
 
 The verifier's policies: a public `/health`, the `admin.example.test` host and `/admin` needing the `admin`
@@ -69,7 +70,7 @@ POLICIES = [
 #: A certificate the client does NOT present; the token is bound to it (RFC 8705 cnf.x5t#S256).
 BOUND_THUMBPRINT = base64.urlsafe_b64encode(hashlib.sha256(b"a DER certificate").digest()).rstrip(b"=").decode()
 
-GATEWAYS = ("nginx", "envoy-grpc", "envoy-http")
+GATEWAYS = ("nginx", "envoy-grpc", "envoy-http", "envoy-reuse")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,8 +128,9 @@ def edge(
         gw = start_nginx(tmp, verifier.extra["http_port"], upstream.port)
     elif request.param == "envoy-grpc":
         gw = start_envoy(tmp, "grpc", verifier_grpc_port=verifier.extra["grpc_port"], upstream_port=upstream.port)
-    else:
-        gw = start_envoy(tmp, "http", verifier_http_port=verifier.extra["http_port"], upstream_port=upstream.port)
+    else:  # envoy-http (ext_authz) or envoy-reuse (the Lua filter reusing answers)
+        mode = "http" if request.param == "envoy-http" else "reuse"
+        gw = start_envoy(tmp, mode, verifier_http_port=verifier.extra["http_port"], upstream_port=upstream.port)
     yield Edge(name=request.param, url=gw.url)
     gw.stop()
 

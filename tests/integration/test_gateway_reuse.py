@@ -1,14 +1,18 @@
-"""Issue #23 item 1: the shipped nginx template reuses the verifier's forward-auth answer for exactly the
-lifetime the verifier chose (`X-Accel-Expires`), keyed by the credentials and the request judged.
+"""Issue #23: the shipped gateway configurations reuse the verifier's forward-auth answer for exactly the
+lifetime the verifier chose, keyed by the credentials and the request judged: nginx's auth cache
+(deploy/nginx/nginx.conf.template, `X-Accel-Expires`) and Envoy's Lua filter (deploy/envoy/envoy-reuse.yaml.template
+with verifier-reuse.lua, `Cache-Control`).
 
-Real nginx (the rendered deploy/nginx/nginx.conf.template) in front of the REAL verifier; a verifier call is
-counted by its own `verifier_decisions_total{door="forward_auth"}`. Every test sends tokens no other test
-sends, so the shared cache never carries an answer from one test into another.
+Real nginx and real Envoy (the rendered templates) in front of the REAL verifier; a verifier call is counted by
+its own `verifier_decisions_total{door="forward_auth"}`. Every test sends tokens no other test sends, so a
+gateway's cache never carries an answer from one test into another.
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import http.client
 import json
 import time
 import urllib.request
@@ -22,22 +26,26 @@ from verifier.binding.dpop import thumbprint
 
 if __package__:
     from .gateways import (
+        LOOPBACK,
         EchoUpstream,
         GatewayProcess,
         HttpResult,
         LocalIssuer,
         http_request,
+        start_envoy,
         start_nginx,
         start_verifier,
     )
     from .replicas import dpop_proof, forward_auth_decisions, public_jwk
 else:  # tests/ is not a package: pytest put this directory on sys.path
     from gateways import (
+        LOOPBACK,
         EchoUpstream,
         GatewayProcess,
         HttpResult,
         LocalIssuer,
         http_request,
+        start_envoy,
         start_nginx,
         start_verifier,
     )
@@ -45,6 +53,9 @@ else:  # tests/ is not a package: pytest put this directory on sys.path
 
 pytestmark = pytest.mark.integration
 
+#: The Lua filter's bound (MAX_ENTRIES in deploy/envoy/verifier-reuse.lua) and the flood's parallelism
+MAX_ENTRIES = 10_000
+FLOOD_THREADS = 8
 MAX_AGE = 2  # edge_cache.max_age_seconds and refusal_max_age_seconds: short, so expiry is observable
 ADMIN_TOKEN = "an-admin-secret-for-the-reuse-tests-0123"
 ADMIN_HOST = "admin.example.test"
@@ -87,9 +98,19 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
     proc.stop()
 
 
-@pytest.fixture(scope="module")
-def nginx(verifier: GatewayProcess, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    gw = start_nginx(tmp_path_factory.mktemp("nginx"), verifier.extra["http_port"], upstream.port)
+@pytest.fixture(scope="module", params=["nginx", "envoy"])
+def gateway(
+    request: pytest.FixtureRequest,
+    verifier: GatewayProcess,
+    upstream: EchoUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """The shipped reusing configurations: nginx's auth cache, and Envoy with deploy/envoy/verifier-reuse.lua."""
+    work = tmp_path_factory.mktemp(request.param)
+    if request.param == "nginx":
+        gw = start_nginx(work, verifier.extra["http_port"], upstream.port)
+    else:
+        gw = start_envoy(work, "reuse", verifier_http_port=verifier.extra["http_port"], upstream_port=upstream.port)
     yield gw.url
     gw.stop()
 
@@ -111,13 +132,13 @@ def asked(verifier: GatewayProcess) -> int:
     return forward_auth_decisions(verifier)
 
 
-def test_a_repeated_token_is_answered_by_nginx_within_max_age_and_asked_again_after(
-    nginx: str, verifier: GatewayProcess, issuer: LocalIssuer, upstream: EchoUpstream
+def test_a_repeated_token_is_answered_by_the_gateway_within_max_age_and_asked_again_after(
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer, upstream: EchoUpstream
 ) -> None:
     tok, before = token(issuer), asked(verifier)
     upstream.clear()
     first = time.monotonic()
-    statuses = [get(nginx, "/orders", tok).status for _ in range(4)]
+    statuses = [get(gateway, "/orders", tok).status for _ in range(4)]
 
     assert statuses == [200] * 4
     assert asked(verifier) - before == 1
@@ -128,18 +149,18 @@ def test_a_repeated_token_is_answered_by_nginx_within_max_age_and_asked_again_af
 
     # Asked again once the verifier's max-age is over: not later (nor much sooner).
     while asked(verifier) - before == 1:
-        assert time.monotonic() - first <= MAX_AGE + 0.3, "nginx reused the answer beyond its max-age"
+        assert time.monotonic() - first <= MAX_AGE + 0.3, "gateway reused the answer beyond its max-age"
         time.sleep(0.05)
-        assert get(nginx, "/orders", tok).status == 200
+        assert get(gateway, "/orders", tok).status == 200
     assert time.monotonic() - first >= MAX_AGE - 1
 
 
 def test_the_cache_header_never_reaches_the_client_or_the_upstream(
-    nginx: str, issuer: LocalIssuer, upstream: EchoUpstream
+    gateway: str, issuer: LocalIssuer, upstream: EchoUpstream
 ) -> None:
     tok = token(issuer)
     upstream.clear()
-    answers = [get(nginx, "/orders", tok), get(nginx, "/orders", tok), get(nginx, "/orders", "garbage")]
+    answers = [get(gateway, "/orders", tok), get(gateway, "/orders", tok), get(gateway, "/orders", "garbage")]
 
     assert [a.status for a in answers] == [200, 200, 401]
     for answer in answers:
@@ -149,43 +170,43 @@ def test_the_cache_header_never_reaches_the_client_or_the_upstream(
 
 
 def test_a_dpop_proof_replayed_within_max_age_is_refused_not_served_from_the_cache(
-    nginx: str, verifier: GatewayProcess, issuer: LocalIssuer
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     tok = token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
-    proof = dpop_proof(key, "GET", f"{nginx}/orders", tok)
+    proof = dpop_proof(key, "GET", f"{gateway}/orders", tok)
     headers = {"Authorization": f"DPoP {tok}", "DPoP": proof}
     before = asked(verifier)
 
-    first = http_request(f"{nginx}/orders", headers=headers)
-    replayed = http_request(f"{nginx}/orders", headers=headers)
+    first = http_request(f"{gateway}/orders", headers=headers)
+    replayed = http_request(f"{gateway}/orders", headers=headers)
 
     assert first.status == 200, first.body
-    assert replayed.status == 401, "a captured DPoP request replayed through nginx's cache"
+    assert replayed.status == 401, "a captured DPoP request replayed through gateway's cache"
     assert asked(verifier) - before == 2
 
 
-def test_a_no_store_refusal_is_never_reused(nginx: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:
+def test_a_no_store_refusal_is_never_reused(gateway: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:
     tok = token(issuer)
     _revoke(verifier, issuer, tok)  # a revoked token's refusal is no-store: revocation may be lifted
     before = asked(verifier)
 
-    assert [get(nginx, "/orders", tok).status for _ in range(3)] == [401] * 3
+    assert [get(gateway, "/orders", tok).status for _ in range(3)] == [401] * 3
     assert asked(verifier) - before == 3
 
 
-def test_a_token_revoked_by_the_kill_switch_is_refused_by_nginx_within_max_age(
-    nginx: str, verifier: GatewayProcess, issuer: LocalIssuer
+def test_a_token_revoked_by_the_kill_switch_is_refused_by_the_gateway_within_max_age(
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer
 ) -> None:
     tok = token(issuer)
-    assert get(nginx, "/orders", tok).status == 200  # now in nginx's cache
+    assert get(gateway, "/orders", tok).status == 200  # now in gateway's cache
     _revoke(verifier, issuer, tok)
     revoked_at = time.monotonic()
 
-    while get(nginx, "/orders", tok).status == 200:
-        assert time.monotonic() - revoked_at <= MAX_AGE + 0.5, "nginx kept serving a revoked token"
+    while get(gateway, "/orders", tok).status == 200:
+        assert time.monotonic() - revoked_at <= MAX_AGE + 0.5, "gateway kept serving a revoked token"
         time.sleep(0.1)
-    assert get(nginx, "/orders", tok).status == 401
+    assert get(gateway, "/orders", tok).status == 401
 
 
 @pytest.mark.parametrize(
@@ -199,55 +220,55 @@ def test_a_token_revoked_by_the_kill_switch_is_refused_by_nginx_within_max_age(
     ids=["method", "path", "dot-segments", "host"],
 )
 def test_the_same_token_on_another_request_is_asked_again(
-    nginx: str, verifier: GatewayProcess, issuer: LocalIssuer, first: tuple[str, str, str], then: tuple[str, str, str]
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer, first: tuple[str, str, str], then: tuple[str, str, str]
 ) -> None:
     tok = token(issuer)
     method, path, host = first
-    assert get(nginx, path, tok, method=method, host=host).status == 200
+    assert get(gateway, path, tok, method=method, host=host).status == 200
     before = asked(verifier)
 
     method, path, host = then
-    refused = get(nginx, path, tok, method=method, host=host)
+    refused = get(gateway, path, tok, method=method, host=host)
     assert refused.status == 403
     assert asked(verifier) - before == 1
-    # Asked again at once, the refusal is the same whether or not nginx kept it.
-    again = get(nginx, path, tok, method=method, host=host)
+    # Asked again at once, the refusal is the same whether or not gateway kept it.
+    again = get(gateway, path, tok, method=method, host=host)
     assert (again.status, again.headers.get("www-authenticate")) == (403, refused.headers.get("www-authenticate"))
 
 
-def test_the_query_string_is_part_of_the_key(nginx: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:
+def test_the_query_string_is_part_of_the_key(gateway: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:
     tok = token(issuer)
     before = asked(verifier)
     for path in ("/orders", "/orders?page=2", "/orders?page=3"):
-        assert get(nginx, path, tok).status == 200
+        assert get(gateway, path, tok).status == 200
     assert asked(verifier) - before == 3
 
 
-def test_another_credential_never_gets_a_cached_allow(nginx: str, issuer: LocalIssuer) -> None:
+def test_another_credential_never_gets_a_cached_allow(gateway: str, issuer: LocalIssuer) -> None:
     victim = token(issuer)
-    assert get(nginx, "/orders", victim).status == 200  # the victim's allow is cached
+    assert get(gateway, "/orders", victim).status == 200  # the victim's allow is cached
 
     # Near-misses of the victim's credential must be judged, not served the victim's answer.
-    assert get(nginx, "/orders", victim + "x").status == 401
-    assert get(nginx, "/orders", victim, scheme="Basic").status == 401
-    no_auth = http_request(f"{nginx}/orders", headers={})
+    assert get(gateway, "/orders", victim + "x").status == 401
+    assert get(gateway, "/orders", victim, scheme="Basic").status == 401
+    no_auth = http_request(f"{gateway}/orders", headers={})
     assert no_auth.status == 401
 
 
 def test_a_cached_refusal_does_not_refuse_another_token(
-    nginx: str, verifier: GatewayProcess, issuer: LocalIssuer
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer
 ) -> None:
     garbage = f"not-a-jwt-{uuid.uuid4().hex}"
     before = asked(verifier)
     # A flood of the same garbage costs one verifier call per refusal_max_age window.
-    answers = [get(nginx, "/orders", garbage) for _ in range(5)]
+    answers = [get(gateway, "/orders", garbage) for _ in range(5)]
     assert [a.status for a in answers] == [401] * 5
     assert asked(verifier) - before == 1
     # A refusal from the cache is the verifier's refusal: its challenge and reason included.
     assert len({(a.headers.get("www-authenticate"), a.headers.get("x-verifier-reason")) for a in answers}) == 1
     assert "invalid_token" in answers[-1].headers["www-authenticate"]
     # ...and poisons nothing: a valid token on the same request is judged on its own.
-    assert get(nginx, "/orders", token(issuer)).status == 200
+    assert get(gateway, "/orders", token(issuer)).status == 200
     assert asked(verifier) - before == 2
 
 
@@ -270,3 +291,49 @@ def _revoke(verifier: GatewayProcess, issuer: LocalIssuer, tok: str) -> None:
     )
     with urllib.request.urlopen(request, timeout=5) as answer:
         assert answer.status == 201
+
+
+def test_envoys_reuse_cache_is_bounded(
+    issuer: LocalIssuer, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A flood of distinct tokens cannot grow the Lua filter's cache past its bound: once it holds
+    MAX_ENTRIES answers (none expired: everything is reusable for 300 s here) it starts over, so an
+    answer stored before the flood is asked again. Without a bound it would still be served from memory."""
+    proc = start_verifier(
+        tmp_path_factory.mktemp("verifier-bound"),
+        issuer=issuer.issuer,
+        extra_config={"edge_cache": {"max_age_seconds": 300, "refusal_max_age_seconds": 300}},
+    )
+    gw = start_envoy(
+        tmp_path_factory.mktemp("envoy-bound"),
+        "reuse",
+        verifier_http_port=proc.extra["http_port"],
+        upstream_port=upstream.port,
+    )
+    try:
+        tok = token(issuer)
+        assert get(gw.url, "/orders", tok).status == 200
+        assert get(gw.url, "/orders", tok).status == 200
+        assert asked(proc) == 1  # the second came from Envoy's cache
+
+        def flood(worker: int) -> list[int]:
+            conn = http.client.HTTPConnection(LOOPBACK, int(gw.url.rsplit(":", 1)[1]), timeout=10)
+            statuses = []
+            for i in range(worker, MAX_ENTRIES, FLOOD_THREADS):
+                conn.request("GET", "/orders", headers={"Authorization": f"Bearer junk-{i}-{uuid.uuid4().hex}"})
+                response = conn.getresponse()
+                response.read()
+                statuses.append(response.status)
+            conn.close()
+            return statuses
+
+        with concurrent.futures.ThreadPoolExecutor(FLOOD_THREADS) as pool:
+            statuses = [s for batch in pool.map(flood, range(FLOOD_THREADS)) for s in batch]
+        assert statuses == [401] * MAX_ENTRIES
+
+        before = asked(proc)
+        assert get(gw.url, "/orders", tok).status == 200
+        assert asked(proc) == before + 1, "the cache kept growing past its bound"
+    finally:
+        gw.stop()
+        proc.stop()

@@ -1,0 +1,211 @@
+-- Envoy Lua filter: asks the edge verifier's HTTP forward-auth door whether a request may pass, and
+-- reuses its answer for exactly as long as the verifier allowed (RFC 9111 `Cache-Control: max-age`).
+--
+-- Why Lua and not ext_authz: no released Envoy lets ext_authz reuse an answer (envoyproxy/envoy #3023),
+-- and its HTTP cache filter cannot stand in front of the verifier safely (docs/ENVOY.md: a request with
+-- Authorization is never cacheable, `private` answers are not stored, and the in-memory store has no
+-- bound). This filter does what our Kong plugin does: one bounded cache per Envoy worker thread, keyed
+-- on everything the answer depends on (method, scheme, host, path and query, every credential header).
+--
+-- Contract with the verifier (the same as the Kong plugin's):
+--  * 200 is an allow: its X-Authenticated-* headers go to the upstream (the header_mutation filter in
+--    front of this one removed every client copy), its DPoP-Nonce / RateLimit-* go to the client;
+--  * anything else is a refusal relayed as it came (status, challenge, reason, body);
+--  * no answer at all (unreachable, timeout): 503, fail closed;
+--  * `Cache-Control: private, max-age=N` may be reused for N seconds, `no-store` never (DPoP, WebAuthn,
+--    rate-limited and certificate-bound answers are no-store: the verifier decides, not this filter).
+
+local VERIFIER_CLUSTER = "verifier_http"
+local FORWARD_AUTH_PATH = "/v1/forward-auth"
+local TIMEOUT_MS = 2000
+-- Answers kept per worker thread; a full cache drops its expired entries, then everything (bounded).
+local MAX_ENTRIES = 10000
+local MAX_KEY_BYTES = 16384 -- a longer key (a huge credential) is checked every time, never stored
+local MAX_TTL = 300 -- seconds; a ceiling on any reuse, whatever the verifier says
+
+local CREDENTIAL_HEADERS = { "authorization", "dpop", "x-webauthn-assertion" }
+-- refusal headers relayed to the client (the rest of the verifier's answer stays here)
+local CLIENT_HEADERS = {
+  "www-authenticate", "dpop-nonce", "cache-control", "content-type", "retry-after",
+  "ratelimit", "ratelimit-policy", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset",
+  "x-verifier-reason",
+}
+-- allow headers meant for the client, not the upstream
+local CLIENT_HEADERS_ON_ALLOW = {
+  "dpop-nonce", "ratelimit", "ratelimit-policy", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset",
+}
+local IDENTITY_PREFIX = "x-authenticated-"
+
+local cache = {}   -- key -> {expires = epoch seconds, status, headers, body}
+local entries = 0
+
+local function ttl_of(cache_control)
+  if cache_control == nil then
+    return nil
+  end
+  local max_age
+  for directive in string.lower(cache_control):gmatch("[^,]+") do
+    directive = directive:match("^%s*(.-)%s*$")
+    if directive == "no-store" or directive == "no-cache" then
+      return nil
+    end
+    local n = directive:match("^max%-age%s*=%s*(%d+)$")
+    if n then
+      max_age = tonumber(n)
+    end
+  end
+  if not max_age or max_age <= 0 then
+    return nil
+  end
+  return math.min(max_age, MAX_TTL)
+end
+
+local function store(key, answer, ttl, now)
+  if #key > MAX_KEY_BYTES then
+    return
+  end
+  if cache[key] == nil then
+    if entries >= MAX_ENTRIES then
+      for k, v in pairs(cache) do
+        if v.expires <= now then
+          cache[k] = nil
+          entries = entries - 1
+        end
+      end
+      if entries >= MAX_ENTRIES then
+        cache = {}
+        entries = 0
+      end
+    end
+    entries = entries + 1
+  end
+  -- os.time() counts whole seconds: an entry stored at second S is used while os.time() < S + ttl,
+  -- so it never outlives ttl real seconds (it may end up to a second early).
+  answer.expires = now + ttl
+  cache[key] = answer
+end
+
+local function client_address(handle)
+  local address = handle:streamInfo():downstreamRemoteAddress() or ""
+  local v6 = address:match("^%[(.*)%]:%d+$")
+  if v6 then
+    return v6
+  end
+  return (address:gsub(":%d+$", ""))
+end
+
+-- The verifier's answer as a plain table, or nil when it never answered.
+local function ask(handle, headers, method, path, host, proto)
+  local request = {
+    [":method"] = method,
+    [":path"] = FORWARD_AUTH_PATH .. path,
+    [":authority"] = "verifier",
+    ["x-forwarded-method"] = method,
+    ["x-forwarded-uri"] = path,
+    ["x-forwarded-host"] = host,
+    ["x-forwarded-proto"] = proto,
+    ["x-forwarded-for"] = client_address(handle),
+    ["content-length"] = "0",
+  }
+  for _, name in ipairs(CREDENTIAL_HEADERS) do
+    local value = headers:get(name)
+    if value ~= nil then
+      request[name] = value
+    end
+  end
+  local ok, response_headers, body = pcall(handle.httpCall, handle, VERIFIER_CLUSTER, request, "", TIMEOUT_MS)
+  if not ok or response_headers == nil or response_headers["x-verifier-reason"] == nil then
+    return nil -- no answer of the verifier's (connection failure, timeout, Envoy's own 503)
+  end
+  return { status = response_headers[":status"], headers = response_headers, body = body or "" }
+end
+
+local function relay_refusal(handle, answer)
+  local out = { [":status"] = answer.status }
+  for _, name in ipairs(CLIENT_HEADERS) do
+    local value = answer.headers[name]
+    if value ~= nil then
+      out[name] = value
+    end
+  end
+  handle:respond(out, answer.body)
+end
+
+local function apply_allow(handle, headers, answer)
+  local remove = answer.headers["x-envoy-auth-headers-to-remove"]
+  if remove ~= nil then
+    for name in string.lower(remove):gmatch("[^,%s]+") do
+      headers:remove(name)
+    end
+  end
+  for name, value in pairs(answer.headers) do
+    if name:sub(1, #IDENTITY_PREFIX) == IDENTITY_PREFIX then
+      headers:replace(name, value)
+    end
+  end
+  local to_client = nil
+  for _, name in ipairs(CLIENT_HEADERS_ON_ALLOW) do
+    local value = answer.headers[name]
+    if value ~= nil then
+      to_client = to_client or {}
+      to_client[name] = value
+    end
+  end
+  if to_client ~= nil then
+    local meta = handle:streamInfo():dynamicMetadata()
+    for name, value in pairs(to_client) do
+      meta:set("edge.verifier", name, value)
+    end
+  end
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  for _, name in ipairs(CREDENTIAL_HEADERS) do
+    if headers:getNumValues(name) > 1 then -- which one would the upstream read? refuse, as the verifier does
+      handle:respond({ [":status"] = "400", ["x-verifier-reason"] = "invalid_request" }, "")
+      return
+    end
+  end
+  local method = headers:get(":method") or ""
+  local path = headers:get(":path") or ""
+  local host = headers:get(":authority") or ""
+  local proto = headers:get("x-forwarded-proto") or "http"
+  local key = table.concat({
+    method, proto, host, path,
+    headers:get("authorization") or "", headers:get("dpop") or "", headers:get("x-webauthn-assertion") or "",
+  }, "\0")
+  local now = os.time()
+  local answer = cache[key]
+  if answer ~= nil and answer.expires <= now then
+    cache[key] = nil
+    entries = entries - 1
+    answer = nil
+  end
+  if answer == nil then
+    answer = ask(handle, headers, method, path, host, proto)
+    if answer == nil then
+      handle:respond({ [":status"] = "503", ["retry-after"] = "1" }, "") -- no reason: not the verifier's answer
+      return
+    end
+    local ttl = ttl_of(answer.headers["cache-control"])
+    if ttl ~= nil then
+      store(key, answer, ttl, now)
+    end
+    headers = handle:headers() -- a header map taken before httpCall yielded is stale: take it again
+  end
+  if answer.status ~= "200" then
+    relay_refusal(handle, answer)
+    return
+  end
+  apply_allow(handle, headers, answer)
+end
+
+function envoy_on_response(handle)
+  local meta = handle:streamInfo():dynamicMetadata():get("edge.verifier")
+  if meta ~= nil then
+    for name, value in pairs(meta) do
+      handle:headers():replace(name, value)
+    end
+  end
+end
