@@ -1,4 +1,4 @@
-"""RFC 9728 discovery through the shipped gateways (#21 item 4): nginx and Envoy (HTTP ext_authz mode).
+"""RFC 9728 discovery through the shipped gateways (#21 item 4): nginx, Envoy (HTTP ext_authz) and Envoy reuse (Lua).
 
 An MCP client that gets a 401 reads `resource_metadata` from the challenge and fetches that URL
 WITHOUT a token: the rendered deploy/ templates must pass `/.well-known/oauth-protected-resource*`
@@ -66,7 +66,7 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
     proc.stop()
 
 
-@pytest.fixture(scope="module", params=["nginx", "envoy-http"])
+@pytest.fixture(scope="module", params=["nginx", "envoy-http", "envoy-reuse"])
 def gateway(
     request: pytest.FixtureRequest,
     verifier: GatewayProcess,
@@ -77,7 +77,8 @@ def gateway(
     if request.param == "nginx":
         gw = start_nginx(tmp, verifier.extra["http_port"], upstream.port)
     else:
-        gw = start_envoy(tmp, "http", upstream_port=upstream.port, verifier_http_port=verifier.extra["http_port"])
+        mode = "http" if request.param == "envoy-http" else "reuse"
+        gw = start_envoy(tmp, mode, upstream_port=upstream.port, verifier_http_port=verifier.extra["http_port"])
     yield gw.url
     gw.stop()
 
