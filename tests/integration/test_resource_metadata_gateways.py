@@ -131,3 +131,11 @@ def test_only_get_reaches_the_metadata(gateway: str, upstream: EchoUpstream) -> 
     # nginx refuses other methods there (403); Envoy routes them like any request: ext_authz, a 401
     assert answer.status in (401, 403)
     assert not upstream.requests
+
+
+def test_a_head_request_leaves_the_gateway_and_the_next_get_intact(gateway: str) -> None:
+    for _ in range(3):  # nginx reuses its upstream connections: a body after a HEAD answer would desync them
+        head = http_request(f"{gateway}{WELL_KNOWN}/orders", method="HEAD", headers={"Host": HOST})
+        assert head.status in (200, 401) and head.body == b""
+        fetched = http_request(f"{gateway}{WELL_KNOWN}/orders", headers={"Host": HOST})
+        assert fetched.status == 200 and json.loads(fetched.body)["resource"] == ORDERS
