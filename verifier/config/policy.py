@@ -52,7 +52,7 @@ class Requirements:
     sender_constraint: str = setting("", choices=SENDER_CONSTRAINTS, doc="a DPoP- or mTLS-bound token (any: either)")
     step_up: str = setting("", choices=STEP_UP_METHODS, doc="a WebAuthn assertion bound to this request")
     issuers_any: tuple[str, ...] = setting(
-        (), doc="only these configured issuers' tokens (401 issuer_not_trusted); opaque tokens too"
+        (), doc="only these issuers' tokens (configured, or concrete ones of a template; 401 issuer_not_trusted)"
     )
     audiences_any: tuple[str, ...] = setting((), doc="`aud` names one of these (401 audience_not_trusted)")
     clients_any: tuple[str, ...] = setting((), doc="`azp`, else `client_id`, is one of these (403 client_not_allowed)")
