@@ -1,12 +1,14 @@
 """``python -m bench run --scenario edge [--quick]``: the fast path at the edge, every gateway side by side in one run.
 
-Eight routes, measured alternately in each repetition with wrk and one repeated ES256 token (what a
+Nine routes, measured alternately in each repetition with wrk and one repeated ES256 token (what a
 busy client sends), against one verifier (``python -m verifier serve``, default ``edge_cache``: allows
 reusable for 10 s):
 
 * ``nginx``                 -- nginx proxying to a ``return 200`` upstream, no plugin (the ceiling)
 * ``nginx+plugin reuse on`` -- the same behind kong/plugins/edge-verifier, decision cache on: the
   plugin asks the verifier about once per max-age and answers the rest from its per-worker LRU
+* ``nginx auth_request reuse``-- the shipped deploy/nginx/nginx.conf.template (one worker): ``auth_request`` to
+  the verifier, its answers kept in nginx's ``proxy_cache`` for their ``X-Accel-Expires`` (issue #23)
 * ``nginx+plugin reuse off``-- ``cache_entries = 0``: every request asks the verifier, which answers
   from its own token cache
 * ``envoy none``            -- Envoy proxying to the same upstream, no auth (Envoy's ceiling)
@@ -45,12 +47,13 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PLAIN = "nginx"
 REUSE_ON = "nginx+plugin reuse on"
 REUSE_OFF = "nginx+plugin reuse off"
+NGINX_AUTH = "nginx auth_request reuse"
 ENVOY_NONE = "envoy none"
 ENVOY_JWT = "envoy jwt_authn"
 ENVOY_GRPC = "envoy ext_authz grpc"
 ENVOY_HTTP = "envoy ext_authz http"
 ENVOY_REUSE = "envoy lua reuse"
-ROUTES = (PLAIN, REUSE_ON, REUSE_OFF, ENVOY_NONE, ENVOY_JWT, ENVOY_GRPC, ENVOY_HTTP, ENVOY_REUSE)
+ROUTES = (PLAIN, REUSE_ON, REUSE_OFF, NGINX_AUTH, ENVOY_NONE, ENVOY_JWT, ENVOY_GRPC, ENVOY_HTTP, ENVOY_REUSE)
 #: Each route's baseline for "vs" and "p50 added": the same proxy without auth.
 BASELINE = {r: (ENVOY_NONE if r.startswith("envoy") else PLAIN) for r in ROUTES}
 #: The plugin's cache size with reuse on (its schema default) and off (entries).
@@ -60,6 +63,7 @@ RATIO_GOALS = (
     ("nginx+plugin reuse on / nginx", REUSE_ON, PLAIN, 0.9),
     ("nginx+plugin reuse off / nginx", REUSE_OFF, PLAIN, 0.5),
     ("envoy ext_authz http / grpc", ENVOY_HTTP, ENVOY_GRPC, 2.0),
+    ("nginx auth_request reuse / nginx", NGINX_AUTH, PLAIN, 0.75),  # issue #23
     ("envoy lua reuse / envoy none", ENVOY_REUSE, ENVOY_NONE, 0.5),  # issue #23
 )
 P50_ADDED_GOAL_US = 30.0
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = runner.Bench(runner.Options(scenarios=[], doors=[], out_dir=out, with_naive=False))
     started = time.time()
     nginxes: dict[str, scenario_nginx.Nginx] = {}
-    envoys: dict[str, Any] = {}
+    rigs: dict[str, Any] = {}
     urls: dict[str, str] = {}
     samples: dict[str, list[dict[str, Any]]] = {r: [] for r in ROUTES}
     try:
@@ -166,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         upstream = _upstream_port(nginxes[REUSE_ON])
         jwks = {"keys": [key.public_jwk() for key in bench.keys.values()]}
         start: dict[str, Callable[[], Any]] = {
+            NGINX_AUTH: lambda: gateways.start_nginx(out, _port(target.http_addr), upstream, workers=1),
             ENVOY_NONE: lambda: gateways.start_envoy(out, "none", upstream_port=upstream),
             ENVOY_JWT: lambda: gateways.start_envoy(
                 out,
@@ -186,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
             ),
         }
         for route, make in start.items():
-            envoys[route] = make()
-            urls[route] = f"{envoys[route].url}{scenario_nginx.PATH}"
+            rigs[route] = make()
+            urls[route] = f"{rigs[route].url}{scenario_nginx.PATH}"
         for route in ROUTES:
             status = scenario_nginx.check_route(urls[route], token)
             if status != 200:
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for n in {id(n): n for n in nginxes.values()}.values():
             n.stop()
-        for e in envoys.values():
+        for e in rigs.values():
             e.stop()
         bench.stop()
 

@@ -31,5 +31,6 @@ build = {
     ["kong.plugins.edge-verifier.schema"] = "plugins/edge-verifier/schema.lua",
     ["kong.plugins.edge-verifier.http1"] = "plugins/edge-verifier/http1.lua",
     ["kong.plugins.edge-verifier.decision_cache"] = "plugins/edge-verifier/decision_cache.lua",
+    ["kong.plugins.edge-verifier.consumer"] = "plugins/edge-verifier/consumer.lua",
   },
 }

@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 python -m ruff check .
 python -m mypy
+python -m vulture
 python -m pytest -q -p no:cacheprovider "$@"

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from verifier.app import HttpSessions
 from verifier.tokens.fetch import HttpFetcher
 
 PIECES = 4  # writes per body
@@ -127,7 +128,7 @@ async def raw_provider() -> AsyncIterator[RawProvider]:
 
 @pytest.fixture
 async def http_fetcher() -> AsyncIterator[HttpFetcher]:
-    """The production fetcher (one pooled aiohttp session), closed afterwards."""
-    http = HttpFetcher()
-    yield http
-    await http.close()
+    """The production fetcher on the root's pooled session, closed afterwards."""
+    sessions = HttpSessions()
+    yield HttpFetcher(sessions.providers)
+    await sessions.close()

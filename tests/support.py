@@ -1,4 +1,5 @@
-"""Small helpers every kind of test needs: a free loopback port, unpadded base64url, a throwaway certificate.
+"""Small helpers every kind of test needs: a free loopback port, unpadded base64url, a throwaway certificate,
+no HTTP session, a frozen clock.
 
 One definition here instead of a copy per rig (issue #19). tests/ and tests/integration are both on pytest's
 ``pythonpath`` (pyproject.toml), so any test or harness imports it as ``from support import ...``.
@@ -10,6 +11,7 @@ import base64
 import datetime
 import socket
 
+import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,6 +28,32 @@ def free_port() -> int:
 def b64url(data: bytes) -> str:
     """base64url without padding (RFC 7515 section 2), as JOSE and WebAuthn use it."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def no_http_session() -> aiohttp.ClientSession:
+    """A session provider for a service that must make no outbound call in this test."""
+    raise AssertionError("this test makes no outbound HTTP call")
+
+
+class FrozenClock:
+    """A `verifier.clock.Clock` that moves only when told to."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self._now = now
+        self._mono = 1000.0
+
+    def now(self) -> float:
+        """The frozen wall time."""
+        return self._now
+
+    def monotonic(self) -> float:
+        """The frozen monotonic time."""
+        return self._mono
+
+    def advance(self, seconds: float) -> None:
+        """Moves both clocks forward."""
+        self._now += seconds
+        self._mono += seconds
 
 
 def make_certificate(common_name: str) -> x509.Certificate:

@@ -4,6 +4,11 @@
   and build their metric set from that module.
 - No service reads the environment: the root (`app.py`), the command line (`cli.py`) and settings read
   it and pass values in.
+- Only the root builds clients of the outside world (Redis connection pools, HTTP sessions, gRPC
+  channels): services take them, or a provider of them, through their constructors, so a test can hand
+  in its own and nothing opens a connection the root cannot close.
+- Only the root builds circuit breakers and the metric sets that register collectors (the classes of
+  `observe/metrics.py` that create a Counter/Gauge/Histogram or a registry): services receive theirs.
 """
 
 from __future__ import annotations
@@ -14,18 +19,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent / "verifier"
 METRIC_TYPES = {"Counter", "Gauge", "Histogram", "Summary", "Info", "Enum"}
 METRICS_MODULE = "observe/metrics.py"
-# Reading the environment is for whoever assembles the values, not for the services that use them.
+# Reading the environment is for whoever assembles the values, not for the services that use them:
+# the root (the admin token), the command line, and the settings layer at start-up. Within the settings
+# layer the line is drawn at the section parsers below: each reads only the `*_env` variables its own
+# section names, once, while the file is parsed, and hands the values on in its frozen section. Any
+# other module (a service, a door, a store) that reads the environment fails this test.
 ENVIRONMENT_READERS = {"app.py", "cli.py", "settings.py"}
-# Section parsers still read their `*_env` keys themselves; they move into the config package in the
-# schema branch (issue #19 part 2), which reads every `*_env` key in one place.
-# The config sections (verifier/config/) belong to the settings layer: they read the `*_env` variables
-# the file names, once, at start-up.
 SECTION_PARSERS = {
     "config/dpop.py",
     "config/introspection.py",
     "config/revocation.py",
     "config/state.py",
     "config/webauthn.py",
+}
+
+
+# The composition root and the process entry points may build clients; nothing else in verifier/ may.
+COMPOSITION_ROOT = {"app.py", "cli.py", "workers.py"}
+# Constructors (called as `X(...)` or `module.X(...)`) of a Redis pool, an HTTP session or connection, a
+# gRPC channel.
+CLIENT_CONSTRUCTORS = {
+    "Redis",
+    "StrictRedis",
+    "RedisCluster",
+    "from_url",
+    "ClientSession",
+    "TCPConnector",
+    "urlopen",
+    "HTTPConnection",
+    "HTTPSConnection",
+    "AsyncClient",
+    "insecure_channel",
+    "secure_channel",
 }
 
 
@@ -87,3 +112,70 @@ def test_no_service_reads_the_environment() -> None:
 def test_the_environment_scan_sees_a_read() -> None:
     """The scan can fail: settings.py is seen to read the environment."""
     assert _environment_reads(_sources()["settings.py"])
+
+
+def _called(node: ast.Call) -> str | None:
+    """The name a call invokes: `X` for `X(...)` and `a.b.X(...)`."""
+    if isinstance(node.func, ast.Name):
+        return node.func.id
+    if isinstance(node.func, ast.Attribute):
+        return node.func.attr
+    return None
+
+
+def _constructions(tree: ast.Module, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of every call to one of `names`."""
+    return [
+        (node.lineno, name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and (name := _called(node)) in names
+    ]
+
+
+def test_only_the_root_builds_clients() -> None:
+    """A Redis pool or HTTP session built inside a service would escape the root's wiring and shutdown."""
+    offenders = {
+        name: found
+        for name, tree in _sources().items()
+        if name not in COMPOSITION_ROOT and (found := _constructions(tree, CLIENT_CONSTRUCTORS))
+    }
+    assert not offenders, f"clients built outside {sorted(COMPOSITION_ROOT)}: {offenders}"
+
+
+def test_the_client_scan_sees_the_root_build_them() -> None:
+    """The scan can fail: the root is seen to build the Redis pools and the HTTP sessions."""
+    found = {name for _, name in _constructions(_sources()["app.py"], CLIENT_CONSTRUCTORS)}
+    assert {"from_url", "ClientSession"} <= found
+
+
+# Stateful parts with a lifetime of their own: one per provider, built where the wiring is visible.
+BREAKERS = {"CircuitBreaker"}
+
+
+def _registering_metric_sets() -> set[str]:
+    """Classes of the metrics module that create collectors (or a registry) when built, and `for_registry`."""
+    tree = _sources()[METRICS_MODULE]
+    found = {"for_registry"}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(
+            isinstance(call, ast.Call) and _called(call) in METRIC_TYPES | {"CollectorRegistry"}
+            for call in ast.walk(node)
+        ):
+            found.add(node.name)
+    return found
+
+
+def test_the_metric_sets_are_known() -> None:
+    """The scan below can fail: it knows the sets every service used to build for itself."""
+    assert {"Metrics", "RevocationMetrics", "IntrospectionMetrics", "WebAuthnMetrics"} <= _registering_metric_sets()
+
+
+def test_only_the_root_builds_breakers_and_metric_sets() -> None:
+    """A service building its own breaker or metric set hides it from the root (and from a test's fake)."""
+    names = BREAKERS | _registering_metric_sets()
+    offenders = {
+        name: found
+        for name, tree in _sources().items()
+        if name not in COMPOSITION_ROOT | {METRICS_MODULE} and (found := _constructions(tree, names))
+    }
+    assert not offenders, f"breakers or metric sets built outside {sorted(COMPOSITION_ROOT)}: {offenders}"

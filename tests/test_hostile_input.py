@@ -37,6 +37,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as ea
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import FrozenClock
 from tokenkit import (
     AUDIENCE,
     DISCOVERY_URL,
@@ -53,7 +54,6 @@ from tokenkit import (
 from verifier import credentials
 from verifier.app import App
 from verifier.binding.dpop import DpopVerifier
-from verifier.clock import FrozenClock
 from verifier.config.dpop import DpopConfig
 from verifier.credentials import Credential
 from verifier.doors.forward_auth import FORWARDED_FAMILIES, attributes_from_http

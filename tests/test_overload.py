@@ -7,10 +7,10 @@ import time
 
 import grpc
 import pytest
+from support import FrozenClock
 from tokenkit import DISCOVERY_URL, JWKS_URL, KIDS, NOW, FakeFetcher, claims, discovery_document, issuer_settings
 
 from verifier.app import App
-from verifier.clock import FrozenClock
 from verifier.request import RequestAttributes
 from verifier.settings import Listen, Settings
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc

@@ -17,9 +17,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from support import FrozenClock
 from support import b64url as b64
 
-from verifier.clock import FrozenClock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.metrics import Metrics
 from verifier.settings import IssuerSettings

@@ -13,9 +13,14 @@ import logging
 import os
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from verifier.authenticators import Authenticator, JwtAuthenticator, OpaqueIntrospection
 from verifier.binding.dpop import DpopVerifier
@@ -30,6 +35,7 @@ from verifier.checks.step_up import WebAuthnStepUp
 from verifier.checks.trust import RouteTrust
 from verifier.clock import Clock, SystemClock
 from verifier.config.dpop import DpopConfig
+from verifier.config.introspection import IntrospectionConfig
 from verifier.config.resource import ProtectedResourceConfig
 from verifier.config.revocation import check_transmitter_scopes
 from verifier.doors.admin_http import add_admin_routes
@@ -40,7 +46,13 @@ from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
 from verifier.observe.audit import FLUSH_INTERVAL_SECONDS, flush_logs
-from verifier.observe.metrics import Metrics
+from verifier.observe.metrics import (
+    IntrospectionMetrics,
+    IssuerIntrospectionMetrics,
+    Metrics,
+    RevocationMetrics,
+    WebAuthnMetrics,
+)
 from verifier.pipeline import Admitted, Pipeline, Refused
 from verifier.policy.metadata import resource_documents
 from verifier.policy.ratelimit import RateLimiter
@@ -48,14 +60,17 @@ from verifier.policy.roles import IssuerRoles, RoleMapper
 from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.revocation import RevocationService
-from verifier.revocation.service import SSF_USER_AGENT
+from verifier.revocation.entry import REFUSAL_CODES
 from verifier.revocation.ssf import CredentialRevocation
+from verifier.revocation.store import DEFAULT_TIMEOUT_SECONDS as STORE_TIMEOUT_SECONDS
 from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
 from verifier.settings import ADMIN_TOKEN_ENV, Settings
-from verifier.state import StateConfig, build_state
+from verifier.state import MemoryState, SharedState, StateConfig
+from verifier.state.redis import RedisState
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.fetch import Fetcher, HttpFetcher
 from verifier.tokens.introspection import Introspector
+from verifier.tokens.introspection_breaker import BreakerState, CircuitBreaker
 from verifier.tokens.jwks import IssuerKeys, KeyStore
 from verifier.tokens.jwt import JwtVerifier
 from verifier.webauthn import SqliteCredentialStore, WebAuthnService
@@ -64,12 +79,102 @@ log = logging.getLogger("verifier.app")
 
 SHUTDOWN_GRACE_SECONDS = 5.0  # in-flight calls get this long to finish on SIGTERM
 METRICS_REFRESH_SECONDS = 5.0  # how often gauges derived from state (key age) are updated
+USER_AGENT = "edge-verifier/0.1"  # what a provider sees on discovery, JWKS and introspection requests
+SSF_USER_AGENT = "edge-verifier/0.1 (ssf receiver)"  # what a transmitter sees on poll requests
+
+
+class HttpSessions:
+    """Every outbound HTTP session, built inside the event loop on first use and closed by `close`.
+
+    One pooled keep-alive session serves discovery, JWKS and introspection for every issuer; the SSF
+    poller has its own, so a transmitter sees the receiver's User-Agent.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[str, aiohttp.ClientSession] = {}
+
+    def providers(self) -> aiohttp.ClientSession:
+        """Discovery, JWKS and introspection."""
+        session = self._open.get("providers")
+        if session is None or session.closed:
+            connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, enable_cleanup_closed=True)
+            session = self._open["providers"] = aiohttp.ClientSession(
+                connector=connector,
+                headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+                auto_decompress=True,
+            )
+        return session
+
+    def ssf(self) -> aiohttp.ClientSession:
+        """The SSF poller's."""
+        session = self._open.get("ssf")
+        if session is None or session.closed:
+            session = self._open["ssf"] = aiohttp.ClientSession(headers={"User-Agent": SSF_USER_AGENT})
+        return session
+
+    async def close(self) -> None:
+        """Closes every session built so far."""
+        for session in self._open.values():
+            await session.close()
+        self._open.clear()
+
+
+def build_introspector(
+    *, issuer: str, config: IntrospectionConfig, clock: Clock, registry: CollectorRegistry, **options: Any
+) -> Introspector:
+    """One issuer's introspector, with its metrics and its circuit breaker (reported on the breaker gauge).
+
+    `options` are the rest of `Introspector`'s arguments (audiences, endpoint, session provider, seams).
+    """
+    metrics = IssuerIntrospectionMetrics(IntrospectionMetrics.for_registry(registry), issuer)
+    metrics.breaker.set(int(BreakerState.CLOSED))
+    breaker = CircuitBreaker(
+        failure_threshold=config.breaker_failures,
+        cooldown_seconds=config.breaker_cooldown_seconds,
+        clock=clock,
+        on_change=lambda state: metrics.breaker.set(int(state)),
+    )
+    return Introspector(issuer=issuer, config=config, clock=clock, metrics=metrics, breaker=breaker, **options)
+
+
+def redis_client(url: str, *, password: str | None, timeout_seconds: float, subscriber: bool = False) -> Redis:
+    """A Redis connection pool with `timeout_seconds` per socket operation.
+
+    One retry, only for a broken pooled connection (Redis restarted); never on a timeout, where the
+    command may already have run and a retry could burn a jti or a token twice. A `subscriber`'s
+    connection blocks on reads by design: no read timeout on it.
+    """
+    if subscriber:
+        return Redis.from_url(url, password=password, socket_connect_timeout=timeout_seconds, decode_responses=False)
+    return Redis.from_url(
+        url,
+        password=password,
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
+        retry_on_timeout=False,
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=False,
+    )
+
+
+def shared_state(config: StateConfig | None, clock: Clock) -> SharedState:
+    """The configured store: Redis if a URL is set, else a bounded in-memory store."""
+    if config is None or config.redis_url is None:
+        return MemoryState(clock, max_entries=(config or StateConfig()).max_entries)
+    client = redis_client(config.redis_url, password=config.password, timeout_seconds=config.timeout_seconds)
+    return RedisState(client, key_prefix=config.key_prefix, timeout_seconds=config.timeout_seconds)
 
 
 def revocation_store(state: StateConfig | None) -> RevocationStore:
     """Where revocation entries live: the shared Redis, else a local file that outlives a worker, else memory."""
     if state is not None and state.redis_url:
-        return RedisStore(state.redis_url, key_prefix=state.key_prefix, password=state.password)
+        timeout, password = STORE_TIMEOUT_SECONDS, state.password
+        return RedisStore(
+            redis_client(state.redis_url, password=password, timeout_seconds=timeout),
+            redis_client(state.redis_url, password=password, timeout_seconds=timeout, subscriber=True),
+            key_prefix=state.key_prefix,
+            timeout_seconds=timeout,
+        )
     if state is not None and state.path:  # survives a reload or a worker restart
         return SqliteStore(state.path)
     return MemoryStore()
@@ -98,8 +203,8 @@ class App:
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self._own_fetcher = fetcher is None
-        self.fetcher: Fetcher = fetcher or HttpFetcher()
+        self.sessions = HttpSessions()
+        self.fetcher: Fetcher = fetcher or HttpFetcher(self.sessions.providers)
         self.metrics = metrics or Metrics()
         self.reuse_port = reuse_port
         self.keys = KeyStore(
@@ -108,15 +213,15 @@ class App:
         self.jwt = JwtVerifier(
             {i.issuer: i for i in settings.issuers}, self.keys, self.clock, max_token_bytes=settings.max_token_bytes
         )
-        self.state = build_state(settings.state, self.clock)
+        self.state = shared_state(settings.state, self.clock)
         self.dpop = DpopVerifier(settings.dpop or DpopConfig(), self.state, self.clock)
         self.introspectors = {
-            i.issuer: Introspector(
+            i.issuer: build_introspector(
                 issuer=i.issuer,
                 audiences=i.audiences,
                 config=i.introspection,
                 endpoint=None,
-                session_provider=self._session,
+                session_provider=self.sessions.providers,
                 clock=self.clock,
                 registry=self.metrics.registry,
                 discovered_endpoint=self._discovered("introspection_endpoint", i.issuer),
@@ -125,18 +230,17 @@ class App:
             if i.introspection is not None
         }
         self.revocation: RevocationService | None = None
-        self._ssf_session: aiohttp.ClientSession | None = None
         if settings.revocation is not None:
             check_transmitter_scopes(settings.revocation, (i.issuer for i in settings.issuers))
             self.revocation = RevocationService(
                 settings.revocation,
                 store=revocation_store(settings.state),
                 admin_token=os.environ.get(ADMIN_TOKEN_ENV),  # validated by load_settings
-                session=self._ssf_client,
+                session=self.sessions.ssf,
                 state=self.state,
                 fetcher=self.fetcher,
                 clock=self.clock,
-                registry=self.metrics.registry,
+                metrics=RevocationMetrics(self.metrics.registry, REFUSAL_CODES),
                 on_credential_revoked=self._credentials_revoked,
             )
         self.webauthn: WebAuthnService | None = None
@@ -146,7 +250,7 @@ class App:
                 SqliteCredentialStore(settings.webauthn.sqlite_path),
                 self.state,
                 self.clock,
-                self.metrics.registry,
+                WebAuthnMetrics(self.metrics.registry),
                 realm=settings.realm,
             )
         self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)
@@ -221,26 +325,12 @@ class App:
         )
         self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready)
         self.ports = BoundPorts()
-        self._extra_session: aiohttp.ClientSession | None = None
         self._extras_ready = self.revocation is None
         if self.revocation is not None:
             add_ssf_routes(self.router, self.revocation)
             add_admin_routes(self.router, self.revocation.admin)
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
-
-    def _ssf_client(self) -> aiohttp.ClientSession:
-        """The revocation poller's session (its own User-Agent), built here and closed in `stop`."""
-        if self._ssf_session is None or self._ssf_session.closed:
-            self._ssf_session = aiohttp.ClientSession(headers={"User-Agent": SSF_USER_AGENT})
-        return self._ssf_session
-
-    def _session(self) -> aiohttp.ClientSession:
-        if isinstance(self.fetcher, HttpFetcher):
-            return self.fetcher.session
-        if self._extra_session is None or self._extra_session.closed:
-            self._extra_session = aiohttp.ClientSession()
-        return self._extra_session
 
     def _discovered(self, name: str, issuer: str) -> Callable[[], str]:
         """A late-bound lookup of a discovery metadata value (discovery happens after start-up)."""
@@ -360,10 +450,5 @@ class App:
         for introspector in self.introspectors.values():
             await introspector.close()
         await self.state.close()
-        if self._extra_session is not None:
-            await self._extra_session.close()
-        if self._ssf_session is not None:
-            await self._ssf_session.close()
-        if self._own_fetcher and isinstance(self.fetcher, HttpFetcher):
-            await self.fetcher.close()
+        await self.sessions.close()
         flush_logs()

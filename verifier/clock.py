@@ -1,4 +1,7 @@
-"""The clock, injected everywhere time matters, so tests can move it and nothing reads time on its own."""
+"""The clock, injected everywhere time matters, so tests can move it and nothing reads time on its own.
+
+Tests use `FrozenClock` (tests/support.py), a clock that moves only when told to.
+"""
 
 from __future__ import annotations
 
@@ -23,24 +26,3 @@ class SystemClock:
 
     now = staticmethod(time.time)
     monotonic = staticmethod(time.monotonic)
-
-
-class FrozenClock:
-    """A clock that moves only when told to (tests)."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self._now = now
-        self._mono = 1000.0
-
-    def now(self) -> float:
-        """The frozen wall time."""
-        return self._now
-
-    def monotonic(self) -> float:
-        """The frozen monotonic time."""
-        return self._mono
-
-    def advance(self, seconds: float) -> None:
-        """Moves both clocks forward."""
-        self._now += seconds
-        self._mono += seconds

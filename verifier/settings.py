@@ -125,7 +125,8 @@ class TlsSettings:
 class Listen:
     """A loopback-by-default TCP listen address, optionally with TLS."""
 
-    host: str
+    # Both from the one `listen` key (host:port), which the section reads itself.
+    host: str = setting(doc="a door's address; grpc or http is required", unit="host:port", key="listen")
     port: int
     tls: TlsSettings | None = None
 
@@ -139,8 +140,8 @@ class Listen:
 class RateLimit:
     """A token bucket: `per_second` sustained, `burst` at once."""
 
-    per_second: float
-    burst: int
+    per_second: float = setting(doc="tokens added back per second", minimum=0.001, maximum=1_000_000, unit="per second")
+    burst: int = setting(doc="the bucket's size: requests allowed at once", minimum=1, maximum=10_000_000)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -339,14 +340,11 @@ def _role_rule(reader: Reader) -> RoleRule:
 
 
 def _rate_limit(reader: Reader) -> RateLimit:
-    limit = RateLimit(
-        per_second=reader.number("per_second", 0.0, minimum=0.001, maximum=1_000_000),
-        burst=reader.integer("burst", 0, minimum=1, maximum=10_000_000),
-    )
+    values = read_fields(reader, RateLimit)
     if not reader.has("per_second") or not reader.has("burst"):
         raise ConfigError(f"{reader.path}: per_second and burst are required")
     reader.done()
-    return limit
+    return RateLimit(**values)
 
 
 def _rate_limits(reader: Reader | None) -> RateLimitSettings | None:

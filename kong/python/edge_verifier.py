@@ -5,15 +5,17 @@ call it makes (reading the request, setting a header, exiting) is a MessagePack 
 the plugin server's unix socket, on top of the gRPC call itself. See kong/python/README.md.
 
 The plugin translates and decides nothing: `allowed` sets the verifier's `upstream_headers` on the
-upstream request (client-sent `X-Authenticated-*` and, when no Kong authenticator named a consumer,
-`X-Consumer-*` / `X-Credential-Identifier` / `X-Anonymous-Consumer` are cleared first, by name as well
-as every one seen); a refusal is relayed with the verifier's status, `response_headers` and body. A
-request with more headers than can be read is refused (400), as by the Lua plugin: a spoofed identity
-header past the limit could not be seen to be cleared. A verifier that cannot be reached, or answers
-after the deadline, fails closed with 503; `fail_open` passes only when the verifier is unavailable
-(connection failed), never after a deadline: the credential may have been under check. The client
-certificate thumbprint sent to the verifier comes only from the TLS connection Kong terminated, never
-from a request header.
+upstream request (client-sent `X-Authenticated-*`, `X-Kong-Consumer-*`, `X-Consumer-Groups` and, when no
+Kong authenticator named a consumer, `X-Consumer-*` / `X-Credential-Identifier` / `X-Anonymous-Consumer`
+are cleared first, by name as well as every one seen) and authenticates the Kong consumer the verifier
+names (`X-Kong-Consumer-Username`, the verifier's `upstream.consumer`) as the Lua plugin does, through
+`kong.client.load_consumer` and `kong.client.authenticate`; a refusal is relayed with the verifier's
+status, `response_headers` and body. A request with more headers than can be read is refused (400), as
+by the Lua plugin: a spoofed identity header past the limit could not be seen to be cleared. A verifier
+that cannot be reached, or answers after the deadline, fails closed with 503; `fail_open` passes only
+when the verifier is unavailable (connection failed), never after a deadline: the credential may have
+been under check. The client certificate thumbprint sent to the verifier comes only from the TLS
+connection Kong terminated, never from a request header.
 
 Runs under `kong-python-pluginserver` in its default threaded mode (grpcio is thread-safe; under
 `--gevent` grpcio would need `grpc.experimental.gevent.init_gevent()` first).
@@ -49,6 +51,11 @@ Schema = (
     {"timeout": {"type": "integer", "default": DEFAULT_TIMEOUT_MS, "between": [1, 60000], "required": True}},
     # let requests through (without identity) when the verifier is unreachable (never when too slow)
     {"fail_open": {"type": "boolean", "default": False, "required": True}},
+    # the verifier named a consumer Kong does not know: refuse (403), or pass as `anonymous`
+    {"consumer_not_found": {"type": "string", "default": "refuse", "required": True,
+                            "one_of": ["refuse", "anonymous"]}},
+    # the anonymous consumer's id or username (Kong's convention)
+    {"anonymous": {"type": "string", "len_min": 1}},
 )
 
 # Request headers that carry a credential or proof: forwarded to the verifier byte for byte.
@@ -70,6 +77,19 @@ CONSUMER_HEADERS = (
     "x-credential-identifier",
     "x-anonymous-consumer",
 )
+# Set by acl (priority 950, after this plugin) for the consumer it allowed; always cleared.
+CONSUMER_GROUPS_HEADER = "x-consumer-groups"
+# Answer headers naming the consumer (the verifier's `upstream.consumer`): for this plugin, not the upstream.
+CONSUMER_USERNAME_HEADER = "x-kong-consumer-username"
+CONSUMER_CUSTOM_ID_HEADER = "x-kong-consumer-custom-id"
+NAMING_HEADERS = (CONSUMER_USERNAME_HEADER, CONSUMER_CUSTOM_ID_HEADER)
+# Every client header with these prefixes is cleared: identity, and how the verifier names the consumer.
+CLEARED_PREFIXES = (IDENTITY_PREFIX, "x-kong-consumer-")
+USERID_HEADER = "x-authenticated-userid"
+UNKNOWN_CONSUMER_STATUS = 403
+UNKNOWN_CONSUMER_MESSAGE = "The verified identity is not a known consumer"
+UNEXPECTED_STATUS = 500
+UNEXPECTED_MESSAGE = "An unexpected error occurred"
 TOO_MANY_HEADERS_STATUS = 400
 DEFAULT_PORTS = {"http": 80, "https": 443}
 UNAVAILABLE_STATUS = 503
@@ -150,6 +170,30 @@ def _client_cert_thumbprint(kong: Any, scheme: str) -> str:
         return ""  # fail closed: a certificate-bound token is then refused
 
 
+def _authenticate(kong: Any, consumer: Mapping[str, Any], credential: dict[str, str] | None, *,
+                  anonymous: bool) -> None:
+    """kong.client.authenticate plus the upstream headers Kong's authenticators set. Consumer groups an
+    earlier authenticator's consumer brought are dropped first (Kong's authenticate keeps groups
+    already set); a Kong before 3.4 has no consumer groups, nor the call."""
+    try:
+        _value(kong.client.set_authenticated_consumer_groups(None))
+    except Exception as exc:  # the PDK's error type depends on the plugin server's style
+        kong.log.debug(f"consumer groups not reset: {exc}")
+    _value(kong.client.authenticate(consumer, credential))
+    fields = (
+        ("X-Consumer-ID", consumer.get("id")),
+        ("X-Consumer-Custom-ID", consumer.get("custom_id")),
+        ("X-Consumer-Username", consumer.get("username")),
+        ("X-Credential-Identifier", credential["id"] if credential else None),
+        ("X-Anonymous-Consumer", "true" if anonymous else None),
+    )
+    for name, value in fields:
+        if value:
+            kong.service.request.set_header(name, str(value))
+        else:
+            kong.service.request.clear_header(name)
+
+
 class Plugin:
     """The edge-verifier access handler, one instance per plugin configuration."""
 
@@ -158,6 +202,11 @@ class Plugin:
         self.target = str(config["grpc_target"])
         self.timeout_s = int(config.get("timeout") or DEFAULT_TIMEOUT_MS) / 1000.0
         self.fail_open = bool(config.get("fail_open", False))
+        self.anonymous = str(config["anonymous"]) if config.get("anonymous") else None
+        self.consumer_not_found = str(config.get("consumer_not_found") or "refuse")
+        if self.consumer_not_found == "anonymous" and not self.anonymous:
+            # Kong validates the Lua plugin's schema with this check; here the plugin itself must
+            raise ValueError("config.anonymous is required when config.consumer_not_found is 'anonymous'")
 
     def access(self, kong: Any) -> None:
         """Ask the verifier about this request; pass it with identity, or answer for the verifier."""
@@ -165,9 +214,10 @@ class Plugin:
         if sum(len(_values(v)) for v in headers.values()) >= MAX_REQUEST_HEADERS:
             kong.response.exit(TOO_MANY_HEADERS_STATUS, {"message": "Too many request headers"})
             return
-        clear = dict.fromkeys(IDENTITY_HEADERS)
-        clear.update(dict.fromkeys(n.lower() for n in headers if n.lower().startswith(IDENTITY_PREFIX)))
-        if not _value(kong.client.get_consumer()):
+        clear = dict.fromkeys((*IDENTITY_HEADERS, CONSUMER_GROUPS_HEADER, *NAMING_HEADERS))
+        clear.update(dict.fromkeys(n.lower() for n in headers if n.lower().startswith(CLEARED_PREFIXES)))
+        earlier = _value(kong.client.get_consumer())
+        if not earlier:
             clear.update(dict.fromkeys(CONSUMER_HEADERS))
         for name in clear:
             kong.service.request.clear_header(name)
@@ -194,15 +244,62 @@ class Plugin:
             return
 
         seen: set[str] = set()
+        named: list[tuple[str, str]] = []
+        userid = ""
         for h in answer.upstream_headers:
             lname = h.name.lower()
+            if lname in NAMING_HEADERS:
+                named.append((lname, h.value))
+                continue
+            if lname == USERID_HEADER:
+                userid = h.value
             if lname in seen:
                 kong.service.request.add_header(h.name, h.value)
             else:
                 seen.add(lname)
                 kong.service.request.set_header(h.name, h.value)
+        # a verifier whose proto has `answer_headers` (for the gateway, never the upstream) names the
+        # consumer there; one without it, among upstream_headers (above)
+        named += [(h.name.lower(), h.value) for h in getattr(answer, "answer_headers", ())
+                  if h.name.lower() in NAMING_HEADERS]
+        if named and not self._authenticate_named(kong, named, userid):
+            return
         for h in answer.response_headers:  # an allow may carry a DPoP-Nonce for the client
             kong.response.set_header(h.name, h.value)
+
+    def _authenticate_named(self, kong: Any, named: list[tuple[str, str]], userid: str) -> bool:
+        """Authenticate the consumer the verifier named, or follow `consumer_not_found`; False when the
+        request was answered here."""
+        if len(named) > 1:
+            kong.log.err("the verifier's answer names more than one consumer")
+            kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE)
+            return False
+        ((header, value),) = named
+        if header == CONSUMER_CUSTOM_ID_HEADER:
+            # the PDK over the plugin server has no lookup by custom_id (the Lua plugin has)
+            kong.log.err("the verifier names consumers by custom_id: only the Lua plugin can find them")
+            kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE)
+            return False
+        consumer = _value(kong.client.load_consumer(value, True)) if value else None
+        if consumer and consumer.get("username") != value:
+            # load_consumer tries the name as an id first: a subject equal to another consumer's id
+            # found that consumer, which the verifier did not name
+            consumer = None
+        if consumer:
+            credential = {"id": userid, "consumer_id": consumer["id"]} if userid else None
+            _authenticate(kong, consumer, credential, anonymous=False)
+            return True
+        if self.consumer_not_found != "anonymous" or not self.anonymous:
+            kong.log.info(f"verifier named the consumer with username '{value}', which Kong does not know: refused")
+            kong.response.error(UNKNOWN_CONSUMER_STATUS, UNKNOWN_CONSUMER_MESSAGE)
+            return False
+        anonymous = _value(kong.client.load_consumer(self.anonymous, True))
+        if not anonymous:
+            kong.log.err(f"anonymous consumer '{self.anonymous}' is configured but doesn't exist")
+            kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE)
+            return False
+        _authenticate(kong, anonymous, None, anonymous=True)
+        return True
 
     def _check_request(self, kong: Any, headers: Mapping[str, Any]) -> verifier_pb2.CheckRequest:
         scheme = str(_value(kong.request.get_scheme()))

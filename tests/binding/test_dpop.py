@@ -14,10 +14,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
+from support import FrozenClock
 from tokenkit import NOW, SigningKeys, b64, compact, private_jwk, public_jwk
 
 from verifier.binding.dpop import DpopVerifier, access_token_hash, normalize_htu, thumbprint
-from verifier.clock import FrozenClock
 from verifier.config.dpop import DEFAULT_ALGORITHMS, DpopConfig, parse_dpop_config
 from verifier.errors import InvalidDpopProof, SenderConstraintFailed, StateUnavailable, UseDpopNonce
 from verifier.settings import ConfigError

@@ -14,7 +14,6 @@ from tokenkit import b64
 from verifier.binding.mtls import (
     check_certificate_binding,
     thumbprint_from_der,
-    thumbprint_from_hex,
     thumbprint_from_pem,
 )
 from verifier.errors import MalformedRequest, SenderConstraintFailed
@@ -25,13 +24,11 @@ def cert() -> x509.Certificate:
     return make_certificate("client-1")
 
 
-def test_thumbprints_from_der_pem_and_hex_agree(cert: x509.Certificate) -> None:
+def test_thumbprints_from_der_and_pem_agree(cert: x509.Certificate) -> None:
     der = cert.public_bytes(Encoding.DER)
     expected = b64(hashlib.sha256(der).digest())
     assert thumbprint_from_der(der) == expected
     assert thumbprint_from_pem(cert.public_bytes(Encoding.PEM).decode()) == expected
-    assert thumbprint_from_hex(hashlib.sha256(der).hexdigest()) == expected
-    assert thumbprint_from_hex(hashlib.sha256(der).hexdigest().upper()) == expected
     assert len(expected) == 43 and "=" not in expected
 
 
@@ -42,12 +39,6 @@ BAD_PEM_BODY = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
 def test_refuses_a_malformed_pem(pem: str) -> None:
     with pytest.raises(MalformedRequest):
         thumbprint_from_pem(pem)
-
-
-@pytest.mark.parametrize("text", ["", "abc", "zz" * 32, "00" * 31])
-def test_refuses_a_malformed_hex_hash(text: str) -> None:
-    with pytest.raises(MalformedRequest):
-        thumbprint_from_hex(text)
 
 
 def test_accepts_the_certificate_the_token_is_bound_to(cert: x509.Certificate) -> None:

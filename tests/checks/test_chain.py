@@ -13,10 +13,10 @@ import dataclasses
 from typing import ClassVar
 
 import pytest
+from support import FrozenClock
 
 from verifier.authenticators import JwtAuthenticator, NotResponsible, OpaqueIntrospection, Seen
 from verifier.checks.base import Check, Route
-from verifier.clock import FrozenClock
 from verifier.credentials import Credential
 from verifier.decision import Decision
 from verifier.errors import Forbidden, VerifierError

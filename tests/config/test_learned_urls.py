@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from support import FrozenClock
 from tokenkit import AUDIENCE, FakeFetcher, discovery_document, make_issuer_keys
 
-from verifier.clock import FrozenClock
+from verifier.app import build_introspector
 from verifier.config.introspection import IntrospectionConfig
 from verifier.errors import ProviderUnavailable
 from verifier.revocation import parse_revocation_config
 from verifier.revocation.poll import poll_endpoint
 from verifier.settings import IssuerSettings
-from verifier.tokens.introspection import Introspector
 from verifier.tokens.introspection_client import HttpReply, HttpRequest
 
 LOOPBACK = "http://127.0.0.1:9400"
@@ -80,7 +80,7 @@ async def test_the_client_secret_never_goes_to_a_learned_introspection_endpoint_
         return await RecordingHttp.send(http, request)
 
     http.send = send  # type: ignore[method-assign]
-    introspector = Introspector(
+    introspector = build_introspector(
         issuer=issuer,
         audiences=(AUDIENCE,),
         config=IntrospectionConfig(client_id="verifier", client_secret="s" * 32),

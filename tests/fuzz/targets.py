@@ -43,6 +43,7 @@ def load() -> None:
     if tests_dir not in sys.path:  # tokenkit lives with the tests
         sys.path.insert(0, tests_dir)
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+    from support import FrozenClock
     from tokenkit import (
         DISCOVERY_URL,
         ISSUER,
@@ -56,7 +57,6 @@ def load() -> None:
     )
 
     from verifier.app import App
-    from verifier.clock import FrozenClock
     from verifier.doors.forward_auth import ForwardAuthDoor
     from verifier.settings import Settings
 
@@ -143,8 +143,9 @@ def jwk_target(data: bytes) -> None:
 
 
 def dpop_target(data: bytes) -> None:
+    from support import FrozenClock
+
     from verifier.binding.dpop import DpopVerifier
-    from verifier.clock import FrozenClock
     from verifier.config.dpop import DpopConfig
     from verifier.errors import VerifierError
     from verifier.state.memory import MemoryState

@@ -750,8 +750,12 @@ def nginx_binary() -> Path:
     return Path(found)
 
 
-def start_nginx(tmp_path: Path, verifier_http_port: int, upstream_port: int) -> GatewayProcess:
+def start_nginx(
+    tmp_path: Path, verifier_http_port: int, upstream_port: int, *, workers: int | None = None
+) -> GatewayProcess:
     """Run the shipped ``deploy/nginx/nginx.conf.template`` (rendered) in the foreground under ``tmp_path``.
+
+    ``workers`` replaces the template's ``worker_processes auto`` (the benchmarks compare one-worker nginxes).
 
     Started as ``nginx -p <prefix>/ -c nginx.conf -g 'daemon off;'`` so the pid file, logs and temp
     directories stay under ``tmp_path``; ready once its status port answers. ``extra["admin_port"]`` is
@@ -770,6 +774,10 @@ def start_nginx(tmp_path: Path, verifier_http_port: int, upstream_port: int) -> 
         UPSTREAM_HOST=LOOPBACK,
         UPSTREAM_PORT=upstream_port,
     )
+    if workers is not None:
+        if "worker_processes auto;" not in conf:
+            raise ValueError("the nginx template no longer says `worker_processes auto;`")
+        conf = conf.replace("worker_processes auto;", f"worker_processes {workers};", 1)
     # As root, nginx would drop its worker to `nobody`, which cannot enter pytest's 0700 tmp directories to
     # spool a large body; keep the worker as the invoking user (given on the command line, the file stays
     # as shipped).

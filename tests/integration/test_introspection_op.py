@@ -23,6 +23,7 @@ from op_harness import (  # tests/integration is on sys.path (pytest rootdir-rel
 )
 from prometheus_client import CollectorRegistry
 
+from verifier.app import build_introspector
 from verifier.errors import AudienceMismatch, InvalidToken, ProviderUnavailable
 from verifier.observe.audit import token_hash
 from verifier.principal import Principal
@@ -81,7 +82,7 @@ class Harness:
     ) -> Introspector:
         values: dict[str, Any] = {"client_id": VERIFIER_CLIENT_ID, "client_secret": VERIFIER_CLIENT_SECRET}
         values.update(overrides)
-        introspector = Introspector(
+        introspector = build_introspector(
             issuer=op.issuer,
             audiences=audiences,
             config=IntrospectionConfig(**values),

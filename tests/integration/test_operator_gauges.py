@@ -14,7 +14,9 @@ from redis_harness import start_redis
 from ssf_transmitter import SsfTransmitter
 
 from verifier import app as app_module
+from verifier.app import HttpSessions
 from verifier.clock import SystemClock
+from verifier.observe.metrics import RevocationMetrics
 from verifier.revocation import RevocationService, parse_revocation_config
 from verifier.state import StateConfig
 from verifier.state.memory import MemoryState
@@ -83,10 +85,10 @@ async def test_ssf_polls_are_counted_by_result(reachable: bool) -> None:
             }
         )
         registry = CollectorRegistry()
-        fetcher = HttpFetcher()
-        clock = SystemClock()
+        sessions, clock = HttpSessions(), SystemClock()
         service = RevocationService(
-            config, state=MemoryState(clock), fetcher=fetcher, clock=clock, registry=registry
+            config, state=MemoryState(clock), fetcher=HttpFetcher(sessions.providers), clock=clock,
+            metrics=RevocationMetrics(registry), session=sessions.ssf,
         )
         try:
             if reachable:
@@ -107,4 +109,4 @@ async def test_ssf_polls_are_counted_by_result(reachable: bool) -> None:
             if not reachable:
                 start.cancel()
             await service.stop()
-            await fetcher.close()
+            await sessions.close()

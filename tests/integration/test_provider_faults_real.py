@@ -136,10 +136,11 @@ async def test_introspection_faults_fail_closed_within_the_deadline(provider: Op
     from op_harness import VERIFIER_CLIENT_ID, VERIFIER_CLIENT_SECRET
     from prometheus_client import CollectorRegistry
 
+    from verifier.app import build_introspector
     from verifier.clock import SystemClock
     from verifier.errors import ProviderUnavailable
     from verifier.observe.audit import token_hash
-    from verifier.tokens.introspection import IntrospectionConfig, Introspector
+    from verifier.tokens.introspection import IntrospectionConfig
 
     token = await asyncio.to_thread(provider.opaque_token)
     endpoint = provider.introspection_endpoint
@@ -150,7 +151,7 @@ async def test_introspection_faults_fail_closed_within_the_deadline(provider: Op
     else:
         await asyncio.to_thread(provider.stop)
     async with aiohttp.ClientSession() as session:
-        introspector = Introspector(
+        introspector = build_introspector(
             issuer=provider.issuer,
             audiences=("https://opaque.example.test",),
             config=IntrospectionConfig(

@@ -14,14 +14,15 @@ from prometheus_client import CollectorRegistry
 from redis_harness import RedisServer, start_redis
 from ssf_transmitter import ACCOUNT_DISABLED, SESSION_REVOKED, SsfTransmitter
 
+from verifier.app import HttpSessions, revocation_store, shared_state
 from verifier.clock import SystemClock
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
+from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, parse_revocation_config
-from verifier.revocation.store import RedisStore
-from verifier.state.redis import RedisState
+from verifier.state import SharedState, StateConfig
 from verifier.tokens.fetch import HttpFetcher
 
 pytestmark = pytest.mark.integration
@@ -62,26 +63,29 @@ class Replicas:
             "subjects_of": [IDP],
             "allow_insecure_http": True,
         }], "resync_interval_seconds": 30})
-        self.started: list[tuple[RevocationService, RedisState, HttpFetcher]] = []
+        self.started: list[tuple[RevocationService, SharedState, HttpSessions]] = []
         self.state_timeout = 1.0  # seconds per operation on the replay cache
         self.key_prefix = "verifier:"  # the deployment's namespace in Redis
 
     async def start(self) -> RevocationService:
         clock = SystemClock()
-        state = RedisState(self.redis_url, key_prefix=self.key_prefix, timeout_seconds=self.state_timeout)
-        fetcher = HttpFetcher()
-        service = RevocationService(self.config, store=RedisStore(self.redis_url, key_prefix=self.key_prefix),
+        config = StateConfig(redis_url=self.redis_url, key_prefix=self.key_prefix, timeout_seconds=self.state_timeout)
+        state = shared_state(config, clock)
+        sessions = HttpSessions()
+        fetcher = HttpFetcher(sessions.providers)
+        service = RevocationService(self.config, store=revocation_store(config),
                                     state=state, fetcher=fetcher,
-                                    clock=clock, registry=CollectorRegistry(), admin_token=ADMIN)
+                                    clock=clock, metrics=RevocationMetrics(CollectorRegistry()), session=sessions.ssf,
+                                    admin_token=ADMIN)
         await service.start()
-        self.started.append((service, state, fetcher))
+        self.started.append((service, state, sessions))
         return service
 
     async def stop(self) -> None:
-        for service, state, fetcher in self.started:
+        for service, state, sessions in self.started:
             await service.stop()
             await state.close()
-            await fetcher.close()
+            await sessions.close()
 
 
 @pytest.fixture

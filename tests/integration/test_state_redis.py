@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 from redis_harness import RedisServer, start_redis  # tests/integration is on sys.path
+from support import FrozenClock
 
-from verifier.clock import FrozenClock
+from verifier.app import redis_client
 from verifier.errors import StateUnavailable
 from verifier.state.memory import MemoryState
 from verifier.state.redis import RedisState
@@ -21,6 +22,12 @@ pytestmark = pytest.mark.integration
 
 NOW = 1_700_000_000.0
 TIMEOUT = 0.2  # seconds per socket operation, as a deployment would set it
+
+
+def replica(url: str, *, key_prefix: str = "verifier:", timeout_seconds: float = TIMEOUT) -> RedisState:
+    """One replica's store, on a client built as the composition root builds it."""
+    client = redis_client(url, password=None, timeout_seconds=timeout_seconds)
+    return RedisState(client, key_prefix=key_prefix, timeout_seconds=timeout_seconds)
 
 
 @pytest.fixture
@@ -33,8 +40,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisState, RedisState]]:
     """Two independent stores, as two verifier replicas would build them."""
-    a = RedisState(redis_server.url, key_prefix="t:", timeout_seconds=TIMEOUT)
-    b = RedisState(redis_server.url, key_prefix="t:", timeout_seconds=TIMEOUT)
+    a = replica(redis_server.url, key_prefix="t:")
+    b = replica(redis_server.url, key_prefix="t:")
     yield a, b
     await a.close()
     await b.close()
@@ -61,8 +68,8 @@ async def test_a_key_used_on_one_replica_is_a_replay_on_the_other(replicas: tupl
 async def test_exactly_one_of_many_concurrent_uses_wins(redis_server: RedisServer) -> None:
     # 50 concurrent first uses open 50 fresh connections at once: a generous deadline, so only
     # atomicity is under test here (deadlines have tests of their own below).
-    a = RedisState(redis_server.url, key_prefix="race:", timeout_seconds=2.0)
-    b = RedisState(redis_server.url, key_prefix="race:", timeout_seconds=2.0)
+    a = replica(redis_server.url, key_prefix="race:", timeout_seconds=2.0)
+    b = replica(redis_server.url, key_prefix="race:", timeout_seconds=2.0)
     try:
         results = await asyncio.gather(*(s.first_use("race", 10) for _ in range(25) for s in (a, b)))
         assert results.count(True) == 1
@@ -80,8 +87,8 @@ async def test_a_key_expires_after_its_ttl(replicas: tuple[RedisState, RedisStat
 
 
 async def test_prefixes_keep_deployments_apart(redis_server: RedisServer) -> None:
-    one = RedisState(redis_server.url, key_prefix="one:")
-    two = RedisState(redis_server.url, key_prefix="two:")
+    one = replica(redis_server.url, key_prefix="one:", timeout_seconds=0.25)
+    two = replica(redis_server.url, key_prefix="two:", timeout_seconds=0.25)
     try:
         assert await one.first_use("k", 10) and await two.first_use("k", 10)
     finally:
@@ -164,7 +171,7 @@ async def test_a_fresh_replica_with_redis_unreachable_fails_closed(tmp_path: Pat
     server = start_redis(tmp_path)
     url = server.url
     server.stop()
-    state = RedisState(url, timeout_seconds=TIMEOUT)
+    state = replica(url)
     try:
         with pytest.raises(StateUnavailable):
             await state.first_use("k", 10)

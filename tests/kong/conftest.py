@@ -8,11 +8,12 @@ Fixtures:
   standin_verifier     -> StandinVerifier: a forward-auth stand-in for fault injection (slow, chunked, counts
                           TCP connections, records what it was sent); `.url` is its forward-auth URL
   start_nginx          -> start_nginx(plugin_conf, upstream_port, *, consumers=(), preauthenticated=None,
-                          with_sha256=False) -> base URL
+                          later=None, with_sha256=False) -> base URL
                           ("http://127.0.0.1:PORT"); plugin_conf["url"] picks the forward-auth target, so
                           pointing the same tests at the real verifier is one argument.
 Shim endpoints on the base URL: GET /__shim/authenticated (kong.client.authenticate calls),
-GET /__shim/cache (decision-cache counters).
+GET /__shim/cache (decision-cache counters), GET /__shim/later (what acl / rate-limiting after the plugin
+saw), GET /__shim/db (datastore reads), POST /__shim/consumers (update a consumer, as the Admin API).
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ class StandinVerifier:
     """A forward-auth stand-in: allows `Bearer good`, answers 401 otherwise; fault injection by token.
 
     Tokens: good (allow, identity headers), consumer (allow + X-Kong-Consumer-Username: alice),
+    username=NAME / custom_id=VALUE (allow + X-Kong-Consumer-Username / -Custom-Id, as the verifier's
+    `upstream.consumer` sends them), both (names alice both ways), twice (X-Kong-Consumer-Username twice),
+    client-username=NAME (allow with an empty user id, naming consumer NAME),
     cached (allow with Cache-Control: private, max-age=30), chunked (allow, chunked body),
     slow (answers after `slow_seconds`), ratelimited (429 with Retry-After and RateLimit headers),
     nonce (allow with a DPoP-Nonce for the client), http10 (HTTP/1.0 allow, body delimited by close),
@@ -185,6 +189,20 @@ class StandinVerifier:
             self._send(h, 200, [*identity, ("Cache-Control", "no-store")], "")
         elif token == "consumer":
             self._send(h, 200, [*identity, ("X-Kong-Consumer-Username", "alice")], "")
+        elif token.startswith(("username=", "custom_id=")):
+            field, _, value = token.partition("=")
+            name = "X-Kong-Consumer-Username" if field == "username" else "X-Kong-Consumer-Custom-Id"
+            self._send(h, 200, [*identity, (name, value), ("Cache-Control", "no-store")], "")
+        elif token.startswith("client-username="):
+            client = [("X-Authenticated-Userid", ""), *identity[1:]]
+            name = token.partition("=")[2]
+            self._send(h, 200, [*client, ("X-Kong-Consumer-Username", name), ("Cache-Control", "no-store")], "")
+        elif token == "both":
+            both = [("X-Kong-Consumer-Username", "alice"), ("X-Kong-Consumer-Custom-Id", "cust-9")]
+            self._send(h, 200, [*identity, *both], "")
+        elif token == "twice":
+            twice = [("X-Kong-Consumer-Username", "alice"), ("X-Kong-Consumer-Username", "bob")]
+            self._send(h, 200, [*identity, *twice], "")
         elif token == "cached":
             self._send(h, 200, [*identity, ("Cache-Control", "private, max-age=30")], "")
         elif token == "client":  # a client-credentials token: no `sub`, so an empty user id
@@ -306,6 +324,7 @@ http {{
     lua_socket_log_errors off;
 
     init_by_lua_block {{ require("kong_shim").init("{tmp}/shim.json") }}
+    init_worker_by_lua_block {{ require("kong_shim").init_worker() }}
 
     upstream echo {{
         server 127.0.0.1:{upstream_port};
@@ -322,6 +341,15 @@ http {{
         }}
         location = /__shim/cache {{
             content_by_lua_block {{ require("kong_shim").report_cache() }}
+        }}
+        location = /__shim/later {{
+            content_by_lua_block {{ require("kong_shim").report_later() }}
+        }}
+        location = /__shim/db {{
+            content_by_lua_block {{ require("kong_shim").report_db() }}
+        }}
+        location = /__shim/consumers {{
+            content_by_lua_block {{ require("kong_shim").update_consumer() }}
         }}
         location / {{
             access_by_lua_block {{ require("kong_shim").access() }}
@@ -348,15 +376,21 @@ class NginxRig:
         plugin_conf: dict[str, Any],
         upstream_port: int,
         *,
-        consumers: tuple[dict[str, str], ...] | list[dict[str, str]] = (),
-        preauthenticated: dict[str, str] | None = None,
+        consumers: tuple[dict[str, Any], ...] | list[dict[str, Any]] = (),
+        preauthenticated: dict[str, Any] | None = None,
+        later: dict[str, Any] | None = None,
         with_sha256: bool = False,
         underscores_in_headers: bool = False,
     ) -> str:
         """Starts nginx running the plugin with `plugin_conf` in front of 127.0.0.1:`upstream_port`.
 
-        consumers: the Kong consumers kong.client.load_consumer knows ({"id", "username", "custom_id"}).
-        preauthenticated: a consumer an earlier authenticator (key-auth, say) authenticated already.
+        consumers: the Kong consumers in the datastore ({"id", "username", "custom_id"}, and "groups": the
+            names of its consumer groups).
+        preauthenticated: a consumer an earlier authenticator (key-auth, say) authenticated already
+            (same keys; need not be in `consumers`).
+        later: what Kong's plugins after this one do with the consumer, reduced to that:
+            {"acl": {"allow": [...], "deny": [...]}} (by consumer group) and/or
+            {"rate_limiting": {"minute": N}} (limit_by consumer); see /__shim/later.
         with_sha256: make resty.sha256 available (Kong ships it; Debian does not), hashing cache keys.
         underscores_in_headers: let header names with `_` through (nginx drops them by default).
         Returns the base URL, "http://127.0.0.1:PORT".
@@ -373,6 +407,7 @@ class NginxRig:
                     "plugin_conf": plugin_conf,
                     "consumers": list(consumers),
                     "preauthenticated": preauthenticated,
+                    "later": later,
                 }
             )
         )

@@ -285,56 +285,6 @@ def test_a_pooled_connection_the_verifier_closed_is_replaced(start_nginx, echo_u
     assert verifier.connections == 2
 
 
-# --------------------------------------------------------------------------- consumers
-
-
-ALICE = {"id": "6f1b5b0e-4a4e-4c53-9a58-2b1f6a0e7c11", "username": "alice", "custom_id": "cust-9"}
-
-
-def test_named_consumer_is_authenticated_for_acl_and_rate_limiting(start_nginx, echo_upstream, standin_verifier):
-    base = start_nginx({"url": standin_verifier.url}, echo_upstream, consumers=[ALICE])
-
-    status, _, body = call(base, headers={"Authorization": "Bearer consumer", "X-Consumer-Username": "eve"})
-
-    assert status == 200
-    h = upstream_saw(body)["h"]
-    assert h["x-consumer-username"] == ["alice"]
-    assert h["x-consumer-id"] == [ALICE["id"]]
-    assert h["x-consumer-custom-id"] == ["cust-9"]
-    assert h["x-credential-identifier"] == ["user-1"]
-    calls = shim_json(base, "authenticated")
-    assert calls["count"] == 1
-    (c,) = calls["calls"]
-    assert c["consumer"]["username"] == "alice"
-    assert c["credential"] == {"id": "user-1", "consumer_id": ALICE["id"]}
-
-
-def test_a_client_token_authenticates_no_kong_credential(start_nginx, echo_upstream, standin_verifier):
-    # A client-credentials token has no user: an empty X-Authenticated-Userid must not become a Kong
-    # credential with an empty id (nor an X-Credential-Identifier a plugin after us would trust).
-    base = start_nginx({"url": standin_verifier.url}, echo_upstream, consumers=[ALICE])
-
-    status, _, body = call(base, headers={"Authorization": "Bearer client", "X-Credential-Identifier": "spoof"})
-
-    assert status == 200
-    h = upstream_saw(body)["h"]
-    assert "x-credential-identifier" not in h
-    assert shim_json(base, "authenticated")["count"] == 0
-
-
-def test_unknown_consumer_continues_without_one(start_nginx, echo_upstream, standin_verifier):
-    base = start_nginx({"url": standin_verifier.url}, echo_upstream, consumers=[])
-
-    status, _, body = call(base, headers={"Authorization": "Bearer consumer", "X-Consumer-ID": "spoof"})
-
-    assert status == 200
-    h = upstream_saw(body)["h"]
-    assert "x-consumer-username" not in h
-    assert "x-consumer-id" not in h
-    assert h["x-authenticated-userid"] == ["user-1"]
-    assert "Kong does not know" in start_nginx.error_log_text()
-
-
 # --------------------------------------------------------------------------- decision cache
 
 
@@ -434,30 +384,6 @@ def test_without_resty_sha256_the_key_string_itself_is_used(start_nginx, echo_up
     base = start_nginx({"url": standin_verifier.url}, echo_upstream)
 
     assert shim_json(base, "cache")["hashed_keys"] is False
-
-
-def test_consumer_of_an_earlier_authenticator_is_kept(start_nginx, echo_upstream, standin_verifier):
-    bob = {"id": "0b0b0b0b-0000-4000-8000-000000000001", "username": "bob"}
-    base = start_nginx({"url": standin_verifier.url}, echo_upstream, preauthenticated=bob)
-
-    status, _, body = call(base, headers={"Authorization": "Bearer good"})
-
-    assert status == 200
-    h = upstream_saw(body)["h"]
-    assert h["x-consumer-username"] == ["bob"]
-    assert h["x-authenticated-userid"] == ["user-1"]
-    # only the earlier authenticator's call: the verifier named no consumer to replace bob
-    assert shim_json(base, "authenticated")["count"] == 1
-
-
-def test_the_named_consumer_replaces_an_earlier_one(start_nginx, echo_upstream, standin_verifier):
-    bob = {"id": "0b0b0b0b-0000-4000-8000-000000000001", "username": "bob"}
-    base = start_nginx({"url": standin_verifier.url}, echo_upstream, consumers=[ALICE], preauthenticated=bob)
-
-    status, _, body = call(base, headers={"Authorization": "Bearer consumer"})
-
-    assert status == 200
-    assert upstream_saw(body)["h"]["x-consumer-username"] == ["alice"]
 
 
 def test_spoofed_identity_behind_many_headers_is_still_stripped(start_nginx, echo_upstream, standin_verifier):

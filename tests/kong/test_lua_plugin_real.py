@@ -249,3 +249,59 @@ def test_decision_cache_honours_the_verifiers_cache_control(start_nginx, echo_up
 
     assert statuses == [direct_status] * REPEATS
     assert asked == (1 if reusable else REPEATS), header(direct_headers, "Cache-Control")
+
+
+# --------------------------------------------------------------------------- Kong consumers (issue #20)
+
+#: The verifier names the consumer once `upstream.consumer` is configured (issue #20's verifier side,
+#: built on another branch: until both are merged the verifier refuses the key and these cannot pass).
+NEEDS_VERIFIER_SIDE = pytest.mark.xfail(strict=True, reason="needs #20 verifier side")
+#: The harness's client-credentials tokens: `sub` is the client, "app".
+APP = {"id": "a0a0a0a0-0000-4000-8000-00000000a001", "username": "app", "custom_id": "app", "groups": ["readers"]}
+
+
+def naming_verifier(tmp_path: Path, provider: OpenIDProvider, by: str) -> GatewayProcess:
+    """A verifier of its own that names the Kong consumer by `sub`, as username or custom_id."""
+    upstream = {"consumer": {"claim": "sub", "by": by}}
+    return start_verifier(tmp_path, issuer=provider.issuer, extra_config={"upstream": upstream})
+
+
+@NEEDS_VERIFIER_SIDE
+@pytest.mark.parametrize("by", ["username", "custom_id"])
+def test_the_consumer_the_verifier_names_is_what_acl_and_the_upstream_see(
+    start_nginx, echo_upstream, provider, token, tmp_path: Path, by: str
+):
+    own = naming_verifier(tmp_path, provider, by)
+    try:
+        consumer = {**APP, "username": "app-user"} if by == "custom_id" else APP
+        base = start_nginx(
+            {"url": forward_auth_url(own), "cache_entries": 0},
+            echo_upstream,
+            consumers=[consumer],
+            later={"acl": {"allow": ["readers"]}},
+        )
+
+        status, _, body = call(base, headers={"Authorization": f"Bearer {token}", "X-Consumer-Username": "root"})
+
+        assert status == 200
+        seen = upstream_saw(body)
+        assert seen["x-consumer-id"] == [APP["id"]]
+        assert seen["x-consumer-username"] == [consumer["username"]]
+        assert seen["x-consumer-groups"] == ["readers"]
+        assert not [k for k in seen if k.startswith("x-kong-")]
+    finally:
+        own.stop()
+
+
+@NEEDS_VERIFIER_SIDE
+def test_a_verified_identity_kong_has_no_consumer_for_is_refused(start_nginx, echo_upstream, provider, token, tmp_path):
+    own = naming_verifier(tmp_path, provider, "username")
+    try:
+        base = start_nginx({"url": forward_auth_url(own), "cache_entries": 0}, echo_upstream, consumers=[])
+
+        status, _, body = call(base, headers={"Authorization": f"Bearer {token}"})
+
+        assert status == 403
+        assert json.loads(body) == {"message": "The verified identity is not a known consumer"}
+    finally:
+        own.stop()

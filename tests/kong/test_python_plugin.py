@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -63,6 +64,7 @@ STEP_FOR = {
     "kong.request.get_headers": "plugin.StepMultiMap",
     "kong.response.get_headers": "plugin.StepMultiMap",
 }
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
 # PDK methods after which Kong never steps the event again: the request is answered.
 TERMINAL = {"kong.response.exit", "kong.response.error"}
 
@@ -87,9 +89,23 @@ class KongRequest:
     path_with_query: str = "/api/items?limit=5"
     client_ip: str = "203.0.113.9"
     client_cert_pem: str = ""  # what nginx's $ssl_client_raw_cert holds when Kong terminated mutual TLS
+    consumers: list[dict[str, str]] = field(default_factory=list)  # Kong's datastore
+    consumer: dict[str, str] | None = None  # authenticated by an earlier plugin (key-auth, say)
+
+    def load_consumer(self, name: str, by_username: bool) -> dict[str, str] | None:
+        """kong.client.load_consumer: a UUID is tried as an id first, then (if asked) as a username."""
+        if UUID.match(name):
+            found = next((c for c in self.consumers if c["id"] == name), None)
+            if found:
+                return found
+        return next((c for c in self.consumers if c.get("username") == name), None) if by_username else None
 
     def answer(self, method: str, args: list[Any]) -> Any:
         """What Kong's PDK returns for `method` (after mp_rpc.lua's fix_mmap for header maps)."""
+        if method == "kong.client.load_consumer":
+            return self.load_consumer(args[0], bool(args[1:] and args[1]))
+        if method == "kong.client.get_consumer":
+            return self.consumer
         if method == "kong.nginx.get_var":
             return self.client_cert_pem if args == ["ssl_client_raw_cert"] else None
         if method == "kong.request.get_headers":
@@ -304,6 +320,9 @@ def test_plugin_server_reports_name_phase_priority_and_schema(kong):
     assert fields["grpc_target"] == {"type": "string", "required": True}
     assert fields["timeout"]["default"] == 1000
     assert fields["fail_open"]["default"] is False
+    assert fields["consumer_not_found"] == {"type": "string", "default": "refuse", "required": True,
+                                          "one_of": ["refuse", "anonymous"]}
+    assert fields["anonymous"] == {"type": "string", "len_min": 1}
 
 
 # --------------------------------------------------------------------------- allow
@@ -605,3 +624,211 @@ def test_the_client_certificate_comes_from_kongs_own_tls_never_from_a_header(kon
 
     assert [r.client_cert_thumbprint for r in capturing.requests] == [expected, "", "", ""]
     assert all("x-client-cert-thumbprint" not in r.headers for r in capturing.requests)
+
+
+# --------------------------------------------------------------------------- issue #20: Kong consumers
+
+ALICE = {"id": "6f1b5b0e-4a4e-4c53-9a58-2b1f6a0e7c11", "username": "alice", "custom_id": "cust-9"}
+GUEST = {"id": "9e9e9e9e-0000-4000-8000-00000000a000", "username": "guest"}
+BOB = {"id": "0b0b0b0b-0000-4000-8000-000000000001", "username": "bob"}
+UNKNOWN_CONSUMER = [[403, "The verified identity is not a known consumer"]]
+UNEXPECTED = [[500, "An unexpected error occurred"]]
+# cleared on every request: how the verifier names a consumer, and the one a client claimed to be named by
+NAMES_CLEARED = {"x-kong-consumer-username": None, "x-kong-consumer-custom-id": None, "x-kong-consumer-id": None}
+
+
+class _NamingVerifier(verifier_pb2_grpc.VerifierServicer):
+    """Allows every request; `Bearer username=NAME` / `custom_id=VALUE` / `both` name a consumer among the
+    upstream headers as the verifier's `upstream.consumer` does (`client-` first: no user id)."""
+
+    def Check(self, request: verifier_pb2.CheckRequest, context: grpc.ServicerContext) -> verifier_pb2.CheckResponse:
+        token = request.headers.get("authorization", "").removeprefix("Bearer ")
+        userid = "" if token.startswith("client-") else "user-1"
+        token = token.removeprefix("client-")
+        headers = [verifier_pb2.Header(name="X-Authenticated-Userid", value=userid)]
+        field_, _, value = token.partition("=")
+        if field_ in ("username", "both"):
+            headers.append(verifier_pb2.Header(name="X-Kong-Consumer-Username", value=value or "alice"))
+        if field_ in ("custom_id", "both"):
+            headers.append(verifier_pb2.Header(name="X-Kong-Consumer-Custom-Id", value=value or "cust-9"))
+        return verifier_pb2.CheckResponse(allowed=True, http_status=200, upstream_headers=headers)
+
+
+@pytest.fixture(scope="module")
+def naming_verifier() -> Iterator[str]:
+    with fake_verifier(_NamingVerifier()) as target:
+        yield target
+
+
+def consumer_request(token: str, **kwargs: Any) -> KongRequest:
+    spoofed = {name: "admin" for name in CONSUMER_HEADERS} | {"X-Consumer-Groups": "admins", "X-Kong-Consumer-Id": "0"}
+    return KongRequest(headers={"Authorization": f"Bearer {token}", **spoofed}, consumers=[ALICE, GUEST], **kwargs)
+
+
+def upstream_after(calls: list[tuple[str, list[Any]]]) -> dict[str, str | None]:
+    """The upstream request's headers this plugin set or cleared, last write wins (None: cleared)."""
+    out: dict[str, str | None] = {}
+    for method, args in calls:
+        if method == "kong.service.request.set_header":
+            out[args[0].lower()] = args[1]
+        elif method == "kong.service.request.clear_header":
+            out[args[0].lower()] = None
+    return {k: v for k, v in out.items() if k.startswith(("x-consumer", "x-credential", "x-anonymous", "x-kong"))}
+
+
+def test_the_named_consumer_is_authenticated_with_the_usual_upstream_headers(kong, naming_verifier):
+    iid = start_instance(kong, grpc_target=naming_verifier)
+
+    calls = kong.handle_event(iid, "access", consumer_request("username=alice"))
+
+    assert not named(calls, "kong.response.exit") and not named(calls, "kong.response.error")
+    assert named(calls, "kong.client.load_consumer") == [["alice", True]]
+    assert named(calls, "kong.client.authenticate") == [[ALICE, {"id": "user-1", "consumer_id": ALICE["id"]}]]
+    methods = [m for m, _ in calls]
+    # groups an earlier consumer brought are dropped before authenticate would keep them
+    assert methods.index("kong.client.set_authenticated_consumer_groups") < methods.index("kong.client.authenticate")
+    assert upstream_after(calls) == {
+        "x-consumer-id": ALICE["id"],
+        "x-consumer-custom-id": "cust-9",
+        "x-consumer-username": "alice",
+        "x-credential-identifier": "user-1",
+        "x-anonymous-consumer": None,
+        "x-consumer-groups": None,
+        **NAMES_CLEARED,
+    }
+
+
+def test_an_identity_without_a_user_id_authenticates_the_consumer_without_a_credential(kong, naming_verifier):
+    iid = start_instance(kong, grpc_target=naming_verifier)
+
+    calls = kong.handle_event(iid, "access", consumer_request("client-username=alice"))
+
+    assert named(calls, "kong.client.authenticate") == [[ALICE, None]]
+    after = upstream_after(calls)
+    assert after["x-credential-identifier"] is None and after["x-anonymous-consumer"] is None
+
+
+def test_an_unknown_consumer_is_refused_by_default(kong, naming_verifier):
+    iid = start_instance(kong, grpc_target=naming_verifier)
+
+    calls = kong.handle_event(iid, "access", consumer_request("username=mallory"))
+
+    assert named(calls, "kong.response.error") == UNKNOWN_CONSUMER
+    assert not named(calls, "kong.client.authenticate")
+
+
+def test_an_unknown_consumer_passes_as_the_anonymous_consumer_when_configured(kong, naming_verifier):
+    iid = start_instance(kong, grpc_target=naming_verifier, consumer_not_found="anonymous", anonymous="guest")
+
+    calls = kong.handle_event(iid, "access", consumer_request("username=mallory"))
+
+    assert not named(calls, "kong.response.error")
+    assert named(calls, "kong.client.authenticate") == [[GUEST, None]]
+    assert upstream_after(calls) == {
+        "x-consumer-id": GUEST["id"],
+        "x-consumer-custom-id": None,
+        "x-consumer-username": "guest",
+        "x-credential-identifier": None,
+        "x-anonymous-consumer": "true",
+        "x-consumer-groups": None,
+        **NAMES_CLEARED,
+    }
+
+
+def test_a_configured_anonymous_consumer_that_does_not_exist_fails_closed(kong, naming_verifier):
+    iid = start_instance(kong, grpc_target=naming_verifier, consumer_not_found="anonymous", anonymous="ghost")
+
+    calls = kong.handle_event(iid, "access", consumer_request("username=mallory"))
+
+    assert named(calls, "kong.response.error") == UNEXPECTED
+    assert not named(calls, "kong.client.authenticate")
+
+
+def test_anonymous_is_required_when_unknown_consumers_pass_as_anonymous(kong, naming_verifier):
+    with pytest.raises(RuntimeError, match="anonymous is required"):
+        start_instance(kong, grpc_target=naming_verifier, consumer_not_found="anonymous")
+
+
+def test_a_subject_equal_to_another_consumers_id_does_not_become_that_consumer(kong, naming_verifier):
+    # kong.client.load_consumer(name, true) tries a UUID as an id first
+    iid = start_instance(kong, grpc_target=naming_verifier)
+
+    calls = kong.handle_event(iid, "access", consumer_request(f"username={ALICE['id']}"))
+
+    assert named(calls, "kong.response.error") == UNKNOWN_CONSUMER
+    assert not named(calls, "kong.client.authenticate")
+
+
+@pytest.mark.parametrize("token", ["both", "custom_id=cust-9"])
+def test_a_consumer_this_plugin_cannot_find_exactly_fails_closed(kong, naming_verifier, token):
+    # two names, or a custom_id: the PDK over the plugin server has no lookup by custom_id
+    iid = start_instance(kong, grpc_target=naming_verifier, consumer_not_found="anonymous", anonymous="guest")
+
+    calls = kong.handle_event(iid, "access", consumer_request(token))
+
+    assert named(calls, "kong.response.error") == UNEXPECTED
+    assert not named(calls, "kong.client.authenticate")
+
+
+def test_the_consumer_of_an_earlier_authenticator_is_kept_when_none_is_named(kong, naming_verifier):
+    iid = start_instance(kong, grpc_target=naming_verifier)
+
+    calls = kong.handle_event(iid, "access", consumer_request("good", consumer=BOB))
+
+    assert not named(calls, "kong.client.authenticate")
+    # bob's X-Consumer-* stay; a client's X-Consumer-Groups and X-Kong-Consumer-* never do
+    assert upstream_after(calls) == {"x-consumer-groups": None, **NAMES_CLEARED}
+
+
+def test_the_naming_headers_never_reach_the_upstream(kong, naming_verifier):
+    iid = start_instance(kong, grpc_target=naming_verifier)
+
+    calls = kong.handle_event(iid, "access", consumer_request("username=alice"))
+
+    written = named(calls, "kong.service.request.set_header") + named(calls, "kong.service.request.add_header")
+    assert written and not [args for args in written if args[0].lower().startswith("x-kong")]
+
+
+@pytest.mark.xfail(strict=True, reason="needs #20 verifier side")
+def test_the_consumer_the_real_verifier_names_is_authenticated(kong, provider, token, tmp_path):
+    # the harness's client-credentials tokens have `sub` "app"
+    app = {"id": "a0a0a0a0-0000-4000-8000-00000000a001", "username": "app"}
+    own = start_verifier(tmp_path, issuer=provider.issuer,
+                         extra_config={"upstream": {"consumer": {"claim": "sub", "by": "username"}}})
+    try:
+        iid = start_instance(kong, grpc_target=grpc_target(own))
+        calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"Bearer {token}"},
+                                                             consumers=[app]))
+    finally:
+        own.stop()
+
+    assert not named(calls, "kong.response.error") and not named(calls, "kong.response.exit")
+    assert named(calls, "kong.client.authenticate") == [[app, {"id": "app", "consumer_id": app["id"]}]]
+    assert upstream_after(calls)["x-consumer-username"] == "app"
+
+
+#: issue #20's verifier side adds `answer_headers` (headers for the gateway, never the upstream) to our proto
+HAS_ANSWER_HEADERS = "answer_headers" in verifier_pb2.CheckResponse.DESCRIPTOR.fields_by_name
+
+
+class _AnswerNamingVerifier(verifier_pb2_grpc.VerifierServicer):
+    """Allows every request, naming alice in `answer_headers`, as the #20 verifier side does."""
+
+    def Check(self, request: verifier_pb2.CheckRequest, context: grpc.ServicerContext) -> verifier_pb2.CheckResponse:
+        return verifier_pb2.CheckResponse(
+            allowed=True,
+            http_status=200,
+            upstream_headers=[verifier_pb2.Header(name="X-Authenticated-Userid", value="user-1")],
+            answer_headers=[verifier_pb2.Header(name="X-Kong-Consumer-Username", value="alice")],
+        )
+
+
+@pytest.mark.xfail(not HAS_ANSWER_HEADERS, strict=True, reason="needs #20 verifier side (answer_headers)")
+def test_a_consumer_named_in_answer_headers_is_authenticated(kong):
+    with fake_verifier(_AnswerNamingVerifier()) as target:
+        iid = start_instance(kong, grpc_target=target)
+        calls = kong.handle_event(iid, "access", consumer_request("good"))
+
+    assert not named(calls, "kong.response.error")
+    assert named(calls, "kong.client.authenticate") == [[ALICE, {"id": "user-1", "consumer_id": ALICE["id"]}]]
+    assert upstream_after(calls)["x-consumer-username"] == "alice"

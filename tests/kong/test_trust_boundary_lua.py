@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from gateways import EchoUpstream, GatewayProcess
+from gateways import EchoUpstream, GatewayProcess, http_request
 from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected here against this `edge`
     Edge,
     _fresh_upstream_log,
@@ -53,3 +53,29 @@ def edge(
         underscores_in_headers=request.param == "underscores-in-headers-on",
     )
     yield Edge(name=f"kong-lua[{request.param}]", url=base)
+
+
+def test_client_kong_consumer_headers_never_reach_the_upstream(
+    edge: Edge,
+    upstream: EchoUpstream,  # noqa: F811
+    tokens: Any,  # noqa: F811
+) -> None:
+    """Kong's consumer headers (set by its authenticators, and by acl after this plugin) from a client: with
+    no consumer authenticated, every one is a claim nobody checked (issue #20)."""
+    spoof = {
+        "X-Consumer-ID": "0000",
+        "X-Consumer-Username": "root",
+        "X-Consumer-Custom-ID": "root",
+        "X-Credential-Identifier": "root",
+        "X-Anonymous-Consumer": "false",
+        "X-Consumer-Groups": "admins",
+        "X-Kong-Consumer-Username": "root",
+    }
+
+    r = http_request(f"{edge.url}/orders", headers={**spoof, "Authorization": f"Bearer {tokens('read')}"})
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    assert seen.headers["x-authenticated-userid"] == "alice"
+    leaked = {k.lower() for k in seen.headers} & {k.lower() for k in spoof}
+    assert not leaked, leaked

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from support import FrozenClock
 
-from verifier.clock import FrozenClock
 from verifier.errors import RateLimited
 from verifier.policy.ratelimit import RateLimiter
 from verifier.principal import Principal

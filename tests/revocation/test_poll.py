@@ -12,8 +12,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CollectorRegistry
 from ssf_transmitter import ACCOUNT_DISABLED, SESSION_REVOKED, SsfTransmitter
 
+from verifier.app import HttpSessions
 from verifier.clock import SystemClock
 from verifier.errors import StateUnavailable
+from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, parse_revocation_config
 from verifier.revocation.poll import poll_endpoint
@@ -44,14 +46,13 @@ async def service(transmitter: SsfTransmitter) -> AsyncIterator[RevocationServic
         "allow_insecure_http": True,
         "poll_interval_seconds": 0.1, "subjects_of": [IDP],
     }]})
-    fetcher = HttpFetcher()
-    clock = SystemClock()
-    svc = RevocationService(config, state=MemoryState(clock), fetcher=fetcher, clock=clock,
-                            registry=CollectorRegistry())
+    sessions, clock = HttpSessions(), SystemClock()
+    svc = RevocationService(config, state=MemoryState(clock), fetcher=HttpFetcher(sessions.providers), clock=clock,
+                            metrics=RevocationMetrics(CollectorRegistry()), session=sessions.ssf)
     await svc.start()
     yield svc
     await svc.stop()
-    await fetcher.close()
+    await sessions.close()
 
 
 async def eventually(condition: Callable[[], bool], seconds: float = 3.0) -> None:
@@ -125,10 +126,10 @@ async def test_a_polled_set_whose_mark_was_lost_still_takes_effect(transmitter: 
         "issuer": transmitter.issuer, "audience": AUD, "delivery": "poll", "algorithms": ["ES256"],
         "poll_interval_seconds": 0.1, "subjects_of": [IDP], "allow_insecure_http": True,
     }]})
-    fetcher, clock = HttpFetcher(), SystemClock()
+    sessions, clock = HttpSessions(), SystemClock()
     state = LateMark(clock)
-    svc = RevocationService(config, state=state, fetcher=fetcher, clock=clock,
-                            registry=CollectorRegistry())
+    svc = RevocationService(config, state=state, fetcher=HttpFetcher(sessions.providers), clock=clock,
+                            metrics=RevocationMetrics(CollectorRegistry()), session=sessions.ssf)
     await svc.start()
     try:
         token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-4"})
@@ -138,7 +139,7 @@ async def test_a_polled_set_whose_mark_was_lost_still_takes_effect(transmitter: 
         assert svc.revocations.check(principal("user-4")) is not None
     finally:
         await svc.stop()
-        await fetcher.close()
+        await sessions.close()
 
 
 async def test_a_set_with_an_absurd_iat_is_refused_and_polling_goes_on(

@@ -21,19 +21,19 @@ from ssf_transmitter import (
     TOKEN_CLAIMS_CHANGE,
     SsfTransmitter,
 )
+from support import FrozenClock, no_http_session
 from tokenkit import ISSUER, NOW, FakeFetcher, issuer_settings
 
-from verifier.app import App
-from verifier.clock import FrozenClock
+from verifier.app import SSF_USER_AGENT, App
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.errors import InvalidToken
+from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, TokenRevoked, parse_revocation_config
-from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
-from verifier.revocation.service import SSF_USER_AGENT
+from verifier.revocation.entry import REFUSAL_CODES, Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.subjects import SubjectError, subject_keys
 from verifier.settings import ConfigError, Settings
@@ -101,7 +101,8 @@ async def service(
 ) -> AsyncIterator[RevocationService]:
     svc = RevocationService(
         config(), state=MemoryState(clock), fetcher=provider, clock=clock,
-        registry=registry, on_credential_revoked=credentials, admin_token=ADMIN,
+        metrics=RevocationMetrics(registry, REFUSAL_CODES), session=no_http_session,
+        on_credential_revoked=credentials, admin_token=ADMIN,
     )
     await svc.start()
     yield svc
@@ -507,7 +508,7 @@ async def test_admin_api_is_404_when_the_env_var_is_unset(
 ) -> None:
     monkeypatch.delenv("VERIFIER_ADMIN_TOKEN", raising=False)
     svc = RevocationService(config(), state=MemoryState(clock), fetcher=provider, clock=clock,
-                            registry=CollectorRegistry())
+                            metrics=RevocationMetrics(CollectorRegistry()), session=no_http_session)
     router = routes(svc)
     assert (await router.dispatch(admin("POST", document={"subject": USER}))).status == 404
     assert (await router.dispatch(admin("PUT"))).status == 404  # not 405: nothing discloses the API
@@ -533,12 +534,12 @@ async def test_the_root_builds_the_pollers_http_session(clock: FrozenClock, prov
     settings = Settings(grpc=None, http=None, metrics=None, issuers=(issuer_settings(),), revocation=config())
     app = App(settings, clock=clock, fetcher=provider)
     assert app.revocation is not None
-    session = app.revocation._client()
+    session = app.revocation._session()
     try:
-        assert session is app._ssf_client()
+        assert session is app.sessions.ssf()
         assert session.headers["User-Agent"] == SSF_USER_AGENT
     finally:
-        await session.close()
+        await app.sessions.close()
 
 
 async def test_the_service_does_not_read_the_environment(
@@ -547,7 +548,7 @@ async def test_the_service_does_not_read_the_environment(
     """Without a token passed in, the admin API is off, whatever the environment holds."""
     monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "from-env-" + "e" * 32)
     svc = RevocationService(config(), state=MemoryState(clock), fetcher=provider, clock=clock,
-                            registry=CollectorRegistry())
+                            metrics=RevocationMetrics(CollectorRegistry()), session=no_http_session)
     router = routes(svc)
     assert (await router.dispatch(admin("GET", token="from-env-" + "e" * 32))).status != 200
 

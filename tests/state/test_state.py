@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from support import FrozenClock
 from tokenkit import NOW
 
-from verifier.clock import FrozenClock
+from verifier.app import shared_state
 from verifier.settings import ConfigError
-from verifier.state import StateConfig, build_state, parse_state_config
+from verifier.state import StateConfig, parse_state_config
 from verifier.state.base import TakeResult
 from verifier.state.memory import MemoryState
 
@@ -149,8 +150,8 @@ async def test_close_forgets_everything(state: MemoryState) -> None:
 
 def test_without_settings_state_lives_in_memory(clock: FrozenClock) -> None:
     assert parse_state_config(None) == StateConfig()
-    assert isinstance(build_state(None, clock), MemoryState)
-    assert isinstance(build_state(parse_state_config({"max_entries": 10}), clock), MemoryState)
+    assert isinstance(shared_state(None, clock), MemoryState)
+    assert isinstance(shared_state(parse_state_config({"max_entries": 10}), clock), MemoryState)
 
 
 async def test_a_redis_url_builds_a_redis_state(clock: FrozenClock, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,7 +163,7 @@ async def test_a_redis_url_builds_a_redis_state(clock: FrozenClock, monkeypatch:
     )
     assert config.redis_url == "redis://127.0.0.1:1/0" and config.key_prefix == "v1:" and config.password == "pw"
     assert "pw" not in repr(config).replace("password_env", "")
-    state = build_state(config, clock)
+    state = shared_state(config, clock)
     assert isinstance(state, RedisState)
     await state.close()
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from support import FrozenClock
 from tokenkit import NOW
 
-from verifier.clock import FrozenClock
 from verifier.tokens.cache import ExpiringCache
 
 
@@ -95,3 +95,25 @@ def test_expiry_follows_wall_time_not_monotonic_time(cache: ExpiringCache[str]) 
     jumping: ExpiringCache[str] = ExpiringCache(3, WallJumps(NOW))
     jumping.put(b"k", "v", NOW + 60)  # already expired by the wall clock
     assert jumping.get(b"k") is None
+
+
+def test_stores_drop_expired_entries_so_a_refused_token_cache_holds_only_live_ones(clock: FrozenClock) -> None:
+    """Issue #24 (soak): expired entries went only when looked up or pushed out by a full cache."""
+    cache: ExpiringCache[str] = ExpiringCache(1000, clock)
+    for i in range(100):
+        cache.put(b"old%d" % i, "refused", clock.now() + 30)  # one lifetime, as the refused-token cache
+    clock.advance(30)
+    for i in range(50):
+        cache.put(b"new%d" % i, "refused", clock.now() + 30)
+    assert len(cache) == 50
+    assert all(cache.get(b"new%d" % i) == "refused" for i in range(50))
+
+
+def test_a_live_oldest_entry_stops_the_sweep(clock: FrozenClock) -> None:
+    cache: ExpiringCache[str] = ExpiringCache(10, clock)
+    cache.put(b"long", "v", clock.now() + 100)
+    cache.put(b"short", "v", clock.now() + 1)
+    clock.advance(2)
+    cache.put(b"new", "v", clock.now() + 1)
+    assert cache.get(b"long") == "v"
+    assert len(cache) == 3  # "short" stays until looked up or pushed out: the sweep never scans past a live entry

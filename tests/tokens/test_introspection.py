@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from prometheus_client import CollectorRegistry
+from support import FrozenClock
 
-from verifier.clock import FrozenClock, SystemClock
+from verifier.app import build_introspector
+from verifier.clock import SystemClock
 from verifier.config.introspection import (
     DEFAULT_BATCH_WINDOW_SECONDS,
     DEFAULT_MAX_IN_FLIGHT,
@@ -160,7 +162,7 @@ async def make(
 
     def _make(given: str | None = None, audiences: tuple[str, ...] = (AUDIENCE,), **overrides: Any) -> Introspector:
         """An introspector over the fake seam; `given` is the endpoint argument, `overrides` the config."""
-        introspector = Introspector(
+        introspector = build_introspector(
             issuer=ISSUER,
             audiences=audiences,
             config=config(**overrides),
@@ -667,7 +669,7 @@ async def test_two_introspectors_share_one_registry(
     http: FakeHttp, clock: FrozenClock, registry: CollectorRegistry
 ) -> None:
     for issuer in ("https://a.example.test", "https://b.example.test"):
-        introspector = Introspector(
+        introspector = build_introspector(
             issuer=issuer,
             audiences=(AUDIENCE,),
             config=config(),
@@ -857,7 +859,7 @@ def dev_introspector(
 ) -> Introspector:
     values: dict[str, Any] = {"client_id": "verifier", "client_secret": SECRET, "batch_window_seconds": 0.01}
     values.update(overrides)
-    return Introspector(
+    return build_introspector(
         issuer=idp.issuer,
         audiences=(DEV_AUDIENCE,),
         config=IntrospectionConfig(**values),

@@ -14,9 +14,10 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import CollectorRegistry
 from rawprovider import RawProvider, Route, json_route
+from support import FrozenClock
 from tokenkit import AUDIENCE
 
-from verifier.clock import FrozenClock
+from verifier.app import build_introspector
 from verifier.errors import InvalidToken, ProviderUnavailable
 from verifier.tokens.fetch import HttpFetcher
 from verifier.tokens.introspection import Introspector, parse_introspection_config
@@ -47,7 +48,7 @@ def introspector(
          "batch_window_seconds": 0, **extra},
         "issuers[0].introspection",
     )
-    return Introspector(
+    return build_introspector(
         issuer=raw_provider.url, audiences=(AUDIENCE,), config=config, endpoint=raw_provider.url + "/introspect",
         session_provider=lambda: http_fetcher.session, clock=clock, registry=CollectorRegistry(),
     )

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from support import FrozenClock
 from tokenkit import (
     DISCOVERY_URL,
     ISSUER,
@@ -28,7 +29,6 @@ from tokenkit import (
     public_jwk,
 )
 
-from verifier.clock import FrozenClock
 from verifier.errors import ProviderUnavailable, UnknownKey
 from verifier.settings import DEFAULT_MAX_JWKS_KEYS, IssuerSettings
 from verifier.tokens.jwks import (

@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
+from support import FrozenClock
 from tokenkit import (
     AUDIENCE,
     ISSUER,
@@ -30,7 +31,6 @@ from tokenkit import (
     public_jwk,
 )
 
-from verifier.clock import FrozenClock
 from verifier.errors import (
     AlgorithmRefused,
     AudienceMismatch,

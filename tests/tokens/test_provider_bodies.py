@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from rawprovider import RawProvider, Route, json_route
 from tokenkit import AUDIENCE
 
+from verifier.app import build_introspector
 from verifier.clock import SystemClock
 from verifier.config.revocation import parse_revocation_config
 from verifier.errors import ProviderUnavailable
@@ -22,7 +23,7 @@ from verifier.observe.metrics import Metrics
 from verifier.revocation.poll import Outcome, Poller
 from verifier.settings import IssuerSettings
 from verifier.tokens.fetch import HttpFetcher, read_body
-from verifier.tokens.introspection import Introspector, parse_introspection_config
+from verifier.tokens.introspection import parse_introspection_config
 from verifier.tokens.jwks import IssuerKeys
 
 FRAMINGS = ["split", "chunked", "close"]
@@ -60,7 +61,7 @@ async def test_an_introspection_answer_sent_in_pieces_is_read_whole(
     config = parse_introspection_config(
         {"client_id": "verifier", "client_secret_env": "VERIFIER_RAW_SECRET"}, "issuers[0].introspection"
     )
-    introspector = Introspector(
+    introspector = build_introspector(
         issuer=raw_provider.url,
         audiences=(AUDIENCE,),
         config=config,

@@ -27,6 +27,7 @@ from aiohttp import web
 from doorkit import http_exchange
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
+from support import FrozenClock
 from tokenkit import (
     DISCOVERY_URL,
     ISSUER,
@@ -41,14 +42,14 @@ from tokenkit import (
     public_jwk,
 )
 
-from verifier.app import App
-from verifier.clock import FrozenClock, SystemClock
+from verifier.app import App, HttpSessions, build_introspector
+from verifier.clock import SystemClock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.audit import token_hash
 from verifier.request import RequestAttributes
 from verifier.settings import Listen, Settings
 from verifier.tokens.fetch import FetchResult, HttpFetcher
-from verifier.tokens.introspection import IntrospectionConfig, Introspector
+from verifier.tokens.introspection import IntrospectionConfig
 from verifier.tokens.introspection_client import HttpReply, HttpRequest
 
 FETCH_TIMEOUT = 0.3  # seconds; short so the slow-provider tests stay fast
@@ -371,9 +372,9 @@ async def local_provider(jwks_document: dict[str, Any]) -> AsyncIterator[LocalPr
 
 @pytest.fixture
 async def http_fetcher() -> AsyncIterator[HttpFetcher]:
-    fetcher = HttpFetcher()
-    yield fetcher
-    await fetcher.close()
+    sessions = HttpSessions()
+    yield HttpFetcher(sessions.providers)
+    await sessions.close()
 
 
 def _closed_port() -> int:
@@ -532,7 +533,7 @@ class FaultyIntrospectionHttp:
 @pytest.mark.parametrize("fault", ["slow", 500, 503, 401, "refused", "garbage", "not_object", "active_string"])
 async def test_introspection_faults_fail_closed_within_the_deadline(fault: int | str) -> None:
     http = FaultyIntrospectionHttp(fault)
-    introspector = Introspector(
+    introspector = build_introspector(
         issuer=ISSUER,
         audiences=("a",),
         config=IntrospectionConfig(

@@ -21,13 +21,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fido2.webauthn import CollectedClientData
 from prometheus_client import CollectorRegistry
+from support import FrozenClock
 from webauthnkit import FLAGS, ORIGIN, RP_ID, SoftAuthenticator, b64u, encode_header, unb64u
 
-from verifier.clock import FrozenClock
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.webauthn_http import add_webauthn_routes
 from verifier.errors import InvalidToken, MissingToken
+from verifier.observe.metrics import WebAuthnMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import ConfigError
@@ -68,7 +69,7 @@ class Harness:
         self.registry = CollectorRegistry()
         self.config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=SECRET, **config)
         self.service = WebAuthnService(self.config, SqliteCredentialStore(":memory:"), self.state, self.clock,
-                                       self.registry)
+                                       WebAuthnMetrics(self.registry))
         self.router = Router()
         add_webauthn_routes(self.router, self.service, self.authenticate)
 
@@ -461,7 +462,7 @@ async def test_a_replay_is_refused_by_another_replica_sharing_state(
 ) -> None:
     h, a = enrolled
     store = h.service._store  # the same registry; in production a shared database
-    other = WebAuthnService(h.config, store, h.state, h.clock, CollectorRegistry())
+    other = WebAuthnService(h.config, store, h.state, h.clock, WebAuthnMetrics(CollectorRegistry()))
     header = await assertion_for(h, a, attrs())
     await other.check_step_up(principal(), attrs(assertion=header))  # a challenge from replica one
     with pytest.raises(AssertionRefused) as caught:
@@ -692,7 +693,8 @@ async def test_sqlite_store_survives_a_restart(tmp_path: Any) -> None:
     path = str(tmp_path / "webauthn.sqlite3")
     clock = FrozenClock()
     config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=SECRET)
-    first = WebAuthnService(config, SqliteCredentialStore(path), MemoryState(clock), clock, CollectorRegistry())
+    metrics = WebAuthnMetrics(CollectorRegistry())
+    first = WebAuthnService(config, SqliteCredentialStore(path), MemoryState(clock), clock, metrics)
     h = Harness()
     h.service = first
     h.router = Router()

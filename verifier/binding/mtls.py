@@ -1,13 +1,12 @@
 """Certificate-bound access tokens (RFC 8705 section 3): `cnf["x5t#S256"]` against the client certificate.
 
-The gateway terminates TLS and hands us the client certificate (or its hash); how it is carried is
+The gateway terminates TLS and hands us the client certificate (or its thumbprint); how it is carried is
 the front door's business. Here: the certificate's thumbprint (base64url SHA-256 of its DER bytes,
 RFC 8705 section 3.1) and the constant-time comparison with the token's confirmation claim.
 """
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -20,7 +19,6 @@ from verifier.errors import MalformedRequest, SenderConstraintFailed
 from verifier.tokens.jws import b64url_encode
 
 X5T_S256 = "x5t#S256"
-_SHA256_HEX_LENGTH = 64
 
 
 def check_certificate_binding(cnf: Mapping[str, Any] | None, presented_thumbprint: str) -> None:
@@ -55,14 +53,3 @@ def thumbprint_from_pem(pem: str) -> str:
     except (ValueError, UnicodeEncodeError) as exc:
         raise MalformedRequest("client certificate is not a PEM certificate") from exc
     return thumbprint_from_der(certificate.public_bytes(Encoding.DER))
-
-
-def thumbprint_from_hex(sha256_hex: str) -> str:
-    """`x5t#S256` from a hex SHA-256 of the DER certificate (Envoy's `x-forwarded-client-cert` `Hash=`)."""
-    text = sha256_hex.replace(":", "").strip()
-    if len(text) != _SHA256_HEX_LENGTH:
-        raise MalformedRequest("client certificate hash is not a hex SHA-256")
-    try:
-        return b64url_encode(binascii.unhexlify(text))
-    except (binascii.Error, ValueError) as exc:
-        raise MalformedRequest("client certificate hash is not a hex SHA-256") from exc

@@ -20,28 +20,31 @@ END = "<!-- config-reference:end -->"
 _KEYS = {"forward_auth": "http"}
 # Keys still read by code of their own (not yet `setting` fields): named here so the table is complete.
 _OWN_READERS = (
-    ("grpc.listen, http.listen, metrics.listen", "-", "host:port", "a door's address; grpc or http is required"),
     (
         "issuers[].introspection.client_auth, client_secret_env, private_key_file, private_key_env",
         "client_secret_basic",
         "client_secret_basic \\| client_secret_post \\| private_key_jwt",
         "RFC 7662 client authentication: a secret from the named env var, or a PEM key (file or env var)",
     ),
-    ("rate_limits", "-", "default, roles", "token buckets per identity: {per_second, burst}"),
 )
 
 
-def _section_type(hint: Any) -> tuple[type[Any] | None, bool]:
-    """The dataclass a field holds (through `X | None` and `tuple[X, ...]`), and whether it is a list."""
+def _section_type(hint: Any) -> tuple[type[Any] | None, str]:
+    """The dataclass a field holds (through `X | None`, `tuple[X, ...]` and `tuple[tuple[str, X], ...]`),
+    and what joins the field's key to the section's keys: "." for one, "[]." for a list, ".<name>." for
+    a mapping of names."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _section_type(inner[0]) if len(inner) == 1 else (None, False)
+        return _section_type(inner[0]) if len(inner) == 1 else (None, "")
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
-        if len(args) == 2 and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
-            return args[0], True
-        return None, False
-    return (hint, False) if isinstance(hint, type) and dataclasses.is_dataclass(hint) else (None, False)
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
+            return args[0], "[]."
+        if len(args) == 2 and args[1] is Ellipsis and typing.get_args(args[0])[:1] == (str,):
+            section, _ = _section_type(typing.get_args(args[0])[1])
+            return section, ".<name>."
+        return None, ""
+    return (hint, ".") if isinstance(hint, type) and dataclasses.is_dataclass(hint) else (None, "")
 
 
 def _default(field: dataclasses.Field[Any]) -> str:
@@ -82,9 +85,9 @@ def rows(cls: type[Any], prefix: str = "") -> list[tuple[str, str, str, str]]:
             key = prefix + meta.key if meta.key else key
             found.append((key, _default(field), _bounds(field), meta.doc))
             continue
-        section, many = _section_type(hints[field.name])
+        section, joint = _section_type(hints[field.name])
         if section is not None:
-            found += rows(section, key + ("[]." if many else "."))
+            found += rows(section, key + joint)
     return found
 
 

@@ -41,11 +41,10 @@ def signature_check(
     latency_seconds: float,
     token_hash_: bytes,
     door: str,
-    level: int = logging.INFO,
     **extra: Any,
 ) -> None:
     """Writes the audit line for one signature check."""
-    if not audit_log.isEnabledFor(level):
+    if not audit_log.isEnabledFor(logging.INFO):
         return
     line = {
         "event": "signature_check",
@@ -65,7 +64,6 @@ def signature_check(
     sink = _direct_sink
     if (
         sink is not None
-        and level == logging.INFO
         and not audit_log.handlers
         and audit_log.propagate
         and logging.getLogger().handlers == [sink]
@@ -84,7 +82,7 @@ def signature_check(
         )
         return
     # Serialized here, once: the formatter writes it as is (no per-record attribute walk).
-    audit_log.log(level, "signature_check", extra={"_json_fields": fields})
+    audit_log.info("signature_check", extra={"_json_fields": fields})
 
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}

@@ -31,6 +31,10 @@ class Effect(enum.Enum):
     CLAIMS_OVERRIDE = "claims_override"  # CAEP assurance-level-change, token-claims-change
 
 
+# The codes a request refused for a revocation carries (a claims override changes claims, refuses nothing).
+REFUSAL_CODES = tuple(e.value for e in Effect if e is not Effect.CLAIMS_OVERRIDE)
+
+
 class Match(enum.Enum):
     """Which of the key's tokens an entry reaches."""
 

@@ -15,7 +15,6 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 
 from verifier.clock import Clock
 from verifier.config.revocation import POLL, PUSH, RevocationConfig, TransmitterConfig
@@ -40,8 +39,7 @@ from verifier.tokens.jwks import IssuerKeys
 
 log = logging.getLogger("verifier.revocation")
 
-SSF_USER_AGENT = "edge-verifier/0.1 (ssf receiver)"  # what a transmitter sees on poll requests
-DEFAULT_START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
+START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
 LOAD_RETRY_SECONDS = 0.2  # between attempts at the initial load
 
 CredentialCallback = Callable[[CredentialRevocation], Awaitable[None]]  # disables WebAuthn credentials
@@ -57,16 +55,15 @@ class RevocationService:
         state: SharedState,
         fetcher: Fetcher,
         clock: Clock,
-        registry: CollectorRegistry,
+        metrics: RevocationMetrics,
+        session: Callable[[], aiohttp.ClientSession],
         on_credential_revoked: CredentialCallback | None = None,
         store: RevocationStore | None = None,
         admin_token: str | None = None,
-        session: Callable[[], aiohttp.ClientSession] | None = None,
-        start_timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
     ) -> None:
         self.config = config
         self._clock = clock
-        self.metrics = RevocationMetrics(registry, (e.value for e in Effect if e is not Effect.CLAIMS_OVERRIDE))
+        self.metrics = metrics  # the root's, with `REFUSAL_CODES` exported at zero
         self.revocations = Revocations(clock)
         self._store: RevocationStore = store if store is not None else MemoryStore()  # the root picks the store
         key_metrics = TransmitterKeyMetrics(self.metrics)
@@ -83,10 +80,8 @@ class RevocationService:
             clock=clock,
             max_token_lifetime=float(config.max_token_lifetime_seconds),
         )
-        self._start_timeout = start_timeout_seconds
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None  # only without `session` (tests): owned here
-        self._given_session = session  # the root's: it closes it
+        self._session = session  # the poller's: the root builds it and closes it
         self._loading: list[tuple[list[Entry], list[str]]] | None = None  # changes seen during a reload
 
     # -- for the lead --------------------------------------------------------------------------------
@@ -115,7 +110,7 @@ class RevocationService:
                 poller = Poller(
                     transmitter,
                     keys,
-                    self._client,
+                    self._session,
                     self._receive_polled,
                     functools.partial(self._count_poll, transmitter.issuer),
                 )
@@ -129,15 +124,12 @@ class RevocationService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
         await self._store.close()
 
     # -- keeping the index in sync ------------------------------------------------------------------
 
     async def _with_retry(self, step: Callable[[], Awaitable[None]]) -> None:
-        deadline = self._clock.monotonic() + self._start_timeout
+        deadline = self._clock.monotonic() + START_TIMEOUT_SECONDS
         while True:
             try:
                 await step()
@@ -266,9 +258,3 @@ class RevocationService:
             return None
         return Outcome(True)
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._given_session is not None:
-            return self._given_session()
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers={"User-Agent": SSF_USER_AGENT})
-        return self._session

@@ -35,16 +35,14 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
+from verifier.config.state import DEFAULT_KEY_PREFIX
 from verifier.errors import StateUnavailable
 from verifier.revocation.entry import Entry
 
 log = logging.getLogger("verifier.revocation")
 
-DEFAULT_KEY_PREFIX = "verifier:"
 DEFAULT_TIMEOUT_SECONDS = 1.0  # seconds per Redis operation; writes are off the hot path
 RECONNECT_MIN_SECONDS = 0.1  # first wait before resubscribing; doubles up to the cap
 RECONNECT_MAX_SECONDS = 5.0
@@ -208,28 +206,19 @@ class RedisStore:
 
     def __init__(
         self,
-        url: str,
+        redis: Redis,
+        subscriber: Redis,
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
-        password: str | None = None,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
+        """The root's clients (`verifier.app.redis_client`): `redis` for reads and writes, built with
+        `timeout_seconds` per operation; `subscriber`, a connection that blocks on reads by design."""
         self.hash_key = key_prefix + "revocations"
         self.channel = key_prefix + "revocations:changes"
         self._timeout = timeout_seconds
-        self._redis: Redis = Redis.from_url(
-            url,
-            password=password,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            retry_on_timeout=False,
-            retry=Retry(NoBackoff(), 1),
-            decode_responses=False,
-        )
-        # The subscriber's connection blocks on reads by design: no socket timeout on it.
-        self._sub_redis: Redis = Redis.from_url(
-            url, password=password, socket_connect_timeout=timeout_seconds, decode_responses=False
-        )
+        self._redis = redis
+        self._sub_redis = subscriber
         self._pubsub: Any = None
         self._reconnected = False
         self._epoch: bytes | None = None  # the hash's epoch at this replica's last reload

@@ -15,11 +15,6 @@ import dataclasses
 import math
 from typing import Protocol
 
-DEFAULT_KEY_PREFIX = "verifier:"  # namespace for every key this verifier writes
-# Seconds per Redis socket operation (connect, write, read). Redis sits a LAN hop away; a request
-# waiting longer than this is better refused (503, fail closed) than left hanging at the gateway.
-DEFAULT_TIMEOUT_SECONDS = 0.25
-
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class TakeResult:

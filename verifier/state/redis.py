@@ -14,9 +14,7 @@ import math
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
-from redis.retry import Retry
 
 from verifier.config.state import DEFAULT_KEY_PREFIX, DEFAULT_TIMEOUT_SECONDS
 from verifier.errors import StateUnavailable
@@ -59,24 +57,14 @@ class RedisState:
 
     def __init__(
         self,
-        url: str,
+        redis: Redis,
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
-        password: str | None = None,
     ) -> None:
+        """`redis` is the root's client (`verifier.app.redis_client`), built with `timeout_seconds` per operation."""
         self._prefix = key_prefix
-        # One retry, only for a broken pooled connection (Redis restarted); never on a timeout,
-        # where the command may already have run and a retry could burn a jti or a token twice.
-        self._redis: Redis = Redis.from_url(
-            url,
-            password=password,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            retry_on_timeout=False,
-            retry=Retry(NoBackoff(), 1),
-            decode_responses=False,
-        )
+        self._redis = redis
         # The whole call, connect and retry included, stays within this deadline.
         self._deadline = timeout_seconds * 4
 

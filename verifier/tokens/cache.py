@@ -2,7 +2,9 @@
 
 Plain dicts with first-in-first-out eviction: a lookup is one dict probe and one comparison, which
 matters on the hot path, and a flood of distinct tokens can only push out the oldest entries, never
-grow memory past the bound.
+grow memory past the bound. Each store also drops expired entries from the old end (at most
+`SWEEP_PER_PUT`), so a cache whose entries share one lifetime (the refused-token cache) holds only live
+entries once the stores go on, instead of keeping the dead ones until they are pushed out or looked up.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Generic, TypeVar
 from verifier.clock import Clock
 
 V = TypeVar("V")
+
+SWEEP_PER_PUT = 2  # expired oldest entries dropped per store: more than one, so a backlog drains
 
 
 class ExpiringCache(Generic[V]):
@@ -37,6 +41,12 @@ class ExpiringCache(Generic[V]):
         if self._max <= 0 or expires_at <= self._clock.now():
             return
         data = self._data
+        now = self._clock.now()
+        for _ in range(SWEEP_PER_PUT):
+            oldest = next(iter(data), None)
+            if oldest is None or data[oldest][1] > now:
+                break
+            del data[oldest]
         if key not in data and len(data) >= self._max:
             del data[next(iter(data))]
         data[key] = (value, expires_at)

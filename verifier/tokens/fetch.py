@@ -1,7 +1,7 @@
 """Outbound HTTP for discovery, JWKS and (later) introspection: the single seam for fault injection.
 
 Every call has a deadline and a size bound. Tests replace `Fetcher` with a faulty one; production
-uses one pooled keep-alive `aiohttp` session for all providers.
+uses one pooled keep-alive `aiohttp` session for all providers, built by the composition root.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -81,21 +82,11 @@ def parse_max_age(cache_control: str | None) -> float | None:
 
 
 class HttpFetcher:
-    """The production fetcher: one pooled aiohttp session, created lazily inside the event loop."""
+    """The production fetcher, on the session `session()` returns (the root's pooled one, built inside the
+    event loop on first use; the root closes it)."""
 
-    def __init__(self, *, user_agent: str = "edge-verifier/0.1") -> None:
-        self._session: aiohttp.ClientSession | None = None
-        self._user_agent = user_agent
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                headers={"User-Agent": self._user_agent, "Accept": "application/json"},
-                auto_decompress=True,
-            )
-        return self._session
+    def __init__(self, session: Callable[[], aiohttp.ClientSession]) -> None:
+        self._client = session
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -120,8 +111,3 @@ class HttpFetcher:
         except (ValueError, RecursionError) as exc:
             raise ProviderUnavailable("provider sent malformed JSON") from exc
         return FetchResult(document, max_age)
-
-    async def close(self) -> None:
-        """Closes the pooled connections."""
-        if self._session is not None:
-            await self._session.close()

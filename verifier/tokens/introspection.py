@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 
 from verifier.clock import Clock
 from verifier.config.introspection import ClientAuth, IntrospectionConfig, parse_introspection_config
@@ -45,14 +44,13 @@ from verifier.errors import (
     WrongTokenType,
 )
 from verifier.numbers import json_number
-from verifier.observe.metrics import IntrospectionMetrics, IssuerIntrospectionMetrics
+from verifier.observe.metrics import IssuerIntrospectionMetrics
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
 from verifier.tokens.cache import ExpiringCache
-from verifier.tokens.introspection_breaker import BreakerState, CircuitBreaker
+from verifier.tokens.introspection_breaker import Breaker
 from verifier.tokens.introspection_client import (
     AiohttpIntrospectionHttp,
-    Dispatcher,
     IntrospectionHttp,
     IntrospectionResult,
     ProviderClient,
@@ -139,40 +137,33 @@ class Introspector:
         endpoint: str | None,
         session_provider: Callable[[], aiohttp.ClientSession],
         clock: Clock,
-        registry: CollectorRegistry,
+        metrics: IssuerIntrospectionMetrics,
+        breaker: Breaker,
         http: IntrospectionHttp | None = None,
-        dispatcher: Callable[[ProviderClient], Dispatcher] | None = None,
-        discovery_url: str = "",
         discovered_endpoint: Callable[[], str] | None = None,
     ) -> None:
         """Endpoint, first found wins: `config.endpoint`, `endpoint`, `discovered_endpoint()` (a late-bound
         lookup in discovery metadata someone else fetched), else discovery fetched here on first use.
-        `http` replaces the network seam (tests); `dispatcher` replaces the batch strategy."""
+        `http` replaces the network seam (tests). `metrics` and `breaker` are the root's
+        (`verifier.app.build_introspector`): the breaker reports to the breaker gauge."""
         self.issuer = issuer
         self.audiences = frozenset(audiences)
         self.config = config
         self._clock = clock
-        metrics = IssuerIntrospectionMetrics(IntrospectionMetrics.for_registry(registry), issuer)
         self._metrics = metrics
-        metrics.breaker.set(int(BreakerState.CLOSED))
-        self.breaker = CircuitBreaker(
-            failure_threshold=config.breaker_failures,
-            cooldown_seconds=config.breaker_cooldown_seconds,
-            clock=clock,
-            on_change=lambda state: metrics.breaker.set(int(state)),
-        )
+        self.breaker = breaker
         self.client = ProviderClient(
             issuer=issuer,
             config=config,
             endpoint=endpoint,
             discovered_endpoint=discovered_endpoint,
-            discovery_url=discovery_url or issuer.rstrip("/") + "/.well-known/openid-configuration",
+            discovery_url=issuer.rstrip("/") + "/.well-known/openid-configuration",
             http=http or AiohttpIntrospectionHttp(session_provider),
             clock=clock,
             breaker=self.breaker,
             metrics=metrics,
         )
-        self._dispatcher = (dispatcher or default_dispatcher)(self.client)
+        self._dispatcher = default_dispatcher(self.client)
         self._positive: ExpiringCache[_Cached] = ExpiringCache(config.positive_entries, clock)
         self._negative: ExpiringCache[bool] = ExpiringCache(config.negative_entries, clock)
         self._inflight: dict[bytes, asyncio.Future[_Verdict]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import Protocol
 
 from verifier.clock import Clock
 
@@ -20,6 +21,31 @@ class BreakerState(enum.IntEnum):
     CLOSED = 0
     OPEN = 1
     HALF_OPEN = 2
+
+
+class Breaker(Protocol):
+    """What the introspection client asks of a breaker (`CircuitBreaker`; a test may hand in its own)."""
+
+    @property
+    def state(self) -> BreakerState:
+        """The current state."""
+        ...
+
+    def allow(self) -> bool:
+        """Whether a call may go out now."""
+        ...
+
+    def success(self) -> None:
+        """A call succeeded."""
+        ...
+
+    def failure(self) -> None:
+        """A call failed."""
+        ...
+
+    def release(self) -> None:
+        """A permitted call ended without a verdict on the provider."""
+        ...
 
 
 class CircuitBreaker:

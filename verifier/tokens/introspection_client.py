@@ -45,7 +45,7 @@ from verifier.config.introspection import (
 from verifier.errors import ProviderUnavailable
 from verifier.observe.metrics import IssuerIntrospectionMetrics
 from verifier.tokens.fetch import check_learned_url, read_body
-from verifier.tokens.introspection_breaker import CircuitBreaker
+from verifier.tokens.introspection_breaker import Breaker
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 section 2.2
 MAX_DISCOVERY_BYTES = 1 << 20  # 1 MiB: a larger discovery document is malformed
@@ -165,7 +165,7 @@ class ProviderClient:
         discovery_url: str,
         http: IntrospectionHttp,
         clock: Clock,
-        breaker: CircuitBreaker,
+        breaker: Breaker,
         metrics: IssuerIntrospectionMetrics,
     ) -> None:
         self.issuer = issuer

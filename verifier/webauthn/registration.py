@@ -43,7 +43,6 @@ from verifier.webauthn.errors import RegistrationRefused
 ALLOWED_COSE_ALGORITHMS = (-7, -8, -35, -257, -37)
 _CHALLENGE_BYTES = 32
 _TRANSPORTS = frozenset({"usb", "nfc", "ble", "smart-card", "hybrid", "internal"})
-_PREFERENCE_KEYS = ("authenticatorAttachment", "residentKey", "name")
 MAX_NAME_CHARS = 64  # a label the user gives a credential ("office key")
 
 

@@ -28,8 +28,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
 from verifier.clock import Clock
 from verifier.config.webauthn import WebAuthnConfig
 from verifier.errors import Forbidden, NotFound
@@ -66,7 +64,7 @@ class WebAuthnService:
         store: CredentialStore,
         state: SharedState,
         clock: Clock,
-        registry: CollectorRegistry,
+        metrics: WebAuthnMetrics,
         *,
         realm: str = "verifier",
     ) -> None:
@@ -79,7 +77,6 @@ class WebAuthnService:
         self._signer = ChallengeSigner(config.secret)
         self._assertions = AssertionVerifier(config, store, state, clock, self._signer)
         self._registrar = Registrar(config, self._signer)
-        metrics = WebAuthnMetrics(registry)
         self._assertion_total = metrics.assertions
         self._registration_total = metrics.registrations
         if not config.secret_from_env:

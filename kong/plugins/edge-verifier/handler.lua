@@ -12,6 +12,7 @@
 
 local http1 = require "kong.plugins.edge-verifier.http1"
 local decision_cache = require "kong.plugins.edge-verifier.decision_cache"
+local consumers = require "kong.plugins.edge-verifier.consumer"
 
 local kong = kong
 local ngx = ngx
@@ -48,10 +49,7 @@ local MAX_REQUEST_HEADERS = 1000
 -- Identity the upstream may trust only because this plugin set it.
 local IDENTITY_PREFIX = "x-authenticated-"
 local IDENTITY_PREFIX_LEN = #IDENTITY_PREFIX
-local CONSUMER_HEADERS = {
-  "X-Consumer-ID", "X-Consumer-Custom-ID", "X-Consumer-Username",
-  "X-Credential-Identifier", "X-Anonymous-Consumer",
-}
+local CONSUMER_HEADERS = consumers.HEADERS
 local IS_CONSUMER_HEADER = {}
 for i = 1, #CONSUMER_HEADERS do
   IS_CONSUMER_HEADER[lower(CONSUMER_HEADERS[i])] = true
@@ -62,6 +60,13 @@ local IS_METHOD_OVERRIDE = {
   ["x-http-method-override"] = true, ["x-http-method"] = true,
   ["x-method-override"] = true,
 }
+-- Set by acl (priority 950, after this plugin) for the consumer it allowed;
+-- from a client it is a claim to groups nobody checked.
+local CONSUMER_GROUPS_HEADER = "x-consumer-groups"
+-- How the verifier names the consumer to this plugin; from a client, a name
+-- nobody checked.
+local NAMING_PREFIX = "x-kong-consumer-"
+local NAMING_PREFIX_LEN = #NAMING_PREFIX
 -- first bytes of the header names the scan below looks at
 local BYTE_X, BYTE_UPPER_X = byte("x"), byte("X")
 local BYTE_A, BYTE_UPPER_A = byte("a"), byte("A")
@@ -164,7 +169,8 @@ end
 -- One pass over every request header (the PDK's get_headers: names
 -- lower-cased, repeated headers as arrays). Clears identity headers only this
 -- plugin may set, since a client sending them is trying to pass as someone,
--- and method overrides, and returns what the rest of the request needs:
+-- X-Consumer-Groups, X-Kong-Consumer-*, and method overrides, and returns what
+-- the rest of the request needs:
 --   authorization   the Authorization value(s), or nil
 --   single_use      a DPoP proof or X-WebAuthn-Assertion is present: the
 --                   answer must never come from the cache (a replayed proof
@@ -184,8 +190,10 @@ local function scan_headers(headers)
       local lname = lower(name)
       -- `x_authenticated_roles` is X-Authenticated-Roles to CGI-style
       -- frameworks (nginx drops such names unless underscores_in_headers is on)
-      if gsub(sub(lname, 1, IDENTITY_PREFIX_LEN), "_", "-") == IDENTITY_PREFIX
-          or IS_METHOD_OVERRIDE[gsub(lname, "_", "-")] then
+      local dashed = gsub(lname, "_", "-")
+      if sub(dashed, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX
+          or IS_METHOD_OVERRIDE[dashed] or dashed == CONSUMER_GROUPS_HEADER
+          or sub(dashed, 1, NAMING_PREFIX_LEN) == NAMING_PREFIX then
         kong.service.request.clear_header(name)
       elseif IS_CONSUMER_HEADER[lname] then
         consumer_sent = true
@@ -282,6 +290,7 @@ end
 -- immutable once built, so it can be reused from the cache.
 local function to_decision(res)
   if res.status >= 200 and res.status < 300 then
+    local consumer_field, consumer_value, consumer_err = consumers.named(res.headers)
     -- identity: name -> value for one set_headers call; a name the verifier
     -- repeats (in any spelling) keeps its last value, as set_header would
     local identity, spelling, n = {}, {}, 0
@@ -308,8 +317,9 @@ local function to_decision(res)
       identity = n > 0 and identity or nil,
       to_client = #to_client > 0 and to_client or nil,
       userid = joined(res.headers["x-authenticated-userid"]),
-      consumer_id = joined(res.headers["x-kong-consumer-id"]),
-      consumer_username = joined(res.headers["x-kong-consumer-username"]),
+      consumer_field = consumer_field,
+      consumer_value = consumer_value,
+      consumer_err = consumer_err,
     }
   end
 
@@ -344,34 +354,6 @@ local function to_decision(res)
 end
 
 
--- The Kong consumer the verifier named, as an entity Kong's acl and
--- rate-limiting plugins recognise, or nil.
-local function load_consumer(id, username)
-  local load = kong.client.load_consumer
-  if not load then
-    -- no datastore behind this PDK: the verifier's word is the entity
-    return { id = id or username, username = username }
-  end
-  local key, by_username = id, false
-  if not key then
-    key, by_username = username, true
-  end
-  local ok, consumer, err
-  local cache, db = kong.cache, kong.db
-  if cache and db and db.consumers then
-    -- the same cache entry Kong's own authenticators fill
-    ok, consumer, err = pcall(cache.get, cache, db.consumers:cache_key(key), nil,
-                              load, key, by_username)
-  else
-    ok, consumer, err = pcall(load, key, by_username)
-  end
-  if not ok then
-    return nil, consumer
-  end
-  return consumer, err
-end
-
-
 -- With no consumer authenticated by anyone, X-Consumer-* from the client are
 -- as spoofed as X-Authenticated-* would be. `consumer_sent`: the client sent
 -- at least one of them (scan_headers saw every request header).
@@ -386,23 +368,50 @@ end
 
 
 local function strip_consumer_headers_if_unauthenticated(consumer_sent)
-  local get_consumer = kong.client.get_consumer
-  if consumer_sent and get_consumer and get_consumer() == nil then
+  if consumer_sent and kong.client.get_consumer() == nil then
     strip_consumer_headers(consumer_sent)
   end
 end
 
 
--- Entity fields may be nil or, from some DAO calls, ngx.null.
-local function set_or_clear(name, value)
-  if value == nil or value == ngx.null then
-    return kong.service.request.clear_header(name)
-  end
-  return kong.service.request.set_header(name, value)
+local function unexpected(...)
+  kong.log.err(...)
+  return kong.response.error(500, "An unexpected error occurred")
 end
 
 
-local function apply_allow(decision, consumer_sent)
+-- The verifier named a consumer: authenticate it, or follow
+-- `consumer_not_found` when Kong does not know it.
+local function authenticate_named(conf, decision, userid)
+  local field, value = decision.consumer_field, decision.consumer_value
+  local consumer, err = consumers.load(field, value)
+  if err then
+    return unexpected("loading the consumer the verifier named: ", err)
+  end
+  if consumer then
+    local credential = userid and { id = userid, consumer_id = consumer.id } or nil
+    return consumers.authenticate(consumer, credential)
+  end
+
+  if conf.consumer_not_found ~= "anonymous" then
+    kong.log.info("verifier named the consumer with ", field, " '", value,
+                  "', which Kong does not know: refused (consumer_not_found = refuse)")
+    return kong.response.error(403, "The verified identity is not a known consumer")
+  end
+  local anonymous, aerr = consumers.load_anonymous(conf.anonymous)
+  if aerr then
+    return unexpected("loading the anonymous consumer: ", aerr)
+  end
+  if not anonymous then
+    return unexpected("anonymous consumer '", conf.anonymous, "' is configured but doesn't exist")
+  end
+  kong.log.info("verifier named the consumer with ", field, " '", value,
+                "', which Kong does not know: anonymous consumer")
+  return consumers.authenticate(anonymous, nil, true)
+end
+
+
+local function apply_allow(conf, decision, consumer_sent)
   if decision.identity then
     kong.service.request.set_headers(decision.identity)
   end
@@ -421,45 +430,25 @@ local function apply_allow(decision, consumer_sent)
     kong.ctx.plugin.to_client = decision.to_client
   end
 
-  local consumer
-  if decision.consumer_id or decision.consumer_username then
-    local err
-    consumer, err = load_consumer(decision.consumer_id, decision.consumer_username)
-    if err then
-      kong.log.err("loading consumer named by the verifier: ", err)
-      return kong.response.error(500, "An unexpected error occurred")
-    end
-    if not consumer then
-      kong.log.warn("verifier named consumer '",
-                    decision.consumer_id or decision.consumer_username,
-                    "', which Kong does not know; continuing without one")
-    end
+  if decision.consumer_err then
+    return unexpected(decision.consumer_err)
+  end
+  if decision.consumer_field then
+    return authenticate_named(conf, decision, userid)
   end
 
-  local get_consumer = kong.client.get_consumer
-  local earlier = get_consumer and get_consumer()
-  -- authenticate() replaces what an earlier authenticator set; a verifier
-  -- that names no consumer leaves that consumer in place
-  if consumer or (userid and not earlier) then
-    local credential = userid and {
-      id = userid,
-      consumer_id = consumer and consumer.id or nil,
-    } or nil
-    kong.client.authenticate(consumer, credential)
-  end
-
-  if consumer then
-    -- the upstream headers every Kong authenticator sets
-    set_or_clear("X-Consumer-ID", consumer.id)
-    set_or_clear("X-Consumer-Custom-ID", consumer.custom_id)
-    set_or_clear("X-Consumer-Username", consumer.username)
-    set_or_clear("X-Credential-Identifier", userid)
-    kong.service.request.clear_header("X-Anonymous-Consumer")
-  elseif get_consumer and not earlier then
-    -- nobody authenticated a consumer (authenticate() above, if called, was
-    -- given none)
+  -- the verifier names no consumer: one an earlier authenticator set stays
+  if kong.client.get_consumer() == nil then
+    if userid then
+      kong.client.authenticate(nil, { id = userid })
+    end
     strip_consumer_headers(consumer_sent)
   end
+end
+
+
+function EdgeVerifierHandler:init_worker()
+  consumers.init_worker()
 end
 
 
@@ -521,7 +510,7 @@ function EdgeVerifierHandler:access(conf)
     return kong.response.exit(decision.status, decision.body, decision.headers)
   end
 
-  return apply_allow(decision, consumer_sent)
+  return apply_allow(conf, decision, consumer_sent)
 end
 
 

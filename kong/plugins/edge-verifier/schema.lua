@@ -34,7 +34,19 @@ return {
           -- forward the client's X-Client-Cert-Thumbprint; only behind a proxy
           -- that terminates mTLS and overwrites that header
           { trust_client_cert_header = { type = "boolean", default = false, required = true } },
+          -- the verifier named a consumer Kong does not know: refuse (403), or
+          -- authenticate the `anonymous` consumer (X-Anonymous-Consumer: true)
+          { consumer_not_found = { type = "string", default = "refuse", required = true,
+                                   one_of = { "refuse", "anonymous" } } },
+          -- the anonymous consumer's id or username (Kong's convention)
+          { anonymous = { type = "string", len_min = 1 } },
         },
+    } },
+  },
+  entity_checks = {
+    { conditional = {
+        if_field = "config.consumer_not_found", if_match = { eq = "anonymous" },
+        then_field = "config.anonymous", then_match = { required = true },
     } },
   },
 }

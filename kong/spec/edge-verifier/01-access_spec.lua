@@ -23,12 +23,18 @@ local fixtures = {
           content_by_lua_block {
             local auth = ngx.req.get_headers()["authorization"]
             ngx.header["X-Verifier-Reason"] = "ok"
-            if auth == "Bearer good" or auth == "Bearer consumer" then
+            -- what the verifier's `upstream.consumer` adds to an allow
+            local names = {
+              ["Bearer consumer"] = { "X-Kong-Consumer-Username", "alice" },
+              ["Bearer custom"] = { "X-Kong-Consumer-Custom-Id", "cust-9" },
+              ["Bearer stranger"] = { "X-Kong-Consumer-Username", "mallory" },
+            }
+            if auth == "Bearer good" or names[auth] then
               ngx.header["X-Authenticated-Userid"] = "user-1"
               ngx.header["X-Authenticated-Scope"] = "read write"
               ngx.header["X-Authenticated-Issuer"] = "http://issuer.test"
-              if auth == "Bearer consumer" then
-                ngx.header["X-Kong-Consumer-Username"] = "alice"
+              if names[auth] then
+                ngx.header[names[auth][1]] = names[auth][2]
               end
               return ngx.exit(200)
             end
@@ -56,8 +62,29 @@ for _, strategy in helpers.all_strategies() do
         local bp = helpers.get_db_utils(strategy == "off" and "postgres" or strategy,
                                         nil, { PLUGIN_NAME, "acl" })
 
-        local alice = bp.consumers:insert { username = "alice" }
+        local alice = bp.consumers:insert { username = "alice", custom_id = "cust-9" }
         bp.acls:insert { consumer = { id = alice.id }, group = "readers" }
+        local guest = bp.consumers:insert { username = "guest" }
+
+        local anonymous = bp.routes:insert { hosts = { "anonymous.test" } }
+        bp.plugins:insert {
+          name = PLUGIN_NAME,
+          route = { id = anonymous.id },
+          config = { url = "http://127.0.0.1:" .. VERIFIER_PORT .. "/v1/forward-auth",
+                     consumer_not_found = "anonymous", anonymous = guest.id },
+        }
+
+        local limited = bp.routes:insert { hosts = { "limited.test" } }
+        bp.plugins:insert {
+          name = PLUGIN_NAME,
+          route = { id = limited.id },
+          config = { url = "http://127.0.0.1:" .. VERIFIER_PORT .. "/v1/forward-auth" },
+        }
+        bp.plugins:insert {
+          name = "rate-limiting",
+          route = { id = limited.id },
+          config = { minute = 1, limit_by = "consumer", policy = "local" },
+        }
 
         local open = bp.routes:insert { hosts = { "open.test" } }
         bp.plugins:insert {
@@ -145,6 +172,49 @@ for _, strategy in helpers.all_strategies() do
         local body = assert.res_status(200, res)
         local json = cjson.decode(body)
         assert.equal("alice", json.headers["x-consumer-username"])
+      end)
+
+      it("finds the consumer by custom_id too", function()
+        local res = client:get("/request", {
+          headers = { host = "acl.test", authorization = "Bearer custom" },
+        })
+        local body = assert.res_status(200, res)
+        local json = cjson.decode(body)
+        assert.equal("alice", json.headers["x-consumer-username"])
+        assert.equal("cust-9", json.headers["x-consumer-custom-id"])
+        assert.equal("user-1", json.headers["x-credential-identifier"])
+        assert.is_nil(json.headers["x-kong-consumer-custom-id"])
+      end)
+
+      it("refuses a consumer Kong does not know", function()
+        local res = client:get("/request", {
+          headers = { host = "open.test", authorization = "Bearer stranger" },
+        })
+        local body = assert.res_status(403, res)
+        assert.same({ message = "The verified identity is not a known consumer" }, cjson.decode(body))
+      end)
+
+      it("passes a consumer Kong does not know as the anonymous consumer when configured", function()
+        local res = client:get("/request", {
+          headers = { host = "anonymous.test", authorization = "Bearer stranger",
+                      ["X-Consumer-Username"] = "root" },
+        })
+        local body = assert.res_status(200, res)
+        local json = cjson.decode(body)
+        assert.equal("guest", json.headers["x-consumer-username"])
+        assert.equal("true", json.headers["x-anonymous-consumer"])
+        assert.is_nil(json.headers["x-credential-identifier"])
+      end)
+
+      it("lets rate-limiting count by the named consumer", function()
+        local first = client:get("/request", {
+          headers = { host = "limited.test", authorization = "Bearer consumer" },
+        })
+        assert.res_status(200, first)
+        local second = client:get("/request", {
+          headers = { host = "limited.test", authorization = "Bearer custom" },
+        })
+        assert.res_status(429, second)  -- the same consumer, named by custom_id
       end)
 
       it("lets acl refuse an identity that names no consumer", function()

@@ -4,9 +4,20 @@
 -- Semantics follow Kong 3.x's kong/pdk/*.lua where the plugin can tell the
 -- difference: header names are case-insensitive, kong.response.exit encodes
 -- a table body as JSON, kong.response.error answers {"message": ...},
--- kong.client.authenticate stores consumer and credential in ngx.ctx.
+-- kong.client.authenticate stores consumer and credential in ngx.ctx and
+-- sets the consumer's groups unless groups are set already,
+-- kong.client.load_consumer tries a UUID as an id before a username.
+-- kong.db.consumers, kong.cache (values and misses kept until invalidated)
+-- and kong.worker_events ("crud" events, with Kong's own invalidation of
+-- consumers by username) stand in for Kong's datastore and entity cache.
 -- Everything the plugin does to Kong's state is recorded per worker and can be
 -- read back at /__shim/authenticated (the rig runs one worker).
+--
+-- After the plugin, the rig can run what Kong's acl (priority 950) and
+-- rate-limiting (910) do with the consumer, reduced to that: acl allows or
+-- refuses by the consumer's groups (include_consumer_groups), rate-limiting
+-- counts per consumer (limit_by = consumer). What they saw is at
+-- /__shim/later.
 
 local cjson = require "cjson.safe"
 
@@ -20,7 +31,16 @@ local _M = {}
 
 local handler
 local conf
-local consumers_by_id, consumers_by_username = {}, {}
+local consumers_by_id, consumers_by_username, consumers_by_custom_id = {}, {}, {}
+local groups_by_consumer_id = {}  -- consumer id -> { {id, name}, ... }
+local db_selects = 0               -- datastore reads (kong.cache misses end here)
+local cache_store = {}             -- kong.cache: key -> value, or MISS
+local MISS = {}
+local is_uuid, make_consumers_dao, make_cache
+local crud_handlers = {}           -- kong.worker_events "crud"/"consumers" handlers
+local later                        -- {acl = {...}, rate_limiting = {...}} or nil
+local later_seen, later_count = {}, 0
+local rate_counts = {}             -- rate-limiting: identifier -> requests
 local authenticated = {}   -- this worker's first kong.client.authenticate calls
 local authenticated_count = 0
 -- Calls kept for /__shim/authenticated; the rest are only counted, so a
@@ -83,12 +103,37 @@ local function apply_schema(schema, given)
       if spec.between and (v < spec.between[1] or v > spec.between[2]) then
         error("schema violation: config." .. name .. " out of range")
       end
+      if spec.len_min and #v < spec.len_min then
+        error("schema violation: config." .. name .. " is too short")
+      end
+      if spec.one_of then
+        local ok = false
+        for _, allowed in ipairs(spec.one_of) do
+          ok = ok or v == allowed
+        end
+        if not ok then
+          error("schema violation: config." .. name .. " must be one of: "
+                .. table.concat(spec.one_of, ", "))
+        end
+      end
     end
     out[name] = v
   end
   for name in pairs(given) do
     if not known[name] then
       error("schema violation: config." .. name .. " is an unknown field")
+    end
+  end
+  -- `conditional` entity checks on config fields (eq -> required)
+  for _, check in ipairs(schema.entity_checks or {}) do
+    local c = check.conditional
+    if c then
+      local if_name = c.if_field:match("^config%.(.+)$")
+      local then_name = c.then_field:match("^config%.(.+)$")
+      if out[if_name] == c.if_match.eq and c.then_match.required and out[then_name] == nil then
+        error("schema violation: config." .. then_name .. " is required when config."
+              .. if_name .. " is '" .. tostring(c.if_match.eq) .. "'")
+      end
     end
   end
   return out
@@ -119,6 +164,7 @@ end
 
 
 local function exit(status, body, headers)
+  ngx.ctx.shim_exited = true
   ngx.status = status
   if headers then
     for k, v in pairs(headers) do
@@ -134,6 +180,89 @@ local function exit(status, body, headers)
     ngx.print(body)
   end
   return ngx.exit(status)
+end
+
+
+function is_uuid(s)
+  return type(s) == "string" and s:lower():match(
+    "^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$") ~= nil
+end
+
+
+-- kong.db.consumers: the entities of the rig's settings, by primary and
+-- unique keys; cache_key as Kong's DAO builds it (workspace left empty).
+function make_consumers_dao()
+  local dao = {}
+  function dao:select(pk)
+    db_selects = db_selects + 1
+    return consumers_by_id[pk.id]
+  end
+  function dao:select_by_username(username)
+    db_selects = db_selects + 1
+    return consumers_by_username[username]
+  end
+  function dao:select_by_custom_id(custom_id)
+    db_selects = db_selects + 1
+    return consumers_by_custom_id[custom_id]
+  end
+  function dao:cache_key(key, a2, a3, a4, a5)
+    if type(key) == "table" then
+      key = key.id
+    end
+    return "consumers:" .. tostring(key) .. ":" .. (a2 or "") .. ":" .. (a3 or "")
+           .. ":" .. (a4 or "") .. ":" .. (a5 or "") .. ":"
+  end
+  return dao
+end
+
+
+-- kong.cache: get(key, opts, cb, ...) calls cb on a miss and keeps its
+-- answer, a nil one too, until invalidated (db_cache_ttl = 0).
+function make_cache()
+  local cache = {}
+  function cache:get(key, _, cb, ...)
+    local v = cache_store[key]
+    if v ~= nil then
+      if v == MISS then
+        return nil, nil, 1
+      end
+      return v, nil, 1
+    end
+    local value, err = cb(...)
+    if err then
+      return nil, err
+    end
+    cache_store[key] = value == nil and MISS or value
+    return value, nil, 3
+  end
+  function cache:invalidate(key)
+    cache_store[key] = nil
+  end
+  return cache
+end
+
+
+local function add_consumer(c)
+  local entity = { id = c.id, username = c.username, custom_id = c.custom_id }
+  consumers_by_id[c.id] = entity
+  if c.username then
+    consumers_by_username[c.username] = entity
+  end
+  if c.custom_id then
+    consumers_by_custom_id[c.custom_id] = entity
+  end
+  return entity
+end
+
+
+local function set_groups(c)
+  if c.groups then
+    local groups = {}
+    for i, name in ipairs(c.groups) do
+      groups[i] = { id = "group-" .. name, name = name }
+    end
+    groups_by_consumer_id[c.id] = groups
+  end
 end
 
 
@@ -194,11 +323,26 @@ local function make_kong()
     get_ip = function() return ngx.var.remote_addr end,
     get_consumer = function() return ngx.ctx.authenticated_consumer end,
     get_credential = function() return ngx.ctx.authenticated_credential end,
+    get_consumer_groups = function() return ngx.ctx.authenticated_consumer_groups end,
+    set_authenticated_consumer_groups = function(groups)
+      if groups ~= nil and type(groups) ~= "table" then
+        error("consumer group must be a table or nil", 2)
+      end
+      ngx.ctx.authenticated_consumer_groups = groups
+    end,
     authenticate = function(consumer, credential)
-      if consumer == nil and credential == nil then
+      if consumer ~= nil and type(consumer) ~= "table" then
+        error("consumer must be a table or nil", 2)
+      elseif credential ~= nil and type(credential) ~= "table" then
+        error("credential must be a table or nil", 2)
+      elseif consumer == nil and credential == nil then
         error("either credential or consumer must be provided", 2)
       end
       local ctx = ngx.ctx
+      -- authenticate_consumer_group_by_consumer_id: groups already set stay
+      if not ctx.authenticated_consumer_groups then
+        ctx.authenticated_consumer_groups = consumer and groups_by_consumer_id[consumer.id]
+      end
       ctx.authenticated_consumer = consumer
       ctx.authenticated_credential = credential
       authenticated_count = authenticated_count + 1
@@ -211,11 +355,22 @@ local function make_kong()
       end
     end,
     load_consumer = function(id, by_username)
-      local c = consumers_by_id[id]
-      if not c and by_username then
-        c = consumers_by_username[id]
+      if type(id) ~= "string" then
+        error("consumer_id must be a string", 2)
       end
-      return c
+      local uuid = is_uuid(id)
+      if not uuid and not by_username then
+        error("cannot load a consumer with an id that is not a uuid", 2)
+      end
+      if uuid then
+        local c = kong.db.consumers:select({ id = id })
+        if c then
+          return c
+        end
+      end
+      if by_username then
+        return kong.db.consumers:select_by_username(id)
+      end
     end,
   }
 
@@ -239,6 +394,15 @@ local function make_kong()
     client = client,
     ctx = ctx,
     log = make_log(),
+    db = { consumers = make_consumers_dao() },
+    cache = make_cache(),
+    worker_events = {
+      register = function(fn, source, event)
+        if source == "crud" and event == "consumers" then
+          crud_handlers[#crud_handlers + 1] = fn
+        end
+      end,
+    },
   }
 end
 
@@ -255,19 +419,100 @@ function _M.init(path)
   package.loaded["kong.db.schema.typedefs"] = typedefs_stub()
 
   for _, c in ipairs(settings.consumers or {}) do
-    consumers_by_id[c.id] = c
-    if c.username then
-      consumers_by_username[c.username] = c
-    end
+    add_consumer(c)
+    set_groups(c)
   end
 
   if type(settings.preauthenticated) == "table" then
-    preauthenticated = settings.preauthenticated
+    local p = settings.preauthenticated
+    preauthenticated = { id = p.id, username = p.username }
+    set_groups(p)
+  end
+  if type(settings.later) == "table" then
+    later = settings.later
   end
 
   local schema = require "kong.plugins.edge-verifier.schema"
   conf = apply_schema(schema, settings.plugin_conf or {})
   handler = require "kong.plugins.edge-verifier.handler"
+end
+
+
+function _M.init_worker()
+  if handler.init_worker then
+    handler:init_worker()
+  end
+end
+
+
+-- What Kong's acl does with the consumer (include_consumer_groups = true):
+-- none -> 401 (403 with a credential), groups outside `allow` or inside
+-- `deny` -> 403, otherwise X-Consumer-Groups upstream.
+local function later_acl(acl, seen)
+  local consumer = kong.client.get_consumer()
+  local credential = kong.client.get_credential()
+  local consumer_id = (consumer or {}).id or (credential or {}).consumer_id
+  if not consumer_id then
+    seen.acl = credential and 403 or 401
+    if credential then
+      return kong.response.error(403, "You cannot consume this service")
+    end
+    return kong.response.error(401, "Unauthorized")
+  end
+  local names, member = {}, {}
+  for i, g in ipairs(kong.client.get_consumer_groups() or {}) do
+    names[i] = g.name
+    member[g.name] = true
+  end
+  local allowed = acl.allow == nil
+  for _, name in ipairs(acl.allow or {}) do
+    allowed = allowed or member[name] == true
+  end
+  for _, name in ipairs(acl.deny or {}) do
+    allowed = allowed and not member[name]
+  end
+  seen.acl = allowed and 200 or 403
+  if not allowed then
+    return kong.response.error(403, "You cannot consume this service")
+  end
+  ngx.req.set_header("X-Consumer-Groups", table.concat(names, ", "))
+end
+
+
+-- What Kong's rate-limiting does with the consumer (limit_by = consumer):
+-- the identifier is the consumer's id, else the credential's, else the IP.
+local function later_rate_limiting(rl, seen)
+  local identifier = (kong.client.get_consumer() or kong.client.get_credential() or {}).id
+                     or kong.client.get_ip()
+  rate_counts[identifier] = (rate_counts[identifier] or 0) + 1
+  seen.rate_limit_identifier = identifier
+  if rate_counts[identifier] > rl.minute then
+    return kong.response.error(429, "API rate limit exceeded")
+  end
+end
+
+
+local function run_later()
+  local consumer = kong.client.get_consumer()
+  local seen = {
+    uri = ngx.var.request_uri,
+    consumer = consumer or cjson.null,
+    credential = kong.client.get_credential() or cjson.null,
+    groups = kong.client.get_consumer_groups() or cjson.null,
+  }
+  later_count = later_count + 1
+  if later_count <= MAX_RECORDED_CALLS then
+    later_seen[later_count] = seen
+  end
+  if later.acl then
+    later_acl(later.acl, seen)
+    if ngx.ctx.shim_exited then
+      return
+    end
+  end
+  if later.rate_limiting then
+    later_rate_limiting(later.rate_limiting, seen)
+  end
 end
 
 
@@ -278,7 +523,52 @@ function _M.access()
     ngx.req.set_header("X-Consumer-ID", preauthenticated.id)
     ngx.req.set_header("X-Consumer-Username", preauthenticated.username)
   end
-  return handler:access(conf)
+  handler:access(conf)
+  if later and not ngx.ctx.shim_exited then
+    return run_later()
+  end
+end
+
+
+--- GET /__shim/later: what the plugins after this one saw, per request.
+function _M.report_later()
+  ngx.header["Content-Type"] = "application/json"
+  ngx.say(cjson.encode({ seen = later_seen, count = later_count }))
+end
+
+
+--- GET /__shim/db: datastore reads so far (what kong.cache did not answer).
+function _M.report_db()
+  ngx.header["Content-Type"] = "application/json"
+  ngx.say(cjson.encode({ selects = db_selects }))
+end
+
+
+--- POST /__shim/consumers {id, username?, custom_id?}: an Admin API update
+-- of one consumer, then the "crud" event every worker gets (Kong's own
+-- handler first: it invalidates the consumer's username keys).
+function _M.update_consumer()
+  ngx.req.read_body()
+  local new = assert(cjson.decode(ngx.req.get_body_data()))
+  local old = consumers_by_id[new.id]
+  if old then
+    consumers_by_id[old.id] = nil
+    if old.username then consumers_by_username[old.username] = nil end
+    if old.custom_id then consumers_by_custom_id[old.custom_id] = nil end
+  end
+  local entity = add_consumer(new)
+  local dao = kong.db.consumers
+  for _, e in ipairs({ old or {}, entity }) do
+    if e.username then
+      kong.cache:invalidate(dao:cache_key(e.username))
+    end
+  end
+  kong.cache:invalidate(dao:cache_key(entity.id))
+  local data = { operation = old and "update" or "create", entity = entity, old_entity = old }
+  for _, fn in ipairs(crud_handlers) do
+    fn(data)
+  end
+  ngx.say("{}")
 end
 
 
