@@ -1,61 +1,32 @@
-"""The scenarios of ``python -m bench run``: which tokens are sent, what answer is expected, and how.
+"""The scenarios of ``python -m bench run``: one registry, one runner (bench/runner.py), one command line.
 
-Two kinds, one command line (``--scenario NAME`` or ``--all``, ``--quick``, ``--duration``, ``--out``):
-
-* a :class:`Scenario` is a token kind measured at every door by bench/runner.py against the same-run
-  baselines (no-op, naive, crypto floor), alternated per repetition; a new credential kind is one more
-  entry in :data:`SCENARIOS` whose ``kind`` :meth:`runner.Bench.tokens_for` mints;
-* a :class:`Suite` starts servers of its own (a provider, worker processes, nginx, Envoy) and keeps the
-  same method inside its module (baseline in the same run, alternation, open loop from the intended
-  send time); its options after ``--scenario NAME`` are passed on (``--minutes 10`` for soak).
+* the token scenarios (bench/tokens.py ``KINDS``: ``jwt-cached``, ``jwt-first-seen-*``, ``garbage-flood``)
+  run together at every door against the same-run baselines;
+* every other scenario is a :class:`Suite`: a function ``run(ctx)`` of its module that starts the
+  servers it needs (a provider, worker processes, nginx, Envoy) through the same runner and keeps the
+  same method (baselines in the same run, alternation, open loop from the intended send time). Its
+  own options are declared here, so ``run`` knows them and refuses them when the suite is not chosen.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from bench.wire import Door
-
-
-@dataclass(frozen=True, kw_only=True)
-class Scenario:
-    """One benchmark scenario."""
-
-    name: str
-    kind: str  # "cached": one repeated token; "first_seen": each token once; "garbage": junk, refused
-    alg: str = "ES256"
-    expect_allow: bool = True
-    doors: tuple[Door, ...] = (Door.GRPC, Door.EXT_AUTHZ, Door.HTTP)
-    description: str = ""
-
-    @property
-    def distinct_tokens(self) -> bool:
-        """Whether every request carries a different token (so h2load's fixed body cannot be used)."""
-        return self.kind != "cached"
-
-
-SCENARIOS: dict[str, Scenario] = {
-    s.name: s
-    for s in (
-        Scenario(name="jwt-cached", kind="cached", description="one valid ES256 token, repeated"),
-        Scenario(name="jwt-first-seen-es256", kind="first_seen", alg="ES256", description="each ES256 token once"),
-        Scenario(name="jwt-first-seen-rs256", kind="first_seen", alg="RS256", description="each RS256 token once"),
-        Scenario(name="jwt-first-seen-eddsa", kind="first_seen", alg="EdDSA", description="each EdDSA token once"),
-        Scenario(name="garbage-flood", kind="garbage", expect_allow=False, description="distinct junk tokens"),
-        # LATER: opaque-introspection, dpop-bound, webauthn-assertion, nginx-lua-door.
-    )
-}
+from bench import dpop, edge, introspection, memory, soak, workers
+from bench.runner import Context
+from bench.tokens import KINDS, TokenKind
 
 
 @dataclass(frozen=True, kw_only=True)
 class Suite:
-    """A scenario with servers of its own: ``bench.<module>.main(argv)`` writes results.md and results.json."""
+    """A scenario with servers of its own."""
 
     name: str
-    module: str
+    run: Callable[[Context], None]
     description: str
-    quick: tuple[str, ...] = ("--quick",)  # the smoke-run options
-    shared: tuple[str, ...] = ("duration",)  # which of ``run``'s --duration / --reps it understands
+    options: tuple[tuple[str, type, str], ...] = ()  # (flag, type, help) beyond run's own
 
 
 SUITES: dict[str, Suite] = {
@@ -63,59 +34,85 @@ SUITES: dict[str, Suite] = {
     for s in (
         Suite(
             name="introspection",
-            module="introspection_bench",
+            run=introspection.run,
             description="opaque tokens against a ~20 ms provider: hot, distinct, flood; batch on/off; naive",
+            options=(
+                ("--rate", float, "offered checks/s (default 1000)"),
+                ("--delay", float, "provider latency in seconds (default 0.02)"),
+            ),
         ),
         Suite(
             name="workers",
-            module="workers_curve",
+            run=workers.run,
             description="verifier throughput against worker processes (forward-auth, gRPC), with the no-op",
+            options=(("--workers", str, "comma-separated worker counts (default 1,2)"),),
         ),
         Suite(
             name="memory",
-            module="memory",
+            run=memory.run,
             description="verifier RSS during a flood of distinct junk tokens (1,000,000; --quick 20,000)",
-            quick=("--tokens", "20000", "--chunk", "2", "--settle", "1"),
-            shared=(),
+            options=(
+                ("--tokens", int, "distinct junk tokens to send"),
+                ("--chunk", float, "seconds per wrk run (default 10)"),
+                ("--settle", float, "seconds after the flood before 'after' (default 5)"),
+                ("--threads", int, "wrk threads (default 1)"),
+                ("--connections", int, "wrk connections (memory: 32; nginx, edge: 16)"),
+            ),
         ),
         Suite(
             name="dpop",
-            module="dpop_bench",
+            run=dpop.run,
             description="DPoP-bound cached token + a fresh proof per request over forward-auth, with the no-op",
+            options=(
+                ("--pool", int, "proofs minted per closed-loop point (default 30000)"),
+                ("--fraction", float, "open-loop rate as a fraction of the DPoP max (default 0.5)"),
+            ),
         ),
         Suite(
             name="soak",
-            module="soak",
+            run=soak.run,
             description="open loop at a fraction of the maximum for N minutes; RSS and open fds every 10 s",
-            quick=("--minutes", "0.5"),
-            shared=(),
+            options=(
+                ("--minutes", float, "how long (default 10, --quick 0.5)"),
+                ("--rate-fraction", float, "of the mix's closed-loop maximum (default 0.7)"),
+            ),
         ),
         Suite(
             name="nginx",
-            module="scenario_nginx",
-            shared=("duration", "reps"),
+            run=edge.run_nginx,
             description="the Kong Lua plugin's cost in front of an nginx route, with plain nginx",
+            options=(("--connections", int, "wrk connections for throughput (default 16; memory: 32)"),),
         ),
         Suite(
             name="edge",
-            module="scenario_edge",
-            shared=("duration", "reps"),
+            run=edge.run,
             description="every gateway side by side: nginx (+plugin), Envoy (none, jwt_authn, ext_authz)",
+            options=(("--connections", int, ""),),
         ),
     )
 }
 
 
-def select(names: list[str]) -> tuple[list[Scenario], list[Suite]]:
-    """Scenarios and suites by name or name prefix (``jwt-first-seen`` selects all three algorithms)."""
-    out: list[Scenario] = []
+def select(names: list[str]) -> tuple[list[TokenKind], list[Suite]]:
+    """Token scenarios and suites by name or name prefix (``jwt-first-seen`` selects all three)."""
+    kinds: list[TokenKind] = []
     suites: list[Suite] = []
     for name in names:
         if name in SUITES:
             suites += [SUITES[name]] if SUITES[name] not in suites else []
             continue
-        matched = [s for s in SCENARIOS.values() if s.name == name or s.name.startswith(name + "-")]
+        matched = [k for k in KINDS if k.name == name or k.name.startswith(name + "-")]
         if not matched:
-            raise SystemExit(f"unknown scenario {name!r}; known: {', '.join([*SCENARIOS, *SUITES])}")
-        out += [s for s in matched if s not in out]
-    return out, suites
+            known = ", ".join([*(k.name for k in KINDS), *SUITES])
+            raise SystemExit(f"unknown scenario {name!r}; known: {known}")
+        kinds += [k for k in matched if k not in kinds]
+    return kinds, suites
+
+
+def suite_options() -> dict[str, tuple[type, str, list[str]]]:
+    """Every suite option: flag -> (type, help, the suites that take it)."""
+    out: dict[str, Any] = {}
+    for s in SUITES.values():
+        for flag, kind, text in s.options:
+            out.setdefault(flag, (kind, text, []))[2].append(s.name)
+    return out

@@ -10,12 +10,13 @@ from support import free_port
 
 from verifier.app import App
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
+from verifier.observe.tracing import Tracing
 from verifier.settings import IssuerSettings, Listen, Settings
 
 
 @contextlib.asynccontextmanager
 async def running_verifier(
-    settings_options: dict[str, object] | None = None, **issuer_options: object
+    settings_options: dict[str, object] | None = None, *, tracing: Tracing | None = None, **issuer_options: object
 ) -> AsyncIterator[tuple[App, DevIdentityProvider]]:
     idp = DevIdentityProvider(port=free_port())
     await idp.start()
@@ -36,7 +37,7 @@ async def running_verifier(
             ),
         ),
     )
-    app = App(settings)
+    app = App(settings, tracing=tracing)
     await app.start()
     try:
         await asyncio.wait_for(app.keys.wait_ready(), 10)

@@ -18,7 +18,7 @@ pytest.importorskip("httptools")
 
 from support import free_port
 
-from bench import loadgen, wire
+from bench import load, wire
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def stalling_noop() -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "bench.noop",
+            "bench.baselines",
             "--http",
             f"127.0.0.1:{port}",
             "--pause-ms",
@@ -63,8 +63,8 @@ def stalling_noop() -> Iterator[str]:
 
 def test_open_loop_charges_stalls_from_the_intended_send_time(stalling_noop: str, tmp_path: Path) -> None:
     payloads = tmp_path / "payloads.bin"
-    loadgen.write_payloads(payloads, [wire.http_request("token", stalling_noop)])
-    spec = loadgen.LoadSpec(
+    load.write_payloads(payloads, [wire.http_request(wire.http_headers("token"), stalling_noop)])
+    spec = load.LoadSpec(
         door="http",
         addr=stalling_noop,
         mode="open",
@@ -74,9 +74,9 @@ def test_open_loop_charges_stalls_from_the_intended_send_time(stalling_noop: str
         rate=1000,
         connections=1,
     )
-    result = loadgen.run(spec)
-    latency = loadgen.summarize(result.latency)
-    service = loadgen.summarize(result.service)
+    result = load.run(spec)
+    latency = load.summarize(result.latency)
+    service = load.summarize(result.service)
     assert result.errors == 0
     assert result.completed > 500
     # One connection, low concurrency: a closed-loop view (from the actual send) sees one slow request
@@ -118,6 +118,9 @@ def test_run_writes_results_json_and_markdown(tmp_path: Path) -> None:
     assert opened and opened[0]["latency"]["p99"] > 0
     md = (out / "results.md").read_text()
     assert "### Goals" in md and "| http | noop |" in md
+    # Server and client CPU side by side, so a reader sees which side was the limit (#24).
+    assert "| server CPU (cores) | client CPU (cores) |" in md
+    assert noop[0]["server_cpu_s"] > 0 and noop[0]["client_cpu_s"] > 0
     assert (out / "latency-vs-load.png").stat().st_size > 0
 
 
@@ -126,26 +129,26 @@ def test_dpop_bench_proofs_match_the_verifiers_thumbprint_and_ath() -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from bench import dpop_bench
+    from bench import dpop
     from verifier.binding.dpop import access_token_hash, thumbprint
 
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    jwk = dpop_bench.public_jwk(key)
-    assert dpop_bench.thumbprint(jwk) == thumbprint(jwk)
-    proof = dpop_bench._mint_proofs(pem, "the-token", 1)[0]
+    jwk = dpop.public_jwk(key)
+    assert dpop.thumbprint(jwk) == thumbprint(jwk)
+    proof = dpop.mint_proofs(pem, "the-token", 0, 1)[0]
     header = pyjwt.get_unverified_header(proof)
     claims = pyjwt.decode(proof, key.public_key(), algorithms=["ES256"])
     assert header["typ"] == "dpop+jwt" and header["jwk"] == jwk
-    assert claims["ath"] == access_token_hash("the-token") and claims["htu"] == dpop_bench.HTU
+    assert claims["ath"] == access_token_hash("the-token") and claims["htu"] == dpop.HTU
 
 
 def test_soak_slope_is_least_squares() -> None:
-    from bench import extras
+    from bench.soak import slope
 
-    assert extras.slope([0, 1, 2, 3], [5, 7, 9, 11]) == 2.0
-    assert extras.slope([0, 1, 2], [4, 4, 4]) == 0.0
-    assert extras.slope([1], [3]) == 0.0
+    assert slope([0, 1, 2, 3], [5, 7, 9, 11]) == 2.0
+    assert slope([0, 1, 2], [4, 4, 4]) == 0.0
+    assert slope([1], [3]) == 0.0
 
 
 def test_every_stand_alone_measurement_is_a_scenario_of_run() -> None:
@@ -154,10 +157,57 @@ def test_every_stand_alone_measurement_is_a_scenario_of_run() -> None:
     from bench.scenarios import SUITES, select
 
     assert set(SUITES) == {"introspection", "workers", "memory", "dpop", "soak", "nginx", "edge"}
-    scenarios, suites = select(["jwt-first-seen", "soak"])
-    assert [s.name for s in scenarios] == ["jwt-first-seen-es256", "jwt-first-seen-rs256", "jwt-first-seen-eddsa"]
+    kinds, suites = select(["jwt-first-seen", "soak"])
+    assert [k.name for k in kinds] == ["jwt-first-seen-es256", "jwt-first-seen-rs256", "jwt-first-seen-eddsa"]
     assert [s.name for s in suites] == ["soak"]
     with pytest.raises(SystemExit, match=r"unknown scenario 'nope'.*introspection"):
         select(["nope"])
-    with pytest.raises(SystemExit, match="unrecognized arguments: --minutes"):
+    with pytest.raises(SystemExit, match=r"unrecognized arguments: --minutes .*soak"):
         cli.main(["run", "--scenario", "jwt-cached", "--minutes", "1"])
+
+
+@pytest.fixture
+def recording_server() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP/1.1 keep-alive server that records every Authorization header it is sent."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization", ""))
+            self.send_response(200 if self.headers.get("X-Forwarded-Uri") == wire.ORIGINAL_PATH else 400)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.skipif(not __import__("shutil").which("wrk"), reason="wrk is not installed")
+def test_wrk_sends_the_fixed_request_or_each_prebuilt_request_in_turn(
+    recording_server: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    addr, seen = recording_server
+    url = f"http://{addr}{wire.FORWARD_AUTH_PATH}"
+    fixed = load.wrk(url, workdir=tmp_path, duration_s=1, headers=wire.http_headers("one"), connections=2)
+    assert fixed.requests > 0 and fixed.refusals == 0 and fixed.cpu_s > 0
+    assert set(seen) == {"Bearer one"}
+    # One fixed request is wrk's static request: no Lua runs per request.
+    assert "function request" not in next(tmp_path.glob("wrk-*.lua")).read_text()
+    seen.clear()
+    rotation = [wire.http_request(wire.http_headers(f"t{i}"), addr) for i in range(3)]
+    turn = load.wrk(url, workdir=tmp_path, duration_s=1, rotation=rotation, connections=2)
+    assert turn.requests >= 3 and turn.refusals == 0
+    assert set(seen) == {"Bearer t0", "Bearer t1", "Bearer t2"}
+    assert max(seen.count(t) for t in set(seen)) - min(seen.count(t) for t in set(seen)) <= 2  # in turn

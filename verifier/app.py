@@ -41,6 +41,7 @@ from verifier.config.revocation import check_transmitter_scopes
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.forward_auth import ForwardAuthDoor
 from verifier.doors.grpc import GrpcDoors
+from verifier.doors.jwks_http import add_jwks_route
 from verifier.doors.metadata_http import add_metadata_routes
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
@@ -53,6 +54,7 @@ from verifier.observe.metrics import (
     RevocationMetrics,
     WebAuthnMetrics,
 )
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.pipeline import Admitted, Pipeline, Refused
 from verifier.policy.metadata import resource_documents
 from verifier.policy.ratelimit import RateLimiter
@@ -73,6 +75,7 @@ from verifier.tokens.introspection import Introspector
 from verifier.tokens.introspection_breaker import BreakerState, CircuitBreaker
 from verifier.tokens.jwks import IssuerKeys, KeyStore
 from verifier.tokens.jwt import JwtVerifier
+from verifier.upstream import UpstreamAnswers
 from verifier.webauthn import SqliteCredentialStore, WebAuthnService
 
 log = logging.getLogger("verifier.app")
@@ -200,15 +203,24 @@ class App:
         fetcher: Fetcher | None = None,
         metrics: Metrics | None = None,
         reuse_port: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        # Spans only when configured (the `tracing` section or OTEL_* variables; `tracing` replaces it in
+        # tests). Off: the doors hold None and never touch tracing; fetches and audit get the null object.
+        if tracing is None and settings.tracing is not None:
+            from verifier.observe.otel import build_tracing  # OpenTelemetry is loaded only when used
+
+            tracing = build_tracing(settings.tracing)
+        self.tracing = tracing
+        traced: Tracing = tracing or NO_TRACING
         self.clock = clock or SystemClock()
         self.sessions = HttpSessions()
         self.fetcher: Fetcher = fetcher or HttpFetcher(self.sessions.providers)
         self.metrics = metrics or Metrics()
         self.reuse_port = reuse_port
         self.keys = KeyStore(
-            {i.issuer: IssuerKeys(i, self.fetcher, self.clock, self.metrics) for i in settings.issuers}
+            {i.issuer: IssuerKeys(i, self.fetcher, self.clock, self.metrics, traced) for i in settings.issuers}
         )
         self.jwt = JwtVerifier(
             {i.issuer: i for i in settings.issuers}, self.keys, self.clock, max_token_bytes=settings.max_token_bytes
@@ -225,6 +237,7 @@ class App:
                 clock=self.clock,
                 registry=self.metrics.registry,
                 discovered_endpoint=self._discovered("introspection_endpoint", i.issuer),
+                tracing=traced,
             )
             for i in settings.issuers
             if i.introspection is not None
@@ -242,6 +255,7 @@ class App:
                 clock=self.clock,
                 metrics=RevocationMetrics(self.metrics.registry, REFUSAL_CODES),
                 on_credential_revoked=self._credentials_revoked,
+                tracing=traced,
             )
         self.webauthn: WebAuthnService | None = None
         if settings.webauthn is not None:
@@ -252,6 +266,7 @@ class App:
                 self.clock,
                 WebAuthnMetrics(self.metrics.registry),
                 realm=settings.realm,
+                trace_id=traced.trace_id,
             )
         self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)
         self.negative: ExpiringCache[Refused] = ExpiringCache(settings.cache.negative_entries, self.clock)
@@ -283,6 +298,7 @@ class App:
             checks.append(WebAuthnStepUp(self.webauthn))
         if settings.rate_limits:
             checks.append(RateLimit(RateLimiter(settings.rate_limits, self.state, self.clock)))
+        self.upstream = UpstreamAnswers(settings.upstream)  # keys parsed at start-up, by the settings
         self.pipeline = Pipeline(
             authenticators=authenticators,
             checks=checks,
@@ -300,6 +316,8 @@ class App:
             deadline=settings.deadline_seconds,
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
+            upstream=self.upstream,
+            tracing=traced,
         )
         self.router = Router()
         add_metadata_routes(  # RFC 9728: unauthenticated discovery of the resources and their issuers
@@ -313,6 +331,8 @@ class App:
             ),
             max_age=(settings.protected_resource or ProtectedResourceConfig()).max_age_seconds,
         )
+        if self.upstream.assertions is not None:
+            add_jwks_route(self.router, self.upstream.assertions.jwks)
         if self.webauthn is not None:
             add_webauthn_routes(self.router, self.webauthn, self._authenticate)
         self.forward_auth = ForwardAuthDoor(
@@ -322,8 +342,9 @@ class App:
             self.router,
             settings=settings.forward_auth,
             thumbprint_header=settings.mtls_thumbprint_header,
+            tracing=tracing,
         )
-        self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready)
+        self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready, tracing)
         self.ports = BoundPorts()
         self._extras_ready = self.revocation is None
         if self.revocation is not None:
@@ -451,4 +472,6 @@ class App:
             await introspector.close()
         await self.state.close()
         await self.sessions.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()  # the spans still queued are exported
         flush_logs()

@@ -121,6 +121,8 @@ class Report:
             lines.append(f"          WWW-Authenticate: {a['www_authenticate']}")
         for name, value in a.get("upstream_headers", {}).items():
             lines.append(f"          {name}: {value}")
+        for name, value in a.get("answer_headers", {}).items():
+            lines.append(f"          {name}: {value} (for the Kong plugin, not the upstream)")
         lines.append(
             f"reuse     max-age={a['max_age']} (a gateway may reuse this answer for {a['max_age']} s)"
             if a["max_age"] > 0
@@ -212,15 +214,25 @@ def _policy_summary(policy: CompiledPolicy) -> str:
     return f"policy {policy.name!r} ({shown or 'every request'}) requires {'; '.join(require) or 'a valid token'}"
 
 
-def _answer(decision: Decision) -> dict[str, Any]:
+def _assertion_header(settings: Settings) -> str:
+    identity = settings.upstream.identity_token if settings.upstream is not None else None
+    return identity.header if identity is not None else ""
+
+
+def _answer(decision: Decision, assertion_header: str = "") -> dict[str, Any]:
     headers = dict(decision.response_headers)
+    upstream = dict(decision.upstream_headers) if decision.allowed else {}
+    if assertion_header in upstream:  # a bearer credential for the upstream: never printed, like the token
+        value = upstream[assertion_header]
+        upstream[assertion_header] = f"<identity assertion, {len(value)} bytes, {fingerprint(token_hash(value))}>"
     return {
         "allowed": decision.allowed,
         "status": decision.status,
         "reason": decision.reason,
         "www_authenticate": headers.get("www-authenticate", ""),
         "response_headers": headers,
-        "upstream_headers": dict(decision.upstream_headers) if decision.allowed else {},
+        "upstream_headers": upstream,
+        "answer_headers": dict(decision.answer_headers) if decision.allowed else {},  # for the Kong plugin
         "max_age": decision.cache_max_age,
     }
 
@@ -324,7 +336,7 @@ def _report(
         }
         if principal is not None
         else None,
-        answer=_answer(decision),
+        answer=_answer(decision, _assertion_header(settings)),
         notes=[],
     )
 

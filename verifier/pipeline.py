@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from verifier.authenticators import Authenticator, NotResponsible, Seen, issuer_
 from verifier.checks.base import OWN_ENDPOINT, Check, Route
 from verifier.clock import Clock
 from verifier.credentials import Credential, TokenScheme
-from verifier.decision import Decision, allow
+from verifier.decision import Decision
 from verifier.doors.refusals import refuse
 from verifier.errors import (
     AudienceMismatch,
@@ -42,16 +43,21 @@ from verifier.errors import (
 )
 from verifier.observe import audit
 from verifier.observe.metrics import Metrics
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import SUPPORTED_ALGORITHMS
 from verifier.tokens.cache import ExpiringCache
+from verifier.upstream import UpstreamAnswers
 
 log = logging.getLogger("verifier.pipeline")
 
 ANONYMOUS = Decision(allowed=True, status=200, reason="anonymous")
 MAX_MEMOIZED_REFUSALS = 512  # distinct static refusals kept pre-built (descriptions can echo header values)
+
+
+_NO_ROUTES: Mapping[int, Decision] = types.MappingProxyType({})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -63,6 +69,9 @@ class Admitted:
     credential: Credential  # as first presented (its scheme decides DPoP challenges)
     checks: tuple[Check, ...]  # the listed checks that apply to this token, in order; none: `allowed` stands
     mask: int  # the same checks as bits of the pipeline's list (bit i: checks[i]), for one AND per request
+    ceiling: int = 0  # seconds a gateway may reuse its allow at most (0: no-store from the start)
+    # The answers of routes whose policy changes what the upstream receives, by id of the route's Variant.
+    by_route: Mapping[int, Decision] = dataclasses.field(default_factory=lambda: _NO_ROUTES)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -130,6 +139,8 @@ class Pipeline:
         deadline: float | None = None,
         edge_max_age: int = 0,
         refusal_max_age: int = 0,
+        upstream: UpstreamAnswers | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._authenticators = tuple(authenticators)
         # Several providers take opaque tokens: a refusal from one says nothing of the others.
@@ -152,6 +163,7 @@ class Pipeline:
         self._deadline = deadline
         self._edge_max_age = edge_max_age
         self._refusal_max_age = refusal_max_age
+        self._upstream = upstream or UpstreamAnswers()
         self._refusals: dict[tuple[type, str, str, Scheme, bool, tuple[tuple[str, str], ...]], Decision] = {}
         default = Route(None, False, challenge=self._policies.default_challenge)  # no policy: the default resource
         self._no_route = refuse(
@@ -165,6 +177,7 @@ class Pipeline:
         self._own_endpoint = (OWN_ENDPOINT, self._mask(OWN_ENDPOINT))
         self._plans: dict[int, Plan] = {}
         self.trace: Tracer | None = None  # `verifier explain` listens here; off (None) in the service
+        self._tracing = tracing  # spans (annotated on first sight only) and the audit line's trace id
 
     def _mask(self, route: Route) -> int:
         return sum(1 << i for i, check in enumerate(self._checks) if check.for_route(route))
@@ -204,13 +217,14 @@ class Pipeline:
         hit = self._positive.get(key)
         if hit is not None:
             self._metrics.cache_lookup("positive", "hit")
-            if not hit.mask:
-                # No check applies: the stored answer stands, unless the token is in its last reuse
-                # window (then `_now` shrinks the max-age). Inline: the commonest hit of all.
+            if not hit.mask and route.upstream is None:
+                # No check applies: the stored answer stands, unless the token (or its identity
+                # assertion) is in its last reuse window (then `_now` shrinks the max-age or renews the
+                # assertion). Inline: the commonest hit of all.
                 allowed = hit.allowed
-                if allowed.cache_max_age <= 0 or hit.principal.expires_at - self._clock.now() >= allowed.cache_max_age:
+                if allowed.fresh_until - self._clock.now() >= allowed.cache_max_age:
                     return allowed
-            return self._now(hit, attrs, routed)
+            return self._now(hit, attrs, routed, key)
         refused = self._negative.get(key)
         if refused is not None:
             self._metrics.cache_lookup("negative", "hit")
@@ -227,7 +241,7 @@ class Pipeline:
         verified = self._verify_now(credential, key, attrs, door, route)
         if verified is None or isinstance(verified, Decision):
             return verified
-        return self._now(verified, attrs, routed)
+        return self._now(verified, attrs, routed, key)
 
     async def decide(self, attrs: RequestAttributes, door: str) -> Decision:
         """The full decision; never raises."""
@@ -275,6 +289,18 @@ class Pipeline:
         plan = self._plan(admitted.mask & self._own_endpoint[1])
         return await self._run(admitted.principal, credential, attrs, OWN_ENDPOINT, plan.checks)
 
+    def known(self, attrs: RequestAttributes) -> str | None:
+        """For a span's `cache.hit` (asked only when tracing is on): the issuer of the admitted token a
+        cache holds for this request, "" for a remembered refusal, None when no cache knows the token."""
+        header = attrs.headers.get("authorization")
+        if not header:
+            return None
+        key = audit.token_hash(header)
+        admitted = self._positive.get(key)
+        if admitted is not None:
+            return admitted.principal.issuer
+        return "" if self._negative.get(key) is not None else None
+
     # -- the steps ------------------------------------------------------------------------------
 
     def _route(self, attrs: RequestAttributes) -> tuple[Route, int] | Decision:
@@ -293,20 +319,20 @@ class Pipeline:
                 policy.require.sender_constraint == "dpop",
                 policy.require.step_up == "webauthn",
                 challenge=policy.challenge,
+                upstream=None if policy.upstream is None else self._upstream.variant(policy.upstream),
             )
             routed = self._routes[id(policy)] = (route, self._mask(route))
         return routed
 
-    def _now(self, admitted: Admitted, attrs: RequestAttributes, routed: tuple[Route, int]) -> Decision | None:
+    def _now(
+        self, admitted: Admitted, attrs: RequestAttributes, routed: tuple[Route, int], key: bytes
+    ) -> Decision | None:
         """An admitted token's answer from memory, or None when one of its checks needs I/O."""
         route, route_mask = routed
         if not admitted.mask:
-            # No check applies: the stored answer stands, unless the token is in its last reuse
-            # window (then the max-age must shrink).
-            allowed = admitted.allowed
-            if allowed.cache_max_age <= 0 or admitted.principal.expires_at - self._clock.now() >= allowed.cache_max_age:
-                return allowed
-            return self._reusable(admitted.principal, allowed, route, self._plan(0))
+            # No check applies: the stored answer stands (renewed when its assertion is due), its
+            # max-age shrunk in the token's last reuse window.
+            return self._reusable(admitted.principal, self._stored(admitted, route, key), route, self._plan(0))
         plan = self._plan(admitted.mask & route_mask)
         if not plan.from_memory:
             return None  # a per-request proof, a counter or the provider: decide_after_miss
@@ -316,7 +342,7 @@ class Pipeline:
                 principal = check.check_now(principal, admitted.credential, attrs, route)
         except VerifierError as exc:
             return self._refuse(exc, admitted.credential, route)
-        return self._answer(admitted, principal, route, plan)
+        return self._answer(admitted, principal, route, plan, key)
 
     async def _decide(self, attrs: RequestAttributes, door: str) -> Decision:
         routed = self._route(attrs)
@@ -336,7 +362,7 @@ class Pipeline:
             judged = await self._run(admitted.principal, admitted.credential, attrs, route, plan.checks)
         except VerifierError as exc:
             return self._refuse(exc, admitted.credential, route)
-        return self._answer(admitted, judged, route, plan)
+        return self._answer(admitted, judged, route, plan, key)
 
     @staticmethod
     async def _run(
@@ -350,12 +376,37 @@ class Pipeline:
                 principal = await check.check(principal, credential, attrs, route)
         return principal
 
-    def _answer(self, admitted: Admitted, judged: Principal, route: Route, plan: Plan) -> Decision:
+    def _answer(self, admitted: Admitted, judged: Principal, route: Route, plan: Plan, key: bytes) -> Decision:
         """The allow answer for the principal the checks judged (its headers follow announced claims)."""
-        allowed = admitted.allowed
-        if judged is not admitted.principal:
-            allowed = allow(judged, cache_max_age=allowed.cache_max_age)
+        if judged is not admitted.principal:  # rare (a CAEP claims change): built for this request alone
+            allowed = self._build(judged, route, admitted.ceiling, admitted.credential)
+        else:
+            allowed = self._stored(admitted, route, key)
         return self._reusable(judged, allowed, route, plan)
+
+    def _build(self, principal: Principal, route: Route, ceiling: int, credential: Credential) -> Decision:
+        """The answer for what the route's upstream receives: an allow, or `upstream_claim_too_large`."""
+        variant = route.upstream or self._upstream.default
+        try:
+            return self._upstream.answer(principal, variant, ceiling, self._clock.now())
+        except VerifierError as exc:
+            return self._refuse(exc, credential, route)
+
+    def _stored(self, admitted: Admitted, route: Route, key: bytes) -> Decision:
+        """The cache record's answer for this route, built on a route's first use when its policy changes
+        what the upstream receives, and again once its identity assertion is due for renewal (stored back
+        into the record, so the next request finds it)."""
+        variant = route.upstream
+        stored = admitted.allowed if variant is None else admitted.by_route.get(id(variant))
+        if stored is not None and self._clock.now() < stored.renew_at:
+            return stored
+        fresh = self._build(admitted.principal, route, admitted.ceiling, admitted.credential)
+        if variant is None:
+            updated = dataclasses.replace(admitted, allowed=fresh)
+        else:
+            updated = dataclasses.replace(admitted, by_route={**admitted.by_route, id(variant): fresh})
+        self._positive.put(key, updated, admitted.principal.expires_at)
+        return fresh
 
     def _verify_now(
         self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str, route: Route
@@ -464,8 +515,9 @@ class Pipeline:
         # start (built and serialized once); one bound to some routes (step-up) is applied per
         # request by `_reusable`.
         no_store = self._plan(mask & self._no_policy[1]).per_request
-        allowed = allow(principal, cache_max_age=0 if no_store else self._edge_max_age)
-        admitted = Admitted(principal, allowed, credential, self._plan(mask).checks, mask)
+        ceiling = 0 if no_store else self._edge_max_age
+        allowed = self._build(principal, self._no_policy[0], ceiling, credential)
+        admitted = Admitted(principal, allowed, credential, self._plan(mask).checks, mask, ceiling)
         self._positive.put(key, admitted, principal.expires_at)
         self._record(attrs, door, allowed, started, credential, seen, principal.subject, principal.client_id)
         return admitted
@@ -525,6 +577,7 @@ class Pipeline:
         subject: str,
         client_id: str | None = None,
     ) -> None:
+        trace_id = self._tracing.token_checked(attrs.headers, seen.issuer)
         alg = seen.alg
         if alg and alg != "introspection":
             label = alg if alg in SUPPORTED_ALGORITHMS else "other"  # header values are attacker-chosen
@@ -542,6 +595,7 @@ class Pipeline:
                 token_hash_=audit.token_hash(credential.token),
                 door=door,
                 client_id=client_id,  # with subject "", a client-credentials token: no user
+                trace_id=trace_id,
             )
 
 

@@ -111,6 +111,9 @@ _REASONS = (
     Reason("role_missing", _F, "a required role is missing", _SCOPE),
     Reason("scope_missing", _F, "a required scope is missing", _SCOPE),
     Reason("webauthn_user_required", _F, "WebAuthn needs a user; this token names a client", _SCOPE),
+    # what the upstream receives: a claim that cannot be sent whole is refused, never cut (no challenge:
+    # no other token or scope would help; the operator's mapping or the provider's claim must change)
+    Reason("upstream_claim_too_large", _F, "a claim mapped to an upstream header is over `upstream.max_value_bytes`"),
     # assurance (RFC 9470) and WebAuthn step-up (a fresh challenge in every refusal)
     Reason("insufficient_user_authentication", _U, "authentication too weak or too old: step up", _STEP_UP),
     _assertion("webauthn_assertion_required", "the route needs a WebAuthn assertion bound to this request"),

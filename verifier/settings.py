@@ -53,6 +53,8 @@ from verifier.config.policy import (
 from verifier.config.resource import ProtectedResourceConfig, parse_protected_resource_config
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes, parse_revocation_config
 from verifier.config.state import StateConfig, parse_state_config
+from verifier.config.tracing import TracingConfig, parse_tracing_config
+from verifier.config.upstream import UpstreamConfig, parse_upstream_config
 from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
 
 T = TypeVar("T")
@@ -250,6 +252,8 @@ class Settings:
     revocation: RevocationConfig | None = None  # Shared Signals receiver
     webauthn: WebAuthnConfig | None = None  # credential registry and step-up
     protected_resource: ProtectedResourceConfig | None = None  # RFC 9728: the default resource's metadata
+    upstream: UpstreamConfig | None = None  # mapped claims, the Kong consumer, the identity assertion
+    tracing: TracingConfig | None = None  # OpenTelemetry export (the file or OTEL_* variables); None: off
 
     @property
     def state_is_shared(self) -> bool:
@@ -454,9 +458,12 @@ def _parse_settings(data: Any) -> Settings:
             revocation=_optional_section(root, "revocation", parse_revocation_config),
             webauthn=_optional_section(root, "webauthn", parse_webauthn_config),
             protected_resource=_optional_section(root, "protected_resource", parse_protected_resource_config),
+            upstream=_optional_section(root, "upstream", parse_upstream_config),
+            tracing=parse_tracing_config(root.raw("tracing"), os.environ),
         )
     )
     root.done()
+    _check_route_upstreams(settings)
     if settings.revocation is not None:  # transmitters speak for configured issuers only
         check_transmitter_scopes(settings.revocation, (i.issuer for i in issuers))
     check_trusted_issuers(settings.policies or (), tuple(i.issuer for i in issuers))
@@ -467,6 +474,19 @@ def _parse_settings(data: Any) -> Settings:
     check_admin_token(os.environ.get(ADMIN_TOKEN_ENV))
     _check_shared_state(settings)
     return settings
+
+
+def _check_route_upstreams(settings: Settings) -> None:
+    """A route's audience needs an assertion to carry it; a route's header may not take the assertion's name."""
+    identity = settings.upstream.identity_token if settings.upstream is not None else None
+    for i, policy in enumerate(settings.policies or ()):
+        if policy.upstream is None:
+            continue
+        if policy.upstream.audience and identity is None:
+            record(f"policies[{i}].upstream.identity_token: needs upstream.identity_token to be configured")
+        for j, mapping in enumerate(policy.upstream.headers):
+            if identity is not None and mapping.header == identity.header:
+                record(f"policies[{i}].upstream.headers[{j}].header: {mapping.header!r} carries the assertion")
 
 
 def _check_distinct_ports(settings: Settings) -> None:

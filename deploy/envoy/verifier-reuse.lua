@@ -24,6 +24,9 @@ local MAX_KEY_BYTES = 16384 -- a longer key (a huge credential) is checked every
 local MAX_TTL = 300 -- seconds; a ceiling on any reuse, whatever the verifier says
 
 local CREDENTIAL_HEADERS = { "authorization", "dpop", "x-webauthn-assertion" }
+-- W3C trace context, passed so the verifier's decision span joins the request's trace; never part of the
+-- cache key (the answer does not depend on it), never a decision input
+local TRACE_HEADERS = { "traceparent", "tracestate" }
 -- refusal headers relayed to the client (the rest of the verifier's answer stays here)
 local CLIENT_HEADERS = {
   "www-authenticate", "dpop-nonce", "cache-control", "content-type", "retry-after",
@@ -107,10 +110,12 @@ local function ask(handle, headers, method, path, host, proto)
     ["x-forwarded-for"] = client_address(handle),
     ["content-length"] = "0",
   }
-  for _, name in ipairs(CREDENTIAL_HEADERS) do
-    local value = headers:get(name)
-    if value ~= nil then
-      request[name] = value
+  for _, names in ipairs({ CREDENTIAL_HEADERS, TRACE_HEADERS }) do
+    for _, name in ipairs(names) do
+      local value = headers:get(name)
+      if value ~= nil then
+        request[name] = value
+      end
     end
   end
   local ok, response_headers, body = pcall(handle.httpCall, handle, VERIFIER_CLUSTER, request, "", TIMEOUT_MS)

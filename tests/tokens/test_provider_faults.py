@@ -47,10 +47,11 @@ from verifier.clock import SystemClock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.audit import token_hash
 from verifier.request import RequestAttributes
-from verifier.settings import Listen, Settings
+from verifier.settings import DEFAULT_MAX_JWKS_KEYS, Listen, Settings
 from verifier.tokens.fetch import FetchResult, HttpFetcher
 from verifier.tokens.introspection import IntrospectionConfig
 from verifier.tokens.introspection_client import HttpReply, HttpRequest
+from verifier.tokens.keys import VerificationKey, parse_jwk
 
 FETCH_TIMEOUT = 0.3  # seconds; short so the slow-provider tests stay fast
 SLACK = 0.35  # seconds allowed past a deadline for scheduling on a loaded CI runner
@@ -304,19 +305,29 @@ async def test_provider_down_with_nothing_cached_answers_503_with_retry_after(mi
 
 
 @pytest.mark.parametrize("tiny", [False, True])
-async def test_ten_thousand_keys_are_refused_without_parsing_them_all(keys: SigningKeys, tiny: bool) -> None:
+async def test_ten_thousand_keys_are_refused_without_parsing_them_all(
+    keys: SigningKeys, tiny: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fetcher = FakeFetcher()  # no size bound here: the key-count bound is what is under test
     fetcher.serve(DISCOVERY_URL, discovery_document())
     # tiny: 10,000 short junk keys stay under the 1 MiB bound, so only the count can refuse them
     document = {"keys": [{"kty": "EC", "kid": str(i)} for i in range(10_000)]} if tiny else many_keys(keys, 10_000)
     fetcher.serve(JWKS_URL, document)
+    # Count the keys parsed (the real parser, counted) instead of timing the refusal: the work is
+    # bounded by the key limit whatever the machine's load (speed itself is for the benchmarks).
+    parsed: list[object] = []
+
+    def counted_parse_jwk(jwk: dict[str, Any]) -> VerificationKey:
+        parsed.append(jwk)
+        return parse_jwk(jwk)
+
+    monkeypatch.setattr("verifier.tokens.jwks.parse_jwk", counted_parse_jwk)
     app = make_app(fetcher)
     issuer_keys = app.keys.get(ISSUER)
     assert issuer_keys is not None
-    started = time.monotonic()
     with pytest.raises(ProviderUnavailable, match="10000 keys"):
         await issuer_keys.refresh()
-    assert time.monotonic() - started < 1.0
+    assert len(parsed) <= DEFAULT_MAX_JWKS_KEYS
     assert issuer_keys.kids == ()
 
 

@@ -16,8 +16,8 @@ from verifier.request import RequestAttributes
 class RevocationIndex(Protocol):
     """Revocation entries, checked on every decision (verifier.revocation.Revocations)."""
 
-    def check(self, principal: Principal) -> VerifierError | None:
-        """The refusal for a revoked token, or None."""
+    def check(self, principal: Principal, headers: Mapping[str, str]) -> VerifierError | None:
+        """The refusal for a revoked token, or None (`headers`: the request's, for the audit line's trace)."""
         ...
 
     def overrides(self, principal: Principal) -> Mapping[str, Any] | None:
@@ -43,7 +43,7 @@ class Revocation(Check):
         self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
     ) -> Principal:
         """Raises the revocation's refusal, or returns the principal with announced claims."""
-        revoked = self._index.check(principal)
+        revoked = self._index.check(principal, attrs.headers)
         if revoked is not None:
             self._on_revoked(revoked.code)
             raise revoked

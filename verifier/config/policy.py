@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from verifier.config.base import ConfigError, Reader, read_fields, setting, url_problem
+from verifier.config.upstream import RouteUpstream, parse_route_upstream
 from verifier.request import host_name, normalize_host
 
 SENDER_CONSTRAINTS = ("dpop", "mtls", "any")
@@ -72,6 +73,7 @@ class PolicySettings:
     scopes_supported: tuple[str, ...] = setting(
         (), doc="RFC 9728 scopes_supported (default: scopes_all + scopes_any); also the challenges' scope"
     )
+    upstream: RouteUpstream | None = None  # what this route's upstream receives, beyond `upstream` (its own reader)
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -119,7 +121,9 @@ def parse_policy(reader: Reader, index: int) -> PolicySettings:
     require_reader = reader.child("require") or Reader({}, f"{reader.path}.require")
     require = Requirements(**read_fields(require_reader, Requirements))
     require_reader.done()
-    policy = PolicySettings(**read_fields(reader, PolicySettings, match=match, require=require))
+    raw_upstream = reader.raw("upstream")
+    upstream = None if raw_upstream is None else parse_route_upstream(raw_upstream, f"{reader.path}.upstream")
+    policy = PolicySettings(**read_fields(reader, PolicySettings, match=match, require=require, upstream=upstream))
     if policy.resource:
         problem = resource_problem(policy.resource)
         if problem:

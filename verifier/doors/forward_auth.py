@@ -45,6 +45,8 @@ import httptools
 from verifier.decision import Decision, smuggled_identity
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.observe.metrics import Metrics
+from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
+from verifier.observe.tracing import DecisionSpan, Tracing
 from verifier.pipeline import Pipeline
 from verifier.request import RequestAttributes, normalize_host
 from verifier.settings import ForwardAuthSettings
@@ -319,13 +321,16 @@ class _Connection(asyncio.Protocol):
         if path == PREFIX or path.startswith(PREFIX + b"/"):
             attrs = door.attributes(parser.get_method().decode("latin-1"), url, self._headers, self._peer)
             started = time.perf_counter()
-            decision = door.pipeline.decide_cached(attrs, DOOR)
-            if decision is not None:
-                door.observe(decision, started)
-                self._push(_answer(decision, keep_alive, attrs.headers), keep_alive)
+            if door.tracing is not None:  # the one test tracing costs when off
+                self._push(door.decide_traced(attrs, started, keep_alive), keep_alive)
             else:
-                future = asyncio.ensure_future(door.decide_slow(attrs, started, keep_alive))
-                self._push(future, keep_alive)
+                decision = door.pipeline.decide_cached(attrs, DOOR)
+                if decision is not None:
+                    door.observe(decision, started)
+                    self._push(_answer(decision, keep_alive, attrs.headers), keep_alive)
+                else:
+                    future = asyncio.ensure_future(door.decide_slow(attrs, started, keep_alive))
+                    self._push(future, keep_alive)
         elif path in (b"/healthz", b"/readyz"):
             self._push(_HEALTH_OK if door.ready() else _HEALTH_NOT, keep_alive)
         elif path == b"/livez":
@@ -450,8 +455,10 @@ class ForwardAuthDoor:
         *,
         settings: ForwardAuthSettings | None = None,
         thumbprint_header: str = "",
+        tracing: Tracing | None = None,
     ) -> None:
         settings = settings or ForwardAuthSettings()
+        self.tracing = tracing  # None: off, and no per-request tracing work at all
         self.family = FORWARDED_FAMILIES[settings.forwarded_headers]
         self.thumbprint_header = thumbprint_header
         self.header_timeout = settings.header_timeout_seconds
@@ -472,11 +479,32 @@ class ForwardAuthDoor:
         """Counts a decision."""
         self.metrics.decision(DOOR, decision.outcome, decision.reason, time.perf_counter() - started)
 
-    async def decide_slow(self, attrs: RequestAttributes, started: float, keep_alive: bool) -> bytes:
+    async def decide_slow(
+        self, attrs: RequestAttributes, started: float, keep_alive: bool, span: DecisionSpan | None = None
+    ) -> bytes:
         """A decision that needs verification (first-seen token)."""
         decision = await self.pipeline.decide_after_miss(attrs, DOOR)
         self.observe(decision, started)
+        if span is not None:
+            span.end(decision)
         return _answer(decision, keep_alive, attrs.headers)
+
+    def decide_traced(
+        self, attrs: RequestAttributes, started: float, keep_alive: bool
+    ) -> bytes | asyncio.Future[bytes]:
+        """A decision inside its span, the gateway's `traceparent` its parent: the answer, or its future."""
+        assert self.tracing is not None
+        headers = attrs.headers
+        span = self.tracing.decision(
+            DOOR, headers.get(TRACEPARENT), headers.get(TRACESTATE), self.pipeline.known(attrs)
+        )
+        with span.current():  # the task below starts in this context: its fetch spans are children
+            decision = self.pipeline.decide_cached(attrs, DOOR)
+            if decision is None:
+                return asyncio.ensure_future(self.decide_slow(attrs, started, keep_alive, span))
+        self.observe(decision, started)
+        span.end(decision)
+        return _answer(decision, keep_alive, headers)
 
     async def route(self, request: HttpRequest, keep_alive: bool) -> bytes:
         """One of the small endpoints; a handler's crash is a 500, never a dropped connection."""

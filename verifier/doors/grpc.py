@@ -26,6 +26,8 @@ from grpc_reflection.v1alpha import reflection
 from verifier.decision import Decision, smuggled_identity
 from verifier.doors.refusals import GRPC_OK, grpc_code, sheds
 from verifier.observe.metrics import Metrics
+from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
+from verifier.observe.tracing import Tracing
 from verifier.pipeline import Pipeline
 from verifier.request import RequestAttributes, normalize_host
 from verifier.v1 import verifier_pb2
@@ -112,6 +114,7 @@ def own_response(decision: Decision) -> bytes:
             roles=list(decision.roles),
             body=decision.body.decode(),
             cache_max_age_seconds=decision.cache_max_age,
+            answer_headers=[verifier_pb2.Header(name=k, value=v) for k, v in decision.answer_headers],
         )
         data = decision.memo["grpc_own"] = message.SerializeToString()
     return data
@@ -129,7 +132,8 @@ def _envoy_allow(decision: Decision, smuggled: Iterable[str]) -> ea.CheckRespons
     return ea.CheckResponse(
         status=status_pb2.Status(code=GRPC_OK),
         ok_response=ea.OkHttpResponse(
-            # Ours overwrite whatever the client sent under the same names.
+            # Ours overwrite whatever the client sent under the same names. `answer_headers` (the Kong
+            # consumer) are for a Kong plugin, never the upstream: not here.
             headers=[_header(k, v) for k, v in decision.upstream_headers],
             # A client must not smuggle an identity header we did not set this time.
             headers_to_remove=[h for h in IDENTITY_HEADERS if h not in set_names]
@@ -168,6 +172,23 @@ def envoy_response(decision: Decision, request_headers: Mapping[str, str] | None
     return serialized
 
 
+ABORTED = Decision(allowed=False, status=503, reason="aborted")  # a span's outcome when the call was aborted
+MAX_METADATA_VALUE_CHARS = 1024  # a trace header longer than this is not one (traceparent.py bounds it again)
+
+
+def trace_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str | None, str | None]:
+    """`traceparent` and `tracestate` from a call's metadata (first of each; binary values ignored)."""
+    parent = state = None
+    for key, value in metadata or ():
+        if not isinstance(value, str) or len(value) > MAX_METADATA_VALUE_CHARS:
+            continue
+        if key == TRACEPARENT and parent is None:
+            parent = value
+        elif key == TRACESTATE and state is None:
+            state = value
+    return parent, state
+
+
 def _identity(data: bytes) -> bytes:
     return data
 
@@ -175,12 +196,34 @@ def _identity(data: bytes) -> bytes:
 class GrpcDoors:
     """Both Check services on one grpc.aio server."""
 
-    def __init__(self, pipeline: Pipeline, metrics: Metrics, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, pipeline: Pipeline, metrics: Metrics, ready: Callable[[], bool], tracing: Tracing | None = None
+    ) -> None:
         self.pipeline = pipeline
+        self.tracing = tracing
+        # Chosen once: with tracing off a call costs exactly what it did before tracing existed.
+        self._decider = self._decide if tracing is None else self._decide_traced
         self.metrics = metrics
         self.ready = ready
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+
+    async def _decide_traced(self, attrs: RequestAttributes, door: str, context: Any) -> Decision:
+        """A decision inside its span. The parent: the call's own `traceparent` metadata (the gateway's
+        ext_authz client span, Envoy with tracing on), else the one in the original request's headers."""
+        assert self.tracing is not None
+        parent, state = trace_context(context.invocation_metadata() if context is not None else None)
+        if parent is None:
+            parent, state = attrs.headers.get(TRACEPARENT), attrs.headers.get(TRACESTATE)
+        span = self.tracing.decision(door, parent, state, self.pipeline.known(attrs))
+        decision: Decision | None = None
+        try:
+            with span.current():
+                decision = await self._decide(attrs, door, context)
+        finally:
+            # An abort (deadline, shedding) ends the call with a gRPC status instead of an answer.
+            span.end(decision if decision is not None else ABORTED)
+        return decision
 
     async def _decide(self, attrs: RequestAttributes, door: str, context: Any) -> Decision:
         started = time.perf_counter()
@@ -205,12 +248,12 @@ class GrpcDoors:
 
     async def check_own(self, request: verifier_pb2.CheckRequest, context: Any) -> bytes:
         """verifier.v1.Verifier/Check."""
-        return own_response(await self._decide(attributes_from_own(request), "grpc", context))
+        return own_response(await self._decider(attributes_from_own(request), "grpc", context))
 
     async def check_envoy(self, request: ea.CheckRequest, context: Any) -> bytes:
         """envoy.service.auth.v3.Authorization/Check."""
         attrs = attributes_from_envoy(request)
-        return envoy_response(await self._decide(attrs, "ext_authz", context), attrs.headers)
+        return envoy_response(await self._decider(attrs, "ext_authz", context), attrs.headers)
 
     async def start(
         self, address: str, *, reuse_port: bool = False, tls: tuple[bytes, bytes, bytes | None] | None = None

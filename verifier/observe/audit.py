@@ -29,6 +29,11 @@ def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
+def trace_fields(trace_id: str) -> dict[str, str]:
+    """The audit line's `trace_id` field when the decision has a trace (W3C trace id, hex), else nothing."""
+    return {"trace_id": trace_id} if trace_id else {}
+
+
 def signature_check(
     *,
     issuer: str,
@@ -41,11 +46,14 @@ def signature_check(
     latency_seconds: float,
     token_hash_: bytes,
     door: str,
+    trace_id: str = "",
     **extra: Any,
 ) -> None:
-    """Writes the audit line for one signature check."""
+    """Writes the audit line for one signature check; `trace_id` (W3C, hex) when the decision has a trace."""
     if not audit_log.isEnabledFor(logging.INFO):
         return
+    if trace_id:  # the gateway's trace (its traceparent), or the span's when tracing is on
+        extra["trace_id"] = trace_id
     line = {
         "event": "signature_check",
         "issuer": issuer,

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from verifier.config.policy import PolicySettings, Requirements
 from verifier.config.resource import ProtectedResourceConfig
+from verifier.config.upstream import RouteUpstream
 from verifier.errors import Forbidden, InsufficientUserAuthentication, Scheme, SenderConstraintFailed
 from verifier.numbers import json_number
 from verifier.policy.metadata import challenge_params
@@ -91,6 +92,7 @@ class CompiledPolicy:
     audiences: frozenset[str] = frozenset()  # `audiences_any` and the route's `resource` (RFC 8707)
     clients: frozenset[str] = frozenset()
     challenge: tuple[tuple[str, str], ...] = ()  # RFC 9728 `resource_metadata` and `scope` of its challenges
+    upstream: RouteUpstream | None = None  # what this route's upstream receives, beyond `upstream`
 
     @property
     def trusts(self) -> bool:
@@ -130,6 +132,7 @@ class PolicySet:
                 audiences=frozenset(p.require.audiences_any + ((p.resource,) if p.resource else ())),
                 clients=frozenset(p.require.clients_any),
                 challenge=challenge_params(p.resource or default_resource, p.scopes),
+                upstream=p.upstream,
             )
             for p in policies or ()
         )

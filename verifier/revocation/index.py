@@ -8,17 +8,20 @@ An entry whose every possible token has expired simply stops matching, before an
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from verifier.clock import Clock
 from verifier.errors import InvalidToken, VerifierError
 from verifier.numbers import json_number
+from verifier.observe import traceparent
+from verifier.observe.audit import trace_fields
 from verifier.principal import Principal
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 
 audit_log = logging.getLogger("verifier.audit")
 
+_NO_HEADERS: Mapping[str, str] = {}
 _DESCRIPTIONS = {
     Effect.TOKEN_REVOKED: "token revoked",
     Effect.SESSION_REVOKED: "session revoked",
@@ -61,8 +64,9 @@ def _reaches(entry: Entry, iat: float | None, auth_time: float | None) -> bool:
 class Revocations:
     """The synchronous checker over the current entries."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, trace_id: Callable[[Mapping[str, str]], str] = traceparent.trace_id) -> None:
         self._clock = clock
+        self._trace_id = trace_id  # the audit line's trace: the current span's, else the gateway's traceparent
         self._entries: dict[str, Entry] = {}
         self._refusals: dict[tuple[KeyKind, str, str], list[Entry]] = {}
         self._overrides: dict[tuple[KeyKind, str, str], list[Entry]] = {}
@@ -72,8 +76,9 @@ class Revocations:
 
     # -- the hot path ----------------------------------------------------------------------------------
 
-    def check(self, principal: Principal) -> VerifierError | None:
-        """The refusal for this principal's token, or None when no entry reaches it."""
+    def check(self, principal: Principal, headers: Mapping[str, str] = _NO_HEADERS) -> VerifierError | None:
+        """The refusal for this principal's token, or None when no entry reaches it; `headers` (the request's)
+        name the trace of the audit line."""
         if not self._refusals:
             return None
         claims = principal.claims
@@ -105,6 +110,7 @@ class Revocations:
                 "jti": found.jti,
                 "entry": found.id,
                 "source": found.source,
+                **trace_fields(self._trace_id(headers)),
             },
         )
         return TokenRevoked(_DESCRIPTIONS[found.effect], code=found.effect.value, jti=found.jti, entry_id=found.id)

@@ -24,6 +24,7 @@ import aiohttp
 
 from verifier.config.revocation import DELIVERY_POLL_URN, TransmitterConfig
 from verifier.errors import ProviderUnavailable
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.tokens.fetch import check_learned_url, read_body
 from verifier.tokens.jwks import IssuerKeys
 
@@ -74,8 +75,10 @@ class Poller:
         session: Callable[[], aiohttp.ClientSession],
         receive: Receive,
         on_poll: Callable[[str], None] | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._transmitter = transmitter
+        self._tracing = tracing  # a CLIENT span around each poll request
         self._on_poll = on_poll or (lambda result: None)  # counts each poll: "ok" or "error"
         self._keys = keys
         self._session = session
@@ -109,13 +112,14 @@ class Poller:
             headers["Authorization"] = "Bearer " + self._transmitter.poll_token
         timeout = self._transmitter.fetch_timeout_seconds
         try:
-            async with asyncio.timeout(timeout):
-                async with self._session().post(
-                    url, data=json.dumps(request), headers=headers, allow_redirects=False
-                ) as response:
-                    if response.status != 200:
-                        raise ProviderUnavailable(f"HTTP {response.status} from poll endpoint")
-                    body = await read_body(response, MAX_POLL_RESPONSE_BYTES, "poll response")
+            with self._tracing.fetch("ssf.poll", "POST", url):
+                async with asyncio.timeout(timeout):
+                    async with self._session().post(
+                        url, data=json.dumps(request), headers=headers, allow_redirects=False
+                    ) as response:
+                        if response.status != 200:
+                            raise ProviderUnavailable(f"HTTP {response.status} from poll endpoint")
+                        body = await read_body(response, MAX_POLL_RESPONSE_BYTES, "poll response")
         except TimeoutError as exc:
             raise ProviderUnavailable("poll timed out") from exc
         except aiohttp.ClientError as exc:

@@ -20,6 +20,7 @@ from verifier.clock import Clock
 from verifier.config.revocation import POLL, PUSH, RevocationConfig, TransmitterConfig
 from verifier.errors import StateUnavailable
 from verifier.observe.metrics import RevocationMetrics, TransmitterKeyMetrics
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.revocation.admin import KillSwitch
 from verifier.revocation.entry import Effect, Entry
 from verifier.revocation.index import Revocations
@@ -60,15 +61,18 @@ class RevocationService:
         on_credential_revoked: CredentialCallback | None = None,
         store: RevocationStore | None = None,
         admin_token: str | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.config = config
+        self._tracing = tracing  # CLIENT spans around the transmitters' metadata, JWKS and poll fetches
         self._clock = clock
         self.metrics = metrics  # the root's, with `REFUSAL_CODES` exported at zero
-        self.revocations = Revocations(clock)
+        self.revocations = Revocations(clock, tracing.trace_id)
         self._store: RevocationStore = store if store is not None else MemoryStore()  # the root picks the store
         key_metrics = TransmitterKeyMetrics(self.metrics)
         self._transmitters: dict[str, tuple[TransmitterConfig, IssuerKeys]] = {
-            t.issuer: (t, IssuerKeys(t.key_settings(), fetcher, clock, key_metrics)) for t in config.transmitters
+            t.issuer: (t, IssuerKeys(t.key_settings(), fetcher, clock, key_metrics, tracing))
+            for t in config.transmitters
         }
         self._verifier = SetVerifier(self._transmitters, state, clock)
         self._on_credential_revoked = on_credential_revoked
@@ -113,6 +117,7 @@ class RevocationService:
                     self._session,
                     self._receive_polled,
                     functools.partial(self._count_poll, transmitter.issuer),
+                    tracing=self._tracing,
                 )
                 self._tasks.append(loop.create_task(poller.run()))
 

@@ -45,6 +45,7 @@ from verifier.errors import (
 )
 from verifier.numbers import json_number
 from verifier.observe.metrics import IssuerIntrospectionMetrics
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
 from verifier.tokens.cache import ExpiringCache
@@ -141,6 +142,7 @@ class Introspector:
         breaker: Breaker,
         http: IntrospectionHttp | None = None,
         discovered_endpoint: Callable[[], str] | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         """Endpoint, first found wins: `config.endpoint`, `endpoint`, `discovered_endpoint()` (a late-bound
         lookup in discovery metadata someone else fetched), else discovery fetched here on first use.
@@ -158,7 +160,7 @@ class Introspector:
             endpoint=endpoint,
             discovered_endpoint=discovered_endpoint,
             discovery_url=issuer.rstrip("/") + "/.well-known/openid-configuration",
-            http=http or AiohttpIntrospectionHttp(session_provider),
+            http=http or AiohttpIntrospectionHttp(session_provider, tracing),
             clock=clock,
             breaker=self.breaker,
             metrics=metrics,

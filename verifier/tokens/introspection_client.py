@@ -44,6 +44,7 @@ from verifier.config.introspection import (
 )
 from verifier.errors import ProviderUnavailable
 from verifier.observe.metrics import IssuerIntrospectionMetrics
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.tokens.fetch import check_learned_url, read_body
 from verifier.tokens.introspection_breaker import Breaker
 
@@ -97,24 +98,32 @@ class IntrospectionHttp(Protocol):
 class AiohttpIntrospectionHttp:
     """The production seam: the verifier's pooled keep-alive aiohttp session, fetched per call."""
 
-    def __init__(self, session_provider: Callable[[], aiohttp.ClientSession]) -> None:
+    def __init__(
+        self, session_provider: Callable[[], aiohttp.ClientSession], tracing: Tracing = NO_TRACING
+    ) -> None:
         self._session = session_provider
+        self._tracing = tracing  # a CLIENT span around each call (a POST introspects, a GET discovers)
 
     async def send(self, request: HttpRequest) -> HttpReply:
         """Sends with a total deadline; redirects are not followed (a credential must not wander)."""
+        what = "introspection" if request.method == "POST" else "discovery"
         try:
-            async with asyncio.timeout(request.timeout):
-                async with self._session().request(
-                    request.method,
-                    request.url,
-                    data=request.body or None,
-                    headers=dict(request.headers),
-                    allow_redirects=False,
-                ) as response:
-                    body = await read_body(response, request.max_bytes, "introspection answer")
-                    return HttpReply(response.status, body)
+            with self._tracing.fetch(what, request.method, request.url):
+                return await self._send(request)
         except aiohttp.ClientError as exc:
             raise ProviderUnavailable(f"introspection provider unreachable ({type(exc).__name__})") from exc
+
+    async def _send(self, request: HttpRequest) -> HttpReply:
+        async with asyncio.timeout(request.timeout):
+            async with self._session().request(
+                request.method,
+                request.url,
+                data=request.body or None,
+                headers=dict(request.headers),
+                allow_redirects=False,
+            ) as response:
+                body = await read_body(response, request.max_bytes, "introspection answer")
+                return HttpReply(response.status, body)
 
 
 def basic_credentials(client_id: str, client_secret: str) -> str:

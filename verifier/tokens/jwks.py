@@ -17,6 +17,7 @@ from typing import Any
 from verifier.clock import Clock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.metrics import Metrics
+from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.settings import DEFAULT_MAX_JWKS_BYTES, DEFAULT_MAX_JWKS_KEYS, IssuerSettings
 from verifier.tokens.fetch import Fetcher, FetchResult, check_learned_url
 from verifier.tokens.keys import KeyError_, VerificationKey, parse_jwk
@@ -32,9 +33,12 @@ MAX_RETRY_SECONDS = 30.0
 class IssuerKeys:
     """The current keys of one issuer, and the machinery that keeps them current."""
 
-    def __init__(self, settings: IssuerSettings, fetcher: Fetcher, clock: Clock, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: IssuerSettings, fetcher: Fetcher, clock: Clock, metrics: Metrics, tracing: Tracing = NO_TRACING
+    ) -> None:
         self.settings = settings
         self._fetcher = fetcher
+        self._tracing = tracing  # a CLIENT span around each discovery and JWKS fetch
         self._clock = clock
         self._metrics = metrics
         self._by_kid: dict[str, VerificationKey] = {}
@@ -127,7 +131,8 @@ class IssuerKeys:
     async def _fetch(self, timeout: float) -> tuple[tuple[VerificationKey, ...], FetchResult]:
         if not self._jwks_uri or (not self.settings.jwks_uri and not self.metadata):
             await self._discover(timeout)
-        result = await self._fetcher.get_json(self._jwks_uri, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES)
+        with self._tracing.fetch("jwks", "GET", self._jwks_uri):
+            result = await self._fetcher.get_json(self._jwks_uri, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES)
         return self._parse(result.document), result
 
     def _failed(self, error: ProviderUnavailable) -> None:
@@ -146,9 +151,10 @@ class IssuerKeys:
         )
 
     async def _discover(self, timeout: float) -> None:
-        result = await self._fetcher.get_json(
-            self.settings.discovery, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES
-        )
+        with self._tracing.fetch("discovery", "GET", self.settings.discovery):
+            result = await self._fetcher.get_json(
+                self.settings.discovery, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES
+            )
         doc = result.document
         if not isinstance(doc, dict):
             raise ProviderUnavailable("discovery document is not a JSON object")

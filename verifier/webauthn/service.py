@@ -25,12 +25,14 @@ registration; a counter regression (a cloned authenticator) is a WARNING.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from verifier.clock import Clock
 from verifier.config.webauthn import WebAuthnConfig
 from verifier.errors import Forbidden, NotFound
+from verifier.observe import traceparent
+from verifier.observe.audit import trace_fields
 from verifier.observe.metrics import WebAuthnMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
@@ -67,8 +69,10 @@ class WebAuthnService:
         metrics: WebAuthnMetrics,
         *,
         realm: str = "verifier",
+        trace_id: Callable[[Mapping[str, str]], str] = traceparent.trace_id,
     ) -> None:
         self._config = config
+        self._trace_id = trace_id  # the audit lines' trace: the current span's, else the gateway's traceparent
         self._store = store
         self._state = state
         self._clock = clock
@@ -279,6 +283,7 @@ class WebAuthnService:
                 "issuer": principal.issuer,
                 "subject": principal.subject,
                 "credential": b64url(raw_id),
+                **trace_fields(self._trace_id(attrs.headers)),
             },
         )
 
@@ -308,6 +313,7 @@ class WebAuthnService:
                 "reason": reason,
                 "credential": credential,
                 "counter": counter,
+                **trace_fields(self._trace_id(attrs.headers)),
             },
         )
 
@@ -325,6 +331,7 @@ class WebAuthnService:
                 "credential": credential_id_text(c),
                 "counter": error.received,
                 "stored_counter": c.sign_count,
+                **trace_fields(self._trace_id(attrs.headers)),
             },
         )
 

@@ -1,0 +1,302 @@
+"""``python -m bench run --scenario edge|nginx [--quick]``: the fast path at the edge, every gateway side by side.
+
+Routes, measured alternately in each repetition with wrk and one repeated ES256 token (what a busy
+client sends), against one verifier (``python -m verifier serve``, default ``edge_cache``):
+
+* ``nginx``                  -- nginx proxying to a ``return 200`` upstream, no plugin (the ceiling)
+* ``nginx+plugin reuse on``  -- the same behind kong/plugins/edge-verifier (run unmodified under the PDK
+  shim of tests/kong/shim), decision cache on: it asks the verifier about once per max-age
+* ``nginx+plugin reuse off`` -- ``cache_entries = 0``: every request asks the verifier
+* ``nginx auth_request reuse`` -- the shipped deploy/nginx/nginx.conf.template (one worker): ``auth_request``
+  to the verifier, its answers kept in nginx's ``proxy_cache`` for their ``X-Accel-Expires`` (issue #23)
+* ``envoy none``             -- Envoy proxying to the same upstream, no auth (Envoy's ceiling)
+* ``envoy jwt_authn``        -- Envoy's own JWT filter, keys inline (no verifier)
+* ``envoy ext_authz grpc``   -- ext_authz over gRPC to the verifier's Envoy Check service
+* ``envoy ext_authz http``   -- ext_authz HTTP service to the verifier's /v1/forward-auth
+* ``envoy lua reuse``        -- deploy/envoy/envoy-reuse.yaml.template: a Lua filter asking the same door and
+  reusing each answer for its max-age (issue #23; no released ext_authz reuses answers)
+
+``nginx`` runs the first three (the Kong Lua plugin's cost), ``edge`` all nine. nginx has 1 worker;
+Envoy (``--concurrency 1``) and the shipped nginx are the test rig's (tests/integration/gateways.py), so
+the bench measures the configuration the tests check. Throughput: wrk with ``--connections`` (16), closed
+loop. Latency: wrk with one connection (no queueing, so p50 is the service time). The goals (issue "The fast path at the
+edge"): plugin with reuse on >= 0.9x plain nginx and <= 30 us p50 added; reuse off >= 0.5x; Envoy HTTP
+mode >= 2x gRPC mode; (#23) nginx auth_request reuse >= 0.75x nginx, Envoy Lua reuse >= 0.5x Envoy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import idp, load, procs, report, wire
+from bench.runner import Context
+
+SHIM_DIR = procs.PROJECT_ROOT / "tests" / "kong" / "shim"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+LUA_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules")
+LUA_PATH = "/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua"
+LUA_CPATH = "/usr/lib/x86_64-linux-gnu/lua/5.1/?.so;/usr/lib/aarch64-linux-gnu/lua/5.1/?.so"
+PATH = "/api/orders/42"
+PLAIN, REUSE_ON, REUSE_OFF = "nginx", "nginx+plugin reuse on", "nginx+plugin reuse off"
+ENVOY_NONE, ENVOY_JWT, ENVOY_GRPC, ENVOY_HTTP = (
+    "envoy none",
+    "envoy jwt_authn",
+    "envoy ext_authz grpc",
+    "envoy ext_authz http",
+)
+NGINX_AUTH, ENVOY_REUSE = "nginx auth_request reuse", "envoy lua reuse"
+NGINX_ROUTES = (PLAIN, REUSE_ON, REUSE_OFF)
+ROUTES = (*NGINX_ROUTES, NGINX_AUTH, ENVOY_NONE, ENVOY_JWT, ENVOY_GRPC, ENVOY_HTTP, ENVOY_REUSE)
+BASELINE = {r: (ENVOY_NONE if r.startswith("envoy") else PLAIN) for r in ROUTES}  # the same proxy without auth
+CACHE_ENTRIES = {REUSE_ON: 10_000, REUSE_OFF: 0}  # the plugin's cache size with reuse on (its default) and off
+RATIO_GOALS = (
+    (REUSE_ON, PLAIN, 0.9),
+    (REUSE_OFF, PLAIN, 0.5),
+    (ENVOY_HTTP, ENVOY_GRPC, 2.0),
+    (NGINX_AUTH, PLAIN, 0.75),  # issue #23
+    (ENVOY_REUSE, ENVOY_NONE, 0.5),  # issue #23
+)
+P50_ADDED_GOAL_US = 30.0
+NOISY_SPREAD = 1.15  # max/min throughput over repetitions above which a route is flagged as noisy
+
+NGINX_CONF = """\
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+load_module {modules}/ndk_http_module.so;
+load_module {modules}/ngx_http_lua_module.so;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    lua_package_path "{repo}/?.lua;{shim}/sha256/?.lua;{shim}/?.lua;{lua_path};;";
+    lua_package_cpath "{lua_cpath};;";
+    lua_socket_log_errors off;
+    init_by_lua_block {{ require("kong_shim").init("{tmp}/shim.json") }}
+    upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+    server {{  # the upstream: answers at once
+        listen 127.0.0.1:{upstream_port};
+        location / {{ return 200 "ok\\n"; }}
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location = /__shim/cache {{ content_by_lua_block {{ require("kong_shim").report_cache() }} }}
+        location /plain/ {{
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://backend;
+        }}
+        location /checked/ {{
+            access_by_lua_block {{ require("kong_shim").access() }}
+            header_filter_by_lua_block {{ require("kong_shim").header_filter() }}
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://backend;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(ctx: Context, verifier_http: str, cache_entries: int, tmp: str) -> tuple[str, int]:
+    """nginx with the plugin asking the verifier at ``verifier_http``; (its base URL, its upstream's port)."""
+    modules = next((d for d in LUA_MODULE_DIRS if os.path.exists(f"{d}/ngx_http_lua_module.so")), None)
+    if modules is None:
+        raise SystemExit("nginx's Lua module is missing: run .ci/setup.d/30-nginx-lua.sh")
+    os.chmod(tmp, 0o755)  # workers run as nobody when started as root
+    port, upstream = procs.free_port(), procs.free_port()
+    conf = {"url": f"http://{verifier_http}{wire.FORWARD_AUTH_PATH}", "cache_entries": cache_entries}
+    Path(tmp, "shim.json").write_text(json.dumps({"plugin_conf": conf}))
+    Path(tmp, "nginx.conf").write_text(
+        NGINX_CONF.format(
+            tmp=tmp,
+            modules=modules,
+            repo=procs.PROJECT_ROOT,
+            shim=SHIM_DIR,
+            lua_path=LUA_PATH,
+            lua_cpath=LUA_CPATH,
+            port=port,
+            upstream_port=upstream,
+        )
+    )
+    proc = ctx.servers.spawn(
+        [NGINX, "-p", tmp, "-c", "nginx.conf", "-e", f"{tmp}/error.log", "-g", "daemon off;"], "nginx.log"
+    )
+    procs.wait_port(f"127.0.0.1:{port}", proc)
+    return f"http://127.0.0.1:{port}", upstream
+
+
+def run_nginx(ctx: Context) -> None:
+    """The nginx routes only: the Kong Lua plugin's cost in front of a route."""
+    run(ctx, NGINX_ROUTES)
+
+
+def run(ctx: Context, routes: tuple[str, ...] = ROUTES) -> None:
+    """Every route, alternated; writes results."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is missing: run .ci/setup.d/40-bench.sh")
+    duration, reps, connections = ctx.opt("duration", 5.0, 1.0), ctx.opt("reps", 3, 1), ctx.opt("connections", 16)
+    issuer = idp.Issuer(ctx.servers)
+    target, token = ctx.servers.start_verifier(issuer.url), issuer.cached_token
+    tmps = {r: tempfile.mkdtemp(prefix="bench-nginx-") for r in CACHE_ENTRIES}
+    envoys: list[Any] = []
+    try:
+        bases = {r: start_nginx(ctx, target.http_addr, CACHE_ENTRIES[r], tmps[r]) for r in CACHE_ENTRIES}
+        urls = {PLAIN: f"{bases[REUSE_ON][0]}/plain{PATH}"} | {r: f"{bases[r][0]}/checked{PATH}" for r in CACHE_ENTRIES}
+        if ENVOY_NONE in routes:
+            urls |= start_envoys(ctx, issuer, target, bases[REUSE_ON][1], envoys)
+        samples = measure(ctx, {r: urls[r] for r in routes}, token, duration, reps, connections)
+        rows: dict[str, dict[str, Any]] = {}
+        for route in routes:
+            s, tputs = samples[route], [x[0].throughput for x in samples[route]]
+            rows[route] = dict(throughput=statistics.median(tputs), spread=max(tputs) / min(tputs))
+            rows[route].update(
+                p50_ms=statistics.median(x[1].p50_us for x in s) / 1000,
+                p99_ms=statistics.median(x[1].p99_us for x in s) / 1000,
+            )
+            rows[route].update(
+                non_2xx=sum(x[0].refusals + x[1].refusals for x in s),
+                socket_errors=sum(x[0].errors + x[1].errors for x in s),
+            )
+            rows[route].update(client_cpu_cores=statistics.median(x[0].cpu_s / x[0].seconds for x in s))
+            if route in CACHE_ENTRIES:
+                with urllib.request.urlopen(f"{bases[route][0]}/__shim/cache", timeout=5) as r:
+                    stats = json.loads(r.read())
+                rows[route]["cache"] = f"{stats['hits']:,} / {stats['misses']:,}" if CACHE_ENTRIES[route] else "off"
+    finally:
+        for e in envoys:
+            e.stop()
+        ctx.servers.stop()
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+    what = f"{'quick' if ctx.quick else 'full'}; {duration:g} s per point; {reps} alternating repetition(s); "
+    what += "one repeated ES256 token; "
+    what += "nginx 1 worker, Envoy --concurrency 1, verifier 1 process"
+    report.write(
+        ctx.out,
+        markdown(ctx, rows, what),
+        dict(options=what, machine=procs.machine_info(), rows=rows, goals=goals(rows)),
+    )
+
+
+def start_envoys(ctx: Context, issuer: idp.Issuer, target: Any, upstream: int, envoys: list[Any]) -> dict[str, str]:
+    """The shipped nginx and the five Envoy routes (tests/integration/gateways.py's rigs); their URLs."""
+    sys.path[:0] = [str(procs.PROJECT_ROOT / "tests" / "integration"), str(procs.PROJECT_ROOT / "tests")]
+    import gateways
+
+    def port(addr: str) -> int:
+        return int(addr.rsplit(":", 1)[1])
+
+    start: dict[str, Callable[[], Any]] = {
+        NGINX_AUTH: lambda: gateways.start_nginx(ctx.out, port(target.http_addr), upstream, workers=1),
+        ENVOY_NONE: lambda: gateways.start_envoy(ctx.out, "none", upstream_port=upstream),
+        ENVOY_JWT: lambda: gateways.start_envoy(
+            ctx.out,
+            "jwt_authn",
+            upstream_port=upstream,
+            jwt_issuer=issuer.url,
+            jwks=issuer.idp.jwks(),
+            jwt_audiences=(wire.AUDIENCE,),
+        ),
+        ENVOY_GRPC: lambda: gateways.start_envoy(
+            ctx.out, "grpc", verifier_grpc_port=port(target.grpc_addr), upstream_port=upstream
+        ),
+        ENVOY_HTTP: lambda: gateways.start_envoy(
+            ctx.out, "http", verifier_http_port=port(target.http_addr), upstream_port=upstream
+        ),
+        ENVOY_REUSE: lambda: gateways.start_envoy(
+            ctx.out, "reuse", verifier_http_port=port(target.http_addr), upstream_port=upstream
+        ),
+    }
+    urls = {}
+    for route, make in start.items():
+        envoys.append(make())
+        urls[route] = f"{envoys[-1].url}{PATH}"
+    return urls
+
+
+def measure(
+    ctx: Context, urls: dict[str, str], token: str, duration: float, reps: int, connections: int
+) -> dict[str, list[Any]]:
+    """Per route and repetition: (throughput at ``connections``, latency at one connection), routes alternated."""
+    headers = {"Authorization": f"Bearer {token}"}
+    for route, url in urls.items():  # the bench refuses to measure a route that does not answer 200
+        host, _, path = url.removeprefix("http://").partition("/")
+        if (status := procs.get_status(host, "/" + path, headers)) != 200:
+            raise SystemExit(f"{route}: a request got {status}, not 200 (see {ctx.out}/verifier.log)")
+    samples: dict[str, list[Any]] = {r: [] for r in urls}
+    for rep in range(reps):
+        for route in urls if rep % 2 == 0 else reversed(urls):
+            tput = load.wrk(
+                urls[route], workdir=ctx.work, duration_s=duration, headers=headers, connections=connections
+            )
+            lat = load.wrk(urls[route], workdir=ctx.work, duration_s=duration, headers=headers, connections=1)
+            samples[route].append((tput, lat))
+            print(
+                f"rep {rep + 1}/{reps} {route:24} {tput.throughput:9,.0f} req/s  p50(c=1) {lat.p50_us:.0f} us",
+                file=sys.stderr,
+            )
+    return samples
+
+
+def goals(rows: dict[str, dict[str, Any]]) -> list[report.Goal]:
+    """The ratio goals of the routes measured, and the p50 budget of reuse on."""
+    out = [
+        report.Goal(
+            name=f"{route} / {against}",
+            value=rows[route]["throughput"] / rows[against]["throughput"],
+            threshold=minimum,
+        )
+        for route, against, minimum in RATIO_GOALS
+        if route in rows and against in rows
+    ]
+    added = (rows[REUSE_ON]["p50_ms"] - rows[PLAIN]["p50_ms"]) * 1000
+    return [
+        *out,
+        report.Goal(
+            name="nginx+plugin reuse on: p50 added (us)", value=added, threshold=P50_ADDED_GOAL_US, at_least=False
+        ),
+    ]
+
+
+def markdown(ctx: Context, rows: dict[str, dict[str, Any]], what: str) -> str:
+    """The result table (medians over repetitions), the goals and any noise warnings."""
+    headers = ["route", "req/s (c=16)", "vs baseline", "spread", "p50 c=1 (us)", "p50 added (us)", "p99 c=1 (us)"]
+    headers += ["non-2xx", "wrk CPU (cores)", "plugin cache hits / misses"]
+    table = []
+    for route, r in rows.items():
+        base = rows[BASELINE[route]]
+        table.append(
+            [
+                route,
+                report.fmt(r["throughput"]),
+                f"{r['throughput'] / base['throughput']:.2f}x ({BASELINE[route]})",
+                f"{r['spread']:.2f}",
+                f"{r['p50_ms'] * 1000:.0f}",
+                f"{(r['p50_ms'] - base['p50_ms']) * 1000:+.0f}",
+                f"{r['p99_ms'] * 1000:.0f}",
+                r["non_2xx"],
+                f"{r['client_cpu_cores']:.2f}",
+                r.get("cache", "-"),
+            ]
+        )
+    notes = []
+    if max(os.getloadavg()) > (os.cpu_count() or 1) / 2:
+        notes.append("other work shared the machine (see the load average), so absolute numbers and ratios are noisy")
+    if noisy := [r for r in rows if rows[r]["spread"] > NOISY_SPREAD]:
+        notes.append(f"throughput varied by more than {NOISY_SPREAD:.2f}x across repetitions for: {', '.join(noisy)}")
+    lines = [ctx.header(what), "", report.table(headers, table), "", report.goals_table(goals(rows))]
+    return "\n".join([*lines, "", *[f"- {n}" for n in notes + ctx.warnings]]) + "\n"

@@ -1,0 +1,156 @@
+"""``python -m bench run --scenario introspection [--quick]``: opaque tokens against a provider with ~20 ms latency.
+
+The provider is verifier/devidp.py in a process of its own (bench/idp.py) with ``delay_seconds``
+(``--delay``, default 0.02), so every introspection call takes at least that long. Three targets,
+alternated per scenario, all at the forward-auth door: ``verifier batch off`` (``introspection:
+{endpoint}``: one POST per distinct token, single flight and caches in front of it), ``verifier batch
+on`` (plus ``batch_endpoint``), and ``naive`` (bench/baselines.py ``introspect``: one provider call per
+request, nothing cached). Three scenarios, each an open loop at ``--rate`` checks/s (default 1,000; 64
+keep-alive connections so that a 20 ms answer does not queue on its connection):
+
+* ``hot``      -- 100 live tokens, cycled (a fresh 100 per target, so nothing is cached before the run);
+* ``distinct`` -- a pool of 10,000 live tokens, each sent once;
+* ``flood``    -- distinct junk (not JWTs, so it goes to introspection), each sent twice, the second
+  time (pool / rate) seconds after the first: the repeat must come from the negative cache.
+
+Provider calls are read from devidp's counters at the measured window's edges (per 1,000 checks) and
+over the whole run (warm-up included) to compare with the distinct tokens the run sent.
+Goals (issue "Opaque tokens"): tokens asked of the provider <= distinct live tokens sent (hot,
+distinct) and <= distinct junk sent (flood); verifier p99 <= provider latency + 5 ms.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from typing import Any
+
+from bench import idp, procs, report, runner, wire
+from bench.runner import Context
+from bench.wire import Door
+
+HOT_TOKENS = 100
+DISTINCT_TOKENS = 10_000
+CONNECTIONS = 64  # rate x latency x headroom: each connection sends every 64 ms, answers take ~21 ms
+P99_BUDGET_MS = 5.0  # on top of the provider's latency
+SCENARIOS = ("hot", "distinct", "flood")
+TARGETS = ("verifier batch off", "verifier batch on", "naive")
+
+
+def run(ctx: Context) -> None:
+    """Every (scenario, target) point, alternated; writes results."""
+    rate, delay = ctx.opt("rate", 1000.0), ctx.opt("delay", 0.02)
+    duration, warmup = ctx.opt("duration", 10.0, 4.0), 1.0
+    os.environ.setdefault(idp.SECRET_ENV, secrets.token_urlsafe(24))  # the provider and the verifiers inherit it
+    sent = int(rate * (warmup + duration))
+    # Fresh live tokens for every (scenario, target): hot and distinct pools, plus probes.
+    provider = idp.Issuer(ctx.servers, opaque=(HOT_TOKENS + DISTINCT_TOKENS + 4) * len(TARGETS), delay_s=delay)
+    pool = iter(provider.opaque)
+    base = f"{provider.url}/introspect"
+    intro = f'    introspection: {{client_id: {idp.CLIENT_ID}, client_secret_env: {idp.SECRET_ENV}, endpoint: "{base}"'
+    targets = {
+        "verifier batch off": ctx.servers.start_verifier(
+            provider.url, name="verifier batch off", issuer_yaml=intro + "}\n"
+        ),
+        "verifier batch on": ctx.servers.start_verifier(
+            provider.url, name="verifier batch on", issuer_yaml=intro + f', batch_endpoint: "{base}/batch"}}\n'
+        ),
+        "naive": ctx.servers.start_baseline("introspect", issuer=provider.url).renamed("naive"),
+    }
+
+    def counts() -> dict[str, float]:
+        return {**provider.counts(), "provider_cpu": procs.cpu_seconds([provider.proc.pid])}
+
+    points = []
+    for k, scenario in enumerate(SCENARIOS):
+        for name in TARGETS if k % 2 == 0 else TARGETS[::-1]:
+            target = targets[name]
+            if scenario == "flood":
+                junk = [secrets.token_urlsafe(32) for _ in range(max(1, sent // 2))]
+                tokens, probe, allow, distinct = junk + junk, secrets.token_urlsafe(32), False, min(len(junk), sent)
+            else:
+                tokens = [next(pool) for _ in range(HOT_TOKENS if scenario == "hot" else DISTINCT_TOKENS)]
+                probe, allow, distinct = next(pool), True, min(len(tokens), sent)
+            correct = ctx.guard(target, Door.HTTP, probe, allow)
+            provider.reset()
+            payloads = [wire.http_request(wire.http_headers(t), target.http_addr) for t in tokens]
+            p = runner.open_loop(
+                ctx,
+                target,
+                Door.HTTP,
+                payloads,
+                rate,
+                duration_s=duration,
+                warmup_s=warmup,
+                connections=CONNECTIONS,
+                sample=counts,
+            )
+            total, w, checks = provider.counts(), p["window"], p["requests"] or 1
+            p.update(scenario=scenario, correct=correct, run_distinct=distinct, run_sent=sent, pool=len(set(tokens)))
+            p.update(window_calls_per_1000=(w["introspection_calls"] + w["batch_calls"]) * 1000 / checks)
+            p.update(window_asks_per_1000=(w["introspection_calls"] + w["batch_tokens"]) * 1000 / checks)
+            p.update(run_calls=total["introspection_calls"] + total["batch_calls"], provider_cpu_s=w["provider_cpu"])
+            p.update(run_asks=total["introspection_calls"] + total["batch_tokens"])
+            points.append(ctx.record(p))
+            print(
+                f"bench: {scenario:8} {name:18} p99 {p['latency']['p99']:.2f} ms, asked {p['run_asks']} / {distinct}",
+                file=sys.stderr,
+            )
+    result = dict(rate=rate, delay_s=delay, duration_s=duration, warmup_s=warmup, warnings=ctx.warnings, points=points)
+    report.write(ctx.out, markdown(ctx, result), result)
+
+
+def goals(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(goal, measured, met) for every verifier point."""
+    budget = result["delay_s"] * 1000 + P99_BUDGET_MS
+    out = []
+    for p in result["points"]:
+        if p["target"] == "naive":
+            continue
+        label, kind = f"{p['scenario']}, {p['target']}", "junk" if p["scenario"] == "flood" else "live"
+        lost = p["errors"] + p["dropped"]
+        # Requests that failed or were never sent make "distinct sent" an over-count: not conclusive.
+        asks_ok = (p["run_asks"] <= p["run_distinct"] and p["correct"]) if not lost else None
+        measured = f"{p['run_asks']:,} <= {p['run_distinct']:,}" + (f" ({lost:,} errors/dropped)" if lost else "")
+        out.append((f"{label}: tokens asked <= distinct {kind} tokens sent", measured, asks_ok))
+        out.append((f"{label}: p99 <= {budget:g} ms", f"{p['latency']['p99']:.2f} ms", p["latency"]["p99"] <= budget))
+    return out
+
+
+def markdown(ctx: Context, r: dict[str, Any]) -> str:
+    """The table and the goals."""
+    headers = ["scenario", "target", "achieved/s", "p50 ms", "p99 ms", "p99.9 ms", "allowed", "refused", "errors"]
+    headers += ["provider calls / 1,000 checks", "tokens asked / 1,000 checks", "run: tokens asked / distinct sent"]
+    headers += [
+        "verifier CPU/check us",
+        "verifier CPU (cores)",
+        "client CPU (cores)",
+        "provider CPU (cores)",
+        "load avg",
+    ]
+    rows = [
+        [p["scenario"], p["target"], report.fmt(p["throughput"])]
+        + [f"{p['latency'][k]:.2f}" for k in ("p50", "p99", "p99.9")]
+        + [f"{p['allowed']:,}", f"{p['refusals']:,}", f"{p['errors'] + p['dropped']:,}"]
+        + [
+            f"{p['window_calls_per_1000']:.1f}",
+            f"{p['window_asks_per_1000']:.1f}",
+            f"{p['run_asks']:,} / {p['run_distinct']:,}",
+        ]
+        + [report.fmt(p["cpu_per_check_us"]), report.cores(p["server_cpu_s"], p["seconds"])]
+        + [report.cores(p["client_cpu_s"], p["seconds"]), report.cores(p["provider_cpu_s"], p["seconds"]), p["loadavg"]]
+        for p in r["points"]
+    ]
+    what = f"Open loop at {r['rate']:,.0f} checks/s on forward-auth, {CONNECTIONS} keep-alive connections, "
+    what += f"{r['duration_s']:g} s measured after {r['warmup_s']:g} s warm-up; provider: verifier/devidp.py in its "
+    what += f"own process with delay_seconds={r['delay_s']:g}"
+    goal_rows = [[g, m, report.verdict(ok)] for g, m, ok in goals(r)]
+    lines = [
+        ctx.header(what),
+        "",
+        report.table(headers, rows, left=2),
+        "",
+        report.table(["goal", "measured", "result"], goal_rows),
+    ]
+    return "\n".join(lines + [f"- warning: {w}" for w in r["warnings"]]) + "\n"
