@@ -46,6 +46,7 @@ async def provider(tmp_path: Path) -> AsyncIterator[tuple[DevIdentityProvider, P
         ],
         "policies": [
             {"name": "admin-api", "match": {"path_prefix": "/admin"}, "require": {"roles_any": ["admin"]}},
+            {"name": "mcp", "match": {"path_prefix": "/mcp"}, "require": {"clients_any": ["mcp-client"]}},
             {"name": "everything-else", "match": {"path_prefix": "/"}, "require": {"scopes_any": ["read"]}},
         ],
     }
@@ -105,6 +106,8 @@ def _token(idp: DevIdentityProvider, case: str) -> tuple[str, str]:
         return idp.mint(sub="alice", aud="https://other.example.test"), "/hello"
     if case == "role-missing":
         return idp.mint(sub="bob"), "/admin/users"
+    if case == "client-not-allowed":
+        return idp.mint(sub="bob"), "/mcp"  # client_id dev-client
     return "eyJhbGciOiJFUzI1NiJ9.not-json.c2ln", "/hello"  # malformed
 
 
@@ -113,6 +116,7 @@ CASES: dict[str, dict[str, Any]] = {
     "expired": {"status": 401, "reason": "token_expired", "failed": "exp"},
     "wrong-audience": {"status": 403, "reason": "audience_mismatch", "failed": "aud"},
     "role-missing": {"status": 403, "reason": "role_missing", "failed": "policy"},
+    "client-not-allowed": {"status": 403, "reason": "client_not_allowed", "failed": "route trust"},
     "malformed": {"status": 401, "reason": "token_malformed", "failed": "syntax"},
 }
 

@@ -47,6 +47,8 @@ _CLAIM_CHECK = {"exp": "exp", "nbf": "nbf/iat", "iat": "nbf/iat", "sub": "sub", 
 
 def _after_token_step(code: str) -> str:
     """Which step after the token check a refusal code comes from (pipeline order: `Pipeline._decide`)."""
+    if code in ("issuer_not_trusted", "audience_not_trusted", "client_not_allowed"):
+        return "route trust"
     if "revoked" in code:
         return "revocation"
     if code.startswith(("dpop_", "certificate_")) or code in ("sender_constraint_failed", "token_not_dpop_bound"):
@@ -349,6 +351,10 @@ def _after_token_checks(
     """The checks after the token's own, in the pipeline's order, for the ones that apply."""
     cnf = principal.claims.get("cnf")
     steps = []
+    if policy is not None and policy.trusts:  # checks.trust.RouteTrust runs first
+        narrowed = (("issuers", policy.issuers), ("audiences", policy.audiences), ("clients", policy.clients))
+        trusted = [f"{name} [{', '.join(sorted(values))}]" for name, values in narrowed if values]
+        steps.append(("route trust", "; ".join(trusted)))
     if settings.revocation is not None:
         steps.append(("revocation", "no revocation entry for this token or subject"))
     if cnf or (policy is not None and policy.require.sender_constraint):

@@ -35,6 +35,8 @@ REPEATS = 5
 EXPIRED_BY_S = 600
 #: The plugin's reuse ceiling (decision_cache.lua MAX_TTL), seconds.
 PLUGIN_MAX_TTL_S = 300
+#: The verifier's default RFC 9728 resource.
+RESOURCE = "https://api.example.test"
 #: The forward-auth door's decision counter in the verifier's Prometheus text.
 DECISIONS = re.compile(r"^verifier_decisions_total\{([^}]*)\}\s+([0-9.eE+-]+)$", re.MULTILINE)
 
@@ -51,7 +53,11 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvide
 
 @pytest.fixture(scope="module")
 def verifier(provider: OpenIDProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    v = start_verifier(tmp_path_factory.mktemp("verifier"), issuer=provider.issuer)
+    v = start_verifier(  # a default resource: every challenge names its RFC 9728 metadata
+        tmp_path_factory.mktemp("verifier"),
+        issuer=provider.issuer,
+        extra_config={"protected_resource": {"resource": RESOURCE}},
+    )
     yield v
     v.stop()
 
@@ -166,7 +172,8 @@ def test_no_token_is_refused_with_the_verifiers_challenge_relayed_exactly(start_
 
     assert status == direct_status == 401
     assert header(headers, "WWW-Authenticate") == header(direct_headers, "WWW-Authenticate")
-    assert header(headers, "WWW-Authenticate") == ['Bearer realm="verifier"']
+    metadata = f"{RESOURCE}/.well-known/oauth-protected-resource"
+    assert header(headers, "WWW-Authenticate") == [f'Bearer realm="verifier", resource_metadata="{metadata}"']
     assert header(headers, "X-Verifier-Reason") == header(direct_headers, "X-Verifier-Reason")
     assert body == direct_body  # and not the echo upstream's JSON: the request never got there
 
