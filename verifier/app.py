@@ -32,14 +32,17 @@ from verifier.checks.policy import RoutePolicy
 from verifier.checks.rate_limit import RateLimit
 from verifier.checks.revocation import Revocation
 from verifier.checks.step_up import WebAuthnStepUp
+from verifier.checks.trust import RouteTrust
 from verifier.clock import Clock, SystemClock
 from verifier.config.dpop import DpopConfig
 from verifier.config.introspection import IntrospectionConfig
+from verifier.config.resource import ProtectedResourceConfig
 from verifier.config.revocation import check_transmitter_scopes
-from verifier.decision import Decision
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.forward_auth import ForwardAuthDoor
 from verifier.doors.grpc import GrpcDoors
+from verifier.doors.jwks_http import add_jwks_route
+from verifier.doors.metadata_http import add_metadata_routes
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
@@ -52,7 +55,8 @@ from verifier.observe.metrics import (
     WebAuthnMetrics,
 )
 from verifier.observe.tracing import NO_TRACING, Tracing
-from verifier.pipeline import Admitted, Pipeline
+from verifier.pipeline import Admitted, Pipeline, Refused
+from verifier.policy.metadata import resource_documents
 from verifier.policy.ratelimit import RateLimiter
 from verifier.policy.roles import IssuerRoles, RoleMapper
 from verifier.policy.rules import PolicySet
@@ -72,6 +76,7 @@ from verifier.tokens.introspection_breaker import BreakerState, CircuitBreaker
 from verifier.tokens.jwks import IssuerKeys, KeyStore
 from verifier.tokens.jwt import JwtVerifier
 from verifier.tokens.tenants import TenantKeys
+from verifier.upstream import UpstreamAnswers
 from verifier.webauthn import SqliteCredentialStore, WebAuthnService
 
 log = logging.getLogger("verifier.app")
@@ -274,21 +279,21 @@ class App:
                 trace_id=traced.trace_id,
             )
         self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)
-        self.negative: ExpiringCache[Decision] = ExpiringCache(settings.cache.negative_entries, self.clock)
-        policies = PolicySet(settings.policies)
+        self.negative: ExpiringCache[Refused] = ExpiringCache(settings.cache.negative_entries, self.clock)
+        policies = PolicySet(settings.policies, settings.protected_resource)
         with_roles = IssuerRoles(
             {i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles}, configured=self.keys.configured
         )
-        opaque = next(
-            (i.issuer for i in settings.issuers if i.introspection is not None and i.introspection.opaque_tokens), None
-        )
-        # Tried in order; a token goes to a provider only if that provider is responsible for it
-        # (settings refuse a second issuer introspecting opaque tokens).
+        # Tried in order; a token goes to a provider only if that provider is responsible for it and
+        # the route trusts it (settings refuse two opaque-token issuers a route could not tell apart).
         authenticators: list[Authenticator] = [JwtAuthenticator(self.jwt)]
-        if opaque is not None and opaque in self.introspectors:
-            authenticators.append(OpaqueIntrospection(opaque, self.introspectors[opaque]))
+        authenticators += [
+            OpaqueIntrospection(i.issuer, self.introspectors[i.issuer])
+            for i in settings.issuers
+            if i.introspection is not None and i.introspection.opaque_tokens
+        ]
         # Run in this order on every request, a cached token's included (see verifier.checks).
-        checks: list[Check] = []
+        checks: list[Check] = [RouteTrust()]  # first: a token the route does not take goes no further
         introspect_jwts = frozenset(i.issuer for i in settings.issuers if i.introspect_jwts)
         if introspect_jwts:
             checks.append(IntrospectJwts(introspect_jwts, self.introspectors))
@@ -305,6 +310,7 @@ class App:
             checks.append(WebAuthnStepUp(self.webauthn))
         if settings.rate_limits:
             checks.append(RateLimit(RateLimiter(settings.rate_limits, self.state, self.clock)))
+        self.upstream = UpstreamAnswers(settings.upstream)  # keys parsed at start-up, by the settings
         self.pipeline = Pipeline(
             authenticators=authenticators,
             checks=checks,
@@ -322,9 +328,23 @@ class App:
             deadline=settings.deadline_seconds,
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
+            upstream=self.upstream,
             tracing=traced,
         )
         self.router = Router()
+        add_metadata_routes(  # RFC 9728: unauthenticated discovery of the resources and their issuers
+            self.router,
+            resource_documents(
+                settings.policies or (),
+                settings.protected_resource,
+                [i.issuer for i in settings.issuers],
+                self.dpop.algorithms,
+                dpop_configured=settings.dpop is not None,
+            ),
+            max_age=(settings.protected_resource or ProtectedResourceConfig()).max_age_seconds,
+        )
+        if self.upstream.assertions is not None:
+            add_jwks_route(self.router, self.upstream.assertions.jwks)
         if self.webauthn is not None:
             add_webauthn_routes(self.router, self.webauthn, self._authenticate)
         self.forward_auth = ForwardAuthDoor(
