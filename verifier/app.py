@@ -293,7 +293,8 @@ class App:
             if i.introspection is not None and i.introspection.opaque_tokens
         ]
         # Run in this order on every request, a cached token's included (see verifier.checks).
-        checks: list[Check] = [RouteTrust()]  # first: a token the route does not take goes no further
+        # First: a token the route does not take goes no further (a template on a route stands for its tenants).
+        checks: list[Check] = [RouteTrust(self.keys.configured)]
         introspect_jwts = frozenset(i.issuer for i in settings.issuers if i.introspect_jwts)
         if introspect_jwts:
             checks.append(IntrospectJwts(introspect_jwts, self.introspectors))

@@ -54,9 +54,11 @@ async def verifier(idp: DevIdentityProvider, tmp_path: Path) -> AsyncIterator[Ap
         await app.stop(grace=0)
 
 
-async def answer(app: App, token: str) -> tuple[int, str]:
-    raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-    reply = await http_exchange(app.ports.http or 0, raw)
+async def answer(app: App, token: str, route: str = "/") -> tuple[int, str]:
+    raw = (
+        f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\nX-Forwarded-Uri: {route}\r\n\r\n"
+    )
+    reply = await http_exchange(app.ports.http or 0, raw.encode())
     head = reply.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
     headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:])}
     return int(head[0].split(" ")[1]), headers.get("x-verifier-reason", "")
@@ -116,3 +118,29 @@ async def test_explain_names_the_template_and_the_tenant_s_keys(idp: DevIdentity
     refused = await explain(settings, f"Bearer {idp.mint(tenant='northwind', claims={'tid': 'northwind'})}")
     failed = [check.step for check in refused.checks if check.result == "failed"]
     assert failed == ["issuer"], refused.as_text()
+
+
+async def test_a_route_may_trust_the_whole_template_or_one_tenant(idp: DevIdentityProvider, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "routes.yaml", idp)
+    config = yaml.safe_load(path.read_text())
+    template = config["issuers"][0]["issuer"]
+    config["policies"] = [
+        {"match": {"path_prefix": "/contoso"}, "require": {"issuers_any": [idp.tenant_issuer("contoso")]}},
+        {"match": {"path_prefix": "/"}, "require": {"issuers_any": [template]}},
+    ]
+    path.write_text(yaml.safe_dump(config))
+    app = App(load_settings(path))
+    await app.start()
+
+    async def on(route: str, token: str) -> tuple[int, str]:
+        return await answer(app, token, route)
+
+    try:
+        contoso = idp.mint(tenant="contoso", claims={"tid": "contoso"})
+        fabrikam = idp.mint(tenant="fabrikam", claims={"tid": "fabrikam"})
+        assert await on("/anything", contoso) == (200, "ok")  # the template stands for its tenants
+        assert await on("/anything", fabrikam) == (200, "ok")
+        assert await on("/contoso/orders", contoso) == (200, "ok")
+        assert await on("/contoso/orders", fabrikam) == (401, "issuer_not_trusted")  # tenant B on tenant A's route
+    finally:
+        await app.stop(grace=0)
