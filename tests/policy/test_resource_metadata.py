@@ -201,7 +201,7 @@ def test_the_readme_mcp_example_answers_as_documented() -> None:
     from verifier.policy.rules import PolicySet
     from verifier.request import RequestAttributes
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme[readme.index("**An MCP server behind the verifier.**") :]
     config, header, document = (
         re.search(rf"```{kind}\n(.*?)```", section, re.DOTALL).group(1)  # type: ignore[union-attr]
