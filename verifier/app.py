@@ -66,7 +66,7 @@ from verifier.revocation.entry import REFUSAL_CODES
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.store import DEFAULT_TIMEOUT_SECONDS as STORE_TIMEOUT_SECONDS
 from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
-from verifier.settings import ADMIN_TOKEN_ENV, Settings
+from verifier.settings import ADMIN_TOKEN_ENV, IssuerSettings, Settings
 from verifier.state import MemoryState, SharedState, StateConfig
 from verifier.state.redis import RedisState
 from verifier.tokens.cache import ExpiringCache
@@ -75,6 +75,7 @@ from verifier.tokens.introspection import Introspector
 from verifier.tokens.introspection_breaker import BreakerState, CircuitBreaker
 from verifier.tokens.jwks import IssuerKeys, KeyStore
 from verifier.tokens.jwt import JwtVerifier
+from verifier.tokens.tenants import TenantKeys
 from verifier.upstream import UpstreamAnswers
 from verifier.webauthn import SqliteCredentialStore, WebAuthnService
 
@@ -220,7 +221,16 @@ class App:
         self.metrics = metrics or Metrics()
         self.reuse_port = reuse_port
         self.keys = KeyStore(
-            {i.issuer: IssuerKeys(i, self.fetcher, self.clock, self.metrics, traced) for i in settings.issuers}
+            {
+                i.issuer: IssuerKeys(i, self._fetcher_for(i), self.clock, self.metrics, traced)
+                for i in settings.issuers
+                if not i.is_template
+            },
+            [
+                TenantKeys(i, self._fetcher_for(i), self.clock, self.metrics, traced)
+                for i in settings.issuers
+                if i.is_template
+            ],
         )
         self.jwt = JwtVerifier(
             {i.issuer: i for i in settings.issuers}, self.keys, self.clock, max_token_bytes=settings.max_token_bytes
@@ -271,7 +281,9 @@ class App:
         self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)
         self.negative: ExpiringCache[Refused] = ExpiringCache(settings.cache.negative_entries, self.clock)
         policies = PolicySet(settings.policies, settings.protected_resource)
-        with_roles = IssuerRoles({i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles})
+        with_roles = IssuerRoles(
+            {i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles}, configured=self.keys.configured
+        )
         # Tried in order; a token goes to a provider only if that provider is responsible for it and
         # the route trusts it (settings refuse two opaque-token issuers a route could not tell apart).
         authenticators: list[Authenticator] = [JwtAuthenticator(self.jwt)]
@@ -281,7 +293,8 @@ class App:
             if i.introspection is not None and i.introspection.opaque_tokens
         ]
         # Run in this order on every request, a cached token's included (see verifier.checks).
-        checks: list[Check] = [RouteTrust()]  # first: a token the route does not take goes no further
+        # First: a token the route does not take goes no further (a template on a route stands for its tenants).
+        checks: list[Check] = [RouteTrust(self.keys.configured)]
         introspect_jwts = frozenset(i.issuer for i in settings.issuers if i.introspect_jwts)
         if introspect_jwts:
             checks.append(IntrospectJwts(introspect_jwts, self.introspectors))
@@ -352,6 +365,14 @@ class App:
             add_admin_routes(self.router, self.revocation.admin)
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _fetcher_for(self, issuer: IssuerSettings) -> Fetcher:
+        """The fetcher of one issuer's discovery and JWKS: the shared one, or its view with the issuer's TLS rules."""
+        if not (issuer.jwks_pin_sha256 or issuer.tls_ca_file):
+            return self.fetcher
+        if not isinstance(self.fetcher, HttpFetcher):  # a pin nobody checks would be a silent pass
+            raise ValueError(f"{issuer.issuer}: jwks_pin_sha256 and tls_ca_file need the HTTP fetcher")
+        return self.fetcher.with_tls(ca_file=issuer.tls_ca_file, pins=issuer.jwks_pin_sha256)
 
     def _discovered(self, name: str, issuer: str) -> Callable[[], str]:
         """A late-bound lookup of a discovery metadata value (discovery happens after start-up)."""

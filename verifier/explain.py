@@ -32,7 +32,7 @@ KEYS_GRACE_SECONDS = 2.0  # beyond the slowest issuer's fetch timeout, before re
 # its refusal carries. The pipeline stops at the first failure: the ones before it passed.
 TOKEN_CHECKS: tuple[tuple[str, frozenset[str]], ...] = (
     ("syntax", frozenset({"token_malformed", "invalid_token", "token_missing", "invalid_request"})),
-    ("issuer", frozenset({"issuer_unknown"})),
+    ("issuer", frozenset({"issuer_unknown", "tenant_not_allowed"})),
     ("algorithm", frozenset({"algorithm_refused"})),
     ("key", frozenset({"key_unknown", "provider_unavailable"})),
     ("signature", frozenset({"signature_invalid"})),
@@ -160,7 +160,7 @@ def _token_details(
         "aud": f"aud {claims.get('aud')!r}",
     }
     if issuer is not None:
-        keys = app.keys.get(issuer.issuer)
+        keys = app.keys.get(iss) if isinstance(iss, str) else None  # a template's tenant: its own keys
         held = ", ".join(str(k) for k in keys.kids) if keys is not None else ""
         details["algorithm"] = f"{parsed.alg}; allowed: {', '.join(issuer.algorithms)}"
         details["key"] = f"kid {parsed.kid!r}; held: {held or 'none'}"
@@ -293,8 +293,9 @@ def _report(
         except VerifierError:
             parsed = None
     iss = parsed.payload.get("iss") if parsed is not None else None
-    issuer = next((i for i in settings.issuers if i.issuer == iss), None)
-    keys = app.keys.get(issuer.issuer) if issuer is not None else None
+    configured = app.keys.configured(iss) if isinstance(iss, str) else ""  # a tenant's: its template
+    issuer = next((i for i in settings.issuers if i.issuer == (configured or iss)), None)
+    keys = app.keys.get(iss) if issuer is not None and isinstance(iss, str) else None
     token_info: dict[str, Any] = {
         "fingerprint": fingerprint(token_hash(token)),
         "bytes": len(token.encode()),

@@ -77,6 +77,7 @@ _REASONS = (
     _token("algorithm_refused", "`alg` is not on the issuer's allow-list, or does not fit the key"),
     _token("key_unknown", "no key with this `kid`, after at most one refresh of the issuer's JWKS"),
     _token("issuer_unknown", "`iss` is not a configured issuer"),
+    _token("tenant_not_allowed", "`iss` fits an issuer template, but its tenant is not on the allow-list"),
     _token("issuer_mismatch", "the introspection answer names another issuer"),
     _token("token_expired", "`exp` is in the past", reusable=False),
     _token("token_not_yet_valid", "`nbf` or `iat` lies in the future", reusable=False),

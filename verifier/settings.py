@@ -40,6 +40,7 @@ from verifier.config.issuer import (
     IssuerSettings,
     RoleRule,
 )
+from verifier.config.keysource import check_issuer_url, check_key_source, read_static_jwks, read_tenants
 from verifier.config.policy import (
     SENDER_CONSTRAINTS,
     STEP_UP_METHODS,
@@ -304,7 +305,7 @@ def _optional_section(root: Reader, key: str, parse: Callable[[Any, str], T]) ->
 def _issuer(reader: Reader) -> IssuerSettings:
     issuer = reader.text("issuer")
     insecure = reader.boolean("allow_insecure_http", False)
-    check_url(issuer, f"{reader.path}.issuer", allow_insecure_http=insecure)
+    check_issuer_url(issuer, f"{reader.path}.issuer", allow_insecure_http=insecure)
     algorithms = reader.strings("algorithms")
     for i, alg in enumerate(algorithms):
         if alg not in SUPPORTED_ALGORITHMS:
@@ -322,11 +323,14 @@ def _issuer(reader: Reader) -> IssuerSettings:
             algorithms=algorithms,
             roles=roles,
             introspection=_introspection(reader, insecure),
+            **read_tenants(reader),
+            **read_static_jwks(reader),
         )
     )
     for key in ("discovery_url", "jwks_uri"):
         if getattr(settings, key):
-            check_url(getattr(settings, key), f"{reader.path}.{key}", allow_insecure_http=insecure)
+            check_issuer_url(getattr(settings, key), f"{reader.path}.{key}", allow_insecure_http=insecure)
+    check_key_source(settings, reader.path)
     if settings.jwks_min_ttl_seconds > settings.jwks_max_ttl_seconds:
         raise ConfigError(f"{reader.path}.jwks_min_ttl_seconds: larger than jwks_max_ttl_seconds")
     reader.done()

@@ -176,10 +176,17 @@ class OpenIDProvider:
         port: int | None = None,
         access_token_ttl: int = DEFAULT_ACCESS_TOKEN_TTL_S,
         startup_timeout: float = STARTUP_TIMEOUT_S,
+        issuer: str | None = None,
     ) -> None:
-        """Prepare (do not start) a provider; ``port`` defaults to a free one picked at :meth:`start`."""
+        """Prepare (do not start) a provider; ``port`` defaults to a free one picked at :meth:`start`.
+
+        ``issuer`` (e.g. ``http://127.0.0.1:<proxy>/tenant-a``) makes this provider one tenant behind a
+        path-prefix proxy (``tenant_proxy.TenantProxy``): it answers under that path, and the harness
+        reaches it through the proxy.
+        """
         self.workdir = Path(workdir)
         self.port = port
+        self._public_issuer = issuer
         self.access_token_ttl = access_token_ttl
         self.startup_timeout = startup_timeout
         self.keys_file = self.workdir / "op-private-jwks.json"
@@ -293,6 +300,7 @@ class OpenIDProvider:
             "keys_file": str(self.keys_file),
             "signing_kids": self._signing_kids,
             "access_token_ttl": self.access_token_ttl,
+            **({"issuer": self._public_issuer} if self._public_issuer else {}),
             "clients": [
                 {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "scope": DEFAULT_SCOPE},
                 {
@@ -354,6 +362,8 @@ class OpenIDProvider:
     @property
     def issuer(self) -> str:
         """``http://127.0.0.1:<port>``; also the base of every endpoint."""
+        if self._public_issuer:
+            return self._public_issuer
         if self.port is None:
             raise ProviderError("provider not started")
         return f"http://127.0.0.1:{self.port}"

@@ -11,7 +11,7 @@ would not help.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from verifier.checks.base import Check, Route
 from verifier.credentials import Credential
@@ -36,6 +36,10 @@ def client_of(principal: Principal) -> str | None:
 class RouteTrust(Check):
     """The route's policy narrows the issuers, audiences or clients it takes."""
 
+    def __init__(self, configured: Callable[[str], str] | None = None) -> None:
+        """`configured` names the `issuers[]` entry of a verified issuer (its template, for a tenant's)."""
+        self._configured = configured
+
     def for_route(self, route: Route) -> bool:
         """A route whose policy names issuers, audiences (or a resource) or clients."""
         return route.policy is not None and route.policy.trusts
@@ -50,7 +54,9 @@ class RouteTrust(Check):
         # unless the entry is a template standing for many issuers): either may be listed.
         iss = principal.claims.get("iss")
         if policy.issuers and not (
-            principal.issuer in policy.issuers or (isinstance(iss, str) and iss in policy.issuers)
+            principal.issuer in policy.issuers
+            or (isinstance(iss, str) and iss in policy.issuers)
+            or (self._configured is not None and self._configured(principal.issuer) in policy.issuers)
         ):
             raise VerifierError("the token's issuer is not trusted on this route", code="issuer_not_trusted")
         if policy.audiences and not any(a in policy.audiences for a in _strings(principal.claims.get("aud"))):
