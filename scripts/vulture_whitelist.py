@@ -23,6 +23,9 @@ _.allowed_algorithms  # fido2 Fido2Server reads it
 # Config keys read by name through the shared field reader (verifier.config.base.read_fields).
 nonce_secret_env
 poll_authorization_env
+private_key_file  # upstream.identity_token
+private_key_env
+otlp_endpoint  # tracing: read into the exporter's URL by name
 
 # Public API of the package used from outside verifier/: the Kong plugin (kong/python) and `verifier dev`'s
 # identity provider, which the bench and the tests drive (revoke a token, count provider calls).
@@ -35,3 +38,6 @@ _.batch_tokens
 
 # The memory store's eviction count: how an operator (and the tests) see a table filling up.
 _.evictions
+
+# Read by the tests to prove a bound holds (the number of issuer-template tenants whose keys are kept).
+_.tenants_held

@@ -30,6 +30,7 @@ SECTION_PARSERS = {
     "config/introspection.py",
     "config/revocation.py",
     "config/state.py",
+    "config/upstream.py",
     "config/webauthn.py",
 }
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from doorkit import http_exchange
 
 from verifier.app import App
@@ -44,6 +46,7 @@ async def provider(tmp_path: Path) -> AsyncIterator[tuple[DevIdentityProvider, P
         ],
         "policies": [
             {"name": "admin-api", "match": {"path_prefix": "/admin"}, "require": {"roles_any": ["admin"]}},
+            {"name": "mcp", "match": {"path_prefix": "/mcp"}, "require": {"clients_any": ["mcp-client"]}},
             {"name": "everything-else", "match": {"path_prefix": "/"}, "require": {"scopes_any": ["read"]}},
         ],
     }
@@ -103,6 +106,8 @@ def _token(idp: DevIdentityProvider, case: str) -> tuple[str, str]:
         return idp.mint(sub="alice", aud="https://other.example.test"), "/hello"
     if case == "role-missing":
         return idp.mint(sub="bob"), "/admin/users"
+    if case == "client-not-allowed":
+        return idp.mint(sub="bob"), "/mcp"  # client_id dev-client
     return "eyJhbGciOiJFUzI1NiJ9.not-json.c2ln", "/hello"  # malformed
 
 
@@ -111,6 +116,7 @@ CASES: dict[str, dict[str, Any]] = {
     "expired": {"status": 401, "reason": "token_expired", "failed": "exp"},
     "wrong-audience": {"status": 403, "reason": "audience_mismatch", "failed": "aud"},
     "role-missing": {"status": 403, "reason": "role_missing", "failed": "policy"},
+    "client-not-allowed": {"status": 403, "reason": "client_not_allowed", "failed": "route trust"},
     "malformed": {"status": 401, "reason": "token_malformed", "failed": "syntax"},
 }
 
@@ -229,3 +235,35 @@ async def test_explain_with_the_provider_down_says_so(provider: tuple[DevIdentit
     assert report["answer"]["status"] == 503 and report["answer"]["reason"] == "provider_unavailable"
     assert {c["step"]: c["result"] for c in report["checks"]}["key"] == "failed"
     assert any("NOT_SERVING" in note for note in report["notes"])
+
+
+async def test_explain_shows_what_the_upstream_receives_but_never_the_assertion(
+    provider: tuple[DevIdentityProvider, Path], tmp_path: Path
+) -> None:
+    """Mapped headers and the Kong consumer are shown; the identity assertion (a bearer credential for the
+    upstream, like the token) only as its fingerprint."""
+    idp, path = provider
+    key = tmp_path / "identity.pem"
+    key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    config = yaml.safe_load(path.read_text())
+    config["upstream"] = {
+        "headers": [{"header": "X-Authenticated-Email", "claim": "email"}],
+        "consumer": {"claim": "sub"},
+        "identity_token": {
+            "issuer": "https://verifier.internal",
+            "private_key_file": str(key),
+            "audience": "https://o",
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = await _explain(
+        path, "--path", "/x", idp.mint(scope="read", claims={"email": "alice@example.test"})
+    )
+    assert code == 0, (out, err)
+    assert "x-authenticated-email: alice@example.test" in out
+    assert "x-kong-consumer-username:" in out and "(for the Kong plugin, not the upstream)" in out
+    assert "x-authenticated-identity: <identity assertion," in out and "eyJ" not in out

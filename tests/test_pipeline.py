@@ -81,7 +81,8 @@ async def test_policies_anonymous_route_unmatched_route_and_scopes() -> None:
         status, headers, _ = _parse(await http_exchange(port, _request("/api/x", token=idp.mint(scope="write"))))
         assert (status, headers["x-verifier-reason"]) == (403, "scope_missing")
         status, headers, _ = _parse(await http_exchange(port, _request("/api/x")))
-        assert status == 401 and headers["www-authenticate"] == 'Bearer realm="verifier"'
+        # a bare challenge, naming the route's scope (RFC 6750 section 3) so the client knows what to ask for
+        assert status == 401 and headers["www-authenticate"] == 'Bearer realm="verifier", scope="read"'
 
 
 async def test_dpop_bound_token_with_valid_proof_replay_missing_proof_and_downgrade() -> None:

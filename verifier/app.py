@@ -32,15 +32,18 @@ from verifier.checks.policy import RoutePolicy
 from verifier.checks.rate_limit import RateLimit
 from verifier.checks.revocation import Revocation
 from verifier.checks.step_up import WebAuthnStepUp
+from verifier.checks.trust import RouteTrust
 from verifier.clock import Clock, SystemClock
 from verifier.config.dpop import DpopConfig
 from verifier.config.introspection import IntrospectionConfig
+from verifier.config.resource import ProtectedResourceConfig
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes
-from verifier.decision import Decision
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.forward_auth import ForwardAuthDoor
 from verifier.doors.grpc import GrpcDoors
+from verifier.doors.jwks_http import add_jwks_route
 from verifier.doors.logout_http import add_logout_routes
+from verifier.doors.metadata_http import add_metadata_routes
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
@@ -53,7 +56,8 @@ from verifier.observe.metrics import (
     WebAuthnMetrics,
 )
 from verifier.observe.tracing import NO_TRACING, Tracing
-from verifier.pipeline import Admitted, Pipeline
+from verifier.pipeline import Admitted, Pipeline, Refused
+from verifier.policy.metadata import resource_documents
 from verifier.policy.ratelimit import RateLimiter
 from verifier.policy.roles import IssuerRoles, RoleMapper
 from verifier.policy.rules import PolicySet
@@ -73,6 +77,8 @@ from verifier.tokens.introspection import Introspector
 from verifier.tokens.introspection_breaker import BreakerState, CircuitBreaker
 from verifier.tokens.jwks import IssuerKeys, KeyStore
 from verifier.tokens.jwt import JwtVerifier
+from verifier.tokens.tenants import TenantKeys
+from verifier.upstream import UpstreamAnswers
 from verifier.webauthn import SqliteCredentialStore, WebAuthnService
 
 log = logging.getLogger("verifier.app")
@@ -217,7 +223,16 @@ class App:
         self.metrics = metrics or Metrics()
         self.reuse_port = reuse_port
         self.keys = KeyStore(
-            {i.issuer: IssuerKeys(i, self.fetcher, self.clock, self.metrics, traced) for i in settings.issuers}
+            {
+                i.issuer: IssuerKeys(i, self._fetcher_for(i), self.clock, self.metrics, traced)
+                for i in settings.issuers
+                if not i.is_template
+            },
+            [
+                TenantKeys(i, self._fetcher_for(i), self.clock, self.metrics, traced)
+                for i in settings.issuers
+                if i.is_template
+            ],
         )
         self.jwt = JwtVerifier(
             {i.issuer: i for i in settings.issuers}, self.keys, self.clock, max_token_bytes=settings.max_token_bytes
@@ -270,19 +285,22 @@ class App:
                 trace_id=traced.trace_id,
             )
         self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)
-        self.negative: ExpiringCache[Decision] = ExpiringCache(settings.cache.negative_entries, self.clock)
-        policies = PolicySet(settings.policies)
-        with_roles = IssuerRoles({i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles})
-        opaque = next(
-            (i.issuer for i in settings.issuers if i.introspection is not None and i.introspection.opaque_tokens), None
+        self.negative: ExpiringCache[Refused] = ExpiringCache(settings.cache.negative_entries, self.clock)
+        policies = PolicySet(settings.policies, settings.protected_resource)
+        with_roles = IssuerRoles(
+            {i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles}, configured=self.keys.configured
         )
-        # Tried in order; a token goes to a provider only if that provider is responsible for it
-        # (settings refuse a second issuer introspecting opaque tokens).
+        # Tried in order; a token goes to a provider only if that provider is responsible for it and
+        # the route trusts it (settings refuse two opaque-token issuers a route could not tell apart).
         authenticators: list[Authenticator] = [JwtAuthenticator(self.jwt)]
-        if opaque is not None and opaque in self.introspectors:
-            authenticators.append(OpaqueIntrospection(opaque, self.introspectors[opaque]))
+        authenticators += [
+            OpaqueIntrospection(i.issuer, self.introspectors[i.issuer])
+            for i in settings.issuers
+            if i.introspection is not None and i.introspection.opaque_tokens
+        ]
         # Run in this order on every request, a cached token's included (see verifier.checks).
-        checks: list[Check] = []
+        # First: a token the route does not take goes no further (a template on a route stands for its tenants).
+        checks: list[Check] = [RouteTrust(self.keys.configured)]
         introspect_jwts = frozenset(i.issuer for i in settings.issuers if i.introspect_jwts)
         if introspect_jwts:
             checks.append(IntrospectJwts(introspect_jwts, self.introspectors))
@@ -299,6 +317,7 @@ class App:
             checks.append(WebAuthnStepUp(self.webauthn))
         if settings.rate_limits:
             checks.append(RateLimit(RateLimiter(settings.rate_limits, self.state, self.clock)))
+        self.upstream = UpstreamAnswers(settings.upstream)  # keys parsed at start-up, by the settings
         self.pipeline = Pipeline(
             authenticators=authenticators,
             checks=checks,
@@ -316,9 +335,23 @@ class App:
             deadline=settings.deadline_seconds,
             edge_max_age=settings.edge_cache.max_age_seconds,
             refusal_max_age=settings.edge_cache.refusal_max_age_seconds,
+            upstream=self.upstream,
             tracing=traced,
         )
         self.router = Router()
+        add_metadata_routes(  # RFC 9728: unauthenticated discovery of the resources and their issuers
+            self.router,
+            resource_documents(
+                settings.policies or (),
+                settings.protected_resource,
+                [i.issuer for i in settings.issuers],
+                self.dpop.algorithms,
+                dpop_configured=settings.dpop is not None,
+            ),
+            max_age=(settings.protected_resource or ProtectedResourceConfig()).max_age_seconds,
+        )
+        if self.upstream.assertions is not None:
+            add_jwks_route(self.router, self.upstream.assertions.jwks)
         if self.webauthn is not None:
             add_webauthn_routes(self.router, self.webauthn, self._authenticate)
         self.forward_auth = ForwardAuthDoor(
@@ -352,6 +385,14 @@ class App:
             clock=self.clock,
             max_token_lifetime=float(revocation.config.max_token_lifetime_seconds),
         )
+
+    def _fetcher_for(self, issuer: IssuerSettings) -> Fetcher:
+        """The fetcher of one issuer's discovery and JWKS: the shared one, or its view with the issuer's TLS rules."""
+        if not (issuer.jwks_pin_sha256 or issuer.tls_ca_file):
+            return self.fetcher
+        if not isinstance(self.fetcher, HttpFetcher):  # a pin nobody checks would be a silent pass
+            raise ValueError(f"{issuer.issuer}: jwks_pin_sha256 and tls_ca_file need the HTTP fetcher")
+        return self.fetcher.with_tls(ca_file=issuer.tls_ca_file, pins=issuer.jwks_pin_sha256)
 
     def _discovered(self, name: str, issuer: str) -> Callable[[], str]:
         """A late-bound lookup of a discovery metadata value (discovery happens after start-up)."""

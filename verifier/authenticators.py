@@ -1,9 +1,10 @@
 """Who vouches for a token: tried in order, each able to say "not responsible" (Ory Oathkeeper's chain).
 
-A JWT is checked against its issuer's keys; an opaque token is sent to the one issuer configured to
-introspect opaque tokens (settings refuse a second: an opaque token does not name its issuer, and a
-token is never disclosed to a provider that is not responsible for it). When no authenticator takes
-a token, it is refused as malformed (401 invalid_token).
+A JWT is checked against its issuer's keys; an opaque token is sent to the one issuer the route trusts
+among those configured to introspect opaque tokens (settings refuse two that a route could not tell
+apart: an opaque token does not name its issuer, and a token is never disclosed to a provider that is
+not responsible for it; `verifier.pipeline` picks the authenticators per route by `sends_to`). When
+no authenticator takes a token, it is refused as malformed (401 invalid_token).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
-from verifier.errors import MalformedToken
+from verifier.errors import MalformedToken, VerifierError
 from verifier.principal import Principal
 from verifier.tokens import jws
 from verifier.tokens.jwt import JwtVerifier
@@ -42,7 +43,14 @@ class Introspector(Protocol):
 
 
 class Authenticator(Protocol):
-    """Turns a token into a principal, or raises `NotResponsible` before looking further."""
+    """Turns a token into a principal, or raises `NotResponsible` before looking further.
+
+    `sends_to` names the one issuer every token it takes is disclosed to (introspection of opaque
+    tokens), or is None when the token itself names its issuer: on a route that does not trust that
+    issuer (`issuers_any`) the pipeline never asks it, so the token never leaves for that provider.
+    """
+
+    sends_to: str | None
 
     def verify_now(self, token: str, seen: Seen) -> Principal | None:
         """The principal without I/O, or None when `verify` must be awaited; raises a refusal."""
@@ -55,6 +63,8 @@ class Authenticator(Protocol):
 
 class JwtAuthenticator:
     """RFC 7519 / RFC 9068: a JWS-looking token, verified against its issuer's keys."""
+
+    sends_to: str | None = None  # the token names its issuer; checked locally against its keys
 
     def __init__(self, jwt: JwtVerifier) -> None:
         self._jwt = jwt
@@ -80,10 +90,11 @@ class JwtAuthenticator:
 
 
 class OpaqueIntrospection:
-    """RFC 7662: a token that is not a JWS, sent to the one issuer that introspects opaque tokens."""
+    """RFC 7662: a token that is not a JWS, sent to an issuer that introspects opaque tokens."""
 
     def __init__(self, issuer: str, introspector: Introspector) -> None:
         self._issuer = issuer
+        self.sends_to: str | None = issuer
         self._introspector = introspector
 
     def _take(self, token: str, seen: Seen) -> None:
@@ -100,6 +111,12 @@ class OpaqueIntrospection:
         """The provider's answer (cached by the introspector)."""
         self._take(token, seen)
         return await self._introspector.introspect(token, token_hash)
+
+
+def issuer_not_trusted() -> VerifierError:
+    """The refusal when the only authenticators that would take the token send it to an issuer the
+    route does not trust: not the token's fault, so never remembered for it (another route may take it)."""
+    return VerifierError("no issuer trusted on this route takes this token", code="issuer_not_trusted")
 
 
 def none_responsible() -> MalformedToken:

@@ -7,6 +7,7 @@ answer (status, challenge, body).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Collection
 
 from verifier.principal import Principal
@@ -26,11 +27,18 @@ class Decision:
     status: int
     reason: str  # stable code: "ok" or a catalogued refusal code (verifier.reasons)
     upstream_headers: Headers = ()  # set on the upstream request when allowed
+    # For the gateway itself on an allow (the Kong consumer to authenticate: X-Kong-Consumer-*), never set
+    # on the upstream request: forward-auth answer headers, our gRPC `answer_headers`, not Envoy's.
+    answer_headers: Headers = ()
     response_headers: Headers = ()  # returned to the client when refused
     body: bytes = b""
     subject: str = ""
     roles: tuple[str, ...] = ()
     cache_max_age: int = 0  # seconds a gateway may reuse this decision; 0 = no-store
+    # Epoch seconds: a stored allow is answered as it is, with its max-age, while at least that max-age
+    # is left before this (its token's `exp`; with an identity assertion, its renewal plus the max-age).
+    fresh_until: float = math.inf
+    renew_at: float = math.inf  # its identity assertion is re-minted from here on (inf: it has none)
     # Serialized forms built once per decision by the doors (HTTP head, gRPC answers); a cached
     # decision is therefore answered without re-serializing anything.
     memo: dict[str, bytes] = dataclasses.field(default_factory=dict, compare=False, repr=False, hash=False)
@@ -52,7 +60,7 @@ class Decision:
 
     def _http_head(self) -> bytes:
         lines = [f"HTTP/1.1 {self.status} {_PHRASES.get(self.status, 'Status')}"]
-        headers = self.upstream_headers if self.allowed else self.response_headers
+        headers = self.upstream_headers + self.answer_headers if self.allowed else self.response_headers
         lines.extend(f"{name}: {value}" for name, value in headers)
         lines.append(f"{REASON_HEADER}: {self.reason}")
         # nginx's proxy_cache ignores a `private` answer: X-Accel-Expires (nginx reads it first and then
@@ -82,23 +90,38 @@ _PHRASES = {
 }
 
 
-def allow(principal: Principal, *, cache_max_age: int = 0) -> Decision:
-    """The allow answer: identity headers for the upstream, the token left untouched."""
-    headers: list[tuple[str, str]] = [
+def allow(
+    principal: Principal,
+    *,
+    cache_max_age: int = 0,
+    headers: Headers = (),
+    answer_headers: Headers = (),
+    renew_at: float = math.inf,
+) -> Decision:
+    """The allow answer: identity headers for the upstream, the token left untouched.
+
+    `headers` (mapped claims, the identity assertion) and `answer_headers` come rendered and checked
+    (`verifier.upstream`); the fixed four are built here. With an identity assertion, `renew_at` is when
+    a fresh one is minted instead: the answer is handed out until then, and reused for its max-age at most.
+    """
+    fixed: list[tuple[str, str]] = [
         ("x-authenticated-userid", principal.subject),
         ("x-authenticated-scope", principal.scope),
         ("x-authenticated-issuer", principal.issuer),
     ]
     if principal.roles:
-        headers.append(("x-authenticated-roles", ",".join(sorted(principal.roles))))
+        fixed.append(("x-authenticated-roles", ",".join(sorted(principal.roles))))
     return Decision(
         allowed=True,
         status=200,
         reason=ALLOW,
-        upstream_headers=tuple((k, _header_safe(v)) for k, v in headers),
+        upstream_headers=tuple((k, header_safe(v)) for k, v in fixed) + headers,
+        answer_headers=answer_headers,
         subject=principal.subject,
         roles=tuple(sorted(principal.roles)),
         cache_max_age=cache_max_age,
+        fresh_until=min(principal.expires_at, renew_at + cache_max_age),
+        renew_at=renew_at,
     )
 
 
@@ -115,7 +138,7 @@ def smuggled_identity(decision: Decision, request_headers: Collection[str]) -> l
     return sorted({name for name in names if name not in ours})
 
 
-def _header_safe(value: str) -> str:
+def header_safe(value: str) -> str:
     """Claims go into headers: strip CR/LF and other controls so no claim can inject a header."""
     if value.isprintable():  # the common case: nothing to strip (controls are never printable)
         return value

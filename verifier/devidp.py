@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import hmac
 import json
 import secrets
 import time
 import urllib.parse
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jwt
@@ -44,11 +45,14 @@ class DevIdentityProvider:
         introspection_client_id: str = DEV_INTROSPECTION_CLIENT_ID,
         introspection_client_secret: str | None = None,
         keys: Mapping[str, tuple[str, Any]] | None = None,
+        tenants: Sequence[str] = (),
     ) -> None:
         """`port` 0 picks a free port (read `port` after `start`); the secret is random unless given.
 
         `keys` (alg -> (kid, private key)) replaces the keys generated here, for a caller that mints
         tokens itself (the benchmark, in processes of its own); it must name ES256, RS256 and EdDSA.
+        `tenants` adds one issuer per tenant under this one, as multi-tenant providers do:
+        `{issuer}/{tenant}` with its own discovery, JWKS and ES256 key (`mint(tenant=...)`).
         """
         self.host = host
         self.port = port
@@ -73,6 +77,11 @@ class DevIdentityProvider:
             else dict(keys)
         )
         self._jwks: dict[str, Any] | None = None  # the public keys never change: built once
+        self._tenant_keys: dict[str, tuple[str, ec.EllipticCurvePrivateKey]] = {
+            tenant: (f"dev-{tenant}-es256-{uuid.uuid4().hex[:8]}", ec.generate_private_key(ec.SECP256R1()))
+            for tenant in tenants
+        }
+        self.requests: collections.Counter[str] = collections.Counter()  # path -> requests, any path
         self._runner: web.AppRunner | None = None
 
     @property
@@ -94,6 +103,25 @@ class DevIdentityProvider:
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
         }
+
+    def tenant_issuer(self, tenant: str) -> str:
+        """The issuer URL of one tenant."""
+        return f"{self.issuer}/{tenant}"
+
+    def _tenant_discovery(self, tenant: str) -> dict[str, Any]:
+        issuer = self.tenant_issuer(tenant)
+        return {
+            "issuer": issuer,
+            "jwks_uri": f"{issuer}/jwks",
+            "id_token_signing_alg_values_supported": ["ES256"],
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+        }
+
+    def _tenant_jwks(self, tenant: str) -> dict[str, Any]:
+        kid, private = self._tenant_keys[tenant]
+        jwk = json.loads(jwt.get_algorithm_by_name("ES256").to_jwk(private.public_key()))
+        return {"keys": [{**jwk, "kid": kid, "alg": "ES256", "use": "sig"}]}
 
     def jwks(self) -> dict[str, Any]:
         """The public keys."""
@@ -118,18 +146,25 @@ class DevIdentityProvider:
         ttl: int = DEFAULT_TTL_SECONDS,
         claims: dict[str, Any] | None = None,
         introspectable: bool = False,
+        tenant: str | None = None,
     ) -> str:
         """Signs an access token.
 
         `sub=None` makes a client-credentials token (only `client_id`); `introspectable` makes the
         introspection endpoint answer for it (active until `revoke`), as a provider does for its JWTs.
+        `tenant` signs as that tenant's issuer, with its ES256 key.
         """
-        if alg not in self._keys:
+        if tenant is not None:
+            if tenant not in self._tenant_keys or alg != "ES256":
+                raise ValueError(f"tenant must be one of {sorted(self._tenant_keys)}, signing ES256")
+            kid, private = self._tenant_keys[tenant]
+        elif alg not in self._keys:
             raise ValueError(f"alg must be one of {sorted(self._keys)}")
-        kid, private = self._keys[alg]
+        else:
+            kid, private = self._keys[alg]
         now = int(time.time())
         body: dict[str, Any] = {
-            "iss": self.issuer,
+            "iss": self.issuer if tenant is None else self.tenant_issuer(tenant),
             "sub": sub,
             "aud": aud,
             "scope": scope,
@@ -309,9 +344,24 @@ class DevIdentityProvider:
         async def jwks(_: web.Request) -> web.Response:
             return web.json_response(self.jwks(), headers={"Cache-Control": "public, max-age=300"})
 
-        app = web.Application()
+        async def tenant_document(request: web.Request) -> web.Response:
+            tenant = request.match_info["tenant"]
+            if tenant not in self._tenant_keys:
+                return web.json_response({"error": "no such tenant"}, status=404)
+            if request.match_info["document"] == "jwks":
+                return web.json_response(self._tenant_jwks(tenant), headers={"Cache-Control": "public, max-age=300"})
+            return web.json_response(self._tenant_discovery(tenant))
+
+        @web.middleware
+        async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.requests[request.path] += 1
+            response: web.StreamResponse = await handler(request)
+            return response
+
+        app = web.Application(middlewares=[count])
         app.router.add_get("/.well-known/openid-configuration", discovery)
         app.router.add_get("/jwks", jwks)
+        app.router.add_get(r"/{tenant}/{document:jwks|\.well-known/openid-configuration}", tenant_document)
         app.router.add_post("/token", self._token)
         app.router.add_post("/introspect", self._introspect)
         app.router.add_post("/introspect/batch", self._introspect_batch)

@@ -156,6 +156,12 @@ class UnknownIssuer(InvalidToken):
     code = "issuer_unknown"
 
 
+class TenantNotAllowed(InvalidToken):
+    """`iss` fits an issuer template, but names a tenant outside its allow-list (refused before any fetch)."""
+
+    code = "tenant_not_allowed"
+
+
 class TokenExpired(InvalidToken):
     """`exp` is in the past (beyond leeway)."""
 

@@ -32,7 +32,7 @@ KEYS_GRACE_SECONDS = 2.0  # beyond the slowest issuer's fetch timeout, before re
 # its refusal carries. The pipeline stops at the first failure: the ones before it passed.
 TOKEN_CHECKS: tuple[tuple[str, frozenset[str]], ...] = (
     ("syntax", frozenset({"token_malformed", "invalid_token", "token_missing", "invalid_request"})),
-    ("issuer", frozenset({"issuer_unknown"})),
+    ("issuer", frozenset({"issuer_unknown", "tenant_not_allowed"})),
     ("algorithm", frozenset({"algorithm_refused"})),
     ("key", frozenset({"key_unknown", "provider_unavailable"})),
     ("signature", frozenset({"signature_invalid"})),
@@ -47,6 +47,8 @@ _CLAIM_CHECK = {"exp": "exp", "nbf": "nbf/iat", "iat": "nbf/iat", "sub": "sub", 
 
 def _after_token_step(code: str) -> str:
     """Which step after the token check a refusal code comes from (pipeline order: `Pipeline._decide`)."""
+    if code in ("issuer_not_trusted", "audience_not_trusted", "client_not_allowed"):
+        return "route trust"
     if "revoked" in code:
         return "revocation"
     if code.startswith(("dpop_", "certificate_")) or code in ("sender_constraint_failed", "token_not_dpop_bound"):
@@ -119,6 +121,8 @@ class Report:
             lines.append(f"          WWW-Authenticate: {a['www_authenticate']}")
         for name, value in a.get("upstream_headers", {}).items():
             lines.append(f"          {name}: {value}")
+        for name, value in a.get("answer_headers", {}).items():
+            lines.append(f"          {name}: {value} (for the Kong plugin, not the upstream)")
         lines.append(
             f"reuse     max-age={a['max_age']} (a gateway may reuse this answer for {a['max_age']} s)"
             if a["max_age"] > 0
@@ -156,7 +160,7 @@ def _token_details(
         "aud": f"aud {claims.get('aud')!r}",
     }
     if issuer is not None:
-        keys = app.keys.get(issuer.issuer)
+        keys = app.keys.get(iss) if isinstance(iss, str) else None  # a template's tenant: its own keys
         held = ", ".join(str(k) for k in keys.kids) if keys is not None else ""
         details["algorithm"] = f"{parsed.alg}; allowed: {', '.join(issuer.algorithms)}"
         details["key"] = f"kid {parsed.kid!r}; held: {held or 'none'}"
@@ -210,15 +214,25 @@ def _policy_summary(policy: CompiledPolicy) -> str:
     return f"policy {policy.name!r} ({shown or 'every request'}) requires {'; '.join(require) or 'a valid token'}"
 
 
-def _answer(decision: Decision) -> dict[str, Any]:
+def _assertion_header(settings: Settings) -> str:
+    identity = settings.upstream.identity_token if settings.upstream is not None else None
+    return identity.header if identity is not None else ""
+
+
+def _answer(decision: Decision, assertion_header: str = "") -> dict[str, Any]:
     headers = dict(decision.response_headers)
+    upstream = dict(decision.upstream_headers) if decision.allowed else {}
+    if assertion_header in upstream:  # a bearer credential for the upstream: never printed, like the token
+        value = upstream[assertion_header]
+        upstream[assertion_header] = f"<identity assertion, {len(value)} bytes, {fingerprint(token_hash(value))}>"
     return {
         "allowed": decision.allowed,
         "status": decision.status,
         "reason": decision.reason,
         "www_authenticate": headers.get("www-authenticate", ""),
         "response_headers": headers,
-        "upstream_headers": dict(decision.upstream_headers) if decision.allowed else {},
+        "upstream_headers": upstream,
+        "answer_headers": dict(decision.answer_headers) if decision.allowed else {},  # for the Kong plugin
         "max_age": decision.cache_max_age,
     }
 
@@ -279,8 +293,9 @@ def _report(
         except VerifierError:
             parsed = None
     iss = parsed.payload.get("iss") if parsed is not None else None
-    issuer = next((i for i in settings.issuers if i.issuer == iss), None)
-    keys = app.keys.get(issuer.issuer) if issuer is not None else None
+    configured = app.keys.configured(iss) if isinstance(iss, str) else ""  # a tenant's: its template
+    issuer = next((i for i in settings.issuers if i.issuer == (configured or iss)), None)
+    keys = app.keys.get(iss) if issuer is not None and isinstance(iss, str) else None
     token_info: dict[str, Any] = {
         "fingerprint": fingerprint(token_hash(token)),
         "bytes": len(token.encode()),
@@ -322,7 +337,7 @@ def _report(
         }
         if principal is not None
         else None,
-        answer=_answer(decision),
+        answer=_answer(decision, _assertion_header(settings)),
         notes=[],
     )
 
@@ -337,6 +352,10 @@ def _after_token_checks(
     """The checks after the token's own, in the pipeline's order, for the ones that apply."""
     cnf = principal.claims.get("cnf")
     steps = []
+    if policy is not None and policy.trusts:  # checks.trust.RouteTrust runs first
+        narrowed = (("issuers", policy.issuers), ("audiences", policy.audiences), ("clients", policy.clients))
+        trusted = [f"{name} [{', '.join(sorted(values))}]" for name, values in narrowed if values]
+        steps.append(("route trust", "; ".join(trusted)))
     if settings.revocation is not None:
         steps.append(("revocation", "no revocation entry for this token or subject"))
     if cnf or (policy is not None and policy.require.sender_constraint):

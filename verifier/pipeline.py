@@ -18,15 +18,16 @@ import asyncio
 import dataclasses
 import logging
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from verifier import credentials
-from verifier.authenticators import Authenticator, NotResponsible, Seen, none_responsible
-from verifier.checks.base import NO_POLICY, OWN_ENDPOINT, Check, Route
+from verifier.authenticators import Authenticator, NotResponsible, Seen, issuer_not_trusted, none_responsible
+from verifier.checks.base import OWN_ENDPOINT, Check, Route
 from verifier.clock import Clock
 from verifier.credentials import Credential, TokenScheme
-from verifier.decision import Decision, allow
+from verifier.decision import Decision
 from verifier.doors.refusals import refuse
 from verifier.errors import (
     AudienceMismatch,
@@ -48,11 +49,15 @@ from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import SUPPORTED_ALGORITHMS
 from verifier.tokens.cache import ExpiringCache
+from verifier.upstream import UpstreamAnswers
 
 log = logging.getLogger("verifier.pipeline")
 
 ANONYMOUS = Decision(allowed=True, status=200, reason="anonymous")
 MAX_MEMOIZED_REFUSALS = 512  # distinct static refusals kept pre-built (descriptions can echo header values)
+
+
+_NO_ROUTES: Mapping[int, Decision] = types.MappingProxyType({})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -64,6 +69,18 @@ class Admitted:
     credential: Credential  # as first presented (its scheme decides DPoP challenges)
     checks: tuple[Check, ...]  # the listed checks that apply to this token, in order; none: `allowed` stands
     mask: int  # the same checks as bits of the pipeline's list (bit i: checks[i]), for one AND per request
+    ceiling: int = 0  # seconds a gateway may reuse its allow at most (0: no-store from the start)
+    # The answers of routes whose policy changes what the upstream receives, by id of the route's Variant.
+    by_route: Mapping[int, Decision] = dataclasses.field(default_factory=lambda: _NO_ROUTES)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refused:
+    """What the negative cache holds for a token no route can take: answered anew on each route, since
+    a challenge names the route's own `resource_metadata` and `scope`."""
+
+    error: VerifierError
+    credential: Credential
 
 
 # An observer of the steps of one decision (`verifier explain`): (step, details). The service sets none.
@@ -109,7 +126,7 @@ class Pipeline:
         authenticators: Sequence[Authenticator],
         checks: Sequence[Check],
         positive: ExpiringCache[Admitted],
-        negative: ExpiringCache[Decision],
+        negative: ExpiringCache[Refused],
         clock: Clock,
         metrics: Metrics,
         realm: str,
@@ -122,9 +139,13 @@ class Pipeline:
         deadline: float | None = None,
         edge_max_age: int = 0,
         refusal_max_age: int = 0,
+        upstream: UpstreamAnswers | None = None,
         tracing: Tracing = NO_TRACING,
     ) -> None:
         self._authenticators = tuple(authenticators)
+        # Several providers take opaque tokens: a refusal from one says nothing of the others.
+        self._opaque_providers = sum(a.sends_to is not None for a in self._authenticators)
+        self._by_route: dict[int, tuple[Route, tuple[Authenticator, ...], bool]] = {}
         self._checks = tuple(checks)
         self._positive = positive
         self._negative = negative
@@ -142,11 +163,17 @@ class Pipeline:
         self._deadline = deadline
         self._edge_max_age = edge_max_age
         self._refusal_max_age = refusal_max_age
-        self._refusals: dict[tuple[type, str, str, Scheme, bool], Decision] = {}
-        self._no_route = refuse(Forbidden("no policy allows this route", code="route_not_allowed"), realm=realm)
+        self._upstream = upstream or UpstreamAnswers()
+        self._refusals: dict[tuple[type, str, str, Scheme, bool, tuple[tuple[str, str], ...]], Decision] = {}
+        default = Route(None, False, challenge=self._policies.default_challenge)  # no policy: the default resource
+        self._no_route = refuse(
+            Forbidden("no policy allows this route", code="route_not_allowed"),
+            realm=realm,
+            route_params=default.challenge,
+        )
         # Worked out once per route and per combination of checks, never per request.
         self._routes: dict[int, tuple[Route, int]] = {}  # id(policy) -> the route and its checks' bits
-        self._no_policy = (NO_POLICY, self._mask(NO_POLICY))
+        self._no_policy = (default, self._mask(default))
         self._own_endpoint = (OWN_ENDPOINT, self._mask(OWN_ENDPOINT))
         self._plans: dict[int, Plan] = {}
         self.trace: Tracer | None = None  # `verifier explain` listens here; off (None) in the service
@@ -190,17 +217,18 @@ class Pipeline:
         hit = self._positive.get(key)
         if hit is not None:
             self._metrics.cache_lookup("positive", "hit")
-            if not hit.mask:
-                # No check applies: the stored answer stands, unless the token is in its last reuse
-                # window (then `_now` shrinks the max-age). Inline: the commonest hit of all.
+            if not hit.mask and route.upstream is None:
+                # No check applies: the stored answer stands, unless the token (or its identity
+                # assertion) is in its last reuse window (then `_now` shrinks the max-age or renews the
+                # assertion). Inline: the commonest hit of all.
                 allowed = hit.allowed
-                if allowed.cache_max_age <= 0 or hit.principal.expires_at - self._clock.now() >= allowed.cache_max_age:
+                if allowed.fresh_until - self._clock.now() >= allowed.cache_max_age:
                     return allowed
-            return self._now(hit, attrs, routed)
+            return self._now(hit, attrs, routed, key)
         refused = self._negative.get(key)
         if refused is not None:
             self._metrics.cache_lookup("negative", "hit")
-            return refused
+            return self._refuse(refused.error, refused.credential, route)
         try:
             credential = credentials.extract(attrs)
         except MissingToken as exc:
@@ -210,10 +238,10 @@ class Pipeline:
         except VerifierError as exc:
             return self._refuse(exc, None, route)
         self._metrics.cache_lookup("positive", "miss")
-        verified = self._verify_now(credential, key, attrs, door)
+        verified = self._verify_now(credential, key, attrs, door, route)
         if verified is None or isinstance(verified, Decision):
             return verified
-        return self._now(verified, attrs, routed)
+        return self._now(verified, attrs, routed, key)
 
     async def decide(self, attrs: RequestAttributes, door: str) -> Decision:
         """The full decision; never raises."""
@@ -254,7 +282,7 @@ class Pipeline:
         key = audit.token_hash(attrs.headers.get("authorization", ""))
         admitted = self._positive.get(key)
         if admitted is None:
-            verified = await self._verify(credential, key, attrs, "endpoint")
+            verified = await self._verify(credential, key, attrs, "endpoint", OWN_ENDPOINT)
             if isinstance(verified, Decision):
                 raise InvalidToken(verified.reason.replace("_", " "), code=verified.reason)
             admitted = verified
@@ -286,20 +314,25 @@ class Pipeline:
             return self._no_route
         routed = self._routes.get(id(policy))
         if routed is None:
-            route = Route(policy, policy.require.sender_constraint == "dpop", policy.require.step_up == "webauthn")
+            route = Route(
+                policy,
+                policy.require.sender_constraint == "dpop",
+                policy.require.step_up == "webauthn",
+                challenge=policy.challenge,
+                upstream=None if policy.upstream is None else self._upstream.variant(policy.upstream),
+            )
             routed = self._routes[id(policy)] = (route, self._mask(route))
         return routed
 
-    def _now(self, admitted: Admitted, attrs: RequestAttributes, routed: tuple[Route, int]) -> Decision | None:
+    def _now(
+        self, admitted: Admitted, attrs: RequestAttributes, routed: tuple[Route, int], key: bytes
+    ) -> Decision | None:
         """An admitted token's answer from memory, or None when one of its checks needs I/O."""
         route, route_mask = routed
         if not admitted.mask:
-            # No check applies: the stored answer stands, unless the token is in its last reuse
-            # window (then the max-age must shrink).
-            allowed = admitted.allowed
-            if allowed.cache_max_age <= 0 or admitted.principal.expires_at - self._clock.now() >= allowed.cache_max_age:
-                return allowed
-            return self._reusable(admitted.principal, allowed, route, self._plan(0))
+            # No check applies: the stored answer stands (renewed when its assertion is due), its
+            # max-age shrunk in the token's last reuse window.
+            return self._reusable(admitted.principal, self._stored(admitted, route, key), route, self._plan(0))
         plan = self._plan(admitted.mask & route_mask)
         if not plan.from_memory:
             return None  # a per-request proof, a counter or the provider: decide_after_miss
@@ -309,7 +342,7 @@ class Pipeline:
                 principal = check.check_now(principal, admitted.credential, attrs, route)
         except VerifierError as exc:
             return self._refuse(exc, admitted.credential, route)
-        return self._answer(admitted, principal, route, plan)
+        return self._answer(admitted, principal, route, plan, key)
 
     async def _decide(self, attrs: RequestAttributes, door: str) -> Decision:
         routed = self._route(attrs)
@@ -320,7 +353,7 @@ class Pipeline:
         key = audit.token_hash(attrs.headers.get("authorization", ""))
         admitted = self._positive.get(key)
         if admitted is None:
-            verified = await self._verify(credential, key, attrs, door)
+            verified = await self._verify(credential, key, attrs, door, route)
             if isinstance(verified, Decision):
                 return verified
             admitted = verified
@@ -329,7 +362,7 @@ class Pipeline:
             judged = await self._run(admitted.principal, admitted.credential, attrs, route, plan.checks)
         except VerifierError as exc:
             return self._refuse(exc, admitted.credential, route)
-        return self._answer(admitted, judged, route, plan)
+        return self._answer(admitted, judged, route, plan, key)
 
     @staticmethod
     async def _run(
@@ -343,15 +376,40 @@ class Pipeline:
                 principal = await check.check(principal, credential, attrs, route)
         return principal
 
-    def _answer(self, admitted: Admitted, judged: Principal, route: Route, plan: Plan) -> Decision:
+    def _answer(self, admitted: Admitted, judged: Principal, route: Route, plan: Plan, key: bytes) -> Decision:
         """The allow answer for the principal the checks judged (its headers follow announced claims)."""
-        allowed = admitted.allowed
-        if judged is not admitted.principal:
-            allowed = allow(judged, cache_max_age=allowed.cache_max_age)
+        if judged is not admitted.principal:  # rare (a CAEP claims change): built for this request alone
+            allowed = self._build(judged, route, admitted.ceiling, admitted.credential)
+        else:
+            allowed = self._stored(admitted, route, key)
         return self._reusable(judged, allowed, route, plan)
 
+    def _build(self, principal: Principal, route: Route, ceiling: int, credential: Credential) -> Decision:
+        """The answer for what the route's upstream receives: an allow, or `upstream_claim_too_large`."""
+        variant = route.upstream or self._upstream.default
+        try:
+            return self._upstream.answer(principal, variant, ceiling, self._clock.now())
+        except VerifierError as exc:
+            return self._refuse(exc, credential, route)
+
+    def _stored(self, admitted: Admitted, route: Route, key: bytes) -> Decision:
+        """The cache record's answer for this route, built on a route's first use when its policy changes
+        what the upstream receives, and again once its identity assertion is due for renewal (stored back
+        into the record, so the next request finds it)."""
+        variant = route.upstream
+        stored = admitted.allowed if variant is None else admitted.by_route.get(id(variant))
+        if stored is not None and self._clock.now() < stored.renew_at:
+            return stored
+        fresh = self._build(admitted.principal, route, admitted.ceiling, admitted.credential)
+        if variant is None:
+            updated = dataclasses.replace(admitted, allowed=fresh)
+        else:
+            updated = dataclasses.replace(admitted, by_route={**admitted.by_route, id(variant): fresh})
+        self._positive.put(key, updated, admitted.principal.expires_at)
+        return fresh
+
     def _verify_now(
-        self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str
+        self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str, route: Route
     ) -> Admitted | Decision | None:
         """First sight of a token an authenticator can vouch for without I/O: no task, no await.
 
@@ -360,8 +418,9 @@ class Pipeline:
         """
         started = time.perf_counter()
         seen = Seen()
+        authenticators, untrusted = self._authenticators_for(route)
         try:
-            for authenticator in self._authenticators:
+            for authenticator in authenticators:
                 try:
                     verified = authenticator.verify_now(credential.token, seen)
                 except NotResponsible:
@@ -370,26 +429,42 @@ class Pipeline:
                     return None
                 break
             else:
-                raise none_responsible()
+                raise issuer_not_trusted() if untrusted else none_responsible()
             principal = self._with_roles(verified)
         except VerifierError as exc:
-            return self._refused(exc, credential, key, attrs, door, started, seen)
+            return self._refused(exc, credential, key, attrs, door, started, seen, route)
         return self._admitted(principal, credential, key, attrs, door, started, seen)
 
+    def _authenticators_for(self, route: Route) -> tuple[tuple[Authenticator, ...], bool]:
+        """The authenticators a token may go to on this route, and whether a provider was left out.
+
+        A provider the route does not trust (`issuers_any`) never sees its tokens; nor does any, when
+        the route trusts several that take opaque tokens (an opaque token does not say whose it is).
+        Worked out once per route.
+        """
+        found = self._by_route.get(id(route))
+        if found is None or found[0] is not route:
+            trusted = [a for a in self._authenticators if a.sends_to is None or route.trusts_issuer(a.sends_to)]
+            if sum(a.sends_to is not None for a in trusted) > 1:
+                trusted = [a for a in trusted if a.sends_to is None]
+            found = self._by_route[id(route)] = (route, tuple(trusted), len(trusted) < len(self._authenticators))
+        return found[1], found[2]
+
     async def _verify(
-        self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str
+        self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str, route: Route
     ) -> Admitted | Decision:
         """First sight of a token: the first responsible authenticator, with I/O if need be."""
-        done = self._verify_now(credential, key, attrs, door)
+        done = self._verify_now(credential, key, attrs, door, route)
         if done is not None:
             return done
         started = time.perf_counter()
         seen = Seen()
         token_key = audit.token_hash(credential.token)  # introspection caches and the audit fingerprint
+        asked: Authenticator | None = None
         try:
-            for authenticator in self._authenticators:
+            for asked in self._authenticators_for(route)[0]:  # `_verify_now` answered when none is trusted
                 try:
-                    verified = await authenticator.verify(credential.token, token_key, seen)
+                    verified = await asked.verify(credential.token, token_key, seen)
                 except NotResponsible:
                     continue
                 break
@@ -397,7 +472,9 @@ class Pipeline:
                 raise none_responsible()
             principal = self._with_roles(verified)
         except VerifierError as exc:
-            return self._refused(exc, credential, key, attrs, door, started, seen)
+            # One provider's "inactive" is not another's: with several, the token is not remembered as bad.
+            remember = asked is None or asked.sends_to is None or self._opaque_providers < 2
+            return self._refused(exc, credential, key, attrs, door, started, seen, route, remember=remember)
         return self._admitted(principal, credential, key, attrs, door, started, seen)
 
     def _refused(
@@ -409,12 +486,15 @@ class Pipeline:
         door: str,
         started: float,
         seen: Seen,
+        route: Route,
+        *,
+        remember: bool = True,
     ) -> Decision:
         if self.trace is not None:
             self.trace("token", {"issuer": seen.issuer, "kid": seen.kid, "alg": seen.alg, "error": error})
-        decision = self._refuse(error, credential, NO_POLICY)
-        if _negative_cacheable(error):
-            self._negative.put(key, decision, self._clock.now() + self._negative_ttl)
+        decision = self._refuse(error, credential, route)
+        if remember and _negative_cacheable(error):
+            self._negative.put(key, Refused(error, credential), self._clock.now() + self._negative_ttl)
         self._record(attrs, door, decision, started, credential, seen, "")
         return decision
 
@@ -435,8 +515,9 @@ class Pipeline:
         # start (built and serialized once); one bound to some routes (step-up) is applied per
         # request by `_reusable`.
         no_store = self._plan(mask & self._no_policy[1]).per_request
-        allowed = allow(principal, cache_max_age=0 if no_store else self._edge_max_age)
-        admitted = Admitted(principal, allowed, credential, self._plan(mask).checks, mask)
+        ceiling = 0 if no_store else self._edge_max_age
+        allowed = self._build(principal, self._no_policy[0], ceiling, credential)
+        admitted = Admitted(principal, allowed, credential, self._plan(mask).checks, mask, ceiling)
         self._positive.put(key, admitted, principal.expires_at)
         self._record(attrs, door, allowed, started, credential, seen, principal.subject, principal.client_id)
         return admitted
@@ -469,7 +550,7 @@ class Pipeline:
         dpop = route.dpop_route or (credential is not None and credential.scheme is TokenScheme.DPOP)
         static = not (error.challenge_params() or error.extra_headers() or error.extra_body())
         if static:
-            memo_key = (type(error), error.code, error.description, error.scheme, dpop)
+            memo_key = (type(error), error.code, error.description, error.scheme, dpop, route.challenge)
             memo = self._refusals.get(memo_key)
             if memo is not None:
                 return memo
@@ -479,6 +560,7 @@ class Pipeline:
             scheme=Scheme.DPOP if dpop else None,
             dpop_algs=self._dpop_algs,
             reusable_for=self._refusal_max_age,
+            route_params=route.challenge,
         )
         if static and len(self._refusals) < MAX_MEMOIZED_REFUSALS:
             self._refusals[memo_key] = decision
@@ -517,4 +599,4 @@ class Pipeline:
             )
 
 
-__all__ = ["ANONYMOUS", "Admitted", "Pipeline", "Plan", "ProviderUnavailable"]
+__all__ = ["ANONYMOUS", "Admitted", "Pipeline", "Plan", "ProviderUnavailable", "Refused"]

@@ -77,6 +77,7 @@ _REASONS = (
     _token("algorithm_refused", "`alg` is not on the issuer's allow-list, or does not fit the key"),
     _token("key_unknown", "no key with this `kid`, after at most one refresh of the issuer's JWKS"),
     _token("issuer_unknown", "`iss` is not a configured issuer"),
+    _token("tenant_not_allowed", "`iss` fits an issuer template, but its tenant is not on the allow-list"),
     _token("issuer_mismatch", "the introspection answer names another issuer"),
     _token("token_expired", "`exp` is in the past", reusable=False),
     _token("token_not_yet_valid", "`nbf` or `iat` lies in the future", reusable=False),
@@ -99,13 +100,21 @@ _REASONS = (
         _DPOP,
     ),
     Reason("dpop_nonce_required", _U, "a fresh server nonce is required (`DPoP-Nonce`)", "use_dpop_nonce", _DPOP),
+    # per-route trust (policies[].require.issuers_any, audiences_any, clients_any; resource): never the
+    # token's fault alone, so never remembered for the token, and a 401 sends the client for another token
+    _token("issuer_not_trusted", "the token's issuer is not trusted on this route (`issuers_any`)", reusable=False),
+    _token("audience_not_trusted", "`aud` names none of this route's audiences or its `resource`", reusable=False),
     # authorization
+    Reason("client_not_allowed", _F, "the token's client (`azp`, else `client_id`) may not use this route", _SCOPE),
     Reason("audience_mismatch", _F, "a valid token, not meant for this API", _SCOPE),
     Reason("forbidden", _F, "a policy refused the caller", _SCOPE),
     Reason("route_not_allowed", _F, "no policy covers this route", _SCOPE),
     Reason("role_missing", _F, "a required role is missing", _SCOPE),
     Reason("scope_missing", _F, "a required scope is missing", _SCOPE),
     Reason("webauthn_user_required", _F, "WebAuthn needs a user; this token names a client", _SCOPE),
+    # what the upstream receives: a claim that cannot be sent whole is refused, never cut (no challenge:
+    # no other token or scope would help; the operator's mapping or the provider's claim must change)
+    Reason("upstream_claim_too_large", _F, "a claim mapped to an upstream header is over `upstream.max_value_bytes`"),
     # assurance (RFC 9470) and WebAuthn step-up (a fresh challenge in every refusal)
     Reason("insufficient_user_authentication", _U, "authentication too weak or too old: step up", _STEP_UP),
     _assertion("webauthn_assertion_required", "the route needs a WebAuthn assertion bound to this request"),

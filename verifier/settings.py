@@ -40,12 +40,24 @@ from verifier.config.issuer import (
     IssuerSettings,
     RoleRule,
 )
+from verifier.config.keysource import check_issuer_url, check_key_source, read_static_jwks, read_tenants
 from verifier.config.logout import parse_backchannel_logout
+from verifier.config.policy import (
+    SENDER_CONSTRAINTS,
+    STEP_UP_METHODS,
+    PolicySettings,
+    Requirements,
+    RouteMatch,
+    check_trusted_issuers,
+    parse_policy,
+    trusted_among,
+)
+from verifier.config.resource import ProtectedResourceConfig, parse_protected_resource_config
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes, parse_revocation_config
 from verifier.config.state import StateConfig, parse_state_config
 from verifier.config.tracing import TracingConfig, parse_tracing_config
+from verifier.config.upstream import UpstreamConfig, parse_upstream_config
 from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
-from verifier.request import host_name, normalize_host
 
 T = TypeVar("T")
 
@@ -57,10 +69,15 @@ __all__ = [  # the sections live in verifier.config; these names stay importable
     "DEFAULT_LEEWAY_SECONDS",
     "DEFAULT_MAX_JWKS_BYTES",
     "DEFAULT_MAX_JWKS_KEYS",
+    "SENDER_CONSTRAINTS",
+    "STEP_UP_METHODS",
     "SUPPORTED_ALGORITHMS",
     "ConfigError",
     "IssuerSettings",
+    "PolicySettings",
+    "Requirements",
     "RoleRule",
+    "RouteMatch",
     "Settings",
     "check_admin_token",
     "check_url",
@@ -121,45 +138,6 @@ class Listen:
     def address(self) -> str:
         """`host:port`, bracketing IPv6 literals."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-SENDER_CONSTRAINTS = ("dpop", "mtls", "any")
-STEP_UP_METHODS = ("webauthn",)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RouteMatch:
-    """Which requests a policy covers; empty fields match anything."""
-
-    hosts: tuple[str, ...] = ()
-    methods: tuple[str, ...] = ()
-    path_prefix: str = ""
-    path: str = ""  # exact path (no query)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Requirements:
-    """What a matched route requires of the caller."""
-
-    authenticated: bool = True
-    roles_any: tuple[str, ...] = ()
-    roles_all: tuple[str, ...] = ()
-    scopes_all: tuple[str, ...] = ()
-    scopes_any: tuple[str, ...] = ()
-    amr_any: tuple[str, ...] = ()  # RFC 8176 values, e.g. hwk, pop
-    acr_any: tuple[str, ...] = ()  # e.g. phr, phrh
-    max_auth_age_seconds: int | None = None  # auth_time must be at most this old
-    sender_constraint: str = ""  # dpop | mtls | any (either)
-    step_up: str = ""  # webauthn: a request-bound WebAuthn assertion is required
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PolicySettings:
-    """One route policy: first match wins."""
-
-    name: str
-    match: RouteMatch
-    require: Requirements
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -275,6 +253,8 @@ class Settings:
     )
     revocation: RevocationConfig | None = None  # Shared Signals receiver
     webauthn: WebAuthnConfig | None = None  # credential registry and step-up
+    protected_resource: ProtectedResourceConfig | None = None  # RFC 9728: the default resource's metadata
+    upstream: UpstreamConfig | None = None  # mapped claims, the Kong consumer, the identity assertion
     tracing: TracingConfig | None = None  # OpenTelemetry export (the file or OTEL_* variables); None: off
 
     @property
@@ -326,7 +306,7 @@ def _optional_section(root: Reader, key: str, parse: Callable[[Any, str], T]) ->
 def _issuer(reader: Reader) -> IssuerSettings:
     issuer = reader.text("issuer")
     insecure = reader.boolean("allow_insecure_http", False)
-    check_url(issuer, f"{reader.path}.issuer", allow_insecure_http=insecure)
+    check_issuer_url(issuer, f"{reader.path}.issuer", allow_insecure_http=insecure)
     algorithms = reader.strings("algorithms")
     for i, alg in enumerate(algorithms):
         if alg not in SUPPORTED_ALGORITHMS:
@@ -345,11 +325,14 @@ def _issuer(reader: Reader) -> IssuerSettings:
             roles=roles,
             introspection=_introspection(reader, insecure),
             backchannel_logout=_optional_section(reader, "backchannel_logout", parse_backchannel_logout),
+            **read_tenants(reader),
+            **read_static_jwks(reader),
         )
     )
     for key in ("discovery_url", "jwks_uri"):
         if getattr(settings, key):
-            check_url(getattr(settings, key), f"{reader.path}.{key}", allow_insecure_http=insecure)
+            check_issuer_url(getattr(settings, key), f"{reader.path}.{key}", allow_insecure_http=insecure)
+    check_key_source(settings, reader.path)
     if settings.jwks_min_ttl_seconds > settings.jwks_max_ttl_seconds:
         raise ConfigError(f"{reader.path}.jwks_min_ttl_seconds: larger than jwks_max_ttl_seconds")
     reader.done()
@@ -364,53 +347,6 @@ def _role_rule(reader: Reader) -> RoleRule:
     if not (rule.claim or rule.scope or rule.subjects):
         raise ConfigError(f"{reader.path}: needs claim+values, scope or subjects")
     return rule
-
-
-def _policy(reader: Reader, index: int) -> PolicySettings:
-    match_reader = reader.child("match")
-    if match_reader is None:
-        raise ConfigError(f"{reader.path}.match: required")
-    methods = tuple(m.upper() for m in match_reader.strings("methods", required=False))
-    prefix = match_reader.text("path_prefix", "")
-    exact = match_reader.text("path", "")
-    for key, value in (("path_prefix", prefix), ("path", exact)):
-        if value and not value.startswith("/"):
-            raise ConfigError(f"{match_reader.path}.{key}: must start with /")
-    hosts = tuple(normalize_host(h) for h in match_reader.strings("hosts", required=False))
-    for i, host in enumerate(hosts):
-        if host_name(host) != host or not host:
-            raise ConfigError(f"{match_reader.path}.hosts[{i}]: expected a host name without a port, got {host!r}")
-    match = RouteMatch(
-        hosts=hosts,
-        methods=methods,
-        path_prefix=prefix,
-        path=exact,
-    )
-    match_reader.done()
-    req_reader = reader.child("require") or Reader({}, f"{reader.path}.require")
-    max_age = req_reader.raw("max_auth_age_seconds")
-    require = Requirements(
-        authenticated=req_reader.boolean("authenticated", True),
-        roles_any=req_reader.strings("roles_any", required=False),
-        roles_all=req_reader.strings("roles_all", required=False),
-        scopes_all=req_reader.strings("scopes_all", required=False),
-        scopes_any=req_reader.strings("scopes_any", required=False),
-        amr_any=req_reader.strings("amr_any", required=False),
-        acr_any=req_reader.strings("acr_any", required=False),
-        max_auth_age_seconds=None
-        if max_age is None
-        else req_reader.integer("max_auth_age_seconds", 0, minimum=1, maximum=86_400 * 365),
-        sender_constraint=req_reader.text("sender_constraint", ""),
-        step_up=req_reader.text("step_up", ""),
-    )
-    if require.sender_constraint and require.sender_constraint not in SENDER_CONSTRAINTS:
-        raise ConfigError(f"{req_reader.path}.sender_constraint: expected one of {', '.join(SENDER_CONSTRAINTS)}")
-    if require.step_up and require.step_up not in STEP_UP_METHODS:
-        raise ConfigError(f"{req_reader.path}.step_up: expected one of {', '.join(STEP_UP_METHODS)}")
-    req_reader.done()
-    name = reader.text("name", f"policy-{index}")
-    reader.done()
-    return PolicySettings(name=name, match=match, require=require)
 
 
 def _rate_limit(reader: Reader) -> RateLimit:
@@ -466,15 +402,24 @@ def _header_name(root: Reader, key: str) -> str:
     return name
 
 
-def _check_opaque_introspection(issuers: Sequence[IssuerSettings]) -> None:
-    """At most one issuer introspects opaque tokens: a token that names no issuer must never reach
-    a provider that did not issue it (that provider would see, and could replay, another's tokens)."""
+def _check_opaque_introspection(
+    issuers: Sequence[IssuerSettings], policies: Sequence[PolicySettings] | None
+) -> None:
+    """An opaque token never reaches a provider that did not issue it (that provider would see, and could
+    replay, another's tokens): one issuer takes opaque tokens, or several when every route trusts at most
+    one of them (`require.issuers_any`), which is then the only one its opaque tokens are sent to."""
     opaque = [i for i, iss in enumerate(issuers) if iss.introspection is not None and iss.introspection.opaque_tokens]
-    if len(opaque) > 1:
+    if len(opaque) < 2:
+        return
+    names = [issuers[i].issuer for i in opaque]
+    shared = [i for i, policy in enumerate(policies or ()) if len(trusted_among(policy, names)) > 1]
+    if policies is None or shared:
+        where = f"policies[{shared[0]}].require.issuers_any: trusts both, and" if shared else "and without policies"
         raise ConfigError(
             f"issuers[{opaque[1]}].introspection.opaque_tokens: issuers[{opaque[0]}] introspects opaque tokens "
-            "already, and an opaque token does not say which issuer it came from; set opaque_tokens: false "
-            "on all but one issuer (it can still introspect its own JWTs with introspect_jwts: true)"
+            f"already, {where} an opaque token does not say which issuer it came from; set opaque_tokens: "
+            "false on all but one issuer (it can still introspect its own JWTs with introspect_jwts: true), "
+            "or let each policy trust at most one of them (policies[].require.issuers_any)"
         )
 
 
@@ -491,7 +436,6 @@ def _parse_settings(data: Any) -> Settings:
         if iss.issuer in seen:
             raise ConfigError(f"issuers[{i}].issuer: {iss.issuer!r} configured twice")
         seen.add(iss.issuer)
-    _check_opaque_introspection(issuers)
     cache_reader = root.child("cache")
     cache = CacheSettings()
     if cache_reader is not None:
@@ -509,7 +453,7 @@ def _parse_settings(data: Any) -> Settings:
             metrics=_listen(root.child("metrics")),
             issuers=issuers,
             cache=cache,
-            policies=tuple(_policy(r, i) for i, r in enumerate(root.children("policies")))
+            policies=tuple(parse_policy(r, i) for i, r in enumerate(root.children("policies")))
             if root.raw("policies") is not None
             else None,
             rate_limits=_rate_limits(root.child("rate_limits")),
@@ -519,18 +463,36 @@ def _parse_settings(data: Any) -> Settings:
             edge_cache=_edge_cache(root.child("edge_cache")),
             revocation=_optional_section(root, "revocation", parse_revocation_config),
             webauthn=_optional_section(root, "webauthn", parse_webauthn_config),
+            protected_resource=_optional_section(root, "protected_resource", parse_protected_resource_config),
+            upstream=_optional_section(root, "upstream", parse_upstream_config),
             tracing=parse_tracing_config(root.raw("tracing"), os.environ),
         )
     )
     root.done()
+    _check_route_upstreams(settings)
     if settings.revocation is not None:  # transmitters speak for configured issuers only
         check_transmitter_scopes(settings.revocation, (i.issuer for i in issuers))
+    check_trusted_issuers(settings.policies or (), tuple(i.issuer for i in issuers))
+    _check_opaque_introspection(issuers, settings.policies)
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")
     _check_distinct_ports(settings)
     check_admin_token(os.environ.get(ADMIN_TOKEN_ENV))
     _check_shared_state(settings)
     return settings
+
+
+def _check_route_upstreams(settings: Settings) -> None:
+    """A route's audience needs an assertion to carry it; a route's header may not take the assertion's name."""
+    identity = settings.upstream.identity_token if settings.upstream is not None else None
+    for i, policy in enumerate(settings.policies or ()):
+        if policy.upstream is None:
+            continue
+        if policy.upstream.audience and identity is None:
+            record(f"policies[{i}].upstream.identity_token: needs upstream.identity_token to be configured")
+        for j, mapping in enumerate(policy.upstream.headers):
+            if identity is not None and mapping.header == identity.header:
+                record(f"policies[{i}].upstream.headers[{j}].header: {mapping.header!r} carries the assertion")
 
 
 def _check_distinct_ports(settings: Settings) -> None:

@@ -45,6 +45,8 @@ def _principal(token: str, **claims: object) -> Principal:
 class FakeAuthenticator:
     """Takes tokens starting with `prefix`; `slow-` tokens need I/O (verify_now says None)."""
 
+    sends_to = None  # takes tokens that name their issuer
+
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.asked: list[str] = []

@@ -142,9 +142,7 @@ def http_request(
         conn.close()
 
 
-def wait_http_ok(
-    url: str, *, timeout: float = READY_TIMEOUT_S, proc: subprocess.Popen[bytes] | None = None
-) -> None:
+def wait_http_ok(url: str, *, timeout: float = READY_TIMEOUT_S, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Poll ``url`` until it answers 200; fail early if ``proc`` dies meanwhile."""
     deadline = time.monotonic() + timeout
     last: str = "no answer"
@@ -197,9 +195,7 @@ class _ServerThread:
         self._server.daemon_threads = True
         self._server.owner = self  # type: ignore[attr-defined]  # handlers reach their owner through it
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name=type(self).__name__, daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, name=type(self).__name__, daemon=True)
         self._thread.start()
 
     @property
@@ -498,13 +494,20 @@ def _strip_identity_filter() -> dict[str, Any]:
     """Drop client-supplied identity headers before any auth filter runs.
 
     ext_authz overwrites the headers the verifier returns, but a header the verifier does not return
-    (say, no scope) would otherwise reach the upstream as the client sent it.
+    (say, no scope, or a mapped claim the token lacks) would otherwise reach the upstream as the client
+    sent it. The whole reserved family goes, as in the shipped templates, and so does X-Kong-Consumer-*
+    (it names a Kong consumer to a Kong plugin, never to an upstream).
     """
+    prefixes = ("x-authenticated-", "x-kong-consumer-")
     return {
         "name": "envoy.filters.http.header_mutation",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            "mutations": {"request_mutations": [{"remove": h} for h in IDENTITY_HEADERS]},
+            "mutations": {
+                "request_mutations": [
+                    {"remove_on_match": {"key_matcher": {"prefix": p, "ignore_case": True}}} for p in prefixes
+                ]
+            },
         },
     }
 
@@ -581,8 +584,7 @@ def envoy_config(
         },
     ]
     hcm = {
-        "@type": TYPE_URL
-        + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": TYPE_URL + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
         "route_config": {
@@ -606,11 +608,7 @@ def envoy_config(
                     "name": "ingress",
                     "address": _socket_address(listen_port),
                     "filter_chains": [
-                        {
-                            "filters": [
-                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                            ]
-                        }
+                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
                     ],
                 }
             ],
@@ -738,6 +736,7 @@ def envoy_stats(gw: GatewayProcess, prefix: str = "") -> dict[str, int]:
 # nginx
 # --------------------------------------------------------------------------------------------------------
 
+
 def nginx_binary() -> Path:
     """The nginx executable (Debian's package installs /usr/sbin/nginx)."""
     found = (
@@ -751,7 +750,12 @@ def nginx_binary() -> Path:
 
 
 def start_nginx(
-    tmp_path: Path, verifier_http_port: int, upstream_port: int, *, workers: int | None = None
+    tmp_path: Path,
+    verifier_http_port: int,
+    upstream_port: int,
+    *,
+    workers: int | None = None,
+    http_directives: str = "",
 ) -> GatewayProcess:
     """Run the shipped ``deploy/nginx/nginx.conf.template`` (rendered) in the foreground under ``tmp_path``.
 
@@ -759,7 +763,8 @@ def start_nginx(
 
     Started as ``nginx -p <prefix>/ -c nginx.conf -g 'daemon off;'`` so the pid file, logs and temp
     directories stay under ``tmp_path``; ready once its status port answers. ``extra["admin_port"]`` is
-    that port.
+    that port. ``http_directives`` go at the top of the ``http`` block, as an operator adds a documented
+    snippet.
     """
     prefix = (Path(tmp_path) / f"nginx-{uuid.uuid4().hex[:6]}").resolve()
     (prefix / "tmp").mkdir(parents=True)
@@ -774,6 +779,8 @@ def start_nginx(
         UPSTREAM_HOST=LOOPBACK,
         UPSTREAM_PORT=upstream_port,
     )
+    if http_directives:
+        conf = conf.replace("\nhttp {\n", f"\nhttp {{\n{http_directives}\n", 1)
     if workers is not None:
         if "worker_processes auto;" not in conf:
             raise ValueError("the nginx template no longer says `worker_processes auto;`")

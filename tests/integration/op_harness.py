@@ -178,15 +178,19 @@ class OpenIDProvider:
         port: int | None = None,
         access_token_ttl: int = DEFAULT_ACCESS_TOKEN_TTL_S,
         startup_timeout: float = STARTUP_TIMEOUT_S,
+        issuer: str | None = None,
         access_token_sid: bool = False,
     ) -> None:
         """Prepare (do not start) a provider; ``port`` defaults to a free one picked at :meth:`start`.
 
-        ``access_token_sid``: user access tokens carry the session's ``sid`` (as Keycloak's do; the
-        provider's own JWT access tokens do not).
+        ``issuer`` (e.g. ``http://127.0.0.1:<proxy>/tenant-a``) makes this provider one tenant behind a
+        path-prefix proxy (``tenant_proxy.TenantProxy``): it answers under that path, and the harness
+        reaches it through the proxy. ``access_token_sid``: user access tokens carry the session's
+        ``sid`` (as Keycloak's do; the provider's own JWT access tokens do not).
         """
         self.workdir = Path(workdir)
         self.port = port
+        self._public_issuer = issuer
         self.access_token_ttl = access_token_ttl
         self.access_token_sid = access_token_sid
         self.backchannel_logout_uri: str | None = None
@@ -304,6 +308,7 @@ class OpenIDProvider:
             "access_token_ttl": self.access_token_ttl,
             "access_token_sid": self.access_token_sid,
             "backchannel_logout_uri": self.backchannel_logout_uri,
+            **({"issuer": self._public_issuer} if self._public_issuer else {}),
             "clients": [
                 {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "scope": DEFAULT_SCOPE},
                 {
@@ -376,6 +381,8 @@ class OpenIDProvider:
     @property
     def issuer(self) -> str:
         """``http://127.0.0.1:<port>``; also the base of every endpoint."""
+        if self._public_issuer:
+            return self._public_issuer
         if self.port is None:
             raise ProviderError("provider not started")
         return f"http://127.0.0.1:{self.port}"

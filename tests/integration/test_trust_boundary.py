@@ -259,6 +259,23 @@ def test_client_identity_headers_never_reach_the_upstream_and_the_verifiers_do(
     assert "x-authenticated-anything" not in seen.headers
 
 
+def test_a_client_naming_a_kong_consumer_never_reaches_the_upstream(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    """X-Kong-Consumer-* names a Kong consumer to the Kong plugin (issue #20), never identity for an upstream."""
+    spoof = {
+        "X-Kong-Consumer-Username": "admin",
+        "X-Kong-Consumer-Custom-Id": "c-admin",
+        "X-Kong-Consumer-Id": "00000000-0000-0000-0000-000000000000",
+    }
+
+    r = http_request(f"{edge.url}/orders", headers={**spoof, **bearer(tokens("read"))})
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    assert not [name for name in seen.headers if name.startswith("x-kong-consumer-")], seen.headers
+
+
 def test_identity_headers_spelled_with_underscores_never_reach_the_upstream(
     edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
 ) -> None:

@@ -35,6 +35,8 @@ REPEATS = 5
 EXPIRED_BY_S = 600
 #: The plugin's reuse ceiling (decision_cache.lua MAX_TTL), seconds.
 PLUGIN_MAX_TTL_S = 300
+#: The verifier's default RFC 9728 resource.
+RESOURCE = "https://api.example.test"
 #: The forward-auth door's decision counter in the verifier's Prometheus text.
 DECISIONS = re.compile(r"^verifier_decisions_total\{([^}]*)\}\s+([0-9.eE+-]+)$", re.MULTILINE)
 
@@ -51,7 +53,11 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvide
 
 @pytest.fixture(scope="module")
 def verifier(provider: OpenIDProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    v = start_verifier(tmp_path_factory.mktemp("verifier"), issuer=provider.issuer)
+    v = start_verifier(  # a default resource: every challenge names its RFC 9728 metadata
+        tmp_path_factory.mktemp("verifier"),
+        issuer=provider.issuer,
+        extra_config={"protected_resource": {"resource": RESOURCE}},
+    )
     yield v
     v.stop()
 
@@ -166,7 +172,8 @@ def test_no_token_is_refused_with_the_verifiers_challenge_relayed_exactly(start_
 
     assert status == direct_status == 401
     assert header(headers, "WWW-Authenticate") == header(direct_headers, "WWW-Authenticate")
-    assert header(headers, "WWW-Authenticate") == ['Bearer realm="verifier"']
+    metadata = f"{RESOURCE}/.well-known/oauth-protected-resource"
+    assert header(headers, "WWW-Authenticate") == [f'Bearer realm="verifier", resource_metadata="{metadata}"']
     assert header(headers, "X-Verifier-Reason") == header(direct_headers, "X-Verifier-Reason")
     assert body == direct_body  # and not the echo upstream's JSON: the request never got there
 
@@ -246,9 +253,6 @@ def test_decision_cache_honours_the_verifiers_cache_control(start_nginx, echo_up
 
 # --------------------------------------------------------------------------- Kong consumers (issue #20)
 
-#: The verifier names the consumer once `upstream.consumer` is configured (issue #20's verifier side,
-#: built on another branch: until both are merged the verifier refuses the key and these cannot pass).
-NEEDS_VERIFIER_SIDE = pytest.mark.xfail(strict=True, reason="needs #20 verifier side")
 #: The harness's client-credentials tokens: `sub` is the client, "app".
 APP = {"id": "a0a0a0a0-0000-4000-8000-00000000a001", "username": "app", "custom_id": "app", "groups": ["readers"]}
 
@@ -259,7 +263,6 @@ def naming_verifier(tmp_path: Path, provider: OpenIDProvider, by: str) -> Gatewa
     return start_verifier(tmp_path, issuer=provider.issuer, extra_config={"upstream": upstream})
 
 
-@NEEDS_VERIFIER_SIDE
 @pytest.mark.parametrize("by", ["username", "custom_id"])
 def test_the_consumer_the_verifier_names_is_what_acl_and_the_upstream_see(
     start_nginx, echo_upstream, provider, token, tmp_path: Path, by: str
@@ -286,7 +289,6 @@ def test_the_consumer_the_verifier_names_is_what_acl_and_the_upstream_see(
         own.stop()
 
 
-@NEEDS_VERIFIER_SIDE
 def test_a_verified_identity_kong_has_no_consumer_for_is_refused(start_nginx, echo_upstream, provider, token, tmp_path):
     own = naming_verifier(tmp_path, provider, "username")
     try:

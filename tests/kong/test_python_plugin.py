@@ -789,7 +789,6 @@ def test_the_naming_headers_never_reach_the_upstream(kong, naming_verifier):
     assert written and not [args for args in written if args[0].lower().startswith("x-kong")]
 
 
-@pytest.mark.xfail(strict=True, reason="needs #20 verifier side")
 def test_the_consumer_the_real_verifier_names_is_authenticated(kong, provider, token, tmp_path):
     # the harness's client-credentials tokens have `sub` "app"
     app = {"id": "a0a0a0a0-0000-4000-8000-00000000a001", "username": "app"}
@@ -807,10 +806,6 @@ def test_the_consumer_the_real_verifier_names_is_authenticated(kong, provider, t
     assert upstream_after(calls)["x-consumer-username"] == "app"
 
 
-#: issue #20's verifier side adds `answer_headers` (headers for the gateway, never the upstream) to our proto
-HAS_ANSWER_HEADERS = "answer_headers" in verifier_pb2.CheckResponse.DESCRIPTOR.fields_by_name
-
-
 class _AnswerNamingVerifier(verifier_pb2_grpc.VerifierServicer):
     """Allows every request, naming alice in `answer_headers`, as the #20 verifier side does."""
 
@@ -823,7 +818,6 @@ class _AnswerNamingVerifier(verifier_pb2_grpc.VerifierServicer):
         )
 
 
-@pytest.mark.xfail(not HAS_ANSWER_HEADERS, strict=True, reason="needs #20 verifier side (answer_headers)")
 def test_a_consumer_named_in_answer_headers_is_authenticated(kong):
     with fake_verifier(_AnswerNamingVerifier()) as target:
         iid = start_instance(kong, grpc_target=target)

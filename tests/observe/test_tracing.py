@@ -332,3 +332,23 @@ def test_a_fetch_span_names_the_url_without_credentials_or_query(
     assert span.kind is SpanKind.CLIENT and span.name == "jwks"
     assert dict(span.attributes or {})["url.full"] == full
     assert "secret" not in everything_recorded([span]) and "pw" not in everything_recorded([span])
+
+
+async def test_a_grpc_call_aborted_past_its_deadline_still_ends_its_span(exporter: InMemorySpanExporter) -> None:
+    config = IntrospectionConfig(client_id="verifier", client_secret=SECRET)
+    async with running_verifier(tracing=tracing(exporter), introspection=config) as (app, idp):
+        idp.introspection_client_secret = SECRET
+        idp.delay_seconds = 2.0  # the provider answers after the caller's deadline
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            request = verifier_pb2.CheckRequest(
+                method="GET", host="api", path="/slow", headers={"Authorization": f"Bearer {idp.mint_opaque()}"}
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await verifier_pb2_grpc.VerifierStub(channel).Check(
+                    request, metadata=(("traceparent", TRACEPARENT),), timeout=0.3
+                )
+        assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        (span,) = await wait_for_spans(exporter, "verifier.decide", 1)
+    assert span.parent is not None and format(span.parent.span_id, "016x") == PARENT
+    assert dict(span.attributes or {})["verifier.outcome"] == "error"
+    assert span.status.status_code.name == "ERROR"

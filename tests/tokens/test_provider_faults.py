@@ -321,7 +321,7 @@ async def test_ten_thousand_keys_are_refused_without_parsing_them_all(
         parsed.append(jwk)
         return parse_jwk(jwk)
 
-    monkeypatch.setattr("verifier.tokens.jwks.parse_jwk", counted_parse_jwk)
+    monkeypatch.setattr("verifier.tokens.keys.parse_jwk", counted_parse_jwk)  # what parse_key_set calls
     app = make_app(fetcher)
     issuer_keys = app.keys.get(ISSUER)
     assert issuer_keys is not None

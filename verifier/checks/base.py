@@ -22,6 +22,7 @@ from verifier.credentials import Credential
 from verifier.policy.rules import CompiledPolicy
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
+from verifier.upstream import Variant
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -32,6 +33,12 @@ class Route:
     dpop_route: bool  # the route's policy requires DPoP: challenges name DPoP
     step_up: bool = False  # the route requires a request-bound WebAuthn assertion
     endpoint: bool = False  # one of our own endpoints (WebAuthn registry), not a gateway's request
+    challenge: tuple[tuple[str, str], ...] = ()  # RFC 9728 resource_metadata and scope for its challenges
+    upstream: Variant | None = None  # the route's policy changes what the upstream receives (None: it does not)
+
+    def trusts_issuer(self, issuer: str) -> bool:
+        """Whether a token of `issuer` may be taken on this route (its policy's `issuers_any`, else any)."""
+        return self.policy is None or not self.policy.issuers or issuer in self.policy.issuers
 
 
 NO_POLICY = Route(None, False)

@@ -295,6 +295,10 @@ def _read_value(reader: Reader, key: str, hint: Any, default: Any, meta: Setting
         return value
     if hint == str | None:  # optional, no default: absent is None, present must be a non-empty string
         return None if reader.raw(key) is None else reader.text(key)
+    if hint == int | None:  # optional bound: absent is None, present must be an integer within bounds
+        if reader.raw(key) is None:
+            return None
+        return reader.integer(key, 0, minimum=int(meta.minimum or 0), maximum=_int_or_none(meta.maximum))
     if hint == tuple[str, ...]:
         if not required and reader.raw(key) is None:
             return default

@@ -95,9 +95,12 @@ class IntrospectionConfig:
         minimum=0, maximum=86_400, unit="seconds",
     )
     require_audience: bool = setting(True, doc="an answer without `aud` is refused (RFC 7662 makes it optional)")
-    # Opaque tokens name no issuer: at most one issuer may take them (else one provider would see
-    # another's bearer tokens). false: only this issuer's own JWTs are introspected (introspect_jwts).
-    opaque_tokens: bool = setting(True, doc="this issuer takes opaque tokens (at most one issuer may)")
+    # Opaque tokens name no issuer: one issuer may take them, or several when every route trusts one
+    # (else one provider would see another's bearer tokens). false: only this issuer's own JWTs are
+    # introspected (introspect_jwts).
+    opaque_tokens: bool = setting(
+        True, doc="this issuer takes opaque tokens (one issuer, or one per route: policies' issuers_any)"
+    )
     breaker_failures: int = setting(
         DEFAULT_BREAKER_FAILURES, doc="consecutive failed calls that open the circuit", minimum=1, maximum=1000
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from urllib.parse import urlsplit
 
 from verifier.config.base import setting
 from verifier.config.introspection import IntrospectionConfig
@@ -21,6 +23,32 @@ DEFAULT_JWKS_COOLDOWN_SECONDS = 30.0  # at most one unknown-kid refresh per issu
 DEFAULT_FETCH_TIMEOUT_SECONDS = 5.0  # deadline on every discovery/JWKS call
 DEFAULT_MAX_JWKS_BYTES = 1 << 20  # 1 MiB: a JWKS larger than this is malformed, not a key set
 DEFAULT_MAX_JWKS_KEYS = 100  # keys kept per issuer; more is a misconfiguration or an attack
+DEFAULT_MAX_TENANTS = 1000  # entries: tenants of one issuer template whose keys are held (LRU beyond)
+# Discoveries of tenants not yet held, per minute per template: a flood of made-up tenant names
+# costs the provider at most this many requests a minute, however many tokens arrive.
+DEFAULT_NEW_TENANTS_PER_MINUTE = 60
+
+TENANT_PLACEHOLDER = "{tenant}"
+ANY_TENANT = "any"  # `tenants: any`
+# One path segment: no `/`, no percent-encoding, not `.` or `..`; 64 characters at most.
+TENANT_NAME = re.compile(r"(?!\.{1,2}\Z)(?!.*\.\.)[A-Za-z0-9._-]{1,64}\Z")
+
+
+def template_problem(url: str) -> str:
+    """Why `url` is not an issuer template (empty: it is one): one `{tenant}` placeholder, in the path.
+
+    Scheme, host and port are pinned: the tenant only ever fills a path segment, so a token cannot
+    choose the host its keys are fetched from.
+    """
+    if url.count(TENANT_PLACEHOLDER) != 1 or url.count("{") != 1 or url.count("}") != 1:
+        return f"expected exactly one {TENANT_PLACEHOLDER} placeholder, got {url!r}"
+    prefix, suffix = url.split(TENANT_PLACEHOLDER)
+    parts = urlsplit(prefix)
+    if not parts.netloc or not parts.path.startswith("/") or parts.query or parts.fragment:
+        return f"{TENANT_PLACEHOLDER} must be in the path, after scheme://host[:port]/ ({url!r})"
+    if not prefix.endswith("/") or (suffix and not suffix.startswith("/")) or any(c in suffix for c in "?#%"):
+        return f"{TENANT_PLACEHOLDER} must be a whole path segment ({url!r})"
+    return ""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,6 +93,41 @@ class IssuerSettings:
     introspect_jwts: bool = setting(False, doc="also introspect this issuer's JWTs (revocation check)")
     # `backchannel_logout`: OpenID Connect Back-Channel Logout 1.0, when configured
     backchannel_logout: BackchannelLogoutConfig | None = None
+    # Issuer templates (`issuer: https://idp.example/{tenant}/v2.0`) and keys that need no discovery.
+    tenants: tuple[str, ...] = setting((), doc='with a {tenant} issuer template: the tenants allowed, or "any"')
+    any_tenant: bool = False  # `tenants: any` (read with `tenants`)
+    max_tenants: int = setting(
+        DEFAULT_MAX_TENANTS, minimum=1, maximum=100_000, unit="entries", doc="tenants whose keys are kept (LRU)"
+    )
+    new_tenants_per_minute: int = setting(
+        DEFAULT_NEW_TENANTS_PER_MINUTE,
+        minimum=1,
+        maximum=100_000,
+        unit="per minute",
+        doc="discoveries of tenants not yet held; past it a new tenant's token gets 503",
+    )
+    tenant_claim: str = setting("", doc='this claim must equal the tenant in `iss` (Entra: "tid")')
+    jwks_file: str = setting("", doc="a JWKS on disk instead of discovery; re-read on SIGHUP")
+    jwks_inline: str = setting("", doc="a JWKS object written in the YAML instead of discovery")
+    static_jwks: str = ""  # the JSON of jwks_file or jwks_inline, read once at load (a reload re-reads it)
+    jwks_pin_sha256: tuple[str, ...] = setting(
+        (), doc="base64 SHA-256 of the discovery/JWKS server's public key (SPKI); one must match"
+    )
+    tls_ca_file: str = setting("", doc="PEM CA bundle for discovery/JWKS TLS (default: the system's)")
+
+    @property
+    def is_template(self) -> bool:
+        """Whether `issuer` is a template with a `{tenant}` path segment."""
+        return TENANT_PLACEHOLDER in self.issuer
+
+    def for_tenant(self, tenant: str) -> IssuerSettings:
+        """The settings of one concrete tenant of a template (the tenant already checked by `TENANT_NAME`)."""
+        return dataclasses.replace(
+            self,
+            issuer=self.issuer.replace(TENANT_PLACEHOLDER, tenant),
+            discovery_url=self.discovery_url.replace(TENANT_PLACEHOLDER, tenant),
+            jwks_uri=self.jwks_uri.replace(TENANT_PLACEHOLDER, tenant),
+        )
 
     @property
     def discovery(self) -> str:

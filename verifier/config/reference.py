@@ -26,7 +26,12 @@ _OWN_READERS = (
         "client_secret_basic \\| client_secret_post \\| private_key_jwt",
         "RFC 7662 client authentication: a secret from the named env var, or a PEM key (file or env var)",
     ),
-    ("policies[]", "-", "match, require", "route policies, first match wins: see the example above"),
+    (
+        "policies[].upstream.identity_token.audience",
+        "upstream.identity_token.audience",
+        "",
+        "this route's assertion audience (needs upstream.identity_token)",
+    ),
 )
 
 

@@ -114,6 +114,7 @@ def own_response(decision: Decision) -> bytes:
             roles=list(decision.roles),
             body=decision.body.decode(),
             cache_max_age_seconds=decision.cache_max_age,
+            answer_headers=[verifier_pb2.Header(name=k, value=v) for k, v in decision.answer_headers],
         )
         data = decision.memo["grpc_own"] = message.SerializeToString()
     return data
@@ -131,7 +132,8 @@ def _envoy_allow(decision: Decision, smuggled: Iterable[str]) -> ea.CheckRespons
     return ea.CheckResponse(
         status=status_pb2.Status(code=GRPC_OK),
         ok_response=ea.OkHttpResponse(
-            # Ours overwrite whatever the client sent under the same names.
+            # Ours overwrite whatever the client sent under the same names. `answer_headers` (the Kong
+            # consumer) are for a Kong plugin, never the upstream: not here.
             headers=[_header(k, v) for k, v in decision.upstream_headers],
             # A client must not smuggle an identity header we did not set this time.
             headers_to_remove=[h for h in IDENTITY_HEADERS if h not in set_names]

@@ -53,9 +53,9 @@ _FAIL_CLOSED = frozenset({Outcome.UNAVAILABLE, Outcome.OVERLOADED})
 _DOCUMENT = frozenset({Outcome.BAD_REQUEST, Outcome.NOT_FOUND, Outcome.CONFLICT})
 
 
-def _quoted(text: str) -> str:
-    """Keeps only the characters RFC 6750 section 3 allows inside error_description."""
-    return "".join(c for c in text if c in _SAFE)[:200]
+def _quoted(text: str, limit: int = 200) -> str:
+    """Keeps only the characters RFC 6750 section 3 allows inside a quoted value (error_description: 200)."""
+    return "".join(c for c in text if c in _SAFE)[:limit]
 
 
 _SAFE = frozenset(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\')
@@ -64,7 +64,11 @@ _SAFE = frozenset(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\')
 def challenge(scheme: Scheme, realm: str, params: dict[str, str | int]) -> str:
     """A `WWW-Authenticate` value: `Scheme realm="...", key="value", n=5`."""
     parts = [f'realm="{_quoted(realm)}"']
-    parts += [f"{k}={v}" if isinstance(v, int) else f'{k}="{_quoted(v)}"' for k, v in params.items()]
+    # Only the description is cut short: a URL or a scope list cut short would send the client astray.
+    parts += [
+        f"{k}={v}" if isinstance(v, int) else f'{k}="{_quoted(v, 200 if k == "error_description" else 2048)}"'
+        for k, v in params.items()
+    ]
     return f"{scheme.value} " + ", ".join(parts)
 
 
@@ -75,11 +79,14 @@ def refuse(
     scheme: Scheme | None = None,
     dpop_algs: str = "",
     reusable_for: int = 0,
+    route_params: tuple[tuple[str, str], ...] = (),
 ) -> Decision:
     """Maps a refusal to its answer: the only place that does.
 
     `scheme` overrides the error's own when it is Bearer (a request that came with DPoP is answered
-    with a DPoP challenge, RFC 9449 section 7.1); `dpop_algs` lists the proof algorithms we accept.
+    with a DPoP challenge, RFC 9449 section 7.1); `dpop_algs` lists the proof algorithms we accept;
+    `route_params` are the route's `resource_metadata` (RFC 9728 section 5.1) and `scope` (RFC 6750
+    section 3), added to every Bearer and DPoP challenge (step-up included), never to WebAuthn's.
     """
     outcome = error.outcome
     headers: list[tuple[str, str]] = []
@@ -100,6 +107,8 @@ def refuse(
             code = error.code if outcome in _DOCUMENT else error.oauth_error
             body = {"error": code, "error_description": _quoted(error.description)}
         params.update(error.challenge_params())
+        if used is not Scheme.WEBAUTHN:
+            params.update(route_params)
         if used is Scheme.DPOP and dpop_algs:
             params["algs"] = dpop_algs
         headers.append(("www-authenticate", challenge(used, realm, params)))

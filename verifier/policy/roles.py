@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from verifier.principal import Principal
@@ -41,12 +41,16 @@ class RoleMapper:
 class IssuerRoles:
     """Every issuer's role rules: the roles a principal gets at admission (and again after announced claims)."""
 
-    def __init__(self, mappers: Mapping[str, RoleMapper]) -> None:
+    def __init__(self, mappers: Mapping[str, RoleMapper], *, configured: Callable[[str], str] | None = None) -> None:
+        """`configured` names the `issuers[]` entry of a token's issuer (a template's, for its tenants)."""
         self._mappers = dict(mappers)
+        self._configured = configured
 
     def __call__(self, principal: Principal) -> Principal:
         """The principal with its issuer's roles added."""
         mapper = self._mappers.get(principal.issuer)
+        if mapper is None and self._configured is not None and self._mappers:
+            mapper = self._mappers.get(self._configured(principal.issuer))
         if mapper is None:
             return principal
         roles = mapper.roles(principal.claims, principal.subject, principal.scopes, principal.roles)

@@ -14,11 +14,14 @@ import posixpath
 import urllib.parse
 from collections.abc import Sequence
 
+from verifier.config.policy import PolicySettings, Requirements
+from verifier.config.resource import ProtectedResourceConfig
+from verifier.config.upstream import RouteUpstream
 from verifier.errors import Forbidden, InsufficientUserAuthentication, Scheme, SenderConstraintFailed
 from verifier.numbers import json_number
+from verifier.policy.metadata import challenge_params
 from verifier.principal import Principal
 from verifier.request import RequestAttributes, host_name, normalize_host
-from verifier.settings import PolicySettings, Requirements
 
 
 def normalize_path(path: str) -> str:
@@ -84,6 +87,17 @@ class CompiledPolicy:
     path_prefix: str
     path: str
     require: Requirements
+    # Per-route trust, empty: the global rule (any configured issuer, its audiences, any client).
+    issuers: frozenset[str] = frozenset()
+    audiences: frozenset[str] = frozenset()  # `audiences_any` and the route's `resource` (RFC 8707)
+    clients: frozenset[str] = frozenset()
+    challenge: tuple[tuple[str, str], ...] = ()  # RFC 9728 `resource_metadata` and `scope` of its challenges
+    upstream: RouteUpstream | None = None  # what this route's upstream receives, beyond `upstream`
+
+    @property
+    def trusts(self) -> bool:
+        """Whether the route narrows whose tokens it takes (issuer, audience or client)."""
+        return bool(self.issuers or self.audiences or self.clients)
 
     def matches(self, method: str, host: str, path: str) -> bool:
         """Whether this policy covers the (normalized) request; `host` is the name without its port."""
@@ -99,8 +113,13 @@ class CompiledPolicy:
 class PolicySet:
     """The configured policies, compiled once."""
 
-    def __init__(self, policies: tuple[PolicySettings, ...] | None) -> None:
+    def __init__(
+        self, policies: tuple[PolicySettings, ...] | None, default: ProtectedResourceConfig | None = None
+    ) -> None:
         self.enabled = policies is not None
+        default_resource = default.resource if default is not None else ""
+        # Challenges with no route of their own (no policies, or a refusal before the route is known).
+        self.default_challenge = challenge_params(default_resource, default.scopes_supported if default else ())
         self._policies = tuple(
             CompiledPolicy(
                 name=p.name,
@@ -109,6 +128,11 @@ class PolicySet:
                 path_prefix=p.match.path_prefix,
                 path=p.match.path,
                 require=p.require,
+                issuers=frozenset(p.require.issuers_any),
+                audiences=frozenset(p.require.audiences_any + ((p.resource,) if p.resource else ())),
+                clients=frozenset(p.require.clients_any),
+                challenge=challenge_params(p.resource or default_resource, p.scopes),
+                upstream=p.upstream,
             )
             for p in policies or ()
         )

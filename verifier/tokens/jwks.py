@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import Mapping
-from typing import Any
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from verifier.clock import Clock
-from verifier.errors import ProviderUnavailable
+from verifier.errors import ProviderUnavailable, VerifierError
 from verifier.observe.metrics import Metrics
 from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.settings import DEFAULT_MAX_JWKS_BYTES, DEFAULT_MAX_JWKS_KEYS, IssuerSettings
 from verifier.tokens.fetch import Fetcher, FetchResult, check_learned_url
-from verifier.tokens.keys import KeyError_, VerificationKey, parse_jwk
+from verifier.tokens.keys import KeyError_, VerificationKey, parse_key_set
 
 log = logging.getLogger("verifier.jwks")
 
@@ -34,9 +36,21 @@ class IssuerKeys:
     """The current keys of one issuer, and the machinery that keeps them current."""
 
     def __init__(
-        self, settings: IssuerSettings, fetcher: Fetcher, clock: Clock, metrics: Metrics, tracing: Tracing = NO_TRACING
+        self,
+        settings: IssuerSettings,
+        fetcher: Fetcher,
+        clock: Clock,
+        metrics: Metrics,
+        tracing: Tracing = NO_TRACING,
+        *,
+        label: str = "",
+        origin: str = "",
     ) -> None:
+        """`origin` (scheme://host[:port]), when given, is the only place learned URLs may point to."""
         self.settings = settings
+        # The metrics label: the configured issuer (a template's tenants share theirs, so a flood of
+        # made-up tenant names cannot grow the metrics without bound).
+        self._label = label or settings.issuer
         self._fetcher = fetcher
         self._tracing = tracing  # a CLIENT span around each discovery and JWKS fetch
         self._clock = clock
@@ -51,6 +65,13 @@ class IssuerKeys:
         self._failures = 0
         self._inflight: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        self._origin = origin
+        if settings.static_jwks:  # jwks_file / jwks_inline: checked when the settings were loaded
+            self._keys = self._parse(json.loads(settings.static_jwks))
+            self._by_kid = {k.kid: k for k in self._keys if k.kid is not None}
+            # Never due (refresh_interval() is +Inf: the key-age alert cannot fire for keys on disk).
+            self._fetched_at, self._expires_at = clock.monotonic(), math.inf
+            self.ready.set()
 
     @property
     def kids(self) -> tuple[str | None, ...]:
@@ -72,8 +93,8 @@ class IssuerKeys:
     async def key_for(self, kid: str | None, alg: str) -> VerificationKey | None:
         """Finds the key, refreshing at most once per cooldown when the kid is unknown."""
         key = self.find(kid, alg)
-        if key is not None or (kid is not None and kid in self._by_kid):
-            return key  # known kid of the wrong type: refreshing would not help
+        if key is not None or (kid is not None and kid in self._by_kid) or self.settings.static_jwks:
+            return key  # a known kid of the wrong type, or keys from a file: refreshing would not help
         cooling = self._clock.monotonic() - self._last_attempt < self.settings.jwks_cooldown_seconds
         if cooling and self._inflight is None:
             if self._failures:
@@ -86,11 +107,28 @@ class IssuerKeys:
 
     async def refresh(self) -> None:
         """Fetches the keys once, however many callers ask at the same time (single flight)."""
-        task = self._inflight
-        if task is None:
-            task = self._inflight = asyncio.get_running_loop().create_task(self._refresh())
-            task.add_done_callback(self._settled)
-        await asyncio.shield(task)
+        await asyncio.shield(self._inflight or self._start())
+
+    def _start(self) -> asyncio.Task[None]:
+        task = self._inflight = asyncio.get_running_loop().create_task(self._refresh())
+        task.add_done_callback(self._settled)
+        return task
+
+    @property
+    def stale(self) -> bool:
+        """Whether the keys are due for their refresh (never fetched, or near the end of their lifetime)."""
+        return self._clock.monotonic() >= self._expires_at - REFRESH_AHEAD_SECONDS
+
+    def refresh_in_background(self) -> None:
+        """Starts a refresh without waiting for it: single flight, at most one try per cooldown."""
+        cooling = self._clock.monotonic() - self._last_attempt < self.settings.jwks_cooldown_seconds
+        if self._inflight is None and not cooling:
+            self._start()
+
+    def cancel(self) -> None:
+        """Cancels a fetch in flight (at shutdown)."""
+        if self._inflight is not None:
+            self._inflight.cancel()
 
     def _settled(self, task: asyncio.Task[None]) -> None:
         # Cleared by the task itself, not by a waiter: a cancelled waiter must not leave a finished
@@ -123,8 +161,8 @@ class IssuerKeys:
         now = self._clock.monotonic()
         self._fetched_at = now
         self._expires_at = now + ttl
-        self._metrics.jwks_fetch(issuer, "ok")
-        self._metrics.jwks_keys(issuer, len(keys))
+        self._metrics.jwks_fetch(self._label, "ok")
+        self._metrics.jwks_keys(self._label, len(keys))
         log.info("jwks loaded", extra={"event": "jwks_fetch", "issuer": issuer, "kids": [k.kid for k in keys]})
         self.ready.set()
 
@@ -137,7 +175,7 @@ class IssuerKeys:
 
     def _failed(self, error: ProviderUnavailable) -> None:
         self._failures += 1
-        self._metrics.jwks_fetch(self.settings.issuer, "error")
+        self._metrics.jwks_fetch(self._label, "error")
         if self.settings.jwks_uri == "" and self._fetched_at is None:
             self.metadata = {}  # rediscover next time
         log.warning(
@@ -161,31 +199,23 @@ class IssuerKeys:
         # OIDC Discovery section 4.3: the issuer in the document must be exactly the one we asked.
         if doc.get("issuer") != self.settings.issuer:
             raise ProviderUnavailable("discovery issuer does not match the configured issuer")
-        jwks_uri = check_learned_url(doc.get("jwks_uri"), issuer=self.settings.issuer, what="jwks_uri")
+        jwks_uri = check_learned_url(
+            doc.get("jwks_uri"), issuer=self.settings.issuer, what="jwks_uri", origin=self._origin
+        )
         self.metadata = doc
         if not self.settings.jwks_uri:
             self._jwks_uri = jwks_uri
 
     def _parse(self, document: Any) -> tuple[VerificationKey, ...]:
-        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-            raise ProviderUnavailable("JWKS is not a key set")
-        raw_keys = document["keys"]
-        if len(raw_keys) > DEFAULT_MAX_JWKS_KEYS:
-            raise ProviderUnavailable(f"JWKS has {len(raw_keys)} keys (limit {DEFAULT_MAX_JWKS_KEYS})")
-        keys: list[VerificationKey] = []
-        for raw in raw_keys:
-            if not isinstance(raw, dict):
-                continue
-            try:
-                keys.append(parse_jwk(raw))
-            except (KeyError_, TypeError, ValueError) as exc:
-                log.warning(
-                    "jwks key skipped",
-                    extra={"event": "jwks_key_skipped", "issuer": self.settings.issuer, "error": str(exc)},
-                )
-        if not keys:
-            raise ProviderUnavailable("JWKS has no usable signing keys")
-        return tuple(keys)
+        try:
+            keys, skipped = parse_key_set(document, max_keys=DEFAULT_MAX_JWKS_KEYS)
+        except KeyError_ as exc:
+            raise ProviderUnavailable(str(exc)) from None
+        for error in skipped:
+            log.warning(
+                "jwks key skipped", extra={"event": "jwks_key_skipped", "issuer": self.settings.issuer, "error": error}
+            )
+        return keys
 
     def next_refresh_in(self) -> float:
         """Seconds until the background loop should fetch again."""
@@ -202,8 +232,8 @@ class IssuerKeys:
         return None if self._fetched_at is None else self._clock.monotonic() - self._fetched_at
 
     async def run(self) -> None:
-        """Keeps the keys fresh until cancelled."""
-        while True:
+        """Keeps the keys fresh until cancelled (keys from a file or the YAML change on reload only)."""
+        while not self.settings.static_jwks:
             try:
                 await self.refresh()
             except ProviderUnavailable:
@@ -214,16 +244,72 @@ class IssuerKeys:
             await asyncio.sleep(self.next_refresh_in())
 
 
-class KeyStore:
-    """All issuers' keys, by exact issuer string."""
+class Tenants(Protocol):
+    """The keys of an issuer template's tenants (verifier.tokens.tenants.TenantKeys)."""
 
-    def __init__(self, issuers: Mapping[str, IssuerKeys]) -> None:
+    settings: IssuerSettings
+
+    def tenant_of(self, iss: str) -> str | None:
+        """The tenant `iss` names under the template, None if it does not fit; refuses one not allowed."""
+        ...
+
+    def held(self, tenant: str) -> IssuerKeys | None:
+        """The tenant's keys if held, without I/O."""
+        ...
+
+    async def keys_for(self, tenant: str) -> IssuerKeys:
+        """The tenant's keys, fetched on first use."""
+        ...
+
+    async def stop(self) -> None:
+        """Cancels fetches in flight."""
+        ...
+
+
+class KeyStore:
+    """All issuers' keys: by exact issuer string, and the tenants of each issuer template."""
+
+    def __init__(self, issuers: Mapping[str, IssuerKeys], templates: Sequence[Tenants] = ()) -> None:
         self.issuers = dict(issuers)
+        self.templates = tuple(templates)
         self._tasks: list[asyncio.Task[None]] = []
 
     def get(self, issuer: str) -> IssuerKeys | None:
-        """The keys of a configured issuer."""
-        return self.issuers.get(issuer)
+        """The keys of a configured issuer, or of a template's tenant whose keys are held (no I/O, no refusal)."""
+        keys = self.issuers.get(issuer)
+        if keys is not None:
+            return keys
+        with contextlib.suppress(VerifierError):  # a tenant not allowed has no keys
+            found = self.template_of(issuer)
+            if found is not None:
+                return found[0].held(found[1])
+        return None
+
+    def template_of(self, issuer: str) -> tuple[Tenants, str] | None:
+        """The template `issuer` fits and its tenant; raises `TenantNotAllowed` when it fits templates
+        only with a tenant none of them allows (no I/O)."""
+        refused: VerifierError | None = None
+        for template in self.templates:
+            try:
+                tenant = template.tenant_of(issuer)
+            except VerifierError as exc:  # TenantNotAllowed: another template may still allow it
+                refused = exc
+                continue
+            if tenant is not None:
+                return template, tenant
+        if refused is not None:
+            raise refused
+        return None
+
+    def configured(self, issuer: str) -> str:
+        """The `issuers[].issuer` entry that covers `issuer` (itself, or its template); empty when none."""
+        if issuer in self.issuers:
+            return issuer
+        with contextlib.suppress(VerifierError):
+            found = self.template_of(issuer)
+            if found is not None:
+                return found[0].settings.issuer
+        return ""
 
     def start(self) -> None:
         """Starts every issuer's background refresh loop (the first iteration fetches at once)."""
@@ -240,7 +326,9 @@ class KeyStore:
         await asyncio.gather(*(keys.ready.wait() for keys in self.issuers.values()))
 
     async def stop(self) -> None:
-        """Cancels the refresh loops."""
+        """Cancels the refresh loops and the tenants' fetches."""
+        for template in self.templates:
+            await template.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

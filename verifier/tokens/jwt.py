@@ -27,8 +27,10 @@ from verifier.numbers import json_number
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import IssuerSettings
 from verifier.tokens import jws
-from verifier.tokens.jwks import IssuerKeys, KeyStore
+from verifier.tokens.jwks import IssuerKeys, KeyStore, Tenants
 from verifier.tokens.keys import VerificationKey
+
+_Tenant = tuple[Tenants, str]  # an issuer template's keys and the tenant a token's `iss` names
 
 # RFC 9068 section 2.1: `at+jwt` (the media type may carry its `application/` prefix, RFC 7515 4.1.9).
 _ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
@@ -121,17 +123,32 @@ class JwtVerifier:
         """Parses without verifying (exposed so callers can audit kid/alg on failure)."""
         return jws.parse(token, max_bytes=self._max_bytes)
 
-    def _issuer_of(self, parsed: jws.CompactJWS) -> tuple[str, IssuerSettings, IssuerKeys]:
+    def _issuer_of(self, parsed: jws.CompactJWS) -> tuple[str, IssuerSettings, IssuerKeys | None, _Tenant | None]:
+        """The token's issuer settings and its keys if held; for a template's tenant also the tenant (no I/O)."""
         iss = parsed.payload.get("iss")
         if not isinstance(iss, str):
             raise MalformedToken("token has no iss")
         settings = self._issuers.get(iss)
-        keys = self._keys.get(iss)
-        if settings is None or keys is None:
-            raise UnknownIssuer("untrusted issuer")
+        tenant: _Tenant | None = None
+        if settings is not None:
+            keys = self._keys.get(iss)
+            if keys is None:
+                raise UnknownIssuer("untrusted issuer")
+        else:
+            tenant = self._keys.template_of(iss)  # a tenant off the allow-list is refused here, before any fetch
+            if tenant is None:
+                raise UnknownIssuer("untrusted issuer")
+            settings = tenant[0].settings
+            keys = tenant[0].held(tenant[1])
         if parsed.alg not in settings.algorithms:
             raise AlgorithmRefused(f"alg {parsed.alg} is not allowed for this issuer")
-        return iss, settings, keys
+        if tenant is not None and settings.tenant_claim:
+            # A provider that signs every tenant's tokens with one key set (Entra) vouches for the
+            # tenant only in this claim: it must name the tenant `iss` names.
+            claim = settings.tenant_claim
+            if parsed.payload.get(claim) != tenant[1]:
+                raise ClaimInvalid(f"{claim} does not name the tenant of iss", claim=claim)
+        return iss, settings, keys, tenant
 
     def _finish(
         self, parsed: jws.CompactJWS, iss: str, settings: IssuerSettings, keys: IssuerKeys, key: VerificationKey | None
@@ -151,7 +168,9 @@ class JwtVerifier:
 
         The common case (a held key) never creates a task or awaits: the whole check runs inline.
         """
-        iss, settings, keys = self._issuer_of(parsed)
+        iss, settings, keys, _ = self._issuer_of(parsed)
+        if keys is None:
+            return None  # a tenant not yet held: its keys must be fetched
         key = keys.find(parsed.kid, parsed.alg)
         if key is None and not keys.has_kid(parsed.kid):
             return None
@@ -159,7 +178,10 @@ class JwtVerifier:
 
     async def verify(self, parsed: jws.CompactJWS) -> Principal:
         """Verifies a parsed token; raises an `InvalidToken` subclass or `AudienceMismatch`."""
-        iss, settings, keys = self._issuer_of(parsed)
+        iss, settings, keys, tenant = self._issuer_of(parsed)
+        if keys is None:
+            assert tenant is not None
+            keys = await tenant[0].keys_for(tenant[1])
         key = keys.find(parsed.kid, parsed.alg)  # held keys answer without an await; only a miss may refresh
         if key is None:
             key = await keys.key_for(parsed.kid, parsed.alg)

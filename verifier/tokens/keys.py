@@ -118,3 +118,28 @@ def parse_jwk(jwk: Mapping[str, Any]) -> VerificationKey:
     if hasattr(key, "public_key") and not hasattr(key, "verify"):
         raise KeyError_("private key")  # pragma: no cover - private members are refused above
     return VerificationKey(kid=kid, kty=str(kty), crv=crv, alg=alg, key=key)
+
+
+def parse_key_set(document: Any, *, max_keys: int) -> tuple[tuple[VerificationKey, ...], list[str]]:
+    """RFC 7517 section 5: a JWK Set's usable signing keys, and why each other key was skipped.
+
+    Raises `KeyError_` when the document is not a key set, holds more than `max_keys` keys, or
+    none of them can verify a signature.
+    """
+    if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
+        raise KeyError_("JWKS is not a key set")
+    raw_keys = document["keys"]
+    if len(raw_keys) > max_keys:
+        raise KeyError_(f"JWKS has {len(raw_keys)} keys (limit {max_keys})")
+    keys: list[VerificationKey] = []
+    skipped: list[str] = []
+    for raw in raw_keys:
+        if not isinstance(raw, Mapping):
+            continue
+        try:
+            keys.append(parse_jwk(raw))
+        except (KeyError_, TypeError, ValueError) as exc:
+            skipped.append(str(exc))
+    if not keys:
+        raise KeyError_("JWKS has no usable signing keys")
+    return tuple(keys), skipped

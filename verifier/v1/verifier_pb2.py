@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1averifier/v1/verifier.proto\x12\x0bverifier.v1\"\xeb\x01\n\x0c\x43heckRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0e\n\x06scheme\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x37\n\x07headers\x18\x05 \x03(\x0b\x32&.verifier.v1.CheckRequest.HeadersEntry\x12\x16\n\x0e\x63lient_address\x18\x06 \x01(\t\x12\x1e\n\x16\x63lient_cert_thumbprint\x18\x07 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xf0\x01\n\rCheckResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12-\n\x10upstream_headers\x18\x03 \x03(\x0b\x32\x13.verifier.v1.Header\x12-\n\x10response_headers\x18\x04 \x03(\x0b\x32\x13.verifier.v1.Header\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\r\n\x05roles\x18\x07 \x03(\t\x12\x0c\n\x04\x62ody\x18\x08 \x01(\t\x12\x1d\n\x15\x63\x61\x63he_max_age_seconds\x18\t \x01(\x05\x32J\n\x08Verifier\x12>\n\x05\x43heck\x12\x19.verifier.v1.CheckRequest\x1a\x1a.verifier.v1.CheckResponseB=Z;github.com/example/edge-verifier/gen/verifier/v1;verifierv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1averifier/v1/verifier.proto\x12\x0bverifier.v1\"\xeb\x01\n\x0c\x43heckRequest\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0e\n\x06scheme\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x37\n\x07headers\x18\x05 \x03(\x0b\x32&.verifier.v1.CheckRequest.HeadersEntry\x12\x16\n\x0e\x63lient_address\x18\x06 \x01(\t\x12\x1e\n\x16\x63lient_cert_thumbprint\x18\x07 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x9d\x02\n\rCheckResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12-\n\x10upstream_headers\x18\x03 \x03(\x0b\x32\x13.verifier.v1.Header\x12-\n\x10response_headers\x18\x04 \x03(\x0b\x32\x13.verifier.v1.Header\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\r\n\x05roles\x18\x07 \x03(\t\x12\x0c\n\x04\x62ody\x18\x08 \x01(\t\x12\x1d\n\x15\x63\x61\x63he_max_age_seconds\x18\t \x01(\x05\x12+\n\x0e\x61nswer_headers\x18\n \x03(\x0b\x32\x13.verifier.v1.Header2J\n\x08Verifier\x12>\n\x05\x43heck\x12\x19.verifier.v1.CheckRequest\x1a\x1a.verifier.v1.CheckResponseB=Z;github.com/example/edge-verifier/gen/verifier/v1;verifierv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,7 +41,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEADER']._serialized_start=281
   _globals['_HEADER']._serialized_end=318
   _globals['_CHECKRESPONSE']._serialized_start=321
-  _globals['_CHECKRESPONSE']._serialized_end=561
-  _globals['_VERIFIER']._serialized_start=563
-  _globals['_VERIFIER']._serialized_end=637
+  _globals['_CHECKRESPONSE']._serialized_end=606
+  _globals['_VERIFIER']._serialized_start=608
+  _globals['_VERIFIER']._serialized_end=682
 # @@protoc_insertion_point(module_scope)

@@ -40,7 +40,7 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class CheckResponse(_message.Message):
-    __slots__ = ("allowed", "http_status", "upstream_headers", "response_headers", "reason", "subject", "roles", "body", "cache_max_age_seconds")
+    __slots__ = ("allowed", "http_status", "upstream_headers", "response_headers", "reason", "subject", "roles", "body", "cache_max_age_seconds", "answer_headers")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_HEADERS_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class CheckResponse(_message.Message):
     ROLES_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
     CACHE_MAX_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_HEADERS_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     http_status: int
     upstream_headers: _containers.RepeatedCompositeFieldContainer[Header]
@@ -59,4 +60,5 @@ class CheckResponse(_message.Message):
     roles: _containers.RepeatedScalarFieldContainer[str]
     body: str
     cache_max_age_seconds: int
-    def __init__(self, allowed: _Optional[bool] = ..., http_status: _Optional[int] = ..., upstream_headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., response_headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., reason: _Optional[str] = ..., subject: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., body: _Optional[str] = ..., cache_max_age_seconds: _Optional[int] = ...) -> None: ...
+    answer_headers: _containers.RepeatedCompositeFieldContainer[Header]
+    def __init__(self, allowed: _Optional[bool] = ..., http_status: _Optional[int] = ..., upstream_headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., response_headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., reason: _Optional[str] = ..., subject: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., body: _Optional[str] = ..., cache_max_age_seconds: _Optional[int] = ..., answer_headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ...) -> None: ...

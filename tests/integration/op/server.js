@@ -168,9 +168,15 @@ function loadConfig() {
   return config;
 }
 
+// The issuer: http://host:port, or config.issuer (e.g. http://127.0.0.1:PROXY/tenant-a, a tenant of a
+// multi-tenant provider behind a path-prefix proxy: the proxy keeps the Host header and the path).
+function issuerOf(config) {
+  return config.issuer ?? `http://${config.host}:${config.port}`;
+}
+
 function buildProvider(config) {
   const jwks = JSON.parse(fs.readFileSync(config.keys_file, 'utf8'));
-  const issuer = `http://${config.host}:${config.port}`;
+  const issuer = issuerOf(config);
 
   const provider = new Provider(issuer, {
     adapter: SharedMemoryAdapter,
@@ -291,7 +297,10 @@ let reloads = 0;
 const config = loadConfig();
 let provider = buildProvider(config);
 let handler = provider.callback();
-const issuer = `http://${config.host}:${config.port}`;
+const issuer = issuerOf(config);
+// The issuer's path (empty without config.issuer): requests arrive under it and are served as if
+// mounted there (oidc-provider reads the mount path from req.originalUrl, as under express).
+const mountPath = new URL(issuer).pathname.replace(/\/$/, '');
 
 function sendJson(res, status, body) {
   const data = JSON.stringify(body);
@@ -373,7 +382,13 @@ async function finishLogin(uid, body) {
 }
 
 const server = http.createServer(async (req, res) => {
-  const path = new URL(req.url, issuer).pathname;
+  if (mountPath) {
+    const full = new URL(req.url, 'http://x').pathname;
+    if (full !== mountPath && !full.startsWith(`${mountPath}/`)) return sendJson(res, 404, { error: 'not_found' });
+    req.originalUrl = req.url;
+    req.url = req.url.slice(mountPath.length) || '/';
+  }
+  const path = new URL(req.url, 'http://x').pathname;
   if (path.startsWith('/__')) return control(req, res, path);
 
   const key = COUNTED_ROUTES[path] ?? 'other';

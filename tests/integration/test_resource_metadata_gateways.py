@@ -1,0 +1,141 @@
+"""RFC 9728 discovery through the shipped gateways (#21 item 4): nginx, Envoy (HTTP ext_authz) and Envoy reuse (Lua).
+
+An MCP client that gets a 401 reads `resource_metadata` from the challenge and fetches that URL
+WITHOUT a token: the rendered deploy/ templates must pass `/.well-known/oauth-protected-resource*`
+to the verifier unauthenticated (and never to the upstream), GET only, and relay the challenge.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Iterator
+
+import pytest
+from gateways import (
+    EchoUpstream,
+    GatewayProcess,
+    LocalIssuer,
+    http_request,
+    start_envoy,
+    start_nginx,
+    start_verifier,
+)
+from rfc9728kit import check_rfc9728_document, parse_challenge
+
+pytestmark = pytest.mark.integration
+
+HOST = "api.example.test"
+ORDERS = f"https://{HOST}/orders"
+WELL_KNOWN = "/.well-known/oauth-protected-resource"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[EchoUpstream]:
+    server = EchoUpstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[LocalIssuer]:
+    server = LocalIssuer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    proc = start_verifier(
+        tmp_path_factory.mktemp("rfc9728"),
+        issuer=issuer.issuer,
+        extra_config={
+            "protected_resource": {"resource": f"https://{HOST}", "max_age_seconds": 300},
+            "policies": [
+                {
+                    "name": "orders",
+                    "match": {"path_prefix": "/orders"},
+                    "resource": ORDERS,
+                    "require": {"scopes_any": ["orders:read"]},
+                },
+                {"name": "rest", "match": {"path_prefix": "/"}},
+            ],
+        },
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module", params=["nginx", "envoy-http", "envoy-reuse"])
+def gateway(
+    request: pytest.FixtureRequest,
+    verifier: GatewayProcess,
+    upstream: EchoUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp(request.param)
+    if request.param == "nginx":
+        gw = start_nginx(tmp, verifier.extra["http_port"], upstream.port)
+    else:
+        mode = "http" if request.param == "envoy-http" else "reuse"
+        gw = start_envoy(tmp, mode, upstream_port=upstream.port, verifier_http_port=verifier.extra["http_port"])
+    yield gw.url
+    gw.stop()
+
+
+def test_a_401_names_metadata_the_client_can_fetch_through_the_gateway_without_a_token(
+    gateway: str, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    upstream.clear()
+    refused = http_request(f"{gateway}/orders/42", headers={"Host": HOST})
+    assert refused.status == 401
+    scheme, params = parse_challenge(refused.headers["www-authenticate"])
+    assert scheme == "Bearer" and params["resource_metadata"] == f"https://{HOST}{WELL_KNOWN}/orders"
+    assert params["scope"] == "orders:read"
+    url = urllib.parse.urlsplit(params["resource_metadata"])
+    fetched = http_request(f"{gateway}{url.path}", headers={"Host": url.netloc})  # no Authorization at all
+    assert fetched.status == 200, fetched.body
+    assert fetched.headers["cache-control"] == "public, max-age=300"
+    document = json.loads(fetched.body)
+    check_rfc9728_document(document, params["resource_metadata"])
+    assert document["resource"] == ORDERS and document["authorization_servers"] == [issuer.issuer]
+    assert document["scopes_supported"] == ["orders:read"] and document["bearer_methods_supported"] == ["header"]
+    default = http_request(f"{gateway}{WELL_KNOWN}", headers={"Host": HOST})
+    assert default.status == 200 and json.loads(default.body)["resource"] == f"https://{HOST}"
+    assert not upstream.requests, "discovery reached the upstream"
+
+
+def test_a_client_chosen_host_never_changes_where_the_challenge_points(gateway: str) -> None:
+    for host in ("evil.example.test", "evil.example.test:8443"):
+        refused = http_request(
+            f"{gateway}/orders/42", headers={"Host": host, "X-Forwarded-Host": host, "Forwarded": f"host={host}"}
+        )
+        assert refused.status == 401
+        resource_metadata = parse_challenge(refused.headers["www-authenticate"])[1]["resource_metadata"]
+        assert resource_metadata == f"https://{HOST}{WELL_KNOWN}/orders"
+
+
+def test_a_403_carries_the_same_discovery_parameters(gateway: str, issuer: LocalIssuer) -> None:
+    refused = http_request(
+        f"{gateway}/orders/42",
+        headers={"Host": HOST, "Authorization": f"Bearer {issuer.mint(aud=[issuer.audience, ORDERS], scope='read')}"},
+    )
+    _, params = parse_challenge(refused.headers["www-authenticate"])
+    assert (refused.status, params["error"]) == (403, "insufficient_scope")
+    assert params["resource_metadata"] == f"https://{HOST}{WELL_KNOWN}/orders" and params["scope"] == "orders:read"
+
+
+def test_only_get_reaches_the_metadata(gateway: str, upstream: EchoUpstream) -> None:
+    upstream.clear()
+    answer = http_request(f"{gateway}{WELL_KNOWN}/orders", method="POST", headers={"Host": HOST}, body=b"{}")
+    # nginx refuses other methods there (403); Envoy routes them like any request: ext_authz, a 401
+    assert answer.status in (401, 403)
+    assert not upstream.requests
+
+
+def test_a_head_request_leaves_the_gateway_and_the_next_get_intact(gateway: str) -> None:
+    for _ in range(3):  # nginx reuses its upstream connections: a body after a HEAD answer would desync them
+        head = http_request(f"{gateway}{WELL_KNOWN}/orders", method="HEAD", headers={"Host": HOST})
+        assert head.status in (200, 401) and head.body == b""
+        fetched = http_request(f"{gateway}{WELL_KNOWN}/orders", headers={"Host": HOST})
+        assert fetched.status == 200 and json.loads(fetched.body)["resource"] == ORDERS

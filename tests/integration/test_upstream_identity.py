@@ -1,0 +1,386 @@
+"""Issue #20: what the upstream receives, through every shipped gateway configuration, from the REAL verifier.
+
+Gateways: the rendered deploy/nginx/nginx.conf.template (real nginx), deploy/envoy/envoy-grpc.yaml.template and
+envoy-http.yaml.template (real Envoy). The verifier maps claims to X-Authenticated-Email/-Tenant/-Groups, names
+the Kong consumer (an answer header for the Kong plugin, never for an upstream) and signs an identity assertion.
+The protected application (an echo upstream on loopback) receives the request; the test then verifies the
+assertion it received with PyJWT against the verifier's /.well-known/jwks.json, as an upstream would.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from verifier.v1 import verifier_pb2, verifier_pb2_grpc
+
+if __package__:
+    from .gateways import (
+        NGINX_TEMPLATE,
+        EchoUpstream,
+        GatewayProcess,
+        LocalIssuer,
+        SeenRequest,
+        http_request,
+        start_nginx,
+        start_verifier,
+    )
+    from .test_trust_boundary import Edge, _fresh_upstream_log, edge, issuer
+else:  # tests/ is not a package: pytest put this directory on sys.path
+    from gateways import (
+        NGINX_TEMPLATE,
+        EchoUpstream,
+        GatewayProcess,
+        LocalIssuer,
+        SeenRequest,
+        http_request,
+        start_nginx,
+        start_verifier,
+    )
+    from test_trust_boundary import Edge, _fresh_upstream_log, edge, issuer
+
+__all__ = ["_fresh_upstream_log", "edge", "issuer"]  # the trust-boundary rigs, against this verifier and upstream
+
+pytestmark = pytest.mark.integration
+
+ASSERTION_ISSUER = "https://verifier.internal"
+ORDERS = "https://orders.internal"
+BILLING = "https://billing.internal"
+MAX_VALUE_BYTES = 1024
+CLIENT_COPIES = {
+    "X-Authenticated-Email": "boss@example.test",
+    "X-Authenticated-Tenant": "another-tenant",
+    "X-Authenticated-Groups": "admins",
+    "X-Authenticated-Identity": "eyJhbGciOiJub25lIn0.eyJzdWIiOiJib3NzIn0.",
+    "X-Kong-Consumer-Username": "admin",
+    "X-Kong-Consumer-Custom-Id": "c-admin",
+    "X-Kong-Consumer-Id": "00000000-0000-0000-0000-000000000000",
+}
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, path: Path) -> str:
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    tmp = tmp_path_factory.mktemp("identity")
+    key_file = _write_key(ec.generate_private_key(ec.SECP256R1()), tmp / "identity.pem")
+    upstream_config = {
+        "headers": [
+            {"header": "X-Authenticated-Email", "claim": "email"},
+            {"header": "X-Authenticated-Tenant", "claim": "org.tenant_id"},
+            {"header": "X-Authenticated-Groups", "claim": "groups"},
+            {"header": "X-Authenticated-Plan", "claim": "plan"},  # not in the nginx template: its snippet
+        ],
+        "consumer": {"claim": "sub", "by": "username"},
+        "identity_token": {
+            "issuer": ASSERTION_ISSUER,
+            "algorithm": "ES256",
+            "private_key_file": key_file,
+            "audience": ORDERS,
+            "lifetime_seconds": 60,
+            "claims": ["sub", "scope", "roles", "email"],
+        },
+        "max_value_bytes": MAX_VALUE_BYTES,
+    }
+    policies = [
+        {
+            "name": "billing",
+            "match": {"path_prefix": "/billing"},
+            "upstream": {"identity_token": {"audience": BILLING}},
+        },
+        {"name": "rest", "match": {"path_prefix": "/"}},
+    ]
+    proc = start_verifier(tmp, issuer=issuer.issuer, extra_config={"upstream": upstream_config, "policies": policies})
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def jwks_client(verifier: GatewayProcess) -> jwt.PyJWKClient:
+    """What an upstream uses: PyJWT's JWKS client on the verifier's published keys."""
+    return jwt.PyJWKClient(f"{verifier.url}/.well-known/jwks.json", cache_keys=True)
+
+
+class VerifyingUpstream(EchoUpstream):
+    """The protected application as one would build it: it verifies the assertion each request carries
+    (PyJWT against the verifier's /.well-known/jwks.json, its own audience: /billing is the billing service)
+    and keeps the verified claims, or the error, beside what it received."""
+
+    def __init__(self, jwks: jwt.PyJWKClient) -> None:
+        self._jwks = jwks
+        self.verified: list[dict[str, Any] | Exception] = []
+        super().__init__()
+
+    def _record(self, seen: SeenRequest) -> None:
+        audience = BILLING if seen.path.startswith("/billing") else ORDERS
+        try:
+            result: dict[str, Any] | Exception = _verify(seen.headers["x-authenticated-identity"], self._jwks, audience)
+        except Exception as exc:  # what the application would answer 401 for
+            result = exc
+        with self._lock:
+            self.verified.append(result)
+        super()._record(seen)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.verified.clear()
+        super().clear()
+
+
+@pytest.fixture(scope="module")
+def upstream(verifier: GatewayProcess) -> Iterator[VerifyingUpstream]:
+    server = VerifyingUpstream(jwt.PyJWKClient(f"{verifier.url}/.well-known/jwks.json"))
+    yield server
+    server.stop()
+
+
+def _through(edge: Edge, upstream: EchoUpstream, path: str, token: str, **extra: str) -> dict[str, str]:
+    r = http_request(f"{edge.url}{path}", headers={"Authorization": f"Bearer {token}", **CLIENT_COPIES, **extra})
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    return dict(seen.headers)
+
+
+def _verify(assertion: str, client: jwt.PyJWKClient, audience: str) -> dict[str, Any]:
+    decoded: dict[str, Any] = jwt.decode(
+        assertion,
+        client.get_signing_key_from_jwt(assertion).key,
+        algorithms=["ES256"],
+        audience=audience,
+        issuer=ASSERTION_ISSUER,
+        options={"require": ["iss", "aud", "iat", "exp", "jti"]},
+    )
+    return decoded
+
+
+def test_mapped_claims_arrive_and_client_copies_never_do(
+    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    token = issuer.mint(email="alice@example.test", org={"tenant_id": "t-42"}, groups=["ops", "billing"])
+    seen = _through(edge, upstream, "/orders/1", token)
+    assert seen["x-authenticated-email"] == "alice@example.test"
+    assert seen["x-authenticated-tenant"] == "t-42"
+    assert seen["x-authenticated-groups"] == "ops, billing"
+    assert seen["x-authenticated-userid"] == "alice"
+    assert seen["authorization"] == f"Bearer {token}"  # the client's token passes unchanged
+    # the consumer is named to a Kong plugin only: neither the verifier's answer nor the client's copy arrives
+    assert not [name for name in seen if name.startswith("x-kong-consumer")], seen
+
+
+def test_a_missing_claim_sends_no_header_and_the_clients_copy_is_removed(
+    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    seen = _through(edge, upstream, "/orders/1", issuer.mint())
+    for name in ("x-authenticated-email", "x-authenticated-tenant", "x-authenticated-groups"):
+        assert name not in seen, (edge.name, name, seen.get(name))
+    assert not [name for name in seen if name.startswith("x-kong-consumer")], seen
+
+
+def test_the_upstream_verifies_the_assertion_against_the_verifiers_jwks(
+    edge: Edge, upstream: VerifyingUpstream, issuer: LocalIssuer, jwks_client: jwt.PyJWKClient
+) -> None:
+    seen = _through(edge, upstream, "/orders/1", issuer.mint(email="alice@example.test", roles=["admin"]))
+    assertion = seen["x-authenticated-identity"]
+    assert assertion != CLIENT_COPIES["X-Authenticated-Identity"]
+    (decoded,) = upstream.verified
+    assert isinstance(decoded, dict), (edge.name, decoded)
+    assert decoded["sub"] == "alice" and decoded["scope"] == "read write" and decoded["roles"] == ["admin"]
+    assert decoded["email"] == "alice@example.test"
+    assert decoded["iat"] <= time.time() + 1 < decoded["exp"] <= decoded["iat"] + 60
+    assert jwt.get_unverified_header(assertion)["typ"] == "JWT"
+    with pytest.raises(jwt.InvalidAudienceError):
+        _verify(assertion, jwks_client, BILLING)
+
+
+def test_a_route_gets_an_assertion_for_its_own_audience(
+    edge: Edge, upstream: VerifyingUpstream, issuer: LocalIssuer
+) -> None:
+    _through(edge, upstream, "/billing/7", issuer.mint())
+    (decoded,) = upstream.verified  # the billing service's own audience
+    assert isinstance(decoded, dict) and decoded["sub"] == "alice", (edge.name, decoded)
+
+
+@pytest.mark.parametrize(
+    ("claims", "expected"),
+    [
+        (
+            {"email": "alice@example.test\r\nX-Injected: yes"},
+            {"x-authenticated-email": "alice@example.testX-Injected: yes"},
+        ),
+        ({"email": "a\nx-authenticated-userid: root"}, {"x-authenticated-email": "ax-authenticated-userid: root"}),
+        (
+            {"org": {"tenant_id": 42}, "groups": [1, True, "g"]},
+            {"x-authenticated-tenant": "42", "x-authenticated-groups": "1, true, g"},
+        ),
+        ({"org": {"tenant_id": {"deep": {"deeper": ["x"]}}}}, {"x-authenticated-tenant": None}),
+        ({"groups": [["nested"]]}, {"x-authenticated-groups": None}),
+    ],
+    ids=["crlf", "lf-userid", "non-strings", "nested-object", "nested-array"],
+)
+def test_hostile_claims_never_forge_a_header(
+    edge: Edge,
+    upstream: EchoUpstream,
+    issuer: LocalIssuer,
+    claims: dict[str, Any],
+    expected: dict[str, str | None],
+) -> None:
+    seen = _through(edge, upstream, "/orders/1", issuer.mint(**claims))
+    for name, value in expected.items():
+        assert seen.get(name) == value, (edge.name, name, seen.get(name))
+    assert "x-injected" not in seen and seen["x-authenticated-userid"] == "alice", seen
+
+
+def test_a_claim_too_large_for_a_header_is_refused_and_never_reaches_the_upstream(
+    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    token = issuer.mint(groups=[f"group-{i:04d}" for i in range(MAX_VALUE_BYTES // 8)])
+    r = http_request(f"{edge.url}/orders/1", headers={"Authorization": f"Bearer {token}"})
+    assert r.status == 403, (edge.name, r.status, r.body)
+    assert r.headers.get("x-verifier-reason") == "upstream_claim_too_large", (edge.name, r.headers)
+    assert upstream.requests == []
+
+
+def _assertion_from(verifier: GatewayProcess, token: str) -> str:
+    """The assertion in the verifier's forward-auth answer (what every gateway copies to the upstream)."""
+    r = http_request(
+        f"{verifier.url}/v1/forward-auth",
+        headers={"Authorization": f"Bearer {token}", "X-Forwarded-Uri": "/orders/1", "X-Forwarded-Host": "api"},
+    )
+    assert r.status == 200, (r.status, r.body)
+    return r.headers["x-authenticated-identity"]
+
+
+def test_a_rotation_by_reload_keeps_assertions_already_handed_out_verifiable(
+    issuer: LocalIssuer, tmp_path: Path
+) -> None:
+    """SIGHUP with a new key and the old public key: the JWKS lists both, old and new assertions verify."""
+    old_key = ec.generate_private_key(ec.SECP256R1())
+    identity = {
+        "issuer": ASSERTION_ISSUER,
+        "private_key_file": _write_key(old_key, tmp_path / "old.pem"),
+        "audience": ORDERS,
+    }
+    proc = start_verifier(tmp_path, issuer=issuer.issuer, extra_config={"upstream": {"identity_token": identity}})
+    try:
+        before = _assertion_from(proc, issuer.mint())
+        old_pub = tmp_path / "old.pub.pem"
+        old_pub.write_bytes(
+            old_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        assert proc.config_path is not None
+        config = yaml.safe_load(proc.config_path.read_text())
+        config["upstream"]["identity_token"].update(
+            algorithm="EdDSA",
+            private_key_file=_write_key(ed25519.Ed25519PrivateKey.generate(), tmp_path / "new.pem"),
+            previous_public_key_files=[str(old_pub)],
+        )
+        proc.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        proc.proc.send_signal(signal.SIGHUP)
+        # The old worker serves until the new one is ready, then drains (both answer for a while): take the
+        # key set and a new assertion from the new worker once each shows up.
+        deadline = time.monotonic() + 30
+        jwks: dict[str, Any] | None = None
+        after = ""
+        while jwks is None or not after:
+            assert time.monotonic() < deadline, proc.log()
+            document = json.loads(http_request(f"{proc.url}/.well-known/jwks.json").body)
+            jwks = document if len(document["keys"]) == 2 else jwks
+            candidate = _assertion_from(proc, issuer.mint())
+            after = candidate if jwt.get_unverified_header(candidate)["alg"] == "EdDSA" else after
+            time.sleep(0.1)
+        keys = jwt.PyJWKSet.from_dict(jwks)
+        for assertion, algorithm in ((before, "ES256"), (after, "EdDSA")):  # handed out before and after
+            kid = jwt.get_unverified_header(assertion)["kid"]
+            decoded = jwt.decode(
+                assertion, keys[kid].key, algorithms=[algorithm], audience=ORDERS, issuer=ASSERTION_ISSUER
+            )
+            assert decoded["sub"] == "alice"
+        assert jwt.get_unverified_header(after)["kid"] != jwt.get_unverified_header(before)["kid"]
+    finally:
+        proc.stop()
+
+
+def test_the_nginx_templates_snippet_copies_another_mapped_header(
+    verifier: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer, tmp_path: Path
+) -> None:
+    """nginx copies answer headers by name: a mapped header outside the template's set needs the two lines
+    its header comment documents, and arrives with them; a client's copy never does either way."""
+    snippet = "\n".join(
+        line.lstrip("#").strip()
+        for line in NGINX_TEMPLATE.read_text().splitlines()
+        if line.startswith("#        auth_request_set $auth_plan")
+        or line.startswith("#        proxy_set_header X-Authenticated-Plan")
+    )
+    assert snippet.count(";") == 2, snippet
+    token = issuer.mint(plan="gold")
+    for directives, expected in (("", None), (snippet, "gold")):
+        gw = start_nginx(tmp_path, verifier.extra["http_port"], upstream.port, http_directives=directives)
+        try:
+            upstream.clear()
+            r = http_request(
+                f"{gw.url}/orders/1", headers={"Authorization": f"Bearer {token}", "X-Authenticated-Plan": "platinum"}
+            )
+            assert r.status == 200, (r.status, r.body, gw.log())
+            (seen,) = upstream.requests
+            assert seen.headers.get("x-authenticated-plan") == expected, (directives, seen.headers)
+        finally:
+            gw.stop()
+
+
+def test_every_door_answers_the_kong_consumer_to_the_plugin(verifier: GatewayProcess, issuer: LocalIssuer) -> None:
+    """The contract with the Kong plugins: forward-auth answer headers, our gRPC `answer_headers`; never upstream."""
+    token = issuer.mint()
+    r = http_request(
+        f"{verifier.url}/v1/forward-auth",
+        headers={"Authorization": f"Bearer {token}", "X-Forwarded-Uri": "/orders/1", "X-Forwarded-Host": "api"},
+    )
+    assert r.status == 200 and r.headers["x-kong-consumer-username"] == "alice", r.headers
+    with grpc.insecure_channel(f"127.0.0.1:{verifier.extra['grpc_port']}") as channel:
+        answer = verifier_pb2_grpc.VerifierStub(channel).Check(
+            verifier_pb2.CheckRequest(
+                method="GET", scheme="https", host="api", path="/orders/1", headers={"authorization": f"Bearer {token}"}
+            ),
+            timeout=10,
+        )
+    assert answer.allowed
+    assert [(h.name, h.value) for h in answer.answer_headers] == [("x-kong-consumer-username", "alice")]
+    assert not [h.name for h in answer.upstream_headers if h.name.startswith("x-kong-")]
+    assert {h.name for h in answer.upstream_headers} >= {"x-authenticated-userid", "x-authenticated-identity"}
+
+
+def test_a_reused_answer_never_outlives_its_assertion(
+    edge: Edge, verifier: GatewayProcess, upstream: VerifyingUpstream, issuer: LocalIssuer
+) -> None:
+    """The verifier's max-age (X-Accel-Expires for nginx) ends before the assertion's exp; a gateway that
+    reuses the answer (nginx's auth cache, the Envoy reuse filter) hands the upstream one that still verifies."""
+    token = issuer.mint()
+    r = http_request(
+        f"{verifier.url}/v1/forward-auth",
+        headers={"Authorization": f"Bearer {token}", "X-Forwarded-Uri": "/orders/1", "X-Forwarded-Host": "api"},
+    )
+    max_age = int(r.headers["cache-control"].rsplit("=", 1)[1])
+    exp = jwt.decode(r.headers["x-authenticated-identity"], options={"verify_signature": False})["exp"]
+    assert max_age > 0 and time.time() + max_age <= exp and int(r.headers["x-accel-expires"]) < max_age
+    for _ in range(3):
+        _through(edge, upstream, "/orders/1", token)
+        (verified,) = upstream.verified
+        assert isinstance(verified, dict), (edge.name, verified)
+        upstream.clear()

@@ -1,0 +1,589 @@
+"""What the upstream receives (issue #20): mapped claims, the Kong consumer, the identity assertion.
+
+Through the real pipeline and doors (the forward-auth HTTP answer, our gRPC Check, Envoy's ext_authz
+answer), with an injected clock for the assertion's renewal; assertions are checked with PyJWT against
+the JWKS the verifier serves at /.well-known/jwks.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from doorkit import http_exchange
+from envoy.service.auth.v3 import external_auth_pb2 as ea
+from support import FrozenClock
+from tokenkit import AUDIENCE, ISSUER, NOW, FakeFetcher, claims
+
+from verifier.app import App
+from verifier.config.base import ConfigError
+from verifier.doors.grpc import envoy_response, own_response
+from verifier.principal import Principal
+from verifier.request import RequestAttributes
+from verifier.settings import Settings, parse_settings
+from verifier.upstream.assertion import IdentityAssertions
+from verifier.upstream.claims import UpstreamClaimTooLarge, claim_at, header_value
+from verifier.v1 import verifier_pb2
+
+ASSERTION_ISSUER = "https://verifier.internal"
+ORDERS = "https://orders.internal"
+BILLING = "https://billing.internal"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, path: Path) -> str:
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(path)
+
+
+def _public_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, path: Path) -> str:
+    path.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return str(path)
+
+
+def _document(upstream: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "http": {"listen": "127.0.0.1:0"},
+        "issuers": [{"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["ES256"]}],
+        "edge_cache": {"max_age_seconds": 10},
+        **extra,
+    }
+    if upstream is not None:
+        document["upstream"] = upstream
+    return document
+
+
+def _identity(key_file: str, **over: Any) -> dict[str, Any]:
+    return {
+        "issuer": ASSERTION_ISSUER,
+        "algorithm": "ES256",
+        "private_key_file": key_file,
+        "audience": ORDERS,
+        "lifetime_seconds": 60,
+        "claims": ["sub", "scope", "roles", "email", "acr", "amr"],
+        **over,
+    }
+
+
+def _attrs(token: str, path: str = "/", **headers: str) -> RequestAttributes:
+    return RequestAttributes(
+        method="GET",
+        scheme="https",
+        host="api.example.test",
+        path=path,
+        headers={"authorization": f"Bearer {token}", **headers},
+    )
+
+
+Started = Callable[[dict[str, Any]], Any]
+
+
+@pytest.fixture
+async def started(fetcher: FakeFetcher) -> AsyncIterator[Callable[[dict[str, Any]], Any]]:
+    """`await started(document)`: a running App (frozen clock at NOW, the fake provider) from a YAML document."""
+    apps: list[App] = []
+
+    async def start(document: dict[str, Any]) -> App:
+        app = App(parse_settings(document), clock=FrozenClock(NOW), fetcher=fetcher)
+        await app.start()
+        await asyncio.wait_for(app.keys.wait_ready(), 5)
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await app.stop(grace=0.1)
+
+
+def _headers(decision: Any) -> dict[str, str]:
+    return dict(decision.upstream_headers)
+
+
+# ------------------------------------------------------------------------------------------ claim rendering
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("alice@example.test", "alice@example.test"),
+        ("alice\r\nX-Authenticated-Userid: admin", "aliceX-Authenticated-Userid: admin"),
+        ("a\x00b\x7fc\td", "abcd"),
+        (42, "42"),
+        (1.5, "1.5"),
+        (True, "true"),
+        (False, "false"),
+        (["a", "b\r\nc", 3, None], "a, bc, 3, null"),
+        ({"tenant": "t1"}, None),
+        (["a", ["nested"]], None),
+        (["a", {"o": 1}], None),
+        ([], None),
+        ("", None),
+        (None, None),
+    ],
+    ids=[
+        "string",
+        "crlf-injection",
+        "controls",
+        "int",
+        "float",
+        "true",
+        "false",
+        "array",
+        "object",
+        "nested-array",
+        "object-in-array",
+        "empty-array",
+        "empty-string",
+        "null",
+    ],
+)
+def test_a_claim_is_rendered_so_no_value_can_forge_a_header(value: object, expected: str | None) -> None:
+    rendered = header_value(value, 4096, "claim")
+    assert rendered == expected
+    assert rendered is None or not any(c in rendered for c in "\r\n\x00")
+
+
+def test_a_value_over_the_bound_is_refused_not_cut() -> None:
+    with pytest.raises(UpstreamClaimTooLarge):
+        header_value("x" * 4097, 4096, "claim")
+    with pytest.raises(UpstreamClaimTooLarge):
+        header_value("é" * 2049, 4096, "claim")  # 4098 bytes in UTF-8, 2049 characters
+    with pytest.raises(UpstreamClaimTooLarge):
+        header_value(["group"] * 1_000_000, 4096, "claim")  # stops at the bound, not after a million
+    assert header_value("x" * 4096, 4096, "claim") == "x" * 4096
+
+
+def test_a_claim_is_found_by_its_exact_name_before_a_dotted_path() -> None:
+    found = {"org": {"tenant_id": "t-1", "deep": {"er": 7}}, "https://example.test/tenant": "ns", "org.x": "flat"}
+    assert claim_at(found, "org.tenant_id") == "t-1"
+    assert claim_at(found, "org.deep.er") == 7
+    assert claim_at(found, "https://example.test/tenant") == "ns"
+    assert claim_at(found, "org.x") == "flat"
+    assert claim_at(found, "org.missing") is None
+    assert claim_at(found, "org.tenant_id.more") is None
+
+
+def test_a_deeply_nested_claim_is_looked_up_without_recursion() -> None:
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(50_000):
+        node["a"] = {}
+        node = node["a"]
+    assert header_value(claim_at({"c": deep}, "c"), 4096, "c") is None  # an object: no header, no recursion
+    assert isinstance(claim_at({"c": deep}, "c." + ".".join(["a"] * 100)), dict)
+
+
+# ------------------------------------------------------------------------------------------ configuration
+
+
+def _problem(document: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(document)
+    return str(caught.value)
+
+
+def test_mapped_header_names_must_stay_under_the_reserved_prefix(tmp_path: Path) -> None:
+    assert "must start with X-Authenticated-" in _problem(_document({"headers": [{"header": "X-Email", "claim": "e"}]}))
+    assert "own identity headers" in _problem(
+        _document({"headers": [{"header": "X-Authenticated-Userid", "claim": "email"}]})
+    )
+    assert "not a header name" in _problem(_document({"headers": [{"header": "X-Authenticated-A B", "claim": "e"}]}))
+    twice = [{"header": "X-Authenticated-E", "claim": "a"}, {"header": "x-authenticated-e", "claim": "b"}]
+    assert "mapped twice" in _problem(_document({"headers": twice}))
+    key = _pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "k.pem")
+    clash = {"headers": [{"header": "X-Authenticated-Identity", "claim": "a"}], "identity_token": _identity(key)}
+    assert "also a mapped header" in _problem(_document(clash))
+    route = {"headers": [{"header": "X-Authenticated-Identity", "claim": "a"}]}
+    policies = [{"match": {"path_prefix": "/"}, "upstream": route}]
+    assert "carries the assertion" in _problem(_document({"identity_token": _identity(key)}, policies=policies))
+
+
+def test_the_assertion_key_must_fit_its_algorithm_and_be_readable(tmp_path: Path) -> None:
+    p384 = _pem(ec.generate_private_key(ec.SECP384R1()), tmp_path / "p384.pem")
+    assert "does not fit ES256" in _problem(_document({"identity_token": _identity(p384)}))
+    ed = _pem(ed25519.Ed25519PrivateKey.generate(), tmp_path / "ed.pem")
+    assert "does not fit ES256" in _problem(_document({"identity_token": _identity(ed)}))
+    p256 = _pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "p256.pem")
+    assert "does not fit EdDSA" in _problem(_document({"identity_token": _identity(p256, algorithm="EdDSA")}))
+    assert "expected one of ES256, EdDSA" in _problem(_document({"identity_token": _identity(p256, algorithm="RS256")}))
+    assert "cannot read" in _problem(_document({"identity_token": _identity(str(tmp_path / "absent.pem"))}))
+    (tmp_path / "junk.pem").write_text("not a key")
+    assert "not an unencrypted PEM private key" in _problem(
+        _document({"identity_token": _identity(str(tmp_path / "junk.pem"))})
+    )
+    assert "lifetime_seconds: 5 is outside" in _problem(
+        _document({"identity_token": _identity(p256, lifetime_seconds=5)})
+    )
+    assert "lifetime_seconds: 7200 is outside" in _problem(
+        _document({"identity_token": _identity(p256, lifetime_seconds=7200)})
+    )
+    assert "set by the verifier itself" in _problem(
+        _document({"identity_token": _identity(p256, claims=["sub", "exp"])})
+    )
+    policies = [{"match": {"path_prefix": "/"}, "upstream": {"identity_token": {"audience": ORDERS}}}]
+    assert "needs upstream.identity_token" in _problem(_document({}, policies=policies))
+    parse_settings(_document({"identity_token": _identity(ed, algorithm="EdDSA")}))  # fits: no error
+
+
+# ------------------------------------------------------------------------------- through the real pipeline
+
+
+async def test_mapped_claims_reach_the_upstream_headers_of_every_door(started: Started, mint: Any) -> None:
+    mapping = [
+        {"header": "X-Authenticated-Email", "claim": "email"},
+        {"header": "X-Authenticated-Tenant", "claim": "org.tenant_id"},
+        {"header": "X-Authenticated-Groups", "claim": "groups"},
+        {"header": "X-Authenticated-Level", "claim": "level"},
+        {"header": "X-Authenticated-Absent", "claim": "nope"},
+    ]
+    app = await started(_document({"headers": mapping}))
+    token = mint(claims(email="a@example.test\r\nX-Evil: 1", org={"tenant_id": "t-9"}, groups=["g1", "g2"], level=3))
+    decision = await app.pipeline.decide(_attrs(token), "test")
+    assert decision.allowed, decision.reason
+    headers = _headers(decision)
+    assert headers["x-authenticated-email"] == "a@example.testX-Evil: 1"
+    assert headers["x-authenticated-tenant"] == "t-9"
+    assert headers["x-authenticated-groups"] == "g1, g2"
+    assert headers["x-authenticated-level"] == "3"
+    assert "x-authenticated-absent" not in headers
+    assert headers["x-authenticated-userid"] == "user-1"  # the fixed four stay
+    head = decision.http_head.decode()
+    assert "x-authenticated-tenant: t-9\r\n" in head and "\r\nX-Evil" not in head
+    own = verifier_pb2.CheckResponse.FromString(own_response(decision))
+    assert {h.name: h.value for h in own.upstream_headers}["x-authenticated-tenant"] == "t-9"
+    envoy = ea.CheckResponse.FromString(envoy_response(decision))
+    assert {h.header.key: h.header.value for h in envoy.ok_response.headers}["x-authenticated-groups"] == "g1, g2"
+
+
+async def test_the_header_tuples_are_built_once_per_admitted_token(started: Started, mint: Any) -> None:
+    app = await started(_document({"headers": [{"header": "X-Authenticated-Email", "claim": "email"}]}))
+    token = mint(claims(email="a@example.test"))
+    first = await app.pipeline.decide(_attrs(token), "test")
+    again = app.pipeline.decide_cached(_attrs(token), "test")
+    assert again is first  # the cached record's answer: nothing rebuilt, nothing re-serialized
+
+
+async def test_a_client_sent_copy_of_a_mapped_header_is_removed_when_the_claim_is_missing(
+    started: Started, mint: Any
+) -> None:
+    app = await started(_document({"headers": [{"header": "X-Authenticated-Email", "claim": "email"}]}))
+    attrs = _attrs(mint(claims()), **{"x-authenticated-email": "boss@example.test"})
+    decision = await app.pipeline.decide(attrs, "test")
+    assert decision.allowed and "x-authenticated-email" not in _headers(decision)
+    envoy = ea.CheckResponse.FromString(envoy_response(decision, attrs.headers))
+    assert "x-authenticated-email" in envoy.ok_response.headers_to_remove
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [["g" * 30] * 130, "x" * 4097, {"a": "b"}],
+    ids=["huge-array", "huge-string", "object"],
+)
+async def test_a_claim_too_large_for_a_header_refuses_with_403_and_an_object_sends_nothing(
+    started: Started, mint: Any, claim: object
+) -> None:
+    app = await started(_document({"headers": [{"header": "X-Authenticated-Groups", "claim": "groups"}]}))
+    decision = await app.pipeline.decide(_attrs(mint(claims(groups=claim))), "test")
+    if isinstance(claim, dict):
+        assert decision.allowed and "x-authenticated-groups" not in _headers(decision)
+        return
+    assert (decision.allowed, decision.status, decision.reason) == (False, 403, "upstream_claim_too_large")
+    assert not decision.upstream_headers
+    # the cached record answers the same, without rebuilding
+    assert app.pipeline.decide_cached(_attrs(mint(claims(groups=claim))), "test") is decision
+
+
+async def test_the_consumer_is_answered_to_the_plugin_never_to_the_upstream(started: Started, mint: Any) -> None:
+    app = await started(_document({"consumer": {"claim": "sub", "by": "username"}}))
+    attrs = _attrs(mint(claims(sub="alice")))
+    decision = await app.pipeline.decide(attrs, "test")
+    assert decision.answer_headers == (("x-kong-consumer-username", "alice"),)
+    assert not any(name.startswith("x-kong-") for name, _ in decision.upstream_headers)
+    assert "x-kong-consumer-username: alice\r\n" in decision.http_head.decode()  # forward-auth: for the plugin
+    own = verifier_pb2.CheckResponse.FromString(own_response(decision))
+    assert [(h.name, h.value) for h in own.answer_headers] == [("x-kong-consumer-username", "alice")]
+    assert all(not h.name.startswith("x-kong-") for h in own.upstream_headers)
+    envoy = ea.CheckResponse.FromString(envoy_response(decision))
+    assert all(not h.header.key.startswith("x-kong-") for h in envoy.ok_response.headers)
+    # a client-credentials token names no consumer
+    client = await app.pipeline.decide(_attrs(mint(claims(sub=None))), "test")
+    assert client.allowed and client.answer_headers == ()
+
+
+async def test_the_consumer_by_custom_id_from_a_nested_claim(started: Started, mint: Any) -> None:
+    app = await started(_document({"consumer": {"claim": "org.customer", "by": "custom_id"}}))
+    decision = await app.pipeline.decide(_attrs(mint(claims(org={"customer": "c-7"}))), "test")
+    assert decision.answer_headers == (("x-kong-consumer-custom-id", "c-7"),)
+
+
+# --------------------------------------------------------------------------------------- the assertion
+
+
+async def _jwks(app: App) -> dict[str, Any]:
+    assert app.ports.http is not None
+    answer = await http_exchange(app.ports.http, b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: verifier\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"application/jwk-set+json" in head
+    document: dict[str, Any] = json.loads(body)
+    return document
+
+
+def _verify(assertion: str, jwks: dict[str, Any], audience: str, now: float) -> dict[str, Any]:
+    kid = jwt.get_unverified_header(assertion)["kid"]
+    jwk = next(k for k in jwks["keys"] if k["kid"] == kid)
+    # The verifier's clock is frozen at `now`: expiry is checked against it, not the wall clock.
+    decoded: dict[str, Any] = jwt.decode(
+        assertion,
+        jwt.PyJWK(jwk),
+        algorithms=["ES256", "EdDSA"],
+        audience=audience,
+        issuer=ASSERTION_ISSUER,
+        options={"require": ["iss", "aud", "iat", "exp", "jti"], "verify_exp": False, "verify_iat": False},
+    )
+    assert decoded["iat"] <= now < decoded["exp"], "expired (or not yet valid) at the verifier's time"
+    return decoded
+
+
+@pytest.mark.parametrize("algorithm", ["ES256", "EdDSA"])
+async def test_the_assertion_verifies_against_the_published_jwks(
+    started: Started, mint: Any, tmp_path: Path, algorithm: str
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1()) if algorithm == "ES256" else ed25519.Ed25519PrivateKey.generate()
+    identity = _identity(_pem(key, tmp_path / "id.pem"), algorithm=algorithm)
+    app = await started(_document({"identity_token": identity}))
+    token = mint(claims(email="a@example.test", acr="phr", amr=["hwk"], roles=["admin"], secret="not-listed"))
+    decision = await app.pipeline.decide(_attrs(token), "test")
+    assertion = _headers(decision)["x-authenticated-identity"]
+    header = jwt.get_unverified_header(assertion)
+    assert header["typ"] == "JWT" and header["alg"] == algorithm
+    decoded = _verify(assertion, await _jwks(app), ORDERS, NOW)
+    assert decoded["sub"] == "user-1" and decoded["scope"] == "read write" and decoded["roles"] == ["admin"]
+    assert decoded["email"] == "a@example.test" and decoded["acr"] == "phr" and decoded["amr"] == ["hwk"]
+    assert "secret" not in decoded and decoded["exp"] - decoded["iat"] == 60 and decoded["jti"]
+    with pytest.raises(jwt.InvalidAudienceError):
+        jwt.decode(
+            assertion,
+            jwt.PyJWK((await _jwks(app))["keys"][0]),
+            algorithms=[algorithm],
+            audience=BILLING,
+            options={"verify_exp": False},
+        )
+    # the client's token passes unchanged: the assertion is added, never swapped in
+    assert token not in decision.http_head.decode()
+
+
+async def test_reuse_never_outlives_the_assertion_and_it_is_reminted_at_half_life(
+    started: Started, mint: Any, tmp_path: Path
+) -> None:
+    identity = _identity(_pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "id.pem"), lifetime_seconds=12)
+    app = await started(_document({"identity_token": identity}, edge_cache={"max_age_seconds": 60}))
+    clock: FrozenClock = app.clock  # type: ignore[assignment]
+    token = mint(claims())
+    first = await app.pipeline.decide(_attrs(token), "test")
+    first_assertion = _headers(first)["x-authenticated-identity"]
+    exp = jwt.decode(first_assertion, options={"verify_signature": False})["exp"]
+    assert 0 < first.cache_max_age <= 6 and NOW + first.cache_max_age <= exp
+    clock.advance(3)
+    same = await app.pipeline.decide(_attrs(token), "test")
+    assert _headers(same)["x-authenticated-identity"] == first_assertion
+    assert clock.now() + same.cache_max_age <= exp
+    clock.advance(4)  # past half-life: a fresh assertion, stored for the next requests
+    renewed = await app.pipeline.decide(_attrs(token), "test")
+    second = _headers(renewed)["x-authenticated-identity"]
+    assert second != first_assertion
+    decoded = _verify(second, await _jwks(app), ORDERS, clock.now())
+    assert decoded["exp"] == int(clock.now()) + 12 and clock.now() + renewed.cache_max_age <= decoded["exp"]
+    assert app.pipeline.decide_cached(_attrs(token), "test") is renewed
+    for _ in range(20):  # every answer, at every moment, is reusable only while its assertion is valid
+        clock.advance(0.9)
+        answer = app.pipeline.decide_cached(_attrs(token), "test")
+        assert answer is not None and answer.allowed
+        left = jwt.decode(_headers(answer)["x-authenticated-identity"], options={"verify_signature": False})["exp"]
+        assert clock.now() + answer.cache_max_age <= left and left - clock.now() >= 12 / 2 - 1
+
+
+async def test_the_assertion_never_outlives_the_token(started: Started, mint: Any, tmp_path: Path) -> None:
+    identity = _identity(_pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "id.pem"), lifetime_seconds=600)
+    app = await started(_document({"identity_token": identity}))
+    decision = await app.pipeline.decide(_attrs(mint(claims(exp=int(NOW) + 30))), "test")
+    decoded = jwt.decode(_headers(decision)["x-authenticated-identity"], options={"verify_signature": False})
+    assert decoded["exp"] == int(NOW) + 30
+
+
+async def test_a_route_names_its_own_audience_and_adds_headers(started: Started, mint: Any, tmp_path: Path) -> None:
+    identity = _identity(_pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "id.pem"))
+    policies = [
+        {
+            "match": {"path_prefix": "/billing"},
+            "upstream": {
+                "identity_token": {"audience": BILLING},
+                "headers": [
+                    {"header": "X-Authenticated-Email", "claim": "billing_email"},
+                    {"header": "X-Authenticated-Plan", "claim": "plan"},
+                ],
+            },
+        },
+        {"match": {"path_prefix": "/"}},
+    ]
+    upstream = {"identity_token": identity, "headers": [{"header": "X-Authenticated-Email", "claim": "email"}]}
+    app = await started(_document(upstream, policies=policies))
+    token = mint(claims(email="a@example.test", billing_email="billing@example.test", plan="gold"))
+    jwks = await _jwks(app)
+    orders = await app.pipeline.decide(_attrs(token, "/orders/1"), "test")
+    billing = await app.pipeline.decide(_attrs(token, "/billing/1"), "test")
+    assert _verify(_headers(orders)["x-authenticated-identity"], jwks, ORDERS, NOW)
+    assert _verify(_headers(billing)["x-authenticated-identity"], jwks, BILLING, NOW)
+    assert _headers(orders)["x-authenticated-email"] == "a@example.test" and "x-authenticated-plan" not in _headers(
+        orders
+    )
+    assert _headers(billing)["x-authenticated-email"] == "billing@example.test"
+    assert _headers(billing)["x-authenticated-plan"] == "gold"
+    # each route's answer is kept in the token's record
+    assert app.pipeline.decide_cached(_attrs(token, "/billing/2"), "test") is billing
+    assert app.pipeline.decide_cached(_attrs(token, "/orders/2"), "test") is orders
+
+
+async def test_a_rotation_keeps_old_assertions_verifiable_until_they_expire(
+    fetcher: FakeFetcher, mint: Any, tmp_path: Path
+) -> None:
+    old_key = ec.generate_private_key(ec.SECP256R1())
+    new_key = ed25519.Ed25519PrivateKey.generate()
+    before = App(
+        parse_settings(_document({"identity_token": _identity(_pem(old_key, tmp_path / "old.pem"))})),
+        clock=FrozenClock(NOW),
+        fetcher=fetcher,
+    )
+    await before.start()
+    try:
+        await asyncio.wait_for(before.keys.wait_ready(), 5)
+        old_assertion = _headers(await before.pipeline.decide(_attrs(mint(claims())), "test"))[
+            "x-authenticated-identity"
+        ]
+    finally:
+        await before.stop(grace=0.1)
+    rotated = _identity(
+        _pem(new_key, tmp_path / "new.pem"),
+        algorithm="EdDSA",
+        previous_public_key_files=[_public_pem(old_key, tmp_path / "old.pub.pem")],
+    )
+    after = App(parse_settings(_document({"identity_token": rotated})), clock=FrozenClock(NOW + 20), fetcher=fetcher)
+    await after.start()
+    try:
+        await asyncio.wait_for(after.keys.wait_ready(), 5)
+        jwks = await _jwks(after)
+        assert len(jwks["keys"]) == 2 and len({k["kid"] for k in jwks["keys"]}) == 2
+        assert _verify(old_assertion, jwks, ORDERS, NOW + 20)["sub"] == "user-1"  # still verifiable
+        new_assertion = _headers(await after.pipeline.decide(_attrs(mint(claims())), "test"))[
+            "x-authenticated-identity"
+        ]
+        assert jwt.get_unverified_header(new_assertion)["alg"] == "EdDSA"
+        assert _verify(new_assertion, jwks, ORDERS, NOW + 20)["sub"] == "user-1"
+        # once the old assertion's exp has passed, PyJWT refuses it however it is signed
+        with pytest.raises(jwt.ExpiredSignatureError):
+            kid = jwt.get_unverified_header(old_assertion)["kid"]
+            jwt.decode(
+                old_assertion,
+                jwt.PyJWK(next(k for k in jwks["keys"] if k["kid"] == kid)),
+                algorithms=["ES256"],
+                audience=ORDERS,
+            )
+    finally:
+        await after.stop(grace=0.1)
+
+
+async def test_no_jwks_endpoint_without_an_assertion(started: Started) -> None:
+    app = await started(_document())
+    assert app.ports.http is not None
+    answer = await http_exchange(app.ports.http, b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: v\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 404")
+
+
+def test_settings_without_upstream_keep_the_fixed_four() -> None:
+    settings: Settings = parse_settings(_document())
+    assert settings.upstream is None
+
+
+async def test_an_assertion_is_handed_out_only_in_the_first_half_of_its_life(
+    started: Started, mint: Any, tmp_path: Path
+) -> None:
+    """With a gateway reuse (10 s) shorter than half its life (30 s), the hot path still renews at half-life."""
+    identity = _identity(_pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "id.pem"), lifetime_seconds=60)
+    app = await started(_document({"identity_token": identity}, edge_cache={"max_age_seconds": 10}))
+    clock: FrozenClock = app.clock  # type: ignore[assignment]
+    token = mint(claims(exp=int(NOW) + 3600))
+    first = _headers(await app.pipeline.decide(_attrs(token), "test"))["x-authenticated-identity"]
+    for _ in range(70):
+        clock.advance(1)
+        answer = app.pipeline.decide_cached(_attrs(token), "test")
+        assert answer is not None and answer.allowed and answer.cache_max_age == 10
+        assertion = jwt.decode(_headers(answer)["x-authenticated-identity"], options={"verify_signature": False})
+        assert assertion["exp"] - clock.now() >= 30, (clock.now() - NOW, assertion["exp"] - NOW)
+    assert _headers(answer)["x-authenticated-identity"] != first
+
+
+@pytest.mark.parametrize("depth", [10, 400, 900, 940, 950, 956, 990, 1200])
+async def test_a_deeply_nested_claim_never_breaks_the_assertion(
+    started: Started, mint: Any, tmp_path: Path, depth: int
+) -> None:
+    identity = _identity(_pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "id.pem"))
+    mapping = [{"header": "X-Authenticated-Email", "claim": "email"}]
+    app = await started(_document({"identity_token": identity, "headers": mapping}))
+    nested: list[Any] = []
+    inner = nested
+    for _ in range(depth):
+        inner.append([])
+        inner = inner[0]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 2 * depth)  # only to sign the test token; the verifier runs with the default
+    try:
+        token = mint(claims(email=nested))
+    finally:
+        sys.setrecursionlimit(limit)
+    decision = await app.pipeline.decide(_attrs(token), "test")
+    assert decision.reason != "internal_error"
+    if decision.allowed:
+        assert "x-authenticated-email" not in _headers(decision)
+        assertion = jwt.decode(_headers(decision)["x-authenticated-identity"], options={"verify_signature": False})
+        assert "email" not in assertion or isinstance(assertion["email"], list)
+
+
+def test_a_claim_json_cannot_encode_is_refused_not_a_crash(tmp_path: Path) -> None:
+    """An identity from elsewhere (introspection, a claims change) may hold what JSON cannot encode."""
+    settings = parse_settings(
+        _document({"identity_token": _identity(_pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "k.pem"))})
+    )
+    assert settings.upstream is not None and settings.upstream.identity_token is not None
+    assertions = IdentityAssertions(settings.upstream.identity_token)
+    deep: list[Any] = []
+    inner = deep
+    for _ in range(sys.getrecursionlimit() * 2):
+        inner.append([])
+        inner = inner[0]
+    circular: dict[str, Any] = {}
+    circular["self"] = circular
+    for value in (deep, circular):
+        principal = Principal(
+            issuer=ISSUER,
+            subject="u",
+            client_id=None,
+            scopes=(),
+            roles=frozenset(),
+            expires_at=NOW + 60,
+            claims={"email": value},
+        )
+        with pytest.raises(UpstreamClaimTooLarge):
+            assertions.mint(principal, ORDERS, NOW)

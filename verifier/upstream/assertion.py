@@ -1,0 +1,86 @@
+"""The identity assertion: a short-lived JWT (RFC 7519) the verifier signs for the upstream.
+
+The upstream verifies it against the verifier's JWKS (RFC 7517), served at `GET /.well-known/jwks.json`
+on the HTTP listener: the current key and every configured previous public key, each with its RFC 7638
+thumbprint as `kid`, so assertions signed before a rotation stay verifiable until they expire.
+
+Header `{"alg": ES256|EdDSA, "typ": "JWT", "kid": ...}`; claims `iss`, `aud`, `iat`, `exp`, `jti` and the
+configured ones copied from the judged principal (`scope` and `roles` as the verifier judged them).
+The assertion never outlives the token it speaks for.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm
+
+from verifier.binding.dpop import thumbprint
+from verifier.config.upstream import IdentityTokenConfig, PublicKey
+from verifier.principal import Principal
+from verifier.upstream.claims import UpstreamClaimTooLarge
+
+
+def public_jwk(key: PublicKey) -> dict[str, Any]:
+    """The public key as a JWK with its RFC 7638 thumbprint as `kid` and `use: sig`."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        jwk = ECAlgorithm.to_jwk(key, as_dict=True)
+    else:
+        jwk = OKPAlgorithm.to_jwk(key, as_dict=True)
+    jwk["kid"] = thumbprint(jwk)
+    jwk["use"] = "sig"
+    jwk["alg"] = "ES256" if jwk["kty"] == "EC" else "EdDSA"
+    return jwk
+
+
+class IdentityAssertions:
+    """Mints assertions with the configured key; publishes the JWKS (built once)."""
+
+    def __init__(self, config: IdentityTokenConfig) -> None:
+        if config.private_key is None:
+            raise ValueError("identity_token needs a private key")
+        self.config = config
+        self._key = config.private_key
+        self.header = config.header
+        current = public_jwk(config.private_key.public_key())
+        self.kid: str = current["kid"]
+        keys = [current]
+        for public in config.previous_keys:
+            jwk = public_jwk(public)
+            if all(k["kid"] != jwk["kid"] for k in keys):
+                keys.append(jwk)
+        self.jwks: bytes = json.dumps({"keys": keys}).encode()
+        self._headers = {"kid": self.kid, "typ": "JWT"}
+
+    def mint(self, principal: Principal, audience: str, now: float) -> tuple[str, int]:
+        """A signed assertion for `principal` to `audience`, and its `exp` (never past the token's own)."""
+        issued = int(now)
+        expires = min(issued + self.config.lifetime_seconds, int(principal.expires_at))
+        claims: dict[str, Any] = {}
+        for name in self.config.claims:
+            value = _claim(principal, name)
+            if value is not None:
+                claims[name] = value
+        claims.update(
+            iss=self.config.issuer, aud=audience, iat=issued, exp=expires, jti=secrets.token_urlsafe(16)
+        )
+        try:
+            token = jwt.encode(claims, self._key, algorithm=self.config.algorithm, headers=self._headers)
+        except (RecursionError, ValueError, TypeError) as exc:  # a listed claim nested past what JSON encodes
+            raise UpstreamClaimTooLarge("a listed claim cannot be put in the identity assertion") from exc
+        return token, expires
+
+
+def _claim(principal: Principal, name: str) -> Any:
+    """What the verifier judged for `sub`, `scope` and `roles`; any other claim as the token has it."""
+    if name == "sub":
+        return principal.subject or None
+    if name == "scope":
+        return principal.scope or None
+    if name == "roles":
+        return sorted(principal.roles) or None
+    return principal.claims.get(name)

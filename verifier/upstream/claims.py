@@ -1,0 +1,80 @@
+"""Claims as header values: found by name or dotted path, rendered so no value can forge a header.
+
+The rules, in the order they apply (README, "What the upstream receives"):
+- a claim that is missing, null, an empty string or an object sends no header (an object has no one
+  obvious text form; map one of its members by a dotted path instead);
+- a string is sent as it is, minus control characters (CR, LF, NUL, DEL, ...: no value can start a
+  header of its own);
+- a number or a boolean is sent as its JSON text (`42`, `true`; `null` inside an array);
+- an array is its elements rendered as above, joined with ", "; an array holding an array or an
+  object sends no header;
+- a value longer than `upstream.max_value_bytes` (UTF-8) refuses the request with
+  `upstream_claim_too_large` (403): cutting it would hand the upstream a different identity (a
+  group list missing its last groups), omitting it would look like "no such claim".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from verifier.decision import header_safe
+from verifier.errors import Forbidden
+
+
+class UpstreamClaimTooLarge(Forbidden):
+    """A mapped claim does not fit in one header value: refused, not cut."""
+
+    code = "upstream_claim_too_large"
+
+
+def claim_at(claims: Mapping[str, Any], name: str) -> Any:
+    """The claim called `name`, else the value at its dotted path (`org.tenant_id`); None when absent.
+
+    The exact name comes first: namespaced claims (`https://example.com/tenant`) hold dots of their own.
+    """
+    if name in claims:
+        return claims[name]
+    value: Any = claims
+    for part in name.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _scalar(value: Any) -> str | None:
+    if isinstance(value, str):
+        return header_safe(value)
+    if value is None or isinstance(value, bool | int | float):  # None: a null inside an array
+        return json.dumps(value)
+    return None  # an object or an array: no one text form
+
+
+def header_value(value: Any, max_bytes: int, what: str) -> str | None:
+    """`value` as a header value, or None for no header; raises `UpstreamClaimTooLarge` past `max_bytes`."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        parts = []
+        size = 0
+        for item in value:
+            text = _scalar(item)
+            if text is None:
+                return None
+            size += len(text) + 2
+            if size > max_bytes + 2:  # before building a huge string: every element costs at least its length
+                raise UpstreamClaimTooLarge(f"{what} is longer than {max_bytes} bytes")
+            parts.append(text)
+        text = ", ".join(parts)
+    else:
+        rendered = _scalar(value)
+        if rendered is None:
+            return None
+        text = rendered
+    if not text:
+        return None
+    if len(text) > max_bytes // 4 and len(text.encode("utf-8")) > max_bytes:  # encode only when it may matter
+        raise UpstreamClaimTooLarge(f"{what} is longer than {max_bytes} bytes")
+    return text
