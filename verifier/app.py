@@ -37,11 +37,12 @@ from verifier.clock import Clock, SystemClock
 from verifier.config.dpop import DpopConfig
 from verifier.config.introspection import IntrospectionConfig
 from verifier.config.resource import ProtectedResourceConfig
-from verifier.config.revocation import check_transmitter_scopes
+from verifier.config.revocation import RevocationConfig, check_transmitter_scopes
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.forward_auth import ForwardAuthDoor
 from verifier.doors.grpc import GrpcDoors
 from verifier.doors.jwks_http import add_jwks_route
+from verifier.doors.logout_http import add_logout_routes
 from verifier.doors.metadata_http import add_metadata_routes
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
@@ -63,6 +64,7 @@ from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.revocation import RevocationService
 from verifier.revocation.entry import REFUSAL_CODES
+from verifier.revocation.logout import BackchannelLogout, LogoutTokenVerifier
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.store import DEFAULT_TIMEOUT_SECONDS as STORE_TIMEOUT_SECONDS
 from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
@@ -253,10 +255,14 @@ class App:
             if i.introspection is not None
         }
         self.revocation: RevocationService | None = None
-        if settings.revocation is not None:
-            check_transmitter_scopes(settings.revocation, (i.issuer for i in settings.issuers))
+        logout_issuers = [i for i in settings.issuers if i.backchannel_logout is not None]
+        # Back-channel logout keeps its entries in the revocation index, store and channel: with no
+        # `revocation` section the service runs on its defaults (no transmitters).
+        revocation_config = settings.revocation or (RevocationConfig() if logout_issuers else None)
+        if revocation_config is not None:
+            check_transmitter_scopes(revocation_config, (i.issuer for i in settings.issuers))
             self.revocation = RevocationService(
-                settings.revocation,
+                revocation_config,
                 store=revocation_store(settings.state),
                 admin_token=os.environ.get(ADMIN_TOKEN_ENV),  # validated by load_settings
                 session=self.sessions.ssf,
@@ -363,8 +369,22 @@ class App:
         if self.revocation is not None:
             add_ssf_routes(self.router, self.revocation)
             add_admin_routes(self.router, self.revocation.admin)
+            if logout_issuers:
+                add_logout_routes(self.router, self._backchannel_logout(logout_issuers, self.revocation))
         self._metrics_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _backchannel_logout(self, issuers: list[IssuerSettings], revocation: RevocationService) -> BackchannelLogout:
+        """The logout-token receiver: the issuers' access-token keys, the revocation service's entries."""
+        verifier = LogoutTokenVerifier({i.issuer: (i, self.keys.issuers[i.issuer]) for i in issuers}, self.clock)
+        return BackchannelLogout(
+            verifier,
+            state=self.state,
+            add=revocation.add,
+            metrics=revocation.metrics,
+            clock=self.clock,
+            max_token_lifetime=float(revocation.config.max_token_lifetime_seconds),
+        )
 
     def _fetcher_for(self, issuer: IssuerSettings) -> Fetcher:
         """The fetcher of one issuer's discovery and JWKS: the shared one, or its view with the issuer's TLS rules."""

@@ -41,6 +41,7 @@ from verifier.config.issuer import (
     RoleRule,
 )
 from verifier.config.keysource import check_issuer_url, check_key_source, read_static_jwks, read_tenants
+from verifier.config.logout import parse_backchannel_logout
 from verifier.config.policy import (
     SENDER_CONSTRAINTS,
     STEP_UP_METHODS,
@@ -296,7 +297,7 @@ def _optional_section(root: Reader, key: str, parse: Callable[[Any, str], T]) ->
     if raw is None:
         return None
     try:
-        return parse(raw, key)
+        return parse(raw, f"{root.path}.{key}" if root.path else key)
     except ConfigError as exc:  # recorded: the other sections are still read
         record(str(exc))
         return None
@@ -323,6 +324,7 @@ def _issuer(reader: Reader) -> IssuerSettings:
             algorithms=algorithms,
             roles=roles,
             introspection=_introspection(reader, insecure),
+            backchannel_logout=_optional_section(reader, "backchannel_logout", parse_backchannel_logout),
             **read_tenants(reader),
             **read_static_jwks(reader),
         )
@@ -531,6 +533,7 @@ def _check_shared_state(settings: Settings) -> None:
             ("dpop", settings.dpop is not None),
             ("webauthn", settings.webauthn is not None),
             ("rate_limits", settings.rate_limits is not None),
+            ("issuers[].backchannel_logout", any(i.backchannel_logout for i in settings.issuers)),
         )
         if used
     ]

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import http.client
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -177,17 +179,21 @@ class OpenIDProvider:
         access_token_ttl: int = DEFAULT_ACCESS_TOKEN_TTL_S,
         startup_timeout: float = STARTUP_TIMEOUT_S,
         issuer: str | None = None,
+        access_token_sid: bool = False,
     ) -> None:
         """Prepare (do not start) a provider; ``port`` defaults to a free one picked at :meth:`start`.
 
         ``issuer`` (e.g. ``http://127.0.0.1:<proxy>/tenant-a``) makes this provider one tenant behind a
         path-prefix proxy (``tenant_proxy.TenantProxy``): it answers under that path, and the harness
-        reaches it through the proxy.
+        reaches it through the proxy. ``access_token_sid``: user access tokens carry the session's
+        ``sid`` (as Keycloak's do; the provider's own JWT access tokens do not).
         """
         self.workdir = Path(workdir)
         self.port = port
         self._public_issuer = issuer
         self.access_token_ttl = access_token_ttl
+        self.access_token_sid = access_token_sid
+        self.backchannel_logout_uri: str | None = None
         self.startup_timeout = startup_timeout
         self.keys_file = self.workdir / "op-private-jwks.json"
         self.config_file = self.workdir / "op-config.json"
@@ -300,6 +306,8 @@ class OpenIDProvider:
             "keys_file": str(self.keys_file),
             "signing_kids": self._signing_kids,
             "access_token_ttl": self.access_token_ttl,
+            "access_token_sid": self.access_token_sid,
+            "backchannel_logout_uri": self.backchannel_logout_uri,
             **({"issuer": self._public_issuer} if self._public_issuer else {}),
             "clients": [
                 {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "scope": DEFAULT_SCOPE},
@@ -340,6 +348,17 @@ class OpenIDProvider:
             self._write_files()
             self._request("POST", "/__reload", headers=_UNCOUNTED)
         return dict(self._signing_kids)
+
+    def set_backchannel_logout_uri(self, uri: str | None) -> None:
+        """Give the ``web`` client a Back-Channel Logout 1.0 ``backchannel_logout_uri`` (sid required).
+
+        A running provider reloads in place (its sessions and tokens survive): the verifier's port is
+        known only once it runs, and it needs the provider's keys to start.
+        """
+        self.backchannel_logout_uri = uri
+        self._write_files()
+        if self.running:
+            self._request("POST", "/__reload", headers=_UNCOUNTED)
 
     def signing_kids(self) -> dict[str, str]:
         """Return ``{alg: kid}`` of the keys that sign new tokens."""
@@ -479,13 +498,15 @@ class OpenIDProvider:
         groups: list[str] | None = None,
         resource: str = API_AUDIENCE,
         dpop_key: ec.EllipticCurvePrivateKey | None = None,
+        cookies: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Log ``sub`` in and run the authorization-code grant (PKCE); return the token endpoint's JSON.
 
         The login says ``acr``, ``amr`` (default ``["hwk"]``) and happened ``auth_age_seconds`` ago
         (the token's ``auth_time``); ``groups`` becomes the token's ``groups`` claim. With
         ``dpop_key`` the token is DPoP-bound (``cnf.jkt``). ``openid`` is added to ``scope`` for the
-        login; the access token for ``resource`` carries the rest.
+        login; the access token for ``resource`` carries the rest. ``cookies`` (a browser's jar, filled
+        here) keeps the provider's session for :meth:`end_session`.
         """
         verifier = secrets.token_urlsafe(48)
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
@@ -500,7 +521,7 @@ class OpenIDProvider:
             "code_challenge": challenge,
             "code_challenge_method": "S256",
         })
-        cookies: dict[str, str] = {}
+        cookies = {} if cookies is None else cookies
         location = self._browse(f"/auth?{query}", cookies)
         uid = urllib.parse.urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1]
         if "/interaction/" not in location:
@@ -563,28 +584,57 @@ class OpenIDProvider:
         )
         return str(response["access_token"])
 
-    def _browse(self, target: str, cookies: dict[str, str]) -> str:
-        """GET ``target`` as a browser would (keeping cookies, not following); return the redirect."""
-        parts = urllib.parse.urlsplit(target)
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    def end_session(self, cookies: dict[str, str]) -> None:
+        """RP-initiated logout as a browser does it: the end_session_endpoint's confirmation form, posted.
+
+        With a ``backchannel_logout_uri`` set the provider posts its logout token there before it
+        answers (see ``BACKCHANNEL_OK`` / ``BACKCHANNEL_ERROR`` in :meth:`log_text`).
+        """
+        endpoint = urllib.parse.urlsplit(str(self.discovery()["end_session_endpoint"])).path
+        status, page, _ = self._send("GET", endpoint, cookies)
+        form = re.search(rb'<form id="op.logoutForm" method="post" action="([^"]+)">', page)
+        xsrf = re.search(rb'name="xsrf" value="([^"]+)"', page)
+        if status != 200 or form is None or xsrf is None:
+            raise ProviderError(f"GET {endpoint} -> {status}: no logout form in {page[:300]!r}")
+        confirm = urllib.parse.urlsplit(html.unescape(form.group(1).decode())).path
+        body = urllib.parse.urlencode({"xsrf": html.unescape(xsrf.group(1).decode()), "logout": "yes"})
+        status, page, _ = self._send("POST", confirm, cookies, body.encode())
+        if status not in (302, 303):
+            raise ProviderError(f"POST {confirm} -> {status}: {page[:300]!r}")
+
+    def log_text(self) -> str:
+        """The provider's stdout and stderr so far."""
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def _send(
+        self, method: str, path: str, cookies: dict[str, str], form: bytes | None = None
+    ) -> tuple[int, bytes, str | None]:
+        """One browser request with the cookie jar (updated from Set-Cookie); no redirect followed."""
         assert self.port is not None
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=HTTP_TIMEOUT_S)
         try:
             headers = {"cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())} if cookies else {}
-            conn.request("GET", path, headers=headers)
+            if form is not None:
+                headers["content-type"] = "application/x-www-form-urlencoded"
+            conn.request(method, path, body=form, headers=headers)
             response = conn.getresponse()
             body = response.read()
             for name, value in response.getheaders():
                 if name.lower() == "set-cookie":
-                    pair = value.split(";", 1)[0]
-                    key, _, val = pair.partition("=")
+                    key, _, val = value.split(";", 1)[0].partition("=")
                     cookies[key.strip()] = val.strip()
-            location = response.getheader("location")
-            if response.status not in (302, 303) or not location:
-                raise ProviderError(f"GET {parts.path} -> {response.status}: {body[:500].decode(errors='replace')}")
-            return urllib.parse.urljoin(self.issuer + path, location)
+            return response.status, body, response.getheader("location")
         finally:
             conn.close()
+
+    def _browse(self, target: str, cookies: dict[str, str]) -> str:
+        """GET ``target`` as a browser would (keeping cookies, not following); return the redirect."""
+        parts = urllib.parse.urlsplit(target)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        status, body, location = self._send("GET", path, cookies)
+        if status not in (302, 303) or not location:
+            raise ProviderError(f"GET {parts.path} -> {status}: {body[:500].decode(errors='replace')}")
+        return urllib.parse.urljoin(self.issuer + path, location)
 
     def introspect(
         self,

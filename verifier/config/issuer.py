@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from verifier.config.base import setting
 from verifier.config.introspection import IntrospectionConfig
+from verifier.config.logout import BackchannelLogoutConfig
 
 # Algorithms we can verify with asymmetric keys. HS* is deliberately absent: a verifier that holds
 # only public keys must never accept a MAC, or a public key becomes a shared secret.
@@ -90,6 +91,8 @@ class IssuerSettings:
     roles: tuple[RoleRule, ...] = ()  # `roles[]`: claim -> role mapping rules
     introspection: IntrospectionConfig | None = None  # `introspection`: RFC 7662, when configured
     introspect_jwts: bool = setting(False, doc="also introspect this issuer's JWTs (revocation check)")
+    # `backchannel_logout`: OpenID Connect Back-Channel Logout 1.0, when configured
+    backchannel_logout: BackchannelLogoutConfig | None = None
     # Issuer templates (`issuer: https://idp.example/{tenant}/v2.0`) and keys that need no discovery.
     tenants: tuple[str, ...] = setting((), doc='with a {tenant} issuer template: the tenants allowed, or "any"')
     any_tenant: bool = False  # `tenants: any` (read with `tenants`)

@@ -226,6 +226,13 @@ class RevocationMetrics:
             ["transmitter", "result"],
             registry=registry,
         )
+        self.logouts = Counter(
+            "verifier_backchannel_logouts_total",
+            "OpenID Connect back-channel logout requests, by issuer (or unknown) and result (accepted, or the"
+            " refusal code).",
+            ["issuer", "result"],
+            registry=registry,
+        )
         self._refusal_children = {code: self.refusals.labels(code) for code in refusal_codes}  # exported at 0
 
     def refusal(self, code: str) -> None:

@@ -41,6 +41,9 @@ class Match(enum.Enum):
     ALL = "all"  # every token (a revoked session, a disabled account)
     ISSUED_BEFORE = "issued_before"  # `iat` at or before the event; no `iat` counts as before
     AUTHENTICATED_BEFORE = "authenticated_before"  # `auth_time` (else `iat`) at or before the event
+    # `iat` at or before the event, for a token without `sid`: a back-channel logout of one session of
+    # a user reaches the user's tokens that do not say which session they belong to (fail closed).
+    SESSIONLESS_ISSUED_BEFORE = "sessionless_issued_before"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -53,9 +53,11 @@ class TokenRevoked(InvalidToken):
         self.entry_id = entry_id
 
 
-def _reaches(entry: Entry, iat: float | None, auth_time: float | None) -> bool:
+def _reaches(entry: Entry, iat: float | None, auth_time: float | None, has_sid: bool = False) -> bool:
     if entry.match is Match.ALL:
         return True
+    if entry.match is Match.SESSIONLESS_ISSUED_BEFORE and has_sid:
+        return False  # the token names its session: only an entry on that `sid` reaches it
     # auth_time <= iat always, so without auth_time the iat is a safe upper bound on it.
     when = auth_time if entry.match is Match.AUTHENTICATED_BEFORE and auth_time is not None else iat
     return when is None or when <= entry.event_time  # no time at all: fail closed
@@ -85,6 +87,7 @@ class Revocations:
         found: Entry | None = None
         now: float | None = None
         iat = auth_time = None
+        has_sid = False
         for key in self._keys_of(principal, claims, for_overrides=False):
             bucket = self._refusals.get(key)
             if not bucket:
@@ -92,10 +95,12 @@ class Revocations:
             if now is None:  # read once, and only for a principal some entry is keyed on
                 now = self._clock.now()
                 iat, auth_time = json_number(claims.get("iat")), json_number(claims.get("auth_time"))
+                sid = claims.get("sid")
+                has_sid = isinstance(sid, str) and bool(sid)
             for entry in bucket:
                 if found is not None and _PRECEDENCE[entry.effect] >= _PRECEDENCE[found.effect]:
                     continue
-                if entry.live(now) and _reaches(entry, iat, auth_time):
+                if entry.live(now) and _reaches(entry, iat, auth_time, has_sid):
                     found = entry
         if found is None:
             return None

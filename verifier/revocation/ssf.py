@@ -41,6 +41,7 @@ from verifier.config.revocation import TransmitterConfig
 from verifier.errors import AlgorithmRefused, MalformedToken
 from verifier.numbers import json_number
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.signed import Failed, MessageRefused, check_signature, check_times, jti_key, jti_of
 from verifier.revocation.subjects import SubjectError, subject_keys
 from verifier.state.base import SharedState
 from verifier.tokens import jws
@@ -82,6 +83,10 @@ INVALID_KEY = "invalid_key"
 INVALID_ISSUER = "invalid_issuer"
 INVALID_AUDIENCE = "invalid_audience"
 AUTHENTICATION_FAILED = "authentication_failed"
+
+
+# RFC 8935 section 2.4: the err code of each shared check that can fail (the rest: invalid_request).
+_SET_ERRORS = {Failed.ALGORITHM: INVALID_KEY, Failed.KEY: INVALID_KEY, Failed.SIGNATURE: AUTHENTICATION_FAILED}
 
 
 class SetRefused(Exception):
@@ -168,35 +173,21 @@ class SetVerifier:
         if found is None or (delivery is not None and found[0].delivery != delivery):
             raise SetRefused(INVALID_ISSUER, "iss is not a configured transmitter")
         transmitter, keys = found
-        if parsed.alg not in transmitter.algorithms:
-            raise SetRefused(INVALID_KEY, f"alg {parsed.alg} is not allowed for this transmitter")
-        key = await keys.key_for(parsed.kid, parsed.alg)
-        if key is None:
-            raise SetRefused(INVALID_KEY, "no transmitter key fits the SET's kid and alg")
-        if not key.verify(parsed.alg, parsed.signing_input, parsed.signature):
-            raise SetRefused(AUTHENTICATION_FAILED, "signature does not verify")
-        aud = payload.get("aud")
-        audiences = aud if isinstance(aud, list) else [aud]
-        if transmitter.audience not in audiences:
-            raise SetRefused(INVALID_AUDIENCE, "aud does not name this receiver")
-        iat = json_number(payload.get("iat"))
         now = self._clock.now()
-        if iat is None:
-            raise SetRefused(INVALID_REQUEST, "iat missing")
-        if iat > now + transmitter.leeway_seconds:
-            raise SetRefused(INVALID_REQUEST, "iat is in the future")
-        if now - iat > transmitter.max_age_seconds:
-            raise SetRefused(INVALID_REQUEST, "iat is too old")
-        jti = payload.get("jti")
-        if not isinstance(jti, str) or not jti or len(jti) > 256:
-            raise SetRefused(INVALID_REQUEST, "jti missing")
+        try:
+            await check_signature(parsed, transmitter.algorithms, keys)
+            aud = payload.get("aud")
+            if transmitter.audience not in (aud if isinstance(aud, list) else [aud]):
+                raise SetRefused(INVALID_AUDIENCE, "aud does not name this receiver")
+            iat = check_times(
+                payload, now=now, leeway=transmitter.leeway_seconds, max_age=transmitter.max_age_seconds
+            )
+            jti = jti_of(payload)
+        except MessageRefused as exc:
+            raise SetRefused(_SET_ERRORS.get(exc.failed, INVALID_REQUEST), exc.description) from exc
         events = payload.get("events")
         if not isinstance(events, dict) or not events or len(events) > MAX_EVENTS_PER_SET:
             raise SetRefused(INVALID_REQUEST, "events missing")
-        exp = payload.get("exp")
-        exp_time = json_number(exp)
-        if exp is not None and (exp_time is None or exp_time <= now - transmitter.leeway_seconds):
-            raise SetRefused(INVALID_REQUEST, "SET has expired")
         return VerifiedSet(transmitter, jti, iat, payload)
 
     async def check_fresh(self, verified: VerifiedSet) -> None:
@@ -220,7 +211,7 @@ class SetVerifier:
 
 
 def _jti_key(verified: VerifiedSet) -> str:
-    return "ssf:" + hashlib.sha256(f"{verified.transmitter.issuer}\x00{verified.jti}".encode()).hexdigest()
+    return jti_key("ssf", verified.transmitter.issuer, verified.jti)
 
 
 def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) -> Effects:

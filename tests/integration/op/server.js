@@ -10,7 +10,10 @@
 //     "keys_file": "/path/private-jwks.json",        // {"keys": [private JWKs with kid, alg]}
 //     "signing_kids": {"ES256": "kid", ...},         // which key signs each alg (default: the first key of that alg)
 //     "access_token_ttl": 300,                       // seconds
-//     "clients": [{"client_id": "app", "client_secret": "...", "scope": "read write admin"}]
+//     "clients": [{"client_id": "app", "client_secret": "...", "scope": "read write admin"}],
+//     "backchannel_logout_uri": "http://127.0.0.1:8080/v1/backchannel-logout",  // the web client's (Back-Channel
+//                                                    // Logout 1.0, sid required); loopback allowed (tests only)
+//     "access_token_sid": false                      // true: user access tokens carry `sid`, as Keycloak's do
 //   }
 //
 // Resource indicators (RFC 8707) -> access tokens (RFC 9068 JWT, typ at+jwt, unless opaque):
@@ -39,6 +42,10 @@
 // tokens for a resource carry sub (the account), auth_time, acr, amr (from the login, copied from the
 // authorization code by extraTokenClaims) and groups (as given at /__login). Client-credentials tokens
 // are unchanged.
+// Logout: RP-initiated logout (GET end_session_endpoint, then POST the confirmation form with its xsrf
+// and logout=yes) ends the session; with backchannel_logout_uri the provider first POSTs a logout
+// token (typ logout+jwt, signed RS256 like the ID token, aud "web", sid and sub) there and logs
+// `BACKCHANNEL_OK` or `BACKCHANNEL_ERROR <message>` on stdout.
 // Requests carrying the header "x-op-harness: 1" are not counted (the harness's own bookkeeping).
 //
 // Ready: prints one line `OP_READY {"issuer": ..., "port": ...}` on stdout once listening.
@@ -152,6 +159,8 @@ function loadConfig() {
   if (!config.keys_file) throw new Error('keys file missing (config "keys_file" or OP_KEYS_FILE)');
   config.access_token_ttl = Number(config.access_token_ttl ?? process.env.OP_ACCESS_TOKEN_TTL ?? 300);
   config.signing_kids = config.signing_kids ?? {};
+  config.backchannel_logout_uri = config.backchannel_logout_uri ?? null;
+  config.access_token_sid = Boolean(config.access_token_sid);
   config.clients = config.clients ?? [
     { client_id: 'app', client_secret: 'app-secret-for-tests-only', scope: DEFAULT_SCOPE },
     { client_id: 'verifier', client_secret: 'verifier-secret-for-tests-only', scope: DEFAULT_SCOPE },
@@ -190,6 +199,9 @@ function buildProvider(config) {
         response_types: ['code'],
         redirect_uris: [WEB_CLIENT.redirect_uri],
         token_endpoint_auth_method: 'client_secret_basic',
+        ...(config.backchannel_logout_uri
+          ? { backchannel_logout_uri: config.backchannel_logout_uri, backchannel_logout_session_required: true }
+          : {}),
       },
     ],
     scopes: DEFAULT_SCOPE.split(' '),
@@ -221,10 +233,19 @@ function buildProvider(config) {
       }
       const groups = accounts.get(token.accountId)?.groups;
       if (groups) claims.groups = groups;
+      if (config.access_token_sid && token.sid) claims.sid = token.sid;
       return claims;
+    },
+    // The provider refuses to call special-use addresses (SSRF protection); the verifier under test
+    // listens on loopback, so the harness lets its back-channel logout requests through.
+    fetch: (url, options) => {
+      const { dispatcher: _ssrfGuard, ...rest } = options;
+      return globalThis.fetch(url, rest);
     },
     features: {
       devInteractions: { enabled: false },
+      backchannelLogout: { enabled: true },
+      rpInitiatedLogout: { enabled: true },
       clientCredentials: { enabled: true },
       introspection: {
         enabled: true,
@@ -260,6 +281,8 @@ function buildProvider(config) {
       },
     },
   });
+  provider.on('backchannel.success', () => console.log('BACKCHANNEL_OK'));
+  provider.on('backchannel.error', (_ctx, err) => console.log(`BACKCHANNEL_ERROR ${err.message}`));
   return provider;
 }
 

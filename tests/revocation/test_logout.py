@@ -1,0 +1,483 @@
+"""OpenID Connect Back-Channel Logout 1.0 (`verifier/revocation/logout.py`, `verifier/doors/logout_http.py`): every
+malformed logout token refused, valid ones revoke (FrozenClock).
+
+Logout tokens are signed with pyjwt (tokenkit's `mint`), never by the verifier, and posted through the
+composition root's router, so the wiring is what runs in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
+from support import FrozenClock
+from tokenkit import ISSUER, KIDS, NOW, FakeFetcher, Mint, SigningKeys, compact, issuer_settings
+
+from verifier.app import App
+from verifier.config.logout import BackchannelLogoutConfig
+from verifier.config.state import StateConfig
+from verifier.doors.logout_http import LOGOUT_PATH
+from verifier.doors.routes import HttpAnswer, HttpRequest
+from verifier.errors import StateUnavailable
+from verifier.principal import Principal
+from verifier.revocation import RevocationService
+from verifier.revocation.logout import BACKCHANNEL_LOGOUT_EVENT, REFUSAL_CODES
+from verifier.settings import ConfigError, Listen, Settings, parse_settings
+
+CLIENT = "gateway-client"
+FORM = "application/x-www-form-urlencoded"
+
+
+def logout_claims(**overrides: Any) -> dict[str, Any]:
+    """A valid logout token's claims at NOW; `None` removes a claim."""
+    base: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": CLIENT,
+        "iat": int(NOW),
+        "exp": int(NOW) + 120,
+        "jti": "logout-1",
+        "sid": "session-1",
+        "sub": "user-1",
+        "events": {BACKCHANNEL_LOGOUT_EVENT: {}},
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def principal(sub: str = "user-1", iss: str = ISSUER, **claims: Any) -> Principal:
+    """A caller whose access token was issued 10 s before NOW unless `iat` says otherwise."""
+    values: dict[str, Any] = {"iss": iss, "sub": sub, "iat": NOW - 10, "exp": NOW + 300}
+    values.update(claims)
+    return Principal(
+        issuer=iss, subject=sub, client_id=None, scopes=(), roles=frozenset(),
+        expires_at=float(values["exp"]), claims=values,
+    )
+
+
+@pytest.fixture
+def app(clock: FrozenClock, fetcher: FakeFetcher) -> App:
+    """The root with one issuer accepting logout tokens for CLIENT, and no `revocation` section."""
+    issuer = issuer_settings(
+        algorithms=("ES256", "RS256"), backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,))
+    )
+    return App(Settings(grpc=None, http=None, metrics=None, issuers=(issuer,)), clock=clock, fetcher=fetcher)
+
+
+@pytest.fixture
+def service(app: App) -> RevocationService:
+    assert app.revocation is not None  # built for back-channel logout alone
+    return app.revocation
+
+
+def sign(mint: Mint, alg: str = "ES256", headers: dict[str, Any] | None = None, **overrides: Any) -> str:
+    return mint(logout_claims(**overrides), alg=alg, headers={"typ": "logout+jwt", **(headers or {})})
+
+
+def form_request(body: bytes | str, content_type: str = FORM) -> HttpRequest:
+    raw = body.encode() if isinstance(body, str) else body
+    return HttpRequest("POST", LOGOUT_PATH, "", {"content-type": content_type}, raw)
+
+
+async def post(app: App, token: str) -> HttpAnswer:
+    return await app.router.dispatch(form_request("logout_token=" + token))
+
+
+def error_of(answer: HttpAnswer) -> dict[str, Any]:
+    assert answer.status == 400, answer
+    assert ("cache-control", "no-store") in answer.headers
+    document = json.loads(answer.body)
+    assert document["error"] == "invalid_request"
+    return dict(document)
+
+
+def counted(app: App, issuer: str, result: str) -> float:
+    value = app.metrics.registry.get_sample_value(
+        "verifier_backchannel_logouts_total", {"issuer": issuer, "result": result}
+    )
+    return value or 0.0
+
+
+# -- what a valid logout does ------------------------------------------------------------------------------------
+
+
+async def test_a_logout_with_sid_and_sub_refuses_that_session_and_the_users_sessionless_tokens(
+    app: App, service: RevocationService, mint: Mint
+) -> None:
+    answer = await post(app, sign(mint))
+    assert answer.status == 200 and answer.body == b""
+    assert ("cache-control", "no-store") in answer.headers
+    check = service.revocations.check
+    refused = check(principal(sid="session-1", iat=NOW + 5))  # every token of the session, even a later one
+    assert refused is not None and refused.code == "session_revoked"
+    assert check(principal(sid="session-2")) is None  # the user's other session lives on
+    assert check(principal()) is not None  # no sid: may be the logged-out session, fail closed
+    assert check(principal(iat=NOW + 1)) is None  # issued after the logout
+    assert check(principal(sub="user-2")) is None
+    assert check(principal(sub="user-2", sid="session-1")) is not None  # the session, whoever's token
+    other = "https://other.example.test"  # another issuer's session ids and users are its own
+    assert check(principal(sid="session-1", iss=other)) is None
+    assert check(principal(iss=other)) is None
+
+
+async def test_a_logout_with_sub_only_refuses_every_session_of_the_user_issued_before(
+    app: App, service: RevocationService, mint: Mint
+) -> None:
+    assert (await post(app, sign(mint, sid=None))).status == 200
+    check = service.revocations.check
+    assert check(principal(sid="session-1")) is not None
+    assert check(principal(sid="session-9")) is not None
+    assert check(principal()) is not None
+    assert check(principal(iat=NOW)) is not None  # at the logout: refused
+    assert check(principal(iat=NOW + 1)) is None  # a login after the logout
+    assert check(principal(sub="user-2")) is None
+
+
+async def test_a_logout_with_sid_only_reaches_only_tokens_naming_the_session(
+    app: App, service: RevocationService, mint: Mint
+) -> None:
+    assert (await post(app, sign(mint, sub=None))).status == 200
+    check = service.revocations.check
+    assert check(principal(sid="session-1")) is not None
+    assert check(principal(sub="user-9", sid="session-1")) is not None
+    assert check(principal()) is None  # documented limit: a sid-less token cannot be tied to the session
+
+
+async def test_a_provider_clock_running_ahead_never_reaches_tokens_issued_after_the_logout_arrived(
+    app: App, service: RevocationService, mint: Mint
+) -> None:
+    assert (await post(app, sign(mint, sid=None, iat=int(NOW) + 20))).status == 200  # within the leeway
+    assert service.revocations.check(principal(iat=NOW)) is not None
+    assert service.revocations.check(principal(iat=NOW + 5)) is None
+
+
+async def test_the_entries_go_once_every_token_they_could_reach_has_expired(
+    app: App, service: RevocationService, mint: Mint, clock: FrozenClock
+) -> None:
+    assert (await post(app, sign(mint))).status == 200
+    lifetime = service.config.max_token_lifetime_seconds
+    clock.advance(lifetime - 1)
+    assert service.revocations.expired() == []
+    assert service.revocations.check(principal(sid="session-1")) is not None
+    clock.advance(2)
+    assert len(service.revocations.expired()) == 2
+    assert service.revocations.check(principal(sid="session-1")) is None
+
+
+async def test_an_aud_list_naming_the_client_is_accepted(app: App, mint: Mint) -> None:
+    assert (await post(app, sign(mint, aud=["someone-else", CLIENT]))).status == 200
+
+
+@pytest.mark.parametrize("typ", [None, "logout+jwt", "application/logout+jwt", "Logout+JWT", "JWT"])
+async def test_accepted_typ_values(app: App, mint: Mint, typ: str | None) -> None:
+    assert (await post(app, sign(mint, headers={"typ": typ}))).status == 200
+
+
+async def test_without_exp_the_iat_bound_suffices(app: App, mint: Mint) -> None:
+    assert (await post(app, sign(mint, exp=None))).status == 200
+
+
+async def test_a_replayed_jti_is_refused_and_changes_nothing(
+    app: App, service: RevocationService, mint: Mint, clock: FrozenClock
+) -> None:
+    token = sign(mint)
+    assert (await post(app, token)).status == 200
+    before = service.revocations.entries()
+    clock.advance(5)
+    assert error_of(await post(app, token))["error_description"] == "jti already received"
+    # the same jti in another token (re-signed, another sid) is a replay too
+    assert error_of(await post(app, sign(mint, sid="session-7")))["error_description"] == "jti already received"
+    assert service.revocations.entries() == before
+    assert counted(app, ISSUER, "replay") == 2 and counted(app, ISSUER, "accepted") == 1
+
+
+async def test_a_logout_that_could_not_be_stored_is_503_and_its_retry_applies(
+    app: App, service: RevocationService, mint: Mint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = sign(mint)
+
+    async def down(_: Any) -> None:
+        raise StateUnavailable("store down")
+
+    store = service._store
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "put", down)
+        answer = await post(app, token)
+    assert answer.status == 503 and dict(answer.headers)["retry-after"]
+    assert service.revocations.check(principal(sid="session-1")) is None
+    assert (await post(app, token)).status == 200  # the jti was not burnt by the failure
+    assert service.revocations.check(principal(sid="session-1")) is not None
+
+
+async def test_issuer_keys_out_of_reach_is_503_not_a_verdict(
+    app: App, service: RevocationService, mint: Mint, fetcher: FakeFetcher
+) -> None:
+    fetcher.fault = "unavailable"  # discovery and JWKS answer 503: the token can be judged neither way
+    answer = await post(app, sign(mint))
+    assert answer.status == 503 and dict(answer.headers)["retry-after"]
+    assert ("cache-control", "no-store") in answer.headers
+    assert service.revocations.entries() == []
+
+
+async def test_a_logout_is_counted_and_audited(
+    app: App, mint: Mint, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="verifier.audit"):
+        assert (await post(app, sign(mint, jti="audited-1"))).status == 200
+    lines = [r for r in caplog.records if r.getMessage() == "backchannel_logout"]
+    assert len(lines) == 1
+    line = lines[0].__dict__
+    assert line["issuer"] == ISSUER and line["subject"] == "user-1" and line["sid"] == "session-1"
+    assert line["jti"] == "audited-1" and len(line["entries"]) == 2
+    assert counted(app, ISSUER, "accepted") == 1
+
+
+# -- every malformed logout token ----------------------------------------------------------------------------------
+
+
+def _forgeries(mint: Mint, keys: SigningKeys) -> dict[str, tuple[str, str]]:
+    """name -> (token, the refusal code counted)."""
+    es = KIDS["ES256"]
+    return {
+        "typ at+jwt (an access token)": (sign(mint, headers={"typ": "at+jwt"}), "typ"),
+        "typ secevent+jwt (a SET)": (sign(mint, headers={"typ": "secevent+jwt"}), "typ"),
+        "typ not a string": (sign(mint, headers={"typ": 7}), "malformed"),
+        "unknown issuer": (sign(mint, iss="https://evil.example.test"), "issuer"),
+        "no issuer": (sign(mint, iss=None), "issuer"),
+        "alg off the issuer's list": (sign(mint, alg="ES384"), "algorithm"),
+        "alg none": (compact({"alg": "none", "typ": "logout+jwt"}, logout_claims(), b""), "algorithm"),
+        "HS256 with the public key as secret": (
+            compact({"alg": "HS256", "kid": es, "typ": "logout+jwt"}, logout_claims()), "algorithm"),
+        "signed by another key": (
+            mint(logout_claims(), alg="RS256", key=keys.rs_other, headers={"typ": "logout+jwt"}), "signature"),
+        "unknown kid": (sign(mint, headers={"kid": "nobody"}), "key"),
+        "jku header": (sign(mint, headers={"jku": "https://evil.example.test/jwks"}), "algorithm"),
+        "wrong aud": (sign(mint, aud="another-client"), "audience"),
+        "aud is the API, not the client": (sign(mint, aud="https://api.example.test"), "audience"),
+        "no aud": (sign(mint, aud=None), "audience"),
+        "no iat": (sign(mint, iat=None), "iat"),
+        "iat in the future": (sign(mint, iat=int(NOW) + 31), "iat"),
+        "iat too old": (sign(mint, iat=int(NOW) - 301, exp=int(NOW) + 100), "iat"),
+        "expired": (sign(mint, iat=int(NOW) - 100, exp=int(NOW) - 31), "exp"),
+        "exp not a number": (sign(mint, exp="soon"), "exp"),
+        "no jti": (sign(mint, jti=None), "jti"),
+        "empty jti": (sign(mint, jti=""), "jti"),
+        "jti not a string": (sign(mint, jti=12), "jti"),
+        "jti too long": (sign(mint, jti="j" * 257), "jti"),
+        "no events": (sign(mint, events=None), "events"),
+        "events a list": (sign(mint, events=[BACKCHANNEL_LOGOUT_EVENT]), "events"),
+        "events without the logout member": (
+            sign(mint, events={"https://schemas.openid.net/secevent/caep/event-type/session-revoked": {}}), "events"),
+        "logout member not an object": (sign(mint, events={BACKCHANNEL_LOGOUT_EVENT: "yes"}), "events"),
+        "nonce (an ID token)": (sign(mint, nonce="n-0S6_WzA2Mj"), "nonce"),
+        "empty nonce": (sign(mint, nonce=""), "nonce"),
+        "neither sid nor sub": (sign(mint, sid=None, sub=None), "subject"),
+        "sid not a string": (sign(mint, sid=["session-1"]), "subject"),
+        "empty sub": (sign(mint, sub="", sid=None), "subject"),
+        "sid too long": (sign(mint, sid="s" * 513), "subject"),
+        "payload not JSON": (compact({"alg": "ES256", "kid": es}, b"not json"), "malformed"),
+        "two segments": ("a.b", "malformed"),
+        "too large": (sign(mint, padding="x" * 17_000), "malformed"),
+    }
+
+
+@pytest.fixture(scope="session")
+def forgeries(mint: Mint, keys: SigningKeys) -> dict[str, tuple[str, str]]:
+    return _forgeries(mint, keys)
+
+
+async def test_every_malformed_logout_token_is_a_400_that_changes_nothing(
+    app: App, service: RevocationService, forgeries: dict[str, tuple[str, str]]
+) -> None:
+    for name, (token, code) in forgeries.items():
+        before = counted(app, ISSUER, code) + counted(app, "unknown", code)
+        answer = await post(app, token)
+        assert answer.status == 400, name
+        description = error_of(answer)["error_description"]
+        assert counted(app, ISSUER, code) + counted(app, "unknown", code) == before + 1, (name, description)
+    assert service.revocations.entries() == []
+    assert counted(app, ISSUER, "accepted") == 0
+    # every refusal code is exercised here (a replay, by its own test)
+    assert {code for _, code in forgeries.values()} == set(REFUSAL_CODES) - {"replay"}
+
+
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
+@pytest.mark.parametrize("claim", ["iat", "exp"])
+async def test_a_hostile_time_claim_is_a_clean_400(
+    app: App, service: RevocationService, mint: Mint, claim: str, value: Any
+) -> None:
+    error_of(await post(app, sign(mint, **{claim: value})))
+    assert service.revocations.entries() == []
+
+
+# -- the request itself --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        ("logout_token=x", "application/json"),
+        ("logout_token=x", "multipart/form-data"),
+        ("logout_token=x", ""),
+        ("", FORM),
+        ("token=abc", FORM),
+        ("logout_token=", FORM),
+        ("logout_token=a&logout_token=b", FORM),
+        ("logout_token", FORM),  # a pair without '='
+        ("logout_token=a&&x=1", FORM),  # an empty pair
+        ("logout_token=%ff%fe", FORM),  # not UTF-8 once decoded
+        ("logout_token=caf\u00e9".encode(), FORM),  # not ASCII on the wire
+        ("&".join(f"f{i}=1" for i in range(40)) + "&logout_token=x", FORM),
+        ("logout_token=" + "a" * 60_000, FORM),
+    ],
+    ids=["json", "multipart", "no-content-type", "empty", "no-logout_token", "empty-token", "twice", "no-equals",
+         "empty-pair", "bad-utf8", "non-ascii", "too-many-fields", "too-large"],
+)
+async def test_a_malformed_request_is_a_400(app: App, body: str | bytes, content_type: str) -> None:
+    answer = await app.router.dispatch(form_request(body, content_type))
+    error_of(answer)
+    assert counted(app, "unknown", "malformed") == 1
+
+
+@pytest.mark.parametrize(
+    ("shape", "content_type"),
+    [
+        ("logout_token={t}", "application/json"),
+        ("logout_token={t}", "text/plain"),
+        ("logout_token={t}&logout_token={t}", FORM),
+        ("logout_token={t}&&state=1", FORM),
+        ("logout_token={t}&state", FORM),
+        ("logout_token={t}&state=caf\u00e9", FORM),
+    ],
+    ids=["json", "text", "twice", "empty-pair", "no-equals", "non-ascii-field"],
+)
+async def test_a_valid_token_in_a_malformed_request_is_refused(
+    app: App, service: RevocationService, mint: Mint, shape: str, content_type: str
+) -> None:
+    """The request is judged before the token: a good token does not excuse a bad form."""
+    answer = await app.router.dispatch(form_request(shape.format(t=sign(mint)), content_type))
+    error_of(answer)
+    assert service.revocations.entries() == []
+
+
+async def test_a_charset_parameter_and_other_form_fields_are_fine(app: App, mint: Mint) -> None:
+    body = "state=ignored&logout_token=" + sign(mint)
+    answer = await app.router.dispatch(form_request(body, FORM + "; charset=UTF-8"))
+    assert answer.status == 200
+
+
+async def test_only_post_is_served(app: App) -> None:
+    answer = await app.router.dispatch(HttpRequest("GET", LOGOUT_PATH, "", {}, b""))
+    assert answer.status == 405
+
+
+async def test_no_endpoint_without_backchannel_logout(clock: FrozenClock, fetcher: FakeFetcher) -> None:
+    plain = App(Settings(grpc=None, http=None, metrics=None, issuers=(issuer_settings(),)), clock=clock,
+                fetcher=fetcher)
+    assert plain.revocation is None
+    assert (await plain.router.dispatch(form_request("logout_token=x"))).status == 404
+
+
+async def test_an_issuer_without_backchannel_logout_cannot_log_anyone_out(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    other = "https://other.example.test"
+    fetcher.serve(other + "/.well-known/openid-configuration", {"issuer": other, "jwks_uri": ISSUER + "/jwks"})
+    issuers = (
+        issuer_settings(backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,))),
+        issuer_settings(issuer=other),  # same keys, not configured for logout
+    )
+    app = App(Settings(grpc=None, http=None, metrics=None, issuers=issuers), clock=clock, fetcher=fetcher)
+    assert error_of(await post(app, sign(mint, iss=other)))["error_description"].startswith("iss is not")
+
+
+# -- configuration ---------------------------------------------------------------------------------------------
+
+
+def _config(logout: Any, **top: Any) -> dict[str, Any]:
+    issuer = {"issuer": ISSUER, "audiences": ["https://api.example.test"], "algorithms": ["ES256"],
+              "backchannel_logout": logout}
+    return {"http": {"listen": "127.0.0.1:0"}, "issuers": [issuer], **top}
+
+
+def test_config_reads_the_section() -> None:
+    settings = parse_settings(_config({"audiences": [CLIENT], "max_age_seconds": 60}))
+    assert settings.issuers[0].backchannel_logout == BackchannelLogoutConfig(audiences=(CLIENT,), max_age_seconds=60)
+
+
+@pytest.mark.parametrize(
+    ("logout", "top", "names"),
+    [
+        ({}, {}, "issuers[0].backchannel_logout.audiences: expected a non-empty list"),
+        ({"audiences": []}, {}, "issuers[0].backchannel_logout.audiences"),
+        ({"audiences": [CLIENT], "max_age": 5}, {}, "issuers[0].backchannel_logout.max_age: unknown key"),
+        ({"audiences": [CLIENT], "max_age_seconds": 0}, {}, "issuers[0].backchannel_logout.max_age_seconds"),
+        ("yes", {}, "issuers[0].backchannel_logout: expected a mapping"),
+        ({"audiences": [CLIENT]}, {"workers": 2}, "issuers[].backchannel_logout"),
+    ],
+)
+def test_config_errors_name_the_key(logout: Any, top: dict[str, Any], names: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(_config(logout, **top))
+    assert names in str(caught.value)
+
+
+async def test_a_logout_survives_a_restart_in_the_durable_local_store(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint, tmp_path: Path
+) -> None:
+    """Without Redis, a logout is in the SQLite store before the provider gets its 200: a restart keeps it."""
+    issuer = issuer_settings(backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,)))
+    settings = Settings(grpc=None, http=None, metrics=None, issuers=(issuer,), state=StateConfig(path=str(tmp_path)))
+    first = App(settings, clock=clock, fetcher=fetcher)
+    assert first.revocation is not None
+    await first.revocation.start()
+    try:
+        assert (await post(first, sign(mint))).status == 200
+    finally:
+        await first.revocation.stop()
+    second = App(settings, clock=clock, fetcher=fetcher)
+    assert second.revocation is not None
+    await second.revocation.start()
+    try:
+        assert second.revocation.revocations.check(principal(sid="session-1")) is not None
+    finally:
+        await second.revocation.stop()
+
+
+async def test_the_http_door_reads_a_logout_sent_in_pieces(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    """Through the real forward-auth listener: headers and form arrive in pieces, plain and chunked."""
+    issuer = issuer_settings(backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,)))
+    settings = Settings(grpc=None, http=Listen(host="127.0.0.1", port=0), metrics=None, issuers=(issuer,))
+    app = App(settings, clock=clock, fetcher=fetcher)
+    await app.start()
+    try:
+        await asyncio.wait_for(app.wait_serving(), 10)
+        assert app.ports.http is not None
+        for jti, chunked in (("pieces-1", False), ("pieces-2", True)):
+            form = ("logout_token=" + sign(mint, jti=jti, sid=jti)).encode()
+            framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(form)}"
+            head = f"POST {LOGOUT_PATH} HTTP/1.1\r\nHost: verifier\r\nContent-Type: {FORM}\r\n{framing}\r\n\r\n"
+            pieces = (form[:100], form[100:])
+            body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n" if chunked else form
+            raw = head.encode() + body
+            reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
+            try:
+                for start in range(0, len(raw), 97):
+                    writer.write(raw[start:start + 97])
+                    await writer.drain()
+                    await asyncio.sleep(0.005)
+                answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            finally:
+                writer.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            assert b"cache-control: no-store" in answer.lower()
+            assert app.revocation is not None
+            assert app.revocation.revocations.check(principal(sid=jti)) is not None
+    finally:
+        await app.stop(grace=0.5)
