@@ -80,16 +80,41 @@ async def _healthy(app: App) -> None:
 
 
 async def _rotated_token(provider: OpenIDProvider) -> str:
-    """A token under a kid the verifier has never seen (the JWKS keeps the old keys too)."""
+    """A token under a kid the verifier has never seen (the JWKS keeps the old keys too).
+
+    Break the JWKS first where the verifier must not learn the new kid: its background refresh runs
+    every second (max-age 1) and would otherwise fetch the rotated JWKS before the fault is in place.
+    """
     await asyncio.to_thread(provider.rotate_keys, retain_previous=True)
     return await asyncio.to_thread(provider.client_credentials_token, alg="ES256")
+
+
+def _jwks_errors(app: App, issuer: str) -> float:
+    labels = {"issuer": issuer, "result": "error"}
+    return app.metrics.registry.get_sample_value("verifier_jwks_fetch_total", labels) or 0.0
+
+
+async def _jwks_fetch_failed(app: App, issuer: str, *, after: float = 0.0) -> None:
+    """Waits (bounded) until more than `after` JWKS fetches failed: the fault is observed, not assumed."""
+    deadline = time.monotonic() + 15
+    while _jwks_errors(app, issuer) <= after:
+        assert time.monotonic() < deadline, "no JWKS fetch failed"
+        await asyncio.sleep(0.05)
+
+
+async def _eventually_allowed(app: App, token: str) -> None:
+    """Retries until the token is allowed (bounded): a refresh still in flight from the fault may fail once."""
+    deadline = time.monotonic() + 15
+    while (await _status(app, token))[0] != 200:
+        assert time.monotonic() < deadline, "the provider is back but the new kid is never fetched"
+        await asyncio.sleep(0.05)
 
 
 async def test_unknown_kid_while_jwks_hangs_returns_within_fetch_timeout(
     provider: OpenIDProvider, verifier: App
 ) -> None:
+    await asyncio.to_thread(provider.set_fault, "jwks", delay_ms=10_000)  # before the rotation can be seen
     rotated = await _rotated_token(provider)
-    await asyncio.to_thread(provider.set_fault, "jwks", delay_ms=10_000)
     status, elapsed = await _status(verifier, rotated)
     assert status == 503  # fail closed, "retry later": a rotation cannot be told from a forgery now
     assert elapsed < FETCH_TIMEOUT + SLACK, elapsed
@@ -101,16 +126,15 @@ async def test_jwks_errors_keep_cached_keys_and_refuse_unknown_kids(
     provider: OpenIDProvider, verifier: App, http_status: int
 ) -> None:
     known = await asyncio.to_thread(provider.client_credentials_token, alg="RS256")
+    await asyncio.to_thread(provider.set_fault, "jwks", status=http_status)  # before the rotation can be seen
     rotated = await _rotated_token(provider)
-    await asyncio.to_thread(provider.set_fault, "jwks", status=http_status)
-    await asyncio.sleep(1.2)  # the background refresh fails at least once meanwhile
+    await _jwks_fetch_failed(verifier, provider.issuer)  # the cached keys must survive a failed refresh
     assert (await _status(verifier, known))[0] == 200
     status, elapsed = await _status(verifier, rotated)
     assert status == 503 and elapsed < FETCH_TIMEOUT + SLACK
     await _healthy(verifier)
     await asyncio.to_thread(provider.clear_faults)
-    await asyncio.sleep(0.1)
-    assert (await _status(verifier, rotated))[0] == 200, "the provider is back: the new kid is fetched"
+    await _eventually_allowed(verifier, rotated)  # the provider is back: the new kid is fetched
 
 
 async def test_slow_jwks_within_the_deadline_still_loads(provider: OpenIDProvider, verifier: App) -> None:
@@ -121,9 +145,11 @@ async def test_slow_jwks_within_the_deadline_still_loads(provider: OpenIDProvide
 
 async def test_provider_stopped_service_stays_serving_and_fails_closed(provider: OpenIDProvider, verifier: App) -> None:
     known = await asyncio.to_thread(provider.client_credentials_token, alg="EdDSA")
+    await asyncio.to_thread(provider.set_fault, "jwks", status=500)  # the rotation is never seen before the stop
     rotated = await _rotated_token(provider)
     await asyncio.to_thread(provider.stop)
-    await asyncio.sleep(1.5)  # refused connections on every background refresh meanwhile
+    # a background refresh meets the refused connection meanwhile
+    await _jwks_fetch_failed(verifier, provider.issuer, after=_jwks_errors(verifier, provider.issuer))
     await _healthy(verifier)
     assert (await _status(verifier, known))[0] == 200
     status, elapsed = await _status(verifier, rotated)
