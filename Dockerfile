@@ -8,7 +8,8 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home verifier
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/* && rm -rf /wheels
+COPY scripts/otel_proto.sh /tmp/otel_proto.sh
+RUN pip install --no-cache-dir /wheels/* && rm -rf /wheels && bash /tmp/otel_proto.sh && rm /tmp/otel_proto.sh
 USER 10001
 EXPOSE 8080 50051 9464
 HEALTHCHECK --interval=10s --timeout=2s --retries=3 \

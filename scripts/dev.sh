@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/venv.sh
 python -m pip install --disable-pip-version-check -q -e .
+bash scripts/otel_proto.sh
 exec python -m verifier dev "$@"

@@ -12,3 +12,4 @@ for script in .ci/setup.d/*.sh; do
   echo "--- $script"
   bash "$script"
 done
+bash scripts/otel_proto.sh  # after every pip install above: xds-protos overwrites opentelemetry-proto

@@ -18,6 +18,7 @@ from verifier.app import App
 from verifier.observe.audit import configure_logging
 from verifier.settings import ConfigError, IssuerSettings, Listen, Settings, load_settings
 from verifier.state import with_default_path
+from verifier.workers import accept_stop_signals
 
 log = logging.getLogger("verifier.cli")
 
@@ -35,6 +36,7 @@ async def _run(app: App, on_ready: object = None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    accept_stop_signals()  # a forked worker held them until now: a stop during start-up drains
     await app.start()
     waiter = asyncio.ensure_future(on_ready()) if callable(on_ready) else None
     await stop.wait()

@@ -38,6 +38,12 @@ READY_TIMEOUT_SECONDS = 30.0  # a reloaded worker must report SERVING within thi
 POLL_SECONDS = 0.1  # how often the supervisor looks at its children and signals
 
 RunWorker = Callable[[Settings, int, int], None]  # (settings, index, ready_fd)
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def accept_stop_signals() -> None:
+    """Delivers the stop signals a worker held while starting: call once its handlers are installed."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def settings_for_worker(settings: Settings, index: int) -> Settings:
@@ -61,14 +67,22 @@ class Supervisor:
         self._reload = False
 
     def _spawn(self, settings: Settings, index: int) -> tuple[int, int]:
-        """Forks a worker; returns its pid and the read end of its readiness pipe."""
+        """Forks a worker; returns its pid and the read end of its readiness pipe.
+
+        The stop signals are blocked across the fork: a SIGTERM sent while the worker starts (a stop
+        during a restart or reload) stays pending until the worker can drain (`accept_stop_signals`),
+        instead of running the supervisor's handler in the child or killing it mid-start-up.
+        """
         read_fd, write_fd = os.pipe()
         supervisor = os.getpid()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         if pid == 0:  # the worker
             os.close(read_fd)
             _die_with_parent(supervisor)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             code = 0
             try:

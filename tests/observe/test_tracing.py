@@ -352,3 +352,12 @@ async def test_a_grpc_call_aborted_past_its_deadline_still_ends_its_span(exporte
     assert span.parent is not None and format(span.parent.span_id, "016x") == PARENT
     assert dict(span.attributes or {})["verifier.outcome"] == "error"
     assert span.status.status_code.name == "ERROR"
+
+
+def test_the_otlp_exporter_imports_beside_envoys_api() -> None:
+    """xds-protos overwrites opentelemetry-proto's modules with an older copy unless scripts/otel_proto.sh
+    puts them back: `tracing:` would then fail at start-up with an ImportError (seen on a fresh install)."""
+    import envoy.service.auth.v3.external_auth_pb2  # noqa: F401  # Envoy's API (xds-protos), as the gRPC door loads it
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    assert OTLPSpanExporter is not None
