@@ -756,10 +756,13 @@ def start_nginx(
     *,
     workers: int | None = None,
     http_directives: str = "",
+    auth: bool = True,
 ) -> GatewayProcess:
     """Run the shipped ``deploy/nginx/nginx.conf.template`` (rendered) in the foreground under ``tmp_path``.
 
-    ``workers`` replaces the template's ``worker_processes auto`` (the benchmarks compare one-worker nginxes).
+    ``workers`` replaces the template's ``worker_processes auto`` (the benchmarks compare one-worker nginxes);
+    ``auth=False`` its ``auth_request /_auth`` with ``auth_request off`` (the benchmarks' "same nginx without
+    auth", issue #23).
 
     Started as ``nginx -p <prefix>/ -c nginx.conf -g 'daemon off;'`` so the pid file, logs and temp
     directories stay under ``tmp_path``; ready once its status port answers. ``extra["admin_port"]`` is
@@ -785,6 +788,10 @@ def start_nginx(
         if "worker_processes auto;" not in conf:
             raise ValueError("the nginx template no longer says `worker_processes auto;`")
         conf = conf.replace("worker_processes auto;", f"worker_processes {workers};", 1)
+    if not auth:
+        if "\n    auth_request /_auth;\n" not in conf:
+            raise ValueError("the nginx template no longer says `auth_request /_auth;` in its http block")
+        conf = conf.replace("\n    auth_request /_auth;\n", "\n    auth_request off;\n", 1)
     # As root, nginx would drop its worker to `nobody`, which cannot enter pytest's 0700 tmp directories to
     # spool a large body; keep the worker as the invoking user (given on the command line, the file stays
     # as shipped).

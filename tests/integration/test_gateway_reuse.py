@@ -155,6 +155,24 @@ def test_a_repeated_token_is_answered_by_the_gateway_within_max_age_and_asked_ag
     assert time.monotonic() - first >= MAX_AGE - 1
 
 
+def test_an_answer_fetched_again_after_max_age_is_reused_again(
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer
+) -> None:
+    """The second window reuses the new answer: nginx keeps a reused answer's file open between hits
+    (open_file_cache), and must read the file refetched after expiry (a new inode), not the expired one
+    it still holds, which would send every request to the verifier until the descriptor went stale."""
+    tok, before = token(issuer), asked(verifier)
+    assert get(gateway, "/orders", tok).status == 200
+    deadline = time.monotonic() + MAX_AGE + 1.5
+    while asked(verifier) - before == 1:
+        assert time.monotonic() < deadline, "the answer was never asked for again"
+        time.sleep(0.05)
+        assert get(gateway, "/orders", tok).status == 200
+    assert asked(verifier) - before == 2
+    assert [get(gateway, "/orders", tok).status for _ in range(4)] == [200] * 4
+    assert asked(verifier) - before == 2, "the refetched answer was not reused"
+
+
 def test_the_cache_header_never_reaches_the_client_or_the_upstream(
     gateway: str, issuer: LocalIssuer, upstream: EchoUpstream
 ) -> None:

@@ -1,0 +1,100 @@
+"""``python -m bench.nginx_ab [--before TEMPLATE] [--reps N] [--duration S] [--out DIR]``: the shipped nginx
+template against itself without auth, and against another version of the template, in one run (issue #23).
+
+Routes, alternated in each repetition (wrk, 16 connections, one repeated ES256 token, one real verifier):
+
+* ``nginx``              -- bench/edge.py's plain nginx (the edge scenario's baseline)
+* ``shipped, auth off``  -- this tree's deploy/nginx/nginx.conf.template with ``auth_request off``: the same nginx
+  without auth, the issue's baseline
+* ``shipped``            -- the same template as shipped (``auth_request`` to the verifier, answers reused)
+* ``before``             -- ``--before``'s template (e.g. main's copy), when given
+
+Every shipped nginx has one worker and proxies to the same upstream. Besides throughput it prints the nginx
+worker's CPU time per request (utime + stime from /proc over the requests wrk completed): on a machine shared
+with other work, throughput follows the scheduler, while CPU per request is what the configuration costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import edge, idp, load, procs
+from bench.runner import Context
+
+OFF, SHIPPED, BEFORE = "shipped, auth off", "shipped", "before"
+
+
+def worker_cpu_s(master: int) -> float:
+    """CPU seconds (user + system) used so far by the nginx workers of the master ``master``."""
+    found = subprocess.run(["pgrep", "-P", str(master), "-f", "worker process"], capture_output=True, text=True)
+    total = 0
+    for pid in found.stdout.split():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.nginx_ab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--before", type=Path, help="another nginx.conf.template to measure beside this tree's")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="bench-nginx-ab-")))
+    args = parser.parse_args()
+    sys.path[:0] = [str(procs.PROJECT_ROOT / "tests" / "integration"), str(procs.PROJECT_ROOT / "tests")]
+    import gateways
+
+    ctx = Context(out=args.out, quick=False, args=argparse.Namespace(), servers=procs.Servers(args.out))
+    issuer = idp.Issuer(ctx.servers)
+    target, token = ctx.servers.start_verifier(issuer.url), issuer.cached_token
+    verifier_port = int(target.http_addr.rsplit(":", 1)[1])
+    tmp, shipped_template, running = tempfile.mkdtemp(prefix="bench-nginx-"), gateways.NGINX_TEMPLATE, []
+    try:
+        base, upstream = edge.start_nginx(ctx, target.http_addr, 10_000, tmp)
+        urls, masters = {edge.PLAIN: f"{base}/plain{edge.PATH}"}, {}
+        routes = [(OFF, shipped_template, False), (SHIPPED, shipped_template, True)]
+        if args.before:
+            routes.append((BEFORE, args.before.resolve(), True))
+        for name, template, auth in routes:
+            gateways.NGINX_TEMPLATE = template
+            running.append(gateways.start_nginx(args.out, verifier_port, upstream, workers=1, auth=auth))
+            urls[name], masters[name] = f"{running[-1].url}{edge.PATH}", running[-1].proc.pid
+        gateways.NGINX_TEMPLATE = shipped_template
+        headers = {"Authorization": f"Bearer {token}"}
+        tput: dict[str, list[float]] = {r: [] for r in urls}
+        cpu_us: dict[str, list[float]] = {r: [] for r in masters}
+        for rep in range(args.reps):
+            for route in urls if rep % 2 == 0 else reversed(urls):
+                before = worker_cpu_s(masters[route]) if route in masters else 0.0
+                r = load.wrk(urls[route], workdir=ctx.work, duration_s=args.duration, headers=headers)
+                if r.refusals or r.errors:
+                    raise SystemExit(f"{route}: {r.refusals} non-2xx and {r.errors} socket errors")
+                tput[route].append(r.throughput)
+                if route in masters:
+                    cpu_us[route].append((worker_cpu_s(masters[route]) - before) / (r.throughput * r.seconds) * 1e6)
+                print(f"rep {rep + 1}/{args.reps} {route:18} {r.throughput:9,.0f} req/s", file=sys.stderr)
+    finally:
+        for gw in running:
+            gw.stop()
+        ctx.servers.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    off = statistics.median(tput[OFF])
+    print(f"{args.reps} alternating repetitions of {args.duration:g} s; load average at the end {procs.loadavg()}\n")
+    print("| route | req/s (c=16), median | vs shipped, auth off | worker CPU/request (us), median | runs (req/s) |")
+    print("|---|---:|---:|---:|---|")
+    for route, values in tput.items():
+        cpu = f"{statistics.median(cpu_us[route]):.1f}" if route in cpu_us else "-"
+        runs = ", ".join(f"{v:,.0f}" for v in values)
+        median = statistics.median(values)
+        print(f"| {route} | {median:,.0f} | {median / off:.2f}x | {cpu} | {runs} |")
+
+
+if __name__ == "__main__":
+    main()
