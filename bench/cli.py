@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="results folder (default bench/results/<timestamp>; a suite's: <out>/<name>)")
     p.add_argument("--no-verifier", action="store_true", help="token scenarios: baselines only")
     p.add_argument("--no-naive", action="store_true", help="token scenarios: skip the naive PyJWKClient baseline")
+    p.add_argument(
+        "--policies",
+        action="store_true",
+        help="token scenarios: the verifier with two route policies (the second matches)",
+    )
     for flag, (kind, text, owners) in suite_options().items():
         p.add_argument(flag, type=kind, help=f"{text} [{', '.join(owners)}]")
     sys.exit(run(parser.parse_args(argv)))

@@ -69,7 +69,8 @@ def run(ctx: Context, kinds: list[TokenKind]) -> None:
         targets["naive"] = ctx.servers.start_baseline("naive", issuer=issuer.url)
     if not ctx.args.no_verifier:
         try:
-            targets["verifier"] = ctx.servers.start_verifier(issuer.url)
+            policies = wire.TWO_POLICIES if getattr(ctx.args, "policies", False) else ""
+            targets["verifier"] = ctx.servers.start_verifier(issuer.url, root_yaml=policies)
         except RuntimeError as exc:
             ctx.warnings.append(f"verifier did not start: {exc} (see verifier.log)")
     pools: dict[tuple[str, str, int], list[str]] = {}

@@ -23,6 +23,14 @@ from verifier.v1 import verifier_pb2
 AUDIENCE = "https://api.example.test"
 ORIGINAL_HOST = "api.example.test"
 ORIGINAL_PATH = "/api/orders/42"
+# `--policies`: two route policies, the request (a GET of ORIGINAL_PATH) meeting the second.
+TWO_POLICIES = (
+    "policies:\n"
+    '  - match: {path_prefix: "/admin", methods: [POST, PUT, DELETE]}\n'
+    "    require: {roles_any: [admin]}\n"
+    f'  - match: {{path_prefix: "/api", hosts: ["{ORIGINAL_HOST}"]}}\n'
+    "    require: {authenticated: true}\n"
+)
 FORWARD_AUTH_PATH = "/v1/forward-auth"
 
 

@@ -196,3 +196,25 @@ def test_a_hostile_auth_time_asks_for_a_fresh_authentication(value: object) -> N
     """#18 F11: NaN or +inf passed `max_auth_age_seconds`; 10**400 overflowed."""
     with pytest.raises(StepUpRequired, match="more recent"):
         evaluate(ADMIN.require, _good(auth_time=value), NOW)
+
+
+@pytest.mark.parametrize("path", ["/admin/x", "/./admin/x", "//admin/x", "/%61dmin/x", "/public/../admin/x?q=1"])
+def test_remembered_route_is_the_same_policy_on_every_request(path: str) -> None:
+    policies = PolicySet((ADMIN, PUBLIC, REST))
+    first = policies.match(_attrs("DELETE", path))
+    assert first is not None and first.name == "admin"
+    for _ in range(3):  # answered from the memo now; a query changes nothing, the method does
+        assert policies.match(_attrs("DELETE", path + "?page=2")) is first
+        again = policies.match(_attrs("GET", path))
+        assert again is not None and again.name != "admin"
+
+
+def test_route_memo_is_bounded_against_distinct_paths() -> None:
+    from verifier.policy import rules
+
+    policies = PolicySet((ADMIN, PUBLIC, REST))
+    for i in range(rules.MAX_ROUTE_MEMO * 2 + 7):
+        policies.match(_attrs("GET", f"/junk/{i}"))
+    assert len(policies._memo) <= rules.MAX_ROUTE_MEMO
+    admin = policies.match(_attrs("DELETE", "/admin/x"))
+    assert admin is not None and admin.name == "admin"

@@ -154,6 +154,7 @@ class _Connection(asyncio.Protocol):
         "_door",
         "_header_bytes",
         "_headers",
+        "_loop",
         "_name",
         "_parser",
         "_paused",
@@ -168,6 +169,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, door: ForwardAuthDoor) -> None:
         self._door = door
+        self._loop = asyncio.get_running_loop()  # asked once: every request moves a deadline
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
@@ -200,7 +202,7 @@ class _Connection(asyncio.Protocol):
         self._peer = peer[0] if isinstance(peer, tuple) else ""
         # A connection is opened to send a request: its first one gets the header timeout.
         door = self._door
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now = loop.time()
         self._deadline = now + door.header_timeout
         self._timer = loop.call_at(now + door.tick, self._tick)
@@ -250,7 +252,7 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if self._closing or transport is None or transport.is_closing():
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now = loop.time()
         deadline = self._deadline
         if deadline and now >= deadline - TIMER_SLACK_SECONDS:
@@ -264,12 +266,12 @@ class _Connection(asyncio.Protocol):
 
     def _idle(self) -> None:
         """Nothing owed and nothing being read: the keep-alive may stay idle for `idle_timeout`."""
-        self._deadline = asyncio.get_running_loop().time() + self._door.idle_timeout
+        self._deadline = self._loop.time() + self._door.idle_timeout
 
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._reading = True
-        self._deadline = asyncio.get_running_loop().time() + self._door.header_timeout
+        self._deadline = self._loop.time() + self._door.header_timeout
         self._url = b""
         self._raw = []
         self._header_bytes = 0
@@ -408,7 +410,7 @@ class _Connection(asyncio.Protocol):
             can_half_close = getattr(transport, "can_write_eof", None)
             if can_half_close is not None and can_half_close():
                 transport.write_eof()
-                asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+                self._loop.call_later(LINGER_SECONDS, transport.close)
             else:
                 transport.close()
         else:

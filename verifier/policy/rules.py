@@ -38,6 +38,10 @@ def normalize_path(path: str) -> str:
     return normal
 
 
+MAX_ROUTE_MEMO = 4096  # (method, host, path) -> policy decisions remembered by `PolicySet.match`
+_UNSEEN = object()
+
+
 class StepUpRequired(InsufficientUserAuthentication):
     """RFC 9470 section 3: carries the acr_values / max_age the client must come back with."""
 
@@ -136,17 +140,31 @@ class PolicySet:
             )
             for p in policies or ()
         )
+        self._memo: dict[tuple[str, str, str], CompiledPolicy | None] = {}
 
     def match(self, attrs: RequestAttributes) -> CompiledPolicy | None:
         """The first policy that covers the request (None: no policy matched).
 
         The doors normalized the host (`normalize_host`); a policy names hosts, not ports, so
-        `admin.example.test:443` and `:8443` meet the policy for `admin.example.test`.
+        `admin.example.test:443` and `:8443` meet the policy for `admin.example.test`. The answer is a
+        function of (method, host, path before the query) alone: remembered in a bounded memo, so a
+        gateway's repeated routes skip the normalization and the scan.
         """
-        path = normalize_path(attrs.path)
-        host = host_name(attrs.host)
+        method, host, path = attrs.method, attrs.host, attrs.path.partition("?")[0]
+        key = (method, host, path)
+        memo = self._memo
+        found = memo.get(key, _UNSEEN)
+        if found is not _UNSEEN:
+            return found  # type: ignore[return-value]
+        policy = self._match(method, host_name(host), normalize_path(path))
+        if len(memo) >= MAX_ROUTE_MEMO:
+            memo.clear()  # attacker-chosen paths: bounded, and a clear is cheaper than an LRU on every hit
+        memo[key] = policy
+        return policy
+
+    def _match(self, method: str, host: str, path: str) -> CompiledPolicy | None:
         for policy in self._policies:
-            if policy.matches(attrs.method, host, path):
+            if policy.matches(method, host, path):
                 return policy
         return None
 
