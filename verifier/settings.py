@@ -173,8 +173,9 @@ class CacheSettings:
 
 DEFAULT_MAX_PENDING_CHECKS = 1024  # first-seen checks in flight per worker before shedding load (503)
 # HTTP/2 streams per gRPC connection. Measured (docs/BENCHMARKS.md, overload): past this a client waits on its
-# own side; at 1000, 32 connections x 100 streams queued ~1 s inside grpc.aio and 98% of 100 ms calls expired.
-DEFAULT_GRPC_MAX_CONCURRENT_STREAMS = 8
+# own side. At 1000, 32 connections x 100 streams queued ~1 s inside grpc.aio and 98% of 100 ms calls expired;
+# at 8 (256 in flight), most still expired once the machine was busy; 4 and 2 served 75-100% of capacity.
+DEFAULT_GRPC_MAX_CONCURRENT_STREAMS = 4
 DEFAULT_EDGE_MAX_AGE_SECONDS = 10  # seconds a gateway may reuse an allow; also bounds revocation reach
 DEFAULT_REFUSAL_MAX_AGE_SECONDS = 5  # seconds a gateway may reuse a refusal of a malformed/forged token
 
