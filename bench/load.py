@@ -445,14 +445,30 @@ def wrk(
     )
 
 
-def h2load(door: Door, addr: str, body: bytes, *, workdir: Path, duration_s: float, warmup_s: float) -> ToolResult:
-    """Closed-loop gRPC unary calls at ``door`` with one fixed request message (8 clients x 16 streams)."""
+def h2load(
+    door: Door,
+    addr: str,
+    body: bytes,
+    *,
+    workdir: Path,
+    duration_s: float,
+    warmup_s: float,
+    clients: int = 8,
+    streams: int = 16,
+    headers: Sequence[str] = (),
+    log: Path | None = None,
+) -> ToolResult:
+    """Closed-loop gRPC unary calls at ``door`` with one fixed request message (``clients`` x ``streams``);
+    ``headers`` such as ``grpc-timeout: 100m``; ``log``: h2load's per-request log (start, status, microseconds)."""
     body_file = workdir / f"h2load-{door.value}.bin"
     body_file.parent.mkdir(parents=True, exist_ok=True)
     body_file.write_bytes(wire.grpc_frame(body))
-    cmd = ["h2load", "-c", "8", "-m", "16", "-t", "1", "-D", f"{duration_s:g}s"]
+    cmd = ["h2load", "-c", str(clients), "-m", str(streams), "-t", "1", "-D", f"{duration_s:g}s"]
     cmd += ["--warm-up-time", f"{max(1, round(warmup_s * 1000))}ms", "-d", str(body_file)]
-    cmd += ["-H", "content-type: application/grpc", "-H", "te: trailers", f"http://{addr}{door.grpc_method}"]
+    for header in ("content-type: application/grpc", "te: trailers", *headers):
+        cmd += ["-H", header]
+    cmd += ["--log-file", str(log)] if log is not None else []
+    cmd += [f"http://{addr}{door.grpc_method}"]
     out, cpu = _reaped(cmd, timeout=duration_s + warmup_s + 30)
     m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
     if not m:

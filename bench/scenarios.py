@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench import dpop, edge, introspection, memory, soak, workers
+from bench import dpop, edge, introspection, memory, overload, soak, workers
 from bench.runner import Context
 from bench.tokens import KINDS, TokenKind
 
@@ -76,6 +76,12 @@ SUITES: dict[str, Suite] = {
                 ("--minutes", float, "how long (default 10, --quick 0.5)"),
                 ("--rate-fraction", float, "of the mix's closed-loop maximum (default 0.7)"),
             ),
+        ),
+        Suite(
+            name="overload",
+            run=overload.run,
+            description="h2load far past capacity at the gRPC doors, stream bound before #24 and now (#24 goal 4)",
+            options=(("--deadline-ms", int, "the flood's grpc-timeout (default 100; 0: none, budget 1 s)"),),
         ),
         Suite(
             name="nginx",

@@ -436,7 +436,10 @@ class App:
             )
         if s.grpc is not None:
             self.ports.grpc = await self.grpc.start(
-                s.grpc.address, reuse_port=self.reuse_port, tls=s.grpc.tls.read() if s.grpc.tls else None
+                s.grpc.address,
+                reuse_port=self.reuse_port,
+                tls=s.grpc.tls.read() if s.grpc.tls else None,
+                max_streams=s.grpc_max_concurrent_streams,
             )
         if s.metrics is not None:
             self.ports.metrics = await self._start_metrics(

@@ -172,6 +172,14 @@ class CacheSettings:
 
 
 DEFAULT_MAX_PENDING_CHECKS = 1024  # first-seen checks in flight per worker before shedding load (503)
+# HTTP/2 streams per gRPC connection. Measured (docs/BENCHMARKS.md, overload): past this a client waits on its
+# own side. At 1000, 32 connections x 100 streams queued ~1 s inside grpc.aio and 98% of 100 ms calls expired;
+# at 8 (256 in flight), most still expired once the machine was busy; 4 and 2 served 75-100% of capacity.
+# The default stays 1000 (unchanged) until two costs of a low bound are settled: a client's first burst
+# before it reads the SETTINGS frame is refused (REFUSED_STREAM, which Envoy's ext_authz answers with its
+# status_on_error 503 unless it retries), and h2load's closed loop saw refused streams at normal load.
+# Operators who see overload collapse set 4 (docs/BENCHMARKS.md says how it was measured).
+DEFAULT_GRPC_MAX_CONCURRENT_STREAMS = 1000
 DEFAULT_EDGE_MAX_AGE_SECONDS = 10  # seconds a gateway may reuse an allow; also bounds revocation reach
 DEFAULT_REFUSAL_MAX_AGE_SECONDS = 5  # seconds a gateway may reuse a refusal of a malformed/forged token
 
@@ -240,6 +248,12 @@ class Settings:
     edge_cache: EdgeCacheSettings = EdgeCacheSettings()
     max_pending_checks: int = setting(
         DEFAULT_MAX_PENDING_CHECKS, minimum=1, maximum=1_000_000, doc="first-seen checks in flight per worker (503)"
+    )
+    grpc_max_concurrent_streams: int = setting(
+        DEFAULT_GRPC_MAX_CONCURRENT_STREAMS,
+        minimum=1,
+        maximum=10_000,
+        doc="HTTP/2 streams per gRPC connection; more wait at the client (overload: early refusal)",
     )
     deadline_seconds: float = setting(
         DEFAULT_DEADLINE_SECONDS,

@@ -30,6 +30,7 @@ from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
 from verifier.observe.tracing import Tracing
 from verifier.pipeline import Pipeline
 from verifier.request import RequestAttributes, normalize_host
+from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
 from verifier.v1 import verifier_pb2
 
 OWN_SERVICE = "verifier.v1.Verifier"
@@ -256,14 +257,26 @@ class GrpcDoors:
         return envoy_response(await self._decider(attrs, "ext_authz", context), attrs.headers)
 
     async def start(
-        self, address: str, *, reuse_port: bool = False, tls: tuple[bytes, bytes, bytes | None] | None = None
+        self,
+        address: str,
+        *,
+        reuse_port: bool = False,
+        tls: tuple[bytes, bytes, bytes | None] | None = None,
+        max_streams: int = DEFAULT_GRPC_MAX_CONCURRENT_STREAMS,
     ) -> int:
-        """Builds the server and listens; returns the bound port."""
+        """Builds the server and listens; returns the bound port.
+
+        `max_streams` (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS) is the overload bound: grpc.aio queues every
+        accepted call without limit and serves them in order, so under a flood each call waits behind the
+        whole queue and expires before its turn (goodput collapses while memory grows). A small per-connection
+        limit keeps the excess at the client, refused by the transport before any Python work. Its
+        `maximum_concurrent_rpcs` would refuse in Python, at the cost of serving: measured, it collapses too.
+        """
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
                 ("grpc.max_receive_message_length", 1 << 20),
-                ("grpc.max_concurrent_streams", 1000),
+                ("grpc.max_concurrent_streams", max_streams),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ]
