@@ -1,8 +1,10 @@
 """Where a forward-auth check's CPU goes, without sockets: a real `App` in this process, fed raw requests.
 
-``python -m bench.inproc [--policies] [--first-seen] [--profile]`` starts the bench's provider, builds the
-verifier from the same config ``bench run`` uses, and feeds one connection (a fake transport: no
-syscalls, no event-loop wake-ups) the same forward-auth request as ``wrk`` sends. It prints the CPU per
+``python -m bench.inproc [--policies] [--first-seen] [--profile] [--door http|grpc|ext_authz]`` starts the
+bench's provider, builds the verifier from the same config ``bench run`` uses, and feeds one connection (a
+fake transport: no syscalls, no event-loop wake-ups) the same forward-auth request as ``wrk`` sends; at a
+gRPC door, the door's handler the same serialized request as ``h2load`` sends, as grpc.aio hands it over
+(deserializer, handler, serializer; no servicer context: a cached check never reads it). It prints the CPU per
 check (cached: the best of 7 passes of 20,000; first-seen: one pass over 5,000 fresh ES256 tokens) and,
 with ``--profile``, cProfile's top functions. The gap between this and ``bench run``'s server CPU per
 check is the I/O (read, write, epoll) that the no-op pays too.
@@ -16,6 +18,7 @@ import cProfile
 import pstats
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +49,65 @@ class _Transport:
     def resume_reading(self) -> None: ...
 
 
-async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: bool) -> None:
+def _timed(one: Callable[[bytes], None], requests: list[bytes], passes: int, profile: bool) -> float:
+    """The best of ``passes`` runs of ``one`` over ``requests``: CPU seconds per request (and the profile)."""
+    profiler = cProfile.Profile() if profile else None
+    best = float("inf")
+    for _ in range(passes):
+        started = time.process_time()
+        if profiler:
+            profiler.enable()
+        for raw in requests:
+            one(raw)
+        if profiler:
+            profiler.disable()
+        best = min(best, time.process_time() - started)
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+    return best / len(requests)
+
+
+def _grpc_handler(doors: Any, door: wire.Door) -> Any:
+    """The door's method handler as the server registers it."""
+    if hasattr(doors, "own_handler"):
+        return doors.own_handler() if door is wire.Door.GRPC else doors.envoy_handler()
+    # An older tree (before/after comparisons): both doors parsed by grpc.
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from verifier.v1 import verifier_pb2
+
+    own = door is wire.Door.GRPC
+    parse = (verifier_pb2 if own else external_auth_pb2).CheckRequest.FromString
+    method = doors.check_own if own else doors.check_envoy
+    return grpc.unary_unary_rpc_method_handler(method, request_deserializer=parse, response_serializer=bytes)
+
+
+async def _measure_grpc(app: Any, door: wire.Door, tokens: list[str], profile: bool) -> None:
+    """A cached check at a gRPC door: its handler as grpc.aio calls it (deserializer, handler, serializer)."""
+    handler = _grpc_handler(app.grpc, door)
+    deserialize = handler.request_deserializer or (lambda data: data)
+    serialize = handler.response_serializer or (lambda data: data)
+    check = handler.unary_unary
+    answers: list[bytes] = [serialize(await check(deserialize(wire.grpc_payload(door, tokens[0])), None))]  # warm
+
+    def one(raw: bytes) -> None:
+        call = check(deserialize(raw), None)
+        try:
+            call.send(None)  # a cached check never suspends
+        except StopIteration as done:
+            answers[0] = serialize(done.value)
+        else:
+            raise SystemExit("the handler suspended: not a cached check")
+
+    # Fresh bytes objects, as grpc hands over (their hash is computed per call).
+    per_check = _timed(one, [wire.grpc_payload(door, t) for t in tokens[1:]], CACHED_PASSES, profile)
+    if not wire.allowed(door, answers[0]):
+        raise SystemExit(f"not an allow: {answers[0][:80]!r}")
+    print(f"{door.value} cached: {per_check * 1e6:.2f} us CPU per check")
+
+
+async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: bool, door: str = "http") -> None:
     from verifier.app import App
     from verifier.doors import forward_auth
     from verifier.settings import load_settings
@@ -55,29 +116,20 @@ async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: b
     await app.start()
     try:
         await asyncio.wait_for(app.keys.wait_ready(), 10)
+        if door != "http":
+            await _measure_grpc(app, wire.Door(door), tokens, profile)
+            return
         conn = forward_auth._Connection(app.forward_auth)
         transport = _Transport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         requests = [wire.http_request(wire.http_headers(t), "127.0.0.1") for t in tokens]
         conn.data_received(requests[0])  # warm: the cached token is admitted here
         await asyncio.sleep(0.01)
-        profiler = cProfile.Profile() if profile else None
-        best = float("inf")
-        for _ in range(1 if first_seen else CACHED_PASSES):
-            started = time.process_time()
-            if profiler:
-                profiler.enable()
-            for raw in requests[1:]:
-                conn.data_received(raw)
-            if profiler:
-                profiler.disable()
-            best = min(best, time.process_time() - started)
+        per_check = _timed(conn.data_received, requests[1:], 1 if first_seen else CACHED_PASSES, profile)
         if not transport.last.startswith(b"HTTP/1.1 200"):
             raise SystemExit(f"not an allow: {transport.last[:80]!r}")
         what = "first-seen ES256" if first_seen else "cached"
-        print(f"{what}: {best / (len(requests) - 1) * 1e6:.2f} us CPU per check ({transport.answers} answers)")
-        if profiler:
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        print(f"{what}: {per_check * 1e6:.2f} us CPU per check ({transport.answers} answers)")
     finally:
         await app.stop(grace=0.1)
 
@@ -87,7 +139,10 @@ def main() -> None:
     parser.add_argument("--policies", action="store_true", help="two route policies (bench run --policies)")
     parser.add_argument("--first-seen", action="store_true", help="each ES256 token once, instead of one token")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
+    parser.add_argument("--door", choices=["http", "grpc", "ext_authz"], default="http", help="which door's handler")
     args = parser.parse_args()
+    if args.first_seen and args.door != "http":
+        parser.error("--first-seen is measured at the http door only")
     import gc
 
     import uvloop
@@ -112,7 +167,7 @@ def main() -> None:
                 + (wire.TWO_POLICIES if args.policies else "")
             )
             uvloop.install()
-            asyncio.run(_measure(config, tokens, args.first_seen, args.profile))
+            asyncio.run(_measure(config, tokens, args.first_seen, args.profile, args.door))
         finally:
             servers.stop()
 
