@@ -99,3 +99,18 @@ def test_the_memo_is_bounded_in_entries_and_request_size() -> None:
         "api.example",
         "Bearer t2",
     )
+
+
+async def test_health_and_reflection_still_answer_as_generic_handlers() -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async with running_verifier() as (app, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=OWN_SERVICE))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            names = {s.name async for answer in stream for s in answer.list_services_response.service}
+    assert {OWN_SERVICE, "envoy.service.auth.v3.Authorization", "grpc.health.v1.Health"} <= names
