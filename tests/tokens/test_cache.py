@@ -6,6 +6,7 @@ import pytest
 from support import FrozenClock
 from tokenkit import NOW
 
+from verifier.tokens import cache as cache_module
 from verifier.tokens.cache import ExpiringCache
 
 
@@ -109,11 +110,30 @@ def test_stores_drop_expired_entries_so_a_refused_token_cache_holds_only_live_on
     assert all(cache.get(b"new%d" % i) == "refused" for i in range(50))
 
 
-def test_a_live_oldest_entry_stops_the_sweep(clock: FrozenClock) -> None:
-    cache: ExpiringCache[str] = ExpiringCache(10, clock)
-    cache.put(b"long", "v", clock.now() + 100)
-    cache.put(b"short", "v", clock.now() + 1)
-    clock.advance(2)
-    cache.put(b"new", "v", clock.now() + 1)
-    assert cache.get(b"long") == "v"
-    assert len(cache) == 3  # "short" stays until looked up or pushed out: the sweep never scans past a live entry
+def test_expired_entries_behind_a_long_lived_one_are_dropped(clock: FrozenClock) -> None:
+    """Issue #24 (soak): the sweep stopped at the first live entry, so in the verified-token cache, whose
+    entries live as long as their tokens, a long-lived token stored first kept every expired token stored
+    after it until the bound pushed them out (the 5-minute soak grew +9 MiB/min)."""
+    cache: ExpiringCache[str] = ExpiringCache(100_000, clock)
+    for i in range(50):
+        cache.put(b"cached%d" % i, "v", clock.now() + 3600)  # a gateway's regular tokens
+    for i in range(500):
+        cache.put(b"first-seen%d" % i, "v", clock.now() + 120)
+    clock.advance(121)
+    for i in range(500):
+        cache.put(b"later%d" % i, "v", clock.now() + 120)
+    assert len(cache) == 50 + 500
+    assert all(cache.get(b"cached%d" % i) == "v" for i in range(50))
+
+
+def test_the_expiry_bookkeeping_stays_bounded(clock: FrozenClock) -> None:
+    """Keys replaced, discarded or pushed out leave nothing behind for long."""
+    cache: ExpiringCache[int] = ExpiringCache(100, clock)
+    for i in range(20_000):
+        cache.put(b"same", i, clock.now() + 3600)  # renewed in place
+        cache.put(i.to_bytes(4, "big"), i, clock.now() + 3600)  # a flood past the bound
+        cache.discard(b"gone")
+        cache.put(b"gone", i, clock.now() + 3600)
+    assert len(cache) == 100
+    assert len(cache._expiry) <= 2 * max(len(cache), cache_module.MIN_REBUILD)
+    assert cache.get(b"same") == 19_999 and cache.get((19_999).to_bytes(4, "big")) == 19_999
