@@ -7,10 +7,10 @@ default 120, so the verified-token cache reaches its steady size in the warm-up)
 (bench/idp.py ``garbage``: random strings and JWT look-alikes with an unknown key id, each sent once).
 
 First the maximum throughput of the mix over forward-auth is measured (wrk, closed loop, 3 s). Then
-the open-loop generators offer ``--rate-fraction`` of it in back-to-back 10 s windows for ``--minutes``:
-80% over forward-auth and, at the same time, 20% over gRPC (the verifier's own door and Envoy's
-ext_authz, alternating by window). After each window the bench samples the verifier's PSS (supervisor +
-worker), the worker's VmRSS and open file descriptors.
+the open-loop generators offer ``--rate-fraction`` of it (or ``--rate`` checks/s) in back-to-back 10 s
+windows for ``--minutes``: 80% over forward-auth and, at the same time, 20% over gRPC (the verifier's own
+door and Envoy's ext_authz, alternating by window). After each window the bench samples the verifier's
+PSS (supervisor + worker), the worker's VmRSS and open file descriptors.
 
 Flat-ness: the least-squares slope of the worker's VmRSS over the last two thirds of the samples (the
 first third is the warm-up: caches filling to their steady size) against 0.1 MiB/min (PASS/MISS), the
@@ -81,17 +81,22 @@ class Mix:
         return out
 
 
-def _window(ctx: Context, target: Target, mix: Mix, rate: float, grpc_door: Door) -> dict[str, Any]:
-    """One 10 s window: forward-auth and gRPC open loops side by side; their sums."""
+def _loads(target: Target, mix: Mix, rate: float, grpc_door: Door) -> dict[Door, tuple[float, list[bytes]]]:
+    """One window's load: door -> (its rate, its requests), a little more than 10 s of them."""
     rates = {Door.HTTP: rate * (1 - GRPC_SHARE), grpc_door: rate * GRPC_SHARE}
-    payloads = {
-        door: [wire.payload(door, t, target.addr(door)) for t in mix.tokens(int(r * (WINDOW_S + 0.2) * 1.05) + 10)]
+    return {
+        door: (r, [wire.payload(door, t, target.addr(door)) for t in mix.tokens(int(r * (WINDOW_S + 0.2) * 1.05) + 10)])
         for door, r in rates.items()
     }
-    with concurrent.futures.ThreadPoolExecutor(len(rates)) as pool:
+
+
+def _window(ctx: Context, target: Target, loads: dict[Door, tuple[float, list[bytes]]]) -> dict[str, Any]:
+    """One 10 s window: forward-auth and gRPC open loops side by side; their sums."""
+    grpc_door = next(door for door in loads if door.is_grpc)
+    with concurrent.futures.ThreadPoolExecutor(len(loads)) as pool:
         futures = {
-            door: pool.submit(runner.open_loop, ctx, target, door, payloads[door], r, duration_s=WINDOW_S, warmup_s=0.2)
-            for door, r in rates.items()
+            door: pool.submit(runner.open_loop, ctx, target, door, payloads, r, duration_s=WINDOW_S, warmup_s=0.2)
+            for door, (r, payloads) in loads.items()
         }
         points = {door: f.result() for door, f in futures.items()}
     total = {k: sum(p[k] for p in points.values()) for k in ("throughput", "allowed", "refusals", "errors", "dropped")}
@@ -119,9 +124,13 @@ def run(ctx: Context) -> None:
     target = ctx.servers.start_verifier(issuer.url, env=env)
     mix = Mix(issuer, first_seen_ttl_s=ttl, lifetime_s=int(minutes * 60) + 900)
     vmax = runner.closed(ctx, target, Door.HTTP, mix.tokens(30_000), duration_s=3)["throughput"]
-    rate = vmax * fraction
+    rate = ctx.opt("rate", vmax * fraction)  # a fixed rate: the same load whatever else the machine runs
     print(f"bench: soak mix max {vmax:,.0f}/s; offering {rate:,.0f}/s for {minutes:g} min", file=sys.stderr)
     t0, samples, window, n = time.monotonic(), [], {}, 0
+    # The next window's tokens are minted while this one runs, so the load pauses only between windows.
+    prepare = concurrent.futures.ThreadPoolExecutor(1)
+    grpc_doors = (Door.GRPC, Door.EXT_AUTHZ)
+    loads = prepare.submit(_loads, target, mix, rate, grpc_doors[0])
     while True:  # a sample, then a window, whose numbers go with the next sample
         s: dict[str, Any] = dict(t_s=time.monotonic() - t0, pss_kib=procs.pss_kib(target.pids), loadavg=procs.loadavg())
         samples.append(
@@ -129,8 +138,9 @@ def run(ctx: Context) -> None:
         )
         if time.monotonic() >= t0 + minutes * 60:
             break
+        this, loads = loads.result(), prepare.submit(_loads, target, mix, rate, grpc_doors[(n + 1) % 2])
         try:
-            window = _window(ctx, target, mix, rate, Door.GRPC if n % 2 == 0 else Door.EXT_AUTHZ)
+            window = _window(ctx, target, this)
         except Exception as exc:  # a generator that failed: say so, keep soaking
             ctx.warnings.append(f"window {n} at t={s['t_s']:.0f}s: {exc!r}")
             window = {}
@@ -140,6 +150,7 @@ def run(ctx: Context) -> None:
             f"errors {window.get('errors')} p99 {window.get('p99_http_ms', float('nan')):.2f} ms",
             file=sys.stderr,
         )
+    prepare.shutdown(cancel_futures=True)
     ts = [s["t_s"] / 60 for s in samples]
     panels = [
         report.Panel(
@@ -165,6 +176,7 @@ def run(ctx: Context) -> None:
         token_ttl_s=ttl,
         max_throughput=vmax,
         rate=rate,
+        fixed_rate=ctx.opt("rate", None) is not None,
         first_seen_minted=mix.minted,
         memdebug=memdebug,
         samples=samples,
@@ -233,7 +245,8 @@ def markdown(ctx: Context, r: dict[str, Any]) -> str:
                 report.verdict(sm["slope"][key] <= limit) if limit else "",
             ]
         )
-    what = f"{r['minutes']:g} min open loop at {r['rate_fraction']:g} x the mix's maximum over forward-auth "
+    at = f"--rate: {r['rate'] / r['max_throughput']:.2f}" if r["fixed_rate"] else f"{r['rate_fraction']:g}"
+    what = f"{r['minutes']:g} min open loop at {at} x the mix's maximum over forward-auth "
     what += f"({r['max_throughput']:,.0f}/s with wrk) = {r['rate']:,.0f} checks/s, {1 - GRPC_SHARE:.0%} forward-auth "
     what += f"and {GRPC_SHARE:.0%} gRPC (own door / ext_authz by window); mix per ten: 8 valid cached (pool of "
     what += f"{CACHED_POOL}), 1 first-seen ES256 from the dev issuer (lives {r['token_ttl_s']} s; "
