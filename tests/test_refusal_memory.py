@@ -60,3 +60,15 @@ async def test_a_cached_refusal_keeps_no_frames() -> None:
         for refused, _expires in entries:
             assert _frames_reachable(refused) == 0, f"{refused.error!r} keeps frames alive"
             assert refused.error.code and str(refused.error)  # what was wrong is still said
+
+
+async def test_the_caches_sizes_are_exported() -> None:
+    """`verifier_token_cache_entries{cache}`: what the soak watches, and what an operator sizing `cache:` reads."""
+    async with running_verifier() as (app, idp):
+        answer = await http_exchange(app.ports.http, _request(idp.mint()))
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+        for token in _junk()[:2]:
+            await http_exchange(app.ports.http, _request(token))
+        value = app.metrics.registry.get_sample_value
+        assert value("verifier_token_cache_entries", {"cache": "positive"}) == 1
+        assert value("verifier_token_cache_entries", {"cache": "negative"}) == 2

@@ -286,6 +286,8 @@ class App:
             )
         self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)
         self.negative: ExpiringCache[Refused] = ExpiringCache(settings.cache.negative_entries, self.clock)
+        for name, cache in (("positive", self.positive), ("negative", self.negative)):
+            self.metrics.token_cache_entries.labels(name).set_function(cache.__len__)  # read at each scrape
         policies = PolicySet(settings.policies, settings.protected_resource)
         with_roles = IssuerRoles(
             {i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles}, configured=self.keys.configured
