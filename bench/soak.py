@@ -10,7 +10,8 @@ First the maximum throughput of the mix over forward-auth is measured (wrk, clos
 the open-loop generators offer ``--rate-fraction`` of it (or ``--rate`` checks/s) in back-to-back 10 s
 windows for ``--minutes``: 80% over forward-auth and, at the same time, 20% over gRPC (the verifier's own
 door and Envoy's ext_authz, alternating by window). After each window the bench samples the verifier's
-PSS (supervisor + worker), the worker's VmRSS and open file descriptors.
+PSS (supervisor + worker), the worker's VmRSS and open file descriptors, and the sizes of the
+verified-token and refused-token caches (``verifier_token_cache_entries`` from its metrics listener).
 
 Flat-ness: the least-squares slope of the worker's VmRSS over the last two thirds of the samples (the
 first third is the warm-up: caches filling to their steady size) against 0.1 MiB/min (PASS/MISS), the
@@ -23,6 +24,7 @@ tracemalloc's too.
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import os
 import statistics
 import sys
@@ -81,6 +83,24 @@ class Mix:
         return out
 
 
+def cache_entries(metrics_addr: str) -> dict[str, int | None]:
+    """``verifier_token_cache_entries`` from the worker's /metrics: the verified- and refused-token caches' sizes."""
+    out: dict[str, int | None] = dict(positive_entries=None, negative_entries=None)
+    host, _, port = metrics_addr.rpartition(":")
+    try:
+        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+    except (OSError, http.client.HTTPException):
+        return out
+    for line in text.splitlines():
+        for cache in ("positive", "negative"):
+            if line.startswith(f'verifier_token_cache_entries{{cache="{cache}"}} '):
+                out[f"{cache}_entries"] = int(float(line.split()[-1]))
+    return out
+
+
 def _loads(target: Target, mix: Mix, rate: float, grpc_door: Door) -> dict[Door, tuple[float, list[bytes]]]:
     """One window's load: door -> (its rate, its requests), a little more than 10 s of them."""
     rates = {Door.HTTP: rate * (1 - GRPC_SHARE), grpc_door: rate * GRPC_SHARE}
@@ -121,7 +141,8 @@ def run(ctx: Context) -> None:
         env = dict(BENCH_MEMDEBUG=str(ctx.out / "memdebug.jsonl"), BENCH_MEMDEBUG_INTERVAL=str(memdebug))
         env["PYTHONPATH"] = ":".join(p for p in (str(MEMDEBUG), os.environ.get("PYTHONPATH", "")) if p)
     issuer = idp.Issuer(ctx.servers)
-    target = ctx.servers.start_verifier(issuer.url, env=env)
+    metrics = f"127.0.0.1:{procs.free_port()}"
+    target = ctx.servers.start_verifier(issuer.url, env=env, root_yaml=f'metrics: {{listen: "{metrics}"}}\n')
     mix = Mix(issuer, first_seen_ttl_s=ttl, lifetime_s=int(minutes * 60) + 900)
     vmax = runner.closed(ctx, target, Door.HTTP, mix.tokens(30_000), duration_s=3)["throughput"]
     rate = ctx.opt("rate", vmax * fraction)  # a fixed rate: the same load whatever else the machine runs
@@ -134,7 +155,10 @@ def run(ctx: Context) -> None:
     while True:  # a sample, then a window, whose numbers go with the next sample
         s: dict[str, Any] = dict(t_s=time.monotonic() - t0, pss_kib=procs.pss_kib(target.pids), loadavg=procs.loadavg())
         samples.append(
-            s | window | dict(worker_rss_kib=procs.max_rss_kib(target.pids), fds=procs.open_fds(target.pids))
+            s
+            | window
+            | cache_entries(metrics)
+            | dict(worker_rss_kib=procs.max_rss_kib(target.pids), fds=procs.open_fds(target.pids))
         )
         if time.monotonic() >= t0 + minutes * 60:
             break
@@ -215,6 +239,8 @@ def markdown(ctx: Context, r: dict[str, Any]) -> str:
             f"{s['pss_kib'] / 1024:.1f}",
             f"{s['worker_rss_kib'] / 1024:.1f}",
             s["fds"],
+            report.fmt(s.get("positive_entries")),
+            report.fmt(s.get("negative_entries")),
             report.fmt(s.get("achieved")),
             report.fmt(s.get("refused")),
             report.fmt(s.get("p99_http_ms"), 2),
@@ -225,7 +251,8 @@ def markdown(ctx: Context, r: dict[str, Any]) -> str:
         ]
         for s in ss
     ]
-    headers = ["t (s)", "PSS (MiB)", "worker VmRSS (MiB)", "open fds", "achieved/s", "refused", "p99 fa ms"]
+    headers = ["t (s)", "PSS (MiB)", "worker VmRSS (MiB)", "open fds", "verified cache", "refused cache"]
+    headers += ["achieved/s", "refused", "p99 fa ms"]
     headers += ["p99 gRPC ms", "errors+dropped", "client CPU (cores)", "load avg"]
     judged = [
         ["PSS", "pss_kib", " MiB", None, "(shown: moves with other processes mapping the same files)"],
