@@ -130,10 +130,19 @@ def test_the_expiry_bookkeeping_stays_bounded(clock: FrozenClock) -> None:
     """Keys replaced, discarded or pushed out leave nothing behind for long."""
     cache: ExpiringCache[int] = ExpiringCache(100, clock)
     for i in range(20_000):
-        cache.put(b"same", i, clock.now() + 3600)  # renewed in place
+        cache.put(b"same", i, clock.now() + 3600 + i)  # stored again, with a later expiry each time
         cache.put(i.to_bytes(4, "big"), i, clock.now() + 3600)  # a flood past the bound
         cache.discard(b"gone")
         cache.put(b"gone", i, clock.now() + 3600)
     assert len(cache) == 100
-    assert len(cache._expiry) <= 2 * max(len(cache), cache_module.MIN_REBUILD)
+    assert len(cache._due) <= 2 * max(len(cache), cache_module.MIN_REBUILD)
     assert cache.get(b"same") == 19_999 and cache.get((19_999).to_bytes(4, "big")) == 19_999
+
+
+def test_a_full_cache_pushes_out_the_entry_due_soonest(clock: FrozenClock) -> None:
+    cache: ExpiringCache[str] = ExpiringCache(3, clock)
+    cache.put(b"long", "v", NOW + 3600)
+    cache.put(b"short", "v", NOW + 60)
+    cache.put(b"mid", "v", NOW + 600)
+    cache.put(b"new", "v", NOW + 600)
+    assert (cache.get(b"long"), cache.get(b"short"), cache.get(b"mid"), cache.get(b"new")) == ("v", None, "v", "v")

@@ -1,22 +1,24 @@
 """Bounded caches keyed by a token's SHA-256, whose entries never outlive their own expiry.
 
-An ordered map with first-in-first-out eviction: a lookup is one dict probe and one comparison, which
-matters on the hot path, and a flood of distinct tokens can only push out the oldest entries, never
-grow memory past the bound. (An `OrderedDict`, not a plain dict: dropping a plain dict's first entry
-leaves a hole that every later `next(iter(...))` walks past, so evicting from a full 100,000-entry dict
-cost ~150 us per store, and grew with the number of holes; `popitem(last=False)` is ~1 us.)
+A plain dict: a lookup is one dict probe and one comparison, which matters on the hot path. Beside it,
+a heap of (expiry, order of storing, key) rows says which entry comes due first:
 
-Each store also drops expired entries (at most `SWEEP_PER_PUT`), soonest-due first, from a heap of
-expiry times: entries live as long as their own token (the verified-token cache holds tokens of every
-lifetime), so an expired one may sit behind live ones in insertion order. The heap also holds stale
-rows (keys since replaced, discarded or pushed out), dropped when they come due, and rebuilt from the
-live entries when it outgrows twice their number, so it stays bounded with the cache.
+- each store drops expired entries, soonest-due first (at most `SWEEP_PER_PUT`): entries live as long as
+  their own token (the verified-token cache holds tokens of every lifetime), so an expired one may sit
+  behind live ones in the order they were stored;
+- a store into a full cache pushes out the entry due soonest (the oldest among equals, so a flood of
+  refused tokens, which share one lifetime, pushes out the oldest first). Memory never grows past the
+  bound. (Pushing out the dict's first entry instead left a hole at its front that every later
+  `next(iter(...))` walked past: ~100 us a store at 100,000 entries.)
+
+The heap also holds stale rows (keys since stored again, discarded or looked up expired), skipped when
+they come up, and is rebuilt from the entries when it outgrows twice their number, so it stays bounded.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+import itertools
 from typing import Generic, TypeVar
 
 from verifier.clock import Clock
@@ -24,7 +26,7 @@ from verifier.clock import Clock
 V = TypeVar("V")
 
 SWEEP_PER_PUT = 2  # expired entries dropped per store: more than one, so a backlog drains
-MIN_REBUILD = 1024  # the expiry heap is rebuilt past 2 x max(entries, this)
+MIN_REBUILD = 1024  # the heap is rebuilt past 2 x max(entries, this) rows
 
 
 class ExpiringCache(Generic[V]):
@@ -33,8 +35,9 @@ class ExpiringCache(Generic[V]):
     def __init__(self, max_entries: int, clock: Clock) -> None:
         self._max = max_entries
         self._clock = clock
-        self._data: OrderedDict[bytes, tuple[V, float]] = OrderedDict()
-        self._expiry: list[tuple[float, bytes]] = []  # a min-heap: when each stored key comes due
+        self._data: dict[bytes, tuple[V, float]] = {}  # value, expiry
+        self._due: list[tuple[float, int, bytes]] = []  # a min-heap of (expiry, order, key)
+        self._order = itertools.count()
 
     def get(self, key: bytes) -> V | None:
         """The value, if present and not yet expired."""
@@ -47,25 +50,32 @@ class ExpiringCache(Generic[V]):
         return entry[0]
 
     def put(self, key: bytes, value: V, expires_at: float) -> None:
-        """Stores a value until `expires_at`, evicting the oldest entry when full."""
+        """Stores a value until `expires_at`; when full, the entry due soonest makes room."""
         now = self._clock.now()
         if self._max <= 0 or expires_at <= now:
             return
-        data, due = self._data, self._expiry
+        data, due = self._data, self._due
         for _ in range(SWEEP_PER_PUT):
             if not due or due[0][0] > now:
                 break
-            old = heapq.heappop(due)[1]
-            entry = data.get(old)
-            if entry is not None and entry[1] <= now:  # not a stale row of a key stored again since
-                del data[old]
-        if key not in data and len(data) >= self._max:
-            data.popitem(last=False)
+            self._drop(heapq.heappop(due))
+        if key not in data:
+            while len(data) >= self._max and due:
+                self._drop(heapq.heappop(due))
+        before = data.get(key)
         data[key] = (value, expires_at)
-        heapq.heappush(due, (expires_at, key))
+        if before is None or before[1] != expires_at:  # else its row stands for it still
+            heapq.heappush(due, (expires_at, next(self._order), key))
         if len(due) > 2 * max(len(data), MIN_REBUILD):
-            self._expiry = [(entry[1], k) for k, entry in data.items()]
-            heapq.heapify(self._expiry)
+            self._due = [(entry[1], next(self._order), k) for k, entry in data.items()]  # in the order stored
+            heapq.heapify(self._due)
+
+    def _drop(self, row: tuple[float, int, bytes]) -> None:
+        """Removes the entry a heap row stands for, unless the row is stale (the key gone, or stored again with
+        another expiry)."""
+        entry = self._data.get(row[2])
+        if entry is not None and entry[1] == row[0]:
+            del self._data[row[2]]
 
     def discard(self, key: bytes) -> None:
         """Removes an entry."""
@@ -74,7 +84,7 @@ class ExpiringCache(Generic[V]):
     def clear(self) -> None:
         """Removes everything."""
         self._data.clear()
-        self._expiry.clear()
+        self._due.clear()
 
     def __len__(self) -> int:
         return len(self._data)
