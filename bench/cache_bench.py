@@ -8,7 +8,8 @@ measurements, each in the same process, alternating the caches, five rounds, med
   pipeline's positive cache being one or the other;
 - `put`: a store into a full 100,000-entry cache (a flood of distinct tokens), against the plain-dict
   cache `ExpiringCache` was until #24's soak (its evictions left holes at the dict's front that every
-  later eviction walked past).
+  later eviction walked past);
+- bytes per cache entry: what each verified and each refused token adds to a real `App` (tracemalloc).
 
 The TLRU cache expires each item at its own time (the token's `exp`) via `ttu`, as `ExpiringCache` does.
 
@@ -166,6 +167,39 @@ async def bench_decide() -> dict[str, float]:
         return {name: statistics.median(values) for name, values in runs.items()}
 
 
+async def bench_entry_bytes(count: int = 2000) -> dict[str, float]:
+    """Bytes each verified and each refused token adds to a real `App` through forward-auth (tracemalloc,
+    after a collection): what a cache entry costs, the `cache:` bounds' memory."""
+    import gc
+    import secrets
+    import tracemalloc
+
+    from doorkit import http_exchange, running_verifier
+
+    def request(token: str) -> bytes:
+        head = "GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Proto: https\r\n"
+        tail = f"X-Forwarded-Host: a.test\r\nX-Forwarded-Uri: /x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        return (head + tail).encode()
+
+    out = {}
+    async with running_verifier() as (app, idp):
+        pools = {
+            "verified token": (app.positive, [idp.mint(sub=f"user-{i}") for i in range(count + 1)]),
+            "refused token": (app.negative, [secrets.token_urlsafe(48) for _ in range(count + 1)]),
+        }
+        for name, (cache, tokens) in pools.items():
+            await http_exchange(app.ports.http, request(tokens.pop()))  # first-use allocations left out
+            gc.collect()
+            tracemalloc.start()
+            before, entries = tracemalloc.get_traced_memory()[0], len(cache)
+            for token in tokens:
+                await http_exchange(app.ports.http, request(token))
+            gc.collect()
+            out[name] = (tracemalloc.get_traced_memory()[0] - before) / (len(cache) - entries)
+            tracemalloc.stop()
+    return out
+
+
 def _keys(cache: Any) -> list[bytes]:
     return list(cache._data.keys())
 
@@ -183,6 +217,9 @@ def main() -> None:
         print("| --- | ---: | ---: | ---: |")
         for name, per_op in result.items():
             print(f"| {name} | {per_op:.1f} | {unit / per_op:,.0f} | {base / per_op:.1%} |")
+    print("\nbytes per cache entry (tracemalloc, a real App through forward-auth)\n\n| entry | bytes |\n| --- | ---: |")
+    for name, size in asyncio.run(bench_entry_bytes()).items():
+        print(f"| {name} | {size:,.0f} |")
 
 
 if __name__ == "__main__":
