@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ssf_transmitter import SESSION_REVOKED, SsfTransmitter
 from support import FrozenClock
-from tokenkit import ISSUER, NOW, FakeFetcher, Mint, claims, issuer_settings
+from tokenkit import AUDIENCE, ISSUER, NOW, FakeFetcher, Mint, claims, issuer_settings
 
 from verifier.app import App
 from verifier.config.logout import BackchannelLogoutConfig
@@ -30,7 +31,7 @@ from verifier.doors.routes import HttpRequest
 from verifier.revocation import parse_revocation_config
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.logout import BACKCHANNEL_LOGOUT_EVENT
-from verifier.settings import ADMIN_TOKEN_ENV, PolicySettings, Requirements, RouteMatch, Settings
+from verifier.settings import ADMIN_TOKEN_ENV, PolicySettings, Requirements, RouteMatch, Settings, parse_settings
 
 ADMIN = "admin-secret-0123456789-abcdefghijkl"
 TX = "https://ssf.example.test"
@@ -400,27 +401,44 @@ async def test_tracing_turns_the_memo_off(app: App) -> None:
 
 # -- the differential property: any sequence, byte-identical answers ---------------------------------------------
 
+# (what, variant or seconds, token, peer); few variants and tokens, so the same bytes come back often.
 STEPS = st.lists(
     st.one_of(
-        st.tuples(st.just("send"), st.sampled_from(range(12)), st.sampled_from(["10.0.0.1", "10.0.0.2"])),
-        st.tuples(st.just("advance"), st.sampled_from([0.2, 1.0, 3.0, 9.5, 40.0, 200.0]), st.just("")),
-        st.tuples(st.sampled_from(["revoke", "lift", "claims", "forget"]), st.just(0), st.just("")),
+        st.tuples(st.just("send"), st.integers(0, 11), st.integers(0, 2), st.sampled_from(["10.0.0.1", "10.0.0.2"])),
+        st.tuples(st.just("advance"), st.sampled_from([0.2, 1.0, 3.0, 9.5, 40.0, 200.0]), st.just(0), st.just("")),
+        st.tuples(st.sampled_from(["revoke", "lift", "claims", "forget"]), st.just(0), st.just(0), st.just("")),
     ),
     min_size=1,
-    max_size=40,
+    max_size=30,
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+P = "10.0.0.1"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(steps=STEPS)
+# The attacks known to matter, always run: a revocation, the clock through the last reuse window, two
+# requests in one chunk, a claims change and its lifting, a forgotten token, another peer.
+@example(steps=[("send", 0, 0, P), ("revoke", 0, 0, ""), ("send", 0, 0, P)])
+@example(
+    steps=[("send", 0, 0, P), ("advance", 9.5, 0, ""), ("send", 0, 0, P), ("advance", 9.5, 0, ""), ("send", 0, 0, P)]
+)
+@example(
+    steps=[("send", 1, 1, P), ("advance", 9.5, 0, ""), ("send", 1, 1, P), ("advance", 9.5, 0, ""), ("send", 1, 1, P)]
+)
+@example(steps=[("send", 8, 1, P)])
+@example(steps=[("send", 0, 2, P), ("claims", 0, 0, ""), ("send", 0, 2, P), ("lift", 0, 0, ""), ("send", 0, 2, P)])
+@example(steps=[("send", 0, 0, P), ("forget", 0, 0, ""), ("advance", 1.0, 0, ""), ("send", 0, 0, P)])
+@example(steps=[("send", 6, 1, P), ("send", 6, 1, "10.0.0.2"), ("send", 5, 1, P), ("send", 4, 1, P)])
 def test_any_sequence_gets_byte_identical_answers_with_and_without_the_memo(
-    steps: list[tuple[str, Any, str]], mint: Mint, fetcher: FakeFetcher, monkeypatch: pytest.MonkeyPatch
+    steps: list[tuple[str, Any, int, str]], mint: Mint, fetcher: FakeFetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     asyncio.run(_differential(steps, mint, fetcher, monkeypatch))
 
 
 async def _differential(
-    steps: list[tuple[str, Any, str]], mint: Mint, fetcher: FakeFetcher, monkeypatch: pytest.MonkeyPatch
+    steps: list[tuple[str, Any, int, str]], mint: Mint, fetcher: FakeFetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(ADMIN_TOKEN_ENV, ADMIN)
     clock = FrozenClock(NOW)
@@ -448,20 +466,18 @@ async def _differential(
             lambda t: [request(t, extra="X-Authenticated-Userid: admin\r\n")],
             lambda t: [request(t, extra="X-Forwarded-For: 203.0.113.9\r\n")],
             lambda t: [request(t, connection="close")],
-            lambda t: [request(t) + request(t, "/recent/y")],
+            lambda t: [request(t) + request(t, extra="X-Request-Id: 2\r\n")],
             lambda t: [request(t)[:33], request(t)[33:]],
             lambda t: [request(t).replace(b"Bearer", b"bearer")],
             lambda t: [request(None)],
         ]
         pairs: dict[str, tuple[Client, Client]] = {}
-        count = 0
-        for kind, arg, peer in steps:
+        for kind, arg, token, peer in steps:
             if kind == "send":
                 if peer not in pairs or pairs[peer][0].wire.closed:
                     pairs[peer] = (Client(app.forward_auth, peer), Client(plain, peer))
                 memo_client, plain_client = pairs[peer]
-                chunks = variants[arg](tokens[count % len(tokens)])
-                count += 1
+                chunks = variants[arg](tokens[token])
                 for _ in range(2):  # the second time, a remembered answer may be given
                     assert memo_client.send(*chunks) == plain_client.send(*chunks), (kind, arg, clock.now() - NOW)
                     assert memo_client.wire.closed == plain_client.wire.closed
@@ -477,5 +493,74 @@ async def _differential(
                 await app.revocation.add([operator_entry("c-1", "user-3", clock.now(), {"scope": "read"})])
             else:
                 app.positive.clear()
+    finally:
+        await app.stop(grace=0.1)
+
+
+# -- identity assertions: renewed at half-life, minted per request under a claims change ---------------------------
+
+
+async def assertion_app(tmp_path: Path, fetcher: FakeFetcher) -> App:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp_path / "id.pem"
+    pem.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    document = {
+        "http": {"listen": "127.0.0.1:0"},
+        "issuers": [{"issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["ES256"]}],
+        "edge_cache": {"max_age_seconds": 60},
+        "revocation": {},
+        "upstream": {
+            "identity_token": {
+                "issuer": "https://verifier.internal",
+                "algorithm": "ES256",
+                "private_key_file": str(pem),
+                "audience": "https://orders.internal",
+                "lifetime_seconds": 12,
+                "claims": ["sub", "scope"],
+            }
+        },
+    }
+    app = App(parse_settings(document), clock=FrozenClock(NOW), fetcher=fetcher)
+    await app.start()
+    await asyncio.wait_for(app.wait_serving(), 10)
+    return app
+
+
+async def test_an_identity_assertion_is_handed_out_until_its_renewal_exactly_as_without_the_memo(
+    tmp_path: Path, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    app = await assertion_app(tmp_path, fetcher)
+    try:
+        clock: FrozenClock = app.clock  # type: ignore[assignment]
+        memo, plain = Client(app.forward_auth), Client(plain_door(app))
+        raw = request(mint(claims(exp=int(NOW) + 3600)))
+        assertions = set()
+        for _ in range(60):
+            answer = memo.send(raw)
+            assert answer == plain.send(raw), clock.now() - NOW
+            assertions.add(header(answer, "x-authenticated-identity"))
+            clock.advance(0.5)
+        assert len(assertions) >= 4  # renewed every ~6 s, and the memo followed each renewal
+    finally:
+        await app.stop(grace=0.1)
+
+
+async def test_an_answer_built_for_announced_claims_is_never_remembered(
+    tmp_path: Path, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    app = await assertion_app(tmp_path, fetcher)
+    try:
+        assert app.revocation is not None and app.forward_auth.memo is not None
+        await app.revocation.add([operator_entry("c-1", "user-1", NOW, {"scope": "read"})])
+        raw = request(mint(claims()))
+        client = Client(app.forward_auth)
+        first = client.send(raw)
+        assert first.startswith(b"HTTP/1.1 200 ") and header(first, "x-authenticated-scope") == "read"
+        assert app.forward_auth.memo.get(raw, PEER) is None  # its assertion is minted for each request
     finally:
         await app.stop(grace=0.1)
