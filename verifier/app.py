@@ -369,7 +369,8 @@ class App:
             settings=settings.forward_auth,
             thumbprint_header=settings.mtls_thumbprint_header,
             tracing=tracing,
-            memo=AnswerMemo(self.clock, self.generation),
+            # Remembered answers stand for cached tokens: with no token cache, every request is judged afresh.
+            memo=AnswerMemo(self.clock, self.generation) if cache.token_entries > 0 else None,
         )
         self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready, tracing)
         self.ports = BoundPorts()

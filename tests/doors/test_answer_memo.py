@@ -10,6 +10,7 @@ state changes, other peers, pipelining, split chunks, `Connection: close`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -564,3 +565,17 @@ async def test_an_answer_built_for_announced_claims_is_never_remembered(
         assert app.forward_auth.memo.get(raw, PEER) is None  # its assertion is minted for each request
     finally:
         await app.stop(grace=0.1)
+
+
+def test_without_a_token_cache_there_is_no_memo(clock: FrozenClock, fetcher: FakeFetcher) -> None:
+    """Remembered answers stand for cached tokens; with none, each request is judged afresh (keys may change)."""
+    from verifier.settings import CacheSettings
+
+    def built(entries: int) -> App:
+        settings_ = Settings(grpc=None, http=None, metrics=None, issuers=(issuer_settings(),))
+        return App(
+            dataclasses.replace(settings_, cache=CacheSettings(token_entries=entries)), clock=clock, fetcher=fetcher
+        )
+
+    assert built(0).forward_auth.memo is None
+    assert built(10).forward_auth.memo is not None
