@@ -184,11 +184,6 @@ def plain_door(app: App) -> ForwardAuthDoor:
     return door
 
 
-def hits(app: App) -> int:
-    """Answers the memo gave (from the decision count, which a hit counts as a normal answer)."""
-    return sum(app.metrics._hot.decisions.values())
-
-
 # -- state changes take effect on the very next identical request ----------------------------------------------
 
 
@@ -392,11 +387,10 @@ async def test_hits_are_counted_as_decisions_and_cache_hits(app: App, mint: Mint
 
 
 async def test_tracing_turns_the_memo_off(app: App) -> None:
-    from verifier.observe.tracing import Tracing
+    from verifier.observe.tracing import NO_TRACING, Tracing
 
-    door = ForwardAuthDoor(
-        app.pipeline, app.metrics, app.ready, memo=app.forward_auth.memo, tracing=Tracing.__new__(Tracing)
-    )
+    tracing: Tracing = NO_TRACING  # any Tracing: the door holds one only when tracing is on
+    door = ForwardAuthDoor(app.pipeline, app.metrics, app.ready, memo=app.forward_auth.memo, tracing=tracing)
     assert door.memo is None
 
 
