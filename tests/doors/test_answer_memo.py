@@ -351,6 +351,7 @@ async def test_pipelined_split_and_closing_requests_are_never_remembered(app: Ap
     Client(app.forward_auth).send(raw[:40], raw[40:])  # one in two chunks
     Client(app.forward_auth).send(request(token, connection="close"))
     Client(app.forward_auth).send(raw[:-2])  # incomplete
+    Client(app.forward_auth).send(raw + raw[:20])  # one whole, the next begun
     assert len(memo) == 0
     # At a message boundary only: a chunk completing a request begun earlier is not looked up.
     client = Client(app.forward_auth)
