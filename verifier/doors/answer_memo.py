@@ -54,7 +54,7 @@ class AnswerMemo:
 
     def get(self, data: bytes, peer: str) -> Remembered | None:
         """The remembered answer for these bytes from this peer, if it still holds."""
-        entry = self._entries.get(data)
+        entry = self._entries.get(data) if len(data) <= MAX_KEY_BYTES else None  # a big chunk is not hashed
         if (
             entry is None
             or entry.generation != self._generation.value
