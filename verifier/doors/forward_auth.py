@@ -250,8 +250,7 @@ class _Connection(asyncio.Protocol):
         if hit is not None:
             assert self._transport is not None
             self._transport.write(hit.answer)
-            door = self._door
-            metrics = door.metrics
+            metrics = self._door.metrics
             metrics.cache_lookup("positive", "hit")  # as the pipeline would have counted it
             metrics.decision(DOOR, hit.outcome, hit.reason, time.perf_counter() - started)
             self._idle()
