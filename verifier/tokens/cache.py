@@ -13,6 +13,9 @@ a heap of (expiry, order of storing, key) rows says which entry comes due first:
 
 The heap also holds stale rows (keys since stored again, discarded or looked up expired), skipped when
 they come up, and is rebuilt from the entries when it outgrows twice their number, so it stays bounded.
+
+Removing, replacing or pushing out a live entry bumps the `Generation` handed in: answers remembered
+from it are stale (`verifier.generation`). An expired entry's answers expired with it: no bump.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import itertools
 from typing import Generic, TypeVar
 
 from verifier.clock import Clock
+from verifier.generation import Generation
 
 V = TypeVar("V")
 
@@ -32,9 +36,10 @@ MIN_REBUILD = 1024  # the heap is rebuilt past 2 x max(entries, this) rows
 class ExpiringCache(Generic[V]):
     """A bounded map from token hash to a value with its own expiry (epoch seconds)."""
 
-    def __init__(self, max_entries: int, clock: Clock) -> None:
+    def __init__(self, max_entries: int, clock: Clock, generation: Generation | None = None) -> None:
         self._max = max_entries
         self._clock = clock
+        self._generation = generation or Generation()  # bumped when a live entry is removed or replaced
         self._data: dict[bytes, tuple[V, float]] = {}  # value, expiry
         self._due: list[tuple[float, int, bytes]] = []  # a min-heap of (expiry, order, key)
         self._order = itertools.count()
@@ -58,11 +63,14 @@ class ExpiringCache(Generic[V]):
         for _ in range(SWEEP_PER_PUT):
             if not due or due[0][0] > now:
                 break
-            self._drop(heapq.heappop(due))
-        if key not in data:
-            while len(data) >= self._max and due:
-                self._drop(heapq.heappop(due))
+            self._drop(heapq.heappop(due))  # expired: no bump
         before = data.get(key)
+        if before is not None:
+            self._generation.bump()  # replaced (a renewed identity assertion)
+        else:
+            while len(data) >= self._max and due:
+                if self._drop(heapq.heappop(due)):  # pushed out before its expiry: judged afresh next time
+                    self._generation.bump()
         data[key] = (value, expires_at)
         if before is None or before[1] != expires_at:  # else its row stands for it still
             heapq.heappush(due, (expires_at, next(self._order), key))
@@ -70,21 +78,25 @@ class ExpiringCache(Generic[V]):
             self._due = [(entry[1], next(self._order), k) for k, entry in data.items()]  # in the order stored
             heapq.heapify(self._due)
 
-    def _drop(self, row: tuple[float, int, bytes]) -> None:
+    def _drop(self, row: tuple[float, int, bytes]) -> bool:
         """Removes the entry a heap row stands for, unless the row is stale (the key gone, or stored again with
-        another expiry)."""
+        another expiry); True when it removed one."""
         entry = self._data.get(row[2])
-        if entry is not None and entry[1] == row[0]:
-            del self._data[row[2]]
+        if entry is None or entry[1] != row[0]:
+            return False
+        del self._data[row[2]]
+        return True
 
     def discard(self, key: bytes) -> None:
         """Removes an entry."""
-        self._data.pop(key, None)
+        if self._data.pop(key, None) is not None:
+            self._generation.bump()
 
     def clear(self) -> None:
         """Removes everything."""
         self._data.clear()
         self._due.clear()
+        self._generation.bump()
 
     def __len__(self) -> int:
         return len(self._data)
