@@ -146,3 +146,22 @@ def test_a_full_cache_pushes_out_the_entry_due_soonest(clock: FrozenClock) -> No
     cache.put(b"mid", "v", NOW + 600)
     cache.put(b"new", "v", NOW + 600)
     assert (cache.get(b"long"), cache.get(b"short"), cache.get(b"mid"), cache.get(b"new")) == ("v", None, "v", "v")
+
+
+def test_a_live_entry_pushed_out_or_replaced_bumps_the_generation_an_expired_one_does_not(
+    clock: FrozenClock,
+) -> None:
+    from verifier.generation import Generation
+
+    generation = Generation()
+    cache: ExpiringCache[str] = ExpiringCache(2, clock, generation)
+    cache.put(b"a", "v", NOW + 10)
+    cache.put(b"b", "v", NOW + 600)
+    assert generation.value == 0
+    clock.advance(11)
+    cache.put(b"c", "v", NOW + 600)  # "a" expired: swept, no bump
+    assert generation.value == 0 and len(cache) == 2
+    cache.put(b"d", "v", NOW + 700)  # full: "b" (due soonest, live) pushed out
+    assert generation.value == 1 and cache.get(b"b") is None
+    cache.put(b"d", "w", NOW + 700)  # replaced
+    assert generation.value == 2
