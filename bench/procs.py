@@ -198,9 +198,17 @@ class Servers:
         return proc
 
     def start_verifier(
-        self, issuer: str, *, name: str = "verifier", workers: int = 1, issuer_yaml: str = "", root_yaml: str = ""
+        self,
+        issuer: str,
+        *,
+        name: str = "verifier",
+        workers: int = 1,
+        issuer_yaml: str = "",
+        root_yaml: str = "",
+        env: dict[str, str] | None = None,
     ) -> Target:
-        """``python -m verifier serve`` for ``issuer``; ``issuer_yaml``/``root_yaml`` extend the config.
+        """``python -m verifier serve`` for ``issuer``; ``issuer_yaml``/``root_yaml`` extend the config, ``env``
+        the environment.
 
         No metrics listener: with ``workers: N`` each worker would take the configured port + its index.
         """
@@ -215,7 +223,7 @@ class Servers:
             "    allow_insecure_http: true\n"  # the bench's provider is plain http on loopback
              + issuer_yaml + root_yaml
         )
-        proc = self.spawn([*self.verifier_cmd, str(config)], f"{name.replace(' ', '-')}.log")
+        proc = self.spawn([*self.verifier_cmd, str(config)], f"{name.replace(' ', '-')}.log", env)
         wait_port(grpc_addr, proc)
         wait_port(http_addr, proc)
         deadline = time.monotonic() + START_TIMEOUT_S
