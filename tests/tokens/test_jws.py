@@ -142,6 +142,7 @@ MALFORMED: list[tuple[str, str, type[InvalidToken], str]] = [
     # RFC 7515 section 4: UTF-8 JSON. json.loads would guess UTF-16/32 from the bytes, or pass a lone surrogate.
     ("header in UTF-16", f"{b64(ES256_HEADER.encode('utf-16-le'))}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
     ("header in UTF-32", f"{b64(ES256_HEADER.encode('utf-32-be'))}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
+    ("header after a UTF-8 BOM", f"{b64(ES256_HEADER.encode('utf-8-sig'))}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
     ("lone surrogate in the header", f"{b64(SURROGATE_KID)}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
     ("a second header after the first", f"{b64(TWO_HEADERS)}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
     ("data after the claims", f"{HEADER}.{b64(CLAIMS_AND_MORE)}.{SIG}", MalformedToken, "payload"),
