@@ -1,14 +1,15 @@
 """Where a forward-auth check's CPU goes, without sockets: a real `App` in this process, fed raw requests.
 
-``python -m bench.inproc [--policies] [--first-seen] [--profile] [--callgrind]`` starts the bench's provider,
-builds the verifier from the same config ``bench run`` uses (audit logging on, as served: the lines go to
+``python -m bench.inproc [--policies] [--first-seen] [--no-memo] [--profile] [--callgrind]`` starts the bench's
+provider, builds the verifier from the same config ``bench run`` uses (audit logging on, as served: the lines go to
 /dev/null), and feeds one connection (a fake transport: no syscalls, no event-loop wake-ups) the same
 forward-auth request as ``wrk`` sends. It prints the CPU per check (cached: the best of 7 passes of 20,000;
 first-seen: 5 rounds of 1,000 fresh ES256 tokens, each round followed by the raw parse + verify of the same
 tokens (``bench/floor.py``), medians and their ratio) and, with ``--profile``, cProfile's top functions.
 ``--callgrind`` runs the first-seen measure under valgrind instead and prints instructions per check and per
 raw parse + verify (deterministic: immune to the other processes on the machine). The gap between this and
-``bench run``'s server CPU per check is the I/O (read, write, epoll) that the no-op pays too.
+``bench run``'s server CPU per check is the I/O (read, write, epoll) that the no-op pays too. The same raw
+request again is answered by the door's answer memo; ``--no-memo`` measures the path every other request takes.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def _timed(loop: Callable[[Any, Any], None], *args: Any, profiler: cProfile.Prof
     return time.process_time() - started
 
 
-async def _measure(config: Path, tokens: list[str], raw: Callable[[str], None] | None, profile: bool) -> None:
+async def _measure(
+    config: Path, tokens: list[str], raw: Callable[[str], None] | None, profile: bool, memo: bool
+) -> None:
     from verifier.app import App
     from verifier.doors import forward_auth
     from verifier.settings import load_settings
@@ -88,6 +91,8 @@ async def _measure(config: Path, tokens: list[str], raw: Callable[[str], None] |
     await app.start()
     try:
         await asyncio.wait_for(app.keys.wait_ready(), 10)
+        if not memo:
+            app.forward_auth.memo = None
         conn = forward_auth._Connection(app.forward_auth)
         transport = _Transport()
         conn.connection_made(transport)  # type: ignore[arg-type]
@@ -162,6 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policies", action="store_true", help="two route policies (bench run --policies)")
     parser.add_argument("--first-seen", action="store_true", help="each ES256 token once, instead of one token")
+    parser.add_argument("--no-memo", action="store_true", help="without the door's answer memo")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     parser.add_argument("--callgrind", action="store_true", help="first-seen instruction counts under valgrind")
     parser.add_argument("--tokens", type=int, default=FIRST_SEEN_ROUNDS * FIRST_SEEN_PER_ROUND, help=argparse.SUPPRESS)
@@ -201,7 +207,7 @@ def main() -> None:
             with open(os.devnull, "w") as devnull:
                 os.dup2(devnull.fileno(), 2)  # ... written to /dev/null instead of the terminal
             uvloop.install()
-            asyncio.run(_measure(config, tokens, raw, args.profile))
+            asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo))
         finally:
             audit.flush_logs()
             os.dup2(stderr, 2)
