@@ -159,6 +159,10 @@ class Pipeline:
         self._opaque_providers = sum(a.sends_to is not None for a in self._authenticators)
         self._by_route: dict[int, tuple[Route, tuple[Authenticator, ...], bool]] = {}
         self._checks = tuple(checks)
+        # A check that does not override `for_token` applies to every token: its bit is set once, here.
+        every = [type(c).for_token is Check.for_token for c in self._checks]
+        self._every_token = sum(1 << i for i, always in enumerate(every) if always)
+        self._for_some_tokens = tuple((1 << i, c) for i, c in enumerate(self._checks) if not every[i])
         self._positive = positive
         self._negative = negative
         self._clock = clock
@@ -536,7 +540,10 @@ class Pipeline:
     ) -> Admitted:
         if self.trace is not None:
             self.trace("token", {"issuer": seen.issuer, "kid": seen.kid, "alg": seen.alg, "principal": principal})
-        mask = sum(1 << i for i, c in enumerate(self._checks) if c.for_token(principal, credential))
+        mask = self._every_token
+        for bit, check in self._for_some_tokens:
+            if check.for_token(principal, credential):
+                mask |= bit
         # A per-request check that applies on any route makes the stored answer no-store from the
         # start (built and serialized once); one bound to some routes (step-up) is applied per
         # request by `_reusable`.
