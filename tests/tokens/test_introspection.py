@@ -52,6 +52,7 @@ from verifier.tokens.introspection import (
 )
 from verifier.tokens.introspection_breaker import BreakerState
 from verifier.tokens.introspection_client import ASSERTION_TYPE, HttpReply, HttpRequest
+from verifier.tokens.introspection_http import IntrospectionHttpClient
 
 ISSUER = "https://issuer.example.test"
 AUDIENCE = "https://api.example.test"
@@ -132,10 +133,6 @@ def config(**overrides: Any) -> IntrospectionConfig:
     return IntrospectionConfig(**values)
 
 
-def no_session() -> aiohttp.ClientSession:
-    raise AssertionError("the unit tests never reach aiohttp")
-
-
 @pytest.fixture
 def clock() -> FrozenClock:
     return FrozenClock(NOW)
@@ -167,7 +164,6 @@ async def make(
             audiences=audiences,
             config=config(**overrides),
             endpoint=given,
-            session_provider=no_session,
             clock=clock,
             registry=registry,
             http=http,
@@ -674,7 +670,6 @@ async def test_two_introspectors_share_one_registry(
             audiences=(AUDIENCE,),
             config=config(),
             endpoint=None,
-            session_provider=no_session,
             clock=clock,
             registry=registry,
             http=http,
@@ -855,7 +850,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def dev_introspector(
-    idp: DevIdentityProvider, session: aiohttp.ClientSession, registry: CollectorRegistry, **overrides: Any
+    idp: DevIdentityProvider, http: IntrospectionHttpClient, registry: CollectorRegistry, **overrides: Any
 ) -> Introspector:
     values: dict[str, Any] = {"client_id": "verifier", "client_secret": SECRET, "batch_window_seconds": 0.01}
     values.update(overrides)
@@ -864,17 +859,18 @@ def dev_introspector(
         audiences=(DEV_AUDIENCE,),
         config=IntrospectionConfig(**values),
         endpoint=None,
-        session_provider=lambda: session,
+        http=http,
         clock=SystemClock(),
         registry=registry,
     )
 
 
 async def test_dev_provider_batch_endpoint_answers_many_tokens_in_one_http_call(
-    devidp: DevIdentityProvider, session: aiohttp.ClientSession, registry: CollectorRegistry
+    devidp: DevIdentityProvider, introspection_http: IntrospectionHttpClient, registry: CollectorRegistry
 ) -> None:
     tokens = [devidp.mint_opaque(sub=f"user-{i}") for i in range(10)]
-    introspector = dev_introspector(devidp, session, registry, batch_endpoint=devidp.issuer + "/introspect/batch")
+    batch = devidp.issuer + "/introspect/batch"
+    introspector = dev_introspector(devidp, introspection_http, registry, batch_endpoint=batch)
     try:
         principals = await asyncio.gather(*(check(introspector, t) for t in [*tokens, *tokens, "garbage"]),
                                           return_exceptions=True)
@@ -888,10 +884,10 @@ async def test_dev_provider_batch_endpoint_answers_many_tokens_in_one_http_call(
 
 
 async def test_dev_provider_standard_endpoint_is_found_by_discovery_and_counts_calls(
-    devidp: DevIdentityProvider, session: aiohttp.ClientSession, registry: CollectorRegistry
+    devidp: DevIdentityProvider, introspection_http: IntrospectionHttpClient, registry: CollectorRegistry
 ) -> None:
     opaque = devidp.mint_opaque(sub=None, client_id="svc")
-    introspector = dev_introspector(devidp, session, registry)
+    introspector = dev_introspector(devidp, introspection_http, registry)
     try:
         results = await asyncio.gather(*(check(introspector, opaque) for _ in range(20)))
         assert {(p.subject, p.client_id) for p in results} == {("", "svc")}
@@ -905,9 +901,9 @@ async def test_dev_provider_standard_endpoint_is_found_by_discovery_and_counts_c
 
 
 async def test_dev_provider_refuses_a_wrong_client_secret(
-    devidp: DevIdentityProvider, session: aiohttp.ClientSession, registry: CollectorRegistry
+    devidp: DevIdentityProvider, introspection_http: IntrospectionHttpClient, registry: CollectorRegistry
 ) -> None:
-    introspector = dev_introspector(devidp, session, registry, client_secret="wrong")
+    introspector = dev_introspector(devidp, introspection_http, registry, client_secret="wrong")
     try:
         with pytest.raises(ProviderUnavailable, match="HTTP 401"):
             await check(introspector, devidp.mint_opaque())
