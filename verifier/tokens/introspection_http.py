@@ -63,11 +63,12 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._max_bytes = 0
+        self._fed = 0  # bytes received before the final answer's headers were complete
         self._reset()
 
     def _reset(self) -> None:
         """Per-message state (an interim 1xx answer resets it too)."""
-        self._head = 0
+        self._head = 0  # bytes of status lines and headers parsed (1xx answers included)
         self._body: list[bytes] = []
         self._size = 0
         self._final = False  # the final (non-1xx) answer's headers are in
@@ -82,6 +83,7 @@ class _Connection(asyncio.Protocol):
         if self._transport is None or self._waiter is not None or self.closed:
             raise ProviderUnavailable("introspection provider connection is not ready")
         self._reset()
+        self._fed = 0
         self._max_bytes = max_bytes
         self.reusable = False
         self._waiter = asyncio.get_running_loop().create_future()
@@ -123,9 +125,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail("sent a malformed answer")
             return
-        if not self._final:
-            self._head += len(data)
-            if self._head > MAX_HEAD_BYTES:
+        if not self._final:  # everything so far is head: bounds what the parser buffers across reads
+            self._fed += len(data)
+            if self._fed > MAX_HEAD_BYTES:
                 self._fail("sent an oversized head")
 
     def eof_received(self) -> bool | None:
@@ -151,7 +153,11 @@ class _Connection(asyncio.Protocol):
             self.reusable = False  # a second answer to one request: never reuse this stream
             raise _Refused("sent more than one answer")
 
+    def on_status(self, status: bytes) -> None:
+        self._count_head(len(status) + 15)
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
         lowered = name.lower()
         if lowered == b"content-length":
             self._framed = True
@@ -160,6 +166,11 @@ class _Connection(asyncio.Protocol):
             self._framed = True
         elif lowered == b"content-encoding" and value.strip().lower() != b"identity":
             raise _Refused("sent an encoded body (identity was asked for)")
+
+    def _count_head(self, size: int) -> None:
+        self._head += size
+        if self._head > MAX_HEAD_BYTES:
+            raise _Refused("sent an oversized head")
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -182,7 +193,7 @@ class _Connection(asyncio.Protocol):
         if self._interim:  # RFC 9110 section 15.2: a final answer follows
             head = self._head
             self._reset()
-            self._head = head
+            self._head = head  # the bound covers every interim answer too
             return
         waiter = self._waiter
         self.reusable = self._parser.should_keep_alive()
