@@ -46,7 +46,7 @@ Piece = bytes | float  # bytes to write, or seconds to wait
 @dataclasses.dataclass
 class Answer:
     pieces: list[Piece]
-    then: str = "keep"  # keep: read the next request; close: close the connection; hang: go silent
+    then: str = "keep"  # keep: read the next request; close: close the connection; hang: silent until closed
 
 
 def ok(body: bytes = BODY, *extra: str) -> Answer:
@@ -111,8 +111,9 @@ class Peer:
                     else:
                         writer.write(piece)
                         await writer.drain()
-                if answer.then == "hang":
-                    await asyncio.sleep(3600)
+                if answer.then == "hang":  # silent until the client gives up on the connection
+                    await reader.read()
+                    return
                 if answer.then == "close":
                     return
         except (ConnectionError, asyncio.CancelledError):
@@ -295,6 +296,9 @@ async def test_an_answer_past_the_deadline_times_out_and_its_connection_is_dropp
         assert time.monotonic() - started < 0.3 + SLACK
         assert await send(client, peer.url) == HttpReply(200, BODY)  # on a new connection, not the stalled one
         assert peer.connections == 2
+        if answer.then == "hang":
+            await asyncio.sleep(0.05)
+            assert peer.open == 1  # the stalled connection was closed, not left open
 
 
 async def test_connecting_counts_against_the_deadline(client: IntrospectionHttpClient) -> None:
