@@ -261,6 +261,7 @@ class IntrospectionHttpClient:
         self._idle_seconds = idle_seconds
         self._tracing = tracing
         self._targets: dict[str, _Target] = {}
+        self._lines: dict[Headers, str] = {}  # a client's credentials are the same headers on every call
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._slots: dict[tuple[str, str, int], asyncio.Semaphore] = {}
         self._busy: set[_Connection] = set()
@@ -278,7 +279,12 @@ class IntrospectionHttpClient:
         what = "introspection" if request.method == "POST" else "discovery"
         with self._tracing.fetch(what, request.method, request.url):
             target = self._target(request.url)
-            head = request.method + target.line + self._fixed + _header_lines(request.headers)
+            lines = self._lines.get(request.headers)
+            if lines is None:
+                if len(self._lines) >= 64:  # one set per issuer (its credentials, its content type): few
+                    self._lines.clear()
+                lines = self._lines[request.headers] = _header_lines(request.headers)
+            head = request.method + target.line + self._fixed + lines
             if request.body or request.method == "POST":
                 head += f"Content-Length: {len(request.body)}\r\n"
             data = (head + "\r\n").encode("latin-1") + request.body
