@@ -1,11 +1,15 @@
 """Where a forward-auth check's CPU goes, without sockets: a real `App` in this process, fed raw requests.
 
-``python -m bench.inproc [--policies] [--first-seen] [--profile]`` starts the bench's provider, builds the
-verifier from the same config ``bench run`` uses, and feeds one connection (a fake transport: no
+``python -m bench.inproc [--policies] [--first-seen | --opaque] [--profile]`` starts the bench's provider,
+builds the verifier from the same config ``bench run`` uses, and feeds one connection (a fake transport: no
 syscalls, no event-loop wake-ups) the same forward-auth request as ``wrk`` sends. It prints the CPU per
 check (cached: the best of 7 passes of 20,000; first-seen: one pass over 5,000 fresh ES256 tokens) and,
 with ``--profile``, cProfile's top functions. The gap between this and ``bench run``'s server CPU per
 check is the I/O (read, write, epoll) that the no-op pays too.
+
+``--opaque``: 5,000 first-seen opaque tokens, introspected over real loopback HTTP at the provider (its
+process, no delay), through ``OPAQUE_CONNECTIONS`` door connections at a time: the CPU per first-seen
+opaque token with the provider calls' real I/O but none of the door's.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -22,18 +28,22 @@ from typing import Any
 from bench import idp, procs, wire
 
 CACHED_PASSES, CACHED_REQUESTS, FIRST_SEEN_REQUESTS = 7, 20_000, 5_000
+OPAQUE_CONNECTIONS = 32  # door connections fed at once (a check waits for its provider call)
 
 
 class _Transport:
     """What the connection writes to: counts answers, keeps the last."""
 
-    def __init__(self) -> None:
+    def __init__(self, answered: Any = None) -> None:
         self.answers = 0
         self.last = b""
+        self.answered = answered  # called with each answer (the opaque pass counts them)
 
     def write(self, data: bytes) -> None:
         self.answers += 1
         self.last = data
+        if self.answered is not None:
+            self.answered(data)
 
     def get_extra_info(self, name: str) -> Any:
         return ("127.0.0.1", 1) if name == "peername" else None
@@ -46,7 +56,51 @@ class _Transport:
     def resume_reading(self) -> None: ...
 
 
-async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: bool) -> None:
+async def _measure_opaque(app: Any, tokens: list[str], profiler: cProfile.Profile | None) -> None:
+    """First-seen opaque tokens, ``OPAQUE_CONNECTIONS`` checks in flight; prints the CPU per token."""
+    from verifier.doors import forward_auth
+
+    loop = asyncio.get_running_loop()
+    state: dict[str, Any] = {"left": 0, "done": None, "allowed": 0}
+
+    def answered(data: bytes) -> None:
+        state["allowed"] += data.startswith(b"HTTP/1.1 200")
+        if not data.startswith(b"HTTP/1.1 200"):
+            state["refused"] = data[:300]
+        state["left"] -= 1
+        if state["left"] == 0:
+            state["done"].set_result(None)
+
+    conns = []
+    for _ in range(OPAQUE_CONNECTIONS):
+        conn = forward_auth._Connection(app.forward_auth)
+        conn.connection_made(_Transport(answered))  # type: ignore[arg-type]
+        conns.append(conn)
+    requests = [wire.http_request(wire.http_headers(t), "127.0.0.1") for t in tokens]
+    warm, measured = requests[:OPAQUE_CONNECTIONS], requests[OPAQUE_CONNECTIONS:]
+    started = 0.0
+    for group in (warm, *[measured[i : i + OPAQUE_CONNECTIONS] for i in range(0, len(measured), OPAQUE_CONNECTIONS)]):
+        if group is not warm and not started:
+            started = time.process_time()
+            state["allowed"] = 0
+            if profiler:
+                profiler.enable()
+        state["left"], state["done"] = len(group), loop.create_future()
+        for conn, raw in zip(conns, group, strict=False):
+            conn.data_received(raw)
+        await state["done"]
+    spent = time.process_time() - started
+    if profiler:
+        profiler.disable()
+    refused = len(measured) - state["allowed"]
+    print(f"first-seen opaque: {spent / len(measured) * 1e6:.2f} us CPU per token ({len(measured)} tokens)")
+    if refused:  # a loaded machine: the provider or the decision deadline was late for some
+        print(f"  {refused} not allowed, e.g. {state['refused'][:60]!r}")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
+async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: bool, opaque: bool = False) -> None:
     from verifier.app import App
     from verifier.doors import forward_auth
     from verifier.settings import load_settings
@@ -55,6 +109,9 @@ async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: b
     await app.start()
     try:
         await asyncio.wait_for(app.keys.wait_ready(), 10)
+        if opaque:
+            await _measure_opaque(app, tokens, cProfile.Profile(time.process_time) if profile else None)
+            return
         conn = forward_auth._Connection(app.forward_auth)
         transport = _Transport()
         conn.connection_made(transport)  # type: ignore[arg-type]
@@ -86,6 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policies", action="store_true", help="two route policies (bench run --policies)")
     parser.add_argument("--first-seen", action="store_true", help="each ES256 token once, instead of one token")
+    parser.add_argument("--opaque", action="store_true", help="each opaque token once (introspected at the provider)")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     args = parser.parse_args()
     import gc
@@ -98,21 +156,29 @@ def main() -> None:
     if young is not None:
         gc.set_threshold(young, *gc.get_threshold()[1:])
 
+    os.environ.setdefault(idp.SECRET_ENV, secrets.token_urlsafe(24))  # the provider and the verifier share it
     with tempfile.TemporaryDirectory() as tmp:
         servers = procs.Servers(Path(tmp))
         try:
-            issuer = idp.Issuer(servers)
+            issuer = idp.Issuer(servers, opaque=FIRST_SEEN_REQUESTS + OPAQUE_CONNECTIONS if args.opaque else 0)
             tokens = issuer.mint("ES256", FIRST_SEEN_REQUESTS + 1) if args.first_seen else [issuer.cached_token]
             tokens = tokens if args.first_seen else tokens * (CACHED_REQUESTS + 1)
+            tokens = issuer.opaque if args.opaque else tokens
+            endpoint = f"{issuer.url}/introspect"
+            introspection = (
+                f"    introspection: {{client_id: {idp.CLIENT_ID}, client_secret_env: {idp.SECRET_ENV}, "
+                f'endpoint: "{endpoint}"}}\n'
+            )
             config = Path(tmp) / "inproc.yaml"
             config.write_text(
                 'grpc: {listen: "127.0.0.1:0"}\nhttp: {listen: "127.0.0.1:0"}\n'
                 f'issuers:\n  - issuer: "{issuer.url}"\n    audiences: ["{wire.AUDIENCE}"]\n'
                 "    algorithms: [ES256, RS256, EdDSA]\n    leeway_seconds: 30\n    allow_insecure_http: true\n"
+                + (introspection if args.opaque else "")
                 + (wire.TWO_POLICIES if args.policies else "")
             )
             uvloop.install()
-            asyncio.run(_measure(config, tokens, args.first_seen, args.profile))
+            asyncio.run(_measure(config, tokens, args.first_seen, args.profile, args.opaque))
         finally:
             servers.stop()
 
