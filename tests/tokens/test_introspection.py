@@ -604,6 +604,23 @@ async def test_client_secret_post_puts_the_credentials_in_the_body(make: MakeInt
     assert (body["client_id"], body["client_secret"], body["token"]) == ("verifier", SECRET, "tok")
 
 
+@pytest.mark.parametrize("client_auth", [ClientAuth.CLIENT_SECRET_BASIC, ClientAuth.CLIENT_SECRET_POST])
+@pytest.mark.parametrize("token", ["a b&c=d+e%f", "tok\r\nX-Evil: 1", "t\u00e9\u2603", "token_type_hint=refresh_token"])
+async def test_the_form_body_is_exactly_urlencode_of_the_token_and_the_credentials(
+    make: MakeIntrospector, http: FakeHttp, client_auth: ClientAuth, token: str
+) -> None:
+    # The credentials are encoded once, the token per call: the body must be what urlencode writes.
+    with pytest.raises(InvalidToken):  # no answer for it: inactive
+        await check(make(client_auth=client_auth, client_secret="s&e=c r+t%"), token)
+    post = client_auth is ClientAuth.CLIENT_SECRET_POST
+    fields = {"client_id": "verifier", "client_secret": "s&e=c r+t%"} if post else {}
+    expected = urllib.parse.urlencode({"token": token, "token_type_hint": "access_token", **fields}).encode()
+    assert http.posts[0].body == expected
+    assert urllib.parse.parse_qs(http.posts[0].body.decode()) == {
+        "token": [token], "token_type_hint": ["access_token"], **{k: [v] for k, v in fields.items()}
+    }
+
+
 async def test_private_key_jwt_sends_a_fresh_rfc7523_assertion_per_call(make: MakeIntrospector, http: FakeHttp) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     http.answers["a"] = http.answers["b"] = active()
