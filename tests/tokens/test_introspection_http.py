@@ -370,6 +370,32 @@ async def test_an_idle_connection_the_provider_closed_is_not_used(client: Intros
         assert peer.connections == 3
 
 
+async def test_a_connection_the_provider_closed_does_not_take_the_idle_others_with_it(
+    client: IntrospectionHttpClient,
+) -> None:
+    # Two pooled connections; the one returned last is then closed by the provider while idle.
+    async with Peer([ok(), Answer([0.05, *ok().pieces], then="close"), ok()]) as peer:
+        await asyncio.gather(send(client, peer.url), send(client, peer.url))
+        await asyncio.sleep(0.05)
+        assert await send(client, peer.url) == HttpReply(200, BODY)
+        assert peer.connections == 2  # the other idle connection was reused
+
+
+async def test_a_burst_s_idle_connections_are_closed_while_one_stays_busy() -> None:
+    client = IntrospectionHttpClient(idle_seconds=0.2)
+    try:
+        async with Peer([Answer([0.02, *ok().pieces])]) as peer:
+            await asyncio.gather(*(send(client, peer.url) for _ in range(3)))
+            assert peer.open == 3
+            for _ in range(8):  # steady, one at a time: the most recent connection serves them all
+                await send(client, peer.url)
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)
+            assert (peer.connections, peer.open) == (3, 1)
+    finally:
+        await client.close()
+
+
 async def test_an_idle_connection_is_dropped_after_idle_seconds() -> None:
     client = IntrospectionHttpClient(idle_seconds=0.05)
     try:

@@ -309,8 +309,11 @@ class IntrospectionHttpClient:
             finally:
                 self._busy.discard(connection)
             if connection.reusable and not connection.closed:
-                connection.idle_since = asyncio.get_running_loop().time()
-                self._idle.setdefault(target.origin, []).append(connection)
+                now = connection.idle_since = asyncio.get_running_loop().time()
+                idle = self._idle.setdefault(target.origin, [])
+                while idle and (idle[0].closed or idle[0].idle_since < now - self._idle_seconds):
+                    idle.pop(0).close()  # the oldest first: a quiet spell must not keep a burst's sockets open
+                idle.append(connection)
             else:
                 connection.close()
             return reply
@@ -323,7 +326,9 @@ class IntrospectionHttpClient:
         fresh_since = asyncio.get_running_loop().time() - self._idle_seconds
         while idle:
             connection = idle.pop()
-            if not connection.closed and connection.idle_since >= fresh_since:
+            if connection.closed:  # the provider closed it while it was idle
+                continue
+            if connection.idle_since >= fresh_since:
                 return connection
             connection.close()
             for stale in idle:  # older than this one: as stale
