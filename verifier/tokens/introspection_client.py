@@ -300,6 +300,11 @@ class PerTokenDispatcher:
 
     async def dispatch(self, tokens: Sequence[str]) -> Sequence[IntrospectionResult]:
         """Introspects every token at once; each token gets its own answer or failure."""
+        if len(tokens) == 1:  # the usual batch outside bursts: no task to schedule for it
+            try:
+                return [await self._client.introspect(tokens[0])]
+            except ProviderUnavailable as exc:
+                return [exc]
         answers = await asyncio.gather(*(self._client.introspect(t) for t in tokens), return_exceptions=True)
         results: list[IntrospectionResult] = []
         for answer in answers:
