@@ -1,11 +1,12 @@
 """Where a forward-auth check's CPU goes, without sockets: a real `App` in this process, fed raw requests.
 
-``python -m bench.inproc [--policies] [--first-seen | --opaque] [--profile]`` starts the bench's provider,
-builds the verifier from the same config ``bench run`` uses, and feeds one connection (a fake transport: no
-syscalls, no event-loop wake-ups) the same forward-auth request as ``wrk`` sends. It prints the CPU per
-check (cached: the best of 7 passes of 20,000; first-seen: one pass over 5,000 fresh ES256 tokens) and,
-with ``--profile``, cProfile's top functions. The gap between this and ``bench run``'s server CPU per
-check is the I/O (read, write, epoll) that the no-op pays too.
+``python -m bench.inproc [--policies] [--first-seen | --opaque] [--no-memo] [--profile]`` starts the bench's
+provider, builds the verifier from the same config ``bench run`` uses, and feeds one connection (a fake
+transport: no syscalls, no event-loop wake-ups) the same forward-auth request as ``wrk`` sends. It prints the
+CPU per check (cached: the best of 7 passes of 20,000; first-seen: one pass over 5,000 fresh ES256 tokens)
+and, with ``--profile``, cProfile's top functions. The gap between this and ``bench run``'s server CPU per
+check is the I/O (read, write, epoll) that the no-op pays too. The same raw request again is answered by
+the door's answer memo; ``--no-memo`` measures the path every other request takes.
 
 ``--opaque``: 5,000 first-seen opaque tokens, introspected over real loopback HTTP at the provider (its
 process, no delay), through ``OPAQUE_CONNECTIONS`` door connections at a time: the CPU per first-seen
@@ -100,7 +101,9 @@ async def _measure_opaque(app: Any, tokens: list[str], profiler: cProfile.Profil
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
-async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: bool, opaque: bool = False) -> None:
+async def _measure(
+    config: Path, tokens: list[str], first_seen: bool, profile: bool, memo: bool, opaque: bool = False
+) -> None:
     from verifier.app import App
     from verifier.doors import forward_auth
     from verifier.settings import load_settings
@@ -109,6 +112,8 @@ async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: b
     await app.start()
     try:
         await asyncio.wait_for(app.keys.wait_ready(), 10)
+        if not memo:
+            app.forward_auth.memo = None
         if opaque:
             await _measure_opaque(app, tokens, cProfile.Profile(time.process_time) if profile else None)
             return
@@ -144,6 +149,7 @@ def main() -> None:
     parser.add_argument("--policies", action="store_true", help="two route policies (bench run --policies)")
     parser.add_argument("--first-seen", action="store_true", help="each ES256 token once, instead of one token")
     parser.add_argument("--opaque", action="store_true", help="each opaque token once (introspected at the provider)")
+    parser.add_argument("--no-memo", action="store_true", help="without the door's answer memo")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     args = parser.parse_args()
     import gc
@@ -178,7 +184,7 @@ def main() -> None:
                 + (wire.TWO_POLICIES if args.policies else "")
             )
             uvloop.install()
-            asyncio.run(_measure(config, tokens, args.first_seen, args.profile, args.opaque))
+            asyncio.run(_measure(config, tokens, args.first_seen, args.profile, not args.no_memo, args.opaque))
         finally:
             servers.stop()
 
