@@ -207,9 +207,11 @@ class Servers:
         workers: int = 1,
         issuer_yaml: str = "",
         root_yaml: str = "",
+        env: dict[str, str] | None = None,
         tree: Path | None = None,
     ) -> Target:
-        """``python -m verifier serve`` for ``issuer``; ``issuer_yaml``/``root_yaml`` extend the config.
+        """``python -m verifier serve`` for ``issuer``; ``issuer_yaml``/``root_yaml`` extend the config, ``env``
+        the environment.
 
         ``tree``: another checkout's verifier (the code before a change, measured in the same run).
 
@@ -226,7 +228,7 @@ class Servers:
             "    allow_insecure_http: true\n"  # the bench's provider is plain http on loopback
              + issuer_yaml + root_yaml
         )
-        env = {"PYTHONPATH": str(tree)} if tree else None
+        env = {**(env or {}), "PYTHONPATH": str(tree)} if tree else env
         proc = self.spawn([*self.verifier_cmd, str(config)], f"{name.replace(' ', '-')}.log", env, tree or PROJECT_ROOT)
         wait_port(grpc_addr, proc)
         wait_port(http_addr, proc)

@@ -296,6 +296,8 @@ class App:
         cache = settings.cache
         self.positive: ExpiringCache[Admitted] = ExpiringCache(cache.token_entries, self.clock, self.generation)
         self.negative: ExpiringCache[Refused] = ExpiringCache(cache.negative_entries, self.clock, self.generation)
+        for name, held in (("positive", self.positive), ("negative", self.negative)):
+            self.metrics.token_cache_entries.labels(name).set_function(held.__len__)  # read at each scrape
         policies = PolicySet(settings.policies, settings.protected_resource)
         with_roles = IssuerRoles(
             {i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles}, configured=self.keys.configured

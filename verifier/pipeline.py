@@ -83,6 +83,18 @@ class Refused:
     credential: Credential
 
 
+def _without_frames(error: VerifierError) -> VerifierError:
+    """``error`` (and the exceptions chained to it) without tracebacks: a cached refusal would otherwise keep
+    every frame of the failed check alive, with its locals, for the refusal's lifetime (several KiB a token)."""
+    chained: BaseException | None = error
+    for _ in range(8):  # a chain is short; the bound stops a cycle someone built by hand
+        if chained is None:
+            break
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
+    return error
+
+
 # An observer of the steps of one decision (`verifier explain`): (step, details). The service sets none.
 Tracer = Callable[[str, Mapping[str, Any]], None]
 
@@ -508,7 +520,7 @@ class Pipeline:
             self.trace("token", {"issuer": seen.issuer, "kid": seen.kid, "alg": seen.alg, "error": error})
         decision = self._refuse(error, credential, route)
         if remember and _negative_cacheable(error):
-            self._negative.put(key, Refused(error, credential), self._clock.now() + self._negative_ttl)
+            self._negative.put(key, Refused(_without_frames(error), credential), self._clock.now() + self._negative_ttl)
         self._record(attrs, door, decision, started, credential, seen, "")
         return decision
 

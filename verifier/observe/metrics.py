@@ -126,6 +126,12 @@ class Metrics:
             ["issuer"],
             registry=r,
         )
+        self.token_cache_entries = Gauge(
+            "verifier_token_cache_entries",
+            "Entries held by the verified-token (positive) and refused-token (negative) caches.",
+            ["cache"],
+            registry=r,
+        )
         self.state_up = Gauge(
             "verifier_state_up",
             "1 when the shared state store answers a ping, else 0 (only with Redis configured).",
