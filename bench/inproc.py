@@ -10,6 +10,10 @@ tokens (``bench/floor.py``), medians and their ratio) and, with ``--profile``, c
 raw parse + verify (deterministic: immune to the other processes on the machine). The gap between this and
 ``bench run``'s server CPU per check is the I/O (read, write, epoll) that the no-op pays too. The same raw
 request again is answered by the door's answer memo; ``--no-memo`` measures the path every other request takes.
+
+``--opaque``: 5,000 first-seen opaque tokens, introspected over real loopback HTTP at the provider (its
+process, no delay), through ``OPAQUE_CONNECTIONS`` door connections at a time: the CPU per first-seen
+opaque token with the provider calls' real I/O but none of the door's.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import cProfile
 import os
 import pstats
 import re
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -35,6 +40,8 @@ from bench import floor, idp, procs, wire
 
 CACHED_PASSES, CACHED_REQUESTS = 7, 20_000
 FIRST_SEEN_ROUNDS, FIRST_SEEN_PER_ROUND = 5, 1_000
+OPAQUE_TOKENS = 5_000
+OPAQUE_CONNECTIONS = 32  # door connections fed at once (a check waits for its provider call)
 CALLGRIND_TOKENS = 300  # per measure under valgrind (~50x slower); counts are exact, few suffice
 # The two loops run inside these C functions, so callgrind can tell their instructions apart.
 CHECK_LOOP, RAW_LOOP = "consume_iterator", "deque_extendleft"
@@ -43,13 +50,16 @@ CHECK_LOOP, RAW_LOOP = "consume_iterator", "deque_extendleft"
 class _Transport:
     """What the connection writes to: counts answers, keeps the last."""
 
-    def __init__(self) -> None:
+    def __init__(self, answered: Any = None) -> None:
         self.answers = 0
         self.last = b""
+        self.answered = answered  # called with each answer (the opaque pass counts them)
 
     def write(self, data: bytes) -> None:
         self.answers += 1
         self.last = data
+        if self.answered is not None:
+            self.answered(data)
 
     def get_extra_info(self, name: str) -> Any:
         return ("127.0.0.1", 1) if name == "peername" else None
@@ -80,8 +90,52 @@ def _timed(loop: Callable[[Any, Any], None], *args: Any, profiler: cProfile.Prof
     return time.process_time() - started
 
 
+async def _measure_opaque(app: Any, tokens: list[str], profiler: cProfile.Profile | None) -> None:
+    """First-seen opaque tokens, ``OPAQUE_CONNECTIONS`` checks in flight; prints the CPU per token."""
+    from verifier.doors import forward_auth
+
+    loop = asyncio.get_running_loop()
+    state: dict[str, Any] = {"left": 0, "done": None, "allowed": 0}
+
+    def answered(data: bytes) -> None:
+        state["allowed"] += data.startswith(b"HTTP/1.1 200")
+        if not data.startswith(b"HTTP/1.1 200"):
+            state["refused"] = data[:300]
+        state["left"] -= 1
+        if state["left"] == 0:
+            state["done"].set_result(None)
+
+    conns = []
+    for _ in range(OPAQUE_CONNECTIONS):
+        conn = forward_auth._Connection(app.forward_auth)
+        conn.connection_made(_Transport(answered))  # type: ignore[arg-type]
+        conns.append(conn)
+    requests = [wire.http_request(wire.http_headers(t), "127.0.0.1") for t in tokens]
+    warm, measured = requests[:OPAQUE_CONNECTIONS], requests[OPAQUE_CONNECTIONS:]
+    started = 0.0
+    for group in (warm, *[measured[i : i + OPAQUE_CONNECTIONS] for i in range(0, len(measured), OPAQUE_CONNECTIONS)]):
+        if group is not warm and not started:
+            started = time.process_time()
+            state["allowed"] = 0
+            if profiler:
+                profiler.enable()
+        state["left"], state["done"] = len(group), loop.create_future()
+        for conn, raw in zip(conns, group, strict=False):
+            conn.data_received(raw)
+        await state["done"]
+    spent = time.process_time() - started
+    if profiler:
+        profiler.disable()
+    refused = len(measured) - state["allowed"]
+    print(f"first-seen opaque: {spent / len(measured) * 1e6:.2f} us CPU per token ({len(measured)} tokens)")
+    if refused:  # a loaded machine: the provider or the decision deadline was late for some
+        print(f"  {refused} not allowed, e.g. {state['refused'][:60]!r}")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
 async def _measure(
-    config: Path, tokens: list[str], raw: Callable[[str], None] | None, profile: bool, memo: bool
+    config: Path, tokens: list[str], raw: Callable[[str], None] | None, profile: bool, memo: bool, opaque: bool = False
 ) -> None:
     from verifier.app import App
     from verifier.doors import forward_auth
@@ -93,6 +147,9 @@ async def _measure(
         await asyncio.wait_for(app.keys.wait_ready(), 10)
         if not memo:
             app.forward_auth.memo = None
+        if opaque:
+            await _measure_opaque(app, tokens, cProfile.Profile(time.process_time) if profile else None)
+            return
         conn = forward_auth._Connection(app.forward_auth)
         transport = _Transport()
         conn.connection_made(transport)  # type: ignore[arg-type]
@@ -167,6 +224,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policies", action="store_true", help="two route policies (bench run --policies)")
     parser.add_argument("--first-seen", action="store_true", help="each ES256 token once, instead of one token")
+    parser.add_argument("--opaque", action="store_true", help="each opaque token once (introspected at the provider)")
     parser.add_argument("--no-memo", action="store_true", help="without the door's answer memo")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     parser.add_argument("--callgrind", action="store_true", help="first-seen instruction counts under valgrind")
@@ -186,13 +244,15 @@ def main() -> None:
     if young is not None:
         gc.set_threshold(young, *gc.get_threshold()[1:])
 
+    os.environ.setdefault(idp.SECRET_ENV, secrets.token_urlsafe(24))  # the provider and the verifier share it
     with tempfile.TemporaryDirectory() as tmp:
         servers = procs.Servers(Path(tmp))
         stderr = os.dup(2)
         try:
-            issuer = idp.Issuer(servers)
+            issuer = idp.Issuer(servers, opaque=OPAQUE_TOKENS + OPAQUE_CONNECTIONS if args.opaque else 0)
             tokens = issuer.mint("ES256", args.tokens + 1) if args.first_seen else [issuer.cached_token]
             tokens = tokens if args.first_seen else tokens * (CACHED_REQUESTS + 1)
+            tokens = issuer.opaque if args.opaque else tokens
             raw = None
             if args.first_seen:
                 raw = floor.parse_and_verify("ES256", idp.read_keys(issuer.keys_file)["ES256"][1].public_key())
@@ -201,13 +261,19 @@ def main() -> None:
                 'grpc: {listen: "127.0.0.1:0"}\nhttp: {listen: "127.0.0.1:0"}\n'
                 f'issuers:\n  - issuer: "{issuer.url}"\n    audiences: ["{wire.AUDIENCE}"]\n'
                 "    algorithms: [ES256, RS256, EdDSA]\n    leeway_seconds: 30\n    allow_insecure_http: true\n"
+                + (
+                    f"    introspection: {{client_id: {idp.CLIENT_ID}, client_secret_env: {idp.SECRET_ENV}, "
+                    f'endpoint: "{issuer.url}/introspect"}}\n'
+                    if args.opaque
+                    else ""
+                )
                 + (wire.TWO_POLICIES if args.policies else "")
             )
             audit.configure_logging("INFO")  # as served: one audit line per signature check ...
             with open(os.devnull, "w") as devnull:
                 os.dup2(devnull.fileno(), 2)  # ... written to /dev/null instead of the terminal
             uvloop.install()
-            asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo))
+            asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo, args.opaque))
         finally:
             audit.flush_logs()
             os.dup2(stderr, 2)
