@@ -83,6 +83,18 @@ class Refused:
     credential: Credential
 
 
+def _without_frames(error: VerifierError) -> VerifierError:
+    """``error`` (and the exceptions chained to it) without tracebacks: a cached refusal would otherwise keep
+    every frame of the failed check alive, with its locals, for the refusal's lifetime (several KiB a token)."""
+    chained: BaseException | None = error
+    for _ in range(8):  # a chain is short; the bound stops a cycle someone built by hand
+        if chained is None:
+            break
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
+    return error
+
+
 # An observer of the steps of one decision (`verifier explain`): (step, details). The service sets none.
 Tracer = Callable[[str, Mapping[str, Any]], None]
 
@@ -147,6 +159,10 @@ class Pipeline:
         self._opaque_providers = sum(a.sends_to is not None for a in self._authenticators)
         self._by_route: dict[int, tuple[Route, tuple[Authenticator, ...], bool]] = {}
         self._checks = tuple(checks)
+        # A check that does not override `for_token` applies to every token: its bit is set once, here.
+        every = [type(c).for_token is Check.for_token for c in self._checks]
+        self._every_token = sum(1 << i for i, always in enumerate(every) if always)
+        self._for_some_tokens = tuple((1 << i, c) for i, c in enumerate(self._checks) if not every[i])
         self._positive = positive
         self._negative = negative
         self._clock = clock
@@ -177,6 +193,8 @@ class Pipeline:
         self._own_endpoint = (OWN_ENDPOINT, self._mask(OWN_ENDPOINT))
         self._plans: dict[int, Plan] = {}
         self.trace: Tracer | None = None  # `verifier explain` listens here; off (None) in the service
+        # Set by the allow paths of `decide_cached`, read by `decide_cached_stable` (synchronous: no interleaving).
+        self._stable_until = 0.0
         self._tracing = tracing  # spans (annotated on first sight only) and the audit line's trace id
 
     def _mask(self, route: Route) -> int:
@@ -197,6 +215,16 @@ class Pipeline:
         except Exception:  # fail closed on bugs; the traceback has no token in it
             log.exception("internal error while deciding", extra={"event": "internal_error", "route": attrs.route})
             return refuse(InternalError("internal error"), realm=self._realm)
+
+    def decide_cached_stable(self, attrs: RequestAttributes, door: str = "") -> tuple[Decision | None, float]:
+        """`decide_cached`, and until when (epoch seconds) the same request would get these same answer bytes
+        while nothing it reads changes (`verifier.generation` tells that): 0.0 when it must not be reused
+        (a refusal; built for this request alone; a per-request check ran; its max-age already shrinking)."""
+        self._stable_until = 0.0
+        decision = self.decide_cached(attrs, door)
+        if decision is None or not decision.allowed:
+            return decision, 0.0
+        return decision, self._stable_until
 
     def _decide_cached(self, attrs: RequestAttributes, door: str) -> Decision | None:
         """The answer without any I/O, or None when the asynchronous path is needed.
@@ -223,6 +251,7 @@ class Pipeline:
                 # assertion). Inline: the commonest hit of all.
                 allowed = hit.allowed
                 if allowed.fresh_until - self._clock.now() >= allowed.cache_max_age:
+                    self._stable_until = allowed.fresh_until - allowed.cache_max_age  # <= renew_at (`allow`)
                     return allowed
             return self._now(hit, attrs, routed, key)
         refused = self._negative.get(key)
@@ -380,9 +409,10 @@ class Pipeline:
         """The allow answer for the principal the checks judged (its headers follow announced claims)."""
         if judged is not admitted.principal:  # rare (a CAEP claims change): built for this request alone
             allowed = self._build(judged, route, admitted.ceiling, admitted.credential)
-        else:
-            allowed = self._stored(admitted, route, key)
-        return self._reusable(judged, allowed, route, plan)
+            decision = self._reusable(judged, allowed, route, plan)
+            self._stable_until = 0.0  # an identity assertion in it is minted anew each time
+            return decision
+        return self._reusable(judged, self._stored(admitted, route, key), route, plan)
 
     def _build(self, principal: Principal, route: Route, ceiling: int, credential: Credential) -> Decision:
         """The answer for what the route's upstream receives: an allow, or `upstream_claim_too_large`."""
@@ -494,7 +524,7 @@ class Pipeline:
             self.trace("token", {"issuer": seen.issuer, "kid": seen.kid, "alg": seen.alg, "error": error})
         decision = self._refuse(error, credential, route)
         if remember and _negative_cacheable(error):
-            self._negative.put(key, Refused(error, credential), self._clock.now() + self._negative_ttl)
+            self._negative.put(key, Refused(_without_frames(error), credential), self._clock.now() + self._negative_ttl)
         self._record(attrs, door, decision, started, credential, seen, "")
         return decision
 
@@ -510,7 +540,10 @@ class Pipeline:
     ) -> Admitted:
         if self.trace is not None:
             self.trace("token", {"issuer": seen.issuer, "kid": seen.kid, "alg": seen.alg, "principal": principal})
-        mask = sum(1 << i for i, c in enumerate(self._checks) if c.for_token(principal, credential))
+        mask = self._every_token
+        for bit, check in self._for_some_tokens:
+            if check.for_token(principal, credential):
+                mask |= bit
         # A per-request check that applies on any route makes the stored answer no-store from the
         # start (built and serialized once); one bound to some routes (step-up) is applied per
         # request by `_reusable`.
@@ -530,17 +563,18 @@ class Pipeline:
         allows (`Check.reuse_left`). `no-store` when a check that ran is per request.
         """
         ceiling = allowed.cache_max_age
-        if ceiling <= 0:
-            return allowed
         if plan.per_request:
-            return dataclasses.replace(allowed, cache_max_age=0, memo={})
+            return allowed if ceiling <= 0 else dataclasses.replace(allowed, cache_max_age=0, memo={})
         now = self._clock.now()
         left = principal.expires_at - now
         for check in plan.bounded:
             bound = check.reuse_left(principal, route, now)
             if bound is not None:
                 left = min(left, bound)
-        if left >= ceiling:
+        if ceiling <= 0 or left >= ceiling:
+            # The same answer until `left` comes down to the ceiling (it falls as the clock runs) or its
+            # identity assertion is renewed (`_stored`).
+            self._stable_until = min(now + left - max(ceiling, 0), allowed.renew_at)
             return allowed
         return dataclasses.replace(allowed, cache_max_age=max(0, int(left)), memo={})
 
