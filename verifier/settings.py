@@ -202,6 +202,10 @@ DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0  # seconds for a request (headers, small b
 # Seconds an idle keep-alive connection stays open: longer than the gateways' own (nginx's upstream
 # keepalive_timeout is 60 s) so the gateway closes first and never sends on a connection we are closing.
 DEFAULT_IDLE_TIMEOUT_SECONDS = 75.0
+# Seconds the event loop may stay busy (requests waiting in their sockets) before the forward-auth door answers
+# tokens no cache knows with 503 + Retry-After instead of checking them: answers stay within ~2x this under a
+# flood (docs/BENCHMARKS.md, "Overload at the three doors"); below deadline_seconds.
+DEFAULT_SHED_AFTER_SECONDS = 0.25
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -218,6 +222,13 @@ class ForwardAuthSettings:
     )
     idle_timeout_seconds: float = setting(
         DEFAULT_IDLE_TIMEOUT_SECONDS, minimum=0.01, maximum=86_400, unit="seconds", doc="idle keep-alives closed after"
+    )
+    shed_after_seconds: float = setting(
+        DEFAULT_SHED_AFTER_SECONDS,
+        minimum=0.01,
+        maximum=MAX_DEADLINE_SECONDS,
+        unit="seconds",
+        doc="overload: past this much queueing, unknown tokens get 503 + Retry-After unchecked",
     )
 
 
