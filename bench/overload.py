@@ -35,12 +35,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench import edge, idp, load, procs, report, wire
 from bench.runner import Context
 from bench.wire import Door, Target
-from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
+from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS, DEFAULT_SHED_AFTER_SECONDS, MAX_DEADLINE_SECONDS
 
 BEFORE = 1000
 FLOOD = (32, 100)  # h2load clients x streams: the issue's load
 CAPACITY = (4, 8)
 HTTP_CAPACITY, HTTP_FLOOD = 16, 1000  # wrk connections
+SHED_DEFAULT = DEFAULT_SHED_AFTER_SECONDS
+SHED_OFF = MAX_DEADLINE_SECONDS  # http.shed_after_seconds as before #24 goal 4: never reached
 HTTP_BUDGET_MS = 1000  # no caller deadline on HTTP: the issue's 1 s
 ROUTES = ("grpc-doors", "http", "envoy-grpc", "envoy-http")
 DECISION = re.compile(r'verifier_decisions_total\{door="\w+",outcome="(\w+)",reason="(\w+)"\} ([\d.e+]+)')
@@ -143,12 +145,20 @@ def _get(addr: str, path: str, headers: dict[str, str]) -> tuple[int, float]:
 
 
 def http_point(
-    ctx: Context, issuer: idp.Issuer, route: str, tokens: str, pools: dict[str, list[str]], upstream: int
+    ctx: Context,
+    issuer: idp.Issuer,
+    route: str,
+    tokens: str,
+    pools: dict[str, list[str]],
+    upstream: int,
+    shed_after: float = DEFAULT_SHED_AFTER_SECONDS,
 ) -> dict[str, Any]:
     """One verifier (and for an Envoy route, the shipped Envoy in front): capacity, then the flood, by wrk."""
     metrics_addr = f"127.0.0.1:{procs.free_port()}"
     metrics_yaml = f'metrics: {{listen: "{metrics_addr}"}}\n'
-    target = ctx.servers.start_verifier(issuer.url, name="verifier-http", root_yaml=metrics_yaml)
+    target = ctx.servers.start_verifier(
+        issuer.url, name="verifier-http", root_yaml=metrics_yaml, http_yaml=f"shed_after_seconds: {shed_after}"
+    )
     envoy = None
     try:
         if route == "http":
@@ -202,6 +212,7 @@ def http_point(
         dict(
             door=route,
             tokens=tokens,
+            shed_after=shed_after if shed_after < SHED_OFF else "off",
             capacity=capacity,
             capacity_non_2xx=cap.refusals,
             served=served,
@@ -213,6 +224,7 @@ def http_point(
             socket_errors=flood.errors - flood.timeouts,
             decisions=decided,
             pool=len(pools["flood"]) if tokens != "cached" else 1,
+            wrapped=tokens != "cached" and flood.requests > len(pools["flood"]),  # some were seen before
             p99_ms=flood.p99_us / 1000,
             max_ms=flood.max_us / 1000,
             over_budget=flood.max_us / 1000 > HTTP_BUDGET_MS or flood.timeouts > 0,
@@ -245,21 +257,24 @@ def run_http(ctx: Context, issuer: idp.Issuer, routes: list[str], points: list[d
     try:
         _, upstream = edge.start_nginx(ctx, "127.0.0.1:1", 0, tmp)  # only its `return 200` upstream is used
         kinds = [k for k in (ctx.opt("kinds", None) or "cached,first-seen").split(",") if k]
-        count = ctx.opt("pool", 20_000, 5_000)
+        count = ctx.opt("pool", 30_000, 5_000)
+        # Minted once: each point starts a verifier with empty caches, so every point sees them first.
+        minted = {"capacity": issuer.mint("ES256", count), "flood": issuer.mint("ES256", count)}
         for rep in range(ctx.opt("reps", 2, 1)):
             for route in routes if rep % 2 == 0 else reversed(routes):
                 for tokens in kinds:
-                    pools = {"capacity": [], "flood": []}
-                    if tokens == "first-seen":
-                        pools = {"capacity": issuer.mint("ES256", count), "flood": issuer.mint("ES256", count)}
-                    p = http_point(ctx, issuer, route, tokens, pools, upstream)
-                    print(
-                        f"bench: overload {route} {tokens} rep {rep}: served {p['served_per_s']:,.0f}/s "
-                        f"({p['served_share']:.0%} of capacity), max {p['max_ms']:.0f} ms, "
-                        f"{p['non_2xx']:,} non-2xx, {p['timeouts']:,} timeouts",
-                        file=sys.stderr,
-                    )
-                    points.append(p)
+                    pools = minted if tokens == "first-seen" else {"capacity": [], "flood": []}
+                    # The forward-auth door with its early refusal off (before) and on (the default).
+                    variants = (SHED_OFF, SHED_DEFAULT) if route == "http" else (SHED_DEFAULT,)
+                    for shed_after in variants:
+                        p = http_point(ctx, issuer, route, tokens, pools, upstream, shed_after)
+                        print(
+                            f"bench: overload {route} {tokens} shed {p['shed_after']} rep {rep}: served "
+                            f"{p['served_per_s']:,.0f}/s ({p['served_share']:.0%} of capacity), max {p['max_ms']:.0f} "
+                            f"ms, {p['non_2xx']:,} non-2xx, {p['timeouts']:,} timeouts",
+                            file=sys.stderr,
+                        )
+                        points.append(p)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -323,9 +338,17 @@ def markdown(ctx: Context, points: list[dict[str, Any]]) -> str:
         parts += [
             ctx.header(f"HTTP: wrk -c {HTTP_FLOOD}, capacity at -c {HTTP_CAPACITY}"),
             report.table(
-                ["route", "tokens", *common, "non-2xx", "timeouts", *tail],
+                ["route", "tokens", "shed after s", *common, "non-2xx", "timeouts", *tail],
                 [
-                    [p["door"], p["tokens"], *start(p), f"{p['non_2xx']:,}", f"{p['timeouts']:,}", *end(p)]
+                    [
+                        p["door"],
+                        p["tokens"] + (" (pool wrapped)" if p.get("wrapped") else ""),
+                        p["shed_after"],
+                        *start(p),
+                        f"{p['non_2xx']:,}",
+                        f"{p['timeouts']:,}",
+                        *end(p),
+                    ]
                     for p in http_points
                 ],
             ),

@@ -198,9 +198,17 @@ class Servers:
         return proc
 
     def start_verifier(
-        self, issuer: str, *, name: str = "verifier", workers: int = 1, issuer_yaml: str = "", root_yaml: str = ""
+        self,
+        issuer: str,
+        *,
+        name: str = "verifier",
+        workers: int = 1,
+        issuer_yaml: str = "",
+        root_yaml: str = "",
+        http_yaml: str = "",
     ) -> Target:
-        """``python -m verifier serve`` for ``issuer``; ``issuer_yaml``/``root_yaml`` extend the config.
+        """``python -m verifier serve`` for ``issuer``; ``issuer_yaml``/``root_yaml`` extend the config,
+        ``http_yaml`` (``key: value, ...``) the ``http`` section.
 
         No metrics listener: with ``workers: N`` each worker would take the configured port + its index.
         """
@@ -208,7 +216,7 @@ class Servers:
         config = self.out / f"{name.replace(' ', '-')}-{free_port()}.yaml"
         self.out.mkdir(parents=True, exist_ok=True)
         config.write_text(
-            f'grpc: {{listen: "{grpc_addr}"}}\nhttp: {{listen: "{http_addr}"}}\n'
+            f'grpc: {{listen: "{grpc_addr}"}}\nhttp: {{listen: "{http_addr}"{", " + http_yaml if http_yaml else ""}}}\n'
             + (f"workers: {workers}\n" if workers != 1 else "")
             + f'issuers:\n  - issuer: "{issuer}"\n    audiences: ["{wire.AUDIENCE}"]\n'
             "    algorithms: [ES256, RS256, EdDSA]\n    leeway_seconds: 30\n"

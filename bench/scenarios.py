@@ -85,7 +85,7 @@ SUITES: dict[str, Suite] = {
                 ("--deadline-ms", int, "the flood's grpc-timeout (default 100; 0: none, budget 1 s)"),
                 ("--routes", str, "overload: comma-separated grpc-doors,http,envoy-grpc,envoy-http (default all)"),
                 ("--kinds", str, "overload HTTP routes: token kinds, cached,first-seen (default both)"),
-                ("--pool", int, "overload first-seen: distinct tokens per phase (default 20,000)"),
+                ("--pool", int, "overload first-seen: distinct tokens per phase (default 30,000)"),
             ),
         ),
         Suite(
