@@ -194,7 +194,9 @@ def http_point(
         cap = wrk(HTTP_CAPACITY, pools["capacity"])
         time.sleep(1)
         rss0, before = procs.rss_kib(target.pids), _decisions(metrics_addr)
+        cpu0 = procs.cpu_seconds(target.pids)
         flood = wrk(HTTP_FLOOD, pools["flood"])
+        cpu = procs.cpu_seconds(target.pids) - cpu0
         served_status, served_s = _get(addr, path, headers(issuer.cached_token))
         health_status, health_s = _get(target.http_addr, "/healthz", {})
         rss1 = procs.rss_kib(target.pids)
@@ -227,6 +229,9 @@ def http_point(
             wrapped=tokens != "cached" and flood.requests > len(pools["flood"]),  # some were seen before
             p99_ms=flood.p99_us / 1000,
             max_ms=flood.max_us / 1000,
+            # scheduling-independent: the verifier's CPU per answer it gave (served or shed) over the flood
+            verifier_cpu_us=cpu / max(1.0, sum(decided.values())) * 1e6,
+            verifier_cores=cpu / flood.seconds,
             over_budget=flood.max_us / 1000 > HTTP_BUDGET_MS or flood.timeouts > 0,
             budget_ms=HTTP_BUDGET_MS,
             rss_before_mb=rss0 / 1024,
@@ -338,7 +343,7 @@ def markdown(ctx: Context, points: list[dict[str, Any]]) -> str:
         parts += [
             ctx.header(f"HTTP: wrk -c {HTTP_FLOOD}, capacity at -c {HTTP_CAPACITY}"),
             report.table(
-                ["route", "tokens", "shed after s", *common, "non-2xx", "timeouts", *tail],
+                ["route", "tokens", "shed after s", *common, "non-2xx", "timeouts", "verifier CPU us/answer", *tail],
                 [
                     [
                         p["door"],
@@ -347,6 +352,7 @@ def markdown(ctx: Context, points: list[dict[str, Any]]) -> str:
                         *start(p),
                         f"{p['non_2xx']:,}",
                         f"{p['timeouts']:,}",
+                        f"{p['verifier_cpu_us']:.0f}",
                         *end(p),
                     ]
                     for p in http_points

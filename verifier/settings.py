@@ -177,7 +177,8 @@ DEFAULT_MAX_PENDING_CHECKS = 1024  # first-seen checks in flight per worker befo
 # at 8 (256 in flight), most still expired once the machine was busy; 4 and 2 served 75-100% of capacity.
 # The default stays 1000 (unchanged) until two costs of a low bound are settled: a client's first burst
 # before it reads the SETTINGS frame is refused (REFUSED_STREAM, which Envoy's ext_authz answers with its
-# status_on_error 503 unless it retries), and h2load's closed loop saw refused streams at normal load.
+# status_on_error 503: it does not retry; the shipped Envoy gRPC template opens at most 4 streams per connection,
+# so a bound >= 4 is safe behind it), and h2load's closed loop saw refused streams at normal load.
 # Operators who see overload collapse set 4 (docs/BENCHMARKS.md says how it was measured).
 DEFAULT_GRPC_MAX_CONCURRENT_STREAMS = 1000
 DEFAULT_EDGE_MAX_AGE_SECONDS = 10  # seconds a gateway may reuse an allow; also bounds revocation reach
