@@ -4,8 +4,9 @@
   SETTINGS were read (REFUSED_STREAM), which Envoy's ext_authz answers with its status_on_error 503 (it does
   not retry them). The gRPC template opens at most 4 streams per connection: a burst is spread over more
   connections (or waits, bounded, in Envoy), and a verifier bounded at 4 never refuses one.
-- Both templates bound what Envoy keeps in flight to the verifier (cluster circuit breakers): past them,
-  ext_authz fails at once and Envoy answers its status_on_error 503 (fail closed, never the upstream).
+
+Cluster circuit breakers were tried and left out: their immediate 503s feed closed-loop clients faster than
+checks are served (docs/BENCHMARKS.md, "Overload at the three doors").
 """
 
 from __future__ import annotations
@@ -57,31 +58,6 @@ def test_a_burst_past_the_verifiers_stream_bound_is_retried_not_answered_503(
         stats = envoy_stats(envoy, "cluster.verifier_grpc.")
         assert statuses == [200] * BURST, (statuses.count(503), {k: v for k, v in stats.items() if v})
         assert stats.get("cluster.verifier_grpc.http2.rx_reset", 0) == 0  # nothing was refused
-    finally:
-        envoy.stop()
-        verifier.stop()
-
-
-@pytest.mark.parametrize("mode", ["grpc", "http"])
-def test_the_templates_bound_the_verifier_cluster(
-    mode: str, tmp_path: Path, issuer: LocalIssuer, upstream: EchoUpstream
-) -> None:
-    verifier = start_verifier(tmp_path, issuer=issuer.issuer)
-    port = {"verifier_grpc_port" if mode == "grpc" else "verifier_http_port": verifier.extra[f"{mode}_port"]}
-    envoy = start_envoy(tmp_path, mode, upstream_port=upstream.port, **port)  # type: ignore[arg-type]
-    try:
-        assert envoy.admin_url
-        clusters = http_request(f"{envoy.admin_url}/clusters").body.decode()
-        bounds = {
-            line.split("::")[2]: int(line.split("::")[3])
-            for line in clusters.splitlines()
-            if line.startswith(f"verifier_{mode}::default_priority::")
-        }
-        assert 0 < bounds["max_requests"] <= 256 and 0 < bounds["max_pending_requests"] <= 256
-        # Under the bounds, answers are the verifier's own; a refusal never reaches the upstream.
-        token = issuer.mint(sub="bounded")
-        assert http_request(f"{envoy.url}/api", headers={"Authorization": f"Bearer {token}"}).status == 200
-        assert http_request(f"{envoy.url}/api", headers={"Authorization": "Bearer nope"}).status == 401
     finally:
         envoy.stop()
         verifier.stop()
