@@ -8,9 +8,12 @@ import asyncio
 import time
 
 from doorkit import http_exchange, running_verifier
+from support import FrozenClock
+from tokenkit import DISCOVERY_URL, JWKS_URL, KIDS, NOW, FakeFetcher, claims, discovery_document, issuer_settings
 
+from verifier.app import App
 from verifier.doors import forward_auth
-from verifier.settings import DEFAULT_SHED_AFTER_SECONDS
+from verifier.settings import DEFAULT_SHED_AFTER_SECONDS, Listen, Settings
 
 
 def _request(token: str, sub_path: str = "") -> bytes:
@@ -104,3 +107,43 @@ async def test_one_connection_never_has_more_than_max_pipelined_answers_owed() -
             writer.close()
         assert set(statuses) <= {200, 503} and statuses.count(200) > 0
         assert max(owed) <= forward_auth.MAX_PIPELINED
+
+
+async def test_a_full_pending_queue_answers_503_retry_after_at_once_and_recovers(mint, jwks_document) -> None:  # type: ignore[no-untyped-def]
+    fetcher = FakeFetcher()
+    fetcher.serve(DISCOVERY_URL, discovery_document())
+    fetcher.serve(JWKS_URL, jwks_document)
+    settings = Settings(
+        grpc=None,
+        http=Listen(host="127.0.0.1", port=0),
+        metrics=None,
+        issuers=(issuer_settings(jwks_cooldown_seconds=0.0, fetch_timeout_seconds=5.0),),
+        max_pending_checks=2,
+        deadline_seconds=20.0,  # the two in flight keep waiting, however slow the machine
+    )
+    app = App(settings, clock=FrozenClock(NOW), fetcher=fetcher)
+    await app.start()
+    try:
+        await asyncio.wait_for(app.keys.wait_ready(), 5)
+        port = app.ports.http
+        fetcher.delay = 30.0  # every key refresh hangs: tokens with unknown kids wait for it
+        waiting = [
+            asyncio.ensure_future(http_exchange(port, _request(mint(claims(), "ES256", kid=f"rotated-{i}"))))
+            for i in range(2)
+        ]
+        await asyncio.sleep(0.2)
+        shed = await http_exchange(port, _request(mint(claims(), "ES256", kid="rotated-x")))
+        assert shed.startswith(b"HTTP/1.1 503"), shed[:100]
+        assert b"retry-after: 1" in shed.lower() and b"x-verifier-reason: overloaded" in shed.lower()
+        assert b"x-authenticated-" not in shed.lower()
+        assert not any(w.done() for w in waiting)  # the two in flight are still waiting: the queue was full
+        # A cached token is answered while the queue is full; the door is healthy.
+        assert b" 200 " in await http_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: v\r\n\r\n")
+        fetcher.delay = 0.0
+        for w in waiting:
+            w.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        ok = await http_exchange(port, _request(mint(claims(), "ES256", kid=KIDS["ES256"])))
+        assert ok.startswith(b"HTTP/1.1 200"), ok[:100]
+    finally:
+        await app.stop(grace=0.1)
