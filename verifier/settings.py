@@ -88,7 +88,7 @@ __all__ = [  # the sections live in verifier.config; these names stay importable
 ]
 
 DEFAULT_MAX_TOKEN_BYTES = 8192  # bytes; larger tokens are refused before any parsing
-DEFAULT_TOKEN_CACHE_ENTRIES = 100_000  # verified tokens kept (bounded memory, ~1 KiB each)
+DEFAULT_TOKEN_CACHE_ENTRIES = 100_000  # verified tokens kept (bounded memory, ~4 KiB each: bench.cache_bench)
 DEFAULT_NEGATIVE_CACHE_ENTRIES = 100_000  # refused tokens remembered so a replay costs one lookup
 DEFAULT_NEGATIVE_TTL_SECONDS = 30.0  # seconds a refused token stays refused without re-checking
 DEFAULT_REALM = "verifier"
@@ -161,7 +161,7 @@ class CacheSettings:
     """Bounds on the verified-token and refused-token caches."""
 
     token_entries: int = setting(
-        DEFAULT_TOKEN_CACHE_ENTRIES, maximum=10_000_000, unit="entries", doc="verified tokens kept (~1 KiB each)"
+        DEFAULT_TOKEN_CACHE_ENTRIES, maximum=10_000_000, unit="entries", doc="verified tokens kept (~4 KiB each)"
     )
     negative_entries: int = setting(
         DEFAULT_NEGATIVE_CACHE_ENTRIES, maximum=10_000_000, unit="entries", doc="refused tokens remembered"
