@@ -7,6 +7,8 @@ Routes, alternated in each repetition (wrk, 16 connections, one repeated ES256 t
 * ``shipped, auth off``  -- this tree's deploy/nginx/nginx.conf.template with ``auth_request off``: the same nginx
   without auth, the issue's baseline
 * ``shipped``            -- the same template as shipped (``auth_request`` to the verifier, answers reused)
+* ``shipped, Lua``       -- deploy/nginx/nginx-lua.conf.template as shipped (verifier-reuse.lua: answers reused
+  from a lua_shared_dict instead of proxy_cache)
 * ``before``             -- ``--before``'s template (e.g. main's copy), when given
 
 Every shipped nginx has one worker and proxies to the same upstream. Besides throughput it prints the nginx
@@ -28,7 +30,7 @@ from pathlib import Path
 from bench import edge, idp, load, procs
 from bench.runner import Context
 
-OFF, SHIPPED, BEFORE = "shipped, auth off", "shipped", "before"
+OFF, SHIPPED, LUA, BEFORE = "shipped, auth off", "shipped", "shipped, Lua", "before"
 
 
 def worker_cpu_s(master: int) -> float:
@@ -59,12 +61,13 @@ def main() -> None:
     try:
         base, upstream = edge.start_nginx(ctx, target.http_addr, 10_000, tmp)
         urls, masters = {edge.PLAIN: f"{base}/plain{edge.PATH}"}, {}
-        routes = [(OFF, shipped_template, False), (SHIPPED, shipped_template, True)]
+        routes = [(OFF, shipped_template, False, False), (SHIPPED, shipped_template, True, False)]
+        routes.append((LUA, shipped_template, True, True))
         if args.before:
-            routes.append((BEFORE, args.before.resolve(), True))
-        for name, template, auth in routes:
+            routes.append((BEFORE, args.before.resolve(), True, False))
+        for name, template, auth, lua in routes:
             gateways.NGINX_TEMPLATE = template
-            running.append(gateways.start_nginx(args.out, verifier_port, upstream, workers=1, auth=auth))
+            running.append(gateways.start_nginx(args.out, verifier_port, upstream, workers=1, auth=auth, lua=lua))
             urls[name], masters[name] = f"{running[-1].url}{edge.PATH}", running[-1].proc.pid
         gateways.NGINX_TEMPLATE = shipped_template
         headers = {"Authorization": f"Bearer {token}"}

@@ -1,7 +1,8 @@
 """Issue #23: the shipped gateway configurations reuse the verifier's forward-auth answer for exactly the
 lifetime the verifier chose, keyed by the credentials and the request judged: nginx's auth cache
-(deploy/nginx/nginx.conf.template, `X-Accel-Expires`) and Envoy's Lua filter (deploy/envoy/envoy-reuse.yaml.template
-with verifier-reuse.lua, `Cache-Control`).
+(deploy/nginx/nginx.conf.template, `X-Accel-Expires`), nginx's Lua variant (deploy/nginx/nginx-lua.conf.template
+with verifier-reuse.lua, `Cache-Control`) and Envoy's Lua filter (deploy/envoy/envoy-reuse.yaml.template with
+verifier-reuse.lua, `Cache-Control`).
 
 Real nginx and real Envoy (the rendered templates) in front of the REAL verifier; a verifier call is counted by
 its own `verifier_decisions_total{door="forward_auth"}`. Every test sends tokens no other test sends, so a
@@ -98,17 +99,18 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
     proc.stop()
 
 
-@pytest.fixture(scope="module", params=["nginx", "envoy"])
+@pytest.fixture(scope="module", params=["nginx", "nginx-lua", "envoy"])
 def gateway(
     request: pytest.FixtureRequest,
     verifier: GatewayProcess,
     upstream: EchoUpstream,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
-    """The shipped reusing configurations: nginx's auth cache, and Envoy with deploy/envoy/verifier-reuse.lua."""
+    """The shipped reusing configurations: nginx's auth cache, nginx with deploy/nginx/verifier-reuse.lua, and
+    Envoy with deploy/envoy/verifier-reuse.lua."""
     work = tmp_path_factory.mktemp(request.param)
-    if request.param == "nginx":
-        gw = start_nginx(work, verifier.extra["http_port"], upstream.port)
+    if request.param.startswith("nginx"):
+        gw = start_nginx(work, verifier.extra["http_port"], upstream.port, lua=request.param == "nginx-lua")
     else:
         gw = start_envoy(work, "reuse", verifier_http_port=verifier.extra["http_port"], upstream_port=upstream.port)
     yield gw.url
