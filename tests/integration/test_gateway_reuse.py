@@ -18,7 +18,7 @@ import json
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -57,6 +57,8 @@ pytestmark = pytest.mark.integration
 #: The Lua filter's bound (MAX_ENTRIES in deploy/envoy/verifier-reuse.lua) and the flood's parallelism
 MAX_ENTRIES = 10_000
 FLOOD_THREADS = 8
+#: Junk credentials flooding nginx's Lua variant: 4,000 of 3,000 bytes are more than its 10 MiB dict holds
+NGINX_FLOOD, NGINX_JUNK_BYTES = 4_000, 3_000
 MAX_AGE = 2  # edge_cache.max_age_seconds and refusal_max_age_seconds: short, so expiry is observable
 ADMIN_TOKEN = "an-admin-secret-for-the-reuse-tests-0123"
 ADMIN_HOST = "admin.example.test"
@@ -313,17 +315,46 @@ def _revoke(verifier: GatewayProcess, issuer: LocalIssuer, tok: str) -> None:
         assert answer.status == 201
 
 
-def test_envoys_reuse_cache_is_bounded(
-    issuer: LocalIssuer, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """A flood of distinct tokens cannot grow the Lua filter's cache past its bound: once it holds
-    MAX_ENTRIES answers (none expired: everything is reusable for 300 s here) it starts over, so an
-    answer stored before the flood is asked again. Without a bound it would still be served from memory."""
+def _flood(url: str, count: int, credential: Callable[[int], str]) -> list[int]:
+    """The statuses of `count` requests, each with its own `credential(i)`, FLOOD_THREADS at a time."""
+
+    def flood(worker: int) -> list[int]:
+        conn = http.client.HTTPConnection(LOOPBACK, int(url.rsplit(":", 1)[1]), timeout=10)
+        statuses = []
+        for i in range(worker, count, FLOOD_THREADS):
+            conn.request("GET", "/orders", headers={"Authorization": f"Bearer {credential(i)}"})
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+        conn.close()
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(FLOOD_THREADS) as pool:
+        return [s for batch in pool.map(flood, range(FLOOD_THREADS)) for s in batch]
+
+
+@pytest.fixture()
+def long_lived_verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A verifier whose answers (refusals included) may be reused for 300 s: nothing expires during a test."""
     proc = start_verifier(
         tmp_path_factory.mktemp("verifier-bound"),
         issuer=issuer.issuer,
         extra_config={"edge_cache": {"max_age_seconds": 300, "refusal_max_age_seconds": 300}},
     )
+    yield proc
+    proc.stop()
+
+
+def test_envoys_reuse_cache_is_bounded(
+    issuer: LocalIssuer,
+    upstream: EchoUpstream,
+    long_lived_verifier: GatewayProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A flood of distinct tokens cannot grow the Lua filter's cache past its bound: once it holds
+    MAX_ENTRIES answers (none expired: everything is reusable for 300 s here) it starts over, so an
+    answer stored before the flood is asked again. Without a bound it would still be served from memory."""
+    proc = long_lived_verifier
     gw = start_envoy(
         tmp_path_factory.mktemp("envoy-bound"),
         "reuse",
@@ -336,19 +367,7 @@ def test_envoys_reuse_cache_is_bounded(
         assert get(gw.url, "/orders", tok).status == 200
         assert asked(proc) == 1  # the second came from Envoy's cache
 
-        def flood(worker: int) -> list[int]:
-            conn = http.client.HTTPConnection(LOOPBACK, int(gw.url.rsplit(":", 1)[1]), timeout=10)
-            statuses = []
-            for i in range(worker, MAX_ENTRIES, FLOOD_THREADS):
-                conn.request("GET", "/orders", headers={"Authorization": f"Bearer junk-{i}-{uuid.uuid4().hex}"})
-                response = conn.getresponse()
-                response.read()
-                statuses.append(response.status)
-            conn.close()
-            return statuses
-
-        with concurrent.futures.ThreadPoolExecutor(FLOOD_THREADS) as pool:
-            statuses = [s for batch in pool.map(flood, range(FLOOD_THREADS)) for s in batch]
+        statuses = _flood(gw.url, MAX_ENTRIES, lambda i: f"junk-{i}-{uuid.uuid4().hex}")
         assert statuses == [401] * MAX_ENTRIES
 
         before = asked(proc)
@@ -356,4 +375,34 @@ def test_envoys_reuse_cache_is_bounded(
         assert asked(proc) == before + 1, "the cache kept growing past its bound"
     finally:
         gw.stop()
-        proc.stop()
+
+
+def test_nginx_luas_reuse_cache_is_bounded(
+    issuer: LocalIssuer,
+    upstream: EchoUpstream,
+    long_lived_verifier: GatewayProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """deploy/nginx/verifier-reuse.lua keeps answers in `lua_shared_dict verifier_answers 10m` and a
+    per-worker copy of at most 1,000. A flood of distinct long junk credentials (some 4 KiB stored each:
+    more than 10 MiB in all) evicts the answer stored before it, least recently used, from both: it is
+    asked again. With either store unbounded (one worker here, so its copy is the one asked) it would not be."""
+    proc = long_lived_verifier
+    gw = start_nginx(
+        tmp_path_factory.mktemp("nginx-lua-bound"), proc.extra["http_port"], upstream.port, workers=1, lua=True
+    )
+    try:
+        tok = token(issuer)
+        assert [get(gw.url, "/orders", tok).status for _ in range(2)] == [200, 200]
+        assert asked(proc) == 1  # the second came from nginx's cache
+
+        padding = "j" * NGINX_JUNK_BYTES
+        statuses = _flood(gw.url, NGINX_FLOOD, lambda i: f"{padding}-{i}-{uuid.uuid4().hex}")
+        assert statuses == [401] * NGINX_FLOOD
+        assert asked(proc) == 1 + NGINX_FLOOD  # every junk credential was judged, once
+
+        before = asked(proc)
+        assert get(gw.url, "/orders", tok).status == 200
+        assert asked(proc) == before + 1, "the cache kept growing past its bound"
+    finally:
+        gw.stop()
