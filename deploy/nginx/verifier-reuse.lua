@@ -17,9 +17,9 @@
 --    never. DPoP, WebAuthn, rate-limited and certificate-bound answers are no-store (the verifier decides);
 --    on top of that a request carrying a DPoP or X-WebAuthn-Assertion header never touches the cache.
 --
--- The key is everything the answer depends on: method, scheme, host ($host, as nginx chose the server),
--- port, the raw request target and the Authorization header (present or not); "\n" cannot occur in any
--- of them, so no two keys collide. The shared dict holds the key itself (no hash): a lookup is exact.
+-- The key is $verifier_reuse_key, built by the template's map: everything the answer depends on (method,
+-- scheme, host as nginx chose the server, port, the raw request target, Authorization), or "" for a request
+-- with DPoP or X-WebAuthn-Assertion. The shared dict holds the key itself (no hash): a lookup is exact.
 
 local M = {}
 
@@ -206,16 +206,9 @@ function M.access()
   if ngx.is_subrequest then
     return -- the /_auth subrequest itself
   end
-  local key
-  if var.http_dpop == nil and var.http_x_webauthn_assertion == nil then
-    local authorization = var.http_authorization
-    key = concat({
-      req.get_method(), var.scheme, var.host, var.server_port, var.request_uri,
-      authorization and ("=" .. authorization) or "",
-    }, "\n")
-    if #key > MAX_KEY_BYTES then
-      key = nil
-    end
+  local key = var.verifier_reuse_key -- "" with DPoP or X-WebAuthn-Assertion: never reused
+  if key == "" or #key > MAX_KEY_BYTES then
+    key = nil
   end
   local now = ngx.now()
   if key ~= nil then

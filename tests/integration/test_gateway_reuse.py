@@ -208,6 +208,20 @@ def test_a_dpop_proof_replayed_within_max_age_is_refused_not_served_from_the_cac
     assert asked(verifier) - before == 2
 
 
+@pytest.mark.parametrize("header", ["DPoP", "X-WebAuthn-Assertion"])
+def test_a_cached_allow_is_never_served_to_a_request_adding_a_proof_header(
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer, header: str
+) -> None:
+    """The same token and request plus a DPoP proof or a WebAuthn assertion is another question (the proof
+    is part of the key): the verifier judges it, the gateway never answers it from the cached allow."""
+    tok = token(issuer)
+    assert [get(gateway, "/orders", tok).status for _ in range(2)] == [200, 200]
+    before = asked(verifier)
+
+    http_request(f"{gateway}/orders", headers={"Authorization": f"Bearer {tok}", header: "not-a-proof"})
+    assert asked(verifier) - before == 1
+
+
 def test_a_no_store_refusal_is_never_reused(gateway: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:
     tok = token(issuer)
     _revoke(verifier, issuer, tok)  # a revoked token's refusal is no-store: revocation may be lifted
