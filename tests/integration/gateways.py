@@ -761,9 +761,10 @@ def start_nginx(
     http_directives: str = "",
     auth: bool = True,
     lua: bool = False,
+    lua_file: Path = NGINX_REUSE_LUA,
 ) -> GatewayProcess:
     """Run the shipped ``deploy/nginx/nginx.conf.template`` (rendered) in the foreground under ``tmp_path``;
-    with ``lua``, ``deploy/nginx/nginx-lua.conf.template`` and its ``verifier-reuse.lua`` instead.
+    with ``lua``, ``deploy/nginx/nginx-lua.conf.template`` and its ``verifier-reuse.lua`` (or ``lua_file``) instead.
 
     ``workers`` replaces the template's ``worker_processes auto`` (the benchmarks compare one-worker nginxes);
     ``auth=False`` its ``auth_request /_auth`` with ``auth_request off`` (the benchmarks' "same nginx without
@@ -788,7 +789,7 @@ def start_nginx(
         VERIFIER_HTTP_PORT=verifier_http_port,
         UPSTREAM_HOST=LOOPBACK,
         UPSTREAM_PORT=upstream_port,
-        **({"VERIFIER_LUA": NGINX_REUSE_LUA} if lua else {}),
+        **({"VERIFIER_LUA": lua_file} if lua else {}),
     )
     if http_directives:
         conf = conf.replace("\nhttp {\n", f"\nhttp {{\n{http_directives}\n", 1)

@@ -19,6 +19,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,6 +29,7 @@ from verifier.binding.dpop import thumbprint
 if __package__:
     from .gateways import (
         LOOPBACK,
+        NGINX_REUSE_LUA,
         EchoUpstream,
         GatewayProcess,
         HttpResult,
@@ -41,6 +43,7 @@ if __package__:
 else:  # tests/ is not a package: pytest put this directory on sys.path
     from gateways import (
         LOOPBACK,
+        NGINX_REUSE_LUA,
         EchoUpstream,
         GatewayProcess,
         HttpResult,
@@ -420,3 +423,21 @@ def test_nginx_luas_reuse_cache_is_bounded(
         assert asked(proc) == before + 1, "the cache kept growing past its bound"
     finally:
         gw.stop()
+
+
+def test_an_error_in_nginxs_reuse_filter_fails_closed(
+    issuer: LocalIssuer, verifier: GatewayProcess, upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    """A Lua error on the way (here: raised first thing in access()) is nginx's 500, which the template turns
+    into its 503: never a pass, whatever the verifier would have said."""
+    broken = tmp_path / "verifier-reuse.lua"
+    access = "function M.access()\n"
+    broken.write_text(NGINX_REUSE_LUA.read_text().replace(access, f"{access}  error('x')\n"))
+    gw = start_nginx(tmp_path, verifier.extra["http_port"], upstream.port, lua=True, lua_file=broken)
+    upstream.clear()
+    try:
+        answer = get(gw.url, "/orders", token(issuer))
+    finally:
+        gw.stop()
+    assert (answer.status, answer.headers.get("retry-after")) == (503, "1")
+    assert upstream.requests == []
