@@ -32,9 +32,11 @@ local CLIENT_HEADERS = {
   ["ratelimit"] = true, ["ratelimit-policy"] = true, ["ratelimit-limit"] = true,
   ["ratelimit-remaining"] = true, ["ratelimit-reset"] = true,
 }
--- answers a worker keeps decoded in front of the shared dict, each with the dict entry's own expiry;
--- a full table starts over (the dict still holds the answers)
+-- answers a worker keeps decoded in front of the shared dict, each with the dict entry's own expiry: at
+-- most this many, and this many bytes of keys and stored answers; a full table starts over (the dict still
+-- holds the answers)
 local MAX_LOCAL = 1000
+local MAX_LOCAL_BYTES = 4 * 1024 * 1024
 
 local ngx = ngx
 local var = ngx.var
@@ -47,7 +49,7 @@ if answers == nil then
   error("verifier-reuse.lua needs `lua_shared_dict verifier_answers <size>;` in the http block")
 end
 
-local here, here_count = {}, 0
+local here, here_count, here_bytes = {}, 0, 0
 
 local function ttl_of(cache_control)
   if type(cache_control) ~= "string" then -- absent, or sent twice: not reusable
@@ -103,12 +105,13 @@ local function decode(packed)
   return answer
 end
 
-local function remember(key, answer)
+-- `size`: the stored answer's length
+local function remember(key, answer, size)
   if here[key] == nil then
-    if here_count >= MAX_LOCAL then
-      here, here_count = {}, 0
+    if here_count >= MAX_LOCAL or here_bytes >= MAX_LOCAL_BYTES then
+      here, here_count, here_bytes = {}, 0, 0
     end
-    here_count = here_count + 1
+    here_count, here_bytes = here_count + 1, here_bytes + #key + size
   end
   here[key] = answer
 end
@@ -130,7 +133,7 @@ local function lookup(key, now)
   if answer.expires <= now then -- the dict's own expiry is the same instant; never trust one past it
     return nil
   end
-  remember(key, answer)
+  remember(key, answer, #packed)
   return answer
 end
 
@@ -225,11 +228,14 @@ function M.access()
     return respond('{"error":"temporarily_unavailable","reason":""}')
   end
   if key ~= nil and ttl ~= nil then
-    -- exptime has millisecond resolution: the entry is gone ttl seconds after the answer arrived.
+    -- Fresh until ttl seconds after the question was asked (`now`, millisecond resolution): never longer
+    -- than the verifier meant. The dict's own expiry is a little later; lookup() checks `expires` first.
     -- set() evicts the least recently used entries when the dict is full: the cache stays bounded.
     answer.expires = now + ttl
-    answers:set(key, encode(answer.expires, answer.status, answer.headers, answer.body), ttl)
-    remember(key, answer)
+    local packed = encode(answer.expires, answer.status, answer.headers, answer.body)
+    if answers:set(key, packed, ttl) then
+      remember(key, answer, #packed)
+    end
   end
   return apply(answer)
 end
