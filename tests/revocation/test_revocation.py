@@ -664,3 +664,24 @@ async def test_a_hostile_iat_or_auth_time_on_a_token_is_refused_not_a_crash(
     assert (await push(service, token)).status == 202
     refused = service.revocations.check(principal(**{claim: value}))  # no time to compare: fail closed
     assert isinstance(refused, InvalidToken) and refused.code == "credential_revoked"
+
+
+async def test_a_set_whose_transmitter_keys_are_out_of_reach_is_503_not_500(
+    service: RevocationService, transmitter: SsfTransmitter, provider: FakeFetcher, clock: FrozenClock
+) -> None:
+    """The SET can be judged neither way: RFC 8935 lets the transmitter retry a 5xx; ours is 503 + Retry-After."""
+    provider.fault = "unavailable"  # the transmitter rotated to a key we must fetch, and its JWKS answers 503
+    event = {SESSION_REVOKED: {"event_timestamp": int(NOW)}}
+    token = transmitter.sign_set(event, {"format": "opaque", "id": "s-9"}, kid="ssf-2")
+    clock.advance(61)  # past the refetch cooldown of the keys fetched at start
+    answer = await push(service, token)
+    assert answer.status == 503 and dict(answer.headers)["retry-after"]
+    assert body(answer) == {"err": "temporarily_unavailable"}
+    assert service.revocations.check(principal(sid="s-9")) is None
+    # Once the keys are back the same SET applies: its jti was not burnt by the failure.
+    transmitter.kid = "ssf-2"
+    provider.serve(transmitter.jwks_url, transmitter.jwks())
+    provider.fault = None
+    clock.advance(61)  # past the refetch cooldown
+    assert (await push(service, token)).status == 202
+    assert service.revocations.check(principal(sid="s-9")) is not None

@@ -1,8 +1,9 @@
 """The SSF push endpoint (RFC 8935): `POST /v1/ssf/events`, a SET in, 202 or an RFC 8935 error out.
 
 RFC 8935 section 2.3 answers a refused SET with 400 and `{"err": ..., "description": ...}` (its own
-error registry, not `X-Verifier-Reason` codes); a store we cannot reach is 503 with `Retry-After`,
-as every unavailable answer of ours.
+error registry, not `X-Verifier-Reason` codes); a store or transmitter keys we cannot reach is 503 with
+`Retry-After`, as every unavailable answer of ours: the transmitter retries a 5xx, while a 400 would lose
+the event.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from verifier.config.revocation import PUSH
 from verifier.doors.refusals import RETRY_AFTER_UNAVAILABLE, STATUS_BY_OUTCOME
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
-from verifier.errors import Outcome, StateUnavailable
+from verifier.errors import Outcome, ProviderUnavailable, StateUnavailable
 from verifier.revocation.service import RevocationService
 from verifier.revocation.ssf import INVALID_REQUEST, MAX_SET_BYTES, SET_TYP, SetRefused
 
@@ -39,7 +40,7 @@ def add_ssf_routes(router: Router, service: RevocationService) -> None:
             await service.receive(token, delivery=PUSH)
         except SetRefused as exc:
             return _set_error(exc.err, exc.description)
-        except StateUnavailable:
+        except (StateUnavailable, ProviderUnavailable):  # the store, or the transmitter's keys: retry, never lost
             return HttpAnswer.json(
                 STATUS_BY_OUTCOME[Outcome.UNAVAILABLE],
                 {"err": "temporarily_unavailable"},

@@ -107,7 +107,10 @@ class IssuerKeys:
 
     async def refresh(self) -> None:
         """Fetches the keys once, however many callers ask at the same time (single flight)."""
-        await asyncio.shield(self._inflight or self._start())
+        task = self._inflight
+        if task is None or task.done():  # a fetch that just ended (its callback not yet run) is not this one
+            task = self._start()
+        await asyncio.shield(task)
 
     def _start(self) -> asyncio.Task[None]:
         task = self._inflight = asyncio.get_running_loop().create_task(self._refresh())
