@@ -62,6 +62,7 @@ MAX_ENTRIES = 10_000
 FLOOD_THREADS = 8
 #: Junk credentials flooding nginx's Lua variant: 4,000 of 3,000 bytes are more than its 10 MiB dict holds
 NGINX_FLOOD, NGINX_JUNK_BYTES = 4_000, 3_000
+RATE_BURST = 3
 MAX_AGE = 2  # edge_cache.max_age_seconds and refusal_max_age_seconds: short, so expiry is observable
 ADMIN_TOKEN = "an-admin-secret-for-the-reuse-tests-0123"
 ADMIN_HOST = "admin.example.test"
@@ -223,6 +224,47 @@ def test_a_cached_allow_is_never_served_to_a_request_adding_a_proof_header(
 
     http_request(f"{gateway}/orders", headers={"Authorization": f"Bearer {tok}", header: "not-a-proof"})
     assert asked(verifier) - before == 1
+
+
+@pytest.fixture(scope="module")
+def limited_verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A verifier allowing each identity a burst of RATE_BURST requests (then one per 100 s)."""
+    proc = start_verifier(
+        tmp_path_factory.mktemp("verifier-limited"),
+        issuer=issuer.issuer,
+        extra_config={
+            "edge_cache": {"max_age_seconds": 300},
+            "rate_limits": {"default": {"per_second": 0.01, "burst": RATE_BURST}},
+        },
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.parametrize("name", ["nginx", "nginx-lua", "envoy"])
+def test_a_rate_limited_identity_is_counted_on_every_request(
+    name: str,
+    limited_verifier: GatewayProcess,
+    issuer: LocalIssuer,
+    upstream: EchoUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """With a rate limit each allow is no-store (the bucket counts gateway requests): no gateway reuses one,
+    so the request past the burst is refused, not served the cached allow."""
+    port, work = limited_verifier.extra["http_port"], tmp_path_factory.mktemp(f"{name}-limited")
+    if name.startswith("nginx"):
+        gw = start_nginx(work, port, upstream.port, lua=name == "nginx-lua")
+    else:
+        gw = start_envoy(work, "reuse", verifier_http_port=port, upstream_port=upstream.port)
+    tok, before = token(issuer), asked(limited_verifier)
+    try:
+        statuses = [get(gw.url, "/orders", tok).status for _ in range(RATE_BURST + 2)]
+    finally:
+        gw.stop()
+    # nginx.conf.template can relay only 401 and 403: a 429 becomes its 503
+    refused = 503 if name == "nginx" else 429
+    assert statuses == [200] * RATE_BURST + [refused] * 2
+    assert asked(limited_verifier) - before == RATE_BURST + 2
 
 
 def test_a_no_store_refusal_is_never_reused(gateway: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:
