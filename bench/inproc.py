@@ -1,11 +1,12 @@
 """Where a forward-auth check's CPU goes, without sockets: a real `App` in this process, fed raw requests.
 
-``python -m bench.inproc [--policies] [--first-seen] [--profile]`` starts the bench's provider, builds the
+``python -m bench.inproc [--policies] [--first-seen] [--no-memo] [--profile]`` starts the bench's provider, builds the
 verifier from the same config ``bench run`` uses, and feeds one connection (a fake transport: no
 syscalls, no event-loop wake-ups) the same forward-auth request as ``wrk`` sends. It prints the CPU per
 check (cached: the best of 7 passes of 20,000; first-seen: one pass over 5,000 fresh ES256 tokens) and,
 with ``--profile``, cProfile's top functions. The gap between this and ``bench run``'s server CPU per
-check is the I/O (read, write, epoll) that the no-op pays too.
+check is the I/O (read, write, epoll) that the no-op pays too. The same raw request again is answered by
+the door's answer memo; ``--no-memo`` measures the path every other request takes.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class _Transport:
     def resume_reading(self) -> None: ...
 
 
-async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: bool) -> None:
+async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: bool, memo: bool) -> None:
     from verifier.app import App
     from verifier.doors import forward_auth
     from verifier.settings import load_settings
@@ -55,6 +56,8 @@ async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: b
     await app.start()
     try:
         await asyncio.wait_for(app.keys.wait_ready(), 10)
+        if not memo:
+            app.forward_auth.memo = None
         conn = forward_auth._Connection(app.forward_auth)
         transport = _Transport()
         conn.connection_made(transport)  # type: ignore[arg-type]
@@ -86,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policies", action="store_true", help="two route policies (bench run --policies)")
     parser.add_argument("--first-seen", action="store_true", help="each ES256 token once, instead of one token")
+    parser.add_argument("--no-memo", action="store_true", help="without the door's answer memo")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     args = parser.parse_args()
     import gc
@@ -112,7 +116,7 @@ def main() -> None:
                 + (wire.TWO_POLICIES if args.policies else "")
             )
             uvloop.install()
-            asyncio.run(_measure(config, tokens, args.first_seen, args.profile))
+            asyncio.run(_measure(config, tokens, args.first_seen, args.profile, not args.no_memo))
         finally:
             servers.stop()
 

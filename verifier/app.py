@@ -39,6 +39,7 @@ from verifier.config.introspection import IntrospectionConfig
 from verifier.config.resource import ProtectedResourceConfig
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes
 from verifier.doors.admin_http import add_admin_routes
+from verifier.doors.answer_memo import AnswerMemo
 from verifier.doors.forward_auth import ForwardAuthDoor
 from verifier.doors.grpc import GrpcDoors
 from verifier.doors.jwks_http import add_jwks_route
@@ -47,6 +48,7 @@ from verifier.doors.metadata_http import add_metadata_routes
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
+from verifier.generation import Generation
 from verifier.observe.audit import FLUSH_INTERVAL_SECONDS, flush_logs
 from verifier.observe.metrics import (
     IntrospectionMetrics,
@@ -254,6 +256,9 @@ class App:
             for i in settings.issuers
             if i.introspection is not None
         }
+        # Bumped by every change to what a from-memory decision reads (revocation entries, the token caches,
+        # WebAuthn credentials): the forward-auth door's remembered answers go stale at once.
+        self.generation = Generation()
         self.revocation: RevocationService | None = None
         logout_issuers = [i for i in settings.issuers if i.backchannel_logout is not None]
         # Back-channel logout keeps its entries in the revocation index, store and channel: with no
@@ -272,6 +277,7 @@ class App:
                 metrics=RevocationMetrics(self.metrics.registry, REFUSAL_CODES),
                 on_credential_revoked=self._credentials_revoked,
                 tracing=traced,
+                generation=self.generation,
             )
         self.webauthn: WebAuthnService | None = None
         if settings.webauthn is not None:
@@ -284,8 +290,9 @@ class App:
                 realm=settings.realm,
                 trace_id=traced.trace_id,
             )
-        self.positive: ExpiringCache[Admitted] = ExpiringCache(settings.cache.token_entries, self.clock)
-        self.negative: ExpiringCache[Refused] = ExpiringCache(settings.cache.negative_entries, self.clock)
+        cache = settings.cache
+        self.positive: ExpiringCache[Admitted] = ExpiringCache(cache.token_entries, self.clock, self.generation)
+        self.negative: ExpiringCache[Refused] = ExpiringCache(cache.negative_entries, self.clock, self.generation)
         policies = PolicySet(settings.policies, settings.protected_resource)
         with_roles = IssuerRoles(
             {i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles}, configured=self.keys.configured
@@ -362,6 +369,8 @@ class App:
             settings=settings.forward_auth,
             thumbprint_header=settings.mtls_thumbprint_header,
             tracing=tracing,
+            # Remembered answers stand for cached tokens: with no token cache, every request is judged afresh.
+            memo=AnswerMemo(self.clock, self.generation) if cache.token_entries > 0 else None,
         )
         self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready, tracing)
         self.ports = BoundPorts()
@@ -409,6 +418,7 @@ class App:
         if self.webauthn is not None:
             ids = list(revoked.credential_ids) or None
             await self.webauthn.disable_credentials(revoked.issuer, revoked.subject, ids, aaguid=revoked.aaguid)
+            self.generation.bump()
 
     async def _authenticate(self, request: HttpRequest) -> Principal:
         attrs = self.forward_auth.attributes(request.method, request.path.encode(), dict(request.headers), request.peer)

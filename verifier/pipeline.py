@@ -177,6 +177,8 @@ class Pipeline:
         self._own_endpoint = (OWN_ENDPOINT, self._mask(OWN_ENDPOINT))
         self._plans: dict[int, Plan] = {}
         self.trace: Tracer | None = None  # `verifier explain` listens here; off (None) in the service
+        # Set by the allow paths of `decide_cached`, read by `decide_cached_stable` (synchronous: no interleaving).
+        self._stable_until = 0.0
         self._tracing = tracing  # spans (annotated on first sight only) and the audit line's trace id
 
     def _mask(self, route: Route) -> int:
@@ -197,6 +199,16 @@ class Pipeline:
         except Exception:  # fail closed on bugs; the traceback has no token in it
             log.exception("internal error while deciding", extra={"event": "internal_error", "route": attrs.route})
             return refuse(InternalError("internal error"), realm=self._realm)
+
+    def decide_cached_stable(self, attrs: RequestAttributes, door: str = "") -> tuple[Decision | None, float]:
+        """`decide_cached`, and until when (epoch seconds) the same request would get these same answer bytes
+        while nothing it reads changes (`verifier.generation` tells that): 0.0 when it must not be reused
+        (a refusal; built for this request alone; a per-request check ran; its max-age already shrinking)."""
+        self._stable_until = 0.0
+        decision = self.decide_cached(attrs, door)
+        if decision is None or not decision.allowed:
+            return decision, 0.0
+        return decision, self._stable_until
 
     def _decide_cached(self, attrs: RequestAttributes, door: str) -> Decision | None:
         """The answer without any I/O, or None when the asynchronous path is needed.
@@ -223,6 +235,7 @@ class Pipeline:
                 # assertion). Inline: the commonest hit of all.
                 allowed = hit.allowed
                 if allowed.fresh_until - self._clock.now() >= allowed.cache_max_age:
+                    self._stable_until = allowed.fresh_until - allowed.cache_max_age  # <= renew_at (`allow`)
                     return allowed
             return self._now(hit, attrs, routed, key)
         refused = self._negative.get(key)
@@ -380,9 +393,10 @@ class Pipeline:
         """The allow answer for the principal the checks judged (its headers follow announced claims)."""
         if judged is not admitted.principal:  # rare (a CAEP claims change): built for this request alone
             allowed = self._build(judged, route, admitted.ceiling, admitted.credential)
-        else:
-            allowed = self._stored(admitted, route, key)
-        return self._reusable(judged, allowed, route, plan)
+            decision = self._reusable(judged, allowed, route, plan)
+            self._stable_until = 0.0  # an identity assertion in it is minted anew each time
+            return decision
+        return self._reusable(judged, self._stored(admitted, route, key), route, plan)
 
     def _build(self, principal: Principal, route: Route, ceiling: int, credential: Credential) -> Decision:
         """The answer for what the route's upstream receives: an allow, or `upstream_claim_too_large`."""
@@ -530,17 +544,18 @@ class Pipeline:
         allows (`Check.reuse_left`). `no-store` when a check that ran is per request.
         """
         ceiling = allowed.cache_max_age
-        if ceiling <= 0:
-            return allowed
         if plan.per_request:
-            return dataclasses.replace(allowed, cache_max_age=0, memo={})
+            return allowed if ceiling <= 0 else dataclasses.replace(allowed, cache_max_age=0, memo={})
         now = self._clock.now()
         left = principal.expires_at - now
         for check in plan.bounded:
             bound = check.reuse_left(principal, route, now)
             if bound is not None:
                 left = min(left, bound)
-        if left >= ceiling:
+        if ceiling <= 0 or left >= ceiling:
+            # The same answer until `left` comes down to the ceiling (it falls as the clock runs) or its
+            # identity assertion is renewed (`_stored`).
+            self._stable_until = min(now + left - max(ceiling, 0), allowed.renew_at)
             return allowed
         return dataclasses.replace(allowed, cache_max_age=max(0, int(left)), memo={})
 

@@ -25,6 +25,10 @@ On an allow, identity headers a client sent (`X-Authenticated-*`) that this answ
 listed in `x-envoy-auth-headers-to-remove` (Envoy HTTP mode removes them; the headers we set
 overwrite). Connections whose request does not arrive within `http.header_timeout_seconds`, or that
 stay idle for `http.idle_timeout_seconds`, are closed.
+
+A keep-alive request whose raw bytes were answered from memory before is answered again from the
+door's answer memo (`verifier.doors.answer_memo`) before it is parsed, while the pipeline says the
+answer holds and nothing it read has changed; every other request takes the path above.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import Any
 import httptools
 
 from verifier.decision import Decision, smuggled_identity
+from verifier.doors.answer_memo import AnswerMemo
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.observe.metrics import Metrics
 from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
@@ -150,12 +155,14 @@ class _Connection(asyncio.Protocol):
         "_body",
         "_body_bytes",
         "_closing",
+        "_completed",
         "_deadline",
         "_door",
         "_header_bytes",
         "_headers",
         "_loop",
         "_name",
+        "_offer",
         "_parser",
         "_paused",
         "_peer",
@@ -189,6 +196,10 @@ class _Connection(asyncio.Protocol):
         self._reading = False
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        # The answer memo (see _received_at_boundary): requests completed so far, and the answer the
+        # last one offers to be remembered (bytes, until when, decision), if any.
+        self._completed = 0
+        self._offer: tuple[bytes, float, Decision] | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -210,6 +221,14 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        memo = self._door.memo
+        if memo is not None and not self._reading and not self._pending:
+            self._received_at_boundary(memo, data)
+        else:
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parses what arrived; the callbacks below answer each complete request."""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -220,6 +239,33 @@ class _Connection(asyncio.Protocol):
             while cause is not None and not isinstance(cause, _TooLarge):
                 cause = cause.__cause__ or cause.__context__
             self._fail(cause.status if isinstance(cause, _TooLarge) else 400)
+
+    # the answer memo
+    def _received_at_boundary(self, memo: AnswerMemo, data: bytes) -> None:
+        """Bytes that start a request, nothing owed: the remembered answer when these exact bytes got one
+        that still holds; else parsed, and remembered when they were one whole keep-alive request
+        answered from memory (the pipeline says until when: `decide_cached_stable`)."""
+        started = time.perf_counter()
+        hit = memo.get(data, self._peer)
+        if hit is not None:
+            assert self._transport is not None
+            self._transport.write(hit.answer)
+            metrics = self._door.metrics
+            metrics.cache_lookup("positive", "hit")  # as the pipeline would have counted it
+            metrics.decision(DOOR, hit.outcome, hit.reason, time.perf_counter() - started)
+            self._idle()
+            return
+        completed = self._completed
+        self._offer = None
+        self._feed(data)
+        offer = self._offer
+        if (
+            offer is not None
+            and self._completed == completed + 1
+            and not (self._reading or self._pending or self._closing)
+        ):
+            answer, valid_until, decision = offer
+            memo.store(data, self._peer, answer, valid_until, decision.outcome, decision.reason)
 
     @property
     def busy(self) -> bool:
@@ -313,6 +359,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._reading = False
+        self._completed += 1
         if self._closing:
             return  # requests pipelined behind a "Connection: close" are not answered
         parser = self._parser
@@ -326,10 +373,13 @@ class _Connection(asyncio.Protocol):
             if door.tracing is not None:  # the one test tracing costs when off
                 self._push(door.decide_traced(attrs, started, keep_alive), keep_alive)
             else:
-                decision = door.pipeline.decide_cached(attrs, DOOR)
+                decision, stable_until = door.decide_cached(attrs)
                 if decision is not None:
                     door.observe(decision, started)
-                    self._push(_answer(decision, keep_alive, attrs.headers), keep_alive)
+                    answer = _answer(decision, keep_alive, attrs.headers)
+                    if stable_until and keep_alive:
+                        self._offer = (answer, stable_until, decision)
+                    self._push(answer, keep_alive)
                 else:
                     future = asyncio.ensure_future(door.decide_slow(attrs, started, keep_alive))
                     self._push(future, keep_alive)
@@ -458,9 +508,12 @@ class ForwardAuthDoor:
         settings: ForwardAuthSettings | None = None,
         thumbprint_header: str = "",
         tracing: Tracing | None = None,
+        memo: AnswerMemo | None = None,
     ) -> None:
         settings = settings or ForwardAuthSettings()
         self.tracing = tracing  # None: off, and no per-request tracing work at all
+        # Remembered answers (None: every request is parsed). Not with tracing: each request has its span.
+        self.memo = memo if tracing is None else None
         self.family = FORWARDED_FAMILIES[settings.forwarded_headers]
         self.thumbprint_header = thumbprint_header
         self.header_timeout = settings.header_timeout_seconds
@@ -476,6 +529,12 @@ class ForwardAuthDoor:
     def attributes(self, method: str, target: bytes, headers: dict[str, str], peer: str) -> RequestAttributes:
         """A request's attributes as this door reads them (its header family, its thumbprint header)."""
         return attributes_from_http(method, target, headers, peer, self.family, self.thumbprint_header)
+
+    def decide_cached(self, attrs: RequestAttributes) -> tuple[Decision | None, float]:
+        """The answer from memory (None: the slow path), and until when it may be remembered (0.0: not)."""
+        if self.memo is None:
+            return self.pipeline.decide_cached(attrs, DOOR), 0.0
+        return self.pipeline.decide_cached_stable(attrs, DOOR)
 
     def observe(self, decision: Decision, started: float) -> None:
         """Counts a decision."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from verifier.clock import Clock
 from verifier.errors import InvalidToken, VerifierError
+from verifier.generation import Generation
 from verifier.numbers import json_number
 from verifier.observe import traceparent
 from verifier.observe.audit import trace_fields
@@ -66,8 +67,14 @@ def _reaches(entry: Entry, iat: float | None, auth_time: float | None, has_sid: 
 class Revocations:
     """The synchronous checker over the current entries."""
 
-    def __init__(self, clock: Clock, trace_id: Callable[[Mapping[str, str]], str] = traceparent.trace_id) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        trace_id: Callable[[Mapping[str, str]], str] = traceparent.trace_id,
+        generation: Generation | None = None,
+    ) -> None:
         self._clock = clock
+        self._generation = generation or Generation()  # bumped on every change: remembered answers go stale
         self._trace_id = trace_id  # the audit line's trace: the current span's, else the gateway's traceparent
         self._entries: dict[str, Entry] = {}
         self._refusals: dict[tuple[KeyKind, str, str], list[Entry]] = {}
@@ -168,6 +175,7 @@ class Revocations:
 
     def add(self, entries: Iterable[Entry]) -> None:
         """Adds (or replaces, by id) entries."""
+        self._generation.bump()
         for entry in entries:
             self._remove_one(entry.id)
             self._entries[entry.id] = entry
@@ -176,11 +184,13 @@ class Revocations:
 
     def remove(self, ids: Iterable[str]) -> None:
         """Drops entries by id (unknown ids are ignored)."""
+        self._generation.bump()
         for entry_id in ids:
             self._remove_one(entry_id)
 
     def replace(self, entries: Iterable[Entry]) -> None:
         """Replaces everything with `entries` (a full resync)."""
+        self._generation.bump()
         self._entries.clear()
         self._refusals.clear()
         self._overrides.clear()

@@ -19,6 +19,7 @@ import aiohttp
 from verifier.clock import Clock
 from verifier.config.revocation import POLL, PUSH, RevocationConfig, TransmitterConfig
 from verifier.errors import StateUnavailable
+from verifier.generation import Generation
 from verifier.observe.metrics import RevocationMetrics, TransmitterKeyMetrics
 from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.revocation.admin import KillSwitch
@@ -62,12 +63,13 @@ class RevocationService:
         store: RevocationStore | None = None,
         admin_token: str | None = None,
         tracing: Tracing = NO_TRACING,
+        generation: Generation | None = None,
     ) -> None:
         self.config = config
         self._tracing = tracing  # CLIENT spans around the transmitters' metadata, JWKS and poll fetches
         self._clock = clock
         self.metrics = metrics  # the root's, with `REFUSAL_CODES` exported at zero
-        self.revocations = Revocations(clock, tracing.trace_id)
+        self.revocations = Revocations(clock, tracing.trace_id, generation)
         self._store: RevocationStore = store if store is not None else MemoryStore()  # the root picks the store
         key_metrics = TransmitterKeyMetrics(self.metrics)
         self._transmitters: dict[str, tuple[TransmitterConfig, IssuerKeys]] = {
