@@ -380,6 +380,22 @@ def test_cache_keys_are_sha256_digests_where_resty_sha256_exists(start_nginx, ec
     assert len(standin_verifier.requests) == 2
 
 
+@pytest.mark.parametrize("with_sha256", [True, False])
+def test_a_kept_answer_is_never_reused_for_another_credential(
+    start_nginx, echo_upstream, standin_verifier, with_sha256
+):
+    # the first token's allow is kept for 30 s; the same route with another credential (a refused token, an
+    # unknown one, none) must reach the verifier and get its own answer, whichever way keys are built
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream, with_sha256=with_sha256)
+    assert call(base, "/a", headers={"Authorization": "Bearer cached"})[0] == 200
+
+    assert call(base, "/a", headers={"Authorization": "Bearer deny-cached"})[0] == 403
+    assert call(base, "/a", headers={"Authorization": "Bearer cached-not"})[0] == 401
+    assert call(base, "/a")[0] == 401
+    assert shim_json(base, "cache")["hashed_keys"] is with_sha256
+    assert len(standin_verifier.requests) == 4
+
+
 def test_without_resty_sha256_the_key_string_itself_is_used(start_nginx, echo_upstream, standin_verifier):
     base = start_nginx({"url": standin_verifier.url}, echo_upstream)
 

@@ -54,7 +54,7 @@ end
 -- hasher per key.
 local hasher
 
-local function sha256(raw)
+local function new_hasher()
   local h = hasher
   if h then
     h:reset()
@@ -64,20 +64,45 @@ local function sha256(raw)
       hasher = h
     end
   end
-  h:update(raw)
-  return h:final()
+  return h
 end
 
 
---- The cache key for `raw`, the NUL-joined string of everything the answer
---- depends on (NUL cannot occur in header values or URIs, so the join is
---- unambiguous): its SHA-256 where resty.sha256 exists, so tokens are not
---- kept as keys; the string itself otherwise (bounded by cache_entries).
-function _M.key(raw)
-  if not has_sha256 then
-    return raw
+-- One credential header's part of the key: its values in order, each byte
+-- for byte (a repeated header is several values).
+local function joined_values(v)
+  if type(v) == "table" then
+    return concat(v, "\0")
   end
-  return sha256(raw)
+  return v
+end
+
+
+--- The cache key of a request: everything the answer depends on, joined with
+--- NUL (which cannot occur in header values or URIs, so the join is
+--- unambiguous): `head` (the verifier URL and the request line, already
+--- joined), then `"\0Authorization:" .. values` and `"\0cnf:" .. thumbprint`
+--- when present. Its SHA-256 where resty.sha256 exists, so tokens are not kept
+--- as keys; the pieces are fed to the hash one by one, so the credential is
+--- never copied into a longer string. The joined string itself otherwise
+--- (bounded by cache_entries).
+function _M.key(head, authorization, thumbprint)
+  if not has_sha256 then
+    return head
+        .. (authorization ~= nil and "\0Authorization:" .. joined_values(authorization) or "")
+        .. (thumbprint and "\0cnf:" .. thumbprint or "")
+  end
+  local h = new_hasher()
+  h:update(head)
+  if authorization ~= nil then
+    h:update("\0Authorization:")
+    h:update(joined_values(authorization))
+  end
+  if thumbprint then
+    h:update("\0cnf:")
+    h:update(thumbprint)
+  end
+  return h:final()
 end
 
 

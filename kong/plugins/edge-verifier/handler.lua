@@ -246,16 +246,6 @@ local function thumbprint_for(conf, sent, scheme)
 end
 
 
--- One credential header's part of the cache key: its values in order, each
--- byte for byte.
-local function key_part(name, v)
-  if type(v) == "table" then
-    return "\0" .. name .. ":" .. concat(v, "\0")
-  end
-  return "\0" .. name .. ":" .. v
-end
-
-
 -- The request the verifier sees: the credential headers untouched plus the
 -- original method and URI, Traefik forward-auth style. Built only when the
 -- verifier is asked.
@@ -473,11 +463,10 @@ function EdgeVerifierHandler:access(conf)
   local cache = not single_use and c.cache
   local key, decision
   if cache then
-    -- everything the answer depends on, joined with NUL in one concatenation
+    -- everything the answer depends on
     key = decision_cache.key(c.key_prefix .. method .. "\0" .. scheme .. "\0" .. host
-                             .. "\0" .. (port or "") .. "\0" .. uri
-                             .. (authorization ~= nil and key_part("Authorization", authorization) or "")
-                             .. (thumbprint and "\0cnf:" .. thumbprint or ""))
+                             .. "\0" .. (port or "") .. "\0" .. uri,
+                             authorization, thumbprint)
     decision = decision_cache.get(cache, key)
   end
 
