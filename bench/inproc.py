@@ -1,40 +1,65 @@
 """Where a forward-auth check's CPU goes, without sockets: a real `App` in this process, fed raw requests.
 
-``python -m bench.inproc [--policies] [--first-seen] [--no-memo] [--profile]`` starts the bench's provider, builds the
-verifier from the same config ``bench run`` uses, and feeds one connection (a fake transport: no
-syscalls, no event-loop wake-ups) the same forward-auth request as ``wrk`` sends. It prints the CPU per
-check (cached: the best of 7 passes of 20,000; first-seen: one pass over 5,000 fresh ES256 tokens) and,
-with ``--profile``, cProfile's top functions. The gap between this and ``bench run``'s server CPU per
-check is the I/O (read, write, epoll) that the no-op pays too. The same raw request again is answered by
-the door's answer memo; ``--no-memo`` measures the path every other request takes.
+``python -m bench.inproc [--policies] [--first-seen] [--no-memo] [--profile] [--callgrind]`` starts the bench's
+provider, builds the verifier from the same config ``bench run`` uses (audit logging on, as served: the lines go to
+/dev/null), and feeds one connection (a fake transport: no syscalls, no event-loop wake-ups) the same
+forward-auth request as ``wrk`` sends. It prints the CPU per check (cached: the best of 7 passes of 20,000;
+first-seen: 5 rounds of 1,000 fresh ES256 tokens, each round followed by the raw parse + verify of the same
+tokens (``bench/floor.py``), medians and their ratio) and, with ``--profile``, cProfile's top functions.
+``--callgrind`` runs the first-seen measure under valgrind instead and prints instructions per check and per
+raw parse + verify (deterministic: immune to the other processes on the machine). The gap between this and
+``bench run``'s server CPU per check is the I/O (read, write, epoll) that the no-op pays too. The same raw
+request again is answered by the door's answer memo; ``--no-memo`` measures the path every other request takes.
+
+``--opaque``: 5,000 first-seen opaque tokens, introspected over real loopback HTTP at the provider (its
+process, no delay), through ``OPAQUE_CONNECTIONS`` door connections at a time: the CPU per first-seen
+opaque token with the provider calls' real I/O but none of the door's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import cProfile
+import os
 import pstats
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from bench import idp, procs, wire
+from bench import floor, idp, procs, wire
 
-CACHED_PASSES, CACHED_REQUESTS, FIRST_SEEN_REQUESTS = 7, 20_000, 5_000
+CACHED_PASSES, CACHED_REQUESTS = 7, 20_000
+FIRST_SEEN_ROUNDS, FIRST_SEEN_PER_ROUND = 5, 1_000
+OPAQUE_TOKENS = 5_000
+OPAQUE_CONNECTIONS = 32  # door connections fed at once (a check waits for its provider call)
+CALLGRIND_TOKENS = 300  # per measure under valgrind (~50x slower); counts are exact, few suffice
+# The two loops run inside these C functions, so callgrind can tell their instructions apart.
+CHECK_LOOP, RAW_LOOP = "consume_iterator", "deque_extendleft"
 
 
 class _Transport:
     """What the connection writes to: counts answers, keeps the last."""
 
-    def __init__(self) -> None:
+    def __init__(self, answered: Any = None) -> None:
         self.answers = 0
         self.last = b""
+        self.answered = answered  # called with each answer (the opaque pass counts them)
 
     def write(self, data: bytes) -> None:
         self.answers += 1
         self.last = data
+        if self.answered is not None:
+            self.answered(data)
 
     def get_extra_info(self, name: str) -> Any:
         return ("127.0.0.1", 1) if name == "peername" else None
@@ -47,7 +72,71 @@ class _Transport:
     def resume_reading(self) -> None: ...
 
 
-async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: bool, memo: bool) -> None:
+def _checks(feed: Callable[[bytes], None], requests: Iterable[bytes]) -> None:
+    collections.deque(map(feed, requests), maxlen=0)  # runs in C `consume_iterator`
+
+
+def _raw(check: Callable[[str], None], tokens: Iterable[str]) -> None:
+    collections.deque(maxlen=1).extendleft(map(check, tokens))  # runs in C `deque_extendleft`
+
+
+def _timed(loop: Callable[[Any, Any], None], *args: Any, profiler: cProfile.Profile | None = None) -> float:
+    started = time.process_time()
+    if profiler:
+        profiler.enable()
+    loop(*args)
+    if profiler:
+        profiler.disable()
+    return time.process_time() - started
+
+
+async def _measure_opaque(app: Any, tokens: list[str], profiler: cProfile.Profile | None) -> None:
+    """First-seen opaque tokens, ``OPAQUE_CONNECTIONS`` checks in flight; prints the CPU per token."""
+    from verifier.doors import forward_auth
+
+    loop = asyncio.get_running_loop()
+    state: dict[str, Any] = {"left": 0, "done": None, "allowed": 0}
+
+    def answered(data: bytes) -> None:
+        state["allowed"] += data.startswith(b"HTTP/1.1 200")
+        if not data.startswith(b"HTTP/1.1 200"):
+            state["refused"] = data[:300]
+        state["left"] -= 1
+        if state["left"] == 0:
+            state["done"].set_result(None)
+
+    conns = []
+    for _ in range(OPAQUE_CONNECTIONS):
+        conn = forward_auth._Connection(app.forward_auth)
+        conn.connection_made(_Transport(answered))  # type: ignore[arg-type]
+        conns.append(conn)
+    requests = [wire.http_request(wire.http_headers(t), "127.0.0.1") for t in tokens]
+    warm, measured = requests[:OPAQUE_CONNECTIONS], requests[OPAQUE_CONNECTIONS:]
+    started = 0.0
+    for group in (warm, *[measured[i : i + OPAQUE_CONNECTIONS] for i in range(0, len(measured), OPAQUE_CONNECTIONS)]):
+        if group is not warm and not started:
+            started = time.process_time()
+            state["allowed"] = 0
+            if profiler:
+                profiler.enable()
+        state["left"], state["done"] = len(group), loop.create_future()
+        for conn, raw in zip(conns, group, strict=False):
+            conn.data_received(raw)
+        await state["done"]
+    spent = time.process_time() - started
+    if profiler:
+        profiler.disable()
+    refused = len(measured) - state["allowed"]
+    print(f"first-seen opaque: {spent / len(measured) * 1e6:.2f} us CPU per token ({len(measured)} tokens)")
+    if refused:  # a loaded machine: the provider or the decision deadline was late for some
+        print(f"  {refused} not allowed, e.g. {state['refused'][:60]!r}")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
+async def _measure(
+    config: Path, tokens: list[str], raw: Callable[[str], None] | None, profile: bool, memo: bool, opaque: bool = False
+) -> None:
     from verifier.app import App
     from verifier.doors import forward_auth
     from verifier.settings import load_settings
@@ -58,6 +147,9 @@ async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: b
         await asyncio.wait_for(app.keys.wait_ready(), 10)
         if not memo:
             app.forward_auth.memo = None
+        if opaque:
+            await _measure_opaque(app, tokens, cProfile.Profile(time.process_time) if profile else None)
+            return
         conn = forward_auth._Connection(app.forward_auth)
         transport = _Transport()
         conn.connection_made(transport)  # type: ignore[arg-type]
@@ -65,59 +157,126 @@ async def _measure(config: Path, tokens: list[str], first_seen: bool, profile: b
         conn.data_received(requests[0])  # warm: the cached token is admitted here
         await asyncio.sleep(0.01)
         profiler = cProfile.Profile() if profile else None
-        best = float("inf")
-        for _ in range(1 if first_seen else CACHED_PASSES):
-            started = time.process_time()
-            if profiler:
-                profiler.enable()
-            for raw in requests[1:]:
-                conn.data_received(raw)
-            if profiler:
-                profiler.disable()
-            best = min(best, time.process_time() - started)
+        if raw is None:  # cached: one token, many passes
+            feed = conn.data_received
+            best = min(_timed(_checks, feed, requests[1:], profiler=profiler) for _ in range(CACHED_PASSES))
+            per_check = [best / (len(requests) - 1)]
+        else:  # first-seen: rounds of fresh tokens, each followed by the raw parse + verify of the same ones
+            per_check, per_raw = [], []
+            rounds = (len(requests) - 1) // FIRST_SEEN_ROUNDS
+            for r in range(FIRST_SEEN_ROUNDS):
+                lo, hi = 1 + r * rounds, 1 + (r + 1) * rounds
+                per_check.append(_timed(_checks, conn.data_received, requests[lo:hi], profiler=profiler) / rounds)
+                per_raw.append(_timed(_raw, raw, tokens[lo:hi]) / rounds)
         if not transport.last.startswith(b"HTTP/1.1 200"):
             raise SystemExit(f"not an allow: {transport.last[:80]!r}")
-        what = "first-seen ES256" if first_seen else "cached"
-        print(f"{what}: {best / (len(requests) - 1) * 1e6:.2f} us CPU per check ({transport.answers} answers)")
+        check_us = statistics.median(per_check) * 1e6
+        if raw is None:
+            print(f"cached: {check_us:.2f} us CPU per check ({transport.answers} answers)")
+        else:
+            raw_us = statistics.median(per_raw) * 1e6
+            rounds_text = " ".join(f"{c * 1e6:.0f}/{w * 1e6:.0f}" for c, w in zip(per_check, per_raw, strict=True))
+            print(
+                f"first-seen ES256: {check_us:.2f} us CPU per check, raw parse + verify {raw_us:.2f} us, "
+                f"ratio {check_us / raw_us:.2f}x (medians of {FIRST_SEEN_ROUNDS}; per round check/raw: {rounds_text}; "
+                f"{transport.answers} answers)"
+            )
         if profiler:
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+            order = os.environ.get("BENCH_SORT", "tottime")
+            pstats.Stats(profiler).sort_stats(order).print_stats(int(os.environ.get("BENCH_TOP", "30")))
     finally:
         await app.stop(grace=0.1)
+
+
+def _inclusive(annotated: str, function: str) -> int:
+    """A function's inclusive instruction count from ``callgrind_annotate --inclusive=yes``."""
+    for line in annotated.splitlines():
+        if re.search(rf"[:\s]{function}\b", line):
+            return int(line.split()[0].replace(",", ""))
+    raise SystemExit(f"{function} not in the callgrind output")
+
+
+def _callgrind(argv: list[str]) -> None:
+    """Re-runs the first-seen measure under callgrind; prints instructions per check and per raw parse + verify."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        subprocess.run(
+            [
+                "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--log-file={tmp}/valgrind.log",
+                f"--toggle-collect={CHECK_LOOP}", f"--toggle-collect={RAW_LOOP}",
+                sys.executable, "-m", "bench.inproc", *[a for a in argv if a != "--callgrind"], "--first-seen",
+                "--tokens", str(CALLGRIND_TOKENS),
+            ],
+            check=True,
+        )  # fmt: skip
+        command = ["callgrind_annotate", "--inclusive=yes", str(out)]
+        annotated = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    check, raw = _inclusive(annotated, CHECK_LOOP), _inclusive(annotated, RAW_LOOP)
+    print(
+        f"callgrind, first-seen ES256: {check / CALLGRIND_TOKENS:,.0f} instructions per check, "
+        f"{raw / CALLGRIND_TOKENS:,.0f} per raw parse + verify, ratio {check / raw:.2f}x ({CALLGRIND_TOKENS} tokens)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policies", action="store_true", help="two route policies (bench run --policies)")
     parser.add_argument("--first-seen", action="store_true", help="each ES256 token once, instead of one token")
+    parser.add_argument("--opaque", action="store_true", help="each opaque token once (introspected at the provider)")
     parser.add_argument("--no-memo", action="store_true", help="without the door's answer memo")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
+    parser.add_argument("--callgrind", action="store_true", help="first-seen instruction counts under valgrind")
+    parser.add_argument("--tokens", type=int, default=FIRST_SEEN_ROUNDS * FIRST_SEEN_PER_ROUND, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.callgrind:
+        _callgrind(sys.argv[1:])
+        return
     import gc
 
     import uvloop
 
     from verifier import cli
+    from verifier.observe import audit
 
     young = getattr(cli, "GC_YOUNG_THRESHOLD", None)  # as `verifier serve`'s workers run (older trees: the default)
     if young is not None:
         gc.set_threshold(young, *gc.get_threshold()[1:])
 
+    os.environ.setdefault(idp.SECRET_ENV, secrets.token_urlsafe(24))  # the provider and the verifier share it
     with tempfile.TemporaryDirectory() as tmp:
         servers = procs.Servers(Path(tmp))
+        stderr = os.dup(2)
         try:
-            issuer = idp.Issuer(servers)
-            tokens = issuer.mint("ES256", FIRST_SEEN_REQUESTS + 1) if args.first_seen else [issuer.cached_token]
+            issuer = idp.Issuer(servers, opaque=OPAQUE_TOKENS + OPAQUE_CONNECTIONS if args.opaque else 0)
+            tokens = issuer.mint("ES256", args.tokens + 1) if args.first_seen else [issuer.cached_token]
             tokens = tokens if args.first_seen else tokens * (CACHED_REQUESTS + 1)
+            tokens = issuer.opaque if args.opaque else tokens
+            raw = None
+            if args.first_seen:
+                raw = floor.parse_and_verify("ES256", idp.read_keys(issuer.keys_file)["ES256"][1].public_key())
             config = Path(tmp) / "inproc.yaml"
             config.write_text(
                 'grpc: {listen: "127.0.0.1:0"}\nhttp: {listen: "127.0.0.1:0"}\n'
                 f'issuers:\n  - issuer: "{issuer.url}"\n    audiences: ["{wire.AUDIENCE}"]\n'
                 "    algorithms: [ES256, RS256, EdDSA]\n    leeway_seconds: 30\n    allow_insecure_http: true\n"
+                + (
+                    f"    introspection: {{client_id: {idp.CLIENT_ID}, client_secret_env: {idp.SECRET_ENV}, "
+                    f'endpoint: "{issuer.url}/introspect"}}\n'
+                    if args.opaque
+                    else ""
+                )
                 + (wire.TWO_POLICIES if args.policies else "")
             )
+            audit.configure_logging("INFO")  # as served: one audit line per signature check ...
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)  # ... written to /dev/null instead of the terminal
             uvloop.install()
-            asyncio.run(_measure(config, tokens, args.first_seen, args.profile, not args.no_memo))
+            asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo, args.opaque))
         finally:
+            audit.flush_logs()
+            os.dup2(stderr, 2)
             servers.stop()
 
 

@@ -16,14 +16,23 @@ keep-alive connections so that a 20 ms answer does not queue on its connection):
 Provider calls are read from devidp's counters at the measured window's edges (per 1,000 checks) and
 over the whole run (warm-up included) to compare with the distinct tokens the run sent.
 Goals (issue "Opaque tokens"): tokens asked of the provider <= distinct live tokens sent (hot,
-distinct) and <= distinct junk sent (flood); verifier p99 <= provider latency + 5 ms.
+distinct) and <= distinct junk sent (flood); verifier p99 <= provider latency + 5 ms; and (#24 goal 7)
+verifier CPU per first-seen opaque token <= 300 us: in ``distinct`` every check is a token never seen
+before, so the verifier's CPU over the window (from /proc) divided by the tokens it asked the provider
+about in the window is the whole cost of one first-seen token (door, pipeline, introspection, audit).
+
+``--before DIR`` runs a second pair of targets, ``before batch off`` / ``before batch on``: the verifier
+of another checkout (the code before a change), alternated with the others in the same run. ``--reps N``
+repeats every (scenario, target) point N times, alternating; the CPU table gives medians.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 from bench import idp, procs, report, runner, wire
@@ -36,41 +45,53 @@ CONNECTIONS = 64  # rate x latency x headroom: each connection sends every 64 ms
 P99_BUDGET_MS = 5.0  # on top of the provider's latency
 SCENARIOS = ("hot", "distinct", "flood")
 TARGETS = ("verifier batch off", "verifier batch on", "naive")
+FIRST_SEEN_CPU_GOAL_US = 300.0  # #24 goal 7: verifier CPU per first-seen opaque token
 
 
 def run(ctx: Context) -> None:
     """Every (scenario, target) point, alternated; writes results."""
     rate, delay = ctx.opt("rate", 1000.0), ctx.opt("delay", 0.02)
-    duration, warmup = ctx.opt("duration", 10.0, 4.0), 1.0
+    duration, warmup, reps = ctx.opt("duration", 10.0, 4.0), 1.0, ctx.opt("reps", 1)
+    before = ctx.opt("before", "")
     os.environ.setdefault(idp.SECRET_ENV, secrets.token_urlsafe(24))  # the provider and the verifiers inherit it
     sent = int(rate * (warmup + duration))
-    # Fresh live tokens for every (scenario, target): hot and distinct pools, plus probes.
-    provider = idp.Issuer(ctx.servers, opaque=(HOT_TOKENS + DISTINCT_TOKENS + 4) * len(TARGETS), delay_s=delay)
+    distinct_pool = min(DISTINCT_TOKENS, sent)
+    names = TARGETS + (("before batch off", "before batch on") if before else ())
+    # Fresh live tokens for every (scenario, target, repetition): hot and distinct pools, plus probes.
+    per_point = HOT_TOKENS + distinct_pool + 4
+    provider = idp.Issuer(ctx.servers, opaque=per_point * len(names) * reps, delay_s=delay)
     pool = iter(provider.opaque)
     base = f"{provider.url}/introspect"
     intro = f'    introspection: {{client_id: {idp.CLIENT_ID}, client_secret_env: {idp.SECRET_ENV}, endpoint: "{base}"'
+    batch = intro + f', batch_endpoint: "{base}/batch"}}\n'
     targets = {
         "verifier batch off": ctx.servers.start_verifier(
             provider.url, name="verifier batch off", issuer_yaml=intro + "}\n"
         ),
-        "verifier batch on": ctx.servers.start_verifier(
-            provider.url, name="verifier batch on", issuer_yaml=intro + f', batch_endpoint: "{base}/batch"}}\n'
-        ),
+        "verifier batch on": ctx.servers.start_verifier(provider.url, name="verifier batch on", issuer_yaml=batch),
         "naive": ctx.servers.start_baseline("introspect", issuer=provider.url).renamed("naive"),
     }
+    if before:
+        tree = Path(before).resolve()
+        targets["before batch off"] = ctx.servers.start_verifier(
+            provider.url, name="before batch off", issuer_yaml=intro + "}\n", tree=tree
+        )
+        targets["before batch on"] = ctx.servers.start_verifier(
+            provider.url, name="before batch on", issuer_yaml=batch, tree=tree
+        )
 
     def counts() -> dict[str, float]:
         return {**provider.counts(), "provider_cpu": procs.cpu_seconds([provider.proc.pid])}
 
     points = []
-    for k, scenario in enumerate(SCENARIOS):
-        for name in TARGETS if k % 2 == 0 else TARGETS[::-1]:
+    for rep, k, scenario in ((r, k, s) for r in range(reps) for k, s in enumerate(SCENARIOS)):
+        for name in names if (k + rep) % 2 == 0 else names[::-1]:
             target = targets[name]
             if scenario == "flood":
                 junk = [secrets.token_urlsafe(32) for _ in range(max(1, sent // 2))]
                 tokens, probe, allow, distinct = junk + junk, secrets.token_urlsafe(32), False, min(len(junk), sent)
             else:
-                tokens = [next(pool) for _ in range(HOT_TOKENS if scenario == "hot" else DISTINCT_TOKENS)]
+                tokens = [next(pool) for _ in range(HOT_TOKENS if scenario == "hot" else distinct_pool)]
                 probe, allow, distinct = next(pool), True, min(len(tokens), sent)
             correct = ctx.guard(target, Door.HTTP, probe, allow)
             provider.reset()
@@ -88,16 +109,23 @@ def run(ctx: Context) -> None:
             )
             total, w, checks = provider.counts(), p["window"], p["requests"] or 1
             p.update(scenario=scenario, correct=correct, run_distinct=distinct, run_sent=sent, pool=len(set(tokens)))
+            p.update(rep=rep + 1)
             p.update(window_calls_per_1000=(w["introspection_calls"] + w["batch_calls"]) * 1000 / checks)
             p.update(window_asks_per_1000=(w["introspection_calls"] + w["batch_tokens"]) * 1000 / checks)
+            asked = w["introspection_calls"] + w["batch_tokens"]
+            first_seen = scenario == "distinct" and name != "naive" and asked
+            p.update(first_seen_cpu_us=p["server_cpu_s"] * 1e6 / asked if first_seen else None)
             p.update(run_calls=total["introspection_calls"] + total["batch_calls"], provider_cpu_s=w["provider_cpu"])
             p.update(run_asks=total["introspection_calls"] + total["batch_tokens"])
             points.append(ctx.record(p))
+            cpu = f", {p['first_seen_cpu_us']:.0f} us CPU per first-seen token" if p["first_seen_cpu_us"] else ""
             print(
-                f"bench: {scenario:8} {name:18} p99 {p['latency']['p99']:.2f} ms, asked {p['run_asks']} / {distinct}",
+                f"bench: {scenario:8} {name:18} p99 {p['latency']['p99']:.2f} ms, asked {p['run_asks']} / {distinct}"
+                + cpu,
                 file=sys.stderr,
             )
     result = dict(rate=rate, delay_s=delay, duration_s=duration, warmup_s=warmup, warnings=ctx.warnings, points=points)
+    result.update(reps=reps, before=before)
     report.write(ctx.out, markdown(ctx, result), result)
 
 
@@ -105,8 +133,13 @@ def goals(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     """(goal, measured, met) for every verifier point."""
     budget = result["delay_s"] * 1000 + P99_BUDGET_MS
     out = []
+    for name, values in first_seen_cpu(result).items():
+        if not name.startswith("before"):
+            median = statistics.median(values)
+            label = f"distinct, {name}: verifier CPU per first-seen opaque token <= {FIRST_SEEN_CPU_GOAL_US:g} us"
+            out.append((label, f"{median:.0f} us (median of {len(values)})", median <= FIRST_SEEN_CPU_GOAL_US))
     for p in result["points"]:
-        if p["target"] == "naive":
+        if p["target"] == "naive" or p["target"].startswith("before"):
             continue
         label, kind = f"{p['scenario']}, {p['target']}", "junk" if p["scenario"] == "flood" else "live"
         lost = p["errors"] + p["dropped"]
@@ -118,12 +151,36 @@ def goals(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     return out
 
 
+def first_seen_cpu(result: dict[str, Any]) -> dict[str, list[float]]:
+    """target -> verifier CPU per first-seen token (us) of each ``distinct`` repetition."""
+    out: dict[str, list[float]] = {}
+    for p in result["points"]:
+        if p.get("first_seen_cpu_us"):
+            out.setdefault(p["target"], []).append(p["first_seen_cpu_us"])
+    return out
+
+
+def cpu_table(result: dict[str, Any]) -> str:
+    """Medians of CPU per first-seen token, each target against its ``before`` twin when there is one."""
+    figures = first_seen_cpu(result)
+    rows = []
+    for name, values in figures.items():
+        twin = figures.get(name.replace("verifier", "before")) if name.startswith("verifier") else None
+        median = statistics.median(values)
+        ratio = f"{median / statistics.median(twin):.2f}" if twin else "-"
+        runs = "; ".join(f"{v:.0f}" for v in values)
+        rows.append([name, runs, f"{median:.0f}", ratio])
+    headers = ["target", "CPU per first-seen token, us (repetitions)", "median", "median / before's"]
+    return report.table(headers, rows, left=2)
+
+
 def markdown(ctx: Context, r: dict[str, Any]) -> str:
     """The table and the goals."""
     headers = ["scenario", "target", "achieved/s", "p50 ms", "p99 ms", "p99.9 ms", "allowed", "refused", "errors"]
     headers += ["provider calls / 1,000 checks", "tokens asked / 1,000 checks", "run: tokens asked / distinct sent"]
     headers += [
         "verifier CPU/check us",
+        "CPU per first-seen token us",
         "verifier CPU (cores)",
         "client CPU (cores)",
         "provider CPU (cores)",
@@ -138,18 +195,22 @@ def markdown(ctx: Context, r: dict[str, Any]) -> str:
             f"{p['window_asks_per_1000']:.1f}",
             f"{p['run_asks']:,} / {p['run_distinct']:,}",
         ]
-        + [report.fmt(p["cpu_per_check_us"]), report.cores(p["server_cpu_s"], p["seconds"])]
+        + [report.fmt(p["cpu_per_check_us"]), report.fmt(p["first_seen_cpu_us"]) if p["first_seen_cpu_us"] else "-"]
+        + [report.cores(p["server_cpu_s"], p["seconds"])]
         + [report.cores(p["client_cpu_s"], p["seconds"]), report.cores(p["provider_cpu_s"], p["seconds"]), p["loadavg"]]
         for p in r["points"]
     ]
     what = f"Open loop at {r['rate']:,.0f} checks/s on forward-auth, {CONNECTIONS} keep-alive connections, "
     what += f"{r['duration_s']:g} s measured after {r['warmup_s']:g} s warm-up; provider: verifier/devidp.py in its "
-    what += f"own process with delay_seconds={r['delay_s']:g}"
+    what += f"own process with delay_seconds={r['delay_s']:g}; {r['reps']} alternating repetition(s)"
+    what += f"; before = {r['before']}" if r["before"] else ""
     goal_rows = [[g, m, report.verdict(ok)] for g, m, ok in goals(r)]
     lines = [
         ctx.header(what),
         "",
         report.table(headers, rows, left=2),
+        "",
+        cpu_table(r),
         "",
         report.table(["goal", "measured", "result"], goal_rows),
     ]

@@ -187,20 +187,34 @@ class Servers:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     verifier_cmd: tuple[str, ...] = (sys.executable, "-m", "verifier", "serve", "--config")
 
-    def spawn(self, cmd: Sequence[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start ``cmd`` in the project root, its output appended to ``out/log``."""
+    def spawn(
+        self, cmd: Sequence[str], log: str, env: dict[str, str] | None = None, cwd: Path = PROJECT_ROOT
+    ) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` in the project root (or ``cwd``), its output appended to ``out/log``."""
         self.out.mkdir(parents=True, exist_ok=True)
         logf = (self.out / log).open("ab")
         proc = subprocess.Popen(
-            list(cmd), stdout=logf, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env={**os.environ, **(env or {})}
+            list(cmd), stdout=logf, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})}
         )
         self.procs.append(proc)
         return proc
 
     def start_verifier(
-        self, issuer: str, *, name: str = "verifier", workers: int = 1, issuer_yaml: str = "", root_yaml: str = ""
+        self,
+        issuer: str,
+        *,
+        name: str = "verifier",
+        workers: int = 1,
+        issuer_yaml: str = "",
+        root_yaml: str = "",
+        http_yaml: str = "",
+        env: dict[str, str] | None = None,
+        tree: Path | None = None,
     ) -> Target:
-        """``python -m verifier serve`` for ``issuer``; ``issuer_yaml``/``root_yaml`` extend the config.
+        """``python -m verifier serve`` for ``issuer``; ``issuer_yaml``/``root_yaml`` extend the config,
+        ``http_yaml`` (``key: value, ...``) the ``http`` section, ``env`` the environment.
+
+        ``tree``: another checkout's verifier (the code before a change, measured in the same run).
 
         No metrics listener: with ``workers: N`` each worker would take the configured port + its index.
         """
@@ -208,14 +222,15 @@ class Servers:
         config = self.out / f"{name.replace(' ', '-')}-{free_port()}.yaml"
         self.out.mkdir(parents=True, exist_ok=True)
         config.write_text(
-            f'grpc: {{listen: "{grpc_addr}"}}\nhttp: {{listen: "{http_addr}"}}\n'
+            f'grpc: {{listen: "{grpc_addr}"}}\nhttp: {{listen: "{http_addr}"{", " + http_yaml if http_yaml else ""}}}\n'
             + (f"workers: {workers}\n" if workers != 1 else "")
             + f'issuers:\n  - issuer: "{issuer}"\n    audiences: ["{wire.AUDIENCE}"]\n'
             "    algorithms: [ES256, RS256, EdDSA]\n    leeway_seconds: 30\n"
             "    allow_insecure_http: true\n"  # the bench's provider is plain http on loopback
              + issuer_yaml + root_yaml
         )
-        proc = self.spawn([*self.verifier_cmd, str(config)], f"{name.replace(' ', '-')}.log")
+        env = {**(env or {}), "PYTHONPATH": str(tree)} if tree else env
+        proc = self.spawn([*self.verifier_cmd, str(config)], f"{name.replace(' ', '-')}.log", env, tree or PROJECT_ROOT)
         wait_port(grpc_addr, proc)
         wait_port(http_addr, proc)
         deadline = time.monotonic() + START_TIMEOUT_S

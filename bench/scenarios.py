@@ -37,8 +37,9 @@ SUITES: dict[str, Suite] = {
             run=introspection.run,
             description="opaque tokens against a ~20 ms provider: hot, distinct, flood; batch on/off; naive",
             options=(
-                ("--rate", float, "offered checks/s (default 1000)"),
+                ("--rate", float, "offered checks/s (introspection: default 1000; soak: instead of --rate-fraction)"),
                 ("--delay", float, "provider latency in seconds (default 0.02)"),
+                ("--before", str, "another checkout (the code before a change): its verifier runs too, as 'before'"),
             ),
         ),
         Suite(
@@ -71,17 +72,25 @@ SUITES: dict[str, Suite] = {
         Suite(
             name="soak",
             run=soak.run,
-            description="open loop at a fraction of the maximum for N minutes; RSS and open fds every 10 s",
+            description="cached/first-seen/junk over forward-auth + gRPC, open loop for N minutes; RSS, fds every 10 s",
             options=(
                 ("--minutes", float, "how long (default 10, --quick 0.5)"),
                 ("--rate-fraction", float, "of the mix's closed-loop maximum (default 0.7)"),
+                ("--rate", float, ""),
+                ("--token-ttl", int, "lifetime of the first-seen tokens in seconds (default 120)"),
+                ("--memdebug", float, "seconds between the worker's tracemalloc/gc reports (memdebug.jsonl; off)"),
             ),
         ),
         Suite(
             name="overload",
             run=overload.run,
-            description="h2load far past capacity at the gRPC doors, stream bound before #24 and now (#24 goal 4)",
-            options=(("--deadline-ms", int, "the flood's grpc-timeout (default 100; 0: none, budget 1 s)"),),
+            description="far past capacity at the three doors, directly and through the shipped Envoy (#24 goal 4)",
+            options=(
+                ("--deadline-ms", int, "the flood's grpc-timeout (default 100; 0: none, budget 1 s)"),
+                ("--routes", str, "overload: comma-separated grpc-doors,http,envoy-grpc,envoy-http (default all)"),
+                ("--kinds", str, "overload HTTP routes: token kinds, cached,first-seen (default both)"),
+                ("--pool", int, "overload first-seen: distinct tokens per phase (default 30,000)"),
+            ),
         ),
         Suite(
             name="nginx",

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from rawprovider import http_fetcher, raw_provider  # noqa: F401
+from rawprovider import http_fetcher, introspection_http, raw_provider  # noqa: F401
 from tokenkit import clock, fetcher, jwks_document, keys, mint, settings  # noqa: F401
 
 from verifier.decision import Decision

@@ -7,8 +7,9 @@ Not a mock: a real socket, a real HTTP exchange, written byte by byte the way a 
 - `chunked`: the head, then the body as Transfer-Encoding: chunked, one chunk per write with pauses;
 - `close`: the head without Content-Length, the body in several writes, then the connection closes.
 
-Every request seen is recorded as (method, path, headers, body). The `raw_provider` and `http_fetcher`
-(the production `HttpFetcher`) fixtures are registered in conftest.py.
+Every request seen is recorded as (method, path, headers, body). The `raw_provider`, `http_fetcher`
+(the production `HttpFetcher`) and `introspection_http` (the production introspection client) fixtures
+are registered in conftest.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 
 from verifier.app import HttpSessions
 from verifier.tokens.fetch import HttpFetcher
+from verifier.tokens.introspection_http import IntrospectionHttpClient
 
 PIECES = 4  # writes per body
 PAUSE = 0.02  # seconds between writes: long enough for the client to read what arrived so far
@@ -131,4 +133,12 @@ async def http_fetcher() -> AsyncIterator[HttpFetcher]:
     """The production fetcher on the root's pooled session, closed afterwards."""
     sessions = HttpSessions()
     yield HttpFetcher(sessions.providers)
+    await sessions.close()
+
+
+@pytest.fixture
+async def introspection_http() -> AsyncIterator[IntrospectionHttpClient]:
+    """The root's introspection client (`HttpSessions.introspection`), its connections closed afterwards."""
+    sessions = HttpSessions()
+    yield sessions.introspection
     await sessions.close()

@@ -46,6 +46,7 @@ CLIENT_CONSTRUCTORS = {
     "from_url",
     "ClientSession",
     "TCPConnector",
+    "IntrospectionHttpClient",
     "urlopen",
     "HTTPConnection",
     "HTTPSConnection",

@@ -65,7 +65,10 @@ def test_a_token_in_the_query_string_is_ignored() -> None:
 
 @pytest.mark.parametrize(
     "token",
-    ["a b", "tok\"en", "tok,en", "===", "=abc", "tok=en", "tók", "tok\ten", "a;b", "<script>", "tok\r\nX-A: b"],
+    [
+        *("a b", "tok\"en", "tok,en", "===", "=abc", "tok=en", "tók", "tok\ten", "a;b", "<script>", "tok\r\nX-A: b"),
+        *("tok\x00", "tok=\x00", "\u0663\u0664", "\uff21\uff22", "tok==a=", "a\u00a0b", "tok\x7f"),
+    ],
 )
 def test_a_token_outside_the_b64token_syntax_is_a_malformed_request(token: str) -> None:
     with pytest.raises(MalformedRequest) as caught:

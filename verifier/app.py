@@ -77,6 +77,7 @@ from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.fetch import Fetcher, HttpFetcher
 from verifier.tokens.introspection import Introspector
 from verifier.tokens.introspection_breaker import BreakerState, CircuitBreaker
+from verifier.tokens.introspection_http import IntrospectionHttpClient
 from verifier.tokens.jwks import IssuerKeys, KeyStore
 from verifier.tokens.jwt import JwtVerifier
 from verifier.tokens.tenants import TenantKeys
@@ -94,15 +95,17 @@ SSF_USER_AGENT = "edge-verifier/0.1 (ssf receiver)"  # what a transmitter sees o
 class HttpSessions:
     """Every outbound HTTP session, built inside the event loop on first use and closed by `close`.
 
-    One pooled keep-alive session serves discovery, JWKS and introspection for every issuer; the SSF
-    poller has its own, so a transmitter sees the receiver's User-Agent.
+    One pooled keep-alive session serves discovery and JWKS for every issuer; introspection has the
+    lean HTTP/1.1 client (`verifier.tokens.introspection_http`: a first-seen opaque token costs one call);
+    the SSF poller has its own session, so a transmitter sees the receiver's User-Agent.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tracing: Tracing = NO_TRACING) -> None:
         self._open: dict[str, aiohttp.ClientSession] = {}
+        self.introspection = IntrospectionHttpClient(default_headers=(("User-Agent", USER_AGENT),), tracing=tracing)
 
     def providers(self) -> aiohttp.ClientSession:
-        """Discovery, JWKS and introspection."""
+        """Discovery and JWKS."""
         session = self._open.get("providers")
         if session is None or session.closed:
             connector = aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, enable_cleanup_closed=True)
@@ -125,6 +128,7 @@ class HttpSessions:
         for session in self._open.values():
             await session.close()
         self._open.clear()
+        await self.introspection.close()
 
 
 def build_introspector(
@@ -132,7 +136,7 @@ def build_introspector(
 ) -> Introspector:
     """One issuer's introspector, with its metrics and its circuit breaker (reported on the breaker gauge).
 
-    `options` are the rest of `Introspector`'s arguments (audiences, endpoint, session provider, seams).
+    `options` are the rest of `Introspector`'s arguments (audiences, endpoint, the HTTP seam).
     """
     metrics = IssuerIntrospectionMetrics(IntrospectionMetrics.for_registry(registry), issuer)
     metrics.breaker.set(int(BreakerState.CLOSED))
@@ -220,7 +224,7 @@ class App:
         self.tracing = tracing
         traced: Tracing = tracing or NO_TRACING
         self.clock = clock or SystemClock()
-        self.sessions = HttpSessions()
+        self.sessions = HttpSessions(traced)
         self.fetcher: Fetcher = fetcher or HttpFetcher(self.sessions.providers)
         self.metrics = metrics or Metrics()
         self.reuse_port = reuse_port
@@ -247,11 +251,10 @@ class App:
                 audiences=i.audiences,
                 config=i.introspection,
                 endpoint=None,
-                session_provider=self.sessions.providers,
+                http=self.sessions.introspection,
                 clock=self.clock,
                 registry=self.metrics.registry,
                 discovered_endpoint=self._discovered("introspection_endpoint", i.issuer),
-                tracing=traced,
             )
             for i in settings.issuers
             if i.introspection is not None
@@ -293,6 +296,8 @@ class App:
         cache = settings.cache
         self.positive: ExpiringCache[Admitted] = ExpiringCache(cache.token_entries, self.clock, self.generation)
         self.negative: ExpiringCache[Refused] = ExpiringCache(cache.negative_entries, self.clock, self.generation)
+        for name, held in (("positive", self.positive), ("negative", self.negative)):
+            self.metrics.token_cache_entries.labels(name).set_function(held.__len__)  # read at each scrape
         policies = PolicySet(settings.policies, settings.protected_resource)
         with_roles = IssuerRoles(
             {i.issuer: RoleMapper(i.roles) for i in settings.issuers if i.roles}, configured=self.keys.configured

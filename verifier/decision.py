@@ -104,21 +104,22 @@ def allow(
     (`verifier.upstream`); the fixed four are built here. With an identity assertion, `renew_at` is when
     a fresh one is minted instead: the answer is handed out until then, and reused for its max-age at most.
     """
-    fixed: list[tuple[str, str]] = [
-        ("x-authenticated-userid", principal.subject),
-        ("x-authenticated-scope", principal.scope),
-        ("x-authenticated-issuer", principal.issuer),
-    ]
-    if principal.roles:
-        fixed.append(("x-authenticated-roles", ",".join(sorted(principal.roles))))
+    roles = tuple(sorted(principal.roles))
+    fixed: Headers = (
+        ("x-authenticated-userid", header_safe(principal.subject)),
+        ("x-authenticated-scope", header_safe(principal.scope)),
+        ("x-authenticated-issuer", header_safe(principal.issuer)),
+    )
+    if roles:
+        fixed += (("x-authenticated-roles", header_safe(",".join(roles))),)
     return Decision(
         allowed=True,
         status=200,
         reason=ALLOW,
-        upstream_headers=tuple((k, header_safe(v)) for k, v in fixed) + headers,
+        upstream_headers=fixed + headers,
         answer_headers=answer_headers,
         subject=principal.subject,
-        roles=tuple(sorted(principal.roles)),
+        roles=roles,
         cache_max_age=cache_max_age,
         fresh_until=min(principal.expires_at, renew_at + cache_max_age),
         renew_at=renew_at,

@@ -83,6 +83,18 @@ class Refused:
     credential: Credential
 
 
+def _without_frames(error: VerifierError) -> VerifierError:
+    """``error`` (and the exceptions chained to it) without tracebacks: a cached refusal would otherwise keep
+    every frame of the failed check alive, with its locals, for the refusal's lifetime (several KiB a token)."""
+    chained: BaseException | None = error
+    for _ in range(8):  # a chain is short; the bound stops a cycle someone built by hand
+        if chained is None:
+            break
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
+    return error
+
+
 # An observer of the steps of one decision (`verifier explain`): (step, details). The service sets none.
 Tracer = Callable[[str, Mapping[str, Any]], None]
 
@@ -147,6 +159,10 @@ class Pipeline:
         self._opaque_providers = sum(a.sends_to is not None for a in self._authenticators)
         self._by_route: dict[int, tuple[Route, tuple[Authenticator, ...], bool]] = {}
         self._checks = tuple(checks)
+        # A check that does not override `for_token` applies to every token: its bit is set once, here.
+        every = [type(c).for_token is Check.for_token for c in self._checks]
+        self._every_token = sum(1 << i for i, always in enumerate(every) if always)
+        self._for_some_tokens = tuple((1 << i, c) for i, c in enumerate(self._checks) if not every[i])
         self._positive = positive
         self._negative = negative
         self._clock = clock
@@ -160,6 +176,7 @@ class Pipeline:
         self._max_pending = max_pending
         self._pending = 0
         self._overloaded = refuse(Overloaded("too many checks in progress"), realm=realm)
+        self.overloaded = self._overloaded  # a door's own early refusal (forward-auth under a flood)
         self._deadline = deadline
         self._edge_max_age = edge_max_age
         self._refusal_max_age = refusal_max_age
@@ -508,7 +525,7 @@ class Pipeline:
             self.trace("token", {"issuer": seen.issuer, "kid": seen.kid, "alg": seen.alg, "error": error})
         decision = self._refuse(error, credential, route)
         if remember and _negative_cacheable(error):
-            self._negative.put(key, Refused(error, credential), self._clock.now() + self._negative_ttl)
+            self._negative.put(key, Refused(_without_frames(error), credential), self._clock.now() + self._negative_ttl)
         self._record(attrs, door, decision, started, credential, seen, "")
         return decision
 
@@ -524,7 +541,10 @@ class Pipeline:
     ) -> Admitted:
         if self.trace is not None:
             self.trace("token", {"issuer": seen.issuer, "kid": seen.kid, "alg": seen.alg, "principal": principal})
-        mask = sum(1 << i for i, c in enumerate(self._checks) if c.for_token(principal, credential))
+        mask = self._every_token
+        for bit, check in self._for_some_tokens:
+            if check.for_token(principal, credential):
+                mask |= bit
         # A per-request check that applies on any route makes the stored answer no-store from the
         # start (built and serialized once); one bound to some routes (step-up) is applied per
         # request by `_reusable`.

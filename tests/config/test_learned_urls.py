@@ -85,7 +85,6 @@ async def test_the_client_secret_never_goes_to_a_learned_introspection_endpoint_
         audiences=(AUDIENCE,),
         config=IntrospectionConfig(client_id="verifier", client_secret="s" * 32),
         endpoint=None,
-        session_provider=lambda: None,  # type: ignore[arg-type, return-value]
         clock=FrozenClock(),
         registry=CollectorRegistry(),
         http=http,

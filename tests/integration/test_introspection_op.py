@@ -1,4 +1,4 @@
-"""Introspection against a real OpenID Provider (node-oidc-provider): the aiohttp path end to end.
+"""Introspection against a real OpenID Provider (node-oidc-provider): the production HTTP/1.1 client end to end.
 
 The provider counts introspection calls on its side (`stats()`), so single flight and caching are
 checked where they matter: at the provider.
@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import aiohttp
 import pytest
 from op_harness import (  # tests/integration is on sys.path (pytest rootdir-relative import)
     API_AUDIENCE,
@@ -28,6 +27,7 @@ from verifier.errors import AudienceMismatch, InvalidToken, ProviderUnavailable
 from verifier.observe.audit import token_hash
 from verifier.principal import Principal
 from verifier.tokens.introspection import IntrospectionConfig, Introspector
+from verifier.tokens.introspection_http import IntrospectionHttpClient
 
 pytestmark = pytest.mark.integration
 
@@ -62,17 +62,11 @@ def fresh_op(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvide
     provider.stop()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
 class Harness:
     """Builds introspectors for a provider and closes them afterwards."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
+    def __init__(self, http: IntrospectionHttpClient) -> None:
+        self.http = http
         self.clock = ShiftedClock()
         self.registry = CollectorRegistry()
         self.made: list[Introspector] = []
@@ -87,7 +81,7 @@ class Harness:
             audiences=audiences,
             config=IntrospectionConfig(**values),
             endpoint=None,  # found by discovery
-            session_provider=lambda: self.session,
+            http=self.http,
             clock=self.clock,
             registry=self.registry,
         )
@@ -96,8 +90,8 @@ class Harness:
 
 
 @pytest.fixture
-async def harness(session: aiohttp.ClientSession) -> AsyncIterator[Harness]:
-    h = Harness(session)
+async def harness(introspection_http: IntrospectionHttpClient) -> AsyncIterator[Harness]:
+    h = Harness(introspection_http)
     yield h
     for introspector in h.made:
         await introspector.close()

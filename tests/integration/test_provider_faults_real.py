@@ -158,11 +158,10 @@ async def test_provider_stopped_service_stays_serving_and_fails_closed(provider:
 
 @pytest.mark.parametrize("fault", ["slow", "500", "refused"])
 async def test_introspection_faults_fail_closed_within_the_deadline(provider: OpenIDProvider, fault: str) -> None:
-    import aiohttp
     from op_harness import VERIFIER_CLIENT_ID, VERIFIER_CLIENT_SECRET
     from prometheus_client import CollectorRegistry
 
-    from verifier.app import build_introspector
+    from verifier.app import HttpSessions, build_introspector
     from verifier.clock import SystemClock
     from verifier.errors import ProviderUnavailable
     from verifier.observe.audit import token_hash
@@ -176,7 +175,8 @@ async def test_introspection_faults_fail_closed_within_the_deadline(provider: Op
         await asyncio.to_thread(provider.set_fault, "introspection", status=500)
     else:
         await asyncio.to_thread(provider.stop)
-    async with aiohttp.ClientSession() as session:
+    sessions = HttpSessions()
+    try:
         introspector = build_introspector(
             issuer=provider.issuer,
             audiences=("https://opaque.example.test",),
@@ -187,7 +187,7 @@ async def test_introspection_faults_fail_closed_within_the_deadline(provider: Op
                 timeout_seconds=FETCH_TIMEOUT,
             ),
             endpoint=None,
-            session_provider=lambda: session,
+            http=sessions.introspection,
             clock=SystemClock(),
             registry=CollectorRegistry(),
         )
@@ -198,3 +198,5 @@ async def test_introspection_faults_fail_closed_within_the_deadline(provider: Op
             assert time.monotonic() - started < FETCH_TIMEOUT + SLACK
         finally:
             await introspector.close()
+    finally:
+        await sessions.close()

@@ -6,6 +6,7 @@ import pytest
 from support import FrozenClock
 from tokenkit import NOW
 
+from verifier.tokens import cache as cache_module
 from verifier.tokens.cache import ExpiringCache
 
 
@@ -109,11 +110,58 @@ def test_stores_drop_expired_entries_so_a_refused_token_cache_holds_only_live_on
     assert all(cache.get(b"new%d" % i) == "refused" for i in range(50))
 
 
-def test_a_live_oldest_entry_stops_the_sweep(clock: FrozenClock) -> None:
-    cache: ExpiringCache[str] = ExpiringCache(10, clock)
-    cache.put(b"long", "v", clock.now() + 100)
-    cache.put(b"short", "v", clock.now() + 1)
-    clock.advance(2)
-    cache.put(b"new", "v", clock.now() + 1)
-    assert cache.get(b"long") == "v"
-    assert len(cache) == 3  # "short" stays until looked up or pushed out: the sweep never scans past a live entry
+def test_expired_entries_behind_a_long_lived_one_are_dropped(clock: FrozenClock) -> None:
+    """Issue #24 (soak): the sweep stopped at the first live entry, so in the verified-token cache, whose
+    entries live as long as their tokens, a long-lived token stored first kept every expired token stored
+    after it until the bound pushed them out (the 5-minute soak grew +9 MiB/min)."""
+    cache: ExpiringCache[str] = ExpiringCache(100_000, clock)
+    for i in range(50):
+        cache.put(b"cached%d" % i, "v", clock.now() + 3600)  # a gateway's regular tokens
+    for i in range(500):
+        cache.put(b"first-seen%d" % i, "v", clock.now() + 120)
+    clock.advance(121)
+    for i in range(500):
+        cache.put(b"later%d" % i, "v", clock.now() + 120)
+    assert len(cache) == 50 + 500
+    assert all(cache.get(b"cached%d" % i) == "v" for i in range(50))
+
+
+def test_the_expiry_bookkeeping_stays_bounded(clock: FrozenClock) -> None:
+    """Keys replaced, discarded or pushed out leave nothing behind for long."""
+    cache: ExpiringCache[int] = ExpiringCache(100, clock)
+    for i in range(20_000):
+        cache.put(b"same", i, clock.now() + 3600 + i)  # stored again, with a later expiry each time
+        cache.put(i.to_bytes(4, "big"), i, clock.now() + 3600)  # a flood past the bound
+        cache.discard(b"gone")
+        cache.put(b"gone", i, clock.now() + 3600)
+    assert len(cache) == 100
+    assert len(cache._due) <= 2 * max(len(cache), cache_module.MIN_REBUILD)
+    assert cache.get(b"same") == 19_999 and cache.get((19_999).to_bytes(4, "big")) == 19_999
+
+
+def test_a_full_cache_pushes_out_the_entry_due_soonest(clock: FrozenClock) -> None:
+    cache: ExpiringCache[str] = ExpiringCache(3, clock)
+    cache.put(b"long", "v", NOW + 3600)
+    cache.put(b"short", "v", NOW + 60)
+    cache.put(b"mid", "v", NOW + 600)
+    cache.put(b"new", "v", NOW + 600)
+    assert (cache.get(b"long"), cache.get(b"short"), cache.get(b"mid"), cache.get(b"new")) == ("v", None, "v", "v")
+
+
+def test_a_live_entry_pushed_out_or_replaced_bumps_the_generation_an_expired_one_does_not(
+    clock: FrozenClock,
+) -> None:
+    from verifier.generation import Generation
+
+    generation = Generation()
+    cache: ExpiringCache[str] = ExpiringCache(2, clock, generation)
+    cache.put(b"a", "v", NOW + 10)
+    cache.put(b"b", "v", NOW + 600)
+    assert generation.value == 0
+    clock.advance(11)
+    cache.put(b"c", "v", NOW + 600)  # "a" expired: swept, no bump
+    assert generation.value == 0 and len(cache) == 2
+    cache.put(b"d", "v", NOW + 700)  # full: "b" (due soonest, live) pushed out
+    assert generation.value == 1 and cache.get(b"b") is None
+    cache.put(b"d", "w", NOW + 700)  # replaced
+    assert generation.value == 2

@@ -52,6 +52,7 @@ from verifier.tokens.introspection import (
 )
 from verifier.tokens.introspection_breaker import BreakerState
 from verifier.tokens.introspection_client import ASSERTION_TYPE, HttpReply, HttpRequest
+from verifier.tokens.introspection_http import IntrospectionHttpClient
 
 ISSUER = "https://issuer.example.test"
 AUDIENCE = "https://api.example.test"
@@ -132,10 +133,6 @@ def config(**overrides: Any) -> IntrospectionConfig:
     return IntrospectionConfig(**values)
 
 
-def no_session() -> aiohttp.ClientSession:
-    raise AssertionError("the unit tests never reach aiohttp")
-
-
 @pytest.fixture
 def clock() -> FrozenClock:
     return FrozenClock(NOW)
@@ -167,7 +164,6 @@ async def make(
             audiences=audiences,
             config=config(**overrides),
             endpoint=given,
-            session_provider=no_session,
             clock=clock,
             registry=registry,
             http=http,
@@ -608,6 +604,23 @@ async def test_client_secret_post_puts_the_credentials_in_the_body(make: MakeInt
     assert (body["client_id"], body["client_secret"], body["token"]) == ("verifier", SECRET, "tok")
 
 
+@pytest.mark.parametrize("client_auth", [ClientAuth.CLIENT_SECRET_BASIC, ClientAuth.CLIENT_SECRET_POST])
+@pytest.mark.parametrize("token", ["a b&c=d+e%f", "tok\r\nX-Evil: 1", "t\u00e9\u2603", "token_type_hint=refresh_token"])
+async def test_the_form_body_is_exactly_urlencode_of_the_token_and_the_credentials(
+    make: MakeIntrospector, http: FakeHttp, client_auth: ClientAuth, token: str
+) -> None:
+    # The credentials are encoded once, the token per call: the body must be what urlencode writes.
+    with pytest.raises(InvalidToken):  # no answer for it: inactive
+        await check(make(client_auth=client_auth, client_secret="s&e=c r+t%"), token)
+    post = client_auth is ClientAuth.CLIENT_SECRET_POST
+    fields = {"client_id": "verifier", "client_secret": "s&e=c r+t%"} if post else {}
+    expected = urllib.parse.urlencode({"token": token, "token_type_hint": "access_token", **fields}).encode()
+    assert http.posts[0].body == expected
+    assert urllib.parse.parse_qs(http.posts[0].body.decode()) == {
+        "token": [token], "token_type_hint": ["access_token"], **{k: [v] for k, v in fields.items()}
+    }
+
+
 async def test_private_key_jwt_sends_a_fresh_rfc7523_assertion_per_call(make: MakeIntrospector, http: FakeHttp) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     http.answers["a"] = http.answers["b"] = active()
@@ -674,7 +687,6 @@ async def test_two_introspectors_share_one_registry(
             audiences=(AUDIENCE,),
             config=config(),
             endpoint=None,
-            session_provider=no_session,
             clock=clock,
             registry=registry,
             http=http,
@@ -855,7 +867,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def dev_introspector(
-    idp: DevIdentityProvider, session: aiohttp.ClientSession, registry: CollectorRegistry, **overrides: Any
+    idp: DevIdentityProvider, http: IntrospectionHttpClient, registry: CollectorRegistry, **overrides: Any
 ) -> Introspector:
     values: dict[str, Any] = {"client_id": "verifier", "client_secret": SECRET, "batch_window_seconds": 0.01}
     values.update(overrides)
@@ -864,17 +876,18 @@ def dev_introspector(
         audiences=(DEV_AUDIENCE,),
         config=IntrospectionConfig(**values),
         endpoint=None,
-        session_provider=lambda: session,
+        http=http,
         clock=SystemClock(),
         registry=registry,
     )
 
 
 async def test_dev_provider_batch_endpoint_answers_many_tokens_in_one_http_call(
-    devidp: DevIdentityProvider, session: aiohttp.ClientSession, registry: CollectorRegistry
+    devidp: DevIdentityProvider, introspection_http: IntrospectionHttpClient, registry: CollectorRegistry
 ) -> None:
     tokens = [devidp.mint_opaque(sub=f"user-{i}") for i in range(10)]
-    introspector = dev_introspector(devidp, session, registry, batch_endpoint=devidp.issuer + "/introspect/batch")
+    batch = devidp.issuer + "/introspect/batch"
+    introspector = dev_introspector(devidp, introspection_http, registry, batch_endpoint=batch)
     try:
         principals = await asyncio.gather(*(check(introspector, t) for t in [*tokens, *tokens, "garbage"]),
                                           return_exceptions=True)
@@ -888,10 +901,10 @@ async def test_dev_provider_batch_endpoint_answers_many_tokens_in_one_http_call(
 
 
 async def test_dev_provider_standard_endpoint_is_found_by_discovery_and_counts_calls(
-    devidp: DevIdentityProvider, session: aiohttp.ClientSession, registry: CollectorRegistry
+    devidp: DevIdentityProvider, introspection_http: IntrospectionHttpClient, registry: CollectorRegistry
 ) -> None:
     opaque = devidp.mint_opaque(sub=None, client_id="svc")
-    introspector = dev_introspector(devidp, session, registry)
+    introspector = dev_introspector(devidp, introspection_http, registry)
     try:
         results = await asyncio.gather(*(check(introspector, opaque) for _ in range(20)))
         assert {(p.subject, p.client_id) for p in results} == {("", "svc")}
@@ -905,9 +918,9 @@ async def test_dev_provider_standard_endpoint_is_found_by_discovery_and_counts_c
 
 
 async def test_dev_provider_refuses_a_wrong_client_secret(
-    devidp: DevIdentityProvider, session: aiohttp.ClientSession, registry: CollectorRegistry
+    devidp: DevIdentityProvider, introspection_http: IntrospectionHttpClient, registry: CollectorRegistry
 ) -> None:
-    introspector = dev_introspector(devidp, session, registry, client_secret="wrong")
+    introspector = dev_introspector(devidp, introspection_http, registry, client_secret="wrong")
     try:
         with pytest.raises(ProviderUnavailable, match="HTTP 401"):
             await check(introspector, devidp.mint_opaque())

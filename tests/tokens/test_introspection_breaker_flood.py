@@ -19,9 +19,9 @@ from tokenkit import AUDIENCE
 
 from verifier.app import build_introspector
 from verifier.errors import InvalidToken, ProviderUnavailable
-from verifier.tokens.fetch import HttpFetcher
 from verifier.tokens.introspection import Introspector, parse_introspection_config
 from verifier.tokens.introspection_breaker import BreakerState
+from verifier.tokens.introspection_http import IntrospectionHttpClient
 
 GOOD = "good-token"
 
@@ -41,7 +41,7 @@ def provider_answers(state: dict[str, object], junk_status: int) -> Callable[[by
 
 
 def introspector(
-    raw_provider: RawProvider, http_fetcher: HttpFetcher, clock: FrozenClock, **extra: object
+    raw_provider: RawProvider, introspection_http: IntrospectionHttpClient, clock: FrozenClock, **extra: object
 ) -> Introspector:
     config = parse_introspection_config(
         {"client_id": "verifier", "client_secret_env": "VERIFIER_RAW_SECRET", "breaker_failures": 3,
@@ -50,17 +50,20 @@ def introspector(
     )
     return build_introspector(
         issuer=raw_provider.url, audiences=(AUDIENCE,), config=config, endpoint=raw_provider.url + "/introspect",
-        session_provider=lambda: http_fetcher.session, clock=clock, registry=CollectorRegistry(),
+        http=introspection_http, clock=clock, registry=CollectorRegistry(),
     )
 
 
 @pytest.mark.parametrize("junk_status", [400, 401, 429])
 async def test_a_junk_flood_answered_4xx_never_opens_the_breaker(
-    raw_provider: RawProvider, http_fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch, junk_status: int
+    raw_provider: RawProvider,
+    introspection_http: IntrospectionHttpClient,
+    monkeypatch: pytest.MonkeyPatch,
+    junk_status: int,
 ) -> None:
     monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
     raw_provider.routes["/introspect"] = provider_answers({}, junk_status)
-    intro = introspector(raw_provider, http_fetcher, FrozenClock())
+    intro = introspector(raw_provider, introspection_http, FrozenClock())
     try:
         for i in range(20):
             with pytest.raises(ProviderUnavailable, match=f"HTTP {junk_status}"):
@@ -73,11 +76,11 @@ async def test_a_junk_flood_answered_4xx_never_opens_the_breaker(
 
 
 async def test_provider_faults_still_open_the_breaker(
-    raw_provider: RawProvider, http_fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch
+    raw_provider: RawProvider, introspection_http: IntrospectionHttpClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
     raw_provider.routes["/introspect"] = provider_answers({}, 503)
-    intro = introspector(raw_provider, http_fetcher, FrozenClock())
+    intro = introspector(raw_provider, introspection_http, FrozenClock())
     try:
         for i in range(3):
             with pytest.raises(ProviderUnavailable, match="HTTP 503"):
@@ -89,13 +92,16 @@ async def test_provider_faults_still_open_the_breaker(
 
 @pytest.mark.parametrize("junk_status", [400, 429])
 async def test_a_revoked_token_is_never_served_stale_after_a_junk_flood(
-    raw_provider: RawProvider, http_fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch, junk_status: int
+    raw_provider: RawProvider,
+    introspection_http: IntrospectionHttpClient,
+    monkeypatch: pytest.MonkeyPatch,
+    junk_status: int,
 ) -> None:
     monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
     state: dict[str, object] = {}
     raw_provider.routes["/introspect"] = provider_answers(state, junk_status)
     clock = FrozenClock()
-    intro = introspector(raw_provider, http_fetcher, clock, serve_stale_on_error=True, positive_ttl_seconds=5,
+    intro = introspector(raw_provider, introspection_http, clock, serve_stale_on_error=True, positive_ttl_seconds=5,
                          breaker_cooldown_seconds=60)
     try:
         assert (await intro.introspect(GOOD, b"g" * 32)).subject == "alice"

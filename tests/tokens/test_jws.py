@@ -95,6 +95,11 @@ SIG = b64(b"s" * 64)
 NONE_HEADER = b64(b'{"alg":"none"}')
 HEADER_NEEDING_PADDING = b64(b'{"alg":"ES256"}1')
 STRING_PAYLOAD = b64(b'"hello"')
+ES256_HEADER = json.dumps({"alg": "ES256"})
+SURROGATE_KID = b'{"alg":"ES256","kid":"\xed\xa0\x80"}'  # U+D800 as CESU-8: not UTF-8
+TWO_HEADERS = ES256_HEADER.encode() + b'{"alg":"none"}'
+CLAIMS_AND_MORE = json.dumps(claims()).encode() + b" x"
+PADDED_HEADER = b' {"alg":"ES256","kid":"k1"} '
 
 # (case id, token, expected error class, message fragment)
 MALFORMED: list[tuple[str, str, type[InvalidToken], str]] = [
@@ -134,6 +139,17 @@ MALFORMED: list[tuple[str, str, type[InvalidToken], str]] = [
     ("kid empty", compact({"alg": "ES256", "kid": ""}, claims()), MalformedToken, "kid"),
     ("kid too long", compact({"alg": "ES256", "kid": "k" * 257}, claims()), MalformedToken, "kid"),
     ("typ not a string", compact({"alg": "ES256", "typ": 1}, claims()), MalformedToken, "typ"),
+    # RFC 7515 section 4: UTF-8 JSON. json.loads would guess UTF-16/32 from the bytes, or pass a lone surrogate.
+    ("header in UTF-16", f"{b64(ES256_HEADER.encode('utf-16-le'))}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
+    ("header in UTF-32", f"{b64(ES256_HEADER.encode('utf-32-be'))}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
+    ("header after a UTF-8 BOM", f"{b64(ES256_HEADER.encode('utf-8-sig'))}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
+    ("lone surrogate in the header", f"{b64(SURROGATE_KID)}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
+    ("a second header after the first", f"{b64(TWO_HEADERS)}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
+    ("data after the claims", f"{HEADER}.{b64(CLAIMS_AND_MORE)}.{SIG}", MalformedToken, "payload"),
+    ("header with a value cut short", f"{b64(ES256_HEADER[:12].encode())}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
+    ("padding inside a segment", f"{HEADER}.{PAYLOAD[:8]}={PAYLOAD[9:]}.{SIG}", MalformedToken, "base64"),
+    ("tab inside a segment", f"{HEADER}.{PAYLOAD}.{SIG[:8]}\t{SIG[8:]}", MalformedToken, "base64"),
+    ("NUL inside a segment", f"{HEADER}.{PAYLOAD}.{SIG[:8]}\x00{SIG[8:]}", MalformedToken, "base64"),
 ]
 
 
@@ -144,6 +160,14 @@ def test_parse_refuses_hostile_input(token: str, error: type[InvalidToken], frag
     assert type(caught.value) is error
     assert caught.value.code == error.code
     assert fragment in str(caught.value)
+
+
+def test_white_space_around_the_json_is_still_json() -> None:
+    """RFC 8259 allows white space around a value: such a header parses as json.loads would parse it."""
+    payload = json.dumps(claims()).encode() + b"\n"
+    token = f"{b64(PADDED_HEADER)}.{b64(payload)}.{SIG}"
+    parsed = jws.parse(token, max_bytes=MAX_TOKEN_BYTES)
+    assert (parsed.alg, parsed.kid, parsed.payload) == ("ES256", "k1", claims())
 
 
 def test_alg_none_is_refused_with_the_stable_code() -> None:

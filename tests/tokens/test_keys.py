@@ -223,3 +223,58 @@ _SCALARS = st.one_of(
 def test_parse_jwk_raises_only_key_error_on_arbitrary_members(jwk: dict[str, Any]) -> None:
     with contextlib.suppress(KeyError_):
         parse_jwk(jwk)
+
+
+def _es_signature(private: ec.EllipticCurvePrivateKey, data: bytes, size: int) -> tuple[bytes, bytes]:
+    """A signature of `data` by `private` with the curve's hash: (DER as cryptography makes it, JWS R || S)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    digest = {32: hashes.SHA256(), 48: hashes.SHA384(), 66: hashes.SHA512()}[size]
+    der = private.sign(data, ec.ECDSA(digest))
+    r, s = decode_dss_signature(der)
+    return der, r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+
+def test_an_ecdsa_signature_in_der_is_refused_where_r_s_verifies(keys: SigningKeys) -> None:
+    """RFC 7518 section 3.4: a JWS carries R || S; the same signature DER-encoded is not a JWS signature."""
+    der, raw = _es_signature(keys.es256, b"a.b", 32)
+    key = parse_jwk(public_jwk(keys.es256))
+    assert key.verify("ES256", b"a.b", raw) is True
+    assert key.verify("ES256", b"a.b", der) is False
+    padded = der + b"\x00" * (64 - len(der)) if len(der) < 64 else der[:64]  # DER at exactly R || S's length
+    assert key.verify("ES256", b"a.b", padded) is False
+
+
+@pytest.mark.parametrize("change", ["drop first", "drop last", "prepend zero", "append zero", "swap halves"])
+def test_an_r_s_signature_of_the_wrong_length_or_order_is_refused(keys: SigningKeys, change: str) -> None:
+    _, raw = _es_signature(keys.es256, b"a.b", 32)
+    changed = {
+        "drop first": raw[1:],
+        "drop last": raw[:-1],
+        "prepend zero": b"\x00" + raw,
+        "append zero": raw + b"\x00",
+        "swap halves": raw[32:] + raw[:32],
+    }[change]
+    assert parse_jwk(public_jwk(keys.es256)).verify("ES256", b"a.b", changed) is False
+
+
+def test_an_es384_signature_does_not_verify_as_es256_or_with_a_p256_key(keys: SigningKeys) -> None:
+    """The curve's size is the alg's: a P-384 R || S (96 bytes) is not an ES256 signature, whatever the key."""
+    _, raw384 = _es_signature(keys.es384, b"a.b", 48)
+    p384, p256 = parse_jwk(public_jwk(keys.es384)), parse_jwk(public_jwk(keys.es256))
+    assert p384.verify("ES384", b"a.b", raw384) is True
+    assert not p384.fits("ES256") and not p256.fits("ES384")
+    assert p384.verify("ES256", b"a.b", raw384) is False
+    assert p256.verify("ES384", b"a.b", raw384) is False
+    _, raw256 = _es_signature(keys.es256, b"a.b", 32)
+    assert p384.verify("ES256", b"a.b", raw256) is False  # P-256's R || S under the P-384 key
+
+
+@pytest.mark.parametrize("alg", ["RS256", "PS256", "EdDSA", "HS256"])
+def test_an_ec_key_never_verifies_another_family_s_signature(keys: SigningKeys, alg: str) -> None:
+    """Alg confusion at the verify step: an EC key asked to check a signature of another family says no."""
+    _, raw = _es_signature(keys.es256, b"a.b", 32)
+    key = parse_jwk(public_jwk(keys.es256))
+    assert not key.fits(alg)
+    assert key.verify(alg, b"a.b", raw) is False  # HS256 has no verifier at all: still a plain "no"

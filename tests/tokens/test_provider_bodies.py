@@ -24,6 +24,7 @@ from verifier.revocation.poll import Outcome, Poller
 from verifier.settings import IssuerSettings
 from verifier.tokens.fetch import HttpFetcher, read_body
 from verifier.tokens.introspection import parse_introspection_config
+from verifier.tokens.introspection_http import IntrospectionHttpClient
 from verifier.tokens.jwks import IssuerKeys
 
 FRAMINGS = ["split", "chunked", "close"]
@@ -52,7 +53,10 @@ async def test_discovery_and_jwks_sent_in_pieces_make_the_issuer_ready(
 
 @pytest.mark.parametrize("framing", FRAMINGS)
 async def test_an_introspection_answer_sent_in_pieces_is_read_whole(
-    raw_provider: RawProvider, http_fetcher: HttpFetcher, monkeypatch: pytest.MonkeyPatch, framing: str
+    raw_provider: RawProvider,
+    introspection_http: IntrospectionHttpClient,
+    monkeypatch: pytest.MonkeyPatch,
+    framing: str,
 ) -> None:
     monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
     raw_provider.routes["/.well-known/openid-configuration"] = json_route(discovery(raw_provider), framing=framing)
@@ -66,7 +70,7 @@ async def test_an_introspection_answer_sent_in_pieces_is_read_whole(
         audiences=(AUDIENCE,),
         config=config,
         endpoint=None,  # discovered through the same reader
-        session_provider=lambda: http_fetcher.session,
+        http=introspection_http,
         clock=SystemClock(),
         registry=CollectorRegistry(),
     )

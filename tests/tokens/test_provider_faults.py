@@ -554,7 +554,6 @@ async def test_introspection_faults_fail_closed_within_the_deadline(fault: int |
             timeout_seconds=INTROSPECT_TIMEOUT,
         ),
         endpoint=None,
-        session_provider=lambda: None,  # type: ignore[arg-type,return-value]
         clock=SystemClock(),
         registry=CollectorRegistry(),
         http=http,

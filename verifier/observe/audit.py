@@ -34,6 +34,13 @@ def trace_fields(trace_id: str) -> dict[str, str]:
     return {"trace_id": trace_id} if trace_id else {}
 
 
+_literal = json.encoder.encode_basestring_ascii  # one str -> its JSON string literal, in C (as json.dumps writes it)
+
+
+def _optional(value: str | None) -> str:
+    return "null" if value is None else _literal(value)
+
+
 def signature_check(
     *,
     issuer: str,
@@ -46,29 +53,26 @@ def signature_check(
     latency_seconds: float,
     token_hash_: bytes,
     door: str,
+    client_id: str | None = None,
     trace_id: str = "",
     **extra: Any,
 ) -> None:
     """Writes the audit line for one signature check; `trace_id` (W3C, hex) when the decision has a trace."""
     if not audit_log.isEnabledFor(logging.INFO):
         return
+    # One line per first-seen token: its fields are written as JSON literals one by one (what json.dumps
+    # of the same dict writes, key for key), without building the dict and an encoder per line.
+    fields = (
+        f'"event": "signature_check", "issuer": {_literal(issuer)}, "kid": {_optional(kid)}, '
+        f'"alg": {_literal(alg)}, "subject": {_literal(subject)}, "route": {_literal(route)}, '
+        f'"decision": {_literal(decision)}, "reason": {_literal(reason)}, '
+        f'"latency_ms": {round(latency_seconds * 1000, 3)!r}, "token": "{fingerprint(token_hash_)}", '
+        f'"door": {_literal(door)}, "client_id": {_optional(client_id)}'
+    )
     if trace_id:  # the gateway's trace (its traceparent), or the span's when tracing is on
-        extra["trace_id"] = trace_id
-    line = {
-        "event": "signature_check",
-        "issuer": issuer,
-        "kid": kid,
-        "alg": alg,
-        "subject": subject,
-        "route": route,
-        "decision": decision,
-        "reason": reason,
-        "latency_ms": round(latency_seconds * 1000, 3),
-        "token": fingerprint(token_hash_),
-        "door": door,
-        **extra,
-    }
-    fields = json.dumps(line, default=str)[1:-1]
+        fields += f', "trace_id": {_literal(trace_id)}'
+    if extra:
+        fields += ", " + json.dumps(extra, default=str)[1:-1]
     sink = _direct_sink
     if (
         sink is not None

@@ -1,10 +1,18 @@
 """Bounded caches keyed by a token's SHA-256, whose entries never outlive their own expiry.
 
-Plain dicts with first-in-first-out eviction: a lookup is one dict probe and one comparison, which
-matters on the hot path, and a flood of distinct tokens can only push out the oldest entries, never
-grow memory past the bound. Each store also drops expired entries from the old end (at most
-`SWEEP_PER_PUT`), so a cache whose entries share one lifetime (the refused-token cache) holds only live
-entries once the stores go on, instead of keeping the dead ones until they are pushed out or looked up.
+A plain dict: a lookup is one dict probe and one comparison, which matters on the hot path. Beside it,
+a heap of (expiry, order of storing, key) rows says which entry comes due first:
+
+- each store drops expired entries, soonest-due first (at most `SWEEP_PER_PUT`): entries live as long as
+  their own token (the verified-token cache holds tokens of every lifetime), so an expired one may sit
+  behind live ones in the order they were stored;
+- a store into a full cache pushes out the entry due soonest (the oldest among equals, so a flood of
+  refused tokens, which share one lifetime, pushes out the oldest first). Memory never grows past the
+  bound. (Pushing out the dict's first entry instead left a hole at its front that every later
+  `next(iter(...))` walked past: ~100 us a store at 100,000 entries.)
+
+The heap also holds stale rows (keys since stored again, discarded or looked up expired), skipped when
+they come up, and is rebuilt from the entries when it outgrows twice their number, so it stays bounded.
 
 Removing, replacing or pushing out a live entry bumps the `Generation` handed in: answers remembered
 from it are stale (`verifier.generation`). An expired entry's answers expired with it: no bump.
@@ -12,6 +20,8 @@ from it are stale (`verifier.generation`). An expired entry's answers expired wi
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from typing import Generic, TypeVar
 
 from verifier.clock import Clock
@@ -19,7 +29,8 @@ from verifier.generation import Generation
 
 V = TypeVar("V")
 
-SWEEP_PER_PUT = 2  # expired oldest entries dropped per store: more than one, so a backlog drains
+SWEEP_PER_PUT = 2  # expired entries dropped per store: more than one, so a backlog drains
+MIN_REBUILD = 1024  # the heap is rebuilt past 2 x max(entries, this) rows
 
 
 class ExpiringCache(Generic[V]):
@@ -29,7 +40,9 @@ class ExpiringCache(Generic[V]):
         self._max = max_entries
         self._clock = clock
         self._generation = generation or Generation()  # bumped when a live entry is removed or replaced
-        self._data: dict[bytes, tuple[V, float]] = {}
+        self._data: dict[bytes, tuple[V, float]] = {}  # value, expiry
+        self._due: list[tuple[float, int, bytes]] = []  # a min-heap of (expiry, order, key)
+        self._order = itertools.count()
 
     def get(self, key: bytes) -> V | None:
         """The value, if present and not yet expired."""
@@ -42,22 +55,37 @@ class ExpiringCache(Generic[V]):
         return entry[0]
 
     def put(self, key: bytes, value: V, expires_at: float) -> None:
-        """Stores a value until `expires_at`, evicting the oldest entry when full."""
-        if self._max <= 0 or expires_at <= self._clock.now():
-            return
-        data = self._data
+        """Stores a value until `expires_at`; when full, the entry due soonest makes room."""
         now = self._clock.now()
+        if self._max <= 0 or expires_at <= now:
+            return
+        data, due = self._data, self._due
         for _ in range(SWEEP_PER_PUT):
-            oldest = next(iter(data), None)
-            if oldest is None or data[oldest][1] > now:
+            if not due or due[0][0] > now:
                 break
-            del data[oldest]
-        if key in data:
+            self._drop(heapq.heappop(due))  # expired: no bump
+        before = data.get(key)
+        if before is not None:
             self._generation.bump()  # replaced (a renewed identity assertion)
-        elif len(data) >= self._max:
-            del data[next(iter(data))]  # pushed out before its expiry: its token is judged afresh next time
-            self._generation.bump()
+        else:
+            while len(data) >= self._max and due:
+                if self._drop(heapq.heappop(due)):  # pushed out before its expiry: judged afresh next time
+                    self._generation.bump()
         data[key] = (value, expires_at)
+        if before is None or before[1] != expires_at:  # else its row stands for it still
+            heapq.heappush(due, (expires_at, next(self._order), key))
+        if len(due) > 2 * max(len(data), MIN_REBUILD):
+            self._due = [(entry[1], next(self._order), k) for k, entry in data.items()]  # in the order stored
+            heapq.heapify(self._due)
+
+    def _drop(self, row: tuple[float, int, bytes]) -> bool:
+        """Removes the entry a heap row stands for, unless the row is stale (the key gone, or stored again with
+        another expiry); True when it removed one."""
+        entry = self._data.get(row[2])
+        if entry is None or entry[1] != row[0]:
+            return False
+        del self._data[row[2]]
+        return True
 
     def discard(self, key: bytes) -> None:
         """Removes an entry."""
@@ -67,6 +95,7 @@ class ExpiringCache(Generic[V]):
     def clear(self) -> None:
         """Removes everything."""
         self._data.clear()
+        self._due.clear()
         self._generation.bump()
 
     def __len__(self) -> int:

@@ -1,4 +1,5 @@
-"""Outbound HTTP for discovery, JWKS and (later) introspection: the single seam for fault injection.
+"""Outbound HTTP for discovery and JWKS: the single seam for fault injection (introspection has its own,
+`verifier.tokens.introspection_http`).
 
 Every call has a deadline and a size bound. Tests replace `Fetcher` with a faulty one; production
 uses one pooled keep-alive `aiohttp` session for all providers, built by the composition root.
@@ -160,7 +161,7 @@ class HttpFetcher:
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        """The shared session (introspection posts through it too)."""
+        """The shared session (tests hand it to an SSF poller or read from it directly)."""
         return self._client()
 
     def with_tls(self, *, ca_file: str = "", pins: tuple[str, ...] = ()) -> TlsFetcher:

@@ -27,8 +27,6 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import aiohttp
-
 from verifier.clock import Clock
 from verifier.config.introspection import ClientAuth, IntrospectionConfig, parse_introspection_config
 from verifier.errors import (
@@ -45,13 +43,11 @@ from verifier.errors import (
 )
 from verifier.numbers import json_number
 from verifier.observe.metrics import IssuerIntrospectionMetrics
-from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.introspection_breaker import Breaker
 from verifier.tokens.introspection_client import (
-    AiohttpIntrospectionHttp,
     IntrospectionHttp,
     IntrospectionResult,
     ProviderClient,
@@ -136,18 +132,16 @@ class Introspector:
         audiences: tuple[str, ...],
         config: IntrospectionConfig,
         endpoint: str | None,
-        session_provider: Callable[[], aiohttp.ClientSession],
+        http: IntrospectionHttp,
         clock: Clock,
         metrics: IssuerIntrospectionMetrics,
         breaker: Breaker,
-        http: IntrospectionHttp | None = None,
         discovered_endpoint: Callable[[], str] | None = None,
-        tracing: Tracing = NO_TRACING,
     ) -> None:
         """Endpoint, first found wins: `config.endpoint`, `endpoint`, `discovered_endpoint()` (a late-bound
         lookup in discovery metadata someone else fetched), else discovery fetched here on first use.
-        `http` replaces the network seam (tests). `metrics` and `breaker` are the root's
-        (`verifier.app.build_introspector`): the breaker reports to the breaker gauge."""
+        `http` is the network seam: the root's `IntrospectionHttpClient`, or a test's. `metrics` and
+        `breaker` are the root's (`verifier.app.build_introspector`): the breaker reports to the breaker gauge."""
         self.issuer = issuer
         self.audiences = frozenset(audiences)
         self.config = config
@@ -160,7 +154,7 @@ class Introspector:
             endpoint=endpoint,
             discovered_endpoint=discovered_endpoint,
             discovery_url=issuer.rstrip("/") + "/.well-known/openid-configuration",
-            http=http or AiohttpIntrospectionHttp(session_provider, tracing),
+            http=http,
             clock=clock,
             breaker=self.breaker,
             metrics=metrics,

@@ -1,9 +1,10 @@
 """The introspection provider's client: RFC 7662 section 2 requests, client authentication, dispatchers.
 
 `IntrospectionHttp` is the single seam to the network (one method, bytes in, status and bytes out);
-tests replace it to inject faults, production uses `AiohttpIntrospectionHttp` over the shared pooled
-keep-alive session. Everything above the seam (deadlines, the in-flight bound, the circuit breaker,
-client authentication, JSON decoding) is the same in tests and in production.
+tests replace it to inject faults, production uses `verifier.tokens.introspection_http.IntrospectionHttpClient`
+(a lean HTTP/1.1 client with its own keep-alive pool, built by the composition root). Everything above the
+seam (deadlines, the in-flight bound, the circuit breaker, client authentication, JSON decoding) is the same
+in tests and in production.
 
 Client authentication: RFC 6749 section 2.3.1 (`client_secret_basic`: each part form-urlencoded
 before base64; `client_secret_post`) and RFC 7523 section 2.2 / 3 (`private_key_jwt`: a fresh
@@ -33,7 +34,6 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import aiohttp
 import jwt
 
 from verifier.clock import Clock
@@ -44,8 +44,7 @@ from verifier.config.introspection import (
 )
 from verifier.errors import ProviderUnavailable
 from verifier.observe.metrics import IssuerIntrospectionMetrics
-from verifier.observe.tracing import NO_TRACING, Tracing
-from verifier.tokens.fetch import check_learned_url, read_body
+from verifier.tokens.fetch import check_learned_url
 from verifier.tokens.introspection_breaker import Breaker
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 section 2.2
@@ -93,37 +92,6 @@ class IntrospectionHttp(Protocol):
     async def send(self, request: HttpRequest) -> HttpReply:
         """Raises `ProviderUnavailable` on a transport failure or an oversized body (never for a status)."""
         ...
-
-
-class AiohttpIntrospectionHttp:
-    """The production seam: the verifier's pooled keep-alive aiohttp session, fetched per call."""
-
-    def __init__(
-        self, session_provider: Callable[[], aiohttp.ClientSession], tracing: Tracing = NO_TRACING
-    ) -> None:
-        self._session = session_provider
-        self._tracing = tracing  # a CLIENT span around each call (a POST introspects, a GET discovers)
-
-    async def send(self, request: HttpRequest) -> HttpReply:
-        """Sends with a total deadline; redirects are not followed (a credential must not wander)."""
-        what = "introspection" if request.method == "POST" else "discovery"
-        try:
-            with self._tracing.fetch(what, request.method, request.url):
-                return await self._send(request)
-        except aiohttp.ClientError as exc:
-            raise ProviderUnavailable(f"introspection provider unreachable ({type(exc).__name__})") from exc
-
-    async def _send(self, request: HttpRequest) -> HttpReply:
-        async with asyncio.timeout(request.timeout):
-            async with self._session().request(
-                request.method,
-                request.url,
-                data=request.body or None,
-                headers=dict(request.headers),
-                allow_redirects=False,
-            ) as response:
-                body = await read_body(response, request.max_bytes, "introspection answer")
-                return HttpReply(response.status, body)
 
 
 def basic_credentials(client_id: str, client_secret: str) -> str:
@@ -188,6 +156,12 @@ class ProviderClient:
         self._metrics = metrics
         self._slots = asyncio.Semaphore(config.max_in_flight)
         self._discovering: asyncio.Task[str] | None = None
+        # A client secret authenticates every call the same way: encoded once, not per first-seen token.
+        # A private_key_jwt assertion is fresh per call (its jti, iat and exp).
+        self._fixed: tuple[Headers, str] | None = None
+        if config.client_auth is not ClientAuth.PRIVATE_KEY_JWT:
+            headers, fields = client_credentials(config, "", 0.0)
+            self._fixed = headers, urllib.parse.urlencode({"token_type_hint": "access_token", **fields})
 
     async def endpoint(self) -> str:
         """The RFC 7662 endpoint: configured, given, known to the key store's discovery, or fetched (once)."""
@@ -220,9 +194,13 @@ class ProviderClient:
         url = await self.endpoint()
 
         def build() -> tuple[str, str, Headers, bytes]:
-            headers, fields = client_credentials(self.config, url, self._clock.now())
-            form = {"token": token, "token_type_hint": "access_token", **fields}
-            body = urllib.parse.urlencode(form).encode("ascii")
+            if self._fixed is not None:
+                headers, rest = self._fixed
+            else:
+                headers, fields = client_credentials(self.config, url, self._clock.now())
+                rest = urllib.parse.urlencode({"token_type_hint": "access_token", **fields})
+            # application/x-www-form-urlencoded, as urlencode writes it: the token can break nothing out.
+            body = f"token={urllib.parse.quote_plus(token)}&{rest}".encode("ascii")
             return "POST", url, (*headers, ("Content-Type", "application/x-www-form-urlencoded")), body
 
         answer = await self._call(build, max_bytes=DEFAULT_MAX_RESPONSE_BYTES)
@@ -253,7 +231,10 @@ class ProviderClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout_seconds
         try:
-            async with asyncio.timeout_at(deadline):
+            if self._slots.locked():  # a free slot is taken at once: no timer to arm
+                async with asyncio.timeout_at(deadline):
+                    await self._slots.acquire()
+            else:
                 await self._slots.acquire()
         except TimeoutError:
             calls["queue_timeout"].inc()
@@ -319,6 +300,11 @@ class PerTokenDispatcher:
 
     async def dispatch(self, tokens: Sequence[str]) -> Sequence[IntrospectionResult]:
         """Introspects every token at once; each token gets its own answer or failure."""
+        if len(tokens) == 1:  # the usual batch outside bursts: no task to schedule for it
+            try:
+                return [await self._client.introspect(tokens[0])]
+            except ProviderUnavailable as exc:
+                return [exc]
         answers = await asyncio.gather(*(self._client.introspect(t) for t in tokens), return_exceptions=True)
         results: list[IntrospectionResult] = []
         for answer in answers:

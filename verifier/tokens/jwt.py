@@ -37,7 +37,7 @@ _ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 # Providers that predate RFC 9068 (Okta, Keycloak, Entra) send `JWT` or nothing.
 _LEGACY_TYPES = frozenset({"jwt", "application/jwt"})
 # Claims only an ID token carries (OIDC Core 2 and 3.1.3.6): such a token is not an access token.
-_ID_TOKEN_CLAIMS = ("nonce", "at_hash", "c_hash", "s_hash")
+_ID_TOKEN_CLAIMS = frozenset({"nonce", "at_hash", "c_hash", "s_hash"})
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
@@ -58,7 +58,7 @@ def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings:
         settings.require_typ_at_jwt or (lowered is not None and lowered not in _LEGACY_TYPES)
     ):
         raise WrongTokenType("not an access token (typ)")
-    if any(name in claims for name in _ID_TOKEN_CLAIMS):
+    if not _ID_TOKEN_CLAIMS.isdisjoint(claims):
         raise WrongTokenType("an ID token is not an access token")
     leeway = settings.leeway_seconds
     exp = _number(claims, "exp")
@@ -80,10 +80,13 @@ def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings:
     if sub is None and not isinstance(client_id, str):
         raise ClaimInvalid("token names no subject", claim="sub")
     aud = claims.get("aud")
-    audiences = [aud] if isinstance(aud, str) else aud
-    if not isinstance(audiences, list) or not audiences:
+    if isinstance(aud, str):  # the common form: one audience, no list to walk
+        if aud not in settings.audiences:
+            raise AudienceMismatch("token is not for this audience")
+        return
+    if not isinstance(aud, list) or not aud:
         raise ClaimInvalid("aud is required", claim="aud")
-    if not any(isinstance(a, str) and a in settings.audiences for a in audiences):
+    if not any(isinstance(a, str) and a in settings.audiences for a in aud):
         raise AudienceMismatch("token is not for this audience")
 
 

@@ -12,6 +12,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
 from jwt.exceptions import InvalidKeyError
 
@@ -29,6 +33,31 @@ ALG_KEY_TYPES: dict[str, tuple[str, str | None]] = {
     "EdDSA": ("OKP", None),  # Ed25519 or Ed448
 }
 
+
+class _Ecdsa:
+    """RFC 7518 section 3.4: ECDSA over a JWS's fixed-size R || S, checked by cryptography directly.
+
+    What PyJWT's `ECAlgorithm.verify` does, without its per-call objects: the signature must be exactly
+    twice the curve's size in bytes (a DER signature, or R || S with a byte dropped or added, is refused),
+    and the hash object is built once.
+    """
+
+    def __init__(self, hash_algorithm: hashes.HashAlgorithm, size: int) -> None:
+        self._ecdsa = ec.ECDSA(hash_algorithm)
+        self._size = size  # bytes of R (and of S): P-256 32, P-384 48, P-521 66
+
+    def verify(self, msg: bytes, key: ec.EllipticCurvePublicKey, sig: bytes) -> bool:
+        size = self._size
+        if len(sig) != 2 * size:
+            return False
+        der = encode_dss_signature(int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big"))
+        try:
+            key.verify(der, msg, self._ecdsa)
+        except InvalidSignature:
+            return False
+        return True
+
+
 _VERIFIERS: dict[str, Any] = {
     "RS256": RSAAlgorithm(RSAAlgorithm.SHA256),
     "RS384": RSAAlgorithm(RSAAlgorithm.SHA384),
@@ -36,9 +65,9 @@ _VERIFIERS: dict[str, Any] = {
     "PS256": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA256),
     "PS384": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA384),
     "PS512": RSAPSSAlgorithm(RSAPSSAlgorithm.SHA512),
-    "ES256": ECAlgorithm(ECAlgorithm.SHA256),
-    "ES384": ECAlgorithm(ECAlgorithm.SHA384),
-    "ES512": ECAlgorithm(ECAlgorithm.SHA512),
+    "ES256": _Ecdsa(hashes.SHA256(), 32),
+    "ES384": _Ecdsa(hashes.SHA384(), 48),
+    "ES512": _Ecdsa(hashes.SHA512(), 66),
     "EdDSA": OKPAlgorithm(),
 }
 
@@ -70,8 +99,11 @@ class VerificationKey:
 
     def verify(self, alg: str, signing_input: bytes, signature: bytes) -> bool:
         """Checks a signature; callers have already checked `fits(alg)`."""
+        verifier = _VERIFIERS.get(alg)
+        if verifier is None:  # an alg no key verifies (HS256, none, ...): never a pass, never a crash
+            return False
         try:
-            return bool(_VERIFIERS[alg].verify(signing_input, self.key, signature))
+            return bool(verifier.verify(signing_input, self.key, signature))
         except (ValueError, TypeError, InvalidKeyError):  # malformed signature bytes: just a bad signature
             return False
 

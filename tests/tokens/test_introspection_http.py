@@ -1,0 +1,577 @@
+"""The introspection provider's HTTP/1.1 client (`verifier.tokens.introspection_http`) against a scripted peer.
+
+The peer is a real loopback socket that reads each request and writes the bytes a test scripts, in
+pieces, with pauses, then keeps the connection, closes it, or goes silent: truncated and oversized
+bodies, bad chunk sizes, 1xx and 204/304 oddities, a provider closing mid-answer, a slow body past
+the deadline. The client is the production one, through the `IntrospectionHttp` seam.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import ipaddress
+import socket
+import ssl
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from prometheus_client import CollectorRegistry
+from support import FrozenClock
+
+from verifier.app import HttpSessions, build_introspector
+from verifier.config.introspection import IntrospectionConfig
+from verifier.errors import ProviderUnavailable
+from verifier.tokens.introspection_client import HttpReply, HttpRequest
+from verifier.tokens.introspection_http import MAX_HEAD_BYTES, IntrospectionHttpClient
+
+TOKEN = "opaque-SECRET-token-value"
+FORM = (("Content-Type", "application/x-www-form-urlencoded"),)
+BODY = b'{"active": true, "sub": "alice"}'
+SLACK = 1.0  # seconds of scheduling slack on a loaded machine
+
+# One scripted answer: pieces of bytes written with a pause before each, then what the peer does.
+Piece = bytes | float  # bytes to write, or seconds to wait
+
+
+@dataclasses.dataclass
+class Answer:
+    pieces: list[Piece]
+    then: str = "keep"  # keep: read the next request; close: close the connection; hang: silent until closed
+
+
+def ok(body: bytes = BODY, *extra: str) -> Answer:
+    head = "".join(f"{line}\r\n" for line in extra)
+    return Answer([b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (head.encode(), len(body), body)])
+
+
+class Peer:
+    """A loopback server answering each request with the next scripted `Answer` (the last one repeats)."""
+
+    def __init__(self, answers: list[Answer], tls: ssl.SSLContext | None = None) -> None:
+        self.answers = answers
+        self.tls = tls
+        self.requests: list[bytes] = []  # head + body of every request
+        self.connections = 0
+        self.open = 0
+        self.most_open = 0
+        self.early_bytes = 0  # bytes of a next request that arrived before the answer to this one (pipelining)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/introspect"
+
+    async def __aenter__(self) -> Peer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        self.connections += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+                    return
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                self.requests.append(head + await reader.readexactly(length))
+                answer = self.answers[min(len(self.requests) - 1, len(self.answers) - 1)]
+                await asyncio.sleep(0.01)
+                self.early_bytes += len(reader._buffer)
+                for piece in answer.pieces:
+                    if isinstance(piece, float):
+                        await asyncio.sleep(piece)
+                    else:
+                        writer.write(piece)
+                        await writer.drain()
+                if answer.then == "hang":  # silent until the client gives up on the connection
+                    await reader.read()
+                    return
+                if answer.then == "close":
+                    return
+        except (ConnectionError, asyncio.CancelledError):
+            return
+        finally:
+            self.open -= 1
+            writer.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[IntrospectionHttpClient]:
+    sessions = HttpSessions()
+    yield sessions.introspection
+    await sessions.close()
+
+
+async def send(
+    client: IntrospectionHttpClient,
+    url: str,
+    *,
+    timeout: float = 2.0,
+    max_bytes: int = 64 * 1024,
+    headers: tuple[tuple[str, str], ...] = FORM,
+) -> HttpReply:
+    body = ("token=" + urllib.parse.quote_plus(TOKEN)).encode()
+    return await client.send(HttpRequest("POST", url, headers, body, timeout, max_bytes))
+
+
+async def refused(client: IntrospectionHttpClient, url: str, match: str, **kwargs: Any) -> ProviderUnavailable:
+    with pytest.raises(ProviderUnavailable, match=match) as caught:
+        await send(client, url, **kwargs)
+    assert TOKEN not in str(caught.value)
+    return caught.value
+
+
+# -- bodies ------------------------------------------------------------------------------------
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Answer([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY), 0.02, BODY[:5], 0.02, BODY[5:]]),
+        Answer([CHUNKED, 0.02, b"5\r\n%s\r\n" % BODY[:5], 0.02, b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY) - 5, BODY[5:])]),
+        Answer([b"HTTP/1.1 200 OK\r\n", 0.02, b"Connection: close\r\n\r\n", BODY[:7], 0.02, BODY[7:]], then="close"),
+    ],
+    ids=["content-length", "chunked", "until-close"],
+)
+async def test_a_body_sent_in_pieces_is_read_whole(client: IntrospectionHttpClient, answer: Answer) -> None:
+    async with Peer([answer]) as peer:
+        assert await send(client, peer.url) == HttpReply(200, BODY)
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (Answer([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", BODY], then="close"), "mid-answer"),
+        (Answer([CHUNKED, b"%x\r\n%s\r\n" % (len(BODY), BODY)], then="close"), "mid-answer"),
+        (Answer([b"HTTP/1.1 200 OK\r\nContent-Le"], then="close"), "mid-answer"),
+        (Answer([], then="close"), "mid-answer"),
+    ],
+    ids=["content-length", "chunked-without-last-chunk", "inside-the-head", "before-a-byte"],
+)
+async def test_a_provider_closing_mid_answer_is_a_failure_never_a_short_body(
+    client: IntrospectionHttpClient, answer: Answer, match: str
+) -> None:
+    async with Peer([answer]) as peer:
+        await refused(client, peer.url, match)
+
+
+async def test_a_declared_length_over_the_bound_is_refused_before_the_body_arrives(
+    client: IntrospectionHttpClient,
+) -> None:
+    async with Peer([Answer([b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n", 5.0, b"x" * 10000])]) as peer:
+        started = time.monotonic()
+        await refused(client, peer.url, "too large", max_bytes=1000)
+        assert time.monotonic() - started < 2.0  # did not wait for the 5 s body
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Answer([CHUNKED, *[b"100\r\n" + b"x" * 256 + b"\r\n"] * 8, b"0\r\n\r\n"]),
+        Answer([b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", *[b"x" * 300, 0.01] * 8], then="close"),
+    ],
+    ids=["chunked", "until-close"],
+)
+async def test_an_undeclared_body_past_the_bound_is_refused(client: IntrospectionHttpClient, answer: Answer) -> None:
+    async with Peer([answer]) as peer:
+        await refused(client, peer.url, "too large", max_bytes=1000)
+
+
+async def test_an_oversized_head_is_refused(client: IntrospectionHttpClient) -> None:
+    filler = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 1000) for i in range(MAX_HEAD_BYTES // 1000 + 2))
+    async with Peer([Answer([b"HTTP/1.1 200 OK\r\n", filler, b"Content-Length: 2\r\n\r\n{}"])]) as peer:
+        await refused(client, peer.url, "oversized head")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Answer([CHUNKED, b"zz\r\n{}\r\n0\r\n\r\n"]),  # not hex
+        Answer([CHUNKED, b"fffffffffffffffffff\r\n{}\r\n0\r\n\r\n"]),  # overflows
+        Answer([CHUNKED, b"-2\r\n{}\r\n0\r\n\r\n"]),  # negative
+        Answer([CHUNKED, b"1\r\n{}\r\n0\r\n\r\n"]),  # shorter than what follows
+        Answer([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}"]),
+        Answer([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\n{}\r\n0\r\n\r\n"]),
+        Answer([b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\n{}"]),
+        Answer([b"HTTP/1.1 200 OK\nContent-Length: 2\n\n{}"]),  # bare LF
+        Answer([b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\n{}"]),
+        Answer([b"SSH-2.0-OpenSSH_9.6\r\n"]),
+    ],
+    ids=["chunk-not-hex", "chunk-overflow", "chunk-negative", "chunk-short", "two-lengths", "length-and-chunked",
+         "negative-length", "bare-lf", "bad-status", "not-http"],
+)
+async def test_malformed_framing_is_refused(client: IntrospectionHttpClient, answer: Answer) -> None:
+    async with Peer([answer]) as peer:
+        await refused(client, peer.url, "malformed")
+
+
+async def test_an_encoded_body_is_refused_identity_was_asked_for(client: IntrospectionHttpClient) -> None:
+    async with Peer([ok(b"\x1f\x8b", "Content-Encoding: gzip")]) as peer:
+        await refused(client, peer.url, "encoded body")
+        assert b"Accept-Encoding: identity\r\n" in peer.requests[0]
+
+
+# -- status oddities ---------------------------------------------------------------------------
+
+
+async def test_interim_1xx_answers_are_skipped_for_the_final_one(client: IntrospectionHttpClient) -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+    async with Peer([Answer([interim, 0.02, ok().pieces[0]])]) as peer:
+        assert await send(client, peer.url) == HttpReply(200, BODY)
+        assert await send(client, peer.url) == HttpReply(200, BODY)
+        assert peer.connections == 1
+
+
+async def test_switching_protocols_is_refused(client: IntrospectionHttpClient) -> None:
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+    async with Peer([Answer([switch])]) as peer:
+        await refused(client, peer.url, "switched protocols")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+    ],
+    ids=["204", "304"],
+)
+async def test_a_bodiless_status_has_no_body_whatever_its_length_says(
+    client: IntrospectionHttpClient, head: bytes
+) -> None:
+    status = int(head.split()[1])
+    async with Peer([Answer([head]), ok()]) as peer:
+        assert await send(client, peer.url) == HttpReply(status, b"")
+        assert await send(client, peer.url) == HttpReply(200, BODY)  # the next answer is not eaten as a body
+
+
+# -- deadlines ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Answer([ok().pieces[0][: -len(BODY) + 1], 0.05, BODY[1:2], 5.0, BODY[2:]]),
+        Answer([], then="hang"),
+        Answer([CHUNKED, b"2\r\n{}\r\n"], then="hang"),
+    ],
+    ids=["slow-body", "silent", "chunked-stalls"],
+)
+async def test_an_answer_past_the_deadline_times_out_and_its_connection_is_dropped(
+    client: IntrospectionHttpClient, answer: Answer
+) -> None:
+    async with Peer([answer, ok()]) as peer:
+        started = time.monotonic()
+        await refused(client, peer.url, "timed out", timeout=0.3)
+        assert time.monotonic() - started < 0.3 + SLACK
+        assert await send(client, peer.url) == HttpReply(200, BODY)  # on a new connection, not the stalled one
+        assert peer.connections == 2
+        if answer.then == "hang":
+            await asyncio.sleep(0.05)
+            assert peer.open == 1  # the stalled connection was closed, not left open
+
+
+async def test_connecting_counts_against_the_deadline(client: IntrospectionHttpClient) -> None:
+    with socket.socket() as listener:  # never accepts: once its backlog is full a SYN gets no answer
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.create_connection(("127.0.0.1", port))]
+        try:
+            started = time.monotonic()
+            await refused(client, f"http://127.0.0.1:{port}/introspect", "timed out", timeout=0.3)
+            assert time.monotonic() - started < 0.3 + SLACK
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+async def test_the_tls_handshake_counts_against_the_deadline(client: IntrospectionHttpClient) -> None:
+    async with Peer([Answer([], then="hang")]) as peer:  # plain TCP that never answers the ClientHello
+        started = time.monotonic()
+        await refused(client, peer.url.replace("http:", "https:"), "timed out", timeout=0.3)
+        assert time.monotonic() - started < 0.3 + SLACK
+
+
+async def test_a_refused_connection_is_unreachable(client: IntrospectionHttpClient) -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    await refused(client, f"http://127.0.0.1:{port}/introspect", "unreachable")
+
+
+# -- connections -------------------------------------------------------------------------------
+
+
+async def test_keep_alive_reuses_one_connection(client: IntrospectionHttpClient) -> None:
+    async with Peer([ok()]) as peer:
+        for _ in range(5):
+            assert await send(client, peer.url) == HttpReply(200, BODY)
+        assert peer.connections == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ok(BODY, "Connection: close"),
+        Answer([b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)]),
+        Answer([ok().pieces[0] + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"]),  # an answer nobody asked for
+        Answer([ok().pieces[0] + b"garbage after the answer"]),
+        Answer([ok().pieces[0], 0.05, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"]),  # unsolicited, later
+    ],
+    ids=["connection-close", "http-1.0", "a-second-answer", "trailing-garbage", "late-unsolicited-answer"],
+)
+async def test_a_connection_is_reused_only_after_a_clean_keep_alive_answer(
+    client: IntrospectionHttpClient, answer: Answer
+) -> None:
+    async with Peer([answer, ok(b'{"second": true}')]) as peer:
+        assert await send(client, peer.url) == HttpReply(200, BODY)
+        await asyncio.sleep(0.1)
+        assert await send(client, peer.url) == HttpReply(200, b'{"second": true}')
+        assert peer.connections == 2
+
+
+async def test_an_idle_connection_the_provider_closed_is_not_used(client: IntrospectionHttpClient) -> None:
+    async with Peer([Answer(ok().pieces, then="close")]) as peer:
+        for _ in range(3):
+            assert await send(client, peer.url) == HttpReply(200, BODY)
+            await asyncio.sleep(0.05)  # the peer's close arrives while the connection is idle
+        assert peer.connections == 3
+
+
+async def test_a_connection_the_provider_closed_does_not_take_the_idle_others_with_it(
+    client: IntrospectionHttpClient,
+) -> None:
+    # Two pooled connections; the one returned last is then closed by the provider while idle.
+    async with Peer([ok(), Answer([0.05, *ok().pieces], then="close"), ok()]) as peer:
+        await asyncio.gather(send(client, peer.url), send(client, peer.url))
+        await asyncio.sleep(0.05)
+        assert await send(client, peer.url) == HttpReply(200, BODY)
+        assert peer.connections == 2  # the other idle connection was reused
+
+
+async def test_a_burst_s_idle_connections_are_closed_while_one_stays_busy() -> None:
+    client = IntrospectionHttpClient(idle_seconds=0.2)
+    try:
+        async with Peer([Answer([0.02, *ok().pieces])]) as peer:
+            await asyncio.gather(*(send(client, peer.url) for _ in range(3)))
+            assert peer.open == 3
+            for _ in range(8):  # steady, one at a time: the most recent connection serves them all
+                await send(client, peer.url)
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)
+            assert (peer.connections, peer.open) == (3, 1)
+    finally:
+        await client.close()
+
+
+async def test_an_idle_connection_is_dropped_after_idle_seconds() -> None:
+    client = IntrospectionHttpClient(idle_seconds=0.05)
+    try:
+        async with Peer([ok()]) as peer:
+            await send(client, peer.url)
+            await send(client, peer.url)
+            await asyncio.sleep(0.15)
+            await send(client, peer.url)
+            assert peer.connections == 2
+    finally:
+        await client.close()
+
+
+async def test_requests_are_never_pipelined_and_connections_are_bounded() -> None:
+    client = IntrospectionHttpClient(connections=2)
+    try:
+        async with Peer([Answer([0.05, *ok().pieces])]) as peer:
+            replies = await asyncio.gather(*(send(client, peer.url) for _ in range(8)))
+            assert replies == [HttpReply(200, BODY)] * 8
+            assert peer.most_open == 2
+            assert peer.early_bytes == 0  # no request was written before the previous answer ended
+            assert len(peer.requests) == 8
+    finally:
+        await client.close()
+
+
+async def test_waiting_for_a_connection_counts_against_the_deadline() -> None:
+    client = IntrospectionHttpClient(connections=1)
+    try:
+        async with Peer([Answer([], then="hang")]) as peer:
+            first = asyncio.ensure_future(send(client, peer.url, timeout=5))
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            await refused(client, peer.url, "timed out", timeout=0.2)
+            assert time.monotonic() - started < 0.2 + SLACK
+            first.cancel()
+    finally:
+        await client.close()
+
+
+async def test_close_drops_every_connection(client: IntrospectionHttpClient) -> None:
+    async with Peer([ok()]) as peer:
+        await send(client, peer.url)
+        assert peer.open == 1
+        await client.close()
+        await asyncio.sleep(0.05)
+        assert peer.open == 0
+
+
+# -- what is sent ------------------------------------------------------------------------------
+
+
+async def test_the_request_is_one_http_1_1_post_with_its_length(client: IntrospectionHttpClient) -> None:
+    async with Peer([ok()]) as peer:
+        await send(client, peer.url.replace("/introspect", "/a path/intro?x=1 2"))
+    head, _, body = peer.requests[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /a%20path/intro?x=1%202 HTTP/1.1"
+    assert f"Host: 127.0.0.1:{peer.port}".encode() in lines
+    assert b"Content-Length: %d" % len(body) in lines
+    assert body == b"token=" + urllib.parse.quote_plus(TOKEN).encode()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [("Authorization", "Basic x\r\nX-Evil: 1"), ("X-Evil\r\nX-Other", "1"), ("Authorization", "Basic x\nX: 1"),
+     ("Authorization", "x\x00y"), ("Bad Name", "1")],
+)
+async def test_a_header_that_could_inject_is_refused_before_connecting(
+    client: IntrospectionHttpClient, header: tuple[str, str]
+) -> None:
+    async with Peer([ok()]) as peer:
+        await refused(client, peer.url, "malformed request header", headers=(*FORM, header))
+        assert peer.connections == 0
+
+
+async def test_a_token_that_looks_like_headers_travels_form_encoded_in_the_body(
+    client: IntrospectionHttpClient,
+) -> None:
+    token = "abc\r\nX-Evil: 1\r\n\r\nPOST /other HTTP/1.1"
+    async with Peer([ok(b'{"active": false}')]) as peer:
+        introspector = build_introspector(
+            issuer="http://127.0.0.1",
+            audiences=("aud",),
+            config=IntrospectionConfig(client_id="verifier", client_secret="s" * 16, endpoint=peer.url),
+            endpoint=None,
+            http=client,
+            clock=FrozenClock(),
+            registry=CollectorRegistry(),
+        )
+        try:
+            with pytest.raises(Exception, match="not active"):
+                await introspector.introspect(token, b"t" * 32)
+        finally:
+            await introspector.close()
+    (request,) = peer.requests
+    head, _, body = request.partition(b"\r\n\r\n")
+    assert b"X-Evil" not in head and b"\r\n" not in body
+    assert urllib.parse.parse_qs(body.decode())["token"] == [token]
+
+
+async def test_credentials_in_the_url_are_refused(client: IntrospectionHttpClient) -> None:
+    async with Peer([ok()]) as peer:
+        await refused(client, peer.url.replace("127.0.0.1", "user:pw@127.0.0.1"), "credentials")
+        assert peer.connections == 0
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+
+def _certificate(tmp: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a fresh self-signed certificate for 127.0.0.1, and the certificate's PEM file."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "introspection.loopback.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    return server, cert_file
+
+
+async def test_https_verifies_the_provider_certificate(client: IntrospectionHttpClient, tmp_path: Path) -> None:
+    server, cert_file = _certificate(tmp_path)
+    async with Peer([ok()], tls=server) as peer:
+        await refused(client, peer.url, "unreachable")  # the system's CAs do not know this certificate
+        trusting = IntrospectionHttpClient(tls=ssl.create_default_context(cafile=str(cert_file)))
+        try:
+            assert await send(trusting, peer.url) == HttpReply(200, BODY)
+            assert await send(trusting, peer.url) == HttpReply(200, BODY)
+            assert peer.connections == 1  # one kept-alive TLS connection (the refused handshake never got here)
+            wrong_name = peer.url.replace("127.0.0.1", "localhost")  # the certificate names only 127.0.0.1
+            if await _resolves("localhost"):
+                await refused(trusting, wrong_name, "unreachable")
+        finally:
+            await trusting.close()
+
+
+async def _resolves(host: str) -> bool:
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, 0)
+    except OSError:
+        return False
+    return any(info[4][0] == "127.0.0.1" for info in infos)
+
+
+# -- the seam, end to end ----------------------------------------------------------------------
+
+
+def recorder(log: list[str]) -> Callable[[str], None]:
+    return log.append
+
+
+async def test_the_root_builds_one_client_and_closes_it() -> None:
+    sessions = HttpSessions()
+    async with Peer([ok()]) as peer:
+        await send(sessions.introspection, peer.url)
+        await send(sessions.introspection, peer.url)
+        assert peer.connections == 1
+        head = peer.requests[0].split(b"\r\n\r\n")[0]
+        assert b"User-Agent: edge-verifier/" in head
+        await sessions.close()
+        await asyncio.sleep(0.05)
+        assert peer.open == 0

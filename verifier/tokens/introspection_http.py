@@ -1,0 +1,361 @@
+"""The introspection provider's HTTP/1.1 client (RFC 9112): one small asyncio protocol on httptools' parser.
+
+Why not aiohttp here: a first-seen opaque token costs the verifier one provider call, and aiohttp's
+request machinery (request and response objects, stream readers, header multidicts, its writer) was
+most of that call's CPU. This client does one thing, the seam `IntrospectionHttp.send`: write one
+prebuilt request, parse the answer with llhttp (through httptools, already the forward-auth door's
+parser), hand back the status and the body. Discovery and JWKS stay on the shared aiohttp session.
+
+What it guarantees (each proven in tests/tokens/test_introspection_http.py against a scripted peer):
+
+- the caller's deadline covers connecting, the TLS handshake, writing and reading; a connection that
+  did not finish its answer in time is closed, never reused;
+- the body is bounded: a declared Content-Length over `max_bytes` is refused before any of it is
+  read, a chunked or close-delimited one as soon as it passes the bound (never cut off and parsed);
+  the status line and headers (interim 1xx answers included) are bounded by `MAX_HEAD_BYTES`;
+- framing is llhttp's, strict: a bad chunk size, two Content-Lengths, Content-Length beside chunked, a
+  bare LF are refused; a peer closing before the answer is complete is a failure, not a short body;
+- one request at a time per connection (never pipelined); a connection returns to the pool only after
+  a complete answer that allows keep-alive (not HTTP/1.0 without keep-alive, not `Connection: close`)
+  with nothing after it; the pool is bounded per origin and forgets connections idle `IDLE_SECONDS`;
+- 1xx interim answers are skipped (RFC 9110 section 15.2), 101 is refused (nothing asked to switch);
+- https with certificate and host-name verification (the system's CAs unless a context is given);
+- nothing of the request goes in an error message: the token travels form-encoded in the body, and
+  header values with a line break are refused before anything is sent (no header injection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import urllib.parse
+from collections.abc import Iterable
+from typing import cast
+
+import httptools
+
+from verifier.errors import ProviderUnavailable
+from verifier.observe.tracing import NO_TRACING, Tracing
+from verifier.tokens.introspection_client import Headers, HttpReply, HttpRequest
+
+MAX_HEAD_BYTES = 64 * 1024  # status line + headers, 1xx answers included: a longer head is malformed
+IDLE_SECONDS = 4.0  # an idle pooled connection is dropped after this: under Node's 5 s keep-alive default
+DEFAULT_CONNECTIONS = 64  # open connections per origin (the aiohttp pool's bound was 64 for every origin)
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 section 5.6.2: a header name
+_UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # RFC 9110 section 5.5: no CR, LF, NUL or controls
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"  # RFC 3986 pchar and '/': everything else is percent-encoded
+_QUERY_SAFE = _PATH_SAFE + "?"
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback: the answer breaks a rule (too large, an upgrade, an encoding)."""
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to one origin; one exchange at a time."""
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[HttpReply] | None = None
+        self.reusable = False  # set by a complete answer that allows keep-alive
+        self.closed = False
+        self.idle_since = 0.0
+        self._max_bytes = 0
+        self._fed = 0  # bytes received before the final answer's headers were complete
+        self._reset()
+
+    def _reset(self) -> None:
+        """Per-message state (an interim 1xx answer resets it too)."""
+        self._head = 0  # bytes of status lines and headers parsed (1xx answers included)
+        self._body: list[bytes] = []
+        self._size = 0
+        self._final = False  # the final (non-1xx) answer's headers are in
+        self._interim = False
+        self._framed = False  # Content-Length or Transfer-Encoding: else the body ends when the peer closes
+        self._length = 0
+
+    # -- the exchange ----------------------------------------------------------------------
+
+    async def exchange(self, request: bytes, max_bytes: int) -> HttpReply:
+        """Writes `request` and waits for the whole answer; the caller's deadline cancels the wait."""
+        if self._transport is None or self._waiter is not None or self.closed:
+            raise ProviderUnavailable("introspection provider connection is not ready")
+        self._reset()
+        self._fed = 0
+        self._max_bytes = max_bytes
+        self.reusable = False
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._transport.write(request)
+        try:
+            return await self._waiter
+        finally:
+            self._waiter = None
+
+    def close(self) -> None:
+        """Drops the connection at once (an unfinished answer must not be read by the next request)."""
+        self.closed = True
+        self.reusable = False
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _fail(self, description: str) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ProviderUnavailable(f"introspection provider {description}"))
+        self.close()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiter is None or self._waiter.done():  # bytes nobody asked for: the stream is out of step
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail("switched protocols")
+            return
+        except httptools.HttpParserCallbackError as exc:
+            self._fail(str(exc.__context__) if isinstance(exc.__context__, _Refused) else "sent a malformed answer")
+            return
+        except httptools.HttpParserError:
+            self._fail("sent a malformed answer")
+            return
+        if not self._final:  # everything so far is head: bounds what the parser buffers across reads
+            self._fed += len(data)
+            if self._fed > MAX_HEAD_BYTES:
+                self._fail("sent an oversized head")
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost decides what the end means
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.reusable = False
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self._final and not self._framed and exc is None:  # RFC 9112 section 6.3 rule 8: ends at close
+            waiter.set_result(HttpReply(self._parser.get_status_code(), b"".join(self._body)))
+        elif exc is not None:
+            waiter.set_exception(ProviderUnavailable(f"introspection provider unreachable ({type(exc).__name__})"))
+        else:
+            waiter.set_exception(ProviderUnavailable("introspection provider closed the connection mid-answer"))
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.reusable or (self._waiter is not None and self._waiter.done()):
+            self.reusable = False  # a second answer to one request: never reuse this stream
+            raise _Refused("sent more than one answer")
+
+    def on_status(self, status: bytes) -> None:
+        self._count_head(len(status) + 15)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        lowered = name.lower()
+        if lowered == b"content-length":
+            self._framed = True
+            self._length = int(value)  # llhttp has checked the digits
+        elif lowered == b"transfer-encoding":
+            self._framed = True
+        elif lowered == b"content-encoding" and value.strip().lower() != b"identity":
+            raise _Refused("sent an encoded body (identity was asked for)")
+
+    def _count_head(self, size: int) -> None:
+        self._head += size
+        if self._head > MAX_HEAD_BYTES:
+            raise _Refused("sent an oversized head")
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise _Refused("switched protocols")
+            self._interim = True
+            return
+        self._final = True
+        if self._length > self._max_bytes:
+            raise _Refused("answer too large")
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self._max_bytes:
+            raise _Refused("answer too large")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:  # RFC 9110 section 15.2: a final answer follows
+            head = self._head
+            self._reset()
+            self._head = head  # the bound covers every interim answer too
+            return
+        waiter = self._waiter
+        self.reusable = self._parser.should_keep_alive()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(HttpReply(self._parser.get_status_code(), b"".join(self._body)))
+
+
+class _Target:
+    """One URL, split once: where to connect and the request head's fixed part."""
+
+    __slots__ = ("host", "line", "origin", "port", "tls")
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ProviderUnavailable("introspection provider URL is not http(s)")
+        if parts.username is not None or parts.password is not None:
+            raise ProviderUnavailable("introspection provider URL carries credentials; they are not sent")
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            raise ProviderUnavailable("introspection provider URL has a bad port") from None
+        host = parts.hostname
+        authority = f"[{host}]" if ":" in host else host
+        if port != (443 if scheme == "https" else 80):
+            authority += f":{port}"
+        target = urllib.parse.quote(parts.path or "/", safe=_PATH_SAFE)
+        if parts.query:
+            target += "?" + urllib.parse.quote(parts.query, safe=_QUERY_SAFE)
+        self.host, self.port, self.tls = host, port, scheme == "https"
+        self.origin = (scheme, host, port)
+        self.line = f" {target} HTTP/1.1\r\nHost: {authority}\r\n"
+
+
+def _header_lines(headers: Iterable[tuple[str, str]]) -> str:
+    """`Name: value` lines; a name that is not a token or a value with a control character is refused."""
+    lines = []
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name) or _UNSAFE_VALUE.search(value):
+            raise ProviderUnavailable("refused to send a malformed request header")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines)
+
+
+class IntrospectionHttpClient:
+    """The production `IntrospectionHttp` seam: pooled keep-alive HTTP/1.1 connections, per origin.
+
+    Built by the composition root (`verifier.app.HttpSessions`) and closed by it. `tls` replaces the
+    default verifying context (the system's CAs); `default_headers` go on every request (User-Agent).
+    """
+
+    def __init__(
+        self,
+        *,
+        default_headers: Headers = (),
+        tls: ssl.SSLContext | None = None,
+        connections: int = DEFAULT_CONNECTIONS,
+        idle_seconds: float = IDLE_SECONDS,
+        tracing: Tracing = NO_TRACING,
+    ) -> None:
+        self._fixed = _header_lines((*default_headers, ("Accept", "application/json"), ("Accept-Encoding", "identity")))
+        self._tls = tls
+        self._connections = connections
+        self._idle_seconds = idle_seconds
+        self._tracing = tracing
+        self._targets: dict[str, _Target] = {}
+        self._lines: dict[Headers, str] = {}  # a client's credentials are the same headers on every call
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._slots: dict[tuple[str, str, int], asyncio.Semaphore] = {}
+        self._busy: set[_Connection] = set()
+
+    def _target(self, url: str) -> _Target:
+        target = self._targets.get(url)
+        if target is None:
+            if len(self._targets) >= 64:  # endpoints are configured or discovered: few; never grow unbounded
+                self._targets.clear()
+            target = self._targets[url] = _Target(url)
+        return target
+
+    async def send(self, request: HttpRequest) -> HttpReply:
+        """One exchange within `request.timeout`; a transport failure or a broken rule is `ProviderUnavailable`."""
+        what = "introspection" if request.method == "POST" else "discovery"
+        with self._tracing.fetch(what, request.method, request.url):
+            target = self._target(request.url)
+            lines = self._lines.get(request.headers)
+            if lines is None:
+                if len(self._lines) >= 64:  # one set per issuer (its credentials, its content type): few
+                    self._lines.clear()
+                lines = self._lines[request.headers] = _header_lines(request.headers)
+            head = request.method + target.line + self._fixed + lines
+            if request.body or request.method == "POST":
+                head += f"Content-Length: {len(request.body)}\r\n"
+            data = (head + "\r\n").encode("latin-1") + request.body
+            try:
+                async with asyncio.timeout(request.timeout):
+                    return await self._exchange(target, data, request.max_bytes)
+            except TimeoutError:
+                raise ProviderUnavailable("introspection provider timed out") from None
+
+    async def _exchange(self, target: _Target, data: bytes, max_bytes: int) -> HttpReply:
+        slots = self._slots.get(target.origin)
+        if slots is None:
+            slots = self._slots[target.origin] = asyncio.Semaphore(self._connections)
+        async with slots:
+            connection = self._pooled(target.origin) or await self._connect(target)
+            self._busy.add(connection)
+            try:
+                reply = await connection.exchange(data, max_bytes)
+            except BaseException:  # a failure or the deadline: the stream is in an unknown state
+                connection.close()
+                raise
+            finally:
+                self._busy.discard(connection)
+            if connection.reusable and not connection.closed:
+                now = connection.idle_since = asyncio.get_running_loop().time()
+                idle = self._idle.setdefault(target.origin, [])
+                while idle and (idle[0].closed or idle[0].idle_since < now - self._idle_seconds):
+                    idle.pop(0).close()  # the oldest first: a quiet spell must not keep a burst's sockets open
+                idle.append(connection)
+            else:
+                connection.close()
+            return reply
+
+    def _pooled(self, origin: tuple[str, str, int]) -> _Connection | None:
+        """The most recently used idle connection still open and fresh; stale ones are closed."""
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        fresh_since = asyncio.get_running_loop().time() - self._idle_seconds
+        while idle:
+            connection = idle.pop()
+            if connection.closed:  # the provider closed it while it was idle
+                continue
+            if connection.idle_since >= fresh_since:
+                return connection
+            connection.close()
+            for stale in idle:  # older than this one: as stale
+                stale.close()
+            idle.clear()
+        return None
+
+    async def _connect(self, target: _Target) -> _Connection:
+        loop = asyncio.get_running_loop()
+        tls: ssl.SSLContext | None = None
+        if target.tls:
+            if self._tls is None:
+                self._tls = ssl.create_default_context()  # verifies the chain and the host name
+            tls = self._tls
+        try:
+            _, connection = await loop.create_connection(
+                _Connection, target.host, target.port, ssl=tls, server_hostname=target.host if tls else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ProviderUnavailable(f"introspection provider unreachable ({type(exc).__name__})") from exc
+        return connection
+
+    async def close(self) -> None:
+        """Closes every connection, idle or in use."""
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()
+        for connection in list(self._busy):
+            connection.close()
