@@ -359,6 +359,8 @@ class ToolResult:
     cpu_s: float  # the generator's own CPU
     p50_us: float = float("nan")
     p99_us: float = float("nan")
+    max_us: float = float("nan")
+    timeouts: int = 0  # wrk: requests unanswered within its --timeout (counted in errors too)
 
     @property
     def throughput(self) -> float:
@@ -397,9 +399,10 @@ function request() i = i + nthreads; return reqs[i %% n + 1] end
 WRK_DONE = r"""
 function done(summary, latency, requests)
   io.write(string.format('BENCH_JSON {"requests": %d, "duration_us": %d, "status_errors": %d, '
-    .. '"socket_errors": %d, "p50_us": %d, "p99_us": %d}\n', summary.requests, summary.duration,
+    .. '"socket_errors": %d, "p50_us": %d, "p99_us": %d, '
+    .. '"max_us": %d, "timeouts": %d}\n', summary.requests, summary.duration,
     summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write
-    + summary.errors.timeout, latency:percentile(50), latency:percentile(99)))
+    + summary.errors.timeout, latency:percentile(50), latency:percentile(99), latency.max, summary.errors.timeout))
 end
 """
 
@@ -414,10 +417,12 @@ def wrk(
     lua: str = "",
     connections: int = 16,
     threads: int = 1,
+    timeout_s: float = 2.0,
 ) -> ToolResult:
     """Closed-loop HTTP/1.1 GETs of ``url`` by wrk: one fixed request with ``headers`` (wrk's static
     request: no Lua per request), or ``rotation`` (raw requests, each handed out in turn, wrapping
-    around: the caller compares ``requests`` with the pool), or ``lua`` (a script's own ``request()``)."""
+    around: the caller compares ``requests`` with the pool), or ``lua`` (a script's own ``request()``).
+    ``timeout_s``: wrk's ``--timeout``, past which an unanswered request counts in ``timeouts`` (and ``errors``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if rotation:
         requests_file = workdir / f"wrk-requests-{os.getpid()}.bin"
@@ -428,6 +433,7 @@ def wrk(
     script = workdir / f"wrk-{os.getpid()}.lua"
     script.write_text(lua + WRK_DONE)
     cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration_s))}s", "-s", str(script)]
+    cmd += ["--timeout", f"{timeout_s:g}s"]
     out, cpu = _reaped([*cmd, url], timeout=duration_s + 60)
     m = re.search(r"BENCH_JSON (\{.*\})", out)
     if not m:
@@ -442,6 +448,8 @@ def wrk(
         cpu_s=cpu,
         p50_us=j["p50_us"],
         p99_us=j["p99_us"],
+        max_us=j["max_us"],
+        timeouts=j["timeouts"],
     )
 
 

@@ -1,4 +1,6 @@
-"""Overload at the gRPC doors (issue #24 goal 4): h2load far past capacity, the HTTP/2 stream bound off and on.
+"""Overload at the three doors (issue #24 goal 4): far past capacity, directly and through the shipped Envoy.
+
+**The gRPC doors**: h2load, the HTTP/2 stream bound off and on.
 
 Per door and bound: the capacity (closed loop inside the bound, 4 clients x 8 streams), then the flood
 (32 clients x 100 streams, ``grpc-timeout: 100m``; ``--deadline-ms 0``: none, budget 1 s), with
@@ -9,12 +11,20 @@ Per door and bound: the capacity (closed loop inside the bound, 4 clients x 8 st
 * RSS before, right after and a few seconds after; a gRPC health check right after.
 
 "1000" is the bound before #24 (grpc.aio queued every accepted call); the other is the shipped default.
+
+**The forward-auth door and Envoy in front** (``--routes http,envoy-grpc,envoy-http``, ``--kinds``): wrk, closed
+loop, at ``HTTP_CAPACITY`` connections (capacity), then ``HTTP_FLOOD`` (the flood), one repeated token (``cached``) or a
+rotation of distinct ones (``first-seen``). Envoy runs the shipped deploy/envoy templates (tests/integration's
+rig, ``--concurrency 1``) in front of an nginx ``return 200``. *Served* is the 2xx answers; the budget is 1 s (an
+HTTP caller sends no deadline), checked against wrk's slowest answer and its timeouts (unanswered in 5 s).
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import sys
+import tempfile
 import time
 import urllib.request
 from typing import Any
@@ -22,14 +32,19 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench import idp, load, procs, report, wire
+from bench import edge, idp, load, procs, report, wire
 from bench.runner import Context
 from bench.wire import Door, Target
-from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
+from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS, DEFAULT_SHED_AFTER_SECONDS, MAX_DEADLINE_SECONDS
 
 BEFORE = 1000
 FLOOD = (32, 100)  # h2load clients x streams: the issue's load
 CAPACITY = (4, 8)
+HTTP_CAPACITY, HTTP_FLOOD = 16, 1000  # wrk connections
+SHED_DEFAULT = DEFAULT_SHED_AFTER_SECONDS
+SHED_OFF = MAX_DEADLINE_SECONDS  # http.shed_after_seconds as before #24 goal 4: never reached
+HTTP_BUDGET_MS = 1000  # no caller deadline on HTTP: the issue's 1 s
+ROUTES = ("grpc-doors", "http", "envoy-grpc", "envoy-http")
 DECISION = re.compile(r'verifier_decisions_total\{door="\w+",outcome="(\w+)",reason="(\w+)"\} ([\d.e+]+)')
 
 
@@ -120,13 +135,168 @@ def point(ctx: Context, issuer: idp.Issuer, door: Door, bound: int, *, deadline_
     )
 
 
+def _get(addr: str, path: str, headers: dict[str, str]) -> tuple[int, float]:
+    started = time.monotonic()
+    try:
+        status = procs.get_status(addr, path, headers)
+    except OSError:
+        status = 0
+    return status, time.monotonic() - started
+
+
+def http_point(
+    ctx: Context,
+    issuer: idp.Issuer,
+    route: str,
+    tokens: str,
+    pools: dict[str, list[str]],
+    upstream: int,
+    shed_after: float = DEFAULT_SHED_AFTER_SECONDS,
+) -> dict[str, Any]:
+    """One verifier (and for an Envoy route, the shipped Envoy in front): capacity, then the flood, by wrk."""
+    metrics_addr = f"127.0.0.1:{procs.free_port()}"
+    metrics_yaml = f'metrics: {{listen: "{metrics_addr}"}}\n'
+    target = ctx.servers.start_verifier(
+        issuer.url, name="verifier-http", root_yaml=metrics_yaml, http_yaml=f"shed_after_seconds: {shed_after}"
+    )
+    envoy = None
+    try:
+        if route == "http":
+            addr, path = target.http_addr, wire.FORWARD_AUTH_PATH
+            headers = wire.http_headers
+        else:
+            envoy = _start_envoy(ctx, route, target, upstream)
+            addr, path = envoy.url.removeprefix("http://"), edge.PATH
+
+            def headers(token: str, scheme: str = "Bearer") -> dict[str, str]:
+                return {"Authorization": f"{scheme} {token}"}
+
+        url = f"http://{addr}{path}"
+        duration = ctx.opt("duration", 5.0, 3.0)
+
+        def wrk(connections: int, pool: list[str]) -> load.ToolResult:
+            if tokens == "cached":
+                return load.wrk(
+                    url,
+                    workdir=ctx.work,
+                    duration_s=duration,
+                    headers=headers(issuer.cached_token),
+                    connections=connections,
+                    timeout_s=5,
+                )
+            rotation = [wire.http_request(headers(t), addr, path) for t in pool]
+            return load.wrk(
+                url, workdir=ctx.work, duration_s=duration, rotation=rotation, connections=connections, timeout_s=5
+            )
+
+        if _get(addr, path, headers(issuer.cached_token))[0] != 200:
+            raise SystemExit(f"{route}: a request got no 200 (see {ctx.out})")
+        cap = wrk(HTTP_CAPACITY, pools["capacity"])
+        time.sleep(1)
+        rss0, before = procs.rss_kib(target.pids), _decisions(metrics_addr)
+        cpu0 = procs.cpu_seconds(target.pids)
+        flood = wrk(HTTP_FLOOD, pools["flood"])
+        cpu = procs.cpu_seconds(target.pids) - cpu0
+        served_status, served_s = _get(addr, path, headers(issuer.cached_token))
+        health_status, health_s = _get(target.http_addr, "/healthz", {})
+        rss1 = procs.rss_kib(target.pids)
+        after = _decisions(metrics_addr)
+        time.sleep(3)
+        rss2 = procs.rss_kib(target.pids)
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        ctx.servers.stop(target)
+    decided = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
+    served = flood.requests - flood.refusals
+    capacity = (cap.requests - cap.refusals) / cap.seconds
+    return ctx.record(
+        dict(
+            door=route,
+            tokens=tokens,
+            shed_after=shed_after if shed_after < SHED_OFF else "off",
+            capacity=capacity,
+            capacity_non_2xx=cap.refusals,
+            served=served,
+            served_per_s=served / flood.seconds,
+            served_share=served / flood.seconds / capacity if capacity else None,
+            answers=flood.requests,
+            non_2xx=flood.refusals,
+            timeouts=flood.timeouts,
+            socket_errors=flood.errors - flood.timeouts,
+            decisions=decided,
+            pool=len(pools["flood"]) if tokens != "cached" else 1,
+            wrapped=tokens != "cached" and flood.requests > len(pools["flood"]),  # some were seen before
+            p99_ms=flood.p99_us / 1000,
+            max_ms=flood.max_us / 1000,
+            # scheduling-independent: the verifier's CPU per answer it gave (served or shed) over the flood
+            verifier_cpu_us=cpu / max(1.0, sum(decided.values())) * 1e6,
+            verifier_cores=cpu / flood.seconds,
+            over_budget=flood.max_us / 1000 > HTTP_BUDGET_MS or flood.timeouts > 0,
+            budget_ms=HTTP_BUDGET_MS,
+            rss_before_mb=rss0 / 1024,
+            rss_after_mb=rss1 / 1024,
+            rss_settled_mb=rss2 / 1024,
+            healthy=health_status == 200 and served_status == 200,
+            health_s=max(health_s, served_s),
+            loadavg=procs.loadavg(),
+        )
+    )
+
+
+def _start_envoy(ctx: Context, route: str, target: Target, upstream: int) -> Any:
+    """The shipped template for ``route`` (tests/integration/gateways.py's rig)."""
+    sys.path[:0] = [str(procs.PROJECT_ROOT / "tests" / "integration"), str(procs.PROJECT_ROOT / "tests")]
+    import gateways
+
+    mode = route.removeprefix("envoy-")
+    addr = target.grpc_addr if mode == "grpc" else target.http_addr
+    port = int(addr.rsplit(":", 1)[1])
+    ports = {"verifier_grpc_port": port} if mode == "grpc" else {"verifier_http_port": port}
+    return gateways.start_envoy(ctx.work, mode, upstream_port=upstream, **ports)
+
+
+def run_http(ctx: Context, issuer: idp.Issuer, routes: list[str], points: list[dict[str, Any]]) -> None:
+    """The forward-auth door and the Envoy routes, cached and first-seen tokens, alternated."""
+    tmp = tempfile.mkdtemp(prefix="bench-overload-nginx-")
+    try:
+        _, upstream = edge.start_nginx(ctx, "127.0.0.1:1", 0, tmp)  # only its `return 200` upstream is used
+        kinds = [k for k in (ctx.opt("kinds", None) or "cached,first-seen").split(",") if k]
+        count = ctx.opt("pool", 30_000, 5_000)
+        # Minted once: each point starts a verifier with empty caches, so every point sees them first.
+        minted = {"capacity": issuer.mint("ES256", count), "flood": issuer.mint("ES256", count)}
+        for rep in range(ctx.opt("reps", 2, 1)):
+            for route in routes if rep % 2 == 0 else reversed(routes):
+                for tokens in kinds:
+                    pools = minted if tokens == "first-seen" else {"capacity": [], "flood": []}
+                    # The forward-auth door with its early refusal off (before) and on (the default).
+                    variants = (SHED_OFF, SHED_DEFAULT) if route == "http" else (SHED_DEFAULT,)
+                    for shed_after in variants:
+                        p = http_point(ctx, issuer, route, tokens, pools, upstream, shed_after)
+                        print(
+                            f"bench: overload {route} {tokens} shed {p['shed_after']} rep {rep}: served "
+                            f"{p['served_per_s']:,.0f}/s ({p['served_share']:.0%} of capacity), max {p['max_ms']:.0f} "
+                            f"ms, {p['non_2xx']:,} non-2xx, {p['timeouts']:,} timeouts",
+                            file=sys.stderr,
+                        )
+                        points.append(p)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run(ctx: Context) -> None:
-    """Both gRPC doors, the bound before #24 and the default, alternated; writes results."""
+    """Both gRPC doors (the bound before #24 and the default), then the HTTP routes, alternated; writes results."""
     doors = [Door(d) for d in ctx.opt("door", None) or ()] or [Door.EXT_AUTHZ, Door.GRPC]
     deadline_ms = ctx.opt("deadline_ms", 100) or None
+    routes = [r for r in (ctx.opt("routes", None) or ",".join(ROUTES)).split(",") if r]
+    if unknown := set(routes) - set(ROUTES):
+        raise SystemExit(f"--routes: unknown {sorted(unknown)}; choose from {', '.join(ROUTES)}")
     issuer = idp.Issuer(ctx.servers)
-    points = []
-    for rep in range(ctx.opt("reps", 2, 1)):
+    points: list[dict[str, Any]] = []
+    http_routes = [r for r in routes if r != "grpc-doors"]
+    if http_routes:
+        run_http(ctx, issuer, http_routes, points)
+    for rep in range(ctx.opt("reps", 2, 1) if "grpc-doors" in routes else 0):
         for door in doors:
             for bound in (BEFORE, DEFAULT_GRPC_MAX_CONCURRENT_STREAMS):
                 p = point(ctx, issuer, door, bound, deadline_ms=deadline_ms)
@@ -140,44 +310,53 @@ def run(ctx: Context) -> None:
 
 
 def markdown(ctx: Context, points: list[dict[str, Any]]) -> str:
-    """The results table."""
-    headers = [
-        "door",
-        "streams/conn",
-        "capacity /s",
-        "served /s",
-        "of capacity",
-        "refused streams",
-        "p99 ms",
-        "max ms",
-        "over budget",
-        "RSS before/after/+3 s MB",
-        "healthy after",
-    ]
-    rows = [
-        [
-            p["door"],
-            p["bound"],
-            report.fmt(p["capacity"]),
-            report.fmt(p["served_per_s"]),
-            f"{p['served_share']:.0%}",
-            f"{p['refused_streams']:,}",
+    """The results tables: the gRPC doors (h2load), then the HTTP routes (wrk)."""
+    grpc_points = [p for p in points if "bound" in p]
+    http_points = [p for p in points if "bound" not in p]
+    common = ["capacity /s", "served /s", "of capacity"]
+    tail = ["p99 ms", "max ms", "over budget", "RSS before/after/+3 s MB", "healthy after"]
+
+    def end(p: dict[str, Any]) -> list[str]:
+        over = p["over_budget"]
+        over = ("yes" if over else "no") if isinstance(over, bool) else f"{over:,}"
+        return [
             report.fmt(p["p99_ms"]),
             report.fmt(p["max_ms"]),
-            f"{p['over_budget']:,} (> {p['budget_ms']} ms)",
+            f"{over} (> {p['budget_ms']} ms)",
             f"{p['rss_before_mb']:.0f} / {p['rss_after_mb']:.0f} / {p['rss_settled_mb']:.0f}",
             f"{p['healthy']} ({p['health_s'] * 1000:.0f} ms)",
         ]
-        for p in points
-    ]
-    return (
-        "\n\n".join(
-            [
-                "# Overload at the gRPC doors",
-                ctx.header(f"h2load -c {FLOOD[0]} -m {FLOOD[1]}, capacity at -c {CAPACITY[0]} -m {CAPACITY[1]}"),
-                report.table(headers, rows),
-                *(f"- {w}" for w in ctx.warnings),
-            ]
-        )
-        + "\n"
-    )
+
+    def start(p: dict[str, Any]) -> list[str]:
+        return [report.fmt(p["capacity"]), report.fmt(p["served_per_s"]), f"{p['served_share']:.0%}"]
+
+    parts = ["# Overload at the three doors"]
+    if grpc_points:
+        parts += [
+            ctx.header(f"gRPC: h2load -c {FLOOD[0]} -m {FLOOD[1]}, capacity at -c {CAPACITY[0]} -m {CAPACITY[1]}"),
+            report.table(
+                ["door", "streams/conn", *common, "refused streams", *tail],
+                [[p["door"], p["bound"], *start(p), f"{p['refused_streams']:,}", *end(p)] for p in grpc_points],
+            ),
+        ]
+    if http_points:
+        parts += [
+            ctx.header(f"HTTP: wrk -c {HTTP_FLOOD}, capacity at -c {HTTP_CAPACITY}"),
+            report.table(
+                ["route", "tokens", "shed after s", *common, "non-2xx", "timeouts", "verifier CPU us/answer", *tail],
+                [
+                    [
+                        p["door"],
+                        p["tokens"] + (" (pool wrapped)" if p.get("wrapped") else ""),
+                        p["shed_after"],
+                        *start(p),
+                        f"{p['non_2xx']:,}",
+                        f"{p['timeouts']:,}",
+                        f"{p['verifier_cpu_us']:.0f}",
+                        *end(p),
+                    ]
+                    for p in http_points
+                ],
+            ),
+        ]
+    return "\n\n".join([*parts, *(f"- {w}" for w in ctx.warnings)]) + "\n"

@@ -207,11 +207,12 @@ class Servers:
         workers: int = 1,
         issuer_yaml: str = "",
         root_yaml: str = "",
+        http_yaml: str = "",
         env: dict[str, str] | None = None,
         tree: Path | None = None,
     ) -> Target:
-        """``python -m verifier serve`` for ``issuer``; ``issuer_yaml``/``root_yaml`` extend the config, ``env``
-        the environment.
+        """``python -m verifier serve`` for ``issuer``; ``issuer_yaml``/``root_yaml`` extend the config,
+        ``http_yaml`` (``key: value, ...``) the ``http`` section, ``env`` the environment.
 
         ``tree``: another checkout's verifier (the code before a change, measured in the same run).
 
@@ -221,7 +222,7 @@ class Servers:
         config = self.out / f"{name.replace(' ', '-')}-{free_port()}.yaml"
         self.out.mkdir(parents=True, exist_ok=True)
         config.write_text(
-            f'grpc: {{listen: "{grpc_addr}"}}\nhttp: {{listen: "{http_addr}"}}\n'
+            f'grpc: {{listen: "{grpc_addr}"}}\nhttp: {{listen: "{http_addr}"{", " + http_yaml if http_yaml else ""}}}\n'
             + (f"workers: {workers}\n" if workers != 1 else "")
             + f'issuers:\n  - issuer: "{issuer}"\n    audiences: ["{wire.AUDIENCE}"]\n'
             "    algorithms: [ES256, RS256, EdDSA]\n    leeway_seconds: 30\n"

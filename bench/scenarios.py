@@ -84,8 +84,13 @@ SUITES: dict[str, Suite] = {
         Suite(
             name="overload",
             run=overload.run,
-            description="h2load far past capacity at the gRPC doors, stream bound before #24 and now (#24 goal 4)",
-            options=(("--deadline-ms", int, "the flood's grpc-timeout (default 100; 0: none, budget 1 s)"),),
+            description="far past capacity at the three doors, directly and through the shipped Envoy (#24 goal 4)",
+            options=(
+                ("--deadline-ms", int, "the flood's grpc-timeout (default 100; 0: none, budget 1 s)"),
+                ("--routes", str, "overload: comma-separated grpc-doors,http,envoy-grpc,envoy-http (default all)"),
+                ("--kinds", str, "overload HTTP routes: token kinds, cached,first-seen (default both)"),
+                ("--pool", int, "overload first-seen: distinct tokens per phase (default 30,000)"),
+            ),
         ),
         Suite(
             name="nginx",

@@ -41,3 +41,10 @@ _.evictions
 
 # Read by the tests to prove a bound holds (the number of issuer-template tenants whose keys are kept).
 _.tenants_held
+
+# asyncio.Protocol / httptools parser callbacks of the introspection client, called by the loop and the parser.
+_.eof_received
+_.on_status
+
+# Writing it is the point: a cached refusal drops its traceback (and the frames it keeps alive).
+_.__traceback__

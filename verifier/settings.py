@@ -177,7 +177,8 @@ DEFAULT_MAX_PENDING_CHECKS = 1024  # first-seen checks in flight per worker befo
 # at 8 (256 in flight), most still expired once the machine was busy; 4 and 2 served 75-100% of capacity.
 # The default stays 1000 (unchanged) until two costs of a low bound are settled: a client's first burst
 # before it reads the SETTINGS frame is refused (REFUSED_STREAM, which Envoy's ext_authz answers with its
-# status_on_error 503 unless it retries), and h2load's closed loop saw refused streams at normal load.
+# status_on_error 503: it does not retry; the shipped Envoy gRPC template opens at most 4 streams per connection,
+# so a bound >= 4 is safe behind it), and h2load's closed loop saw refused streams at normal load.
 # Operators who see overload collapse set 4 (docs/BENCHMARKS.md says how it was measured).
 DEFAULT_GRPC_MAX_CONCURRENT_STREAMS = 1000
 DEFAULT_EDGE_MAX_AGE_SECONDS = 10  # seconds a gateway may reuse an allow; also bounds revocation reach
@@ -202,6 +203,10 @@ DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0  # seconds for a request (headers, small b
 # Seconds an idle keep-alive connection stays open: longer than the gateways' own (nginx's upstream
 # keepalive_timeout is 60 s) so the gateway closes first and never sends on a connection we are closing.
 DEFAULT_IDLE_TIMEOUT_SECONDS = 75.0
+# Seconds the event loop may stay busy (requests waiting in their sockets) before the forward-auth door answers
+# tokens no cache knows with 503 + Retry-After instead of checking them: answers stay within ~2x this under a
+# flood (docs/BENCHMARKS.md, "Overload at the three doors"); below deadline_seconds.
+DEFAULT_SHED_AFTER_SECONDS = 0.25
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -218,6 +223,13 @@ class ForwardAuthSettings:
     )
     idle_timeout_seconds: float = setting(
         DEFAULT_IDLE_TIMEOUT_SECONDS, minimum=0.01, maximum=86_400, unit="seconds", doc="idle keep-alives closed after"
+    )
+    shed_after_seconds: float = setting(
+        DEFAULT_SHED_AFTER_SECONDS,
+        minimum=0.01,
+        maximum=MAX_DEADLINE_SECONDS,
+        unit="seconds",
+        doc="overload: past this much queueing, unknown tokens get 503 + Retry-After unchecked",
     )
 
 

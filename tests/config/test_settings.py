@@ -188,6 +188,8 @@ BAD: list[tuple[str, tuple[Any, ...], Any, str]] = [
      "grpc.forwarded_headers: unknown key"),
     ("header timeout zero", ("http", "header_timeout_seconds"), 0, "http.header_timeout_seconds"),
     ("idle timeout a string", ("http", "idle_timeout_seconds"), "75", "http.idle_timeout_seconds"),
+    ("shed after zero", ("http", "shed_after_seconds"), 0, "http.shed_after_seconds"),
+    ("shed after past the longest deadline", ("http", "shed_after_seconds"), 31, "http.shed_after_seconds"),
     ("thumbprint header not a header name", ("mtls_thumbprint_header",), "x cert", "mtls_thumbprint_header"),
     ("thumbprint header not a string", ("mtls_thumbprint_header",), 5, "mtls_thumbprint_header"),
 ]

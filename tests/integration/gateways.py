@@ -60,6 +60,9 @@ IDENTITY_HEADERS = ("x-authenticated-userid", "x-authenticated-scope", "x-authen
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The shipped gateway configurations (deploy/); the rigs run exactly these, rendered.
 NGINX_TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "nginx.conf.template"
+# The faster nginx variant (Debian's Lua module instead of auth_request + proxy_cache, issue #23)
+NGINX_LUA_TEMPLATE = REPO_ROOT / "deploy" / "nginx" / "nginx-lua.conf.template"
+NGINX_REUSE_LUA = REPO_ROOT / "deploy" / "nginx" / "verifier-reuse.lua"
 ENVOY_GRPC_TEMPLATE = REPO_ROOT / "deploy" / "envoy" / "envoy-grpc.yaml.template"
 ENVOY_HTTP_TEMPLATE = REPO_ROOT / "deploy" / "envoy" / "envoy-http.yaml.template"
 # Envoy reusing the verifier's answers: a Lua filter instead of ext_authz (docs/ENVOY.md)
@@ -757,8 +760,11 @@ def start_nginx(
     workers: int | None = None,
     http_directives: str = "",
     auth: bool = True,
+    lua: bool = False,
+    lua_file: Path = NGINX_REUSE_LUA,
 ) -> GatewayProcess:
-    """Run the shipped ``deploy/nginx/nginx.conf.template`` (rendered) in the foreground under ``tmp_path``.
+    """Run the shipped ``deploy/nginx/nginx.conf.template`` (rendered) in the foreground under ``tmp_path``;
+    with ``lua``, ``deploy/nginx/nginx-lua.conf.template`` and its ``verifier-reuse.lua`` (or ``lua_file``) instead.
 
     ``workers`` replaces the template's ``worker_processes auto`` (the benchmarks compare one-worker nginxes);
     ``auth=False`` its ``auth_request /_auth`` with ``auth_request off`` (the benchmarks' "same nginx without
@@ -772,8 +778,10 @@ def start_nginx(
     prefix = (Path(tmp_path) / f"nginx-{uuid.uuid4().hex[:6]}").resolve()
     (prefix / "tmp").mkdir(parents=True)
     listen_port, admin_port = free_port(), free_port()
+    if lua and not auth:
+        raise ValueError("the Lua variant has no auth-off form: compare it with the auth_request one's")
     conf = render_template(
-        NGINX_TEMPLATE,
+        NGINX_LUA_TEMPLATE if lua else NGINX_TEMPLATE,
         LISTEN_HOST=LOOPBACK,
         LISTEN_PORT=listen_port,
         ADMIN_PORT=admin_port,
@@ -781,6 +789,7 @@ def start_nginx(
         VERIFIER_HTTP_PORT=verifier_http_port,
         UPSTREAM_HOST=LOOPBACK,
         UPSTREAM_PORT=upstream_port,
+        **({"VERIFIER_LUA": lua_file} if lua else {}),
     )
     if http_directives:
         conf = conf.replace("\nhttp {\n", f"\nhttp {{\n{http_directives}\n", 1)
@@ -798,7 +807,7 @@ def start_nginx(
     directives = ""
     if os.geteuid() == 0:
         directives = f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};"
-    gw = run_nginx(prefix, conf, listen_port, name="nginx", directives=directives)
+    gw = run_nginx(prefix, conf, listen_port, name="nginx-lua" if lua else "nginx", directives=directives)
     gw.admin_url = f"http://{LOOPBACK}:{admin_port}"
     gw.extra["admin_port"] = admin_port
     return _wait_ready(gw, f"{gw.admin_url}/status")

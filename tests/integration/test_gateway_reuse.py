@@ -1,7 +1,8 @@
 """Issue #23: the shipped gateway configurations reuse the verifier's forward-auth answer for exactly the
 lifetime the verifier chose, keyed by the credentials and the request judged: nginx's auth cache
-(deploy/nginx/nginx.conf.template, `X-Accel-Expires`) and Envoy's Lua filter (deploy/envoy/envoy-reuse.yaml.template
-with verifier-reuse.lua, `Cache-Control`).
+(deploy/nginx/nginx.conf.template, `X-Accel-Expires`), nginx's Lua variant (deploy/nginx/nginx-lua.conf.template
+with verifier-reuse.lua, `Cache-Control`) and Envoy's Lua filter (deploy/envoy/envoy-reuse.yaml.template with
+verifier-reuse.lua, `Cache-Control`).
 
 Real nginx and real Envoy (the rendered templates) in front of the REAL verifier; a verifier call is counted by
 its own `verifier_decisions_total{door="forward_auth"}`. Every test sends tokens no other test sends, so a
@@ -17,7 +18,8 @@ import json
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -27,6 +29,7 @@ from verifier.binding.dpop import thumbprint
 if __package__:
     from .gateways import (
         LOOPBACK,
+        NGINX_REUSE_LUA,
         EchoUpstream,
         GatewayProcess,
         HttpResult,
@@ -40,6 +43,7 @@ if __package__:
 else:  # tests/ is not a package: pytest put this directory on sys.path
     from gateways import (
         LOOPBACK,
+        NGINX_REUSE_LUA,
         EchoUpstream,
         GatewayProcess,
         HttpResult,
@@ -56,6 +60,9 @@ pytestmark = pytest.mark.integration
 #: The Lua filter's bound (MAX_ENTRIES in deploy/envoy/verifier-reuse.lua) and the flood's parallelism
 MAX_ENTRIES = 10_000
 FLOOD_THREADS = 8
+#: Junk credentials flooding nginx's Lua variant: 4,000 of 3,000 bytes are more than its 10 MiB dict holds
+NGINX_FLOOD, NGINX_JUNK_BYTES = 4_000, 3_000
+RATE_BURST = 3
 MAX_AGE = 2  # edge_cache.max_age_seconds and refusal_max_age_seconds: short, so expiry is observable
 ADMIN_TOKEN = "an-admin-secret-for-the-reuse-tests-0123"
 ADMIN_HOST = "admin.example.test"
@@ -98,17 +105,18 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
     proc.stop()
 
 
-@pytest.fixture(scope="module", params=["nginx", "envoy"])
+@pytest.fixture(scope="module", params=["nginx", "nginx-lua", "envoy"])
 def gateway(
     request: pytest.FixtureRequest,
     verifier: GatewayProcess,
     upstream: EchoUpstream,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
-    """The shipped reusing configurations: nginx's auth cache, and Envoy with deploy/envoy/verifier-reuse.lua."""
+    """The shipped reusing configurations: nginx's auth cache, nginx with deploy/nginx/verifier-reuse.lua, and
+    Envoy with deploy/envoy/verifier-reuse.lua."""
     work = tmp_path_factory.mktemp(request.param)
-    if request.param == "nginx":
-        gw = start_nginx(work, verifier.extra["http_port"], upstream.port)
+    if request.param.startswith("nginx"):
+        gw = start_nginx(work, verifier.extra["http_port"], upstream.port, lua=request.param == "nginx-lua")
     else:
         gw = start_envoy(work, "reuse", verifier_http_port=verifier.extra["http_port"], upstream_port=upstream.port)
     yield gw.url
@@ -202,6 +210,61 @@ def test_a_dpop_proof_replayed_within_max_age_is_refused_not_served_from_the_cac
     assert first.status == 200, first.body
     assert replayed.status == 401, "a captured DPoP request replayed through gateway's cache"
     assert asked(verifier) - before == 2
+
+
+@pytest.mark.parametrize("header", ["DPoP", "X-WebAuthn-Assertion"])
+def test_a_cached_allow_is_never_served_to_a_request_adding_a_proof_header(
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer, header: str
+) -> None:
+    """The same token and request plus a DPoP proof or a WebAuthn assertion is another question (the proof
+    is part of the key): the verifier judges it, the gateway never answers it from the cached allow."""
+    tok = token(issuer)
+    assert [get(gateway, "/orders", tok).status for _ in range(2)] == [200, 200]
+    before = asked(verifier)
+
+    http_request(f"{gateway}/orders", headers={"Authorization": f"Bearer {tok}", header: "not-a-proof"})
+    assert asked(verifier) - before == 1
+
+
+@pytest.fixture(scope="module")
+def limited_verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A verifier allowing each identity a burst of RATE_BURST requests (then one per 100 s)."""
+    proc = start_verifier(
+        tmp_path_factory.mktemp("verifier-limited"),
+        issuer=issuer.issuer,
+        extra_config={
+            "edge_cache": {"max_age_seconds": 300},
+            "rate_limits": {"default": {"per_second": 0.01, "burst": RATE_BURST}},
+        },
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.parametrize("name", ["nginx", "nginx-lua", "envoy"])
+def test_a_rate_limited_identity_is_counted_on_every_request(
+    name: str,
+    limited_verifier: GatewayProcess,
+    issuer: LocalIssuer,
+    upstream: EchoUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """With a rate limit each allow is no-store (the bucket counts gateway requests): no gateway reuses one,
+    so the request past the burst is refused, not served the cached allow."""
+    port, work = limited_verifier.extra["http_port"], tmp_path_factory.mktemp(f"{name}-limited")
+    if name.startswith("nginx"):
+        gw = start_nginx(work, port, upstream.port, lua=name == "nginx-lua")
+    else:
+        gw = start_envoy(work, "reuse", verifier_http_port=port, upstream_port=upstream.port)
+    tok, before = token(issuer), asked(limited_verifier)
+    try:
+        statuses = [get(gw.url, "/orders", tok).status for _ in range(RATE_BURST + 2)]
+    finally:
+        gw.stop()
+    # nginx.conf.template can relay only 401 and 403: a 429 becomes its 503
+    refused = 503 if name == "nginx" else 429
+    assert statuses == [200] * RATE_BURST + [refused] * 2
+    assert asked(limited_verifier) - before == RATE_BURST + 2
 
 
 def test_a_no_store_refusal_is_never_reused(gateway: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:
@@ -311,17 +374,46 @@ def _revoke(verifier: GatewayProcess, issuer: LocalIssuer, tok: str) -> None:
         assert answer.status == 201
 
 
-def test_envoys_reuse_cache_is_bounded(
-    issuer: LocalIssuer, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """A flood of distinct tokens cannot grow the Lua filter's cache past its bound: once it holds
-    MAX_ENTRIES answers (none expired: everything is reusable for 300 s here) it starts over, so an
-    answer stored before the flood is asked again. Without a bound it would still be served from memory."""
+def _flood(url: str, count: int, credential: Callable[[int], str]) -> list[int]:
+    """The statuses of `count` requests, each with its own `credential(i)`, FLOOD_THREADS at a time."""
+
+    def flood(worker: int) -> list[int]:
+        conn = http.client.HTTPConnection(LOOPBACK, int(url.rsplit(":", 1)[1]), timeout=10)
+        statuses = []
+        for i in range(worker, count, FLOOD_THREADS):
+            conn.request("GET", "/orders", headers={"Authorization": f"Bearer {credential(i)}"})
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+        conn.close()
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(FLOOD_THREADS) as pool:
+        return [s for batch in pool.map(flood, range(FLOOD_THREADS)) for s in batch]
+
+
+@pytest.fixture()
+def long_lived_verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A verifier whose answers (refusals included) may be reused for 300 s: nothing expires during a test."""
     proc = start_verifier(
         tmp_path_factory.mktemp("verifier-bound"),
         issuer=issuer.issuer,
         extra_config={"edge_cache": {"max_age_seconds": 300, "refusal_max_age_seconds": 300}},
     )
+    yield proc
+    proc.stop()
+
+
+def test_envoys_reuse_cache_is_bounded(
+    issuer: LocalIssuer,
+    upstream: EchoUpstream,
+    long_lived_verifier: GatewayProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A flood of distinct tokens cannot grow the Lua filter's cache past its bound: once it holds
+    MAX_ENTRIES answers (none expired: everything is reusable for 300 s here) it starts over, so an
+    answer stored before the flood is asked again. Without a bound it would still be served from memory."""
+    proc = long_lived_verifier
     gw = start_envoy(
         tmp_path_factory.mktemp("envoy-bound"),
         "reuse",
@@ -334,19 +426,7 @@ def test_envoys_reuse_cache_is_bounded(
         assert get(gw.url, "/orders", tok).status == 200
         assert asked(proc) == 1  # the second came from Envoy's cache
 
-        def flood(worker: int) -> list[int]:
-            conn = http.client.HTTPConnection(LOOPBACK, int(gw.url.rsplit(":", 1)[1]), timeout=10)
-            statuses = []
-            for i in range(worker, MAX_ENTRIES, FLOOD_THREADS):
-                conn.request("GET", "/orders", headers={"Authorization": f"Bearer junk-{i}-{uuid.uuid4().hex}"})
-                response = conn.getresponse()
-                response.read()
-                statuses.append(response.status)
-            conn.close()
-            return statuses
-
-        with concurrent.futures.ThreadPoolExecutor(FLOOD_THREADS) as pool:
-            statuses = [s for batch in pool.map(flood, range(FLOOD_THREADS)) for s in batch]
+        statuses = _flood(gw.url, MAX_ENTRIES, lambda i: f"junk-{i}-{uuid.uuid4().hex}")
         assert statuses == [401] * MAX_ENTRIES
 
         before = asked(proc)
@@ -354,4 +434,52 @@ def test_envoys_reuse_cache_is_bounded(
         assert asked(proc) == before + 1, "the cache kept growing past its bound"
     finally:
         gw.stop()
-        proc.stop()
+
+
+def test_nginx_luas_reuse_cache_is_bounded(
+    issuer: LocalIssuer,
+    upstream: EchoUpstream,
+    long_lived_verifier: GatewayProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """deploy/nginx/verifier-reuse.lua keeps answers in `lua_shared_dict verifier_answers 10m` and a
+    per-worker copy of at most 1,000. A flood of distinct long junk credentials (some 4 KiB stored each:
+    more than 10 MiB in all) evicts the answer stored before it, least recently used, from both: it is
+    asked again. With either store unbounded (one worker here, so its copy is the one asked) it would not be."""
+    proc = long_lived_verifier
+    gw = start_nginx(
+        tmp_path_factory.mktemp("nginx-lua-bound"), proc.extra["http_port"], upstream.port, workers=1, lua=True
+    )
+    try:
+        tok = token(issuer)
+        assert [get(gw.url, "/orders", tok).status for _ in range(2)] == [200, 200]
+        assert asked(proc) == 1  # the second came from nginx's cache
+
+        padding = "j" * NGINX_JUNK_BYTES
+        statuses = _flood(gw.url, NGINX_FLOOD, lambda i: f"{padding}-{i}-{uuid.uuid4().hex}")
+        assert statuses == [401] * NGINX_FLOOD
+        assert asked(proc) == 1 + NGINX_FLOOD  # every junk credential was judged, once
+
+        before = asked(proc)
+        assert get(gw.url, "/orders", tok).status == 200
+        assert asked(proc) == before + 1, "the cache kept growing past its bound"
+    finally:
+        gw.stop()
+
+
+def test_an_error_in_nginxs_reuse_filter_fails_closed(
+    issuer: LocalIssuer, verifier: GatewayProcess, upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    """A Lua error on the way (here: raised first thing in access()) is nginx's 500, which the template turns
+    into its 503: never a pass, whatever the verifier would have said."""
+    broken = tmp_path / "verifier-reuse.lua"
+    access = "function M.access()\n"
+    broken.write_text(NGINX_REUSE_LUA.read_text().replace(access, f"{access}  error('x')\n"))
+    gw = start_nginx(tmp_path, verifier.extra["http_port"], upstream.port, lua=True, lua_file=broken)
+    upstream.clear()
+    try:
+        answer = get(gw.url, "/orders", token(issuer))
+    finally:
+        gw.stop()
+    assert (answer.status, answer.headers.get("retry-after")) == (503, "1")
+    assert upstream.requests == []

@@ -21,6 +21,7 @@ if __package__:
         ENVOY_HTTP_TEMPLATE,
         ENVOY_REUSE_LUA,
         ENVOY_REUSE_TEMPLATE,
+        NGINX_LUA_TEMPLATE,
         NGINX_TEMPLATE,
         TEMPLATE_VARIABLES,
         envoy_binary,
@@ -32,13 +33,14 @@ else:  # tests/ is not a package: pytest put this directory on sys.path
         ENVOY_HTTP_TEMPLATE,
         ENVOY_REUSE_LUA,
         ENVOY_REUSE_TEMPLATE,
+        NGINX_LUA_TEMPLATE,
         NGINX_TEMPLATE,
         TEMPLATE_VARIABLES,
         envoy_binary,
         render_template,
     )
 
-TEMPLATES = (NGINX_TEMPLATE, ENVOY_GRPC_TEMPLATE, ENVOY_HTTP_TEMPLATE, ENVOY_REUSE_TEMPLATE)
+TEMPLATES = (NGINX_TEMPLATE, NGINX_LUA_TEMPLATE, ENVOY_GRPC_TEMPLATE, ENVOY_HTTP_TEMPLATE, ENVOY_REUSE_TEMPLATE)
 VALUES = {
     "LISTEN_HOST": "127.0.0.1",
     "LISTEN_PORT": 18080,
@@ -81,8 +83,9 @@ def lua_path(template: Path) -> dict[str, object]:
     return {"VERIFIER_LUA": ENVOY_REUSE_LUA} if "${VERIFIER_LUA}" in template.read_text() else {}
 
 
-def test_nginx_variables_survive_rendering() -> None:
-    rendered = render_template(NGINX_TEMPLATE, **used(NGINX_TEMPLATE))
+@pytest.mark.parametrize("template", (NGINX_TEMPLATE, NGINX_LUA_TEMPLATE), ids=lambda p: p.name)
+def test_nginx_variables_survive_rendering(template: Path) -> None:
+    rendered = render_template(template, **used(template))
 
     for variable in NGINX_VARIABLES:
         assert variable in rendered, variable

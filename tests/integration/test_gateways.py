@@ -48,7 +48,7 @@ else:  # tests/ is not a package: pytest put this directory on sys.path
 
 pytestmark = pytest.mark.integration
 
-GATEWAYS = ("envoy-grpc", "envoy-http", "nginx")
+GATEWAYS = ("envoy-grpc", "envoy-http", "nginx", "nginx-lua")
 BACKENDS = ("standin", "verifier")
 
 
@@ -124,7 +124,7 @@ def gateway(
     elif request.param == "envoy-http":
         gw = start_envoy(tmp, "http", verifier_http_port=backend.http_port, upstream_port=upstream.port)
     else:
-        gw = start_nginx(tmp, backend.http_port, upstream.port)
+        gw = start_nginx(tmp, backend.http_port, upstream.port, lua=request.param == "nginx-lua")
     yield gw
     gw.stop()
 
@@ -232,7 +232,7 @@ def test_client_supplied_identity_headers_never_reach_upstream(
 
 
 @pytest.mark.parametrize(
-    ("gateway_name", "status"), [("envoy-grpc", 503), ("envoy-http", 503), ("nginx", 503)]
+    ("gateway_name", "status"), [("envoy-grpc", 503), ("envoy-http", 503), ("nginx", 503), ("nginx-lua", 503)]
 )
 def test_unreachable_verifier_fails_closed(
     gateway_name: str, status: int, upstream: EchoUpstream, issuer: LocalIssuer, tmp_path: Path
@@ -243,7 +243,7 @@ def test_unreachable_verifier_fails_closed(
     elif gateway_name == "envoy-http":
         gw = start_envoy(tmp_path, "http", verifier_http_port=dead, upstream_port=upstream.port)
     else:
-        gw = start_nginx(tmp_path, dead, upstream.port)
+        gw = start_nginx(tmp_path, dead, upstream.port, lua=gateway_name == "nginx-lua")
     try:
         r = http_request(f"{gw.url}/orders", headers=bearer(issuer.mint()))
         assert r.status == status, (r.status, r.body)
@@ -295,7 +295,7 @@ def test_envoy_without_auth_passes_everything(upstream: EchoUpstream, tmp_path: 
 # ------------------------------------------------------------------------------------------------ wire shape
 
 
-@pytest.mark.parametrize("gateway_name", ["envoy-http", "nginx"])
+@pytest.mark.parametrize("gateway_name", ["envoy-http", "nginx", "nginx-lua"])
 def test_forward_auth_call_carries_the_original_request(
     gateway_name: str, standin: Standin, upstream: EchoUpstream, issuer: LocalIssuer, tmp_path: Path
 ) -> None:
@@ -303,7 +303,7 @@ def test_forward_auth_call_carries_the_original_request(
     if gateway_name == "envoy-http":
         gw = start_envoy(tmp_path, "http", verifier_http_port=standin.http_port, upstream_port=upstream.port)
     else:
-        gw = start_nginx(tmp_path, standin.http_port, upstream.port)
+        gw = start_nginx(tmp_path, standin.http_port, upstream.port, lua=gateway_name == "nginx-lua")
     standin.http_calls.clear()
     token = issuer.mint()
     headers = {**bearer(token), "DPoP": "proof", "X-Unrelated": "secret-cookie-ish"}

@@ -66,7 +66,7 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
     proc.stop()
 
 
-@pytest.fixture(scope="module", params=["nginx", "envoy-http", "envoy-reuse"])
+@pytest.fixture(scope="module", params=["nginx", "nginx-lua", "envoy-http", "envoy-reuse"])
 def gateway(
     request: pytest.FixtureRequest,
     verifier: GatewayProcess,
@@ -74,8 +74,8 @@ def gateway(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp(request.param)
-    if request.param == "nginx":
-        gw = start_nginx(tmp, verifier.extra["http_port"], upstream.port)
+    if request.param.startswith("nginx"):
+        gw = start_nginx(tmp, verifier.extra["http_port"], upstream.port, lua=request.param == "nginx-lua")
     else:
         mode = "http" if request.param == "envoy-http" else "reuse"
         gw = start_envoy(tmp, mode, upstream_port=upstream.port, verifier_http_port=verifier.extra["http_port"])

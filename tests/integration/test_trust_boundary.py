@@ -1,7 +1,8 @@
 """Issue #18: what a client sends must never choose what is judged. The attacks of the security review,
 each through every shipped gateway configuration, against the REAL verifier.
 
-Gateways: the rendered deploy/nginx/nginx.conf.template (real nginx), deploy/envoy/envoy-grpc.yaml.template
+Gateways: the rendered deploy/nginx/nginx.conf.template and nginx-lua.conf.template (real nginx; the Lua
+variant reuses answers in deploy/nginx/verifier-reuse.lua), deploy/envoy/envoy-grpc.yaml.template,
 envoy-http.yaml.template and envoy-reuse.yaml.template (real Envoy; the last reuses answers in its Lua
 filter, deploy/envoy/verifier-reuse.lua). tests/kong/test_trust_boundary_lua.py runs these same tests
 through the Kong Lua plugin in real nginx (it imports them and supplies its own `edge` fixture).
@@ -70,7 +71,7 @@ POLICIES = [
 #: A certificate the client does NOT present; the token is bound to it (RFC 8705 cnf.x5t#S256).
 BOUND_THUMBPRINT = base64.urlsafe_b64encode(hashlib.sha256(b"a DER certificate").digest()).rstrip(b"=").decode()
 
-GATEWAYS = ("nginx", "envoy-grpc", "envoy-http", "envoy-reuse")
+GATEWAYS = ("nginx", "nginx-lua", "envoy-grpc", "envoy-http", "envoy-reuse")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,8 +125,8 @@ def edge(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Edge]:
     tmp = tmp_path_factory.mktemp(request.param)
-    if request.param == "nginx":
-        gw = start_nginx(tmp, verifier.extra["http_port"], upstream.port)
+    if request.param in ("nginx", "nginx-lua"):
+        gw = start_nginx(tmp, verifier.extra["http_port"], upstream.port, lua=request.param == "nginx-lua")
     elif request.param == "envoy-grpc":
         gw = start_envoy(tmp, "grpc", verifier_grpc_port=verifier.extra["grpc_port"], upstream_port=upstream.port)
     else:  # envoy-http (ext_authz) or envoy-reuse (the Lua filter reusing answers)

@@ -47,6 +47,7 @@ from typing import Any
 import httptools
 
 from verifier.decision import Decision, smuggled_identity
+from verifier.doors.admission import LoopClock
 from verifier.doors.answer_memo import AnswerMemo
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.observe.metrics import Metrics
@@ -370,7 +371,9 @@ class _Connection(asyncio.Protocol):
         if path == PREFIX or path.startswith(PREFIX + b"/"):
             attrs = door.attributes(parser.get_method().decode("latin-1"), url, self._headers, self._peer)
             started = time.perf_counter()
-            if door.tracing is not None:  # the one test tracing costs when off
+            if door.clock.busy() > door.shed_after and door.costly(attrs):
+                self._push(door.shed(attrs, started, keep_alive), keep_alive)
+            elif door.tracing is not None:  # the one test tracing costs when off
                 self._push(door.decide_traced(attrs, started, keep_alive), keep_alive)
             else:
                 decision, stable_until = door.decide_cached(attrs)
@@ -523,6 +526,8 @@ class ForwardAuthDoor:
         self.pipeline = pipeline
         self.metrics = metrics
         self.ready = ready
+        self.clock = LoopClock()  # overload: how long requests have waited in their sockets (admission.py)
+        self.shed_after = settings.shed_after_seconds
         self._server: asyncio.Server | None = None
         self.connections: set[_Connection] = set()
 
@@ -539,6 +544,16 @@ class ForwardAuthDoor:
     def observe(self, decision: Decision, started: float) -> None:
         """Counts a decision."""
         self.metrics.decision(DOOR, decision.outcome, decision.reason, time.perf_counter() - started)
+
+    def costly(self, attrs: RequestAttributes) -> bool:
+        """Whether deciding needs a signature check: a token that no cache knows."""
+        return bool(attrs.headers.get("authorization")) and self.pipeline.known(attrs) is None
+
+    def shed(self, attrs: RequestAttributes, started: float, keep_alive: bool) -> bytes:
+        """The early refusal of an overloaded door: 503 + Retry-After, counted, never a check."""
+        decision = self.pipeline.overloaded
+        self.observe(decision, started)
+        return _answer(decision, keep_alive, attrs.headers)
 
     async def decide_slow(
         self, attrs: RequestAttributes, started: float, keep_alive: bool, span: DecisionSpan | None = None
@@ -579,6 +594,7 @@ class ForwardAuthDoor:
     async def start(self, host: str, port: int, *, reuse_port: bool = False, tls: ssl.SSLContext | None = None) -> int:
         """Listens (with TLS when given a context); returns the bound port."""
         loop = asyncio.get_running_loop()
+        self.clock.start()
         self._server = await loop.create_server(
             lambda: _Connection(self),
             host,
@@ -593,6 +609,7 @@ class ForwardAuthDoor:
 
     async def stop(self) -> None:
         """Stops accepting; open keep-alive connections are closed."""
+        self.clock.stop()
         if self._server is not None:
             self._server.close()
             # Drain: let answers already being computed go out, then close idle keep-alives.

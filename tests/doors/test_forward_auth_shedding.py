@@ -1,0 +1,149 @@
+"""The forward-auth door under a flood: requests that waited in their sockets past `http.shed_after_seconds` and
+need a signature check get 503 + Retry-After unchecked (never an allow); cached answers are still served; the
+door is healthy again as soon as the loop comes round. Not timed: the loop is held busy on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from doorkit import http_exchange, running_verifier
+from support import FrozenClock
+from tokenkit import DISCOVERY_URL, JWKS_URL, KIDS, NOW, FakeFetcher, claims, discovery_document, issuer_settings
+
+from verifier.app import App
+from verifier.doors import forward_auth
+from verifier.settings import DEFAULT_SHED_AFTER_SECONDS, Listen, Settings
+
+
+def _request(token: str, sub_path: str = "") -> bytes:
+    return f"GET /v1/forward-auth{sub_path} HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    if int(headers.get("content-length", "0")):
+        await reader.readexactly(int(headers["content-length"]))
+    return int(lines[0].split(" ", 2)[1]), headers
+
+
+async def _held_flood(port: int, requests: list[bytes], hold: float) -> list[tuple[int, dict[str, str]]]:
+    """Sends each request on its own connection while the loop is held busy for `hold` seconds (as it is
+    when a flood of ready connections is being read), then reads every answer."""
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in requests]
+    await asyncio.sleep(0.1)  # every connection accepted
+    for (_, writer), raw in zip(conns, requests, strict=True):
+        writer.write(raw)  # into the sockets now; the server reads them only after the hold
+    time.sleep(hold)  # the point: the loop is busy, the requests wait in their sockets
+    try:
+        return [await _answer(reader) for reader, _ in conns]
+    finally:
+        for _, writer in conns:
+            writer.close()
+
+
+async def test_unknown_tokens_that_waited_too_long_get_503_retry_after_and_cached_ones_are_served() -> None:
+    async with running_verifier() as (app, idp):
+        port = app.ports.http
+        known = idp.mint(sub="known")
+        assert b" 200 " in await http_exchange(port, _request(known))
+        fresh = [idp.mint(sub=f"fresh-{i}") for i in range(6)]
+
+        answers = await _held_flood(
+            port, [_request(t) for t in fresh] + [_request(known)], hold=DEFAULT_SHED_AFTER_SECONDS + 0.2
+        )
+
+        for status, headers in answers[:-1]:
+            assert status == 503  # never a pass, never a check
+            assert headers["retry-after"] == "1"
+            assert headers["x-verifier-reason"] == "overloaded"
+            assert "x-authenticated-userid" not in headers
+        assert answers[-1][0] == 200 and answers[-1][1]["x-authenticated-userid"] == "known"
+        # Healthy right after: the same unknown tokens are checked (and allowed) once the loop comes round.
+        for token in fresh:
+            assert b" 200 " in await http_exchange(port, _request(token))
+        assert b" 200 " in await http_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: v\r\n\r\n")
+
+
+async def test_below_the_threshold_nothing_is_shed() -> None:
+    async with running_verifier() as (app, idp):
+        fresh = [idp.mint(sub=f"fresh-{i}") for i in range(3)]
+
+        answers = await _held_flood(app.ports.http, [_request(t) for t in fresh], hold=0.0)
+
+        assert [status for status, _ in answers] == [200, 200, 200]
+
+
+async def test_a_garbage_or_missing_token_is_still_refused_not_shed() -> None:
+    async with running_verifier() as (app, _):
+        requests = [_request("not-a-jwt"), b"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\n\r\n"]
+
+        answers = await _held_flood(app.ports.http, requests, hold=DEFAULT_SHED_AFTER_SECONDS + 0.2)
+
+        assert answers[0][0] in (503, 401)  # unknown to every cache: shed, or refused; never allowed
+        assert answers[1][0] == 401  # nothing to check: answered at once
+
+
+async def test_one_connection_never_has_more_than_max_pipelined_answers_owed() -> None:
+    async with running_verifier() as (app, idp):
+        tokens = [idp.mint(sub=f"p-{i}") for i in range(3 * forward_auth.MAX_PIPELINED)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
+        owed: list[int] = []
+        door = app.forward_auth
+
+        async def count() -> None:
+            while True:
+                owed.append(max((len(c._pending) for c in door.connections), default=0))
+                await asyncio.sleep(0)
+
+        counter = asyncio.ensure_future(count())
+        try:
+            writer.write(b"".join(_request(t) for t in tokens))
+            statuses = [(await _answer(reader))[0] for _ in tokens]
+        finally:
+            counter.cancel()
+            writer.close()
+        assert set(statuses) <= {200, 503} and statuses.count(200) > 0
+        assert max(owed) <= forward_auth.MAX_PIPELINED
+
+
+async def test_a_full_pending_queue_answers_503_retry_after_at_once_and_recovers(mint, jwks_document) -> None:  # type: ignore[no-untyped-def]
+    fetcher = FakeFetcher()
+    fetcher.serve(DISCOVERY_URL, discovery_document())
+    fetcher.serve(JWKS_URL, jwks_document)
+    settings = Settings(
+        grpc=None,
+        http=Listen(host="127.0.0.1", port=0),
+        metrics=None,
+        issuers=(issuer_settings(jwks_cooldown_seconds=0.0, fetch_timeout_seconds=5.0),),
+        max_pending_checks=2,
+        deadline_seconds=20.0,  # the two in flight keep waiting, however slow the machine
+    )
+    app = App(settings, clock=FrozenClock(NOW), fetcher=fetcher)
+    await app.start()
+    try:
+        await asyncio.wait_for(app.keys.wait_ready(), 5)
+        port = app.ports.http
+        fetcher.delay = 30.0  # every key refresh hangs: tokens with unknown kids wait for it
+        waiting = [
+            asyncio.ensure_future(http_exchange(port, _request(mint(claims(), "ES256", kid=f"rotated-{i}"))))
+            for i in range(2)
+        ]
+        await asyncio.sleep(0.2)
+        shed = await http_exchange(port, _request(mint(claims(), "ES256", kid="rotated-x")))
+        assert shed.startswith(b"HTTP/1.1 503"), shed[:100]
+        assert b"retry-after: 1" in shed.lower() and b"x-verifier-reason: overloaded" in shed.lower()
+        assert b"x-authenticated-" not in shed.lower()
+        assert not any(w.done() for w in waiting)  # the two in flight are still waiting: the queue was full
+        # A cached token is answered while the queue is full; the door is healthy.
+        assert b" 200 " in await http_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: v\r\n\r\n")
+        fetcher.delay = 0.0
+        for w in waiting:
+            w.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        ok = await http_exchange(port, _request(mint(claims(), "ES256", kid=KIDS["ES256"])))
+        assert ok.startswith(b"HTTP/1.1 200"), ok[:100]
+    finally:
+        await app.stop(grace=0.1)
