@@ -14,6 +14,9 @@ request again is answered by the door's answer memo; ``--no-memo`` measures the 
 ``--opaque``: 5,000 first-seen opaque tokens, introspected over real loopback HTTP at the provider (its
 process, no delay), through ``OPAQUE_CONNECTIONS`` door connections at a time: the CPU per first-seen
 opaque token with the provider calls' real I/O but none of the door's.
+
+``--door grpc|ext_authz``: the cached check at a gRPC door instead, its method handler called as grpc.aio calls
+it (deserializer, handler, serializer) with the serialized request ``h2load`` sends.
 """
 
 from __future__ import annotations
@@ -134,8 +137,57 @@ async def _measure_opaque(app: Any, tokens: list[str], profiler: cProfile.Profil
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
+def _grpc_handler(doors: Any, door: wire.Door) -> Any:
+    """The gRPC door's method handler as the server registers it."""
+    if hasattr(doors, "own_handler"):
+        return doors.own_handler() if door is wire.Door.GRPC else doors.envoy_handler()
+    # An older tree (before/after comparisons): both doors parsed by grpc.
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from verifier.v1 import verifier_pb2
+
+    own = door is wire.Door.GRPC
+    parse = (verifier_pb2 if own else external_auth_pb2).CheckRequest.FromString
+    method = doors.check_own if own else doors.check_envoy
+    return grpc.unary_unary_rpc_method_handler(method, request_deserializer=parse, response_serializer=bytes)
+
+
+async def _measure_grpc(app: Any, door: wire.Door, tokens: list[str], profiler: cProfile.Profile | None) -> None:
+    """A cached check at a gRPC door: its handler as grpc.aio calls it (deserializer, handler, serializer;
+    no servicer context: a cached check never reads it), fed the request h2load sends."""
+    handler = _grpc_handler(app.grpc, door)
+    deserialize = handler.request_deserializer or (lambda data: data)
+    serialize = handler.response_serializer or (lambda data: data)
+    check = handler.unary_unary
+    answers: list[bytes] = [serialize(await check(deserialize(wire.grpc_payload(door, tokens[0])), None))]  # warm
+
+    def one(raw: bytes) -> None:
+        call = check(deserialize(raw), None)
+        try:
+            call.send(None)  # a cached check never suspends
+        except StopIteration as done:
+            answers[0] = serialize(done.value)
+        else:
+            raise SystemExit("the handler suspended: not a cached check")
+
+    requests = [wire.grpc_payload(door, t) for t in tokens[1:]]  # fresh bytes objects, as grpc hands over
+    best = min(_timed(_checks, one, requests, profiler=profiler) for _ in range(CACHED_PASSES))
+    if not wire.allowed(door, answers[0]):
+        raise SystemExit(f"not an allow: {answers[0][:80]!r}")
+    print(f"{door.value} cached: {best / len(requests) * 1e6:.2f} us CPU per check")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
 async def _measure(
-    config: Path, tokens: list[str], raw: Callable[[str], None] | None, profile: bool, memo: bool, opaque: bool = False
+    config: Path,
+    tokens: list[str],
+    raw: Callable[[str], None] | None,
+    profile: bool,
+    memo: bool,
+    opaque: bool = False,
+    door: str = "http",
 ) -> None:
     from verifier.app import App
     from verifier.doors import forward_auth
@@ -149,6 +201,9 @@ async def _measure(
             app.forward_auth.memo = None
         if opaque:
             await _measure_opaque(app, tokens, cProfile.Profile(time.process_time) if profile else None)
+            return
+        if door != "http":
+            await _measure_grpc(app, wire.Door(door), tokens, cProfile.Profile() if profile else None)
             return
         conn = forward_auth._Connection(app.forward_auth)
         transport = _Transport()
@@ -227,9 +282,12 @@ def main() -> None:
     parser.add_argument("--opaque", action="store_true", help="each opaque token once (introspected at the provider)")
     parser.add_argument("--no-memo", action="store_true", help="without the door's answer memo")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
+    parser.add_argument("--door", choices=["http", "grpc", "ext_authz"], default="http", help="cached: which door")
     parser.add_argument("--callgrind", action="store_true", help="first-seen instruction counts under valgrind")
     parser.add_argument("--tokens", type=int, default=FIRST_SEEN_ROUNDS * FIRST_SEEN_PER_ROUND, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.door != "http" and (args.first_seen or args.opaque):
+        parser.error("--door grpc|ext_authz measures the cached check only")
     if args.callgrind:
         _callgrind(sys.argv[1:])
         return
@@ -273,7 +331,7 @@ def main() -> None:
             with open(os.devnull, "w") as devnull:
                 os.dup2(devnull.fileno(), 2)  # ... written to /dev/null instead of the terminal
             uvloop.install()
-            asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo, args.opaque))
+            asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo, args.opaque, args.door))
         finally:
             audit.flush_logs()
             os.dup2(stderr, 2)

@@ -2,7 +2,11 @@
 (wire-compatible with Envoy's ext_authz filter), plus standard health checking and reflection.
 
 Both are registered as generic handlers whose responses are pre-serialized bytes memoized on the
-decision: a cached decision is answered without building or serializing a protobuf message.
+decision: a cached decision is answered without building or serializing a protobuf message. Our own
+door also takes the request as bytes: the Kong plugin sends the same bytes for the same request, so their
+translation (parse + attributes, a third of a cached check's Python) is remembered (`RequestMemo`); the
+decision itself is still made on every call. Envoy's requests carry per-request fields (request id,
+time): they are parsed each time.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from envoy.type.v3 import http_status_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from verifier.decision import Decision, smuggled_identity
 from verifier.doors.refusals import GRPC_OK, grpc_code, sheds
@@ -78,10 +83,43 @@ def attributes_from_own(request: verifier_pb2.CheckRequest) -> RequestAttributes
     )
 
 
+MAX_MEMO_REQUEST_BYTES = 8 * 1024  # a larger request is parsed on every call: bounds the memo's memory
+MAX_MEMO_REQUESTS = 4096  # distinct requests remembered (x 8 KiB at most: 32 MiB); cleared when full
+
+
+class RequestMemo:
+    """Our own proto's serialized request -> its attributes, bounded (cleared when full).
+
+    The translation is a pure function of the bytes (the certificate thumbprint is in them too), so equal
+    bytes give equal attributes; only the parse and the translation are skipped, never a check. Any
+    change in the request (another token, path, header) is other bytes: a miss, parsed as before.
+    """
+
+    def __init__(self, max_entries: int = MAX_MEMO_REQUESTS, max_bytes: int = MAX_MEMO_REQUEST_BYTES) -> None:
+        self._entries: dict[bytes, RequestAttributes] = {}
+        self._max_entries, self._max_bytes = max_entries, max_bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def attributes(self, data: bytes) -> RequestAttributes:
+        """The attributes of a serialized `verifier.v1.CheckRequest`; raises DecodeError when it is not one."""
+        attrs = self._entries.get(data)
+        if attrs is None:
+            attrs = attributes_from_own(verifier_pb2.CheckRequest.FromString(data))
+            if len(data) <= self._max_bytes:
+                if len(self._entries) >= self._max_entries:
+                    self._entries.clear()
+                self._entries[data] = attrs
+        return attrs
+
+
 def attributes_from_envoy(request: ea.CheckRequest) -> RequestAttributes:
     """Envoy's `AttributeContext` -> attributes. Envoy sends lower-case header names."""
     http = request.attributes.request.http
-    headers: dict[str, str] = dict(http.headers)
+    fields = http.headers
+    # Key by key: `dict()` of a protobuf map goes through the Mapping mixin's Python iteration (2x slower).
+    headers: dict[str, str] = {key: fields[key] for key in fields}
     if not headers and http.header_map.headers:
         # `encode_raw_headers: true` sends header_map instead (values as raw bytes).
         for h in http.header_map.headers:
@@ -190,8 +228,20 @@ def trace_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[s
     return parent, state
 
 
-def _identity(data: bytes) -> bytes:
-    return data
+class _GenericOnly:
+    """A server that takes generic handlers and drops the `add_registered_method_handlers` half of a generated
+    `add_*_to_server`: with any registered method on a grpc.aio server, every call (ours included) cost ~47,000
+    more instructions (callgrind, ~14% of a cached Check; docs/BENCHMARKS.md). The generic handler serves the
+    same methods."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(handlers))
+
+    def add_registered_method_handlers(self, _service: str, _handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        """Dropped on purpose (see the class)."""
 
 
 class GrpcDoors:
@@ -207,6 +257,7 @@ class GrpcDoors:
         self.metrics = metrics
         self.ready = ready
         self.health = health.aio.HealthServicer()
+        self._own_requests = RequestMemo()
         self._server: grpc.aio.Server | None = None
 
     async def _decide_traced(self, attrs: RequestAttributes, door: str, context: Any) -> Decision:
@@ -247,14 +298,30 @@ class GrpcDoors:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded: retry later")
         return decision
 
-    async def check_own(self, request: verifier_pb2.CheckRequest, context: Any) -> bytes:
-        """verifier.v1.Verifier/Check."""
-        return own_response(await self._decider(attributes_from_own(request), "grpc", context))
+    async def check_own(self, request: bytes, context: Any) -> bytes:
+        """verifier.v1.Verifier/Check, its request still serialized (see `RequestMemo`)."""
+        try:
+            attrs = self._own_requests.attributes(request)
+        except DecodeError:
+            if context is None:
+                raise
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a verifier.v1.CheckRequest")
+            raise  # abort raises; this is never reached
+        return own_response(await self._decider(attrs, "grpc", context))
 
     async def check_envoy(self, request: ea.CheckRequest, context: Any) -> bytes:
         """envoy.service.auth.v3.Authorization/Check."""
         attrs = attributes_from_envoy(request)
         return envoy_response(await self._decider(attrs, "ext_authz", context), attrs.headers)
+
+    def own_handler(self) -> grpc.RpcMethodHandler:
+        """`verifier.v1.Verifier/Check`: bytes in and out (without a serializer grpc passes bytes through
+        without a call); `check_own` parses the request (memoized), the answer is pre-serialized."""
+        return grpc.unary_unary_rpc_method_handler(self.check_own)
+
+    def envoy_handler(self) -> grpc.RpcMethodHandler:
+        """`envoy.service.auth.v3.Authorization/Check`: parsed by grpc, the answer pre-serialized bytes."""
+        return grpc.unary_unary_rpc_method_handler(self.check_envoy, request_deserializer=ea.CheckRequest.FromString)
 
     async def start(
         self,
@@ -281,34 +348,18 @@ class GrpcDoors:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ]
         )
-        own = grpc.method_handlers_generic_handler(
-            OWN_SERVICE,
-            {
-                "Check": grpc.unary_unary_rpc_method_handler(
-                    self.check_own,
-                    request_deserializer=verifier_pb2.CheckRequest.FromString,
-                    response_serializer=_identity,
-                )
-            },
+        server.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(service, {"Check": handler})
+                for service, handler in ((OWN_SERVICE, self.own_handler()), (ENVOY_SERVICE, self.envoy_handler()))
+            ]
         )
-        envoy = grpc.method_handlers_generic_handler(
-            ENVOY_SERVICE,
-            {
-                "Check": grpc.unary_unary_rpc_method_handler(
-                    self.check_envoy, request_deserializer=ea.CheckRequest.FromString, response_serializer=_identity
-                )
-            },
-        )
-        server.add_generic_rpc_handlers((own, envoy))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                OWN_SERVICE,
-                ENVOY_SERVICE,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+        # Generic handlers only (see `_GenericOnly`): health checks and reflection as before.
+        generic_only = _GenericOnly(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, generic_only)
+        names = (OWN_SERVICE, ENVOY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer((*names, reflection.SERVICE_NAME)), generic_only
         )
         if tls is None:
             port = server.add_insecure_port(address)
