@@ -48,3 +48,6 @@ _.on_status
 
 # Writing it is the point: a cached refusal drops its traceback (and the frames it keeps alive).
 _.__traceback__
+
+# grpc.aio calls it on the server stand-in the generated `add_*_to_server` functions are given.
+_.add_registered_method_handlers
