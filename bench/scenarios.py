@@ -39,7 +39,7 @@ SUITES: dict[str, Suite] = {
             options=(
                 ("--rate", float, "offered checks/s (introspection: default 1000; soak: instead of --rate-fraction)"),
                 ("--delay", float, "provider latency in seconds (default 0.02)"),
-                ("--before", str, "another checkout (the code before a change): its verifier runs too, as 'before'"),
+                ("--before", str, "another checkout (the code before a change): its verifier (nginx: plugin) runs too"),
             ),
         ),
         Suite(
@@ -96,7 +96,11 @@ SUITES: dict[str, Suite] = {
             name="nginx",
             run=edge.run_nginx,
             description="the Kong Lua plugin's cost in front of an nginx route, with plain nginx",
-            options=(("--connections", int, "wrk connections for throughput (default 16; memory: 32)"),),
+            options=(
+                ("--connections", int, "wrk connections for throughput (default 16; memory: 32)"),
+                ("--instructions", int, "nginx: also callgrind's instructions per request over N requests (per run)"),
+                ("--before", str, ""),
+            ),
         ),
         Suite(
             name="edge",
