@@ -7,8 +7,9 @@
 -- fails closed with 503; `fail_open` passes only when the connection failed
 -- (never after a timeout: the credential may have been under check).
 --
--- Uses only PDK functions present on every Kong 3.x, plus ngx.socket.tcp, so
--- it needs neither lua-resty-http nor a Kong newer than 3.0.
+-- Uses only PDK functions present on every Kong 3.x, plus ngx.socket.tcp and
+-- OpenResty's ngx.req / ngx.var (what those PDK functions call), so it needs
+-- neither lua-resty-http nor a Kong newer than 3.0.
 
 local http1 = require "kong.plugins.edge-verifier.http1"
 local decision_cache = require "kong.plugins.edge-verifier.decision_cache"
