@@ -1,0 +1,258 @@
+"""The verifier's headers for the CLIENT get to the client through every shipped gateway configuration.
+
+`DPoP-Nonce` (RFC 9449 section 9: with a `use_dpop_nonce` challenge when `dpop.require_nonce` is on, and
+on an allow that rotates the nonce) and the rate-limit headers `RateLimit-Policy` / `RateLimit` (on an
+allow, and with the verifier's `Retry-After` on a 429). Through real Envoy (ext_authz gRPC and HTTP) and
+real nginx (auth_request and the Lua variant), rendered from deploy/; the Kong plugins' rigs are in
+tests/kong/test_client_headers_kong.py.
+
+The refusals come from the REAL verifier (`python -m verifier serve`, nonces required, a rate limit); the
+verifier sends no client header on an allow today, so the allow cases use the stand-in verifier
+(`_standin.py`) answering an allow with a nonce and rate-limit state, as a verifier rotating its nonce would.
+A client's own copies of these headers are never what the client gets back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _standin import Standin, StandinPolicy
+from cryptography.hazmat.primitives.asymmetric import ec
+from gateways import (
+    DEFAULT_AUDIENCE,
+    EchoUpstream,
+    GatewayProcess,
+    HttpResult,
+    LocalIssuer,
+    http_request,
+    start_envoy,
+    start_nginx,
+    start_verifier,
+)
+from replicas import dpop_proof, public_jwk
+
+from verifier.binding.dpop import thumbprint
+
+pytestmark = pytest.mark.integration
+
+GATEWAYS = ("envoy-grpc", "envoy-http", "nginx", "nginx-lua")
+NONCE_SECRET_ENV = "GWHEADERS_TEST_DPOP_NONCE_SECRET"
+RATE_BURST = 3
+# One token back every 1000 s: the verifier's Retry-After is far from any gateway's own fixed `1`.
+RATE_PER_SECOND = 0.001
+# What the stand-in sends the client with every allow (a rotated nonce, the rate-limit state).
+ALLOW_CLIENT_HEADERS = {
+    "DPoP-Nonce": "rotated-nonce-from-the-verifier",
+    "RateLimit-Policy": '"default";q=100;w=60',
+    "RateLimit": '"default";r=99;t=60',
+}
+# What a client sends under the same names, hoping to see it come back as the verifier's.
+CLIENT_COPIES = {
+    "dpop-nonce": "client-chosen-nonce",
+    "ratelimit-policy": '"client";q=1;w=1',
+    "ratelimit": '"client";r=1;t=1',
+    "retry-after": "4242",
+}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[EchoUpstream]:
+    server = EchoUpstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[LocalIssuer]:
+    server = LocalIssuer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """The real verifier: every DPoP proof needs a nonce of ours, every identity has a small budget."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(NONCE_SECRET_ENV, "a-nonce-secret-for-the-gateway-header-tests-0123456789")
+        proc = start_verifier(
+            tmp_path_factory.mktemp("verifier"),
+            issuer=issuer.issuer,
+            extra_config={
+                "dpop": {"require_nonce": True, "nonce_secret_env": NONCE_SECRET_ENV},
+                "rate_limits": {"default": {"per_second": RATE_PER_SECOND, "burst": RATE_BURST}},
+            },
+        )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def standin(issuer: LocalIssuer) -> Iterator[Standin]:
+    server = Standin(
+        StandinPolicy(
+            issuer=issuer.issuer,
+            audience=DEFAULT_AUDIENCE,
+            public_key=issuer.key.public_key(),
+            allow_client_headers=ALLOW_CLIENT_HEADERS,
+        )
+    )
+    yield server
+    server.stop()
+
+
+def _start(name: str, work: Path, grpc_port: int, http_port: int, upstream_port: int) -> GatewayProcess:
+    if name == "envoy-grpc":
+        return start_envoy(work, "grpc", verifier_grpc_port=grpc_port, upstream_port=upstream_port)
+    if name == "envoy-http":
+        return start_envoy(work, "http", verifier_http_port=http_port, upstream_port=upstream_port)
+    return start_nginx(work, http_port, upstream_port, lua=name == "nginx-lua")
+
+
+@pytest.fixture(scope="module", params=GATEWAYS)
+def gateway(
+    request: pytest.FixtureRequest,
+    verifier: GatewayProcess,
+    upstream: EchoUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[GatewayProcess]:
+    """A shipped configuration in front of the real verifier."""
+    work = tmp_path_factory.mktemp(request.param)
+    gw = _start(request.param, work, verifier.extra["grpc_port"], verifier.extra["http_port"], upstream.port)
+    gw.extra["name"] = request.param
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module", params=GATEWAYS)
+def standin_gateway(
+    request: pytest.FixtureRequest, standin: Standin, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """A shipped configuration in front of a verifier that sends the client headers with an allow."""
+    work = tmp_path_factory.mktemp(f"{request.param}-standin")
+    gw = _start(request.param, work, standin.grpc_port, standin.http_port, upstream.port)
+    yield gw
+    gw.stop()
+
+
+def fresh_token(issuer: LocalIssuer, **claims: object) -> str:
+    """A token of its own identity: its own rate-limit bucket, never an answer another test cached."""
+    return issuer.mint(sub=f"user-{uuid.uuid4().hex[:8]}", jti=uuid.uuid4().hex, **claims)
+
+
+def dpop_get(gateway: GatewayProcess, key: ec.EllipticCurvePrivateKey, tok: str, *, nonce: str = "") -> HttpResult:
+    url = f"{gateway.url}/orders"
+    return http_request(
+        url, headers={"Authorization": f"DPoP {tok}", "DPoP": dpop_proof(key, "GET", url, tok, nonce=nonce)}
+    )
+
+
+# ------------------------------------------------------------------------------------------------ DPoP nonce
+
+
+def test_a_use_dpop_nonce_challenge_carries_the_nonce_and_a_proof_with_it_is_allowed(
+    gateway: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    """RFC 9449 section 9: the client learns the nonce from the 401, signs it into its next proof, passes."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = fresh_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    upstream.clear()
+
+    challenged = dpop_get(gateway, key, tok)
+
+    assert challenged.status == 401, (challenged.status, challenged.headers, challenged.body)
+    assert 'error="use_dpop_nonce"' in challenged.headers.get("www-authenticate", ""), challenged.headers
+    nonce = challenged.headers.get("dpop-nonce", "")
+    assert nonce, f"no DPoP-Nonce with the use_dpop_nonce challenge: {challenged.headers}"
+    assert challenged.headers.get("cache-control") == "no-store", challenged.headers
+    assert upstream.requests == []
+
+    allowed = dpop_get(gateway, key, tok, nonce=nonce)
+
+    assert allowed.status == 200, (allowed.status, allowed.headers, allowed.body)
+    (seen,) = upstream.requests
+    assert seen.headers["x-authenticated-userid"].startswith("user-")
+    assert "dpop-nonce" not in seen.headers, "the verifier's nonce is for the client, not the upstream"
+
+
+def test_a_client_cannot_make_up_the_nonce_it_is_challenged_with(gateway: GatewayProcess, issuer: LocalIssuer) -> None:
+    """A client's own DPoP-Nonce header never comes back as the server's nonce, nor passes as one."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = fresh_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    url = f"{gateway.url}/orders"
+    headers = {"Authorization": f"DPoP {tok}", "DPoP": dpop_proof(key, "GET", url, tok), **CLIENT_COPIES}
+
+    challenged = http_request(url, headers=headers)
+    made_up = dpop_get(gateway, key, tok, nonce=CLIENT_COPIES["dpop-nonce"])
+
+    assert challenged.status == 401, (challenged.status, challenged.headers)
+    assert challenged.headers.get("dpop-nonce") not in (None, "", CLIENT_COPIES["dpop-nonce"]), challenged.headers
+    assert CLIENT_COPIES["dpop-nonce"] not in challenged.headers.get("dpop-nonce", "")
+    assert made_up.status == 401 and 'error="use_dpop_nonce"' in made_up.headers.get("www-authenticate", "")
+
+
+# ------------------------------------------------------------------------------------------------ rate limits
+
+
+def test_a_rate_limited_identity_gets_429_with_the_verifiers_retry_after_and_ratelimit_headers(
+    gateway: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    tok = fresh_token(issuer)
+    headers = {"Authorization": f"Bearer {tok}"}
+    allowed = [http_request(f"{gateway.url}/orders", headers=headers) for _ in range(RATE_BURST)]
+    upstream.clear()
+
+    refused = http_request(f"{gateway.url}/orders", headers=headers)
+
+    assert [a.status for a in allowed] == [200] * RATE_BURST, [(a.status, a.body) for a in allowed]
+    assert refused.status == 429, (refused.status, refused.headers, refused.body)
+    # the verifier's own Retry-After (about 1/RATE_PER_SECOND seconds), never a gateway's fixed one
+    assert int(refused.headers.get("retry-after", "0")) > 100, refused.headers
+    assert refused.headers.get("ratelimit-policy", "").startswith(f'"default";q={RATE_BURST}'), refused.headers
+    assert refused.headers.get("ratelimit", "").startswith('"default";r=0'), refused.headers
+    assert refused.headers.get("x-verifier-reason") == "rate_limited", refused.headers
+    assert refused.headers.get("cache-control") == "no-store", refused.headers
+    assert upstream.requests == []
+
+
+def test_a_refusal_never_reflects_the_clients_own_copies_of_the_client_headers(
+    gateway: GatewayProcess, issuer: LocalIssuer
+) -> None:
+    """A garbage token's 401 and a 429 carry only what the verifier sent under these names."""
+    tok = fresh_token(issuer)
+    for _ in range(RATE_BURST):
+        http_request(f"{gateway.url}/orders", headers={"Authorization": f"Bearer {tok}"})
+    answers = {
+        "401": http_request(f"{gateway.url}/orders", headers={"Authorization": "Bearer garbage", **CLIENT_COPIES}),
+        "429": http_request(f"{gateway.url}/orders", headers={"Authorization": f"Bearer {tok}", **CLIENT_COPIES}),
+    }
+
+    assert {k: a.status for k, a in answers.items()} == {"401": 401, "429": 429}, answers
+    for answer in answers.values():
+        for name, value in CLIENT_COPIES.items():
+            assert value not in answer.headers.get(name, ""), (name, answer.headers)
+    assert "dpop-nonce" not in answers["401"].headers and "ratelimit" not in answers["401"].headers
+
+
+# ------------------------------------------------------------------------------------------------ on an allow
+
+
+def test_an_allow_gives_the_client_the_verifiers_nonce_and_ratelimit_headers_not_the_upstream(
+    standin_gateway: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    upstream.clear()
+
+    allowed = http_request(
+        f"{standin_gateway.url}/orders", headers={"Authorization": f"Bearer {issuer.mint()}", **CLIENT_COPIES}
+    )
+
+    assert allowed.status == 200, (allowed.status, allowed.headers, allowed.body)
+    for name, value in ALLOW_CLIENT_HEADERS.items():
+        assert allowed.headers.get(name.lower()) == value, (name, allowed.headers)
+    assert "retry-after" not in allowed.headers, allowed.headers
+    (seen,) = upstream.requests
+    assert seen.headers["x-authenticated-userid"] == "alice"
+    for name, value in ALLOW_CLIENT_HEADERS.items():
+        assert seen.headers.get(name.lower()) != value, f"the verifier's {name} went upstream"
