@@ -35,7 +35,8 @@ local CLIENT_HEADERS = {
   ["ratelimit"] = true, ["ratelimit-policy"] = true, ["ratelimit-limit"] = true,
   ["ratelimit-remaining"] = true, ["ratelimit-reset"] = true,
 }
--- allow headers meant for the client, not the upstream (the same names as deploy/envoy/verifier-reuse.lua's)
+-- allow headers meant for the client, not the upstream (the same names as deploy/envoy/verifier-reuse.lua's);
+-- an answer with any of them, allow or refusal, is never stored
 local CLIENT_HEADERS_ON_ALLOW = {
   ["dpop-nonce"] = true, ["ratelimit"] = true, ["ratelimit-policy"] = true, ["ratelimit-limit"] = true,
   ["ratelimit-remaining"] = true, ["ratelimit-reset"] = true,
@@ -158,9 +159,10 @@ local function ask()
     return nil -- no answer of the verifier's (connection failure, timeout, nginx's own 502/504)
   end
   local allowed = res.status >= 200 and res.status < 300
-  local headers, cache_control, to_client = {}, nil, nil
+  local headers, cache_control, to_client, per_request = {}, nil, nil, false
   for name, value in pairs(res.header) do
     name = lower(name)
+    per_request = per_request or CLIENT_HEADERS_ON_ALLOW[name] == true
     if name == "cache-control" then
       cache_control = value
     elseif allowed and CLIENT_HEADERS_ON_ALLOW[name] then
@@ -179,7 +181,7 @@ local function ask()
   end
   local body = allowed and "" or (res.body or "")
   -- a nonce or rate-limit state is about this request alone: never replayed to another one
-  local ttl = to_client == nil and ttl_of(cache_control) or nil
+  local ttl = not per_request and ttl_of(cache_control) or nil
   return { status = res.status, headers = headers, body = body, to_client = to_client }, ttl
 end
 

@@ -14,6 +14,7 @@ A client's own copies of these headers are never what the client gets back.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,9 @@ from verifier.binding.dpop import thumbprint
 
 pytestmark = pytest.mark.integration
 
-GATEWAYS = ("envoy-grpc", "envoy-http", "nginx", "nginx-lua")
+# test_gateways.py's four, and Envoy's reusing Lua filter (deploy/envoy/envoy-reuse.yaml.template)
+GATEWAYS = ("envoy-grpc", "envoy-http", "envoy-reuse", "nginx", "nginx-lua")
+REUSING = ("envoy-reuse", "nginx", "nginx-lua")  # the ones that keep the verifier's answers
 NONCE_SECRET_ENV = "GWHEADERS_TEST_DPOP_NONCE_SECRET"
 RATE_BURST = 3
 # One token back every 1000 s: the verifier's Retry-After is far from any gateway's own fixed `1`.
@@ -96,7 +99,29 @@ def standin(issuer: LocalIssuer) -> Iterator[Standin]:
             issuer=issuer.issuer,
             audience=DEFAULT_AUDIENCE,
             public_key=issuer.key.public_key(),
-            allow_client_headers=ALLOW_CLIENT_HEADERS,
+            allow_client_headers=lambda: ALLOW_CLIENT_HEADERS,
+        )
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def caching_standin(issuer: LocalIssuer) -> Iterator[Standin]:
+    """A verifier whose allows carry a new nonce each time and say they may be reused for a minute."""
+    numbers = itertools.count()
+    server = Standin(
+        StandinPolicy(
+            issuer=issuer.issuer,
+            audience=DEFAULT_AUDIENCE,
+            public_key=issuer.key.public_key(),
+            allow_client_headers=lambda: {
+                "DPoP-Nonce": f"nonce-{next(numbers)}",
+                "RateLimit": '"default";r=99;t=60',
+                # in the verifier's order: nginx 1.22 reads a `private` before X-Accel-Expires as "never keep"
+                "X-Accel-Expires": "59",
+                "Cache-Control": "private, max-age=60",
+            },
         )
     )
     yield server
@@ -108,6 +133,8 @@ def _start(name: str, work: Path, grpc_port: int, http_port: int, upstream_port:
         return start_envoy(work, "grpc", verifier_grpc_port=grpc_port, upstream_port=upstream_port)
     if name == "envoy-http":
         return start_envoy(work, "http", verifier_http_port=http_port, upstream_port=upstream_port)
+    if name == "envoy-reuse":
+        return start_envoy(work, "reuse", verifier_http_port=http_port, upstream_port=upstream_port)
     return start_nginx(work, http_port, upstream_port, lua=name == "nginx-lua")
 
 
@@ -133,6 +160,20 @@ def standin_gateway(
     """A shipped configuration in front of a verifier that sends the client headers with an allow."""
     work = tmp_path_factory.mktemp(f"{request.param}-standin")
     gw = _start(request.param, work, standin.grpc_port, standin.http_port, upstream.port)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module", params=REUSING)
+def caching_gateway(
+    request: pytest.FixtureRequest,
+    caching_standin: Standin,
+    upstream: EchoUpstream,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[GatewayProcess]:
+    """A shipped configuration that reuses answers, in front of `caching_standin`."""
+    work = tmp_path_factory.mktemp(f"{request.param}-caching")
+    gw = _start(request.param, work, caching_standin.grpc_port, caching_standin.http_port, upstream.port)
     yield gw
     gw.stop()
 
@@ -256,3 +297,19 @@ def test_an_allow_gives_the_client_the_verifiers_nonce_and_ratelimit_headers_not
     assert seen.headers["x-authenticated-userid"] == "alice"
     for name, value in ALLOW_CLIENT_HEADERS.items():
         assert seen.headers.get(name.lower()) != value, f"the verifier's {name} went upstream"
+
+
+def test_an_answer_carrying_a_nonce_is_never_reused_for_another_request(
+    caching_gateway: GatewayProcess, caching_standin: Standin, issuer: LocalIssuer
+) -> None:
+    """A nonce or a rate-limit state is about one request: even an answer that says max-age=60 is asked again,
+    and each request gets the nonce of its own answer."""
+    headers = {"Authorization": f"Bearer {fresh_token(issuer)}"}
+    before = len(caching_standin.http_calls)
+
+    answers = [http_request(f"{caching_gateway.url}/orders", headers=headers) for _ in range(2)]
+
+    assert [a.status for a in answers] == [200, 200], [(a.status, a.body) for a in answers]
+    assert len(caching_standin.http_calls) - before == 2, "an answer carrying a nonce was reused"
+    nonces = [a.headers.get("dpop-nonce") for a in answers]
+    assert None not in nonces and nonces[0] != nonces[1], nonces
