@@ -6,9 +6,9 @@ allow, and with the verifier's `Retry-After` on a 429). Through real Envoy (ext_
 real nginx (auth_request and the Lua variant), rendered from deploy/; the Kong plugins' rigs are in
 tests/kong/test_client_headers_kong.py.
 
-The refusals come from the REAL verifier (`python -m verifier serve`, nonces required, a rate limit); the
-verifier sends no client header on an allow today, so the allow cases use the stand-in verifier
-(`_standin.py`) answering an allow with a nonce and rate-limit state, as a verifier rotating its nonce would.
+The REAL verifier (`python -m verifier serve`, nonces required, a rate limit) answers the nonce flow, the
+allows under a rate limit and the 429; the stand-in verifier (`_standin.py`) answers allows with a rotated
+nonce (which the verifier does not send today) and answers that say they may be reused.
 A client's own copies of these headers are never what the client gets back.
 """
 
@@ -46,6 +46,7 @@ NONCE_SECRET_ENV = "GWHEADERS_TEST_DPOP_NONCE_SECRET"
 RATE_BURST = 3
 # One token back every 1000 s: the verifier's Retry-After is far from any gateway's own fixed `1`.
 RATE_PER_SECOND = 0.001
+WINDOW = 3000  # RateLimit-Policy's w: seconds to refill the burst (RATE_BURST / RATE_PER_SECOND)
 # What the stand-in sends the client with every allow (a rotated nonce, the rate-limit state).
 ALLOW_CLIENT_HEADERS = {
     "DPoP-Nonce": "rotated-nonce-from-the-verifier",
@@ -237,7 +238,7 @@ def test_a_client_cannot_make_up_the_nonce_it_is_challenged_with(gateway: Gatewa
 # ------------------------------------------------------------------------------------------------ rate limits
 
 
-def test_a_rate_limited_identity_gets_429_with_the_verifiers_retry_after_and_ratelimit_headers(
+def test_an_identity_under_a_rate_limit_sees_its_budget_on_allows_and_the_verifiers_429(
     gateway: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
 ) -> None:
     tok = fresh_token(issuer)
@@ -248,6 +249,10 @@ def test_a_rate_limited_identity_gets_429_with_the_verifiers_retry_after_and_rat
     refused = http_request(f"{gateway.url}/orders", headers=headers)
 
     assert [a.status for a in allowed] == [200] * RATE_BURST, [(a.status, a.body) for a in allowed]
+    for left, answer in zip(range(RATE_BURST - 1, -1, -1), allowed, strict=True):  # each allow's budget
+        assert answer.headers.get("ratelimit-policy") == f'"default";q={RATE_BURST};w={WINDOW}', answer.headers
+        assert answer.headers.get("ratelimit", "").startswith(f'"default";r={left};'), answer.headers
+        assert "retry-after" not in answer.headers, answer.headers
     assert refused.status == 429, (refused.status, refused.headers, refused.body)
     # the verifier's own Retry-After (about 1/RATE_PER_SECOND seconds), never a gateway's fixed one
     assert int(refused.headers.get("retry-after", "0")) > 100, refused.headers

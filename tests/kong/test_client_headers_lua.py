@@ -87,16 +87,19 @@ def test_the_use_dpop_nonce_challenge_carries_the_nonce_and_a_proof_with_it_pass
     assert upstream_saw(body)["h"]["x-authenticated-userid"][0].startswith("user-")
 
 
-def test_a_rate_limited_identity_gets_the_verifiers_429_retry_after_and_ratelimit_headers(
+def test_an_identity_under_a_rate_limit_sees_its_budget_on_allows_and_the_verifiers_429(
     start_nginx, echo_upstream, verifier, issuer
 ):
     base = start_nginx({"url": f"{verifier.url}/v1/forward-auth"}, echo_upstream)
     tok = fresh_token(issuer)
-    statuses = [call(base, PATH, {"Authorization": f"Bearer {tok}"})[0] for _ in range(RATE_BURST)]
+    allowed = [call(base, PATH, {"Authorization": f"Bearer {tok}"}) for _ in range(RATE_BURST)]
 
     status, headers, _ = call(base, PATH, {"Authorization": f"Bearer {tok}", **CLIENT_COPIES})
 
-    assert statuses == [200] * RATE_BURST
+    assert [a[0] for a in allowed] == [200] * RATE_BURST
+    for left, (_, allow_headers, _) in zip(range(RATE_BURST - 1, -1, -1), allowed, strict=True):
+        assert one(allow_headers, "RateLimit-Policy") == f'"default";q={RATE_BURST};w=2000', allow_headers
+        assert one(allow_headers, "RateLimit").startswith(f'"default";r={left};'), allow_headers
     assert status == 429, headers
     assert int(one(headers, "Retry-After")) > 100, headers
     assert one(headers, "RateLimit-Policy").startswith(f'"default";q={RATE_BURST}'), headers

@@ -909,14 +909,18 @@ def test_the_use_dpop_nonce_challenge_exits_with_the_nonce_and_a_proof_with_it_p
     assert upstream_set(calls)["x-authenticated-userid"].startswith("user-")
 
 
-def test_a_rate_limited_identity_exits_429_with_the_verifiers_retry_after_and_ratelimit_headers(
+def test_an_identity_under_a_rate_limit_sees_its_budget_on_allows_and_the_verifiers_429(
     kong, strict_verifier, local_issuer
 ):
     tok = fresh_token(local_issuer)
     iid = start_instance(kong, grpc_target=grpc_target(strict_verifier))
     request = KongRequest(headers={"Authorization": f"Bearer {tok}", **CLIENT_COPIES})
-    for _ in range(RATE_BURST):
-        assert not named(kong.handle_event(iid, "access", request), "kong.response.exit")
+    for left in range(RATE_BURST - 1, -1, -1):
+        calls = kong.handle_event(iid, "access", request)
+        assert not named(calls, "kong.response.exit")
+        to_client = {args[0].lower(): args[1] for args in named(calls, "kong.response.set_header")}
+        assert to_client["ratelimit-policy"] == f'"default";q={RATE_BURST};w=2000', to_client
+        assert to_client["ratelimit"].startswith(f'"default";r={left};'), to_client
 
     status, headers = exited_headers(kong.handle_event(iid, "access", request))
 
