@@ -15,6 +15,7 @@ A client's own copies of these headers are never what the client gets back.
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,8 @@ GATEWAYS = ("envoy-grpc", "envoy-http", "envoy-reuse", "nginx", "nginx-lua")
 REUSING = ("envoy-reuse", "nginx", "nginx-lua")  # the ones that keep the verifier's answers
 NONCE_SECRET_ENV = "GWHEADERS_TEST_DPOP_NONCE_SECRET"
 RATE_BURST = 3
+# Seconds a server nonce is good for; past half of it, an allow hands out the next one.
+NONCE_LIFETIME = 4
 # One token back every 1000 s: the verifier's Retry-After is far from any gateway's own fixed `1`.
 RATE_PER_SECOND = 0.001
 WINDOW = 3000  # RateLimit-Policy's w: seconds to refill the burst (RATE_BURST / RATE_PER_SECOND)
@@ -85,7 +88,11 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
             tmp_path_factory.mktemp("verifier"),
             issuer=issuer.issuer,
             extra_config={
-                "dpop": {"require_nonce": True, "nonce_secret_env": NONCE_SECRET_ENV},
+                "dpop": {
+                    "require_nonce": True,
+                    "nonce_secret_env": NONCE_SECRET_ENV,
+                    "nonce_lifetime_seconds": NONCE_LIFETIME,
+                },
                 "rate_limits": {"default": {"per_second": RATE_PER_SECOND, "burst": RATE_BURST}},
             },
         )
@@ -217,6 +224,26 @@ def test_a_use_dpop_nonce_challenge_carries_the_nonce_and_a_proof_with_it_is_all
     (seen,) = upstream.requests
     assert seen.headers["x-authenticated-userid"].startswith("user-")
     assert "dpop-nonce" not in seen.headers, "the verifier's nonce is for the client, not the upstream"
+
+
+def test_an_allow_renews_an_old_nonce_and_the_client_goes_on_with_the_new_one(
+    gateway: GatewayProcess, issuer: LocalIssuer
+) -> None:
+    """RFC 9449 section 8.2: a 200 may carry the next nonce; a client using it never meets the 401 again."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = fresh_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    nonce = dpop_get(gateway, key, tok).headers.get("dpop-nonce", "")
+    assert nonce
+    time.sleep(NONCE_LIFETIME / 2 + 0.3)  # past half its lifetime, still good
+
+    renewing = dpop_get(gateway, key, tok, nonce=nonce)
+    renewed = renewing.headers.get("dpop-nonce", "")
+    young = dpop_get(gateway, key, tok, nonce=renewed)
+
+    assert renewing.status == 200, (renewing.status, renewing.headers, renewing.body)
+    assert renewed and renewed != nonce, renewing.headers
+    assert young.status == 200, (young.status, young.headers, young.body)
+    assert "dpop-nonce" not in young.headers, "a young nonce is kept: no new one on every answer"
 
 
 def test_a_client_cannot_make_up_the_nonce_it_is_challenged_with(gateway: GatewayProcess, issuer: LocalIssuer) -> None:

@@ -7,6 +7,7 @@ The same cases through Envoy and nginx: tests/integration/test_gateway_client_he
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -24,6 +25,7 @@ NONCE_SECRET_ENV = "GWHEADERS_KONG_TEST_DPOP_NONCE_SECRET"
 RATE_BURST = 2
 RATE_PER_SECOND = 0.001  # one token back every 1000 s: the Retry-After is the verifier's, not a fixed 1
 PATH = "/api/items?limit=5"
+NONCE_LIFETIME = 4  # seconds; past half of it, an allow hands out the next nonce
 CLIENT_COPIES = {
     "dpop-nonce": "client-chosen-nonce",
     "ratelimit-policy": '"client";q=1;w=1',
@@ -47,7 +49,11 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
             tmp_path_factory.mktemp("verifier"),
             issuer=issuer.issuer,
             extra_config={
-                "dpop": {"require_nonce": True, "nonce_secret_env": NONCE_SECRET_ENV},
+                "dpop": {
+                    "require_nonce": True,
+                    "nonce_secret_env": NONCE_SECRET_ENV,
+                    "nonce_lifetime_seconds": NONCE_LIFETIME,
+                },
                 "rate_limits": {"default": {"per_second": RATE_PER_SECOND, "burst": RATE_BURST}},
             },
         )
@@ -85,6 +91,23 @@ def test_the_use_dpop_nonce_challenge_carries_the_nonce_and_a_proof_with_it_pass
 
     assert status == 200, (headers, body)
     assert upstream_saw(body)["h"]["x-authenticated-userid"][0].startswith("user-")
+
+
+def test_an_allow_renews_an_old_nonce_for_the_client(start_nginx, echo_upstream, verifier, issuer):
+    base = start_nginx({"url": f"{verifier.url}/v1/forward-auth"}, echo_upstream)
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = fresh_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    url = f"{base}/api/items"
+    _, headers, _ = call(base, PATH, {"Authorization": f"DPoP {tok}", "DPoP": dpop_proof(key, "GET", url, tok)})
+    nonce = one(headers, "DPoP-Nonce")
+    time.sleep(NONCE_LIFETIME / 2 + 0.3)
+
+    proof = dpop_proof(key, "GET", url, tok, nonce=nonce)
+    status, headers, body = call(base, PATH, {"Authorization": f"DPoP {tok}", "DPoP": proof})
+
+    assert status == 200, (headers, body)
+    assert one(headers, "DPoP-Nonce") not in ("", nonce), headers
+    assert "dpop-nonce" not in upstream_saw(body)["h"]
 
 
 def test_an_identity_under_a_rate_limit_sees_its_budget_on_allows_and_the_verifiers_429(

@@ -838,6 +838,7 @@ def test_a_consumer_named_in_answer_headers_is_authenticated(kong):
 
 NONCE_SECRET_ENV = "GWHEADERS_PYTHON_PLUGIN_DPOP_NONCE_SECRET"
 RATE_BURST = 2
+NONCE_LIFETIME = 4  # seconds; past half of it, an allow hands out the next nonce
 HTU = "http://api.example.test:8000/api/items"  # KongRequest's defaults, as the verifier rebuilds the URL
 CLIENT_COPIES = {
     "DPoP-Nonce": "client-chosen-nonce",
@@ -863,7 +864,11 @@ def strict_verifier(local_issuer: LocalIssuer, tmp_path_factory: pytest.TempPath
             tmp_path_factory.mktemp("strict-verifier"),
             issuer=local_issuer.issuer,
             extra_config={
-                "dpop": {"require_nonce": True, "nonce_secret_env": NONCE_SECRET_ENV},
+                "dpop": {
+                    "require_nonce": True,
+                    "nonce_secret_env": NONCE_SECRET_ENV,
+                    "nonce_lifetime_seconds": NONCE_LIFETIME,
+                },
                 "rate_limits": {"default": {"per_second": 0.001, "burst": RATE_BURST}},
             },
         )
@@ -907,6 +912,22 @@ def test_the_use_dpop_nonce_challenge_exits_with_the_nonce_and_a_proof_with_it_p
 
     assert not named(calls, "kong.response.exit") and not named(calls, "kong.response.error"), calls
     assert upstream_set(calls)["x-authenticated-userid"].startswith("user-")
+
+
+def test_an_allow_renews_an_old_nonce_on_the_clients_answer(kong, strict_verifier, local_issuer):
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = fresh_token(local_issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    iid = start_instance(kong, grpc_target=grpc_target(strict_verifier))
+    first = KongRequest(headers={"Authorization": f"DPoP {tok}", "DPoP": dpop_proof(key, "GET", HTU, tok)})
+    nonce = exited_headers(kong.handle_event(iid, "access", first))[1]["dpop-nonce"]
+    time.sleep(NONCE_LIFETIME / 2 + 0.3)
+
+    proof = dpop_proof(key, "GET", HTU, tok, nonce=nonce)
+    calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"DPoP {tok}", "DPoP": proof}))
+
+    to_client = {args[0].lower(): args[1] for args in named(calls, "kong.response.set_header")}
+    assert to_client.get("dpop-nonce") not in (None, "", nonce), calls
+    assert "dpop-nonce" not in upstream_set(calls)
 
 
 def test_an_identity_under_a_rate_limit_sees_its_budget_on_allows_and_the_verifiers_429(
