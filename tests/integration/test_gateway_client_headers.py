@@ -4,7 +4,7 @@
 on an allow that rotates the nonce) and the rate-limit headers `RateLimit-Policy` / `RateLimit` (on an
 allow, and with the verifier's `Retry-After` on a 429). Through real Envoy (ext_authz gRPC and HTTP) and
 real nginx (auth_request and the Lua variant), rendered from deploy/; the Kong plugins' rigs are in
-tests/kong/test_client_headers_kong.py.
+tests/kong/test_lua_plugin.py and tests/kong/test_python_plugin.py.
 
 The REAL verifier (`python -m verifier serve`, nonces required, a rate limit) answers the nonce flow, the
 allows under a rate limit and the 429; the stand-in verifier (`_standin.py`) answers allows with a rotated

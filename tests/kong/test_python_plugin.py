@@ -834,7 +834,7 @@ def test_a_consumer_named_in_answer_headers_is_authenticated(kong):
 # --------------------------------------------------------------------------- headers for the client
 # DPoP-Nonce (RFC 9449 section 9) and RateLimit-* are the verifier's, for the client: with a refusal (the
 # 401 use_dpop_nonce challenge, the 429) and on an allow. The same cases through Envoy and nginx:
-# tests/integration/test_gateway_client_headers.py; the Lua plugin's: tests/kong/test_client_headers_lua.py.
+# tests/integration/test_gateway_client_headers.py; the Lua plugin's: tests/kong/test_lua_plugin.py.
 
 NONCE_SECRET_ENV = "GWHEADERS_PYTHON_PLUGIN_DPOP_NONCE_SECRET"
 RATE_BURST = 2
