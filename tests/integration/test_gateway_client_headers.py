@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,9 @@ import pytest
 from _standin import Standin, StandinPolicy
 from cryptography.hazmat.primitives.asymmetric import ec
 from gateways import (
+    CLIENT_COPIES,
     DEFAULT_AUDIENCE,
+    STRICT_NONCE_LIFETIME,
     EchoUpstream,
     GatewayProcess,
     HttpResult,
@@ -32,7 +33,8 @@ from gateways import (
     http_request,
     start_envoy,
     start_nginx,
-    start_verifier,
+    start_strict_verifier,
+    unique_token,
 )
 from replicas import dpop_proof, public_jwk
 
@@ -43,25 +45,13 @@ pytestmark = pytest.mark.integration
 # test_gateways.py's four, and Envoy's reusing Lua filter (deploy/envoy/envoy-reuse.yaml.template)
 GATEWAYS = ("envoy-grpc", "envoy-http", "envoy-reuse", "nginx", "nginx-lua")
 REUSING = ("envoy-reuse", "nginx", "nginx-lua")  # the ones that keep the verifier's answers
-NONCE_SECRET_ENV = "GWHEADERS_TEST_DPOP_NONCE_SECRET"
 RATE_BURST = 3
-# Seconds a server nonce is good for; past half of it, an allow hands out the next one.
-NONCE_LIFETIME = 4
-# One token back every 1000 s: the verifier's Retry-After is far from any gateway's own fixed `1`.
-RATE_PER_SECOND = 0.001
-WINDOW = 3000  # RateLimit-Policy's w: seconds to refill the burst (RATE_BURST / RATE_PER_SECOND)
+WINDOW = 3000  # RateLimit-Policy's w: seconds to refill the burst (RATE_BURST / STRICT_RATE_PER_SECOND)
 # What the stand-in sends the client with every allow (a rotated nonce, the rate-limit state).
 ALLOW_CLIENT_HEADERS = {
     "DPoP-Nonce": "rotated-nonce-from-the-verifier",
     "RateLimit-Policy": '"default";q=100;w=60',
     "RateLimit": '"default";r=99;t=60',
-}
-# What a client sends under the same names, hoping to see it come back as the verifier's.
-CLIENT_COPIES = {
-    "dpop-nonce": "client-chosen-nonce",
-    "ratelimit-policy": '"client";q=1;w=1',
-    "ratelimit": '"client";r=1;t=1',
-    "retry-after": "4242",
 }
 
 
@@ -82,20 +72,7 @@ def issuer() -> Iterator[LocalIssuer]:
 @pytest.fixture(scope="module")
 def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """The real verifier: every DPoP proof needs a nonce of ours, every identity has a small budget."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(NONCE_SECRET_ENV, "a-nonce-secret-for-the-gateway-header-tests-0123456789")
-        proc = start_verifier(
-            tmp_path_factory.mktemp("verifier"),
-            issuer=issuer.issuer,
-            extra_config={
-                "dpop": {
-                    "require_nonce": True,
-                    "nonce_secret_env": NONCE_SECRET_ENV,
-                    "nonce_lifetime_seconds": NONCE_LIFETIME,
-                },
-                "rate_limits": {"default": {"per_second": RATE_PER_SECOND, "burst": RATE_BURST}},
-            },
-        )
+    proc = start_strict_verifier(tmp_path_factory.mktemp("verifier"), issuer=issuer.issuer, rate_burst=RATE_BURST)
     yield proc
     proc.stop()
 
@@ -186,11 +163,6 @@ def caching_gateway(
     gw.stop()
 
 
-def fresh_token(issuer: LocalIssuer, **claims: object) -> str:
-    """A token of its own identity: its own rate-limit bucket, never an answer another test cached."""
-    return issuer.mint(sub=f"user-{uuid.uuid4().hex[:8]}", jti=uuid.uuid4().hex, **claims)
-
-
 def dpop_get(gateway: GatewayProcess, key: ec.EllipticCurvePrivateKey, tok: str, *, nonce: str = "") -> HttpResult:
     url = f"{gateway.url}/orders"
     return http_request(
@@ -206,7 +178,7 @@ def test_a_use_dpop_nonce_challenge_carries_the_nonce_and_a_proof_with_it_is_all
 ) -> None:
     """RFC 9449 section 9: the client learns the nonce from the 401, signs it into its next proof, passes."""
     key = ec.generate_private_key(ec.SECP256R1())
-    tok = fresh_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    tok = unique_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
     upstream.clear()
 
     challenged = dpop_get(gateway, key, tok)
@@ -231,10 +203,10 @@ def test_an_allow_renews_an_old_nonce_and_the_client_goes_on_with_the_new_one(
 ) -> None:
     """RFC 9449 section 8.2: a 200 may carry the next nonce; a client using it never meets the 401 again."""
     key = ec.generate_private_key(ec.SECP256R1())
-    tok = fresh_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    tok = unique_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
     nonce = dpop_get(gateway, key, tok).headers.get("dpop-nonce", "")
     assert nonce
-    time.sleep(NONCE_LIFETIME / 2 + 0.3)  # past half its lifetime, still good
+    time.sleep(STRICT_NONCE_LIFETIME / 2 + 0.3)  # past half its lifetime, still good
 
     renewing = dpop_get(gateway, key, tok, nonce=nonce)
     renewed = renewing.headers.get("dpop-nonce", "")
@@ -249,7 +221,7 @@ def test_an_allow_renews_an_old_nonce_and_the_client_goes_on_with_the_new_one(
 def test_a_client_cannot_make_up_the_nonce_it_is_challenged_with(gateway: GatewayProcess, issuer: LocalIssuer) -> None:
     """A client's own DPoP-Nonce header never comes back as the server's nonce, nor passes as one."""
     key = ec.generate_private_key(ec.SECP256R1())
-    tok = fresh_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    tok = unique_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
     url = f"{gateway.url}/orders"
     headers = {"Authorization": f"DPoP {tok}", "DPoP": dpop_proof(key, "GET", url, tok), **CLIENT_COPIES}
 
@@ -268,7 +240,7 @@ def test_a_client_cannot_make_up_the_nonce_it_is_challenged_with(gateway: Gatewa
 def test_an_identity_under_a_rate_limit_sees_its_budget_on_allows_and_the_verifiers_429(
     gateway: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
 ) -> None:
-    tok = fresh_token(issuer)
+    tok = unique_token(issuer)
     headers = {"Authorization": f"Bearer {tok}"}
     allowed = [http_request(f"{gateway.url}/orders", headers=headers) for _ in range(RATE_BURST)]
     upstream.clear()
@@ -281,7 +253,7 @@ def test_an_identity_under_a_rate_limit_sees_its_budget_on_allows_and_the_verifi
         assert answer.headers.get("ratelimit", "").startswith(f'"default";r={left};'), answer.headers
         assert "retry-after" not in answer.headers, answer.headers
     assert refused.status == 429, (refused.status, refused.headers, refused.body)
-    # the verifier's own Retry-After (about 1/RATE_PER_SECOND seconds), never a gateway's fixed one
+    # the verifier's own Retry-After (about 1/STRICT_RATE_PER_SECOND seconds), never a gateway's fixed one
     assert int(refused.headers.get("retry-after", "0")) > 100, refused.headers
     assert refused.headers.get("ratelimit-policy", "").startswith(f'"default";q={RATE_BURST}'), refused.headers
     assert refused.headers.get("ratelimit", "").startswith('"default";r=0'), refused.headers
@@ -294,7 +266,7 @@ def test_a_refusal_never_reflects_the_clients_own_copies_of_the_client_headers(
     gateway: GatewayProcess, issuer: LocalIssuer
 ) -> None:
     """A garbage token's 401 and a 429 carry only what the verifier sent under these names."""
-    tok = fresh_token(issuer)
+    tok = unique_token(issuer)
     for _ in range(RATE_BURST):
         http_request(f"{gateway.url}/orders", headers={"Authorization": f"Bearer {tok}"})
     answers = {
@@ -336,7 +308,7 @@ def test_an_answer_carrying_a_nonce_is_never_reused_for_another_request(
 ) -> None:
     """A nonce or a rate-limit state is about one request: even an answer that says max-age=60 is asked again,
     and each request gets the nonce of its own answer."""
-    headers = {"Authorization": f"Bearer {fresh_token(issuer)}"}
+    headers = {"Authorization": f"Bearer {unique_token(issuer)}"}
     before = len(caching_standin.http_calls)
 
     answers = [http_request(f"{caching_gateway.url}/orders", headers=headers) for _ in range(2)]

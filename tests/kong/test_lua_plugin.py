@@ -11,13 +11,19 @@ import http.client
 import json
 import time
 import urllib.parse
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from gateways import GatewayProcess, LocalIssuer, start_verifier
+from gateways import (
+    CLIENT_COPIES,
+    STRICT_NONCE_LIFETIME,
+    GatewayProcess,
+    LocalIssuer,
+    start_strict_verifier,
+    unique_token,
+)
 from replicas import dpop_proof, public_jwk
 
 from verifier.binding.dpop import thumbprint
@@ -457,17 +463,8 @@ def test_keepalive_timeout_zero_closes_after_each_answer(start_nginx, echo_upstr
 # verifier (`dpop.require_nonce`, a rate limit) or, for answers that say they may be reused, the stand-in. The
 # same cases through Envoy and nginx: tests/integration/test_gateway_client_headers.py.
 
-NONCE_SECRET_ENV = "GWHEADERS_KONG_TEST_DPOP_NONCE_SECRET"
 RATE_BURST = 2
-RATE_PER_SECOND = 0.001  # one token back every 1000 s: the Retry-After is the verifier's, not a fixed 1
 PATH = "/api/items?limit=5"
-NONCE_LIFETIME = 4  # seconds; past half of it, an allow hands out the next nonce
-CLIENT_COPIES = {
-    "dpop-nonce": "client-chosen-nonce",
-    "ratelimit-policy": '"client";q=1;w=1',
-    "ratelimit": '"client";r=1;t=1',
-    "retry-after": "4242",
-}
 
 
 @pytest.fixture(scope="module")
@@ -479,26 +476,9 @@ def issuer() -> Iterator[LocalIssuer]:
 
 @pytest.fixture(scope="module")
 def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(NONCE_SECRET_ENV, "a-nonce-secret-for-the-kong-header-tests-0123456789")
-        proc = start_verifier(
-            tmp_path_factory.mktemp("verifier"),
-            issuer=issuer.issuer,
-            extra_config={
-                "dpop": {
-                    "require_nonce": True,
-                    "nonce_secret_env": NONCE_SECRET_ENV,
-                    "nonce_lifetime_seconds": NONCE_LIFETIME,
-                },
-                "rate_limits": {"default": {"per_second": RATE_PER_SECOND, "burst": RATE_BURST}},
-            },
-        )
+    proc = start_strict_verifier(tmp_path_factory.mktemp("verifier"), issuer=issuer.issuer, rate_burst=RATE_BURST)
     yield proc
     proc.stop()
-
-
-def fresh_token(issuer: LocalIssuer, **claims: object) -> str:
-    return issuer.mint(sub=f"user-{uuid.uuid4().hex[:8]}", jti=uuid.uuid4().hex, **claims)
 
 
 def one(headers: list[tuple[str, str]], name: str) -> str:
@@ -512,7 +492,7 @@ def test_the_use_dpop_nonce_challenge_carries_the_nonce_and_a_proof_with_it_pass
 ):
     base = start_nginx({"url": f"{verifier.url}/v1/forward-auth"}, echo_upstream)
     key = ec.generate_private_key(ec.SECP256R1())
-    tok = fresh_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    tok = unique_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
     url = f"{base}/api/items"
 
     status, headers, _ = call(base, PATH, {"Authorization": f"DPoP {tok}", "DPoP": dpop_proof(key, "GET", url, tok)})
@@ -532,11 +512,11 @@ def test_the_use_dpop_nonce_challenge_carries_the_nonce_and_a_proof_with_it_pass
 def test_an_allow_renews_an_old_nonce_for_the_client(start_nginx, echo_upstream, verifier, issuer):
     base = start_nginx({"url": f"{verifier.url}/v1/forward-auth"}, echo_upstream)
     key = ec.generate_private_key(ec.SECP256R1())
-    tok = fresh_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    tok = unique_token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
     url = f"{base}/api/items"
     _, headers, _ = call(base, PATH, {"Authorization": f"DPoP {tok}", "DPoP": dpop_proof(key, "GET", url, tok)})
     nonce = one(headers, "DPoP-Nonce")
-    time.sleep(NONCE_LIFETIME / 2 + 0.3)
+    time.sleep(STRICT_NONCE_LIFETIME / 2 + 0.3)
 
     proof = dpop_proof(key, "GET", url, tok, nonce=nonce)
     status, headers, body = call(base, PATH, {"Authorization": f"DPoP {tok}", "DPoP": proof})
@@ -550,7 +530,7 @@ def test_an_identity_under_a_rate_limit_sees_its_budget_on_allows_and_the_verifi
     start_nginx, echo_upstream, verifier, issuer
 ):
     base = start_nginx({"url": f"{verifier.url}/v1/forward-auth"}, echo_upstream)
-    tok = fresh_token(issuer)
+    tok = unique_token(issuer)
     allowed = [call(base, PATH, {"Authorization": f"Bearer {tok}"}) for _ in range(RATE_BURST)]
 
     status, headers, _ = call(base, PATH, {"Authorization": f"Bearer {tok}", **CLIENT_COPIES})

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -39,7 +38,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
-from gateways import GatewayProcess, LocalIssuer, free_port, start_verifier
+from gateways import (
+    CLIENT_COPIES,
+    STRICT_NONCE_LIFETIME,
+    GatewayProcess,
+    LocalIssuer,
+    free_port,
+    start_strict_verifier,
+    start_verifier,
+    unique_token,
+)
 from op_harness import OTHER_AUDIENCE, OpenIDProvider, start_provider
 from replicas import dpop_proof, public_jwk
 
@@ -836,16 +844,8 @@ def test_a_consumer_named_in_answer_headers_is_authenticated(kong):
 # 401 use_dpop_nonce challenge, the 429) and on an allow. The same cases through Envoy and nginx:
 # tests/integration/test_gateway_client_headers.py; the Lua plugin's: tests/kong/test_lua_plugin.py.
 
-NONCE_SECRET_ENV = "GWHEADERS_PYTHON_PLUGIN_DPOP_NONCE_SECRET"
 RATE_BURST = 2
-NONCE_LIFETIME = 4  # seconds; past half of it, an allow hands out the next nonce
 HTU = "http://api.example.test:8000/api/items"  # KongRequest's defaults, as the verifier rebuilds the URL
-CLIENT_COPIES = {
-    "DPoP-Nonce": "client-chosen-nonce",
-    "RateLimit-Policy": '"client";q=1;w=1',
-    "RateLimit": '"client";r=1;t=1',
-    "Retry-After": "4242",
-}
 
 
 @pytest.fixture(scope="module")
@@ -858,26 +858,11 @@ def local_issuer() -> Iterator[LocalIssuer]:
 @pytest.fixture(scope="module")
 def strict_verifier(local_issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """The real verifier requiring server nonces in DPoP proofs, with a small budget per identity."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(NONCE_SECRET_ENV, "a-nonce-secret-for-the-python-plugin-tests-0123456789")
-        v = start_verifier(
-            tmp_path_factory.mktemp("strict-verifier"),
-            issuer=local_issuer.issuer,
-            extra_config={
-                "dpop": {
-                    "require_nonce": True,
-                    "nonce_secret_env": NONCE_SECRET_ENV,
-                    "nonce_lifetime_seconds": NONCE_LIFETIME,
-                },
-                "rate_limits": {"default": {"per_second": 0.001, "burst": RATE_BURST}},
-            },
-        )
-    yield v
-    v.stop()
+    work = tmp_path_factory.mktemp("strict_verifier")
+    proc = start_strict_verifier(work, issuer=local_issuer.issuer, rate_burst=RATE_BURST)
+    yield proc
+    proc.stop()
 
-
-def fresh_token(issuer: LocalIssuer, **claims: Any) -> str:
-    return issuer.mint(sub=f"user-{uuid.uuid4().hex[:8]}", jti=uuid.uuid4().hex, **claims)
 
 
 def upstream_set(calls: list[tuple[str, list[Any]]]) -> dict[str, str]:
@@ -895,7 +880,7 @@ def test_the_use_dpop_nonce_challenge_exits_with_the_nonce_and_a_proof_with_it_p
     kong, strict_verifier, local_issuer
 ):
     key = ec.generate_private_key(ec.SECP256R1())
-    tok = fresh_token(local_issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    tok = unique_token(local_issuer, cnf={"jkt": thumbprint(public_jwk(key))})
     iid = start_instance(kong, grpc_target=grpc_target(strict_verifier))
 
     calls = kong.handle_event(
@@ -916,11 +901,11 @@ def test_the_use_dpop_nonce_challenge_exits_with_the_nonce_and_a_proof_with_it_p
 
 def test_an_allow_renews_an_old_nonce_on_the_clients_answer(kong, strict_verifier, local_issuer):
     key = ec.generate_private_key(ec.SECP256R1())
-    tok = fresh_token(local_issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    tok = unique_token(local_issuer, cnf={"jkt": thumbprint(public_jwk(key))})
     iid = start_instance(kong, grpc_target=grpc_target(strict_verifier))
     first = KongRequest(headers={"Authorization": f"DPoP {tok}", "DPoP": dpop_proof(key, "GET", HTU, tok)})
     nonce = exited_headers(kong.handle_event(iid, "access", first))[1]["dpop-nonce"]
-    time.sleep(NONCE_LIFETIME / 2 + 0.3)
+    time.sleep(STRICT_NONCE_LIFETIME / 2 + 0.3)
 
     proof = dpop_proof(key, "GET", HTU, tok, nonce=nonce)
     calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"DPoP {tok}", "DPoP": proof}))
@@ -933,7 +918,7 @@ def test_an_allow_renews_an_old_nonce_on_the_clients_answer(kong, strict_verifie
 def test_an_identity_under_a_rate_limit_sees_its_budget_on_allows_and_the_verifiers_429(
     kong, strict_verifier, local_issuer
 ):
-    tok = fresh_token(local_issuer)
+    tok = unique_token(local_issuer)
     iid = start_instance(kong, grpc_target=grpc_target(strict_verifier))
     request = KongRequest(headers={"Authorization": f"Bearer {tok}", **CLIENT_COPIES})
     for left in range(RATE_BURST - 1, -1, -1):
