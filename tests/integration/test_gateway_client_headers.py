@@ -30,6 +30,8 @@ from gateways import (
     GatewayProcess,
     HttpResult,
     LocalIssuer,
+    _QuietHandler,
+    _ServerThread,
     http_request,
     start_envoy,
     start_nginx,
@@ -317,3 +319,45 @@ def test_an_answer_carrying_a_nonce_is_never_reused_for_another_request(
     assert len(caching_standin.http_calls) - before == 2, "an answer carrying a nonce was reused"
     nonces = [a.headers.get("dpop-nonce") for a in answers]
     assert None not in nonces and nonces[0] != nonces[1], nonces
+
+
+# ------------------------------------------------------------------------------------------------ nginx's 429
+
+
+# What the answering stand-in says for each `Authorization: Bearer <name>`: status and headers.
+ANSWERS = {
+    "rate-limited": (429, {"X-Verifier-Reason": "rate_limited", "Retry-After": "77", "RateLimit": '"d";r=0;t=77'}),
+    "unavailable": (503, {"X-Verifier-Reason": "provider_unavailable", "Retry-After": "1"}),
+    "429-other-reason": (429, {"X-Verifier-Reason": "invalid_token", "Retry-After": "77"}),
+    "429-no-reason": (429, {"Retry-After": "77"}),  # not the verifier's answer
+}
+
+
+class _AnsweringHandler(_QuietHandler):
+    def do_GET(self) -> None:
+        status, headers = ANSWERS[self.headers.get("Authorization", "").removeprefix("Bearer ")]
+        self._send(status, b"{}", {**headers, "Cache-Control": "no-store", "X-Accel-Expires": "0"})
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [("rate-limited", 429), ("unavailable", 503), ("429-other-reason", 503), ("429-no-reason", 503)],
+)
+def test_nginx_auth_request_answers_429_only_for_the_verifiers_rate_limited_refusal(
+    answer: str, status: int, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """auth_request makes every status but 2xx/401/403 a 500; the template turns the verifier's 429 into a 429
+    (told by `X-Verifier-Reason: rate_limited`, which the verifier answers with 429 and nothing else) and
+    anything else into the fail-closed 503, whatever Retry-After it came with."""
+    server = _ServerThread(_AnsweringHandler)
+    gw = start_nginx(tmp_path_factory.mktemp("nginx-answers"), server.port, upstream.port)
+    try:
+        r = http_request(f"{gw.url}/orders", headers={"Authorization": f"Bearer {answer}", **CLIENT_COPIES})
+    finally:
+        gw.stop()
+        server.stop()
+
+    assert r.status == status, (r.status, r.headers, r.body)
+    assert r.headers.get("retry-after") == ("77" if status == 429 else "1"), r.headers
+    assert r.headers.get("ratelimit") == ('"d";r=0;t=77' if status == 429 else None), r.headers
+    assert r.headers.get("cache-control") == "no-store"
