@@ -31,8 +31,8 @@ class Decision:
     # on the upstream request: forward-auth answer headers, our gRPC `answer_headers`, not Envoy's.
     answer_headers: Headers = ()
     response_headers: Headers = ()  # returned to the client when refused
-    # Returned to the client with an allow: what a per-request check tells it (the rate-limit state,
-    # `verifier.checks.base.Passed`). Only on an answer built for one request (no-store).
+    # Returned to the client with an allow: what a per-request check tells it (the rate-limit state, the next
+    # DPoP nonce: `verifier.checks.base.Passed`). Only on an answer built for one request (no-store).
     client_headers: Headers = ()
     body: bytes = b""
     subject: str = ""

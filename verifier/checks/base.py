@@ -43,8 +43,9 @@ class Route:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Passed:
-    """A pass that also tells the client something about this request (draft-ietf-httpapi-ratelimit-headers:
-    the `RateLimit-Policy` / `RateLimit` state): the headers go to the client with the allow answer."""
+    """A pass that also tells the client something about this request: the `RateLimit-Policy` / `RateLimit`
+    state (draft-ietf-httpapi-ratelimit-headers), the next `DPoP-Nonce` (RFC 9449 section 8.2). The headers go
+    to the client with the allow answer."""
 
     principal: Principal
     client_headers: tuple[tuple[str, str], ...]
