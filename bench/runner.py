@@ -4,7 +4,9 @@
   rotation of pre-built requests), h2load at the gRPC doors when the message is fixed, else the bench's
   own closed loop; the server's CPU (/proc) next to the generator's, so a reader sees which side was
   the limit. Only throughput is taken from closed loops: their latencies hide coordinated omission.
-* :func:`open_loop` -- latency at a fixed offered rate from the intended send time (bench/load.py).
+* :func:`open_loop` -- latency at a fixed offered rate from the intended send time (bench/load.py: the C
+  generator of bench/openloop.py when it builds, ``--generator python`` for the Python one), with the
+  generator's own send lag next to it.
 
 Every point is preceded by the correctness guard (:meth:`Context.guard`): one real check with a
 request the load never sends must get the expected answer, or the point is flagged WRONG ANSWERS.
@@ -154,6 +156,7 @@ def _own(
         warmup_s=warmup_s,
         rate=rate,
         connections=connections,
+        generator=ctx.opt("generator", "auto"),
     )
     try:
         result = load.run(spec, on_window=on_window)
@@ -191,6 +194,8 @@ def open_loop(
         sample=sample,
     )
     server_cpu, j = window.pop("cpu"), lr.to_json()
+    if lr.tool != "openloop (C)" and (note := f"open loop ran in {lr.tool}") not in ctx.warnings:
+        ctx.warnings.append(note)
     return dict(
         mode="open",
         door=door.value,
@@ -207,7 +212,7 @@ def open_loop(
         client_cpu_s=lr.cpu_s,
         server_cpu_s=server_cpu,
         cpu_per_check_us=server_cpu / lr.completed * 1e6 if lr.completed else None,
-        tool="bench.load",
+        tool=lr.tool,
         latency=j["latency"],
         service=j["service"],
         lag=j["lag"],
