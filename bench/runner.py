@@ -142,6 +142,7 @@ def _own(
     warmup_s: float,
     connections: int = 16,
     sample: Callable[[], dict[str, float]] | None = None,
+    generator: str | None = None,
 ) -> tuple[load.LoadResult, dict[str, float]]:
     """The bench's own generator; the server's CPU (and ``sample()``) over the measured window."""
     payload_file = ctx.work / f"payloads-{secrets.token_hex(4)}.bin"
@@ -156,7 +157,7 @@ def _own(
         warmup_s=warmup_s,
         rate=rate,
         connections=connections,
-        generator=ctx.opt("generator", "auto"),
+        generator=generator or ctx.opt("generator", "auto"),
     )
     try:
         result = load.run(spec, on_window=on_window)
@@ -176,8 +177,10 @@ def open_loop(
     warmup_s: float = 0.5,
     connections: int | None = None,
     sample: Callable[[], dict[str, float]] | None = None,
+    generator: str | None = None,
 ) -> dict[str, Any]:
-    """Latency of ``target`` at ``rate`` requests/s from the intended send time, sending ``payloads`` in turn."""
+    """Latency of ``target`` at ``rate`` requests/s from the intended send time, sending ``payloads`` in turn
+    (by ``generator``: "c", "python" or "auto"; default the run's ``--generator``)."""
     # A gRPC channel multiplexes; HTTP/1.1 needs enough connections that each one's share of the
     # schedule (rate / connections) leaves room for the answer.
     conns = connections or (4 if door.is_grpc else max(8, min(64, int(rate / 500))))
@@ -192,9 +195,10 @@ def open_loop(
         duration_s=duration_s,
         warmup_s=warmup_s,
         sample=sample,
+        generator=generator,
     )
     server_cpu, j = window.pop("cpu"), lr.to_json()
-    if lr.tool != "openloop (C)" and (note := f"open loop ran in {lr.tool}") not in ctx.warnings:
+    if "unavailable" in lr.tool and (note := f"open loop ran in {lr.tool}") not in ctx.warnings:
         ctx.warnings.append(note)
     return dict(
         mode="open",

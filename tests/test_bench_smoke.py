@@ -160,7 +160,17 @@ def test_every_stand_alone_measurement_is_a_scenario_of_run() -> None:
     from bench import cli
     from bench.scenarios import SUITES, select
 
-    assert set(SUITES) == {"introspection", "workers", "memory", "dpop", "soak", "overload", "nginx", "edge"}
+    assert set(SUITES) == {
+        "introspection",
+        "workers",
+        "memory",
+        "dpop",
+        "soak",
+        "overload",
+        "nginx",
+        "edge",
+        "generators",
+    }
     kinds, suites = select(["jwt-first-seen", "soak"])
     assert [k.name for k in kinds] == ["jwt-first-seen-es256", "jwt-first-seen-rs256", "jwt-first-seen-eddsa"]
     assert [s.name for s in suites] == ["soak"]

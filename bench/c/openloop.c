@@ -9,7 +9,7 @@
  *
  * The generator's own lag is reported apart: lag = actual send - the moment it could have been sent
  * (its intended time, or later when it had to wait for a free connection). On an idle core the timer
- * (timerfd, absolute deadline, 1 ns timer slack, optional short spin) keeps it within a few microseconds.
+ * (epoll_pwait2's nanosecond timeout, 1 ns timer slack, optional short spin) keeps it within microseconds.
  *
  * Single thread, epoll. Bad input is counted, never fatal: connection refused (connect errors, retried),
  * a server close with a request in flight (closed), a malformed or oversized response (malformed), an
@@ -40,7 +40,6 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -143,7 +142,7 @@ static hist_t latency, service, lag, wait_hist;
 static uint64_t http_status[600], grpc_status[19]; /* [17]: no grpc-status, [18]: not a code */
 static uint64_t completed, allowed, denied, errors[N_ERR], dropped, sent_in_window, connect_failures, disconnects;
 static uint64_t unsolicited; /* connections dropped for bytes no request asked for */
-static int epfd, tfd;
+static int epfd;
 
 typedef struct req {
     ns_t intended, ready, sent;
@@ -168,6 +167,8 @@ typedef struct conn {
     size_t in_len, in_cap;
     /* HTTP/2 */
     nghttp2_session *h2;
+    uint8_t *h2out;                  /* frames gathered for one send() */
+    size_t h2out_len, h2out_off, h2out_cap;
     req_t *inflight;
     int n_inflight;
     uint32_t events;
@@ -272,6 +273,7 @@ static void conn_down(conn_t *c, int kind, ns_t retry_in) {
         req_free(r);
     }
     c->n_inflight = 0;
+    c->h2out_len = c->h2out_off = 0;
     if (c->fd >= 0) close(c->fd);
     c->fd = -1;
     c->events = 0;
@@ -490,15 +492,6 @@ static void http_read(conn_t *c) {
 
 /* --- HTTP/2 (gRPC) --------------------------------------------------------------------------------- */
 
-static ssize_t h2_send_cb(nghttp2_session *s, const uint8_t *data, size_t len, int flags, void *u) {
-    (void)s;
-    (void)flags;
-    conn_t *c = u;
-    ssize_t w = send(c->fd, data, len, MSG_NOSIGNAL);
-    if (w < 0) return (errno == EAGAIN || errno == EINTR) ? NGHTTP2_ERR_WOULDBLOCK : NGHTTP2_ERR_CALLBACK_FAILURE;
-    return w;
-}
-
 static int h2_header_cb(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name, size_t nlen,
                         const uint8_t *value, size_t vlen, uint8_t flags, void *u) {
     (void)flags;
@@ -596,18 +589,48 @@ static ssize_t h2_body_cb(nghttp2_session *s, int32_t stream_id, uint8_t *buf, s
     return (ssize_t)n;
 }
 
+/* Gather every frame nghttp2 has to send and write them with one send() (a request's HEADERS and DATA
+ * frames would otherwise cost a system call each); what the socket does not take waits for EPOLLOUT. */
 static void h2_flush(conn_t *c) {
-    if (nghttp2_session_send(c->h2) != 0) {
-        conn_down(c, ERR_CLOSED, CLOSE_RETRY_NS);
-        return;
+    for (;;) {
+        if (c->h2out_off < c->h2out_len) {
+            ssize_t w = send(c->fd, c->h2out + c->h2out_off, c->h2out_len - c->h2out_off, MSG_NOSIGNAL);
+            if (w < 0 && errno != EAGAIN && errno != EINTR) {
+                conn_down(c, ERR_CLOSED, CLOSE_RETRY_NS);
+                return;
+            }
+            if (w > 0) c->h2out_off += (size_t)w;
+            if (c->h2out_off < c->h2out_len) {
+                ep_set(c, EPOLLIN | EPOLLOUT);
+                return;
+            }
+        }
+        c->h2out_len = c->h2out_off = 0;
+        for (;;) {
+            const uint8_t *data;
+            ssize_t n = nghttp2_session_mem_send(c->h2, &data);
+            if (n < 0) {
+                conn_down(c, ERR_MALFORMED, CLOSE_RETRY_NS);
+                return;
+            }
+            if (n == 0) break;
+            if (c->h2out_len + (size_t)n > c->h2out_cap) {
+                c->h2out_cap = (c->h2out_len + (size_t)n) * 2;
+                c->h2out = realloc(c->h2out, c->h2out_cap);
+                if (!c->h2out) die("out of memory");
+            }
+            memcpy(c->h2out + c->h2out_len, data, (size_t)n);
+            c->h2out_len += (size_t)n;
+            if (c->h2out_len >= 65536) break;
+        }
+        if (!c->h2out_len) break;
     }
-    ep_set(c, EPOLLIN | (nghttp2_session_want_write(c->h2) ? EPOLLOUT : 0));
+    ep_set(c, EPOLLIN);
 }
 
 static void h2_setup(conn_t *c) {
     nghttp2_session_callbacks *cb;
     nghttp2_session_callbacks_new(&cb);
-    nghttp2_session_callbacks_set_send_callback(cb, h2_send_cb);
     nghttp2_session_callbacks_set_on_header_callback(cb, h2_header_cb);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, h2_data_cb);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, h2_close_cb);
@@ -964,27 +987,21 @@ static void handle(conn_t *c, uint32_t ev) {
     }
 }
 
-/* One turn: wait for an event or until ``wake`` (absolute ns), then handle what came. */
+/* One turn: wait for an event or until ``wake`` (absolute ns), then handle what came. One hrtimer per
+ * sleep (epoll_pwait2's timeout, 1 ns timer slack): re-arming a timerfd as well doubled the cost of a wake-up. */
 static void turn(ns_t wake) {
+    static int no_pwait2;
     struct epoll_event evs[256];
-    ns_t t = now_ns();
-    int timeout = 0;
-    if (wake - t > (ns_t)opt.spin_us * 1000) {
-        struct itimerspec its = {.it_value = {.tv_sec = (wake - (ns_t)opt.spin_us * 1000) / NS,
-                                              .tv_nsec = (wake - (ns_t)opt.spin_us * 1000) % NS}};
-        timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
-        timeout = 1000; /* the timerfd wakes us; this is a safety net */
+    ns_t rel = wake - now_ns() - (ns_t)opt.spin_us * 1000;
+    if (rel < 0) rel = 0;
+    int n;
+    if (!no_pwait2) {
+        struct timespec ts = {.tv_sec = rel / NS, .tv_nsec = rel % NS};
+        n = epoll_pwait2(epfd, evs, 256, &ts, NULL);
+        if (n < 0 && errno == ENOSYS) no_pwait2 = 1;
     }
-    int n = epoll_wait(epfd, evs, 256, timeout);
-    for (int i = 0; i < n; i++) {
-        if (evs[i].data.u32 == UINT32_MAX) {
-            uint64_t x;
-            if (read(tfd, &x, sizeof x) < 0) { /* already consumed or re-armed */
-            }
-            continue;
-        }
-        handle(&conns[evs[i].data.u32], evs[i].events);
-    }
+    if (no_pwait2) n = epoll_wait(epfd, evs, 256, (int)((rel + 999999) / 1000000)); /* kernels before 5.11 */
+    for (int i = 0; i < n; i++) handle(&conns[evs[i].data.u32], evs[i].events);
 }
 
 static int inflight_total(void) {
@@ -999,9 +1016,6 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
     epfd = epoll_create1(EPOLL_CLOEXEC);
-    tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    struct epoll_event tev = {.events = EPOLLIN, .data.u32 = UINT32_MAX};
-    epoll_ctl(epfd, EPOLL_CTL_ADD, tfd, &tev);
     conns = calloc((size_t)opt.connections, sizeof *conns);
     for (int k = 0; k < opt.connections; k++) {
         conns[k].id = k;
