@@ -437,10 +437,11 @@ static void http_read(conn_t *c) {
             c->in = realloc(c->in, c->in_cap);
             if (!c->in) die("out of memory");
         }
-        ssize_t n = recv(c->fd, c->in + c->in_len, c->in_cap - c->in_len, 0);
+        size_t room = c->in_cap - c->in_len;
+        ssize_t n = recv(c->fd, c->in + c->in_len, room, 0);
         if (n > 0) {
             c->in_len += (size_t)n;
-            if (c->in_len > MAX_RESPONSE + 65536) break;
+            if ((size_t)n < room || c->in_len > MAX_RESPONSE + 65536) break; /* drained: no EAGAIN round trip */
             continue;
         }
         if (n == 0) eof = 1;
@@ -653,6 +654,7 @@ static void h2_read(conn_t *c) {
                 return;
             }
             if (!c->h2) return;
+            if ((size_t)n < sizeof buf) break; /* drained: no EAGAIN round trip */
             continue;
         }
         if (n < 0 && errno == EINTR) continue;
