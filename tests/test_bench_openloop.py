@@ -114,6 +114,27 @@ def test_every_scheduled_request_is_sent_and_answered_once(exe: Path, serve: Any
     assert a["took_s"] < WARMUP + DURATION + 3
 
 
+def test_a_server_that_says_connection_close_is_reconnected_without_errors(
+    exe: Path, serve: Any, tmp_path: Path
+) -> None:
+    """nginx closes a keep-alive connection after keepalive_requests answers, saying so in the last one."""
+
+    async def close_every_third(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = 0
+        async for _ in _requests(reader):
+            n += 1
+            last = n % 3 == 0
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok" if last else OK)
+            await writer.drain()
+            if last:
+                break
+        writer.close()
+
+    a = run(exe, serve(close_every_third), tmp_path, rate=200)
+    assert a["completed"] == a["scheduled"] == 200 and sum(a["errors"].values()) == 0 and a["dropped"] == 0
+    assert a["disconnects"] >= 60
+
+
 def test_poisson_keeps_the_rate_on_average(exe: Path, serve: Any, tmp_path: Path) -> None:
     a = run(exe, serve(answering(OK)), tmp_path, poisson=True, duration_s=2.0)
     assert a["poisson"] is True and a["completed"] == a["scheduled"]
