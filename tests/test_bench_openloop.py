@@ -263,6 +263,47 @@ def test_grpc_status_and_the_allow_rule_are_read_from_the_answer(
     assert openloop.outcome(a, grpc=True) == dict(allowed=a["allowed"], denied=a["denied"], errors=errors)
 
 
+def test_grpc_streams_in_flight_are_bounded_and_the_wait_is_charged(exe: Path, tmp_path: Path) -> None:
+    """At most --max-streams calls in flight per connection; the rest wait, charged from their intended time."""
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def slow(_request: bytes, _context: Any) -> bytes:
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.05)
+        with lock:
+            now[0] -= 1
+        return wire.ANSWERS[(Door.GRPC, True)]
+
+    server = grpc.server(futures.ThreadPoolExecutor(16))
+    handler = grpc.method_handlers_generic_handler(
+        "verifier.v1.Verifier", {"Check": grpc.unary_unary_rpc_method_handler(slow)}
+    )
+    server.add_generic_rpc_handlers([handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        payloads = [wire.grpc_payload(Door.GRPC, "t")]
+        a = run(
+            exe,
+            f"127.0.0.1:{port}",
+            tmp_path,
+            "--max-streams",
+            "2",
+            payloads=payloads,
+            grpc_method=Door.GRPC.grpc_method,
+            rate=100,
+            connections=1,
+            drain_s=3.0,
+        )
+    finally:
+        server.stop(0)
+    assert peak[0] == 2  # 100/s x 50 ms would need 5 in flight
+    assert a["completed"] == a["allowed"] == 100 and a["dropped"] == 0
+    assert a["wait"]["max"] > 100_000 and a["latency"]["max"] > 150_000  # the backlog grew, and was charged
+
+
 def test_an_http1_server_at_the_grpc_door_is_counted_not_hung(exe: Path, serve: Any, tmp_path: Path) -> None:
     a = run(exe, serve(answering(OK)), tmp_path, payloads=[b"msg"], grpc_method=Door.GRPC.grpc_method, rate=100)
     assert a["completed"] == 0 and a["allowed"] == 0

@@ -5,7 +5,8 @@
  * CLOCK_MONOTONIC, so a server stall charges every request that should have been sent during it
  * (coordinated omission corrected). A request that is due while every connection is busy waits in a FIFO
  * backlog (HTTP/1.1: one request in flight per connection; gRPC: streams multiplex, up to the peer's
- * concurrent-stream limit); that wait is part of its latency.
+ * concurrent-stream limit, at most --max-streams, default 100: an overloaded grpc-python server answered
+ * CANCELLED to a third of the calls with 1,000 in flight per connection); that wait is part of its latency.
  *
  * The generator's own lag is reported apart: lag = actual send - the moment it could have been sent
  * (its intended time, or later when it had to wait for a free connection). On an idle core the timer
@@ -130,7 +131,7 @@ static struct {
     const char *payloads, *raw, *path, *authority, *grpc_timeout, *allow;
     int allow_path[8], allow_depth;
     uint64_t allow_value;
-} opt = {.rate = 100, .duration = 1, .drain = 2, .connections = 8, .seed = 1, .max_streams = 1000,
+} opt = {.rate = 100, .duration = 1, .drain = 2, .connections = 8, .seed = 1, .max_streams = 100,
          .path = "/", .spin_us = 0};
 
 static buf_t *payloads;
@@ -888,6 +889,7 @@ static void parse_args(int argc, char **argv) {
     if (!(opt.rate > 0 && opt.rate <= 1e6) || opt.connections < 1 || opt.connections > 10000) die("bad --rate or --connections");
     if (!(opt.duration > 0 && opt.duration <= 86400) || opt.warmup < 0 || opt.drain < 0 || opt.max_streams < 1)
         die("bad --duration, --warmup, --drain or --max-streams");
+    if (opt.rate * (opt.duration + opt.warmup) > 5e7) die("schedule too long (rate x (duration + warmup) > 5e7)");
     const char *colon = strrchr(a, ':');
     if (!colon || colon == a || (size_t)(colon - a) >= sizeof opt.host || strlen(colon + 1) >= sizeof opt.port)
         die("--addr: expected HOST:PORT");
