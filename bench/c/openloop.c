@@ -494,6 +494,15 @@ static void http_read(conn_t *c) {
 
 /* --- HTTP/2 (gRPC) --------------------------------------------------------------------------------- */
 
+static int h2_limit(const conn_t *c) {
+    uint32_t peer = nghttp2_session_get_remote_settings(c->h2, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
+    return (int)(peer < (uint32_t)opt.max_streams ? peer : (uint32_t)opt.max_streams);
+}
+
+static int h2_room(const conn_t *c) {
+    return c->n_inflight < h2_limit(c);
+}
+
 static int h2_header_cb(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name, size_t nlen,
                         const uint8_t *value, size_t vlen, uint8_t flags, void *u) {
     (void)flags;
@@ -552,9 +561,8 @@ static int h2_close_cb(nghttp2_session *s, int32_t stream_id, uint32_t error_cod
     if (r->prev) r->prev->next = r->next;
     else c->inflight = r->next;
     if (r->next) r->next->prev = r->prev;
-    c->n_inflight--;
     ns_t t = now_ns();
-    c->avail_at = t;
+    if (c->n_inflight-- >= h2_limit(c)) c->avail_at = t; /* it was full: room from now on (else it had room) */
     if (error_code) {
         on_error(r, ERR_RESET);
     } else if (r->http_status < 0) {
@@ -668,12 +676,6 @@ static void h2_read(conn_t *c) {
         return;
     }
     h2_flush(c);
-}
-
-static int h2_room(const conn_t *c) {
-    uint32_t peer = nghttp2_session_get_remote_settings(c->h2, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
-    int limit = (int)(peer < (uint32_t)opt.max_streams ? peer : (uint32_t)opt.max_streams);
-    return c->n_inflight < limit;
 }
 
 /* --- sending --------------------------------------------------------------------------------------- */
