@@ -44,6 +44,7 @@ def binary() -> Path | None:
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join((*CFLAGS, *LIBS)).encode()).hexdigest()[:16]
     exe = BUILD_DIR / f"openloop-{digest}"
+    _why_not.clear()
     if exe.exists():
         return exe
     gcc = shutil.which("gcc") or shutil.which("cc")

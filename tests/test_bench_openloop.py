@@ -322,3 +322,21 @@ def test_the_bench_runs_the_c_generator_and_falls_back_to_python(serve: Any, tmp
     for r in (c, py):
         assert r.completed == r.allowed == 100 and r.errors == r.dropped == 0
         assert r.latency.get_total_count() == 100 and r.lag.get_total_count() == 100
+
+
+def test_without_a_build_the_bench_falls_back_to_the_python_loop(
+    serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "openloop.c"
+    broken.write_text("#include <no/such/header.h>\n")
+    monkeypatch.setattr(openloop, "SOURCE", broken)
+    monkeypatch.setattr(openloop, "BUILD_DIR", tmp_path / "build")
+    assert openloop.binary() is None and "gcc failed" in openloop.unavailable()
+    addr = serve(answering(OK))
+    file = tmp_path / "p.bin"
+    load.write_payloads(file, [wire.http_request({}, addr)])
+    spec = dict(door="http", addr=addr, mode="open", payload_file=str(file), duration_s=0.3, warmup_s=0.1, rate=100)
+    r = load.run(load.LoadSpec(**spec))  # type: ignore[arg-type]
+    assert r.tool.startswith("bench.load (C generator unavailable: gcc failed") and r.completed == 30
+    with pytest.raises(RuntimeError, match="cannot be built"):
+        load.run(load.LoadSpec(**spec, generator="c"))  # type: ignore[arg-type]
