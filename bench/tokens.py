@@ -29,6 +29,7 @@ GOAL_CPU_RATIO = 1.3  # first-seen ES256 server CPU per check / raw parse+verify
 GOAL_FORWARD_AUTH = 1.0  # forward-auth cached max / gRPC cached max, at least
 HALF = 0.5
 LAG_TRUST = 0.1  # an open-loop row is a server figure when the generator's send lag p99 is <= this x the no-op's p99
+P99_SPREAD_TRUST = 2.0  # ... and each target's p99 varies at most this much (max/min) across repetitions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,15 +216,22 @@ def goals(points: list[dict[str, Any]], floors: dict[str, dict[str, float]], doo
 
 
 def generator_lag(points: list[dict[str, Any]], noop_p99_ms: float) -> str:
-    """The open-loop generator's own send lag over ``points`` (its worst p99), and whether it is small
-    enough against the no-op's p99 for the row to be a server figure (LAG_TRUST of it at most)."""
+    """The open-loop generator's own send lag over ``points`` (its worst p99), and whether the row is a
+    server figure: the lag at most LAG_TRUST of the no-op's p99, and each target's p99 steady across
+    repetitions (max/min at most P99_SPREAD_TRUST; a machine that stalls the server swings it)."""
     if not points:
         return "no open-loop points"
     lag = max(p["lag"]["p99"] for p in points)
     tools = ", ".join(sorted({p["tool"].split(" (")[0] for p in points}))
     text = f"generator ({tools}) send lag p99 {lag * 1000:.0f} us"
+    p99s: dict[str, list[float]] = defaultdict(list)
+    for p in points:
+        p99s[p["target"]].append(p["latency"]["p99"])
+    spread = max((max(v) / min(v) for v in p99s.values() if min(v) > 0), default=1.0)
     if not lag <= LAG_TRUST * noop_p99_ms:
         text += f" > {LAG_TRUST:.0%} of the no-op's p99: NOT a server figure"
+    elif spread > P99_SPREAD_TRUST:
+        text += f"; p99 varied {spread:.1f}x across repetitions: NOT a server figure"
     return text
 
 

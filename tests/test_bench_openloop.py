@@ -340,3 +340,17 @@ def test_without_a_build_the_bench_falls_back_to_the_python_loop(
     assert r.tool.startswith("bench.load (C generator unavailable: gcc failed") and r.completed == 30
     with pytest.raises(RuntimeError, match="cannot be built"):
         load.run(load.LoadSpec(**spec, generator="c"))  # type: ignore[arg-type]
+
+
+def test_a_goal_3_row_says_whether_it_is_a_server_figure() -> None:
+    from bench.tokens import generator_lag
+
+    def point(target: str, p99_ms: float, lag_p99_ms: float) -> dict[str, Any]:
+        return dict(target=target, tool="openloop (C)", latency=dict(p99=p99_ms), lag=dict(p99=lag_p99_ms))
+
+    steady = [point("noop", 2.0, 0.05), point("noop", 2.4, 0.04), point("verifier", 2.2, 0.06)]
+    assert generator_lag(steady, 2.2) == "generator (openloop) send lag p99 60 us"
+    lagging = [*steady[:2], point("verifier", 2.2, 0.5)]
+    assert generator_lag(lagging, 2.2).endswith("> 10% of the no-op's p99: NOT a server figure")
+    swinging = [*steady, point("verifier", 9.0, 0.06)]
+    assert generator_lag(swinging, 2.2).endswith("p99 varied 4.1x across repetitions: NOT a server figure")
