@@ -354,3 +354,15 @@ def test_a_goal_3_row_says_whether_it_is_a_server_figure() -> None:
     assert generator_lag(lagging, 2.2).endswith("> 10% of the no-op's p99: NOT a server figure")
     swinging = [*steady, point("verifier", 9.0, 0.06)]
     assert generator_lag(swinging, 2.2).endswith("p99 varied 4.1x across repetitions: NOT a server figure")
+
+
+def test_a_grpc_body_file_is_sent_as_it_is(exe: Path, grpc_server: tuple[str, list[Any]], tmp_path: Path) -> None:
+    """--raw FILE at the gRPC door: the file is the 5-byte-prefixed message, sent unchanged (h2load's -d)."""
+    addr, _ = grpc_server
+    body = tmp_path / "body.bin"
+    body.write_bytes(wire.grpc_frame(wire.grpc_payload(Door.EXT_AUTHZ, "deny")))
+    path = Door.EXT_AUTHZ.grpc_method
+    cmd = [str(exe), "--mode", "grpc", "--addr", addr, "--raw", str(body), "--path", path, "--allow", "1.1=0"]
+    cmd += ["--rate", "100", "--duration", "0.5", "--connections", "2"]
+    a = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout)
+    assert a["scheduled"] == 50 and a["grpc_status"] == {"0": 50} and a["denied"] == 50 and a["allowed"] == 0
