@@ -170,6 +170,8 @@ def test_a_server_that_closes_without_answering_is_counted_not_hung(exe: Path, s
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nextra bytes nobody asked for",
+        bytes(range(256)) * 40 + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
     ],
 )
 def test_a_garbled_answer_is_counted_malformed(exe: Path, serve: Any, tmp_path: Path, garbage: bytes) -> None:
