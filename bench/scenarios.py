@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench import dpop, edge, introspection, memory, overload, soak, workers
+from bench import dpop, edge, generators, introspection, memory, overload, soak, workers
 from bench.runner import Context
 from bench.tokens import KINDS, TokenKind
 
@@ -101,6 +101,11 @@ SUITES: dict[str, Suite] = {
                 ("--instructions", int, "nginx: also callgrind's instructions per request over N requests (per run)"),
                 ("--before", str, ""),
             ),
+        ),
+        Suite(
+            name="generators",
+            run=generators.run,
+            description="the open-loop generators' own send lag at a no-op, C (bench/c/openloop.c) vs Python",
         ),
         Suite(
             name="edge",
