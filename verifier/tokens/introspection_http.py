@@ -19,7 +19,8 @@ What it guarantees (each proven in tests/tokens/test_introspection_http.py again
   a complete answer that allows keep-alive (not HTTP/1.0 without keep-alive, not `Connection: close`)
   with nothing after it; the pool is bounded per origin and forgets connections idle `IDLE_SECONDS`;
 - 1xx interim answers are skipped (RFC 9110 section 15.2), 101 is refused (nothing asked to switch);
-- https with certificate and host-name verification (the system's CAs unless a context is given);
+- https with certificate and host-name verification (the system's CAs unless a context is given: an
+  issuer's `tls_ca_file` and `jwks_pin_sha256`, see `verifier.app.HttpSessions.introspection_for`);
 - nothing of the request goes in an error message: the token travels form-encoded in the body, and
   header values with a line break are refused before anything is sent (no header injection).
 """
@@ -243,7 +244,8 @@ class IntrospectionHttpClient:
     """The production `IntrospectionHttp` seam: pooled keep-alive HTTP/1.1 connections, per origin.
 
     Built by the composition root (`verifier.app.HttpSessions`) and closed by it. `tls` replaces the
-    default verifying context (the system's CAs); `default_headers` go on every request (User-Agent).
+    default verifying context (the system's CAs): an issuer's `tls_ca_file` and pinned keys, with
+    `https_only` (plain http URLs refused); `default_headers` go on every request (User-Agent).
     """
 
     def __init__(
@@ -251,12 +253,14 @@ class IntrospectionHttpClient:
         *,
         default_headers: Headers = (),
         tls: ssl.SSLContext | None = None,
+        https_only: bool = False,
         connections: int = DEFAULT_CONNECTIONS,
         idle_seconds: float = IDLE_SECONDS,
         tracing: Tracing = NO_TRACING,
     ) -> None:
         self._fixed = _header_lines((*default_headers, ("Accept", "application/json"), ("Accept-Encoding", "identity")))
         self._tls = tls
+        self._https_only = https_only
         self._connections = connections
         self._idle_seconds = idle_seconds
         self._tracing = tracing
@@ -271,7 +275,10 @@ class IntrospectionHttpClient:
         if target is None:
             if len(self._targets) >= 64:  # endpoints are configured or discovered: few; never grow unbounded
                 self._targets.clear()
-            target = self._targets[url] = _Target(url)
+            target = _Target(url)
+            if self._https_only and not target.tls:  # an issuer's CA file and pins mean nothing over plain http
+                raise ProviderUnavailable("an issuer with TLS rules (pins, CA file) is called over https only")
+            self._targets[url] = target
         return target
 
     async def send(self, request: HttpRequest) -> HttpReply:
