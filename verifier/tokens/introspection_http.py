@@ -79,19 +79,23 @@ class _Connection(asyncio.Protocol):
 
     # -- the exchange ----------------------------------------------------------------------
 
-    async def exchange(self, request: bytes, max_bytes: int) -> HttpReply:
-        """Writes `request` and waits for the whole answer; the caller's deadline cancels the wait."""
+    async def exchange(self, request: bytes, max_bytes: int, deadline: float) -> HttpReply:
+        """Writes `request` and waits for the whole answer until `deadline` (the loop's clock): then the
+        connection is dropped and the exchange fails. A timer handle, not `asyncio.timeout`: one per call."""
         if self._transport is None or self._waiter is not None or self.closed:
             raise ProviderUnavailable("introspection provider connection is not ready")
         self._reset()
         self._fed = 0
         self._max_bytes = max_bytes
         self.reusable = False
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        expiry = loop.call_at(deadline, self._fail, "timed out")
         self._transport.write(request)
         try:
             return await self._waiter
         finally:
+            expiry.cancel()
             self._waiter = None
 
     def close(self) -> None:
@@ -295,21 +299,29 @@ class IntrospectionHttpClient:
             if request.body or request.method == "POST":
                 head += f"Content-Length: {len(request.body)}\r\n"
             data = (head + "\r\n").encode("latin-1") + request.body
+            deadline = asyncio.get_running_loop().time() + request.timeout
             try:
-                async with asyncio.timeout(request.timeout):
-                    return await self._exchange(target, data, request.max_bytes)
+                return await self._exchange(target, data, request.max_bytes, deadline)
             except TimeoutError:
                 raise ProviderUnavailable("introspection provider timed out") from None
 
-    async def _exchange(self, target: _Target, data: bytes, max_bytes: int) -> HttpReply:
+    async def _exchange(self, target: _Target, data: bytes, max_bytes: int, deadline: float) -> HttpReply:
         slots = self._slots.get(target.origin)
         if slots is None:
             slots = self._slots[target.origin] = asyncio.Semaphore(self._connections)
-        async with slots:
-            connection = self._pooled(target.origin) or await self._connect(target)
+        if slots.locked():  # waiting for a connection counts against the deadline
+            async with asyncio.timeout_at(deadline):
+                await slots.acquire()
+        else:
+            await slots.acquire()
+        try:
+            connection = self._pooled(target.origin)
+            if connection is None:
+                async with asyncio.timeout_at(deadline):  # connecting and the TLS handshake too
+                    connection = await self._connect(target)
             self._busy.add(connection)
             try:
-                reply = await connection.exchange(data, max_bytes)
+                reply = await connection.exchange(data, max_bytes, deadline)
             except BaseException:  # a failure or the deadline: the stream is in an unknown state
                 connection.close()
                 raise
@@ -324,6 +336,8 @@ class IntrospectionHttpClient:
             else:
                 connection.close()
             return reply
+        finally:
+            slots.release()
 
     def _pooled(self, origin: tuple[str, str, int]) -> _Connection | None:
         """The most recently used idle connection still open and fresh; stale ones are closed."""
