@@ -41,7 +41,7 @@ from verifier.errors import (
     VerifierError,
     WrongTokenType,
 )
-from verifier.numbers import json_number
+from verifier.numbers import MAX_JSON_NUMBER, json_number
 from verifier.observe.metrics import IssuerIntrospectionMetrics
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
@@ -112,6 +112,8 @@ def _number(answer: Mapping[str, Any], name: str) -> float | None:
     value = answer.get(name)
     if value is None:
         return None
+    if type(value) is int and -MAX_JSON_NUMBER <= value <= MAX_JSON_NUMBER:  # the usual time claim, at once
+        return float(value)
     number = json_number(value)
     if number is None:  # NaN, Infinity, 10**400: a provider's answer is parsed by Python's json
         raise ClaimInvalid(f"{name} is not a number", claim=name)
@@ -340,7 +342,8 @@ class Introspector:
         elif not any(a in self.audiences for a in audiences):
             raise AudienceMismatch("token is not for this audience")
         token_exp = exp if exp is not None else now + self.config.positive_ttl_seconds
-        claims = {k: v for k, v in answer.items() if k != "active"}
+        claims = dict(answer)
+        del claims["active"]  # present: only `"active": true` gets here
         claims.setdefault("iss", self.issuer)
         principal = Principal(
             issuer=self.issuer,

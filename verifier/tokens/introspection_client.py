@@ -189,7 +189,7 @@ class ProviderClient:
 
     async def introspect(self, token: str) -> dict[str, Any]:
         """One RFC 7662 section 2.1 request; the decoded section 2.2 answer (any JSON object)."""
-        url = await self.endpoint()
+        url = self._endpoint or await self.endpoint()
 
         def build() -> tuple[str, str, Headers, bytes]:
             if self._fixed is not None:
