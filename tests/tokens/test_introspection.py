@@ -88,6 +88,7 @@ class FakeHttp:
         self.fault: int | str | None = None
         self.delay = 0.0
         self.discovery: dict[str, Any] | None = None
+        self.encoding = "utf-8"  # of the RFC 7662 answers
 
     @property
     def posts(self) -> list[HttpRequest]:
@@ -120,7 +121,7 @@ class FakeHttp:
         if request.url == BATCH_ENDPOINT:
             tokens = json.loads(request.body)["tokens"]
             return HttpReply(200, json.dumps({"results": [self.answer(t) for t in tokens]}).encode())
-        return HttpReply(200, json.dumps(self.answer(form(request)["token"])).encode())
+        return HttpReply(200, json.dumps(self.answer(form(request)["token"])).encode(self.encoding))
 
 
 def form(request: HttpRequest) -> dict[str, str]:
@@ -313,6 +314,18 @@ async def test_a_batch_mixes_active_and_inactive_answers(make: MakeIntrospector,
     assert not isinstance(good, BaseException) and good.subject == "user-1"
     assert isinstance(bad, InvalidToken) and bad.code == "token_inactive"
     assert len(http.posts) == 1
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
+async def test_an_answer_not_in_utf_8_is_malformed(
+    make: MakeIntrospector, http: FakeHttp, registry: CollectorRegistry, encoding: str
+) -> None:
+    """RFC 8259 section 8.1: JSON between systems is UTF-8; `json.loads` would guess UTF-16/32 or skip a BOM."""
+    http.answers["tok"] = active()
+    http.encoding = encoding
+    with pytest.raises(ProviderUnavailable, match="malformed JSON"):
+        await check(make(), "tok")
+    assert sample(registry, "verifier_introspection_calls_total", result="malformed") == 1
 
 
 async def test_without_a_batch_endpoint_each_token_gets_its_own_post_at_once(
