@@ -48,10 +48,10 @@ from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.introspection_breaker import Breaker
 from verifier.tokens.introspection_client import (
+    BatchDispatcher,
     IntrospectionHttp,
     IntrospectionResult,
     ProviderClient,
-    default_dispatcher,
 )
 
 __all__ = [
@@ -157,8 +157,8 @@ class Introspector:
             breaker=self.breaker,
             metrics=metrics,
         )
-        self._dispatcher = default_dispatcher(self.client)
-        self._per_token = not config.batch_endpoint  # one POST per token: no window, no batch
+        self._batches = BatchDispatcher(self.client)  # with a batch endpoint
+        self._per_token = not config.batch_endpoint  # else one POST per token (RFC 7662): no window, no batch
         self._positive: ExpiringCache[_Cached] = ExpiringCache(config.positive_entries, clock)
         self._negative: ExpiringCache[bool] = ExpiringCache(config.negative_entries, clock)
         # Single flight: the futures of every request waiting for one token's provider call.
@@ -247,7 +247,7 @@ class Introspector:
         self._metrics.batch_size.observe(len(batch))
         results: list[IntrospectionResult]
         try:
-            answers = await self._dispatcher.dispatch([p.token for p in batch])
+            answers = await self._batches.dispatch([p.token for p in batch])
             if len(answers) != len(batch):
                 raise ProviderUnavailable("introspection dispatcher answered a different number of tokens")
             results = list(answers)

@@ -282,36 +282,6 @@ class ProviderClient:
 IntrospectionResult = dict[str, Any] | ProviderUnavailable
 
 
-class Dispatcher(Protocol):
-    """Answers a batch of distinct tokens: one result per token, in order (an answer or the failure)."""
-
-    async def dispatch(self, tokens: Sequence[str]) -> Sequence[IntrospectionResult]:
-        """Never raises `ProviderUnavailable` for a single token; returns it in that token's place."""
-        ...
-
-
-class PerTokenDispatcher:
-    """The RFC 7662 default: one POST per token, concurrently, within the client's in-flight bound."""
-
-    def __init__(self, client: ProviderClient) -> None:
-        self._client = client
-
-    async def dispatch(self, tokens: Sequence[str]) -> Sequence[IntrospectionResult]:
-        """Introspects every token at once; each token gets its own answer or failure."""
-        if len(tokens) == 1:  # the usual batch outside bursts: no task to schedule for it
-            try:
-                return [await self._client.introspect(tokens[0])]
-            except ProviderUnavailable as exc:
-                return [exc]
-        answers = await asyncio.gather(*(self._client.introspect(t) for t in tokens), return_exceptions=True)
-        results: list[IntrospectionResult] = []
-        for answer in answers:
-            if isinstance(answer, BaseException) and not isinstance(answer, ProviderUnavailable):
-                raise answer
-            results.append(answer)
-        return results
-
-
 class BatchDispatcher:
     """One HTTP call to the provider's batch endpoint answers the whole batch."""
 
@@ -324,8 +294,3 @@ class BatchDispatcher:
             return await self._client.introspect_batch(tokens)
         except ProviderUnavailable as exc:
             return [exc] * len(tokens)
-
-
-def default_dispatcher(client: ProviderClient) -> Dispatcher:
-    """The batch endpoint when configured, else one RFC 7662 call per token."""
-    return BatchDispatcher(client) if client.config.batch_endpoint else PerTokenDispatcher(client)
