@@ -277,6 +277,7 @@ class App:
                 clock=self.clock,
                 registry=self.metrics.registry,
                 discovered_endpoint=self._discovered("introspection_endpoint", i.issuer),
+                discovery_url=i.discovery,
             )
             for i in settings.issuers
             if i.introspection is not None

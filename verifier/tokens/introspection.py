@@ -135,9 +135,11 @@ class Introspector:
         metrics: IssuerIntrospectionMetrics,
         breaker: Breaker,
         discovered_endpoint: Callable[[], str] | None = None,
+        discovery_url: str = "",
     ) -> None:
         """Endpoint, first found wins: `config.endpoint`, `endpoint`, `discovered_endpoint()` (a late-bound
-        lookup in discovery metadata someone else fetched), else discovery fetched here on first use.
+        lookup in discovery metadata someone else fetched), else discovery fetched here on first use from
+        `discovery_url` (the issuer's configured one; default `{issuer}/.well-known/openid-configuration`).
         `http` is the network seam: the root's `IntrospectionHttpClient`, or a test's. `metrics` and
         `breaker` are the root's (`verifier.app.build_introspector`): the breaker reports to the breaker gauge."""
         self.issuer = issuer
@@ -151,7 +153,7 @@ class Introspector:
             config=config,
             endpoint=endpoint,
             discovered_endpoint=discovered_endpoint,
-            discovery_url=issuer.rstrip("/") + "/.well-known/openid-configuration",
+            discovery_url=discovery_url or issuer.rstrip("/") + "/.well-known/openid-configuration",
             http=http,
             clock=clock,
             breaker=self.breaker,
