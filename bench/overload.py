@@ -14,7 +14,7 @@ Per door and bound: the capacity (closed loop inside the bound, 4 clients x 8 st
 checkout's verifier with its defaults; *shipped* is this tree's defaults.
 
 **The forward-auth door and Envoy in front** (``--routes http,envoy-grpc,envoy-http``, ``--kinds``): wrk, closed
-loop, at ``HTTP_CAPACITY`` connections (capacity), then ``HTTP_FLOOD`` (the flood), one repeated token (``cached``) or a
+loop, at ``HTTP_CAPACITY`` connections (capacity), then ``HTTP_FLOOD`` (the flood; ``--connections``), one repeated token (``cached``) or a
 rotation of distinct ones (``first-seen``). Envoy runs the shipped deploy/envoy templates (tests/integration's
 rig, ``--concurrency 1``) in front of an nginx ``return 200``. *Served* is the 2xx answers; the budget is 1 s (an
 HTTP caller sends no deadline), checked against wrk's slowest answer and its timeouts (unanswered in 5 s).
@@ -141,7 +141,9 @@ def point(ctx: Context, issuer: idp.Issuer, door: Door, variant: Variant, *, dea
                 **extra,
             )
 
+        cap_cpu0 = procs.cpu_seconds(target.pids)
         cap = h2load(CAPACITY)
+        cap_cpu = procs.cpu_seconds(target.pids) - cap_cpu0
         time.sleep(1)
         rss0, before = procs.rss_kib(target.pids), _decisions(metrics_addr)
         log = ctx.work / f"h2load-{door.value}-{variant.name}.log"
@@ -173,6 +175,8 @@ def point(ctx: Context, issuer: idp.Issuer, door: Door, variant: Variant, *, dea
             served=served,
             served_per_s=served / duration,
             served_share=served / duration / capacity if capacity else None,
+            # scheduling-independent goodput: served per verifier CPU-second, against the capacity point's
+            served_per_cpu_share=_per_cpu_share(served, cpu, cap.requests, cap_cpu),
             decisions=decided,
             streams=len(elapsed_ms),
             refused_streams=flood.errors,
@@ -191,6 +195,14 @@ def point(ctx: Context, issuer: idp.Issuer, door: Door, variant: Variant, *, dea
             loadavg=procs.loadavg(),
         )
     )
+
+
+def _per_cpu_share(served: float, cpu: float, cap_served: float, cap_cpu: float) -> float | None:
+    """Served per verifier CPU-second under the flood, as a share of the same at capacity: what goodput would be
+    if the verifier had had as much CPU as at capacity (the machine's other load moves the wall-clock share)."""
+    if not (cpu and cap_cpu and cap_served):
+        return None
+    return (served / cpu) / (cap_served / cap_cpu)
 
 
 def _get(addr: str, path: str, headers: dict[str, str]) -> tuple[int, float]:
@@ -245,11 +257,13 @@ def http_point(
 
         if _get(addr, path, headers(issuer.cached_token))[0] != 200:
             raise SystemExit(f"{route}: a request got no 200 (see {ctx.out})")
+        cap_cpu0 = procs.cpu_seconds(target.pids)
         cap = wrk(HTTP_CAPACITY, pools["capacity"])
+        cap_cpu = procs.cpu_seconds(target.pids) - cap_cpu0
         time.sleep(1)
         rss0, before = procs.rss_kib(target.pids), _decisions(metrics_addr)
         cpu0 = procs.cpu_seconds(target.pids)
-        flood = wrk(HTTP_FLOOD, pools["flood"])
+        flood = wrk(ctx.opt("connections", HTTP_FLOOD), pools["flood"])
         cpu = procs.cpu_seconds(target.pids) - cpu0
         served_status, served_s = _get(addr, path, headers(issuer.cached_token))
         health_status, health_s = _get(target.http_addr, "/healthz", {})
@@ -281,6 +295,7 @@ def http_point(
             served=served,
             served_per_s=served / flood.seconds,
             served_share=served / flood.seconds / capacity if capacity else None,
+            served_per_cpu_share=_per_cpu_share(served, cpu, cap.requests - cap.refusals, cap_cpu),
             answers=flood.requests,
             non_2xx=flood.refusals,
             timeouts=flood.timeouts,
@@ -391,15 +406,17 @@ def verdicts(points: list[dict[str, Any]]) -> list[str]:
         health = max(p["health_s"] for p in ps)
         sick = sum(not p["healthy"] or p["health_s"] > HEALTHY_WITHIN_S for p in ps)
         cpu = statistics.median(p["verifier_cpu_us"] for p in ps)
+        per_cpu = statistics.median(p.get("served_per_cpu_share") or 0.0 for p in ps)
 
         def verdict(ok: bool) -> str:
             return "PASS" if ok else "MISS"
 
+        worst = max(p["max_ms"] or 0 for p in ps)
         lines.append(
             f"{label} (shipped, {len(ps)} reps): goodput {verdict(share >= GOODPUT_GOAL)} ({share:.0%} of capacity, "
-            f"median); budget {verdict(not late)} ({late} reps with answers past {ps[0]['budget_ms']} ms, max "
-            f"{max(p['max_ms'] or 0 for p in ps):,.0f} ms); RSS {verdict(rss <= RSS_GOAL)} ({rss:.2f}x); healthy "
-            f"{verdict(not sick)} ({health * 1000:,.0f} ms); verifier CPU {cpu:,.0f} us/answer"
+            f"median; per verifier CPU-second {per_cpu:.0%}); budget {verdict(not late)} ({late} reps with answers "
+            f"past {ps[0]['budget_ms']} ms, max {worst:,.0f} ms); RSS {verdict(rss <= RSS_GOAL)} ({rss:.2f}x); "
+            f"healthy {verdict(not sick)} ({health * 1000:,.0f} ms); verifier CPU {cpu:,.0f} us/answer"
         )
     return lines
 
@@ -408,7 +425,7 @@ def markdown(ctx: Context, points: list[dict[str, Any]], goal: list[str]) -> str
     """The goal's verdicts, then the results tables: the gRPC doors (h2load), then the HTTP routes (wrk)."""
     grpc_points = [p for p in points if "bound" in p]
     http_points = [p for p in points if "bound" not in p]
-    common = ["capacity /s", "served /s", "of capacity"]
+    common = ["capacity /s", "served /s", "of capacity (per CPU-s)"]
     tail = ["p99 ms", "max ms", "over budget", "RSS before/after/+3 s MB", "healthy after"]
 
     def end(p: dict[str, Any]) -> list[str]:
@@ -423,7 +440,9 @@ def markdown(ctx: Context, points: list[dict[str, Any]], goal: list[str]) -> str
         ]
 
     def start(p: dict[str, Any]) -> list[str]:
-        return [report.fmt(p["capacity"]), report.fmt(p["served_per_s"]), f"{p['served_share']:.0%}"]
+        per_cpu = p.get("served_per_cpu_share")
+        share = f"{p['served_share']:.0%}" + (f" ({per_cpu:.0%})" if per_cpu is not None else "")
+        return [report.fmt(p["capacity"]), report.fmt(p["served_per_s"]), share]
 
     parts = ["# Overload at the three doors", "#24 goal 4, shipped defaults:\n\n" + "\n".join(f"- {g}" for g in goal)]
     if grpc_points:
@@ -447,7 +466,7 @@ def markdown(ctx: Context, points: list[dict[str, Any]], goal: list[str]) -> str
         ]
     if http_points:
         parts += [
-            ctx.header(f"HTTP: wrk -c {HTTP_FLOOD}, capacity at -c {HTTP_CAPACITY}"),
+            ctx.header(f"HTTP: wrk -c {ctx.opt('connections', HTTP_FLOOD)}, capacity at -c {HTTP_CAPACITY}"),
             report.table(
                 [
                     "route",

@@ -91,6 +91,7 @@ SUITES: dict[str, Suite] = {
                 ("--kinds", str, "overload HTTP routes: token kinds, cached,first-seen (default both)"),
                 ("--pool", int, "overload first-seen: distinct tokens per phase (default 30,000)"),
                 ("--before", str, "another checkout (the code before a change): its defaults are the 'before' variant"),
+                ("--connections", int, "overload: wrk connections of the HTTP flood (default 1000)"),
             ),
         ),
         Suite(
