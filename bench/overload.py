@@ -14,10 +14,11 @@ Per door and bound: the capacity (closed loop inside the bound, 4 clients x 8 st
 checkout's verifier with its defaults; *shipped* is this tree's defaults.
 
 **The forward-auth door and Envoy in front** (``--routes http,envoy-grpc,envoy-http``, ``--kinds``): wrk, closed
-loop, at ``HTTP_CAPACITY`` connections (capacity), then ``HTTP_FLOOD`` (the flood; ``--connections``), one repeated token (``cached``) or a
-rotation of distinct ones (``first-seen``). Envoy runs the shipped deploy/envoy templates (tests/integration's
-rig, ``--concurrency 1``) in front of an nginx ``return 200``. *Served* is the 2xx answers; the budget is 1 s (an
-HTTP caller sends no deadline), checked against wrk's slowest answer and its timeouts (unanswered in 5 s).
+loop, at ``HTTP_CAPACITY`` connections (capacity), then ``HTTP_FLOOD`` (the flood; ``--connections``), one repeated
+token (``cached``) or a rotation of distinct ones (``first-seen``). Envoy runs the shipped deploy/envoy templates
+(tests/integration's rig, ``--concurrency 1``) in front of an nginx ``return 200``. *Served* is the 2xx answers;
+the budget is 1 s (an HTTP caller sends no deadline), checked against wrk's slowest answer and its timeouts
+(unanswered in 5 s).
 *before* is ``http.shed_after_seconds`` off, or with ``--before DIR`` that checkout's defaults.
 
 **The goal**, per door and token kind, from the shipped points (:func:`verdicts`): PASS/MISS for goodput (median
