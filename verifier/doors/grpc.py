@@ -341,8 +341,9 @@ class GrpcDoors:
 
         gRPC's "overload protection" is off: with it, a stream counts against the bound until Python drops its
         call, after the client has read the answer and reused the slot, so a client that keeps to the bound had
-        10-30% of its calls refused (REFUSED_STREAM, twice: past gRPC's one transparent retry). Without it the
-        bound counts the streams the transport holds open, which is what the client counts.
+        10-30% of its calls refused (grpc-python's callers got UNAVAILABLE "RST_STREAM with error code 7": its
+        transparent retry, at most once, did not hide them). Without it the bound counts the streams the
+        transport holds open, which is what the client counts.
         """
         server = grpc.aio.server(
             options=[
