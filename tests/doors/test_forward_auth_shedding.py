@@ -185,6 +185,16 @@ async def _one_turn(port: int, requests: list[bytes]) -> list[tuple[int, dict[st
             sock.close()
 
 
+async def _allowed_within_tries(port: int, token: str, tries: int = 20) -> bool:
+    for _ in range(tries):
+        answer = await http_exchange(port, _request(token))
+        if b" 200 " in answer:
+            return True
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:100]  # shed again, never anything else
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def test_a_burst_of_first_seen_tokens_is_checked_only_while_the_loop_keeps_up_and_none_is_starved() -> None:
     # A first-seen check runs as its request is read: once the loop has been at it for `shed_after_seconds`,
     # the rest of the burst is refused at once (503 + Retry-After), never allowed, and each refused token is
@@ -204,10 +214,11 @@ async def test_a_burst_of_first_seen_tokens_is_checked_only_while_the_loop_keeps
         for status, headers in answers:
             if status == 503:
                 assert headers["retry-after"] == "1" and "x-authenticated-userid" not in headers
-        # Not starved: every shed token is checked and allowed once the loop has room.
+        # Not starved: every shed token, sent again as Retry-After asks (sooner here), is checked and allowed once
+        # the loop has room (a slow machine may still be behind on the first try).
         for token, status in zip(fresh, statuses, strict=True):
             if status == 503:
-                assert b" 200 " in await http_exchange(port, _request(token))
+                assert await _allowed_within_tries(port, token)
 
 
 async def test_a_flood_of_forged_tokens_never_gets_an_allow_and_a_legit_token_gets_through() -> None:
@@ -224,8 +235,4 @@ async def test_a_flood_of_forged_tokens_never_gets_an_allow_and_a_legit_token_ge
             for status, headers in answers[:-1]:
                 assert status in (401, 503), status  # refused or shed; never an allow
                 assert "x-authenticated-userid" not in headers
-        for _ in range(20):  # the legit caller retries (Retry-After) and gets through
-            status, headers = (await _one_turn(port, [_request(legit)]))[0]
-            if status == 200:
-                break
-        assert status == 200 and headers["x-authenticated-userid"] == "legit"
+        assert await _allowed_within_tries(port, legit)  # the legit caller retries (Retry-After) and gets through
