@@ -31,11 +31,8 @@ async def app(monkeypatch: pytest.MonkeyPatch, jwks_document: dict[str, object])
     monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
     async with RawProvider() as provider:
         provider.routes["/.well-known/openid-configuration"] = json_route(
-            {
-                "issuer": provider.url,
-                "jwks_uri": provider.url + "/jwks",
-                "introspection_endpoint": provider.url + "/introspect",
-            }
+            {"issuer": provider.url, "jwks_uri": provider.url + "/jwks",
+             "introspection_endpoint": provider.url + "/introspect"}
         )
         provider.routes["/jwks"] = json_route(jwks_document)
         provider.routes["/introspect"] = json_route(
@@ -48,11 +45,8 @@ async def app(monkeypatch: pytest.MonkeyPatch, jwks_document: dict[str, object])
             grpc=Listen(host="127.0.0.1", port=0),
             http=Listen(host="127.0.0.1", port=0),
             metrics=None,
-            issuers=(
-                IssuerSettings(
-                    issuer=provider.url, audiences=(AUDIENCE,), algorithms=("ES256",), introspection=introspection
-                ),
-            ),
+            issuers=(IssuerSettings(issuer=provider.url, audiences=(AUDIENCE,), algorithms=("ES256",),
+                                    introspection=introspection),),
         )
         verifier = App(settings)
         await verifier.start()
@@ -85,9 +79,8 @@ async def test_grpc_check_answers_503_before_the_deadline_even_when_the_caller_w
         stub = verifier_pb2_grpc.VerifierStub(channel)
         started = time.monotonic()
         answer = await stub.Check(
-            verifier_pb2.CheckRequest(
-                method="GET", host="api", path="/x", headers={"Authorization": "Bearer opaque-slow-2"}
-            ),
+            verifier_pb2.CheckRequest(method="GET", host="api", path="/x",
+                                      headers={"Authorization": "Bearer opaque-slow-2"}),
             timeout=10,
         )
         assert time.monotonic() - started < PLUGIN_TIMEOUT
@@ -97,10 +90,8 @@ async def test_grpc_check_answers_503_before_the_deadline_even_when_the_caller_w
 @pytest.mark.parametrize("value", [0, -1, 30.5])
 def test_deadline_seconds_is_validated(value: float) -> None:
     with pytest.raises(ConfigError, match="deadline_seconds"):
-        parse_settings(
-            {
-                "http": {"listen": "127.0.0.1:0"},
-                "issuers": [{"issuer": "https://idp.example.test", "audiences": ["a"], "algorithms": ["ES256"]}],
-                "deadline_seconds": value,
-            }
-        )
+        parse_settings({
+            "http": {"listen": "127.0.0.1:0"},
+            "issuers": [{"issuer": "https://idp.example.test", "audiences": ["a"], "algorithms": ["ES256"]}],
+            "deadline_seconds": value,
+        })

@@ -154,8 +154,6 @@ async def test_a_stalled_tls_handshake_is_closed_after_the_header_timeout(pki: d
         finally:
             writer.close()
         assert loop.time() - started < 2.0
-
-
 async def _metrics(port: int, context: ssl.SSLContext | None) -> bytes:
     if context is None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
