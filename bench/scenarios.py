@@ -40,6 +40,7 @@ SUITES: dict[str, Suite] = {
                 ("--rate", float, "offered checks/s (introspection: default 1000; soak: instead of --rate-fraction)"),
                 ("--delay", float, "provider latency in seconds (default 0.02)"),
                 ("--before", str, "another checkout (the code before a change): its verifier runs too, as 'before'"),
+                ("--only", str, "comma-separated scenarios of hot,distinct,flood (default all)"),
             ),
         ),
         Suite(
