@@ -91,6 +91,8 @@ SUITES: dict[str, Suite] = {
                 ("--routes", str, "overload: comma-separated grpc-doors,http,envoy-grpc,envoy-http (default all)"),
                 ("--kinds", str, "overload HTTP routes: token kinds, cached,first-seen (default both)"),
                 ("--pool", int, "overload first-seen: distinct tokens per phase (default 30,000)"),
+                ("--before", str, "another checkout (the code before a change): its defaults are the 'before' variant"),
+                ("--connections", int, "overload: wrk connections of the HTTP flood (default 1000)"),
             ),
         ),
         Suite(
