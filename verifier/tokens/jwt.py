@@ -98,16 +98,18 @@ def principal_from_claims(
     client = client_id if isinstance(client_id, str) else None
     sub = claims.get("sub")
     subject = sub if isinstance(sub, str) else ""  # a client is not a user: see `Principal`
+    # Positional, in the field order of `Principal` (issuer, subject, client_id, scopes, roles, expires_at,
+    # claims, kid, alg): one is built for every first-seen token.
     return Principal(
-        issuer=issuer,
-        subject=subject,
-        client_id=client,
-        scopes=scopes_of(claims),
-        roles=roles_of(claims),
-        expires_at=float(claims["exp"]),  # bounded by check_claims
-        claims=claims,
-        kid=kid,
-        alg=alg,
+        issuer,
+        subject,
+        client,
+        scopes_of(claims),
+        roles_of(claims),
+        float(claims["exp"]),  # bounded by check_claims
+        claims,
+        kid,
+        alg,
     )
 
 
