@@ -94,24 +94,9 @@ class Decision:
 
     def _http_head(self) -> bytes:
         headers = self.upstream_headers + self.answer_headers if self.allowed else self.response_headers
-        age, body = self.cache_max_age, self.body
-        # nginx's proxy_cache ignores a `private` answer: X-Accel-Expires (nginx reads it first and then
-        # skips Cache-Control; it never passes it on) sets its auth cache's lifetime. nginx keeps an entry
-        # through the whole second it expires in, so N-1 there is reuse for at most N seconds, never more.
-        reuse = (
-            f"x-accel-expires: {age - 1}\r\ncache-control: private, max-age={age}\r\n"
-            if age > 0
-            else "x-accel-expires: 0\r\ncache-control: no-store\r\n"
-        )
-        fields = "".join([f"{name}: {value}\r\n" for name, value in headers])
-        typed = "content-type: application/json\r\n" if body else ""
-        # One string built in one go (an allow's head is built for every first-seen token).
-        head = (
-            f"HTTP/1.1 {self.status} {_PHRASES.get(self.status, 'Status')}\r\n{fields}"
-            f"{REASON_HEADER}: {self.reason}\r\n{reuse}{typed}content-length: {len(body)}\r\n"
-        )
         # Claims may hold any Unicode: UTF-8 keeps identities distinct (obs-text to HTTP parsers).
-        return head.encode("utf-8")
+        fields = "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("utf-8")
+        return _status_line(self.status) + fields + _closing_lines(self.reason, self.cache_max_age, len(self.body))
 
 
 _PHRASES = {
@@ -123,6 +108,37 @@ _PHRASES = {
     429: "Too Many Requests",
     503: "Service Unavailable",
 }
+# The head's lines that many answers share (an allow's head is built for every first-seen token): the status
+# line, and the reason, reuse and length lines, written once per status and per (reason, max-age, body length).
+_STATUS_LINES: dict[int, bytes] = {}
+_CLOSING_LINES: dict[tuple[str, int, int], bytes] = {}
+MAX_CLOSING_LINES = 4096  # (reason, max-age, length) triples kept; past it, written anew each time
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {_PHRASES.get(status, 'Status')}\r\n".encode("ascii")
+    return line
+
+
+def _closing_lines(reason: str, age: int, length: int) -> bytes:
+    key = (reason, age, length)
+    lines = _CLOSING_LINES.get(key)
+    if lines is None:
+        # nginx's proxy_cache ignores a `private` answer: X-Accel-Expires (nginx reads it first and then
+        # skips Cache-Control; it never passes it on) sets its auth cache's lifetime. nginx keeps an entry
+        # through the whole second it expires in, so N-1 there is reuse for at most N seconds, never more.
+        reuse = (
+            f"x-accel-expires: {age - 1}\r\ncache-control: private, max-age={age}\r\n"
+            if age > 0
+            else "x-accel-expires: 0\r\ncache-control: no-store\r\n"
+        )
+        typed = "content-type: application/json\r\n" if length else ""
+        lines = f"{REASON_HEADER}: {reason}\r\n{reuse}{typed}content-length: {length}\r\n".encode()
+        if len(_CLOSING_LINES) < MAX_CLOSING_LINES:
+            _CLOSING_LINES[key] = lines
+    return lines
 
 
 def allow(

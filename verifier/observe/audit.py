@@ -44,11 +44,10 @@ def _optional(value: str | None) -> str:
 
 # The line's fields that repeat from one line to the next, written once as JSON and kept: the opening ones
 # for an admitted token's (issuer, kid, alg), which are its issuer's keys (a refused token's values are
-# the sender's choice: written anew each time, never kept), and the (decision, reason) and door pairs, which
-# come from the catalogue and the code. Bounded all the same: past the bound they are written anew.
+# the sender's choice: written anew each time, never kept), and the decision, reason and door, which come
+# from the catalogue and the code. Bounded all the same: past the bound they are written anew.
 _OPENINGS: dict[tuple[str, str | None, str], str] = {}
-_OUTCOMES: dict[tuple[str, str], str] = {}
-_DOORS: dict[str, str] = {}
+_CATALOGUED: dict[str, str] = {}
 MAX_KEPT_FIELDS = 1024  # per kind of field
 
 
@@ -65,23 +64,14 @@ def _opening(issuer: str, kid: str | None, alg: str, kept: bool) -> str:
     return opening
 
 
-def _outcome(decision: str, reason: str) -> str:
-    key = (decision, reason)
-    outcome = _OUTCOMES.get(key)
-    if outcome is None:
-        outcome = f'"decision": {_literal(decision)}, "reason": {_literal(reason)}, '
-        if len(_OUTCOMES) < MAX_KEPT_FIELDS:
-            _OUTCOMES[key] = outcome
-    return outcome
-
-
-def _door(door: str) -> str:
-    field = _DOORS.get(door)
-    if field is None:
-        field = f'"door": {_literal(door)}, '
-        if len(_DOORS) < MAX_KEPT_FIELDS:
-            _DOORS[door] = field
-    return field
+def _catalogued(value: str) -> str:
+    """The JSON literal of a decision, reason code or door name."""
+    literal = _CATALOGUED.get(value)
+    if literal is None:
+        literal = _literal(value)
+        if len(_CATALOGUED) < MAX_KEPT_FIELDS:
+            _CATALOGUED[value] = literal
+    return literal
 
 
 def signature_check(
@@ -108,9 +98,10 @@ def signature_check(
     # building the dict and an encoder per line.
     fields = (
         f"{_opening(issuer, kid, alg, decision == 'allow')}"
-        f'"subject": {_literal(subject)}, "route": {_literal(route)}, {_outcome(decision, reason)}'
-        f'"latency_ms": {latency_seconds * 1000:.3f}, "token": "{token_hash_[:_FINGERPRINT_BYTES].hex()}", '
-        f'{_door(door)}"client_id": {_optional(client_id)}'
+        f'"subject": {_literal(subject)}, "route": {_literal(route)}, "decision": {_catalogued(decision)}, '
+        f'"reason": {_catalogued(reason)}, "latency_ms": {latency_seconds * 1000:.3f}, '
+        f'"token": "{token_hash_[:_FINGERPRINT_BYTES].hex()}", "door": {_catalogued(door)}, '
+        f'"client_id": {_optional(client_id)}'
     )
     if trace_id:  # the gateway's trace (its traceparent), or the span's when tracing is on
         fields += f', "trace_id": {_literal(trace_id)}'
