@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -84,7 +85,10 @@ _PHRASES = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 429: "Too Many Req
 def _reference_head(decision: Decision) -> bytes:
     """The HTTP head as the door wrote it before (one line at a time)."""
     lines = [f"HTTP/1.1 {decision.status} {_PHRASES.get(decision.status, 'Status')}"]
-    headers = decision.upstream_headers + decision.answer_headers if decision.allowed else decision.response_headers
+    if decision.allowed:
+        headers = decision.upstream_headers + decision.answer_headers + decision.client_headers
+    else:
+        headers = decision.response_headers
     lines.extend(f"{name}: {value}" for name, value in headers)
     lines.append(f"{REASON_HEADER}: {decision.reason}")
     if decision.cache_max_age > 0:
@@ -110,6 +114,7 @@ DECISIONS = [
     refuse(Forbidden("no", code="route_not_allowed"), realm="api"),
     refuse(RateLimited("slow down", retry_after=3), realm="api"),
     Decision(False, 599, "internal_error", body=b'{"x": 1}'),
+    dataclasses.replace(allow(PRINCIPAL), client_headers=(("ratelimit", "limit=10, remaining=9"),), memo={}),
 ]
 
 
@@ -120,12 +125,22 @@ def test_the_head_is_what_the_line_by_line_builder_wrote(decision: Decision) -> 
     assert again == decision and again.http_head == decision.http_head and again.fresh_until == decision.fresh_until
 
 
+def test_the_decision_constructor_takes_every_field_in_order() -> None:
+    """`Decision.__init__` is written by hand (one dict update) and `allow` calls it positionally: a field added
+    to the dataclass must be added there too, at its place."""
+    names = [field.name for field in dataclasses.fields(Decision) if field.name != "memo"]
+    values: list[object] = ["ok" if name == "reason" else object() for name in names]  # reasons are catalogued
+    for built in (Decision(*values), Decision(**dict(zip(names, values, strict=True)))):  # type: ignore[arg-type]
+        assert [getattr(built, name) for name in names] == values and built.memo == {}
+
+
 def test_allow_keeps_its_fields() -> None:
     """`allow` builds its Decision positionally now: every field where the keywords put it."""
     decision = allow(PRINCIPAL, cache_max_age=7, headers=(("x-t", "v"),), answer_headers=(("x-k", "c"),), renew_at=5.0)
     assert decision.allowed and decision.status == 200 and decision.reason == "ok"
     assert decision.upstream_headers[-1] == ("x-t", "v") and decision.answer_headers == (("x-k", "c"),)
-    assert decision.response_headers == () and decision.body == b"" and decision.subject == "alice"
+    assert decision.response_headers == decision.client_headers == () and decision.body == b""
+    assert decision.subject == "alice"
     assert decision.roles == ("a", "b") and decision.cache_max_age == 7
     assert decision.fresh_until == 12.0 and decision.renew_at == 5.0
     assert allow(PRINCIPAL).fresh_until == 2e9 and allow(PRINCIPAL).renew_at == math.inf

@@ -31,6 +31,9 @@ class Decision:
     # on the upstream request: forward-auth answer headers, our gRPC `answer_headers`, not Envoy's.
     answer_headers: Headers = ()
     response_headers: Headers = ()  # returned to the client when refused
+    # Returned to the client with an allow: what a per-request check tells it (the rate-limit state, the next
+    # DPoP nonce: `verifier.checks.base.Passed`). Only on an answer built for one request (no-store).
+    client_headers: Headers = ()
     body: bytes = b""
     subject: str = ""
     roles: tuple[str, ...] = ()
@@ -51,6 +54,7 @@ class Decision:
         upstream_headers: Headers = (),
         answer_headers: Headers = (),
         response_headers: Headers = (),
+        client_headers: Headers = (),
         body: bytes = b"",
         subject: str = "",
         roles: tuple[str, ...] = (),
@@ -59,7 +63,7 @@ class Decision:
         renew_at: float = math.inf,
         memo: dict[str, bytes] | None = None,
     ) -> None:
-        # One dict update, as `VerifierError` does: the generated frozen `__init__` stores each of the 13
+        # One dict update, as `VerifierError` does: the generated frozen `__init__` stores each of the 14
         # fields through `object.__setattr__` (~3x the cost), and an allow is built for every first-seen token.
         self.__dict__.update(
             allowed=allowed,
@@ -68,6 +72,7 @@ class Decision:
             upstream_headers=upstream_headers,
             answer_headers=answer_headers,
             response_headers=response_headers,
+            client_headers=client_headers,
             body=body,
             subject=subject,
             roles=roles,
@@ -93,7 +98,10 @@ class Decision:
         return head
 
     def _http_head(self) -> bytes:
-        headers = self.upstream_headers + self.answer_headers if self.allowed else self.response_headers
+        if self.allowed:
+            headers = self.upstream_headers + self.answer_headers + self.client_headers
+        else:
+            headers = self.response_headers
         # Claims may hold any Unicode: UTF-8 keeps identities distinct (obs-text to HTTP parsers).
         fields = "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("utf-8")
         return _status_line(self.status) + fields + _closing_lines(self.reason, self.cache_max_age, len(self.body))
@@ -172,6 +180,7 @@ def allow(
         fixed + headers if headers else fixed,  # upstream_headers
         answer_headers,
         (),  # response_headers
+        (),  # client_headers
         b"",  # body
         subject,
         roles,
