@@ -40,6 +40,7 @@ SUITES: dict[str, Suite] = {
                 ("--rate", float, "offered checks/s (introspection: default 1000; soak: instead of --rate-fraction)"),
                 ("--delay", float, "provider latency in seconds (default 0.02)"),
                 ("--before", str, "another checkout (the code before a change): its verifier runs too, as 'before'"),
+                ("--only", str, "comma-separated scenarios of hot,distinct,flood (default all)"),
             ),
         ),
         Suite(
@@ -90,6 +91,8 @@ SUITES: dict[str, Suite] = {
                 ("--routes", str, "overload: comma-separated grpc-doors,http,envoy-grpc,envoy-http (default all)"),
                 ("--kinds", str, "overload HTTP routes: token kinds, cached,first-seen (default both)"),
                 ("--pool", int, "overload first-seen: distinct tokens per phase (default 30,000)"),
+                ("--before", str, "another checkout (the code before a change): its defaults are the 'before' variant"),
+                ("--connections", int, "overload: wrk connections of the HTTP flood (default 1000)"),
             ),
         ),
         Suite(
