@@ -19,7 +19,7 @@ REASON_HEADER = "x-verifier-reason"
 IDENTITY_PREFIX = "x-authenticated-"  # reserved: only an allow answer of ours may set these upstream
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class Decision:
     """Allow or refuse, with everything a door needs to answer the gateway."""
 
@@ -46,6 +46,42 @@ class Decision:
     # decision is therefore answered without re-serializing anything.
     memo: dict[str, bytes] = dataclasses.field(default_factory=dict, compare=False, repr=False, hash=False)
 
+    def __init__(
+        self,
+        allowed: bool,
+        status: int,
+        reason: str,
+        upstream_headers: Headers = (),
+        answer_headers: Headers = (),
+        response_headers: Headers = (),
+        client_headers: Headers = (),
+        body: bytes = b"",
+        subject: str = "",
+        roles: tuple[str, ...] = (),
+        cache_max_age: int = 0,
+        fresh_until: float = math.inf,
+        renew_at: float = math.inf,
+        memo: dict[str, bytes] | None = None,
+    ) -> None:
+        # One dict update, as `VerifierError` does: the generated frozen `__init__` stores each of the 14
+        # fields through `object.__setattr__` (~3x the cost), and an allow is built for every first-seen token.
+        self.__dict__.update(
+            allowed=allowed,
+            status=status,
+            reason=reason,
+            upstream_headers=upstream_headers,
+            answer_headers=answer_headers,
+            response_headers=response_headers,
+            client_headers=client_headers,
+            body=body,
+            subject=subject,
+            roles=roles,
+            cache_max_age=cache_max_age,
+            fresh_until=fresh_until,
+            renew_at=renew_at,
+            memo={} if memo is None else memo,
+        )
+
     @property
     def outcome(self) -> str:
         """The metric label: allow, deny or error."""
@@ -62,27 +98,13 @@ class Decision:
         return head
 
     def _http_head(self) -> bytes:
-        lines = [f"HTTP/1.1 {self.status} {_PHRASES.get(self.status, 'Status')}"]
         if self.allowed:
             headers = self.upstream_headers + self.answer_headers + self.client_headers
         else:
             headers = self.response_headers
-        lines.extend(f"{name}: {value}" for name, value in headers)
-        lines.append(f"{REASON_HEADER}: {self.reason}")
-        # nginx's proxy_cache ignores a `private` answer: X-Accel-Expires (nginx reads it first and then
-        # skips Cache-Control; it never passes it on) sets its auth cache's lifetime. nginx keeps an entry
-        # through the whole second it expires in, so N-1 there is reuse for at most N seconds, never more.
-        if self.cache_max_age > 0:
-            lines.append(f"x-accel-expires: {self.cache_max_age - 1}")
-            lines.append(f"cache-control: private, max-age={self.cache_max_age}")
-        else:
-            lines.append("x-accel-expires: 0")
-            lines.append("cache-control: no-store")
-        if self.body:
-            lines.append("content-type: application/json")
-        lines.append(f"content-length: {len(self.body)}")
         # Claims may hold any Unicode: UTF-8 keeps identities distinct (obs-text to HTTP parsers).
-        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+        fields = "".join([f"{name}: {value}\r\n" for name, value in headers]).encode("utf-8")
+        return _status_line(self.status) + fields + _closing_lines(self.reason, self.cache_max_age, len(self.body))
 
 
 _PHRASES = {
@@ -94,6 +116,37 @@ _PHRASES = {
     429: "Too Many Requests",
     503: "Service Unavailable",
 }
+# The head's lines that many answers share (an allow's head is built for every first-seen token): the status
+# line, and the reason, reuse and length lines, written once per status and per (reason, max-age, body length).
+_STATUS_LINES: dict[int, bytes] = {}
+_CLOSING_LINES: dict[tuple[str, int, int], bytes] = {}
+MAX_CLOSING_LINES = 4096  # (reason, max-age, length) triples kept; past it, written anew each time
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {_PHRASES.get(status, 'Status')}\r\n".encode("ascii")
+    return line
+
+
+def _closing_lines(reason: str, age: int, length: int) -> bytes:
+    key = (reason, age, length)
+    lines = _CLOSING_LINES.get(key)
+    if lines is None:
+        # nginx's proxy_cache ignores a `private` answer: X-Accel-Expires (nginx reads it first and then
+        # skips Cache-Control; it never passes it on) sets its auth cache's lifetime. nginx keeps an entry
+        # through the whole second it expires in, so N-1 there is reuse for at most N seconds, never more.
+        reuse = (
+            f"x-accel-expires: {age - 1}\r\ncache-control: private, max-age={age}\r\n"
+            if age > 0
+            else "x-accel-expires: 0\r\ncache-control: no-store\r\n"
+        )
+        typed = "content-type: application/json\r\n" if length else ""
+        lines = f"{REASON_HEADER}: {reason}\r\n{reuse}{typed}content-length: {length}\r\n".encode()
+        if len(_CLOSING_LINES) < MAX_CLOSING_LINES:
+            _CLOSING_LINES[key] = lines
+    return lines
 
 
 def allow(
@@ -110,25 +163,30 @@ def allow(
     (`verifier.upstream`); the fixed four are built here. With an identity assertion, `renew_at` is when
     a fresh one is minted instead: the answer is handed out until then, and reused for its max-age at most.
     """
-    roles = tuple(sorted(principal.roles))
+    roles = tuple(sorted(principal.roles)) if principal.roles else ()
+    subject, scope, issuer = principal.subject, " ".join(principal.scopes), principal.issuer
     fixed: Headers = (
-        ("x-authenticated-userid", header_safe(principal.subject)),
-        ("x-authenticated-scope", header_safe(principal.scope)),
-        ("x-authenticated-issuer", header_safe(principal.issuer)),
+        ("x-authenticated-userid", subject if subject.isprintable() else header_safe(subject)),
+        ("x-authenticated-scope", scope if scope.isprintable() else header_safe(scope)),
+        ("x-authenticated-issuer", issuer if issuer.isprintable() else header_safe(issuer)),
     )
     if roles:
         fixed += (("x-authenticated-roles", header_safe(",".join(roles))),)
+    # Positional (the field order of `Decision`): one allow is built for every first-seen token.
     return Decision(
-        allowed=True,
-        status=200,
-        reason=ALLOW,
-        upstream_headers=fixed + headers,
-        answer_headers=answer_headers,
-        subject=principal.subject,
-        roles=roles,
-        cache_max_age=cache_max_age,
-        fresh_until=min(principal.expires_at, renew_at + cache_max_age),
-        renew_at=renew_at,
+        True,  # allowed
+        200,  # status
+        ALLOW,  # reason
+        fixed + headers if headers else fixed,  # upstream_headers
+        answer_headers,
+        (),  # response_headers
+        (),  # client_headers
+        b"",  # body
+        subject,
+        roles,
+        cache_max_age,
+        min(principal.expires_at, renew_at + cache_max_age),  # fresh_until
+        renew_at,
     )
 
 

@@ -20,7 +20,7 @@ import logging
 import time
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from verifier import credentials
 from verifier.authenticators import Authenticator, NotResponsible, Seen, issuer_not_trusted, none_responsible
@@ -60,9 +60,12 @@ MAX_MEMOIZED_REFUSALS = 512  # distinct static refusals kept pre-built (descript
 _NO_ROUTES: Mapping[int, Decision] = types.MappingProxyType({})
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Admitted:
-    """What the positive cache holds for a token its authenticator vouched for (until its `exp`)."""
+class Admitted(NamedTuple):
+    """What the positive cache holds for a token its authenticator vouched for (until its `exp`).
+
+    A NamedTuple (immutable; `_replace` for a changed copy): one is built for every first-seen token, and a
+    frozen dataclass's `__init__` costs several times a tuple's.
+    """
 
     principal: Principal  # with its issuer's roles
     allowed: Decision  # the answer while no check changes the principal; its max-age is the reuse ceiling
@@ -71,7 +74,7 @@ class Admitted:
     mask: int  # the same checks as bits of the pipeline's list (bit i: checks[i]), for one AND per request
     ceiling: int = 0  # seconds a gateway may reuse its allow at most (0: no-store from the start)
     # The answers of routes whose policy changes what the upstream receives, by id of the route's Variant.
-    by_route: Mapping[int, Decision] = dataclasses.field(default_factory=lambda: _NO_ROUTES)
+    by_route: Mapping[int, Decision] = _NO_ROUTES
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -117,6 +120,35 @@ class Plan:
             any(c.per_request for c in checks),
             tuple(c for c in checks if type(c).reuse_left is not Check.reuse_left),
         )
+
+
+_BEARER = "Bearer "  # RFC 6750 section 2.1, as every gateway and client writes it
+_WHOLE_VALUE = b"\x00"  # marks a key hashed from a whole Authorization value (33 bytes: never a bearer key)
+
+
+def cache_key(authorization: str) -> bytes:
+    """The caches' key for an Authorization value, found before its syntax is looked at.
+
+    For `Bearer <rest>` (nearly every request) it is the SHA-256 of `<rest>`: when `<rest>` is the token
+    (the usual spelling), the token's own hash, which the audit fingerprint and the introspection caches use
+    too (`token_hash`): one SHA-256 per first-seen token instead of two. For any other value, a mark byte and
+    the SHA-256 of the whole value, so no two different values share a key either way.
+    """
+    if authorization.startswith(_BEARER):
+        return audit.token_hash(authorization[len(_BEARER) :])
+    return _WHOLE_VALUE + audit.token_hash(authorization)
+
+
+def token_hash(key: bytes, attrs: RequestAttributes, credential: Credential) -> bytes:
+    """The SHA-256 of the request's token (`audit.token_hash`), given its `cache_key`: that key itself when
+    the Authorization value was exactly `Bearer <token>` (`credentials.extract` strips nothing from a value of
+    that length), else hashed here."""
+    if len(key) == _HASH_BYTES and len(attrs.headers.get("authorization", "")) == len(_BEARER) + len(credential.token):
+        return key
+    return audit.token_hash(credential.token)
+
+
+_HASH_BYTES = 32  # SHA-256
 
 
 def _negative_cacheable(error: VerifierError) -> bool:
@@ -242,7 +274,7 @@ class Pipeline:
             if route.policy is not None and not route.policy.require.authenticated:
                 return ANONYMOUS
             return self._refuse(MissingToken("no access token"), None, route)
-        key = audit.token_hash(header)
+        key = cache_key(header)
         hit = self._positive.get(key)
         if hit is not None:
             self._metrics.cache_lookup("positive", "hit")
@@ -309,7 +341,7 @@ class Pipeline:
         gateway's rate budget); the principal returned carries announced claim changes.
         """
         credential = credentials.extract(attrs)
-        key = audit.token_hash(attrs.headers.get("authorization", ""))
+        key = cache_key(attrs.headers.get("authorization", ""))
         admitted = self._positive.get(key)
         if admitted is None:
             verified = await self._verify(credential, key, attrs, "endpoint", OWN_ENDPOINT)
@@ -326,7 +358,7 @@ class Pipeline:
         header = attrs.headers.get("authorization")
         if not header:
             return None
-        key = audit.token_hash(header)
+        key = cache_key(header)
         admitted = self._positive.get(key)
         if admitted is not None:
             return admitted.principal.issuer
@@ -381,7 +413,7 @@ class Pipeline:
             return routed
         route, route_mask = routed
         credential = credentials.extract(attrs)  # decide_cached already answered the failures
-        key = audit.token_hash(attrs.headers.get("authorization", ""))
+        key = cache_key(attrs.headers.get("authorization", ""))
         admitted = self._positive.get(key)
         if admitted is None:
             verified = await self._verify(credential, key, attrs, door, route)
@@ -443,9 +475,9 @@ class Pipeline:
             return stored
         fresh = self._build(admitted.principal, route, admitted.ceiling, admitted.credential)
         if variant is None:
-            updated = dataclasses.replace(admitted, allowed=fresh)
+            updated = admitted._replace(allowed=fresh)
         else:
-            updated = dataclasses.replace(admitted, by_route={**admitted.by_route, id(variant): fresh})
+            updated = admitted._replace(by_route={**admitted.by_route, id(variant): fresh})
         self._positive.put(key, updated, admitted.principal.expires_at)
         return fresh
 
@@ -500,7 +532,7 @@ class Pipeline:
             return done
         started = time.perf_counter()
         seen = Seen()
-        token_key = audit.token_hash(credential.token)  # introspection caches and the audit fingerprint
+        token_key = token_hash(key, attrs, credential)  # introspection caches and the audit fingerprint
         asked: Authenticator | None = None
         try:
             for asked in self._authenticators_for(route)[0]:  # `_verify_now` answered when none is trusted
@@ -536,7 +568,7 @@ class Pipeline:
         decision = self._refuse(error, credential, route)
         if remember and _negative_cacheable(error):
             self._negative.put(key, Refused(_without_frames(error), credential), self._clock.now() + self._negative_ttl)
-        self._record(attrs, door, decision, started, credential, seen, "")
+        self._record(attrs, door, decision, started, credential, key, seen, "")
         return decision
 
     def _admitted(
@@ -563,7 +595,7 @@ class Pipeline:
         allowed = self._build(principal, self._no_policy[0], ceiling, credential)
         admitted = Admitted(principal, allowed, credential, self._plan(mask).checks, mask, ceiling)
         self._positive.put(key, admitted, principal.expires_at)
-        self._record(attrs, door, allowed, started, credential, seen, principal.subject, principal.client_id)
+        self._record(attrs, door, allowed, started, credential, key, seen, principal.subject, principal.client_id)
         return admitted
 
     def _reusable(self, principal: Principal, allowed: Decision, route: Route, plan: Plan) -> Decision:
@@ -618,6 +650,7 @@ class Pipeline:
         decision: Decision,
         started: float,
         credential: Credential,
+        key: bytes,
         seen: Seen,
         subject: str,
         client_id: str | None = None,
@@ -637,7 +670,7 @@ class Pipeline:
                 decision=decision.outcome,
                 reason=decision.reason,
                 latency_seconds=time.perf_counter() - started,
-                token_hash_=audit.token_hash(credential.token),
+                token_hash_=token_hash(key, attrs, credential),
                 door=door,
                 client_id=client_id,  # with subject "", a client-credentials token: no user
                 trace_id=trace_id,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -58,5 +57,5 @@ class Revocation(Check):
             for name in ("scope", "scp"):
                 if name not in override:
                     claims.pop(name, None)
-        changed = dataclasses.replace(principal, claims=claims, scopes=scopes_of(claims), roles=roles_of(claims))
+        changed = principal._replace(claims=claims, scopes=scopes_of(claims), roles=roles_of(claims))
         return self._with_roles(changed)

@@ -63,6 +63,7 @@ DOOR = "forward_auth"
 PREFIX = b"/v1/forward-auth"
 MAX_HEADER_BYTES = 32 * 1024  # per request; larger is refused with 431 (tokens are bounded at 8 KiB)
 MAX_HEADERS = 128  # header fields per request
+MAX_HEADER_NAMES = 1024  # distinct field names kept decoded (a gateway sends a few dozen)
 MAX_PIPELINED = 64  # answers pending on one connection before we stop reading from it
 LINGER_SECONDS = 1.0  # after a refused request, how long we keep reading before closing
 MAX_BODY_BYTES = 64 * 1024  # forward-auth requests carry no body we need; bound what we swallow
@@ -138,14 +139,14 @@ def attributes_from_http(
         if port and ":" not in host.rpartition("]")[2] and port != _DEFAULT_PORTS.get(scheme):
             host = f"{host}:{port}"
     client = get(family.client, "").split(",", 1)[0].strip() if family.client else ""
-    return RequestAttributes(
-        method=(get(family.method) or method).upper(),
-        scheme=scheme,
-        host=normalize_host(host),
-        path=path,
-        headers=headers,
-        client_address=client or peer,
-        client_cert_thumbprint=get(thumbprint_header, "") if thumbprint_header else "",
+    return RequestAttributes(  # positional (every request builds one): method, scheme, host, path, headers, ...
+        (get(family.method) or method).upper(),
+        scheme,
+        normalize_host(host),
+        path,
+        headers,
+        client or peer,  # client_address
+        get(thumbprint_header, "") if thumbprint_header else "",  # client_cert_thumbprint
     )
 
 
@@ -340,7 +341,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         raw = self._raw
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
+        known = self._door.header_names.get  # a gateway sends the same few names each time: decoded once
+        headers = {(known(name) or self._door.header_name(name)): value.decode("latin-1") for name, value in raw}
         if len(headers) != len(raw):
             # A repeated field is joined as RFC 9110 section 5.3 says; a repeated Authorization then
             # fails the credential syntax check instead of one of them being silently picked.
@@ -530,6 +532,15 @@ class ForwardAuthDoor:
         self.shed_after = settings.shed_after_seconds
         self._server: asyncio.Server | None = None
         self.connections: set[_Connection] = set()
+        self.header_names: dict[bytes, str] = {}  # raw field name -> its lower-case text (`header_name`)
+
+    def header_name(self, raw: bytes) -> str:
+        """A field name as the attributes key it (lower-case text), kept for the next request while fewer
+        than `MAX_HEADER_NAMES` are (names are the sender's choice: past that, decoded each time)."""
+        name = raw.decode("latin-1").lower()
+        if len(self.header_names) < MAX_HEADER_NAMES:
+            self.header_names[raw] = name
+        return name
 
     def attributes(self, method: str, target: bytes, headers: dict[str, str], peer: str) -> RequestAttributes:
         """A request's attributes as this door reads them (its header family, its thumbprint header)."""

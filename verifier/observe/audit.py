@@ -17,11 +17,12 @@ from typing import Any
 audit_log = logging.getLogger("verifier.audit")
 
 FINGERPRINT_HEX_CHARS = 16  # 64 bits of SHA-256: unique enough to correlate, not a credential
+_FINGERPRINT_BYTES = FINGERPRINT_HEX_CHARS // 2
 
 
 def fingerprint(token_hash: bytes) -> str:
     """The printable fingerprint of a token, from its SHA-256 digest."""
-    return token_hash.hex()[:FINGERPRINT_HEX_CHARS]
+    return token_hash[:_FINGERPRINT_BYTES].hex()
 
 
 def token_hash(token: str) -> bytes:
@@ -39,6 +40,38 @@ _literal = json.encoder.encode_basestring_ascii  # one str -> its JSON string li
 
 def _optional(value: str | None) -> str:
     return "null" if value is None else _literal(value)
+
+
+# The line's fields that repeat from one line to the next, written once as JSON and kept: the opening ones
+# for an admitted token's (issuer, kid, alg), which are its issuer's keys (a refused token's values are
+# the sender's choice: written anew each time, never kept), and the decision, reason and door, which come
+# from the catalogue and the code. Bounded all the same: past the bound they are written anew.
+_OPENINGS: dict[tuple[str, str | None, str], str] = {}
+_CATALOGUED: dict[str, str] = {}
+MAX_KEPT_FIELDS = 1024  # per kind of field
+
+
+def _opening(issuer: str, kid: str | None, alg: str, kept: bool) -> str:
+    key = (issuer, kid, alg)
+    opening = _OPENINGS.get(key)
+    if opening is None:
+        opening = (
+            f'"event": "signature_check", "issuer": {_literal(issuer)}, "kid": {_optional(kid)}, '
+            f'"alg": {_literal(alg)}, '
+        )
+        if kept and len(_OPENINGS) < MAX_KEPT_FIELDS:
+            _OPENINGS[key] = opening
+    return opening
+
+
+def _catalogued(value: str) -> str:
+    """The JSON literal of a decision, reason code or door name."""
+    literal = _CATALOGUED.get(value)
+    if literal is None:
+        literal = _literal(value)
+        if len(_CATALOGUED) < MAX_KEPT_FIELDS:
+            _CATALOGUED[value] = literal
+    return literal
 
 
 def signature_check(
@@ -61,25 +94,22 @@ def signature_check(
     if not audit_log.isEnabledFor(logging.INFO):
         return
     # One line per first-seen token: its fields are written as JSON literals one by one (what json.dumps
-    # of the same dict writes, key for key), without building the dict and an encoder per line.
+    # of the same dict writes, key for key; the latency with its three decimals always written), without
+    # building the dict and an encoder per line.
     fields = (
-        f'"event": "signature_check", "issuer": {_literal(issuer)}, "kid": {_optional(kid)}, '
-        f'"alg": {_literal(alg)}, "subject": {_literal(subject)}, "route": {_literal(route)}, '
-        f'"decision": {_literal(decision)}, "reason": {_literal(reason)}, '
-        f'"latency_ms": {round(latency_seconds * 1000, 3)!r}, "token": "{fingerprint(token_hash_)}", '
-        f'"door": {_literal(door)}, "client_id": {_optional(client_id)}'
+        f"{_opening(issuer, kid, alg, decision == 'allow')}"
+        f'"subject": {_literal(subject)}, "route": {_literal(route)}, "decision": {_catalogued(decision)}, '
+        f'"reason": {_catalogued(reason)}, "latency_ms": {latency_seconds * 1000:.3f}, '
+        f'"token": "{token_hash_[:_FINGERPRINT_BYTES].hex()}", "door": {_catalogued(door)}, '
+        f'"client_id": {_optional(client_id)}'
     )
     if trace_id:  # the gateway's trace (its traceparent), or the span's when tracing is on
         fields += f', "trace_id": {_literal(trace_id)}'
     if extra:
         fields += ", " + json.dumps(extra, default=str)[1:-1]
     sink = _direct_sink
-    if (
-        sink is not None
-        and not audit_log.handlers
-        and audit_log.propagate
-        and logging.getLogger().handlers == [sink]
-    ):
+    handlers = logging.root.handlers
+    if sink is not None and handlers == [sink] and audit_log.propagate and not audit_log.handlers:
         # Our own configuration (one buffered JSON handler on the root logger): write the line
         # straight into its buffer. The logging machinery (record, filters, handler lock) costs
         # as much as the line itself, and there is one line per signature check.
@@ -87,9 +117,8 @@ def signature_check(
         second = int(now)
         if second != _stamp[0]:  # strftime once per second, not once per line
             _stamp[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-        stamp = _stamp[1]
         sink.write_line(
-            f'{{"time": "{stamp}.{int(now * 1000) % 1000:03d}Z", "level": "INFO", '
+            f'{{"time": "{_stamp[1]}.{int(now * 1000) % 1000:03d}Z", "level": "INFO", '
             f'"logger": "verifier.audit", "msg": "signature_check", {fields}}}'
         )
         return
@@ -155,8 +184,9 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def write_line(self, line: str) -> None:
         """Appends one preformatted line (the audit fast path; same buffer, same flushing)."""
-        self.stream.write(line + self.terminator)
-        self.flush()
+        self.stream.write(line + "\n")
+        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL_SECONDS:
+            self.flush_now()
 
     def emit(self, record: logging.LogRecord) -> None:
         """Writes a line; urgent lines go out at once."""

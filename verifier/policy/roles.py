@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,4 +53,4 @@ class IssuerRoles:
         if mapper is None:
             return principal
         roles = mapper.roles(principal.claims, principal.subject, principal.scopes, principal.roles)
-        return dataclasses.replace(principal, roles=roles)
+        return principal._replace(roles=roles)

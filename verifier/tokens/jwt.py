@@ -23,7 +23,7 @@ from verifier.errors import (
     UnknownKey,
     WrongTokenType,
 )
-from verifier.numbers import json_number
+from verifier.numbers import MAX_JSON_NUMBER, json_number
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import IssuerSettings
 from verifier.tokens import jws
@@ -44,6 +44,8 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
+    if type(value) is int and -MAX_JSON_NUMBER <= value <= MAX_JSON_NUMBER:
+        return value  # the usual form (whole seconds), as `json_number` would take it (an int compares as a float)
     number = json_number(value)
     if number is None:  # NaN compares false with everything; 10**400 overflows a float
         raise ClaimInvalid(f"{name} is not a number", claim=name)
@@ -98,16 +100,18 @@ def principal_from_claims(
     client = client_id if isinstance(client_id, str) else None
     sub = claims.get("sub")
     subject = sub if isinstance(sub, str) else ""  # a client is not a user: see `Principal`
+    # Positional, in the field order of `Principal` (issuer, subject, client_id, scopes, roles, expires_at,
+    # claims, kid, alg): one is built for every first-seen token.
     return Principal(
-        issuer=issuer,
-        subject=subject,
-        client_id=client,
-        scopes=scopes_of(claims),
-        roles=roles_of(claims),
-        expires_at=float(claims["exp"]),  # bounded by check_claims
-        claims=claims,
-        kid=kid,
-        alg=alg,
+        issuer,
+        subject,
+        client,
+        scopes_of(claims),
+        roles_of(claims),
+        float(claims["exp"]),  # bounded by check_claims
+        claims,
+        kid,
+        alg,
     )
 
 
