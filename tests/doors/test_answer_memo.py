@@ -574,3 +574,5 @@ def test_without_a_token_cache_there_is_no_memo(clock: FrozenClock, fetcher: Fak
 
     assert built(0).forward_auth.memo is None
     assert built(10).forward_auth.memo is not None
+    assert built(0).grpc._own_answers is None and built(0).grpc._envoy_answers is None  # the gRPC doors' too
+    assert built(10).grpc._own_answers is not None and built(10).grpc._envoy_answers is not None
