@@ -22,23 +22,22 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support import FrozenClock
 from test_answer_memo import (  # the forward-auth memo's composition root and state changes
-    ADMIN,
-    POLICIES,
     app,  # noqa: F401 - a fixture
     assertion_app,
     backchannel_logout,
+    change_state,
+    differential_app,
+    differential_tokens,
     kill_switch,
-    operator_entry,
     replica_broadcast,
     ssf_session_revoked,
     transmitter,  # noqa: F401 - a fixture
 )
-from tokenkit import NOW, FakeFetcher, Mint, claims, issuer_settings
+from tokenkit import NOW, FakeFetcher, Mint, claims
 
 from verifier.app import App
 from verifier.doors.grpc import ENVOY_SERVICE, GrpcDoors
-from verifier.revocation import parse_revocation_config
-from verifier.settings import ADMIN_TOKEN_ENV, RateLimit, RateLimitSettings, Settings
+from verifier.settings import RateLimit, RateLimitSettings
 from verifier.v1 import verifier_pb2
 
 DOORS = ("grpc", "ext_authz")
@@ -255,23 +254,10 @@ def test_any_sequence_gets_byte_identical_answers_with_and_without_the_memos(
 async def _differential(
     steps: list[tuple[str, Any, int]], door: str, mint: Mint, fetcher: FakeFetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(ADMIN_TOKEN_ENV, ADMIN)
-    clock = FrozenClock(NOW)
-    settings_ = Settings(
-        grpc=None, http=None, metrics=None, issuers=(issuer_settings(),), policies=POLICIES,
-        revocation=parse_revocation_config({}),
-    )  # fmt: skip
-    app = App(settings_, clock=clock, fetcher=fetcher)
-    await app.start()
+    app, clock = await differential_app(fetcher, monkeypatch)
     try:
-        await asyncio.wait_for(app.wait_serving(), 10)
-        assert app.revocation is not None
         check, plain, make = ask(app.grpc, door), ask(plain_doors(app), door), REQUEST[door]
-        tokens = [
-            mint(claims(exp=int(NOW) + 25)),
-            mint(claims(sub="user-2", auth_time=int(NOW) - 30, roles=["admin"])),
-            mint(claims(sub="user-3", exp=int(NOW) + 3600, email="u3@example.test")),
-        ]
+        tokens = differential_tokens(mint)
         variants: list[Callable[[str], bytes]] = [
             lambda t: make(t),
             lambda t: make(t, "/recent/x"),
@@ -287,15 +273,7 @@ async def _differential(
                 for _ in range(2):  # the second time, a remembered answer may be given
                     data = variants[arg](tokens[token])
                     assert await check(data) == await plain(data), (kind, arg, clock.now() - NOW)
-            elif kind == "advance":
-                clock.advance(arg)
-            elif kind == "revoke":
-                await app.revocation.add([operator_entry("e-1", "user-1", clock.now())])
-            elif kind == "lift":
-                await app.revocation.remove(["e-1", "c-1"])
-            elif kind == "claims":
-                await app.revocation.add([operator_entry("c-1", "user-3", clock.now(), {"scope": "read"})])
             else:
-                app.positive.clear()
+                await change_state(app, clock, kind, arg)
     finally:
         await app.stop(grace=0.1)
