@@ -36,7 +36,7 @@ from test_answer_memo import (  # the forward-auth memo's composition root and s
 from tokenkit import NOW, FakeFetcher, Mint, claims
 
 from verifier.app import App
-from verifier.doors.grpc import ENVOY_SERVICE, GrpcDoors
+from verifier.doors.grpc import ENVOY_SERVICE, GrpcDoors, attributes_from_envoy, envoy_response
 from verifier.settings import RateLimit, RateLimitSettings
 from verifier.v1 import verifier_pb2
 
@@ -96,11 +96,19 @@ def memo_of(doors: GrpcDoors, door: str) -> Any:
     return doors._own_answers if door == "grpc" else doors._envoy_answers
 
 
-def plain_doors(built: App) -> GrpcDoors:
-    """Doors over the same pipeline without remembered answers: the reference every answer is compared with."""
+def reference(built: App, door: str) -> Callable[[bytes], Any]:
+    """What every answer is compared with, over the same pipeline: our own door without remembered answers;
+    for Envoy's, the path before keys (the whole request parsed and translated, nothing cleared)."""
     doors = GrpcDoors(built.pipeline, built.metrics, built.ready)
     assert doors._envoy_answers is None and built.grpc._envoy_answers is not None
-    return doors
+    if door == "grpc":
+        return ask(doors, door)
+
+    async def whole(data: bytes) -> bytes:
+        attrs = attributes_from_envoy(ea.CheckRequest.FromString(data))
+        return envoy_response(await built.pipeline.decide(attrs, door), attrs.headers)
+
+    return whole
 
 
 @pytest.mark.parametrize("door", DOORS)
@@ -125,7 +133,7 @@ async def test_a_revoked_token_is_refused_on_the_very_next_identical_check(
     data = make(token)
     answer = await check(data)
     assert not allowed(door, answer) and reason(door, answer) in {"token_revoked", "session_revoked"}
-    assert await ask(plain_doors(app), door)(data) == answer
+    assert await reference(app, door)(data) == answer
 
 
 @pytest.mark.parametrize("door", DOORS)
@@ -136,7 +144,7 @@ async def test_a_token_at_the_end_of_its_life_is_refused_as_without_the_memo(
     door: str,
 ) -> None:
     token = mint(claims(exp=int(NOW) + 30))
-    check, plain, make = ask(app.grpc, door), ask(plain_doors(app), door), REQUEST[door]
+    check, plain, make = ask(app.grpc, door), reference(app, door), REQUEST[door]
     seen = []
     for _ in range(160):  # half-second steps past `exp` (+ leeway)
         data = make(token)
@@ -158,7 +166,7 @@ async def test_a_client_smuggling_identity_headers_is_never_answered_from_an_hon
     data = envoy_request(token, **{"x-authenticated-userid": "admin", "x-authenticated-tenant": "acme"})
     for _ in range(2):  # and the smuggling request's own answer, remembered too, names them every time
         answer = await check(data)
-        assert answer == await ask(plain_doors(app), "ext_authz")(data)
+        assert answer == await reference(app, "ext_authz")(data)
         removed = ea.CheckResponse.FromString(answer).ok_response.headers_to_remove
         assert "x-authenticated-tenant" in removed
 
@@ -192,7 +200,7 @@ async def test_an_identity_assertion_is_handed_out_until_its_renewal_exactly_as_
     app = await assertion_app(tmp_path, fetcher)
     try:
         clock: FrozenClock = app.clock  # type: ignore[assignment]
-        check, plain = ask(app.grpc, "ext_authz"), ask(plain_doors(app), "ext_authz")
+        check, plain = ask(app.grpc, "ext_authz"), reference(app, "ext_authz")
         token = mint(claims(exp=int(NOW) + 3600))
         assertions = set()
         for _ in range(60):
@@ -256,7 +264,7 @@ async def _differential(
 ) -> None:
     app, clock = await differential_app(fetcher, monkeypatch)
     try:
-        check, plain, make = ask(app.grpc, door), ask(plain_doors(app), door), REQUEST[door]
+        check, plain, make = ask(app.grpc, door), reference(app, door), REQUEST[door]
         tokens = differential_tokens(mint)
         variants: list[Callable[[str], bytes]] = [
             lambda t: make(t),
