@@ -77,8 +77,9 @@ def grpc_payload(door: Door, token: str, serial: int = 0) -> bytes:
 
     ``ext_authz``: the shape Envoy 1.40 sends with deploy/envoy/envoy-grpc.yaml.template (captured from a real
     Envoy: its headers, pseudo-headers included, both peers, the protocol, empty metadata contexts), with the
-    fields Envoy fills anew for every request (``x-request-id``, ``request.time``, ``request.http.id``) and
-    connection (the source port) derived from ``serial``: h2load repeats one message, ``bench.inproc`` varies it.
+    fields Envoy fills anew for every request (``x-request-id``, ``request.time``, ``request.http.id``) derived
+    from ``serial``: h2load repeats one message, ``bench.inproc`` varies them (one client connection: one source
+    port).
     """
     headers = {"authorization": f"Bearer {token}", "user-agent": "bench/1", "accept": "*/*"}
     if door is Door.GRPC:
@@ -93,7 +94,7 @@ def grpc_payload(door: Door, token: str, serial: int = 0) -> bytes:
     request = envoy_pb2.CheckRequest()
     attributes = request.attributes
     attributes.source.address.socket_address.address = "192.0.2.10"
-    attributes.source.address.socket_address.port_value = 40_000 + serial % 20_000
+    attributes.source.address.socket_address.port_value = 40_000  # one keep-alive connection
     attributes.destination.address.socket_address.address = "127.0.0.1"
     attributes.destination.address.socket_address.port_value = 8080
     attributes.request.time.seconds, attributes.request.time.nanos = 1_796_300_000 + serial, serial % 1_000_000_000

@@ -4,7 +4,7 @@ request's bytes, Envoy's by the request without its per-request fields (`verifie
 
 Differential, as the forward-auth memo's tests: the composition root's doors (with the memos) and doors
 without them over ONE pipeline (its caches, revocation index, clock) must give byte-identical answers whatever
-happens between calls; Envoy's requests each carry a new request id, time, stream id and source port.
+happens between calls; Envoy's requests each carry a new request id, time and stream id.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from verifier.settings import RateLimit, RateLimitSettings
 from verifier.v1 import verifier_pb2
 
 DOORS = ("grpc", "ext_authz")
-_serial = iter(range(1, 1 << 30))  # every Envoy request its own request id, time, stream id and port
+_serial = iter(range(1, 1 << 30))  # every Envoy request its own request id, time and stream id
 
 
 def envoy_request(token: str | None, path: str = "/api/orders/42", method: str = "GET", **headers: str) -> bytes:
@@ -50,7 +50,7 @@ def envoy_request(token: str | None, path: str = "/api/orders/42", method: str =
     request = ea.CheckRequest()
     attributes = request.attributes
     attributes.source.address.socket_address.address = "192.0.2.10"
-    attributes.source.address.socket_address.port_value = 40_000 + serial % 20_000
+    attributes.source.address.socket_address.port_value = 40_000  # one keep-alive connection
     attributes.request.time.seconds = int(NOW) + serial
     http = attributes.request.http
     http.id = str(serial)
