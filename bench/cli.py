@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="token scenarios: the verifier with two route policies (the second matches)",
     )
+    p.add_argument(
+        "--generator",
+        choices=("auto", "c", "python"),
+        help="open loops: bench/c/openloop.c (c), bench/load.py's Python loop (python), C if it builds (auto, default)",
+    )
     for flag, (kind, text, owners) in suite_options().items():
         p.add_argument(flag, type=kind, help=f"{text} [{', '.join(owners)}]")
     sys.exit(run(parser.parse_args(argv)))

@@ -10,6 +10,11 @@ the deadline (a lower bound). The *send lag* (actual - intended) shows the gener
 vary the request). The generator is ``python -m bench.load SPEC``, a process of its own: it prints ``ready``, waits for
 ``go <perf_counter start>``, runs and prints one JSON line with its HdrHistograms encoded.
 
+The open loop runs in bench/openloop.py's C generator (bench/c/openloop.c) when it builds, whose own
+send lag is microseconds where this Python one's is 0.1-40 ms on a busy machine; ``generator="python"``
+(or a machine without gcc / libnghttp2-dev) keeps the Python one. Either way the result is a
+:class:`LoadResult` whose ``tool`` says which ran.
+
 **wrk** (forward-auth) and **h2load** (gRPC) give closed-loop maximum throughput only (their latencies
 hide coordinated omission). They must cost less than the server they measure: one fixed request is
 wrk's static request (no Lua per request); a rotation is pre-built raw requests that a two-line Lua
@@ -35,7 +40,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from bench import wire
+from bench import openloop, wire
 from bench.wire import Door
 
 DRAIN_S = 2.0  # after the schedule ends, how long late requests may still complete
@@ -67,6 +72,7 @@ class LoadSpec:
     rate: float = 0.0  # open loop: requests per second
     connections: int = 8
     concurrency: int = 32  # closed loop: requests in flight
+    generator: str = "auto"  # open loop: "c" (bench/openloop.py), "python" (this module), "auto" (C if it builds)
 
 
 @dataclass(kw_only=True)
@@ -84,7 +90,8 @@ class LoadResult:
     wall_s: float = 0.0
     latency: HdrHistogram = field(default_factory=new_histogram)  # from intended send (open) / send (closed)
     service: HdrHistogram = field(default_factory=new_histogram)  # from actual send
-    lag: HdrHistogram = field(default_factory=new_histogram)  # actual - intended send
+    lag: HdrHistogram = field(default_factory=new_histogram)  # the generator's own: actual - intended send
+    tool: str = "bench.load"  # which generator ran (see run)
 
     @property
     def throughput(self) -> float:
@@ -310,12 +317,32 @@ def _child_main(spec_json: str) -> None:
 
 def run(spec: LoadSpec, *, on_window: Callable[[float, float], None] | None = None) -> LoadResult:
     """Run ``spec`` in a process of its own; ``on_window(start, end)`` is called with the measured
-    window's edges (perf_counter clock) so the caller can sample the server meanwhile."""
-    cmd = [sys.executable, "-m", "bench.load", json.dumps(asdict(spec))]
+    window's edges (perf_counter clock) so the caller can sample the server meanwhile. An open loop runs
+    in the C generator unless ``spec.generator`` is "python" or it cannot be built ("c" then fails)."""
+    exe = openloop.binary() if spec.mode == "open" and spec.generator != "python" else None
+    if exe is not None:
+        return _run_c(spec, exe, on_window)
+    if spec.mode == "open" and spec.generator == "c":
+        raise RuntimeError(f"the C open-loop generator cannot be built: {openloop.unavailable()}")
+    text = _handshake([sys.executable, "-m", "bench.load", json.dumps(asdict(spec))], spec, on_window)
+    part = json.loads(text.strip().splitlines()[-1])
+    out = LoadResult(**{k: part[k] for k in ("completed", "allowed", "denied", "errors", "dropped", "reused_payloads")})
+    out.cpu_s, out.wall_s, out.window_s = part["cpu_s"], part["wall_s"], part["window_s"]
+    for name in ("latency", "service", "lag"):
+        setattr(out, name, HdrHistogram.decode(part[name + "_hdr"].encode()))
+    if spec.mode == "open" and spec.generator == "auto":
+        out.tool = f"bench.load (C generator unavailable: {openloop.unavailable()})"
+    return out
+
+
+def _handshake(cmd: list[str], spec: LoadSpec, on_window: Callable[[float, float], None] | None) -> str:
+    """Start a generator that prints ``ready``, tell it ``go <perf_counter start>``, return its output."""
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
-        raise RuntimeError("load generator failed to start")
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"load generator failed to start: {cmd[0]}")
     start = time.perf_counter() + 0.3  # time to connect
     proc.stdin.write(f"go {start!r}\n")
     proc.stdin.flush()
@@ -323,12 +350,30 @@ def run(spec: LoadSpec, *, on_window: Callable[[float, float], None] | None = No
         on_window(start + spec.warmup_s, start + spec.warmup_s + spec.duration_s)
     text = proc.communicate()[0]
     if proc.returncode != 0 or not text.strip():
-        raise RuntimeError(f"load generator exited with {proc.returncode}")
-    part = json.loads(text.strip().splitlines()[-1])
-    out = LoadResult(**{k: part[k] for k in ("completed", "allowed", "denied", "errors", "dropped", "reused_payloads")})
-    out.cpu_s, out.wall_s, out.window_s = part["cpu_s"], part["wall_s"], part["window_s"]
+        raise RuntimeError(f"load generator {cmd[0]} exited with {proc.returncode}")
+    return text
+
+
+def _run_c(spec: LoadSpec, exe: Path, on_window: Callable[[float, float], None] | None) -> LoadResult:
+    """``spec`` by the C generator (bench/openloop.py): one process, one schedule over the connections."""
+    door = Door(spec.door)
+    args = openloop.argv(
+        grpc_method=door.grpc_method if door.is_grpc else None,
+        addr=spec.addr,
+        payload_file=spec.payload_file,
+        rate=spec.rate,
+        connections=spec.connections,
+        duration_s=spec.duration_s,
+        warmup_s=spec.warmup_s,
+        drain_s=DRAIN_S,
+    )
+    part = json.loads(_handshake([str(exe), *args, "--go-stdin"], spec, on_window).strip().splitlines()[-1])
+    out = LoadResult(**openloop.outcome(part, door.is_grpc), dropped=part["dropped"], tool="openloop (C)")
+    out.completed = out.allowed + out.denied
+    out.reused_payloads, out.cpu_s = part["reused_payloads"], part["cpu_s"]
+    out.wall_s, out.window_s = part["wall_s"], part["window_s"]
     for name in ("latency", "service", "lag"):
-        setattr(out, name, HdrHistogram.decode(part[name + "_hdr"].encode()))
+        setattr(out, name, openloop.histogram(part[name]["buckets"]))
     return out
 
 

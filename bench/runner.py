@@ -4,7 +4,9 @@
   rotation of pre-built requests), h2load at the gRPC doors when the message is fixed, else the bench's
   own closed loop; the server's CPU (/proc) next to the generator's, so a reader sees which side was
   the limit. Only throughput is taken from closed loops: their latencies hide coordinated omission.
-* :func:`open_loop` -- latency at a fixed offered rate from the intended send time (bench/load.py).
+* :func:`open_loop` -- latency at a fixed offered rate from the intended send time (bench/load.py: the C
+  generator of bench/openloop.py when it builds, ``--generator python`` for the Python one), with the
+  generator's own send lag next to it.
 
 Every point is preceded by the correctness guard (:meth:`Context.guard`): one real check with a
 request the load never sends must get the expected answer, or the point is flagged WRONG ANSWERS.
@@ -140,6 +142,7 @@ def _own(
     warmup_s: float,
     connections: int = 16,
     sample: Callable[[], dict[str, float]] | None = None,
+    generator: str | None = None,
 ) -> tuple[load.LoadResult, dict[str, float]]:
     """The bench's own generator; the server's CPU (and ``sample()``) over the measured window."""
     payload_file = ctx.work / f"payloads-{secrets.token_hex(4)}.bin"
@@ -154,6 +157,7 @@ def _own(
         warmup_s=warmup_s,
         rate=rate,
         connections=connections,
+        generator=generator or ctx.opt("generator", "auto"),
     )
     try:
         result = load.run(spec, on_window=on_window)
@@ -173,8 +177,10 @@ def open_loop(
     warmup_s: float = 0.5,
     connections: int | None = None,
     sample: Callable[[], dict[str, float]] | None = None,
+    generator: str | None = None,
 ) -> dict[str, Any]:
-    """Latency of ``target`` at ``rate`` requests/s from the intended send time, sending ``payloads`` in turn."""
+    """Latency of ``target`` at ``rate`` requests/s from the intended send time, sending ``payloads`` in turn
+    (by ``generator``: "c", "python" or "auto"; default the run's ``--generator``)."""
     # A gRPC channel multiplexes; HTTP/1.1 needs enough connections that each one's share of the
     # schedule (rate / connections) leaves room for the answer.
     conns = connections or (4 if door.is_grpc else max(8, min(64, int(rate / 500))))
@@ -189,8 +195,11 @@ def open_loop(
         duration_s=duration_s,
         warmup_s=warmup_s,
         sample=sample,
+        generator=generator,
     )
     server_cpu, j = window.pop("cpu"), lr.to_json()
+    if "unavailable" in lr.tool and (note := f"open loop ran in {lr.tool}") not in ctx.warnings:
+        ctx.warnings.append(note)
     return dict(
         mode="open",
         door=door.value,
@@ -207,7 +216,7 @@ def open_loop(
         client_cpu_s=lr.cpu_s,
         server_cpu_s=server_cpu,
         cpu_per_check_us=server_cpu / lr.completed * 1e6 if lr.completed else None,
-        tool="bench.load",
+        tool=lr.tool,
         latency=j["latency"],
         service=j["service"],
         lag=j["lag"],

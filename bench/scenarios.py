@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench import dpop, edge, introspection, memory, overload, soak, workers
+from bench import dpop, edge, generators, introspection, memory, overload, soak, workers
 from bench.runner import Context
 from bench.tokens import KINDS, TokenKind
 
@@ -97,6 +97,11 @@ SUITES: dict[str, Suite] = {
             run=edge.run_nginx,
             description="the Kong Lua plugin's cost in front of an nginx route, with plain nginx",
             options=(("--connections", int, "wrk connections for throughput (default 16; memory: 32)"),),
+        ),
+        Suite(
+            name="generators",
+            run=generators.run,
+            description="the open-loop generators' own send lag at a no-op, C (bench/c/openloop.c) vs Python",
         ),
         Suite(
             name="edge",

@@ -28,6 +28,8 @@ GOAL_P99_RATIO = 1.3  # verifier p99 / no-op p99 at half the no-op's max rate, a
 GOAL_CPU_RATIO = 1.3  # first-seen ES256 server CPU per check / raw parse+verify, at most
 GOAL_FORWARD_AUTH = 1.0  # forward-auth cached max / gRPC cached max, at least
 HALF = 0.5
+LAG_TRUST = 0.1  # an open-loop row is a server figure when the generator's send lag p99 is <= this x the no-op's p99
+P99_SPREAD_TRUST = 2.0  # ... and each target's p99 varies at most this much (max/min) across repetitions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,14 +180,15 @@ def goals(points: list[dict[str, Any]], floors: dict[str, dict[str, float]], doo
             )
         )
     for door in doors:
-        v, n = (median(p["latency"]["p99"] for p in opened.get((door, t, HALF), [])) for t in ("verifier", "noop"))
+        half = {t: opened.get((door, t, HALF), []) for t in ("verifier", "noop")}
+        v, n = (median(p["latency"]["p99"] for p in half[t]) for t in ("verifier", "noop"))
         out.append(
             Goal(
                 name=f"p99 at half no-op max vs no-op ({door})",
                 value=ratio(v, n),
                 threshold=GOAL_P99_RATIO,
                 at_least=False,
-                detail=f"{v:.2f} / {n:.2f} ms",
+                detail=f"{v:.2f} / {n:.2f} ms; {generator_lag(half['verifier'] + half['noop'], n)}",
             )
         )
     raw = floors.get("ES256", {}).get("parse_verify_us", float("nan"))
@@ -210,6 +213,26 @@ def goals(points: list[dict[str, Any]], floors: dict[str, dict[str, float]], doo
         )
     )
     return out
+
+
+def generator_lag(points: list[dict[str, Any]], noop_p99_ms: float) -> str:
+    """The open-loop generator's own send lag over ``points`` (its worst p99), and whether the row is a
+    server figure: the lag at most LAG_TRUST of the no-op's p99, and each target's p99 steady across
+    repetitions (max/min at most P99_SPREAD_TRUST; a machine that stalls the server swings it)."""
+    if not points:
+        return "no open-loop points"
+    lag = max(p["lag"]["p99"] for p in points)
+    tools = ", ".join(sorted({p["tool"].split(" (")[0] for p in points}))
+    text = f"generator ({tools}) send lag p99 {lag * 1000:.0f} us"
+    p99s: dict[str, list[float]] = defaultdict(list)
+    for p in points:
+        p99s[p["target"]].append(p["latency"]["p99"])
+    spread = max((max(v) / min(v) for v in p99s.values() if min(v) > 0), default=1.0)
+    if not lag <= LAG_TRUST * noop_p99_ms:
+        text += f" > {LAG_TRUST:.0%} of the no-op's p99: NOT a server figure"
+    elif spread > P99_SPREAD_TRUST:
+        text += f"; p99 varied {spread:.1f}x across repetitions: NOT a server figure"
+    return text
 
 
 def markdown(
@@ -250,12 +273,13 @@ def markdown(
     open_rows = [
         [door, target, f"{frac:.2f}", fmt(med(ps, "offered_rate")), fmt(med(ps, "throughput"))]
         + [fmt(med(ps, "latency", k), 2) for k in ("p50", "p90", "p99", "p99.9", "p100")]
-        + [fmt(med(ps, "lag", "p99"), 2), sum(p["dropped"] for p in ps), cores(ps, "server_cpu_s")]
-        + [cores(ps, "client_cpu_s")]
+        + [fmt(med(ps, "lag", "p50"), 3), fmt(med(ps, "lag", "p99"), 3), sum(p["dropped"] for p in ps)]
+        + [cores(ps, "server_cpu_s"), cores(ps, "client_cpu_s"), ps[0]["tool"].split(" (")[0]]
         for (door, target, frac), ps in sorted(opened.items())
     ]
     open_headers = ["door", "target", "load (x no-op max)", "offered/s", "achieved/s", "p50", "p90", "p99", "p99.9"]
-    open_headers += ["max", "send lag p99", "dropped", "server CPU (cores)", "client CPU (cores)"]
+    open_headers += ["max", "generator lag p50", "generator lag p99", "dropped", "server CPU (cores)"]
+    open_headers += ["client CPU (cores)", "generator"]
     floor_rows = [
         [a, *(fmt(f[k], 1) for k in ("verify_us", "parse_verify_us", "pyjwt_decode_us"))] for a, f in floors.items()
     ]

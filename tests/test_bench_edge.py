@@ -67,3 +67,15 @@ def test_an_open_loop_whose_generator_lags_past_the_budget_is_flagged_as_noise()
     name = f"{edge.REUSE_ON}: p50 added (us)"
     assert quiet[name].value == pytest.approx(10.0) and "noise" not in quiet[name].detail
     assert "generator lag p50 250 us" in busy[name].detail and "noise" in busy[name].detail
+
+
+def test_an_open_loop_whose_p50_swings_across_repetitions_is_flagged_as_noise() -> None:
+    """The generator kept its schedule (lag 1 us) but the machine did not keep the server's: a p50 that varied
+    4x between repetitions says nothing about 30 us."""
+    rows = _rows(25.0, 30.0, 0.001, 0.001)
+    steady = {g.name: g for g in edge.goals(rows | {edge.PLAIN: rows[edge.PLAIN] | {"open_spread": 1.2}})}
+    swinging = {g.name: g for g in edge.goals(rows | {edge.PLAIN: rows[edge.PLAIN] | {"open_spread": 4.0}})}
+
+    name = f"{edge.REUSE_ON}: p50 added (us)"
+    assert "noise" not in steady[name].detail
+    assert "varied 4.0x across repetitions: noise" in swinging[name].detail

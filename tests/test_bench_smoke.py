@@ -61,7 +61,10 @@ def stalling_noop() -> Iterator[str]:
         proc.wait(10)
 
 
-def test_open_loop_charges_stalls_from_the_intended_send_time(stalling_noop: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("generator", ["c", "python"])
+def test_open_loop_charges_stalls_from_the_intended_send_time(
+    stalling_noop: str, tmp_path: Path, generator: str
+) -> None:
     payloads = tmp_path / "payloads.bin"
     load.write_payloads(payloads, [wire.http_request(wire.http_headers("token"), stalling_noop)])
     spec = load.LoadSpec(
@@ -73,6 +76,7 @@ def test_open_loop_charges_stalls_from_the_intended_send_time(stalling_noop: str
         warmup_s=0.2,
         rate=1000,
         connections=1,
+        generator=generator,
     )
     result = load.run(spec)
     latency = load.summarize(result.latency)
@@ -156,7 +160,17 @@ def test_every_stand_alone_measurement_is_a_scenario_of_run() -> None:
     from bench import cli
     from bench.scenarios import SUITES, select
 
-    assert set(SUITES) == {"introspection", "workers", "memory", "dpop", "soak", "overload", "nginx", "edge"}
+    assert set(SUITES) == {
+        "introspection",
+        "workers",
+        "memory",
+        "dpop",
+        "soak",
+        "overload",
+        "nginx",
+        "edge",
+        "generators",
+    }
     kinds, suites = select(["jwt-first-seen", "soak"])
     assert [k.name for k in kinds] == ["jwt-first-seen-es256", "jwt-first-seen-rs256", "jwt-first-seen-eddsa"]
     assert [s.name for s in suites] == ["soak"]

@@ -156,6 +156,21 @@ async def test_mtls_bound_token_needs_the_matching_certificate_thumbprint() -> N
         assert (status, headers["x-verifier-reason"]) == (401, "sender_constraint_failed")
 
 
+async def test_an_allow_under_a_rate_limit_tells_the_client_what_is_left() -> None:
+    """The forward-auth allow carries RateLimit-Policy / RateLimit (for the client: the gateways pass them
+    on) and stays no-store, so no gateway replays one request's budget to another."""
+    limits = RateLimitSettings(default=RateLimit(per_second=0.001, burst=3))
+    async with running_verifier({"rate_limits": limits}) as (app, idp):
+        token = idp.mint(sub="budget")
+        answers = [_parse(await http_exchange(app.ports.http, _request("/x", token=token))) for _ in range(3)]
+    assert [a[0] for a in answers] == [200, 200, 200]
+    for left, (_, headers, _) in zip((2, 1, 0), answers, strict=True):
+        assert headers["ratelimit-policy"] == '"default";q=3;w=3000', headers
+        assert headers["ratelimit"].startswith(f'"default";r={left};'), headers
+        assert headers["cache-control"] == "no-store" and "retry-after" not in headers
+        assert headers["x-authenticated-userid"] == "budget"
+
+
 async def test_rate_limit_is_exact_at_the_boundary_with_headers() -> None:
     limits = RateLimitSettings(
         default=RateLimit(per_second=0.001, burst=3), roles=(("vip", RateLimit(per_second=1000, burst=1000)),)

@@ -31,6 +31,9 @@ class Decision:
     # on the upstream request: forward-auth answer headers, our gRPC `answer_headers`, not Envoy's.
     answer_headers: Headers = ()
     response_headers: Headers = ()  # returned to the client when refused
+    # Returned to the client with an allow: what a per-request check tells it (the rate-limit state, the next
+    # DPoP nonce: `verifier.checks.base.Passed`). Only on an answer built for one request (no-store).
+    client_headers: Headers = ()
     body: bytes = b""
     subject: str = ""
     roles: tuple[str, ...] = ()
@@ -60,7 +63,10 @@ class Decision:
 
     def _http_head(self) -> bytes:
         lines = [f"HTTP/1.1 {self.status} {_PHRASES.get(self.status, 'Status')}"]
-        headers = self.upstream_headers + self.answer_headers if self.allowed else self.response_headers
+        if self.allowed:
+            headers = self.upstream_headers + self.answer_headers + self.client_headers
+        else:
+            headers = self.response_headers
         lines.extend(f"{name}: {value}" for name, value in headers)
         lines.append(f"{REASON_HEADER}: {self.reason}")
         # nginx's proxy_cache ignores a `private` answer: X-Accel-Expires (nginx reads it first and then

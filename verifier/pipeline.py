@@ -24,7 +24,7 @@ from typing import Any
 
 from verifier import credentials
 from verifier.authenticators import Authenticator, NotResponsible, Seen, issuer_not_trusted, none_responsible
-from verifier.checks.base import OWN_ENDPOINT, Check, Route
+from verifier.checks.base import OWN_ENDPOINT, Check, Passed, Route
 from verifier.clock import Clock
 from verifier.credentials import Credential, TokenScheme
 from verifier.decision import Decision
@@ -317,7 +317,8 @@ class Pipeline:
                 raise InvalidToken(verified.reason.replace("_", " "), code=verified.reason)
             admitted = verified
         plan = self._plan(admitted.mask & self._own_endpoint[1])
-        return await self._run(admitted.principal, credential, attrs, OWN_ENDPOINT, plan.checks)
+        principal, _ = await self._run(admitted.principal, credential, attrs, OWN_ENDPOINT, plan.checks)
+        return principal
 
     def known(self, attrs: RequestAttributes) -> str | None:
         """For a span's `cache.hit` (asked only when tracing is on): the issuer of the admitted token a
@@ -389,22 +390,31 @@ class Pipeline:
             admitted = verified
         plan = self._plan(admitted.mask & route_mask)
         try:
-            judged = await self._run(admitted.principal, admitted.credential, attrs, route, plan.checks)
+            judged, to_client = await self._run(admitted.principal, admitted.credential, attrs, route, plan.checks)
         except VerifierError as exc:
             return self._refuse(exc, admitted.credential, route)
-        return self._answer(admitted, judged, route, plan, key)
+        decision = self._answer(admitted, judged, route, plan, key)
+        if to_client and decision.allowed:  # this request's answer alone (a per-request check: no-store)
+            decision = dataclasses.replace(decision, client_headers=to_client, memo={})
+        return decision
 
     @staticmethod
     async def _run(
         principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route, checks: Sequence[Check]
-    ) -> Principal:
-        """Every check that applies, in order; each sees the principal the one before returned."""
+    ) -> tuple[Principal, tuple[tuple[str, str], ...]]:
+        """Every check that applies, in order; each sees the principal the one before returned. With the
+        headers the checks have for the client (`Passed`)."""
+        to_client: tuple[tuple[str, str], ...] = ()
         for check in checks:
             if check.from_memory:
                 principal = check.check_now(principal, credential, attrs, route)
+                continue
+            passed = await check.check(principal, credential, attrs, route)
+            if isinstance(passed, Passed):
+                principal, to_client = passed.principal, to_client + passed.client_headers
             else:
-                principal = await check.check(principal, credential, attrs, route)
-        return principal
+                principal = passed
+        return principal, to_client
 
     def _answer(self, admitted: Admitted, judged: Principal, route: Route, plan: Plan, key: bytes) -> Decision:
         """The allow answer for the principal the checks judged (its headers follow announced claims)."""

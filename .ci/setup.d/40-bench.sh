@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what bench/ needs: the C load generators (wrk, h2load), valgrind (instruction counts) and the Python packages of the bench
+# Install what bench/ needs: the C load generators (wrk, h2load; gcc and libnghttp2-dev to build bench/c/openloop.c), valgrind (instruction counts) and the Python packages of the bench
 # extra. Idempotent: installs only what is missing.
 set -euo pipefail
 
@@ -8,6 +8,8 @@ PY="${PYTHON:-python3}"  # scripts/setup.sh sets PYTHON to the project venv's py
 missing=()
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)  # bench/openloop.py builds bench/c/openloop.c on demand
+[ -f /usr/include/nghttp2/nghttp2.h ] || missing+=(libnghttp2-dev)
 command -v callgrind_control >/dev/null 2>&1 || missing+=(valgrind)  # bench.nginx_ab --instructions
 if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive

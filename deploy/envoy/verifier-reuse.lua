@@ -13,7 +13,9 @@
 --  * anything else is a refusal relayed as it came (status, challenge, reason, body);
 --  * no answer at all (unreachable, timeout): 503, fail closed;
 --  * `Cache-Control: private, max-age=N` may be reused for N seconds, `no-store` never (DPoP, WebAuthn,
---    rate-limited and certificate-bound answers are no-store: the verifier decides, not this filter).
+--    rate-limited and certificate-bound answers are no-store: the verifier decides, not this filter);
+--    an answer carrying a DPoP-Nonce or RateLimit-* is never stored either, whatever it says: a nonce or
+--    a budget is about one request, and another request must get its own.
 
 local VERIFIER_CLUSTER = "verifier_http"
 local FORWARD_AUTH_PATH = "/v1/forward-auth"
@@ -33,7 +35,7 @@ local CLIENT_HEADERS = {
   "ratelimit", "ratelimit-policy", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset",
   "x-verifier-reason",
 }
--- allow headers meant for the client, not the upstream
+-- allow headers meant for the client, not the upstream; an answer with any of them is never stored
 local CLIENT_HEADERS_ON_ALLOW = {
   "dpop-nonce", "ratelimit", "ratelimit-policy", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset",
 }
@@ -86,6 +88,16 @@ local function store(key, answer, ttl, now)
   -- so it never outlives ttl real seconds (it may end up to a second early).
   answer.expires = now + ttl
   cache[key] = answer
+end
+
+-- Whether an answer carries something about this request alone (a nonce, a rate-limit state).
+local function per_request(answer)
+  for _, name in ipairs(CLIENT_HEADERS_ON_ALLOW) do
+    if answer.headers[name] ~= nil then
+      return true
+    end
+  end
+  return false
 end
 
 local function client_address(handle)
@@ -194,7 +206,7 @@ function envoy_on_request(handle)
       return
     end
     local ttl = ttl_of(answer.headers["cache-control"])
-    if ttl ~= nil then
+    if ttl ~= nil and not per_request(answer) then
       store(key, answer, ttl, now)
     end
     headers = handle:headers() -- a header map taken before httpCall yielded is stale: take it again

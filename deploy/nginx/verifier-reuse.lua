@@ -9,7 +9,10 @@
 -- Contract with the verifier (the same as deploy/envoy/verifier-reuse.lua's and the Kong plugin's):
 --  * 2xx with X-Verifier-Reason is an allow: its X-Authenticated-* headers go to the upstream (the
 --    template's more_clear_input_headers removed every client copy first); nothing else of the answer
---    does (X-Kong-Consumer-* is for the Kong plugin only);
+--    does (X-Kong-Consumer-* is for the Kong plugin only). Its DPoP-Nonce (a rotated server nonce, RFC 9449
+--    section 9) and RateLimit-* go to the client with the upstream's answer (set on the response before
+--    the request is proxied; nothing per request when there are none); such an answer is about this
+--    request alone and never stored;
 --  * anything else with X-Verifier-Reason is a refusal relayed to the client: status, challenge, reason,
 --    body, with `Cache-Control: no-store` (the verifier's Cache-Control is meant for this cache);
 --  * no answer of the verifier's (unreachable, timeout, nginx's own 502/504): 503, fail closed;
@@ -30,6 +33,12 @@ local IDENTITY_PREFIX = "x-authenticated-"
 local CLIENT_HEADERS = {
   ["www-authenticate"] = true, ["dpop-nonce"] = true, ["retry-after"] = true, ["content-type"] = true,
   ["ratelimit"] = true, ["ratelimit-policy"] = true, ["ratelimit-limit"] = true,
+  ["ratelimit-remaining"] = true, ["ratelimit-reset"] = true,
+}
+-- allow headers meant for the client, not the upstream (the same names as deploy/envoy/verifier-reuse.lua's);
+-- an answer with any of them, allow or refusal, is never stored
+local CLIENT_HEADERS_ON_ALLOW = {
+  ["dpop-nonce"] = true, ["ratelimit"] = true, ["ratelimit-policy"] = true, ["ratelimit-limit"] = true,
   ["ratelimit-remaining"] = true, ["ratelimit-reset"] = true,
 }
 -- answers a worker keeps decoded in front of the shared dict, each with the dict entry's own expiry: at
@@ -138,7 +147,7 @@ local function lookup(key, now)
 end
 
 -- The verifier's answer (status, the headers this file uses as a flat name/value list, body, ttl),
--- or nil when it never answered.
+-- or nil when it never answered. An allow's headers for the client are in `to_client` (name -> value).
 local function ask()
   -- The subrequest rebuilds its headers from the request's, and takes its $host from Host: for an
   -- absolute-form target (`GET http://admin.example.test/ HTTP/1.1`, `Host: api.example.test`) it would
@@ -150,11 +159,15 @@ local function ask()
     return nil -- no answer of the verifier's (connection failure, timeout, nginx's own 502/504)
   end
   local allowed = res.status >= 200 and res.status < 300
-  local headers, cache_control = {}, nil
+  local headers, cache_control, to_client, per_request = {}, nil, nil, false
   for name, value in pairs(res.header) do
     name = lower(name)
+    per_request = per_request or CLIENT_HEADERS_ON_ALLOW[name] == true
     if name == "cache-control" then
       cache_control = value
+    elseif allowed and CLIENT_HEADERS_ON_ALLOW[name] then
+      to_client = to_client or {}
+      to_client[name] = value
     elseif name == "x-verifier-reason" or (allowed and sub(name, 1, #IDENTITY_PREFIX) == IDENTITY_PREFIX)
         or (not allowed and CLIENT_HEADERS[name]) then
       if type(value) == "table" then
@@ -167,7 +180,9 @@ local function ask()
     end
   end
   local body = allowed and "" or (res.body or "")
-  return { status = res.status, headers = headers, body = body }, ttl_of(cache_control)
+  -- a nonce or rate-limit state is about this request alone: never replayed to another one
+  local ttl = not per_request and ttl_of(cache_control) or nil
+  return { status = res.status, headers = headers, body = body, to_client = to_client }, ttl
 end
 
 -- Ends the request with ngx.status, the headers set so far and `body`, never to be stored by a client.
@@ -185,6 +200,13 @@ local function apply(answer)
     for i = 1, #headers, 2 do
       if headers[i] ~= "x-verifier-reason" then
         req.set_header(headers[i], headers[i + 1])
+      end
+    end
+    local to_client = answer.to_client -- a fresh answer's only: a stored one has none
+    if to_client ~= nil then
+      -- on the response now: nginx adds the upstream's headers to these, it does not drop them
+      for name, value in pairs(to_client) do
+        ngx.header[name] = value
       end
     end
     return

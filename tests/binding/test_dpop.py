@@ -414,6 +414,32 @@ async def test_accepts_an_issued_nonce_until_it_expires(
     assert refused.value.nonce != nonce
 
 
+async def test_a_nonce_past_half_its_lifetime_is_renewed_on_the_allow(
+    nonce_verifier: DpopVerifier, keys: SigningKeys, clock: FrozenClock
+) -> None:
+    """RFC 9449 section 8.2/9: the server may hand out the next nonce with a 200, so a busy client never meets
+    the use_dpop_nonce 401 once its nonce is old; a young nonce is kept (no new header on every answer)."""
+    nonce = nonce_verifier.issue_nonce()
+    young = make_proof(keys.es256, nonce=nonce, iat=clock.now())
+    assert nonce_verifier.renewed_nonce(young) is None
+    clock.advance(151)  # past half of the 300 s lifetime
+    old = make_proof(keys.es256, nonce=nonce, iat=clock.now())
+    await check(nonce_verifier, old)  # still good
+    renewed = nonce_verifier.renewed_nonce(old)
+    assert renewed and renewed != nonce
+    clock.advance(200)  # the first nonce has expired; the renewed one has not
+    await check(nonce_verifier, make_proof(keys.es256, nonce=renewed, iat=clock.now()))
+
+
+async def test_no_nonce_is_renewed_when_none_is_required_or_the_proof_is_not_ours(
+    verifier: DpopVerifier, nonce_verifier: DpopVerifier, keys: SigningKeys, clock: FrozenClock
+) -> None:
+    clock.advance(1000)
+    assert verifier.renewed_nonce(make_proof(keys.es256, nonce="anything")) is None
+    for proof in ("garbage", "a.b.c", make_proof(keys.es256), make_proof(keys.es256, nonce="forged")):
+        assert nonce_verifier.renewed_nonce(proof) is None
+
+
 async def test_refuses_a_forged_or_foreign_nonce(
     nonce_verifier: DpopVerifier, keys: SigningKeys, clock: FrozenClock, state: MemoryState
 ) -> None:

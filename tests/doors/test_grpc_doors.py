@@ -228,3 +228,26 @@ async def test_an_envoy_rate_limit_denial_is_resource_exhausted_with_429_and_ret
             assert answer.denied_response.status.code == 429
             headers = {h.header.key: h.header.value for h in answer.denied_response.headers}
             assert headers["x-verifier-reason"] == "rate_limited" and headers["retry-after"]
+
+
+async def test_an_allow_under_a_rate_limit_tells_the_client_what_is_left_through_both_grpc_doors() -> None:
+    """draft-ietf-httpapi-ratelimit-headers on the allow: Envoy's `response_headers_to_add` (to the client,
+    never the upstream) and our proto's `response_headers` (the Kong Python plugin sets them on the answer)."""
+    limits = RateLimitSettings(default=RateLimit(per_second=0.001, burst=3))
+    async with running_verifier({"rate_limits": limits}) as (app, idp):
+        token = idp.mint(sub="frank")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            envoy = await ea_grpc.AuthorizationStub(channel).Check(_envoy_request(token))
+            own = await verifier_pb2_grpc.VerifierStub(channel).Check(
+                verifier_pb2.CheckRequest(
+                    method="GET", host="api", path="/x", headers={"authorization": f"Bearer {token}"}
+                )
+            )
+    assert envoy.status.code == 0 and own.allowed
+    to_client = {h.header.key: h.header.value for h in envoy.ok_response.response_headers_to_add}
+    assert to_client["ratelimit-policy"] == '"default";q=3;w=3000'
+    assert to_client["ratelimit"].startswith('"default";r=2;')
+    assert not {h.header.key for h in envoy.ok_response.headers} & {"ratelimit", "ratelimit-policy"}
+    own_client = {h.name: h.value for h in own.response_headers}
+    assert own_client["ratelimit"].startswith('"default";r=1;')  # the same identity's bucket, one more taken
+    assert not {h.name for h in own.upstream_headers} & {"ratelimit", "ratelimit-policy"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -62,12 +62,25 @@ def _deny(status: int, reason: str, error: str | None = None, description: str =
 
 
 class StandinPolicy:
-    """Bearer JWT check: 401 missing/invalid, 403 wrong audience, 200 with X-Authenticated-* otherwise."""
+    """Bearer JWT check: 401 missing/invalid, 403 wrong audience, 200 with X-Authenticated-* otherwise.
 
-    def __init__(self, *, issuer: str, audience: str, public_key: ec.EllipticCurvePublicKey) -> None:
+    `allow_client_headers` (called once per allow) go to the client with every allow, as a verifier sends a
+    rotated `DPoP-Nonce` or the `RateLimit` state: in the forward-auth answer, and as Envoy's
+    `response_headers_to_add`.
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        public_key: ec.EllipticCurvePublicKey,
+        allow_client_headers: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
         self._issuer = issuer
         self._audience = audience
         self._key = public_key
+        self.allow_client_headers = allow_client_headers or dict
 
     def decide(self, headers: Mapping[str, str]) -> Decision:
         """Decide on the original request's headers (names lower-cased)."""
@@ -100,7 +113,7 @@ class StandinPolicy:
                 "X-Authenticated-Scope": str(claims.get("scope", "")),
                 "X-Authenticated-Issuer": str(claims["iss"]),
             },
-            client_headers={"X-Verifier-Reason": "ok"},
+            client_headers={"X-Verifier-Reason": "ok", **self.allow_client_headers()},
         )
 
 
@@ -115,15 +128,15 @@ class _AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         d = self._policy.decide(headers)
 
         def hvo(items: Mapping[str, str]) -> list[base_pb2.HeaderValueOption]:
-            return [
-                base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v))
-                for k, v in items.items()
-            ]
+            return [base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v)) for k, v in items.items()]
 
         if d.status == 200:
+            to_client = {k: v for k, v in d.client_headers.items() if k != "X-Verifier-Reason"}
             return external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(code=code_pb2.OK),
-                ok_response=external_auth_pb2.OkHttpResponse(headers=hvo(d.upstream_headers)),
+                ok_response=external_auth_pb2.OkHttpResponse(
+                    headers=hvo(d.upstream_headers), response_headers_to_add=hvo(to_client)
+                ),
             )
         code = code_pb2.UNAUTHENTICATED if d.status == 401 else code_pb2.PERMISSION_DENIED
         return external_auth_pb2.CheckResponse(

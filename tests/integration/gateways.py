@@ -842,8 +842,11 @@ def start_verifier(
     algorithms: Sequence[str] = ("ES256", "RS256", "EdDSA"),
     leeway_seconds: int = 30,
     extra_config: Mapping[str, Any] | None = None,
+    environment: Mapping[str, str] | None = None,
 ) -> GatewayProcess:
     """Run ``python -m verifier serve --config <tmp>.yaml`` and wait for ``GET /healthz`` to answer 200.
+
+    ``environment`` is added to this process's environment (secrets the config names by variable).
 
     The returned object's ``url`` is the HTTP door; ``extra`` holds ``grpc_port``, ``http_port``,
     ``metrics_port``.
@@ -868,7 +871,7 @@ def start_verifier(
     }
     config_path = work / "verifier.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     gw = GatewayProcess(
         name="verifier",
@@ -884,6 +887,43 @@ def start_verifier(
         extra={"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port},
     )
     return _wait_ready(gw, f"{gw.url}/healthz")
+
+
+#: The strict verifier's server nonces last this long (seconds); past half of it, an allow hands out the next.
+STRICT_NONCE_LIFETIME = 4
+#: One rate-limit token back every 1000 s: a 429's Retry-After is the verifier's, far from any gateway's fixed 1.
+STRICT_RATE_PER_SECOND = 0.001
+#: What a client sends under the names of the verifier's headers for the client, hoping to get them back.
+CLIENT_COPIES = {
+    "dpop-nonce": "client-chosen-nonce",
+    "ratelimit-policy": '"client";q=1;w=1',
+    "ratelimit": '"client";r=1;t=1',
+    "retry-after": "4242",
+}
+
+
+def start_strict_verifier(tmp_path: Path, *, issuer: str, rate_burst: int) -> GatewayProcess:
+    """The real verifier sending headers for the client: every DPoP proof needs one of its server nonces
+    (`DPoP-Nonce`, RFC 9449 section 9), every identity may make `rate_burst` requests (`RateLimit-*`, 429)."""
+    secret_env = "EDGE_TEST_DPOP_NONCE_SECRET"
+    return start_verifier(
+        tmp_path,
+        issuer=issuer,
+        extra_config={
+            "dpop": {
+                "require_nonce": True,
+                "nonce_secret_env": secret_env,
+                "nonce_lifetime_seconds": STRICT_NONCE_LIFETIME,
+            },
+            "rate_limits": {"default": {"per_second": STRICT_RATE_PER_SECOND, "burst": rate_burst}},
+        },
+        environment={secret_env: "a-nonce-secret-for-the-client-header-tests-0123456789"},
+    )
+
+
+def unique_token(issuer: LocalIssuer, **claims: Any) -> str:
+    """A token of its own identity: its own rate-limit bucket, never an answer a gateway kept for another."""
+    return issuer.mint(sub=f"user-{uuid.uuid4().hex[:8]}", jti=uuid.uuid4().hex, **claims)
 
 
 def run_nginx(prefix: Path, conf: str, listen_port: int, *, name: str, directives: str = "") -> GatewayProcess:

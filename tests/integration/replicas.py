@@ -212,15 +212,18 @@ def public_jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
     return jwk
 
 
-def dpop_proof(key: ec.EllipticCurvePrivateKey, method: str, url: str, token: str) -> str:
-    """A fresh RFC 9449 proof (new ``jti``) for ``method url``, bound to ``token`` through ``ath``."""
-    claims = {
+def dpop_proof(key: ec.EllipticCurvePrivateKey, method: str, url: str, token: str, *, nonce: str = "") -> str:
+    """A fresh RFC 9449 proof (new ``jti``) for ``method url``, bound to ``token`` through ``ath``; with
+    ``nonce``, carrying that server nonce (section 9)."""
+    claims: dict[str, Any] = {
         "jti": uuid.uuid4().hex,
         "htm": method,
         "htu": url,
         "iat": int(time.time()),
         "ath": b64url(hashlib.sha256(token.encode()).digest()),
     }
+    if nonce:
+        claims["nonce"] = nonce
     return jwt.encode(claims, key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": public_jwk(key)})
 
 

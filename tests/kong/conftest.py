@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import http.server
+import itertools
 import json
 import os
 import shutil
@@ -122,7 +123,8 @@ class StandinVerifier:
     client-username=NAME (allow with an empty user id, naming consumer NAME),
     cached (allow with Cache-Control: private, max-age=30), chunked (allow, chunked body),
     slow (answers after `slow_seconds`), ratelimited (429 with Retry-After and RateLimit headers),
-    nonce (allow with a DPoP-Nonce for the client), http10 (HTTP/1.0 allow, body delimited by close),
+    nonce (allow with a DPoP-Nonce for the client), nonce-cached (allow with a new DPoP-Nonce each time and
+    Cache-Control: private, max-age=30), http10 (HTTP/1.0 allow, body delimited by close),
     deny-cached (403 with Cache-Control: private, max-age=30), client (allow with an empty user id);
     anything else: 401 with two challenges.
     """
@@ -131,6 +133,7 @@ class StandinVerifier:
         self.connections = 0
         self.requests: list[dict[str, Any]] = []
         self.slow_seconds = 2.0
+        self.nonces = itertools.count()
         self._lock = threading.Lock()
         verifier = self
 
@@ -210,6 +213,9 @@ class StandinVerifier:
             self._send(h, 200, [*client, ("Cache-Control", "no-store")], "")
         elif token == "nonce":
             self._send(h, 200, [*identity, ("DPoP-Nonce", "n-123")], "")
+        elif token == "nonce-cached":
+            nonce = ("DPoP-Nonce", f"n-{next(self.nonces)}")
+            self._send(h, 200, [*identity, nonce, ("Cache-Control", "private, max-age=30")], "")
         elif token == "slow":
             time.sleep(self.slow_seconds)
             with contextlib.suppress(OSError):

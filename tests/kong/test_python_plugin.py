@@ -38,9 +38,20 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
-from gateways import GatewayProcess, free_port, start_verifier
+from gateways import (
+    CLIENT_COPIES,
+    STRICT_NONCE_LIFETIME,
+    GatewayProcess,
+    LocalIssuer,
+    free_port,
+    start_strict_verifier,
+    start_verifier,
+    unique_token,
+)
 from op_harness import OTHER_AUDIENCE, OpenIDProvider, start_provider
+from replicas import dpop_proof, public_jwk
 
+from verifier.binding.dpop import thumbprint
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -826,3 +837,128 @@ def test_a_consumer_named_in_answer_headers_is_authenticated(kong):
     assert not named(calls, "kong.response.error")
     assert named(calls, "kong.client.authenticate") == [[ALICE, {"id": "user-1", "consumer_id": ALICE["id"]}]]
     assert upstream_after(calls)["x-consumer-username"] == "alice"
+
+
+# --------------------------------------------------------------------------- headers for the client
+# DPoP-Nonce (RFC 9449 section 9) and RateLimit-* are the verifier's, for the client: with a refusal (the
+# 401 use_dpop_nonce challenge, the 429) and on an allow. The same cases through Envoy and nginx:
+# tests/integration/test_gateway_client_headers.py; the Lua plugin's: tests/kong/test_lua_plugin.py.
+
+RATE_BURST = 2
+HTU = "http://api.example.test:8000/api/items"  # KongRequest's defaults, as the verifier rebuilds the URL
+
+
+@pytest.fixture(scope="module")
+def local_issuer() -> Iterator[LocalIssuer]:
+    server = LocalIssuer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def strict_verifier(local_issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """The real verifier requiring server nonces in DPoP proofs, with a small budget per identity."""
+    work = tmp_path_factory.mktemp("strict_verifier")
+    proc = start_strict_verifier(work, issuer=local_issuer.issuer, rate_burst=RATE_BURST)
+    yield proc
+    proc.stop()
+
+
+
+def upstream_set(calls: list[tuple[str, list[Any]]]) -> dict[str, str]:
+    """The headers this plugin set on the upstream request (names lower-cased)."""
+    return {args[0].lower(): args[1] for args in named(calls, "kong.service.request.set_header")}
+
+
+def exited_headers(calls: list[tuple[str, list[Any]]]) -> tuple[int, dict[str, str]]:
+    """The status and headers (names lower-cased) of the plugin's kong.response.exit."""
+    ((status, _body, headers),) = named(calls, "kong.response.exit")
+    return status, {k.lower(): v for k, v in headers.items()}
+
+
+def test_the_use_dpop_nonce_challenge_exits_with_the_nonce_and_a_proof_with_it_passes(
+    kong, strict_verifier, local_issuer
+):
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = unique_token(local_issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    iid = start_instance(kong, grpc_target=grpc_target(strict_verifier))
+
+    calls = kong.handle_event(
+        iid, "access", KongRequest(headers={"Authorization": f"DPoP {tok}", "DPoP": dpop_proof(key, "GET", HTU, tok)})
+    )
+
+    status, headers = exited_headers(calls)
+    assert status == 401 and 'error="use_dpop_nonce"' in headers["www-authenticate"], headers
+    nonce = headers.get("dpop-nonce", "")
+    assert nonce, headers
+
+    proof = dpop_proof(key, "GET", HTU, tok, nonce=nonce)
+    calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"DPoP {tok}", "DPoP": proof}))
+
+    assert not named(calls, "kong.response.exit") and not named(calls, "kong.response.error"), calls
+    assert upstream_set(calls)["x-authenticated-userid"].startswith("user-")
+
+
+def test_an_allow_renews_an_old_nonce_on_the_clients_answer(kong, strict_verifier, local_issuer):
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = unique_token(local_issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    iid = start_instance(kong, grpc_target=grpc_target(strict_verifier))
+    first = KongRequest(headers={"Authorization": f"DPoP {tok}", "DPoP": dpop_proof(key, "GET", HTU, tok)})
+    nonce = exited_headers(kong.handle_event(iid, "access", first))[1]["dpop-nonce"]
+    time.sleep(STRICT_NONCE_LIFETIME / 2 + 0.3)
+
+    proof = dpop_proof(key, "GET", HTU, tok, nonce=nonce)
+    calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"DPoP {tok}", "DPoP": proof}))
+
+    to_client = {args[0].lower(): args[1] for args in named(calls, "kong.response.set_header")}
+    assert to_client.get("dpop-nonce") not in (None, "", nonce), calls
+    assert "dpop-nonce" not in upstream_set(calls)
+
+
+def test_an_identity_under_a_rate_limit_sees_its_budget_on_allows_and_the_verifiers_429(
+    kong, strict_verifier, local_issuer
+):
+    tok = unique_token(local_issuer)
+    iid = start_instance(kong, grpc_target=grpc_target(strict_verifier))
+    request = KongRequest(headers={"Authorization": f"Bearer {tok}", **CLIENT_COPIES})
+    for left in range(RATE_BURST - 1, -1, -1):
+        calls = kong.handle_event(iid, "access", request)
+        assert not named(calls, "kong.response.exit")
+        to_client = {args[0].lower(): args[1] for args in named(calls, "kong.response.set_header")}
+        assert to_client["ratelimit-policy"] == f'"default";q={RATE_BURST};w=2000', to_client
+        assert to_client["ratelimit"].startswith(f'"default";r={left};'), to_client
+
+    status, headers = exited_headers(kong.handle_event(iid, "access", request))
+
+    assert status == 429, headers
+    assert int(headers["retry-after"]) > 100, headers  # the verifier's (1/0.001 s), not the client's 4242
+    assert headers["ratelimit-policy"].startswith(f'"default";q={RATE_BURST}'), headers
+    assert headers["ratelimit"].startswith('"default";r=0'), headers
+
+
+class _ClientHeadersVerifier(verifier_pb2_grpc.VerifierServicer):
+    """Allows every request with a rotated nonce and the rate-limit state for the client."""
+
+    SENT = {
+        "dpop-nonce": "rotated-nonce",
+        "ratelimit-policy": '"default";q=100;w=60',
+        "ratelimit": '"default";r=99;t=60',
+    }
+
+    def Check(self, request: verifier_pb2.CheckRequest, context: grpc.ServicerContext) -> verifier_pb2.CheckResponse:
+        return verifier_pb2.CheckResponse(
+            allowed=True,
+            http_status=200,
+            upstream_headers=[verifier_pb2.Header(name="X-Authenticated-Userid", value="user-1")],
+            response_headers=[verifier_pb2.Header(name=k, value=v) for k, v in self.SENT.items()],
+        )
+
+
+def test_an_allow_hands_the_client_the_verifiers_nonce_and_ratelimit_headers_never_the_clients(kong):
+    with fake_verifier(_ClientHeadersVerifier()) as target:
+        iid = start_instance(kong, grpc_target=target)
+        calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": "Bearer x", **CLIENT_COPIES}))
+
+    to_client = {args[0].lower(): args[1] for args in named(calls, "kong.response.set_header")}
+    assert to_client == _ClientHeadersVerifier.SENT
+    assert upstream_set(calls) == {"x-authenticated-userid": "user-1"}

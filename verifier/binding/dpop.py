@@ -48,6 +48,11 @@ _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _NONCE_VERSION = b"\x01"
 _NONCE_MAC_BYTES = 16  # 128-bit tag: forging one is out of reach, and the nonce stays short
+# A nonce older than this share of its lifetime is renewed on the allow (section 8.2): a client that keeps
+# using the DPoP-Nonce it is given never meets the use_dpop_nonce 401, and a young nonce costs no header.
+_RENEW_AFTER_LIFETIME_SHARE = 0.5
+
+
 def thumbprint(jwk: Mapping[str, Any]) -> str:
     """The RFC 7638 JWK SHA-256 thumbprint, base64url: required members only, canonical JSON.
 
@@ -192,22 +197,40 @@ class DpopVerifier:
     def _nonce_mac(self, body: bytes) -> bytes:
         return hmac.new(self._config.nonce_secret, b"dpop-nonce:" + body, hashlib.sha256).digest()[:_NONCE_MAC_BYTES]
 
-    def _nonce_fresh(self, nonce: Any) -> bool:
+    def _nonce_age(self, nonce: Any) -> float | None:
+        """Seconds since one of our nonces was issued; None for anything that is not one of ours."""
         if not isinstance(nonce, str) or len(nonce) > 64:
-            return False
+            return None
         try:
             raw = b64url_decode(nonce.encode("ascii"))
         except (UnicodeEncodeError, MalformedToken):
-            return False
+            return None
         if len(raw) != 1 + 8 + _NONCE_MAC_BYTES or raw[:1] != _NONCE_VERSION:
-            return False
+            return None
         body, mac = raw[:9], raw[9:]
         if not hmac.compare_digest(mac, self._nonce_mac(body)):
-            return False
+            return None
         issued_ms: int = struct.unpack(">Q", body[1:])[0]
-        age = self._clock.now() - issued_ms / 1000
+        return self._clock.now() - issued_ms / 1000
+
+    def _nonce_fresh(self, nonce: Any) -> bool:
+        age = self._nonce_age(nonce)
         # a nonce from a replica whose clock runs a little ahead is still ours
-        return -self._config.iat_future_seconds <= age <= self._config.nonce_lifetime_seconds
+        return age is not None and -self._config.iat_future_seconds <= age <= self._config.nonce_lifetime_seconds
+
+    def renewed_nonce(self, proof: str) -> str | None:
+        """The next nonce for the allow's `DPoP-Nonce` (section 8.2), when the proof `verify` accepted carries
+        one past half its lifetime; None otherwise (nonces not required, a young nonce)."""
+        if not self._config.require_nonce:
+            return None
+        try:
+            claims = _parse_proof(proof.strip(), self._config.max_proof_bytes).claims
+        except InvalidDpopProof:
+            return None
+        age = self._nonce_age(claims.get("nonce"))
+        if age is None or age <= self._config.nonce_lifetime_seconds * _RENEW_AFTER_LIFETIME_SHARE:
+            return None
+        return self.issue_nonce()
 
     async def verify(
         self,

@@ -41,6 +41,16 @@ class Route:
         return self.policy is None or not self.policy.issuers or issuer in self.policy.issuers
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Passed:
+    """A pass that also tells the client something about this request: the `RateLimit-Policy` / `RateLimit`
+    state (draft-ietf-httpapi-ratelimit-headers), the next `DPoP-Nonce` (RFC 9449 section 8.2). The headers go
+    to the client with the allow answer."""
+
+    principal: Principal
+    client_headers: tuple[tuple[str, str], ...]
+
+
 NO_POLICY = Route(None, False)
 OWN_ENDPOINT = Route(None, False, endpoint=True)
 
@@ -75,6 +85,6 @@ class Check:
 
     async def check(
         self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
-    ) -> Principal:
-        """The check, with I/O if need be."""
+    ) -> Principal | Passed:
+        """The check, with I/O if need be (a `Passed` adds headers for the client to the allow)."""
         return self.check_now(principal, credential, attrs, route)

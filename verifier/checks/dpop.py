@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from verifier.checks.base import Check, Route
+from verifier.checks.base import Check, Passed, Route
 from verifier.credentials import Credential, TokenScheme
 from verifier.errors import InvalidDpopProof, InvalidToken, Scheme, SenderConstraintFailed
 from verifier.principal import Principal, confirmation
@@ -18,6 +18,10 @@ class ProofVerifier(Protocol):
         self, proof: str | None, *, method: str, url: str, access_token: str, expected_jkt: str | None
     ) -> str:
         """Returns the proof key's thumbprint or raises InvalidDpopProof / UseDpopNonce."""
+        ...
+
+    def renewed_nonce(self, proof: str) -> str | None:
+        """The next server nonce for the allow, when the accepted proof's nonce is getting old."""
         ...
 
 
@@ -36,8 +40,9 @@ class DpopBinding(Check):
 
     async def check(
         self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
-    ) -> Principal:
-        """Raises unless the request carries a valid proof by the key the token is bound to."""
+    ) -> Principal | Passed:
+        """Raises unless the request carries a valid proof by the key the token is bound to; an allow whose
+        proof's server nonce is getting old hands the client the next one (`DPoP-Nonce`, RFC 9449 section 8.2)."""
         jkt = confirmation(principal).get("jkt")
         if credential.scheme is TokenScheme.DPOP:
             if not isinstance(jkt, str):
@@ -51,7 +56,8 @@ class DpopBinding(Check):
         if self._verifier is None:
             raise InvalidDpopProof("DPoP is not enabled on this verifier")
         url = f"{attrs.scheme}://{attrs.host}{attrs.path.split('?', 1)[0]}"
-        await self._verifier.verify(
-            attrs.headers.get("dpop"), method=attrs.method, url=url, access_token=credential.token, expected_jkt=jkt
-        )
-        return principal
+        proof = attrs.headers.get("dpop")
+        token = credential.token
+        await self._verifier.verify(proof, method=attrs.method, url=url, access_token=token, expected_jkt=jkt)
+        renewed = self._verifier.renewed_nonce(proof) if proof is not None else None
+        return principal if renewed is None else Passed(principal, (("dpop-nonce", renewed),))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from verifier.checks.base import Check, Route
+from verifier.checks.base import Check, Passed, Route
 from verifier.credentials import Credential
 from verifier.policy.ratelimit import RateLimiter
 from verifier.principal import Principal
@@ -24,7 +24,7 @@ class RateLimit(Check):
 
     async def check(
         self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
-    ) -> Principal:
-        """Raises RateLimited when the identity's bucket is empty."""
-        await self._limiter.check(principal)
-        return principal
+    ) -> Principal | Passed:
+        """Raises RateLimited when the identity's bucket is empty; else tells the client what is left."""
+        headers = await self._limiter.check(principal)
+        return Passed(principal, headers) if headers else principal

@@ -57,7 +57,11 @@ class DpopConfig:
     )
     nonce_secret: bytes = dataclasses.field(default=b"", repr=False)  # read from `nonce_secret_env`
     nonce_lifetime_seconds: float = setting(
-        DEFAULT_NONCE_LIFETIME_SECONDS, minimum=1, maximum=86400, unit="seconds", doc="a server nonce's lifetime"
+        DEFAULT_NONCE_LIFETIME_SECONDS,
+        minimum=1,
+        maximum=86400,
+        unit="seconds",
+        doc="a server nonce's lifetime; past half of it, an allow hands out the next (`DPoP-Nonce`)",
     )
     max_proof_bytes: int = setting(
         DEFAULT_MAX_PROOF_BYTES, minimum=512, maximum=65536, unit="bytes", doc="larger proofs are refused unparsed"

@@ -157,7 +157,11 @@ def own_response(decision: Decision) -> bytes:
             allowed=decision.allowed,
             http_status=decision.status,
             upstream_headers=[verifier_pb2.Header(name=k, value=v) for k, v in decision.upstream_headers],
-            response_headers=[verifier_pb2.Header(name=k, value=v) for k, v in decision.response_headers],
+            # to the client: a refusal's, or what an allow tells it (the rate-limit state)
+            response_headers=[
+                verifier_pb2.Header(name=k, value=v)
+                for k, v in (decision.client_headers if decision.allowed else decision.response_headers)
+            ],
             reason=decision.reason,
             subject=decision.subject,
             roles=list(decision.roles),
@@ -187,6 +191,8 @@ def _envoy_allow(decision: Decision, smuggled: Iterable[str]) -> ea.CheckRespons
             # A client must not smuggle an identity header we did not set this time.
             headers_to_remove=[h for h in IDENTITY_HEADERS if h not in set_names]
             + [h for h in smuggled if h not in IDENTITY_HEADERS],
+            # to the client with the upstream's answer (the rate-limit state)
+            response_headers_to_add=[_header(k, v) for k, v in decision.client_headers],
         ),
     )
 

@@ -85,7 +85,8 @@ local NOT_RELAYED = {
 }
 
 -- Headers of an allow answer meant for the client, not the upstream: a fresh
--- DPoP nonce (RFC 9449 section 8.2) and rate-limit state.
+-- DPoP nonce (RFC 9449 section 8.2) and rate-limit state. An answer with any
+-- of them (allow or refusal) is about one request: never stored for another.
 local function is_client_header(lname)
   return lname == "dpop-nonce"
       or sub(lname, 1, 9) == "ratelimit"
@@ -304,6 +305,7 @@ local function to_decision(res)
     end
     return {
       allow = true,
+      per_request = #to_client > 0,
       identity = n > 0 and identity or nil,
       to_client = #to_client > 0 and to_client or nil,
       userid = joined(res.headers["x-authenticated-userid"]),
@@ -315,11 +317,12 @@ local function to_decision(res)
 
   -- Relayed as it came, under the spelling the verifier used; repeated
   -- headers stay repeated.
-  local headers, spelling = {}, {}
+  local headers, spelling, per_request = {}, {}, false
   local list = res.header_list
   for i = 1, #list do
     local name, value = list[i][1], list[i][2]
     local lname = lower(name)
+    per_request = per_request or is_client_header(lname)
     if not NOT_RELAYED[lname] then
       local key = spelling[lname]
       if not key then
@@ -340,7 +343,7 @@ local function to_decision(res)
       end
     end
   end
-  return { allow = false, status = res.status, headers = headers, body = res.body }
+  return { allow = false, per_request = per_request, status = res.status, headers = headers, body = res.body }
 end
 
 
@@ -487,7 +490,7 @@ function EdgeVerifierHandler:access(conf)
       return kong.response.error(503, "Authorization service unavailable")
     end
     decision = to_decision(res)
-    if cache then
+    if cache and not decision.per_request then
       local ttl = decision_cache.ttl(res.headers["cache-control"])
       if ttl then
         decision_cache.set(cache, key, decision, ttl)

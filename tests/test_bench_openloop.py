@@ -1,0 +1,370 @@
+"""bench/c/openloop.c, the bench's C open-loop generator, against tiny servers started here: it counts what
+the schedule sent and what came back (Content-Length and chunked answers, statuses), charges latency from
+the intended send time, counts a server that closes, garbles, stays silent or refuses instead of hanging
+or crashing, and reads gRPC statuses from the trailers (and the allow rule from the answer message)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("hdrh")
+pytest.importorskip("grpc")
+
+import grpc
+from support import free_port
+
+from bench import load, openloop, wire
+from bench.wire import Door
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+RATE, DURATION, WARMUP = 400.0, 1.0, 0.2
+SCHEDULED = int(RATE * DURATION)  # requests whose intended send time falls in the measured window
+
+
+@pytest.fixture(scope="module")
+def exe() -> Path:
+    path = openloop.binary()
+    assert path is not None, f"the C generator does not build: {openloop.unavailable()}"
+    return path
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Handler], str]]:
+    """Start an asyncio TCP server on loopback running ``handler`` per connection; its host:port."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    servers: list[asyncio.base_events.Server] = []
+
+    def start(handler: Handler) -> str:
+        server = asyncio.run_coroutine_threadsafe(asyncio.start_server(handler, "127.0.0.1", 0), loop).result(5)
+        servers.append(server)
+        return f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for s in servers:
+        loop.call_soon_threadsafe(s.close)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def run(exe: Path, addr: str, tmp_path: Path, *extra: str, payloads: list[bytes] | None = None, **kw: Any) -> Any:
+    """One run of the generator (HTTP unless told); its JSON answer. Fails if it hangs past its own deadline."""
+    file = tmp_path / "payloads.bin"
+    load.write_payloads(file, payloads or [wire.http_request({"Authorization": "Bearer t"}, addr)])
+    args = dict(grpc_method=None, rate=RATE, connections=4, duration_s=DURATION, warmup_s=WARMUP, drain_s=1.0) | kw
+    cmd = [str(exe), *openloop.argv(addr=addr, payload_file=str(file), **args), *extra]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    answer["took_s"] = time.monotonic() - t0
+    return answer
+
+
+async def _requests(reader: asyncio.StreamReader) -> Any:
+    while True:
+        try:
+            yield await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+
+
+def answering(*answers: bytes, delay_s: float = 0.0) -> Handler:
+    """A keep-alive server giving ``answers`` in turn, each after ``delay_s``."""
+    count = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for _ in _requests(reader):
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            writer.write(answers[count[0] % len(answers)])
+            count[0] += 1
+            await writer.drain()
+        writer.close()
+
+    return handle
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+CHUNKED_TRAILER = b"HTTP/1.1 401 Unauthorized\r\ntransfer-encoding: chunked\r\n\r\n2;x=y\r\nno\r\n0\r\nX-T: 1\r\n\r\n"
+
+
+def test_every_scheduled_request_is_sent_and_answered_once(exe: Path, serve: Any, tmp_path: Path) -> None:
+    addr = serve(answering(OK, CHUNKED, CHUNKED_TRAILER, OK))
+    a = run(exe, addr, tmp_path)
+    assert a["scheduled"] == SCHEDULED and a["sent"] == SCHEDULED and a["completed"] == SCHEDULED
+    assert a["dropped"] == 0 and sum(a["errors"].values()) == 0
+    assert a["http_status"]["401"] == pytest.approx(SCHEDULED / 4, abs=2)
+    assert a["http_status"]["200"] + a["http_status"]["401"] == SCHEDULED
+    assert a["latency"]["count"] == SCHEDULED and a["lag"]["count"] == SCHEDULED
+    assert sum(c for _, c in a["latency"]["buckets"]) == SCHEDULED
+    assert a["latency"]["p50"] <= a["latency"]["p99"] <= a["latency"]["max"]
+    assert a["took_s"] < WARMUP + DURATION + 3
+
+
+def test_a_server_that_says_connection_close_is_reconnected_without_errors(
+    exe: Path, serve: Any, tmp_path: Path
+) -> None:
+    """nginx closes a keep-alive connection after keepalive_requests answers, saying so in the last one."""
+
+    async def close_every_third(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = 0
+        async for _ in _requests(reader):
+            n += 1
+            last = n % 3 == 0
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok" if last else OK)
+            await writer.drain()
+            if last:
+                break
+        writer.close()
+
+    a = run(exe, serve(close_every_third), tmp_path, rate=200)
+    assert a["completed"] == a["scheduled"] == 200 and sum(a["errors"].values()) == 0 and a["dropped"] == 0
+    assert a["disconnects"] >= 60
+
+
+def test_poisson_keeps_the_rate_on_average(exe: Path, serve: Any, tmp_path: Path) -> None:
+    a = run(exe, serve(answering(OK)), tmp_path, poisson=True, duration_s=2.0)
+    assert a["poisson"] is True and a["completed"] == a["scheduled"]
+    assert a["scheduled"] == pytest.approx(2 * RATE, rel=0.15)
+
+
+def test_latency_is_the_servers_time_and_charged_from_the_intended_send(exe: Path, serve: Any, tmp_path: Path) -> None:
+    # One connection, 20 ms per answer, 100 requests/s: every request waits for the one before it, so
+    # the backlog grows (1.2 s x 100/s offered, 50/s served); latency from the intended send grows with it.
+    a = run(exe, serve(answering(OK, delay_s=0.02)), tmp_path, rate=100, connections=1, drain_s=3.0)
+    assert 20_000 <= a["service"]["p50"] < 200_000, a["service"]  # microseconds
+    assert a["latency"]["max"] > 300_000, a["latency"]  # the last in the queue waited for those before it
+    assert a["wait"]["p99"] > 300_000  # ... which is waiting for the connection, not the generator's lag
+    assert a["lag"]["p50"] < a["service"]["p50"]
+
+
+def test_a_server_that_closes_without_answering_is_counted_not_hung(exe: Path, serve: Any, tmp_path: Path) -> None:
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    a = run(exe, serve(close_at_once), tmp_path)
+    assert a["completed"] == 0 and a["errors"]["closed"] > SCHEDULED / 2
+    assert a["errors"]["closed"] + a["dropped"] == a["scheduled"]  # each sent one lost to the close, or never sent
+    assert a["took_s"] < WARMUP + DURATION + 4
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n",
+        b"SSH-2.0-OpenSSH\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nextra bytes nobody asked for",
+        bytes(range(256)) * 40 + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+    ],
+)
+def test_a_garbled_answer_is_counted_malformed(exe: Path, serve: Any, tmp_path: Path, garbage: bytes) -> None:
+    a = run(exe, serve(answering(garbage)), tmp_path, rate=100)
+    # each garbled answer drops its connection (bytes after a whole answer: the answer counts, the bytes drop it)
+    assert a["errors"]["malformed"] + a["unsolicited"] >= 90, a
+    assert a["errors"]["malformed"] + a["dropped"] + a["completed"] == a["scheduled"]
+    assert a["took_s"] < WARMUP + DURATION + 4
+
+
+def test_a_silent_server_ends_at_the_deadline_with_every_request_dropped(exe: Path, serve: Any, tmp_path: Path) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 20)
+        await asyncio.sleep(30)
+
+    a = run(exe, serve(silent), tmp_path, rate=100, drain_s=0.5)
+    assert a["completed"] == 0 and a["dropped"] == a["scheduled"] == 100
+    assert a["latency"]["p50"] > 500_000  # charged until the deadline (us)
+    assert a["took_s"] < WARMUP + DURATION + 0.5 + 3
+
+
+def test_connection_refused_is_counted_and_retried(exe: Path, tmp_path: Path) -> None:
+    a = run(exe, f"127.0.0.1:{free_port()}", tmp_path, rate=100, drain_s=0.2)
+    assert a["completed"] == 0 and a["sent"] == 0 and a["dropped"] == a["scheduled"] == 100
+    assert a["connect_failures"] > 4  # the four connections, retried
+    assert a["took_s"] < WARMUP + DURATION + 3
+
+
+def test_bad_options_are_refused(exe: Path) -> None:
+    for bad in (["--mode", "ftp"], ["--rate", "-1"], ["--allow", "x=1"], ["--addr", "nocolon"]):
+        args = ["--addr", "127.0.0.1:1", "--raw", "/dev/null", "--mode", "http", *bad]
+        proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=10)
+        assert proc.returncode == 2, (bad, proc.stdout)
+
+
+# --- gRPC ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def grpc_server() -> Iterator[tuple[str, list[Any]]]:
+    """Both gRPC doors as generic handlers: a token "allow" is allowed, "deny" refused in the answer,
+    "abort" answered with grpc-status UNAUTHENTICATED; each call's deadline is recorded."""
+    from envoy.service.auth.v3 import external_auth_pb2 as envoy_pb2
+
+    from verifier.v1 import verifier_pb2
+
+    deadlines: list[Any] = []
+
+    def token(door: Door, request: bytes) -> str:
+        return wire.authorization(door, request).removeprefix("Bearer ")
+
+    def check(door: Door) -> Any:
+        def handle(request: bytes, context: Any) -> bytes:
+            deadlines.append(context.time_remaining())
+            t = token(door, request)
+            if t == "abort":
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "no")
+            return wire.ANSWERS[(door, t == "allow")]
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    assert verifier_pb2 and envoy_pb2
+    handlers = {
+        "verifier.v1.Verifier": {"Check": check(Door.GRPC)},
+        "envoy.service.auth.v3.Authorization": {"Check": check(Door.EXT_AUTHZ)},
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(s, m) for s, m in handlers.items()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", deadlines
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.parametrize("door", [Door.GRPC, Door.EXT_AUTHZ])
+def test_grpc_status_and_the_allow_rule_are_read_from_the_answer(
+    exe: Path, grpc_server: tuple[str, list[Any]], tmp_path: Path, door: Door
+) -> None:
+    addr, deadlines = grpc_server
+    payloads = [wire.grpc_payload(door, t) for t in ("allow", "deny", "abort", "allow")]
+    a = run(exe, addr, tmp_path, payloads=payloads, grpc_method=door.grpc_method, rate=200, grpc_timeout="5S")
+    n = a["scheduled"]
+    assert n == 200 and a["completed"] == n and a["dropped"] == 0 and sum(a["errors"].values()) == 0
+    assert a["grpc_status"]["16"] == pytest.approx(n / 4, abs=2)
+    assert a["grpc_status"]["0"] == a["allowed"] + a["denied"] == n - a["grpc_status"]["16"]
+    assert a["allowed"] == pytest.approx(n / 2, abs=2) and a["denied"] == pytest.approx(n / 4, abs=2)
+    assert deadlines and all(d is not None and 0 < d <= 5 for d in deadlines)  # grpc-timeout was sent
+    errors = a["grpc_status"]["16"]
+    assert openloop.outcome(a, grpc=True) == dict(allowed=a["allowed"], denied=a["denied"], errors=errors)
+
+
+def test_grpc_streams_in_flight_are_bounded_and_the_wait_is_charged(exe: Path, tmp_path: Path) -> None:
+    """At most --max-streams calls in flight per connection; the rest wait, charged from their intended time."""
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def slow(_request: bytes, _context: Any) -> bytes:
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.05)
+        with lock:
+            now[0] -= 1
+        return wire.ANSWERS[(Door.GRPC, True)]
+
+    server = grpc.server(futures.ThreadPoolExecutor(16))
+    handler = grpc.method_handlers_generic_handler(
+        "verifier.v1.Verifier", {"Check": grpc.unary_unary_rpc_method_handler(slow)}
+    )
+    server.add_generic_rpc_handlers([handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        payloads = [wire.grpc_payload(Door.GRPC, "t")]
+        a = run(
+            exe,
+            f"127.0.0.1:{port}",
+            tmp_path,
+            "--max-streams",
+            "2",
+            payloads=payloads,
+            grpc_method=Door.GRPC.grpc_method,
+            rate=100,
+            connections=1,
+            drain_s=3.0,
+        )
+    finally:
+        server.stop(0)
+    assert peak[0] == 2  # 100/s x 50 ms would need 5 in flight
+    assert a["completed"] == a["allowed"] == 100 and a["dropped"] == 0
+    assert a["wait"]["max"] > 100_000 and a["latency"]["max"] > 150_000  # the backlog grew, and was charged
+
+
+def test_an_http1_server_at_the_grpc_door_is_counted_not_hung(exe: Path, serve: Any, tmp_path: Path) -> None:
+    a = run(exe, serve(answering(OK)), tmp_path, payloads=[b"msg"], grpc_method=Door.GRPC.grpc_method, rate=100)
+    assert a["completed"] == 0 and a["allowed"] == 0
+    assert sum(a["errors"].values()) + a["dropped"] == a["scheduled"]
+    assert a["took_s"] < WARMUP + DURATION + 4
+
+
+def test_the_bench_runs_the_c_generator_and_falls_back_to_python(serve: Any, tmp_path: Path) -> None:
+    addr = serve(answering(OK))
+    file = tmp_path / "p.bin"
+    load.write_payloads(file, [wire.http_request({}, addr)])
+    spec = dict(door="http", addr=addr, mode="open", payload_file=str(file), duration_s=0.5, warmup_s=0.1, rate=200)
+    c = load.run(load.LoadSpec(**spec, generator="c"))  # type: ignore[arg-type]
+    py = load.run(load.LoadSpec(**spec, generator="python"))  # type: ignore[arg-type]
+    assert c.tool == "openloop (C)" and py.tool == "bench.load"
+    for r in (c, py):
+        assert r.completed == r.allowed == 100 and r.errors == r.dropped == 0
+        assert r.latency.get_total_count() == 100 and r.lag.get_total_count() == 100
+
+
+def test_without_a_build_the_bench_falls_back_to_the_python_loop(
+    serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "openloop.c"
+    broken.write_text("#include <no/such/header.h>\n")
+    monkeypatch.setattr(openloop, "SOURCE", broken)
+    monkeypatch.setattr(openloop, "BUILD_DIR", tmp_path / "build")
+    assert openloop.binary() is None and "gcc failed" in openloop.unavailable()
+    addr = serve(answering(OK))
+    file = tmp_path / "p.bin"
+    load.write_payloads(file, [wire.http_request({}, addr)])
+    spec = dict(door="http", addr=addr, mode="open", payload_file=str(file), duration_s=0.3, warmup_s=0.1, rate=100)
+    r = load.run(load.LoadSpec(**spec))  # type: ignore[arg-type]
+    assert r.tool.startswith("bench.load (C generator unavailable: gcc failed") and r.completed == 30
+    with pytest.raises(RuntimeError, match="cannot be built"):
+        load.run(load.LoadSpec(**spec, generator="c"))  # type: ignore[arg-type]
+
+
+def test_a_goal_3_row_says_whether_it_is_a_server_figure() -> None:
+    from bench.tokens import generator_lag
+
+    def point(target: str, p99_ms: float, lag_p99_ms: float) -> dict[str, Any]:
+        return dict(target=target, tool="openloop (C)", latency=dict(p99=p99_ms), lag=dict(p99=lag_p99_ms))
+
+    steady = [point("noop", 2.0, 0.05), point("noop", 2.4, 0.04), point("verifier", 2.2, 0.06)]
+    assert generator_lag(steady, 2.2) == "generator (openloop) send lag p99 60 us"
+    lagging = [*steady[:2], point("verifier", 2.2, 0.5)]
+    assert generator_lag(lagging, 2.2).endswith("> 10% of the no-op's p99: NOT a server figure")
+    swinging = [*steady, point("verifier", 9.0, 0.06)]
+    assert generator_lag(swinging, 2.2).endswith("p99 varied 4.1x across repetitions: NOT a server figure")
+
+
+def test_a_grpc_body_file_is_sent_as_it_is(exe: Path, grpc_server: tuple[str, list[Any]], tmp_path: Path) -> None:
+    """--raw FILE at the gRPC door: the file is the 5-byte-prefixed message, sent unchanged (h2load's -d)."""
+    addr, _ = grpc_server
+    body = tmp_path / "body.bin"
+    body.write_bytes(wire.grpc_frame(wire.grpc_payload(Door.EXT_AUTHZ, "deny")))
+    path = Door.EXT_AUTHZ.grpc_method
+    cmd = [str(exe), "--mode", "grpc", "--addr", addr, "--raw", str(body), "--path", path, "--allow", "1.1=0"]
+    cmd += ["--rate", "100", "--duration", "0.5", "--connections", "2"]
+    a = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout)
+    assert a["scheduled"] == 50 and a["grpc_status"] == {"0": 50} and a["denied"] == 50 and a["allowed"] == 0
