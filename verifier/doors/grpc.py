@@ -279,7 +279,9 @@ class GrpcDoors:
         self.ready = ready
         self.health = health.aio.HealthServicer()
         self._own_requests = RequestMemo()
-        self._envoy_requests = RequestMemo()
+        # Envoy's: a quarter of our own door's entries (1,024 keys of at most 8 KiB, their attributes as large
+        # again: ~16 MiB of attacker-chosen requests at most); a repeat is answered by the answer memo first.
+        self._envoy_requests = RequestMemo(max_entries=MAX_MEMO_REQUESTS // 4)
         # Remembered answers, one memo per door (their keys are different messages; None: every call is
         # decided). Not with tracing: each call has its span.
         remember = answers if tracing is None else None
