@@ -33,13 +33,18 @@ reuse >= 0.5x Envoy.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +54,7 @@ from typing import Any
 from bench import idp, load, openloop, procs, report, wire
 from bench.runner import Context
 
-SHIM_DIR = procs.PROJECT_ROOT / "tests" / "kong" / "shim"
+SHIM_DIR = Path("tests", "kong", "shim")  # the PDK shim, under a checkout
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 LUA_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules")
 LUA_PATH = "/usr/share/lua/5.1/?.lua;/usr/share/lua/5.1/?/init.lua"
@@ -64,11 +69,14 @@ ENVOY_NONE, ENVOY_JWT, ENVOY_GRPC, ENVOY_HTTP = (
     "envoy ext_authz http",
 )
 NGINX_AUTH, ENVOY_REUSE = "nginx auth_request reuse", "envoy lua reuse"
+BEFORE_REUSE = "nginx+plugin reuse on, --before"  # the plugin of another checkout (--before), same nginx config
 NGINX_ROUTES = (PLAIN, NOOP, REUSE_ON, REUSE_OFF)
 OPEN_LOOP_ROUTES = (PLAIN, NOOP, REUSE_ON)  # reuse off would be near its own capacity at plain nginx's 25%
 ROUTES = (*NGINX_ROUTES, NGINX_AUTH, ENVOY_NONE, ENVOY_JWT, ENVOY_GRPC, ENVOY_HTTP, ENVOY_REUSE)
-BASELINE = {r: (ENVOY_NONE if r.startswith("envoy") else PLAIN) for r in ROUTES}  # the same proxy without auth
+# the same proxy without auth
+BASELINE = {r: (ENVOY_NONE if r.startswith("envoy") else PLAIN) for r in (*ROUTES, BEFORE_REUSE)}
 CACHE_ENTRIES = {REUSE_ON: 10_000, REUSE_OFF: 0}  # the plugin's cache size with reuse on (its default) and off
+CALLGRIND_WARMUP = 300  # requests per route before callgrind's counters are zeroed (the JIT's traces form meanwhile)
 RATIO_GOALS = (
     (REUSE_ON, PLAIN, 0.85),  # #24 goal 5
     (REUSE_OFF, PLAIN, 0.5),
@@ -130,8 +138,17 @@ http {{
 """
 
 
-def start_nginx(ctx: Context, verifier_http: str, cache_entries: int, tmp: str) -> tuple[str, int]:
-    """nginx with the plugin asking the verifier at ``verifier_http``; (its base URL, its upstream's port)."""
+def start_nginx(
+    ctx: Context,
+    verifier_http: str,
+    cache_entries: int,
+    tmp: str,
+    root: Path = procs.PROJECT_ROOT,
+    callgrind: Path | None = None,
+) -> tuple[str, int]:
+    """nginx with the plugin of the checkout ``root`` asking the verifier at ``verifier_http``; (its base URL, its
+    upstream's port). ``callgrind``: run it as one process (``master_process off``: the pid started serves) under
+    valgrind's callgrind, writing its dumps there."""
     modules = next((d for d in LUA_MODULE_DIRS if os.path.exists(f"{d}/ngx_http_lua_module.so")), None)
     if modules is None:
         raise SystemExit("nginx's Lua module is missing: run .ci/setup.d/30-nginx-lua.sh")
@@ -143,19 +160,76 @@ def start_nginx(ctx: Context, verifier_http: str, cache_entries: int, tmp: str) 
         NGINX_CONF.format(
             tmp=tmp,
             modules=modules,
-            repo=procs.PROJECT_ROOT,
-            shim=SHIM_DIR,
+            repo=root,
+            shim=root / SHIM_DIR,
             lua_path=LUA_PATH,
             lua_cpath=LUA_CPATH,
             port=port,
             upstream_port=upstream,
         )
     )
-    proc = ctx.servers.spawn(
-        [NGINX, "-p", tmp, "-c", "nginx.conf", "-e", f"{tmp}/error.log", "-g", "daemon off;"], "nginx.log"
-    )
-    procs.wait_port(f"127.0.0.1:{port}", proc)
+    cmd = [NGINX, "-p", tmp, "-c", "nginx.conf", "-e", f"{tmp}/error.log", "-g", "daemon off;"]
+    if callgrind is not None:
+        callgrind.mkdir(parents=True, exist_ok=True)
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={callgrind}/callgrind.%p", *cmd[:-1]]
+        cmd.append("daemon off; master_process off;")
+    proc = ctx.servers.spawn(cmd, "nginx.log")
+    procs.wait_port(f"127.0.0.1:{port}", proc, timeout=120 if callgrind else procs.START_TIMEOUT_S)
     return f"http://127.0.0.1:{port}", upstream
+
+
+def sequential_requests(url: str, n: int, headers: dict[str, str]) -> None:
+    """``n`` GETs of ``url`` one after another on one keep-alive connection; each must be answered 200."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=120)
+    for _ in range(n):
+        conn.request("GET", parts.path, headers=headers)
+        answer = conn.getresponse()
+        answer.read()
+        if answer.status != 200:
+            raise SystemExit(f"{url}: HTTP {answer.status} under callgrind")
+    conn.close()
+
+
+def callgrind_instructions(pid: int, url: str, n: int, headers: dict[str, str], dumps: Path) -> float:
+    """User-space instructions per request of the callgrind-run nginx ``pid`` over ``n`` sequential requests to
+    ``url``, after CALLGRIND_WARMUP ones (counters zeroed, then dumped: the newest dump holds just the ``n``)."""
+    sequential_requests(url, CALLGRIND_WARMUP, headers)
+    subprocess.run(["callgrind_control", "-z", str(pid)], capture_output=True, check=True)
+    sequential_requests(url, n, headers)
+    subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True, check=True)
+    time.sleep(0.5)
+    newest = max(dumps.glob(f"callgrind.{pid}.*"), key=lambda f: int(f.name.rsplit(".", 1)[1]))
+    return int(re.findall(r"^(?:totals|summary): (\d+)", newest.read_text(), re.M)[0]) / n
+
+
+def instructions(
+    ctx: Context, verifier_http: str, token: str, n: int, roots: dict[str, Path], runs: int
+) -> dict[str, list[float]]:
+    """Per route, the nginx worker's user-space instructions per request (callgrind), one value per run: each run a
+    fresh nginx per checkout (``roots``: route of its plugin -> checkout), plain and no-op in the first one's. A
+    fresh process because LuaJIT forms its traces differently from one process to the next (~10%)."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is missing: run .ci/setup.d/40-bench.sh")
+    headers = {"Authorization": f"Bearer {token}"}
+    out: dict[str, list[float]] = {}
+    for _ in range(runs):
+        for i, (route, root) in enumerate(roots.items()):
+            tmp = tempfile.mkdtemp(prefix="bench-nginx-callgrind-")
+            try:
+                base, _ = start_nginx(ctx, verifier_http, CACHE_ENTRIES[REUSE_ON], tmp, root, Path(tmp, "dumps"))
+                proc = ctx.servers.procs[-1]
+                paths = {PLAIN: "/plain", NOOP: "/noop", route: "/checked"} if i == 0 else {route: "/checked"}
+                for name, prefix in paths.items():
+                    count = callgrind_instructions(proc.pid, f"{base}{prefix}{PATH}", n, headers, Path(tmp, "dumps"))
+                    out.setdefault(name, []).append(count)
+                    print(f"callgrind {name:32} {count:9,.0f} instructions/request", file=sys.stderr)
+                proc.terminate()
+                proc.wait(30)
+                ctx.servers.procs.remove(proc)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def run_nginx(ctx: Context) -> None:
@@ -164,20 +238,29 @@ def run_nginx(ctx: Context) -> None:
 
 
 def run(ctx: Context, routes: tuple[str, ...] = ROUTES) -> None:
-    """Every route, alternated; writes results."""
+    """Every route, alternated; writes results. ``--before DIR``: also the plugin of that checkout (reuse on, in an
+    nginx of its own, same configuration); ``--instructions N``: also callgrind's instructions per request."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: run .ci/setup.d/40-bench.sh")
     duration, reps, connections = ctx.opt("duration", 5.0, 1.0), ctx.opt("reps", 3, 1), ctx.opt("connections", 16)
+    roots = {REUSE_ON: procs.PROJECT_ROOT}
+    if before := ctx.opt("before", None):
+        roots[BEFORE_REUSE] = Path(before).resolve()
+        routes = (*routes, BEFORE_REUSE)
     issuer = idp.Issuer(ctx.servers)
     target, token = ctx.servers.start_verifier(issuer.url), issuer.cached_token
-    tmps = {r: tempfile.mkdtemp(prefix="bench-nginx-") for r in CACHE_ENTRIES}
+    entries = CACHE_ENTRIES | {r: CACHE_ENTRIES[REUSE_ON] for r in roots}
+    tmps = {r: tempfile.mkdtemp(prefix="bench-nginx-") for r in entries}
     # the nginx serving each route: plain and no-op are locations of reuse on's
     nginx_of = {PLAIN: tmps[REUSE_ON], NOOP: tmps[REUSE_ON]} | tmps
     envoys: list[Any] = []
     try:
-        bases = {r: start_nginx(ctx, target.http_addr, CACHE_ENTRIES[r], tmps[r]) for r in CACHE_ENTRIES}
+        bases = {
+            r: start_nginx(ctx, target.http_addr, entries[r], tmps[r], roots.get(r, procs.PROJECT_ROOT))
+            for r in entries
+        }
         urls = {PLAIN: f"{bases[REUSE_ON][0]}/plain{PATH}", NOOP: f"{bases[REUSE_ON][0]}/noop{PATH}"}
-        urls |= {r: f"{bases[r][0]}/checked{PATH}" for r in CACHE_ENTRIES}
+        urls |= {r: f"{bases[r][0]}/checked{PATH}" for r in entries}
         if ENVOY_NONE in routes:
             urls |= start_envoys(ctx, issuer, target, bases[REUSE_ON][1], envoys)
         cpu = {r: nginx_of[r] for r in routes if r in nginx_of}
@@ -197,10 +280,10 @@ def run(ctx: Context, routes: tuple[str, ...] = ROUTES) -> None:
             rows[route].update(client_cpu_cores=statistics.median(x[0].cpu_s / x[0].seconds for x in s))
             if route in cpu:
                 rows[route]["worker_cpu_us"] = statistics.median(x[2] for x in s)
-            if route in CACHE_ENTRIES:
+            if route in entries:
                 with urllib.request.urlopen(f"{bases[route][0]}/__shim/cache", timeout=5) as r:
                     stats = json.loads(r.read())
-                rows[route]["cache"] = f"{stats['hits']:,} / {stats['misses']:,}" if CACHE_ENTRIES[route] else "off"
+                rows[route]["cache"] = f"{stats['hits']:,} / {stats['misses']:,}" if entries[route] else "off"
         fraction = ctx.opt("rate_fraction", 0.25)
         rate = fraction * rows[PLAIN]["throughput"]
         open_routes = {r: urls[r] for r in OPEN_LOOP_ROUTES if r in routes}
@@ -209,6 +292,10 @@ def run(ctx: Context, routes: tuple[str, ...] = ROUTES) -> None:
             rows[route].update(open_lag_ms=statistics.median(p[1] for p in points) / 1000)
             rows[route].update(open_lag_p99_ms=statistics.median(p[2] for p in points) / 1000, open_tool=points[0][3])
             rows[route].update(open_spread=max(p[0] for p in points) / max(1.0, min(p[0] for p in points)))
+        if n := ctx.opt("instructions", 0):
+            for route, counts in instructions(ctx, target.http_addr, token, n, roots, min(reps, 3)).items():
+                rows[route]["instructions"] = statistics.median(counts)
+                rows[route]["instructions_runs"] = counts
     finally:
         for e in envoys:
             e.stop()
@@ -418,6 +505,7 @@ def markdown(ctx: Context, rows: dict[str, dict[str, Any]], what: str) -> str:
     headers += [
         "open-loop p50 (generator lag p50 / p99) (us)",
         "worker CPU/request (us)",
+        "callgrind instructions/request (runs)",
         "non-2xx",
         "wrk CPU (cores)",
         "plugin cache hits / misses",
@@ -436,6 +524,11 @@ def markdown(ctx: Context, rows: dict[str, dict[str, Any]], what: str) -> str:
                 f"{r['p99_ms'] * 1000:.0f}",
                 _open_cell(r),
                 f"{r['worker_cpu_us']:.1f}" if "worker_cpu_us" in r else "-",
+                (
+                    f"{r['instructions']:,.0f} ({', '.join(f'{x:,.0f}' for x in r['instructions_runs'])})"
+                    if "instructions" in r
+                    else "-"
+                ),
                 r["non_2xx"],
                 f"{r['client_cpu_cores']:.2f}",
                 r.get("cache", "-"),

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import collections
 import cProfile
+import functools
 import os
 import pstats
 import re
@@ -49,6 +50,7 @@ OPAQUE_CONNECTIONS = 32  # door connections fed at once (a check waits for its p
 CALLGRIND_TOKENS = 300  # per measure under valgrind (~50x slower); counts are exact, few suffice
 # The two loops run inside these C functions, so callgrind can tell their instructions apart.
 CHECK_LOOP, RAW_LOOP = "consume_iterator", "deque_extendleft"
+OPAQUE_LOOP = "functools_reduce"  # --opaque: the measured groups' event loop runs inside it
 
 
 class _Transport:
@@ -94,11 +96,13 @@ def _timed(loop: Callable[[Any, Any], None], *args: Any, profiler: cProfile.Prof
     return time.process_time() - started
 
 
-async def _measure_opaque(app: Any, tokens: list[str], profiler: cProfile.Profile | None) -> None:
-    """First-seen opaque tokens, ``OPAQUE_CONNECTIONS`` checks in flight; prints the CPU per token."""
+def _measure_opaque(loop: asyncio.AbstractEventLoop, app: Any, tokens: list[str], profiler: Any) -> None:
+    """First-seen opaque tokens, ``OPAQUE_CONNECTIONS`` checks in flight; prints the CPU per token.
+
+    The measured groups run in one ``loop.run_until_complete`` called from C ``functools_reduce``, so that
+    callgrind (``--callgrind``) counts exactly them (the warm-up group before it is not counted)."""
     from verifier.doors import forward_auth
 
-    loop = asyncio.get_running_loop()
     state: dict[str, Any] = {"left": 0, "done": None, "allowed": 0}
 
     def answered(data: bytes) -> None:
@@ -109,24 +113,29 @@ async def _measure_opaque(app: Any, tokens: list[str], profiler: cProfile.Profil
         if state["left"] == 0:
             state["done"].set_result(None)
 
-    conns = []
-    for _ in range(OPAQUE_CONNECTIONS):
+    async def connect() -> Any:  # a connection reads the running loop
         conn = forward_auth._Connection(app.forward_auth)
         conn.connection_made(_Transport(answered))  # type: ignore[arg-type]
-        conns.append(conn)
+        return conn
+
+    conns = [loop.run_until_complete(connect()) for _ in range(OPAQUE_CONNECTIONS)]
     requests = [wire.http_request(wire.http_headers(t), "127.0.0.1") for t in tokens]
     warm, measured = requests[:OPAQUE_CONNECTIONS], requests[OPAQUE_CONNECTIONS:]
-    started = 0.0
-    for group in (warm, *[measured[i : i + OPAQUE_CONNECTIONS] for i in range(0, len(measured), OPAQUE_CONNECTIONS)]):
-        if group is not warm and not started:
-            started = time.process_time()
-            state["allowed"] = 0
-            if profiler:
-                profiler.enable()
-        state["left"], state["done"] = len(group), loop.create_future()
-        for conn, raw in zip(conns, group, strict=False):
-            conn.data_received(raw)
-        await state["done"]
+
+    async def feed(groups: list[list[bytes]]) -> None:
+        for group in groups:
+            state["left"], state["done"] = len(group), loop.create_future()
+            for conn, raw in zip(conns, group, strict=False):
+                conn.data_received(raw)
+            await state["done"]
+
+    loop.run_until_complete(feed([warm]))
+    state["allowed"] = 0
+    groups = [measured[i : i + OPAQUE_CONNECTIONS] for i in range(0, len(measured), OPAQUE_CONNECTIONS)]
+    started = time.process_time()
+    if profiler:
+        profiler.enable()
+    functools.reduce(lambda _, __: loop.run_until_complete(feed(groups)), [0], None)
     spent = time.process_time() - started
     if profiler:
         profiler.disable()
@@ -188,7 +197,6 @@ async def _measure(
     raw: Callable[[str], None] | None,
     profile: bool,
     memo: bool,
-    opaque: bool = False,
     door: str = "http",
 ) -> None:
     from verifier.app import App
@@ -201,9 +209,6 @@ async def _measure(
         await asyncio.wait_for(app.keys.wait_ready(), 10)
         if not memo:
             app.forward_auth.memo = None
-        if opaque:
-            await _measure_opaque(app, tokens, cProfile.Profile(time.process_time) if profile else None)
-            return
         if door != "http":
             await _measure_grpc(app, wire.Door(door), tokens, cProfile.Profile() if profile else None)
             return
@@ -245,6 +250,22 @@ async def _measure(
         await app.stop(grace=0.1)
 
 
+def _measure_opaque_outside(config: Path, tokens: list[str], profile: bool) -> None:
+    """``--opaque``: the app started and stopped in a loop of its own, the measure run outside it."""
+    from verifier.app import App
+    from verifier.settings import load_settings
+
+    loop = asyncio.new_event_loop()
+    app = App(load_settings(str(config)))
+    try:
+        loop.run_until_complete(app.start())
+        loop.run_until_complete(asyncio.wait_for(app.keys.wait_ready(), 10))
+        _measure_opaque(loop, app, tokens, cProfile.Profile(time.process_time) if profile else None)
+    finally:
+        loop.run_until_complete(app.stop(grace=0.1))
+        loop.close()
+
+
 def _inclusive(annotated: str, function: str) -> int:
     """A function's inclusive instruction count from ``callgrind_annotate --inclusive=yes``."""
     for line in annotated.splitlines():
@@ -254,22 +275,28 @@ def _inclusive(annotated: str, function: str) -> int:
 
 
 def _callgrind(argv: list[str]) -> None:
-    """Re-runs the first-seen measure under callgrind; prints instructions per check and per raw parse + verify."""
+    """Re-runs the first-seen measure under callgrind; prints instructions per check and per raw parse + verify
+    (``--opaque``: per first-seen opaque token, its provider call's loopback I/O included, the provider not)."""
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed")
+    opaque = "--opaque" in argv
+    loops = [f"--toggle-collect={f}" for f in ((OPAQUE_LOOP,) if opaque else (CHECK_LOOP, RAW_LOOP))]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         subprocess.run(
             [
-                "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--log-file={tmp}/valgrind.log",
-                f"--toggle-collect={CHECK_LOOP}", f"--toggle-collect={RAW_LOOP}",
-                sys.executable, "-m", "bench.inproc", *[a for a in argv if a != "--callgrind"], "--first-seen",
-                "--tokens", str(CALLGRIND_TOKENS),
+                "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--log-file={tmp}/valgrind.log", *loops,
+                sys.executable, "-m", "bench.inproc", *[a for a in argv if a != "--callgrind"],
+                *([] if opaque else ["--first-seen"]), "--tokens", str(CALLGRIND_TOKENS + OPAQUE_CONNECTIONS * opaque),
             ],
             check=True,
         )  # fmt: skip
         command = ["callgrind_annotate", "--inclusive=yes", str(out)]
         annotated = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    if opaque:
+        per_token = _inclusive(annotated, OPAQUE_LOOP) / CALLGRIND_TOKENS
+        print(f"callgrind, first-seen opaque: {per_token:,.0f} instructions per token ({CALLGRIND_TOKENS} tokens)")
+        return
     check, raw = _inclusive(annotated, CHECK_LOOP), _inclusive(annotated, RAW_LOOP)
     print(
         f"callgrind, first-seen ES256: {check / CALLGRIND_TOKENS:,.0f} instructions per check, "
@@ -286,7 +313,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     parser.add_argument("--door", choices=["http", "grpc", "ext_authz"], default="http", help="cached: which door")
     parser.add_argument("--callgrind", action="store_true", help="first-seen instruction counts under valgrind")
-    parser.add_argument("--tokens", type=int, default=FIRST_SEEN_ROUNDS * FIRST_SEEN_PER_ROUND, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.door != "http" and (args.first_seen or args.opaque):
         parser.error("--door grpc|ext_authz measures the cached check only")
@@ -309,8 +336,11 @@ def main() -> None:
         servers = procs.Servers(Path(tmp))
         stderr = os.dup(2)
         try:
-            issuer = idp.Issuer(servers, opaque=OPAQUE_TOKENS + OPAQUE_CONNECTIONS if args.opaque else 0)
-            tokens = issuer.mint("ES256", args.tokens + 1) if args.first_seen else [issuer.cached_token]
+            count = args.tokens or (
+                OPAQUE_TOKENS + OPAQUE_CONNECTIONS if args.opaque else FIRST_SEEN_ROUNDS * FIRST_SEEN_PER_ROUND
+            )
+            issuer = idp.Issuer(servers, opaque=count if args.opaque else 0)
+            tokens = issuer.mint("ES256", count + 1) if args.first_seen else [issuer.cached_token]
             tokens = tokens if args.first_seen else tokens * (CACHED_REQUESTS + 1)
             tokens = issuer.opaque if args.opaque else tokens
             raw = None
@@ -318,12 +348,16 @@ def main() -> None:
                 raw = floor.parse_and_verify("ES256", idp.read_keys(issuer.keys_file)["ES256"][1].public_key())
             config = Path(tmp) / "inproc.yaml"
             config.write_text(
-                'grpc: {listen: "127.0.0.1:0"}\nhttp: {listen: "127.0.0.1:0"}\n'
-                f'issuers:\n  - issuer: "{issuer.url}"\n    audiences: ["{wire.AUDIENCE}"]\n'
+                'grpc: {listen: "127.0.0.1:0"}\n'
+                + ("" if args.opaque else 'http: {listen: "127.0.0.1:0"}\n')
+                + f'issuers:\n  - issuer: "{issuer.url}"\n    audiences: ["{wire.AUDIENCE}"]\n'
                 "    algorithms: [ES256, RS256, EdDSA]\n    leeway_seconds: 30\n    allow_insecure_http: true\n"
                 + (
                     f"    introspection: {{client_id: {idp.CLIENT_ID}, client_secret_env: {idp.SECRET_ENV}, "
-                    f'endpoint: "{issuer.url}/introspect"}}\n'
+                    f'endpoint: "{issuer.url}/introspect", timeout_seconds: 30}}\n'
+                    # A loaded machine (or valgrind) must not turn checks into 503s: the deadline, nor shedding
+                    # (32 requests fed in one go look like a queue to the door's loop clock).
+                    'deadline_seconds: 30\nhttp: {listen: "127.0.0.1:0", shed_after_seconds: 30}\n'
                     if args.opaque
                     else ""
                 )
@@ -333,7 +367,10 @@ def main() -> None:
             with open(os.devnull, "w") as devnull:
                 os.dup2(devnull.fileno(), 2)  # ... written to /dev/null instead of the terminal
             uvloop.install()
-            asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo, args.opaque, args.door))
+            if args.opaque:
+                _measure_opaque_outside(config, tokens, args.profile)
+            else:
+                asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo, args.door))
         finally:
             audit.flush_logs()
             os.dup2(stderr, 2)

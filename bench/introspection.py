@@ -23,7 +23,8 @@ about in the window is the whole cost of one first-seen token (door, pipeline, i
 
 ``--before DIR`` runs a second pair of targets, ``before batch off`` / ``before batch on``: the verifier
 of another checkout (the code before a change), alternated with the others in the same run. ``--reps N``
-repeats every (scenario, target) point N times, alternating; the CPU table gives medians.
+repeats every (scenario, target) point N times, alternating; the CPU table gives medians. ``--only
+distinct`` runs that scenario alone (#24 goal 7's figure), ``--no-naive`` leaves the naive target out.
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ def run(ctx: Context) -> None:
     rate, delay = ctx.opt("rate", 1000.0), ctx.opt("delay", 0.02)
     duration, warmup, reps = ctx.opt("duration", 10.0, 4.0), 1.0, ctx.opt("reps", 1)
     before = ctx.opt("before", "")
+    scenarios = tuple(s for s in SCENARIOS if s in (ctx.opt("only", "") or ",".join(SCENARIOS)).split(","))
     os.environ.setdefault(idp.SECRET_ENV, secrets.token_urlsafe(24))  # the provider and the verifiers inherit it
     sent = int(rate * (warmup + duration))
     distinct_pool = min(DISTINCT_TOKENS, sent)
-    names = TARGETS + (("before batch off", "before batch on") if before else ())
+    names = tuple(t for t in TARGETS if t != "naive" or not ctx.args.no_naive)
+    names += ("before batch off", "before batch on") if before else ()
     # Fresh live tokens for every (scenario, target, repetition): hot and distinct pools, plus probes.
     per_point = HOT_TOKENS + distinct_pool + 4
     provider = idp.Issuer(ctx.servers, opaque=per_point * len(names) * reps, delay_s=delay)
@@ -69,8 +72,9 @@ def run(ctx: Context) -> None:
             provider.url, name="verifier batch off", issuer_yaml=intro + "}\n"
         ),
         "verifier batch on": ctx.servers.start_verifier(provider.url, name="verifier batch on", issuer_yaml=batch),
-        "naive": ctx.servers.start_baseline("introspect", issuer=provider.url).renamed("naive"),
     }
+    if "naive" in names:
+        targets["naive"] = ctx.servers.start_baseline("introspect", issuer=provider.url).renamed("naive")
     if before:
         tree = Path(before).resolve()
         targets["before batch off"] = ctx.servers.start_verifier(
@@ -84,7 +88,7 @@ def run(ctx: Context) -> None:
         return {**provider.counts(), "provider_cpu": procs.cpu_seconds([provider.proc.pid])}
 
     points = []
-    for rep, k, scenario in ((r, k, s) for r in range(reps) for k, s in enumerate(SCENARIOS)):
+    for rep, k, scenario in ((r, k, s) for r in range(reps) for k, s in enumerate(scenarios)):
         for name in names if (k + rep) % 2 == 0 else names[::-1]:
             target = targets[name]
             if scenario == "flood":

@@ -25,16 +25,12 @@ are only in the CPU figure).
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.parse
 from pathlib import Path
 from types import ModuleType
 
@@ -63,18 +59,6 @@ exec valgrind --tool=callgrind --callgrind-out-file={out}/callgrind.%p {nginx} "
 """
 
 
-def _requests(url: str, n: int, headers: dict[str, str]) -> None:
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=120)
-    for _ in range(n):
-        conn.request("GET", parts.path, headers=headers)
-        answer = conn.getresponse()
-        answer.read()
-        if answer.status != 200:
-            raise SystemExit(f"{url}: HTTP {answer.status} under callgrind")
-    conn.close()
-
-
 def instructions_per_request(
     gateways: ModuleType, work: Path, start: dict[str, object], url_path: str, n: int, headers: dict[str, str]
 ) -> float:
@@ -91,16 +75,9 @@ def instructions_per_request(
         del os.environ["NGINX_BIN"]
         gateways.READY_TIMEOUT_S = saved
     try:
-        _requests(f"{gw.url}{url_path}", 300, headers)
-        pid = str(gw.proc.pid)
-        subprocess.run(["callgrind_control", "-z", pid], capture_output=True, check=True)
-        _requests(f"{gw.url}{url_path}", n, headers)
-        subprocess.run(["callgrind_control", "-d", pid], capture_output=True, check=True)
-        time.sleep(1)
+        return edge.callgrind_instructions(gw.proc.pid, f"{gw.url}{url_path}", n, headers, out)
     finally:
         gw.stop()
-    dump = (out / f"callgrind.{pid}.1").read_text()  # from the zeroing to the dump: the N requests
-    return int(re.findall(r"^(?:totals|summary): (\d+)", dump, re.M)[0]) / n
 
 
 def main() -> None:

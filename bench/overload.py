@@ -10,23 +10,34 @@ Per door and bound: the capacity (closed loop inside the bound, 4 clients x 8 st
 * refused streams (RST_STREAM, h2load's "errored"): the transport's early refusal past the bound;
 * RSS before, right after and a few seconds after; a gRPC health check right after.
 
-"1000" is the bound before #24 (grpc.aio queued every accepted call); the other is the shipped default.
+*before* is the bound before #24 (1000: grpc.aio queued every accepted call), or with ``--before DIR`` that
+checkout's verifier with its defaults; *shipped* is this tree's defaults.
 
 **The forward-auth door and Envoy in front** (``--routes http,envoy-grpc,envoy-http``, ``--kinds``): wrk, closed
-loop, at ``HTTP_CAPACITY`` connections (capacity), then ``HTTP_FLOOD`` (the flood), one repeated token (``cached``) or a
-rotation of distinct ones (``first-seen``). Envoy runs the shipped deploy/envoy templates (tests/integration's
-rig, ``--concurrency 1``) in front of an nginx ``return 200``. *Served* is the 2xx answers; the budget is 1 s (an
-HTTP caller sends no deadline), checked against wrk's slowest answer and its timeouts (unanswered in 5 s).
+loop, at ``HTTP_CAPACITY`` connections (capacity), then ``HTTP_FLOOD`` (the flood; ``--connections``), one repeated
+token (``cached``) or a rotation of distinct ones (``first-seen``). Envoy runs the shipped deploy/envoy templates
+(tests/integration's rig, ``--concurrency 1``) in front of an nginx ``return 200``. *Served* is the 2xx answers;
+the budget is 1 s (an HTTP caller sends no deadline), checked against wrk's slowest answer and its timeouts
+(unanswered in 5 s).
+*before* is ``http.shed_after_seconds`` off, or with ``--before DIR`` that checkout's defaults.
+
+**The goal**, per door and token kind, from the shipped points (:func:`verdicts`): PASS/MISS for goodput (median
+served >= 80% of capacity), budget (no answer past it in any repetition), RSS (after <= 1.5x before) and healthy
+(a health check and a real check answered right after, within 1 s). The verifier's CPU per answer (/proc,
+served or refused) is the scheduling-independent figure next to them.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -44,6 +55,35 @@ HTTP_CAPACITY, HTTP_FLOOD = 16, 1000  # wrk connections
 SHED_DEFAULT = DEFAULT_SHED_AFTER_SECONDS
 SHED_OFF = MAX_DEADLINE_SECONDS  # http.shed_after_seconds as before #24 goal 4: never reached
 HTTP_BUDGET_MS = 1000  # no caller deadline on HTTP: the issue's 1 s
+GOODPUT_GOAL, RSS_GOAL, HEALTHY_WITHIN_S = 0.8, 1.5, 1.0  # the issue's goal 4
+SHIPPED = "shipped"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One verifier configuration under the flood: this tree's defaults (``shipped``), or the one before."""
+
+    name: str
+    tree: Path | None = None  # another checkout's verifier
+    grpc_bound: int | None = None  # grpc_max_concurrent_streams (None: the tree's default)
+    shed_after: float | None = None  # http.shed_after_seconds (None: the tree's default)
+
+    def yaml(self) -> tuple[str, str]:
+        """(root, http section) configuration lines."""
+        root = f"grpc_max_concurrent_streams: {self.grpc_bound}\n" if self.grpc_bound is not None else ""
+        return root, f"shed_after_seconds: {self.shed_after}" if self.shed_after is not None else ""
+
+
+def variants(ctx: Context, grpc: bool) -> tuple[Variant, Variant]:
+    """(before, shipped): ``--before DIR``'s defaults, else this tree with the bound/shedding of before #24."""
+    before = ctx.opt("before", None)
+    if before:
+        old = Variant("before", tree=Path(before).resolve())
+    else:
+        old = Variant("before", grpc_bound=BEFORE) if grpc else Variant("before", shed_after=SHED_OFF)
+    return old, Variant(SHIPPED)
+
+
 ROUTES = ("grpc-doors", "http", "envoy-grpc", "envoy-http")
 DECISION = re.compile(r'verifier_decisions_total\{door="\w+",outcome="(\w+)",reason="(\w+)"\} ([\d.e+]+)')
 
@@ -59,18 +99,31 @@ def _decisions(metrics_addr: str) -> dict[str, float]:
 def _healthy(target: Target) -> tuple[bool, float]:
     started = time.monotonic()
     with grpc.insecure_channel(target.grpc_addr) as channel:
-        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.RpcError:  # failed or timed out: not healthy
+            return False, time.monotonic() - started
     return answer.status == health_pb2.HealthCheckResponse.SERVING, time.monotonic() - started
 
 
-def point(ctx: Context, issuer: idp.Issuer, door: Door, bound: int, *, deadline_ms: int | None) -> dict[str, Any]:
-    """One verifier with ``bound`` streams per connection: its capacity, then the flood."""
+def _start(ctx: Context, issuer: idp.Issuer, variant: Variant) -> tuple[Target, str]:
+    """A verifier of ``variant`` with a metrics listener; (target, metrics address)."""
     metrics_addr = f"127.0.0.1:{procs.free_port()}"
+    root, http = variant.yaml()
     target = ctx.servers.start_verifier(
         issuer.url,
-        name=f"verifier-{bound}",
-        root_yaml=f'metrics: {{listen: "{metrics_addr}"}}\ngrpc_max_concurrent_streams: {bound}\n',
+        name=f"verifier-{variant.name}",
+        root_yaml=f'metrics: {{listen: "{metrics_addr}"}}\n' + root,
+        http_yaml=http,
+        tree=variant.tree,
     )
+    return target, metrics_addr
+
+
+def point(ctx: Context, issuer: idp.Issuer, door: Door, variant: Variant, *, deadline_ms: int | None) -> dict[str, Any]:
+    """One verifier of ``variant``: its capacity, then the flood."""
+    target, metrics_addr = _start(ctx, issuer, variant)
+    bound = variant.grpc_bound if variant.grpc_bound is not None else DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
     try:
         body = wire.grpc_payload(door, issuer.cached_token)
         duration = ctx.opt("duration", 5.0, 3.0)
@@ -89,13 +142,17 @@ def point(ctx: Context, issuer: idp.Issuer, door: Door, bound: int, *, deadline_
                 **extra,
             )
 
+        cap_cpu0 = procs.cpu_seconds(target.pids)
         cap = h2load(CAPACITY)
+        cap_cpu = procs.cpu_seconds(target.pids) - cap_cpu0
         time.sleep(1)
         rss0, before = procs.rss_kib(target.pids), _decisions(metrics_addr)
-        log = ctx.work / f"h2load-{door.value}-{bound}.log"
+        log = ctx.work / f"h2load-{door.value}-{variant.name}.log"
         log.unlink(missing_ok=True)
         headers = [f"grpc-timeout: {deadline_ms}m"] if deadline_ms is not None else []
+        cpu0 = procs.cpu_seconds(target.pids)
         flood = h2load(FLOOD, headers=headers, log=log)
+        cpu = procs.cpu_seconds(target.pids) - cpu0
         healthy, health_s = _healthy(target)
         rss1 = procs.rss_kib(target.pids)
         after = _decisions(metrics_addr)
@@ -112,12 +169,15 @@ def point(ctx: Context, issuer: idp.Issuer, door: Door, bound: int, *, deadline_
     return ctx.record(
         dict(
             door=door.value,
-            bound=bound,
+            variant=variant.name,
+            bound=bound if variant.tree is None else "before's default",
             deadline_ms=deadline_ms,
             capacity=capacity,
             served=served,
             served_per_s=served / duration,
             served_share=served / duration / capacity if capacity else None,
+            # scheduling-independent goodput: served per verifier CPU-second, against the capacity point's
+            served_per_cpu_share=_per_cpu_share(served, cpu, cap.requests, cap_cpu),
             decisions=decided,
             streams=len(elapsed_ms),
             refused_streams=flood.errors,
@@ -125,6 +185,9 @@ def point(ctx: Context, issuer: idp.Issuer, door: Door, bound: int, *, deadline_
             p99_ms=elapsed_ms[int(len(elapsed_ms) * 0.99)] if elapsed_ms else None,
             over_budget=sum(e > budget_ms for e in elapsed_ms),
             budget_ms=budget_ms,
+            # scheduling-independent: the verifier's CPU per decision it made over the flood
+            verifier_cpu_us=cpu / max(1.0, sum(decided.values())) * 1e6,
+            verifier_cores=cpu / duration,
             rss_before_mb=rss0 / 1024,
             rss_after_mb=rss1 / 1024,
             rss_settled_mb=rss2 / 1024,
@@ -133,6 +196,14 @@ def point(ctx: Context, issuer: idp.Issuer, door: Door, bound: int, *, deadline_
             loadavg=procs.loadavg(),
         )
     )
+
+
+def _per_cpu_share(served: float, cpu: float, cap_served: float, cap_cpu: float) -> float | None:
+    """Served per verifier CPU-second under the flood, as a share of the same at capacity: what goodput would be
+    if the verifier had had as much CPU as at capacity (the machine's other load moves the wall-clock share)."""
+    if not (cpu and cap_cpu and cap_served):
+        return None
+    return (served / cpu) / (cap_served / cap_cpu)
 
 
 def _get(addr: str, path: str, headers: dict[str, str]) -> tuple[int, float]:
@@ -151,14 +222,10 @@ def http_point(
     tokens: str,
     pools: dict[str, list[str]],
     upstream: int,
-    shed_after: float = DEFAULT_SHED_AFTER_SECONDS,
+    variant: Variant,
 ) -> dict[str, Any]:
     """One verifier (and for an Envoy route, the shipped Envoy in front): capacity, then the flood, by wrk."""
-    metrics_addr = f"127.0.0.1:{procs.free_port()}"
-    metrics_yaml = f'metrics: {{listen: "{metrics_addr}"}}\n'
-    target = ctx.servers.start_verifier(
-        issuer.url, name="verifier-http", root_yaml=metrics_yaml, http_yaml=f"shed_after_seconds: {shed_after}"
-    )
+    target, metrics_addr = _start(ctx, issuer, variant)
     envoy = None
     try:
         if route == "http":
@@ -191,11 +258,13 @@ def http_point(
 
         if _get(addr, path, headers(issuer.cached_token))[0] != 200:
             raise SystemExit(f"{route}: a request got no 200 (see {ctx.out})")
+        cap_cpu0 = procs.cpu_seconds(target.pids)
         cap = wrk(HTTP_CAPACITY, pools["capacity"])
+        cap_cpu = procs.cpu_seconds(target.pids) - cap_cpu0
         time.sleep(1)
         rss0, before = procs.rss_kib(target.pids), _decisions(metrics_addr)
         cpu0 = procs.cpu_seconds(target.pids)
-        flood = wrk(HTTP_FLOOD, pools["flood"])
+        flood = wrk(ctx.opt("connections", HTTP_FLOOD), pools["flood"])
         cpu = procs.cpu_seconds(target.pids) - cpu0
         served_status, served_s = _get(addr, path, headers(issuer.cached_token))
         health_status, health_s = _get(target.http_addr, "/healthz", {})
@@ -214,12 +283,20 @@ def http_point(
         dict(
             door=route,
             tokens=tokens,
-            shed_after=shed_after if shed_after < SHED_OFF else "off",
+            variant=variant.name,
+            shed_after=(
+                "before's default"
+                if variant.tree is not None
+                else "off"
+                if variant.shed_after == SHED_OFF
+                else variant.shed_after or SHED_DEFAULT
+            ),
             capacity=capacity,
             capacity_non_2xx=cap.refusals,
             served=served,
             served_per_s=served / flood.seconds,
             served_share=served / flood.seconds / capacity if capacity else None,
+            served_per_cpu_share=_per_cpu_share(served, cpu, cap.requests - cap.refusals, cap_cpu),
             answers=flood.requests,
             non_2xx=flood.refusals,
             timeouts=flood.timeouts,
@@ -269,12 +346,13 @@ def run_http(ctx: Context, issuer: idp.Issuer, routes: list[str], points: list[d
             for route in routes if rep % 2 == 0 else reversed(routes):
                 for tokens in kinds:
                     pools = minted if tokens == "first-seen" else {"capacity": [], "flood": []}
-                    # The forward-auth door with its early refusal off (before) and on (the default).
-                    variants = (SHED_OFF, SHED_DEFAULT) if route == "http" else (SHED_DEFAULT,)
-                    for shed_after in variants:
-                        p = http_point(ctx, issuer, route, tokens, pools, upstream, shed_after)
+                    # The forward-auth door before and as shipped (alternated); Envoy in front of the shipped one.
+                    pair = variants(ctx, grpc=False)
+                    both = pair if rep % 2 == 0 else pair[::-1]
+                    for variant in both if route == "http" else pair[1:]:
+                        p = http_point(ctx, issuer, route, tokens, pools, upstream, variant)
                         print(
-                            f"bench: overload {route} {tokens} shed {p['shed_after']} rep {rep}: served "
+                            f"bench: overload {route} {tokens} {variant.name} rep {rep}: served "
                             f"{p['served_per_s']:,.0f}/s ({p['served_share']:.0%} of capacity), max {p['max_ms']:.0f} "
                             f"ms, {p['non_2xx']:,} non-2xx, {p['timeouts']:,} timeouts",
                             file=sys.stderr,
@@ -296,24 +374,59 @@ def run(ctx: Context) -> None:
     http_routes = [r for r in routes if r != "grpc-doors"]
     if http_routes:
         run_http(ctx, issuer, http_routes, points)
+    pair = variants(ctx, grpc=True)
     for rep in range(ctx.opt("reps", 2, 1) if "grpc-doors" in routes else 0):
         for door in doors:
-            for bound in (BEFORE, DEFAULT_GRPC_MAX_CONCURRENT_STREAMS):
-                p = point(ctx, issuer, door, bound, deadline_ms=deadline_ms)
+            for variant in pair if rep % 2 == 0 else pair[::-1]:
+                p = point(ctx, issuer, door, variant, deadline_ms=deadline_ms)
                 print(
-                    f"bench: overload {door.value} bound {bound} rep {rep}: served {p['served']:,.0f} "
+                    f"bench: overload {door.value} {variant.name} rep {rep}: served {p['served']:,.0f} "
                     f"({p['served_share']:.0%} of capacity), max {p['max_ms']:.0f} ms",
                     file=sys.stderr,
                 )
                 points.append(p)
-    report.write(ctx.out, markdown(ctx, points), dict(points=points, warnings=ctx.warnings))
+    goal = verdicts(points)
+    for line in goal:
+        print(f"bench: goal {line}", file=sys.stderr)
+    report.write(ctx.out, markdown(ctx, points, goal), dict(points=points, goal=goal, warnings=ctx.warnings))
 
 
-def markdown(ctx: Context, points: list[dict[str, Any]]) -> str:
-    """The results tables: the gRPC doors (h2load), then the HTTP routes (wrk)."""
+def _label(p: dict[str, Any]) -> str:
+    return p["door"] if "bound" in p else f"{p['door']} {p['tokens']}"
+
+
+def verdicts(points: list[dict[str, Any]]) -> list[str]:
+    """#24 goal 4 per door (and token kind), from the shipped points: one line each, PASS/MISS per condition."""
+    lines = []
+    shipped = [p for p in points if p.get("variant") == SHIPPED]
+    for label in dict.fromkeys(_label(p) for p in shipped):
+        ps = [p for p in shipped if _label(p) == label]
+        share = statistics.median(p["served_share"] or 0.0 for p in ps)
+        late = sum(bool(p["over_budget"]) for p in ps)
+        rss = max(max(p["rss_after_mb"], p["rss_settled_mb"]) / p["rss_before_mb"] for p in ps)
+        health = max(p["health_s"] for p in ps)
+        sick = sum(not p["healthy"] or p["health_s"] > HEALTHY_WITHIN_S for p in ps)
+        cpu = statistics.median(p["verifier_cpu_us"] for p in ps)
+        per_cpu = statistics.median(p.get("served_per_cpu_share") or 0.0 for p in ps)
+
+        def verdict(ok: bool) -> str:
+            return "PASS" if ok else "MISS"
+
+        worst = max(p["max_ms"] or 0 for p in ps)
+        lines.append(
+            f"{label} (shipped, {len(ps)} reps): goodput {verdict(share >= GOODPUT_GOAL)} ({share:.0%} of capacity, "
+            f"median; per verifier CPU-second {per_cpu:.0%}); budget {verdict(not late)} ({late} reps with answers "
+            f"past {ps[0]['budget_ms']} ms, max {worst:,.0f} ms); RSS {verdict(rss <= RSS_GOAL)} ({rss:.2f}x); "
+            f"healthy {verdict(not sick)} ({health * 1000:,.0f} ms); verifier CPU {cpu:,.0f} us/answer"
+        )
+    return lines
+
+
+def markdown(ctx: Context, points: list[dict[str, Any]], goal: list[str]) -> str:
+    """The goal's verdicts, then the results tables: the gRPC doors (h2load), then the HTTP routes (wrk)."""
     grpc_points = [p for p in points if "bound" in p]
     http_points = [p for p in points if "bound" not in p]
-    common = ["capacity /s", "served /s", "of capacity"]
+    common = ["capacity /s", "served /s", "of capacity (per CPU-s)"]
     tail = ["p99 ms", "max ms", "over budget", "RSS before/after/+3 s MB", "healthy after"]
 
     def end(p: dict[str, Any]) -> list[str]:
@@ -328,26 +441,50 @@ def markdown(ctx: Context, points: list[dict[str, Any]]) -> str:
         ]
 
     def start(p: dict[str, Any]) -> list[str]:
-        return [report.fmt(p["capacity"]), report.fmt(p["served_per_s"]), f"{p['served_share']:.0%}"]
+        per_cpu = p.get("served_per_cpu_share")
+        share = f"{p['served_share']:.0%}" + (f" ({per_cpu:.0%})" if per_cpu is not None else "")
+        return [report.fmt(p["capacity"]), report.fmt(p["served_per_s"]), share]
 
-    parts = ["# Overload at the three doors"]
+    parts = ["# Overload at the three doors", "#24 goal 4, shipped defaults:\n\n" + "\n".join(f"- {g}" for g in goal)]
     if grpc_points:
         parts += [
             ctx.header(f"gRPC: h2load -c {FLOOD[0]} -m {FLOOD[1]}, capacity at -c {CAPACITY[0]} -m {CAPACITY[1]}"),
             report.table(
-                ["door", "streams/conn", *common, "refused streams", *tail],
-                [[p["door"], p["bound"], *start(p), f"{p['refused_streams']:,}", *end(p)] for p in grpc_points],
+                ["door", "variant", "streams/conn", *common, "refused streams", "verifier CPU us/answer", *tail],
+                [
+                    [
+                        p["door"],
+                        p["variant"],
+                        p["bound"],
+                        *start(p),
+                        f"{p['refused_streams']:,}",
+                        f"{p['verifier_cpu_us']:.0f}",
+                        *end(p),
+                    ]
+                    for p in grpc_points
+                ],
             ),
         ]
     if http_points:
         parts += [
-            ctx.header(f"HTTP: wrk -c {HTTP_FLOOD}, capacity at -c {HTTP_CAPACITY}"),
+            ctx.header(f"HTTP: wrk -c {ctx.opt('connections', HTTP_FLOOD)}, capacity at -c {HTTP_CAPACITY}"),
             report.table(
-                ["route", "tokens", "shed after s", *common, "non-2xx", "timeouts", "verifier CPU us/answer", *tail],
+                [
+                    "route",
+                    "tokens",
+                    "variant",
+                    "shed after s",
+                    *common,
+                    "non-2xx",
+                    "timeouts",
+                    "verifier CPU us/answer",
+                    *tail,
+                ],
                 [
                     [
                         p["door"],
                         p["tokens"] + (" (pool wrapped)" if p.get("wrapped") else ""),
+                        p["variant"],
                         p["shed_after"],
                         *start(p),
                         f"{p['non_2xx']:,}",

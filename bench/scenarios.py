@@ -39,7 +39,8 @@ SUITES: dict[str, Suite] = {
             options=(
                 ("--rate", float, "offered checks/s (introspection: default 1000; soak: instead of --rate-fraction)"),
                 ("--delay", float, "provider latency in seconds (default 0.02)"),
-                ("--before", str, "another checkout (the code before a change): its verifier runs too, as 'before'"),
+                ("--before", str, "another checkout (the code before a change): its verifier (nginx: plugin) runs too"),
+                ("--only", str, "comma-separated scenarios of hot,distinct,flood (default all)"),
             ),
         ),
         Suite(
@@ -90,13 +91,19 @@ SUITES: dict[str, Suite] = {
                 ("--routes", str, "overload: comma-separated grpc-doors,http,envoy-grpc,envoy-http (default all)"),
                 ("--kinds", str, "overload HTTP routes: token kinds, cached,first-seen (default both)"),
                 ("--pool", int, "overload first-seen: distinct tokens per phase (default 30,000)"),
+                ("--before", str, "another checkout (the code before a change): its defaults are the 'before' variant"),
+                ("--connections", int, "overload: wrk connections of the HTTP flood (default 1000)"),
             ),
         ),
         Suite(
             name="nginx",
             run=edge.run_nginx,
             description="the Kong Lua plugin's cost in front of an nginx route, with plain nginx",
-            options=(("--connections", int, "wrk connections for throughput (default 16; memory: 32)"),),
+            options=(
+                ("--connections", int, "wrk connections for throughput (default 16; memory: 32)"),
+                ("--instructions", int, "nginx: also callgrind's instructions per request over N requests (per run)"),
+                ("--before", str, ""),
+            ),
         ),
         Suite(
             name="generators",

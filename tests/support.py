@@ -13,7 +13,7 @@ import socket
 
 import aiohttp
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
@@ -71,3 +71,12 @@ def make_certificate(common_name: str) -> x509.Certificate:
         .not_valid_after(start + datetime.timedelta(days=1))
         .sign(key, hashes.SHA256())
     )
+
+
+def spki_pin(key: ec.EllipticCurvePrivateKey) -> str:
+    """A `jwks_pin_sha256` entry: what `openssl x509 -pubkey | openssl pkey -pubin -outform der | openssl dgst -sha256
+    -binary | base64` prints for the key's certificate."""
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    return base64.b64encode(digest.finalize()).decode()

@@ -74,7 +74,7 @@ from verifier.settings import ADMIN_TOKEN_ENV, IssuerSettings, Settings
 from verifier.state import MemoryState, SharedState, StateConfig
 from verifier.state.redis import RedisState
 from verifier.tokens.cache import ExpiringCache
-from verifier.tokens.fetch import Fetcher, HttpFetcher
+from verifier.tokens.fetch import Fetcher, HttpFetcher, issuer_tls
 from verifier.tokens.introspection import Introspector
 from verifier.tokens.introspection_breaker import BreakerState, CircuitBreaker
 from verifier.tokens.introspection_http import IntrospectionHttpClient
@@ -96,13 +96,33 @@ class HttpSessions:
     """Every outbound HTTP session, built inside the event loop on first use and closed by `close`.
 
     One pooled keep-alive session serves discovery and JWKS for every issuer; introspection has the
-    lean HTTP/1.1 client (`verifier.tokens.introspection_http`: a first-seen opaque token costs one call);
-    the SSF poller has its own session, so a transmitter sees the receiver's User-Agent.
+    lean HTTP/1.1 client (`verifier.tokens.introspection_http`: a first-seen opaque token costs one call),
+    one more per issuer TLS rules (`introspection_for`); the SSF poller has its own session, so a
+    transmitter sees the receiver's User-Agent.
     """
 
     def __init__(self, tracing: Tracing = NO_TRACING) -> None:
         self._open: dict[str, aiohttp.ClientSession] = {}
+        self._tracing = tracing
         self.introspection = IntrospectionHttpClient(default_headers=(("User-Agent", USER_AGENT),), tracing=tracing)
+        self._introspection_tls: dict[tuple[str, tuple[str, ...]], IntrospectionHttpClient] = {}
+
+    def introspection_for(self, issuer: IssuerSettings) -> IntrospectionHttpClient:
+        """The introspection client under the issuer's TLS rules (`tls_ca_file`, `jwks_pin_sha256`), as its
+        discovery and JWKS are fetched: the shared client when it has none. Its own pool: a connection
+        trusted under one issuer's rules is never handed to another's."""
+        rules = (issuer.tls_ca_file, issuer.jwks_pin_sha256)
+        if not any(rules):
+            return self.introspection
+        client = self._introspection_tls.get(rules)
+        if client is None:
+            client = self._introspection_tls[rules] = IntrospectionHttpClient(
+                default_headers=(("User-Agent", USER_AGENT),),
+                tls=issuer_tls(ca_file=issuer.tls_ca_file, pins=issuer.jwks_pin_sha256),
+                https_only=True,
+                tracing=self._tracing,
+            )
+        return client
 
     def providers(self) -> aiohttp.ClientSession:
         """Discovery and JWKS."""
@@ -129,6 +149,8 @@ class HttpSessions:
             await session.close()
         self._open.clear()
         await self.introspection.close()
+        for client in self._introspection_tls.values():
+            await client.close()
 
 
 def build_introspector(
@@ -251,10 +273,11 @@ class App:
                 audiences=i.audiences,
                 config=i.introspection,
                 endpoint=None,
-                http=self.sessions.introspection,
+                http=self.sessions.introspection_for(i),
                 clock=self.clock,
                 registry=self.metrics.registry,
                 discovered_endpoint=self._discovered("introspection_endpoint", i.issuer),
+                discovery_url=i.discovery,
             )
             for i in settings.issuers
             if i.introspection is not None

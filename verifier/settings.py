@@ -174,13 +174,10 @@ class CacheSettings:
 DEFAULT_MAX_PENDING_CHECKS = 1024  # first-seen checks in flight per worker before shedding load (503)
 # HTTP/2 streams per gRPC connection. Measured (docs/BENCHMARKS.md, overload): past this a client waits on its
 # own side. At 1000, 32 connections x 100 streams queued ~1 s inside grpc.aio and 98% of 100 ms calls expired;
-# at 8 (256 in flight), most still expired once the machine was busy; 4 and 2 served 75-100% of capacity.
-# The default stays 1000 (unchanged) until two costs of a low bound are settled: a client's first burst
-# before it reads the SETTINGS frame is refused (REFUSED_STREAM, which Envoy's ext_authz answers with its
-# status_on_error 503: it does not retry; the shipped Envoy gRPC template opens at most 4 streams per connection,
-# so a bound >= 4 is safe behind it), and h2load's closed loop saw refused streams at normal load.
-# Operators who see overload collapse set 4 (docs/BENCHMARKS.md says how it was measured).
-DEFAULT_GRPC_MAX_CONCURRENT_STREAMS = 1000
+# at 16 (512 in flight) they still expired; at 4 the doors served ~100% of capacity. gRPC clients read the
+# SETTINGS before their first call, so a burst waits at the client instead of being refused (the transport
+# counts open streams, not Python's calls: see GrpcDoors.start); Envoy's gRPC template opens at most 4.
+DEFAULT_GRPC_MAX_CONCURRENT_STREAMS = 4
 DEFAULT_EDGE_MAX_AGE_SECONDS = 10  # seconds a gateway may reuse an allow; also bounds revocation reach
 DEFAULT_REFUSAL_MAX_AGE_SECONDS = 5  # seconds a gateway may reuse a refusal of a malformed/forged token
 

@@ -5,6 +5,8 @@ door is healthy again as soon as the loop comes round. Not timed: the loop is he
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 
 from doorkit import http_exchange, running_verifier
@@ -13,7 +15,7 @@ from tokenkit import DISCOVERY_URL, JWKS_URL, KIDS, NOW, FakeFetcher, claims, di
 
 from verifier.app import App
 from verifier.doors import forward_auth
-from verifier.settings import DEFAULT_SHED_AFTER_SECONDS, Listen, Settings
+from verifier.settings import DEFAULT_SHED_AFTER_SECONDS, ForwardAuthSettings, Listen, Settings
 
 
 def _request(token: str, sub_path: str = "") -> bytes:
@@ -147,3 +149,90 @@ async def test_a_full_pending_queue_answers_503_retry_after_at_once_and_recovers
         assert ok.startswith(b"HTTP/1.1 200"), ok[:100]
     finally:
         await app.stop(grace=0.1)
+
+
+ONE_TURN = 300  # first-seen requests read in one loop turn (each on its own connection)
+SHORT_SHED = 0.03  # http.shed_after_seconds in these tests: 300 checks take far longer than this
+
+
+def _blocking_answer(sock: socket.socket) -> tuple[int, dict[str, str]]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before an answer"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    while len(body) < int(headers.get("content-length", "0")):
+        body += sock.recv(65536)
+    return int(lines[0].split(" ", 2)[1]), headers
+
+
+async def _one_turn(port: int, requests: list[bytes]) -> list[tuple[int, dict[str, str]]]:
+    """Every request on its own connection, all sent by another thread while the server's loop waits (for less
+    than the shed threshold), so that one loop turn reads them all; then every answer. A client apart from the
+    loop: only the server's own work keeps it busy."""
+    socks = await asyncio.to_thread(lambda: [socket.create_connection(("127.0.0.1", port), 30) for _ in requests])
+    try:
+        await asyncio.sleep(0.2)  # every connection accepted
+        sender = threading.Thread(target=lambda: [s.sendall(r) for s, r in zip(socks, requests, strict=True)])
+        sender.start()
+        sender.join()  # the loop does not run meanwhile: the requests wait in their sockets
+        return await asyncio.to_thread(lambda: [_blocking_answer(sock) for sock in socks])
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+async def _allowed_within_tries(port: int, token: str, tries: int = 20) -> bool:
+    for _ in range(tries):
+        answer = await http_exchange(port, _request(token))
+        if b" 200 " in answer:
+            return True
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:100]  # shed again, never anything else
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_burst_of_first_seen_tokens_is_checked_only_while_the_loop_keeps_up_and_none_is_starved() -> None:
+    # A first-seen check runs as its request is read: once the loop has been at it for `shed_after_seconds`,
+    # the rest of the burst is refused at once (503 + Retry-After), never allowed, and each refused token is
+    # checked and allowed when it comes back with room in the loop. The client is another thread, so only
+    # the server's own work keeps its loop busy.
+    async with running_verifier({"forward_auth": ForwardAuthSettings(shed_after_seconds=SHORT_SHED)}) as (app, idp):
+        port = app.ports.http
+        for i in range(5):  # the door learns what a check costs
+            assert b" 200 " in await http_exchange(port, _request(idp.mint(sub=f"warm-{i}")))
+        fresh = [idp.mint(sub=f"turn-{i}") for i in range(ONE_TURN)]
+
+        answers = await _one_turn(port, [_request(t) for t in fresh])
+
+        statuses = [status for status, _ in answers]
+        assert set(statuses) <= {200, 503}
+        assert statuses.count(503) > 0 and statuses.count(200) <= ONE_TURN * 0.6, statuses.count(200)
+        for status, headers in answers:
+            if status == 503:
+                assert headers["retry-after"] == "1" and "x-authenticated-userid" not in headers
+        # Not starved: every shed token, sent again as Retry-After asks (sooner here), is checked and allowed once
+        # the loop has room (a slow machine may still be behind on the first try).
+        for token, status in zip(fresh, statuses, strict=True):
+            if status == 503:
+                assert await _allowed_within_tries(port, token)
+
+
+async def test_a_flood_of_forged_tokens_never_gets_an_allow_and_a_legit_token_gets_through() -> None:
+    async with running_verifier({"forward_auth": ForwardAuthSettings(shed_after_seconds=SHORT_SHED)}) as (app, idp):
+        port = app.ports.http
+        legit = idp.mint(sub="legit")
+        head, _, _ = legit.rpartition(".")
+        forged = [idp.mint(sub=f"forged-{i}").rpartition(".")[0] + "." + legit.rpartition(".")[2] for i in range(150)]
+        forged += [f"{head}.{'A' * 86}", "not-a-jwt", "e30.e30.", "Bearer"] * 10
+
+        for _ in range(2):  # twice: the second time the refusals are remembered (the negative cache)
+            answers = await _one_turn(port, [_request(t) for t in [*forged, legit]])
+
+            for status, headers in answers[:-1]:
+                assert status in (401, 503), status  # refused or shed; never an allow
+                assert "x-authenticated-userid" not in headers
+        assert await _allowed_within_tries(port, legit)  # the legit caller retries (Retry-After) and gets through

@@ -1,9 +1,9 @@
 """Overload through the shipped Envoy templates (real Envoy, real verifier), not timed.
 
-- A verifier announcing a small `grpc_max_concurrent_streams` refuses the streams of a burst sent before its
-  SETTINGS were read (REFUSED_STREAM), which Envoy's ext_authz answers with its status_on_error 503 (it does
-  not retry them). The gRPC template opens at most 4 streams per connection: a burst is spread over more
-  connections (or waits, bounded, in Envoy), and a verifier bounded at 4 never refuses one.
+- A verifier announcing a small `grpc_max_concurrent_streams` (the default, 4) refuses the streams of a burst sent
+  before its SETTINGS were read (RST_STREAM), which Envoy's ext_authz answers with its status_on_error 503 (it
+  does not retry them). The gRPC template opens at most 4 streams per connection: a burst is spread over more
+  connections (or waits, bounded, in Envoy), and a verifier at the default bound never refuses one.
 
 Cluster circuit breakers were tried and left out: their immediate 503s feed closed-loop clients faster than
 checks are served (docs/BENCHMARKS.md, "Overload at the three doors").
@@ -44,7 +44,7 @@ def issuer() -> Iterator[LocalIssuer]:
 def test_a_burst_past_the_verifiers_stream_bound_is_retried_not_answered_503(
     tmp_path: Path, issuer: LocalIssuer, upstream: EchoUpstream
 ) -> None:
-    verifier = start_verifier(tmp_path, issuer=issuer.issuer, extra_config={"grpc_max_concurrent_streams": 4})
+    verifier = start_verifier(tmp_path, issuer=issuer.issuer)  # the shipped default bound
     envoy = start_envoy(tmp_path, "grpc", verifier_grpc_port=verifier.extra["grpc_port"], upstream_port=upstream.port)
     try:
         token = issuer.mint(sub="burst")

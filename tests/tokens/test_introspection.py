@@ -88,6 +88,7 @@ class FakeHttp:
         self.fault: int | str | None = None
         self.delay = 0.0
         self.discovery: dict[str, Any] | None = None
+        self.encoding = "utf-8"  # of the RFC 7662 answers
 
     @property
     def posts(self) -> list[HttpRequest]:
@@ -120,7 +121,7 @@ class FakeHttp:
         if request.url == BATCH_ENDPOINT:
             tokens = json.loads(request.body)["tokens"]
             return HttpReply(200, json.dumps({"results": [self.answer(t) for t in tokens]}).encode())
-        return HttpReply(200, json.dumps(self.answer(form(request)["token"])).encode())
+        return HttpReply(200, json.dumps(self.answer(form(request)["token"])).encode(self.encoding))
 
 
 def form(request: HttpRequest) -> dict[str, str]:
@@ -315,17 +316,31 @@ async def test_a_batch_mixes_active_and_inactive_answers(make: MakeIntrospector,
     assert len(http.posts) == 1
 
 
-async def test_without_a_batch_endpoint_each_token_gets_its_own_post_dispatched_together(
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
+async def test_an_answer_not_in_utf_8_is_malformed(
+    make: MakeIntrospector, http: FakeHttp, registry: CollectorRegistry, encoding: str
+) -> None:
+    """RFC 8259 section 8.1: JSON between systems is UTF-8; `json.loads` would guess UTF-16/32 or skip a BOM."""
+    http.answers["tok"] = active()
+    http.encoding = encoding
+    with pytest.raises(ProviderUnavailable, match="malformed JSON"):
+        await check(make(), "tok")
+    assert sample(registry, "verifier_introspection_calls_total", result="malformed") == 1
+
+
+async def test_without_a_batch_endpoint_each_token_gets_its_own_post_at_once(
     make: MakeIntrospector, http: FakeHttp, registry: CollectorRegistry
 ) -> None:
+    """RFC 7662 takes one token per POST: nothing to gather, so the batch window never delays one."""
     tokens = [f"tok-{i}" for i in range(8)]
     for token in tokens:
         http.answers[token] = active()
-    introspector = make(batch_window_seconds=0.01)
-    await asyncio.gather(*(check(introspector, t) for t in tokens))
+    introspector = make(batch_window_seconds=10.0)
+    async with asyncio.timeout(2):
+        await asyncio.gather(*(check(introspector, t) for t in tokens))
     assert len(http.posts) == 8
     assert sorted(http.tokens_asked()) == sorted(tokens)
-    assert sample(registry, "verifier_introspection_batch_size_count") == 1  # one dispatch of eight
+    assert sample(registry, "verifier_introspection_batch_size_count") == 8  # eight dispatches of one
 
 
 async def test_a_full_batch_is_sent_without_waiting_for_the_window(make: MakeIntrospector, http: FakeHttp) -> None:

@@ -549,6 +549,17 @@ async def test_https_verifies_the_provider_certificate(client: IntrospectionHttp
             await trusting.close()
 
 
+async def test_a_client_with_tls_rules_never_calls_plain_http() -> None:
+    """An issuer's CA file and pins (`HttpSessions.introspection_for`) would check nothing over http."""
+    client = IntrospectionHttpClient(tls=ssl.create_default_context(), https_only=True)
+    try:
+        async with Peer([ok()]) as peer:
+            await refused(client, peer.url, "https only")
+            assert peer.connections == 0
+    finally:
+        await client.close()
+
+
 async def _resolves(host: str) -> bool:
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, 0)

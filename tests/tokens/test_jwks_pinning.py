@@ -1,4 +1,5 @@
-"""`jwks_pin_sha256` and `tls_ca_file`: discovery and JWKS only from a server holding a pinned key.
+"""`jwks_pin_sha256` and `tls_ca_file`: discovery and JWKS only from a server holding a pinned key (introspection:
+tests/tokens/test_introspection_tls.py).
 
 Real TLS servers on loopback with self-signed certificates made here (`cryptography`); the verifier
 fetches through its production `HttpFetcher`. Both servers are trusted (`tls_ca_file` holds both
@@ -8,7 +9,6 @@ certificates), so only the pin tells them apart: trust in a certificate for the 
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import ipaddress
 import json
@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from support import free_port
+from support import free_port, spki_pin
 from tokenkit import AUDIENCE, Mint, claims
 
 from verifier.app import App
@@ -51,14 +51,6 @@ def self_signed(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
         .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
         .sign(key, hashes.SHA256())
     )
-
-
-def spki_pin(key: ec.EllipticCurvePrivateKey) -> str:
-    """What `openssl x509 -pubkey | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64` prints."""
-    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(spki)
-    return base64.b64encode(digest.finalize()).decode()
 
 
 Server = Callable[[ec.EllipticCurvePrivateKey], Awaitable[str]]

@@ -24,8 +24,8 @@ SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519Pri
 
 DEFAULT_TIMEOUT_SECONDS = 2.0  # seconds per provider call, queueing included: a request waits at most this
 DEFAULT_MAX_IN_FLIGHT = 32  # concurrent calls to one provider: enough for a burst, too few to flatten it
-DEFAULT_BATCH_WINDOW_SECONDS = 0.001  # 1 ms: long enough to gather a burst, short next to a round trip
-DEFAULT_MAX_BATCH_SIZE = 64  # tokens per dispatch; a full batch is sent at once without waiting the window
+DEFAULT_BATCH_WINDOW_SECONDS = 0.001  # batch endpoint: 1 ms gathers a burst, short next to a round trip
+DEFAULT_MAX_BATCH_SIZE = 64  # tokens per batch call; a full batch is sent at once without waiting the window
 DEFAULT_POSITIVE_TTL_SECONDS = 60.0  # an active answer is reused this long at most (bounds revocation lag)
 DEFAULT_NEGATIVE_TTL_SECONDS = 10.0  # an inactive answer is reused this long (garbage floods cost nothing)
 DEFAULT_POSITIVE_ENTRIES = 100_000  # active answers kept per issuer (bounded memory)
@@ -69,10 +69,13 @@ class IntrospectionConfig:
         DEFAULT_MAX_IN_FLIGHT, doc="concurrent calls to the provider", minimum=1, maximum=10_000
     )
     batch_window_seconds: float = setting(
-        DEFAULT_BATCH_WINDOW_SECONDS, doc="how long a burst is gathered into one batch", minimum=0, maximum=0.1,
+        DEFAULT_BATCH_WINDOW_SECONDS, doc="with batch_endpoint: how long a burst is gathered into one call",
+        minimum=0, maximum=0.1,
         unit="seconds",
     )
-    max_batch_size: int = setting(DEFAULT_MAX_BATCH_SIZE, doc="tokens per dispatch", minimum=1, maximum=1000)
+    max_batch_size: int = setting(
+        DEFAULT_MAX_BATCH_SIZE, doc="with batch_endpoint: tokens per call", minimum=1, maximum=1000
+    )
     positive_ttl_seconds: float = setting(
         DEFAULT_POSITIVE_TTL_SECONDS, doc="an active answer is reused this long at most", minimum=0, maximum=86_400,
         unit="seconds",

@@ -111,9 +111,11 @@ class IssuerSettings:
     jwks_inline: str = setting("", doc="a JWKS object written in the YAML instead of discovery")
     static_jwks: str = ""  # the JSON of jwks_file or jwks_inline, read once at load (a reload re-reads it)
     jwks_pin_sha256: tuple[str, ...] = setting(
-        (), doc="base64 SHA-256 of the discovery/JWKS server's public key (SPKI); one must match"
+        (), doc="base64 SHA-256 of the provider's public key (SPKI): discovery, JWKS, introspection; one must match"
     )
-    tls_ca_file: str = setting("", doc="PEM CA bundle for discovery/JWKS TLS (default: the system's)")
+    tls_ca_file: str = setting(
+        "", doc="PEM CA bundle for discovery, JWKS and introspection TLS (default: the system's)"
+    )
 
     @property
     def is_template(self) -> bool:
@@ -133,5 +135,3 @@ class IssuerSettings:
     def discovery(self) -> str:
         """The OIDC discovery document's URL."""
         return self.discovery_url or self.issuer.rstrip("/") + "/.well-known/openid-configuration"
-
-

@@ -140,6 +140,11 @@ def issuer_tls_context(*, ca_file: str = "", pins: frozenset[bytes] = frozenset(
     return context
 
 
+def issuer_tls(*, ca_file: str = "", pins: tuple[str, ...] = ()) -> ssl.SSLContext:
+    """`issuer_tls_context` from an issuer's settings: `tls_ca_file` and the base64 `jwks_pin_sha256` entries."""
+    return issuer_tls_context(ca_file=ca_file, pins=frozenset(base64.b64decode(pin) for pin in pins))
+
+
 class TlsFetcher:
     """The shared HTTP fetcher under one issuer's TLS context (its CA bundle, its pinned keys)."""
 
@@ -169,8 +174,7 @@ class HttpFetcher:
 
         A pinned issuer's URLs must be https: over plain http there is no key to check.
         """
-        digests = frozenset(base64.b64decode(pin) for pin in pins)
-        return TlsFetcher(self, issuer_tls_context(ca_file=ca_file, pins=digests))
+        return TlsFetcher(self, issuer_tls(ca_file=ca_file, pins=pins))
 
     async def get_json(
         self, url: str, *, timeout: float, max_bytes: int, tls: ssl.SSLContext | None = None

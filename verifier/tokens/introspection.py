@@ -6,8 +6,9 @@ Per issuer, one `Introspector`:
   `negative_ttl_seconds`; both bounded and keyed by the token's SHA-256. Transport failures and 5xx
   are never remembered.
 - single flight: concurrent requests for the same token share one provider call.
-- batching: distinct tokens arriving within `batch_window_seconds` are dispatched together (one POST
-  per token within the in-flight bound, or one call to a batch endpoint; see `introspection_client`).
+- batching, with a batch endpoint: distinct tokens arriving within `batch_window_seconds` go in one call
+  (see `introspection_client`). Without one (RFC 7662: one token per POST) each first-seen token is
+  sent at once, within the in-flight bound: a window would only delay it.
 - failure: a timeout, transport error or non-200 answer is `ProviderUnavailable` (503, fail closed),
   unless `serve_stale_on_error` lets a cached, still-valid active answer stand in; a circuit breaker
   stops calls to a provider that keeps failing and probes it back after a cool-down.
@@ -22,10 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import dataclasses
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, NamedTuple
 
 from verifier.clock import Clock
 from verifier.config.introspection import ClientAuth, IntrospectionConfig, parse_introspection_config
@@ -41,17 +41,17 @@ from verifier.errors import (
     VerifierError,
     WrongTokenType,
 )
-from verifier.numbers import json_number
+from verifier.numbers import MAX_JSON_NUMBER, json_number
 from verifier.observe.metrics import IssuerIntrospectionMetrics
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.introspection_breaker import Breaker
 from verifier.tokens.introspection_client import (
+    BatchDispatcher,
     IntrospectionHttp,
     IntrospectionResult,
     ProviderClient,
-    default_dispatcher,
 )
 
 __all__ = [
@@ -74,16 +74,14 @@ _NOT_ACCESS_TOKENS = frozenset(
 )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Cached:
+class _Cached(NamedTuple):
     """An active answer: fresh until `fresh_until`; after that only a stand-in while the provider is down."""
 
     principal: Principal
     fresh_until: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Verdict:
+class _Verdict(NamedTuple):
     """What every waiter on one provider call gets: a principal, or an error each waiter raises afresh."""
 
     principal: Principal | None = None
@@ -97,11 +95,9 @@ class _Verdict:
         return self.principal
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Pending:
+class _Pending(NamedTuple):
     token: str
     token_hash: bytes
-    future: asyncio.Future[_Verdict]
 
 
 def _audiences(value: Any) -> tuple[str, ...]:
@@ -116,6 +112,8 @@ def _number(answer: Mapping[str, Any], name: str) -> float | None:
     value = answer.get(name)
     if value is None:
         return None
+    if type(value) is int and -MAX_JSON_NUMBER <= value <= MAX_JSON_NUMBER:  # the usual time claim, at once
+        return float(value)
     number = json_number(value)
     if number is None:  # NaN, Infinity, 10**400: a provider's answer is parsed by Python's json
         raise ClaimInvalid(f"{name} is not a number", claim=name)
@@ -137,9 +135,11 @@ class Introspector:
         metrics: IssuerIntrospectionMetrics,
         breaker: Breaker,
         discovered_endpoint: Callable[[], str] | None = None,
+        discovery_url: str = "",
     ) -> None:
         """Endpoint, first found wins: `config.endpoint`, `endpoint`, `discovered_endpoint()` (a late-bound
-        lookup in discovery metadata someone else fetched), else discovery fetched here on first use.
+        lookup in discovery metadata someone else fetched), else discovery fetched here on first use from
+        `discovery_url` (the issuer's configured one; default `{issuer}/.well-known/openid-configuration`).
         `http` is the network seam: the root's `IntrospectionHttpClient`, or a test's. `metrics` and
         `breaker` are the root's (`verifier.app.build_introspector`): the breaker reports to the breaker gauge."""
         self.issuer = issuer
@@ -153,16 +153,18 @@ class Introspector:
             config=config,
             endpoint=endpoint,
             discovered_endpoint=discovered_endpoint,
-            discovery_url=issuer.rstrip("/") + "/.well-known/openid-configuration",
+            discovery_url=discovery_url or issuer.rstrip("/") + "/.well-known/openid-configuration",
             http=http,
             clock=clock,
             breaker=self.breaker,
             metrics=metrics,
         )
-        self._dispatcher = default_dispatcher(self.client)
+        self._batches = BatchDispatcher(self.client)  # with a batch endpoint
+        self._per_token = not config.batch_endpoint  # else one POST per token (RFC 7662): no window, no batch
         self._positive: ExpiringCache[_Cached] = ExpiringCache(config.positive_entries, clock)
         self._negative: ExpiringCache[bool] = ExpiringCache(config.negative_entries, clock)
-        self._inflight: dict[bytes, asyncio.Future[_Verdict]] = {}
+        # Single flight: the futures of every request waiting for one token's provider call.
+        self._inflight: dict[bytes, list[asyncio.Future[_Verdict]]] = {}
         self._pending: list[_Pending] = []
         self._timer: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -187,16 +189,20 @@ class Introspector:
             raise ProviderUnavailable("introspection is shutting down")
         if len(token) > DEFAULT_MAX_TOKEN_BYTES:
             raise MalformedToken("token too large")
-        future = self._inflight.get(token_hash)
-        if future is None:
+        # A future per waiter: one giving up (cancelled) must not cancel the answer the others wait for.
+        future: asyncio.Future[_Verdict] = asyncio.get_running_loop().create_future()
+        waiters = self._inflight.get(token_hash)
+        if waiters is None:
             self._metrics.miss.inc()
-            future = asyncio.get_running_loop().create_future()
-            self._inflight[token_hash] = future
-            self._enqueue(_Pending(token, token_hash, future))
+            self._inflight[token_hash] = [future]
+            if self._per_token:
+                self._start(self._one(token, token_hash))
+            else:
+                self._enqueue(_Pending(token, token_hash))
         else:
             self._metrics.coalesced.inc()
-        # Shielded: one waiter giving up must not cancel the answer the others wait for.
-        verdict = await asyncio.shield(future)
+            waiters.append(future)
+        verdict = await future
         return verdict.result()
 
     # -- batching --------------------------------------------------------------------------
@@ -216,41 +222,65 @@ class Introspector:
             self._timer = None
         batch, self._pending = self._pending, []
         if batch:
-            task = asyncio.get_running_loop().create_task(self._flush(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start(self._flush(batch))
+
+    def _start(self, call: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(call)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _one(self, token: str, token_hash: bytes) -> None:
+        """One token's RFC 7662 call (no batch endpoint)."""
+        self._metrics.batch_size.observe(1)
+        result: IntrospectionResult
+        try:
+            result = await self.client.introspect(token)
+        except ProviderUnavailable as exc:
+            result = exc
+        except asyncio.CancelledError:
+            self._fail([token_hash], ProviderUnavailable("introspection is shutting down"))
+            raise
+        except Exception:  # a bug: fail closed, never leave a waiter hanging
+            log.exception("introspection call failed", extra={"event": "introspection_error"})
+            result = ProviderUnavailable("introspection failed")
+        self._deliver(token_hash, result)
 
     async def _flush(self, batch: list[_Pending]) -> None:
         self._metrics.batch_size.observe(len(batch))
         results: list[IntrospectionResult]
         try:
-            answers = await self._dispatcher.dispatch([p.token for p in batch])
+            answers = await self._batches.dispatch([p.token for p in batch])
             if len(answers) != len(batch):
                 raise ProviderUnavailable("introspection dispatcher answered a different number of tokens")
             results = list(answers)
         except ProviderUnavailable as exc:
             results = [exc] * len(batch)
         except asyncio.CancelledError:
-            self._fail(batch, ProviderUnavailable("introspection is shutting down"))
+            self._fail([p.token_hash for p in batch], ProviderUnavailable("introspection is shutting down"))
             raise
         except Exception:  # a bug: fail closed, never leave a waiter hanging
             log.exception("introspection dispatch failed", extra={"event": "introspection_error"})
             results = [ProviderUnavailable("introspection failed")] * len(batch)
         for pending, result in zip(batch, results, strict=True):
-            try:
-                verdict = self._settle(pending.token_hash, result)
-            except Exception:
-                log.exception("introspection answer handling failed", extra={"event": "introspection_error"})
-                verdict = _Verdict(error=InternalError("internal error"))
-            self._inflight.pop(pending.token_hash, None)
-            if not pending.future.done():
-                pending.future.set_result(verdict)
+            self._deliver(pending.token_hash, result)
 
-    def _fail(self, batch: list[_Pending], error: VerifierError) -> None:
-        for pending in batch:
-            self._inflight.pop(pending.token_hash, None)
-            if not pending.future.done():
-                pending.future.set_result(_Verdict(error=error))
+    def _deliver(self, token_hash: bytes, result: IntrospectionResult) -> None:
+        """Settles one token's result and hands the verdict to everyone waiting for it."""
+        try:
+            verdict = self._settle(token_hash, result)
+        except Exception:
+            log.exception("introspection answer handling failed", extra={"event": "introspection_error"})
+            verdict = _Verdict(error=InternalError("internal error"))
+        self._wake(token_hash, verdict)
+
+    def _wake(self, token_hash: bytes, verdict: _Verdict) -> None:
+        for future in self._inflight.pop(token_hash, ()):
+            if not future.done():  # a waiter that gave up is cancelled
+                future.set_result(verdict)
+
+    def _fail(self, token_hashes: Iterable[bytes], error: VerifierError) -> None:
+        for token_hash in token_hashes:
+            self._wake(token_hash, _Verdict(error=error))
 
     # -- answers ---------------------------------------------------------------------------
 
@@ -314,7 +344,8 @@ class Introspector:
         elif not any(a in self.audiences for a in audiences):
             raise AudienceMismatch("token is not for this audience")
         token_exp = exp if exp is not None else now + self.config.positive_ttl_seconds
-        claims = {k: v for k, v in answer.items() if k != "active"}
+        claims = dict(answer)
+        del claims["active"]  # present: only `"active": true` gets here
         claims.setdefault("iss", self.issuer)
         principal = Principal(
             issuer=self.issuer,
@@ -335,11 +366,12 @@ class Introspector:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch, self._pending = self._pending, []
-        self._fail(batch, ProviderUnavailable("introspection is shutting down"))
+        self._pending = []
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # Queued tokens, and calls cancelled before they began (their task never ran its handler).
+        self._fail(list(self._inflight), ProviderUnavailable("introspection is shutting down"))

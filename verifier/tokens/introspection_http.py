@@ -19,7 +19,8 @@ What it guarantees (each proven in tests/tokens/test_introspection_http.py again
   a complete answer that allows keep-alive (not HTTP/1.0 without keep-alive, not `Connection: close`)
   with nothing after it; the pool is bounded per origin and forgets connections idle `IDLE_SECONDS`;
 - 1xx interim answers are skipped (RFC 9110 section 15.2), 101 is refused (nothing asked to switch);
-- https with certificate and host-name verification (the system's CAs unless a context is given);
+- https with certificate and host-name verification (the system's CAs unless a context is given: an
+  issuer's `tls_ca_file` and `jwks_pin_sha256`, see `verifier.app.HttpSessions.introspection_for`);
 - nothing of the request goes in an error message: the token travels form-encoded in the body, and
   header values with a line break are refused before anything is sent (no header injection).
 """
@@ -78,19 +79,23 @@ class _Connection(asyncio.Protocol):
 
     # -- the exchange ----------------------------------------------------------------------
 
-    async def exchange(self, request: bytes, max_bytes: int) -> HttpReply:
-        """Writes `request` and waits for the whole answer; the caller's deadline cancels the wait."""
+    async def exchange(self, request: bytes, max_bytes: int, deadline: float) -> HttpReply:
+        """Writes `request` and waits for the whole answer until `deadline` (the loop's clock): then the
+        connection is dropped and the exchange fails. A timer handle, not `asyncio.timeout`: one per call."""
         if self._transport is None or self._waiter is not None or self.closed:
             raise ProviderUnavailable("introspection provider connection is not ready")
         self._reset()
         self._fed = 0
         self._max_bytes = max_bytes
         self.reusable = False
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        expiry = loop.call_at(deadline, self._fail, "timed out")
         self._transport.write(request)
         try:
             return await self._waiter
         finally:
+            expiry.cancel()
             self._waiter = None
 
     def close(self) -> None:
@@ -243,7 +248,8 @@ class IntrospectionHttpClient:
     """The production `IntrospectionHttp` seam: pooled keep-alive HTTP/1.1 connections, per origin.
 
     Built by the composition root (`verifier.app.HttpSessions`) and closed by it. `tls` replaces the
-    default verifying context (the system's CAs); `default_headers` go on every request (User-Agent).
+    default verifying context (the system's CAs): an issuer's `tls_ca_file` and pinned keys, with
+    `https_only` (plain http URLs refused); `default_headers` go on every request (User-Agent).
     """
 
     def __init__(
@@ -251,12 +257,14 @@ class IntrospectionHttpClient:
         *,
         default_headers: Headers = (),
         tls: ssl.SSLContext | None = None,
+        https_only: bool = False,
         connections: int = DEFAULT_CONNECTIONS,
         idle_seconds: float = IDLE_SECONDS,
         tracing: Tracing = NO_TRACING,
     ) -> None:
         self._fixed = _header_lines((*default_headers, ("Accept", "application/json"), ("Accept-Encoding", "identity")))
         self._tls = tls
+        self._https_only = https_only
         self._connections = connections
         self._idle_seconds = idle_seconds
         self._tracing = tracing
@@ -271,7 +279,10 @@ class IntrospectionHttpClient:
         if target is None:
             if len(self._targets) >= 64:  # endpoints are configured or discovered: few; never grow unbounded
                 self._targets.clear()
-            target = self._targets[url] = _Target(url)
+            target = _Target(url)
+            if self._https_only and not target.tls:  # an issuer's CA file and pins mean nothing over plain http
+                raise ProviderUnavailable("an issuer with TLS rules (pins, CA file) is called over https only")
+            self._targets[url] = target
         return target
 
     async def send(self, request: HttpRequest) -> HttpReply:
@@ -288,21 +299,29 @@ class IntrospectionHttpClient:
             if request.body or request.method == "POST":
                 head += f"Content-Length: {len(request.body)}\r\n"
             data = (head + "\r\n").encode("latin-1") + request.body
+            deadline = asyncio.get_running_loop().time() + request.timeout
             try:
-                async with asyncio.timeout(request.timeout):
-                    return await self._exchange(target, data, request.max_bytes)
+                return await self._exchange(target, data, request.max_bytes, deadline)
             except TimeoutError:
                 raise ProviderUnavailable("introspection provider timed out") from None
 
-    async def _exchange(self, target: _Target, data: bytes, max_bytes: int) -> HttpReply:
+    async def _exchange(self, target: _Target, data: bytes, max_bytes: int, deadline: float) -> HttpReply:
         slots = self._slots.get(target.origin)
         if slots is None:
             slots = self._slots[target.origin] = asyncio.Semaphore(self._connections)
-        async with slots:
-            connection = self._pooled(target.origin) or await self._connect(target)
+        if slots.locked():  # waiting for a connection counts against the deadline
+            async with asyncio.timeout_at(deadline):
+                await slots.acquire()
+        else:
+            await slots.acquire()
+        try:
+            connection = self._pooled(target.origin)
+            if connection is None:
+                async with asyncio.timeout_at(deadline):  # connecting and the TLS handshake too
+                    connection = await self._connect(target)
             self._busy.add(connection)
             try:
-                reply = await connection.exchange(data, max_bytes)
+                reply = await connection.exchange(data, max_bytes, deadline)
             except BaseException:  # a failure or the deadline: the stream is in an unknown state
                 connection.close()
                 raise
@@ -317,6 +336,8 @@ class IntrospectionHttpClient:
             else:
                 connection.close()
             return reply
+        finally:
+            slots.release()
 
     def _pooled(self, origin: tuple[str, str, int]) -> _Connection | None:
         """The most recently used idle connection still open and fresh; stale ones are closed."""

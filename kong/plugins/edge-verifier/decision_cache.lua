@@ -80,8 +80,8 @@ end
 
 --- The cache key of a request: everything the answer depends on, joined with
 --- NUL (which cannot occur in header values or URIs, so the join is
---- unambiguous): `head` (the verifier URL and the request line, already
---- joined), then `"\0Authorization:" .. values` and `"\0cnf:" .. thumbprint`
+--- unambiguous): `head` (the verifier URL and the request as nginx holds it:
+--- method, scheme, host, port, $request_uri, $args; already joined), then `"\0Authorization:" .. values` and `"\0cnf:" .. thumbprint`
 --- when present. Its SHA-256 where resty.sha256 exists, so tokens are not kept
 --- as keys; the pieces are fed to the hash one by one, so the credential is
 --- never copied into a longer string. The joined string itself otherwise

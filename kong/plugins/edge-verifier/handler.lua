@@ -7,8 +7,9 @@
 -- fails closed with 503; `fail_open` passes only when the connection failed
 -- (never after a timeout: the credential may have been under check).
 --
--- Uses only PDK functions present on every Kong 3.x, plus ngx.socket.tcp, so
--- it needs neither lua-resty-http nor a Kong newer than 3.0.
+-- Uses only PDK functions present on every Kong 3.x, plus ngx.socket.tcp and
+-- OpenResty's ngx.req / ngx.var (what those PDK functions call), so it needs
+-- neither lua-resty-http nor a Kong newer than 3.0.
 
 local http1 = require "kong.plugins.edge-verifier.http1"
 local decision_cache = require "kong.plugins.edge-verifier.decision_cache"
@@ -26,6 +27,14 @@ local gsub = string.gsub
 local byte = string.byte
 local setmetatable = setmetatable
 local tostring = tostring
+-- Raw ngx.* calls where the PDK wrapper only adds checks this plugin already
+-- guarantees (phase, argument types): on a reused answer they are most of the
+-- request's work. Kong's own kong.request / kong.service.request end in these.
+local var = ngx.var
+local get_headers = ngx.req.get_headers
+local get_method = ngx.req.get_method
+local set_header = ngx.req.set_header
+local clear_header = ngx.req.clear_header
 
 local EdgeVerifierHandler = {
   VERSION = "0.1.0",
@@ -195,7 +204,7 @@ local function scan_headers(headers)
       if sub(dashed, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX
           or IS_METHOD_OVERRIDE[dashed] or dashed == CONSUMER_GROUPS_HEADER
           or sub(dashed, 1, NAMING_PREFIX_LEN) == NAMING_PREFIX then
-        kong.service.request.clear_header(name)
+        clear_header(name)
       elseif IS_CONSUMER_HEADER[lname] then
         consumer_sent = true
       elseif lname == "x-webauthn-assertion" then
@@ -217,8 +226,8 @@ local function scan_headers(headers)
 end
 
 
--- What the verifier's answer depends on, read once per request.
--- Returns method, scheme, host, port, uri (path and raw query).
+-- What the verifier is told about the request (asked only when no answer is
+-- reused). Returns method, scheme, host, port, uri (path and raw query).
 local function request_line()
   local req = kong.request
   local path = req.get_path()
@@ -282,33 +291,43 @@ end
 local function to_decision(res)
   if res.status >= 200 and res.status < 300 then
     local consumer_field, consumer_value, consumer_err = consumers.named(res.headers)
-    -- identity: name -> value for one set_headers call; a name the verifier
-    -- repeats (in any spelling) keeps its last value, as set_header would
-    local identity, spelling, n = {}, {}, 0
+    -- identity: the headers to set upstream, as two arrays; a name the
+    -- verifier repeats (in any spelling) keeps its last spelling and value,
+    -- as setting them one after another would
+    local names, values, at, n = {}, {}, {}, 0
     local to_client = {}
     local list = res.header_list
     for i = 1, #list do
       local name, value = list[i][1], list[i][2]
       local lname = lower(name)
       if sub(lname, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX then
-        local prev = spelling[lname]
-        if prev then
-          identity[prev] = nil
-        else
+        local j = at[lname]
+        if not j then
           n = n + 1
+          j = n
+          at[lname] = j
         end
-        spelling[lname] = name
-        identity[name] = value
+        names[j], values[j] = name, value
       elseif is_client_header(lname) then
         to_client[#to_client + 1] = { name, value }
       end
     end
+    local userid = joined(res.headers["x-authenticated-userid"])
+    if userid == "" then
+      -- a client-credentials token names no user: no Kong credential with an empty id
+      userid = nil
+    end
     return {
       allow = true,
       per_request = #to_client > 0,
-      identity = n > 0 and identity or nil,
+      identity_names = names,
+      identity_values = values,
+      identity_count = n,
       to_client = #to_client > 0 and to_client or nil,
-      userid = joined(res.headers["x-authenticated-userid"]),
+      userid = userid,
+      -- what kong.client.authenticate gets when no consumer is named; built
+      -- once per answer, as Kong's authenticators pass their cached entity
+      credential = userid and { id = userid } or nil,
       consumer_field = consumer_field,
       consumer_value = consumer_value,
       consumer_err = consumer_err,
@@ -404,22 +423,20 @@ local function authenticate_named(conf, decision, userid)
 end
 
 
-local function apply_allow(conf, decision, consumer_sent)
-  if decision.identity then
-    kong.service.request.set_headers(decision.identity)
+local function apply_allow(conf, c, decision, consumer_sent)
+  local names, values = decision.identity_names, decision.identity_values
+  for i = 1, decision.identity_count do
+    set_header(names[i], values[i])
   end
 
   local userid = decision.userid
-  if userid == "" then
-    -- a client-credentials token names no user: no Kong credential with an empty id
-    userid = nil
-  end
   if userid then
     -- for plugins that run after this one (custom logging, say)
     kong.ctx.shared.edge_verifier_userid = userid
   end
 
   if decision.to_client then
+    c.to_client_seen = true
     kong.ctx.plugin.to_client = decision.to_client
   end
 
@@ -433,7 +450,7 @@ local function apply_allow(conf, decision, consumer_sent)
   -- the verifier names no consumer: one an earlier authenticator set stays
   if kong.client.get_consumer() == nil then
     if userid then
-      kong.client.authenticate(nil, { id = userid })
+      kong.client.authenticate(nil, decision.credential)
     end
     strip_consumer_headers(consumer_sent)
   end
@@ -446,7 +463,7 @@ end
 
 
 function EdgeVerifierHandler:access(conf)
-  local headers, herr = kong.request.get_headers(MAX_REQUEST_HEADERS)
+  local headers, herr = get_headers(MAX_REQUEST_HEADERS)
   if herr == "truncated" then
     -- a spoofed identity header past the limit could not be seen to be cleared
     return kong.response.exit(400, { message = "Too many request headers" })
@@ -460,20 +477,24 @@ function EdgeVerifierHandler:access(conf)
     return kong.response.error(500, "An unexpected error occurred")
   end
 
-  local method, scheme, host, port, uri = request_line()
+  local scheme = var.scheme
   local thumbprint = thumbprint_for(conf, sent_thumbprint, scheme)
 
   local cache = not single_use and c.cache
   local key, decision
   if cache then
-    -- everything the answer depends on
-    key = decision_cache.key(c.key_prefix .. method .. "\0" .. scheme .. "\0" .. host
-                             .. "\0" .. (port or "") .. "\0" .. uri,
+    -- everything the answer depends on, read from nginx as it holds it: the
+    -- verifier is told method, scheme, host, port, path and query, each a
+    -- function of these (kong.request reads the same variables)
+    key = decision_cache.key(c.key_prefix .. get_method() .. "\0" .. scheme .. "\0" .. var.host
+                             .. "\0" .. var.server_port .. "\0" .. var.request_uri
+                             .. "\0" .. (var.args or ""),
                              authorization, thumbprint)
     decision = decision_cache.get(cache, key)
   end
 
   if not decision then
+    local method, _, host, port, uri = request_line()
     local res, err = http1.request(target, "GET",
                                    build_request(headers, method, scheme, host, port, uri, thumbprint),
                                    c.request_opts)
@@ -502,11 +523,17 @@ function EdgeVerifierHandler:access(conf)
     return kong.response.exit(decision.status, decision.body, decision.headers)
   end
 
-  return apply_allow(conf, decision, consumer_sent)
+  return apply_allow(conf, c, decision, consumer_sent)
 end
 
 
 function EdgeVerifierHandler:header_filter(conf) -- luacheck: ignore 212
+  -- no answer of this configuration has had headers for the client yet:
+  -- nothing to look up for this request
+  local c = per_conf[conf]
+  if not (c and c.to_client_seen) then
+    return
+  end
   local to_client = kong.ctx.plugin.to_client
   if not to_client then
     return
