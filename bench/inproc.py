@@ -16,7 +16,8 @@ process, no delay), through ``OPAQUE_CONNECTIONS`` door connections at a time: t
 opaque token with the provider calls' real I/O but none of the door's.
 
 ``--door grpc|ext_authz``: the cached check at a gRPC door instead, its method handler called as grpc.aio calls
-it (deserializer, handler, serializer) with the serialized request ``h2load`` sends.
+it (deserializer, handler, serializer) with the serialized request ``h2load`` sends (``ext_authz``: each with its
+own request id, time and source port, as Envoy sends them).
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ async def _measure_grpc(app: Any, door: wire.Door, tokens: list[str], profiler: 
         else:
             raise SystemExit("the handler suspended: not a cached check")
 
-    requests = [wire.grpc_payload(door, t) for t in tokens[1:]]  # fresh bytes objects, as grpc hands over
+    # Fresh bytes objects, as grpc hands over; Envoy's differ in their per-request fields (`wire.grpc_payload`).
+    requests = [wire.grpc_payload(door, t, serial) for serial, t in enumerate(tokens[1:], 1)]
     best = min(_timed(_checks, one, requests, profiler=profiler) for _ in range(CACHED_PASSES))
     if not wire.allowed(door, answers[0]):
         raise SystemExit(f"not an allow: {answers[0][:80]!r}")

@@ -72,8 +72,15 @@ class Target:
         return Target(name=name, grpc_addr=self.grpc_addr, http_addr=self.http_addr, pids=self.pids)
 
 
-def grpc_payload(door: Door, token: str) -> bytes:
-    """The serialized request message (no gRPC frame) for one check of ``token`` at a gRPC door."""
+def grpc_payload(door: Door, token: str, serial: int = 0) -> bytes:
+    """The serialized request message (no gRPC frame) for one check of ``token`` at a gRPC door.
+
+    ``ext_authz``: the shape Envoy 1.40 sends with deploy/envoy/envoy-grpc.yaml.template (captured from a real
+    Envoy: its headers, pseudo-headers included, both peers, the protocol, empty metadata contexts), with the
+    fields Envoy fills anew for every request (``x-request-id``, ``request.time``, ``request.http.id``) derived
+    from ``serial``: h2load repeats one message, ``bench.inproc`` varies them (one client connection: one source
+    port).
+    """
     headers = {"authorization": f"Bearer {token}", "user-agent": "bench/1", "accept": "*/*"}
     if door is Door.GRPC:
         return verifier_pb2.CheckRequest(
@@ -85,7 +92,14 @@ def grpc_payload(door: Door, token: str) -> bytes:
             client_address="192.0.2.10",
         ).SerializeToString()
     request = envoy_pb2.CheckRequest()
-    http = request.attributes.request.http
+    attributes = request.attributes
+    attributes.source.address.socket_address.address = "192.0.2.10"
+    attributes.source.address.socket_address.port_value = 40_000  # one keep-alive connection
+    attributes.destination.address.socket_address.address = "127.0.0.1"
+    attributes.destination.address.socket_address.port_value = 8080
+    attributes.request.time.seconds, attributes.request.time.nanos = 1_796_300_000 + serial, serial % 1_000_000_000
+    http = attributes.request.http
+    http.id = str(16_938_230_415_406_314_478 - serial)
     http.method, http.scheme, http.host, http.path, http.protocol = (
         "GET",
         "https",
@@ -93,8 +107,21 @@ def grpc_payload(door: Door, token: str) -> bytes:
         ORIGINAL_PATH,
         "HTTP/1.1",
     )
-    http.headers.update(headers)
-    request.attributes.source.address.socket_address.address = "192.0.2.10"
+    http.headers.update(
+        {
+            "x-request-id": f"8e58bf45-431f-4a31-8b18-{serial:012x}",
+            "x-forwarded-proto": "https",
+            "x-forwarded-for": "192.0.2.10",
+            "x-envoy-external-address": "192.0.2.10",
+            **headers,
+            ":scheme": "https",
+            ":path": ORIGINAL_PATH,
+            ":method": "GET",
+            ":authority": ORIGINAL_HOST,
+        }
+    )
+    attributes.metadata_context.SetInParent()
+    attributes.route_metadata_context.SetInParent()
     return request.SerializeToString()
 
 

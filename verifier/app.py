@@ -400,7 +400,13 @@ class App:
             # Remembered answers stand for cached tokens: with no token cache, every request is judged afresh.
             memo=AnswerMemo(self.clock, self.generation) if cache.token_entries > 0 else None,
         )
-        self.grpc = GrpcDoors(self.pipeline, self.metrics, self.ready, tracing)
+        self.grpc = GrpcDoors(
+            self.pipeline,
+            self.metrics,
+            self.ready,
+            tracing,
+            answers=(lambda: AnswerMemo(self.clock, self.generation)) if cache.token_entries > 0 else None,
+        )
         self.ports = BoundPorts()
         self._extras_ready = self.revocation is None
         if self.revocation is not None:

@@ -436,23 +436,10 @@ def test_any_sequence_gets_byte_identical_answers_with_and_without_the_memo(
 async def _differential(
     steps: list[tuple[str, Any, int, str]], mint: Mint, fetcher: FakeFetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(ADMIN_TOKEN_ENV, ADMIN)
-    clock = FrozenClock(NOW)
-    settings_ = Settings(
-        grpc=None, http=None, metrics=None, issuers=(issuer_settings(),), policies=POLICIES,
-        revocation=parse_revocation_config({}),
-    )  # fmt: skip
-    app = App(settings_, clock=clock, fetcher=fetcher)
-    await app.start()
+    app, clock = await differential_app(fetcher, monkeypatch)
     try:
-        await asyncio.wait_for(app.wait_serving(), 10)
-        assert app.revocation is not None
         plain = plain_door(app)
-        tokens = [
-            mint(claims(exp=int(NOW) + 25)),
-            mint(claims(sub="user-2", auth_time=int(NOW) - 30, roles=["admin"])),
-            mint(claims(sub="user-3", exp=int(NOW) + 3600, email="u3@example.test")),
-        ]
+        tokens = differential_tokens(mint)
         variants: list[Callable[[str], list[bytes]]] = [
             lambda t: [request(t)],
             lambda t: [request(t, "/recent/x")],
@@ -479,18 +466,49 @@ async def _differential(
                     assert memo_client.wire.closed == plain_client.wire.closed
                     if memo_client.wire.closed:
                         break
-            elif kind == "advance":
-                clock.advance(arg)
-            elif kind == "revoke":
-                await app.revocation.add([operator_entry("e-1", "user-1", clock.now())])
-            elif kind == "lift":
-                await app.revocation.remove(["e-1", "c-1"])
-            elif kind == "claims":
-                await app.revocation.add([operator_entry("c-1", "user-3", clock.now(), {"scope": "read"})])
             else:
-                app.positive.clear()
+                await change_state(app, clock, kind, arg)
     finally:
         await app.stop(grace=0.1)
+
+
+async def differential_app(fetcher: FakeFetcher, monkeypatch: pytest.MonkeyPatch) -> tuple[App, FrozenClock]:
+    """The composition root of the differential tests (policies, revocation), started, and its clock."""
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, ADMIN)
+    clock = FrozenClock(NOW)
+    settings_ = Settings(
+        grpc=None, http=None, metrics=None, issuers=(issuer_settings(),), policies=POLICIES,
+        revocation=parse_revocation_config({}),
+    )  # fmt: skip
+    app = App(settings_, clock=clock, fetcher=fetcher)
+    await app.start()
+    await asyncio.wait_for(app.wait_serving(), 10)
+    assert app.revocation is not None
+    return app, clock
+
+
+def differential_tokens(mint: Mint) -> list[str]:
+    """Near its end; with an authentication age and a role; long-lived with a claim a change overrides."""
+    return [
+        mint(claims(exp=int(NOW) + 25)),
+        mint(claims(sub="user-2", auth_time=int(NOW) - 30, roles=["admin"])),
+        mint(claims(sub="user-3", exp=int(NOW) + 3600, email="u3@example.test")),
+    ]
+
+
+async def change_state(app: App, clock: FrozenClock, kind: str, seconds: float) -> None:
+    """One step between requests: the clock advances, an entry is added or lifted, the token cache forgotten."""
+    assert app.revocation is not None
+    if kind == "advance":
+        clock.advance(seconds)
+    elif kind == "revoke":
+        await app.revocation.add([operator_entry("e-1", "user-1", clock.now())])
+    elif kind == "lift":
+        await app.revocation.remove(["e-1", "c-1"])
+    elif kind == "claims":
+        await app.revocation.add([operator_entry("c-1", "user-3", clock.now(), {"scope": "read"})])
+    else:
+        app.positive.clear()
 
 
 # -- identity assertions: renewed at half-life, minted per request under a claims change ---------------------------
@@ -574,3 +592,5 @@ def test_without_a_token_cache_there_is_no_memo(clock: FrozenClock, fetcher: Fak
 
     assert built(0).forward_auth.memo is None
     assert built(10).forward_auth.memo is not None
+    assert built(0).grpc._own_answers is None and built(0).grpc._envoy_answers is None  # the gRPC doors' too
+    assert built(10).grpc._own_answers is not None and built(10).grpc._envoy_answers is not None

@@ -6,8 +6,9 @@ from __future__ import annotations
 import grpc
 import pytest
 from doorkit import running_verifier
+from envoy.service.auth.v3 import external_auth_pb2 as ea
 
-from verifier.doors.grpc import OWN_SERVICE, RequestMemo, attributes_from_own, own_response
+from verifier.doors.grpc import ENVOY_SERVICE, OWN_SERVICE, RequestMemo, attributes_from_own, own_response
 from verifier.settings import RateLimit, RateLimitSettings
 from verifier.v1 import verifier_pb2
 
@@ -68,17 +69,24 @@ async def test_a_remembered_request_is_still_decided_on_every_call() -> None:
     assert (second.http_status, second.reason) == (429, "rate_limited")
 
 
+@pytest.mark.parametrize("door", ["grpc", "ext_authz"])
 @pytest.mark.parametrize("data", [b"\xff\xff\xff", b"\x0a\x05ab", b"\x12"])
-async def test_bytes_that_are_not_a_check_request_are_invalid_argument(data: bytes) -> None:
+async def test_bytes_that_are_not_a_check_request_are_invalid_argument(data: bytes, door: str) -> None:
     async with running_verifier() as (app, idp):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
-            check = channel.unary_unary(CHECK)
+            check = channel.unary_unary(CHECK if door == "grpc" else f"/{ENVOY_SERVICE}/Check")
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await check(data)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             # The door keeps serving.
-            ok = verifier_pb2.CheckResponse.FromString(await check(_request(f"Bearer {idp.mint()}")))
-            assert ok.allowed
+            token = idp.mint()
+            if door == "grpc":
+                assert verifier_pb2.CheckResponse.FromString(await check(_request(f"Bearer {token}"))).allowed
+            else:
+                request = ea.CheckRequest()
+                request.attributes.request.http.headers["authorization"] = f"Bearer {token}"
+                answer = ea.CheckResponse.FromString(await check(request.SerializeToString()))
+                assert answer.status.code == 0
 
 
 def test_the_memo_is_bounded_in_entries_and_request_size() -> None:

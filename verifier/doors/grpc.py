@@ -1,12 +1,13 @@
 """The gRPC doors: our own `verifier.v1.Verifier/Check` and Envoy's `envoy.service.auth.v3.Authorization/Check`
 (wire-compatible with Envoy's ext_authz filter), plus standard health checking and reflection.
 
-Both are registered as generic handlers whose responses are pre-serialized bytes memoized on the
-decision: a cached decision is answered without building or serializing a protobuf message. Our own
-door also takes the request as bytes: the Kong plugin sends the same bytes for the same request, so their
-translation (parse + attributes, a third of a cached check's Python) is remembered (`RequestMemo`); the
-decision itself is still made on every call. Envoy's requests carry per-request fields (request id,
-time): they are parsed each time.
+Both are registered as generic handlers taking the request as bytes; their responses are pre-serialized
+bytes memoized on the decision: a cached decision is answered without building or serializing a protobuf
+message. Each door keys a request: our own by its bytes (the Kong plugin sends the same bytes for the same
+request), Envoy's by the request without the fields Envoy fills anew for every call (`envoy_request`). The
+key finds the translation (parse + attributes, `RequestMemo`) and, while the pipeline says the same request
+would get the same answer bytes, the answer itself (`AnswerMemo`, as the forward-auth door: not for a
+refusal, a per-request check such as a rate limit, nor past a change of state).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from verifier.decision import Decision, smuggled_identity
+from verifier.doors.answer_memo import AnswerMemo
+from verifier.doors.envoy_request import request_key
 from verifier.doors.refusals import GRPC_OK, grpc_code, sheds
 from verifier.observe.metrics import Metrics
 from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
@@ -88,16 +91,19 @@ MAX_MEMO_REQUESTS = 4096  # distinct requests remembered (x 8 KiB at most: 32 Mi
 
 
 class RequestMemo:
-    """Our own proto's serialized request -> its attributes, bounded (cleared when full).
+    """A serialized request -> its attributes, bounded (cleared when full).
 
-    The translation is a pure function of the bytes (the certificate thumbprint is in them too), so equal
-    bytes give equal attributes; only the parse and the translation are skipped, never a check. Any
-    change in the request (another token, path, header) is other bytes: a miss, parsed as before.
+    Our own door keys it by the request's bytes; the Envoy door by the request without its per-request fields
+    (`verifier.doors.envoy_request`). Either way the attributes are a pure function of the key (the
+    certificate thumbprint is in it too), so equal keys give equal attributes; only the parse and the
+    translation are skipped, never a check. Any change in the request (another token, path, header) is
+    another key: a miss, translated as before.
     """
 
     def __init__(self, max_entries: int = MAX_MEMO_REQUESTS, max_bytes: int = MAX_MEMO_REQUEST_BYTES) -> None:
         self._entries: dict[bytes, RequestAttributes] = {}
         self._max_entries, self._max_bytes = max_entries, max_bytes
+        self.get = self._entries.get  # the remembered attributes of a key, or None (a C call on the hot path)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -106,11 +112,15 @@ class RequestMemo:
         """The attributes of a serialized `verifier.v1.CheckRequest`; raises DecodeError when it is not one."""
         attrs = self._entries.get(data)
         if attrs is None:
-            attrs = attributes_from_own(verifier_pb2.CheckRequest.FromString(data))
-            if len(data) <= self._max_bytes:
-                if len(self._entries) >= self._max_entries:
-                    self._entries.clear()
-                self._entries[data] = attrs
+            attrs = self.keep(data, attributes_from_own(verifier_pb2.CheckRequest.FromString(data)))
+        return attrs
+
+    def keep(self, key: bytes, attrs: RequestAttributes) -> RequestAttributes:
+        """Remembers `attrs` as the translation of `key` (unless the key is too large); returns them."""
+        if len(key) <= self._max_bytes:
+            if len(self._entries) >= self._max_entries:
+                self._entries.clear()
+            self._entries[key] = attrs
         return attrs
 
 
@@ -254,7 +264,12 @@ class GrpcDoors:
     """Both Check services on one grpc.aio server."""
 
     def __init__(
-        self, pipeline: Pipeline, metrics: Metrics, ready: Callable[[], bool], tracing: Tracing | None = None
+        self,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+        tracing: Tracing | None = None,
+        answers: Callable[[], AnswerMemo] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.tracing = tracing
@@ -264,9 +279,17 @@ class GrpcDoors:
         self.ready = ready
         self.health = health.aio.HealthServicer()
         self._own_requests = RequestMemo()
+        # Envoy's: a quarter of our own door's entries (1,024 keys of at most 8 KiB, their attributes as large
+        # again: ~16 MiB of attacker-chosen requests at most); a repeat is answered by the answer memo first.
+        self._envoy_requests = RequestMemo(max_entries=MAX_MEMO_REQUESTS // 4)
+        # Remembered answers, one memo per door (their keys are different messages; None: every call is
+        # decided). Not with tracing: each call has its span.
+        remember = answers if tracing is None else None
+        self._own_answers = remember() if remember is not None else None
+        self._envoy_answers = remember() if remember is not None else None
         self._server: grpc.aio.Server | None = None
 
-    async def _decide_traced(self, attrs: RequestAttributes, door: str, context: Any) -> Decision:
+    async def _decide_traced(self, attrs: RequestAttributes, door: str, context: Any) -> tuple[Decision, float]:
         """A decision inside its span. The parent: the call's own `traceparent` metadata (the gateway's
         ext_authz client span, Envoy with tracing on), else the one in the original request's headers."""
         assert self.tracing is not None
@@ -277,15 +300,16 @@ class GrpcDoors:
         decision: Decision | None = None
         try:
             with span.current():
-                decision = await self._decide(attrs, door, context)
+                decision, _ = await self._decide(attrs, door, context)
         finally:
             # An abort (deadline, shedding) ends the call with a gRPC status instead of an answer.
             span.end(decision if decision is not None else ABORTED)
-        return decision
+        return decision, 0.0
 
-    async def _decide(self, attrs: RequestAttributes, door: str, context: Any) -> Decision:
+    async def _decide(self, attrs: RequestAttributes, door: str, context: Any) -> tuple[Decision, float]:
+        """The decision, and until when its answer may be remembered (0.0: not; `Pipeline.decide_cached_stable`)."""
         started = time.perf_counter()
-        decision = self.pipeline.decide_cached(attrs, door)
+        decision, until = self.pipeline.decide_cached_stable(attrs, door)
         if decision is None:
             # The caller's deadline bounds our own work: a late answer is worth nothing to Envoy.
             remaining = context.time_remaining() if context is not None else None
@@ -302,23 +326,68 @@ class GrpcDoors:
         self.metrics.decision(door, decision.outcome, decision.reason, time.perf_counter() - started)
         if context is not None and not decision.allowed and sheds(decision):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded: retry later")
-        return decision
+        return decision, until
+
+    def _recall(self, memo: AnswerMemo, key: bytes, door: str) -> bytes | None:
+        """The remembered answer for `key`, counted as the pipeline would have counted it; None: not remembered."""
+        started = time.perf_counter()
+        hit = memo.get(key, "")  # no peer: the client address is in the request (its key)
+        if hit is None:
+            return None
+        metrics = self.metrics
+        metrics.cache_lookup("positive", "hit")
+        metrics.decision(door, hit.outcome, hit.reason, time.perf_counter() - started)
+        return hit.answer
+
+    @staticmethod
+    async def _invalid(context: Any, what: str) -> None:
+        """Bytes that are not the door's request: INVALID_ARGUMENT (raises)."""
+        if context is None:
+            raise DecodeError(f"not a {what}")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a {what}")
 
     async def check_own(self, request: bytes, context: Any) -> bytes:
-        """verifier.v1.Verifier/Check, its request still serialized (see `RequestMemo`)."""
+        """verifier.v1.Verifier/Check, its request still serialized: the Kong plugin sends the same bytes for the
+        same request, so they key both the remembered answer and the translation (`RequestMemo`)."""
+        memo = self._own_answers
+        if memo is not None:
+            remembered = self._recall(memo, request, "grpc")
+            if remembered is not None:
+                return remembered
         try:
             attrs = self._own_requests.attributes(request)
         except DecodeError:
-            if context is None:
-                raise
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a verifier.v1.CheckRequest")
+            await self._invalid(context, "verifier.v1.CheckRequest")
             raise  # abort raises; this is never reached
-        return own_response(await self._decider(attrs, "grpc", context))
+        decision, until = await self._decider(attrs, "grpc", context)
+        answer = own_response(decision)
+        if until and memo is not None:
+            memo.store(request, "", answer, until, decision.outcome, decision.reason)
+        return answer
 
-    async def check_envoy(self, request: ea.CheckRequest, context: Any) -> bytes:
-        """envoy.service.auth.v3.Authorization/Check."""
-        attrs = attributes_from_envoy(request)
-        return envoy_response(await self._decider(attrs, "ext_authz", context), attrs.headers)
+    async def check_envoy(self, request: bytes, context: Any) -> bytes:
+        """envoy.service.auth.v3.Authorization/Check, its request still serialized: parsed, then keyed without
+        the fields Envoy fills anew for every request (`request_key`); the key finds a remembered answer, else
+        the attributes, which are translated from the very message the key is (`RequestMemo`)."""
+        try:
+            message = ea.CheckRequest.FromString(request)
+        except DecodeError:
+            await self._invalid(context, "envoy.service.auth.v3.CheckRequest")
+            raise  # abort raises; this is never reached
+        key = request_key(message)
+        memo = self._envoy_answers
+        if memo is not None:
+            remembered = self._recall(memo, key, "ext_authz")
+            if remembered is not None:
+                return remembered
+        attrs = self._envoy_requests.get(key)
+        if attrs is None:
+            attrs = self._envoy_requests.keep(key, attributes_from_envoy(message))
+        decision, until = await self._decider(attrs, "ext_authz", context)
+        answer = envoy_response(decision, attrs.headers)
+        if until and memo is not None:
+            memo.store(key, "", answer, until, decision.outcome, decision.reason)
+        return answer
 
     def own_handler(self) -> grpc.RpcMethodHandler:
         """`verifier.v1.Verifier/Check`: bytes in and out (without a serializer grpc passes bytes through
@@ -326,8 +395,8 @@ class GrpcDoors:
         return grpc.unary_unary_rpc_method_handler(self.check_own)
 
     def envoy_handler(self) -> grpc.RpcMethodHandler:
-        """`envoy.service.auth.v3.Authorization/Check`: parsed by grpc, the answer pre-serialized bytes."""
-        return grpc.unary_unary_rpc_method_handler(self.check_envoy, request_deserializer=ea.CheckRequest.FromString)
+        """`envoy.service.auth.v3.Authorization/Check`: bytes in and out, as `own_handler`."""
+        return grpc.unary_unary_rpc_method_handler(self.check_envoy)
 
     async def start(
         self,
