@@ -192,6 +192,15 @@ async def _measure_grpc(app: Any, door: wire.Door, tokens: list[str], profiler: 
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
+def _settle_gc() -> None:
+    """The collector as a serving worker's once it serves (an older tree without `gc_policy`: as it was)."""
+    try:
+        from verifier import gc_policy
+    except ImportError:
+        return
+    gc_policy.settle()
+
+
 async def _measure(
     config: Path,
     tokens: list[str],
@@ -208,6 +217,7 @@ async def _measure(
     await app.start()
     try:
         await asyncio.wait_for(app.keys.wait_ready(), 10)
+        _settle_gc()
         if not memo:
             app.forward_auth.memo = None
         # The loop does not come round during a measured pass: its overload clock would shed the pass.
@@ -263,6 +273,7 @@ def _measure_opaque_outside(config: Path, tokens: list[str], profile: bool) -> N
     try:
         loop.run_until_complete(app.start())
         loop.run_until_complete(asyncio.wait_for(app.keys.wait_ready(), 10))
+        _settle_gc()
         _measure_opaque(loop, app, tokens, cProfile.Profile(time.process_time) if profile else None)
     finally:
         loop.run_until_complete(app.stop(grace=0.1))
@@ -330,9 +341,14 @@ def main() -> None:
     from verifier import cli
     from verifier.observe import audit
 
-    young = getattr(cli, "GC_YOUNG_THRESHOLD", None)  # as `verifier serve`'s workers run (older trees: the default)
-    if young is not None:
-        gc.set_threshold(young, *gc.get_threshold()[1:])
+    try:  # as `verifier serve`'s workers run (older trees: their threshold, or the default)
+        from verifier import gc_policy
+
+        gc_policy.tune()
+    except ImportError:
+        young = getattr(cli, "GC_YOUNG_THRESHOLD", None)
+        if young is not None:
+            gc.set_threshold(young, *gc.get_threshold()[1:])
 
     os.environ.setdefault(idp.SECRET_ENV, secrets.token_urlsafe(24))  # the provider and the verifier share it
     with tempfile.TemporaryDirectory() as tmp:

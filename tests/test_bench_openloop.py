@@ -358,6 +358,32 @@ def test_a_goal_3_row_says_whether_it_is_a_server_figure() -> None:
     assert generator_lag(swinging, 2.2).endswith("p99 varied 4.1x across repetitions: NOT a server figure")
 
 
+def test_the_open_loop_rate_is_a_fraction_of_the_no_ops_median_maximum() -> None:
+    from bench.tokens import open_rate
+
+    # Repetition 1's maximum was cut by a stall: its open loops must not run at half the load of the others.
+    maxima = {(Door.GRPC, 0): 5_700.0, (Door.GRPC, 1): 2_100.0, (Door.GRPC, 2): 5_500.0, (Door.HTTP, 0): 90_000.0}
+    assert open_rate(maxima, Door.GRPC, 0.5) == 2_750.0
+    assert open_rate(maxima, Door.HTTP, 0.25) == 22_500.0
+    assert open_rate({(Door.GRPC, 0): 10.0}, Door.GRPC, 0.5) == 50.0  # the floor
+
+
+def test_a_goal_3_row_shows_each_repetitions_ratio_and_the_no_op_with_the_verifiers_gc() -> None:
+    from bench.tokens import HALF, NOOP_GC, goals
+
+    def point(target: str, rep: int, p99_ms: float) -> dict[str, Any]:
+        return dict(mode="open", door="grpc", target=target, fraction=HALF, rep=rep, tool="openloop (C)") | dict(
+            latency=dict(p99=p99_ms), lag=dict(p99=0.01)
+        )
+
+    p99s = {"noop": (4.0, 8.0, 5.0), NOOP_GC: (6.0, 9.0, 7.0), "verifier": (6.0, 8.0, 10.0)}
+    points = [point(t, rep, ms) for t, values in p99s.items() for rep, ms in enumerate(values)]
+    row = next(g for g in goals(points, {}, ["grpc"]) if g.name == "p99 at half no-op max vs no-op (grpc)")
+    assert row.value == 8.0 / 5.0  # the medians' ratio, as before
+    assert "per repetition 1.50, 1.00, 2.00 (median 1.50)" in row.detail
+    assert "vs the no-op with the verifier's GC settings 1.14 (7.00 ms)" in row.detail
+
+
 def test_a_grpc_body_file_is_sent_as_it_is(exe: Path, grpc_server: tuple[str, list[Any]], tmp_path: Path) -> None:
     """--raw FILE at the gRPC door: the file is the 5-byte-prefixed message, sent unchanged (h2load's -d)."""
     addr, _ = grpc_server

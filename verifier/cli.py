@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import gc
 import logging
 import os
 import shlex
@@ -14,19 +13,12 @@ import signal
 import sys
 import tempfile
 
-from verifier import ports
+from verifier import gc_policy, ports
 from verifier.app import App
 from verifier.observe.audit import configure_logging
 from verifier.settings import ConfigError, IssuerSettings, Listen, Settings, load_settings
 from verifier.state import with_default_path
 from verifier.workers import accept_stop_signals
-
-# Cyclic GC's young-generation threshold in a serving worker (CPython's default: 700). Every first-seen
-# token leaves a few dozen long-lived objects in the positive cache, so at the default a collection ran
-# every ~20 checks and the older generations, which walk the whole cache, ran often too: ~60 us of CPU
-# per first-seen ES256 check (bench/inproc.py, docs/BENCHMARKS.md). The hot path makes no reference
-# cycles; what is collected is the same, later.
-GC_YOUNG_THRESHOLD = 20_000
 
 log = logging.getLogger("verifier.cli")
 
@@ -112,11 +104,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_worker(settings: Settings, index: int, ready_fd: int) -> None:
     _event_loop_policy()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+    gc_policy.tune()
     app = App(settings, reuse_port=True)
 
     async def ready() -> None:
         await app.wait_serving()
+        gc_policy.settle()
         os.write(ready_fd, b"1")
         os.close(ready_fd)
 
