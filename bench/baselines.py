@@ -5,9 +5,10 @@
 * ``noop``: both gRPC Check services (``verifier.v1.Verifier`` and Envoy's ``Authorization``) on
   grpc.aio over uvloop with a pre-serialized allow, and HTTP/1.1 forward-auth on an asyncio
   ``Protocol`` + httptools answering ``200`` with keep-alive: the ceiling on the same front door.
-  Several processes may share the ports (SO_REUSEPORT). ``--gc verifier``: with a serving worker's
-  collector settings (verifier/gc_policy.py) instead of CPython's, so the verifier's process settings
-  are seen apart from its code. ``--pause-ms``/``--pause-every-ms`` freeze the event loop periodically
+  Several processes may share the ports (SO_REUSEPORT). ``--settings verifier``: with a serving worker's
+  settings instead of CPython's and grpc's defaults: its collector (verifier/gc_policy.py) and its gRPC
+  server options (verifier/doors/grpc.py: the 4-stream bound among them), so what the verifier's settings
+  cost is seen apart from what its code costs. ``--pause-ms``/``--pause-every-ms`` freeze the event loop periodically
   (a stalling server: the open-loop generator must not hide the stall);
 * ``naive``: a fresh ``PyJWKClient`` per request against ``--issuer``'s JWKS (what a user writes first):
   every check fetches the keys, blocking the loop, and verifies; nothing is cached;
@@ -175,7 +176,13 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     server = None
     if args.grpc and decide is not None:
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        options = [("grpc.so_reuseport", 1)]
+        if args.settings == "verifier":
+            from verifier.doors.grpc import server_options
+            from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
+
+            options = server_options(DEFAULT_GRPC_MAX_CONCURRENT_STREAMS, reuse_port=True)
+        server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers(_grpc_handlers(decide))
         server.add_insecure_port(args.grpc)
         await server.start()
@@ -183,7 +190,7 @@ async def serve(args: argparse.Namespace) -> None:
     await loop.create_server(
         lambda: HttpForwardAuth(decide, async_decide), host, int(port), reuse_port=True, backlog=1024
     )
-    if args.gc == "verifier":
+    if args.settings == "verifier":
         from verifier import gc_policy
 
         gc_policy.settle()
@@ -211,11 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grpc", help="host:port for both gRPC Check services (not with introspect)")
     parser.add_argument("--decide", choices=["noop", "naive", "introspect"], default="noop")
     parser.add_argument("--issuer", default="", help="the provider's URL (naive, introspect)")
-    parser.add_argument("--gc", choices=["python", "verifier"], default="python", help="collector settings")
+    parser.add_argument("--settings", choices=["defaults", "verifier"], default="defaults", help="GC, gRPC options")
     parser.add_argument("--pause-ms", type=float, default=0.0, help="freeze the loop this long ...")
     parser.add_argument("--pause-every-ms", type=float, default=1000.0, help="... this often")
     args = parser.parse_args(argv)
-    if args.gc == "verifier":
+    if args.settings == "verifier":
         from verifier import gc_policy
 
         gc_policy.tune()

@@ -368,20 +368,21 @@ def test_the_open_loop_rate_is_a_fraction_of_the_no_ops_median_maximum() -> None
     assert open_rate({(Door.GRPC, 0): 10.0}, Door.GRPC, 0.5) == 50.0  # the floor
 
 
-def test_a_goal_3_row_shows_each_repetitions_ratio_and_the_no_op_with_the_verifiers_gc() -> None:
-    from bench.tokens import HALF, NOOP_GC, goals
+def test_a_goal_3_row_shows_each_repetitions_ratio_the_service_p99_and_the_no_op_with_the_verifiers_settings() -> None:
+    from bench.tokens import HALF, NOOP_LIKE, goals
 
     def point(target: str, rep: int, p99_ms: float) -> dict[str, Any]:
         return dict(mode="open", door="grpc", target=target, fraction=HALF, rep=rep, tool="openloop (C)") | dict(
-            latency=dict(p99=p99_ms), lag=dict(p99=0.01)
+            latency=dict(p99=p99_ms), service=dict(p99=p99_ms / 2), lag=dict(p99=0.01)
         )
 
-    p99s = {"noop": (4.0, 8.0, 5.0), NOOP_GC: (6.0, 9.0, 7.0), "verifier": (6.0, 8.0, 10.0)}
+    p99s = {"noop": (4.0, 8.0, 5.0), NOOP_LIKE: (6.0, 9.0, 7.0), "verifier": (6.0, 8.0, 10.0)}
     points = [point(t, rep, ms) for t, values in p99s.items() for rep, ms in enumerate(values)]
     row = next(g for g in goals(points, {}, ["grpc"]) if g.name == "p99 at half no-op max vs no-op (grpc)")
     assert row.value == 8.0 / 5.0  # the medians' ratio, as before
     assert "per repetition 1.50, 1.00, 2.00 (median 1.50)" in row.detail
-    assert "vs the no-op with the verifier's GC settings 1.14 (7.00 ms)" in row.detail
+    assert "service p99 4.00 / 2.50 ms" in row.detail
+    assert "vs the no-op with the verifier's settings 1.14 (7.00 ms)" in row.detail
 
 
 def test_a_grpc_body_file_is_sent_as_it_is(exe: Path, grpc_server: tuple[str, list[Any]], tmp_path: Path) -> None:

@@ -260,6 +260,18 @@ class _GenericOnly:
         """Dropped on purpose (see the class)."""
 
 
+def server_options(max_streams: int, *, reuse_port: bool) -> list[tuple[str, int]]:
+    """The doors' grpc.aio server options (see `GrpcDoors.start`); bench/baselines.py runs its no-op with them."""
+    return [
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_receive_message_length", 1 << 20),
+        ("grpc.max_concurrent_streams", max_streams),
+        ("grpc.http.overload_protection", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
 class GrpcDoors:
     """Both Check services on one grpc.aio server."""
 
@@ -420,16 +432,7 @@ class GrpcDoors:
         transparent retry, at most once, did not hide them). Without it the bound counts the streams the
         transport holds open, which is what the client counts.
         """
-        server = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", 1 if reuse_port else 0),
-                ("grpc.max_receive_message_length", 1 << 20),
-                ("grpc.max_concurrent_streams", max_streams),
-                ("grpc.http.overload_protection", 0),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ]
-        )
+        server = grpc.aio.server(options=server_options(max_streams, reuse_port=reuse_port))
         server.add_generic_rpc_handlers(
             [
                 grpc.method_handlers_generic_handler(service, {"Check": handler})
