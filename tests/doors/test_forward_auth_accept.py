@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from pathlib import Path
 
 import uvloop
 from doorkit import running_verifier
@@ -21,6 +22,23 @@ REQUEST = b"GET /livez HTTP/1.1\r\nHost: v\r\n\r\n"
 async def _turns(count: int) -> None:
     for _ in range(count):
         await asyncio.sleep(0)  # one loop turn each: uvloop polls every turn
+
+
+def _accept_queue(port: int) -> int:
+    """Connections the kernel holds for the listening socket on `port` (Linux: a LISTEN row's rx_queue)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+            return int(fields[4].split(":")[1], 16)
+    return 0
+
+
+def _until_queued(port: int, count: int) -> None:
+    """Blocks (the loop does not run) until the kernel has queued `count` connections; waits on the kernel's state."""
+    deadline = time.monotonic() + 30
+    while _accept_queue(port) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _accept_queue(port) == count
 
 
 def _answered(sock: socket.socket) -> bool:
@@ -43,7 +61,7 @@ async def _waiting_connections_accepted_within_turns() -> tuple[int, int]:
         try:
             for sock in socks:
                 sock.sendall(REQUEST)
-            time.sleep(0.2)  # the loop still does not run (loopback handshakes are done in the connect call)
+            _until_queued(app.ports.http, WAITING)  # the loop still does not run
             await _turns(TURNS)
             accepted = len(door.connections) - already
             answered = sum(await asyncio.to_thread(lambda: [_answered(s) for s in socks]))
