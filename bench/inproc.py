@@ -200,6 +200,35 @@ async def _measure_grpc(app: Any, door: wire.Door, tokens: list[str], profiler: 
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
 
 
+def _layer(
+    door: Any, layer: str, data_received: Any, requests: list[bytes], tokens: list[str]
+) -> tuple[Callable[[Any], Any], list[Any]]:
+    """``--layer``: what a first-seen check is fed below the door (built before the timed loop): ``pipeline``, the
+    request's attributes to `Pipeline.decide_cached` (no HTTP parse, answer bytes, answer memo, metrics); ``jwt``,
+    the token to the JWT authenticator's `verify_now` (parse, key, signature, claims, principal: no cache, no audit)."""
+    if layer == "door":
+        return data_received, requests
+    if layer == "pipeline":
+        decide = door.pipeline.decide_cached
+        attributes = [door.attributes("GET", wire.FORWARD_AUTH_PATH.encode(), _lower(wire.http_headers(t)), "127.0.0.1")
+                      for t in tokens]  # fmt: skip
+        return functools.partial(_decided, decide), attributes
+    from verifier.authenticators import JwtAuthenticator, Seen
+
+    jwt = next(a for a in door.pipeline._authenticators if isinstance(a, JwtAuthenticator))
+    return lambda token: jwt.verify_now(token, Seen()), tokens
+
+
+def _lower(headers: dict[str, str]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
+
+
+def _decided(decide: Callable[[Any, str], Any], attrs: Any) -> None:
+    decision = decide(attrs, "forward_auth")
+    if decision is None or not decision.allowed:
+        raise SystemExit(f"not an allow from memory: {decision}")
+
+
 async def _measure(
     config: Path,
     tokens: list[str],
@@ -207,6 +236,7 @@ async def _measure(
     profile: bool,
     memo: bool,
     door: str = "http",
+    layer: str = "door",
 ) -> None:
     from verifier.app import App
     from verifier.doors import forward_auth
@@ -241,7 +271,8 @@ async def _measure(
             for r in range(FIRST_SEEN_ROUNDS):
                 lo, hi = 1 + r * rounds, 1 + (r + 1) * rounds
                 before = _faults_and_collections()
-                per_check.append(_timed(_checks, conn.data_received, requests[lo:hi], profiler=profiler) / rounds)
+                feed, items = _layer(app.forward_auth, layer, conn.data_received, requests[lo:hi], tokens[lo:hi])
+                per_check.append(_timed(_checks, feed, items, profiler=profiler) / rounds)
                 after = _faults_and_collections()
                 faults, collections = faults + after[0] - before[0], collections + after[1] - before[1]
                 per_raw.append(_timed(_raw, raw, tokens[lo:hi]) / rounds)
@@ -345,6 +376,9 @@ def main() -> None:
     parser.add_argument("--no-memo", action="store_true", help="without the door's answer memo")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     parser.add_argument("--door", choices=["http", "grpc", "ext_authz"], default="http", help="cached: which door")
+    parser.add_argument(
+        "--layer", choices=["door", "pipeline", "jwt"], default="door", help="first-seen: fed at which layer"
+    )
     parser.add_argument("--callgrind", action="store_true", help="first-seen instruction counts under valgrind")
     parser.add_argument("--cache-sim", action="store_true", help="with --callgrind: simulated L1 cache misses too")
     parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
@@ -402,7 +436,7 @@ def main() -> None:
             if args.opaque:
                 _measure_opaque_outside(config, tokens, args.profile)
             else:
-                asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo, args.door))
+                asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo, args.door, args.layer))
         finally:
             audit.flush_logs()
             os.dup2(stderr, 2)
