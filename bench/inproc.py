@@ -1,15 +1,16 @@
 """Where a forward-auth check's CPU goes, without sockets: a real `App` in this process, fed raw requests.
 
-``python -m bench.inproc [--policies] [--first-seen] [--no-memo] [--profile] [--callgrind]`` starts the bench's
-provider, builds the verifier from the same config ``bench run`` uses (audit logging on, as served: the lines go to
-/dev/null), and feeds one connection (a fake transport: no syscalls, no event-loop wake-ups) the same
+``python -m bench.inproc [--policies] [--first-seen] [--no-memo] [--profile] [--callgrind [--cache-sim]]`` starts
+the bench's provider, builds the verifier from the same config ``bench run`` uses (audit logging on, as served: the
+lines go to /dev/null), and feeds one connection (a fake transport: no syscalls, no event-loop wake-ups) the same
 forward-auth request as ``wrk`` sends. It prints the CPU per check (cached: the best of 7 passes of 20,000;
 first-seen: 5 rounds of 1,000 fresh ES256 tokens, each round followed by the raw parse + verify of the same
 tokens (``bench/floor.py``), medians and their ratio) and, with ``--profile``, cProfile's top functions.
 ``--callgrind`` runs the first-seen measure under valgrind instead and prints instructions per check and per
-raw parse + verify (deterministic: immune to the other processes on the machine). The gap between this and
-``bench run``'s server CPU per check is the I/O (read, write, epoll) that the no-op pays too. The same raw
-request again is answered by the door's answer memo; ``--no-memo`` measures the path every other request takes.
+raw parse + verify (deterministic: immune to the other processes on the machine); with ``--cache-sim`` also the
+simulated L1 instruction and data cache misses of each (why the CPU ratio exceeds the instruction ratio). The gap
+between this and ``bench run``'s server CPU per check is the I/O (read, write, epoll) that the no-op pays too. The
+same raw request again is answered by the door's answer memo; ``--no-memo`` measures the path every other request takes.
 
 ``--opaque``: 5,000 first-seen opaque tokens, introspected over real loopback HTTP at the provider (its
 process, no delay), through ``OPAQUE_CONNECTIONS`` door connections at a time: the CPU per first-seen
@@ -27,10 +28,12 @@ import asyncio
 import collections
 import cProfile
 import functools
+import gc
 import math
 import os
 import pstats
 import re
+import resource
 import secrets
 import shutil
 import statistics
@@ -95,6 +98,11 @@ def _timed(loop: Callable[[Any, Any], None], *args: Any, profiler: cProfile.Prof
     if profiler:
         profiler.disable()
     return time.process_time() - started
+
+
+def _faults_and_collections() -> tuple[int, int]:
+    """This process's minor page faults and garbage collections (all generations) so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt, sum(s["collections"] for s in gc.get_stats())
 
 
 def _measure_opaque(loop: asyncio.AbstractEventLoop, app: Any, tokens: list[str], profiler: Any) -> None:
@@ -201,6 +209,35 @@ def _settle_gc() -> None:
     gc_policy.settle()
 
 
+def _layer(
+    door: Any, layer: str, data_received: Any, requests: list[bytes], tokens: list[str]
+) -> tuple[Callable[[Any], Any], list[Any]]:
+    """``--layer``: what a first-seen check is fed below the door (built before the timed loop): ``pipeline``, the
+    request's attributes to `Pipeline.decide_cached` (no HTTP parse, answer bytes, answer memo, metrics); ``jwt``,
+    the token to the JWT authenticator's `verify_now` (parse, key, signature, claims, principal: no cache, no audit)."""
+    if layer == "door":
+        return data_received, requests
+    if layer == "pipeline":
+        decide = door.pipeline.decide_cached
+        attributes = [door.attributes("GET", wire.FORWARD_AUTH_PATH.encode(), _lower(wire.http_headers(t)), "127.0.0.1")
+                      for t in tokens]  # fmt: skip
+        return functools.partial(_decided, decide), attributes
+    from verifier.authenticators import JwtAuthenticator, Seen
+
+    jwt = next(a for a in door.pipeline._authenticators if isinstance(a, JwtAuthenticator))
+    return lambda token: jwt.verify_now(token, Seen()), tokens
+
+
+def _lower(headers: dict[str, str]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
+
+
+def _decided(decide: Callable[[Any, str], Any], attrs: Any) -> None:
+    decision = decide(attrs, "forward_auth")
+    if decision is None or not decision.allowed:
+        raise SystemExit(f"not an allow from memory: {decision}")
+
+
 async def _measure(
     config: Path,
     tokens: list[str],
@@ -208,6 +245,7 @@ async def _measure(
     profile: bool,
     memo: bool,
     door: str = "http",
+    layer: str = "door",
 ) -> None:
     from verifier.app import App
     from verifier.doors import forward_auth
@@ -239,9 +277,14 @@ async def _measure(
         else:  # first-seen: rounds of fresh tokens, each followed by the raw parse + verify of the same ones
             per_check, per_raw = [], []
             rounds = (len(requests) - 1) // FIRST_SEEN_ROUNDS
+            faults = collections = 0  # during the checks: the first touch of the pages the caches grow into, GC
             for r in range(FIRST_SEEN_ROUNDS):
                 lo, hi = 1 + r * rounds, 1 + (r + 1) * rounds
-                per_check.append(_timed(_checks, conn.data_received, requests[lo:hi], profiler=profiler) / rounds)
+                before = _faults_and_collections()
+                feed, items = _layer(app.forward_auth, layer, conn.data_received, requests[lo:hi], tokens[lo:hi])
+                per_check.append(_timed(_checks, feed, items, profiler=profiler) / rounds)
+                after = _faults_and_collections()
+                faults, collections = faults + after[0] - before[0], collections + after[1] - before[1]
                 per_raw.append(_timed(_raw, raw, tokens[lo:hi]) / rounds)
         if not transport.last.startswith(b"HTTP/1.1 200"):
             raise SystemExit(f"not an allow: {transport.last[:80]!r}")
@@ -254,7 +297,8 @@ async def _measure(
             print(
                 f"first-seen ES256: {check_us:.2f} us CPU per check, raw parse + verify {raw_us:.2f} us, "
                 f"ratio {check_us / raw_us:.2f}x (medians of {FIRST_SEEN_ROUNDS}; per round check/raw: {rounds_text}; "
-                f"{transport.answers} answers)"
+                f"{transport.answers} answers; during the checks {faults / (rounds * FIRST_SEEN_ROUNDS):.2f} page "
+                f"faults per check, {collections} GC collections)"
             )
         if profiler:
             order = os.environ.get("BENCH_SORT", "tottime")
@@ -282,9 +326,14 @@ def _measure_opaque_outside(config: Path, tokens: list[str], profile: bool) -> N
 
 def _inclusive(annotated: str, function: str) -> int:
     """A function's inclusive instruction count from ``callgrind_annotate --inclusive=yes``."""
+    return _inclusive_events(annotated, function)[0]
+
+
+def _inclusive_events(annotated: str, function: str) -> list[int]:
+    """A function's inclusive counts, one per event shown (``Ir`` first; with ``--cache-sim`` the L1 misses)."""
     for line in annotated.splitlines():
         if re.search(rf"[:\s]{function}\b", line):
-            return int(line.split()[0].replace(",", ""))
+            return [int(field.replace(",", "")) for field in line.split() if re.fullmatch(r"[\d,]+", field)]
     raise SystemExit(f"{function} not in the callgrind output")
 
 
@@ -294,18 +343,21 @@ def _callgrind(argv: list[str]) -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed")
     opaque = "--opaque" in argv
+    cache_sim = "--cache-sim" in argv
     loops = [f"--toggle-collect={f}" for f in ((OPAQUE_LOOP,) if opaque else (CHECK_LOOP, RAW_LOOP))]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         subprocess.run(
             [
                 "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--log-file={tmp}/valgrind.log", *loops,
-                sys.executable, "-m", "bench.inproc", *[a for a in argv if a != "--callgrind"],
+                *(["--cache-sim=yes"] if cache_sim else []),
+                sys.executable, "-m", "bench.inproc", *[a for a in argv if a not in ("--callgrind", "--cache-sim")],
                 *([] if opaque else ["--first-seen"]), "--tokens", str(CALLGRIND_TOKENS + OPAQUE_CONNECTIONS * opaque),
             ],
             check=True,
         )  # fmt: skip
-        command = ["callgrind_annotate", "--inclusive=yes", str(out)]
+        shown = ["--show=Ir,I1mr,D1mr,D1mw"] if cache_sim else []
+        command = ["callgrind_annotate", "--inclusive=yes", *shown, str(out)]
         annotated = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     if opaque:
         per_token = _inclusive(annotated, OPAQUE_LOOP) / CALLGRIND_TOKENS
@@ -316,6 +368,15 @@ def _callgrind(argv: list[str]) -> None:
         f"callgrind, first-seen ES256: {check / CALLGRIND_TOKENS:,.0f} instructions per check, "
         f"{raw / CALLGRIND_TOKENS:,.0f} per raw parse + verify, ratio {check / raw:.2f}x ({CALLGRIND_TOKENS} tokens)"
     )
+    if cache_sim:  # simulated L1 misses (32 KiB instruction and data caches): what instructions alone do not show
+        checks, raws = _inclusive_events(annotated, CHECK_LOOP), _inclusive_events(annotated, RAW_LOOP)
+        print(
+            "  L1 misses per check / per raw parse + verify: "
+            + ", ".join(
+                f"{name} {c / CALLGRIND_TOKENS:,.0f} / {r / CALLGRIND_TOKENS:,.0f}"
+                for name, c, r in zip(("instruction", "data read", "data write"), checks[1:], raws[1:], strict=True)
+            )
+        )
 
 
 def main() -> None:
@@ -326,7 +387,11 @@ def main() -> None:
     parser.add_argument("--no-memo", action="store_true", help="without the door's answer memo")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     parser.add_argument("--door", choices=["http", "grpc", "ext_authz"], default="http", help="cached: which door")
+    parser.add_argument(
+        "--layer", choices=["door", "pipeline", "jwt"], default="door", help="first-seen: fed at which layer"
+    )
     parser.add_argument("--callgrind", action="store_true", help="first-seen instruction counts under valgrind")
+    parser.add_argument("--cache-sim", action="store_true", help="with --callgrind: simulated L1 cache misses too")
     parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.door != "http" and (args.first_seen or args.opaque):
@@ -334,8 +399,6 @@ def main() -> None:
     if args.callgrind:
         _callgrind(sys.argv[1:])
         return
-    import gc
-
     import uvloop
 
     from verifier import cli
@@ -389,7 +452,7 @@ def main() -> None:
             if args.opaque:
                 _measure_opaque_outside(config, tokens, args.profile)
             else:
-                asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo, args.door))
+                asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo, args.door, args.layer))
         finally:
             audit.flush_logs()
             os.dup2(stderr, 2)

@@ -12,6 +12,8 @@ import base64
 import binascii
 import json
 import json.scanner
+import types
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from verifier.errors import AlgorithmRefused, MalformedToken
@@ -22,6 +24,7 @@ _scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type] 
 # Header parameters that point at a key chosen by the sender: never followed, so never accepted.
 _KEY_BY_REFERENCE = ("jku", "x5u", "jwk")  # x5c is ignored: we never read keys from tokens
 MAX_KID_LENGTH = 256  # characters; kids are short identifiers, never documents
+MAX_KEPT_HEADERS = 256  # distinct header segments remembered (an issuer signs with a few keys and algs)
 
 
 class CompactJWS(NamedTuple):
@@ -31,12 +34,22 @@ class CompactJWS(NamedTuple):
     token, and a frozen dataclass's `__init__` (one `object.__setattr__` per field) costs ~4x a tuple's.
     """
 
-    header: dict[str, Any]
+    header: Mapping[str, Any]  # read-only: a remembered header is shared by every token that carries it
     payload: dict[str, Any]
     signing_input: bytes
     signature: bytes
     alg: str  # the `alg` header (a non-empty string, never `none`)
     kid: str | None  # the `kid` header, if any (a non-empty string of at most MAX_KID_LENGTH)
+    header_segment: bytes  # the header as sent (base64url): the key of the header memo (`remember`)
+
+
+_Header = tuple[Mapping[str, Any], str, str | None]  # the parsed header, its alg and its kid
+# Header segments -> what `_header` made of them. The parse of a segment is a function of its bytes alone,
+# so a token whose header segment is byte for byte one seen before gets the same header, alg and kid without
+# decoding, parsing and checking it again: a different alg, kid or parameter (`crit`, `jku`, ...) is a
+# different segment, parsed and checked on its own. Only segments of tokens whose signature verified are
+# kept (`remember`), so a sender cannot fill the memo with headers of their own; bounded all the same.
+_HEADERS: dict[bytes, _Header] = {}
 
 
 def b64url_decode(segment: bytes) -> bytes:
@@ -83,7 +96,17 @@ def parse(token: str, *, max_bytes: int) -> CompactJWS:
     parts = raw.split(b".")
     if len(parts) != 3:
         raise MalformedToken("not a JWS compact serialization")
-    header = _json_object(b64url_decode(parts[0]), "header")
+    header, alg, kid = _HEADERS.get(parts[0]) or _header(parts[0])
+    payload = _json_object(b64url_decode(parts[1]), "payload")
+    signature = b64url_decode(parts[2])
+    if not signature:
+        raise MalformedToken("empty signature")
+    return CompactJWS(header, payload, parts[0] + b"." + parts[1], signature, alg, kid, parts[0])
+
+
+def _header(segment: bytes) -> _Header:
+    """A JOSE header segment decoded, parsed and checked; raises `MalformedToken` or `AlgorithmRefused`."""
+    header = _json_object(b64url_decode(segment), "header")
     alg = header.get("alg")
     if not isinstance(alg, str) or not alg:
         raise MalformedToken("header has no alg")
@@ -102,11 +125,15 @@ def parse(token: str, *, max_bytes: int) -> CompactJWS:
     typ = header.get("typ")
     if typ is not None and not isinstance(typ, str):
         raise MalformedToken("invalid typ")
-    payload = _json_object(b64url_decode(parts[1]), "payload")
-    signature = b64url_decode(parts[2])
-    if not signature:
-        raise MalformedToken("empty signature")
-    return CompactJWS(header, payload, parts[0] + b"." + parts[1], signature, alg, kid)
+    return header, alg, kid
+
+
+def remember(parsed: CompactJWS) -> None:
+    """Keeps the header of a token whose signature verified, for the next token with the same header segment
+    (see `_HEADERS`); its header is from then on shared, and read-only."""
+    segment = parsed.header_segment
+    if segment not in _HEADERS and len(_HEADERS) < MAX_KEPT_HEADERS:
+        _HEADERS[segment] = (types.MappingProxyType(dict(parsed.header)), parsed.alg, parsed.kid)
 
 
 def looks_like_jws(token: str) -> bool:

@@ -167,6 +167,7 @@ class JwtVerifier:
             raise UnknownKey("no key for this token")
         if not key.verify(alg, parsed.signing_input, parsed.signature):
             raise BadSignature("signature verification failed")
+        jws.remember(parsed)  # signed by the issuer: its header segment is no sender's own (see jws._HEADERS)
         check_claims(parsed.payload, parsed.header, settings, self._clock.now())
         return principal_from_claims(parsed.payload, iss, kid=kid, alg=alg)
 

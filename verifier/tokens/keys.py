@@ -15,7 +15,6 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
 from jwt.exceptions import InvalidKeyError
 
@@ -34,6 +33,23 @@ ALG_KEY_TYPES: dict[str, tuple[str, str | None]] = {
 }
 
 
+def _der_integer(big_endian: bytes) -> bytes:
+    """An unsigned big-endian number as a DER INTEGER (X.690 8.3): no leading zero bytes, but one when the
+    first byte's high bit is set (it would read as negative); zero is one 0x00 byte. At most 67 bytes (P-521)."""
+    value = big_endian.lstrip(b"\x00")
+    if not value or value[0] & 0x80:
+        value = b"\x00" + value
+    return b"\x02" + bytes((len(value),)) + value
+
+
+def der_signature(raw: bytes, size: int) -> bytes:
+    """R || S (each `size` bytes) as the DER `Ecdsa-Sig-Value` SEQUENCE that OpenSSL verifies (RFC 3279
+    section 2.2.3): cryptography's `encode_dss_signature` byte for byte, without two Python ints between."""
+    body = _der_integer(raw[:size]) + _der_integer(raw[size:])
+    length = len(body)  # at most 138 (P-521): the long form's one length byte when past 127
+    return (b"\x30" + bytes((length,)) if length < 0x80 else b"\x30\x81" + bytes((length,))) + body
+
+
 class _Ecdsa:
     """RFC 7518 section 3.4: ECDSA over a JWS's fixed-size R || S, checked by cryptography directly.
 
@@ -50,9 +66,8 @@ class _Ecdsa:
         size = self._size
         if len(sig) != 2 * size:
             return False
-        der = encode_dss_signature(int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big"))
         try:
-            key.verify(der, msg, self._ecdsa)
+            key.verify(der_signature(sig, size), msg, self._ecdsa)
         except InvalidSignature:
             return False
         return True
