@@ -118,7 +118,6 @@ local function constants_for(conf)
     target = target,
     target_err = err,
     cache = decision_cache.for_conf(conf),
-    key_prefix = conf.url .. "\0",
     request_opts = {
       timeout = conf.timeout,
       keepalive_timeout = conf.keepalive_timeout,
@@ -486,10 +485,8 @@ function EdgeVerifierHandler:access(conf)
     -- everything the answer depends on, read from nginx as it holds it: the
     -- verifier is told method, scheme, host, port, path and query, each a
     -- function of these (kong.request reads the same variables)
-    key = decision_cache.key(c.key_prefix .. get_method() .. "\0" .. scheme .. "\0" .. var.host
-                             .. "\0" .. var.server_port .. "\0" .. var.request_uri
-                             .. "\0" .. (var.args or ""),
-                             authorization, thumbprint)
+    key = decision_cache.key(get_method(), scheme, var.host, var.server_port, var.request_uri,
+                             var.args, authorization, thumbprint)
     decision = decision_cache.get(cache, key)
   end
 
