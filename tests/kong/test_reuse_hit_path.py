@@ -240,3 +240,19 @@ def test_a_key_larger_than_the_whole_byte_bound_is_asked_every_time(
 
     assert len(standin_verifier.requests) == 3  # the big one twice, the small one once
     assert shim(base, "cache")["entries"] == 1
+
+
+@pytest.mark.parametrize("spoofed", range(1, 8))
+def test_a_spoofed_identity_header_is_cleared_at_every_position_of_the_scan(rig: Any, spoofed: int) -> None:
+    # the scan takes the first headers one by one and the rest in a loop: whatever the number of headers (Host and
+    # Authorization plus 1-7 spoofed ones), every spoofed one is cleared on a reused allow
+    base, verifier = rig
+    headers = [("Authorization", TOKEN)] + [(f"X-Authenticated-Role{i}", "admin") for i in range(spoofed)]
+
+    status, _, body = send(base, "/a", headers)
+
+    assert status == 200
+    assert len(verifier.requests) == 1
+    seen = upstream_headers(body)
+    assert not [n for n in seen if n.startswith("x-authenticated-role")], seen
+    assert seen["x-authenticated-userid"] == ["user-1"]
