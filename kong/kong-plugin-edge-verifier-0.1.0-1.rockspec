@@ -20,8 +20,8 @@ description = {
 
 dependencies = {
   "lua >= 5.1",
-  -- resty.lrucache and cjson come with Kong's OpenResty; resty.sha256
-  -- (lua-resty-string) is used for cache keys when present
+  -- cjson comes with Kong's OpenResty; resty.sha256 (lua-resty-string)
+  -- hashes a client certificate when Kong terminates mutual TLS
 }
 
 build = {

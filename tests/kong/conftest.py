@@ -397,7 +397,7 @@ class NginxRig:
         later: what Kong's plugins after this one do with the consumer, reduced to that:
             {"acl": {"allow": [...], "deny": [...]}} (by consumer group) and/or
             {"rate_limiting": {"minute": N}} (limit_by consumer); see /__shim/later.
-        with_sha256: make resty.sha256 available (Kong ships it; Debian does not), hashing cache keys.
+        with_sha256: make resty.sha256 available (Kong ships it; Debian does not): client certificate thumbprints.
         underscores_in_headers: let header names with `_` through (nginx drops them by default).
         Returns the base URL, "http://127.0.0.1:PORT".
         """

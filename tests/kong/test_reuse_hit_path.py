@@ -1,8 +1,8 @@
 """The Kong Lua plugin's reused-answer path (#24 goal 5) keeps every guard of the path that asks the verifier.
 
 Real nginx running kong/plugins/edge-verifier under the PDK shim (tests/kong/conftest.py), the stand-in verifier's
-`cached` token (an allow with `Cache-Control: private, max-age=30`), keys hashed with SHA-256 (as in Kong) and as
-plain strings. Each test first puts an answer in the plugin's cache with a clean request, then sends what an
+`cached` token (an allow with `Cache-Control: private, max-age=30`); keys are the request's parts, length-prefixed.
+Each test first puts an answer in the plugin's cache with a clean request, then sends what an
 attacker would send with the same credential on the same route: a request served from reuse must be cleaned exactly
 like one that reached the verifier, and anything the key does not cover must reach the verifier.
 """
@@ -51,10 +51,10 @@ def shim(base: str, what: str) -> Any:
     return json.loads(body)
 
 
-@pytest.fixture(params=["sha256", "plain-keys"])
-def rig(request: pytest.FixtureRequest, start_nginx: Any, echo_upstream: int, standin_verifier: Any) -> Any:
+@pytest.fixture
+def rig(start_nginx: Any, echo_upstream: int, standin_verifier: Any) -> Any:
     """(base URL, the stand-in verifier) with reuse on; one answer for TOKEN on /a already kept."""
-    base = start_nginx({"url": standin_verifier.url}, echo_upstream, with_sha256=request.param == "sha256")
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream, with_sha256=True)
     assert send(base, "/a", [("Authorization", TOKEN)])[0] == 200
     assert len(standin_verifier.requests) == 1
     return base, standin_verifier
@@ -175,3 +175,84 @@ def test_client_headers_of_one_answer_never_reach_a_reused_one(rig: Any) -> None
     assert ("DPoP-Nonce", "n-123") in first
     assert not [k for k, _ in reused if k.lower() == "dpop-nonce"]
     assert len(verifier.requests) == 2
+
+
+def test_bytes_moved_from_the_query_into_the_credential_never_reach_a_kept_answer(rig: Any) -> None:
+    # joined without lengths, "/a?x" + "x" + "Bearer cached" and "/a?" + "" + "xxBearer cached" are the same bytes
+    base, verifier = rig
+    assert send(base, "/a?x", [("Authorization", TOKEN)])[0] == 200
+    asked = len(verifier.requests)
+
+    status, _, body = send(base, "/a?", [("Authorization", "xxBearer cached")])
+
+    assert status == 401, body
+    assert len(verifier.requests) == asked + 1
+
+
+def test_bytes_moved_from_the_credential_into_the_thumbprint_never_reach_a_kept_answer(
+    start_nginx: Any, echo_upstream: int, standin_verifier: Any
+) -> None:
+    # behind a proxy that terminates mTLS the thumbprint is a key part too: "Bearer cached" + no thumbprint and
+    # "Bearer cache" + "d" must stay two keys
+    base = start_nginx({"url": standin_verifier.url, "trust_client_cert_header": True}, echo_upstream)
+    assert send(base, "/a", [("Authorization", TOKEN)])[0] == 200
+
+    status, _, body = send(base, "/a", [("Authorization", "Bearer cache"), ("X-Client-Cert-Thumbprint", "d")])
+
+    assert status == 401, body
+    assert len(standin_verifier.requests) == 2
+
+
+def big_path(i: int) -> str:
+    """A distinct path of about 5 KB (the request line stays under nginx's 8 KB header buffer)."""
+    return f"/big/{i}/" + "p" * 5000
+
+
+def test_kilobyte_keys_are_bounded_by_bytes_not_only_by_entries(
+    start_nginx: Any, echo_upstream: int, standin_verifier: Any
+) -> None:
+    # 20 entries may hold 20 x 2 KiB: a flood of 5 KB keys keeps the newest few answers, never 100 KB of keys
+    base = start_nginx({"url": standin_verifier.url, "cache_entries": 20}, echo_upstream)
+
+    for i in range(20):
+        assert send(base, big_path(i), [("Authorization", TOKEN)])[0] == 200
+    stats = shim(base, "cache")
+
+    assert stats["stores"] == 20
+    assert stats["bytes"] <= 20 * 2048, stats
+    assert stats["entries"] < 20, stats
+    # the newest answer is reused, the oldest was evicted
+    assert send(base, big_path(19), [("Authorization", TOKEN)])[0] == 200
+    assert len(standin_verifier.requests) == 20
+    assert send(base, big_path(0), [("Authorization", TOKEN)])[0] == 200
+    assert len(standin_verifier.requests) == 21
+
+
+def test_a_key_larger_than_the_whole_byte_bound_is_asked_every_time(
+    start_nginx: Any, echo_upstream: int, standin_verifier: Any
+) -> None:
+    base = start_nginx({"url": standin_verifier.url, "cache_entries": 2}, echo_upstream)
+
+    for _ in range(2):
+        assert send(base, big_path(0), [("Authorization", TOKEN)])[0] == 200
+    assert send(base, "/a", [("Authorization", TOKEN)])[0] == 200
+    assert send(base, "/a", [("Authorization", TOKEN)])[0] == 200
+
+    assert len(standin_verifier.requests) == 3  # the big one twice, the small one once
+    assert shim(base, "cache")["entries"] == 1
+
+
+@pytest.mark.parametrize("spoofed", range(1, 8))
+def test_a_spoofed_identity_header_is_cleared_at_every_position_of_the_scan(rig: Any, spoofed: int) -> None:
+    # the scan takes the first headers one by one and the rest in a loop: whatever the number of headers (Host and
+    # Authorization plus 1-7 spoofed ones), every spoofed one is cleared on a reused allow
+    base, verifier = rig
+    headers = [("Authorization", TOKEN)] + [(f"X-Authenticated-Role{i}", "admin") for i in range(spoofed)]
+
+    status, _, body = send(base, "/a", headers)
+
+    assert status == 200
+    assert len(verifier.requests) == 1
+    seen = upstream_headers(body)
+    assert not [n for n in seen if n.startswith("x-authenticated-role")], seen
+    assert seen["x-authenticated-userid"] == ["user-1"]

@@ -2,12 +2,15 @@
 --
 -- The verifier says how long an answer may be reused with
 -- `Cache-Control: private, max-age=N` (never past the token's exp) and forbids
--- reuse with `no-store`; answers without max-age are never reused. Keys are the
--- SHA-256 of everything the answer depends on, so tokens are not kept as keys,
--- where resty.sha256 (lua-resty-string) exists; without it the key is the
--- concatenated string itself (never MD5 or SHA-1).
-
-local lrucache = require "resty.lrucache"
+-- reuse with `no-store`; answers without max-age are never reused.
+--
+-- Keys are the exact bytes the answer depends on (request line parts and
+-- credentials), each part length-prefixed so that no two different requests
+-- give the same key, and compared in full: no digest to compute per request
+-- and no collision to argue about. So the credentials of the answers kept are
+-- in the worker's memory for as long as those answers (as in Kong's own
+-- key-auth and oauth2 entity caches); the cache is bounded by entries and by
+-- bytes (a token can be kilobytes): least recently used answers go first.
 
 local concat = table.concat
 local lower = string.lower
@@ -15,11 +18,7 @@ local tonumber = tonumber
 local type = type
 local setmetatable = setmetatable
 local pairs = pairs
-
-local has_sha256, resty_sha256 = pcall(require, "resty.sha256")
-if has_sha256 and type(resty_sha256) ~= "table" then
-  has_sha256 = false
-end
+local now = ngx.now
 
 local _M = {}
 
@@ -27,13 +26,53 @@ local _M = {}
 -- within this long even if the verifier granted a longer max-age.
 _M.MAX_TTL = 300
 
--- one LRU per plugin configuration; a new configuration starts empty
+-- Bytes an answer may use on average (its key plus ENTRY_OVERHEAD): the byte
+-- bound of a configuration's cache is cache_entries times this, so a flood of
+-- kilobyte tokens holds fewer answers, not more memory.
+_M.BYTES_PER_ENTRY = 2048
+-- what an entry costs besides its key: the node, the map slot, the answer's
+-- share (its tables are built once per verifier answer)
+_M.ENTRY_OVERHEAD = 256
+
+-- one cache per plugin configuration; a new configuration starts empty
 local caches = setmetatable({}, { __mode = "k" })
 
 local stats = { hits = 0, misses = 0, stores = 0 }
 
 
---- The LRU for this plugin configuration, or nil when reuse is off.
+--- A least-recently-used cache of at most `max_entries` entries and
+--- `max_bytes` bytes: a map from key to node, and the nodes in a ring through
+--- `head` (most recently used first).
+local function new_lru(max_entries, max_bytes)
+  local head = {}
+  head.prev, head.next = head, head
+  return { map = {}, head = head, count = 0, bytes = 0,
+           max_entries = max_entries, max_bytes = max_bytes }
+end
+
+
+local function unlink(node)
+  local prev, next = node.prev, node.next
+  prev.next, next.prev = next, prev
+end
+
+
+local function link_first(head, node)
+  local first = head.next
+  node.prev, node.next = head, first
+  first.prev, head.next = node, node
+end
+
+
+local function drop(lru, node)
+  unlink(node)
+  lru.map[node.key] = nil
+  lru.count = lru.count - 1
+  lru.bytes = lru.bytes - node.size
+end
+
+
+--- The cache for this plugin configuration, or nil when reuse is off.
 function _M.for_conf(conf)
   local size = conf.cache_entries
   if not size or size <= 0 then
@@ -41,68 +80,52 @@ function _M.for_conf(conf)
   end
   local c = caches[conf]
   if not c then
-    c = lrucache.new(size)
+    c = new_lru(size, size * _M.BYTES_PER_ENTRY)
     caches[conf] = c
   end
   return c
 end
 
 
--- One hasher per worker, reset before each key: a request never yields
--- between reset and final, so no two requests share it mid-digest.
--- lua-resty-string's resty.sha256 has reset(); a build without it gets a new
--- hasher per key.
-local hasher
-
-local function new_hasher()
-  local h = hasher
-  if h then
-    h:reset()
-  else
-    h = resty_sha256:new()
-    if h.reset then
-      hasher = h
-    end
-  end
-  return h
+-- One length-prefixed part of a key: "<bytes>:<value>".
+local function part(v)
+  return #v .. ":" .. v
 end
 
 
--- One credential header's part of the key: its values in order, each byte
--- for byte (a repeated header is several values).
-local function joined_values(v)
-  if type(v) == "table" then
-    return concat(v, "\0")
+-- A credential header's part: "-" when absent, its value, or (repeated) "*"
+-- and each value in order.
+local function credential_part(v)
+  if v == nil then
+    return "-"
   end
-  return v
+  if type(v) ~= "table" then
+    return #v .. ":" .. v
+  end
+  local out = { "*", #v, ":" }
+  for i = 1, #v do
+    out[#out + 1] = part(v[i])
+  end
+  return concat(out)
 end
 
 
---- The cache key of a request: everything the answer depends on, joined with
---- NUL (which cannot occur in header values or URIs, so the join is
---- unambiguous): `head` (the verifier URL and the request as nginx holds it:
---- method, scheme, host, port, $request_uri, $args; already joined), then `"\0Authorization:" .. values` and `"\0cnf:" .. thumbprint`
---- when present. Its SHA-256 where resty.sha256 exists, so tokens are not kept
---- as keys; the pieces are fed to the hash one by one, so the credential is
---- never copied into a longer string. The joined string itself otherwise
---- (bounded by cache_entries).
-function _M.key(head, authorization, thumbprint)
-  if not has_sha256 then
-    return head
-        .. (authorization ~= nil and "\0Authorization:" .. joined_values(authorization) or "")
-        .. (thumbprint and "\0cnf:" .. thumbprint or "")
+--- The cache key of a request: everything the answer depends on, each part
+--- length-prefixed (`<bytes>:<value>`): the request as nginx holds it (method,
+--- scheme, host, port, $request_uri, $args), the Authorization value(s) and the
+--- client certificate thumbprint ("-" when absent). Distinct requests give
+--- distinct keys whatever bytes their parts hold. The verifier URL is not in
+--- it: each plugin configuration has a cache of its own.
+function _M.key(method, scheme, host, port, uri, args, authorization, thumbprint)
+  args = args or ""
+  if type(authorization) == "string" and thumbprint == nil then
+    -- the usual request: one concatenation
+    return #method .. ":" .. method .. #scheme .. ":" .. scheme .. #host .. ":" .. host
+        .. #port .. ":" .. port .. #uri .. ":" .. uri .. #args .. ":" .. args
+        .. #authorization .. ":" .. authorization .. "-"
   end
-  local h = new_hasher()
-  h:update(head)
-  if authorization ~= nil then
-    h:update("\0Authorization:")
-    h:update(joined_values(authorization))
-  end
-  if thumbprint then
-    h:update("\0cnf:")
-    h:update(thumbprint)
-  end
-  return h:final()
+  return part(method) .. part(scheme) .. part(host) .. part(port) .. part(uri) .. part(args)
+      .. credential_part(authorization) .. credential_part(thumbprint)
 end
 
 
@@ -135,36 +158,65 @@ function _M.ttl(cache_control)
 end
 
 
-function _M.get(cache, key)
-  local v = cache:get(key)
-  if v then
-    stats.hits = stats.hits + 1
-  else
-    stats.misses = stats.misses + 1
+--- The answer kept for `key`, or nil (none, or past its time).
+function _M.get(lru, key)
+  local node = lru.map[key]
+  if node then
+    if node.expires > now() then
+      stats.hits = stats.hits + 1
+      local head = lru.head
+      if head.next ~= node then
+        unlink(node)
+        link_first(head, node)
+      end
+      return node.value
+    end
+    drop(lru, node)
   end
-  return v
+  stats.misses = stats.misses + 1
+  return nil
 end
 
 
-function _M.set(cache, key, value, ttl)
+--- Keeps `value` under `key` for `ttl` seconds, evicting the least recently
+--- used answers while the entry or byte bound would be passed. A key larger
+--- than the whole byte bound is not kept.
+function _M.set(lru, key, value, ttl)
+  local size = #key + _M.ENTRY_OVERHEAD
+  if size > lru.max_bytes then
+    return
+  end
   stats.stores = stats.stores + 1
-  cache:set(key, value, ttl)
+  local map, head = lru.map, lru.head
+  local old = map[key]
+  if old then
+    drop(lru, old)
+  end
+  while lru.count >= lru.max_entries or lru.bytes + size > lru.max_bytes do
+    drop(lru, head.prev)
+  end
+  local node = { key = key, value = value, expires = now() + ttl, size = size }
+  link_first(head, node)
+  map[key] = node
+  lru.count = lru.count + 1
+  lru.bytes = lru.bytes + size
 end
 
 
---- Hit/miss/store counters of this worker, the answers it holds now (over
---- every configuration's LRU) and whether keys are hashed.
+--- Hit/miss/store counters of this worker, and the answers and bytes it
+--- holds now (over every configuration's cache).
 function _M.stats()
-  local entries = 0
+  local entries, bytes = 0, 0
   for _, c in pairs(caches) do
-    entries = entries + c:count()
+    entries = entries + c.count
+    bytes = bytes + c.bytes
   end
   return {
     hits = stats.hits,
     misses = stats.misses,
     stores = stats.stores,
     entries = entries,
-    hashed_keys = has_sha256,
+    bytes = bytes,
   }
 end
 

@@ -18,7 +18,7 @@ local consumers = require "kong.plugins.edge-verifier.consumer"
 local kong = kong
 local ngx = ngx
 local type = type
-local pairs = pairs
+local next = next
 local pcall = pcall
 local concat = table.concat
 local lower = string.lower
@@ -118,7 +118,6 @@ local function constants_for(conf)
     target = target,
     target_err = err,
     cache = decision_cache.for_conf(conf),
-    key_prefix = conf.url .. "\0",
     request_opts = {
       timeout = conf.timeout,
       keepalive_timeout = conf.keepalive_timeout,
@@ -176,11 +175,46 @@ local function tls_thumbprint()
 end
 
 
--- One pass over every request header (the PDK's get_headers: names
--- lower-cased, repeated headers as arrays). Clears identity headers only this
--- plugin may set, since a client sending them is trying to pass as someone,
--- X-Consumer-Groups, X-Kong-Consumer-*, and method overrides, and returns what
--- the rest of the request needs:
+-- One request header (the PDK's get_headers: names lower-cased, repeated
+-- headers as arrays), folded into what scan_headers returns. Clears identity
+-- headers only this plugin may set, since a client sending them is trying to
+-- pass as someone, X-Consumer-Groups, X-Kong-Consumer-*, and method overrides.
+-- Names are told apart by their first byte before any string is built; a
+-- lookup of an absent name in the PDK's table would go through its
+-- normalising __index instead.
+local function scan_header(name, value, authorization, single_use, consumer_sent, thumbprint)
+  local b = byte(name, 1)
+  if b == BYTE_X or b == BYTE_UPPER_X then
+    local lname = lower(name)
+    -- `x_authenticated_roles` is X-Authenticated-Roles to CGI-style
+    -- frameworks (nginx drops such names unless underscores_in_headers is on)
+    local dashed = gsub(lname, "_", "-")
+    if sub(dashed, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX
+        or IS_METHOD_OVERRIDE[dashed] or dashed == CONSUMER_GROUPS_HEADER
+        or sub(dashed, 1, NAMING_PREFIX_LEN) == NAMING_PREFIX then
+      clear_header(name)
+    elseif IS_CONSUMER_HEADER[lname] then
+      consumer_sent = true
+    elseif lname == "x-webauthn-assertion" then
+      single_use = true
+    elseif lname == CERT_THUMBPRINT_HEADER then
+      thumbprint = value
+    end
+  elseif b == BYTE_A or b == BYTE_UPPER_A then
+    if lower(name) == "authorization" then
+      authorization = value
+    end
+  elseif b == BYTE_D or b == BYTE_UPPER_D then
+    if lower(name) == "dpop" then
+      single_use = true
+    end
+  end
+  return authorization, single_use, consumer_sent, thumbprint
+end
+
+
+-- One pass over every request header (scan_header above), returning what the
+-- rest of the request needs:
 --   authorization   the Authorization value(s), or nil
 --   single_use      a DPoP proof or X-WebAuthn-Assertion is present: the
 --                   answer must never come from the cache (a replayed proof
@@ -189,40 +223,28 @@ end
 --                   X-Anonymous-Consumer (cleared unless a consumer is
 --                   authenticated)
 --   thumbprint      the X-Client-Cert-Thumbprint value(s), or nil
--- Names are told apart by their first byte before any string is built; a
--- lookup of an absent name in the PDK's table would go through its
--- normalising __index instead.
+-- The first four headers are taken without a loop: LuaJIT compiles no trace
+-- from a function's entry into an inner loop that has a trace of its own, so
+-- with a loop here everything of the request before it (the shim or Kong's
+-- runloop, access, get_headers) would stay interpreted on every request. A
+-- request with more headers scans the rest in the loop (and runs as before).
+local function scan_step(headers, name, value, a, s, c, t)
+  a, s, c, t = scan_header(name, value, a, s, c, t)
+  local next_name, next_value = next(headers, name)
+  return next_name, next_value, a, s, c, t
+end
+
 local function scan_headers(headers)
-  local authorization, single_use, consumer_sent, thumbprint
-  for name, value in pairs(headers) do
-    local b = byte(name, 1)
-    if b == BYTE_X or b == BYTE_UPPER_X then
-      local lname = lower(name)
-      -- `x_authenticated_roles` is X-Authenticated-Roles to CGI-style
-      -- frameworks (nginx drops such names unless underscores_in_headers is on)
-      local dashed = gsub(lname, "_", "-")
-      if sub(dashed, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX
-          or IS_METHOD_OVERRIDE[dashed] or dashed == CONSUMER_GROUPS_HEADER
-          or sub(dashed, 1, NAMING_PREFIX_LEN) == NAMING_PREFIX then
-        clear_header(name)
-      elseif IS_CONSUMER_HEADER[lname] then
-        consumer_sent = true
-      elseif lname == "x-webauthn-assertion" then
-        single_use = true
-      elseif lname == CERT_THUMBPRINT_HEADER then
-        thumbprint = value
-      end
-    elseif b == BYTE_A or b == BYTE_UPPER_A then
-      if lower(name) == "authorization" then
-        authorization = value
-      end
-    elseif b == BYTE_D or b == BYTE_UPPER_D then
-      if lower(name) == "dpop" then
-        single_use = true
-      end
-    end
+  local a, s, c, t
+  local name, value = next(headers)
+  if name ~= nil then name, value, a, s, c, t = scan_step(headers, name, value, a, s, c, t) end
+  if name ~= nil then name, value, a, s, c, t = scan_step(headers, name, value, a, s, c, t) end
+  if name ~= nil then name, value, a, s, c, t = scan_step(headers, name, value, a, s, c, t) end
+  if name ~= nil then name, value, a, s, c, t = scan_step(headers, name, value, a, s, c, t) end
+  while name ~= nil do
+    name, value, a, s, c, t = scan_step(headers, name, value, a, s, c, t)
   end
-  return authorization, single_use, consumer_sent, thumbprint
+  return a, s, c, t
 end
 
 
@@ -486,10 +508,8 @@ function EdgeVerifierHandler:access(conf)
     -- everything the answer depends on, read from nginx as it holds it: the
     -- verifier is told method, scheme, host, port, path and query, each a
     -- function of these (kong.request reads the same variables)
-    key = decision_cache.key(c.key_prefix .. get_method() .. "\0" .. scheme .. "\0" .. var.host
-                             .. "\0" .. var.server_port .. "\0" .. var.request_uri
-                             .. "\0" .. (var.args or ""),
-                             authorization, thumbprint)
+    key = decision_cache.key(get_method(), scheme, var.host, var.server_port, var.request_uri,
+                             var.args, authorization, thumbprint)
     decision = decision_cache.get(cache, key)
   end
 

@@ -1,5 +1,5 @@
 -- Test double for lua-resty-string's resty.sha256 (Kong ships it; Debian
--- does not package it), so the rig can run the hashed-cache-key branch.
+-- does not package it), so the rig can hash client certificates (mutual TLS).
 -- Same API and the same calls as the real module (new/update/final/reset over
 -- SHA256_Init/Update/Final of the OpenSSL libcrypto that nginx links, one
 -- digest buffer per worker), so what the rig measures is what Kong would run.
