@@ -386,7 +386,7 @@ class _Connection(asyncio.Protocol):
                         self._offer = (answer, stable_until, decision)
                     self._push(answer, keep_alive)
                 else:
-                    future = asyncio.ensure_future(door.decide_slow(attrs, started, keep_alive))
+                    future = self._loop.create_task(door.decide_slow(attrs, started, keep_alive))
                     self._push(future, keep_alive)
         elif path in (b"/healthz", b"/readyz"):
             self._push(_HEALTH_OK if door.ready() else _HEALTH_NOT, keep_alive)

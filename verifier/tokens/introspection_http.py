@@ -38,7 +38,7 @@ import httptools
 
 from verifier.errors import ProviderUnavailable
 from verifier.observe.tracing import NO_TRACING, Tracing
-from verifier.tokens.introspection_client import Headers, HttpReply, HttpRequest
+from verifier.tokens.introspection_client import Headers, HttpReply, HttpRequest, ProviderTimedOut
 
 MAX_HEAD_BYTES = 64 * 1024  # status line + headers, 1xx answers included: a longer head is malformed
 IDLE_SECONDS = 4.0  # an idle pooled connection is dropped after this: under Node's 5 s keep-alive default
@@ -59,6 +59,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()  # a connection lives on the loop that made it
         self._waiter: asyncio.Future[HttpReply] | None = None
         self.reusable = False  # set by a complete answer that allows keep-alive
         self.closed = False
@@ -88,9 +89,9 @@ class _Connection(asyncio.Protocol):
         self._fed = 0
         self._max_bytes = max_bytes
         self.reusable = False
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._waiter = loop.create_future()
-        expiry = loop.call_at(deadline, self._fail, "timed out")
+        expiry = loop.call_at(deadline, self._time_out)
         self._transport.write(request)
         try:
             return await self._waiter
@@ -105,10 +106,13 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def _fail(self, description: str) -> None:
+    def _fail(self, description: str, error: type[ProviderUnavailable] = ProviderUnavailable) -> None:
         if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(ProviderUnavailable(f"introspection provider {description}"))
+            self._waiter.set_exception(error(f"introspection provider {description}"))
         self.close()
+
+    def _time_out(self) -> None:
+        self._fail("timed out", ProviderTimedOut)
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -247,10 +251,15 @@ def _header_lines(headers: Iterable[tuple[str, str]]) -> str:
 class IntrospectionHttpClient:
     """The production `IntrospectionHttp` seam: pooled keep-alive HTTP/1.1 connections, per origin.
 
+    It keeps each call's deadline itself (`keeps_deadline`: `ProviderTimedOut` when `request.timeout`
+    passes, waiting for a connection slot, connecting or exchanging), so its caller arms none around it.
+
     Built by the composition root (`verifier.app.HttpSessions`) and closed by it. `tls` replaces the
     default verifying context (the system's CAs): an issuer's `tls_ca_file` and pinned keys, with
     `https_only` (plain http URLs refused); `default_headers` go on every request (User-Agent).
     """
+
+    keeps_deadline = True
 
     def __init__(
         self,
@@ -303,7 +312,7 @@ class IntrospectionHttpClient:
             try:
                 return await self._exchange(target, data, request.max_bytes, deadline)
             except TimeoutError:
-                raise ProviderUnavailable("introspection provider timed out") from None
+                raise ProviderTimedOut("introspection provider timed out") from None
 
     async def _exchange(self, target: _Target, data: bytes, max_bytes: int, deadline: float) -> HttpReply:
         slots = self._slots.get(target.origin)
