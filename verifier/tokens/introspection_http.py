@@ -308,13 +308,16 @@ class IntrospectionHttpClient:
             if request.body or request.method == "POST":
                 head += f"Content-Length: {len(request.body)}\r\n"
             data = (head + "\r\n").encode("latin-1") + request.body
-            deadline = asyncio.get_running_loop().time() + request.timeout
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + request.timeout
             try:
-                return await self._exchange(target, data, request.max_bytes, deadline)
+                return await self._exchange(loop, target, data, request.max_bytes, deadline)
             except TimeoutError:
                 raise ProviderTimedOut("introspection provider timed out") from None
 
-    async def _exchange(self, target: _Target, data: bytes, max_bytes: int, deadline: float) -> HttpReply:
+    async def _exchange(
+        self, loop: asyncio.AbstractEventLoop, target: _Target, data: bytes, max_bytes: int, deadline: float
+    ) -> HttpReply:
         slots = self._slots.get(target.origin)
         if slots is None:
             slots = self._slots[target.origin] = asyncio.Semaphore(self._connections)
@@ -324,7 +327,7 @@ class IntrospectionHttpClient:
         else:
             await slots.acquire()
         try:
-            connection = self._pooled(target.origin)
+            connection = self._pooled(target.origin, loop.time())
             if connection is None:
                 async with asyncio.timeout_at(deadline):  # connecting and the TLS handshake too
                     connection = await self._connect(target)
@@ -337,7 +340,7 @@ class IntrospectionHttpClient:
             finally:
                 self._busy.discard(connection)
             if connection.reusable and not connection.closed:
-                now = connection.idle_since = asyncio.get_running_loop().time()
+                now = connection.idle_since = loop.time()
                 idle = self._idle.setdefault(target.origin, [])
                 while idle and (idle[0].closed or idle[0].idle_since < now - self._idle_seconds):
                     idle.pop(0).close()  # the oldest first: a quiet spell must not keep a burst's sockets open
@@ -348,12 +351,12 @@ class IntrospectionHttpClient:
         finally:
             slots.release()
 
-    def _pooled(self, origin: tuple[str, str, int]) -> _Connection | None:
+    def _pooled(self, origin: tuple[str, str, int], now: float) -> _Connection | None:
         """The most recently used idle connection still open and fresh; stale ones are closed."""
         idle = self._idle.get(origin)
         if not idle:
             return None
-        fresh_since = asyncio.get_running_loop().time() - self._idle_seconds
+        fresh_since = now - self._idle_seconds
         while idle:
             connection = idle.pop()
             if connection.closed:  # the provider closed it while it was idle
