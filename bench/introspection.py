@@ -25,13 +25,17 @@ about in the window is the whole cost of one first-seen token (door, pipeline, i
 of another checkout (the code before a change), alternated with the others in the same run. ``--reps N``
 repeats every (scenario, target) point N times, alternating; the CPU table gives medians. ``--only
 distinct`` runs that scenario alone (#24 goal 7's figure), ``--no-naive`` leaves the naive target out.
+``--syscalls 1`` counts the verifier's system calls and context switches over each measured window with
+``perf stat`` (kernel tracepoints; needs perf and root) and prints them per token asked of the provider.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import signal
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,33 @@ P99_BUDGET_MS = 5.0  # on top of the provider's latency
 SCENARIOS = ("hot", "distinct", "flood")
 TARGETS = ("verifier batch off", "verifier batch on", "naive")
 FIRST_SEEN_CPU_GOAL_US = 300.0  # #24 goal 7: verifier CPU per first-seen opaque token
+SYSCALLS = ("read", "write", "epoll_pwait", "epoll_wait", "getpid", "futex")  # --syscalls: counted one by one
+
+
+class SyscallCount:
+    """``perf stat`` on a target's processes between two calls of ``edge()`` (the measured window's edges)."""
+
+    def __init__(self, pids: tuple[int, ...], out: Path) -> None:
+        self.pids, self.out = pids, out
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.counts: dict[str, float] = {}
+
+    def edge(self) -> dict[str, float]:
+        """Starts counting at the first edge, stops and reads the counts at the second."""
+        if self.proc is None:
+            events = ["raw_syscalls:sys_enter", "context-switches"] + [f"syscalls:sys_enter_{n}" for n in SYSCALLS]
+            pids = ",".join(str(pid) for root in self.pids for pid in procs.tree(root))
+            cmd = ["perf", "stat", "-x", ",", "-o", str(self.out), "-e", ",".join(events), "-p", pids]
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(timeout=30)
+            for line in self.out.read_text().splitlines():
+                fields = line.split(",")
+                if len(fields) > 2 and fields[0].isdigit():
+                    name = fields[2].removeprefix("syscalls:sys_enter_").removeprefix("raw_syscalls:sys_enter")
+                    self.counts[name or "syscalls"] = float(fields[0])
+        return {}
 
 
 def run(ctx: Context) -> None:
@@ -84,6 +115,8 @@ def run(ctx: Context) -> None:
             provider.url, name="before batch on", issuer_yaml=batch, tree=tree
         )
 
+    syscalls = bool(ctx.opt("syscalls", 0))
+
     def counts() -> dict[str, float]:
         return {**provider.counts(), "provider_cpu": procs.cpu_seconds([provider.proc.pid])}
 
@@ -100,6 +133,7 @@ def run(ctx: Context) -> None:
             correct = ctx.guard(target, Door.HTTP, probe, allow)
             provider.reset()
             payloads = [wire.http_request(wire.http_headers(t), target.http_addr) for t in tokens]
+            perf = SyscallCount(target.pids, ctx.work / f"perf-{len(points)}.txt") if syscalls else None
             p = runner.open_loop(
                 ctx,
                 target,
@@ -109,7 +143,7 @@ def run(ctx: Context) -> None:
                 duration_s=duration,
                 warmup_s=warmup,
                 connections=CONNECTIONS,
-                sample=counts,
+                sample=counts if perf is None else lambda perf=perf: {**perf.edge(), **counts()},
             )
             total, w, checks = provider.counts(), p["window"], p["requests"] or 1
             p.update(scenario=scenario, correct=correct, run_distinct=distinct, run_sent=sent, pool=len(set(tokens)))
@@ -119,10 +153,14 @@ def run(ctx: Context) -> None:
             asked = w["introspection_calls"] + w["batch_tokens"]
             first_seen = scenario == "distinct" and name != "naive" and asked
             p.update(first_seen_cpu_us=p["server_cpu_s"] * 1e6 / asked if first_seen else None)
+            if perf is not None and asked:
+                p.update(per_token={k: v / asked for k, v in perf.counts.items()})
             p.update(run_calls=total["introspection_calls"] + total["batch_calls"], provider_cpu_s=w["provider_cpu"])
             p.update(run_asks=total["introspection_calls"] + total["batch_tokens"])
             points.append(ctx.record(p))
             cpu = f", {p['first_seen_cpu_us']:.0f} us CPU per first-seen token" if p["first_seen_cpu_us"] else ""
+            if p.get("per_token"):
+                cpu += ", per token: " + " ".join(f"{k} {v:.2f}" for k, v in p["per_token"].items() if v)
             print(
                 f"bench: {scenario:8} {name:18} p99 {p['latency']['p99']:.2f} ms, asked {p['run_asks']} / {distinct}"
                 + cpu,
@@ -218,4 +256,10 @@ def markdown(ctx: Context, r: dict[str, Any]) -> str:
         "",
         report.table(["goal", "measured", "result"], goal_rows),
     ]
+    counted = [p for p in r["points"] if p.get("per_token")]
+    if counted:  # --syscalls
+        names = list(counted[0]["per_token"])
+        rows = [[p["target"], str(p["rep"])] + [f"{p['per_token'].get(n, 0):.2f}" for n in names] for p in counted]
+        lines += ["", "Per token asked of the provider (perf stat over the window):", ""]
+        lines.append(report.table(["target", "rep", *names], rows, left=2))
     return "\n".join(lines + [f"- warning: {w}" for w in r["warnings"]]) + "\n"

@@ -41,6 +41,7 @@ SUITES: dict[str, Suite] = {
                 ("--delay", float, "provider latency in seconds (default 0.02)"),
                 ("--before", str, "another checkout (the code before a change): its verifier (nginx: plugin) runs too"),
                 ("--only", str, "comma-separated scenarios of hot,distinct,flood (default all)"),
+                ("--syscalls", int, "1: the verifier's syscalls and context switches per token asked (perf stat)"),
             ),
         ),
         Suite(

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 from doorkit import http_exchange, running_verifier
+from prometheus_client import CollectorRegistry
 
-from verifier.doors.forward_auth import FORWARDED_FAMILIES, X_FORWARDED, attributes_from_http
+from verifier.decision import Decision
+from verifier.doors.forward_auth import (
+    FORWARDED_FAMILIES,
+    X_FORWARDED,
+    ForwardAuthDoor,
+    _Connection,
+    attributes_from_http,
+)
+from verifier.doors.refusals import refuse
+from verifier.errors import MissingToken, ProviderUnavailable, VerifierError
+from verifier.observe.metrics import Metrics
+from verifier.request import RequestAttributes
 from verifier.settings import (
     FORWARDED_HEADER_FAMILIES,
     ForwardAuthSettings,
@@ -466,3 +479,57 @@ async def test_an_active_pipelined_connection_outlives_both_timeouts() -> None:
         finally:
             writer.close()
         assert answered >= 18
+
+
+class _GatedPipeline:
+    """Every check is a slow one; each waits for the gate its X-Forwarded-Uri names, then refuses with its code."""
+
+    def __init__(self, gates: dict[str, tuple[asyncio.Event, VerifierError]]) -> None:
+        self.gates = gates
+
+    def decide_cached(self, attrs: RequestAttributes, door: str) -> None:
+        return None
+
+    async def decide_after_miss(self, attrs: RequestAttributes, door: str) -> Decision:
+        gate, error = self.gates[attrs.path]
+        await gate.wait()
+        return refuse(error, realm="verifier")
+
+
+class _Wire:
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else None
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_a_first_seen_answer_goes_out_in_the_loop_turn_its_decision_completes_and_in_order() -> None:
+    # A slow answer's task writes it itself when it is the next one owed (#24 goal 7: no done callback, no
+    # extra event-loop turn); one behind an earlier answer still owed waits for that one, in request order.
+    gates = {
+        "/a": (asyncio.Event(), ProviderUnavailable("provider down")),
+        "/b": (asyncio.Event(), MissingToken("no token")),
+    }
+    door = ForwardAuthDoor(_GatedPipeline(gates), Metrics(CollectorRegistry()), lambda: True)  # type: ignore[arg-type]
+    wire = _Wire()
+    connection = _Connection(door)
+    connection.connection_made(wire)  # type: ignore[arg-type]
+    head = "GET /v1/forward-auth HTTP/1.1\r\nHost: verifier\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: {}\r\n\r\n"
+    connection.data_received((head.format("/a") + head.format("/b")).encode())
+    for _ in range(3):
+        await asyncio.sleep(0)  # both checks running, waiting at their gates
+    gates["/b"][0].set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert wire.out == []  # /b is decided but owed after /a
+    gates["/a"][0].set()
+    await asyncio.sleep(0)  # one loop turn: /a's check resumes, and both answers go out in it
+    assert [_status(answer) for answer in wire.out] == [503, 401]
+    assert connection.busy is False

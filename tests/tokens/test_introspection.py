@@ -721,6 +721,57 @@ async def test_after_close_nothing_is_sent(make: MakeIntrospector, http: FakeHtt
     assert http.posts == []
 
 
+async def test_close_cancels_a_per_token_call_in_flight(clock: FrozenClock, registry: CollectorRegistry) -> None:
+    class Stalled:
+        """A provider that never answers; remembers whether the call was cancelled."""
+
+        def __init__(self) -> None:
+            self.sent = asyncio.Event()
+            self.cancelled = False
+
+        async def send(self, request: HttpRequest) -> HttpReply:
+            self.sent.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+            raise AssertionError("never answers")
+
+    stalled = Stalled()
+    introspector = build_introspector(
+        issuer=ISSUER,
+        audiences=(AUDIENCE,),
+        config=config(),
+        endpoint=None,
+        clock=clock,
+        registry=registry,
+        http=stalled,
+    )
+    waiting = asyncio.create_task(check(introspector, "tok"))
+    await asyncio.wait_for(stalled.sent.wait(), 5)
+    await asyncio.wait_for(introspector.close(), 5)
+    assert stalled.cancelled  # not left running after close
+    with pytest.raises(ProviderUnavailable, match="shutting down"):
+        await waiting
+
+
+async def test_a_finished_per_token_call_is_not_kept(make: MakeIntrospector, http: FakeHttp) -> None:
+    # Each first-seen token's call removes itself when it ends (no done callback): nothing accumulates.
+    introspector = make()
+    for n in range(20):
+        http.answers[f"tok{n}"] = active()
+    await asyncio.gather(*(check(introspector, f"tok{n}") for n in range(20)))
+    http.fault = "down"
+    with pytest.raises(ProviderUnavailable):
+        await check(introspector, "tok-down")
+    assert introspector._calls == {}
+    http.fault = None
+    http.answers["tok-down"] = active()
+    assert (await check(introspector, "tok-down")).subject  # a failed token asked again: a new call
+    assert http.tokens_asked().count("tok-down") == 2
+
+
 # -- configuration -----------------------------------------------------------------------------
 
 

@@ -586,3 +586,41 @@ async def test_the_root_builds_one_client_and_closes_it() -> None:
         await sessions.close()
         await asyncio.sleep(0.05)
         assert peer.open == 0
+
+
+async def test_a_silent_provider_is_ended_by_the_client_s_own_deadline_and_counted_as_a_timeout(
+    client: IntrospectionHttpClient,
+) -> None:
+    # The production client keeps each call's deadline itself (`keeps_deadline`): the introspector arms
+    # no second one around it, so a silent provider must still be a 503 within the timeout, counted
+    # as a timeout (the breaker's fault), its connection dropped, the next call answered.
+    registry = CollectorRegistry()
+    answered = ok(b'{"active": true, "sub": "alice", "aud": "aud"}')
+    async with Peer([Answer([b"HTTP/1.1 200 OK\r\n"], then="hang"), answered]) as peer:
+        introspector = build_introspector(
+            issuer="http://127.0.0.1",
+            audiences=("aud",),
+            config=IntrospectionConfig(
+                client_id="verifier", client_secret="s" * 16, endpoint=peer.url, timeout_seconds=0.3
+            ),
+            endpoint=None,
+            http=client,
+            clock=FrozenClock(),
+            registry=registry,
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(ProviderUnavailable, match="timed out"):
+                await asyncio.wait_for(introspector.introspect(TOKEN, b"t" * 32), 0.3 + SLACK)
+            assert time.monotonic() - started < 0.3 + SLACK
+            labels = {"issuer": "http://127.0.0.1"}
+            calls = "verifier_introspection_calls_total"
+            assert registry.get_sample_value(calls, {**labels, "result": "timeout"}) == 1
+            assert registry.get_sample_value(calls, {**labels, "result": "unreachable"}) in (None, 0)
+            await asyncio.sleep(0.05)
+            assert peer.open == 0  # the stalled connection was closed
+            principal = await introspector.introspect(TOKEN + "2", b"u" * 32)  # on a new connection
+            assert principal.subject == "alice"
+            assert peer.connections == 2
+        finally:
+            await introspector.close()

@@ -167,7 +167,10 @@ class Introspector:
         self._inflight: dict[bytes, list[asyncio.Future[_Verdict]]] = {}
         self._pending: list[_Pending] = []
         self._timer: asyncio.Handle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # batch calls
+        # One token's call (no batch endpoint), by its hash: it removes itself when done, so no done
+        # callback (a loop turn per token) is needed to forget it.
+        self._calls: dict[bytes, asyncio.Task[None]] = {}
         self._closed = False
 
     async def introspect(self, token: str, token_hash: bytes) -> Principal:
@@ -190,13 +193,14 @@ class Introspector:
         if len(token) > DEFAULT_MAX_TOKEN_BYTES:
             raise MalformedToken("token too large")
         # A future per waiter: one giving up (cancelled) must not cancel the answer the others wait for.
-        future: asyncio.Future[_Verdict] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_Verdict] = loop.create_future()
         waiters = self._inflight.get(token_hash)
         if waiters is None:
             self._metrics.miss.inc()
             self._inflight[token_hash] = [future]
             if self._per_token:
-                self._start(self._one(token, token_hash))
+                self._calls[token_hash] = loop.create_task(self._one(token, token_hash))
             else:
                 self._enqueue(_Pending(token, token_hash))
         else:
@@ -238,11 +242,14 @@ class Introspector:
         except ProviderUnavailable as exc:
             result = exc
         except asyncio.CancelledError:
+            self._calls.pop(token_hash, None)
             self._fail([token_hash], ProviderUnavailable("introspection is shutting down"))
             raise
         except Exception:  # a bug: fail closed, never leave a waiter hanging
             log.exception("introspection call failed", extra={"event": "introspection_error"})
             result = ProviderUnavailable("introspection failed")
+        # Forgotten before the waiters wake: a waiter that asks again for this token starts a call of its own.
+        self._calls.pop(token_hash, None)
         self._deliver(token_hash, result)
 
     async def _flush(self, batch: list[_Pending]) -> None:
@@ -367,7 +374,8 @@ class Introspector:
             self._timer.cancel()
             self._timer = None
         self._pending = []
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *self._calls.values()]
+        self._calls.clear()
         for task in tasks:
             task.cancel()
         for task in tasks:

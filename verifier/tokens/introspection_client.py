@@ -84,8 +84,18 @@ class HttpReply(NamedTuple):
     body: bytes
 
 
+class ProviderTimedOut(ProviderUnavailable):
+    """A seam that keeps the request's deadline itself (`keeps_deadline`) raises this when it passes:
+    the same 503 as any provider failure, counted as a timeout."""
+
+
 class IntrospectionHttp(Protocol):
-    """The network seam: sends one request and returns the answer, whatever its status."""
+    """The network seam: sends one request and returns the answer, whatever its status.
+
+    A seam whose class sets `keeps_deadline = True` promises to end every call by `request.timeout`
+    (raising `ProviderTimedOut`); the client then arms no deadline of its own around it. Any other
+    seam (a test's) is bounded by the client.
+    """
 
     async def send(self, request: HttpRequest) -> HttpReply:
         """Raises `ProviderUnavailable` on a transport failure or an oversized body (never for a status)."""
@@ -153,6 +163,9 @@ class ProviderClient:
         self.breaker = breaker
         self._metrics = metrics
         self._slots = asyncio.Semaphore(config.max_in_flight)
+        # The production client ends each call by its deadline (one timer handle on the exchange): a second
+        # deadline around it (an `asyncio.timeout`, ~6 us) would only race it (#24 goal 7).
+        self._seam_keeps_deadline = getattr(type(http), "keeps_deadline", False) is True
         self._discovering: asyncio.Task[str] | None = None
         # A client secret authenticates every call the same way: encoded once, not per first-seen token.
         # A private_key_jwt assertion is fresh per call (its jti, iat and exp).
@@ -245,8 +258,11 @@ class ProviderClient:
             try:
                 method, url, headers, body = build()
                 request = HttpRequest(method, url, headers, body, max(deadline - loop.time(), 0.001), max_bytes)
-                async with asyncio.timeout_at(deadline):
+                if self._seam_keeps_deadline:
                     reply = await self._http.send(request)
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        reply = await self._http.send(request)
                 if reply.status != 200:
                     result = _status_result(reply.status)
                     raise ProviderUnavailable(f"HTTP {reply.status} from introspection provider")
@@ -258,6 +274,10 @@ class ProviderClient:
             except TimeoutError:
                 result = "timeout"
                 raise ProviderUnavailable("introspection provider timed out") from None
+            except ProviderTimedOut:
+                if result == "ok":
+                    result = "timeout"
+                raise
             except ProviderUnavailable:
                 if result == "ok":
                     result = "unreachable"

@@ -38,7 +38,7 @@ import httptools
 
 from verifier.errors import ProviderUnavailable
 from verifier.observe.tracing import NO_TRACING, Tracing
-from verifier.tokens.introspection_client import Headers, HttpReply, HttpRequest
+from verifier.tokens.introspection_client import Headers, HttpReply, HttpRequest, ProviderTimedOut
 
 MAX_HEAD_BYTES = 64 * 1024  # status line + headers, 1xx answers included: a longer head is malformed
 IDLE_SECONDS = 4.0  # an idle pooled connection is dropped after this: under Node's 5 s keep-alive default
@@ -59,6 +59,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()  # a connection lives on the loop that made it
         self._waiter: asyncio.Future[HttpReply] | None = None
         self.reusable = False  # set by a complete answer that allows keep-alive
         self.closed = False
@@ -88,9 +89,9 @@ class _Connection(asyncio.Protocol):
         self._fed = 0
         self._max_bytes = max_bytes
         self.reusable = False
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._waiter = loop.create_future()
-        expiry = loop.call_at(deadline, self._fail, "timed out")
+        expiry = loop.call_at(deadline, self._time_out)
         self._transport.write(request)
         try:
             return await self._waiter
@@ -105,10 +106,13 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def _fail(self, description: str) -> None:
+    def _fail(self, description: str, error: type[ProviderUnavailable] = ProviderUnavailable) -> None:
         if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(ProviderUnavailable(f"introspection provider {description}"))
+            self._waiter.set_exception(error(f"introspection provider {description}"))
         self.close()
+
+    def _time_out(self) -> None:
+        self._fail("timed out", ProviderTimedOut)
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -247,10 +251,15 @@ def _header_lines(headers: Iterable[tuple[str, str]]) -> str:
 class IntrospectionHttpClient:
     """The production `IntrospectionHttp` seam: pooled keep-alive HTTP/1.1 connections, per origin.
 
+    It keeps each call's deadline itself (`keeps_deadline`: `ProviderTimedOut` when `request.timeout`
+    passes, waiting for a connection slot, connecting or exchanging), so its caller arms none around it.
+
     Built by the composition root (`verifier.app.HttpSessions`) and closed by it. `tls` replaces the
     default verifying context (the system's CAs): an issuer's `tls_ca_file` and pinned keys, with
     `https_only` (plain http URLs refused); `default_headers` go on every request (User-Agent).
     """
+
+    keeps_deadline = True
 
     def __init__(
         self,
@@ -299,13 +308,16 @@ class IntrospectionHttpClient:
             if request.body or request.method == "POST":
                 head += f"Content-Length: {len(request.body)}\r\n"
             data = (head + "\r\n").encode("latin-1") + request.body
-            deadline = asyncio.get_running_loop().time() + request.timeout
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + request.timeout
             try:
-                return await self._exchange(target, data, request.max_bytes, deadline)
+                return await self._exchange(loop, target, data, request.max_bytes, deadline)
             except TimeoutError:
-                raise ProviderUnavailable("introspection provider timed out") from None
+                raise ProviderTimedOut("introspection provider timed out") from None
 
-    async def _exchange(self, target: _Target, data: bytes, max_bytes: int, deadline: float) -> HttpReply:
+    async def _exchange(
+        self, loop: asyncio.AbstractEventLoop, target: _Target, data: bytes, max_bytes: int, deadline: float
+    ) -> HttpReply:
         slots = self._slots.get(target.origin)
         if slots is None:
             slots = self._slots[target.origin] = asyncio.Semaphore(self._connections)
@@ -315,7 +327,7 @@ class IntrospectionHttpClient:
         else:
             await slots.acquire()
         try:
-            connection = self._pooled(target.origin)
+            connection = self._pooled(target.origin, loop.time())
             if connection is None:
                 async with asyncio.timeout_at(deadline):  # connecting and the TLS handshake too
                     connection = await self._connect(target)
@@ -328,7 +340,7 @@ class IntrospectionHttpClient:
             finally:
                 self._busy.discard(connection)
             if connection.reusable and not connection.closed:
-                now = connection.idle_since = asyncio.get_running_loop().time()
+                now = connection.idle_since = loop.time()
                 idle = self._idle.setdefault(target.origin, [])
                 while idle and (idle[0].closed or idle[0].idle_since < now - self._idle_seconds):
                     idle.pop(0).close()  # the oldest first: a quiet spell must not keep a burst's sockets open
@@ -339,12 +351,12 @@ class IntrospectionHttpClient:
         finally:
             slots.release()
 
-    def _pooled(self, origin: tuple[str, str, int]) -> _Connection | None:
+    def _pooled(self, origin: tuple[str, str, int], now: float) -> _Connection | None:
         """The most recently used idle connection still open and fresh; stale ones are closed."""
         idle = self._idle.get(origin)
         if not idle:
             return None
-        fresh_since = asyncio.get_running_loop().time() - self._idle_seconds
+        fresh_since = now - self._idle_seconds
         while idle:
             connection = idle.pop()
             if connection.closed:  # the provider closed it while it was idle
