@@ -43,8 +43,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from support import b64url, free_port
 
 LOOPBACK = "127.0.0.1"
-# Seconds to wait for a gateway or server to become ready; generous because CI machines are slow.
-READY_TIMEOUT_S = 20.0
+# Seconds to wait for a gateway or server to become ready (a poll: over at once when it is); generous because
+# CI machines are slow and a loaded one starts a Python process slowly.
+READY_TIMEOUT_S = 60.0
 # Seconds Envoy allows for one JWKS call (jwt_authn baseline); above the verifier's worst cold-start latency.
 AUTHZ_TIMEOUT = "2s"
 # The audience every test token is minted for and every rig is configured with.

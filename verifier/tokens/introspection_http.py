@@ -36,6 +36,7 @@ from typing import cast
 
 import httptools
 
+from verifier.clock import Clock, SystemClock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.tokens.introspection_client import Headers, HttpReply, HttpRequest
@@ -250,6 +251,7 @@ class IntrospectionHttpClient:
     Built by the composition root (`verifier.app.HttpSessions`) and closed by it. `tls` replaces the
     default verifying context (the system's CAs): an issuer's `tls_ca_file` and pinned keys, with
     `https_only` (plain http URLs refused); `default_headers` go on every request (User-Agent).
+    `clock` times how long a pooled connection has been idle (deadlines are the event loop's).
     """
 
     def __init__(
@@ -261,7 +263,9 @@ class IntrospectionHttpClient:
         connections: int = DEFAULT_CONNECTIONS,
         idle_seconds: float = IDLE_SECONDS,
         tracing: Tracing = NO_TRACING,
+        clock: Clock | None = None,
     ) -> None:
+        self._clock = clock or SystemClock()
         self._fixed = _header_lines((*default_headers, ("Accept", "application/json"), ("Accept-Encoding", "identity")))
         self._tls = tls
         self._https_only = https_only
@@ -328,7 +332,7 @@ class IntrospectionHttpClient:
             finally:
                 self._busy.discard(connection)
             if connection.reusable and not connection.closed:
-                now = connection.idle_since = asyncio.get_running_loop().time()
+                now = connection.idle_since = self._clock.monotonic()
                 idle = self._idle.setdefault(target.origin, [])
                 while idle and (idle[0].closed or idle[0].idle_since < now - self._idle_seconds):
                     idle.pop(0).close()  # the oldest first: a quiet spell must not keep a burst's sockets open
@@ -344,7 +348,7 @@ class IntrospectionHttpClient:
         idle = self._idle.get(origin)
         if not idle:
             return None
-        fresh_since = asyncio.get_running_loop().time() - self._idle_seconds
+        fresh_since = self._clock.monotonic() - self._idle_seconds
         while idle:
             connection = idle.pop()
             if connection.closed:  # the provider closed it while it was idle
