@@ -57,6 +57,7 @@ SHED_OFF = MAX_DEADLINE_SECONDS  # http.shed_after_seconds as before #24 goal 4:
 HTTP_BUDGET_MS = 1000  # no caller deadline on HTTP: the issue's 1 s
 GOODPUT_GOAL, RSS_GOAL, HEALTHY_WITHIN_S = 0.8, 1.5, 1.0  # the issue's goal 4
 SHIPPED = "shipped"
+NOOP = "no-op"  # bench/baselines.py on the same stack, for the forward-auth door's cached points
 
 
 @dataclass(frozen=True)
@@ -297,6 +298,8 @@ def http_point(
             served_per_s=served / flood.seconds,
             served_share=served / flood.seconds / capacity if capacity else None,
             served_per_cpu_share=_per_cpu_share(served, cpu, cap.requests - cap.refusals, cap_cpu),
+            capacity_cpu_us=cap_cpu / max(1, cap.requests) * 1e6,
+            connections=ctx.opt("connections", HTTP_FLOOD),
             answers=flood.requests,
             non_2xx=flood.refusals,
             timeouts=flood.timeouts,
@@ -316,6 +319,48 @@ def http_point(
             rss_settled_mb=rss2 / 1024,
             healthy=health_status == 200 and served_status == 200,
             health_s=max(health_s, served_s),
+            loadavg=procs.loadavg(),
+        )
+    )
+
+
+def stack_point(ctx: Context, token: str) -> dict[str, Any]:
+    """The same capacity and flood against the no-op on the same stack (bench/baselines.py: uvloop + httptools,
+    a canned 200, nothing decided): the share of its capacity the stack itself keeps at the flood's connections,
+    and its CPU per answer at both (the kernel's and the loop's, which no door can lower)."""
+    target = ctx.servers.start_baseline("noop")
+    try:
+        url = f"http://{target.http_addr}{wire.FORWARD_AUTH_PATH}"
+        duration = ctx.opt("duration", 5.0, 3.0)
+        runs = []
+        for connections in (HTTP_CAPACITY, ctx.opt("connections", HTTP_FLOOD)):
+            cpu0 = procs.cpu_seconds(target.pids)
+            run = load.wrk(
+                url,
+                workdir=ctx.work,
+                duration_s=duration,
+                headers=wire.http_headers(token),
+                connections=connections,
+                timeout_s=5,
+            )
+            runs.append((run, procs.cpu_seconds(target.pids) - cpu0))
+            time.sleep(1)
+    finally:
+        ctx.servers.stop(target)
+    (cap, cap_cpu), (flood, cpu) = runs
+    capacity = cap.requests / cap.seconds
+    return ctx.record(
+        dict(
+            door="http",
+            tokens="cached",
+            variant=NOOP,
+            capacity=capacity,
+            served_per_s=flood.requests / flood.seconds,
+            served_share=flood.requests / flood.seconds / capacity if capacity else None,
+            served_per_cpu_share=_per_cpu_share(flood.requests, cpu, cap.requests, cap_cpu),
+            capacity_cpu_us=cap_cpu / max(1, cap.requests) * 1e6,
+            verifier_cpu_us=cpu / max(1, flood.requests) * 1e6,
+            max_ms=flood.max_us / 1000,
             loadavg=procs.loadavg(),
         )
     )
@@ -355,6 +400,14 @@ def run_http(ctx: Context, issuer: idp.Issuer, routes: list[str], points: list[d
                             f"bench: overload {route} {tokens} {variant.name} rep {rep}: served "
                             f"{p['served_per_s']:,.0f}/s ({p['served_share']:.0%} of capacity), max {p['max_ms']:.0f} "
                             f"ms, {p['non_2xx']:,} non-2xx, {p['timeouts']:,} timeouts",
+                            file=sys.stderr,
+                        )
+                        points.append(p)
+                    if route == "http" and tokens == "cached":
+                        p = stack_point(ctx, issuer.cached_token)
+                        print(
+                            f"bench: overload {route} no-op (the stack) rep {rep}: {p['served_share']:.0%} of its "
+                            f"capacity, {p['capacity_cpu_us']:.1f} -> {p['verifier_cpu_us']:.1f} us/answer",
                             file=sys.stderr,
                         )
                         points.append(p)
@@ -418,14 +471,33 @@ def verdicts(points: list[dict[str, Any]]) -> list[str]:
             f"median; per verifier CPU-second {per_cpu:.0%}); budget {verdict(not late)} ({late} reps with answers "
             f"past {ps[0]['budget_ms']} ms, max {worst:,.0f} ms); RSS {verdict(rss <= RSS_GOAL)} ({rss:.2f}x); "
             f"healthy {verdict(not sick)} ({health * 1000:,.0f} ms); verifier CPU {cpu:,.0f} us/answer"
+            + _stack(points, label, ps, share)
         )
     return lines
+
+
+def _stack(points: list[dict[str, Any]], label: str, ps: list[dict[str, Any]], share: float) -> str:
+    """For the forward-auth door's cached line: the no-op's own share on the same stack, in the same run."""
+    noop = [p for p in points if p.get("variant") == NOOP and _label(p) == label]
+    if not noop:
+        return ""
+    median = statistics.median
+    stack = median(p["served_share"] or 0.0 for p in noop)
+    door_cpu = (median(p["capacity_cpu_us"] for p in ps), median(p["verifier_cpu_us"] for p in ps))
+    noop_cpu = (median(p["capacity_cpu_us"] for p in noop), median(p["verifier_cpu_us"] for p in noop))
+    return (
+        f"; the no-op on the same stack (median of {len(noop)}): {stack:.0%} of its capacity, so the door keeps "
+        f"{share / stack if stack else 0:.0%} of the stack's share; CPU per answer at {HTTP_CAPACITY} -> "
+        f"{ps[0].get('connections', HTTP_FLOOD)} connections: door {door_cpu[0]:.1f} -> {door_cpu[1]:.1f} us, "
+        f"no-op {noop_cpu[0]:.1f} -> {noop_cpu[1]:.1f} us"
+    )
 
 
 def markdown(ctx: Context, points: list[dict[str, Any]], goal: list[str]) -> str:
     """The goal's verdicts, then the results tables: the gRPC doors (h2load), then the HTTP routes (wrk)."""
     grpc_points = [p for p in points if "bound" in p]
-    http_points = [p for p in points if "bound" not in p]
+    http_points = [p for p in points if "bound" not in p and p["variant"] != NOOP]
+    noop_points = [p for p in points if p.get("variant") == NOOP]
     common = ["capacity /s", "served /s", "of capacity (per CPU-s)"]
     tail = ["p99 ms", "max ms", "over budget", "RSS before/after/+3 s MB", "healthy after"]
 
@@ -493,6 +565,21 @@ def markdown(ctx: Context, points: list[dict[str, Any]], goal: list[str]) -> str
                         *end(p),
                     ]
                     for p in http_points
+                ],
+            ),
+        ]
+    if noop_points:
+        parts += [
+            "The no-op on the same stack (bench/baselines.py, cached token's request, same wrk runs):",
+            report.table(
+                ["capacity /s", "served /s", "of capacity (per CPU-s)", "CPU us/answer at capacity / flood", "max ms"],
+                [
+                    [
+                        *start(p),
+                        f"{p['capacity_cpu_us']:.1f} / {p['verifier_cpu_us']:.1f}",
+                        report.fmt(p["max_ms"]),
+                    ]
+                    for p in noop_points
                 ],
             ),
         ]

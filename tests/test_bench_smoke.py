@@ -225,3 +225,35 @@ def test_wrk_sends_the_fixed_request_or_each_prebuilt_request_in_turn(
     assert turn.requests >= 3 and turn.refusals == 0
     assert set(seen) == {"Bearer t0", "Bearer t1", "Bearer t2"}
     assert max(seen.count(t) for t in set(seen)) - min(seen.count(t) for t in set(seen)) <= 2  # in turn
+
+
+def test_overload_cached_verdict_names_the_no_op_share_on_the_same_stack(tmp_path: Path) -> None:
+    """The forward-auth cached line carries the no-op's own share (the stack's part of the miss) and the
+    verdict itself stays on the issue's terms: served against capacity at HTTP_CAPACITY connections."""
+    import argparse
+
+    from bench import overload, procs
+    from bench.runner import Context
+
+    def door_point(variant: str, share: float) -> dict[str, object]:
+        return dict(
+            door="http", tokens="cached", variant=variant, shed_after=0.25, capacity=40_000.0, served_per_s=share * 4e4,
+            served_share=share, served_per_cpu_share=share, capacity_cpu_us=10.0, verifier_cpu_us=15.0,
+            connections=1000, non_2xx=0, timeouts=0, p99_ms=90.0, max_ms=150.0, over_budget=False, budget_ms=1000,
+            rss_before_mb=150.0, rss_after_mb=151.0, rss_settled_mb=151.0, healthy=True, health_s=0.01,
+        )  # fmt: skip
+
+    noop = dict(
+        door="http", tokens="cached", variant=overload.NOOP, capacity=45_000.0, served_per_s=28_800.0,
+        served_share=0.64, served_per_cpu_share=0.64, capacity_cpu_us=11.0, verifier_cpu_us=17.5, max_ms=120.0,
+    )  # fmt: skip
+    points = [door_point("before", 0.6), door_point(overload.SHIPPED, 0.62), noop]
+
+    goal = overload.verdicts(points)
+
+    assert len(goal) == 1 and goal[0].startswith("http cached (shipped, 1 reps): goodput MISS (62% of capacity")
+    assert "the no-op on the same stack (median of 1): 64% of its capacity, so the door keeps 97%" in goal[0]
+    assert "door 10.0 -> 15.0 us, no-op 11.0 -> 17.5 us" in goal[0]
+    ctx = Context(out=tmp_path, quick=True, args=argparse.Namespace(), servers=procs.Servers(tmp_path))
+    text = overload.markdown(ctx, points, goal)
+    assert "| 45,000 | 28,800 | 64% (64%) | 11.0 / 17.5 | 120 |" in text

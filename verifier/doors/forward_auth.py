@@ -47,6 +47,7 @@ from typing import Any
 import httptools
 
 from verifier.decision import Decision, smuggled_identity
+from verifier.doors.acceptor import Acceptor, listening_sockets
 from verifier.doors.admission import LoopClock
 from verifier.doors.answer_memo import AnswerMemo
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
@@ -530,7 +531,7 @@ class ForwardAuthDoor:
         self.ready = ready
         self.clock = LoopClock()  # overload: how long requests have waited in their sockets (admission.py)
         self.shed_after = settings.shed_after_seconds
-        self._server: asyncio.Server | None = None
+        self._acceptor: Acceptor | None = None
         self.connections: set[_Connection] = set()
         self.header_names: dict[bytes, str] = {}  # raw field name -> its lower-case text (`header_name`)
 
@@ -603,26 +604,24 @@ class ForwardAuthDoor:
         return answer.serialize(keep_alive)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False, tls: ssl.SSLContext | None = None) -> int:
-        """Listens (with TLS when given a context); returns the bound port."""
-        loop = asyncio.get_running_loop()
+        """Listens (with TLS when given a context); returns the bound port. Connections are accepted by
+        `acceptor.Acceptor`: all that wait, each loop turn (uvloop's own servers take one per turn)."""
         self.clock.start()
-        self._server = await loop.create_server(
+        self._acceptor = Acceptor(
+            listening_sockets(host, port, reuse_port=reuse_port),
             lambda: _Connection(self),
-            host,
-            port,
-            reuse_port=reuse_port or None,
-            backlog=2048,
-            ssl=tls,
+            tls=tls,
             # A TLS handshake that stalls holds a connection as a half-sent request would.
-            ssl_handshake_timeout=self.header_timeout if tls is not None else None,
+            handshake_timeout=self.header_timeout,
         )
-        return int(self._server.sockets[0].getsockname()[1])
+        self._acceptor.start()
+        return int(self._acceptor.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         """Stops accepting; open keep-alive connections are closed."""
         self.clock.stop()
-        if self._server is not None:
-            self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
             # Drain: let answers already being computed go out, then close idle keep-alives.
             for _ in range(50):
                 if not any(c.busy for c in self.connections):
