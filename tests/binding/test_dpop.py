@@ -17,9 +17,15 @@ from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from support import FrozenClock
 from tokenkit import NOW, SigningKeys, b64, compact, private_jwk, public_jwk
 
-from verifier.binding.dpop import DpopVerifier, access_token_hash, normalize_htu, thumbprint
+from verifier.binding import dpop as dpop_module
+from verifier.binding.dpop import AcceptedProof, DpopVerifier, access_token_hash, normalize_htu, thumbprint
+from verifier.checks.base import NO_POLICY, Passed
+from verifier.checks.dpop import DpopBinding
 from verifier.config.dpop import DEFAULT_ALGORITHMS, DpopConfig, parse_dpop_config
+from verifier.credentials import Credential, TokenScheme
 from verifier.errors import InvalidDpopProof, SenderConstraintFailed, StateUnavailable, UseDpopNonce
+from verifier.principal import Principal
+from verifier.request import RequestAttributes
 from verifier.settings import ConfigError
 from verifier.state.base import TakeResult
 from verifier.state.memory import MemoryState
@@ -66,7 +72,7 @@ def verifier(clock: FrozenClock, state: MemoryState) -> DpopVerifier:
     return DpopVerifier(DpopConfig(), state, clock)
 
 
-async def check(
+async def accept(
     verifier: DpopVerifier,
     proof: str | None,
     *,
@@ -74,8 +80,13 @@ async def check(
     url: str = URL,
     token: str = TOKEN,
     jkt: str | None = None,
-) -> str:
+) -> AcceptedProof:
     return await verifier.verify(proof, method=method, url=url, access_token=token, expected_jkt=jkt)
+
+
+async def check(verifier: DpopVerifier, proof: str | None, **request: Any) -> str:
+    """The accepted proof's key thumbprint."""
+    return (await accept(verifier, proof, **request)).jkt
 
 
 # --- RFC 7638 thumbprints -------------------------------------------------------------------------
@@ -420,24 +431,53 @@ async def test_a_nonce_past_half_its_lifetime_is_renewed_on_the_allow(
     """RFC 9449 section 8.2/9: the server may hand out the next nonce with a 200, so a busy client never meets
     the use_dpop_nonce 401 once its nonce is old; a young nonce is kept (no new header on every answer)."""
     nonce = nonce_verifier.issue_nonce()
-    young = make_proof(keys.es256, nonce=nonce, iat=clock.now())
+    young = await accept(nonce_verifier, make_proof(keys.es256, nonce=nonce, iat=clock.now()))
+    assert young.nonce_issued_at == clock.now()
     assert nonce_verifier.renewed_nonce(young) is None
-    clock.advance(151)  # past half of the 300 s lifetime
-    old = make_proof(keys.es256, nonce=nonce, iat=clock.now())
-    await check(nonce_verifier, old)  # still good
+    clock.advance(150)  # half of the 300 s lifetime: still young
+    assert nonce_verifier.renewed_nonce(young) is None
+    clock.advance(1)  # past half of it
+    old = await accept(nonce_verifier, make_proof(keys.es256, nonce=nonce, iat=clock.now()))  # still good
     renewed = nonce_verifier.renewed_nonce(old)
     assert renewed and renewed != nonce
     clock.advance(200)  # the first nonce has expired; the renewed one has not
     await check(nonce_verifier, make_proof(keys.es256, nonce=renewed, iat=clock.now()))
 
 
+async def test_an_allow_renewing_the_nonce_parses_the_proof_once(
+    nonce_verifier: DpopVerifier, keys: SigningKeys, clock: FrozenClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DPoP check (verify, then renewal on the allow) reads the proof once: `verify` hands back when the
+    nonce was issued, and renewal needs nothing else."""
+    parsed: list[str] = []
+    parse = dpop_module._parse_proof
+    monkeypatch.setattr(dpop_module, "_parse_proof", lambda proof, limit: parsed.append(proof) or parse(proof, limit))
+    nonce = nonce_verifier.issue_nonce()
+    clock.advance(151)  # past half of the nonce's lifetime: the allow hands out the next one
+    jkt = jkt_of(keys.es256)
+    principal = Principal("https://issuer.test", "user-1", None, (), frozenset(), NOW + 600, {"cnf": {"jkt": jkt}})
+    proof = make_proof(keys.es256, nonce=nonce, iat=clock.now())
+    attrs = RequestAttributes("GET", "https", "api.example.test", "/orders?page=2", {"dpop": proof})
+
+    passed = await DpopBinding(nonce_verifier).check(principal, Credential(TokenScheme.DPOP, TOKEN), attrs, NO_POLICY)
+
+    assert isinstance(passed, Passed) and passed.principal == principal
+    ((name, renewed),) = passed.client_headers
+    assert name == "dpop-nonce" and renewed != nonce
+    assert parsed == [proof]
+
+
 async def test_no_nonce_is_renewed_when_none_is_required_or_the_proof_is_not_ours(
     verifier: DpopVerifier, nonce_verifier: DpopVerifier, keys: SigningKeys, clock: FrozenClock
 ) -> None:
     clock.advance(1000)
-    assert verifier.renewed_nonce(make_proof(keys.es256, nonce="anything")) is None
+    accepted = await accept(verifier, make_proof(keys.es256, nonce="anything", iat=clock.now()))
+    assert accepted.nonce_issued_at is None  # nonces are not required: nothing to renew
+    assert verifier.renewed_nonce(accepted) is None
+    # a proof without a fresh nonce of ours is never accepted, so never renewed: the refusal carries one
     for proof in ("garbage", "a.b.c", make_proof(keys.es256), make_proof(keys.es256, nonce="forged")):
-        assert nonce_verifier.renewed_nonce(proof) is None
+        with pytest.raises((InvalidDpopProof, UseDpopNonce)):
+            await accept(nonce_verifier, proof)
 
 
 async def test_refuses_a_forged_or_foreign_nonce(

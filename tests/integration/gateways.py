@@ -43,8 +43,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from support import b64url, free_port
 
 LOOPBACK = "127.0.0.1"
-# Seconds to wait for a gateway or server to become ready; generous because CI machines are slow.
-READY_TIMEOUT_S = 20.0
+# Seconds to wait for a gateway or server to become ready (a poll: over at once when it is); generous because
+# CI machines are slow and a loaded one starts a Python process slowly.
+READY_TIMEOUT_S = 60.0
+# The rigs' verifier sheds first-seen tokens only past this much loop wait (the default is 0.25 s).
+SHED_AFTER_S = 5.0
 # Seconds Envoy allows for one JWKS call (jwt_authn baseline); above the verifier's worst cold-start latency.
 AUTHZ_TIMEOUT = "2s"
 # The audience every test token is minted for and every rig is configured with.
@@ -856,7 +859,10 @@ def start_verifier(
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     config: dict[str, Any] = {
         "grpc": {"listen": f"{LOOPBACK}:{grpc_port}"},
-        "http": {"listen": f"{LOOPBACK}:{http_port}"},
+        # Shedding (503 "overloaded" for a first-seen token once the loop has been busy 0.25 s) is proven in
+        # tests/doors/test_forward_auth_shedding.py; here a loaded test machine that starves the verifier's
+        # process for a moment must not turn one request into a 503.
+        "http": {"listen": f"{LOOPBACK}:{http_port}", "shed_after_seconds": SHED_AFTER_S},
         "metrics": {"listen": f"{LOOPBACK}:{metrics_port}"},
         "issuers": [
             {

@@ -283,6 +283,31 @@ def test_a_refusal_never_reflects_the_clients_own_copies_of_the_client_headers(
     assert "dpop-nonce" not in answers["401"].headers and "ratelimit" not in answers["401"].headers
 
 
+# ------------------------------------------------------------------------------------------------ a malformed request
+
+
+def test_a_malformed_authorization_header_gets_the_verifiers_400_and_its_challenge(
+    gateway: GatewayProcess, upstream: EchoUpstream
+) -> None:
+    """RFC 6750 section 3.1: a request the verifier cannot read is a 400 with error="invalid_request", through
+    every gateway (nginx's auth_request makes it a 500 unless the template maps it back), never a 503."""
+    upstream.clear()
+    # a space inside the token: not an RFC 6750 b64token; the client's own copies of the answer headers too
+    r = http_request(
+        f"{gateway.url}/orders",
+        headers={"Authorization": "Bearer not one token", "X-Verifier-Reason": "ok", "WWW-Authenticate": "Basic"},
+    )
+
+    assert r.status == 400, (gateway.extra["name"], r.status, r.headers, r.body)
+    assert r.headers.get("www-authenticate", "").startswith("Bearer "), r.headers
+    assert 'error="invalid_request"' in r.headers["www-authenticate"], r.headers
+    assert "Basic" not in r.headers["www-authenticate"], r.headers
+    assert r.headers.get("x-verifier-reason") == "invalid_request", r.headers
+    assert r.headers.get("cache-control") == "no-store", r.headers
+    assert "retry-after" not in r.headers, r.headers
+    assert upstream.requests == []
+
+
 # ------------------------------------------------------------------------------------------------ on an allow
 
 
@@ -324,13 +349,18 @@ def test_an_answer_carrying_a_nonce_is_never_reused_for_another_request(
 # ------------------------------------------------------------------------------------------------ nginx's 429
 
 
+INVALID_REQUEST = 'Bearer error="invalid_request", error_description="malformed Authorization header"'
 # What the answering stand-in says for each `Authorization: Bearer <name>`: status and headers.
 ANSWERS = {
     "rate-limited": (429, {"X-Verifier-Reason": "rate_limited", "Retry-After": "77", "RateLimit": '"d";r=0;t=77'}),
     "unavailable": (503, {"X-Verifier-Reason": "provider_unavailable", "Retry-After": "1"}),
     "429-other-reason": (429, {"X-Verifier-Reason": "invalid_token", "Retry-After": "77"}),
     "429-no-reason": (429, {"Retry-After": "77"}),  # not the verifier's answer
+    "bad-request": (400, {"X-Verifier-Reason": "invalid_request", "WWW-Authenticate": INVALID_REQUEST}),
+    "400-no-reason": (400, {"WWW-Authenticate": INVALID_REQUEST}),  # not the verifier's answer
 }
+#: What a client sends hoping to turn a fail-closed 503 into its choice of refusal (its own reason, challenge).
+CLIENT_REASONS = {"X-Verifier-Reason": "invalid_request", "WWW-Authenticate": 'Bearer error="client_made_up"'}
 
 
 class _AnsweringHandler(_QuietHandler):
@@ -341,23 +371,36 @@ class _AnsweringHandler(_QuietHandler):
 
 @pytest.mark.parametrize(
     ("answer", "status"),
-    [("rate-limited", 429), ("unavailable", 503), ("429-other-reason", 503), ("429-no-reason", 503)],
+    [
+        ("rate-limited", 429),
+        ("unavailable", 503),
+        ("429-other-reason", 503),
+        ("429-no-reason", 503),
+        ("bad-request", 400),
+        ("400-no-reason", 503),
+    ],
 )
-def test_nginx_auth_request_answers_429_only_for_the_verifiers_rate_limited_refusal(
+def test_nginx_auth_request_answers_429_and_400_only_for_the_verifiers_own_refusals(
     answer: str, status: int, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """auth_request makes every status but 2xx/401/403 a 500; the template turns the verifier's 429 into a 429
-    (told by `X-Verifier-Reason: rate_limited`, which the verifier answers with 429 and nothing else) and
-    anything else into the fail-closed 503, whatever Retry-After it came with."""
+    (told by `X-Verifier-Reason: rate_limited`, which the verifier answers with 429 and nothing else), its 400
+    into a 400 with its challenge (`X-Verifier-Reason: invalid_request`, only ever with 400) and anything else
+    into the fail-closed 503, whatever Retry-After it came with. The client's own X-Verifier-Reason and
+    WWW-Authenticate (sent with every request here) change nothing: only the verifier's answer is read."""
     server = _ServerThread(_AnsweringHandler)
     gw = start_nginx(tmp_path_factory.mktemp("nginx-answers"), server.port, upstream.port)
     try:
-        r = http_request(f"{gw.url}/orders", headers={"Authorization": f"Bearer {answer}", **CLIENT_COPIES})
+        r = http_request(
+            f"{gw.url}/orders", headers={"Authorization": f"Bearer {answer}", **CLIENT_COPIES, **CLIENT_REASONS}
+        )
     finally:
         gw.stop()
         server.stop()
 
     assert r.status == status, (r.status, r.headers, r.body)
-    assert r.headers.get("retry-after") == ("77" if status == 429 else "1"), r.headers
+    assert r.headers.get("retry-after") == {429: "77", 503: "1"}.get(status), r.headers
     assert r.headers.get("ratelimit") == ('"d";r=0;t=77' if status == 429 else None), r.headers
+    assert r.headers.get("www-authenticate") == (INVALID_REQUEST if status == 400 else None), r.headers
+    assert r.headers.get("x-verifier-reason") != CLIENT_REASONS["X-Verifier-Reason"] or status == 400, r.headers
     assert r.headers.get("cache-control") == "no-store"

@@ -9,6 +9,7 @@ the deadline. The client is the production one, through the `IntrospectionHttp` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import ipaddress
@@ -38,6 +39,7 @@ TOKEN = "opaque-SECRET-token-value"
 FORM = (("Content-Type", "application/x-www-form-urlencoded"),)
 BODY = b'{"active": true, "sub": "alice"}'
 SLACK = 1.0  # seconds of scheduling slack on a loaded machine
+PATIENCE = 30.0  # seconds a test waits for a condition (or an answer) where time is not the point
 
 # One scripted answer: pieces of bytes written with a pause before each, then what the peer does.
 Piece = bytes | float  # bytes to write, or seconds to wait
@@ -62,7 +64,8 @@ class Peer:
         self.tls = tls
         self.requests: list[bytes] = []  # head + body of every request
         self.connections = 0
-        self.open = 0
+        self.open = 0  # connections whose socket is not closed yet
+        self.answered = 0  # answers written whole (every scripted piece, pauses included)
         self.most_open = 0
         self.early_bytes = 0  # bytes of a next request that arrived before the answer to this one (pipelining)
         self._server: asyncio.Server | None = None
@@ -111,6 +114,7 @@ class Peer:
                     else:
                         writer.write(piece)
                         await writer.drain()
+                self.answered += 1
                 if answer.then == "hang":  # silent until the client gives up on the connection
                     await reader.read()
                     return
@@ -119,8 +123,10 @@ class Peer:
         except (ConnectionError, asyncio.CancelledError):
             return
         finally:
-            self.open -= 1
             writer.close()
+            with contextlib.suppress(Exception):  # the connection's own error (a reset): closed all the same
+                await writer.wait_closed()  # the socket is closed: the client's next read sees the end
+            self.open -= 1
 
 
 @pytest.fixture
@@ -130,11 +136,21 @@ async def client() -> AsyncIterator[IntrospectionHttpClient]:
     await sessions.close()
 
 
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Waits for `condition` (polling, PATIENCE at most), then lets the event loop read what the peer sent:
+    a condition, never a fixed pause, on a machine that may be slow."""
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # one more turn of the loop: bytes and ends already sent are read
+
+
 async def send(
     client: IntrospectionHttpClient,
     url: str,
     *,
-    timeout: float = 2.0,
+    timeout: float = PATIENCE,
     max_bytes: int = 64 * 1024,
     headers: tuple[tuple[str, str], ...] = FORM,
 ) -> HttpReply:
@@ -296,9 +312,8 @@ async def test_an_answer_past_the_deadline_times_out_and_its_connection_is_dropp
         assert time.monotonic() - started < 0.3 + SLACK
         assert await send(client, peer.url) == HttpReply(200, BODY)  # on a new connection, not the stalled one
         assert peer.connections == 2
-        if answer.then == "hang":
-            await asyncio.sleep(0.05)
-            assert peer.open == 1  # the stalled connection was closed, not left open
+        if answer.then == "hang":  # the stalled connection was closed, not left open
+            await until(lambda: peer.open == 1, "the stalled connection to close")
 
 
 async def test_connecting_counts_against_the_deadline(client: IntrospectionHttpClient) -> None:
@@ -316,11 +331,16 @@ async def test_connecting_counts_against_the_deadline(client: IntrospectionHttpC
                 filler.close()
 
 
-async def test_the_tls_handshake_counts_against_the_deadline(client: IntrospectionHttpClient) -> None:
-    async with Peer([Answer([], then="hang")]) as peer:  # plain TCP that never answers the ClientHello
-        started = time.monotonic()
-        await refused(client, peer.url.replace("http:", "https:"), "timed out", timeout=0.3)
-        assert time.monotonic() - started < 0.3 + SLACK
+async def test_the_tls_handshake_counts_against_the_deadline() -> None:
+    # The verifying context is built first (loading the system's CAs is CPU work, not the handshake's wait).
+    client = IntrospectionHttpClient(tls=ssl.create_default_context())
+    try:
+        async with Peer([Answer([], then="hang")]) as peer:  # plain TCP that never answers the ClientHello
+            started = time.monotonic()
+            await refused(client, peer.url.replace("http:", "https:"), "timed out", timeout=0.3)
+            assert time.monotonic() - started < 0.3 + SLACK
+    finally:
+        await client.close()
 
 
 async def test_a_refused_connection_is_unreachable(client: IntrospectionHttpClient) -> None:
@@ -357,16 +377,16 @@ async def test_a_connection_is_reused_only_after_a_clean_keep_alive_answer(
 ) -> None:
     async with Peer([answer, ok(b'{"second": true}')]) as peer:
         assert await send(client, peer.url) == HttpReply(200, BODY)
-        await asyncio.sleep(0.1)
+        await until(lambda: peer.answered == 1, "the whole first answer")  # a late, unsolicited one included
         assert await send(client, peer.url) == HttpReply(200, b'{"second": true}')
         assert peer.connections == 2
 
 
 async def test_an_idle_connection_the_provider_closed_is_not_used(client: IntrospectionHttpClient) -> None:
     async with Peer([Answer(ok().pieces, then="close")]) as peer:
-        for _ in range(3):
+        for served in range(1, 4):
             assert await send(client, peer.url) == HttpReply(200, BODY)
-            await asyncio.sleep(0.05)  # the peer's close arrives while the connection is idle
+            await until(lambda: peer.open == 0, f"the peer to close connection {served}")  # while it is idle
         assert peer.connections == 3
 
 
@@ -376,35 +396,40 @@ async def test_a_connection_the_provider_closed_does_not_take_the_idle_others_wi
     # Two pooled connections; the one returned last is then closed by the provider while idle.
     async with Peer([ok(), Answer([0.05, *ok().pieces], then="close"), ok()]) as peer:
         await asyncio.gather(send(client, peer.url), send(client, peer.url))
-        await asyncio.sleep(0.05)
+        await until(lambda: peer.open == 1, "the peer to close one connection")
         assert await send(client, peer.url) == HttpReply(200, BODY)
         assert peer.connections == 2  # the other idle connection was reused
 
 
 async def test_a_burst_s_idle_connections_are_closed_while_one_stays_busy() -> None:
-    client = IntrospectionHttpClient(idle_seconds=0.2)
+    clock = FrozenClock()  # idle time is the client's clock's: a slow machine cannot make a busy connection idle
+    client = IntrospectionHttpClient(idle_seconds=0.2, clock=clock)
     try:
         async with Peer([Answer([0.02, *ok().pieces])]) as peer:
             await asyncio.gather(*(send(client, peer.url) for _ in range(3)))
             assert peer.open == 3
             for _ in range(8):  # steady, one at a time: the most recent connection serves them all
+                clock.advance(0.05)
                 await send(client, peer.url)
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.05)
+            await until(lambda: peer.open == 1, "the burst's idle connections to close")
             assert (peer.connections, peer.open) == (3, 1)
     finally:
         await client.close()
 
 
 async def test_an_idle_connection_is_dropped_after_idle_seconds() -> None:
-    client = IntrospectionHttpClient(idle_seconds=0.05)
+    clock = FrozenClock()
+    client = IntrospectionHttpClient(idle_seconds=0.05, clock=clock)
     try:
         async with Peer([ok()]) as peer:
             await send(client, peer.url)
+            clock.advance(0.04)  # idle less than idle_seconds: still fresh
             await send(client, peer.url)
-            await asyncio.sleep(0.15)
+            assert peer.connections == 1
+            clock.advance(0.06)
             await send(client, peer.url)
             assert peer.connections == 2
+            await until(lambda: peer.open == 1, "the stale connection to close")
     finally:
         await client.close()
 
@@ -426,8 +451,8 @@ async def test_waiting_for_a_connection_counts_against_the_deadline() -> None:
     client = IntrospectionHttpClient(connections=1)
     try:
         async with Peer([Answer([], then="hang")]) as peer:
-            first = asyncio.ensure_future(send(client, peer.url, timeout=5))
-            await asyncio.sleep(0.05)
+            first = asyncio.ensure_future(send(client, peer.url, timeout=PATIENCE))
+            await until(lambda: len(peer.requests) == 1, "the first request to hold the one connection")
             started = time.monotonic()
             await refused(client, peer.url, "timed out", timeout=0.2)
             assert time.monotonic() - started < 0.2 + SLACK
@@ -441,8 +466,7 @@ async def test_close_drops_every_connection(client: IntrospectionHttpClient) -> 
         await send(client, peer.url)
         assert peer.open == 1
         await client.close()
-        await asyncio.sleep(0.05)
-        assert peer.open == 0
+        await until(lambda: peer.open == 0, "the peer to see the close")
 
 
 # -- what is sent ------------------------------------------------------------------------------
@@ -584,8 +608,7 @@ async def test_the_root_builds_one_client_and_closes_it() -> None:
         head = peer.requests[0].split(b"\r\n\r\n")[0]
         assert b"User-Agent: edge-verifier/" in head
         await sessions.close()
-        await asyncio.sleep(0.05)
-        assert peer.open == 0
+        await until(lambda: peer.open == 0, "the peer to see the close")
 
 
 async def test_a_silent_provider_is_ended_by_the_client_s_own_deadline_and_counted_as_a_timeout(
@@ -617,8 +640,7 @@ async def test_a_silent_provider_is_ended_by_the_client_s_own_deadline_and_count
             calls = "verifier_introspection_calls_total"
             assert registry.get_sample_value(calls, {**labels, "result": "timeout"}) == 1
             assert registry.get_sample_value(calls, {**labels, "result": "unreachable"}) in (None, 0)
-            await asyncio.sleep(0.05)
-            assert peer.open == 0  # the stalled connection was closed
+            await until(lambda: peer.open == 0, "the stalled connection to be closed")
             principal = await introspector.introspect(TOKEN + "2", b"u" * 32)  # on a new connection
             assert principal.subject == "alice"
             assert peer.connections == 2

@@ -20,7 +20,7 @@ import json
 import re
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from verifier.clock import Clock
@@ -163,6 +163,15 @@ def _parse_proof(proof: str, max_bytes: int) -> _Proof:
     return _Proof(header, claims, segments[0] + b"." + segments[1], signature)
 
 
+class AcceptedProof(NamedTuple):
+    """What `DpopVerifier.verify` learned from a proof it accepted: its key's RFC 7638 thumbprint, and when
+    the server nonce it carries was issued (seconds since the epoch; None unless nonces are required), which
+    is all `DpopVerifier.renewed_nonce` needs (the proof is parsed once)."""
+
+    jkt: str
+    nonce_issued_at: float | None = None
+
+
 def _equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
@@ -197,8 +206,8 @@ class DpopVerifier:
     def _nonce_mac(self, body: bytes) -> bytes:
         return hmac.new(self._config.nonce_secret, b"dpop-nonce:" + body, hashlib.sha256).digest()[:_NONCE_MAC_BYTES]
 
-    def _nonce_age(self, nonce: Any) -> float | None:
-        """Seconds since one of our nonces was issued; None for anything that is not one of ours."""
+    def _nonce_issued_at(self, nonce: Any) -> float | None:
+        """When one of our nonces was issued (seconds since the epoch); None for anything that is not ours."""
         if not isinstance(nonce, str) or len(nonce) > 64:
             return None
         try:
@@ -211,24 +220,25 @@ class DpopVerifier:
         if not hmac.compare_digest(mac, self._nonce_mac(body)):
             return None
         issued_ms: int = struct.unpack(">Q", body[1:])[0]
-        return self._clock.now() - issued_ms / 1000
+        return issued_ms / 1000
 
-    def _nonce_fresh(self, nonce: Any) -> bool:
-        age = self._nonce_age(nonce)
+    def _fresh_nonce_issued_at(self, nonce: Any) -> float | None:
+        """When a fresh nonce of ours was issued; None for a stale one or one that is not ours."""
+        issued_at = self._nonce_issued_at(nonce)
+        if issued_at is None:
+            return None
+        age = self._clock.now() - issued_at
         # a nonce from a replica whose clock runs a little ahead is still ours
-        return age is not None and -self._config.iat_future_seconds <= age <= self._config.nonce_lifetime_seconds
+        fresh = -self._config.iat_future_seconds <= age <= self._config.nonce_lifetime_seconds
+        return issued_at if fresh else None
 
-    def renewed_nonce(self, proof: str) -> str | None:
+    def renewed_nonce(self, accepted: AcceptedProof) -> str | None:
         """The next nonce for the allow's `DPoP-Nonce` (section 8.2), when the proof `verify` accepted carries
         one past half its lifetime; None otherwise (nonces not required, a young nonce)."""
-        if not self._config.require_nonce:
+        if accepted.nonce_issued_at is None:  # nonces not required
             return None
-        try:
-            claims = _parse_proof(proof.strip(), self._config.max_proof_bytes).claims
-        except InvalidDpopProof:
-            return None
-        age = self._nonce_age(claims.get("nonce"))
-        if age is None or age <= self._config.nonce_lifetime_seconds * _RENEW_AFTER_LIFETIME_SHARE:
+        age = self._clock.now() - accepted.nonce_issued_at
+        if age <= self._config.nonce_lifetime_seconds * _RENEW_AFTER_LIFETIME_SHARE:
             return None
         return self.issue_nonce()
 
@@ -240,8 +250,9 @@ class DpopVerifier:
         url: str,
         access_token: str,
         expected_jkt: str | None,
-    ) -> str:
-        """Checks one proof (RFC 9449 section 4.3) and returns its key's RFC 7638 thumbprint.
+    ) -> AcceptedProof:
+        """Checks one proof (RFC 9449 section 4.3) and returns its key's RFC 7638 thumbprint (with when its
+        server nonce was issued, for `renewed_nonce`).
 
         `proof` is the raw `DPoP` header value (None when absent; several headers joined with commas
         count as several proofs); `url` is the request's absolute URL (query and fragment ignored);
@@ -287,8 +298,11 @@ class DpopVerifier:
         if not isinstance(ath, str) or not _equal(ath, access_token_hash(access_token)):  # step 11
             raise InvalidDpopProof("DPoP proof ath does not match the access token")
 
-        if config.require_nonce and not self._nonce_fresh(claims.get("nonce")):  # step 10
-            raise UseDpopNonce("DPoP proof needs a fresh server nonce", nonce=self.issue_nonce())
+        nonce_issued_at = None
+        if config.require_nonce:  # step 10
+            nonce_issued_at = self._fresh_nonce_issued_at(claims.get("nonce"))
+            if nonce_issued_at is None:
+                raise UseDpopNonce("DPoP proof needs a fresh server nonce", nonce=self.issue_nonce())
         iat = json_number(claims.get("iat"))
         if iat is None:  # 10**400 overflowed math.isfinite (503 and a traceback)
             raise InvalidDpopProof("DPoP proof iat missing or invalid")
@@ -306,7 +320,7 @@ class DpopVerifier:
         digest = hashlib.sha256(f"{jkt}\x00{jti}".encode("utf-8", "surrogatepass")).digest()
         if not await self._state.first_use("dpop:jti:" + b64url_encode(digest), config.jti_ttl_seconds):
             raise InvalidDpopProof("DPoP proof replayed")
-        return jkt
+        return AcceptedProof(jkt, nonce_issued_at)
 
     @staticmethod
     def _proof_key(jwk: Any, alg: str) -> tuple[VerificationKey, str]:

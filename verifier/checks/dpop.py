@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from verifier.binding.dpop import AcceptedProof
 from verifier.checks.base import Check, Passed, Route
 from verifier.credentials import Credential, TokenScheme
 from verifier.errors import InvalidDpopProof, InvalidToken, Scheme, SenderConstraintFailed
@@ -16,11 +17,11 @@ class ProofVerifier(Protocol):
 
     async def verify(
         self, proof: str | None, *, method: str, url: str, access_token: str, expected_jkt: str | None
-    ) -> str:
-        """Returns the proof key's thumbprint or raises InvalidDpopProof / UseDpopNonce."""
+    ) -> AcceptedProof:
+        """Returns the proof key's thumbprint (and its nonce's issue time) or raises InvalidDpopProof / UseDpopNonce."""
         ...
 
-    def renewed_nonce(self, proof: str) -> str | None:
+    def renewed_nonce(self, accepted: AcceptedProof) -> str | None:
         """The next server nonce for the allow, when the accepted proof's nonce is getting old."""
         ...
 
@@ -58,6 +59,8 @@ class DpopBinding(Check):
         url = f"{attrs.scheme}://{attrs.host}{attrs.path.split('?', 1)[0]}"
         proof = attrs.headers.get("dpop")
         token = credential.token
-        await self._verifier.verify(proof, method=attrs.method, url=url, access_token=token, expected_jkt=jkt)
-        renewed = self._verifier.renewed_nonce(proof) if proof is not None else None
+        accepted = await self._verifier.verify(
+            proof, method=attrs.method, url=url, access_token=token, expected_jkt=jkt
+        )
+        renewed = self._verifier.renewed_nonce(accepted)
         return principal if renewed is None else Passed(principal, (("dpop-nonce", renewed),))

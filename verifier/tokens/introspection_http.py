@@ -36,6 +36,7 @@ from typing import cast
 
 import httptools
 
+from verifier.clock import Clock, SystemClock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.tokens.introspection_client import Headers, HttpReply, HttpRequest, ProviderTimedOut
@@ -257,6 +258,7 @@ class IntrospectionHttpClient:
     Built by the composition root (`verifier.app.HttpSessions`) and closed by it. `tls` replaces the
     default verifying context (the system's CAs): an issuer's `tls_ca_file` and pinned keys, with
     `https_only` (plain http URLs refused); `default_headers` go on every request (User-Agent).
+    `clock` times how long a pooled connection has been idle (deadlines are the event loop's).
     """
 
     keeps_deadline = True
@@ -270,7 +272,9 @@ class IntrospectionHttpClient:
         connections: int = DEFAULT_CONNECTIONS,
         idle_seconds: float = IDLE_SECONDS,
         tracing: Tracing = NO_TRACING,
+        clock: Clock | None = None,
     ) -> None:
+        self._clock = clock or SystemClock()
         self._fixed = _header_lines((*default_headers, ("Accept", "application/json"), ("Accept-Encoding", "identity")))
         self._tls = tls
         self._https_only = https_only
@@ -327,7 +331,7 @@ class IntrospectionHttpClient:
         else:
             await slots.acquire()
         try:
-            connection = self._pooled(target.origin, loop.time())
+            connection = self._pooled(target.origin, self._clock.monotonic())
             if connection is None:
                 async with asyncio.timeout_at(deadline):  # connecting and the TLS handshake too
                     connection = await self._connect(target)
@@ -340,7 +344,7 @@ class IntrospectionHttpClient:
             finally:
                 self._busy.discard(connection)
             if connection.reusable and not connection.closed:
-                now = connection.idle_since = loop.time()
+                now = connection.idle_since = self._clock.monotonic()
                 idle = self._idle.setdefault(target.origin, [])
                 while idle and (idle[0].closed or idle[0].idle_since < now - self._idle_seconds):
                     idle.pop(0).close()  # the oldest first: a quiet spell must not keep a burst's sockets open
