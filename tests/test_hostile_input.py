@@ -661,9 +661,12 @@ class ServerThread:
             assert app.ports.http is not None and app.ports.grpc is not None
             self.ports = (app.ports.http, app.ports.grpc)
             await asyncio.wait_for(app.keys.wait_ready(), 10)
-            while not app.ready():
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.2)  # SERVING is set by a task right after the keys arrive
+            # SERVING is set by a task right after the keys arrive: wait for the gRPC health to say so
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                request = health_pb2.HealthCheckRequest(service="")
+                while (await health.Check(request, timeout=30)).status != health_pb2.HealthCheckResponse.SERVING:
+                    await asyncio.sleep(0.05)
             self._ready.set()
             await self._stop.wait()
 

@@ -453,15 +453,20 @@ async def test_an_idle_keep_alive_is_closed_after_the_idle_timeout() -> None:
             writer.close()
 
 
+# Timeouts an active connection must outlive: still short, but a loaded machine's late timer (the 0.2 s and
+# 0.15 s pauses below overshooting) never reaches them (with SHORT the pause had 0.15 s of room).
+ACTIVE = ForwardAuthSettings(header_timeout_seconds=1.0, idle_timeout_seconds=2.0)
+
+
 async def test_an_active_pipelined_connection_outlives_both_timeouts() -> None:
-    async with running_verifier({"forward_auth": SHORT}) as (app, idp):
+    async with running_verifier({"forward_auth": ACTIVE}) as (app, idp):
         token = idp.mint()
         reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
         loop = asyncio.get_running_loop()
         started = loop.time()
         answered = 0
         try:
-            while loop.time() - started < 2.0:  # several header and idle timeouts long
+            while loop.time() - started < 3 * ACTIVE.idle_timeout_seconds:  # several header and idle timeouts long
                 writer.write(_request(token) + _request(None) + _request(token))  # pipelined
                 for _ in range(3):
                     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)

@@ -131,6 +131,7 @@ class StandinVerifier:
 
     def __init__(self, *, idle_timeout: float | None = None) -> None:
         self.connections = 0
+        self.closed = 0  # connections this side has closed (its idle timeout, or the client's close)
         self.requests: list[dict[str, Any]] = []
         self.slow_seconds = 2.0
         self.nonces = itertools.count()
@@ -156,7 +157,13 @@ class StandinVerifier:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def shutdown_request(self, request: Any) -> None:
+                super().shutdown_request(request)
+                with verifier._lock:
+                    verifier.closed += 1
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}/v1/forward-auth"

@@ -294,7 +294,10 @@ def test_a_pooled_connection_the_verifier_closed_is_replaced(start_nginx, echo_u
     base = start_nginx({"url": verifier.url}, echo_upstream)
 
     assert call(base, headers={"Authorization": "Bearer good"})[0] == 200
-    time.sleep(0.6)  # the verifier closes the idle connection still in the plugin's pool
+    deadline = time.monotonic() + 30
+    while verifier.closed < 1:  # the verifier closes the idle connection still in the plugin's pool
+        assert time.monotonic() < deadline, "the stand-in never closed its idle connection"
+        time.sleep(0.05)
     assert call(base, headers={"Authorization": "Bearer good"})[0] == 200
 
     assert verifier.connections == 2
