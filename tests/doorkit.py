@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 from support import free_port
@@ -64,3 +65,11 @@ async def http_exchange(port: int, raw: bytes, *, read_until_close: bool = False
         return head + body
     finally:
         writer.close()
+
+
+async def until_pending(app: App, checks: int) -> None:
+    """Waits (up to 30 s: a loaded machine) until `checks` slow checks are in flight in the pipeline."""
+    deadline = time.monotonic() + 30
+    while app.pipeline._pending < checks:
+        assert time.monotonic() < deadline, f"{app.pipeline._pending} checks in flight, not {checks}"
+        await asyncio.sleep(0.01)

@@ -7,6 +7,7 @@ import time
 
 import grpc
 import pytest
+from doorkit import until_pending
 from support import FrozenClock
 from tokenkit import DISCOVERY_URL, JWKS_URL, KIDS, NOW, FakeFetcher, claims, discovery_document, issuer_settings
 
@@ -41,10 +42,10 @@ async def test_checks_past_the_bound_are_shed_with_503_and_retry_after(mint, jwk
     await app.start()
     try:
         await asyncio.wait_for(app.keys.wait_ready(), 5)
-        fetcher.delay = 0.5  # every refresh now hangs: unknown kids wait for it
+        fetcher.delay = 2.0  # every refresh now hangs: unknown kids wait for it
         slow = [mint(claims(), "ES256", kid=f"rotated-{i}") for i in range(2)]
         pending = [asyncio.ensure_future(app.pipeline.decide(_attrs(t), "test")) for t in slow]
-        await asyncio.sleep(0.05)
+        await until_pending(app, 2)
         shed = await app.pipeline.decide(_attrs(mint(claims(), "ES256", kid="rotated-x")), "test")
         assert shed.status == 503 and shed.reason == "overloaded"
         assert ("retry-after", "1") in shed.response_headers
@@ -79,8 +80,8 @@ async def test_grpc_overload_is_resource_exhausted_and_the_deadline_is_honoured(
                 await stub.Check(request("slow-1"), timeout=0.3)
             assert deadline.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert time.monotonic() - started < 1.0
-            first = asyncio.ensure_future(stub.Check(request("slow-2"), timeout=5))
-            await asyncio.sleep(0.1)
+            first = asyncio.ensure_future(stub.Check(request("slow-2"), timeout=30))
+            await until_pending(app, 1)
             with pytest.raises(grpc.aio.AioRpcError) as shed:
                 await stub.Check(request("slow-3"), timeout=5)
             assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

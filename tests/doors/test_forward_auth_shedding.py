@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 
-from doorkit import http_exchange, running_verifier
+from doorkit import http_exchange, running_verifier, until_pending
 from support import FrozenClock
 from tokenkit import DISCOVERY_URL, JWKS_URL, KIDS, NOW, FakeFetcher, claims, discovery_document, issuer_settings
 
@@ -133,7 +133,7 @@ async def test_a_full_pending_queue_answers_503_retry_after_at_once_and_recovers
             asyncio.ensure_future(http_exchange(port, _request(mint(claims(), "ES256", kid=f"rotated-{i}"))))
             for i in range(2)
         ]
-        await asyncio.sleep(0.2)
+        await until_pending(app, 2)
         shed = await http_exchange(port, _request(mint(claims(), "ES256", kid="rotated-x")))
         assert shed.startswith(b"HTTP/1.1 503"), shed[:100]
         assert b"retry-after: 1" in shed.lower() and b"x-verifier-reason: overloaded" in shed.lower()

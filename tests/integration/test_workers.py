@@ -102,7 +102,7 @@ def _metrics_up(port: int) -> bool:
 
 
 def _forward_auth_decisions(port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:  # a loaded machine
         text = r.read().decode()
     return int(
         sum(

@@ -493,8 +493,11 @@ async def test_service_stays_serving_with_cached_keys_after_the_provider_dies(
         await asyncio.wait_for(app.keys.wait_ready(), 5)
         fetcher.fault = "unavailable"
         fetcher.calls.clear()
-        await asyncio.sleep(1.6)  # several background refreshes fail meanwhile
-        assert fetcher.total >= 1, "the background loop should have tried again"
+        await asyncio.sleep(1.6)  # several background refreshes fail meanwhile (on a quiet machine)
+        deadline = time.monotonic() + 30  # a loaded machine: at least one, however late
+        while fetcher.total < 1:
+            assert time.monotonic() < deadline, "the background loop should have tried again"
+            await asyncio.sleep(0.05)
         assert app.ports.http is not None and app.ports.grpc is not None
         health = await http_exchange(app.ports.http, b"GET /healthz HTTP/1.1\r\nHost: v\r\n\r\n")
         assert health.startswith(b"HTTP/1.1 200")
