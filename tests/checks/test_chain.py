@@ -71,22 +71,36 @@ class FakeAuthenticator:
         return _principal(token, tenant=token.rsplit("-", 1)[-1])
 
 
-class TenantCheck(Check):
-    """A new check as a deployment would add one: the token's tenant must be `acme`."""
+class CountedCheck(Check):
+    """A check answered from memory that counts its runs; `refusal` says why it refuses, or None."""
 
-    per_request = False
     from_memory = True
 
     def __init__(self) -> None:
         self.runs = 0
 
+    def refusal(self, principal: Principal, attrs: RequestAttributes) -> Forbidden | None:
+        raise NotImplementedError
+
     def check_now(
         self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
     ) -> Principal:
         self.runs += 1
-        if principal.claims.get("tenant") != "acme":
-            raise Forbidden("wrong tenant", code="forbidden")  # a catalogued code
+        refused = self.refusal(principal, attrs)
+        if refused is not None:
+            raise refused
         return principal
+
+
+class TenantCheck(CountedCheck):
+    """A new check as a deployment would add one: the token's tenant must be `acme`."""
+
+    per_request = False
+
+    def refusal(self, principal: Principal, attrs: RequestAttributes) -> Forbidden | None:
+        if principal.claims.get("tenant") != "acme":
+            return Forbidden("wrong tenant", code="forbidden")  # a catalogued code
+        return None
 
 
 class AsyncTenantCheck(TenantCheck):
@@ -101,22 +115,15 @@ class AsyncTenantCheck(TenantCheck):
         return self.check_now(principal, credential, attrs, route)
 
 
-class PerRequestCheck(Check):
+class PerRequestCheck(CountedCheck):
     """Depends on the request itself (as a certificate or a counter does), answered from memory."""
 
     per_request = True
-    from_memory = True
 
-    def __init__(self) -> None:
-        self.runs = 0
-
-    def check_now(
-        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
-    ) -> Principal:
-        self.runs += 1
+    def refusal(self, principal: Principal, attrs: RequestAttributes) -> Forbidden | None:
         if attrs.headers.get("x-ok") != "1":
-            raise Forbidden("request refused", code="role_missing")  # a catalogued code
-        return principal
+            return Forbidden("request refused", code="role_missing")  # a catalogued code
+        return None
 
 
 class ReuseCap(Check):

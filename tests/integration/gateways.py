@@ -837,6 +837,36 @@ def verifier_unusable_reason() -> str | None:
     return None
 
 
+#: The shipped gateway configurations, by the name the tests parametrize with: nginx's auth_request template,
+#: its Lua variant reusing answers, and Envoy's three templates (ext_authz gRPC, ext_authz HTTP, reusing Lua).
+GATEWAY_KINDS = ("nginx", "nginx-lua", "envoy-grpc", "envoy-http", "envoy-reuse")
+
+
+def start_gateway(kind: str, tmp_path: Path, *, grpc_port: int, http_port: int, upstream_port: int) -> GatewayProcess:
+    """The shipped configuration `kind` (one of GATEWAY_KINDS) in front of the verifier whose doors listen on
+    `grpc_port` and `http_port`, passing allowed requests to `upstream_port`. Every gateway rig of the tests
+    is built here."""
+    if kind in ("nginx", "nginx-lua"):
+        return start_nginx(tmp_path, http_port, upstream_port, lua=kind == "nginx-lua")
+    if kind == "envoy-grpc":
+        return start_envoy(tmp_path, "grpc", verifier_grpc_port=grpc_port, upstream_port=upstream_port)
+    modes: dict[str, EnvoyMode] = {"envoy-http": "http", "envoy-reuse": "reuse"}
+    if kind not in modes:
+        raise ValueError(f"unknown gateway {kind!r}: one of {GATEWAY_KINDS}")
+    return start_envoy(tmp_path, modes[kind], verifier_http_port=http_port, upstream_port=upstream_port)
+
+
+def start_gateway_for(kind: str, tmp_path: Path, verifier: GatewayProcess, upstream_port: int) -> GatewayProcess:
+    """`start_gateway` in front of a verifier started by `start_verifier`."""
+    return start_gateway(
+        kind,
+        tmp_path,
+        grpc_port=verifier.extra["grpc_port"],
+        http_port=verifier.extra["http_port"],
+        upstream_port=upstream_port,
+    )
+
+
 def start_verifier(
     tmp_path: Path,
     *,

@@ -164,6 +164,15 @@ def _basic(client_id: str, client_secret: str) -> str:
     return "Basic " + base64.b64encode(raw.encode()).decode()
 
 
+def _endpoint(path: str, doc: str) -> property:
+    """A read-only attribute: the provider's URL for `path` (below its issuer)."""
+
+    def url(provider: OpenIDProvider) -> str:
+        return f"{provider.issuer}{path}"
+
+    return property(url, doc=doc)
+
+
 class OpenIDProvider:
     """One node-oidc-provider process on a free loopback port, with its keys in ``workdir``.
 
@@ -387,30 +396,11 @@ class OpenIDProvider:
             raise ProviderError("provider not started")
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def discovery_url(self) -> str:
-        """The OpenID Connect Discovery 1.0 document URL."""
-        return f"{self.issuer}/.well-known/openid-configuration"
-
-    @property
-    def jwks_uri(self) -> str:
-        """The JWKS URL (also in discovery)."""
-        return f"{self.issuer}/jwks"
-
-    @property
-    def token_endpoint(self) -> str:
-        """The token endpoint URL (also the ``htu`` of a DPoP proof sent to it)."""
-        return f"{self.issuer}/token"
-
-    @property
-    def introspection_endpoint(self) -> str:
-        """The RFC 7662 introspection endpoint URL."""
-        return f"{self.issuer}/token/introspection"
-
-    @property
-    def revocation_endpoint(self) -> str:
-        """The RFC 7009 revocation endpoint URL."""
-        return f"{self.issuer}/token/revocation"
+    discovery_url = _endpoint("/.well-known/openid-configuration", "The OpenID Connect Discovery 1.0 document URL.")
+    jwks_uri = _endpoint("/jwks", "The JWKS URL (also in discovery).")
+    token_endpoint = _endpoint("/token", "The token endpoint URL (also the ``htu`` of a DPoP proof sent to it).")
+    introspection_endpoint = _endpoint("/token/introspection", "The RFC 7662 introspection endpoint URL.")
+    revocation_endpoint = _endpoint("/token/revocation", "The RFC 7009 revocation endpoint URL.")
 
     def discovery(self) -> dict[str, Any]:
         """Return the discovery document (not counted in :meth:`stats`)."""
@@ -446,46 +436,19 @@ class OpenIDProvider:
         return self._json("POST", "/token", form=form, headers=headers)
 
     def client_credentials_token(
-        self,
-        alg: str = "ES256",
-        scope: str | None = "read write",
-        resource: str | None = None,
-        *,
-        client_id: str = CLIENT_ID,
-        client_secret: str = CLIENT_SECRET,
-        dpop_key: ec.EllipticCurvePrivateKey | None = None,
+        self, alg: str = "ES256", scope: str | None = "read write", resource: str | None = None, **client: Any
     ) -> str:
         """Return a JWT access token (``typ: at+jwt``, ``aud`` https://api.example.test) signed with ``alg``.
 
-        ``resource`` overrides the resource indicator (and so ``aud`` and alg; see the module table).
+        ``resource`` overrides the resource indicator (and so ``aud`` and alg; see the module table);
+        ``client`` is :meth:`token_response`'s ``client_id``, ``client_secret`` and ``dpop_key``.
         """
-        response = self.token_response(
-            resource=resource,
-            alg=alg,
-            scope=scope,
-            client_id=client_id,
-            client_secret=client_secret,
-            dpop_key=dpop_key,
-        )
-        return str(response["access_token"])
+        return str(self.token_response(resource=resource, alg=alg, scope=scope, **client)["access_token"])
 
-    def opaque_token(
-        self,
-        scope: str | None = "read write",
-        *,
-        client_id: str = CLIENT_ID,
-        client_secret: str = CLIENT_SECRET,
-        dpop_key: ec.EllipticCurvePrivateKey | None = None,
-    ) -> str:
-        """Return an opaque access token for https://opaque.example.test (check it by introspection)."""
-        response = self.token_response(
-            resource=OPAQUE_RESOURCE,
-            scope=scope,
-            client_id=client_id,
-            client_secret=client_secret,
-            dpop_key=dpop_key,
-        )
-        return str(response["access_token"])
+    def opaque_token(self, scope: str | None = "read write", **client: Any) -> str:
+        """Return an opaque access token for https://opaque.example.test (check it by introspection);
+        ``client`` as for :meth:`client_credentials_token`."""
+        return self.client_credentials_token(scope=scope, resource=OPAQUE_RESOURCE, **client)
 
     def user_token_response(
         self,

@@ -29,10 +29,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 if __package__:
-    from .gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_envoy, start_verifier
+    from .gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_gateway_for, start_verifier
 else:  # tests/ is not a package: pytest put this directory on sys.path
-    from gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_envoy, start_verifier
+    from gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_gateway_for, start_verifier
 
+from rigs import fresh_upstream_log  # noqa: F401 - autouse: each test sees only its own requests
 from support import b64url
 
 from verifier.binding.dpop import thumbprint
@@ -54,25 +55,6 @@ RATE_LIMITS = {"default": {"per_second": 0.001, "burst": 2}}
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[EchoUpstream]:
-    server = EchoUpstream()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_upstream_log(upstream: EchoUpstream) -> None:
-    upstream.clear()
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    server = LocalIssuer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     tmp = tmp_path_factory.mktemp("verifier")
     proc = start_verifier(
@@ -91,10 +73,7 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
 def _envoy(
     mode: str, v: GatewayProcess, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> GatewayProcess:
-    tmp = tmp_path_factory.mktemp(f"envoy-{mode}")
-    if mode == "grpc":
-        return start_envoy(tmp, "grpc", verifier_grpc_port=v.extra["grpc_port"], upstream_port=upstream.port)
-    return start_envoy(tmp, "http", verifier_http_port=v.extra["http_port"], upstream_port=upstream.port)
+    return start_gateway_for(f"envoy-{mode}", tmp_path_factory.mktemp(f"envoy-{mode}"), v, upstream.port)
 
 
 @pytest.fixture(scope="module", params=MODES)

@@ -11,7 +11,6 @@ checks are served (docs/BENCHMARKS.md, "Overload at the three doors").
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,20 +24,6 @@ else:  # tests/ is not a package: pytest put this directory on sys.path
 pytestmark = pytest.mark.integration
 
 BURST = 128
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[EchoUpstream]:
-    server = EchoUpstream()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    server = LocalIssuer()
-    yield server
-    server.stop()
 
 
 def test_a_burst_past_the_verifiers_stream_bound_is_retried_not_answered_503(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from _standin import Standin, StandinPolicy
@@ -33,7 +32,8 @@ from gateways import (
     _QuietHandler,
     _ServerThread,
     http_request,
-    start_envoy,
+    start_gateway,
+    start_gateway_for,
     start_nginx,
     start_strict_verifier,
     unique_token,
@@ -55,20 +55,6 @@ ALLOW_CLIENT_HEADERS = {
     "RateLimit-Policy": '"default";q=100;w=60',
     "RateLimit": '"default";r=99;t=60',
 }
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[EchoUpstream]:
-    server = EchoUpstream()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    server = LocalIssuer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +101,6 @@ def caching_standin(issuer: LocalIssuer) -> Iterator[Standin]:
     server.stop()
 
 
-def _start(name: str, work: Path, grpc_port: int, http_port: int, upstream_port: int) -> GatewayProcess:
-    if name == "envoy-grpc":
-        return start_envoy(work, "grpc", verifier_grpc_port=grpc_port, upstream_port=upstream_port)
-    if name == "envoy-http":
-        return start_envoy(work, "http", verifier_http_port=http_port, upstream_port=upstream_port)
-    if name == "envoy-reuse":
-        return start_envoy(work, "reuse", verifier_http_port=http_port, upstream_port=upstream_port)
-    return start_nginx(work, http_port, upstream_port, lua=name == "nginx-lua")
-
-
 @pytest.fixture(scope="module", params=GATEWAYS)
 def gateway(
     request: pytest.FixtureRequest,
@@ -134,7 +110,7 @@ def gateway(
 ) -> Iterator[GatewayProcess]:
     """A shipped configuration in front of the real verifier."""
     work = tmp_path_factory.mktemp(request.param)
-    gw = _start(request.param, work, verifier.extra["grpc_port"], verifier.extra["http_port"], upstream.port)
+    gw = start_gateway_for(request.param, work, verifier, upstream.port)
     gw.extra["name"] = request.param
     yield gw
     gw.stop()
@@ -146,7 +122,9 @@ def standin_gateway(
 ) -> Iterator[GatewayProcess]:
     """A shipped configuration in front of a verifier that sends the client headers with an allow."""
     work = tmp_path_factory.mktemp(f"{request.param}-standin")
-    gw = _start(request.param, work, standin.grpc_port, standin.http_port, upstream.port)
+    gw = start_gateway(
+        request.param, work, grpc_port=standin.grpc_port, http_port=standin.http_port, upstream_port=upstream.port
+    )
     yield gw
     gw.stop()
 
@@ -160,7 +138,13 @@ def caching_gateway(
 ) -> Iterator[GatewayProcess]:
     """A shipped configuration that reuses answers, in front of `caching_standin`."""
     work = tmp_path_factory.mktemp(f"{request.param}-caching")
-    gw = _start(request.param, work, caching_standin.grpc_port, caching_standin.http_port, upstream.port)
+    gw = start_gateway(
+        request.param,
+        work,
+        grpc_port=caching_standin.grpc_port,
+        http_port=caching_standin.http_port,
+        upstream_port=upstream.port,
+    )
     yield gw
     gw.stop()
 

@@ -36,6 +36,7 @@ if __package__:
         LocalIssuer,
         http_request,
         start_envoy,
+        start_gateway_for,
         start_nginx,
         start_verifier,
     )
@@ -50,6 +51,7 @@ else:  # tests/ is not a package: pytest put this directory on sys.path
         LocalIssuer,
         http_request,
         start_envoy,
+        start_gateway_for,
         start_nginx,
         start_verifier,
     )
@@ -73,20 +75,6 @@ POLICIES = [
     {"name": "writes", "match": {"methods": ["POST", "PUT", "PATCH", "DELETE"]}, "require": {"scopes_all": ["write"]}},
     {"name": "rest", "match": {"path_prefix": "/"}, "require": {"authenticated": True}},
 ]
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[EchoUpstream]:
-    server = EchoUpstream()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    server = LocalIssuer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +103,8 @@ def gateway(
 ) -> Iterator[str]:
     """The shipped reusing configurations: nginx's auth cache, nginx with deploy/nginx/verifier-reuse.lua, and
     Envoy with deploy/envoy/verifier-reuse.lua."""
-    work = tmp_path_factory.mktemp(request.param)
-    if request.param.startswith("nginx"):
-        gw = start_nginx(work, verifier.extra["http_port"], upstream.port, lua=request.param == "nginx-lua")
-    else:
-        gw = start_envoy(work, "reuse", verifier_http_port=verifier.extra["http_port"], upstream_port=upstream.port)
+    kind = "envoy-reuse" if request.param == "envoy" else request.param
+    gw = start_gateway_for(kind, tmp_path_factory.mktemp(request.param), verifier, upstream.port)
     yield gw.url
     gw.stop()
 

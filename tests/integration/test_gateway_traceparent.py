@@ -12,7 +12,7 @@ from gateways import GatewayProcess, LocalIssuer, http_request, start_verifier
 from otlp_receiver import OtlpReceiver
 
 # The shipped gateways in front of `verifier` (this module's: it exports spans), as the trust-boundary tests run them.
-from test_trust_boundary import Edge, edge, issuer, upstream  # noqa: F401
+from test_trust_boundary import Edge, edge  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture(scope="module")
 def verifier(
-    issuer: LocalIssuer,  # noqa: F811
+    issuer: LocalIssuer,
     receiver: OtlpReceiver,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[GatewayProcess]:
@@ -46,7 +46,7 @@ def verifier(
 def test_the_verifiers_decision_joins_the_clients_trace(
     edge: Edge,  # noqa: F811
     receiver: OtlpReceiver,
-    issuer: LocalIssuer,  # noqa: F811
+    issuer: LocalIssuer,
 ) -> None:
     name, url = edge.name, edge.url
     trace_id = (name.encode().hex() + "0" * 32)[:31] + "1"
@@ -68,7 +68,7 @@ def test_the_verifiers_decision_joins_the_clients_trace(
 def test_a_malformed_traceparent_through_the_gateway_starts_a_new_trace(
     edge: Edge,  # noqa: F811
     receiver: OtlpReceiver,
-    issuer: LocalIssuer,  # noqa: F811
+    issuer: LocalIssuer,
 ) -> None:
     url = edge.url
     headers = {"Authorization": f"Bearer {issuer.mint(sub='alice', scope='read')}", "traceparent": "ff-" + "f" * 60}

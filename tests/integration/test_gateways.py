@@ -26,6 +26,7 @@ if __package__:
         free_port,
         http_request,
         start_envoy,
+        start_gateway,
         start_nginx,
         start_verifier,
         verifier_unusable_reason,
@@ -41,10 +42,13 @@ else:  # tests/ is not a package: pytest put this directory on sys.path
         free_port,
         http_request,
         start_envoy,
+        start_gateway,
         start_nginx,
         start_verifier,
         verifier_unusable_reason,
     )
+
+from rigs import fresh_upstream_log  # noqa: F401 - autouse: each test sees only its own requests
 
 pytestmark = pytest.mark.integration
 
@@ -62,25 +66,6 @@ class Backend:
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[EchoUpstream]:
-    server = EchoUpstream()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_upstream_log(upstream: EchoUpstream) -> None:
-    upstream.clear()
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    server = LocalIssuer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +103,13 @@ def gateway(
     upstream: EchoUpstream,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[GatewayProcess]:
-    tmp = tmp_path_factory.mktemp(request.param)
-    if request.param == "envoy-grpc":
-        gw = start_envoy(tmp, "grpc", verifier_grpc_port=backend.grpc_port, upstream_port=upstream.port)
-    elif request.param == "envoy-http":
-        gw = start_envoy(tmp, "http", verifier_http_port=backend.http_port, upstream_port=upstream.port)
-    else:
-        gw = start_nginx(tmp, backend.http_port, upstream.port, lua=request.param == "nginx-lua")
+    gw = start_gateway(
+        request.param,
+        tmp_path_factory.mktemp(request.param),
+        grpc_port=backend.grpc_port,
+        http_port=backend.http_port,
+        upstream_port=upstream.port,
+    )
     yield gw
     gw.stop()
 

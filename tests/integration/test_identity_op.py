@@ -22,8 +22,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from gateways import GatewayProcess, HttpResult, http_request, start_verifier
-from op_harness import OpenIDProvider, dpop_proof, start_provider
+from op_harness import OpenIDProvider, dpop_proof
 from redis_harness import start_redis
+from rigs import provider_fixture
 from support import b64url
 
 pytestmark = pytest.mark.integration
@@ -60,11 +61,7 @@ DPOP = {"algorithms": ["ES256", "EdDSA"], "iat_past_seconds": 60}
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
-def op(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
-    provider = start_provider(tmp_path_factory)
-    yield provider
-    provider.stop()
+op = provider_fixture("op", scope="module")
 
 
 def _issuer_config(op: OpenIDProvider) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,9 +18,9 @@ from op_harness import (  # tests/integration is on sys.path (pytest rootdir-rel
     VERIFIER_CLIENT_ID,
     VERIFIER_CLIENT_SECRET,
     OpenIDProvider,
-    start_provider,
 )
 from prometheus_client import CollectorRegistry
+from rigs import provider_fixture
 
 from verifier.app import build_introspector
 from verifier.errors import AudienceMismatch, InvalidToken, ProviderUnavailable
@@ -48,18 +48,10 @@ class ShiftedClock:
         self.offset += seconds
 
 
-@pytest.fixture(scope="module")
-def op(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
-    provider = start_provider(tmp_path_factory)
-    yield provider
-    provider.stop()
+op = provider_fixture("op", scope="module")
 
 
-@pytest.fixture
-def fresh_op(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
-    provider = start_provider(tmp_path_factory)
-    yield provider
-    provider.stop()
+fresh_op = provider_fixture("fresh_op")
 
 
 class Harness:

@@ -7,50 +7,25 @@ provider stopped mid-test (cached keys keep working; new unknown kids fail close
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from doorkit import http_exchange
-from op_harness import API_AUDIENCE, OTHER_AUDIENCE, OpenIDProvider, start_provider
+from op_harness import OTHER_AUDIENCE, OpenIDProvider
+from rigs import provider_fixture, verifier_trusting
 
 from verifier.app import App
-from verifier.settings import IssuerSettings, Listen, Settings
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
-    op = start_provider(tmp_path_factory)
-    try:
-        yield op
-    finally:
-        op.stop()
+provider = provider_fixture("provider")
 
 
 @pytest.fixture
 async def verifier(provider: OpenIDProvider) -> AsyncIterator[App]:
-    settings = Settings(
-        grpc=None,
-        http=Listen(host="127.0.0.1", port=0),
-        metrics=None,
-        issuers=(
-            IssuerSettings(
-                issuer=provider.issuer,
-                audiences=(API_AUDIENCE,),
-                algorithms=("ES256", "RS256", "EdDSA"),
-                jwks_cooldown_seconds=0.2,
-                fetch_timeout_seconds=2.0,
-            ),
-        ),
-    )
-    app = App(settings)
-    await app.start()
-    await asyncio.wait_for(app.keys.wait_ready(), 15)
-    try:
+    async with verifier_trusting(provider, jwks_cooldown_seconds=0.2, fetch_timeout_seconds=2.0) as app:
         yield app
-    finally:
-        await app.stop(grace=0.5)
 
 
 async def _check(app: App, token: str) -> tuple[int, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import jwt
@@ -19,25 +18,16 @@ from op_harness import (  # tests/integration is on sys.path (pytest rootdir-rel
     OpenIDProvider,
     ProviderError,
     jwk_thumbprint,
-    start_provider,
 )
+from rigs import provider_fixture
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def op(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
-    provider = start_provider(tmp_path_factory)
-    yield provider
-    provider.stop()
+op = provider_fixture("op", scope="module")
 
 
-@pytest.fixture
-def fresh_op(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
-    """A provider of its own, for tests that rotate keys or restart."""
-    provider = start_provider(tmp_path_factory)
-    yield provider
-    provider.stop()
+fresh_op = provider_fixture("fresh_op")  # a provider of its own, for tests that rotate keys or restart
 
 
 def fetch_json(url: str) -> Any:

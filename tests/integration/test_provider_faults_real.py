@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from doorkit import http_exchange
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from op_harness import API_AUDIENCE, OpenIDProvider, start_provider
+from op_harness import OpenIDProvider
+from rigs import provider_fixture, verifier_trusting
 
 from verifier.app import App
-from verifier.settings import IssuerSettings, Listen, Settings
 
 pytestmark = pytest.mark.integration
 
@@ -25,40 +25,20 @@ FETCH_TIMEOUT = 0.5  # seconds
 SLACK = 0.5  # seconds past the deadline tolerated on a loaded runner
 
 
-@pytest.fixture
-def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
-    op = start_provider(tmp_path_factory)
-    try:
-        yield op
-    finally:
-        op.stop()
+provider = provider_fixture("provider")
 
 
 @pytest.fixture
 async def verifier(provider: OpenIDProvider) -> AsyncIterator[App]:
-    settings = Settings(
-        grpc=Listen(host="127.0.0.1", port=0),
-        http=Listen(host="127.0.0.1", port=0),
-        metrics=None,
-        issuers=(
-            IssuerSettings(
-                issuer=provider.issuer,
-                audiences=(API_AUDIENCE,),
-                algorithms=("ES256", "RS256", "EdDSA"),
-                jwks_cooldown_seconds=0.0,
-                fetch_timeout_seconds=FETCH_TIMEOUT,
-                jwks_min_ttl_seconds=1,
-                jwks_max_ttl_seconds=1,
-            ),
-        ),
-    )
-    app = App(settings)
-    await app.start()
-    await asyncio.wait_for(app.keys.wait_ready(), 15)
-    try:
+    async with verifier_trusting(
+        provider,
+        grpc=True,
+        jwks_cooldown_seconds=0.0,
+        fetch_timeout_seconds=FETCH_TIMEOUT,
+        jwks_min_ttl_seconds=1,
+        jwks_max_ttl_seconds=1,
+    ) as app:
         yield app
-    finally:
-        await app.stop(grace=0.5)
 
 
 async def _status(app: App, token: str) -> tuple[int, float]:

@@ -17,8 +17,7 @@ from gateways import (
     GatewayProcess,
     LocalIssuer,
     http_request,
-    start_envoy,
-    start_nginx,
+    start_gateway_for,
     start_verifier,
 )
 from rfc9728kit import check_rfc9728_document, parse_challenge
@@ -28,20 +27,6 @@ pytestmark = pytest.mark.integration
 HOST = "api.example.test"
 ORDERS = f"https://{HOST}/orders"
 WELL_KNOWN = "/.well-known/oauth-protected-resource"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[EchoUpstream]:
-    server = EchoUpstream()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    server = LocalIssuer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +58,7 @@ def gateway(
     upstream: EchoUpstream,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp(request.param)
-    if request.param.startswith("nginx"):
-        gw = start_nginx(tmp, verifier.extra["http_port"], upstream.port, lua=request.param == "nginx-lua")
-    else:
-        mode = "http" if request.param == "envoy-http" else "reuse"
-        gw = start_envoy(tmp, mode, upstream_port=upstream.port, verifier_http_port=verifier.extra["http_port"])
+    gw = start_gateway_for(request.param, tmp_path_factory.mktemp(request.param), verifier, upstream.port)
     yield gw.url
     gw.stop()
 

@@ -21,17 +21,13 @@ from op_harness import (
     VERIFIER_CLIENT_ID,
     VERIFIER_CLIENT_SECRET,
     OpenIDProvider,
-    start_provider,
 )
+from rigs import provider_fixture
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def op(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
-    provider = start_provider(tmp_path_factory)
-    yield provider
-    provider.stop()
+op = provider_fixture("op", scope="module")
 
 
 @pytest.fixture(scope="module")

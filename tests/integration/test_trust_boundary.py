@@ -36,26 +36,30 @@ from verifier.binding.mtls import thumbprint_from_der
 
 if __package__:
     from .gateways import (
+        GATEWAY_KINDS,
         LOOPBACK,
         EchoUpstream,
         GatewayProcess,
         LocalIssuer,
         http_request,
         start_envoy,
-        start_nginx,
+        start_gateway_for,
         start_verifier,
     )
 else:  # tests/ is not a package: pytest put this directory on sys.path
     from gateways import (
+        GATEWAY_KINDS,
         LOOPBACK,
         EchoUpstream,
         GatewayProcess,
         LocalIssuer,
         http_request,
         start_envoy,
-        start_nginx,
+        start_gateway_for,
         start_verifier,
     )
+
+from rigs import fresh_upstream_log  # noqa: F401 - autouse: each test sees only its own requests
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +75,7 @@ POLICIES = [
 #: A certificate the client does NOT present; the token is bound to it (RFC 8705 cnf.x5t#S256).
 BOUND_THUMBPRINT = base64.urlsafe_b64encode(hashlib.sha256(b"a DER certificate").digest()).rstrip(b"=").decode()
 
-GATEWAYS = ("nginx", "nginx-lua", "envoy-grpc", "envoy-http", "envoy-reuse")
+GATEWAYS = GATEWAY_KINDS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,25 +94,6 @@ class Edge:
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[EchoUpstream]:
-    server = EchoUpstream()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_upstream_log(upstream: EchoUpstream) -> None:
-    upstream.clear()
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    server = LocalIssuer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     proc = start_verifier(
         tmp_path_factory.mktemp("verifier"), issuer=issuer.issuer, extra_config={"policies": POLICIES}
@@ -124,14 +109,7 @@ def edge(
     upstream: EchoUpstream,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Edge]:
-    tmp = tmp_path_factory.mktemp(request.param)
-    if request.param in ("nginx", "nginx-lua"):
-        gw = start_nginx(tmp, verifier.extra["http_port"], upstream.port, lua=request.param == "nginx-lua")
-    elif request.param == "envoy-grpc":
-        gw = start_envoy(tmp, "grpc", verifier_grpc_port=verifier.extra["grpc_port"], upstream_port=upstream.port)
-    else:  # envoy-http (ext_authz) or envoy-reuse (the Lua filter reusing answers)
-        mode = "http" if request.param == "envoy-http" else "reuse"
-        gw = start_envoy(tmp, mode, verifier_http_port=verifier.extra["http_port"], upstream_port=upstream.port)
+    gw = start_gateway_for(request.param, tmp_path_factory.mktemp(request.param), verifier, upstream.port)
     yield Edge(name=request.param, url=gw.url)
     gw.stop()
 

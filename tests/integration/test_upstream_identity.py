@@ -36,7 +36,8 @@ if __package__:
         start_nginx,
         start_verifier,
     )
-    from .test_trust_boundary import Edge, _fresh_upstream_log, edge, issuer
+    from .rigs import fresh_upstream_log
+    from .test_trust_boundary import Edge, edge
 else:  # tests/ is not a package: pytest put this directory on sys.path
     from gateways import (
         NGINX_TEMPLATE,
@@ -48,9 +49,10 @@ else:  # tests/ is not a package: pytest put this directory on sys.path
         start_nginx,
         start_verifier,
     )
-    from test_trust_boundary import Edge, _fresh_upstream_log, edge, issuer
+    from rigs import fresh_upstream_log
+    from test_trust_boundary import Edge, edge
 
-__all__ = ["_fresh_upstream_log", "edge", "issuer"]  # the trust-boundary rigs, against this verifier and upstream
+__all__ = ["edge", "fresh_upstream_log"]  # the trust-boundary rigs, against this verifier and upstream
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,13 @@ from typing import Any
 
 import pytest
 from gateways import EchoUpstream, GatewayProcess, http_request
+from rigs import (  # noqa: F401 - fixtures, requested by name (fresh_upstream_log: autouse here too)
+    fresh_upstream_log,
+    issuer,
+    upstream,
+)
 from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected here against this `edge`
     Edge,
-    _fresh_upstream_log,
-    issuer,
     test_a_client_naming_a_public_path_does_not_open_a_protected_one,
     test_a_client_naming_a_safe_method_does_not_write_with_a_read_only_token,
     test_a_client_naming_another_host_still_gets_the_admin_hosts_policy,
@@ -32,7 +35,6 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
     test_the_public_path_itself_stays_public,
     test_the_verifiers_roles_reach_the_upstream,
     tokens,
-    upstream,
     verifier,
 )
 

@@ -1,0 +1,92 @@
+"""The fixtures the integration test modules share.
+
+- Gateway rigs: a module-scoped echo upstream and local issuer, and the autouse clearing of the upstream's
+  log. tests/integration/conftest.py offers `upstream` and `issuer` to every integration test (a module
+  defining its own keeps it); a module wanting the clearing imports `fresh_upstream_log` (autouse where it
+  is imported). tests/kong imports them by name from here. The gateways themselves are started by
+  `gateways.start_gateway` (one place for every shipped configuration).
+- The real OpenID Provider (op_harness): `provider_fixture` makes a module's provider fixture, and
+  `verifier_trusting` runs the verifier in this process trusting the provider's API tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from gateways import EchoUpstream, LocalIssuer
+from op_harness import API_AUDIENCE, OpenIDProvider, start_provider
+
+from verifier.app import App
+from verifier.settings import IssuerSettings, Listen, Settings
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[EchoUpstream]:
+    """The protected application: records every request that reached it."""
+    server = EchoUpstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_upstream_log(upstream: EchoUpstream) -> None:
+    """Each test sees only the requests it caused."""
+    upstream.clear()
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[LocalIssuer]:
+    """A local issuer minting tokens the rigs' verifiers trust."""
+    server = LocalIssuer()
+    yield server
+    server.stop()
+
+
+def provider_fixture(name: str, scope: str = "function") -> Any:
+    """A fixture named `name`: a real OpenID Provider of its own per `scope`, stopped afterwards.
+
+    In a test module: `op = provider_fixture("op", scope="module")`.
+    """
+
+    @pytest.fixture(name=name, scope=scope)
+    def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
+        provider = start_provider(tmp_path_factory)
+        try:
+            yield provider
+        finally:
+            provider.stop()
+
+    return running
+
+
+@contextlib.asynccontextmanager
+async def verifier_trusting(
+    provider: OpenIDProvider, *, grpc: bool = False, **issuer_options: Any
+) -> AsyncIterator[App]:
+    """The verifier in this process (forward-auth door, and the gRPC one with `grpc`), trusting `provider`'s
+    API tokens (ES256, RS256, EdDSA for API_AUDIENCE; `issuer_options` are further IssuerSettings); its keys
+    are loaded when this yields."""
+    settings = Settings(
+        grpc=Listen(host="127.0.0.1", port=0) if grpc else None,
+        http=Listen(host="127.0.0.1", port=0),
+        metrics=None,
+        issuers=(
+            IssuerSettings(
+                issuer=provider.issuer,
+                audiences=(API_AUDIENCE,),
+                algorithms=("ES256", "RS256", "EdDSA"),
+                **issuer_options,
+            ),
+        ),
+    )
+    app = App(settings)
+    await app.start()
+    try:
+        await asyncio.wait_for(app.keys.wait_ready(), 15)
+        yield app
+    finally:
+        await app.stop(grace=0.5)
