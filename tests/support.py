@@ -7,9 +7,13 @@ One definition here instead of a copy per rig (issue #19). tests/ and tests/inte
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import socket
+import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import aiohttp
 from cryptography import x509
@@ -80,3 +84,33 @@ def spki_pin(key: ec.EllipticCurvePrivateKey) -> str:
     digest = hashes.Hash(hashes.SHA256())
     digest.update(spki)
     return base64.b64encode(digest.finalize()).decode()
+
+
+T = TypeVar("T")
+
+
+async def timed(call: Awaitable[T], deadline: float) -> tuple[T, float, float]:
+    """`call`'s result, the seconds it took, and how late this event loop ran a timer of `deadline` seconds
+    started alongside it (0.0 when `call` ended first).
+
+    For a deadline kept by code running in this same loop: a loaded machine delays that deadline's timer by
+    about as much as the one here, so `took - late` is what the time would have been on a quiet machine.
+    Assert `took - late < deadline + a little`, not `took < deadline + a guess at the machine's load`.
+    """
+    started = time.monotonic()
+
+    async def deadline_timer() -> float:
+        await asyncio.sleep(deadline)
+        return time.monotonic() - started - deadline
+
+    timer = asyncio.ensure_future(deadline_timer())
+    try:
+        result = await call
+    except BaseException:
+        timer.cancel()
+        raise
+    took = time.monotonic() - started
+    if took < deadline:
+        timer.cancel()
+        return result, took, 0.0
+    return result, took, await timer

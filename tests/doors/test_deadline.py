@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
 
 import grpc
 import pytest
 from doorkit import http_exchange
 from rawprovider import RawProvider, json_route
+from support import timed
 from tokenkit import AUDIENCE
 
 from verifier.app import App
@@ -26,11 +26,10 @@ from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 PLUGIN_TIMEOUT = 1.0  # seconds: the Lua and Python Kong plugins' default `timeout` (1000 ms)
 # Seconds the introspection provider takes, within the verifier's timeout for it (PROVIDER_TIMEOUT), and far
 # past the deadline: an answer before PROVIDER_DELAY is the deadline's, even on a loaded machine. Wall-clock
-# checks against PLUGIN_TIMEOUT take out how late the event loop was (`timed`), never assume a quiet machine.
+# checks against PLUGIN_TIMEOUT take out how late the event loop was (support.timed), never assume a quiet one.
 PROVIDER_DELAY = 3.0
 PROVIDER_TIMEOUT = 10.0
 RETRY_WITHIN = 20.0  # seconds the retries may take in all before the provider's answer must have served one
-T = TypeVar("T")
 
 
 @pytest.fixture
@@ -72,7 +71,7 @@ def test_the_default_deadline_is_below_the_plugins_timeout() -> None:
 async def test_forward_auth_answers_503_retry_later_before_the_gateway_gives_up(app: App) -> None:
     assert app.ports.http is not None
     raw = b"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer opaque-slow-1\r\n\r\n"
-    answer, elapsed, late = await timed(http_exchange(app.ports.http, raw))
+    answer, elapsed, late = await timed(http_exchange(app.ports.http, raw), DEFAULT_DEADLINE_SECONDS)
     assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
     assert b"retry-after:" in answer.lower()
     assert DEFAULT_DEADLINE_SECONDS <= elapsed < PROVIDER_DELAY, elapsed  # the deadline's answer, not the provider's
@@ -80,22 +79,6 @@ async def test_forward_auth_answers_503_retry_later_before_the_gateway_gives_up(
     # the provider call went on (single flight): once it has answered, a retry is served from its answer
     # (were it cancelled at the deadline, every retry would start a new call and be refused again)
     await retried_until_200(lambda: http_exchange(app.ports.http, raw))
-
-
-async def timed(call: Awaitable[T]) -> tuple[T, float, float]:
-    """`call`'s result, the seconds it took, and how late the event loop ran a timer of the deadline's length
-    started alongside it. The verifier runs in this loop: a loaded machine delays its deadline's timer by
-    about as much, so `took - late` is what the time would have been on a quiet machine."""
-    started = time.monotonic()
-
-    async def deadline_timer() -> float:
-        await asyncio.sleep(DEFAULT_DEADLINE_SECONDS)
-        return time.monotonic() - started - DEFAULT_DEADLINE_SECONDS
-
-    timer = asyncio.create_task(deadline_timer())
-    result = await call
-    took = time.monotonic() - started
-    return result, took, await timer
 
 
 async def retried_until_200(exchange: Callable[[], Awaitable[bytes]]) -> float:
@@ -115,7 +98,7 @@ async def test_grpc_check_answers_503_before_the_deadline_even_when_the_caller_w
             verifier_pb2.CheckRequest(method="GET", host="api", path="/x",
                                       headers={"Authorization": "Bearer opaque-slow-2"}),
             timeout=10,
-        ))
+        ), DEFAULT_DEADLINE_SECONDS)
         assert DEFAULT_DEADLINE_SECONDS <= elapsed < PROVIDER_DELAY, elapsed
         assert elapsed - late < PLUGIN_TIMEOUT, (elapsed, late)
         assert not answer.allowed and answer.http_status == 503
