@@ -21,6 +21,7 @@ from op_harness import (  # tests/integration is on sys.path (pytest rootdir-rel
 )
 from prometheus_client import CollectorRegistry
 from rigs import provider_fixture
+from support import timed
 
 from verifier.app import build_introspector
 from verifier.errors import AudienceMismatch, InvalidToken, ProviderUnavailable
@@ -180,10 +181,13 @@ async def test_a_slow_provider_times_out_and_fails_closed(op: OpenIDProvider, ha
     await introspector.client.endpoint()
     op.set_fault("introspection", delay_ms=1500)
     try:
-        started = time.monotonic()
-        with pytest.raises(ProviderUnavailable, match="timed out"):
-            await introspect(introspector, token)
-        assert time.monotonic() - started < 1.0
+
+        async def timed_out() -> None:
+            with pytest.raises(ProviderUnavailable, match="timed out"):
+                await introspect(introspector, token)
+
+        _, took, late = await timed(timed_out(), 0.3)  # less how late a loaded machine ran this loop
+        assert took - late < 1.0, (took, late)
     finally:
         op.clear_faults()
     assert (await introspect(introspector, token)).client_id == "app"  # the timeout was not cached
