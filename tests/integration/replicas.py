@@ -251,7 +251,11 @@ def kill_replica(replica: GatewayProcess) -> list[int]:
 
 def forward_auth_decisions(replica: GatewayProcess) -> int:
     """How many forward-auth decisions the replica has made (its Prometheus counter)."""
-    port = replica.extra["metrics_port"]
+    return forward_auth_decisions_at(replica.extra["metrics_port"])
+
+
+def forward_auth_decisions_at(port: int) -> int:
+    """How many forward-auth decisions the verifier whose metrics listen on `port` has made."""
     with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/metrics", timeout=30) as r:  # a loaded machine
         text = r.read().decode()
     return int(

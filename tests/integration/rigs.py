@@ -5,6 +5,7 @@
   defining its own keeps it); a module wanting the clearing imports `fresh_upstream_log` (autouse where it
   is imported). tests/kong imports them by name from here. The gateways themselves are started by
   `gateways.start_gateway` (one place for every shipped configuration).
+- A real redis-server of its own per test (`redis_server`, offered to all by conftest.py).
 - The real OpenID Provider (op_harness): `provider_fixture` makes a module's provider fixture, and
   `verifier_trusting` runs the verifier in this process trusting the provider's API tokens.
 """
@@ -14,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from gateways import EchoUpstream, LocalIssuer
 from op_harness import API_AUDIENCE, OpenIDProvider, start_provider
+from redis_harness import RedisServer, start_redis
 
 from verifier.app import App
 from verifier.settings import IssuerSettings, Listen, Settings
@@ -42,6 +45,14 @@ def fresh_upstream_log(upstream: EchoUpstream) -> None:
 def issuer() -> Iterator[LocalIssuer]:
     """A local issuer minting tokens the rigs' verifiers trust."""
     server = LocalIssuer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own on a loopback port (nothing persisted), stopped afterwards."""
+    server = start_redis(tmp_path)
     yield server
     server.stop()
 

@@ -22,7 +22,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from gateways import GatewayProcess, HttpResult, LocalIssuer, http_request, verifier_unusable_reason
-from redis_harness import RedisServer, start_redis
+from redis_harness import RedisServer
 from replicas import (
     API_HOST,
     Planned,
@@ -57,13 +57,6 @@ def _verifier_runs() -> None:
     reason = verifier_unusable_reason()
     if reason:
         pytest.skip(reason)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path)
-    yield server
-    server.stop()
 
 
 @pytest.fixture

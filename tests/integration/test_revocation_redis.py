@@ -6,12 +6,11 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from redis_harness import RedisServer, start_redis
+from redis_harness import RedisServer
 from ssf_transmitter import ACCOUNT_DISABLED, SESSION_REVOKED, SsfTransmitter
 
 from verifier.app import HttpSessions, revocation_store, shared_state
@@ -39,13 +38,6 @@ def principal(sub: str = "user-1", **claims: Any) -> Principal:
     values = {"iss": IDP, "sub": sub, "iat": now - 10, "exp": now + 300, **claims}
     return Principal(issuer=IDP, subject=sub, client_id=None, scopes=(), roles=frozenset(),
                      expires_at=values["exp"], claims=values)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path)
-    yield server
-    server.stop()
 
 
 @pytest.fixture

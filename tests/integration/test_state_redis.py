@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -35,13 +35,6 @@ def replica(url: str, *, key_prefix: str = "verifier:", timeout_seconds: float =
     """One replica's store, on a client built as the composition root builds it."""
     client = redis_client(url, password=None, timeout_seconds=timeout_seconds)
     return RedisState(client, key_prefix=key_prefix, timeout_seconds=timeout_seconds)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path)
-    yield server
-    server.stop()
 
 
 @pytest.fixture

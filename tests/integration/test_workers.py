@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from doorkit import free_port, http_exchange
+from replicas import forward_auth_decisions_at
 
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 
@@ -76,7 +77,7 @@ issuers:
         raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
         for _ in range(40):  # fresh connections: the kernel spreads them over both workers
             assert (await http_exchange(http, raw)).startswith(b"HTTP/1.1 200")
-        served = [_forward_auth_decisions(metrics + i) for i in range(2)]
+        served = [forward_auth_decisions_at(metrics + i) for i in range(2)]
         assert sum(served) == 40 and all(n > 0 for n in served), served
         # A worker that dies is replaced.
         os.kill(workers[0], signal.SIGKILL)
@@ -99,18 +100,6 @@ def _metrics_up(port: int) -> bool:
             return r.status == 200
     except OSError:
         return False
-
-
-def _forward_auth_decisions(port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:  # a loaded machine
-        text = r.read().decode()
-    return int(
-        sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith('verifier_decisions_total{door="forward_auth"')
-        )
-    )
 
 
 async def test_sighup_keeps_the_old_config_when_the_new_one_is_invalid_and_swaps_when_valid(tmp_path: Path) -> None:
