@@ -21,7 +21,8 @@ from pathlib import Path
 import jwt
 import pytest
 from gateways import GatewayProcess, start_verifier
-from op_harness import OTHER_AUDIENCE, OpenIDProvider, start_provider
+from op_harness import OTHER_AUDIENCE, OpenIDProvider
+from rigs import provider_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -44,11 +45,7 @@ DECISIONS = re.compile(r"^verifier_decisions_total\{([^}]*)\}\s+([0-9.eE+-]+)$",
 # --------------------------------------------------------------------------- servers
 
 
-@pytest.fixture(scope="module")
-def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
-    op = start_provider(tmp_path_factory)
-    yield op
-    op.stop()
+provider = provider_fixture("provider", scope="module")
 
 
 @pytest.fixture(scope="module")

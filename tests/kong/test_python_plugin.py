@@ -48,8 +48,9 @@ from gateways import (
     start_verifier,
     unique_token,
 )
-from op_harness import OTHER_AUDIENCE, OpenIDProvider, start_provider
+from op_harness import OTHER_AUDIENCE, OpenIDProvider
 from replicas import dpop_proof, public_jwk
+from rigs import provider_fixture
 
 from verifier.binding.dpop import thumbprint
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
@@ -257,11 +258,7 @@ def kong(pluginserver: PluginServer) -> Iterator[KongRpc]:
     rpc.close()
 
 
-@pytest.fixture(scope="module")
-def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
-    op = start_provider(tmp_path_factory)
-    yield op
-    op.stop()
+provider = provider_fixture("provider", scope="module")
 
 
 @pytest.fixture(scope="module")
