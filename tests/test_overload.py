@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
 from doorkit import until_pending
-from support import FrozenClock
+from support import FrozenClock, timed
 from tokenkit import DISCOVERY_URL, JWKS_URL, KIDS, NOW, FakeFetcher, claims, discovery_document, issuer_settings
 
 from verifier.app import App
@@ -75,11 +74,14 @@ async def test_grpc_overload_is_resource_exhausted_and_the_deadline_is_honoured(
                     headers={"authorization": f"Bearer {mint(claims(), 'ES256', kid=kid)}"}
                 )
 
-            started = time.monotonic()
-            with pytest.raises(grpc.aio.AioRpcError) as deadline:
-                await stub.Check(request("slow-1"), timeout=0.3)
-            assert deadline.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert time.monotonic() - started < 1.0
+            async def expired() -> grpc.StatusCode:
+                with pytest.raises(grpc.aio.AioRpcError) as deadline:
+                    await stub.Check(request("slow-1"), timeout=0.3)
+                return deadline.value.code()
+
+            code, took, late = await timed(expired(), 0.3)  # less how late a loaded machine ran this loop
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert took - late < 1.0, (took, late)
             first = asyncio.ensure_future(stub.Check(request("slow-2"), timeout=30))
             await until_pending(app, 1)
             with pytest.raises(grpc.aio.AioRpcError) as shed:
