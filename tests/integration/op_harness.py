@@ -519,33 +519,10 @@ class OpenIDProvider:
             headers["dpop"] = dpop_proof(dpop_key, "POST", self.token_endpoint)
         return self._json("POST", "/token", form=form, headers=headers)
 
-    def user_token(
-        self,
-        sub: str = "alice",
-        acr: str | None = "phr",
-        amr: list[str] | None = None,
-        auth_age_seconds: int = 0,
-        scope: str = "read write",
-        dpop_key: ec.EllipticCurvePrivateKey | None = None,
-        *,
-        groups: list[str] | None = None,
-        resource: str = API_AUDIENCE,
-    ) -> str:
-        """Return a user's JWT access token (``sub``, ``auth_time``, ``acr``, ``amr``).
-
-        See :meth:`user_token_response` for the parameters.
-        """
-        response = self.user_token_response(
-            sub,
-            acr=acr,
-            amr=amr,
-            auth_age_seconds=auth_age_seconds,
-            scope=scope,
-            groups=groups,
-            resource=resource,
-            dpop_key=dpop_key,
-        )
-        return str(response["access_token"])
+    def user_token(self, sub: str = "alice", **login: Any) -> str:
+        """Return a user's JWT access token (``sub``, ``auth_time``, ``acr``, ``amr``); ``login`` is
+        :meth:`user_token_response`'s keywords."""
+        return str(self.user_token_response(sub, **login)["access_token"])
 
     def end_session(self, cookies: dict[str, str]) -> None:
         """RP-initiated logout as a browser does it: the end_session_endpoint's confirmation form, posted.
