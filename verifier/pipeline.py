@@ -252,7 +252,8 @@ class Pipeline:
     def decide_cached_stable(self, attrs: RequestAttributes, door: str = "") -> tuple[Decision | None, float]:
         """`decide_cached`, and until when (epoch seconds) the same request would get these same answer bytes
         while nothing it reads changes (`verifier.generation` tells that): 0.0 when it must not be reused
-        (a refusal; built for this request alone; a per-request check ran; its max-age already shrinking)."""
+        (a refusal; built for this request alone; a per-request check ran; its max-age already shrinking; a
+        first-seen token: its next request is offered instead)."""
         self._stable_until = 0.0
         decision = self.decide_cached(attrs, door)
         if decision is None or not decision.allowed:
