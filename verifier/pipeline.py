@@ -252,7 +252,8 @@ class Pipeline:
     def decide_cached_stable(self, attrs: RequestAttributes, door: str = "") -> tuple[Decision | None, float]:
         """`decide_cached`, and until when (epoch seconds) the same request would get these same answer bytes
         while nothing it reads changes (`verifier.generation` tells that): 0.0 when it must not be reused
-        (a refusal; built for this request alone; a per-request check ran; its max-age already shrinking)."""
+        (a refusal; built for this request alone; a per-request check ran; its max-age already shrinking; a
+        first-seen token: its next request is offered instead)."""
         self._stable_until = 0.0
         decision = self.decide_cached(attrs, door)
         if decision is None or not decision.allowed:
@@ -303,7 +304,12 @@ class Pipeline:
         verified = self._verify_now(credential, key, attrs, door, route)
         if verified is None or isinstance(verified, Decision):
             return verified
-        return self._now(verified, attrs, routed, key)
+        decision = self._now(verified, attrs, routed, key)
+        # A first-seen token's answer is not offered for reuse by the raw request (`decide_cached_stable`): most
+        # tokens are seen once or twice, and each offer costs the door a memo entry (and a flood of fresh tokens
+        # would clear the entries of the tokens that do repeat). Its next request, answered from the cache, is.
+        self._stable_until = 0.0
+        return decision
 
     async def decide(self, attrs: RequestAttributes, door: str) -> Decision:
         """The full decision; never raises."""

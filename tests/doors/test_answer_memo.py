@@ -322,7 +322,9 @@ async def test_an_authentication_age_bound_shrinks_and_refuses_as_without_the_me
 async def test_another_peer_gets_its_own_answer(app: App, mint: Mint) -> None:
     token = mint()
     raw = request(token)
-    Client(app.forward_auth, peer="10.0.0.1").send(raw)
+    first = Client(app.forward_auth, peer="10.0.0.1")
+    first.send(raw)
+    first.send(raw)  # a first-seen token's answer is not remembered: its next one is
     before = len(app.forward_auth.memo or ())
     other = Client(app.forward_auth, peer="10.0.0.2")
     assert other.send(raw) == Client(plain_door(app), peer="10.0.0.2").send(raw)
@@ -594,3 +596,26 @@ def test_without_a_token_cache_there_is_no_memo(clock: FrozenClock, fetcher: Fak
     assert built(10).forward_auth.memo is not None
     assert built(0).grpc._own_answers is None and built(0).grpc._envoy_answers is None  # the gRPC doors' too
     assert built(10).grpc._own_answers is not None and built(10).grpc._envoy_answers is not None
+
+
+async def test_a_first_seen_answer_is_not_remembered_and_the_next_one_is(app: App, mint: Mint) -> None:
+    raw = request(mint())
+    client = Client(app.forward_auth)
+    first = client.send(raw)
+    memo = app.forward_auth.memo
+    assert memo is not None and first.startswith(b"HTTP/1.1 200 ") and memo.get(raw, PEER) is None
+    assert client.send(raw) == first and memo.get(raw, PEER) is not None  # from the token cache, then remembered
+    assert client.send(raw) == first == Client(plain_door(app)).send(raw)
+
+
+async def test_a_flood_of_first_seen_tokens_does_not_clear_a_repeating_tokens_answer(app: App, mint: Mint) -> None:
+    # Fresh tokens are not offered to the memo, so a flood of them (more than it holds) cannot evict the
+    # answers of the tokens that do repeat.
+    raw = request(mint())
+    client = Client(app.forward_auth)
+    answer = client.send(raw)
+    assert client.send(raw) == answer
+    for i in range(answer_memo.MAX_ENTRIES + 8):
+        assert client.send(request(mint(claims(jti=f"fresh-{i}")))).startswith(b"HTTP/1.1 200 ")
+    remembered = (app.forward_auth.memo or answer_memo.AnswerMemo(app.clock, app.generation)).get(raw, PEER)
+    assert remembered is not None and remembered.answer == answer

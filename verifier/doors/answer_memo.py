@@ -3,7 +3,8 @@ same answer bytes again without being parsed.
 
 The key is the raw bytes of one whole keep-alive request: one `data_received` chunk, arriving at a
 message boundary with nothing owed on its connection, that held exactly one complete request which
-the pipeline answered without I/O (`Pipeline.decide_cached_stable`). The same bytes parse to the same
+the pipeline answered without I/O from its token cache (`Pipeline.decide_cached_stable`; a first-seen
+token's answer is not offered, its next one is). The same bytes parse to the same
 method, target and headers, so the pipeline would judge the same request; what else it reads is
 guarded by the entry:
 
