@@ -495,26 +495,32 @@ def verdicts(points: list[dict[str, Any]]) -> list[str]:
             f"median; per verifier CPU-second {per_cpu:.0%}); budget {verdict(not late)} ({late} reps with answers "
             f"past {ps[0]['budget_ms']} ms, max {worst:,.0f} ms); RSS {verdict(rss <= RSS_GOAL)} ({rss:.2f}x); "
             f"healthy {verdict(not sick)} ({health * 1000:,.0f} ms); verifier CPU {cpu:,.0f} us/answer"
-            + _stack(points, label, ps, share)
+            + _stack(points, label, ps, share, per_cpu)
         )
     return lines + _by_connections(points)
 
 
-def _stack(points: list[dict[str, Any]], label: str, ps: list[dict[str, Any]], share: float) -> str:
-    """For the forward-auth door's cached line: the no-op's own share on the same stack, in the same run."""
+def _stack(points: list[dict[str, Any]], label: str, ps: list[dict[str, Any]], share: float, per_cpu: float) -> str:
+    """For the forward-auth door's cached line: the no-op's own share on the same stack, in the same run, and
+    whose a goodput miss is, from the scheduling-independent shares (served per CPU-second against capacity's):
+    the machine's (the door keeps the goal per CPU-second: it got less CPU than at capacity), the stack's (the
+    no-op does not keep it either at these connections), or the door's."""
     noop = [p for p in points if p.get("variant") == NOOP and _label(p) == label]
     if not noop:
         return ""
     median = statistics.median
     stack = median(p["served_share"] or 0.0 for p in noop)
+    stack_per_cpu = median(p.get("served_per_cpu_share") or 0.0 for p in noop)
     door_cpu = (median(p["capacity_cpu_us"] for p in ps), median(p["verifier_cpu_us"] for p in ps))
     noop_cpu = (median(p["capacity_cpu_us"] for p in noop), median(p["verifier_cpu_us"] for p in noop))
     if share >= GOODPUT_GOAL:
         whose = ""
-    elif stack < GOODPUT_GOAL:
-        whose = f"; the goodput MISS is the stack's: the no-op itself keeps under {GOODPUT_GOAL:.0%} here"
+    elif per_cpu >= GOODPUT_GOAL:
+        whose = f"; the goodput MISS is the machine's: per verifier CPU-second the door keeps {per_cpu:.0%}"
+    elif stack_per_cpu < GOODPUT_GOAL:
+        whose = f"; the goodput MISS is the stack's: per CPU-second the no-op itself keeps {stack_per_cpu:.0%} here"
     else:
-        whose = f"; the goodput MISS is the door's: the no-op keeps {GOODPUT_GOAL:.0%} or more here"
+        whose = f"; the goodput MISS is the door's: per CPU-second the no-op keeps {stack_per_cpu:.0%} here"
     return (
         f"; the no-op on the same stack (median of {len(noop)}): {stack:.0%} of its capacity, so the door keeps "
         f"{share / stack if stack else 0:.0%} of the stack's share; CPU per answer at {HTTP_CAPACITY} -> "
@@ -533,15 +539,18 @@ def _by_connections(points: list[dict[str, Any]]) -> list[str]:
     if not counts:
         return []
 
-    def share(ps: list[dict[str, Any]], connections: int) -> float:
-        return median(p["served_share"] or 0.0 for p in ps if p["connections"] == connections)
+    def share(ps: list[dict[str, Any]], connections: int) -> str:
+        at = [p for p in ps if p["connections"] == connections]
+        wall = median(p["served_share"] or 0.0 for p in at)
+        return f"{wall:.0%} ({median(p.get('served_per_cpu_share') or 0.0 for p in at):.0%})"
 
     shares = "; ".join(
-        f"-c {c} ({c / HTTP_CAPACITY:g}x): door {share(door, c):.0%}, no-op {share(noop, c):.0%}" for c in counts
+        f"-c {c} ({c / HTTP_CAPACITY:g}x): door {share(door, c)}, no-op {share(noop, c)}" for c in counts
     )
     return [
-        f"http cached by connections (served / capacity at -c {HTTP_CAPACITY}, medians; a closed loop offers no rate, "
-        f"so 'Nx its capacity' is N x the {HTTP_CAPACITY} connections that saturate the door): {shares}"
+        f"http cached by connections (served / capacity at -c {HTTP_CAPACITY}, medians, per CPU-second in brackets; "
+        f"a closed loop offers no rate, so 'Nx its capacity' is N x the {HTTP_CAPACITY} connections that saturate "
+        f"the door): {shares}"
     ]
 
 

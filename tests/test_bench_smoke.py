@@ -238,19 +238,19 @@ def test_overload_cached_verdict_names_the_no_op_share_on_the_same_stack_at_each
     from bench import overload, procs
     from bench.runner import Context
 
-    def door_point(variant: str, share: float, connections: int = 1000) -> dict[str, object]:
+    def door_point(variant: str, share: float, connections: int = 1000, per_cpu: float = 0.0) -> dict[str, object]:
         return dict(
             door="http", tokens="cached", variant=variant, shed_after=0.25, capacity=40_000.0, served_per_s=share * 4e4,
-            served_share=share, served_per_cpu_share=share, capacity_cpu_us=10.0, verifier_cpu_us=15.0,
+            served_share=share, served_per_cpu_share=per_cpu or share, capacity_cpu_us=10.0, verifier_cpu_us=15.0,
             connections=connections, non_2xx=0, timeouts=0, p99_ms=90.0, max_ms=150.0, over_budget=False,
             budget_ms=1000, rss_before_mb=150.0, rss_after_mb=151.0, rss_settled_mb=151.0, healthy=True, health_s=0.01,
         )  # fmt: skip
 
-    def noop(share: float, connections: int) -> dict[str, object]:
+    def noop(share: float, connections: int, per_cpu: float = 0.0) -> dict[str, object]:
         return dict(
             door="http", tokens="cached", variant=overload.NOOP, connections=connections, capacity=45_000.0,
-            served_per_s=share * 45_000, served_share=share, served_per_cpu_share=share, capacity_cpu_us=11.0,
-            verifier_cpu_us=17.5 if connections == 1000 else 12.0, max_ms=120.0,
+            served_per_s=share * 45_000, served_share=share, served_per_cpu_share=per_cpu or share,
+            capacity_cpu_us=11.0, verifier_cpu_us=17.5 if connections == 1000 else 12.0, max_ms=120.0,
         )  # fmt: skip
 
     points = [
@@ -268,13 +268,18 @@ def test_overload_cached_verdict_names_the_no_op_share_on_the_same_stack_at_each
     assert at_1000.startswith("http cached -c 1000 (shipped, 1 reps): goodput MISS (62% of capacity")
     assert "the no-op on the same stack (median of 1): 64% of its capacity, so the door keeps 97%" in at_1000
     assert "door 10.0 -> 15.0 us, no-op 11.0 -> 17.5 us" in at_1000
-    assert at_1000.endswith("the goodput MISS is the stack's: the no-op itself keeps under 80% here")
+    assert at_1000.endswith("the goodput MISS is the stack's: per CPU-second the no-op itself keeps 64% here")
     assert at_160.startswith("http cached -c 160 (shipped, 1 reps): goodput PASS (95% of capacity")
     assert "no-op 11.0 -> 12.0 us" in at_160 and "MISS is" not in at_160
-    assert by_count.endswith("-c 160 (10x): door 95%, no-op 99%; -c 1000 (62.5x): door 62%, no-op 64%")
-    # A door that misses where the no-op does not: the door's own.
-    door_only = overload.verdicts([door_point(overload.SHIPPED, 0.5, connections=160), noop(0.99, 160)])
-    assert door_only[0].endswith("the goodput MISS is the door's: the no-op keeps 80% or more here")
+    assert by_count.endswith(
+        "-c 160 (10x): door 95% (95%), no-op 99% (99%); -c 1000 (62.5x): door 62% (62%), no-op 64% (64%)"
+    )
+    # A door that misses where the no-op does not, per CPU-second: the door's own; wall-clock only: the machine's.
+    door_only = overload.verdicts([door_point(overload.SHIPPED, 0.5, connections=160), noop(0.6, 160, per_cpu=0.9)])
+    assert door_only[0].endswith("the goodput MISS is the door's: per CPU-second the no-op keeps 90% here")
+    machine = overload.verdicts([door_point(overload.SHIPPED, 0.5, 160, per_cpu=0.85), noop(0.6, 160, per_cpu=0.7)])
+    assert "goodput MISS (50% of capacity" in machine[0]
+    assert machine[0].endswith("the goodput MISS is the machine's: per verifier CPU-second the door keeps 85%")
     ctx = Context(out=tmp_path, quick=True, args=argparse.Namespace(), servers=procs.Servers(tmp_path))
     text = overload.markdown(ctx, points, goal)
     assert "| 1,000 | 45,000 | 28,800 | 64% (64%) | 11.0 / 17.5 | 120 |" in text
