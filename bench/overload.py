@@ -335,7 +335,10 @@ def floods(ctx: Context) -> list[int]:
     if ctx.opt("connections", None):
         return [ctx.opt("connections", None)]
     given = ctx.opt("floods", None)
-    counts = [int(c) for c in given.split(",") if c] if given else list(HTTP_FLOODS)
+    try:
+        counts = [int(c) for c in given.split(",") if c] if given else list(HTTP_FLOODS)
+    except ValueError:
+        counts = []
     if not counts or min(counts) < 1:
         raise SystemExit(f"--floods: connection counts, comma-separated (got {given!r})")
     return counts

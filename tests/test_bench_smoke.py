@@ -284,3 +284,10 @@ def test_overload_cached_verdict_names_the_no_op_share_on_the_same_stack_at_each
     text = overload.markdown(ctx, points, goal)
     assert "| 1,000 | 45,000 | 28,800 | 64% (64%) | 11.0 / 17.5 | 120 |" in text
     assert "HTTP: wrk -c 160, 1000, capacity at -c 16" in text
+    given = Context(out=tmp_path, quick=True, args=argparse.Namespace(floods="200,2000"), servers=ctx.servers)
+    assert overload.floods(given) == [200, 2000]
+    given.args.connections = 500
+    assert overload.floods(given) == [500]  # one flood, as before --floods
+    for bad in ("x", "0,160", ","):
+        with pytest.raises(SystemExit, match="--floods: connection counts"):
+            overload.floods(Context(out=tmp_path, quick=True, args=argparse.Namespace(floods=bad), servers=ctx.servers))
