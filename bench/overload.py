@@ -14,9 +14,10 @@ Per door and bound: the capacity (closed loop inside the bound, 4 clients x 8 st
 checkout's verifier with its defaults; *shipped* is this tree's defaults.
 
 **The forward-auth door and Envoy in front** (``--routes http,envoy-grpc,envoy-http``, ``--kinds``): wrk, closed
-loop, at ``HTTP_CAPACITY`` connections (capacity), then ``HTTP_FLOOD`` (the flood; ``--connections``), one repeated
-token (``cached``) or a rotation of distinct ones (``first-seen``). Envoy runs the shipped deploy/envoy templates
-(tests/integration's rig, ``--concurrency 1``) in front of an nginx ``return 200``. *Served* is the 2xx answers;
+loop, at ``HTTP_CAPACITY`` connections (capacity), then a flood at each of ``HTTP_FLOODS`` connections (``--floods``;
+``--connections N``: that one), one repeated token (``cached``) or a rotation of distinct ones (``first-seen``).
+Envoy runs the shipped deploy/envoy templates (tests/integration's rig, ``--concurrency 1``) in front of an nginx
+``return 200``. *Served* is the 2xx answers;
 the budget is 1 s (an HTTP caller sends no deadline), checked against wrk's slowest answer and its timeouts
 (unanswered in 5 s).
 *before* is ``http.shed_after_seconds`` off, or with ``--before DIR`` that checkout's defaults.
@@ -51,7 +52,10 @@ from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS, DEFAULT_SHED_
 BEFORE = 1000
 FLOOD = (32, 100)  # h2load clients x streams: the issue's load
 CAPACITY = (4, 8)
-HTTP_CAPACITY, HTTP_FLOOD = 16, 1000  # wrk connections
+HTTP_CAPACITY = 16  # wrk connections that saturate the forward-auth door: its capacity
+# The floods, in wrk connections: 10x the concurrency that saturates the door (a closed loop has no offered rate:
+# 10x its capacity is 10x the callers it can keep busy), and 60x, where the stack itself keeps ~60% (see `_stack`).
+HTTP_FLOODS = (160, 1000)
 SHED_DEFAULT = DEFAULT_SHED_AFTER_SECONDS
 SHED_OFF = MAX_DEADLINE_SECONDS  # http.shed_after_seconds as before #24 goal 4: never reached
 HTTP_BUDGET_MS = 1000  # no caller deadline on HTTP: the issue's 1 s
@@ -224,8 +228,10 @@ def http_point(
     pools: dict[str, list[str]],
     upstream: int,
     variant: Variant,
+    connections: int,
 ) -> dict[str, Any]:
-    """One verifier (and for an Envoy route, the shipped Envoy in front): capacity, then the flood, by wrk."""
+    """One verifier (and for an Envoy route, the shipped Envoy in front): capacity, then the flood at
+    ``connections``, by wrk."""
     target, metrics_addr = _start(ctx, issuer, variant)
     envoy = None
     try:
@@ -265,7 +271,7 @@ def http_point(
         time.sleep(1)
         rss0, before = procs.rss_kib(target.pids), _decisions(metrics_addr)
         cpu0 = procs.cpu_seconds(target.pids)
-        flood = wrk(ctx.opt("connections", HTTP_FLOOD), pools["flood"])
+        flood = wrk(connections, pools["flood"])
         cpu = procs.cpu_seconds(target.pids) - cpu0
         served_status, served_s = _get(addr, path, headers(issuer.cached_token))
         health_status, health_s = _get(target.http_addr, "/healthz", {})
@@ -299,7 +305,7 @@ def http_point(
             served_share=served / flood.seconds / capacity if capacity else None,
             served_per_cpu_share=_per_cpu_share(served, cpu, cap.requests - cap.refusals, cap_cpu),
             capacity_cpu_us=cap_cpu / max(1, cap.requests) * 1e6,
-            connections=ctx.opt("connections", HTTP_FLOOD),
+            connections=connections,
             answers=flood.requests,
             non_2xx=flood.refusals,
             timeouts=flood.timeouts,
@@ -324,16 +330,30 @@ def http_point(
     )
 
 
-def stack_point(ctx: Context, token: str) -> dict[str, Any]:
-    """The same capacity and flood against the no-op on the same stack (bench/baselines.py: uvloop + httptools,
-    a canned 200, nothing decided): the share of its capacity the stack itself keeps at the flood's connections,
-    and its CPU per answer at both (the kernel's and the loop's, which no door can lower)."""
+def floods(ctx: Context) -> list[int]:
+    """The HTTP floods' wrk connections: ``--connections N`` (one), else ``--floods`` (a list), else HTTP_FLOODS."""
+    if ctx.opt("connections", None):
+        return [ctx.opt("connections", None)]
+    given = ctx.opt("floods", None)
+    try:
+        counts = [int(c) for c in given.split(",") if c] if given else list(HTTP_FLOODS)
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--floods: connection counts, comma-separated (got {given!r})")
+    return counts
+
+
+def stack_points(ctx: Context, token: str, counts: list[int]) -> list[dict[str, Any]]:
+    """The same capacity and floods against the no-op on the same stack (bench/baselines.py: uvloop + httptools,
+    a canned 200, nothing decided): the share of its capacity the stack itself keeps at each flood's connections,
+    and its CPU per answer at each (the kernel's and the loop's, which no door can lower). One point per flood."""
     target = ctx.servers.start_baseline("noop")
     try:
         url = f"http://{target.http_addr}{wire.FORWARD_AUTH_PATH}"
         duration = ctx.opt("duration", 5.0, 3.0)
         runs = []
-        for connections in (HTTP_CAPACITY, ctx.opt("connections", HTTP_FLOOD)):
+        for connections in (HTTP_CAPACITY, *counts):
             cpu0 = procs.cpu_seconds(target.pids)
             run = load.wrk(
                 url,
@@ -347,23 +367,27 @@ def stack_point(ctx: Context, token: str) -> dict[str, Any]:
             time.sleep(1)
     finally:
         ctx.servers.stop(target)
-    (cap, cap_cpu), (flood, cpu) = runs
+    (cap, cap_cpu), *flooded = runs
     capacity = cap.requests / cap.seconds
-    return ctx.record(
-        dict(
-            door="http",
-            tokens="cached",
-            variant=NOOP,
-            capacity=capacity,
-            served_per_s=flood.requests / flood.seconds,
-            served_share=flood.requests / flood.seconds / capacity if capacity else None,
-            served_per_cpu_share=_per_cpu_share(flood.requests, cpu, cap.requests, cap_cpu),
-            capacity_cpu_us=cap_cpu / max(1, cap.requests) * 1e6,
-            verifier_cpu_us=cpu / max(1, flood.requests) * 1e6,
-            max_ms=flood.max_us / 1000,
-            loadavg=procs.loadavg(),
+    return [
+        ctx.record(
+            dict(
+                door="http",
+                tokens="cached",
+                variant=NOOP,
+                connections=connections,
+                capacity=capacity,
+                served_per_s=flood.requests / flood.seconds,
+                served_share=flood.requests / flood.seconds / capacity if capacity else None,
+                served_per_cpu_share=_per_cpu_share(flood.requests, cpu, cap.requests, cap_cpu),
+                capacity_cpu_us=cap_cpu / max(1, cap.requests) * 1e6,
+                verifier_cpu_us=cpu / max(1, flood.requests) * 1e6,
+                max_ms=flood.max_us / 1000,
+                loadavg=procs.loadavg(),
+            )
         )
-    )
+        for connections, (flood, cpu) in zip(counts, flooded, strict=True)
+    ]
 
 
 def _start_envoy(ctx: Context, route: str, target: Target, upstream: int) -> Any:
@@ -385,6 +409,7 @@ def run_http(ctx: Context, issuer: idp.Issuer, routes: list[str], points: list[d
         _, upstream = edge.start_nginx(ctx, "127.0.0.1:1", 0, tmp)  # only its `return 200` upstream is used
         kinds = [k for k in (ctx.opt("kinds", None) or "cached,first-seen").split(",") if k]
         count = ctx.opt("pool", 30_000, 5_000)
+        counts = floods(ctx)
         # Minted once: each point starts a verifier with empty caches, so every point sees them first.
         minted = {"capacity": issuer.mint("ES256", count), "flood": issuer.mint("ES256", count)}
         for rep in range(ctx.opt("reps", 2, 1)):
@@ -394,23 +419,25 @@ def run_http(ctx: Context, issuer: idp.Issuer, routes: list[str], points: list[d
                     # The forward-auth door before and as shipped (alternated); Envoy in front of the shipped one.
                     pair = variants(ctx, grpc=False)
                     both = pair if rep % 2 == 0 else pair[::-1]
-                    for variant in both if route == "http" else pair[1:]:
-                        p = http_point(ctx, issuer, route, tokens, pools, upstream, variant)
-                        print(
-                            f"bench: overload {route} {tokens} {variant.name} rep {rep}: served "
-                            f"{p['served_per_s']:,.0f}/s ({p['served_share']:.0%} of capacity), max {p['max_ms']:.0f} "
-                            f"ms, {p['non_2xx']:,} non-2xx, {p['timeouts']:,} timeouts",
-                            file=sys.stderr,
-                        )
-                        points.append(p)
+                    for connections in counts if rep % 2 == 0 else counts[::-1]:
+                        for variant in both if route == "http" else pair[1:]:
+                            p = http_point(ctx, issuer, route, tokens, pools, upstream, variant, connections)
+                            print(
+                                f"bench: overload {route} {tokens} -c {connections} {variant.name} rep {rep}: served "
+                                f"{p['served_per_s']:,.0f}/s ({p['served_share']:.0%} of capacity), max "
+                                f"{p['max_ms']:.0f} ms, {p['non_2xx']:,} non-2xx, {p['timeouts']:,} timeouts",
+                                file=sys.stderr,
+                            )
+                            points.append(p)
                     if route == "http" and tokens == "cached":
-                        p = stack_point(ctx, issuer.cached_token)
-                        print(
-                            f"bench: overload {route} no-op (the stack) rep {rep}: {p['served_share']:.0%} of its "
-                            f"capacity, {p['capacity_cpu_us']:.1f} -> {p['verifier_cpu_us']:.1f} us/answer",
-                            file=sys.stderr,
-                        )
-                        points.append(p)
+                        for p in stack_points(ctx, issuer.cached_token, counts):
+                            print(
+                                f"bench: overload {route} no-op (the stack) -c {p['connections']} rep {rep}: "
+                                f"{p['served_share']:.0%} of its capacity, {p['capacity_cpu_us']:.1f} -> "
+                                f"{p['verifier_cpu_us']:.1f} us/answer",
+                                file=sys.stderr,
+                            )
+                            points.append(p)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -445,7 +472,7 @@ def run(ctx: Context) -> None:
 
 
 def _label(p: dict[str, Any]) -> str:
-    return p["door"] if "bound" in p else f"{p['door']} {p['tokens']}"
+    return p["door"] if "bound" in p else f"{p['door']} {p['tokens']} -c {p.get('connections', 1000)}"
 
 
 def verdicts(points: list[dict[str, Any]]) -> list[str]:
@@ -471,26 +498,63 @@ def verdicts(points: list[dict[str, Any]]) -> list[str]:
             f"median; per verifier CPU-second {per_cpu:.0%}); budget {verdict(not late)} ({late} reps with answers "
             f"past {ps[0]['budget_ms']} ms, max {worst:,.0f} ms); RSS {verdict(rss <= RSS_GOAL)} ({rss:.2f}x); "
             f"healthy {verdict(not sick)} ({health * 1000:,.0f} ms); verifier CPU {cpu:,.0f} us/answer"
-            + _stack(points, label, ps, share)
+            + _stack(points, label, ps, share, per_cpu)
         )
-    return lines
+    return lines + _by_connections(points)
 
 
-def _stack(points: list[dict[str, Any]], label: str, ps: list[dict[str, Any]], share: float) -> str:
-    """For the forward-auth door's cached line: the no-op's own share on the same stack, in the same run."""
+def _stack(points: list[dict[str, Any]], label: str, ps: list[dict[str, Any]], share: float, per_cpu: float) -> str:
+    """For the forward-auth door's cached line: the no-op's own share on the same stack, in the same run, and
+    whose a goodput miss is, from the scheduling-independent shares (served per CPU-second against capacity's):
+    the machine's (the door keeps the goal per CPU-second: it got less CPU than at capacity), the stack's (the
+    no-op does not keep it either at these connections), or the door's."""
     noop = [p for p in points if p.get("variant") == NOOP and _label(p) == label]
     if not noop:
         return ""
     median = statistics.median
     stack = median(p["served_share"] or 0.0 for p in noop)
+    stack_per_cpu = median(p.get("served_per_cpu_share") or 0.0 for p in noop)
     door_cpu = (median(p["capacity_cpu_us"] for p in ps), median(p["verifier_cpu_us"] for p in ps))
     noop_cpu = (median(p["capacity_cpu_us"] for p in noop), median(p["verifier_cpu_us"] for p in noop))
+    if share >= GOODPUT_GOAL:
+        whose = ""
+    elif per_cpu >= GOODPUT_GOAL:
+        whose = f"; the goodput MISS is the machine's: per verifier CPU-second the door keeps {per_cpu:.0%}"
+    elif stack_per_cpu < GOODPUT_GOAL:
+        whose = f"; the goodput MISS is the stack's: per CPU-second the no-op itself keeps {stack_per_cpu:.0%} here"
+    else:
+        whose = f"; the goodput MISS is the door's: per CPU-second the no-op keeps {stack_per_cpu:.0%} here"
     return (
         f"; the no-op on the same stack (median of {len(noop)}): {stack:.0%} of its capacity, so the door keeps "
         f"{share / stack if stack else 0:.0%} of the stack's share; CPU per answer at {HTTP_CAPACITY} -> "
-        f"{ps[0].get('connections', HTTP_FLOOD)} connections: door {door_cpu[0]:.1f} -> {door_cpu[1]:.1f} us, "
-        f"no-op {noop_cpu[0]:.1f} -> {noop_cpu[1]:.1f} us"
+        f"{ps[0]['connections']} connections: door {door_cpu[0]:.1f} -> {door_cpu[1]:.1f} us, "
+        f"no-op {noop_cpu[0]:.1f} -> {noop_cpu[1]:.1f} us" + whose
     )
+
+
+def _by_connections(points: list[dict[str, Any]]) -> list[str]:
+    """One line for the forward-auth door's cached floods: door and no-op shares at each connection count (the
+    reading of "10x its capacity" the figures support is the reader's: capacity is taken at HTTP_CAPACITY)."""
+    median = statistics.median
+    noop = [p for p in points if p.get("variant") == NOOP]
+    door = [p for p in points if p.get("variant") == SHIPPED and p.get("tokens") == "cached" and p["door"] == "http"]
+    counts = sorted({p["connections"] for p in noop} & {p["connections"] for p in door})
+    if not counts:
+        return []
+
+    def share(ps: list[dict[str, Any]], connections: int) -> str:
+        at = [p for p in ps if p["connections"] == connections]
+        wall = median(p["served_share"] or 0.0 for p in at)
+        return f"{wall:.0%} ({median(p.get('served_per_cpu_share') or 0.0 for p in at):.0%})"
+
+    shares = "; ".join(
+        f"-c {c} ({c / HTTP_CAPACITY:g}x): door {share(door, c)}, no-op {share(noop, c)}" for c in counts
+    )
+    return [
+        f"http cached by connections (served / capacity at -c {HTTP_CAPACITY}, medians, per CPU-second in brackets; "
+        f"a closed loop offers no rate, so 'Nx its capacity' is N x the {HTTP_CAPACITY} connections that saturate "
+        f"the door): {shares}"
+    ]
 
 
 def markdown(ctx: Context, points: list[dict[str, Any]], goal: list[str]) -> str:
@@ -539,11 +603,12 @@ def markdown(ctx: Context, points: list[dict[str, Any]], goal: list[str]) -> str
         ]
     if http_points:
         parts += [
-            ctx.header(f"HTTP: wrk -c {ctx.opt('connections', HTTP_FLOOD)}, capacity at -c {HTTP_CAPACITY}"),
+            ctx.header(f"HTTP: wrk -c {', '.join(map(str, floods(ctx)))}, capacity at -c {HTTP_CAPACITY}"),
             report.table(
                 [
                     "route",
                     "tokens",
+                    "wrk -c",
                     "variant",
                     "shed after s",
                     *common,
@@ -556,6 +621,7 @@ def markdown(ctx: Context, points: list[dict[str, Any]], goal: list[str]) -> str
                     [
                         p["door"],
                         p["tokens"] + (" (pool wrapped)" if p.get("wrapped") else ""),
+                        f"{p['connections']:,}",
                         p["variant"],
                         p["shed_after"],
                         *start(p),
@@ -572,9 +638,17 @@ def markdown(ctx: Context, points: list[dict[str, Any]], goal: list[str]) -> str
         parts += [
             "The no-op on the same stack (bench/baselines.py, cached token's request, same wrk runs):",
             report.table(
-                ["capacity /s", "served /s", "of capacity (per CPU-s)", "CPU us/answer at capacity / flood", "max ms"],
+                [
+                    "wrk -c",
+                    "capacity /s",
+                    "served /s",
+                    "of capacity (per CPU-s)",
+                    "CPU us/answer at capacity / flood",
+                    "max ms",
+                ],
                 [
                     [
+                        f"{p['connections']:,}",
                         *start(p),
                         f"{p['capacity_cpu_us']:.1f} / {p['verifier_cpu_us']:.1f}",
                         report.fmt(p["max_ms"]),

@@ -93,7 +93,8 @@ SUITES: dict[str, Suite] = {
                 ("--kinds", str, "overload HTTP routes: token kinds, cached,first-seen (default both)"),
                 ("--pool", int, "overload first-seen: distinct tokens per phase (default 30,000)"),
                 ("--before", str, "another checkout (the code before a change): its defaults are the 'before' variant"),
-                ("--connections", int, "overload: wrk connections of the HTTP flood (default 1000)"),
+                ("--connections", int, "overload: wrk connections of one HTTP flood (instead of --floods)"),
+                ("--floods", str, "overload HTTP: comma-separated wrk connections of the floods (default 160,1000)"),
             ),
         ),
         Suite(

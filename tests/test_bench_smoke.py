@@ -227,33 +227,67 @@ def test_wrk_sends_the_fixed_request_or_each_prebuilt_request_in_turn(
     assert max(seen.count(t) for t in set(seen)) - min(seen.count(t) for t in set(seen)) <= 2  # in turn
 
 
-def test_overload_cached_verdict_names_the_no_op_share_on_the_same_stack(tmp_path: Path) -> None:
-    """The forward-auth cached line carries the no-op's own share (the stack's part of the miss) and the
-    verdict itself stays on the issue's terms: served against capacity at HTTP_CAPACITY connections."""
+def test_overload_cached_verdict_names_the_no_op_share_on_the_same_stack_at_each_connection_count(
+    tmp_path: Path,
+) -> None:
+    """The forward-auth cached lines, one per flood's connection count, carry the no-op's own share at that count
+    (the stack's part of a miss, named as such) and the verdict itself stays on the issue's terms: served against
+    capacity at HTTP_CAPACITY connections; a last line gives door and no-op shares at every count."""
     import argparse
 
     from bench import overload, procs
     from bench.runner import Context
 
-    def door_point(variant: str, share: float) -> dict[str, object]:
+    def door_point(variant: str, share: float, connections: int = 1000, per_cpu: float = 0.0) -> dict[str, object]:
         return dict(
             door="http", tokens="cached", variant=variant, shed_after=0.25, capacity=40_000.0, served_per_s=share * 4e4,
-            served_share=share, served_per_cpu_share=share, capacity_cpu_us=10.0, verifier_cpu_us=15.0,
-            connections=1000, non_2xx=0, timeouts=0, p99_ms=90.0, max_ms=150.0, over_budget=False, budget_ms=1000,
-            rss_before_mb=150.0, rss_after_mb=151.0, rss_settled_mb=151.0, healthy=True, health_s=0.01,
+            served_share=share, served_per_cpu_share=per_cpu or share, capacity_cpu_us=10.0, verifier_cpu_us=15.0,
+            connections=connections, non_2xx=0, timeouts=0, p99_ms=90.0, max_ms=150.0, over_budget=False,
+            budget_ms=1000, rss_before_mb=150.0, rss_after_mb=151.0, rss_settled_mb=151.0, healthy=True, health_s=0.01,
         )  # fmt: skip
 
-    noop = dict(
-        door="http", tokens="cached", variant=overload.NOOP, capacity=45_000.0, served_per_s=28_800.0,
-        served_share=0.64, served_per_cpu_share=0.64, capacity_cpu_us=11.0, verifier_cpu_us=17.5, max_ms=120.0,
-    )  # fmt: skip
-    points = [door_point("before", 0.6), door_point(overload.SHIPPED, 0.62), noop]
+    def noop(share: float, connections: int, per_cpu: float = 0.0) -> dict[str, object]:
+        return dict(
+            door="http", tokens="cached", variant=overload.NOOP, connections=connections, capacity=45_000.0,
+            served_per_s=share * 45_000, served_share=share, served_per_cpu_share=per_cpu or share,
+            capacity_cpu_us=11.0, verifier_cpu_us=17.5 if connections == 1000 else 12.0, max_ms=120.0,
+        )  # fmt: skip
+
+    points = [
+        door_point("before", 0.6),
+        door_point(overload.SHIPPED, 0.62),
+        door_point(overload.SHIPPED, 0.95, connections=160),
+        noop(0.64, 1000),
+        noop(0.99, 160),
+    ]
 
     goal = overload.verdicts(points)
 
-    assert len(goal) == 1 and goal[0].startswith("http cached (shipped, 1 reps): goodput MISS (62% of capacity")
-    assert "the no-op on the same stack (median of 1): 64% of its capacity, so the door keeps 97%" in goal[0]
-    assert "door 10.0 -> 15.0 us, no-op 11.0 -> 17.5 us" in goal[0]
+    assert len(goal) == 3
+    at_1000, at_160, by_count = goal
+    assert at_1000.startswith("http cached -c 1000 (shipped, 1 reps): goodput MISS (62% of capacity")
+    assert "the no-op on the same stack (median of 1): 64% of its capacity, so the door keeps 97%" in at_1000
+    assert "door 10.0 -> 15.0 us, no-op 11.0 -> 17.5 us" in at_1000
+    assert at_1000.endswith("the goodput MISS is the stack's: per CPU-second the no-op itself keeps 64% here")
+    assert at_160.startswith("http cached -c 160 (shipped, 1 reps): goodput PASS (95% of capacity")
+    assert "no-op 11.0 -> 12.0 us" in at_160 and "MISS is" not in at_160
+    assert by_count.endswith(
+        "-c 160 (10x): door 95% (95%), no-op 99% (99%); -c 1000 (62.5x): door 62% (62%), no-op 64% (64%)"
+    )
+    # A door that misses where the no-op does not, per CPU-second: the door's own; wall-clock only: the machine's.
+    door_only = overload.verdicts([door_point(overload.SHIPPED, 0.5, connections=160), noop(0.6, 160, per_cpu=0.9)])
+    assert door_only[0].endswith("the goodput MISS is the door's: per CPU-second the no-op keeps 90% here")
+    machine = overload.verdicts([door_point(overload.SHIPPED, 0.5, 160, per_cpu=0.85), noop(0.6, 160, per_cpu=0.7)])
+    assert "goodput MISS (50% of capacity" in machine[0]
+    assert machine[0].endswith("the goodput MISS is the machine's: per verifier CPU-second the door keeps 85%")
     ctx = Context(out=tmp_path, quick=True, args=argparse.Namespace(), servers=procs.Servers(tmp_path))
     text = overload.markdown(ctx, points, goal)
-    assert "| 45,000 | 28,800 | 64% (64%) | 11.0 / 17.5 | 120 |" in text
+    assert "| 1,000 | 45,000 | 28,800 | 64% (64%) | 11.0 / 17.5 | 120 |" in text
+    assert "HTTP: wrk -c 160, 1000, capacity at -c 16" in text
+    given = Context(out=tmp_path, quick=True, args=argparse.Namespace(floods="200,2000"), servers=ctx.servers)
+    assert overload.floods(given) == [200, 2000]
+    given.args.connections = 500
+    assert overload.floods(given) == [500]  # one flood, as before --floods
+    for bad in ("x", "0,160", ","):
+        with pytest.raises(SystemExit, match="--floods: connection counts"):
+            overload.floods(Context(out=tmp_path, quick=True, args=argparse.Namespace(floods=bad), servers=ctx.servers))
