@@ -1075,3 +1075,41 @@ def test_a_channel_whose_verifier_went_away_is_not_reused(kong, token):
 def test_a_pool_setting_out_of_range_is_refused(kong, field, value):
     with pytest.raises(RuntimeError, match=field):
         start_instance(kong, grpc_target="127.0.0.1:1", **{field: value})
+
+
+def _plugin_module() -> Any:
+    """kong/python/edge_verifier.py loaded in this process (the plugin server imports it by file)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("edge_verifier_in_process", PLUGIN_DIR / f"{PLUGIN}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_channels_of_failed_calls_are_closed_and_the_pool_never_passes_its_bound(monkeypatch):
+    plugin = _plugin_module()
+    opened: list[grpc.Channel] = []
+    real = grpc.insecure_channel
+    monkeypatch.setattr(plugin.grpc, "insecure_channel", lambda *a, **kw: opened.append(real(*a, **kw)) or opened[-1])
+    client, request = plugin.VerifierClient(), verifier_pb2.CheckRequest(method="GET")
+    dead = f"127.0.0.1:{free_port()}"
+
+    for _ in range(5):  # nothing listens: every call fails UNAVAILABLE on a fresh connection
+        with pytest.raises(grpc.RpcError) as failed:
+            client.check(dead, request, timeout_s=2.0, streams=4, max_channels=2)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    assert len(opened) == 5
+    for channel in opened:  # each closed once its call ended: none left behind
+        with pytest.raises(ValueError, match="closed channel"):
+            verifier_pb2_grpc.VerifierStub(channel).Check(request, timeout=1)
+
+    servicer = _GatheringVerifier()
+    with stream_bounded_verifier(servicer) as port, futures.ThreadPoolExecutor(BURST) as pool:
+        live = f"127.0.0.1:{port}"
+        calls = [pool.submit(client.check, live, request, timeout_s=10.0, streams=4, max_channels=2)
+                 for _ in range(BURST)]
+        assert all(c.result().allowed for c in calls)
+    assert len(opened) == 5 + 2 and servicer.peak == 8
