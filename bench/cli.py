@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from bench import procs, tokens
-from bench.runner import Context
+from bench.runner import GRPC_CLIENTS, Context
 from bench.scenarios import SUITES, select, suite_options
 from bench.tokens import KINDS
 from bench.wire import Door
@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> None:
         "--generator",
         choices=("auto", "c", "python"),
         help="open loops: bench/c/openloop.c (c), bench/load.py's Python loop (python), C if it builds (auto, default)",
+    )
+    p.add_argument(
+        "--grpc-client",
+        choices=GRPC_CLIENTS,
+        help="gRPC open loops (C generator): Envoy's connection pool, another connection when every one's streams "
+        "are in use (pool, default), or fixed connections queueing the rest (fixed, a grpc C-core channel each)",
     )
     for flag, (kind, text, owners) in suite_options().items():
         p.add_argument(flag, type=kind, help=f"{text} [{', '.join(owners)}]")

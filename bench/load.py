@@ -73,6 +73,7 @@ class LoadSpec:
     connections: int = 8
     concurrency: int = 32  # closed loop: requests in flight
     generator: str = "auto"  # open loop: "c" (bench/openloop.py), "python" (this module), "auto" (C if it builds)
+    pool_max: int = 0  # gRPC open loop, C generator: grow the connections up to this (Envoy's pool); 0 fixed
 
 
 @dataclass(kw_only=True)
@@ -92,6 +93,7 @@ class LoadResult:
     service: HdrHistogram = field(default_factory=new_histogram)  # from actual send
     lag: HdrHistogram = field(default_factory=new_histogram)  # the generator's own: actual - intended send
     tool: str = "bench.load"  # which generator ran (see run)
+    connections_opened: int = 0  # the C generator's connections at the end (pool mode: grown from the spec's)
 
     @property
     def throughput(self) -> float:
@@ -366,12 +368,14 @@ def _run_c(spec: LoadSpec, exe: Path, on_window: Callable[[float, float], None] 
         duration_s=spec.duration_s,
         warmup_s=spec.warmup_s,
         drain_s=DRAIN_S,
+        pool_max=spec.pool_max,
     )
     part = json.loads(_handshake([str(exe), *args, "--go-stdin"], spec, on_window).strip().splitlines()[-1])
     out = LoadResult(**openloop.outcome(part, door.is_grpc), dropped=part["dropped"], tool="openloop (C)")
     out.completed = out.allowed + out.denied
     out.reused_payloads, out.cpu_s = part["reused_payloads"], part["cpu_s"]
     out.wall_s, out.window_s = part["wall_s"], part["window_s"]
+    out.connections_opened = part.get("connections_opened", spec.connections)
     for name in ("latency", "service", "lag"):
         setattr(out, name, openloop.histogram(part[name]["buckets"]))
     return out

@@ -79,9 +79,11 @@ def argv(
     drain_s: float,
     poisson: bool = False,
     grpc_timeout: str = "",
+    pool_max: int = 0,
 ) -> list[str]:
     """The generator's options: HTTP/1.1 when ``grpc_method`` is None (each payload record a whole raw
-    request), else gRPC (each record one message; the allow rule of ALLOW_RULES when the method has one)."""
+    request), else gRPC (each record one message; the allow rule of ALLOW_RULES when the method has one;
+    ``pool_max``: Envoy's connection pool, ``connections`` growing to ``pool_max``, else fixed connections)."""
     out = ["--addr", addr, "--payloads", payload_file, "--rate", repr(rate), "--connections", str(connections)]
     out += ["--duration", repr(duration_s), "--warmup", repr(warmup_s), "--drain", repr(drain_s)]
     out += ["--poisson"] if poisson else []
@@ -89,6 +91,7 @@ def argv(
         return ["--mode", "http", *out]
     out += ["--mode", "grpc", "--path", grpc_method]
     out += ["--allow", ALLOW_RULES[grpc_method]] if grpc_method in ALLOW_RULES else []
+    out += ["--pool-max", str(pool_max)] if pool_max else []
     return out + (["--grpc-timeout", grpc_timeout] if grpc_timeout else [])
 
 

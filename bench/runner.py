@@ -143,6 +143,7 @@ def _own(
     connections: int = 16,
     sample: Callable[[], dict[str, float]] | None = None,
     generator: str | None = None,
+    pool_max: int = 0,
 ) -> tuple[load.LoadResult, dict[str, float]]:
     """The bench's own generator; the server's CPU (and ``sample()``) over the measured window."""
     payload_file = ctx.work / f"payloads-{secrets.token_hex(4)}.bin"
@@ -158,12 +159,23 @@ def _own(
         rate=rate,
         connections=connections,
         generator=generator or ctx.opt("generator", "auto"),
+        pool_max=pool_max,
     )
     try:
         result = load.run(spec, on_window=on_window)
     finally:
         payload_file.unlink()
     return result, {k: samples[1][k] - samples[0][k] for k in samples[0]}
+
+
+# gRPC open loops (C generator): GRPC_CONNECTIONS connections, and the client model. "pool" (default), as
+# Envoy's HTTP/2 connection pool and the Kong Python plugin: another connection when every one's streams
+# (the peer's SETTINGS_MAX_CONCURRENT_STREAMS) are in use, up to GRPC_POOL_MAX. "fixed": the connections
+# only, the rest queued at the client, as one grpc C-core channel per connection. The same for a server
+# without a stream bound (the no-op: 100 each here), which never fills them at the loads measured.
+GRPC_CONNECTIONS = 4
+GRPC_POOL_MAX = 64
+GRPC_CLIENTS = ("pool", "fixed")
 
 
 def open_loop(
@@ -178,12 +190,16 @@ def open_loop(
     connections: int | None = None,
     sample: Callable[[], dict[str, float]] | None = None,
     generator: str | None = None,
+    grpc_client: str | None = None,
 ) -> dict[str, Any]:
     """Latency of ``target`` at ``rate`` requests/s from the intended send time, sending ``payloads`` in turn
-    (by ``generator``: "c", "python" or "auto"; default the run's ``--generator``)."""
+    (by ``generator``: "c", "python" or "auto"; default the run's ``--generator``; at a gRPC door the client
+    model ``grpc_client`` of GRPC_CLIENTS, default the run's ``--grpc-client``, else "pool")."""
     # A gRPC channel multiplexes; HTTP/1.1 needs enough connections that each one's share of the
     # schedule (rate / connections) leaves room for the answer.
-    conns = connections or (4 if door.is_grpc else max(8, min(64, int(rate / 500))))
+    conns = connections or (GRPC_CONNECTIONS if door.is_grpc else max(8, min(64, int(rate / 500))))
+    client = (grpc_client or ctx.opt("grpc_client", "pool")) if door.is_grpc else ""
+    pool_max = max(conns, GRPC_POOL_MAX) if client == "pool" else 0
     lr, window = _own(
         ctx,
         target,
@@ -196,6 +212,7 @@ def open_loop(
         warmup_s=warmup_s,
         sample=sample,
         generator=generator,
+        pool_max=pool_max,
     )
     server_cpu, j = window.pop("cpu"), lr.to_json()
     if "unavailable" in lr.tool and (note := f"open loop ran in {lr.tool}") not in ctx.warnings:
@@ -217,6 +234,8 @@ def open_loop(
         server_cpu_s=server_cpu,
         cpu_per_check_us=server_cpu / lr.completed * 1e6 if lr.completed else None,
         tool=lr.tool,
+        client=client if lr.tool.startswith("openloop") else "",  # the Python loop has one model
+        connections_opened=lr.connections_opened,
         latency=j["latency"],
         service=j["service"],
         lag=j["lag"],

@@ -31,6 +31,10 @@ HALF = 0.5
 LAG_TRUST = 0.1  # an open-loop row is a server figure when the generator's send lag p99 is <= this x the no-op's p99
 P99_SPREAD_TRUST = 2.0  # ... and each target's p99 varies at most this much (max/min) across repetitions
 NOOP_LIKE = "noop-like-verifier"  # the no-op with a serving worker's GC and gRPC settings (open loop at HALF only)
+# At HALF at a gRPC door the no-op and the verifier also run with the other client model (bench/runner.py,
+# GRPC_CLIENTS: the run's --grpc-client, default Envoy's pool, next to fixed connections), under these names.
+OTHER_CLIENT = {"noop": "noop, {} client", "verifier": "verifier, {} client"}
+TWO = ("verifier", "noop")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,9 +112,15 @@ def run(ctx: Context, kinds: list[TokenKind]) -> None:
     def open_points(door: Door, rep: int, fraction: float) -> None:
         rate = open_rate(noop_max, door, fraction)
         names = [n for n in ("noop", NOOP_LIKE, "verifier") if n in targets and (fraction == HALF or n != NOOP_LIKE)]
-        for name in names if rep % 2 == 0 else names[::-1]:
+        runs = [(n, targets[n], None) for n in names]
+        if door.is_grpc and fraction == HALF:  # the other client model, next to the run's
+            other = next(c for c in runner.GRPC_CLIENTS if c != ctx.opt("grpc_client", runner.GRPC_CLIENTS[0]))
+            runs += [(n, targets[n].renamed(OTHER_CLIENT[n].format(other)), other) for n in OTHER_CLIENT if n in names]
+        for name, target, client in runs if rep % 2 == 0 else runs[::-1]:
             payloads = [wire.payload(door, issuer.cached_token, targets[name].addr(door))]
-            p = runner.open_loop(ctx, targets[name], door, payloads, rate, duration_s=duration, warmup_s=warmup)
+            p = runner.open_loop(
+                ctx, target, door, payloads, rate, duration_s=duration, warmup_s=warmup, grpc_client=client
+            )
             points.append(ctx.record(p | dict(rep=rep, scenario=CACHED.name, fraction=fraction, correct=True)))
 
     for kind in kinds:  # mint every pool before the first point
@@ -198,7 +208,7 @@ def goals(points: list[dict[str, Any]], floors: dict[str, dict[str, float]], doo
                 value=ratio(v, n),
                 threshold=GOAL_P99_RATIO,
                 at_least=False,
-                detail=f"{v:.2f} / {n:.2f} ms{paired(half)}{service}{same}; {lag}",
+                detail=f"{v:.2f} / {n:.2f} ms{client_model(half, opened, door)}{paired(half)}{service}{same}; {lag}",
             )
         )
     raw = floors.get("ES256", {}).get("parse_verify_us", float("nan"))
@@ -229,6 +239,25 @@ def open_rate(noop_max: dict[tuple[Door, int], float], door: Door, fraction: flo
     """An open loop's rate: ``fraction`` of the no-op's maximum at ``door``, the median over the repetitions
     (all measured before any open loop): one repetition's maximum cut by a stall moves no repetition's rate."""
     return max(50.0, median(m for (d, _rep), m in noop_max.items() if d is door) * fraction)
+
+
+def client_model(
+    half: dict[str, list[dict[str, Any]]], opened: dict[tuple[Any, ...], list[dict[str, Any]]], door: str
+) -> str:
+    """The gRPC client model of the row (runner.GRPC_CLIENTS, with the connections the verifier's runs
+    opened), and the ratio under the other model measured next to it."""
+    clients = {p.get("client") for p in half["verifier"] + half["noop"]} - {None, ""}
+    if len(clients) != 1:
+        return ""
+    (client,) = clients
+    opened_by = median(p.get("connections_opened", 0) for p in half["verifier"])
+    text = f"; {client} client ({opened_by:.0f} connections to the verifier)"
+    for other in runner.GRPC_CLIENTS:
+        names = {t: OTHER_CLIENT[t].format(other) for t in OTHER_CLIENT}
+        v, n = (median(p["latency"]["p99"] for p in opened.get((door, names[t], HALF), [])) for t in TWO)
+        if other != client and v == v and n == n and n:
+            text += f"; {other} client {v / n:.2f} ({v:.2f} / {n:.2f} ms)"
+    return text
 
 
 def paired(half: dict[str, list[dict[str, Any]]]) -> str:
@@ -301,11 +330,12 @@ def markdown(
         + [fmt(med(ps, "latency", k), 2) for k in ("p50", "p90", "p99", "p99.9", "p100")]
         + [fmt(med(ps, "lag", "p50"), 3), fmt(med(ps, "lag", "p99"), 3), sum(p["dropped"] for p in ps)]
         + [cores(ps, "server_cpu_s"), cores(ps, "client_cpu_s"), ps[0]["tool"].split(" (")[0]]
+        + [ps[0].get("client") or "-", fmt(med(ps, "connections_opened"))]
         for (door, target, frac), ps in sorted(opened.items())
     ]
     open_headers = ["door", "target", "load (x no-op max)", "offered/s", "achieved/s", "p50", "p90", "p99", "p99.9"]
     open_headers += ["max", "generator lag p50", "generator lag p99", "dropped", "server CPU (cores)"]
-    open_headers += ["client CPU (cores)", "generator"]
+    open_headers += ["client CPU (cores)", "generator", "gRPC client", "connections"]
     floor_rows = [
         [a, *(fmt(f[k], 1) for k in ("verify_us", "parse_verify_us", "pyjwt_decode_us"))] for a, f in floors.items()
     ]

@@ -25,6 +25,7 @@ from support import free_port
 
 from bench import load, openloop, wire
 from bench.wire import Door
+from verifier.doors.grpc import server_options
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 RATE, DURATION, WARMUP = 400.0, 1.0, 0.2
@@ -306,6 +307,80 @@ def test_grpc_streams_in_flight_are_bounded_and_the_wait_is_charged(exe: Path, t
     assert a["wait"]["max"] > 100_000 and a["latency"]["max"] > 150_000  # the backlog grew, and was charged
 
 
+class _StreamBoundedServer:
+    """A gRPC Check server allowing ``streams`` per connection (as the verifier's 4), each call ``hold_s``
+    long; the peak of calls in flight and the connections seen."""
+
+    def __init__(self, streams: int, hold_s: float) -> None:
+        self.lock, self.now, self.peak, self.peers = threading.Lock(), 0, 0, set()
+        self.hold_s = hold_s
+        # the verifier's own server options (its stream bound, grpc.http.overload_protection off)
+        options = server_options(streams, reuse_port=False)
+        self.server = grpc.server(futures.ThreadPoolExecutor(64), options=options)
+        handler = grpc.method_handlers_generic_handler(
+            "verifier.v1.Verifier", {"Check": grpc.unary_unary_rpc_method_handler(self.check)}
+        )
+        self.server.add_generic_rpc_handlers([handler])
+        self.addr = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+
+    def check(self, _request: bytes, context: Any) -> bytes:
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+            self.peers.add(context.peer())
+        time.sleep(self.hold_s)
+        with self.lock:
+            self.now -= 1
+        return wire.ANSWERS[(Door.GRPC, True)]
+
+    def run(self, exe: Path, tmp_path: Path, *extra: str, rate: float, connections: int) -> Any:
+        self.server.start()
+        try:
+            return run(
+                exe, self.addr, tmp_path, *extra, payloads=[wire.grpc_payload(Door.GRPC, "t")],
+                grpc_method=Door.GRPC.grpc_method, rate=rate, connections=connections, drain_s=6.0,
+            )
+        finally:
+            self.server.stop(0)
+
+
+def test_the_grpc_pool_opens_another_connection_when_every_stream_is_in_use(exe: Path, tmp_path: Path) -> None:
+    """--pool-max: as Envoy's pool, a request finding the peer's streams all in use gets a new connection."""
+    server = _StreamBoundedServer(streams=2, hold_s=0.05)
+    a = server.run(exe, tmp_path, "--pool-max", "8", rate=100, connections=1)  # 100/s x 50 ms: 5 in flight
+    assert a["completed"] == a["scheduled"] == 100 and a["dropped"] == 0
+    # a stall of this busy machine's server may have had it open more, never past the maximum
+    assert server.peak > 2 and 3 <= a["connections_opened"] <= 8 and len(server.peers) == a["connections_opened"]
+    assert a["pool_max"] == 8
+
+
+def test_the_grpc_pool_stops_at_its_maximum_and_the_rest_wait(exe: Path, tmp_path: Path) -> None:
+    server = _StreamBoundedServer(streams=2, hold_s=0.05)
+    a = server.run(exe, tmp_path, "--pool-max", "2", rate=100, connections=1)
+    assert a["completed"] == a["scheduled"] == 100 and a["dropped"] == 0
+    assert server.peak == 4 and a["connections_opened"] == 2 == len(server.peers)
+    assert a["wait"]["max"] > 50_000  # the backlog was charged
+
+
+def test_fixed_grpc_connections_hold_the_peers_stream_limit(exe: Path, tmp_path: Path) -> None:
+    server = _StreamBoundedServer(streams=2, hold_s=0.05)
+    a = server.run(exe, tmp_path, rate=100, connections=1)
+    assert server.peak == 2 and a["connections_opened"] == 1 and a["pool_max"] == 0
+    assert a["completed"] == a["scheduled"] == 100 and a["latency"]["max"] > 150_000
+
+
+def test_the_grpc_pool_does_not_grow_at_a_server_without_a_stream_bound(exe: Path, tmp_path: Path) -> None:
+    server = _StreamBoundedServer(streams=1000, hold_s=0.05)  # the generator's own cap: 100 per connection
+    a = server.run(exe, tmp_path, "--pool-max", "8", rate=100, connections=2)
+    assert a["connections_opened"] == 2 and a["completed"] == a["scheduled"] == 100 and server.peak >= 4
+
+
+def test_a_pool_smaller_than_the_connections_is_refused(exe: Path) -> None:
+    args = ["--addr", "127.0.0.1:1", "--raw", "/dev/null", "--mode", "grpc", "--connections", "4", "--pool-max", "2"]
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=10)
+    assert proc.returncode == 2 and "--pool-max" in proc.stderr
+
+
 def test_an_http1_server_at_the_grpc_door_is_counted_not_hung(exe: Path, serve: Any, tmp_path: Path) -> None:
     a = run(exe, serve(answering(OK)), tmp_path, payloads=[b"msg"], grpc_method=Door.GRPC.grpc_method, rate=100)
     assert a["completed"] == 0 and a["allowed"] == 0
@@ -395,3 +470,20 @@ def test_a_grpc_body_file_is_sent_as_it_is(exe: Path, grpc_server: tuple[str, li
     cmd += ["--rate", "100", "--duration", "0.5", "--connections", "2"]
     a = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout)
     assert a["scheduled"] == 50 and a["grpc_status"] == {"0": 50} and a["denied"] == 50 and a["allowed"] == 0
+
+
+def test_a_goal_3_row_names_its_grpc_client_model_and_shows_the_other_next_to_it() -> None:
+    from bench.tokens import HALF, OTHER_CLIENT, goals
+
+    def point(target: str, rep: int, p99_ms: float, client: str, opened: int) -> dict[str, Any]:
+        return dict(mode="open", door="grpc", target=target, fraction=HALF, rep=rep, tool="openloop (C)") | dict(
+            latency=dict(p99=p99_ms), service=dict(p99=p99_ms / 2), lag=dict(p99=0.01), client=client,
+            connections_opened=opened,
+        )
+
+    pool, fixed = (("noop", 5.0), ("verifier", 6.0)), (("noop", 5.0), ("verifier", 12.0))
+    points = [point(t, r, ms, "pool", 6 if t == "verifier" else 4) for t, ms in pool for r in range(3)]
+    points += [point(OTHER_CLIENT[t].format("fixed"), r, ms, "fixed", 4) for t, ms in fixed for r in range(3)]
+    row = next(g for g in goals(points, {}, ["grpc"]) if g.name == "p99 at half no-op max vs no-op (grpc)")
+    assert row.value == 6.0 / 5.0
+    assert "; pool client (6 connections to the verifier); fixed client 2.40 (12.00 / 5.00 ms)" in row.detail

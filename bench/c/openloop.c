@@ -8,6 +8,13 @@
  * concurrent-stream limit, at most --max-streams, default 100: an overloaded grpc-python server answered
  * CANCELLED to a third of the calls with 1,000 in flight per connection); that wait is part of its latency.
  *
+ * Connections (gRPC): fixed, --connections N held to their streams and the rest queued, as one grpc C-core
+ * channel per connection does; or, with --pool-max M, a pool as Envoy's HTTP/2 connection pool keeps one: it
+ * starts with the N connections and opens another when requests wait and the connections still connecting
+ * cannot take them (their expected streams: the last peer limit seen), up to M in all. A connection of the pool
+ * takes requests once the peer's SETTINGS arrived (its stream limit is known). "connections_opened" reports how
+ * many it had. A server without a stream bound (100 here) leaves the pool at N: the two models are the same.
+ *
  * The generator's own lag is reported apart: lag = actual send - the moment it could have been sent
  * (its intended time, or later when it had to wait for a free connection). On an idle core the timer
  * (epoll_pwait2's nanosecond timeout, 1 ns timer slack, ending early by the learned wake-up latency and
@@ -127,7 +134,7 @@ static struct {
     int mode;
     char host[256], port[16];
     double rate, duration, warmup, drain;
-    int connections, poisson, go_stdin, spin_us, max_lead_us, max_streams;
+    int connections, poisson, go_stdin, spin_us, max_lead_us, max_streams, pool_max;
     unsigned seed;
     const char *payloads, *raw, *path, *authority, *grpc_timeout, *allow;
     int allow_path[8], allow_depth;
@@ -162,6 +169,7 @@ typedef struct conn {
     int id, fd, state;               /* 0 down, 1 connecting, 2 up */
     ns_t retry_at, avail_at;
     int answered;                    /* responses on this connection since it connected */
+    int settings;                    /* HTTP/2: the peer's SETTINGS arrived (its stream limit is known) */
     /* HTTP/1.1 */
     req_t *cur;
     size_t out_off;
@@ -177,6 +185,8 @@ typedef struct conn {
 } conn_t;
 
 static conn_t *conns;
+static int n_conns;               /* connections in use: --connections, more in pool mode (--pool-max) */
+static int last_limit;            /* the last peer stream limit seen: a connecting one's expected streams */
 static struct addrinfo *addr;
 
 static void die(const char *msg) {
@@ -275,6 +285,7 @@ static void conn_down(conn_t *c, int kind, ns_t retry_in) {
         req_free(r);
     }
     c->n_inflight = 0;
+    c->settings = 0;
     c->h2out_len = c->h2out_off = 0;
     if (c->fd >= 0) close(c->fd);
     c->fd = -1;
@@ -501,7 +512,18 @@ static int h2_limit(const conn_t *c) {
 }
 
 static int h2_room(const conn_t *c) {
-    return c->n_inflight < h2_limit(c);
+    return (!opt.pool_max || c->settings) && c->n_inflight < h2_limit(c);
+}
+
+static int h2_frame_cb(nghttp2_session *s, const nghttp2_frame *f, void *u) {
+    (void)s;
+    conn_t *c = u;
+    if (f->hd.type == NGHTTP2_SETTINGS && !(f->hd.flags & NGHTTP2_FLAG_ACK)) {
+        c->settings = 1;
+        last_limit = h2_limit(c);
+        if (opt.pool_max && c->n_inflight < last_limit) c->avail_at = now_ns(); /* room from now on */
+    }
+    return 0;
 }
 
 static int h2_header_cb(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name, size_t nlen,
@@ -645,6 +667,7 @@ static void h2_setup(conn_t *c) {
     nghttp2_session_callbacks_set_on_header_callback(cb, h2_header_cb);
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, h2_data_cb);
     nghttp2_session_callbacks_set_on_stream_close_callback(cb, h2_close_cb);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cb, h2_frame_cb);
     nghttp2_session_client_new(&c->h2, cb, c);
     nghttp2_session_callbacks_del(cb);
     nghttp2_settings_entry iv[] = {{NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
@@ -689,15 +712,33 @@ static const buf_t *next_payload_buf(void) {
 
 static conn_t *available(void) {
     static int rr;
-    for (int k = 0; k < opt.connections; k++) {
-        conn_t *c = &conns[(rr + k) % opt.connections];
+    for (int k = 0; k < n_conns; k++) {
+        conn_t *c = &conns[(rr + k) % n_conns];
         if (c->state != 2) continue;
         if (opt.mode == MODE_HTTP ? c->cur == NULL : (c->h2 && h2_room(c))) {
-            rr = (rr + k + 1) % opt.connections;
+            rr = (rr + k + 1) % n_conns;
             return c;
         }
     }
     return NULL;
+}
+
+static void conn_start(conn_t *c);
+
+/* Pool mode: as Envoy's pool, open connections while the waiting requests exceed what the connections not
+ * yet able to take any (connecting, or awaiting the peer's SETTINGS) are expected to take, up to --pool-max. */
+static void grow(size_t waiting) {
+    if (!opt.pool_max) return;
+    size_t expected = 0, per = (size_t)(last_limit ? last_limit : opt.max_streams);
+    for (int k = 0; k < n_conns; k++)
+        if (conns[k].state == 1 || (conns[k].state == 2 && !conns[k].settings)) expected += per;
+    while (waiting > expected && n_conns < opt.pool_max) {
+        conn_t *c = &conns[n_conns];
+        c->id = n_conns++;
+        c->fd = -1;
+        conn_start(c);
+        expected += per;
+    }
 }
 
 static void send_one(conn_t *c, size_t i) {
@@ -752,6 +793,7 @@ static void dispatch(void) {
         if (!c) break;
         send_one(c, dispatched++);
     }
+    if (dispatched < due) grow(due - dispatched);
 }
 
 /* --- schedule, input ------------------------------------------------------------------------------- */
@@ -846,7 +888,7 @@ static void usage(void) {
     fputs("usage: openloop --mode http|grpc --addr HOST:PORT --rate R (--payloads FILE | --raw FILE)\n"
           "  [--connections N] [--duration S] [--warmup S] [--drain S] [--poisson] [--seed N]\n"
           "  [--path /pkg.Svc/Method] [--authority A] [--grpc-timeout 100m] [--allow 1.1=0]\n"
-          "  [--max-streams N] [--spin-us N] [--max-lead-us N] [--go-stdin]\n",
+          "  [--max-streams N] [--pool-max M] [--spin-us N] [--max-lead-us N] [--go-stdin]\n",
           stderr);
     exit(2);
 }
@@ -859,7 +901,7 @@ static void parse_args(int argc, char **argv) {
         {"payloads", 1, 0, 'p'},     {"raw", 1, 0, 'R'},       {"path", 1, 0, 'u'},
         {"authority", 1, 0, 'A'},    {"grpc-timeout", 1, 0, 'T'}, {"allow", 1, 0, 'L'},
         {"max-streams", 1, 0, 'M'},  {"spin-us", 1, 0, 'S'},   {"max-lead-us", 1, 0, 'E'},   {"go-stdin", 0, 0, 'g'},
-        {0, 0, 0, 0}};
+        {"pool-max", 1, 0, 'O'},     {0, 0, 0, 0}};
     int ch;
     const char *a = NULL, *mode = "http";
     while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -880,6 +922,7 @@ static void parse_args(int argc, char **argv) {
         case 'T': opt.grpc_timeout = optarg; break;
         case 'L': opt.allow = optarg; parse_allow(optarg); break;
         case 'M': opt.max_streams = atoi(optarg); break;
+        case 'O': opt.pool_max = atoi(optarg); break;
         case 'S': opt.spin_us = atoi(optarg); break;
         case 'E': opt.max_lead_us = atoi(optarg); break;
         case 'g': opt.go_stdin = 1; break;
@@ -893,6 +936,8 @@ static void parse_args(int argc, char **argv) {
     if (!(opt.rate > 0 && opt.rate <= 1e6) || opt.connections < 1 || opt.connections > 10000) die("bad --rate or --connections");
     if (!(opt.duration > 0 && opt.duration <= 86400) || opt.warmup < 0 || opt.drain < 0 || opt.max_streams < 1)
         die("bad --duration, --warmup, --drain or --max-streams");
+    if (opt.pool_max && (opt.pool_max < opt.connections || opt.pool_max > 10000))
+        die("bad --pool-max: at least --connections, at most 10000");
     if (opt.rate * (opt.duration + opt.warmup) > 5e7) die("schedule too long (rate x (duration + warmup) > 5e7)");
     const char *colon = strrchr(a, ':');
     if (!colon || colon == a || (size_t)(colon - a) >= sizeof opt.host || strlen(colon + 1) >= sizeof opt.port)
@@ -942,6 +987,7 @@ static void print_hist(const char *name, const hist_t *h) {
 static void print_result(ns_t start, double cpu_s) {
     printf("{\"tool\": \"openloop\", \"mode\": \"%s\", \"rate\": %.3f, \"connections\": %d, \"poisson\": %s, ",
            opt.mode == MODE_HTTP ? "http" : "grpc", opt.rate, opt.connections, opt.poisson ? "true" : "false");
+    printf("\"pool_max\": %d, \"connections_opened\": %d, ", opt.pool_max, n_conns);
     uint64_t scheduled = 0;
     for (size_t i = 0; i < n_sched; i++) scheduled += sched[i] >= win_start && sched[i] < win_end;
     printf("\"window_s\": %.6f, \"scheduled\": %llu, \"sent\": %llu, \"completed\": %llu, \"allowed\": %llu, "
@@ -1024,7 +1070,7 @@ static void turn(ns_t wake) {
 
 static int inflight_total(void) {
     int n = 0;
-    for (int k = 0; k < opt.connections; k++) n += opt.mode == MODE_HTTP ? conns[k].cur != NULL : conns[k].n_inflight;
+    for (int k = 0; k < n_conns; k++) n += opt.mode == MODE_HTTP ? conns[k].cur != NULL : conns[k].n_inflight;
     return n;
 }
 
@@ -1034,8 +1080,10 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
     epfd = epoll_create1(EPOLL_CLOEXEC);
-    conns = calloc((size_t)opt.connections, sizeof *conns);
-    for (int k = 0; k < opt.connections; k++) {
+    if (opt.mode == MODE_HTTP) opt.pool_max = 0; /* one request per connection: the pool is gRPC's */
+    n_conns = opt.connections;
+    conns = calloc((size_t)(opt.pool_max ? opt.pool_max : opt.connections), sizeof *conns);
+    for (int k = 0; k < n_conns; k++) {
         conns[k].id = k;
         conns[k].fd = -1;
         conn_start(&conns[k]);
@@ -1043,7 +1091,7 @@ int main(int argc, char **argv) {
     alarm(60); /* connecting and waiting for "go" */
     for (ns_t until = now_ns() + NS; now_ns() < until;) { /* connect (at most 1 s) */
         int pending = 0;
-        for (int k = 0; k < opt.connections; k++) pending += conns[k].state == 1;
+        for (int k = 0; k < n_conns; k++) pending += conns[k].state == 1;
         if (!pending) break;
         turn(until);
     }
@@ -1064,13 +1112,13 @@ int main(int argc, char **argv) {
     for (;;) {
         ns_t t = now_ns();
         if (t >= deadline) break;
-        for (int k = 0; k < opt.connections; k++)
+        for (int k = 0; k < n_conns; k++)
             if (conns[k].state == 0 && conns[k].retry_at <= t) conn_start(&conns[k]);
         dispatch();
         if (dispatched == n_sched && !inflight_total()) break;
         ns_t wake = due < n_sched ? sched[due] : deadline;
         if (wake > deadline) wake = deadline;
-        for (int k = 0; k < opt.connections; k++)
+        for (int k = 0; k < n_conns; k++)
             if (conns[k].state == 0 && conns[k].retry_at < wake) wake = conns[k].retry_at;
         turn(wake);
     }
@@ -1078,7 +1126,7 @@ int main(int argc, char **argv) {
     ns_t end = now_ns() < deadline ? now_ns() : deadline;
     for (size_t i = dispatched; i < n_sched; i++)
         if (sched[i] >= win_start && sched[i] < win_end) dropped++, h_record(&latency, end - sched[i]);
-    for (int k = 0; k < opt.connections; k++) {
+    for (int k = 0; k < n_conns; k++) {
         conn_t *c = &conns[k];
         if (c->cur && c->cur->in_window) dropped++, h_record(&latency, end - c->cur->intended);
         for (req_t *r = c->inflight; r; r = r->next)

@@ -17,6 +17,9 @@ when the verifier is unavailable (connection failed), never after a deadline: th
 been under check. The client certificate thumbprint sent to the verifier comes only from the TLS
 connection Kong terminated, never from a request header.
 
+Checks go over a small pool of gRPC channels per target (`VerifierClient`): the verifier allows 4
+streams per connection, and another connection is opened when every one is full, as Envoy does.
+
 Runs under `kong-python-pluginserver` in its default threaded mode (grpcio is thread-safe; under
 `--gevent` grpcio would need `grpc.experimental.gevent.init_gevent()` first).
 """
@@ -31,6 +34,7 @@ import grpc
 
 from verifier.binding.mtls import thumbprint_from_pem
 from verifier.errors import MalformedRequest
+from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 version = "0.1.0"
@@ -44,6 +48,14 @@ DEFAULT_TIMEOUT_MS = 1000
 # server's RPC Kong returns only the first result of get_headers, so truncation cannot be seen: a
 # request showing this many header lines may have more, and is refused.
 MAX_REQUEST_HEADERS = 1000
+# Checks in flight per channel before another channel (connection) is opened: the verifier's
+# SETTINGS_MAX_CONCURRENT_STREAMS (`grpc_max_concurrent_streams`), which a client cannot read from grpcio.
+DEFAULT_STREAMS_PER_CHANNEL = DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
+MAX_STREAMS_PER_CHANNEL = 10_000  # the verifier's own ceiling for the setting
+# Channels per target: 8 x 4 = 32 Checks in flight, far past what one plugin server sends to a verifier
+# answering from memory; more wait at the client for a stream.
+DEFAULT_MAX_CHANNELS = 8
+MAX_MAX_CHANNELS = 256
 
 Schema = (
     # host:port of the verifier's gRPC listener, e.g. 127.0.0.1:50051 (a sidecar on loopback)
@@ -56,6 +68,13 @@ Schema = (
                             "one_of": ["refuse", "anonymous"]}},
     # the anonymous consumer's id or username (Kong's convention)
     {"anonymous": {"type": "string", "len_min": 1}},
+    # Checks in flight per gRPC channel (connection) before another is opened: the verifier's
+    # grpc_max_concurrent_streams
+    {"streams_per_channel": {"type": "integer", "default": DEFAULT_STREAMS_PER_CHANNEL,
+                             "between": [1, MAX_STREAMS_PER_CHANNEL], "required": True}},
+    # channels (connections) per verifier target, at most; past them Checks wait for a free stream
+    {"max_channels": {"type": "integer", "default": DEFAULT_MAX_CHANNELS, "between": [1, MAX_MAX_CHANNELS],
+                      "required": True}},
 )
 
 # Request headers that carry a credential or proof: forwarded to the verifier byte for byte.
@@ -97,8 +116,30 @@ UNAVAILABLE_MESSAGE = "Authorization service unavailable"
 REASON_HEADER = "X-Verifier-Reason"
 
 
+class _Channel:
+    """One gRPC channel (its own connection) and the Checks this plugin has in flight on it."""
+
+    def __init__(self, target: str) -> None:
+        # a local subchannel pool: a channel of its own connection, not the process-wide one that
+        # channels with equal arguments share (and not that connection's reconnect back-off)
+        self.channel = grpc.insecure_channel(
+            target, options=[("grpc.enable_http_proxy", 0), ("grpc.use_local_subchannel_pool", 1)]
+        )
+        self.stub = verifier_pb2_grpc.VerifierStub(self.channel)
+        self.in_flight = 0
+        self.retired = False
+
+
 class VerifierClient:
-    """One gRPC channel and stub per verifier target, shared by every plugin instance and thread.
+    """A small pool of gRPC channels per verifier target, shared by every plugin instance and thread.
+
+    The verifier's gRPC server allows few streams per connection (`grpc_max_concurrent_streams`, 4 by
+    default); a call past that waits at the client for a free stream. So, as Envoy's HTTP/2 pool, a Check
+    goes on a channel with fewer than `streams` Checks in flight, and another channel (connection) is
+    opened when every one is full, up to `max_channels`; past that the least busy channel takes it (and
+    grpc queues it for a stream). A channel whose call failed UNAVAILABLE is retired: no new Checks, closed
+    once its last one ends; the next Check opens a fresh connection rather than wait out the old one's
+    reconnect back-off. Channels stay open otherwise (at most `max_channels` per target).
 
     The plugin server builds a plugin instance per configuration and never tells it when it is
     dropped, so channels are kept here by target rather than per instance (which would leak them).
@@ -106,18 +147,43 @@ class VerifierClient:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._stubs: dict[str, verifier_pb2_grpc.VerifierStub] = {}
+        self._pools: dict[str, list[_Channel]] = {}
 
-    def stub(self, target: str) -> verifier_pb2_grpc.VerifierStub:
-        """The stub for `target`, connecting lazily on first use."""
-        stub = self._stubs.get(target)
-        if stub is None:
-            with self._lock:
-                stub = self._stubs.get(target)
-                if stub is None:
-                    channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
-                    stub = self._stubs[target] = verifier_pb2_grpc.VerifierStub(channel)
-        return stub
+    def check(self, target: str, request: verifier_pb2.CheckRequest, *, timeout_s: float, streams: int,
+              max_channels: int) -> verifier_pb2.CheckResponse:
+        """`Check` on a channel to `target` with a free stream (see the class); raises grpc.RpcError."""
+        chosen = self._acquire(target, streams, max_channels)
+        broken = False
+        try:
+            answer: verifier_pb2.CheckResponse = chosen.stub.Check(request, timeout=timeout_s)
+            return answer
+        except grpc.RpcError as exc:
+            broken = isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE
+            raise
+        finally:
+            self._release(target, chosen, broken=broken)
+
+    def _acquire(self, target: str, streams: int, max_channels: int) -> _Channel:
+        with self._lock:
+            pool = self._pools.setdefault(target, [])
+            chosen = next((c for c in pool if c.in_flight < streams), None)
+            if chosen is None and len(pool) < max_channels:
+                chosen = _Channel(target)
+                pool.append(chosen)
+            if chosen is None:
+                chosen = min(pool, key=lambda c: c.in_flight)
+            chosen.in_flight += 1
+            return chosen
+
+    def _release(self, target: str, chosen: _Channel, *, broken: bool) -> None:
+        with self._lock:
+            chosen.in_flight -= 1
+            if broken and not chosen.retired:
+                chosen.retired = True
+                self._pools[target].remove(chosen)
+            close = chosen.retired and chosen.in_flight == 0
+        if close:
+            chosen.channel.close()  # its last Check has ended: nothing of it is cancelled
 
 
 # The plugin server imports this module once and has no other place to hold long-lived state.
@@ -194,6 +260,14 @@ def _authenticate(kong: Any, consumer: Mapping[str, Any], credential: dict[str, 
             kong.service.request.clear_header(name)
 
 
+def _bounded(config: Mapping[str, Any], name: str, default: int, maximum: int) -> int:
+    """An integer setting in [1, maximum] (as `Schema` says; a plugin server does not check it)."""
+    value = config.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ValueError(f"config.{name} must be an integer between 1 and {maximum}, not {value!r}")
+    return value
+
+
 class Plugin:
     """The edge-verifier access handler, one instance per plugin configuration."""
 
@@ -207,6 +281,8 @@ class Plugin:
         if self.consumer_not_found == "anonymous" and not self.anonymous:
             # Kong validates the Lua plugin's schema with this check; here the plugin itself must
             raise ValueError("config.anonymous is required when config.consumer_not_found is 'anonymous'")
+        self.streams = _bounded(config, "streams_per_channel", DEFAULT_STREAMS_PER_CHANNEL, MAX_STREAMS_PER_CHANNEL)
+        self.max_channels = _bounded(config, "max_channels", DEFAULT_MAX_CHANNELS, MAX_MAX_CHANNELS)
 
     def access(self, kong: Any) -> None:
         """Ask the verifier about this request; pass it with identity, or answer for the verifier."""
@@ -224,7 +300,8 @@ class Plugin:
 
         request = self._check_request(kong, headers)
         try:
-            answer = CLIENT.stub(self.target).Check(request, timeout=self.timeout_s)
+            answer = CLIENT.check(self.target, request, timeout_s=self.timeout_s, streams=self.streams,
+                                  max_channels=self.max_channels)
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             if self.fail_open and code == grpc.StatusCode.UNAVAILABLE:

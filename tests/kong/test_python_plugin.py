@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -53,6 +54,8 @@ from replicas import dpop_proof, public_jwk
 from rigs import provider_fixture
 
 from verifier.binding.dpop import thumbprint
+from verifier.doors.grpc import server_options
+from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -331,6 +334,9 @@ def test_plugin_server_reports_name_phase_priority_and_schema(kong):
     assert fields["consumer_not_found"] == {"type": "string", "default": "refuse", "required": True,
                                           "one_of": ["refuse", "anonymous"]}
     assert fields["anonymous"] == {"type": "string", "len_min": 1}
+    assert fields["streams_per_channel"] == {"type": "integer", "default": DEFAULT_GRPC_MAX_CONCURRENT_STREAMS,
+                                             "between": [1, 10_000], "required": True}
+    assert fields["max_channels"] == {"type": "integer", "default": 8, "between": [1, 256], "required": True}
 
 
 # --------------------------------------------------------------------------- allow
@@ -965,3 +971,148 @@ def test_an_allow_hands_the_client_the_verifiers_nonce_and_ratelimit_headers_nev
     to_client = {args[0].lower(): args[1] for args in named(calls, "kong.response.set_header")}
     assert to_client == _ClientHeadersVerifier.SENT
     assert upstream_set(calls) == {"x-authenticated-userid": "user-1"}
+
+
+# --------------------------------------------------------------------------- channel pool (issue #24)
+
+BURST = 12  # concurrent requests: three connections' worth at the verifier's 4 streams each
+HOLD_S = 1.5  # the verifier holds each Check until BURST are in flight, or this long
+
+
+class _GatheringVerifier(verifier_pb2_grpc.VerifierServicer):
+    """Holds every Check until `BURST` are in flight at once (or `HOLD_S`), and keeps the peak."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.in_flight = 0
+        self.peak = 0
+
+    def Check(self, request: verifier_pb2.CheckRequest, context: grpc.ServicerContext) -> verifier_pb2.CheckResponse:
+        with self.cond:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.in_flight >= BURST, timeout=HOLD_S)
+            self.in_flight -= 1
+        return verifier_pb2.CheckResponse(
+            allowed=True, http_status=200,
+            upstream_headers=[verifier_pb2.Header(name="X-Authenticated-Userid", value="app")],
+        )
+
+
+@contextlib.contextmanager
+def stream_bounded_verifier(servicer: verifier_pb2_grpc.VerifierServicer, port: int = 0) -> Iterator[int]:
+    """A gRPC server with the verifier's own server options (SETTINGS_MAX_CONCURRENT_STREAMS = its default 4)
+    answering with `servicer`; yields its port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2 * BURST),
+        options=server_options(DEFAULT_GRPC_MAX_CONCURRENT_STREAMS, reuse_port=False),
+    )
+    verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        yield bound
+    finally:
+        server.stop(grace=None)
+
+
+def burst(pluginserver: PluginServer, iid: int, n: int) -> list[list[tuple[str, list[Any]]]]:
+    """`n` requests at once, each on its own connection to the plugin server (as Kong's workers)."""
+    rpcs = [pluginserver.connect() for _ in range(n)]
+    try:
+        request = KongRequest(headers={"Authorization": "Bearer x"})
+        with futures.ThreadPoolExecutor(max_workers=n) as pool:
+            return list(pool.map(lambda rpc: rpc.handle_event(iid, "access", request), rpcs))
+    finally:
+        for rpc in rpcs:
+            rpc.close()
+
+
+def test_more_checks_than_one_connections_streams_are_in_flight_at_once(pluginserver, kong):
+    servicer = _GatheringVerifier()
+    with stream_bounded_verifier(servicer) as port:
+        iid = start_instance(kong, grpc_target=f"127.0.0.1:{port}", timeout=10_000)
+
+        answers = burst(pluginserver, iid, BURST)
+
+        assert all(named(calls, "kong.service.request.set_header") == [["X-Authenticated-Userid", "app"]]
+                   for calls in answers)
+        # one channel would hold 4 in flight and queue the rest at the client
+        assert servicer.peak == BURST
+        assert established_to(port) == BURST // DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
+
+
+def test_the_channel_bound_holds_and_the_rest_wait_for_a_stream(pluginserver, kong):
+    servicer = _GatheringVerifier()
+    with stream_bounded_verifier(servicer) as port:
+        iid = start_instance(kong, grpc_target=f"127.0.0.1:{port}", timeout=10_000, max_channels=2)
+
+        answers = burst(pluginserver, iid, BURST)
+
+        assert all(named(calls, "kong.service.request.set_header") == [["X-Authenticated-Userid", "app"]]
+                   for calls in answers)
+        assert servicer.peak == 2 * DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
+        assert established_to(port) == 2
+
+
+def test_a_channel_whose_verifier_went_away_is_not_reused(kong, token):
+    port = free_port()
+    iid = start_instance(kong, grpc_target=f"127.0.0.1:{port}", timeout=2000)
+    request = KongRequest(headers={"Authorization": f"Bearer {token}"})
+    with stream_bounded_verifier(_RecordingVerifier(), port):
+        assert named(kong.handle_event(iid, "access", request), "kong.service.request.set_header")
+    calls = kong.handle_event(iid, "access", request)
+    assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
+
+    with stream_bounded_verifier(_RecordingVerifier(), port):
+        # back at once: a new connection, not the old channel's reconnect back-off (1 s and growing)
+        calls = kong.handle_event(iid, "access", request)
+
+    assert named(calls, "kong.service.request.set_header") == [["X-Authenticated-Userid", "app"]]
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("max_channels", 0), ("max_channels", 1000), ("streams_per_channel", 0), ("max_channels", "many"),
+])
+def test_a_pool_setting_out_of_range_is_refused(kong, field, value):
+    with pytest.raises(RuntimeError, match=field):
+        start_instance(kong, grpc_target="127.0.0.1:1", **{field: value})
+
+
+def _plugin_module() -> Any:
+    """kong/python/edge_verifier.py loaded in this process (the plugin server imports it by file)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("edge_verifier_in_process", PLUGIN_DIR / f"{PLUGIN}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_channels_of_failed_calls_are_closed_and_the_pool_never_passes_its_bound(monkeypatch):
+    plugin = _plugin_module()
+    opened: list[grpc.Channel] = []
+    real = grpc.insecure_channel
+    monkeypatch.setattr(plugin.grpc, "insecure_channel", lambda *a, **kw: opened.append(real(*a, **kw)) or opened[-1])
+    client, request = plugin.VerifierClient(), verifier_pb2.CheckRequest(method="GET")
+    dead = f"127.0.0.1:{free_port()}"
+
+    for _ in range(5):  # nothing listens: every call fails UNAVAILABLE on a fresh connection
+        with pytest.raises(grpc.RpcError) as failed:
+            client.check(dead, request, timeout_s=2.0, streams=4, max_channels=2)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    assert len(opened) == 5
+    for channel in opened:  # each closed once its call ended: none left behind
+        with pytest.raises(ValueError, match="closed channel"):
+            verifier_pb2_grpc.VerifierStub(channel).Check(request, timeout=1)
+
+    servicer = _GatheringVerifier()
+    with stream_bounded_verifier(servicer) as port, futures.ThreadPoolExecutor(BURST) as pool:
+        live = f"127.0.0.1:{port}"
+        calls = [pool.submit(client.check, live, request, timeout_s=10.0, streams=4, max_channels=2)
+                 for _ in range(BURST)]
+        assert all(c.result().allowed for c in calls)
+    assert len(opened) == 5 + 2 and servicer.peak == 8
