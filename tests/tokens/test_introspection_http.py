@@ -685,7 +685,7 @@ class Primed:
 
 @contextlib.asynccontextmanager
 async def primed(
-    client: IntrospectionHttpClient, answers: list[Answer], timeout: float = PATIENCE
+    client: IntrospectionHttpClient, answers: list[Answer], timeout: float = PATIENCE, in_flight: int = 64
 ) -> AsyncIterator[Primed]:
     """An introspector on the production client whose pool holds one open connection (a first token,
     answered `ok(LIVE)`, opened it); the peer then answers `answers` in turn (the last one repeats)."""
@@ -695,7 +695,11 @@ async def primed(
             issuer="http://127.0.0.1",
             audiences=("aud",),
             config=IntrospectionConfig(
-                client_id="verifier", client_secret="s" * 16, endpoint=peer.url, timeout_seconds=timeout
+                client_id="verifier",
+                client_secret="s" * 16,
+                endpoint=peer.url,
+                timeout_seconds=timeout,
+                max_in_flight=in_flight,
             ),
             endpoint=None,
             http=client,
@@ -820,3 +824,12 @@ async def test_waiters_on_a_call_begun_at_once_share_it_and_close_fails_them(
         assert it.introspector.breaker.state.name == "CLOSED"
         assert it.calls("timeout") == 0 and it.calls("unreachable") == 0  # dropped, not failed
         await until(lambda: it.peer.open == 0, "the dropped call's connection to close")
+
+
+async def test_calls_begun_at_once_keep_the_in_flight_bound(client: IntrospectionHttpClient) -> None:
+    slow = Answer([0.2, *ok(LIVE).pieces])
+    async with primed(client, [slow], in_flight=2) as it:
+        subjects = await asyncio.gather(*(it.subject(f"token-{i}") for i in range(6)))
+        assert subjects == ["alice"] * 6
+        assert it.peer.most_open <= 2  # never more than two calls, so never more than two connections
+        assert len(it.peer.requests) == 7 and it.calls("ok") == 7

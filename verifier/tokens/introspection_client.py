@@ -112,16 +112,16 @@ class StartsExchanges(Protocol):
     def __call__(self, request: HttpRequest, done: Done, /) -> Callable[[], bool] | None: ...
 
 
-def take_now(slots: asyncio.Semaphore) -> None:
-    """Takes a slot of a semaphore that is not `locked()` without awaiting: its `acquire` returns at once
-    (CPython's asyncio), so one step of it is the whole call."""
-    step = slots.acquire()
-    try:
-        step.send(None)
-    except StopIteration:
-        return
-    step.close()  # it would have waited: never for an unlocked semaphore
-    raise RuntimeError("a slot was taken from a locked semaphore")
+class Slots(asyncio.Semaphore):
+    """A semaphore whose free slot can also be taken without awaiting (`take_now`: no coroutine, no
+    `locked()` scan of the waiters; #24 goal 7)."""
+
+    def take_now(self) -> bool:
+        """Takes a slot if one is free and nobody waits for one (a waiter, even a cancelled one, goes first)."""
+        if self._value <= 0 or self._waiters:
+            return False
+        self._value -= 1
+        return True
 
 
 def basic_credentials(client_id: str, client_secret: str) -> str:
@@ -193,7 +193,7 @@ class ProviderClient:
         self._clock = clock
         self.breaker = breaker
         self._metrics = metrics
-        self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._slots = Slots(config.max_in_flight)
         # The production client ends each call by its deadline (one timer handle on the exchange): a second
         # deadline around it (an `asyncio.timeout`, ~6 us) would only race it (#24 goal 7).
         self._seam_keeps_deadline = getattr(type(http), "keeps_deadline", False) is True
@@ -283,8 +283,8 @@ class ProviderClient:
             start is None
             or self._fixed is None
             or not self._endpoint
-            or self._slots.locked()
             or self.breaker.state is not BreakerState.CLOSED  # allow() without side effects: a probe goes the long way
+            or not self._slots.take_now()
         ):
             return None
         body = _form_body(token, self._fixed[1])
@@ -306,8 +306,8 @@ class ProviderClient:
 
         drop = start(request, answered)
         if drop is None:
+            self._slots.release()
             return None
-        take_now(self._slots)
         self.breaker.allow()  # closed: True
 
         def cancel() -> None:

@@ -45,7 +45,7 @@ from verifier.tokens.introspection_client import (
     HttpReply,
     HttpRequest,
     ProviderTimedOut,
-    take_now,
+    Slots,
 )
 
 MAX_HEAD_BYTES = 64 * 1024  # status line + headers, 1xx answers included: a longer head is malformed
@@ -330,7 +330,7 @@ class IntrospectionHttpClient:
         self._targets: dict[str, _Target] = {}
         self._lines: dict[Headers, str] = {}  # a client's credentials are the same headers on every call
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
-        self._slots: dict[tuple[str, str, int], asyncio.Semaphore] = {}
+        self._slots: dict[tuple[str, str, int], Slots] = {}
         self._busy: set[_Connection] = set()
 
     def _target(self, url: str) -> _Target:
@@ -355,10 +355,10 @@ class IntrospectionHttpClient:
             head += f"Content-Length: {len(request.body)}\r\n"
         return (head + "\r\n").encode("latin-1") + request.body
 
-    def _slots_for(self, origin: tuple[str, str, int]) -> asyncio.Semaphore:
+    def _slots_for(self, origin: tuple[str, str, int]) -> Slots:
         slots = self._slots.get(origin)
         if slots is None:
-            slots = self._slots[origin] = asyncio.Semaphore(self._connections)
+            slots = self._slots[origin] = Slots(self._connections)
         return slots
 
     async def send(self, request: HttpRequest) -> HttpReply:
@@ -384,17 +384,17 @@ class IntrospectionHttpClient:
             return None
         try:
             target = self._target(request.url)
+            data = self._encode(request, target)
         except ProviderUnavailable:
             return None  # `send` raises it
         origin = target.origin
         slots = self._slots_for(origin)
-        if slots.locked():
+        if not slots.take_now():
             return None
         connection = self._pooled(origin, self._clock.monotonic())
         if connection is None:
+            slots.release()
             return None
-        data = self._encode(request, target)
-        take_now(slots)
 
         def finished(outcome: HttpReply | ProviderUnavailable) -> None:
             self._busy.discard(connection)
