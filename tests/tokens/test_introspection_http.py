@@ -833,3 +833,18 @@ async def test_calls_begun_at_once_keep_the_in_flight_bound(client: Introspectio
         assert subjects == ["alice"] * 6
         assert it.peer.most_open <= 2  # never more than two calls, so never more than two connections
         assert len(it.peer.requests) == 7 and it.calls("ok") == 7
+
+
+async def test_a_bug_while_settling_a_call_begun_at_once_fails_closed_never_hangs(
+    client: IntrospectionHttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with primed(client, [ok(LIVE)]) as it:
+
+        def broken(reply: HttpReply) -> object:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(it.introspector.client, "_decode", broken)
+        with pytest.raises(ProviderUnavailable, match="introspection failed"):
+            await asyncio.wait_for(it.subject("second"), PATIENCE)
+        monkeypatch.undo()
+        assert await it.subject("second") == "alice"  # nothing cached, nothing stuck: asked again

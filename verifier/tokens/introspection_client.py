@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import secrets
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -45,6 +46,8 @@ from verifier.errors import ProviderUnavailable
 from verifier.observe.metrics import IssuerIntrospectionMetrics
 from verifier.tokens.fetch import check_learned_url
 from verifier.tokens.introspection_breaker import Breaker, BreakerState
+
+log = logging.getLogger("verifier.introspection")
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 section 2.2
 MAX_DISCOVERY_BYTES = 1 << 20  # 1 MiB: a larger discovery document is malformed
@@ -294,14 +297,18 @@ class ProviderClient:
 
         def answered(outcome: HttpReply | ProviderUnavailable) -> None:
             self._slots.release()
-            if isinstance(outcome, ProviderUnavailable):
-                self._account("timeout" if isinstance(outcome, ProviderTimedOut) else "unreachable")
-                deliver(outcome)
-                return
-            result, answer = self._decode(outcome)
-            self._account(result)
-            if result == "ok" and not isinstance(answer, dict):
-                answer = ProviderUnavailable("introspection answer is not a JSON object")
+            answer: Any = outcome
+            try:
+                if isinstance(outcome, ProviderUnavailable):
+                    self._account("timeout" if isinstance(outcome, ProviderTimedOut) else "unreachable")
+                else:
+                    result, answer = self._decode(outcome)
+                    self._account(result)
+                    if result == "ok" and not isinstance(answer, dict):
+                        answer = ProviderUnavailable("introspection answer is not a JSON object")
+            except Exception:  # a bug: fail closed, never leave a waiter hanging (as the coroutine path)
+                log.exception("introspection call failed", extra={"event": "introspection_error"})
+                answer = ProviderUnavailable("introspection failed")
             deliver(answer)
 
         drop = start(request, answered)
