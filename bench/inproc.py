@@ -105,7 +105,34 @@ def _faults_and_collections() -> tuple[int, int]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt, sum(s["collections"] for s in gc.get_stats())
 
 
-def _measure_opaque(loop: asyncio.AbstractEventLoop, app: Any, tokens: list[str], profiler: Any) -> None:
+LOOP_OBJECTS = ("create_task", "call_soon", "create_future", "call_at")  # --loop-objects: BaseEventLoop methods
+
+
+def _count_loop_objects() -> collections.Counter[str]:
+    """``--loop-objects``: wraps the plain asyncio loop's methods that make tasks, handles, futures and timers
+    (uvloop's are C: not countable) and returns the counter they add to."""
+    counts: collections.Counter[str] = collections.Counter()
+    base = asyncio.base_events.BaseEventLoop
+
+    def counting(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(self: Any, *args: Any, **kw: Any) -> Any:
+            counts[name] += 1
+            return method(self, *args, **kw)
+
+        return counted
+
+    for name in LOOP_OBJECTS:
+        setattr(base, name, counting(name, getattr(base, name)))
+    return counts
+
+
+def _measure_opaque(
+    loop: asyncio.AbstractEventLoop,
+    app: Any,
+    tokens: list[str],
+    profiler: Any,
+    objects: collections.Counter[str] | None = None,
+) -> None:
     """First-seen opaque tokens, ``OPAQUE_CONNECTIONS`` checks in flight; prints the CPU per token.
 
     The measured groups run in one ``loop.run_until_complete`` called from C ``functools_reduce``, so that
@@ -144,8 +171,12 @@ def _measure_opaque(loop: asyncio.AbstractEventLoop, app: Any, tokens: list[str]
     started = time.process_time()
     if profiler:
         profiler.enable()
+    if objects is not None:
+        objects.clear()
     functools.reduce(lambda _, __: loop.run_until_complete(feed(groups)), [0], None)
     spent = time.process_time() - started
+    if objects is not None:
+        print("asyncio objects per token: " + ", ".join(f"{n} {objects[n] / len(measured):.2f}" for n in LOOP_OBJECTS))
     if profiler:
         profiler.disable()
     refused = len(measured) - state["allowed"]
@@ -307,7 +338,9 @@ async def _measure(
         await app.stop(grace=0.1)
 
 
-def _measure_opaque_outside(config: Path, tokens: list[str], profile: bool) -> None:
+def _measure_opaque_outside(
+    config: Path, tokens: list[str], profile: bool, objects: collections.Counter[str] | None = None
+) -> None:
     """``--opaque``: the app started and stopped in a loop of its own, the measure run outside it."""
     from verifier.app import App
     from verifier.settings import load_settings
@@ -318,7 +351,7 @@ def _measure_opaque_outside(config: Path, tokens: list[str], profile: bool) -> N
         loop.run_until_complete(app.start())
         loop.run_until_complete(asyncio.wait_for(app.keys.wait_ready(), 10))
         _settle_gc()
-        _measure_opaque(loop, app, tokens, cProfile.Profile(time.process_time) if profile else None)
+        _measure_opaque(loop, app, tokens, cProfile.Profile(time.process_time) if profile else None, objects)
     finally:
         loop.run_until_complete(app.stop(grace=0.1))
         loop.close()
@@ -392,6 +425,11 @@ def main() -> None:
     )
     parser.add_argument("--callgrind", action="store_true", help="first-seen instruction counts under valgrind")
     parser.add_argument("--cache-sim", action="store_true", help="with --callgrind: simulated L1 cache misses too")
+    parser.add_argument(
+        "--loop-objects",
+        action="store_true",
+        help="--opaque: asyncio objects per token (plain asyncio loop, not uvloop)",
+    )
     parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.door != "http" and (args.first_seen or args.opaque):
@@ -448,9 +486,11 @@ def main() -> None:
             audit.configure_logging("INFO")  # as served: one audit line per signature check ...
             with open(os.devnull, "w") as devnull:
                 os.dup2(devnull.fileno(), 2)  # ... written to /dev/null instead of the terminal
-            uvloop.install()
+            objects = _count_loop_objects() if args.opaque and args.loop_objects else None
+            if objects is None:
+                uvloop.install()
             if args.opaque:
-                _measure_opaque_outside(config, tokens, args.profile)
+                _measure_opaque_outside(config, tokens, args.profile, objects)
             else:
                 asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo, args.door, args.layer))
         finally:

@@ -51,3 +51,6 @@ _.__traceback__
 
 # grpc.aio calls it on the server stand-in the generated `add_*_to_server` functions are given.
 _.add_registered_method_handlers
+
+# Read by tests/doors/test_loop_clock.py: whether the door's loop clock still wakes the loop.
+_.ticking

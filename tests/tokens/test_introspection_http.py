@@ -17,7 +17,7 @@ import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from support import FrozenClock
 from verifier.app import HttpSessions, build_introspector
 from verifier.config.introspection import IntrospectionConfig
 from verifier.errors import ProviderUnavailable
+from verifier.tokens.introspection import Introspector
 from verifier.tokens.introspection_client import HttpReply, HttpRequest
 from verifier.tokens.introspection_http import MAX_HEAD_BYTES, IntrospectionHttpClient
 
@@ -243,8 +244,18 @@ async def test_an_oversized_head_is_refused(client: IntrospectionHttpClient) -> 
         Answer([b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\n{}"]),
         Answer([b"SSH-2.0-OpenSSH_9.6\r\n"]),
     ],
-    ids=["chunk-not-hex", "chunk-overflow", "chunk-negative", "chunk-short", "two-lengths", "length-and-chunked",
-         "negative-length", "bare-lf", "bad-status", "not-http"],
+    ids=[
+        "chunk-not-hex",
+        "chunk-overflow",
+        "chunk-negative",
+        "chunk-short",
+        "two-lengths",
+        "length-and-chunked",
+        "negative-length",
+        "bare-lf",
+        "bad-status",
+        "not-http",
+    ],
 )
 async def test_malformed_framing_is_refused(client: IntrospectionHttpClient, answer: Answer) -> None:
     async with Peer([answer]) as peer:
@@ -485,8 +496,13 @@ async def test_the_request_is_one_http_1_1_post_with_its_length(client: Introspe
 
 @pytest.mark.parametrize(
     "header",
-    [("Authorization", "Basic x\r\nX-Evil: 1"), ("X-Evil\r\nX-Other", "1"), ("Authorization", "Basic x\nX: 1"),
-     ("Authorization", "x\x00y"), ("Bad Name", "1")],
+    [
+        ("Authorization", "Basic x\r\nX-Evil: 1"),
+        ("X-Evil\r\nX-Other", "1"),
+        ("Authorization", "Basic x\nX: 1"),
+        ("Authorization", "x\x00y"),
+        ("Bad Name", "1"),
+    ],
 )
 async def test_a_header_that_could_inject_is_refused_before_connecting(
     client: IntrospectionHttpClient, header: tuple[str, str]
@@ -646,3 +662,189 @@ async def test_a_silent_provider_is_ended_by_the_client_s_own_deadline_and_count
             assert peer.connections == 2
         finally:
             await introspector.close()
+
+
+# -- a first-seen token begun at once: no task, the answer settled where it is read (#24 goal 7) --------
+
+LIVE = b'{"active": true, "sub": "alice", "aud": "aud"}'
+
+
+@dataclasses.dataclass
+class Primed:
+    peer: Peer
+    introspector: Introspector
+    registry: CollectorRegistry
+
+    def calls(self, result: str) -> float:
+        labels = {"issuer": "http://127.0.0.1", "result": result}
+        return self.registry.get_sample_value("verifier_introspection_calls_total", labels) or 0.0
+
+    async def subject(self, token: str) -> str:
+        return (await self.introspector.introspect(token, token.encode().ljust(32, b"."))).subject
+
+
+@contextlib.asynccontextmanager
+async def primed(
+    client: IntrospectionHttpClient, answers: list[Answer], timeout: float = PATIENCE, in_flight: int = 64
+) -> AsyncIterator[Primed]:
+    """An introspector on the production client whose pool holds one open connection (a first token,
+    answered `ok(LIVE)`, opened it); the peer then answers `answers` in turn (the last one repeats)."""
+    registry = CollectorRegistry()
+    async with Peer([ok(LIVE), *answers]) as peer:
+        introspector = build_introspector(
+            issuer="http://127.0.0.1",
+            audiences=("aud",),
+            config=IntrospectionConfig(
+                client_id="verifier",
+                client_secret="s" * 16,
+                endpoint=peer.url,
+                timeout_seconds=timeout,
+                max_in_flight=in_flight,
+            ),
+            endpoint=None,
+            http=client,
+            clock=FrozenClock(),
+            registry=registry,
+        )
+        try:
+            it = Primed(peer, introspector, registry)
+            assert await it.subject("first") == "alice"
+            yield it
+        finally:
+            await introspector.close()
+
+
+@contextlib.contextmanager
+def counting_tasks() -> Iterator[list[object]]:
+    """The coroutines of the tasks the running loop creates inside the block."""
+    loop = asyncio.get_running_loop()
+    made: list[object] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        made.append(coro)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    loop.set_task_factory(factory)  # type: ignore[arg-type]
+    try:
+        yield made
+    finally:
+        loop.set_task_factory(None)
+
+
+async def test_a_first_seen_token_on_a_pooled_connection_is_asked_without_a_task(
+    client: IntrospectionHttpClient,
+) -> None:
+    async with primed(client, []) as it:
+        with counting_tasks() as made:
+            assert await it.subject("second") == "alice"
+        assert made == []  # the request written and the answer settled by callbacks, no task between
+        assert it.peer.connections == 1 and len(it.peer.requests) == 2
+        assert it.calls("ok") == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Answer([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(LIVE), 0.05, LIVE[:9], 0.05, LIVE[9:]]),
+        Answer([CHUNKED, 0.05, b"5\r\n%s\r\n" % LIVE[:5], 0.05, b"%x\r\n%s\r\n0\r\n\r\n" % (len(LIVE) - 5, LIVE[5:])]),
+        Answer([b"HTTP/1.1 200 OK\r\n", 0.05, b"Content-Length: %d\r\n" % len(LIVE), 0.05, b"\r\n" + LIVE]),
+    ],
+    ids=["body-in-pieces", "chunked-in-pieces", "head-in-pieces"],
+)
+async def test_an_answer_split_across_reads_is_settled_once_whole(
+    client: IntrospectionHttpClient, answer: Answer
+) -> None:
+    async with primed(client, [answer, ok(LIVE)]) as it:
+        assert await it.subject("split") == "alice"
+        assert await it.subject("third") == "alice"
+        assert it.peer.connections == 1  # a whole keep-alive answer: the connection is reused
+        assert it.calls("ok") == 3
+
+
+async def test_a_late_answer_after_the_deadline_is_a_timeout_and_never_reaches_the_next_call(
+    client: IntrospectionHttpClient,
+) -> None:
+    late = Answer([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(LIVE), 0.8, LIVE])
+    async with primed(client, [late, ok(b'{"active": true, "sub": "bob", "aud": "aud"}')], timeout=0.3) as it:
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailable, match="timed out"):
+            await it.subject("late")
+        assert time.monotonic() - started < 0.3 + SLACK
+        assert it.calls("timeout") == 1 and it.calls("unreachable") == 0
+        await until(lambda: it.peer.answered == 2, "the late answer to be written")
+        assert await it.subject("next") == "bob"  # on a new connection: the late answer is never read
+        assert it.peer.connections == 2
+        assert await it.subject("late") == "bob"  # the timeout was not cached
+        assert len(it.peer.requests) == 4
+
+
+@pytest.mark.parametrize(
+    ("answer", "result"),
+    [
+        (Answer([b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", LIVE], then="close"), "unreachable"),
+        (Answer([CHUNKED, b"%x\r\n%s\r\n" % (len(LIVE), LIVE)], then="close"), "unreachable"),
+        (Answer([b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{}x"]), "malformed"),
+        (Answer([b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n"]), "http_5xx"),
+        (Answer([b"HTTP/1.1 429 Slow down\r\nContent-Length: 0\r\n\r\n"]), "throttled"),
+        (Answer([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]"]), "ok"),
+    ],
+    ids=["closed-mid-body", "closed-mid-chunks", "malformed-json", "5xx", "429", "not-an-object"],
+)
+async def test_a_failed_call_begun_at_once_is_a_503_counted_as_before(
+    client: IntrospectionHttpClient, answer: Answer, result: str
+) -> None:
+    async with primed(client, [answer, ok(LIVE)]) as it:
+        with pytest.raises(ProviderUnavailable):
+            await it.subject("broken")
+        assert it.calls(result) == (2 if result == "ok" else 1)
+        assert await it.subject("broken") == "alice"  # a failure is never cached
+
+
+async def test_bytes_after_a_whole_answer_drop_the_connection_but_not_the_answer(
+    client: IntrospectionHttpClient,
+) -> None:
+    extra = ok(LIVE).pieces[0] + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"  # one read, two answers
+    async with primed(client, [Answer([extra]), ok(LIVE)]) as it:
+        assert await it.subject("twice") == "alice"
+        assert await it.subject("third") == "alice"
+        assert it.peer.connections == 2  # the stream out of step was not reused
+
+
+async def test_waiters_on_a_call_begun_at_once_share_it_and_close_fails_them(
+    client: IntrospectionHttpClient,
+) -> None:
+    async with primed(client, [Answer([], then="hang")]) as it:
+        waiters = [asyncio.ensure_future(it.subject("slow")) for _ in range(3)]
+        await until(lambda: len(it.peer.requests) == 2, "the one call for three waiters")
+        await it.introspector.close()
+        for waiter in waiters:
+            with pytest.raises(ProviderUnavailable, match="shutting down"):
+                await waiter
+        assert len(it.peer.requests) == 2
+        assert it.introspector.breaker.state.name == "CLOSED"
+        assert it.calls("timeout") == 0 and it.calls("unreachable") == 0  # dropped, not failed
+        await until(lambda: it.peer.open == 0, "the dropped call's connection to close")
+
+
+async def test_calls_begun_at_once_keep_the_in_flight_bound(client: IntrospectionHttpClient) -> None:
+    slow = Answer([0.2, *ok(LIVE).pieces])
+    async with primed(client, [slow], in_flight=2) as it:
+        subjects = await asyncio.gather(*(it.subject(f"token-{i}") for i in range(6)))
+        assert subjects == ["alice"] * 6
+        assert it.peer.most_open <= 2  # never more than two calls, so never more than two connections
+        assert len(it.peer.requests) == 7 and it.calls("ok") == 7
+
+
+async def test_a_bug_while_settling_a_call_begun_at_once_fails_closed_never_hangs(
+    client: IntrospectionHttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with primed(client, [ok(LIVE)]) as it:
+
+        def broken(reply: HttpReply) -> object:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(it.introspector.client, "_decode", broken)
+        with pytest.raises(ProviderUnavailable, match="introspection failed"):
+            await asyncio.wait_for(it.subject("second"), PATIENCE)
+        monkeypatch.undo()
+        assert await it.subject("second") == "alice"  # nothing cached, nothing stuck: asked again

@@ -171,6 +171,7 @@ class Introspector:
         # One token's call (no batch endpoint), by its hash: it removes itself when done, so no done
         # callback (a loop turn per token) is needed to forget it.
         self._calls: dict[bytes, asyncio.Task[None]] = {}
+        self._started: dict[bytes, Callable[[], None]] = {}  # calls begun without a task: their cancel
         self._closed = False
 
     async def introspect(self, token: str, token_hash: bytes) -> Principal:
@@ -200,7 +201,8 @@ class Introspector:
             self._metrics.miss.inc()
             self._inflight[token_hash] = [future]
             if self._per_token:
-                self._calls[token_hash] = loop.create_task(self._one(token, token_hash))
+                if not self._start_now(token, token_hash):
+                    self._calls[token_hash] = loop.create_task(self._one(token, token_hash))
             else:
                 self._enqueue(_Pending(token, token_hash))
         else:
@@ -232,6 +234,21 @@ class Introspector:
         task = asyncio.get_running_loop().create_task(call)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _start_now(self, token: str, token_hash: bytes) -> bool:
+        """One token's RFC 7662 call begun at once, when the client can (`ProviderClient.start_introspect`):
+        its answer is settled and handed to the waiters in the callback that reads it. False: not begun."""
+
+        def answered(result: IntrospectionResult) -> None:
+            self._started.pop(token_hash, None)  # forgotten before the waiters wake, as in `_one`
+            self._deliver(token_hash, result)
+
+        cancel = self.client.start_introspect(token, answered)
+        if cancel is None:
+            return False
+        self._metrics.batch_size.observe(1)
+        self._started[token_hash] = cancel
+        return True
 
     async def _one(self, token: str, token_hash: bytes) -> None:
         """One token's RFC 7662 call (no batch endpoint)."""
@@ -376,6 +393,9 @@ class Introspector:
         self._pending = []
         tasks = [*self._tasks, *self._calls.values()]
         self._calls.clear()
+        started, self._started = self._started, {}
+        for cancel in started.values():
+            cancel()  # their waiters are failed below
         for task in tasks:
             task.cancel()
         for task in tasks:

@@ -28,10 +28,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import secrets
 import urllib.parse
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import jwt
 
@@ -44,7 +45,9 @@ from verifier.config.introspection import (
 from verifier.errors import ProviderUnavailable
 from verifier.observe.metrics import IssuerIntrospectionMetrics
 from verifier.tokens.fetch import check_learned_url
-from verifier.tokens.introspection_breaker import Breaker
+from verifier.tokens.introspection_breaker import Breaker, BreakerState
+
+log = logging.getLogger("verifier.introspection")
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 section 2.2
 MAX_DISCOVERY_BYTES = 1 << 20  # 1 MiB: a larger discovery document is malformed
@@ -102,6 +105,28 @@ class IntrospectionHttp(Protocol):
         ...
 
 
+Done = Callable[[HttpReply | ProviderUnavailable], None]  # how an exchange ends: the answer or the failure
+
+
+class StartsExchanges(Protocol):
+    """A seam's optional `start(request, done)` (`IntrospectionHttpClient.start`): begins the exchange now
+    and returns a function that drops it (True if it was still under way), or None having done nothing."""
+
+    def __call__(self, request: HttpRequest, done: Done, /) -> Callable[[], bool] | None: ...
+
+
+class Slots(asyncio.Semaphore):
+    """A semaphore whose free slot can also be taken without awaiting (`take_now`: no coroutine, no
+    `locked()` scan of the waiters; #24 goal 7)."""
+
+    def take_now(self) -> bool:
+        """Takes a slot if one is free and nobody waits for one (a waiter, even a cancelled one, goes first)."""
+        if self._value <= 0 or self._waiters:
+            return False
+        self._value -= 1
+        return True
+
+
 def basic_credentials(client_id: str, client_secret: str) -> str:
     """The `Authorization` value for client_secret_basic (RFC 6749 section 2.3.1: urlencode, then base64)."""
     raw = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(client_secret, safe='')}"
@@ -137,6 +162,15 @@ def client_credentials(config: IntrospectionConfig, audience: str, now: float) -
     }
 
 
+FORM = ("Content-Type", "application/x-www-form-urlencoded")
+
+
+def _form_body(token: str, rest: str) -> bytes:
+    """An RFC 7662 section 2.1 body: application/x-www-form-urlencoded, as urlencode writes it (the token
+    can break nothing out); `rest` is the hint and any client credentials, encoded."""
+    return f"token={urllib.parse.quote_plus(token)}&{rest}".encode("ascii")
+
+
 class ProviderClient:
     """Talks to one issuer's introspection provider within the deadline, the in-flight bound and the breaker."""
 
@@ -162,7 +196,7 @@ class ProviderClient:
         self._clock = clock
         self.breaker = breaker
         self._metrics = metrics
-        self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._slots = Slots(config.max_in_flight)
         # The production client ends each call by its deadline (one timer handle on the exchange): a second
         # deadline around it (an `asyncio.timeout`, ~6 us) would only race it (#24 goal 7).
         self._seam_keeps_deadline = getattr(type(http), "keeps_deadline", False) is True
@@ -170,9 +204,14 @@ class ProviderClient:
         # A client secret authenticates every call the same way: encoded once, not per first-seen token.
         # A private_key_jwt assertion is fresh per call (its jti, iat and exp).
         self._fixed: tuple[Headers, str] | None = None
+        self._post_headers: Headers = ()
         if config.client_auth is not ClientAuth.PRIVATE_KEY_JWT:
             headers, fields = client_credentials(config, "", 0.0)
             self._fixed = headers, urllib.parse.urlencode({"token_type_hint": "access_token", **fields})
+            self._post_headers = (*headers, FORM)
+        # A seam that keeps its deadline and can begin an exchange at once: `start_introspect`.
+        start = getattr(http, "start", None) if self._seam_keeps_deadline else None
+        self._start = cast(StartsExchanges, start) if callable(start) else None
 
     async def endpoint(self) -> str:
         """The RFC 7662 endpoint: configured, given, known to the key store's discovery, or fetched (once)."""
@@ -206,13 +245,11 @@ class ProviderClient:
 
         def build() -> tuple[str, str, Headers, bytes]:
             if self._fixed is not None:
-                headers, rest = self._fixed
+                rest, headers = self._fixed[1], self._post_headers
             else:
-                headers, fields = client_credentials(self.config, url, self._clock.now())
-                rest = urllib.parse.urlencode({"token_type_hint": "access_token", **fields})
-            # application/x-www-form-urlencoded, as urlencode writes it: the token can break nothing out.
-            body = f"token={urllib.parse.quote_plus(token)}&{rest}".encode("ascii")
-            return "POST", url, (*headers, ("Content-Type", "application/x-www-form-urlencoded")), body
+                creds, fields = client_credentials(self.config, url, self._clock.now())
+                rest, headers = urllib.parse.urlencode({"token_type_hint": "access_token", **fields}), (*creds, FORM)
+            return "POST", url, headers, _form_body(token, rest)
 
         answer = await self._call(build, max_bytes=DEFAULT_MAX_RESPONSE_BYTES)
         if not isinstance(answer, dict):
@@ -235,6 +272,76 @@ class ProviderClient:
         if not all(isinstance(r, dict) for r in results):
             raise ProviderUnavailable("batch introspection answer holds a non-object")
         return results
+
+    def start_introspect(self, token: str, deliver: Callable[[IntrospectionResult], None]) -> Callable[[], None] | None:
+        """`introspect` without a coroutine, when it can begin at once (#24 goal 7): the endpoint and a
+        client secret known, an in-flight slot free, the breaker closed, and a seam that can start an
+        exchange now (`IntrospectionHttpClient.start`: a pooled connection). The request is written now and
+        `deliver` gets the decoded answer or the `ProviderUnavailable` in the callback that reads the
+        answer: no task, no loop turn between the answer and its waiters. The same request, deadline,
+        metrics and breaker accounting as `introspect`. Returns a function that drops the call (`deliver`
+        is then never called; the breaker is released), or None having done nothing: then `introspect`."""
+        start = self._start
+        if (
+            start is None
+            or self._fixed is None
+            or not self._endpoint
+            or self.breaker.state is not BreakerState.CLOSED  # allow() without side effects: a probe goes the long way
+            or not self._slots.take_now()
+        ):
+            return None
+        body = _form_body(token, self._fixed[1])
+        request = HttpRequest(
+            "POST", self._endpoint, self._post_headers, body, self.config.timeout_seconds, DEFAULT_MAX_RESPONSE_BYTES
+        )
+
+        def answered(outcome: HttpReply | ProviderUnavailable) -> None:
+            self._slots.release()
+            answer: Any = outcome
+            try:
+                if isinstance(outcome, ProviderUnavailable):
+                    self._account("timeout" if isinstance(outcome, ProviderTimedOut) else "unreachable")
+                else:
+                    result, answer = self._decode(outcome)
+                    self._account(result)
+                    if result == "ok" and not isinstance(answer, dict):
+                        answer = ProviderUnavailable("introspection answer is not a JSON object")
+            except Exception:  # a bug: fail closed, never leave a waiter hanging (as the coroutine path)
+                log.exception("introspection call failed", extra={"event": "introspection_error"})
+                answer = ProviderUnavailable("introspection failed")
+            deliver(answer)
+
+        drop = start(request, answered)
+        if drop is None:
+            self._slots.release()
+            return None
+        self.breaker.allow()  # closed: True
+
+        def cancel() -> None:
+            if drop():
+                self._slots.release()
+                self.breaker.release()
+
+        return cancel
+
+    def _decode(self, reply: HttpReply) -> tuple[str, Any]:
+        """The metrics result of an answer and its decoded JSON, or the `ProviderUnavailable` it is."""
+        if reply.status != 200:
+            return _status_result(reply.status), ProviderUnavailable(f"HTTP {reply.status} from introspection provider")
+        try:
+            return "ok", json.loads(reply.body.decode())  # RFC 8259 section 8.1: UTF-8 (no guessing)
+        except (ValueError, RecursionError):
+            return "malformed", ProviderUnavailable("introspection provider sent malformed JSON")
+
+    def _account(self, result: str) -> None:
+        """Counts one call's result and tells the breaker what it says about the provider."""
+        self._metrics.calls[result].inc()
+        if result == "ok":
+            self.breaker.success()
+        elif result in PROVIDER_FAULTS:
+            self.breaker.failure()
+        else:
+            self.breaker.release()  # a refusal says nothing about the provider's health
 
     async def _call(self, build: Callable[[], tuple[str, str, Headers, bytes]], *, max_bytes: int) -> Any:
         """Waits for an in-flight slot, asks the breaker, sends, decodes; all within one deadline."""
@@ -263,14 +370,10 @@ class ProviderClient:
                 else:
                     async with asyncio.timeout_at(deadline):
                         reply = await self._http.send(request)
-                if reply.status != 200:
-                    result = _status_result(reply.status)
-                    raise ProviderUnavailable(f"HTTP {reply.status} from introspection provider")
-                try:
-                    return json.loads(reply.body.decode())  # RFC 8259 section 8.1: UTF-8 (no guessing)
-                except (ValueError, RecursionError):
-                    result = "malformed"
-                    raise ProviderUnavailable("introspection provider sent malformed JSON") from None
+                result, answer = self._decode(reply)
+                if isinstance(answer, ProviderUnavailable):
+                    raise answer
+                return answer
             except TimeoutError:
                 result = "timeout"
                 raise ProviderUnavailable("introspection provider timed out") from None
@@ -288,13 +391,7 @@ class ProviderClient:
                 raise
             finally:
                 if result:
-                    calls[result].inc()
-                    if result == "ok":
-                        self.breaker.success()
-                    elif result in PROVIDER_FAULTS:
-                        self.breaker.failure()
-                    else:
-                        self.breaker.release()  # a refusal says nothing about the provider's health
+                    self._account(result)
         finally:
             self._slots.release()
 

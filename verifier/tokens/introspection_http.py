@@ -31,7 +31,7 @@ import asyncio
 import re
 import ssl
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 import httptools
@@ -39,7 +39,14 @@ import httptools
 from verifier.clock import Clock, SystemClock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.tracing import NO_TRACING, Tracing
-from verifier.tokens.introspection_client import Headers, HttpReply, HttpRequest, ProviderTimedOut
+from verifier.tokens.introspection_client import (
+    Done,
+    Headers,
+    HttpReply,
+    HttpRequest,
+    ProviderTimedOut,
+    Slots,
+)
 
 MAX_HEAD_BYTES = 64 * 1024  # status line + headers, 1xx answers included: a longer head is malformed
 IDLE_SECONDS = 4.0  # an idle pooled connection is dropped after this: under Node's 5 s keep-alive default
@@ -55,13 +62,19 @@ class _Refused(Exception):
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection to one origin; one exchange at a time."""
+    """One keep-alive connection to one origin; one exchange at a time.
+
+    An exchange ends in one call of its `done` callback, from the protocol callback that settles it (the
+    answer's last bytes read, the deadline, the connection lost): no task, no future in between (#24 goal 7).
+    """
 
     def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()  # a connection lives on the loop that made it
-        self._waiter: asyncio.Future[HttpReply] | None = None
+        self._done: Done | None = None  # the exchange under way
+        self._expiry: asyncio.TimerHandle | None = None
+        self._reply: HttpReply | None = None  # a complete answer, handed over once its read is parsed
         self.reusable = False  # set by a complete answer that allows keep-alive
         self.closed = False
         self.idle_since = 0.0
@@ -81,24 +94,59 @@ class _Connection(asyncio.Protocol):
 
     # -- the exchange ----------------------------------------------------------------------
 
-    async def exchange(self, request: bytes, max_bytes: int, deadline: float) -> HttpReply:
-        """Writes `request` and waits for the whole answer until `deadline` (the loop's clock): then the
-        connection is dropped and the exchange fails. A timer handle, not `asyncio.timeout`: one per call."""
-        if self._transport is None or self._waiter is not None or self.closed:
+    def begin(self, request: bytes, max_bytes: int, deadline: float, done: Done) -> None:
+        """Writes `request`; `done` gets the whole answer, or the failure, once. At `deadline` (the loop's
+        clock) the connection is dropped and the exchange fails. A timer handle, not `asyncio.timeout`."""
+        if self._transport is None or self._done is not None or self.closed:
             raise ProviderUnavailable("introspection provider connection is not ready")
         self._reset()
         self._fed = 0
         self._max_bytes = max_bytes
+        self._reply = None
         self.reusable = False
-        loop = self._loop
-        self._waiter = loop.create_future()
-        expiry = loop.call_at(deadline, self._time_out)
+        self._done = done
+        self._expiry = self._loop.call_at(deadline, self._time_out)
         self._transport.write(request)
+
+    def deadline(self, timeout: float) -> float:
+        """`timeout` seconds from now on the loop's clock (what `begin` takes)."""
+        return self._loop.time() + timeout
+
+    def abandon(self, done: Done) -> bool:
+        """Drops the exchange `done` belongs to, if it is still under way (its answer would come unread),
+        and says so: `done` is not called. Another exchange's callback changes nothing."""
+        if self._done is not done:
+            return False
+        self._done = None
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self.close()
+        return True
+
+    async def exchange(self, request: bytes, max_bytes: int, deadline: float) -> HttpReply:
+        """`begin` awaited: the answer, or the failure raised."""
+        waiter: asyncio.Future[HttpReply | ProviderUnavailable] = self._loop.create_future()
+
+        def done(outcome: HttpReply | ProviderUnavailable) -> None:
+            if not waiter.done():  # cancelled, and the answer came before the task woke to abandon it
+                waiter.set_result(outcome)
+
+        self.begin(request, max_bytes, deadline, done)
         try:
-            return await self._waiter
+            outcome = await waiter
         finally:
-            expiry.cancel()
-            self._waiter = None
+            self.abandon(done)  # cancelled: the stream is in an unknown state
+        if isinstance(outcome, ProviderUnavailable):
+            raise outcome
+        return outcome
+
+    def _settle(self, outcome: HttpReply | ProviderUnavailable) -> None:
+        done, self._done = self._done, None
+        if done is None:
+            return
+        if self._expiry is not None:
+            self._expiry.cancel()
+        done(outcome)
 
     def close(self) -> None:
         """Drops the connection at once (an unfinished answer must not be read by the next request)."""
@@ -108,9 +156,8 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
     def _fail(self, description: str, error: type[ProviderUnavailable] = ProviderUnavailable) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(error(f"introspection provider {description}"))
-        self.close()
+        self.close()  # before the answer, if any, is handed over: the stream broke a rule after it
+        self._settle(self._reply or error(f"introspection provider {description}"))
 
     def _time_out(self) -> None:
         self._fail("timed out", ProviderTimedOut)
@@ -121,7 +168,7 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None or self._waiter.done():  # bytes nobody asked for: the stream is out of step
+        if self._done is None:  # bytes nobody asked for: the stream is out of step
             self.close()
             return
         try:
@@ -135,7 +182,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail("sent a malformed answer")
             return
-        if not self._final:  # everything so far is head: bounds what the parser buffers across reads
+        if self._reply is not None:  # the whole answer, and nothing after it in this read
+            self._settle(self._reply)
+        elif not self._final:  # everything so far is head: bounds what the parser buffers across reads
             self._fed += len(data)
             if self._fed > MAX_HEAD_BYTES:
                 self._fail("sent an oversized head")
@@ -146,20 +195,19 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
-        waiter = self._waiter
-        if waiter is None or waiter.done():
+        if self._done is None:
             return
         if self._final and not self._framed and exc is None:  # RFC 9112 section 6.3 rule 8: ends at close
-            waiter.set_result(HttpReply(self._parser.get_status_code(), b"".join(self._body)))
+            self._settle(HttpReply(self._parser.get_status_code(), b"".join(self._body)))
         elif exc is not None:
-            waiter.set_exception(ProviderUnavailable(f"introspection provider unreachable ({type(exc).__name__})"))
+            self._settle(ProviderUnavailable(f"introspection provider unreachable ({type(exc).__name__})"))
         else:
-            waiter.set_exception(ProviderUnavailable("introspection provider closed the connection mid-answer"))
+            self._settle(ProviderUnavailable("introspection provider closed the connection mid-answer"))
 
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.reusable or (self._waiter is not None and self._waiter.done()):
+        if self.reusable or self._reply is not None:
             self.reusable = False  # a second answer to one request: never reuse this stream
             raise _Refused("sent more than one answer")
 
@@ -205,10 +253,8 @@ class _Connection(asyncio.Protocol):
             self._reset()
             self._head = head  # the bound covers every interim answer too
             return
-        waiter = self._waiter
         self.reusable = self._parser.should_keep_alive()
-        if waiter is not None and not waiter.done():
-            waiter.set_result(HttpReply(self._parser.get_status_code(), b"".join(self._body)))
+        self._reply = HttpReply(self._parser.get_status_code(), b"".join(self._body))  # settled after the read
 
 
 class _Target:
@@ -284,7 +330,7 @@ class IntrospectionHttpClient:
         self._targets: dict[str, _Target] = {}
         self._lines: dict[Headers, str] = {}  # a client's credentials are the same headers on every call
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
-        self._slots: dict[tuple[str, str, int], asyncio.Semaphore] = {}
+        self._slots: dict[tuple[str, str, int], Slots] = {}
         self._busy: set[_Connection] = set()
 
     def _target(self, url: str) -> _Target:
@@ -298,20 +344,29 @@ class IntrospectionHttpClient:
             self._targets[url] = target
         return target
 
+    def _encode(self, request: HttpRequest, target: _Target) -> bytes:
+        lines = self._lines.get(request.headers)
+        if lines is None:
+            if len(self._lines) >= 64:  # one set per issuer (its credentials, its content type): few
+                self._lines.clear()
+            lines = self._lines[request.headers] = _header_lines(request.headers)
+        head = request.method + target.line + self._fixed + lines
+        if request.body or request.method == "POST":
+            head += f"Content-Length: {len(request.body)}\r\n"
+        return (head + "\r\n").encode("latin-1") + request.body
+
+    def _slots_for(self, origin: tuple[str, str, int]) -> Slots:
+        slots = self._slots.get(origin)
+        if slots is None:
+            slots = self._slots[origin] = Slots(self._connections)
+        return slots
+
     async def send(self, request: HttpRequest) -> HttpReply:
         """One exchange within `request.timeout`; a transport failure or a broken rule is `ProviderUnavailable`."""
         what = "introspection" if request.method == "POST" else "discovery"
         with self._tracing.fetch(what, request.method, request.url):
             target = self._target(request.url)
-            lines = self._lines.get(request.headers)
-            if lines is None:
-                if len(self._lines) >= 64:  # one set per issuer (its credentials, its content type): few
-                    self._lines.clear()
-                lines = self._lines[request.headers] = _header_lines(request.headers)
-            head = request.method + target.line + self._fixed + lines
-            if request.body or request.method == "POST":
-                head += f"Content-Length: {len(request.body)}\r\n"
-            data = (head + "\r\n").encode("latin-1") + request.body
+            data = self._encode(request, target)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + request.timeout
             try:
@@ -319,12 +374,52 @@ class IntrospectionHttpClient:
             except TimeoutError:
                 raise ProviderTimedOut("introspection provider timed out") from None
 
+    def start(self, request: HttpRequest, done: Done) -> Callable[[], bool] | None:
+        """`send` without a coroutine, when it can begin at once: a connection slot is free and a pooled
+        connection is open (and tracing is off: a span covers `send`). The request is written now; `done`
+        gets the answer or the failure from the callback that settles it, within `request.timeout`.
+        Returns a function that drops the exchange if still under way (`done` is then never called; True),
+        or None, having done nothing: then `send`."""
+        if self._tracing is not NO_TRACING:
+            return None
+        try:
+            target = self._target(request.url)
+            data = self._encode(request, target)
+        except ProviderUnavailable:
+            return None  # `send` raises it
+        origin = target.origin
+        slots = self._slots_for(origin)
+        if not slots.take_now():
+            return None
+        connection = self._pooled(origin, self._clock.monotonic())
+        if connection is None:
+            slots.release()
+            return None
+
+        def finished(outcome: HttpReply | ProviderUnavailable) -> None:
+            self._busy.discard(connection)
+            slots.release()
+            if isinstance(outcome, HttpReply):
+                self._keep(connection, origin)
+            else:
+                connection.close()
+            done(outcome)
+
+        def drop() -> bool:
+            if not connection.abandon(finished):
+                return False
+            self._busy.discard(connection)
+            slots.release()
+            return True
+
+        self._busy.add(connection)
+        connection.begin(data, request.max_bytes, connection.deadline(request.timeout), finished)
+        return drop
+
     async def _exchange(
         self, loop: asyncio.AbstractEventLoop, target: _Target, data: bytes, max_bytes: int, deadline: float
     ) -> HttpReply:
-        slots = self._slots.get(target.origin)
-        if slots is None:
-            slots = self._slots[target.origin] = asyncio.Semaphore(self._connections)
+        slots = self._slots_for(target.origin)
         if slots.locked():  # waiting for a connection counts against the deadline
             async with asyncio.timeout_at(deadline):
                 await slots.acquire()
@@ -343,17 +438,21 @@ class IntrospectionHttpClient:
                 raise
             finally:
                 self._busy.discard(connection)
-            if connection.reusable and not connection.closed:
-                now = connection.idle_since = self._clock.monotonic()
-                idle = self._idle.setdefault(target.origin, [])
-                while idle and (idle[0].closed or idle[0].idle_since < now - self._idle_seconds):
-                    idle.pop(0).close()  # the oldest first: a quiet spell must not keep a burst's sockets open
-                idle.append(connection)
-            else:
-                connection.close()
+            self._keep(connection, target.origin)
             return reply
         finally:
             slots.release()
+
+    def _keep(self, connection: _Connection, origin: tuple[str, str, int]) -> None:
+        """Back to the pool after a complete answer that allows keep-alive; else closed."""
+        if connection.reusable and not connection.closed:
+            now = connection.idle_since = self._clock.monotonic()
+            idle = self._idle.setdefault(origin, [])
+            while idle and (idle[0].closed or idle[0].idle_since < now - self._idle_seconds):
+                idle.pop(0).close()  # the oldest first: a quiet spell must not keep a burst's sockets open
+            idle.append(connection)
+        else:
+            connection.close()
 
     def _pooled(self, origin: tuple[str, str, int], now: float) -> _Connection | None:
         """The most recently used idle connection still open and fresh; stale ones are closed."""
