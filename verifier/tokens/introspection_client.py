@@ -121,9 +121,11 @@ class Slots(asyncio.Semaphore):
 
     def take_now(self) -> bool:
         """Takes a slot if one is free and nobody waits for one (a waiter, even a cancelled one, goes first)."""
-        if self._value <= 0 or self._waiters:
+        # asyncio's own attributes, read and written by name: compiled (mypyc), this class cannot declare them.
+        state: Any = self
+        if state._value <= 0 or state._waiters:
             return False
-        self._value -= 1
+        state._value -= 1
         return True
 
 

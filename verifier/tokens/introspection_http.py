@@ -32,7 +32,7 @@ import re
 import ssl
 import urllib.parse
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import ClassVar, cast
 
 import httptools
 
@@ -307,7 +307,7 @@ class IntrospectionHttpClient:
     `clock` times how long a pooled connection has been idle (deadlines are the event loop's).
     """
 
-    keeps_deadline = True
+    keeps_deadline: ClassVar[bool] = True  # ClassVar: compiled (mypyc), a bare class attribute is an instance's
 
     def __init__(
         self,
