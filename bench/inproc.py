@@ -16,6 +16,10 @@ same raw request again is answered by the door's answer memo; ``--no-memo`` meas
 process, no delay), through ``OPAQUE_CONNECTIONS`` door connections at a time: the CPU per first-seen
 opaque token with the provider calls' real I/O but none of the door's.
 
+``--pure-vs-compiled N``: the same measure (with the other options given) run N times in each of two child
+processes, alternating which goes first: the tree in use, compiled with mypyc (``scripts/build_native.py``), and a
+copy of its ``verifier/`` without the extensions (pure Python); prints each run's figures and the medians.
+
 ``--door grpc|ext_authz``: the cached check at a gRPC door instead, its method handler called as grpc.aio calls
 it (deserializer, handler, serializer) with the serialized request ``h2load`` sends (``ext_authz``: each with its
 own request id, time and source port, as Envoy sends them).
@@ -412,6 +416,49 @@ def _callgrind(argv: list[str]) -> None:
         )
 
 
+# The figures a run prints: us, instructions, a ratio; with --cache-sim the L1 misses (per check / per raw).
+FIGURES = re.compile(r"(\d[\d,]*\.?\d*)(?= us\b| instructions per check| per raw|x \(| /)|(?<=/ )(\d[\d,]*)")
+
+
+def _pure_vs_compiled(argv: list[str], pairs: int) -> None:
+    """``--pure-vs-compiled``: ``pairs`` alternating runs of this measure in the compiled tree and in a pure copy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("verifier")
+    assert spec is not None and spec.origin is not None
+    package = Path(spec.origin).resolve().parent
+    sys.path.insert(0, str(package.parent))
+    from verifier import native
+
+    if not native.extensions(package) or native.problems(package):
+        raise SystemExit(f"no current compiled build in {package}: run `{native.BUILD}` first")
+    bench_dir = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"compiled": package.parent, "pure": Path(tmp, "pure")}
+        ignored = shutil.ignore_patterns("*.so", "*.pyd", native.MANIFEST, "__pycache__")
+        shutil.copytree(package, trees["pure"] / "verifier", ignore=ignored)
+        runs: dict[str, list[list[float]]] = {"compiled": [], "pure": []}
+        for pair in range(pairs):
+            for name in ("compiled", "pure") if pair % 2 == 0 else ("pure", "compiled"):
+                cwd = Path(tmp, "run-" + name)  # `-m` puts the working directory first on sys.path: only `bench`
+                cwd.mkdir(exist_ok=True)
+                if not (cwd / "bench").exists():
+                    (cwd / "bench").symlink_to(bench_dir)
+                env = {**os.environ, "PYTHONPATH": str(trees[name])}
+                done = subprocess.run(
+                    [sys.executable, "-m", "bench.inproc", *argv], cwd=cwd, env=env, capture_output=True, text=True
+                )
+                if done.returncode != 0:
+                    raise SystemExit(f"{name} run failed:\n{done.stdout}{done.stderr}")
+                lines = [line.strip() for line in done.stdout.splitlines() if FIGURES.search(line)]
+                print(f"pair {pair + 1} {name:>8}: " + " | ".join(lines), flush=True)
+                found = [a or b for line in lines for a, b in FIGURES.findall(line)]
+                runs[name].append([float(f.replace(",", "")) for f in found])
+    for name, figures in runs.items():
+        columns = [statistics.median(column) for column in zip(*figures, strict=True)] if all(figures) else []
+        print(f"median {name:>8}: " + ", ".join(f"{c:,.2f}" for c in columns))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policies", action="store_true", help="two route policies (bench run --policies)")
@@ -430,8 +477,16 @@ def main() -> None:
         action="store_true",
         help="--opaque: asyncio objects per token (plain asyncio loop, not uvloop)",
     )
+    parser.add_argument(
+        "--pure-vs-compiled", type=int, default=0, metavar="N", help="N alternating runs: compiled tree vs pure copy"
+    )
     parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pure_vs_compiled:
+        argv = sys.argv[1:]
+        at = argv.index("--pure-vs-compiled")
+        _pure_vs_compiled(argv[:at] + argv[at + 2 :], args.pure_vs_compiled)
+        return
     if args.door != "http" and (args.first_seen or args.opaque):
         parser.error("--door grpc|ext_authz measures the cached check only")
     if args.callgrind:

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from verifier import native
 from verifier.authenticators import Authenticator, JwtAuthenticator, OpaqueIntrospection
 from verifier.binding.dpop import DpopVerifier
 from verifier.checks.base import Check
@@ -493,7 +494,10 @@ class App:
         self._tasks.append(loop.create_task(self._serve_when_ready()))
         self._tasks.append(loop.create_task(self._refresh_gauges()))
         self._tasks.append(loop.create_task(self._flush_logs()))
-        log.info("verifier started", extra={"event": "started", "ports": dataclasses.asdict(self.ports)})
+        log.info(
+            "verifier started",
+            extra={"event": "started", "ports": dataclasses.asdict(self.ports), "compiled": native.compiled()},
+        )
 
     async def _serve_when_ready(self) -> None:
         if self.revocation is not None:

@@ -261,7 +261,7 @@ class _Connection(asyncio.Protocol):
         completed = self._completed
         self._offer = None
         self._feed(data)
-        offer = self._offer
+        offer: tuple[bytes, float, Decision] | None = self._offer  # set by the parse just above
         if (
             offer is not None
             and self._completed == completed + 1
