@@ -434,7 +434,9 @@ def _pure_vs_compiled(argv: list[str], pairs: int) -> None:
         raise SystemExit(f"no current compiled build in {package}: run `{native.BUILD}` first")
     bench_dir = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"compiled": package.parent, "pure": Path(tmp, "pure")}
+        # Both copies taken now: a rebuild in the tree while the runs go on changes neither.
+        trees = {"compiled": Path(tmp, "compiled"), "pure": Path(tmp, "pure")}
+        shutil.copytree(package, trees["compiled"] / "verifier", ignore=shutil.ignore_patterns("__pycache__"))
         ignored = shutil.ignore_patterns("*.so", "*.pyd", native.MANIFEST, "__pycache__")
         shutil.copytree(package, trees["pure"] / "verifier", ignore=ignored)
         runs: dict[str, list[list[float]]] = {"compiled": [], "pure": []}
@@ -451,6 +453,8 @@ def _pure_vs_compiled(argv: list[str], pairs: int) -> None:
                 if done.returncode != 0:
                     raise SystemExit(f"{name} run failed:\n{done.stdout}{done.stderr}")
                 lines = [line.strip() for line in done.stdout.splitlines() if FIGURES.search(line)]
+                if name == "compiled" and "compiled: True" not in done.stdout:
+                    raise SystemExit("the compiled run did not run compiled")
                 print(f"pair {pair + 1} {name:>8}: " + " | ".join(lines), flush=True)
                 found = [a or b for line in lines for a, b in FIGURES.findall(line)]
                 runs[name].append([float(f.replace(",", "")) for f in found])
@@ -492,6 +496,12 @@ def main() -> None:
     if args.callgrind:
         _callgrind(sys.argv[1:])
         return
+    try:  # which build this run measures (scripts/build_native.py; an older tree: pure Python)
+        from verifier import native
+
+        print(f"compiled: {native.compiled()}", flush=True)
+    except ImportError:
+        print("compiled: False", flush=True)
     import uvloop
 
     from verifier import cli

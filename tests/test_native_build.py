@@ -84,11 +84,11 @@ def test_importing_the_package_refuses_a_stale_compiled_module(tmp_path: Path) -
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     probe = [sys.executable, "-c", "import verifier, sys; sys.stdout.write(verifier.__file__)"]
-    clean = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120)
+    clean = subprocess.run(probe, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert clean.returncode == 0, clean.stderr
     assert clean.stdout == str(copy / "__init__.py")
     (copy / f"pipeline{SUFFIX}").write_bytes(b"")  # as if compiled from another pipeline.py
-    stale = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120)
+    stale = subprocess.run(probe, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert stale.returncode != 0
     assert "StaleBuild" in stale.stderr
     assert "run `python scripts/build_native.py` to compile them again" in stale.stderr

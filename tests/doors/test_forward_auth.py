@@ -10,7 +10,8 @@ import pytest
 from doorkit import http_exchange, running_verifier
 from prometheus_client import CollectorRegistry
 
-from verifier.decision import Decision
+from verifier.authenticators import Seen
+from verifier.clock import SystemClock
 from verifier.doors.forward_auth import (
     FORWARDED_FAMILIES,
     X_FORWARDED,
@@ -18,10 +19,10 @@ from verifier.doors.forward_auth import (
     _Connection,
     attributes_from_http,
 )
-from verifier.doors.refusals import refuse
 from verifier.errors import MissingToken, ProviderUnavailable, VerifierError
 from verifier.observe.metrics import Metrics
-from verifier.request import RequestAttributes
+from verifier.pipeline import Pipeline
+from verifier.principal import Principal
 from verifier.settings import (
     FORWARDED_HEADER_FAMILIES,
     ForwardAuthSettings,
@@ -29,6 +30,7 @@ from verifier.settings import (
     Requirements,
     RouteMatch,
 )
+from verifier.tokens.cache import ExpiringCache
 
 X_ORIGINAL = FORWARDED_FAMILIES["x-original"]
 
@@ -486,19 +488,37 @@ async def test_an_active_pipelined_connection_outlives_both_timeouts() -> None:
         assert answered >= 18
 
 
-class _GatedPipeline:
-    """Every check is a slow one; each waits for the gate its X-Forwarded-Uri names, then refuses with its code."""
+class _GatedAuthenticator:
+    """Every token needs I/O (a slow check); each waits for the gate its token names, then refuses with its error."""
+
+    sends_to = None
 
     def __init__(self, gates: dict[str, tuple[asyncio.Event, VerifierError]]) -> None:
         self.gates = gates
 
-    def decide_cached(self, attrs: RequestAttributes, door: str) -> None:
+    def verify_now(self, token: str, seen: Seen) -> Principal | None:
         return None
 
-    async def decide_after_miss(self, attrs: RequestAttributes, door: str) -> Decision:
-        gate, error = self.gates[attrs.path]
+    async def verify(self, token: str, token_hash: bytes, seen: Seen) -> Principal:
+        gate, error = self.gates[token]
         await gate.wait()
-        return refuse(error, realm="verifier")
+        raise error
+
+
+def _gated_pipeline(gates: dict[str, tuple[asyncio.Event, VerifierError]]) -> Pipeline:
+    """A real pipeline (the compiled door takes no stand-in) whose one authenticator is gated."""
+    clock = SystemClock()
+    return Pipeline(
+        authenticators=[_GatedAuthenticator(gates)],
+        checks=[],
+        positive=ExpiringCache(10, clock),
+        negative=ExpiringCache(10, clock),
+        clock=clock,
+        metrics=Metrics(CollectorRegistry()),
+        realm="verifier",
+        negative_ttl=30,
+        audit_enabled=False,
+    )
 
 
 class _Wire:
@@ -519,22 +539,22 @@ async def test_a_first_seen_answer_goes_out_in_the_loop_turn_its_decision_comple
     # A slow answer's task writes it itself when it is the next one owed (#24 goal 7: no done callback, no
     # extra event-loop turn); one behind an earlier answer still owed waits for that one, in request order.
     gates = {
-        "/a": (asyncio.Event(), ProviderUnavailable("provider down")),
-        "/b": (asyncio.Event(), MissingToken("no token")),
+        "a": (asyncio.Event(), ProviderUnavailable("provider down")),
+        "b": (asyncio.Event(), MissingToken("no token")),
     }
-    door = ForwardAuthDoor(_GatedPipeline(gates), Metrics(CollectorRegistry()), lambda: True)  # type: ignore[arg-type]
+    door = ForwardAuthDoor(_gated_pipeline(gates), Metrics(CollectorRegistry()), lambda: True)
     wire = _Wire()
     connection = _Connection(door)
     connection.connection_made(wire)  # type: ignore[arg-type]
-    head = "GET /v1/forward-auth HTTP/1.1\r\nHost: verifier\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: {}\r\n\r\n"
-    connection.data_received((head.format("/a") + head.format("/b")).encode())
+    head = "GET /v1/forward-auth HTTP/1.1\r\nHost: verifier\r\nX-Forwarded-Uri: /\r\nAuthorization: Bearer {}\r\n\r\n"
+    connection.data_received((head.format("a") + head.format("b")).encode())
     for _ in range(3):
         await asyncio.sleep(0)  # both checks running, waiting at their gates
-    gates["/b"][0].set()
+    gates["b"][0].set()
     for _ in range(3):
         await asyncio.sleep(0)
     assert wire.out == []  # /b is decided but owed after /a
-    gates["/a"][0].set()
+    gates["a"][0].set()
     await asyncio.sleep(0)  # one loop turn: /a's check resumes, and both answers go out in it
     assert [_status(answer) for answer in wire.out] == [503, 401]
     assert connection.busy is False

@@ -259,9 +259,9 @@ class _Connection(asyncio.Protocol):
             self._idle()
             return
         completed = self._completed
-        self._offer = None
+        self._taken_offer()  # none left over from an earlier request
         self._feed(data)
-        offer: tuple[bytes, float, Decision] | None = self._offer  # set by the parse just above
+        offer = self._taken_offer()  # what the parse just above offered, if anything
         if (
             offer is not None
             and self._completed == completed + 1
@@ -269,6 +269,12 @@ class _Connection(asyncio.Protocol):
         ):
             answer, valid_until, decision = offer
             memo.store(data, self._peer, answer, valid_until, decision.outcome, decision.reason)
+
+    def _taken_offer(self) -> tuple[bytes, float, Decision] | None:
+        """The answer `on_message_complete` offered to be remembered (cleared). A call, not an attribute read
+        after `self._offer = None`: a type checker narrows that read to None, and mypyc compiles what it narrows."""
+        offer, self._offer = self._offer, None
+        return offer
 
     @property
     def busy(self) -> bool:

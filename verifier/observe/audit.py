@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 audit_log = logging.getLogger("verifier.audit")
 
 FINGERPRINT_HEX_CHARS = 16  # 64 bits of SHA-256: unique enough to correlate, not a credential
@@ -129,6 +131,9 @@ def signature_check(
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
+# The logging classes stay Python classes when this module is compiled (scripts/build_native.py): a compiled
+# subclass of logging's Handler crashed the interpreter at exit (logging keeps weak references to handlers).
+@mypyc_attr(native_class=False)
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and the record's extra fields."""
 
@@ -159,6 +164,7 @@ FLUSH_INTERVAL_SECONDS = 0.2  # audit lines reach stderr at most this late (or w
 LOG_BUFFER_BYTES = 64 * 1024
 
 
+@mypyc_attr(native_class=False)
 class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """JSON lines to stderr through a 64 KiB buffer, flushed at least every 0.2 s.
 
