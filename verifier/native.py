@@ -41,6 +41,11 @@ MODULES = (
     "verifier.tokens.jws",
     "verifier.tokens.cache",
     "verifier.observe.audit",
+    # A first-seen opaque token's RFC 7662 call (`python -m bench.inproc --opaque --profile`).
+    "verifier.tokens.introspection",
+    "verifier.tokens.introspection_client",
+    "verifier.tokens.introspection_http",
+    "verifier.tokens.introspection_breaker",
 )
 GROUP = "verifier._native"  # the shared library's module: verifier/_native__mypyc.<suffix>
 PACKAGE = Path(__file__).resolve().parent
