@@ -398,7 +398,7 @@ class IntrospectionHttpClient:
 
         def finished(outcome: HttpReply | ProviderUnavailable) -> None:
             self._busy.discard(connection)
-            slots.release()
+            slots.give_back()
             if isinstance(outcome, HttpReply):
                 self._keep(connection, origin)
             else:
