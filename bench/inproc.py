@@ -17,8 +17,9 @@ process, no delay), through ``OPAQUE_CONNECTIONS`` door connections at a time: t
 opaque token with the provider calls' real I/O but none of the door's.
 
 ``--pure-vs-compiled N``: the same measure (with the other options given) run N times in each of two child
-processes, alternating which goes first: the tree in use, compiled with mypyc (``scripts/build_native.py``), and a
-copy of its ``verifier/`` without the extensions (pure Python); prints each run's figures and the medians.
+processes, alternating which goes first: a copy of the ``verifier/`` in use with the first-seen hot path compiled
+by mypyc (``bench/native.py``, ~1-3 minutes to build), and a copy as it is (pure Python); prints each run's figures
+and their medians.
 
 ``--door grpc|ext_authz``: the cached check at a gRPC door instead, its method handler called as grpc.aio calls
 it (deserializer, handler, serializer) with the serialized request ``h2load`` sends (``ext_authz``: each with its
@@ -49,7 +50,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from bench import floor, idp, procs, wire
+from bench import floor, idp, native, procs, wire
 
 CACHED_PASSES, CACHED_REQUESTS = 7, 20_000
 FIRST_SEEN_ROUNDS, FIRST_SEEN_PER_ROUND = 5, 1_000
@@ -421,24 +422,21 @@ FIGURES = re.compile(r"(\d[\d,]*\.?\d*)(?= us\b| instructions per check| per raw
 
 
 def _pure_vs_compiled(argv: list[str], pairs: int) -> None:
-    """``--pure-vs-compiled``: ``pairs`` alternating runs of this measure in the compiled tree and in a pure copy."""
+    """``--pure-vs-compiled``: ``pairs`` alternating runs of this measure in two copies of the ``verifier/`` in use,
+    one compiled with mypyc (`bench.native`), one as it is (pure Python)."""
     import importlib.util
 
     spec = importlib.util.find_spec("verifier")
     assert spec is not None and spec.origin is not None
     package = Path(spec.origin).resolve().parent
-    sys.path.insert(0, str(package.parent))
-    from verifier import native
-
-    if not native.extensions(package) or native.problems(package):
-        raise SystemExit(f"no current compiled build in {package}: run `{native.BUILD}` first")
     bench_dir = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
-        # Both copies taken now: a rebuild in the tree while the runs go on changes neither.
         trees = {"compiled": Path(tmp, "compiled"), "pure": Path(tmp, "pure")}
-        shutil.copytree(package, trees["compiled"] / "verifier", ignore=shutil.ignore_patterns("__pycache__"))
-        ignored = shutil.ignore_patterns("*.so", "*.pyd", native.MANIFEST, "__pycache__")
-        shutil.copytree(package, trees["pure"] / "verifier", ignore=ignored)
+        for tree in trees.values():
+            shutil.copytree(package, tree / "verifier", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+            shutil.copy(package.parent / "pyproject.toml", tree)  # mypy's settings, for mypyc
+        seconds = native.build(trees["compiled"])
+        print(f"compiled {len(native.MODULES)} modules with mypyc in {seconds:.0f} s", flush=True)
         runs: dict[str, list[list[float]]] = {"compiled": [], "pure": []}
         for pair in range(pairs):
             for name in ("compiled", "pure") if pair % 2 == 0 else ("pure", "compiled"):
@@ -496,12 +494,7 @@ def main() -> None:
     if args.callgrind:
         _callgrind(sys.argv[1:])
         return
-    try:  # which build this run measures (scripts/build_native.py; an older tree: pure Python)
-        from verifier import native
-
-        print(f"compiled: {native.compiled()}", flush=True)
-    except ImportError:
-        print("compiled: False", flush=True)
+    print(f"compiled: {native.running_compiled()}", flush=True)  # which build this run measures
     import uvloop
 
     from verifier import cli

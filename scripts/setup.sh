@@ -13,10 +13,3 @@ for script in .ci/setup.d/*.sh; do
   bash "$script"
 done
 bash scripts/otel_proto.sh  # after every pip install above: xds-protos overwrites opentelemetry-proto
-# The hot path compiled with mypyc, in place (verifier/native.py); nothing to do when already current.
-# VERIFIER_PURE_PYTHON=1: no build, and any build in place removed (the package then runs pure Python).
-if [ "${VERIFIER_PURE_PYTHON:-0}" = 1 ]; then
-  python scripts/build_native.py --clean
-else
-  python scripts/build_native.py
-fi

@@ -54,7 +54,3 @@ _.add_registered_method_handlers
 
 # Read by tests/doors/test_loop_clock.py: whether the door's loop clock still wakes the loop.
 _.ticking
-
-# Read by scripts/build_native.py (loads verifier/native.py by path): which modules it compiles, as what group.
-_.MODULES
-_.GROUP

@@ -22,7 +22,6 @@ from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from verifier import native
 from verifier.authenticators import Authenticator, JwtAuthenticator, OpaqueIntrospection
 from verifier.binding.dpop import DpopVerifier
 from verifier.checks.base import Check
@@ -50,7 +49,8 @@ from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
 from verifier.generation import Generation
-from verifier.observe.audit import FLUSH_INTERVAL_SECONDS, flush_logs
+from verifier.observe.audit import flush_logs
+from verifier.observe.logsink import FLUSH_INTERVAL_SECONDS
 from verifier.observe.metrics import (
     IntrospectionMetrics,
     IssuerIntrospectionMetrics,
@@ -494,10 +494,7 @@ class App:
         self._tasks.append(loop.create_task(self._serve_when_ready()))
         self._tasks.append(loop.create_task(self._refresh_gauges()))
         self._tasks.append(loop.create_task(self._flush_logs()))
-        log.info(
-            "verifier started",
-            extra={"event": "started", "ports": dataclasses.asdict(self.ports), "compiled": native.compiled()},
-        )
+        log.info("verifier started", extra={"event": "started", "ports": dataclasses.asdict(self.ports)})
 
     async def _serve_when_ready(self) -> None:
         if self.revocation is not None:

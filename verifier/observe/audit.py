@@ -10,11 +10,10 @@ import atexit
 import hashlib
 import json
 import logging
-import sys
 import time
 from typing import Any
 
-from mypy_extensions import mypyc_attr
+from verifier.observe.logsink import BufferedStderrHandler, JsonFormatter
 
 audit_log = logging.getLogger("verifier.audit")
 
@@ -126,79 +125,6 @@ def signature_check(
         return
     # Serialized here, once: the formatter writes it as is (no per-record attribute walk).
     audit_log.info("signature_check", extra={"_json_fields": fields})
-
-
-_STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
-
-
-# The logging classes stay Python classes when this module is compiled (scripts/build_native.py): a compiled
-# subclass of logging's Handler crashed the interpreter at exit (logging keeps weak references to handlers).
-@mypyc_attr(native_class=False)
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the record's extra fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """Formats a record as JSON."""
-        fields = record.__dict__.get("_json_fields")
-        if fields is not None:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            return (
-                f'{{"time": "{stamp}.{int(record.msecs):03d}Z", "level": "{record.levelname}", '
-                f'"logger": "{record.name}", "msg": "{record.getMessage()}", {fields}}}'
-            )
-        out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-FLUSH_INTERVAL_SECONDS = 0.2  # audit lines reach stderr at most this late (or when 64 KiB are waiting)
-LOG_BUFFER_BYTES = 64 * 1024
-
-
-@mypyc_attr(native_class=False)
-class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """JSON lines to stderr through a 64 KiB buffer, flushed at least every 0.2 s.
-
-    A plain StreamHandler flushes (one write syscall) per line; with an audit line per signature
-    check that syscall costs more than the check's own parsing. Lines at WARNING and above are
-    flushed at once, and `flush_now()` runs on shutdown.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(open(sys.stderr.fileno(), "w", buffering=LOG_BUFFER_BYTES, closefd=False))  # noqa: SIM115
-        self._last_flush = time.monotonic()
-
-    def flush(self) -> None:
-        """Flushes when the interval has passed; otherwise the buffer keeps the line."""
-        now = time.monotonic()
-        if now - self._last_flush >= FLUSH_INTERVAL_SECONDS:
-            self.flush_now(now)
-
-    def flush_now(self, now: float | None = None) -> None:
-        """Writes out whatever is buffered."""
-        self._last_flush = now if now is not None else time.monotonic()
-        super().flush()
-
-    def write_line(self, line: str) -> None:
-        """Appends one preformatted line (the audit fast path; same buffer, same flushing)."""
-        self.stream.write(line + "\n")
-        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL_SECONDS:
-            self.flush_now()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        """Writes a line; urgent lines go out at once."""
-        super().emit(record)
-        if record.levelno >= logging.WARNING:
-            self.flush_now()
 
 
 _direct_sink: BufferedStderrHandler | None = None  # set by configure_logging: our own handler

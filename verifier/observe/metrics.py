@@ -15,8 +15,6 @@ from collections.abc import Iterable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
-from verifier import native
-
 LATENCY_BUCKETS = (
     0.00005,
     0.0001,
@@ -147,12 +145,6 @@ class Metrics:
             ["backend"],
             registry=r,
         )
-        self.compiled = Gauge(
-            "verifier_compiled",
-            "1 when the hot path runs compiled with mypyc (scripts/build_native.py), 0 when it runs pure Python.",
-            registry=r,
-        )
-        self.compiled.set(1 if native.compiled() else 0)
 
     def decision(self, door: str, outcome: str, reason: str, seconds: float) -> None:
         """Counts one decision and observes its latency."""

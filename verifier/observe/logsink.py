@@ -1,0 +1,82 @@
+"""Where log lines go: JSON lines (`JsonFormatter`) through a buffered stderr handler (`BufferedStderrHandler`).
+
+Apart from `verifier.observe.audit` (which writes the audit line and configures logging with these), so that the
+audit line's module holds no subclass of logging's classes: the hot path compiled with mypyc (`bench/native.py`)
+compiles that module, and a compiled subclass of logging's `Handler` crashed the interpreter at exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Formats a record as JSON."""
+        fields = record.__dict__.get("_json_fields")
+        if fields is not None:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            return (
+                f'{{"time": "{stamp}.{int(record.msecs):03d}Z", "level": "{record.levelname}", '
+                f'"logger": "{record.name}", "msg": "{record.getMessage()}", {fields}}}'
+            )
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+FLUSH_INTERVAL_SECONDS = 0.2  # audit lines reach stderr at most this late (or when 64 KiB are waiting)
+LOG_BUFFER_BYTES = 64 * 1024
+
+
+class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """JSON lines to stderr through a 64 KiB buffer, flushed at least every 0.2 s.
+
+    A plain StreamHandler flushes (one write syscall) per line; with an audit line per signature
+    check that syscall costs more than the check's own parsing. Lines at WARNING and above are
+    flushed at once, and `flush_now()` runs on shutdown.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(open(sys.stderr.fileno(), "w", buffering=LOG_BUFFER_BYTES, closefd=False))  # noqa: SIM115
+        self._last_flush = time.monotonic()
+
+    def flush(self) -> None:
+        """Flushes when the interval has passed; otherwise the buffer keeps the line."""
+        now = time.monotonic()
+        if now - self._last_flush >= FLUSH_INTERVAL_SECONDS:
+            self.flush_now(now)
+
+    def flush_now(self, now: float | None = None) -> None:
+        """Writes out whatever is buffered."""
+        self._last_flush = now if now is not None else time.monotonic()
+        super().flush()
+
+    def write_line(self, line: str) -> None:
+        """Appends one preformatted line (the audit fast path; same buffer, same flushing)."""
+        self.stream.write(line + "\n")
+        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL_SECONDS:
+            self.flush_now()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Writes a line; urgent lines go out at once."""
+        super().emit(record)
+        if record.levelno >= logging.WARNING:
+            self.flush_now()
