@@ -41,6 +41,9 @@ FORM = (("Content-Type", "application/x-www-form-urlencoded"),)
 BODY = b'{"active": true, "sub": "alice"}'
 SLACK = 1.0  # seconds of scheduling slack on a loaded machine
 PATIENCE = 30.0  # seconds a test waits for a condition (or an answer) where time is not the point
+# An introspector's timeout where one call must time out and the others, on the same introspector and real
+# sockets, must be answered within it: long enough for a stalled runner (0.3 s was not), short enough to wait.
+SHARED_TIMEOUT = 1.5
 
 # One scripted answer: pieces of bytes written with a pause before each, then what the peer does.
 Piece = bytes | float  # bytes to write, or seconds to wait
@@ -645,7 +648,7 @@ async def test_a_silent_provider_is_ended_by_the_client_s_own_deadline_and_count
             issuer="http://127.0.0.1",
             audiences=("aud",),
             config=IntrospectionConfig(
-                client_id="verifier", client_secret="s" * 16, endpoint=peer.url, timeout_seconds=0.3
+                client_id="verifier", client_secret="s" * 16, endpoint=peer.url, timeout_seconds=SHARED_TIMEOUT
             ),
             endpoint=None,
             http=client,
@@ -653,7 +656,7 @@ async def test_a_silent_provider_is_ended_by_the_client_s_own_deadline_and_count
             registry=registry,
         )
         try:
-            await times_out(asyncio.wait_for(introspector.introspect(TOKEN, b"t" * 32), PATIENCE), 0.3)
+            await times_out(asyncio.wait_for(introspector.introspect(TOKEN, b"t" * 32), PATIENCE), SHARED_TIMEOUT)
             labels = {"issuer": "http://127.0.0.1"}
             calls = "verifier_introspection_calls_total"
             assert registry.get_sample_value(calls, {**labels, "result": "timeout"}) == 1
@@ -766,9 +769,10 @@ async def test_an_answer_split_across_reads_is_settled_once_whole(
 async def test_a_late_answer_after_the_deadline_is_a_timeout_and_never_reaches_the_next_call(
     client: IntrospectionHttpClient,
 ) -> None:
-    late = Answer([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(LIVE), 0.8, LIVE])
-    async with primed(client, [late, ok(b'{"active": true, "sub": "bob", "aud": "aud"}')], timeout=0.3) as it:
-        await times_out(it.subject("late"), 0.3)
+    late = Answer([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(LIVE), 2 * SHARED_TIMEOUT, LIVE])
+    bob = ok(b'{"active": true, "sub": "bob", "aud": "aud"}')
+    async with primed(client, [late, bob], timeout=SHARED_TIMEOUT) as it:
+        await times_out(it.subject("late"), SHARED_TIMEOUT)
         assert it.calls("timeout") == 1 and it.calls("unreachable") == 0
         await until(lambda: it.peer.answered == 2, "the late answer to be written")
         assert await it.subject("next") == "bob"  # on a new connection: the late answer is never read
