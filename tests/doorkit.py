@@ -5,14 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 from support import free_port
 
 from verifier.app import App
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 from verifier.observe.tracing import Tracing
-from verifier.settings import IssuerSettings, Listen, Settings
+from verifier.settings import ForwardAuthSettings, IssuerSettings, Listen, Settings
+
+# The forward-auth door sheds a first-seen token once its loop has waited this long (the product's default is
+# 0.25 s): a loaded test machine that starves this process for a moment must not turn a lone request into a 503
+# "overloaded" (as tests/integration/gateways.py does for the rigs). Shedding itself is proven at its own
+# thresholds in tests/doors/test_forward_auth_shedding.py.
+SHED_AFTER_S = 5.0
+
+
+def door_settings(**options: Any) -> ForwardAuthSettings:
+    """The forward-auth door's settings for a test: `options`, and shedding only past SHED_AFTER_S unless given."""
+    return ForwardAuthSettings(**{"shed_after_seconds": SHED_AFTER_S, **options})
 
 
 @contextlib.asynccontextmanager
@@ -25,6 +37,7 @@ async def running_verifier(
         "grpc": Listen(host="127.0.0.1", port=0),
         "http": Listen(host="127.0.0.1", port=0),
         "metrics": Listen(host="127.0.0.1", port=0),
+        "forward_auth": door_settings(),
         **(settings_options or {}),
     }
     settings = Settings(
@@ -72,4 +85,14 @@ async def until_pending(app: App, checks: int) -> None:
     deadline = time.monotonic() + 30
     while app.pipeline._pending < checks:
         assert time.monotonic() < deadline, f"{app.pipeline._pending} checks in flight, not {checks}"
+        await asyncio.sleep(0.01)
+
+
+async def until_accepted(app: App, client_ports: Iterable[int]) -> None:
+    """Waits (up to 30 s: a loaded machine) until the forward-auth door holds the connections opened from
+    `client_ports` (accepted, their protocol made, reading): a condition, never a pause guessed long enough."""
+    wanted = set(client_ports)
+    deadline = time.monotonic() + 30
+    while missing := wanted - {c._transport.get_extra_info("peername")[1] for c in app.forward_auth.connections}:
+        assert time.monotonic() < deadline, f"{len(missing)} of {len(wanted)} connections not accepted"
         await asyncio.sleep(0.01)

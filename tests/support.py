@@ -11,6 +11,7 @@ import asyncio
 import base64
 import datetime
 import socket
+import threading
 import time
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -89,14 +90,28 @@ def spki_pin(key: ec.EllipticCurvePrivateKey) -> str:
 T = TypeVar("T")
 
 
+def run_queue_seconds() -> float:
+    """Seconds this thread has spent runnable but not running (waiting for a CPU the machine's other load held),
+    from Linux's /proc schedstat; 0.0 where the kernel does not tell."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as stats:
+            return int(stats.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 async def timed(call: Awaitable[T], deadline: float) -> tuple[T, float, float]:
-    """`call`'s result, the seconds it took, and how late this event loop ran a timer of `deadline` seconds
-    started alongside it (0.0 when `call` ended first).
+    """`call`'s result, the seconds it took, and how late a loaded machine made it: how late this event loop
+    ran a timer of `deadline` seconds started alongside it, or how long this thread waited for a CPU while
+    `call` ran (the kernel's run-queue time), whichever is more.
 
     For a deadline kept by code running in this same loop: a loaded machine delays that deadline's timer by
-    about as much as the one here, so `took - late` is what the time would have been on a quiet machine.
-    Assert `took - late < deadline + a little`, not `took < deadline + a guess at the machine's load`.
+    about as much as the one here, and a stall after it (the answer written, read) is run-queue time, so
+    `took - late` is what the time would have been on a quiet machine. Neither excuses the code's own work or
+    its waiting on a socket. Assert `took - late < deadline + a little`, not `took < deadline + a guess at the
+    machine's load`.
     """
+    queued = run_queue_seconds()
     started = time.monotonic()
 
     async def deadline_timer() -> float:
@@ -110,7 +125,8 @@ async def timed(call: Awaitable[T], deadline: float) -> tuple[T, float, float]:
         timer.cancel()
         raise
     took = time.monotonic() - started
+    starved = run_queue_seconds() - queued
     if took < deadline:
         timer.cancel()
-        return result, took, 0.0
-    return result, took, await timer
+        return result, took, starved
+    return result, took, max(await timer, starved)

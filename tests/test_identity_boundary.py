@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from doorkit import free_port, http_exchange
+from doorkit import door_settings, free_port, http_exchange
 from ssf_transmitter import ACCOUNT_DISABLED, CREDENTIAL_CHANGE, SESSION_REVOKED, TOKEN_CLAIMS_CHANGE, SsfTransmitter
 from webauthnkit import ORIGIN, RP_ID, SoftAuthenticator, encode_header
 
@@ -97,7 +97,7 @@ async def _verifier(
         metrics=None,
         issuers=tuple(issuers),
         revocation=parse_revocation_config({"transmitters": list(transmitters)}) if transmitters else None,
-        **options,
+        **{"forward_auth": door_settings(), **options},  # shedding only past 5 s: a starved process is no overload
     )
     app = App(settings)
     await app.start()

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
-from doorkit import http_exchange
+from doorkit import door_settings, http_exchange
 from rawprovider import RawProvider, json_route
 from support import timed
 from tokenkit import AUDIENCE
@@ -51,6 +51,7 @@ async def app(monkeypatch: pytest.MonkeyPatch, jwks_document: dict[str, object])
         settings = Settings(
             grpc=Listen(host="127.0.0.1", port=0),
             http=Listen(host="127.0.0.1", port=0),
+            forward_auth=door_settings(),  # a shed answer (at once) is not the deadline's
             metrics=None,
             issuers=(IssuerSettings(issuer=provider.url, audiences=(AUDIENCE,), algorithms=("ES256",),
                                     introspection=introspection),),

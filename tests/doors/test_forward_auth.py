@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from doorkit import http_exchange, running_verifier
+from doorkit import door_settings, http_exchange, running_verifier
 from prometheus_client import CollectorRegistry
 
 from verifier.authenticators import Seen
@@ -25,7 +25,6 @@ from verifier.pipeline import Pipeline
 from verifier.principal import Principal
 from verifier.settings import (
     FORWARDED_HEADER_FAMILIES,
-    ForwardAuthSettings,
     PolicySettings,
     Requirements,
     RouteMatch,
@@ -291,7 +290,7 @@ def _wire(headers: dict[str, str]) -> str:
 async def test_a_client_cannot_choose_the_judged_route_through_the_door(
     family: str, gateway: dict[str, str], spoofed: dict[str, str]
 ) -> None:
-    options = {"policies": ROUTES, "forward_auth": ForwardAuthSettings(forwarded_headers=family)}
+    options = {"policies": ROUTES, "forward_auth": door_settings(forwarded_headers=family)}
     async with running_verifier(options) as (app, idp):
         # The client's headers first, the gateway's after (as nginx adds proxy_set_header ones).
         extra = _wire(spoofed) + _wire(gateway)
@@ -359,7 +358,7 @@ HOST_SPELLINGS = ["ADMIN.example.test.", "admin.example.test:443", "Admin.Exampl
     [("x-forwarded", "Host"), ("x-forwarded", "X-Forwarded-Host"), ("x-original", "X-Original-Host")],
 )
 async def test_a_host_policy_holds_for_every_spelling_of_the_host(family: str, header: str, spelling: str) -> None:
-    options = {"policies": HOST_ROUTES, "forward_auth": ForwardAuthSettings(forwarded_headers=family)}
+    options = {"policies": HOST_ROUTES, "forward_auth": door_settings(forwarded_headers=family)}
     async with running_verifier(options) as (app, _):
         raw = f"GET /v1/forward-auth HTTP/1.1\r\n{header}: {spelling}\r\n\r\n".encode()
         if header != "Host":
@@ -392,7 +391,7 @@ async def test_an_allow_tells_envoy_to_remove_identity_headers_the_client_sent()
 
 # -- listener timeouts (slowloris, idle keep-alives) ---------------------------------------------------
 
-SHORT = ForwardAuthSettings(header_timeout_seconds=0.3, idle_timeout_seconds=0.6)
+SHORT = door_settings(header_timeout_seconds=0.3, idle_timeout_seconds=0.6)
 
 
 async def _seconds_until_closed(reader: asyncio.StreamReader, limit: float = 5.0, since: float | None = None) -> float:
@@ -457,7 +456,7 @@ async def test_an_idle_keep_alive_is_closed_after_the_idle_timeout() -> None:
 
 # Timeouts an active connection must outlive: still short, but a loaded machine's late timer (the 0.2 s and
 # 0.15 s pauses below overshooting) never reaches them (with SHORT the pause had 0.15 s of room).
-ACTIVE = ForwardAuthSettings(header_timeout_seconds=1.0, idle_timeout_seconds=2.0)
+ACTIVE = door_settings(header_timeout_seconds=1.0, idle_timeout_seconds=2.0)
 
 
 async def test_an_active_pipelined_connection_outlives_both_timeouts() -> None:

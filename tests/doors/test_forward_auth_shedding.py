@@ -9,13 +9,16 @@ import socket
 import threading
 import time
 
-from doorkit import http_exchange, running_verifier, until_pending
+from doorkit import http_exchange, running_verifier, until_accepted, until_pending
 from support import FrozenClock
 from tokenkit import DISCOVERY_URL, JWKS_URL, KIDS, NOW, FakeFetcher, claims, discovery_document, issuer_settings
 
 from verifier.app import App
 from verifier.doors import forward_auth
 from verifier.settings import DEFAULT_SHED_AFTER_SECONDS, ForwardAuthSettings, Listen, Settings
+
+# The product's shedding threshold (doorkit's verifier sheds only past 5 s, for the tests not about shedding).
+PRODUCT_SHEDDING = {"forward_auth": ForwardAuthSettings(shed_after_seconds=DEFAULT_SHED_AFTER_SECONDS)}
 
 
 def _request(token: str, sub_path: str = "") -> bytes:
@@ -31,11 +34,12 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
     return int(lines[0].split(" ", 2)[1]), headers
 
 
-async def _held_flood(port: int, requests: list[bytes], hold: float) -> list[tuple[int, dict[str, str]]]:
+async def _held_flood(app: App, requests: list[bytes], hold: float) -> list[tuple[int, dict[str, str]]]:
     """Sends each request on its own connection while the loop is held busy for `hold` seconds (as it is
     when a flood of ready connections is being read), then reads every answer."""
-    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in requests]
-    await asyncio.sleep(0.1)  # every connection accepted
+    conns = [await asyncio.open_connection("127.0.0.1", app.ports.http) for _ in requests]
+    # Every connection accepted first: one the door accepts only after the hold is read in a later loop turn.
+    await until_accepted(app, [writer.get_extra_info("sockname")[1] for _, writer in conns])
     for (_, writer), raw in zip(conns, requests, strict=True):
         writer.write(raw)  # into the sockets now; the server reads them only after the hold
     time.sleep(hold)  # the point: the loop is busy, the requests wait in their sockets
@@ -47,14 +51,14 @@ async def _held_flood(port: int, requests: list[bytes], hold: float) -> list[tup
 
 
 async def test_unknown_tokens_that_waited_too_long_get_503_retry_after_and_cached_ones_are_served() -> None:
-    async with running_verifier() as (app, idp):
+    async with running_verifier(PRODUCT_SHEDDING) as (app, idp):
         port = app.ports.http
         known = idp.mint(sub="known")
         assert b" 200 " in await http_exchange(port, _request(known))
         fresh = [idp.mint(sub=f"fresh-{i}") for i in range(6)]
 
         answers = await _held_flood(
-            port, [_request(t) for t in fresh] + [_request(known)], hold=DEFAULT_SHED_AFTER_SECONDS + 0.2
+            app, [_request(t) for t in fresh] + [_request(known)], hold=DEFAULT_SHED_AFTER_SECONDS + 0.2
         )
 
         for status, headers in answers[:-1]:
@@ -63,33 +67,35 @@ async def test_unknown_tokens_that_waited_too_long_get_503_retry_after_and_cache
             assert headers["x-verifier-reason"] == "overloaded"
             assert "x-authenticated-userid" not in headers
         assert answers[-1][0] == 200 and answers[-1][1]["x-authenticated-userid"] == "known"
-        # Healthy right after: the same unknown tokens are checked (and allowed) once the loop comes round.
+        # Healthy right after: the same unknown tokens are checked (and allowed) once the loop comes round (a
+        # loaded machine's stall past the threshold may shed one again: Retry-After, as a client would).
         for token in fresh:
-            assert b" 200 " in await http_exchange(port, _request(token))
+            assert await _allowed_within_tries(port, token)
         assert b" 200 " in await http_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: v\r\n\r\n")
 
 
 async def test_below_the_threshold_nothing_is_shed() -> None:
+    # doorkit's threshold (5 s), not the product's 0.25 s: a loaded machine's stall may reach the latter
     async with running_verifier() as (app, idp):
         fresh = [idp.mint(sub=f"fresh-{i}") for i in range(3)]
 
-        answers = await _held_flood(app.ports.http, [_request(t) for t in fresh], hold=0.0)
+        answers = await _held_flood(app, [_request(t) for t in fresh], hold=0.0)
 
         assert [status for status, _ in answers] == [200, 200, 200]
 
 
 async def test_a_garbage_or_missing_token_is_still_refused_not_shed() -> None:
-    async with running_verifier() as (app, _):
+    async with running_verifier(PRODUCT_SHEDDING) as (app, _):
         requests = [_request("not-a-jwt"), b"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\n\r\n"]
 
-        answers = await _held_flood(app.ports.http, requests, hold=DEFAULT_SHED_AFTER_SECONDS + 0.2)
+        answers = await _held_flood(app, requests, hold=DEFAULT_SHED_AFTER_SECONDS + 0.2)
 
         assert answers[0][0] in (503, 401)  # unknown to every cache: shed, or refused; never allowed
         assert answers[1][0] == 401  # nothing to check: answered at once
 
 
 async def test_one_connection_never_has_more_than_max_pipelined_answers_owed() -> None:
-    async with running_verifier() as (app, idp):
+    async with running_verifier(PRODUCT_SHEDDING) as (app, idp):
         tokens = [idp.mint(sub=f"p-{i}") for i in range(3 * forward_auth.MAX_PIPELINED)]
         reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
         owed: list[int] = []
@@ -169,13 +175,14 @@ def _blocking_answer(sock: socket.socket) -> tuple[int, dict[str, str]]:
     return int(lines[0].split(" ", 2)[1]), headers
 
 
-async def _one_turn(port: int, requests: list[bytes]) -> list[tuple[int, dict[str, str]]]:
+async def _one_turn(app: App, requests: list[bytes]) -> list[tuple[int, dict[str, str]]]:
     """Every request on its own connection, all sent by another thread while the server's loop waits (for less
     than the shed threshold), so that one loop turn reads them all; then every answer. A client apart from the
     loop: only the server's own work keeps it busy."""
+    port = app.ports.http
     socks = await asyncio.to_thread(lambda: [socket.create_connection(("127.0.0.1", port), 30) for _ in requests])
     try:
-        await asyncio.sleep(0.2)  # every connection accepted
+        await until_accepted(app, [sock.getsockname()[1] for sock in socks])  # read in one turn, not as accepted
         sender = threading.Thread(target=lambda: [s.sendall(r) for s, r in zip(socks, requests, strict=True)])
         sender.start()
         sender.join()  # the loop does not run meanwhile: the requests wait in their sockets
@@ -206,7 +213,7 @@ async def test_a_burst_of_first_seen_tokens_is_checked_only_while_the_loop_keeps
             assert b" 200 " in await http_exchange(port, _request(idp.mint(sub=f"warm-{i}")))
         fresh = [idp.mint(sub=f"turn-{i}") for i in range(ONE_TURN)]
 
-        answers = await _one_turn(port, [_request(t) for t in fresh])
+        answers = await _one_turn(app, [_request(t) for t in fresh])
 
         statuses = [status for status, _ in answers]
         assert set(statuses) <= {200, 503}
@@ -230,7 +237,7 @@ async def test_a_flood_of_forged_tokens_never_gets_an_allow_and_a_legit_token_ge
         forged += [f"{head}.{'A' * 86}", "not-a-jwt", "e30.e30.", "Bearer"] * 10
 
         for _ in range(2):  # twice: the second time the refusals are remembered (the negative cache)
-            answers = await _one_turn(port, [_request(t) for t in [*forged, legit]])
+            answers = await _one_turn(app, [_request(t) for t in [*forged, legit]])
 
             for status, headers in answers[:-1]:
                 assert status in (401, 503), status  # refused or shed; never an allow

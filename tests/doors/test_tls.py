@@ -14,9 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from doorkit import running_verifier
+from doorkit import door_settings, running_verifier
 
-from verifier.settings import ConfigError, ForwardAuthSettings, Listen, TlsSettings, parse_settings
+from verifier.settings import ConfigError, Listen, TlsSettings, parse_settings
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 
@@ -139,7 +139,7 @@ async def test_a_stalled_tls_handshake_is_closed_after_the_header_timeout(pki: d
     tls = TlsSettings(cert_file=pki["server_cert"], key_file=pki["server_key"])
     options = {
         "http": Listen(host="127.0.0.1", port=0, tls=tls),
-        "forward_auth": ForwardAuthSettings(header_timeout_seconds=0.3),
+        "forward_auth": door_settings(header_timeout_seconds=0.3),
     }
     async with running_verifier(options) as (app, _):
         # Plain TCP that never sends a ClientHello (or sends half of one).

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from doorkit import door_settings
 from gateways import EchoUpstream, LocalIssuer
 from op_harness import API_AUDIENCE, OpenIDProvider, start_provider
 from redis_harness import RedisServer, start_redis
@@ -84,6 +85,7 @@ async def verifier_trusting(
     settings = Settings(
         grpc=Listen(host="127.0.0.1", port=0) if grpc else None,
         http=Listen(host="127.0.0.1", port=0),
+        forward_auth=door_settings(),  # shedding only past 5 s: a starved test process is not an overload
         metrics=None,
         issuers=(
             IssuerSettings(

@@ -120,9 +120,11 @@ async def test_jwks_errors_keep_cached_keys_and_refuse_unknown_kids(
 
 
 async def test_slow_jwks_within_the_deadline_still_loads(provider: OpenIDProvider, verifier: App) -> None:
+    await asyncio.to_thread(provider.set_fault, "jwks", delay_ms=int(FETCH_TIMEOUT * 400))  # before the rotation
     rotated = await _rotated_token(provider)
-    await asyncio.to_thread(provider.set_fault, "jwks", delay_ms=int(FETCH_TIMEOUT * 400))
-    assert (await _status(verifier, rotated))[0] == 200
+    # Only a JWKS fetch slowed to 40% of the deadline can teach the verifier the new kid; a stalled runner may
+    # stretch one past the deadline (a 503, "retry later"), so the token is asked for again until allowed.
+    await _eventually_allowed(verifier, rotated)
 
 
 async def test_provider_stopped_service_stays_serving_and_fails_closed(provider: OpenIDProvider, verifier: App) -> None:

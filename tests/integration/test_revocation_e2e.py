@@ -13,12 +13,13 @@ from typing import Any
 
 import grpc
 import pytest
-from doorkit import free_port, http_exchange
+from doorkit import door_settings, free_port, http_exchange
 from envoy.service.auth.v3 import attribute_context_pb2 as ac
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
 from redis_harness import start_redis
 from ssf_transmitter import SESSION_REVOKED, SsfTransmitter
+from support import timed
 
 from verifier.app import App
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
@@ -36,6 +37,7 @@ async def _replica(idp: DevIdentityProvider, tx: SsfTransmitter, redis_url: str 
     settings = Settings(
         grpc=Listen(host="127.0.0.1", port=0),
         http=Listen(host="127.0.0.1", port=0),
+        forward_auth=door_settings(),  # shedding only past 5 s: a starved test process is not an overload
         metrics=None,
         issuers=(IssuerSettings(issuer=idp.issuer, audiences=(DEV_AUDIENCE,), algorithms=("ES256",)),),
         state=parse_state_config({"redis_url": redis_url, "key_prefix": "e2e:"}) if redis_url else None,
@@ -106,10 +108,16 @@ async def test_session_revoked_event_refuses_on_every_door_and_on_a_second_repli
                 assert (await _forward(two, token))[0] == 200  # ... and on two
                 status, _ = await _push(one, tx, "session-1")
                 assert status == 202
-                deadline = time.monotonic() + 1.0
-                while (await _forward(two, token))[0] != 401:
-                    assert time.monotonic() < deadline, "replica two did not refuse within 1 s"
-                    await asyncio.sleep(0.02)
+
+                async def refused_on_two() -> None:
+                    deadline = time.monotonic() + 30
+                    while (await _forward(two, token))[0] != 401:
+                        assert time.monotonic() < deadline, "replica two never refused"
+                        await asyncio.sleep(0.02)
+
+                # Within a second, less how late a loaded machine ran this loop (both replicas run in it).
+                _, took, late = await timed(refused_on_two(), 1.0)
+                assert took - late < 1.0, f"replica two did not refuse within 1 s ({took:.2f} s, {late:.2f} s late)"
                 status, challenge = await _forward(one, token)
                 assert status == 401 and 'error="invalid_token"' in challenge and "revoked" in challenge
                 assert await _grpc_both(one, token) == (False, 16)

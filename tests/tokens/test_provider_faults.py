@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 from aiohttp import web
-from doorkit import http_exchange
+from doorkit import door_settings, http_exchange
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from support import FrozenClock, timed
@@ -92,7 +92,9 @@ def make_app(fetcher: Any, *, clock: Any = None, doors: bool = False, **issuer_o
     options: dict[str, Any] = {"fetch_timeout_seconds": FETCH_TIMEOUT, "jwks_cooldown_seconds": 0.0}
     options.update(issuer_options)
     listen = Listen(host="127.0.0.1", port=0) if doors else None
-    settings = Settings(grpc=listen, http=listen, metrics=None, issuers=(issuer_settings(**options),))
+    settings = Settings(
+        grpc=listen, http=listen, forward_auth=door_settings(), metrics=None, issuers=(issuer_settings(**options),)
+    )
     return App(settings, fetcher=fetcher, clock=clock or SystemClock())
 
 
@@ -296,8 +298,11 @@ async def test_discovery_plus_jwks_stay_within_one_fetch_timeout(jwks_document: 
     fetcher.faults[DISCOVERY_URL] = ("delay", FETCH_TIMEOUT * 0.9)
     fetcher.faults[JWKS_URL] = ("delay", FETCH_TIMEOUT * 0.9)
     app = make_app(fetcher)
-    _, took, late = await timed(app.pipeline.decide(attrs_for(mint(live_claims())), "test"), FETCH_TIMEOUT)
-    assert took - late < FETCH_TIMEOUT + SLACK / 2, (took, late)
+    decision, took, late = await timed(app.pipeline.decide(attrs_for(mint(live_claims())), "test"), FETCH_TIMEOUT)
+    # Each call alone is within the deadline: only one deadline over both refuses (two would load the keys and
+    # allow). The outcome shows it whatever the machine's load; the time bounds the wait.
+    assert not decision.allowed and decision.reason == "provider_unavailable", decision.reason
+    assert took - late < FETCH_TIMEOUT + SLACK, (took, late)
 
 
 async def test_provider_down_with_nothing_cached_answers_503_with_retry_after(mint: Mint) -> None:
@@ -401,16 +406,22 @@ def _closed_port() -> int:
 
 
 async def _refresh_outcome(fetcher: HttpFetcher, issuer: str, **options: Any) -> tuple[str, float]:
+    """How one refresh ended, and the seconds it took less how late this loop ran a timer of the fetch deadline
+    (`support.timed`): a stalled runner delays the refresh's own deadline as much, so this is the time a quiet
+    machine would have taken."""
     app = make_app(fetcher, issuer=issuer, **options)
     issuer_keys = app.keys.get(issuer)
     assert issuer_keys is not None
-    started = time.monotonic()
-    try:
-        await issuer_keys.refresh()
-        outcome = "ok"
-    except ProviderUnavailable as exc:
-        outcome = exc.description
-    return outcome, time.monotonic() - started
+
+    async def refresh() -> str:
+        try:
+            await issuer_keys.refresh()
+        except ProviderUnavailable as exc:
+            return exc.description
+        return "ok"
+
+    outcome, took, late = await timed(refresh(), options.get("fetch_timeout_seconds", FETCH_TIMEOUT))
+    return outcome, took - late
 
 
 async def test_real_fetcher_loads_keys_from_the_local_provider(
@@ -456,9 +467,11 @@ async def test_tls_to_a_plain_http_port_is_provider_unavailable_never_a_crash(
     local_provider: LocalProvider, http_fetcher: HttpFetcher, mint: Mint
 ) -> None:
     issuer = f"https://127.0.0.1:{local_provider.port}"
-    outcome, elapsed = await _refresh_outcome(http_fetcher, issuer)
-    assert outcome != "ok" and elapsed < FETCH_TIMEOUT + SLACK
-    app = make_app(http_fetcher, issuer=issuer)
+    # A deadline a stalled runner cannot reach: the refusal must be the TLS failure itself, never a timeout.
+    outcome, elapsed = await _refresh_outcome(http_fetcher, issuer, fetch_timeout_seconds=RELAXED_TIMEOUT)
+    assert outcome != "ok" and "timed out" not in outcome, outcome
+    assert elapsed < RELAXED_TIMEOUT
+    app = make_app(http_fetcher, issuer=issuer, fetch_timeout_seconds=RELAXED_TIMEOUT)
     decision = await app.pipeline.decide(attrs_for(mint(live_claims(iss=issuer))), "test")
     assert not decision.allowed and decision.reason != "internal_error"
 
@@ -471,7 +484,7 @@ async def test_tls_to_a_silent_port_times_out(http_fetcher: HttpFetcher) -> None
     finally:
         server.close()
     assert "timed out" in outcome
-    assert elapsed < FETCH_TIMEOUT + SLACK
+    assert elapsed < FETCH_TIMEOUT + SLACK, elapsed
 
 
 async def test_real_fetcher_deeply_nested_jwk_is_skipped_not_a_crash(
@@ -481,12 +494,14 @@ async def test_real_fetcher_deeply_nested_jwk_is_skipped_not_a_crash(
     for depth in (500, 900, 950, 980, 990):
         nested = '{"kty":"EC","crv":"P-256","x":"AA","y":"AA","z":' + "[" * depth + "]" * depth + "}"
         local_provider.body_override = ('{"keys":[' + nested + "," + json.dumps(good[0]) + "]}").encode()
-        app = make_app(http_fetcher, issuer=local_provider.issuer)
+        # RELAXED_TIMEOUT: a stalled runner must not turn the parse under test into a skipped timeout
+        app = make_app(http_fetcher, issuer=local_provider.issuer, fetch_timeout_seconds=RELAXED_TIMEOUT)
         issuer_keys = app.keys.get(local_provider.issuer)
         assert issuer_keys is not None
         try:
             await issuer_keys.refresh()
-        except ProviderUnavailable:
+        except ProviderUnavailable as exc:
+            assert "timed out" not in exc.description, exc.description
             continue  # too deep for json.loads: refused as malformed, which is fine
 
 
@@ -572,15 +587,16 @@ async def test_introspection_faults_fail_closed_within_the_deadline(fault: int |
         http=http,
     )
     try:
-        started = time.monotonic()
-        results = await asyncio.gather(
-            *(introspector.introspect(f"opaque-{i}", token_hash(f"opaque-{i}")) for i in range(5)),
-            return_exceptions=True,
+        results, took, late = await timed(  # less how late a loaded machine ran this loop
+            asyncio.gather(
+                *(introspector.introspect(f"opaque-{i}", token_hash(f"opaque-{i}")) for i in range(5)),
+                return_exceptions=True,
+            ),
+            INTROSPECT_TIMEOUT,
         )
-        elapsed = time.monotonic() - started
     finally:
         await introspector.close()
-    assert elapsed < INTROSPECT_TIMEOUT + SLACK, elapsed
+    assert took - late < INTROSPECT_TIMEOUT + SLACK, (took, late)
     for result in results:
         assert isinstance(result, Exception), "a faulty provider must never yield a principal"
         if fault in ("slow", 500, 503, 401, "refused", "garbage", "not_object"):
