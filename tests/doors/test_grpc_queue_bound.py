@@ -40,8 +40,11 @@ def _allows(app: App) -> float:
     return total
 
 
-async def _h2load(port: int, body: Path, clients: int, streams: int, seconds: float, *headers: str) -> str:
+async def _h2load(
+    port: int, body: Path, clients: int, streams: int, seconds: float, *headers: str, log: Path | None = None
+) -> str:
     cmd = ["h2load", "-c", str(clients), "-m", str(streams), "-t", "1", "-D", f"{seconds:g}s", "-d", str(body)]
+    cmd += ["--log-file", str(log)] if log is not None else []
     for header in ("content-type: application/grpc", "te: trailers", *headers):
         cmd += ["-H", header]
     proc = await asyncio.create_subprocess_exec(
@@ -75,9 +78,15 @@ async def test_a_flood_over_many_connections_is_still_served_and_the_door_is_hea
         # Capacity: a few connections inside the bound, no deadline (the scheduling-independent figure: allows
         # per CPU-second of the verifier's process).
         _, capacity = await _served_per_cpu_second(app, asyncio.ensure_future(_h2load(port, body, 4, 4, 2)))
-        # The flood: 128 connections x 100 streams, each call with a 100 ms deadline.
-        flood = asyncio.ensure_future(_h2load(port, body, 128, 100, 3, "grpc-timeout: 100m"))
-        served, per_cpu = await _served_per_cpu_second(app, flood)
+        # The flood: 128 connections x 100 streams, each call with a 100 ms deadline. h2load logs no gRPC status:
+        # an answer at or past 100 ms is gRPC's DEADLINE_EXCEEDED, and an allow made for such a call never
+        # reached its caller, so served in time is at least allows - late answers.
+        log = tmp_path / "flood.log"
+        flood = asyncio.ensure_future(_h2load(port, body, 128, 100, 3, "grpc-timeout: 100m", log=log))
+        allows, per_cpu = await _served_per_cpu_second(app, flood)
+        late = sum(int(line.split()[2]) >= 100_000 for line in log.read_text().splitlines() if line.strip())
+        served = allows - late
+        per_cpu *= max(0.0, served) / max(allows, 1.0)
 
         # Healthy right after: a health check and a real check answered, each within 1 s (plus a loaded runner's
         # slack: what the bench measures precisely is the 1 s).
@@ -88,7 +97,9 @@ async def test_a_flood_over_many_connections_is_still_served_and_the_door_is_hea
             took = time.monotonic() - started
         assert health.status == health_pb2.HealthCheckResponse.SERVING and answer.allowed and took < 5
 
-        # Goodput per CPU-second under the flood against the same at capacity: before the queue bound ~1-10%
-        # (the CPU went on calls already expired); with it most of capacity's. Loose: a third.
-        assert served > 0
-        assert per_cpu >= capacity / 3, f"served {served:.0f}: {per_cpu:.0f}/CPU-s against {capacity:.0f} at capacity"
+        # Served in time per CPU-second under the flood against allows per CPU-second at capacity: before the queue
+        # bound ~0 (the CPU went on calls that expired); with it 30-80% on a loaded 2-core machine. Loose: a tenth.
+        assert served > 0 and per_cpu >= capacity / 10, (
+            f"{allows:.0f} allows, {late} answers past the deadline: {per_cpu:.0f} served in time per CPU-second "
+            f"against {capacity:.0f} allows per CPU-second at capacity"
+        )
