@@ -145,23 +145,39 @@ def introspecting_decider(issuer: str) -> AsyncDecide:
     return decide
 
 
+ANSWERED_SERVICE = "bench.Baseline"  # its `Answered` method: how many Check calls the handlers answered, as ASCII
+
+
 def _grpc_handlers(decide: Decide) -> list[grpc.GenericRpcHandler]:
-    """Generic handlers on raw bytes: no (de)serialization cost beyond what ``decide`` needs."""
+    """Generic handlers on raw bytes: no (de)serialization cost beyond what ``decide`` needs; and
+    ``bench.Baseline/Answered``, the count of Check calls whose handler ran (the overload scenario's *served*, as the
+    verifier's decision counter is its)."""
+    answered = [0]
 
     def handler(door: Door) -> grpc.RpcMethodHandler:
         allow, deny = wire.ANSWERS[(door, True)], wire.ANSWERS[(door, False)]
 
         async def check(request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+            answered[0] += 1
             return allow if decide(wire.authorization(door, request)) else deny
 
         async def noop(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+            answered[0] += 1
             return allow
 
         return grpc.unary_unary_rpc_method_handler(noop if decide is allow_all else check)
 
+    async def count(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+        return str(answered[0]).encode()
+
     return [
-        grpc.method_handlers_generic_handler(door.grpc_method.split("/")[1], {"Check": handler(door)})
-        for door in (Door.GRPC, Door.EXT_AUTHZ)
+        *(
+            grpc.method_handlers_generic_handler(door.grpc_method.split("/")[1], {"Check": handler(door)})
+            for door in (Door.GRPC, Door.EXT_AUTHZ)
+        ),
+        grpc.method_handlers_generic_handler(
+            ANSWERED_SERVICE, {"Answered": grpc.unary_unary_rpc_method_handler(count)}
+        ),
     ]
 
 

@@ -44,13 +44,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench import edge, idp, load, procs, report, wire
+from bench import baselines, edge, idp, load, procs, report, wire
 from bench.runner import Context
 from bench.wire import Door, Target
 from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS, DEFAULT_SHED_AFTER_SECONDS, MAX_DEADLINE_SECONDS
 
 BEFORE = 1000
 FLOOD = (32, 100)  # h2load clients x streams: the issue's load
+# `--grpc-floods`: each h2load flood as CLIENTSxSTREAMS; 128x100 is many gateways' connections (each held to the bound)
+GRPC_FLOODS = (FLOOD,)
 CAPACITY = (4, 8)
 HTTP_CAPACITY = 16  # wrk connections that saturate the forward-auth door: its capacity
 # The floods, in wrk connections: 10x the concurrency that saturates the door (a closed loop has no offered rate:
@@ -111,6 +113,26 @@ def _healthy(target: Target) -> tuple[bool, float]:
     return answer.status == health_pb2.HealthCheckResponse.SERVING, time.monotonic() - started
 
 
+def _noop_answered(target: Target) -> tuple[float, float]:
+    """The no-op's count of answered Check calls (bench/baselines.py), and how long asking took (its health)."""
+    started = time.monotonic()
+    with grpc.insecure_channel(target.grpc_addr) as channel:
+        answered = channel.unary_unary(f"/{baselines.ANSWERED_SERVICE}/Answered")(b"", timeout=2)
+    return float(answered.decode()), time.monotonic() - started
+
+
+def grpc_floods(ctx: Context) -> list[tuple[int, int]]:
+    """The gRPC floods, h2load (clients, streams): ``--grpc-floods 32x100,128x100``, else GRPC_FLOODS."""
+    given = ctx.opt("grpc_floods", None)
+    try:
+        floods = [tuple(int(n) for n in f.split("x")) for f in given.split(",") if f] if given else list(GRPC_FLOODS)
+    except ValueError:
+        floods = []
+    if not floods or any(len(f) != 2 or min(f) < 1 for f in floods):
+        raise SystemExit(f"--grpc-floods: CLIENTSxSTREAMS, comma-separated, e.g. 32x100,128x100 (got {given!r})")
+    return [(f[0], f[1]) for f in floods]
+
+
 def _start(ctx: Context, issuer: idp.Issuer, variant: Variant) -> tuple[Target, str]:
     """A verifier of ``variant`` with a metrics listener; (target, metrics address)."""
     metrics_addr = f"127.0.0.1:{procs.free_port()}"
@@ -125,10 +147,27 @@ def _start(ctx: Context, issuer: idp.Issuer, variant: Variant) -> tuple[Target, 
     return target, metrics_addr
 
 
-def point(ctx: Context, issuer: idp.Issuer, door: Door, variant: Variant, *, deadline_ms: int | None) -> dict[str, Any]:
-    """One verifier of ``variant``: its capacity, then the flood."""
-    target, metrics_addr = _start(ctx, issuer, variant)
+def point(
+    ctx: Context,
+    issuer: idp.Issuer,
+    door: Door,
+    variant: Variant,
+    *,
+    deadline_ms: int | None,
+    flood_shape: tuple[int, int] = FLOOD,
+) -> dict[str, Any]:
+    """One verifier of ``variant`` (or the grpc.aio no-op with the verifier's server options, ``NOOP``): its
+    capacity, then the flood of ``flood_shape``. Served: the verifier's allow counter (the no-op's answered count)."""
+    noop = variant.name == NOOP
+    if noop:
+        target, metrics_addr = ctx.servers.start_baseline("noop", settings="verifier"), ""
+    else:
+        target, metrics_addr = _start(ctx, issuer, variant)
     bound = variant.grpc_bound if variant.grpc_bound is not None else DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
+
+    def decisions() -> dict[str, float]:
+        return {"allow/noop": _noop_answered(target)[0]} if noop else _decisions(metrics_addr)
+
     try:
         body = wire.grpc_payload(door, issuer.cached_token)
         duration = ctx.opt("duration", 5.0, 3.0)
@@ -151,16 +190,20 @@ def point(ctx: Context, issuer: idp.Issuer, door: Door, variant: Variant, *, dea
         cap = h2load(CAPACITY)
         cap_cpu = procs.cpu_seconds(target.pids) - cap_cpu0
         time.sleep(1)
-        rss0, before = procs.rss_kib(target.pids), _decisions(metrics_addr)
+        rss0, before = procs.rss_kib(target.pids), decisions()
         log = ctx.work / f"h2load-{door.value}-{variant.name}.log"
         log.unlink(missing_ok=True)
         headers = [f"grpc-timeout: {deadline_ms}m"] if deadline_ms is not None else []
         cpu0 = procs.cpu_seconds(target.pids)
-        flood = h2load(FLOOD, headers=headers, log=log)
+        flood = h2load(flood_shape, headers=headers, log=log)
         cpu = procs.cpu_seconds(target.pids) - cpu0
-        healthy, health_s = _healthy(target)
+        if noop:
+            answered, health_s = _noop_answered(target)
+            healthy = health_s <= HEALTHY_WITHIN_S
+        else:
+            healthy, health_s = _healthy(target)
         rss1 = procs.rss_kib(target.pids)
-        after = _decisions(metrics_addr)
+        after = {"allow/noop": answered} if noop else _decisions(metrics_addr)
         time.sleep(3)
         rss2 = procs.rss_kib(target.pids)
     finally:
@@ -168,6 +211,7 @@ def point(ctx: Context, issuer: idp.Issuer, door: Door, variant: Variant, *, dea
     # h2load's log covers the warm-up too: every answer counts against the budget.
     elapsed_ms = sorted(int(line.split()[2]) / 1000 for line in log.read_text().splitlines() if line.strip())
     budget_ms = (deadline_ms if deadline_ms is not None else 900) + 100
+    late = sum(e >= deadline_ms for e in elapsed_ms) if deadline_ms is not None else 0
     decided = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
     served = sum(v for k, v in decided.items() if k.startswith("allow/"))
     capacity = cap.requests / cap.seconds
@@ -176,13 +220,19 @@ def point(ctx: Context, issuer: idp.Issuer, door: Door, variant: Variant, *, dea
             door=door.value,
             variant=variant.name,
             bound=bound if variant.tree is None else "before's default",
+            flood=f"{flood_shape[0]}x{flood_shape[1]}",
             deadline_ms=deadline_ms,
             capacity=capacity,
             served=served,
             served_per_s=served / duration,
+            seconds=duration,
             served_share=served / duration / capacity if capacity else None,
+            # Answered after the caller's deadline: gRPC's own DEADLINE_EXCEEDED (h2load logs no gRPC status), so
+            # a decision made for one of them never reached its caller. Served in time, at least: served - late.
+            late=late,
+            in_time_share=max(0.0, served - late) / duration / capacity if capacity else None,
             # scheduling-independent goodput: served per verifier CPU-second, against the capacity point's
-            served_per_cpu_share=_per_cpu_share(served, cpu, cap.requests, cap_cpu),
+            served_per_cpu_share=_per_cpu_share(max(0.0, served - late), cpu, cap.requests, cap_cpu),
             decisions=decided,
             streams=len(elapsed_ms),
             refused_streams=flood.errors,
@@ -454,17 +504,24 @@ def run(ctx: Context) -> None:
     http_routes = [r for r in routes if r != "grpc-doors"]
     if http_routes:
         run_http(ctx, issuer, http_routes, points)
-    pair = variants(ctx, grpc=True)
+    # The verifier before and as shipped, and the grpc.aio no-op with the verifier's server options (what the
+    # stack itself keeps under the same flood), alternated.
+    trio = (*variants(ctx, grpc=True), Variant(NOOP))
+    floods_ = grpc_floods(ctx)
     for rep in range(ctx.opt("reps", 2, 1) if "grpc-doors" in routes else 0):
         for door in doors:
-            for variant in pair if rep % 2 == 0 else pair[::-1]:
-                p = point(ctx, issuer, door, variant, deadline_ms=deadline_ms)
-                print(
-                    f"bench: overload {door.value} {variant.name} rep {rep}: served {p['served']:,.0f} "
-                    f"({p['served_share']:.0%} of capacity), max {p['max_ms']:.0f} ms",
-                    file=sys.stderr,
-                )
-                points.append(p)
+            for shape in floods_ if rep % 2 == 0 else floods_[::-1]:
+                for variant in trio if rep % 2 == 0 else trio[::-1]:
+                    p = point(ctx, issuer, door, variant, deadline_ms=deadline_ms, flood_shape=shape)
+                    print(
+                        f"bench: overload {door.value} -c {shape[0]} -m {shape[1]} {variant.name} rep {rep}: served "
+                        f"{p['served']:,.0f} ({p['served_share']:.0%} of capacity; in time "
+                        f"{p['in_time_share'] or 0:.0%}, per CPU-second "
+                        f"{p['served_per_cpu_share'] or 0:.0%}), max {p['max_ms']:.0f} ms, "
+                        f"{p['verifier_cpu_us']:,.0f} us CPU/answer",
+                        file=sys.stderr,
+                    )
+                    points.append(p)
     goal = verdicts(points)
     for line in goal:
         print(f"bench: goal {line}", file=sys.stderr)
@@ -472,7 +529,11 @@ def run(ctx: Context) -> None:
 
 
 def _label(p: dict[str, Any]) -> str:
-    return p["door"] if "bound" in p else f"{p['door']} {p['tokens']} -c {p.get('connections', 1000)}"
+    if "bound" in p:  # gRPC: the door, and the flood's shape when not the issue's 32x100
+        flood = p.get("flood", f"{FLOOD[0]}x{FLOOD[1]}")
+        clients, streams = flood.split("x")
+        return p["door"] if flood == f"{FLOOD[0]}x{FLOOD[1]}" else f"{p['door']} -c {clients} -m {streams}"
+    return f"{p['door']} {p['tokens']} -c {p.get('connections', 1000)}"
 
 
 def verdicts(points: list[dict[str, Any]]) -> list[str]:
@@ -481,7 +542,8 @@ def verdicts(points: list[dict[str, Any]]) -> list[str]:
     shipped = [p for p in points if p.get("variant") == SHIPPED]
     for label in dict.fromkeys(_label(p) for p in shipped):
         ps = [p for p in shipped if _label(p) == label]
-        share = statistics.median(p["served_share"] or 0.0 for p in ps)
+        # gRPC: served in time (a decision answered past the caller's deadline is not served); HTTP: served
+        share = statistics.median(p.get("in_time_share", p["served_share"]) or 0.0 for p in ps)
         late = sum(bool(p["over_budget"]) for p in ps)
         rss = max(max(p["rss_after_mb"], p["rss_settled_mb"]) / p["rss_before_mb"] for p in ps)
         health = max(p["health_s"] for p in ps)
@@ -499,6 +561,7 @@ def verdicts(points: list[dict[str, Any]]) -> list[str]:
             f"past {ps[0]['budget_ms']} ms, max {worst:,.0f} ms); RSS {verdict(rss <= RSS_GOAL)} ({rss:.2f}x); "
             f"healthy {verdict(not sick)} ({health * 1000:,.0f} ms); verifier CPU {cpu:,.0f} us/answer"
             + _stack(points, label, ps, share, per_cpu)
+            + _grpc_stack(points, label, ps)
         )
     return lines + _by_connections(points)
 
@@ -508,7 +571,7 @@ def _stack(points: list[dict[str, Any]], label: str, ps: list[dict[str, Any]], s
     whose a goodput miss is, from the scheduling-independent shares (served per CPU-second against capacity's):
     the machine's (the door keeps the goal per CPU-second: it got less CPU than at capacity), the stack's (the
     no-op does not keep it either at these connections), or the door's."""
-    noop = [p for p in points if p.get("variant") == NOOP and _label(p) == label]
+    noop = [p for p in points if p.get("variant") == NOOP and "bound" not in p and _label(p) == label]
     if not noop:
         return ""
     median = statistics.median
@@ -532,11 +595,33 @@ def _stack(points: list[dict[str, Any]], label: str, ps: list[dict[str, Any]], s
     )
 
 
+def _grpc_stack(points: list[dict[str, Any]], label: str, ps: list[dict[str, Any]]) -> str:
+    """For a gRPC door's line: the grpc.aio no-op (the verifier's server options) under the same flood, same run:
+    its share of its own capacity, per CPU-second, its CPU per answer, and the door's goodput per CPU-second as a
+    share of the no-op's (the scheduling-independent ratio)."""
+    noop = [p for p in points if p.get("variant") == NOOP and "bound" in p and _label(p) == label]
+    if not noop:
+        return ""
+    median = statistics.median
+    share, per_cpu = (
+        median(p["served_share"] or 0.0 for p in noop),
+        median(p["served_per_cpu_share"] or 0.0 for p in noop),
+    )
+    door_rate = median(max(0, p["served"] - p["late"]) / max(1e-9, p["verifier_cores"] * p["seconds"]) for p in ps)
+    noop_rate = median(max(0, p["served"] - p["late"]) / max(1e-9, p["verifier_cores"] * p["seconds"]) for p in noop)
+    return (
+        f"; the grpc.aio no-op under the same flood (median of {len(noop)}): {share:.0%} of its capacity (per "
+        f"CPU-second {per_cpu:.0%}), {median(p['verifier_cpu_us'] for p in noop):,.0f} us CPU/answer, max "
+        f"{max(p['max_ms'] or 0 for p in noop):,.0f} ms; the door serves {door_rate:,.0f} per CPU-second, "
+        f"{door_rate / noop_rate if noop_rate else 0:.0%} of the no-op's {noop_rate:,.0f}"
+    )
+
+
 def _by_connections(points: list[dict[str, Any]]) -> list[str]:
     """One line for the forward-auth door's cached floods: door and no-op shares at each connection count (the
     reading of "10x its capacity" the figures support is the reader's: capacity is taken at HTTP_CAPACITY)."""
     median = statistics.median
-    noop = [p for p in points if p.get("variant") == NOOP]
+    noop = [p for p in points if p.get("variant") == NOOP and "bound" not in p]
     door = [p for p in points if p.get("variant") == SHIPPED and p.get("tokens") == "cached" and p["door"] == "http"]
     counts = sorted({p["connections"] for p in noop} & {p["connections"] for p in door})
     if not counts:
@@ -561,7 +646,7 @@ def markdown(ctx: Context, points: list[dict[str, Any]], goal: list[str]) -> str
     """The goal's verdicts, then the results tables: the gRPC doors (h2load), then the HTTP routes (wrk)."""
     grpc_points = [p for p in points if "bound" in p]
     http_points = [p for p in points if "bound" not in p and p["variant"] != NOOP]
-    noop_points = [p for p in points if p.get("variant") == NOOP]
+    noop_points = [p for p in points if p.get("variant") == NOOP and "bound" not in p]
     common = ["capacity /s", "served /s", "of capacity (per CPU-s)"]
     tail = ["p99 ms", "max ms", "over budget", "RSS before/after/+3 s MB", "healthy after"]
 
@@ -584,16 +669,35 @@ def markdown(ctx: Context, points: list[dict[str, Any]], goal: list[str]) -> str
     parts = ["# Overload at the three doors", "#24 goal 4, shipped defaults:\n\n" + "\n".join(f"- {g}" for g in goal)]
     if grpc_points:
         parts += [
-            ctx.header(f"gRPC: h2load -c {FLOOD[0]} -m {FLOOD[1]}, capacity at -c {CAPACITY[0]} -m {CAPACITY[1]}"),
+            ctx.header(
+                "gRPC: h2load "
+                + ", ".join(f"-c {c} -m {m}" for c, m in grpc_floods(ctx))
+                + f", capacity at -c {CAPACITY[0]} -m {CAPACITY[1]}; variant no-op: the grpc.aio no-op with the "
+                "verifier's server options, served = its handler's count"
+            ),
             report.table(
-                ["door", "variant", "streams/conn", *common, "refused streams", "verifier CPU us/answer", *tail],
+                [
+                    "door",
+                    "flood",
+                    "variant",
+                    "streams/conn",
+                    *common,
+                    "in time: of capacity",
+                    "answers past the deadline",
+                    "answers (h2load)",
+                    "verifier CPU us/answer",
+                    *tail,
+                ],
                 [
                     [
                         p["door"],
+                        p.get("flood", f"{FLOOD[0]}x{FLOOD[1]}"),
                         p["variant"],
                         p["bound"],
                         *start(p),
-                        f"{p['refused_streams']:,}",
+                        f"{p.get('in_time_share') or 0:.0%}",
+                        f"{p.get('late', 0):,}",
+                        f"{p['streams']:,}",
                         f"{p['verifier_cpu_us']:.0f}",
                         *end(p),
                     ]

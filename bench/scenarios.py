@@ -95,6 +95,7 @@ SUITES: dict[str, Suite] = {
                 ("--before", str, "another checkout (the code before a change): its defaults are the 'before' variant"),
                 ("--connections", int, "overload: wrk connections of one HTTP flood (instead of --floods)"),
                 ("--floods", str, "overload HTTP: comma-separated wrk connections of the floods (default 160,1000)"),
+                ("--grpc-floods", str, "overload gRPC: comma-separated h2load CLIENTSxSTREAMS floods (default 32x100)"),
             ),
         ),
         Suite(

@@ -291,3 +291,44 @@ def test_overload_cached_verdict_names_the_no_op_share_on_the_same_stack_at_each
     for bad in ("x", "0,160", ","):
         with pytest.raises(SystemExit, match="--floods: connection counts"):
             overload.floods(Context(out=tmp_path, quick=True, args=argparse.Namespace(floods=bad), servers=ctx.servers))
+
+
+def test_overload_grpc_floods_are_labelled_by_shape_and_judged_by_calls_served_in_time(tmp_path: Path) -> None:
+    """`--grpc-floods` parses CLIENTSxSTREAMS lists; a gRPC verdict line is per flood (the issue's 32x100 keeps its
+    old label), judges goodput by the calls served in time (allows minus answers past the deadline), and names the
+    grpc.aio no-op under the same flood."""
+    import argparse
+
+    from bench import overload, procs
+    from bench.runner import Context
+
+    servers = procs.Servers(tmp_path)
+
+    def ctx(**args: object) -> Context:
+        return Context(out=tmp_path, quick=True, args=argparse.Namespace(**args), servers=servers)
+
+    assert overload.grpc_floods(ctx()) == [(32, 100)]
+    assert overload.grpc_floods(ctx(grpc_floods="32x100,128x100")) == [(32, 100), (128, 100)]
+    for bad in ("128", "0x100", "x", "4x4x4"):
+        with pytest.raises(SystemExit, match="--grpc-floods"):
+            overload.grpc_floods(ctx(grpc_floods=bad))
+
+    def point(variant: str, flood: str, served: float, late: int) -> dict[str, object]:
+        return dict(
+            door="grpc", variant=variant, bound=4, flood=flood, capacity=1000.0, served=served, seconds=5.0,
+            served_share=served / 5 / 1000, in_time_share=max(0.0, served - late) / 5 / 1000, late=late,
+            served_per_cpu_share=0.5, verifier_cpu_us=300.0, verifier_cores=1.0, max_ms=150.0, p99_ms=100.0,
+            over_budget=0, budget_ms=200, rss_before_mb=150.0, rss_after_mb=151.0, rss_settled_mb=151.0,
+            healthy=True, health_s=0.01, refused_streams=0, streams=1000,
+        )  # fmt: skip
+
+    points = [
+        point(overload.SHIPPED, "32x100", 5000.0, 0),
+        point(overload.SHIPPED, "128x100", 5000.0, 3000),  # decisions at capacity, most answered too late
+        point(overload.NOOP, "128x100", 4000.0, 0),
+    ]
+    ours, many = overload.verdicts(points)
+    assert ours.startswith("grpc (shipped, 1 reps): goodput PASS (100% of capacity") and "no-op" not in ours
+    assert many.startswith("grpc -c 128 -m 100 (shipped, 1 reps): goodput MISS (40% of capacity")
+    assert "the grpc.aio no-op under the same flood (median of 1): 80% of its capacity" in many
+    assert many.endswith("the door serves 400 per CPU-second, 50% of the no-op's 800")

@@ -485,6 +485,7 @@ class App:
                 reuse_port=self.reuse_port,
                 tls=s.grpc.tls.read() if s.grpc.tls else None,
                 max_streams=s.grpc_max_concurrent_streams,
+                max_queued=s.grpc_max_queued_calls,
             )
         if s.metrics is not None:
             self.ports.metrics = await self._start_metrics(

@@ -178,6 +178,13 @@ DEFAULT_MAX_PENDING_CHECKS = 1024  # first-seen checks in flight per worker befo
 # SETTINGS before their first call, so a burst waits at the client instead of being refused (the transport
 # counts open streams, not Python's calls: see GrpcDoors.start); Envoy's gRPC template opens at most 4.
 DEFAULT_GRPC_MAX_CONCURRENT_STREAMS = 4
+# gRPC calls the transport holds for the door (received, not yet taken by Python), all connections together: past
+# it a new call is refused by gRPC's C core before any Python work (the caller sees CANCELLED). The per-connection
+# bound does not bound them: a call whose deadline passes while it waits frees its stream, not its place, so 128
+# connections x 4 streams at 100 ms refilled the queue faster than the door took calls and every call it took had
+# (nearly) run out of time: 7% of capacity answered in time. At 128 (= 32 connections x 4: the flood is never
+# refused) 77-88%; at 64, 81-83% but a 32-connection flood is refused too (docs/BENCHMARKS.md).
+DEFAULT_GRPC_MAX_QUEUED_CALLS = 128
 DEFAULT_EDGE_MAX_AGE_SECONDS = 10  # seconds a gateway may reuse an allow; also bounds revocation reach
 DEFAULT_REFUSAL_MAX_AGE_SECONDS = 5  # seconds a gateway may reuse a refusal of a malformed/forged token
 
@@ -263,6 +270,12 @@ class Settings:
         minimum=1,
         maximum=10_000,
         doc="HTTP/2 streams per gRPC connection; more wait at the client (overload: early refusal)",
+    )
+    grpc_max_queued_calls: int = setting(
+        DEFAULT_GRPC_MAX_QUEUED_CALLS,
+        minimum=2,
+        maximum=1_000_000,
+        doc="gRPC calls waiting for the door, all connections; past it new ones are refused (CANCELLED)",
     )
     deadline_seconds: float = setting(
         DEFAULT_DEADLINE_SECONDS,

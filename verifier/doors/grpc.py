@@ -38,7 +38,7 @@ from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
 from verifier.observe.tracing import Tracing
 from verifier.pipeline import Pipeline
 from verifier.request import RequestAttributes, normalize_host
-from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
+from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS, DEFAULT_GRPC_MAX_QUEUED_CALLS
 from verifier.v1 import verifier_pb2
 
 OWN_SERVICE = "verifier.v1.Verifier"
@@ -260,12 +260,18 @@ class _GenericOnly:
         """Dropped on purpose (see the class)."""
 
 
-def server_options(max_streams: int, *, reuse_port: bool) -> list[tuple[str, int]]:
+def server_options(
+    max_streams: int, *, reuse_port: bool, max_queued: int = DEFAULT_GRPC_MAX_QUEUED_CALLS
+) -> list[tuple[str, int]]:
     """The doors' grpc.aio server options (see `GrpcDoors.start`); bench/baselines.py runs its no-op with them."""
     return [
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_receive_message_length", 1 << 20),
         ("grpc.max_concurrent_streams", max_streams),
+        # C core's bound on calls received and not yet taken by grpc.aio: past it, a new call is refused (no random
+        # early refusal below it: a client inside the bound is never refused)
+        ("grpc.server.max_pending_requests", max_queued),
+        ("grpc.server.max_pending_requests_hard_limit", max_queued),
         ("grpc.http.overload_protection", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -417,6 +423,7 @@ class GrpcDoors:
         reuse_port: bool = False,
         tls: tuple[bytes, bytes, bytes | None] | None = None,
         max_streams: int = DEFAULT_GRPC_MAX_CONCURRENT_STREAMS,
+        max_queued: int = DEFAULT_GRPC_MAX_QUEUED_CALLS,
     ) -> int:
         """Builds the server and listens; returns the bound port.
 
@@ -426,13 +433,21 @@ class GrpcDoors:
         limit keeps the excess at the client, refused by the transport before any Python work. Its
         `maximum_concurrent_rpcs` would refuse in Python, at the cost of serving: measured, it collapses too.
 
+        `max_queued` bounds, over all connections, the calls gRPC's C core has received and grpc.aio has not yet
+        taken (it takes one per turn of the loop, oldest first): past it a new call is refused in C, before any
+        Python work (the caller sees CANCELLED). The stream bound does not bound that queue: a call whose deadline
+        passes while it waits frees its stream (the client opens the next) but keeps its place, so over many
+        connections the queue grew faster than the door took calls and each call taken had (nearly) run out of
+        time (128 connections x 4 streams at 100 ms: 7% of capacity answered in time, the CPU spent on calls that
+        expired; docs/BENCHMARKS.md, "Overload over many gRPC connections").
+
         gRPC's "overload protection" is off: with it, a stream counts against the bound until Python drops its
         call, after the client has read the answer and reused the slot, so a client that keeps to the bound had
         10-30% of its calls refused (grpc-python's callers got UNAVAILABLE "RST_STREAM with error code 7": its
         transparent retry, at most once, did not hide them). Without it the bound counts the streams the
         transport holds open, which is what the client counts.
         """
-        server = grpc.aio.server(options=server_options(max_streams, reuse_port=reuse_port))
+        server = grpc.aio.server(options=server_options(max_streams, reuse_port=reuse_port, max_queued=max_queued))
         server.add_generic_rpc_handlers(
             [
                 grpc.method_handlers_generic_handler(service, {"Check": handler})
