@@ -21,8 +21,10 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from doorkit import http_exchange
+from replicas import dpop_proof, public_jwk
 
 from verifier.app import App
+from verifier.binding.dpop import DpopVerifier, thumbprint
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 from verifier.settings import load_settings
 
@@ -80,21 +82,30 @@ async def _explain(config: Path, *args: str, stdin: bytes | None = None) -> tupl
 
 async def _service_answer(config: Path, token: str, path: str) -> dict[str, str]:
     """What a running verifier with the same config answers on its forward-auth door."""
+    status, fields = await _service_head(config, token, path)
+    answer = {"status": status}
+    answer.update(dict(fields))
+    return answer
+
+
+async def _service_head(
+    config: Path, token: str, path: str, authorization: str = "", extra: str = ""
+) -> tuple[str, list[tuple[str, str]]]:
+    """The status and header fields (names lower-cased, in order) a running verifier with the same config
+    answers on its forward-auth door; `extra`: more request header lines."""
     app = App(load_settings(config))
     await app.start()
     try:
         await asyncio.wait_for(app.keys.wait_ready(), 10)
         raw = await http_exchange(
             app.ports.http or 0,
-            f"GET /v1/forward-auth HTTP/1.1\r\nhost: api\r\nauthorization: Bearer {token}\r\n"
-            f"x-forwarded-uri: {path}\r\n\r\n".encode(),
+            f"GET /v1/forward-auth HTTP/1.1\r\nhost: api\r\nauthorization: {authorization or 'Bearer ' + token}\r\n"
+            f"x-forwarded-uri: {path}\r\n{extra}\r\n".encode(),
         )
     finally:
         await app.stop(grace=0)
     head = raw.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
-    answer = {"status": head[0].split(" ")[1]}
-    answer.update({k.lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:])})
-    return answer
+    return head[0].split(" ")[1], [(k.lower(), v.strip()) for k, v in (line.split(":", 1) for line in head[1:])]
 
 
 def _token(idp: DevIdentityProvider, case: str) -> tuple[str, str]:
@@ -237,12 +248,8 @@ async def test_explain_with_the_provider_down_says_so(provider: tuple[DevIdentit
     assert any("NOT_SERVING" in note for note in report["notes"])
 
 
-async def test_explain_shows_what_the_upstream_receives_but_never_the_assertion(
-    provider: tuple[DevIdentityProvider, Path], tmp_path: Path
-) -> None:
-    """Mapped headers and the Kong consumer are shown; the identity assertion (a bearer credential for the
-    upstream, like the token) only as its fingerprint."""
-    idp, path = provider
+def _with_upstream(path: Path, tmp_path: Path, **extra: Any) -> None:
+    """The config at `path` plus a mapped header, a Kong consumer and a signed identity assertion."""
     key = tmp_path / "identity.pem"
     key.write_bytes(
         ec.generate_private_key(ec.SECP256R1()).private_bytes(
@@ -253,13 +260,19 @@ async def test_explain_shows_what_the_upstream_receives_but_never_the_assertion(
     config["upstream"] = {
         "headers": [{"header": "X-Authenticated-Email", "claim": "email"}],
         "consumer": {"claim": "sub"},
-        "identity_token": {
-            "issuer": "https://verifier.internal",
-            "private_key_file": str(key),
-            "audience": "https://o",
-        },
+        "identity_token": {"issuer": "https://verifier.internal", "private_key_file": str(key), "audience": "https://o"},
     }
+    config.update(extra)
     path.write_text(yaml.safe_dump(config))
+
+
+async def test_explain_shows_what_the_upstream_receives_but_never_the_assertion(
+    provider: tuple[DevIdentityProvider, Path], tmp_path: Path
+) -> None:
+    """Mapped headers and the Kong consumer are shown; the identity assertion (a bearer credential for the
+    upstream, like the token) only as its fingerprint."""
+    idp, path = provider
+    _with_upstream(path, tmp_path)
     code, out, err = await _explain(
         path, "--path", "/x", idp.mint(scope="read", claims={"email": "alice@example.test"})
     )
@@ -267,3 +280,112 @@ async def test_explain_shows_what_the_upstream_receives_but_never_the_assertion(
     assert "x-authenticated-email: alice@example.test" in out
     assert "x-kong-consumer-username:" in out and "(for the Kong plugin, not the upstream)" in out
     assert "x-authenticated-identity: <identity assertion," in out and "eyJ" not in out
+
+
+ASSERTION_HEADER = "x-authenticated-identity"
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["reusable", "rate-limited"])
+async def test_explain_shows_the_allow_headers_the_door_sends_for_the_same_request(
+    limited: bool, provider: tuple[DevIdentityProvider, Path], tmp_path: Path
+) -> None:
+    idp, path = provider
+    _with_upstream(path, tmp_path, **({"rate_limits": {"default": {"per_second": 1, "burst": 5}}} if limited else {}))
+    token = idp.mint(sub="alice", scope="read", claims={"email": "alice@example.test"})
+
+    code, out, err = await _explain(path, "--json", "--path", "/x", token)
+    status, sent = await _service_head(path, token, "/x")
+
+    assert code == 0 and status == "200", (out, err)
+    assert token not in out + err
+    shown = json.loads(out)["answer"]["headers"]
+    assert [h["name"] for h in shown] == [name for name, _ in sent]
+    for h, (name, value) in zip(shown, sent, strict=True):
+        if name == ASSERTION_HEADER:  # minted anew by each: shown only as a fingerprint, never itself
+            assert h["value"].startswith("<identity assertion, ") and value.count(".") == 2 and value not in out
+        else:
+            assert h["value"] == value, name
+    whose = {h["name"]: h["for"] for h in shown}
+    assert {whose[n] for n in ("x-authenticated-userid", "x-authenticated-email", ASSERTION_HEADER)} == {"upstream"}
+    assert whose["x-kong-consumer-username"] == "kong"
+    assert whose["cache-control"] == whose["x-verifier-reason"] == "gateway"
+    headers = dict(sent)
+    if limited:  # a per-request check: this answer alone (no-store), the budget for the client
+        assert whose["ratelimit"] == whose["ratelimit-policy"] == "client"
+        assert headers["ratelimit"].startswith('"default";r=4;') and headers["cache-control"] == "no-store"
+    else:
+        assert "ratelimit" not in whose and headers["cache-control"].startswith("private, max-age=")
+
+
+async def test_explain_text_lists_the_allow_headers_and_whom_they_are_for(
+    provider: tuple[DevIdentityProvider, Path], tmp_path: Path
+) -> None:
+    idp, path = provider
+    _with_upstream(path, tmp_path, rate_limits={"default": {"per_second": 1, "burst": 5}})
+    token = idp.mint(sub="alice", scope="read", claims={"email": "alice@example.test"})
+
+    code, out, err = await _explain(path, "--path", "/x", token)
+
+    assert code == 0, (out, err)
+    assert token not in out + err and "eyJ" not in out
+    for text in (
+        "headers   of the answer, to the upstream unless said",
+        "          x-authenticated-userid: alice\n",
+        "          x-authenticated-identity: <identity assertion, ",
+        "          x-kong-consumer-username: alice (for the Kong plugin, not the upstream)",
+        "          ratelimit-policy: \"default\";q=5;w=5 (for the client's answer)",
+        "          x-verifier-reason: ok (for the gateway)",
+        "          cache-control: no-store (for the gateway)",
+    ):
+        assert text in out, (text, out)
+
+
+NONCE_LIFETIME_S = 300.0
+
+
+class _Past:
+    """A clock `ago` seconds behind this one: a nonce issued on it is that old."""
+
+    def __init__(self, ago: float) -> None:
+        self.ago = ago
+
+    def now(self) -> float:
+        return time.time() - self.ago
+
+
+async def test_explain_shows_the_next_dpop_nonce_an_allow_hands_the_client(
+    provider: tuple[DevIdentityProvider, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    idp, path = provider
+    config = yaml.safe_load(path.read_text())
+    config["dpop"] = {"require_nonce": True, "nonce_secret_env": "EXPLAIN_NONCE_KEY",
+                      "nonce_lifetime_seconds": NONCE_LIFETIME_S}
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("EXPLAIN_NONCE_KEY", "k" * 32)  # the same key on every replica (and for explain)
+    key = ec.generate_private_key(ec.SECP256R1())
+    token = idp.mint(sub="alice", scope="read", claims={"cnf": {"jkt": thumbprint(public_jwk(key))}})
+    url = "http://api/x"
+    dpop = load_settings(path).dpop
+    assert dpop is not None
+    # a nonce the service issued three quarters of its lifetime ago: still good, and an allow renews it
+    nonce = DpopVerifier(dpop, None, _Past(0.75 * NONCE_LIFETIME_S)).issue_nonce()  # type: ignore[arg-type]
+
+    def proof(nonce: str = "") -> str:
+        return dpop_proof(key, "GET", url, token, nonce=nonce)
+
+    sent_proof = proof(nonce)
+    code, out, err = await _explain(path, "--json", "--host", "api", "--path", "/x", "--dpop", sent_proof,
+                                    f"DPoP {token}")
+    status, sent = await _service_head(path, token, "/x", f"DPoP {token}", f"dpop: {proof(nonce)}\r\n")
+
+    assert code == 0 and status == "200", (out, err, sent)
+    assert token not in out + err and sent_proof not in out + err
+    shown = json.loads(out)["answer"]["headers"]
+    assert [h["name"] for h in shown] == [name for name, _ in sent]
+    whose = {h["name"]: h["for"] for h in shown}
+    assert whose["dpop-nonce"] == "client" and whose["x-authenticated-userid"] == "upstream"
+    renewed = {h["name"]: h["value"] for h in shown}["dpop-nonce"]
+    assert renewed not in ("", nonce) and dict(sent)["dpop-nonce"] not in ("", nonce)
+    for h, (name, value) in zip(shown, sent, strict=True):
+        if name != "dpop-nonce":  # minted when each answered
+            assert h["value"] == value, name

@@ -208,7 +208,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     authorization = token if rest and scheme.lower() in ("bearer", "dpop") else f"Bearer {token}"
     if args.log_level == "INFO":  # key fetches and the audit line would repeat what the report says
         logging.getLogger("verifier").setLevel(logging.WARNING)
-    report = asyncio.run(explain(settings, authorization, method=args.method.upper(), host=args.host, path=args.path))
+    report = asyncio.run(
+        explain(
+            settings,
+            authorization,
+            method=args.method.upper(),
+            host=args.host,
+            path=args.path,
+            scheme=args.scheme,
+            dpop=args.dpop,
+        )
+    )
     print(render(report, as_json=args.json))
     return 0 if report.answer["allowed"] else 1
 
@@ -229,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--method", default="GET")
     explain.add_argument("--host", default="", help="the request's Host (for host-matched policies)")
     explain.add_argument("--path", default="/", help="the request's path and query")
+    explain.add_argument("--scheme", default="http", choices=["http", "https"], help="the request's scheme")
+    explain.add_argument("--dpop", default="", help="the request's DPoP proof (never printed)")
     explain.add_argument("--json", action="store_true", help="print the report as JSON")
     explain.add_argument("token", help="the access token, or - to read it from stdin")
     explain.set_defaults(func=cmd_explain)

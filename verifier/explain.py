@@ -3,8 +3,10 @@
 It builds the real `App` from a config file, fetches each issuer's keys through discovery as the
 service does, runs one request through `Pipeline.decide` and listens to the pipeline's trace hook.
 Nothing here decides anything: the report describes the steps the pipeline reported and the answer it
-gave (status, reason code, WWW-Authenticate, reuse lifetime). The token is never printed: only its
-fingerprint (verifier.observe.audit) and the claims the checks looked at.
+gave (status, reason code, WWW-Authenticate, reuse lifetime) and the headers of the forward-auth answer
+as the door writes them (`Decision.http_head`, read back: no second writer of answer headers), each with
+whom it is for. The token is never printed: only its fingerprint (verifier.observe.audit) and the claims
+the checks looked at; nor is an identity assertion for the upstream (a bearer credential too).
 """
 
 from __future__ import annotations
@@ -119,10 +121,9 @@ class Report:
         lines.append(f"answer    {a['status']} {a['reason']}" + (" (allowed)" if a["allowed"] else " (refused)"))
         if a.get("www_authenticate"):
             lines.append(f"          WWW-Authenticate: {a['www_authenticate']}")
-        for name, value in a.get("upstream_headers", {}).items():
-            lines.append(f"          {name}: {value}")
-        for name, value in a.get("answer_headers", {}).items():
-            lines.append(f"          {name}: {value} (for the Kong plugin, not the upstream)")
+        if a["allowed"]:  # what the gateway is told, as the forward-auth door writes it
+            lines.append("headers   of the answer, to the upstream unless said")
+            lines.extend(f"          {h['name']}: {h['value']}{_FOR[h['for']]}" for h in a["headers"])
         lines.append(
             f"reuse     max-age={a['max_age']} (a gateway may reuse this answer for {a['max_age']} s)"
             if a["max_age"] > 0
@@ -219,12 +220,50 @@ def _assertion_header(settings: Settings) -> str:
     return identity.header if identity is not None else ""
 
 
+# Whom a header of the forward-auth answer is for (`Decision`'s fields); the rest is for the gateway itself.
+UPSTREAM, KONG, CLIENT, GATEWAY = "upstream", "kong", "client", "gateway"
+
+
+def _assertion(value: str) -> str:
+    """An identity assertion as shown: a bearer credential for the upstream, never printed (like the token)."""
+    return f"<identity assertion, {len(value)} bytes, {fingerprint(token_hash(value))}>"
+
+
+def _answer_headers(decision: Decision, assertion_header: str) -> list[dict[str, str]]:
+    """The forward-auth door's answer headers for `decision`, read back from the head it writes, each with
+    whom it is for; the identity assertion's value replaced by its fingerprint."""
+    lines = decision.http_head.decode("utf-8").split("\r\n")[1:]  # after the status line
+    if decision.allowed:
+        destinations = [(decision.upstream_headers, UPSTREAM), (decision.answer_headers, KONG),
+                        (decision.client_headers, CLIENT)]
+    else:
+        destinations = [(decision.response_headers, CLIENT)]
+    whose = {name.lower(): who for headers, who in destinations for name, _ in headers}
+    shown = []
+    for line in lines:
+        if not line:
+            continue
+        name, _, value = line.partition(":")
+        name, value = name.strip(), value.strip()
+        if decision.allowed and assertion_header and name.lower() == assertion_header.lower():
+            value = _assertion(value)
+        shown.append({"name": name, "value": value, "for": whose.get(name.lower(), GATEWAY)})
+    return shown
+
+
+_FOR = {
+    UPSTREAM: "",
+    KONG: " (for the Kong plugin, not the upstream)",
+    CLIENT: " (for the client's answer)",
+    GATEWAY: " (for the gateway)",
+}
+
+
 def _answer(decision: Decision, assertion_header: str = "") -> dict[str, Any]:
     headers = dict(decision.response_headers)
     upstream = dict(decision.upstream_headers) if decision.allowed else {}
     if assertion_header in upstream:  # a bearer credential for the upstream: never printed, like the token
-        value = upstream[assertion_header]
-        upstream[assertion_header] = f"<identity assertion, {len(value)} bytes, {fingerprint(token_hash(value))}>"
+        upstream[assertion_header] = _assertion(upstream[assertion_header])
     return {
         "allowed": decision.allowed,
         "status": decision.status,
@@ -234,20 +273,38 @@ def _answer(decision: Decision, assertion_header: str = "") -> dict[str, Any]:
         "upstream_headers": upstream,
         "answer_headers": dict(decision.answer_headers) if decision.allowed else {},  # for the Kong plugin
         "max_age": decision.cache_max_age,
+        # the forward-auth answer's header fields, in order; the gRPC answers carry the upstream, Kong and client
+        # ones as fields (`cache_max_age_seconds` for reuse), Envoy's the upstream and client ones
+        "headers": _answer_headers(decision, assertion_header),
     }
 
 
 async def explain(
-    settings: Settings, authorization: str, *, method: str = "GET", host: str = "", path: str = "/"
+    settings: Settings,
+    authorization: str,
+    *,
+    method: str = "GET",
+    host: str = "",
+    path: str = "/",
+    scheme: str = "http",
+    dpop: str = "",
 ) -> Report:
-    """Runs one decision through the service's pipeline and reports each step."""
+    """Runs one decision through the service's pipeline and reports each step; `dpop`: the request's DPoP
+    proof (RFC 9449), never printed either."""
     app = App(settings)
     steps: list[tuple[str, Mapping[str, Any]]] = []
     app.pipeline.trace = lambda step, details: steps.append((step, details))
     notes: list[str] = []
-    headers = {"authorization": authorization, "x-forwarded-uri": path, "x-forwarded-method": method}
+    headers = {
+        "authorization": authorization,
+        "x-forwarded-uri": path,
+        "x-forwarded-method": method,
+        "x-forwarded-proto": scheme,
+    }
     if host:
         headers["host"] = host
+    if dpop:
+        headers["dpop"] = dpop
     attrs = attributes_from_http(method, b"/v1/forward-auth", headers, "127.0.0.1")
     app.keys.start()
     try:
@@ -263,6 +320,10 @@ async def explain(
             except Exception as exc:  # reported, not raised: the decision is still worth seeing
                 notes.append(f"revocation entries not loaded ({type(exc).__name__}); decided without them")
         decision = await app.pipeline.decide(attrs, "explain")
+        if any(name == "ratelimit" for name, _ in decision.client_headers + decision.response_headers):
+            shared = settings.state is not None and settings.state.redis_url
+            notes.append("RateLimit counts this request: explain took one from the identity's budget "
+                         + ("(the service's, in Redis)" if shared else "(its own, in memory)"))
         now = app.clock.now()
         token = authorization.split(" ", 1)[1] if " " in authorization else authorization
         report = _report(app, settings, attrs.method, attrs.host, attrs.path, token, decision, steps, now)

@@ -18,7 +18,10 @@ been under check. The client certificate thumbprint sent to the verifier comes o
 connection Kong terminated, never from a request header.
 
 Checks go over a small pool of gRPC channels per target (`VerifierClient`): the verifier allows 4
-streams per connection, and another connection is opened when every one is full, as Envoy does.
+streams per connection, and another connection is opened when every one is full, as Envoy does. After a
+failed connection attempt no new connection to that target is tried for a growing, jittered back-off
+(gRPC's connection back-off, shortened for a sidecar): meanwhile a Check with no connection to use fails
+at once as unavailable, so a verifier coming back is not met by one connection per request.
 
 Runs under `kong-python-pluginserver` in its default threaded mode (grpcio is thread-safe; under
 `--gevent` grpcio would need `grpc.experimental.gevent.init_gevent()` first).
@@ -26,8 +29,10 @@ Runs under `kong-python-pluginserver` in its default threaded mode (grpcio is th
 
 from __future__ import annotations
 
+import random
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -56,6 +61,15 @@ MAX_STREAMS_PER_CHANNEL = 10_000  # the verifier's own ceiling for the setting
 # answering from memory; more wait at the client for a stream.
 DEFAULT_MAX_CHANNELS = 8
 MAX_MAX_CHANNELS = 256
+# After a failed connection attempt, no new connection to the target before a back-off (milliseconds):
+# gRPC's connection back-off (A6: x1.6 per further failure, +-20% jitter) with a first wait of 250 ms
+# instead of 1 s and a ceiling of 5 s instead of 120 s: a sidecar verifier on loopback restarts within
+# seconds, and one attempt per plugin server every few seconds costs it nothing.
+DEFAULT_RECONNECT_BACKOFF_MS = 250
+DEFAULT_RECONNECT_BACKOFF_MAX_MS = 5000
+MAX_RECONNECT_BACKOFF_MS = 600_000
+BACKOFF_MULTIPLIER = 1.6
+BACKOFF_JITTER = 0.2  # plugin servers that lost the verifier together do not come back in step
 
 Schema = (
     # host:port of the verifier's gRPC listener, e.g. 127.0.0.1:50051 (a sidecar on loopback)
@@ -75,6 +89,12 @@ Schema = (
     # channels (connections) per verifier target, at most; past them Checks wait for a free stream
     {"max_channels": {"type": "integer", "default": DEFAULT_MAX_CHANNELS, "between": [1, MAX_MAX_CHANNELS],
                       "required": True}},
+    # ms without a new connection to the verifier after a failed attempt (x1.6 after each further one,
+    # +-20%), up to reconnect_backoff_max; Checks with no connection to use meanwhile are unavailable
+    {"reconnect_backoff": {"type": "integer", "default": DEFAULT_RECONNECT_BACKOFF_MS,
+                           "between": [1, MAX_RECONNECT_BACKOFF_MS], "required": True}},
+    {"reconnect_backoff_max": {"type": "integer", "default": DEFAULT_RECONNECT_BACKOFF_MAX_MS,
+                               "between": [1, MAX_RECONNECT_BACKOFF_MS], "required": True}},
 )
 
 # Request headers that carry a credential or proof: forwarded to the verifier byte for byte.
@@ -116,6 +136,33 @@ UNAVAILABLE_MESSAGE = "Authorization service unavailable"
 REASON_HEADER = "X-Verifier-Reason"
 
 
+class Backoff:
+    """gRPC's connection back-off (A6): how long no new connection is tried after failed attempts.
+
+    A plain class: the plugin server loads this file without registering it as a module, where
+    `dataclasses` cannot look up its annotations."""
+
+    __slots__ = ("initial_s", "max_s")
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+
+    def delay(self, failures: int, spread: float) -> float:
+        """Seconds to wait after `failures` (>= 1) consecutive failed attempts; `spread` in [-1, 1]."""
+        # the exponent stops growing long before the ceiling stops mattering (1.6**64 ~ 1e13)
+        grown = min(self.initial_s * BACKOFF_MULTIPLIER ** min(failures - 1, 64), self.max_s)
+        return grown * (1.0 + BACKOFF_JITTER * spread)
+
+
+class ReconnectBackoff(grpc.RpcError):
+    """No connection to the target to use, and none may be tried yet: the verifier is unavailable."""
+
+    def __init__(self, target: str, retry_in_s: float, failures: int) -> None:
+        super().__init__(f"no connection to {target}: {failures} failed connection attempt(s), "
+                         f"the next in {retry_in_s:.3f} s")
+
+
 class _Channel:
     """One gRPC channel (its own connection) and the Checks this plugin has in flight on it."""
 
@@ -128,6 +175,18 @@ class _Channel:
         self.stub = verifier_pb2_grpc.VerifierStub(self.channel)
         self.in_flight = 0
         self.retired = False
+        self.answered = False  # a Check was answered over it: its connection attempt succeeded
+
+
+class _Target:
+    """One verifier target's channels and its connection back-off."""
+
+    def __init__(self) -> None:
+        self.channels: list[_Channel] = []
+        self.failures = 0  # consecutive failed connection attempts
+        self.retry_at = 0.0  # monotonic seconds: no new connection before
+        # a Check failed UNAVAILABLE since the last answer: one connection attempt at a time
+        self.suspect = False
 
 
 class VerifierClient:
@@ -138,49 +197,84 @@ class VerifierClient:
     goes on a channel with fewer than `streams` Checks in flight, and another channel (connection) is
     opened when every one is full, up to `max_channels`; past that the least busy channel takes it (and
     grpc queues it for a stream). A channel whose call failed UNAVAILABLE is retired: no new Checks, closed
-    once its last one ends; the next Check opens a fresh connection rather than wait out the old one's
-    reconnect back-off. Channels stay open otherwise (at most `max_channels` per target).
+    once its last one ends. Channels stay open otherwise (at most `max_channels` per target).
+
+    Connection back-off, as gRPC's subchannels (A6): a channel that never answered and fails UNAVAILABLE
+    is a failed connection attempt; no new channel to its target is opened for `Backoff.delay` (growing
+    with each further failure, reset by any answer). Meanwhile Checks use the channels still open, and
+    with none fail at once (`ReconnectBackoff`), touching no socket. A channel that had answered and
+    fails (the verifier restarted, its connection was lost) is not counted: the next Check tries one new
+    connection at once, as gRPC reconnects at once after losing a working connection. Until something is
+    answered again, only one channel that has not answered yet is open (one attempt at a time; more
+    Checks queue on it). Only a verifier that cannot be connected to starts a back-off: a request cannot
+    (the verifier answers every request, or refuses it with another status).
 
     The plugin server builds a plugin instance per configuration and never tells it when it is
     dropped, so channels are kept here by target rather than per instance (which would leak them).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 spread: Callable[[], float] = lambda: random.SystemRandom().uniform(-1.0, 1.0)) -> None:
         self._lock = threading.Lock()
-        self._pools: dict[str, list[_Channel]] = {}
+        self._targets: dict[str, _Target] = {}
+        self._clock = clock
+        self._spread = spread
 
     def check(self, target: str, request: verifier_pb2.CheckRequest, *, timeout_s: float, streams: int,
-              max_channels: int) -> verifier_pb2.CheckResponse:
-        """`Check` on a channel to `target` with a free stream (see the class); raises grpc.RpcError."""
+              max_channels: int, backoff: Backoff) -> verifier_pb2.CheckResponse:
+        """`Check` on a channel to `target` with a free stream (see the class); raises grpc.RpcError
+        (`ReconnectBackoff` without trying when the target is in back-off with no channel open)."""
         chosen = self._acquire(target, streams, max_channels)
-        broken = False
+        answered = unavailable = False
         try:
             answer: verifier_pb2.CheckResponse = chosen.stub.Check(request, timeout=timeout_s)
+            answered = True
             return answer
         except grpc.RpcError as exc:
-            broken = isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE
+            unavailable = isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE
             raise
         finally:
-            self._release(target, chosen, broken=broken)
+            self._release(target, chosen, answered=answered, unavailable=unavailable, backoff=backoff)
 
     def _acquire(self, target: str, streams: int, max_channels: int) -> _Channel:
         with self._lock:
-            pool = self._pools.setdefault(target, [])
+            state = self._targets.get(target)
+            if state is None:
+                state = self._targets[target] = _Target()
+            pool = state.channels
             chosen = next((c for c in pool if c.in_flight < streams), None)
-            if chosen is None and len(pool) < max_channels:
-                chosen = _Channel(target)
-                pool.append(chosen)
-            if chosen is None:
+            if chosen is None and len(pool) < max_channels and not (
+                state.suspect and any(not c.answered for c in pool)
+            ):
+                now = self._clock()
+                if now >= state.retry_at:
+                    chosen = _Channel(target)
+                    pool.append(chosen)
+                elif not pool:
+                    raise ReconnectBackoff(target, state.retry_at - now, state.failures)
+            if chosen is None:  # every channel is full and no other may be opened: grpc queues it
                 chosen = min(pool, key=lambda c: c.in_flight)
             chosen.in_flight += 1
             return chosen
 
-    def _release(self, target: str, chosen: _Channel, *, broken: bool) -> None:
+    def _release(self, target: str, chosen: _Channel, *, answered: bool, unavailable: bool,
+                 backoff: Backoff) -> None:
         with self._lock:
             chosen.in_flight -= 1
-            if broken and not chosen.retired:
+            state = self._targets[target]
+            if answered:
+                chosen.answered = True
+                state.failures, state.retry_at, state.suspect = 0, 0.0, False
+            elif unavailable and not chosen.retired:
                 chosen.retired = True
-                self._pools[target].remove(chosen)
+                state.channels.remove(chosen)
+                state.suspect = True
+                now = self._clock()
+                # a channel that never answered: its connection attempt failed. Counted once per back-off:
+                # channels opened before it began fail within it, and do not lengthen it.
+                if not chosen.answered and now >= state.retry_at:
+                    state.failures += 1
+                    state.retry_at = now + backoff.delay(state.failures, self._spread())
             close = chosen.retired and chosen.in_flight == 0
         if close:
             chosen.channel.close()  # its last Check has ended: nothing of it is cancelled
@@ -283,6 +377,13 @@ class Plugin:
             raise ValueError("config.anonymous is required when config.consumer_not_found is 'anonymous'")
         self.streams = _bounded(config, "streams_per_channel", DEFAULT_STREAMS_PER_CHANNEL, MAX_STREAMS_PER_CHANNEL)
         self.max_channels = _bounded(config, "max_channels", DEFAULT_MAX_CHANNELS, MAX_MAX_CHANNELS)
+        initial = _bounded(config, "reconnect_backoff", DEFAULT_RECONNECT_BACKOFF_MS, MAX_RECONNECT_BACKOFF_MS)
+        ceiling = _bounded(config, "reconnect_backoff_max", DEFAULT_RECONNECT_BACKOFF_MAX_MS,
+                           MAX_RECONNECT_BACKOFF_MS)
+        if ceiling < initial:
+            raise ValueError(f"config.reconnect_backoff_max ({ceiling}) must be at least "
+                             f"config.reconnect_backoff ({initial})")
+        self.backoff = Backoff(initial / 1000.0, ceiling / 1000.0)
 
     def access(self, kong: Any) -> None:
         """Ask the verifier about this request; pass it with identity, or answer for the verifier."""
@@ -301,13 +402,16 @@ class Plugin:
         request = self._check_request(kong, headers)
         try:
             answer = CLIENT.check(self.target, request, timeout_s=self.timeout_s, streams=self.streams,
-                                  max_channels=self.max_channels)
+                                  max_channels=self.max_channels, backoff=self.backoff)
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else None
+            # in reconnect back-off the verifier is as unavailable as when a connection attempt fails
+            backing_off = isinstance(exc, ReconnectBackoff)
+            code = grpc.StatusCode.UNAVAILABLE if backing_off else exc.code() if isinstance(exc, grpc.Call) else None
+            why = f"{code} ({exc})" if backing_off else str(code)
             if self.fail_open and code == grpc.StatusCode.UNAVAILABLE:
-                kong.log.warn(f"verifier unavailable ({code}); fail_open lets the request pass")
+                kong.log.warn(f"verifier unavailable: {why}; fail_open lets the request pass")
                 return
-            kong.log.err(f"verifier unavailable: {code}")
+            kong.log.err(f"verifier unavailable: {why}")
             kong.response.error(UNAVAILABLE_STATUS, UNAVAILABLE_MESSAGE)
             return
 

@@ -337,6 +337,10 @@ def test_plugin_server_reports_name_phase_priority_and_schema(kong):
     assert fields["streams_per_channel"] == {"type": "integer", "default": DEFAULT_GRPC_MAX_CONCURRENT_STREAMS,
                                              "between": [1, 10_000], "required": True}
     assert fields["max_channels"] == {"type": "integer", "default": 8, "between": [1, 256], "required": True}
+    assert fields["reconnect_backoff"] == {"type": "integer", "default": 250, "between": [1, 600_000],
+                                           "required": True}
+    assert fields["reconnect_backoff_max"] == {"type": "integer", "default": 5000, "between": [1, 600_000],
+                                               "required": True}
 
 
 # --------------------------------------------------------------------------- allow
@@ -1074,6 +1078,8 @@ def test_a_channel_whose_verifier_went_away_is_not_reused(kong, token):
 
 @pytest.mark.parametrize(("field", "value"), [
     ("max_channels", 0), ("max_channels", 1000), ("streams_per_channel", 0), ("max_channels", "many"),
+    ("reconnect_backoff", 0), ("reconnect_backoff", 600_001), ("reconnect_backoff_max", True),
+    ("reconnect_backoff_max", 100),  # below reconnect_backoff's default 250
 ])
 def test_a_pool_setting_out_of_range_is_refused(kong, field, value):
     with pytest.raises(RuntimeError, match=field):
@@ -1096,12 +1102,15 @@ def test_channels_of_failed_calls_are_closed_and_the_pool_never_passes_its_bound
     opened: list[grpc.Channel] = []
     real = grpc.insecure_channel
     monkeypatch.setattr(plugin.grpc, "insecure_channel", lambda *a, **kw: opened.append(real(*a, **kw)) or opened[-1])
-    client, request = plugin.VerifierClient(), verifier_pb2.CheckRequest(method="GET")
+    clock = FakeClock()
+    client, request = plugin.VerifierClient(clock=clock), verifier_pb2.CheckRequest(method="GET")
     dead = f"127.0.0.1:{free_port()}"
+    backoff = plugin.Backoff(0.25, 5.0)
 
     for _ in range(5):  # nothing listens: every call fails UNAVAILABLE on a fresh connection
+        clock.now += 3600.0  # past any reconnect back-off
         with pytest.raises(grpc.RpcError) as failed:
-            client.check(dead, request, timeout_s=2.0, streams=4, max_channels=2)
+            client.check(dead, request, timeout_s=2.0, streams=4, max_channels=2, backoff=backoff)
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
 
     assert len(opened) == 5
@@ -1112,7 +1121,216 @@ def test_channels_of_failed_calls_are_closed_and_the_pool_never_passes_its_bound
     servicer = _GatheringVerifier()
     with stream_bounded_verifier(servicer) as port, futures.ThreadPoolExecutor(BURST) as pool:
         live = f"127.0.0.1:{port}"
-        calls = [pool.submit(client.check, live, request, timeout_s=10.0, streams=4, max_channels=2)
-                 for _ in range(BURST)]
+        calls = [pool.submit(client.check, live, request, timeout_s=10.0, streams=4, max_channels=2,
+                             backoff=backoff) for _ in range(BURST)]
         assert all(c.result().allowed for c in calls)
     assert len(opened) == 5 + 2 and servicer.peak == 8
+
+
+# --------------------------------------------------------------------------- reconnect back-off
+
+
+class FakeClock:
+    """`time.monotonic` for `VerifierClient`, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RefusingVerifier:
+    """A verifier that refuses: it accepts each connection and closes it at once (a restarting or overloaded
+    server), counting the connection attempts. Every attempt is counted before the client sees it fail."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", port), backlog=128)
+        self.attempts = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed by stop()
+            self.attempts += 1
+            conn.close()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (Linux)
+        self.sock.close()
+        self.thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def refusing_verifier(port: int) -> Iterator[RefusingVerifier]:
+    refuser = RefusingVerifier(port)
+    try:
+        yield refuser
+    finally:
+        refuser.stop()
+
+
+UNAVAILABLE_ANSWER = [[503, "Authorization service unavailable"]]
+REFUSING_BACKOFF_MS = 2000  # long enough that a loaded machine sends many requests within it
+
+
+def attempts_allowed(elapsed_s: float, backoff_ms: int) -> int:
+    """Connection attempts a back-off of `backoff_ms` (its shortest jittered wait: -20%) allows in `elapsed_s`."""
+    return 1 + int(elapsed_s / (0.8 * backoff_ms / 1000.0))
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+def test_a_refusing_verifier_sees_one_connection_per_back_off_and_no_check_gets_an_identity(kong, token, fail_open):
+    port = free_port()
+    iid = start_instance(kong, grpc_target=f"127.0.0.1:{port}", timeout=5000, fail_open=fail_open,
+                         reconnect_backoff=REFUSING_BACKOFF_MS, reconnect_backoff_max=REFUSING_BACKOFF_MS)
+    request = KongRequest(headers={"Authorization": f"Bearer {token}", "X-Authenticated-Userid": "admin"})
+
+    with refusing_verifier(port) as refuser:
+        started = time.monotonic()
+        answers = [kong.handle_event(iid, "access", request) for _ in range(20)]
+        elapsed = time.monotonic() - started
+
+    if fail_open:  # what fail_open does with an unreachable verifier: pass without identity
+        assert not any(named(calls, "kong.response.error") or named(calls, "kong.response.exit") for calls in answers)
+    else:
+        assert all(named(calls, "kong.response.error") == UNAVAILABLE_ANSWER for calls in answers)
+    assert all("x-authenticated-userid" in cleared(calls) for calls in answers)
+    assert not any(named(calls, "kong.service.request.set_header") for calls in answers)
+    # without a back-off: one connection per request, 20
+    assert 1 <= refuser.attempts <= attempts_allowed(elapsed, REFUSING_BACKOFF_MS), (refuser.attempts, elapsed)
+
+
+def test_a_returning_verifier_is_used_once_the_back_off_has_passed_however_hard_clients_push(kong, token):
+    port = free_port()
+    backoff_s = 1.0
+    iid = start_instance(kong, grpc_target=f"127.0.0.1:{port}", timeout=5000,
+                         reconnect_backoff=int(backoff_s * 1000), reconnect_backoff_max=int(backoff_s * 1000))
+    request = KongRequest(headers={"Authorization": f"Bearer {token}", "X-Authenticated-Userid": "admin"})
+    with refusing_verifier(port) as refuser:
+        before = time.monotonic()  # the back-off begins after this and lasts 0.8-1.2 s
+        assert named(kong.handle_event(iid, "access", request), "kong.response.error") == UNAVAILABLE_ANSWER
+        after = time.monotonic()
+        assert refuser.attempts == 1
+
+    with stream_bounded_verifier(_RecordingVerifier(), port):
+        back = time.monotonic()
+        deadline = back + 60.0  # a loaded machine is slow, never that slow
+        while True:
+            # clients keep asking through the back-off: none gets through, none lengthens it
+            calls = kong.handle_event(iid, "access", request)
+            if named(calls, "kong.service.request.set_header"):
+                break
+            assert named(calls, "kong.response.error") == UNAVAILABLE_ANSWER
+            assert time.monotonic() < deadline, "the returning verifier was never used"
+        passed = time.monotonic()
+        again = kong.handle_event(iid, "access", request)
+
+    assert named(calls, "kong.service.request.set_header") == [["X-Authenticated-Userid", "app"]]
+    assert named(again, "kong.service.request.set_header") == [["X-Authenticated-Userid", "app"]]
+    assert passed >= before + 0.8 * backoff_s  # the verifier was not asked within the back-off
+    # the first request after the back-off connects (slack: one request's turn on a loaded machine)
+    assert passed - max(back, after + 1.2 * backoff_s) < 5.0, (passed - back, passed - after)
+
+
+def test_a_request_the_verifier_refuses_to_read_starts_no_back_off(kong, token):
+    """A client cannot put the plugin into back-off: a Check the verifier rejects for its size (a status of its
+    own, RESOURCE_EXHAUSTED) on a connection that has never answered is no failed connection attempt."""
+    with stream_bounded_verifier(_RecordingVerifier()) as port:
+        iid = start_instance(kong, grpc_target=f"127.0.0.1:{port}", timeout=5000,
+                             reconnect_backoff=60_000, reconnect_backoff_max=60_000)
+        huge = KongRequest(headers={"Authorization": "Bearer " + "a" * (2 << 20)})
+
+        assert named(kong.handle_event(iid, "access", huge), "kong.response.error") == UNAVAILABLE_ANSWER
+        calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"Bearer {token}"}))
+
+        assert named(calls, "kong.service.request.set_header") == [["X-Authenticated-Userid", "app"]]
+        assert established_to(port) == 1  # the same connection: the oversized Check did not retire it
+
+
+def _recording_client(monkeypatch: pytest.MonkeyPatch, spreads: list[float] | None = None) -> tuple[Any, Any, FakeClock,
+                                                                                                 list[grpc.Channel]]:
+    """The plugin's VerifierClient on a fake clock (and jitter), recording the channels (connection attempts)."""
+    plugin = _plugin_module()
+    opened: list[grpc.Channel] = []
+    real = grpc.insecure_channel
+    monkeypatch.setattr(plugin.grpc, "insecure_channel", lambda *a, **kw: opened.append(real(*a, **kw)) or opened[-1])
+    clock = FakeClock()
+    jitter = iter(spreads or [])
+    client = plugin.VerifierClient(clock=clock, spread=lambda: next(jitter, 0.0))
+    return plugin, client, clock, opened
+
+
+def _try(client: Any, target: str, backoff: Any, timeout_s: float = 5.0) -> grpc.RpcError | None:
+    """One Check through `client`: None when answered, else the error."""
+    try:
+        client.check(target, verifier_pb2.CheckRequest(method="GET"), timeout_s=timeout_s, streams=4, max_channels=8,
+                     backoff=backoff)
+    except grpc.RpcError as exc:
+        return exc
+    return None
+
+
+def _unavailable(error: grpc.RpcError | None) -> bool:
+    return isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_back_off_grows_by_1_6_to_its_ceiling_and_checks_within_it_never_connect(monkeypatch):
+    # jitter: none, +20 %, -20 %, then none
+    plugin, client, clock, opened = _recording_client(monkeypatch, [0.0, 1.0, -1.0])
+    backoff, dead = plugin.Backoff(0.1, 0.5), f"127.0.0.1:{free_port()}"
+    waits = [0.1, 0.16 * 1.2, 0.256 * 0.8, 0.4096, 0.5, 0.5]
+
+    for attempt, wait in enumerate(waits, 1):
+        failed_at = clock.now
+        assert _unavailable(_try(client, dead, backoff)) and len(opened) == attempt
+        clock.now = failed_at + wait - 0.001
+        for _ in range(20):  # within the back-off: unavailable at once, no connection tried
+            assert isinstance(_try(client, dead, backoff), plugin.ReconnectBackoff)
+        assert len(opened) == attempt
+        clock.now = failed_at + wait + 0.001  # past it: the next Check connects
+
+    # the verifier is back: the attempt after the back-off is answered, and the back-off is forgotten
+    with stream_bounded_verifier(_RecordingVerifier(), int(dead.rsplit(":", 1)[1])):
+        assert _try(client, dead, backoff) is None
+    assert _unavailable(_try(client, dead, backoff))  # its working connection lost: not a failed attempt...
+    failed_at = clock.now
+    assert _unavailable(_try(client, dead, backoff))  # ...the new one is, the first again
+    clock.now = failed_at + 0.1 - 0.001
+    assert isinstance(_try(client, dead, backoff), plugin.ReconnectBackoff)
+    clock.now = failed_at + 0.1 + 0.001
+    assert _unavailable(_try(client, dead, backoff))
+    assert len(opened) == len(waits) + 1 + 2
+
+
+@contextlib.contextmanager
+def hanging_verifier(port: int) -> Iterator[None]:
+    """Accepts connections on `port` and never answers (a verifier too busy to serve): Checks run to their
+    deadline."""
+    sock = socket.create_server(("127.0.0.1", port), backlog=128)
+    try:
+        yield
+    finally:
+        sock.close()
+
+
+def test_after_a_lost_connection_one_attempt_at_a_time_however_many_checks_wait(monkeypatch):
+    plugin, client, _clock, opened = _recording_client(monkeypatch)
+    backoff, port = plugin.Backoff(60.0, 60.0), free_port()
+    target = f"127.0.0.1:{port}"
+    with stream_bounded_verifier(_RecordingVerifier(), port):
+        assert _try(client, target, backoff) is None
+    # its working connection lost: no back-off (the next Check may connect at once), but a suspect target
+    assert _unavailable(_try(client, target, backoff))
+
+    with hanging_verifier(port), futures.ThreadPoolExecutor(8) as pool:
+        errors = list(pool.map(lambda _: _try(client, target, backoff, timeout_s=3.0), range(8)))
+
+    # two channels' worth of Checks, one connection attempt: they all wait on it (to their deadline here)
+    assert len(opened) == 2
+    assert all(isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED for e in errors), errors
