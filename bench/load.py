@@ -232,7 +232,10 @@ async def _run_http(spec: LoadSpec, payloads: _Payloads, rec: _Recorder, start: 
     await _sleep_until(start)
     if spec.mode == "open":
         interval = n / spec.rate
-        await asyncio.gather(*(open_conn(c, start + k * interval / n, interval) for k, c in enumerate(conns)))
+        # Half a slot into each: no intended time falls on the window's edges, where float rounding alone
+        # would decide whether a send counts (0.3 s at 100/s came out as 29, 30 or 31 sends).
+        slot = 1 / spec.rate
+        await asyncio.gather(*(open_conn(c, start + (k + 0.5) * slot, interval) for k, c in enumerate(conns)))
     else:
         await asyncio.gather(*(closed_conn(c) for c in conns))
     for c in conns:
@@ -272,12 +275,13 @@ async def _run_grpc(spec: LoadSpec, payloads: _Payloads, rec: _Recorder, start: 
         await asyncio.gather(*(worker(k) for k in range(spec.concurrency)))
     else:
         interval, i = 1.0 / spec.rate, 0
+        first = start + 0.5 * interval  # half a slot in, as the HTTP loop: no send on the window's edges
         pending: dict[asyncio.Task[None], float] = {}
-        while start + i * interval < end:
-            await _sleep_until(start + i * interval)
+        while first + i * interval < end:
+            await _sleep_until(first + i * interval)
             now = time.perf_counter()
             # Everything due is issued now, charged from its own intended time.
-            while (intended := start + i * interval) <= now and intended < end:
+            while (intended := first + i * interval) <= now and intended < end:
                 task = asyncio.ensure_future(one(i, intended))
                 pending[task] = intended
                 task.add_done_callback(lambda t: pending.pop(t, None))
