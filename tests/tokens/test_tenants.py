@@ -243,6 +243,8 @@ def config(issuer: dict[str, Any]) -> dict[str, Any]:
         ({"issuer": "https://idp.example.test", "tenants": ["a"]}, "only with a {tenant} issuer"),
         ({"issuer": "https://idp.example.test", "tenant_claim": "tid"}, "only with a {tenant} issuer"),
         ({"tenants": "any", "introspect_jwts": True}, "not supported"),
+        # It passed `check-config`, then `serve` crashed with a KeyError building the logout receiver.
+        ({"tenants": ["a"], "backchannel_logout": {"audiences": ["gw"]}}, "backchannel_logout: not supported"),
         ({"tenants": "any", "jwks_inline": {"keys": []}}, "jwks_inline"),
         ({"tenants": "any", "max_tenants": 0}, "max_tenants"),
         ({"tenants": "any", "discovery_url": "https://idp.example.test/common/v2.0"}, "needs {tenant}"),

@@ -122,6 +122,12 @@ def check_key_source(settings: IssuerSettings, path: str) -> None:
             record(f'{path}.tenants: required with a {TENANT_PLACEHOLDER} issuer (a list of tenants, or "any")')
         if settings.introspection is not None or settings.introspect_jwts:
             record(f"{path}.introspection: not supported with a {TENANT_PLACEHOLDER} issuer")
+        if settings.backchannel_logout is not None:
+            # The receiver checks a logout token against the keys of the issuer it names, held from start-up.
+            record(
+                f"{path}.backchannel_logout: not supported with a {TENANT_PLACEHOLDER} issuer "
+                "(configure each tenant whose logouts you receive as an issuer of its own)"
+            )
         if settings.static_jwks or settings.jwks_file or settings.jwks_inline:
             record(f"{path}.jwks_file: a {TENANT_PLACEHOLDER} issuer finds each tenant's keys by discovery")
         if settings.discovery_url and TENANT_PLACEHOLDER not in settings.discovery_url:
