@@ -121,12 +121,13 @@ class StallMeter:
         self._watched = threading.get_native_id()
         self._stop = threading.Event()
         self._stood = 0.0
+        self._origin = 0.0  # when the meter was entered: a stall while its thread starts counts too
         self._queued_before = 0.0
         self._queued: float | None = None  # the watched thread's run-queue seconds over the meter's span, once ended
         self._thread = threading.Thread(target=self._run, name="stall-meter", daemon=True)
 
     def _run(self) -> None:
-        before = time.monotonic()
+        before = self._origin
         while not self._stop.wait(STALL_TICK):
             now = time.monotonic()
             if (late := now - before - STALL_TICK) >= STALL_AT_LEAST:
@@ -145,6 +146,7 @@ class StallMeter:
 
     def __enter__(self) -> StallMeter:
         self._queued_before = run_queue_seconds(self._watched)
+        self._origin = time.monotonic()
         self._thread.start()
         return self
 
@@ -166,7 +168,8 @@ async def timed(call: Awaitable[T]) -> tuple[T, float, float]:
     event loop running or blocked with the code under test is not a stall of the process. Assert
     `took - late < deadline + a little`, not `took < deadline + a guess at the machine's load`.
     """
-    started = time.monotonic()
     with StallMeter() as meter:
+        started = time.monotonic()
         result = await call
-    return result, time.monotonic() - started, meter.late
+        took = time.monotonic() - started
+    return result, took, meter.late
