@@ -7,7 +7,6 @@ One definition here instead of a copy per rig (issue #19). tests/ and tests/inte
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime
 import socket
@@ -90,43 +89,87 @@ def spki_pin(key: ec.EllipticCurvePrivateKey) -> str:
 T = TypeVar("T")
 
 
-def run_queue_seconds() -> float:
-    """Seconds this thread has spent runnable but not running (waiting for a CPU the machine's other load held),
-    from Linux's /proc schedstat; 0.0 where the kernel does not tell."""
+def run_queue_seconds(native_id: int | None = None) -> float:
+    """Seconds a thread of this process (this one unless given) has spent runnable but not running (waiting for
+    a CPU the machine's other load held), from Linux's /proc schedstat; 0.0 where the kernel does not tell."""
     try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as stats:
+        with open(f"/proc/self/task/{native_id or threading.get_native_id()}/schedstat") as stats:
             return int(stats.read().split()[1]) / 1e9
     except (OSError, ValueError, IndexError):
         return 0.0
 
 
-async def timed(call: Awaitable[T], deadline: float) -> tuple[T, float, float]:
-    """`call`'s result, the seconds it took, and how late a loaded machine made it: how late this event loop
-    ran a timer of `deadline` seconds started alongside it, or how long this thread waited for a CPU while
-    `call` ran (the kernel's run-queue time), whichever is more.
+STALL_TICK = 0.005  # seconds between the stall meter's wake-ups
+# A wake-up later than this is a stall of the process and counts in full; an earlier one does not count at all: the
+# interpreter hands the GIL to a waiting thread only every 5 ms (sys.getswitchinterval()), so the meter wakes up to
+# that late while another thread of the process computes, and that is the code's own work.
+STALL_AT_LEAST = 0.02
 
-    For a deadline kept by code running in this same loop: a loaded machine delays that deadline's timer by
-    about as much as the one here, and a stall after it (the answer written, read) is run-queue time, so
-    `took - late` is what the time would have been on a quiet machine. Neither excuses the code's own work or
-    its waiting on a socket. Assert `took - late < deadline + a little`, not `took < deadline + a guess at the
-    machine's load`.
+
+class StallMeter:
+    """How long a loaded machine held this process still while the meter ran (`late`).
+
+    A thread of its own sleeps `STALL_TICK` at a time and adds up each wake-up `STALL_AT_LEAST` or more late: the
+    whole process stood still then (a CPU the runner gave to someone else, the VM paused, the GIL held by one C
+    call). The work of one thread does not show (an event loop busy or blocked with the code under test leaves
+    this thread running: the interpreter hands the GIL over every 5 ms and a blocking call releases it). The
+    run-queue time of the thread that made the meter (`run_queue_seconds`) counts too: the runner can starve
+    that thread alone while the meter's runs on the other CPU. Use as a context manager.
     """
-    queued = run_queue_seconds()
-    started = time.monotonic()
 
-    async def deadline_timer() -> float:
-        await asyncio.sleep(deadline)
-        return time.monotonic() - started - deadline
+    def __init__(self) -> None:
+        self._watched = threading.get_native_id()
+        self._stop = threading.Event()
+        self._stood = 0.0
+        self._origin = 0.0  # when the meter was entered: a stall while its thread starts counts too
+        self._queued_before = 0.0
+        self._queued: float | None = None  # the watched thread's run-queue seconds over the meter's span, once ended
+        self._thread = threading.Thread(target=self._run, name="stall-meter", daemon=True)
 
-    timer = asyncio.ensure_future(deadline_timer())
-    try:
+    def _run(self) -> None:
+        before = self._origin
+        while not self._stop.wait(STALL_TICK):
+            now = time.monotonic()
+            if (late := now - before - STALL_TICK) >= STALL_AT_LEAST:
+                self._stood += late
+            before = now
+
+    @property
+    def late(self) -> float:
+        """Seconds the process stood still, or the thread that made the meter waited for a CPU, whichever is
+        more (they overlap: a runner that gives both CPUs away stalls both)."""
+        queued = self._queued if self._queued is not None else self._queued_now()
+        return max(self._stood, queued)
+
+    def _queued_now(self) -> float:
+        return run_queue_seconds(self._watched) - self._queued_before
+
+    def __enter__(self) -> StallMeter:
+        self._queued_before = run_queue_seconds(self._watched)
+        self._origin = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._queued = self._queued_now()
+
+
+async def timed(call: Awaitable[T]) -> tuple[T, float, float]:
+    """`call`'s result, the seconds it took, and how late a loaded machine made it (`StallMeter.late`): how long
+    it held this process still, or this thread waiting for a CPU, while `call` ran.
+
+    For a deadline kept by code running in this process: a stall delays its timer (when it falls across the
+    moment the timer is due or before the timer is started), the answer it sends and reading it, never by more
+    than the stall, so `took - late` is at most what the time would have been on a quiet machine. A stall within
+    the wait, that delayed nothing, is taken out too: a bound checked this way may let a wrong answer through on
+    a stalled run, never on a quiet one. Neither excuses the code's own work nor its waiting on a socket: the
+    event loop running or blocked with the code under test is not a stall of the process. Assert
+    `took - late < deadline + a little`, not `took < deadline + a guess at the machine's load`.
+    """
+    with StallMeter() as meter:
+        started = time.monotonic()
         result = await call
-    except BaseException:
-        timer.cancel()
-        raise
-    took = time.monotonic() - started
-    starved = run_queue_seconds() - queued
-    if took < deadline:
-        timer.cancel()
-        return result, took, starved
-    return result, took, max(await timer, starved)
+        took = time.monotonic() - started
+    return result, took, meter.late

@@ -79,7 +79,7 @@ async def test_grpc_overload_is_resource_exhausted_and_the_deadline_is_honoured(
                     await stub.Check(request("slow-1"), timeout=0.3)
                 return deadline.value.code()
 
-            code, took, late = await timed(expired(), 0.3)  # less how late a loaded machine ran this loop
+            code, took, late = await timed(expired())  # less how long a loaded machine held this process
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED
             assert took - late < 1.0, (took, late)
             first = asyncio.ensure_future(stub.Check(request("slow-2"), timeout=30))

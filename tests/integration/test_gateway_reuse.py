@@ -67,6 +67,11 @@ FLOOD_RETRIES = 20  # a credential answered 503 (shed, timed out) is sent again 
 NGINX_FLOOD, NGINX_JUNK_BYTES = 4_000, 3_000
 RATE_BURST = 3
 MAX_AGE = 2  # edge_cache.max_age_seconds and refusal_max_age_seconds: short, so expiry is observable
+# Seconds a stored answer is reused at least (nginx counts whole seconds): requests spread over longer than this by
+# a stalled runner may rightly be asked again, so the reuse is then measured again with a new token, at most
+# ATTEMPTS times in all; a gateway that does not reuse asks again within milliseconds, every time.
+SHORTEST_REUSE = MAX_AGE - 1
+ATTEMPTS = 3
 ADMIN_TOKEN = "an-admin-secret-for-the-reuse-tests-0123"
 ADMIN_HOST = "admin.example.test"
 POLICIES = [
@@ -129,15 +134,21 @@ def asked(verifier: GatewayProcess) -> int:
 def test_a_repeated_token_is_answered_by_the_gateway_within_max_age_and_asked_again_after(
     gateway: str, verifier: GatewayProcess, issuer: LocalIssuer, upstream: EchoUpstream
 ) -> None:
-    tok, before = token(issuer), asked(verifier)
-    upstream.clear()
-    first = time.monotonic()
-    statuses = [get(gateway, "/orders", tok).status]
-    stored = time.monotonic()  # the answer was stored by now: its max-age runs out by stored + MAX_AGE
-    statuses += [get(gateway, "/orders", tok).status for _ in range(3)]
-
-    assert statuses == [200] * 4
-    assert asked(verifier) - before == 1
+    for _ in range(ATTEMPTS):
+        tok, before = token(issuer), asked(verifier)
+        upstream.clear()
+        first = time.monotonic()
+        statuses = [get(gateway, "/orders", tok).status]
+        stored = time.monotonic()  # the answer was stored by now: its max-age runs out by stored + MAX_AGE
+        statuses += [get(gateway, "/orders", tok).status for _ in range(3)]
+        reused_for = time.monotonic() - stored
+        assert statuses == [200] * 4
+        if asked(verifier) - before == 1:
+            break
+        assert reused_for >= SHORTEST_REUSE, "the gateway asked again within the answer's max-age"
+        # a stalled runner took the three requests past the shortest reuse: the gateway was right to ask again
+    else:
+        raise AssertionError(f"{ATTEMPTS} attempts stalled past the shortest reuse")
     # A cache hit still hands the upstream the verifier's identity, never nothing.
     assert [seen.headers.get("x-authenticated-userid") for seen in upstream.requests] == [
         json.loads(_payload(tok))["sub"]
@@ -151,7 +162,7 @@ def test_a_repeated_token_is_answered_by_the_gateway_within_max_age_and_asked_ag
         time.sleep(0.05)
         sent = time.monotonic()
         assert get(gateway, "/orders", tok).status == 200
-    assert time.monotonic() - first >= MAX_AGE - 1
+    assert time.monotonic() - first >= SHORTEST_REUSE
 
 
 def test_an_answer_fetched_again_after_max_age_is_reused_again(
@@ -160,16 +171,25 @@ def test_an_answer_fetched_again_after_max_age_is_reused_again(
     """The second window reuses the new answer: nginx keeps a reused answer's file open between hits
     (open_file_cache), and must read the file refetched after expiry (a new inode), not the expired one
     it still holds, which would send every request to the verifier until the descriptor went stale."""
-    tok, before = token(issuer), asked(verifier)
-    assert get(gateway, "/orders", tok).status == 200
-    deadline = time.monotonic() + MAX_AGE + 1.5
-    while asked(verifier) - before == 1:
-        assert time.monotonic() < deadline, "the answer was never asked for again"
-        time.sleep(0.05)
+    for _ in range(ATTEMPTS):
+        tok, before = token(issuer), asked(verifier)
         assert get(gateway, "/orders", tok).status == 200
-    assert asked(verifier) - before == 2
-    assert [get(gateway, "/orders", tok).status for _ in range(4)] == [200] * 4
-    assert asked(verifier) - before == 2, "the refetched answer was not reused"
+        deadline = time.monotonic() + MAX_AGE + 1.5
+        while True:  # a request counts by when it was sent, as above
+            time.sleep(0.05)
+            sent = time.monotonic()
+            assert get(gateway, "/orders", tok).status == 200
+            if asked(verifier) - before != 1:
+                break
+            assert sent < deadline, "the answer was never asked for again"
+        refetched = time.monotonic()
+        assert asked(verifier) - before == 2
+        assert [get(gateway, "/orders", tok).status for _ in range(4)] == [200] * 4
+        reused_for = time.monotonic() - refetched
+        if asked(verifier) - before == 2:
+            return
+        assert reused_for >= SHORTEST_REUSE, "the refetched answer was not reused"
+    raise AssertionError(f"{ATTEMPTS} attempts stalled past the shortest reuse")
 
 
 def test_the_cache_header_never_reaches_the_client_or_the_upstream(

@@ -115,8 +115,8 @@ async def test_session_revoked_event_refuses_on_every_door_and_on_a_second_repli
                         assert time.monotonic() < deadline, "replica two never refused"
                         await asyncio.sleep(0.02)
 
-                # Within a second, less how late a loaded machine ran this loop (both replicas run in it).
-                _, took, late = await timed(refused_on_two(), 1.0)
+                # Within a second, less how long a loaded machine held this process (both replicas run in it).
+                _, took, late = await timed(refused_on_two())
                 assert took - late < 1.0, f"replica two did not refuse within 1 s ({took:.2f} s, {late:.2f} s late)"
                 status, challenge = await _forward(one, token)
                 assert status == 401 and 'error="invalid_token"' in challenge and "revoked" in challenge

@@ -52,6 +52,7 @@ from gateways import (
 from op_harness import OTHER_AUDIENCE, OpenIDProvider
 from replicas import dpop_proof, public_jwk
 from rigs import provider_fixture
+from support import StallMeter
 
 from verifier.binding.dpop import thumbprint
 from verifier.doors.grpc import server_options
@@ -451,9 +452,26 @@ def test_killed_verifier_fails_closed_with_503(kong, provider, token, tmp_path):
 
 
 class _SlowVerifier(verifier_pb2_grpc.VerifierServicer):
+    """Allows every request, but only once released (30 s at most): a plugin that waited for it would pass the
+    request, however long a loaded machine made the wait."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+
     def Check(self, request: verifier_pb2.CheckRequest, context: grpc.ServicerContext) -> verifier_pb2.CheckResponse:
-        time.sleep(2.0)
+        self.released.wait(30)
         return verifier_pb2.CheckResponse(allowed=True, http_status=200)
+
+
+@contextlib.contextmanager
+def slow_verifier() -> Iterator[str]:
+    """A `_SlowVerifier` on loopback, released when the block ends; yields its target."""
+    servicer = _SlowVerifier()
+    with fake_verifier(servicer) as target:
+        try:
+            yield target
+        finally:
+            servicer.released.set()
 
 
 @contextlib.contextmanager
@@ -469,15 +487,24 @@ def fake_verifier(servicer: verifier_pb2_grpc.VerifierServicer) -> Iterator[str]
         server.stop(grace=None)
 
 
-def test_a_verifier_slower_than_the_deadline_fails_closed(kong, token):
-    with fake_verifier(_SlowVerifier()) as target:
-        iid = start_instance(kong, grpc_target=target, timeout=200)
-        started = time.monotonic()
-        calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"Bearer {token}"}))
-        elapsed = time.monotonic() - started
+# The configured `timeout` (ms) of the slow-verifier test: above the plugin's default (1000), so an answer no
+# sooner shows the configured value was used (a stall only ever adds time), and the test needs no upper bound
+# tighter than seconds.
+SLOW_TIMEOUT_MS = 1500
 
+
+def test_a_verifier_slower_than_the_deadline_fails_closed(kong, token):
+    with slow_verifier() as target:
+        iid = start_instance(kong, grpc_target=target, timeout=SLOW_TIMEOUT_MS)
+        with StallMeter() as machine:
+            started = time.monotonic()
+            calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"Bearer {token}"}))
+            elapsed = time.monotonic() - started
+
+    # 503 while the verifier still held its allow: the plugin did not wait for it
     assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
-    assert elapsed < 1.5
+    assert elapsed >= SLOW_TIMEOUT_MS / 1000  # the configured timeout, not the default
+    assert elapsed - machine.late < SLOW_TIMEOUT_MS / 1000 + 1.5, (elapsed, machine.late)  # and not much longer
 
 
 def test_fail_open_passes_without_identity(kong, token):
@@ -607,7 +634,7 @@ def test_the_thumbprint_comes_from_the_tls_connection_kong_terminated(kong, reco
 
 def test_fail_open_never_passes_a_request_whose_check_timed_out(kong, token):
     # G9: the verifier had the request and was still checking it; only an unreachable verifier fails open
-    with fake_verifier(_SlowVerifier()) as target:
+    with slow_verifier() as target:
         iid = start_instance(kong, grpc_target=target, timeout=200, fail_open=True)
         calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"Bearer {token}"}))
 

@@ -200,10 +200,10 @@ async def test_cold_start_against_a_broken_provider_fails_closed_within_the_dead
             await issuer_keys.refresh()
 
     # discovery and JWKS are two calls, each with its own deadline
-    _, took, late = await timed(refresh_refused(), 2 * FETCH_TIMEOUT)
+    _, took, late = await timed(refresh_refused())
     assert took - late < 2 * FETCH_TIMEOUT + SLACK, (took, late)
     assert not app.ready()
-    decision, took, late = await timed(app.pipeline.decide(attrs_for(mint(live_claims())), "test"), 2 * FETCH_TIMEOUT)
+    decision, took, late = await timed(app.pipeline.decide(attrs_for(mint(live_claims())), "test"))
     assert took - late < 2 * FETCH_TIMEOUT + SLACK, (took, late)
     assert not decision.allowed
     assert decision.status in (401, 503)
@@ -235,7 +235,7 @@ async def test_warm_keys_survive_a_broken_provider(
     # A token under a kid the broken provider never served: refused with 503 (we cannot tell a
     # rotation from a forgery while the provider is broken), never allowed.
     stranger = mint(claims(exp=int(now) + 300, iat=int(now)), kid="never-served")
-    decision, took, late = await timed(app.pipeline.decide(attrs_for(stranger), "test"), FETCH_TIMEOUT)
+    decision, took, late = await timed(app.pipeline.decide(attrs_for(stranger), "test"))
     assert took - late < FETCH_TIMEOUT + SLACK, (took, late)
     assert not decision.allowed and decision.status == 503 and decision.reason == "provider_unavailable"
 
@@ -250,7 +250,7 @@ async def test_an_unknown_kid_while_the_jwks_endpoint_hangs_returns_within_fetch
     await issuer_keys.refresh()
     fetcher.faults[JWKS_URL] = ("delay", 30.0)
     decision, took, late = await timed(
-        app.pipeline.decide(attrs_for(mint(live_claims(), kid="rotated-in")), "test"), FETCH_TIMEOUT
+        app.pipeline.decide(attrs_for(mint(live_claims(), kid="rotated-in")), "test")
     )
     assert not decision.allowed and decision.reason == "provider_unavailable"
     assert took - late < FETCH_TIMEOUT + SLACK, (took, late)
@@ -268,7 +268,7 @@ async def test_concurrent_unknown_kids_while_the_jwks_endpoint_hangs_share_one_f
     fetcher.faults[JWKS_URL] = ("delay", 30.0)
     tokens = [mint(live_claims(jti=str(i)), kid=f"made-up-{i}") for i in range(50)]
     decisions, took, late = await timed(
-        asyncio.gather(*(app.pipeline.decide(attrs_for(t), "test") for t in tokens)), FETCH_TIMEOUT
+        asyncio.gather(*(app.pipeline.decide(attrs_for(t), "test") for t in tokens))
     )
     assert took - late < FETCH_TIMEOUT + SLACK, (took, late)
     assert not any(d.allowed for d in decisions)
@@ -287,7 +287,7 @@ async def test_a_request_never_waits_on_a_fetch_longer_than_fetch_timeout(
     await issuer_keys.refresh()
     fetcher.faults[JWKS_URL] = ("delay", 3.0)
     decision, took, late = await timed(
-        app.pipeline.decide(attrs_for(mint(live_claims(), kid="rotated-in")), "test"), FETCH_TIMEOUT
+        app.pipeline.decide(attrs_for(mint(live_claims(), kid="rotated-in")), "test")
     )
     assert not decision.allowed
     assert took - late < FETCH_TIMEOUT + SLACK, (took, late)
@@ -298,7 +298,7 @@ async def test_discovery_plus_jwks_stay_within_one_fetch_timeout(jwks_document: 
     fetcher.faults[DISCOVERY_URL] = ("delay", FETCH_TIMEOUT * 0.9)
     fetcher.faults[JWKS_URL] = ("delay", FETCH_TIMEOUT * 0.9)
     app = make_app(fetcher)
-    decision, took, late = await timed(app.pipeline.decide(attrs_for(mint(live_claims())), "test"), FETCH_TIMEOUT)
+    decision, took, late = await timed(app.pipeline.decide(attrs_for(mint(live_claims())), "test"))
     # Each call alone is within the deadline: only one deadline over both refuses (two would load the keys and
     # allow). The outcome shows it whatever the machine's load; the time bounds the wait.
     assert not decision.allowed and decision.reason == "provider_unavailable", decision.reason
@@ -420,7 +420,7 @@ async def _refresh_outcome(fetcher: HttpFetcher, issuer: str, **options: Any) ->
             return exc.description
         return "ok"
 
-    outcome, took, late = await timed(refresh(), options.get("fetch_timeout_seconds", FETCH_TIMEOUT))
+    outcome, took, late = await timed(refresh())
     return outcome, took - late
 
 
@@ -587,12 +587,11 @@ async def test_introspection_faults_fail_closed_within_the_deadline(fault: int |
         http=http,
     )
     try:
-        results, took, late = await timed(  # less how late a loaded machine ran this loop
+        results, took, late = await timed(  # less how long a loaded machine held this process
             asyncio.gather(
                 *(introspector.introspect(f"opaque-{i}", token_hash(f"opaque-{i}")) for i in range(5)),
                 return_exceptions=True,
-            ),
-            INTROSPECT_TIMEOUT,
+            )
         )
     finally:
         await introspector.close()
