@@ -69,6 +69,11 @@ class JwtAuthenticator:
     def __init__(self, jwt: JwtVerifier) -> None:
         self._jwt = jwt
 
+    @property
+    def jwt(self) -> JwtVerifier:
+        """The verifier it hands JWS-looking tokens to."""
+        return self._jwt
+
     def _parse(self, token: str, seen: Seen) -> jws.CompactJWS:
         if not jws.looks_like_jws(token):
             raise NotResponsible

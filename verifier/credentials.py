@@ -16,7 +16,7 @@ from verifier.request import RequestAttributes
 _B64TOKEN_CHARS = string.ascii_letters.encode() + string.digits.encode() + b"-._~+/"
 
 
-def _is_b64token(token: str) -> bool:
+def is_b64token(token: str) -> bool:
     """The b64token syntax, checked in C: the characters before any trailing "=" all belong to it.
 
     (A regular expression walks a 1 KiB token character by character in Python's regex engine: about as
@@ -57,6 +57,6 @@ def extract(attrs: RequestAttributes) -> Credential:
     token = token.strip()
     if not token:
         raise MissingToken("no access token")
-    if not _is_b64token(token):
+    if not is_b64token(token):
         raise MalformedRequest("malformed Authorization header")
     return Credential(kind, token)

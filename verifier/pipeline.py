@@ -23,7 +23,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from verifier import credentials
-from verifier.authenticators import Authenticator, NotResponsible, Seen, issuer_not_trusted, none_responsible
+from verifier.authenticators import (
+    Authenticator,
+    JwtAuthenticator,
+    NotResponsible,
+    Seen,
+    issuer_not_trusted,
+    none_responsible,
+)
 from verifier.checks.base import OWN_ENDPOINT, Check, Passed, Route
 from verifier.clock import Clock
 from verifier.credentials import Credential, TokenScheme
@@ -48,7 +55,9 @@ from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import SUPPORTED_ALGORITHMS
+from verifier.tokens import jws
 from verifier.tokens.cache import ExpiringCache
+from verifier.tokens.jwt import JwtVerifier
 from verifier.upstream import UpstreamAnswers
 
 log = logging.getLogger("verifier.pipeline")
@@ -149,6 +158,9 @@ def token_hash(key: bytes, attrs: RequestAttributes, credential: Credential) -> 
 
 
 _HASH_BYTES = 32  # SHA-256
+# What `_first_seen_jwt` returns for a request that is not for it (never an answer: the general path decides).
+_GENERAL = Decision(allowed=False, status=500, reason="internal_error")
+_POSITIVE_MISS = ("positive", "miss")
 
 
 def _negative_cacheable(error: VerifierError) -> bool:
@@ -229,6 +241,12 @@ class Pipeline:
         # Set by the allow paths of `decide_cached`, read by `decide_cached_stable` (synchronous: no interleaving).
         self._stable_until = 0.0
         self._tracing = tracing  # spans (annotated on first sight only) and the audit line's trace id
+        # The fused first-seen path (`_first_seen_jwt`) when the JWT authenticator is asked first: on every route it
+        # is (it sends tokens nowhere), so a JWS-looking token is always its.
+        first = self._authenticators[0] if self._authenticators else None
+        self._jwt_first = first.jwt if isinstance(first, JwtAuthenticator) else None
+        self._hot_cache = metrics.hot_cache  # token-cache lookups by (cache, result)
+        self._signatures = metrics.hot_signatures  # signature checks by (alg, result)
 
     def _mask(self, route: Route) -> int:
         return sum(1 << i for i, check in enumerate(self._checks) if check.for_route(route))
@@ -292,6 +310,10 @@ class Pipeline:
         if refused is not None:
             self._metrics.cache_lookup("negative", "hit")
             return self._refuse(refused.error, refused.credential, route)
+        if self._jwt_first is not None and len(key) == _HASH_BYTES:  # `Bearer <token>`, the JWT authenticator first
+            fused = self._first_seen_jwt(self._jwt_first, header, key, attrs, routed, door)
+            if fused is not _GENERAL:
+                return fused
         try:
             credential = credentials.extract(attrs)
         except MissingToken as exc:
@@ -514,6 +536,62 @@ class Pipeline:
             return self._refused(exc, credential, key, attrs, door, started, seen, route)
         return self._admitted(principal, credential, key, attrs, door, started, seen)
 
+    def _first_seen_jwt(
+        self,
+        jwt: JwtVerifier,
+        header: str,
+        key: bytes,
+        attrs: RequestAttributes,
+        routed: tuple[Route, int],
+        door: str,
+    ) -> Decision | None:
+        """The first sight of `Bearer <JWS>` when the JWT authenticator is asked first: `_verify_now`, `_admitted`
+        and `_now` in one function, without the authenticator's `Seen`, its credential parse or a plan walk
+        when no check applies (#24 goal 2). The same checks in the same order, the same answer, audit line,
+        counts and cache record (tests/test_fused_first_seen.py compares them with the general path's);
+        `_GENERAL` for anything else (another spelling or scheme, a token the JWT authenticator does not take,
+        a syntax the general path refuses before any signature check, `verifier explain` listening).
+
+        The RFC 6750 b64token syntax is checked only when the parse fails: a token that parses is three strict
+        base64url segments (no `=`, `+`, `/`, white space or non-ASCII) joined by two dots, which is b64token.
+        """
+        token = header[len(_BEARER) :]
+        if self.trace is not None or not token.startswith(jws.JWS_START):
+            return _GENERAL
+        started = time.perf_counter()
+        credential = Credential(TokenScheme.BEARER, token)
+        route, route_mask = routed
+        try:
+            parsed = jwt.parse(token)
+        except VerifierError as exc:
+            if not (credentials.is_b64token(token) and jws.looks_like_jws(token)):
+                return _GENERAL
+            self._hot_cache[_POSITIVE_MISS] += 1
+            return self._refused(exc, credential, key, attrs, door, started, Seen(), route)
+        self._hot_cache[_POSITIVE_MISS] += 1
+        iss, kid, alg = parsed.payload.get("iss"), parsed.kid, parsed.alg
+        issuer = iss if isinstance(iss, str) else ""
+        try:
+            verified = jwt.verify_now(parsed)
+            if verified is None:
+                return None
+            principal = self._with_roles(verified)
+        except VerifierError as exc:
+            return self._refused(exc, credential, key, attrs, door, started, Seen(issuer, kid, alg), route)
+        admitted = self._admit(principal, credential, key)
+        allowed = admitted.allowed
+        self._record(attrs, door, allowed, started, key, issuer, kid, alg, principal.subject, principal.client_id)
+        now = self._clock.now()
+        if admitted.mask & route_mask or route.upstream is not None or now >= allowed.renew_at:
+            decision = self._now(admitted, attrs, routed, key)  # a check to run, the route's own answer, a renewal
+            self._stable_until = 0.0  # as `_decide_cached` says of a first-seen token's answer
+            return decision
+        # What `_now` answers when no check runs: the stored answer, its max-age cut to the token's life left.
+        age, left = allowed.cache_max_age, principal.expires_at - now
+        if age <= 0 or left >= age:
+            return allowed
+        return dataclasses.replace(allowed, cache_max_age=max(0, int(left)), memo={})
+
     def _authenticators_for(self, route: Route) -> tuple[tuple[Authenticator, ...], bool]:
         """The authenticators a token may go to on this route, and whether a provider was left out.
 
@@ -574,7 +652,8 @@ class Pipeline:
         decision = self._refuse(error, credential, route)
         if remember and _negative_cacheable(error):
             self._negative.put(key, Refused(_without_frames(error), credential), self._clock.now() + self._negative_ttl)
-        self._record(attrs, door, decision, started, credential, key, seen, "")
+        token_key = token_hash(key, attrs, credential)
+        self._record(attrs, door, decision, started, token_key, seen.issuer, seen.kid, seen.alg, "")
         return decision
 
     def _admitted(
@@ -589,6 +668,25 @@ class Pipeline:
     ) -> Admitted:
         if self.trace is not None:
             self.trace("token", {"issuer": seen.issuer, "kid": seen.kid, "alg": seen.alg, "principal": principal})
+        admitted = self._admit(principal, credential, key)
+        token_key = token_hash(key, attrs, credential)
+        self._record(
+            attrs,
+            door,
+            admitted.allowed,
+            started,
+            token_key,
+            seen.issuer,
+            seen.kid,
+            seen.alg,
+            principal.subject,
+            principal.client_id,
+        )
+        return admitted
+
+    def _admit(self, principal: Principal, credential: Credential, key: bytes) -> Admitted:
+        """The cache record of a token its authenticator vouched for (the checks that apply to it, its answer),
+        stored under `key`."""
         mask = self._every_token
         for bit, check in self._for_some_tokens:
             if check.for_token(principal, credential):
@@ -601,7 +699,6 @@ class Pipeline:
         allowed = self._build(principal, self._no_policy[0], ceiling, credential)
         admitted = Admitted(principal, allowed, credential, self._plan(mask).checks, mask, ceiling)
         self._positive.put(key, admitted, principal.expires_at)
-        self._record(attrs, door, allowed, started, credential, key, seen, principal.subject, principal.client_id)
         return admitted
 
     def _reusable(self, principal: Principal, allowed: Decision, route: Route, plan: Plan) -> Decision:
@@ -655,28 +752,30 @@ class Pipeline:
         door: str,
         decision: Decision,
         started: float,
-        credential: Credential,
-        key: bytes,
-        seen: Seen,
+        token_key: bytes,
+        issuer: str,
+        kid: str | None,
+        alg: str,
         subject: str,
         client_id: str | None = None,
     ) -> None:
-        trace_id = self._tracing.token_checked(attrs.headers, seen.issuer)
-        alg = seen.alg
+        """Counts a signature check and writes its audit line; `token_key` is the token's own SHA-256 (`token_hash`)."""
+        trace_id = self._tracing.token_checked(attrs.headers, issuer)
         if alg and alg != "introspection":
-            label = alg if alg in SUPPORTED_ALGORITHMS else "other"  # header values are attacker-chosen
-            self._metrics.signature_check(label, "ok" if decision.allowed else decision.reason)
+            label = (alg if alg in SUPPORTED_ALGORITHMS else "other", "ok" if decision.allowed else decision.reason)
+            signatures = self._signatures  # header values are attacker-chosen: an unknown alg counts as "other"
+            signatures[label] = signatures.get(label, 0) + 1
         if self._audit:
             audit.signature_check(
-                issuer=seen.issuer,
-                kid=seen.kid,
+                issuer=issuer,
+                kid=kid,
                 alg=alg,
                 subject=subject,
                 route=attrs.route,
                 decision=decision.outcome,
                 reason=decision.reason,
                 latency_seconds=time.perf_counter() - started,
-                token_hash_=token_hash(key, attrs, credential),
+                token_hash_=token_key,
                 door=door,
                 client_id=client_id,  # with subject "", a client-credentials token: no user
                 trace_id=trace_id,

@@ -109,6 +109,10 @@ class Metrics:
         for cache, result in (("positive", "hit"), ("positive", "miss"), ("negative", "hit")):
             self._hot.cache[(cache, result)] = 0
         r.register(self._hot)
+        # The plain counts the first-seen path adds to itself (`verifier.pipeline`): token-cache lookups by
+        # (cache, result), signature checks by (alg, result).
+        self.hot_cache = self._hot.cache
+        self.hot_signatures = self._hot.signatures
         self.jwks_fetches = Counter(
             "verifier_jwks_fetch_total",
             "JWKS fetches by issuer and result.",
@@ -162,12 +166,6 @@ class Metrics:
         """Counts a token-cache lookup (positive/negative, hit/miss)."""
         key = (cache, result)
         self._hot.cache[key] = self._hot.cache.get(key, 0) + 1
-
-    def signature_check(self, alg: str, result: str) -> None:
-        """Counts a signature verification (a plain count, exported by `_HotPath`)."""
-        key = (alg, result)
-        signatures = self._hot.signatures
-        signatures[key] = signatures.get(key, 0) + 1
 
     def jwks_fetch(self, issuer: str, result: str) -> None:
         """Counts a JWKS fetch."""

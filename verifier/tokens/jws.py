@@ -136,6 +136,9 @@ def remember(parsed: CompactJWS) -> None:
         _HEADERS[segment] = (types.MappingProxyType(dict(parsed.header)), parsed.alg, parsed.kid)
 
 
+JWS_START = "eyJ"  # base64url of `{"`: how every JOSE header segment starts
+
+
 def looks_like_jws(token: str) -> bool:
     """Cheap routing test: two dots and a JSON-object header (`eyJ` is base64url of `{"`)."""
-    return token.count(".") == 2 and token.startswith("eyJ")
+    return token.count(".") == 2 and token.startswith(JWS_START)
