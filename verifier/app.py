@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -235,9 +236,11 @@ class App:
         fetcher: Fetcher | None = None,
         metrics: Metrics | None = None,
         reuse_port: bool = False,
+        http_sockets: list[socket.socket] | None = None,
         tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.http_sockets = http_sockets  # the forward-auth door's listening sockets, bound by the supervisor
         # Spans only when configured (the `tracing` section or OTEL_* variables; `tracing` replaces it in
         # tests). Off: the doors hold None and never touch tracing; fetches and audit get the null object.
         if tracing is None and settings.tracing is not None:
@@ -478,6 +481,7 @@ class App:
                 s.http.port,
                 reuse_port=self.reuse_port,
                 tls=s.http.tls.server_context() if s.http.tls else None,
+                sockets=self.http_sockets,
             )
         if s.grpc is not None:
             self.ports.grpc = await self.grpc.start(
@@ -545,7 +549,7 @@ class App:
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Graceful shutdown: stop accepting, drain in-flight calls, close clients."""
         await self.grpc.stop(grace)
-        await self.forward_auth.stop()
+        await self.forward_auth.stop(grace)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

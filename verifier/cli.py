@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 
@@ -98,14 +99,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return Supervisor(
             dataclasses.replace(settings, state=with_default_path(settings.state, runtime)), load, _serve_worker
         ).run()
+    except OSError as exc:  # the forward-auth port taken between the check above and the bind
+        print(f"verifier: cannot listen on http.listen in {args.config} ({exc})", file=sys.stderr)
+        return 2
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
-def _serve_worker(settings: Settings, index: int, ready_fd: int) -> None:
+def _serve_worker(settings: Settings, index: int, ready_fd: int, http_sockets: list[socket.socket]) -> None:
     _event_loop_policy()
     gc_policy.tune()
-    app = App(settings, reuse_port=True)
+    app = App(settings, reuse_port=True, http_sockets=http_sockets)
 
     async def ready() -> None:
         await app.wait_serving()

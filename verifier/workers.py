@@ -15,6 +15,13 @@
   it reports SERVING (its keys are loaded) is the old one told to drain and stop. A new worker
   that does not become ready in time is stopped and the old one kept. Listener addresses are
   shared, so a changed listen address takes effect only on a full restart.
+- The forward-auth door's listening sockets are bound here, once, before any fork: one set per
+  worker index (SO_REUSEPORT, so the kernel still spreads connections over the workers), kept
+  open by the supervisor for its lifetime (as nginx's master keeps its `reuseport` sockets). A
+  worker's successor on SIGHUP, and its replacement after a crash, accept on the same sockets, so
+  the connections queued on them when the old worker stops are answered, not reset; while no
+  worker runs for an index, its connections wait in the queue. (gRPC's server binds its own
+  ports: a gRPC client reconnects.)
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from collections.abc import Callable
 
+from verifier.doors.acceptor import listening_sockets
 from verifier.settings import ConfigError, Listen, Settings
 
 log = logging.getLogger("verifier.workers")
@@ -37,13 +46,33 @@ RESTART_BACKOFF_SECONDS = 1.0  # seconds between restarts of one worker
 READY_TIMEOUT_SECONDS = 30.0  # a reloaded worker must report SERVING within this long
 POLL_SECONDS = 0.1  # how often the supervisor looks at its children and signals
 
-RunWorker = Callable[[Settings, int, int], None]  # (settings, index, ready_fd)
+RunWorker = Callable[[Settings, int, int, list[socket.socket]], None]  # (settings, index, ready_fd, http sockets)
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 def accept_stop_signals() -> None:
     """Delivers the stop signals a worker held while starting: call once its handlers are installed."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def bind_http(settings: Settings) -> list[list[socket.socket]]:
+    """The forward-auth door's listening sockets, one set per worker index (none without `http`). Port 0
+    binds the first set to a free port and the others to the same one: the workers share a port."""
+    if settings.http is None:
+        return [[] for _ in range(settings.workers)]
+    host, port = settings.http.host, settings.http.port
+    bound: list[list[socket.socket]] = []
+    try:
+        for _ in range(settings.workers):
+            sockets = listening_sockets(host, port, reuse_port=True)
+            bound.append(sockets)
+            port = port or int(sockets[0].getsockname()[1])
+    except OSError:
+        for sockets in bound:
+            for sock in sockets:
+                sock.close()
+        raise
+    return bound
 
 
 def settings_for_worker(settings: Settings, index: int) -> Settings:
@@ -65,6 +94,7 @@ class Supervisor:
         self._last_start: dict[int, float] = {}
         self._stopping = False
         self._reload = False
+        self._http_sockets: list[list[socket.socket]] = []  # per worker index, bound in `run`
 
     def _spawn(self, settings: Settings, index: int) -> tuple[int, int]:
         """Forks a worker; returns its pid and the read end of its readiness pipe.
@@ -82,11 +112,16 @@ class Supervisor:
         if pid == 0:  # the worker
             os.close(read_fd)
             _die_with_parent(supervisor)
+            for other, sockets in enumerate(self._http_sockets):
+                if other != index:  # this process's copies only: the supervisor keeps them open
+                    for sock in sockets:
+                        sock.close()
             for sig in STOP_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             code = 0
             try:
-                self._run_worker(settings_for_worker(settings, index), index, write_fd)
+                sockets = self._http_sockets[index] if index < len(self._http_sockets) else []
+                self._run_worker(settings_for_worker(settings, index), index, write_fd, sockets)
             except BaseException:  # a worker must never return into the supervisor's loop
                 log.exception("worker crashed", extra={"event": "worker_crashed", "worker": index})
                 code = 1
@@ -185,6 +220,7 @@ class Supervisor:
     def run(self) -> int:
         """Runs until every worker has stopped after SIGTERM/SIGINT."""
         self._retired: list[int] = []
+        self._http_sockets = bind_http(self.settings)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
         for index in range(self.settings.workers):
@@ -196,6 +232,9 @@ class Supervisor:
             self._restart_dead(self._reap())
             self._retired = [pid for pid in self._retired if _still_running(pid)]
             time.sleep(POLL_SECONDS)
+        for sockets in self._http_sockets:
+            for sock in sockets:
+                sock.close()
         return 0
 
 

