@@ -13,8 +13,9 @@ between this and ``bench run``'s server CPU per check is the I/O (read, write, e
 same raw request again is answered by the door's answer memo; ``--no-memo`` measures the path every other request takes.
 
 ``--opaque``: 5,000 first-seen opaque tokens, introspected over real loopback HTTP at the provider (its
-process, no delay), through ``OPAQUE_CONNECTIONS`` door connections at a time: the CPU per first-seen
-opaque token with the provider calls' real I/O but none of the door's.
+process, no delay), through ``OPAQUE_CONNECTIONS`` door connections at a time (``--in-flight N``; 1: the loop sleeps
+and wakes for every provider answer, as served): the CPU per first-seen opaque token with the provider calls' real I/O
+but none of the door's.
 
 ``--pure-vs-compiled N``: the same measure (with the other options given) run N times in each of two child
 processes, alternating which goes first: a copy of the ``verifier/`` in use with the first-seen hot path compiled
@@ -462,6 +463,7 @@ def _pure_vs_compiled(argv: list[str], pairs: int) -> None:
 
 
 def main() -> None:
+    global OPAQUE_CONNECTIONS
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--policies", action="store_true", help="two route policies (bench run --policies)")
     parser.add_argument("--first-seen", action="store_true", help="each ES256 token once, instead of one token")
@@ -482,8 +484,16 @@ def main() -> None:
     parser.add_argument(
         "--pure-vs-compiled", type=int, default=0, metavar="N", help="N alternating runs: compiled tree vs pure copy"
     )
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=OPAQUE_CONNECTIONS,
+        metavar="N",
+        help="--opaque: checks fed at once (1: the loop sleeps and wakes for every provider answer, as served)",
+    )
     parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    OPAQUE_CONNECTIONS = max(1, args.in_flight)  # read by `_measure_opaque`
     if args.pure_vs_compiled:
         argv = sys.argv[1:]
         at = argv.index("--pure-vs-compiled")

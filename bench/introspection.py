@@ -27,6 +27,12 @@ repeats every (scenario, target) point N times, alternating; the CPU table gives
 distinct`` runs that scenario alone (#24 goal 7's figure), ``--no-naive`` leaves the naive target out.
 ``--syscalls 1`` counts the verifier's system calls and context switches over each measured window with
 ``perf stat`` (kernel tracepoints; needs perf and root) and prints them per token asked of the provider.
+``--floor 1`` adds the stack's floor to ``distinct``: the no-op on the verifier's own stack (bench/baselines.py:
+uvloop + httptools, a canned 200, nothing decided) at the same rate, its CPU per request being what one
+request/answer exchange costs a process on this machine at this rate (wake-up, read, write, TCP on loopback);
+a first-seen opaque token makes two (the gateway's request and the provider call).
+The verifier's CPU is its process tree's (supervisor and worker) over the measured window only, split into
+user and system time.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ CONNECTIONS = 64  # rate x latency x headroom: each connection sends every 64 ms
 P99_BUDGET_MS = 5.0  # on top of the provider's latency
 SCENARIOS = ("hot", "distinct", "flood")
 TARGETS = ("verifier batch off", "verifier batch on", "naive")
+FLOOR = "no-op floor"  # --floor: the no-op on the same stack, CPU per request
 FIRST_SEEN_CPU_GOAL_US = 300.0  # #24 goal 7: verifier CPU per first-seen opaque token
 SYSCALLS = ("read", "write", "epoll_pwait", "epoll_wait", "getpid", "futex")  # --syscalls: counted one by one
 
@@ -91,6 +98,8 @@ def run(ctx: Context) -> None:
     distinct_pool = min(DISTINCT_TOKENS, sent)
     names = tuple(t for t in TARGETS if t != "naive" or not ctx.args.no_naive)
     names += ("before batch off", "before batch on") if before else ()
+    floor = bool(ctx.opt("floor", 0)) and "distinct" in scenarios
+    names += (FLOOR,) if floor else ()
     # Fresh live tokens for every (scenario, target, repetition): hot and distinct pools, plus probes.
     per_point = HOT_TOKENS + distinct_pool + 4
     provider = idp.Issuer(ctx.servers, opaque=per_point * len(names) * reps, delay_s=delay)
@@ -106,6 +115,8 @@ def run(ctx: Context) -> None:
     }
     if "naive" in names:
         targets["naive"] = ctx.servers.start_baseline("introspect", issuer=provider.url).renamed("naive")
+    if floor:
+        targets[FLOOR] = ctx.servers.start_baseline("noop").renamed(FLOOR)
     if before:
         tree = Path(before).resolve()
         targets["before batch off"] = ctx.servers.start_verifier(
@@ -120,10 +131,16 @@ def run(ctx: Context) -> None:
     def counts() -> dict[str, float]:
         return {**provider.counts(), "provider_cpu": procs.cpu_seconds([provider.proc.pid])}
 
+    def split(target: Any) -> dict[str, float]:
+        user, system = procs.cpu_split(target.pids)
+        return {"user": user, "system": system}
+
     points = []
     for rep, k, scenario in ((r, k, s) for r in range(reps) for k, s in enumerate(scenarios)):
         for name in names if (k + rep) % 2 == 0 else names[::-1]:
             target = targets[name]
+            if name == FLOOR and scenario != "distinct":
+                continue
             if scenario == "flood":
                 junk = [secrets.token_urlsafe(32) for _ in range(max(1, sent // 2))]
                 tokens, probe, allow, distinct = junk + junk, secrets.token_urlsafe(32), False, min(len(junk), sent)
@@ -143,7 +160,7 @@ def run(ctx: Context) -> None:
                 duration_s=duration,
                 warmup_s=warmup,
                 connections=CONNECTIONS,
-                sample=counts if perf is None else lambda perf=perf: {**perf.edge(), **counts()},
+                sample=lambda perf=perf, t=target: {**(perf.edge() if perf else {}), **split(t), **counts()},
             )
             total, w, checks = provider.counts(), p["window"], p["requests"] or 1
             p.update(scenario=scenario, correct=correct, run_distinct=distinct, run_sent=sent, pool=len(set(tokens)))
@@ -153,6 +170,8 @@ def run(ctx: Context) -> None:
             asked = w["introspection_calls"] + w["batch_tokens"]
             first_seen = scenario == "distinct" and name != "naive" and asked
             p.update(first_seen_cpu_us=p["server_cpu_s"] * 1e6 / asked if first_seen else None)
+            per = asked if first_seen else checks  # user / system us per first-seen token, else per check
+            p.update(user_us=w["user"] * 1e6 / per, system_us=w["system"] * 1e6 / per)
             if perf is not None and asked:
                 p.update(per_token={k: v / asked for k, v in perf.counts.items()})
             p.update(run_calls=total["introspection_calls"] + total["batch_calls"], provider_cpu_s=w["provider_cpu"])
@@ -181,7 +200,7 @@ def goals(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             label = f"distinct, {name}: verifier CPU per first-seen opaque token <= {FIRST_SEEN_CPU_GOAL_US:g} us"
             out.append((label, f"{median:.0f} us (median of {len(values)})", median <= FIRST_SEEN_CPU_GOAL_US))
     for p in result["points"]:
-        if p["target"] == "naive" or p["target"].startswith("before"):
+        if p["target"] in ("naive", FLOOR) or p["target"].startswith("before"):
             continue
         label, kind = f"{p['scenario']}, {p['target']}", "junk" if p["scenario"] == "flood" else "live"
         lost = p["errors"] + p["dropped"]
@@ -212,6 +231,10 @@ def cpu_table(result: dict[str, Any]) -> str:
         ratio = f"{median / statistics.median(twin):.2f}" if twin else "-"
         runs = "; ".join(f"{v:.0f}" for v in values)
         rows.append([name, runs, f"{median:.0f}", ratio])
+    floor = [p["cpu_per_check_us"] for p in result["points"] if p["target"] == FLOOR and p["cpu_per_check_us"]]
+    if floor:
+        name = f"{FLOOR} (CPU per request: one exchange; a first-seen token makes two)"
+        rows.append([name, "; ".join(f"{v:.0f}" for v in floor), f"{statistics.median(floor):.0f}", "-"])
     headers = ["target", "CPU per first-seen token, us (repetitions)", "median", "median / before's"]
     return report.table(headers, rows, left=2)
 
@@ -223,6 +246,7 @@ def markdown(ctx: Context, r: dict[str, Any]) -> str:
     headers += [
         "verifier CPU/check us",
         "CPU per first-seen token us",
+        "of it user / system us",
         "verifier CPU (cores)",
         "client CPU (cores)",
         "provider CPU (cores)",
@@ -238,6 +262,7 @@ def markdown(ctx: Context, r: dict[str, Any]) -> str:
             f"{p['run_asks']:,} / {p['run_distinct']:,}",
         ]
         + [report.fmt(p["cpu_per_check_us"]), report.fmt(p["first_seen_cpu_us"]) if p["first_seen_cpu_us"] else "-"]
+        + [f"{p['user_us']:.0f} / {p['system_us']:.0f}" if "user_us" in p else "-"]
         + [report.cores(p["server_cpu_s"], p["seconds"])]
         + [report.cores(p["client_cpu_s"], p["seconds"]), report.cores(p["provider_cpu_s"], p["seconds"]), p["loadavg"]]
         for p in r["points"]

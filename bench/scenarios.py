@@ -42,6 +42,7 @@ SUITES: dict[str, Suite] = {
                 ("--before", str, "another checkout (the code before a change): its verifier (nginx: plugin) runs too"),
                 ("--only", str, "comma-separated scenarios of hot,distinct,flood (default all)"),
                 ("--syscalls", int, "1: the verifier's syscalls and context switches per token asked (perf stat)"),
+                ("--floor", int, "1: the no-op on the same stack at the same rate in distinct (CPU per request)"),
             ),
         ),
         Suite(

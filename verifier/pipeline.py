@@ -86,6 +86,18 @@ class Admitted(NamedTuple):
     by_route: Mapping[int, Decision] = _NO_ROUTES
 
 
+MISSED_HELD = 1024  # requests between `decide_cached`'s miss and their `decide_after_miss` (Pipeline._missed)
+
+
+class _Missed(NamedTuple):
+    """A request `decide_cached` left to `decide_after_miss` (`Pipeline._missed`): what it worked out."""
+
+    attrs: RequestAttributes  # that request (held: no other object takes its id while it waits)
+    routed: tuple[Route, int]
+    credential: Credential
+    key: bytes  # its positive and negative caches' key
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Refused:
     """What the negative cache holds for a token no route can take: answered anew on each route, since
@@ -240,6 +252,11 @@ class Pipeline:
         self.trace: Tracer | None = None  # `verifier explain` listens here; off (None) in the service
         # Set by the allow paths of `decide_cached`, read by `decide_cached_stable` (synchronous: no interleaving).
         self._stable_until = 0.0
+        # Requests `decide_cached` found to need I/O (a first-seen token), by identity, each taken by its own
+        # `decide_after_miss`: their route, credential and cache key, and the fact that no authenticator could
+        # answer them without I/O, are not worked out twice (#24 goal 7). A request whose `decide_after_miss`
+        # never comes (its connection gone first) is dropped with the rest when MISSED_HELD are held.
+        self._missed: dict[int, _Missed] = {}
         self._tracing = tracing  # spans (annotated on first sight only) and the audit line's trace id
         # The fused first-seen path (`_first_seen_jwt`) when the JWT authenticator is asked first: on every route it
         # is (it sends tokens nowhere), so a JWS-looking token is always its.
@@ -324,7 +341,13 @@ class Pipeline:
             return self._refuse(exc, None, route)
         self._metrics.cache_lookup("positive", "miss")
         verified = self._verify_now(credential, key, attrs, door, route)
-        if verified is None or isinstance(verified, Decision):
+        if verified is None:
+            missed = self._missed
+            if len(missed) >= MISSED_HELD:
+                missed.clear()
+            missed[id(attrs)] = _Missed(attrs, routed, credential, key)
+            return None
+        if isinstance(verified, Decision):
             return verified
         decision = self._now(verified, attrs, routed, key)
         # A first-seen token's answer is not offered for reuse by the raw request (`decide_cached_stable`): most
@@ -436,15 +459,22 @@ class Pipeline:
         return self._answer(admitted, principal, route, plan, key)
 
     async def _decide(self, attrs: RequestAttributes, door: str) -> Decision:
-        routed = self._route(attrs)
-        if isinstance(routed, Decision):
-            return routed
+        missed = self._missed.pop(id(attrs), None)
+        if missed is not None and missed.attrs is attrs:  # held, so no other request has its id meanwhile
+            # This request's own miss, just now (at most a loop turn ago): its route, credential and key as
+            # `decide_cached` worked them out; no authenticator could answer it without I/O then.
+            routed, credential, key, tried_now = missed.routed, missed.credential, missed.key, True
+        else:
+            found = self._route(attrs)
+            if isinstance(found, Decision):
+                return found
+            routed, tried_now = found, False
+            credential = credentials.extract(attrs)  # decide_cached already answered the failures
+            key = cache_key(attrs.headers.get("authorization", ""))
         route, route_mask = routed
-        credential = credentials.extract(attrs)  # decide_cached already answered the failures
-        key = cache_key(attrs.headers.get("authorization", ""))
-        admitted = self._positive.get(key)
+        admitted = self._positive.get(key)  # another request for the same token may have been admitted since
         if admitted is None:
-            verified = await self._verify(credential, key, attrs, door, route)
+            verified = await self._verify(credential, key, attrs, door, route, tried_now=tried_now)
             if isinstance(verified, Decision):
                 return verified
             admitted = verified
@@ -608,12 +638,22 @@ class Pipeline:
         return found[1], found[2]
 
     async def _verify(
-        self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str, route: Route
+        self,
+        credential: Credential,
+        key: bytes,
+        attrs: RequestAttributes,
+        door: str,
+        route: Route,
+        *,
+        tried_now: bool = False,
     ) -> Admitted | Decision:
-        """First sight of a token: the first responsible authenticator, with I/O if need be."""
-        done = self._verify_now(credential, key, attrs, door, route)
-        if done is not None:
-            return done
+        """First sight of a token: the first responsible authenticator, with I/O if need be (`tried_now`:
+        `_verify_now` has just said this token needs it; each authenticator's `verify` does what its
+        `verify_now` does, and the I/O)."""
+        if not tried_now:
+            done = self._verify_now(credential, key, attrs, door, route)
+            if done is not None:
+                return done
         started = time.perf_counter()
         seen = Seen()
         token_key = token_hash(key, attrs, credential)  # introspection caches and the audit fingerprint

@@ -339,3 +339,69 @@ def test_a_per_request_check_bound_to_a_route_makes_only_that_routes_answers_no_
         stepped = pipeline.decide_cached(_attrs("tok-acme", **{"x-ok": "1"})._replace(path="/s/1"))
         assert stepped is not None and stepped.allowed and stepped.cache_max_age == 0
     assert check.runs == 2
+
+
+# -- a miss is worked out once (#24 goal 7) -------------------------------------------------------
+
+
+async def test_a_first_seen_token_needing_io_is_extracted_and_tried_without_io_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`decide_cached` found the token needs I/O; its own `decide_after_miss` carries on from there: the
+    credential is not extracted again and no authenticator is asked `verify_now` a second time."""
+    from verifier import pipeline as pipeline_module
+
+    extracted: list[RequestAttributes] = []
+    extract = pipeline_module.credentials.extract
+
+    def counted(attrs: RequestAttributes) -> Credential:
+        extracted.append(attrs)
+        return extract(attrs)
+
+    monkeypatch.setattr(pipeline_module.credentials, "extract", counted)
+    other, taker = FakeAuthenticator("jwt-"), FakeAuthenticator("tok-")
+    pipeline = _pipeline([TenantCheck()], [other, taker])
+    attrs = _attrs("tok-slow-acme")
+    assert pipeline.decide_cached(attrs) is None
+    decision = await pipeline.decide_after_miss(attrs, "test")
+    assert decision.allowed
+    assert len(extracted) == 1
+    # Each asked once without I/O (`decide_cached`) and once with it: the one responsible verified it.
+    assert other.asked == taker.asked == ["tok-slow-acme"] * 2
+    assert taker.verified == ["tok-slow-acme"]
+    assert not pipeline._missed  # taken by the request it was for
+    # Refusals too: the check still runs on the carried path.
+    wrong = _attrs("tok-slow-evil")
+    assert pipeline.decide_cached(wrong) is None
+    refused = await pipeline.decide_after_miss(wrong, "test")
+    assert not refused.allowed and refused.reason == "forbidden"
+
+
+async def test_a_token_admitted_meanwhile_is_answered_from_the_cache_on_the_carried_path() -> None:
+    """Two requests for one first-seen token both miss; the second to continue finds the first's admission
+    and asks no authenticator again."""
+    taker = FakeAuthenticator("tok-")
+    pipeline = _pipeline([], [taker])
+    first, second = _attrs("tok-slow-acme"), _attrs("tok-slow-acme")
+    assert pipeline.decide_cached(first) is None and pipeline.decide_cached(second) is None
+    assert (await pipeline.decide_after_miss(second, "test")).allowed
+    assert (await pipeline.decide_after_miss(first, "test")).allowed
+    assert taker.verified == ["tok-slow-acme"]
+
+
+async def test_misses_whose_slow_path_never_comes_are_not_held_without_bound() -> None:
+    """A request can miss and never continue (its connection closed first): what its miss worked out is
+    dropped within a bound, and a request whose record was dropped is still decided, the whole way."""
+    from verifier.pipeline import MISSED_HELD
+
+    taker = FakeAuthenticator("tok-")
+    pipeline = _pipeline([], [taker])
+    requests = [_attrs(f"tok-slow-{i}") for i in range(MISSED_HELD + 10)]
+    for attrs in requests:
+        assert pipeline.decide_cached(attrs) is None
+        assert len(pipeline._missed) <= MISSED_HELD
+    dropped = requests[0]
+    assert id(dropped) not in pipeline._missed
+    assert (await pipeline.decide_after_miss(dropped, "test")).allowed
+    # The whole way: `verify_now` asked again (twice without I/O, once with it).
+    assert taker.asked.count("tok-slow-0") == 3

@@ -441,7 +441,7 @@ class _Connection(asyncio.Protocol):
         answer still owed, it waits (done) for that one's `_flush`."""
         answer = await self._door.decide_slow(attrs, started, keep_alive)
         pending = self._pending
-        if pending and pending[0] is asyncio.current_task():
+        if pending and pending[0] is asyncio.current_task(self._loop):  # the loop given: no getpid() syscall
             pending.popleft()
             transport = self._transport
             if transport is not None and not transport.is_closing():
