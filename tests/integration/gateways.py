@@ -842,10 +842,28 @@ def verifier_unusable_reason() -> str | None:
 GATEWAY_KINDS = ("nginx", "nginx-lua", "envoy-grpc", "envoy-http", "envoy-reuse")
 
 
+BIND_ATTEMPTS = 3  # a gateway whose free port was taken meanwhile starts again on new ones, at most this often
+
+
 def start_gateway(kind: str, tmp_path: Path, *, grpc_port: int, http_port: int, upstream_port: int) -> GatewayProcess:
     """The shipped configuration `kind` (one of GATEWAY_KINDS) in front of the verifier whose doors listen on
     `grpc_port` and `http_port`, passing allowed requests to `upstream_port`. Every gateway rig of the tests
-    is built here."""
+    is built here.
+
+    A port `free_port` found free can be taken before the gateway binds it (a CI run: an outgoing connection's
+    ephemeral port, "cannot bind ...: Address already in use"); then the gateway starts again on new ports."""
+    for attempt in range(BIND_ATTEMPTS):
+        try:
+            return _start_gateway(
+                kind, tmp_path, grpc_port=grpc_port, http_port=http_port, upstream_port=upstream_port
+            )
+        except RuntimeError as exc:
+            if "Address already in use" not in str(exc) or attempt == BIND_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_gateway(kind: str, tmp_path: Path, *, grpc_port: int, http_port: int, upstream_port: int) -> GatewayProcess:
     if kind in ("nginx", "nginx-lua"):
         return start_nginx(tmp_path, http_port, upstream_port, lua=kind == "nginx-lua")
     if kind == "envoy-grpc":
