@@ -139,6 +139,16 @@ issuers:
     return proc, http_port, log
 
 
+def _check(port: int, token: str, timeout: float) -> int:
+    """One forward-auth check on a new connection: the answer's status."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/v1/forward-auth", headers={"Authorization": f"Bearer {token}"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 def _serving(port: int) -> bool:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
@@ -197,17 +207,9 @@ async def test_connections_queued_on_a_frozen_worker_are_answered_by_its_success
     (worker,) = _children(proc.pid)
     token = idp.mint(aud=DEV_AUDIENCE)
 
-    def check() -> int:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        try:
-            conn.request("GET", "/v1/forward-auth", headers={"Authorization": f"Bearer {token}"})
-            return conn.getresponse().status
-        finally:
-            conn.close()
-
     os.kill(worker, signal.SIGSTOP)
     try:
-        waiting = [asyncio.ensure_future(asyncio.to_thread(check)) for _ in range(4)]
+        waiting = [asyncio.ensure_future(asyncio.to_thread(_check, port, token, 60)) for _ in range(4)]
         await asyncio.sleep(0.5)
         assert not any(task.done() for task in waiting), "a frozen worker answered"
         proc.send_signal(signal.SIGHUP)
@@ -242,15 +244,7 @@ async def test_a_connection_made_while_the_only_worker_is_down_is_answered_by_it
             await asyncio.sleep(0.01)
         token = idp.mint(aud=DEV_AUDIENCE)
 
-        def check() -> int:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            try:
-                conn.request("GET", "/v1/forward-auth", headers={"Authorization": f"Bearer {token}"})
-                return conn.getresponse().status
-            finally:
-                conn.close()
-
-        assert await asyncio.to_thread(check) == 200, log.read_text()[-3000:]
+        assert await asyncio.to_thread(_check, port, token, 30) == 200, log.read_text()[-3000:]
         assert worker not in _children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
