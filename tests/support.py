@@ -21,12 +21,22 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+_GIVEN_PORTS: set[int] = set()  # every port free_port handed out in this process
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the usual bind-to-0 idiom)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (the usual bind-to-0 idiom), and never one this process
+    was handed before: the kernel may give the same port to two binds in a row once the first is closed, and a rig
+    that asks for two ports before anything binds them (nginx's listen and admin ports, a CI run: both 33789, so
+    /status reached the auth server block and answered 401) would get one port twice."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
+    raise RuntimeError("no loopback port this process was not handed before")
 
 
 def b64url(data: bytes) -> str:

@@ -71,6 +71,7 @@ def issuer() -> Iterator[LocalIssuer]:
 # Seconds per Redis operation where Redis is down on purpose: its failure must show soon (the product's default
 # is 0.25 s; a loaded CI runner needs a little more).
 OUTAGE_TIMEOUT = 0.5
+OUTAGE_DEADLINE = 2.0  # seconds: the decision deadline of the replicas whose Redis goes down
 
 
 def _state(redis_server: RedisServer, timeout: float = MAX_TIMEOUT_SECONDS) -> dict[str, Any]:
@@ -93,7 +94,10 @@ def pair(tmp_path: Path, issuer: LocalIssuer, redis_server: RedisServer) -> Iter
 
 @pytest.fixture
 def outage_pair(tmp_path: Path, issuer: LocalIssuer, redis_server: RedisServer) -> Iterator[list[GatewayProcess]]:
-    yield from _pair(tmp_path, issuer, _state(redis_server, OUTAGE_TIMEOUT))
+    # The decision deadline well above OUTAGE_TIMEOUT: these tests ask for Redis's own failure (503
+    # state_unavailable); with the default 0.8 s, a runner stalled 0.3 s during a hung Redis's 0.5 s answered the
+    # deadline's 503 provider_unavailable first (a CI run).
+    yield from _pair(tmp_path, issuer, {**_state(redis_server, OUTAGE_TIMEOUT), "deadline_seconds": OUTAGE_DEADLINE})
 
 
 def _expired(issuer: LocalIssuer) -> str:
