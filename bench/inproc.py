@@ -4,8 +4,9 @@
 the bench's provider, builds the verifier from the same config ``bench run`` uses (audit logging on, as served: the
 lines go to /dev/null), and feeds one connection (a fake transport: no syscalls, no event-loop wake-ups) the same
 forward-auth request as ``wrk`` sends. It prints the CPU per check (cached: the best of 7 passes of 20,000;
-first-seen: 5 rounds of 1,000 fresh ES256 tokens, each round followed by the raw parse + verify of the same
-tokens (``bench/floor.py``), medians and their ratio) and, with ``--profile``, cProfile's top functions.
+first-seen: 5 rounds of 1,000 fresh ES256 tokens, each ending with the audit lines it logged formatted and written
+(timed with it), each followed by the raw parse + verify of the same tokens (``bench/floor.py``), medians and
+their ratio) and, with ``--profile``, cProfile's top functions.
 ``--callgrind`` runs the first-seen measure under valgrind instead and prints instructions per check and per
 raw parse + verify (deterministic: immune to the other processes on the machine); with ``--cache-sim`` also the
 simulated L1 instruction and data cache misses of each (why the CPU ratio exceeds the instruction ratio). The gap
