@@ -6,11 +6,15 @@ import contextlib
 import io
 import json
 import logging
+import subprocess
+import sys
+import time
+import types
 from collections.abc import Iterator
 
 import pytest
 
-from verifier.observe import audit
+from verifier.observe import audit, logsink
 
 HOSTILE = 'kid "quoted"\n\x00\x1b[31m é \u2028 \ud800'  # a header value is the sender's choice: every escape
 
@@ -45,7 +49,8 @@ def _reference(**overrides: object) -> dict[str, object]:
 @contextlib.contextmanager
 def served() -> Iterator[io.StringIO]:
     """`configure_logging` as `verifier serve` calls it (the direct write into its buffered handler), the
-    handler's stream swapped for a buffer the test reads; pytest's own handlers set aside meanwhile."""
+    handler's stream swapped for a buffer the test reads (flushed on the way out, as at exit: the audit lines
+    wait unformatted until then); pytest's own handlers set aside meanwhile."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level, audit._direct_sink
     audit.configure_logging("INFO")
@@ -55,6 +60,7 @@ def served() -> Iterator[io.StringIO]:
     try:
         yield out
     finally:
+        audit.flush_logs()
         root.handlers[:], audit._direct_sink = saved[0], saved[2]
         root.setLevel(saved[1])
 
@@ -100,3 +106,149 @@ def test_the_token_is_never_written() -> None:
     text = out.getvalue()
     assert "eyJ" not in text and "c2ln" not in text
     assert json.loads(text)["token"] == audit.fingerprint(audit.token_hash("eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"))
+
+
+# The audit line's values wait in the handler and are formatted in batches (`BufferedStderrHandler.defer`):
+# the lines must come out byte for byte as when each was formatted in its check, in the order of the checks.
+
+
+def _formatted_in_the_check(now: float, **kw: object) -> str:
+    """The line as `signature_check` formatted it in the check before the batches (kept here verbatim)."""
+    literal, h = json.encoder.encode_basestring_ascii, kw["token_hash_"]
+    kid, client_id = kw.get("kid"), kw.get("client_id")
+    fields = (
+        f'"event": "signature_check", "issuer": {literal(kw["issuer"])}, '
+        f'"kid": {"null" if kid is None else literal(kid)}, "alg": {literal(kw["alg"])}, '
+        f'"subject": {literal(kw["subject"])}, "route": {literal(kw["route"])}, "decision": {literal(kw["decision"])}, '
+        f'"reason": {literal(kw["reason"])}, "latency_ms": {kw["latency_seconds"] * 1000:.3f}, '  # type: ignore[operator]
+        f'"token": "{h[:8].hex()}", "door": {literal(kw["door"])}, '  # type: ignore[index]
+        f'"client_id": {"null" if client_id is None else literal(client_id)}'
+    )
+    if kw.get("trace_id"):
+        fields += f', "trace_id": {literal(kw["trace_id"])}'
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(now)))
+    return (
+        f'{{"time": "{stamp}.{int(now * 1000) % 1000:03d}Z", "level": "INFO", '
+        f'"logger": "verifier.audit", "msg": "signature_check", {fields}}}\n'
+    )
+
+
+VARIANTS: list[dict[str, object]] = [
+    {},
+    {"kid": None, "client_id": None},
+    {"trace_id": "0af7651916cd43dd8448eb211c80319c"},
+    {"decision": "deny", "reason": "signature_invalid", "issuer": HOSTILE, "kid": HOSTILE, "alg": "none"},
+    {"subject": HOSTILE, "route": HOSTILE, "client_id": HOSTILE, "door": "grpc"},
+    {"latency_seconds": 0.0, "token_hash_": audit.token_hash("another")},
+    {"latency_seconds": 1.0, "subject": ""},
+    {"latency_seconds": 0.0004996},
+]
+CLOCK = [1764842400.0, 1764842400.0009, 1764842400.9995, 1764842400.9999, 1764842401.5, 1764842461.25, 1.0, 1e9 + 0.001]
+
+
+@contextlib.contextmanager
+def frozen(monkeypatch: pytest.MonkeyPatch, wall: list[float], mono: list[float]) -> Iterator[None]:
+    """The wall clock the checks read (next value each call) and a monotonic clock held at `mono[0]`."""
+    walls = iter(wall)
+    monkeypatch.setattr(audit, "time", types.SimpleNamespace(time=lambda: next(walls), strftime=time.strftime,
+                                                             gmtime=time.gmtime))  # fmt: skip
+    monkeypatch.setattr(logsink, "time", types.SimpleNamespace(monotonic=lambda: mono[0], strftime=time.strftime,
+                                                               gmtime=time.gmtime))  # fmt: skip
+    yield
+
+
+def _checks(variants: list[dict[str, object]]) -> list[dict[str, object]]:
+    calls = [{**FIELDS, "latency_seconds": 0.0123456, "token_hash_": HASH, **v} for v in variants]
+    for kw in calls:
+        audit.signature_check(**kw)  # type: ignore[arg-type]
+    return calls
+
+
+def test_lines_formatted_in_a_batch_are_the_lines_formatted_in_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    wall = [CLOCK[i % len(CLOCK)] for i in range(3 * len(VARIANTS))]
+    with served() as out, frozen(monkeypatch, wall, [0.0]):
+        calls = _checks(VARIANTS * 3)
+        assert out.getvalue() == ""  # all waiting unformatted
+    expected = "".join(_formatted_in_the_check(now, **kw) for now, kw in zip(wall, calls, strict=True))
+    assert out.getvalue() == expected
+    for line, kw in zip(out.getvalue().splitlines(), calls, strict=True):  # and what json.dumps of the dict says
+        fields = json.loads(line)
+        del fields["time"], fields["level"], fields["logger"], fields["msg"]
+        expected_fields = dict(_reference(**{k: kw[k] for k in FIELDS}))
+        expected_fields |= {"latency_ms": round(kw["latency_seconds"] * 1000, 3), "token": audit.fingerprint(kw["token_hash_"])}  # type: ignore[operator,arg-type]  # noqa: E501
+        if kw.get("trace_id"):
+            expected_fields["trace_id"] = kw["trace_id"]
+        assert list(fields.items()) == list(expected_fields.items())
+
+
+def test_a_record_logged_between_audit_lines_comes_out_between_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    with served() as out, frozen(monkeypatch, [CLOCK[0]] * 6, [0.0]):
+        _checks([{"subject": "one"}, {"subject": "two"}])
+        logging.getLogger("verifier.keys").warning("keys refreshed", extra={"event": "refresh"})
+        after_warning = out.getvalue()
+        _checks([{"subject": "three"}])
+        logging.getLogger("verifier.app").info("an info line")  # not urgent: buffered, but after the audit line
+        _checks([{"subject": "four"}])
+        audit.signature_check(**{**FIELDS, "latency_seconds": 0.001, "token_hash_": HASH, "subject": "five"}, x=1)  # type: ignore[arg-type]
+        _checks([{"subject": "six"}])
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line.get("subject", line["msg"]) for line in lines] == [
+        "one", "two", "keys refreshed", "three", "an info line", "four", "five", "six"
+    ]  # fmt: skip
+    assert after_warning.count("\n") == 3  # the warning is flushed at once, the audit lines before it with it
+    assert lines[6]["x"] == 1
+
+
+def test_no_more_than_the_bound_waits_unformatted(monkeypatch: pytest.MonkeyPatch) -> None:
+    bound = logsink.MAX_PENDING_LINES
+    with served() as out, frozen(monkeypatch, [CLOCK[0]] * (2 * bound + 7), [0.0]):
+        sink = audit._direct_sink
+        assert sink is not None
+        for n in range(1, 2 * bound + 8):
+            _checks([{"subject": f"s{n}"}])
+            assert len(sink._pending) == n % bound  # formatted into the buffer each time the bound is reached
+            assert sink.stream.getvalue().count("\n") == n - n % bound  # type: ignore[attr-defined]
+    subjects = [json.loads(line)["subject"] for line in out.getvalue().splitlines()]
+    assert subjects == [f"s{n}" for n in range(1, 2 * bound + 8)]
+
+
+def test_lines_are_written_once_the_flush_interval_has_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    mono = [0.0]
+    with served() as out, frozen(monkeypatch, [CLOCK[0]] * 3, mono):
+        assert audit._direct_sink is not None
+        audit._direct_sink.flush_now()  # its clock is now the frozen one
+        _checks([{"subject": "a"}, {"subject": "b"}])
+        assert out.getvalue() == ""
+        mono[0] = logsink.FLUSH_INTERVAL_SECONDS
+        _checks([{"subject": "c"}])
+        assert [json.loads(line)["subject"] for line in out.getvalue().splitlines()] == ["a", "b", "c"]
+
+
+def test_a_line_that_cannot_be_formatted_neither_fails_the_check_nor_loses_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with served() as out, frozen(monkeypatch, [CLOCK[0]] * 3, [0.0]):
+        _checks([{"subject": "before"}, {"subject": 42, "kid": b"k"}, {"subject": "after"}])  # not str: no literal
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["subject"] for line in lines] == ["before", 42, "after"]
+    assert lines[1]["kid"] == "b'k'" and lines[1]["token"] == audit.fingerprint(HASH)
+
+
+def test_lines_still_waiting_at_exit_are_written() -> None:
+    """A process that logs audit lines and exits without flushing: the exit hook formats and writes them."""
+    code = (
+        "from verifier.observe import audit\n"
+        "audit.configure_logging('INFO')\n"
+        "for n in range(3):\n"
+        "    audit.signature_check(issuer='i', kid=None, alg='ES256', subject=f's{n}', route='r', decision='allow',\n"
+        "                          reason='ok', latency_seconds=0.001, token_hash_=bytes(32), door='http')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert [json.loads(line)["subject"] for line in done.stderr.splitlines()] == ["s0", "s1", "s2"]
+
+
+def test_configuring_logging_again_writes_the_lines_still_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    with served() as out, frozen(monkeypatch, [CLOCK[0]] * 2, [0.0]):
+        _checks([{"subject": "x"}, {"subject": "y"}])
+        audit.configure_logging("INFO")  # a new handler: the old one's lines come out first
+        assert [json.loads(line)["subject"] for line in out.getvalue().splitlines()] == ["x", "y"]

@@ -7,6 +7,7 @@ and useless to an attacker who reads the log.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -94,9 +95,46 @@ def signature_check(
     """Writes the audit line for one signature check; `trace_id` (W3C, hex) when the decision has a trace."""
     if not audit_log.isEnabledFor(logging.INFO):
         return
-    # One line per first-seen token: its fields are written as JSON literals one by one (what json.dumps
-    # of the same dict writes, key for key; the latency with its three decimals always written), without
-    # building the dict and an encoder per line.
+    sink = _direct_sink
+    direct = sink is not None and logging.root.handlers == [sink] and audit_log.propagate and not audit_log.handlers
+    if direct and not extra:
+        # Our own configuration (one buffered JSON handler on the root logger): the line's values go to its
+        # list of pending lines, formatted in batches (`_format_pending`) before anything else is written. The
+        # logging machinery (record, filters, handler lock) costs as much as the line itself, and formatting
+        # one line between two signature checks pulls its code and fresh memory into the caches each time.
+        sink.defer(  # type: ignore[union-attr]
+            (time.time(), issuer, kid, alg, subject, route, decision, reason, latency_seconds, token_hash_, door,
+             client_id, trace_id)
+        )  # fmt: skip
+        return
+    fields = _fields(
+        issuer, kid, alg, subject, route, decision, reason, latency_seconds, token_hash_, door, client_id, trace_id
+    )
+    if extra:
+        fields += ", " + json.dumps(extra, default=str)[1:-1]
+    if direct:
+        sink.write_line(_line(time.time(), fields))  # type: ignore[union-attr]
+        return
+    # Serialized here, once: the formatter writes it as is (no per-record attribute walk).
+    audit_log.info("signature_check", extra={"_json_fields": fields})
+
+
+def _fields(
+    issuer: str,
+    kid: str | None,
+    alg: str,
+    subject: str,
+    route: str,
+    decision: str,
+    reason: str,
+    latency_seconds: float,
+    token_hash_: bytes,
+    door: str,
+    client_id: str | None,
+    trace_id: str,
+) -> str:
+    # Its fields are written as JSON literals one by one (what json.dumps of the same dict writes, key for
+    # key; the latency with its three decimals always written), without building the dict and an encoder.
     fields = (
         f"{_opening(issuer, kid, alg, decision == 'allow')}"
         f'"subject": {_literal(subject)}, "route": {_literal(route)}, "decision": {_catalogued(decision)}, '
@@ -106,25 +144,51 @@ def signature_check(
     )
     if trace_id:  # the gateway's trace (its traceparent), or the span's when tracing is on
         fields += f', "trace_id": {_literal(trace_id)}'
-    if extra:
-        fields += ", " + json.dumps(extra, default=str)[1:-1]
-    sink = _direct_sink
-    handlers = logging.root.handlers
-    if sink is not None and handlers == [sink] and audit_log.propagate and not audit_log.handlers:
-        # Our own configuration (one buffered JSON handler on the root logger): write the line
-        # straight into its buffer. The logging machinery (record, filters, handler lock) costs
-        # as much as the line itself, and there is one line per signature check.
-        now = time.time()
-        second = int(now)
-        if second != _stamp[0]:  # strftime once per second, not once per line
-            _stamp[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-        sink.write_line(
-            f'{{"time": "{_stamp[1]}.{int(now * 1000) % 1000:03d}Z", "level": "INFO", '
-            f'"logger": "verifier.audit", "msg": "signature_check", {fields}}}'
-        )
-        return
-    # Serialized here, once: the formatter writes it as is (no per-record attribute walk).
-    audit_log.info("signature_check", extra={"_json_fields": fields})
+    return fields
+
+
+def _line(now: float, fields: str) -> str:
+    """The whole line as the JSON formatter writes a record created at `now` (epoch seconds)."""
+    second = int(now)
+    if second != _stamp[0]:  # strftime once per second, not once per line
+        _stamp[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return (
+        f'{{"time": "{_stamp[1]}.{int(now * 1000) % 1000:03d}Z", "level": "INFO", '
+        f'"logger": "verifier.audit", "msg": "signature_check", {fields}}}'
+    )
+
+
+def _pending_line(values: tuple[Any, ...]) -> str:
+    return _line(values[0], _fields(*values[1:]))
+
+
+def _format_pending(pending: list[tuple[Any, ...]]) -> str:
+    """The pending audit lines (their values as `signature_check` kept them), formatted in one go, in order.
+
+    A line whose values cannot be formatted (not what the pipeline passes) is written by json.dumps with
+    every value as text; one that cannot be written at all is left out: the others are still written."""
+    try:
+        return "\n".join(map(_pending_line, pending)) + "\n"
+    except Exception:
+        return "".join(line + "\n" for line in map(_pending_line_or_fallback, pending) if line is not None)
+
+
+def _pending_line_or_fallback(values: tuple[Any, ...]) -> str | None:
+    with contextlib.suppress(Exception):
+        return _pending_line(values)
+    try:
+        issuer, kid, alg, subject, route, decision, reason, latency, digest, door, client_id, trace_id = values[1:]
+        fields = {
+            "event": "signature_check", "issuer": issuer, "kid": kid, "alg": alg, "subject": subject,
+            "route": route, "decision": decision, "reason": reason,
+            "latency_ms": round(latency * 1000, 3) if isinstance(latency, float) else latency,
+            "token": fingerprint(digest) if isinstance(digest, bytes) else None, "door": door, "client_id": client_id,
+        }  # fmt: skip
+        if trace_id:
+            fields["trace_id"] = trace_id
+        return _line(values[0], json.dumps(fields, default=str)[1:-1])
+    except Exception:
+        return None
 
 
 _direct_sink: BufferedStderrHandler | None = None  # set by configure_logging: our own handler
@@ -141,7 +205,9 @@ def flush_logs() -> None:
 def configure_logging(level: str = "INFO") -> None:
     """Sends JSON lines to stderr (buffered, see BufferedStderrHandler)."""
     global _direct_sink
-    handler = BufferedStderrHandler()
+    if _direct_sink is not None:  # its pending lines are written before another handler takes over
+        _direct_sink.flush_now()
+    handler = BufferedStderrHandler(_format_pending)
     atexit.register(flush_logs)
     handler.setFormatter(JsonFormatter())
     _direct_sink = handler

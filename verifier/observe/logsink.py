@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -44,6 +45,7 @@ class JsonFormatter(logging.Formatter):
 
 FLUSH_INTERVAL_SECONDS = 0.2  # audit lines reach stderr at most this late (or when 64 KiB are waiting)
 LOG_BUFFER_BYTES = 64 * 1024
+MAX_PENDING_LINES = 256  # audit lines kept unformatted (their values) before they are formatted in one batch
 
 
 class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -52,11 +54,18 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     A plain StreamHandler flushes (one write syscall) per line; with an audit line per signature
     check that syscall costs more than the check's own parsing. Lines at WARNING and above are
     flushed at once, and `flush_now()` runs on shutdown.
+
+    The audit line's values can be handed over unformatted (`defer`): they wait
+    in a list of at most `MAX_PENDING_LINES` and are formatted in one batch (`format_deferred(pending)` returns
+    their lines) when the list is full, when the flush interval has passed, before any other line is written
+    (so the lines keep their order) and on `flush_now()`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, format_deferred: Callable[[list[Any]], str]) -> None:
         super().__init__(open(sys.stderr.fileno(), "w", buffering=LOG_BUFFER_BYTES, closefd=False))  # noqa: SIM115
         self._last_flush = time.monotonic()
+        self._format_deferred = format_deferred
+        self._pending: list[Any] = []
 
     def flush(self) -> None:
         """Flushes when the interval has passed; otherwise the buffer keeps the line."""
@@ -65,18 +74,44 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.flush_now(now)
 
     def flush_now(self, now: float | None = None) -> None:
-        """Writes out whatever is buffered."""
+        """Writes out whatever is buffered (the pending audit lines formatted first)."""
         self._last_flush = now if now is not None else time.monotonic()
+        if self._pending:
+            self._write_pending()
         super().flush()
 
+    def defer(self, values: Any) -> None:
+        """Keeps one audit line's values (the audit fast path) to be formatted with the next batch."""
+        pending = self._pending
+        pending.append(values)
+        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL_SECONDS:
+            self.flush_now()
+        elif len(pending) >= MAX_PENDING_LINES:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Formats the pending audit lines into the buffer, in the order they came."""
+        with self.lock:  # type: ignore[union-attr]  # a record from another thread may write them meanwhile
+            pending = self._pending  # the same list throughout: a line added meanwhile stays for the next batch
+            batch = pending[:]
+            del pending[: len(batch)]
+            self.stream.write(self._format_deferred(batch))
+
     def write_line(self, line: str) -> None:
-        """Appends one preformatted line (the audit fast path; same buffer, same flushing)."""
+        """Appends one preformatted line (same buffer, same flushing; after the pending ones)."""
+        if self._pending:
+            self._write_pending()
         self.stream.write(line + "\n")
         if time.monotonic() - self._last_flush >= FLUSH_INTERVAL_SECONDS:
             self.flush_now()
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Writes a line; urgent lines go out at once."""
+        """Writes a line (after the pending audit lines); urgent lines go out at once."""
+        if self._pending:
+            try:
+                self._write_pending()
+            except Exception:
+                self.handleError(record)
         super().emit(record)
         if record.levelno >= logging.WARNING:
             self.flush_now()
