@@ -86,6 +86,50 @@ class Admitted(NamedTuple):
     by_route: Mapping[int, Decision] = _NO_ROUTES
 
 
+class _Deadline:
+    """A decision's deadline (`Pipeline.decide_after_miss`), armed on the current task: `asyncio.timeout`'s
+    semantics without its three running-loop lookups (each a getpid() system call on CPython 3.11) and its two
+    coroutines per use (#24 goal 7). When it falls due the task is cancelled; that cancellation, and only that one,
+    is taken back (`fired`); a cancellation from outside, before or together with it, goes on as a cancellation."""
+
+    __slots__ = ("_cancelling", "_handle", "_state", "_task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        task = asyncio.current_task(loop)  # the loop given: no lookup
+        if task is None:
+            raise RuntimeError("a decision deadline needs a task")
+        self._task = task
+        self._cancelling = task.cancelling()  # cancellations asked before ours, still pending
+        self._state = _ARMED
+        self._handle: asyncio.TimerHandle | None = loop.call_at(loop.time() + seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._handle = None
+        self._state = _EXPIRED
+        self._task.cancel()
+
+    def fired(self) -> bool:
+        """On a `CancelledError` in its task: whether it is this deadline's alone (taken back: answer it) rather
+        than another's too (let it go on)."""
+        if self._state is not _EXPIRED:
+            return False
+        self._state = _TAKEN_BACK
+        return self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        """Disarmed when the decision is done, however it ended; a cancellation of its own that did not come out
+        as `CancelledError` (caught on the way) is taken back all the same, as `asyncio.timeout` does."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._state is _EXPIRED:
+            self._state = _TAKEN_BACK
+            self._task.uncancel()
+
+
+_ARMED, _EXPIRED, _TAKEN_BACK = object(), object(), object()  # `_Deadline`'s states
+
+
 MISSED_HELD = 1024  # requests between `decide_cached`'s miss and their `decide_after_miss` (Pipeline._missed)
 
 
@@ -363,24 +407,31 @@ class Pipeline:
             return cached
         return await self.decide_after_miss(attrs, door)
 
-    async def decide_after_miss(self, attrs: RequestAttributes, door: str) -> Decision:
-        """The asynchronous part, after `decide_cached` said None; never raises.
+    async def decide_after_miss(
+        self, attrs: RequestAttributes, door: str, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Decision:
+        """The asynchronous part, after `decide_cached` said None; never raises. `loop`: the running loop, when
+        the caller holds it (else it is looked up: on CPython 3.11 each lookup is a getpid() system call).
 
         Sheds load past `max_pending` concurrent slow checks; past `deadline` seconds answers 503 retry-later.
         """
         try:
             if self._pending >= self._max_pending:
                 return self._overloaded
+            timer = None if self._deadline is None else _Deadline(loop or asyncio.get_running_loop(), self._deadline)
             self._pending += 1
             try:
-                async with asyncio.timeout(self._deadline):
-                    return await self._decide(attrs, door)
-            except TimeoutError:
+                return await self._decide(attrs, door)
+            except asyncio.CancelledError:
+                if timer is None or not timer.fired():
+                    raise
                 # Answer before the gateway gives up (see settings.DEFAULT_DEADLINE_SECONDS); a provider
                 # call in flight goes on, shielded, and its answer serves the retry.
                 return refuse(ProviderUnavailable("decision deadline passed; retry later"), realm=self._realm)
             finally:
                 self._pending -= 1
+                if timer is not None:
+                    timer.close()
         except Exception:  # fail closed on bugs; the traceback has no token in it
             log.exception("internal error while deciding", extra={"event": "internal_error", "route": attrs.route})
             return refuse(InternalError("internal error"), realm=self._realm)
