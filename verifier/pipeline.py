@@ -140,6 +140,7 @@ class _Missed(NamedTuple):
     routed: tuple[Route, int]
     credential: Credential
     key: bytes  # its positive and negative caches' key
+    io_from: int  # the first of the route's authenticators to ask with I/O: those before it said "not responsible"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -385,11 +386,11 @@ class Pipeline:
             return self._refuse(exc, None, route)
         self._metrics.cache_lookup("positive", "miss")
         verified = self._verify_now(credential, key, attrs, door, route)
-        if verified is None:
+        if isinstance(verified, int):
             missed = self._missed
             if len(missed) >= MISSED_HELD:
                 missed.clear()
-            missed[id(attrs)] = _Missed(attrs, routed, credential, key)
+            missed[id(attrs)] = _Missed(attrs, routed, credential, key, verified)
             return None
         if isinstance(verified, Decision):
             return verified
@@ -514,18 +515,18 @@ class Pipeline:
         if missed is not None and missed.attrs is attrs:  # held, so no other request has its id meanwhile
             # This request's own miss, just now (at most a loop turn ago): its route, credential and key as
             # `decide_cached` worked them out; no authenticator could answer it without I/O then.
-            routed, credential, key, tried_now = missed.routed, missed.credential, missed.key, True
+            routed, credential, key, io_from = missed.routed, missed.credential, missed.key, missed.io_from
         else:
             found = self._route(attrs)
             if isinstance(found, Decision):
                 return found
-            routed, tried_now = found, False
+            routed, io_from = found, None
             credential = credentials.extract(attrs)  # decide_cached already answered the failures
             key = cache_key(attrs.headers.get("authorization", ""))
         route, route_mask = routed
         admitted = self._positive.get(key)  # another request for the same token may have been admitted since
         if admitted is None:
-            verified = await self._verify(credential, key, attrs, door, route, tried_now=tried_now)
+            verified = await self._verify(credential, key, attrs, door, route, io_from=io_from)
             if isinstance(verified, Decision):
                 return verified
             admitted = verified
@@ -592,23 +593,24 @@ class Pipeline:
 
     def _verify_now(
         self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str, route: Route
-    ) -> Admitted | Decision | None:
+    ) -> Admitted | Decision | int:
         """First sight of a token an authenticator can vouch for without I/O: no task, no await.
 
-        None when the answer needs I/O (an unknown kid may need a key refresh; an opaque token goes
-        to introspection): the asynchronous path takes over.
+        When the answer needs I/O (an unknown kid may need a key refresh; an opaque token goes to
+        introspection), the asynchronous path takes over (`_verify`), from the authenticator that said so:
+        its index among the route's (`_authenticators_for`), returned.
         """
         started = time.perf_counter()
         seen = Seen()
         authenticators, untrusted = self._authenticators_for(route)
         try:
-            for authenticator in authenticators:
+            for index, authenticator in enumerate(authenticators):
                 try:
                     verified = authenticator.verify_now(credential.token, seen)
                 except NotResponsible:
                     continue
                 if verified is None:
-                    return None
+                    return index
                 break
             else:
                 raise issuer_not_trusted() if untrusted else none_responsible()
@@ -696,21 +698,24 @@ class Pipeline:
         door: str,
         route: Route,
         *,
-        tried_now: bool = False,
+        io_from: int | None = None,
     ) -> Admitted | Decision:
-        """First sight of a token: the first responsible authenticator, with I/O if need be (`tried_now`:
-        `_verify_now` has just said this token needs it; each authenticator's `verify` does what its
-        `verify_now` does, and the I/O)."""
-        if not tried_now:
+        """First sight of a token: the first responsible authenticator, with I/O if need be (`io_from`: what
+        `_verify_now` has just said of this token, the first authenticator that needs I/O for it; those before
+        it said "not responsible", and each authenticator's `verify` does what its `verify_now` does, and the
+        I/O, so they are not asked again)."""
+        if io_from is None:
             done = self._verify_now(credential, key, attrs, door, route)
-            if done is not None:
+            if not isinstance(done, int):
                 return done
+            io_from = done
         started = time.perf_counter()
         seen = Seen()
         token_key = token_hash(key, attrs, credential)  # introspection caches and the audit fingerprint
         asked: Authenticator | None = None
         try:
-            for asked in self._authenticators_for(route)[0]:  # `_verify_now` answered when none is trusted
+            authenticators = self._authenticators_for(route)[0]  # `_verify_now` answered when none is trusted
+            for asked in authenticators[io_from:] if io_from else authenticators:
                 try:
                     verified = await asked.verify(credential.token, token_key, seen)
                 except NotResponsible:
