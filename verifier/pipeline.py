@@ -86,6 +86,50 @@ class Admitted(NamedTuple):
     by_route: Mapping[int, Decision] = _NO_ROUTES
 
 
+class _Deadline:
+    """A decision's deadline (`Pipeline.decide_after_miss`), armed on the current task: `asyncio.timeout`'s
+    semantics without its three running-loop lookups (each a getpid() system call on CPython 3.11) and its two
+    coroutines per use (#24 goal 7). When it falls due the task is cancelled; that cancellation, and only that one,
+    is taken back (`fired`); a cancellation from outside, before or together with it, goes on as a cancellation."""
+
+    __slots__ = ("_cancelling", "_handle", "_state", "_task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        task = asyncio.current_task(loop)  # the loop given: no lookup
+        if task is None:
+            raise RuntimeError("a decision deadline needs a task")
+        self._task = task
+        self._cancelling = task.cancelling()  # cancellations asked before ours, still pending
+        self._state = _ARMED
+        self._handle: asyncio.TimerHandle | None = loop.call_at(loop.time() + seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._handle = None
+        self._state = _EXPIRED
+        self._task.cancel()
+
+    def fired(self) -> bool:
+        """On a `CancelledError` in its task: whether it is this deadline's alone (taken back: answer it) rather
+        than another's too (let it go on)."""
+        if self._state is not _EXPIRED:
+            return False
+        self._state = _TAKEN_BACK
+        return self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        """Disarmed when the decision is done, however it ended; a cancellation of its own that did not come out
+        as `CancelledError` (caught on the way) is taken back all the same, as `asyncio.timeout` does."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._state is _EXPIRED:
+            self._state = _TAKEN_BACK
+            self._task.uncancel()
+
+
+_ARMED, _EXPIRED, _TAKEN_BACK = object(), object(), object()  # `_Deadline`'s states
+
+
 MISSED_HELD = 1024  # requests between `decide_cached`'s miss and their `decide_after_miss` (Pipeline._missed)
 
 
@@ -96,6 +140,7 @@ class _Missed(NamedTuple):
     routed: tuple[Route, int]
     credential: Credential
     key: bytes  # its positive and negative caches' key
+    io_from: int  # the first of the route's authenticators to ask with I/O: those before it said "not responsible"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -341,11 +386,11 @@ class Pipeline:
             return self._refuse(exc, None, route)
         self._metrics.cache_lookup("positive", "miss")
         verified = self._verify_now(credential, key, attrs, door, route)
-        if verified is None:
+        if isinstance(verified, int):
             missed = self._missed
             if len(missed) >= MISSED_HELD:
                 missed.clear()
-            missed[id(attrs)] = _Missed(attrs, routed, credential, key)
+            missed[id(attrs)] = _Missed(attrs, routed, credential, key, verified)
             return None
         if isinstance(verified, Decision):
             return verified
@@ -363,24 +408,31 @@ class Pipeline:
             return cached
         return await self.decide_after_miss(attrs, door)
 
-    async def decide_after_miss(self, attrs: RequestAttributes, door: str) -> Decision:
-        """The asynchronous part, after `decide_cached` said None; never raises.
+    async def decide_after_miss(
+        self, attrs: RequestAttributes, door: str, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Decision:
+        """The asynchronous part, after `decide_cached` said None; never raises. `loop`: the running loop, when
+        the caller holds it (else it is looked up: on CPython 3.11 each lookup is a getpid() system call).
 
         Sheds load past `max_pending` concurrent slow checks; past `deadline` seconds answers 503 retry-later.
         """
         try:
             if self._pending >= self._max_pending:
                 return self._overloaded
+            timer = None if self._deadline is None else _Deadline(loop or asyncio.get_running_loop(), self._deadline)
             self._pending += 1
             try:
-                async with asyncio.timeout(self._deadline):
-                    return await self._decide(attrs, door)
-            except TimeoutError:
+                return await self._decide(attrs, door)
+            except asyncio.CancelledError:
+                if timer is None or not timer.fired():
+                    raise
                 # Answer before the gateway gives up (see settings.DEFAULT_DEADLINE_SECONDS); a provider
                 # call in flight goes on, shielded, and its answer serves the retry.
                 return refuse(ProviderUnavailable("decision deadline passed; retry later"), realm=self._realm)
             finally:
                 self._pending -= 1
+                if timer is not None:
+                    timer.close()
         except Exception:  # fail closed on bugs; the traceback has no token in it
             log.exception("internal error while deciding", extra={"event": "internal_error", "route": attrs.route})
             return refuse(InternalError("internal error"), realm=self._realm)
@@ -463,18 +515,18 @@ class Pipeline:
         if missed is not None and missed.attrs is attrs:  # held, so no other request has its id meanwhile
             # This request's own miss, just now (at most a loop turn ago): its route, credential and key as
             # `decide_cached` worked them out; no authenticator could answer it without I/O then.
-            routed, credential, key, tried_now = missed.routed, missed.credential, missed.key, True
+            routed, credential, key, io_from = missed.routed, missed.credential, missed.key, missed.io_from
         else:
             found = self._route(attrs)
             if isinstance(found, Decision):
                 return found
-            routed, tried_now = found, False
+            routed, io_from = found, None
             credential = credentials.extract(attrs)  # decide_cached already answered the failures
             key = cache_key(attrs.headers.get("authorization", ""))
         route, route_mask = routed
         admitted = self._positive.get(key)  # another request for the same token may have been admitted since
         if admitted is None:
-            verified = await self._verify(credential, key, attrs, door, route, tried_now=tried_now)
+            verified = await self._verify(credential, key, attrs, door, route, io_from=io_from)
             if isinstance(verified, Decision):
                 return verified
             admitted = verified
@@ -541,23 +593,24 @@ class Pipeline:
 
     def _verify_now(
         self, credential: Credential, key: bytes, attrs: RequestAttributes, door: str, route: Route
-    ) -> Admitted | Decision | None:
+    ) -> Admitted | Decision | int:
         """First sight of a token an authenticator can vouch for without I/O: no task, no await.
 
-        None when the answer needs I/O (an unknown kid may need a key refresh; an opaque token goes
-        to introspection): the asynchronous path takes over.
+        When the answer needs I/O (an unknown kid may need a key refresh; an opaque token goes to
+        introspection), the asynchronous path takes over (`_verify`), from the authenticator that said so:
+        its index among the route's (`_authenticators_for`), returned.
         """
         started = time.perf_counter()
         seen = Seen()
         authenticators, untrusted = self._authenticators_for(route)
         try:
-            for authenticator in authenticators:
+            for index, authenticator in enumerate(authenticators):
                 try:
                     verified = authenticator.verify_now(credential.token, seen)
                 except NotResponsible:
                     continue
                 if verified is None:
-                    return None
+                    return index
                 break
             else:
                 raise issuer_not_trusted() if untrusted else none_responsible()
@@ -645,21 +698,24 @@ class Pipeline:
         door: str,
         route: Route,
         *,
-        tried_now: bool = False,
+        io_from: int | None = None,
     ) -> Admitted | Decision:
-        """First sight of a token: the first responsible authenticator, with I/O if need be (`tried_now`:
-        `_verify_now` has just said this token needs it; each authenticator's `verify` does what its
-        `verify_now` does, and the I/O)."""
-        if not tried_now:
+        """First sight of a token: the first responsible authenticator, with I/O if need be (`io_from`: what
+        `_verify_now` has just said of this token, the first authenticator that needs I/O for it; those before
+        it said "not responsible", and each authenticator's `verify` does what its `verify_now` does, and the
+        I/O, so they are not asked again)."""
+        if io_from is None:
             done = self._verify_now(credential, key, attrs, door, route)
-            if done is not None:
+            if not isinstance(done, int):
                 return done
+            io_from = done
         started = time.perf_counter()
         seen = Seen()
         token_key = token_hash(key, attrs, credential)  # introspection caches and the audit fingerprint
         asked: Authenticator | None = None
         try:
-            for asked in self._authenticators_for(route)[0]:  # `_verify_now` answered when none is trusted
+            authenticators = self._authenticators_for(route)[0]  # `_verify_now` answered when none is trusted
+            for asked in authenticators[io_from:] if io_from else authenticators:
                 try:
                     verified = await asked.verify(credential.token, token_key, seen)
                 except NotResponsible:

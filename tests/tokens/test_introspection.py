@@ -390,6 +390,25 @@ async def test_a_cancelled_waiter_does_not_cancel_the_call_others_wait_for(
     assert len(http.posts) == 1
 
 
+def test_an_introspector_asked_from_one_loop_then_another_answers_on_each(
+    http: FakeHttp, clock: FrozenClock, registry: CollectorRegistry
+) -> None:
+    """It keeps the loop it last ran on (no lookup per token, #24 goal 7), but not once that loop has stopped:
+    a later loop (a test's next one; the first left open, not closed) gets its own futures and calls."""
+    http.answers.update(first=active(), second=active(sub="user-2"))
+    introspector = build_introspector(
+        issuer=ISSUER, audiences=(AUDIENCE,), config=config(), endpoint=None, clock=clock, registry=registry, http=http
+    )
+    one, other = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        assert one.run_until_complete(check(introspector, "first")).subject == "user-1"
+        assert other.run_until_complete(check(introspector, "second")).subject == "user-2"
+        other.run_until_complete(introspector.close())
+    finally:
+        one.close()
+        other.close()
+
+
 # -- caches ------------------------------------------------------------------------------------
 
 

@@ -173,6 +173,9 @@ class Introspector:
         self._calls: dict[bytes, asyncio.Task[None]] = {}
         self._started: dict[bytes, Callable[[], None]] = {}  # calls begun without a task: their cancel
         self._closed = False
+        # The loop of the last `introspect` (its futures' and tasks'): kept while it runs, since one process runs
+        # one loop at a time and an introspector is used from one thread.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def introspect(self, token: str, token_hash: bytes) -> Principal:
         """The principal of an active token for this issuer's audiences.
@@ -194,7 +197,9 @@ class Introspector:
         if len(token) > DEFAULT_MAX_TOKEN_BYTES:
             raise MalformedToken("token too large")
         # A future per waiter: one giving up (cancelled) must not cancel the answer the others wait for.
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or not loop.is_running():  # not the loop it last ran on (a test's next loop): asked
+            loop = self._loop = asyncio.get_running_loop()  # a getpid() system call on CPython 3.11: once
         future: asyncio.Future[_Verdict] = loop.create_future()
         waiters = self._inflight.get(token_hash)
         if waiters is None:
