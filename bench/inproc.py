@@ -1,12 +1,20 @@
 """Where a forward-auth check's CPU goes, without sockets: a real `App` in this process, fed raw requests.
 
-``python -m bench.inproc [--policies] [--first-seen] [--no-memo] [--profile] [--callgrind [--cache-sim]]`` starts
+``python -m bench.inproc [--policies] [--first-seen [--full-cache] [--record]] [--no-memo] [--profile]
+[--callgrind [--cache-sim]]`` starts
 the bench's provider, builds the verifier from the same config ``bench run`` uses (audit logging on, as served: the
 lines go to /dev/null), and feeds one connection (a fake transport: no syscalls, no event-loop wake-ups) the same
 forward-auth request as ``wrk`` sends. It prints the CPU per check (cached: the best of 7 passes of 20,000;
 first-seen: 5 rounds of 1,000 fresh ES256 tokens, each ending with the audit lines it logged formatted and written
 (timed with it), each followed by the raw parse + verify of the same tokens (``bench/floor.py``), medians and
-their ratio) and, with ``--profile``, cProfile's top functions.
+their ratio, with the page faults and the garbage collector's own CPU per check during the checks: a
+``gc.callbacks`` hook times each collection, per generation) and, with ``--profile``, cProfile's top functions.
+``--full-cache``: the verified-token cache bounded at one round's tokens (``cache: {token_entries: N}``), so that
+the timed rounds after the first store into a full cache and push out an entry for each, as a verifier at its
+bound does, instead of growing an empty 100,000-entry cache (whose growth the default measure pays: page faults
+and collections walking the new entries). ``--record``: instead of the timed rounds, what one round of first-seen
+tokens leaves alive per token, the collector off: the GC-tracked objects by type (``gc.get_objects()`` before and
+after) and the bytes by allocation site (``tracemalloc``); what each cached token costs a worker.
 ``--callgrind`` runs the first-seen measure under valgrind instead and prints instructions per check and per
 raw parse + verify (deterministic: immune to the other processes on the machine); with ``--cache-sim`` also the
 simulated L1 instruction and data cache misses of each (why the CPU ratio exceeds the instruction ratio). The gap
@@ -119,6 +127,68 @@ def _timed(loop: Callable[[Any, Any], None], *args: Any, profiler: cProfile.Prof
     if profiler:
         profiler.disable()
     return time.process_time() - started
+
+
+class _GcClock:
+    """The collector's own CPU (``time.process_time``) while `on`, per generation, from ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.spent = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if not self.on:
+            return
+        if phase == "start":
+            self._started = time.process_time()
+        else:
+            generation = info["generation"]
+            self.spent[generation] += time.process_time() - self._started
+            self.count[generation] += 1
+
+    def report(self, checks: int) -> str:
+        per_check = [s / checks * 1e6 for s in self.spent]
+        by_generation = ", ".join(f"gen{g} {n} x {p:.2f}" for g, (n, p) in enumerate(zip(self.count, per_check)) if n)
+        return f"GC {sum(per_check):.2f} us CPU per check ({by_generation or 'none'})"
+
+
+def _record(feed: Callable[[Any], Any], items: list[Any]) -> None:
+    """``--record``: the GC-tracked objects and the bytes one round of first-seen checks leaves alive, per token."""
+    import tracemalloc
+
+    from verifier.observe.audit import flush_logs
+
+    gc.collect()
+    gc.disable()
+    try:
+        tracemalloc.start(1)
+        first = tracemalloc.take_snapshot()
+        before = {id(o) for o in gc.get_objects()}
+        collections.deque(map(feed, items), maxlen=0)
+        flush_logs()
+        gc.collect()  # frees nothing cyclic of theirs; untracks the tuples of atoms, as any collection does
+        born = collections.Counter(type(o).__qualname__ for o in gc.get_objects() if id(o) not in before)
+        second = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+    finally:
+        gc.enable()
+    n = len(items)
+    born["set"] -= 1  # `before`
+    tracked = sum(born.values()) / n
+    print(f"GC-tracked objects left per token: {tracked:.2f} (" + ", ".join(
+        f"{name} {count / n:.2f}" for name, count in born.most_common() if count >= n / 10
+    ) + ")")
+    stats = second.compare_to(first, "lineno")
+    total = sum(s.size_diff for s in stats) / n
+    print(f"bytes left per token (tracemalloc): {total:,.0f}, by allocation site:")
+    for stat in stats[:14]:
+        if stat.size_diff >= n * 8:
+            frame = stat.traceback[0]
+            where = f"{'/'.join(Path(frame.filename).parts[-2:])}:{frame.lineno}"
+            print(f"  {stat.size_diff / n:7,.0f} B {stat.count_diff / n:5.2f} blocks  {where}")
 
 
 def _faults_and_collections() -> tuple[int, int]:
@@ -298,6 +368,7 @@ async def _measure(
     memo: bool,
     door: str = "http",
     layer: str = "door",
+    record: bool = False,
 ) -> None:
     from verifier.app import App
     from verifier.doors import forward_auth
@@ -326,22 +397,31 @@ async def _measure(
             feed = conn.data_received
             best = min(_timed(_checks, feed, requests[1:], profiler=profiler) for _ in range(CACHED_PASSES))
             per_check = [best / (len(requests) - 1)]
+        elif record:
+            per_check = []
+            feed, items = _layer(app.forward_auth, layer, conn.data_received, requests[1:], tokens[1:])
+            _record(feed, items)
         else:  # first-seen: rounds of fresh tokens, each followed by the raw parse + verify of the same ones
             per_check, per_raw = [], []
             rounds = (len(requests) - 1) // FIRST_SEEN_ROUNDS
+            gc_clock = _GcClock()
             faults = collections = 0  # during the checks: the first touch of the pages the caches grow into, GC
             for r in range(FIRST_SEEN_ROUNDS):
                 lo, hi = 1 + r * rounds, 1 + (r + 1) * rounds
                 before = _faults_and_collections()
                 feed, items = _layer(app.forward_auth, layer, conn.data_received, requests[lo:hi], tokens[lo:hi])
+                gc_clock.on = True
                 per_check.append(_timed(_checks_and_lines, feed, items, profiler=profiler) / rounds)
+                gc_clock.on = False
                 after = _faults_and_collections()
                 faults, collections = faults + after[0] - before[0], collections + after[1] - before[1]
                 per_raw.append(_timed(_raw, raw, tokens[lo:hi]) / rounds)
         if not transport.last.startswith(b"HTTP/1.1 200"):
             raise SystemExit(f"not an allow: {transport.last[:80]!r}")
-        check_us = statistics.median(per_check) * 1e6
-        if raw is None:
+        check_us = statistics.median(per_check) * 1e6 if not record else 0.0
+        if record:
+            pass
+        elif raw is None:
             print(f"cached: {check_us:.2f} us CPU per check ({transport.answers} answers)")
         else:
             raw_us = statistics.median(per_raw) * 1e6
@@ -352,6 +432,7 @@ async def _measure(
                 f"{transport.answers} answers; during the checks {faults / (rounds * FIRST_SEEN_ROUNDS):.2f} page "
                 f"faults per check, {collections} GC collections)"
             )
+            print(f"  during the checks: {gc_clock.report(rounds * FIRST_SEEN_ROUNDS)}")
         if profiler:
             order = os.environ.get("BENCH_SORT", "tottime")
             pstats.Stats(profiler).sort_stats(order).print_stats(int(os.environ.get("BENCH_TOP", "30")))
@@ -483,6 +564,12 @@ def main() -> None:
     parser.add_argument("--policies", action="store_true", help="two route policies (bench run --policies)")
     parser.add_argument("--first-seen", action="store_true", help="each ES256 token once, instead of one token")
     parser.add_argument("--opaque", action="store_true", help="each opaque token once (introspected at the provider)")
+    parser.add_argument(
+        "--full-cache", action="store_true", help="--first-seen: the token cache bounded at one round's tokens"
+    )
+    parser.add_argument(
+        "--record", action="store_true", help="--first-seen: GC-tracked objects and bytes each cached token leaves"
+    )
     parser.add_argument("--no-memo", action="store_true", help="without the door's answer memo")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     parser.add_argument("--door", choices=["http", "grpc", "ext_authz"], default="http", help="cached: which door")
@@ -565,6 +652,7 @@ def main() -> None:
                     else ""
                 )
                 + (wire.TWO_POLICIES if args.policies else "")
+                + (f"cache: {{token_entries: {(count // FIRST_SEEN_ROUNDS)}}}\n" if args.full_cache else "")
             )
             audit.configure_logging("INFO")  # as served: one audit line per signature check ...
             with open(os.devnull, "w") as devnull:
@@ -575,7 +663,9 @@ def main() -> None:
             if args.opaque:
                 _measure_opaque_outside(config, tokens, args.profile, objects)
             else:
-                asyncio.run(_measure(config, tokens, raw, args.profile, not args.no_memo, args.door, args.layer))
+                asyncio.run(
+                    _measure(config, tokens, raw, args.profile, not args.no_memo, args.door, args.layer, args.record)
+                )
         finally:
             audit.flush_logs()
             os.dup2(stderr, 2)
