@@ -45,11 +45,38 @@ class Principal(NamedTuple):
         return " ".join(self.scopes)
 
 
+NO_ROLES: frozenset[str] = frozenset()  # every principal without roles holds this one (CPython builds a new empty one)
+# A principal lives in the verified-token cache as long as its token (up to 100,000 of them per worker): the role
+# sets and scope tuples that many tokens share are held once, not once per token (a frozenset is a GC-tracked
+# object of 216 bytes and more). Bounded: past the bound, a new one is kept by its principal alone.
+MAX_SHARED = 4096
+_ROLE_SETS: dict[frozenset[str], frozenset[str]] = {}
+_SCOPES: dict[str, tuple[str, ...]] = {}
+
+
+def shared_roles(roles: frozenset[str]) -> frozenset[str]:
+    """The one held copy of an equal role set (`NO_ROLES` when empty), else `roles` itself, kept from now on
+    while the table has room."""
+    if not roles:
+        return NO_ROLES
+    held = _ROLE_SETS.get(roles)
+    if held is None:
+        if len(_ROLE_SETS) >= MAX_SHARED:
+            return roles
+        held = _ROLE_SETS[roles] = roles
+    return held
+
+
 def scopes_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
     """Scopes from `scope` (space-separated string) or `scp` (list; Okta, Entra)."""
     scope = claims.get("scope")
     if isinstance(scope, str):
-        return tuple(filter(None, scope.split(" ")))  # the empty strings between repeated spaces dropped
+        held = _SCOPES.get(scope)  # one tuple per distinct `scope` string (its strings with it), bounded
+        if held is None:
+            held = tuple(filter(None, scope.split(" ")))  # the empty strings between repeated spaces dropped
+            if len(_SCOPES) < MAX_SHARED:
+                _SCOPES[scope] = held
+        return held
     scp = claims.get("scp")
     if isinstance(scp, list):
         return tuple(s for s in scp if isinstance(s, str) and s)
@@ -62,8 +89,8 @@ def roles_of(claims: Mapping[str, Any]) -> frozenset[str]:
     """A `roles` claim that is a list of strings counts as roles as it stands."""
     roles = claims.get("roles")
     if isinstance(roles, list):
-        return frozenset(r for r in roles if isinstance(r, str) and r)
-    return frozenset()
+        return shared_roles(frozenset(r for r in roles if isinstance(r, str) and r))
+    return NO_ROLES
 
 
 def confirmation(principal: Principal) -> Mapping[str, Any]:

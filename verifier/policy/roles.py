@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from verifier.principal import Principal
+from verifier.principal import Principal, shared_roles
 from verifier.settings import RoleRule
 
 
@@ -34,7 +34,7 @@ class RoleMapper:
                 continue
             if subjects and subject and subject in subjects:  # "" is a client: never a listed user
                 granted.add(role)
-        return frozenset(granted)
+        return base if len(granted) == len(base) else shared_roles(frozenset(granted))  # one set per distinct set
 
 
 class IssuerRoles:
