@@ -97,6 +97,12 @@ class Decision:
             head = self.memo["http"] = self._http_head()
         return head
 
+    def head_once(self) -> bytes:
+        """`http_head`, built without storing it when not built yet: for a caller that memoizes the whole answer
+        (the forward-auth door), so that a cached allow does not hold its head twice."""
+        head = self.memo.get("http")
+        return self._http_head() if head is None else head
+
     def _http_head(self) -> bytes:
         if self.allowed:
             headers = self.upstream_headers + self.answer_headers + self.client_headers

@@ -538,7 +538,8 @@ def _answer(decision: Decision, keep_alive: bool, request_headers: Mapping[str, 
     key = "http_keepalive" if keep_alive else "http_close"
     data = decision.memo.get(key)
     if data is None:
-        data = decision.http_head + end + decision.body
+        # The whole answer is memoized, not its head besides (a cached decision's memo lives as long as its token).
+        data = decision.head_once() + end + decision.body
         decision.memo[key] = data
     return data
 
