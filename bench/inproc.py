@@ -151,7 +151,8 @@ class _GcClock:
 
     def report(self, checks: int) -> str:
         per_check = [s / checks * 1e6 for s in self.spent]
-        by_generation = ", ".join(f"gen{g} {n} x {p:.2f}" for g, (n, p) in enumerate(zip(self.count, per_check)) if n)
+        counted = enumerate(zip(self.count, per_check, strict=True))
+        by_generation = ", ".join(f"gen{g}: {n} collections, {p:.2f} us" for g, (n, p) in counted if n)
         return f"GC {sum(per_check):.2f} us CPU per check ({by_generation or 'none'})"
 
 
@@ -178,9 +179,8 @@ def _record(feed: Callable[[Any], Any], items: list[Any]) -> None:
     n = len(items)
     born["set"] -= 1  # `before`
     tracked = sum(born.values()) / n
-    print(f"GC-tracked objects left per token: {tracked:.2f} (" + ", ".join(
-        f"{name} {count / n:.2f}" for name, count in born.most_common() if count >= n / 10
-    ) + ")")
+    kinds = ", ".join(f"{name} {count / n:.2f}" for name, count in born.most_common() if count >= n / 10)
+    print(f"GC-tracked objects left per token: {tracked:.2f} ({kinds})")
     stats = second.compare_to(first, "lineno")
     total = sum(s.size_diff for s in stats) / n
     print(f"bytes left per token (tracemalloc): {total:,.0f}, by allocation site:")
