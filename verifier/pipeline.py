@@ -15,6 +15,7 @@ reuse an answer, are derived from the checks' declarations, never listed here.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -90,20 +91,22 @@ class _Deadline:
     """A decision's deadline (`Pipeline.decide_after_miss`), armed on the current task: `asyncio.timeout`'s
     semantics without its three running-loop lookups (each a getpid() system call on CPython 3.11) and its two
     coroutines per use (#24 goal 7). When it falls due the task is cancelled; that cancellation, and only that one,
-    is taken back (`fired`); a cancellation from outside, before or together with it, goes on as a cancellation."""
+    is taken back (`fired`); a cancellation from outside, before or together with it, goes on as a cancellation.
+    Timed by its pipeline's `_Deadlines` (one timer for all of them), or by a timer of its own (`handle`)."""
 
-    __slots__ = ("_cancelling", "_handle", "_state", "_task")
+    __slots__ = ("_cancelling", "_handle", "_state", "_task", "due")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        task = asyncio.current_task(loop)  # the loop given: no lookup
-        if task is None:
-            raise RuntimeError("a decision deadline needs a task")
+    def __init__(self, task: asyncio.Task[Any], due: float) -> None:
         self._task = task
         self._cancelling = task.cancelling()  # cancellations asked before ours, still pending
         self._state = _ARMED
-        self._handle: asyncio.TimerHandle | None = loop.call_at(loop.time() + seconds, self._expire)
+        self._handle: asyncio.TimerHandle | None = None
+        self.due = due
 
-    def _expire(self) -> None:
+    def armed(self) -> bool:
+        return self._state is _ARMED
+
+    def expire(self) -> None:
         self._handle = None
         self._state = _EXPIRED
         self._task.cancel()
@@ -125,9 +128,68 @@ class _Deadline:
         if self._state is _EXPIRED:
             self._state = _TAKEN_BACK
             self._task.uncancel()
+        elif self._state is _ARMED:
+            self._state = _CLOSED  # its `_Deadlines` drops it when it comes to it
 
 
-_ARMED, _EXPIRED, _TAKEN_BACK = object(), object(), object()  # `_Deadline`'s states
+_ARMED, _EXPIRED, _TAKEN_BACK, _CLOSED = object(), object(), object(), object()  # `_Deadline`'s states
+
+# A swept deadline falls due when its sweep runs within this of its time: the loop's timers have 1 ms grain, and
+# the sweep re-arms for the next one rather than spin on a timer that came a fraction of a millisecond early.
+DEADLINE_GRAIN = 0.001
+
+
+class _Deadlines:
+    """A pipeline's decision deadlines: all of one length, so they fall due in the order they were armed. One
+    timer (`loop.call_at`) for all of them, armed for the oldest still pending, instead of one per check, armed and
+    cancelled per first-seen token (#24 goal 7). A finished deadline stays queued until it comes to the front
+    (dropped there when the next is armed, or when the timer fires); the timer, when it fires, cancels the tasks
+    of those due and re-arms for the next pending one, so each falls due within `DEADLINE_GRAIN` of its time, as
+    with a timer of its own. Under a steady load the timer fires about once per `seconds`."""
+
+    __slots__ = ("_handle", "_loop", "_queue", "_seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._queue: collections.deque[_Deadline] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, loop: asyncio.AbstractEventLoop) -> _Deadline:
+        """A deadline for the current task of ``loop`` (the loop given: no lookup)."""
+        task = asyncio.current_task(loop)
+        if task is None:
+            raise RuntimeError("a decision deadline needs a task")
+        deadline = _Deadline(task, loop.time() + self._seconds)
+        queue = self._queue
+        while queue and not queue[0].armed():  # the finished ones at the front
+            queue.popleft()
+        if loop is not self._loop:
+            held = self._loop
+            if queue and held is not None and held.is_running():  # another loop's pending: timed on its own
+                deadline._handle = loop.call_at(deadline.due, deadline.expire)
+                return deadline
+            queue.clear()  # a stopped loop's (a test's previous loop): nothing will run them
+            self._loop, self._handle = loop, None
+        queue.append(deadline)
+        if self._handle is None:
+            self._handle = loop.call_at(deadline.due, self._sweep)
+        return deadline
+
+    def _sweep(self) -> None:
+        self._handle = None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time() + DEADLINE_GRAIN
+        queue = self._queue
+        while queue:
+            head = queue[0]
+            if head.armed():
+                if head.due > now:
+                    self._handle = loop.call_at(head.due, self._sweep)
+                    return
+                head.expire()
+            queue.popleft()
 
 
 MISSED_HELD = 1024  # requests between `decide_cached`'s miss and their `decide_after_miss` (Pipeline._missed)
@@ -279,6 +341,7 @@ class Pipeline:
         self._overloaded = refuse(Overloaded("too many checks in progress"), realm=realm)
         self.overloaded = self._overloaded  # a door's own early refusal (forward-auth under a flood)
         self._deadline = deadline
+        self._deadlines = None if deadline is None else _Deadlines(deadline)
         self._edge_max_age = edge_max_age
         self._refusal_max_age = refusal_max_age
         self._upstream = upstream or UpstreamAnswers()
@@ -419,7 +482,8 @@ class Pipeline:
         try:
             if self._pending >= self._max_pending:
                 return self._overloaded
-            timer = None if self._deadline is None else _Deadline(loop or asyncio.get_running_loop(), self._deadline)
+            deadlines = self._deadlines
+            timer = None if deadlines is None else deadlines.arm(loop or asyncio.get_running_loop())
             self._pending += 1
             try:
                 return await self._decide(attrs, door)
