@@ -15,6 +15,7 @@ import datetime
 import ipaddress
 import socket
 import ssl
+import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -380,6 +381,28 @@ async def test_keep_alive_reuses_one_connection(client: IntrospectionHttpClient)
         for _ in range(5):
             assert await send(client, peer.url) == HttpReply(200, BODY)
         assert peer.connections == 1
+
+
+async def test_a_pooled_send_looks_up_no_running_loop_once_the_client_has_run(
+    client: IntrospectionHttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`send` (the batch path's and discovery's exchange) keeps the loop of its last call while that loop runs:
+    no `get_running_loop()` (a getpid() system call on CPython 3.11) per call on a pooled connection (#24 goal 7)."""
+    async with Peer([ok()]) as peer:
+        assert await send(client, peer.url) == HttpReply(200, BODY)  # the connection made, the loop kept
+        lookups: list[str] = []
+        lookup = asyncio.get_running_loop
+
+        def counted() -> asyncio.AbstractEventLoop:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("verifier."):
+                lookups.append(caller)
+            return lookup()
+
+        monkeypatch.setattr(asyncio, "get_running_loop", counted)
+        assert await send(client, peer.url) == HttpReply(200, BODY)
+        assert peer.connections == 1
+        assert lookups == []
 
 
 @pytest.mark.parametrize(
