@@ -15,7 +15,6 @@ reuse an answer, are derived from the checks' declarations, never listed here.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import time
@@ -56,6 +55,7 @@ from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import SUPPORTED_ALGORITHMS
+from verifier.sweep import Sweep, Timed
 from verifier.tokens import jws
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.jwt import JwtVerifier
@@ -87,27 +87,26 @@ class Admitted(NamedTuple):
     by_route: Mapping[int, Decision] = _NO_ROUTES
 
 
-class _Deadline:
+class _Deadline(Timed):
     """A decision's deadline (`Pipeline.decide_after_miss`), armed on the current task: `asyncio.timeout`'s
     semantics without its three running-loop lookups (each a getpid() system call on CPython 3.11) and its two
     coroutines per use (#24 goal 7). When it falls due the task is cancelled; that cancellation, and only that one,
     is taken back (`fired`); a cancellation from outside, before or together with it, goes on as a cancellation.
-    Timed by its pipeline's `_Deadlines` (one timer for all of them), or by a timer of its own (`handle`)."""
+    Timed by its pipeline's `Sweep`: one timer for all of a pipeline's deadlines, all of one length."""
 
-    __slots__ = ("_cancelling", "_handle", "_state", "_task", "due")
+    __slots__ = ("_cancelling", "_state", "_task")
 
     def __init__(self, task: asyncio.Task[Any], due: float) -> None:
+        super().__init__(due)
         self._task = task
         self._cancelling = task.cancelling()  # cancellations asked before ours, still pending
         self._state = _ARMED
-        self._handle: asyncio.TimerHandle | None = None
-        self.due = due
 
     def armed(self) -> bool:
         return self._state is _ARMED
 
     def expire(self) -> None:
-        self._handle = None
+        self.handle = None
         self._state = _EXPIRED
         self._task.cancel()
 
@@ -122,38 +121,26 @@ class _Deadline:
     def close(self) -> None:
         """Disarmed when the decision is done, however it ended; a cancellation of its own that did not come out
         as `CancelledError` (caught on the way) is taken back all the same, as `asyncio.timeout` does."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self.disarm()
         if self._state is _EXPIRED:
             self._state = _TAKEN_BACK
             self._task.uncancel()
         elif self._state is _ARMED:
-            self._state = _CLOSED  # its `_Deadlines` drops it when it comes to it
+            self._state = _CLOSED  # its `Sweep` drops it when it comes to it
 
 
 _ARMED, _EXPIRED, _TAKEN_BACK, _CLOSED = object(), object(), object(), object()  # `_Deadline`'s states
 
-# A swept deadline falls due when its sweep runs within this of its time: the loop's timers have 1 ms grain, and
-# the sweep re-arms for the next one rather than spin on a timer that came a fraction of a millisecond early.
-DEADLINE_GRAIN = 0.001
-
 
 class _Deadlines:
-    """A pipeline's decision deadlines: all of one length, so they fall due in the order they were armed. One
-    timer (`loop.call_at`) for all of them, armed for the oldest still pending, instead of one per check, armed and
-    cancelled per first-seen token (#24 goal 7). A finished deadline stays queued until it comes to the front
-    (dropped there when the next is armed, or when the timer fires); the timer, when it fires, cancels the tasks
-    of those due and re-arms for the next pending one, so each falls due within `DEADLINE_GRAIN` of its time, as
-    with a timer of its own. Under a steady load the timer fires about once per `seconds`."""
+    """A pipeline's decision deadlines: all of one length, so they fall due in the order they were armed, and one
+    timer times them all (`verifier.sweep`) instead of one per first-seen check (#24 goal 7)."""
 
-    __slots__ = ("_handle", "_loop", "_queue", "_seconds")
+    __slots__ = ("_seconds", "_sweep")
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
-        self._queue: collections.deque[_Deadline] = collections.deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._handle: asyncio.TimerHandle | None = None
+        self._sweep = Sweep()
 
     def arm(self, loop: asyncio.AbstractEventLoop) -> _Deadline:
         """A deadline for the current task of ``loop`` (the loop given: no lookup)."""
@@ -161,35 +148,8 @@ class _Deadlines:
         if task is None:
             raise RuntimeError("a decision deadline needs a task")
         deadline = _Deadline(task, loop.time() + self._seconds)
-        queue = self._queue
-        while queue and not queue[0].armed():  # the finished ones at the front
-            queue.popleft()
-        if loop is not self._loop:
-            held = self._loop
-            if queue and held is not None and held.is_running():  # another loop's pending: timed on its own
-                deadline._handle = loop.call_at(deadline.due, deadline.expire)
-                return deadline
-            queue.clear()  # a stopped loop's (a test's previous loop): nothing will run them
-            self._loop, self._handle = loop, None
-        queue.append(deadline)
-        if self._handle is None:
-            self._handle = loop.call_at(deadline.due, self._sweep)
+        self._sweep.arm(loop, deadline)
         return deadline
-
-    def _sweep(self) -> None:
-        self._handle = None
-        loop = self._loop
-        assert loop is not None
-        now = loop.time() + DEADLINE_GRAIN
-        queue = self._queue
-        while queue:
-            head = queue[0]
-            if head.armed():
-                if head.due > now:
-                    self._handle = loop.call_at(head.due, self._sweep)
-                    return
-                head.expire()
-            queue.popleft()
 
 
 MISSED_HELD = 1024  # requests between `decide_cached`'s miss and their `decide_after_miss` (Pipeline._missed)

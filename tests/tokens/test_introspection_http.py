@@ -342,6 +342,45 @@ async def test_an_answer_past_the_deadline_times_out_and_its_connection_is_dropp
             await until(lambda: peer.open == 1, "the stalled connection to close")
 
 
+async def test_a_client_s_exchanges_share_one_timer_for_their_deadlines(
+    client: IntrospectionHttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exchange after exchange on a pooled connection: their deadlines are swept by one timer of the client's
+    (`verifier.sweep`), not a timer handle armed and cancelled per exchange (#24 goal 7)."""
+    loop = asyncio.get_running_loop()
+    timers: list[str] = []
+    call_at = loop.call_at
+
+    def counted(when: float, callback: Callable[..., object], *args: object, **kw: Any) -> asyncio.TimerHandle:
+        owner = type(getattr(callback, "__self__", None))
+        if owner.__module__.startswith("verifier."):  # an exchange's deadline (asyncio's own timeouts aside)
+            timers.append(owner.__qualname__)
+        return call_at(when, callback, *args, **kw)
+
+    monkeypatch.setattr(loop, "call_at", counted)
+    async with Peer([ok()]) as peer:
+        for _ in range(5):
+            assert await send(client, peer.url) == HttpReply(200, BODY)
+        assert peer.connections == 1
+    assert timers == ["Sweep"], timers
+
+
+async def test_a_shorter_deadline_armed_after_a_longer_one_still_falls_due_on_its_own_time(
+    client: IntrospectionHttpClient,
+) -> None:
+    """Deadlines of different lengths on one client (another issuer's timeout): one due before the last one
+    swept gets a timer of its own, and times out on its time, not the longer one's."""
+    async with Peer([Answer([], then="hang")]) as slow, Peer([Answer([], then="hang")]) as silent:
+        waiting = asyncio.ensure_future(send(client, slow.url, timeout=PATIENCE))
+        await until(lambda: slow.connections == 1, "the first exchange")
+        try:
+            await times_out(send(client, silent.url, timeout=0.3), 0.3)
+        finally:
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+
+
 async def test_connecting_counts_against_the_deadline(client: IntrospectionHttpClient) -> None:
     with socket.socket() as listener:  # never accepts: once its backlog is full a SYN gets no answer
         listener.bind(("127.0.0.1", 0))
