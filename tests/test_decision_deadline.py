@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from support import FrozenClock
@@ -77,12 +78,12 @@ def _pipeline(authenticator: Held, deadline: float | None = DEADLINE) -> Pipelin
     )
 
 
-def _attrs() -> RequestAttributes:
-    return RequestAttributes("GET", "https", "api.test", "/x", {"authorization": f"Bearer {TOKEN}"})
+def _attrs(token: str = TOKEN) -> RequestAttributes:
+    return RequestAttributes("GET", "https", "api.test", "/x", {"authorization": f"Bearer {token}"})
 
 
-async def _decide(pipeline: Pipeline, *, pass_loop: bool) -> Decision:
-    attrs = _attrs()
+async def _decide(pipeline: Pipeline, *, pass_loop: bool, token: str = TOKEN) -> Decision:
+    attrs = _attrs(token)
     assert pipeline.decide_cached(attrs, "test") is None
     loop = asyncio.get_running_loop() if pass_loop else None
     decision = await pipeline.decide_after_miss(attrs, "test", loop)
@@ -155,3 +156,68 @@ async def test_without_a_deadline_a_decision_waits_as_long_as_it_takes() -> None
 
     decision = await _decide(_pipeline(Held(answer_late), deadline=None), pass_loop=True)
     assert decision.allowed
+
+
+async def test_many_pending_decisions_share_one_timer_and_each_falls_due_on_its_own_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Decisions armed one after another, each held past the deadline: one timer armed for all of them at a time
+    (not one per decision), and each still answered 503 within the deadline of its own start (the sweep re-arms
+    for the next pending one), in the order they started; the ones answered in time are never cancelled."""
+    loop = asyncio.get_running_loop()
+    timers: list[float] = []
+    call_at = loop.call_at
+
+    def counted(when: float, callback: Callable[..., object], *args: object, **kw: Any) -> asyncio.TimerHandle:
+        if getattr(callback, "__self__", None).__class__.__module__ == "verifier.pipeline":  # a deadline's timer
+            timers.append(when)
+        return call_at(when, callback, *args, **kw)
+
+    monkeypatch.setattr(loop, "call_at", counted)
+
+    def answer_soon(waited: asyncio.Future[None]) -> None:
+        loop.call_later(DEADLINE / 10, waited.set_result, None)
+
+    held, answered = Held(), Held(answer_soon)
+    pipeline = _pipeline(held)
+    on_time = _pipeline(answered)
+    on_time._deadlines = pipeline._deadlines  # the same pipeline's deadlines, with an authenticator that answers
+    ended: list[tuple[int, float, float]] = []
+
+    async def one(n: int, which: Pipeline) -> Decision:
+        started = loop.time()
+        decision = await _decide(which, pass_loop=True, token=f"{TOKEN}-{n}")
+        ended.append((n, started, loop.time()))
+        return decision
+
+    tasks = []
+    for n in range(6):
+        tasks.append(asyncio.ensure_future(one(n, pipeline if n % 2 == 0 else on_time)))
+        await asyncio.sleep(DEADLINE / 10)  # all armed before the first falls due: no later arm re-arms the timer
+    decisions = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert [d.status for d in decisions] == [503, 200, 503, 200, 503, 200], decisions
+    assert held.cancelled == 3 and answered.cancelled == 0
+    for n, started, stopped in ended:
+        if n % 2 == 0:
+            assert DEADLINE - 0.002 <= stopped - started < DEADLINE + 0.5, (n, stopped - started)
+    assert [n for n, _, _ in ended if n % 2 == 0] == [0, 2, 4]
+    assert len(timers) <= 4, timers  # 6 decisions: the first's timer, then one re-arm per held one (at most)
+
+
+def test_a_pipeline_used_from_one_loop_then_another_times_its_decisions_on_each() -> None:
+    """The first loop's timer, armed for a decision already answered, is gone with that loop: the next loop's
+    decisions get a timer of their own loop (not one thought armed), and fall due."""
+
+    def answer_soon(waited: asyncio.Future[None]) -> None:
+        asyncio.get_running_loop().call_later(DEADLINE / 10, waited.set_result, None)
+
+    first = _pipeline(Held(answer_soon))
+    assert asyncio.run(_decide(first, pass_loop=True)).allowed  # leaves its timer armed on that loop, then it closes
+    second = _pipeline(Held())
+    second._deadlines = first._deadlines
+
+    async def late() -> Decision:
+        return await asyncio.wait_for(_decide(second, pass_loop=True), 5)
+
+    decision = asyncio.run(late())
+    assert decision.status == 503 and b"deadline" in decision.body, decision

@@ -55,6 +55,7 @@ from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import SUPPORTED_ALGORITHMS
+from verifier.sweep import Sweep, Timed
 from verifier.tokens import jws
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.jwt import JwtVerifier
@@ -86,25 +87,26 @@ class Admitted(NamedTuple):
     by_route: Mapping[int, Decision] = _NO_ROUTES
 
 
-class _Deadline:
+class _Deadline(Timed):
     """A decision's deadline (`Pipeline.decide_after_miss`), armed on the current task: `asyncio.timeout`'s
     semantics without its three running-loop lookups (each a getpid() system call on CPython 3.11) and its two
     coroutines per use (#24 goal 7). When it falls due the task is cancelled; that cancellation, and only that one,
-    is taken back (`fired`); a cancellation from outside, before or together with it, goes on as a cancellation."""
+    is taken back (`fired`); a cancellation from outside, before or together with it, goes on as a cancellation.
+    Timed by its pipeline's `Sweep`: one timer for all of a pipeline's deadlines, all of one length."""
 
-    __slots__ = ("_cancelling", "_handle", "_state", "_task")
+    __slots__ = ("_cancelling", "_state", "_task")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        task = asyncio.current_task(loop)  # the loop given: no lookup
-        if task is None:
-            raise RuntimeError("a decision deadline needs a task")
+    def __init__(self, task: asyncio.Task[Any], due: float) -> None:
+        super().__init__(due)
         self._task = task
         self._cancelling = task.cancelling()  # cancellations asked before ours, still pending
         self._state = _ARMED
-        self._handle: asyncio.TimerHandle | None = loop.call_at(loop.time() + seconds, self._expire)
 
-    def _expire(self) -> None:
-        self._handle = None
+    def armed(self) -> bool:
+        return self._state is _ARMED
+
+    def expire(self) -> None:
+        self.handle = None
         self._state = _EXPIRED
         self._task.cancel()
 
@@ -119,15 +121,35 @@ class _Deadline:
     def close(self) -> None:
         """Disarmed when the decision is done, however it ended; a cancellation of its own that did not come out
         as `CancelledError` (caught on the way) is taken back all the same, as `asyncio.timeout` does."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self.disarm()
         if self._state is _EXPIRED:
             self._state = _TAKEN_BACK
             self._task.uncancel()
+        elif self._state is _ARMED:
+            self._state = _CLOSED  # its `Sweep` drops it when it comes to it
 
 
-_ARMED, _EXPIRED, _TAKEN_BACK = object(), object(), object()  # `_Deadline`'s states
+_ARMED, _EXPIRED, _TAKEN_BACK, _CLOSED = object(), object(), object(), object()  # `_Deadline`'s states
+
+
+class _Deadlines:
+    """A pipeline's decision deadlines: all of one length, so they fall due in the order they were armed, and one
+    timer times them all (`verifier.sweep`) instead of one per first-seen check (#24 goal 7)."""
+
+    __slots__ = ("_seconds", "_sweep")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._sweep = Sweep()
+
+    def arm(self, loop: asyncio.AbstractEventLoop) -> _Deadline:
+        """A deadline for the current task of ``loop`` (the loop given: no lookup)."""
+        task = asyncio.current_task(loop)
+        if task is None:
+            raise RuntimeError("a decision deadline needs a task")
+        deadline = _Deadline(task, loop.time() + self._seconds)
+        self._sweep.arm(loop, deadline)
+        return deadline
 
 
 MISSED_HELD = 1024  # requests between `decide_cached`'s miss and their `decide_after_miss` (Pipeline._missed)
@@ -279,6 +301,7 @@ class Pipeline:
         self._overloaded = refuse(Overloaded("too many checks in progress"), realm=realm)
         self.overloaded = self._overloaded  # a door's own early refusal (forward-auth under a flood)
         self._deadline = deadline
+        self._deadlines = None if deadline is None else _Deadlines(deadline)
         self._edge_max_age = edge_max_age
         self._refusal_max_age = refusal_max_age
         self._upstream = upstream or UpstreamAnswers()
@@ -419,7 +442,8 @@ class Pipeline:
         try:
             if self._pending >= self._max_pending:
                 return self._overloaded
-            timer = None if self._deadline is None else _Deadline(loop or asyncio.get_running_loop(), self._deadline)
+            deadlines = self._deadlines
+            timer = None if deadlines is None else deadlines.arm(loop or asyncio.get_running_loop())
             self._pending += 1
             try:
                 return await self._decide(attrs, door)

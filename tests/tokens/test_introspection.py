@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -314,6 +315,31 @@ async def test_a_batch_mixes_active_and_inactive_answers(make: MakeIntrospector,
     assert not isinstance(good, BaseException) and good.subject == "user-1"
     assert isinstance(bad, InvalidToken) and bad.code == "token_inactive"
     assert len(http.posts) == 1
+
+
+async def test_a_batch_looks_up_no_running_loop_once_the_introspector_has_run(
+    make: MakeIntrospector, http: FakeHttp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch path (the window's timer, the batch's task, the client's call) uses the loop the introspector
+    and the client kept: no `get_running_loop()` (a getpid() system call on CPython 3.11) per batch (#24 goal 7)."""
+    for token in ("warm", "a", "b"):
+        http.answers[token] = active()
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0.01)
+    await check(introspector, "warm")
+    lookups: list[str] = []
+    lookup = asyncio.get_running_loop
+
+    def counted() -> asyncio.AbstractEventLoop:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("verifier."):
+            lookups.append(caller)
+        return lookup()
+
+    monkeypatch.setattr(asyncio, "get_running_loop", counted)
+    principals = await asyncio.gather(check(introspector, "a"), check(introspector, "b"))
+    assert [p.subject for p in principals] == ["user-1", "user-1"]
+    assert len(http.posts) == 2  # the warm-up's batch, then this one
+    assert lookups == []
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])

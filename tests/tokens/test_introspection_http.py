@@ -15,6 +15,7 @@ import datetime
 import ipaddress
 import socket
 import ssl
+import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -341,6 +342,45 @@ async def test_an_answer_past_the_deadline_times_out_and_its_connection_is_dropp
             await until(lambda: peer.open == 1, "the stalled connection to close")
 
 
+async def test_a_client_s_exchanges_share_one_timer_for_their_deadlines(
+    client: IntrospectionHttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exchange after exchange on a pooled connection: their deadlines are swept by one timer of the client's
+    (`verifier.sweep`), not a timer handle armed and cancelled per exchange (#24 goal 7)."""
+    loop = asyncio.get_running_loop()
+    timers: list[str] = []
+    call_at = loop.call_at
+
+    def counted(when: float, callback: Callable[..., object], *args: object, **kw: Any) -> asyncio.TimerHandle:
+        owner = type(getattr(callback, "__self__", None))
+        if owner.__module__.startswith("verifier."):  # an exchange's deadline (asyncio's own timeouts aside)
+            timers.append(owner.__qualname__)
+        return call_at(when, callback, *args, **kw)
+
+    monkeypatch.setattr(loop, "call_at", counted)
+    async with Peer([ok()]) as peer:
+        for _ in range(5):
+            assert await send(client, peer.url) == HttpReply(200, BODY)
+        assert peer.connections == 1
+    assert timers == ["Sweep"], timers
+
+
+async def test_a_shorter_deadline_armed_after_a_longer_one_still_falls_due_on_its_own_time(
+    client: IntrospectionHttpClient,
+) -> None:
+    """Deadlines of different lengths on one client (another issuer's timeout): one due before the last one
+    swept gets a timer of its own, and times out on its time, not the longer one's."""
+    async with Peer([Answer([], then="hang")]) as slow, Peer([Answer([], then="hang")]) as silent:
+        waiting = asyncio.ensure_future(send(client, slow.url, timeout=PATIENCE))
+        await until(lambda: slow.connections == 1, "the first exchange")
+        try:
+            await times_out(send(client, silent.url, timeout=0.3), 0.3)
+        finally:
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+
+
 async def test_connecting_counts_against_the_deadline(client: IntrospectionHttpClient) -> None:
     with socket.socket() as listener:  # never accepts: once its backlog is full a SYN gets no answer
         listener.bind(("127.0.0.1", 0))
@@ -380,6 +420,28 @@ async def test_keep_alive_reuses_one_connection(client: IntrospectionHttpClient)
         for _ in range(5):
             assert await send(client, peer.url) == HttpReply(200, BODY)
         assert peer.connections == 1
+
+
+async def test_a_pooled_send_looks_up_no_running_loop_once_the_client_has_run(
+    client: IntrospectionHttpClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`send` (the batch path's and discovery's exchange) keeps the loop of its last call while that loop runs:
+    no `get_running_loop()` (a getpid() system call on CPython 3.11) per call on a pooled connection (#24 goal 7)."""
+    async with Peer([ok()]) as peer:
+        assert await send(client, peer.url) == HttpReply(200, BODY)  # the connection made, the loop kept
+        lookups: list[str] = []
+        lookup = asyncio.get_running_loop
+
+        def counted() -> asyncio.AbstractEventLoop:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("verifier."):
+                lookups.append(caller)
+            return lookup()
+
+        monkeypatch.setattr(asyncio, "get_running_loop", counted)
+        assert await send(client, peer.url) == HttpReply(200, BODY)
+        assert peer.connections == 1
+        assert lookups == []
 
 
 @pytest.mark.parametrize(

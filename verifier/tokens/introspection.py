@@ -223,7 +223,8 @@ class Introspector:
         if len(self._pending) >= self.config.max_batch_size:
             self._flush_now()
         elif self._timer is None:
-            loop = asyncio.get_running_loop()
+            loop = self._loop  # set by `introspect`, on this loop: no lookup (a getpid() on CPython 3.11)
+            assert loop is not None
             window = self.config.batch_window_seconds
             self._timer = loop.call_later(window, self._flush_now) if window > 0 else loop.call_soon(self._flush_now)
 
@@ -236,7 +237,9 @@ class Introspector:
             self._start(self._flush(batch))
 
     def _start(self, call: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(call)
+        loop = self._loop  # `_flush_now` runs from `introspect` or from its batch timer: on this loop
+        assert loop is not None
+        task = loop.create_task(call)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

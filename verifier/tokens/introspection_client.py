@@ -217,6 +217,7 @@ class ProviderClient:
         # deadline around it (an `asyncio.timeout`, ~6 us) would only race it (#24 goal 7).
         self._seam_keeps_deadline = getattr(type(http), "keeps_deadline", False) is True
         self._discovering: asyncio.Task[str] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # of the last call, kept while it runs (`_call`)
         # A client secret authenticates every call the same way: encoded once, not per first-seen token.
         # A private_key_jwt assertion is fresh per call (its jti, iat and exp).
         self._fixed: tuple[Headers, str] | None = None
@@ -362,7 +363,9 @@ class ProviderClient:
     async def _call(self, build: Callable[[], tuple[str, str, Headers, bytes]], *, max_bytes: int) -> Any:
         """Waits for an in-flight slot, asks the breaker, sends, decodes; all within one deadline."""
         calls = self._metrics.calls
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or not loop.is_running():  # not the loop of the last call (a test's next loop): asked
+            loop = self._loop = asyncio.get_running_loop()  # a getpid() system call on CPython 3.11: once
         deadline = loop.time() + self.config.timeout_seconds
         try:
             if self._slots.locked():  # a free slot is taken at once: no timer to arm

@@ -39,6 +39,7 @@ import httptools
 from verifier.clock import Clock, SystemClock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.tracing import NO_TRACING, Tracing
+from verifier.sweep import Sweep, Timed
 from verifier.tokens.introspection_client import (
     Done,
     Headers,
@@ -61,6 +62,30 @@ class _Refused(Exception):
     """Raised inside a parser callback: the answer breaks a rule (too large, an upgrade, an encoding)."""
 
 
+class _Expiry(Timed):
+    """An exchange's deadline (`_Connection.begin`): at `due` the connection's exchange times out, unless it
+    ended first (`cancel`). Timed by the client's `Sweep`: one timer for its connections' exchanges."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, due: float, connection: _Connection) -> None:
+        super().__init__(due)
+        self._connection: _Connection | None = connection
+
+    def armed(self) -> bool:
+        return self._connection is not None
+
+    def expire(self) -> None:
+        connection, self._connection = self._connection, None
+        self.handle = None
+        if connection is not None:
+            connection.time_out()
+
+    def cancel(self) -> None:
+        self._connection = None  # the queue keeps no connection alive
+        self.disarm()
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection to one origin; one exchange at a time.
 
@@ -68,12 +93,13 @@ class _Connection(asyncio.Protocol):
     answer's last bytes read, the deadline, the connection lost): no task, no future in between (#24 goal 7).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sweep: Sweep | None = None) -> None:
+        self._sweep = sweep or Sweep()  # its client's: one timer for the exchanges of all its connections
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()  # a connection lives on the loop that made it
         self._done: Done | None = None  # the exchange under way
-        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry: _Expiry | None = None
         self._reply: HttpReply | None = None  # a complete answer, handed over once its read is parsed
         self.reusable = False  # set by a complete answer that allows keep-alive
         self.closed = False
@@ -96,7 +122,8 @@ class _Connection(asyncio.Protocol):
 
     def begin(self, request: bytes, max_bytes: int, deadline: float, done: Done) -> None:
         """Writes `request`; `done` gets the whole answer, or the failure, once. At `deadline` (the loop's
-        clock) the connection is dropped and the exchange fails. A timer handle, not `asyncio.timeout`."""
+        clock) the connection is dropped and the exchange fails. Not `asyncio.timeout`, nor a timer handle of its
+        own: the deadline is swept (`verifier.sweep`), within 1 ms of its time."""
         if self._transport is None or self._done is not None or self.closed:
             raise ProviderUnavailable("introspection provider connection is not ready")
         self._reset()
@@ -105,7 +132,8 @@ class _Connection(asyncio.Protocol):
         self._reply = None
         self.reusable = False
         self._done = done
-        self._expiry = self._loop.call_at(deadline, self._time_out)
+        self._expiry = expiry = _Expiry(deadline, self)
+        self._sweep.arm(self._loop, expiry)
         self._transport.write(request)
 
     def deadline(self, timeout: float) -> float:
@@ -120,6 +148,7 @@ class _Connection(asyncio.Protocol):
         self._done = None
         if self._expiry is not None:
             self._expiry.cancel()
+            self._expiry = None
         self.close()
         return True
 
@@ -146,6 +175,7 @@ class _Connection(asyncio.Protocol):
             return
         if self._expiry is not None:
             self._expiry.cancel()
+            self._expiry = None
         done(outcome)
 
     def close(self) -> None:
@@ -159,7 +189,7 @@ class _Connection(asyncio.Protocol):
         self.close()  # before the answer, if any, is handed over: the stream broke a rule after it
         self._settle(self._reply or error(f"introspection provider {description}"))
 
-    def _time_out(self) -> None:
+    def time_out(self) -> None:
         self._fail("timed out", ProviderTimedOut)
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -332,6 +362,8 @@ class IntrospectionHttpClient:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._slots: dict[tuple[str, str, int], Slots] = {}
         self._busy: set[_Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # of the last `send`, kept while it runs
+        self._sweep = Sweep()  # its connections' exchange deadlines (`_Expiry`), under one timer
 
     def _target(self, url: str) -> _Target:
         target = self._targets.get(url)
@@ -367,7 +399,9 @@ class IntrospectionHttpClient:
         with self._tracing.fetch(what, request.method, request.url):
             target = self._target(request.url)
             data = self._encode(request, target)
-            loop = asyncio.get_running_loop()
+            loop = self._loop
+            if loop is None or not loop.is_running():  # not the loop of the last call (a test's next loop): asked
+                loop = self._loop = asyncio.get_running_loop()  # a getpid() system call on CPython 3.11: once
             deadline = loop.time() + request.timeout
             try:
                 return await self._exchange(loop, target, data, request.max_bytes, deadline)
@@ -472,6 +506,9 @@ class IntrospectionHttpClient:
             idle.clear()
         return None
 
+    def _new_connection(self) -> _Connection:
+        return _Connection(self._sweep)
+
     async def _connect(self, target: _Target) -> _Connection:
         loop = asyncio.get_running_loop()
         tls: ssl.SSLContext | None = None
@@ -481,7 +518,7 @@ class IntrospectionHttpClient:
             tls = self._tls
         try:
             _, connection = await loop.create_connection(
-                _Connection, target.host, target.port, ssl=tls, server_hostname=target.host if tls else None
+                self._new_connection, target.host, target.port, ssl=tls, server_hostname=target.host if tls else None
             )
         except (OSError, ssl.SSLError) as exc:
             raise ProviderUnavailable(f"introspection provider unreachable ({type(exc).__name__})") from exc
