@@ -8,6 +8,8 @@ The doors' own deadline tests (tests/doors/test_deadline.py) run it end to end, 
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +117,23 @@ async def test_a_decision_within_its_deadline_is_answered_and_leaves_no_timer_be
     # Nothing fires later: the task goes on waiting past the deadline, uncancelled.
     await asyncio.sleep(DEADLINE * 2)
     assert held.cancelled == 0
+
+
+async def test_a_finished_decisions_task_is_not_kept_alive_until_its_deadline_would_fall_due() -> None:
+    """The sweep keeps a finished deadline queued until it reaches the front; that must not hold its task (and
+    the answer in it) for the rest of the deadline: at a high first-seen rate that is deadline x rate tasks."""
+
+    def answer_now(waited: asyncio.Future[None]) -> None:
+        waited.set_result(None)
+
+    pipeline = _pipeline(Held(answer_now), deadline=30.0)
+    task = asyncio.get_running_loop().create_task(_decide(pipeline, pass_loop=True))
+    assert (await task).allowed
+    held = weakref.ref(task)
+    del task
+    await asyncio.sleep(0)  # the loop's own hold on the finished task (its done callbacks' handle) gone
+    gc.collect()
+    assert held() is None
 
 
 async def test_a_cancellation_from_outside_before_the_deadline_stays_a_cancellation() -> None:

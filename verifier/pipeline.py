@@ -98,7 +98,7 @@ class _Deadline(Timed):
 
     def __init__(self, task: asyncio.Task[Any], due: float) -> None:
         super().__init__(due)
-        self._task = task
+        self._task: asyncio.Task[Any] | None = task  # let go at `close`: its sweep may hold this a while longer
         self._cancelling = task.cancelling()  # cancellations asked before ours, still pending
         self._state = _ARMED
 
@@ -107,8 +107,10 @@ class _Deadline(Timed):
 
     def expire(self) -> None:
         self.handle = None
-        self._state = _EXPIRED
-        self._task.cancel()
+        task = self._task
+        if task is not None:  # else closed: not armed, never expired
+            self._state = _EXPIRED
+            task.cancel()
 
     def fired(self) -> bool:
         """On a `CancelledError` in its task: whether it is this deadline's alone (taken back: answer it) rather
@@ -116,15 +118,18 @@ class _Deadline(Timed):
         if self._state is not _EXPIRED:
             return False
         self._state = _TAKEN_BACK
-        return self._task.uncancel() <= self._cancelling
+        task = self._task
+        return task is not None and task.uncancel() <= self._cancelling
 
     def close(self) -> None:
         """Disarmed when the decision is done, however it ended; a cancellation of its own that did not come out
         as `CancelledError` (caught on the way) is taken back all the same, as `asyncio.timeout` does."""
         self.disarm()
+        task, self._task = self._task, None  # a finished decision's task is not kept alive by the sweep's queue
         if self._state is _EXPIRED:
             self._state = _TAKEN_BACK
-            self._task.uncancel()
+            if task is not None:
+                task.uncancel()
         elif self._state is _ARMED:
             self._state = _CLOSED  # its `Sweep` drops it when it comes to it
 
