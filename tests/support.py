@@ -7,13 +7,15 @@ One definition here instead of a copy per rig (issue #19). tests/ and tests/inte
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from cryptography import x509
@@ -183,3 +185,19 @@ async def timed(call: Awaitable[T]) -> tuple[T, float, float]:
         result = await call
         took = time.monotonic() - started
     return result, took, meter.late
+
+
+def count_loop_lookups(monkeypatch: Any) -> list[str]:
+    """From now on (for the test), the names of the `verifier.` modules that call `asyncio.get_running_loop()`, one
+    entry per call: each is a getpid() system call on CPython 3.11 (#24 goal 7)."""
+    lookups: list[str] = []
+    lookup = asyncio.get_running_loop
+
+    def counted() -> asyncio.AbstractEventLoop:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("verifier."):
+            lookups.append(caller)
+        return lookup()
+
+    monkeypatch.setattr(asyncio, "get_running_loop", counted)
+    return lookups

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from prometheus_client import CollectorRegistry
-from support import FrozenClock
+from support import FrozenClock, count_loop_lookups
 
 from verifier.app import build_introspector
 from verifier.clock import SystemClock
@@ -326,16 +325,7 @@ async def test_a_batch_looks_up_no_running_loop_once_the_introspector_has_run(
         http.answers[token] = active()
     introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0.01)
     await check(introspector, "warm")
-    lookups: list[str] = []
-    lookup = asyncio.get_running_loop
-
-    def counted() -> asyncio.AbstractEventLoop:
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        if caller.startswith("verifier."):
-            lookups.append(caller)
-        return lookup()
-
-    monkeypatch.setattr(asyncio, "get_running_loop", counted)
+    lookups = count_loop_lookups(monkeypatch)
     principals = await asyncio.gather(check(introspector, "a"), check(introspector, "b"))
     assert [p.subject for p in principals] == ["user-1", "user-1"]
     assert len(http.posts) == 2  # the warm-up's batch, then this one

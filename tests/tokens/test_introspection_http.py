@@ -15,7 +15,6 @@ import datetime
 import ipaddress
 import socket
 import ssl
-import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry
-from support import FrozenClock, timed
+from support import FrozenClock, count_loop_lookups, timed
 
 from verifier.app import HttpSessions, build_introspector
 from verifier.config.introspection import IntrospectionConfig
@@ -429,16 +428,7 @@ async def test_a_pooled_send_looks_up_no_running_loop_once_the_client_has_run(
     no `get_running_loop()` (a getpid() system call on CPython 3.11) per call on a pooled connection (#24 goal 7)."""
     async with Peer([ok()]) as peer:
         assert await send(client, peer.url) == HttpReply(200, BODY)  # the connection made, the loop kept
-        lookups: list[str] = []
-        lookup = asyncio.get_running_loop
-
-        def counted() -> asyncio.AbstractEventLoop:
-            caller = sys._getframe(1).f_globals.get("__name__", "")
-            if caller.startswith("verifier."):
-                lookups.append(caller)
-            return lookup()
-
-        monkeypatch.setattr(asyncio, "get_running_loop", counted)
+        lookups = count_loop_lookups(monkeypatch)
         assert await send(client, peer.url) == HttpReply(200, BODY)
         assert peer.connections == 1
         assert lookups == []
