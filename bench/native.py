@@ -38,6 +38,9 @@ MODULES = (
     "verifier.tokens.introspection_client",
     "verifier.tokens.introspection_http",
     "verifier.tokens.introspection_breaker",
+    # The deadlines of both (`Timed`): a compiled class deriving from an interpreted one that declares `__slots__`
+    # fails at import ("mypyc classes can't have __slots__").
+    "verifier.sweep",
 )
 GROUP = "verifier._native"  # the shared library's module: verifier/_native__mypyc.<suffix>
 
