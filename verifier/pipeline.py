@@ -305,7 +305,6 @@ class Pipeline:
         self._pending = 0
         self._overloaded = refuse(Overloaded("too many checks in progress"), realm=realm)
         self.overloaded = self._overloaded  # a door's own early refusal (forward-auth under a flood)
-        self._deadline = deadline
         self._deadlines = None if deadline is None else _Deadlines(deadline)
         self._edge_max_age = edge_max_age
         self._refusal_max_age = refusal_max_age

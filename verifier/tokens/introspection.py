@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, NamedTuple
 
+from verifier import loops
 from verifier.clock import Clock
 from verifier.config.introspection import ClientAuth, IntrospectionConfig, parse_introspection_config
 from verifier.errors import (
@@ -197,9 +198,7 @@ class Introspector:
         if len(token) > DEFAULT_MAX_TOKEN_BYTES:
             raise MalformedToken("token too large")
         # A future per waiter: one giving up (cancelled) must not cancel the answer the others wait for.
-        loop = self._loop
-        if loop is None or not loop.is_running():  # not the loop it last ran on (a test's next loop): asked
-            loop = self._loop = asyncio.get_running_loop()  # a getpid() system call on CPython 3.11: once
+        loop = self._loop = loops.kept(self._loop)
         future: asyncio.Future[_Verdict] = loop.create_future()
         waiters = self._inflight.get(token_hash)
         if waiters is None:

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple, Protocol, cast
 
 import jwt
 
+from verifier import loops
 from verifier.clock import Clock
 from verifier.config.introspection import (
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -363,9 +364,7 @@ class ProviderClient:
     async def _call(self, build: Callable[[], tuple[str, str, Headers, bytes]], *, max_bytes: int) -> Any:
         """Waits for an in-flight slot, asks the breaker, sends, decodes; all within one deadline."""
         calls = self._metrics.calls
-        loop = self._loop
-        if loop is None or not loop.is_running():  # not the loop of the last call (a test's next loop): asked
-            loop = self._loop = asyncio.get_running_loop()  # a getpid() system call on CPython 3.11: once
+        loop = self._loop = loops.kept(self._loop)
         deadline = loop.time() + self.config.timeout_seconds
         try:
             if self._slots.locked():  # a free slot is taken at once: no timer to arm

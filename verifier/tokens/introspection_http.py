@@ -36,6 +36,7 @@ from typing import ClassVar, cast
 
 import httptools
 
+from verifier import loops
 from verifier.clock import Clock, SystemClock
 from verifier.errors import ProviderUnavailable
 from verifier.observe.tracing import NO_TRACING, Tracing
@@ -399,9 +400,7 @@ class IntrospectionHttpClient:
         with self._tracing.fetch(what, request.method, request.url):
             target = self._target(request.url)
             data = self._encode(request, target)
-            loop = self._loop
-            if loop is None or not loop.is_running():  # not the loop of the last call (a test's next loop): asked
-                loop = self._loop = asyncio.get_running_loop()  # a getpid() system call on CPython 3.11: once
+            loop = self._loop = loops.kept(self._loop)
             deadline = loop.time() + request.timeout
             try:
                 return await self._exchange(loop, target, data, request.max_bytes, deadline)
