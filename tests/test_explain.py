@@ -222,8 +222,10 @@ async def test_explain_an_opaque_token_reports_introspection(
     token = idp.mint_opaque(sub="dora")
     if not active:
         idp.revoke(token)
-    code, out, err = await _explain(config, "--json", "--path", "/hello", token)
+    # "--": an opaque token is base64url and starts with "-" one time in 64 (the README says so too)
+    code, out, err = await _explain(config, "--json", "--path", "/hello", "--", token)
     assert token not in out and token not in err
+    assert out, err  # nothing printed: what went wrong is on stderr
     report = json.loads(out)
     assert report["token"]["kind"] == "opaque"
     (check,) = report["checks"][:1]
@@ -232,6 +234,24 @@ async def test_explain_an_opaque_token_reports_introspection(
     service = await _service_answer(config, token, "/hello")
     assert int(service["status"]) == report["answer"]["status"]
 
+
+async def test_explain_takes_a_token_that_starts_with_a_dash_after_double_dash(
+    provider: tuple[DevIdentityProvider, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    idp, config = provider
+    settings = yaml.safe_load(config.read_text())
+    settings["issuers"][0]["introspection"] = {
+        "client_id": "verifier", "client_secret_env": "EXPLAIN_IDP_SECRET", "timeout_seconds": 10,
+    }
+    config.write_text(yaml.safe_dump(settings))
+    monkeypatch.setenv("EXPLAIN_IDP_SECRET", idp.introspection_client_secret)
+    token = next(t for t in (idp.mint_opaque(sub="dora") for _ in range(10_000)) if t.startswith("-"))
+    code, out, err = await _explain(config, "--json", "--path", "/hello", token)
+    assert code == 2 and "required: token" in err and not out  # argparse read it as an option
+    code, out, err = await _explain(config, "--json", "--path", "/hello", "--", token)
+    assert code == 0, err
+    assert token not in out and token not in err
+    assert json.loads(out)["principal"]["subject"] == "dora"
 
 async def test_explain_with_the_provider_down_says_so(provider: tuple[DevIdentityProvider, Path]) -> None:
     idp, config = provider

@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--scheme", default="http", choices=["http", "https"], help="the request's scheme")
     explain.add_argument("--dpop", default="", help="the request's DPoP proof (never printed)")
     explain.add_argument("--json", action="store_true", help="print the report as JSON")
-    explain.add_argument("token", help="the access token, or - to read it from stdin")
+    explain.add_argument(
+        "token", help="the access token (after --, as it may start with -), or - to read it from stdin"
+    )
     explain.set_defaults(func=cmd_explain)
     dev = sub.add_parser("dev", help="run against an embedded development identity provider")
     dev.add_argument("--issuer-port", type=int, default=9400)
