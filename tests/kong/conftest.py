@@ -129,7 +129,7 @@ class StandinVerifier:
     anything else: 401 with two challenges.
     """
 
-    def __init__(self, *, idle_timeout: float | None = None) -> None:
+    def __init__(self, *, idle_timeout: float | None = None, port: int = 0) -> None:
         self.connections = 0
         self.closed = 0  # connections this side has closed (its idle timeout, or the client's close)
         self.requests: list[dict[str, Any]] = []
@@ -163,7 +163,7 @@ class StandinVerifier:
                 with verifier._lock:
                     verifier.closed += 1
 
-        self._server = Server(("127.0.0.1", 0), Handler)
+        self._server = Server(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}/v1/forward-auth"

@@ -7,8 +7,10 @@ the real verifier runs the same rig against it, as the last section ("headers fo
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from gateways import (
     with_a_half_aged_nonce,
 )
 from replicas import dpop_proof, public_jwk
-from support import StallMeter
+from support import StallMeter, free_port
 
 from verifier.binding.dpop import thumbprint
 
@@ -279,6 +281,76 @@ def test_fail_open_does_not_override_a_deny(start_nginx, echo_upstream, standin_
     status, _, _ = call(base, headers={"Authorization": "Bearer bad"})
 
     assert status == 401
+
+
+# --------------------------------------------------------------------------- reconnect back-off
+
+
+def test_after_a_refused_connection_the_worker_backs_off_then_comes_back(
+    start_nginx, echo_upstream, make_standin_verifier
+):
+    port = free_port()
+    base = start_nginx({"url": f"http://127.0.0.1:{port}/v1/forward-auth", "cache_entries": 0,
+                        "reconnect_backoff": 5000, "reconnect_backoff_max": 5000}, echo_upstream)
+    assert call(base, headers={"Authorization": "Bearer good"})[0] == 503  # refused: the back-off starts
+    failed = time.monotonic()
+    standin = make_standin_verifier(port=port)  # the verifier is back at once
+    status, _, body = call(base, headers={"Authorization": "Bearer good"})
+    assert status == 503 and json.loads(body) == {"message": "Authorization service unavailable"}
+    assert standin.connections == 0  # nothing was attempted while backing off (4 to 6 s)
+    assert "connect: backing off" in start_nginx.error_log_text()
+    deadline = failed + 30
+    while (status := call(base, headers={"Authorization": "Bearer good"})[0]) == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status == 200 and time.monotonic() - failed >= 5 * 0.8  # not before the (jittered) back-off ended
+    assert [call(base, headers={"Authorization": "Bearer good"})[0] for _ in range(3)] == [200] * 3  # it ended
+
+
+def test_without_the_back_off_every_request_tries_to_connect(start_nginx, echo_upstream, make_standin_verifier):
+    port = free_port()
+    base = start_nginx({"url": f"http://127.0.0.1:{port}/v1/forward-auth", "cache_entries": 0,
+                        "reconnect_backoff": 0}, echo_upstream)
+    assert call(base, headers={"Authorization": "Bearer good"})[0] == 503
+    standin = make_standin_verifier(port=port)
+    assert call(base, headers={"Authorization": "Bearer good"})[0] == 200
+    assert standin.connections == 1
+
+
+def test_fail_open_passes_without_identity_while_backing_off(start_nginx, echo_upstream, dead_url):
+    base = start_nginx({"url": dead_url, "fail_open": True, "reconnect_backoff": 5000}, echo_upstream)
+    for _ in range(2):  # a refused connect, then the back-off: nothing reached the verifier either time
+        status, _, body = call(base, headers={"Authorization": "Bearer good", "X-Authenticated-Userid": "admin"})
+        assert status == 200 and "x-authenticated-userid" not in upstream_saw(body)["h"]
+    assert "connect: backing off" in start_nginx.error_log_text()
+
+
+def test_a_verifier_that_takes_no_connections_costs_one_connect_timeout_not_one_per_request(
+    start_nginx, echo_upstream
+):
+    """A verifier overloaded past its accept queue leaves SYNs unanswered: without the back-off every request
+    would wait out the connect timeout (here 1 s each); with it, one does and the rest are answered at once."""
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepted: a queue of one
+        port = listener.getsockname()[1]
+        for _ in range(3):  # fill the accept queue; later SYNs are dropped
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        base = start_nginx({"url": f"http://127.0.0.1:{port}/v1/forward-auth", "timeout": 1000, "cache_entries": 0,
+                            "reconnect_backoff": 10000, "reconnect_backoff_max": 10000}, echo_upstream)
+        with StallMeter() as machine:
+            started = time.monotonic()
+            first = call(base, headers={"Authorization": "Bearer good"})[0]
+            waited = time.monotonic() - started
+            started = time.monotonic()
+            rest = [call(base, headers={"Authorization": "Bearer good"})[0] for _ in range(5)]
+            after = time.monotonic() - started
+    assert first == 503 and waited > 0.9  # the connect timed out: the queue was full
+    assert rest == [503] * 5
+    assert after - machine.late < 2.5, (after, machine.late)  # five connect timeouts would be 5 s
+    assert "connect: backing off" in start_nginx.error_log_text()
 
 
 # --------------------------------------------------------------------------- keep-alive

@@ -121,6 +121,8 @@ local function constants_for(conf)
     request_opts = {
       timeout = conf.timeout,
       keepalive_timeout = conf.keepalive_timeout,
+      reconnect_backoff = conf.reconnect_backoff,
+      reconnect_backoff_max = conf.reconnect_backoff_max,
     },
   }
   per_conf[conf] = c

@@ -26,6 +26,16 @@ local POOL_SIZE = 64
 
 local DEFAULT_PORTS = { http = 80, https = 443 }
 
+-- Reconnect back-off (gRPC's connection back-off, as the Python plugin's):
+-- each further failed attempt multiplies the wait, jittered +-20% so
+-- workers and nodes do not come back in step.
+local BACKOFF_MULTIPLIER = 1.6
+local BACKOFF_JITTER = 0.2
+-- Per worker, per verifier address (the pool name): after a failed
+-- connection attempt, when the next one may be made and how many failed in
+-- a row. A connection that succeeds removes the entry.
+local down = {}
+
 
 --- Splits "http://host:port/path?query" into its parts, or returns nil, err.
 function _M.parse_url(url)
@@ -64,6 +74,7 @@ function _M.parse_url(url)
     scheme = scheme,
     host = connect_host,
     port = port,
+    pool = scheme .. ":" .. connect_host .. ":" .. port,
     path = path,
     host_header = host_header,
   }
@@ -278,13 +289,44 @@ local function build_request(target, method, headers)
 end
 
 
+-- The wait after `failures` failed attempts in a row (milliseconds).
+local function backoff_ms(opts, failures)
+  local wait = opts.reconnect_backoff * BACKOFF_MULTIPLIER ^ math.min(failures - 1, 64)
+  wait = math.min(wait, math.max(opts.reconnect_backoff_max, opts.reconnect_backoff))
+  return wait * (1 + BACKOFF_JITTER * (2 * math.random() - 1))
+end
+
+
 local function connect(target, opts)
+  local pool = target.pool
+  local state = down[pool]
+  if state then
+    local now = ngx.now() * 1000
+    if now < state.retry_at then
+      -- nothing was sent: a connection storm against a verifier that is
+      -- down or overloaded helps nobody (and fail_open may pass, as for
+      -- any connection that failed)
+      return nil, "connect: backing off after a failed connection attempt"
+    end
+    -- this request makes the one attempt; the others keep backing off
+    -- until it ends (its connect timeout bounds it)
+    state.retry_at = now + opts.timeout
+  end
   local sock = tcp()
   sock:settimeouts(opts.timeout, opts.timeout, opts.timeout)
-  local pool = target.scheme .. ":" .. target.host .. ":" .. target.port
   local ok, err = sock:connect(target.host, target.port, { pool = pool, pool_size = POOL_SIZE })
   if not ok then
+    if (opts.reconnect_backoff or 0) > 0 then
+      state = down[pool] or { failures = 0 }
+      state.failures = state.failures + 1
+      ngx.update_time()
+      state.retry_at = ngx.now() * 1000 + backoff_ms(opts, state.failures)
+      down[pool] = state
+    end
     return nil, "connect: " .. err
+  end
+  if down[pool] then  -- this attempt, or another that began before a failure
+    down[pool] = nil
   end
   if target.scheme == "https" and sock:getreusedtimes() == 0 then
     -- verify the verifier's certificate (lua_ssl_trusted_certificate)
@@ -301,7 +343,11 @@ end
 --- Sends one request without a body and reads the answer.
 -- target: a table from parse_url. headers: array of {name, value}.
 -- opts: timeout (ms, for connect, each send and each read), keepalive_timeout
--- (ms an idle pooled connection is kept; 0: close after each answer).
+-- (ms an idle pooled connection is kept; 0: close after each answer),
+-- reconnect_backoff (ms without a connection attempt to this address after
+-- one failed, x1.6 after each further failure, +-20%; 0 or nil: none) and
+-- reconnect_backoff_max (ms, its ceiling). While backing off, nothing is sent:
+-- the error is "connect: backing off ...", as for a connection that failed.
 -- Returns res ({status, headers, header_list, body}) or nil, err.
 function _M.request(target, method, headers, opts)
   local raw = build_request(target, method, headers)

@@ -7,6 +7,13 @@ local typedefs = require "kong.db.schema.typedefs"
 local DEFAULT_TIMEOUT_MS = 1000
 -- How long an idle connection to the verifier stays pooled (milliseconds).
 local DEFAULT_KEEPALIVE_MS = 60000
+-- After a failed connection attempt, no new one to that verifier address
+-- from this worker for this long (milliseconds), x1.6 after each further
+-- failed attempt (+-20% jitter) up to the ceiling: the Python plugin's and
+-- gRPC's connection back-off, so a verifier that is down or overloaded is not
+-- met with a connection per request. Requests meanwhile fail at once (503).
+local DEFAULT_RECONNECT_BACKOFF_MS = 250
+local DEFAULT_RECONNECT_BACKOFF_MAX_MS = 5000
 -- Answers reused per worker when the verifier allows it (entries).
 local DEFAULT_CACHE_ENTRIES = 10000
 
@@ -26,6 +33,12 @@ return {
           -- 0 closes the connection after every answer
           { keepalive_timeout = { type = "integer", default = DEFAULT_KEEPALIVE_MS,
                                   between = { 0, 3600000 }, required = true } },
+          -- 0 turns the back-off off (a connection attempt per request)
+          { reconnect_backoff = { type = "integer", default = DEFAULT_RECONNECT_BACKOFF_MS,
+                                  between = { 0, 600000 }, required = true } },
+          -- the back-off's ceiling; a value below reconnect_backoff is read as it
+          { reconnect_backoff_max = { type = "integer", default = DEFAULT_RECONNECT_BACKOFF_MAX_MS,
+                                      between = { 1, 600000 }, required = true } },
           -- let requests through (without identity) when the verifier is unreachable
           { fail_open = { type = "boolean", default = false, required = true } },
           -- 0 turns decision reuse off
