@@ -280,6 +280,11 @@ class StandinVerifier:
                 DENY_BODY,
             )
 
+    def stop_accepting(self) -> None:
+        """Closes the listening socket: new connections are refused, the ones open keep being answered."""
+        self._server.shutdown()
+        self._server.socket.close()
+
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()

@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import json
 import socket
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -304,6 +305,28 @@ def test_after_a_refused_connection_the_worker_backs_off_then_comes_back(
         time.sleep(0.2)
     assert status == 200 and time.monotonic() - failed >= 5 * 0.8  # not before the (jittered) back-off ended
     assert [call(base, headers={"Authorization": "Bearer good"})[0] for _ in range(3)] == [200] * 3  # it ended
+
+
+def test_while_backing_off_an_idle_pooled_connection_is_still_used(start_nginx, echo_upstream, standin_verifier):
+    """The back-off keeps new connections from a verifier in trouble, not the answers it still gives on the
+    connections the worker has: here it refuses new ones while its open connection keeps answering."""
+    standin_verifier.slow_seconds = 3.0
+    base = start_nginx({"url": standin_verifier.url, "cache_entries": 0, "timeout": 5000,
+                        "reconnect_backoff": 20000, "reconnect_backoff_max": 20000}, echo_upstream)
+    assert call(base, headers={"Authorization": "Bearer good"})[0] == 200  # one connection, now idle in the pool
+    standin_verifier.stop_accepting()
+    slow: list[int] = []
+    busy = threading.Thread(target=lambda: slow.append(call(base, headers={"Authorization": "Bearer slow"})[0]))
+    busy.start()  # takes the pooled connection for 3 s
+    deadline = time.monotonic() + 10
+    while len(standin_verifier.requests) < 2 and time.monotonic() < deadline:  # the slow one has arrived
+        time.sleep(0.02)
+    assert call(base, headers={"Authorization": "Bearer good"})[0] == 503  # a new connection: refused, back-off
+    busy.join(timeout=30)
+    assert slow == [200]  # its connection is idle in the pool again
+    assert call(base, headers={"Authorization": "Bearer good"})[0] == 200  # backing off, yet answered on it
+    assert call(base, headers={"Authorization": "Bearer good"})[0] == 200
+    assert standin_verifier.connections == 1
 
 
 def test_without_the_back_off_every_request_tries_to_connect(start_nginx, echo_upstream, make_standin_verifier):

@@ -33,8 +33,13 @@ local BACKOFF_MULTIPLIER = 1.6
 local BACKOFF_JITTER = 0.2
 -- Per worker, per verifier address (the pool name): after a failed
 -- connection attempt, when the next one may be made and how many failed in
--- a row. A connection that succeeds removes the entry.
+-- a row. A new connection made removes the entry.
 local down = {}
+-- Per worker, per verifier address: idle connections this worker put in the
+-- pool (at most POOL_SIZE). While backing off, a request may still take one:
+-- the back-off keeps new connections from a verifier in trouble, not the
+-- answers it still gives on the connections it has.
+local idle = {}
 
 
 --- Splits "http://host:port/path?query" into its parts, or returns nil, err.
@@ -299,8 +304,16 @@ end
 
 local function connect(target, opts)
   local pool = target.pool
+  -- an idle pooled connection is taken, if the count says there is one:
+  -- counted off before connect yields, so concurrent requests never take
+  -- more than the count (a count gone stale, its connection closed idle,
+  -- costs one fresh attempt and corrects itself)
+  local pooled = idle[pool] or 0
+  if pooled > 0 then
+    idle[pool] = pooled - 1
+  end
   local state = down[pool]
-  if state then
+  if state and pooled == 0 then
     local now = ngx.now() * 1000
     if now < state.retry_at then
       -- nothing was sent: a connection storm against a verifier that is
@@ -316,6 +329,7 @@ local function connect(target, opts)
   sock:settimeouts(opts.timeout, opts.timeout, opts.timeout)
   local ok, err = sock:connect(target.host, target.port, { pool = pool, pool_size = POOL_SIZE })
   if not ok then
+    idle[pool] = 0  -- a pooled one would have been taken: none is left
     if (opts.reconnect_backoff or 0) > 0 then
       state = down[pool] or { failures = 0 }
       state.failures = state.failures + 1
@@ -325,7 +339,9 @@ local function connect(target, opts)
     end
     return nil, "connect: " .. err
   end
-  if down[pool] then  -- this attempt, or another that began before a failure
+  -- a new connection made ends the back-off (this attempt, or one that began
+  -- before a failure); a pooled one proves nothing about new ones
+  if down[pool] and sock:getreusedtimes() == 0 then
     down[pool] = nil
   end
   if target.scheme == "https" and sock:getreusedtimes() == 0 then
@@ -346,7 +362,8 @@ end
 -- (ms an idle pooled connection is kept; 0: close after each answer),
 -- reconnect_backoff (ms without a connection attempt to this address after
 -- one failed, x1.6 after each further failure, +-20%; 0 or nil: none) and
--- reconnect_backoff_max (ms, its ceiling). While backing off, nothing is sent:
+-- reconnect_backoff_max (ms, its ceiling). While backing off, a request takes
+-- an idle pooled connection if this worker holds one, else nothing is sent:
 -- the error is "connect: backing off ...", as for a connection that failed.
 -- Returns res ({status, headers, header_list, body}) or nil, err.
 function _M.request(target, method, headers, opts)
@@ -378,7 +395,9 @@ function _M.request(target, method, headers, opts)
       -- setkeepalive(0) would pool forever; 0 here means no pooling
       if reusable and opts.keepalive_timeout > 0 then
         local ok = sock:setkeepalive(opts.keepalive_timeout, POOL_SIZE)
-        if not ok then
+        if ok then
+          idle[target.pool] = math.min((idle[target.pool] or 0) + 1, POOL_SIZE)
+        else
           sock:close()
         end
       else
