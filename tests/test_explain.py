@@ -206,11 +206,8 @@ async def test_explain_with_no_token_on_stdin_is_a_clear_error(provider: tuple[D
     assert code == 2 and "no token given" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("active", [True, False])
-async def test_explain_an_opaque_token_reports_introspection(
-    active: bool, provider: tuple[DevIdentityProvider, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    idp, config = provider
+def _with_introspection(idp: DevIdentityProvider, config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The config's issuer answers opaque tokens by introspection at the dev provider."""
     settings = yaml.safe_load(config.read_text())
     settings["issuers"][0]["introspection"] = {
         "client_id": "verifier",
@@ -219,6 +216,14 @@ async def test_explain_an_opaque_token_reports_introspection(
     }
     config.write_text(yaml.safe_dump(settings))
     monkeypatch.setenv("EXPLAIN_IDP_SECRET", idp.introspection_client_secret)
+
+
+@pytest.mark.parametrize("active", [True, False])
+async def test_explain_an_opaque_token_reports_introspection(
+    active: bool, provider: tuple[DevIdentityProvider, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    idp, config = provider
+    _with_introspection(idp, config, monkeypatch)
     token = idp.mint_opaque(sub="dora")
     if not active:
         idp.revoke(token)
@@ -239,12 +244,7 @@ async def test_explain_takes_a_token_that_starts_with_a_dash_after_double_dash(
     provider: tuple[DevIdentityProvider, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     idp, config = provider
-    settings = yaml.safe_load(config.read_text())
-    settings["issuers"][0]["introspection"] = {
-        "client_id": "verifier", "client_secret_env": "EXPLAIN_IDP_SECRET", "timeout_seconds": 10,
-    }
-    config.write_text(yaml.safe_dump(settings))
-    monkeypatch.setenv("EXPLAIN_IDP_SECRET", idp.introspection_client_secret)
+    _with_introspection(idp, config, monkeypatch)
     token = next(t for t in (idp.mint_opaque(sub="dora") for _ in range(10_000)) if t.startswith("-"))
     code, out, err = await _explain(config, "--json", "--path", "/hello", token)
     assert code == 2 and "required: token" in err and not out  # argparse read it as an option
@@ -252,6 +252,7 @@ async def test_explain_takes_a_token_that_starts_with_a_dash_after_double_dash(
     assert code == 0, err
     assert token not in out and token not in err
     assert json.loads(out)["principal"]["subject"] == "dora"
+
 
 async def test_explain_with_the_provider_down_says_so(provider: tuple[DevIdentityProvider, Path]) -> None:
     idp, config = provider

@@ -11,7 +11,8 @@ local DEFAULT_KEEPALIVE_MS = 60000
 -- from this worker for this long (milliseconds), x1.6 after each further
 -- failed attempt (+-20% jitter) up to the ceiling: the Python plugin's and
 -- gRPC's connection back-off, so a verifier that is down or overloaded is not
--- met with a connection per request. Requests meanwhile fail at once (503).
+-- met with a connection per request. Requests meanwhile use the worker's idle
+-- pooled connections, else fail at once (503).
 local DEFAULT_RECONNECT_BACKOFF_MS = 250
 local DEFAULT_RECONNECT_BACKOFF_MAX_MS = 5000
 -- Answers reused per worker when the verifier allows it (entries).
