@@ -25,6 +25,7 @@ from replicas import dpop_proof, public_jwk
 
 from verifier.app import App
 from verifier.binding.dpop import DpopVerifier, thumbprint
+from verifier.cli import main
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 from verifier.settings import load_settings
 
@@ -247,7 +248,8 @@ async def test_explain_takes_a_token_that_starts_with_a_dash_after_double_dash(
     _with_introspection(idp, config, monkeypatch)
     token = next(t for t in (idp.mint_opaque(sub="dora") for _ in range(10_000)) if t.startswith("-"))
     code, out, err = await _explain(config, "--json", "--path", "/hello", token)
-    assert code == 2 and "required: token" in err and not out  # argparse read it as an option
+    assert code == 2 and not out, err  # argparse read it as options ("-h...": help with an argument, ...)
+    assert not any(token[i : i + 24] in err for i in range(len(token) - 23))  # the usage error never echoes it
     code, out, err = await _explain(config, "--json", "--path", "/hello", "--", token)
     assert code == 0, err
     assert token not in out and token not in err
@@ -410,3 +412,26 @@ async def test_explain_shows_the_next_dpop_nonce_an_allow_hands_the_client(
     for h, (name, value) in zip(shown, sent, strict=True):
         if name != "dpop-nonce":  # minted when each answered
             assert h["value"] == value, name
+
+
+TOKEN_LIKE = "ZdJyocS1UZG2q_FIXCOX9aTtFjLPz7GXBdIecKPY"
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        ["-h" + TOKEN_LIKE],  # "-h" with an argument: "ignored explicit argument '...'"
+        ["-", "-x" + TOKEN_LIKE],  # "unrecognized arguments: ..."
+        ["-", "--json=" + TOKEN_LIKE],  # "ignored explicit argument '...'"
+    ],
+)
+def test_a_usage_error_never_echoes_a_token_read_as_options(
+    tail: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse quotes what it could not use; a token given without `--` is never printed back."""
+    with pytest.raises(SystemExit) as exited:
+        main(["explain", "--config", "verifier.yaml", *tail])
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert "error:" in err and "[redacted]" in err and not out, err
+    assert TOKEN_LIKE not in err and TOKEN_LIKE[:24] not in err

@@ -49,6 +49,7 @@ from verifier.doors.metadata_http import add_metadata_routes
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
+from verifier.errors import StateUnavailable
 from verifier.generation import Generation
 from verifier.observe.audit import flush_logs
 from verifier.observe.logsink import FLUSH_INTERVAL_SECONDS
@@ -503,7 +504,17 @@ class App:
 
     async def _serve_when_ready(self) -> None:
         if self.revocation is not None:
-            await self.revocation.start()  # a late replica loads current entries before SERVING
+            # A late replica loads current entries before SERVING; until then its revocation check answers
+            # 503. A store still down after the start timeout is logged and tried again, never given up on.
+            while True:
+                try:
+                    await self.revocation.start()
+                    break
+                except StateUnavailable as exc:
+                    log.error(
+                        "revocation entries not loaded; refusing with 503 until they are",
+                        extra={"event": "revocation_store", "error": exc.description},
+                    )
             self._extras_ready = True
         await self.keys.wait_ready()
         await self.grpc.set_serving(True)

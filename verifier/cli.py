@@ -7,12 +7,14 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+from typing import NoReturn
 
 from verifier import gc_policy, ports
 from verifier.app import App
@@ -227,9 +229,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if report.answer["allowed"] else 1
 
 
+# A run of token characters this long in a usage error is taken for a token argparse echoed (a token
+# given without `--` that starts with `-` is read as options, and the message quotes it): never printed.
+_TOKEN_LIKE = re.compile(r"[A-Za-z0-9_~+=.-]{24,}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors never echo a token."""
+
+    def error(self, message: str) -> NoReturn:
+        """Prints the usage and the message (token-like runs redacted) and exits 2."""
+        super().error(_TOKEN_LIKE.sub("[redacted]", message))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
-    parser = argparse.ArgumentParser(prog="verifier", description=__doc__)
+    parser = _Parser(prog="verifier", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the verifier")

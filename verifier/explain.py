@@ -318,7 +318,8 @@ async def explain(
             try:
                 await asyncio.wait_for(app.revocation.start(), wait)
             except Exception as exc:  # reported, not raised: the decision is still worth seeing
-                notes.append(f"revocation entries not loaded ({type(exc).__name__}); decided without them")
+                reason = type(exc).__name__
+                notes.append(f"revocation entries not loaded ({reason}): the service answers 503 until they are")
         decision = await app.pipeline.decide(attrs, "explain")
         if any(name == "ratelimit" for name, _ in decision.client_headers + decision.response_headers):
             shared = settings.state is not None and settings.state.redis_url

@@ -143,7 +143,11 @@ _REASONS = (
     # load and dependencies: fail closed
     Reason("rate_limited", Outcome.RATE_LIMITED, "too many requests for this identity or role"),
     Reason("provider_unavailable", Outcome.UNAVAILABLE, "the provider is unreachable and nothing is cached"),
-    Reason("state_unavailable", Outcome.UNAVAILABLE, "shared state (Redis) is unreachable"),
+    Reason(
+        "state_unavailable",
+        Outcome.UNAVAILABLE,
+        "shared state (Redis) unreachable, or revocation entries not yet loaded",
+    ),
     Reason("internal_error", Outcome.UNAVAILABLE, "a bug, not a verdict (the traceback is logged)"),
     Reason("overloaded", Outcome.OVERLOADED, "the verifier is at its concurrency bound"),
 )

@@ -1,8 +1,12 @@
-"""Revocations survive what the operator does to a running `verifier serve` without Redis (#18 F9).
+"""Revocations survive what the operator does to a running `verifier serve` (#18 F9).
 
-The kill switch (admin API) and an SSF push each disable a user; then SIGHUP reloads the workers, a
-worker is killed and replaced, and (with `state.path`) the whole verifier is restarted: the users
-stay refused through all of it, because the transmitter already got its 202 and will not resend.
+Without Redis: the kill switch (admin API) and an SSF push each disable a user; then SIGHUP reloads
+the workers, a worker is killed and replaced, and (with `state.path`) the whole verifier is
+restarted: the users stay refused through all of it, because the transmitter already got its 202
+and will not resend.
+
+With Redis: a verifier that starts while Redis hangs has its keys but not its entries; it answers
+503 (never a pass) until the entries are read, then refuses the disabled user.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from doorkit import free_port, http_exchange
+from redis_harness import RedisServer
 from ssf_transmitter import ACCOUNT_DISABLED, SsfTransmitter
 
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
@@ -74,9 +79,12 @@ class Served:
         answer = await http_exchange(self.http, raw)
         return int(answer.split(b" ", 2)[1]), answer.split(b"\r\n\r\n", 1)[1]
 
-    async def status(self, token: str) -> int:
+    async def answer(self, token: str) -> tuple[int, bytes]:
         raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-        return (await self.request(raw))[0]
+        return await self.request(raw)
+
+    async def status(self, token: str) -> int:
+        return (await self.answer(token))[0]
 
     async def serving(self, token: str) -> None:
         deadline = time.monotonic() + START_S
@@ -99,6 +107,20 @@ class Served:
         assert status == 201, answer
 
 
+def write_config(path: Path, http: int, idp: DevIdentityProvider, rest: str) -> None:
+    """A `verifier serve` config: forward-auth on `http`, the dev provider's tokens, then `rest`."""
+    path.write_text(
+        f"""
+http: {{listen: "127.0.0.1:{http}"}}
+issuers:
+  - issuer: "{idp.issuer}"
+    audiences: ["{DEV_AUDIENCE}"]
+    algorithms: [ES256]
+    allow_insecure_http: true
+{rest}"""
+    )
+
+
 @pytest.mark.parametrize("durable", [False, True], ids=["default", "state_path"])
 async def test_revocations_survive_sighup_a_worker_restart_and_with_state_path_a_full_restart(
     tmp_path: Path, transmitter: SsfTransmitter, durable: bool
@@ -108,22 +130,18 @@ async def test_revocations_survive_sighup_a_worker_restart_and_with_state_path_a
     http = free_port()
     config = tmp_path / "verifier.yaml"
     state = f'state: {{path: "{tmp_path / "state"}"}}\n' if durable else ""
-    config.write_text(
-        f"""
-http: {{listen: "127.0.0.1:{http}"}}
-issuers:
-  - issuer: "{idp.issuer}"
-    audiences: ["{DEV_AUDIENCE}"]
-    algorithms: [ES256]
-    allow_insecure_http: true
-revocation:
+    write_config(
+        config,
+        http,
+        idp,
+        f"""revocation:
   transmitters:
     - issuer: "{transmitter.issuer}"
       audience: "{RECEIVER_AUD}"
       delivery: push
       subjects_of: ["{idp.issuer}"]
       allow_insecure_http: true
-{state}"""
+{state}""",
     )
     if durable:
         (tmp_path / "state").mkdir()
@@ -166,5 +184,64 @@ revocation:
             served.start()
             await still_refused("a full restart")
     finally:
+        served.stop()
+        await idp.stop()
+
+
+async def test_a_verifier_that_cannot_read_its_revocation_entries_answers_503_never_a_pass(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    http = free_port()
+    config = tmp_path / "verifier.yaml"
+    write_config(
+        config,
+        http,
+        idp,
+        f'state: {{redis_url: "{redis_server.url}", key_prefix: "durable:", timeout_seconds: 0.2}}\nrevocation: {{}}\n',
+    )
+    served = Served(config, http)
+    alice, carol = idp.mint(sub="alice", ttl=600), idp.mint(sub="carol", ttl=600)
+    served.start()
+    try:
+        await served.serving(carol)
+        await served.disable(idp.issuer, "alice")
+        assert await served.status(alice) == 401
+        served.stop()
+
+        redis_server.pause()  # a hung Redis: connections open, nothing answered
+        served.start()
+        # The keys come from the provider, which is up: the worker decides, but without its entries.
+        async def reason(token: str) -> tuple[int, str]:
+            raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            answer = await http_exchange(http, raw)
+            head = answer.split(b"\r\n\r\n", 1)[0].decode().lower().split("\r\n")
+            found = [line.split(":", 1)[1].strip() for line in head if line.startswith("x-verifier-reason:")]
+            return int(head[0].split(" ", 2)[1]), found[0] if found else ""
+
+        deadline = time.monotonic() + START_S
+        last: tuple[int, str] | None = None
+        while True:  # until the keys are in (before that: no answer, or provider_unavailable)
+            try:
+                last = await reason(carol)
+                if last == (503, "state_unavailable"):
+                    break
+                assert last[0] != 200, "a pass without the revocation entries"
+            except (OSError, asyncio.IncompleteReadError, IndexError):
+                pass
+            assert time.monotonic() < deadline, f"never refused for the missing entries; last answer {last}"
+            await asyncio.sleep(0.2)
+        for _ in range(15):  # the load keeps failing: every answer is 503, the disabled user's included
+            assert await reason(alice) == (503, "state_unavailable")
+            assert await reason(carol) == (503, "state_unavailable")
+            await asyncio.sleep(0.1)
+
+        redis_server.resume()
+        await served.serving(carol)  # the load is retried until it succeeds
+        assert await served.status(alice) == 401
+    finally:
+        if redis_server.running:
+            redis_server.resume()
         served.stop()
         await idp.stop()

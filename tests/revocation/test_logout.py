@@ -69,8 +69,9 @@ def app(clock: FrozenClock, fetcher: FakeFetcher) -> App:
 
 
 @pytest.fixture
-def service(app: App) -> RevocationService:
+async def service(app: App) -> RevocationService:
     assert app.revocation is not None  # built for back-channel logout alone
+    await app.revocation.resync()  # the first load, as `start()` makes it: the index answers from now on
     return app.revocation
 
 

@@ -29,7 +29,7 @@ from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
-from verifier.errors import InvalidToken
+from verifier.errors import InvalidToken, StateUnavailable
 from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, TokenRevoked, parse_revocation_config
@@ -551,6 +551,30 @@ async def test_the_service_does_not_read_the_environment(
                             metrics=RevocationMetrics(CollectorRegistry()), session=no_http_session)
     router = routes(svc)
     assert (await router.dispatch(admin("GET", token="from-env-" + "e" * 32))).status != 200
+
+
+async def test_before_its_first_load_the_index_refuses_to_decide_even_after_a_kill_switch_entry(
+    clock: FrozenClock, provider: FakeFetcher
+) -> None:
+    """A worker restarted after a crash answers on the shared sockets while its entries are still read:
+    "no entry" then means "not known yet", so the check raises 503 state_unavailable, never a pass."""
+    svc = RevocationService(config(), state=MemoryState(clock), fetcher=provider, clock=clock,
+                            metrics=RevocationMetrics(CollectorRegistry()), session=no_http_session,
+                            admin_token=ADMIN)
+    other = principal(sub="user-2")
+    with pytest.raises(StateUnavailable):
+        svc.revocations.check(other)
+    answer = await routes(svc).dispatch(admin("POST", document={"subject": USER}))
+    assert answer.status == 201
+    with pytest.raises(StateUnavailable):  # one entry known is not all of them
+        svc.revocations.check(other)
+    await svc.start()
+    try:
+        assert svc.revocations.loaded
+        assert svc.revocations.check(other) is None
+        assert isinstance(svc.revocations.check(principal()), TokenRevoked)
+    finally:
+        await svc.stop()
 
 
 # -- expiry ------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def test_a_revocation_refusal_names_the_requests_trace(caplog: pytest.LogCapture
     key = SubjectKey(KeyKind.ISS_SUB, "alice", ISSUER)
     entry = Entry(id="op-1", key=key, effect=Effect.TOKEN_REVOKED, match=Match.ALL, event_time=clock.now(),
                   expires_at=None, source="operator", event="operator")
-    index.add([entry])
+    index.replace([entry])
     check = Revocation(index, with_roles=lambda p: p)
     alice = Principal(issuer=ISSUER, subject="alice", client_id=None, scopes=(), roles=frozenset(),
                       expires_at=clock.now() + 60, claims={"iss": ISSUER, "sub": "alice"})

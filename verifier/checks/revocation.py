@@ -16,7 +16,8 @@ class RevocationIndex(Protocol):
     """Revocation entries, checked on every decision (verifier.revocation.Revocations)."""
 
     def check(self, principal: Principal, headers: Mapping[str, str]) -> VerifierError | None:
-        """The refusal for a revoked token, or None (`headers`: the request's, for the audit line's trace)."""
+        """The refusal for a revoked token, or None (`headers`: the request's, for the audit line's trace);
+        raises `StateUnavailable` while the entries are not known."""
         ...
 
     def overrides(self, principal: Principal) -> Mapping[str, Any] | None:

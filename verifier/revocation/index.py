@@ -3,6 +3,11 @@
 `Revocations.check` runs on every decision, cache hits included, so it only reads dicts keyed by
 (iss, sub), `email` and `sid`; the store (memory or Redis) keeps the index in sync from outside.
 An entry whose every possible token has expired simply stops matching, before any purge runs.
+
+Until the first full load (`replace`) the index knows nothing, and "no entry" must not be believed:
+a worker restarted after a crash, or started beside the old one on SIGHUP, accepts requests on the
+shared sockets while its entries are still being read, and its keys may well load first. So `check`
+raises `StateUnavailable` (503, fail closed) until the entries are in.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from verifier.clock import Clock
-from verifier.errors import InvalidToken, VerifierError
+from verifier.errors import InvalidToken, StateUnavailable, VerifierError
 from verifier.generation import Generation
 from verifier.numbers import json_number
 from verifier.observe import traceparent
@@ -79,6 +84,12 @@ class Revocations:
         self._entries: dict[str, Entry] = {}
         self._refusals: dict[tuple[KeyKind, str, str], list[Entry]] = {}
         self._overrides: dict[tuple[KeyKind, str, str], list[Entry]] = {}
+        self._loaded = False  # set by the first full load: until then no answer can be known
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the entries have been loaded once (before that, `check` refuses to decide)."""
+        return self._loaded
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -87,7 +98,9 @@ class Revocations:
 
     def check(self, principal: Principal, headers: Mapping[str, str] = _NO_HEADERS) -> VerifierError | None:
         """The refusal for this principal's token, or None when no entry reaches it; `headers` (the request's)
-        name the trace of the audit line."""
+        name the trace of the audit line. Raises `StateUnavailable` before the first load."""
+        if not self._loaded:  # entries added before the first load (kill switch, pub/sub) are still partial
+            raise StateUnavailable("revocation entries are not loaded yet")
         if not self._refusals:
             return None
         claims = principal.claims
@@ -189,12 +202,13 @@ class Revocations:
             self._remove_one(entry_id)
 
     def replace(self, entries: Iterable[Entry]) -> None:
-        """Replaces everything with `entries` (a full resync)."""
+        """Replaces everything with `entries` (a full resync); the first one makes the index answer."""
         self._generation.bump()
         self._entries.clear()
         self._refusals.clear()
         self._overrides.clear()
         self.add(entries)
+        self._loaded = True
 
     def expired(self) -> list[str]:
         """Ids of entries that can no longer match any live token."""
