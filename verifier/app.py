@@ -76,6 +76,7 @@ from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, 
 from verifier.settings import ADMIN_TOKEN_ENV, IssuerSettings, Settings
 from verifier.state import MemoryState, SharedState, StateConfig
 from verifier.state.redis import RedisState
+from verifier.state.sqlite import SqliteState
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.fetch import Fetcher, HttpFetcher, issuer_tls
 from verifier.tokens.introspection import Introspector
@@ -195,9 +196,13 @@ def redis_client(url: str, *, password: str | None, timeout_seconds: float, subs
 
 
 def shared_state(config: StateConfig | None, clock: Clock) -> SharedState:
-    """The configured store: Redis if a URL is set, else a bounded in-memory store."""
+    """The configured store: Redis if a URL is set, else a file every process of this host shares (`path`:
+    replay keys outlive a worker), else a bounded in-memory store."""
     if config is None or config.redis_url is None:
-        return MemoryState(clock, max_entries=(config or StateConfig()).max_entries)
+        config = config or StateConfig()
+        if config.path:
+            return SqliteState(config.path, clock, max_entries=config.max_entries)
+        return MemoryState(clock, max_entries=config.max_entries)
     client = redis_client(config.redis_url, password=config.password, timeout_seconds=config.timeout_seconds)
     return RedisState(client, key_prefix=config.key_prefix, timeout_seconds=config.timeout_seconds)
 

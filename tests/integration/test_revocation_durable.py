@@ -12,11 +12,6 @@ With Redis: a verifier that starts while Redis hangs has its keys but not its en
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,101 +19,20 @@ from pathlib import Path
 import pytest
 from doorkit import free_port, http_exchange
 from redis_harness import RedisServer
+from served import START_S, Served, state_section, write_config
 from ssf_transmitter import ACCOUNT_DISABLED, SsfTransmitter
 
-from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
+from verifier.devidp import DevIdentityProvider
 
 pytestmark = pytest.mark.integration
 
 RECEIVER_AUD = "https://verifier.example.test/ssf"
-ADMIN = "durable-admin-secret-0123456789abcd"
-START_S = 45.0  # seconds for a (re)started verifier to serve; a loaded CI runner is slow
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, check=False)
-    return [int(p) for p in out.stdout.split()]
 
 
 @pytest.fixture
 def transmitter() -> Iterator[SsfTransmitter]:
     with SsfTransmitter(audience=RECEIVER_AUD) as tx:
         yield tx
-
-
-class Served:
-    """One `verifier serve` process (restartable) with helpers to ask it about tokens."""
-
-    def __init__(self, config: Path, http: int) -> None:
-        self.config = config
-        self.http = http
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "VERIFIER_ADMIN_TOKEN": ADMIN}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "verifier", "serve", "--config", str(self.config)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                assert self.proc.wait(timeout=15) == 0
-            finally:
-                if self.proc.poll() is None:
-                    self.proc.kill()
-
-    @property
-    def workers(self) -> list[int]:
-        assert self.proc is not None
-        return _children(self.proc.pid)
-
-    async def request(self, raw: bytes) -> tuple[int, bytes]:
-        answer = await http_exchange(self.http, raw)
-        return int(answer.split(b" ", 2)[1]), answer.split(b"\r\n\r\n", 1)[1]
-
-    async def answer(self, token: str) -> tuple[int, bytes]:
-        raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-        return await self.request(raw)
-
-    async def status(self, token: str) -> int:
-        return (await self.answer(token))[0]
-
-    async def serving(self, token: str) -> None:
-        deadline = time.monotonic() + START_S
-        while True:
-            try:
-                if await self.status(token) == 200:
-                    return
-            except (OSError, asyncio.IncompleteReadError, IndexError):
-                pass
-            assert time.monotonic() < deadline, "verifier did not come up"
-            await asyncio.sleep(0.2)
-
-    async def disable(self, iss: str, sub: str) -> None:
-        body = json.dumps({"subject": {"format": "iss_sub", "iss": iss, "sub": sub}, "effect": "disable"}).encode()
-        raw = (
-            f"POST /v1/admin/revocations HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {ADMIN}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
-        status, answer = await self.request(raw)
-        assert status == 201, answer
-
-
-def write_config(path: Path, http: int, idp: DevIdentityProvider, rest: str) -> None:
-    """A `verifier serve` config: forward-auth on `http`, the dev provider's tokens, then `rest`."""
-    path.write_text(
-        f"""
-http: {{listen: "127.0.0.1:{http}"}}
-issuers:
-  - issuer: "{idp.issuer}"
-    audiences: ["{DEV_AUDIENCE}"]
-    algorithms: [ES256]
-    allow_insecure_http: true
-{rest}"""
-    )
 
 
 @pytest.mark.parametrize("durable", [False, True], ids=["default", "state_path"])
@@ -129,7 +43,7 @@ async def test_revocations_survive_sighup_a_worker_restart_and_with_state_path_a
     await idp.start()
     http = free_port()
     config = tmp_path / "verifier.yaml"
-    state = f'state: {{path: "{tmp_path / "state"}"}}\n' if durable else ""
+    state = state_section(tmp_path, durable)
     write_config(
         config,
         http,
@@ -143,8 +57,6 @@ async def test_revocations_survive_sighup_a_worker_restart_and_with_state_path_a
       allow_insecure_http: true
 {state}""",
     )
-    if durable:
-        (tmp_path / "state").mkdir()
     served = Served(config, http)
     alice, bob, carol = (idp.mint(sub=s, ttl=600) for s in ("alice", "bob", "carol"))
 
@@ -162,27 +74,7 @@ async def test_revocations_survive_sighup_a_worker_restart_and_with_state_path_a
         assert status == 202
         await still_refused("the events")
 
-        first = served.workers
-        assert served.proc is not None
-        served.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + START_S
-        while not (served.workers and not set(served.workers) & set(first)):
-            assert time.monotonic() < deadline, "the reload did not replace the worker"
-            await asyncio.sleep(0.1)
-        await still_refused("SIGHUP")
-
-        worker = served.workers[0]
-        os.kill(worker, signal.SIGKILL)
-        deadline = time.monotonic() + START_S
-        while not (served.workers and worker not in served.workers):
-            assert time.monotonic() < deadline, "the killed worker was not replaced"
-            await asyncio.sleep(0.1)
-        await still_refused("a worker restart")
-
-        if durable:
-            served.stop()
-            served.start()
-            await still_refused("a full restart")
+        await served.through_restarts(still_refused, full=durable)
     finally:
         served.stop()
         await idp.stop()

@@ -1,7 +1,9 @@
-"""verifier.state: the memory store (replay keys, token buckets) on a frozen clock, and its settings."""
+"""verifier.state: the memory and SQLite stores (replay keys, token buckets) on a frozen clock, and its settings."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,10 +11,15 @@ from support import FrozenClock
 from tokenkit import NOW
 
 from verifier.app import shared_state
+from verifier.errors import StateUnavailable
 from verifier.settings import ConfigError
 from verifier.state import StateConfig, parse_state_config
 from verifier.state.base import TakeResult
 from verifier.state.memory import MemoryState
+from verifier.state.sqlite import SqliteState
+
+ReplayStore = MemoryState | SqliteState
+Make = Callable[..., ReplayStore]
 
 
 @pytest.fixture
@@ -20,27 +27,51 @@ def state(clock: FrozenClock) -> MemoryState:
     return MemoryState(clock)
 
 
+@pytest.fixture(params=["memory", "sqlite"])
+def make(request: pytest.FixtureRequest, clock: FrozenClock, tmp_path: Path) -> Iterator[Make]:
+    """Builds replay stores of one kind (`max_entries=` optional); the SQLite ones share `tmp_path`."""
+    built: list[SqliteState] = []
+
+    def build(max_entries: int = 100_000) -> ReplayStore:
+        if request.param == "memory":
+            return MemoryState(clock, max_entries=max_entries)
+        store = SqliteState(str(tmp_path), clock, max_entries=max_entries)
+        built.append(store)
+        return store
+
+    yield build
+    for store in built:
+        store._db.close()
+
+
+@pytest.fixture
+def replay(make: Make) -> ReplayStore:
+    return make()
+
+
 # --- first_use ------------------------------------------------------------------------------------
 
 
-async def test_first_use_is_true_once_then_false_until_the_ttl_passes(state: MemoryState, clock: FrozenClock) -> None:
-    assert await state.first_use("jti-1", 10) is True
-    assert await state.first_use("jti-1", 10) is False
+async def test_first_use_is_true_once_then_false_until_the_ttl_passes(replay: ReplayStore, clock: FrozenClock) -> None:
+    assert await replay.first_use("jti-1", 10) is True
+    assert await replay.first_use("jti-1", 10) is False
+    assert await replay.seen("jti-1") is True
     clock.advance(9.999)
-    assert await state.first_use("jti-1", 10) is False
+    assert await replay.first_use("jti-1", 10) is False
     clock.advance(0.001)  # exactly ttl later the key has expired
-    assert await state.first_use("jti-1", 10) is True
-    assert await state.first_use("jti-1", 10) is False
+    assert await replay.seen("jti-1") is False
+    assert await replay.first_use("jti-1", 10) is True
+    assert await replay.first_use("jti-1", 10) is False
 
 
-async def test_first_use_keys_are_independent(state: MemoryState) -> None:
-    assert await state.first_use("a", 10) is True
-    assert await state.first_use("b", 10) is True
-    assert await state.first_use("a", 10) is False
+async def test_first_use_keys_are_independent(replay: ReplayStore) -> None:
+    assert await replay.first_use("a", 10) is True
+    assert await replay.first_use("b", 10) is True
+    assert await replay.first_use("a", 10) is False
 
 
-async def test_first_use_drops_expired_keys_first_and_stays_bounded(clock: FrozenClock) -> None:
-    state = MemoryState(clock, max_entries=3)
+async def test_first_use_drops_expired_keys_first_and_stays_bounded(make: Make, clock: FrozenClock) -> None:
+    state = make(max_entries=3)
     await state.first_use("short", 1)
     await state.first_use("long-1", 100)
     await state.first_use("long-2", 100)
@@ -50,8 +81,8 @@ async def test_first_use_drops_expired_keys_first_and_stays_bounded(clock: Froze
     assert await state.first_use("long-1", 100) is False
 
 
-async def test_first_use_evicts_the_key_closest_to_expiry_when_full(clock: FrozenClock) -> None:
-    state = MemoryState(clock, max_entries=2)
+async def test_first_use_evicts_the_key_closest_to_expiry_when_full(make: Make) -> None:
+    state = make(max_entries=2)
     await state.first_use("soon", 10)
     await state.first_use("later", 50)
     assert await state.first_use("third", 50) is True
@@ -60,9 +91,67 @@ async def test_first_use_evicts_the_key_closest_to_expiry_when_full(clock: Froze
     assert await state.first_use("soon", 10) is True  # the one evicted
 
 
-async def test_first_use_refuses_a_non_positive_ttl(state: MemoryState) -> None:
+async def test_first_use_refuses_a_non_positive_ttl(replay: ReplayStore) -> None:
     with pytest.raises(ValueError):
-        await state.first_use("k", 0)
+        await replay.first_use("k", 0)
+
+
+async def test_sqlite_replay_keys_outlive_the_process_that_wrote_them(make: Make, clock: FrozenClock) -> None:
+    """A worker restarted after a crash, or its successor on SIGHUP, opens the same file: what the old one
+    saw stays seen (in memory it was forgotten, and a captured DPoP proof passed again)."""
+    old, new = make(), make()
+    assert await old.first_use("dpop:jti:1", 60) is True
+    if isinstance(old, MemoryState):
+        assert await new.first_use("dpop:jti:1", 60) is True  # what the SQLite store is for
+        return
+    assert await new.first_use("dpop:jti:1", 60) is False and await new.seen("dpop:jti:1")
+    await old.close()
+    assert await make().first_use("dpop:jti:1", 60) is False  # a full restart, with state.path
+    clock.advance(60)
+    assert await new.first_use("dpop:jti:1", 60) is True
+
+
+async def test_sqlite_replay_store_fails_closed(tmp_path: Path, clock: FrozenClock) -> None:
+    """A file that cannot be written is 503 (StateUnavailable), never a first use."""
+    store = SqliteState(str(tmp_path), clock)
+    other = SqliteState(str(tmp_path), clock)
+    other._db.execute("BEGIN EXCLUSIVE")  # another process holds the write lock past the busy timeout
+    try:
+        with pytest.raises(StateUnavailable):
+            await store.first_use("k", 10)
+    finally:
+        other._db.execute("ROLLBACK")
+    assert await store.first_use("k", 10) is True
+    (tmp_path / "nowhere").write_text("a file, not a directory")
+    with pytest.raises(StateUnavailable):
+        SqliteState(str(tmp_path / "nowhere"), clock)
+    store._db.close()
+    other._db.close()
+
+
+async def test_a_damaged_replay_file_is_moved_aside_and_a_new_one_started(
+    tmp_path: Path, clock: FrozenClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writes are not fsync'd, so a crash of the host can leave the file damaged: the verifier must come
+    back (an empty replay memory after a host went down), not refuse every DPoP request until an operator
+    steps in."""
+    (tmp_path / "replay.sqlite3").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4080)
+    with caplog.at_level("ERROR", logger="verifier.state"):
+        store = SqliteState(str(tmp_path), clock)
+    assert [r.getMessage() for r in caplog.records] == ["replay store damaged; moved aside, starting empty"]
+    assert len(list(tmp_path.glob("replay.sqlite3.damaged-*"))) == 1
+    assert await store.first_use("k", 10) is True and await store.first_use("k", 10) is False
+    await store.close()
+
+
+async def test_the_replay_files_wal_stays_small_under_a_stream_of_writes(tmp_path: Path, clock: FrozenClock) -> None:
+    """Each write checkpoints the WAL once it holds 100 pages: it never grows with the traffic."""
+    store = SqliteState(str(tmp_path), clock)
+    for i in range(5_000):
+        assert await store.first_use(f"dpop:jti:{i:040d}", 100)
+    assert (tmp_path / "replay.sqlite3-wal").stat().st_size < 300_000  # ~15 MB without the checkpoints
+    assert len(store) == 5_000
+    await store.close()
 
 
 # --- take (token bucket) --------------------------------------------------------------------------
@@ -152,6 +241,12 @@ def test_without_settings_state_lives_in_memory(clock: FrozenClock) -> None:
     assert parse_state_config(None) == StateConfig()
     assert isinstance(shared_state(None, clock), MemoryState)
     assert isinstance(shared_state(parse_state_config({"max_entries": 10}), clock), MemoryState)
+
+
+async def test_a_path_builds_a_state_on_a_file_in_it(clock: FrozenClock, tmp_path: Path) -> None:
+    state = shared_state(parse_state_config({"path": str(tmp_path)}), clock)
+    assert isinstance(state, SqliteState) and Path(state.path).parent == tmp_path
+    await state.close()
 
 
 async def test_a_redis_url_builds_a_redis_state(clock: FrozenClock, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,14 +6,15 @@ state:                               # optional; without it (or without redis_ur
   password_env: VERIFIER_REDIS_PASSWORD  # optional: the environment variable holding the password
   key_prefix: "payments-prod:"       # required with redis_url: this deployment's namespace in Redis
   timeout_seconds: 0.25              # per socket operation; past it the request fails closed (503)
-  max_entries: 100000                # memory store only: bound per table
+  max_entries: 100000                # without redis_url: bound per table (replay keys, buckets)
   # path: /var/lib/verifier          # only without redis_url: a directory for the durable local store
 ```
 
-Without `redis_url`, revocation entries (kill switch, SSF events) are kept in a SQLite file in
-`path`, so they survive a full restart; without `path`, `verifier serve` keeps them in a temporary
-directory for the supervisor's lifetime (a reload or a worker restart keeps them, a full restart
-does not).
+Without `redis_url`, revocation entries (kill switch, SSF events) and the replay keys (DPoP proof
+`jti`s, WebAuthn challenges, SET and logout-token `jti`s) are kept in SQLite files in `path`, so
+they survive a full restart; without `path`, `verifier serve` keeps them in a temporary directory
+for the supervisor's lifetime (a reload or a worker restart keeps them, a full restart does not).
+Token buckets stay in each process's memory.
 """
 
 from __future__ import annotations
@@ -47,9 +48,13 @@ class StateConfig:
         unit="seconds",
         doc="per Redis operation, above 0; past it the request fails closed (503)",
     )
-    max_entries: int = setting(DEFAULT_MAX_ENTRIES, minimum=1, unit="entries", doc="memory store: bound per table")
+    max_entries: int = setting(
+        DEFAULT_MAX_ENTRIES, minimum=1, unit="entries", doc="without redis_url: bound per table (replay keys, buckets)"
+    )
     password: str | None = dataclasses.field(default=None, repr=False)  # read from `password_env`
-    path: str | None = setting(None, doc="without redis_url: directory of the durable local store (SQLite)")
+    path: str | None = setting(
+        None, doc="without redis_url: directory of the durable local store (SQLite: revocations, replay keys)"
+    )
 
 
 def parse_state_config(data: Any, path: str = "state") -> StateConfig:
