@@ -308,6 +308,39 @@ async def test_refuses_an_alg_that_does_not_fit_the_jwk(verifier: DpopVerifier, 
         await check(verifier, compact(header, {"jti": "j"}))
 
 
+async def test_a_clients_proof_key_is_parsed_once_and_another_key_on_its_own(
+    verifier: DpopVerifier, keys: SigningKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client signs every proof with one key: parsing it (~23 us with its thumbprint) happens once. The key
+    is held under the JWK's whole content, so a JWK differing in any member is parsed and judged on its own."""
+    parsed: list[dict[str, Any]] = []
+    real = dpop_module.parse_jwk
+    monkeypatch.setattr(dpop_module, "parse_jwk", lambda jwk: parsed.append(dict(jwk)) or real(jwk))
+    for _ in range(3):
+        assert await check(verifier, make_proof(keys.es256)) == jkt_of(keys.es256)
+    assert len(parsed) == 1
+    other = ec.generate_private_key(ec.SECP256R1())
+    assert await check(verifier, make_proof(other)) == jkt_of(other)  # its own thumbprint, not the held one's
+    mixed = {**public_jwk(keys.es256), "y": public_jwk(other)["y"]}  # another point: not on the curve
+    with pytest.raises(InvalidDpopProof, match="usable"):
+        await check(verifier, make_proof(keys.es256, jwk=mixed))
+    with pytest.raises(InvalidDpopProof, match="private"):  # the same key with private material: not held
+        await check(verifier, make_proof(keys.es256, jwk=private_jwk(keys.es256, "d")))
+    header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": public_jwk(keys.es256)}
+    with pytest.raises(InvalidDpopProof, match="does not fit"):  # a held key still has to fit the alg
+        await check(verifier, compact(header, {"jti": "j"}))
+    assert len(parsed) == 3
+
+
+async def test_the_proof_keys_held_are_bounded(verifier: DpopVerifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dpop_module, "PROOF_KEYS_HELD", 4)
+    signers = [ec.generate_private_key(ec.SECP256R1()) for _ in range(6)]
+    for key in signers:
+        assert await check(verifier, make_proof(key)) == jkt_of(key)
+    assert len(verifier._keys) == 4
+    assert await check(verifier, make_proof(signers[0])) == jkt_of(signers[0])  # evicted, parsed again
+
+
 @pytest.mark.parametrize("alg", ["none", "None", "HS256", "HS512", "ES512", "RS512"])
 async def test_refuses_an_alg_outside_the_allow_list(verifier: DpopVerifier, keys: SigningKeys, alg: str) -> None:
     header = {"typ": "dpop+jwt", "alg": alg, "jwk": public_jwk(keys.es256)}

@@ -51,6 +51,9 @@ _NONCE_MAC_BYTES = 16  # 128-bit tag: forging one is out of reach, and the nonce
 # A nonce older than this share of its lifetime is renewed on the allow (section 8.2): a client that keeps
 # using the DPoP-Nonce it is given never meets the use_dpop_nonce 401, and a young nonce costs no header.
 _RENEW_AFTER_LIFETIME_SHARE = 0.5
+# Proof keys parsed, by the JWK's whole content: a client signs every proof with the same key, and parsing it
+# (the curve point checked) and its thumbprint cost ~23 us a proof. A flood of new keys only evicts entries.
+PROOF_KEYS_HELD = 1024
 
 
 def thumbprint(jwk: Mapping[str, Any]) -> str:
@@ -176,6 +179,23 @@ def _equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
+def _held_as(jwk: dict[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    """The key a parsed proof key is held under: every member, sorted; None when a member is not a string
+    (`key_ops` is a list: such a key is parsed every time)."""
+    items = tuple(sorted(jwk.items()))
+    return items if all(type(value) is str for _, value in items) else None
+
+
+def _parse_proof_key(jwk: dict[str, Any]) -> tuple[VerificationKey, str]:
+    """A proof's public key and its RFC 7638 thumbprint; raises `InvalidDpopProof` (step 7)."""
+    if any(name in jwk for name in _PRIVATE_MEMBERS):
+        raise InvalidDpopProof("DPoP proof jwk holds private key material")
+    try:
+        return parse_jwk(jwk), thumbprint(jwk)
+    except (KeyError_, ValueError) as exc:
+        raise InvalidDpopProof("DPoP proof jwk is not a usable public key") from exc
+
+
 class DpopVerifier:
     """Checks DPoP proofs for requests that carry a DPoP-bound access token."""
 
@@ -184,6 +204,7 @@ class DpopVerifier:
         self._state = state
         self._clock = clock
         self._algorithms = frozenset(config.algorithms)
+        self._keys: dict[tuple[tuple[str, str], ...], tuple[VerificationKey, str]] = {}  # oldest first
 
     @property
     def config(self) -> DpopConfig:
@@ -322,20 +343,20 @@ class DpopVerifier:
             raise InvalidDpopProof("DPoP proof replayed")
         return AcceptedProof(jkt, nonce_issued_at)
 
-    @staticmethod
-    def _proof_key(jwk: Any, alg: str) -> tuple[VerificationKey, str]:
+    def _proof_key(self, jwk: Any, alg: str) -> tuple[VerificationKey, str]:
         if not isinstance(jwk, dict):
             raise InvalidDpopProof("DPoP proof has no jwk header")
-        if any(name in jwk for name in _PRIVATE_MEMBERS):
-            raise InvalidDpopProof("DPoP proof jwk holds private key material")
-        try:
-            key = parse_jwk(jwk)
-            jkt = thumbprint(jwk)
-        except (KeyError_, ValueError) as exc:
-            raise InvalidDpopProof("DPoP proof jwk is not a usable public key") from exc
-        if not key.fits(alg):
+        held = _held_as(jwk)
+        parsed = self._keys.get(held) if held is not None else None
+        if parsed is None:
+            parsed = _parse_proof_key(jwk)
+            if held is not None:
+                if len(self._keys) >= PROOF_KEYS_HELD:
+                    del self._keys[next(iter(self._keys))]
+                self._keys[held] = parsed
+        if not parsed[0].fits(alg):
             raise InvalidDpopProof("DPoP proof alg does not fit its jwk")
-        return key, jkt
+        return parsed
 
     @staticmethod
     def _htu_matches(htu: str, url: str) -> bool:

@@ -10,8 +10,8 @@ supervisor keeps), shared by every process on the host.
 
 Each `first_use` is one `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired` on the event loop's thread:
 a local file in WAL mode, ~20 us alone (served, a DPoP check took ~50 us more CPU than with the keys in
-memory, 0.85x the throughput: docs/BENCHMARKS.md, "Replay keys in a file"); a thread hop would cost
-more than the write. Nothing is fsync'd (`synchronous=OFF`): a write reaches the OS at
+memory, 0.85x the throughput, until proof keys were held parsed: docs/BENCHMARKS.md, "Replay keys in a
+file"); a thread hop would cost more than the write. Nothing is fsync'd (`synchronous=OFF`): a write reaches the OS at
 once, so it survives a process crash, which is what a worker restart is; with `NORMAL` the fsync that
 comes with reusing the WAL ran under the write lock on a loop and put the DPoP p99 at 5-7 ms. A file
 damaged by a crash of the host is moved aside at open and a new one started (the host was down
