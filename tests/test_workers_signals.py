@@ -23,7 +23,7 @@ SETTINGS = Settings(grpc=None, http=None, metrics=None, issuers=())
 def test_a_stop_signal_sent_during_start_up_is_handled_once_the_worker_can_drain(tmp_path: Path) -> None:
     marker = tmp_path / "worker"
 
-    def run_worker(settings: Settings, index: int, ready_fd: int, sockets: list[socket.socket]) -> None:
+    def run_worker(settings: Settings, index: int, fd: int, sockets: list[socket.socket], successor: bool) -> None:
         time.sleep(0.5)  # start-up: no handler of the worker's own yet
         stops: list[int] = []
         signal.signal(signal.SIGTERM, lambda signum, _frame: stops.append(signum))
@@ -42,7 +42,7 @@ def test_a_stop_signal_sent_during_start_up_is_handled_once_the_worker_can_drain
 
 
 def test_the_supervisor_keeps_taking_signals_after_a_fork() -> None:
-    supervisor = Supervisor(SETTINGS, lambda: SETTINGS, lambda settings, index, fd, sockets: None)
+    supervisor = Supervisor(SETTINGS, lambda: SETTINGS, lambda settings, index, fd, sockets, successor: None)
     before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     pid, ready_fd = supervisor._spawn(SETTINGS, 0)
     os.close(ready_fd)

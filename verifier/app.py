@@ -243,10 +243,14 @@ class App:
         metrics: Metrics | None = None,
         reuse_port: bool = False,
         http_sockets: list[socket.socket] | None = None,
+        accept_when_serving: bool = False,
         tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.http_sockets = http_sockets  # the forward-auth door's listening sockets, bound by the supervisor
+        # A reload's successor: the old worker still answers on the shared sockets, so this one takes no
+        # connection before SERVING (what it took would get 503 until its keys and entries are in).
+        self.accept_when_serving = accept_when_serving
         # Spans only when configured (the `tracing` section or OTEL_* variables; `tracing` replaces it in
         # tests). Off: the doors hold None and never touch tracing; fetches and audit get the null object.
         if tracing is None and settings.tracing is not None:
@@ -488,6 +492,7 @@ class App:
                 reuse_port=self.reuse_port,
                 tls=s.http.tls.server_context() if s.http.tls else None,
                 sockets=self.http_sockets,
+                accept=not self.accept_when_serving,
             )
         if s.grpc is not None:
             self.ports.grpc = await self.grpc.start(
@@ -503,9 +508,15 @@ class App:
             )
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._serve_when_ready()))
+        if s.http is not None and self.accept_when_serving:
+            self._tasks.append(loop.create_task(self._accept_when_serving()))
         self._tasks.append(loop.create_task(self._refresh_gauges()))
         self._tasks.append(loop.create_task(self._flush_logs()))
         log.info("verifier started", extra={"event": "started", "ports": dataclasses.asdict(self.ports)})
+
+    async def _accept_when_serving(self) -> None:
+        await self.wait_serving()
+        self.forward_auth.accept()
 
     async def _serve_when_ready(self) -> None:
         if self.revocation is not None:

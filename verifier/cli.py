@@ -108,10 +108,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
-def _serve_worker(settings: Settings, index: int, ready_fd: int, http_sockets: list[socket.socket]) -> None:
+def _serve_worker(
+    settings: Settings, index: int, ready_fd: int, http_sockets: list[socket.socket], successor: bool
+) -> None:
     _event_loop_policy()
     gc_policy.tune()
-    app = App(settings, reuse_port=True, http_sockets=http_sockets)
+    app = App(settings, reuse_port=True, http_sockets=http_sockets, accept_when_serving=successor)
 
     async def ready() -> None:
         await app.wait_serving()

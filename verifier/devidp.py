@@ -64,6 +64,7 @@ class DevIdentityProvider:
         self.batch_tokens = 0  # tokens asked about across all batch calls
         self.fail_status: int | None = None  # answer both introspection endpoints with this status (faults)
         self.delay_seconds = 0.0  # wait this long before answering them (faults)
+        self.jwks_delay_seconds = 0.0  # wait this long before answering `/jwks` (a slow provider)
         self._keys: dict[str, tuple[str, Any]] = (
             {
                 "ES256": (f"dev-es256-{uuid.uuid4().hex[:8]}", ec.generate_private_key(ec.SECP256R1())),
@@ -342,6 +343,8 @@ class DevIdentityProvider:
             return web.json_response(self.discovery())
 
         async def jwks(_: web.Request) -> web.Response:
+            if self.jwks_delay_seconds:
+                await asyncio.sleep(self.jwks_delay_seconds)
             return web.json_response(self.jwks(), headers={"Cache-Control": "public, max-age=300"})
 
         async def tenant_document(request: web.Request) -> web.Response:

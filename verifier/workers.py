@@ -11,8 +11,9 @@
   spin).
 - SIGHUP reloads the configuration: the file is read and validated first; if it is invalid the
   error is logged and the running workers keep the old configuration. If it is valid, workers are
-  replaced one at a time: the new one starts beside the old one on the same ports, and only once
-  it reports SERVING (its keys are loaded) is the old one told to drain and stop. A new worker
+  replaced one at a time: the new one starts beside the old one on the same ports, accepts nothing
+  on the forward-auth sockets before it reports SERVING (its keys and revocation entries are loaded),
+  and only then is the old one told to drain and stop. A new worker
   that does not become ready in time is stopped and the old one kept. Listener addresses are
   shared, so a changed listen address takes effect only on a full restart.
 - The forward-auth door's listening sockets are bound here, once, before any fork: one set per
@@ -46,7 +47,8 @@ RESTART_BACKOFF_SECONDS = 1.0  # seconds between restarts of one worker
 READY_TIMEOUT_SECONDS = 30.0  # a reloaded worker must report SERVING within this long
 POLL_SECONDS = 0.1  # how often the supervisor looks at its children and signals
 
-RunWorker = Callable[[Settings, int, int, list[socket.socket]], None]  # (settings, index, ready_fd, http sockets)
+# (settings, index, ready_fd, http sockets, successor): a reload's successor accepts only once SERVING
+RunWorker = Callable[[Settings, int, int, list[socket.socket], bool], None]
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
@@ -96,8 +98,10 @@ class Supervisor:
         self._reload = False
         self._http_sockets: list[list[socket.socket]] = []  # per worker index, bound in `run`
 
-    def _spawn(self, settings: Settings, index: int) -> tuple[int, int]:
-        """Forks a worker; returns its pid and the read end of its readiness pipe.
+    def _spawn(self, settings: Settings, index: int, *, successor: bool = False) -> tuple[int, int]:
+        """Forks a worker; returns its pid and the read end of its readiness pipe. A `successor` (a reload's
+        new worker, beside the old one that still answers) accepts no connection before it is SERVING; a first
+        worker or a crashed one's replacement accepts at once (nobody else would answer; until SERVING, 503).
 
         The stop signals are blocked across the fork: a SIGTERM sent while the worker starts (a stop
         during a restart or reload) stays pending until the worker can drain (`accept_stop_signals`),
@@ -121,7 +125,7 @@ class Supervisor:
             code = 0
             try:
                 sockets = self._http_sockets[index] if index < len(self._http_sockets) else []
-                self._run_worker(settings_for_worker(settings, index), index, write_fd, sockets)
+                self._run_worker(settings_for_worker(settings, index), index, write_fd, sockets, successor)
             except BaseException:  # a worker must never return into the supervisor's loop
                 log.exception("worker crashed", extra={"event": "worker_crashed", "worker": index})
                 code = 1
@@ -200,7 +204,7 @@ class Supervisor:
                 new, grpc=self.settings.grpc, http=self.settings.http, workers=self.settings.workers
             )
         for old_pid, index in sorted(self.children.items(), key=lambda item: item[1]):
-            pid, fd = self._spawn(new, index)
+            pid, fd = self._spawn(new, index, successor=True)
             if not self._await_ready(pid, fd, READY_TIMEOUT_SECONDS):
                 log.error(
                     "reloaded worker did not become ready; keeping the old one",

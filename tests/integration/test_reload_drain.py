@@ -171,11 +171,16 @@ async def _replaced(proc: subprocess.Popen[bytes], old: set[int], count: int, lo
         await asyncio.sleep(0.1)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-async def test_reloads_under_load_lose_no_request(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize(
+    ("workers", "keys_delay"), [(1, 0.0), (2, 0.0), (1, 1.0)], ids=["1-worker", "2-workers", "slow-provider"]
+)
+async def test_reloads_under_load_lose_no_request(tmp_path: Path, workers: int, keys_delay: float) -> None:
+    """With `keys_delay`, each successor's key fetch takes that long: it must take no connection meanwhile (it
+    would answer 503 provider_unavailable), the old worker answering on the shared socket until it is SERVING."""
     idp = DevIdentityProvider(port=free_port())
     await idp.start()
     proc, port, log = await _start(tmp_path, idp, workers)
+    idp.jwks_delay_seconds = keys_delay
     try:
         with _Load(port, idp.mint(aud=DEV_AUDIENCE)) as load:
             await asyncio.sleep(0.5)

@@ -655,10 +655,12 @@ class ForwardAuthDoor:
         reuse_port: bool = False,
         tls: ssl.SSLContext | None = None,
         sockets: list[socket.socket] | None = None,
+        accept: bool = True,
     ) -> int:
         """Listens (with TLS when given a context) on `sockets` when given (bound by the supervisor), else on
         sockets bound here; returns the bound port. Connections are accepted by `acceptor.Acceptor`: all
-        that wait, each loop turn (uvloop's own servers take one per turn)."""
+        that wait, each loop turn (uvloop's own servers take one per turn). Without `accept`, accepting
+        waits for `accept()`."""
         self.clock.start()
         self._acceptor = Acceptor(
             sockets if sockets else listening_sockets(host, port, reuse_port=reuse_port),
@@ -667,8 +669,14 @@ class ForwardAuthDoor:
             # A TLS handshake that stalls holds a connection as a half-sent request would.
             handshake_timeout=self.header_timeout,
         )
-        self._acceptor.start()
+        if accept:
+            self._acceptor.start()
         return int(self._acceptor.sockets[0].getsockname()[1])
+
+    def accept(self) -> None:
+        """Starts accepting (after `start(accept=False)`); nothing once draining."""
+        if self._acceptor is not None and not self.draining:
+            self._acceptor.start()
 
     async def stop(self, grace: float = DRAIN_SECONDS) -> None:
         """Drains (the module's docstring): stops accepting, answers what was sent with `Connection: close`
