@@ -154,16 +154,19 @@ async def test_the_replay_files_wal_stays_small_under_a_stream_of_writes(tmp_pat
     await store.close()
 
 
-def _race(directory: str, keys: list[str], start: Any, results: Any) -> None:
-    """One process's half of the race below: first_use on every key, the wins reported back."""
+def _race(directory: str, rounds: list[list[str]], start: Any, results: Any) -> None:
+    """One process's half of the race below: first_use on every key of each round (both processes start each
+    round together), the wins reported back."""
     import asyncio
 
     from verifier.clock import SystemClock
 
     async def run() -> list[str]:
         store = SqliteState(directory, SystemClock())
-        start.wait(60)  # both files open: go
-        won = [key for key in keys if await store.first_use(key, 60)]
+        won = []
+        for keys in rounds:
+            start.wait(60)  # both ready for this round: go
+            won += [key for key in keys if await store.first_use(key, 60)]
         await store.close()
         return won
 
@@ -172,20 +175,25 @@ def _race(directory: str, keys: list[str], start: Any, results: Any) -> None:
 
 def test_two_processes_racing_on_the_same_keys_each_key_is_first_used_once(tmp_path: Path) -> None:
     """The SIGHUP overlap: the old and the new worker write the same file at once. Every key is a first use
-    for exactly one of them, and neither is refused for the other's lock."""
+    for exactly one of them, and neither is refused for the other's lock. Twenty rounds, each started by both
+    at once (one process going up the round's keys, the other down), so a process descheduled for a while on a
+    loaded machine still races in the other rounds."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    keys = [f"dpop:jti:{i}" for i in range(10_000)]
+    rounds = [[f"dpop:jti:{r}:{i}" for i in range(500)] for r in range(20)]
     start, results = context.Barrier(2), context.Queue()
-    racers = [context.Process(target=_race, args=(str(tmp_path), keys[::step], start, results)) for step in (1, -1)]
+    racers = [
+        context.Process(target=_race, args=(str(tmp_path), [keys[::step] for keys in rounds], start, results))
+        for step in (1, -1)
+    ]
     for racer in racers:
         racer.start()
     wins = [results.get(timeout=120) for _ in racers]
     for racer in racers:
         racer.join(timeout=30)
         assert racer.exitcode == 0
-    assert sorted(wins[0] + wins[1]) == sorted(keys)  # each key won once, by one of the two
+    assert sorted(wins[0] + wins[1]) == sorted(key for keys in rounds for key in keys)  # each won once, by one
     assert wins[0] and wins[1], [len(w) for w in wins]  # and they did race
 
 
