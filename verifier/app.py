@@ -508,15 +508,9 @@ class App:
             )
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._serve_when_ready()))
-        if s.http is not None and self.accept_when_serving:
-            self._tasks.append(loop.create_task(self._accept_when_serving()))
         self._tasks.append(loop.create_task(self._refresh_gauges()))
         self._tasks.append(loop.create_task(self._flush_logs()))
         log.info("verifier started", extra={"event": "started", "ports": dataclasses.asdict(self.ports)})
-
-    async def _accept_when_serving(self) -> None:
-        await self.wait_serving()
-        self.forward_auth.accept()
 
     async def _serve_when_ready(self) -> None:
         if self.revocation is not None:
@@ -533,6 +527,8 @@ class App:
                     )
             self._extras_ready = True
         await self.keys.wait_ready()
+        if self.accept_when_serving:
+            self.forward_auth.accept()
         await self.grpc.set_serving(True)
         log.info("serving", extra={"event": "serving"})
 
