@@ -8,7 +8,8 @@ forward-auth request as ``wrk`` sends. It prints the CPU per check (cached: the 
 first-seen: 5 rounds of 1,000 fresh ES256 tokens, each ending with the audit lines it logged formatted and written
 (timed with it), each followed by the raw parse + verify of the same tokens (``bench/floor.py``), medians and
 their ratio, with the page faults and the garbage collector's own CPU per check during the checks: a
-``gc.callbacks`` hook times each collection, per generation) and, with ``--profile``, cProfile's top functions.
+``gc.callbacks`` hook times each collection, per generation, and keeps the longest (a pause of the worker); then the
+CPU of one full collection with the caches as the rounds left them) and, with ``--profile``, cProfile's top functions.
 ``--full-cache``: the verified-token cache bounded at one round's tokens (``cache: {token_entries: N}``), so that
 the timed rounds after the first store into a full cache and push out an entry for each, as a verifier at its
 bound does, instead of growing an empty 100,000-entry cache (whose growth the default measure pays: page faults
@@ -136,6 +137,7 @@ class _GcClock:
         self.on = False
         self.spent = [0.0, 0.0, 0.0]
         self.count = [0, 0, 0]
+        self.longest = [0.0, 0.0, 0.0]  # the longest single collection (a pause of the worker), per generation
         self._started = 0.0
         gc.callbacks.append(self._callback)
 
@@ -145,14 +147,17 @@ class _GcClock:
         if phase == "start":
             self._started = time.process_time()
         else:
-            generation = info["generation"]
-            self.spent[generation] += time.process_time() - self._started
+            generation, took = info["generation"], time.process_time() - self._started
+            self.spent[generation] += took
             self.count[generation] += 1
+            self.longest[generation] = max(self.longest[generation], took)
 
     def report(self, checks: int) -> str:
         per_check = [s / checks * 1e6 for s in self.spent]
-        counted = enumerate(zip(self.count, per_check, strict=True))
-        by_generation = ", ".join(f"gen{g}: {n} collections, {p:.2f} us" for g, (n, p) in counted if n)
+        counted = enumerate(zip(self.count, per_check, self.longest, strict=True))
+        by_generation = ", ".join(
+            f"gen{g}: {n} collections, {p:.2f} us, longest {most * 1e3:.1f} ms" for g, (n, p, most) in counted if n
+        )
         return f"GC {sum(per_check):.2f} us CPU per check ({by_generation or 'none'})"
 
 
@@ -416,6 +421,7 @@ async def _measure(
                 after = _faults_and_collections()
                 faults, collections = faults + after[0] - before[0], collections + after[1] - before[1]
                 per_raw.append(_timed(_raw, raw, tokens[lo:hi]) / rounds)
+            full_gc = _timed(lambda: gc.collect())  # what a full collection walks: the caches as the rounds left them
         if not transport.last.startswith(b"HTTP/1.1 200"):
             raise SystemExit(f"not an allow: {transport.last[:80]!r}")
         check_us = statistics.median(per_check) * 1e6 if not record else 0.0
@@ -433,6 +439,8 @@ async def _measure(
                 f"faults per check, {collections} GC collections)"
             )
             print(f"  during the checks: {gc_clock.report(rounds * FIRST_SEEN_ROUNDS)}")
+            tracked = len(gc.get_objects())
+            print(f"  a full collection after the rounds: {full_gc * 1e3:.1f} ms CPU ({tracked:,} objects tracked)")
         if profiler:
             order = os.environ.get("BENCH_SORT", "tottime")
             pstats.Stats(profiler).sort_stats(order).print_stats(int(os.environ.get("BENCH_TOP", "30")))

@@ -20,16 +20,17 @@ hypothesis_settings.load_profile("verifier")
 
 # Every decision any test produces (in this process) must carry a catalogued reason: see test_reasons.py.
 _uncatalogued: list[str] = []
-_init = Decision.__init__
+_new = Decision.__new__
 
 
-def _checked_init(self: Decision, *args: Any, **kwargs: Any) -> None:
-    _init(self, *args, **kwargs)
-    if self.reason != ALLOW and self.reason not in CATALOGUE:
-        _uncatalogued.append(self.reason)
+def _checked_new(cls: type[Decision], *args: Any, **kwargs: Any) -> Decision:
+    decision = _new(cls, *args, **kwargs)
+    if decision.reason != ALLOW and decision.reason not in CATALOGUE:
+        _uncatalogued.append(decision.reason)
+    return decision
 
 
-Decision.__init__ = _checked_init  # type: ignore[method-assign]
+Decision.__new__ = _checked_new  # type: ignore[assignment]
 
 
 @pytest.fixture(autouse=True)

@@ -213,3 +213,42 @@ def test_the_memo_does_not_affect_equality() -> None:
 def test_http_head_survives_claims_outside_latin1(text: str) -> None:
     head = allow(_principal(subject=text, roles=frozenset({text}))).http_head
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_every_decision_and_every_copy_has_a_memo_of_its_own() -> None:
+    """A memo holds an answer's serialized bytes: shared with a copy that answers differently (another max-age,
+    the client's headers), one would be answered with the other's bytes."""
+    first, second = allow(_principal()), allow(_principal())
+    assert first.memo is not second.memo
+    first.http_head  # noqa: B018  # built, and kept in its memo
+    shorter = first._replace(cache_max_age=5)
+    assert shorter.memo is not first.memo and shorter.memo == {}
+    assert b"max-age=5" in shorter.http_head and first.memo["http"] != shorter.memo["http"]
+    given: dict[str, bytes] = {}
+    assert first._replace(body=b"x", memo=given).memo is given
+
+
+def test_a_decision_is_immutable_and_compared_without_its_memo() -> None:
+    decision = allow(_principal())
+    with pytest.raises(AttributeError):
+        decision.status = 403  # type: ignore[misc]
+    built = decision.http_head
+    again = allow(_principal())
+    assert again == decision and hash(again) == hash(decision)  # memo: built vs empty
+    assert (again != decision) is False
+    assert again != decision._replace(status=201) and decision != tuple(decision)
+    assert "memo" not in repr(decision) and built.decode("latin-1") not in repr(decision)
+
+
+def test_a_cached_allow_is_one_object_for_the_garbage_collector() -> None:
+    """An allow lives in the verified-token cache as long as its token, and every tracked object there is walked
+    by each collection of its generation: the allow itself, no `__dict__` or memo beside it."""
+    import gc
+
+    name = "".join(["x-", "t"])  # built here, as a rendered claim is (a constant may sit in a frozen generation)
+    decision = allow(_principal(subject="".join(["u", "1"])), headers=((name, name),))
+    decision.http_head  # noqa: B018  # its memo holds bytes
+    gc.collect()
+    gc.collect()  # a tuple of tuples is untracked by the collection after its members' (one may move it first)
+    tracked = [o for o in gc.get_referents(decision) if gc.is_tracked(o) and o is not Decision]
+    assert tracked == [] and not hasattr(decision, "__dict__")

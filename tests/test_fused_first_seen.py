@@ -187,11 +187,11 @@ def _held(pipeline: Pipeline) -> tuple[dict[bytes, Any], dict[bytes, Any]]:
     """What the caches hold, comparable across two verifiers (checks by class, refusals by class and text)."""
     positive = {
         key: (admitted._replace(checks=tuple(type(c).__name__ for c in admitted.checks)), expiry)
-        for key, (admitted, expiry) in pipeline._positive._data.items()
+        for key, admitted, expiry in pipeline._positive.entries()
     }
     negative = {
-        key: ((type(r.error).__name__, r.error.code, str(r.error), r.credential), expiry)
-        for key, (r, expiry) in pipeline._negative._data.items()
+        key: ((type(r.error).__name__, r.error.code, str(r.error), r.scheme), expiry)
+        for key, r, expiry in pipeline._negative.entries()
     }
     return positive, negative
 

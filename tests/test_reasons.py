@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import dataclasses
 import gc
 import importlib
 import pickle
@@ -182,11 +181,8 @@ def test_every_code_gets_its_grpc_code_from_its_outcome_in_one_mapping(code: str
 
 def _unchecked_decision(**values: object) -> Decision:
     """A Decision built around the conftest check (which would fail this test for its reason)."""
-    decision = object.__new__(Decision)
-    for field in dataclasses.fields(Decision):
-        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-        object.__setattr__(decision, field.name, values.get(field.name, default))
-    return decision
+    defaults = {**Decision._field_defaults, "memo": {}}
+    return tuple.__new__(Decision, [values.get(name, defaults.get(name)) for name in Decision._fields])
 
 
 def test_an_allow_is_ok_and_an_uncatalogued_reason_fails_closed() -> None:

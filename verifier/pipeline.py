@@ -79,12 +79,20 @@ class Admitted(NamedTuple):
 
     principal: Principal  # with its issuer's roles
     allowed: Decision  # the answer while no check changes the principal; its max-age is the reuse ceiling
-    credential: Credential  # as first presented (its scheme decides DPoP challenges)
+    # The credential as first presented (its scheme decides DPoP challenges), held as its two parts: a
+    # `Credential` tuple would be one more object per cached token for the garbage collector to walk.
+    scheme: TokenScheme
+    token: str
     checks: tuple[Check, ...]  # the listed checks that apply to this token, in order; none: `allowed` stands
     mask: int  # the same checks as bits of the pipeline's list (bit i: checks[i]), for one AND per request
     ceiling: int = 0  # seconds a gateway may reuse its allow at most (0: no-store from the start)
     # The answers of routes whose policy changes what the upstream receives, by id of the route's Variant.
     by_route: Mapping[int, Decision] = _NO_ROUTES
+
+    @property
+    def credential(self) -> Credential:
+        """The credential as first presented."""
+        return Credential(self.scheme, self.token)
 
 
 class _Deadline(Timed):
@@ -176,7 +184,7 @@ class Refused:
     a challenge names the route's own `resource_metadata` and `scope`."""
 
     error: VerifierError
-    credential: Credential
+    scheme: TokenScheme  # the credential's (it decides DPoP challenges); not the `Credential`: one object less
 
 
 def _without_frames(error: VerifierError) -> VerifierError:
@@ -189,6 +197,34 @@ def _without_frames(error: VerifierError) -> VerifierError:
         chained.__traceback__ = None
         chained = chained.__cause__ or chained.__context__
     return error
+
+
+# Refusals the negative cache holds, one copy of each (`_held`); bounded: past the bound, emptied.
+MAX_HELD_REFUSALS = 4096
+_HELD_REFUSALS: dict[tuple[object, ...], VerifierError] = {}
+_PLAIN_ERROR = frozenset(VerifierError().__dict__)  # what every error holds; anything more is its own state
+
+
+def _held(error: VerifierError) -> VerifierError:
+    """``error`` as the negative cache holds it: without frames (`_without_frames`) and, when its type, text,
+    code and scheme are all that it holds (no state of its own, e.g. a nonce or a required `acr`), the one copy
+    of every equal refusal. A flood of garbage tokens gets a handful of refusals ("signature does not verify",
+    "invalid base64url", ...): shared, each refused token's entry is one object for the garbage collector to
+    walk instead of three (the error and its `__dict__` beside the entry). Only answers are built from a held
+    refusal (never raised again); the chained cause kept is the first one's."""
+    error = _without_frames(error)
+    if error.__dict__.keys() != _PLAIN_ERROR:
+        return error
+    key = (type(error), error.args, error.code, error.description, error.scheme)
+    try:
+        held = _HELD_REFUSALS.get(key)
+    except TypeError:  # an unhashable argument: held on its own
+        return error
+    if held is None:
+        if len(_HELD_REFUSALS) >= MAX_HELD_REFUSALS:  # texts that vary (an attacker's `alg`): start afresh, so
+            _HELD_REFUSALS.clear()  # the common refusals are shared again (entries keep theirs alive)
+        held = _HELD_REFUSALS[key] = error
+    return held
 
 
 # An observer of the steps of one decision (`verifier explain`): (step, details). The service sets none.
@@ -398,7 +434,7 @@ class Pipeline:
         refused = self._negative.get(key)
         if refused is not None:
             self._metrics.cache_lookup("negative", "hit")
-            return self._refuse(refused.error, refused.credential, route)
+            return self._refuse(refused.error, refused.scheme, route)
         if self._jwt_first is not None and len(key) == _HASH_BYTES:  # `Bearer <token>`, the JWT authenticator first
             fused = self._first_seen_jwt(self._jwt_first, header, key, attrs, routed, door)
             if fused is not _GENERAL:
@@ -530,12 +566,12 @@ class Pipeline:
         plan = self._plan(admitted.mask & route_mask)
         if not plan.from_memory:
             return None  # a per-request proof, a counter or the provider: decide_after_miss
-        principal = admitted.principal
+        principal, credential = admitted.principal, admitted.credential
         try:
             for check in plan.checks:
-                principal = check.check_now(principal, admitted.credential, attrs, route)
+                principal = check.check_now(principal, credential, attrs, route)
         except VerifierError as exc:
-            return self._refuse(exc, admitted.credential, route)
+            return self._refuse(exc, admitted.scheme, route)
         return self._answer(admitted, principal, route, plan, key)
 
     async def _decide(self, attrs: RequestAttributes, door: str) -> Decision:
@@ -562,10 +598,10 @@ class Pipeline:
         try:
             judged, to_client = await self._run(admitted.principal, admitted.credential, attrs, route, plan.checks)
         except VerifierError as exc:
-            return self._refuse(exc, admitted.credential, route)
+            return self._refuse(exc, admitted.scheme, route)
         decision = self._answer(admitted, judged, route, plan, key)
         if to_client and decision.allowed:  # this request's answer alone (a per-request check: no-store)
-            decision = dataclasses.replace(decision, client_headers=to_client, memo={})
+            decision = decision._replace(client_headers=to_client)
         return decision
 
     @staticmethod
@@ -589,19 +625,19 @@ class Pipeline:
     def _answer(self, admitted: Admitted, judged: Principal, route: Route, plan: Plan, key: bytes) -> Decision:
         """The allow answer for the principal the checks judged (its headers follow announced claims)."""
         if judged is not admitted.principal:  # rare (a CAEP claims change): built for this request alone
-            allowed = self._build(judged, route, admitted.ceiling, admitted.credential)
+            allowed = self._build(judged, route, admitted.ceiling, admitted.scheme)
             decision = self._reusable(judged, allowed, route, plan)
             self._stable_until = 0.0  # an identity assertion in it is minted anew each time
             return decision
         return self._reusable(judged, self._stored(admitted, route, key), route, plan)
 
-    def _build(self, principal: Principal, route: Route, ceiling: int, credential: Credential) -> Decision:
+    def _build(self, principal: Principal, route: Route, ceiling: int, scheme: TokenScheme) -> Decision:
         """The answer for what the route's upstream receives: an allow, or `upstream_claim_too_large`."""
         variant = route.upstream or self._upstream.default
         try:
             return self._upstream.answer(principal, variant, ceiling, self._clock.now())
         except VerifierError as exc:
-            return self._refuse(exc, credential, route)
+            return self._refuse(exc, scheme, route)
 
     def _stored(self, admitted: Admitted, route: Route, key: bytes) -> Decision:
         """The cache record's answer for this route, built on a route's first use when its policy changes
@@ -611,7 +647,7 @@ class Pipeline:
         stored = admitted.allowed if variant is None else admitted.by_route.get(id(variant))
         if stored is not None and self._clock.now() < stored.renew_at:
             return stored
-        fresh = self._build(admitted.principal, route, admitted.ceiling, admitted.credential)
+        fresh = self._build(admitted.principal, route, admitted.ceiling, admitted.scheme)
         if variant is None:
             updated = admitted._replace(allowed=fresh)
         else:
@@ -701,7 +737,7 @@ class Pipeline:
         age, left = allowed.cache_max_age, principal.expires_at - now
         if age <= 0 or left >= age:
             return allowed
-        return dataclasses.replace(allowed, cache_max_age=max(0, int(left)), memo={})
+        return allowed._replace(cache_max_age=max(0, int(left)))
 
     def _authenticators_for(self, route: Route) -> tuple[tuple[Authenticator, ...], bool]:
         """The authenticators a token may go to on this route, and whether a provider was left out.
@@ -773,9 +809,10 @@ class Pipeline:
     ) -> Decision:
         if self.trace is not None:
             self.trace("token", {"issuer": seen.issuer, "kid": seen.kid, "alg": seen.alg, "error": error})
-        decision = self._refuse(error, credential, route)
+        decision = self._refuse(error, credential.scheme, route)
         if remember and _negative_cacheable(error):
-            self._negative.put(key, Refused(_without_frames(error), credential), self._clock.now() + self._negative_ttl)
+            refused = Refused(_held(error), credential.scheme)
+            self._negative.put(key, refused, self._clock.now() + self._negative_ttl)
         token_key = token_hash(key, attrs, credential)
         self._record(attrs, door, decision, started, token_key, seen.issuer, seen.kid, seen.alg, "")
         return decision
@@ -820,8 +857,10 @@ class Pipeline:
         # request by `_reusable`.
         no_store = self._plan(mask & self._no_policy[1]).per_request
         ceiling = 0 if no_store else self._edge_max_age
-        allowed = self._build(principal, self._no_policy[0], ceiling, credential)
-        admitted = Admitted(principal, allowed, credential, self._plan(mask).checks, mask, ceiling)
+        allowed = self._build(principal, self._no_policy[0], ceiling, credential.scheme)
+        admitted = Admitted(
+            principal, allowed, credential.scheme, credential.token, self._plan(mask).checks, mask, ceiling
+        )
         self._positive.put(key, admitted, principal.expires_at)
         return admitted
 
@@ -834,7 +873,7 @@ class Pipeline:
         """
         ceiling = allowed.cache_max_age
         if plan.per_request:
-            return allowed if ceiling <= 0 else dataclasses.replace(allowed, cache_max_age=0, memo={})
+            return allowed if ceiling <= 0 else allowed._replace(cache_max_age=0)
         now = self._clock.now()
         left = principal.expires_at - now
         for check in plan.bounded:
@@ -846,12 +885,13 @@ class Pipeline:
             # identity assertion is renewed (`_stored`).
             self._stable_until = min(now + left - max(ceiling, 0), allowed.renew_at)
             return allowed
-        return dataclasses.replace(allowed, cache_max_age=max(0, int(left)), memo={})
+        return allowed._replace(cache_max_age=max(0, int(left)))
 
-    def _refuse(self, error: VerifierError, credential: Credential | None, route: Route) -> Decision:
+    def _refuse(self, error: VerifierError, scheme: TokenScheme | None, route: Route) -> Decision:
+        """The refusal's answer on `route`, for a credential presented under `scheme` (None: no credential)."""
         if self.trace is not None:
             self.trace("refused", {"error": error})
-        dpop = route.dpop_route or (credential is not None and credential.scheme is TokenScheme.DPOP)
+        dpop = route.dpop_route or scheme is TokenScheme.DPOP
         static = not (error.challenge_params() or error.extra_headers() or error.extra_body())
         if static:
             memo_key = (type(error), error.code, error.description, error.scheme, dpop, route.challenge)

@@ -9,19 +9,22 @@ lets the token fall through to the next, and a token nobody takes is refused 401
 from __future__ import annotations
 
 import asyncio
+import gc
+import types
 from typing import ClassVar
 
 import pytest
 from support import FrozenClock
 
+from verifier import pipeline as pipeline_module
 from verifier.authenticators import JwtAuthenticator, NotResponsible, OpaqueIntrospection, Seen
 from verifier.checks.base import Check, Route
 from verifier.credentials import Credential
 from verifier.decision import Decision
-from verifier.errors import Forbidden, VerifierError
+from verifier.errors import BadSignature, ClaimInvalid, Forbidden, InvalidToken, VerifierError
 from verifier.observe.metrics import Metrics
 from verifier.pipeline import Admitted, Pipeline
-from verifier.principal import Principal
+from verifier.principal import NO_ROLES, Principal
 from verifier.request import RequestAttributes
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.jwks import KeyStore
@@ -37,7 +40,7 @@ def _principal(token: str, **claims: object) -> Principal:
         subject=token,
         client_id=None,
         scopes=(),
-        roles=frozenset(),
+        roles=NO_ROLES,  # as the authenticators' `roles_of` gives a token without roles
         expires_at=NOW + 3600,
         claims={"sub": token, **claims},
     )
@@ -187,7 +190,7 @@ async def test_a_listed_check_is_applied_by_every_entry_point(kind: type[TenantC
         if first is None:  # the check (or the authenticator) needs I/O
             first = await pipeline.decide_after_miss(_attrs(token), "test")
         assert not first.allowed and first.reason == "forbidden"
-        assert any(record.principal.subject == token for record, _ in pipeline._positive._data.values())
+        assert any(record.principal.subject == token for _, record, _ in pipeline._positive.entries())
         cached = pipeline.decide_cached(_attrs(token))  # a cache hit: the check still runs
         assert cached is None if not kind.from_memory else (cached is not None and cached.reason == "forbidden")
         slow = await pipeline.decide_after_miss(_attrs(token), "test")
@@ -271,11 +274,80 @@ def test_the_cache_holds_a_named_frozen_record() -> None:
     check = PerRequestCheck()
     pipeline = _pipeline([check, TenantCheck()])
     pipeline.decide_cached(_attrs("tok-acme", **{"x-ok": "1"}))
-    ((record, _),) = pipeline._positive._data.values()
+    ((_, record, _),) = pipeline._positive.entries()
     assert isinstance(record, Admitted) and isinstance(record.allowed, Decision)
     assert record.principal.subject == "tok-acme" and len(record.checks) == 2
     with pytest.raises(AttributeError):  # immutable (a NamedTuple; a frozen dataclass raises a subclass of it)
         record.checks = ()  # type: ignore[misc]
+
+
+def _tracked_from(root: object) -> dict[int, object]:
+    """The GC-tracked objects reachable from `root` (types and modules aside), by id."""
+    found: dict[int, object] = {}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in found or isinstance(node, type | types.ModuleType | types.FunctionType):
+            continue
+        if gc.is_tracked(node):
+            found[id(node)] = node
+        stack.extend(gc.get_referents(node))
+    return found
+
+
+def test_a_cached_token_is_three_objects_for_the_garbage_collector() -> None:
+    """A verified token's cache record lives as long as the token (100,000 of them per worker by default), and
+    the cyclic collector walks every tracked object in it each time it collects their generation: a full
+    collection over a full cache paused a worker ~0.23 s with seven objects per token (docs/BENCHMARKS.md).
+    The record, its principal and its answer; no entry tuple, credential tuple or `__dict__` beside them."""
+    pipeline = _pipeline([])
+    for token in ("tok-one", "tok-two"):
+        assert pipeline.decide_cached(_attrs(token)) is not None
+    gc.collect()
+    gc.collect()  # a tuple of tuples (the headers) is untracked by the collection after its members'
+    (_, one, _), (_, two, _) = pipeline._positive.entries()
+    reached_one, reached_two = _tracked_from(one), _tracked_from(two)
+    own = [type(o).__name__ for i, o in reached_one.items() if i not in reached_two]
+    assert sorted(own) == ["Admitted", "Decision", "Principal"]
+    held = [o for o in gc.get_referents(pipeline._positive._data) if gc.is_tracked(o)]
+    assert sorted(map(id, held)) == sorted([id(one), id(two)])  # the cache holds the records themselves
+
+
+def test_a_flood_of_refused_tokens_shares_its_refusals() -> None:
+    """Each refused token is remembered (a replay costs one lookup), up to 100,000 per worker: sharing the refusal
+    keeps each entry one object for the collector (the `Refused` record), not three."""
+    pipeline = _pipeline([])
+    for token in ("junk-1", "junk-2", "junk-3"):
+        decision = pipeline.decide_cached(_attrs(token))
+        assert decision is not None and decision.status == 401
+    held = [refused for _, refused, _ in pipeline._negative.entries()]
+    assert len(held) == 3 and held[0].error is held[1].error is held[2].error
+    assert held[0].error.__traceback__ is None
+    again = pipeline.decide_cached(_attrs("junk-1"))  # from the negative cache: the same answer
+    assert again is not None and again == decision
+    gc.collect()
+    gc.collect()
+    reached = [_tracked_from(refused) for refused in held]
+    own = [type(o).__name__ for i, o in reached[0].items() if i not in reached[1]]
+    assert own == ["Refused"]
+
+
+def test_a_refusal_with_state_of_its_own_is_held_on_its_own_and_the_shared_ones_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert pipeline_module._held(InvalidToken("bad")) is pipeline_module._held(InvalidToken("bad"))
+    assert pipeline_module._held(InvalidToken("bad")) is not pipeline_module._held(InvalidToken("worse"))
+    assert pipeline_module._held(InvalidToken("bad")) is not pipeline_module._held(BadSignature("bad"))
+    assert pipeline_module._held(InvalidToken("bad", code="claim_invalid")) is not pipeline_module._held(
+        InvalidToken("bad")
+    )
+    first, second = ClaimInvalid("bad", claim="aud"), ClaimInvalid("bad", claim="iss")
+    assert pipeline_module._held(first) is first and pipeline_module._held(second) is second
+    monkeypatch.setattr(pipeline_module, "MAX_HELD_REFUSALS", 3)
+    monkeypatch.setattr(pipeline_module, "_HELD_REFUSALS", {})
+    for n in range(10):
+        pipeline_module._held(InvalidToken(f"alg a{n} is not allowed"))
+        assert len(pipeline_module._HELD_REFUSALS) <= 3
 
 
 class OnlyBound(Check):
