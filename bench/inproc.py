@@ -601,7 +601,9 @@ def main() -> None:
         metavar="N",
         help="--opaque: checks fed at once (1: the loop sleeps and wakes for every provider answer, as served)",
     )
-    parser.add_argument("--tokens", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tokens", type=int, default=0, help="how many tokens (default: 5 rounds of 1,000; --opaque 5,032)"
+    )
     args = parser.parse_args()
     OPAQUE_CONNECTIONS = max(1, args.in_flight)  # read by `_measure_opaque`
     if args.pure_vs_compiled:

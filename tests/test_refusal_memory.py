@@ -72,3 +72,42 @@ async def test_the_caches_sizes_are_exported() -> None:
         value = app.metrics.registry.get_sample_value
         assert value("verifier_token_cache_entries", {"cache": "positive"}) == 1
         assert value("verifier_token_cache_entries", {"cache": "negative"}) == 2
+
+
+def _strings_reachable(root: object) -> list[str]:
+    """Every string held in ``root``'s own data: through tuples (records), dicts, lists, sets and exceptions (the
+    checks a record names are the service's own objects, which reach everything: not followed)."""
+    seen, todo, found = {id(root)}, [root], []
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, str):
+            found.append(obj)
+            continue
+        if not isinstance(obj, (tuple, list, dict, set, frozenset, BaseException)) and obj is not root:
+            continue
+        for ref in gc.get_referents(obj):
+            if id(ref) not in seen and not isinstance(ref, (type, types.ModuleType, types.FunctionType)):
+                seen.add(id(ref))
+                todo.append(ref)
+    return found
+
+
+async def test_the_caches_do_not_keep_the_tokens_themselves() -> None:
+    """A cached token's record and a cached refusal are found by the token's hash, and a request that finds one
+    carries the token itself: held in the entry as well, each token (0.5-1.5 KB) would stay in memory as long as
+    its entry, up to 100,000 of each per worker."""
+    async with running_verifier() as (app, idp):
+        token = idp.mint()
+        answer = await http_exchange(app.ports.http, _request(token))
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+        junk = _junk()
+        for bad in junk:
+            assert (await http_exchange(app.ports.http, _request(bad))).startswith(b"HTTP/1.1 401")
+        positive = [record for _key, record, _expires in app.positive.entries()]
+        negative = [refused for _key, refused, _expires in app.negative.entries()]
+        assert positive and len(negative) >= 3
+        for entry in positive + negative:
+            held = _strings_reachable(entry)
+            assert held and not any(t in s for s in held for t in [token, *junk]), type(entry).__name__
+        again = await http_exchange(app.ports.http, _request(token))  # answered from the record, as before
+        assert again.startswith(b"HTTP/1.1 200"), again[:80]

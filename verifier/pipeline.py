@@ -79,20 +79,15 @@ class Admitted(NamedTuple):
 
     principal: Principal  # with its issuer's roles
     allowed: Decision  # the answer while no check changes the principal; its max-age is the reuse ceiling
-    # The credential as first presented (its scheme decides DPoP challenges), held as its two parts: a
-    # `Credential` tuple would be one more object per cached token for the garbage collector to walk.
+    # The scheme the token came under (it decides DPoP challenges). Not the token: a request that finds this
+    # record has the same Authorization value (the key is its hash), so its checks read the credential from
+    # the request; held here, a token (~0.5-1.5 KB) would stay in memory as long as its record.
     scheme: TokenScheme
-    token: str
     checks: tuple[Check, ...]  # the listed checks that apply to this token, in order; none: `allowed` stands
     mask: int  # the same checks as bits of the pipeline's list (bit i: checks[i]), for one AND per request
     ceiling: int = 0  # seconds a gateway may reuse its allow at most (0: no-store from the start)
     # The answers of routes whose policy changes what the upstream receives, by id of the route's Variant.
     by_route: Mapping[int, Decision] = _NO_ROUTES
-
-    @property
-    def credential(self) -> Credential:
-        """The credential as first presented."""
-        return Credential(self.scheme, self.token)
 
 
 class _Deadline(Timed):
@@ -457,7 +452,7 @@ class Pipeline:
             return None
         if isinstance(verified, Decision):
             return verified
-        decision = self._now(verified, attrs, routed, key)
+        decision = self._now(verified, attrs, routed, key, credential)
         # A first-seen token's answer is not offered for reuse by the raw request (`decide_cached_stable`): most
         # tokens are seen once or twice, and each offer costs the door a memo entry (and a flood of fresh tokens
         # would clear the entries of the tokens that do repeat). Its next request, answered from the cache, is.
@@ -555,9 +550,15 @@ class Pipeline:
         return routed
 
     def _now(
-        self, admitted: Admitted, attrs: RequestAttributes, routed: tuple[Route, int], key: bytes
+        self,
+        admitted: Admitted,
+        attrs: RequestAttributes,
+        routed: tuple[Route, int],
+        key: bytes,
+        credential: Credential | None = None,
     ) -> Decision | None:
-        """An admitted token's answer from memory, or None when one of its checks needs I/O."""
+        """An admitted token's answer from memory, or None when one of its checks needs I/O. The checks read
+        `credential`, or the request's own (the one whose Authorization value found `admitted`)."""
         route, route_mask = routed
         if not admitted.mask:
             # No check applies: the stored answer stands (renewed when its assertion is due), its
@@ -566,8 +567,10 @@ class Pipeline:
         plan = self._plan(admitted.mask & route_mask)
         if not plan.from_memory:
             return None  # a per-request proof, a counter or the provider: decide_after_miss
-        principal, credential = admitted.principal, admitted.credential
+        principal = admitted.principal
         try:
+            if credential is None:
+                credential = credentials.extract(attrs)  # the same value as the record's: it cannot fail
             for check in plan.checks:
                 principal = check.check_now(principal, credential, attrs, route)
         except VerifierError as exc:
@@ -596,7 +599,7 @@ class Pipeline:
             admitted = verified
         plan = self._plan(admitted.mask & route_mask)
         try:
-            judged, to_client = await self._run(admitted.principal, admitted.credential, attrs, route, plan.checks)
+            judged, to_client = await self._run(admitted.principal, credential, attrs, route, plan.checks)
         except VerifierError as exc:
             return self._refuse(exc, admitted.scheme, route)
         decision = self._answer(admitted, judged, route, plan, key)
@@ -730,7 +733,8 @@ class Pipeline:
         self._record(attrs, door, allowed, started, key, issuer, kid, alg, principal.subject, principal.client_id)
         now = self._clock.now()
         if admitted.mask & route_mask or route.upstream is not None or now >= allowed.renew_at:
-            decision = self._now(admitted, attrs, routed, key)  # a check to run, the route's own answer, a renewal
+            # A check to run, the route's own answer, a renewal.
+            decision = self._now(admitted, attrs, routed, key, credential)
             self._stable_until = 0.0  # as `_decide_cached` says of a first-seen token's answer
             return decision
         # What `_now` answers when no check runs: the stored answer, its max-age cut to the token's life left.
@@ -858,9 +862,7 @@ class Pipeline:
         no_store = self._plan(mask & self._no_policy[1]).per_request
         ceiling = 0 if no_store else self._edge_max_age
         allowed = self._build(principal, self._no_policy[0], ceiling, credential.scheme)
-        admitted = Admitted(
-            principal, allowed, credential.scheme, credential.token, self._plan(mask).checks, mask, ceiling
-        )
+        admitted = Admitted(principal, allowed, credential.scheme, self._plan(mask).checks, mask, ceiling)
         self._positive.put(key, admitted, principal.expires_at)
         return admitted
 

@@ -278,7 +278,16 @@ def token(provider: OpenIDProvider) -> str:
 
 
 def grpc_target(v: GatewayProcess) -> str:
-    return f"127.0.0.1:{v.extra['grpc_port']}"
+    target = f"127.0.0.1:{v.extra['grpc_port']}"
+    _TARGETS_USED.add(target)
+    return target
+
+
+# Targets the plugin process has been pointed at in this module. Its client keeps state per target across plugin
+# instances (channels, reconnect back-off), as Kong's worker does; a fake verifier that got a port an earlier,
+# stopped one had would find that state (a broken channel, a back-off) and the plugin would not reach it: a test of
+# what the plugin does with a verifier's answer, or its silence, would see "unreachable" instead.
+_TARGETS_USED: set[str] = set()
 
 
 def start_instance(kong: KongRpc, **config: Any) -> int:
@@ -455,18 +464,22 @@ class _SlowVerifier(verifier_pb2_grpc.VerifierServicer):
     """Allows every request, but only once released (30 s at most): a plugin that waited for it would pass the
     request, however long a loaded machine made the wait."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer_first: bool = False) -> None:
         self.released = threading.Event()
+        self.answer_first = answer_first  # the first request answered at once: the plugin's channel is up after it
 
     def Check(self, request: verifier_pb2.CheckRequest, context: grpc.ServicerContext) -> verifier_pb2.CheckResponse:
-        self.released.wait(30)
+        if self.answer_first:
+            self.answer_first = False
+        else:
+            self.released.wait(30)
         return verifier_pb2.CheckResponse(allowed=True, http_status=200)
 
 
 @contextlib.contextmanager
-def slow_verifier() -> Iterator[str]:
+def slow_verifier(answer_first: bool = False) -> Iterator[str]:
     """A `_SlowVerifier` on loopback, released when the block ends; yields its target."""
-    servicer = _SlowVerifier()
+    servicer = _SlowVerifier(answer_first)
     with fake_verifier(servicer) as target:
         try:
             yield target
@@ -477,12 +490,17 @@ def slow_verifier() -> Iterator[str]:
 @contextlib.contextmanager
 def fake_verifier(servicer: verifier_pb2_grpc.VerifierServicer) -> Iterator[str]:
     """A gRPC verifier on loopback answering with `servicer`; yields its target."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    for _ in range(20):  # a port no earlier target of this module had (`_TARGETS_USED`)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server)
+        target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        if target not in _TARGETS_USED:
+            break
+        server.stop(grace=None)
+    _TARGETS_USED.add(target)
     server.start()
     try:
-        yield f"127.0.0.1:{port}"
+        yield target
     finally:
         server.stop(grace=None)
 
@@ -634,9 +652,14 @@ def test_the_thumbprint_comes_from_the_tls_connection_kong_terminated(kong, reco
 
 def test_fail_open_never_passes_a_request_whose_check_timed_out(kong, token):
     # G9: the verifier had the request and was still checking it; only an unreachable verifier fails open
-    with slow_verifier() as target:
+    # The first request is answered, so the second is sent on a connection already up: a connection attempt that a
+    # loaded machine made fail inside the 200 ms (UNAVAILABLE: unreachable, so fail_open passes) is another test.
+    with slow_verifier(answer_first=True) as target:
         iid = start_instance(kong, grpc_target=target, timeout=200, fail_open=True)
-        calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"Bearer {token}"}))
+        request = KongRequest(headers={"Authorization": f"Bearer {token}"})
+        first = kong.handle_event(iid, "access", request)
+        assert not named(first, "kong.response.error") and not named(first, "kong.response.exit")
+        calls = kong.handle_event(iid, "access", request)
 
     assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
 
