@@ -13,8 +13,9 @@ names (`X-Kong-Consumer-Username`, the verifier's `upstream.consumer`) as the Lu
 status, `response_headers` and body. A request with more headers than can be read is refused (400), as
 by the Lua plugin: a spoofed identity header past the limit could not be seen to be cleared. A verifier
 that cannot be reached, or answers after the deadline, fails closed with 503; `fail_open` passes only
-when the verifier is unavailable (connection failed), never after a deadline: the credential may have
-been under check. The client certificate thumbprint sent to the verifier comes only from the TLS
+when no connection to the verifier could be set up (the Check was never sent), never after a deadline or a
+connection lost under the call (a verifier that crashed on the request): the credential may have been under
+check. The client certificate thumbprint sent to the verifier comes only from the TLS
 connection Kong terminated, never from a request header.
 
 Checks go over a small pool of gRPC channels per target (`VerifierClient`): the verifier allows 4
@@ -153,6 +154,23 @@ class Backoff:
         # the exponent stops growing long before the ceiling stops mattering (1.6**64 ~ 1e13)
         grown = min(self.initial_s * BACKOFF_MULTIPLIER ** min(failures - 1, 64), self.max_s)
         return grown * (1.0 + BACKOFF_JITTER * spread)
+
+
+# What gRPC's C core says when no connection to the target could be set up (pick_first: every address failed,
+# refused, or closed before the HTTP/2 handshake): the Check was never sent. Any other failure, UNAVAILABLE included
+# ("Stream removed (Socket closed)": the connection closed under the call, as when the verifier crashes on the
+# request or is killed mid-check), may come after the verifier had the request: `fail_open` never passes it.
+NEVER_CONNECTED = "failed to connect to all addresses"
+
+
+def never_sent(exc: grpc.RpcError) -> bool:
+    """Whether a failed Check never reached the verifier: no connection could be set up, or none may be tried yet
+    (`ReconnectBackoff`). Decided on positive evidence only: an error this does not recognise counts as sent."""
+    if isinstance(exc, ReconnectBackoff):
+        return True
+    if not isinstance(exc, grpc.Call) or exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    return (exc.details() or "").startswith(NEVER_CONNECTED)
 
 
 class ReconnectBackoff(grpc.RpcError):
@@ -408,7 +426,7 @@ class Plugin:
             backing_off = isinstance(exc, ReconnectBackoff)
             code = grpc.StatusCode.UNAVAILABLE if backing_off else exc.code() if isinstance(exc, grpc.Call) else None
             why = f"{code} ({exc})" if backing_off else str(code)
-            if self.fail_open and code == grpc.StatusCode.UNAVAILABLE:
+            if self.fail_open and never_sent(exc):
                 kong.log.warn(f"verifier unavailable: {why}; fail_open lets the request pass")
                 return
             kong.log.err(f"verifier unavailable: {why}")

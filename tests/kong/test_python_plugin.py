@@ -664,6 +664,45 @@ def test_fail_open_never_passes_a_request_whose_check_timed_out(kong, token):
     assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
 
 
+# A verifier that dies with the request in hand: its process exits inside `Check`, so the connection the check
+# was sent on closes under the call (the plugin sees UNAVAILABLE, as for a connection that never came up).
+_DYING_VERIFIER = """
+import os, sys
+from concurrent import futures
+import grpc
+from verifier.v1 import verifier_pb2_grpc
+
+class Dying(verifier_pb2_grpc.VerifierServicer):
+    def Check(self, request, context):
+        os._exit(3)
+
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+verifier_pb2_grpc.add_VerifierServicer_to_server(Dying(), server)
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+server.wait_for_termination()
+"""
+
+
+def test_fail_open_never_passes_a_request_the_verifier_had_when_it_went_away(kong, token):
+    """An attacker's token that makes the verifier crash (or a verifier killed mid-check) must not pass with
+    `fail_open`: the check was under way. Only a verifier that could not be connected to passes."""
+    dying = subprocess.Popen([sys.executable, "-c", _DYING_VERIFIER], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert dying.stdout is not None
+        target = f"127.0.0.1:{int(dying.stdout.readline())}"
+        _TARGETS_USED.add(target)
+        iid = start_instance(kong, grpc_target=target, timeout=5000, fail_open=True)
+        calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"Bearer {token}"}))
+        assert dying.wait(timeout=30) == 3  # it had the request
+    finally:
+        dying.kill()
+        dying.wait(timeout=10)
+    assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
+    assert not named(calls, "kong.service.request.set_header")
+
+
 def test_the_client_certificate_comes_from_kongs_own_tls_never_from_a_header(kong, token):
     from cryptography.hazmat.primitives.serialization import Encoding
     from support import make_certificate
