@@ -125,7 +125,8 @@ class StandinVerifier:
     slow (answers after `slow_seconds`), ratelimited (429 with Retry-After and RateLimit headers),
     nonce (allow with a DPoP-Nonce for the client), nonce-cached (allow with a new DPoP-Nonce each time and
     Cache-Control: private, max-age=30), http10 (HTTP/1.0 allow, body delimited by close),
-    deny-cached (403 with Cache-Control: private, max-age=30), client (allow with an empty user id);
+    deny-cached (403 with Cache-Control: private, max-age=30), client (allow with an empty user id),
+    crash (no answer: the connection closed and new ones refused, as when the verifier dies on the request);
     anything else: 401 with two challenges.
     """
 
@@ -223,6 +224,9 @@ class StandinVerifier:
         elif token == "nonce-cached":
             nonce = ("DPoP-Nonce", f"n-{next(self.nonces)}")
             self._send(h, 200, [*identity, nonce, ("Cache-Control", "private, max-age=30")], "")
+        elif token == "crash":  # the verifier dies holding this request: no answer, nothing accepted any more
+            self.stop_accepting()
+            h.close_connection = True
         elif token == "slow":
             time.sleep(self.slow_seconds)
             with contextlib.suppress(OSError):

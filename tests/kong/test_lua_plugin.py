@@ -276,6 +276,23 @@ def test_fail_open_never_passes_a_request_whose_check_timed_out(start_nginx, ech
     assert "fail_open lets the request pass" not in start_nginx.error_log_text()
 
 
+def test_fail_open_never_passes_a_request_the_verifier_had_when_it_went_away(
+    start_nginx, echo_upstream, standin_verifier
+):
+    """A token that makes the verifier crash, sent on a pooled keep-alive connection: the plugin sees the
+    connection closed, sends again on a fresh one (as for a connection the verifier closed while idle), and that
+    connect is refused. The first send may have been read (it was: the verifier died on it), so this is not
+    "nothing reached the verifier": fail_open must not pass it."""
+    base = start_nginx({"url": standin_verifier.url, "fail_open": True, "cache_entries": 0}, echo_upstream)
+    assert call(base, headers={"Authorization": "Bearer good"})[0] == 200  # leaves a pooled connection
+
+    status, _, body = call(base, headers={"Authorization": "Bearer crash", "X-Authenticated-Userid": "admin"})
+
+    assert any(("Authorization", "Bearer crash") in map(tuple, r["headers"]) for r in standin_verifier.requests)
+    assert status == 503, body
+    assert "fail_open lets the request pass" not in start_nginx.error_log_text()
+
+
 def test_fail_open_does_not_override_a_deny(start_nginx, echo_upstream, standin_verifier):
     base = start_nginx({"url": standin_verifier.url, "fail_open": True}, echo_upstream)
 

@@ -365,15 +365,25 @@ end
 -- reconnect_backoff_max (ms, its ceiling). While backing off, a request takes
 -- an idle pooled connection if this worker holds one, else nothing is sent:
 -- the error is "connect: backing off ...", as for a connection that failed.
+-- An error starting "connect: " means nothing reached the verifier: a resend
+-- after a pooled connection closed under a delivered request never says so.
 -- Returns res ({status, headers, header_list, body}) or nil, err.
 function _M.request(target, method, headers, opts)
   local raw = build_request(target, method, headers)
 
   -- A pooled connection the verifier closed while idle fails on first use;
   -- a GET without a body is safe to send again, once, on a fresh connection.
+  local delivered = false  -- the first attempt's request was written before its connection closed
   for attempt = 1, 2 do
     local sock, err = connect(target, opts)
     if not sock then
+      if delivered then
+        -- not "connect: ": the closed connection may have been a verifier
+        -- that read the request and died on it (a token that crashes it),
+        -- so this is not "nothing reached the verifier" (fail_open passes
+        -- only that)
+        return nil, "resending after the verifier closed the connection: " .. err
+      end
       return nil, err
     end
     local reused = sock:getreusedtimes() > 0
@@ -410,6 +420,7 @@ function _M.request(target, method, headers, opts)
     if not (reused and stage == "stale" and attempt == 1) then
       return nil, err
     end
+    delivered = sent ~= nil
   end
 end
 
