@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from doorkit import http_exchange
+from doorkit import free_port, http_exchange
 
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 
@@ -136,3 +137,24 @@ def state_section(tmp_path: Path, durable: bool) -> str:
         return ""
     (tmp_path / "state").mkdir()
     return f'state: {{path: "{tmp_path / "state"}"}}\n'
+
+
+@contextlib.asynccontextmanager
+async def served_verifier(
+    tmp_path: Path, rest: Callable[[DevIdentityProvider], str]
+) -> AsyncIterator[tuple[DevIdentityProvider, Served]]:
+    """The dev provider and a `verifier serve` for it (`write_config` with `rest(idp)` in `tmp_path`), started;
+    both stopped at the end."""
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    try:
+        config = tmp_path / "verifier.yaml"
+        served = Served(config, free_port())
+        write_config(config, served.http, idp, rest(idp))
+        served.start()
+        try:
+            yield idp, served
+        finally:
+            served.stop()
+    finally:
+        await idp.stop()

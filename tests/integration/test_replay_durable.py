@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from doorkit import free_port, http_exchange
+from doorkit import http_exchange
 from replicas import dpop_proof, public_jwk
-from served import Served, state_section, write_config
+from served import served_verifier, state_section
 
 from verifier.binding.dpop import thumbprint
-from verifier.devidp import DevIdentityProvider
 
 pytestmark = pytest.mark.integration
 
@@ -27,39 +26,30 @@ pytestmark = pytest.mark.integration
 async def test_a_replayed_dpop_proof_stays_refused_after_sighup_a_worker_restart_and_a_full_restart(
     tmp_path: Path, durable: bool
 ) -> None:
-    idp = DevIdentityProvider(port=free_port())
-    await idp.start()
-    http = free_port()
-    config = tmp_path / "verifier.yaml"
     state = state_section(tmp_path, durable)
-    write_config(config, http, idp, "dpop: {iat_past_seconds: 600}\n" + state)
-    served = Served(config, http)
-    key = ec.generate_private_key(ec.SECP256R1())
-    token = idp.mint(sub="alice", ttl=600, claims={"cnf": {"jkt": thumbprint(public_jwk(key))}})
-    carol = idp.mint(sub="carol", ttl=600)
+    async with served_verifier(tmp_path, lambda _: "dpop: {iat_past_seconds: 600}\n" + state) as (idp, served):
+        key = ec.generate_private_key(ec.SECP256R1())
+        token = idp.mint(sub="alice", ttl=600, claims={"cnf": {"jkt": thumbprint(public_jwk(key))}})
+        carol = idp.mint(sub="carol", ttl=600)
 
-    def captured(proof: str) -> bytes:
-        return (
-            "GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: api\r\n"
-            f"X-Forwarded-Uri: /orders\r\nX-Forwarded-Method: GET\r\nAuthorization: DPoP {token}\r\n"
-            f"DPoP: {proof}\r\n\r\n"
-        ).encode()
+        def captured(proof: str) -> bytes:
+            return (
+                "GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: api\r\n"
+                f"X-Forwarded-Uri: /orders\r\nX-Forwarded-Method: GET\r\nAuthorization: DPoP {token}\r\n"
+                f"DPoP: {proof}\r\n\r\n"
+            ).encode()
 
-    first = captured(dpop_proof(key, "GET", "https://api/orders", token))
+        first = captured(dpop_proof(key, "GET", "https://api/orders", token))
 
-    async def replay_refused(when: str) -> None:
-        await served.serving(carol)
-        answer = await http_exchange(http, first)
-        assert answer.startswith(b"HTTP/1.1 401 ") and b"DPoP proof replayed" in answer, f"passed again after {when}"
-        fresh = captured(dpop_proof(key, "GET", "https://api/orders", token))
-        assert (await served.request(fresh))[0] == 200, f"a fresh proof refused after {when}"
+        async def replay_refused(when: str) -> None:
+            await served.serving(carol)
+            answer = await http_exchange(served.http, first)
+            refused = answer.startswith(b"HTTP/1.1 401 ") and b"DPoP proof replayed" in answer
+            assert refused, f"passed again after {when}"
+            fresh = captured(dpop_proof(key, "GET", "https://api/orders", token))
+            assert (await served.request(fresh))[0] == 200, f"a fresh proof refused after {when}"
 
-    served.start()
-    try:
         await served.serving(carol)
         assert (await served.request(first))[0] == 200
         await replay_refused("its first use")
         await served.through_restarts(replay_refused, full=durable)
-    finally:
-        served.stop()
-        await idp.stop()

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from doorkit import free_port, http_exchange
+from doorkit import http_exchange
 from redis_harness import RedisServer
-from served import START_S, Served, state_section, write_config
+from served import START_S, served_verifier, state_section
 from ssf_transmitter import ACCOUNT_DISABLED, SsfTransmitter
 
 from verifier.devidp import DevIdentityProvider
@@ -39,101 +39,81 @@ def transmitter() -> Iterator[SsfTransmitter]:
 async def test_revocations_survive_sighup_a_worker_restart_and_with_state_path_a_full_restart(
     tmp_path: Path, transmitter: SsfTransmitter, durable: bool
 ) -> None:
-    idp = DevIdentityProvider(port=free_port())
-    await idp.start()
-    http = free_port()
-    config = tmp_path / "verifier.yaml"
     state = state_section(tmp_path, durable)
-    write_config(
-        config,
-        http,
-        idp,
-        f"""revocation:
+
+    def config(idp: DevIdentityProvider) -> str:
+        return f"""revocation:
   transmitters:
     - issuer: "{transmitter.issuer}"
       audience: "{RECEIVER_AUD}"
       delivery: push
       subjects_of: ["{idp.issuer}"]
       allow_insecure_http: true
-{state}""",
-    )
-    served = Served(config, http)
-    alice, bob, carol = (idp.mint(sub=s, ttl=600) for s in ("alice", "bob", "carol"))
+{state}"""
 
-    async def still_refused(when: str) -> None:
-        await served.serving(carol)
-        assert await served.status(alice) == 401, f"the kill switch was forgotten after {when}"
-        assert await served.status(bob) == 401, f"the SSF event was forgotten after {when}"
+    async with served_verifier(tmp_path, config) as (idp, served):
+        alice, bob, carol = (idp.mint(sub=s, ttl=600) for s in ("alice", "bob", "carol"))
 
-    served.start()
-    try:
+        async def still_refused(when: str) -> None:
+            await served.serving(carol)
+            assert await served.status(alice) == 401, f"the kill switch was forgotten after {when}"
+            assert await served.status(bob) == 401, f"the SSF event was forgotten after {when}"
+
         await served.serving(carol)
         await served.disable(idp.issuer, "alice")
         pushed = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": idp.issuer, "sub": "bob"})
-        status, _ = await asyncio.to_thread(transmitter.push, f"http://127.0.0.1:{http}/v1/ssf/events", pushed)
+        status, _ = await asyncio.to_thread(transmitter.push, f"http://127.0.0.1:{served.http}/v1/ssf/events", pushed)
         assert status == 202
         await still_refused("the events")
 
         await served.through_restarts(still_refused, full=durable)
-    finally:
-        served.stop()
-        await idp.stop()
 
 
 async def test_a_verifier_that_cannot_read_its_revocation_entries_answers_503_never_a_pass(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    idp = DevIdentityProvider(port=free_port())
-    await idp.start()
-    http = free_port()
-    config = tmp_path / "verifier.yaml"
-    write_config(
-        config,
-        http,
-        idp,
-        f'state: {{redis_url: "{redis_server.url}", key_prefix: "durable:", timeout_seconds: 0.2}}\nrevocation: {{}}\n',
+    redis = (
+        f'state: {{redis_url: "{redis_server.url}", key_prefix: "durable:", timeout_seconds: 0.2}}\n'
+        "revocation: {}\n"
     )
-    served = Served(config, http)
-    alice, carol = idp.mint(sub="alice", ttl=600), idp.mint(sub="carol", ttl=600)
-    served.start()
-    try:
-        await served.serving(carol)
-        await served.disable(idp.issuer, "alice")
-        assert await served.status(alice) == 401
-        served.stop()
+    async with served_verifier(tmp_path, lambda _: redis) as (idp, served):
+        alice, carol = idp.mint(sub="alice", ttl=600), idp.mint(sub="carol", ttl=600)
+        try:
+            await served.serving(carol)
+            await served.disable(idp.issuer, "alice")
+            assert await served.status(alice) == 401
+            served.stop()
 
-        redis_server.pause()  # a hung Redis: connections open, nothing answered
-        served.start()
-        # The keys come from the provider, which is up: the worker decides, but without its entries.
-        async def reason(token: str) -> tuple[int, str]:
-            raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-            answer = await http_exchange(http, raw)
-            head = answer.split(b"\r\n\r\n", 1)[0].decode().lower().split("\r\n")
-            found = [line.split(":", 1)[1].strip() for line in head if line.startswith("x-verifier-reason:")]
-            return int(head[0].split(" ", 2)[1]), found[0] if found else ""
+            redis_server.pause()  # a hung Redis: connections open, nothing answered
+            served.start()
+            # The keys come from the provider, which is up: the worker decides, but without its entries.
+            async def reason(token: str) -> tuple[int, str]:
+                raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+                answer = await http_exchange(served.http, raw)
+                head = answer.split(b"\r\n\r\n", 1)[0].decode().lower().split("\r\n")
+                found = [line.split(":", 1)[1].strip() for line in head if line.startswith("x-verifier-reason:")]
+                return int(head[0].split(" ", 2)[1]), found[0] if found else ""
 
-        deadline = time.monotonic() + START_S
-        last: tuple[int, str] | None = None
-        while True:  # until the keys are in (before that: no answer, or provider_unavailable)
-            try:
-                last = await reason(carol)
-                if last == (503, "state_unavailable"):
-                    break
-                assert last[0] != 200, "a pass without the revocation entries"
-            except (OSError, asyncio.IncompleteReadError, IndexError):
-                pass
-            assert time.monotonic() < deadline, f"never refused for the missing entries; last answer {last}"
-            await asyncio.sleep(0.2)
-        for _ in range(15):  # the load keeps failing: every answer is 503, the disabled user's included
-            assert await reason(alice) == (503, "state_unavailable")
-            assert await reason(carol) == (503, "state_unavailable")
-            await asyncio.sleep(0.1)
+            deadline = time.monotonic() + START_S
+            last: tuple[int, str] | None = None
+            while True:  # until the keys are in (before that: no answer, or provider_unavailable)
+                try:
+                    last = await reason(carol)
+                    if last == (503, "state_unavailable"):
+                        break
+                    assert last[0] != 200, "a pass without the revocation entries"
+                except (OSError, asyncio.IncompleteReadError, IndexError):
+                    pass
+                assert time.monotonic() < deadline, f"never refused for the missing entries; last answer {last}"
+                await asyncio.sleep(0.2)
+            for _ in range(15):  # the load keeps failing: every answer is 503, the disabled user's included
+                assert await reason(alice) == (503, "state_unavailable")
+                assert await reason(carol) == (503, "state_unavailable")
+                await asyncio.sleep(0.1)
 
-        redis_server.resume()
-        await served.serving(carol)  # the load is retried until it succeeds
-        assert await served.status(alice) == 401
-    finally:
-        if redis_server.running:
             redis_server.resume()
-        served.stop()
-        await idp.stop()
+            await served.serving(carol)  # the load is retried until it succeeds
+            assert await served.status(alice) == 401
+        finally:
+            if redis_server.running:
+                redis_server.resume()
