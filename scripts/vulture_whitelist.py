@@ -54,3 +54,6 @@ _.add_registered_method_handlers
 
 # Read by tests/doors/test_loop_clock.py: whether the door's loop clock still wakes the loop.
 _.ticking
+
+# Writing it is the point: a decision is built as its slots base, then made a `Decision` (`decision._built`).
+_.__class__

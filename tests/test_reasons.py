@@ -181,8 +181,7 @@ def test_every_code_gets_its_grpc_code_from_its_outcome_in_one_mapping(code: str
 
 def _unchecked_decision(**values: object) -> Decision:
     """A Decision built around the conftest check (which would fail this test for its reason)."""
-    defaults = {**Decision._field_defaults, "memo": {}}
-    return tuple.__new__(Decision, [values.get(name, defaults.get(name)) for name in Decision._fields])
+    return Decision(allowed=False, status=500, reason="internal_error")._replace(**values)  # `_replace` is not checked
 
 
 def test_an_allow_is_ok_and_an_uncatalogued_reason_fails_closed() -> None:

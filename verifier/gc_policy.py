@@ -12,7 +12,7 @@ time, and which objects no collection walks again.
   goes to the permanent generation (`gc.freeze`): the older generations walk only what came after.
 * What came after is mostly the token caches (100,000 entries each by default), and a full collection walks
   every tracked object in them while the worker waits: the fewer per entry, the shorter that pause. So a
-  verified token's record is three tracked objects (`Admitted`, its `Principal` and its `Decision`, a tuple
+  verified token's record is three tracked objects (`Admitted`, its `Principal` and its `Decision`, slotted
   with no `__dict__`; no entry tuple in `ExpiringCache`, no `Credential` tuple), and a refused token's one
   (`Refused`: equal refusals are one shared error, `pipeline._held`). A full collection over 100,000 cached
   tokens took ~300 ms of CPU with six per token, ~115 ms with three (docs/BENCHMARKS.md, "Cache records

@@ -452,7 +452,7 @@ class Pipeline:
             return None
         if isinstance(verified, Decision):
             return verified
-        decision = self._now(verified, attrs, routed, key, credential)
+        decision = self._now(verified, attrs, routed, key)
         # A first-seen token's answer is not offered for reuse by the raw request (`decide_cached_stable`): most
         # tokens are seen once or twice, and each offer costs the door a memo entry (and a flood of fresh tokens
         # would clear the entries of the tokens that do repeat). Its next request, answered from the cache, is.
@@ -550,15 +550,9 @@ class Pipeline:
         return routed
 
     def _now(
-        self,
-        admitted: Admitted,
-        attrs: RequestAttributes,
-        routed: tuple[Route, int],
-        key: bytes,
-        credential: Credential | None = None,
+        self, admitted: Admitted, attrs: RequestAttributes, routed: tuple[Route, int], key: bytes
     ) -> Decision | None:
-        """An admitted token's answer from memory, or None when one of its checks needs I/O. The checks read
-        `credential`, or the request's own (the one whose Authorization value found `admitted`)."""
+        """An admitted token's answer from memory, or None when one of its checks needs I/O."""
         route, route_mask = routed
         if not admitted.mask:
             # No check applies: the stored answer stands (renewed when its assertion is due), its
@@ -569,10 +563,8 @@ class Pipeline:
             return None  # a per-request proof, a counter or the provider: decide_after_miss
         principal = admitted.principal
         try:
-            if credential is None:
-                credential = credentials.extract(attrs)  # the same value as the record's: it cannot fail
             for check in plan.checks:
-                principal = check.check_now(principal, credential, attrs, route)
+                principal = check.check_now(principal, attrs, route)
         except VerifierError as exc:
             return self._refuse(exc, admitted.scheme, route)
         return self._answer(admitted, principal, route, plan, key)
@@ -616,7 +608,7 @@ class Pipeline:
         to_client: tuple[tuple[str, str], ...] = ()
         for check in checks:
             if check.from_memory:
-                principal = check.check_now(principal, credential, attrs, route)
+                principal = check.check_now(principal, attrs, route)
                 continue
             passed = await check.check(principal, credential, attrs, route)
             if isinstance(passed, Passed):
@@ -733,8 +725,7 @@ class Pipeline:
         self._record(attrs, door, allowed, started, key, issuer, kid, alg, principal.subject, principal.client_id)
         now = self._clock.now()
         if admitted.mask & route_mask or route.upstream is not None or now >= allowed.renew_at:
-            # A check to run, the route's own answer, a renewal.
-            decision = self._now(admitted, attrs, routed, key, credential)
+            decision = self._now(admitted, attrs, routed, key)  # a check to run, the route's own answer, a renewal
             self._stable_until = 0.0  # as `_decide_cached` says of a first-seen token's answer
             return decision
         # What `_now` answers when no check runs: the stored answer, its max-age cut to the token's life left.

@@ -87,9 +87,7 @@ class CountedCheck(Check):
     def refusal(self, principal: Principal, attrs: RequestAttributes) -> Forbidden | None:
         raise NotImplementedError
 
-    def check_now(
-        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
-    ) -> Principal:
+    def check_now(self, principal: Principal, attrs: RequestAttributes, route: Route) -> Principal:
         self.runs += 1
         refused = self.refusal(principal, attrs)
         if refused is not None:
@@ -117,7 +115,7 @@ class AsyncTenantCheck(TenantCheck):
         self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
     ) -> Principal:
         await asyncio.sleep(0)
-        return self.check_now(principal, credential, attrs, route)
+        return self.check_now(principal, attrs, route)
 
 
 class PerRequestCheck(CountedCheck):
@@ -134,9 +132,7 @@ class PerRequestCheck(CountedCheck):
 class ReuseCap(Check):
     """Allows everything, but lets a gateway reuse the answer for 7 seconds at most."""
 
-    def check_now(
-        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
-    ) -> Principal:
+    def check_now(self, principal: Principal, attrs: RequestAttributes, route: Route) -> Principal:
         return principal
 
     def reuse_left(self, principal: Principal, route: Route, now: float) -> float | None:
@@ -359,9 +355,7 @@ class OnlyBound(Check):
     def for_token(self, principal: Principal, credential: Credential) -> bool:
         return "bound" in principal.claims
 
-    def check_now(
-        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
-    ) -> Principal:
+    def check_now(self, principal: Principal, attrs: RequestAttributes, route: Route) -> Principal:
         OnlyBound.runs += 1
         return principal
 

@@ -9,7 +9,6 @@ from support import FrozenClock
 
 from verifier.checks.base import NO_POLICY
 from verifier.checks.revocation import Revocation
-from verifier.credentials import Credential, TokenScheme
 from verifier.errors import VerifierError
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
@@ -31,11 +30,10 @@ def test_a_revocation_refusal_names_the_requests_trace(caplog: pytest.LogCapture
     check = Revocation(index, with_roles=lambda p: p)
     alice = Principal(issuer=ISSUER, subject="alice", client_id=None, scopes=(), roles=frozenset(),
                       expires_at=clock.now() + 60, claims={"iss": ISSUER, "sub": "alice"})
-    credential = Credential(token="x", scheme=TokenScheme.BEARER)
     for headers, expected in (({"traceparent": TRACEPARENT}, TRACE), ({"traceparent": "00-junk"}, None)):
         request = RequestAttributes(method="GET", scheme="https", host="api", path="/", headers=headers)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="verifier.audit"), pytest.raises(VerifierError):
-            check.check_now(alice, credential, request, NO_POLICY)
+            check.check_now(alice, request, NO_POLICY)
         (line,) = [r for r in caplog.records if getattr(r, "event", "") == "token_revoked"]
         assert getattr(line, "trace_id", None) == expected

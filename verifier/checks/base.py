@@ -77,14 +77,14 @@ class Check:
         """Seconds a gateway may reuse an allow this check passed, or None for no limit of its own."""
         return None
 
-    def check_now(
-        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
-    ) -> Principal:
-        """The check without I/O (only called when `from_memory`)."""
+    def check_now(self, principal: Principal, attrs: RequestAttributes, route: Route) -> Principal:
+        """The check without I/O (only called when `from_memory`). It reads the principal and the request, not the
+        credential: a cached token's record keeps only its scheme, and a check that needs the token itself (a DPoP
+        proof's `ath`, an introspection) does per-request work or I/O in `check`."""
         raise NotImplementedError(f"{type(self).__name__} is not answered from memory")
 
     async def check(
         self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
     ) -> Principal | Passed:
         """The check, with I/O if need be (a `Passed` adds headers for the client to the allow)."""
-        return self.check_now(principal, credential, attrs, route)
+        return self.check_now(principal, attrs, route)

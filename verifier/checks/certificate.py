@@ -22,9 +22,7 @@ class CertificateBinding(Check):
         """Any confirmation claim."""
         return bool(confirmation(principal))
 
-    def check_now(
-        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
-    ) -> Principal:
+    def check_now(self, principal: Principal, attrs: RequestAttributes, route: Route) -> Principal:
         """Raises SenderConstraintFailed when the certificate is not the one the token is bound to."""
         cnf = confirmation(principal)
         if "x5t#S256" in cnf:

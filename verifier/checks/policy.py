@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 from verifier.checks.base import Check, Route
 from verifier.clock import Clock
-from verifier.credentials import Credential
 from verifier.policy.rules import auth_time_left, evaluate
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
@@ -29,9 +28,7 @@ class RoutePolicy(Check):
         assert route.policy is not None  # for_route
         return auth_time_left(principal, route.policy.require, now)
 
-    def check_now(
-        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
-    ) -> Principal:
+    def check_now(self, principal: Principal, attrs: RequestAttributes, route: Route) -> Principal:
         """Raises the refusal for the first unmet requirement."""
         assert route.policy is not None  # for_route
         require = route.policy.require

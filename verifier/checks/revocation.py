@@ -6,7 +6,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from verifier.checks.base import Check, Route
-from verifier.credentials import Credential
 from verifier.errors import VerifierError
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.request import RequestAttributes
@@ -39,9 +38,7 @@ class Revocation(Check):
         self._with_roles = with_roles  # the issuer's role rules, as at admission
         self._on_revoked = on_revoked or (lambda code: None)
 
-    def check_now(
-        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
-    ) -> Principal:
+    def check_now(self, principal: Principal, attrs: RequestAttributes, route: Route) -> Principal:
         """Raises the revocation's refusal, or returns the principal with announced claims."""
         revoked = self._index.check(principal, attrs.headers)
         if revoked is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from verifier.checks.base import Check, Route
-from verifier.credentials import Credential
 from verifier.errors import VerifierError
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
@@ -44,9 +43,7 @@ class RouteTrust(Check):
         """A route whose policy names issuers, audiences (or a resource) or clients."""
         return route.policy is not None and route.policy.trusts
 
-    def check_now(
-        self, principal: Principal, credential: Credential, attrs: RequestAttributes, route: Route
-    ) -> Principal:
+    def check_now(self, principal: Principal, attrs: RequestAttributes, route: Route) -> Principal:
         """Raises `issuer_not_trusted`, `audience_not_trusted` or `client_not_allowed`."""
         policy = route.policy
         assert policy is not None  # for_route
