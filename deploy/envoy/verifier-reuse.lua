@@ -20,8 +20,12 @@
 local VERIFIER_CLUSTER = "verifier_http"
 local FORWARD_AUTH_PATH = "/v1/forward-auth"
 local TIMEOUT_MS = 2000
--- Answers kept per worker thread; a full cache drops its expired entries, then everything (bounded).
+-- Answers kept per worker thread, and their bytes (keys are the client's bytes: up to MAX_KEY_BYTES each,
+-- 10,000 of them would be some 160 MiB); a full cache drops its expired entries, then everything (bounded).
 local MAX_ENTRIES = 10000
+local MAX_BYTES = 20 * 1024 * 1024 -- MAX_ENTRIES x 2 KiB, as the Kong plugin's default
+-- what an entry costs besides its key, headers and body: the tables, the map slot
+local ENTRY_OVERHEAD = 256
 local MAX_KEY_BYTES = 16384 -- a longer key (a huge credential) is checked every time, never stored
 local MAX_TTL = 300 -- seconds; a ceiling on any reuse, whatever the verifier says
 
@@ -41,8 +45,9 @@ local CLIENT_HEADERS_ON_ALLOW = {
 }
 local IDENTITY_PREFIX = "x-authenticated-"
 
-local cache = {}   -- key -> {expires = epoch seconds, status, headers, body}
+local cache = {}   -- key -> {expires = epoch seconds, status, headers, body, size}
 local entries = 0
+local bytes = 0    -- the entries' sizes (`size_of`)
 
 local function ttl_of(cache_control)
   if cache_control == nil then
@@ -65,25 +70,45 @@ local function ttl_of(cache_control)
   return math.min(max_age, MAX_TTL)
 end
 
+-- The bytes an entry holds: its key, the answer's headers and body, and ENTRY_OVERHEAD.
+local function size_of(key, answer)
+  local size = #key + #answer.body + ENTRY_OVERHEAD
+  for name, value in pairs(answer.headers) do
+    size = size + #name + (type(value) == "string" and #value or 0)
+  end
+  return size
+end
+
+local function drop(key)
+  local old = cache[key]
+  if old ~= nil then
+    cache[key] = nil
+    entries = entries - 1
+    bytes = bytes - old.size
+  end
+end
+
 local function store(key, answer, ttl, now)
   if #key > MAX_KEY_BYTES then
     return
   end
-  if cache[key] == nil then
-    if entries >= MAX_ENTRIES then
-      for k, v in pairs(cache) do
-        if v.expires <= now then
-          cache[k] = nil
-          entries = entries - 1
-        end
-      end
-      if entries >= MAX_ENTRIES then
-        cache = {}
-        entries = 0
+  drop(key)
+  local size = size_of(key, answer)
+  if entries >= MAX_ENTRIES or bytes + size > MAX_BYTES then
+    for k, v in pairs(cache) do
+      if v.expires <= now then
+        drop(k)
       end
     end
-    entries = entries + 1
+    if entries >= MAX_ENTRIES or bytes + size > MAX_BYTES then
+      cache = {}
+      entries = 0
+      bytes = 0
+    end
   end
+  entries = entries + 1
+  bytes = bytes + size
+  answer.size = size
   -- os.time() counts whole seconds: an entry stored at second S is used while os.time() < S + ttl,
   -- so it never outlives ttl real seconds (it may end up to a second early).
   answer.expires = now + ttl
@@ -195,8 +220,7 @@ function envoy_on_request(handle)
   local now = os.time()
   local answer = cache[key]
   if answer ~= nil and answer.expires <= now then
-    cache[key] = nil
-    entries = entries - 1
+    drop(key)
     answer = nil
   end
   if answer == nil then

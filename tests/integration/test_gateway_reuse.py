@@ -65,6 +65,9 @@ FLOOD_THREADS = 8
 FLOOD_RETRIES = 20  # a credential answered 503 (shed, timed out) is sent again at most this often
 #: Junk credentials flooding nginx's Lua variant: 4,000 of 3,000 bytes are more than its 10 MiB dict holds
 NGINX_FLOOD, NGINX_JUNK_BYTES = 4_000, 3_000
+#: Junk credentials flooding Envoy's Lua filter: 2,000 of 12 KiB (under its 16 KiB key limit) are 24 MiB of keys, more
+#: than its byte bound (MAX_BYTES, 20 MiB) though far fewer answers than MAX_ENTRIES
+ENVOY_FLOOD, ENVOY_JUNK_BYTES = 2_000, 12 * 1024
 RATE_BURST = 3
 MAX_AGE = 2  # edge_cache.max_age_seconds and refusal_max_age_seconds: short, so expiry is observable
 # Seconds a stored answer is reused at least (nginx counts whole seconds): requests spread over longer than this by
@@ -453,6 +456,40 @@ def test_envoys_reuse_cache_is_bounded(
         before = asked(proc)
         assert get(gw.url, "/orders", tok).status == 200
         assert asked(proc) == before + 1, "the cache kept growing past its bound"
+    finally:
+        gw.stop()
+
+
+def test_envoys_reuse_cache_is_bounded_in_bytes_not_only_in_answers(
+    issuer: LocalIssuer,
+    upstream: EchoUpstream,
+    long_lived_verifier: GatewayProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Keys are the client's bytes (an Authorization up to the filter's 16 KiB key limit): bounded by answers alone,
+    10,000 of them would hold some 160 MiB per Envoy worker thread. A flood of 2,000 distinct 12 KiB junk
+    credentials (24 MiB, past the byte bound) makes the filter start over, so the answer stored before the flood
+    is asked again. Bounded by answers only, it would still be served from memory."""
+    proc = long_lived_verifier
+    gw = start_envoy(
+        tmp_path_factory.mktemp("envoy-bound-bytes"),
+        "reuse",
+        verifier_http_port=proc.extra["http_port"],
+        upstream_port=upstream.port,
+    )
+    try:
+        tok = token(issuer)
+        assert [get(gw.url, "/orders", tok).status for _ in range(2)] == [200, 200]
+        assert asked(proc) == 1  # the second came from Envoy's cache
+
+        padding = "j" * ENVOY_JUNK_BYTES
+        statuses, again = _flood(gw.url, ENVOY_FLOOD, lambda i: f"{padding}-{i}-{uuid.uuid4().hex}")
+        assert statuses == [401] * ENVOY_FLOOD
+        assert asked(proc) == 1 + ENVOY_FLOOD + again  # every junk credential was judged, once (plus its 503s)
+
+        before = asked(proc)
+        assert get(gw.url, "/orders", tok).status == 200
+        assert asked(proc) == before + 1, "the cache kept growing past its byte bound"
     finally:
         gw.stop()
 
