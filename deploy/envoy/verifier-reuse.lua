@@ -201,7 +201,7 @@ local function apply_allow(handle, headers, answer)
   end
 end
 
-function envoy_on_request(handle)
+local function on_request(handle)
   local headers = handle:headers()
   for _, name in ipairs(CREDENTIAL_HEADERS) do
     if headers:getNumValues(name) > 1 then -- which one would the upstream read? refuse, as the verifier does
@@ -240,6 +240,16 @@ function envoy_on_request(handle)
     return
   end
   apply_allow(handle, headers, answer)
+end
+
+-- Envoy's Lua filter answers a script error by logging it and letting the request go on to the upstream:
+-- unchecked, and without the identity an allow would set. Any error here is a 503 instead (fail closed).
+function envoy_on_request(handle)
+  local ok, err = pcall(on_request, handle)
+  if not ok then
+    handle:logErr("verifier-reuse.lua: " .. tostring(err))
+    handle:respond({ [":status"] = "503", ["retry-after"] = "1" }, "") -- no reason: not the verifier's answer
+  end
 end
 
 function envoy_on_response(handle)

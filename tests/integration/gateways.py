@@ -636,6 +636,7 @@ def start_envoy(
     jwks_uri: str | None = None,
     log_level: str = "warn",
     downstream_tls: Mapping[str, str] | None = None,
+    lua_file: Path | None = None,
 ) -> GatewayProcess:
     """Run Envoy in front of ``upstream_port`` and wait until its admin ``/ready`` says LIVE.
 
@@ -646,7 +647,7 @@ def start_envoy(
 
     Modes: ``grpc`` (ext_authz over gRPC to the verifier), ``http`` (ext_authz HTTP service to the
     verifier's ``/v1/forward-auth``), ``reuse`` (deploy/envoy/verifier-reuse.lua to the same door, reusing
-    answers), ``jwt_authn`` (Envoy's own JWT filter with ``jwks`` inline or
+    answers; ``lua_file`` instead of that file), ``jwt_authn`` (Envoy's own JWT filter with ``jwks`` inline or
     ``jwks_uri`` fetched from 127.0.0.1; for benchmarks), ``none`` (no auth). One worker thread
     (``--concurrency 1``); a dynamic base id so several Envoys can run at once.
     """
@@ -659,7 +660,7 @@ def start_envoy(
         if verifier_port is None:
             raise ValueError(f"{mode} mode needs verifier_{'grpc' if mode == 'grpc' else 'http'}_port")
         port_name = "VERIFIER_GRPC_PORT" if mode == "grpc" else "VERIFIER_HTTP_PORT"
-        extra: dict[str, object] = {"VERIFIER_LUA": ENVOY_REUSE_LUA} if mode == "reuse" else {}
+        extra: dict[str, object] = {"VERIFIER_LUA": lua_file or ENVOY_REUSE_LUA} if mode == "reuse" else {}
         rendered = render_template(
             {"grpc": ENVOY_GRPC_TEMPLATE, "http": ENVOY_HTTP_TEMPLATE, "reuse": ENVOY_REUSE_TEMPLATE}[mode],
             LISTEN_HOST=LOOPBACK,

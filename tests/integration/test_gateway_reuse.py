@@ -28,6 +28,7 @@ from verifier.binding.dpop import thumbprint
 
 if __package__:
     from .gateways import (
+        ENVOY_REUSE_LUA,
         LOOPBACK,
         NGINX_REUSE_LUA,
         EchoUpstream,
@@ -43,6 +44,7 @@ if __package__:
     from .replicas import dpop_proof, forward_auth_decisions, public_jwk
 else:  # tests/ is not a package: pytest put this directory on sys.path
     from gateways import (
+        ENVOY_REUSE_LUA,
         LOOPBACK,
         NGINX_REUSE_LUA,
         EchoUpstream,
@@ -537,6 +539,42 @@ def test_an_error_in_nginxs_reuse_filter_fails_closed(
     upstream.clear()
     try:
         answer = get(gw.url, "/orders", token(issuer))
+    finally:
+        gw.stop()
+    assert (answer.status, answer.headers.get("retry-after")) == (503, "1")
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("failing", "with_token"),
+    [("relay_refusal", False), ("apply_allow", True)],
+    ids=["on-a-refusal", "on-an-allow"],
+)
+def test_an_error_in_envoys_reuse_filter_fails_closed(
+    issuer: LocalIssuer,
+    verifier: GatewayProcess,
+    upstream: EchoUpstream,
+    tmp_path: Path,
+    failing: str,
+    with_token: bool,
+) -> None:
+    """A Lua error in the filter (here: raised first thing where it relays a refusal, or applies an allow) is a 503,
+    never a pass. Envoy's Lua filter logs a script error and lets the request go on to the upstream: a request
+    without any credential reached it."""
+    broken = tmp_path / "verifier-reuse.lua"
+    start = f"local function {failing}(handle, "
+    source = ENVOY_REUSE_LUA.read_text()
+    assert source.count(start) == 1
+    head, rest = source.split(start)
+    line_end = rest.index("\n") + 1
+    broken.write_text(f"{head}{start}{rest[:line_end]}  error('x')\n{rest[line_end:]}")
+    gw = start_envoy(
+        tmp_path, "reuse", verifier_http_port=verifier.extra["http_port"], upstream_port=upstream.port, lua_file=broken
+    )
+    upstream.clear()
+    try:
+        headers = {"Authorization": f"Bearer {token(issuer)}"} if with_token else {}
+        answer = http_request(gw.url + "/orders", headers=headers)
     finally:
         gw.stop()
     assert (answer.status, answer.headers.get("retry-after")) == (503, "1")
