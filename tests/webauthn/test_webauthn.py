@@ -708,3 +708,22 @@ async def test_sqlite_store_survives_a_restart(tmp_path: Any) -> None:
         assert [c.credential_id for c in stored] == [a.credential_id]
     finally:
         await second.close()
+
+
+@pytest.mark.parametrize("origin", [[ORIGIN], {"origin": ORIGIN}, 5])
+async def test_refuses_a_client_data_origin_that_is_not_a_string(
+    enrolled: tuple[Harness, SoftAuthenticator], origin: Any
+) -> None:
+    # clientDataJSON is the client's: a list or object origin must be refused, not crash the check
+    # (it was a TypeError, unhashable, in the allowed-origins lookup: an internal error, not a 401).
+    h, a = enrolled
+    refused = await h.challenge(principal(), attrs())
+    assert refused.offer is not None
+    credential = a.get(refused.offer.challenge)
+    response = dict(credential["response"])
+    document = json.loads(unb64u(response["clientDataJSON"]))
+    document["origin"] = origin
+    response["clientDataJSON"] = b64u(json.dumps(document).encode())
+    header = encode_header({**credential, "response": response})
+    refused = await h.challenge(principal(), attrs(assertion=header))
+    assert refused.code == "webauthn_assertion_malformed"

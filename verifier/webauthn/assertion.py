@@ -88,9 +88,14 @@ def parse_assertion(header: str) -> AuthenticationResponse:
     if document.get("type", "public-key") != "public-key":
         raise _malformed("type is not public-key")
     try:
-        return AuthenticationResponse.from_dict(document)
+        response = AuthenticationResponse.from_dict(document)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _malformed(type(exc).__name__) from exc
+    # fido2 keeps clientDataJSON's members as sent: an origin that is a list or an object is no origin
+    # (and cannot be looked up in the allowed set).
+    if not isinstance(response.response.client_data.origin, str):
+        raise _malformed("clientDataJSON.origin is not a string")
+    return response
 
 
 class AssertionVerifier:
