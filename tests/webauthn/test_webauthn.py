@@ -604,6 +604,38 @@ async def test_refuses_a_malformed_assertion(enrolled: tuple[Harness, SoftAuthen
     assert refused.code == "webauthn_assertion_malformed"
 
 
+# authenticatorData with the ED flag and its extensions CBOR cut short: fido2 raises IndexError or
+# struct.error (neither a ValueError) while parsing it.
+_TRUNCATED_EXTENSIONS = (b"\xa1", b"\x1b\x00", b"\xa1\x01")
+
+
+@pytest.mark.parametrize("extensions", _TRUNCATED_EXTENSIONS)
+async def test_refuses_an_assertion_whose_authenticator_data_cbor_is_cut_short(
+    enrolled: tuple[Harness, SoftAuthenticator], extensions: bytes
+) -> None:
+    h, a = enrolled
+    refused = await h.challenge(principal(), attrs())
+    assert refused.offer is not None
+    credential = a.get(refused.offer.challenge)
+    auth_data = unb64u(credential["response"]["authenticatorData"])[:37]
+    auth_data = auth_data[:32] + bytes([auth_data[32] | FLAGS.ED]) + auth_data[33:] + extensions
+    header = encode_header({**credential, "response": {**credential["response"], "authenticatorData": b64u(auth_data)}})
+    refused = await h.challenge(principal(), attrs(assertion=header))
+    assert refused.code == "webauthn_assertion_malformed"
+
+
+@pytest.mark.parametrize("attestation", [b"\xa1", b"\x1b\x00", b"\xa3"])
+async def test_refuses_a_registration_whose_attestation_cbor_is_cut_short(
+    harness: Harness, attestation: bytes
+) -> None:
+    state, credential = await _begin_and_create(harness, SoftAuthenticator())
+    credential = {**credential, "response": {**credential["response"], "attestationObject": b64u(attestation)}}
+    status, _, body = await harness.call(
+        "POST", "/v1/webauthn/register/complete", body={"state": state, "credential": credential}
+    )
+    assert status == 400 and body["error"] == "webauthn_registration_invalid", body
+
+
 async def test_refuses_a_counter_regression_and_audits_a_warning(
     enrolled: tuple[Harness, SoftAuthenticator], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -183,7 +184,8 @@ class Registrar:
             auth_data = self._server.register_complete(
                 {"challenge": challenge, "user_verification": UserVerificationRequirement(uv)}, response
             )
-        except (ValueError, KeyError, TypeError, AttributeError, InvalidAttestation) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, struct.error, InvalidAttestation) as exc:
+            # IndexError, struct.error: fido2's CBOR reader on an attestationObject cut short
             raise RegistrationRefused(f"the registration does not verify: {_reason(exc)}") from exc
         data = auth_data.credential_data
         if data is None:  # pragma: no cover - register_complete asserts it
