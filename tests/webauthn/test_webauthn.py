@@ -604,13 +604,13 @@ async def test_refuses_a_malformed_assertion(enrolled: tuple[Harness, SoftAuthen
     assert refused.code == "webauthn_assertion_malformed"
 
 
-# authenticatorData with the ED flag and its extensions CBOR cut short: fido2 raises IndexError or
-# struct.error (neither a ValueError) while parsing it.
-_TRUNCATED_EXTENSIONS = (b"\xa1", b"\x1b\x00", b"\xa1\x01")
+# authenticatorData with the ED flag and its extensions CBOR cut short, or nested past Python's recursion
+# limit: fido2 raises IndexError, struct.error or RecursionError (none a ValueError) while parsing it.
+_BAD_EXTENSIONS = (b"\xa1", b"\x1b\x00", b"\xa1\x01", b"\x81" * 3000 + b"\x00")
 
 
-@pytest.mark.parametrize("extensions", _TRUNCATED_EXTENSIONS)
-async def test_refuses_an_assertion_whose_authenticator_data_cbor_is_cut_short(
+@pytest.mark.parametrize("extensions", _BAD_EXTENSIONS)
+async def test_refuses_an_assertion_whose_authenticator_data_cbor_is_cut_short_or_too_deep(
     enrolled: tuple[Harness, SoftAuthenticator], extensions: bytes
 ) -> None:
     h, a = enrolled
@@ -624,8 +624,8 @@ async def test_refuses_an_assertion_whose_authenticator_data_cbor_is_cut_short(
     assert refused.code == "webauthn_assertion_malformed"
 
 
-@pytest.mark.parametrize("attestation", [b"\xa1", b"\x1b\x00", b"\xa3"])
-async def test_refuses_a_registration_whose_attestation_cbor_is_cut_short(
+@pytest.mark.parametrize("attestation", [b"\xa1", b"\x1b\x00", b"\xa3", b"\x81" * 3000 + b"\x00"])
+async def test_refuses_a_registration_whose_attestation_cbor_is_cut_short_or_too_deep(
     harness: Harness, attestation: bytes
 ) -> None:
     state, credential = await _begin_and_create(harness, SoftAuthenticator())

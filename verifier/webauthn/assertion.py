@@ -90,9 +90,9 @@ def parse_assertion(header: str) -> AuthenticationResponse:
         raise _malformed("type is not public-key")
     try:
         response = AuthenticationResponse.from_dict(document)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError, struct.error) as exc:
-        # fido2's CBOR reader raises IndexError or struct.error on data cut short (authenticatorData
-        # with the ED flag and truncated extensions)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, struct.error, RecursionError) as exc:
+        # fido2's CBOR reader raises IndexError or struct.error on data cut short, RecursionError on data
+        # nested too deep (authenticatorData with the ED flag and such extensions)
         raise _malformed(type(exc).__name__) from exc
     # fido2 keeps clientDataJSON's members as sent: an origin that is a list or an object is no origin
     # (and cannot be looked up in the allowed set).

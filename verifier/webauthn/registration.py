@@ -184,8 +184,18 @@ class Registrar:
             auth_data = self._server.register_complete(
                 {"challenge": challenge, "user_verification": UserVerificationRequirement(uv)}, response
             )
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError, struct.error, InvalidAttestation) as exc:
-            # IndexError, struct.error: fido2's CBOR reader on an attestationObject cut short
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            struct.error,
+            RecursionError,
+            InvalidAttestation,
+        ) as exc:
+            # IndexError, struct.error, RecursionError: fido2's CBOR reader on an attestationObject cut short
+            # or nested too deep
             raise RegistrationRefused(f"the registration does not verify: {_reason(exc)}") from exc
         data = auth_data.credential_data
         if data is None:  # pragma: no cover - register_complete asserts it
