@@ -407,6 +407,24 @@ async def test_trusted_roots_accepts_a_chain_to_a_configured_root_and_refuses_ot
         await h.service.close()
 
 
+async def test_trusted_roots_refuses_an_ecdaa_packed_attestation_with_a_400() -> None:
+    # fido2 raises NotImplementedError for a packed statement naming an ECDAA key: a 400, not a crash (500)
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _certificate("Test Root", "Test Root", root_key, root_key, ca=True)
+    h = Harness(attestation="trusted_roots",
+                trusted_roots_pem=(root.public_bytes(serialization.Encoding.PEM).decode(),))
+    try:
+        state, credential = await _begin_and_create(
+            h, SoftAuthenticator(), fmt="packed", att_stmt={"alg": -7, "sig": b"x", "ecdaaKeyId": b"x"}
+        )
+        status, _, body = await h.call(
+            "POST", "/v1/webauthn/register/complete", body={"state": state, "credential": credential}
+        )
+        assert status == 400 and body["error"] == "webauthn_registration_invalid", body
+    finally:
+        await h.service.close()
+
+
 # --- step-up assertions -------------------------------------------------------------------------------
 
 async def test_a_missing_assertion_is_answered_with_a_bound_challenge(

@@ -192,10 +192,11 @@ class Registrar:
             IndexError,
             struct.error,
             RecursionError,
+            NotImplementedError,
             InvalidAttestation,
         ) as exc:
             # IndexError, struct.error, RecursionError: fido2's CBOR reader on an attestationObject cut short
-            # or nested too deep
+            # or nested too deep; NotImplementedError: a statement fido2 cannot check (packed with ECDAA)
             raise RegistrationRefused(f"the registration does not verify: {_reason(exc)}") from exc
         data = auth_data.credential_data
         if data is None:  # pragma: no cover - register_complete asserts it
