@@ -11,6 +11,7 @@ import datetime
 import json
 import logging
 import os
+import tracemalloc
 from collections.abc import Mapping
 from typing import Any
 
@@ -620,6 +621,60 @@ async def test_refuses_a_malformed_assertion(enrolled: tuple[Harness, SoftAuthen
     h, _ = enrolled
     refused = await h.challenge(principal(), attrs(assertion=header))
     assert refused.code == "webauthn_assertion_malformed"
+
+
+# A JSON number where the WebAuthn JSON has a base64url string: fido2 calls bytes() on it, which allocates
+# that many zero bytes (a 9-character header member, 100 MB; 2**70 an OverflowError).
+_HUGE = 10**8
+_PEAK_BYTES = 16 << 20  # what one assertion or registration may allocate at most, with room
+
+
+@pytest.mark.parametrize("value", [_HUGE, 2**70])
+@pytest.mark.parametrize(
+    "member", ["id", "rawId", "clientDataJSON", "authenticatorData", "signature", "userHandle"]
+)
+async def test_refuses_an_assertion_member_that_is_a_number_without_allocating_it(
+    enrolled: tuple[Harness, SoftAuthenticator], member: str, value: int
+) -> None:
+    h, a = enrolled
+    refused = await h.challenge(principal(), attrs())
+    assert refused.offer is not None
+    credential = a.get(refused.offer.challenge)
+    if member in ("id", "rawId"):
+        credential[member] = value
+    else:
+        credential["response"][member] = value
+    header = encode_header(credential)
+    tracemalloc.start()
+    try:
+        refused = await h.challenge(principal(), attrs(assertion=header))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.code == "webauthn_assertion_malformed"
+    assert peak < _PEAK_BYTES, peak
+
+
+@pytest.mark.parametrize("value", [_HUGE, 2**70])
+@pytest.mark.parametrize("member", ["id", "rawId", "clientDataJSON", "attestationObject"])
+async def test_refuses_a_registration_member_that_is_a_number_without_allocating_it(
+    harness: Harness, member: str, value: int
+) -> None:
+    state, credential = await _begin_and_create(harness, SoftAuthenticator())
+    if member in ("id", "rawId"):
+        credential[member] = value
+    else:
+        credential["response"][member] = value
+    tracemalloc.start()
+    try:
+        status, _, body = await harness.call(
+            "POST", "/v1/webauthn/register/complete", body={"state": state, "credential": credential}
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status == 400 and body["error"] == "webauthn_registration_invalid", body
+    assert peak < _PEAK_BYTES, peak
 
 
 # authenticatorData with the ED flag and its extensions CBOR cut short, or nested past Python's recursion

@@ -88,6 +88,12 @@ def parse_assertion(header: str) -> AuthenticationResponse:
         raise _malformed("not a PublicKeyCredential")
     if document.get("type", "public-key") != "public-key":
         raise _malformed("type is not public-key")
+    # Binary members are base64url strings (section 5.1.4.1 toJSON). fido2 hands anything else to bytes(),
+    # which turns a number into that many zero bytes: 1e9 in a header would allocate a gigabyte.
+    members = document["response"]
+    for name, value in (("id", document.get("id")), ("rawId", document.get("rawId")), *_response_members(members)):
+        if not isinstance(value, str):
+            raise _malformed(f"{name} is not a base64url string")
     try:
         response = AuthenticationResponse.from_dict(document)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, struct.error, RecursionError) as exc:
@@ -99,6 +105,14 @@ def parse_assertion(header: str) -> AuthenticationResponse:
     if not isinstance(response.response.client_data.origin, str):
         raise _malformed("clientDataJSON.origin is not a string")
     return response
+
+
+def _response_members(response: Mapping[str, object]) -> list[tuple[str, object]]:
+    """The assertion response's binary members that must be strings (`userHandle` only when present)."""
+    members = [(name, response.get(name)) for name in ("clientDataJSON", "authenticatorData", "signature")]
+    if response.get("userHandle") is not None:
+        members.append(("userHandle", response["userHandle"]))
+    return members
 
 
 class AssertionVerifier:

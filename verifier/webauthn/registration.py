@@ -179,6 +179,14 @@ class Registrar:
             raise RegistrationRefused("the registration state is malformed", code="webauthn_state_invalid")
         if not isinstance(credential, Mapping):
             raise RegistrationRefused("credential: expected PublicKeyCredential.toJSON()", code="invalid_request")
+        # Binary members are base64url strings (section 5.1.4.1 toJSON). fido2 hands anything else to
+        # bytes(), which turns a number into that many zero bytes: a gigabyte for 1e9.
+        members = credential.get("response")
+        binary = [credential.get("id"), credential.get("rawId")]
+        if isinstance(members, Mapping):
+            binary += [members.get("clientDataJSON"), members.get("attestationObject")]
+        if not isinstance(members, Mapping) or not all(isinstance(value, str) for value in binary):
+            raise RegistrationRefused("the registration does not verify: a binary member is not a base64url string")
         try:
             response = RegistrationResponse.from_dict(credential)
             auth_data = self._server.register_complete(
