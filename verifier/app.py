@@ -429,6 +429,7 @@ class App:
             if logout_issuers:
                 add_logout_routes(self.router, self._backchannel_logout(logout_issuers, self.revocation))
         self._metrics_runner: web.AppRunner | None = None
+        self._metrics_server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def _backchannel_logout(self, issuers: list[IssuerSettings], revocation: RevocationService) -> BackchannelLogout:
@@ -562,11 +563,22 @@ class App:
         app.router.add_get("/healthz", healthz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_port=self.reuse_port or None, ssl_context=tls)
-        await site.start()
+        # Not a `web.TCPSite`: aiohttp has no header timeout (its keep-alive timer stops at a request's first
+        # byte), so each connection's handler is wrapped in `_HeaderDeadline`, the forward-auth door's rule.
+        handlers = runner.server
+        assert handlers is not None  # set up above
+        timeout = self.settings.forward_auth.header_timeout_seconds
+        server = await asyncio.get_running_loop().create_server(
+            lambda: _HeaderDeadline(handlers(), timeout),
+            host,
+            port,
+            reuse_port=self.reuse_port or None,
+            ssl=tls,
+            ssl_handshake_timeout=timeout if tls is not None else None,
+        )
         self._metrics_runner = runner
-        server = site._server  # aiohttp exposes no public accessor for the bound port
-        sockets = getattr(server, "sockets", None) or ()
+        self._metrics_server = server
+        sockets = server.sockets or ()
         return int(sockets[0].getsockname()[1]) if sockets else port
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
@@ -579,6 +591,8 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.keys.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         if self.revocation is not None:
@@ -592,3 +606,59 @@ class App:
         if self.tracing is not None:
             await self.tracing.shutdown()  # the spans still queued are exported
         flush_logs()
+
+
+class _HeaderDeadline(asyncio.Protocol):
+    """The metrics listener's connection protocol (aiohttp's handler inside): a connection must send each
+    request within `timeout`, from its opening for the first and from its first byte for the next ones,
+    else it is closed (slowloris; `http.header_timeout_seconds`, as on the forward-auth door). A request has
+    arrived when what was received ends with the blank line closing its headers (these are GETs: no body);
+    idle keep-alives between requests are aiohttp's to close."""
+
+    def __init__(self, inner: asyncio.Protocol, timeout: float) -> None:
+        self._inner = inner
+        self._timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport: asyncio.BaseTransport | None = None
+        self._tail = b""  # the last bytes received, to see a blank line split across reads
+
+    def _arm(self) -> None:
+        if self._timer is None and self._transport is not None:
+            self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._arm()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._tail = (self._tail + data)[-4:]
+        if self._tail.endswith(b"\r\n\r\n"):
+            self._disarm()
+        else:
+            self._arm()
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._transport = None
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()

@@ -441,6 +441,50 @@ async def test_half_sent_requests_are_closed_after_the_header_timeout() -> None:
         assert _status(await http_exchange(app.ports.http, _request(None))) == 401
 
 
+async def test_the_metrics_listener_closes_half_sent_requests_after_the_header_timeout() -> None:
+    # The metrics listener (aiohttp: /metrics, /healthz) had no header timeout: aiohttp cancels its keep-alive
+    # timer on the first byte, so a request never finished held its connection (and a descriptor of the
+    # process the doors share) for good; 50 such connections were still open after 20 s.
+    async with running_verifier({"forward_auth": SHORT}) as (app, _):
+        assert app.ports.metrics is not None
+        loop = asyncio.get_running_loop()
+        connections, opened = [], []
+        for i in range(20):
+            connections.append(await asyncio.open_connection("127.0.0.1", app.ports.metrics))
+            opened.append(loop.time())
+            if i % 2:  # half send part of a request, the other half nothing
+                connections[-1][1].write(b"GET /metrics HTTP/1.1\r\nHost: m\r\n")
+
+        async def trickle() -> None:
+            for _ in range(40):
+                await asyncio.sleep(0.05)
+                for _, writer in connections[1::2]:
+                    if not writer.is_closing():
+                        writer.write(b"X-a: b\r\n")
+
+        trickling = asyncio.ensure_future(trickle())
+        try:
+            waits = await asyncio.gather(
+                *(_seconds_until_closed(r, since=at) for (r, _), at in zip(connections, opened, strict=True))
+            )
+        finally:
+            trickling.cancel()
+            for _, writer in connections:
+                writer.close()
+        assert all(w <= 1.5 for w in waits), waits
+        # A whole request is answered, and its keep-alive is not cut by the header timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.metrics)
+        try:
+            for _ in range(2):
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: m\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert _status(head) in (200, 503)
+                await reader.readexactly(int(_header(head, "content-length") or 0))
+                await asyncio.sleep(0.5)  # past the header timeout, idle between requests
+        finally:
+            writer.close()
+
+
 async def test_an_idle_keep_alive_is_closed_after_the_idle_timeout() -> None:
     async with running_verifier({"forward_auth": SHORT}) as (app, idp):
         reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
