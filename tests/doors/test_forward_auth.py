@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from verifier.authenticators import Seen
 from verifier.clock import SystemClock
+from verifier.config.webauthn import WebAuthnConfig
 from verifier.doors.forward_auth import (
     FORWARDED_FAMILIES,
     X_FORWARDED,
@@ -387,6 +388,24 @@ async def test_an_allow_tells_envoy_to_remove_identity_headers_the_client_sent()
         assert await http_exchange(app.ports.http, _request(token)) == plain
         refused = await http_exchange(app.ports.http, _request(None, smuggled))
         assert _status(refused) == 401 and _header(refused, "x-envoy-auth-headers-to-remove") is None
+
+
+async def test_a_head_request_to_health_or_a_side_door_is_answered_without_content() -> None:
+    # RFC 9110 section 9.3.2: no content in an answer to HEAD. /healthz wrote "SERVING\n" and the small
+    # endpoints their JSON (a 405 on a side door's route), which the client reads as the start of the next
+    # answer on the connection: the GET pipelined behind got a garbled answer.
+    webauthn = WebAuthnConfig(rp_id="localhost", origins=("http://localhost:9555",), secret=b"s" * 32)
+    async with running_verifier({"webauthn": webauthn}) as (app, _):
+        for target in (b"/healthz", b"/livez", b"/v1/webauthn/credentials", b"/v1/webauthn/demo"):
+            answers = await http_exchange(
+                app.ports.http,
+                b"HEAD " + target + b" HTTP/1.1\r\nHost: v\r\n\r\n"
+                b"GET /livez HTTP/1.1\r\nHost: v\r\nConnection: close\r\n\r\n",
+                read_until_close=True,
+            )
+            head, _, rest = answers.partition(b"\r\n\r\n")
+            assert int(_header(head + b"\r\n\r\n", "content-length") or 0) > 0, target  # the GET's length
+            assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), (target, answers)
 
 
 # -- listener timeouts (slowloris, idle keep-alives) ---------------------------------------------------

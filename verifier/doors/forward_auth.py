@@ -87,6 +87,9 @@ _ERROR_ANSWERS = {
 }
 _HEALTH_OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 8\r\n\r\nSERVING\n"
 _HEALTH_NOT = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 12\r\n\r\nNOT_SERVING\n"
+# The same answers to HEAD: no content (RFC 9110 section 9.3.2), or the client reads it as the next answer.
+_HEALTH_OK_HEAD = _HEALTH_OK.removesuffix(b"SERVING\n")
+_HEALTH_NOT_HEAD = _HEALTH_NOT.removesuffix(b"NOT_SERVING\n")
 
 
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
@@ -414,9 +417,13 @@ class _Connection(asyncio.Protocol):
                 else:
                     self._push(self._loop.create_task(self._slow(attrs, started, keep_alive)), keep_alive, own=True)
         elif path in (b"/healthz", b"/readyz"):
-            self._push(_HEALTH_OK if door.ready() else _HEALTH_NOT, keep_alive)
+            head = parser.get_method() == b"HEAD"
+            if door.ready():
+                self._push(_HEALTH_OK_HEAD if head else _HEALTH_OK, keep_alive)
+            else:
+                self._push(_HEALTH_NOT_HEAD if head else _HEALTH_NOT, keep_alive)
         elif path == b"/livez":
-            self._push(_HEALTH_OK, keep_alive)
+            self._push(_HEALTH_OK_HEAD if parser.get_method() == b"HEAD" else _HEALTH_OK, keep_alive)
         elif door.router:
             request = HttpRequest(
                 method=parser.get_method().decode("latin-1"),
@@ -645,7 +652,7 @@ class ForwardAuthDoor:
         except Exception:
             log.exception("endpoint failed", extra={"event": "endpoint_error", "path": request.path})
             answer = HttpAnswer.json(500, {"error": "server_error"})
-        return answer.serialize(keep_alive)
+        return answer.serialize(keep_alive, head=request.method == "HEAD")
 
     async def start(
         self,

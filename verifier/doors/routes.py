@@ -63,14 +63,14 @@ class HttpAnswer:
             json.dumps(document).encode(),
         )
 
-    def serialize(self, keep_alive: bool) -> bytes:
-        """HTTP/1.1 bytes."""
+    def serialize(self, keep_alive: bool, *, head: bool = False) -> bytes:
+        """HTTP/1.1 bytes; `head`: the answer to a HEAD request, its content left out (RFC 9110 section 9.3.2)."""
         lines = [f"HTTP/1.1 {self.status} {_PHRASES.get(self.status, 'Status')}"]
         lines += [f"{k}: {v}" for k, v in self.headers]
         lines.append(f"content-length: {len(self.body)}")
         if not keep_alive:
             lines.append("connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else self.body)
 
 
 Handler = Callable[[HttpRequest, Mapping[str, str]], Awaitable[HttpAnswer]]
