@@ -138,6 +138,7 @@ _REASONS = (
     _registration("webauthn_state_expired", "the registration state has expired"),
     _registration("webauthn_state_replayed", "the registration state was already used"),
     _registration("webauthn_algorithm_refused", "the credential's algorithm is not accepted"),
+    _registration("webauthn_credential_limit", "the user has as many credentials as one may (50): delete one first"),
     Reason("webauthn_credential_exists", Outcome.CONFLICT, "this credential is already registered"),
     Reason("not_found", Outcome.NOT_FOUND, "no such entry or credential (the admin and WebAuthn endpoints)"),
     # load and dependencies: fail closed

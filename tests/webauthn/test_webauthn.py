@@ -43,6 +43,7 @@ from verifier.webauthn import (
 )
 from verifier.webauthn.assertion import user_handle
 from verifier.webauthn.challenge import ChallengeSigner, request_hash, subject_hash
+from verifier.webauthn.service import MAX_CREDENTIALS_PER_USER
 
 ISSUER = "https://issuer.example.test"
 SECRET = b"s" * 32
@@ -334,6 +335,39 @@ async def test_refuses_malformed_registration_bodies(harness: Harness) -> None:
         "POST", "/v1/webauthn/register/complete", body={"state": state, "credential": {"id": "x"}}
     )
     assert status == 400 and body["error"] == "webauthn_registration_invalid"
+
+
+async def test_a_user_cannot_register_credentials_without_bound(harness: Harness) -> None:
+    # Each registration is a row in the shared registry and an entry in every step-up offer of the user: one
+    # token holder (own endpoints are outside the gateway's rate limits) could otherwise grow both forever.
+    first = SoftAuthenticator()
+    assert await harness.register(first) == 201
+    for _ in range(MAX_CREDENTIALS_PER_USER - 1):
+        assert await harness.register(SoftAuthenticator(), proof=first) == 201
+    status, _, offered = await harness.call("POST", "/v1/webauthn/register/begin", body={})
+    assert status == 401  # the step-up comes first: the limit is told only to the credentials' owner
+    proof = encode_header(first.get(offered["publicKey"]["challenge"]))
+    status, _, body = await harness.call("POST", "/v1/webauthn/register/begin", body={},
+                                         headers={"x-webauthn-assertion": proof})
+    assert status == 400 and body["error"] == "webauthn_credential_limit", body
+    _, _, listed = await harness.call("GET", "/v1/webauthn/credentials")
+    assert len(listed["credentials"]) == MAX_CREDENTIALS_PER_USER
+
+
+async def test_states_begun_below_the_credential_limit_cannot_complete_past_it() -> None:
+    h = Harness()
+    try:
+        authenticators = [SoftAuthenticator() for _ in range(MAX_CREDENTIALS_PER_USER + 2)]
+        begun = [await _begin_and_create(h, a) for a in authenticators]  # no credential yet: no step-up
+        statuses = []
+        for state, credential in begun:
+            status, _, body = await h.call(
+                "POST", "/v1/webauthn/register/complete", body={"state": state, "credential": credential}
+            )
+            statuses.append(body.get("error") if status != 201 else 201)
+        assert statuses == [201] * MAX_CREDENTIALS_PER_USER + ["webauthn_credential_limit"] * 2
+    finally:
+        await h.service.close()
 
 
 async def test_a_stolen_token_alone_cannot_enroll_or_remove_keys_once_the_user_has_one(

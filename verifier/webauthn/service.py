@@ -57,6 +57,8 @@ _MISSING = "webauthn_assertion_required"
 _USER_REQUIRED = "webauthn_user_required"  # a client-credentials token has no credentials to assert with
 
 
+MAX_CREDENTIALS_PER_USER = 50  # registered credentials (disabled ones too) one user may have
+
 class WebAuthnService:
     """Step-up assertions bound to the request, and the credential registry (see the module docstring)."""
 
@@ -189,6 +191,7 @@ class WebAuthnService:
         preferences, _name = parse_preferences(document)
         existing = await self._store.for_user(principal.issuer, principal.subject)
         await self._guard_enrolled(attrs, principal, existing)
+        _check_room(existing)  # after the step-up: only the credentials' owner learns of the limit
         claims = principal.claims
         user_name = next(
             (v for v in (claims.get("preferred_username"), claims.get("email")) if isinstance(v, str) and v),
@@ -223,6 +226,8 @@ class WebAuthnService:
             ttl = float(self._config.challenge_timeout_seconds + 1)
             if not await self._state.first_use("webauthn-register:" + challenge, ttl):
                 raise RegistrationRefused("the registration state was already used", code="webauthn_state_replayed")
+            # states begun below the limit (several in parallel) cannot complete past it
+            _check_room(await self._store.for_user(principal.issuer, principal.subject))
         except RegistrationRefused as exc:
             self._registration_total.labels(exc.code).inc()
             raise
@@ -333,6 +338,16 @@ class WebAuthnService:
                 "stored_counter": c.sign_count,
                 **trace_fields(self._trace_id(attrs.headers)),
             },
+        )
+
+
+def _check_room(existing: list[StoredCredential]) -> None:
+    """Refuses a registration past `MAX_CREDENTIALS_PER_USER`: each credential is a row in the shared registry
+    and an entry in every offer made to the user, and our endpoints are outside the gateway's rate limits."""
+    if len(existing) >= MAX_CREDENTIALS_PER_USER:
+        raise RegistrationRefused(
+            f"at most {MAX_CREDENTIALS_PER_USER} credentials per user: delete one first",
+            code="webauthn_credential_limit",
         )
 
 
