@@ -408,6 +408,28 @@ async def test_a_head_request_to_health_or_a_side_door_is_answered_without_conte
             assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), (target, answers)
 
 
+
+async def test_a_check_asked_with_head_is_answered_without_content() -> None:
+    # Envoy's HTTP ext_authz asks with the client's own method, so a client's HEAD is a HEAD check. An answer to
+    # HEAD has no content (RFC 9110 section 9.3.2): the refusals' JSON was written all the same, and the gateway,
+    # reading none, took it for the start of the next answer on its pooled connection.
+    async with running_verifier() as (app, idp):
+        good = idp.mint(sub="hd")
+        checks = [None, good, good, "not-a-token"]  # refused, first-seen, cached, malformed
+        raw = b"".join(_request(token, method="HEAD") for token in checks)
+        raw += b"GET /livez HTTP/1.1\r\nHost: v\r\nConnection: close\r\n\r\n"
+        answers = await http_exchange(app.ports.http, raw, read_until_close=True)
+        heads = []
+        for _ in checks:
+            head, _, answers = answers.partition(b"\r\n\r\n")
+            heads.append(head + b"\r\n\r\n")
+        assert [_status(head) for head in heads] == [401, 200, 200, 401], heads
+        assert [_header(head, "x-authenticated-userid") for head in heads] == [None, "hd", "hd", None]
+        assert [int(_header(head, "content-length") or 0) > 0 for head in heads] == [False, False, False, True]
+        assert answers.startswith(b"HTTP/1.1 200 OK\r\n"), answers  # the GET's own answer, not a body left over
+        assert answers.endswith(b"\r\n\r\nSERVING\n")
+
+
 # -- listener timeouts (slowloris, idle keep-alives) ---------------------------------------------------
 
 SHORT = door_settings(header_timeout_seconds=0.3, idle_timeout_seconds=0.6)

@@ -197,6 +197,25 @@ def test_wrong_audience_is_forbidden(
     )
 
 
+
+def test_a_head_request_is_judged_and_leaves_the_connection_to_the_verifier_clean(
+    gateway: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    """Envoy's HTTP ext_authz asks the verifier with the client's own method: a client's HEAD is a HEAD check,
+    whose answer the gateway reads without content. A refusal that carried its JSON body all the same left it on
+    the gateway's pooled connection, where it was read as the start of the next answer (the next caller's check)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    forged = issuer.mint(signing_key=ec.generate_private_key(ec.SECP256R1()))  # refused with a JSON body
+    good = issuer.mint(sub="after-head")
+    for _ in range(3):
+        refused = http_request(f"{gateway.url}/orders", method="HEAD", headers=bearer(forged))
+        assert refused.status == 401, (refused.status, refused.headers)
+        allowed = http_request(f"{gateway.url}/orders", headers=bearer(good))
+        assert allowed.status == 200, (allowed.status, allowed.headers, allowed.body)
+    assert [seen.headers["x-authenticated-userid"] for seen in upstream.requests] == ["after-head"] * 3
+
+
 def test_client_supplied_identity_headers_never_reach_upstream(
     gateway: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
 ) -> None:
