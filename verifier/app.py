@@ -358,7 +358,13 @@ class App:
         checks.append(DpopBinding(self.dpop if settings.state_is_shared else None))
         if self.revocation is not None:
             checks.append(
-                Revocation(self.revocation.revocations, with_roles=with_roles, on_revoked=self.revocation.count_refusal)
+                Revocation(
+                    self.revocation.revocations,
+                    with_roles=with_roles,
+                    on_revoked=self.revocation.count_refusal,
+                    max_lifetime=float(self.revocation.config.max_token_lifetime_seconds),
+                    clock=self.clock,
+                )
             )
         checks.append(CertificateBinding())
         if policies.enabled:

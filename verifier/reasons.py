@@ -89,6 +89,10 @@ _REASONS = (
     _token("session_revoked", "the token's session was revoked", reusable=False),
     _token("credential_revoked", "the credential behind the token was revoked", reusable=False),
     _token("account_disabled", "the account is disabled", reusable=False),
+    _token(
+        "token_outlives_revocation",
+        "the token lives longer than `revocation.max_token_lifetime_seconds`, how long revocations are kept",
+    ),
     # sender constraints (RFC 8705, RFC 9449)
     _token("sender_constraint_failed", "a bound token without, or with the wrong, proof of possession", reusable=False),
     _token("token_not_dpop_bound", "the DPoP scheme with a token that is not DPoP-bound", scheme=_DPOP),

@@ -25,6 +25,8 @@ from support import FrozenClock, no_http_session
 from tokenkit import ISSUER, NOW, FakeFetcher, issuer_settings
 
 from verifier.app import SSF_USER_AGENT, App
+from verifier.checks.base import NO_POLICY
+from verifier.checks.revocation import Revocation
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
@@ -32,6 +34,7 @@ from verifier.doors.ssf_http import add_ssf_routes
 from verifier.errors import InvalidToken, StateUnavailable
 from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
+from verifier.request import RequestAttributes
 from verifier.revocation import RevocationService, TokenRevoked, parse_revocation_config
 from verifier.revocation.entry import REFUSAL_CODES, Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.ssf import CredentialRevocation
@@ -594,6 +597,49 @@ async def test_entries_expire_once_every_token_they_could_match_has(
     assert len(service.revocations.expired()) == 2
     listed = body(await routes(service).dispatch(admin("GET")))
     assert listed == {"entries": []}
+
+
+async def test_a_token_that_would_outlive_the_entry_revoking_it_is_refused_from_the_start(
+    service: RevocationService, clock: FrozenClock
+) -> None:
+    """An entry lives `max_token_lifetime_seconds` after its event. A token that lives longer (an issuer's lifetime
+    set past the bound) was refused while the kill switch's entry lived, then taken again for the rest of its life:
+    revocation ended before the token did. It is refused from the start instead; one within the bound is judged
+    by the entries as before, and one without `iat` by what is left of its life."""
+    check = Revocation(service.revocations, with_roles=lambda p: p, max_lifetime=LIFETIME, clock=clock)
+    request = RequestAttributes(method="GET", scheme="https", host="api", path="/", headers={})
+    long_lived = principal(iat=NOW - 10, exp=NOW + 2 * LIFETIME)
+    within = principal(iat=NOW - 10, exp=NOW - 10 + LIFETIME)
+    created = await routes(service).dispatch(admin("POST", document={"subject": USER, "reason": "key lost"}))
+    assert created.status == 201
+    clock.advance(LIFETIME + 1)  # the entry is gone; both tokens are still within their exp
+    assert service.revocations.entries() == []
+    with pytest.raises(InvalidToken) as refused:
+        check.check_now(long_lived, request, NO_POLICY)
+    assert refused.value.code == "token_outlives_revocation"
+    assert check.check_now(within, request, NO_POLICY) is within  # it expired with (before) its entry: no gap
+    no_iat = principal(iat=None, exp=clock.now() + LIFETIME + 60)
+    with pytest.raises(InvalidToken):
+        check.check_now(no_iat, request, NO_POLICY)
+    assert check.check_now(principal(iat=None, exp=clock.now() + 60), request, NO_POLICY).claims["exp"]
+
+
+async def test_the_verifier_refuses_tokens_that_outlive_its_revocations_at_the_door() -> None:
+    """The composition root gives the check `revocation.max_token_lifetime_seconds`: through the forward-auth door,
+    a token living longer is a 401 with its reason; one within the bound is allowed."""
+    import time
+
+    from doorkit import http_exchange, running_verifier
+
+    bounded = parse_revocation_config({"max_token_lifetime_seconds": LIFETIME})
+    async with running_verifier({"revocation": bounded}) as (app, idp):
+        now = int(time.time())
+        for exp, status, reason in ((now + 2 * LIFETIME, 401, "token_outlives_revocation"), (now + 600, 200, "ok")):
+            token = idp.mint(claims={"iat": now, "exp": exp})
+            raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            answer = await http_exchange(app.ports.http, raw)
+            assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
+            assert f"x-verifier-reason: {reason}\r\n".encode() in answer
 
 
 # -- pieces ------------------------------------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from verifier.checks.base import Check, Route
-from verifier.errors import VerifierError
+from verifier.clock import Clock
+from verifier.errors import ClaimInvalid, VerifierError
+from verifier.numbers import json_number
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.request import RequestAttributes
 
@@ -25,7 +28,11 @@ class RevocationIndex(Protocol):
 
 
 class Revocation(Check):
-    """Refuses a revoked token; applies claims announced since it was issued (its scopes and roles follow)."""
+    """Refuses a revoked token; applies claims announced since it was issued (its scopes and roles follow).
+
+    An entry is kept for `max_lifetime` (`revocation.max_token_lifetime_seconds`) after its event, so a token that
+    lives longer than that would be taken again once the entry that refused it is gone: such a token is refused
+    (`token_outlives_revocation`), by its `exp - iat`, or by `exp - now` when it has no `iat`."""
 
     def __init__(
         self,
@@ -33,19 +40,39 @@ class Revocation(Check):
         *,
         with_roles: Callable[[Principal], Principal],
         on_revoked: Callable[[str], None] | None = None,
+        max_lifetime: float = math.inf,
+        clock: Clock | None = None,
     ) -> None:
         self._index = index
         self._with_roles = with_roles  # the issuer's role rules, as at admission
         self._on_revoked = on_revoked or (lambda code: None)
+        self._max_lifetime = max_lifetime
+        self._clock = clock
 
     def check_now(self, principal: Principal, attrs: RequestAttributes, route: Route) -> Principal:
         """Raises the revocation's refusal, or returns the principal with announced claims."""
+        if self._max_lifetime != math.inf:
+            self._bounded(principal.claims)
         revoked = self._index.check(principal, attrs.headers)
         if revoked is not None:
             self._on_revoked(revoked.code)
             raise revoked
         override = self._index.overrides(principal)
         return self._overridden(principal, override) if override else principal
+
+    def _bounded(self, claims: Mapping[str, Any]) -> None:
+        """Refuses a token that may outlive the entries that would refuse it."""
+        exp = json_number(claims.get("exp"))
+        if exp is None:  # an introspected token may have none: its provider's answer is fresh for a bounded time
+            return
+        iat = json_number(claims.get("iat"))
+        if iat is None:  # no issue time: its remaining life is the most that can be bounded
+            iat = self._clock.now() if self._clock is not None else -math.inf
+        if exp - iat > self._max_lifetime:
+            raise ClaimInvalid(
+                "the token lives longer than revocation.max_token_lifetime_seconds", claim="exp",
+                code="token_outlives_revocation",
+            )
 
     def _overridden(self, principal: Principal, override: Mapping[str, Any]) -> Principal:
         """The principal with announced claims, its scopes and roles derived again as at admission."""
