@@ -655,7 +655,17 @@ def test_subject_identifiers_per_rfc9493() -> None:
     assert subject_keys(complex_, session=True) == (SubjectKey(KeyKind.SID, "s1"),)
     assert subject_keys(complex_) == (SubjectKey(KeyKind.ISS_SUB, "user-1", ISSUER),)
     assert subject_keys({"format": "phone_number", "phone_number": "+1"}) == ()
-    for bad in ("x", {"format": "email"}, {}, {"format": "iss_sub", "iss": "i", "sub": 5}):
+    assert subject_keys({"format": "complex", "device": {"format": "opaque", "id": "d"}}) == ()  # names no one we key
+    nested = {"format": "aliases", "identifiers": [USER]}
+    for bad in (
+        "x", {"format": "email"}, {}, {"format": "iss_sub", "iss": "i", "sub": 5},
+        # malformed, not merely unsupported: refused (400), never acknowledged with nothing changed
+        {"format": "aliases", "identifiers": [nested]},
+        {"format": "complex", "user": nested},
+        {"format": "complex", "user": {"format": "complex", "user": USER}},
+        {"format": "complex", "user": "user-1"},
+        {"format": "complex", "session": ["s1"], "user": USER},
+    ):
         with pytest.raises(SubjectError):
             subject_keys(bad)
 

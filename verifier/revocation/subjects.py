@@ -44,7 +44,9 @@ def subject_keys(identifier: Any, *, session: bool = False, depth: int = 0) -> t
         return (SubjectKey(KeyKind.EMAIL, _member(identifier, "email").lower()),)
     if fmt == "opaque":
         return (SubjectKey(KeyKind.SID, _member(identifier, "id")),)
-    if fmt == "aliases" and depth == 0:
+    if fmt in ("aliases", "complex") and depth > 0:  # RFC 9493 section 3.2.7, SSF 1.0 section 3.3: they do not nest
+        raise SubjectError(f"a {fmt!r} subject inside another subject")
+    if fmt == "aliases":
         aliases = identifier.get("identifiers")
         if not isinstance(aliases, list) or not aliases or len(aliases) > MAX_ALIASES:
             raise SubjectError("aliases subject needs a non-empty list of identifiers")
@@ -52,8 +54,11 @@ def subject_keys(identifier: Any, *, session: bool = False, depth: int = 0) -> t
         for alias in aliases:
             keys.extend(subject_keys(alias, session=session, depth=1))
         return tuple(dict.fromkeys(keys))
-    if fmt == "complex" and depth == 0:
-        members = [m for m in ("session", "user") if isinstance(identifier.get(m), Mapping)]
+    if fmt == "complex":
+        for name, value in identifier.items():
+            if name != "format" and not isinstance(value, Mapping):  # each member is a subject identifier
+                raise SubjectError(f"complex subject member {str(name)[:40]!r} is not a subject identifier")
+        members = [m for m in ("session", "user") if m in identifier]
         if not members:
             return ()
         chosen = "session" if session and "session" in members else ("user" if "user" in members else "session")
