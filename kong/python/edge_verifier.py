@@ -5,9 +5,10 @@ call it makes (reading the request, setting a header, exiting) is a MessagePack 
 the plugin server's unix socket, on top of the gRPC call itself. See kong/python/README.md.
 
 The plugin translates and decides nothing: `allowed` sets the verifier's `upstream_headers` on the
-upstream request (client-sent `X-Authenticated-*`, `X-Kong-Consumer-*`, `X-Consumer-Groups` and, when no
-Kong authenticator named a consumer, `X-Consumer-*` / `X-Credential-Identifier` / `X-Anonymous-Consumer`
-are cleared first, by name as well as every one seen) and authenticates the Kong consumer the verifier
+upstream request (client-sent `X-Authenticated-*`, `X-Kong-Consumer-*`, `X-Consumer-Groups`, method overrides
+(`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`) and, when no Kong authenticator named a
+consumer, `X-Consumer-*` / `X-Credential-Identifier` / `X-Anonymous-Consumer` are cleared first, by name as
+well as every one seen, in any spelling with underscores) and authenticates the Kong consumer the verifier
 names (`X-Kong-Consumer-Username`, the verifier's `upstream.consumer`) as the Lua plugin does, through
 `kong.client.load_consumer` and `kong.client.authenticate`; a refusal is relayed with the verifier's
 status, `response_headers` and body. A request with more headers than can be read is refused (400), as
@@ -125,6 +126,9 @@ CONSUMER_CUSTOM_ID_HEADER = "x-kong-consumer-custom-id"
 NAMING_HEADERS = (CONSUMER_USERNAME_HEADER, CONSUMER_CUSTOM_ID_HEADER)
 # Every client header with these prefixes is cleared: identity, and how the verifier names the consumer.
 CLEARED_PREFIXES = (IDENTITY_PREFIX, "x-kong-consumer-")
+# Method overrides an application framework may honour: the verifier judged the request's real method, so
+# the upstream must not be told another one (cleared by name, as the Lua plugin does).
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 USERID_HEADER = "x-authenticated-userid"
 UNKNOWN_CONSUMER_STATUS = 403
 UNKNOWN_CONSUMER_MESSAGE = "The verified identity is not a known consumer"
@@ -409,8 +413,15 @@ class Plugin:
         if sum(len(_values(v)) for v in headers.values()) >= MAX_REQUEST_HEADERS:
             kong.response.exit(TOO_MANY_HEADERS_STATUS, {"message": "Too many request headers"})
             return
-        clear = dict.fromkeys((*IDENTITY_HEADERS, CONSUMER_GROUPS_HEADER, *NAMING_HEADERS))
-        clear.update(dict.fromkeys(n.lower() for n in headers if n.lower().startswith(CLEARED_PREFIXES)))
+        clear = dict.fromkeys((*IDENTITY_HEADERS, CONSUMER_GROUPS_HEADER, *NAMING_HEADERS, *METHOD_OVERRIDE_HEADERS))
+        for name in headers:
+            # `X_Authenticated_Roles` is X-Authenticated-Roles to CGI-style frameworks (WSGI, Rack, PHP), and
+            # Kong's nginx has `underscores_in_headers on`: every spelling is cleared, as the one with dashes.
+            lname = name.lower()
+            dashed = lname.replace("_", "-")
+            underscored_consumer = dashed != lname and dashed in CONSUMER_HEADERS  # never Kong's own spelling
+            if dashed.startswith(CLEARED_PREFIXES) or dashed in clear or underscored_consumer:
+                clear[lname] = None
         earlier = _value(kong.client.get_consumer())
         if not earlier:
             clear.update(dict.fromkeys(CONSUMER_HEADERS))

@@ -606,6 +606,34 @@ def test_every_client_x_authenticated_header_is_cleared(kong, recording_verifier
     ), "the verifier's identity is set after the client's is cleared"
 
 
+def test_identity_headers_spelled_with_underscores_are_cleared(kong, recording_verifier):
+    # Kong's own nginx template has `underscores_in_headers on`: `X_Authenticated_Roles` reaches the plugin
+    # and the upstream, where CGI-style frameworks (WSGI, Rack, PHP) read it as X-Authenticated-Roles. The
+    # Lua plugin clears every such spelling (tests/kong/test_trust_boundary_lua.py); so must this one.
+    _, target = recording_verifier
+    iid = start_instance(kong, grpc_target=target)
+    spoofed = {"X_Authenticated_Roles": "admin", "x_authenticated_userid": "root", "X-Authenticated_Scope": "all",
+               "X_Kong_Consumer_Username": "root", "X_Consumer_Groups": "admins", "X_Consumer_ID": "0000"}
+    calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": "Bearer x", **spoofed}))
+
+    assert not named(calls, "kong.response.error")
+    assert {name.lower() for name in spoofed} <= cleared(calls)
+
+
+@pytest.mark.parametrize("override", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override",
+                                      "X_HTTP_Method_Override"])
+def test_a_method_override_never_reaches_the_upstream(kong, recording_verifier, override):
+    # The verifier judged the request's real method (a GET a read-only token may make): an application
+    # framework must not be told to run another one, as the Lua plugin and every gateway template ensure.
+    servicer, target = recording_verifier
+    iid = start_instance(kong, grpc_target=target)
+    calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": "Bearer x", override: "DELETE"}))
+
+    (sent,) = servicer.requests
+    assert sent.method == "GET"
+    assert override.lower() in cleared(calls)
+
+
 def test_more_request_headers_than_can_be_enumerated_are_refused(kong, recording_verifier):
     # G5: a spoofed identity header past the 1000th would not be seen to be cleared
     servicer, target = recording_verifier
