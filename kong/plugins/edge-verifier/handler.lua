@@ -191,9 +191,12 @@ local function scan_header(name, value, authorization, single_use, consumer_sent
     -- `x_authenticated_roles` is X-Authenticated-Roles to CGI-style
     -- frameworks (nginx drops such names unless underscores_in_headers is on)
     local dashed = gsub(lname, "_", "-")
+    -- (an underscore spelling of a consumer header is never Kong's own: cleared
+    -- whoever authenticated the consumer)
     if sub(dashed, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX
         or IS_METHOD_OVERRIDE[dashed] or dashed == CONSUMER_GROUPS_HEADER
-        or sub(dashed, 1, NAMING_PREFIX_LEN) == NAMING_PREFIX then
+        or sub(dashed, 1, NAMING_PREFIX_LEN) == NAMING_PREFIX
+        or (IS_CONSUMER_HEADER[dashed] and dashed ~= lname) then
       clear_header(name)
     elseif IS_CONSUMER_HEADER[lname] then
       consumer_sent = true
