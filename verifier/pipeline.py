@@ -41,6 +41,7 @@ from verifier.errors import (
     Forbidden,
     InternalError,
     InvalidToken,
+    MalformedRequest,
     MissingToken,
     Overloaded,
     ProviderUnavailable,
@@ -51,7 +52,7 @@ from verifier.errors import (
 from verifier.observe import audit
 from verifier.observe.metrics import Metrics
 from verifier.observe.tracing import NO_TRACING, Tracing
-from verifier.policy.rules import PolicySet
+from verifier.policy.rules import AMBIGUOUS, PolicySet
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import SUPPORTED_ALGORITHMS
@@ -347,6 +348,11 @@ class Pipeline:
             realm=realm,
             route_params=default.challenge,
         )
+        self._ambiguous_path = refuse(
+            MalformedRequest("the request path reads as different routes"),
+            realm=realm,
+            route_params=default.challenge,
+        )
         # Worked out once per route and per combination of checks, never per request.
         self._routes: dict[int, tuple[Route, int]] = {}  # id(policy) -> the route and its checks' bits
         self._no_policy = (default, self._mask(default))
@@ -537,6 +543,8 @@ class Pipeline:
             self.trace("route", {"policy": policy})
         if policy is None:
             return self._no_route
+        if policy is AMBIGUOUS:
+            return self._ambiguous_path
         routed = self._routes.get(id(policy))
         if routed is None:
             route = Route(

@@ -130,7 +130,14 @@ def bearer(token: str) -> dict[str, str]:
 
 def absolute_form(edge: Edge, target: str, headers: dict[str, str]) -> int:
     """Sends `GET <absolute URI> HTTP/1.1` (RFC 9112 section 3.2.2) and returns the status code."""
-    lines = [f"GET {target} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items()), "Connection: close", "", ""]
+    return raw_get(edge, target, headers)
+
+
+def raw_get(edge: Edge, target: str, headers: dict[str, str] | list[tuple[str, str]]) -> int:
+    """Sends `GET <target> HTTP/1.1` with the target byte for byte (no client library's parsing: a `#` stays
+    in it) and the header lines as given (a list may repeat a name), and returns the status code."""
+    fields = headers.items() if isinstance(headers, dict) else headers
+    lines = [f"GET {target} HTTP/1.1", *(f"{k}: {v}" for k, v in fields), "Connection: close", "", ""]
     with socket.create_connection((LOOPBACK, edge.port), timeout=10) as sock:
         sock.sendall("\r\n".join(lines).encode())
         data = b""
@@ -165,6 +172,31 @@ def test_a_public_path_with_dot_segments_does_not_open_a_protected_one(
     r = http_request(f"{edge.url}{path}")
 
     assert r.status in (301, 307, 308, 400, 401, 404), (edge.name, path, r.status, r.body)
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("target", ["/health#/../admin/secret", "/health#/../orders"])
+def test_a_public_path_with_a_fragment_does_not_open_a_protected_one(
+    edge: Edge, upstream: EchoUpstream, target: str
+) -> None:
+    """A request-target never carries a fragment (RFC 9112 section 3.2): a gateway that passes the `#` on
+    leaves it to the upstream, which may read `/health#/../admin/secret` as /admin/secret (Go's path.Clean
+    on URL.Path, a file server) or as /health; neither reading may be judged as the public /health."""
+    status = raw_get(edge, target, {"Host": API_HOST})
+
+    assert status in (400, 401), (edge.name, target, status)
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("path", ["/x/..;/admin/secret", "/.;/admin/secret", "/health;/..;/admin/secret"])
+def test_path_parameters_do_not_sidestep_the_admin_policy(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], path: str
+) -> None:
+    """Servlet containers (Tomcat, Jetty, Spring) drop `;parameters` from each segment before resolving dot
+    segments: `/x/..;/admin/secret` is /admin/secret to them. A read-only token must not get there."""
+    status = raw_get(edge, path, {"Host": API_HOST, **bearer(tokens("read"))})
+
+    assert status in (400, 403), (edge.name, path, status)
     assert upstream.requests == []
 
 
@@ -322,6 +354,18 @@ def test_another_host_is_served_with_the_same_token(
 
     assert r.status == 200, (edge.name, r.status, r.body)
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("hosts", [(API_HOST, ADMIN_HOST), (ADMIN_HOST, API_HOST)])
+def test_two_host_lines_do_not_sidestep_the_admin_hosts_policy(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], hosts: tuple[str, str]
+) -> None:
+    """RFC 9112 section 3.2: a request with two Host lines is a 400 (nginx's answer). Envoy joins them into
+    one `Host: api.example.test,admin.example.test`, which an upstream may read as either host."""
+    status = raw_get(edge, "/orders", [("Host", hosts[0]), ("Host", hosts[1]), *bearer(tokens("read")).items()])
+
+    assert status in (400, 403), (edge.name, hosts, status)
+    assert upstream.requests == []
 
 
 @pytest.mark.parametrize("spoof", ["X-Forwarded-Host", "X-Original-Host"])

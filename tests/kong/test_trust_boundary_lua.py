@@ -24,6 +24,7 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
     test_a_client_naming_another_host_still_gets_the_admin_hosts_policy,
     test_a_client_sent_thumbprint_does_not_stand_in_for_a_certificate,
     test_a_method_override_never_reaches_the_upstream,
+    test_a_public_path_with_a_fragment_does_not_open_a_protected_one,
     test_a_public_path_with_dot_segments_does_not_open_a_protected_one,
     test_a_write_token_may_post,
     test_an_absolute_form_target_gets_the_policy_of_the_host_it_names,
@@ -32,8 +33,10 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
     test_client_identity_headers_never_reach_the_upstream_and_the_verifiers_do,
     test_every_spelling_of_the_admin_host_gets_the_admin_hosts_policy,
     test_identity_headers_spelled_with_underscores_never_reach_the_upstream,
+    test_path_parameters_do_not_sidestep_the_admin_policy,
     test_the_public_path_itself_stays_public,
     test_the_verifiers_roles_reach_the_upstream,
+    test_two_host_lines_do_not_sidestep_the_admin_hosts_policy,
     tokens,
     verifier,
 )

@@ -8,7 +8,7 @@ from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from verifier.doors.refusals import refuse
 from verifier.errors import Forbidden, SenderConstraintFailed
 from verifier.policy.roles import RoleMapper
-from verifier.policy.rules import PolicySet, StepUpRequired, evaluate, normalize_path
+from verifier.policy.rules import AMBIGUOUS, PolicySet, StepUpRequired, evaluate, normalize_path
 from verifier.principal import Principal
 from verifier.request import RequestAttributes, host_name, normalize_host
 from verifier.settings import PolicySettings, Requirements, RoleRule, RouteMatch
@@ -53,6 +53,24 @@ REST = PolicySettings(name="rest", match=RouteMatch(path_prefix="/"), require=Re
 )
 def test_paths_are_normalized_before_matching(raw: str, normal: str) -> None:
     assert normalize_path(raw) == normal
+
+
+@pytest.mark.parametrize("path", ["/health#/../admin", "/x/..;/admin", "/.;/admin/x", "/health;x"])
+def test_a_path_upstreams_read_as_different_routes_is_ambiguous(path: str) -> None:
+    """`#` (kept or dropped by the upstream) and `;parameters` (dropped by servlet containers) change the route."""
+    assert PolicySet((ADMIN, PUBLIC, REST)).match(_attrs("DELETE", path)) is AMBIGUOUS
+
+
+@pytest.mark.parametrize("host", ["public.example.test,admin.example.test", "ADMIN.example.test.,public.example.test"])
+def test_a_host_upstreams_read_as_different_hosts_is_ambiguous(host: str) -> None:
+    """Two Host lines, joined by Envoy: an upstream may take either."""
+    assert PolicySet((ADMIN_HOST, OPEN)).match(_attrs("GET", "/", host=host)) is AMBIGUOUS
+    assert PolicySet((ADMIN_HOST, OPEN)).match(_attrs("GET", "/", host="a.test,a.test")).name == "open"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("path", ["/admin;jsessionid=1/users", "/orders;v=2", "/orders#top", "/a;b/../c"])
+def test_a_path_every_reading_of_which_meets_one_policy_is_not_ambiguous(path: str) -> None:
+    assert PolicySet((ADMIN, PUBLIC, REST)).match(_attrs("DELETE", path)) is not AMBIGUOUS
 
 
 @pytest.mark.parametrize("path", ["/admin/users", "//admin/users", "/./admin", "/%61dmin/x", "/api/../admin"])

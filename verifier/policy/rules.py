@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
+import re
 import urllib.parse
 from collections.abc import Sequence
 
@@ -38,6 +39,24 @@ def normalize_path(path: str) -> str:
     return normal
 
 
+def other_readings(path: str) -> set[str]:
+    """The other ways an upstream may read `path` (no query), normalized as `normalize_path`; empty for a
+    path without `#` or `;`, which every upstream reads one way.
+
+    - A `#` never belongs in a request-target (RFC 9112 section 3.2), yet nginx passes it on: one upstream
+      drops what follows as a fragment (`normalize_path` does), another keeps it in the path and resolves
+      the dot segments after it (Go's `path.Clean` of `URL.Path`): `/health#/../admin` is /admin to it.
+    - Servlet containers (Tomcat, Jetty, Spring) drop a segment's `;parameters` before resolving dot
+      segments: `/x/..;/admin` is /admin to them, a segment named `..;` to everyone else.
+    """
+    if "#" not in path and ";" not in path:
+        return set()
+    variants = {path, path.replace("#", "%23")}  # the fragment dropped (normalize_path), or kept as data
+    variants |= {_PATH_PARAMETERS.sub("", v) for v in variants}
+    return {normalize_path(v) for v in variants}
+
+
+_PATH_PARAMETERS = re.compile(r";[^/]*")
 MAX_ROUTE_MEMO = 4096  # (method, host, path) -> policy decisions remembered by `PolicySet.match`
 _UNSEEN = object()
 
@@ -114,6 +133,12 @@ class CompiledPolicy:
         return path.startswith(self.path_prefix)
 
 
+#: What `PolicySet.match` returns for a path that upstreams may read as different routes (a 400).
+AMBIGUOUS = CompiledPolicy(
+    name="", hosts=frozenset(), methods=frozenset(), path_prefix="", path="", require=Requirements()
+)
+
+
 class PolicySet:
     """The configured policies, compiled once."""
 
@@ -143,7 +168,8 @@ class PolicySet:
         self._memo: dict[tuple[str, str, str], CompiledPolicy | None] = {}
 
     def match(self, attrs: RequestAttributes) -> CompiledPolicy | None:
-        """The first policy that covers the request (None: no policy matched).
+        """The first policy that covers the request (None: no policy matched; `AMBIGUOUS`: the readings of
+        its host or path fall under different policies, so the request is refused).
 
         The doors normalized the host (`normalize_host`); a policy names hosts, not ports, so
         `admin.example.test:443` and `:8443` meet the policy for `admin.example.test`. The answer is a
@@ -156,7 +182,18 @@ class PolicySet:
         found = memo.get(key, _UNSEEN)
         if found is not _UNSEEN:
             return found  # type: ignore[return-value]
-        policy = self._match(method, host_name(host), normalize_path(path))
+        name, normal = host_name(host), normalize_path(path)
+        policy = self._match(method, name, normal)
+        # Another reading of the host (two Host lines that Envoy joined: `api.example.test,admin.example.test`,
+        # which an upstream may read as either) or of the path (`other_readings`) under another policy: an
+        # upstream could get another policy's route than the one judged. Refused.
+        names = {host_name(normalize_host(part.strip())) for part in host.split(",")} if "," in host else set()
+        paths = other_readings(path)
+        if names or paths:
+            names.add(name)
+            paths.add(normal)
+            if any(self._match(method, n, p) is not policy for n in names for p in paths):
+                policy = AMBIGUOUS
         if len(memo) >= MAX_ROUTE_MEMO:
             memo.clear()  # attacker-chosen paths: bounded, and a clear is cheaper than an LRU on every hit
         memo[key] = policy
