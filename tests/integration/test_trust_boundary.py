@@ -200,6 +200,17 @@ def test_path_parameters_do_not_sidestep_the_admin_policy(
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize("path", ["/ADMIN/secret", "/Admin/secret", "/%41dmin/secret"])
+def test_another_case_of_the_admin_path_does_not_sidestep_its_policy(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], path: str
+) -> None:
+    """Express, ASP.NET Core and IIS route paths case-blind: /ADMIN/secret is /admin/secret to them."""
+    r = http_request(f"{edge.url}{path}", headers=bearer(tokens("read")))
+
+    assert r.status in (400, 403), (edge.name, path, r.status, r.body)
+    assert upstream.requests == []
+
+
 def test_the_public_path_itself_stays_public(edge: Edge, upstream: EchoUpstream) -> None:
     """The control for the test above: /health really is open, so a 401 there is the path being judged."""
     r = http_request(f"{edge.url}/health")

@@ -39,21 +39,26 @@ def normalize_path(path: str) -> str:
     return normal
 
 
-def other_readings(path: str) -> set[str]:
-    """The other ways an upstream may read `path` (no query), normalized as `normalize_path`; empty for a
-    path without `#` or `;`, which every upstream reads one way.
+def other_readings(path: str, normal: str) -> set[str]:
+    """The other ways an upstream may read `path` (no query; `normal`: `normalize_path(path)`), normalized
+    as `normalize_path`; empty for a lower-case path without `#` or `;`, which every upstream reads one way.
 
     - A `#` never belongs in a request-target (RFC 9112 section 3.2), yet nginx passes it on: one upstream
       drops what follows as a fragment (`normalize_path` does), another keeps it in the path and resolves
       the dot segments after it (Go's `path.Clean` of `URL.Path`): `/health#/../admin` is /admin to it.
     - Servlet containers (Tomcat, Jetty, Spring) drop a segment's `;parameters` before resolving dot
       segments: `/x/..;/admin` is /admin to them, a segment named `..;` to everyone else.
+    - Express, ASP.NET Core and IIS route case-blind: `/ADMIN` is /admin to them.
     """
-    if "#" not in path and ";" not in path:
-        return set()
-    variants = {path, path.replace("#", "%23")}  # the fragment dropped (normalize_path), or kept as data
-    variants |= {_PATH_PARAMETERS.sub("", v) for v in variants}
-    return {normalize_path(v) for v in variants}
+    readings: set[str] = set()
+    if "#" in path or ";" in path:
+        variants = {path, path.replace("#", "%23")}  # the fragment dropped (normalize_path), or kept as data
+        variants |= {_PATH_PARAMETERS.sub("", v) for v in variants}
+        readings = {normalize_path(v) for v in variants}
+    if normal != normal.lower() or any(r != r.lower() for r in readings):
+        readings |= {r.lower() for r in readings} | {normal.lower()}
+    readings.discard(normal)
+    return readings
 
 
 _PATH_PARAMETERS = re.compile(r";[^/]*")
@@ -188,7 +193,7 @@ class PolicySet:
         # which an upstream may read as either) or of the path (`other_readings`) under another policy: an
         # upstream could get another policy's route than the one judged. Refused.
         names = {host_name(normalize_host(part.strip())) for part in host.split(",")} if "," in host else set()
-        paths = other_readings(path)
+        paths = other_readings(path, normal)
         if names or paths:
             names.add(name)
             paths.add(normal)
