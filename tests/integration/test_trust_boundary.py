@@ -392,6 +392,29 @@ def test_a_client_naming_another_host_still_gets_the_admin_hosts_policy(
 # ------------------------------------------------------------------------------------------------ after the verifier
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Forwarded", f"for=203.0.113.9;host={ADMIN_HOST};proto=https"),
+        ("X-Forwarded-Host", ADMIN_HOST),
+        ("X-Forwarded-Uri", "/health"),
+        ("X-Forwarded-Method", "GET"),
+        ("X-Original-URI", "/health"),
+    ],
+)
+def test_a_client_description_of_the_request_never_reaches_the_upstream(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], name: str, value: str
+) -> None:
+    """The verifier judged the api host's GET /orders: an application that reads the host, path or scheme from
+    RFC 7239 `Forwarded` or X-Forwarded-* (Spring's ForwardedHeaderFilter, Rails, Django's USE_X_FORWARDED_HOST)
+    must not be told the client's version of them (nginx clears them all; the gateway sets its own)."""
+    r = http_request(f"{edge.url}/orders", headers={"Host": API_HOST, name: value, **bearer(tokens("read"))})
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    assert seen.headers.get(name.lower()) != value, (edge.name, seen.headers)
+
+
 @pytest.mark.parametrize("override", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])
 def test_a_method_override_never_reaches_the_upstream(
     edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], override: str
