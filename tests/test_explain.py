@@ -167,6 +167,17 @@ async def test_explain_reports_the_services_decision_and_why(
     assert service["cache-control"] == max_age
 
 
+async def test_explain_says_why_a_path_read_as_two_routes_is_refused(
+    provider: tuple[DevIdentityProvider, Path],
+) -> None:
+    idp, config = provider
+    code, out, _err = await _explain(config, "--json", "--path", "/ADMIN/users", idp.mint(sub="bob"))
+    report = json.loads(out)
+    assert code == 1
+    assert (report["answer"]["status"], report["answer"]["reason"]) == (400, "invalid_request")
+    assert report["route"]["policy"] is None and "different policies" in report["route"]["summary"]
+
+
 async def test_explain_text_names_issuer_key_checks_route_and_answer(
     provider: tuple[DevIdentityProvider, Path],
 ) -> None:

@@ -23,7 +23,7 @@ from verifier.decision import Decision
 from verifier.doors.forward_auth import attributes_from_http
 from verifier.errors import ClaimInvalid, VerifierError
 from verifier.observe.audit import fingerprint, token_hash
-from verifier.policy.rules import CompiledPolicy
+from verifier.policy.rules import AMBIGUOUS, CompiledPolicy
 from verifier.principal import Principal
 from verifier.settings import IssuerSettings, Settings
 from verifier.tokens import jws
@@ -380,6 +380,9 @@ def _report(
         summary = "no route policies configured: any valid token is allowed"
     elif policy is None:
         summary = "no policy matches this request: refused (route_not_allowed)"
+    elif policy is AMBIGUOUS:
+        summary = "the path or host reads as routes of different policies: refused (invalid_request)"
+        policy = None
     else:
         summary = _policy_summary(policy)
     if principal is not None:
