@@ -56,7 +56,7 @@ def test_paths_are_normalized_before_matching(raw: str, normal: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/health#/../admin", "/x/..;/admin", "/.;/admin/x", "/health;x", "/ADMIN", "/%41dmin"]
+    "path", ["/health#/../admin", "/x/..;/admin", "/.;/admin/x", "/health;x", "/ADMIN", "/%41dmin", "/%2561dmin"]
 )
 def test_a_path_upstreams_read_as_different_routes_is_ambiguous(path: str) -> None:
     """`#` (kept or dropped by the upstream) and `;parameters` (dropped by servlet containers) change the route."""
@@ -71,7 +71,8 @@ def test_a_host_upstreams_read_as_different_hosts_is_ambiguous(host: str) -> Non
 
 
 @pytest.mark.parametrize(
-    "path", ["/admin;jsessionid=1/users", "/orders;v=2", "/orders#top", "/a;b/../c", "/Orders", "/admin/Users"]
+    "path",
+    ["/admin;jsessionid=1/users", "/orders;v=2", "/orders#top", "/a;b/../c", "/Orders", "/admin/Users", "/100%25"],
 )
 def test_a_path_every_reading_of_which_meets_one_policy_is_not_ambiguous(path: str) -> None:
     assert PolicySet((ADMIN, PUBLIC, REST)).match(_attrs("DELETE", path)) is not AMBIGUOUS

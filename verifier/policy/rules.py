@@ -41,7 +41,7 @@ def normalize_path(path: str) -> str:
 
 def other_readings(path: str, normal: str) -> set[str]:
     """The other ways an upstream may read `path` (no query; `normal`: `normalize_path(path)`), normalized
-    as `normalize_path`; empty for a lower-case path without `#` or `;`, which every upstream reads one way.
+    as `normalize_path`; empty for a lower-case path without `#`, `;` or `%25`, which every upstream reads one way.
 
     - A `#` never belongs in a request-target (RFC 9112 section 3.2), yet nginx passes it on: one upstream
       drops what follows as a fragment (`normalize_path` does), another keeps it in the path and resolves
@@ -49,11 +49,14 @@ def other_readings(path: str, normal: str) -> set[str]:
     - Servlet containers (Tomcat, Jetty, Spring) drop a segment's `;parameters` before resolving dot
       segments: `/x/..;/admin` is /admin to them, a segment named `..;` to everyone else.
     - Express, ASP.NET Core and IIS route case-blind: `/ADMIN` is /admin to them.
+    - An application that decodes the path its framework already decoded reads `/%2561dmin` as /admin.
     """
     readings: set[str] = set()
-    if "#" in path or ";" in path:
+    if "#" in path or ";" in path or "%25" in path:
         variants = {path, path.replace("#", "%23")}  # the fragment dropped (normalize_path), or kept as data
         variants |= {_PATH_PARAMETERS.sub("", v) for v in variants}
+        if "%25" in path:
+            variants |= {urllib.parse.unquote(v.split("?", 1)[0]) for v in variants}  # decoded twice
         readings = {normalize_path(v) for v in variants}
     if normal != normal.lower() or any(r != r.lower() for r in readings):
         readings |= {r.lower() for r in readings} | {normal.lower()}
