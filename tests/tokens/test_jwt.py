@@ -379,6 +379,12 @@ CLAIM_CASES: list[tuple[str, dict[str, Any], float, type[VerifierError] | None]]
     ("aud a number", {"aud": 5}, 0, ClaimInvalid),
     ("aud list of non-strings", {"aud": [5, None]}, 0, AudienceMismatch),
     ("client_id not a string and no sub", {"sub": None, "client_id": 5}, 0, ClaimInvalid),
+    # An empty `sub` or client names nobody (as an introspection answer's do): no caller to key revocation,
+    # rate limits or the upstream's user on.
+    ("sub empty and no client", {"sub": "", "client_id": None}, 0, ClaimInvalid),
+    ("client_id empty and no sub", {"sub": None, "client_id": ""}, 0, ClaimInvalid),
+    ("azp empty and no sub", {"sub": None, "client_id": None, "azp": ""}, 0, ClaimInvalid),
+    ("sub empty beside a client", {"sub": "", "client_id": "svc-7"}, 0, None),
 ]
 
 

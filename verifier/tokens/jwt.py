@@ -79,7 +79,9 @@ def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings:
     if sub is not None and not isinstance(sub, str):
         raise ClaimInvalid("sub is not a string", claim="sub")
     client_id = claims.get("client_id", claims.get("azp"))
-    if sub is None and not isinstance(client_id, str):
+    # An empty `sub` or client names nobody, as in an introspection answer: no caller for revocation entries,
+    # rate-limit buckets or the upstream's user header to be keyed on.
+    if not sub and not (isinstance(client_id, str) and client_id):
         raise ClaimInvalid("token names no subject", claim="sub")
     aud = claims.get("aud")
     if isinstance(aud, str):  # the common form: one audience, no list to walk
