@@ -156,6 +156,32 @@ async def test_mtls_bound_token_needs_the_matching_certificate_thumbprint() -> N
         assert (status, headers["x-verifier-reason"]) == (401, "sender_constraint_failed")
 
 
+async def test_a_token_bound_by_a_confirmation_method_the_verifier_cannot_check_is_not_taken_as_bearer() -> None:
+    """RFC 7800 `cnf` names how the presenter proves possession; a method other than RFC 9449 `jkt` or RFC 8705
+    `x5t#S256` (an RFC 7800 `jwk` or `kid`, a SHA-1 `x5t`), or a `cnf` that is not an object, cannot be checked
+    here, so the token is refused rather than taken as a plain bearer token (a stolen PoP token would pass)."""
+    options = {"policies": POLICIES, "mtls_thumbprint_header": "x-client-cert-thumbprint"}
+    async with running_verifier(options) as (app, idp):
+        port = app.ports.http
+        for cnf in (
+            {"jwk": {"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}},
+            {"kid": "pop-key-1"},
+            {"x5t": "abc123"},
+            "abc123",
+            ["jkt"],
+        ):
+            token = idp.mint(scope="read", claims={"cnf": cnf})
+            status, headers, _ = _parse(await http_exchange(port, _request("/api/x", token=token)))
+            assert (status, headers.get("x-verifier-reason")) == (401, "sender_constraint_failed"), cnf
+        # Unbound (no cnf, or one naming nothing) and properly bound tokens are judged as before.
+        for claims in ({}, {"cnf": {}}):
+            token = idp.mint(scope="read", claims=claims)
+            assert _parse(await http_exchange(port, _request("/api/x", token=token)))[0] == 200
+        token = idp.mint(scope="read", claims={"cnf": {"x5t#S256": "abc123", "x5t": "sha1"}})
+        extra = "X-Client-Cert-Thumbprint: abc123\r\n"
+        assert _parse(await http_exchange(port, _request("/api/x", token=token, extra=extra)))[0] == 200
+
+
 async def test_an_allow_under_a_rate_limit_tells_the_client_what_is_left() -> None:
     """The forward-auth allow carries RateLimit-Policy / RateLimit (for the client: the gateways pass them
     on) and stays no-store, so no gateway replays one request's budget to another."""

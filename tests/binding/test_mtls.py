@@ -16,7 +16,12 @@ from verifier.binding.mtls import (
     thumbprint_from_der,
     thumbprint_from_pem,
 )
+from verifier.checks.base import NO_POLICY
+from verifier.checks.certificate import CertificateBinding
+from verifier.credentials import Credential, TokenScheme
 from verifier.errors import MalformedRequest, SenderConstraintFailed
+from verifier.principal import Principal
+from verifier.request import RequestAttributes
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +79,48 @@ def test_refuses_a_malformed_confirmation(value: Any) -> None:
 def test_refusal_is_not_reusable_and_answers_invalid_token() -> None:
     assert SenderConstraintFailed.reusable is False
     assert SenderConstraintFailed.oauth_error == "invalid_token"
+
+
+def _principal(**claims: Any) -> Principal:
+    return Principal("https://idp", "alice", None, (), frozenset(), 2e9, claims)
+
+
+def _attrs(thumbprint: str = "") -> RequestAttributes:
+    return RequestAttributes("GET", "https", "api.example.test", "/", {}, "", thumbprint)
+
+
+BEARER = Credential(TokenScheme.BEARER, "t")
+
+
+@pytest.mark.parametrize(
+    "cnf",
+    [
+        {"jwk": {"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}},  # RFC 7800 section 3.2
+        {"kid": "pop-key-1"},  # RFC 7800 section 3.4
+        {"jku": "https://client.example/jwks"},  # RFC 7800 section 3.5
+        {"x5t": "sha1-thumbprint"},  # not RFC 8705's x5t#S256
+        "abc",
+        ["jkt"],
+        42,
+    ],
+    ids=["jwk", "kid", "jku", "x5t-sha1", "string", "list", "number"],
+)
+def test_a_confirmation_the_verifier_cannot_check_is_refused_not_taken_as_bearer(cnf: Any) -> None:
+    principal = _principal(cnf=cnf)
+    check = CertificateBinding()
+    assert check.for_token(principal, BEARER)
+    with pytest.raises(SenderConstraintFailed):
+        check.check_now(principal, _attrs("some-thumbprint"), NO_POLICY)
+
+
+def test_the_binding_check_leaves_unbound_and_checkable_tokens_to_their_own_rules(cert: x509.Certificate) -> None:
+    check = CertificateBinding()
+    for unbound in (_principal(), _principal(cnf={}), _principal(cnf=None)):
+        assert not check.for_token(unbound, BEARER)
+    dpop_bound = _principal(cnf={"jkt": "abc"})  # the DPoP check's business
+    assert check.check_now(dpop_bound, _attrs(), NO_POLICY) is dpop_bound
+    presented = thumbprint_from_der(cert.public_bytes(Encoding.DER))
+    bound = _principal(cnf={"x5t#S256": presented, "x5t": "sha1-thumbprint"})
+    assert check.check_now(bound, _attrs(presented), NO_POLICY) is bound
+    with pytest.raises(SenderConstraintFailed):
+        check.check_now(bound, _attrs(), NO_POLICY)
