@@ -84,6 +84,30 @@ def test_admin_policy_cannot_be_sidestepped_by_path_tricks(path: str) -> None:
     assert policy is not None and policy.name == "admin"
 
 
+@pytest.mark.parametrize(
+    ("written", "request_path"),
+    [
+        ("/docs/secret%20plans", "/docs/secret%20plans/q3"),  # as a client spells it
+        ("/docs/secret%20plans", "/docs/secret plans/q3"),
+        ("/api//admin", "/api//admin/users"),  # "//" is merged in the request
+        ("/api/./admin", "/api/admin/users"),
+        ("/%61dmin", "/admin/users"),
+        ("/api/x/../admin", "/api/admin/users"),
+    ],
+)
+def test_a_policy_path_written_unnormalized_still_meets_its_requests(written: str, request_path: str) -> None:
+    """Requests are matched in normalized form, so a policy path that is not (percent-encoding, `//`, dot segments)
+    matched no request at all, and its requests fell through to the next, laxer policy."""
+    admin = Requirements(roles_any=("admin",))
+    by_prefix = PolicySettings(name="strict", match=RouteMatch(path_prefix=written), require=admin)
+    policy = PolicySet((by_prefix, REST)).match(_attrs("GET", request_path))
+    assert policy is not None and policy.name == "strict"
+    exact_path = request_path.rsplit("/", 1)[0]
+    exact = PolicySettings(name="strict", match=RouteMatch(path=written), require=admin)
+    policy = PolicySet((exact, REST)).match(_attrs("GET", exact_path))
+    assert policy is not None and policy.name == "strict"
+
+
 def test_first_match_wins_and_methods_and_hosts_count() -> None:
     policies = PolicySet(
         (PolicySettings(name="h", match=RouteMatch(hosts=("other.test",)), require=Requirements()), ADMIN, REST)

@@ -162,8 +162,10 @@ class PolicySet:
                 name=p.name,
                 hosts=frozenset(normalize_host(h) for h in p.match.hosts),
                 methods=frozenset(p.match.methods),
-                path_prefix=p.match.path_prefix,
-                path=p.match.path,
+                # Compared with normalized request paths, so normalized the same way: written with percent-encoding,
+                # `//` or dot segments, a policy would meet no request and its requests would fall to a laxer one.
+                path_prefix=normalize_path(p.match.path_prefix) if p.match.path_prefix else "",
+                path=normalize_path(p.match.path) if p.match.path else "",
                 require=p.require,
                 issuers=frozenset(p.require.issuers_any),
                 audiences=frozenset(p.require.audiences_any + ((p.resource,) if p.resource else ())),
