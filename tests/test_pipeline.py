@@ -167,6 +167,7 @@ async def test_a_token_bound_by_a_confirmation_method_the_verifier_cannot_check_
             {"jwk": {"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}},
             {"kid": "pop-key-1"},
             {"x5t": "abc123"},
+            {"jkt": None},
             "abc123",
             ["jkt"],
         ):

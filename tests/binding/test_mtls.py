@@ -99,11 +99,12 @@ BEARER = Credential(TokenScheme.BEARER, "t")
         {"kid": "pop-key-1"},  # RFC 7800 section 3.4
         {"jku": "https://client.example/jwks"},  # RFC 7800 section 3.5
         {"x5t": "sha1-thumbprint"},  # not RFC 8705's x5t#S256
+        {"jkt": None},  # names DPoP, binds to no key (the DPoP check lets a Bearer presentation of it by)
         "abc",
         ["jkt"],
         42,
     ],
-    ids=["jwk", "kid", "jku", "x5t-sha1", "string", "list", "number"],
+    ids=["jwk", "kid", "jku", "x5t-sha1", "jkt-null", "string", "list", "number"],
 )
 def test_a_confirmation_the_verifier_cannot_check_is_refused_not_taken_as_bearer(cnf: Any) -> None:
     principal = _principal(cnf=cnf)

@@ -41,6 +41,6 @@ class CertificateBinding(Check):
             raise SenderConstraintFailed("token cnf is not a JSON object")
         if X5T_S256 in cnf:
             check_certificate_binding(cnf, attrs.client_cert_thumbprint)
-        elif DPOP_JKT not in cnf:
+        elif cnf.get(DPOP_JKT) is None:  # a `jkt` of null binds to no key (another type: the DPoP check refuses it)
             raise SenderConstraintFailed("token is bound by a confirmation method this verifier does not check")
         return principal
