@@ -438,6 +438,30 @@ def _header_name(root: Reader, key: str) -> str:
     return name
 
 
+def tenant_granted_roles(settings: Settings) -> list[str]:
+    """Warnings for route policies that require roles any tenant of a `tenants: any` issuer template can grant.
+
+    A tenant's token carries the roles its own administrators assign (Entra app roles, a tenant's groups): with
+    `tenants: any`, anyone who makes a tenant of that provider can hand themselves any role name. A policy that
+    requires roles and trusts such a template (no `issuers_any`, or the template string itself) is met by them.
+    Not refused (a multi-tenant SaaS may want per-tenant roles and scope its data by tenant upstream), but said at
+    start-up, with the fix: name the trusted tenants' issuers in `require.issuers_any`, or list `tenants`."""
+    open_templates = [i.issuer for i in settings.issuers if i.any_tenant]
+    warnings: list[str] = []
+    for n, policy in enumerate(settings.policies or ()):
+        require = policy.require
+        if not (require.roles_any or require.roles_all):
+            continue
+        for template in open_templates:
+            if not require.issuers_any or template in require.issuers_any:
+                warnings.append(
+                    f"policies[{n}] ({policy.name or f'policy-{n}'}): requires roles, and any tenant of {template} "
+                    "(tenants: any) can grant its own users any role; name the tenants it trusts in "
+                    "require.issuers_any (their concrete issuers), or list issuers[].tenants"
+                )
+    return warnings
+
+
 def _check_opaque_introspection(
     issuers: Sequence[IssuerSettings], policies: Sequence[PolicySettings] | None
 ) -> None:

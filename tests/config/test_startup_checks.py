@@ -65,3 +65,52 @@ def test_check_config_refuses_a_short_admin_token(tmp_path: Path) -> None:
         env={"VERIFIER_ADMIN_TOKEN": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     assert result.returncode == 2 and "VERIFIER_ADMIN_TOKEN" in result.stderr
+
+
+TEMPLATE = {
+    "issuer": "https://login.example.test/{tenant}/v2.0", "audiences": ["api://orders"], "algorithms": ["RS256"],
+    "tenants": "any", "tenant_claim": "tid",
+}
+ADMIN_POLICY = {"name": "admin", "match": {"path_prefix": "/admin/"}, "require": {"roles_any": ["admin"]}}
+
+
+def test_a_role_any_tenant_can_grant_itself_is_said_at_start_up(tmp_path: Path) -> None:
+    """With `tenants: any`, anyone who makes a tenant at the provider assigns its own users any role name (Entra
+    app roles, a tenant's groups): a policy requiring a role and trusting the whole template is met by them. Not
+    refused (per-tenant roles are a multi-tenant SaaS's model), but `check-config` and the start-up log say it."""
+    from verifier.settings import tenant_granted_roles
+
+    open_policy = parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [TEMPLATE], "policies": [ADMIN_POLICY]})
+    (warning,) = tenant_granted_roles(open_policy)
+    assert "policies[0] (admin)" in warning and TEMPLATE["issuer"] in warning and "issuers_any" in warning
+    narrowed = {**ADMIN_POLICY, "require": {"roles_any": ["admin"], "issuers_any": [
+        "https://login.example.test/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"]}}
+    listed = {**TEMPLATE, "tenants": ["72f988bf-86f1-41af-91ab-2d7cd011db47"]}
+    scopes_only = {**ADMIN_POLICY, "require": {"scopes_any": ["orders:admin"]}}
+    for issuer, policy in ((TEMPLATE, narrowed), (listed, ADMIN_POLICY), (TEMPLATE, scopes_only)):
+        quiet = parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [issuer], "policies": [policy]})
+        assert tenant_granted_roles(quiet) == []
+    path = tmp_path / "v.yaml"
+    path.write_text(yaml.safe_dump({"http": {"listen": "127.0.0.1:8080"}, "issuers": [TEMPLATE],
+                                    "policies": [ADMIN_POLICY]}))
+    result = subprocess.run(
+        [sys.executable, "-m", "verifier", "check-config", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warning: policies[0] (admin): requires roles, and any tenant of" in result.stderr
+
+
+async def test_a_verifier_starting_with_such_a_policy_logs_the_warning(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from verifier.app import App
+
+    settings = parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [TEMPLATE], "policies": [ADMIN_POLICY]})
+    app = App(settings)
+    with caplog.at_level(logging.WARNING, logger="verifier.app"):
+        await app.start()
+        await app.stop()
+    (line,) = [r for r in caplog.records if getattr(r, "event", "") == "config_warning"]
+    assert line.levelno == logging.WARNING and "any tenant of" in line.getMessage()
