@@ -178,6 +178,26 @@ async def test_a_host_policy_holds_for_every_spelling_of_the_host_on_both_grpc_d
                 assert (reply.status.code == 0) is allowed, host
 
 
+async def test_an_envoy_check_describing_no_http_request_is_invalid_argument_never_an_allow() -> None:
+    """A CheckRequest without `attributes.request.http` (Envoy's network ext_authz filter sends one per TCP
+    connection: source and destination only) describes no request to judge. Translated as it was, it became
+    `GET /` on host "" with no headers, and a public catch-all route let the connection through."""
+    network = ea.CheckRequest()
+    network.attributes.source.address.socket_address.address = "192.0.2.7"
+    network.attributes.source.address.socket_address.port_value = 5555
+    network.attributes.destination.address.socket_address.address = "10.0.0.1"
+    network.attributes.destination.address.socket_address.port_value = 5432
+    async with running_verifier({"policies": HOST_ROUTES}) as (app, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            envoy = ea_grpc.AuthorizationStub(channel)
+            for request in (network, ea.CheckRequest()):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await envoy.Check(request)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # An HTTP request to the public route is still judged (and allowed) as before.
+            assert (await envoy.Check(_envoy_request(None, "/", host="www.example.test"))).status.code == 0
+
+
 async def test_envoy_removes_every_identity_header_a_client_sent_that_the_answer_does_not_set() -> None:
     smuggled = {"x-authenticated-userid": "admin", "x-authenticated-tenant": "acme", "x-authenticated-roles": "admin"}
     async with running_verifier() as (app, idp):

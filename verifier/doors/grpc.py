@@ -392,6 +392,12 @@ class GrpcDoors:
         except DecodeError:
             await self._invalid(context, "envoy.service.auth.v3.CheckRequest")
             raise  # abort raises; this is never reached
+        if not message.attributes.request.HasField("http"):
+            # No HTTP request described (Envoy's network ext_authz filter, one check per TCP connection): nothing
+            # to judge. Translated, it was `GET /` on no host, which a public route allowed. Asked before
+            # `request_key`, whose clearing makes the field present (an empty `http` then).
+            await self._invalid(context, "envoy.service.auth.v3.CheckRequest describing an HTTP request")
+            raise DecodeError("no attributes.request.http")  # abort raises; this is never reached
         key = request_key(message)
         memo = self._envoy_answers
         if memo is not None:
