@@ -87,7 +87,8 @@ VARIANTS: dict[str, bytes] = {
     "path naming the request id": envoy(path="/api/orders/42?x-request-id=1").SerializeToString(),
     "another method": envoy(method="DELETE").SerializeToString(),
     "another host": envoy(host="admin.example.test").SerializeToString(),
-    "another scheme": envoy(scheme="http").SerializeToString(),
+    # the scheme judged is Envoy's X-Forwarded-Proto (over h2c `http.scheme` is the client's `:scheme`)
+    "another scheme": envoy(scheme="http", h_x_forwarded_proto="http").SerializeToString(),
     "another client": envoy(address="198.51.100.7").SerializeToString(),
     "a client certificate": envoy(certificate=CERT).SerializeToString(),
     "smuggled identity": envoy(h_x_authenticated_userid="admin").SerializeToString(),

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -141,6 +143,38 @@ def test_a_dpop_bound_token_with_a_valid_proof_is_allowed_and_its_replay_refused
     assert replay.headers["www-authenticate"].startswith("DPoP ")
     assert 'error="invalid_dpop_proof"' in replay.headers["www-authenticate"]
     assert len(upstream.requests) == 1
+
+
+def _h2c_status(url: str, headers: dict[str, str]) -> int:
+    """The status of a GET over cleartext HTTP/2 (prior knowledge) with `headers`, pseudo-headers included."""
+    args = ["nghttp", "-v", url]
+    for name, value in headers.items():
+        args += ["-H", f"{name}: {value}"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=10, check=True).stdout
+    found = re.search(r":status: (\d+)", out)
+    assert found, out
+    return int(found.group(1))
+
+
+@pytest.mark.skipif(shutil.which("nghttp") is None, reason="nghttp (nghttp2-client) is missing")
+def test_a_dpop_proof_is_judged_for_the_scheme_of_the_connection_not_the_clients_scheme_pseudo_header(
+    envoy: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    """Over cleartext HTTP/2 the client writes `:scheme` itself; Envoy passes it on as the gRPC CheckRequest's
+    `http.scheme`, while its own X-Forwarded-Proto (use_remote_address), which HTTP mode sends, says http. A
+    proof whose htu is the https URL must not pass for a plaintext request in either mode (RFC 9449 section 4.3)."""
+    key, jkt = dpop_key()
+    token = issuer.mint(sub="dora", cnf={"jkt": jkt})
+    plain = f"{envoy.url}/orders/7"
+    assert plain.startswith("http://")
+    claimed = "https://" + plain.removeprefix("http://")
+
+    def headers(url: str) -> dict[str, str]:
+        return {"authorization": f"DPoP {token}", "dpop": dpop_proof(key, "GET", url, token)}
+
+    assert _h2c_status(plain, {":scheme": "https", **headers(claimed)}) == 401
+    assert upstream.requests == []
+    assert _h2c_status(plain, headers(plain)) == 200  # the proof for the URL the client really used passes
 
 
 def test_a_dpop_bound_token_presented_as_bearer_is_refused(

@@ -139,7 +139,9 @@ def attributes_from_envoy(request: ea.CheckRequest) -> RequestAttributes:
     source = request.attributes.source
     return RequestAttributes(
         method=http.method.upper() or "GET",
-        scheme=http.scheme.lower() or "http",
+        # Envoy's X-Forwarded-Proto (an edge Envoy, `use_remote_address`, sets it from the connection), as HTTP
+        # mode reads it: over cleartext HTTP/2 `http.scheme` is the client's own `:scheme`, which can say https.
+        scheme=(headers.get("x-forwarded-proto") or http.scheme).lower() or "http",
         host=normalize_host(http.host),
         path=http.path or "/",
         headers=headers,
