@@ -98,6 +98,9 @@ STRING_PAYLOAD = b64(b'"hello"')
 ES256_HEADER = json.dumps({"alg": "ES256"})
 SURROGATE_KID = b'{"alg":"ES256","kid":"\xed\xa0\x80"}'  # U+D800 as CESU-8: not UTF-8
 TWO_HEADERS = ES256_HEADER.encode() + b'{"alg":"none"}'
+# U+D800 as a JSON escape: json.loads takes it, but no header, protobuf string or UTF-8 line can carry it.
+SURROGATE_ESCAPED_SUB = json.dumps(claims(sub="a\ud800b")).encode()
+SURROGATE_ESCAPED_KEY = json.dumps({**claims(), "x\udc00": 1}).encode()
 CLAIMS_AND_MORE = json.dumps(claims()).encode() + b" x"
 PADDED_HEADER = b' {"alg":"ES256","kid":"k1"} '
 
@@ -144,6 +147,8 @@ MALFORMED: list[tuple[str, str, type[InvalidToken], str]] = [
     ("header in UTF-32", f"{b64(ES256_HEADER.encode('utf-32-be'))}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
     ("header after a UTF-8 BOM", f"{b64(ES256_HEADER.encode('utf-8-sig'))}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
     ("lone surrogate in the header", f"{b64(SURROGATE_KID)}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
+    ("escaped lone surrogate in a claim", f"{HEADER}.{b64(SURROGATE_ESCAPED_SUB)}.{SIG}", MalformedToken, "payload"),
+    ("escaped lone surrogate in a name", f"{HEADER}.{b64(SURROGATE_ESCAPED_KEY)}.{SIG}", MalformedToken, "payload"),
     ("a second header after the first", f"{b64(TWO_HEADERS)}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
     ("data after the claims", f"{HEADER}.{b64(CLAIMS_AND_MORE)}.{SIG}", MalformedToken, "payload"),
     ("header with a value cut short", f"{b64(ES256_HEADER[:12].encode())}.{PAYLOAD}.{SIG}", MalformedToken, "header"),
@@ -160,6 +165,15 @@ def test_parse_refuses_hostile_input(token: str, error: type[InvalidToken], frag
     assert type(caught.value) is error
     assert caught.value.code == error.code
     assert fragment in str(caught.value)
+
+
+def test_an_escaped_surrogate_pair_is_one_character_and_parses() -> None:
+    """Only a lone surrogate is refused: a pair (an emoji, as json.dumps escapes it) is valid Unicode."""
+    payload = json.dumps(claims(name="smile \U0001f600", note="\\ud800 is text here")).encode()
+    assert b"\\ud83d\\ude00" in payload
+    parsed = jws.parse(f"{HEADER}.{b64(payload)}.{SIG}", max_bytes=MAX_TOKEN_BYTES)
+    assert parsed.payload["name"] == "smile \U0001f600"
+    assert parsed.payload["note"] == "\\ud800 is text here"
 
 
 def test_white_space_around_the_json_is_still_json() -> None:

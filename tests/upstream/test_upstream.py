@@ -269,6 +269,36 @@ async def test_mapped_claims_reach_the_upstream_headers_of_every_door(started: S
     assert {h.header.key: h.header.value for h in envoy.ok_response.headers}["x-authenticated-groups"] == "g1, g2"
 
 
+@pytest.mark.parametrize(
+    "claim", [{"email": "a\ud800b"}, {"sub": "user-\udc00"}, {"roles": ["r\ud800"]}], ids=["mapped", "sub", "roles"]
+)
+async def test_a_claim_holding_a_lone_surrogate_is_refused_and_answered_on_the_http_door(
+    started: Started, mint: Any, claim: dict[str, Any]
+) -> None:
+    """A signed claim may hold an escaped lone surrogate (`"\\ud800"`, valid JSON): UTF-8 cannot carry it in a
+    header. It was allowed, then its answer could not be written: the forward-auth door answered
+    400 and closed the connection (the gateway's other requests on it lost), and a rate limit made it a 503."""
+    app = await started(
+        _document(
+            {"headers": [{"header": "X-Authenticated-Email", "claim": "email"}]},
+            rate_limits={"default": {"per_second": 1, "burst": 5}},
+        )
+    )
+    bad, good = mint(claims(**claim)), mint(claims(email="ok@example.test"))
+    decision = await app.pipeline.decide(_attrs(bad), "test")
+    assert (decision.allowed, decision.status, decision.reason) == (False, 401, "token_malformed")
+    request = (
+        "GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nX-Forwarded-Method: GET\r\nX-Forwarded-Uri: /\r\n"
+        "X-Forwarded-Host: api.example.test\r\nX-Forwarded-Proto: https\r\nAuthorization: Bearer {}\r\n\r\n"
+    )
+    raw = "".join(request.format(t) for t in (good, bad, good)).encode()
+    answer = await http_exchange(
+        app.ports.http, raw + b"GET /healthz HTTP/1.1\r\nHost: v\r\nConnection: close\r\n\r\n", read_until_close=True
+    )
+    statuses = [line for line in answer.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    assert statuses[:3] == [b"HTTP/1.1 200 OK", b"HTTP/1.1 401 Unauthorized", b"HTTP/1.1 200 OK"], answer
+
+
 async def test_the_header_tuples_are_built_once_per_admitted_token(started: Started, mint: Any) -> None:
     app = await started(_document({"headers": [{"header": "X-Authenticated-Email", "claim": "email"}]}))
     token = mint(claims(email="a@example.test"))

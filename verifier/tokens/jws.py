@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import json.scanner
+import re
 import types
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -23,6 +24,9 @@ _PADDING = (b"", b"=", b"==", b"=")  # by length mod 4 (a length of 4n+1 is refu
 _scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]  # json.loads's C scanner
 # Header parameters that point at a key chosen by the sender: never followed, so never accepted.
 _KEY_BY_REFERENCE = ("jku", "x5u", "jwk")  # x5c is ignored: we never read keys from tokens
+# A \uD800-\uDFFF escape: half of a surrogate pair, or a lone surrogate (json.loads takes one; I-JSON, RFC 7493
+# section 2.1, forbids it). A lone one cannot be written as UTF-8: not in a header, a protobuf string, a bucket key.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 MAX_KID_LENGTH = 256  # characters; kids are short identifiers, never documents
 MAX_KEPT_HEADERS = 256  # distinct header segments remembered (an issuer signs with a few keys and algs)
 
@@ -82,7 +86,20 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
         raise MalformedToken(f"{what} is not JSON") from exc
     if not isinstance(value, dict):
         raise MalformedToken(f"{what} is not a JSON object")
+    if "\\u" in text and lone_surrogate(text, value):
+        raise MalformedToken(f"{what} holds a lone surrogate (not Unicode text)")
     return value
+
+
+def lone_surrogate(text: str, value: Any) -> bool:
+    """Whether `value`, decoded from the JSON `text`, holds a lone surrogate (an escaped `\\ud800` unpaired)."""
+    if _SURROGATE_ESCAPE.search(text) is None:  # the common case: no surrogate escape at all
+        return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a pair decodes to one character: encodes
+    except (UnicodeEncodeError, ValueError, RecursionError):  # nested too deep to tell: refused all the same
+        return True
+    return False
 
 
 def parse(token: str, *, max_bytes: int) -> CompactJWS:
