@@ -229,6 +229,8 @@ async def test_a_client_credentials_answer_without_sub_names_the_client(make: Ma
         (active(sub=42), ClaimInvalid, "claim_invalid"),
         (active(exp="soon"), ClaimInvalid, "claim_invalid"),
         (active(token_type="refresh_token"), WrongTokenType, "token_type_invalid"),
+        (active(sub="user-\ud800"), ClaimInvalid, "claim_invalid"),
+        (active(email=["a", {"b": "x\udc00"}]), ClaimInvalid, "claim_invalid"),
     ],
     ids=[
         "wrong audience -> 403",
@@ -243,6 +245,8 @@ async def test_a_client_credentials_answer_without_sub_names_the_client(make: Ma
         "sub not a string",
         "exp not a number",
         "a refresh token",
+        "a lone surrogate in sub (no header can carry it)",
+        "a lone surrogate in any member",
     ],
 )
 async def test_refuses_unusable_answers(

@@ -54,6 +54,7 @@ from verifier.tokens.introspection_client import (
     IntrospectionResult,
     ProviderClient,
 )
+from verifier.tokens.jws import holds_lone_surrogate
 
 __all__ = [
     "ClientAuth",
@@ -346,6 +347,8 @@ class Introspector:
 
     def _principal(self, answer: Mapping[str, Any], now: float) -> tuple[Principal, float]:
         """Checks an active answer like JWT claims and builds the principal; returns it and the token's exp."""
+        if holds_lone_surrogate(answer):  # as a JWT's would be (jws): no header, no bucket key can carry it
+            raise ClaimInvalid("introspection answer holds a lone surrogate (not Unicode text)")
         iss = answer.get("iss")
         if iss is not None and iss != self.issuer:
             raise InvalidToken("introspection answer names another issuer", code="issuer_mismatch")

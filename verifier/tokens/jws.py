@@ -95,6 +95,11 @@ def lone_surrogate(text: str, value: Any) -> bool:
     """Whether `value`, decoded from the JSON `text`, holds a lone surrogate (an escaped `\\ud800` unpaired)."""
     if _SURROGATE_ESCAPE.search(text) is None:  # the common case: no surrogate escape at all
         return False
+    return holds_lone_surrogate(value)
+
+
+def holds_lone_surrogate(value: Any) -> bool:
+    """Whether decoded JSON `value` holds a lone surrogate anywhere (a name or a string): not Unicode text."""
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")  # a pair decodes to one character: encodes
     except (UnicodeEncodeError, ValueError, RecursionError):  # nested too deep to tell: refused all the same
