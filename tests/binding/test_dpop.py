@@ -21,7 +21,7 @@ from verifier.binding import dpop as dpop_module
 from verifier.binding.dpop import AcceptedProof, DpopVerifier, access_token_hash, normalize_htu, thumbprint
 from verifier.checks.base import NO_POLICY, Passed
 from verifier.checks.dpop import DpopBinding
-from verifier.config.dpop import DEFAULT_ALGORITHMS, DpopConfig, parse_dpop_config
+from verifier.config.dpop import DEFAULT_ALGORITHMS, JTI_TTL_MARGIN_SECONDS, DpopConfig, parse_dpop_config
 from verifier.credentials import Credential, TokenScheme
 from verifier.errors import InvalidDpopProof, SenderConstraintFailed, StateUnavailable, UseDpopNonce
 from verifier.principal import Principal
@@ -171,6 +171,22 @@ async def test_refuses_a_replayed_jti(verifier: DpopVerifier, keys: SigningKeys,
     await check(verifier, proof)
     clock.advance(30)
     with pytest.raises(InvalidDpopProof, match="replayed"):
+        await check(verifier, proof)
+
+
+async def test_a_jti_is_remembered_through_the_last_instant_its_proof_is_accepted(
+    verifier: DpopVerifier, keys: SigningKeys, clock: FrozenClock
+) -> None:
+    """A proof dated `iat_future_seconds` ahead is accepted until `iat + iat_past_seconds` included; its jti was
+    remembered for exactly past + future seconds from its first use, so at that last instant it was forgotten
+    while the proof still passed: a replay (and by up to a replica's clock lag more, with shared state)."""
+    proof = make_proof(keys.es256, iat=int(NOW) + 5)
+    await check(verifier, proof)
+    clock.advance(65)  # iat + iat_past_seconds: still inside the proof's window
+    with pytest.raises(InvalidDpopProof, match="replayed"):
+        await check(verifier, proof)
+    clock.advance(0.5)
+    with pytest.raises(InvalidDpopProof, match="too old"):
         await check(verifier, proof)
 
 
@@ -427,7 +443,7 @@ async def test_remembers_each_jti_for_the_whole_iat_window(keys: SigningKeys, cl
 
     config = DpopConfig(iat_past_seconds=30, iat_future_seconds=10)
     await check(DpopVerifier(config, Recording(clock), clock), make_proof(keys.es256))
-    assert seen == [40]
+    assert seen == [40 + JTI_TTL_MARGIN_SECONDS]  # the whole window, and its last instant
 
 
 # --- server nonces (RFC 9449 section 9) ----------------------------------------------------------
@@ -542,7 +558,7 @@ def test_config_defaults() -> None:
     config = parse_dpop_config(None)
     assert config.algorithms == DEFAULT_ALGORITHMS == ("ES256", "ES384", "EdDSA", "RS256", "PS256")
     assert (config.iat_past_seconds, config.iat_future_seconds, config.require_nonce) == (60, 5, False)
-    assert config.jti_ttl_seconds == 65
+    assert config.jti_ttl_seconds == 65 + JTI_TTL_MARGIN_SECONDS
 
 
 def test_config_reads_the_nonce_secret_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,9 @@ DEFAULT_IAT_FUTURE_SECONDS = 5.0
 DEFAULT_NONCE_LIFETIME_SECONDS = 300.0
 # Bytes; a proof with an RSA-4096 key is about 2.5 KiB, anything much larger is not a proof.
 DEFAULT_MAX_PROOF_BYTES = 8192
+# Seconds a `jti` is remembered past the span of `iat` values accepted: a proof still passes at the window's last
+# instant (`iat + iat_past_seconds`), and on a replica whose clock lags the one that first saw it, later still.
+JTI_TTL_MARGIN_SECONDS = 1.0
 MIN_NONCE_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output is weaker than it looks
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,8 +79,8 @@ class DpopConfig:
 
     @property
     def jti_ttl_seconds(self) -> float:
-        """How long a `jti` must be remembered: the whole span of `iat` values we accept."""
-        return self.iat_past_seconds + self.iat_future_seconds
+        """How long a `jti` must be remembered: the whole span of `iat` values we accept, and a margin past it."""
+        return self.iat_past_seconds + self.iat_future_seconds + JTI_TTL_MARGIN_SECONDS
 
 
 def parse_dpop_config(data: Any, path: str = "dpop") -> DpopConfig:
