@@ -320,6 +320,17 @@ async def test_a_batch_mixes_active_and_inactive_answers(make: MakeIntrospector,
     assert len(http.posts) == 1
 
 
+async def test_a_lone_surrogate_in_a_batch_refuses_its_own_token_only(make: MakeIntrospector, http: FakeHttp) -> None:
+    """The batch's text holds the escape; only the answer that holds the lone surrogate is refused."""
+    http.answers["good"] = active()
+    http.answers["odd"] = active(sub="user-\ud800")
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0.01)
+    good, odd = await asyncio.gather(check(introspector, "good"), check(introspector, "odd"), return_exceptions=True)
+    assert not isinstance(good, BaseException) and good.subject == "user-1"
+    assert isinstance(odd, ClaimInvalid) and odd.code == "claim_invalid"
+    assert len(http.posts) == 1
+
+
 async def test_a_batch_looks_up_no_running_loop_once_the_introspector_has_run(
     make: MakeIntrospector, http: FakeHttp, monkeypatch: pytest.MonkeyPatch
 ) -> None:

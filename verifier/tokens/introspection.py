@@ -53,8 +53,8 @@ from verifier.tokens.introspection_client import (
     IntrospectionHttp,
     IntrospectionResult,
     ProviderClient,
+    UnencodableAnswer,
 )
-from verifier.tokens.jws import holds_lone_surrogate
 
 __all__ = [
     "ClientAuth",
@@ -347,7 +347,7 @@ class Introspector:
 
     def _principal(self, answer: Mapping[str, Any], now: float) -> tuple[Principal, float]:
         """Checks an active answer like JWT claims and builds the principal; returns it and the token's exp."""
-        if holds_lone_surrogate(answer):  # as a JWT's would be (jws): no header, no bucket key can carry it
+        if type(answer) is UnencodableAnswer:  # as a JWT's would be (jws): no header, no bucket key can carry it
             raise ClaimInvalid("introspection answer holds a lone surrogate (not Unicode text)")
         iss = answer.get("iss")
         if iss is not None and iss != self.issuer:

@@ -48,6 +48,7 @@ from verifier.errors import ProviderUnavailable
 from verifier.observe.metrics import IssuerIntrospectionMetrics
 from verifier.tokens.fetch import check_learned_url
 from verifier.tokens.introspection_breaker import Breaker, BreakerState
+from verifier.tokens.jws import holds_lone_surrogate, lone_surrogate
 
 log = logging.getLogger("verifier.introspection")
 
@@ -68,6 +69,11 @@ def _status_result(status: int) -> str:
     if status >= 500:
         return "http_5xx"
     return "throttled" if status == 429 else "http_4xx"
+
+
+class UnencodableAnswer(dict[str, Any]):
+    """A decoded answer holding a lone surrogate (an escaped, unpaired `\\ud800`; `jws.holds_lone_surrogate`): no
+    header or bucket key can carry its values, so the token is refused (`claim_invalid`), not the provider."""
 
 
 class HttpRequest(NamedTuple):
@@ -289,6 +295,8 @@ class ProviderClient:
             raise ProviderUnavailable("batch introspection answer does not match the batch")
         if not all(isinstance(r, dict) for r in results):
             raise ProviderUnavailable("batch introspection answer holds a non-object")
+        if type(answer) is UnencodableAnswer:  # which of them: each is refused on its own, the others stand
+            results = [UnencodableAnswer(r) if holds_lone_surrogate(r) else r for r in results]
         return results
 
     def start_introspect(self, token: str, deliver: Callable[[IntrospectionResult], None]) -> Callable[[], None] | None:
@@ -347,7 +355,11 @@ class ProviderClient:
         if reply.status != 200:
             return _status_result(reply.status), ProviderUnavailable(f"HTTP {reply.status} from introspection provider")
         try:
-            return "ok", json.loads(reply.body.decode())  # RFC 8259 section 8.1: UTF-8 (no guessing)
+            text = reply.body.decode()  # RFC 8259 section 8.1: UTF-8 (no guessing)
+            answer = json.loads(text)
+            if "\\u" in text and isinstance(answer, dict) and lone_surrogate(text, answer):
+                answer = UnencodableAnswer(answer)  # rare: looked for only when an escape is there at all
+            return "ok", answer
         except (ValueError, RecursionError):
             return "malformed", ProviderUnavailable("introspection provider sent malformed JSON")
 
