@@ -402,6 +402,7 @@ async def test_the_assertion_verifies_against_the_published_jwks(
     assert header["typ"] == "JWT" and header["alg"] == algorithm
     decoded = _verify(assertion, await _jwks(app), ORDERS, NOW)
     assert decoded["sub"] == "user-1" and decoded["scope"] == "read write" and decoded["roles"] == ["admin"]
+    assert decoded["idp"] == app.settings.issuers[0].issuer  # whose `sub` it is: ours is `iss`
     assert decoded["email"] == "a@example.test" and decoded["acr"] == "phr" and decoded["amr"] == ["hwk"]
     assert "secret" not in decoded and decoded["exp"] - decoded["iat"] == 60 and decoded["jti"]
     with pytest.raises(jwt.InvalidAudienceError):

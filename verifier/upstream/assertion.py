@@ -4,8 +4,9 @@ The upstream verifies it against the verifier's JWKS (RFC 7517), served at `GET 
 on the HTTP listener: the current key and every configured previous public key, each with its RFC 7638
 thumbprint as `kid`, so assertions signed before a rotation stay verifiable until they expire.
 
-Header `{"alg": ES256|EdDSA, "typ": "JWT", "kid": ...}`; claims `iss`, `aud`, `iat`, `exp`, `jti` and the
-configured ones copied from the judged principal (`scope` and `roles` as the verifier judged them).
+Header `{"alg": ES256|EdDSA, "typ": "JWT", "kid": ...}`; claims `iss` (ours), `idp` (the token's issuer: `sub`
+is unique only within it), `aud`, `iat`, `exp`, `jti` and the configured ones copied from the judged principal
+(`scope` and `roles` as the verifier judged them).
 The assertion never outlives the token it speaks for.
 """
 
@@ -65,8 +66,15 @@ class IdentityAssertions:
             value = _claim(principal, name)
             if value is not None:
                 claims[name] = value
+        # `idp`: the issuer that vouched for `sub` (a subject is unique only within its issuer, and `iss` is ours):
+        # with several issuers, or a tenant template, equal subjects of two issuers stay apart upstream.
         claims.update(
-            iss=self.config.issuer, aud=audience, iat=issued, exp=expires, jti=secrets.token_urlsafe(16)
+            iss=self.config.issuer,
+            idp=principal.issuer,
+            aud=audience,
+            iat=issued,
+            exp=expires,
+            jti=secrets.token_urlsafe(16),
         )
         try:
             token = jwt.encode(claims, self._key, algorithm=self.config.algorithm, headers=self._headers)
