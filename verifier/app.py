@@ -73,7 +73,7 @@ from verifier.revocation.logout import BackchannelLogout, LogoutTokenVerifier
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.store import DEFAULT_TIMEOUT_SECONDS as STORE_TIMEOUT_SECONDS
 from verifier.revocation.store import MemoryStore, RedisStore, RevocationStore, SqliteStore
-from verifier.settings import ADMIN_TOKEN_ENV, IssuerSettings, Settings, tenant_granted_roles
+from verifier.settings import ADMIN_TOKEN_ENV, IssuerSettings, Settings, config_warnings
 from verifier.state import MemoryState, SharedState, StateConfig
 from verifier.state.redis import RedisState
 from verifier.state.sqlite import SqliteState
@@ -517,7 +517,7 @@ class App:
         self._tasks.append(loop.create_task(self._serve_when_ready()))
         self._tasks.append(loop.create_task(self._refresh_gauges()))
         self._tasks.append(loop.create_task(self._flush_logs()))
-        for warning in tenant_granted_roles(self.settings):
+        for warning in config_warnings(self.settings):
             log.warning(warning, extra={"event": "config_warning"})
         log.info("verifier started", extra={"event": "started", "ports": dataclasses.asdict(self.ports)})
 

@@ -19,7 +19,7 @@ from typing import NoReturn
 from verifier import gc_policy, ports
 from verifier.app import App
 from verifier.observe.audit import configure_logging
-from verifier.settings import ConfigError, IssuerSettings, Listen, Settings, load_settings, tenant_granted_roles
+from verifier.settings import ConfigError, IssuerSettings, Listen, Settings, config_warnings, load_settings
 from verifier.state import with_default_path
 from verifier.workers import accept_stop_signals
 
@@ -130,7 +130,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         settings = load_settings(args.file)
     except ConfigError as exc:
         return _config_error(exc)
-    for warning in tenant_granted_roles(settings):
+    for warning in config_warnings(settings):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {len(settings.issuers)} issuer(s)")
     return 0

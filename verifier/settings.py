@@ -438,14 +438,19 @@ def _header_name(root: Reader, key: str) -> str:
     return name
 
 
-def tenant_granted_roles(settings: Settings) -> list[str]:
-    """Warnings for route policies that require roles any tenant of a `tenants: any` issuer template can grant.
+def config_warnings(settings: Settings) -> list[str]:
+    """What start-up (and `verifier check-config`) warns about: configurations that work but let one identity
+    stand for another. Not refused: each has a legitimate use; each warning names the fix."""
+    return _tenant_granted_roles(settings) + _consumer_collisions(settings)
+
+
+def _tenant_granted_roles(settings: Settings) -> list[str]:
+    """Route policies that require roles any tenant of a `tenants: any` issuer template can grant.
 
     A tenant's token carries the roles its own administrators assign (Entra app roles, a tenant's groups): with
     `tenants: any`, anyone who makes a tenant of that provider can hand themselves any role name. A policy that
-    requires roles and trusts such a template (no `issuers_any`, or the template string itself) is met by them.
-    Not refused (a multi-tenant SaaS may want per-tenant roles and scope its data by tenant upstream), but said at
-    start-up, with the fix: name the trusted tenants' issuers in `require.issuers_any`, or list `tenants`."""
+    requires roles and trusts such a template (no `issuers_any`, or the template string itself) is met by them
+    (a multi-tenant SaaS may want per-tenant roles and scope its data by tenant upstream)."""
     open_templates = [i.issuer for i in settings.issuers if i.any_tenant]
     warnings: list[str] = []
     for n, policy in enumerate(settings.policies or ()):
@@ -459,6 +464,32 @@ def tenant_granted_roles(settings: Settings) -> list[str]:
                     "(tenants: any) can grant its own users any role; name the tenants it trusts in "
                     "require.issuers_any (their concrete issuers), or list issuers[].tenants"
                 )
+    return warnings
+
+
+# Claims a provider assigns and users cannot change (OIDC Core 5.7: `sub` is the stable identifier; Entra `oid`).
+_STABLE_CONSUMER_CLAIMS = ("sub", "client_id", "azp", "oid")
+
+
+def _consumer_collisions(settings: Settings) -> list[str]:
+    """The Kong consumer named by a claim's value alone: equal values of two issuers (or tenants) are one consumer,
+    and a claim users may edit (`preferred_username`, `email`) lets a user name another's consumer."""
+    consumer = settings.upstream.consumer if settings.upstream is not None else None
+    if consumer is None:
+        return []
+    warnings: list[str] = []
+    shared = [i.issuer for i in settings.issuers if "{" in i.issuer]
+    if len(settings.issuers) > 1 or shared:
+        warnings.append(
+            f"upstream.consumer: Kong consumers are named by the claim {consumer.claim!r} alone, and "
+            f"{'the template ' + shared[0] if shared else 'several issuers'} can issue equal values for different "
+            "users; keep one issuer (or tenant) per Kong consumer namespace, or map a claim unique across them"
+        )
+    if consumer.claim not in _STABLE_CONSUMER_CLAIMS:
+        warnings.append(
+            f"upstream.consumer.claim: {consumer.claim!r} may be a claim users can change at the provider (a username, "
+            "an email): a user who takes another's value becomes that Kong consumer; prefer sub"
+        )
     return warnings
 
 

@@ -78,10 +78,10 @@ def test_a_role_any_tenant_can_grant_itself_is_said_at_start_up(tmp_path: Path) 
     """With `tenants: any`, anyone who makes a tenant at the provider assigns its own users any role name (Entra
     app roles, a tenant's groups): a policy requiring a role and trusting the whole template is met by them. Not
     refused (per-tenant roles are a multi-tenant SaaS's model), but `check-config` and the start-up log say it."""
-    from verifier.settings import tenant_granted_roles
+    from verifier.settings import config_warnings
 
     open_policy = parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [TEMPLATE], "policies": [ADMIN_POLICY]})
-    (warning,) = tenant_granted_roles(open_policy)
+    (warning,) = config_warnings(open_policy)
     assert "policies[0] (admin)" in warning and TEMPLATE["issuer"] in warning and "issuers_any" in warning
     narrowed = {**ADMIN_POLICY, "require": {"roles_any": ["admin"], "issuers_any": [
         "https://login.example.test/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"]}}
@@ -89,7 +89,7 @@ def test_a_role_any_tenant_can_grant_itself_is_said_at_start_up(tmp_path: Path) 
     scopes_only = {**ADMIN_POLICY, "require": {"scopes_any": ["orders:admin"]}}
     for issuer, policy in ((TEMPLATE, narrowed), (listed, ADMIN_POLICY), (TEMPLATE, scopes_only)):
         quiet = parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [issuer], "policies": [policy]})
-        assert tenant_granted_roles(quiet) == []
+        assert config_warnings(quiet) == []
     path = tmp_path / "v.yaml"
     path.write_text(yaml.safe_dump({"http": {"listen": "127.0.0.1:8080"}, "issuers": [TEMPLATE],
                                     "policies": [ADMIN_POLICY]}))
@@ -114,3 +114,24 @@ async def test_a_verifier_starting_with_such_a_policy_logs_the_warning(caplog: p
         await app.stop()
     (line,) = [r for r in caplog.records if getattr(r, "event", "") == "config_warning"]
     assert line.levelno == logging.WARNING and "any tenant of" in line.getMessage()
+
+
+def test_a_kong_consumer_one_identity_could_take_from_another_is_warned_about() -> None:
+    """`upstream.consumer` names the Kong consumer by a claim's value alone: with two issuers (or a tenant template)
+    equal values are one consumer, and a claim users can edit (a username) lets a user name another's consumer."""
+    from verifier.settings import config_warnings
+
+    other = {**ISSUER, "issuer": "https://idp2.example.test"}
+
+    def warnings(issuers: list[dict[str, object]], claim: str) -> list[str]:
+        upstream = {"consumer": {"claim": claim, "by": "username"}}
+        return config_warnings(parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": issuers,
+                                               "upstream": upstream}))
+
+    assert warnings([ISSUER], "sub") == []
+    (two,) = warnings([ISSUER, other], "sub")
+    assert two.startswith("upstream.consumer: ") and "several issuers" in two
+    (template,) = warnings([TEMPLATE], "oid")
+    assert TEMPLATE["issuer"] in template
+    (editable,) = warnings([ISSUER], "preferred_username")
+    assert editable.startswith("upstream.consumer.claim: 'preferred_username'")
