@@ -55,6 +55,17 @@ def test_paths_are_normalized_before_matching(raw: str, normal: str) -> None:
     assert normalize_path(raw) == normal
 
 
+def test_an_exact_path_covers_the_same_path_with_or_without_a_trailing_slash() -> None:
+    """Express (non-strict routing, its default) and Spring MVC before 6 give `/stats/` to the `/stats` handler:
+    an exact path that missed it would leave it to a laxer policy (here: a read-only token on the admin stats)."""
+    stats = PolicySettings(name="stats", match=RouteMatch(path="/admin/stats"), require=Requirements(roles_any=("a",)))
+    slashed = PolicySettings(name="slashed", match=RouteMatch(path="/reports/"), require=Requirements(roles_any=("a",)))
+    policies = PolicySet((stats, slashed, REST))
+    for path, name in (("/admin/stats", "stats"), ("/admin/stats/", "stats"), ("/reports", "slashed"),
+                       ("/reports/", "slashed"), ("/admin/stats/x", "rest"), ("/admin/statsx", "rest"), ("/", "rest")):
+        assert policies.match(_attrs("GET", path)).name == name, path  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     "path", ["/health#/../admin", "/x/..;/admin", "/.;/admin/x", "/health;x", "/ADMIN", "/%41dmin", "/%2561dmin"]
 )

@@ -33,7 +33,7 @@ class RouteMatch:
     hosts: tuple[str, ...] = setting((), doc="host names without a port (lower-cased, no trailing dot)")
     methods: tuple[str, ...] = setting((), doc="HTTP methods (upper-cased)")
     path_prefix: str = setting("", doc="the normalized path starts with this (starts with /)")
-    path: str = setting("", doc="the normalized path is exactly this (no query)")
+    path: str = setting("", doc="the normalized path is exactly this, give or take a trailing slash (no query)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -136,9 +136,15 @@ class CompiledPolicy:
             return False
         if self.hosts and host not in self.hosts:
             return False
-        if self.path and path != self.path:
+        if self.path and path != self.path and not _but_a_trailing_slash(path, self.path):
             return False
         return path.startswith(self.path_prefix)
+
+
+def _but_a_trailing_slash(path: str, exact: str) -> bool:
+    """`/admin/` for `/admin` and the reverse: Express (non-strict routing, its default) and Spring MVC before 6
+    route both to the same handler, so an exact path that missed one would leave it to a laxer policy."""
+    return len(path) > 1 and len(exact) > 1 and (path + "/" == exact or path == exact + "/")
 
 
 #: What `PolicySet.match` returns for a path that upstreams may read as different routes (a 400).
