@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -73,5 +74,23 @@ async def test_an_unreadable_row_is_skipped_not_fatal(tmp_path: Path) -> None:
                     (entry("huge").to_json().replace('"event_time":', '"event_time":1' + "0" * 400 + ',"x":'),))
     try:
         assert [e.id for e in await store.sync([])] == ["op-1"]
+    finally:
+        await store.close()
+
+
+async def test_the_file_and_its_wal_are_private_to_the_verifier_user(tmp_path: Path) -> None:
+    """Entries name subjects and e-mail addresses: never readable by another local user, whatever the umask
+    (and a file an older version left 0644 is narrowed when opened)."""
+    (tmp_path / f"{SQLITE_FILE}-wal").write_bytes(b"")
+    (tmp_path / f"{SQLITE_FILE}-wal").chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        store = SqliteStore(str(tmp_path))
+        await store.put([entry("op-1", "alice@example.test")])
+    finally:
+        os.umask(previous)
+    try:
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        assert SQLITE_FILE in modes and modes == dict.fromkeys(modes, 0o600)
     finally:
         await store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -331,3 +332,17 @@ def test_settings_errors_name_the_key(data: Any, key: str) -> None:
     with pytest.raises(ConfigError) as refused:
         parse_state_config(data)
     assert str(refused.value).startswith(key + ": ")
+
+
+def test_sqlite_replay_file_is_private_to_the_verifier_user(tmp_path: Path, clock: FrozenClock) -> None:
+    """Replay keys, WAL and shared memory are 0600 whatever the umask: another local user reads nothing."""
+    previous = os.umask(0o022)
+    try:
+        store = SqliteState(str(tmp_path), clock)
+    finally:
+        os.umask(previous)
+    try:
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        assert "replay.sqlite3" in modes and modes == dict.fromkeys(modes, 0o600)
+    finally:
+        store._db.close()

@@ -849,6 +849,20 @@ async def test_sqlite_store_survives_a_restart(tmp_path: Any) -> None:
         await second.close()
 
 
+async def test_sqlite_store_file_is_private_to_the_verifier_user(tmp_path: Any) -> None:
+    """Who enrolled which authenticator is no other local user's business: the file is 0600 whatever the umask."""
+    previous = os.umask(0o022)
+    try:
+        store = SqliteCredentialStore(str(tmp_path / "webauthn.sqlite3"))
+    finally:
+        os.umask(previous)
+    try:
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        assert "webauthn.sqlite3" in modes and modes == dict.fromkeys(modes, 0o600)
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("origin", [[ORIGIN], {"origin": ORIGIN}, 5])
 async def test_refuses_a_client_data_origin_that_is_not_a_string(
     enrolled: tuple[Harness, SoftAuthenticator], origin: Any

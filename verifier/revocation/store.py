@@ -39,6 +39,7 @@ from redis.exceptions import RedisError
 
 from verifier.config.state import DEFAULT_KEY_PREFIX
 from verifier.errors import StateUnavailable
+from verifier.private_files import private_sqlite
 from verifier.revocation.entry import Entry
 
 log = logging.getLogger("verifier.revocation")
@@ -133,7 +134,7 @@ class SqliteStore:
         self._lock = threading.Lock()  # one connection, used from worker threads one at a time
         try:
             self._db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=SQLITE_BUSY_SECONDS
+                private_sqlite(self.path), isolation_level=None, check_same_thread=False, timeout=SQLITE_BUSY_SECONDS
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # fsync on every commit: a 202 means on disk

@@ -37,6 +37,7 @@ import sqlite3
 from verifier.clock import Clock
 from verifier.config.state import DEFAULT_MAX_ENTRIES
 from verifier.errors import StateUnavailable
+from verifier.private_files import private_sqlite
 from verifier.state.base import TakeResult
 from verifier.state.memory import MemoryState
 
@@ -78,7 +79,9 @@ class SqliteState:
         self._next_purge = 0.0  # monotonic
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_SECONDS)
+        db = sqlite3.connect(
+            private_sqlite(self.path), isolation_level=None, check_same_thread=False, timeout=BUSY_SECONDS
+        )
         try:
             db.execute("PRAGMA page_size=1024")  # a new file's: each write logs ~3 KB of pages, not ~10
             db.execute("PRAGMA journal_mode=WAL")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from verifier.errors import StateUnavailable
+from verifier.private_files import private_sqlite
 
 _T = TypeVar("_T")
 
@@ -128,7 +129,7 @@ class SqliteCredentialStore:
     def __init__(self, path: str) -> None:
         # One connection shared by the worker threads, serialized by a lock: SQLite allows one writer
         # anyway, and `:memory:` exists only inside its one connection.
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(private_sqlite(path), check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         with self._lock:
             if path != ":memory:":
