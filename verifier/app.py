@@ -333,6 +333,8 @@ class App:
         cache = settings.cache
         self.positive: ExpiringCache[Admitted] = ExpiringCache(cache.token_entries, self.clock, self.generation)
         self.negative: ExpiringCache[Refused] = ExpiringCache(cache.negative_entries, self.clock, self.generation)
+        # A key the provider withdraws (it leaked) stops vouching for the tokens it signed, cached ones included.
+        self.keys.watch_withdrawn(self._keys_withdrawn)
         for name, held in (("positive", self.positive), ("negative", self.negative)):
             self.metrics.token_cache_entries.labels(name).set_function(held.__len__)  # read at each scrape
         policies = PolicySet(settings.policies, settings.protected_resource)
@@ -467,6 +469,10 @@ class App:
             return value if isinstance(value, str) else ""
 
         return lookup
+
+    def _keys_withdrawn(self, issuer: str, kids: frozenset[str | None]) -> None:
+        """Forgets the verified tokens of `issuer` signed by the withdrawn keys: the next request is judged afresh."""
+        self.positive.discard_where(lambda held: held.principal.issuer == issuer and held.principal.kid in kids)
 
     async def _credentials_revoked(self, revoked: CredentialRevocation) -> None:
         """A CAEP credential-change for a WebAuthn credential: the user's keys are disabled here."""

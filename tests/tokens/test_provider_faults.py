@@ -505,6 +505,30 @@ async def test_real_fetcher_deeply_nested_jwk_is_skipped_not_a_crash(
             continue  # too deep for json.loads: refused as malformed, which is fine
 
 
+# -- a key the provider withdraws --------------------------------------------------------------------
+
+
+async def test_a_cached_token_is_refused_once_its_key_is_withdrawn_from_the_jwks(
+    jwks_document: dict[str, Any], mint: Mint
+) -> None:
+    """A provider that drops a key (it leaked) must see the tokens it signed refused at the next refresh,
+    those already verified and cached too: the cache holds verdicts under the keys of that time."""
+    fetcher = serving_fetcher(jwks_document)
+    app = make_app(fetcher)
+    await app.keys.issuers[ISSUER].refresh()
+    leaked = mint(live_claims(), alg="ES256")
+    other = mint(live_claims(sub="user-2"), alg="EdDSA")
+    assert (await app.pipeline.decide(attrs_for(leaked), "test")).allowed
+    assert (await app.pipeline.decide(attrs_for(other), "test")).allowed
+    assert (await app.pipeline.decide(attrs_for(leaked), "test")).allowed  # from the cache
+    fetcher.serve(JWKS_URL, {"keys": [k for k in jwks_document["keys"] if k["kid"] != KIDS["ES256"]]})
+    await app.keys.issuers[ISSUER].refresh()
+    assert KIDS["ES256"] not in app.keys.issuers[ISSUER].kids
+    refused = await app.pipeline.decide(attrs_for(leaked), "test")
+    assert not refused.allowed and refused.status == 401, refused
+    assert (await app.pipeline.decide(attrs_for(other), "test")).allowed  # a key still published: still good
+
+
 # -- SERVING with cached keys after the provider dies ------------------------------------------------
 
 

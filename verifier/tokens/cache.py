@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from verifier.clock import Clock
@@ -105,6 +105,15 @@ class ExpiringCache(Generic[V]):
         if self._data.pop(key, None) is not None:
             del self._expiry[key]
             self._generation.bump()
+
+    def discard_where(self, condition: Callable[[V], bool]) -> int:
+        """Removes every entry whose value meets `condition`; how many."""
+        gone = [key for key, value in self._data.items() if condition(value)]
+        for key in gone:
+            del self._data[key], self._expiry[key]
+        if gone:
+            self._generation.bump()
+        return len(gone)
 
     def clear(self) -> None:
         """Removes everything."""

@@ -13,8 +13,10 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from verifier.clock import Clock
 from verifier.errors import ProviderUnavailable, VerifierError
@@ -30,6 +32,10 @@ DEFAULT_JWKS_TTL_SECONDS = 600.0  # when the provider sends no Cache-Control max
 REFRESH_AHEAD_SECONDS = 5.0  # refetch this long before the keys' lifetime ends
 RETRY_AFTER_FAILURE_SECONDS = 1.0  # first retry after a failed fetch; doubles up to the cap
 MAX_RETRY_SECONDS = 30.0
+
+# Told (issuer, kids) when a good fetch no longer holds keys the previous one held (or holds other key
+# material under their kid): tokens verified under them, remembered by the token cache, must be judged again.
+Withdrawn = Callable[[str, frozenset[str | None]], None]
 
 
 class IssuerKeys:
@@ -66,6 +72,7 @@ class IssuerKeys:
         self._inflight: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self._origin = origin
+        self.on_withdrawn: Withdrawn | None = None
         if settings.static_jwks:  # jwks_file / jwks_inline: checked when the settings were loaded
             self._keys = self._parse(json.loads(settings.static_jwks))
             self._by_kid = {k.kid: k for k in self._keys if k.kid is not None}
@@ -157,8 +164,14 @@ class IssuerKeys:
             self._failed(exc)
             raise
         self._failures = 0
-        self._keys = keys
+        before, self._keys = self._keys, keys
         self._by_kid = {k.kid: k for k in keys if k.kid is not None}
+        withdrawn = _withdrawn(before, keys)
+        if withdrawn:
+            kids = sorted(map(str, withdrawn))
+            log.warning("jwks keys withdrawn", extra={"event": "jwks_withdrawn", "issuer": issuer, "kids": kids})
+            if self.on_withdrawn is not None:
+                self.on_withdrawn(issuer, withdrawn)
         ttl = result.max_age if result.max_age is not None else DEFAULT_JWKS_TTL_SECONDS
         ttl = min(max(ttl, self.settings.jwks_min_ttl_seconds), self.settings.jwks_max_ttl_seconds)
         now = self._clock.monotonic()
@@ -247,6 +260,18 @@ class IssuerKeys:
             await asyncio.sleep(self.next_refresh_in())
 
 
+def _identity(key: VerificationKey) -> tuple[str | None, bytes]:
+    return key.kid, key.key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def _withdrawn(before: Sequence[VerificationKey], after: Sequence[VerificationKey]) -> frozenset[str | None]:
+    """The kids of keys held `before` that `after` does not hold (the same kid with other key material counts)."""
+    if not before:
+        return frozenset()
+    kept = {_identity(k) for k in after}
+    return frozenset(k.kid for k in before if _identity(k) not in kept)
+
+
 class Tenants(Protocol):
     """The keys of an issuer template's tenants (verifier.tokens.tenants.TenantKeys)."""
 
@@ -255,6 +280,8 @@ class Tenants(Protocol):
     def tenant_of(self, iss: str) -> str | None:
         """The tenant `iss` names under the template, None if it does not fit; refuses one not allowed."""
         ...
+
+    on_withdrawn: Withdrawn | None
 
     def held(self, tenant: str) -> IssuerKeys | None:
         """The tenant's keys if held, without I/O."""
@@ -313,6 +340,13 @@ class KeyStore:
             if found is not None:
                 return found[0].settings.issuer
         return ""
+
+    def watch_withdrawn(self, callback: Withdrawn) -> None:
+        """Has `callback` told of every key an issuer (or a template's tenant) withdraws from its JWKS."""
+        for keys in self.issuers.values():
+            keys.on_withdrawn = callback
+        for template in self.templates:
+            template.on_withdrawn = callback
 
     def start(self) -> None:
         """Starts every issuer's background refresh loop (the first iteration fetches at once)."""

@@ -25,7 +25,7 @@ from verifier.errors import ProviderUnavailable, TenantNotAllowed
 from verifier.observe.metrics import Metrics
 from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.tokens.fetch import Fetcher, url_origin
-from verifier.tokens.jwks import IssuerKeys
+from verifier.tokens.jwks import IssuerKeys, Withdrawn
 
 SECONDS_PER_MINUTE = 60.0
 
@@ -56,6 +56,7 @@ class TenantKeys:
         self._origin = url_origin(prefix)
         self._allowed = frozenset(settings.tenants)
         self._held: OrderedDict[str, IssuerKeys] = OrderedDict()  # least recently used first
+        self.on_withdrawn: Withdrawn | None = None  # handed to each tenant's keys
         self._pending: dict[str, asyncio.Task[IssuerKeys]] = {}  # first fetches in flight
         self._failed: OrderedDict[str, float] = OrderedDict()  # tenant -> when its discovery failed
         self._bucket = float(settings.new_tenants_per_minute)
@@ -119,6 +120,7 @@ class TenantKeys:
             label=self.settings.issuer,
             origin=self._origin,
         )
+        keys.on_withdrawn = self.on_withdrawn
         try:
             await keys.refresh()
         except Exception:  # unavailable, or a document that broke the parser: not asked again this cooldown
