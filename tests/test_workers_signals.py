@@ -8,12 +8,17 @@ it can handle them (`accept_stop_signals`).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import signal
 import socket
 import time
 from pathlib import Path
 
+import pytest
+
+from verifier import workers
 from verifier.settings import Settings
 from verifier.workers import Supervisor, accept_stop_signals
 
@@ -48,3 +53,44 @@ def test_the_supervisor_keeps_taking_signals_after_a_fork() -> None:
     os.close(ready_fd)
     os.waitpid(pid, 0)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+
+
+def test_a_reload_that_fails_on_a_later_worker_leaves_every_worker_on_one_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker 0's successor comes up on the new configuration, worker 1's never does: the reload fails
+    ("keeping the old configuration"), so worker 0 must not stay on the new one beside worker 1 on the
+    old (and go back to the old one unannounced at its next restart). A reload that removes an issuer or
+    narrows a policy applies to every worker or to none."""
+    monkeypatch.setattr(workers, "READY_TIMEOUT_SECONDS", 1.0)
+    old = dataclasses.replace(SETTINGS, workers=2, realm="old")
+    new = dataclasses.replace(SETTINGS, workers=2, realm="new")
+
+    def run_worker(settings: Settings, index: int, fd: int, sockets: list[socket.socket], successor: bool) -> None:
+        (tmp_path / str(os.getpid())).write_text(settings.realm)
+        accept_stop_signals()
+        if not (settings.realm == "new" and index == 1):  # worker 1 never gets ready on the new config
+            os.write(fd, b"1")
+        while True:
+            time.sleep(1)  # serving until SIGTERM/SIGKILL
+
+    supervisor = Supervisor(old, lambda: new, run_worker)
+    supervisor._retired = []
+    try:
+        for index in range(2):
+            pid, fd = supervisor._spawn(old, index)
+            assert supervisor._await_ready(pid, fd, 5.0)
+        supervisor._do_reload()
+        deadline = time.monotonic() + 5
+        while not all((tmp_path / str(pid)).exists() for pid in supervisor.children):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        running = {index: (tmp_path / str(pid)).read_text() for pid, index in supervisor.children.items()}
+        assert sorted(running) == [0, 1]
+        assert set(running.values()) == {supervisor.settings.realm}, running
+    finally:
+        for pid in [*supervisor.children, *supervisor._retired]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)

@@ -13,9 +13,10 @@
   error is logged and the running workers keep the old configuration. If it is valid, workers are
   replaced one at a time: the new one starts beside the old one on the same ports, accepts nothing
   on the forward-auth sockets before it reports SERVING (its keys and revocation entries are loaded),
-  and only then is the old one told to drain and stop. A new worker
-  that does not become ready in time is stopped and the old one kept. Listener addresses are
-  shared, so a changed listen address takes effect only on a full restart.
+  and only then is the old one told to drain and stop. A new worker that does not become ready in
+  time is stopped and the old one kept, and the workers already replaced are put back on the old
+  configuration the same way: every worker runs one configuration. Listener addresses are shared,
+  so a changed listen address takes effect only on a full restart.
 - The forward-auth door's listening sockets are bound here, once, before any fork: one set per
   worker index (SO_REUSEPORT, so the kernel still spreads connections over the workers), kept
   open by the supervisor for its lifetime (as nginx's master keeps its `reuseport` sockets). A
@@ -203,23 +204,48 @@ class Supervisor:
             new = dataclasses.replace(
                 new, grpc=self.settings.grpc, http=self.settings.http, workers=self.settings.workers
             )
+        replaced: list[tuple[int, int]] = []  # (pid, index) of the workers already on the new configuration
         for old_pid, index in sorted(self.children.items(), key=lambda item: item[1]):
-            pid, fd = self._spawn(new, index, successor=True)
-            if not self._await_ready(pid, fd, READY_TIMEOUT_SECONDS):
+            pid = self._replace(old_pid, index, new)
+            if pid is None:
                 log.error(
-                    "reloaded worker did not become ready; keeping the old one",
+                    "reloaded worker did not become ready; keeping the old configuration",
                     extra={"event": "reload_failed", "worker": index},
                 )
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                self.children.pop(pid, None)
+                self._roll_back(replaced)
                 return
-            self.children.pop(old_pid, None)  # retired: its exit is expected
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(old_pid, signal.SIGTERM)
-            self._retired.append(old_pid)
+            replaced.append((pid, index))
         self.settings = new
         log.info("configuration reloaded", extra={"event": "reloaded"})
+
+    def _replace(self, old_pid: int, index: int, settings: Settings) -> int | None:
+        """Starts a successor of `old_pid` on `settings` and retires the old one once it is SERVING; the
+        successor's pid, or None (the successor stopped, the old one kept) when it does not become ready."""
+        pid, fd = self._spawn(settings, index, successor=True)
+        if not self._await_ready(pid, fd, READY_TIMEOUT_SECONDS):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self.children.pop(pid, None)
+            return None
+        self.children.pop(old_pid, None)  # retired: its exit is expected
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old_pid, signal.SIGTERM)
+        self._retired.append(old_pid)
+        return pid
+
+    def _roll_back(self, replaced: list[tuple[int, int]]) -> None:
+        """Puts the workers a failed reload already moved back on the running configuration: every worker
+        runs one configuration, the one a restart uses (a removed issuer or narrowed policy half applied
+        would otherwise stand on some workers until they next restart)."""
+        for pid, index in replaced:
+            if pid not in self.children:  # exited meanwhile: restarted on the running configuration
+                continue
+            if self._replace(pid, index, self.settings) is None:
+                log.error(
+                    "worker still on the refused configuration: its old-configuration successor did not become "
+                    "ready; send SIGHUP again",
+                    extra={"event": "reload_rollback_failed", "worker": index},
+                )
 
     def run(self) -> int:
         """Runs until every worker has stopped after SIGTERM/SIGINT."""
