@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,6 +19,7 @@ from verifier.clock import SystemClock
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
+from verifier.errors import StateUnavailable
 from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, parse_revocation_config
@@ -61,9 +63,10 @@ class Replicas:
         self.state_timeout = 1.0  # seconds per operation on the replay cache
         self.key_prefix = "verifier:"  # the deployment's namespace in Redis
 
-    async def start(self) -> RevocationService:
+    async def start(self, redis_url: str | None = None, password: str | None = None) -> RevocationService:
         clock = SystemClock()
-        config = StateConfig(redis_url=self.redis_url, key_prefix=self.key_prefix, timeout_seconds=self.state_timeout)
+        config = StateConfig(redis_url=redis_url or self.redis_url, password=password, key_prefix=self.key_prefix,
+                             timeout_seconds=self.state_timeout)
         state = shared_state(config, clock)
         sessions = HttpSessions()
         fetcher = HttpFetcher(sessions.providers)
@@ -224,6 +227,48 @@ async def test_a_dropped_subscription_is_followed_by_a_full_reload(
         await within(RECONNECT_S, lambda: b.revocations.check(principal("user-6")) is not None)
     finally:
         await client.aclose()
+
+
+async def test_a_replica_cut_off_from_redis_stops_answering_from_entries_it_cannot_keep_current(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    """A partition: replica a loses Redis, b does not, and an operator's kill switch reaches b alone. a cannot
+    hear of it (no pub/sub, no reload), so "no entry" from a's index is no longer known: within one resync
+    interval a answers 503 (StateUnavailable), never a pass; once Redis is back it reloads and refuses."""
+    from redis.asyncio import Redis
+
+    replicas.config = dataclasses.replace(replicas.config, resync_interval_seconds=1)
+    client = Redis.from_url(redis_server.url)
+    try:
+        await client.execute_command("ACL", "SETUSER", "replica-a", "on", ">pw-a", "~*", "&*", "+@all")
+        b = await replicas.start()
+        a = await replicas.start(f"redis://replica-a@127.0.0.1:{redis_server.port}/0", "pw-a")
+        assert a.revocations.check(principal("user-9")) is None
+        await client.execute_command("ACL", "SETUSER", "replica-a", "off")  # a can no longer reach Redis
+        await client.execute_command("CLIENT", "KILL", "USER", "replica-a")
+        created = await router_of(b).dispatch(admin_request("POST", document={
+            "subject": {"format": "iss_sub", "iss": IDP, "sub": "user-9"}, "effect": "disable"}))
+        assert created.status == 201, created.body
+        assert b.revocations.check(principal("user-9")) is not None
+
+        def a_does_not_pass() -> bool:
+            try:
+                return a.revocations.check(principal("user-9")) is not None
+            except StateUnavailable:
+                return True
+
+        await within(5.0, a_does_not_pass)  # one resync interval (1 s), with room for a loaded machine
+        await client.execute_command("ACL", "SETUSER", "replica-a", "on")
+        await within(RECONNECT_S, lambda: _refused(a, principal("user-9")))
+    finally:
+        await client.aclose()
+
+
+def _refused(service: RevocationService, who: Principal) -> bool:
+    try:
+        return service.revocations.check(who) is not None
+    except StateUnavailable:
+        return False
 
 
 async def test_redis_restarted_empty_gets_the_entries_back_and_nobody_forgets(

@@ -85,6 +85,7 @@ class Revocations:
         self._refusals: dict[tuple[KeyKind, str, str], list[Entry]] = {}
         self._overrides: dict[tuple[KeyKind, str, str], list[Entry]] = {}
         self._loaded = False  # set by the first full load: until then no answer can be known
+        self._not_loaded = "revocation entries are not loaded yet"  # why not, when not
 
     @property
     def loaded(self) -> bool:
@@ -100,7 +101,7 @@ class Revocations:
         """The refusal for this principal's token, or None when no entry reaches it; `headers` (the request's)
         name the trace of the audit line. Raises `StateUnavailable` before the first load."""
         if not self._loaded:  # entries added before the first load (kill switch, pub/sub) are still partial
-            raise StateUnavailable("revocation entries are not loaded yet")
+            raise StateUnavailable(self._not_loaded)
         if not self._refusals:
             return None
         claims = principal.claims
@@ -209,6 +210,17 @@ class Revocations:
         self._overrides.clear()
         self.add(entries)
         self._loaded = True
+
+    def out_of_sync(self) -> bool:
+        """The store could not be read: entries others added may be missing here, so `check` refuses to decide
+        (503) until the next full load (`replace`). Answers remembered from the index go stale at once. True
+        when the index was answering until now."""
+        if not self._loaded:
+            return False
+        self._loaded = False
+        self._not_loaded = "revocation entries could not be reloaded from the store"
+        self._generation.bump()
+        return True
 
     def expired(self) -> list[str]:
         """Ids of entries that can no longer match any live token."""

@@ -43,6 +43,7 @@ log = logging.getLogger("verifier.revocation")
 
 START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
 LOAD_RETRY_SECONDS = 0.2  # between attempts at the initial load
+RESYNC_RETRY_SECONDS = 1.0  # between reloads while the last one failed (the replica answers 503 meanwhile)
 
 CredentialCallback = Callable[[CredentialRevocation], Awaitable[None]]  # disables WebAuthn credentials
 
@@ -173,17 +174,28 @@ class RevocationService:
         self.metrics.entries.set(len(self.revocations))
 
     async def _maintain(self) -> None:
-        """Periodically reloads everything and drops entries no live token can match."""
+        """Periodically reloads everything and drops entries no live token can match.
+
+        A reload that fails means this replica cannot hear of the entries others add (Redis unreachable from
+        here, perhaps not from them): its "no entry" is no longer known, so it refuses with 503 until a reload
+        succeeds, tried again every `RESYNC_RETRY_SECONDS`."""
+        wait = self.config.resync_interval_seconds
         while True:
-            await asyncio.sleep(self.config.resync_interval_seconds)
+            await asyncio.sleep(wait)
             expired = self.revocations.expired()
             try:
                 if expired:
                     await self._store.delete(expired)
                     self._apply([], expired)
                 await self.resync()
+                wait = self.config.resync_interval_seconds
             except StateUnavailable as exc:
-                log.warning("revocation resync failed", extra={"event": "revocation_store", "error": exc.description})
+                if self.revocations.out_of_sync():
+                    log.error(
+                        "revocation resync failed; refusing with 503 until the entries are reloaded",
+                        extra={"event": "revocation_store", "error": exc.description},
+                    )
+                wait = min(self.config.resync_interval_seconds, RESYNC_RETRY_SECONDS)
 
     async def add(self, entries: list[Entry]) -> None:
         """Stores entries and applies them here at once (the other replicas hear of them by pub/sub)."""
