@@ -18,7 +18,9 @@ from rigs import (  # noqa: F401 - fixtures, requested by name (fresh_upstream_l
     upstream,
 )
 from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected here against this `edge`
+    API_HOST,
     Edge,
+    raw_get,
     test_a_client_naming_a_public_path_does_not_open_a_protected_one,
     test_a_client_naming_a_safe_method_does_not_write_with_a_read_only_token,
     test_a_client_naming_another_host_still_gets_the_admin_hosts_policy,
@@ -90,3 +92,19 @@ def test_client_kong_consumer_headers_never_reach_the_upstream(
     spoofed_values = {k.lower().replace("_", "-"): v for k, v in spoof.items()}
     leaked = {k: v for k, v in seen.headers.items() if spoofed_values.get(k.replace("_", "-")) == v}
     assert not leaked, leaked
+
+
+@pytest.mark.parametrize("target", ["/admin/secret#/../../health", "/admin/secret#/%2e%2e/%2E%2E/health"])
+def test_a_protected_path_with_a_fragment_is_not_judged_as_the_public_one(
+    edge: Edge,
+    upstream: EchoUpstream,  # noqa: F811
+    target: str,
+) -> None:
+    """Kong's kong.request.get_path() normalizes (dot segments resolved, `#` a plain byte): the raw
+    `/admin/secret#/../../health` is `/health` to it, while Kong's router passes the raw path upstream, where
+    a server that drops the fragment serves /admin/secret. The verifier must be told the raw path, whose
+    readings it weighs (test_trust_boundary.py's fragment tests), not Kong's one reading of it."""
+    status = raw_get(edge, target, {"Host": API_HOST})
+
+    assert status in (400, 401), (edge.name, target, status)
+    assert upstream.requests == []

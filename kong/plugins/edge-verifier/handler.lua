@@ -254,16 +254,15 @@ end
 
 
 -- What the verifier is told about the request (asked only when no answer is
--- reused). Returns method, scheme, host, port, uri (path and raw query).
+-- reused). Returns method, scheme, host, port, uri: the request target as the
+-- client sent it (path and query, raw), which Kong's router passes upstream.
+-- Never kong.request.get_path(): that is Kong's one normalized reading (dot
+-- segments resolved with `#` and `;` plain bytes), so `/admin/x#/../../health`
+-- would be judged as /health while an upstream that drops the fragment serves
+-- /admin/x; the verifier weighs every reading of the raw path itself.
 local function request_line()
   local req = kong.request
-  local path = req.get_path()
-  local query = req.get_raw_query()
-  local uri = path
-  if query and query ~= "" then
-    uri = path .. "?" .. query
-  end
-  return req.get_method(), req.get_scheme(), req.get_host(), req.get_port(), uri
+  return req.get_method(), req.get_scheme(), req.get_host(), req.get_port(), var.request_uri
 end
 
 

@@ -266,13 +266,58 @@ local function set_groups(c)
 end
 
 
+-- kong.tools.uri.normalize(uri, true) of Kong 3.x: percent-encoded triplets
+-- decoded unless the character is reserved (those upper-cased), dot segments
+-- removed (RFC 3986 section 5.2.4), runs of slashes merged.
+local KONG_RESERVED = {}
+for c in ("!#$%&'()*+,/:;=?@[]"):gmatch(".") do
+  KONG_RESERVED[c:byte()] = true
+end
+
+local function kong_normalize(uri)
+  uri = uri:gsub("%%(%x%x)", function(hex)
+    local num = tonumber(hex, 16)
+    if KONG_RESERVED[num] then
+      return "%" .. hex:upper()
+    end
+    return string.char(num)
+  end)
+  uri = uri:gsub("//+", "/")
+  local out = {}
+  local segments = {}
+  for seg in (uri:sub(2) .. "/"):gmatch("([^/]*)/") do
+    segments[#segments + 1] = seg
+  end
+  local trailing = false
+  for i, seg in ipairs(segments) do
+    if seg == "." then
+      trailing = i == #segments
+    elseif seg == ".." then
+      out[#out] = nil
+      trailing = i == #segments
+    else
+      out[#out + 1] = seg
+      trailing = false
+    end
+  end
+  local path = "/" .. table.concat(out, "/")
+  if trailing and path:sub(-1) ~= "/" then
+    path = path .. "/"
+  end
+  return path
+end
+
+
 local function make_kong()
   local request = {
     get_header = function(name) return first(ngx.req.get_headers()[name]) end,
     get_headers = function(max) return ngx.req.get_headers(max) end,
     get_method = function() return ngx.req.get_method() end,
-    -- the path as the client sent it, before any decoding
-    get_path = function() return (ngx.var.request_uri:match("^[^?]*")) end,
+    -- Kong's get_path normalizes (kong.tools.uri.normalize(raw, true): a
+    -- percent-encoded non-reserved character decoded, dot segments removed,
+    -- slashes merged); get_raw_path is the path as the client sent it
+    get_path = function() return kong_normalize((ngx.var.request_uri:match("^[^?]*"))) end,
+    get_raw_path = function() return (ngx.var.request_uri:match("^[^?]*")) end,
     get_raw_query = function() return ngx.var.args or "" end,
     get_scheme = function() return ngx.var.scheme end,
     get_host = function() return ngx.var.host end,
