@@ -80,6 +80,7 @@ local NAMING_PREFIX_LEN = #NAMING_PREFIX
 local BYTE_X, BYTE_UPPER_X = byte("x"), byte("X")
 local BYTE_A, BYTE_UPPER_A = byte("a"), byte("A")
 local BYTE_D, BYTE_UPPER_D = byte("d"), byte("D")
+local BYTE_LBRACKET = byte("[")
 
 -- Verifier answer headers that describe the connection, not the answer (RFC
 -- 9110 section 7.6.1), or that nginx computes itself on the way out.
@@ -262,7 +263,33 @@ end
 -- /admin/x; the verifier weighs every reading of the raw path itself.
 local function request_line()
   local req = kong.request
-  return req.get_method(), req.get_scheme(), req.get_host(), req.get_port(), var.request_uri
+  return req.get_method(), req.get_scheme(), req.get_port(), var.request_uri
+end
+
+
+-- The host the verifier is told: nginx's $host (kong.request.get_host: an
+-- absolute-form request line's authority, else Host). Kong's router routes by
+-- the Host header instead, and preserve_host passes that header upstream, so
+-- when the two name different hosts (`GET http://api.example.test/ HTTP/1.1`
+-- with `Host: admin.example.test`) both are told, comma-joined: the verifier
+-- refuses a request whose host readings fall under different policies.
+local function judged_host()
+  local host = var.host
+  local header = var.http_host
+  if header == nil or header == host then
+    return host
+  end
+  local name = lower(header)
+  if byte(name, 1) ~= BYTE_LBRACKET then
+    name = gsub(name, ":%d*$", "")
+  else
+    name = gsub(name, "%]:%d*$", "]")
+  end
+  name = gsub(name, "%.$", "")
+  if name == host then
+    return host
+  end
+  return host .. "," .. name
 end
 
 
@@ -506,19 +533,20 @@ function EdgeVerifierHandler:access(conf)
   local scheme = var.scheme
   local thumbprint = thumbprint_for(conf, sent_thumbprint, scheme)
 
+  local host = judged_host()
   local cache = not single_use and c.cache
   local key, decision
   if cache then
     -- everything the answer depends on, read from nginx as it holds it: the
     -- verifier is told method, scheme, host, port, path and query, each a
     -- function of these (kong.request reads the same variables)
-    key = decision_cache.key(get_method(), scheme, var.host, var.server_port, var.request_uri,
+    key = decision_cache.key(get_method(), scheme, host, var.server_port, var.request_uri,
                              var.args, authorization, thumbprint)
     decision = decision_cache.get(cache, key)
   end
 
   if not decision then
-    local method, _, host, port, uri = request_line()
+    local method, _, port, uri = request_line()
     local res, err = http1.request(target, "GET",
                                    build_request(headers, method, scheme, host, port, uri, thumbprint),
                                    c.request_opts)
