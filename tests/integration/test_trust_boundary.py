@@ -175,6 +175,21 @@ def test_a_public_path_with_dot_segments_does_not_open_a_protected_one(
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize("target", ["/admin/secret\\..\\..\\health", "/admin/secret%5C..%5C..%5Chealth"])
+def test_a_protected_path_with_backslashes_is_not_judged_as_the_public_one(
+    edge: Edge, upstream: EchoUpstream, target: str
+) -> None:
+    """IIS reads `\\` as `/`, so the verifier resolves `/admin/secret\\..\\..\\health` to /health; every other
+    server takes the backslash as a byte of the segment: Go's ServeMux (path.Clean) gives it to an `/admin/`
+    pattern, Express to an `/admin` mount. Neither reading may be judged as the public /health alone (Envoy's
+    path normalization makes it /health itself, which is what its upstream then gets, or redirects there)."""
+    status = raw_get(edge, target, {"Host": API_HOST})
+
+    assert status in (200, 307, 400, 401), (edge.name, target, status)
+    seen = [r.path for r in upstream.requests]
+    assert all(p == "/health" for p in seen), (edge.name, target, status, seen)
+
+
 @pytest.mark.parametrize("target", ["/health#/../admin/secret", "/health#/../orders"])
 def test_a_public_path_with_a_fragment_does_not_open_a_protected_one(
     edge: Edge, upstream: EchoUpstream, target: str

@@ -25,10 +25,13 @@ from verifier.principal import Principal
 from verifier.request import RequestAttributes, host_name, normalize_host
 
 
-def normalize_path(path: str) -> str:
-    """The path (no query) as the upstream will most likely resolve it, for matching only."""
+def normalize_path(path: str, *, backslash_is_slash: bool = True) -> str:
+    """The path (no query) as the upstream will most likely resolve it, for matching only (a backslash a
+    separator, as IIS reads it, unless `backslash_is_slash` is false)."""
     raw = path.split("?", 1)[0].split("#", 1)[0]
-    decoded = urllib.parse.unquote(raw).replace("\\", "/")
+    decoded = urllib.parse.unquote(raw)
+    if backslash_is_slash:
+        decoded = decoded.replace("\\", "/")
     if not decoded.startswith("/"):
         decoded = "/" + decoded
     normal = posixpath.normpath(decoded)
@@ -41,7 +44,8 @@ def normalize_path(path: str) -> str:
 
 def other_readings(path: str, normal: str) -> set[str]:
     """The other ways an upstream may read `path` (no query; `normal`: `normalize_path(path)`), normalized
-    as `normalize_path`; empty for a lower-case path without `#`, `;` or `%25`, which every upstream reads one way.
+    as `normalize_path`; empty for a lower-case path without `#`, `;`, `%25` or a backslash, which every upstream
+    reads one way.
 
     - A `#` never belongs in a request-target (RFC 9112 section 3.2), yet nginx passes it on: one upstream
       drops what follows as a fragment (`normalize_path` does), another keeps it in the path and resolves
@@ -50,14 +54,20 @@ def other_readings(path: str, normal: str) -> set[str]:
       segments: `/x/..;/admin` is /admin to them, a segment named `..;` to everyone else.
     - Express, ASP.NET Core and IIS route case-blind: `/ADMIN` is /admin to them.
     - An application that decodes the path its framework already decoded reads `/%2561dmin` as /admin.
+    - IIS reads a backslash (`\\` or `%5C`) as `/` (`normalize_path` does); every other server takes it as a
+      byte of its segment: `/admin/x\\..\\..\\health` is /health to IIS, under /admin to Go's ServeMux or an
+      Express mount.
     """
     readings: set[str] = set()
+    variants = {path}
     if "#" in path or ";" in path or "%25" in path:
         variants = {path, path.replace("#", "%23")}  # the fragment dropped (normalize_path), or kept as data
         variants |= {_PATH_PARAMETERS.sub("", v) for v in variants}
         if "%25" in path:
             variants |= {urllib.parse.unquote(v.split("?", 1)[0]) for v in variants}  # decoded twice
         readings = {normalize_path(v) for v in variants}
+    if "\\" in path or "%5C" in path or "%5c" in path:
+        readings |= {normalize_path(v, backslash_is_slash=False) for v in variants}
     if normal != normal.lower() or any(r != r.lower() for r in readings):
         readings |= {r.lower() for r in readings} | {normal.lower()}
     readings.discard(normal)
