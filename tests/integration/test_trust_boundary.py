@@ -461,6 +461,20 @@ def test_a_method_override_never_reaches_the_upstream(
     assert override.lower() not in seen.headers, seen.headers
 
 
+@pytest.mark.parametrize("spoof", ["X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Forwarded-Uri"])
+def test_a_client_named_request_target_never_reaches_the_upstream(
+    edge: Edge, upstream: EchoUpstream, spoof: str
+) -> None:
+    """The verifier judged the public /health; an application that takes its path from one of these headers
+    instead of the request line (IIS behind ARR, Symfony and Zend Framework before CVE-2018-14773's fixes read
+    X-Original-URL and X-Rewrite-URL) must not be told /admin/secret by the client."""
+    r = http_request(f"{edge.url}/health", headers={spoof: "/admin/secret"})
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    assert seen.headers.get(spoof.lower()) != "/admin/secret", (edge.name, seen.headers)
+
+
 # ------------------------------------------------------------------------------------------------ a real certificate
 
 

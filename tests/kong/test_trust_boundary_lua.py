@@ -21,6 +21,7 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
     API_HOST,
     Edge,
     raw_get,
+    test_a_client_named_request_target_never_reaches_the_upstream,
     test_a_client_naming_a_public_path_does_not_open_a_protected_one,
     test_a_client_naming_a_safe_method_does_not_write_with_a_read_only_token,
     test_a_client_naming_another_host_still_gets_the_admin_hosts_policy,

@@ -69,6 +69,14 @@ local IS_METHOD_OVERRIDE = {
   ["x-http-method-override"] = true, ["x-http-method"] = true,
   ["x-method-override"] = true,
 }
+-- The request target in a header: applications behind IIS's ARR (X-Original-URL),
+-- Symfony and Zend Framework before CVE-2018-14773's fixes (X-Original-URL,
+-- X-Rewrite-URL) route by it instead of the request line the verifier judged;
+-- X-Forwarded-Uri is what this plugin tells the verifier. Kong overwrites its
+-- other X-Forwarded-* itself.
+local IS_TARGET_HEADER = { ["x-rewrite-url"] = true, ["x-forwarded-uri"] = true }
+local ORIGINAL_PREFIX = "x-original-"
+local ORIGINAL_PREFIX_LEN = #ORIGINAL_PREFIX
 -- Set by acl (priority 950, after this plugin) for the consumer it allowed;
 -- from a client it is a claim to groups nobody checked.
 local CONSUMER_GROUPS_HEADER = "x-consumer-groups"
@@ -196,6 +204,7 @@ local function scan_header(name, value, authorization, single_use, consumer_sent
     -- whoever authenticated the consumer)
     if sub(dashed, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX
         or IS_METHOD_OVERRIDE[dashed] or dashed == CONSUMER_GROUPS_HEADER
+        or IS_TARGET_HEADER[dashed] or sub(dashed, 1, ORIGINAL_PREFIX_LEN) == ORIGINAL_PREFIX
         or sub(dashed, 1, NAMING_PREFIX_LEN) == NAMING_PREFIX
         or (IS_CONSUMER_HEADER[dashed] and dashed ~= lname) then
       clear_header(name)
