@@ -70,9 +70,9 @@ async def test_rotation_mid_test_new_kid_is_fetched_once_and_old_tokens_fail_whe
     assert after - before == 1, "concurrent unknown-kid misses must share one JWKS fetch"
     # The old key left the JWKS: a first-seen token signed by it can no longer be verified ...
     assert await _check(verifier, old_unseen) == (401, "key_unknown")
-    # ... while a token verified before the rotation stays verified until its own exp (revocation
-    # before exp is the Shared Signals receiver's job, not the key cache's).
-    assert await _check(verifier, old) == (200, "ok")
+    # ... and neither can one verified before the rotation: a withdrawn key (perhaps leaked) stops vouching for
+    # the cached tokens it signed, as a replica that never saw the token would already refuse it.
+    assert await _check(verifier, old) == (401, "key_unknown")
 
 
 async def test_provider_stopped_cached_keys_keep_working_and_unknown_kids_fail_closed(
