@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -201,3 +201,19 @@ def count_loop_lookups(monkeypatch: Any) -> list[str]:
 
     monkeypatch.setattr(asyncio, "get_running_loop", counted)
     return lookups
+
+
+def made_under_umask_022(make: Callable[[], T]) -> T:
+    """What `make` returns, run under the usual umask (022: files world-readable unless made private)."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        return make()
+    finally:
+        os.umask(previous)
+
+
+def file_modes(directory: Any) -> dict[str, int]:
+    """Each file's permission bits in `directory` (a pathlib.Path), by name."""
+    return {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}

@@ -448,6 +448,33 @@ async def _seconds_until_closed(reader: asyncio.StreamReader, limit: float = 5.0
     return loop.time() - started
 
 
+async def _seconds_until_closed_while_trickling(
+    connections: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+    opened: list[float],
+    slow: list[asyncio.StreamWriter],
+    rounds: int,
+) -> list[float]:
+    """How long each connection took to be closed, from its opening, while `slow` ones sent a header line every
+    50 ms for `rounds` rounds (slowloris: a line now and then never extends the deadline); then all are closed."""
+
+    async def trickle() -> None:
+        for _ in range(rounds):
+            await asyncio.sleep(0.05)
+            for writer in slow:
+                if not writer.is_closing():
+                    writer.write(b"X-a: b\r\n")
+
+    trickling = asyncio.ensure_future(trickle())
+    try:
+        return await asyncio.gather(
+            *(_seconds_until_closed(r, since=at) for (r, _), at in zip(connections, opened, strict=True))
+        )
+    finally:
+        trickling.cancel()
+        for _, writer in connections:
+            writer.close()
+
+
 async def test_half_sent_requests_are_closed_after_the_header_timeout() -> None:
     async with running_verifier({"forward_auth": SHORT}) as (app, _):
         loop = asyncio.get_running_loop()
@@ -459,23 +486,7 @@ async def test_half_sent_requests_are_closed_after_the_header_timeout() -> None:
         for writer in slow:
             writer.write(b"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\n")
 
-        async def trickle() -> None:
-            # Slowloris: a header line now and then never extends the deadline.
-            for _ in range(20):
-                await asyncio.sleep(0.05)
-                for writer in slow:
-                    if not writer.is_closing():
-                        writer.write(b"X-a: b\r\n")
-
-        trickling = asyncio.ensure_future(trickle())
-        try:
-            waits = await asyncio.gather(
-                *(_seconds_until_closed(r, since=at) for (r, _), at in zip(connections, opened, strict=True))
-            )
-        finally:
-            trickling.cancel()
-            for _, writer in connections:
-                writer.close()
+        waits = await _seconds_until_closed_while_trickling(connections, opened, slow, rounds=20)
         assert all(0.2 <= w <= 1.5 for w in waits), waits
         assert not app.forward_auth.connections
         # The listener still serves.
@@ -496,22 +507,8 @@ async def test_the_metrics_listener_closes_half_sent_requests_after_the_header_t
             if i % 2:  # half send part of a request, the other half nothing
                 connections[-1][1].write(b"GET /metrics HTTP/1.1\r\nHost: m\r\n")
 
-        async def trickle() -> None:
-            for _ in range(40):
-                await asyncio.sleep(0.05)
-                for _, writer in connections[1::2]:
-                    if not writer.is_closing():
-                        writer.write(b"X-a: b\r\n")
-
-        trickling = asyncio.ensure_future(trickle())
-        try:
-            waits = await asyncio.gather(
-                *(_seconds_until_closed(r, since=at) for (r, _), at in zip(connections, opened, strict=True))
-            )
-        finally:
-            trickling.cancel()
-            for _, writer in connections:
-                writer.close()
+        slow = [writer for _, writer in connections[1::2]]
+        waits = await _seconds_until_closed_while_trickling(connections, opened, slow, rounds=40)
         assert all(w <= 1.5 for w in waits), waits
         # A whole request is answered, and its keep-alive is not cut by the header timeout.
         reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.metrics)

@@ -462,6 +462,23 @@ def test_envoys_reuse_cache_is_bounded(
         gw.stop()
 
 
+def _assert_a_flood_of_long_junk_evicts_the_answer_before_it(
+    gw: GatewayProcess, proc: GatewayProcess, issuer: LocalIssuer, flood: int, junk_bytes: int
+) -> None:
+    """An answer the gateway reuses, then `flood` distinct junk credentials of about `junk_bytes` each, every one
+    judged once (plus its 503s): past the gateway's bound, the answer stored before the flood is asked again."""
+    tok = token(issuer)
+    assert [get(gw.url, "/orders", tok).status for _ in range(2)] == [200, 200]
+    assert asked(proc) == 1  # the second came from the gateway's cache
+    padding = "j" * junk_bytes
+    statuses, again = _flood(gw.url, flood, lambda i: f"{padding}-{i}-{uuid.uuid4().hex}")
+    assert statuses == [401] * flood
+    assert asked(proc) == 1 + flood + again
+    before = asked(proc)
+    assert get(gw.url, "/orders", tok).status == 200
+    assert asked(proc) == before + 1, "the cache kept growing past its bound"
+
+
 def test_envoys_reuse_cache_is_bounded_in_bytes_not_only_in_answers(
     issuer: LocalIssuer,
     upstream: EchoUpstream,
@@ -480,18 +497,7 @@ def test_envoys_reuse_cache_is_bounded_in_bytes_not_only_in_answers(
         upstream_port=upstream.port,
     )
     try:
-        tok = token(issuer)
-        assert [get(gw.url, "/orders", tok).status for _ in range(2)] == [200, 200]
-        assert asked(proc) == 1  # the second came from Envoy's cache
-
-        padding = "j" * ENVOY_JUNK_BYTES
-        statuses, again = _flood(gw.url, ENVOY_FLOOD, lambda i: f"{padding}-{i}-{uuid.uuid4().hex}")
-        assert statuses == [401] * ENVOY_FLOOD
-        assert asked(proc) == 1 + ENVOY_FLOOD + again  # every junk credential was judged, once (plus its 503s)
-
-        before = asked(proc)
-        assert get(gw.url, "/orders", tok).status == 200
-        assert asked(proc) == before + 1, "the cache kept growing past its byte bound"
+        _assert_a_flood_of_long_junk_evicts_the_answer_before_it(gw, proc, issuer, ENVOY_FLOOD, ENVOY_JUNK_BYTES)
     finally:
         gw.stop()
 
@@ -511,18 +517,7 @@ def test_nginx_luas_reuse_cache_is_bounded(
         tmp_path_factory.mktemp("nginx-lua-bound"), proc.extra["http_port"], upstream.port, workers=1, lua=True
     )
     try:
-        tok = token(issuer)
-        assert [get(gw.url, "/orders", tok).status for _ in range(2)] == [200, 200]
-        assert asked(proc) == 1  # the second came from nginx's cache
-
-        padding = "j" * NGINX_JUNK_BYTES
-        statuses, again = _flood(gw.url, NGINX_FLOOD, lambda i: f"{padding}-{i}-{uuid.uuid4().hex}")
-        assert statuses == [401] * NGINX_FLOOD
-        assert asked(proc) == 1 + NGINX_FLOOD + again  # every junk credential was judged, once (plus its 503s)
-
-        before = asked(proc)
-        assert get(gw.url, "/orders", tok).status == 200
-        assert asked(proc) == before + 1, "the cache kept growing past its bound"
+        _assert_a_flood_of_long_junk_evicts_the_answer_before_it(gw, proc, issuer, NGINX_FLOOD, NGINX_JUNK_BYTES)
     finally:
         gw.stop()
 

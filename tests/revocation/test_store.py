@@ -9,6 +9,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from support import file_modes
+
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.store import SQLITE_FILE, SqliteStore
 
@@ -90,7 +92,7 @@ async def test_the_file_and_its_wal_are_private_to_the_verifier_user(tmp_path: P
     finally:
         os.umask(previous)
     try:
-        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        modes = file_modes(tmp_path)
         assert SQLITE_FILE in modes and modes == dict.fromkeys(modes, 0o600)
     finally:
         await store.close()

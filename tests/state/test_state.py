@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import FrozenClock
+from support import FrozenClock, file_modes, made_under_umask_022
 from tokenkit import NOW
 
 from verifier.app import shared_state
@@ -336,13 +335,9 @@ def test_settings_errors_name_the_key(data: Any, key: str) -> None:
 
 def test_sqlite_replay_file_is_private_to_the_verifier_user(tmp_path: Path, clock: FrozenClock) -> None:
     """Replay keys, WAL and shared memory are 0600 whatever the umask: another local user reads nothing."""
-    previous = os.umask(0o022)
+    store = made_under_umask_022(lambda: SqliteState(str(tmp_path), clock))
     try:
-        store = SqliteState(str(tmp_path), clock)
-    finally:
-        os.umask(previous)
-    try:
-        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        modes = file_modes(tmp_path)
         assert "replay.sqlite3" in modes and modes == dict.fromkeys(modes, 0o600)
     finally:
         store._db.close()

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fido2.webauthn import CollectedClientData
 from prometheus_client import CollectorRegistry
-from support import FrozenClock
+from support import FrozenClock, file_modes, made_under_umask_022
 from webauthnkit import FLAGS, ORIGIN, RP_ID, SoftAuthenticator, b64u, encode_header, unb64u
 
 from verifier.doors.refusals import refuse
@@ -851,13 +851,9 @@ async def test_sqlite_store_survives_a_restart(tmp_path: Any) -> None:
 
 async def test_sqlite_store_file_is_private_to_the_verifier_user(tmp_path: Any) -> None:
     """Who enrolled which authenticator is no other local user's business: the file is 0600 whatever the umask."""
-    previous = os.umask(0o022)
+    store = made_under_umask_022(lambda: SqliteCredentialStore(str(tmp_path / "webauthn.sqlite3")))
     try:
-        store = SqliteCredentialStore(str(tmp_path / "webauthn.sqlite3"))
-    finally:
-        os.umask(previous)
-    try:
-        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        modes = file_modes(tmp_path)
         assert "webauthn.sqlite3" in modes and modes == dict.fromkeys(modes, 0o600)
     finally:
         await store.close()
