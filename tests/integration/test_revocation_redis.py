@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -204,7 +203,7 @@ async def test_a_replica_catches_up_after_redis_restarts(
     token = transmitter.sign_set({SESSION_REVOKED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-5"})
     answer = await retried_while_503(router_of(a), push_request(token))  # a's connection comes back
     assert answer.status == 202
-    await within(RECONNECT_S, lambda: b.revocations.check(principal("user-5")) is not None)
+    await within(RECONNECT_S, lambda: _refused(b, principal("user-5")))
 
 
 async def test_a_dropped_subscription_is_followed_by_a_full_reload(
@@ -224,7 +223,7 @@ async def test_a_dropped_subscription_is_followed_by_a_full_reload(
         await asyncio.sleep(0.2)
         assert b.revocations.check(principal("user-6")) is None
         await client.client_kill_filter(_type="pubsub")
-        await within(RECONNECT_S, lambda: b.revocations.check(principal("user-6")) is not None)
+        await within(RECONNECT_S, lambda: _refused(b, principal("user-6")))
     finally:
         await client.aclose()
 
@@ -233,11 +232,11 @@ async def test_a_replica_cut_off_from_redis_stops_answering_from_entries_it_cann
     replicas: Replicas, redis_server: RedisServer
 ) -> None:
     """A partition: replica a loses Redis, b does not, and an operator's kill switch reaches b alone. a cannot
-    hear of it (no pub/sub, no reload), so "no entry" from a's index is no longer known: within one resync
-    interval a answers 503 (StateUnavailable), never a pass; once Redis is back it reloads and refuses."""
+    hear of it (no pub/sub, no reload), so "no entry" from a's index is no longer known: as soon as its
+    subscription breaks, not one resync interval (30 s) later, a answers 503 (StateUnavailable), never a pass;
+    once Redis is back it reloads and refuses."""
     from redis.asyncio import Redis
 
-    replicas.config = dataclasses.replace(replicas.config, resync_interval_seconds=1)
     client = Redis.from_url(redis_server.url)
     try:
         await client.execute_command("ACL", "SETUSER", "replica-a", "on", ">pw-a", "~*", "&*", "+@all")
@@ -251,17 +250,52 @@ async def test_a_replica_cut_off_from_redis_stops_answering_from_entries_it_cann
         assert created.status == 201, created.body
         assert b.revocations.check(principal("user-9")) is not None
 
-        def a_does_not_pass() -> bool:
-            try:
-                return a.revocations.check(principal("user-9")) is not None
-            except StateUnavailable:
-                return True
-
-        await within(5.0, a_does_not_pass)  # one resync interval (1 s), with room for a loaded machine
+        await within(3.0, lambda: _does_not_pass(a, principal("user-9")))  # the subscription's poll (1 s) + room
+        assert a.metrics.in_sync._value.get() == 0
         await client.execute_command("ACL", "SETUSER", "replica-a", "on")
         await within(RECONNECT_S, lambda: _refused(a, principal("user-9")))
+        assert a.metrics.in_sync._value.get() == 1
     finally:
         await client.aclose()
+
+
+async def test_a_replica_whose_redis_falls_silent_refuses_to_decide_until_it_hears_again(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    """A partition that drops packets without a reset raises nothing: the subscription just hears nothing. The
+    heartbeat PING's missing PONG tells it: within `SUBSCRIPTION_SILENCE_SECONDS` (3 s) + one poll the replica
+    answers 503, and once Redis answers again it reloads and decides. Redis's CLIENT PAUSE is the silence: it
+    keeps every connection open and answers none of them (this test's own too, so the pause runs out by itself)."""
+    from redis.asyncio import Redis
+
+    from verifier.revocation.store import SUBSCRIPTION_SILENCE_SECONDS
+
+    a = await replicas.start()
+    assert a.revocations.check(principal("user-10")) is None
+    await asyncio.sleep(1.5)  # a few heartbeats answered: silence is not mistaken while Redis answers
+    assert a.revocations.check(principal("user-10")) is None
+    client = Redis.from_url(redis_server.url)
+    try:
+        await client.execute_command("CLIENT", "PAUSE", int((SUBSCRIPTION_SILENCE_SECONDS + 4) * 1000), "ALL")
+        await within(SUBSCRIPTION_SILENCE_SECONDS + 2.5, lambda: _does_not_pass(a, principal("user-10")))
+        assert not _decides(a, principal("user-10"))  # 503, not a refusal it could not know of
+        await within(RECONNECT_S, lambda: _decides(a, principal("user-10")))
+    finally:
+        await client.aclose()
+
+
+def _does_not_pass(service: RevocationService, who: Principal) -> bool:
+    try:
+        return service.revocations.check(who) is not None
+    except StateUnavailable:
+        return True
+
+
+def _decides(service: RevocationService, who: Principal) -> bool:
+    try:
+        return service.revocations.check(who) is None
+    except StateUnavailable:
+        return False
 
 
 def _refused(service: RevocationService, who: Principal) -> bool:
@@ -301,7 +335,8 @@ async def test_redis_restarted_empty_gets_the_entries_back_and_nobody_forgets(
         while watched_until is None or time.monotonic() < watched_until:
             for replica in (a, b):
                 for sub in ("user-7", "user-8"):
-                    assert replica.revocations.check(principal(sub)) is not None, "a replica forgot an entry"
+                    # 503 while its subscription is down is not forgetting; a pass would be
+                    assert _does_not_pass(replica, principal(sub)), "a replica forgot an entry"
             if watched_until is None and await both_back():
                 watched_until = time.monotonic() + 1.5
             assert watched_until or time.monotonic() < deadline, "the entries never came back into Redis"

@@ -51,7 +51,7 @@ async def test_another_workers_write_is_picked_up_by_polling(tmp_path: Path) -> 
         reloads.append(len(await new.sync([])))
 
     await new.subscribe()
-    listener = asyncio.ensure_future(new.listen(lambda added, removed: None, reload))
+    listener = asyncio.ensure_future(new.listen(lambda added, removed: None, reload, lambda: None))
     try:
         await old.put([entry("op-late")])
         for _ in range(100):

@@ -216,6 +216,12 @@ class RevocationMetrics:
         self.syncs = Counter(
             "verifier_revocation_sync_total", "Full reloads from the store, by result.", ["result"], registry=registry
         )
+        self.in_sync = Gauge(
+            "verifier_revocation_in_sync",
+            "1 while the revocation entries here are known current; 0 while revocation-checked requests are refused"
+            " with 503 (not loaded yet, the store unreadable, or the subscription to other replicas' changes lost).",
+            registry=registry,
+        )
         self.polls = Counter(
             "verifier_ssf_polls_total",
             "Poll requests to transmitters (RFC 8936), by transmitter and result (ok, error).",

@@ -108,7 +108,7 @@ class RevocationService:
         await self._with_retry(self.resync)
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._store.listen(self._on_change, self.resync)),
+            loop.create_task(self._store.listen(self._on_change, self.resync, self._unheard)),
             loop.create_task(self._maintain()),
         ]
         for transmitter, keys in self._transmitters.values():
@@ -161,7 +161,18 @@ class RevocationService:
         for added, removed in pending or ():
             self._apply(added, removed)
         self.metrics.syncs.labels("ok").inc()
+        self.metrics.in_sync.set(1)
         self.metrics.entries.set(len(self.revocations))
+
+    def _unheard(self) -> None:
+        """The subscription is broken or silent: others' entries may be going unheard, so the index refuses to
+        decide (503) until the subscription is back and a full reload has run."""
+        if self.revocations.out_of_sync():
+            self.metrics.in_sync.set(0)
+            log.error(
+                "revocation subscription lost; refusing with 503 until it is back and the entries are reloaded",
+                extra={"event": "revocation_store"},
+            )
 
     def _on_change(self, added: list[Entry], removed: list[str]) -> None:
         if self._loading is not None:
@@ -191,6 +202,7 @@ class RevocationService:
                 wait = self.config.resync_interval_seconds
             except StateUnavailable as exc:
                 if self.revocations.out_of_sync():
+                    self.metrics.in_sync.set(0)
                     log.error(
                         "revocation resync failed; refusing with 503 until the entries are reloaded",
                         extra={"event": "revocation_store", "error": exc.description},

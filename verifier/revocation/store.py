@@ -4,6 +4,10 @@ In Redis, entries sit in one hash (`{prefix}revocations`, field = entry id, valu
 and every change is published on `{prefix}revocations:changes` in the same MULTI as the write, so an
 event received by one replica reaches the others' in-memory index within one pub/sub hop. A periodic
 full reload repairs anything a dropped subscription missed; after a reconnect the reload runs at once.
+The subscription is this replica's only way to hear of others' entries, so while it is known lost (an error,
+or `SUBSCRIPTION_SILENCE_SECONDS` without even the PONG of a heartbeat PING) the index refuses to decide
+(503) until the subscription is back and a full reload has run: a cut-off replica never passes a token
+that others refuse for longer than that.
 
 A Redis that restarts without persistence (or is flushed) comes back empty, and "no entries" must
 never be believed: a disabled account would be allowed again. The hash therefore carries an epoch
@@ -48,7 +52,12 @@ DEFAULT_TIMEOUT_SECONDS = 1.0  # seconds per Redis operation; writes are off the
 RECONNECT_MIN_SECONDS = 0.1  # first wait before resubscribing; doubles up to the cap
 RECONNECT_MAX_SECONDS = 5.0
 EPOCH_FIELD = b"~epoch"  # in the entries' hash; entry ids start with "ev-" or "op-", never "~"
-LISTEN_POLL_SECONDS = 1.0  # the subscriber wakes at least this often (health checks, cancellation)
+LISTEN_POLL_SECONDS = 1.0  # the subscriber wakes at least this often (heartbeat, cancellation)
+# A subscription that has heard nothing from Redis (not even the PONG of the heartbeat PING sent after each silent
+# poll) for this long is taken as lost: a partition that drops packets without a reset never raises, and the
+# replica would go on answering "no entry" while others' entries pass it by.
+SUBSCRIPTION_SILENCE_SECONDS = 3.0
+HEARTBEAT = b"verifier-revocations"
 SQLITE_FILE = "revocations.sqlite3"  # in `state.path`
 SQLITE_POLL_SECONDS = 0.25  # how often a local store looks for another worker's writes
 SQLITE_BUSY_SECONDS = 5.0  # a write waits this long for another worker's transaction
@@ -81,8 +90,11 @@ class RevocationStore(Protocol):
         """Removes entries and tells every replica; raises `StateUnavailable`."""
         ...
 
-    async def listen(self, on_change: Change, on_reconnect: Callable[[], Awaitable[None]]) -> None:
-        """Delivers other replicas' changes until cancelled; `on_reconnect` runs after each resubscribe."""
+    async def listen(
+        self, on_change: Change, on_reconnect: Callable[[], Awaitable[None]], on_lost: Callable[[], None]
+    ) -> None:
+        """Delivers other replicas' changes until cancelled; `on_reconnect` runs after each resubscribe, `on_lost`
+        as soon as changes may be going unheard (the subscription broken or silent)."""
         ...
 
     async def subscribe(self) -> None:
@@ -117,7 +129,9 @@ class MemoryStore:
     async def subscribe(self) -> None:
         """Nothing to subscribe to."""
 
-    async def listen(self, on_change: Change, on_reconnect: Callable[[], Awaitable[None]]) -> None:
+    async def listen(
+        self, on_change: Change, on_reconnect: Callable[[], Awaitable[None]], on_lost: Callable[[], None]
+    ) -> None:
         """No other replica: waits until cancelled."""
         await asyncio.Event().wait()
 
@@ -184,8 +198,11 @@ class SqliteStore:
         """Notes the file's version, so the first change by another worker is seen."""
         self._version = (await self._run("PRAGMA data_version"))[0][0]
 
-    async def listen(self, on_change: Change, on_reconnect: Callable[[], Awaitable[None]]) -> None:
-        """Reloads (`on_reconnect`) whenever another worker committed to the file."""
+    async def listen(
+        self, on_change: Change, on_reconnect: Callable[[], Awaitable[None]], on_lost: Callable[[], None]
+    ) -> None:
+        """Reloads (`on_reconnect`) whenever another worker committed to the file (a local file: nothing to lose
+        but the file itself, which the periodic reload reports)."""
         while True:
             await asyncio.sleep(SQLITE_POLL_SECONDS)
             try:
@@ -222,6 +239,7 @@ class RedisStore:
         self._sub_redis = subscriber
         self._pubsub: Any = None
         self._reconnected = False
+        self._heard = 0.0  # the loop's time the subscription last heard from Redis
         self._epoch: bytes | None = None  # the hash's epoch at this replica's last reload
 
     async def _call(self, operation: Awaitable[Any]) -> Any:
@@ -304,13 +322,19 @@ class RedisStore:
         if connection is not None:
             connection.register_connect_callback(self._connected)
         self._reconnected = False
+        self._heard = asyncio.get_running_loop().time()
 
     async def _connected(self, connection: Any) -> None:
         self._reconnected = True
 
-    async def listen(self, on_change: Change, on_reconnect: Callable[[], Awaitable[None]]) -> None:
-        """Applies published changes; on a broken subscription resubscribes, then `on_reconnect()`."""
+    async def listen(
+        self, on_change: Change, on_reconnect: Callable[[], Awaitable[None]], on_lost: Callable[[], None]
+    ) -> None:
+        """Applies published changes; a PING after each silent poll proves the connection alive. A subscription
+        broken, refused or silent for `SUBSCRIPTION_SILENCE_SECONDS` is `on_lost()` at once, then resubscribed
+        (backing off), then `on_reconnect()`."""
         delay = RECONNECT_MIN_SECONDS
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 if self._pubsub is None:
@@ -321,11 +345,22 @@ class RedisStore:
                 if self._reconnected:
                     self._reconnected = False
                     await on_reconnect()
+                if message is not None:
+                    self._heard = loop.time()
+                elif loop.time() - self._heard >= SUBSCRIPTION_SILENCE_SECONDS:
+                    raise ConnectionError(f"no answer from Redis for {SUBSCRIPTION_SILENCE_SECONDS:g} s")
+                else:
+                    await self._pubsub.ping(HEARTBEAT)  # its PONG comes back as a message of its own
             except (RedisError, OSError, StateUnavailable) as exc:
+                on_lost()
                 log.warning(
-                    "revocation subscription lost", extra={"event": "revocation_store", "error": type(exc).__name__}
+                    "revocation subscription lost",
+                    extra={"event": "revocation_store", "error": type(exc).__name__, "detail": str(exc)[:200]},
                 )
-                self._pubsub = None
+                if self._pubsub is not None:
+                    pubsub, self._pubsub = self._pubsub, None
+                    with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
+                        await asyncio.wait_for(pubsub.aclose(), self._timeout)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_SECONDS)
                 continue
