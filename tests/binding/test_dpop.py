@@ -12,7 +12,7 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from support import FrozenClock
 from tokenkit import NOW, SigningKeys, b64, compact, private_jwk, public_jwk
@@ -322,6 +322,39 @@ async def test_refuses_an_alg_that_does_not_fit_the_jwk(verifier: DpopVerifier, 
     header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": public_jwk(keys.es256)}
     with pytest.raises(InvalidDpopProof, match="does not fit"):
         await check(verifier, compact(header, {"jti": "j"}))
+
+
+def _rsa_jwk(n: int, e: int) -> dict[str, Any]:
+    def octets(value: int) -> str:
+        return b64(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+    return {"kty": "RSA", "n": octets(n), "e": octets(e)}
+
+
+@pytest.mark.parametrize(
+    ("bits", "exponent_bits"),
+    [(3072, 3071), (2048, 65), (8192, 17), (16384, 17)],
+    ids=["huge-exponent", "65-bit-exponent", "rsa-8192", "rsa-16384"],
+)
+async def test_refuses_an_rsa_proof_key_too_costly_to_verify_before_checking_its_signature(
+    verifier: DpopVerifier, bits: int, exponent_bits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proof's key is the presenter's choice, verified before anything ties it to the token: a 3072-bit modulus
+    with an exponent as long (~7 ms a check) or a 16384-bit modulus (~5 ms) made every request with any DPoP-bound
+    token, a stolen one included, cost the verifier 200 times an RSA-2048 proof. Refused unverified."""
+    n = (1 << (bits - 1)) | 1  # odd and of that length: all the parser asks of a public modulus
+    e = (1 << (exponent_bits - 1)) | 1
+    verified: list[str] = []
+    monkeypatch.setattr(dpop_module.VerificationKey, "verify", lambda *a: verified.append("x") or False)
+    header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": _rsa_jwk(n, e)}
+    with pytest.raises(InvalidDpopProof, match="jwk"):
+        await check(verifier, compact(header, {"jti": "j"}, b"\x01" * (bits // 8)))
+    assert verified == []
+
+
+async def test_accepts_an_rsa_4096_proof_key_with_the_usual_exponent(verifier: DpopVerifier) -> None:
+    key = rsa.generate_private_key(65537, 4096)
+    await check(verifier, make_proof(key, alg="RS256"))
 
 
 async def test_a_clients_proof_key_is_parsed_once_and_another_key_on_its_own(

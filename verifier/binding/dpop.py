@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from verifier.clock import Clock
 from verifier.config.dpop import DpopConfig
 from verifier.errors import InvalidDpopProof, MalformedToken, SenderConstraintFailed, UseDpopNonce
@@ -51,6 +53,11 @@ _NONCE_MAC_BYTES = 16  # 128-bit tag: forging one is out of reach, and the nonce
 # A nonce older than this share of its lifetime is renewed on the allow (section 8.2): a client that keeps
 # using the DPoP-Nonce it is given never meets the use_dpop_nonce 401, and a young nonce costs no header.
 _RENEW_AFTER_LIFETIME_SHARE = 0.5
+# A proof's key is the presenter's choice, and its signature is checked before anything ties the key to the token: an
+# RSA check's cost grows with the modulus and the exponent (a 3072-bit exponent costs ~7 ms a proof, a 16384-bit
+# modulus ~5 ms: 200 times an RSA-2048 proof, for anyone holding any DPoP-bound token). Past these, refused unverified.
+MAX_PROOF_RSA_BITS = 4096  # bits of modulus: the largest RSA key clients make proofs with (~2.5 KiB a proof)
+MAX_PROOF_RSA_EXPONENT_BITS = 33  # bits of public exponent: clients use 65537 (BoringSSL bounds e the same way)
 # Proof keys parsed, by the JWK's whole content: a client signs every proof with the same key, and parsing it
 # (the curve point checked) and its thumbprint cost ~23 us a proof. A flood of new keys only evicts entries.
 PROOF_KEYS_HELD = 1024
@@ -191,9 +198,15 @@ def _parse_proof_key(jwk: dict[str, Any]) -> tuple[VerificationKey, str]:
     if any(name in jwk for name in _PRIVATE_MEMBERS):
         raise InvalidDpopProof("DPoP proof jwk holds private key material")
     try:
-        return parse_jwk(jwk), thumbprint(jwk)
+        key = parse_jwk(jwk)
+        jkt = thumbprint(jwk)
     except (KeyError_, ValueError) as exc:
         raise InvalidDpopProof("DPoP proof jwk is not a usable public key") from exc
+    if isinstance(key.key, rsa.RSAPublicKey) and (
+        key.key.key_size > MAX_PROOF_RSA_BITS or key.key.public_numbers().e.bit_length() > MAX_PROOF_RSA_EXPONENT_BITS
+    ):
+        raise InvalidDpopProof("DPoP proof jwk is an RSA key too large to verify")
+    return key, jkt
 
 
 class DpopVerifier:
