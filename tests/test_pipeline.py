@@ -267,3 +267,47 @@ async def test_several_workers_without_redis_refuse_dpop_instead_of_accepting_a_
         proof = _proof(key, "GET", "https://api.example.test/api/x", token)
         req = _request("/api/x", token=token, scheme="DPoP", extra=f"DPoP: {proof}\r\n")
         assert _parse(await http_exchange(app.ports.http, req))[0] == 200
+
+
+async def test_a_dpop_proof_for_another_url_does_not_pass_our_own_endpoints_by_the_clients_x_forwarded_headers(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """Our WebAuthn registry endpoints judged a proof's htm/htu against the X-Forwarded-Method/-Uri the CALLER sent:
+    whoever held a DPoP-bound token and one unused proof made for any other request (a proof the client sent to
+    another resource server, RFC 9449 section 11.1) called the registry as the user by declaring that request. The
+    method and path an endpoint judges are those of the request made to it (as its step-up binding already is)."""
+    import os
+
+    from verifier.webauthn import WebAuthnConfig
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jkt = thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())))
+    config = WebAuthnConfig(
+        rp_id="localhost",
+        rp_name="t",
+        origins=("http://localhost:1",),
+        secret=os.urandom(32),
+        sqlite_path=str(tmp_path / "w.sqlite3"),
+    )
+    async with running_verifier({"webauthn": config}) as (app, idp):
+        token = idp.mint(sub="alice", claims={"cnf": {"jkt": jkt}})
+
+        def call(proof: str, forwarded: str = "") -> bytes:
+            return (
+                f"POST /v1/webauthn/register/begin HTTP/1.1\r\nHost: verifier.test\r\n{forwarded}"
+                f"Authorization: DPoP {token}\r\nDPoP: {proof}\r\nContent-Type: application/json\r\n"
+                "Content-Length: 2\r\n\r\n{}"
+            ).encode()
+
+        elsewhere = _proof(key, "GET", "https://photos.example.test/albums", token)
+        declared = (
+            "X-Forwarded-Method: GET\r\nX-Forwarded-Uri: /albums\r\n"
+            "X-Forwarded-Host: photos.example.test\r\nX-Forwarded-Proto: https\r\n"
+        )
+        status, headers, body = _parse(await http_exchange(app.ports.http, call(elsewhere, declared)))
+        assert (status, headers.get("x-verifier-reason")) == (401, "dpop_proof_invalid"), (status, body)
+        assert headers["www-authenticate"].startswith('DPoP realm="verifier", error="invalid_dpop_proof"')
+        # A proof for this very request still passes.
+        own = _proof(key, "POST", "http://verifier.test/v1/webauthn/register/begin", token)
+        status, _, body = _parse(await http_exchange(app.ports.http, call(own)))
+        assert status == 200 and b"publicKey" in body

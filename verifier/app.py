@@ -483,7 +483,10 @@ class App:
 
     async def _authenticate(self, request: HttpRequest) -> Principal:
         attrs = self.forward_auth.attributes(request.method, request.path.encode(), dict(request.headers), request.peer)
-        return await self.pipeline.authenticate(attrs)
+        # The request judged is the one made to our endpoint: its own method and target (as its step-up binding reads
+        # them), never a caller's X-Forwarded-Method/-Uri, against which a DPoP proof made for any other request passed.
+        target = request.path + (f"?{request.query}" if request.query else "")
+        return await self.pipeline.authenticate(attrs._replace(method=request.method.upper(), path=target))
 
     async def wait_serving(self) -> None:
         """Returns once the verifier reports SERVING."""
