@@ -311,3 +311,33 @@ async def test_a_dpop_proof_for_another_url_does_not_pass_our_own_endpoints_by_t
         own = _proof(key, "POST", "http://verifier.test/v1/webauthn/register/begin", token)
         status, _, body = _parse(await http_exchange(app.ports.http, call(own)))
         assert status == 200 and b"publicKey" in body
+
+
+async def test_a_certificate_bound_token_does_not_pass_our_own_endpoints_on_a_thumbprint_header_the_caller_wrote(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """`mtls_thumbprint_header` names what a gateway overwrites on the forward-auth requests it sends; nothing
+    publishes our WebAuthn registry through a gateway (the shipped configs do not route it; Kong's plugin forwards
+    no thumbprint to an upstream), so there the header is the caller's own. With a stolen certificate-bound token
+    and the thumbprint (it is in the token), an attacker without the certificate began enrolling a key as the user."""
+    import os
+
+    from verifier.webauthn import WebAuthnConfig
+
+    config = WebAuthnConfig(
+        rp_id="localhost",
+        rp_name="t",
+        origins=("http://localhost:1",),
+        secret=os.urandom(32),
+        sqlite_path=str(tmp_path / "w.sqlite3"),
+    )
+    options = {"webauthn": config, "mtls_thumbprint_header": "x-client-cert-thumbprint"}
+    async with running_verifier(options) as (app, idp):
+        bound = b64url(hashlib.sha256(b"the victim's certificate").digest())
+        token = idp.mint(sub="alice", claims={"cnf": {"x5t#S256": bound}})
+        request = (
+            f"POST /v1/webauthn/register/begin HTTP/1.1\r\nHost: verifier.test\r\nAuthorization: Bearer {token}\r\n"
+            f"X-Client-Cert-Thumbprint: {bound}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        ).encode()
+        status, headers, body = _parse(await http_exchange(app.ports.http, request))
+        assert (status, headers.get("x-verifier-reason")) == (401, "sender_constraint_failed"), (status, body)

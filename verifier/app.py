@@ -485,8 +485,11 @@ class App:
         attrs = self.forward_auth.attributes(request.method, request.path.encode(), dict(request.headers), request.peer)
         # The request judged is the one made to our endpoint: its own method and target (as its step-up binding reads
         # them), never a caller's X-Forwarded-Method/-Uri, against which a DPoP proof made for any other request passed.
+        # No certificate either: `mtls_thumbprint_header` is what a gateway overwrites on forward-auth requests, and no
+        # gateway publishes these endpoints (here the header is the caller's word): a certificate-bound token fails.
         target = request.path + (f"?{request.query}" if request.query else "")
-        return await self.pipeline.authenticate(attrs._replace(method=request.method.upper(), path=target))
+        own = attrs._replace(method=request.method.upper(), path=target, client_cert_thumbprint="")
+        return await self.pipeline.authenticate(own)
 
     async def wait_serving(self) -> None:
         """Returns once the verifier reports SERVING."""
