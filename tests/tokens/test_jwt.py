@@ -138,6 +138,7 @@ def _rsa_pem(keys: SigningKeys) -> bytes:
     )
 
 
+LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 HS256_HEADER = {"alg": "HS256", "kid": KIDS["RS256"], "typ": "at+jwt"}
 
 # (case id, token builder, expected error class, expected code)
@@ -194,6 +195,13 @@ HOSTILE: list[tuple[str, Builder, type[VerifierError], str]] = [
      "token_type_invalid"),
     ("ID token with at_hash", lambda m, k: m(claims(at_hash="77QmUPtjPfzWtF2AnpK9RQ"), headers={"typ": "JWT"}),
      WrongTokenType, "token_type_invalid"),
+    # RFC 8417 section 4.3, Back-Channel Logout 1.0 section 2.4: a SET or logout token signed with the same keys
+    # (sent without its explicit `typ`, or with a legacy one) carries `events`, which no access token does.
+    ("logout token without typ", lambda m, k: m(claims(sid="s-1", jti="j-1", events={LOGOUT_EVENT: {}}),
+                                                headers={"typ": None}), WrongTokenType, "token_type_invalid"),
+    ("SET with typ JWT", lambda m, k: m(claims(jti="j-2", events={"https://schemas.openid.net/secevent/caep/"
+                                                                  "event-type/session-revoked": {}}),
+                                        headers={"typ": "JWT"}), WrongTokenType, "token_type_invalid"),
     ("expired beyond leeway", lambda m, k: m(claims(exp=int(NOW) - LEEWAY - 1)), TokenExpired, "token_expired"),
     ("expired exactly at the leeway edge", lambda m, k: m(claims(exp=int(NOW) - LEEWAY)), TokenExpired,
      "token_expired"),

@@ -36,8 +36,11 @@ _Tenant = tuple[Tenants, str]  # an issuer template's keys and the tenant a toke
 _ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 # Providers that predate RFC 9068 (Okta, Keycloak, Entra) send `JWT` or nothing.
 _LEGACY_TYPES = frozenset({"jwt", "application/jwt"})
-# Claims only an ID token carries (OIDC Core 2 and 3.1.3.6): such a token is not an access token.
-_ID_TOKEN_CLAIMS = frozenset({"nonce", "at_hash", "c_hash", "s_hash"})
+# Claims only another kind of JWT carries, so such a token is not an access token: an ID token's (OIDC Core 2
+# and 3.1.3.6), and `events`, held by every SET (RFC 8417 section 2.2) and back-channel logout token (OIDC
+# Back-Channel Logout 1.0 section 2.4) and by no access token; RFC 8417 section 4.3 has access-token validators
+# look for it. `isdisjoint` walks the claims (one lookup each), so a larger set costs nothing more.
+_OTHER_TOKEN_CLAIMS = frozenset({"nonce", "at_hash", "c_hash", "s_hash", "events"})
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
@@ -60,8 +63,8 @@ def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings:
         settings.require_typ_at_jwt or (lowered is not None and lowered not in _LEGACY_TYPES)
     ):
         raise WrongTokenType("not an access token (typ)")
-    if not _ID_TOKEN_CLAIMS.isdisjoint(claims):
-        raise WrongTokenType("an ID token is not an access token")
+    if not _OTHER_TOKEN_CLAIMS.isdisjoint(claims):
+        raise WrongTokenType("an ID token, SET or logout token is not an access token")
     leeway = settings.leeway_seconds
     exp = _number(claims, "exp")
     if exp is None:
