@@ -5,6 +5,7 @@ The fake provider counts every call, so each test states exactly which requests 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from support import FrozenClock
 from tokenkit import AUDIENCE, MAX_TOKEN_BYTES, FakeFetcher, Mint, claims, discovery_document
 
 from verifier.config.base import ConfigError
-from verifier.errors import ClaimInvalid, ProviderUnavailable, TenantNotAllowed, UnknownIssuer
+from verifier.errors import ClaimInvalid, ProviderUnavailable, TenantNotAllowed, UnknownIssuer, UnknownKey
 from verifier.observe.metrics import Metrics
 from verifier.settings import IssuerSettings, parse_settings
 from verifier.tokens.jwks import KeyStore
@@ -183,6 +184,32 @@ async def test_new_tenants_come_from_a_token_bucket_and_failures_from_a_bounded_
         with pytest.raises(ProviderUnavailable):
             await verify(verifier, token(mint, f"made-up-{i}"))
     assert len(tenants._failed) <= 4  # bounded by max_tenants
+
+
+async def test_made_up_kids_across_held_tenants_cost_the_provider_no_more_than_the_new_tenant_bucket(
+    jwks_document: dict[str, Any], clock: FrozenClock, mint: Mint
+) -> None:
+    # With `tenants: any` an attacker can have up to max_tenants real tenants held, then send each a token
+    # with a made-up kid: every held tenant refetched its JWKS once per cooldown, max_tenants / 30 s fetches
+    # (33/s at the defaults) per replica, where made-up tenant names cost new_tenants_per_minute a minute.
+    rate, held = 10, 10
+    provider = FakeFetcher()
+    for i in range(held):
+        serve_tenant(provider, f"t{i}", jwks_document)
+    verifier, tenants = build(template(tenants=(), any_tenant=True, new_tenants_per_minute=rate), provider, clock)
+    for i in range(held):
+        await verify(verifier, token(mint, f"t{i}"))
+    assert tenants.tenants_held == held
+    clock.advance(60)  # the bucket is full again
+    before, started = provider.total, clock.monotonic()
+    for _ in range(4):
+        clock.advance(31)  # past each tenant's cooldown
+        for i in range(held):
+            with pytest.raises((UnknownKey, ProviderUnavailable)):
+                await verify(verifier, mint(claims(iss=tenant_issuer(f"t{i}")), kid=f"made-up-{i}"))
+    elapsed = clock.monotonic() - started
+    assert provider.total - before <= rate + math.ceil(elapsed * rate / 60)  # the bucket, not tenants x rounds
+    assert verifier.verify_now(verifier.parse(token(mint, "t0"))) is not None  # known kids are not affected
 
 
 async def test_concurrent_first_tokens_of_one_tenant_share_one_fetch(

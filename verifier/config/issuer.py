@@ -24,8 +24,9 @@ DEFAULT_FETCH_TIMEOUT_SECONDS = 5.0  # deadline on every discovery/JWKS call
 DEFAULT_MAX_JWKS_BYTES = 1 << 20  # 1 MiB: a JWKS larger than this is malformed, not a key set
 DEFAULT_MAX_JWKS_KEYS = 100  # keys kept per issuer; more is a misconfiguration or an attack
 DEFAULT_MAX_TENANTS = 1000  # entries: tenants of one issuer template whose keys are held (LRU beyond)
-# Discoveries of tenants not yet held, per minute per template: a flood of made-up tenant names
-# costs the provider at most this many requests a minute, however many tokens arrive.
+# Discoveries of tenants not yet held and held tenants' JWKS refetches for unknown kids, per minute per
+# template: a flood of made-up tenant names or kids costs the provider at most this many requests a minute,
+# however many tokens arrive.
 DEFAULT_NEW_TENANTS_PER_MINUTE = 60
 
 TENANT_PLACEHOLDER = "{tenant}"
@@ -104,7 +105,7 @@ class IssuerSettings:
         minimum=1,
         maximum=100_000,
         unit="per minute",
-        doc="discoveries of tenants not yet held; past it a new tenant's token gets 503",
+        doc="discoveries of tenants not yet held, and held tenants' refetches for unknown kids; past it 503",
     )
     tenant_claim: str = setting("", doc='this claim must equal the tenant in `iss` (Entra: "tid")')
     jwks_file: str = setting("", doc="a JWKS on disk instead of discovery; re-read on SIGHUP")

@@ -51,8 +51,10 @@ class IssuerKeys:
         *,
         label: str = "",
         origin: str = "",
+        admit: Callable[[], bool] | None = None,
     ) -> None:
-        """`origin` (scheme://host[:port]), when given, is the only place learned URLs may point to."""
+        """`origin` (scheme://host[:port]), when given, is the only place learned URLs may point to; `admit`,
+        when given, is asked before an unknown kid starts a fetch (an issuer template's budget: False, spent)."""
         self.settings = settings
         # The metrics label: the configured issuer (a template's tenants share theirs, so a flood of
         # made-up tenant names cannot grow the metrics without bound).
@@ -72,6 +74,7 @@ class IssuerKeys:
         self._inflight: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self._origin = origin
+        self._admit = admit
         self.on_withdrawn: Withdrawn | None = None
         if settings.static_jwks:  # jwks_file / jwks_inline: checked when the settings were loaded
             self._keys = self._parse(json.loads(settings.static_jwks))
@@ -109,6 +112,10 @@ class IssuerKeys:
                 # closed with 503 (retry later), not 401 (throw the token away).
                 raise ProviderUnavailable("issuer keys unavailable")
             return None  # a fetch succeeded recently: an unknown kid now is just unknown
+        if self._inflight is None and self._admit is not None and not self._admit():
+            # The template's budget is spent (made-up kids sent to many tenants): no fetch, and no verdict
+            # on a token whose kid may be a real new key.
+            raise ProviderUnavailable("too many key refreshes for this issuer; retry later")
         await self.refresh()  # ProviderUnavailable propagates: 503, never a verdict on the token
         return self.find(kid, alg)
 

@@ -9,7 +9,9 @@ issuer check, JWKS, single flight, cooldowns), created on the first token and ke
 What a token can make us fetch is bounded: a tenant outside `tenants` is refused before any I/O;
 with `tenants: any` a tenant not held costs one discovery, taken from a token bucket of
 `new_tenants_per_minute` per template, and a tenant whose discovery failed is not tried again for
-`jwks_cooldown_seconds` (a bounded negative cache).
+`jwks_cooldown_seconds` (a bounded negative cache). A held tenant's JWKS refetch for an unknown kid
+takes from the same bucket: each tenant's own cooldown alone let made-up kids sent to `max_tenants`
+held tenants cost the provider `max_tenants` fetches per cooldown.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ class TenantKeys:
             task.add_done_callback(_retrieved)
         return await asyncio.shield(task)
 
+    def _admit_refresh(self) -> bool:
+        """Whether a held tenant may refetch its keys for an unknown kid: one token from the new-tenant bucket."""
+        return self._take_token(self._clock.monotonic())
+
     def _take_token(self, now: float) -> bool:
         rate = self.settings.new_tenants_per_minute
         self._bucket = min(float(rate), self._bucket + (now - self._bucket_at) * rate / SECONDS_PER_MINUTE)
@@ -119,6 +125,7 @@ class TenantKeys:
             self._tracing,
             label=self.settings.issuer,
             origin=self._origin,
+            admit=self._admit_refresh if self.settings.any_tenant else None,
         )
         keys.on_withdrawn = self.on_withdrawn
         try:
