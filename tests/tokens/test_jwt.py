@@ -298,6 +298,21 @@ async def test_an_es256_token_is_refused_when_its_kid_names_an_rsa_key_only(
     assert type(err) is AlgorithmRefused
 
 
+async def test_keys_of_other_types_sharing_a_kid_each_verify_their_own_alg(
+    settings: IssuerSettings, fetcher: FakeFetcher, clock: FrozenClock, keys: SigningKeys, mint: Mint
+) -> None:
+    # RFC 7517 section 4.5 names this case: keys of different kty under one kid, as equivalent alternatives.
+    # Only the last key under a kid was kept, so the other family's valid tokens got 401 algorithm_refused.
+    fetcher.serve(JWKS_URL, {"keys": [public_jwk(keys.es256, "shared"), public_jwk(keys.rs256, "shared")]})
+    verifier, _ = make_verifier(settings, fetcher, clock)
+    for alg in ("ES256", "RS256"):
+        assert (await _verify(verifier, mint(claims(), alg, kid="shared"))).kid == "shared"
+        assert verifier.verify_now(verifier.parse(mint(claims(), alg, kid="shared"))) is not None
+    assert type(await _refusal(verifier, mint(claims(), "EdDSA", kid="shared"))) is AlgorithmRefused
+    forged = mint(claims(), "ES256", kid="shared", key=ec.generate_private_key(ec.SECP256R1()))
+    assert type(await _refusal(verifier, forged)) is BadSignature
+
+
 async def test_hs256_is_refused_even_when_an_issuer_lists_it(
     fetcher: FakeFetcher, clock: FrozenClock, keys: SigningKeys
 ) -> None:

@@ -64,6 +64,9 @@ class IssuerKeys:
         self._clock = clock
         self._metrics = metrics
         self._by_kid: dict[str, VerificationKey] = {}
+        # Kids more than one key shares, with all of them: RFC 7517 section 4.5 allows keys of different kty
+        # under one kid. Asked only when the kid's key in `_by_kid` does not fit the alg (rare).
+        self._shared_kids: dict[str, tuple[VerificationKey, ...]] = {}
         self._keys: tuple[VerificationKey, ...] = ()
         self.metadata: Mapping[str, Any] = {}
         self._jwks_uri = settings.jwks_uri
@@ -78,7 +81,7 @@ class IssuerKeys:
         self.on_withdrawn: Withdrawn | None = None
         if settings.static_jwks:  # jwks_file / jwks_inline: checked when the settings were loaded
             self._keys = self._parse(json.loads(settings.static_jwks))
-            self._by_kid = {k.kid: k for k in self._keys if k.kid is not None}
+            self._by_kid, self._shared_kids = _by_kid(self._keys)
             # Never due (refresh_interval() is +Inf: the key-age alert cannot fire for keys on disk).
             self._fetched_at, self._expires_at = clock.monotonic(), math.inf
             self.ready.set()
@@ -92,7 +95,10 @@ class IssuerKeys:
         """The key for `kid` that fits `alg`; without a kid, the only key that fits, if exactly one."""
         if kid is not None:
             key = self._by_kid.get(kid)
-            return key if key is not None and key.fits(alg) else None
+            if key is not None and key.fits(alg):
+                return key
+            shared = self._shared_kids.get(kid) if key is not None else None
+            return next((k for k in shared if k.fits(alg)), None) if shared else None
         fitting = [k for k in self._keys if k.fits(alg)]
         return fitting[0] if len(fitting) == 1 else None
 
@@ -172,7 +178,7 @@ class IssuerKeys:
             raise
         self._failures = 0
         before, self._keys = self._keys, keys
-        self._by_kid = {k.kid: k for k in keys if k.kid is not None}
+        self._by_kid, self._shared_kids = _by_kid(keys)
         withdrawn = _withdrawn(before, keys)
         if withdrawn:
             kids = sorted(map(str, withdrawn))
@@ -265,6 +271,20 @@ class IssuerKeys:
                 self._failures += 1
                 log.exception("jwks refresh crashed", extra={"event": "jwks_fetch", "issuer": self.settings.issuer})
             await asyncio.sleep(self.next_refresh_in())
+
+
+def _by_kid(
+    keys: Sequence[VerificationKey],
+) -> tuple[dict[str, VerificationKey], dict[str, tuple[VerificationKey, ...]]]:
+    """Each kid's key (the last one under it), and every key of the kids that several keys share."""
+    by_kid = {k.kid: k for k in keys if k.kid is not None}
+    shared: dict[str, tuple[VerificationKey, ...]] = {}
+    if len(by_kid) < sum(k.kid is not None for k in keys):
+        for key in keys:
+            if key.kid is not None:
+                shared[key.kid] = (*shared.get(key.kid, ()), key)
+        shared = {kid: held for kid, held in shared.items() if len(held) > 1}
+    return by_kid, shared
 
 
 def _identity(key: VerificationKey) -> tuple[str | None, bytes]:
