@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,19 @@ def test_inline_keys_are_checked_at_start_up(issuer: dict[str, Any], message: st
     with pytest.raises(ConfigError) as refused:
         load(**issuer)
     assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "odd", [datetime.date(2024, 1, 1), {1: "a", "b": 2}], ids=["an unquoted date-like kid", "a number as a member name"]
+)
+def test_inline_keys_that_yaml_made_into_no_json_are_a_named_config_error(
+    jwks_document: dict[str, Any], odd: Any
+) -> None:
+    # YAML reads `kid: 2024-01-01` as a date: with another usable key beside it, the start-up (or the SIGHUP
+    # reload) died on a TypeError out of json.dumps instead of naming the key.
+    with pytest.raises(ConfigError) as refused:
+        load(jwks_inline={"keys": [*jwks_document["keys"], {"kty": "EC", "kid": odd}]})
+    assert "jwks_inline" in str(refused.value)
 
 
 @pytest.mark.parametrize("key", ["jwks_uri", "discovery_url", "tls_ca_file"])

@@ -59,13 +59,18 @@ def read_tenants(reader: Reader) -> dict[str, Any]:
 
 
 def _key_set_json(document: Any, key: str) -> str:
-    """The JSON text of a usable JWK Set; a problem named by `key` otherwise."""
+    """The JSON text of a usable JWK Set; a problem named by `key` otherwise.
+
+    The text is what the keys are loaded from, so it is the text that is checked: YAML gives values JSON
+    has not (`kid: 2024-01-01` is a date, `1:` a number as a member name).
+    """
     try:
-        parse_key_set(document, max_keys=DEFAULT_MAX_JWKS_KEYS)
-    except KeyError_ as exc:
-        record(f"{key}: {exc}")
+        text = json.dumps(document, separators=(",", ":"), sort_keys=True)
+        parse_key_set(json.loads(text), max_keys=DEFAULT_MAX_JWKS_KEYS)
+    except (TypeError, ValueError) as exc:  # KeyError_ is a ValueError
+        record(f"{key}: {exc if isinstance(exc, KeyError_) else f'not a JSON key set ({exc}); quote the value'}")
         return ""
-    return json.dumps(document, separators=(",", ":"), sort_keys=True)
+    return text
 
 
 def read_static_jwks(reader: Reader) -> dict[str, Any]:
