@@ -236,6 +236,26 @@ async def test_the_least_recently_used_tenant_is_evicted_past_max_tenants(
     assert provider.total == before + 2
 
 
+async def test_a_request_waiting_on_a_tenant_s_refetch_gets_503_when_the_tenant_is_evicted(
+    provider: FakeFetcher, clock: FrozenClock, mint: Mint
+) -> None:
+    import asyncio
+
+    # A token for another tenant (unsigned will do: keys are fetched before the signature is checked) evicts
+    # the tenant whose JWKS a request is waiting on. The eviction cancelled that fetch, and the waiting
+    # request got the CancelledError: no decision at all for the gateway, not a 503.
+    verifier, tenants = build(template(tenants=(), any_tenant=True, max_tenants=1), provider, clock)
+    await verify(verifier, token(mint, "a"))
+    clock.advance(31)  # past the cooldown: an unknown kid refetches
+    provider.faults["https://idp.example.test/a/discovery/v2.0/keys"] = ("delay", 0.2)
+    waiting = asyncio.ensure_future(verify(verifier, mint(claims(iss=tenant_issuer("a")), kid="rotated")))
+    await asyncio.sleep(0.01)
+    await verify(verifier, token(mint, "b"))  # b is held; a, the least recently used, is evicted
+    assert tenants.held("a") is None
+    with pytest.raises(ProviderUnavailable):
+        await waiting
+
+
 async def test_a_held_tenant_s_keys_are_refreshed_in_the_background_when_stale(
     provider: FakeFetcher, clock: FrozenClock, mint: Mint
 ) -> None:

@@ -130,7 +130,15 @@ class IssuerKeys:
         task = self._inflight
         if task is None or task.done():  # a fetch that just ended (its callback not yet run) is not this one
             task = self._start()
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            waiter = asyncio.current_task()
+            if waiter is None or waiter.cancelling() or not task.cancelled():
+                raise  # this waiter is being cancelled (its deadline, shutdown): that is its own to handle
+            # The fetch was cancelled under it (its tenant evicted from the template's LRU): no keys, so no
+            # verdict on the token, and never a cancellation the caller did not ask for.
+            raise ProviderUnavailable("issuer keys fetch was cancelled; retry later") from None
 
     def _start(self) -> asyncio.Task[None]:
         task = self._inflight = asyncio.get_running_loop().create_task(self._refresh())
