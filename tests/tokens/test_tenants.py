@@ -294,6 +294,9 @@ def config(issuer: dict[str, Any]) -> dict[str, Any]:
         ({"tenants": ["a"], "backchannel_logout": {"audiences": ["gw"]}}, "backchannel_logout: not supported"),
         ({"tenants": "any", "jwks_inline": {"keys": []}}, "jwks_inline"),
         ({"tenants": "any", "max_tenants": 0}, "max_tenants"),
+        # Listed tenants past max_tenants evict each other: unsigned tokens naming them in turn cost the provider
+        # a discovery and a JWKS fetch each, with no bucket (that is for `tenants: any`) and no cooldown.
+        ({"tenants": ["a", "b", "c"], "max_tenants": 2}, "max_tenants: 2 is fewer than the 3 tenants"),
         ({"tenants": "any", "discovery_url": "https://idp.example.test/common/v2.0"}, "needs {tenant}"),
         ({"tenants": "any", "discovery_url": "https://idp.example.test/x{tenant}"}, "whole path segment"),
         ({"tenants": "any", "jwks_pin_sha256": ["not base64!"]}, "is not base64"),

@@ -125,6 +125,13 @@ def check_key_source(settings: IssuerSettings, path: str) -> None:
     if settings.is_template:
         if not settings.tenants and not settings.any_tenant:
             record(f'{path}.tenants: required with a {TENANT_PLACEHOLDER} issuer (a list of tenants, or "any")')
+        if len(settings.tenants) > settings.max_tenants:
+            # They would evict each other: tokens naming them in turn (unsigned will do: keys are fetched before
+            # the signature is checked) would cost the provider a discovery and a JWKS fetch each, unbounded.
+            record(
+                f"{path}.max_tenants: {settings.max_tenants} is fewer than the {len(settings.tenants)} tenants "
+                "allowed (raise it to hold them all)"
+            )
         if settings.introspection is not None or settings.introspect_jwts:
             record(f"{path}.introspection: not supported with a {TENANT_PLACEHOLDER} issuer")
         if settings.backchannel_logout is not None:
