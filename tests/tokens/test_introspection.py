@@ -258,6 +258,41 @@ async def test_refuses_unusable_answers(
     assert getattr(caught.value, "code", None) == code
 
 
+def hydra_answer(token_use: str) -> dict[str, Any]:
+    """What Ory Hydra (fosite) answers for one of its tokens: the grant's audience and `token_type` on both
+    kinds, only `token_use` telling a refresh token from an access token."""
+    return active(token_type="bearer", token_use=token_use, aud=[AUDIENCE], nbf=int(NOW) - 10, ext={})
+
+
+@pytest.mark.parametrize(
+    ("token_use", "code"),
+    [
+        ("refresh_token", "token_type_invalid"),
+        ("Refresh_Token", "token_type_invalid"),
+        ("id_token", "token_type_invalid"),
+        (7, "claim_invalid"),
+        (["access_token"], "claim_invalid"),
+    ],
+)
+async def test_a_refresh_token_named_by_token_use_grants_nothing(
+    make: MakeIntrospector, http: FakeHttp, token_use: Any, code: str
+) -> None:
+    """Hydra introspects its refresh tokens as active, with the access token's `aud` and `token_type`: a stolen
+    refresh token presented as a bearer token must not reach the API (RFC 6749 section 1.5; Oathkeeper refuses it)."""
+    http.answers["ory_rt_stolen"] = hydra_answer(token_use)
+    with pytest.raises(InvalidToken) as caught:
+        await check(make(), "ory_rt_stolen")
+    assert caught.value.code == code
+
+
+@pytest.mark.parametrize("token_use", ["access_token", "ACCESS_TOKEN", ""])
+async def test_an_access_token_named_by_token_use_is_taken(
+    make: MakeIntrospector, http: FakeHttp, token_use: str
+) -> None:
+    http.answers["ory_at_ok"] = hydra_answer(token_use)  # "": Go's zero value, as Oathkeeper reads it (absent)
+    assert (await check(make(), "ory_at_ok")).subject == "user-1"
+
+
 async def test_an_answer_without_aud_is_accepted_when_audience_is_not_required(
     make: MakeIntrospector, http: FakeHttp
 ) -> None:

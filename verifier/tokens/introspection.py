@@ -355,6 +355,14 @@ class Introspector:
         token_type = answer.get("token_type")
         if isinstance(token_type, str) and token_type.lower() in _NOT_ACCESS_TOKENS:
             raise WrongTokenType("not an access token (token_type)")
+        # Ory Hydra (fosite) answers for its refresh tokens too, active, with the grant's `aud` and `token_type`:
+        # only `token_use` says which kind it is (Oathkeeper refuses any but access_token; "" is Go's unset).
+        token_use = answer.get("token_use")
+        if token_use is not None and token_use != "":
+            if not isinstance(token_use, str):
+                raise ClaimInvalid("token_use is not a string", claim="token_use")
+            if token_use.lower() != "access_token":
+                raise WrongTokenType("not an access token (token_use)")
         exp = _number(answer, "exp")
         if exp is not None and now >= exp:
             raise TokenExpired("token expired")
