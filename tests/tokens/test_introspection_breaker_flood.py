@@ -118,3 +118,34 @@ async def test_a_revoked_token_is_never_served_stale_after_a_junk_flood(
             await intro.introspect(GOOD, b"g" * 32)
     finally:
         await intro.close()
+
+
+@pytest.mark.parametrize("framing", ["split", "chunked", "close"])
+async def test_tokens_whose_answers_are_too_large_never_open_the_breaker(
+    raw_provider: RawProvider,
+    introspection_http: IntrospectionHttpClient,
+    monkeypatch: pytest.MonkeyPatch,
+    framing: str,
+) -> None:
+    """How large an answer is depends on the token (its claims: groups, a profile the user writes), not on the
+    provider's health: a user whose tokens carry oversized answers must not open the breaker for everyone."""
+    monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
+    good = provider_answers({}, 400)
+
+    def answer(body: bytes) -> Route:
+        token = urllib.parse.parse_qs(body.decode())["token"][0]
+        if token.startswith("bloated"):
+            claims = {"active": True, "sub": "mallory", "aud": AUDIENCE, "profile": "x" * (64 * 1024)}
+            return json_route(claims, framing=framing, pause=0)
+        return good(body)
+
+    raw_provider.routes["/introspect"] = answer
+    intro = introspector(raw_provider, introspection_http, FrozenClock())
+    try:
+        for i in range(10):
+            with pytest.raises(ProviderUnavailable, match="too large"):
+                await intro.introspect(f"bloated-{i}", b"b%031d" % i)
+        assert intro.breaker.state is BreakerState.CLOSED
+        assert (await intro.introspect(GOOD, b"g" * 32)).subject == "alice"
+    finally:
+        await intro.close()

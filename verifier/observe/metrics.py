@@ -45,6 +45,7 @@ RESULTS = (
     "throttled",
     "http_5xx",
     "malformed",
+    "too_large",
     "circuit_open",
     "queue_timeout",
 )

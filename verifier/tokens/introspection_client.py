@@ -60,8 +60,16 @@ Headers = tuple[tuple[str, str], ...]
 
 # Call results that count against the provider in the breaker: its faults, never its refusals. A 4xx
 # answers the request (a throttled flood, a refused client, a token the provider will not discuss);
-# counting it would let anyone who can send junk tokens open the breaker for everyone (issue #26 G7).
+# counting it would let anyone who can send junk tokens open the breaker for everyone (issue #26 G7). Nor is an
+# answer too large (`AnswerTooLarge`, "too_large"): its size follows the token's claims.
 PROVIDER_FAULTS = frozenset({"timeout", "unreachable", "http_5xx", "malformed"})
+
+
+def _failure_result(error: ProviderUnavailable) -> str:
+    """The metrics result of a failed exchange (the seam's exception)."""
+    if isinstance(error, ProviderTimedOut):
+        return "timeout"
+    return "too_large" if isinstance(error, AnswerTooLarge) else "unreachable"
 
 
 def _status_result(status: int) -> str:
@@ -98,6 +106,13 @@ class HttpReply(NamedTuple):
 class ProviderTimedOut(ProviderUnavailable):
     """A seam that keeps the request's deadline itself (`keeps_deadline`) raises this when it passes:
     the same 503 as any provider failure, counted as a timeout."""
+
+
+class AnswerTooLarge(ProviderUnavailable):
+    """A seam raises this for an answer longer than `request.max_bytes`: the same 503 as any provider failure,
+    but an answer's size follows the token's claims (its groups, a profile its user writes), not the provider's
+    health, so it never counts against the provider in the breaker (a user's bloated tokens would open it for
+    everyone)."""
 
 
 class IntrospectionHttp(Protocol):
@@ -326,7 +341,7 @@ class ProviderClient:
             answer: Any = outcome
             try:
                 if isinstance(outcome, ProviderUnavailable):
-                    self._account("timeout" if isinstance(outcome, ProviderTimedOut) else "unreachable")
+                    self._account(_failure_result(outcome))
                 else:
                     result, answer = self._decode(outcome)
                     self._account(result)
@@ -407,13 +422,9 @@ class ProviderClient:
             except TimeoutError:
                 result = "timeout"
                 raise ProviderUnavailable("introspection provider timed out") from None
-            except ProviderTimedOut:
-                if result == "ok":
-                    result = "timeout"
-                raise
-            except ProviderUnavailable:
-                if result == "ok":
-                    result = "unreachable"
+            except ProviderUnavailable as exc:
+                if result == "ok":  # else `_decode` named it (a status, malformed JSON)
+                    result = _failure_result(exc)
                 raise
             except asyncio.CancelledError:
                 result = ""

@@ -42,6 +42,7 @@ from verifier.errors import ProviderUnavailable
 from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.sweep import Sweep, Timed
 from verifier.tokens.introspection_client import (
+    AnswerTooLarge,
     Done,
     Headers,
     HttpReply,
@@ -61,6 +62,10 @@ _QUERY_SAFE = _PATH_SAFE + "?"
 
 class _Refused(Exception):
     """Raised inside a parser callback: the answer breaks a rule (too large, an upgrade, an encoding)."""
+
+
+class _TooLarge(_Refused):
+    """The answer's body passes `max_bytes`: `AnswerTooLarge` (the token's answer, not the provider's health)."""
 
 
 class _Expiry(Timed):
@@ -208,7 +213,11 @@ class _Connection(asyncio.Protocol):
             self._fail("switched protocols")
             return
         except httptools.HttpParserCallbackError as exc:
-            self._fail(str(exc.__context__) if isinstance(exc.__context__, _Refused) else "sent a malformed answer")
+            cause = exc.__context__
+            if isinstance(cause, _Refused):
+                self._fail(str(cause), AnswerTooLarge if isinstance(cause, _TooLarge) else ProviderUnavailable)
+            else:
+                self._fail("sent a malformed answer")
             return
         except httptools.HttpParserError:
             self._fail("sent a malformed answer")
@@ -270,12 +279,12 @@ class _Connection(asyncio.Protocol):
             return
         self._final = True
         if self._length > self._max_bytes:
-            raise _Refused("answer too large")
+            raise _TooLarge("answer too large")
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > self._max_bytes:
-            raise _Refused("answer too large")
+            raise _TooLarge("answer too large")
         self._body.append(body)
 
     def on_message_complete(self) -> None:
