@@ -285,6 +285,24 @@ async def test_a_refresh_token_named_by_token_use_grants_nothing(
     assert caught.value.code == code
 
 
+@pytest.mark.parametrize("cnf", [None, {}, {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}, {"jkt": 7}])
+async def test_a_dpop_token_that_names_no_key_is_refused_not_taken_as_bearer(
+    make: MakeIntrospector, http: FakeHttp, cnf: Any
+) -> None:
+    """RFC 9449 section 6.2: a DPoP-bound token's answer says `token_type: DPoP` and names its key in `cnf.jkt`.
+    Without the key nothing can hold the token to a proof: taken as it stands, a stolen DPoP token would pass as
+    a bearer token, with no proof at all."""
+    http.answers["stolen-dpop"] = active(token_type="DPoP", cnf=cnf)
+    with pytest.raises(ClaimInvalid) as caught:
+        await check(make(), "stolen-dpop")
+    assert caught.value.code == "claim_invalid"
+
+
+async def test_a_dpop_token_with_its_key_is_taken(make: MakeIntrospector, http: FakeHttp) -> None:
+    http.answers["dpop"] = active(token_type="DPoP", cnf={"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"})
+    assert (await check(make(), "dpop")).claims["cnf"]["jkt"] == "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+
+
 @pytest.mark.parametrize("token_use", ["access_token", "ACCESS_TOKEN", ""])
 async def test_an_access_token_named_by_token_use_is_taken(
     make: MakeIntrospector, http: FakeHttp, token_use: str

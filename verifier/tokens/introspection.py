@@ -353,8 +353,16 @@ class Introspector:
         if iss is not None and iss != self.issuer:
             raise InvalidToken("introspection answer names another issuer", code="issuer_mismatch")
         token_type = answer.get("token_type")
-        if isinstance(token_type, str) and token_type.lower() in _NOT_ACCESS_TOKENS:
-            raise WrongTokenType("not an access token (token_type)")
+        if isinstance(token_type, str):
+            lowered = token_type.lower()
+            if lowered in _NOT_ACCESS_TOKENS:
+                raise WrongTokenType("not an access token (token_type)")
+            # RFC 9449 section 6.2: a DPoP token's answer names its key (`cnf.jkt`); without it no proof can be
+            # asked for, and the token would pass as a bearer token (`verifier.checks.dpop` keys on `cnf.jkt`).
+            if lowered == "dpop":
+                cnf = answer.get("cnf")
+                if not (isinstance(cnf, dict) and isinstance(cnf.get("jkt"), str)):
+                    raise ClaimInvalid("a DPoP token names no key (cnf.jkt)", claim="cnf")
         # Ory Hydra (fosite) answers for its refresh tokens too, active, with the grant's `aud` and `token_type`:
         # only `token_use` says which kind it is (Oathkeeper refuses any but access_token; "" is Go's unset).
         token_use = answer.get("token_use")
