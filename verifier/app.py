@@ -292,6 +292,7 @@ class App:
                 registry=self.metrics.registry,
                 discovered_endpoint=self._discovered("introspection_endpoint", i.issuer),
                 discovery_url=i.discovery,
+                leeway_seconds=i.leeway_seconds,
             )
             for i in settings.issuers
             if i.introspection is not None

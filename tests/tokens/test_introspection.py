@@ -23,7 +23,7 @@ from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from prometheus_client import CollectorRegistry
 from support import FrozenClock, count_loop_lookups
 
-from verifier.app import build_introspector
+from verifier.app import App, build_introspector
 from verifier.clock import SystemClock
 from verifier.config.introspection import (
     DEFAULT_BATCH_WINDOW_SECONDS,
@@ -32,6 +32,7 @@ from verifier.config.introspection import (
     DEFAULT_POSITIVE_TTL_SECONDS,
     DEFAULT_TIMEOUT_SECONDS,
 )
+from verifier.config.issuer import DEFAULT_LEEWAY_SECONDS
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 from verifier.errors import (
     AudienceMismatch,
@@ -40,10 +41,11 @@ from verifier.errors import (
     Outcome,
     ProviderUnavailable,
     TokenExpired,
+    TokenNotYetValid,
     WrongTokenType,
 )
 from verifier.observe.audit import token_hash
-from verifier.settings import ConfigError
+from verifier.settings import ConfigError, parse_settings
 from verifier.tokens.introspection import (
     ClientAuth,
     IntrospectionConfig,
@@ -158,12 +160,16 @@ async def make(
 ) -> AsyncIterator[MakeIntrospector]:
     made: list[Introspector] = []
 
-    def _make(given: str | None = None, audiences: tuple[str, ...] = (AUDIENCE,), **overrides: Any) -> Introspector:
-        """An introspector over the fake seam; `given` is the endpoint argument, `overrides` the config."""
+    def _make(
+        given: str | None = None, audiences: tuple[str, ...] = (AUDIENCE,), leeway: float = 0.0, **overrides: Any
+    ) -> Introspector:
+        """An introspector over the fake seam; `given` is the endpoint argument, `leeway` the issuer's
+        `leeway_seconds`, `overrides` the config."""
         introspector = build_introspector(
             issuer=ISSUER,
             audiences=audiences,
             config=config(**overrides),
+            leeway_seconds=leeway,
             endpoint=given,
             clock=clock,
             registry=registry,
@@ -309,6 +315,41 @@ async def test_an_access_token_named_by_token_use_is_taken(
 ) -> None:
     http.answers["ory_at_ok"] = hydra_answer(token_use)  # "": Go's zero value, as Oathkeeper reads it (absent)
     assert (await check(make(), "ory_at_ok")).subject == "user-1"
+
+
+async def test_a_fresh_token_from_a_provider_whose_clock_runs_ahead_is_taken(
+    make: MakeIntrospector, http: FakeHttp
+) -> None:
+    """The provider says active; its `nbf` (Hydra: when the token was asked for, a moment ago) is a second ahead of
+    our clock. Refused, the valid token was also remembered refused (the pipeline's negative cache, 30 s): a user
+    locked out by a second of skew that the issuer's `leeway_seconds` (exp/nbf/iat) is there to absorb."""
+    http.answers["fresh"] = active(nbf=int(NOW) + 1, iat=int(NOW) + 1)
+    assert (await check(make(leeway=DEFAULT_LEEWAY_SECONDS), "fresh")).subject == "user-1"
+
+
+async def test_a_token_not_valid_before_the_leeway_is_still_refused(make: MakeIntrospector, http: FakeHttp) -> None:
+    http.answers["postdated"] = active(nbf=int(NOW) + DEFAULT_LEEWAY_SECONDS + 1)
+    with pytest.raises(TokenNotYetValid):
+        await check(make(leeway=DEFAULT_LEEWAY_SECONDS), "postdated")
+
+
+async def test_the_composition_root_hands_each_introspector_its_issuers_leeway(secret_env: str) -> None:
+    settings = parse_settings(
+        {
+            "http": {"listen": "127.0.0.1:0"},
+            "issuers": [
+                {
+                    "issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["ES256"], "jwks_uri": ISSUER + "/jwks",
+                    "leeway_seconds": 7, "introspection": {"client_id": "verifier", "client_secret_env": secret_env},
+                }
+            ],
+        }
+    )  # fmt: skip
+    app = App(settings)
+    try:
+        assert app.introspectors[ISSUER].leeway_seconds == 7
+    finally:
+        await app.stop(grace=0)
 
 
 async def test_an_answer_without_aud_is_accepted_when_audience_is_not_required(

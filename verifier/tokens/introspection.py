@@ -138,14 +138,17 @@ class Introspector:
         breaker: Breaker,
         discovered_endpoint: Callable[[], str] | None = None,
         discovery_url: str = "",
+        leeway_seconds: float = 0.0,
     ) -> None:
         """Endpoint, first found wins: `config.endpoint`, `endpoint`, `discovered_endpoint()` (a late-bound
         lookup in discovery metadata someone else fetched), else discovery fetched here on first use from
         `discovery_url` (the issuer's configured one; default `{issuer}/.well-known/openid-configuration`).
         `http` is the network seam: the root's `IntrospectionHttpClient`, or a test's. `metrics` and
-        `breaker` are the root's (`verifier.app.build_introspector`): the breaker reports to the breaker gauge."""
+        `breaker` are the root's (`verifier.app.build_introspector`): the breaker reports to the breaker gauge.
+        `leeway_seconds` is the issuer's clock skew allowance (`IssuerSettings.leeway_seconds`), on `nbf`."""
         self.issuer = issuer
         self.audiences = frozenset(audiences)
+        self.leeway_seconds = leeway_seconds
         self.config = config
         self._clock = clock
         self._metrics = metrics
@@ -375,7 +378,10 @@ class Introspector:
         if exp is not None and now >= exp:
             raise TokenExpired("token expired")
         nbf = _number(answer, "nbf")
-        if nbf is not None and now < nbf:
+        # The provider has just said active: an `nbf` ahead of our clock within the leeway is skew between the two
+        # clocks (Hydra's is when the token was asked for, a moment ago), and the pipeline remembers a refusal.
+        # `exp` stays exact: a token ending is never a lockout, and nothing cached from it outlives it.
+        if nbf is not None and now + self.leeway_seconds < nbf:
             raise TokenNotYetValid("token not yet valid")
         for member in ("iat", "auth_time"):  # read later by policies and revocation: numbers or absent
             _number(answer, member)
