@@ -45,6 +45,8 @@ from verifier.errors import (
     WrongTokenType,
 )
 from verifier.observe.audit import token_hash
+from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.index import Revocations
 from verifier.settings import ConfigError, parse_settings
 from verifier.tokens.introspection import (
     ClientAuth,
@@ -331,6 +333,26 @@ async def test_a_token_not_valid_before_the_leeway_is_still_refused(make: MakeIn
     http.answers["postdated"] = active(nbf=int(NOW) + DEFAULT_LEEWAY_SECONDS + 1)
     with pytest.raises(TokenNotYetValid):
         await check(make(leeway=DEFAULT_LEEWAY_SECONDS), "postdated")
+
+
+async def test_a_token_issued_after_the_kill_switch_by_a_clock_running_ahead_is_refused(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock
+) -> None:
+    """The kill switch refuses a user's tokens issued until now (`iat` at or before the entry's time, our clock). An
+    answer whose `iat` is ahead of our clock by more than the leeway (a provider clock running minutes ahead) names
+    a token the entry can never reach: the user's stolen token outlived the kill switch. A JWT's such `iat` is
+    refused (token_not_yet_valid); so is an answer's."""
+    revocations = Revocations(clock)
+    revocations.replace(
+        [Entry(id="op-1", key=SubjectKey(KeyKind.ISS_SUB, "user-1", ISSUER), effect=Effect.TOKEN_REVOKED,
+               match=Match.ISSUED_BEFORE, event_time=NOW, expires_at=NOW + 3600, source="operator", event="operator")]
+    )  # fmt: skip
+    http.answers["stolen"] = active(iat=int(NOW) + 600, exp=int(NOW) + 900)  # issued before it, on a clock 10 min ahead
+    try:
+        principal = await check(make(leeway=DEFAULT_LEEWAY_SECONDS), "stolen")
+    except TokenNotYetValid:
+        return
+    assert revocations.check(principal) is not None, "the kill switch missed the user's token"
 
 
 async def test_the_composition_root_hands_each_introspector_its_issuers_leeway(secret_env: str) -> None:

@@ -145,7 +145,7 @@ class Introspector:
         `discovery_url` (the issuer's configured one; default `{issuer}/.well-known/openid-configuration`).
         `http` is the network seam: the root's `IntrospectionHttpClient`, or a test's. `metrics` and
         `breaker` are the root's (`verifier.app.build_introspector`): the breaker reports to the breaker gauge.
-        `leeway_seconds` is the issuer's clock skew allowance (`IssuerSettings.leeway_seconds`), on `nbf`."""
+        `leeway_seconds` is the issuer's clock skew allowance (`IssuerSettings.leeway_seconds`), on `nbf` and `iat`."""
         self.issuer = issuer
         self.audiences = frozenset(audiences)
         self.leeway_seconds = leeway_seconds
@@ -383,8 +383,12 @@ class Introspector:
         # `exp` stays exact: a token ending is never a lockout, and nothing cached from it outlives it.
         if nbf is not None and now + self.leeway_seconds < nbf:
             raise TokenNotYetValid("token not yet valid")
-        for member in ("iat", "auth_time"):  # read later by policies and revocation: numbers or absent
-            _number(answer, member)
+        # Revocation entries reach the tokens issued up to their event (our clock): an `iat` further ahead than the
+        # leeway could never be reached (a provider clock running ahead), so it is refused, as a JWT's is.
+        iat = _number(answer, "iat")
+        if iat is not None and now + self.leeway_seconds < iat:
+            raise TokenNotYetValid("token issued in the future")
+        _number(answer, "auth_time")  # read later by policies and revocation: a number or absent
         sub = answer.get("sub")
         if sub is not None and not isinstance(sub, str):
             raise ClaimInvalid("sub is not a string", claim="sub")
