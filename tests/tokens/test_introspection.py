@@ -621,6 +621,24 @@ async def test_failures_are_never_cached(
     assert (await check(introspector, "tok")).subject == "user-1"
 
 
+@pytest.mark.parametrize(
+    "answer", [{}, {"error": "temporarily_unavailable"}, {"active": None}, {"status": "ok"}], ids=str
+)
+@pytest.mark.parametrize("batch", [False, True], ids=["rfc7662", "batch"])
+async def test_an_answer_without_active_is_a_provider_failure_never_a_remembered_refusal(
+    make: MakeIntrospector, http: FakeHttp, answer: dict[str, Any], batch: bool
+) -> None:
+    """RFC 7662 section 2.2: `active` is REQUIRED. A 200 without it (an error object from a provider in trouble, the
+    wrong endpoint configured) is no verdict on the token: taken as inactive, every user's valid token was refused
+    and remembered refused (here and in the pipeline's negative cache) after the provider had recovered."""
+    introspector = make(batch_endpoint=BATCH_ENDPOINT) if batch else make()
+    http.answers["tok"] = answer
+    with pytest.raises(ProviderUnavailable):
+        await check(introspector, "tok")
+    http.answers["tok"] = active()
+    assert (await check(introspector, "tok")).subject == "user-1"
+
+
 async def test_a_slow_provider_times_out_as_provider_unavailable(
     make: MakeIntrospector, http: FakeHttp, registry: CollectorRegistry
 ) -> None:

@@ -3,8 +3,8 @@
 Per issuer, one `Introspector`:
 
 - cache: an active answer is reused until min(its `exp`, `positive_ttl_seconds`), an inactive one for
-  `negative_ttl_seconds`; both bounded and keyed by the token's SHA-256. Transport failures and 5xx
-  are never remembered.
+  `negative_ttl_seconds`; both bounded and keyed by the token's SHA-256. Transport failures, 5xx and
+  answers without `active` are never remembered.
 - single flight: concurrent requests for the same token share one provider call.
 - batching, with a batch endpoint: distinct tokens arriving within `batch_window_seconds` go in one call
   (see `introspection_client`). Without one (RFC 7662: one token per POST) each first-seen token is
@@ -333,7 +333,10 @@ class Introspector:
                     return _Verdict(principal=stale.principal)
             return _Verdict(error=ProviderUnavailable(result.description))
         now = self._clock.now()
-        if result.get("active") is not True:
+        active = result.get("active")
+        if active is not True:
+            if active is None:  # section 2.2: REQUIRED. An error object, another endpoint: no verdict, none kept
+                return self._settle(token_hash, ProviderUnavailable("introspection answer has no active member"))
             self._positive.discard(token_hash)  # revoked: never serve the old answer, even when stale
             self._negative.put(token_hash, True, now + self.config.negative_ttl_seconds)
             return _Verdict(error=InvalidToken("token is not active", code="token_inactive"))
