@@ -624,6 +624,36 @@ async def test_a_token_that_would_outlive_the_entry_revoking_it_is_refused_from_
     assert check.check_now(principal(iat=None, exp=clock.now() + 60), request, NO_POLICY).claims["exp"]
 
 
+async def test_an_introspected_token_without_exp_is_refused_once_older_than_the_bound(
+    service: RevocationService, clock: FrozenClock
+) -> None:
+    """RFC 7662 makes `exp` optional (a long-lived opaque token, an API key). The kill switch's entry lives
+    `max_token_lifetime_seconds` after its event; once it was gone, such a token issued before it was taken again
+    for as long as its provider (which never heard of the verifier's kill switch) said active: the stolen token
+    outlived its revocation. Its age is bounded instead: older than the bound, an entry that reached it may be gone."""
+    check = Revocation(service.revocations, with_roles=lambda p: p, max_lifetime=LIFETIME, clock=clock)
+    request = RequestAttributes(method="GET", scheme="https", host="api", path="/", headers={})
+
+    def answered(iat: float) -> Principal:  # what the introspector builds from an answer without exp
+        claims = {"iss": ISSUER, "sub": "user-1", "iat": iat}
+        return Principal(issuer=ISSUER, subject="user-1", client_id=None, scopes=(), roles=frozenset(),
+                         expires_at=clock.now() + 60, claims=claims)  # fmt: skip
+
+    stolen = answered(NOW - 10)
+    created = await routes(service).dispatch(admin("POST", document={"subject": USER, "reason": "laptop stolen"}))
+    assert created.status == 201
+    with pytest.raises(InvalidToken) as refused:
+        check.check_now(stolen, request, NO_POLICY)
+    assert refused.value.code == "token_revoked"
+    clock.advance(LIFETIME + 1)  # the entry is gone; the provider still says active
+    stolen = answered(NOW - 10)
+    with pytest.raises(InvalidToken) as refused:
+        check.check_now(stolen, request, NO_POLICY)
+    assert refused.value.code == "token_outlives_revocation"
+    fresh = answered(clock.now() - 10)  # issued after the entry: judged by the entries, as before
+    assert check.check_now(fresh, request, NO_POLICY) is fresh
+
+
 async def test_the_verifier_refuses_tokens_that_outlive_its_revocations_at_the_door() -> None:
     """The composition root gives the check `revocation.max_token_lifetime_seconds`: through the forward-auth door,
     a token living longer is a 401 with its reason; one within the bound is allowed."""

@@ -32,7 +32,8 @@ class Revocation(Check):
 
     An entry is kept for `max_lifetime` (`revocation.max_token_lifetime_seconds`) after its event, so a token that
     lives longer than that would be taken again once the entry that refused it is gone: such a token is refused
-    (`token_outlives_revocation`), by its `exp - iat`, or by `exp - now` when it has no `iat`."""
+    (`token_outlives_revocation`), by its `exp - iat`, or by `exp - now` when it has no `iat`; without `exp` (an
+    introspected token) once its age `now - iat` passes the bound."""
 
     def __init__(
         self,
@@ -63,9 +64,18 @@ class Revocation(Check):
     def _bounded(self, claims: Mapping[str, Any]) -> None:
         """Refuses a token that may outlive the entries that would refuse it."""
         exp = json_number(claims.get("exp"))
-        if exp is None:  # an introspected token may have none: its provider's answer is fresh for a bounded time
-            return
         iat = json_number(claims.get("iat"))
+        if exp is None:
+            # An introspected token may have none (RFC 7662: optional), and live as long as its provider says
+            # active. An entry reaching it (its event at or after `iat`) lives `max_lifetime` past its event, so once
+            # the token is older than that such an entry may be gone: refused. With no `iat` either, every entry
+            # reaches it while the entry lives (`index._reaches`); nothing more can be bounded.
+            if iat is None or self._clock is None or self._clock.now() - iat <= self._max_lifetime:
+                return
+            raise ClaimInvalid(
+                "the token is older than revocation.max_token_lifetime_seconds", claim="iat",
+                code="token_outlives_revocation",
+            )
         if iat is None:  # no issue time: its remaining life is the most that can be bounded
             iat = self._clock.now() if self._clock is not None else -math.inf
         if exp - iat > self._max_lifetime:
