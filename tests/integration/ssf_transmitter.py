@@ -62,6 +62,7 @@ class SsfTransmitter:
         self.acked: list[str] = []
         self.set_errs: dict[str, Any] = {}
         self.poll_requests: list[dict[str, Any]] = []
+        self.jwks_status = 200  # set another status to make the JWKS endpoint fail (keys out of reach)
 
     # -- documents ---------------------------------------------------------------------------------
 
@@ -187,6 +188,8 @@ class SsfTransmitter:
             def do_GET(self) -> None:
                 if self.path == "/.well-known/ssf-configuration":
                     self._json(200, transmitter.configuration())
+                elif self.path == "/jwks" and transmitter.jwks_status != 200:
+                    self._json(transmitter.jwks_status, {"error": "temporarily_unavailable"})
                 elif self.path == "/jwks":
                     self._json(200, transmitter.jwks())
                 else:

@@ -156,3 +156,33 @@ async def test_a_set_with_an_absurd_iat_is_refused_and_polling_goes_on(
     await eventually(lambda: good in transmitter.acked)
     assert transmitter.set_errs[bad]["err"] == "invalid_request"
     assert service.revocations.check(principal("user-4")) is None
+
+
+async def test_a_polled_set_is_neither_acknowledged_nor_refused_while_the_transmitter_keys_are_out_of_reach(
+    transmitter: SsfTransmitter,
+) -> None:
+    """The SET can be judged neither way: reporting it in `setErrs` would make the transmitter drop it for good
+    (a lost revocation), as a 400 would for push. It is left unacknowledged, and taken once the keys are back."""
+    transmitter.jwks_status = 503  # the transmitter's JWKS fails from the start (rotation, outage, a cut)
+    config = parse_revocation_config({"transmitters": [{
+        "issuer": transmitter.issuer, "audience": AUD, "delivery": "poll", "algorithms": ["ES256"],
+        "poll_interval_seconds": 0.1, "subjects_of": [IDP], "allow_insecure_http": True,
+        "poll_endpoint_url": transmitter.poll_url,
+    }]})
+    sessions, clock = HttpSessions(), SystemClock()
+    svc = RevocationService(config, state=MemoryState(clock), fetcher=HttpFetcher(sessions.providers), clock=clock,
+                            metrics=RevocationMetrics(CollectorRegistry()), session=sessions.ssf)
+    await svc.start()
+    try:
+        token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-6"})
+        jti = transmitter.enqueue(token)
+        await eventually(lambda: len(transmitter.poll_requests) >= 4)
+        assert jti not in transmitter.set_errs and jti not in transmitter.acked
+        assert svc.revocations.check(principal("user-6")) is None  # not applied yet, and not lost either
+        transmitter.jwks_status = 200
+        await eventually(lambda: jti in transmitter.acked, seconds=15)
+        assert jti not in transmitter.set_errs
+        assert svc.revocations.check(principal("user-6")) is not None
+    finally:
+        await svc.stop()
+        await sessions.close()

@@ -18,7 +18,7 @@ import aiohttp
 
 from verifier.clock import Clock
 from verifier.config.revocation import POLL, PUSH, RevocationConfig, TransmitterConfig
-from verifier.errors import StateUnavailable
+from verifier.errors import ProviderUnavailable, StateUnavailable
 from verifier.generation import Generation
 from verifier.observe.metrics import RevocationMetrics, TransmitterKeyMetrics
 from verifier.observe.tracing import NO_TRACING, Tracing
@@ -285,7 +285,10 @@ class RevocationService:
             await self.receive(token, delivery=POLL)
         except SetRefused as exc:
             return Outcome(True) if exc.replay else Outcome(False, exc.err, exc.description)
-        except StateUnavailable:
+        except (StateUnavailable, ProviderUnavailable):
+            # The store, or the transmitter's keys: judged neither way, so neither acknowledged nor reported in
+            # `setErrs` (which the transmitter takes as final, dropping the event): delivered again later, as a
+            # pushed SET is retried after our 503.
             return None
         return Outcome(True)
 
