@@ -16,7 +16,18 @@ from typing import Any
 import pytest
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from support import FrozenClock
-from tokenkit import ISSUER, KIDS, NOW, FakeFetcher, Mint, SigningKeys, compact, issuer_settings
+from tokenkit import (
+    ISSUER,
+    JWKS_URL,
+    KIDS,
+    NOW,
+    FakeFetcher,
+    Mint,
+    SigningKeys,
+    compact,
+    issuer_settings,
+    public_jwk,
+)
 
 from verifier.app import App
 from verifier.config.logout import BackchannelLogoutConfig
@@ -244,6 +255,9 @@ def _forgeries(mint: Mint, keys: SigningKeys) -> dict[str, tuple[str, str]]:
     """name -> (token, the refusal code counted)."""
     es = KIDS["ES256"]
     return {
+        # First to reach the keys: the fetch it makes finds no such kid, a verdict. Within the cooldown after it an
+        # unknown kid is a 503 instead (test_a_logout_signed_with_a_key_rotated_in_during_the_refetch_cooldown...).
+        "unknown kid": (sign(mint, headers={"kid": "nobody"}), "key"),
         "typ at+jwt (an access token)": (sign(mint, headers={"typ": "at+jwt"}), "typ"),
         "typ secevent+jwt (a SET)": (sign(mint, headers={"typ": "secevent+jwt"}), "typ"),
         "typ not a string": (sign(mint, headers={"typ": 7}), "malformed"),
@@ -255,7 +269,6 @@ def _forgeries(mint: Mint, keys: SigningKeys) -> dict[str, tuple[str, str]]:
             compact({"alg": "HS256", "kid": es, "typ": "logout+jwt"}, logout_claims()), "algorithm"),
         "signed by another key": (
             mint(logout_claims(), alg="RS256", key=keys.rs_other, headers={"typ": "logout+jwt"}), "signature"),
-        "unknown kid": (sign(mint, headers={"kid": "nobody"}), "key"),
         "jku header": (sign(mint, headers={"jku": "https://evil.example.test/jwks"}), "algorithm"),
         "wrong aud": (sign(mint, aud="another-client"), "audience"),
         "aud is the API, not the client": (sign(mint, aud="https://api.example.test"), "audience"),
@@ -482,3 +495,23 @@ async def test_the_http_door_reads_a_logout_sent_in_pieces(
             assert app.revocation.revocations.check(principal(sid=jti)) is not None
     finally:
         await app.stop(grace=0.5)
+
+
+async def test_a_logout_signed_with_a_key_rotated_in_during_the_refetch_cooldown_is_503_then_applied(
+    app: App, service: RevocationService, mint: Mint, keys: SigningKeys, fetcher: FakeFetcher,
+    jwks_document: dict[str, Any], clock: FrozenClock,
+) -> None:
+    """Any client can send an access token with a made-up kid: it refetches the issuer's keys and starts the cooldown.
+    A key the provider rotates in meanwhile is unknown until the cooldown ends; a 400 for the logout token it signs
+    would be final (section 2.8: the provider does not retry it) and the session would stay alive, so it is 503, and
+    the provider's retry takes effect."""
+    junk = await post(app, sign(mint, headers={"kid": "made-up"}, jti="junk"))  # refetches: a fresh verdict
+    assert error_of(junk)["error_description"] == "no key of the sender fits the kid and alg"
+    fetcher.serve(JWKS_URL, {"keys": [*jwks_document["keys"], public_jwk(keys.rs_other, "rotated-in")]})
+    token = mint(logout_claims(), alg="RS256", kid="rotated-in", key=keys.rs_other, headers={"typ": "logout+jwt"})
+    answer = await post(app, token)
+    assert answer.status == 503 and dict(answer.headers)["retry-after"]
+    assert service.revocations.check(principal(sid="session-1")) is None
+    clock.advance(31)  # the provider retries after the cooldown: the keys are fetched again
+    assert (await post(app, token)).status == 200
+    assert service.revocations.check(principal(sid="session-1")) is not None

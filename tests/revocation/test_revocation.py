@@ -795,3 +795,22 @@ async def test_a_set_whose_transmitter_keys_are_out_of_reach_is_503_not_500(
     clock.advance(61)  # past the refetch cooldown
     assert (await push(service, token)).status == 202
     assert service.revocations.check(principal(sid="s-9")) is not None
+
+
+async def test_a_set_signed_with_a_key_rotated_in_during_the_refetch_cooldown_is_503_then_applied(
+    service: RevocationService, transmitter: SsfTransmitter, provider: FakeFetcher, clock: FrozenClock
+) -> None:
+    """Anyone can push a SET with a made-up kid: it refetches the keys and starts the cooldown. A key the transmitter
+    rotates in meanwhile is unknown until the cooldown ends; a 400 for the SET it signs would make the transmitter
+    drop the event for good (RFC 8935 section 2.3), so it is 503 (retried), and the retry takes effect."""
+    clock.advance(31)  # past the cooldown of the fetch at start
+    junk = await push(service, transmitter.sign_set({SESSION_REVOKED: {}}, USER, kid="made-up"))
+    assert junk.status == 400 and body(junk)["err"] == "invalid_key"  # a fresh fetch says no such key: a verdict
+    transmitter.kid = "ssf-2"  # the transmitter rotates, and signs its next event with the new key
+    provider.serve(transmitter.jwks_url, transmitter.jwks())
+    token = transmitter.sign_set({SESSION_REVOKED: {}}, {"format": "opaque", "id": "s-rot"})
+    answer = await push(service, token)
+    assert answer.status == 503 and dict(answer.headers)["retry-after"]
+    clock.advance(31)  # the transmitter retries after the cooldown: the keys are fetched again
+    assert (await push(service, token)).status == 202
+    assert service.revocations.check(principal(sid="s-rot")) is not None

@@ -44,11 +44,13 @@ class MessageRefused(Exception):
 async def check_signature(parsed: jws.CompactJWS, algorithms: Collection[str], keys: IssuerKeys) -> None:
     """The sender signed it: `alg` allowed, a key of the sender's that fits, a signature that verifies.
 
-    Raises `MessageRefused`, or `ProviderUnavailable` when the sender's keys cannot be fetched.
+    Raises `MessageRefused`, or `ProviderUnavailable` when the sender's keys cannot be fetched, or when its kid
+    is unknown and the refetch cooldown holds back the lookup: the sender retries a 503, and may have just
+    rotated its key, whereas a refusal (RFC 8935 section 2.3, Back-Channel Logout 1.0 section 2.8) is final.
     """
     if parsed.alg not in algorithms:
         raise MessageRefused(Failed.ALGORITHM, f"alg {parsed.alg} is not allowed for this sender")
-    key = await keys.key_for(parsed.kid, parsed.alg)
+    key = await keys.key_for(parsed.kid, parsed.alg, retry_while_cooling=True)
     if key is None:
         raise MessageRefused(Failed.KEY, "no key of the sender fits the kid and alg")
     if not key.verify(parsed.alg, parsed.signing_input, parsed.signature):

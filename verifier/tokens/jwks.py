@@ -106,8 +106,14 @@ class IssuerKeys:
         """Whether a key with this kid is held (whatever its type)."""
         return kid in self._by_kid
 
-    async def key_for(self, kid: str | None, alg: str) -> VerificationKey | None:
-        """Finds the key, refreshing at most once per cooldown when the kid is unknown."""
+    async def key_for(self, kid: str | None, alg: str, *, retry_while_cooling: bool = False) -> VerificationKey | None:
+        """Finds the key, refreshing at most once per cooldown when the kid is unknown.
+
+        `retry_while_cooling`: an unknown kid that the cooldown keeps from being looked up raises
+        `ProviderUnavailable` instead of None. For a message whose sender retries a 503 but drops it on a
+        400 (a revocation event): anyone can start the cooldown with a made-up kid just before the sender
+        rotates its key, and the event signed with the new key must be judged later, not thrown away.
+        """
         key = self.find(kid, alg)
         if key is not None or (kid is not None and kid in self._by_kid) or self.settings.static_jwks:
             return key  # a known kid of the wrong type, or keys from a file: refreshing would not help
@@ -117,6 +123,8 @@ class IssuerKeys:
                 # The last fetch failed: we cannot tell a rotated key from a forged one. Fail
                 # closed with 503 (retry later), not 401 (throw the token away).
                 raise ProviderUnavailable("issuer keys unavailable")
+            if retry_while_cooling:
+                raise ProviderUnavailable("unknown kid; the sender's keys are fetched again after the cooldown")
             return None  # a fetch succeeded recently: an unknown kid now is just unknown
         if self._inflight is None and self._admit is not None and not self._admit():
             # The template's budget is spent (made-up kids sent to many tenants): no fetch, and no verdict
