@@ -814,3 +814,15 @@ async def test_a_set_signed_with_a_key_rotated_in_during_the_refetch_cooldown_is
     clock.advance(31)  # the transmitter retries after the cooldown: the keys are fetched again
     assert (await push(service, token)).status == 202
     assert service.revocations.check(principal(sid="s-rot")) is not None
+
+
+@pytest.mark.parametrize("credential_type", [["fido2-roaming"], {"type": "fido2-roaming"}, []])
+async def test_a_credential_change_whose_credential_type_is_not_a_string_is_a_clean_400(
+    service: RevocationService, transmitter: SsfTransmitter, credentials: Credentials, credential_type: Any
+) -> None:
+    """CAEP 1.0 section 3.3: `credential_type` is a string. A list or an object crashed the receiver (500, which the
+    transmitter retries for ever); it is an event payload that does not conform (RFC 8935 invalid_request)."""
+    event = {"change_type": "revoke", "credential_type": credential_type}
+    answer = await push(service, transmitter.sign_set({CREDENTIAL_CHANGE: event}, USER))
+    assert answer.status == 400 and body(answer)["err"] == "invalid_request"
+    assert len(service.revocations) == 0 and credentials.calls == []

@@ -280,11 +280,14 @@ def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) 
             change = body.get("change_type")
             if not isinstance(change, str):
                 raise SetRefused(INVALID_REQUEST, "credential-change needs change_type")
+            credential_type = body.get("credential_type", "")
+            if not isinstance(credential_type, str):  # CAEP 1.0 section 3.3: a string (an unhashable one crashed)
+                raise SetRefused(INVALID_REQUEST, "credential-change credential_type is not a string")
             if change not in ("revoke", "delete"):
                 continue
             add.extend(entry(k, Effect.CREDENTIAL_REVOKED, Match.AUTHENTICATED_BEFORE, until) for k in keys)
             ids = _credential_ids(body)
-            if ids or body.get("credential_type") in WEBAUTHN_CREDENTIAL_TYPES:
+            if ids or credential_type in WEBAUTHN_CREDENTIAL_TYPES:
                 aaguid = "" if ids else _aaguid(body.get("fido2_aaguid"))
                 credentials.extend(
                     CredentialRevocation(k.iss, k.value, ids, aaguid) for k in keys if k.kind is KeyKind.ISS_SUB
