@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -826,3 +827,37 @@ async def test_a_credential_change_whose_credential_type_is_not_a_string_is_a_cl
     answer = await push(service, transmitter.sign_set({CREDENTIAL_CHANGE: event}, USER))
     assert answer.status == 400 and body(answer)["err"] == "invalid_request"
     assert len(service.revocations) == 0 and credentials.calls == []
+
+
+async def test_kill_switch_operations_are_audited_with_the_peer_never_the_secret(
+    service: RevocationService, transmitter: SsfTransmitter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Who revoked or lifted what, on the audit log: the kill switch can lift a transmitter's account-disabled entry,
+    and someone holding a stolen admin token must leave a trace. Refused callers are logged too; the secret never."""
+    import dataclasses
+
+    from verifier.observe.audit import JsonFormatter
+
+    router = routes(service)
+    await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER))
+    (event_entry,) = service.revocations.entries()
+    peer = "192.0.2.7"
+    with caplog.at_level(logging.INFO, logger="verifier.audit"):
+        created = await router.dispatch(dataclasses.replace(
+            admin("POST", document={"subject": {"format": "email", "email": "a@b.test"}, "reason": "stolen"}),
+            peer=peer))
+        await router.dispatch(dataclasses.replace(
+            admin("DELETE", f"/v1/admin/revocations/{event_entry.id}"), peer=peer))
+        await router.dispatch(dataclasses.replace(admin("GET", token=ADMIN[:-1] + "Z"), peer="198.51.100.9"))
+    assert created.status == 201
+    lines = {r.__dict__["event"]: r.__dict__ for r in caplog.records if r.name == "verifier.audit"}
+    made = lines["revocation_created"]
+    assert made["entry"] == body(created)["id"] and made["peer"] == peer and made["effect"] == "token_revoked"
+    assert made["subject"] == {"format": "email", "email": "a@b.test"} and made["reason"] == "stolen"
+    lifted = lines["revocation_lifted"]
+    assert lifted["entry"] == event_entry.id and lifted["peer"] == peer
+    assert lifted["source"] == TX and lifted["effect"] == "account_disabled" and lifted["subject"] == USER
+    refused = lines["admin_refused"]
+    assert refused["peer"] == "198.51.100.9" and refused["code"] == "invalid_token"
+    text = "\n".join(JsonFormatter().format(r) for r in caplog.records)
+    assert ADMIN not in text and ADMIN[:-1] not in text

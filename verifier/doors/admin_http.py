@@ -29,7 +29,7 @@ def add_admin_routes(router: Router, kill_switch: KillSwitch) -> None:
     def guarded(handler: Handler) -> Handler:
         async def run(request: HttpRequest, params: Mapping[str, str]) -> HttpAnswer:
             try:
-                kill_switch.authorize(request.headers.get("authorization", ""))
+                kill_switch.authorize(request.headers.get("authorization", ""), peer=request.peer)
                 return await handler(request, params)
             except VerifierError as exc:
                 return endpoint_answer(exc, realm=REALM)
@@ -43,14 +43,14 @@ def add_admin_routes(router: Router, kill_switch: KillSwitch) -> None:
             document: Any = request.json()
         except (ValueError, RecursionError) as exc:
             raise MalformedRequest("body is not JSON") from exc
-        entry = await kill_switch.create(document)
+        entry = await kill_switch.create(document, peer=request.peer)
         return HttpAnswer.json(201, {"id": entry.id}, (("location", f"{COLLECTION}/{entry.id}"),))
 
     async def list_entries(_: HttpRequest, __: Mapping[str, str]) -> HttpAnswer:
         return HttpAnswer.json(200, {"entries": [e.public() for e in kill_switch.entries()]})
 
-    async def delete(_: HttpRequest, params: Mapping[str, str]) -> HttpAnswer:
-        await kill_switch.lift(params["id"])
+    async def delete(request: HttpRequest, params: Mapping[str, str]) -> HttpAnswer:
+        await kill_switch.lift(params["id"], peer=request.peer)
         return HttpAnswer(204, (("cache-control", "no-store"),))
 
     router.add("POST", COLLECTION, guarded(create))

@@ -12,23 +12,30 @@ that variable the API does not exist (404 on every route, so its presence is not
 
 `effect` is `revoke` (default: tokens issued until now are refused, a session's tokens all; the entry
 expires once all of them have) or `disable` (every token of the subject, until DELETE).
+
+Every entry made or lifted, and every caller refused, is a line on the audit log (`verifier.audit`) with the
+caller's address: one secret opens the API, so where it was used from is the only "who" there is. The
+presented secret is never logged.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from verifier.clock import Clock
-from verifier.errors import InvalidToken, MalformedRequest, MissingToken, NotFound
+from verifier.errors import InvalidToken, MalformedRequest, MissingToken, NotFound, VerifierError
 from verifier.revocation.entry import OPERATOR, Effect, Entry, KeyKind, Match
 from verifier.revocation.index import Revocations
 from verifier.revocation.subjects import SubjectError, subject_keys
 from verifier.settings import check_admin_token
 
 MAX_REASON_CHARS = 200
+
+audit_log = logging.getLogger("verifier.audit")
 
 
 class KillSwitch:
@@ -57,17 +64,23 @@ class KillSwitch:
         """Whether the API exists at all (an admin token is configured)."""
         return self._token is not None
 
-    def authorize(self, authorization: str) -> None:
-        """Returns when the `Authorization` header carries the admin token; else raises (401)."""
+    def authorize(self, authorization: str, *, peer: str = "") -> None:
+        """Returns when the `Authorization` header carries the admin token; else raises (401), and audits the
+        refusal with the caller's address `peer`."""
         scheme, _, presented = authorization.partition(" ")
+        refusal: VerifierError | None = None
         if not presented.strip():
-            raise MissingToken("the admin API needs its bearer token")
-        ok = self._token is not None and scheme.lower() == "bearer"
-        if not (ok and hmac.compare_digest(presented.strip().encode(), self._token or b"")):
-            raise InvalidToken("not the admin token")
+            refusal = MissingToken("the admin API needs its bearer token")
+        else:
+            ok = self._token is not None and scheme.lower() == "bearer"
+            if not (ok and hmac.compare_digest(presented.strip().encode(), self._token or b"")):
+                refusal = InvalidToken("not the admin token")
+        if refusal is not None:
+            audit_log.warning("admin_refused", extra={"event": "admin_refused", "code": refusal.code, "peer": peer})
+            raise refusal
 
-    async def create(self, document: Any) -> Entry:
-        """A new entry for the subject named by `document` (see the module docstring).
+    async def create(self, document: Any, *, peer: str = "") -> Entry:
+        """A new entry for the subject named by `document` (see the module docstring), audited with `peer`.
 
         Raises `MalformedRequest` for a document that does not name exactly one subject, or
         `StateUnavailable` when the store cannot take it.
@@ -105,14 +118,34 @@ class KillSwitch:
             reason=reason[:MAX_REASON_CHARS],
         )
         await self._add([entry])
+        _audit("revocation_created", entry, peer)
         return entry
 
     def entries(self) -> list[Entry]:
         """Every live entry, events' and operators'."""
         return self._revocations.entries()
 
-    async def lift(self, entry_id: str) -> None:
-        """Lifts one entry (an event's too: the operator has the last word); raises `NotFound`."""
-        if self._revocations.get(entry_id) is None:
+    async def lift(self, entry_id: str, *, peer: str = "") -> None:
+        """Lifts one entry (an event's too: the operator has the last word), audited with `peer`; raises `NotFound`."""
+        entry = self._revocations.get(entry_id)
+        if entry is None:
             raise NotFound("no such revocation entry")
         await self._remove([entry_id])
+        _audit("revocation_lifted", entry, peer)
+
+
+def _audit(event: str, entry: Entry, peer: str) -> None:
+    """One audit line: what the operator's caller (at `peer`) made or lifted, whoever's entry it was."""
+    audit_log.info(
+        event,
+        extra={
+            "event": event,
+            "entry": entry.id,
+            "subject": entry.key.describe(),
+            "effect": entry.effect.value,
+            "source": entry.source,
+            "jti": entry.jti,
+            "reason": entry.reason,
+            "peer": peer,
+        },
+    )
