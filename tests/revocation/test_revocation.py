@@ -338,6 +338,20 @@ def test_subjects_of_must_name_configured_issuers() -> None:
         config(subjects_of=[])
 
 
+def test_subjects_of_may_not_name_an_issuer_template() -> None:
+    """A token of a `{tenant}` template names its tenant's issuer, never the template: an event scoped to the template
+    could reach no token, and was acknowledged (202) and counted as ignored, a revocation silently lost. Refused at
+    start-up, as `backchannel_logout` on a template is."""
+    from verifier.settings import parse_settings
+
+    template = "https://login.example.test/{tenant}/v2.0"
+    issuer = {"issuer": template, "audiences": ["api"], "algorithms": ["RS256"], "tenants": ["a", "b"]}
+    transmitter = {"issuer": TX, "audience": RECEIVER, "subjects_of": [template]}
+    with pytest.raises(ConfigError, match=r"^revocation\.transmitters\[0\]\.subjects_of\[0\]: .*template"):
+        parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [issuer],
+                        "revocation": {"transmitters": [transmitter]}})
+
+
 # -- forged or unacceptable SETs ---------------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from verifier.config.issuer import (
     DEFAULT_FETCH_TIMEOUT_SECONDS,
     DEFAULT_LEEWAY_SECONDS,
     SUPPORTED_ALGORITHMS,
+    TENANT_PLACEHOLDER,
     IssuerSettings,
 )
 
@@ -183,3 +184,10 @@ def check_transmitter_scopes(config: RevocationConfig, issuers: Iterable[str], p
         for j, name in enumerate(scope):
             if name not in known:
                 raise ConfigError(f"{here}[{j}]: {name!r} is not a configured issuer")
+            if TENANT_PLACEHOLDER in name:
+                # A token names its tenant's issuer, never the template: the events would be acknowledged and
+                # reach no token (a revocation silently lost).
+                raise ConfigError(
+                    f"{here}[{j}]: {name!r} is an issuer template; configure each tenant whose subjects this "
+                    "transmitter speaks for as an issuer of its own"
+                )
