@@ -875,3 +875,33 @@ async def test_kill_switch_operations_are_audited_with_the_peer_never_the_secret
     assert refused["peer"] == "198.51.100.9" and refused["code"] == "invalid_token"
     text = "\n".join(JsonFormatter().format(r) for r in caplog.records)
     assert ADMIN not in text and ADMIN[:-1] not in text
+
+
+async def test_a_credential_change_whose_webauthn_keys_could_not_be_disabled_is_503_and_its_retry_disables_them(
+    clock: FrozenClock, provider: FakeFetcher, transmitter: SsfTransmitter
+) -> None:
+    """A credential-change about a stolen security key must disable it in the WebAuthn store. When that store cannot
+    be written (SQLite locked, disk full), a 202 would burn the jti with the key still usable for step-up: the
+    transmitter's retry would be refused as a replay. It is 503 instead, and the retry disables the key."""
+    calls: list[CredentialRevocation] = []
+
+    async def store_down_once(revoked: CredentialRevocation) -> None:
+        calls.append(revoked)
+        if len(calls) == 1:
+            raise StateUnavailable("credential store unavailable: OperationalError")
+
+    svc = RevocationService(
+        config(), state=MemoryState(clock), fetcher=provider, clock=clock,
+        metrics=RevocationMetrics(CollectorRegistry(), REFUSAL_CODES), session=no_http_session,
+        on_credential_revoked=store_down_once,
+    )
+    await svc.start()
+    try:
+        event = {"change_type": "revoke", "credential_type": "fido2-roaming", "credential_ids": ["stolen-key"]}
+        token = transmitter.sign_set({CREDENTIAL_CHANGE: event}, USER)
+        answer = await push(svc, token)
+        assert answer.status == 503 and dict(answer.headers)["retry-after"]
+        assert (await push(svc, token)).status == 202  # the transmitter's retry: not a replay
+        assert len(calls) == 2 and calls[-1].credential_ids == ("stolen-key",)
+    finally:
+        await svc.stop()

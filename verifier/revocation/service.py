@@ -274,7 +274,11 @@ class RevocationService:
             return
         try:
             await self._on_credential_revoked(revoked)
-        except Exception:  # the event is stored either way; the callback's failure is the callback's
+        except StateUnavailable:
+            # The credential store cannot be written: the key stays usable, so the SET must not be marked received
+            # (503 / not acknowledged; the retry stores the same entries and disables the keys again).
+            raise
+        except Exception:  # a bug in the callback: the entries are stored; retrying would not fix it
             log.exception("credential revocation callback failed", extra={"event": "ssf_set"})
 
     def _count_poll(self, transmitter: str, result: str) -> None:
