@@ -905,3 +905,19 @@ async def test_a_credential_change_whose_webauthn_keys_could_not_be_disabled_is_
         assert len(calls) == 2 and calls[-1].credential_ids == ("stolen-key",)
     finally:
         await svc.stop()
+
+
+async def test_a_transmitters_account_enabled_never_lifts_the_operators_disable(
+    service: RevocationService, transmitter: SsfTransmitter, clock: FrozenClock
+) -> None:
+    """The kill switch has the last word: RISC account-enabled lifts only that transmitter's own disables, however
+    recent its event."""
+    created = await routes(service).dispatch(admin("POST", document={"subject": USER, "effect": "disable"}))
+    assert created.status == 201
+    await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER))
+    clock.advance(10)
+    enabled = transmitter.sign_set({ACCOUNT_ENABLED: {"event_timestamp": int(clock.now())}}, USER)
+    assert (await push(service, enabled)).status == 202
+    refused = service.revocations.check(principal(iat=clock.now()))
+    assert refused is not None and refused.code == "account_disabled"
+    assert [e.source for e in service.revocations.entries()] == ["operator"]
