@@ -450,7 +450,7 @@ class App:
             add=revocation.add,
             metrics=revocation.metrics,
             clock=self.clock,
-            max_token_lifetime=float(revocation.config.max_token_lifetime_seconds),
+            entry_lifetime=revocation.entry_lifetime,
         )
 
     def _fetcher_for(self, issuer: IssuerSettings) -> Fetcher:

@@ -46,6 +46,7 @@ from verifier.state.memory import MemoryState
 TX = "https://ssf.example.test"
 RECEIVER = "https://verifier.example.test/ssf"
 LIFETIME = 3600
+ENTRY_LIFETIME = LIFETIME + 600  # entries outlive their tokens' exp by the longest leeway an issuer may be given
 ADMIN = "admin-secret-0123456789-abcdefghijkl"
 USER = {"format": "iss_sub", "iss": ISSUER, "sub": "user-1"}
 
@@ -245,7 +246,7 @@ async def test_account_purged_refuses_until_every_token_then_alive_has_expired(
 ) -> None:
     await push(service, transmitter.sign_set({ACCOUNT_PURGED: {}}, USER))
     assert service.revocations.check(principal()) is not None
-    clock.advance(LIFETIME + 1)
+    clock.advance(ENTRY_LIFETIME + 1)
     assert service.revocations.check(principal(iat=clock.now())) is None
 
 
@@ -604,7 +605,7 @@ async def test_entries_expire_once_every_token_they_could_match_has(
     await push(service, transmitter.sign_set({SESSION_REVOKED: {}}, USER))
     await routes(service).dispatch(admin("POST", document={"subject": {"format": "opaque", "id": "s"}}))
     assert len(service.revocations.entries()) == 2
-    clock.advance(LIFETIME - 1)
+    clock.advance(ENTRY_LIFETIME - 1)  # past the token's exp, within the longest leeway it can be given
     assert service.revocations.check(principal(sid="s", iat=NOW, exp=NOW + LIFETIME)) is not None
     clock.advance(2)
     assert service.revocations.check(principal(sid="s", iat=NOW, exp=NOW + LIFETIME)) is None
@@ -617,17 +618,17 @@ async def test_entries_expire_once_every_token_they_could_match_has(
 async def test_a_token_that_would_outlive_the_entry_revoking_it_is_refused_from_the_start(
     service: RevocationService, clock: FrozenClock
 ) -> None:
-    """An entry lives `max_token_lifetime_seconds` after its event. A token that lives longer (an issuer's lifetime
-    set past the bound) was refused while the kill switch's entry lived, then taken again for the rest of its life:
-    revocation ended before the token did. It is refused from the start instead; one within the bound is judged
-    by the entries as before, and one without `iat` by what is left of its life."""
+    """An entry lives `max_token_lifetime_seconds` (and the longest leeway) after its event. A token that lives longer
+    (an issuer's lifetime set past the bound) was refused while the kill switch's entry lived, then taken again for
+    the rest of its life: revocation ended before the token did. It is refused from the start instead; one within the
+    bound is judged by the entries as before, and one without `iat` by what is left of its life."""
     check = Revocation(service.revocations, with_roles=lambda p: p, max_lifetime=LIFETIME, clock=clock)
     request = RequestAttributes(method="GET", scheme="https", host="api", path="/", headers={})
     long_lived = principal(iat=NOW - 10, exp=NOW + 2 * LIFETIME)
     within = principal(iat=NOW - 10, exp=NOW - 10 + LIFETIME)
     created = await routes(service).dispatch(admin("POST", document={"subject": USER, "reason": "key lost"}))
     assert created.status == 201
-    clock.advance(LIFETIME + 1)  # the entry is gone; both tokens are still within their exp
+    clock.advance(ENTRY_LIFETIME + 1)  # the entry is gone; the long-lived token is still within its exp
     assert service.revocations.entries() == []
     with pytest.raises(InvalidToken) as refused:
         check.check_now(long_lived, request, NO_POLICY)
@@ -921,3 +922,26 @@ async def test_a_transmitters_account_enabled_never_lifts_the_operators_disable(
     refused = service.revocations.check(principal(iat=clock.now()))
     assert refused is not None and refused.code == "account_disabled"
     assert [e.source for e in service.revocations.entries()] == ["operator"]
+
+
+async def test_a_revoked_token_stays_refused_through_the_leeway_its_exp_is_given(
+    service: RevocationService, transmitter: SsfTransmitter, clock: FrozenClock
+) -> None:
+    """A token living exactly `max_token_lifetime_seconds` is within the bound, and is still accepted for its issuer's
+    leeway past `exp` (30 s by default, up to 600). Entries lasted `max_token_lifetime_seconds` after their event only:
+    a token issued at the revocation came back for the last leeway seconds of its life."""
+    from tokenkit import issuer_settings as token_issuer
+
+    from verifier.tokens.jwt import check_claims
+
+    created = await routes(service).dispatch(admin("POST", document={"subject": USER, "reason": "stolen"}))
+    assert created.status == 201
+    await push(service, transmitter.sign_set({SESSION_REVOKED: {}}, {"format": "opaque", "id": "s-leeway"}))
+    token = {"iss": ISSUER, "sub": "user-1", "aud": "https://api.example.test", "iat": int(NOW),
+             "exp": int(NOW) + LIFETIME}
+    leeway = 600  # the largest an issuer may be given
+    clock.advance(LIFETIME + leeway - 1)  # past exp, within the leeway: the token itself is still accepted
+    check_claims(token, {"alg": "ES256", "typ": "at+jwt"}, token_issuer(audiences=("https://api.example.test",),
+                                                                        leeway_seconds=leeway), clock.now())
+    assert service.revocations.check(principal(iat=NOW, exp=NOW + LIFETIME)) is not None
+    assert service.revocations.check(principal(iat=NOW, exp=NOW + LIFETIME, sid="s-leeway", sub="u9")) is not None

@@ -30,10 +30,11 @@ class RevocationIndex(Protocol):
 class Revocation(Check):
     """Refuses a revoked token; applies claims announced since it was issued (its scopes and roles follow).
 
-    An entry is kept for `max_lifetime` (`revocation.max_token_lifetime_seconds`) after its event, so a token that
-    lives longer than that would be taken again once the entry that refused it is gone: such a token is refused
-    (`token_outlives_revocation`), by its `exp - iat`, or by `exp - now` when it has no `iat`; without `exp` (an
-    introspected token) once its age `now - iat` passes the bound."""
+    An entry is kept for `max_lifetime` (`revocation.max_token_lifetime_seconds`) after its event, and the longest
+    leeway a token's `exp` is given, so a token that lives longer than `max_lifetime` would be taken again once the
+    entry that refused it is gone: such a token is refused (`token_outlives_revocation`), by its `exp - iat`, or by
+    `exp - now` when it has no `iat`; without `exp` (an introspected token) once its age `now - iat` passes the
+    bound."""
 
     def __init__(
         self,

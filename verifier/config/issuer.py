@@ -17,6 +17,8 @@ SUPPORTED_ALGORITHMS = frozenset(
 )
 
 DEFAULT_LEEWAY_SECONDS = 30  # seconds of clock skew tolerated on exp/nbf/iat
+# seconds: the most leeway an issuer may be given; revocation entries outlive their tokens' exp by this much
+MAX_LEEWAY_SECONDS = 600
 DEFAULT_JWKS_MIN_TTL_SECONDS = 60.0  # floor on a provider's Cache-Control max-age for the JWKS
 DEFAULT_JWKS_MAX_TTL_SECONDS = 3600.0  # ceiling: refetch at least hourly even if told otherwise
 DEFAULT_JWKS_COOLDOWN_SECONDS = 30.0  # at most one unknown-kid refresh per issuer per this many s
@@ -72,7 +74,7 @@ class IssuerSettings:
     algorithms: tuple[str, ...] = setting(doc="allow-list; tokens with any other `alg` are refused")
     allow_insecure_http: bool = setting(False, doc="plain http on loopback (tests and local labs only)")
     leeway_seconds: int = setting(
-        DEFAULT_LEEWAY_SECONDS, maximum=600, unit="seconds", doc="clock skew tolerated on exp/nbf/iat"
+        DEFAULT_LEEWAY_SECONDS, maximum=MAX_LEEWAY_SECONDS, unit="seconds", doc="clock skew tolerated on exp/nbf/iat"
     )
     discovery_url: str = setting("", doc="default: {issuer}/.well-known/openid-configuration")
     jwks_uri: str = setting("", doc="set to skip discovery")

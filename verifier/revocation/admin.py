@@ -49,7 +49,7 @@ class KillSwitch:
         add: Callable[[list[Entry]], Awaitable[None]],
         remove: Callable[[list[str]], Awaitable[None]],
         clock: Clock,
-        max_token_lifetime: float,
+        entry_lifetime: float,
     ) -> None:
         check_admin_token(token)
         self._token = token.encode() if token else None
@@ -57,7 +57,7 @@ class KillSwitch:
         self._add = add
         self._remove = remove
         self._clock = clock
-        self._max_lifetime = max_token_lifetime
+        self._entry_lifetime = entry_lifetime  # `RevocationService.entry_lifetime`
 
     @property
     def enabled(self) -> bool:
@@ -105,7 +105,7 @@ class KillSwitch:
             effect, match, expires = Effect.ACCOUNT_DISABLED, Match.ALL, None
         else:
             match = Match.ALL if key.kind is KeyKind.SID else Match.ISSUED_BEFORE
-            effect, expires = Effect.TOKEN_REVOKED, now + self._max_lifetime
+            effect, expires = Effect.TOKEN_REVOKED, now + self._entry_lifetime
         entry = Entry(
             id="op-" + secrets.token_urlsafe(12),
             key=key,

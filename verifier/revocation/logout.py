@@ -170,7 +170,7 @@ class LogoutTokenVerifier:
         return VerifiedLogout(settings.issuer, jti, iat, sid, sub, float(config.max_age_seconds + leeway))
 
 
-def entries_of(verified: VerifiedLogout, *, now: float, max_token_lifetime: float) -> tuple[Entry, ...]:
+def entries_of(verified: VerifiedLogout, *, now: float, entry_lifetime: float) -> tuple[Entry, ...]:
     """The entries a logout makes (see the module's table); their ids are the same on every delivery."""
     # The provider's clock may run ahead: a logout never reaches tokens issued after it arrived.
     event_time = min(verified.iat, now)
@@ -192,7 +192,7 @@ def entries_of(verified: VerifiedLogout, *, now: float, max_token_lifetime: floa
                 effect=Effect.SESSION_REVOKED,
                 match=match,
                 event_time=event_time,
-                expires_at=event_time + max_token_lifetime,
+                expires_at=event_time + entry_lifetime,
                 source=verified.issuer,
                 event=BACKCHANNEL_LOGOUT_EVENT,
                 jti=verified.jti,
@@ -218,14 +218,14 @@ class BackchannelLogout:
         add: Callable[[list[Entry]], Awaitable[None]],
         metrics: RevocationMetrics,
         clock: Clock,
-        max_token_lifetime: float,
+        entry_lifetime: float,
     ) -> None:
         self._verifier = verifier
         self._state = state
         self._add = add
         self._metrics = metrics
         self._clock = clock
-        self._max_token_lifetime = max_token_lifetime
+        self._entry_lifetime = entry_lifetime  # `RevocationService.entry_lifetime`
 
     async def receive(self, token: str) -> tuple[Entry, ...]:
         """Applies one logout token; raises `LogoutRefused` or `StateUnavailable` (the provider may retry)."""
@@ -237,7 +237,7 @@ class BackchannelLogout:
         except LogoutRefused as exc:
             self.refused(exc, self._verifier.issuer_label(token))
             raise
-        entries = entries_of(verified, now=self._clock.now(), max_token_lifetime=self._max_token_lifetime)
+        entries = entries_of(verified, now=self._clock.now(), entry_lifetime=self._entry_lifetime)
         await self._add(list(entries))
         await self._state.first_use(key, verified.jti_ttl)  # only now: a retry after a failure applies again
         self._metrics.logouts.labels(verified.issuer, "accepted").inc()

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from verifier.clock import Clock
+from verifier.config.issuer import MAX_LEEWAY_SECONDS
 from verifier.config.revocation import POLL, PUSH, RevocationConfig, TransmitterConfig
 from verifier.errors import ProviderUnavailable, StateUnavailable
 from verifier.generation import Generation
@@ -67,6 +68,9 @@ class RevocationService:
         generation: Generation | None = None,
     ) -> None:
         self.config = config
+        # How long after its event an entry lasts: a token it can match lives `max_token_lifetime_seconds` at most
+        # (longer ones are refused outright), and is still accepted for its issuer's leeway past its `exp`.
+        self.entry_lifetime = float(config.max_token_lifetime_seconds + MAX_LEEWAY_SECONDS)
         self._tracing = tracing  # CLIENT spans around the transmitters' metadata, JWKS and poll fetches
         self._clock = clock
         self.metrics = metrics  # the root's, with `REFUSAL_CODES` exported at zero
@@ -85,7 +89,7 @@ class RevocationService:
             add=self.add,
             remove=self.remove,
             clock=clock,
-            max_token_lifetime=float(config.max_token_lifetime_seconds),
+            entry_lifetime=self.entry_lifetime,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._session = session  # the poller's: the root builds it and closes it
@@ -227,7 +231,7 @@ class RevocationService:
         try:
             verified = await self._verifier.verify(token, delivery=delivery)
             effects = effects_of(
-                verified, now=self._clock.now(), max_token_lifetime=float(self.config.max_token_lifetime_seconds)
+                verified, now=self._clock.now(), entry_lifetime=self.entry_lifetime
             )
             await self._verifier.check_fresh(verified)
         except SetRefused as exc:

@@ -214,8 +214,11 @@ def _jti_key(verified: VerifiedSet) -> str:
     return jti_key("ssf", verified.transmitter.issuer, verified.jti)
 
 
-def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) -> Effects:
-    """What the SET's events do; raises `SetRefused(invalid_request)` for a malformed known event."""
+def effects_of(verified: VerifiedSet, *, now: float, entry_lifetime: float) -> Effects:
+    """What the SET's events do; raises `SetRefused(invalid_request)` for a malformed known event.
+
+    `entry_lifetime`: how long after its event an entry can still match a token (`RevocationService.entry_lifetime`).
+    """
     payload = verified.payload
     source = verified.transmitter.issuer
     scope = verified.transmitter.scope
@@ -241,7 +244,7 @@ def effects_of(verified: VerifiedSet, *, now: float, max_token_lifetime: float) 
         stamp = json_number(body.get("event_timestamp"))  # unreadable: ignored, the SET's iat stands in
         # A transmitter's clock may run ahead: an event never reaches tokens issued after it arrived.
         event_time = min(stamp if stamp is not None else verified.iat, now)
-        until = event_time + max_token_lifetime
+        until = event_time + entry_lifetime
         why = _reason_text(body.get("reason_admin") or body.get("reason_user") or body.get("reason") or "")
 
         def entry(
