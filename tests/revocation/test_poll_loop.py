@@ -29,7 +29,7 @@ RUN_FOR = 1.0  # seconds each loop runs
 async def run_poller(
     raw_provider: RawProvider,
     http_fetcher: HttpFetcher,
-    receive: Callable[[str], Outcome],
+    receive: Callable[[str], Outcome | None],
     run_for: float = RUN_FOR,
     at_least: int = 0,
     **extra: object,
@@ -44,7 +44,7 @@ async def run_poller(
     (transmitter,) = config.transmitters
     keys = IssuerKeys(transmitter.key_settings(), http_fetcher, SystemClock(), Metrics(CollectorRegistry()))
 
-    async def receive_async(token: str) -> Outcome:
+    async def receive_async(token: str) -> Outcome | None:
         return receive(token)
 
     task = asyncio.get_running_loop().create_task(Poller(transmitter, keys, lambda: http_fetcher.session,
@@ -69,6 +69,25 @@ async def test_an_empty_answer_claiming_more_does_not_make_the_loop_spin(
     raw_provider.routes["/poll"] = json_route({"sets": {}, "moreAvailable": True}, pause=0)
     polls = await run_poller(raw_provider, http_fetcher, lambda token: Outcome(True))
     assert 1 <= len(polls) <= RUN_FOR / INTERVAL + 2, len(polls)
+
+
+async def test_sets_that_cannot_be_judged_now_do_not_make_the_loop_hurry(
+    raw_provider: RawProvider, http_fetcher: HttpFetcher
+) -> None:
+    """The store or the transmitter's keys are out of reach: every SET is left for later (None). A transmitter with
+    more queued says so on every answer, and the loop polled 20 times a second, verifying the same SETs again each
+    time, for as long as the outage lasted; nothing was taken, so there is no reason to hurry."""
+    raw_provider.routes["/poll"] = json_route(
+        {"sets": {f"jti-{i}": "x.y.z" for i in range(5)}, "moreAvailable": True}, pause=0
+    )
+    received: list[str] = []
+
+    def receive(token: str) -> None:
+        received.append(token)
+
+    polls = await run_poller(raw_provider, http_fetcher, receive)
+    assert 1 <= len(polls) <= RUN_FOR / INTERVAL + 2, len(polls)
+    assert all(not p["ack"] and "setErrs" not in p for p in polls)
 
 
 async def test_no_more_sets_than_max_events_are_taken_from_one_answer(

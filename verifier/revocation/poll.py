@@ -95,8 +95,10 @@ class Poller:
         return url
 
     async def poll_once(self) -> bool:
-        """One request; True when polling again soon is worth it: SETs came, and more are available or
-        acknowledgements are owed. An empty answer is never a reason to hurry, whatever it claims."""
+        """One request; True when polling again soon is worth it: some SETs were taken (acknowledged or refused), so
+        acknowledgements are owed and more may follow. `moreAvailable` alone is never a reason to hurry: not on an
+        empty answer, nor on one whose SETs could none be judged now (the store or the keys out of reach), which
+        would be fetched and verified again 20 times a second for as long as the outage lasts."""
         url = await self._endpoint()
         if not url:
             raise ProviderUnavailable("transmitter metadata names no poll endpoint")
@@ -145,8 +147,7 @@ class Poller:
                 self._acks.append(jti)
             else:
                 self._errs[jti] = {"err": outcome.err, "description": outcome.description}
-        more = bool(document.get("moreAvailable"))
-        return bool(sets) and (more or bool(self._acks) or bool(self._errs))
+        return bool(self._acks) or bool(self._errs)
 
     async def _outcome(self, token: object) -> Outcome | None:
         """What to answer for one SET; a SET that breaks the receiver is refused, never fatal to the loop."""
