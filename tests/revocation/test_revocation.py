@@ -945,3 +945,19 @@ async def test_a_revoked_token_stays_refused_through_the_leeway_its_exp_is_given
                                                                         leeway_seconds=leeway), clock.now())
     assert service.revocations.check(principal(iat=NOW, exp=NOW + LIFETIME)) is not None
     assert service.revocations.check(principal(iat=NOW, exp=NOW + LIFETIME, sid="s-leeway", sub="u9")) is not None
+
+
+async def test_a_session_revoked_naming_the_session_and_its_user_reaches_the_users_sessionless_tokens(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    """Access tokens often carry no `sid` (oidc-provider leaves it out): such a token cannot be tied to the session,
+    so a CAEP session-revoked whose complex subject names the user too reaches it through the user, as a back-channel
+    logout naming `sid` and `sub` does. It kept only the session and dropped the user: those tokens stayed valid."""
+    subject = {"format": "complex", "user": USER, "session": {"format": "opaque", "id": "s-1"}}
+    token = transmitter.sign_set({SESSION_REVOKED: {"event_timestamp": int(NOW)}}, subject)
+    assert (await push(service, token)).status == 202
+    assert service.revocations.check(principal(sid="s-1", iat=NOW + 5)) is not None  # the session: all its tokens
+    assert service.revocations.check(principal(iat=NOW - 10)) is not None  # the user's, without sid, from before
+    assert service.revocations.check(principal(iat=NOW + 5)) is None  # issued after the event
+    assert service.revocations.check(principal(sid="s-2", iat=NOW - 10)) is None  # another session of the user
+    assert service.revocations.check(principal(sub="user-2", iat=NOW - 10)) is None

@@ -11,7 +11,9 @@ The event types understood (CAEP 1.0 section 3, RISC 1.0 section 2):
 
 | event | entry |
 |---|---|
-| caep session-revoked | session: all its tokens; subject: tokens issued at or before the event |
+| caep session-revoked | session: all its tokens; subject: tokens issued at or before the event; the |
+|   | user a `complex` subject names beside the session: that user's tokens without `sid` issued at or |
+|   | before the event (they cannot be tied to the session; as a back-channel logout with `sid` and `sub`) |
 | caep credential-change (revoke, delete) | tokens authenticated at or before the event; for a |
 |   | `fido2-platform`/`fido2-roaming`/`fido-u2f` credential (or named `credential_ids`), the |
 |   | user's WebAuthn credentials disabled: those ids, else those of `fido2_aaguid`, else all |
@@ -42,7 +44,7 @@ from verifier.errors import AlgorithmRefused, MalformedToken
 from verifier.numbers import json_number
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.signed import Failed, MessageRefused, check_signature, check_times, jti_key, jti_of
-from verifier.revocation.subjects import SubjectError, subject_keys
+from verifier.revocation.subjects import SubjectError, session_user_keys, subject_keys
 from verifier.state.base import SharedState
 from verifier.tokens import jws
 from verifier.tokens.jwks import IssuerKeys
@@ -279,6 +281,9 @@ def effects_of(verified: VerifiedSet, *, now: float, entry_lifetime: float) -> E
             for key in keys:
                 match = Match.ALL if key.kind is KeyKind.SID else Match.ISSUED_BEFORE
                 add.append(entry(key, Effect.SESSION_REVOKED, match, until))
+            users, outside = _scoped(session_user_keys(identifier), scope)
+            ignored += outside
+            add.extend(entry(k, Effect.SESSION_REVOKED, Match.SESSIONLESS_ISSUED_BEFORE, until) for k in users)
         elif event_type == CREDENTIAL_CHANGE:
             change = body.get("change_type")
             if not isinstance(change, str):

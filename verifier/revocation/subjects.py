@@ -66,3 +66,21 @@ def subject_keys(identifier: Any, *, session: bool = False, depth: int = 0) -> t
     if not isinstance(fmt, str) or not fmt:
         raise SubjectError("subject identifier has no format")
     return ()
+
+
+def session_user_keys(identifier: Any) -> tuple[SubjectKey, ...]:
+    """For a session event: the keys of the user a `complex` subject names beside its session, else ().
+
+    A token that carries no `sid` cannot be tied to the session; the user's keys let the event reach it, as
+    Back-Channel Logout 1.0 does for a logout token naming both `sid` and `sub`. A malformed `user` member
+    gives none: the session is revoked either way.
+    """
+    if not isinstance(identifier, Mapping) or identifier.get("format") != "complex":
+        return ()
+    if "session" not in identifier or "user" not in identifier:
+        return ()
+    try:
+        keys = subject_keys(identifier["user"], depth=1)
+    except SubjectError:
+        return ()
+    return tuple(k for k in keys if k.kind is not KeyKind.SID)
