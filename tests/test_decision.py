@@ -166,6 +166,24 @@ def test_allow_headers_strip_cr_lf_and_controls_from_claims(hostile: str) -> Non
     assert sum(line.startswith(b"x-authenticated-userid:") for line in lines) == 1
 
 
+@pytest.mark.parametrize(
+    ("roles", "header"),
+    [
+        ({"user,admin"}, '"user,admin"'),
+        ({" admin", "user"}, '" admin",user'),
+        ({'"admin"'}, '"\\"admin\\""'),
+        ({"a\\b", "c"}, '"a\\\\b",c'),
+        ({"x\x00, admin", "y"}, '"x, admin",y'),
+        ({"reader", "writer"}, "reader,writer"),
+    ],
+    ids=["comma", "edge-space", "quoted", "backslash", "control-then-comma", "plain"],
+)
+def test_a_role_is_one_element_of_the_roles_header_whatever_it_holds(roles: set[str], header: str) -> None:
+    """`user,admin` sent bare is the roles `user` and `admin` upstream: an element that would not read as itself
+    is an RFC 9110 quoted-string; the common case stays as it was."""
+    assert dict(allow(_principal(roles=frozenset(roles))).upstream_headers)["x-authenticated-roles"] == header
+
+
 def test_http_head_of_a_refusal_is_exact() -> None:
     decision = refuse(InvalidToken("bad token"), realm=REALM)
     body = b'{"error": "invalid_token", "error_description": "bad token"}'

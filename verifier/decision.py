@@ -7,6 +7,7 @@ answer (status, challenge, body).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection
 from typing import Any
 
@@ -281,7 +282,13 @@ def allow(
         ("x-authenticated-issuer", issuer if issuer.isprintable() else header_safe(issuer)),
     )
     if roles:
-        fixed += (("x-authenticated-roles", header_safe(",".join(roles))),)
+        joined = ",".join(roles)
+        # A role holding a comma, a quote, a backslash or a space: each one looked at (`list_element`).
+        if '"' in joined or "\\" in joined or " " in joined or joined.count(",") >= len(roles):
+            joined = ",".join([list_element(header_safe(role)) for role in roles])
+        elif not joined.isprintable():
+            joined = header_safe(joined)  # a control taken out makes no comma, quote or space
+        fixed += (("x-authenticated-roles", joined),)
     # Positional (the field order of `Decision`): one allow is built for every first-seen token.
     return Decision(
         True,  # allowed
@@ -311,6 +318,20 @@ def smuggled_identity(decision: Decision, request_headers: Collection[str]) -> l
     names = [name for name in request_headers if name.startswith(IDENTITY_PREFIX)]
     ours = {name for name, _ in decision.upstream_headers}
     return sorted({name for name in names if name not in ours})
+
+
+# An element that an RFC 9110 list reader (section 5.6.1) would not take as itself: holding the separator, a
+# quote or a backslash, or starting or ending with white space (trimmed as OWS).
+_NOT_BARE = re.compile(r'[,"\\]|^[ \t]|[ \t]$')
+
+
+def list_element(value: str) -> str:
+    """One element of a comma-separated header list (already `header_safe`): as it is when it reads as itself,
+    else as an RFC 9110 quoted-string (section 5.6.4). `user,admin` sent bare is the two roles `user` and
+    `admin` to the upstream, ` admin` is `admin`, and `"admin"` is `admin` to a reader that unquotes."""
+    if _NOT_BARE.search(value) is None:
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def header_safe(value: str) -> str:

@@ -10,11 +10,13 @@ assertion it received with PyJWT against the verifier's /.well-known/jwks.json, 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.request import parse_http_list
 
 import grpc
 import jwt
@@ -246,6 +248,41 @@ def test_hostile_claims_never_forge_a_header(
     for name, value in expected.items():
         assert seen.get(name) == value, (edge.name, name, seen.get(name))
     assert "x-injected" not in seen and seen["x-authenticated-userid"] == "alice", seen
+
+
+def _elements(value: str) -> list[str]:
+    """A comma-separated header list as an RFC 9110 (section 5.6.1) reader takes it: quoted-strings unquoted."""
+    elements = []
+    for item in parse_http_list(value):
+        if len(item) >= 2 and item[0] == item[-1] == '"':
+            item = re.sub(r"\\\\(.)", r"\\1", item[1:-1])
+        elements.append(item)
+    return elements
+
+
+@pytest.mark.parametrize(
+    ("claims", "header", "elements"),
+    [
+        ({"roles": ["user,admin"]}, "x-authenticated-roles", ["user,admin"]),
+        ({"roles": [" admin", "user"]}, "x-authenticated-roles", [" admin", "user"]),
+        ({"roles": ['"admin"']}, "x-authenticated-roles", ['"admin"']),
+        ({"groups": ["eng, admins"]}, "x-authenticated-groups", ["eng, admins"]),
+        ({"groups": ['"admins"', "ops"]}, "x-authenticated-groups", ['"admins"', "ops"]),
+        ({"groups": ["ops", "admins "]}, "x-authenticated-groups", ["ops", "admins "]),
+        ({"groups": ["a\\", "b"]}, "x-authenticated-groups", ["a\\", "b"]),
+    ],
+    ids=["role-comma", "role-space", "role-quoted", "group-comma", "group-quoted", "group-space", "backslash"],
+)
+def test_a_role_or_group_never_reads_as_another_one_upstream(
+    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer, claims: dict[str, Any], header: str, elements: list[str]
+) -> None:
+    """A list element holding the separator, a quote or edge white space is sent as a quoted-string: an RFC 9110
+    list reader gets the elements the verifier judged, and a reader splitting at commas never an `admin(s)`."""
+    seen = _through(edge, upstream, "/orders/1", issuer.mint(**claims))
+    value = seen[header]
+    assert _elements(value) == elements, (edge.name, value)
+    naive = [item.strip() for item in value.split(",")]
+    assert not {"admin", "admins"} & set(naive), (edge.name, value)
 
 
 def test_a_claim_too_large_for_a_header_is_refused_and_never_reaches_the_upstream(

@@ -6,7 +6,9 @@ The rules, in the order they apply (README, "What the upstream receives"):
 - a string is sent as it is, minus control characters (CR, LF, NUL, DEL, ...: no value can start a
   header of its own);
 - a number or a boolean is sent as its JSON text (`42`, `true`; `null` inside an array);
-- an array is its elements rendered as above, joined with ", "; an array holding an array or an
+- an array is its elements rendered as above, joined with ", "; an element holding a comma, a quote
+  or a backslash, or starting or ending with white space, as an RFC 9110 quoted-string (`"eng, admins"`:
+  bare, an upstream would read the two groups `eng` and `admins`); an array holding an array or an
   object sends no header;
 - a value longer than `upstream.max_value_bytes` (UTF-8) refuses the request with
   `upstream_claim_too_large` (403): cutting it would hand the upstream a different identity (a
@@ -19,7 +21,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from verifier.decision import header_safe
+from verifier.decision import header_safe, list_element
 from verifier.errors import Forbidden
 
 
@@ -63,6 +65,8 @@ def header_value(value: Any, max_bytes: int, what: str) -> str | None:
             text = _scalar(item)
             if text is None:
                 return None
+            if isinstance(item, str):
+                text = list_element(text)
             size += len(text) + 2
             if size > max_bytes + 2:  # before building a huge string: every element costs at least its length
                 raise UpstreamClaimTooLarge(f"{what} is longer than {max_bytes} bytes")
