@@ -295,6 +295,23 @@ def test_a_claim_too_large_for_a_header_is_refused_and_never_reaches_the_upstrea
     assert upstream.requests == []
 
 
+def test_an_allow_with_many_kib_of_identity_headers_is_no_503(
+    edge: Edge, verifier: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    """Claims a user may choose (each under max_value_bytes) can make the verifier's answer head longer than
+    nginx's default proxy_buffer_size (one page): nginx then answered "upstream sent too big header", a 503
+    with Retry-After to a valid token, never the verifier's decision. The shipped templates read such answers."""
+    claims = {"email": "e" * 300, "org": {"tenant_id": "t" * 1000}, "plan": "p" * 1000, "groups": ["g" * 240] * 4}
+    token = issuer.mint(**claims)
+    direct = http_request(
+        f"{verifier.url}/v1/forward-auth",
+        headers={"Authorization": f"Bearer {token}", "X-Forwarded-Uri": "/orders/1", "X-Forwarded-Host": "api"},
+    )
+    assert direct.status == 200 and sum(len(k) + len(v) + 4 for k, v in direct.headers.items()) > 4096
+    seen = _through(edge, upstream, "/orders/1", token)
+    assert seen["x-authenticated-tenant"] == "t" * 1000 and seen["x-authenticated-email"] == "e" * 300, edge.name
+
+
 def _assertion_from(verifier: GatewayProcess, token: str) -> str:
     """The assertion in the verifier's forward-auth answer (what every gateway copies to the upstream)."""
     r = http_request(
