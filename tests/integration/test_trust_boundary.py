@@ -8,8 +8,9 @@ filter, deploy/envoy/verifier-reuse.lua). tests/kong/test_trust_boundary_lua.py 
 through the Kong Lua plugin in real nginx (it imports them and supplies its own `edge` fixture).
 
 The verifier's policies: a public `/health`, the `admin.example.test` host and `/admin` needing the `admin`
-role, writes needing the `write` scope, everything else any valid token. Each test asserts on what the
-protected application (an echo upstream recording every request) received, not only on the status.
+role, GET (and so HEAD) under `/reports` the `auditor` role, writes needing the `write` scope, everything else any
+valid token. Each test asserts on what the protected application (an echo upstream recording every request)
+received, not only on the status.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ POLICIES = [
     {"name": "health", "match": {"path": "/health"}, "require": {"authenticated": False}},
     {"name": "admin-host", "match": {"hosts": [ADMIN_HOST]}, "require": {"roles_any": ["admin"]}},
     {"name": "admin", "match": {"path_prefix": "/admin"}, "require": {"roles_any": ["admin"]}},
+    {"name": "reports", "match": {"path_prefix": "/reports", "methods": ["GET"]},
+     "require": {"roles_any": ["auditor"]}},
     {"name": "writes", "match": {"methods": ["POST", "PUT", "PATCH", "DELETE"]}, "require": {"scopes_all": ["write"]}},
     {"name": "rest", "match": {"path_prefix": "/"}, "require": {"authenticated": True}},
 ]
@@ -247,6 +250,22 @@ def test_a_client_naming_a_safe_method_does_not_write_with_a_read_only_token(
     assert r.status == 403, (edge.name, r.status, r.headers, r.body)
     assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
     assert upstream.requests == []
+
+
+def test_a_head_request_gets_the_policy_of_the_get_route_it_runs(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    """RFC 9110 section 9.3.2: HEAD is GET without the content, and Go's ServeMux, Express, Flask and Spring hand
+    it to the GET handler. A policy written for GET that HEAD missed left the handler, its status and its headers
+    (Content-Length, ETag, Location...) to the laxer catch-all: any valid token, here."""
+    r = http_request(f"{edge.url}/reports/q3", method="HEAD", headers=bearer(tokens("read")))
+
+    assert r.status == 403, (edge.name, r.status, r.headers)
+    assert upstream.requests == []
+
+    r = http_request(f"{edge.url}/reports/q3", method="HEAD", headers=bearer(tokens("read", roles=["auditor"])))
+    assert r.status == 200, (edge.name, r.status, r.headers)
+    assert [s.method for s in upstream.requests] == ["HEAD"]
 
 
 def test_a_write_token_may_post(edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]) -> None:

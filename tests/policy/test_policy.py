@@ -129,6 +129,14 @@ def test_first_match_wins_and_methods_and_hosts_count() -> None:
     assert policies.match(_attrs("GET", "/", host="OTHER.test:8443")).name == "h"  # type: ignore[union-attr]
 
 
+def test_a_get_policy_covers_head_and_no_other_method_gains_it() -> None:
+    """RFC 9110 section 9.3.2: upstreams run the GET handler for HEAD."""
+    reports = PolicySettings(name="reports", match=RouteMatch(path_prefix="/reports", methods=("GET",)))
+    policies = PolicySet((reports, ADMIN, REST))
+    assert policies.match(_attrs("HEAD", "/reports/q3")).name == "reports"  # type: ignore[union-attr]
+    assert policies.match(_attrs("HEAD", "/admin")).name == "rest"  # type: ignore[union-attr]  # POST, PUT, DELETE
+
+
 @pytest.mark.parametrize(
     ("raw", "normal", "name"),
     [

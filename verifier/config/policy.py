@@ -31,7 +31,7 @@ class RouteMatch:
     """Which requests a policy covers; empty fields match anything."""
 
     hosts: tuple[str, ...] = setting((), doc="host names without a port (lower-cased, no trailing dot)")
-    methods: tuple[str, ...] = setting((), doc="HTTP methods (upper-cased)")
+    methods: tuple[str, ...] = setting((), doc="HTTP methods (upper-cased); GET also covers HEAD")
     path_prefix: str = setting("", doc="the normalized path starts with this (starts with /)")
     path: str = setting("", doc="the normalized path is exactly this, give or take a trailing slash (no query)")
 

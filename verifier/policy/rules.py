@@ -157,6 +157,13 @@ def _but_a_trailing_slash(path: str, exact: str) -> bool:
     return len(path) > 1 and len(exact) > 1 and (path + "/" == exact or path == exact + "/")
 
 
+def _methods(methods: Sequence[str]) -> frozenset[str]:
+    """The methods a policy covers: GET's include HEAD. RFC 9110 section 9.3.2: HEAD is GET without the content, and
+    Go's ServeMux, Express, Flask and Spring run the GET handler for it; a GET policy that HEAD missed would leave
+    that handler (its status and headers) to a laxer policy."""
+    return frozenset(methods) | {"HEAD"} if "GET" in methods else frozenset(methods)
+
+
 #: What `PolicySet.match` returns for a path that upstreams may read as different routes (a 400).
 AMBIGUOUS = CompiledPolicy(
     name="", hosts=frozenset(), methods=frozenset(), path_prefix="", path="", require=Requirements()
@@ -177,7 +184,7 @@ class PolicySet:
             CompiledPolicy(
                 name=p.name,
                 hosts=frozenset(normalize_host(h) for h in p.match.hosts),
-                methods=frozenset(p.match.methods),
+                methods=_methods(p.match.methods),
                 # Compared with normalized request paths, so normalized the same way: written with percent-encoding,
                 # `//` or dot segments, a policy would meet no request and its requests would fall to a laxer one.
                 path_prefix=normalize_path(p.match.path_prefix) if p.match.path_prefix else "",
