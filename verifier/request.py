@@ -52,3 +52,15 @@ def host_name(host: str) -> str:
         end = host.find("]")
         return host[: end + 1] if end > 0 else host
     return host.partition(":")[0]
+
+
+def a_label(name: str) -> str:
+    """A host name as clients send it: an internationalized name in its ASCII form (RFC 5890 A-labels,
+    `bücher.example` -> `xn--bcher-kva.example`: browsers, curl and HTTP libraries convert it before it reaches
+    `Host`); "" for a name without one. An ASCII name is returned as it is."""
+    if name.isascii():
+        return name
+    try:
+        return name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return ""

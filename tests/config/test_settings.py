@@ -316,6 +316,16 @@ def test_policy_hosts_are_normalized_and_a_port_is_refused() -> None:
         parse_settings(document)
 
 
+def test_a_policy_host_without_an_ascii_form_is_refused() -> None:
+    """An internationalized name is matched as clients send it (its A-label): without one it meets no request."""
+    document = _example()
+    document["policies"] = [{"match": {"hosts": ["Bücher.example.test"]}}]
+    assert parse_settings(document).policies[0].match.hosts == ("bücher.example.test",)  # type: ignore[index]
+    document["policies"] = [{"match": {"hosts": ["bücher." + "ü" * 70 + ".test"]}}]  # a label past 63 octets
+    with pytest.raises(ConfigError, match=r"policies\[0\]\.match\.hosts\[0\]: .* no ASCII \(IDNA A-label\) form"):
+        parse_settings(document)
+
+
 # --- workers: N > 1 share nothing without Redis (#18 F8) ------------------------------------------
 
 SHARED_STATE_FEATURES = {

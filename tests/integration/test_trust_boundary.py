@@ -65,10 +65,12 @@ from rigs import fresh_upstream_log  # noqa: F401 - autouse: each test sees only
 pytestmark = pytest.mark.integration
 
 ADMIN_HOST = "admin.example.test"
+IDN_HOST = "bücher.example.test"  # written in the policy as people write it: its A-label is xn--bcher-kva.example.test
 API_HOST = "api.example.test"
 POLICIES = [
     {"name": "health", "match": {"path": "/health"}, "require": {"authenticated": False}},
     {"name": "admin-host", "match": {"hosts": [ADMIN_HOST]}, "require": {"roles_any": ["admin"]}},
+    {"name": "idn-host", "match": {"hosts": [IDN_HOST]}, "require": {"roles_any": ["admin"]}},
     {"name": "admin", "match": {"path_prefix": "/admin"}, "require": {"roles_any": ["admin"]}},
     {"name": "reports", "match": {"path_prefix": "/reports", "methods": ["GET"]},
      "require": {"roles_any": ["auditor"]}},
@@ -375,6 +377,19 @@ def test_the_verifiers_roles_reach_the_upstream(edge: Edge, upstream: EchoUpstre
 def test_every_spelling_of_the_admin_host_gets_the_admin_hosts_policy(
     edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], host: str
 ) -> None:
+    r = http_request(f"{edge.url}/orders", headers={"Host": host, **bearer(tokens("read"))})
+
+    assert r.status == 403, (edge.name, host, r.status, r.headers, r.body)
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("host", ["xn--bcher-kva.example.test", "XN--BCHER-KVA.example.test"])
+def test_an_internationalized_host_gets_its_policy_in_the_form_clients_send(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], host: str
+) -> None:
+    """Browsers, curl and HTTP libraries send an internationalized name as its A-label (RFC 5890; WHATWG URL's
+    domain to ASCII), and gateways route it so: a policy written `bücher.example.test` met no request at all, and
+    every one fell to the laxer catch-all."""
     r = http_request(f"{edge.url}/orders", headers={"Host": host, **bearer(tokens("read"))})
 
     assert r.status == 403, (edge.name, host, r.status, r.headers, r.body)

@@ -34,6 +34,7 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
     test_a_write_token_may_post,
     test_an_absolute_form_target_gets_the_policy_of_the_host_it_names,
     test_an_absolute_form_target_naming_a_laxer_host_does_not_open_the_host_headers_one,
+    test_an_internationalized_host_gets_its_policy_in_the_form_clients_send,
     test_another_case_of_the_admin_path_does_not_sidestep_its_policy,
     test_another_host_is_served_with_the_same_token,
     test_client_identity_headers_do_not_pass_a_role_check,

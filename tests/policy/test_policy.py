@@ -171,6 +171,15 @@ def test_a_host_policy_cannot_be_sidestepped_by_case_a_trailing_dot_or_a_port(ho
     assert PolicySet((ADMIN_HOST, OPEN)).match(_attrs("GET", "/", host="public.example.test")).name == "open"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(
+    "host", ["xn--bcher-kva.example.test", "XN--BCHER-KVA.Example.Test.:443", "bücher.example.test"]
+)
+def test_an_internationalized_host_policy_meets_its_a_label(host: str) -> None:
+    idn = PolicySettings(name="idn", match=RouteMatch(hosts=("Bücher.example.test",)), require=Requirements())
+    policy = PolicySet((idn, OPEN)).match(_attrs("GET", "/", host=host))
+    assert policy is not None and policy.name == "idn"
+
+
 def test_unmatched_route_with_policies_is_none_and_without_policies_nothing_is_enabled() -> None:
     assert PolicySet((ADMIN,)).match(_attrs("GET", "/public")) is None
     assert not PolicySet(None).enabled

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from verifier.config.base import ConfigError, Reader, read_fields, setting, url_problem
 from verifier.config.upstream import RouteUpstream, parse_route_upstream
-from verifier.request import host_name, normalize_host
+from verifier.request import a_label, host_name, normalize_host
 
 SENDER_CONSTRAINTS = ("dpop", "mtls", "any")
 STEP_UP_METHODS = ("webauthn",)
@@ -30,7 +30,9 @@ MAX_AUTH_AGE_SECONDS = 86_400 * 365  # a year: anything longer is no bound at al
 class RouteMatch:
     """Which requests a policy covers; empty fields match anything."""
 
-    hosts: tuple[str, ...] = setting((), doc="host names without a port (lower-cased, no trailing dot)")
+    hosts: tuple[str, ...] = setting(
+        (), doc="host names without a port (lower-cased, no trailing dot; an IDN also as its xn-- form)"
+    )
     methods: tuple[str, ...] = setting((), doc="HTTP methods (upper-cased); GET also covers HEAD")
     path_prefix: str = setting("", doc="the normalized path starts with this (starts with /)")
     path: str = setting("", doc="the normalized path is exactly this, give or take a trailing slash (no query)")
@@ -108,6 +110,8 @@ def _match(reader: Reader) -> RouteMatch:
     for i, host in enumerate(hosts):
         if host_name(host) != host or not host:
             raise ConfigError(f"{reader.path}.hosts[{i}]: expected a host name without a port, got {host!r}")
+        if not a_label(host):
+            raise ConfigError(f"{reader.path}.hosts[{i}]: {host!r} has no ASCII (IDNA A-label) form clients could send")
     reader.done()
     return dataclasses.replace(match, hosts=hosts, methods=tuple(m.upper() for m in match.methods))
 

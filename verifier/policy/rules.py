@@ -22,7 +22,7 @@ from verifier.errors import Forbidden, InsufficientUserAuthentication, Scheme, S
 from verifier.numbers import json_number
 from verifier.policy.metadata import challenge_params
 from verifier.principal import Principal
-from verifier.request import RequestAttributes, host_name, normalize_host
+from verifier.request import RequestAttributes, a_label, host_name, normalize_host
 
 
 def normalize_path(path: str, *, backslash_is_slash: bool = True) -> str:
@@ -157,6 +157,14 @@ def _but_a_trailing_slash(path: str, exact: str) -> bool:
     return len(path) > 1 and len(exact) > 1 and (path + "/" == exact or path == exact + "/")
 
 
+def _hosts(hosts: Sequence[str]) -> frozenset[str]:
+    """The host names a policy covers, an internationalized one also in the A-label form clients send (`bücher.example`
+    written, `xn--bcher-kva.example` in `Host`): written as people write it, it met no request, and every request for
+    it fell to a laxer policy."""
+    names = {normalize_host(h) for h in hosts}
+    return frozenset(names | {a_label(n) for n in names} - {""})
+
+
 def _methods(methods: Sequence[str]) -> frozenset[str]:
     """The methods a policy covers: GET's include HEAD. RFC 9110 section 9.3.2: HEAD is GET without the content, and
     Go's ServeMux, Express, Flask and Spring run the GET handler for it; a GET policy that HEAD missed would leave
@@ -183,7 +191,7 @@ class PolicySet:
         self._policies = tuple(
             CompiledPolicy(
                 name=p.name,
-                hosts=frozenset(normalize_host(h) for h in p.match.hosts),
+                hosts=_hosts(p.match.hosts),
                 methods=_methods(p.match.methods),
                 # Compared with normalized request paths, so normalized the same way: written with percent-encoding,
                 # `//` or dot segments, a policy would meet no request and its requests would fall to a laxer one.
