@@ -290,8 +290,12 @@ def test_check_config_exits_zero_on_the_issue_example(tmp_path: Path) -> None:
         (ISSUE_EXAMPLE + "bogus: 1\n", "bogus: unknown key"),
         ("issuers: [\n", "not valid YAML"),
         (ISSUE_EXAMPLE + 'state: {redis_url: "redis://127.0.0.1:6379/0"}\n', "state.key_prefix: required"),
+        (
+            ISSUE_EXAMPLE + "policies: [{match: {path: /a}, require: {authenticated: false, roles_any: [a]}}]\n",
+            "policies[0].require.roles_any: never met with authenticated: false",
+        ),
     ],
-    ids=["hs256", "http-issuer", "unknown-key", "broken-yaml", "redis-without-key-prefix"],
+    ids=["hs256", "http-issuer", "unknown-key", "broken-yaml", "redis-without-key-prefix", "roles-without-a-token"],
 )
 def test_check_config_exits_non_zero_on_a_bad_file_and_names_the_key(
     tmp_path: Path, text: str, fragment: str
@@ -314,6 +318,26 @@ def test_policy_hosts_are_normalized_and_a_port_is_refused() -> None:
     document["policies"] = [{"match": {"hosts": ["api.example.test", "api.example.test:8443"]}}]
     with pytest.raises(ConfigError, match=r"policies\[0\]\.match\.hosts\[1\]: expected a host name without a port"):
         parse_settings(document)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("roles_any", ["admin"]), ("roles_all", ["admin"]), ("scopes_all", ["write"]), ("scopes_any", ["write"]),
+     ("amr_any", ["hwk"]), ("acr_any", ["phr"]), ("max_auth_age_seconds", 900), ("sender_constraint", "dpop"),
+     ("step_up", "webauthn")],
+)
+def test_a_requirement_that_a_request_without_a_token_skips_is_refused(key: str, value: object) -> None:
+    """`authenticated: false` lets a request without a token through before any requirement is looked at: a route
+    written `{authenticated: false, roles_any: [admin]}` refused a token without the role and let anyone in without
+    one. Per-route trust (issuers_any, audiences_any, clients_any) may narrow whose optional tokens are taken."""
+    document = _example()
+    document["policies"] = [{"match": {"path_prefix": "/"}, "require": {"authenticated": False, key: value}}]
+    with pytest.raises(ConfigError, match=rf"policies\[0\]\.require\.{key}: .*authenticated: false"):
+        parse_settings(document)
+    document["policies"] = [
+        {"match": {"path_prefix": "/"}, "require": {"authenticated": False, "issuers_any": ["http://127.0.0.1:9400"]}}
+    ]
+    parse_settings(document)
 
 
 def test_a_policy_host_without_an_ascii_form_is_refused() -> None:

@@ -24,6 +24,12 @@ from verifier.request import a_label, host_name, normalize_host
 SENDER_CONSTRAINTS = ("dpop", "mtls", "any")
 STEP_UP_METHODS = ("webauthn",)
 MAX_AUTH_AGE_SECONDS = 86_400 * 365  # a year: anything longer is no bound at all
+# What a request without a token never meets: `authenticated: false` lets it through before any of them is looked at.
+# (Per-route trust is left out: narrowing whose optional tokens are taken is a policy of its own.)
+NEEDS_A_TOKEN = (
+    "roles_any", "roles_all", "scopes_all", "scopes_any", "amr_any", "acr_any", "max_auth_age_seconds",
+    "sender_constraint", "step_up",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,7 +48,9 @@ class RouteMatch:
 class Requirements:
     """What a matched route requires of the caller."""
 
-    authenticated: bool = setting(True, doc="false: no token needed (a token sent is still checked)")
+    authenticated: bool = setting(
+        True, doc="false: no token needed (a token sent is still checked); no roles, scopes or assurance then"
+    )
     roles_any: tuple[str, ...] = setting((), doc="one of these roles (403 role_missing)")
     roles_all: tuple[str, ...] = setting((), doc="all of these roles")
     scopes_all: tuple[str, ...] = setting((), doc="all of these scopes (403 scope_missing)")
@@ -124,6 +132,13 @@ def parse_policy(reader: Reader, index: int) -> PolicySettings:
     match = _match(match_reader)
     require_reader = reader.child("require") or Reader({}, f"{reader.path}.require")
     require = Requirements(**read_fields(require_reader, Requirements))
+    if not require.authenticated:
+        for key in NEEDS_A_TOKEN:
+            if getattr(require, key) not in ((), "", None):
+                raise ConfigError(
+                    f"{require_reader.path}.{key}: never met with authenticated: false (a request without a token "
+                    "passes before it is looked at): drop one of the two"
+                )
     require_reader.done()
     raw_upstream = reader.raw("upstream")
     upstream = None if raw_upstream is None else parse_route_upstream(raw_upstream, f"{reader.path}.upstream")
