@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -338,6 +339,24 @@ def test_a_requirement_that_a_request_without_a_token_skips_is_refused(key: str,
         {"match": {"path_prefix": "/"}, "require": {"authenticated": False, "issuers_any": ["http://127.0.0.1:9400"]}}
     ]
     parse_settings(document)
+
+
+@pytest.mark.parametrize(
+    ("match", "fragment"),
+    [({"methods": ["GET "]}, "methods[0]"), ({"methods": ["GET", "PO ST"]}, "methods[1]"),
+     ({"methods": [""]}, "methods[0]"), ({"hosts": ["admin.example.test "]}, "hosts[0]"),
+     ({"hosts": ["ok.test", "admin example.test"]}, "hosts[1]"), ({"hosts": ["admin.example.test/x"]}, "hosts[0]"),
+     ({"hosts": ["*.admin.example.test"]}, "hosts[0]")],  # hosts are exact: a wildcard matched no request
+)
+def test_a_policy_naming_a_method_or_host_no_request_carries_is_refused(
+    match: dict[str, object], fragment: str
+) -> None:
+    """A method or host no request can carry (a space in it: YAML keeps `"GET "` as written) made the policy cover no
+    request, silently: every request it was written for fell to the next, laxer policy."""
+    document = _example()
+    document["policies"] = [{"match": {"path_prefix": "/", **match}, "require": {"roles_any": ["admin"]}}]
+    with pytest.raises(ConfigError, match=rf"policies\[0\]\.match\.{re.escape(fragment)}: "):
+        parse_settings(document)
 
 
 def test_a_policy_host_without_an_ascii_form_is_refused() -> None:

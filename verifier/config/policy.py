@@ -118,10 +118,21 @@ def _match(reader: Reader) -> RouteMatch:
     for i, host in enumerate(hosts):
         if host_name(host) != host or not host:
             raise ConfigError(f"{reader.path}.hosts[{i}]: expected a host name without a port, got {host!r}")
-        if not a_label(host):
+        label = a_label(host)
+        if not label:
             raise ConfigError(f"{reader.path}.hosts[{i}]: {host!r} has no ASCII (IDNA A-label) form clients could send")
+        if not _HOST.fullmatch(label):
+            raise ConfigError(f"{reader.path}.hosts[{i}]: {host!r} is not a host name (letters, digits, -, ., _)")
+    for i, method in enumerate(match.methods):
+        if not _METHOD.fullmatch(method):
+            raise ConfigError(f"{reader.path}.methods[{i}]: {method!r} is not an HTTP method (RFC 9110 token)")
     reader.done()
     return dataclasses.replace(match, hosts=hosts, methods=tuple(m.upper() for m in match.methods))
+
+
+# What a request can carry: a policy naming anything else covers no request, and its requests fall to the next policy.
+_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 section 5.6.2 token
+_HOST = re.compile(r"[a-z0-9._-]+|\[[0-9a-f:.]+\]")  # a DNS name (its A-label) or an IP literal, lower-cased
 
 
 def parse_policy(reader: Reader, index: int) -> PolicySettings:
