@@ -58,6 +58,7 @@ from verifier.config.state import StateConfig, parse_state_config
 from verifier.config.tracing import TracingConfig, parse_tracing_config
 from verifier.config.upstream import UpstreamConfig, parse_upstream_config
 from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
+from verifier.policy.rules import check_reached
 
 T = TypeVar("T")
 
@@ -564,6 +565,7 @@ def _parse_settings(data: Any) -> Settings:
     if settings.revocation is not None:  # transmitters speak for configured issuers only
         check_transmitter_scopes(settings.revocation, (i.issuer for i in issuers))
     check_trusted_issuers(settings.policies or (), tuple(i.issuer for i in issuers))
+    check_reached(settings.policies or ())
     _check_opaque_introspection(issuers, settings.policies)
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")

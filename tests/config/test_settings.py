@@ -359,6 +359,39 @@ def test_a_policy_naming_a_method_or_host_no_request_carries_is_refused(
         parse_settings(document)
 
 
+_ADMIN = {"match": {"path_prefix": "/admin"}, "require": {"roles_any": ["admin"]}}
+
+
+@pytest.mark.parametrize(
+    "first",
+    [{"path_prefix": "/"}, {}, {"path_prefix": "/adm"}, {"path_prefix": "/./adm"}, {"path_prefix": "/%61dmin"}],
+)
+def test_a_policy_an_earlier_one_covers_entirely_is_refused(first: dict[str, object]) -> None:
+    """First match wins: an `/admin` policy below a catch-all never applied, and its requests got the catch-all's
+    requirements (any valid token) while the file read as if they needed the admin role."""
+    document = _example()
+    document["policies"] = [{"name": "rest", "match": first}, _ADMIN]
+    with pytest.raises(ConfigError, match=r"policies\[1\] \(policy-1\): never applies, policies\[0\] \(rest\)"):
+        parse_settings(document)
+
+
+@pytest.mark.parametrize(
+    ("first", "later"),
+    [({"path_prefix": "/admin"}, {"path_prefix": "/"}),
+     ({"path_prefix": "/", "methods": ["POST"]}, {"path_prefix": "/admin"}),
+     ({"path_prefix": "/", "hosts": ["a.test"]}, {"path_prefix": "/admin"}),
+     ({"path_prefix": "/admin/"}, {"path": "/admin"}),  # /admin itself is not under /admin/
+     ({"path": "/admin"}, {"path_prefix": "/admin"}),
+     ({"path_prefix": "/admin", "methods": ["GET"]}, {"path_prefix": "/admin/x", "methods": ["GET", "POST"]})],
+)
+def test_policies_in_the_right_order_or_overlapping_in_part_are_taken(
+    first: dict[str, object], later: dict[str, object]
+) -> None:
+    document = _example()
+    document["policies"] = [{"match": first}, {"match": later}]
+    parse_settings(document)
+
+
 def test_a_policy_host_without_an_ascii_form_is_refused() -> None:
     """An internationalized name is matched as clients send it (its A-label): without one it meets no request."""
     document = _example()

@@ -15,7 +15,8 @@ import re
 import urllib.parse
 from collections.abc import Sequence
 
-from verifier.config.policy import PolicySettings, Requirements
+from verifier.config.base import ConfigError
+from verifier.config.policy import PolicySettings, Requirements, RouteMatch
 from verifier.config.resource import ProtectedResourceConfig
 from verifier.config.upstream import RouteUpstream
 from verifier.errors import Forbidden, InsufficientUserAuthentication, Scheme, SenderConstraintFailed
@@ -245,6 +246,52 @@ class PolicySet:
             if policy.matches(method, host, path):
                 return policy
         return None
+
+
+def _paths(match: RouteMatch) -> tuple[str, bool]:
+    """What a match covers of the path, normalized as `verifier.policy.rules` compares it: (the path, exact?)."""
+    if match.path:
+        return normalize_path(match.path), True
+    return (normalize_path(match.path_prefix) if match.path_prefix else ""), False
+
+
+def _covers(first: RouteMatch, later: RouteMatch) -> bool:
+    """Whether every request `later` covers is covered by `first` (so `later`, after it, is never reached). Only
+    the plain cases: a pair it cannot tell is taken as not covered."""
+    methods, later_methods = set(first.methods), set(later.methods)
+    if "GET" in methods:
+        methods.add("HEAD")  # `_methods`: GET's include HEAD
+    if "GET" in later_methods:
+        later_methods.add("HEAD")
+    if methods and not (later_methods and later_methods <= methods):
+        return False
+    hosts, later_hosts = {a_label(h) for h in first.hosts}, {a_label(h) for h in later.hosts}
+    if hosts and not (later_hosts and later_hosts <= hosts):
+        return False
+    if first.path and first.path_prefix:
+        return False
+    path, exact = _paths(first)
+    later_path, later_exact = _paths(later)
+    if later.path and later.path_prefix:
+        later_exact = True  # the exact path, when it also has the prefix
+    if exact:
+        return later_exact and later_path == path
+    if later_exact:  # an exact path also covers itself give or take a trailing slash (`_but_a_trailing_slash`)
+        return all(v.startswith(path) for v in (later_path, later_path.rstrip("/"), later_path.rstrip("/") + "/") if v)
+    return later_path.startswith(path)
+
+
+def check_reached(policies: tuple[PolicySettings, ...]) -> None:
+    """Every policy is reached: one after another that covers every request it covers (first match wins) would never
+    apply, and the requests it was written for would get the earlier, maybe laxer, policy (an `/admin` policy below a
+    catch-all `/`)."""
+    for j, later in enumerate(policies):
+        for i, first in enumerate(policies[:j]):
+            if _covers(first.match, later.match):
+                raise ConfigError(
+                    f"policies[{j}] ({later.name}): never applies, policies[{i}] ({first.name}) covers every "
+                    "request it covers (first match wins): put the narrower policy first"
+                )
 
 
 def auth_time_left(principal: Principal, require: Requirements, now: float) -> float | None:
