@@ -68,29 +68,47 @@ def shared_roles(roles: frozenset[str]) -> frozenset[str]:
 
 
 def scopes_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
-    """Scopes from `scope` (space-separated string) or `scp` (list; Okta, Entra)."""
+    """Scopes from `scope` (space-separated string) or `scp` (list; Okta, Entra).
+
+    Only scopes the upstream reads as they are judged: one with a control character (which the identity header
+    loses: `ad<TAB>min` would be `admin` there) or other white space (NBSP: Python's `str.split` splits on it) is
+    left out, as is a `scp` item with a space (one scope here, two in `X-Authenticated-Scope`)."""
     scope = claims.get("scope")
     if isinstance(scope, str):
         held = _SCOPES.get(scope)  # one tuple per distinct `scope` string (its strings with it), bounded
         if held is None:
-            held = tuple(filter(None, scope.split(" ")))  # the empty strings between repeated spaces dropped
+            held = _split(scope)
             if len(_SCOPES) < MAX_SHARED:
                 _SCOPES[scope] = held
         return held
     scp = claims.get("scp")
     if isinstance(scp, list):
-        return tuple(s for s in scp if isinstance(s, str) and s)
+        return tuple(s for s in scp if isinstance(s, str) and s and s.isprintable() and " " not in s)
     if isinstance(scp, str):
-        return tuple(filter(None, scp.split(" ")))
+        return _split(scp)
     return ()
 
 
+def _split(scope: str) -> tuple[str, ...]:
+    """RFC 6749 section 3.3: scope-tokens separated by spaces (the empty strings between repeated spaces dropped)."""
+    if scope.isprintable():  # the common case: no control character or other white space in any of them
+        return tuple(filter(None, scope.split(" ")))
+    return tuple(s for s in scope.split(" ") if s and s.isprintable())
+
+
 def roles_of(claims: Mapping[str, Any]) -> frozenset[str]:
-    """A `roles` claim that is a list of strings counts as roles as it stands."""
+    """A `roles` claim that is a list of strings counts as roles as it stands: the roles the upstream reads as they
+    are judged. `X-Authenticated-Roles` joins them with commas, so a role with a comma in it (`viewer,admin`: admin
+    there), a control character the header loses (`ad<NUL>min`) or a space at either end an upstream trims is left
+    out."""
     roles = claims.get("roles")
     if isinstance(roles, list):
-        return shared_roles(frozenset(r for r in roles if isinstance(r, str) and r))
+        return shared_roles(frozenset(r for r in roles if isinstance(r, str) and r and _conveyed_role(r)))
     return NO_ROLES
+
+
+def _conveyed_role(role: str) -> bool:
+    return role.isprintable() and "," not in role and role[0] != " " and role[-1] != " "
 
 
 def confirmation(principal: Principal) -> Mapping[str, Any]:

@@ -370,6 +370,32 @@ def test_the_verifiers_roles_reach_the_upstream(edge: Edge, upstream: EchoUpstre
     assert seen.headers["x-authenticated-roles"] == "admin"
 
 
+@pytest.mark.parametrize(
+    ("claims", "header"),
+    [({"roles": ["viewer,admin"]}, "x-authenticated-roles"),
+     ({"roles": ["ad\u0000min"]}, "x-authenticated-roles"),
+     ({"roles": ["viewer", " admin"]}, "x-authenticated-roles"),
+     ({"scope": "read ad\tmin"}, "x-authenticated-scope"),
+     ({"scope": "read\u00a0admin"}, "x-authenticated-scope"),
+     ({"scope": None, "scp": ["read admin"]}, "x-authenticated-scope")],
+    ids=["comma-in-role", "nul-in-role", "space-before-role", "tab-in-scope", "nbsp-in-scope", "space-in-scp-item"],
+)
+def test_a_role_or_scope_the_upstream_reads_as_another_never_reaches_it(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], claims: dict[str, object], header: str
+) -> None:
+    """The policy judged `viewer,admin` as one role the token has (not admin); the upstream split the comma-joined
+    X-Authenticated-Roles and read admin. The same for a control character the header lost (`ad<NUL>min`), a space
+    an upstream trims, and scopes an upstream splits on any white space (Python's str.split: tab, NBSP)."""
+    r = http_request(f"{edge.url}/orders", headers=bearer(tokens(**claims)))
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    value = seen.headers.get(header, "")
+    as_latin1 = value.encode("utf-8").decode("latin-1")  # as WSGI (PEP 3333) hands a header to the application
+    items = {item.strip() for item in value.split(",")} | set(value.split()) | set(as_latin1.split())
+    assert "admin" not in items, (edge.name, value)
+
+
 # ------------------------------------------------------------------------------------------------ the host
 
 

@@ -31,6 +31,7 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
     test_a_protected_path_with_backslashes_is_not_judged_as_the_public_one,
     test_a_public_path_with_a_fragment_does_not_open_a_protected_one,
     test_a_public_path_with_dot_segments_does_not_open_a_protected_one,
+    test_a_role_or_scope_the_upstream_reads_as_another_never_reaches_it,
     test_a_write_token_may_post,
     test_an_absolute_form_target_gets_the_policy_of_the_host_it_names,
     test_an_absolute_form_target_naming_a_laxer_host_does_not_open_the_host_headers_one,

@@ -9,7 +9,7 @@ from verifier.doors.refusals import refuse
 from verifier.errors import Forbidden, SenderConstraintFailed
 from verifier.policy.roles import RoleMapper
 from verifier.policy.rules import AMBIGUOUS, PolicySet, StepUpRequired, evaluate, normalize_path
-from verifier.principal import Principal
+from verifier.principal import Principal, roles_of, scopes_of
 from verifier.request import RequestAttributes, host_name, normalize_host
 from verifier.settings import PolicySettings, Requirements, RoleRule, RouteMatch
 
@@ -293,3 +293,22 @@ def test_route_memo_is_bounded_against_distinct_paths() -> None:
     assert len(policies._memo) <= rules.MAX_ROUTE_MEMO
     admin = policies.match(_attrs("DELETE", "/admin/x"))
     assert admin is not None and admin.name == "admin"
+
+
+@pytest.mark.parametrize(
+    ("claims", "scopes"),
+    [({"scope": "read  write"}, ("read", "write")), ({"scope": "read ad\tmin"}, ("read",)),
+     ({"scope": "read\u00a0admin write"}, ("write",)), ({"scp": ["read", "read admin", "", 7]}, ("read",)),
+     ({"scp": "read ad\x00min"}, ("read",)), ({"scope": ["admin"]}, ())],
+)
+def test_scopes_the_upstream_would_read_otherwise_are_left_out(
+    claims: dict[str, object], scopes: tuple[str, ...]
+) -> None:
+    """X-Authenticated-Scope joins scopes with spaces and loses control characters: `ad<TAB>min` would be `admin`."""
+    assert scopes_of(claims) == scopes
+
+
+def test_roles_the_upstream_would_read_otherwise_are_left_out() -> None:
+    """X-Authenticated-Roles joins roles with commas: `viewer,admin` would be admin there."""
+    claims = {"roles": ["viewer,admin", "ad\x00min", " admin", "admin ", "ops", "Équipe", "", 3]}
+    assert roles_of(claims) == {"ops", "Équipe"}
