@@ -222,21 +222,11 @@ async def test_rate_limit_is_exact_at_the_boundary_with_headers() -> None:
 
 
 async def test_step_up_route_asks_for_a_webauthn_assertion_every_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import os
-
-    from verifier.webauthn import WebAuthnConfig
-
     policies = (
         PolicySettings(name="pay", match=RouteMatch(path_prefix="/pay"), require=Requirements(step_up="webauthn")),
         PolicySettings(name="rest", match=RouteMatch(path_prefix="/"), require=Requirements()),
     )
-    config = WebAuthnConfig(
-        rp_id="localhost",
-        rp_name="t",
-        origins=("http://localhost:1",),
-        secret=os.urandom(32),
-        sqlite_path=str(tmp_path / "w.sqlite3"),
-    )
+    config = _webauthn_config(tmp_path)
     async with running_verifier({"policies": policies, "webauthn": config}) as (app, idp):
         token = idp.mint(sub="payer")
         assert _parse(await http_exchange(app.ports.http, _request("/account", token=token)))[0] == 200
@@ -276,19 +266,11 @@ async def test_a_dpop_proof_for_another_url_does_not_pass_our_own_endpoints_by_t
     whoever held a DPoP-bound token and one unused proof made for any other request (a proof the client sent to
     another resource server, RFC 9449 section 11.1) called the registry as the user by declaring that request. The
     method and path an endpoint judges are those of the request made to it (as its step-up binding already is)."""
-    import os
 
-    from verifier.webauthn import WebAuthnConfig
 
     key = ec.generate_private_key(ec.SECP256R1())
     jkt = thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())))
-    config = WebAuthnConfig(
-        rp_id="localhost",
-        rp_name="t",
-        origins=("http://localhost:1",),
-        secret=os.urandom(32),
-        sqlite_path=str(tmp_path / "w.sqlite3"),
-    )
+    config = _webauthn_config(tmp_path)
     async with running_verifier({"webauthn": config}) as (app, idp):
         token = idp.mint(sub="alice", claims={"cnf": {"jkt": jkt}})
 
@@ -320,17 +302,8 @@ async def test_a_certificate_bound_token_does_not_pass_our_own_endpoints_on_a_th
     publishes our WebAuthn registry through a gateway (the shipped configs do not route it; Kong's plugin forwards
     no thumbprint to an upstream), so there the header is the caller's own. With a stolen certificate-bound token
     and the thumbprint (it is in the token), an attacker without the certificate began enrolling a key as the user."""
-    import os
 
-    from verifier.webauthn import WebAuthnConfig
-
-    config = WebAuthnConfig(
-        rp_id="localhost",
-        rp_name="t",
-        origins=("http://localhost:1",),
-        secret=os.urandom(32),
-        sqlite_path=str(tmp_path / "w.sqlite3"),
-    )
+    config = _webauthn_config(tmp_path)
     options = {"webauthn": config, "mtls_thumbprint_header": "x-client-cert-thumbprint"}
     async with running_verifier(options) as (app, idp):
         bound = b64url(hashlib.sha256(b"the victim's certificate").digest())
@@ -341,3 +314,18 @@ async def test_a_certificate_bound_token_does_not_pass_our_own_endpoints_on_a_th
         ).encode()
         status, headers, body = _parse(await http_exchange(app.ports.http, request))
         assert (status, headers.get("x-verifier-reason")) == (401, "sender_constraint_failed"), (status, body)
+
+
+def _webauthn_config(tmp_path):  # type: ignore[no-untyped-def]
+    """WebAuthn on `localhost` with its credentials in `tmp_path`."""
+    import os
+
+    from verifier.webauthn import WebAuthnConfig
+
+    return WebAuthnConfig(
+        rp_id="localhost",
+        rp_name="t",
+        origins=("http://localhost:1",),
+        secret=os.urandom(32),
+        sqlite_path=str(tmp_path / "w.sqlite3"),
+    )
