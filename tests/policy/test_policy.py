@@ -266,6 +266,22 @@ def test_role_mapping_from_groups_scope_and_subjects_adds_to_a_roles_claim() -> 
     assert mapper.roles({"groups": [1, None]}, "bob", (), frozenset()) == frozenset()
 
 
+def test_a_single_valued_claim_is_one_value_and_only_scope_lists_are_split() -> None:
+    """A string claim was split on spaces: a user-editable single-valued attribute mapped by a rule
+    (`"Not platform-admins"`, a profile field, a Keycloak user attribute) held the word and granted the role.
+    `scope` and `scp` are space-separated lists by definition (RFC 6749 section 3.3; Entra's `scp`)."""
+    mapper = RoleMapper((
+        RoleRule(role="admin", claim="groups", values=("platform-admins",)),
+        RoleRule(role="mail-admin", claim="scp", values=("Mail.Admin",)),
+        RoleRule(role="writer", claim="scope", values=("docs:write",)),
+    ))
+    assert mapper.roles({"groups": "Not platform-admins"}, "eve", (), frozenset()) == frozenset()
+    assert mapper.roles({"groups": "platform-admins x"}, "eve", (), frozenset()) == frozenset()
+    assert mapper.roles({"groups": "platform-admins"}, "bob", (), frozenset()) == {"admin"}
+    assert mapper.roles({"scp": "User.Read Mail.Admin"}, "bob", (), frozenset()) == {"mail-admin"}
+    assert mapper.roles({"scope": "openid docs:write"}, "bob", (), frozenset()) == {"writer"}
+
+
 @pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)
 def test_a_hostile_auth_time_asks_for_a_fresh_authentication(value: object) -> None:
     """#18 F11: NaN or +inf passed `max_auth_age_seconds`; 10**400 overflowed."""

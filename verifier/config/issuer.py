@@ -59,7 +59,9 @@ class RoleRule:
     """Grants `role` when a claim contains one of `values`, a scope is held, or the subject is listed."""
 
     role: str = setting(doc="the logical role granted")
-    claim: str = setting("", doc='a string or list-of-strings claim, e.g. "groups" (with values)')
+    claim: str = setting(
+        "", doc='a list-of-strings or string claim, e.g. "groups"; a string is one value (scope, scp: split)'
+    )
     values: tuple[str, ...] = setting((), doc="the claim must contain one of these")
     scope: str = setting("", doc="or: this scope is held")
     subjects: tuple[str, ...] = setting((), doc="or: the subject is one of these")

@@ -8,6 +8,11 @@ from typing import Any
 from verifier.principal import Principal, shared_roles
 from verifier.settings import RoleRule
 
+# Claims whose string form is a space-separated list (RFC 6749 section 3.3's `scope`; Entra's `scp`). Any other
+# string claim is one value: split, a single-valued attribute a user may edit (`"Not platform-admins"`, a Keycloak
+# user attribute, a profile field) would hold the word `platform-admins` and grant its role.
+SPACE_SEPARATED_CLAIMS = frozenset({"scope", "scp"})
+
 
 class RoleMapper:
     """Applies an issuer's role rules to a token's claims."""
@@ -25,7 +30,10 @@ class RoleMapper:
         for role, claim, values, scope, subjects in self._rules:
             if claim:
                 value = claims.get(claim)
-                items = value.split(" ") if isinstance(value, str) else value if isinstance(value, list) else ()
+                if isinstance(value, str):
+                    items: Any = value.split(" ") if claim in SPACE_SEPARATED_CLAIMS else (value,)
+                else:
+                    items = value if isinstance(value, list) else ()
                 if any(isinstance(v, str) and v in values for v in items):
                     granted.add(role)
                     continue
