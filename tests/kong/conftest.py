@@ -122,7 +122,8 @@ class StandinVerifier:
     `upstream.consumer` sends them), both (names alice both ways), twice (X-Kong-Consumer-Username twice),
     client-username=NAME (allow with an empty user id, naming consumer NAME),
     cached (allow with Cache-Control: private, max-age=30), chunked (allow, chunked body),
-    slow (answers after `slow_seconds`), ratelimited (429 with Retry-After and RateLimit headers),
+    slow (answers after `slow_seconds`), slow-cached (answers after `slow_seconds` with Cache-Control: private,
+    max-age=`slow_max_age`), ratelimited (429 with Retry-After and RateLimit headers),
     nonce (allow with a DPoP-Nonce for the client), nonce-cached (allow with a new DPoP-Nonce each time and
     Cache-Control: private, max-age=30), http10 (HTTP/1.0 allow, body delimited by close),
     deny-cached (403 with Cache-Control: private, max-age=30), client (allow with an empty user id),
@@ -135,6 +136,7 @@ class StandinVerifier:
         self.closed = 0  # connections this side has closed (its idle timeout, or the client's close)
         self.requests: list[dict[str, Any]] = []
         self.slow_seconds = 2.0
+        self.slow_max_age = 2
         self.nonces = itertools.count()
         self._lock = threading.Lock()
         verifier = self
@@ -231,6 +233,9 @@ class StandinVerifier:
             time.sleep(self.slow_seconds)
             with contextlib.suppress(OSError):
                 self._send(h, 200, identity, "")
+        elif token == "slow-cached":
+            time.sleep(self.slow_seconds)
+            self._send(h, 200, [*identity, ("Cache-Control", f"private, max-age={self.slow_max_age}")], "")
         elif token == "chunked":
             h.send_response(200)
             for k, v in identity:

@@ -438,6 +438,24 @@ def test_answers_marked_reusable_are_reused(start_nginx, echo_upstream, standin_
     assert stats["stores"] == 2
 
 
+def test_a_slow_answers_max_age_counts_from_when_it_was_asked_not_from_when_it_came(
+    start_nginx, echo_upstream, standin_verifier
+):
+    # RFC 9111 section 4.2.3: the time an answer spent on its way is part of its age. The verifier gives the max-age
+    # its token has left when it decides; counted from the answer's arrival instead, a slow answer was reused past
+    # that, up to the whole wait (a token's `exp`, a route's max_auth_age) for an allow the verifier now refuses.
+    standin_verifier.slow_seconds, standin_verifier.slow_max_age = 2.5, 2
+    base = start_nginx({"url": standin_verifier.url, "timeout": 5000}, echo_upstream)
+
+    asked_at = time.monotonic()
+    assert call(base, "/a", headers={"Authorization": "Bearer slow-cached"})[0] == 200
+    # 0.8 s past max-age since it was asked (room for a stalled runner), 1.7 s before max-age since it came
+    time.sleep(max(0.0, asked_at + standin_verifier.slow_max_age + 0.8 - time.monotonic()))
+    assert call(base, "/a", headers={"Authorization": "Bearer slow-cached"})[0] == 200
+
+    assert len(standin_verifier.requests) == 2  # past max-age since it was asked: asked again, never reused
+
+
 def test_no_store_answers_are_not_reused(start_nginx, echo_upstream, standin_verifier):
     base = start_nginx({"url": standin_verifier.url}, echo_upstream)
 

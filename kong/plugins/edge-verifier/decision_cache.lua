@@ -178,10 +178,12 @@ function _M.get(lru, key)
 end
 
 
---- Keeps `value` under `key` for `ttl` seconds, evicting the least recently
---- used answers while the entry or byte bound would be passed. A key larger
---- than the whole byte bound is not kept.
-function _M.set(lru, key, value, ttl)
+--- Keeps `value` under `key` for `ttl` seconds from `asked_at` (ngx.now()
+--- when the verifier was asked: the time an answer spends on its way is part
+--- of its age, RFC 9111 section 4.2.3), evicting the least recently used
+--- answers while the entry or byte bound would be passed. A key larger than
+--- the whole byte bound is not kept.
+function _M.set(lru, key, value, ttl, asked_at)
   local size = #key + _M.ENTRY_OVERHEAD
   if size > lru.max_bytes then
     return
@@ -195,7 +197,7 @@ function _M.set(lru, key, value, ttl)
   while lru.count >= lru.max_entries or lru.bytes + size > lru.max_bytes do
     drop(lru, head.prev)
   end
-  local node = { key = key, value = value, expires = now() + ttl, size = size }
+  local node = { key = key, value = value, expires = (asked_at or now()) + ttl, size = size }
   link_first(head, node)
   map[key] = node
   lru.count = lru.count + 1

@@ -555,6 +555,9 @@ function EdgeVerifierHandler:access(conf)
   end
 
   if not decision then
+    -- the verifier's max-age counts from here, not from its answer's arrival:
+    -- never reused past what it meant (a token's exp), however slow it was
+    local asked_at = ngx.now()
     local method, _, port, uri = request_line()
     local res, err = http1.request(target, "GET",
                                    build_request(headers, method, scheme, host, port, uri, thumbprint),
@@ -575,7 +578,7 @@ function EdgeVerifierHandler:access(conf)
     if cache and not decision.per_request then
       local ttl = decision_cache.ttl(res.headers["cache-control"])
       if ttl then
-        decision_cache.set(cache, key, decision, ttl)
+        decision_cache.set(cache, key, decision, ttl, asked_at)
       end
     end
   end
