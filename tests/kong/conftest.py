@@ -114,6 +114,9 @@ def echo_upstream() -> Iterator[int]:
 DENY_BODY = json.dumps({"error": "invalid_token", "error_description": "the token is not valid"})
 
 
+BIG_CLAIM_BYTES = 4096  # the `big-cached` answer's claim: a mapped header may be up to 4 KiB
+
+
 class StandinVerifier:
     """A forward-auth stand-in: allows `Bearer good`, answers 401 otherwise; fault injection by token.
 
@@ -123,7 +126,8 @@ class StandinVerifier:
     client-username=NAME (allow with an empty user id, naming consumer NAME),
     cached (allow with Cache-Control: private, max-age=30), chunked (allow, chunked body),
     slow (answers after `slow_seconds`), slow-cached (answers after `slow_seconds` with Cache-Control: private,
-    max-age=`slow_max_age`), ratelimited (429 with Retry-After and RateLimit headers),
+    max-age=`slow_max_age`), big-cached (allow with a 4 KiB X-Authenticated-Email, its own for each request target,
+    and Cache-Control: private, max-age=30), ratelimited (429 with Retry-After and RateLimit headers),
     nonce (allow with a DPoP-Nonce for the client), nonce-cached (allow with a new DPoP-Nonce each time and
     Cache-Control: private, max-age=30), http10 (HTTP/1.0 allow, body delimited by close),
     deny-cached (403 with Cache-Control: private, max-age=30), client (allow with an empty user id),
@@ -236,6 +240,9 @@ class StandinVerifier:
         elif token == "slow-cached":
             time.sleep(self.slow_seconds)
             self._send(h, 200, [*identity, ("Cache-Control", f"private, max-age={self.slow_max_age}")], "")
+        elif token == "big-cached":  # a large claim of the caller's own (a token each): kilobytes per answer
+            email = ("X-Authenticated-Email", "a" * BIG_CLAIM_BYTES + h.headers.get("X-Forwarded-Uri", ""))
+            self._send(h, 200, [*identity, email, ("Cache-Control", "private, max-age=30")], "")
         elif token == "chunked":
             h.send_response(200)
             for k, v in identity:

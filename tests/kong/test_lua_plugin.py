@@ -35,6 +35,7 @@ from verifier.binding.dpop import thumbprint
 pytestmark = pytest.mark.integration
 
 Headers = list[tuple[str, str]]
+BIG_CLAIM_BYTES = 4096  # the stand-in verifier's `big-cached` claim (tests/kong/conftest.py)
 
 
 def call(
@@ -456,6 +457,22 @@ def test_a_slow_answers_max_age_counts_from_when_it_was_asked_not_from_when_it_c
     assert len(standin_verifier.requests) == 2  # past max-age since it was asked: asked again, never reused
 
 
+def test_the_cache_bound_in_bytes_counts_the_answers_it_keeps_not_only_their_keys(
+    start_nginx, echo_upstream, standin_verifier
+):
+    # The bound is cache_entries x 2 KiB (BYTES_PER_ENTRY). An answer's identity headers can be kilobytes (a mapped
+    # claim up to 4 KiB, an identity assertion) and each caller's are its own: counted by their keys alone, a flood
+    # of valid tokens with large claims held cache_entries answers of any size per worker, past the bound.
+    entries = 10
+    base = start_nginx({"url": standin_verifier.url, "cache_entries": entries}, echo_upstream)
+
+    for i in range(entries):
+        assert call(base, f"/a{i}", headers={"Authorization": "Bearer big-cached"})[0] == 200
+
+    stats = shim_json(base, "cache")
+    assert stats["entries"] * BIG_CLAIM_BYTES <= stats["bytes"] <= entries * 2048, stats
+
+
 def test_no_store_answers_are_not_reused(start_nginx, echo_upstream, standin_verifier):
     base = start_nginx({"url": standin_verifier.url}, echo_upstream)
 
@@ -532,9 +549,18 @@ def test_cache_keys_are_the_request_parts_length_prefixed(start_nginx, echo_upst
     keys = [[*parts, "/a", "", "Bearer cached"], [*parts, "/b?q=1", "q=1", "Bearer cached"]]
     expected = sum(len("".join(f"{len(p)}:{p}" for p in k) + "-") + ENTRY_OVERHEAD for k in keys)
     stats = shim_json(base, "cache")
-    assert stats["bytes"] == expected
     assert stats["hits"] == 1
     assert len(standin_verifier.requests) == 2
+    # each entry also counts its answer's bytes (its header names and values, its body): the stand-in's, asked directly
+    u = urllib.parse.urlsplit(standin_verifier.url)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=10)
+    try:
+        conn.request("GET", u.path, headers={"Authorization": "Bearer cached"})
+        r = conn.getresponse()
+        answer = sum(len(k) + len(v) for k, v in r.getheaders()) + len(r.read())
+    finally:
+        conn.close()
+    assert stats["bytes"] == expected + 2 * answer
 
 
 def test_a_kept_answer_is_never_reused_for_another_credential(start_nginx, echo_upstream, standin_verifier):

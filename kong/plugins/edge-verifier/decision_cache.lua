@@ -10,7 +10,8 @@
 -- and no collision to argue about. So the credentials of the answers kept are
 -- in the worker's memory for as long as those answers (as in Kong's own
 -- key-auth and oauth2 entity caches); the cache is bounded by entries and by
--- bytes (a token can be kilobytes): least recently used answers go first.
+-- bytes, its keys' and its answers' (a token can be kilobytes, and so can an
+-- answer's identity headers): least recently used answers go first.
 
 local concat = table.concat
 local lower = string.lower
@@ -26,12 +27,13 @@ local _M = {}
 -- within this long even if the verifier granted a longer max-age.
 _M.MAX_TTL = 300
 
--- Bytes an answer may use on average (its key plus ENTRY_OVERHEAD): the byte
--- bound of a configuration's cache is cache_entries times this, so a flood of
--- kilobyte tokens holds fewer answers, not more memory.
+-- Bytes an answer may use on average (its key, its headers and body, plus
+-- ENTRY_OVERHEAD): the byte bound of a configuration's cache is cache_entries
+-- times this, so a flood of kilobyte tokens or answers holds fewer answers,
+-- not more memory.
 _M.BYTES_PER_ENTRY = 2048
--- what an entry costs besides its key: the node, the map slot, the answer's
--- share (its tables are built once per verifier answer)
+-- what an entry costs besides its key and its answer's strings: the node, the
+-- map slot, the answer's tables (built once per verifier answer)
 _M.ENTRY_OVERHEAD = 256
 
 -- one cache per plugin configuration; a new configuration starts empty
@@ -178,13 +180,14 @@ function _M.get(lru, key)
 end
 
 
---- Keeps `value` under `key` for `ttl` seconds from `asked_at` (ngx.now()
+--- Keeps `value` (its bytes in `value.size`, its headers' and body's) under
+--- `key` for `ttl` seconds from `asked_at` (ngx.now()
 --- when the verifier was asked: the time an answer spends on its way is part
 --- of its age, RFC 9111 section 4.2.3), evicting the least recently used
---- answers while the entry or byte bound would be passed. A key larger than
---- the whole byte bound is not kept.
+--- answers while the entry or byte bound would be passed. An answer larger
+--- than the whole byte bound is not kept.
 function _M.set(lru, key, value, ttl, asked_at)
-  local size = #key + _M.ENTRY_OVERHEAD
+  local size = #key + (value.size or 0) + _M.ENTRY_OVERHEAD
   if size > lru.max_bytes then
     return
   end

@@ -359,9 +359,11 @@ local function to_decision(res)
     local names, values, at, n = {}, {}, {}, 0
     local to_client = {}
     local list = res.header_list
+    local size = 0 -- the answer's bytes, counted against the cache's byte bound
     for i = 1, #list do
       local name, value = list[i][1], list[i][2]
       local lname = lower(name)
+      size = size + #name + #value
       if sub(lname, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX then
         local j = at[lname]
         if not j then
@@ -393,6 +395,7 @@ local function to_decision(res)
       consumer_field = consumer_field,
       consumer_value = consumer_value,
       consumer_err = consumer_err,
+      size = size,
     }
   end
 
@@ -400,9 +403,11 @@ local function to_decision(res)
   -- headers stay repeated.
   local headers, spelling, per_request = {}, {}, false
   local list = res.header_list
+  local size = #res.body
   for i = 1, #list do
     local name, value = list[i][1], list[i][2]
     local lname = lower(name)
+    size = size + #name + #value
     per_request = per_request or is_client_header(lname)
     if not NOT_RELAYED[lname] then
       local key = spelling[lname]
@@ -424,7 +429,8 @@ local function to_decision(res)
       end
     end
   end
-  return { allow = false, per_request = per_request, status = res.status, headers = headers, body = res.body }
+  return { allow = false, per_request = per_request, status = res.status, headers = headers, body = res.body,
+           size = size }
 end
 
 
