@@ -263,8 +263,10 @@ def _elements(value: str) -> list[str]:
 @pytest.mark.parametrize(
     ("claims", "header", "elements"),
     [
-        ({"roles": ["user,admin"]}, "x-authenticated-roles", ["user,admin"]),
-        ({"roles": [" admin", "user"]}, "x-authenticated-roles", [" admin", "user"]),
+        # A role holding a comma or edge white space is left out of the identity (`principal.roles_of`): the
+        # policy and the upstream could not read it alike; quoted or not, it never reaches the upstream.
+        ({"roles": ["user,admin"]}, "x-authenticated-roles", []),
+        ({"roles": [" admin", "user"]}, "x-authenticated-roles", ["user"]),
         ({"roles": ['"admin"']}, "x-authenticated-roles", ['"admin"']),
         ({"groups": ["eng, admins"]}, "x-authenticated-groups", ["eng, admins"]),
         ({"groups": ['"admins"', "ops"]}, "x-authenticated-groups", ['"admins"', "ops"]),
@@ -279,7 +281,7 @@ def test_a_role_or_group_never_reads_as_another_one_upstream(
     """A list element holding the separator, a quote or edge white space is sent as a quoted-string: an RFC 9110
     list reader gets the elements the verifier judged, and a reader splitting at commas never an `admin(s)`."""
     seen = _through(edge, upstream, "/orders/1", issuer.mint(**claims))
-    value = seen[header]
+    value = seen.get(header, "")
     assert _elements(value) == elements, (edge.name, value)
     naive = [item.strip() for item in value.split(",")]
     assert not {"admin", "admins"} & set(naive), (edge.name, value)
