@@ -32,6 +32,7 @@ Runs under `kong-python-pluginserver` in its default threaded mode (grpcio is th
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -339,6 +340,22 @@ def _joined(headers: Sequence[verifier_pb2.Header]) -> dict[str, str]:
     return out
 
 
+def _judged_host(host: str, sent: Any) -> str:
+    """The host the verifier is told: nginx's $host (kong.request.get_host: an absolute-form request line's
+    authority, else Host). Kong's router routes by the Host header instead, and preserve_host passes that header
+    upstream, so when the two name different hosts (`GET http://api.example.test/ HTTP/1.1` with
+    `Host: admin.example.test`) both are told, comma-joined, as the Lua plugin does: the verifier refuses a
+    request whose host readings fall under different policies."""
+    values = _values(sent) if sent is not None else []
+    if not values or values == [host]:
+        return host
+    # nginx refuses a second Host line; the header's host as $host spells it: lower case, no port, no final dot
+    name = ", ".join(values).lower()
+    name = re.sub(r"\]:\d*$", "]", name) if name.startswith("[") else re.sub(r":\d*$", "", name)
+    name = name.removesuffix(".")
+    return host if name == host else f"{host},{name}"
+
+
 def _client_cert_thumbprint(kong: Any, scheme: str) -> str:
     """`x5t#S256` of the certificate the client presented to Kong's own TLS listener, or ""."""
     if scheme != "https":
@@ -513,7 +530,7 @@ class Plugin:
 
     def _check_request(self, kong: Any, headers: Mapping[str, Any]) -> verifier_pb2.CheckRequest:
         scheme = str(_value(kong.request.get_scheme()))
-        host = str(_value(kong.request.get_host()))
+        host = _judged_host(str(_value(kong.request.get_host())), headers.get("host"))
         port = _value(kong.request.get_port())
         if port and int(port) != DEFAULT_PORTS.get(scheme):
             host = f"{host}:{int(port)}"

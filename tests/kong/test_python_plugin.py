@@ -375,6 +375,49 @@ def test_allow_sets_the_verified_identity_on_the_upstream_request(kong, verifier
     assert all(args[0].lower() != "authorization" for m, args in calls if m.startswith("kong.service.request."))
 
 
+ADMIN_HOST = "admin.example.test"
+HOST_POLICIES = [
+    {"name": "admin-host", "match": {"hosts": [ADMIN_HOST]}, "require": {"roles_any": ["admin"]}},
+    {"name": "rest", "match": {"path_prefix": "/"}, "require": {"authenticated": True}},
+]
+
+
+@pytest.fixture(scope="module")
+def host_policed_verifier(provider: OpenIDProvider, tmp_path_factory: pytest.TempPathFactory
+                          ) -> Iterator[GatewayProcess]:
+    """The real verifier with the admin host needing the `admin` role (the token has none)."""
+    v = start_verifier(tmp_path_factory.mktemp("verifier"), issuer=provider.issuer,
+                       extra_config={"policies": HOST_POLICIES})
+    yield v
+    v.stop()
+
+
+def test_an_absolute_form_target_naming_a_laxer_host_does_not_open_the_host_headers_one(
+    kong, host_policed_verifier, token
+):
+    """`GET http://api.example.test/orders` with `Host: admin.example.test`: kong.request.get_host is nginx's
+    $host (the request line's), while Kong's router routes by the Host header and preserve_host passes it
+    upstream. Judged for the API host alone, a token without the admin role reached the admin host."""
+    iid = start_instance(kong, grpc_target=grpc_target(host_policed_verifier))
+    request = KongRequest(host="api.example.test", path_with_query="/orders",
+                          headers={"Host": ADMIN_HOST, "Authorization": f"Bearer {token}"})
+
+    calls = kong.handle_event(iid, "access", request)
+
+    assert not named(calls, "kong.service.request.set_header")
+    (exit_args,) = named(calls, "kong.response.exit")
+    assert exit_args[0] in (400, 403), exit_args
+    # the same request with the admin host in the request line too is the admin host's (403), and one naming
+    # the API host both ways passes: the Host header is read only when it names another host
+    same = kong.handle_event(iid, "access", KongRequest(host=ADMIN_HOST, path_with_query="/orders", headers={
+        "Host": f"{ADMIN_HOST.upper()}.:8000", "Authorization": f"Bearer {token}"}))
+    assert [a[0] for a in named(same, "kong.response.exit")] == [403]
+    api = kong.handle_event(iid, "access", KongRequest(host="api.example.test", path_with_query="/orders",
+                                                       headers={"Host": "api.example.test:8000",
+                                                                "Authorization": f"Bearer {token}"}))
+    assert not named(api, "kong.response.exit") and named(api, "kong.service.request.set_header")
+
+
 def established_to(port: int) -> int:
     """ESTABLISHED TCP connections (this network namespace) accepted on local `port`."""
     count = 0
