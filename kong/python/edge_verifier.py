@@ -425,7 +425,18 @@ class Plugin:
         self.backoff = Backoff(initial / 1000.0, ceiling / 1000.0)
 
     def access(self, kong: Any) -> None:
-        """Ask the verifier about this request; pass it with identity, or answer for the verifier."""
+        """Ask the verifier about this request; pass it with identity, or answer for the verifier.
+
+        Any failure is answered (500), never left to Kong: a handler that raises ends its thread without a word
+        to the plugin server, whose step then waits forever, and Kong, its RPC read timed out, logs the error
+        and proxies the request as if the plugin had passed it."""
+        try:
+            self._access(kong)
+        except Exception as exc:  # a PDK call's error (Kong's datastore down, say) or a bug: fail closed
+            kong.log.err(f"edge-verifier failed: {type(exc).__name__}: {exc}")
+            kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE)
+
+    def _access(self, kong: Any) -> None:
         headers = _value(kong.request.get_headers(MAX_REQUEST_HEADERS)) or {}
         if sum(len(_values(v)) for v in headers.values()) >= MAX_REQUEST_HEADERS:
             kong.response.exit(TOO_MANY_HEADERS_STATUS, {"message": "Too many request headers"})

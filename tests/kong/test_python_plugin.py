@@ -107,6 +107,7 @@ class KongRequest:
     client_cert_pem: str = ""  # what nginx's $ssl_client_raw_cert holds when Kong terminated mutual TLS
     consumers: list[dict[str, str]] = field(default_factory=list)  # Kong's datastore
     consumer: dict[str, str] | None = None  # authenticated by an earlier plugin (key-auth, say)
+    failing: dict[str, str] = field(default_factory=dict)  # PDK method -> the error Kong's call returns (nil, err)
 
     def load_consumer(self, name: str, by_username: bool) -> dict[str, str] | None:
         """kong.client.load_consumer: a UUID is tried as an id first, then (if asked) as a username."""
@@ -186,6 +187,9 @@ class KongRpc:
             calls.append((method, args))
             if method in TERMINAL:
                 break  # Kong's kong.response.exit ends the request; the event is not stepped again
+            if method in request.failing:  # mp_rpc.lua's get_step_method: a PDK error is stepped as StepError
+                step = self.call("plugin.StepError", {"EventId": event_id, "Data": request.failing[method]})
+                continue
             result = request.answer(method, args)
             step = self.call(STEP_FOR.get(method, "plugin.Step"), {"EventId": event_id, "Data": result})
         return calls
@@ -874,6 +878,23 @@ def test_the_named_consumer_is_authenticated_with_the_usual_upstream_headers(kon
         "x-consumer-groups": None,
         **NAMES_CLEARED,
     }
+
+
+def test_a_pdk_call_that_fails_under_the_plugin_answers_500_never_a_pass(kong, naming_verifier):
+    """Kong's datastore failing under kong.client.load_consumer (its `nil, err`): the PDK raises in the plugin.
+    Uncaught, the plugin's thread ended without a word to the plugin server, whose step then waited forever;
+    Kong's RPC read timed out, Kong logged it and proxied the request, unauthenticated as a consumer, with the
+    verifier's identity headers already set. An error is an answer (500), as Kong's own authenticators give."""
+    iid = start_instance(kong, grpc_target=naming_verifier)
+    request = consumer_request("username=alice", failing={"kong.client.load_consumer": "[postgres] timeout"})
+
+    started = time.monotonic()
+    calls = kong.handle_event(iid, "access", request)
+
+    assert time.monotonic() - started < RPC_TIMEOUT_S / 3
+    assert named(calls, "kong.response.error") == [[500, "An unexpected error occurred"]]
+    assert calls[-1][0] == "kong.response.error"
+    assert not named(calls, "kong.client.authenticate")
 
 
 def test_an_identity_without_a_user_id_authenticates_the_consumer_without_a_credential(kong, naming_verifier):
