@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -136,6 +137,7 @@ UNKNOWN_CONSUMER_MESSAGE = "The verified identity is not a known consumer"
 UNEXPECTED_STATUS = 500
 UNEXPECTED_MESSAGE = "An unexpected error occurred"
 TOO_MANY_HEADERS_STATUS = 400
+MALFORMED_STATUS = 400  # a header name, or a value the verifier would be told, is not UTF-8
 DEFAULT_PORTS = {"http": 80, "https": 443}
 UNAVAILABLE_STATUS = 503
 UNAVAILABLE_MESSAGE = "Authorization service unavailable"
@@ -306,6 +308,51 @@ class VerifierClient:
 # The plugin server imports this module once and has no other place to hold long-lived state.
 CLIENT = VerifierClient()
 
+# How the plugin server decodes a string Kong sent that is not UTF-8 (see `_read_what_kong_sends`).
+UNDECODABLE = "surrogateescape"
+
+
+class _LenientMsgpack:
+    """The msgpack module as kong_pdk's listener uses it, its `Unpacker` decoding bytes that are not UTF-8."""
+
+    lenient = True  # a module reloaded (another class object) does not wrap the wrapper again
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def Unpacker(self, *args: Any, **kwargs: Any) -> Any:  # msgpack's own name
+        """msgpack's Unpacker, strings that are not UTF-8 decoded with surrogate escapes."""
+        kwargs.setdefault("unicode_errors", UNDECODABLE)
+        return self._real.Unpacker(*args, **kwargs)
+
+
+def _read_what_kong_sends() -> None:
+    """Kong's lua-MessagePack packs every Lua string as a msgpack str, byte for byte, and kong_pdk's listener decodes
+    them as strict UTF-8: a request with a header value or target that is not UTF-8 (a Latin-1 User-Agent,
+    kong-python-pdk#146) raised in the listener before any plugin ran and closed Kong's connection, which Kong
+    logs and then proxies the request, unchecked and with the client's identity headers. Decoded with surrogate
+    escapes, it reaches `Plugin.access`, which refuses such a value when it would tell the verifier it."""
+    listener = sys.modules.get("kong_pdk.listener")  # None: loaded outside a plugin server (tests of the client)
+    if listener is not None and not getattr(listener.msgpack, "lenient", False):
+        listener.msgpack = _LenientMsgpack(listener.msgpack)
+
+
+_read_what_kong_sends()
+
+
+def _utf8(value: str, what: str) -> str:
+    """`value`, or `MalformedRequest` when Kong sent bytes that are not UTF-8 (surrogate escapes, `UNDECODABLE`):
+    a gRPC string cannot carry them, and the verifier must judge the bytes the upstream gets."""
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise MalformedRequest(f"{what} is not UTF-8") from None
+    return value
+
 
 def _value(result: Any) -> Any:
     """A PDK call's value under either plugin-server style: Lua-style `(data, err)` or plain data.
@@ -432,6 +479,8 @@ class Plugin:
         and proxies the request as if the plugin had passed it."""
         try:
             self._access(kong)
+        except MalformedRequest as exc:  # bytes that are not UTF-8 where they could not be cleared or told
+            kong.response.exit(MALFORMED_STATUS, {"message": str(exc)})
         except Exception as exc:  # a PDK call's error (Kong's datastore down, say) or a bug: fail closed
             kong.log.err(f"edge-verifier failed: {type(exc).__name__}: {exc}")
             kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE)
@@ -445,7 +494,8 @@ class Plugin:
         for name in headers:
             # `X_Authenticated_Roles` is X-Authenticated-Roles to CGI-style frameworks (WSGI, Rack, PHP), and
             # Kong's nginx has `underscores_in_headers on`: every spelling is cleared, as the one with dashes.
-            lname = name.lower()
+            # a name Kong could not be told back to clear (nginx drops such names unless ignore_invalid_headers is off)
+            lname = _utf8(name, "a header name").lower()
             dashed = lname.replace("_", "-")
             underscored_consumer = dashed != lname and dashed in CONSUMER_HEADERS  # never Kong's own spelling
             if dashed.startswith(CLEARED_PREFIXES) or dashed in clear or underscored_consumer:
@@ -540,8 +590,8 @@ class Plugin:
         return True
 
     def _check_request(self, kong: Any, headers: Mapping[str, Any]) -> verifier_pb2.CheckRequest:
-        scheme = str(_value(kong.request.get_scheme()))
-        host = _judged_host(str(_value(kong.request.get_host())), headers.get("host"))
+        scheme = _utf8(str(_value(kong.request.get_scheme())), "the scheme")
+        host = _utf8(_judged_host(str(_value(kong.request.get_host())), headers.get("host")), "the host")
         port = _value(kong.request.get_port())
         if port and int(port) != DEFAULT_PORTS.get(scheme):
             host = f"{host}:{int(port)}"
@@ -549,12 +599,12 @@ class Plugin:
         for name, v in headers.items():
             lname = name.lower()
             if lname in CREDENTIAL_HEADERS:
-                credentials[lname] = ", ".join(_values(v))
+                credentials[lname] = _utf8(", ".join(_values(v)), f"the {lname} header")
         return verifier_pb2.CheckRequest(
-            method=str(_value(kong.request.get_method())),
+            method=_utf8(str(_value(kong.request.get_method())), "the method"),
             scheme=scheme,
             host=host,
-            path=str(_value(kong.request.get_path_with_query())),
+            path=_utf8(str(_value(kong.request.get_path_with_query())), "the request target"),
             headers=credentials,
             client_address=str(_value(kong.client.get_ip()) or ""),
             client_cert_thumbprint=_client_cert_thumbprint(kong, scheme),
@@ -565,4 +615,5 @@ if __name__ == "__main__":
     # a dedicated plugin server for this one plugin: `python edge_verifier.py --help`
     from kong_pdk.cli import start_dedicated_server
 
+    _read_what_kong_sends()  # its listener is imported only now
     start_dedicated_server("edge_verifier", Plugin, version, priority, list(Schema))

@@ -164,7 +164,9 @@ class KongRpc:
     def call(self, method: str, *args: Any) -> Any:
         """Request [0, id, method, args] -> the result of response [1, id, error, result]."""
         self.msg_id += 1
-        self.sock.sendall(msgpack.packb([0, self.msg_id, method, list(args)]))
+        # A string with surrogate escapes stands for bytes that are not UTF-8: Kong's lua-MessagePack packs every Lua
+        # string, a header value or path with a Latin-1 byte included, as a msgpack str, byte for byte.
+        self.sock.sendall(msgpack.packb([0, self.msg_id, method, list(args)], unicode_errors="surrogateescape"))
         while True:
             for msg in self.unpacker:
                 kind, msg_id, error, result = msg
@@ -878,6 +880,45 @@ def test_the_named_consumer_is_authenticated_with_the_usual_upstream_headers(kon
         "x-consumer-groups": None,
         **NAMES_CLEARED,
     }
+
+
+def test_a_header_value_that_is_not_utf8_never_skips_the_check(kong, verifier, token):
+    """A Latin-1 byte in a header the plugin does not read (`User-Agent: 3V\\xe4xel`, kong-python-pdk#146): the
+    plugin server's msgpack decoding raised before any plugin ran and closed Kong's connection, which Kong logs
+    and proxies the request, unchecked and with the client's X-Authenticated-Userid. Now the plugin runs."""
+    iid = start_instance(kong, grpc_target=grpc_target(verifier))
+    request = KongRequest(headers={"Authorization": f"Bearer {token}", "User-Agent": "3V\udce4xel/1.5",
+                                   "X-Authenticated-Userid": "admin"})
+
+    calls = kong.handle_event(iid, "access", request)
+
+    assert not named(calls, "kong.response.exit") and not named(calls, "kong.response.error")
+    assert "x-authenticated-userid" in cleared(calls)
+    assert ["x-authenticated-userid", "app"] in named(calls, "kong.service.request.set_header")
+
+
+@pytest.mark.parametrize("where", ["authorization", "dpop", "host", "path", "name"])
+def test_a_value_the_verifier_is_told_that_is_not_utf8_is_refused(kong, recording_verifier, token, where):
+    """A value the plugin sends to the verifier (a credential, the Host header, the request target) that is not
+    UTF-8 cannot go in the Check's strings, nor a header name in the clear_header Kong must be told: refused as
+    malformed (400), never passed unchecked."""
+    servicer, target = recording_verifier
+    iid = start_instance(kong, grpc_target=target)
+    headers: dict[str, str | list[str]] = {"Authorization": f"Bearer {token}"}
+    path = "/api/items"
+    if where == "path":
+        path = "/caf\udce9"
+    elif where == "name":
+        headers["X-Authenticated-\udce4"] = "admin"
+    else:
+        headers[where] = "Bearer \udce4" if where == "authorization" else "api.example\udce4.test"
+    asked = len(servicer.requests)
+
+    calls = kong.handle_event(iid, "access", KongRequest(headers=headers, path_with_query=path))
+
+    assert [args[0] for args in named(calls, "kong.response.exit")] == [400]
+    assert not named(calls, "kong.service.request.set_header")
+    assert len(servicer.requests) == asked
 
 
 def test_a_pdk_call_that_fails_under_the_plugin_answers_500_never_a_pass(kong, naming_verifier):
