@@ -6,7 +6,8 @@ the plugin server's unix socket, on top of the gRPC call itself. See kong/python
 
 The plugin translates and decides nothing: `allowed` sets the verifier's `upstream_headers` on the
 upstream request (client-sent `X-Authenticated-*`, `X-Kong-Consumer-*`, `X-Consumer-Groups`, method overrides
-(`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`) and, when no Kong authenticator named a
+(`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`), request targets (`X-Original-*`, `X-Rewrite-URL`,
+`X-Forwarded-Uri`) and, when no Kong authenticator named a
 consumer, `X-Consumer-*` / `X-Credential-Identifier` / `X-Anonymous-Consumer` are cleared first, by name as
 well as every one seen, in any spelling with underscores) and authenticates the Kong consumer the verifier
 names (`X-Kong-Consumer-Username`, the verifier's `upstream.consumer`) as the Lua plugin does, through
@@ -131,6 +132,11 @@ CLEARED_PREFIXES = (IDENTITY_PREFIX, "x-kong-consumer-")
 # Method overrides an application framework may honour: the verifier judged the request's real method, so
 # the upstream must not be told another one (cleared by name, as the Lua plugin does).
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+# The request target in a header: applications behind IIS's ARR (X-Original-URL), Symfony and Zend Framework before
+# CVE-2018-14773's fixes (X-Original-URL, X-Rewrite-URL) route by it instead of the request line the verifier judged;
+# X-Forwarded-Uri is where Traefik-style applications look. Cleared in every spelling, as the Lua plugin does.
+TARGET_HEADERS = ("x-rewrite-url", "x-forwarded-uri")
+ORIGINAL_PREFIX = "x-original-"
 USERID_HEADER = "x-authenticated-userid"
 UNKNOWN_CONSUMER_STATUS = 403
 UNKNOWN_CONSUMER_MESSAGE = "The verified identity is not a known consumer"
@@ -498,7 +504,8 @@ class Plugin:
             lname = _utf8(name, "a header name").lower()
             dashed = lname.replace("_", "-")
             underscored_consumer = dashed != lname and dashed in CONSUMER_HEADERS  # never Kong's own spelling
-            if dashed.startswith(CLEARED_PREFIXES) or dashed in clear or underscored_consumer:
+            if (dashed.startswith((*CLEARED_PREFIXES, ORIGINAL_PREFIX)) or dashed in clear or dashed in TARGET_HEADERS
+                    or underscored_consumer):
                 clear[lname] = None
         earlier = _value(kong.client.get_consumer())
         if not earlier:

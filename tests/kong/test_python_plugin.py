@@ -683,6 +683,22 @@ def test_a_method_override_never_reaches_the_upstream(kong, recording_verifier, 
     assert override.lower() in cleared(calls)
 
 
+@pytest.mark.parametrize("spoof", ["X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Forwarded-Uri",
+                                   "X_Original_URL"])
+def test_a_client_named_request_target_never_reaches_the_upstream(kong, recording_verifier, spoof):
+    """The verifier judged the request line's target; an application that takes its path from one of these
+    headers instead (IIS behind ARR, Symfony and Zend Framework before CVE-2018-14773's fixes read X-Original-URL
+    and X-Rewrite-URL) must not be told /admin/secret by the client, as the Lua plugin ensures."""
+    _, target = recording_verifier
+    iid = start_instance(kong, grpc_target=target)
+    request = KongRequest(headers={"Authorization": "Bearer x", spoof: "/admin/secret"}, path_with_query="/health")
+
+    calls = kong.handle_event(iid, "access", request)
+
+    assert not named(calls, "kong.response.exit") and not named(calls, "kong.response.error")
+    assert spoof.lower() in cleared(calls)
+
+
 def test_more_request_headers_than_can_be_enumerated_are_refused(kong, recording_verifier):
     # G5: a spoofed identity header past the 1000th would not be seen to be cleared
     servicer, target = recording_verifier
