@@ -430,6 +430,33 @@ async def test_a_check_asked_with_head_is_answered_without_content() -> None:
         assert answers.endswith(b"\r\n\r\nSERVING\n")
 
 
+@pytest.mark.parametrize(
+    "ask",
+    [
+        "GET {} HTTP/1.1\r\nHost: v\r\nConnection: upgrade\r\nUpgrade: websocket\r\n{}\r\n",
+        "GET {} HTTP/1.1\r\nHost: v\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n{}\r\n",
+        "CONNECT {} HTTP/1.1\r\nHost: v\r\n{}\r\n",
+    ],
+    ids=["websocket", "h2c", "connect"],
+)
+async def test_an_upgrade_request_gets_one_answer_that_closes_the_connection(ask: str) -> None:
+    # llhttp ends the HTTP stream at an upgrade (Upgrade with Connection: upgrade, or CONNECT; a gateway such as
+    # Caddy's forward_auth passes a WebSocket's on to the check): the check was answered as keep-alive and then a
+    # 400 written after it, two answers to one request; the gateway's next request on the pooled connection read
+    # that 400 as its own answer. One answer, with `connection: close`, and nothing after it.
+    async with running_verifier() as (app, idp):
+        good = idp.mint(sub="up")
+        for token in (good, good, None):  # first-seen, cached, refused
+            auth = f"Authorization: Bearer {token}\r\n" if token else ""
+            raw = ask.format("/v1/forward-auth", auth).encode() + b"GET /livez HTTP/1.1\r\nHost: v\r\n\r\n"
+            answers = await http_exchange(app.ports.http, raw, read_until_close=True)
+            head, _, rest = answers.partition(b"\r\n\r\n")
+            assert _status(head) == (200 if token else 401), answers
+            assert _header(head, "connection") == "close", answers
+            assert len(rest) == int(_header(head, "content-length") or 0), answers  # no second answer
+
+
 # -- listener timeouts (slowloris, idle keep-alives) ---------------------------------------------------
 
 SHORT = door_settings(header_timeout_seconds=0.3, idle_timeout_seconds=0.6)

@@ -250,7 +250,10 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(400)
+            # llhttp ends the HTTP stream at an upgrade (Upgrade with Connection: upgrade, or CONNECT) after
+            # `on_message_complete`, which answered that request with `connection: close`: we never switch, and
+            # a 400 here would be a second answer to it (the gateway's next request would read it as its own).
+            self._closing = True
         except (httptools.HttpParserError, _TooLarge) as exc:
             # httptools wraps an exception raised in a callback: find our own in the chain.
             cause: BaseException | None = exc
@@ -396,7 +399,8 @@ class _Connection(asyncio.Protocol):
             return  # requests pipelined behind a "Connection: close" are not answered
         parser = self._parser
         door = self._door
-        keep_alive = parser.should_keep_alive() and not door.draining
+        # An upgrade is answered as any request, but closes: the bytes after it are not HTTP to llhttp (`_feed`).
+        keep_alive = parser.should_keep_alive() and not door.draining and not parser.should_upgrade()
         url = self._url
         path = url.split(b"?", 1)[0]
         if path == PREFIX or path.startswith(PREFIX + b"/"):
