@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -141,6 +142,57 @@ async def test_oversized_headers_get_431_and_garbage_gets_400() -> None:
         big = _request("a" * 40_000)
         assert _status(await http_exchange(app.ports.http, big, read_until_close=True)) == 431
         assert _status(await http_exchange(app.ports.http, b"\x00\x01garbage\r\n\r\n", read_until_close=True)) == 400
+
+
+@pytest.mark.parametrize(
+    "opening",
+    [
+        b"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nX-Long: ",  # a value
+        b"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nX-",  # a name
+        b"POST /v1/forward-auth HTTP/1.1\r\nHost: v\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Long: ",  # a trailer
+    ],
+    ids=["value", "name", "trailer"],
+)
+async def test_a_header_field_that_never_ends_gets_431_within_the_header_limit(opening: bytes) -> None:
+    # httptools holds a field until its line ends, so the 32 KiB header limit (checked per field) never saw one
+    # that did not: a single X-Long value of 64 MiB, sent in pieces within the header timeout, was buffered whole,
+    # copied again for every piece (quadratic: the loop stalled half a second at a time) and never refused.
+    async with running_verifier() as (app, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
+        try:
+            writer.write(opening)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # its own read: the rest only continues the field
+            with contextlib.suppress(ConnectionError):
+                for _ in range(256):  # 4 MiB, unless refused first
+                    writer.write(b"a" * 16384)
+                    await writer.drain()
+                    if reader.at_eof() or len(reader._buffer) > 0:  # type: ignore[attr-defined]
+                        break
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert _status(answer) == 431, answer
+            assert app.forward_auth.connections == set() or all(c._closing for c in app.forward_auth.connections)
+        finally:
+            writer.close()
+        assert _status(await http_exchange(app.ports.http, _request(None))) == 401  # the door still serves
+
+
+async def test_a_long_header_within_the_limit_sent_in_small_pieces_is_answered() -> None:
+    # The bound above counts only reads in which no field ended: a 30 KiB cookie trickled 512 bytes at a time is
+    # a request like any other.
+    async with running_verifier() as (app, idp):
+        raw = _request(idp.mint(sub="slow"), "Cookie: " + "c" * 30_000 + "\r\n")
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
+        try:
+            for at in range(0, len(raw), 512):
+                writer.write(raw[at : at + 512])
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert _status(head) == 200, head
+            assert _header(head, "x-authenticated-userid") == "slow"
+        finally:
+            writer.close()
 
 
 async def test_two_authorization_headers_are_a_bad_request() -> None:

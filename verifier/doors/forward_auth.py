@@ -175,6 +175,7 @@ class _Connection(asyncio.Protocol):
         "_door",
         "_header_bytes",
         "_headers",
+        "_held",
         "_loop",
         "_name",
         "_offer",
@@ -199,6 +200,7 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._raw: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        self._held = 0  # bytes of this request's reads since the last one a callback saw progress in (`_feed`)
         self._name = ""
         self._body_bytes = 0
         self._body: list[bytes] = []
@@ -247,6 +249,9 @@ class _Connection(asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         """Parses what arrived; the callbacks below answer each complete request."""
+        # httptools holds a header field (or a trailer) until its line ends, so `on_header` alone never bounds
+        # one that does not: what a request's reads add without any callback seeing progress is held there.
+        progress = self._reading and (self._header_bytes, self._body_bytes, self._completed)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -260,6 +265,15 @@ class _Connection(asyncio.Protocol):
             while cause is not None and not isinstance(cause, _TooLarge):
                 cause = cause.__cause__ or cause.__context__
             self._fail(cause.status if isinstance(cause, _TooLarge) else 400)
+        else:
+            if not progress:
+                return  # this read began a request: a field that began in it is at most this read long
+            if progress != (self._header_bytes, self._body_bytes, self._completed):
+                self._held = 0  # likewise
+            else:
+                self._held += len(data)
+                if self._held > MAX_HEADER_BYTES:
+                    self._fail(431)
 
     # the answer memo
     def _received_at_boundary(self, memo: AnswerMemo, data: bytes) -> None:
