@@ -209,6 +209,17 @@ async def test_health_reports_serving_and_unknown_paths_404() -> None:
         assert _status(await http_exchange(app.ports.http, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")) == 404
 
 
+@pytest.mark.parametrize("target", [b"/livez", b"/healthz", b"/readyz", b"/nope"])
+@pytest.mark.parametrize("ending", [b"HTTP/1.1\r\nHost: v\r\nConnection: close\r\n\r\n", b"HTTP/1.0\r\n\r\n"])
+async def test_a_health_or_not_found_answer_that_closes_says_so(target: bytes, ending: bytes) -> None:
+    # The door closed after these answers without `connection: close` in them (a check's answer and a side door's
+    # always said it): RFC 9112 section 9.6, the answer that ends a connection says so.
+    async with running_verifier() as (app, _):
+        answer = await http_exchange(app.ports.http, b"GET " + target + b" " + ending, read_until_close=True)
+        assert _header(answer, "connection") == "close", answer
+        assert answer.count(b"HTTP/1.1 ") == 1
+
+
 def test_original_request_comes_from_the_x_forwarded_family_by_default() -> None:
     attrs = attributes_from_http(
         "GET",

@@ -440,11 +440,13 @@ class _Connection(asyncio.Protocol):
         elif path in (b"/healthz", b"/readyz"):
             head = parser.get_method() == b"HEAD"
             if door.ready():
-                self._push(_HEALTH_OK_HEAD if head else _HEALTH_OK, keep_alive)
+                self._push(_closing(_HEALTH_OK_HEAD if head else _HEALTH_OK, keep_alive), keep_alive)
             else:
-                self._push(_HEALTH_NOT_HEAD if head else _HEALTH_NOT, keep_alive)
+                self._push(_closing(_HEALTH_NOT_HEAD if head else _HEALTH_NOT, keep_alive), keep_alive)
         elif path == b"/livez":
-            self._push(_HEALTH_OK_HEAD if parser.get_method() == b"HEAD" else _HEALTH_OK, keep_alive)
+            self._push(
+                _closing(_HEALTH_OK_HEAD if parser.get_method() == b"HEAD" else _HEALTH_OK, keep_alive), keep_alive
+            )
         elif door.router:
             request = HttpRequest(
                 method=parser.get_method().decode("latin-1"),
@@ -456,7 +458,7 @@ class _Connection(asyncio.Protocol):
             )
             self._push(asyncio.ensure_future(door.route(request, keep_alive)), keep_alive)
         else:
-            self._push(_ERROR_ANSWERS[404], keep_alive)
+            self._push(_closing(_ERROR_ANSWERS[404], keep_alive), keep_alive)
         if self._pending:
             self._deadline = 0.0  # answers owed: no deadline until they are out
         else:
@@ -562,6 +564,11 @@ class _Connection(asyncio.Protocol):
                 transport.close()
         else:
             self._flush()
+
+
+def _closing(answer: bytes, keep_alive: bool) -> bytes:
+    """A fixed answer as is, or saying `connection: close` when it ends the connection (RFC 9112 section 9.6)."""
+    return answer if keep_alive else answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
 
 
 def door_wants_body(url: bytes) -> bool:
