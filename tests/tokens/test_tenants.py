@@ -236,6 +236,26 @@ async def test_the_least_recently_used_tenant_is_evicted_past_max_tenants(
     assert provider.total == before + 2
 
 
+async def test_an_evicted_tenant_s_verified_tokens_are_forgotten_with_its_keys(
+    provider: FakeFetcher, clock: FrozenClock, mint: Mint
+) -> None:
+    """A held tenant's keys are refetched and a key its provider withdraws forgets the tokens it signed. An evicted
+    tenant's are watched by nothing: its tokens stayed in the token cache until their `exp`, passing even after its
+    provider withdrew the key that signed them (leaked). Evicting a tenant forgets its tokens (`on_withdrawn` with
+    every kid it held, and None for tokens verified without a kid); other tenants' are kept."""
+    told: list[tuple[str, frozenset[str | None]]] = []
+    verifier, tenants = build(template(max_tenants=1), provider, clock)
+    tenants.on_withdrawn = lambda issuer, kids: told.append((issuer, kids))
+    await verify(verifier, token(mint, "a"))
+    assert told == []
+    await verify(verifier, token(mint, "b"))  # b is held; a is evicted
+    assert [issuer for issuer, _ in told] == [tenant_issuer("a")]
+    kids = told[0][1]
+    assert None in kids and len(kids) >= 2  # every key a held, and tokens verified without a kid
+    await verify(verifier, token(mint, "a"))  # a comes back, b goes
+    assert [issuer for issuer, _ in told] == [tenant_issuer("a"), tenant_issuer("b")]
+
+
 async def test_a_request_waiting_on_a_tenant_s_refetch_gets_503_when_the_tenant_is_evicted(
     provider: FakeFetcher, clock: FrozenClock, mint: Mint
 ) -> None:

@@ -169,6 +169,15 @@ class IssuerKeys:
         if self._inflight is not None:
             self._inflight.cancel()
 
+    def release(self) -> None:
+        """These keys are let go (a template's tenant evicted): a fetch in flight is cancelled, and `on_withdrawn`
+        is told of every key held. Nothing watches them for withdrawal any more, so the tokens they verified are
+        forgotten now, not taken from the token cache until their `exp` while the provider may withdraw a key
+        unseen; the tenant's next request fetches its keys and is judged afresh."""
+        self.cancel()
+        if self._keys and self.on_withdrawn is not None:
+            self.on_withdrawn(self.settings.issuer, frozenset({k.kid for k in self._keys} | {None}))
+
     def _settled(self, task: asyncio.Task[None]) -> None:
         # Cleared by the task itself, not by a waiter: a cancelled waiter must not leave a finished
         # fetch behind for the next caller to mistake for a fresh one.

@@ -139,7 +139,7 @@ class TenantKeys:
         self._held[tenant] = keys
         while len(self._held) > self.settings.max_tenants:
             _, evicted = self._held.popitem(last=False)
-            evicted.cancel()
+            evicted.release()  # its tokens forgotten too: nothing would see its keys withdrawn
         return keys
 
     def _remember_failure(self, tenant: str) -> None:
