@@ -203,6 +203,19 @@ def count_loop_lookups(monkeypatch: Any) -> list[str]:
     return lookups
 
 
+async def trickled(port: int, raw: bytes, piece: int, pause: float, timeout: float = 5.0) -> bytes:
+    """Sends `raw` to 127.0.0.1:`port` `piece` bytes at a time, `pause` seconds apart; the answer's head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for at in range(0, len(raw), piece):
+            writer.write(raw[at : at + piece])
+            await writer.drain()
+            await asyncio.sleep(pause)
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    finally:
+        writer.close()
+
+
 def made_under_umask_022(make: Callable[[], T]) -> T:
     """What `make` returns, run under the usual umask (022: files world-readable unless made private)."""
     import os

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from doorkit import door_settings, http_exchange, running_verifier
 from prometheus_client import CollectorRegistry
+from support import trickled
 
 from verifier.authenticators import Seen
 from verifier.clock import SystemClock
@@ -182,17 +183,9 @@ async def test_a_long_header_within_the_limit_sent_in_small_pieces_is_answered()
     # a request like any other.
     async with running_verifier() as (app, idp):
         raw = _request(idp.mint(sub="slow"), "Cookie: " + "c" * 30_000 + "\r\n")
-        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
-        try:
-            for at in range(0, len(raw), 512):
-                writer.write(raw[at : at + 512])
-                await writer.drain()
-                await asyncio.sleep(0.001)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            assert _status(head) == 200, head
-            assert _header(head, "x-authenticated-userid") == "slow"
-        finally:
-            writer.close()
+        head = await trickled(app.ports.http, raw, 512, 0.001)
+        assert _status(head) == 200, head
+        assert _header(head, "x-authenticated-userid") == "slow"
 
 
 async def test_two_authorization_headers_are_a_bad_request() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
-from support import FrozenClock
+from support import FrozenClock, trickled
 from tokenkit import (
     ISSUER,
     JWKS_URL,
@@ -480,16 +480,7 @@ async def test_the_http_door_reads_a_logout_sent_in_pieces(
             head = f"POST {LOGOUT_PATH} HTTP/1.1\r\nHost: verifier\r\nContent-Type: {FORM}\r\n{framing}\r\n\r\n"
             pieces = (form[:100], form[100:])
             body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n" if chunked else form
-            raw = head.encode() + body
-            reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)
-            try:
-                for start in range(0, len(raw), 97):
-                    writer.write(raw[start:start + 97])
-                    await writer.drain()
-                    await asyncio.sleep(0.005)
-                answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            finally:
-                writer.close()
+            answer = await trickled(app.ports.http, head.encode() + body, 97, 0.005)
             assert answer.startswith(b"HTTP/1.1 200"), answer
             assert b"cache-control: no-store" in answer.lower()
             assert app.revocation is not None
