@@ -75,6 +75,8 @@ class RevocationService:
         self._clock = clock
         self.metrics = metrics  # the root's, with `REFUSAL_CODES` exported at zero
         self.revocations = Revocations(clock, tracing.trace_id, generation)
+        # Read off the index at each scrape: 1 while it answers, 0 while it refuses to decide (503).
+        self.metrics.in_sync.set_function(lambda: 1.0 if self.revocations.loaded else 0.0)
         self._store: RevocationStore = store if store is not None else MemoryStore()  # the root picks the store
         key_metrics = TransmitterKeyMetrics(self.metrics)
         self._transmitters: dict[str, tuple[TransmitterConfig, IssuerKeys]] = {
@@ -165,14 +167,12 @@ class RevocationService:
         for added, removed in pending or ():
             self._apply(added, removed)
         self.metrics.syncs.labels("ok").inc()
-        self.metrics.in_sync.set(1)
         self.metrics.entries.set(len(self.revocations))
 
     def _unheard(self) -> None:
         """The subscription is broken or silent: others' entries may be going unheard, so the index refuses to
         decide (503) until the subscription is back and a full reload has run."""
         if self.revocations.out_of_sync():
-            self.metrics.in_sync.set(0)
             log.error(
                 "revocation subscription lost; refusing with 503 until it is back and the entries are reloaded",
                 extra={"event": "revocation_store"},
@@ -206,7 +206,6 @@ class RevocationService:
                 wait = self.config.resync_interval_seconds
             except StateUnavailable as exc:
                 if self.revocations.out_of_sync():
-                    self.metrics.in_sync.set(0)
                     log.error(
                         "revocation resync failed; refusing with 503 until the entries are reloaded",
                         extra={"event": "revocation_store", "error": exc.description},
