@@ -65,6 +65,7 @@ from typing import Any
 from bench import floor, idp, native, procs, wire
 
 CACHED_PASSES, CACHED_REQUESTS = 7, 20_000
+JUNK_CACHE_ENTRIES = 10_000  # --junk: the refused-token cache's bound (filled before the measure)
 FIRST_SEEN_ROUNDS, FIRST_SEEN_PER_ROUND = 5, 1_000
 OPAQUE_TOKENS = 5_000
 OPAQUE_CONNECTIONS = 32  # door connections fed at once (a check waits for its provider call)
@@ -110,6 +111,11 @@ def _checks_and_lines(feed: Callable[[Any], Any], requests: Iterable[Any]) -> No
     from verifier.observe.audit import flush_logs
 
     collections.deque(itertools.chain(map(feed, requests), map(_call, [flush_logs])), maxlen=0)
+
+
+def _junk_requests(count: int) -> list[bytes]:
+    """Distinct malformed tokens (refused and remembered as refused), as forward-auth requests."""
+    return [wire.http_request(wire.http_headers(f"junk{i}.junk.junk"), "127.0.0.1") for i in range(count)]
 
 
 def _call(function: Callable[[], None]) -> None:
@@ -374,6 +380,7 @@ async def _measure(
     door: str = "http",
     layer: str = "door",
     record: bool = False,
+    junk: int = 0,
 ) -> None:
     from verifier.app import App
     from verifier.doors import forward_auth
@@ -398,6 +405,27 @@ async def _measure(
         conn.data_received(requests[0])  # warm: the cached token is admitted here
         await asyncio.sleep(0.01)
         profiler = cProfile.Profile() if profile else None
+        if raw is None and junk:  # cached, each answer after `junk` distinct junk tokens: the refused-token cache full
+            feed = conn.data_received
+            rejects = iter(_junk_requests(JUNK_CACHE_ENTRIES * 2 + (len(requests) - 1) * junk * CACHED_PASSES))
+            _checks(feed, itertools.islice(rejects, JUNK_CACHE_ENTRIES * 2))  # filled: each store now pushes one out
+            mixes = [
+                [r for valid in requests[1:] for r in (*itertools.islice(rejects, junk), valid)]
+                for _ in range(CACHED_PASSES)
+            ]
+            answers = transport.answers
+            best = min(_timed(_checks, feed, mix, profiler=profiler) for mix in mixes)
+            per_check = [best / len(mixes[0])]
+            lost = transport.answers - answers != len(mixes[0]) * CACHED_PASSES
+            if lost or not transport.last.startswith(b"HTTP/1.1 200"):
+                raise SystemExit(f"answers lost, or not an allow last: {transport.last[:80]!r}")
+            print(
+                f"cached, each check after {junk} distinct junk token(s): {per_check[0] * 1e6:.2f} us CPU per request "
+                f"(valid or junk); answer memo {len(app.forward_auth.memo or ())} entries, generation bumped "
+                f"{app.generation.value:,} times; refused-token cache {len(app.negative):,} entries "
+                f"(bound {JUNK_CACHE_ENTRIES:,})"
+            )
+            return
         if raw is None:  # cached: one token, many passes
             feed = conn.data_received
             best = min(_timed(_checks, feed, requests[1:], profiler=profiler) for _ in range(CACHED_PASSES))
@@ -579,6 +607,9 @@ def main() -> None:
         "--record", action="store_true", help="--first-seen: GC-tracked objects and bytes each cached token leaves"
     )
     parser.add_argument("--no-memo", action="store_true", help="without the door's answer memo")
+    parser.add_argument(
+        "--junk", type=int, default=0, metavar="N", help="cached: each check after N distinct junk tokens (a flood)"
+    )
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
     parser.add_argument("--door", choices=["http", "grpc", "ext_authz"], default="http", help="cached: which door")
     parser.add_argument(
@@ -613,6 +644,8 @@ def main() -> None:
         return
     if args.door != "http" and (args.first_seen or args.opaque):
         parser.error("--door grpc|ext_authz measures the cached check only")
+    if args.junk and (args.first_seen or args.opaque or args.door != "http"):
+        parser.error("--junk measures the cached check at forward-auth only")
     if args.callgrind:
         _callgrind(sys.argv[1:])
         return
@@ -663,6 +696,7 @@ def main() -> None:
                 )
                 + (wire.TWO_POLICIES if args.policies else "")
                 + (f"cache: {{token_entries: {(count // FIRST_SEEN_ROUNDS)}}}\n" if args.full_cache else "")
+                + (f"cache: {{negative_entries: {JUNK_CACHE_ENTRIES}}}\n" if args.junk else "")
             )
             audit.configure_logging("INFO")  # as served: one audit line per signature check ...
             with open(os.devnull, "w") as devnull:
@@ -674,7 +708,10 @@ def main() -> None:
                 _measure_opaque_outside(config, tokens, args.profile, objects)
             else:
                 asyncio.run(
-                    _measure(config, tokens, raw, args.profile, not args.no_memo, args.door, args.layer, args.record)
+                    _measure(
+                        config, tokens, raw, args.profile, not args.no_memo, args.door, args.layer, args.record,
+                        args.junk,
+                    )
                 )
         finally:
             audit.flush_logs()

@@ -333,7 +333,10 @@ class App:
             )
         cache = settings.cache
         self.positive: ExpiringCache[Admitted] = ExpiringCache(cache.token_entries, self.clock, self.generation)
-        self.negative: ExpiringCache[Refused] = ExpiringCache(cache.negative_entries, self.clock, self.generation)
+        # The refused-token cache keeps a generation of its own: remembered answers are allows, which no change
+        # to it can make stale (a token is looked up in the verified-token cache first), while a flood of distinct
+        # junk pushing its entries out bumped the shared generation on every store and emptied every answer memo.
+        self.negative: ExpiringCache[Refused] = ExpiringCache(cache.negative_entries, self.clock)
         # A key the provider withdraws (it leaked) stops vouching for the tokens it signed, cached ones included.
         self.keys.watch_withdrawn(self._keys_withdrawn)
         for name, held in (("positive", self.positive), ("negative", self.negative)):

@@ -1,7 +1,7 @@
 """A counter of changes to the state that a cached answer was computed from.
 
 Everything a from-memory decision reads besides the request and the clock (the revocation index,
-the token caches, WebAuthn credentials) bumps one shared `Generation` when it changes, so an answer
+the verified-token cache, WebAuthn credentials) bumps one shared `Generation` when it changes, so an answer
 remembered under an older value is known stale at once, without knowing which change made it so
 (the forward-auth door's answer memo: `verifier.doors.answer_memo`). The composition root builds it.
 """

@@ -619,3 +619,36 @@ async def test_a_flood_of_first_seen_tokens_does_not_clear_a_repeating_tokens_an
         assert client.send(request(mint(claims(jti=f"fresh-{i}")))).startswith(b"HTTP/1.1 200 ")
     remembered = (app.forward_auth.memo or answer_memo.AnswerMemo(app.clock, app.generation)).get(raw, PEER)
     assert remembered is not None and remembered.answer == answer
+
+
+async def test_a_flood_of_distinct_junk_tokens_does_not_empty_the_memo(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    """Refused tokens pushed out of a full refused-token cache cannot make a remembered allow stale (allows come
+    from the verified-token cache, looked up first): the memo keeps answering the valid token during the flood.
+    Before, each push-out bumped the shared generation, so a junk flood turned every cached check into a miss."""
+    from verifier.settings import CacheSettings
+
+    settings = Settings(
+        grpc=None, http=None, metrics=None, issuers=(issuer_settings(),), cache=CacheSettings(negative_entries=8)
+    )
+    built = App(settings, clock=clock, fetcher=fetcher)
+    await built.start()
+    try:
+        await asyncio.wait_for(built.keys.wait_ready(), 10)
+        client = Client(built.forward_auth)
+        raw = request(mint())
+        first = client.send(raw)
+        assert reason(first) == "ok"
+        assert client.send(raw) == first
+        memo = built.forward_auth.memo
+        assert memo is not None and memo.get(raw, PEER) is not None
+        generation = built.generation.value
+        for i in range(32):  # four times the refused-token cache's bound, each remembered as refused
+            assert reason(client.send(request(f"junk{i}.junk.junk"))) == "token_malformed"
+        assert len(built.negative) == 8
+        assert built.generation.value == generation
+        assert memo.get(raw, PEER) is not None
+        assert client.send(raw) == first
+    finally:
+        await built.stop(grace=0.1)

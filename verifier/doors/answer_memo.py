@@ -14,7 +14,7 @@ guarded by the entry:
   age running out, the token's `exp`). The pipeline says when; per-request answers (DPoP, mTLS,
   step-up, rate limits) and shrunk max-ages are never offered;
 - the state generation (`verifier.generation`) at store time: any change to revocation entries, the
-  token caches or WebAuthn credentials makes every entry stale at once (revocation in a second).
+  verified-token cache or WebAuthn credentials makes every entry stale at once (revocation in a second).
 
 Only allows are stored. Bounded: at most `MAX_ENTRIES` entries (cleared when full, as the route
 memo is) whose keys are at most `MAX_KEY_BYTES` long; a new worker (SIGHUP) starts empty.
