@@ -316,6 +316,12 @@ CLIENT = VerifierClient()
 
 # How the plugin server decodes a string Kong sent that is not UTF-8 (see `_read_what_kong_sends`).
 UNDECODABLE = "surrogateescape"
+# The kong-pdk releases whose listener `_read_what_kong_sends` is known to fix (pyproject.toml's `kong` extra); any
+# other is still checked at start-up (`_listener_fault`), and refused if the fix did not take.
+KONG_PDK_KNOWN = "kong-pdk>=0.36,<0.37"
+# A frame as Kong sends one, a string in it not UTF-8 (a Latin-1 byte): what the start-up check feeds the listener.
+_PROBE_METHOD = "plugin.EdgeVerifierProbe"
+_PROBE_VALUE = "3V\udce4xel"
 
 
 class _LenientMsgpack:
@@ -335,15 +341,86 @@ class _LenientMsgpack:
         return self._real.Unpacker(*args, **kwargs)
 
 
+class _ProbeSocket:
+    """A connection from Kong as the listener reads it (`recv`, `send`): one frame, then the end."""
+
+    def __init__(self, frame: bytes) -> None:
+        self._frames = [frame]
+        self.sent: list[bytes] = []
+
+    def recv(self, _n: int) -> bytes:
+        return self._frames.pop() if self._frames else b""
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(data)
+        return len(data)
+
+
+class _ProbeServer:
+    """The plugin server as the listener calls it: `logger`, and one method per RPC (`plugin.EdgeVerifierProbe`)."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+        self.logger = self
+
+    def edge_verifier_probe(self, value: Any) -> str:
+        self.seen.append(value)
+        return "ok"
+
+    def debug(self, *_: Any) -> None:
+        """The listener logs each RPC at debug level: nothing to log here."""
+
+    warn = error = info = debug
+
+
+def _listener_fault(listener: Any) -> str | None:
+    """None when kong_pdk's listener, as it will read Kong's connections, hands a plugin a string that is not UTF-8
+    (surrogate escapes); else what is wrong. A frame as Kong packs it goes through the listener's own `Server.handle`
+    (the code every RPC from Kong takes), so a kong-pdk that reads frames another way than `_LenientMsgpack` reaches
+    (its Unpacker imported by name, strict decoding asked for, another module) is caught here, not by a request."""
+    import msgpack  # kong-pdk's own dependency: the plugin runs under its plugin server
+
+    frame = msgpack.packb([0, 1, _PROBE_METHOD, [_PROBE_VALUE]], unicode_errors=UNDECODABLE)
+    server, sock = _ProbeServer(), _ProbeSocket(frame)
+    try:
+        listener.Server(server).handle(sock, None)
+    except Exception as exc:
+        return f"the listener failed on a frame that is not UTF-8: {type(exc).__name__}: {exc}"
+    if server.seen != [_PROBE_VALUE] or not sock.sent:
+        return f"the listener did not hand the plugin a string that is not UTF-8 (got {server.seen!r})"
+    return None
+
+
+# Why this process must not serve (`Plugin` refuses to start an instance), or None; see `_read_what_kong_sends`.
+LISTENER_FAULT: str | None = None
+
+
 def _read_what_kong_sends() -> None:
     """Kong's lua-MessagePack packs every Lua string as a msgpack str, byte for byte, and kong_pdk's listener decodes
     them as strict UTF-8: a request with a header value or target that is not UTF-8 (a Latin-1 User-Agent,
     kong-python-pdk#146) raised in the listener before any plugin ran and closed Kong's connection, which Kong
     logs and then proxies the request, unchecked and with the client's identity headers. Decoded with surrogate
-    escapes, it reaches `Plugin.access`, which refuses such a value when it would tell the verifier it."""
-    listener = sys.modules.get("kong_pdk.listener")  # None: loaded outside a plugin server (tests of the client)
-    if listener is not None and not getattr(listener.msgpack, "lenient", False):
-        listener.msgpack = _LenientMsgpack(listener.msgpack)
+    escapes, it reaches `Plugin.access`, which refuses such a value when it would tell the verifier it.
+
+    The fix wraps an internal of kong-pdk (`kong_pdk.listener.msgpack`), known to work with `KONG_PDK_KNOWN`. It is
+    checked, not assumed: a frame that is not UTF-8 is fed through the listener (`_listener_fault`), and if the
+    plugin would not see it `LISTENER_FAULT` says why and `Plugin` refuses every instance. Kong answers a plugin
+    whose instance cannot start with 500 on each request (its `get_instance_id` raises under the access phase);
+    a plugin server that read such frames strictly would instead let Kong proxy them unchecked."""
+    global LISTENER_FAULT
+    try:
+        import kong_pdk.listener as listener
+    except Exception as exc:  # no kong-pdk, or one without that module: nothing is known of how it reads
+        LISTENER_FAULT = f"kong_pdk.listener cannot be imported: {type(exc).__name__}: {exc}"
+        return
+    real = getattr(listener, "msgpack", None)
+    if real is not None and not getattr(real, "lenient", False):
+        listener.msgpack = _LenientMsgpack(real)
+    LISTENER_FAULT = _listener_fault(listener)
+    if LISTENER_FAULT is not None:
+        print(f"edge_verifier: refusing to serve, every request on its routes will be answered 500 by Kong: "
+              f"{LISTENER_FAULT}; this kong-pdk is not one the plugin is known to work with ({KONG_PDK_KNOWN})",
+              file=sys.stderr, flush=True)
 
 
 _read_what_kong_sends()
@@ -458,7 +535,11 @@ class Plugin:
     """The edge-verifier access handler, one instance per plugin configuration."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        """Reads the configuration Kong validated against `Schema`."""
+        """Reads the configuration Kong validated against `Schema`; refuses to start when the plugin server could not be
+        made to hand on requests that are not UTF-8 (`LISTENER_FAULT`): Kong then answers each request 500."""
+        if LISTENER_FAULT is not None:
+            raise RuntimeError(f"edge_verifier cannot serve under this plugin server: {LISTENER_FAULT} "
+                               f"(known to work: {KONG_PDK_KNOWN})")
         self.target = str(config["grpc_target"])
         self.timeout_s = int(config.get("timeout") or DEFAULT_TIMEOUT_MS) / 1000.0
         self.fail_open = bool(config.get("fail_open", False))
@@ -622,5 +703,4 @@ if __name__ == "__main__":
     # a dedicated plugin server for this one plugin: `python edge_verifier.py --help`
     from kong_pdk.cli import start_dedicated_server
 
-    _read_what_kong_sends()  # its listener is imported only now
     start_dedicated_server("edge_verifier", Plugin, version, priority, list(Schema))

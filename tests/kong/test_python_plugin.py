@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,7 +203,7 @@ class KongRpc:
 class PluginServer:
     """`kong-python-pluginserver -d kong/python` on a unix socket in a short temporary prefix."""
 
-    def __init__(self, *extra_args: str) -> None:
+    def __init__(self, *extra_args: str, launcher: Sequence[str] | None = None) -> None:
         binary = pluginserver_binary()
         if binary is None:
             msg = "kong-python-pluginserver is missing (run .ci/setup.d/31-kong-pdk.sh)"
@@ -216,7 +216,7 @@ class PluginServer:
         self.log_path = os.path.join(self.prefix, "pluginserver.log")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [binary, "-p", self.prefix, "-d", str(PLUGIN_DIR), "-vv", *extra_args],
+                [*(launcher or [binary]), "-p", self.prefix, "-d", str(PLUGIN_DIR), "-vv", *extra_args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -935,6 +935,71 @@ def test_a_value_the_verifier_is_told_that_is_not_utf8_is_refused(kong, recordin
     assert [args[0] for args in named(calls, "kong.response.exit")] == [400]
     assert not named(calls, "kong.service.request.set_header")
     assert len(servicer.requests) == asked
+
+
+# The real plugin server, its kong-pdk changed the way an upgrade could change it: the listener reads Kong's frames
+# with msgpack bound when it was imported (as `from msgpack import Unpacker` would), not through the module attribute
+# `kong_pdk.listener.msgpack` the plugin wraps to decode strings that are not UTF-8.
+LISTENER_CHANGED = """
+import sys, types, msgpack
+import kong_pdk.listener as listener
+handle = listener.Server.handle
+listener.Server.handle = types.FunctionType(handle.__code__, {**handle.__globals__, "msgpack": msgpack},
+                                            handle.__name__, handle.__defaults__, handle.__closure__)
+from kong_pdk.cli import start_server
+sys.argv[0] = "kong-python-pluginserver"
+start_server()
+"""
+
+
+def test_a_plugin_server_whose_listener_the_fix_misses_refuses_every_instance(recording_verifier, token):
+    """The plugin wraps a kong-pdk internal to read frames that are not UTF-8; a kong-pdk that reads them another way
+    would leave the wrapper silently unused, and a Latin-1 header would again close Kong's connection before the plugin
+    ran (Kong logs it and proxies the request unchecked). The plugin checks at start-up that a frame that is not UTF-8
+    reaches it through the listener, and if not refuses to start any instance: Kong's get_instance_id raises under the
+    access phase and Kong answers each request 500 (kong/runloop/plugin_servers/plugin.lua, kong/init.lua). Before,
+    the instance started and the request below closed the connection: proxied unchecked."""
+    _servicer, target = recording_verifier
+    server = PluginServer("--no-lua-style", launcher=[sys.executable, "-c", LISTENER_CHANGED])
+    try:
+        kong = server.connect()
+        try:
+            assert kong.call("plugin.GetPluginInfo", PLUGIN)["Name"] == PLUGIN  # Kong starts; the plugin is known
+            with pytest.raises(RuntimeError, match=r"StartInstance: .*cannot serve.*not UTF-8"):
+                iid = start_instance(kong, grpc_target=target)
+                kong.handle_event(iid, "access", KongRequest(headers={
+                    "Authorization": f"Bearer {token}", "User-Agent": "3V\udce4xel/1.5"}))
+            # each request tries again (Kong drops the failed claim) and is refused again
+            with pytest.raises(RuntimeError, match="StartInstance: "):
+                start_instance(kong, grpc_target=target)
+        finally:
+            kong.close()
+        assert "refusing to serve" in server.log()
+    finally:
+        server.stop()
+
+
+def test_the_shipped_plugin_server_passes_the_start_up_check(kong):
+    """The same check under the kong-pdk installed here: the wrapper takes, and the plugin serves (the UTF-8 tests
+    above show the frames it lets through)."""
+    assert kong.call("plugin.GetPluginInfo", PLUGIN)["Name"] == PLUGIN
+    assert isinstance(start_instance(kong, grpc_target="127.0.0.1:1"), int)
+
+
+def test_the_kong_pdk_in_use_is_one_the_listener_fix_is_known_for():
+    """pyproject.toml's `kong` extra pins kong-pdk to the releases whose listener the fix was checked against; the
+    plugin, its setup script and its README name the same range (an upgrade is a decision, not an accident)."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    (pinned,) = re.findall(r'"(kong-pdk[^"]*)"', pyproject)
+    plugin = (PLUGIN_DIR / f"{PLUGIN}.py").read_text()
+    assert f'KONG_PDK_KNOWN = "{pinned}"' in plugin
+    assert f"'{pinned}'" in (REPO / ".ci" / "setup.d" / "31-kong-pdk.sh").read_text()
+    assert f"'{pinned}'" in (PLUGIN_DIR / "README.md").read_text()
+    assert Requirement(pinned).specifier.contains(version("kong-pdk"))
 
 
 def test_a_pdk_call_that_fails_under_the_plugin_answers_500_never_a_pass(kong, naming_verifier):
