@@ -6,7 +6,8 @@ the plugin server's unix socket, on top of the gRPC call itself. See kong/python
 
 The plugin translates and decides nothing: `allowed` sets the verifier's `upstream_headers` on the
 upstream request (client-sent `X-Authenticated-*`, `X-Kong-Consumer-*`, `X-Consumer-Groups`, method overrides
-(`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`), request targets (`X-Original-*`, `X-Rewrite-URL`,
+(`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`, `X-Forwarded-Method`), underscore spellings of
+`X-Forwarded-*`, request targets (`X-Original-*`, `X-Rewrite-URL`,
 `X-Forwarded-Uri`) and, when no Kong authenticator named a
 consumer, `X-Consumer-*` / `X-Credential-Identifier` / `X-Anonymous-Consumer` are cleared first, by name as
 well as every one seen, in any spelling with underscores) and authenticates the Kong consumer the verifier
@@ -130,8 +131,13 @@ NAMING_HEADERS = (CONSUMER_USERNAME_HEADER, CONSUMER_CUSTOM_ID_HEADER)
 # Every client header with these prefixes is cleared: identity, and how the verifier names the consumer.
 CLEARED_PREFIXES = (IDENTITY_PREFIX, "x-kong-consumer-")
 # Method overrides an application framework may honour: the verifier judged the request's real method, so
-# the upstream must not be told another one (cleared by name, as the Lua plugin does).
-METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+# the upstream must not be told another one (cleared by name, as the Lua plugin does). X-Forwarded-Method is how the
+# Lua plugin and forward-auth gateways tell a verifier the method; Kong never sets it for the upstream.
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override", "x-forwarded-method")
+# Kong sets X-Forwarded-For/-Proto/-Host/-Port/-Path/-Prefix for the upstream itself (from its own state, or kept
+# from trusted_ips): those are Kong's. An underscore spelling (X_Forwarded_Host) never is, and CGI-style frameworks
+# read it as the dashed one: cleared, as the Lua plugin does.
+FORWARDED_PREFIX = "x-forwarded-"
 # The request target in a header: applications behind IIS's ARR (X-Original-URL), Symfony and Zend Framework before
 # CVE-2018-14773's fixes (X-Original-URL, X-Rewrite-URL) route by it instead of the request line the verifier judged;
 # X-Forwarded-Uri is where Traefik-style applications look. Cleared in every spelling, as the Lua plugin does.
@@ -584,9 +590,10 @@ class Plugin:
             # a name Kong could not be told back to clear (nginx drops such names unless ignore_invalid_headers is off)
             lname = _utf8(name, "a header name").lower()
             dashed = lname.replace("_", "-")
-            underscored_consumer = dashed != lname and dashed in CONSUMER_HEADERS  # never Kong's own spelling
+            # an underscore spelling of a consumer or X-Forwarded-* header is never Kong's own
+            underscored_kongs = dashed != lname and (dashed in CONSUMER_HEADERS or dashed.startswith(FORWARDED_PREFIX))
             if (dashed.startswith((*CLEARED_PREFIXES, ORIGINAL_PREFIX)) or dashed in clear or dashed in TARGET_HEADERS
-                    or underscored_consumer):
+                    or underscored_kongs):
                 clear[lname] = None
         earlier = _value(kong.client.get_consumer())
         if not earlier:

@@ -508,6 +508,35 @@ def test_a_client_description_of_the_request_never_reaches_the_upstream(
     assert seen.headers.get(name.lower()) != value, (edge.name, seen.headers)
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("X-Forwarded-Method", "DELETE"),
+        ("X_Forwarded_Method", "DELETE"),
+        ("X_Forwarded_Uri", "/health"),
+        ("X_Forwarded_Host", ADMIN_HOST),
+        ("X_Forwarded_Proto", "https"),
+        ("X_Forwarded_Port", "8443"),
+    ],
+)
+def test_the_clients_words_for_what_the_verifier_is_told_never_reach_the_upstream(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], name: str, value: str
+) -> None:
+    """X-Forwarded-Method/-Uri/-Host/-Proto/-Port are how a forward-auth gateway tells the verifier the request. The
+    upstream (or a second verifier hop behind it) that reads them must get the gateway's, or none: never the
+    client's, in any spelling (CGI-style frameworks read X_Forwarded_Host as X-Forwarded-Host). Kong sets the
+    dashed -Host/-Proto/-Port itself (test_a_client_description_of_the_request_never_reaches_the_upstream covers
+    them for nginx and Envoy); it never sets X-Forwarded-Method, which the Kong plugins passed on as the client
+    wrote it, with every underscore spelling."""
+    r = http_request(f"{edge.url}/orders", headers={"Host": API_HOST, name: value, **bearer(tokens("read"))})
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    as_cgi = name.lower().replace("_", "-")
+    told = [(n, v) for n, v in seen.headers.items() if n.lower().replace("_", "-") == as_cgi and value in v]
+    assert not told, (edge.name, seen.headers)
+
+
 @pytest.mark.parametrize("override", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])
 def test_a_method_override_never_reaches_the_upstream(
     edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], override: str

@@ -683,6 +683,34 @@ def test_a_method_override_never_reaches_the_upstream(kong, recording_verifier, 
     assert override.lower() in cleared(calls)
 
 
+@pytest.mark.parametrize("spoof", ["X-Forwarded-Method", "x_forwarded_method", "X_Forwarded_Host", "X_Forwarded_Proto",
+                                   "X_Forwarded_Port", "X_Forwarded_Uri"])
+def test_the_clients_words_for_what_the_verifier_is_told_never_reach_the_upstream(kong, recording_verifier, spoof):
+    """X-Forwarded-Method is how the Lua plugin tells the verifier the method, and Kong never sets it for the
+    upstream: a client's reached the upstream (or a second verifier hop) as if it were what was checked. An
+    underscore spelling of any X-Forwarded-* is never Kong's own (Kong sets the dashed -Host/-Proto/-Port), and
+    CGI-style frameworks read it as the dashed one. Both cleared, as by the Lua plugin."""
+    servicer, target = recording_verifier
+    iid = start_instance(kong, grpc_target=target)
+    calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": "Bearer x", spoof: "DELETE"}))
+
+    (sent,) = servicer.requests[-1:]
+    assert sent.method == "GET"
+    assert spoof.lower() in cleared(calls)
+
+
+def test_kongs_own_forwarded_headers_are_left_to_kong(kong, recording_verifier):
+    """The dashed X-Forwarded-Host/-Proto/-Port/-For are Kong's: it overwrites them for the upstream from its own
+    state, or keeps a trusted proxy's (trusted_ips). The plugin does not second-guess that."""
+    _, target = recording_verifier
+    iid = start_instance(kong, grpc_target=target)
+    mine = {"X-Forwarded-Host": "api.example.test", "X-Forwarded-Proto": "https", "X-Forwarded-Port": "443",
+            "X-Forwarded-For": "203.0.113.9"}
+    calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": "Bearer x", **mine}))
+
+    assert not {name.lower() for name in mine} & cleared(calls)
+
+
 @pytest.mark.parametrize("spoof", ["X-Original-URL", "X-Original-URI", "X-Rewrite-URL", "X-Forwarded-Uri",
                                    "X_Original_URL"])
 def test_a_client_named_request_target_never_reaches_the_upstream(kong, recording_verifier, spoof):

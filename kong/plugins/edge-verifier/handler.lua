@@ -65,10 +65,19 @@ for i = 1, #CONSUMER_HEADERS do
 end
 -- Method overrides an application framework may honour: the verifier judged
 -- the request's real method, so the upstream must not be told another one.
+-- X-Forwarded-Method is what this plugin tells the verifier; Kong never sets
+-- it for the upstream, so a client's would reach it (and a second verifier
+-- hop behind it) as if it were what was checked.
 local IS_METHOD_OVERRIDE = {
   ["x-http-method-override"] = true, ["x-http-method"] = true,
-  ["x-method-override"] = true,
+  ["x-method-override"] = true, ["x-forwarded-method"] = true,
 }
+-- Kong sets X-Forwarded-For/-Proto/-Host/-Port/-Path/-Prefix for the upstream
+-- itself (overwritten from its own state, or kept from trusted_ips): those are
+-- Kong's. An underscore spelling (X_Forwarded_Host) is never Kong's, and
+-- CGI-style frameworks read it as the dashed one: cleared.
+local FORWARDED_PREFIX = "x-forwarded-"
+local FORWARDED_PREFIX_LEN = #FORWARDED_PREFIX
 -- The request target in a header: applications behind IIS's ARR (X-Original-URL),
 -- Symfony and Zend Framework before CVE-2018-14773's fixes (X-Original-URL,
 -- X-Rewrite-URL) route by it instead of the request line the verifier judged;
@@ -200,13 +209,14 @@ local function scan_header(name, value, authorization, single_use, consumer_sent
     -- `x_authenticated_roles` is X-Authenticated-Roles to CGI-style
     -- frameworks (nginx drops such names unless underscores_in_headers is on)
     local dashed = gsub(lname, "_", "-")
-    -- (an underscore spelling of a consumer header is never Kong's own: cleared
-    -- whoever authenticated the consumer)
+    -- (an underscore spelling of a consumer or X-Forwarded-* header is never
+    -- Kong's own: cleared whoever authenticated the consumer, whoever is trusted)
     if sub(dashed, 1, IDENTITY_PREFIX_LEN) == IDENTITY_PREFIX
         or IS_METHOD_OVERRIDE[dashed] or dashed == CONSUMER_GROUPS_HEADER
         or IS_TARGET_HEADER[dashed] or sub(dashed, 1, ORIGINAL_PREFIX_LEN) == ORIGINAL_PREFIX
         or sub(dashed, 1, NAMING_PREFIX_LEN) == NAMING_PREFIX
-        or (IS_CONSUMER_HEADER[dashed] and dashed ~= lname) then
+        or (dashed ~= lname and (IS_CONSUMER_HEADER[dashed]
+          or sub(dashed, 1, FORWARDED_PREFIX_LEN) == FORWARDED_PREFIX)) then
       clear_header(name)
     elseif IS_CONSUMER_HEADER[lname] then
       consumer_sent = true
