@@ -83,7 +83,18 @@ TEMPLATE_VARIABLES = (
     "UPSTREAM_HOST",
     "UPSTREAM_PORT",
     "VERIFIER_LUA",
+    "PUBLIC_HOSTS",
+    "PUBLIC_DOMAINS",
 )
+#: The hosts the rendered templates serve as the public API (their PUBLIC_HOSTS / PUBLIC_DOMAINS): the loopback
+#: address a test reaches them by, and the API and IDN hosts tests name. Any other host is refused (421) before a
+#: verifier is asked; admin.example.test has its own server block / virtual host in every template.
+PUBLIC_HOSTS = ("127.0.0.1", "localhost", "api.example.test", "xn--bcher-kva.example.test")
+
+
+def public_domains(hosts: Sequence[str] = PUBLIC_HOSTS) -> str:
+    """Envoy's PUBLIC_DOMAINS for `hosts`: the items of a YAML list, each name with and without a port."""
+    return ", ".join(f'"{h}", "{h}:*"' for h in hosts)
 
 
 def render_template(template: Path, **values: object) -> str:
@@ -669,6 +680,7 @@ def start_envoy(
             VERIFIER_HOST=LOOPBACK,
             UPSTREAM_HOST=LOOPBACK,
             UPSTREAM_PORT=upstream_port,
+            PUBLIC_DOMAINS=public_domains(),
             **{port_name: verifier_port},
             **extra,
         )
@@ -793,6 +805,7 @@ def start_nginx(
         VERIFIER_HTTP_PORT=verifier_http_port,
         UPSTREAM_HOST=LOOPBACK,
         UPSTREAM_PORT=upstream_port,
+        PUBLIC_HOSTS=" ".join(PUBLIC_HOSTS),
         **({"VERIFIER_LUA": lua_file} if lua else {}),
     )
     if http_directives:

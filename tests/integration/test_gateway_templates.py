@@ -51,6 +51,8 @@ VALUES = {
     "UPSTREAM_HOST": "127.0.0.1",
     "UPSTREAM_PORT": 13000,
     "VERIFIER_LUA": "/etc/envoy/verifier-reuse.lua",
+    "PUBLIC_HOSTS": "api.example.test www.example.test",
+    "PUBLIC_DOMAINS": '"api.example.test", "api.example.test:*"',
 }
 #: The nginx variables the trust boundary rests on (docs/SECURITY-TESTING.md, "Trust boundary").
 NGINX_VARIABLES = ("$host", "$request_uri", "$request_method", "$scheme", "$server_port", "$remote_addr")

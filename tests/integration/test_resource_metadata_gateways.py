@@ -87,12 +87,18 @@ def test_a_401_names_metadata_the_client_can_fetch_through_the_gateway_without_a
 
 def test_a_client_chosen_host_never_changes_where_the_challenge_points(gateway: str) -> None:
     for host in ("evil.example.test", "evil.example.test:8443"):
+        # the client's words for the host, on a host the gateway serves: the challenge still points at ours
         refused = http_request(
-            f"{gateway}/orders/42", headers={"Host": host, "X-Forwarded-Host": host, "Forwarded": f"host={host}"}
+            f"{gateway}/orders/42", headers={"Host": HOST, "X-Forwarded-Host": host, "Forwarded": f"host={host}"}
         )
         assert refused.status == 401
         resource_metadata = parse_challenge(refused.headers["www-authenticate"])[1]["resource_metadata"]
         assert resource_metadata == f"https://{HOST}{WELL_KNOWN}/orders"
+        # a host the gateway does not serve: refused before any check (421), so no challenge points anywhere
+        misdirected = http_request(
+            f"{gateway}/orders/42", headers={"Host": host, "X-Forwarded-Host": host, "Forwarded": f"host={host}"}
+        )
+        assert misdirected.status == 421 and "www-authenticate" not in misdirected.headers
 
 
 def test_a_403_carries_the_same_discovery_parameters(gateway: str, issuer: LocalIssuer) -> None:

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import NameOID
 
+from verifier.binding.dpop import thumbprint
 from verifier.binding.mtls import thumbprint_from_der
 
 if __package__:
@@ -47,6 +48,7 @@ if __package__:
         start_gateway_for,
         start_verifier,
     )
+    from .replicas import dpop_proof, public_jwk
 else:  # tests/ is not a package: pytest put this directory on sys.path
     from gateways import (
         GATEWAY_KINDS,
@@ -59,6 +61,7 @@ else:  # tests/ is not a package: pytest put this directory on sys.path
         start_gateway_for,
         start_verifier,
     )
+    from replicas import dpop_proof, public_jwk
 
 from rigs import fresh_upstream_log  # noqa: F401 - autouse: each test sees only its own requests
 
@@ -465,10 +468,11 @@ def test_two_host_lines_do_not_sidestep_the_admin_hosts_policy(
     edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], hosts: tuple[str, str]
 ) -> None:
     """RFC 9112 section 3.2: a request with two Host lines is a 400 (nginx's answer). Envoy joins them into
-    one `Host: api.example.test,admin.example.test`, which an upstream may read as either host."""
+    one `Host: api.example.test,admin.example.test`, which an upstream may read as either host: a host no virtual
+    host serves, refused 421 (the verifier, asked, refused it 403 when the API's was a catch-all)."""
     status = raw_get(edge, "/orders", [("Host", hosts[0]), ("Host", hosts[1]), *bearer(tokens("read")).items()])
 
-    assert status in (400, 403), (edge.name, hosts, status)
+    assert status in (400, 403, 421), (edge.name, hosts, status)
     assert upstream.requests == []
 
 
@@ -479,6 +483,51 @@ def test_a_client_naming_another_host_still_gets_the_admin_hosts_policy(
     r = http_request(f"{edge.url}/orders", headers={"Host": ADMIN_HOST, spoof: API_HOST, **bearer(tokens("read"))})
 
     assert r.status == 403, (edge.name, r.status, r.headers, r.body)
+    assert upstream.requests == []
+
+
+EVIL_HOST = "evil.example"  # a host this gateway does not serve
+
+
+def test_a_dpop_proof_made_for_another_host_is_refused_whatever_host_the_client_names(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    """RFC 9449: a proof is good for the URL in its `htu` only, and the verifier compares it with the URL the
+    gateway reports: scheme://host/path, the host being the one the gateway routed by. A proof made for
+    evil.example (on this rig's scheme and port; https://evil.example/orders in production) must be refused
+    here: replayed to our host (the verifier sees the htu mismatch), and replayed naming evil.example as the Host,
+    which a catch-all server block / "*" virtual host passed to the API: the verifier was told evil.example, the
+    htu matched, and the upstream served it (200). Now the gateway refuses a host it does not serve (421)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = tokens("read", cnf={"jkt": thumbprint(public_jwk(key))})
+    scheme = edge.url.split("://", 1)[0]
+
+    def replayed(host: str) -> int:
+        proof = dpop_proof(key, "GET", f"{scheme}://{EVIL_HOST}:{edge.port}/orders", tok)
+        return http_request(f"{edge.url}/orders", headers={"Host": host, "Authorization": f"DPoP {tok}",
+                                                             "DPoP": proof}).status
+
+    assert replayed(f"{API_HOST}:{edge.port}") == 401, edge.name
+    assert replayed(f"{EVIL_HOST}:{edge.port}") == 421, edge.name
+    assert replayed(EVIL_HOST) == 421, edge.name
+    assert upstream.requests == []
+    # the control: a proof for our host passes
+    ours = dpop_proof(key, "GET", f"{scheme}://{API_HOST}:{edge.port}/orders", tok)
+    r = http_request(f"{edge.url}/orders", headers={"Host": f"{API_HOST}:{edge.port}", "Authorization": f"DPoP {tok}",
+                                                     "DPoP": ours})
+    assert r.status == 200, (edge.name, r.status, r.body)
+
+
+@pytest.mark.parametrize("target", ["/orders", f"http://{EVIL_HOST}/orders"])
+def test_a_request_for_a_host_the_gateway_does_not_serve_is_refused_unjudged(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], target: str
+) -> None:
+    """A Host (or absolute-form target) the shipped configuration does not serve is answered 421 Misdirected
+    Request (RFC 9110 section 15.5.20), never judged as if for the API host nor passed to the upstream; before,
+    the catch-all API block served it with the verifier judging the client's host name."""
+    status = raw_get(edge, target, {"Host": EVIL_HOST, **bearer(tokens("read"))})
+
+    assert status == 421, (edge.name, target, status)
     assert upstream.requests == []
 
 
