@@ -66,7 +66,21 @@ def edge_verifier_plugins(declarative: dict[str, Any]) -> list[dict[str, Any]]:
     return [p for p in plugins if p["name"] == schema_name()]
 
 
+def assert_checked_routes_name_their_hosts(declarative: dict[str, Any]) -> None:
+    """The plugin tells the verifier the host Kong routed by (host policies, DPoP's htu); a route without `hosts`
+    matches any Host, which lets the client choose it. Every route the plugin runs on names its hosts, none a
+    wildcard; and the plugin is never global (it would run on any host's routes)."""
+    assert not [p for p in declarative.get("plugins") or [] if p["name"] == schema_name()]
+    for service in declarative.get("services") or []:
+        on_service = any(p["name"] == schema_name() for p in service.get("plugins") or [])
+        for route in service.get("routes") or []:
+            if on_service or any(p["name"] == schema_name() for p in route.get("plugins") or []):
+                hosts = route.get("hosts") or []
+                assert hosts and not [h for h in hosts if "*" in h], (service["name"], route["name"], hosts)
+
+
 def assert_plugin_points_at_verifier(declarative: dict[str, Any], verifier_config: dict[str, Any]) -> None:
+    assert_checked_routes_name_their_hosts(declarative)
     (plugin,) = edge_verifier_plugins(declarative)
     assert set(plugin["config"]) <= schema_config_fields(), set(plugin["config"]) - schema_config_fields()
     url = urlsplit(plugin["config"]["url"])
