@@ -925,7 +925,9 @@ class Pipeline:
         client_id: str | None = None,
     ) -> None:
         """Counts a signature check and writes its audit line; `token_key` is the token's own SHA-256 (`token_hash`)."""
-        trace_id = self._tracing.token_checked(attrs.headers, issuer)
+        # A refused token's `iss` is its sender's words (any value, any length): only a verified token's issuer
+        # is noted on the span, whose `verifier.issuer` values a trace backend indexes.
+        trace_id = self._tracing.token_checked(attrs.headers, issuer if decision.allowed else "")
         if alg and alg != "introspection":
             label = (alg if alg in SUPPORTED_ALGORITHMS else "other", "ok" if decision.allowed else decision.reason)
             signatures = self._signatures  # header values are attacker-chosen: an unknown alg counts as "other"

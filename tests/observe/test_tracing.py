@@ -5,6 +5,7 @@ with what token, a malformed `traceparent` starts a new trace, audit lines name 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import subprocess
@@ -129,6 +130,30 @@ async def test_no_span_carries_the_token_or_the_subject(exporter: InMemorySpanEx
         for piece in token.split("."):
             assert len(piece) < 8 or piece not in recorded
     assert SUBJECT not in recorded
+
+
+async def test_a_refused_tokens_own_iss_never_becomes_a_span_attribute(exporter: InMemorySpanExporter) -> None:
+    """The attacker's view: a token that does not verify says whatever it likes in `iss` (a fresh value per
+    request, kilobytes long); none of it may reach the trace backend as `verifier.issuer`, an indexed attribute
+    whose values must be the operator's issuers. A configured issuer's refused token keeps no issuer either: it
+    is only ever the issuer of a token that verified."""
+    def unsigned(iss: str, sub: str = "s") -> str:
+        def b64(document: dict[str, Any]) -> str:
+            return base64.urlsafe_b64encode(json.dumps(document).encode()).rstrip(b"=").decode()
+
+        return f"{b64({'alg': 'ES256', 'kid': 'k', 'typ': 'JWT'})}.{b64({'iss': iss, 'sub': sub})}.AAAA"
+
+    forged = [f"https://attacker.test/{i}/" + "x" * 4000 for i in range(3)]
+    async with running_verifier(tracing=tracing(exporter)) as (app, idp):
+        assert app.ports.http is not None
+        for iss in [*forged, idp.issuer]:
+            answer = await http_exchange(app.ports.http, forward_auth("/a", {"Authorization": f"Bearer {unsigned(iss)}"}))
+            assert answer.startswith(b"HTTP/1.1 401")
+    spans = decisions(exporter)
+    assert len(spans) == 4
+    assert all(s.attributes is not None and s.attributes["verifier.outcome"] == "deny" for s in spans)
+    assert [dict(s.attributes or {}).get("verifier.issuer") for s in spans] == [None] * 4
+    assert "attacker.test" not in everything_recorded(list(exporter.get_finished_spans()))
 
 
 @pytest.mark.parametrize(

@@ -49,8 +49,9 @@ class Tracing(Protocol):
         ...
 
     def token_checked(self, headers: Mapping[str, str], issuer: str) -> str:
-        """A token was verified now (not answered by a cache): notes its issuer on the current decision's
-        span; returns the trace id for its audit line ("" when there is no trace)."""
+        """A token was checked now (not answered by a cache): notes `issuer` on the current decision's span (the
+        pipeline passes "" for a refused token, whose `iss` is unverified); returns the trace id for its audit
+        line ("" when there is no trace)."""
         ...
 
     def trace_id(self, headers: Mapping[str, str]) -> str:
