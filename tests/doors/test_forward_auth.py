@@ -202,6 +202,31 @@ async def test_health_reports_serving_and_unknown_paths_404() -> None:
         assert _status(await http_exchange(app.ports.http, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")) == 404
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/forward-auth/../../.well-known/oauth-protected-resource",
+        "/v1/forward-auth/%2e%2E/%2E%2e/.well-known/oauth-protected-resource",
+        "/v1/forward-auth/..",
+        "/v1/forward-auth//..//..//x",
+        "/v1/forward-auth/./../x?y=/v1/forward-auth/",
+    ],
+)
+async def test_a_target_whose_dot_segments_leave_the_door_is_not_a_check(target: str) -> None:
+    """The attacker's view: a gateway that matched its location on the normalized target (nginx's
+    `/.well-known/oauth-protected-resource`, proxied without a URI) passes the raw one on. A target that
+    starts with the door's path but, its dot segments resolved, names another path is not addressed to the
+    door: answering it as a check handed the client the gateway's answer (identity headers and all), asked
+    with X-Forwarded-* headers the client chose."""
+    async with running_verifier() as (app, idp):
+        token = idp.mint(sub="alice", scope="read write")
+        answer = await http_exchange(app.ports.http, _request(token, "X-Forwarded-Uri: /things\r\n", target))
+        assert _status(answer) == 404, answer
+        assert _header(answer, "x-authenticated-userid") is None
+        inside = await http_exchange(app.ports.http, _request(token, "", "/v1/forward-auth/a/../b/./c"))
+        assert _status(inside) == 200  # dot segments that stay within the door's path: Envoy's appended path
+
+
 @pytest.mark.parametrize("target", [b"/livez", b"/healthz", b"/readyz", b"/nope"])
 @pytest.mark.parametrize("ending", [b"HTTP/1.1\r\nHost: v\r\nConnection: close\r\n\r\n", b"HTTP/1.0\r\n\r\n"])
 async def test_a_health_or_not_found_answer_that_closes_says_so(target: bytes, ending: bytes) -> None:

@@ -417,7 +417,9 @@ class _Connection(asyncio.Protocol):
         keep_alive = parser.should_keep_alive() and not door.draining and not parser.should_upgrade()
         url = self._url
         path = url.split(b"?", 1)[0]
-        if path == PREFIX or path.startswith(PREFIX + b"/"):
+        if (path == PREFIX or path.startswith(PREFIX + b"/")) and not (
+            (b"/." in path or b"%2" in path) and _leaves_door(path)
+        ):
             method = parser.get_method()
             attrs = door.attributes(method.decode("latin-1"), url, self._headers, self._peer)
             started = time.perf_counter()
@@ -569,6 +571,30 @@ class _Connection(asyncio.Protocol):
 def _closing(answer: bytes, keep_alive: bool) -> bytes:
     """A fixed answer as is, or saying `connection: close` when it ends the connection (RFC 9112 section 9.6)."""
     return answer if keep_alive else answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
+
+
+_DOOR_SEGMENTS = PREFIX.strip(b"/").split(b"/")
+
+
+def _leaves_door(path: bytes) -> bool:
+    """Whether `path` (no query), read as a gateway normalizes it, names a path outside the door's.
+
+    nginx matches its locations on the target normalized (`%2e` and `%2f` decoded, slashes merged, dot
+    segments resolved: RFC 3986 section 5.2.4) but may pass the raw target on: `proxy_pass` without a URI in
+    a location such as `/.well-known/oauth-protected-resource` (deploy/nginx, or an operator's copy of it) made
+    `/v1/forward-auth/../../.well-known/oauth-protected-resource` a check whose answer, identity headers and
+    all, went to the client, asked with X-Forwarded-* headers the client chose. Such a target is not addressed
+    to the door. Only called when the path holds a `/.` or a `%2`: a gateway's own target never does.
+    """
+    decoded = path.replace(b"%2e", b".").replace(b"%2E", b".").replace(b"%2f", b"/").replace(b"%2F", b"/")
+    resolved: list[bytes] = []
+    for segment in decoded.split(b"/"):
+        if segment == b"..":
+            if resolved:
+                resolved.pop()
+        elif segment and segment != b".":
+            resolved.append(segment)
+    return resolved[: len(_DOOR_SEGMENTS)] != _DOOR_SEGMENTS
 
 
 def door_wants_body(url: bytes) -> bool:
