@@ -125,3 +125,30 @@ def test_a_head_request_leaves_the_gateway_and_the_next_get_intact(gateway: str)
         assert head.status in (200, 401) and head.body == b""
         fetched = http_request(f"{gateway}{WELL_KNOWN}/orders", headers={"Host": HOST})
         assert fetched.status == 200 and json.loads(fetched.body)["resource"] == ORDERS
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/forward-auth/../../.well-known/oauth-protected-resource",
+        "/v1/forward-auth/%2e%2e/%2e%2e/.well-known/oauth-protected-resource",
+        "/healthz/../.well-known/oauth-protected-resource",
+    ],
+)
+def test_a_target_the_gateway_normalizes_into_the_metadata_never_reaches_another_verifier_endpoint(
+    gateway: str, issuer: LocalIssuer, upstream: EchoUpstream, target: str
+) -> None:
+    """The attacker's view: the gateway matches the metadata location on the target it normalized, but may
+    pass the raw one on; the verifier must not read that raw target as its forward-auth door (whose answer,
+    identity headers and all, is the gateway's alone, asked with headers the gateway sets) or any other
+    endpoint."""
+    upstream.clear()
+    token = issuer.mint(aud=[issuer.audience, ORDERS], scope="orders:read")
+    answer = http_request(
+        f"{gateway}{target}",
+        headers={"Host": HOST, "Authorization": f"Bearer {token}", "X-Forwarded-Uri": "/orders/1"},
+    )
+    assert not any(name.startswith("x-authenticated-") for name in answer.headers), sorted(answer.headers.items())
+    assert answer.status != 200 or json.loads(answer.body)["resource"] == f"https://{HOST}", (answer.status, answer.body)
+    assert b"SERVING" not in answer.body
+    assert not upstream.requests
