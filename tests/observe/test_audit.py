@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -13,6 +14,7 @@ import types
 from collections.abc import Iterator
 
 import pytest
+from doorkit import http_exchange, running_verifier
 
 from verifier.observe import audit, logsink
 
@@ -252,3 +254,57 @@ def test_configuring_logging_again_writes_the_lines_still_waiting(monkeypatch: p
         _checks([{"subject": "x"}, {"subject": "y"}])
         audit.configure_logging("INFO")  # a new handler: the old one's lines come out first
         assert [json.loads(line)["subject"] for line in out.getvalue().splitlines()] == ["x", "y"]
+
+
+def _unsigned(header: dict[str, object], payload: dict[str, object]) -> str:
+    def b64(document: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(document, ensure_ascii=False).encode()).rstrip(b"=").decode()
+
+    return f"{b64(header)}.{b64(payload)}.AAAA"
+
+
+async def test_a_hostile_request_cannot_make_an_audit_line_longer_than_a_log_record() -> None:
+    """The attacker's view: a forged token's iss and kid are the sender's words, the route the client's path;
+    each written as `\\uXXXX` escapes (twelve bytes for one emoji), they made an audit line of hundreds of KiB.
+    Container runtimes split a line past 16 KiB (Docker, containerd's max_container_log_line_size) into
+    records that are not JSON: every audit line stays within one, its long values cut and marked."""
+    emoji = "\U0001f600"
+    token = _unsigned({"alg": "ES256", "kid": emoji * 200, "typ": "JWT"}, {"iss": emoji * 1000, "sub": emoji * 50})
+    path = b"/" + b"\xe9" * 24_000
+    request = (
+        b"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer " + token.encode()
+        + b"\r\nX-Forwarded-Uri: " + path + b"\r\n\r\n"
+    )  # fmt: skip
+    with served() as out:
+        async with running_verifier() as (app, _):
+            answer = await http_exchange(app.ports.http, request)
+            assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        audit.flush_logs()
+    lines = [line for line in out.getvalue().splitlines() if '"signature_check"' in line]
+    assert len(lines) == 1
+    (line,) = lines
+    assert len(line) + 1 <= logsink.MAX_LINE_BYTES and line.isascii(), len(line)
+    fields = json.loads(line)
+    assert fields["truncated"] is True and fields["decision"] == "deny" and fields["kid"].startswith(emoji * 100)
+    assert fields["issuer"].startswith(emoji * 100) and fields["route"].startswith("GET /" + "\xe9" * 100)
+
+
+def test_any_record_past_the_bound_is_one_line_within_it() -> None:
+    """The other audit lines (a revoked token's, the admin API's, WebAuthn's) carry the request's route and the
+    caller's words as well: a record past the bound has its long values cut, a traceback its end kept."""
+    hostile = "\U0001f600" * 30_000
+    record = logging.makeLogRecord(
+        {"name": "verifier.audit", "levelno": logging.WARNING, "levelname": "WARNING", "msg": "token_revoked",
+         "event": "token_revoked", "route": "GET /" + hostile, "subject": hostile, "kids": [hostile] * 50}
+    )  # fmt: skip
+    try:
+        raise ValueError("innermost " + hostile)
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    line = audit.JsonFormatter().format(record)
+    assert len(line) + 1 <= logsink.MAX_LINE_BYTES and line.isascii() and "\n" not in line
+    fields = json.loads(line)
+    assert fields["truncated"] is True and fields["event"] == "token_revoked" and fields["level"] == "WARNING"
+    assert fields["route"].startswith("GET /\U0001f600") and fields["exc"].endswith("\U0001f600")
+    short = logging.makeLogRecord({"name": "verifier.audit", "msg": "admin_refused", "peer": "127.0.0.1"})
+    assert "truncated" not in json.loads(audit.JsonFormatter().format(short))

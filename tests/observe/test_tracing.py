@@ -137,6 +137,7 @@ async def test_a_refused_tokens_own_iss_never_becomes_a_span_attribute(exporter:
     request, kilobytes long); none of it may reach the trace backend as `verifier.issuer`, an indexed attribute
     whose values must be the operator's issuers. A configured issuer's refused token keeps no issuer either: it
     is only ever the issuer of a token that verified."""
+
     def unsigned(iss: str, sub: str = "s") -> str:
         def b64(document: dict[str, Any]) -> str:
             return base64.urlsafe_b64encode(json.dumps(document).encode()).rstrip(b"=").decode()
@@ -147,7 +148,8 @@ async def test_a_refused_tokens_own_iss_never_becomes_a_span_attribute(exporter:
     async with running_verifier(tracing=tracing(exporter)) as (app, idp):
         assert app.ports.http is not None
         for iss in [*forged, idp.issuer]:
-            answer = await http_exchange(app.ports.http, forward_auth("/a", {"Authorization": f"Bearer {unsigned(iss)}"}))
+            headers = {"Authorization": f"Bearer {unsigned(iss)}"}
+            answer = await http_exchange(app.ports.http, forward_auth("/a", headers))
             assert answer.startswith(b"HTTP/1.1 401")
     spans = decisions(exporter)
     assert len(spans) == 4

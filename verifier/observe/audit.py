@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from verifier.observe.logsink import BufferedStderrHandler, JsonFormatter
+from verifier.observe.logsink import MAX_LINE_BYTES, BufferedStderrHandler, JsonFormatter, cut
 
 audit_log = logging.getLogger("verifier.audit")
 
@@ -144,7 +144,16 @@ def _fields(
     )
     if trace_id:  # the gateway's trace (its traceparent), or the span's when tracing is on
         fields += f', "trace_id": {_literal(trace_id)}'
+    if len(fields) > _MAX_FIELDS_CHARS:  # a forged token's iss and kid, the client's path: see logsink.MAX_LINE_BYTES
+        return _fields(
+            cut(issuer), None if kid is None else cut(kid), cut(alg), cut(subject), cut(route), decision, reason,
+            latency_seconds, token_hash_, door, None if client_id is None else cut(client_id), trace_id,
+        ) + ', "truncated": true'  # fmt: skip
     return fields
+
+
+# What `_line` puts around the fields (time, level, logger, msg: 108 characters) and the newline, with room to spare.
+_MAX_FIELDS_CHARS = MAX_LINE_BYTES - 160
 
 
 def _line(now: float, fields: str) -> str:

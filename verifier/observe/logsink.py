@@ -16,6 +16,30 @@ from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
+# One line is one record to whatever reads stderr: Docker and containerd (max_container_log_line_size) split a
+# line past 16 KiB into pieces that are not JSON. A value is the sender's choice more often than not (a forged
+# token's iss and kid, the client's path), and written as `\uXXXX` escapes it grows up to twelvefold: a line that
+# would pass the bound has its long values cut to CUT_CHARS (marked "…") and says `"truncated": true`.
+MAX_LINE_BYTES = 16 * 1024  # the newline included; every line is ASCII (json.dumps escapes the rest)
+CUT_CHARS = 200  # characters kept of a long value in a line past the bound
+EXC_TAIL_CHARS = 8 * 1024  # of a traceback past the bound: its end (the innermost frames, the exception)
+_ELLIPSIS = "\u2026"
+
+
+def cut(value: str) -> str:
+    """`value` cut to CUT_CHARS characters, marked with an ellipsis; as it is when short enough."""
+    return value if len(value) <= CUT_CHARS else value[:CUT_CHARS] + _ELLIPSIS
+
+
+def _cut_any(value: Any) -> Any:
+    if isinstance(value, str):
+        return cut(value)
+    if isinstance(value, list | tuple):
+        return [_cut_any(v) for v in value[:CUT_CHARS]]
+    if isinstance(value, dict):
+        return {cut(str(k)): _cut_any(v) for k, v in list(value.items())[:CUT_CHARS]}
+    return value
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and the record's extra fields."""
@@ -40,7 +64,36 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        line = json.dumps(out, default=str)
+        if len(line) < MAX_LINE_BYTES:
+            return line
+        return _bounded(out)
+
+
+_KEPT = ("time", "level", "logger", "msg", "event")
+
+
+def _bounded(out: dict[str, Any]) -> str:
+    """The line of a record whose line would pass MAX_LINE_BYTES: its long values cut; lists and mappings that
+    still do not fit left out, then every field but the record's own; a traceback's end in the room left."""
+    exc = out.pop("exc", None)
+    cut_out = {k: v if k in _KEPT[:3] else _cut_any(v) for k, v in out.items()}
+    cut_out["truncated"] = True
+    line = json.dumps(cut_out, default=str)
+    if len(line) >= MAX_LINE_BYTES:
+        cut_out = {k: _ELLIPSIS if isinstance(v, list | dict) else v for k, v in cut_out.items()}
+        line = json.dumps(cut_out, default=str)
+    if len(line) >= MAX_LINE_BYTES:
+        cut_out = {k: v for k, v in cut_out.items() if k in _KEPT or k == "truncated"}
+        line = json.dumps(cut_out, default=str)
+    if isinstance(exc, str):
+        room = MAX_LINE_BYTES - len(line) - len(', "exc": ""') - 8
+        tail = exc[-min(max(room, 0), EXC_TAIL_CHARS) :] if room > 0 else ""
+        while tail and len(json.dumps(tail)) - 2 > room:  # escapes take up to 12 characters each
+            tail = tail[len(tail) // 2 :]
+        cut_out["exc"] = _ELLIPSIS + tail
+        line = json.dumps(cut_out, default=str)
+    return line
 
 
 FLUSH_INTERVAL_SECONDS = 0.2  # audit lines reach stderr at most this late (or when 64 KiB are waiting)
