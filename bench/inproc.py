@@ -425,6 +425,8 @@ async def _measure(
                 f"{app.generation.value:,} times; refused-token cache {len(app.negative):,} entries "
                 f"(bound {JUNK_CACHE_ENTRIES:,})"
             )
+            if profiler:
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(int(os.environ.get("BENCH_TOP", "30")))
             return
         if raw is None:  # cached: one token, many passes
             feed = conn.data_received
