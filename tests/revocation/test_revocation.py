@@ -339,6 +339,28 @@ def test_subjects_of_must_name_configured_issuers() -> None:
         config(subjects_of=[])
 
 
+@pytest.mark.parametrize("bad", ["grant", "", "Replace", True, ["replace"]])
+def test_claims_change_is_restrict_or_replace_and_anything_else_is_refused_at_start_up(bad: Any) -> None:
+    """Who may raise a token's claims is the operator's explicit choice: a typo must not start a verifier."""
+    from verifier.settings import parse_settings
+
+    def settings(**options: Any) -> Settings:
+        issuer = {"issuer": ISSUER, "audiences": ["api"], "algorithms": ["ES256"]}
+        transmitter = {"issuer": TX, "audience": RECEIVER, "subjects_of": [ISSUER], **options}
+        return parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [issuer],
+                               "revocation": {"transmitters": [transmitter]}})
+
+    def claims_change(parsed: Settings) -> str:
+        assert parsed.revocation is not None
+        return parsed.revocation.transmitters[0].claims_change
+
+    assert claims_change(settings()) == "restrict"
+    assert claims_change(settings(claims_change="replace")) == "replace"
+    assert config(claims_change="restrict").transmitters[0].claims_change == "restrict"
+    with pytest.raises(ConfigError, match=r"revocation\.transmitters\[0\]\.claims_change: expected"):
+        settings(claims_change=bad)
+
+
 def test_subjects_of_may_not_name_an_issuer_template() -> None:
     """A token of a `{tenant}` template names its tenant's issuer, never the template: an event scoped to the template
     could reach no token, and was acknowledged (202) and counted as ignored, a revocation silently lost. Refused at

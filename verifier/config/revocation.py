@@ -12,6 +12,8 @@ revocation:
       max_age_seconds: 300               # a SET whose `iat` is older is refused (and its jti forgotten)
       subjects_of: ["https://idp.example.test"]   # configured issuers whose users its events may touch
                                          # (default: its own `issuer`, when the provider transmits itself)
+      claims_change: restrict            # restrict: its claim/assurance changes only take away (default);
+                                         # replace: they replace the token's claims, raises included
       # poll only: poll_interval_seconds (10), poll_endpoint_url (else the metadata's poll delivery),
       #            poll_authorization_env (env var holding a bearer token for the poll endpoint),
       #            max_events (100)
@@ -45,6 +47,9 @@ DEFAULT_MAX_AGE_SECONDS = 300  # seconds a SET may take from signing to us (retr
 DEFAULT_POLL_INTERVAL_SECONDS = 10.0  # seconds between polls when the transmitter had nothing more
 DEFAULT_MAX_EVENTS = 100  # SETs asked for per poll (RFC 8936 section 2.4 maxEvents)
 DEFAULT_RESYNC_INTERVAL_SECONDS = 30.0  # seconds between full reloads; pub/sub carries changes in between
+# `claims_change`: what a transmitter's CAEP token-claims-change / assurance-level-change may do to a token's claims.
+RESTRICT = "restrict"  # only take away: a claim keeps what both the token and the announcement hold
+REPLACE = "replace"  # the spec's semantics: the announced claims replace the token's (a raise too)
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TransmitterConfig:
     """One trusted SSF transmitter."""
@@ -76,6 +81,14 @@ class TransmitterConfig:
     # about anyone else is acknowledged and ignored: one provider's transmitter cannot sign out (or
     # change the claims of) another provider's users.
     subjects_of: tuple[str, ...] = setting((), doc="configured issuers whose users its events may touch (default: own)")
+    # A transmitter is not always the identity provider (a risk engine, an MDM, a second IdP): by default its claim
+    # announcements may only take access away (`verifier.checks.revocation`). `replace` is for a transmitter that
+    # IS the provider of the tokens it speaks for, whose word on a claim may raise it.
+    claims_change: str = setting(
+        RESTRICT,
+        choices=(RESTRICT, REPLACE),
+        doc="restrict: its CAEP claim/assurance changes only take away; replace: they may also raise (the IdP itself)",
+    )
 
     @property
     def scope(self) -> tuple[str, ...]:
