@@ -5,6 +5,9 @@ real SSF transmitter pushing signed SETs to `/v1/ssf/events`, and then acts as t
 
 - a CAEP token-claims-change that takes away a scope or an admin group takes effect on the next
   request, cached or not (finding 5);
+- a transmitter cannot grant with a claims announcement: a scope, a group or a `roles` claim it adds, an
+  `acr` it raises, neither passes a route nor reaches the upstream, unless it is configured as the
+  provider itself (`claims_change: replace`);
 - a CAEP credential-change for a FIDO2 credential disables the user's WebAuthn keys (finding 6);
 - the WebAuthn endpoints apply the forward-auth checks: certificate binding, the provider's word on
   a JWT (`introspect_jwts`), revocation, DPoP (finding 7);
@@ -23,13 +26,24 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from doorkit import door_settings, free_port, http_exchange
-from ssf_transmitter import ACCOUNT_DISABLED, CREDENTIAL_CHANGE, SESSION_REVOKED, TOKEN_CLAIMS_CHANGE, SsfTransmitter
+from ssf_transmitter import (
+    ACCOUNT_DISABLED,
+    ASSURANCE_LEVEL_CHANGE,
+    CREDENTIAL_CHANGE,
+    SESSION_REVOKED,
+    TOKEN_CLAIMS_CHANGE,
+    SsfTransmitter,
+)
 from webauthnkit import ORIGIN, RP_ID, SoftAuthenticator, encode_header
 
 from verifier.app import App
 from verifier.config.introspection import IntrospectionConfig
+from verifier.config.upstream import parse_upstream_config
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 from verifier.revocation import parse_revocation_config
 from verifier.settings import (
@@ -65,9 +79,9 @@ def _issuer(idp: DevIdentityProvider, **options: Any) -> IssuerSettings:
     return IssuerSettings(issuer=idp.issuer, audiences=(DEV_AUDIENCE,), algorithms=("ES256",), roles=ROLES, **options)
 
 
-def _transmitter(tx: SsfTransmitter, subjects_of: Sequence[str]) -> dict[str, Any]:
+def _transmitter(tx: SsfTransmitter, subjects_of: Sequence[str], **options: Any) -> dict[str, Any]:
     return {"issuer": tx.issuer, "audience": RECEIVER, "delivery": "push", "subjects_of": list(subjects_of),
-            "allow_insecure_http": True}
+            "allow_insecure_http": True, **options}
 
 
 @contextlib.asynccontextmanager
@@ -242,6 +256,163 @@ async def test_an_announced_scope_replaces_the_token_s_whichever_claim_either_us
                 status, headers = await _forward(app, token, "/write/x")
                 assert (status, headers["x-verifier-reason"]) == (403, "scope_missing")
                 assert (await _forward(app, token, "/read"))[1]["x-authenticated-scope"] == "read"
+
+
+# -- a claims announcement takes away, never grants (unless the transmitter is the provider) ----------------
+
+HIGH, LOW = "urn:acr:high", "urn:acr:low"
+GRANTS = (
+    PolicySettings(name="strong", match=RouteMatch(path_prefix="/strong"), require=Requirements(acr_any=(HIGH,))),
+    *POLICIES,
+)
+ASSERTION_ISSUER = "https://verifier.internal"
+
+
+def _upstream(tmp_path: Path) -> Any:
+    """Mapped claim headers and a signed identity assertion (its key in `tmp_path`)."""
+    key = tmp_path / "identity.pem"
+    key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return parse_upstream_config(
+        {
+            "headers": [
+                {"header": "X-Authenticated-Groups", "claim": "groups"},
+                {"header": "X-Authenticated-Acr", "claim": "acr"},
+                {"header": "X-Authenticated-Scope-Claim", "claim": "scope"},
+            ],
+            "identity_token": {
+                "issuer": ASSERTION_ISSUER, "algorithm": "ES256", "private_key_file": str(key),
+                "audience": "https://orders.internal", "lifetime_seconds": 60,
+                "claims": ["sub", "scope", "roles", "groups", "acr"],
+            },
+        }
+    )
+
+
+def _asserted(headers: Mapping[str, str]) -> dict[str, Any]:
+    """The identity assertion the upstream received (its signature is the upstream tests' business)."""
+    claims: dict[str, Any] = jwt.decode(headers["x-authenticated-identity"], options={"verify_signature": False})
+    return claims
+
+
+def _claims_change(claims: Mapping[str, Any], ago: int = 0) -> dict[str, Any]:
+    """A token-claims-change `ago` seconds back (events of one second are ordered by id: tests space them)."""
+    return {TOKEN_CLAIMS_CHANGE: {"claims": dict(claims), "event_timestamp": int(time.time()) - ago}}
+
+
+def _assurance(level: str, ago: int = 0) -> dict[str, Any]:
+    event = {"namespace": "RFC8176", "current_level": level, "event_timestamp": int(time.time()) - ago}
+    return {ASSURANCE_LEVEL_CHANGE: event}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"rate_limits": RateLimitSettings(default=RateLimit(per_second=1000, burst=1000))}],
+    ids=["cached-path", "asynchronous-path"],
+)
+async def test_a_transmitter_cannot_add_the_scope_group_or_role_a_route_requires(options: dict[str, Any]) -> None:
+    """A compromised (or merely misconfigured) risk engine announces `write`, the admin group and an `admin` role
+    for a user whose token has none of them: the routes that require them still refuse her."""
+    async with _providers() as (idp,), _ssf() as tx:
+        async with _verifier([_issuer(idp)], [_transmitter(tx, [idp.issuer])], policies=POLICIES, **options) as app:
+            mallory = idp.mint(sub="mallory", scope="read", claims={"groups": ["staff"]})
+            for path, reason in (("/write/x", "scope_missing"), ("/admin/x", "role_missing")):
+                status, headers = await _forward(app, mallory, path)
+                assert (status, headers["x-verifier-reason"]) == (403, reason)
+            raised = {"scope": "read write", "groups": ["staff", "platform-admins"], "roles": ["admin"]}
+            assert await _push(app, tx, _claims_change(raised), _user(idp, "mallory")) == 202
+            for path, reason in (("/write/x", "scope_missing"), ("/admin/x", "role_missing")):
+                status, headers = await _forward(app, mallory, path)
+                assert (status, headers["x-verifier-reason"]) == (403, reason), path
+            status, headers = await _forward(app, mallory, "/read")
+            assert status == 200
+            assert headers["x-authenticated-scope"] == "read"
+            assert headers.get("x-authenticated-roles", "") == ""  # neither `admin` nor the group's role
+
+            as_scp = {"scp": ["read", "write"]}  # the other spelling of the scope claim grants nothing either
+            assert await _push(app, tx, _claims_change(as_scp), _user(idp, "mallory")) == 202
+            status, headers = await _forward(app, mallory, "/write/x")
+            assert (status, headers["x-verifier-reason"]) == (403, "scope_missing")
+
+
+async def test_an_assurance_level_change_cannot_raise_acr_to_what_a_step_up_route_requires() -> None:
+    async with _providers() as (idp,), _ssf() as tx:
+        async with _verifier([_issuer(idp)], [_transmitter(tx, [idp.issuer])], policies=GRANTS) as app:
+            weak = idp.mint(sub="mallory", claims={"acr": LOW})
+            status, headers = await _forward(app, weak, "/strong/x")
+            assert (status, headers["x-verifier-reason"]) == (401, "insufficient_user_authentication")
+            assert await _push(app, tx, _assurance(HIGH), _user(idp, "mallory")) == 202
+            status, headers = await _forward(app, weak, "/strong/x")
+            assert (status, headers["x-verifier-reason"]) == (401, "insufficient_user_authentication")
+            assert "acr_values" in headers["www-authenticate"]  # challenged to step up at the provider
+
+            without = idp.mint(sub="eve")  # no `acr` at all: an announced one is not taken either
+            assert await _push(app, tx, _claims_change({"acr": HIGH}), _user(idp, "eve")) == 202
+            status, headers = await _forward(app, without, "/strong/x")
+            assert (status, headers["x-verifier-reason"]) == (401, "insufficient_user_authentication")
+
+
+async def test_the_upstream_never_receives_what_an_announcement_added(tmp_path: Path) -> None:
+    """The route lets the request through (it requires nothing), but the headers and the signed identity
+    assertion carry only what the token itself holds: the intersection of lists and scopes, no raised `acr`."""
+    async with _providers() as (idp,), _ssf() as tx:
+        async with _verifier(
+            [_issuer(idp)], [_transmitter(tx, [idp.issuer])], policies=GRANTS, upstream=_upstream(tmp_path)
+        ) as app:
+            token = idp.mint(sub="mallory", scope="read write", claims={"groups": ["staff", "eng"], "acr": LOW})
+            raised = {"scope": "read admin", "groups": ["eng", "platform-admins"], "acr": HIGH, "roles": ["admin"]}
+            assert await _push(app, tx, _claims_change(raised), _user(idp, "mallory")) == 202
+            status, headers = await _forward(app, token, "/read")
+            assert status == 200
+            assert headers["x-authenticated-scope"] == "read"  # `admin` added, `write` taken away
+            assert headers["x-authenticated-scope-claim"] == "read"
+            assert headers["x-authenticated-groups"] == "eng"
+            assert "x-authenticated-acr" not in headers  # moved by the announcement: neither value is vouched for
+            assert headers.get("x-authenticated-roles", "") == ""
+            asserted = _asserted(headers)
+            assert asserted["scope"] == "read" and asserted["groups"] == ["eng"]
+            assert "acr" not in asserted and "roles" not in asserted
+
+
+async def test_an_announcement_still_takes_access_away_scope_and_assurance() -> None:
+    async with _providers() as (idp,), _ssf() as tx:
+        async with _verifier([_issuer(idp)], [_transmitter(tx, [idp.issuer])], policies=GRANTS) as app:
+            strong = idp.mint(sub="alice", scope="read write", claims={"acr": HIGH, "iat": int(time.time()) - 30})
+            for path in ("/write/x", "/strong/x"):
+                assert (await _forward(app, strong, path))[0] == 200
+            assert await _push(app, tx, _claims_change({"scope": "read"}, ago=20), _user(idp, "alice")) == 202
+            status, headers = await _forward(app, strong, "/write/x")
+            assert (status, headers["x-verifier-reason"]) == (403, "scope_missing")
+            assert await _push(app, tx, _assurance(LOW, ago=20), _user(idp, "alice")) == 202
+            status, headers = await _forward(app, strong, "/strong/x")
+            assert (status, headers["x-verifier-reason"]) == (401, "insufficient_user_authentication")
+            # The transmitter gives back what it took: the token's own scope stands again (never more).
+            restored = {"scope": "read write admin"}
+            assert await _push(app, tx, _claims_change(restored, ago=10), _user(idp, "alice")) == 202
+            status, headers = await _forward(app, strong, "/write/x")
+            assert status == 200 and headers["x-authenticated-scope"] == "read write"
+
+
+async def test_a_transmitter_configured_as_the_provider_may_raise(tmp_path: Path) -> None:
+    """`claims_change: replace`: the spec's semantics, for a transmitter that is the tokens' own provider."""
+    async with _providers() as (idp,), _ssf() as tx:
+        transmitter = _transmitter(tx, [idp.issuer], claims_change="replace")
+        async with _verifier([_issuer(idp)], [transmitter], policies=GRANTS, upstream=_upstream(tmp_path)) as app:
+            token = idp.mint(sub="bob", scope="read", claims={"groups": ["staff"], "acr": LOW})
+            for path in ("/write/x", "/admin/x", "/strong/x"):
+                assert (await _forward(app, token, path))[0] in (401, 403)
+            raised = {"scope": "read write", "groups": ["staff", "platform-admins"]}
+            assert await _push(app, tx, _claims_change(raised), _user(idp, "bob")) == 202
+            assert await _push(app, tx, _assurance(HIGH), _user(idp, "bob")) == 202
+            for path in ("/write/x", "/admin/x", "/strong/x"):
+                assert (await _forward(app, token, path))[0] == 200, path
+            status, headers = await _forward(app, token, "/read")
+            assert status == 200 and headers["x-authenticated-scope"] == "read write"
+            assert headers["x-authenticated-acr"] == HIGH
+            assert _asserted(headers)["groups"] == ["staff", "platform-admins"]
 
 
 # -- finding 6: credential-change disables WebAuthn keys --------------------------------------------------

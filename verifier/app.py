@@ -38,7 +38,7 @@ from verifier.clock import Clock, SystemClock
 from verifier.config.dpop import DpopConfig
 from verifier.config.introspection import IntrospectionConfig
 from verifier.config.resource import ProtectedResourceConfig
-from verifier.config.revocation import RevocationConfig, check_transmitter_scopes
+from verifier.config.revocation import REPLACE, RevocationConfig, check_transmitter_scopes
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.answer_memo import AnswerMemo
 from verifier.doors.forward_auth import ForwardAuthDoor
@@ -370,6 +370,9 @@ class App:
                     on_revoked=self.revocation.count_refusal,
                     max_lifetime=float(self.revocation.config.max_token_lifetime_seconds),
                     clock=self.clock,
+                    may_raise=frozenset(
+                        t.issuer for t in self.revocation.config.transmitters if t.claims_change == REPLACE
+                    ),
                 )
             )
         checks.append(CertificateBinding())

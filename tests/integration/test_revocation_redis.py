@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from redis_harness import RedisServer
-from ssf_transmitter import ACCOUNT_DISABLED, SESSION_REVOKED, SsfTransmitter
+from ssf_transmitter import ACCOUNT_DISABLED, SESSION_REVOKED, TOKEN_CLAIMS_CHANGE, SsfTransmitter
 
 from verifier.app import HttpSessions, revocation_store, shared_state
+from verifier.checks.base import NO_POLICY
+from verifier.checks.revocation import Revocation
 from verifier.clock import SystemClock
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
@@ -21,6 +23,7 @@ from verifier.doors.ssf_http import add_ssf_routes
 from verifier.errors import StateUnavailable
 from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
+from verifier.request import RequestAttributes
 from verifier.revocation import RevocationService, parse_revocation_config
 from verifier.state import SharedState, StateConfig
 from verifier.tokens.fetch import HttpFetcher
@@ -155,6 +158,22 @@ async def test_an_event_pushed_to_one_replica_is_refused_on_the_other_within_a_s
     await within(PROPAGATION_S, lambda: b.revocations.check(principal()) is not None)
     refused = b.revocations.check(principal())
     assert refused is not None and refused.code == "session_revoked"
+
+
+async def test_a_claims_change_pushed_to_one_replica_takes_away_on_the_other_and_grants_nowhere(
+    replicas: Replicas, transmitter: SsfTransmitter
+) -> None:
+    """The entry is shared as announced; the transmitter's `claims_change` (restrict) applies on every replica."""
+    a, b = await replicas.start(), await replicas.start()
+    event = {"claims": {"scope": "read admin", "groups": ["eng", "admins"]}, "event_timestamp": int(time.time())}
+    token = transmitter.sign_set({TOKEN_CLAIMS_CHANGE: event}, {"format": "iss_sub", "iss": IDP, "sub": "user-1"})
+    assert (await router_of(a).dispatch(push_request(token))).status == 202
+    await within(PROPAGATION_S, lambda: b.revocations.overrides(principal()) is not None)
+    request = RequestAttributes(method="GET", scheme="https", host="api", path="/", headers={})
+    for service in (a, b):
+        check = Revocation(service.revocations, with_roles=lambda p: p)
+        judged = check.check_now(principal(scope="read write", groups=["eng"]), request, NO_POLICY)
+        assert judged.scopes == ("read",) and judged.claims["groups"] == ["eng"]  # `write` gone, `admin` not given
 
 
 async def test_the_same_set_pushed_to_another_replica_is_a_replay(

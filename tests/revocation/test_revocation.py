@@ -62,6 +62,12 @@ def principal(sub: str = "user-1", iss: str = ISSUER, **claims: Any) -> Principa
     )
 
 
+def announced(service: RevocationService, caller: Principal) -> dict[str, Any] | None:
+    """The claims the entries reaching `caller` announce, newest event last (None: no entry reaches it)."""
+    entries = service.revocations.overrides(caller)
+    return None if entries is None else {k: v for e in entries for k, v in (e.overrides or {}).items()}
+
+
 @pytest.fixture
 def transmitter(clock: FrozenClock) -> SsfTransmitter:
     return SsfTransmitter(audience=RECEIVER, issuer=TX, now=clock.now)
@@ -257,9 +263,9 @@ async def test_assurance_level_change_overrides_acr_of_existing_tokens(
              "change_direction": "decrease", "event_timestamp": int(NOW)}
     assert (await push(service, transmitter.sign_set({ASSURANCE_LEVEL_CHANGE: event}, USER))).status == 202
     assert service.revocations.check(principal(acr="urn:acr:high")) is None  # not a refusal
-    assert service.revocations.overrides(principal(acr="urn:acr:high")) == {"acr": "urn:acr:low"}
-    assert service.revocations.overrides(principal(iat=NOW + 1)) is None  # a newer token speaks for itself
-    assert service.revocations.overrides(principal(sub="user-2")) is None
+    assert announced(service, principal(acr="urn:acr:high")) == {"acr": "urn:acr:low"}
+    assert announced(service, principal(iat=NOW + 1)) is None  # a newer token speaks for itself
+    assert announced(service, principal(sub="user-2")) is None
 
 
 async def test_token_claims_change_overrides_claims_but_never_identity_claims(
@@ -269,10 +275,45 @@ async def test_token_claims_change_overrides_claims_but_never_identity_claims(
     await push(service, transmitter.sign_set({TOKEN_CLAIMS_CHANGE: event}, USER))
     later = {"claims": {"role": "none"}, "event_timestamp": int(NOW) + 0}
     await push(service, transmitter.sign_set({TOKEN_CLAIMS_CHANGE: later}, {"format": "email", "email": "U@x.test"}))
-    assert service.revocations.overrides(principal()) == {"role": "guest", "groups": ["a"]}
+    assert announced(service, principal()) == {"role": "guest", "groups": ["a"]}
     # by email only when the token says the email is verified
-    assert service.revocations.overrides(principal(sub="u2", email="u@X.test")) is None
-    assert service.revocations.overrides(principal(sub="u2", email="u@x.test", email_verified=True)) == {"role": "none"}
+    assert announced(service, principal(sub="u2", email="u@X.test")) is None
+    assert announced(service, principal(sub="u2", email="u@x.test", email_verified=True)) == {"role": "none"}
+
+
+def _announcement(source: str, when: float, **claims: Any) -> Entry:
+    return Entry(id=f"e-{when}", key=SubjectKey(KeyKind.ISS_SUB, "user-1", ISSUER), effect=Effect.CLAIMS_OVERRIDE,
+                 match=Match.ISSUED_BEFORE, event_time=when, expires_at=None, source=source, event="test",
+                 overrides=claims)
+
+
+def test_a_restricting_announcement_keeps_only_what_the_token_holds() -> None:
+    from verifier.checks.revocation import announced_claims
+
+    own = {"sub": "u", "scp": ["read", "write"], "groups": ["a", "b"], "acr": "low", "level": 1, "org": {"id": 1}}
+    after = announced_claims(own, [_announcement(TX, 1, scope="read admin", groups=["b", "c", 1], acr="high",
+                                                 level=True, org={"id": 2}, extra="x", amr=["hwk"])], frozenset())
+    # `scope` replaces `scp`, kept to the token's; lists intersected; a moved scalar, an added claim: left out
+    assert after == {"sub": "u", "scope": "read", "groups": ["b"]}
+    assert announced_claims(own, [_announcement(TX, 1, acr="low", level=1)], frozenset()) == own  # equal: kept
+    # newest word per claim: a restrict transmitter may give back what it took, never more
+    taken, given = _announcement(TX, 1, groups=["a"]), _announcement(TX, 2, groups=["a", "b", "z"])
+    assert announced_claims(own, [taken, given], frozenset())["groups"] == ["a", "b"]
+    assert announced_claims(own, [given, taken], frozenset())["groups"] == ["a"]
+
+
+def test_a_replacing_transmitter_raises_and_a_restricting_one_is_kept_to_what_the_claims_then_hold() -> None:
+    from verifier.checks.revocation import announced_claims
+
+    idp, risk = "https://idp.example.test", TX
+    own = {"sub": "u", "scope": "read", "acr": "low"}
+    raised = _announcement(idp, 1, scope="read write", acr="high")
+    assert announced_claims(own, [raised], frozenset({idp})) == {"sub": "u", "scope": "read write", "acr": "high"}
+    assert announced_claims(own, [raised], frozenset()) == {"sub": "u", "scope": "read"}  # not configured: restrict
+    narrowed = _announcement(risk, 2, scope="write admin")
+    assert announced_claims(own, [raised, narrowed], frozenset({idp}))["scope"] == "write"
+    # the provider's later word stands as it is
+    assert announced_claims(own, [narrowed, raised], frozenset({idp}))["scope"] == "read write"
 
 
 async def test_unknown_events_are_accepted_and_change_nothing(

@@ -141,8 +141,10 @@ class Revocations:
         )
         return TokenRevoked(_DESCRIPTIONS[found.effect], code=found.effect.value, jti=found.jti, entry_id=found.id)
 
-    def overrides(self, principal: Principal) -> Mapping[str, Any] | None:
-        """Claims that replace the token's for policy evaluation (newest event last wins), or None."""
+    def overrides(self, principal: Principal) -> tuple[Entry, ...] | None:
+        """The claims announcements (CLAIMS_OVERRIDE entries) that reach this token, oldest event first, or None.
+
+        How they apply (restrict or replace, by their transmitter) is the check's (`verifier.checks.revocation`)."""
         if not self._overrides:
             return None
         claims = principal.claims
@@ -153,10 +155,7 @@ class Revocations:
             found.extend(e for e in self._overrides.get(key, ()) if e.live(now) and _reaches(e, iat, None))
         if not found:
             return None
-        merged: dict[str, Any] = {}
-        for entry in sorted(found, key=lambda e: (e.event_time, e.id)):
-            merged.update(entry.overrides or {})
-        return merged
+        return tuple(sorted(found, key=lambda e: (e.event_time, e.id)))
 
     @staticmethod
     def _keys_of(

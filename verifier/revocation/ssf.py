@@ -17,11 +17,18 @@ The event types understood (CAEP 1.0 section 3, RISC 1.0 section 2):
 | caep credential-change (revoke, delete) | tokens authenticated at or before the event; for a |
 |   | `fido2-platform`/`fido2-roaming`/`fido-u2f` credential (or named `credential_ids`), the |
 |   | user's WebAuthn credentials disabled: those ids, else those of `fido2_aaguid`, else all |
-| caep assurance-level-change | `acr` := current_level for tokens issued at or before the event |
-| caep token-claims-change | `claims` override the token's for tokens issued at or before the event |
+| caep assurance-level-change | `acr` := current_level for tokens issued at or before the event (*) |
+| caep token-claims-change | `claims` override the token's for tokens issued at or before the event (*) |
 | risc account-disabled, credential-compromise | every token of the subject, until account-enabled |
 | risc account-purged | every token of the subject, until every token then alive has expired |
 | risc account-enabled | lifts the transmitter's account-disabled entries on the subject |
+
+(*) As the transmitter's `claims_change` says, applied by `verifier.checks.revocation`: `restrict` (the
+default) only takes away, a claim keeping what both the token and the announcement hold (the values of both
+lists, of both `scope`s; a scalar such as `acr` only when unchanged, else none): a transmitter that is not the
+tokens' provider (a risk engine, an MDM) cannot add a scope, a group or a role, nor raise `acr`. `replace`:
+the announced claims replace the token's, raises included (the spec's semantics, for the provider itself).
+The entries are stored as announced either way; the setting applies when they are, on every replica.
 
 Other event types (verification, stream-updated, ...) are accepted and change nothing.
 
