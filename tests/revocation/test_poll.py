@@ -186,3 +186,16 @@ async def test_a_polled_set_is_neither_acknowledged_nor_refused_while_the_transm
     finally:
         await svc.stop()
         await sessions.close()
+
+
+async def test_a_set_queued_through_a_ten_minute_receiver_outage_still_takes_effect(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    """A poll queue holds what was signed while we were away: after a ten-minute outage the oldest SET is ten
+    minutes old. Refused as too old it was reported in `setErrs`, which the transmitter takes as final, and the
+    account stayed enabled here. The default `max_age_seconds` is a day."""
+    sub = {"format": "iss_sub", "iss": IDP, "sub": "user-9"}
+    jti = transmitter.enqueue(transmitter.sign_set({ACCOUNT_DISABLED: {}}, sub, iat=time.time() - 600))
+    await eventually(lambda: jti in transmitter.acked or jti in transmitter.set_errs)
+    assert jti not in transmitter.set_errs
+    assert service.revocations.check(principal("user-9")) is not None

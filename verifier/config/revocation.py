@@ -9,7 +9,8 @@ revocation:
       audience: "https://verifier.example.test"   # the `aud` the transmitter puts in SETs for us
       delivery: push                     # push (RFC 8935, POST /v1/ssf/events) or poll (RFC 8936)
       algorithms: [ES256, RS256, EdDSA]  # allow-list, pinned to the key type as for access tokens
-      max_age_seconds: 300               # a SET whose `iat` is older is refused (and its jti forgotten)
+      max_age_seconds: 86400             # a SET whose `iat` is older is refused (and its jti forgotten): an
+                                         # outage longer than this loses the events signed before it
       subjects_of: ["https://idp.example.test"]   # configured issuers whose users its events may touch
                                          # (default: its own `issuer`, when the provider transmits itself)
       claims_change: restrict            # restrict: its claim/assurance changes only take away (default);
@@ -43,7 +44,10 @@ POLL = "poll"
 DELIVERY_POLL_URN = "urn:ietf:rfc:8936"  # SSF 1.0 section 6.1.2
 DEFAULT_MAX_TOKEN_LIFETIME_SECONDS = 86_400  # seconds; a day covers access and most refresh-bound tokens
 MAX_MAX_TOKEN_LIFETIME_SECONDS = 90 * 86_400  # seconds; beyond this entries would pile up for months
-DEFAULT_MAX_AGE_SECONDS = 300  # seconds a SET may take from signing to us (retries included)
+# Seconds a SET may take from signing to us, retries and a poll queue included: a receiver outage longer than this
+# loses events (a too-old SET is refused, and the transmitter takes that as final), so a day, not minutes. Replays
+# within it are refused by `jti`, kept as long.
+DEFAULT_MAX_AGE_SECONDS = 86_400
 DEFAULT_POLL_INTERVAL_SECONDS = 10.0  # seconds between polls when the transmitter had nothing more
 DEFAULT_MAX_EVENTS = 100  # SETs asked for per poll (RFC 8936 section 2.4 maxEvents)
 DEFAULT_RESYNC_INTERVAL_SECONDS = 30.0  # seconds between full reloads; pub/sub carries changes in between
@@ -60,7 +64,11 @@ class TransmitterConfig:
     algorithms: tuple[str, ...] = setting(("ES256", "RS256", "EdDSA"), doc="allow-list, pinned to the key type")
     allow_insecure_http: bool = setting(False, doc="plain http on loopback (tests and local labs only)")
     max_age_seconds: int = setting(
-        DEFAULT_MAX_AGE_SECONDS, minimum=1, maximum=86_400, unit="seconds", doc="a SET whose `iat` is older is refused"
+        DEFAULT_MAX_AGE_SECONDS,
+        minimum=1,
+        maximum=86_400,
+        unit="seconds",
+        doc="a SET whose `iat` is older is refused: a longer receiver outage loses events",
     )
     leeway_seconds: int = setting(
         DEFAULT_LEEWAY_SECONDS, maximum=300, unit="seconds", doc="clock skew tolerated on a SET's `iat`"
