@@ -89,23 +89,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from verifier.workers import Supervisor
 
-    # Without Redis or state.path, revocations live in a directory the supervisor keeps: a reloaded
-    # or restarted worker reads them back (a full restart needs state.path).
-    runtime = tempfile.mkdtemp(prefix="verifier-state-")
+    runtime = _StateDirectory()
 
     def load() -> Settings:
-        loaded = load_settings(args.config)
-        return dataclasses.replace(loaded, state=with_default_path(loaded.state, runtime))
+        return runtime.default_for(load_settings(args.config))
 
     try:
-        return Supervisor(
-            dataclasses.replace(settings, state=with_default_path(settings.state, runtime)), load, _serve_worker
-        ).run()
+        first = runtime.default_for(settings)
+    except ConfigError as exc:
+        return _config_error(exc)
+    try:
+        return Supervisor(first, load, _serve_worker).run()
     except OSError as exc:  # the forward-auth port taken between the check above and the bind
         print(f"verifier: cannot listen on http.listen in {args.config} ({exc})", file=sys.stderr)
         return 2
     finally:
-        shutil.rmtree(runtime, ignore_errors=True)
+        runtime.remove()
+
+
+class _StateDirectory:
+    """Without Redis or state.path, revocations and replay keys live in a directory the supervisor keeps: a
+    reloaded or restarted worker reads them back (a full restart needs state.path). It is made only when a
+    configuration needs it, so a verifier given state.path runs where nothing else is writable (a read-only
+    root filesystem); one that needs it and cannot make it is refused by name, at start as on SIGHUP."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+
+    def default_for(self, settings: Settings) -> Settings:
+        """`settings` with the supervisor's directory as `state.path` when they name neither Redis nor a path."""
+        state = settings.state
+        if state is not None and (state.redis_url is not None or state.path is not None):
+            return settings
+        if self.path is None:
+            try:
+                self.path = tempfile.mkdtemp(prefix="verifier-state-")
+            except OSError as exc:
+                raise ConfigError(
+                    "state.path: not set, and no directory for the revocation and replay state can be made in the "
+                    f"temporary directory ({exc.strerror or exc}); set state.path, or TMPDIR, to a writable directory"
+                ) from exc
+        return dataclasses.replace(settings, state=with_default_path(settings.state, self.path))
+
+    def remove(self) -> None:
+        """Removes the directory, if one was made."""
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _serve_worker(
