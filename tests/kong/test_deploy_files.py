@@ -241,3 +241,44 @@ def test_k8s_kong_loads_the_plugin_and_points_it_at_the_sidecar(k8s):
     verifier_config = yaml.safe_load(k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"])
     assert Path(env["KONG_DECLARATIVE_CONFIG"]).parent.as_posix() in mounts
     assert_plugin_points_at_verifier(declarative, verifier_config)
+
+
+# --------------------------------------------------------------------------- read-only root, probes
+
+
+def _needs_temp_dir(config: dict[str, Any]) -> bool:
+    """Without Redis or state.path, `verifier serve` keeps its revocation and replay state in the temporary directory."""
+    state = config.get("state") or {}
+    return not (state.get("redis_url") or state.get("path"))
+
+
+def test_k8s_verifier_has_a_writable_temporary_directory_on_its_read_only_root(k8s):
+    """readOnlyRootFilesystem and no writable /tmp: `verifier serve` could not make its state directory and
+    never started (state.path unset in the shipped config)."""
+    spec = pod_spec(k8s)
+    verifier = container(spec, "verifier")
+    assert verifier["securityContext"]["readOnlyRootFilesystem"] is True
+    config = yaml.safe_load(k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"])
+    assert _needs_temp_dir(config)
+    mounts = {m["mountPath"]: m for m in verifier["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "/tmp" in mounts and not mounts["/tmp"].get("readOnly"), "no writable /tmp for the verifier"
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+
+
+def test_compose_verifier_has_a_writable_temporary_directory_on_its_read_only_root(compose):
+    verifier = compose["services"]["verifier"]
+    assert verifier["read_only"] is True
+    (config,) = load_yaml_docs(DEPLOY / "verifier.yaml")
+    assert _needs_temp_dir(config)
+    assert "/tmp" in [t.split(":")[0] for t in verifier.get("tmpfs", [])], "no writable /tmp for the verifier"
+
+
+def test_k8s_liveness_does_not_restart_a_verifier_that_is_only_not_ready(k8s):
+    """/healthz is 503 until the keys are loaded (an identity provider down): a liveness probe on it restarted
+    the container over an outage it cannot fix, and a restart drops the kill switch kept without state.path.
+    Liveness asks /livez (the process answers); readiness asks /healthz."""
+    verifier = container(pod_spec(k8s), "verifier")
+    liveness = json.dumps(verifier["livenessProbe"])
+    assert "/livez" in liveness and "/healthz" not in liveness
+    assert "/healthz" in json.dumps(verifier["readinessProbe"])
