@@ -21,7 +21,10 @@ from doorkit import free_port, http_exchange
 REPO = Path(__file__).resolve().parents[1]
 ISSUER = {"issuer": "http://127.0.0.1:9", "audiences": ["a"], "algorithms": ["ES256"], "allow_insecure_http": True}
 # A temporary directory nothing can be made in (a regular file, refused even to root), as on a read-only root.
-NO_TEMP = "import sys, tempfile; tempfile.tempdir = sys.argv[1]; from verifier.cli import main; sys.exit(main(sys.argv[2:]))"
+NO_TEMP = (
+    "import sys, tempfile; tempfile.tempdir = sys.argv[1]; "
+    "from verifier.cli import main; sys.exit(main(sys.argv[2:]))"
+)
 
 
 def _serve(tmp_path: Path, settings: dict[str, object]) -> subprocess.Popen[str]:

@@ -247,7 +247,7 @@ def test_k8s_kong_loads_the_plugin_and_points_it_at_the_sidecar(k8s):
 
 
 def _needs_temp_dir(config: dict[str, Any]) -> bool:
-    """Without Redis or state.path, `verifier serve` keeps its revocation and replay state in the temporary directory."""
+    """Without Redis or state.path, `verifier serve` keeps revocations and replay keys in the temporary directory."""
     state = config.get("state") or {}
     return not (state.get("redis_url") or state.get("path"))
 
