@@ -94,3 +94,63 @@ def test_a_reload_that_fails_on_a_later_worker_leaves_every_worker_on_one_config
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+
+
+def _kill_all(supervisor: Supervisor) -> None:
+    for pid in [*supervisor.children, *supervisor._retired]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _running(tmp_path: Path, supervisor: Supervisor) -> list[tuple[int, str]]:
+    """(index, configuration) of every worker the supervisor runs, once each has said which it runs."""
+    deadline = time.monotonic() + 5
+    while not all((tmp_path / str(pid)).exists() for pid in supervisor.children):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return sorted((index, (tmp_path / str(pid)).read_text()) for pid, index in supervisor.children.items())
+
+
+@pytest.mark.parametrize("crashing", ["old", "new"])
+def test_a_worker_that_crashes_during_a_reload_comes_back_on_the_configuration_its_index_ends_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crashing: str
+) -> None:
+    """While worker 1's successor starts, a worker crashes: worker 0 already on the new configuration
+    ("new"), or worker 2 not yet replaced ("old"). The supervisor restarted it on the old configuration
+    and the reload went on from the pids it listed first: the restarted worker was never replaced, so it
+    served the old configuration (a removed issuer, a narrowed policy) beside the new ones until it next
+    died, one index with two workers. After the reload, every index has one worker, on the new one."""
+    monkeypatch.setattr(workers, "RESTART_BACKOFF_SECONDS", 0.0)
+    old = dataclasses.replace(SETTINGS, workers=3, realm="old")
+    new = dataclasses.replace(SETTINGS, workers=3, realm="new")
+    victim = 0 if crashing == "new" else 2
+    crash = tmp_path / "crash"
+
+    def run_worker(settings: Settings, index: int, fd: int, sockets: list[socket.socket], successor: bool) -> None:
+        (tmp_path / str(os.getpid())).write_text(settings.realm)
+        accept_stop_signals()
+        if settings.realm == "new" and index == 1:  # slow to start: the crash comes meanwhile
+            crash.write_text("")
+            time.sleep(0.8)
+        os.write(fd, b"1")
+        while True:
+            time.sleep(0.02)
+            if index == victim and settings.realm == crashing:
+                with contextlib.suppress(FileNotFoundError):
+                    crash.unlink()
+                    os._exit(1)  # once
+
+    supervisor = Supervisor(old, lambda: new, run_worker)
+    supervisor._retired = []
+    try:
+        for index in range(3):
+            pid, fd = supervisor._spawn(old, index)
+            assert supervisor._await_ready(pid, fd, 5.0)
+        supervisor._do_reload()
+        assert not crash.exists(), "the worker did not crash during the reload"
+        assert supervisor.settings.realm == "new"
+        assert _running(tmp_path, supervisor) == [(0, "new"), (1, "new"), (2, "new")]
+    finally:
+        _kill_all(supervisor)

@@ -15,7 +15,9 @@
   on the forward-auth sockets before it reports SERVING (its keys and revocation entries are loaded),
   and only then is the old one told to drain and stop. A new worker that does not become ready in
   time is stopped and the old one kept, and the workers already replaced are put back on the old
-  configuration the same way: every worker runs one configuration. Listener addresses are shared,
+  configuration the same way: every worker runs one configuration. A worker that dies during a reload
+  comes back on the configuration its index is on (the new one once replaced; else the running one,
+  and is then replaced in its turn). Listener addresses are shared,
   so a changed listen address takes effect only on a full restart.
 - The forward-auth door's listening sockets are bound here, once, before any fork: one set per
   worker index (SO_REUSEPORT, so the kernel still spreads connections over the workers), kept
@@ -98,6 +100,9 @@ class Supervisor:
         self._stopping = False
         self._reload = False
         self._http_sockets: list[list[socket.socket]] = []  # per worker index, bound in `run`
+        # During a reload: the configuration being rolled out and the indexes already on it (a worker of one
+        # of them that dies meanwhile comes back on it; any other on the running configuration, replaced later).
+        self._moving: tuple[Settings, set[int]] | None = None
 
     def _spawn(self, settings: Settings, index: int, *, successor: bool = False) -> tuple[int, int]:
         """Forks a worker; returns its pid and the read end of its readiness pipe. A `successor` (a reload's
@@ -174,16 +179,27 @@ class Supervisor:
         finally:
             os.close(read_fd)
 
+    def _settings_for(self, index: int) -> Settings:
+        """The configuration worker `index` runs: the reload's for an index already moved, else the running one."""
+        if self._moving is not None and index in self._moving[1]:
+            return self._moving[0]
+        return self.settings
+
+    def _pid_of(self, index: int) -> int | None:
+        return next((pid for pid, at in self.children.items() if at == index), None)
+
     def _restart_dead(self, gone: list[tuple[int, int]]) -> None:
         for pid, index in gone:
             if self._stopping:
                 continue
             log.warning("worker exited", extra={"event": "worker_exited", "worker": index, "pid": pid})
+            if self._pid_of(index) is not None:  # a reload's successor for this index runs: it takes over
+                continue
             wait = RESTART_BACKOFF_SECONDS - (time.monotonic() - self._last_start.get(index, 0.0))
             if wait > 0:
                 time.sleep(wait)
             if not self._stopping:
-                _, fd = self._spawn(self.settings, index)
+                _, fd = self._spawn(self._settings_for(index), index)
                 os.close(fd)
 
     def _do_reload(self) -> None:
@@ -204,18 +220,29 @@ class Supervisor:
             new = dataclasses.replace(
                 new, grpc=self.settings.grpc, http=self.settings.http, workers=self.settings.workers
             )
-        replaced: list[tuple[int, int]] = []  # (pid, index) of the workers already on the new configuration
-        for old_pid, index in sorted(self.children.items(), key=lambda item: item[1]):
-            pid = self._replace(old_pid, index, new)
-            if pid is None:
-                log.error(
-                    "reloaded worker did not become ready; keeping the old configuration",
-                    extra={"event": "reload_failed", "worker": index},
-                )
-                self._roll_back(replaced)
-                return
-            replaced.append((pid, index))
-        self.settings = new
+        moved: set[int] = set()  # the indexes already on the new configuration
+        self._moving = (new, moved)
+        try:
+            for index in range(self.settings.workers):
+                # the worker running now: one that died since the reload began was restarted (on the running
+                # configuration, as this index is not moved yet) and is the one to replace
+                self._restart_dead(self._reap())
+                old_pid = self._pid_of(index)
+                if old_pid is None:  # stopping: nothing restarted
+                    return
+                if self._replace(old_pid, index, new) is None:
+                    if self._stopping:
+                        return
+                    log.error(
+                        "reloaded worker did not become ready; keeping the old configuration",
+                        extra={"event": "reload_failed", "worker": index},
+                    )
+                    self._roll_back(moved)
+                    return
+                moved.add(index)
+            self.settings = new
+        finally:
+            self._moving = None
         log.info("configuration reloaded", extra={"event": "reloaded"})
 
     def _replace(self, old_pid: int, index: int, settings: Settings) -> int | None:
@@ -226,21 +253,28 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             self.children.pop(pid, None)
+            if self._pid_of(index) is None and not self._stopping:  # the old one died meanwhile, unreplaced
+                _, fd = self._spawn(self._settings_for(index), index)
+                os.close(fd)
             return None
-        self.children.pop(old_pid, None)  # retired: its exit is expected
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(old_pid, signal.SIGTERM)
-        self._retired.append(old_pid)
+        if self.children.pop(old_pid, None) is not None:  # retired: its exit is expected (not reaped: its pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old_pid, signal.SIGTERM)
+            self._retired.append(old_pid)
         return pid
 
-    def _roll_back(self, replaced: list[tuple[int, int]]) -> None:
+    def _roll_back(self, moved: set[int]) -> None:
         """Puts the workers a failed reload already moved back on the running configuration: every worker
         runs one configuration, the one a restart uses (a removed issuer or narrowed policy half applied
         would otherwise stand on some workers until they next restart)."""
-        for pid, index in replaced:
-            if pid not in self.children:  # exited meanwhile: restarted on the running configuration
-                continue
-            if self._replace(pid, index, self.settings) is None:
+        for index in sorted(moved):
+            self._restart_dead(self._reap())
+            pid = self._pid_of(index)
+            if pid is None:  # stopping
+                return
+            if self._replace(pid, index, self.settings) is not None:
+                moved.discard(index)
+            elif not self._stopping:
                 log.error(
                     "worker still on the refused configuration: its old-configuration successor did not become "
                     "ready; send SIGHUP again",
