@@ -176,3 +176,28 @@ def test_a_problem_in_an_optional_section_does_not_hide_the_others(tmp_path: Pat
     result = _verifier("check-config", config)
     assert result.returncode == 2
     assert "dpop" in result.stderr and "realm: expected a non-empty string" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_a_webauthn_registry_that_cannot_be_written_is_refused_by_check_config_and_serve_alike(
+    tmp_path: Path, command: str
+) -> None:
+    """`webauthn.storage.sqlite_path` was opened only by the worker: check-config said ok, and serve restarted
+    a worker that crashed on it once a second, forever, instead of exiting with the key named."""
+    (tmp_path / "a-file").write_text("")
+    config = _config(
+        tmp_path,
+        {
+            "http": {"listen": f"127.0.0.1:{free_port()}"},
+            "webauthn": {
+                "rp_id": "localhost",
+                "origins": ["http://localhost:9555"],
+                "storage": {"sqlite_path": str(tmp_path / "a-file" / "webauthn.sqlite3")},
+            },
+        },
+    )
+    args = ("check-config", config) if command == "check-config" else ("serve", "--config", config)
+    result = _verifier(*args, timeout=20)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "webauthn.storage.sqlite_path" in line and "writable" in line

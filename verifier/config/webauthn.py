@@ -118,6 +118,20 @@ def _rp_id_fits(rp_id: str, origin: str) -> bool:
     return host == rp_id or host.endswith("." + rp_id)
 
 
+def _registry_problem(sqlite_path: str) -> str:
+    """Why the worker could not open the credential registry at `sqlite_path` (SQLite makes the file and its
+    -wal/-shm beside it), or "": checked at load, so check-config, serve and SIGHUP refuse it by name instead
+    of a worker crashing on it at every start."""
+    if sqlite_path == ":memory:" or sqlite_path.startswith("file:"):
+        return ""
+    directory = os.path.dirname(os.path.abspath(sqlite_path))
+    if os.path.isdir(sqlite_path) or (os.path.exists(sqlite_path) and not os.access(sqlite_path, os.R_OK | os.W_OK)):
+        return f"{sqlite_path!r} is not a writable file"
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+        return f"{directory!r} (where {sqlite_path!r} lives) is not a writable directory"
+    return ""
+
+
 def parse_webauthn_config(data: Any, path: str = "webauthn") -> WebAuthnConfig:
     """Validates the `webauthn` mapping; problems are named by key (`verifier.config.base`)."""
     reader = Reader(data, path)
@@ -148,6 +162,9 @@ def parse_webauthn_config(data: Any, path: str = "webauthn") -> WebAuthnConfig:
         env_value = ""
     storage = reader.child("storage") or Reader({}, f"{path}.storage")
     sqlite_path = storage.text("sqlite_path", DEFAULT_SQLITE_PATH)
+    problem = _registry_problem(sqlite_path)
+    if problem:
+        storage.problem("sqlite_path", problem)
     storage.done()
     values = read_fields(
         reader,
