@@ -154,3 +154,40 @@ def test_a_worker_that_crashes_during_a_reload_comes_back_on_the_configuration_i
         assert _running(tmp_path, supervisor) == [(0, "new"), (1, "new"), (2, "new")]
     finally:
         _kill_all(supervisor)
+
+
+def test_a_worker_that_crashes_at_every_start_is_restarted_ever_more_slowly_and_stop_is_not_held_up(
+    tmp_path: Path,
+) -> None:
+    """A worker that can never start (its state file unreadable, a port taken after the check) was restarted
+    once a second, forever: a fork, a start-up and a traceback every second per worker. The delay now doubles
+    after each start that did not last (1, 2, 4 s ... up to MAX_RESTART_BACKOFF_SECONDS), and a SIGTERM
+    while a restart is pending stops the supervisor at once."""
+    starts = tmp_path / "starts"
+
+    def run_worker(settings: Settings, index: int, fd: int, sockets: list[socket.socket], successor: bool) -> None:
+        with starts.open("a") as out:
+            out.write(f"{time.monotonic()}\n")
+        raise RuntimeError("cannot start")
+
+    pid = os.fork()
+    if pid == 0:  # the supervisor, in a process of its own (signal handlers need a main thread)
+        code = 1
+        try:
+            code = Supervisor(SETTINGS, lambda: SETTINGS, run_worker).run()
+        finally:
+            os._exit(code)
+    try:
+        time.sleep(5.5)
+        assert len(starts.read_text().splitlines()) <= 4, starts.read_text()  # 0, 1, 3 (and 7) s; not 6
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 1.5
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            assert time.monotonic() < deadline, "SIGTERM waited for the pending restart"
+            time.sleep(0.05)
+        assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)

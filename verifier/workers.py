@@ -7,8 +7,11 @@
   back). A worker's metrics listener takes the configured port plus its index (Prometheus scrapes
   each worker).
 - The supervisor forwards SIGTERM/SIGINT (each worker drains and stops) and restarts a worker that
-  dies unexpectedly (at most once per RESTART_BACKOFF_SECONDS per worker, so a crash loop does not
-  spin).
+  dies unexpectedly: RESTART_BACKOFF_SECONDS after its start at the soonest, and a worker whose start
+  did not last STABLE_SECONDS waits twice as long as the time before, up to MAX_RESTART_BACKOFF_SECONDS
+  (a worker that can never start is not forked, started and logged once a second forever). The wait
+  holds nothing up: signals, reloads and the other workers are handled meanwhile, and a reload starts
+  a waiting index's worker on the new configuration at once.
 - SIGHUP reloads the configuration: the file is read and validated first; if it is invalid the
   error is logged and the running workers keep the old configuration. If it is valid, workers are
   replaced one at a time: the new one starts beside the old one on the same ports, accepts nothing
@@ -46,7 +49,9 @@ from verifier.settings import ConfigError, Listen, Settings
 
 log = logging.getLogger("verifier.workers")
 
-RESTART_BACKOFF_SECONDS = 1.0  # seconds between restarts of one worker
+RESTART_BACKOFF_SECONDS = 1.0  # seconds between a worker's start and its restart, at first
+MAX_RESTART_BACKOFF_SECONDS = 30.0  # seconds: the longest wait of a worker that keeps crashing
+STABLE_SECONDS = 30.0  # a worker that ran this long is restarted after RESTART_BACKOFF_SECONDS again
 READY_TIMEOUT_SECONDS = 30.0  # a reloaded worker must report SERVING within this long
 POLL_SECONDS = 0.1  # how often the supervisor looks at its children and signals
 
@@ -97,6 +102,8 @@ class Supervisor:
         self._run_worker = run_worker
         self.children: dict[int, int] = {}  # pid -> index
         self._last_start: dict[int, float] = {}
+        self._backoff: dict[int, float] = {}  # index -> its current restart delay (doubles in a crash loop)
+        self._due: dict[int, float] = {}  # index -> when its restart is due (monotonic): no worker runs for it
         self._stopping = False
         self._reload = False
         self._http_sockets: list[list[socket.socket]] = []  # per worker index, bound in `run`
@@ -189,16 +196,34 @@ class Supervisor:
         return next((pid for pid, at in self.children.items() if at == index), None)
 
     def _restart_dead(self, gone: list[tuple[int, int]]) -> None:
+        """Schedules the restart of each worker gone (none while stopping), then starts those due."""
+        now = time.monotonic()
         for pid, index in gone:
             if self._stopping:
                 continue
-            log.warning("worker exited", extra={"event": "worker_exited", "worker": index, "pid": pid})
-            if self._pid_of(index) is not None:  # a reload's successor for this index runs: it takes over
-                continue
-            wait = RESTART_BACKOFF_SECONDS - (time.monotonic() - self._last_start.get(index, 0.0))
-            if wait > 0:
-                time.sleep(wait)
-            if not self._stopping:
+            started = self._last_start.get(index, 0.0)
+            if now - started >= STABLE_SECONDS:
+                delay = RESTART_BACKOFF_SECONDS
+            else:
+                delay = min(2 * self._backoff.get(index, RESTART_BACKOFF_SECONDS / 2), MAX_RESTART_BACKOFF_SECONDS)
+            self._backoff[index] = delay
+            due = started + delay
+            restart_in = round(max(due - now, 0.0), 3)
+            log.warning(
+                "worker exited",
+                extra={"event": "worker_exited", "worker": index, "pid": pid, "restart_in": restart_in},
+            )
+            if self._pid_of(index) is None:  # else a reload's successor for this index runs: it takes over
+                self._due[index] = due
+        self._start_due()
+
+    def _start_due(self) -> None:
+        now = time.monotonic()
+        for index, due in sorted(self._due.items()):
+            if self._stopping:
+                return
+            if due <= now:
+                del self._due[index]
                 _, fd = self._spawn(self._settings_for(index), index)
                 os.close(fd)
 
@@ -227,10 +252,10 @@ class Supervisor:
                 # the worker running now: one that died since the reload began was restarted (on the running
                 # configuration, as this index is not moved yet) and is the one to replace
                 self._restart_dead(self._reap())
-                old_pid = self._pid_of(index)
-                if old_pid is None:  # stopping: nothing restarted
+                if self._stopping:
                     return
-                if self._replace(old_pid, index, new) is None:
+                self._due.pop(index, None)  # a worker waiting to restart starts now, on the new configuration
+                if self._replace(self._pid_of(index), index, new) is None:
                     if self._stopping:
                         return
                     log.error(
@@ -245,19 +270,21 @@ class Supervisor:
             self._moving = None
         log.info("configuration reloaded", extra={"event": "reloaded"})
 
-    def _replace(self, old_pid: int, index: int, settings: Settings) -> int | None:
-        """Starts a successor of `old_pid` on `settings` and retires the old one once it is SERVING; the
-        successor's pid, or None (the successor stopped, the old one kept) when it does not become ready."""
-        pid, fd = self._spawn(settings, index, successor=True)
+    def _replace(self, old_pid: int | None, index: int, settings: Settings) -> int | None:
+        """Starts a successor of `old_pid` (None: no worker runs for `index`) on `settings` and retires the old
+        one once it is SERVING; the successor's pid, or None (the successor stopped, the old one kept) when it
+        does not become ready."""
+        pid, fd = self._spawn(settings, index, successor=old_pid is not None)
         if not self._await_ready(pid, fd, READY_TIMEOUT_SECONDS):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             self.children.pop(pid, None)
-            if self._pid_of(index) is None and not self._stopping:  # the old one died meanwhile, unreplaced
-                _, fd = self._spawn(self._settings_for(index), index)
-                os.close(fd)
+            if self._pid_of(index) is None and not self._stopping:  # no old one (or it died meanwhile): restart
+                self._due.setdefault(index, time.monotonic())
+                self._start_due()
             return None
-        if self.children.pop(old_pid, None) is not None:  # retired: its exit is expected (not reaped: its pid)
+        # retired: its exit is expected (signalled only if not reaped yet: its pid is still its own)
+        if old_pid is not None and self.children.pop(old_pid, None) is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(old_pid, signal.SIGTERM)
             self._retired.append(old_pid)
@@ -269,10 +296,10 @@ class Supervisor:
         would otherwise stand on some workers until they next restart)."""
         for index in sorted(moved):
             self._restart_dead(self._reap())
-            pid = self._pid_of(index)
-            if pid is None:  # stopping
+            if self._stopping:
                 return
-            if self._replace(pid, index, self.settings) is not None:
+            self._due.pop(index, None)
+            if self._replace(self._pid_of(index), index, self.settings) is not None:
                 moved.discard(index)
             elif not self._stopping:
                 log.error(
@@ -290,7 +317,7 @@ class Supervisor:
         for index in range(self.settings.workers):
             _, fd = self._spawn(self.settings, index)
             os.close(fd)
-        while self.children or self._retired:
+        while self.children or self._retired or (self._due and not self._stopping):
             if self._reload and not self._stopping:
                 self._do_reload()
             self._restart_dead(self._reap())
