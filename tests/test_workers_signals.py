@@ -13,6 +13,7 @@ import dataclasses
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -191,3 +192,78 @@ def test_a_worker_that_crashes_at_every_start_is_restarted_ever_more_slowly_and_
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
+
+
+def test_a_stop_during_a_reload_lets_the_new_worker_drain_as_the_others_do(tmp_path: Path) -> None:
+    """SIGTERM while a reload's new worker starts: the supervisor forwards it to every worker, the new one
+    included, and then SIGKILLed the new one (not ready, so "failed") in the middle of its drain: the
+    connections it had accepted were reset. It is now left to drain and waited for like the others."""
+    old = dataclasses.replace(SETTINGS, realm="old")
+    new = dataclasses.replace(SETTINGS, realm="new")
+
+    def run_worker(settings: Settings, index: int, fd: int, sockets: list[socket.socket], successor: bool) -> None:
+        stops: list[int] = []
+        signal.signal(signal.SIGTERM, lambda signum, _frame: stops.append(signum))
+        accept_stop_signals()
+        if settings.realm == "old":
+            os.write(fd, b"1")
+        while not stops:
+            time.sleep(0.02)
+        time.sleep(0.5)  # the drain
+        (tmp_path / settings.realm).write_text("drained")
+
+    supervisor = Supervisor(old, lambda: new, run_worker)
+    supervisor._retired = []
+    try:
+        pid, fd = supervisor._spawn(old, 0)
+        assert supervisor._await_ready(pid, fd, 5.0)
+        stopper = threading.Timer(0.3, supervisor._signal, (signal.SIGTERM, None))  # as the handler would
+        stopper.start()
+        supervisor._do_reload()
+        stopper.join()
+        deadline = time.monotonic() + 5
+        while supervisor.children:
+            supervisor._reap()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert (tmp_path / "old").exists() and (tmp_path / "new").read_text() == "drained"
+    finally:
+        _kill_all(supervisor)
+
+
+def test_a_stop_sent_while_a_worker_is_forked_reaches_that_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor took its signals again right after the fork, before it had noted the new worker: a
+    SIGTERM arriving then was forwarded to every worker but that one, which kept serving while the supervisor
+    waited for it (a stop during a restart or a reload's start never finished)."""
+    supervisor = Supervisor(SETTINGS, lambda: SETTINGS, lambda *_: None)
+    real_fork = os.fork
+
+    def fork_then_stop() -> int:
+        pid = real_fork()
+        if pid != 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # held: the stop signals are blocked across the fork
+        return pid
+
+    def run_worker(settings: Settings, index: int, fd: int, sockets: list[socket.socket], successor: bool) -> None:
+        stops: list[int] = []
+        signal.signal(signal.SIGTERM, lambda signum, _frame: stops.append(signum))
+        accept_stop_signals()
+        deadline = time.monotonic() + 3
+        while not stops and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (tmp_path / "worker").write_text("stopped" if stops else "never told")
+
+    supervisor._run_worker = run_worker
+    monkeypatch.setattr(workers.os, "fork", fork_then_stop)
+    previous = signal.signal(signal.SIGTERM, supervisor._signal)
+    try:
+        pid, fd = supervisor._spawn(SETTINGS, 0)
+        os.close(fd)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        monkeypatch.setattr(workers.os, "fork", real_fork)
+    os.waitpid(pid, 0)
+    assert supervisor._stopping
+    assert (tmp_path / "worker").read_text() == "stopped"

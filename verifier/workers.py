@@ -123,9 +123,13 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         supervisor = os.getpid()
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        pid = os.fork()
-        if pid != 0:
+        try:
+            pid = os.fork()
+        except OSError:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
         if pid == 0:  # the worker
             os.close(read_fd)
             _die_with_parent(supervisor)
@@ -144,7 +148,8 @@ class Supervisor:
                 code = 1
             os._exit(code)
         os.close(write_fd)
-        self.children[pid] = index
+        self.children[pid] = index  # before the signals are taken again: a stop sent meanwhile reaches it too
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self._last_start[index] = time.monotonic()
         log.info("worker started", extra={"event": "worker_started", "worker": index, "pid": pid})
         return pid, read_fd
@@ -276,6 +281,10 @@ class Supervisor:
         does not become ready."""
         pid, fd = self._spawn(settings, index, successor=old_pid is not None)
         if not self._await_ready(pid, fd, READY_TIMEOUT_SECONDS):
+            if self._stopping:  # told to stop with the others (again here, harmless): it drains and is waited for
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                return None
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             self.children.pop(pid, None)
