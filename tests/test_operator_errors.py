@@ -201,3 +201,27 @@ def test_a_webauthn_registry_that_cannot_be_written_is_refused_by_check_config_a
     assert result.returncode == 2
     line = _one_line(result.stderr)
     assert "webauthn.storage.sqlite_path" in line and "writable" in line
+
+
+@pytest.mark.parametrize("name", ["revocations.sqlite3", "replay.sqlite3-wal"])
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_a_state_file_that_cannot_be_opened_is_refused_by_check_config_and_serve_alike(
+    tmp_path: Path, command: str, name: str
+) -> None:
+    """A file of the durable store in `state.path` that the worker cannot open (a directory in its place, a
+    file another user owns): check-config said ok, and serve restarted a worker crashing on it forever."""
+    state = tmp_path / "state"
+    (state / name).mkdir(parents=True)
+    config = _config(
+        tmp_path,
+        {
+            "http": {"listen": f"127.0.0.1:{free_port()}"},
+            "state": {"path": str(state)},
+            "revocation": {"max_token_lifetime_seconds": 86400},
+        },
+    )
+    args = ("check-config", config) if command == "check-config" else ("serve", "--config", config)
+    result = _verifier(*args, timeout=20)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "state.path" in line and name in line

@@ -13,6 +13,22 @@ import os
 
 PRIVATE_MODE = 0o600
 SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
+REVOCATIONS_FILE = "revocations.sqlite3"  # in `state.path`: revocation entries
+REPLAY_FILE = "replay.sqlite3"  # in `state.path`: replay keys
+
+
+def sqlite_problem(path: str) -> str:
+    """Why a worker could not open the SQLite file `path` (with its -wal/-shm/-journal), or "".
+
+    Checked when the configuration is loaded, so `check-config`, `serve` and SIGHUP refuse it by name
+    instead of every worker crashing on it at start. A file that is there but not SQLite is found only
+    when it is opened.
+    """
+    for suffix in SQLITE_COMPANIONS:
+        file = path + suffix
+        if os.path.lexists(file) and (not os.path.isfile(file) or not os.access(file, os.R_OK | os.W_OK)):
+            return f"{file!r} is there but is not a file this user can read and write"
+    return ""
 
 
 def private_sqlite(path: str) -> str:

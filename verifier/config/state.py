@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from verifier.config.base import Reader, read_fields, setting
+from verifier.private_files import REPLAY_FILE, REVOCATIONS_FILE, sqlite_problem
 
 DEFAULT_MAX_ENTRIES = 100_000  # memory store: entries per table (replay keys, buckets); ~200 bytes each
 DEFAULT_KEY_PREFIX = "verifier:"  # namespace for every key this verifier writes
@@ -98,5 +99,10 @@ def parse_state_config(data: Any, path: str = "state") -> StateConfig:
             reader.problem("path", f"only without {path}.redis_url (Redis keeps the entries)")
         elif not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
             reader.problem("path", f"{directory!r} is not a writable directory")
+        else:
+            for name in (REVOCATIONS_FILE, REPLAY_FILE):
+                problem = sqlite_problem(os.path.join(directory, name))
+                if problem:
+                    reader.problem("path", problem)
     reader.done()
     return StateConfig(**values)

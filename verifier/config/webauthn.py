@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 
 from verifier.config.base import ConfigError, Reader, read_fields, setting
+from verifier.private_files import sqlite_problem
 
 DEFAULT_RP_NAME = "edge-verifier"
 # Seconds a challenge (step-up or registration) stays valid. WebAuthn Level 3 section 15.1 recommends
@@ -125,8 +126,9 @@ def _registry_problem(sqlite_path: str) -> str:
     if sqlite_path == ":memory:" or sqlite_path.startswith("file:"):
         return ""
     directory = os.path.dirname(os.path.abspath(sqlite_path))
-    if os.path.isdir(sqlite_path) or (os.path.exists(sqlite_path) and not os.access(sqlite_path, os.R_OK | os.W_OK)):
-        return f"{sqlite_path!r} is not a writable file"
+    problem = sqlite_problem(sqlite_path)
+    if problem:
+        return problem
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
         return f"{directory!r} (where {sqlite_path!r} lives) is not a writable directory"
     return ""

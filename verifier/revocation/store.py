@@ -43,7 +43,7 @@ from redis.exceptions import RedisError
 
 from verifier.config.state import DEFAULT_KEY_PREFIX
 from verifier.errors import StateUnavailable
-from verifier.private_files import private_sqlite
+from verifier.private_files import REVOCATIONS_FILE, private_sqlite
 from verifier.revocation.entry import Entry
 
 log = logging.getLogger("verifier.revocation")
@@ -58,7 +58,7 @@ LISTEN_POLL_SECONDS = 1.0  # the subscriber wakes at least this often (heartbeat
 # replica would go on answering "no entry" while others' entries pass it by.
 SUBSCRIPTION_SILENCE_SECONDS = 3.0
 HEARTBEAT = b"verifier-revocations"
-SQLITE_FILE = "revocations.sqlite3"  # in `state.path`
+SQLITE_FILE = REVOCATIONS_FILE  # in `state.path`
 SQLITE_POLL_SECONDS = 0.25  # how often a local store looks for another worker's writes
 SQLITE_BUSY_SECONDS = 5.0  # a write waits this long for another worker's transaction
 

@@ -37,13 +37,13 @@ import sqlite3
 from verifier.clock import Clock
 from verifier.config.state import DEFAULT_MAX_ENTRIES
 from verifier.errors import StateUnavailable
-from verifier.private_files import private_sqlite
+from verifier.private_files import REPLAY_FILE, private_sqlite
 from verifier.state.base import TakeResult
 from verifier.state.memory import MemoryState
 
 log = logging.getLogger("verifier.state")
 
-SQLITE_FILE = "replay.sqlite3"  # in `state.path`
+SQLITE_FILE = REPLAY_FILE  # in `state.path`
 CHECKPOINT_PAGES = 100  # the WAL is copied into the file every ~100 KB (~30 writes), ~0.1 ms each time
 BUSY_SECONDS = 0.25  # a write waits this long for another process's (they take microseconds), then 503
 PURGE_SECONDS = 1.0  # expired keys are deleted about this often
