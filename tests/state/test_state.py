@@ -341,3 +341,23 @@ def test_sqlite_replay_file_is_private_to_the_verifier_user(tmp_path: Path, cloc
         assert "replay.sqlite3" in modes and modes == dict.fromkeys(modes, 0o600)
     finally:
         store._db.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://x:6379/0?password=hunter2",
+        "rediss://x:6379/0?socket_timeout=1&PASSWORD=hunter2",
+        "unix:///run/redis.sock?db=0&password=hunter2",
+        "redis://x:6379/0?password",
+        "redis://x:6379/0?pass%77ord=hunter2",
+    ],
+)
+def test_a_password_in_the_redis_urls_query_is_refused_as_in_its_user_part(url: str) -> None:
+    """redis-py takes `?password=` from the URL's query as it takes `user:password@`: the rule that keeps the
+    password out of the config file (a ConfigMap, `explain` notes, error text) is `state.password_env`, and
+    the query went round it."""
+    with pytest.raises(ConfigError) as refused:
+        parse_state_config({"redis_url": url, "key_prefix": "a:"})
+    assert str(refused.value).startswith("state.redis_url: ") and "password_env" in str(refused.value)
+    assert "hunter2" not in str(refused.value)

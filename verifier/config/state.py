@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from verifier.config.base import Reader, read_fields, setting
 from verifier.private_files import REPLAY_FILE, REVOCATIONS_FILE, sqlite_problem
@@ -69,7 +69,9 @@ def parse_state_config(data: Any, path: str = "state") -> StateConfig:
         parts = urlsplit(url)
         if parts.scheme not in _REDIS_SCHEMES:
             reader.problem("redis_url", "expected a redis://, rediss:// or unix:// URL")
-        elif parts.password:
+        elif parts.password or any(
+            name.strip().lower() == "password" for name, _ in parse_qsl(parts.query, keep_blank_values=True)
+        ):  # redis-py reads `?password=` from the query as it reads `user:password@`
             reader.problem("redis_url", f"must not contain a password; use {path}.password_env")
     password_env = values["password_env"]
     if password_env is not None:
