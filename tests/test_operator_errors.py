@@ -225,3 +225,33 @@ def test_a_state_file_that_cannot_be_opened_is_refused_by_check_config_and_serve
     assert result.returncode == 2
     line = _one_line(result.stderr)
     assert "state.path" in line and name in line
+
+
+@pytest.mark.parametrize("planted", ["symlink", "foreign"])
+def test_a_state_file_another_user_could_have_planted_is_refused(tmp_path: Path, planted: str) -> None:
+    """state.path in a directory others can write (/tmp, an emptyDir is 0777): another user makes
+    revocations.sqlite3 first, or a link named so to a file of theirs, and the verifier kept its kill switch in
+    a file that user can rewrite (an entry deleted lifts the revocation)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    theirs = tmp_path / "theirs.sqlite3"
+    theirs.write_bytes(b"")
+    if planted == "symlink":
+        (state / "revocations.sqlite3").symlink_to(theirs)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("making a file another user owns needs root")
+        (state / "revocations.sqlite3").write_bytes(b"")
+        os.chown(state / "revocations.sqlite3", 65534, 65534)
+    config = _config(
+        tmp_path,
+        {
+            "http": {"listen": f"127.0.0.1:{free_port()}"},
+            "state": {"path": str(state)},
+            "revocation": {"max_token_lifetime_seconds": 86400},
+        },
+    )
+    result = _verifier("check-config", config)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert "state.path" in line and "revocations.sqlite3" in line

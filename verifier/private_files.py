@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 
 PRIVATE_MODE = 0o600
 SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
@@ -21,13 +22,23 @@ def sqlite_problem(path: str) -> str:
     """Why a worker could not open the SQLite file `path` (with its -wal/-shm/-journal), or "".
 
     Checked when the configuration is loaded, so `check-config`, `serve` and SIGHUP refuse it by name
-    instead of every worker crashing on it at start. A file that is there but not SQLite is found only
-    when it is opened.
+    instead of every worker crashing on it at start. A symbolic link, or a file another user owns, is
+    refused too: in a directory others can write (state.path: /tmp, an emptyDir), someone else could have
+    made it, and would then read and rewrite the revocation entries or replay keys (chmod 0600 follows a
+    link). A file that is there but not SQLite is found only when it is opened.
     """
     for suffix in SQLITE_COMPANIONS:
         file = path + suffix
-        if os.path.lexists(file) and (not os.path.isfile(file) or not os.access(file, os.R_OK | os.W_OK)):
+        try:
+            found = os.lstat(file)
+        except OSError:  # not there (or its directory is not: the caller's directory check names that)
+            continue
+        if stat.S_ISLNK(found.st_mode):  # whoever could write the directory chose where the store goes
+            return f"{file!r} is a symbolic link: name the file itself"
+        if not stat.S_ISREG(found.st_mode) or not os.access(file, os.R_OK | os.W_OK):
             return f"{file!r} is there but is not a file this user can read and write"
+        if found.st_uid != os.geteuid():  # another user made it: they can rewrite the entries (lift a kill switch)
+            return f"{file!r} belongs to another user (uid {found.st_uid}): the verifier's own files only"
     return ""
 
 
