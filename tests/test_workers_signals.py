@@ -267,3 +267,19 @@ def test_a_stop_sent_while_a_worker_is_forked_reaches_that_worker(
     os.waitpid(pid, 0)
     assert supervisor._stopping
     assert (tmp_path / "worker").read_text() == "stopped"
+
+
+def test_a_reload_whose_loading_fails_unexpectedly_keeps_the_running_configuration(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only a ConfigError was caught: any other exception from loading the file left the supervisor's loop,
+    and the supervisor (and with it every worker) died on a SIGHUP."""
+
+    def load() -> Settings:
+        raise RuntimeError("something no one expected")
+
+    supervisor = Supervisor(SETTINGS, load, lambda *_: None)
+    supervisor._do_reload()
+    assert supervisor.settings is SETTINGS
+    (record,) = [r for r in caplog.records if getattr(r, "event", "") == "reload_refused"]
+    assert "RuntimeError" in record.__dict__["error"]

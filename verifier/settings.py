@@ -650,6 +650,8 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded)") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

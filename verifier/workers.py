@@ -236,10 +236,12 @@ class Supervisor:
         self._reload = False
         try:
             new = self._load()
-        except ConfigError as exc:
+        except Exception as exc:  # whatever is wrong with the file, the running workers stay
+            # (anything but a ConfigError left the supervisor's loop: the supervisor and its workers died)
+            error = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__} while loading: {exc}"
             log.error(
                 "reload refused: the new configuration is invalid; keeping the old one",
-                extra={"event": "reload_refused", "error": str(exc)},
+                extra={"event": "reload_refused", "error": error},
             )
             return
         if (new.grpc, new.http, new.workers) != (self.settings.grpc, self.settings.http, self.settings.workers):
