@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import signal
 import socket
@@ -283,3 +284,88 @@ def test_a_reload_whose_loading_fails_unexpectedly_keeps_the_running_configurati
     assert supervisor.settings is SETTINGS
     (record,) = [r for r in caplog.records if getattr(r, "event", "") == "reload_refused"]
     assert "RuntimeError" in record.__dict__["error"]
+
+
+def test_a_fork_that_fails_while_restarting_a_worker_is_tried_again_and_the_service_stays_up(tmp_path: Path) -> None:
+    """A fork refused (EAGAIN under a pids limit) while a crashed worker was restarted left the supervisor's loop:
+    the supervisor exited and every worker with it. The fork is now tried again on the back-off."""
+    starts = tmp_path / "starts"
+
+    def run_worker(settings: Settings, index: int, fd: int, sockets: list[socket.socket], successor: bool) -> None:
+        with starts.open("a") as out:
+            out.write(f"{time.monotonic()}\n")
+        accept_stop_signals()
+        os.write(fd, b"1")
+        if len(starts.read_text().splitlines()) == 1:
+            time.sleep(0.2)
+            os._exit(1)  # the first worker crashes
+        while True:
+            time.sleep(0.05)
+
+    pid = os.fork()
+    if pid == 0:  # the supervisor, in a process of its own (signal handlers need a main thread)
+        code = 1
+        try:
+            real_fork, forks = os.fork, [0]
+
+            def fork_refused_once() -> int:
+                forks[0] += 1
+                if forks[0] == 2:  # the restart of the crashed worker
+                    raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+                return real_fork()
+
+            workers.os.fork = fork_refused_once  # type: ignore[assignment]  # this process only
+            code = Supervisor(SETTINGS, lambda: SETTINGS, run_worker).run()
+        finally:
+            os._exit(code)
+    try:
+        deadline = time.monotonic() + 6
+        while len(starts.read_text().splitlines() if starts.exists() else []) < 2:
+            assert os.waitpid(pid, os.WNOHANG)[0] == 0, "the supervisor exited"
+            assert time.monotonic() < deadline, "the crashed worker was not started again"
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def test_a_fork_that_fails_during_a_reload_fails_the_reload_and_the_running_workers_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload whose successor cannot be forked is a failed reload: the old worker goes on serving on the running
+    configuration (before, the OSError left the supervisor's loop and took the service down)."""
+    old = dataclasses.replace(SETTINGS, workers=1, realm="old")
+    new = dataclasses.replace(SETTINGS, workers=1, realm="new")
+
+    def run_worker(settings: Settings, index: int, fd: int, sockets: list[socket.socket], successor: bool) -> None:
+        (tmp_path / str(os.getpid())).write_text(settings.realm)
+        accept_stop_signals()
+        os.write(fd, b"1")
+        while True:
+            time.sleep(1)
+
+    supervisor = Supervisor(old, lambda: new, run_worker)
+    supervisor._retired = []
+    try:
+        pid, fd = supervisor._spawn(old, 0)
+        assert supervisor._await_ready(pid, fd, 5.0)
+
+        def refused() -> int:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+        monkeypatch.setattr(workers.os, "fork", refused)
+        supervisor._do_reload()
+        monkeypatch.undo()
+        assert supervisor.settings.realm == "old"
+        assert _running(tmp_path, supervisor) == [(0, "old")]
+        assert supervisor._due == {}  # its worker runs: nothing to start
+    finally:
+        _kill_all(supervisor)

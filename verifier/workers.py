@@ -229,8 +229,29 @@ class Supervisor:
                 return
             if due <= now:
                 del self._due[index]
-                _, fd = self._spawn(self._settings_for(index), index)
-                os.close(fd)
+                self._start(self._settings_for(index), index)
+
+    def _start(self, settings: Settings, index: int) -> None:
+        """Forks worker `index`; a fork that fails (EAGAIN under a pids limit, ENOMEM) is tried again later, on the
+        crash loop's back-off, instead of leaving the supervisor's loop: that stopped the supervisor and so every
+        worker, the service down for want of one more process."""
+        try:
+            _, fd = self._spawn(settings, index)
+        except OSError as exc:
+            self._fork_failed(index, exc)
+            return
+        os.close(fd)
+
+    def _fork_failed(self, index: int, exc: OSError) -> None:
+        """Schedules another start of worker `index` after a failed fork, each wait twice the last (to the max)."""
+        delay = min(2 * self._backoff.get(index, RESTART_BACKOFF_SECONDS / 2), MAX_RESTART_BACKOFF_SECONDS)
+        self._backoff[index] = delay
+        log.error(
+            "worker could not be started: fork failed",
+            extra={"event": "worker_fork_failed", "worker": index, "error": str(exc), "restart_in": delay},
+        )
+        if not self._stopping and self._pid_of(index) is None:
+            self._due[index] = time.monotonic() + delay
 
     def _do_reload(self) -> None:
         self._reload = False
@@ -281,7 +302,11 @@ class Supervisor:
         """Starts a successor of `old_pid` (None: no worker runs for `index`) on `settings` and retires the old
         one once it is SERVING; the successor's pid, or None (the successor stopped, the old one kept) when it
         does not become ready."""
-        pid, fd = self._spawn(settings, index, successor=old_pid is not None)
+        try:
+            pid, fd = self._spawn(settings, index, successor=old_pid is not None)
+        except OSError as exc:  # no successor: the reload fails (the old worker, if any, goes on serving)
+            self._fork_failed(index, exc)
+            return None
         if not self._await_ready(pid, fd, READY_TIMEOUT_SECONDS):
             if self._stopping:  # told to stop with the others (again here, harmless): it drains and is waited for
                 with contextlib.suppress(ProcessLookupError):
@@ -326,8 +351,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
         for index in range(self.settings.workers):
-            _, fd = self._spawn(self.settings, index)
-            os.close(fd)
+            self._start(self.settings, index)
         while self.children or self._retired or (self._due and not self._stopping):
             if self._reload and not self._stopping:
                 self._do_reload()
