@@ -57,6 +57,15 @@ def test_the_supervisor_keeps_taking_signals_after_a_fork() -> None:
     assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
 
 
+def _started(supervisor: Supervisor, count: int) -> Supervisor:
+    """`supervisor` with workers 0 .. count-1 forked on its running configuration, each SERVING (no `run` loop)."""
+    supervisor._retired = []
+    for index in range(count):
+        pid, fd = supervisor._spawn(supervisor.settings, index)
+        assert supervisor._await_ready(pid, fd, 5.0)
+    return supervisor
+
+
 def test_a_reload_that_fails_on_a_later_worker_leaves_every_worker_on_one_configuration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -76,12 +85,8 @@ def test_a_reload_that_fails_on_a_later_worker_leaves_every_worker_on_one_config
         while True:
             time.sleep(1)  # serving until SIGTERM/SIGKILL
 
-    supervisor = Supervisor(old, lambda: new, run_worker)
-    supervisor._retired = []
+    supervisor = _started(Supervisor(old, lambda: new, run_worker), 2)
     try:
-        for index in range(2):
-            pid, fd = supervisor._spawn(old, index)
-            assert supervisor._await_ready(pid, fd, 5.0)
         supervisor._do_reload()
         deadline = time.monotonic() + 5
         while not all((tmp_path / str(pid)).exists() for pid in supervisor.children):
@@ -115,6 +120,23 @@ def _running(tmp_path: Path, supervisor: Supervisor) -> list[tuple[int, str]]:
     return sorted((index, (tmp_path / str(pid)).read_text()) for pid, index in supervisor.children.items())
 
 
+def _stopped_cleanly(pid: int, within: float) -> None:
+    """SIGTERM to the supervisor process `pid`: it exits 0 within `within` seconds."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + within
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        assert time.monotonic() < deadline, "the supervisor did not stop in time"
+        time.sleep(0.05)
+    assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
+
+
+def _reaped(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
 @pytest.mark.parametrize("crashing", ["old", "new"])
 def test_a_worker_that_crashes_during_a_reload_comes_back_on_the_configuration_its_index_ends_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crashing: str
@@ -144,12 +166,8 @@ def test_a_worker_that_crashes_during_a_reload_comes_back_on_the_configuration_i
                     crash.unlink()
                     os._exit(1)  # once
 
-    supervisor = Supervisor(old, lambda: new, run_worker)
-    supervisor._retired = []
+    supervisor = _started(Supervisor(old, lambda: new, run_worker), 3)
     try:
-        for index in range(3):
-            pid, fd = supervisor._spawn(old, index)
-            assert supervisor._await_ready(pid, fd, 5.0)
         supervisor._do_reload()
         assert not crash.exists(), "the worker did not crash during the reload"
         assert supervisor.settings.realm == "new"
@@ -182,17 +200,9 @@ def test_a_worker_that_crashes_at_every_start_is_restarted_ever_more_slowly_and_
     try:
         time.sleep(5.5)
         assert len(starts.read_text().splitlines()) <= 4, starts.read_text()  # 0, 1, 3 (and 7) s; not 6
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 1.5
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-            assert time.monotonic() < deadline, "SIGTERM waited for the pending restart"
-            time.sleep(0.05)
-        assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
+        _stopped_cleanly(pid, within=1.5)  # SIGTERM does not wait for the pending restart
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+        _reaped(pid)
 
 
 def test_a_stop_during_a_reload_lets_the_new_worker_drain_as_the_others_do(tmp_path: Path) -> None:
@@ -213,11 +223,8 @@ def test_a_stop_during_a_reload_lets_the_new_worker_drain_as_the_others_do(tmp_p
         time.sleep(0.5)  # the drain
         (tmp_path / settings.realm).write_text("drained")
 
-    supervisor = Supervisor(old, lambda: new, run_worker)
-    supervisor._retired = []
+    supervisor = _started(Supervisor(old, lambda: new, run_worker), 1)
     try:
-        pid, fd = supervisor._spawn(old, 0)
-        assert supervisor._await_ready(pid, fd, 5.0)
         stopper = threading.Timer(0.3, supervisor._signal, (signal.SIGTERM, None))  # as the handler would
         stopper.start()
         supervisor._do_reload()
@@ -324,17 +331,9 @@ def test_a_fork_that_fails_while_restarting_a_worker_is_tried_again_and_the_serv
             assert os.waitpid(pid, os.WNOHANG)[0] == 0, "the supervisor exited"
             assert time.monotonic() < deadline, "the crashed worker was not started again"
             time.sleep(0.05)
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert os.WIFEXITED(done[1]) and os.WEXITSTATUS(done[1]) == 0
+        _stopped_cleanly(pid, within=5.0)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+        _reaped(pid)
 
 
 def test_a_fork_that_fails_during_a_reload_fails_the_reload_and_the_running_workers_stay(
@@ -352,11 +351,8 @@ def test_a_fork_that_fails_during_a_reload_fails_the_reload_and_the_running_work
         while True:
             time.sleep(1)
 
-    supervisor = Supervisor(old, lambda: new, run_worker)
-    supervisor._retired = []
+    supervisor = _started(Supervisor(old, lambda: new, run_worker), 1)
     try:
-        pid, fd = supervisor._spawn(old, 0)
-        assert supervisor._await_ready(pid, fd, 5.0)
 
         def refused() -> int:
             raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
