@@ -169,6 +169,7 @@ def build_introspector(
     breaker = CircuitBreaker(
         failure_threshold=config.breaker_failures,
         cooldown_seconds=config.breaker_cooldown_seconds,
+        success_window_seconds=config.breaker_success_window_seconds,
         clock=clock,
         on_change=lambda state: metrics.breaker.set(int(state)),
     )

@@ -1003,6 +1003,7 @@ def test_every_key_parses(secret_env: str) -> None:
             "require_audience": False,
             "breaker_failures": 2,
             "breaker_cooldown_seconds": 1,
+            "breaker_success_window_seconds": 3,
             "assertion_ttl_seconds": 30,
         },
         "issuers[1].introspection",
@@ -1010,7 +1011,7 @@ def test_every_key_parses(secret_env: str) -> None:
     assert parsed.client_auth is ClientAuth.CLIENT_SECRET_POST
     assert parsed.batch_endpoint.endswith("/batch")
     assert parsed.serve_stale_on_error and not parsed.require_audience
-    assert parsed.max_batch_size == 10
+    assert parsed.max_batch_size == 10 and parsed.breaker_success_window_seconds == 3
 
 
 @pytest.mark.parametrize(

@@ -149,3 +149,80 @@ async def test_tokens_whose_answers_are_too_large_never_open_the_breaker(
         assert (await intro.introspect(GOOD, b"g" * 32)).subject == "alice"
     finally:
         await intro.close()
+
+
+@pytest.fixture
+def raw_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
+
+
+def provider_failing_for(bad_prefix: str, fault: Callable[[], Route]) -> Callable[[bytes], Route]:
+    """Active for every token but those starting with `bad_prefix`, which get `fault()` (a WAF or provider bug
+    that fails for certain token shapes)."""
+
+    def answer(body: bytes) -> Route:
+        token = urllib.parse.parse_qs(body.decode())["token"][0]
+        if token.startswith(bad_prefix):
+            return fault()
+        claims = {"active": True, "sub": "alice", "aud": AUDIENCE, "exp": FrozenClock().now() + 3600}
+        return json_route(claims, pause=0)
+
+    return answer
+
+
+@pytest.mark.parametrize("fault", ["http_5xx", "malformed"])
+@pytest.mark.usefixtures("raw_secret")
+async def test_a_stream_of_tokens_the_provider_fails_for_never_opens_the_breaker_while_others_are_answered(
+    raw_provider: RawProvider, introspection_http: IntrospectionHttpClient, fault: str
+) -> None:
+    """The breaker judges the provider, not a token: an attacker whose distinct tokens make the provider fail
+    (faster than legitimate traffic comes) must not open it for every user's first-seen opaque token."""
+    failing = {
+        "http_5xx": lambda: Route(b'{"error": "server_error"}', status=502, pause=0),
+        "malformed": lambda: Route(b"<html>blocked</html>", status=200, pause=0),
+    }[fault]
+    raw_provider.routes["/introspect"] = provider_failing_for("evil", failing)
+    clock = FrozenClock()
+    intro = introspector(raw_provider, introspection_http, clock)  # breaker_failures: 3
+    try:
+        assert (await intro.introspect("user-first", b"f" * 32)).subject == "alice"  # a running service
+        for round_ in range(10):
+            for i in range(5):  # more than the threshold in a row
+                with pytest.raises(ProviderUnavailable):
+                    await intro.introspect(f"evil-{round_}-{i}", b"e%015d%016d" % (round_, i))
+            principal = await intro.introspect(f"user-{round_}", b"u%031d" % round_)  # a first-seen, real token
+            assert principal.subject == "alice"
+            assert intro.breaker.state is BreakerState.CLOSED
+            clock.advance(1)  # legitimate answers come more often than the window (2 s by default)
+    finally:
+        await intro.close()
+
+
+@pytest.mark.usefixtures("raw_secret")
+async def test_a_provider_that_stops_answering_opens_the_breaker_once_the_window_passes_and_the_probe_closes_it(
+    raw_provider: RawProvider, introspection_http: IntrospectionHttpClient
+) -> None:
+    raw_provider.routes["/introspect"] = provider_failing_for("evil", lambda: Route(b"oops", status=503, pause=0))
+    clock = FrozenClock()
+    intro = introspector(raw_provider, introspection_http, clock, breaker_success_window_seconds=2,
+                         breaker_cooldown_seconds=5)
+    try:
+        assert (await intro.introspect("user-0", b"u" * 32)).subject == "alice"
+        raw_provider.routes["/introspect"] = lambda body: Route(b"oops", status=503, pause=0)  # down for every call
+        for i in range(3):
+            with pytest.raises(ProviderUnavailable, match="HTTP 503"):
+                await intro.introspect(f"user-{i + 1}", b"v%031d" % i)
+        assert intro.breaker.state is BreakerState.CLOSED  # it answered 0 s ago
+        clock.advance(2)
+        with pytest.raises(ProviderUnavailable, match="HTTP 503"):
+            await intro.introspect("user-9", b"w" * 32)
+        assert intro.breaker.state is BreakerState.OPEN  # no answer for the window, and failures past the count
+        with pytest.raises(ProviderUnavailable, match="circuit open"):
+            await intro.introspect("user-10", b"x" * 32)
+
+        clock.advance(5)
+        raw_provider.routes["/introspect"] = provider_failing_for("evil", lambda: Route(b"oops", status=503, pause=0))
+        assert (await intro.introspect("user-11", b"y" * 32)).subject == "alice"  # the half-open probe
+        assert intro.breaker.state is BreakerState.CLOSED
+    finally:
+        await intro.close()

@@ -11,7 +11,8 @@ Per issuer, one `Introspector`:
   sent at once, within the in-flight bound: a window would only delay it.
 - failure: a timeout, transport error or non-200 answer is `ProviderUnavailable` (503, fail closed),
   unless `serve_stale_on_error` lets a cached, still-valid active answer stand in; a circuit breaker
-  stops calls to a provider that keeps failing and probes it back after a cool-down.
+  stops calls to a provider that keeps failing (and has answered no call for a short window: failures for
+  some tokens alone never open it) and probes it back after a cool-down.
 
 RFC 7662 section 2.2: only `"active": true` (the JSON boolean) means active. The answer's members are
 read like a JWT access token's claims (`sub` or `client_id`, `scope`, `aud`, `exp`, `cnf`, `acr`...),

@@ -1,14 +1,31 @@
 """A circuit breaker for one provider: closed -> open -> half-open -> closed.
 
-Closed lets every call through and counts consecutive failures; at the threshold it opens. Open
-refuses at once (no socket, no timeout to wait out) until the cool-down has passed on the injected
-monotonic clock; then half-open lets exactly one probe through. The probe's success closes the
-circuit, its failure opens it for another cool-down.
+Closed lets every call through and counts consecutive failures; it opens at the threshold, but only
+when no call has succeeded for `success_window_seconds` either. Open refuses at once (no socket, no
+timeout to wait out) until the cool-down has passed on the injected monotonic clock; then half-open
+lets exactly one probe through. The probe's success closes the circuit, its failure opens it for
+another cool-down.
+
+The breaker judges the provider, not a token. A failure is one call's fault (a timeout, a transport
+error, a 5xx, a malformed answer), and a provider (or a WAF in front of it) may fail only for certain
+tokens: an attacker who sends a stream of such distinct tokens, faster than legitimate traffic, used to
+get `failure_threshold` failures in a row and open the circuit for every user's first-seen opaque token.
+A provider that answered any call within the window is up, so failures alone no longer open the circuit
+while answers still come: the attacker must also starve every legitimate call for the whole window.
+Designs weighed: a window of failures across distinct tokens (an attacker has as many tokens as he
+likes, so distinctness proves nothing); remembering failed tokens so each counts once (the same, and
+memory to bound); a sliding count of failures in a time window (more state, and the success test is
+what actually tells a healthy provider from a sick one). The one timestamp costs a clock read per
+provider call, nothing for cached tokens, and no memory. A provider that fails every call still opens
+the circuit: at the threshold once the window has passed since its last answer, so at most
+`success_window_seconds` (default: one call's timeout) later than on the count alone; before any
+call has ever succeeded the count alone decides, as before.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -57,10 +74,13 @@ class CircuitBreaker:
         failure_threshold: int,
         cooldown_seconds: float,
         clock: Clock,
+        success_window_seconds: float = 0.0,
         on_change: Callable[[BreakerState], None] | None = None,
     ) -> None:
         self._threshold = failure_threshold
         self._cooldown = cooldown_seconds
+        self._window = success_window_seconds
+        self._last_success = -math.inf  # monotonic time of the last call that succeeded
         self._clock = clock
         self._on_change = on_change
         self._state = BreakerState.CLOSED
@@ -100,6 +120,7 @@ class CircuitBreaker:
     def success(self) -> None:
         """A call succeeded: the provider is healthy."""
         self._failures = 0
+        self._last_success = self._clock.monotonic()
         self._probing = False
         self._set(BreakerState.CLOSED)
 
@@ -110,7 +131,11 @@ class CircuitBreaker:
             self._open()
             return
         self._failures += 1
-        if self._state is BreakerState.CLOSED and self._failures >= self._threshold:
+        if (
+            self._state is BreakerState.CLOSED
+            and self._failures >= self._threshold
+            and self._clock.monotonic() - self._last_success >= self._window  # no answer lately: the provider
+        ):
             self._open()
 
     def release(self) -> None:
