@@ -198,17 +198,26 @@ async def test_a_stream_of_tokens_the_provider_fails_for_never_opens_the_breaker
         await intro.close()
 
 
+def server_error() -> Route:
+    return Route(b"oops", status=503, pause=0)
+
+
+def down(body: bytes) -> Route:
+    """A provider that fails every call."""
+    return server_error()
+
+
 @pytest.mark.usefixtures("raw_secret")
 async def test_a_provider_that_stops_answering_opens_the_breaker_once_the_window_passes_and_the_probe_closes_it(
     raw_provider: RawProvider, introspection_http: IntrospectionHttpClient
 ) -> None:
-    raw_provider.routes["/introspect"] = provider_failing_for("evil", lambda: Route(b"oops", status=503, pause=0))
+    raw_provider.routes["/introspect"] = provider_failing_for("evil", server_error)
     clock = FrozenClock()
     intro = introspector(raw_provider, introspection_http, clock, breaker_success_window_seconds=2,
                          breaker_cooldown_seconds=5)
     try:
         assert (await intro.introspect("user-0", b"u" * 32)).subject == "alice"
-        raw_provider.routes["/introspect"] = lambda body: Route(b"oops", status=503, pause=0)  # down for every call
+        raw_provider.routes["/introspect"] = down  # every call fails
         for i in range(3):
             with pytest.raises(ProviderUnavailable, match="HTTP 503"):
                 await intro.introspect(f"user-{i + 1}", b"v%031d" % i)
@@ -221,8 +230,45 @@ async def test_a_provider_that_stops_answering_opens_the_breaker_once_the_window
             await intro.introspect("user-10", b"x" * 32)
 
         clock.advance(5)
-        raw_provider.routes["/introspect"] = provider_failing_for("evil", lambda: Route(b"oops", status=503, pause=0))
+        raw_provider.routes["/introspect"] = provider_failing_for("evil", server_error)
         assert (await intro.introspect("user-11", b"y" * 32)).subject == "alice"  # the half-open probe
         assert intro.breaker.state is BreakerState.CLOSED
+    finally:
+        await intro.close()
+
+
+@pytest.mark.usefixtures("raw_secret")
+async def test_the_half_open_probe_asks_about_a_token_answered_before_not_the_attackers(
+    raw_provider: RawProvider, introspection_http: IntrospectionHttpClient
+) -> None:
+    """After a real outage, the first token past the cool-down may be one the provider fails for: it must not
+    be the probe that decides (else an attacker arriving first after every cool-down keeps the circuit open)."""
+    answers = provider_failing_for("evil", server_error)
+    asked: list[str] = []
+
+    def recording(body: bytes) -> Route:
+        asked.append(urllib.parse.parse_qs(body.decode())["token"][0])
+        return answers(body)
+
+    raw_provider.routes["/introspect"] = recording
+    clock = FrozenClock()
+    intro = introspector(raw_provider, introspection_http, clock, breaker_cooldown_seconds=5)
+    try:
+        assert (await intro.introspect("user-0", b"u" * 32)).subject == "alice"
+        answers = down  # every call fails
+        clock.advance(2)
+        for i in range(3):
+            with pytest.raises(ProviderUnavailable, match="HTTP 503"):
+                await intro.introspect(f"user-{i + 1}", b"v%031d" % i)
+        assert intro.breaker.state is BreakerState.OPEN
+
+        clock.advance(5)
+        answers = provider_failing_for("evil", server_error)  # back, but not for evil
+        asked.clear()
+        with pytest.raises(ProviderUnavailable, match="HTTP 503"):  # the attacker's token comes first: still fails
+            await intro.introspect("evil-1", b"e" * 32)
+        assert asked == ["user-0", "evil-1"]  # the probe was the token answered before
+        assert intro.breaker.state is BreakerState.CLOSED
+        assert (await intro.introspect("user-9", b"w" * 32)).subject == "alice"
     finally:
         await intro.close()

@@ -240,6 +240,10 @@ class ProviderClient:
         self._seam_keeps_deadline = getattr(type(http), "keeps_deadline", False) is True
         self._discovering: asyncio.Task[str] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # of the last call, kept while it runs (`_call`)
+        # The last token the provider answered active (per-token calls): the half-open probe asks about it, not
+        # about whichever token comes first after the cool-down (an attacker's the provider fails for would keep
+        # the circuit open). One reference: bounded; set only on a call to the provider, never for a cached token.
+        self._known_good: str | None = None
         # A client secret authenticates every call the same way: encoded once, not per first-seen token.
         # A private_key_jwt assertion is fresh per call (its jti, iat and exp).
         self._fixed: tuple[Headers, str] | None = None
@@ -279,20 +283,35 @@ class ProviderClient:
         return check_learned_url(doc.get("introspection_endpoint"), issuer=self.issuer, what="introspection_endpoint")
 
     async def introspect(self, token: str) -> dict[str, Any]:
-        """One RFC 7662 section 2.1 request; the decoded section 2.2 answer (any JSON object)."""
+        """One RFC 7662 section 2.1 request; the decoded section 2.2 answer (any JSON object).
+
+        When the breaker is half-open and a token was answered active before, that token goes first as the
+        probe (its answer is dropped; its failure is this call's): the provider is judged on a token it has
+        answered, not on this one, which may be one it fails for. Both calls keep this call's deadline."""
         url = self._endpoint or await self.endpoint()
 
-        def build() -> tuple[str, str, Headers, bytes]:
-            if self._fixed is not None:
-                rest, headers = self._fixed[1], self._post_headers
-            else:
-                creds, fields = client_credentials(self.config, url, self._clock.now())
-                rest, headers = urllib.parse.urlencode({"token_type_hint": "access_token", **fields}), (*creds, FORM)
-            return "POST", url, headers, _form_body(token, rest)
+        def build_for(asked: str) -> Callable[[], tuple[str, str, Headers, bytes]]:
+            def build() -> tuple[str, str, Headers, bytes]:
+                if self._fixed is not None:
+                    rest, headers = self._fixed[1], self._post_headers
+                else:
+                    creds, fields = client_credentials(self.config, url, self._clock.now())
+                    rest = urllib.parse.urlencode({"token_type_hint": "access_token", **fields})
+                    headers = (*creds, FORM)
+                return "POST", url, headers, _form_body(asked, rest)
 
-        answer = await self._call(build, max_bytes=DEFAULT_MAX_RESPONSE_BYTES)
+            return build
+
+        deadline = None
+        known = self._known_good
+        if known is not None and known != token and self.breaker.state is BreakerState.HALF_OPEN:
+            deadline = loops.kept(self._loop).time() + self.config.timeout_seconds
+            await self._call(build_for(known), max_bytes=DEFAULT_MAX_RESPONSE_BYTES, deadline=deadline)
+        answer = await self._call(build_for(token), max_bytes=DEFAULT_MAX_RESPONSE_BYTES, deadline=deadline)
         if not isinstance(answer, dict):
             raise ProviderUnavailable("introspection answer is not a JSON object")
+        if answer.get("active") is True:
+            self._known_good = token
         return answer
 
     async def introspect_batch(self, tokens: Sequence[str]) -> list[dict[str, Any]]:
@@ -347,6 +366,8 @@ class ProviderClient:
                     self._account(result)
                     if result == "ok" and not isinstance(answer, dict):
                         answer = ProviderUnavailable("introspection answer is not a JSON object")
+                    elif result == "ok" and answer.get("active") is True:
+                        self._known_good = token  # the half-open probe's token (`introspect`)
             except Exception:  # a bug: fail closed, never leave a waiter hanging (as the coroutine path)
                 log.exception("introspection call failed", extra={"event": "introspection_error"})
                 answer = ProviderUnavailable("introspection failed")
@@ -388,11 +409,15 @@ class ProviderClient:
         else:
             self.breaker.release()  # a refusal says nothing about the provider's health
 
-    async def _call(self, build: Callable[[], tuple[str, str, Headers, bytes]], *, max_bytes: int) -> Any:
-        """Waits for an in-flight slot, asks the breaker, sends, decodes; all within one deadline."""
+    async def _call(
+        self, build: Callable[[], tuple[str, str, Headers, bytes]], *, max_bytes: int, deadline: float | None = None
+    ) -> Any:
+        """Waits for an in-flight slot, asks the breaker, sends, decodes; all within one deadline (the given
+        loop time, or the timeout from now)."""
         calls = self._metrics.calls
         loop = self._loop = loops.kept(self._loop)
-        deadline = loop.time() + self.config.timeout_seconds
+        if deadline is None:
+            deadline = loop.time() + self.config.timeout_seconds
         try:
             if self._slots.locked():  # a free slot is taken at once: no timer to arm
                 async with asyncio.timeout_at(deadline):
