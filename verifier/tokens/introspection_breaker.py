@@ -20,6 +20,10 @@ provider call, nothing for cached tokens, and no memory. A provider that fails e
 the circuit: at the threshold once the window has passed since its last answer, so at most
 `success_window_seconds` (default: one call's timeout) later than on the count alone; before any
 call has ever succeeded the count alone decides, as before.
+
+Which call is the half-open probe is the client's choice (`ProviderClient.introspect`): the last token the
+provider answered active, re-asked, rather than whichever token comes first after the cool-down (an
+attacker's, arriving first after every cool-down, would keep the circuit open).
 """
 
 from __future__ import annotations
