@@ -14,6 +14,7 @@ from doorkit import http_exchange, running_verifier
 from support import b64url
 
 from verifier.binding.dpop import thumbprint
+from verifier.config.dpop import DpopConfig
 from verifier.settings import (
     PolicySettings,
     RateLimit,
@@ -36,12 +37,18 @@ POLICIES = (
 
 
 def _request(
-    path: str, *, token: str | None = None, scheme: str = "Bearer", extra: str = "", method: str = "GET"
+    path: str,
+    *,
+    token: str | None = None,
+    scheme: str = "Bearer",
+    extra: str = "",
+    method: str = "GET",
+    host: str = "api.example.test",
 ) -> bytes:
     auth = f"Authorization: {scheme} {token}\r\n" if token else ""
     return (
         f"GET /v1/forward-auth HTTP/1.1\r\nHost: verifier\r\nX-Forwarded-Method: {method}\r\n"
-        f"X-Forwarded-Proto: https\r\nX-Forwarded-Host: api.example.test\r\nX-Forwarded-Uri: {path}\r\n"
+        f"X-Forwarded-Proto: https\r\nX-Forwarded-Host: {host}\r\nX-Forwarded-Uri: {path}\r\n"
         f"{auth}{extra}\r\n"
     ).encode()
 
@@ -67,6 +74,14 @@ def _proof(key: ec.EllipticCurvePrivateKey, method: str, url: str, token: str, *
     }
     claims.update(over)
     return jwt.encode(claims, key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": public})
+
+
+async def _dpop_get(
+    port: int, key: ec.EllipticCurvePrivateKey, token: str, host: str
+) -> tuple[int, dict[str, str], bytes]:
+    """GET /api/x as the gateway reports it on `host`, with a proof made for that host (the client's choice)."""
+    dpop = f"DPoP: {_proof(key, 'GET', f'https://{host}/api/x', token)}\r\n"
+    return _parse(await http_exchange(port, _request("/api/x", token=token, scheme="DPoP", extra=dpop, host=host)))
 
 
 async def test_policies_anonymous_route_unmatched_route_and_scopes() -> None:
@@ -292,6 +307,49 @@ async def test_a_dpop_proof_for_another_url_does_not_pass_our_own_endpoints_by_t
         # A proof for this very request still passes.
         own = _proof(key, "POST", "http://verifier.test/v1/webauthn/register/begin", token)
         status, _, body = _parse(await http_exchange(app.ports.http, call(own)))
+        assert status == 200 and b"publicKey" in body
+
+
+async def test_with_dpop_origins_a_proof_for_another_server_replayed_on_the_host_it_names_is_refused() -> None:
+    """A gateway that routes whatever host the client sends (a Kong route without `hosts`, nginx
+    `default_server`, Envoy `domains: ["*"]`) reports that host: a proof the victim's client made for
+    https://evil.example/api/x, replayed to us with `Host: evil.example`, matched its own htu and passed.
+    With `dpop.origins` naming our public origins it is refused; left empty, it still passes (as before)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jkt = thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())))
+    for origins, evil_status in (((), 200), (("https://api.example.test",), 401)):
+        async with running_verifier({"dpop": DpopConfig(origins=origins)}) as (app, idp):
+            token = idp.mint(scope="read", claims={"cnf": {"jkt": jkt}})
+            status, headers, _ = await _dpop_get(app.ports.http, key, token, "evil.example")
+            assert status == evil_status, origins
+            if evil_status == 401:
+                assert headers["x-verifier-reason"] == "dpop_proof_invalid"
+                assert headers["www-authenticate"].startswith('DPoP realm="verifier", error="invalid_dpop_proof"')
+            assert (await _dpop_get(app.ports.http, key, token, "api.example.test"))[0] == 200
+
+
+async def test_with_dpop_origins_the_webauthn_registry_refuses_a_proof_for_the_host_the_caller_named(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """The registry endpoints judge htu against the `Host` of the request made to them, which the caller
+    writes: the same `dpop.origins` rule applies there (their origin is listed like any other)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jkt = thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())))
+    dpop = DpopConfig(origins=("https://api.example.test", "http://verifier.test"), allow_http_origins=True)
+    async with running_verifier({"webauthn": _webauthn_config(tmp_path), "dpop": dpop}) as (app, idp):
+        token = idp.mint(sub="alice", claims={"cnf": {"jkt": jkt}})
+
+        def call(host: str) -> bytes:
+            proof = _proof(key, "POST", f"http://{host}/v1/webauthn/register/begin", token)
+            return (
+                f"POST /v1/webauthn/register/begin HTTP/1.1\r\nHost: {host}\r\n"
+                f"Authorization: DPoP {token}\r\nDPoP: {proof}\r\nContent-Type: application/json\r\n"
+                "Content-Length: 2\r\n\r\n{}"
+            ).encode()
+
+        status, headers, body = _parse(await http_exchange(app.ports.http, call("evil.example")))
+        assert (status, headers.get("x-verifier-reason")) == (401, "dpop_proof_invalid"), (status, body)
+        status, _, body = _parse(await http_exchange(app.ports.http, call("verifier.test")))
         assert status == 200 and b"publicKey" in body
 
 

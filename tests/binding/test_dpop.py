@@ -637,3 +637,83 @@ async def test_a_hostile_number_as_iat_is_an_invalid_proof(
     """#18 F11: `iat` of 10**400 answered 503 with a traceback (math.isfinite overflowed)."""
     with pytest.raises(InvalidDpopProof):
         await check(verifier, make_proof(keys.es256, iat=value))
+
+
+# --- our own origins (dpop.origins) ---------------------------------------------------------------
+
+EVIL_URL = "https://evil.example/orders"  # another server the victim's client also sends proofs to
+
+
+def _bound(keys: SigningKeys) -> Principal:
+    return Principal(
+        "https://issuer.test", "user-1", None, (), frozenset(), NOW + 600, {"cnf": {"jkt": jkt_of(keys.es256)}}
+    )
+
+
+async def _check_at(verifier: DpopVerifier, keys: SigningKeys, host: str, htu: str) -> Principal | Passed:
+    """The DPoP check of a GET /orders the gateway reports on `host` (a host the client chose)."""
+    attrs = RequestAttributes("GET", "https", host, "/orders", {"dpop": make_proof(keys.es256, htu=htu)})
+    return await DpopBinding(verifier).check(_bound(keys), Credential(TokenScheme.DPOP, TOKEN), attrs, NO_POLICY)
+
+
+async def test_without_origins_a_proof_for_another_server_passes_on_the_host_the_client_chose(
+    verifier: DpopVerifier, keys: SigningKeys
+) -> None:
+    """Pins the default: `htu` is judged against the URL the gateway reports, whatever host that names."""
+    assert await _check_at(verifier, keys, "evil.example", EVIL_URL) == _bound(keys)
+
+
+async def test_with_origins_a_proof_for_another_server_is_refused_whatever_host_the_gateway_reports(
+    clock: FrozenClock, state: MemoryState, keys: SigningKeys
+) -> None:
+    """A gateway that lets the client choose the host (no `hosts` on a Kong route, nginx `default_server`,
+    Envoy `domains: ["*"]`): a proof the victim made for https://evil.example/orders, replayed here with
+    `Host: evil.example`, matched its htu and passed (RFC 9449 section 4.3: the URI of *this* server)."""
+    verifier = DpopVerifier(DpopConfig(origins=("https://api.example.test",)), state, clock)
+    with pytest.raises(InvalidDpopProof, match="origin"):
+        await _check_at(verifier, keys, "evil.example", EVIL_URL)
+    with pytest.raises(InvalidDpopProof, match="origin"):
+        await accept(
+            verifier,
+            make_proof(keys.es256, htu="https://api.example.test:8443/orders"),
+            url="https://api.example.test:8443/orders",
+        )
+    assert await _check_at(verifier, keys, "api.example.test", URL) == _bound(keys)
+    await check(verifier, make_proof(keys.es256, htu="HTTPS://API.example.test.:443/orders"))  # normalized
+
+
+@pytest.mark.parametrize(
+    ("origin", "allow_http", "normalized"),
+    [
+        ("https://API.Example.TEST:443/", False, "https://api.example.test"),
+        ("https://api.example.test.:8443", False, "https://api.example.test:8443"),
+        ("http://127.0.0.1:8080", False, "http://127.0.0.1:8080"),
+        ("http://verifier.internal:80", True, "http://verifier.internal"),
+        ("https://[::1]:8443", False, "https://[::1]:8443"),
+    ],
+)
+def test_config_normalizes_origins_at_start_up(origin: str, allow_http: bool, normalized: str) -> None:
+    config = parse_dpop_config({"origins": [origin, normalized], "allow_http_origins": allow_http})
+    assert config.origins == (normalized,)
+    assert normalize_htu(origin.rstrip("/") + "/orders").removesuffix("/orders") == normalized  # spelled as htu is
+
+
+@pytest.mark.parametrize(
+    ("origin", "message"),
+    [
+        ("https://api.example.test/orders", "without user, path"),
+        ("https://api.example.test?x=1", "without user, path"),
+        ("https://api.example.test#top", "without user, path"),
+        ("https://user@api.example.test", "without user, path"),
+        ("api.example.test", "expected an origin"),
+        ("ftp://api.example.test", "expected an origin"),
+        ("http://api.example.test", "plain http"),
+        ("https://api.example.test:99999", "not a valid URL"),
+    ],
+)
+def test_config_refuses_what_is_not_an_origin(origin: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as refused:
+        parse_dpop_config({"origins": ["https://ok.example.test", origin]})
+    assert str(refused.value).startswith("dpop.origins[1]: ")
+    with pytest.raises(ValueError):
+        DpopConfig(origins=("https://API.example.test",))  # in code: normalized, or refused

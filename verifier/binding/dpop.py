@@ -116,6 +116,11 @@ def normalize_htu(url: str) -> str:
     return f"{scheme}://{netloc}{path}"
 
 
+def _origin(normalized: str) -> str:
+    """`scheme://host[:port]` of a `normalize_htu` result (userinfo kept: no configured origin has one)."""
+    return normalized[: normalized.index("/", normalized.index("://") + 3)]
+
+
 def _remove_dot_segments(path: str) -> str:
     """RFC 3986 section 5.2.4 for an absolute path; unlike `posixpath.normpath`, keeps `//`."""
     segments = path.split("/")[1:]
@@ -217,6 +222,7 @@ class DpopVerifier:
         self._state = state
         self._clock = clock
         self._algorithms = frozenset(config.algorithms)
+        self._origins = frozenset(config.origins)  # empty: any origin the gateway reports
         self._keys: dict[tuple[tuple[str, str], ...], tuple[VerificationKey, str]] = {}  # oldest first
 
     @property
@@ -326,8 +332,11 @@ class DpopVerifier:
         if not isinstance(htm, str) or htm != method:  # step 8: methods are case-sensitive
             raise InvalidDpopProof("DPoP proof htm does not match the request method")
         htu = claims.get("htu")
-        if not isinstance(htu, str) or not self._htu_matches(htu, url):  # step 9
+        matched = self._matched_htu(htu, url) if isinstance(htu, str) else None
+        if matched is None:  # step 9
             raise InvalidDpopProof("DPoP proof htu does not match the request URL")
+        if self._origins and _origin(matched) not in self._origins:  # step 9: the URI of *this* server
+            raise InvalidDpopProof("DPoP proof htu is not on an origin of this resource server")
         ath = claims.get("ath")
         if not isinstance(ath, str) or not _equal(ath, access_token_hash(access_token)):  # step 11
             raise InvalidDpopProof("DPoP proof ath does not match the access token")
@@ -372,8 +381,10 @@ class DpopVerifier:
         return parsed
 
     @staticmethod
-    def _htu_matches(htu: str, url: str) -> bool:
+    def _matched_htu(htu: str, url: str) -> str | None:
+        """The normalized `htu` when it matches the request's URL; None otherwise."""
         try:
-            return normalize_htu(htu) == normalize_htu(url)
+            normalized = normalize_htu(htu)
+            return normalized if normalized == normalize_htu(url) else None
         except ValueError:
-            return False
+            return None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
-from verifier.config.base import Reader, read_fields, setting
+from verifier.config.base import Reader, is_loopback_host, read_fields, setting
 from verifier.tokens.keys import ALG_KEY_TYPES
 
 # Asymmetric only (RFC 9449 section 4.3 step 5: no `none`, no MAC). ES256 first: it is what most
@@ -26,6 +27,29 @@ DEFAULT_MAX_PROOF_BYTES = 8192
 # instant (`iat + iat_past_seconds`), and on a replica whose clock lags the one that first saw it, later still.
 JTI_TTL_MARGIN_SECONDS = 1.0
 MIN_NONCE_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output is weaker than it looks
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_origin(url: str, *, allow_http: bool = False) -> str:
+    """`scheme://host[:port]` as `normalize_htu` spells a URL's start (scheme and host lower-cased, one
+    trailing dot dropped, the default port dropped); `ValueError` saying why `url` is not an origin."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc})") from exc
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower().removesuffix(".")
+    if scheme not in _DEFAULT_PORTS or not host:
+        raise ValueError(f"expected an origin such as https://api.example.com, got {url!r}")
+    if parts.username is not None or parts.path not in ("", "/") or "?" in url or "#" in url:
+        raise ValueError(f"an origin is scheme://host[:port], without user, path, query or fragment ({url!r})")
+    if scheme == "http" and not (allow_http or is_loopback_host(host)):
+        raise ValueError(f"plain http needs a loopback host or allow_http_origins: true ({url!r})")
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        netloc += f":{port}"
+    return f"{scheme}://{netloc}"
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DpopConfig:
@@ -40,7 +64,14 @@ class DpopConfig:
       nonce_secret_env: VERIFIER_DPOP_NONCE_SECRET  # required with require_nonce; same on every replica
       nonce_lifetime_seconds: 300
       max_proof_bytes: 8192
+      origins: ["https://api.example.com"]  # our public origins: a proof's htu must name one of them
     ```
+
+    `origins` matters when the gateway lets the client choose the host (a Kong route without `hosts`,
+    an nginx `default_server`, Envoy `domains: ["*"]`): a proof a client made for another server
+    (`htu` https://other.example/orders), replayed with `Host: other.example`, matches the URL the
+    gateway reports. With `origins` set, a proof whose `htu` is on no listed origin is refused
+    (RFC 9449 section 4.3: the URI of the request to this resource server). Empty: not checked.
     """
 
     algorithms: tuple[str, ...] = setting(DEFAULT_ALGORITHMS, doc="allow-list for the proof's alg (asymmetric only)")
@@ -69,8 +100,15 @@ class DpopConfig:
     max_proof_bytes: int = setting(
         DEFAULT_MAX_PROOF_BYTES, minimum=512, maximum=65536, unit="bytes", doc="larger proofs are refused unparsed"
     )
+    origins: tuple[str, ...] = setting(
+        (), doc="our public origins (https://host[:port]); a proof whose htu is on another is refused"
+    )
+    allow_http_origins: bool = setting(False, doc="plain http origins on other hosts than loopback (no TLS in front)")
 
     def __post_init__(self) -> None:
+        for origin in self.origins:
+            if normalize_origin(origin, allow_http=self.allow_http_origins) != origin:
+                raise ValueError(f"origin {origin!r} is not normalized")
         for alg in self.algorithms:
             if alg not in ALG_KEY_TYPES:
                 raise ValueError(f"algorithm {alg!r} cannot sign a DPoP proof")
@@ -112,6 +150,13 @@ def parse_dpop_config(data: Any, path: str = "dpop") -> DpopConfig:
         reader.problem("nonce_secret_env", "required when require_nonce is true (shared by all replicas)")
     if len(secret) < MIN_NONCE_SECRET_BYTES:
         require_nonce = False  # recorded above; the config is not used
+    allow_http = reader.boolean("allow_http_origins", False)
+    origins: list[str] = []
+    for i, origin in enumerate(reader.strings("origins", required=False)):
+        try:
+            origins.append(normalize_origin(origin, allow_http=allow_http))
+        except ValueError as exc:
+            reader.problem(f"origins[{i}]", str(exc))
     config = DpopConfig(
         **read_fields(
             reader,
@@ -120,6 +165,8 @@ def parse_dpop_config(data: Any, path: str = "dpop") -> DpopConfig:
             require_nonce=require_nonce,
             nonce_secret_env=secret_env,
             nonce_secret=secret,
+            origins=tuple(dict.fromkeys(origins)),
+            allow_http_origins=allow_http,
         )
     )
     reader.done()
