@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -39,20 +40,31 @@ def transmitter() -> Iterator[SsfTransmitter]:
         yield tx
 
 
-@pytest.fixture
-async def service(transmitter: SsfTransmitter) -> AsyncIterator[RevocationService]:
+@contextlib.asynccontextmanager
+async def polling(
+    transmitter: SsfTransmitter, state: Callable[[SystemClock], MemoryState] = MemoryState, **extra: Any
+) -> AsyncIterator[RevocationService]:
+    """A started revocation service polling `transmitter` (every 0.1 s), its state made by `state`; `extra` are
+    more transmitter settings."""
     config = parse_revocation_config({"transmitters": [{
         "issuer": transmitter.issuer, "audience": AUD, "delivery": "poll", "algorithms": ["ES256"],
-        "allow_insecure_http": True,
-        "poll_interval_seconds": 0.1, "subjects_of": [IDP],
+        "allow_insecure_http": True, "poll_interval_seconds": 0.1, "subjects_of": [IDP], **extra,
     }]})
     sessions, clock = HttpSessions(), SystemClock()
-    svc = RevocationService(config, state=MemoryState(clock), fetcher=HttpFetcher(sessions.providers), clock=clock,
+    svc = RevocationService(config, state=state(clock), fetcher=HttpFetcher(sessions.providers), clock=clock,
                             metrics=RevocationMetrics(CollectorRegistry()), session=sessions.ssf)
     await svc.start()
-    yield svc
-    await svc.stop()
-    await sessions.close()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+        await sessions.close()
+
+
+@pytest.fixture
+async def service(transmitter: SsfTransmitter) -> AsyncIterator[RevocationService]:
+    async with polling(transmitter) as svc:
+        yield svc
 
 
 async def eventually(condition: Callable[[], bool], seconds: float = 3.0) -> None:
@@ -122,24 +134,18 @@ class LateMark(MemoryState):
 
 async def test_a_polled_set_whose_mark_was_lost_still_takes_effect(transmitter: SsfTransmitter) -> None:
     """#26 G2: the SET is redelivered and acknowledged as a replay, so its effect must already be stored."""
-    config = parse_revocation_config({"transmitters": [{
-        "issuer": transmitter.issuer, "audience": AUD, "delivery": "poll", "algorithms": ["ES256"],
-        "poll_interval_seconds": 0.1, "subjects_of": [IDP], "allow_insecure_http": True,
-    }]})
-    sessions, clock = HttpSessions(), SystemClock()
-    state = LateMark(clock)
-    svc = RevocationService(config, state=state, fetcher=HttpFetcher(sessions.providers), clock=clock,
-                            metrics=RevocationMetrics(CollectorRegistry()), session=sessions.ssf)
-    await svc.start()
-    try:
+    made: list[LateMark] = []
+
+    def late_mark(clock: SystemClock) -> LateMark:
+        made.append(LateMark(clock))
+        return made[0]
+
+    async with polling(transmitter, late_mark) as svc:
         token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-4"})
         jti = transmitter.enqueue(token)
         await eventually(lambda: jti in transmitter.acked)
-        assert state.lost == 1
+        assert made[0].lost == 1
         assert svc.revocations.check(principal("user-4")) is not None
-    finally:
-        await svc.stop()
-        await sessions.close()
 
 
 async def test_a_set_with_an_absurd_iat_is_refused_and_polling_goes_on(
@@ -164,16 +170,7 @@ async def test_a_polled_set_is_neither_acknowledged_nor_refused_while_the_transm
     """The SET can be judged neither way: reporting it in `setErrs` would make the transmitter drop it for good
     (a lost revocation), as a 400 would for push. It is left unacknowledged, and taken once the keys are back."""
     transmitter.jwks_status = 503  # the transmitter's JWKS fails from the start (rotation, outage, a cut)
-    config = parse_revocation_config({"transmitters": [{
-        "issuer": transmitter.issuer, "audience": AUD, "delivery": "poll", "algorithms": ["ES256"],
-        "poll_interval_seconds": 0.1, "subjects_of": [IDP], "allow_insecure_http": True,
-        "poll_endpoint_url": transmitter.poll_url,
-    }]})
-    sessions, clock = HttpSessions(), SystemClock()
-    svc = RevocationService(config, state=MemoryState(clock), fetcher=HttpFetcher(sessions.providers), clock=clock,
-                            metrics=RevocationMetrics(CollectorRegistry()), session=sessions.ssf)
-    await svc.start()
-    try:
+    async with polling(transmitter, poll_endpoint_url=transmitter.poll_url) as svc:
         token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-6"})
         jti = transmitter.enqueue(token)
         await eventually(lambda: len(transmitter.poll_requests) >= 4)
@@ -183,9 +180,6 @@ async def test_a_polled_set_is_neither_acknowledged_nor_refused_while_the_transm
         await eventually(lambda: jti in transmitter.acked, seconds=15)
         assert jti not in transmitter.set_errs
         assert svc.revocations.check(principal("user-6")) is not None
-    finally:
-        await svc.stop()
-        await sessions.close()
 
 
 async def test_a_set_queued_through_a_ten_minute_receiver_outage_still_takes_effect(
