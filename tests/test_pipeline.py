@@ -290,11 +290,7 @@ async def test_a_dpop_proof_for_another_url_does_not_pass_our_own_endpoints_by_t
         token = idp.mint(sub="alice", claims={"cnf": {"jkt": jkt}})
 
         def call(proof: str, forwarded: str = "") -> bytes:
-            return (
-                f"POST /v1/webauthn/register/begin HTTP/1.1\r\nHost: verifier.test\r\n{forwarded}"
-                f"Authorization: DPoP {token}\r\nDPoP: {proof}\r\nContent-Type: application/json\r\n"
-                "Content-Length: 2\r\n\r\n{}"
-            ).encode()
+            return _register_begin(token, proof, "verifier.test", forwarded)
 
         elsewhere = _proof(key, "GET", "https://photos.example.test/albums", token)
         declared = (
@@ -340,17 +336,46 @@ async def test_with_dpop_origins_the_webauthn_registry_refuses_a_proof_for_the_h
         token = idp.mint(sub="alice", claims={"cnf": {"jkt": jkt}})
 
         def call(host: str) -> bytes:
-            proof = _proof(key, "POST", f"http://{host}/v1/webauthn/register/begin", token)
-            return (
-                f"POST /v1/webauthn/register/begin HTTP/1.1\r\nHost: {host}\r\n"
-                f"Authorization: DPoP {token}\r\nDPoP: {proof}\r\nContent-Type: application/json\r\n"
-                "Content-Length: 2\r\n\r\n{}"
-            ).encode()
+            return _register_begin(token, _proof(key, "POST", f"http://{host}/v1/webauthn/register/begin", token), host)
 
         status, headers, body = _parse(await http_exchange(app.ports.http, call("evil.example")))
         assert (status, headers.get("x-verifier-reason")) == (401, "dpop_proof_invalid"), (status, body)
         status, _, body = _parse(await http_exchange(app.ports.http, call("verifier.test")))
         assert status == 200 and b"publicKey" in body
+
+
+async def test_behind_a_tls_gateway_the_webauthn_registry_judges_a_dpop_proof_on_the_declared_public_origin(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """A gateway that terminates TLS proxies the registry in plain http with the public `Host`: the client's proof
+    names https://api.example.test/v1/webauthn/..., which the registry compared with http://<Host>/... and never
+    matched. With `dpop.origins` declared, the request is on the declared origin its `Host` names (its scheme
+    https); a `Host` naming no declared origin is refused, X-Forwarded-Proto/-Host or not."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jkt = thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())))
+    dpop = DpopConfig(origins=("https://api.example.test",))
+    async with running_verifier({"webauthn": _webauthn_config(tmp_path), "dpop": dpop}) as (app, idp):
+        token = idp.mint(sub="alice", claims={"cnf": {"jkt": jkt}})
+
+        def call(host: str, htu_origin: str, forwarded: str = "") -> bytes:
+            proof = _proof(key, "POST", f"{htu_origin}/v1/webauthn/register/begin", token)
+            return _register_begin(token, proof, host, forwarded)
+
+        for host in ("api.example.test", "API.example.test.:443"):
+            status, _, body = _parse(await http_exchange(app.ports.http, call(host, "https://api.example.test")))
+            assert status == 200 and b"publicKey" in body, (host, status, body)
+        refused = (
+            call("evil.example", "https://evil.example"),
+            call("evil.example", "http://evil.example"),
+            call("evil.example", "https://api.example.test"),  # our own origin's proof, on a host of the caller's
+            call("evil.example", "https://api.example.test", "X-Forwarded-Host: api.example.test\r\n"
+                 "X-Forwarded-Proto: https\r\n"),
+            call("api.example.test", "http://api.example.test"),  # the scheme is the origin's, not the hop's
+        )
+        for request in refused:
+            status, headers, body = _parse(await http_exchange(app.ports.http, request))
+            assert (status, headers.get("x-verifier-reason")) == (401, "dpop_proof_invalid"), (request, body)
+            assert headers["www-authenticate"].startswith('DPoP realm="verifier", error="invalid_dpop_proof"')
 
 
 async def test_a_certificate_bound_token_does_not_pass_our_own_endpoints_on_a_thumbprint_header_the_caller_wrote(
@@ -372,6 +397,15 @@ async def test_a_certificate_bound_token_does_not_pass_our_own_endpoints_on_a_th
         ).encode()
         status, headers, body = _parse(await http_exchange(app.ports.http, request))
         assert (status, headers.get("x-verifier-reason")) == (401, "sender_constraint_failed"), (status, body)
+
+
+def _register_begin(token: str, proof: str, host: str, extra: str = "") -> bytes:
+    """`POST /v1/webauthn/register/begin` straight to the verifier, with a DPoP-bound token and its proof."""
+    return (
+        f"POST /v1/webauthn/register/begin HTTP/1.1\r\nHost: {host}\r\n{extra}"
+        f"Authorization: DPoP {token}\r\nDPoP: {proof}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 2\r\n\r\n{}"
+    ).encode()
 
 
 def _webauthn_config(tmp_path):  # type: ignore[no-untyped-def]

@@ -46,6 +46,7 @@ from verifier.doors.grpc import GrpcDoors
 from verifier.doors.jwks_http import add_jwks_route
 from verifier.doors.logout_http import add_logout_routes
 from verifier.doors.metadata_http import add_metadata_routes
+from verifier.doors.public_origin import PublicOrigins
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
@@ -67,6 +68,7 @@ from verifier.policy.ratelimit import RateLimiter
 from verifier.policy.roles import IssuerRoles, RoleMapper
 from verifier.policy.rules import PolicySet
 from verifier.principal import Principal
+from verifier.request import RequestAttributes
 from verifier.revocation import RevocationService
 from verifier.revocation.entry import REFUSAL_CODES
 from verifier.revocation.logout import BackchannelLogout, LogoutTokenVerifier
@@ -417,8 +419,10 @@ class App:
         )
         if self.upstream.assertions is not None:
             add_jwks_route(self.router, self.upstream.assertions.jwks)
+        # Our own endpoints' requests are on the origin of these their `Host` names (verifier.doors.public_origin).
+        self.public_origins = PublicOrigins.declared(settings.dpop.origins if settings.dpop is not None else ())
         if self.webauthn is not None:
-            add_webauthn_routes(self.router, self.webauthn, self._authenticate)
+            add_webauthn_routes(self.router, self.webauthn, self._authenticate, self.public_origins)
         self.forward_auth = ForwardAuthDoor(
             self.pipeline,
             self.metrics,
@@ -489,15 +493,19 @@ class App:
             await self.webauthn.disable_credentials(revoked.issuer, revoked.subject, ids, aaguid=revoked.aaguid)
             self.generation.bump()
 
-    async def _authenticate(self, request: HttpRequest) -> Principal:
-        attrs = self.forward_auth.attributes(request.method, request.path.encode(), dict(request.headers), request.peer)
-        # The request judged is the one made to our endpoint: its own method and target (as its step-up binding reads
-        # them), never a caller's X-Forwarded-Method/-Uri, against which a DPoP proof made for any other request passed.
-        # No certificate either: `mtls_thumbprint_header` is what a gateway overwrites on forward-auth requests, and no
+    async def _authenticate(self, request: HttpRequest, own: RequestAttributes) -> Principal:
+        """The caller of our own endpoints, judged on `own` (`verifier.doors.webauthn_http.attributes`): the request
+        made to our endpoint, its own method and target (as its step-up binding reads them), never a caller's
+        X-Forwarded-Method/-Uri, against which a DPoP proof made for any other request passed. With `dpop.origins`
+        declared, on the declared origin its `Host` names (behind a TLS gateway, `https://<public host>`)."""
+        if not self.public_origins:
+            # None declared: as before, the scheme and host the forward-auth family names (X-Forwarded-Proto/-Host,
+            # which only a gateway publishing these endpoints overwrites), else http and `Host`.
+            forwarded = self.forward_auth.attributes(request.method, b"", dict(request.headers), request.peer)
+            own = own._replace(scheme=forwarded.scheme, host=forwarded.host)
+        # No certificate: `mtls_thumbprint_header` is what a gateway overwrites on forward-auth requests, and no
         # gateway publishes these endpoints (here the header is the caller's word): a certificate-bound token fails.
-        target = request.path + (f"?{request.query}" if request.query else "")
-        own = attrs._replace(method=request.method.upper(), path=target, client_cert_thumbprint="")
-        return await self.pipeline.authenticate(own)
+        return await self.pipeline.authenticate(own._replace(client_cert_thumbprint=""))
 
     async def wait_serving(self) -> None:
         """Returns once the verifier reports SERVING."""

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from support import FrozenClock, file_modes, made_under_umask_022
 from webauthnkit import FLAGS, ORIGIN, RP_ID, SoftAuthenticator, b64u, encode_header, unb64u
 
+from verifier.doors.public_origin import PublicOrigins
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.webauthn_http import add_webauthn_routes
@@ -65,7 +66,7 @@ def attrs(method: str = "POST", path: str = "/payments/transfer", assertion: str
 class Harness:
     """A service with a frozen clock, memory state, an in-memory SQLite store and a router."""
 
-    def __init__(self, **config: Any) -> None:
+    def __init__(self, origins: PublicOrigins | None = None, **config: Any) -> None:
         self.clock = FrozenClock()
         self.state = MemoryState(self.clock)
         self.registry = CollectorRegistry()
@@ -73,9 +74,11 @@ class Harness:
         self.service = WebAuthnService(self.config, SqliteCredentialStore(":memory:"), self.state, self.clock,
                                        WebAuthnMetrics(self.registry))
         self.router = Router()
-        add_webauthn_routes(self.router, self.service, self.authenticate)
+        self.judged: list[RequestAttributes] = []  # the requests `authenticate` was asked about
+        add_webauthn_routes(self.router, self.service, self.authenticate, origins)
 
-    async def authenticate(self, request: HttpRequest) -> Principal:
+    async def authenticate(self, _: HttpRequest, request: RequestAttributes) -> Principal:
+        self.judged.append(request)
         value = request.headers.get("authorization", "")
         if not value:
             raise MissingToken()
@@ -818,6 +821,39 @@ async def test_the_demo_protected_path_runs_the_step_up(enrolled: tuple[Harness,
     status, _, body = await h.call("POST", "/v1/webauthn/demo/protected/transfer",
                                    headers={"x-webauthn-assertion": header})
     assert status == 200 and body == {"ok": True, "subject": "alice", "name": "transfer"}
+
+
+async def test_the_registry_judges_its_requests_on_the_declared_origin_the_host_names_never_the_callers_headers(
+) -> None:
+    """Behind a TLS-terminating gateway the registry is reached in plain http with the public `Host`: with
+    `dpop.origins` declared, the request its DPoP proof and step-up are judged on is on that origin (https, one
+    spelling of its host whatever port or case the `Host` has); a `Host` naming no declared origin stays the
+    caller's own http://<Host>, and X-Forwarded-Proto/-Host are never read."""
+    h = Harness(origins=PublicOrigins.declared(["https://api.example.test"]))
+    try:
+        a = SoftAuthenticator()
+        assert await h.register(a) == 201
+        caller = {"x-forwarded-proto": "http", "x-forwarded-host": "evil.example"}
+        judged = []
+        for host in ("api.example.test", "API.example.test.:443", "evil.example", "api.example.test:8443"):
+            await h.call("GET", "/v1/webauthn/credentials", headers={"host": host, **caller})
+            judged.append((h.judged[-1].method, h.judged[-1].scheme, h.judged[-1].host, h.judged[-1].path))
+        path = "/v1/webauthn/credentials"
+        assert judged == [
+            ("GET", "https", "api.example.test", path),
+            ("GET", "https", "api.example.test", path),
+            ("GET", "http", "evil.example", path),
+            ("GET", "http", "api.example.test:8443", path),
+        ]
+        # A step-up challenge given on one spelling of the public host is good on another: the same request.
+        route = "/v1/webauthn/demo/protected/transfer"
+        status, _, body = await h.call("POST", route, headers={"host": "api.example.test:443"})
+        assert status == 401
+        header = encode_header(a.get(body["publicKey"]["challenge"]))
+        status, _, _ = await h.call("POST", route, headers={"host": "api.example.test", "x-webauthn-assertion": header})
+        assert status == 200
+    finally:
+        await h.service.close()
 
 
 async def test_no_demo_routes_when_disabled() -> None:

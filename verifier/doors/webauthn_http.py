@@ -11,6 +11,10 @@
 
 Every caller is authenticated first (`authenticate`: the forward-auth checks) and must be a user; the
 service's refusals are answered by `verifier.doors.refusals.endpoint_answer`, as the gateway's are.
+
+The request a DPoP proof and a step-up are judged against is built once (`attributes`): its own method and
+target, on the declared public origin its `Host` names (`dpop.origins`, `verifier.doors.public_origin`: behind
+a TLS-terminating gateway, `https://<public host>`), else on the caller's own `http://<Host>`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import importlib.resources
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from verifier.doors.public_origin import PublicOrigins
 from verifier.doors.refusals import endpoint_answer
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.errors import MalformedRequest, VerifierError
@@ -28,21 +33,26 @@ from verifier.principal import Principal
 from verifier.request import RequestAttributes, normalize_host
 from verifier.webauthn.service import WebAuthnService, describe, require_user
 
-Authenticate = Callable[[HttpRequest], Awaitable[Principal]]
-Guarded = Callable[[HttpRequest, Mapping[str, str], Principal], Awaitable[HttpAnswer]]
+Authenticate = Callable[[HttpRequest, RequestAttributes], Awaitable[Principal]]
+Guarded = Callable[[HttpRequest, Mapping[str, str], Principal, RequestAttributes], Awaitable[HttpAnswer]]
 MAX_BODY_BYTES = 65536  # a registration response with an attestation chain is a few KiB
 
 
-def add_webauthn_routes(router: Router, service: WebAuthnService, authenticate: Authenticate) -> None:
-    """Adds the registry's endpoints (and the demo page when configured) to `router`."""
+def add_webauthn_routes(
+    router: Router, service: WebAuthnService, authenticate: Authenticate, origins: PublicOrigins | None = None
+) -> None:
+    """Adds the registry's endpoints (and the demo page when configured) to `router`; `origins`: the declared
+    public origins the requests are on (none: the caller's `http://<Host>`)."""
     endpoints = _Endpoints(service)
+    declared = origins or PublicOrigins()
 
     def guarded(handler: Guarded) -> Callable[[HttpRequest, Mapping[str, str]], Awaitable[HttpAnswer]]:
         async def run(request: HttpRequest, params: Mapping[str, str]) -> HttpAnswer:
             try:
-                principal = await authenticate(request)
+                attrs = attributes(request, declared)  # one request for the DPoP proof and the step-up alike
+                principal = await authenticate(request, attrs)
                 require_user(principal)
-                return await handler(request, params, principal)
+                return await handler(request, params, principal, attrs)
             except VerifierError as exc:
                 return endpoint_answer(exc, realm=service.realm)
 
@@ -64,21 +74,29 @@ class _Endpoints:
         self._service = service
         self._demo: HttpAnswer | None = None
 
-    async def register_begin(self, request: HttpRequest, _: Mapping[str, str], principal: Principal) -> HttpAnswer:
-        options = await self._service.begin_registration(principal, _body(request), attributes(request))
+    async def register_begin(
+        self, request: HttpRequest, _: Mapping[str, str], principal: Principal, attrs: RequestAttributes
+    ) -> HttpAnswer:
+        options = await self._service.begin_registration(principal, _body(request), attrs)
         return HttpAnswer.json(200, options)
 
-    async def register_complete(self, request: HttpRequest, _: Mapping[str, str], principal: Principal) -> HttpAnswer:
+    async def register_complete(
+        self, request: HttpRequest, _: Mapping[str, str], principal: Principal, __: RequestAttributes
+    ) -> HttpAnswer:
         stored = await self._service.complete_registration(principal, _body(request))
         document = describe(stored)
         return HttpAnswer.json(201, document, (("location", f"/v1/webauthn/credentials/{document['id']}"),))
 
-    async def list(self, _: HttpRequest, __: Mapping[str, str], principal: Principal) -> HttpAnswer:
+    async def list(
+        self, _: HttpRequest, __: Mapping[str, str], principal: Principal, ___: RequestAttributes
+    ) -> HttpAnswer:
         credentials = await self._service.credentials(principal)
         return HttpAnswer.json(200, {"credentials": [describe(c) for c in credentials]})
 
-    async def delete(self, request: HttpRequest, params: Mapping[str, str], principal: Principal) -> HttpAnswer:
-        await self._service.delete_credential(principal, params["id"], attributes(request))
+    async def delete(
+        self, _: HttpRequest, params: Mapping[str, str], principal: Principal, attrs: RequestAttributes
+    ) -> HttpAnswer:
+        await self._service.delete_credential(principal, params["id"], attrs)
         return HttpAnswer(204, (("cache-control", "no-store"),))
 
     async def demo_page(self, _: HttpRequest, __: Mapping[str, str]) -> HttpAnswer:
@@ -86,8 +104,10 @@ class _Endpoints:
             self._demo = _demo_answer()
         return self._demo
 
-    async def demo_protected(self, request: HttpRequest, params: Mapping[str, str], principal: Principal) -> HttpAnswer:
-        await self._service.check_step_up(principal, attributes(request))
+    async def demo_protected(
+        self, _: HttpRequest, params: Mapping[str, str], principal: Principal, attrs: RequestAttributes
+    ) -> HttpAnswer:
+        await self._service.check_step_up(principal, attrs)
         return HttpAnswer.json(200, {"ok": True, "subject": principal.subject, "name": params["name"]})
 
 
@@ -100,13 +120,17 @@ def _body(request: HttpRequest) -> Any:
         raise MalformedRequest("the request body is not JSON") from exc
 
 
-def attributes(request: HttpRequest) -> RequestAttributes:
-    """One of our own endpoints' requests as the attributes a step-up is bound to."""
+def attributes(request: HttpRequest, origins: PublicOrigins) -> RequestAttributes:
+    """One of our own endpoints' requests as the attributes its DPoP proof and step-up are bound to: its own
+    method and target, on the declared origin its `Host` names, else on `http://<Host>` (the caller's word, which
+    a declared `dpop.origins` refuses). Never a caller's X-Forwarded-*: no gateway overwrites them here."""
     path = request.path + (f"?{request.query}" if request.query else "")
+    host = normalize_host(request.headers.get("host", ""))
+    scheme, host = origins.on(host) or ("http", host)
     return RequestAttributes(
-        method=request.method,
-        scheme="http",
-        host=normalize_host(request.headers.get("host", "")),
+        method=request.method.upper(),
+        scheme=scheme,
+        host=host,
         path=path,
         headers=request.headers,
         client_address=request.peer,
