@@ -441,8 +441,25 @@ def _header_name(root: Reader, key: str) -> str:
 
 def config_warnings(settings: Settings) -> list[str]:
     """What start-up (and `verifier check-config`) warns about: configurations that work but let one identity
-    stand for another. Not refused: each has a legitimate use; each warning names the fix."""
-    return _tenant_granted_roles(settings) + _consumer_collisions(settings)
+    stand for another, or let the caller name the URL a proof is judged on. Not refused: each has a legitimate
+    use; each warning names the fix."""
+    return _tenant_granted_roles(settings) + _consumer_collisions(settings) + _registry_origin(settings)
+
+
+def _registry_origin(settings: Settings) -> list[str]:
+    """The WebAuthn registry with DPoP and no `dpop.origins`: its endpoints judge a proof's htu on the scheme and
+    host the caller names (`verifier.doors.public_origin`). Behind a TLS-terminating gateway a proof for
+    https://<public host>/v1/webauthn/... then never matches (unless the gateway sets X-Forwarded-Proto), and
+    wherever it does match, the host is the caller's choice. Not refused: a registry reached straight (a
+    loopback test, `verifier dev`) has no public origin to declare."""
+    if settings.webauthn is None or settings.dpop is None or settings.dpop.origins:
+        return []
+    return [
+        "webauthn with dpop: the registry endpoints (/v1/webauthn/...) judge a DPoP proof on the scheme and host "
+        "the caller sends (X-Forwarded-Proto/-Host, else http and Host): behind a TLS-terminating gateway a proof "
+        "for https://<public host>/v1/webauthn/... does not match, and the host is the caller's choice; list the "
+        "public origins in dpop.origins (https://<public host>)"
+    ]
 
 
 def _tenant_granted_roles(settings: Settings) -> list[str]:

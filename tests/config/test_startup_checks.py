@@ -90,14 +90,8 @@ def test_a_role_any_tenant_can_grant_itself_is_said_at_start_up(tmp_path: Path) 
     for issuer, policy in ((TEMPLATE, narrowed), (listed, ADMIN_POLICY), (TEMPLATE, scopes_only)):
         quiet = parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [issuer], "policies": [policy]})
         assert config_warnings(quiet) == []
-    path = tmp_path / "v.yaml"
-    path.write_text(yaml.safe_dump({"http": {"listen": "127.0.0.1:8080"}, "issuers": [TEMPLATE],
-                                    "policies": [ADMIN_POLICY]}))
-    result = subprocess.run(
-        [sys.executable, "-m", "verifier", "check-config", str(path)],
-        capture_output=True, text=True, timeout=60, check=False,
-        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-    )
+    result = _check_config(tmp_path, {"http": {"listen": "127.0.0.1:8080"}, "issuers": [TEMPLATE],
+                                      "policies": [ADMIN_POLICY]})
     assert result.returncode == 0, result.stderr
     assert "warning: policies[0] (admin): requires roles, and any tenant of" in result.stderr
 
@@ -135,3 +129,36 @@ def test_a_kong_consumer_one_identity_could_take_from_another_is_warned_about() 
     assert TEMPLATE["issuer"] in template
     (editable,) = warnings([ISSUER], "preferred_username")
     assert editable.startswith("upstream.consumer.claim: 'preferred_username'")
+
+
+def test_the_webauthn_registry_with_dpop_and_no_declared_origins_is_warned_about(tmp_path: Path) -> None:
+    """The registry's endpoints judge a DPoP proof on the URL its request names: without `dpop.origins`, that is
+    the caller's scheme and host (behind a TLS gateway, http://<Host>: a proof for https://<public host> fails).
+    `check-config` and start-up say so, naming the fix; declared origins, or no registry, are quiet."""
+    from verifier.settings import config_warnings
+
+    webauthn = {"rp_id": "example.test", "origins": ["https://app.example.test"],
+                "storage": {"sqlite_path": str(tmp_path / "w.sqlite3")}}
+
+    def warnings(**sections: object) -> list[str]:
+        return config_warnings(parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [ISSUER], **sections}))
+
+    (warning,) = warnings(webauthn=webauthn, dpop={})
+    assert warning.startswith("webauthn with dpop: ") and "dpop.origins" in warning
+    assert warnings(webauthn=webauthn, dpop={"origins": ["https://api.example.test"]}) == []
+    assert warnings(dpop={}) == []
+    result = _check_config(tmp_path, {"http": {"listen": "127.0.0.1:8080"}, "issuers": [ISSUER],
+                                      "webauthn": webauthn, "dpop": {}})
+    assert result.returncode == 0, result.stderr
+    assert "warning: webauthn with dpop: the registry endpoints" in result.stderr
+
+
+def _check_config(tmp_path: Path, document: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    """`verifier check-config` run on `document`, written to a file in `tmp_path`."""
+    path = tmp_path / "v.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return subprocess.run(
+        [sys.executable, "-m", "verifier", "check-config", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
