@@ -72,6 +72,11 @@ class DpopConfig:
     (`htu` https://other.example/orders), replayed with `Host: other.example`, matches the URL the
     gateway reports. With `origins` set, a proof whose `htu` is on no listed origin is refused
     (RFC 9449 section 4.3: the URI of the request to this resource server). Empty: not checked.
+
+    Our own endpoints (the WebAuthn registry, `/v1/webauthn/...`) are reached without a gateway's forward-auth
+    headers: with `origins` set, their requests are on the listed origin their `Host` names, with its scheme
+    (behind a TLS-terminating gateway, a proof for `https://api.example.test/v1/webauthn/...` matches), and a
+    `Host` naming none is refused (`verifier.doors.public_origin`). Empty: the scheme and host the caller sends.
     """
 
     algorithms: tuple[str, ...] = setting(DEFAULT_ALGORITHMS, doc="allow-list for the proof's alg (asymmetric only)")
@@ -101,7 +106,9 @@ class DpopConfig:
         DEFAULT_MAX_PROOF_BYTES, minimum=512, maximum=65536, unit="bytes", doc="larger proofs are refused unparsed"
     )
     origins: tuple[str, ...] = setting(
-        (), doc="our public origins (https://host[:port]); a proof whose htu is on another is refused"
+        (),
+        doc="our public origins (https://host[:port]); a proof whose htu is on another is refused; the WebAuthn "
+        "registry's requests are on the one their Host names",
     )
     allow_http_origins: bool = setting(False, doc="plain http origins on other hosts than loopback (no TLS in front)")
 
