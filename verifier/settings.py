@@ -26,7 +26,7 @@ from verifier.config.base import (
     setting,
     url_problem,
 )
-from verifier.config.dpop import DpopConfig, parse_dpop_config
+from verifier.config.dpop import DpopConfig, parse_dpop_config, resource_origin
 from verifier.config.introspection import IntrospectionConfig, parse_introspection_config
 from verifier.config.issuer import (
     DEFAULT_FETCH_TIMEOUT_SECONDS,
@@ -578,6 +578,7 @@ def _parse_settings(data: Any) -> Settings:
         )
     )
     root.done()
+    settings = _with_resource_origins(settings)
     _check_route_upstreams(settings)
     if settings.revocation is not None:  # transmitters speak for configured issuers only
         check_transmitter_scopes(settings.revocation, (i.issuer for i in issuers))
@@ -590,6 +591,29 @@ def _parse_settings(data: Any) -> Settings:
     check_admin_token(os.environ.get(ADMIN_TOKEN_ENV))
     _check_shared_state(settings)
     return settings
+
+
+def _with_resource_origins(settings: Settings) -> Settings:
+    """`dpop.origins_from_resources`: `dpop.origins` from the RFC 9728 resource identifiers the config names (the
+    default resource, then each policy's), in that order, each once; a problem when it names none."""
+    dpop = settings.dpop
+    if dpop is None or not dpop.origins_from_resources:
+        return settings
+    named = [("protected_resource.resource", settings.protected_resource.resource if settings.protected_resource
+              else "")]
+    named += [(f"policies[{i}].resource", p.resource) for i, p in enumerate(settings.policies or ())]
+    origins: list[str] = []
+    for key, resource in named:
+        if not resource:
+            continue
+        try:
+            origins.append(resource_origin(resource, allow_http=dpop.allow_http_origins))
+        except ValueError as exc:
+            record(f"{key}: as a dpop origin (dpop.origins_from_resources): {exc}")
+    if not origins:
+        record("dpop.origins_from_resources: no protected_resource.resource or policies[].resource to take them from")
+        return settings
+    return dataclasses.replace(settings, dpop=dataclasses.replace(dpop, origins=tuple(dict.fromkeys(origins))))
 
 
 def _check_route_upstreams(settings: Settings) -> None:

@@ -481,3 +481,29 @@ def test_the_introspection_section_reports_every_problem_with_suggestions(monkey
     assert "issuers[0].introspection.timout_seconds: unknown key (did you mean timeout_seconds?)" in lines
     assert any(line.startswith("issuers[0].introspection.max_in_flight: 0 is outside [1, 10000]") for line in lines)
     assert "issuers[0].introspection.serve_stale_on_error: expected true or false" in lines
+
+
+def test_dpop_origins_from_resources_takes_the_origins_of_the_configured_resource_identifiers() -> None:
+    """Opt-in: `dpop.origins` from `protected_resource.resource` and `policies[].resource` (RFC 9728 identifiers,
+    our public URLs), each origin once, default resource first. Off, or with no resource named, nothing is taken
+    (the latter is a problem, as is setting both keys)."""
+    document = _example()
+    document["protected_resource"] = {"resource": "https://API.example.test/"}
+    document["policies"] = [
+        {"name": "orders", "match": {"path_prefix": "/orders"}, "resource": "https://orders.example.test:8443/orders"},
+        {"name": "more", "match": {"path_prefix": "/more"}, "resource": "https://api.example.test/more"},
+        {"name": "rest", "match": {"path_prefix": "/"}},
+    ]
+    document["dpop"] = {"origins_from_resources": True}
+    settings = parse_settings(document)
+    assert settings.dpop is not None
+    assert settings.dpop.origins == ("https://api.example.test", "https://orders.example.test:8443")
+    document["dpop"] = {}
+    assert parse_settings(document).dpop.origins == ()  # type: ignore[union-attr]
+    document["dpop"] = {"origins_from_resources": True, "origins": ["https://api.example.test"]}
+    with pytest.raises(ConfigError, match=r"dpop.origins_from_resources: set origins or origins_from_resources"):
+        parse_settings(document)
+    bare = _example()
+    bare["dpop"] = {"origins_from_resources": True}
+    with pytest.raises(ConfigError, match=r"dpop.origins_from_resources: no protected_resource.resource"):
+        parse_settings(bare)

@@ -65,6 +65,7 @@ class DpopConfig:
       nonce_lifetime_seconds: 300
       max_proof_bytes: 8192
       origins: ["https://api.example.com"]  # our public origins: a proof's htu must name one of them
+      origins_from_resources: false  # true (origins unset): the origins of the RFC 9728 resources configured
     ```
 
     `origins` matters when the gateway lets the client choose the host (a Kong route without `hosts`,
@@ -77,6 +78,10 @@ class DpopConfig:
     headers: with `origins` set, their requests are on the listed origin their `Host` names, with its scheme
     (behind a TLS-terminating gateway, a proof for `https://api.example.test/v1/webauthn/...` matches), and a
     `Host` naming none is refused (`verifier.doors.public_origin`). Empty: the scheme and host the caller sends.
+
+    `origins_from_resources: true` (opt-in, with `origins` unset) takes them from the resource identifiers the
+    config already names as our public URLs (`protected_resource.resource`, `policies[].resource`; RFC 9728
+    section 1.2): `https://api.example.com/orders` gives `https://api.example.com`.
     """
 
     algorithms: tuple[str, ...] = setting(DEFAULT_ALGORITHMS, doc="allow-list for the proof's alg (asymmetric only)")
@@ -111,6 +116,9 @@ class DpopConfig:
         "registry's requests are on the one their Host names",
     )
     allow_http_origins: bool = setting(False, doc="plain http origins on other hosts than loopback (no TLS in front)")
+    origins_from_resources: bool = setting(
+        False, doc="origins unset: take them from protected_resource.resource and policies[].resource (RFC 9728)"
+    )
 
     def __post_init__(self) -> None:
         for origin in self.origins:
@@ -164,6 +172,8 @@ def parse_dpop_config(data: Any, path: str = "dpop") -> DpopConfig:
             origins.append(normalize_origin(origin, allow_http=allow_http))
         except ValueError as exc:
             reader.problem(f"origins[{i}]", str(exc))
+    if origins and reader.boolean("origins_from_resources", False):
+        reader.problem("origins_from_resources", "set origins or origins_from_resources, not both")
     config = DpopConfig(
         **read_fields(
             reader,
@@ -178,3 +188,10 @@ def parse_dpop_config(data: Any, path: str = "dpop") -> DpopConfig:
     )
     reader.done()
     return config
+
+
+def resource_origin(resource: str, *, allow_http: bool = False) -> str:
+    """The origin of a resource identifier (`https://api.example.com/orders` -> `https://api.example.com`), as
+    `normalize_origin` spells it; `ValueError` saying why it has none we may list."""
+    parts = urlsplit(resource)
+    return normalize_origin(f"{parts.scheme}://{parts.netloc}", allow_http=allow_http)
