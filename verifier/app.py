@@ -419,7 +419,7 @@ class App:
         )
         if self.upstream.assertions is not None:
             add_jwks_route(self.router, self.upstream.assertions.jwks)
-        # Our own endpoints' requests are on the origin of these their `Host` names (verifier.doors.public_origin).
+        # Our own endpoints' requests are on the declared origin their `Host` names (verifier.doors.public_origin).
         self.public_origins = PublicOrigins.declared(settings.dpop.origins if settings.dpop is not None else ())
         if self.webauthn is not None:
             add_webauthn_routes(self.router, self.webauthn, self._authenticate, self.public_origins)
