@@ -725,6 +725,7 @@ async def test_the_breaker_opens_fails_fast_then_half_opens_after_the_cooldown(
     http.answers["tok"] = active()
     http.fault = 503
     introspector = make(breaker_failures=3, breaker_cooldown_seconds=5)
+    clock.advance(2)  # up for the success window (2 s) without an answer: the count decides
     for i in range(3):
         with pytest.raises(ProviderUnavailable):
             await check(introspector, f"tok-{i}")
@@ -738,16 +739,17 @@ async def test_the_breaker_opens_fails_fast_then_half_opens_after_the_cooldown(
 
     clock.advance(5)
     assert introspector.breaker.state is BreakerState.HALF_OPEN
-    with pytest.raises(ProviderUnavailable):  # the probe fails: open for another cool-down
+    with pytest.raises(ProviderUnavailable):  # the probe (a token of our own) fails: open for another cool-down
         await check(introspector, "tok")
-    assert len(http.posts) == 4
+    assert len(http.posts) == 4 and http.tokens_asked()[-1] != "tok"
     assert introspector.breaker.state is BreakerState.OPEN
     with pytest.raises(ProviderUnavailable, match="circuit open"):
         await check(introspector, "tok")
 
     clock.advance(5)
     http.fault = None
-    assert (await check(introspector, "tok")).subject == "user-1"  # the probe succeeds
+    assert (await check(introspector, "tok")).subject == "user-1"  # the probe (ours failed: the caller's) succeeds
+    assert http.tokens_asked()[-1] == "tok" and len(http.posts) == 5
     assert introspector.breaker.state is BreakerState.CLOSED
     assert sample(registry, "verifier_introspection_breaker_state") == 0
 
@@ -757,6 +759,7 @@ async def test_half_open_lets_exactly_one_probe_through(
 ) -> None:
     http.fault = "down"
     introspector = make(breaker_failures=1, breaker_cooldown_seconds=1, batch_window_seconds=0)
+    clock.advance(2)  # up for the success window without an answer
     with pytest.raises(ProviderUnavailable):
         await check(introspector, "a")
     clock.advance(1)
@@ -765,7 +768,8 @@ async def test_half_open_lets_exactly_one_probe_through(
     for i in range(5):
         http.answers[f"t{i}"] = active()
     results = await asyncio.gather(*(check(introspector, f"t{i}") for i in range(5)), return_exceptions=True)
-    assert len(http.posts) == 2  # the first failure and one probe
+    assert len(http.posts) == 3  # the first failure, one probe (a token of our own) and the prober's own token
+    assert http.tokens_asked()[0] == "a" and http.tokens_asked()[1] not in {f"t{i}" for i in range(5)}
     assert sum(not isinstance(r, BaseException) for r in results) == 1
     assert introspector.breaker.state is BreakerState.CLOSED
 

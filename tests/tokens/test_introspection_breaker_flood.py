@@ -7,9 +7,10 @@ answer was inactive is never served from the stale cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -80,8 +81,10 @@ async def test_provider_faults_still_open_the_breaker(
 ) -> None:
     monkeypatch.setenv("VERIFIER_RAW_SECRET", "s3cret")
     raw_provider.routes["/introspect"] = provider_answers({}, 503)
-    intro = introspector(raw_provider, introspection_http, FrozenClock())
+    clock = FrozenClock()
+    intro = introspector(raw_provider, introspection_http, clock)
     try:
+        clock.advance(2)  # up for the success window (2 s) without an answer: the count decides
         for i in range(3):
             with pytest.raises(ProviderUnavailable, match="HTTP 503"):
                 await intro.introspect(f"junk-{i}", b"j%031d" % i)
@@ -272,3 +275,163 @@ async def test_the_half_open_probe_asks_about_a_token_answered_before_not_the_at
         assert (await intro.introspect("user-9", b"w" * 32)).subject == "alice"
     finally:
         await intro.close()
+
+
+
+# -- a fresh breaker: right after a start, a restart, a reload or a replaced worker --------------------------
+
+
+def recording(asked: list[str], answers: Callable[[bytes], Route]) -> Callable[[bytes], Route]:
+    """`answers`, noting each token asked for in `asked`."""
+
+    def answer(body: bytes) -> Route:
+        asked.append(urllib.parse.parse_qs(body.decode())["token"][0])
+        return answers(body)
+
+    return answer
+
+
+def provider_knowing(known: str, evil: Callable[[], Route], unknown: Callable[[], Route]) -> Callable[[bytes], Route]:
+    """Active for tokens starting with `known`, `evil()` for those starting with "evil", `unknown()` for the rest."""
+    answers = provider_failing_for("evil", evil)
+
+    def answer(body: bytes) -> Route:
+        token = urllib.parse.parse_qs(body.decode())["token"][0]
+        return answers(body) if token.startswith((known, "evil")) else unknown()
+
+    return answer
+
+
+async def fails(intro: Introspector, token: str, match: str = "HTTP 503") -> None:
+    with pytest.raises(ProviderUnavailable, match=match):
+        await intro.introspect(token, hashlib.sha256(token.encode()).digest())
+
+
+async def answered(intro: Introspector, token: str) -> str:
+    return (await intro.introspect(token, hashlib.sha256(token.encode()).digest())).subject
+
+
+async def opened_by_a_quiet_start(intro: Introspector, clock: FrozenClock, tag: str = "") -> None:
+    """Up for the success window (2 s) without an answer, then the attacker's failures open the circuit."""
+    clock.advance(2)
+    for i in range(3):
+        await fails(intro, f"evil-{tag}{i}")
+    assert intro.breaker.state is BreakerState.OPEN
+
+
+class Worker:
+    """A fresh worker's introspector (cool-down 5 s, window 2 s, threshold 3) on the raw provider, with its clock
+    and every token the provider was asked about (`asked`); closed at the end of the test."""
+
+    def __init__(self, raw_provider: RawProvider, http: IntrospectionHttpClient) -> None:
+        self.raw_provider = raw_provider
+        self.asked: list[str] = []
+        self.clock = FrozenClock()
+        self.intro = introspector(raw_provider, http, self.clock, breaker_cooldown_seconds=5)
+
+    def answers(self, answers: Callable[[bytes], Route]) -> None:
+        self.raw_provider.routes["/introspect"] = recording(self.asked, answers)
+
+
+@pytest.fixture
+async def worker(
+    raw_provider: RawProvider, introspection_http: IntrospectionHttpClient, raw_secret: None
+) -> AsyncIterator[Worker]:
+    started = Worker(raw_provider, introspection_http)
+    yield started
+    await started.intro.close()
+
+
+async def test_right_after_a_start_a_stream_of_tokens_the_provider_fails_for_does_not_open_the_breaker(
+    worker: Worker,
+) -> None:
+    """A worker that has not yet been answered is not judged on the count alone: the window starts with it."""
+    worker.answers(provider_failing_for("evil", server_error))
+    intro, clock = worker.intro, worker.clock
+    for i in range(10):  # the attacker is first, well past the threshold
+        await fails(intro, f"evil-{i}")
+    assert intro.breaker.state is BreakerState.CLOSED
+    clock.advance(1.5)
+    assert await answered(intro, "user-first") == "alice"  # the first real user
+    assert intro.breaker.state is BreakerState.CLOSED
+
+
+async def test_before_any_token_was_answered_active_the_half_open_probe_is_a_token_of_our_own(worker: Worker) -> None:
+    """A quiet start: nobody answered for the window, so the attacker's failures open the circuit. After the
+    cool-down his token comes first again; the probe must not be it (nor any token he chooses): it is a random
+    token of our own, which the provider answers inactive (RFC 7662 section 2.2), and that closes the circuit."""
+    worker.answers(provider_failing_for("evil", server_error))
+    intro, clock, asked = worker.intro, worker.clock, worker.asked
+    await opened_by_a_quiet_start(intro, clock)
+    for cycle in range(3):  # the attacker is first after every cool-down
+        clock.advance(5)
+        asked.clear()
+        await fails(intro, f"evil-again-{cycle}")
+        probe, theirs = asked
+        assert theirs == f"evil-again-{cycle}" and not probe.startswith("evil")
+        assert intro.breaker.state is BreakerState.CLOSED  # one failure, within the window of the probe's answer
+        assert await answered(intro, f"user-{cycle}") == "alice"
+        clock.advance(2)  # quiet again: his failures open it, and the user's token is the probe from now
+        await opened_by_a_quiet_start(intro, clock, tag=f"{cycle}-")
+
+
+async def test_a_provider_down_from_the_start_opens_the_breaker_once_the_window_has_passed(worker: Worker) -> None:
+    """Fail closed: a provider that never answers still opens the circuit within the window, and our probe
+    keeps it open while it stays down; the first probe after it is back closes it."""
+    worker.answers(down)
+    intro, clock, asked = worker.intro, worker.clock, worker.asked
+    for i in range(3):
+        await fails(intro, f"user-{i}")
+    assert intro.breaker.state is BreakerState.CLOSED  # within the window of the start
+    clock.advance(2)
+    await fails(intro, "user-3")
+    assert intro.breaker.state is BreakerState.OPEN
+    await fails(intro, "user-4", match="circuit open")  # fast, no call
+
+    clock.advance(5)
+    asked.clear()
+    await fails(intro, "user-5")  # our probe fails: still down
+    assert len(asked) == 1 and asked[0] != "user-5"
+    assert intro.breaker.state is BreakerState.OPEN
+
+    clock.advance(5)
+    worker.answers(provider_failing_for("evil", server_error))
+    assert await answered(intro, "user-6") == "alice"
+    assert intro.breaker.state is BreakerState.CLOSED
+
+
+async def test_our_probe_refused_with_a_4xx_still_closes_the_circuit(worker: Worker) -> None:
+    """A provider that refuses tokens it does not know (400, against RFC 7662's `active: false`) has answered:
+    it is up. Left half-open, every caller would wait on our refused probe for good."""
+    refused = lambda: Route(b'{"error": "invalid_token"}', status=400, pause=0)  # noqa: E731
+    worker.answers(provider_knowing("user", server_error, refused))
+    intro, clock, asked = worker.intro, worker.clock, worker.asked
+    await opened_by_a_quiet_start(intro, clock)
+    clock.advance(5)
+    asked.clear()
+    await fails(intro, "evil-again")  # the attacker's own token, asked after our probe
+    assert len(asked) == 2 and asked[1] == "evil-again"
+    assert intro.breaker.state is BreakerState.CLOSED
+    assert await answered(intro, "user-1") == "alice"
+
+
+async def test_a_provider_that_fails_for_our_probe_is_probed_with_the_callers_token_every_other_time(
+    worker: Worker,
+) -> None:
+    """A provider that answers real tokens but fails for ours (a 5xx for any token it does not know) must not be
+    held open for good: after our probe fails, the next probe is the caller's token, and a real one closes it."""
+    worker.answers(provider_knowing("user", server_error, server_error))
+    intro, clock, asked = worker.intro, worker.clock, worker.asked
+    await opened_by_a_quiet_start(intro, clock)
+    # our probe fails; the caller's turn, the attacker first; ours again; the caller's turn, a user
+    for token, ours, failed_probes in [("user-1", True, 1), ("evil-again", False, 2), ("evil-more", True, 3)]:
+        clock.advance(5)
+        asked.clear()
+        await fails(intro, token)
+        assert len(asked) == 1 and (asked[0] != token) is ours
+        assert intro.breaker.state is BreakerState.OPEN and intro.breaker.failed_probes == failed_probes
+    clock.advance(5)
+    asked.clear()
+    assert await answered(intro, "user-2") == "alice"
+    assert asked == ["user-2"]
+    assert intro.breaker.state is BreakerState.CLOSED and intro.breaker.failed_probes == 0

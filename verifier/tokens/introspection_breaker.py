@@ -16,20 +16,41 @@ Designs weighed: a window of failures across distinct tokens (an attacker has as
 likes, so distinctness proves nothing); remembering failed tokens so each counts once (the same, and
 memory to bound); a sliding count of failures in a time window (more state, and the success test is
 what actually tells a healthy provider from a sick one). The one timestamp costs a clock read per
-provider call, nothing for cached tokens, and no memory. A provider that fails every call still opens
-the circuit: at the threshold once the window has passed since its last answer, so at most
-`success_window_seconds` (default: one call's timeout) later than on the count alone; before any
-call has ever succeeded the count alone decides, as before.
+provider call, nothing for cached tokens, and no memory.
 
-Which call is the half-open probe is the client's choice (`ProviderClient.introspect`): the last token the
-provider answered active, re-asked, rather than whichever token comes first after the cool-down (an
-attacker's, arriving first after every cool-down, would keep the circuit open).
+The window starts with the breaker: its creation (a worker's start, a restart, a reload, a crashed worker's
+replacement: each builds a fresh breaker) counts as an answer. A fresh worker has not been answered yet, and
+on the count alone an attacker who was first after every start opened its circuit with `failure_threshold`
+tokens. A provider that fails every call still opens the circuit: at the threshold once the window has
+passed since its last answer or, if it never answered, since the start; so at most `success_window_seconds`
+(default: one call's timeout) later than on the count alone, and a provider down from the start gives fast
+503s from then on, as before. Evidence from elsewhere was weighed and left out: the key store's discovery
+and JWKS answers come from the same origin but often not from the same service (a CDN, a static file), so
+they would say the origin is up while introspection is down; the client's own discovery of the
+introspection endpoint does go through the breaker and counts as an answer like any other call.
+
+Which call is the half-open probe is the client's choice (`ProviderClient.introspect`), from
+`failed_probes` (the probes that failed since the circuit last closed):
+
+- none, or an even number: a token of our own choosing, never the caller's: the last token the provider
+  answered active, re-asked, or before any was (a fresh worker), a random token the client made up at
+  start, which RFC 7662 section 2.2 obliges the provider to answer `{"active": false}`. The first token
+  after the cool-down may be an attacker's the provider fails for; arriving first after every cool-down it
+  would keep the circuit open, for good on a fresh worker, which has no token answered active to ask instead.
+  Any answer (a 4xx refusal too: the provider is judged on whether it answers) closes the circuit.
+- odd: the caller's token, whoever comes first. A provider that answers real tokens but fails for ours (one
+  that breaks the RFC and fails for tokens it does not know; a user's token once answered active and now slow)
+  would otherwise be held open for good, with no call let through to find a better token.
+
+The trade-off: an attacker gets every other probe, and only after one of ours has failed, which it does only
+while the provider is down (or fails for our token): after an outage the circuit closes at most one cool-down
+later than on our probe alone, and a probe of our own costs the provider one call per cool-down. Under a
+sustained attack on a quiet worker (no real token for a window at a time), his failures can still reopen the
+circuit one window after each probe closes it; real users' answers within the window prevent that.
 """
-
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -50,6 +71,11 @@ class Breaker(Protocol):
     @property
     def state(self) -> BreakerState:
         """The current state."""
+        ...
+
+    @property
+    def failed_probes(self) -> int:
+        """How many half-open probes have failed since the circuit last closed (the client picks the next)."""
         ...
 
     def allow(self) -> bool:
@@ -84,8 +110,11 @@ class CircuitBreaker:
         self._threshold = failure_threshold
         self._cooldown = cooldown_seconds
         self._window = success_window_seconds
-        self._last_success = -math.inf  # monotonic time of the last call that succeeded
         self._clock = clock
+        # The monotonic time of the last call that succeeded; the breaker's creation until one has: a fresh worker
+        # is not judged on the count alone (the module docstring).
+        self._last_success = clock.monotonic()
+        self._failed_probes = 0
         self._on_change = on_change
         self._state = BreakerState.CLOSED
         self._failures = 0
@@ -99,12 +128,19 @@ class CircuitBreaker:
             return BreakerState.HALF_OPEN
         return self._state
 
+    @property
+    def failed_probes(self) -> int:
+        """How many half-open probes have failed since the circuit last closed."""
+        return self._failed_probes
+
     def _cooled_down(self) -> bool:
         return self._clock.monotonic() - self._opened_at >= self._cooldown
 
     def _set(self, state: BreakerState) -> None:
         if state is not self._state:
             self._state = state
+            if state is BreakerState.CLOSED:
+                self._failed_probes = 0
             if self._on_change is not None:
                 self._on_change(state)
 
@@ -132,6 +168,7 @@ class CircuitBreaker:
         """A call failed (timeout, transport error, 5xx, malformed answer)."""
         self._probing = False
         if self._state is BreakerState.HALF_OPEN:
+            self._failed_probes += 1
             self._open()
             return
         self._failures += 1

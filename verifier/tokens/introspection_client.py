@@ -244,6 +244,9 @@ class ProviderClient:
         # about whichever token comes first after the cool-down (an attacker's the provider fails for would keep
         # the circuit open). One reference: bounded; set only on a call to the provider, never for a cached token.
         self._known_good: str | None = None
+        # Before any token was answered active (a fresh worker), the probe asks about a token of our own, made up
+        # here: the provider must answer it inactive (RFC 7662 section 2.2), and nobody else can choose or know it.
+        self._own_probe = secrets.token_urlsafe(32)
         # A client secret authenticates every call the same way: encoded once, not per first-seen token.
         # A private_key_jwt assertion is fresh per call (its jti, iat and exp).
         self._fixed: tuple[Headers, str] | None = None
@@ -285,9 +288,9 @@ class ProviderClient:
     async def introspect(self, token: str) -> dict[str, Any]:
         """One RFC 7662 section 2.1 request; the decoded section 2.2 answer (any JSON object).
 
-        When the breaker is half-open and a token was answered active before, that token goes first as the
-        probe (its answer is dropped; its failure is this call's): the provider is judged on a token it has
-        answered, not on this one, which may be one it fails for. Both calls keep this call's deadline."""
+        When the breaker is half-open, a token of our own goes first as the probe (`_probe_token`; its answer is
+        dropped, its failure is this call's): the provider is judged on a token the caller did not choose, not
+        on this one, which may be one it fails for. Both calls keep this call's deadline."""
         url = self._endpoint or await self.endpoint()
 
         def build_for(asked: str) -> Callable[[], tuple[str, str, Headers, bytes]]:
@@ -303,16 +306,33 @@ class ProviderClient:
             return build
 
         deadline = None
-        known = self._known_good
-        if known is not None and known != token and self.breaker.state is BreakerState.HALF_OPEN:
-            deadline = loops.kept(self._loop).time() + self.config.timeout_seconds
-            await self._call(build_for(known), max_bytes=DEFAULT_MAX_RESPONSE_BYTES, deadline=deadline)
+        if self.breaker.state is BreakerState.HALF_OPEN:
+            probe = self._probe_token()
+            if probe is not None and probe != token:
+                deadline = loops.kept(self._loop).time() + self.config.timeout_seconds
+                await self._probe(build_for(probe), deadline)
         answer = await self._call(build_for(token), max_bytes=DEFAULT_MAX_RESPONSE_BYTES, deadline=deadline)
         if not isinstance(answer, dict):
             raise ProviderUnavailable("introspection answer is not a JSON object")
         if answer.get("active") is True:
             self._known_good = token
         return answer
+
+    def _probe_token(self) -> str | None:
+        """The token the half-open probe asks about: ours (the last token answered active, else our own made-up
+        one) unless the last probe was ours and failed, then None: the caller's (see `introspection_breaker`)."""
+        if self.breaker.failed_probes % 2:
+            return None
+        return self._known_good or self._own_probe
+
+    async def _probe(self, build: Callable[[], tuple[str, str, Headers, bytes]], deadline: float) -> None:
+        """Sends the half-open probe; raises if it failed, or if another call is the probe. Its answer is dropped:
+        a refusal (a 4xx) is an answer too, and closes the circuit like any other (`_account`)."""
+        try:
+            await self._call(build, max_bytes=DEFAULT_MAX_RESPONSE_BYTES, deadline=deadline, probe=True)
+        except ProviderUnavailable:
+            if self.breaker.state is not BreakerState.CLOSED:
+                raise
 
     async def introspect_batch(self, tokens: Sequence[str]) -> list[dict[str, Any]]:
         """One call to the batch endpoint for every token (see the module docstring for the protocol)."""
@@ -399,21 +419,29 @@ class ProviderClient:
         except (ValueError, RecursionError):
             return "malformed", ProviderUnavailable("introspection provider sent malformed JSON")
 
-    def _account(self, result: str) -> None:
-        """Counts one call's result and tells the breaker what it says about the provider."""
+    def _account(self, result: str, probe: bool = False) -> None:
+        """Counts one call's result and tells the breaker what it says about the provider (a `probe` of ours is
+        judged on whether it was answered at all: a refusal is an answer)."""
         self._metrics.calls[result].inc()
         if result == "ok":
             self.breaker.success()
         elif result in PROVIDER_FAULTS:
             self.breaker.failure()
+        elif probe:
+            self.breaker.success()
         else:
             self.breaker.release()  # a refusal says nothing about the provider's health
 
     async def _call(
-        self, build: Callable[[], tuple[str, str, Headers, bytes]], *, max_bytes: int, deadline: float | None = None
+        self,
+        build: Callable[[], tuple[str, str, Headers, bytes]],
+        *,
+        max_bytes: int,
+        deadline: float | None = None,
+        probe: bool = False,
     ) -> Any:
         """Waits for an in-flight slot, asks the breaker, sends, decodes; all within one deadline (the given
-        loop time, or the timeout from now)."""
+        loop time, or the timeout from now). A `probe` is a half-open probe of ours (`_account`)."""
         calls = self._metrics.calls
         loop = self._loop = loops.kept(self._loop)
         if deadline is None:
@@ -457,7 +485,7 @@ class ProviderClient:
                 raise
             finally:
                 if result:
-                    self._account(result)
+                    self._account(result, probe)
         finally:
             self._slots.release()
 
