@@ -28,6 +28,7 @@ from verifier.errors import AudienceMismatch, InvalidToken, ProviderUnavailable
 from verifier.observe.audit import token_hash
 from verifier.principal import Principal
 from verifier.tokens.introspection import IntrospectionConfig, Introspector
+from verifier.tokens.introspection_breaker import BreakerState
 from verifier.tokens.introspection_http import IntrospectionHttpClient
 
 pytestmark = pytest.mark.integration
@@ -207,6 +208,30 @@ async def test_a_5xx_is_provider_unavailable_and_not_cached(op: OpenIDProvider, 
     finally:
         op.clear_faults()
     assert (await introspect(introspector, token)).client_id == "app"
+
+
+async def test_on_a_fresh_worker_the_breakers_own_probe_closes_the_circuit_once_the_real_provider_is_back(
+    op: OpenIDProvider, harness: Harness
+) -> None:
+    """Before any token was answered active, the half-open probe is a token the verifier made up: the real
+    provider must answer it (RFC 7662 section 2.2: `active: false`), and that answer closes the circuit."""
+    token = op.opaque_token()
+    introspector = harness.introspector(op, breaker_failures=2, breaker_cooldown_seconds=5)
+    await introspector.client.endpoint()
+    op.set_fault("introspection", status=503)
+    try:
+        harness.clock.advance(2)  # up for the success window without an answer
+        for i in range(2):
+            with pytest.raises(ProviderUnavailable, match="HTTP 503"):
+                await introspect(introspector, f"never-issued-{i}")
+        assert introspector.breaker.state is BreakerState.OPEN
+    finally:
+        op.clear_faults()
+    harness.clock.advance(5)
+    op.reset_stats()
+    assert (await introspect(introspector, token)).client_id == "app"
+    assert introspection_calls(op) == 2  # our probe, then the caller's token
+    assert introspector.breaker.state is BreakerState.CLOSED
 
 
 async def test_a_stopped_provider_is_unavailable_and_serve_stale_covers_for_it(
