@@ -220,10 +220,10 @@ async def test_on_a_fresh_worker_the_breakers_own_probe_closes_the_circuit_once_
     await introspector.client.endpoint()
     op.set_fault("introspection", status=503)
     try:
-        harness.clock.advance(2)  # up for the success window without an answer
         for i in range(2):
             with pytest.raises(ProviderUnavailable, match="HTTP 503"):
                 await introspect(introspector, f"never-issued-{i}")
+            harness.clock.advance(2)  # failing for the success window without an answer
         assert introspector.breaker.state is BreakerState.OPEN
     finally:
         op.clear_faults()

@@ -725,10 +725,10 @@ async def test_the_breaker_opens_fails_fast_then_half_opens_after_the_cooldown(
     http.answers["tok"] = active()
     http.fault = 503
     introspector = make(breaker_failures=3, breaker_cooldown_seconds=5)
-    clock.advance(2)  # up for the success window (2 s) without an answer: the count decides
     for i in range(3):
         with pytest.raises(ProviderUnavailable):
             await check(introspector, f"tok-{i}")
+        clock.advance(1)  # failing for the success window (2 s) without an answer: the count decides
     assert introspector.breaker.state is BreakerState.OPEN
     assert sample(registry, "verifier_introspection_breaker_state") == 1
     for _ in range(5):
@@ -759,17 +759,17 @@ async def test_half_open_lets_exactly_one_probe_through(
 ) -> None:
     http.fault = "down"
     introspector = make(breaker_failures=1, breaker_cooldown_seconds=1, batch_window_seconds=0)
-    clock.advance(2)  # up for the success window without an answer
-    with pytest.raises(ProviderUnavailable):
-        await check(introspector, "a")
-    clock.advance(1)
+    for first in ("a", "b"):  # failing for the success window (2 s) without an answer
+        with pytest.raises(ProviderUnavailable):
+            await check(introspector, first)
+        clock.advance(2)
     http.fault = None
     http.delay = 0.02
     for i in range(5):
         http.answers[f"t{i}"] = active()
     results = await asyncio.gather(*(check(introspector, f"t{i}") for i in range(5)), return_exceptions=True)
-    assert len(http.posts) == 3  # the first failure, one probe (a token of our own) and the prober's own token
-    assert http.tokens_asked()[0] == "a" and http.tokens_asked()[1] not in {f"t{i}" for i in range(5)}
+    assert len(http.posts) == 4  # the two failures, one probe (a token of our own) and the prober's own token
+    assert http.tokens_asked()[:2] == ["a", "b"] and http.tokens_asked()[2] not in {f"t{i}" for i in range(5)}
     assert sum(not isinstance(r, BaseException) for r in results) == 1
     assert introspector.breaker.state is BreakerState.CLOSED
 

@@ -84,10 +84,10 @@ async def test_provider_faults_still_open_the_breaker(
     clock = FrozenClock()
     intro = introspector(raw_provider, introspection_http, clock)
     try:
-        clock.advance(2)  # up for the success window (2 s) without an answer: the count decides
         for i in range(3):
             with pytest.raises(ProviderUnavailable, match="HTTP 503"):
                 await intro.introspect(f"junk-{i}", b"j%031d" % i)
+            clock.advance(1)  # failing for the success window (2 s) without an answer: the count decides
         assert intro.breaker.state is BreakerState.OPEN
     finally:
         await intro.close()
@@ -311,10 +311,11 @@ async def answered(intro: Introspector, token: str) -> str:
     return (await intro.introspect(token, hashlib.sha256(token.encode()).digest())).subject
 
 
-async def opened_by_a_quiet_start(intro: Introspector, clock: FrozenClock, tag: str = "") -> None:
-    """Up for the success window (2 s) without an answer, then the attacker's failures open the circuit."""
+async def opened_by_the_attacker(intro: Introspector, clock: FrozenClock, tag: str = "") -> None:
+    """A quiet worker: the attacker's failures, for the success window (2 s) with no answer, open the circuit."""
+    await fails(intro, f"evil-{tag}0")
     clock.advance(2)
-    for i in range(3):
+    for i in range(1, 3):
         await fails(intro, f"evil-{tag}{i}")
     assert intro.breaker.state is BreakerState.OPEN
 
@@ -345,9 +346,11 @@ async def worker(
 async def test_right_after_a_start_a_stream_of_tokens_the_provider_fails_for_does_not_open_the_breaker(
     worker: Worker,
 ) -> None:
-    """A worker that has not yet been answered is not judged on the count alone: the window starts with it."""
+    """A worker that has not yet been answered is not judged on the count alone: the window starts with its first
+    call, however long it took to start or stood idle before it."""
     worker.answers(provider_failing_for("evil", server_error))
     intro, clock = worker.intro, worker.clock
+    clock.advance(60)  # a slow start-up (key fetches), or a quiet spell, longer than the window
     for i in range(10):  # the attacker is first, well past the threshold
         await fails(intro, f"evil-{i}")
     assert intro.breaker.state is BreakerState.CLOSED
@@ -362,7 +365,7 @@ async def test_before_any_token_was_answered_active_the_half_open_probe_is_a_tok
     token of our own, which the provider answers inactive (RFC 7662 section 2.2), and that closes the circuit."""
     worker.answers(provider_failing_for("evil", server_error))
     intro, clock, asked = worker.intro, worker.clock, worker.asked
-    await opened_by_a_quiet_start(intro, clock)
+    await opened_by_the_attacker(intro, clock)
     for cycle in range(3):  # the attacker is first after every cool-down
         clock.advance(5)
         asked.clear()
@@ -371,8 +374,7 @@ async def test_before_any_token_was_answered_active_the_half_open_probe_is_a_tok
         assert theirs == f"evil-again-{cycle}" and not probe.startswith("evil")
         assert intro.breaker.state is BreakerState.CLOSED  # one failure, within the window of the probe's answer
         assert await answered(intro, f"user-{cycle}") == "alice"
-        clock.advance(2)  # quiet again: his failures open it, and the user's token is the probe from now
-        await opened_by_a_quiet_start(intro, clock, tag=f"{cycle}-")
+        await opened_by_the_attacker(intro, clock, tag=f"{cycle}-")  # quiet again; the user's token is the probe now
 
 
 async def test_a_provider_down_from_the_start_opens_the_breaker_once_the_window_has_passed(worker: Worker) -> None:
@@ -406,7 +408,7 @@ async def test_our_probe_refused_with_a_4xx_still_closes_the_circuit(worker: Wor
     refused = lambda: Route(b'{"error": "invalid_token"}', status=400, pause=0)  # noqa: E731
     worker.answers(provider_knowing("user", server_error, refused))
     intro, clock, asked = worker.intro, worker.clock, worker.asked
-    await opened_by_a_quiet_start(intro, clock)
+    await opened_by_the_attacker(intro, clock)
     clock.advance(5)
     asked.clear()
     await fails(intro, "evil-again")  # the attacker's own token, asked after our probe
@@ -422,7 +424,7 @@ async def test_a_provider_that_fails_for_our_probe_is_probed_with_the_callers_to
     held open for good: after our probe fails, the next probe is the caller's token, and a real one closes it."""
     worker.answers(provider_knowing("user", server_error, server_error))
     intro, clock, asked = worker.intro, worker.clock, worker.asked
-    await opened_by_a_quiet_start(intro, clock)
+    await opened_by_the_attacker(intro, clock)
     # our probe fails; the caller's turn, the attacker first; ours again; the caller's turn, a user
     for token, ours, failed_probes in [("user-1", True, 1), ("evil-again", False, 2), ("evil-more", True, 3)]:
         clock.advance(5)

@@ -33,9 +33,9 @@ DEFAULT_NEGATIVE_ENTRIES = 100_000  # inactive answers kept per issuer
 DEFAULT_STALE_TTL_SECONDS = 300.0  # with serve_stale_on_error: how long past freshness an answer may serve
 DEFAULT_BREAKER_FAILURES = 5  # consecutive failed calls that open the circuit
 DEFAULT_BREAKER_COOLDOWN_SECONDS = 5.0  # seconds the circuit stays open before one probe is let through
-# Failures open the circuit only when no call has succeeded for this long (nor has the worker started within it):
-# a provider answering other tokens is up, whatever some tokens make it do (an attacker's stream of failing tokens
-# cannot open it for everyone, a fresh worker's either).
+# Failures open the circuit only when no call has succeeded for this long (a fresh worker: since its first call): a
+# provider answering other tokens is up, whatever some tokens make it do (an attacker's stream of failing tokens
+# cannot open it for everyone, on a fresh worker either).
 DEFAULT_BREAKER_SUCCESS_WINDOW_SECONDS = DEFAULT_TIMEOUT_SECONDS
 DEFAULT_ASSERTION_TTL_SECONDS = 60  # seconds a private_key_jwt client assertion is valid (RFC 7523 3)
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024  # one introspection answer; larger is malformed, not an identity
@@ -117,8 +117,8 @@ class IntrospectionConfig:
     )
     breaker_success_window_seconds: float = setting(
         DEFAULT_BREAKER_SUCCESS_WINDOW_SECONDS,
-        doc="failures open the circuit only when no call succeeded (nor the worker started) for this long "
-        "(0: the count alone)",
+        doc="failures open the circuit only when no call succeeded for this long (before any did: since the first "
+        "call; 0: the count alone)",
         minimum=0, maximum=600, unit="seconds",
     )
 

@@ -18,16 +18,19 @@ memory to bound); a sliding count of failures in a time window (more state, and 
 what actually tells a healthy provider from a sick one). The one timestamp costs a clock read per
 provider call, nothing for cached tokens, and no memory.
 
-The window starts with the breaker: its creation (a worker's start, a restart, a reload, a crashed worker's
-replacement: each builds a fresh breaker) counts as an answer. A fresh worker has not been answered yet, and
-on the count alone an attacker who was first after every start opened its circuit with `failure_threshold`
-tokens. A provider that fails every call still opens the circuit: at the threshold once the window has
-passed since its last answer or, if it never answered, since the start; so at most `success_window_seconds`
-(default: one call's timeout) later than on the count alone, and a provider down from the start gives fast
-503s from then on, as before. Evidence from elsewhere was weighed and left out: the key store's discovery
-and JWKS answers come from the same origin but often not from the same service (a CDN, a static file), so
-they would say the origin is up while introspection is down; the client's own discovery of the
-introspection endpoint does go through the breaker and counts as an answer like any other call.
+A fresh breaker (a worker's start, a restart, a reload's successor, a crashed worker's replacement: each
+builds its own) has seen no answer yet, and on the count alone an attacker who was first after every start
+opened its circuit with `failure_threshold` tokens. So the window starts with the first call, as if the
+provider had answered just before it: not with the breaker's creation, since a worker's start-up (its key
+fetches) or a quiet spell before its first request may outlast the window, and the attacker may well be that
+first request. A provider that fails every call still opens the circuit: at the threshold once the window has
+passed since its last answer or, if it never answered, since the first call; so at most
+`success_window_seconds` (default: one call's timeout) later than on the count alone, and a provider down from
+the start gives fast 503s from then on, as before. The first failure costs one more clock read, once per
+breaker. Evidence from elsewhere was weighed and left out: the key store's discovery and JWKS answers come from
+the same origin but often not from the same service (a CDN, a static file), so they would say the origin is up
+while introspection is down; the client's own discovery of the introspection endpoint does go through the
+breaker and counts as an answer like any other call.
 
 Which call is the half-open probe is the client's choice (`ProviderClient.introspect`), from
 `failed_probes` (the probes that failed since the circuit last closed):
@@ -44,13 +47,20 @@ Which call is the half-open probe is the client's choice (`ProviderClient.intros
 
 The trade-off: an attacker gets every other probe, and only after one of ours has failed, which it does only
 while the provider is down (or fails for our token): after an outage the circuit closes at most one cool-down
-later than on our probe alone, and a probe of our own costs the provider one call per cool-down. Under a
-sustained attack on a quiet worker (no real token for a window at a time), his failures can still reopen the
-circuit one window after each probe closes it; real users' answers within the window prevent that.
+later than on our probe alone. A probe of ours is one more provider call per half-open (the caller's token is
+asked after it), nothing while closed; while the circuit is open the provider sees, once per cool-down, a token
+nobody issued. Probe designs weighed: the discovery document or the JWKS as the probe (they show the origin
+serves files, not that introspection answers: a down introspection service would be let through after every
+cool-down, each caller waiting out its timeout); a token drawn at random among those arriving (in a flood nearly
+all are the attacker's). Under a sustained attack on a quiet worker (no real token for a window at a time), his
+failures can still reopen the circuit one window after each probe closes it; real users' answers within the
+window prevent that.
 """
+
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -111,9 +121,9 @@ class CircuitBreaker:
         self._cooldown = cooldown_seconds
         self._window = success_window_seconds
         self._clock = clock
-        # The monotonic time of the last call that succeeded; the breaker's creation until one has: a fresh worker
-        # is not judged on the count alone (the module docstring).
-        self._last_success = clock.monotonic()
+        # The monotonic time of the last call that succeeded; until one has, of the first call (it failed): a fresh
+        # worker is given one window from its first call, as if answered just before it (the module docstring).
+        self._last_success = -math.inf
         self._failed_probes = 0
         self._on_change = on_change
         self._state = BreakerState.CLOSED
@@ -172,6 +182,8 @@ class CircuitBreaker:
             self._open()
             return
         self._failures += 1
+        if self._last_success == -math.inf:  # the first call, and it failed: the window starts now
+            self._last_success = self._clock.monotonic()
         if (
             self._state is BreakerState.CLOSED
             and self._failures >= self._threshold
