@@ -94,6 +94,9 @@ log = logging.getLogger("verifier.app")
 
 SHUTDOWN_GRACE_SECONDS = 5.0  # in-flight calls get this long to finish on SIGTERM
 METRICS_REFRESH_SECONDS = 5.0  # how often gauges derived from state (key age) are updated
+# How often gRPC health is brought in line with `App.ready()` once serving (the HTTP doors ask it per probe): well
+# inside an active health check's interval (Envoy's, Kubernetes' probe period: seconds), for a few attribute reads.
+READINESS_POLL_SECONDS = 0.25
 USER_AGENT = "edge-verifier/0.1"  # what a provider sees on discovery, JWKS and introspection requests
 SSF_USER_AGENT = "edge-verifier/0.1 (ssf receiver)"  # what a transmitter sees on poll requests
 
@@ -513,8 +516,13 @@ class App:
             await asyncio.sleep(0.05)
 
     def ready(self) -> bool:
-        """SERVING once every issuer's keys are loaded (and revocation entries, when configured)."""
-        return self.keys.ready and self._extras_ready
+        """SERVING while this replica can decide: once every issuer's keys are loaded (and revocation entries, when
+        configured), and for as long as those entries are current. A replica cut off from its revocation store
+        (`Revocations.out_of_sync`) answers every check 503 until it reloads them: it reports NOT_SERVING, so a load
+        balancer routes to replicas that can decide. Liveness (`/livez`) asks none of this: a restart cannot bring
+        a store or a provider back."""
+        revocation = self.revocation
+        return self.keys.ready and self._extras_ready and (revocation is None or revocation.revocations.loaded)
 
     async def start(self) -> None:
         """Starts key fetching and every configured door; SERVING follows the first good key fetch."""
@@ -568,6 +576,22 @@ class App:
             self.forward_auth.accept()
         await self.grpc.set_serving(True)
         log.info("serving", extra={"event": "serving"})
+        await self._follow_readiness()
+
+    async def _follow_readiness(self) -> None:
+        """Keeps gRPC health in line with `ready()` (the HTTP doors ask it on every probe): NOT_SERVING while the
+        revocation entries cannot be kept current, SERVING again once they are reloaded."""
+        serving = True
+        while True:
+            await asyncio.sleep(READINESS_POLL_SECONDS)
+            if self.ready() is serving:
+                continue
+            serving = not serving
+            await self.grpc.set_serving(serving)
+            if serving:
+                log.info("serving again", extra={"event": "serving"})
+            else:
+                log.warning("not serving: this replica cannot decide", extra={"event": "not_serving"})
 
     async def _flush_logs(self) -> None:
         while True:

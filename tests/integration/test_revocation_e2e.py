@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from doorkit import door_settings, free_port, http_exchange
 from envoy.service.auth.v3 import attribute_context_pb2 as ac
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ea_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis_harness import start_redis
 from ssf_transmitter import SESSION_REVOKED, SsfTransmitter
 from support import timed
@@ -155,3 +156,69 @@ async def test_kill_switch_needs_the_admin_token_and_then_refuses(monkeypatch: p
                 assert (await _forward(app, token))[0] == 401
     finally:
         await idp.stop()
+
+
+async def _health(app: App) -> tuple[int, int, int, int, int]:
+    """`/readyz`, `/healthz` and `/livez`'s statuses, then gRPC health's for the whole server and for Envoy's
+    ext_authz service (1 SERVING, 2 NOT_SERVING)."""
+    statuses = []
+    for path in (b"/readyz", b"/healthz", b"/livez"):
+        answer = await http_exchange(app.ports.http, b"GET %s HTTP/1.1\r\nHost: v\r\n\r\n" % path)
+        statuses.append(int(answer.split(b" ", 2)[1]))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "envoy.service.auth.v3.Authorization"):
+            answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            statuses.append(answer.status)
+    return statuses[0], statuses[1], statuses[2], statuses[3], statuses[4]
+
+
+async def _until(what: str, seconds: float, done: Callable[[], Awaitable[bool]]) -> None:
+    deadline = time.monotonic() + seconds
+    while not await done():
+        assert time.monotonic() < deadline, f"not {what} within {seconds} s"
+        await asyncio.sleep(0.05)
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_a_replica_that_cannot_read_its_revocation_entries_is_not_ready_but_stays_live(tmp_path: Path) -> None:
+    """Redis gone: the replica cannot know "no entry", so every check answers 503. Readiness (`/readyz`,
+    `/healthz`, gRPC health) says so, and the load balancer routes to replicas that can decide; liveness
+    (`/livez`) stays OK, since a restart cannot bring Redis back. Once the entries are reloaded, it is ready."""
+    redis = start_redis(tmp_path)
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    try:
+        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
+            async with _replica(idp, tx, redis.url) as app:
+                token = idp.mint(sub="alice")
+                assert (await _forward(app, token))[0] == 200
+                assert await _health(app) == (200, 200, 200, SERVING, SERVING)
+
+                redis.stop()
+
+                async def undecided() -> bool:
+                    return (await _forward(app, token))[0] == 503
+
+                await _until("answering 503", 10, undecided)
+                await _until("reported", 2, lambda: _reports(app, NOT_SERVING))
+                assert await _health(app) == (503, 503, 200, NOT_SERVING, NOT_SERVING)
+                assert (await _forward(app, token))[0] == 503
+
+                redis.start()  # same port, empty: the replica reconnects and reloads
+
+                async def decides() -> bool:
+                    return (await _forward(app, token))[0] == 200
+
+                await _until("deciding again", 30, decides)
+                await _until("reported", 2, lambda: _reports(app, SERVING))
+                assert await _health(app) == (200, 200, 200, SERVING, SERVING)
+    finally:
+        await idp.stop()
+        redis.stop()
+
+
+async def _reports(app: App, status: int) -> bool:
+    return (await _health(app))[3:] == (status, status)

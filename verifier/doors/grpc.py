@@ -483,7 +483,8 @@ class GrpcDoors:
         return int(port)
 
     async def set_serving(self, serving: bool) -> None:
-        """Reports SERVING (overall and per service) once the keys are in."""
+        """Reports SERVING or NOT_SERVING (overall and per service), as the composition root tells: once the keys
+        are in, and for as long as the replica can decide (`App.ready`)."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", OWN_SERVICE, ENVOY_SERVICE):
             await self.health.set(name, status)
