@@ -431,6 +431,7 @@ class App:
             self.metrics,
             self.ready,
             self.router,
+            started=self.started,
             settings=settings.forward_auth,
             thumbprint_header=settings.mtls_thumbprint_header,
             tracing=tracing,
@@ -515,14 +516,21 @@ class App:
         while not self.ready():
             await asyncio.sleep(0.05)
 
+    def started(self) -> bool:
+        """Every issuer's keys loaded (and revocation entries, when configured) once: `/healthz`, as before
+        readiness followed the revocation store. What a probe asks whose failure takes more than this verifier
+        out of service (the shipped Kubernetes sidecar, where the verifier's readiness is the Kong pod's: a Redis
+        outage must not take the routes the verifier does not guard down with it)."""
+        return self.keys.ready and self._extras_ready
+
     def ready(self) -> bool:
-        """SERVING while this replica can decide: once every issuer's keys are loaded (and revocation entries, when
-        configured), and for as long as those entries are current. A replica cut off from its revocation store
-        (`Revocations.out_of_sync`) answers every check 503 until it reloads them: it reports NOT_SERVING, so a load
-        balancer routes to replicas that can decide. Liveness (`/livez`) asks none of this: a restart cannot bring
-        a store or a provider back."""
+        """SERVING while this replica can decide (`/readyz`, gRPC health): `started`, and for as long as the
+        revocation entries are current. A replica cut off from its revocation store (`Revocations.out_of_sync`)
+        answers every check 503 until it reloads them: it reports NOT_SERVING, so a load balancer routes to
+        replicas that can decide. Liveness (`/livez`) asks none of this: a restart cannot bring a store or a
+        provider back."""
         revocation = self.revocation
-        return self.keys.ready and self._extras_ready and (revocation is None or revocation.revocations.loaded)
+        return self.started() and (revocation is None or revocation.revocations.loaded)
 
     async def start(self) -> None:
         """Starts key fetching and every configured door; SERVING follows the first good key fetch."""
@@ -615,7 +623,7 @@ class App:
             return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
         async def healthz(_: web.Request) -> web.Response:
-            ok = self.ready()
+            ok = self.started()  # as the forward-auth listener's `/healthz`
             return web.Response(status=200 if ok else 503, text="SERVING\n" if ok else "NOT_SERVING\n")
 
         app = web.Application()

@@ -441,7 +441,7 @@ class _Connection(asyncio.Protocol):
                     self._push(self._loop.create_task(self._slow(attrs, started, keep_alive)), keep_alive, own=True)
         elif path in (b"/healthz", b"/readyz"):
             head = parser.get_method() == b"HEAD"
-            if door.ready():
+            if (door.ready if path == b"/readyz" else door.started)():
                 self._push(_closing(_HEALTH_OK_HEAD if head else _HEALTH_OK, keep_alive), keep_alive)
             else:
                 self._push(_closing(_HEALTH_NOT_HEAD if head else _HEALTH_NOT, keep_alive), keep_alive)
@@ -636,6 +636,7 @@ class ForwardAuthDoor:
         ready: Callable[[], bool],
         router: Router | None = None,
         *,
+        started: Callable[[], bool] | None = None,
         settings: ForwardAuthSettings | None = None,
         thumbprint_header: str = "",
         tracing: Tracing | None = None,
@@ -653,7 +654,8 @@ class ForwardAuthDoor:
         self.router = router if router is not None else Router()
         self.pipeline = pipeline
         self.metrics = metrics
-        self.ready = ready
+        self.ready = ready  # `/readyz`: this replica can decide now
+        self.started = started or ready  # `/healthz`: started (keys, revocation entries loaded once)
         self.clock = LoopClock()  # overload: how long requests have waited in their sockets (admission.py)
         self.shed_after = settings.shed_after_seconds
         self._acceptor: Acceptor | None = None
