@@ -119,6 +119,11 @@ _REASONS = (
     # what the upstream receives: a claim that cannot be sent whole is refused, never cut (no challenge:
     # no other token or scope would help; the operator's mapping or the provider's claim must change)
     Reason("upstream_claim_too_large", _F, "a claim mapped to an upstream header is over `upstream.max_value_bytes`"),
+    Reason(
+        "upstream_identity_too_large",
+        _F,
+        "the identity headers together (claims, assertion, fixed four) are over `upstream.max_total_bytes`",
+    ),
     # assurance (RFC 9470) and WebAuthn step-up (a fresh challenge in every refusal)
     Reason("insufficient_user_authentication", _U, "authentication too weak or too old: step up", _STEP_UP),
     _assertion("webauthn_assertion_required", "the route needs a WebAuthn assertion bound to this request"),

@@ -8,6 +8,7 @@ the JWKS the verifier serves at /.well-known/jwks.json.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -25,10 +26,12 @@ from tokenkit import AUDIENCE, ISSUER, NOW, FakeFetcher, claims
 
 from verifier.app import App
 from verifier.config.base import ConfigError
+from verifier.config.upstream import ConsumerMapping, HeaderMapping, UpstreamConfig
 from verifier.doors.grpc import envoy_response, own_response
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import Settings, parse_settings
+from verifier.upstream import UpstreamAnswers, UpstreamIdentityTooLarge, wire_bytes, wire_chars
 from verifier.upstream.assertion import IdentityAssertions
 from verifier.upstream.claims import UpstreamClaimTooLarge, claim_at, header_value
 from verifier.v1 import verifier_pb2
@@ -337,6 +340,134 @@ async def test_a_claim_too_large_for_a_header_refuses_with_403_and_an_object_sen
     assert not decision.upstream_headers
     # the cached record answers the same, without rebuilding
     assert app.pipeline.decide_cached(_attrs(mint(claims(groups=claim))), "test") is decision
+
+
+# ------------------------------------------------------------------------------------ the identity's total
+
+
+def _principal(**claims_: Any) -> Principal:
+    roles = claims_.get("roles", [])
+    return Principal(ISSUER, "alice", "c", ("read",), frozenset(roles), NOW + 300, {"sub": "alice", **claims_})
+
+
+def test_the_total_is_counted_as_the_head_sends_it() -> None:
+    """`name: value\r\n` in UTF-8, as the forward-auth door writes it and the gateway's buffer holds it."""
+    answers = UpstreamAnswers(UpstreamConfig(headers=_mappings("groups", "memberof"), consumer=None))
+    decision = answers.answer(_principal(groups=["ops", "bücher", "日本"], roles=["admin"]), answers.default, 10, NOW)
+    sent = b"".join(f"{n}: {v}\r\n".encode() for n, v in decision.upstream_headers)
+    assert wire_bytes(decision.upstream_headers) == len(sent) and len(sent) > len(sent.decode())
+    assert wire_bytes(()) == 0
+
+
+def _mappings(*names: str) -> tuple[HeaderMapping, ...]:
+    """The groups claim under each of `names`."""
+    return tuple(HeaderMapping(header=f"x-authenticated-{name}", claim="groups") for name in names)
+
+
+def test_an_identity_at_the_total_passes_and_one_byte_more_is_refused_not_cut() -> None:
+    principal = _principal(groups=[f"grp-{i:04d}" for i in range(100)])
+    config = UpstreamConfig(headers=_mappings("groups", "memberof"), max_total_bytes=262144)
+    size = wire_bytes(
+        UpstreamAnswers(config).answer(principal, UpstreamAnswers(config).default, 10, NOW).upstream_headers
+    )
+    assert 2048 < size < 4096
+    exact = UpstreamAnswers(dataclasses.replace(config, max_total_bytes=size))
+    assert exact.answer(principal, exact.default, 10, NOW).allowed
+    under = UpstreamAnswers(dataclasses.replace(config, max_total_bytes=size - 1))
+    with pytest.raises(UpstreamIdentityTooLarge) as refused:
+        under.answer(principal, under.default, 10, NOW)
+    assert refused.value.code == "upstream_identity_too_large" and isinstance(refused.value, UpstreamClaimTooLarge)
+
+
+def test_the_total_is_in_utf8_bytes_not_characters() -> None:
+    """Claims may hold any Unicode: an identity under the bound in characters but over it in bytes is refused."""
+    principal = _principal(groups=["日本" * 50] * 3)  # 3 bytes a character
+    config = UpstreamConfig(headers=_mappings("groups"), max_value_bytes=1024, max_total_bytes=1024)
+    built = UpstreamAnswers(dataclasses.replace(config, max_total_bytes=4096)).answer(
+        principal, UpstreamAnswers(config).default, 10, NOW
+    )
+    assert wire_chars(built.upstream_headers) <= 1024 < wire_bytes(built.upstream_headers)
+    answers = UpstreamAnswers(config)
+    with pytest.raises(UpstreamIdentityTooLarge):
+        answers.answer(principal, answers.default, 10, NOW)
+
+
+def test_the_fixed_four_count_even_with_no_upstream_section() -> None:
+    """`X-Authenticated-Roles` has no per-value bound of its own: a user with many roles was past nginx's buffer."""
+    answers = UpstreamAnswers()
+    assert answers.plain
+    assert answers.answer(_principal(roles=["admin", "ops"]), answers.default, 10, NOW).allowed
+    many = _principal(roles=[f"role-{i:05d}-engineering" for i in range(400)])  # ~8.8 KiB joined
+    with pytest.raises(UpstreamIdentityTooLarge):
+        answers.answer(many, answers.default, 10, NOW)
+
+
+def test_the_kong_consumer_counts_toward_the_total() -> None:
+    principal = _principal(team="t" * 600)
+    config = UpstreamConfig(consumer=ConsumerMapping(claim="team"), max_total_bytes=1024)
+    assert (
+        wire_bytes(
+            UpstreamAnswers(UpstreamConfig()).answer(principal, UpstreamAnswers().default, 10, NOW).upstream_headers
+        )
+        < 1024 - 600
+    )
+    answers = UpstreamAnswers(dataclasses.replace(config, max_total_bytes=1024))
+    with pytest.raises(UpstreamIdentityTooLarge):
+        answers.answer(_principal(team="t" * 1000), answers.default, 10, NOW)
+    assert answers.answer(principal, answers.default, 10, NOW).answer_headers
+
+
+def test_max_total_bytes_is_validated_at_start_up_against_max_value_bytes() -> None:
+    assert "upstream.max_total_bytes" in _problem(_document({"max_value_bytes": 16384}))
+    assert "less than max_value_bytes" in _problem(_document({"max_value_bytes": 4096, "max_total_bytes": 2048}))
+    assert "upstream.max_total_bytes" in _problem(_document({"max_total_bytes": 512}))
+    settings = parse_settings(_document({"max_value_bytes": 16384, "max_total_bytes": 16384}))
+    assert settings.upstream is not None and settings.upstream.max_total_bytes == 16384
+    assert parse_settings(_document({})).upstream.max_total_bytes == 8192  # type: ignore[union-attr]
+
+
+async def test_an_identity_past_the_total_refuses_with_403_on_every_door_and_is_remembered(
+    started: Started, mint: Any, tmp_path: Path
+) -> None:
+    """Every value under max_value_bytes; the groups twice and the assertion together past max_total_bytes."""
+    key = _pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "k.pem")
+    upstream = {
+        "headers": [
+            {"header": "X-Authenticated-Groups", "claim": "groups"},
+            {"header": "X-Authenticated-Memberof", "claim": "groups"},
+        ],
+        "identity_token": _identity(key),
+        "max_total_bytes": 4096,
+    }
+    app = await started(_document(upstream))
+    groups = [f"grp-{i:04d}" for i in range(220)]  # 2.2 KiB a header
+    token = mint(claims(groups=groups))
+    decision = await app.pipeline.decide(_attrs(token), "test")
+    assert (decision.allowed, decision.status, decision.reason) == (False, 403, "upstream_identity_too_large")
+    assert not decision.upstream_headers
+    assert b"X-Authenticated" not in decision.http_head and b"x-authenticated" not in decision.http_head
+    assert b"x-verifier-reason: upstream_identity_too_large" in decision.http_head
+    envoy = ea.CheckResponse.FromString(envoy_response(decision, _attrs(token).headers))
+    assert envoy.denied_response.status.code == 403 and not envoy.ok_response.headers
+    assert app.pipeline.decide_cached(_attrs(token), "test") is decision  # the record answers the same
+    small = await app.pipeline.decide(_attrs(mint(claims(groups=groups[:20]))), "test")
+    assert small.allowed and _headers(small)["x-authenticated-memberof"] == ", ".join(groups[:20])
+
+
+async def test_a_route_adding_headers_is_bounded_too(started: Started, mint: Any) -> None:
+    policies = [
+        {
+            "match": {"path_prefix": "/wide"},
+            "upstream": {"headers": [{"header": "X-Authenticated-Bio", "claim": "bio"}]},
+        },
+        {"match": {"path_prefix": "/"}},
+    ]
+    upstream = {"headers": [{"header": "X-Authenticated-Email", "claim": "email"}]}
+    app = await started(_document({**upstream, "max_value_bytes": 1024, "max_total_bytes": 1024}, policies=policies))
+    token = mint(claims(bio="b" * 1000))
+    assert (await app.pipeline.decide(_attrs(token, "/narrow"), "test")).allowed
+    wide = await app.pipeline.decide(_attrs(token, "/wide"), "test")
+    assert (wide.allowed, wide.reason) == (False, "upstream_identity_too_large"), wide
 
 
 async def test_the_consumer_is_answered_to_the_plugin_never_to_the_upstream(started: Started, mint: Any) -> None:

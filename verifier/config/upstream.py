@@ -15,6 +15,7 @@ upstream:
     lifetime_seconds: 60
     claims: [sub, scope, roles, email, acr, amr]
   max_value_bytes: 4096                     # a longer header value refuses the request (upstream_claim_too_large)
+  max_total_bytes: 8192                     # all the identity headers together (upstream_identity_too_large)
 ```
 
 A route policy may add or override headers and the assertion's audience (`policies[].upstream`). Keys are
@@ -52,6 +53,14 @@ RESERVED_CLAIMS = frozenset({"iss", "aud", "iat", "exp", "nbf", "jti"})
 # Bytes of one header value (UTF-8). Upstream servers refuse request header lines past 8 KiB (nginx's
 # large_client_header_buffers, Node's 16 KiB for all headers), so 4 KiB leaves room for the rest.
 DEFAULT_MAX_VALUE_BYTES = 4096
+# Bytes of the whole identity the verifier emits, counted as sent ("name: value\r\n", UTF-8): the fixed four,
+# the mapped claims, the assertion and the Kong consumer. The shipped nginx templates read the verifier's answer
+# head into 16 KiB (proxy_buffer_size) and fail a longer one themselves, a 503; 8 KiB leaves the other half
+# for the rest of the answer. Upstreams take 8 KiB a line and 16-32 KiB in all (Node 16 KiB), which the
+# client's own headers share. Envoy (60 KiB) and the Kong plugin (its own reader) hold more.
+DEFAULT_MAX_TOTAL_BYTES = 8192
+MIN_MAX_TOTAL_BYTES = 1024  # the fixed four of a plain token, with room
+MAX_MAX_TOTAL_BYTES = 262144  # past what any gateway takes by default
 _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
 
 SigningKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -117,6 +126,14 @@ class UpstreamConfig:
         maximum=65536,
         unit="bytes",
         doc="a longer header value refuses the request (403 upstream_claim_too_large), never cut",
+    )
+    max_total_bytes: int = setting(
+        DEFAULT_MAX_TOTAL_BYTES,
+        minimum=MIN_MAX_TOTAL_BYTES,
+        maximum=MAX_MAX_TOTAL_BYTES,
+        unit="bytes",
+        doc="all identity headers together, as sent (at least max_value_bytes); more refuses the request"
+        " (403 upstream_identity_too_large), never cut",
     )
 
 
@@ -240,6 +257,11 @@ def parse_upstream_config(data: Any, path: str = "upstream") -> UpstreamConfig:
     config = UpstreamConfig(
         **read_fields(reader, UpstreamConfig, headers=headers, consumer=consumer, identity_token=identity)
     )
+    if config.max_value_bytes > config.max_total_bytes:  # one value at its bound would always be refused
+        reader.problem(
+            "max_total_bytes",
+            f"{config.max_total_bytes} is less than max_value_bytes ({config.max_value_bytes}): raise it too",
+        )
     reader.done()
     return config
 

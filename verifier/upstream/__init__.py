@@ -2,6 +2,10 @@
 
 Built once per admitted token (and per route that changes it), kept in the cache record with the
 answer, and rebuilt only when its assertion reaches half its life: the hot path serializes nothing.
+
+Each value is bounded (`upstream.max_value_bytes`), and so is their sum (`upstream.max_total_bytes`), checked
+here, where the answer's identity is assembled: a gateway reads the answer head into a buffer of its own
+(nginx: 16 KiB), and past it answers a valid token with its own 5xx instead of our decision.
 """
 
 from __future__ import annotations
@@ -10,12 +14,19 @@ import dataclasses
 import math
 
 from verifier.config.upstream import HeaderMapping, RouteUpstream, UpstreamConfig
-from verifier.decision import Decision, allow
+from verifier.decision import Decision, Headers, allow
 from verifier.principal import Principal
 from verifier.upstream.assertion import IdentityAssertions
-from verifier.upstream.claims import UpstreamClaimTooLarge, claim_at, header_value
+from verifier.upstream.claims import UpstreamClaimTooLarge, UpstreamIdentityTooLarge, claim_at, header_value
 
-__all__ = ["UpstreamAnswers", "UpstreamClaimTooLarge", "Variant"]
+__all__ = [
+    "UpstreamAnswers",
+    "UpstreamClaimTooLarge",
+    "UpstreamIdentityTooLarge",
+    "Variant",
+    "wire_bytes",
+    "wire_chars",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -32,6 +43,7 @@ class UpstreamAnswers:
     def __init__(self, config: UpstreamConfig | None = None) -> None:
         config = config or UpstreamConfig()
         self._max = config.max_value_bytes
+        self._max_total = config.max_total_bytes
         self._consumer = config.consumer
         identity = config.identity_token
         self.assertions = IdentityAssertions(identity) if identity is not None else None
@@ -47,9 +59,10 @@ class UpstreamAnswers:
         return Variant(headers, route.audience or self.default.audience)
 
     def answer(self, principal: Principal, variant: Variant, ceiling: int, now: float) -> Decision:
-        """The allow answer; raises `UpstreamClaimTooLarge` when a value does not fit in a header."""
+        """The allow answer; raises `UpstreamClaimTooLarge` when a value does not fit in a header, and
+        `UpstreamIdentityTooLarge` when all of them do not fit in `max_total_bytes`."""
         if self.plain:
-            return allow(principal, cache_max_age=ceiling)
+            return self._bounded(allow(principal, cache_max_age=ceiling))
         headers: list[tuple[str, str]] = []
         for mapping in variant.headers:
             value = header_value(claim_at(principal.claims, mapping.claim), self._max, f"claim {mapping.claim!r}")
@@ -73,10 +86,43 @@ class UpstreamAnswers:
             half = (expires - now) / 2
             renew_at = now + half
             ceiling = min(ceiling, int(half))
-        return allow(
-            principal,
-            cache_max_age=max(ceiling, 0),
-            headers=tuple(headers),
-            answer_headers=answer,
-            renew_at=renew_at,
+        return self._bounded(
+            allow(
+                principal,
+                cache_max_age=max(ceiling, 0),
+                headers=tuple(headers),
+                answer_headers=answer,
+                renew_at=renew_at,
+            )
         )
+
+    def _bounded(self, decision: Decision) -> Decision:
+        """`decision`, unless its identity headers (and the Kong consumer) are more than `max_total_bytes`."""
+        size = wire_chars(decision.upstream_headers)
+        if decision.answer_headers:
+            size += wire_chars(decision.answer_headers)
+        # Characters first: a UTF-8 character is 1 to 4 bytes, so only an identity within 4x of the bound
+        # is counted in bytes (a typical one, a few hundred characters, never is).
+        if size * 4 > self._max_total and size <= self._max_total:
+            size = wire_bytes(decision.upstream_headers) + wire_bytes(decision.answer_headers)
+        if size > self._max_total:
+            raise UpstreamIdentityTooLarge(f"the identity headers are over {self._max_total} bytes ({size} or more)")
+        return decision
+
+
+def wire_chars(headers: Headers) -> int:
+    """The characters `headers` take in an HTTP/1.1 head ("name: value\r\n"): its bytes when all are ASCII."""
+    size = 4 * len(headers)
+    for name, value in headers:
+        size += len(name) + len(value)
+    return size
+
+
+def wire_bytes(headers: Headers) -> int:
+    """The bytes `headers` take in an HTTP/1.1 head ("name: value\r\n", UTF-8), from the strings built: only a
+    value that is not ASCII is encoded (`str.isascii` reads a flag). Names are ASCII (RFC 9110 tokens)."""
+    size = wire_chars(headers)
+    for _, value in headers:
+        if not value.isascii():
+            size += len(value.encode("utf-8")) - len(value)
+    return size

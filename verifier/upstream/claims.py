@@ -12,7 +12,9 @@ The rules, in the order they apply (README, "What the upstream receives"):
   object sends no header;
 - a value longer than `upstream.max_value_bytes` (UTF-8) refuses the request with
   `upstream_claim_too_large` (403): cutting it would hand the upstream a different identity (a
-  group list missing its last groups), omitting it would look like "no such claim".
+  group list missing its last groups), omitting it would look like "no such claim";
+- all of them together, with the fixed four and the assertion, past `upstream.max_total_bytes` refuse it with
+  `upstream_identity_too_large` (403), for the same reasons (`verifier.upstream.UpstreamAnswers`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ class UpstreamClaimTooLarge(Forbidden):
     """A mapped claim does not fit in one header value: refused, not cut."""
 
     code = "upstream_claim_too_large"
+
+
+class UpstreamIdentityTooLarge(UpstreamClaimTooLarge):
+    """The identity headers together do not fit in `upstream.max_total_bytes`: refused, not cut."""
+
+    code = "upstream_identity_too_large"
 
 
 def claim_at(claims: Mapping[str, Any], name: str) -> Any:
