@@ -1,0 +1,39 @@
+"""The total bound on the identity (`upstream.max_total_bytes`) through the Kong Lua plugin
+(kong/plugins/edge-verifier, unmodified, in real nginx under the PDK shim) to the REAL verifier.
+
+The tests are tests/integration/test_identity_size.py's own, imported; only the gateway differs: `edge` here is
+the plugin's rig, with answer reuse off so that every request reaches the verifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from gateways import EchoUpstream, GatewayProcess
+from rigs import (  # noqa: F401 - fixtures, requested by name (fresh_upstream_log: autouse here too)
+    fresh_upstream_log,
+    issuer,
+    upstream,
+)
+from test_identity_size import (  # noqa: F401 - fixtures and tests, collected here against this `edge`
+    test_a_groups_overage_identity_is_refused_by_the_verifier_not_by_the_gateway,
+    test_a_large_identity_under_the_total_passes_whole,
+    test_a_normal_identity_still_passes,
+    verifier,
+)
+from test_trust_boundary import Edge
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def edge(
+    start_nginx: Any,
+    verifier: GatewayProcess,  # noqa: F811 - the imported fixture, requested by name
+    upstream: EchoUpstream,  # noqa: F811
+) -> Iterator[Edge]:
+    """The plugin's rig in front of the verifier whose upstream section maps the groups twice."""
+    base = start_nginx({"url": f"{verifier.url}/v1/forward-auth", "cache_entries": 0}, upstream.port)
+    yield Edge(name="kong-lua", url=base)
