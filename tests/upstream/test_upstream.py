@@ -454,6 +454,21 @@ async def test_an_identity_past_the_total_refuses_with_403_on_every_door_and_is_
     assert small.allowed and _headers(small)["x-authenticated-memberof"] == ", ".join(groups[:20])
 
 
+async def test_a_routes_headers_arrive_when_the_upstream_section_maps_nothing(started: Started, mint: Any) -> None:
+    """A route's `upstream.headers` with no top-level mapping: the fixed-four shortcut must not drop them."""
+    policies = [
+        {
+            "match": {"path_prefix": "/plan"},
+            "upstream": {"headers": [{"header": "X-Authenticated-Plan", "claim": "plan"}]},
+        },
+        {"match": {"path_prefix": "/"}},
+    ]
+    app = await started(_document(None, policies=policies))
+    token = mint(claims(plan="gold"))
+    assert _headers(await app.pipeline.decide(_attrs(token, "/plan/1"), "test"))["x-authenticated-plan"] == "gold"
+    assert "x-authenticated-plan" not in _headers(await app.pipeline.decide(_attrs(token, "/other"), "test"))
+
+
 async def test_a_route_adding_headers_is_bounded_too(started: Started, mint: Any) -> None:
     policies = [
         {

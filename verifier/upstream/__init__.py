@@ -61,7 +61,7 @@ class UpstreamAnswers:
     def answer(self, principal: Principal, variant: Variant, ceiling: int, now: float) -> Decision:
         """The allow answer; raises `UpstreamClaimTooLarge` when a value does not fit in a header, and
         `UpstreamIdentityTooLarge` when all of them do not fit in `max_total_bytes`."""
-        if self.plain:
+        if self.plain and not variant.headers:  # a route may map headers of its own
             return self._bounded(allow(principal, cache_max_age=ceiling))
         headers: list[tuple[str, str]] = []
         for mapping in variant.headers:
