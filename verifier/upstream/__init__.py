@@ -106,12 +106,12 @@ class UpstreamAnswers:
         if size * 4 > self._max_total and size <= self._max_total:
             size = wire_bytes(decision.upstream_headers) + wire_bytes(decision.answer_headers)
         if size > self._max_total:
-            raise UpstreamIdentityTooLarge(f"the identity headers are over {self._max_total} bytes ({size} or more)")
+            raise UpstreamIdentityTooLarge(f"the identity headers take {size} bytes or more, over {self._max_total}")
         return decision
 
 
 def wire_chars(headers: Headers) -> int:
-    """The characters `headers` take in an HTTP/1.1 head ("name: value\r\n"): its bytes when all are ASCII."""
+    """The characters `headers` take in an HTTP/1.1 head ("name: value\\r\\n"): its bytes when all are ASCII."""
     size = 4 * len(headers)
     for name, value in headers:
         size += len(name) + len(value)
@@ -119,7 +119,7 @@ def wire_chars(headers: Headers) -> int:
 
 
 def wire_bytes(headers: Headers) -> int:
-    """The bytes `headers` take in an HTTP/1.1 head ("name: value\r\n", UTF-8), from the strings built: only a
+    """The bytes `headers` take in an HTTP/1.1 head ("name: value\\r\\n", UTF-8), from the strings built: only a
     value that is not ASCII is encoded (`str.isascii` reads a flag). Names are ASCII (RFC 9110 tokens)."""
     size = wire_chars(headers)
     for _, value in headers:
