@@ -15,7 +15,8 @@ upstream:
     lifetime_seconds: 60
     claims: [sub, scope, roles, email, acr, amr]
   max_value_bytes: 4096                     # a longer header value refuses the request (upstream_claim_too_large)
-  max_total_bytes: 8192                     # all the identity headers together (upstream_identity_too_large)
+  max_total_bytes: 8192                     # all the identity headers together (upstream_identity_too_large);
+                                            # unset, at least max_value_bytes
 ```
 
 A route policy may add or override headers and the assertion's audience (`policies[].upstream`). Keys are
@@ -257,6 +258,10 @@ def parse_upstream_config(data: Any, path: str = "upstream") -> UpstreamConfig:
     config = UpstreamConfig(
         **read_fields(reader, UpstreamConfig, headers=headers, consumer=consumer, identity_token=identity)
     )
+    if config.max_value_bytes > config.max_total_bytes and not reader.has("max_total_bytes"):
+        # A config written before the total's bound raised only the value's (with its gateway's buffers): the
+        # total's default follows it, so that config starts as before, now bounded at one value's size.
+        config = dataclasses.replace(config, max_total_bytes=config.max_value_bytes)
     if config.max_value_bytes > config.max_total_bytes:  # one value at its bound would always be refused
         reader.problem(
             "max_total_bytes",
