@@ -210,6 +210,11 @@ async def test_health_reports_serving_and_unknown_paths_404() -> None:
         "/v1/forward-auth/..",
         "/v1/forward-auth//..//..//x",
         "/v1/forward-auth/./../x?y=/v1/forward-auth/",
+        # nginx ends the path at `#` (a fragment: its location matched `/.well-known/...`); read on past it, the
+        # dot segments came back into the door
+        "/v1/forward-auth/../../.well-known/oauth-protected-resource#/../../v1/forward-auth/x",
+        "/v1/forward-auth/%2e%2e/%2e%2e/.well-known/oauth-protected-resource#/%2e%2e/%2e%2e/v1/forward-auth",
+        "/v1/forward-auth/x/../../../.well-known/oauth-protected-resource#/../../../v1/forward-auth/x/y?z",
     ],
 )
 async def test_a_target_whose_dot_segments_leave_the_door_is_not_a_check(target: str) -> None:

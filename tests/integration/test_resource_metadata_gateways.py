@@ -7,10 +7,12 @@ to the verifier unauthenticated (and never to the upstream), GET only, and relay
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.parse
 from collections.abc import Iterator
 
+import gateways
 import pytest
 from gateways import (
     EchoUpstream,
@@ -151,4 +153,51 @@ def test_a_target_the_gateway_normalizes_into_the_metadata_never_reaches_another
     assert not any(name.startswith("x-authenticated-") for name in answer.headers), sorted(answer.headers.items())
     assert answer.status != 200 or json.loads(answer.body)["resource"] == f"https://{HOST}", answer
     assert b"SERVING" not in answer.body
+    assert not upstream.requests
+
+
+@pytest.fixture(scope="module")
+def nginx_passing_the_raw_target(
+    verifier: GatewayProcess, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """nginx as an operator's copy of the template from before a1f8e3b: its metadata locations `proxy_pass`
+    without a URI, so nginx passes the client's raw target on and the door alone keeps it from being a check."""
+    work = tmp_path_factory.mktemp("nginx-raw-target")
+    shipped, with_uri = gateways.NGINX_TEMPLATE.read_text(), "proxy_pass http://verifier/.well-known/oauth-protected-resource;"
+    assert with_uri in shipped
+    copy = work / "nginx.conf.template"
+    copy.write_text(shipped.replace(with_uri, "proxy_pass http://verifier;"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gateways, "NGINX_TEMPLATE", copy)
+        gw = start_gateway_for("nginx", work, verifier, upstream.port)
+    yield gw.url
+    gw.stop()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/forward-auth/../../.well-known/oauth-protected-resource",
+        # nginx's path ends at `#`: its location matched on what comes before; past it, the door's path again
+        "/v1/forward-auth/../../.well-known/oauth-protected-resource#/../../v1/forward-auth/x",
+        "/v1/forward-auth/%2e%2e/%2e%2e/.well-known/oauth-protected-resource#/%2e%2e/%2e%2e/v1/forward-auth",
+    ],
+)
+def test_a_raw_target_nginx_matched_into_the_metadata_is_never_a_check(
+    nginx_passing_the_raw_target: str, issuer: LocalIssuer, upstream: EchoUpstream, target: str
+) -> None:
+    """The attacker's view, through a real nginx that passes the raw target: the verifier is the last line, and
+    must not answer it as a check (identity headers to the client)."""
+    upstream.clear()
+    token = issuer.mint(aud=[issuer.audience, ORDERS], scope="orders:read")
+    url = urllib.parse.urlsplit(nginx_passing_the_raw_target)
+    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)
+    try:  # the target as it is: http_request (urlsplit) would leave out what follows `#`
+        conn.request("GET", target, headers={"Host": HOST, "Authorization": f"Bearer {token}"})
+        answer = conn.getresponse()
+        answer.read()
+    finally:
+        conn.close()
+    assert not any(name.lower().startswith("x-authenticated-") for name in answer.headers), answer.getheaders()
+    assert answer.status == 404, answer.getheaders()
     assert not upstream.requests

@@ -585,7 +585,16 @@ def _leaves_door(path: bytes) -> bool:
     `/v1/forward-auth/../../.well-known/oauth-protected-resource` a check whose answer, identity headers and
     all, went to the client, asked with X-Forwarded-* headers the client chose. Such a target is not addressed
     to the door. Only called when the path holds a `/.` or a `%2`: a gateway's own target never does.
+
+    nginx ends the path at a `#` (read as a fragment; a request target has none, RFC 9112 section 3.2), so
+    `/v1/forward-auth/../../.well-known/oauth-protected-resource#/../../v1/forward-auth` matched its metadata
+    location while, read on past the `#`, it stayed in the door: the path leaves the door if either reading does.
     """
+    return _resolved_leaves(path) or (b"#" in path and _resolved_leaves(path.partition(b"#")[0]))
+
+
+def _resolved_leaves(path: bytes) -> bool:
+    """Whether `path`, `%2e`/`%2f` decoded and its dot segments resolved, names a path outside the door's."""
     decoded = path.replace(b"%2e", b".").replace(b"%2E", b".").replace(b"%2f", b"/").replace(b"%2F", b"/")
     resolved: list[bytes] = []
     for segment in decoded.split(b"/"):
