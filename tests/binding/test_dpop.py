@@ -698,6 +698,20 @@ def test_config_normalizes_origins_at_start_up(origin: str, allow_http: bool, no
     assert normalize_htu(origin.rstrip("/") + "/orders").removesuffix("/orders") == normalized  # spelled as htu is
 
 
+async def test_an_internationalized_origin_is_listed_as_clients_send_it(
+    clock: FrozenClock, state: MemoryState, keys: SigningKeys
+) -> None:
+    """`https://bücher.example.test` as an operator writes it: a proof's htu and the gateway's host carry the
+    A-label (`xn--bcher-kva`), so the origin kept as written matched no proof and refused every one."""
+    config = parse_dpop_config({"origins": ["https://Bücher.example.test"]})
+    assert config.origins == ("https://xn--bcher-kva.example.test",)
+    verifier = DpopVerifier(config, state, clock)
+    url = "https://xn--bcher-kva.example.test/orders"
+    assert await _check_at(verifier, keys, "xn--bcher-kva.example.test", url) == _bound(keys)
+    with pytest.raises(ConfigError, match="internationalized"):
+        parse_dpop_config({"origins": ["https://" + "ü" * 70 + ".example.test"]})  # a label past 63 octets
+
+
 @pytest.mark.parametrize(
     ("origin", "message"),
     [

@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from verifier.config.base import Reader, is_loopback_host, read_fields, setting
+from verifier.request import a_label
 from verifier.tokens.keys import ALG_KEY_TYPES
 
 # Asymmetric only (RFC 9449 section 4.3 step 5: no `none`, no MAC). ES256 first: it is what most
@@ -41,6 +42,11 @@ def normalize_origin(url: str, *, allow_http: bool = False) -> str:
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower().removesuffix(".")
     if scheme not in _DEFAULT_PORTS or not host:
         raise ValueError(f"expected an origin such as https://api.example.com, got {url!r}")
+    # An internationalized name as clients send it (`bücher.example` -> `xn--bcher-kva.example`): a proof's `htu`
+    # and the gateway's host carry the A-label, so the name as people write it would match no proof.
+    host = a_label(host)
+    if not host:
+        raise ValueError(f"the host is not a valid internationalized domain name ({url!r})")
     if parts.username is not None or parts.path not in ("", "/") or "?" in url or "#" in url:
         raise ValueError(f"an origin is scheme://host[:port], without user, path, query or fragment ({url!r})")
     if scheme == "http" and not (allow_http or is_loopback_host(host)):
