@@ -562,7 +562,9 @@ class App:
         self._tasks.append(loop.create_task(self._refresh_gauges()))
         self._tasks.append(loop.create_task(self._flush_logs()))
         for warning in config_warnings(self.settings):
-            log.warning(warning, extra={"event": "config_warning"})
+            log.warning(
+                warning.message, extra={"event": "config_warning", "code": warning.code, **dict(warning.fields)}
+            )
         log.info("verifier started", extra={"event": "started", "ports": dataclasses.asdict(self.ports)})
 
     async def _serve_when_ready(self) -> None:

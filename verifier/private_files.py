@@ -1,9 +1,14 @@
-"""Files the verifier writes are its user's alone (0600), whatever the umask.
+"""Files the verifier writes are its user's alone (0600), whatever the umask; the private keys it reads should be.
 
 The SQLite stores hold revocation entries (subjects, e-mail addresses), replay keys and WebAuthn
 credentials: with the usual umask 022 they were created 0644, readable by every local user. SQLite
 gives a database's `-wal` and `-shm` files its mode when it creates them; ones an older version left
 behind are narrowed here too.
+
+The private keys the settings name (a listener's `tls.key_file`, the identity assertion's and the
+introspection client's `private_key_file`) are the operator's files: the verifier only says when others
+can read one (`exposed_mode`), and refuses it only when told to (`readable_key_files: refuse`), because a
+Kubernetes Secret volume is 0644 unless its `defaultMode` says otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ PRIVATE_MODE = 0o600
 SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
 REVOCATIONS_FILE = "revocations.sqlite3"  # in `state.path`: revocation entries
 REPLAY_FILE = "replay.sqlite3"  # in `state.path`: replay keys
+# Permission bits of a private key file that let users other than its owner read or change it. Group read is
+# allowed when root owns the file (PostgreSQL's rule for ssl_key_file): an administrator granted that group
+# the key on purpose (Debian's ssl-cert; Kubernetes' fsGroup with a Secret's `defaultMode: 0440`).
+EXPOSING_BITS = 0o077
+ROOT_OWNED_EXPOSING_BITS = 0o037
 
 
 def sqlite_problem(path: str) -> str:
@@ -55,3 +65,18 @@ def private_sqlite(path: str) -> str:
         with contextlib.suppress(OSError):
             os.chmod(path + suffix, PRIVATE_MODE)
     return path
+
+
+def exposed_mode(path: str) -> int | None:
+    """The permission bits of the private key file `path` when users other than its owner may read or change
+    it (see EXPOSING_BITS), else None; None too when it cannot be looked at (its reader names that).
+
+    The link is followed: a Kubernetes Secret's file is a link into the volume's current data, whose mode counts.
+    """
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    mode = stat.S_IMODE(found.st_mode)
+    exposing = ROOT_OWNED_EXPOSING_BITS if found.st_uid == 0 else EXPOSING_BITS
+    return mode if mode & exposing else None

@@ -59,6 +59,7 @@ from verifier.config.tracing import TracingConfig, parse_tracing_config
 from verifier.config.upstream import UpstreamConfig, parse_upstream_config
 from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
 from verifier.policy.rules import check_reached
+from verifier.private_files import exposed_mode
 
 T = TypeVar("T")
 
@@ -74,6 +75,7 @@ __all__ = [  # the sections live in verifier.config; these names stay importable
     "STEP_UP_METHODS",
     "SUPPORTED_ALGORITHMS",
     "ConfigError",
+    "ConfigWarning",
     "IssuerSettings",
     "PolicySettings",
     "Requirements",
@@ -100,6 +102,9 @@ DEFAULT_DEADLINE_SECONDS = 0.8
 ADMIN_TOKEN_ENV = "VERIFIER_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not its value
 MIN_ADMIN_TOKEN_CHARS = 32  # e.g. `openssl rand -hex 16`; the admin API revokes anyone's access
 MAX_DEADLINE_SECONDS = 30.0  # seconds; no gateway waits longer for an authorization answer
+# What a private key file others can read gets: a warning (a Kubernetes Secret volume is 0644 by default, and
+# nginx takes such keys too) or a refusal, as OpenSSH refuses one (`readable_key_files`).
+READABLE_KEY_FILES = ("warn", "refuse")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -252,6 +257,11 @@ class Settings:
     )
     realm: str = setting(DEFAULT_REALM, doc="the realm of WWW-Authenticate challenges")
     audit: bool = setting(True, doc="one JSON audit line per decision")
+    readable_key_files: str = setting(
+        "warn",
+        choices=READABLE_KEY_FILES,
+        doc="a private key file others can read (e.g. 0644): a start-up warning, or refused (as OpenSSH does)",
+    )
     policies: tuple[PolicySettings, ...] | None = None  # None: any valid token is allowed
     rate_limits: RateLimitSettings | None = None
     dpop: DpopConfig | None = None
@@ -439,14 +449,73 @@ def _header_name(root: Reader, key: str) -> str:
     return name
 
 
-def config_warnings(settings: Settings) -> list[str]:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConfigWarning:
+    """One thing start-up logs (and `check-config` prints) about a configuration it accepts."""
+
+    code: str  # stable, snake_case: the log line's `code`, for alerts and searches
+    message: str  # for a person: the key, what is wrong, the fix
+    fields: tuple[tuple[str, str], ...] = ()  # more of the log line's fields (never a secret)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def config_warnings(settings: Settings) -> list[ConfigWarning]:
     """What start-up (and `verifier check-config`) warns about: configurations that work but let one identity
-    stand for another, or let the caller name the URL a proof is judged on. Not refused: each has a legitimate
-    use; each warning names the fix."""
-    return _tenant_granted_roles(settings) + _consumer_collisions(settings) + _registry_origin(settings)
+    stand for another, let the caller name the URL a proof is judged on, or a private key others can read. Not
+    refused: each has a legitimate use; each warning names the fix."""
+    return [
+        *(ConfigWarning(code="tenant_granted_roles", message=m) for m in _tenant_granted_roles(settings)),
+        *_consumer_collisions(settings),
+        *_registry_origin(settings),
+        *([] if settings.readable_key_files == "refuse" else _readable_key_files(settings)),
+    ]
 
 
-def _registry_origin(settings: Settings) -> list[str]:
+def private_key_files(settings: Settings) -> list[tuple[str, str]]:
+    """Every private key file the settings name, as (key, path): the listeners' TLS keys, the introspection
+    clients' private_key_jwt keys and the identity assertion's signing key."""
+    found = [
+        (f"{name}.tls.key_file", listen.tls.key_file)
+        for name, listen in (("grpc", settings.grpc), ("http", settings.http), ("metrics", settings.metrics))
+        if listen is not None and listen.tls is not None
+    ]
+    found += [
+        (f"issuers[{i}].introspection.private_key_file", issuer.introspection.private_key_file)
+        for i, issuer in enumerate(settings.issuers)
+        if issuer.introspection is not None and issuer.introspection.private_key_file
+    ]
+    identity = settings.upstream.identity_token if settings.upstream is not None else None
+    if identity is not None and identity.private_key_file:
+        found.append(("upstream.identity_token.private_key_file", identity.private_key_file))
+    return found
+
+
+def _readable_key_files(settings: Settings) -> list[ConfigWarning]:
+    """A private key file users other than its owner can read (or change): anyone on the machine, or sharing
+    the volume, who reads it can sign identity assertions, impersonate the TLS listener or the introspection
+    client. Group read is fine when root owns the file (see `verifier.private_files.EXPOSING_BITS`)."""
+    warnings = []
+    for key, path in private_key_files(settings):
+        mode = exposed_mode(path)
+        if mode is None:
+            continue
+        warnings.append(
+            ConfigWarning(
+                code="private_key_readable",
+                message=(
+                    f"{key}: {path} is mode {mode:04o}: users other than its owner can read the private key; "
+                    "chmod 0600 (0640 when root owns it and the group is the verifier's), or in Kubernetes set "
+                    "the Secret volume's defaultMode: 0440 with the pod's securityContext.fsGroup"
+                ),
+                fields=(("key", key), ("path", path), ("mode", f"{mode:04o}")),
+            )
+        )
+    return warnings
+
+
+def _registry_origin(settings: Settings) -> list[ConfigWarning]:
     """The WebAuthn registry with DPoP and no `dpop.origins`: its endpoints judge a proof's htu on the scheme and
     host the caller names (`verifier.doors.public_origin`). Behind a TLS-terminating gateway a proof for
     https://<public host>/v1/webauthn/... then never matches (unless the gateway sets X-Forwarded-Proto), and
@@ -455,10 +524,13 @@ def _registry_origin(settings: Settings) -> list[str]:
     if settings.webauthn is None or settings.dpop is None or settings.dpop.origins:
         return []
     return [
-        "webauthn with dpop: the registry endpoints (/v1/webauthn/...) judge a DPoP proof on the scheme and host "
-        "the caller sends (X-Forwarded-Proto/-Host, else http and Host): behind a TLS-terminating gateway a proof "
-        "for https://<public host>/v1/webauthn/... does not match, and the host is the caller's choice; list the "
-        "public origins in dpop.origins (https://<public host>)"
+        ConfigWarning(
+            code="registry_origin_undeclared",
+            message="webauthn with dpop: the registry endpoints (/v1/webauthn/...) judge a DPoP proof on the scheme "
+            "and host the caller sends (X-Forwarded-Proto/-Host, else http and Host): behind a TLS-terminating gateway "
+            "a proof for https://<public host>/v1/webauthn/... does not match, and the host is the caller's choice; "
+            "list the public origins in dpop.origins (https://<public host>)",
+        )
     ]
 
 
@@ -489,25 +561,25 @@ def _tenant_granted_roles(settings: Settings) -> list[str]:
 _STABLE_CONSUMER_CLAIMS = ("sub", "client_id", "azp", "oid")
 
 
-def _consumer_collisions(settings: Settings) -> list[str]:
+def _consumer_collisions(settings: Settings) -> list[ConfigWarning]:
     """The Kong consumer named by a claim's value alone: equal values of two issuers (or tenants) are one consumer,
     and a claim users may edit (`preferred_username`, `email`) lets a user name another's consumer."""
     consumer = settings.upstream.consumer if settings.upstream is not None else None
     if consumer is None:
         return []
-    warnings: list[str] = []
+    warnings: list[ConfigWarning] = []
     shared = [i.issuer for i in settings.issuers if "{" in i.issuer]
     if len(settings.issuers) > 1 or shared:
-        warnings.append(
+        warnings.append(ConfigWarning(code="consumer_namespace_shared", message=(
             f"upstream.consumer: Kong consumers are named by the claim {consumer.claim!r} alone, and "
             f"{'the template ' + shared[0] if shared else 'several issuers'} can issue equal values for different "
             "users; keep one issuer (or tenant) per Kong consumer namespace, or map a claim unique across them"
-        )
+        )))
     if consumer.claim not in _STABLE_CONSUMER_CLAIMS:
-        warnings.append(
+        warnings.append(ConfigWarning(code="consumer_claim_editable", message=(
             f"upstream.consumer.claim: {consumer.claim!r} may be a claim users can change at the provider (a username, "
             "an email): a user who takes another's value becomes that Kong consumer; prefer sub"
-        )
+        )))
     return warnings
 
 
@@ -588,6 +660,9 @@ def _parse_settings(data: Any) -> Settings:
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")
     _check_distinct_ports(settings)
+    if settings.readable_key_files == "refuse":  # else a warning (`config_warnings`)
+        for warning in _readable_key_files(settings):
+            record(warning.message)
     check_admin_token(os.environ.get(ADMIN_TOKEN_ENV))
     _check_shared_state(settings)
     return settings

@@ -81,7 +81,9 @@ def test_a_role_any_tenant_can_grant_itself_is_said_at_start_up(tmp_path: Path) 
     from verifier.settings import config_warnings
 
     open_policy = parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [TEMPLATE], "policies": [ADMIN_POLICY]})
-    (warning,) = config_warnings(open_policy)
+    (found,) = config_warnings(open_policy)
+    warning = found.message
+    assert found.code == "tenant_granted_roles"
     assert "policies[0] (admin)" in warning and TEMPLATE["issuer"] in warning and "issuers_any" in warning
     narrowed = {**ADMIN_POLICY, "require": {"roles_any": ["admin"], "issuers_any": [
         "https://login.example.test/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"]}}
@@ -119,8 +121,8 @@ def test_a_kong_consumer_one_identity_could_take_from_another_is_warned_about() 
 
     def warnings(issuers: list[dict[str, object]], claim: str) -> list[str]:
         upstream = {"consumer": {"claim": claim, "by": "username"}}
-        return config_warnings(parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": issuers,
-                                               "upstream": upstream}))
+        return [w.message for w in config_warnings(parse_settings({"http": {"listen": "127.0.0.1:0"},
+                                                                   "issuers": issuers, "upstream": upstream}))]
 
     assert warnings([ISSUER], "sub") == []
     (two,) = warnings([ISSUER, other], "sub")

@@ -59,6 +59,7 @@ class IntrospectionConfig:
     client_secret: str = dataclasses.field(default="", repr=False)  # read from client_secret_env
     client_secret_env: str = ""  # the environment variable that held it (for messages)
     private_key: SigningKey | None = dataclasses.field(default=None, repr=False, compare=False)
+    private_key_file: str = ""  # the file `private_key` was read from, if any (its mode: verifier.private_files)
     assertion_alg: str = ""  # private_key_jwt: ES256, RS256 or EdDSA (derived from the key)
     assertion_ttl_seconds: int = setting(
         DEFAULT_ASSERTION_TTL_SECONDS, doc="private_key_jwt: lifetime of a client assertion", minimum=5,
@@ -176,6 +177,7 @@ def parse_introspection_config(
 
     secret = ""
     private_key: SigningKey | None = None
+    key_file = ""
     alg = ""
     if client_auth is ClientAuth.PRIVATE_KEY_JWT:
         if f.has("client_secret_env"):
@@ -186,7 +188,7 @@ def parse_introspection_config(
                 f"{f._key('private_key_file')}: private_key_jwt needs one of private_key_file, private_key_env"
             )
         if sources[0] == "private_key_file":
-            file = f.text("private_key_file")
+            file = key_file = f.text("private_key_file")
             try:
                 pem = Path(file).read_bytes()
             except OSError as exc:
@@ -211,5 +213,6 @@ def parse_introspection_config(
         client_secret=secret,
         client_secret_env=client_secret_env,
         private_key=private_key,
+        private_key_file=key_file,
         assertion_alg=alg,
     )
