@@ -282,3 +282,26 @@ def test_k8s_liveness_does_not_restart_a_verifier_that_is_only_not_ready(k8s):
     liveness = json.dumps(verifier["livenessProbe"])
     assert "/livez" in liveness and "/healthz" not in liveness
     assert "/healthz" in json.dumps(verifier["readinessProbe"])
+
+
+def test_k8s_verifier_reads_its_private_keys_from_a_secret_only_it_can_read(k8s):
+    """A Secret volume is 0644 unless `defaultMode` says otherwise: every user of the container could read the
+    identity assertion's signing key (and the verifier warned, `private_key_readable`). Its files are root's,
+    so the shipped volume is 0440 with the pod's fsGroup the verifier's group: the verifier reads the keys
+    and no one else does (`verifier.private_files`: group read only of a root-owned file)."""
+    from verifier.private_files import ROOT_OWNED_EXPOSING_BITS
+
+    spec = pod_spec(k8s)
+    verifier = container(spec, "verifier")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    secrets = [volumes[m["name"]] for m in verifier["volumeMounts"] if "secret" in volumes[m["name"]]]
+    assert secrets, "no Secret volume for the verifier's private keys"
+    for volume in secrets:
+        items = volume["secret"].get("items", [])
+        modes = [volume["secret"]["defaultMode"], *(i["mode"] for i in items if "mode" in i)]
+        for mode in modes:
+            assert not mode & ROOT_OWNED_EXPOSING_BITS, f"{volume['name']}: mode {mode:04o} lets others read the keys"
+            if mode & 0o040:  # the group reads them: the verifier's group, given to the pod's volumes by fsGroup
+                assert spec["securityContext"]["fsGroup"] == verifier["securityContext"]["runAsGroup"]
+        kong = container(spec, "kong")
+        assert volume["name"] not in [m["name"] for m in kong["volumeMounts"]]  # fsGroup is Kong's group too
