@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from doorkit import door_settings
-from gateways import EchoUpstream, LocalIssuer
+from gateways import GATEWAY_KINDS, EchoUpstream, GatewayProcess, LocalIssuer, start_gateway_for
 from op_harness import API_AUDIENCE, OpenIDProvider, start_provider
 from redis_harness import RedisServer, start_redis
 
@@ -71,6 +71,32 @@ def provider_fixture(name: str, scope: str = "function") -> Any:
             yield provider
         finally:
             provider.stop()
+
+    return running
+
+
+def gateway_fixture(
+    name: str, kinds: Sequence[str] = GATEWAY_KINDS, wrap: Callable[[str, str], Any] | None = None
+) -> Any:
+    """A module fixture named `name`, one per gateway kind in `kinds`: that shipped configuration in front of the
+    module's `verifier` fixture (`start_verifier`), passing to `upstream`; its URL (or `wrap(kind, url)`),
+    stopped afterwards.
+
+    In a test module: `edge = gateway_fixture("edge")`.
+    """
+
+    @pytest.fixture(name=name, scope="module", params=kinds)
+    def running(
+        request: pytest.FixtureRequest,
+        verifier: GatewayProcess,
+        upstream: EchoUpstream,
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> Iterator[Any]:
+        gw = start_gateway_for(request.param, tmp_path_factory.mktemp(request.param), verifier, upstream.port)
+        try:
+            yield gw.url if wrap is None else wrap(request.param, gw.url)
+        finally:
+            gw.stop()
 
     return running
 

@@ -19,10 +19,10 @@ from gateways import (
     GatewayProcess,
     LocalIssuer,
     http_request,
-    start_gateway_for,
     start_verifier,
 )
 from rfc9728kit import check_rfc9728_document, parse_challenge
+from rigs import gateway_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -53,16 +53,7 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
     proc.stop()
 
 
-@pytest.fixture(scope="module", params=["nginx", "nginx-lua", "envoy-http", "envoy-reuse"])
-def gateway(
-    request: pytest.FixtureRequest,
-    verifier: GatewayProcess,
-    upstream: EchoUpstream,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    gw = start_gateway_for(request.param, tmp_path_factory.mktemp(request.param), verifier, upstream.port)
-    yield gw.url
-    gw.stop()
+gateway = gateway_fixture("gateway", ("nginx", "nginx-lua", "envoy-http", "envoy-reuse"))
 
 
 def test_a_401_names_metadata_the_client_can_fetch_through_the_gateway_without_a_token(

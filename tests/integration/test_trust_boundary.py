@@ -45,7 +45,6 @@ if __package__:
         LocalIssuer,
         http_request,
         start_envoy,
-        start_gateway_for,
         start_verifier,
     )
     from .replicas import dpop_proof, public_jwk
@@ -58,12 +57,11 @@ else:  # tests/ is not a package: pytest put this directory on sys.path
         LocalIssuer,
         http_request,
         start_envoy,
-        start_gateway_for,
         start_verifier,
     )
     from replicas import dpop_proof, public_jwk
 
-from rigs import fresh_upstream_log  # noqa: F401 - autouse: each test sees only its own requests
+from rigs import fresh_upstream_log, gateway_fixture  # noqa: F401 - autouse: each test sees only its own requests
 
 pytestmark = pytest.mark.integration
 
@@ -110,16 +108,7 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
     proc.stop()
 
 
-@pytest.fixture(scope="module", params=GATEWAYS)
-def edge(
-    request: pytest.FixtureRequest,
-    verifier: GatewayProcess,
-    upstream: EchoUpstream,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Edge]:
-    gw = start_gateway_for(request.param, tmp_path_factory.mktemp(request.param), verifier, upstream.port)
-    yield Edge(name=request.param, url=gw.url)
-    gw.stop()
+edge = gateway_fixture("edge", GATEWAYS, lambda kind, url: Edge(name=kind, url=url))
 
 
 @pytest.fixture(scope="module")
