@@ -15,10 +15,12 @@ import re
 import uuid
 
 import aiohttp
+import grpc
 from doorkit import http_exchange, running_verifier
 
 from verifier.app import App
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
+from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 
 def _b64(document: dict[str, object]) -> str:
@@ -57,6 +59,20 @@ async def _send(app: App, idp: DevIdentityProvider, marker: str) -> None:
         assert answer.startswith(b"HTTP/1.1 "), answer[:80]
 
 
+async def _send_grpc(app: App, idp: DevIdentityProvider, marker: str) -> None:
+    """The same tokens to the gRPC door (verifier.v1.Verifier/Check), the request described in the message."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+        stub = verifier_pb2_grpc.VerifierStub(channel)
+        for token in _hostile_tokens(marker, idp):
+            await stub.Check(
+                verifier_pb2.CheckRequest(
+                    method=marker, path=f"/{marker}", host=f"{marker}.example",
+                    headers={"authorization": f"Bearer {token}", "dpop": marker, "user-agent": marker},
+                ),
+                timeout=10,
+            )
+
+
 async def _page(app: App) -> str:
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{app.ports.metrics}/metrics") as r:
         assert r.status == 200
@@ -72,8 +88,10 @@ async def test_no_label_value_on_the_metrics_page_is_one_a_client_chose() -> Non
     async with running_verifier() as (app, idp):
         first, second = f"zq{uuid.uuid4().hex[:10]}", f"zq{uuid.uuid4().hex[:10]}"  # "zq": in no number or name
         await _send(app, idp, first)
+        await _send_grpc(app, idp, first)
         after_first = await _page(app)
         await _send(app, idp, second)
+        await _send_grpc(app, idp, second)
         await asyncio.sleep(0)  # nothing pending: the hot path counts as it answers
         after_second = await _page(app)
     for marker, page in ((first, after_first), (second, after_second)):
