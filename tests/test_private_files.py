@@ -83,7 +83,7 @@ KINDS = ["identity", "introspection", "tls"]
 
 
 def _key_warnings(settings: Any) -> list[Any]:
-    return [w for w in config_warnings(settings) if w.code == "private_key_readable"]
+    return [w for w in config_warnings(settings) if w.kind == "private_key_readable"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -563,7 +563,7 @@ class App:
         self._tasks.append(loop.create_task(self._flush_logs()))
         for warning in config_warnings(self.settings):
             log.warning(
-                warning.message, extra={"event": "config_warning", "code": warning.code, **dict(warning.fields)}
+                warning.message, extra={"event": "config_warning", "code": warning.kind, **dict(warning.fields)}
             )
         log.info("verifier started", extra={"event": "started", "ports": dataclasses.asdict(self.ports)})
 

@@ -453,7 +453,9 @@ def _header_name(root: Reader, key: str) -> str:
 class ConfigWarning:
     """One thing start-up logs (and `check-config` prints) about a configuration it accepts."""
 
-    code: str  # stable, snake_case: the log line's `code`, for alerts and searches
+    # Stable, snake_case: the log line's `code`, for alerts and searches. Not a refusal's code (`verifier.reasons`):
+    # nothing is refused, so it is named apart.
+    kind: str
     message: str  # for a person: the key, what is wrong, the fix
     fields: tuple[tuple[str, str], ...] = ()  # more of the log line's fields (never a secret)
 
@@ -466,7 +468,7 @@ def config_warnings(settings: Settings) -> list[ConfigWarning]:
     stand for another, let the caller name the URL a proof is judged on, or a private key others can read. Not
     refused: each has a legitimate use; each warning names the fix."""
     return [
-        *(ConfigWarning(code="tenant_granted_roles", message=m) for m in _tenant_granted_roles(settings)),
+        *(ConfigWarning(kind="tenant_granted_roles", message=m) for m in _tenant_granted_roles(settings)),
         *_consumer_collisions(settings),
         *_registry_origin(settings),
         *([] if settings.readable_key_files == "refuse" else _readable_key_files(settings)),
@@ -503,7 +505,7 @@ def _readable_key_files(settings: Settings) -> list[ConfigWarning]:
             continue
         warnings.append(
             ConfigWarning(
-                code="private_key_readable",
+                kind="private_key_readable",
                 message=(
                     f"{key}: {path} is mode {mode:04o}: users other than its owner can read the private key; "
                     "chmod 0600 (0640 when root owns it and the group is the verifier's), or in Kubernetes set "
@@ -570,13 +572,13 @@ def _consumer_collisions(settings: Settings) -> list[ConfigWarning]:
     warnings: list[ConfigWarning] = []
     shared = [i.issuer for i in settings.issuers if "{" in i.issuer]
     if len(settings.issuers) > 1 or shared:
-        warnings.append(ConfigWarning(code="consumer_namespace_shared", message=(
+        warnings.append(ConfigWarning(kind="consumer_namespace_shared", message=(
             f"upstream.consumer: Kong consumers are named by the claim {consumer.claim!r} alone, and "
             f"{'the template ' + shared[0] if shared else 'several issuers'} can issue equal values for different "
             "users; keep one issuer (or tenant) per Kong consumer namespace, or map a claim unique across them"
         )))
     if consumer.claim not in _STABLE_CONSUMER_CLAIMS:
-        warnings.append(ConfigWarning(code="consumer_claim_editable", message=(
+        warnings.append(ConfigWarning(kind="consumer_claim_editable", message=(
             f"upstream.consumer.claim: {consumer.claim!r} may be a claim users can change at the provider (a username, "
             "an email): a user who takes another's value becomes that Kong consumer; prefer sub"
         )))

@@ -83,7 +83,7 @@ def test_a_role_any_tenant_can_grant_itself_is_said_at_start_up(tmp_path: Path) 
     open_policy = parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [TEMPLATE], "policies": [ADMIN_POLICY]})
     (found,) = config_warnings(open_policy)
     warning = found.message
-    assert found.code == "tenant_granted_roles"
+    assert found.kind == "tenant_granted_roles"
     assert "policies[0] (admin)" in warning and TEMPLATE["issuer"] in warning and "issuers_any" in warning
     narrowed = {**ADMIN_POLICY, "require": {"roles_any": ["admin"], "issuers_any": [
         "https://login.example.test/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"]}}
