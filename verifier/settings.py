@@ -527,7 +527,7 @@ def _registry_origin(settings: Settings) -> list[ConfigWarning]:
         return []
     return [
         ConfigWarning(
-            code="registry_origin_undeclared",
+            kind="registry_origin_undeclared",
             message="webauthn with dpop: the registry endpoints (/v1/webauthn/...) judge a DPoP proof on the scheme "
             "and host the caller sends (X-Forwarded-Proto/-Host, else http and Host): behind a TLS-terminating gateway "
             "a proof for https://<public host>/v1/webauthn/... does not match, and the host is the caller's choice; "

@@ -143,7 +143,8 @@ def test_the_webauthn_registry_with_dpop_and_no_declared_origins_is_warned_about
                 "storage": {"sqlite_path": str(tmp_path / "w.sqlite3")}}
 
     def warnings(**sections: object) -> list[str]:
-        return config_warnings(parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [ISSUER], **sections}))
+        settings = parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [ISSUER], **sections})
+        return [w.message for w in config_warnings(settings)]
 
     (warning,) = warnings(webauthn=webauthn, dpop={})
     assert warning.startswith("webauthn with dpop: ") and "dpop.origins" in warning

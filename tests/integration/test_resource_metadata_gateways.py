@@ -19,6 +19,7 @@ from gateways import (
     GatewayProcess,
     LocalIssuer,
     http_request,
+    start_gateway_for,
     start_verifier,
 )
 from rfc9728kit import check_rfc9728_document, parse_challenge
