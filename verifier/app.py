@@ -207,8 +207,9 @@ def shared_state(config: StateConfig | None, clock: Clock) -> SharedState:
     if config is None or config.redis_url is None:
         config = config or StateConfig()
         if config.path:
-            return SqliteState(config.path, clock, max_entries=config.max_entries)
-        return MemoryState(clock, max_entries=config.max_entries)
+            buckets = MemoryState(clock, max_entries=config.max_entries)
+            return SqliteState(config.path, clock, max_replay_entries=config.max_replay_entries, buckets=buckets)
+        return MemoryState(clock, max_entries=config.max_entries, max_replay_entries=config.max_replay_entries)
     client = redis_client(config.redis_url, password=config.password, timeout_seconds=config.timeout_seconds)
     return RedisState(client, key_prefix=config.key_prefix, timeout_seconds=config.timeout_seconds)
 
@@ -286,6 +287,9 @@ class App:
             {i.issuer: i for i in settings.issuers}, self.keys, self.clock, max_token_bytes=settings.max_token_bytes
         )
         self.state = shared_state(settings.state, self.clock)
+        local_state = self.state
+        if isinstance(local_state, MemoryState | SqliteState):  # bounded: full, it refuses (Redis has no bound)
+            self.metrics.replay_store(lambda: local_state.refused_full)
         self.dpop = DpopVerifier(settings.dpop or DpopConfig(), self.state, self.clock)
         self.introspectors = {
             i.issuer: build_introspector(

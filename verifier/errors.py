@@ -279,3 +279,11 @@ class StateUnavailable(VerifierError):
     """Shared state (Redis) is unreachable: replay-checked requests fail closed."""
 
     code = "state_unavailable"
+
+
+class ReplayStoreFull(StateUnavailable):
+    """The local replay store holds as many live one-time values as it may: this one is refused, not
+    remembered, and no live one is forgotten to make room (that would let it be replayed). A 503 with
+    Retry-After: the client tries again with a fresh proof once values expire."""
+
+    code = "replay_store_full"

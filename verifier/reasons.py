@@ -158,6 +158,11 @@ _REASONS = (
         Outcome.UNAVAILABLE,
         "shared state (Redis) unreachable, or revocation entries not yet loaded",
     ),
+    Reason(
+        "replay_store_full",
+        Outcome.UNAVAILABLE,
+        "the local replay store is full of live one-time values (`state.max_replay_entries`): try again",
+    ),
     Reason("internal_error", Outcome.UNAVAILABLE, "a bug, not a verdict (the traceback is logged)"),
     Reason("overloaded", Outcome.OVERLOADED, "the verifier is at its concurrency bound"),
 )

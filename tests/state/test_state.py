@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,13 @@ from support import FrozenClock, file_modes, made_under_umask_022
 from tokenkit import NOW
 
 from verifier.app import shared_state
-from verifier.errors import StateUnavailable
+from verifier.errors import ReplayStoreFull, StateUnavailable
+from verifier.observe.metrics import Metrics
 from verifier.settings import ConfigError
 from verifier.state import StateConfig, parse_state_config
-from verifier.state.base import TakeResult
-from verifier.state.memory import MemoryState
-from verifier.state.sqlite import SqliteState
+from verifier.state.base import FULL_LOG_SECONDS, TakeResult
+from verifier.state.memory import DIGEST_BYTES, SLICE_SECONDS, MemoryState, replay_digest
+from verifier.state.sqlite import SQLITE_FILE, SqliteState, _digest
 
 ReplayStore = MemoryState | SqliteState
 Make = Callable[..., ReplayStore]
@@ -29,13 +31,13 @@ def state(clock: FrozenClock) -> MemoryState:
 
 @pytest.fixture(params=["memory", "sqlite"])
 def make(request: pytest.FixtureRequest, clock: FrozenClock, tmp_path: Path) -> Iterator[Make]:
-    """Builds replay stores of one kind (`max_entries=` optional); the SQLite ones share `tmp_path`."""
+    """Builds replay stores of one kind (`max_replay_entries=` optional); the SQLite ones share `tmp_path`."""
     built: list[SqliteState] = []
 
-    def build(max_entries: int = 100_000) -> ReplayStore:
+    def build(max_replay_entries: int = 100_000) -> ReplayStore:
         if request.param == "memory":
-            return MemoryState(clock, max_entries=max_entries)
-        store = SqliteState(str(tmp_path), clock, max_entries=max_entries)
+            return MemoryState(clock, max_replay_entries=max_replay_entries)
+        store = SqliteState(str(tmp_path), clock, max_replay_entries=max_replay_entries)
         built.append(store)
         return store
 
@@ -71,7 +73,7 @@ async def test_first_use_keys_are_independent(replay: ReplayStore) -> None:
 
 
 async def test_first_use_drops_expired_keys_first_and_stays_bounded(make: Make, clock: FrozenClock) -> None:
-    state = make(max_entries=3)
+    state = make(max_replay_entries=3)
     await state.first_use("short", 1)
     await state.first_use("long-1", 100)
     await state.first_use("long-2", 100)
@@ -81,14 +83,126 @@ async def test_first_use_drops_expired_keys_first_and_stays_bounded(make: Make, 
     assert await state.first_use("long-1", 100) is False
 
 
-async def test_first_use_evicts_the_key_closest_to_expiry_when_full(make: Make) -> None:
-    state = make(max_entries=2)
-    await state.first_use("soon", 10)
-    await state.first_use("later", 50)
-    assert await state.first_use("third", 50) is True
-    assert state.evictions == 1 and len(state) == 2
-    assert await state.first_use("later", 50) is False
-    assert await state.first_use("soon", 10) is True  # the one evicted
+async def test_a_full_table_refuses_a_new_value_and_never_lets_a_remembered_one_pass(make: Make) -> None:
+    """Full of live values, the store refuses the newcomer (fail closed) rather than forget a live one:
+    evicting "soon" made its replay pass until its window closed."""
+    state = make(max_replay_entries=2)
+    assert await state.first_use("soon", 10) is True
+    assert await state.first_use("later", 50) is True
+    try:
+        third: object = await state.first_use("third", 50)
+    except StateUnavailable as exc:
+        third = exc.code
+    replays = [await state.first_use("soon", 10), await state.first_use("later", 50)]
+    assert (third, replays) == ("replay_store_full", [False, False])
+    assert await state.seen("third") is False  # refused: not remembered, so a retry may pass later
+    assert len(state) == 2
+
+
+async def test_a_full_table_accepts_again_once_its_values_expire(make: Make, clock: FrozenClock) -> None:
+    """Expired values are still purged: a table that was full takes new values once they have expired."""
+    state = make(max_replay_entries=2)
+    await state.first_use("a", 10)
+    await state.first_use("b", 20)
+    with pytest.raises(ReplayStoreFull):
+        await state.first_use("c", 10)
+    clock.advance(10)  # "a" has expired, "b" has not
+    assert await state.first_use("c", 10) is True
+    with pytest.raises(ReplayStoreFull):
+        await state.first_use("d", 10)
+    assert await state.first_use("b", 20) is False
+    clock.advance(10)
+    assert [await state.first_use(k, 10) for k in ("b", "d")] == [True, True]
+    assert state.refused_full == 2 and len(state) == 2
+
+
+async def test_a_full_table_still_answers_a_replay_as_a_replay(make: Make) -> None:
+    """Only a new value is refused as "full": a remembered one is still the client's replay (401, not 503)."""
+    state = make(max_replay_entries=1)
+    await state.first_use("a", 10)
+    assert await state.first_use("a", 10) is False
+    assert await state.seen("a") is True and state.refused_full == 0
+
+
+async def test_refusals_of_a_full_table_are_counted_and_logged_at_most_every_few_seconds(
+    make: Make, clock: FrozenClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = make(max_replay_entries=1)
+    await state.first_use("dpop:jti:REMEMBERED-VALUE", 100)
+    for _ in range(3):
+        with pytest.raises(ReplayStoreFull):
+            await state.first_use("dpop:jti:SECRET-VALUE", 100)
+    clock.advance(FULL_LOG_SECONDS)
+    with pytest.raises(ReplayStoreFull):
+        await state.first_use("dpop:jti:SECRET-VALUE", 100)
+    lines = [r for r in caplog.records if getattr(r, "event", "") == "replay_store_full"]
+    assert [(r.refused, r.held, r.max_replay_entries) for r in lines] == [(1, 1, 1), (3, 1, 1)]  # type: ignore[attr-defined]
+    assert state.refused_full == 4
+    said = caplog.text + " ".join(str(vars(r)) for r in caplog.records)
+    assert "SECRET" not in said and "REMEMBERED" not in said
+
+
+async def test_the_metric_counts_the_refusals_of_a_full_table(make: Make) -> None:
+    state = make(max_replay_entries=1)
+    metrics = Metrics()
+    metrics.replay_store(lambda: state.refused_full)
+    assert b"verifier_replay_store_full_total 0.0" in metrics.render()
+    await state.first_use("a", 10)
+    with pytest.raises(ReplayStoreFull):
+        await state.first_use("b", 10)
+    assert b"verifier_replay_store_full_total 1.0" in metrics.render()
+
+
+async def test_memory_remembers_a_value_for_its_ttl_and_at_most_a_slice_more(clock: FrozenClock) -> None:
+    """Expiries are rounded up to a one-second slice: never forgotten early, dropped within a slice after."""
+    state = MemoryState(clock)
+    clock.advance(0.3)
+    assert await state.first_use("k", 10) is True
+    clock.advance(9.999)
+    assert await state.first_use("k", 10) is False
+    clock.advance(0.001 + SLICE_SECONDS)
+    assert await state.first_use("k", 10) is True
+
+
+async def test_memory_holds_a_digest_not_the_value(clock: FrozenClock) -> None:
+    state = MemoryState(clock)
+    await state.first_use("dpop:jti:" + "x" * 500, 10)
+    assert state._live == {replay_digest("dpop:jti:" + "x" * 500)}
+    assert all(len(d) == DIGEST_BYTES == 16 for d in state._live)
+
+
+async def test_sqlite_processes_sharing_a_full_file_refuse_and_never_delete_each_others_live_keys(
+    tmp_path: Path, clock: FrozenClock
+) -> None:
+    one = SqliteState(str(tmp_path), clock, max_replay_entries=2)
+    two = SqliteState(str(tmp_path), clock, max_replay_entries=2)
+    try:
+        assert await one.first_use("a", 10) is True
+        assert await two.first_use("b", 10) is True
+        for store in (one, two):
+            with pytest.raises(ReplayStoreFull):
+                await store.first_use("c", 10)
+        assert [await s.first_use(k, 10) for s in (one, two) for k in ("a", "b")] == [False] * 4
+        assert len(one) == 2
+    finally:
+        one._db.close()
+        two._db.close()
+
+
+async def test_a_sqlite_file_from_before_the_bound_is_counted_when_opened(tmp_path: Path, clock: FrozenClock) -> None:
+    """A file written by an older verifier has no key count: it is counted at open, so its keys count."""
+    db = sqlite3.connect(tmp_path / SQLITE_FILE)
+    db.execute("CREATE TABLE seen (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID")
+    db.execute("INSERT INTO seen VALUES (?, ?)", (_digest("old"), NOW + 100))
+    db.commit()
+    db.close()
+    store = SqliteState(str(tmp_path), clock, max_replay_entries=1)
+    try:
+        assert await store.first_use("old", 10) is False
+        with pytest.raises(ReplayStoreFull):
+            await store.first_use("new", 10)
+    finally:
+        store._db.close()
 
 
 async def test_first_use_refuses_a_non_positive_ttl(replay: ReplayStore) -> None:

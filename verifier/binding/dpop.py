@@ -302,7 +302,8 @@ class DpopVerifier:
         Raises `InvalidDpopProof` for a missing, malformed, mis-signed, stale, mismatched or replayed
         proof; `UseDpopNonce` (carrying a fresh nonce) when a server nonce is required and missing or
         stale; `SenderConstraintFailed` when a good proof's key is not the one the token is bound to;
-        `StateUnavailable` when replay cannot be checked (fail closed).
+        `StateUnavailable` when replay cannot be checked (fail closed), its `ReplayStoreFull` when the local
+        replay store is full of live jtis (503 "try again": the proof is not called a replay).
         """
         config = self._config
         if proof is None or not proof.strip():

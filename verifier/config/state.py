@@ -6,7 +6,8 @@ state:                               # optional; without it (or without redis_ur
   password_env: VERIFIER_REDIS_PASSWORD  # optional: the environment variable holding the password
   key_prefix: "payments-prod:"       # required with redis_url: this deployment's namespace in Redis
   timeout_seconds: 0.25              # per socket operation; past it the request fails closed (503)
-  max_entries: 100000                # without redis_url: bound per table (replay keys, buckets)
+  max_entries: 100000                # without redis_url: rate-limit buckets per process (idle ones go first)
+  max_replay_entries: 1000000        # without redis_url: live one-time values; when full, new ones get 503
   # path: /var/lib/verifier          # only without redis_url: a directory for the durable local store
 ```
 
@@ -27,7 +28,14 @@ from urllib.parse import parse_qsl, urlsplit
 from verifier.config.base import Reader, read_fields, setting
 from verifier.private_files import REPLAY_FILE, REVOCATIONS_FILE, sqlite_problem
 
-DEFAULT_MAX_ENTRIES = 100_000  # memory store: entries per table (replay keys, buckets); ~200 bytes each
+DEFAULT_MAX_ENTRIES = 100_000  # memory store: rate-limit buckets held (idle ones go first); ~300 bytes each
+# Without Redis: live one-time values (DPoP `jti`s, WebAuthn challenges, SET and logout-token `jti`s)
+# held at once. Past it a new value is refused (503 replay_store_full), never a live one forgotten. A
+# worker serves at most a few thousand DPoP proofs a second and a DPoP `jti` lives 66 s by default
+# (`dpop.iat_past_seconds` + `iat_future_seconds` + 1): 4,000/s x 66 s = 264,000; four times that
+# leaves room for a burst or longer windows. ~100 bytes each in memory (~100 MB when full), ~145 in
+# the SQLite file (1 KB pages); both grow only as values arrive.
+DEFAULT_MAX_REPLAY_ENTRIES = 1_000_000
 DEFAULT_KEY_PREFIX = "verifier:"  # namespace for every key this verifier writes
 # Seconds per Redis socket operation (connect, write, read). Redis sits a LAN hop away; a request
 # waiting longer than this is better refused (503, fail closed) than left hanging at the gateway.
@@ -50,7 +58,13 @@ class StateConfig:
         doc="per Redis operation, above 0; past it the request fails closed (503)",
     )
     max_entries: int = setting(
-        DEFAULT_MAX_ENTRIES, minimum=1, unit="entries", doc="without redis_url: bound per table (replay keys, buckets)"
+        DEFAULT_MAX_ENTRIES, minimum=1, unit="entries", doc="without redis_url: rate-limit buckets held per process"
+    )
+    max_replay_entries: int = setting(
+        DEFAULT_MAX_REPLAY_ENTRIES,
+        minimum=1,
+        unit="entries",
+        doc="without redis_url: live one-time values held (DPoP jtis, challenges); past it new ones get 503",
     )
     password: str | None = dataclasses.field(default=None, repr=False)  # read from `password_env`
     path: str | None = setting(

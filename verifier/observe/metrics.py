@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -100,6 +100,22 @@ class _HotPath:
         yield signatures
 
 
+class _ReplayStore:
+    """`verifier_replay_store_full_total`: new one-time values the local replay store refused because it
+    was full of live ones (503 `replay_store_full`). Read from the store's own count at each scrape (it
+    is bumped on the event loop's thread, as the scrape runs); 0 with Redis, which holds no such bound."""
+
+    def __init__(self) -> None:
+        self.refused: Callable[[], int] = lambda: 0
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "verifier_replay_store_full",
+            "New one-time values (DPoP jtis, challenges, SET jtis) refused: the local replay store was full.",
+            value=self.refused(),
+        )
+
+
 class Metrics:
     """The verifier's metrics, registered in a registry of its own (no global state)."""
 
@@ -110,6 +126,8 @@ class Metrics:
         for cache, result in (("positive", "hit"), ("positive", "miss"), ("negative", "hit")):
             self._hot.cache[(cache, result)] = 0
         r.register(self._hot)
+        self._replay_store = _ReplayStore()
+        r.register(self._replay_store)
         # The plain counts the first-seen path adds to itself (`verifier.pipeline`): token-cache lookups by
         # (cache, result), signature checks by (alg, result).
         self.hot_cache = self._hot.cache
@@ -175,6 +193,10 @@ class Metrics:
     def jwks_keys(self, issuer: str, count: int) -> None:
         """Records how many keys an issuer has."""
         self.jwks_key_count.labels(issuer).set(count)
+
+    def replay_store(self, refused_full: Callable[[], int]) -> None:
+        """Exports the local replay store's count of values refused because it was full."""
+        self._replay_store.refused = refused_full
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

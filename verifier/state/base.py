@@ -5,15 +5,25 @@ alone: whether a one-time value (a DPoP `jti`, RFC 9449 section 11.1; a WebAuthn
 already used, and how much of a rate limit is left. Both live behind `SharedState`, so the memory
 store (one replica, tests) and the Redis store (many replicas) are interchangeable.
 
-Both implementations fail closed: when the state cannot be read they raise
-`verifier.errors.StateUnavailable`, never answer "first use" or "allowed".
+Every implementation fails closed: when the state cannot be read they raise
+`verifier.errors.StateUnavailable`, never answer "first use" or "allowed". The local stores (memory,
+SQLite) are bounded; full of live one-time values, they raise `ReplayStoreFull` (a `StateUnavailable`
+with its own code) for a new value rather than forget a live one, which would let it be replayed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Protocol
+
+from verifier.clock import Clock
+from verifier.errors import ReplayStoreFull
+
+log = logging.getLogger("verifier.state")
+
+FULL_LOG_SECONDS = 10.0  # monotonic seconds between two "replay store full" log lines (with the count between)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,7 +43,8 @@ class SharedState(Protocol):
     async def first_use(self, key: str, ttl_seconds: float) -> bool:
         """True the first time `key` is seen within `ttl_seconds`, False on a replay.
 
-        Raises `StateUnavailable` when the answer cannot be known (fail closed).
+        Raises `StateUnavailable` when the answer cannot be known (fail closed), and its `ReplayStoreFull`
+        when a bounded store cannot remember one more value (then nothing is remembered).
         """
         ...
 
@@ -96,3 +107,34 @@ def take_result(allowed: bool, tokens: float, *, rate_per_second: float, burst: 
         limit=burst,
         reset_seconds=max(0.0, (burst - tokens) / rate_per_second),
     )
+
+
+class FullLog:
+    """Counts refusals of a full replay store and logs them at most once per `FULL_LOG_SECONDS`, with the
+    count since the last line (no value, no token: only the numbers)."""
+
+    def __init__(self, clock: Clock, store: str) -> None:
+        self._clock = clock
+        self._store = store
+        self.refused = 0  # every refusal since start (the `verifier_replay_store_full_total` counter)
+        self._logged = 0  # `refused` when the last line was written
+        self._next = -math.inf  # monotonic: no line before this
+
+    def refuse(self, held: int, bound: int) -> ReplayStoreFull:
+        """Counts one refusal, logs when due, and returns the error the caller raises."""
+        self.refused += 1
+        now = self._clock.monotonic()
+        if now >= self._next:
+            self._next = now + FULL_LOG_SECONDS
+            log.error(
+                "replay store full of live one-time values: refusing new ones (503) until they expire",
+                extra={
+                    "event": "replay_store_full",
+                    "store": self._store,
+                    "held": held,
+                    "max_replay_entries": bound,
+                    "refused": self.refused - self._logged,
+                },
+            )
+            self._logged = self.refused
+        return ReplayStoreFull("too many one-time values in flight; try again")

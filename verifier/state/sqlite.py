@@ -20,11 +20,21 @@ write that fills it: ~0.1 ms at a time and a WAL of ~100 KB (SQLite's default, 1
 stalled the loop ~1 ms each time; a checkpoint in another thread could never finish while the loop
 kept writing, and the WAL grew without bound).
 
-Expiry is wall-clock time (the processes and a restarted host share it). Expired keys are purged
-about once a second; past `max_entries` the keys closest to expiry go first, counted in `evictions`,
-as in `MemoryState`. Token buckets stay in this process's memory (`take`): a rate limit is not a
-security boundary worth a write per request. Every other SQLite error is `StateUnavailable` (fail
-closed).
+Expiry is wall-clock time (the processes and a restarted host share it). Expired keys are purged about
+once a second, and at once when the table is past its bound. A live key is never deleted to make room
+(that would let its value be replayed until its window closes, as `MemoryState` explains): when the
+table holds more than `max_replay_entries` live keys, the key just written is taken back and `first_use`
+raises `ReplayStoreFull` (503 `replay_store_full`), counted in `refused_full` and logged at most every
+10 s. Every process takes back only its own key, so processes racing at the bound may both refuse
+(conservative), never delete each other's live keys, and leave the table at the bound. The number of
+keys is kept in the file by triggers (`seen_count`), exact whichever process (or older verifier) writes,
+and read in O(1) after each new key (count(*) scans: ~80 ms at a million keys). That costs a new key ~10
+us more (a page more per write, and the read; ~50 -> ~60 us on a loaded 2-vCPU host); a replay costs
+what it did. At 1 KB pages the file holds ~145 bytes a key (~145 MB at the default bound, which
+realistic load stays well below: ~40 MB at 4,000 new keys a second). Token buckets stay in this
+process's memory (`take`, bounded by `max_entries`; an evicted idle bucket opens no replay): a rate
+limit is not a security boundary worth a write per request. Every other SQLite error is
+`StateUnavailable` (fail closed).
 """
 
 from __future__ import annotations
@@ -35,13 +45,14 @@ import os
 import sqlite3
 
 from verifier.clock import Clock
-from verifier.config.state import DEFAULT_MAX_ENTRIES
+from verifier.config.state import DEFAULT_MAX_REPLAY_ENTRIES as MAX_REPLAY_ENTRIES
 from verifier.errors import StateUnavailable
 from verifier.private_files import REPLAY_FILE, private_sqlite
-from verifier.state.base import TakeResult
+from verifier.state.base import FullLog, TakeResult
 from verifier.state.memory import MemoryState
 
 log = logging.getLogger("verifier.state")
+Buckets = MemoryState | None  # where `take` keeps this process's token buckets
 
 SQLITE_FILE = REPLAY_FILE  # in `state.path`
 CHECKPOINT_PAGES = 100  # the WAL is copied into the file every ~100 KB (~30 writes), ~0.1 ms each time
@@ -51,6 +62,16 @@ PURGE_SECONDS = 1.0  # expired keys are deleted about this often
 _FIRST_USE = (
     "INSERT INTO seen (key, expires) VALUES (?, ?) "
     "ON CONFLICT (key) DO UPDATE SET expires = excluded.expires WHERE seen.expires <= ?"
+)
+# The number of keys, kept by triggers in the file: every process's writes (an older verifier's too)
+# keep it exact, and reading it is O(1) where count(*) scans (~80 ms at a million keys).
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS seen (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires)",
+    "CREATE TABLE IF NOT EXISTS seen_count (n INTEGER NOT NULL)",
+    "INSERT INTO seen_count SELECT count(*) FROM seen WHERE NOT EXISTS (SELECT 1 FROM seen_count)",
+    "CREATE TRIGGER IF NOT EXISTS seen_added AFTER INSERT ON seen BEGIN UPDATE seen_count SET n = n + 1; END",
+    "CREATE TRIGGER IF NOT EXISTS seen_removed AFTER DELETE ON seen BEGIN UPDATE seen_count SET n = n - 1; END",
 )
 
 
@@ -62,14 +83,17 @@ def _digest(key: str) -> bytes:
 class SqliteState:
     """Replay keys in a file every process of this host shares; buckets in this process's memory."""
 
-    def __init__(self, directory: str, clock: Clock, *, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
+    def __init__(
+        self, directory: str, clock: Clock, *, buckets: Buckets = None, max_replay_entries: int = MAX_REPLAY_ENTRIES
+    ) -> None:
+        """`buckets` holds this process's token buckets (the root's, bounded by `state.max_entries`)."""
+        if max_replay_entries < 1:
+            raise ValueError("max_replay_entries must be at least 1")
         self.path = os.path.join(directory, SQLITE_FILE)
         self._clock = clock
-        self._max = max_entries
-        self._buckets = MemoryState(clock, max_entries=max_entries)
-        self.evictions = 0  # live keys dropped because the table was full
+        self._max = max_replay_entries
+        self._buckets = buckets or MemoryState(clock)
+        self.full = FullLog(clock, "sqlite")
         try:
             self._db = self._open()
         except sqlite3.OperationalError as exc:  # cannot open, locked past the busy timeout, I/O error
@@ -87,12 +111,13 @@ class SqliteState:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=OFF")  # a sync under the write lock would stall every worker's loop
             db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
-            db.execute("CREATE TABLE IF NOT EXISTS seen (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID")
-            db.execute("CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires)")
+            with db:  # one transaction: a process opening the file beside this one sees all of it or none
+                db.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA:
+                    db.execute(statement)
             checked = db.execute("PRAGMA quick_check").fetchall()
             if checked != [("ok",)]:
                 raise sqlite3.DatabaseError(f"quick_check: {checked[:3]}")
-            self._rows = int(db.execute("SELECT count(*) FROM seen").fetchone()[0])  # as far as this process knows
         except sqlite3.Error:
             db.close()
             raise
@@ -114,6 +139,16 @@ class SqliteState:
         except (OSError, sqlite3.Error) as again:
             raise StateUnavailable(f"replay store {self.path} unusable: {again}") from again
 
+    @property
+    def evictions(self) -> int:
+        """Buckets dropped because their table was full (never a replay key)."""
+        return self._buckets.evictions
+
+    @property
+    def refused_full(self) -> int:
+        """New keys this process refused because the table was full of live ones."""
+        return self.full.refused
+
     def __len__(self) -> int:
         return self._count()
 
@@ -121,49 +156,49 @@ class SqliteState:
         return int(self._db.execute("SELECT count(*) FROM seen").fetchone()[0])
 
     async def first_use(self, key: str, ttl_seconds: float) -> bool:
-        """True the first time any process of this host sees `key` within `ttl_seconds`."""
+        """True the first time any process of this host sees `key` within `ttl_seconds` (False on a
+        replay); raises `ReplayStoreFull` when the table holds `max_replay_entries` live keys."""
         if not ttl_seconds > 0:
             raise ValueError("ttl_seconds must be positive")
         now = self._clock.now()
+        digest = _digest(key)
         try:
             if self._clock.monotonic() >= self._next_purge:
                 self._trim(now)
-            first = self._db.execute(_FIRST_USE, (_digest(key), now + ttl_seconds, now)).rowcount == 1
-            if first:
-                self._rows += 1
-                if self._rows > self._max:
-                    self._trim(now, keep=key)
+            if self._db.execute(_FIRST_USE, (digest, now + ttl_seconds, now)).rowcount != 1:
+                return False  # live: a replay
+            if self._held() <= self._max:
+                return True
+            # Past the bound (this key, or another process's, took the last place): expired keys make room,
+            # live ones never do. Each process takes back only its own key, so racing ones may both refuse
+            # at the boundary (conservative), and the table never stays above the bound.
+            self._trim(now)
+            held = self._held()
+            if held <= self._max:
+                return True
+            self._db.execute("DELETE FROM seen WHERE key = ?", (digest,))
         except sqlite3.Error as exc:
             raise StateUnavailable(f"replay store unavailable: {type(exc).__name__}") from exc
-        return first
+        raise self.full.refuse(held - 1, self._max)
+
+    def _held(self) -> int:
+        return int(self._db.execute("SELECT n FROM seen_count").fetchone()[0])
+
+    def _live(self, digest: bytes, now: float) -> bool:
+        row = self._db.execute("SELECT 1 FROM seen WHERE key = ? AND expires > ?", (digest, now))
+        return row.fetchone() is not None
 
     async def seen(self, key: str) -> bool:
         """True while `key` is marked (by any process of this host)."""
         try:
-            args = (_digest(key), self._clock.now())
-            row = self._db.execute("SELECT 1 FROM seen WHERE key = ? AND expires > ?", args)
-            return row.fetchone() is not None
+            return self._live(_digest(key), self._clock.now())
         except sqlite3.Error as exc:
             raise StateUnavailable(f"replay store unavailable: {type(exc).__name__}") from exc
 
-    def _trim(self, now: float, keep: str = "") -> None:
-        """Deletes expired keys; past the bound, the live keys closest to expiry too (they matter least),
-        never `keep`, the key just written."""
+    def _trim(self, now: float) -> None:
+        """Deletes expired keys (never a live one)."""
         self._next_purge = self._clock.monotonic() + PURGE_SECONDS
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            rows = max(0, self._rows - self._db.execute("DELETE FROM seen WHERE expires <= ?", (now,)).rowcount)
-            if rows > self._max:  # counted only then: a count is a scan (another process's keys are in it)
-                rows = self._count()
-            excess = rows - self._max
-            if excess > 0:
-                self._db.execute(
-                    "DELETE FROM seen WHERE key IN (SELECT key FROM seen WHERE key != ? ORDER BY expires LIMIT ?)",
-                    (_digest(keep), excess),
-                )
-                self.evictions += excess
-                rows -= excess
-        self._rows = rows
+        self._db.execute("DELETE FROM seen WHERE expires <= ?", (now,))
 
     async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
         """Token bucket, in this process's memory."""
