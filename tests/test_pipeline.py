@@ -15,6 +15,7 @@ from support import b64url
 
 from verifier.binding.dpop import thumbprint
 from verifier.config.dpop import DpopConfig
+from verifier.config.state import StateConfig
 from verifier.settings import (
     PolicySettings,
     RateLimit,
@@ -141,6 +142,29 @@ async def test_dpop_bound_token_with_valid_proof_replay_missing_proof_and_downgr
             method="DELETE",
         )
         assert _parse(await http_exchange(port, req))[0] == 401
+
+
+async def test_a_full_replay_store_answers_503_try_again_and_still_refuses_the_remembered_proof() -> None:
+    """Full of live DPoP jtis, the store refuses a new proof with 503 replay_store_full and Retry-After
+    (the client tries again; not "replayed"), and never forgets the remembered one to make room: its replay
+    is still a 401. Before, the new proof evicted it and the replay passed."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jkt = thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())))
+    async with running_verifier({"state": StateConfig(max_replay_entries=1)}) as (app, idp):
+        token = idp.mint(scope="read", claims={"cnf": {"jkt": jkt}})
+
+        async def get(proof: str) -> tuple[int, dict[str, str], bytes]:
+            req = _request("/api/x", token=token, scheme="DPoP", extra=f"DPoP: {proof}\r\n")
+            return _parse(await http_exchange(app.ports.http, req))
+
+        first = _proof(key, "GET", "https://api.example.test/api/x", token)
+        assert (await get(first))[0] == 200
+        status, headers, body = await get(_proof(key, "GET", "https://api.example.test/api/x", token))
+        assert (status, headers["x-verifier-reason"], headers["retry-after"]) == (503, "replay_store_full", "1")
+        assert json.loads(body)["error"] == "temporarily_unavailable"
+        status, headers, _ = await get(first)
+        assert (status, headers["x-verifier-reason"]) == (401, "dpop_proof_invalid")
+        assert b"verifier_replay_store_full_total 1.0" in app.metrics.render()
 
 
 async def test_unbound_token_on_a_dpop_route_is_refused_with_a_dpop_challenge() -> None:

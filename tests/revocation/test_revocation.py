@@ -462,6 +462,30 @@ async def test_refuses_a_replayed_jti(service: RevocationService, transmitter: S
     assert service.revocations.check(principal()) is None  # the replay changed nothing
 
 
+async def test_a_set_pushed_while_the_replay_store_is_full_is_503_applied_and_never_replayable(
+    clock: FrozenClock, provider: FakeFetcher, transmitter: SsfTransmitter
+) -> None:
+    """A full local replay store cannot mark the jti: the SET is 503 (the transmitter retries; its effects are
+    stored, and stored again alike by the retry), and no jti it already holds is forgotten to make room."""
+    svc = RevocationService(
+        config(), state=MemoryState(clock, max_replay_entries=1), fetcher=provider, clock=clock,
+        metrics=RevocationMetrics(CollectorRegistry(), REFUSAL_CODES), session=no_http_session,
+    )
+    await svc.start()
+    try:
+        first = transmitter.sign_set({SESSION_REVOKED: {}}, USER)
+        assert (await push(svc, first)).status == 202
+        answer = await push(svc, transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER))
+        assert answer.status == 503 and dict(answer.headers)["retry-after"]
+        assert body(answer) == {"err": "temporarily_unavailable"}
+        refused = svc.revocations.check(principal())
+        assert refused is not None and refused.code == "account_disabled"  # applied; only the ack waits
+        replay = await push(svc, first)
+        assert replay.status == 400 and body(replay)["err"] == "invalid_request"
+    finally:
+        await svc.stop()
+
+
 async def test_a_refused_set_does_not_burn_its_jti(service: RevocationService, transmitter: SsfTransmitter) -> None:
     good = transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER, jti="same")
     forged = transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER, jti="same", key=ec.generate_private_key(ec.SECP256R1()))

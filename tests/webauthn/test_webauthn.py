@@ -29,7 +29,7 @@ from verifier.doors.public_origin import PublicOrigins
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.webauthn_http import add_webauthn_routes
-from verifier.errors import InvalidToken, MissingToken
+from verifier.errors import InvalidToken, MissingToken, Outcome, ReplayStoreFull
 from verifier.observe.metrics import WebAuthnMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
@@ -511,6 +511,21 @@ async def test_refuses_a_replayed_assertion_with_a_fresh_challenge(
     refused = await h.challenge(principal(), attrs(assertion=header))
     assert refused.code == "webauthn_challenge_replayed"
     assert refused.offer is not None and refused.offer.challenge not in header
+
+
+async def test_a_full_replay_store_refuses_an_assertion_with_503_not_as_a_replay(
+    enrolled: tuple[Harness, SoftAuthenticator],
+) -> None:
+    """A local replay store full of live values cannot burn the challenge: the step-up is refused as unavailable
+    (503, try again), not passed and not called a replay."""
+    h, a = enrolled
+    full = MemoryState(h.clock, max_replay_entries=1)
+    await full.first_use("someone else's live value", 300)
+    service = WebAuthnService(h.config, h.service._store, full, h.clock, WebAuthnMetrics(CollectorRegistry()))
+    header = await assertion_for(h, a, attrs())
+    with pytest.raises(ReplayStoreFull) as caught:
+        await service.check_step_up(principal(), attrs(assertion=header))
+    assert caught.value.code == "replay_store_full" and caught.value.outcome is Outcome.UNAVAILABLE
 
 
 async def test_a_replay_is_refused_by_another_replica_sharing_state(
