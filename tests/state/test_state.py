@@ -196,13 +196,16 @@ async def test_a_sqlite_file_from_before_the_bound_is_counted_when_opened(tmp_pa
     db.execute("INSERT INTO seen VALUES (?, ?)", (_digest("old"), NOW + 100))
     db.commit()
     db.close()
-    store = SqliteState(str(tmp_path), clock, max_replay_entries=1)
+    stores = [SqliteState(str(tmp_path), clock, max_replay_entries=1) for _ in range(3)]  # every open counts once
     try:
-        assert await store.first_use("old", 10) is False
+        assert stores[0]._db.execute("SELECT n FROM seen_count").fetchall() == [(1,)]
+        assert await stores[1].first_use("old", 10) is False
         with pytest.raises(ReplayStoreFull):
-            await store.first_use("new", 10)
+            await stores[2].first_use("new", 10)
+        assert stores[0]._db.execute("SELECT n FROM seen_count").fetchall() == [(1,)]
     finally:
-        store._db.close()
+        for store in stores:
+            store._db.close()
 
 
 async def test_first_use_refuses_a_non_positive_ttl(replay: ReplayStore) -> None:

@@ -69,7 +69,8 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS seen (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires)",
     "CREATE TABLE IF NOT EXISTS seen_count (n INTEGER NOT NULL)",
-    "INSERT INTO seen_count SELECT count(*) FROM seen WHERE NOT EXISTS (SELECT 1 FROM seen_count)",
+    # Counted once, for a file without the count (new, or an older verifier's); never a second row.
+    "INSERT INTO seen_count (n) SELECT (SELECT count(*) FROM seen) WHERE NOT EXISTS (SELECT 1 FROM seen_count)",
     "CREATE TRIGGER IF NOT EXISTS seen_added AFTER INSERT ON seen BEGIN UPDATE seen_count SET n = n + 1; END",
     "CREATE TRIGGER IF NOT EXISTS seen_removed AFTER DELETE ON seen BEGIN UPDATE seen_count SET n = n - 1; END",
 )
