@@ -504,6 +504,14 @@ def start_nginx(request: pytest.FixtureRequest) -> Iterator[NginxRig]:
     rig.close()
 
 
+@pytest.fixture
+def plugin_before_verifier(start_nginx: NginxRig, verifier: Any, upstream: Any) -> str:
+    """The plugin's rig (answer reuse off: every request reaches the verifier) in front of the requesting module's
+    own `verifier` fixture, passing to its `upstream`: a module that runs another module's gateway tests through
+    the plugin (`test_admin_boundary_lua`, `test_identity_size_lua`) wraps its URL as that module's `edge`."""
+    return str(start_nginx({"url": f"{verifier.url}/v1/forward-auth", "cache_entries": 0}, upstream.port))
+
+
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield

@@ -7,11 +7,7 @@ the plugin's rig, with answer reuse off so that every request reaches the verifi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
-from gateways import EchoUpstream, GatewayProcess
 from rigs import (  # noqa: F401 - fixtures, requested by name (fresh_upstream_log: autouse here too)
     fresh_upstream_log,
     issuer,
@@ -29,11 +25,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def edge(
-    start_nginx: Any,
-    verifier: GatewayProcess,  # noqa: F811 - the imported fixture, requested by name
-    upstream: EchoUpstream,  # noqa: F811
-) -> Iterator[Edge]:
+def edge(plugin_before_verifier: str) -> Edge:
     """The plugin's rig in front of the verifier whose upstream section maps the groups twice."""
-    base = start_nginx({"url": f"{verifier.url}/v1/forward-auth", "cache_entries": 0}, upstream.port)
-    yield Edge(name="kong-lua", url=base)
+    return Edge(name="kong-lua", url=plugin_before_verifier)
