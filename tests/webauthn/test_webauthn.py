@@ -7,6 +7,7 @@ verifier is checked against structures it did not make itself.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -20,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from fido2 import cbor
 from fido2.webauthn import CollectedClientData
 from prometheus_client import CollectorRegistry
 from support import FrozenClock, file_modes, made_under_umask_022
@@ -760,6 +762,87 @@ async def test_refuses_a_registration_whose_attestation_cbor_is_cut_short_or_too
     )
     assert status == 400 and body["error"] == "webauthn_registration_invalid", body
 
+
+
+def _reencoded(credential: Mapping[str, Any], **members: Any) -> dict[str, Any]:
+    """The credential with members of its attestation object replaced (`authData`, `fmt`, `attStmt`)."""
+    attestation = dict(cbor.decode(unb64u(credential["response"]["attestationObject"])))
+    attestation.update(members)
+    return {**credential, "response": {**credential["response"], "attestationObject": b64u(cbor.encode(attestation))}}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no attested credential (AT clear)", "fmt a byte string", "fmt a number", "fmt too long", "fmt with a quote"],
+)
+async def test_refuses_a_registration_whose_attestation_object_is_malformed_and_stores_nothing(
+    harness: Harness, case: str
+) -> None:
+    """Found by the `webauthn_registration` fuzz target: authenticator data without attested credential data hit
+    python-fido2's `assert` (an AssertionError out of the route), and a `fmt` that is no text string was stored and
+    then broke the 201's JSON (a TypeError out of the route, the credential stored all the same)."""
+    state, credential = await _begin_and_create(harness, SoftAuthenticator())
+    auth_data = cbor.decode(unb64u(credential["response"]["attestationObject"]))["authData"]
+    without_at = auth_data[:32] + bytes([auth_data[32] & ~0x40]) + auth_data[33:37]  # rpIdHash, flags, counter
+    members: dict[str, Any] = {
+        "no attested credential (AT clear)": {"authData": without_at},
+        "fmt a byte string": {"fmt": b"none"},
+        "fmt a number": {"fmt": 5},
+        "fmt too long": {"fmt": "x" * 33},
+        "fmt with a quote": {"fmt": 'no"ne'},
+    }[case]
+    body = {"state": state, "credential": _reencoded(credential, **members)}
+    status, _, answer = await harness.call("POST", "/v1/webauthn/register/complete", body=body)
+    assert status == 400 and answer["error"] == "webauthn_registration_invalid", answer
+    _, _, listed = await harness.call("GET", "/v1/webauthn/credentials")
+    assert listed == {"credentials": []}
+
+
+def _with_public_key(credential: Mapping[str, Any], cose: Mapping[int, Any]) -> dict[str, Any]:
+    """The credential with the public key of its attested credential data replaced by `cose`."""
+    auth_data = cbor.decode(unb64u(credential["response"]["attestationObject"]))["authData"]
+    length = int.from_bytes(auth_data[53:55], "big")  # rpIdHash, flags, counter, aaguid, then the id's length
+    return _reencoded(credential, authData=auth_data[: 55 + length] + cbor.encode(dict(cose)))
+
+
+@pytest.mark.parametrize(
+    "cose",
+    [
+        {1: 2, 3: -7},  # EC2 without its coordinates
+        {1: 2, 3: -7, -1: 1, -2: b"\x01" * 32, -3: b"\x02" * 32},  # not a point on P-256
+        {1: 1, 3: -8, -1: 6, -2: b"short"},  # an Ed25519 key of 5 bytes
+        {1: 3, 3: -257, -1: "n", -2: b"\x01\x00\x01"},  # RSA with a text modulus
+    ],
+    ids=["EC2 without x and y", "EC2 off the curve", "Ed25519 too short", "RSA modulus not bytes"],
+)
+async def test_refuses_a_registration_whose_public_key_cannot_be_loaded(
+    harness: Harness, cose: Mapping[int, Any]
+) -> None:
+    """Found by the `webauthn_registration` fuzz target: with attestation `none` nothing loads the key at registration,
+    so a key no signature can be checked against was stored, and each later step-up with it raised out of the
+    assertion check (a KeyError is none of the errors it maps)."""
+    state, credential = await _begin_and_create(harness, SoftAuthenticator())
+    body = {"state": state, "credential": _with_public_key(credential, cose)}
+    status, _, answer = await harness.call("POST", "/v1/webauthn/register/complete", body=body)
+    assert status == 400 and answer["error"] == "webauthn_registration_invalid", answer
+    _, _, listed = await harness.call("GET", "/v1/webauthn/credentials")
+    assert listed == {"credentials": []}
+
+
+@pytest.mark.parametrize("cose", [{1: 2, 3: -7}, {1: 3, 3: -257, -1: "n", -2: b"\x01\x00\x01"}], ids=["EC2", "RSA"])
+async def test_a_stored_public_key_that_cannot_be_loaded_refuses_the_step_up_never_raises(
+    harness: Harness, cose: Mapping[int, Any]
+) -> None:
+    """A credential registered before keys were loaded at registration: its assertions are refused as unverifiable."""
+    a = SoftAuthenticator()
+    assert await harness.register(a) == 201
+    (stored,) = await harness.service.credentials(principal())
+    await harness.service._store.delete(stored.issuer, stored.subject, stored.credential_id)
+    await harness.service._store.add(dataclasses.replace(stored, public_key=bytes(cbor.encode(dict(cose)))))
+    header = await assertion_for(harness, a, attrs())
+    with pytest.raises(AssertionRefused) as refused:
+        await harness.service.check_step_up(principal(), attrs(assertion=header))
+    assert refused.value.code == "webauthn_signature_invalid"
 
 async def test_refuses_a_counter_regression_and_audits_a_warning(
     enrolled: tuple[Harness, SoftAuthenticator], caplog: pytest.LogCaptureFixture

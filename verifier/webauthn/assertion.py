@@ -173,7 +173,9 @@ class AssertionVerifier:
                 raise TypeError("stored public key is not a COSE_Key")
             key = CoseKey.parse(decoded)
             key.verify(bytes(auth_data) + client_data.hash, bytes(response.response.signature))
-        except (InvalidSignature, ValueError, TypeError) as exc:
+        # KeyError, IndexError, OverflowError: a stored key that does not load (registered before registration
+        # loaded keys): no signature can verify against it
+        except (InvalidSignature, ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
             raise AssertionRefused(
                 "the assertion signature does not verify", code="webauthn_signature_invalid"
             ) from exc

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 from fido2 import cbor
 from fido2.attestation.base import AttestationResult, AttestationVerifier, InvalidAttestation
@@ -23,6 +24,7 @@ from fido2.cose import CoseKey
 from fido2.server import Fido2Server
 from fido2.webauthn import (
     AttestationConveyancePreference,
+    AttestationObject,
     AuthenticatorAttachment,
     AuthenticatorData,
     PublicKeyCredentialDescriptor,
@@ -45,6 +47,9 @@ ALLOWED_COSE_ALGORITHMS = (-7, -8, -35, -257, -37)
 _CHALLENGE_BYTES = 32
 _TRANSPORTS = frozenset({"usb", "nfc", "ble", "smart-card", "hybrid", "internal"})
 MAX_NAME_CHARS = 64  # a label the user gives a credential ("office key")
+MAX_FORMAT_CHARS = 32  # an attestation statement format identifier (RFC 8809 section 2.1)
+# RFC 8809 section 2.1: VCHAR (RFC 5234) without %x22 (") and %x5C (\)
+_FORMAT_CHARS = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"\\')
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -189,6 +194,7 @@ class Registrar:
             raise RegistrationRefused("the registration does not verify: a binary member is not a base64url string")
         try:
             response = RegistrationResponse.from_dict(credential)
+            _check_attestation_object(response.response.attestation_object)
             auth_data = self._server.register_complete(
                 {"challenge": challenge, "user_verification": UserVerificationRequirement(uv)}, response
             )
@@ -207,11 +213,13 @@ class Registrar:
             # or nested too deep; NotImplementedError: a statement fido2 cannot check (packed with ECDAA)
             raise RegistrationRefused(f"the registration does not verify: {_reason(exc)}") from exc
         data = auth_data.credential_data
-        if data is None:  # pragma: no cover - register_complete asserts it
+        if data is None:  # pragma: no cover - `_check_attestation_object` refused it
             raise RegistrationRefused("no attested credential data")
         key: CoseKey = data.public_key
         if key.ALGORITHM not in ALLOWED_COSE_ALGORITHMS:
             raise RegistrationRefused("the credential's algorithm is not accepted", code="webauthn_algorithm_refused")
+        if not _loads(key):  # with attestation `none` nothing else reads the key before its first assertion
+            raise RegistrationRefused("the registration does not verify: the credential public key cannot be loaded")
         raw_transports = credential.get("response", {})
         transports = raw_transports.get("transports", []) if isinstance(raw_transports, Mapping) else []
         registered = Registered(
@@ -227,6 +235,31 @@ class Registrar:
             else (),
         )
         return registered, challenge
+
+
+def _check_attestation_object(attestation: AttestationObject) -> None:
+    """What python-fido2 leaves unchecked when no attestation is asked for, refused before it runs: `fmt` is an
+    attestation statement format identifier (RFC 8809 section 2.1: a text string of 1 to 32 printable US-ASCII
+    characters, no `"` or `\\`; the stored credential and its JSON carry it), and a registration's authenticator
+    data holds the attested credential data (WebAuthn section 6.1, flag AT; fido2 only `assert`s it)."""
+    fmt = attestation.fmt
+    if not isinstance(fmt, str) or not 0 < len(fmt) <= MAX_FORMAT_CHARS or fmt.strip(_FORMAT_CHARS):
+        raise RegistrationRefused("the registration does not verify: fmt is not an attestation format identifier")
+    if attestation.auth_data.credential_data is None:
+        raise RegistrationRefused("the registration does not verify: no attested credential data (flag AT)")
+
+
+def _loads(key: CoseKey) -> bool:
+    """Whether `key` is a public key of its type that signatures can be checked against: checking an empty signature
+    with it says so (`InvalidSignature`: the key loaded; anything else: members missing, of the wrong type or size,
+    a point off its curve)."""
+    try:
+        key.verify(b"", b"")
+    except InvalidSignature:
+        return True
+    except Exception:  # whatever the key's type raises while loading it: no usable key
+        return False
+    return False  # an empty signature verified: no sound key
 
 
 def _cbor(key: CoseKey) -> bytes:
