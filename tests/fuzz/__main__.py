@@ -27,9 +27,20 @@ def main() -> None:
         import verifier.credentials
         import verifier.doors.forward_auth
         import verifier.doors.grpc
+        import verifier.doors.logout_http
+        import verifier.doors.ssf_http
+        import verifier.doors.webauthn_http
+        import verifier.revocation.logout
+        import verifier.revocation.service
+        import verifier.revocation.ssf
+        import verifier.revocation.subjects
         import verifier.settings
+        import verifier.tokens.introspection
+        import verifier.tokens.introspection_client
+        import verifier.tokens.introspection_http
         import verifier.tokens.jws
-        import verifier.tokens.keys  # noqa: F401
+        import verifier.tokens.keys
+        import verifier.webauthn.registration  # noqa: F401
     if not any(not arg.startswith("-") for arg in sys.argv[1:]):
         # No corpus directory given: start from the target's seeds in a throw-away one.
         import tempfile

@@ -287,6 +287,565 @@ def settings_target(data: bytes) -> None:
         return
 
 
+class _ProviderTransport:
+    """Enough of an asyncio transport for the introspection client's side of one connection."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        if self.aborted:
+            raise InvariantBroken("introspection request written on an aborted connection")
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.aborted = True
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+INTROSPECTION_ISSUER = "https://issuer.fuzz.test"
+INTROSPECTION_AUDIENCE = "https://api.fuzz.test"
+
+
+def _provider_response(data: bytes) -> bytes:
+    """Bytes -> the provider's raw HTTP/1.1 answer: as they are when the first byte is even, else the rest as
+    the JSON body of a well-framed 200 (so the fuzzer reaches the answer's checks, not only the framing)."""
+    if not data or data[0] % 2 == 0:
+        return data[1:]
+    body = data[1:]
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def _read_provider_answer(raw: bytes) -> Any:
+    """The introspection client's HTTP/1.1 parser (`introspection_http._Connection`) over `raw`, then the
+    provider closing: the `HttpReply` or the `ProviderUnavailable` its one `done` callback got."""
+    from verifier.config.introspection import DEFAULT_MAX_RESPONSE_BYTES
+    from verifier.errors import ProviderUnavailable
+    from verifier.tokens.introspection_client import HttpReply
+    from verifier.tokens.introspection_http import _Connection
+
+    outcomes: list[Any] = []
+
+    async def drive() -> None:
+        connection = _Connection()
+        transport = _ProviderTransport()
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        connection.begin(b"POST / HTTP/1.1\r\n\r\n", DEFAULT_MAX_RESPONSE_BYTES, loop.time() + 60, outcomes.append)
+        for start in range(0, len(raw), 89):  # arbitrary split points exercise the parser's resumption
+            if transport.aborted:
+                break
+            connection.data_received(raw[start : start + 89])
+        connection.connection_lost(None)
+        await asyncio.sleep(0)
+
+    _state["loop"].run_until_complete(asyncio.wait_for(drive(), 5))
+    if len(outcomes) != 1:
+        raise InvariantBroken(f"{len(outcomes)} outcomes for one exchange: {outcomes!r}")
+    (outcome,) = outcomes
+    if type(outcome) is not HttpReply and not isinstance(outcome, ProviderUnavailable):
+        raise InvariantBroken(f"the exchange ended in {outcome!r}")
+    if isinstance(outcome, HttpReply) and len(outcome.body) > DEFAULT_MAX_RESPONSE_BYTES:
+        raise InvariantBroken(f"a body of {len(outcome.body)} bytes passed the bound")
+    return outcome
+
+
+def _may_be_active(reply: Any, now: float) -> bool:
+    """Whether an answer could stand for a principal: an independent, simplified reading of RFC 7662 section 2.2
+    and the verifier's rules (200, a JSON object, `"active": true`, our issuer and audience, not expired, a subject)."""
+    if reply.status != 200:
+        return False
+    try:
+        answer = json.loads(reply.body.decode())
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(answer, dict) or answer.get("active") is not True:
+        return False
+    if answer.get("iss", INTROSPECTION_ISSUER) != INTROSPECTION_ISSUER:
+        return False
+    aud = answer.get("aud")
+    audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    if INTROSPECTION_AUDIENCE not in audiences:
+        return False
+    exp = answer.get("exp")
+    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int | float) or not exp > now):
+        return False
+    sub, client_id = answer.get("sub"), answer.get("client_id")
+    if sub is not None and not isinstance(sub, str):
+        return False
+    return bool(sub) or (isinstance(client_id, str) and client_id != "")
+
+
+class _ReplySeam:
+    """The introspection network seam, answering every call with one reply."""
+
+    def __init__(self, reply: Any) -> None:
+        self.reply = reply
+
+    async def send(self, request: Any) -> Any:
+        return self.reply
+
+
+def introspection_target(data: bytes) -> None:
+    """The provider's raw answer through the HTTP/1.1 client, then the RFC 7662 checks and the principal."""
+    from prometheus_client import CollectorRegistry
+    from support import FrozenClock
+
+    from verifier.app import build_introspector
+    from verifier.errors import AudienceMismatch, InvalidToken, ProviderUnavailable
+    from verifier.principal import Principal
+    from verifier.tokens.introspection import IntrospectionConfig
+
+    outcome = _read_provider_answer(_provider_response(data))
+    if isinstance(outcome, ProviderUnavailable):
+        return
+    now = _state["now"]
+    introspector = build_introspector(
+        issuer=INTROSPECTION_ISSUER,
+        audiences=(INTROSPECTION_AUDIENCE,),
+        config=IntrospectionConfig(client_id="verifier", client_secret="s", endpoint=INTROSPECTION_ISSUER + "/i"),
+        clock=FrozenClock(now),
+        registry=CollectorRegistry(),
+        endpoint=None,
+        http=_ReplySeam(outcome),
+    )
+
+    async def ask() -> Principal:
+        try:
+            return await introspector.introspect("opaque-token", b"h" * 32)
+        finally:
+            await introspector.close()
+
+    try:
+        principal = _state["loop"].run_until_complete(asyncio.wait_for(ask(), 5))
+    except (InvalidToken, AudienceMismatch, ProviderUnavailable):
+        return
+    if not isinstance(principal, Principal) or not _may_be_active(outcome, now):
+        raise InvariantBroken(f"allowed {principal!r} from {outcome!r}")
+
+
+SSF_TRANSMITTER = "https://ssf.fuzz.test"
+SSF_RECEIVER = "https://verifier.fuzz.test/ssf"
+SSF_ERRORS = frozenset(
+    {"invalid_request", "invalid_key", "invalid_issuer", "invalid_audience", "authentication_failed"}
+)
+_REBUILD_EVERY = 2000  # iterations on one service: its index and jti memory grow with the SETs it accepts
+
+
+def _ssf_service() -> Any:
+    """The SSF receiver (a `RevocationService` with one pushing transmitter, keys loaded) and its route; rebuilt
+    now and then, so a long run's accepted SETs do not pile up."""
+    built = _state.get("ssf")
+    if built is not None and built["uses"] < _REBUILD_EVERY:
+        built["uses"] += 1
+        return built
+    integration = str(Path(__file__).resolve().parents[1] / "integration")
+    if integration not in sys.path:  # the test transmitter (its key, JWKS and metadata)
+        sys.path.insert(0, integration)
+    import logging
+
+    from prometheus_client import CollectorRegistry
+    from ssf_transmitter import SsfTransmitter
+    from support import FrozenClock, no_http_session
+    from tokenkit import ISSUER, FakeFetcher
+
+    from verifier.doors.routes import Router
+    from verifier.doors.ssf_http import add_ssf_routes
+    from verifier.observe.metrics import RevocationMetrics
+    from verifier.revocation import RevocationService, parse_revocation_config
+    from verifier.revocation.entry import REFUSAL_CODES
+    from verifier.state.memory import MemoryState
+
+    logging.getLogger("verifier.revocation").setLevel(logging.ERROR)  # a refused SET is logged at warning
+    loop = _state["loop"]
+    if built is not None:
+        loop.run_until_complete(built["service"].stop())
+    clock = FrozenClock(_state["now"])
+    transmitter = (
+        built["transmitter"]
+        if built is not None
+        else SsfTransmitter(audience=SSF_RECEIVER, issuer=SSF_TRANSMITTER, now=clock.now)
+    )
+    fetcher = FakeFetcher()
+    fetcher.serve(transmitter.configuration_url, transmitter.configuration())
+    fetcher.serve(transmitter.jwks_url, transmitter.jwks())
+    config = parse_revocation_config(
+        {
+            "transmitters": [
+                {
+                    "issuer": SSF_TRANSMITTER,
+                    "audience": SSF_RECEIVER,
+                    "delivery": "push",
+                    "algorithms": ["ES256"],
+                    "max_age_seconds": 300,
+                    "subjects_of": [ISSUER],
+                }
+            ],
+            "max_token_lifetime_seconds": 3600,
+        }
+    )
+    revoked: list[Any] = []
+
+    async def on_credential_revoked(credential: Any) -> None:
+        revoked.append(credential)
+
+    service = RevocationService(
+        config,
+        state=MemoryState(clock),
+        fetcher=fetcher,
+        clock=clock,
+        metrics=RevocationMetrics(CollectorRegistry(), REFUSAL_CODES),
+        session=no_http_session,
+        on_credential_revoked=on_credential_revoked,
+    )
+    loop.run_until_complete(service.start())
+    router = Router()
+    add_ssf_routes(router, service)
+    built = _state["ssf"] = {
+        "uses": 1,
+        "service": service,
+        "router": router,
+        "transmitter": transmitter,
+        "revoked": revoked,
+    }
+    return built
+
+
+def _sign_es256(key: Any, header: dict[str, Any], payload: bytes) -> str:
+    """A compact JWS over `payload` as it is (any bytes, JSON or not), signed by `key` (ES256)."""
+    import base64
+
+    from jwt.algorithms import ECAlgorithm
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+    signing_input = b64(json.dumps(header).encode()) + "." + b64(payload)
+    signature = ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input.encode("ascii"), key)
+    return signing_input + "." + b64(signature)
+
+
+def _message_mode(data: bytes, media: str) -> tuple[int, str, bytes]:
+    """(the mode: the first byte mod 4; the Content-Type: mostly `media`, the second byte picks; the rest)."""
+    mode = data[0] % 4 if data else 0
+    kind = data[1] % 8 if len(data) > 1 else 0
+    content_type = {5: "text/plain", 6: "application/jwt", 7: media + "; charset=utf-8"}.get(kind, media)
+    return mode, content_type, data[2:]
+
+
+def _signed_message(
+    mode: int, rest: bytes, claims: dict[str, Any], member: str, key: Any, header: dict[str, Any]
+) -> str:
+    """Mode 2: `rest` as a JSON object over the valid `claims` (any other JSON value as their `member`); mode 3:
+    `rest` as the payload, as it is. Signed by `key` (ES256)."""
+    if mode == 2:
+        try:
+            value = json.loads(rest)
+        except (ValueError, RecursionError):
+            value = None
+        if isinstance(value, dict):
+            claims.update(value)
+        else:
+            claims[member] = value
+        rest = json.dumps(claims).encode()
+    return _sign_es256(key, header, rest)
+
+
+def _ssf_set(data: bytes, transmitter: Any) -> tuple[bytes, str, bool]:
+    """Bytes -> (the pushed body, its Content-Type, whether the transmitter signed it). The first byte picks:
+
+    0 the rest as the body, as it is; 1 `header|payload|signature` (`_compact`), unsigned; 2 the rest as a JSON
+    object over a valid SET's claims (iss, aud, iat, a fresh jti), signed; 3 the rest as the payload, signed as it
+    is. The second byte's low bits pick the Content-Type (mostly the right one)."""
+    import uuid
+
+    mode, content_type, rest = _message_mode(data, "application/secevent+jwt")
+    if mode == 0:
+        return rest, content_type, False
+    if mode == 1:
+        return _compact(b"\x01" + rest).encode("ascii"), content_type, False
+    # a fresh jti, unless the input names one: a replay is a refusal, not a crash
+    claims = {"iss": SSF_TRANSMITTER, "aud": SSF_RECEIVER, "iat": int(_state["now"]), "jti": uuid.uuid4().hex}
+    header = {"alg": "ES256", "typ": "secevent+jwt", "kid": transmitter.kid}
+    return _signed_message(mode, rest, claims, "events", transmitter.key, header).encode("ascii"), content_type, True
+
+
+def ssf_target(data: bytes) -> None:
+    """A pushed SET (RFC 8935) through `POST /v1/ssf/events`: answered 202, 400 with an RFC 8935 err, or 503;
+    never an exception; an entry or a disabled credential only from a SET the transmitter signed and we took."""
+    from verifier.doors.routes import HttpRequest
+
+    built = _ssf_service()
+    service, revoked = built["service"], built["revoked"]
+    body, content_type, signed = _ssf_set(data, built["transmitter"])
+    entries, credentials = len(service.revocations), len(revoked)
+    request = HttpRequest("POST", "/v1/ssf/events", "", {"content-type": content_type}, body)
+    answer = _state["loop"].run_until_complete(asyncio.wait_for(built["router"].dispatch(request), 5))
+    changed = len(service.revocations) != entries or len(revoked) != credentials
+    _check_receipt(answer, ("err", "description", SSF_ERRORS), 202, signed=signed, changed=changed, body=body)
+
+
+def _check_receipt(
+    answer: Any, errors: tuple[str, str, frozenset[str]], accepted: int, *, signed: bool, changed: bool, body: bytes
+) -> None:
+    """A signed message's receiver answered `accepted`, 503, or 400 with a JSON error (`errors`: the code's member,
+    the description's, the codes allowed); it took only a message its sender signed, and changed nothing unless it
+    took it."""
+    code, description, codes = errors
+    if answer.status == 400:
+        document = json.loads(answer.body)
+        if document.get(code) not in codes or not isinstance(document.get(description), str):
+            raise InvariantBroken(f"not an error of the protocol: {answer.body!r}")
+    elif answer.status not in (accepted, 503):
+        raise InvariantBroken(f"answered {answer.status}: {answer.body!r}")
+    if answer.status == accepted and not signed:
+        raise InvariantBroken(f"took a message its sender did not sign: {body[:200]!r}")
+    if changed and answer.status != accepted:
+        raise InvariantBroken(f"answered {answer.status} yet revoked something: {body[:200]!r}")
+
+
+LOGOUT_CLIENT = "gateway-client"
+
+
+def _logout_app() -> Any:
+    """The composition root with one issuer accepting back-channel logout tokens for `LOGOUT_CLIENT` (its ES256
+    key kept here, to sign with); rebuilt now and then, so a long run's logouts do not pile up."""
+    built = _state.get("logout")
+    if built is not None and built["uses"] < _REBUILD_EVERY:
+        built["uses"] += 1
+        return built
+    import logging
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from support import FrozenClock
+    from tokenkit import DISCOVERY_URL, JWKS_URL, KIDS, FakeFetcher, discovery_document, issuer_settings, public_jwk
+
+    from verifier.app import App
+    from verifier.config.logout import BackchannelLogoutConfig
+    from verifier.settings import Settings
+
+    logging.getLogger("verifier.revocation").setLevel(logging.ERROR)  # a refused logout is logged at warning
+    logging.getLogger("verifier.audit").setLevel(logging.ERROR)  # an accepted one at info
+    key = built["key"] if built is not None else ec.generate_private_key(ec.SECP256R1())
+    fetcher = FakeFetcher()
+    fetcher.serve(DISCOVERY_URL, discovery_document())
+    fetcher.serve(JWKS_URL, {"keys": [public_jwk(key, KIDS["ES256"])]})
+    issuer = issuer_settings(
+        algorithms=("ES256",), backchannel_logout=BackchannelLogoutConfig(audiences=(LOGOUT_CLIENT,))
+    )
+    app = App(
+        Settings(grpc=None, http=None, metrics=None, issuers=(issuer,), audit=False),
+        fetcher=fetcher,
+        clock=FrozenClock(_state["now"]),
+    )
+    assert app.revocation is not None
+    _state["loop"].run_until_complete(app.revocation.resync())  # the first load: the index answers from now on
+    built = _state["logout"] = {"uses": 1, "app": app, "key": key, "kid": KIDS["ES256"]}
+    return built
+
+
+def _logout_body(data: bytes, key: Any, kid: str) -> tuple[bytes, str, bool]:
+    """Bytes -> (the posted body, its Content-Type, whether the issuer signed the token). The first byte picks:
+
+    0 the rest as the body, as it is; 1 `logout_token=` and `header|payload|signature` (`_compact`), unsigned;
+    2 the rest as a JSON object over a valid logout token's claims (a fresh jti), signed; 3 the rest as the payload,
+    signed as it is. The second byte's low bits pick the Content-Type (mostly the right one)."""
+    import urllib.parse
+    import uuid
+
+    from tokenkit import ISSUER
+
+    mode, content_type, rest = _message_mode(data, "application/x-www-form-urlencoded")
+    if mode == 0:
+        return rest, content_type, False
+    if mode == 1:
+        return b"logout_token=" + _compact(b"\x01" + rest).encode("ascii"), content_type, False
+    now = int(_state["now"])
+    claims = {"iss": ISSUER, "aud": LOGOUT_CLIENT, "iat": now, "exp": now + 120, "jti": uuid.uuid4().hex}
+    claims["events"] = {"http://schemas.openid.net/event/backchannel-logout": {}}
+    token = _signed_message(mode, rest, claims, "sid", key, {"alg": "ES256", "typ": "logout+jwt", "kid": kid})
+    return ("logout_token=" + urllib.parse.quote(token, safe="")).encode("ascii"), content_type, True
+
+
+def logout_target(data: bytes) -> None:
+    """A back-channel logout request through `POST /v1/backchannel-logout` (the root's router): answered 200,
+    400 `invalid_request` or 503, never an exception; an entry only from a token the issuer signed and we took."""
+    from verifier.doors.logout_http import LOGOUT_PATH
+    from verifier.doors.routes import HttpRequest
+
+    built = _logout_app()
+    app = built["app"]
+    body, content_type, signed = _logout_body(data, built["key"], built["kid"])
+    entries = len(app.revocation.revocations)
+    request = HttpRequest("POST", LOGOUT_PATH, "", {"content-type": content_type}, body)
+    answer = _state["loop"].run_until_complete(asyncio.wait_for(app.router.dispatch(request), 5))
+    changed = len(app.revocation.revocations) != entries
+    if ("cache-control", "no-store") not in answer.headers:
+        raise InvariantBroken(f"answered {answer.status} without no-store")
+    errors = ("error", "error_description", frozenset({"invalid_request"}))
+    _check_receipt(answer, errors, 200, signed=signed, changed=changed, body=body)
+
+
+def _registration_service() -> Any:
+    """A WebAuthn registry (in-memory SQLite) behind its routes, with a stub authentication that names the user of
+    the `Bearer token-<user>` header; rebuilt now and then, so a long run's registrations do not pile up."""
+    built = _state.get("webauthn_registry")
+    if built is not None and built["uses"] < _REBUILD_EVERY:
+        built["uses"] += 1
+        return built
+    from prometheus_client import CollectorRegistry
+    from support import FrozenClock
+    from webauthnkit import ORIGIN, RP_ID
+
+    from verifier.doors.routes import Router
+    from verifier.doors.webauthn_http import add_webauthn_routes
+    from verifier.errors import MissingToken
+    from verifier.observe.metrics import WebAuthnMetrics
+    from verifier.principal import Principal
+    from verifier.state.memory import MemoryState
+    from verifier.webauthn import SqliteCredentialStore, WebAuthnConfig, WebAuthnService
+
+    loop = _state["loop"]
+    if built is not None:
+        loop.run_until_complete(built["service"].close())
+    clock = FrozenClock(_state["now"])
+    config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=b"s" * 32)
+    service = WebAuthnService(
+        config, SqliteCredentialStore(":memory:"), MemoryState(clock), clock, WebAuthnMetrics(CollectorRegistry())
+    )
+
+    async def authenticate(_: Any, attrs: Any) -> Principal:
+        value = attrs.headers.get("authorization", "")
+        if not value.startswith("Bearer token-"):
+            raise MissingToken()
+        return _principal_of(value.removeprefix("Bearer token-"))
+
+    router = Router()
+    add_webauthn_routes(router, service, authenticate)
+    built = _state["webauthn_registry"] = {
+        "uses": 1,
+        "service": service,
+        "router": router,
+        "users": built["users"] if built is not None else 0,
+    }
+    return built
+
+
+def _registration_body(data: bytes, state: str, challenge: str) -> tuple[bytes, bytes | None, bytes | None]:
+    """Bytes -> (the register/complete body, its clientDataJSON, its attestationObject). The first byte picks:
+
+    even: the rest as the body, `@STATE@` and `@CHALLENGE@` replaced by the ceremony's; odd: a well-formed body
+    around `clientDataJSON` and `attestationObject` given raw (each after a two-byte length; `@CHALLENGE@`
+    replaced in the first), base64url-encoded by the target, so the fuzzer reaches fido2's checks and CBOR."""
+    import base64
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+    if not data or data[0] % 2 == 0:
+        body = data[1:].replace(b"@STATE@", state.encode()).replace(b"@CHALLENGE@", challenge.encode())
+        return body, None, None
+    rest = data[1:]
+    size = int.from_bytes(rest[:2], "big")
+    client_data = rest[2 : 2 + size].replace(b"@CHALLENGE@", challenge.encode())
+    rest = rest[2 + size :]
+    size = int.from_bytes(rest[:2], "big")
+    attestation, credential_id = rest[2 : 2 + size], rest[2 + size :] or b"\x01"
+    document = {
+        "state": state,
+        "name": "key",
+        "credential": {
+            "id": b64(credential_id),
+            "rawId": b64(credential_id),
+            "type": "public-key",
+            "response": {
+                "clientDataJSON": b64(client_data),
+                "attestationObject": b64(attestation),
+                "transports": ["usb", "x"],
+            },
+            "clientExtensionResults": {},
+        },
+    }
+    return json.dumps(document).encode(), client_data, attestation
+
+
+def _registration_may_verify(client_data: bytes | None, attestation: bytes | None, challenge: str) -> bool:
+    """Whether a registration could verify: an independent, simplified reading of W3C WebAuthn section 7.1 steps
+    5-14 (clientDataJSON's type, challenge and origin; the authenticator data's rpIdHash and UP flag)."""
+    import hashlib
+
+    from fido2 import cbor
+    from webauthnkit import ORIGIN, RP_ID
+
+    if client_data is None or attestation is None:
+        return True  # a body given whole: judged by the ceremony's own checks only
+    try:
+        collected = json.loads(client_data)
+        auth_data = cbor.decode(attestation)["authData"]
+    except Exception:  # anything unreadable cannot verify
+        return False
+    if not isinstance(collected, dict) or not isinstance(auth_data, bytes) or len(auth_data) < 37:
+        return False
+    return (
+        collected.get("type") == "webauthn.create"
+        and collected.get("challenge") == challenge
+        and collected.get("origin") == ORIGIN
+        and auth_data[:32] == hashlib.sha256(RP_ID.encode()).digest()
+        and bool(auth_data[32] & 0x01)
+    )
+
+
+def webauthn_registration_target(data: bytes) -> None:
+    """A registration response (`POST /v1/webauthn/register/complete`) after a real `register/begin`: answered by
+    the route, never an exception; 201 (a stored credential) only from a response that can verify."""
+    from verifier.doors.routes import HttpRequest
+
+    built = _registration_service()
+    built["users"] += 1
+    user = f"u{built['users']}"  # a fresh user: no step-up before its first credential
+    headers = {"host": "localhost:9555", "authorization": f"Bearer token-{user}", "content-type": "application/json"}
+    loop, router = _state["loop"], built["router"]
+    begun = loop.run_until_complete(
+        router.dispatch(HttpRequest("POST", "/v1/webauthn/register/begin", "", headers, b"{}"))
+    )
+    if begun.status != 200:
+        raise InvariantBroken(f"register/begin answered {begun.status}: {begun.body!r}")
+    document = json.loads(begun.body)
+    state, challenge = document["state"], document["publicKey"]["challenge"]
+    body, client_data, attestation = _registration_body(data, state, challenge)
+    request = HttpRequest("POST", "/v1/webauthn/register/complete", "", headers, body)
+    answer = loop.run_until_complete(asyncio.wait_for(router.dispatch(request), 5))
+    stored = loop.run_until_complete(built["service"].credentials(_principal_of(user)))
+    if answer.status == 201:
+        if not stored or not _registration_may_verify(client_data, attestation, challenge):
+            raise InvariantBroken(f"registered from {body[:300]!r}")
+    elif stored:
+        raise InvariantBroken(f"answered {answer.status} yet stored a credential: {body[:300]!r}")
+    elif answer.status < 400 or answer.status >= 500:
+        raise InvariantBroken(f"answered {answer.status}: {answer.body!r}")
+
+
+def _principal_of(user: str) -> Any:
+    from verifier.principal import Principal
+
+    return Principal(
+        issuer="https://issuer.fuzz.test",
+        subject=user,
+        client_id="app",
+        scopes=(),
+        roles=frozenset(),
+        expires_at=2e9,
+        claims={"sub": user},
+    )
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "credentials": credentials_target,
     "jws": jws_target,
@@ -297,6 +856,10 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "forward_auth": forward_auth_target,
     "grpc": grpc_target,
     "settings": settings_target,
+    "introspection": introspection_target,
+    "ssf": ssf_target,
+    "logout": logout_target,
+    "webauthn_registration": webauthn_registration_target,
 }
 
 
@@ -313,6 +876,29 @@ def run_one(name: str) -> Callable[[bytes], None]:
             raise
 
     return guarded
+
+
+def _registration_seeds() -> list[bytes]:
+    """Registration responses of a software authenticator, the challenge left as `@CHALLENGE@`."""
+    import base64
+
+    from webauthnkit import SoftAuthenticator
+
+    seeds = []
+    for fmt in ("none", "packed"):
+        authenticator = SoftAuthenticator()
+        placeholder = "A" * 43  # a 32-byte challenge's length, then replaced by the marker
+        credential = authenticator.create({"challenge": placeholder, "user": {"id": "AA"}}, fmt=fmt)
+        parts = [
+            base64.urlsafe_b64decode(credential["response"][name] + "==")
+            for name in ("clientDataJSON", "attestationObject")
+        ]
+        parts[0] = parts[0].replace(placeholder.encode(), b"@CHALLENGE@")
+        seeds.append(
+            b"\x01" + b"".join(len(part).to_bytes(2, "big") + part for part in parts) + authenticator.credential_id
+        )
+        seeds.append(b"\x00" + json.dumps({"state": "@STATE@", "credential": credential, "name": "k"}).encode())
+    return seeds
 
 
 def seeds(name: str) -> list[bytes]:
@@ -356,6 +942,81 @@ def seeds(name: str) -> list[bytes]:
             }
         ).encode()
     ).rstrip(b"=")
+    introspection_answer = json.dumps(
+        {
+            "active": True,
+            "iss": INTROSPECTION_ISSUER,
+            "aud": [INTROSPECTION_AUDIENCE],
+            "sub": "u",
+            "client_id": "c",
+            "scope": "read write",
+            "exp": NOW + 300,
+            "iat": NOW,
+            "nbf": NOW,
+            "token_type": "DPoP",
+            "cnf": {"jkt": "abc"},
+            "token_use": "access_token",
+            "roles": ["admin"],
+        }
+    ).encode()
+
+    def framed(status: bytes, headers: bytes, body: bytes) -> bytes:
+        return b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n" + headers + b"\r\n" + body
+
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(introspection_answer), introspection_answer)
+    ssf_seeds: list[bytes] = []
+    if name == "ssf":
+        caep = "https://schemas.openid.net/secevent/caep/event-type/"
+        risc = "https://schemas.openid.net/secevent/risc/event-type/"
+        subject = {"format": "iss_sub", "iss": ISSUER, "sub": "u"}
+        events = [
+            {caep + "session-revoked": {"event_timestamp": NOW, "subject": {"format": "opaque", "id": "s"}}},
+            {
+                caep + "credential-change": {
+                    "change_type": "revoke",
+                    "credential_type": "fido2-roaming",
+                    "fido2_aaguid": "00000000-0000-0000-0000-000000000000",
+                }
+            },
+            {caep + "assurance-level-change": {"current_level": "nist-aal1", "reason_admin": {"en": "r"}}},
+            {caep + "token-claims-change": {"claims": {"role": "ro", "sub": "x"}}},
+            {risc + "account-disabled": {}, risc + "account-enabled": {"event_timestamp": NOW + 1}},
+            {risc + "account-purged": {"subject": {"format": "email", "email": "a@b.test"}}},
+        ]
+        ssf_seeds = [b"\x02\x00" + json.dumps({"sub_id": subject, "events": e}).encode() for e in events]
+        ssf_seeds.append(
+            b"\x02\x00"
+            + json.dumps(
+                {
+                    "events": events[1],
+                    "sub_id": {"format": "complex", "user": subject, "session": {"format": "opaque", "id": "s"}},
+                }
+            ).encode()
+        )
+        ssf_seeds.append(
+            b"\x03\x00"
+            + json.dumps(
+                {
+                    "iss": "https://ssf.fuzz.test",
+                    "aud": "https://verifier.fuzz.test/ssf",
+                    "iat": NOW,
+                    "jti": "j",
+                    "sub_id": subject,
+                    "events": events[4],
+                }
+            ).encode()
+        )
+        ssf_seeds.append(
+            b"\x01\x00"
+            + json.dumps({"alg": "none", "typ": "secevent+jwt"}).encode()
+            + b"|"
+            + json.dumps({"iss": "https://ssf.fuzz.test", "events": events[4]}).encode()
+            + b"|"
+        )
+        ssf_seeds.append(b"\x00\x00eyJhbGciOiJFUzI1NiJ9.e30.c2ln")
+    registration_seeds: list[bytes] = []
+    if name == "webauthn_registration":
+        registration_seeds = _registration_seeds()
     if name == "grpc":
         from envoy.service.auth.v3 import attribute_context_pb2 as ac
         from envoy.service.auth.v3 import external_auth_pb2 as ea
@@ -376,4 +1037,33 @@ def seeds(name: str) -> list[bytes]:
         "token": [token + b"\n\x01" + proof_header + b"|" + proof_claims + b"|sig"],
         "forward_auth": [request, request * 3, b"GET /healthz HTTP/1.1\r\n\r\n"],
         "settings": [config],
+        "introspection": [
+            b"\x01" + introspection_answer,
+            b"\x00" + framed(b"200 OK", b"Content-Length: %d\r\n" % len(introspection_answer), introspection_answer),
+            b"\x00" + framed(b"200 OK", b"Transfer-Encoding: chunked\r\n", chunked),
+            b"\x00"
+            + b"HTTP/1.1 100 Continue\r\n\r\n"
+            + framed(b"200 OK", b"Connection: close\r\n", b'{"active":false}'),
+            b"\x00" + framed(b"503 Service Unavailable", b"Content-Length: 9\r\n", b"<html>WAF"),
+        ],
+        "ssf": ssf_seeds,
+        "webauthn_registration": registration_seeds,
+        "logout": [
+            b"\x02\x00" + json.dumps({"sid": "s", "sub": "u"}).encode(),
+            b"\x02\x00" + json.dumps({"sid": None, "sub": "u", "aud": [LOGOUT_CLIENT, "x"]}).encode(),
+            b"\x02\x00" + json.dumps({"sid": "s", "exp": None}).encode(),
+            b"\x03\x00"
+            + json.dumps(
+                {
+                    "iss": ISSUER,
+                    "aud": LOGOUT_CLIENT,
+                    "iat": NOW,
+                    "jti": "j",
+                    "sid": "s",
+                    "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
+                }
+            ).encode(),
+            b"\x01\x00" + json.dumps({"alg": "none"}).encode() + b"|{}|",
+            b"\x00\x00logout_token=eyJhbGciOiJFUzI1NiJ9.e30.c2ln&state=x",
+        ],
     }[name]
