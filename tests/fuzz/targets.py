@@ -716,7 +716,7 @@ def _registration_service() -> Any:
     if built is not None:
         loop.run_until_complete(built["service"].close())
     clock = FrozenClock(_state["now"])
-    config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=b"s" * 32)
+    config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=b"s" * 32, secret_from_env=True)  # no warning
     service = WebAuthnService(
         config, SqliteCredentialStore(":memory:"), MemoryState(clock), clock, WebAuthnMetrics(CollectorRegistry())
     )

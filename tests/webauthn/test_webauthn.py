@@ -778,9 +778,10 @@ def _reencoded(credential: Mapping[str, Any], **members: Any) -> dict[str, Any]:
 async def test_refuses_a_registration_whose_attestation_object_is_malformed_and_stores_nothing(
     harness: Harness, case: str
 ) -> None:
-    """Found by the `webauthn_registration` fuzz target: authenticator data without attested credential data hit
-    python-fido2's `assert` (an AssertionError out of the route), and a `fmt` that is no text string was stored and
-    then broke the 201's JSON (a TypeError out of the route, the credential stored all the same)."""
+    """Found through the `webauthn_registration` fuzz target (its invariants, on mutations of its seeds):
+    authenticator data without attested credential data hit python-fido2's `assert` (an AssertionError out of the
+    route), and a `fmt` that is no text string was stored and then broke the 201's JSON (a TypeError out of the
+    route, the credential stored all the same)."""
     state, credential = await _begin_and_create(harness, SoftAuthenticator())
     auth_data = cbor.decode(unb64u(credential["response"]["attestationObject"]))["authData"]
     without_at = auth_data[:32] + bytes([auth_data[32] & ~0x40]) + auth_data[33:37]  # rpIdHash, flags, counter
@@ -818,9 +819,10 @@ def _with_public_key(credential: Mapping[str, Any], cose: Mapping[int, Any]) -> 
 async def test_refuses_a_registration_whose_public_key_cannot_be_loaded(
     harness: Harness, cose: Mapping[int, Any]
 ) -> None:
-    """Found by the `webauthn_registration` fuzz target: with attestation `none` nothing loads the key at registration,
-    so a key no signature can be checked against was stored, and each later step-up with it raised out of the
-    assertion check (a KeyError is none of the errors it maps)."""
+    """Found through the `webauthn_registration` fuzz target (its invariants, on mutations of its seeds): with
+    attestation `none` nothing loads the key at registration, so a key no signature can be checked against was
+    stored, and each later step-up with it raised out of the assertion check (a KeyError is none of the errors it
+    maps)."""
     state, credential = await _begin_and_create(harness, SoftAuthenticator())
     body = {"state": state, "credential": _with_public_key(credential, cose)}
     status, _, answer = await harness.call("POST", "/v1/webauthn/register/complete", body=body)
