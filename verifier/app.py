@@ -236,6 +236,7 @@ class BoundPorts:
     grpc: int | None = None
     http: int | None = None
     metrics: int | None = None
+    admin: int | None = None
 
 
 class App:
@@ -451,9 +452,24 @@ class App:
         )
         self.ports = BoundPorts()
         self._extras_ready = self.revocation is None
+        # The kill switch: on its own listener when `admin.listen` is set (the forward-auth one then answers its
+        # paths 404), else beside forward-auth as before.
+        self.admin: ForwardAuthDoor | None = None
+        admin_router = self.router
+        if settings.admin is not None:
+            admin_router = Router()
+            self.admin = ForwardAuthDoor(
+                self.pipeline,
+                self.metrics,
+                self.ready,
+                admin_router,
+                started=self.started,
+                settings=settings.forward_auth,  # the same header and idle timeouts
+                checks=False,
+            )
         if self.revocation is not None:
             add_ssf_routes(self.router, self.revocation)
-            add_admin_routes(self.router, self.revocation.admin)
+            add_admin_routes(admin_router, self.revocation.admin)
             if logout_issuers:
                 add_logout_routes(self.router, self._backchannel_logout(logout_issuers, self.revocation))
         self._metrics_runner: web.AppRunner | None = None
@@ -548,6 +564,15 @@ class App:
                 tls=s.http.tls.server_context() if s.http.tls else None,
                 sockets=self.http_sockets,
                 accept=not self.accept_when_serving,
+            )
+        if s.admin is not None and self.admin is not None:
+            # Every worker binds it (SO_REUSEPORT, as `http`): any of them can take a kill-switch request, whose
+            # entry reaches the others through the shared store (workers > 1 need Redis for revocation).
+            self.ports.admin = await self.admin.start(
+                s.admin.host,
+                s.admin.port,
+                reuse_port=self.reuse_port,
+                tls=s.admin.tls.server_context() if s.admin.tls else None,
             )
         if s.grpc is not None:
             self.ports.grpc = await self.grpc.start(
@@ -659,6 +684,8 @@ class App:
         """Graceful shutdown: stop accepting, drain in-flight calls, close clients."""
         await self.grpc.stop(grace)
         await self.forward_auth.stop(grace)
+        if self.admin is not None:
+            await self.admin.stop(grace)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

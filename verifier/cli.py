@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _config_error(exc)
     listeners = [
         (f"{name}.listen in {args.config}", listen.host, listen.port)
-        for name, listen in (("grpc", settings.grpc), ("http", settings.http))
+        for name, listen in (("grpc", settings.grpc), ("http", settings.http), ("admin", settings.admin))
         if listen is not None
     ]
     if settings.metrics is not None:

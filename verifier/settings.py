@@ -136,7 +136,9 @@ class Listen:
     """A loopback-by-default TCP listen address, optionally with TLS."""
 
     # Both from the one `listen` key (host:port), which the section reads itself.
-    host: str = setting(doc="a door's address; grpc or http is required", unit="host:port", key="listen")
+    host: str = setting(
+        doc="a listener's address; grpc or http is required, admin and metrics optional", unit="host:port", key="listen"
+    )
     port: int
     tls: TlsSettings | None = None
 
@@ -250,6 +252,8 @@ class Settings:
     grpc: Listen | None
     http: Listen | None
     metrics: Listen | None
+    # The admin API's own listener (loopback, like Kong's and Envoy's admin); None: it shares `http.listen`.
+    admin: Listen | None = None
     issuers: tuple[IssuerSettings, ...]
     cache: CacheSettings = CacheSettings()
     max_token_bytes: int = setting(
@@ -472,6 +476,28 @@ def config_warnings(settings: Settings) -> list[ConfigWarning]:
         *_consumer_collisions(settings),
         *_registry_origin(settings),
         *([] if settings.readable_key_files == "refuse" else _readable_key_files(settings)),
+        *_admin_on_shared_listener(settings, os.environ.get(ADMIN_TOKEN_ENV)),
+    ]
+
+
+def _admin_on_shared_listener(settings: Settings, token: str | None) -> list[ConfigWarning]:
+    """The kill switch served on a forward-auth listener bound beyond loopback: every gateway, and whatever else
+    reaches that address, can try the admin token, with no rate limit (each try one `admin_refused` line)."""
+    http = settings.http
+    if not token or settings.admin is not None or http is None or not has_kill_switch(settings):
+        return []
+    if is_loopback_host(http.host):
+        return []
+    return [
+        ConfigWarning(
+            kind="admin_on_shared_listener",
+            message=(
+                f"{ADMIN_TOKEN_ENV} is set and the admin API shares http.listen ({http.address}), which is not "
+                "loopback: whatever reaches the forward-auth listener can try the admin token; set admin.listen "
+                "(e.g. 127.0.0.1:9002) to serve the admin API on its own loopback listener"
+            ),
+            fields=(("listen", http.address),),
+        )
     ]
 
 
@@ -480,7 +506,12 @@ def private_key_files(settings: Settings) -> list[tuple[str, str]]:
     clients' private_key_jwt keys and the identity assertion's signing key."""
     found = [
         (f"{name}.tls.key_file", listen.tls.key_file)
-        for name, listen in (("grpc", settings.grpc), ("http", settings.http), ("metrics", settings.metrics))
+        for name, listen in (
+            ("grpc", settings.grpc),
+            ("http", settings.http),
+            ("metrics", settings.metrics),
+            ("admin", settings.admin),
+        )
         if listen is not None and listen.tls is not None
     ]
     found += [
@@ -634,6 +665,7 @@ def _parse_settings(data: Any) -> Settings:
             http=_listen(http),
             forward_auth=forward_auth,
             metrics=_listen(root.child("metrics")),
+            admin=_listen(root.child("admin")),
             issuers=issuers,
             cache=cache,
             policies=tuple(parse_policy(r, i) for i, r in enumerate(root.children("policies")))
@@ -662,6 +694,7 @@ def _parse_settings(data: Any) -> Settings:
     if settings.grpc is None and settings.http is None:
         raise ConfigError("grpc: at least one of grpc or http must be configured")
     _check_distinct_ports(settings)
+    _check_admin_listener(settings)
     if settings.readable_key_files == "refuse":  # else a warning (`config_warnings`)
         for warning in _readable_key_files(settings):
             record(warning.message)
@@ -710,7 +743,7 @@ def _check_distinct_ports(settings: Settings) -> None:
     """Each listener its own port: with SO_REUSEPORT two of them on one port would share its connections
     (metrics answering on the auth port, or the reverse). Worker i serves metrics on the port + i."""
     taken: dict[int, str] = {}
-    for name in ("grpc", "http", "metrics"):
+    for name in ("grpc", "http", "metrics", "admin"):
         listen: Listen | None = getattr(settings, name)
         if listen is None or listen.port == 0:
             continue
@@ -719,6 +752,21 @@ def _check_distinct_ports(settings: Settings) -> None:
             if port in taken:
                 raise ConfigError(f"{name}.listen: port {port} is also the {taken[port]} listener's")
             taken[port] = name
+
+
+def has_kill_switch(settings: Settings) -> bool:
+    """Whether the admin API's routes can exist: a revocation service runs (a `revocation` section, or an issuer's
+    back-channel logout, whose entries it keeps). Served only with `VERIFIER_ADMIN_TOKEN` set besides."""
+    return settings.revocation is not None or any(i.backchannel_logout for i in settings.issuers)
+
+
+def _check_admin_listener(settings: Settings) -> None:
+    """`admin.listen` with no revocation service would be a listener that answers 404 to everything."""
+    if settings.admin is not None and not has_kill_switch(settings):
+        raise ConfigError(
+            "admin.listen: the admin API (the kill switch) needs a revocation section (or an issuer's "
+            "backchannel_logout); add `revocation: {}` or remove admin"
+        )
 
 
 def check_admin_token(token: str | None) -> None:

@@ -156,12 +156,102 @@ def test_the_webauthn_registry_with_dpop_and_no_declared_origins_is_warned_about
     assert "warning: webauthn with dpop: the registry endpoints" in result.stderr
 
 
-def _check_config(tmp_path: Path, document: dict[str, object]) -> subprocess.CompletedProcess[str]:
-    """`verifier check-config` run on `document`, written to a file in `tmp_path`."""
+def _check_config(
+    tmp_path: Path, document: dict[str, object], **environment: str
+) -> subprocess.CompletedProcess[str]:
+    """`verifier check-config` run on `document`, written to a file in `tmp_path`, with `environment` set."""
     path = tmp_path / "v.yaml"
     path.write_text(yaml.safe_dump(document))
     return subprocess.run(
         [sys.executable, "-m", "verifier", "check-config", str(path)],
         capture_output=True, text=True, timeout=60, check=False,
-        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        env={**environment, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
+
+
+ADMIN_TOKEN = "k" * 32
+
+
+def admin_document(**listeners: str) -> dict[str, object]:
+    """`document` with a revocation section: the kill switch exists, so `admin` may be configured."""
+    return {**document(**listeners), "revocation": {}}
+
+
+@pytest.mark.parametrize(
+    ("listeners", "key"),
+    [
+        ({"http": "127.0.0.1:8080", "admin": "127.0.0.1:8080"}, "admin"),
+        ({"grpc": "127.0.0.1:50051", "admin": "127.0.0.1:50051"}, "admin"),
+        ({"http": "127.0.0.1:8080", "metrics": "127.0.0.1:9002", "admin": "0.0.0.0:9002"}, "admin"),
+    ],
+)
+def test_the_admin_listener_sharing_a_port_is_refused(listeners: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}\.listen: port \d+ is also the \w+ listener's"):
+        parse_settings(admin_document(**listeners))
+
+
+def test_worker_metrics_ports_may_not_reach_the_admin_listener() -> None:
+    # worker i serves metrics on the configured port + i; every worker shares the one admin port (SO_REUSEPORT)
+    with pytest.raises(ConfigError, match=r"admin\.listen: port 9466 is also the metrics listener's"):
+        parse_settings({**admin_document(http="127.0.0.1:8080", metrics="127.0.0.1:9464", admin="127.0.0.1:9466"),
+                        "workers": 4, "state": {"redis_url": "redis://127.0.0.1:6379/0", "key_prefix": "t:"}})
+    settings = parse_settings({**admin_document(http="127.0.0.1:8080", metrics="127.0.0.1:9464",
+                                                admin="127.0.0.1:9468"),
+                               "workers": 4, "state": {"redis_url": "redis://127.0.0.1:6379/0", "key_prefix": "t:"}})
+    assert settings.admin is not None and settings.admin.address == "127.0.0.1:9468"
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:70000", "127.0.0.1:admin", ":9002"])
+def test_a_bad_admin_address_is_refused_by_name(address: str) -> None:
+    with pytest.raises(ConfigError, match=r"admin\.listen: expected host:port"):
+        parse_settings(admin_document(http="127.0.0.1:8080", admin=address))
+
+
+def test_an_unknown_admin_key_is_refused() -> None:
+    document_ = admin_document(http="127.0.0.1:8080")
+    document_["admin"] = {"listen": "127.0.0.1:9002", "port": 9002}
+    with pytest.raises(ConfigError, match=r"admin\.port: unknown key"):
+        parse_settings(document_)
+
+
+def test_the_admin_listener_without_a_kill_switch_is_refused() -> None:
+    """No revocation service: the admin listener would answer 404 to everything; the refusal names the fix."""
+    with pytest.raises(ConfigError, match=r"^admin\.listen: the admin API .* needs a revocation section"):
+        parse_settings(document(http="127.0.0.1:8080", admin="127.0.0.1:9002"))
+    assert parse_settings(admin_document(http="127.0.0.1:8080", admin="[::1]:9002")).admin is not None
+
+
+@pytest.mark.parametrize(
+    ("listeners", "token", "revocation", "warned"),
+    [
+        ({"http": "0.0.0.0:8080"}, ADMIN_TOKEN, True, True),
+        ({"http": "10.0.0.5:8080"}, ADMIN_TOKEN, True, True),
+        ({"http": "[::]:8080"}, ADMIN_TOKEN, True, True),
+        ({"http": "127.0.0.1:8080"}, ADMIN_TOKEN, True, False),  # loopback: only this host reaches it
+        ({"http": "[::1]:8080"}, ADMIN_TOKEN, True, False),
+        ({"http": "localhost:8080"}, ADMIN_TOKEN, True, False),
+        ({"http": "0.0.0.0:8080", "admin": "127.0.0.1:9002"}, ADMIN_TOKEN, True, False),  # the fix
+        ({"http": "0.0.0.0:8080"}, "", True, False),  # no token: no admin API
+        ({"http": "0.0.0.0:8080"}, ADMIN_TOKEN, False, False),  # no revocation: no admin API
+        ({"grpc": "0.0.0.0:50051"}, ADMIN_TOKEN, True, False),  # no HTTP listener: no admin API
+    ],
+)
+def test_the_admin_api_on_a_non_loopback_forward_auth_listener_is_warned_about(
+    listeners: dict[str, str], token: str, revocation: bool, warned: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from verifier.settings import config_warnings
+
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", token)
+    settings = parse_settings(admin_document(**listeners) if revocation else document(**listeners))
+    found = [w for w in config_warnings(settings) if w.kind == "admin_on_shared_listener"]
+    assert bool(found) is warned
+    if warned:
+        assert "admin.listen" in found[0].message and "http.listen" in found[0].message
+        assert ADMIN_TOKEN not in found[0].message and ADMIN_TOKEN not in str(found[0].fields)
+
+
+def test_check_config_warns_about_the_admin_api_on_a_non_loopback_forward_auth_listener(tmp_path: Path) -> None:
+    result = _check_config(tmp_path, admin_document(http="0.0.0.0:8080"), VERIFIER_ADMIN_TOKEN=ADMIN_TOKEN)
+    assert result.returncode == 0, result.stderr
+    assert "warning: VERIFIER_ADMIN_TOKEN is set and the admin API shares http.listen (0.0.0.0:8080)" in result.stderr
+    assert "set admin.listen" in result.stderr

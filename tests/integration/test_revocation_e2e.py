@@ -34,12 +34,15 @@ RECEIVER_AUD = "https://verifier.example.test"
 
 
 @contextlib.asynccontextmanager
-async def _replica(idp: DevIdentityProvider, tx: SsfTransmitter, redis_url: str | None) -> AsyncIterator[App]:
+async def _replica(
+    idp: DevIdentityProvider, tx: SsfTransmitter, redis_url: str | None, *, admin: bool = False
+) -> AsyncIterator[App]:
     settings = Settings(
         grpc=Listen(host="127.0.0.1", port=0),
         http=Listen(host="127.0.0.1", port=0),
         forward_auth=door_settings(),  # shedding only past 5 s: a starved test process is not an overload
         metrics=None,
+        admin=Listen(host="127.0.0.1", port=0) if admin else None,
         issuers=(IssuerSettings(issuer=idp.issuer, audiences=(DEV_AUDIENCE,), algorithms=("ES256",)),),
         state=parse_state_config({"redis_url": redis_url, "key_prefix": "e2e:"}) if redis_url else None,
         revocation=parse_revocation_config(
@@ -154,6 +157,117 @@ async def test_kill_switch_needs_the_admin_token_and_then_refuses(monkeypatch: p
                 )
                 assert created.startswith(b"HTTP/1.1 201")
                 assert (await _forward(app, token))[0] == 401
+    finally:
+        await idp.stop()
+
+
+ADMIN_TOKEN = "s3cret-admin-token-for-tests-01234567"
+COLLECTION = b"/v1/admin/revocations"
+# The admin API's paths as a client could spell them: none may reach the kill switch on the forward-auth listener.
+ADMIN_SPELLINGS = (
+    COLLECTION,
+    COLLECTION + b"/",
+    COLLECTION + b"/op-x",
+    COLLECTION.upper(),
+    b"/V1/Admin/Revocations",
+    b"//v1//admin//revocations",
+    b"/v1/./admin/revocations",
+    b"/v1/x/../admin/revocations",
+    b"/v1/%2e%2e/v1/admin/revocations",
+    b"/v1%2Fadmin%2Frevocations",
+    b"/v1/admin%2frevocations",
+    b"/v1/forward-auth/../admin/revocations",
+    b"/v1/forward-auth/%2e%2e/admin/revocations",
+    b"/.well-known/oauth-protected-resource/../..%s" % COLLECTION,
+    COLLECTION + b"?x=1",
+)
+
+
+def _admin_request(method: bytes, target: bytes, token: str, body: bytes = b"") -> bytes:
+    return (
+        b"%s %s HTTP/1.1\r\nHost: v\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Authorization: Bearer %s\r\n\r\n%s" % (method, target, len(body), token.encode(), body)
+    )
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+async def test_with_admin_listen_the_kill_switch_is_served_there_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`admin.listen` set: the kill switch answers on its own listener, with the same token and audit, and the entry
+    it makes is enforced by forward-auth; the forward-auth listener answers every spelling of the admin paths 404,
+    with the real token as with a guess, auditing nothing (the token is never tried there); the admin listener
+    makes no forward-auth check."""
+    import logging
+
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", ADMIN_TOKEN)
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    try:
+        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
+            async with _replica(idp, tx, None, admin=True) as app:
+                assert app.ports.admin is not None and app.ports.admin != app.ports.http
+                token = idp.mint(sub="mallory")
+                assert (await _forward(app, token))[0] == 200
+                body = json.dumps(
+                    {"subject": {"format": "iss_sub", "iss": idp.issuer, "sub": "mallory"}, "reason": "lost key"}
+                ).encode()
+                with caplog.at_level(logging.INFO, logger="verifier.audit"):
+                    for target in ADMIN_SPELLINGS:
+                        for method in (b"POST", b"GET", b"DELETE"):
+                            for secret in (ADMIN_TOKEN, "a-guess-that-is-long-enough-0123456789"):
+                                answer = await http_exchange(
+                                    app.ports.http, _admin_request(method, target, secret, body)
+                                )
+                                assert _status(answer) == 404, (method, target, answer)
+                    admin_events = [getattr(r, "event", "") for r in caplog.records if r.name == "verifier.audit"]
+                    assert not {"admin_refused", "revocation_created"} & set(admin_events)
+                    assert app.revocation is not None and app.revocation.admin.entries() == []
+                    assert (await _forward(app, token))[0] == 200
+
+                    # The admin listener is no forward-auth door: a check asked there is not answered.
+                    check = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n"
+                    assert _status(await http_exchange(app.ports.admin, check.encode())) == 404
+
+                    denied = await http_exchange(app.ports.admin, _admin_request(b"POST", COLLECTION, "wrong", body))
+                    assert _status(denied) == 401
+                    assert any(getattr(r, "event", "") == "admin_refused" for r in caplog.records)
+                    created = await http_exchange(
+                        app.ports.admin, _admin_request(b"POST", COLLECTION, ADMIN_TOKEN, body)
+                    )
+                    assert _status(created) == 201, created
+                    entry = json.loads(created.split(b"\r\n\r\n", 1)[1])["id"]
+                    created_lines = [r for r in caplog.records if getattr(r, "event", "") == "revocation_created"]
+                    assert len(created_lines) == 1 and getattr(created_lines[0], "peer", "") == "127.0.0.1"
+                assert (await _forward(app, token))[0] == 401  # enforced by the forward-auth door
+                listed = await http_exchange(app.ports.admin, _admin_request(b"GET", COLLECTION + b"/", ADMIN_TOKEN))
+                assert _status(listed) == 200 and entry.encode() in listed
+                lifted = await http_exchange(
+                    app.ports.admin, _admin_request(b"DELETE", COLLECTION + b"/" + entry.encode(), ADMIN_TOKEN)
+                )
+                assert _status(lifted) == 204
+                assert (await _forward(app, idp.mint(sub="mallory")))[0] == 200
+    finally:
+        await idp.stop()
+
+
+async def test_without_admin_listen_the_kill_switch_stays_on_the_forward_auth_listener(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unchanged when `admin.listen` is unset: no admin listener, the API beside forward-auth (trailing slash too)."""
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", ADMIN_TOKEN)
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    try:
+        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
+            async with _replica(idp, tx, None) as app:
+                assert app.ports.admin is None and app.admin is None
+                listed = await http_exchange(app.ports.http, _admin_request(b"GET", COLLECTION + b"/", ADMIN_TOKEN))
+                assert _status(listed) == 200
+                assert _status(await http_exchange(app.ports.http, _admin_request(b"GET", COLLECTION, "x"))) == 401
     finally:
         await idp.stop()
 

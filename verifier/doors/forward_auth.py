@@ -417,7 +417,7 @@ class _Connection(asyncio.Protocol):
         keep_alive = parser.should_keep_alive() and not door.draining and not parser.should_upgrade()
         url = self._url
         path = url.split(b"?", 1)[0]
-        if (path == PREFIX or path.startswith(PREFIX + b"/")) and not (
+        if door.checks and (path == PREFIX or path.startswith(PREFIX + b"/")) and not (
             (b"/." in path or b"%2" in path) and _leaves_door(path)
         ):
             method = parser.get_method()
@@ -636,7 +636,7 @@ def _answer(decision: Decision, keep_alive: bool, request_headers: Mapping[str, 
 
 
 class ForwardAuthDoor:
-    """The HTTP forward-auth listener."""
+    """The HTTP forward-auth listener; with `checks=False`, a listener of its router's endpoints alone (admin)."""
 
     def __init__(
         self,
@@ -650,8 +650,12 @@ class ForwardAuthDoor:
         thumbprint_header: str = "",
         tracing: Tracing | None = None,
         memo: AnswerMemo | None = None,
+        checks: bool = True,
     ) -> None:
         settings = settings or ForwardAuthSettings()
+        # False: a listener of the router's endpoints alone (the admin listener, `admin.listen`): `/v1/forward-auth`
+        # is no check there (404), so a gateway pointed at it by mistake is refused, never answered.
+        self.checks = checks
         self.tracing = tracing  # None: off, and no per-request tracing work at all
         # Remembered answers (None: every request is parsed). Not with tracing: each request has its span.
         self.memo = memo if tracing is None else None
