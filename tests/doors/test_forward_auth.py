@@ -636,6 +636,40 @@ async def test_the_metrics_listener_closes_half_sent_requests_after_the_header_t
             writer.close()
 
 
+async def test_the_admin_listener_keeps_the_doors_timeouts_and_size_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`admin.listen` is served by the forward-auth door's connections (`checks=False`): a half-sent request is
+    closed after the header timeout, oversized headers get 431, an idle keep-alive is closed, and a check asked
+    there is not answered (404)."""
+    from verifier.config.revocation import RevocationConfig
+    from verifier.settings import Listen
+
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "an-admin-token-of-32-characters-at-least")
+    options = {"forward_auth": SHORT, "revocation": RevocationConfig(), "admin": Listen(host="127.0.0.1", port=0)}
+    async with running_verifier(options) as (app, idp):
+        assert app.ports.admin is not None and app.admin is not None
+        loop = asyncio.get_running_loop()
+        connections, opened = [], []
+        for i in range(10):
+            connections.append(await asyncio.open_connection("127.0.0.1", app.ports.admin))
+            opened.append(loop.time())
+            if i % 2:
+                connections[-1][1].write(b"GET /v1/admin/revocations HTTP/1.1\r\nHost: a\r\n")
+        slow = [writer for _, writer in connections[1::2]]
+        waits = await _seconds_until_closed_while_trickling(connections, opened, slow, rounds=20)
+        assert all(0.2 <= w <= 1.5 for w in waits), waits
+        big = _request("a" * 40_000, target="/v1/admin/revocations")
+        assert _status(await http_exchange(app.ports.admin, big, read_until_close=True)) == 431
+        assert _status(await http_exchange(app.ports.admin, _request(idp.mint(sub="alice")))) == 404
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.admin)
+        try:
+            writer.write(_request("x", target="/v1/admin/revocations"))
+            assert _status(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)) == 401
+            assert await _seconds_until_closed(reader) <= 1.5  # idle past idle_timeout_seconds
+        finally:
+            writer.close()
+        assert not app.admin.connections
+
+
 async def test_an_idle_keep_alive_is_closed_after_the_idle_timeout() -> None:
     async with running_verifier({"forward_auth": SHORT}) as (app, idp):
         reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.http)

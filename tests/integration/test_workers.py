@@ -47,31 +47,11 @@ async def test_two_workers_share_the_ports_and_stop_together(tmp_path: Path) -> 
     await idp.start()
     http, grpc = free_port(), free_port()
     metrics = _two_free_ports(http, grpc)  # worker i serves metrics on metrics + i
-    config = tmp_path / "verifier.yaml"
-    config.write_text(
-        f"""
-workers: 2
-http: {{listen: "127.0.0.1:{http}"}}
-grpc: {{listen: "127.0.0.1:{grpc}"}}
-metrics: {{listen: "127.0.0.1:{metrics}"}}
-issuers:
-  - issuer: "{idp.issuer}"
-    audiences: ["{DEV_AUDIENCE}"]
-    algorithms: [ES256]
-    allow_insecure_http: true
-"""
-    )
-    log = tmp_path / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "verifier", "serve", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
+    proc = _serve_two_workers(
+        tmp_path, idp, f'http: {{listen: "127.0.0.1:{http}"}}\ngrpc: {{listen: "127.0.0.1:{grpc}"}}', metrics
     )
     try:
-        deadline = time.monotonic() + 45
-        while len(_children(proc.pid)) < 2 or not all(_metrics_up(metrics + i) for i in range(2)):
-            assert time.monotonic() < deadline, "workers did not come up: " + log.read_text()[-3000:]
-            await asyncio.sleep(0.2)
+        await _workers_up(proc, metrics, tmp_path)
         workers = _children(proc.pid)
         token = idp.mint()
         raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
@@ -92,6 +72,39 @@ issuers:
         if proc.poll() is None:
             proc.kill()
         await idp.stop()
+
+
+def _serve_two_workers(
+    tmp_path: Path, idp: DevIdentityProvider, listeners: str, metrics: int, environment: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`verifier serve` with `workers: 2`, `listeners` (YAML lines), metrics on `metrics` (+ 1), `idp`'s tokens."""
+    config = tmp_path / "verifier.yaml"
+    config.write_text(
+        f"""
+workers: 2
+{listeners}
+metrics: {{listen: "127.0.0.1:{metrics}"}}
+issuers:
+  - issuer: "{idp.issuer}"
+    audiences: ["{DEV_AUDIENCE}"]
+    algorithms: [ES256]
+    allow_insecure_http: true
+"""
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "verifier", "serve", "--config", str(config)],
+        env={**os.environ, **(environment or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "serve.log").open("wb"),
+    )
+
+
+async def _workers_up(proc: subprocess.Popen[bytes], metrics: int, tmp_path: Path) -> None:
+    """Returns once both workers run and answer on their metrics ports."""
+    deadline = time.monotonic() + 45
+    while len(_children(proc.pid)) < 2 or not all(_metrics_up(metrics + i) for i in range(2)):
+        assert time.monotonic() < deadline, "workers did not come up: " + (tmp_path / "serve.log").read_text()[-3000:]
+        await asyncio.sleep(0.2)
 
 
 def _metrics_up(port: int) -> bool:
@@ -194,3 +207,65 @@ revocation: {{}}
     )
     assert result.returncode == 2
     assert "state.redis_url" in result.stderr and "revocation" in result.stderr
+
+
+async def test_every_worker_serves_the_admin_listener_and_its_kill_switch_reaches_them_all(tmp_path: Path) -> None:
+    """`admin.listen` with `workers: 2`: each worker binds it (SO_REUSEPORT, as `http`), an entry made there is
+    enforced by every worker's forward-auth door (Redis), and the forward-auth port answers the admin path 404."""
+    import json
+
+    from redis_harness import start_redis
+
+    admin_token = "an-admin-secret-of-32-characters-0123"
+    redis = start_redis(tmp_path)
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    http = free_port()
+    metrics = _two_free_ports(http)
+    admin = free_port()
+    while admin in (http, metrics, metrics + 1):
+        admin = free_port()
+    listeners = (
+        f'http: {{listen: "127.0.0.1:{http}"}}\nadmin: {{listen: "127.0.0.1:{admin}"}}\n'
+        f'state: {{redis_url: "{redis.url}", key_prefix: "workers-admin:"}}\nrevocation: {{}}'
+    )
+    proc = _serve_two_workers(tmp_path, idp, listeners, metrics, {"VERIFIER_ADMIN_TOKEN": admin_token})
+    try:
+        await _workers_up(proc, metrics, tmp_path)
+        listening = subprocess.run(
+            ["ss", "-ltnpH", f"sport = :{admin}"], capture_output=True, text=True, check=False
+        ).stdout
+        assert all(f"pid={pid}," in listening for pid in _children(proc.pid)), listening
+        token = idp.mint(sub="mallory")
+        check = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        assert (await http_exchange(http, check)).startswith(b"HTTP/1.1 200")
+        body = json.dumps({"subject": {"format": "iss_sub", "iss": idp.issuer, "sub": "mallory"}}).encode()
+        post = (
+            f"POST /v1/admin/revocations HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {admin_token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        assert (await http_exchange(http, post)).startswith(b"HTTP/1.1 404")
+        assert (await http_exchange(admin, post)).startswith(b"HTTP/1.1 201")
+        deadline = time.monotonic() + 10
+        for _ in range(20):  # fresh connections: the kernel spreads them over both workers
+            while not (await http_exchange(http, check)).startswith(b"HTTP/1.1 401"):
+                assert time.monotonic() < deadline, "a worker never enforced the entry"
+                await asyncio.sleep(0.05)
+        served = [forward_auth_decisions_at(metrics + i) for i in range(2)]
+        assert all(n > 0 for n in served), served
+    finally:
+        code = _terminate(proc)
+        await idp.stop()
+        redis.stop()
+    assert code == 0  # drained and stopped on SIGTERM
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> int | None:
+    """SIGTERM, then its exit code within 15 s (killed past that: None)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
