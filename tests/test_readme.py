@@ -26,6 +26,7 @@ def test_the_readme_configuration_reference_validates(monkeypatch: pytest.Monkey
     assert settings.edge_cache.max_age_seconds == 10
     assert settings.forward_auth.forwarded_headers == "x-forwarded" and settings.mtls_thumbprint_header == ""
     assert settings.webauthn is not None and settings.revocation is not None and settings.dpop is not None
+    assert settings.admin is not None and settings.admin.address == "127.0.0.1:9002"
 
 
 def test_the_readme_reference_table_is_the_schema(tmp_path: Path) -> None:
