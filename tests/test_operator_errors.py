@@ -84,6 +84,20 @@ def test_serve_refuses_a_port_another_verifier_shares(tmp_path: Path, shared: so
     assert f"127.0.0.1:{port}" in line and "http.listen" in line and "in use" in line
 
 
+def test_serve_refuses_an_admin_port_another_verifier_shares(tmp_path: Path, shared: socket.socket) -> None:
+    """The workers bind `admin.listen` with SO_REUSEPORT: joining another verifier's admin port would hand part of
+    the operator's kill-switch requests to it. Refused before any worker starts, naming the key."""
+    port = shared.getsockname()[1]
+    config = _config(
+        tmp_path,
+        {"http": {"listen": f"127.0.0.1:{free_port()}"}, "admin": {"listen": f"127.0.0.1:{port}"}, "revocation": {}},
+    )
+    result = _verifier("serve", "--config", config, timeout=15)
+    assert result.returncode == 2
+    line = _one_line(result.stderr)
+    assert f"127.0.0.1:{port}" in line and "admin.listen" in line and "in use" in line
+
+
 def test_serve_names_the_metrics_port_of_a_later_worker(tmp_path: Path) -> None:
     base = free_port()
     with socket.socket() as sock:  # worker 1's metrics port (base + 1) is taken
