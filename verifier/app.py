@@ -683,9 +683,8 @@ class App:
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Graceful shutdown: stop accepting, drain in-flight calls, close clients."""
         await self.grpc.stop(grace)
-        await self.forward_auth.stop(grace)
-        if self.admin is not None:
-            await self.admin.stop(grace)
+        # Both HTTP listeners drain at once: the shutdown stays within one `grace`.
+        await asyncio.gather(self.forward_auth.stop(grace), *([self.admin.stop(grace)] if self.admin else []))
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

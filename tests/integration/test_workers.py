@@ -103,8 +103,13 @@ async def _workers_up(proc: subprocess.Popen[bytes], metrics: int, tmp_path: Pat
     """Returns once both workers run and answer on their metrics ports."""
     deadline = time.monotonic() + 45
     while len(_children(proc.pid)) < 2 or not all(_metrics_up(metrics + i) for i in range(2)):
-        assert time.monotonic() < deadline, "workers did not come up: " + (tmp_path / "serve.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "workers did not come up: " + _log_tail(tmp_path)
         await asyncio.sleep(0.2)
+
+
+def _log_tail(tmp_path: Path) -> str:
+    """The end of `_serve_two_workers`'s log."""
+    return (tmp_path / "serve.log").read_text()[-3000:]
 
 
 def _metrics_up(port: int) -> bool:
@@ -253,6 +258,17 @@ async def test_every_worker_serves_the_admin_listener_and_its_kill_switch_reache
                 await asyncio.sleep(0.05)
         served = [forward_auth_decisions_at(metrics + i) for i in range(2)]
         assert all(n > 0 for n in served), served
+        # SIGHUP: each successor binds the admin port beside its predecessor (SO_REUSEPORT), then takes over.
+        first = _children(proc.pid)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 45
+        while not (len(_children(proc.pid)) == 2 and not set(_children(proc.pid)) & set(first)):
+            assert time.monotonic() < deadline, "the reload did not replace the workers: " + _log_tail(tmp_path)
+            await asyncio.sleep(0.1)
+        listed = f"GET /v1/admin/revocations HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {admin_token}\r\n\r\n"
+        for _ in range(10):  # whichever worker takes the connection
+            answer = await http_exchange(admin, listed.encode())
+            assert answer.startswith(b"HTTP/1.1 200") and b"mallory" in answer, answer
     finally:
         code = _terminate(proc)
         await idp.stop()
