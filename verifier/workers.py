@@ -5,7 +5,7 @@
   without it) and, without Redis, the revocation file in `state.path` or in the directory
   `verifier serve` keeps for the supervisor's lifetime (a reloaded or restarted worker reads it
   back). A worker's metrics listener takes the configured port plus its index (Prometheus scrapes
-  each worker).
+  each worker); every worker binds the admin listener (`admin.listen`) on the one port, SO_REUSEPORT.
 - The supervisor forwards SIGTERM/SIGINT (each worker drains and stops) and restarts a worker that
   dies unexpectedly: RESTART_BACKOFF_SECONDS after its start at the soonest, and a worker whose start
   did not last STABLE_SECONDS waits twice as long as the time before, up to MAX_RESTART_BACKOFF_SECONDS

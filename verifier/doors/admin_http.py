@@ -1,7 +1,9 @@
 """The kill switch over HTTP: `POST/GET /v1/admin/revocations`, `DELETE /v1/admin/revocations/{id}`.
 
 Without an admin token the routes are not added at all (404 on every method, so the API's presence is
-not even disclosed). The `KillSwitch`'s refusals are answered by `verifier.doors.refusals`.
+not even disclosed). The `KillSwitch`'s refusals are answered by `verifier.doors.refusals`. The composition
+root adds them to the admin listener's router when `admin.listen` is set (the forward-auth listener then has
+none: 404), else to the forward-auth listener's.
 """
 
 from __future__ import annotations
