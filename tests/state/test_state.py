@@ -16,9 +16,9 @@ from verifier.errors import ReplayStoreFull, StateUnavailable
 from verifier.observe.metrics import Metrics
 from verifier.settings import ConfigError
 from verifier.state import StateConfig, parse_state_config
-from verifier.state.base import FULL_LOG_SECONDS, TakeResult
-from verifier.state.memory import DIGEST_BYTES, SLICE_SECONDS, MemoryState, replay_digest
-from verifier.state.sqlite import SQLITE_FILE, SqliteState, _digest
+from verifier.state.base import FULL_LOG_SECONDS, REPLAY_DIGEST_BYTES, TakeResult, replay_digest
+from verifier.state.memory import SLICE_SECONDS, MemoryState
+from verifier.state.sqlite import SQLITE_FILE, SqliteState
 
 ReplayStore = MemoryState | SqliteState
 Make = Callable[..., ReplayStore]
@@ -168,7 +168,7 @@ async def test_memory_holds_a_digest_not_the_value(clock: FrozenClock) -> None:
     state = MemoryState(clock)
     await state.first_use("dpop:jti:" + "x" * 500, 10)
     assert state._live == {replay_digest("dpop:jti:" + "x" * 500)}
-    assert all(len(d) == DIGEST_BYTES == 16 for d in state._live)
+    assert all(len(d) == REPLAY_DIGEST_BYTES == 16 for d in state._live)
 
 
 async def test_sqlite_processes_sharing_a_full_file_refuse_and_never_delete_each_others_live_keys(
@@ -193,7 +193,7 @@ async def test_a_sqlite_file_from_before_the_bound_is_counted_when_opened(tmp_pa
     """A file written by an older verifier has no key count: it is counted at open, so its keys count."""
     db = sqlite3.connect(tmp_path / SQLITE_FILE)
     db.execute("CREATE TABLE seen (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID")
-    db.execute("INSERT INTO seen VALUES (?, ?)", (_digest("old"), NOW + 100))
+    db.execute("INSERT INTO seen VALUES (?, ?)", (replay_digest("old"), NOW + 100))
     db.commit()
     db.close()
     stores = [SqliteState(str(tmp_path), clock, max_replay_entries=1) for _ in range(3)]  # every open counts once

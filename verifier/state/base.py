@@ -14,12 +14,22 @@ with its own code) for a new value rather than forget a live one, which would le
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 from typing import Protocol
 
 from verifier.clock import Clock
 from verifier.errors import ReplayStoreFull
+
+REPLAY_DIGEST_BYTES = 16  # 128 bits: see `verifier.state.memory` for the collision odds
+_sha256 = hashlib.sha256
+
+
+def replay_digest(key: str) -> bytes:
+    """The form every local store holds a one-time value in: the first 16 bytes of its SHA-256, whatever its
+    length (a third of a DPoP key's text; the SQLite file's format, so both stores spell a value alike)."""
+    return _sha256(key.encode("utf-8", "surrogatepass")).digest()[:REPLAY_DIGEST_BYTES]
 
 log = logging.getLogger("verifier.state")
 

@@ -15,7 +15,8 @@ flood can only come from clients that pass every other check first (a valid toke
 load does not come near it (`verifier.config.state.DEFAULT_MAX_REPLAY_ENTRIES`); size it above
 requests per second x window.
 
-To make a large bound cheap, a value is held as 16 bytes of its BLAKE2b digest, in one set, not as its
+To make a large bound cheap, a value is held as the first 16 bytes of its SHA-256
+(`verifier.state.base.replay_digest`, the SQLite file's form too), in one set, not as its
 text with an expiry object and a heap entry (~245 bytes a value before, ~90-100 now, measured with
 tracemalloc: docs/BENCHMARKS.md, "Replay keys in memory"). 128 bits make a collision between any two of
 a million live values ~1.5e-27 likely (n^2 / 2^129), and a collision only refuses a proof (a false
@@ -36,7 +37,6 @@ Use Redis for several replicas: this store is never shared between processes.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import math
 from collections import OrderedDict
@@ -44,18 +44,9 @@ from collections import OrderedDict
 from verifier.clock import Clock
 from verifier.config.state import DEFAULT_MAX_ENTRIES as MAX_ENTRIES
 from verifier.config.state import DEFAULT_MAX_REPLAY_ENTRIES as MAX_REPLAY_ENTRIES
-from verifier.state.base import FullLog, TakeResult, check_bucket, refill, take_one, take_result
+from verifier.state.base import FullLog, TakeResult, check_bucket, refill, replay_digest, take_one, take_result
 
-DIGEST_BYTES = 16  # of BLAKE2b: 128 bits, see the module docstring for the collision odds
 SLICE_SECONDS = 1  # expiries are rounded up to a whole slice: a value is kept up to this much longer
-
-_blake2b = hashlib.blake2b
-
-
-def replay_digest(key: str) -> bytes:
-    """The form a one-time value is held in: 16 bytes of its BLAKE2b digest, whatever its length."""
-    return _blake2b(key.encode("utf-8", "surrogatepass"), digest_size=DIGEST_BYTES).digest()
-
 
 class MemoryState:
     """A bounded, single-process `SharedState`."""
@@ -93,7 +84,7 @@ class MemoryState:
         ends = self._ends
         if ends and ends[0] <= now:
             self._purge(now)
-        digest = _blake2b(key.encode("utf-8", "surrogatepass"), digest_size=DIGEST_BYTES).digest()
+        digest = replay_digest(key)
         live = self._live
         if digest in live:
             return False

@@ -39,7 +39,6 @@ limit is not a security boundary worth a write per request. Every other SQLite e
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sqlite3
@@ -48,7 +47,7 @@ from verifier.clock import Clock
 from verifier.config.state import DEFAULT_MAX_REPLAY_ENTRIES as MAX_REPLAY_ENTRIES
 from verifier.errors import StateUnavailable
 from verifier.private_files import REPLAY_FILE, private_sqlite
-from verifier.state.base import FullLog, TakeResult
+from verifier.state.base import FullLog, TakeResult, replay_digest
 from verifier.state.memory import MemoryState
 
 log = logging.getLogger("verifier.state")
@@ -74,11 +73,6 @@ _SCHEMA = (
     "CREATE TRIGGER IF NOT EXISTS seen_added AFTER INSERT ON seen BEGIN UPDATE seen_count SET n = n + 1; END",
     "CREATE TRIGGER IF NOT EXISTS seen_removed AFTER DELETE ON seen BEGIN UPDATE seen_count SET n = n - 1; END",
 )
-
-
-def _digest(key: str) -> bytes:
-    """The stored form of a key: 16 bytes of its SHA-256 (a third of a DPoP key's text: fewer pages written)."""
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:16]
 
 
 class SqliteState:
@@ -162,7 +156,7 @@ class SqliteState:
         if not ttl_seconds > 0:
             raise ValueError("ttl_seconds must be positive")
         now = self._clock.now()
-        digest = _digest(key)
+        digest = replay_digest(key)
         try:
             if self._clock.monotonic() >= self._next_purge:
                 self._trim(now)
@@ -192,7 +186,7 @@ class SqliteState:
     async def seen(self, key: str) -> bool:
         """True while `key` is marked (by any process of this host)."""
         try:
-            return self._live(_digest(key), self._clock.now())
+            return self._live(replay_digest(key), self._clock.now())
         except sqlite3.Error as exc:
             raise StateUnavailable(f"replay store unavailable: {type(exc).__name__}") from exc
 
