@@ -28,7 +28,7 @@ DEFAULT_MAX_PROOF_BYTES = 8192
 # instant (`iat + iat_past_seconds`), and on a replica whose clock lags the one that first saw it, later still.
 JTI_TTL_MARGIN_SECONDS = 1.0
 MIN_NONCE_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output is weaker than it looks
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+DEFAULT_PORTS = {"http": 80, "https": 443}  # an origin spelled without its port is on these
 
 
 def normalize_origin(url: str, *, allow_http: bool = False) -> str:
@@ -40,7 +40,7 @@ def normalize_origin(url: str, *, allow_http: bool = False) -> str:
     except ValueError as exc:
         raise ValueError(f"not a valid URL ({exc})") from exc
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower().removesuffix(".")
-    if scheme not in _DEFAULT_PORTS or not host:
+    if scheme not in DEFAULT_PORTS or not host:
         raise ValueError(f"expected an origin such as https://api.example.com, got {url!r}")
     # An internationalized name as clients send it (`bücher.example` -> `xn--bcher-kva.example`): a proof's `htu`
     # and the gateway's host carry the A-label, so the name as people write it would match no proof.
@@ -52,7 +52,7 @@ def normalize_origin(url: str, *, allow_http: bool = False) -> str:
     if scheme == "http" and not (allow_http or is_loopback_host(host)):
         raise ValueError(f"plain http needs a loopback host or allow_http_origins: true ({url!r})")
     netloc = f"[{host}]" if ":" in host else host
-    if port is not None and port != _DEFAULT_PORTS[scheme]:
+    if port is not None and port != DEFAULT_PORTS[scheme]:
         netloc += f":{port}"
     return f"{scheme}://{netloc}"
 

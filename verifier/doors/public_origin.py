@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+from verifier.config.dpop import DEFAULT_PORTS
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -33,9 +33,9 @@ class PublicOrigins:
         for origin in origins:
             parts = urlsplit(origin)
             scheme, authority = parts.scheme, parts.netloc
-            port = parts.port or _DEFAULT_PORTS[scheme]
+            port = parts.port or DEFAULT_PORTS[scheme]
             name = authority.rsplit(":", 1)[0] if parts.port is not None else authority
-            spellings = [f"{name}:{port}"] + ([name] if port == _DEFAULT_PORTS[scheme] else [])
+            spellings = [f"{name}:{port}"] + ([name] if port == DEFAULT_PORTS[scheme] else [])
             for host in spellings:
                 if host not in by_host or scheme == "https":
                     by_host[host] = (scheme, authority)
