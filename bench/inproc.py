@@ -21,6 +21,10 @@ raw parse + verify (deterministic: immune to the other processes on the machine)
 simulated L1 instruction and data cache misses of each (why the CPU ratio exceeds the instruction ratio). The gap
 between this and ``bench run``'s server CPU per check is the I/O (read, write, epoll) that the no-op pays too. The
 same raw request again is answered by the door's answer memo; ``--no-memo`` measures the path every other request takes.
+``--no-verify`` (with ``--first-seen``): the ES256 signature left unchecked in both loops (the verify replaced by its
+length check, in this process only), so the figures are what a check and the raw parse cost besides the signature;
+with ``--layer``, per layer. Against the same measure with the verify, it tells the Python's own cost from what it
+pays for running after a verify (its caches cold).
 
 ``--opaque``: 5,000 first-seen opaque tokens, introspected over real loopback HTTP at the provider (its
 process, no delay), through ``OPAQUE_CONNECTIONS`` door connections at a time (``--in-flight N``; 1: the loop sleeps
@@ -72,6 +76,7 @@ OPAQUE_CONNECTIONS = 32  # door connections fed at once (a check waits for its p
 CALLGRIND_TOKENS = 300  # per measure under valgrind (~50x slower); counts are exact, few suffice
 # The two loops run inside these C functions, so callgrind can tell their instructions apart.
 CHECK_LOOP, RAW_LOOP = "consume_iterator", "deque_extendleft"
+SIGNATURES_UNCHECKED = False  # --no-verify: the ES256 verify replaced by its length check in this process
 OPAQUE_LOOP = "functools_reduce"  # --opaque: the measured groups' event loop runs inside it
 
 
@@ -361,6 +366,19 @@ def _layer(
     return lambda token: jwt.verify_now(token, Seen()), tokens
 
 
+def _without_signature_verify() -> None:
+    """``--no-verify``: this process's ES256 verify replaced by its length check (a measure of everything a
+    first-seen check does besides the signature; every minted token is valid, so the answers are the same)."""
+    from verifier.tokens import keys
+
+    def length_only(self: Any, msg: bytes, key: Any, sig: bytes) -> bool:
+        return len(sig) == 2 * self._size
+
+    global SIGNATURES_UNCHECKED
+    keys._Ecdsa.verify = length_only  # type: ignore[method-assign]
+    SIGNATURES_UNCHECKED = True
+
+
 def _lower(headers: dict[str, str]) -> dict[str, str]:
     return {name.lower(): value for name, value in headers.items()}
 
@@ -462,8 +480,9 @@ async def _measure(
         else:
             raw_us = statistics.median(per_raw) * 1e6
             rounds_text = " ".join(f"{c * 1e6:.0f}/{w * 1e6:.0f}" for c, w in zip(per_check, per_raw, strict=True))
+            unchecked = " (signatures NOT verified: --no-verify)" if SIGNATURES_UNCHECKED else ""
             print(
-                f"first-seen ES256: {check_us:.2f} us CPU per check, raw parse + verify {raw_us:.2f} us, "
+                f"first-seen ES256{unchecked}: {check_us:.2f} us CPU per check, raw parse + verify {raw_us:.2f} us, "
                 f"ratio {check_us / raw_us:.2f}x (medians of {FIRST_SEEN_ROUNDS}; per round check/raw: {rounds_text}; "
                 f"{transport.answers} answers; during the checks {faults / (rounds * FIRST_SEEN_ROUNDS):.2f} page "
                 f"faults per check, {collections} GC collections)"
@@ -610,6 +629,11 @@ def main() -> None:
     )
     parser.add_argument("--no-memo", action="store_true", help="without the door's answer memo")
     parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="--first-seen: the ES256 signature left unchecked in the checks and the raw loop (what the rest costs)",
+    )
+    parser.add_argument(
         "--junk", type=int, default=0, metavar="N", help="cached: each check after N distinct junk tokens (a flood)"
     )
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
@@ -648,6 +672,8 @@ def main() -> None:
         parser.error("--door grpc|ext_authz measures the cached check only")
     if args.junk and (args.first_seen or args.opaque or args.door != "http"):
         parser.error("--junk measures the cached check at forward-auth only")
+    if args.no_verify and not args.first_seen:
+        parser.error("--no-verify measures the first-seen check only")
     if args.callgrind:
         _callgrind(sys.argv[1:])
         return
@@ -680,7 +706,10 @@ def main() -> None:
             tokens = issuer.opaque if args.opaque else tokens
             raw = None
             if args.first_seen:
-                raw = floor.parse_and_verify("ES256", idp.read_keys(issuer.keys_file)["ES256"][1].public_key())
+                public = idp.read_keys(issuer.keys_file)["ES256"][1].public_key()
+                raw = floor.parse_and_verify("ES256", public, verify_signature=not args.no_verify)
+                if args.no_verify:
+                    _without_signature_verify()
             config = Path(tmp) / "inproc.yaml"
             config.write_text(
                 'grpc: {listen: "127.0.0.1:0"}\n'
