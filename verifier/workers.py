@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 
 from verifier.doors.acceptor import listening_sockets
-from verifier.settings import ConfigError, Listen, Settings
+from verifier.settings import ConfigError, Settings
 
 log = logging.getLogger("verifier.workers")
 
@@ -86,10 +86,10 @@ def bind_http(settings: Settings) -> list[list[socket.socket]]:
 
 
 def settings_for_worker(settings: Settings, index: int) -> Settings:
-    """The worker's own settings: its metrics port shifted by its index (port 0 stays 0)."""
+    """The worker's own settings: its metrics port shifted by its index (port 0 stays 0), its TLS kept."""
     metrics = settings.metrics
     if metrics is not None and metrics.port != 0:
-        metrics = Listen(host=metrics.host, port=metrics.port + index)
+        metrics = dataclasses.replace(metrics, port=metrics.port + index)
     return dataclasses.replace(settings, metrics=metrics)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import ssl
@@ -181,3 +182,83 @@ async def test_metrics_tls_is_applied_with_mtls(pki: dict[str, str]) -> None:
                 raise ConnectionError("refused")
         plain = await _metrics(app.ports.metrics, None)
         assert not plain.startswith(b"HTTP/1.1 200")
+
+
+async def test_verifier_serve_keeps_metrics_tls_on_every_workers_metrics_port(
+    pki: dict[str, str], tmp_path: Path
+) -> None:
+    """`verifier serve` gives worker i the metrics port + i; that copy of the listener dropped `metrics.tls`, so
+    a configured port (not 0) served /metrics in plain HTTP to anyone, client certificate or not."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from doorkit import free_port
+
+    from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
+
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    metrics = _adjacent_free_ports()
+    config = tmp_path / "verifier.yaml"
+    config.write_text(
+        f"""
+workers: 2
+http: {{listen: "127.0.0.1:{free_port()}"}}
+metrics:
+  listen: "127.0.0.1:{metrics}"
+  tls: {{cert_file: "{pki['server_cert']}", key_file: "{pki['server_key']}", client_ca_file: "{pki['ca']}"}}
+issuers: [{{issuer: "{idp.issuer}", audiences: ["{DEV_AUDIENCE}"], algorithms: [ES256], allow_insecure_http: true}}]
+"""
+    )
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "verifier", "serve", "--config", str(config)],
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 45
+        for port in (metrics, metrics + 1):
+            while True:
+                try:
+                    answer = await _metrics(port, _client_context(pki, "client"))
+                    if answer.startswith(b"HTTP/1.1 200"):
+                        break
+                except (TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError):
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+                await asyncio.sleep(0.3)
+            assert b"verifier_" in answer
+            with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+                await _metrics(port, _client_context(pki, None))  # no client certificate
+                raise ConnectionError("refused")
+            plain = b""
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                plain = await _metrics(port, None)
+            assert not plain.startswith(b"HTTP/1.1 200"), port
+    finally:
+        proc.send_signal(15)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+        await idp.stop()
+
+
+def _adjacent_free_ports() -> int:
+    """A port p with p + 1 free too (worker 1's metrics port)."""
+    import socket
+
+    from doorkit import free_port
+
+    for _ in range(50):
+        port = free_port()
+        with contextlib.suppress(OSError), socket.socket() as sock:
+            sock.bind(("127.0.0.1", port + 1))
+            return port
+    raise AssertionError("no two adjacent free ports")
