@@ -61,6 +61,7 @@ from verifier.observe.metrics import (
     RevocationMetrics,
     WebAuthnMetrics,
 )
+from verifier.observe.scrape_auth import UNAUTHORIZED_HEADERS, scrape_authorized
 from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.pipeline import Admitted, Pipeline, Refused
 from verifier.policy.metadata import resource_documents
@@ -650,10 +651,15 @@ class App:
             await asyncio.sleep(METRICS_REFRESH_SECONDS)
 
     async def _start_metrics(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:
-        async def metrics(_: web.Request) -> web.Response:
+        token = self.settings.metrics_auth.token
+        expected = token.encode() if token is not None else None  # None: no token configured, /metrics is open
+
+        async def metrics(request: web.Request) -> web.Response:
+            if expected is not None and not scrape_authorized(request.headers.getall("Authorization", ()), expected):
+                return web.Response(status=401, headers=UNAUTHORIZED_HEADERS, text="unauthorized\n")
             return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
-        async def healthz(_: web.Request) -> web.Response:
+        async def healthz(_: web.Request) -> web.Response:  # open, token or not: kubelet probes send no credentials
             ok = self.started()  # as the forward-auth listener's `/healthz`
             return web.Response(status=200 if ok else 503, text="SERVING\n" if ok else "NOT_SERVING\n")
 

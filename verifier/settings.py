@@ -42,6 +42,7 @@ from verifier.config.issuer import (
 )
 from verifier.config.keysource import check_issuer_url, check_key_source, read_static_jwks, read_tenants
 from verifier.config.logout import parse_backchannel_logout
+from verifier.config.metrics import MetricsAuthSettings, parse_metrics_auth
 from verifier.config.policy import (
     SENDER_CONSTRAINTS,
     STEP_UP_METHODS,
@@ -252,6 +253,8 @@ class Settings:
     grpc: Listen | None
     http: Listen | None
     metrics: Listen | None
+    # The `metrics` section's bearer token for /metrics (optional: token_env or token_file).
+    metrics_auth: MetricsAuthSettings = dataclasses.field(default_factory=MetricsAuthSettings)
     # The admin API's own listener (loopback, like Kong's and Envoy's admin); None: it shares `http.listen`.
     admin: Listen | None = None
     issuers: tuple[IssuerSettings, ...]
@@ -477,6 +480,29 @@ def config_warnings(settings: Settings) -> list[ConfigWarning]:
         *_registry_origin(settings),
         *([] if settings.readable_key_files == "refuse" else _readable_key_files(settings)),
         *_admin_on_shared_listener(settings, os.environ.get(ADMIN_TOKEN_ENV)),
+        *_metrics_unauthenticated(settings),
+    ]
+
+
+def _metrics_unauthenticated(settings: Settings) -> list[ConfigWarning]:
+    """`/metrics` bound beyond loopback with neither a bearer token nor client certificates: whoever reaches the
+    port reads the issuers, key ages and refusal counts by reason, and each scrape costs a worker's event loop."""
+    metrics = settings.metrics
+    if metrics is None or is_loopback_host(metrics.host) or settings.metrics_auth.token is not None:
+        return []
+    if metrics.tls is not None and metrics.tls.client_ca_file:  # mTLS: only holders of a certificate get through
+        return []
+    return [
+        ConfigWarning(
+            kind="metrics_unauthenticated",
+            message=(
+                f"metrics.listen ({metrics.address}) is not loopback and /metrics needs no credentials: whoever "
+                "reaches the port reads the issuers, key ages and refusal counts, and each scrape costs a worker CPU; "
+                "set metrics.token_file (or metrics.token_env) and scrape with Prometheus' authorization "
+                "credentials_file, or metrics.tls.client_ca_file, or listen on 127.0.0.1"
+            ),
+            fields=(("listen", metrics.address),),
+        )
     ]
 
 
@@ -657,6 +683,8 @@ def _parse_settings(data: Any) -> Settings:
         cache_reader.done()
     http = root.child("http")
     forward_auth = _forward_auth(http)
+    metrics = root.child("metrics")
+    metrics_auth = parse_metrics_auth(metrics)  # before `_listen`, which refuses the section's other keys
     settings = Settings(
         **read_fields(
             root,
@@ -664,7 +692,8 @@ def _parse_settings(data: Any) -> Settings:
             grpc=_listen(root.child("grpc")),
             http=_listen(http),
             forward_auth=forward_auth,
-            metrics=_listen(root.child("metrics")),
+            metrics=_listen(metrics),
+            metrics_auth=metrics_auth,
             admin=_listen(root.child("admin")),
             issuers=issuers,
             cache=cache,
