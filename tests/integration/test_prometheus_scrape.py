@@ -1,9 +1,12 @@
 """A real Prometheus (Debian's `prometheus`) scrapes every worker of a `verifier serve` with `workers: 2`.
 
-Prometheus runs on a loopback port with a temp config and a temp TSDB, loads deploy/prometheus/rules.yml,
-scrapes worker i's /metrics on the configured metrics port + i, and the test asks its HTTP API: `up` is 1
-for both targets, the verifier's own metrics are there per worker, the alert rules loaded healthy, and
-every Grafana dashboard query is valid PromQL that returns data or at least parses.
+Prometheus runs on a loopback port with the shipped scrape job (deploy/prometheus/prometheus.yml: its bearer
+`authorization` with `credentials_file`, pointed at a temp file; the verifier reads the same file as
+`metrics.token_file`), a temp TSDB, and deploy/prometheus/rules.yml; it scrapes worker i's /metrics on the
+configured metrics port + i, and the test asks its HTTP API: `up` is 1 for both targets, the verifier's own
+metrics are there per worker, the alert rules loaded healthy, and every Grafana dashboard query is valid
+PromQL that returns data or at least parses. A second job with a wrong token and a third with none are
+refused (401, `up` 0).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,6 +36,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
+SCRAPE_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "verifier-dashboard.json"
 
 
@@ -83,13 +88,16 @@ async def test_prometheus_scrapes_both_workers_and_loads_the_rules(tmp_path: Pat
     idp = DevIdentityProvider(port=0)
     await idp.start()
     http, metrics, prom_port = free_port(), _two_free_ports(), free_port()
+    token_file, wrong_token_file = tmp_path / "metrics-token", tmp_path / "wrong-metrics-token"
+    token_file.write_text(secrets.token_hex(32) + "\n")  # as `kubectl create secret --from-file` keeps it
+    wrong_token_file.write_text(secrets.token_hex(32) + "\n")
     config = tmp_path / "verifier.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 "workers": 2,
                 "http": {"listen": f"127.0.0.1:{http}"},
-                "metrics": {"listen": f"127.0.0.1:{metrics}"},
+                "metrics": {"listen": f"127.0.0.1:{metrics}", "token_file": str(token_file)},
                 "issuers": [
                     {
                         "issuer": idp.issuer,
@@ -102,13 +110,20 @@ async def test_prometheus_scrapes_both_workers_and_loads_the_rules(tmp_path: Pat
         )
     )
     targets = [f"127.0.0.1:{metrics}", f"127.0.0.1:{metrics + 1}"]
+    (shipped,) = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
+    assert shipped["job_name"] == "edge-verifier" and shipped["authorization"]["type"] == "Bearer"
+    job = {**shipped, "static_configs": [{"targets": targets}]}
+    job["authorization"] = {**shipped["authorization"], "credentials_file": str(token_file)}
+    wrong = {**job, "job_name": "wrong-token"}
+    wrong["authorization"] = {"type": "Bearer", "credentials_file": str(wrong_token_file)}
+    anonymous = {key: value for key, value in job.items() if key != "authorization"} | {"job_name": "no-token"}
     prom_config = tmp_path / "prometheus.yml"
     prom_config.write_text(
         yaml.safe_dump(
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "rule_files": [str(RULES)],
-                "scrape_configs": [{"job_name": "edge-verifier", "static_configs": [{"targets": targets}]}],
+                "scrape_configs": [job, wrong, anonymous],
             }
         )
     )
@@ -167,6 +182,16 @@ async def test_prometheus_scrapes_both_workers_and_loads_the_rules(tmp_path: Pat
 
             up = await _until(both_up, "up == 1 for both workers")
             assert {r["metric"]["instance"] for r in up} == set(targets)
+
+            async def refused() -> list[dict[str, Any]] | None:
+                async with session.get(f"{base}/api/v1/targets") as response:
+                    active = (await response.json())["data"]["activeTargets"]
+                others = [t for t in active if t["labels"]["job"] in ("wrong-token", "no-token")]
+                return others if len(others) == 4 and all(t["health"] == "down" for t in others) else None
+
+            for target in await _until(refused, "the wrong-token and no-token jobs refused"):
+                assert "401" in target["lastError"], target
+            assert await _query(session, base, 'up{job=~"wrong-token|no-token"} == 1') == []
 
             async def keys_per_worker() -> list[dict[str, Any]] | None:
                 result = await _query(session, base, 'verifier_jwks_keys{job="edge-verifier"}')
