@@ -44,7 +44,14 @@ def load_yaml_docs(path: Path) -> list[Any]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
 
-def check_config(text: str, tmp_path: Path) -> None:
+def check_config(text: str, tmp_path: Path) -> str:
+    """Runs `verifier check-config` on `text`; returns what it printed (its warnings). A `metrics.token_file` the
+    deployment mounts from a Secret is replaced by a file here holding a token."""
+    config = yaml.safe_load(text)
+    if (config.get("metrics") or {}).get("token_file"):
+        token = tmp_path / "metrics-token"
+        token.write_text("t" * 64 + "\n")
+        text = text.replace(config["metrics"]["token_file"], str(token))
     path = tmp_path / "verifier.yaml"
     path.write_text(text)
     result = subprocess.run(
@@ -55,6 +62,7 @@ def check_config(text: str, tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr or result.stdout
+    return result.stderr + result.stdout
 
 
 def edge_verifier_plugins(declarative: dict[str, Any]) -> list[dict[str, Any]]:
@@ -305,3 +313,27 @@ def test_k8s_verifier_reads_its_private_keys_from_a_secret_only_it_can_read(k8s)
                 assert spec["securityContext"]["fsGroup"] == verifier["securityContext"]["runAsGroup"]
         kong = container(spec, "kong")
         assert volume["name"] not in [m["name"] for m in kong["volumeMounts"]]  # fsGroup is Kong's group too
+
+
+def test_k8s_metrics_answer_only_the_bearer_of_a_token_from_a_secret_only_the_verifier_reads(k8s, tmp_path):
+    """The sidecar's metrics listener is 0.0.0.0:9464, for Prometheus outside the pod, and had no authentication:
+    anyone reaching the pod read the issuers, key ages and refusal counts. It now names a `metrics.token_file` in a
+    Secret volume of its own (required, 0440 as the keys; Kong does not mount it), and check-config says nothing
+    about an open metrics listener (`metrics_unauthenticated`)."""
+    from verifier.config.base import is_loopback_host
+    from verifier.private_files import ROOT_OWNED_EXPOSING_BITS
+
+    text = k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"]
+    metrics = yaml.safe_load(text)["metrics"]
+    assert not is_loopback_host(metrics["listen"].rpartition(":")[0].strip("[]"))
+    assert "token_env" not in metrics and "token" not in metrics
+    token_file = Path(metrics["token_file"])
+    spec = pod_spec(k8s)
+    verifier = container(spec, "verifier")
+    (mount,) = [m for m in verifier["volumeMounts"] if Path(m["mountPath"]) == token_file.parent]
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    assert volume["secret"]["secretName"] == "edge-verifier-metrics-token"
+    assert not volume["secret"].get("optional"), "the verifier refuses its config without the token file"
+    assert not volume["secret"]["defaultMode"] & ROOT_OWNED_EXPOSING_BITS
+    assert mount["name"] not in [m["name"] for m in container(spec, "kong")["volumeMounts"]]
+    assert "/metrics needs no credentials" not in check_config(text, tmp_path)  # metrics_unauthenticated
