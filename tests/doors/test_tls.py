@@ -262,3 +262,39 @@ def _adjacent_free_ports() -> int:
             sock.bind(("127.0.0.1", port + 1))
             return port
     raise AssertionError("no two adjacent free ports")
+
+
+async def test_with_mtls_and_a_token_a_scrape_needs_both(pki: dict[str, str]) -> None:
+    """metrics.tls with client_ca_file and metrics.token_env: the certificate opens the connection, the token the
+    page; one without the other is refused."""
+    from verifier.config.metrics import MetricsAuthSettings
+
+    token = "t" * 40
+    tls = TlsSettings(cert_file=pki["server_cert"], key_file=pki["server_key"], client_ca_file=pki["ca"])
+    options = {
+        "metrics": Listen(host="127.0.0.1", port=0, tls=tls),
+        "metrics_auth": MetricsAuthSettings(token_env="VERIFIER_METRICS_TOKEN", token=token),
+    }
+    async with running_verifier(options) as (app, _):
+        assert app.ports.metrics is not None
+        port = app.ports.metrics
+
+        async def scrape(cert: str | None, *headers: str) -> bytes:
+            context = _client_context(pki, cert)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="localhost")
+            try:
+                extra = "".join(f"{h}\r\n" for h in headers)
+                writer.write(f"GET /metrics HTTP/1.1\r\nHost: m\r\n{extra}Connection: close\r\n\r\n".encode())
+                await writer.drain()
+                return await asyncio.wait_for(reader.read(), 5)
+            finally:
+                writer.close()
+
+        both = await scrape("client", f"Authorization: Bearer {token}")
+        assert both.startswith(b"HTTP/1.1 200") and b"verifier_" in both
+        certificate_only = await scrape("client")
+        assert certificate_only.startswith(b"HTTP/1.1 401") and b"WWW-Authenticate: Bearer" in certificate_only
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            answer = await scrape(None, f"Authorization: Bearer {token}")  # the token without a certificate
+            assert not answer.startswith(b"HTTP/1.1 200")  # a closed TLS stream may read as b""
+            raise ConnectionError("refused")
