@@ -684,7 +684,7 @@ def _parse_settings(data: Any) -> Settings:
     http = root.child("http")
     forward_auth = _forward_auth(http)
     metrics = root.child("metrics")
-    metrics_auth = parse_metrics_auth(metrics)  # before `_listen`, which refuses the section's other keys
+    metrics_auth = parse_metrics_auth(metrics, os.environ)  # before `_listen`, which refuses the section's other keys
     settings = Settings(
         **read_fields(
             root,

@@ -17,7 +17,6 @@ not part of it. It is held in memory only, never in a log line or an error messa
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Mapping
 
@@ -43,9 +42,10 @@ class MetricsAuthSettings:
     token: str | None = dataclasses.field(default=None, repr=False)  # read from token_env or token_file
 
 
-def parse_metrics_auth(reader: Reader | None, environ: Mapping[str, str] = os.environ) -> MetricsAuthSettings:
-    """Reads `token_env` / `token_file` from the `metrics` section and the token they name; a problem is recorded by
-    key, without the token (read before `_listen`, which refuses the section's other keys)."""
+def parse_metrics_auth(reader: Reader | None, environ: Mapping[str, str]) -> MetricsAuthSettings:
+    """Reads `token_env` / `token_file` from the `metrics` section and the token they name (`token_env` in `environ`,
+    which the settings root hands in); a problem is recorded by key, without the token (read before `_listen`,
+    which refuses the section's other keys)."""
     if reader is None:
         return MetricsAuthSettings()
     values = read_fields(reader, MetricsAuthSettings)
