@@ -133,3 +133,24 @@ async def test_neither_the_token_nor_a_wrong_one_reaches_a_log_line(caplog: pyte
         assert secret not in text
         assert secret.encode() not in bodies
         assert secret not in metrics_page
+
+
+async def test_a_refused_scrape_renders_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token is checked before the page is rendered: a stranger's scrapes cost the event loop no rendering."""
+    async with running_verifier(_with_token()) as (app, _):
+        assert app.ports.metrics is not None
+        rendered: list[None] = []
+        render = app.metrics.render
+
+        def counted() -> bytes:
+            rendered.append(None)
+            return render()
+
+        monkeypatch.setattr(app.metrics, "render", counted)
+        for _ in range(3):
+            assert (await _get(app.ports.metrics, "/metrics", f"Authorization: Bearer {WRONG}")).startswith(
+                b"HTTP/1.1 401"
+            )
+        assert rendered == []
+        assert (await _get(app.ports.metrics, "/metrics", f"Authorization: Bearer {TOKEN}")).startswith(b"HTTP/1.1 200")
+        assert len(rendered) == 1
