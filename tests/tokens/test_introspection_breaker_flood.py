@@ -437,3 +437,57 @@ async def test_a_provider_that_fails_for_our_probe_is_probed_with_the_callers_to
     assert await answered(intro, "user-2") == "alice"
     assert asked == ["user-2"]
     assert intro.breaker.state is BreakerState.CLOSED and intro.breaker.failed_probes == 0
+
+
+# -- with a batch endpoint: every call is a batch, and the half-open probe must still be ours --------------------
+
+
+def batch_provider(asked: list[list[str]]) -> Callable[[bytes], Route]:
+    """A batch endpoint that fails the whole batch (502) when any token in it starts with "evil" (a WAF, or a
+    provider bug, that one token trips), else answers each: active for "user" tokens, inactive for the rest. Each
+    batch asked is noted in `asked`."""
+
+    def answer(body: bytes) -> Route:
+        tokens = json.loads(body)["tokens"]
+        asked.append(tokens)
+        if any(t.startswith("evil") for t in tokens):
+            return server_error()
+        claims = {"active": True, "sub": "alice", "aud": AUDIENCE, "exp": FrozenClock().now() + 3600}
+        return json_route({"results": [claims if t.startswith("user") else {"active": False} for t in tokens]})
+
+    return answer
+
+
+@pytest.mark.usefixtures("raw_secret")
+async def test_with_a_batch_endpoint_the_half_open_probe_is_a_batch_of_our_own_not_the_attackers(
+    raw_provider: RawProvider, introspection_http: IntrospectionHttpClient
+) -> None:
+    """With `batch_endpoint`, the first batch after the cool-down holds whatever tokens came first: the attacker's,
+    in a flood. It must not be the probe that decides (his token fails it, and the circuit stays open for every
+    user, after every cool-down): our own token goes first, alone in its batch, as without a batch endpoint."""
+    asked: list[list[str]] = []
+    raw_provider.routes["/batch"] = batch_provider(asked)
+    clock = FrozenClock()
+    config = parse_introspection_config(
+        {"client_id": "verifier", "client_secret_env": "VERIFIER_RAW_SECRET", "breaker_failures": 3,
+         "breaker_cooldown_seconds": 5, "batch_endpoint": raw_provider.url + "/batch", "batch_window_seconds": 0.001},
+        "issuers[0].introspection",
+        allow_insecure_http=True,
+    )
+    intro = build_introspector(
+        issuer=raw_provider.url, audiences=(AUDIENCE,), config=config, endpoint=raw_provider.url + "/introspect",
+        http=introspection_http, clock=clock, registry=CollectorRegistry(),
+    )
+    try:
+        await opened_by_the_attacker(intro, clock)  # a quiet worker: the attacker's failures open it
+        for cycle in range(3):  # the attacker is first after every cool-down
+            clock.advance(5)
+            asked.clear()
+            await fails(intro, f"evil-again-{cycle}")
+            (probe,), theirs = asked
+            assert theirs == [f"evil-again-{cycle}"] and not probe.startswith("evil")
+            assert intro.breaker.state is BreakerState.CLOSED  # one failure, within the window of the probe's answer
+            assert await answered(intro, f"user-{cycle}") == "alice"
+            await opened_by_the_attacker(intro, clock, tag=f"{cycle}-")
+    finally:
+        await intro.close()

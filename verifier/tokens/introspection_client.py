@@ -335,20 +335,38 @@ class ProviderClient:
                 raise
 
     async def introspect_batch(self, tokens: Sequence[str]) -> list[dict[str, Any]]:
-        """One call to the batch endpoint for every token (see the module docstring for the protocol)."""
+        """One call to the batch endpoint for every token (see the module docstring for the protocol).
+
+        When the breaker is half-open, a batch of our own token alone goes first as the probe, as in `introspect`:
+        the first batch after the cool-down holds whichever tokens came first (in a flood, the attacker's), and
+        one token the provider fails for fails the whole batch."""
         url = self.config.batch_endpoint
 
-        def build() -> tuple[str, str, Headers, bytes]:
-            headers, fields = client_credentials(self.config, url, self._clock.now())
-            body = json.dumps({"tokens": list(tokens), "token_type_hint": "access_token", **fields}).encode()
-            return "POST", url, (*headers, ("Content-Type", "application/json")), body
+        def build_for(asked: Sequence[str]) -> Callable[[], tuple[str, str, Headers, bytes]]:
+            def build() -> tuple[str, str, Headers, bytes]:
+                headers, fields = client_credentials(self.config, url, self._clock.now())
+                body = json.dumps({"tokens": list(asked), "token_type_hint": "access_token", **fields}).encode()
+                return "POST", url, (*headers, ("Content-Type", "application/json")), body
 
-        answer = await self._call(build, max_bytes=DEFAULT_MAX_RESPONSE_BYTES * max(1, len(tokens)))
+            return build
+
+        deadline = None
+        if self.breaker.state is BreakerState.HALF_OPEN:
+            probe = self._probe_token()
+            if probe is not None and probe not in tokens:
+                deadline = loops.kept(self._loop).time() + self.config.timeout_seconds
+                await self._probe(build_for((probe,)), deadline)
+        answer = await self._call(
+            build_for(tokens), max_bytes=DEFAULT_MAX_RESPONSE_BYTES * max(1, len(tokens)), deadline=deadline
+        )
         results = answer.get("results") if isinstance(answer, dict) else None
         if not isinstance(results, list) or len(results) != len(tokens):
             raise ProviderUnavailable("batch introspection answer does not match the batch")
         if not all(isinstance(r, dict) for r in results):
             raise ProviderUnavailable("batch introspection answer holds a non-object")
+        for token, result in zip(tokens, results, strict=True):
+            if result.get("active") is True:
+                self._known_good = token  # the half-open probe's token
         if type(answer) is UnencodableAnswer:  # which of them: each is refused on its own, the others stand
             results = [UnencodableAnswer(r) if holds_lone_surrogate(r) else r for r in results]
         return results
