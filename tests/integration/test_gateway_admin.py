@@ -39,6 +39,17 @@ TARGETS = (
     f"{METADATA}/..%2f..%2fv1%2fadmin%2frevocations",
     f"{METADATA}%2f..%2f..{COLLECTION}",
     f"{METADATA}/..;/..;{COLLECTION}",
+    # What a gateway may read differently from the verifier: a raw `#` or `?` ending its path, doubled or
+    # upper-case or `;`-parameter spellings, an encoded slash, and absolute-form targets naming another host.
+    f"{METADATA}#/../..{COLLECTION}",
+    f"{METADATA}?/../..{COLLECTION}",
+    f"/v1/forward-auth#/../..{COLLECTION}",
+    f"/{COLLECTION}",
+    COLLECTION.upper(),
+    f"{COLLECTION};x=y",
+    "/v1/admin%2frevocations",
+    f"http://{API_HOST}{COLLECTION}",
+    f"http://127.0.0.1{COLLECTION}",
 )
 BODY = json.dumps({"subject": {"format": "iss_sub", "iss": "https://idp.example.test", "sub": "victim"}})
 
