@@ -226,6 +226,33 @@ async def test_a_logout_that_could_not_be_stored_is_503_and_its_retry_applies(
     assert service.revocations.check(principal(sid="session-1")) is not None
 
 
+async def test_a_logout_arriving_while_the_replay_store_is_full_is_503_applied_and_never_replayable(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    """A client's own DPoP proofs can fill the local replay store; a logout arriving then must still take effect
+    (the provider retries a 503), and its jti must not become replayable: as a SET does."""
+    issuer = issuer_settings(
+        algorithms=("ES256", "RS256"), backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,))
+    )
+    settings = Settings(
+        grpc=None, http=None, metrics=None, issuers=(issuer,), state=StateConfig(max_replay_entries=1)
+    )
+    app = App(settings, clock=clock, fetcher=fetcher)
+    assert app.revocation is not None
+    await app.revocation.resync()
+    assert await app.state.first_use("dpop:jti:someone-elses-proof", 30.0)  # the store is full now
+    token = sign(mint)
+    answer = await post(app, token)
+    assert answer.status == 503 and dict(answer.headers)["retry-after"]
+    assert app.revocation.revocations.check(principal(sid="session-1")) is not None  # applied all the same
+    assert (await post(app, token)).status == 503  # the provider's retry: still no room, still applied
+    clock.advance(31)  # the proof's jti expires: room again
+    assert (await post(app, token)).status == 200
+    clock.advance(5)
+    assert error_of(await post(app, token))["error_description"] == "jti already received"
+    assert counted(app, ISSUER, "accepted") == 1
+
+
 async def test_issuer_keys_out_of_reach_is_503_not_a_verdict(
     app: App, service: RevocationService, mint: Mint, fetcher: FakeFetcher
 ) -> None:
