@@ -68,6 +68,12 @@ def _document(kind: str, tmp_path: Path, mode: int, **extra: Any) -> tuple[dict[
         cert_file, key_file = _tls_files(tmp_path, mode)
         document["http"]["tls"] = {"cert_file": cert_file, "key_file": key_file}
         return document, "http.tls.key_file", key_file
+    if kind == "metrics_token":
+        token_file = tmp_path / "metrics-token"
+        token_file.write_text("t" * 40 + "\n")
+        token_file.chmod(mode)
+        document["metrics"] = {"listen": "127.0.0.1:0", "token_file": str(token_file)}
+        return document, "metrics.token_file", str(token_file)
     key_file = _key_file(tmp_path / f"{kind}.pem", mode)
     if kind == "identity":
         document["upstream"] = {"identity_token": {
@@ -79,7 +85,7 @@ def _document(kind: str, tmp_path: Path, mode: int, **extra: Any) -> tuple[dict[
     return document, "issuers[0].introspection.private_key_file", key_file
 
 
-KINDS = ["identity", "introspection", "tls"]
+KINDS = ["identity", "introspection", "tls", "metrics_token"]
 
 
 def _key_warnings(settings: Any) -> list[Any]:

@@ -529,7 +529,7 @@ def _admin_on_shared_listener(settings: Settings, token: str | None) -> list[Con
 
 def private_key_files(settings: Settings) -> list[tuple[str, str]]:
     """Every private key file the settings name, as (key, path): the listeners' TLS keys, the introspection
-    clients' private_key_jwt keys and the identity assertion's signing key."""
+    clients' private_key_jwt keys and the identity assertion's signing key; and the metrics token file."""
     found = [
         (f"{name}.tls.key_file", listen.tls.key_file)
         for name, listen in (
@@ -548,6 +548,8 @@ def private_key_files(settings: Settings) -> list[tuple[str, str]]:
     identity = settings.upstream.identity_token if settings.upstream is not None else None
     if identity is not None and identity.private_key_file:
         found.append(("upstream.identity_token.private_key_file", identity.private_key_file))
+    if settings.metrics_auth.token_file:  # a secret as a key is: whoever reads it scrapes /metrics
+        found.append(("metrics.token_file", settings.metrics_auth.token_file))
     return found
 
 
@@ -564,7 +566,7 @@ def _readable_key_files(settings: Settings) -> list[ConfigWarning]:
             ConfigWarning(
                 kind="private_key_readable",
                 message=(
-                    f"{key}: {path} is mode {mode:04o}: users other than its owner can read the private key; "
+                    f"{key}: {path} is mode {mode:04o}: users other than its owner can read this secret; "
                     "chmod 0600 (0640 when root owns it and the group is the verifier's), or in Kubernetes set "
                     "the Secret volume's defaultMode: 0440 with the pod's securityContext.fsGroup"
                 ),
