@@ -15,6 +15,7 @@
 --    request alone and never stored;
 --  * anything else with X-Verifier-Reason is a refusal relayed to the client: status, challenge, reason,
 --    body, with `Cache-Control: no-store` (the verifier's Cache-Control is meant for this cache);
+--  * a 431 (the request's header block past what the verifier reads; it has no reason) is a 431;
 --  * no answer of the verifier's (unreachable, timeout, nginx's own 502/504): 503, fail closed;
 --  * `Cache-Control: private, max-age=N` may be reused for N seconds at most (and MAX_TTL), `no-store`
 --    never. DPoP, WebAuthn, rate-limited and certificate-bound answers are no-store (the verifier decides);
@@ -155,6 +156,12 @@ local function ask()
   req.set_header("Host", var.host)
   local res = ngx.location.capture("/_auth")
   local reason = res.header["X-Verifier-Reason"] or res.header["x-verifier-reason"]
+  if res.status == 431 then
+    -- the verifier's refusal of the request's header block (past its 32 KiB or 128 fields), answered before
+    -- any reason: a request-header refusal (RFC 6585), not an outage; never stored
+    return { status = 431, headers = { "content-type", "application/json" },
+             body = '{"error":"request_header_fields_too_large"}' }, nil
+  end
   if type(reason) ~= "string" then
     return nil -- no answer of the verifier's (connection failure, timeout, nginx's own 502/504)
   end
