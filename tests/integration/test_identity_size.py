@@ -27,20 +27,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 if __package__:
     from .gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_verifier
     from .rigs import fresh_upstream_log
+    from .test_credential_size import TOKEN_BOUND, of_length
     from .test_trust_boundary import Edge, edge
 else:  # tests/ is not a package: pytest put this directory on sys.path
     from gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_verifier
     from rigs import fresh_upstream_log
+    from test_credential_size import TOKEN_BOUND, of_length
     from test_trust_boundary import Edge, edge
 
 __all__ = ["edge", "fresh_upstream_log"]  # the trust-boundary rigs, against this verifier and upstream
 
 pytestmark = pytest.mark.integration
 
-# nginx reads a client's header line into one of its large_client_header_buffers (8 KiB: nginx's default, which
-# the templates keep): the token a client can send through every gateway is under that, its claims ~6 KiB of JSON.
+# A token of about the verifier's max_token_bytes (8 KiB), its claims ~6 KiB of JSON; the templates read client
+# lines of up to 16 KiB (large_client_header_buffers; test_credential_size.py).
 CLIENT_LINE_BYTES = 8192
-NGINX_AUTH_BUFFER = 16 * 1024  # the templates' proxy_buffer_size for the auth subrequest's answer head
+NGINX_AUTH_BUFFER = 16 * 1024  # the templates' proxy_buffer_size for the auth subrequest's answer head, before 32k
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +148,27 @@ def test_a_large_identity_under_the_total_passes_whole(
     assert r.status == 200, (edge.name, r.status, r.body[:300])
     (seen,) = upstream.requests
     assert seen.headers["x-authenticated-groups"] == ", ".join(groups)
+
+
+def test_an_identity_near_the_total_from_a_token_at_its_bound_passes_whole(
+    edge: Edge, verifier: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    """The largest of both at once: a token of the verifier's max_token_bytes (8 KiB) whose groups make an identity
+    near max_total_bytes (8 KiB). nginx keeps each answer in its cache file behind the key, the token included, all
+    in the answer buffer: with 16 KiB the two did not fit ("upstream sent too big header", a 503 to a valid token)."""
+    groups: list[str] = []
+    for count in range(130, 200):  # the most groups whose identity is still allowed: ~2 KiB a header, twice, and
+        more = [f"grp-{i:04d}-eng" for i in range(count)]  # in the assertion
+        candidate = of_length(lambda n, more=more: issuer.mint(groups=more, pad="p" * n), TOKEN_BOUND)
+        if _answer_head_bytes(verifier, candidate)[1] != "ok":
+            break
+        groups, token = more, candidate
+    size, reason = _answer_head_bytes(verifier, token)
+    assert len(token) == TOKEN_BOUND and reason == "ok" and size > 7 * 1024, (len(token), size, reason)
+
+    r = http_request(f"{edge.url}/orders/1", headers={"Authorization": f"Bearer {token}"})
+
+    assert r.status == 200, (edge.name, r.status, r.body[:300])
+    (seen,) = upstream.requests
+    assert seen.headers["x-authenticated-groups"] == ", ".join(groups)
+    assert seen.headers["x-authenticated-identity"].count(".") == 2
