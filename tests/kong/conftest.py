@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -336,6 +337,14 @@ def dead_url() -> str:
 
 # --------------------------------------------------------------------------- nginx
 
+def shipped_kong_header_buffers() -> str:
+    """nginx's `large_client_header_buffers` as the shipped Kong settings set it (in deploy/docker-compose.yml,
+    `KONG_NGINX_HTTP_LARGE_CLIENT_HEADER_BUFFERS`; deploy/k8s says the same, tests/kong/test_deploy_files.py): Kong
+    itself runs on nginx, and reads a client's header lines into these before any plugin runs."""
+    kong = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())["services"]["kong"]
+    return str(kong["environment"]["KONG_NGINX_HTTP_LARGE_CLIENT_HEADER_BUFFERS"])
+
+
 NGINX_CONF = """\
 worker_processes 1;
 pid {tmp}/nginx.pid;
@@ -352,6 +361,9 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
+
+    # as Kong runs with the shipped settings (deploy/docker-compose.yml, deploy/k8s): KONG_NGINX_HTTP_*
+    large_client_header_buffers {header_buffers};
 
     lua_package_path "{repo}/?.lua;{shim}/?.lua;{lua_path};;";
     lua_package_cpath "{lua_cpath};;";
@@ -456,6 +468,7 @@ class NginxRig:
                 upstream_port=upstream_port,
                 port=port,
                 underscores="on" if underscores_in_headers else "off",
+                header_buffers=shipped_kong_header_buffers(),
             )
         )
         error_log = Path(tmp, "error.log")

@@ -337,3 +337,35 @@ def test_k8s_metrics_answer_only_the_bearer_of_a_token_from_a_secret_only_the_ve
     assert not volume["secret"]["defaultMode"] & ROOT_OWNED_EXPOSING_BITS
     assert mount["name"] not in [m["name"] for m in container(spec, "kong")["volumeMounts"]]
     assert "/metrics needs no credentials" not in check_config(text, tmp_path)  # metrics_unauthenticated
+
+
+# --------------------------------------------------------------------------- request size
+
+
+def _buffer_bytes(buffers: str) -> int:
+    """The size of one of nginx's `large_client_header_buffers` ("4 16k" -> 16384): a header line's bound."""
+    size = buffers.split()[1].lower()
+    return int(size[:-1]) * {"k": 1024, "m": 1024 * 1024}[size[-1]] if size[-1] in "km" else int(size)
+
+
+def test_kong_reads_a_token_and_a_proof_of_the_verifiers_bounds_each_on_one_line(compose, k8s):
+    """Kong runs on nginx, which reads each client header line into one `large_client_header_buffers` buffer (4 8k
+    by default: an `Authorization: Bearer` line with a valid 8 KiB token was Kong's 400 before the plugin ran). Both
+    shipped Kong settings raise it alike, to a line that holds a token of the verifier's `max_token_bytes` and a
+    DPoP proof of its `dpop.max_proof_bytes` (what tests/kong/test_credential_size_lua.py runs through the plugin)."""
+    from verifier.config.dpop import DEFAULT_MAX_PROOF_BYTES
+    from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
+
+    name = "KONG_NGINX_HTTP_LARGE_CLIENT_HEADER_BUFFERS"
+    in_compose = compose["services"]["kong"]["environment"][name]
+    in_k8s = {e["name"]: e["value"] for e in container(pod_spec(k8s), "kong")["env"]}[name]
+    assert in_compose == in_k8s
+    line = _buffer_bytes(in_compose)
+    configs = [
+        yaml.safe_load((DEPLOY / "verifier.yaml").read_text()),
+        yaml.safe_load(k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"]),
+    ]
+    for config in configs:
+        token = config.get("max_token_bytes", DEFAULT_MAX_TOKEN_BYTES)
+        proof = (config.get("dpop") or {}).get("max_proof_bytes", DEFAULT_MAX_PROOF_BYTES)
+        assert len("Authorization: DPoP \r\n") + token <= line and len("DPoP: \r\n") + proof <= line
