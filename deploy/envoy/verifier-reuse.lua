@@ -11,6 +11,7 @@
 --  * 200 is an allow: its X-Authenticated-* headers go to the upstream (the header_mutation filter in
 --    front of this one removed every client copy), its DPoP-Nonce / RateLimit-* go to the client;
 --  * anything else is a refusal relayed as it came (status, challenge, reason, body);
+--  * a 431 (the credential headers past what the verifier reads; it has no reason) is a 431;
 --  * no answer at all (unreachable, timeout): 503, fail closed;
 --  * `Cache-Control: private, max-age=N` may be reused for N seconds, `no-store` never (DPoP, WebAuthn,
 --    rate-limited and certificate-bound answers are no-store: the verifier decides, not this filter);
@@ -156,6 +157,12 @@ local function ask(handle, headers, method, path, host, proto)
     end
   end
   local ok, response_headers, body = pcall(handle.httpCall, handle, VERIFIER_CLUSTER, request, "", TIMEOUT_MS)
+  if ok and response_headers ~= nil and response_headers[":status"] == "431" then
+    -- the verifier's refusal of the question's header block (a credential past its 32 KiB), answered before any
+    -- reason: a request-header refusal (RFC 6585), not an outage; never stored (no Cache-Control)
+    return { status = "431", headers = { ["content-type"] = "application/json" },
+             body = '{"error":"request_header_fields_too_large"}' }
+  end
   if not ok or response_headers == nil or response_headers["x-verifier-reason"] == nil then
     return nil -- no answer of the verifier's (connection failure, timeout, Envoy's own 503)
   end

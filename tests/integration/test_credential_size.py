@@ -212,3 +212,27 @@ def test_more_header_fields_than_the_verifier_reads_are_a_431_never_a_5xx(
 
     assert r.status == PAST_THE_FIELD_BOUND.get(edge.name, 431), (edge.name, r.status, r.headers, r.body[:300])
     assert len(upstream.requests) == (r.status == 200)
+
+
+#: A token far past the bound (40 KiB, on one header line): nginx's and Kong's 400 (the line is past one 16 KiB
+#: buffer), the verifier's 401 through Envoy's gRPC mode, its 431 (the header block past 32 KiB) through Envoy's HTTP
+#: mode and reuse filter.
+FAR_PAST_THE_TOKEN_BOUND = {
+    "nginx": 400,
+    "nginx-lua": 400,
+    "envoy-grpc": 401,
+    "envoy-http": 431,
+    "envoy-reuse": 431,
+    "kong-lua": 400,
+}
+
+
+def test_a_token_far_past_the_bound_is_a_4xx_never_a_5xx(
+    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer
+) -> None:
+    token = token_of(issuer, 40 * 1024)
+
+    r = http_request(f"{edge.url}/orders/1", headers={"Authorization": f"Bearer {token}"})
+
+    assert r.status == FAR_PAST_THE_TOKEN_BOUND[edge.name], (edge.name, r.status, r.headers, r.body[:300])
+    assert upstream.requests == []

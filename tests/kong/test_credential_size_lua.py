@@ -16,6 +16,7 @@ from rigs import (  # noqa: F401 - fixtures, requested by name (fresh_upstream_l
 )
 from test_credential_size import (  # noqa: F401 - fixtures and tests, collected here against this `edge`
     test_a_dpop_bound_token_of_the_bound_passes_with_a_proof_of_its_bound,
+    test_a_token_far_past_the_bound_is_a_4xx_never_a_5xx,
     test_a_token_of_exactly_the_verifiers_bound_passes,
     test_a_token_one_byte_over_the_bound_is_the_verifiers_401_not_the_gateways,
     test_headers_near_the_verifiers_header_bound_still_reach_a_decision,
