@@ -16,8 +16,8 @@ from rigs import (  # noqa: F401 - fixtures, requested by name (fresh_upstream_l
 from test_identity_size import (  # noqa: F401 - fixtures and tests, collected here against this `edge`
     test_a_groups_overage_identity_is_refused_by_the_verifier_not_by_the_gateway,
     test_a_large_identity_under_the_total_passes_whole,
-    test_an_identity_near_the_total_from_a_token_at_its_bound_passes_whole,
     test_a_normal_identity_still_passes,
+    test_an_identity_near_the_total_from_a_token_at_its_bound_passes_whole,
     verifier,
 )
 from test_trust_boundary import Edge
