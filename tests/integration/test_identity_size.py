@@ -24,16 +24,20 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from verifier.binding.dpop import thumbprint
+
 if __package__:
     from .gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_verifier
+    from .replicas import public_jwk
     from .rigs import fresh_upstream_log
-    from .test_credential_size import TOKEN_BOUND, of_length
-    from .test_trust_boundary import Edge, edge
+    from .test_credential_size import PROOF_BOUND, TOKEN_BOUND, of_length, proof_of
+    from .test_trust_boundary import API_HOST, Edge, edge
 else:  # tests/ is not a package: pytest put this directory on sys.path
     from gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_verifier
+    from replicas import public_jwk
     from rigs import fresh_upstream_log
-    from test_credential_size import TOKEN_BOUND, of_length
-    from test_trust_boundary import Edge, edge
+    from test_credential_size import PROOF_BOUND, TOKEN_BOUND, of_length, proof_of
+    from test_trust_boundary import API_HOST, Edge, edge
 
 __all__ = ["edge", "fresh_upstream_log"]  # the trust-boundary rigs, against this verifier and upstream
 
@@ -150,12 +154,14 @@ def test_a_large_identity_under_the_total_passes_whole(
     assert seen.headers["x-authenticated-groups"] == ", ".join(groups)
 
 
+@pytest.mark.parametrize("dpop", [False, True], ids=["bearer", "dpop"])
 def test_an_identity_near_the_total_from_a_token_at_its_bound_passes_whole(
-    edge: Edge, verifier: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer
+    edge: Edge, verifier: GatewayProcess, upstream: EchoUpstream, issuer: LocalIssuer, dpop: bool
 ) -> None:
-    """The largest of both at once: a token of the verifier's max_token_bytes (8 KiB) whose groups make an identity
-    near max_total_bytes (8 KiB). nginx keeps each answer in its cache file behind the key, the token included, all
-    in the answer buffer: with 16 KiB the two did not fit ("upstream sent too big header", a 503 to a valid token)."""
+    """The largest of each at once: a token of the verifier's max_token_bytes (8 KiB) whose groups make an identity
+    near max_total_bytes (8 KiB), and with `dpop` a proof of dpop.max_proof_bytes (8 KiB) beside it. nginx keeps each
+    answer in its cache file behind the key, the credentials included, all in the answer buffer: with 16 KiB the
+    bearer token and its identity did not fit ("upstream sent too big header", a 503 to a valid token)."""
     groups: list[str] = []
     for count in range(130, 200):  # the most groups whose identity is still allowed: ~2 KiB a header, twice, and
         more = [f"grp-{i:04d}-eng" for i in range(count)]  # in the assertion
@@ -165,8 +171,16 @@ def test_an_identity_near_the_total_from_a_token_at_its_bound_passes_whole(
         groups, token = more, candidate
     size, reason = _answer_head_bytes(verifier, token)
     assert len(token) == TOKEN_BOUND and reason == "ok" and size > 7 * 1024, (len(token), size, reason)
+    headers = {"Authorization": f"Bearer {token}"}
+    if dpop:  # the same identity (the assertion carries no cnf), bound to a key, with a proof of its bound
+        key = ec.generate_private_key(ec.SECP256R1())
+        bound = {"groups": groups, "cnf": {"jkt": thumbprint(public_jwk(key))}}
+        token = of_length(lambda n: issuer.mint(**bound, pad="p" * n), TOKEN_BOUND)
+        scheme = edge.url.split("://", 1)[0]
+        proof = proof_of(key, PROOF_BOUND, "GET", f"{scheme}://{API_HOST}:{edge.port}/orders/1", token)
+        headers = {"Host": f"{API_HOST}:{edge.port}", "Authorization": f"DPoP {token}", "DPoP": proof}
 
-    r = http_request(f"{edge.url}/orders/1", headers={"Authorization": f"Bearer {token}"})
+    r = http_request(f"{edge.url}/orders/1", headers=headers)
 
     assert r.status == 200, (edge.name, r.status, r.body[:300])
     (seen,) = upstream.requests
