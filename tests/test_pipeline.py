@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
 import uuid
 
@@ -147,7 +148,8 @@ async def test_dpop_bound_token_with_valid_proof_replay_missing_proof_and_downgr
 async def test_a_full_replay_store_answers_503_try_again_and_still_refuses_the_remembered_proof() -> None:
     """Full of live DPoP jtis, the store refuses a new proof with 503 replay_store_full and Retry-After
     (the client tries again; not "replayed"), and never forgets the remembered one to make room: its replay
-    is still a 401. Before, the new proof evicted it and the replay passed."""
+    is still a 401. Before, the new proof evicted it and the replay passed. Retry-After is when the remembered
+    jti expires and makes room (its whole window, 66 s by default), not a fixed 1."""
     key = ec.generate_private_key(ec.SECP256R1())
     jkt = thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())))
     async with running_verifier({"state": StateConfig(max_replay_entries=1)}) as (app, idp):
@@ -160,11 +162,12 @@ async def test_a_full_replay_store_answers_503_try_again_and_still_refuses_the_r
         first = _proof(key, "GET", "https://api.example.test/api/x", token)
         assert (await get(first))[0] == 200
         status, headers, body = await get(_proof(key, "GET", "https://api.example.test/api/x", token))
-        assert (status, headers["x-verifier-reason"], headers["retry-after"]) == (503, "replay_store_full", "1")
+        window = str(math.ceil(DpopConfig().jti_ttl_seconds))
+        assert (status, headers["x-verifier-reason"], headers["retry-after"]) == (503, "replay_store_full", window)
         assert json.loads(body)["error"] == "temporarily_unavailable"
         status, headers, _ = await get(first)
         assert (status, headers["x-verifier-reason"]) == (401, "dpop_proof_invalid")
-        assert b"verifier_replay_store_full_total 1.0" in app.metrics.render()
+        assert b'verifier_replay_store_full_total{purpose="dpop"} 1.0' in app.metrics.render()
 
 
 async def test_unbound_token_on_a_dpop_route_is_refused_with_a_dpop_challenge() -> None:

@@ -209,8 +209,8 @@ def shared_state(config: StateConfig | None, clock: Clock) -> SharedState:
         config = config or StateConfig()
         if config.path:
             buckets = MemoryState(clock, max_entries=config.max_entries)
-            return SqliteState(config.path, clock, max_replay_entries=config.max_replay_entries, buckets=buckets)
-        return MemoryState(clock, max_entries=config.max_entries, max_replay_entries=config.max_replay_entries)
+            return SqliteState(config.path, clock, replay=config.replay_bounds, buckets=buckets)
+        return MemoryState(clock, max_entries=config.max_entries, replay=config.replay_bounds)
     client = redis_client(config.redis_url, password=config.password, timeout_seconds=config.timeout_seconds)
     return RedisState(client, key_prefix=config.key_prefix, timeout_seconds=config.timeout_seconds)
 
@@ -291,7 +291,7 @@ class App:
         self.state = shared_state(settings.state, self.clock)
         local_state = self.state
         if isinstance(local_state, MemoryState | SqliteState):  # bounded: full, it refuses (Redis has no bound)
-            self.metrics.replay_store(lambda: local_state.refused_full)
+            self.metrics.replay_store(lambda: local_state.full.refused)
         self.dpop = DpopVerifier(settings.dpop or DpopConfig(), self.state, self.clock)
         self.introspectors = {
             i.issuer: build_introspector(

@@ -282,8 +282,14 @@ class StateUnavailable(VerifierError):
 
 
 class ReplayStoreFull(StateUnavailable):
-    """The local replay store holds as many live one-time values as it may: this one is refused, not
-    remembered, and no live one is forgotten to make room (that would let it be replayed). A 503 with
-    Retry-After: the client tries again with a fresh proof once values expire."""
+    """The local replay store holds as many live one-time values of this purpose as it may: this one is
+    refused, not remembered, and no live one is forgotten to make room (that would let it be replayed). A
+    503 whose Retry-After is `retry_after`: the seconds until the purpose's oldest live values expire and
+    make room (the client tries again then, with a fresh proof). `purpose` is a `Purpose` value."""
 
     code = "replay_store_full"
+
+    def __init__(self, description: str = "", *, purpose: str, retry_after: int) -> None:
+        super().__init__(description)
+        self.purpose = purpose
+        self.retry_after = retry_after

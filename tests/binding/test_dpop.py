@@ -27,7 +27,7 @@ from verifier.errors import InvalidDpopProof, SenderConstraintFailed, StateUnava
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import ConfigError
-from verifier.state.base import TakeResult
+from verifier.state.base import Purpose, TakeResult
 from verifier.state.memory import MemoryState
 
 URL = "https://api.example.test/orders"
@@ -450,10 +450,10 @@ async def test_refuses_a_proof_by_another_key_than_the_tokens_cnf_jkt(
 
 async def test_fails_closed_when_replay_state_is_unavailable(keys: SigningKeys, clock: FrozenClock) -> None:
     class DownState:
-        async def first_use(self, key: str, ttl_seconds: float) -> bool:
+        async def first_use(self, key: str, ttl_seconds: float, *, purpose: Purpose) -> bool:
             raise StateUnavailable("down")
 
-        async def seen(self, key: str) -> bool:
+        async def seen(self, key: str, *, purpose: Purpose) -> bool:
             raise StateUnavailable("down")
 
         async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
@@ -470,9 +470,9 @@ async def test_remembers_each_jti_for_the_whole_iat_window(keys: SigningKeys, cl
     seen: list[float] = []
 
     class Recording(MemoryState):
-        async def first_use(self, key: str, ttl_seconds: float) -> bool:
+        async def first_use(self, key: str, ttl_seconds: float, *, purpose: Purpose) -> bool:
             seen.append(ttl_seconds)
-            return await super().first_use(key, ttl_seconds)
+            return await super().first_use(key, ttl_seconds, purpose=purpose)
 
     config = DpopConfig(iat_past_seconds=30, iat_future_seconds=10)
     await check(DpopVerifier(config, Recording(clock), clock), make_proof(keys.es256))

@@ -26,6 +26,7 @@ from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.revocation import RevocationService, parse_revocation_config
 from verifier.state import SharedState, StateConfig
+from verifier.state.base import Purpose
 from verifier.tokens.fetch import HttpFetcher
 
 pytestmark = pytest.mark.integration
@@ -379,7 +380,8 @@ async def test_a_set_answered_503_during_a_redis_stall_takes_effect_when_retried
         a = await group.start()
         token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-10"})
         router = router_of(a)
-        await group.started[0][1].first_use("warm-up", 1.0)  # the connection is open, as in production
+        # the connection is open, as in production
+        await group.started[0][1].first_use("warm-up", 1.0, purpose=Purpose.DPOP)
         redis_server.pause()  # a hung Redis: the commands queue up and run when it resumes
         try:
             stalled = await router.dispatch(push_request(token))

@@ -15,12 +15,14 @@ from support import FrozenClock, timed
 from verifier.app import redis_client
 from verifier.config.state import MAX_TIMEOUT_SECONDS
 from verifier.errors import StateUnavailable
+from verifier.state.base import Purpose
 from verifier.state.memory import MemoryState
 from verifier.state.redis import RedisState
 
 pytestmark = pytest.mark.integration
 
 NOW = 1_700_000_000.0
+DPOP = Purpose.DPOP
 # Seconds per socket operation: the product's `state.timeout_seconds` (the whole call gets 4x).
 # The largest the product accepts where a test is about sharing keys and buckets, not deadlines: at
 # load average 15 on 2 cores, 50 connections opened at once missed even a 2 s socket timeout
@@ -58,10 +60,10 @@ async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
 
 async def test_a_key_used_on_one_replica_is_a_replay_on_the_other(replicas: tuple[RedisState, RedisState]) -> None:
     a, b = replicas
-    assert await a.first_use("dpop:jti:1", 10) is True
-    assert await b.first_use("dpop:jti:1", 10) is False
-    assert await a.first_use("dpop:jti:1", 10) is False
-    assert await b.first_use("dpop:jti:2", 10) is True
+    assert await a.first_use("dpop:jti:1", 10, purpose=DPOP) is True
+    assert await b.first_use("dpop:jti:1", 10, purpose=DPOP) is False
+    assert await a.first_use("dpop:jti:1", 10, purpose=DPOP) is False
+    assert await b.first_use("dpop:jti:2", 10, purpose=DPOP) is True
 
 
 async def test_exactly_one_of_many_concurrent_uses_wins(redis_server: RedisServer) -> None:
@@ -70,7 +72,7 @@ async def test_exactly_one_of_many_concurrent_uses_wins(redis_server: RedisServe
     a = replica(redis_server.url, key_prefix="race:")
     b = replica(redis_server.url, key_prefix="race:")
     try:
-        results = await asyncio.gather(*(s.first_use("race", 10) for _ in range(25) for s in (a, b)))
+        results = await asyncio.gather(*(s.first_use("race", 10, purpose=DPOP) for _ in range(25) for s in (a, b)))
         assert results.count(True) == 1
     finally:
         await a.close()
@@ -80,17 +82,17 @@ async def test_exactly_one_of_many_concurrent_uses_wins(redis_server: RedisServe
 async def test_a_key_expires_after_its_ttl(replicas: tuple[RedisState, RedisState], raw: Redis) -> None:
     a, b = replicas
     # 1 s, not 0.2 s: a loaded runner can stall 0.2 s between the SET and the PTTL (then -2, gone).
-    assert await a.first_use("short", 1.0)
+    assert await a.first_use("short", 1.0, purpose=DPOP)
     assert 0 < await raw.pttl("t:once:short") <= 1000  # -1 would be a key that never expires
     await asyncio.sleep(1.1)  # the TTL itself passing (Redis checks expiry on access), not a wait for a task
-    assert await b.first_use("short", 1.0) is True
+    assert await b.first_use("short", 1.0, purpose=DPOP) is True
 
 
 async def test_prefixes_keep_deployments_apart(redis_server: RedisServer) -> None:
     one = replica(redis_server.url, key_prefix="one:")
     two = replica(redis_server.url, key_prefix="two:")
     try:
-        assert await one.first_use("k", 10) and await two.first_use("k", 10)
+        assert await one.first_use("k", 10, purpose=DPOP) and await two.first_use("k", 10, purpose=DPOP)
     finally:
         await one.close()
         await two.close()
@@ -151,14 +153,14 @@ async def test_redis_down_fails_closed_and_recovers(
     redis_server: RedisServer, replicas: tuple[RedisState, RedisState]
 ) -> None:
     a, b = replicas
-    assert await a.first_use("before", 10)
+    assert await a.first_use("before", 10, purpose=DPOP)
     redis_server.stop()
 
     async def refused() -> None:
         with pytest.raises(StateUnavailable):
-            await a.first_use("jti-while-down", 10)
+            await a.first_use("jti-while-down", 10, purpose=DPOP)
         with pytest.raises(StateUnavailable):
-            await b.first_use("jti-while-down", 10)
+            await b.first_use("jti-while-down", 10, purpose=DPOP)
         with pytest.raises(StateUnavailable):
             await a.take("user", rate_per_second=1, burst=10, now=NOW)
 
@@ -166,8 +168,8 @@ async def test_redis_down_fails_closed_and_recovers(
     assert took - late < 3, (took, late)  # refused promptly, not after a long hang (less a loaded machine's stalls)
 
     redis_server.start()  # same port, empty (nothing persisted)
-    assert await a.first_use("after", 10) is True  # stale pooled connections are replaced
-    assert await b.first_use("after", 10) is False
+    assert await a.first_use("after", 10, purpose=DPOP) is True  # stale pooled connections are replaced
+    assert await b.first_use("after", 10, purpose=DPOP) is False
 
 
 async def test_a_fresh_replica_with_redis_unreachable_fails_closed(tmp_path: Path) -> None:
@@ -177,7 +179,7 @@ async def test_a_fresh_replica_with_redis_unreachable_fails_closed(tmp_path: Pat
     state = replica(url)
     try:
         with pytest.raises(StateUnavailable):
-            await state.first_use("k", 10)
+            await state.first_use("k", 10, purpose=DPOP)
         with pytest.raises(StateUnavailable):
             await state.take("k", rate_per_second=1, burst=1, now=NOW)
     finally:
@@ -197,7 +199,7 @@ async def test_a_hung_redis_fails_closed_within_the_deadline(redis_server: Redis
 
     async def refused() -> None:
         with pytest.raises(StateUnavailable):
-            await a.first_use("hung", 10)
+            await a.first_use("hung", 10, purpose=DPOP)
         with pytest.raises(StateUnavailable):
             await a.take("hung", rate_per_second=1, burst=1, now=NOW)
 

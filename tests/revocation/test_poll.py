@@ -20,6 +20,7 @@ from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.revocation import RevocationService, parse_revocation_config
 from verifier.revocation.poll import poll_endpoint
+from verifier.state.base import Purpose
 from verifier.state.memory import MemoryState
 from verifier.tokens.fetch import HttpFetcher
 
@@ -124,8 +125,8 @@ class LateMark(MemoryState):
         super().__init__(clock)
         self.lost = 0
 
-    async def first_use(self, key: str, ttl_seconds: float) -> bool:
-        created = await super().first_use(key, ttl_seconds)
+    async def first_use(self, key: str, ttl_seconds: float, *, purpose: Purpose) -> bool:
+        created = await super().first_use(key, ttl_seconds, purpose=purpose)
         if key.startswith("ssf:") and not self.lost:
             self.lost += 1
             raise StateUnavailable("timed out after the server ran the command")

@@ -28,6 +28,7 @@ from tokenkit import ISSUER, NOW, FakeFetcher, issuer_settings
 from verifier.app import SSF_USER_AGENT, App
 from verifier.checks.base import NO_POLICY
 from verifier.checks.revocation import Revocation
+from verifier.config.state import ReplayBounds
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
@@ -468,15 +469,18 @@ async def test_a_set_pushed_while_the_replay_store_is_full_is_503_applied_and_ne
     """A full local replay store cannot mark the jti: the SET is 503 (the transmitter retries; its effects are
     stored, and stored again alike by the retry), and no jti it already holds is forgotten to make room."""
     svc = RevocationService(
-        config(), state=MemoryState(clock, max_replay_entries=1), fetcher=provider, clock=clock,
+        config(), state=MemoryState(clock, replay=ReplayBounds(dpop=1, webauthn=1, revocation=1)), fetcher=provider,
+        clock=clock,
         metrics=RevocationMetrics(CollectorRegistry(), REFUSAL_CODES), session=no_http_session,
     )
     await svc.start()
     try:
         first = transmitter.sign_set({SESSION_REVOKED: {}}, USER)
         assert (await push(svc, first)).status == 202
+        clock.advance(10)
         answer = await push(svc, transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER))
-        assert answer.status == 503 and dict(answer.headers)["retry-after"]
+        # Retry-After: when the jti held expires and makes room (max_age_seconds 300 + leeway 30, 10 s ago)
+        assert answer.status == 503 and dict(answer.headers)["retry-after"] == str(300 + 30 - 10)
         assert body(answer) == {"err": "temporarily_unavailable"}
         refused = svc.revocations.check(principal())
         assert refused is not None and refused.code == "account_disabled"  # applied; only the ack waits

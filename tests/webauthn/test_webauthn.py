@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from support import FrozenClock, file_modes, made_under_umask_022
 from webauthnkit import FLAGS, ORIGIN, RP_ID, SoftAuthenticator, b64u, encode_header, unb64u
 
+from verifier.config.state import ReplayBounds
 from verifier.doors.public_origin import PublicOrigins
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpRequest, Router
@@ -36,6 +37,7 @@ from verifier.observe.metrics import WebAuthnMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import ConfigError
+from verifier.state.base import Purpose
 from verifier.state.memory import MemoryState
 from verifier.webauthn import (
     AssertionRefused,
@@ -521,13 +523,29 @@ async def test_a_full_replay_store_refuses_an_assertion_with_503_not_as_a_replay
     """A local replay store full of live values cannot burn the challenge: the step-up is refused as unavailable
     (503, try again), not passed and not called a replay."""
     h, a = enrolled
-    full = MemoryState(h.clock, max_replay_entries=1)
-    await full.first_use("someone else's live value", 300)
+    full = MemoryState(h.clock, replay=ReplayBounds(dpop=1_000, webauthn=1, revocation=1_000))
+    await full.first_use("someone else's live value", 300, purpose=Purpose.WEBAUTHN)
     service = WebAuthnService(h.config, h.service._store, full, h.clock, WebAuthnMetrics(CollectorRegistry()))
     header = await assertion_for(h, a, attrs())
     with pytest.raises(ReplayStoreFull) as caught:
         await service.check_step_up(principal(), attrs(assertion=header))
     assert caught.value.code == "replay_store_full" and caught.value.outcome is Outcome.UNAVAILABLE
+
+
+async def test_a_replay_store_whose_dpop_part_is_full_still_takes_the_challenge(
+    enrolled: tuple[Harness, SoftAuthenticator],
+) -> None:
+    """WebAuthn challenges have their own part of the local replay store: a client's flood of DPoP proofs that
+    fills the DPoP part never refuses a step-up (before, one bound for both: 503 replay_store_full)."""
+    h, a = enrolled
+    store = MemoryState(h.clock, replay=ReplayBounds(dpop=1, webauthn=1, revocation=1))
+    await store.first_use("dpop:jti:flood", 300, purpose=Purpose.DPOP)
+    with pytest.raises(ReplayStoreFull):
+        await store.first_use("dpop:jti:flood-2", 300, purpose=Purpose.DPOP)
+    service = WebAuthnService(h.config, h.service._store, store, h.clock, WebAuthnMetrics(CollectorRegistry()))
+    header = await assertion_for(h, a, attrs())
+    await service.check_step_up(principal(), attrs(assertion=header))  # passes: the challenge is taken
+    assert store.held(Purpose.WEBAUTHN) == 1
 
 
 async def test_a_replay_is_refused_by_another_replica_sharing_state(

@@ -29,7 +29,7 @@ from verifier.clock import Clock
 from verifier.config.dpop import DpopConfig
 from verifier.errors import InvalidDpopProof, MalformedToken, SenderConstraintFailed, UseDpopNonce
 from verifier.numbers import json_number
-from verifier.state.base import SharedState
+from verifier.state.base import Purpose, SharedState
 from verifier.tokens.jws import b64url_decode, b64url_encode
 from verifier.tokens.keys import KeyError_, VerificationKey, parse_jwk
 
@@ -362,7 +362,8 @@ class DpopVerifier:
         # Last, so a proof that fails any other check does not use up its jti. The key is a hash:
         # bounded length, and no client-chosen text in shared state.
         digest = hashlib.sha256(f"{jkt}\x00{jti}".encode("utf-8", "surrogatepass")).digest()
-        if not await self._state.first_use("dpop:jti:" + b64url_encode(digest), config.jti_ttl_seconds):
+        once = "dpop:jti:" + b64url_encode(digest)
+        if not await self._state.first_use(once, config.jti_ttl_seconds, purpose=Purpose.DPOP):
             raise InvalidDpopProof("DPoP proof replayed")
         return AcceptedProof(jkt, nonce_issued_at)
 

@@ -7,7 +7,9 @@ state:                               # optional; without it (or without redis_ur
   key_prefix: "payments-prod:"       # required with redis_url: this deployment's namespace in Redis
   timeout_seconds: 0.25              # per socket operation; past it the request fails closed (503)
   max_entries: 100000                # without redis_url: rate-limit buckets per process (idle ones go first)
-  max_replay_entries: 1000000        # without redis_url: live one-time values; when full, new ones get 503
+  max_replay_entries: 1000000        # without redis_url: live one-time values, every purpose together
+  webauthn_replay_share: 0.02        # of them reserved for WebAuthn challenges (20,000); DPoP proofs get the rest
+  revocation_replay_share: 0.02      # of them reserved for SET and logout-token jtis (20,000)
   # path: /var/lib/verifier          # only without redis_url: a directory for the durable local store
 ```
 
@@ -16,11 +18,18 @@ Without `redis_url`, revocation entries (kill switch, SSF events) and the replay
 they survive a full restart; without `path`, `verifier serve` keeps them in a temporary directory
 for the supervisor's lifetime (a reload or a worker restart keeps them, a full restart does not).
 Token buckets stay in each process's memory.
+
+The replay keys are bounded per purpose (`Purpose`): DPoP proof `jti`s, which any authenticated client
+can mint as fast as he likes, WebAuthn challenges, and revocation events (SET and logout-token `jti`s)
+each get their own part of `max_replay_entries`, and a part full of live values refuses new values of
+its purpose only (503 `replay_store_full`), so a flood of DPoP proofs never delays a revocation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import math
 import os
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -36,12 +45,63 @@ DEFAULT_MAX_ENTRIES = 100_000  # memory store: rate-limit buckets held (idle one
 # leaves room for a burst or longer windows. ~100 bytes each in memory (~100 MB when full), ~145 in
 # the SQLite file (1 KB pages); both grow only as values arrive.
 DEFAULT_MAX_REPLAY_ENTRIES = 1_000_000
+# Shares of `max_replay_entries` reserved for the purposes a client cannot mint at will; DPoP proofs get
+# the rest (96% by default). 2% of the default is 20,000 live values each: revocation events arrive a
+# few a second at most (an SET lives `max_age_seconds` + leeway, 300 s by default: ~66/s sustained to
+# fill it; a mass logout of 20,000 sessions at once still fits), WebAuthn challenges at human speed.
+DEFAULT_WEBAUTHN_REPLAY_SHARE = 0.02
+DEFAULT_REVOCATION_REPLAY_SHARE = 0.02
+MAX_REPLAY_SHARE = 0.25  # a fraction: a reserved part above a quarter leaves DPoP, the bulk, too little
 DEFAULT_KEY_PREFIX = "verifier:"  # namespace for every key this verifier writes
 # Seconds per Redis socket operation (connect, write, read). Redis sits a LAN hop away; a request
 # waiting longer than this is better refused (503, fail closed) than left hanging at the gateway.
 DEFAULT_TIMEOUT_SECONDS = 0.25
 MAX_TIMEOUT_SECONDS = 5.0  # seconds; a slower answer holds the gateway's request too long
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class Purpose(enum.StrEnum):
+    """What a one-time value is for. Each purpose has its own bound in the local replay stores, so filling
+    one never refuses another; the value is the `purpose` label of `verifier_replay_store_full_total`
+    (three fixed values, never one a client chose)."""
+
+    DPOP = "dpop"  # DPoP proof jtis (RFC 9449 section 11.1): any authenticated client mints them at will
+    WEBAUTHN = "webauthn"  # WebAuthn step-up challenges and registration states
+    REVOCATION = "revocation"  # SET (RFC 8417) and back-channel logout-token jtis: revocations
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReplayBounds:
+    """Live one-time values a local replay store holds per purpose; each at least 1."""
+
+    dpop: int
+    webauthn: int
+    revocation: int
+
+    def __post_init__(self) -> None:
+        if min(self.dpop, self.webauthn, self.revocation) < 1:
+            raise ValueError("every replay bound must be at least 1")
+
+    def of(self, purpose: Purpose) -> int:
+        """The bound of `purpose`."""
+        return int(getattr(self, purpose.name.lower()))
+
+    @classmethod
+    def split(
+        cls,
+        total: int,
+        *,
+        webauthn_share: float = DEFAULT_WEBAUTHN_REPLAY_SHARE,
+        revocation_share: float = DEFAULT_REVOCATION_REPLAY_SHARE,
+    ) -> ReplayBounds:
+        """`total` split: each reserved part its share (rounded down, at least 1), DPoP the rest (at least 1).
+        `parse_state_config` refuses a total too small for that, so only hand-built configs meet the floors."""
+        webauthn = max(1, math.floor(total * webauthn_share))
+        revocation = max(1, math.floor(total * revocation_share))
+        return cls(dpop=max(1, total - webauthn - revocation), webauthn=webauthn, revocation=revocation)
+
+
+DEFAULT_REPLAY_BOUNDS = ReplayBounds.split(DEFAULT_MAX_REPLAY_ENTRIES)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,12 +124,33 @@ class StateConfig:
         DEFAULT_MAX_REPLAY_ENTRIES,
         minimum=1,
         unit="entries",
-        doc="without redis_url: live one-time values held (DPoP jtis, challenges); past it new ones get 503",
+        doc="without redis_url: live one-time values held, all purposes; a full purpose's new ones get 503",
+    )
+    webauthn_replay_share: float = setting(
+        DEFAULT_WEBAUTHN_REPLAY_SHARE,
+        maximum=MAX_REPLAY_SHARE,
+        unit="fraction",
+        doc="of max_replay_entries, above 0: WebAuthn challenges' own part (DPoP proofs get the rest)",
+    )
+    revocation_replay_share: float = setting(
+        DEFAULT_REVOCATION_REPLAY_SHARE,
+        maximum=MAX_REPLAY_SHARE,
+        unit="fraction",
+        doc="of max_replay_entries, above 0: SET and logout-token jtis' own part (a DPoP flood never fills it)",
     )
     password: str | None = dataclasses.field(default=None, repr=False)  # read from `password_env`
     path: str | None = setting(
         None, doc="without redis_url: directory of the durable local store (SQLite: revocations, replay keys)"
     )
+
+    @property
+    def replay_bounds(self) -> ReplayBounds:
+        """`max_replay_entries` split per purpose."""
+        return ReplayBounds.split(
+            self.max_replay_entries,
+            webauthn_share=self.webauthn_replay_share,
+            revocation_share=self.revocation_replay_share,
+        )
 
 
 def parse_state_config(data: Any, path: str = "state") -> StateConfig:
@@ -109,6 +190,12 @@ def parse_state_config(data: Any, path: str = "state") -> StateConfig:
         )
     if not values["timeout_seconds"] > 0:
         reader.problem("timeout_seconds", f"expected a number in (0, {MAX_TIMEOUT_SECONDS}]")
+    total = values["max_replay_entries"]
+    for key in ("webauthn_replay_share", "revocation_replay_share"):
+        if not values[key] > 0:
+            reader.problem(key, f"expected a fraction in (0, {MAX_REPLAY_SHARE}]")
+        elif math.floor(total * values[key]) < 1:
+            reader.problem(key, f"{values[key]} of max_replay_entries ({total}) is not one entry: raise either")
     directory = values["path"]
     if directory is not None:
         if url is not None:

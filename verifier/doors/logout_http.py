@@ -16,7 +16,7 @@ from __future__ import annotations
 import urllib.parse
 from collections.abc import Mapping
 
-from verifier.doors.refusals import RETRY_AFTER_UNAVAILABLE, STATUS_BY_OUTCOME
+from verifier.doors.refusals import STATUS_BY_OUTCOME, retry_after
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.errors import Outcome, ProviderUnavailable, StateUnavailable
 from verifier.revocation.logout import MALFORMED, MAX_LOGOUT_TOKEN_BYTES, BackchannelLogout, LogoutRefused
@@ -42,11 +42,11 @@ def add_logout_routes(router: Router, logout: BackchannelLogout) -> None:
             await logout.receive(token)
         except LogoutRefused as exc:
             return _error(exc.description)
-        except (StateUnavailable, ProviderUnavailable):  # the store, or the issuer's keys after a failed fetch
+        except (StateUnavailable, ProviderUnavailable) as exc:  # the store, or the issuer's keys after a failed fetch
             return HttpAnswer.json(
                 STATUS_BY_OUTCOME[Outcome.UNAVAILABLE],
                 {"error": "temporarily_unavailable"},
-                (("retry-after", RETRY_AFTER_UNAVAILABLE),),
+                (("retry-after", retry_after(exc)),),
             )
         return HttpAnswer(200, NO_STORE)
 

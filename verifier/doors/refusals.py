@@ -19,7 +19,7 @@ import json
 
 from verifier.decision import Decision
 from verifier.doors.routes import HttpAnswer
-from verifier.errors import VerifierError
+from verifier.errors import ReplayStoreFull, VerifierError
 from verifier.reasons import ALLOW, CATALOGUE, Outcome, Reason, Scheme
 
 STATUS_BY_OUTCOME = {
@@ -72,6 +72,15 @@ def challenge(scheme: Scheme, realm: str, params: dict[str, str | int]) -> str:
     return f"{scheme.value} " + ", ".join(parts)
 
 
+def retry_after(error: Exception) -> str:
+    """The `Retry-After` of an unavailable answer: a full replay store knows when its purpose has room again;
+    anything else, `RETRY_AFTER_UNAVAILABLE`. Every answer that fails closed (the gateway's, the SSF and
+    logout endpoints') asks here."""
+    if isinstance(error, ReplayStoreFull):
+        return str(error.retry_after)
+    return RETRY_AFTER_UNAVAILABLE
+
+
 def refuse(
     error: VerifierError,
     *,
@@ -92,7 +101,7 @@ def refuse(
     headers: list[tuple[str, str]] = []
     body: dict[str, object] = {}
     if outcome in _FAIL_CLOSED:
-        headers.append(("retry-after", RETRY_AFTER_UNAVAILABLE))
+        headers.append(("retry-after", retry_after(error)))
         body = {"error": "temporarily_unavailable", "error_description": _quoted(error.description)}
     elif outcome is Outcome.RATE_LIMITED:
         body = {"error": "rate_limited", "error_description": _quoted(error.description)}

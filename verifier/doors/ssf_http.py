@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from verifier.config.revocation import PUSH
-from verifier.doors.refusals import RETRY_AFTER_UNAVAILABLE, STATUS_BY_OUTCOME
+from verifier.doors.refusals import STATUS_BY_OUTCOME, retry_after
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.errors import Outcome, ProviderUnavailable, StateUnavailable
 from verifier.revocation.service import RevocationService
@@ -40,11 +40,11 @@ def add_ssf_routes(router: Router, service: RevocationService) -> None:
             await service.receive(token, delivery=PUSH)
         except SetRefused as exc:
             return _set_error(exc.err, exc.description)
-        except (StateUnavailable, ProviderUnavailable):  # the store, or the transmitter's keys: retry, never lost
+        except (StateUnavailable, ProviderUnavailable) as exc:  # the store, or the transmitter's keys: retry
             return HttpAnswer.json(
                 STATUS_BY_OUTCOME[Outcome.UNAVAILABLE],
                 {"err": "temporarily_unavailable"},
-                (("retry-after", RETRY_AFTER_UNAVAILABLE),),
+                (("retry-after", retry_after(exc)),),
             )
         return HttpAnswer(202, (("cache-control", "no-store"),))
 

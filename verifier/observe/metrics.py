@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import bisect
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+
+from verifier.config.state import Purpose
 
 LATENCY_BUCKETS = (
     0.00005,
@@ -101,19 +103,26 @@ class _HotPath:
 
 
 class _ReplayStore:
-    """`verifier_replay_store_full_total`: new one-time values the local replay store refused because it
-    was full of live ones (503 `replay_store_full`). Read from the store's own count at each scrape (it
-    is bumped on the event loop's thread, as the scrape runs); 0 with Redis, which holds no such bound."""
+    """`verifier_replay_store_full_total{purpose}`: new one-time values the local replay store refused because
+    their purpose's part was full of live ones (503 `replay_store_full`). `purpose` is one of the three
+    `Purpose` values (dpop, webauthn, revocation), each always exported, never a value a client chose.
+    Read from the store's own counts at each scrape (they are bumped on the event loop's thread, as the
+    scrape runs); 0 with Redis, which holds no such bound."""
 
     def __init__(self) -> None:
-        self.refused: Callable[[], int] = lambda: 0
+        self.refused: Callable[[], Mapping[Purpose, int]] = lambda: {}
 
     def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
+        family = CounterMetricFamily(
             "verifier_replay_store_full",
-            "New one-time values (DPoP jtis, challenges, SET jtis) refused: the local replay store was full.",
-            value=self.refused(),
+            "New one-time values refused because the local replay store's part for their purpose "
+            "(dpop: DPoP proof jtis; webauthn: challenges; revocation: SET and logout-token jtis) was full.",
+            labels=["purpose"],
         )
+        refused = self.refused()
+        for purpose in Purpose:
+            family.add_metric([purpose.value], refused.get(purpose, 0))
+        yield family
 
 
 class Metrics:
@@ -194,8 +203,8 @@ class Metrics:
         """Records how many keys an issuer has."""
         self.jwks_key_count.labels(issuer).set(count)
 
-    def replay_store(self, refused_full: Callable[[], int]) -> None:
-        """Exports the local replay store's count of values refused because it was full."""
+    def replay_store(self, refused_full: Callable[[], Mapping[Purpose, int]]) -> None:
+        """Exports the local replay store's counts, per purpose, of values refused because it was full."""
         self._replay_store.refused = refused_full
 
     def render(self) -> bytes:

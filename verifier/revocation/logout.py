@@ -38,7 +38,7 @@ from verifier.observe.metrics import RevocationMetrics
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.signed import Failed, MessageRefused, check_signature, check_times, jti_key, jti_of
 from verifier.revocation.subjects import MAX_IDENTIFIER_CHARS
-from verifier.state.base import SharedState
+from verifier.state.base import Purpose, SharedState
 from verifier.tokens import jws
 from verifier.tokens.jwks import IssuerKeys
 
@@ -232,14 +232,15 @@ class BackchannelLogout:
         try:
             verified = await self._verifier.verify(token)
             key = _jti_key(verified)
-            if await self._state.seen(key):
+            if await self._state.seen(key, purpose=Purpose.REVOCATION):
                 raise LogoutRefused(REPLAY, "jti already received")
         except LogoutRefused as exc:
             self.refused(exc, self._verifier.issuer_label(token))
             raise
         entries = entries_of(verified, now=self._clock.now(), entry_lifetime=self._entry_lifetime)
         await self._add(list(entries))
-        await self._state.first_use(key, verified.jti_ttl)  # only now: a retry after a failure applies again
+        # only now: a retry after a failure applies again
+        await self._state.first_use(key, verified.jti_ttl, purpose=Purpose.REVOCATION)
         self._metrics.logouts.labels(verified.issuer, "accepted").inc()
         audit_log.info(
             "backchannel_logout",

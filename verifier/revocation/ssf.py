@@ -52,7 +52,7 @@ from verifier.numbers import json_number
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.signed import Failed, MessageRefused, check_signature, check_times, jti_key, jti_of
 from verifier.revocation.subjects import SubjectError, session_user_keys, subject_keys
-from verifier.state.base import SharedState
+from verifier.state.base import Purpose, SharedState
 from verifier.tokens import jws
 from verifier.tokens.jwks import IssuerKeys
 
@@ -206,7 +206,7 @@ class SetVerifier:
         a stalled Redis run the mark late after a 503, and the transmitter's retry would be refused as
         a replay of an event that never took effect. Raises `StateUnavailable` (the transmitter retries).
         """
-        if await self._state.seen(_jti_key(verified)):
+        if await self._state.seen(_jti_key(verified), purpose=Purpose.REVOCATION):
             raise SetRefused(INVALID_REQUEST, "jti already received", replay=True)
 
     async def claim(self, verified: VerifiedSet) -> None:
@@ -216,7 +216,7 @@ class SetVerifier:
         deterministic), so losing the race here changes nothing. Raises `StateUnavailable`.
         """
         ttl = verified.transmitter.max_age_seconds + verified.transmitter.leeway_seconds
-        await self._state.first_use(_jti_key(verified), float(ttl))
+        await self._state.first_use(_jti_key(verified), float(ttl), purpose=Purpose.REVOCATION)
 
 
 def _jti_key(verified: VerifiedSet) -> str:

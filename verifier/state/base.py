@@ -7,8 +7,10 @@ store (one replica, tests) and the Redis store (many replicas) are interchangeab
 
 Every implementation fails closed: when the state cannot be read they raise
 `verifier.errors.StateUnavailable`, never answer "first use" or "allowed". The local stores (memory,
-SQLite) are bounded; full of live one-time values, they raise `ReplayStoreFull` (a `StateUnavailable`
-with its own code) for a new value rather than forget a live one, which would let it be replayed.
+SQLite) are bounded per `Purpose` (DPoP proofs, WebAuthn challenges, revocation events); a purpose full
+of live one-time values raises `ReplayStoreFull` (a `StateUnavailable` with its own code) for a new value
+of that purpose rather than forget a live one, which would let it be replayed, and the other purposes
+are not touched: a client's flood of DPoP proofs never refuses an SSF event or a logout token.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 from typing import Protocol
 
 from verifier.clock import Clock
+from verifier.config.state import Purpose as Purpose  # re-exported: every caller of first_use names one
 from verifier.errors import ReplayStoreFull
 
 REPLAY_DIGEST_BYTES = 16  # 128 bits: see `verifier.state.memory` for the collision odds
@@ -50,15 +53,16 @@ class TakeResult:
 class SharedState(Protocol):
     """State shared by every replica; every method is atomic with respect to all replicas."""
 
-    async def first_use(self, key: str, ttl_seconds: float) -> bool:
+    async def first_use(self, key: str, ttl_seconds: float, *, purpose: Purpose) -> bool:
         """True the first time `key` is seen within `ttl_seconds`, False on a replay.
 
         Raises `StateUnavailable` when the answer cannot be known (fail closed), and its `ReplayStoreFull`
-        when a bounded store cannot remember one more value (then nothing is remembered).
+        when a bounded store cannot remember one more value of `purpose` (then nothing is remembered). A key
+        belongs to one purpose (callers prefix it with theirs).
         """
         ...
 
-    async def seen(self, key: str) -> bool:
+    async def seen(self, key: str, *, purpose: Purpose) -> bool:
         """True while `key` is marked by `first_use` (a read: it marks nothing).
 
         For a one-time value whose effect must be stored before it is marked (an SSF `jti`): check,
@@ -119,32 +123,48 @@ def take_result(allowed: bool, tokens: float, *, rate_per_second: float, burst: 
     )
 
 
+def retry_after(oldest_end: float, now: float, ttl_seconds: float) -> int:
+    """`Retry-After` for a full purpose: whole seconds until its oldest live values expire and make room
+    (`oldest_end`, on the same clock as `now`), at least 1 and at most the refused value's TTL rounded up
+    (the values live no longer than that; a clock stepped back must not say hours)."""
+    return max(1, min(math.ceil(oldest_end - now), math.ceil(ttl_seconds)))
+
+
 class FullLog:
-    """Counts refusals of a full replay store and logs them at most once per `FULL_LOG_SECONDS`, with the
-    count since the last line (no value, no token: only the numbers)."""
+    """Counts refusals of a full replay store per purpose and logs them at most once per `FULL_LOG_SECONDS`
+    per purpose, with the count since the last line (no value, no token: only the numbers)."""
 
     def __init__(self, clock: Clock, store: str) -> None:
         self._clock = clock
         self._store = store
-        self.refused = 0  # every refusal since start (the `verifier_replay_store_full_total` counter)
-        self._logged = 0  # `refused` when the last line was written
-        self._next = -math.inf  # monotonic: no line before this
+        # every refusal since start, per purpose (the `verifier_replay_store_full_total` counter)
+        self.refused: dict[Purpose, int] = dict.fromkeys(Purpose, 0)
+        self._logged: dict[Purpose, int] = dict.fromkeys(Purpose, 0)  # `refused` when the last line was written
+        self._next: dict[Purpose, float] = dict.fromkeys(Purpose, -math.inf)  # monotonic: no line before this
 
-    def refuse(self, held: int, bound: int) -> ReplayStoreFull:
+    @property
+    def total(self) -> int:
+        """Refusals of every purpose."""
+        return sum(self.refused.values())
+
+    def refuse(self, purpose: Purpose, held: int, bound: int, retry_after: int) -> ReplayStoreFull:
         """Counts one refusal, logs when due, and returns the error the caller raises."""
-        self.refused += 1
+        self.refused[purpose] += 1
         now = self._clock.monotonic()
-        if now >= self._next:
-            self._next = now + FULL_LOG_SECONDS
+        if now >= self._next[purpose]:
+            self._next[purpose] = now + FULL_LOG_SECONDS
             log.error(
                 "replay store full of live one-time values: refusing new ones (503) until they expire",
                 extra={
                     "event": "replay_store_full",
                     "store": self._store,
+                    "purpose": purpose.value,
                     "held": held,
                     "max_replay_entries": bound,
-                    "refused": self.refused - self._logged,
+                    "retry_after": retry_after,
+                    "refused": self.refused[purpose] - self._logged[purpose],
                 },
             )
-            self._logged = self.refused
-        return ReplayStoreFull("too many one-time values in flight; try again")
+            self._logged[purpose] = self.refused[purpose]
+        description = f"too many {purpose.value} one-time values in flight; try again"
+        return ReplayStoreFull(description, purpose=purpose.value, retry_after=retry_after)

@@ -1,22 +1,29 @@
 """In-process `SharedState` for a single replica and for tests: bounded, with an injected clock.
 
 One-time values (DPoP proof `jti`s, RFC 9449 section 11.1; WebAuthn challenges; SET and logout-token
-`jti`s) fail closed when the table is full. A live value is never forgotten to make room: forgetting
+`jti`s) fail closed when their table is full. A live value is never forgotten to make room: forgetting
 it would let that value be replayed until its window closes, a pass where the design says refuse,
-and an authenticated client could force it by sending proofs of his own. So when every one of
-`max_replay_entries` values is still live, `first_use` refuses the new one with `ReplayStoreFull`
-(503 `replay_store_full`, Retry-After; the client tries again with a fresh proof) and remembers nothing,
-counts it in `refused_full` (`verifier_replay_store_full_total`), and logs it at most once per
+and an authenticated client could force it by sending proofs of his own. So when every one of a
+purpose's values is still live, `first_use` refuses a new one with `ReplayStoreFull` (503
+`replay_store_full`; the client tries again with a fresh proof) and remembers nothing, counts it in
+`refused_full` (`verifier_replay_store_full_total{purpose}`), and logs it at most once per
 `verifier.state.base.FULL_LOG_SECONDS`. The trade: under a flood of one-time values a replica refuses
-replay-checked requests (DPoP, WebAuthn, SSF deliveries, which their senders retry) until values
-expire, instead of silently accepting replays; bearer tokens without DPoP never reach this table. The
-flood can only come from clients that pass every other check first (a valid token, a signed proof:
-`first_use` runs last), and it shows in the metric and the log. The default is sized so legitimate
-load does not come near it (`verifier.config.state.DEFAULT_MAX_REPLAY_ENTRIES`); size it above
-requests per second x window.
+replay-checked requests of that purpose until values expire, instead of silently accepting replays;
+bearer tokens without DPoP never reach these tables. The flood can only come from clients that pass
+every other check first (a valid token, a signed proof: `first_use` runs last), and it shows in the
+metric and the log. The default is sized so legitimate load does not come near it
+(`verifier.config.state.DEFAULT_MAX_REPLAY_ENTRIES`); size it above requests per second x window.
+
+Each `Purpose` has a table of its own with its own bound (`ReplayBounds`: DPoP proofs most of
+`state.max_replay_entries`, a small part each for WebAuthn challenges and for revocation events, SET
+and logout-token `jti`s). DPoP proof `jti`s are the one value any authenticated client can mint as fast
+as he likes; in one shared table, a flood of them refused the SSF events and logout tokens that must
+take effect within a second. Now filling the DPoP table refuses DPoP proofs only. The refusal's
+`retry_after` is the truth for its purpose: the seconds until its oldest live slice expires and makes
+room (at least 1, at most the value's TTL).
 
 To make a large bound cheap, a value is held as the first 16 bytes of its SHA-256
-(`verifier.state.base.replay_digest`, the SQLite file's form too), in one set, not as its
+(`verifier.state.base.replay_digest`, the SQLite file's form too), in one set per purpose, not as its
 text with an expiry object and a heap entry (~245 bytes a value before, ~90-100 now, measured with
 tracemalloc: docs/BENCHMARKS.md, "Replay keys in memory"). 128 bits make a collision between any two of
 a million live values ~1.5e-27 likely (n^2 / 2^129), and a collision only refuses a proof (a false
@@ -43,25 +50,52 @@ from collections import OrderedDict
 
 from verifier.clock import Clock
 from verifier.config.state import DEFAULT_MAX_ENTRIES as MAX_ENTRIES
-from verifier.config.state import DEFAULT_MAX_REPLAY_ENTRIES as MAX_REPLAY_ENTRIES
-from verifier.state.base import FullLog, TakeResult, check_bucket, refill, replay_digest, take_one, take_result
+from verifier.config.state import DEFAULT_REPLAY_BOUNDS, ReplayBounds
+from verifier.state.base import (
+    FullLog,
+    Purpose,
+    TakeResult,
+    check_bucket,
+    refill,
+    replay_digest,
+    retry_after,
+    take_one,
+    take_result,
+)
 
 SLICE_SECONDS = 1  # expiries are rounded up to a whole slice: a value is kept up to this much longer
+
+class _Table:
+    """One purpose's live one-time values: digests in a set, listed per one-second expiry slice."""
+
+    __slots__ = ("bound", "ends", "live", "slices")
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self.live: set[bytes] = set()  # digests of the live one-time values (every one unexpired)
+        self.slices: dict[int, list[bytes]] = {}  # slice end (monotonic seconds) -> digests expiring then
+        self.ends: list[int] = []  # heap of the keys of `slices`
+
+    def purge(self, now: float) -> None:
+        # A slice is dropped once its end has passed, so every digest left in `live` is live. A digest
+        # is in one slice only: it is added again only after its slice was dropped.
+        ends, slices, live = self.ends, self.slices, self.live
+        while ends and ends[0] <= now:
+            live.difference_update(slices.pop(heapq.heappop(ends)))
+
 
 class MemoryState:
     """A bounded, single-process `SharedState`."""
 
     def __init__(
-        self, clock: Clock, *, max_entries: int = MAX_ENTRIES, max_replay_entries: int = MAX_REPLAY_ENTRIES
+        self, clock: Clock, *, max_entries: int = MAX_ENTRIES, replay: ReplayBounds = DEFAULT_REPLAY_BOUNDS
     ) -> None:
-        if max_entries < 1 or max_replay_entries < 1:
-            raise ValueError("max_entries and max_replay_entries must be at least 1")
+        """`replay`: live one-time values held per purpose (`StateConfig.replay_bounds`)."""
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
         self._clock = clock
         self._max = max_entries
-        self._max_replay = max_replay_entries
-        self._live: set[bytes] = set()  # digests of the live one-time values (every one unexpired)
-        self._slices: dict[int, list[bytes]] = {}  # slice end (monotonic seconds) -> digests expiring then
-        self._ends: list[int] = []  # heap of the keys of `_slices`
+        self._tables = {purpose: _Table(replay.of(purpose)) for purpose in Purpose}
         # key -> (tokens, last wall time, wall time at which the bucket is full again)
         self._buckets: OrderedDict[str, tuple[float, float, float]] = OrderedDict()
         self.evictions = 0  # buckets dropped because their table was full (never a one-time value)
@@ -69,49 +103,48 @@ class MemoryState:
 
     @property
     def refused_full(self) -> int:
-        """New one-time values refused because the table was full of live ones."""
-        return self.full.refused
+        """New one-time values refused because their purpose's table was full of live ones."""
+        return self.full.total
+
+    def held(self, purpose: Purpose) -> int:
+        """Live one-time values of `purpose` (expired ones not yet purged included)."""
+        return len(self._tables[purpose].live)
 
     def __len__(self) -> int:
-        return len(self._live) + len(self._buckets)
+        return sum(len(t.live) for t in self._tables.values()) + len(self._buckets)
 
-    async def first_use(self, key: str, ttl_seconds: float) -> bool:
+    async def first_use(self, key: str, ttl_seconds: float, *, purpose: Purpose) -> bool:
         """True the first time `key` is seen within `ttl_seconds` (False on a replay); raises
-        `ReplayStoreFull` when the table holds `max_replay_entries` live values (nothing is remembered)."""
+        `ReplayStoreFull` when `purpose`'s table holds its bound of live values (nothing is remembered)."""
         if not ttl_seconds > 0:
             raise ValueError("ttl_seconds must be positive")
         now = self._clock.monotonic()
-        ends = self._ends
+        table = self._tables[purpose]
+        ends = table.ends
         if ends and ends[0] <= now:
-            self._purge(now)
+            table.purge(now)
         digest = replay_digest(key)
-        live = self._live
+        live = table.live
         if digest in live:
             return False
-        if len(live) >= self._max_replay:
-            raise self.full.refuse(len(live), self._max_replay)
+        if len(live) >= table.bound:
+            raise self.full.refuse(purpose, len(live), table.bound, retry_after(ends[0], now, ttl_seconds))
         end = math.ceil((now + ttl_seconds) / SLICE_SECONDS) * SLICE_SECONDS
-        members = self._slices.get(end)
+        members = table.slices.get(end)
         if members is None:
-            members = self._slices[end] = []
+            members = table.slices[end] = []
             heapq.heappush(ends, end)
         members.append(digest)
         live.add(digest)
         return True
 
-    async def seen(self, key: str) -> bool:
+    async def seen(self, key: str, *, purpose: Purpose) -> bool:
         """True while `key` is marked."""
         now = self._clock.monotonic()
-        if self._ends and self._ends[0] <= now:
-            self._purge(now)
-        return replay_digest(key) in self._live
-
-    def _purge(self, now: float) -> None:
-        # A slice is dropped once its end has passed, so every digest left in `_live` is live. A digest
-        # is in one slice only: it is added again only after its slice was dropped.
-        ends, slices, live = self._ends, self._slices, self._live
-        while ends and ends[0] <= now:
-            live.difference_update(slices.pop(heapq.heappop(ends)))
+        table = self._tables[purpose]
+        if table.ends and table.ends[0] <= now:
+            table.purge(now)
+        return replay_digest(key) in table.live
 
     async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
         """Token bucket; `now` is wall-clock seconds."""
@@ -142,7 +175,6 @@ class MemoryState:
 
     async def close(self) -> None:
         """Forgets everything."""
-        self._live.clear()
-        self._slices.clear()
-        self._ends.clear()
+        for purpose in Purpose:
+            self._tables[purpose] = _Table(self._tables[purpose].bound)
         self._buckets.clear()

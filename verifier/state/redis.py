@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from verifier.config.state import DEFAULT_KEY_PREFIX, DEFAULT_TIMEOUT_SECONDS
 from verifier.errors import StateUnavailable
-from verifier.state.base import TakeResult, check_bucket, take_result
+from verifier.state.base import Purpose, TakeResult, check_bucket, take_result
 
 # Mirrors verifier.state.base.refill / take_one / the bucket's expiry, atomically on the server.
 # KEYS[1] bucket; ARGV rate_per_second, burst, now (wall seconds). Returns {allowed, tokens as text}:
@@ -68,15 +68,16 @@ class RedisState:
         # The whole call, connect and retry included, stays within this deadline.
         self._deadline = timeout_seconds * 4
 
-    async def first_use(self, key: str, ttl_seconds: float) -> bool:
-        """`SET key 1 NX PX ttl`: True when this call created the key."""
+    async def first_use(self, key: str, ttl_seconds: float, *, purpose: Purpose) -> bool:
+        """`SET key 1 NX PX ttl`: True when this call created the key. Redis holds no bound per `purpose` (its
+        only bound is `maxmemory`; at it, with `noeviction`, the write is refused: `StateUnavailable`)."""
         if not ttl_seconds > 0:
             raise ValueError("ttl_seconds must be positive")
         ttl_ms = max(1, math.ceil(ttl_seconds * 1000))
         created = await self._call(self._redis.set(self._prefix + "once:" + key, b"1", nx=True, px=ttl_ms))
         return created is True
 
-    async def seen(self, key: str) -> bool:
+    async def seen(self, key: str, *, purpose: Purpose) -> bool:
         """`EXISTS key`."""
         return bool(await self._call(self._redis.exists(self._prefix + "once:" + key)))
 

@@ -20,21 +20,25 @@ write that fills it: ~0.1 ms at a time and a WAL of ~100 KB (SQLite's default, 1
 stalled the loop ~1 ms each time; a checkpoint in another thread could never finish while the loop
 kept writing, and the WAL grew without bound).
 
-Expiry is wall-clock time (the processes and a restarted host share it). Expired keys are purged about
-once a second, and at once when the table is past its bound. A live key is never deleted to make room
-(that would let its value be replayed until its window closes, as `MemoryState` explains): when the
-table holds more than `max_replay_entries` live keys, the key just written is taken back and `first_use`
-raises `ReplayStoreFull` (503 `replay_store_full`), counted in `refused_full` and logged at most every
-10 s. Every process takes back only its own key, so processes racing at the bound may both refuse
-(conservative), never delete each other's live keys, and leave the table at the bound. The number of
-keys is kept in the file by triggers (`seen_count`), exact whichever process (or older verifier) writes,
-and read in O(1) after each new key (count(*) scans: ~80 ms at a million keys). That costs a new key ~10
-us more (a page more per write, and the read; ~50 -> ~60 us on a loaded 2-vCPU host); a replay costs
-what it did. At 1 KB pages the file holds ~145 bytes a key (~145 MB at the default bound, which
-realistic load stays well below: ~40 MB at 4,000 new keys a second). Token buckets stay in this
-process's memory (`take`, bounded by `max_entries`; an evicted idle bucket opens no replay): a rate
-limit is not a security boundary worth a write per request. Every other SQLite error is
-`StateUnavailable` (fail closed).
+Expiry is wall-clock time (the processes and a restarted host share it). Expired keys are purged about once
+a second, and at once when a purpose is past its bound. Each key carries its `Purpose` (a small integer
+column), and each purpose has its own bound (`ReplayBounds`), so a flood of DPoP proofs fills only the DPoP
+part and never refuses an SET or a logout token. A live key is never deleted to make room (that would let
+its value be replayed until its window closes, as `MemoryState` explains): when a purpose holds more than
+its bound of live keys, the key just written is taken back and `first_use` raises `ReplayStoreFull` (503
+`replay_store_full`, `Retry-After` the seconds until that purpose's earliest live key expires), counted in
+`refused_full` and logged at most every 10 s per purpose. Every process takes back only its own key, so
+processes racing at the bound may both refuse (conservative), never delete each other's live keys, and leave
+the purpose at its bound. The number of keys per purpose is kept in the file by triggers (`seen_counts`),
+exact whichever process writes, and read in O(1) after each new key (count(*) scans: ~80 ms at a million
+keys). That costs a new key ~10 us more (a page more per write, and the read; ~50 -> ~60 us on a loaded
+2-vCPU host); a replay costs what it did. A file from before purposes is upgraded when opened: its keys
+count as DPoP keys (their purpose is not known; DPoP is the part they cannot crowd out a revocation from), a
+key used again takes its caller's purpose. At 1 KB pages the file holds ~145 bytes a key (~145 MB at the
+default bound, which realistic load stays well below: ~40 MB at 4,000 new keys a second). Token buckets stay
+in this process's memory (`take`, bounded by `max_entries`; an evicted idle bucket opens no replay): a rate
+limit is not a security boundary worth a write per request. Every other SQLite error is `StateUnavailable`
+(fail closed).
 """
 
 from __future__ import annotations
@@ -44,10 +48,10 @@ import os
 import sqlite3
 
 from verifier.clock import Clock
-from verifier.config.state import DEFAULT_MAX_REPLAY_ENTRIES as MAX_REPLAY_ENTRIES
+from verifier.config.state import DEFAULT_REPLAY_BOUNDS, ReplayBounds
 from verifier.errors import StateUnavailable
 from verifier.private_files import REPLAY_FILE, private_sqlite
-from verifier.state.base import FullLog, TakeResult, replay_digest
+from verifier.state.base import FullLog, Purpose, TakeResult, replay_digest, retry_after
 from verifier.state.memory import MemoryState
 
 log = logging.getLogger("verifier.state")
@@ -58,20 +62,44 @@ CHECKPOINT_PAGES = 100  # the WAL is copied into the file every ~100 KB (~30 wri
 BUSY_SECONDS = 0.25  # a write waits this long for another process's (they take microseconds), then 503
 PURGE_SECONDS = 1.0  # expired keys are deleted about this often
 
+# A purpose's number in the file (the `purpose` column); never renumbered: files outlive versions. 0 is what
+# a key from before purposes counts as. `_SCHEMA` lists them (VALUES) for the counts.
+PURPOSE_CODES = {Purpose.DPOP: 0, Purpose.WEBAUTHN: 1, Purpose.REVOCATION: 2}
+
 _FIRST_USE = (
-    "INSERT INTO seen (key, expires) VALUES (?, ?) "
-    "ON CONFLICT (key) DO UPDATE SET expires = excluded.expires WHERE seen.expires <= ?"
+    "INSERT INTO seen (key, expires, purpose) VALUES (?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET expires = excluded.expires, purpose = excluded.purpose "
+    "WHERE seen.expires <= ?"
 )
-# The number of keys, kept by triggers in the file: every process's writes (an older verifier's too)
-# keep it exact, and reading it is O(1) where count(*) scans (~80 ms at a million keys).
+_HELD = "SELECT n FROM seen_counts WHERE purpose = ?"
+_TRIM = "DELETE FROM seen WHERE purpose = ? AND expires <= ?"  # one range of the index per purpose
+_OLDEST = "SELECT min(expires) FROM seen WHERE purpose = ? AND expires > ?"  # the index's first live row
+# The number of keys per purpose, kept by triggers in the file: every process's writes keep it exact, and
+# reading it is O(1) where count(*) scans (~80 ms at a million keys).
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS seen (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID",
-    "CREATE INDEX IF NOT EXISTS seen_expires ON seen (expires)",
-    "CREATE TABLE IF NOT EXISTS seen_count (n INTEGER NOT NULL)",
-    # Counted once, for a file without the count (new, or an older verifier's); never a second row.
-    "INSERT INTO seen_count (n) SELECT (SELECT count(*) FROM seen) WHERE NOT EXISTS (SELECT 1 FROM seen_count)",
-    "CREATE TRIGGER IF NOT EXISTS seen_added AFTER INSERT ON seen BEGIN UPDATE seen_count SET n = n + 1; END",
-    "CREATE TRIGGER IF NOT EXISTS seen_removed AFTER DELETE ON seen BEGIN UPDATE seen_count SET n = n - 1; END",
+    "CREATE TABLE IF NOT EXISTS seen (key BLOB PRIMARY KEY, expires REAL NOT NULL, purpose INTEGER NOT NULL DEFAULT 0)"
+    " WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS seen_purpose_expires ON seen (purpose, expires)",
+    "CREATE TABLE IF NOT EXISTS seen_counts (purpose INTEGER PRIMARY KEY, n INTEGER NOT NULL)",
+    # Counted once per purpose, for a file without its count (new, or from before purposes); never twice.
+    "INSERT OR IGNORE INTO seen_counts (purpose, n) "
+    "SELECT column1, (SELECT count(*) FROM seen WHERE purpose = column1) FROM (VALUES (0), (1), (2))",
+    "CREATE TRIGGER IF NOT EXISTS seen_added AFTER INSERT ON seen BEGIN "
+    "UPDATE seen_counts SET n = n + 1 WHERE purpose = NEW.purpose; END",
+    "CREATE TRIGGER IF NOT EXISTS seen_removed AFTER DELETE ON seen BEGIN "
+    "UPDATE seen_counts SET n = n - 1 WHERE purpose = OLD.purpose; END",
+    "CREATE TRIGGER IF NOT EXISTS seen_moved AFTER UPDATE OF purpose ON seen WHEN OLD.purpose != NEW.purpose BEGIN "
+    "UPDATE seen_counts SET n = n - 1 WHERE purpose = OLD.purpose; "
+    "UPDATE seen_counts SET n = n + 1 WHERE purpose = NEW.purpose; END",
+)
+# A file from before purposes: one count for every key, kept by triggers of the same names. Dropped (in the
+# transaction that creates the new ones) before `_SCHEMA` runs.
+_UPGRADE = (
+    "ALTER TABLE seen ADD COLUMN purpose INTEGER NOT NULL DEFAULT 0",
+    "DROP TRIGGER IF EXISTS seen_added",
+    "DROP TRIGGER IF EXISTS seen_removed",
+    "DROP TABLE IF EXISTS seen_count",
+    "DROP INDEX IF EXISTS seen_expires",
 )
 
 
@@ -79,14 +107,13 @@ class SqliteState:
     """Replay keys in a file every process of this host shares; buckets in this process's memory."""
 
     def __init__(
-        self, directory: str, clock: Clock, *, buckets: Buckets = None, max_replay_entries: int = MAX_REPLAY_ENTRIES
+        self, directory: str, clock: Clock, *, buckets: Buckets = None, replay: ReplayBounds = DEFAULT_REPLAY_BOUNDS
     ) -> None:
-        """`buckets` holds this process's token buckets (the root's, bounded by `state.max_entries`)."""
-        if max_replay_entries < 1:
-            raise ValueError("max_replay_entries must be at least 1")
+        """`buckets` holds this process's token buckets (the root's, bounded by `state.max_entries`); `replay`,
+        the live keys held per purpose (`StateConfig.replay_bounds`; every process of the host should agree)."""
         self.path = os.path.join(directory, SQLITE_FILE)
         self._clock = clock
-        self._max = max_replay_entries
+        self._bounds = replay
         self._buckets = buckets or MemoryState(clock)
         self.full = FullLog(clock, "sqlite")
         try:
@@ -108,6 +135,10 @@ class SqliteState:
             db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
             with db:  # one transaction: a process opening the file beside this one sees all of it or none
                 db.execute("BEGIN IMMEDIATE")
+                columns = [row[1] for row in db.execute("PRAGMA table_info(seen)")]
+                if columns and "purpose" not in columns:
+                    for statement in _UPGRADE:
+                        db.execute(statement)
                 for statement in _SCHEMA:
                     db.execute(statement)
             checked = db.execute("PRAGMA quick_check").fetchall()
@@ -141,8 +172,8 @@ class SqliteState:
 
     @property
     def refused_full(self) -> int:
-        """New keys this process refused because the table was full of live ones."""
-        return self.full.refused
+        """New keys this process refused because their purpose was full of live ones."""
+        return self.full.total
 
     def __len__(self) -> int:
         return self._count()
@@ -150,41 +181,50 @@ class SqliteState:
     def _count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM seen").fetchone()[0])
 
-    async def first_use(self, key: str, ttl_seconds: float) -> bool:
+    async def first_use(self, key: str, ttl_seconds: float, *, purpose: Purpose) -> bool:
         """True the first time any process of this host sees `key` within `ttl_seconds` (False on a
-        replay); raises `ReplayStoreFull` when the table holds `max_replay_entries` live keys."""
+        replay); raises `ReplayStoreFull` when `purpose` holds its bound of live keys."""
         if not ttl_seconds > 0:
             raise ValueError("ttl_seconds must be positive")
         now = self._clock.now()
         digest = replay_digest(key)
+        code = PURPOSE_CODES[purpose]
+        bound = self._bounds.of(purpose)
         try:
             if self._clock.monotonic() >= self._next_purge:
                 self._trim(now)
-            if self._db.execute(_FIRST_USE, (digest, now + ttl_seconds, now)).rowcount != 1:
+            if self._db.execute(_FIRST_USE, (digest, now + ttl_seconds, code, now)).rowcount != 1:
                 return False  # live: a replay
-            if self._held() <= self._max:
+            if self._held(code) <= bound:
                 return True
             # Past the bound (this key, or another process's, took the last place): expired keys make room,
             # live ones never do. Each process takes back only its own key, so racing ones may both refuse
-            # at the boundary (conservative), and the table never stays above the bound.
+            # at the boundary (conservative), and the purpose never stays above its bound.
             self._trim(now)
-            held = self._held()
-            if held <= self._max:
+            held = self._held(code)
+            if held <= bound:
                 return True
             self._db.execute("DELETE FROM seen WHERE key = ?", (digest,))
+            oldest = self._db.execute(_OLDEST, (code, now)).fetchone()[0]
         except sqlite3.Error as exc:
             raise StateUnavailable(f"replay store unavailable: {type(exc).__name__}") from exc
-        raise self.full.refuse(held - 1, self._max)
+        wait = retry_after(oldest if oldest is not None else now + 1, now, ttl_seconds)
+        raise self.full.refuse(purpose, held - 1, bound, wait)
 
-    def _held(self) -> int:
-        return int(self._db.execute("SELECT n FROM seen_count").fetchone()[0])
+    def _held(self, code: int) -> int:
+        return int(self._db.execute(_HELD, (code,)).fetchone()[0])
+
+    def held(self, purpose: Purpose) -> int:
+        """Keys of `purpose` in the file (expired ones not yet purged included), every process's."""
+        return self._held(PURPOSE_CODES[purpose])
 
     def _live(self, digest: bytes, now: float) -> bool:
         row = self._db.execute("SELECT 1 FROM seen WHERE key = ? AND expires > ?", (digest, now))
         return row.fetchone() is not None
 
-    async def seen(self, key: str) -> bool:
-        """True while `key` is marked (by any process of this host)."""
+    async def seen(self, key: str, *, purpose: Purpose) -> bool:
+        """True while `key` is marked (by any process of this host); a key is one purpose's (`purpose`
+        is not needed to find it)."""
         try:
             return self._live(replay_digest(key), self._clock.now())
         except sqlite3.Error as exc:
@@ -193,7 +233,7 @@ class SqliteState:
     def _trim(self, now: float) -> None:
         """Deletes expired keys (never a live one)."""
         self._next_purge = self._clock.monotonic() + PURGE_SECONDS
-        self._db.execute("DELETE FROM seen WHERE expires <= ?", (now,))
+        self._db.executemany(_TRIM, [(code, now) for code in PURPOSE_CODES.values()])
 
     async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
         """Token bucket, in this process's memory."""

@@ -31,7 +31,7 @@ from verifier.clock import Clock
 from verifier.config.webauthn import WebAuthnConfig
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
-from verifier.state.base import SharedState
+from verifier.state.base import Purpose, SharedState
 from verifier.webauthn.challenge import ChallengeSigner, b64url, b64url_decode, request_hash, subject_hash
 from verifier.webauthn.errors import AssertionRefused
 from verifier.webauthn.store import CredentialStore, StoredCredential
@@ -180,7 +180,7 @@ class AssertionVerifier:
                 "the assertion signature does not verify", code="webauthn_signature_invalid"
             ) from exc
         ttl = max(1.0, math.ceil(challenge.expires_at - now) + 1.0)
-        if not await self._state.first_use(challenge.nonce_key, ttl):
+        if not await self._state.first_use(challenge.nonce_key, ttl, purpose=Purpose.WEBAUTHN):
             raise AssertionRefused("the challenge was already used", code="webauthn_challenge_replayed")
         return await self._count(credential, auth_data.counter, now)
 

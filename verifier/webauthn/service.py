@@ -36,7 +36,7 @@ from verifier.observe.audit import trace_fields
 from verifier.observe.metrics import WebAuthnMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
-from verifier.state.base import SharedState
+from verifier.state.base import Purpose, SharedState
 from verifier.webauthn.assertion import (
     ASSERTION_HEADER,
     AssertionVerifier,
@@ -224,7 +224,7 @@ class WebAuthnService:
             )
             # The state is single-use too: a second complete with it is a replay.
             ttl = float(self._config.challenge_timeout_seconds + 1)
-            if not await self._state.first_use("webauthn-register:" + challenge, ttl):
+            if not await self._state.first_use("webauthn-register:" + challenge, ttl, purpose=Purpose.WEBAUTHN):
                 raise RegistrationRefused("the registration state was already used", code="webauthn_state_replayed")
             # states begun below the limit (several in parallel) cannot complete past it
             _check_room(await self._store.for_user(principal.issuer, principal.subject))
