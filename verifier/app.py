@@ -639,6 +639,7 @@ class App:
             flush_logs()
 
     async def _refresh_gauges(self) -> None:
+        policy_unknown = True
         while True:
             for issuer, keys in self.keys.issuers.items():
                 age = keys.key_age()
@@ -648,6 +649,8 @@ class App:
             ping = getattr(self.state, "ping", None)  # Redis only: the in-memory store is always there
             if ping is not None:
                 self.metrics.state_up.labels("redis").set(1.0 if await ping() else 0.0)
+            if policy_unknown and isinstance(self.state, RedisState):  # once, when Redis first answers
+                policy_unknown = await self.state.check_eviction_policy() is None
             await asyncio.sleep(METRICS_REFRESH_SECONDS)
 
     async def _start_metrics(self, host: str, port: int, tls: ssl.SSLContext | None) -> int:

@@ -212,3 +212,89 @@ async def test_a_hung_redis_fails_closed_within_the_deadline(redis_server: Redis
     finally:
         redis_server.resume()
         await a.close()
+
+
+# --- a full Redis (maxmemory) ------------------------------------------------------------------------
+
+
+async def _fill(state: RedisState, prefix: str, limit: int = 200_000) -> tuple[int, StateUnavailable | None]:
+    """Writes new DPoP keys until Redis refuses one: (keys written, the refusal or None)."""
+    for i in range(limit):
+        try:
+            assert await state.first_use(f"{prefix}{i:040d}", 300, purpose=DPOP) is True
+        except StateUnavailable as refused:
+            return i, refused
+    return limit, None
+
+
+async def test_a_full_redis_under_noeviction_fails_closed_and_keeps_every_live_replay_key(
+    replicas: tuple[RedisState, RedisState], raw: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis has no bound of ours, only `maxmemory`. With the documented `noeviction` (Redis's default), a full
+    Redis refuses the write (OOM): a new value is 503 (StateUnavailable, fail closed), never a pass, and no live
+    key is dropped, so every replay is still refused; reads (an SSF jti check) still answer. The start-up check
+    finds nothing to say."""
+    a, b = replicas
+    await raw.config_set("maxmemory", "2mb")
+    await raw.config_set("maxmemory-policy", "noeviction")
+    written, refused = await _fill(a, "dpop:jti:")
+    assert refused is not None and "OutOfMemoryError" in str(refused) and written > 1_000
+    with pytest.raises(StateUnavailable):
+        await b.first_use("dpop:jti:another-replica", 300, purpose=DPOP)
+    for i in range(0, written, written // 50):  # every live key is still there: its replay is never a pass
+        assert await b.seen(f"dpop:jti:{i:040d}", purpose=DPOP) is True
+        with pytest.raises(StateUnavailable):  # SET is refused whole under OOM, a replay too: 503, not 200
+            await b.first_use(f"dpop:jti:{i:040d}", 300, purpose=DPOP)
+    assert (await raw.info("stats"))["evicted_keys"] == 0
+    with caplog.at_level("WARNING", logger="verifier.state"):
+        assert await a.check_eviction_policy() == "noeviction"
+    assert not [r for r in caplog.records if getattr(r, "code", "") == "redis_evicts_replay_keys"]
+
+
+@pytest.mark.parametrize("policy", ["volatile-lru", "allkeys-lru"])
+async def test_an_evicting_redis_drops_live_replay_keys_and_the_verifier_warns(
+    replicas: tuple[RedisState, RedisState], raw: Redis, caplog: pytest.LogCaptureFixture, policy: str
+) -> None:
+    """Why the README says `noeviction`: replay keys carry a TTL, so a `volatile-*` policy evicts them as an
+    `allkeys-*` one does, and an evicted live DPoP jti passes again within its window. The verifier cannot
+    prevent that from its side; it says so at start-up (`config_warning`, `redis_evicts_replay_keys`)."""
+    a, b = replicas
+    await raw.config_set("maxmemory", "2mb")
+    await raw.config_set("maxmemory-policy", policy)
+    written, refused = await _fill(a, "dpop:jti:", limit=30_000)
+    assert written == 30_000
+    assert refused is None  # never full: it makes room by evicting
+    assert (await raw.info("stats"))["evicted_keys"] > 0
+    assert await b.first_use(f"dpop:jti:{0:040d}", 300, purpose=DPOP) is True  # a live jti, replayed: it passes
+    with caplog.at_level("WARNING", logger="verifier.state"):
+        assert await a.check_eviction_policy() == policy
+    warned = [r for r in caplog.records if getattr(r, "code", "") == "redis_evicts_replay_keys"]
+    assert [getattr(r, "maxmemory_policy", None) for r in warned] == [policy]
+
+
+async def test_the_running_verifier_warns_at_start_up_when_its_redis_evicts(
+    redis_server: RedisServer, raw: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Wired where it runs: the composition root asks once Redis answers, and says it once."""
+    from tokenkit import FakeFetcher, issuer_settings
+
+    from verifier.app import App
+    from verifier.settings import Settings
+    from verifier.state import StateConfig
+
+    await raw.config_set("maxmemory-policy", "volatile-ttl")
+    state = StateConfig(redis_url=redis_server.url, key_prefix="t:")
+    app = App(Settings(grpc=None, http=None, metrics=None, issuers=(issuer_settings(),), state=state),
+              fetcher=FakeFetcher())
+    with caplog.at_level("WARNING", logger="verifier.state"):
+        await app.start()
+        try:
+            for _ in range(100):
+                if any(getattr(r, "code", "") == "redis_evicts_replay_keys" for r in caplog.records):
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+        finally:
+            await app.stop(grace=0.1)
+    warned = [r for r in caplog.records if getattr(r, "code", "") == "redis_evicts_replay_keys"]
+    assert [getattr(r, "maxmemory_policy", None) for r in warned] == ["volatile-ttl"]
