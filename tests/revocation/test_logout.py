@@ -490,6 +490,26 @@ async def test_a_logout_survives_a_restart_in_the_durable_local_store(
         await second.revocation.stop()
 
 
+async def test_a_full_revocation_part_answers_503_with_the_seconds_until_it_has_room(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    """The revocation part of the local replay store (here one entry) full: the logout is 503 and its
+    Retry-After is when the jti held expires (its token's max_age + leeway, 10 s ago), not a fixed 1."""
+    issuer = issuer_settings(backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,)))
+    state = StateConfig(max_replay_entries=100, revocation_replay_share=0.01)
+    settings = Settings(grpc=None, http=None, metrics=None, issuers=(issuer,), state=state)
+    app = App(settings, clock=clock, fetcher=fetcher)
+    assert app.revocation is not None
+    await app.revocation.resync()
+    assert (await post(app, sign(mint, jti="first"))).status == 200
+    clock.advance(10)
+    answer = await post(app, sign(mint, jti="second", iat=int(NOW) + 10, exp=int(NOW) + 130))
+    assert issuer.backchannel_logout is not None
+    window = issuer.backchannel_logout.max_age_seconds + issuer.leeway_seconds
+    assert answer.status == 503 and dict(answer.headers)["retry-after"] == str(window - 10)
+    assert json.loads(answer.body) == {"error": "temporarily_unavailable"}
+
+
 async def test_the_http_door_reads_a_logout_sent_in_pieces(
     clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
 ) -> None:

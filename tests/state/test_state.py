@@ -149,6 +149,24 @@ async def test_refusals_of_a_full_table_are_counted_and_logged_at_most_every_few
     assert "SECRET" not in said and "REMEMBERED" not in said
 
 
+async def test_a_full_revocation_part_is_logged_even_while_a_dpop_flood_is_being_logged(
+    make: Make, clock: FrozenClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log is rate-limited per purpose: a DPoP flood's lines never hide that revocations are refused, and
+    each line names its purpose and the seconds until that part has room."""
+    state = make(max_replay_entries=1)
+    await state.first_use("dpop:jti:1", 60, purpose=DPOP)
+    await state.first_use("ssf:1", 300, purpose=REVOCATION)
+    for _ in range(3):
+        with pytest.raises(ReplayStoreFull):
+            await state.first_use("dpop:jti:2", 60, purpose=DPOP)
+    clock.advance(1)
+    with pytest.raises(ReplayStoreFull):
+        await state.first_use("ssf:2", 300, purpose=REVOCATION)
+    lines = [vars(r) for r in caplog.records if getattr(r, "event", "") == "replay_store_full"]
+    assert [(r["purpose"], r["refused"], r["retry_after"]) for r in lines] == [("dpop", 1, 60), ("revocation", 1, 299)]
+
+
 async def test_the_metric_counts_the_refusals_of_a_full_table_per_purpose(make: Make) -> None:
     """One series per purpose, each always there (three fixed label values, none a client's)."""
     state = make(max_replay_entries=1)
