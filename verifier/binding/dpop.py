@@ -303,7 +303,8 @@ class DpopVerifier:
         proof; `UseDpopNonce` (carrying a fresh nonce) when a server nonce is required and missing or
         stale; `SenderConstraintFailed` when a good proof's key is not the one the token is bound to;
         `StateUnavailable` when replay cannot be checked (fail closed), its `ReplayStoreFull` when the local
-        replay store is full of live jtis (503 "try again": the proof is not called a replay).
+        replay store's DPoP part is full of live jtis (503 "try again" with the seconds until it has room:
+        the proof is not called a replay).
         """
         config = self._config
         if proof is None or not proof.strip():
