@@ -113,7 +113,8 @@ class SqliteState:
         the live keys held per purpose (`StateConfig.replay_bounds`; every process of the host should agree)."""
         self.path = os.path.join(directory, SQLITE_FILE)
         self._clock = clock
-        self._bounds = replay
+        # purpose -> (its number in the file, its bound), looked up once per call
+        self._purposes = {purpose: (PURPOSE_CODES[purpose], replay.of(purpose)) for purpose in Purpose}
         self._buckets = buckets or MemoryState(clock)
         self.full = FullLog(clock, "sqlite")
         try:
@@ -188,8 +189,7 @@ class SqliteState:
             raise ValueError("ttl_seconds must be positive")
         now = self._clock.now()
         digest = replay_digest(key)
-        code = PURPOSE_CODES[purpose]
-        bound = self._bounds.of(purpose)
+        code, bound = self._purposes[purpose]
         try:
             if self._clock.monotonic() >= self._next_purge:
                 self._trim(now)
