@@ -31,7 +31,7 @@ from tokenkit import (
 
 from verifier.app import App
 from verifier.config.logout import BackchannelLogoutConfig
-from verifier.config.state import StateConfig
+from verifier.config.state import Purpose, StateConfig
 from verifier.doors.logout_http import LOGOUT_PATH
 from verifier.doors.routes import HttpAnswer, HttpRequest
 from verifier.errors import StateUnavailable
@@ -229,18 +229,17 @@ async def test_a_logout_that_could_not_be_stored_is_503_and_its_retry_applies(
 async def test_a_logout_arriving_while_the_replay_store_is_full_is_503_applied_and_never_replayable(
     clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
 ) -> None:
-    """A client's own DPoP proofs can fill the local replay store; a logout arriving then must still take effect
-    (the provider retries a 503), and its jti must not become replayable: as a SET does."""
+    """The replay store's revocation part full (other logouts and SETs in flight): a logout arriving then must
+    still take effect (the provider retries a 503), and its jti must not become replayable: as a SET does."""
     issuer = issuer_settings(
         algorithms=("ES256", "RS256"), backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,))
     )
-    settings = Settings(
-        grpc=None, http=None, metrics=None, issuers=(issuer,), state=StateConfig(max_replay_entries=1)
-    )
+    state = StateConfig(max_replay_entries=100, revocation_replay_share=0.01)  # one revocation value
+    settings = Settings(grpc=None, http=None, metrics=None, issuers=(issuer,), state=state)
     app = App(settings, clock=clock, fetcher=fetcher)
     assert app.revocation is not None
     await app.revocation.resync()
-    assert await app.state.first_use("dpop:jti:someone-elses-proof", 30.0)  # the store is full now
+    assert await app.state.first_use("bcl:someone-elses-logout", 30.0, purpose=Purpose.REVOCATION)  # full now
     token = sign(mint)
     answer = await post(app, token)
     assert answer.status == 503 and dict(answer.headers)["retry-after"]
