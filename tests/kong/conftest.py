@@ -2,6 +2,8 @@
 
 Debian's nginx + libnginx-mod-http-lua load the plugin under tests/kong/shim/kong_shim.lua (the PDK
 functions it uses, over ngx.*) in front of an echo upstream that answers with the headers it received.
+With `external=`, the same nginx and PDK run an external plugin under its real plugin server instead
+(tests/kong/shim/mp_rpc.lua plays Kong's MessagePack-RPC side; tests/kong/python_edge.py).
 
 Fixtures:
   echo_upstream        -> port of a Python upstream answering JSON {"method", "path", "headers": [[k, v]...]}
@@ -427,6 +429,7 @@ class NginxRig:
         later: dict[str, Any] | None = None,
         with_sha256: bool = False,
         underscores_in_headers: bool = False,
+        external: dict[str, str] | None = None,
     ) -> str:
         """Starts nginx running the plugin with `plugin_conf` in front of 127.0.0.1:`upstream_port`.
 
@@ -439,6 +442,8 @@ class NginxRig:
             {"rate_limiting": {"minute": N}} (limit_by consumer); see /__shim/later.
         with_sha256: make resty.sha256 available (Kong ships it; Debian does not): client certificate thumbprints.
         underscores_in_headers: let header names with `_` through (nginx drops them by default).
+        external: {"socket", "name"}: run the external plugin `name` of the plugin server on unix socket `socket`
+            instead of the Lua plugin, `plugin_conf` its configuration (tests/kong/python_edge.py).
         Returns the base URL, "http://127.0.0.1:PORT".
         """
         modules = _module_dir()
@@ -454,6 +459,7 @@ class NginxRig:
                     "consumers": list(consumers),
                     "preauthenticated": preauthenticated,
                     "later": later,
+                    "external": external,
                 }
             )
         )

@@ -12,6 +12,12 @@ from typing import Any
 
 import pytest
 from gateways import EchoUpstream, GatewayProcess, http_request
+from kong_rig_limits import (  # noqa: F401 - what the rig cannot run, skipped with the reason, and what it can
+    test_a_client_description_of_the_request_never_reaches_the_upstream,
+    test_a_dpop_proof_made_for_another_host_is_refused_here,
+    test_a_dpop_proof_made_for_another_host_is_refused_whatever_host_the_client_names,
+    test_a_request_for_a_host_the_gateway_does_not_serve_is_refused_unjudged,
+)
 from rigs import (  # noqa: F401 - fixtures, requested by name (fresh_upstream_log: autouse here too)
     fresh_upstream_log,
     issuer,

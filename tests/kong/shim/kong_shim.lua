@@ -48,6 +48,7 @@ local authenticated_count = 0
 -- authenticate keeps nothing past the request).
 local MAX_RECORDED_CALLS = 100
 local preauthenticated     -- a consumer "an earlier plugin" authenticated
+local external             -- {socket, name}: an external plugin under a plugin server
 
 
 -- kong.db.schema.typedefs, as far as the schema uses it
@@ -164,6 +165,12 @@ end
 
 
 local function exit(status, body, headers)
+  -- Kong's kong.response.exit refuses a status it could not send
+  if type(status) ~= "number" then
+    error("code must be a number", 2)
+  elseif status < 100 or status > 599 then
+    error("code must be a number between 100 and 599", 2)
+  end
   ngx.ctx.shim_exited = true
   ngx.status = status
   if headers then
@@ -322,6 +329,7 @@ local function make_kong()
     get_scheme = function() return ngx.var.scheme end,
     get_host = function() return ngx.var.host end,
     get_port = function() return tonumber(ngx.var.server_port) end,
+    get_path_with_query = function() return ngx.var.request_uri or "" end,
   }
 
   local function check_header_value(value)
@@ -337,6 +345,19 @@ local function make_kong()
       ngx.req.set_header(name, check_header_value(value))
     end,
     clear_header = function(name) ngx.req.clear_header(name) end,
+    -- another line of the header, the lines already there kept
+    add_header = function(name, value)
+      local v = check_header_value(value)
+      local old = ngx.req.get_headers()[name]
+      if old == nil then
+        ngx.req.set_header(name, v)
+      elseif type(old) == "table" then
+        old[#old + 1] = v
+        ngx.req.set_header(name, old)
+      else
+        ngx.req.set_header(name, { old, v })
+      end
+    end,
     -- Kong validates every name and value first, then sets them
     set_headers = function(headers)
       if type(headers) ~= "table" then
@@ -439,6 +460,8 @@ local function make_kong()
     client = client,
     ctx = ctx,
     log = make_log(),
+    -- what Kong exposes to external plugins (kong/runloop/plugin_servers: exposed_api)
+    nginx = { get_var = function(name) return ngx.var[name] end },
     db = { consumers = make_consumers_dao() },
     cache = make_cache(),
     worker_events = {
@@ -454,7 +477,10 @@ end
 
 --- Loads the plugin under the shim; `path` names the rig's JSON settings
 -- ({plugin_conf = {...}, consumers = [{id, username, custom_id}],
--- preauthenticated = {id, username} or null}).
+-- preauthenticated = {id, username} or null, external = {socket, name} or
+-- null}). With `external`, the plugin is the one named `name` under a plugin
+-- server listening on the unix socket `socket` (mp_rpc.lua plays Kong's side),
+-- given `plugin_conf` as is: its own schema is its plugin server's business.
 function _M.init(path)
   local f = assert(io.open(path, "rb"))
   local settings = assert(cjson.decode(f:read("*a")))
@@ -477,6 +503,11 @@ function _M.init(path)
     later = settings.later
   end
 
+  if type(settings.external) == "table" then
+    external = settings.external
+    conf = settings.plugin_conf or {}
+    return
+  end
   local schema = require "kong.plugins.edge-verifier.schema"
   conf = apply_schema(schema, settings.plugin_conf or {})
   handler = require "kong.plugins.edge-verifier.handler"
@@ -484,7 +515,7 @@ end
 
 
 function _M.init_worker()
-  if handler.init_worker then
+  if handler and handler.init_worker then
     handler:init_worker()
   end
 end
@@ -568,7 +599,11 @@ function _M.access()
     ngx.req.set_header("X-Consumer-ID", preauthenticated.id)
     ngx.req.set_header("X-Consumer-Username", preauthenticated.username)
   end
-  handler:access(conf)
+  if external then
+    require("mp_rpc").handle_event(external.socket, external.name, conf, "access")
+  else
+    handler:access(conf)
+  end
   if later and not ngx.ctx.shim_exited then
     return run_later()
   end
@@ -618,7 +653,7 @@ end
 
 
 function _M.header_filter()
-  if handler.header_filter then
+  if handler and handler.header_filter then
     return handler:header_filter(conf)
   end
 end
