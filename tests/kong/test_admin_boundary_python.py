@@ -1,6 +1,6 @@
 """tests/integration/test_gateway_admin.py through the Python Kong plugin (kong/python/edge_verifier.py, unmodified,
-under the REAL `kong-python-pluginserver`, run by real nginx as Kong runs an external plugin: tests/kong/python_edge.py):
-a client of Kong never reaches the verifier's admin API.
+under the REAL `kong-python-pluginserver`, run by real nginx as Kong runs an external plugin:
+tests/kong/python_edge.py): a client of Kong never reaches the verifier's admin API.
 
 The tests are that module's own, imported; only the gateway differs: `edge` here is the plugin's rig (which asks the
 verifier's gRPC door; the admin API is on its HTTP listener).
