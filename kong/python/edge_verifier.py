@@ -153,6 +153,10 @@ MALFORMED_STATUS = 400  # a header name, or a value the verifier would be told, 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 UNAVAILABLE_STATUS = 503
 UNAVAILABLE_MESSAGE = "Authorization service unavailable"
+# The statuses a refusal is relayed with: what the Lua plugin relays (any answer but a 2xx, which is its allow) and
+# kong.response.exit can send. A refusal outside them (an empty answer's 0, a 2xx) is an answer the plugin cannot act
+# on: unavailable, as an unreadable one, never a success for the client nor Kong's 500 from exit's own check.
+REFUSAL_STATUSES = range(300, 600)
 REASON_HEADER = "X-Verifier-Reason"
 
 
@@ -618,6 +622,10 @@ class Plugin:
             return
 
         if not answer.allowed:
+            if answer.http_status not in REFUSAL_STATUSES:
+                kong.log.err(f"verifier refused with status {answer.http_status}, which is no refusal's")
+                kong.response.error(UNAVAILABLE_STATUS, UNAVAILABLE_MESSAGE)
+                return
             headers = _joined(answer.response_headers)
             if answer.reason and not any(k.lower() == REASON_HEADER.lower() for k in headers):
                 # what the forward-auth door (and so the Lua plugin) tells the client

@@ -1,0 +1,169 @@
+"""How the Python Kong plugin (kong/python/edge_verifier.py under the REAL `kong-python-pluginserver`, run by real
+nginx as Kong runs an external plugin: tests/kong/python_edge.py) answers the client when the verifier cannot decide,
+and how it relays the verifier's challenges: as the client sees it, the upstream's log the proof that nothing passed.
+
+The Lua plugin's answers, which these match (test_lua_plugin.py): an unreachable, too slow or unreadable verifier is
+503 `{"message":"Authorization service unavailable"}`; a refusal is relayed with its status, every `WWW-Authenticate`
+challenge (one field), `DPoP-Nonce`, `Retry-After` and `RateLimit*`; an allow's `DPoP-Nonce` reaches the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+from gateways import EchoUpstream, free_port, http_request
+from python_edge import pluginserver, start_python_plugin  # noqa: F401 - fixtures, requested by name
+from rigs import fresh_upstream_log, upstream  # noqa: F401 - fixtures, requested by name
+from test_python_plugin import _TARGETS_USED, PluginServer, fake_verifier, slow_verifier
+
+from verifier.v1 import verifier_pb2, verifier_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+UNAVAILABLE = {"message": "Authorization service unavailable"}
+CHALLENGES = ('Bearer realm="verifier", error="invalid_token"', 'DPoP algs="ES256 EdDSA", error="use_dpop_nonce"')
+
+
+class Answering(verifier_pb2_grpc.VerifierServicer):
+    """Answers every Check with one fixed CheckResponse."""
+
+    def __init__(self, answer: verifier_pb2.CheckResponse) -> None:
+        self.answer = answer
+
+    def Check(self, request: verifier_pb2.CheckRequest, context: grpc.ServicerContext) -> verifier_pb2.CheckResponse:
+        return self.answer
+
+
+def header(name: str, value: str) -> verifier_pb2.Header:
+    return verifier_pb2.Header(name=name, value=value)
+
+
+@contextlib.contextmanager
+def unreadable_verifier(payload: bytes) -> Iterator[str]:
+    """A gRPC server whose `Check` answers `payload` as the message, bytes a CheckResponse may not parse from."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: payload,
+                                                   request_deserializer=lambda b: b,
+                                                   response_serializer=lambda b: b)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("verifier.v1.Verifier", {"Check": handler}),))
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    _TARGETS_USED.add(target)
+    server.start()
+    try:
+        yield target
+    finally:
+        server.stop(grace=None)
+
+
+class Target:
+    """Stands in for a verifier fixture: only its gRPC port is asked for."""
+
+    def __init__(self, target: str) -> None:
+        self.extra = {"grpc_port": int(target.rsplit(":", 1)[1])}
+
+
+@pytest.fixture
+def edge_to(start_nginx: Any, pluginserver: PluginServer, upstream: EchoUpstream) -> Callable[..., str]:  # noqa: F811
+    """edge_to(target, **conf): the plugin's rig asking the gRPC verifier at `target`; its base URL."""
+    return lambda target, **conf: start_python_plugin(start_nginx, pluginserver, Target(target), upstream.port, **conf)
+
+
+def get(base: str) -> Any:
+    return http_request(f"{base}/orders", headers={"Authorization": "Bearer t", "X-Authenticated-Userid": "root"})
+
+
+def assert_unavailable(r: Any, upstream: EchoUpstream) -> None:  # noqa: F811
+    assert r.status == 503, (r.status, r.headers, r.body)
+    assert json.loads(r.body) == UNAVAILABLE
+    assert upstream.requests == []
+
+
+# ------------------------------------------------------------------------------------------------ fails closed
+
+
+def test_a_verifier_that_is_down_is_a_503(edge_to, upstream):  # noqa: F811
+    target = f"127.0.0.1:{free_port()}"
+    _TARGETS_USED.add(target)
+    assert_unavailable(get(edge_to(target)), upstream)
+
+
+def test_a_verifier_past_the_deadline_is_a_503(edge_to, upstream):  # noqa: F811
+    with slow_verifier() as target:
+        assert_unavailable(get(edge_to(target, timeout=500)), upstream)
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xff\xff\xff", b"\x08\x01\x12"], ids=["not-protobuf", "cut-short"])
+def test_an_answer_that_is_not_a_check_response_is_a_503(edge_to, upstream, payload):  # noqa: F811
+    with unreadable_verifier(payload) as target:
+        assert_unavailable(get(edge_to(target)), upstream)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [verifier_pb2.CheckResponse(),
+     verifier_pb2.CheckResponse(allowed=False, http_status=200, body="{}"),
+     verifier_pb2.CheckResponse(allowed=False, http_status=99),
+     verifier_pb2.CheckResponse(allowed=False, http_status=600)],
+    ids=["empty", "refusal-with-200", "status-99", "status-600"],
+)
+def test_a_refusal_without_a_refusals_status_is_a_503(edge_to, upstream, answer):  # noqa: F811
+    """A refusal the Lua plugin could not be given (it reads any 2xx as an allow, anything else as the refusal's
+    status): no status (an empty message: every field at its default), a success, or no HTTP status at all. The
+    client gets the unavailable answer, as for any answer the plugin cannot act on, never a 2xx nor Kong's 500."""
+    with fake_verifier(Answering(answer)) as target:
+        assert_unavailable(get(edge_to(target)), upstream)
+
+
+# ------------------------------------------------------------------------------------------------ challenges
+
+
+def test_every_challenge_and_the_nonce_of_a_401_reach_the_client(edge_to, upstream):  # noqa: F811
+    answer = verifier_pb2.CheckResponse(
+        allowed=False, http_status=401, reason="use_dpop_nonce", body='{"error":"use_dpop_nonce"}',
+        response_headers=[header("WWW-Authenticate", c) for c in CHALLENGES] + [header("DPoP-Nonce", "n-1")],
+    )
+    with fake_verifier(Answering(answer)) as target:
+        r = get(edge_to(target))
+
+    assert r.status == 401, (r.status, r.headers)
+    assert r.headers["www-authenticate"] == ", ".join(CHALLENGES)
+    assert r.headers["dpop-nonce"] == "n-1"
+    assert r.headers["x-verifier-reason"] == "use_dpop_nonce"
+    assert json.loads(r.body) == {"error": "use_dpop_nonce"}
+    assert upstream.requests == []
+
+
+def test_retry_after_and_the_rate_limit_of_a_429_reach_the_client(edge_to, upstream):  # noqa: F811
+    answer = verifier_pb2.CheckResponse(
+        allowed=False, http_status=429, reason="rate_limited", body='{"error":"rate_limited"}',
+        response_headers=[header("Retry-After", "7"), header("RateLimit-Policy", '"default";q=10;w=60'),
+                          header("RateLimit", '"default";r=0;t=7')],
+    )
+    with fake_verifier(Answering(answer)) as target:
+        r = get(edge_to(target))
+
+    assert r.status == 429, (r.status, r.headers)
+    assert (r.headers["retry-after"], r.headers["ratelimit"]) == ("7", '"default";r=0;t=7')
+    assert r.headers["ratelimit-policy"] == '"default";q=10;w=60'
+    assert upstream.requests == []
+
+
+def test_an_allows_nonce_reaches_the_client_and_never_the_upstream(edge_to, upstream):  # noqa: F811
+    answer = verifier_pb2.CheckResponse(
+        allowed=True, http_status=200, reason="ok", upstream_headers=[header("X-Authenticated-Userid", "alice")],
+        response_headers=[header("DPoP-Nonce", "n-2")],
+    )
+    with fake_verifier(Answering(answer)) as target:
+        r = get(edge_to(target))
+
+    assert r.status == 200, (r.status, r.headers, r.body)
+    assert r.headers["dpop-nonce"] == "n-2"
+    (seen,) = upstream.requests
+    assert seen.headers["x-authenticated-userid"] == "alice"
+    assert "dpop-nonce" not in seen.headers
