@@ -9,7 +9,8 @@ may exceed. The verifier now refuses such an identity itself: 403 `upstream_iden
 never asked, while a normal identity still passes.
 
 Gateways: the rendered nginx templates (auth_request and Lua), Envoy's three templates (real nginx, real Envoy);
-tests/kong/test_identity_size_lua.py runs these same tests through the Kong Lua plugin (its own `edge`).
+tests/kong/test_identity_size_lua.py and test_identity_size_python.py run these same tests through the Kong Lua and
+Python plugins (each its own `edge`).
 """
 
 from __future__ import annotations

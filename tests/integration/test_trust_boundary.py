@@ -5,7 +5,8 @@ Gateways: the rendered deploy/nginx/nginx.conf.template and nginx-lua.conf.templ
 variant reuses answers in deploy/nginx/verifier-reuse.lua), deploy/envoy/envoy-grpc.yaml.template,
 envoy-http.yaml.template and envoy-reuse.yaml.template (real Envoy; the last reuses answers in its Lua
 filter, deploy/envoy/verifier-reuse.lua). tests/kong/test_trust_boundary_lua.py runs these same tests
-through the Kong Lua plugin in real nginx (it imports them and supplies its own `edge` fixture).
+through the Kong Lua plugin in real nginx, and test_trust_boundary_python.py through the Kong Python plugin under its
+real plugin server (each imports them and supplies its own `edge` fixture).
 
 The verifier's policies: a public `/health`, the `admin.example.test` host and `/admin` needing the `admin`
 role, GET (and so HEAD) under `/reports` the `auditor` role, writes needing the `write` scope, everything else any
