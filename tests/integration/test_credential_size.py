@@ -7,8 +7,8 @@ and a forward-auth request's header block up to 32 KiB (verifier/doors/forward_a
 token the verifier accepts never reached it through our nginx templates. And a header block the verifier
 refused (431, no reason) became nginx's fail-closed 503, an outage to the client, not the refusal it is.
 
-Through every shipped configuration (nginx, nginx-lua, Envoy gRPC / HTTP / reuse; the Kong Lua plugin's rig
-runs these same tests, tests/kong/test_credential_size_lua.py):
+Through every shipped configuration (nginx, nginx-lua, Envoy gRPC / HTTP / reuse; the Kong Lua and Python plugins'
+rigs run these same tests, tests/kong/test_credential_size_lua.py and test_credential_size_python.py):
 - a token of exactly the bound passes, and so does a DPoP-bound one of the bound with a proof of its bound;
 - one byte over is the verifier's 401 `invalid_token`, never a gateway's 400 or a pass;
 - a request whose headers come near 32 KiB passes (the credential judged), and one past the verifier's or the
@@ -169,7 +169,7 @@ def test_headers_near_the_verifiers_header_bound_still_reach_a_decision(
 
 #: What each gateway answers a valid token with a header block past the verifier's 32 KiB (its extra headers under
 #: 16 KiB a line), and past 64 KiB: a 4xx, or for a gateway that asks the verifier about the credential headers
-#: only (Envoy HTTP mode and reuse filter, the Kong plugin) a pass judged on the token, within its own bound
+#: only (Envoy HTTP mode and reuse filter, the Kong plugins) a pass judged on the token, within its own bound
 #: (Envoy's max_request_headers_kb, 60 KiB; nginx's and Kong's large_client_header_buffers 4 16k, nginx's 400).
 PAST_THE_HEADER_BOUND = {
     "nginx": (431, 400),
@@ -178,10 +178,11 @@ PAST_THE_HEADER_BOUND = {
     "envoy-http": (200, 431),
     "envoy-reuse": (200, 431),
     "kong-lua": (200, 400),
+    "kong-python": (200, 400),
 }
 #: ... and past the verifier's 128 header fields: nginx relays the verifier's 431, Envoy answers its own past 100
-#: fields, the Kong plugin reads up to 1,000 and sends the verifier the credential headers only.
-PAST_THE_FIELD_BOUND = {"kong-lua": 200}
+#: fields, the Kong plugins read up to 1,000 and send the verifier the credential headers only.
+PAST_THE_FIELD_BOUND = {"kong-lua": 200, "kong-python": 200}
 
 
 @pytest.mark.parametrize("extra", [MAX_HEADER_BYTES, 2 * MAX_HEADER_BYTES])
@@ -224,6 +225,7 @@ FAR_PAST_THE_TOKEN_BOUND = {
     "envoy-http": 431,
     "envoy-reuse": 431,
     "kong-lua": 400,
+    "kong-python": 400,
 }
 
 
