@@ -1,6 +1,7 @@
-"""How the Python Kong plugin (kong/python/edge_verifier.py under the REAL `kong-python-pluginserver`, run by real
-nginx as Kong runs an external plugin: tests/kong/python_edge.py) answers the client when the verifier cannot decide,
-and how it relays the verifier's challenges: as the client sees it, the upstream's log the proof that nothing passed.
+"""The Python Kong plugin (kong/python/edge_verifier.py under the REAL `kong-python-pluginserver`, run by real nginx as
+Kong runs an external plugin: tests/kong/python_edge.py) as the client and the upstream see it: how it answers when the
+verifier cannot decide, how it relays the verifier's challenges, the Kong consumer it authenticates, and a request
+with bytes that are not UTF-8 (sent by real nginx through Kong's MessagePack-RPC side, byte for byte).
 
 The Lua plugin's answers, which these match (test_lua_plugin.py): an unreachable, too slow or unreadable verifier is
 503 `{"message":"Authorization service unavailable"}`; a refusal is relayed with its status, every `WWW-Authenticate`
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -20,7 +22,7 @@ import pytest
 from gateways import EchoUpstream, free_port, http_request
 from python_edge import pluginserver, start_python_plugin  # noqa: F401 - fixtures, requested by name
 from rigs import fresh_upstream_log, upstream  # noqa: F401 - fixtures, requested by name
-from test_python_plugin import _TARGETS_USED, PluginServer, fake_verifier, slow_verifier
+from test_python_plugin import _TARGETS_USED, ALICE, PluginServer, fake_verifier, slow_verifier
 
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
@@ -167,3 +169,84 @@ def test_an_allows_nonce_reaches_the_client_and_never_the_upstream(edge_to, upst
     (seen,) = upstream.requests
     assert seen.headers["x-authenticated-userid"] == "alice"
     assert "dpop-nonce" not in seen.headers
+
+
+# ------------------------------------------------------------------------------------------------ consumers
+
+CLIENT_CONSUMER_HEADERS = {
+    "X-Consumer-ID": "0000", "X-Consumer-Username": "root", "X-Consumer-Custom-ID": "root",
+    "X-Credential-Identifier": "root", "X-Anonymous-Consumer": "true", "X-Consumer-Groups": "admins",
+    "X-Kong-Consumer-Id": "0000", "X-Authenticated-Roles": "admin",
+}
+
+
+def naming(name: str) -> verifier_pb2.CheckResponse:
+    """An allow for user-1 naming the Kong consumer `name` (the verifier's `upstream.consumer`, in answer_headers)."""
+    return verifier_pb2.CheckResponse(
+        allowed=True, http_status=200, reason="ok", upstream_headers=[header("X-Authenticated-Userid", "user-1")],
+        answer_headers=[header("X-Kong-Consumer-Username", name)],
+    )
+
+
+def test_the_named_consumer_replaces_every_consumer_header_the_client_sent(start_nginx, pluginserver, upstream):  # noqa: F811
+    with fake_verifier(Answering(naming("alice"))) as target:
+        base = start_python_plugin(start_nginx, pluginserver, Target(target), upstream.port, consumers=(ALICE,))
+        r = http_request(f"{base}/orders", headers={"Authorization": "Bearer t", **CLIENT_CONSUMER_HEADERS})
+        authenticated = json.loads(http_request(f"{base}/__shim/authenticated").body)
+
+    assert r.status == 200, (r.status, r.body)
+    (seen,) = upstream.requests
+    sent = {k: v for k, v in seen.headers.items() if k.startswith(("x-consumer", "x-credential", "x-anonymous",
+                                                                    "x-kong", "x-authenticated"))}
+    assert sent == {"x-consumer-id": ALICE["id"], "x-consumer-username": "alice", "x-consumer-custom-id": "cust-9",
+                    "x-credential-identifier": "user-1", "x-authenticated-userid": "user-1"}
+    (call,) = authenticated["calls"]
+    assert call["consumer"]["username"] == "alice"
+    assert call["credential"] == {"id": "user-1", "consumer_id": ALICE["id"]}
+
+
+def test_a_consumer_kong_does_not_know_is_refused(start_nginx, pluginserver, upstream):  # noqa: F811
+    with fake_verifier(Answering(naming("mallory"))) as target:
+        base = start_python_plugin(start_nginx, pluginserver, Target(target), upstream.port, consumers=(ALICE,))
+        r = http_request(f"{base}/orders", headers={"Authorization": "Bearer t", **CLIENT_CONSUMER_HEADERS})
+
+    assert r.status == 403, (r.status, r.body)
+    assert json.loads(r.body) == {"message": "The verified identity is not a known consumer"}
+    assert upstream.requests == []
+
+
+# ------------------------------------------------------------------------------------------------ bytes not UTF-8
+
+
+def raw(base: str, lines: list[bytes]) -> bytes:
+    """`lines` (the request line, then header lines) sent byte for byte; the status line."""
+    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"\r\n".join([*lines, b"Connection: close", b"", b""]))
+        data = b""
+        while b"\r\n" not in data and (chunk := sock.recv(4096)):
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def test_a_latin1_header_reaches_the_plugin_and_the_check(edge_to, upstream):  # noqa: F811
+    """kong-python-pdk#146 as Kong meets it: a Latin-1 byte in a header the plugin does not read. Strictly decoded, the
+    plugin server closed Kong's connection and Kong proxied the request unchecked, with the client's identity."""
+    answer = verifier_pb2.CheckResponse(allowed=True, http_status=200, reason="ok",
+                                        upstream_headers=[header("X-Authenticated-Userid", "alice")])
+    with fake_verifier(Answering(answer)) as target:
+        base = edge_to(target)
+        status = raw(base, [b"GET /orders HTTP/1.1", b"Host: api.example.test", b"Authorization: Bearer t",
+                            b"User-Agent: 3V\xe4xel/1.5", b"X-Authenticated-Userid: root"])
+
+    assert status.split()[1] == b"200", status
+    (seen,) = upstream.requests
+    assert seen.headers["x-authenticated-userid"] == "alice"
+
+
+def test_a_latin1_credential_is_refused_unchecked_never_passed(edge_to, upstream):  # noqa: F811
+    with fake_verifier(Answering(naming("alice"))) as target:
+        status = raw(edge_to(target), [b"GET /orders HTTP/1.1", b"Host: api.example.test",
+                                       b"Authorization: Bearer t\xe4", b"X-Authenticated-Userid: root"])
+
+    assert status.split()[1] == b"400", status
+    assert upstream.requests == []
