@@ -95,6 +95,20 @@ def test_a_verifier_that_is_down_is_a_503(edge_to, upstream):  # noqa: F811
     assert_unavailable(get(edge_to(target)), upstream)
 
 
+def test_fail_open_passes_a_request_the_verifier_never_had_without_any_identity(edge_to, upstream):  # noqa: F811
+    """With `fail_open`, a verifier that cannot be connected to lets the request pass as the Lua plugin does: with
+    none of the identity or consumer headers the client sent."""
+    target = f"127.0.0.1:{free_port()}"
+    _TARGETS_USED.add(target)
+    r = http_request(f"{edge_to(target, fail_open=True)}/orders",
+                     headers={"Authorization": "Bearer t", **CLIENT_CONSUMER_HEADERS})
+
+    assert r.status == 200, (r.status, r.body)
+    (seen,) = upstream.requests
+    assert not [k for k in seen.headers if k.startswith(("x-consumer", "x-credential", "x-anonymous", "x-kong",
+                                                         "x-authenticated"))], seen.headers
+
+
 def test_a_verifier_past_the_deadline_is_a_503(edge_to, upstream):  # noqa: F811
     with slow_verifier() as target:
         assert_unavailable(get(edge_to(target, timeout=500)), upstream)
