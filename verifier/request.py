@@ -1,8 +1,9 @@
 """The attributes every front door produces from the gateway's request: the pipeline's only input.
 
-Every door normalizes the host the same way (`normalize_host`) so that `ADMIN.example.test.` and
+Every door normalizes the host the same way (`normalize_authority`) so that `ADMIN.example.test.` and
 `admin.example.test:443` meet the policy written for `admin.example.test` (RFC 9110 section 4.2.3:
-the host is case-insensitive; RFC 1034 section 3.1: a trailing dot names the same absolute domain).
+the host is case-insensitive; RFC 1034 section 3.1: a trailing dot names the same absolute domain;
+RFC 3986 section 6.2.3: the scheme's default port is the same as none).
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ def normalize_host(host: str) -> str:
     if colon > 0 and host[colon - 1] == "." and "]" not in host[colon:]:
         return host[: colon - 1] + host[colon:]
     return host
+
+
+_DEFAULT_PORT_SUFFIXES = {"http": ":80", "https": ":443"}
+
+
+def normalize_authority(host: str, scheme: str) -> str:
+    """`normalize_host`, and the scheme's default port left out (RFC 3986 section 6.2.3: `https://api:443/` is
+    `https://api/`): one spelling whichever door the request came through, whether its gateway sends the port
+    apart (Kong), within the host (nginx's X-Original-Host, Envoy's :authority) or not at all. What reads the
+    host with its port (a WebAuthn challenge's request binding) then binds one request to one host."""
+    host = normalize_host(host)
+    default = _DEFAULT_PORT_SUFFIXES.get(scheme)
+    return host[: -len(default)] if default is not None and host.endswith(default) else host
 
 
 def host_name(host: str) -> str:

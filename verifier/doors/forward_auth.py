@@ -61,7 +61,7 @@ from verifier.observe.metrics import Metrics
 from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
 from verifier.observe.tracing import DecisionSpan, Tracing
 from verifier.pipeline import Pipeline
-from verifier.request import RequestAttributes, normalize_host
+from verifier.request import RequestAttributes, normalize_authority
 from verifier.settings import ForwardAuthSettings
 
 log = logging.getLogger("verifier.forward_auth")
@@ -155,7 +155,7 @@ def attributes_from_http(
     return RequestAttributes(  # positional (every request builds one): method, scheme, host, path, headers, ...
         (get(family.method) or method).upper(),
         scheme,
-        normalize_host(host),
+        normalize_authority(host, scheme),
         path,
         headers,
         client or peer,  # client_address

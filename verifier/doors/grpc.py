@@ -37,7 +37,7 @@ from verifier.observe.metrics import Metrics
 from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
 from verifier.observe.tracing import Tracing
 from verifier.pipeline import Pipeline
-from verifier.request import RequestAttributes, normalize_host
+from verifier.request import RequestAttributes, normalize_authority
 from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS, DEFAULT_GRPC_MAX_QUEUED_CALLS
 from verifier.v1 import verifier_pb2
 
@@ -75,10 +75,11 @@ def _lower(headers: Mapping[str, str]) -> dict[str, str]:
 
 def attributes_from_own(request: verifier_pb2.CheckRequest) -> RequestAttributes:
     """Our proto's request -> attributes."""
+    scheme = request.scheme.lower() or "http"
     return RequestAttributes(
         method=request.method.upper() or "GET",
-        scheme=request.scheme.lower() or "http",
-        host=normalize_host(request.host),
+        scheme=scheme,
+        host=normalize_authority(request.host, scheme),
         path=request.path or "/",
         headers=_lower(request.headers),
         client_address=request.client_address,
@@ -137,12 +138,13 @@ def attributes_from_envoy(request: ea.CheckRequest) -> RequestAttributes:
             key = h.key.lower()
             headers[key] = value if key not in headers else f"{headers[key]}, {value}"
     source = request.attributes.source
+    # Envoy's X-Forwarded-Proto (an edge Envoy, `use_remote_address`, sets it from the connection), as HTTP
+    # mode reads it: over cleartext HTTP/2 `http.scheme` is the client's own `:scheme`, which can say https.
+    scheme = (headers.get("x-forwarded-proto") or http.scheme).lower() or "http"
     return RequestAttributes(
         method=http.method.upper() or "GET",
-        # Envoy's X-Forwarded-Proto (an edge Envoy, `use_remote_address`, sets it from the connection), as HTTP
-        # mode reads it: over cleartext HTTP/2 `http.scheme` is the client's own `:scheme`, which can say https.
-        scheme=(headers.get("x-forwarded-proto") or http.scheme).lower() or "http",
-        host=normalize_host(http.host),
+        scheme=scheme,
+        host=normalize_authority(http.host, scheme),
         path=http.path or "/",
         headers=headers,
         client_address=source.address.socket_address.address,
