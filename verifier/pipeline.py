@@ -353,6 +353,13 @@ class Pipeline:
             realm=realm,
             route_params=default.challenge,
         )
+        # A door's own early refusal: forward-auth asked with a header of its declared family twice (the gateway
+        # added its own beside the client's instead of overwriting it), so which request to judge is unknown.
+        self.described_twice = refuse(
+            MalformedRequest("the gateway described the request twice"),
+            realm=realm,
+            route_params=default.challenge,
+        )
         # Worked out once per route and per combination of checks, never per request.
         self._routes: dict[int, tuple[Route, int]] = {}  # id(policy) -> the route and its checks' bits
         self._no_policy = (default, self._mask(default))

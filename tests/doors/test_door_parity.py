@@ -613,3 +613,56 @@ def _head(raw: bytes) -> dict[str, str]:
     """The header fields of a raw request, as the forward-auth door keys them (names lower-case)."""
     lines = raw.decode("latin-1").split("\r\n\r\n", 1)[0].split("\r\n")[1:]
     return _joined(((n, v.strip()) for n, _, v in (line.partition(":") for line in lines)), ", ")
+
+
+DESCRIBED = {
+    "x-forwarded": {"method": "X-Forwarded-Method", "path": "X-Forwarded-Uri", "host": "X-Forwarded-Host",
+                    "scheme": "X-Forwarded-Proto", "port": "X-Forwarded-Port"},
+    "x-original": {"method": "X-Original-Method", "path": "X-Original-URI", "host": "X-Original-Host",
+                   "scheme": "X-Original-Proto"},
+}  # fmt: skip
+CLIENT_SAYS = {"method": "GET", "path": "/public", "host": "api.example.test", "scheme": "https", "port": "443"}
+GATEWAY_SAYS = {
+    "method": "DELETE",
+    "path": "/admin/users",
+    "host": "admin.example.test",
+    "scheme": "http",
+    "port": "8443",
+}
+
+
+@pytest.mark.parametrize("first", ["client", "gateway"])
+@pytest.mark.parametrize(
+    ("family", "field"), [(family, field) for family, fields in DESCRIBED.items() for field in fields]
+)
+async def test_a_header_of_the_declared_family_sent_twice_is_refused_never_judged_joined(
+    fetcher: FakeFetcher, family: str, field: str, first: str
+) -> None:
+    """A gateway that adds its X-Forwarded-Uri beside the client's instead of overwriting it (HAProxy `add-header`,
+    Apache `RequestHeader add`) sent two: joined as RFC 9110 section 5.3 joins repeats, `/public, /admin/users`
+    met the anonymous /public policy and the request for /admin/users passed without a token. A gRPC door has one
+    field for each: the forward-auth door cannot tell which line is the gateway's, so it refuses (400
+    `invalid_request`, no reuse), whichever comes first. The other family is never read: sent twice, ignored."""
+    app = await parity_app(fetcher)
+    try:
+        door = app.forward_auth if family == "x-forwarded" else original_door(app)
+        other = "x-original" if family == "x-forwarded" else "x-forwarded"
+        gateway = [(DESCRIBED[family][f], GATEWAY_SAYS[f]) for f in DESCRIBED[family] if f not in ("method", "path")]
+        gateway += [(DESCRIBED[family]["method"], "GET"), (DESCRIBED[family]["path"], "/admin/users")]
+        client = (DESCRIBED[family][field], CLIENT_SAYS[field])
+        lines = [client, *gateway] if first == "client" else [*gateway, client]
+        answer = forward_verdict(
+            await exchange(door, _http("GET /v1/forward-auth HTTP/1.1", [("Host", "v"), *lines])), _NOBODY
+        )
+        assert (answer.status, answer.reason, answer.max_age) == (400, "invalid_request", 0)
+        # the other family twice: never read, so the gateway's description alone is judged
+        twice = [(n, v) for n in DESCRIBED[other].values() for v in ("/public", "/public")]
+        answer = forward_verdict(
+            await exchange(door, _http("GET /v1/forward-auth HTTP/1.1", [("Host", "v"), *gateway, *twice])), _NOBODY
+        )
+        assert (answer.status, answer.reason) == (401, "token_missing")
+    finally:
+        await app.stop(grace=0.1)
+
+
+_NOBODY = Logical("GET", "https", "api.example.test", None, "/", (), "", ())

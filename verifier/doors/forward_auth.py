@@ -16,6 +16,8 @@ other family is never read, not even as a fallback, since whatever a gateway doe
 A header of the family that is absent falls back to this request: its own method (Envoy HTTP mode),
 what follows `/v1/forward-auth` in its target (Envoy appends the original path), else `/`; the `Host`
 header; scheme `http`. `X-Envoy-Original-Path`, `X-HTTP-Method-Override` and the like are never read.
+A header of the family sent twice (a gateway that adds its own beside the client's instead of overwriting it)
+is refused, 400 `invalid_request`: which of the two describes the request is unknown (`described_twice`).
 
 The client certificate's thumbprint (RFC 8705 `x5t#S256`) is read only from the header named by
 `mtls_thumbprint_header`; by default none is, so a certificate-bound token is refused here unless the
@@ -93,6 +95,7 @@ _HEALTH_NOT_HEAD = _HEALTH_NOT.removesuffix(b"NOT_SERVING\n")
 
 
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
+_NONE_REPEATED: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -186,6 +189,7 @@ class _Connection(asyncio.Protocol):
         "_pending",
         "_raw",
         "_reading",
+        "_repeated",
         "_timer",
         "_transport",
         "_url",
@@ -200,6 +204,7 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._raw: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        self._repeated: frozenset[str] = frozenset()  # this request's field names sent more than once
         self._held = 0  # bytes of this request's reads since the last one a callback saw progress in (`_feed`)
         self._name = ""
         self._body_bytes = 0
@@ -368,6 +373,7 @@ class _Connection(asyncio.Protocol):
         self._deadline = self._loop.time() + self._door.header_timeout
         self._url = b""
         self._raw = []
+        self._repeated = _NONE_REPEATED
         self._header_bytes = 0
         self._body_bytes = 0
         self._body = []
@@ -393,10 +399,16 @@ class _Connection(asyncio.Protocol):
             # A repeated field is joined as RFC 9110 section 5.3 says; a repeated Authorization then
             # fails the credential syntax check instead of one of them being silently picked.
             headers = {}
+            repeated = set()
             for name, value in raw:
                 key, text = name.decode("latin-1").lower(), value.decode("latin-1")
                 old = headers.get(key)
-                headers[key] = text if old is None else f"{old}, {text}"
+                if old is None:
+                    headers[key] = text
+                else:
+                    headers[key] = f"{old}, {text}"
+                    repeated.add(key)
+            self._repeated = frozenset(repeated)
         self._headers = headers
 
     def on_body(self, body: bytes) -> None:
@@ -423,7 +435,9 @@ class _Connection(asyncio.Protocol):
             method = parser.get_method()
             attrs = door.attributes(method.decode("latin-1"), url, self._headers, self._peer)
             started = time.perf_counter()
-            if method == b"HEAD":  # Envoy's HTTP ext_authz asks with the client's own method
+            if self._repeated and not self._repeated.isdisjoint(door.described_by):
+                self._push(door.described_twice(started, keep_alive, head=method == b"HEAD"), keep_alive)
+            elif method == b"HEAD":  # Envoy's HTTP ext_authz asks with the client's own method
                 self._push(self._loop.create_task(self._headless(attrs, started, keep_alive)), keep_alive)
             elif door.clock.busy() > door.shed_after and door.costly(attrs):
                 self._push(door.shed(attrs, started, keep_alive), keep_alive)
@@ -660,6 +674,12 @@ class ForwardAuthDoor:
         # Remembered answers (None: every request is parsed). Not with tracing: each request has its span.
         self.memo = memo if tracing is None else None
         self.family = FORWARDED_FAMILIES[settings.forwarded_headers]
+        # The family's fields that describe the original request: each must come once (`described_twice`). Not
+        # the client address, a list by nature (only the first element is read; no decision reads it).
+        family = self.family
+        self.described_by = frozenset(
+            n for n in (family.method, family.path, family.host, family.port, family.scheme) if n
+        )
         self.thumbprint_header = thumbprint_header
         self.header_timeout = settings.header_timeout_seconds
         self.idle_timeout = settings.idle_timeout_seconds
@@ -697,6 +717,16 @@ class ForwardAuthDoor:
     def observe(self, decision: Decision, started: float) -> None:
         """Counts a decision."""
         self.metrics.decision(DOOR, decision.outcome, decision.reason, time.perf_counter() - started)
+
+    def described_twice(self, started: float, keep_alive: bool, *, head: bool = False) -> bytes:
+        """The refusal of a request whose declared family came twice (400 `invalid_request`), counted, never a
+        check: the gateway added its header beside the client's instead of overwriting it, and joined (RFC 9110
+        section 5.3) the two would be judged as one request while the upstream gets another (`/public, /admin`
+        met a /public policy). The gRPC doors have one field for each, so there it cannot happen."""
+        decision = self.pipeline.described_twice
+        self.observe(decision, started)
+        answer = _answer(decision, keep_alive, {})
+        return answer[: answer.index(b"\r\n\r\n") + 4] if head else answer
 
     def costly(self, attrs: RequestAttributes) -> bool:
         """Whether deciding needs a signature check: a token that no cache knows."""
