@@ -114,8 +114,8 @@ class Logical:
 
     def client_headers(self) -> Iterator[tuple[str, str]]:
         """Every header the client sent (Authorization lines and the proof included), as spelled."""
-        for value in self.authorization:
-            yield "Authorization", value
+        for i, value in enumerate(self.authorization):
+            yield "Authorization" if i == 0 else "authorization", value  # a second line spelled otherwise
         proof = self.dpop()
         if proof is not None:
             yield "DPoP", proof
@@ -204,6 +204,34 @@ def as_envoy(req: Logical) -> bytes:
     headers.update({":method": req.method, ":path": req.target, ":authority": req.authority,
                     "x-forwarded-proto": req.scheme.lower(), "x-request-id": http.id})  # fmt: skip
     http.headers.update(headers)
+    return request.SerializeToString()  # type: ignore[no-any-return]
+
+
+def as_own_spelled(req: Logical) -> bytes:
+    """Our own CheckRequest from a client that keys the map by each header's spelling (the proto asks for lower
+    case; a map keyed `Authorization` and `authorization` is still two lines of one field)."""
+    scheme = req.scheme.lower()
+    message = verifier_pb2.CheckRequest(
+        method=req.method, scheme=scheme, host=req.authority, path=req.target, client_address=PEER
+    )
+    spelled: dict[str, str] = {}
+    for name, value in req.client_headers():
+        spelled[name] = value if name not in spelled else f"{spelled[name]}, {value}"
+    message.headers.update(spelled)
+    return message.SerializeToString()  # type: ignore[no-any-return]
+
+
+def as_envoy_raw(req: Logical) -> bytes:
+    """Envoy's CheckRequest with `encode_raw_headers: true`: every line apart in `header_map`, values as bytes."""
+    request = ea.CheckRequest.FromString(as_envoy(req))
+    http = request.attributes.request.http
+    lines = [*((n.lower(), v) for n, v in req.client_headers() if n.lower() != "x-forwarded-proto")]
+    lines += [
+        (n, v) for n, v in http.headers.items() if n.startswith(":") or n in ("x-forwarded-proto", "x-request-id")
+    ]
+    http.ClearField("headers")
+    for name, value in lines:
+        http.header_map.headers.add(key=name, raw_value=value.encode("latin-1"))
     return request.SerializeToString()  # type: ignore[no-any-return]
 
 
@@ -433,14 +461,18 @@ async def through_every_door(
             )
         elif door == "grpc":
             verdicts[door] = own_verdict(await app.grpc.check_own(as_own(req), None), req)
-        else:
+        elif door == "grpc_spelled":
+            verdicts[door] = own_verdict(await app.grpc.check_own(as_own_spelled(req), None), req)
+        elif door == "ext_authz":
             verdicts[door] = envoy_verdict(await app.grpc.check_envoy(as_envoy(req), None), req)
+        else:
+            verdicts[door] = envoy_verdict(await app.grpc.check_envoy(as_envoy_raw(req), None), req)
         if judged.seen:  # else answered from the forward-auth door's memo (the same bytes seen before)
             judged.by_door[door] = judged.seen[0]
     return verdicts
 
 
-DOORS = ["kong", "nginx", "envoy_http", "grpc", "ext_authz"]
+DOORS = ["kong", "nginx", "envoy_http", "grpc", "grpc_spelled", "ext_authz", "ext_authz_raw"]
 
 
 # -- tokens --------------------------------------------------------------------------------------------------
@@ -666,3 +698,28 @@ async def test_a_header_of_the_declared_family_sent_twice_is_refused_never_judge
 
 
 _NOBODY = Logical("GET", "https", "api.example.test", None, "/", (), "", ())
+
+
+@pytest.mark.parametrize("valid_first", [True, False])
+async def test_our_own_check_joins_two_spellings_of_authorization_as_forward_auth_joins_two_lines(
+    fetcher: FakeFetcher, mint: Mint, valid_first: bool
+) -> None:
+    """A CheckRequest whose map holds `Authorization` and `authorization` carries two credentials, as a request
+    with two Authorization lines does. Forward-auth and Envoy join repeats (RFC 9110 section 5.3) and refuse the
+    two (400 `invalid_request`); our own door lower-cased the names into one dict and kept whichever the map
+    yielded last, so a valid token beside garbage was judged, and allowed, alone."""
+    app = await parity_app(fetcher)
+    try:
+        pair = [("Authorization", f"Bearer {mint(claims())}"), ("authorization", "Bearer a.b.c")]
+        message = verifier_pb2.CheckRequest(method="GET", scheme="https", host="api.example.test", path="/api/x")
+        message.headers.update(pair if valid_first else pair[::-1])
+        own = own_verdict(await app.grpc.check_own(message.SerializeToString(), None), _NOBODY)
+        lines = [("Host", "v"), ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "api.example.test"),
+                 ("X-Forwarded-Uri", "/api/x"), *(pair if valid_first else pair[::-1])]  # fmt: skip
+        forward = forward_verdict(
+            await exchange(app.forward_auth, _http("GET /v1/forward-auth HTTP/1.1", lines)), _NOBODY
+        )
+        assert (own.allowed, own.status, own.reason) == (forward.allowed, forward.status, forward.reason)
+        assert (own.status, own.reason) == (400, "invalid_request")
+    finally:
+        await app.stop(grace=0.1)

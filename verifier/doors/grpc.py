@@ -70,7 +70,16 @@ def cert_thumbprint(url_encoded_pem: str) -> str:
 
 
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k.lower(): v for k, v in headers.items()}
+    """The map with lower-case names. Two spellings of one name (`Authorization` and `authorization`) are two lines
+    of one field: joined as the forward-auth door joins repeats (RFC 9110 section 5.3), in the names' order (a
+    map's own order is unspecified), so two credentials fail the credential's syntax instead of one being picked."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    if len(lowered) != len(headers):
+        lowered = {}
+        for name in sorted(headers):
+            key, value = name.lower(), headers[name]
+            lowered[key] = value if key not in lowered else f"{lowered[key]}, {value}"
+    return lowered
 
 
 def attributes_from_own(request: verifier_pb2.CheckRequest) -> RequestAttributes:
