@@ -585,6 +585,21 @@ def test_every_door_decides_a_request_as_every_other(mint: Mint, fetcher: FakeFe
                     (("X-Authenticated-Userid", "admin"),)),
         order=DOORS, forget=True,
     )  # fmt: skip
+    @example(  # the route's own upstream header set, the default one (email) absent: the client's removed
+        req=Logical("GET", "https", "api.example.test", 443, "/partner/x", ("Bearer partner",), "",
+                    (("X-AUTHENTICATED-TENANT", "evil"), ("x-authenticated-email", "ceo@example.test"))),
+        order=DOORS[::-1], forget=True,
+    )  # fmt: skip
+    @example(  # an anonymous allow sets no identity: every X-Authenticated-* the client sent is removed
+        req=Logical("HEAD", "http", "API.Example.TEST.", 8443, "/public/x", (), "",
+                    (("X-Authenticated-Userid", "admin"), ("X-Authenticated-Roles", "admin"))),
+        order=DOORS, forget=False,
+    )  # fmt: skip
+    @example(  # a DPoP-bound token with its proof, the proof's htu without the default port
+        req=Logical("DELETE", "https", "api.example.test", 443, "/dpop/x?y=1", ("DPoP dpop_bound",), "valid",
+                    (("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),)),
+        order=DOORS, forget=True,
+    )  # fmt: skip
     def one(req: Logical, order: list[str], forget: bool) -> None:
         if forget:  # this time the first door is first to see the token
             app.positive.clear()
