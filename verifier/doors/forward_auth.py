@@ -94,7 +94,6 @@ _HEALTH_OK_HEAD = _HEALTH_OK.removesuffix(b"SERVING\n")
 _HEALTH_NOT_HEAD = _HEALTH_NOT.removesuffix(b"NOT_SERVING\n")
 
 
-_DEFAULT_PORTS = {"http": "80", "https": "443"}
 _NONE_REPEATED: frozenset[str] = frozenset()
 
 
@@ -152,7 +151,7 @@ def attributes_from_http(
     elif family.port:
         # Kong and Traefik send the port apart; DPoP's htu (RFC 9449) needs it when not the default.
         port = get(family.port)
-        if port and ":" not in host.rpartition("]")[2] and port != _DEFAULT_PORTS.get(scheme):
+        if port and ":" not in host.rpartition("]")[2]:  # the scheme's default left out (`normalize_authority`)
             host = f"{host}:{port}"
     client = get(family.client, "").split(",", 1)[0].strip() if family.client else ""
     return RequestAttributes(  # positional (every request builds one): method, scheme, host, path, headers, ...
@@ -204,7 +203,7 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._raw: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
-        self._repeated: frozenset[str] = frozenset()  # this request's field names sent more than once
+        self._repeated = _NONE_REPEATED  # this request's field names sent more than once
         self._held = 0  # bytes of this request's reads since the last one a callback saw progress in (`_feed`)
         self._name = ""
         self._body_bytes = 0
