@@ -12,11 +12,14 @@ import uuid
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from doorkit import http_exchange, running_verifier
-from support import b64url
+from support import FrozenClock, b64url
+from tokenkit import ISSUER, FakeFetcher, Mint, claims, issuer_settings
 
+from verifier.app import App
 from verifier.binding.dpop import thumbprint
 from verifier.config.dpop import DpopConfig
 from verifier.config.state import StateConfig
+from verifier.request import RequestAttributes
 from verifier.settings import (
     PolicySettings,
     RateLimit,
@@ -24,6 +27,7 @@ from verifier.settings import (
     Requirements,
     RoleRule,
     RouteMatch,
+    Settings,
 )
 
 POLICIES = (
@@ -448,3 +452,22 @@ def _webauthn_config(tmp_path):  # type: ignore[no-untyped-def]
         secret=os.urandom(32),
         sqlite_path=str(tmp_path / "w.sqlite3"),
     )
+
+
+async def test_a_token_refused_as_not_yet_valid_is_taken_the_moment_its_nbf_or_iat_comes_within_the_leeway(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    """The refused-token cache kept a `token_not_yet_valid` refusal for `cache.negative_ttl_seconds` (30 s): a token
+    that became valid meanwhile stayed refused, on every door, while a verifier without the cache took it
+    (tests/test_memo_differential.py)."""
+    settings = Settings(grpc=None, http=None, metrics=None, issuers=(issuer_settings(leeway_seconds=5),))
+    app = App(settings, clock=clock, fetcher=fetcher)
+    await app.keys.issuers[ISSUER].refresh()
+    for claim in ("nbf", "iat"):
+        token = mint(claims(**{claim: int(clock.now()) + 25}))  # taken 20 s from now (5 s of leeway)
+        attrs = RequestAttributes("GET", "https", "api.example.test", "/x", {"authorization": f"Bearer {token}"})
+        assert (await app.pipeline.decide(attrs, "test")).reason == "token_not_yet_valid"
+        clock.advance(19.5)
+        assert (await app.pipeline.decide(attrs, "test")).reason == "token_not_yet_valid"
+        clock.advance(0.5)
+        assert (await app.pipeline.decide(attrs, "test")).allowed, claim

@@ -169,9 +169,14 @@ class TokenExpired(InvalidToken):
 
 
 class TokenNotYetValid(InvalidToken):
-    """`nbf` or `iat` lies in the future (beyond leeway)."""
+    """`nbf` or `iat` lies in the future (beyond leeway). `valid_from` (epoch seconds): when that claim stops
+    refusing the token, so that a remembered refusal does not outlive it (0.0: not said, not remembered)."""
 
     code = "token_not_yet_valid"
+
+    def __init__(self, description: str = "", *, valid_from: float = 0.0) -> None:
+        super().__init__(description)
+        self.valid_from = valid_from
 
 
 class ClaimInvalid(InvalidToken):

@@ -46,6 +46,7 @@ from verifier.errors import (
     Overloaded,
     ProviderUnavailable,
     Scheme,
+    TokenNotYetValid,
     UnknownKey,
     VerifierError,
 )
@@ -821,8 +822,10 @@ class Pipeline:
             self.trace("token", {"issuer": seen.issuer, "kid": seen.kid, "alg": seen.alg, "error": error})
         decision = self._refuse(error, credential.scheme, route)
         if remember and _negative_cacheable(error):
-            refused = Refused(_held(error), credential.scheme)
-            self._negative.put(key, refused, self._clock.now() + self._negative_ttl)
+            until = self._clock.now() + self._negative_ttl
+            if isinstance(error, TokenNotYetValid):  # the clock alone makes it valid: not remembered past that
+                until = min(until, error.valid_from)
+            self._negative.put(key, Refused(_held(error), credential.scheme), until)
         token_key = token_hash(key, attrs, credential)
         self._record(attrs, door, decision, started, token_key, seen.issuer, seen.kid, seen.alg, "")
         return decision

@@ -386,12 +386,12 @@ class Introspector:
         # clocks (Hydra's is when the token was asked for, a moment ago), and the pipeline remembers a refusal.
         # `exp` stays exact: a token ending is never a lockout, and nothing cached from it outlives it.
         if nbf is not None and now + self.leeway_seconds < nbf:
-            raise TokenNotYetValid("token not yet valid")
+            raise TokenNotYetValid("token not yet valid", valid_from=nbf - self.leeway_seconds)
         # Revocation entries reach the tokens issued up to their event (our clock): an `iat` further ahead than the
         # leeway could never be reached (a provider clock running ahead), so it is refused, as a JWT's is.
         iat = _number(answer, "iat")
         if iat is not None and now + self.leeway_seconds < iat:
-            raise TokenNotYetValid("token issued in the future")
+            raise TokenNotYetValid("token issued in the future", valid_from=iat - self.leeway_seconds)
         _number(answer, "auth_time")  # read later by policies and revocation: a number or absent
         sub = answer.get("sub")
         if sub is not None and not isinstance(sub, str):

@@ -73,10 +73,10 @@ def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings:
         raise TokenExpired("token expired")
     nbf = _number(claims, "nbf")
     if nbf is not None and now + leeway < nbf:
-        raise TokenNotYetValid("token not yet valid")
+        raise TokenNotYetValid("token not yet valid", valid_from=nbf - leeway)
     iat = _number(claims, "iat")
     if iat is not None and now + leeway < iat:
-        raise TokenNotYetValid("token issued in the future")
+        raise TokenNotYetValid("token issued in the future", valid_from=iat - leeway)
     _number(claims, "auth_time")  # read later by policies and revocation: a number or absent
     sub = claims.get("sub")
     if sub is not None and not isinstance(sub, str):
