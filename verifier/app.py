@@ -50,7 +50,7 @@ from verifier.doors.public_origin import PublicOrigins
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
-from verifier.errors import StateUnavailable
+from verifier.errors import AlgorithmRefused, BadSignature, StateUnavailable
 from verifier.generation import Generation
 from verifier.observe.audit import flush_logs
 from verifier.observe.logsink import FLUSH_INTERVAL_SECONDS
@@ -508,8 +508,12 @@ class App:
         return lookup
 
     def _keys_withdrawn(self, issuer: str, kids: frozenset[str | None]) -> None:
-        """Forgets the verified tokens of `issuer` signed by the withdrawn keys: the next request is judged afresh."""
+        """Forgets the verified tokens of `issuer` signed by the withdrawn keys: the next request is judged afresh.
+        And the refusals a key's material gave (its signature, its type): a withdrawn kid may now name another key
+        (a rotation that keeps the kid, a provider with one key and no kid), which the tokens refused under the old
+        one were signed with. A refusal does not say whose it was: every such one is judged afresh."""
         self.positive.discard_where(lambda held: held.principal.issuer == issuer and held.principal.kid in kids)
+        self.negative.discard_where(lambda refused: isinstance(refused.error, BadSignature | AlgorithmRefused))
 
     async def _credentials_revoked(self, revoked: CredentialRevocation) -> None:
         """A CAEP credential-change for a WebAuthn credential: the user's keys are disabled here."""

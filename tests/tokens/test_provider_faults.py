@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
 from doorkit import door_settings, http_exchange
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
@@ -527,6 +528,27 @@ async def test_a_cached_token_is_refused_once_its_key_is_withdrawn_from_the_jwks
     refused = await app.pipeline.decide(attrs_for(leaked), "test")
     assert not refused.allowed and refused.status == 401, refused
     assert (await app.pipeline.decide(attrs_for(other), "test")).allowed  # a key still published: still good
+
+
+async def test_a_token_refused_under_a_kids_old_key_is_taken_once_the_kid_names_the_key_that_signed_it(
+    jwks_document: dict[str, Any], mint: Mint
+) -> None:
+    """A rotation that keeps the kid (or a provider with one key and no kid): a token signed by the new key, seen
+    before the refresh, was refused (bad signature) and that refusal remembered for `cache.negative_ttl_seconds`
+    after the refresh published its key, while a verifier without the cache took it
+    (tests/test_memo_differential.py)."""
+    fetcher = serving_fetcher(jwks_document)
+    app = make_app(fetcher)
+    await app.keys.issuers[ISSUER].refresh()
+    new_key = ec.generate_private_key(ec.SECP256R1())
+    early = mint(live_claims(), kid=KIDS["ES256"], key=new_key)
+    refused = await app.pipeline.decide(attrs_for(early), "test")
+    assert refused.reason == "signature_invalid", refused
+    assert (await app.pipeline.decide(attrs_for(early), "test")).reason == "signature_invalid"  # remembered
+    rest = [k for k in jwks_document["keys"] if k["kid"] != KIDS["ES256"]]
+    fetcher.serve(JWKS_URL, {"keys": [public_jwk(new_key, KIDS["ES256"]), *rest]})
+    await app.keys.issuers[ISSUER].refresh()
+    assert (await app.pipeline.decide(attrs_for(early), "test")).allowed
 
 
 # -- SERVING with cached keys after the provider dies ------------------------------------------------
