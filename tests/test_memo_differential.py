@@ -647,6 +647,7 @@ EXAMPLES: list[Scenario] = [
     scenario((ENVOY, 2, 0, "none"), ("advance", 20.0), (ENVOY, 2, 0, "none")),
     scenario((OWN, 1, 1, "none"), ("advance", 20.0), (OWN, 1, 1, "none"), ("advance", 9.5), (OWN, 1, 1, "none")),
     scenario((FA, 8, 0, "none"), ("withdraw", None), (FA, 8, 0, "none")),
+    scenario((FA, 2, 0, "none"), ("withdraw", None), (FA, 2, 0, "none")),
     scenario((FA, 7, 0, "none"), ("replace", None), (FA, 7, 0, "none")),
     scenario((OWN, 6, 0, "none"), ("rotate", None), (OWN, 6, 0, "none")),
     scenario((FA, 3, 5, "fresh"), (FA, 3, 5, "replayed"), (ENVOY, 3, 0, "none")),

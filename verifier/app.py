@@ -50,7 +50,7 @@ from verifier.doors.public_origin import PublicOrigins
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.doors.webauthn_http import add_webauthn_routes
-from verifier.errors import AlgorithmRefused, BadSignature, StateUnavailable
+from verifier.errors import MalformedToken, StateUnavailable, TenantNotAllowed, UnknownIssuer
 from verifier.generation import Generation
 from verifier.observe.audit import flush_logs
 from verifier.observe.logsink import FLUSH_INTERVAL_SECONDS
@@ -98,6 +98,8 @@ METRICS_REFRESH_SECONDS = 5.0  # how often gauges derived from state (key age) a
 # How often gRPC health is brought in line with `App.ready()` once serving (the HTTP doors ask it per probe): well
 # inside an active health check's interval (Envoy's, Kubernetes' probe period: seconds), for a few attribute reads.
 READINESS_POLL_SECONDS = 0.25
+# Refusals the refused-token cache holds that no key was asked for: a JWKS change changes none of them.
+_BEFORE_ANY_KEY = (MalformedToken, UnknownIssuer, TenantNotAllowed)
 USER_AGENT = "edge-verifier/0.1"  # what a provider sees on discovery, JWKS and introspection requests
 SSF_USER_AGENT = "edge-verifier/0.1 (ssf receiver)"  # what a transmitter sees on poll requests
 
@@ -509,11 +511,13 @@ class App:
 
     def _keys_withdrawn(self, issuer: str, kids: frozenset[str | None]) -> None:
         """Forgets the verified tokens of `issuer` signed by the withdrawn keys: the next request is judged afresh.
-        And the refusals a key's material gave (its signature, its type): a withdrawn kid may now name another key
-        (a rotation that keeps the kid, a provider with one key and no kid), which the tokens refused under the old
-        one were signed with. A refusal does not say whose it was: every such one is judged afresh."""
+        And the refusals given once a key was found (its signature, its type, the claims it vouched for): a withdrawn
+        kid may now name another key (a rotation that keeps the kid, a provider with one key and no kid), with which
+        a token refused under the old one was signed, and a token whose key is gone is refused for that, as a first
+        sight is. A refusal does not say whose key it was (it would keep the sender's `iss` and `kid` alive): every
+        such one is judged afresh; those given before any key (not a JWS, an issuer not configured) stay."""
         self.positive.discard_where(lambda held: held.principal.issuer == issuer and held.principal.kid in kids)
-        self.negative.discard_where(lambda refused: isinstance(refused.error, BadSignature | AlgorithmRefused))
+        self.negative.discard_where(lambda refused: not isinstance(refused.error, _BEFORE_ANY_KEY))
 
     async def _credentials_revoked(self, revoked: CredentialRevocation) -> None:
         """A CAEP credential-change for a WebAuthn credential: the user's keys are disabled here."""

@@ -551,6 +551,23 @@ async def test_a_token_refused_under_a_kids_old_key_is_taken_once_the_kid_names_
     assert (await app.pipeline.decide(attrs_for(early), "test")).allowed
 
 
+async def test_a_token_refused_under_a_key_since_withdrawn_is_refused_for_the_missing_key_as_on_first_sight(
+    jwks_document: dict[str, Any], mint: Mint
+) -> None:
+    """A refusal given once the key was found (not yet valid, here) was remembered past the key's withdrawal: the
+    token kept that reason and reuse time while a verifier without the cache refused it for its missing key
+    (tests/test_memo_differential.py)."""
+    fetcher = serving_fetcher(jwks_document)
+    app = make_app(fetcher)
+    await app.keys.issuers[ISSUER].refresh()
+    now = int(time.time())
+    early = mint(claims(exp=now + 900, iat=now - 5, nbf=now + 600))
+    assert (await app.pipeline.decide(attrs_for(early), "test")).reason == "token_not_yet_valid"
+    fetcher.serve(JWKS_URL, {"keys": [k for k in jwks_document["keys"] if k["kid"] != KIDS["ES256"]]})
+    await app.keys.issuers[ISSUER].refresh()
+    assert (await app.pipeline.decide(attrs_for(early), "test")).reason == "key_unknown"
+
+
 # -- SERVING with cached keys after the provider dies ------------------------------------------------
 
 
