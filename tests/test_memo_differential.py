@@ -420,19 +420,19 @@ def world(mint: Mint, keys: SigningKeys, jwks: dict[str, Any]) -> World:
     return World(tokens, dpop_key, rotated, jwks)
 
 
-ROUTES: list[dict[str, str]] = [
-    {},
-    {"path": "/recent/x"},
-    {"path": "/admin/x", "method": "DELETE"},
-    {"path": "/admin/x"},
-    {"host": "admin.example.test", "path": "/anything"},
-    {"path": "/dpop/x"},
-    {"path": "/health"},
-    {"path": "/nowhere"},
-    {"path": "/pay/x", "method": "POST"},
-    {"path": "/orders/1"},
-    {"path": "/api/x", "method": "HEAD"},
-    {"host": "Admin.Example.Test.", "path": "/anything"},
+ROUTES: list[dict[str, str]] = [  # what `Ask` overrides, by index
+    {},  # 0: GET /api/orders/42 (authenticated)
+    {"path": "/recent/x"},  # 1: max_auth_age_seconds 60
+    {"path": "/admin/x", "method": "DELETE"},  # 2: roles_any admin
+    {"path": "/admin/x"},  # 3: GET: scopes_all read
+    {"host": "admin.example.test", "path": "/anything"},  # 4: the admin host: roles_any admin
+    {"path": "/dpop/x"},  # 5: sender_constraint dpop
+    {"path": "/health"},  # 6: anonymous
+    {"path": "/nowhere"},  # 7: no policy: route_not_allowed
+    {"path": "/pay/x", "method": "POST"},  # 8: WebAuthn step-up
+    {"path": "/orders/1"},  # 9: its own upstream header
+    {"path": "/api/x", "method": "HEAD"},  # 10: GET's policy
+    {"host": "Admin.Example.Test.", "path": "/anything"},  # 11: the admin host, spelled otherwise
 ]
 PROOFS = ("none", "fresh", "replayed", "dpop_scheme")
 
