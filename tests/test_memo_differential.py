@@ -686,6 +686,25 @@ def assertion_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return pem
 
 
+def _differential(
+    pool: list[Request],
+    steps: list[tuple[str, Any]],
+    assertion_key: Path | None,
+    mint: Mint,
+    keys: SigningKeys,
+    jwks_document: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both Apps (`run`) over one provider serving discovery and the JWKS, the admin API open to `ADMIN`."""
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, ADMIN)
+    fetcher = FakeFetcher()
+    from tokenkit import DISCOVERY_URL, discovery_document
+
+    fetcher.serve(DISCOVERY_URL, discovery_document())
+    fetcher.serve(JWKS_URL, jwks_document)
+    asyncio.run(run(pool, steps, document(assertion_key), world(mint, keys, jwks_document), fetcher))
+
+
 @settings(max_examples=50, **FAST)  # type: ignore[arg-type]
 @given(pool=POOL, steps=st.lists(STEP, min_size=1, max_size=25))
 @_examples
@@ -697,13 +716,7 @@ def test_every_memo_and_cache_answers_as_none_would(
     jwks_document: dict[str, Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(ADMIN_TOKEN_ENV, ADMIN)
-    fetcher = FakeFetcher()
-    from tokenkit import DISCOVERY_URL, discovery_document
-
-    fetcher.serve(DISCOVERY_URL, discovery_document())
-    fetcher.serve(JWKS_URL, jwks_document)
-    asyncio.run(run(pool, steps, document(None), world(mint, keys, jwks_document), fetcher))
+    _differential(pool, steps, None, mint, keys, jwks_document, monkeypatch)
 
 
 @settings(max_examples=30, **FAST)  # type: ignore[arg-type]
@@ -718,11 +731,5 @@ def test_with_an_identity_assertion_every_memo_and_cache_answers_as_none_would(
     assertion_key: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(ADMIN_TOKEN_ENV, ADMIN)
-    fetcher = FakeFetcher()
-    from tokenkit import DISCOVERY_URL, discovery_document
-
-    fetcher.serve(DISCOVERY_URL, discovery_document())
-    fetcher.serve(JWKS_URL, jwks_document)
-    asyncio.run(run(pool, steps, document(assertion_key), world(mint, keys, jwks_document), fetcher))
+    _differential(pool, steps, assertion_key, mint, keys, jwks_document, monkeypatch)
 
