@@ -19,6 +19,7 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from support import FrozenClock, b64url, free_port
 
 from verifier import pipeline as pipeline_module
@@ -265,3 +266,49 @@ async def test_the_fused_path_answers_audits_counts_and_caches_as_the_general_pa
         # The fused path answered every first sight of `Bearer <JWS>` above (the rest went to the general one).
         assert answered == 32
         assert fused.metrics._hot.signatures  # and the comparisons above compared signature checks
+
+
+def _kidless(claims: dict[str, Any], private: Any, alg: str = "ES256") -> str:
+    """A token with no `kid` header at all, signed by `private`."""
+    return jwt.encode(claims, private, algorithm=alg, headers={"typ": "at+jwt"})
+
+
+async def test_the_fused_path_agrees_on_tokens_without_kid_in_a_rotation_overlap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The provider publishes a second ES256 key (its new signing key) beside the old one: tokens without a kid
+    signed by either are taken, by both paths alike, and the audit line names the kid of the key that verified."""
+    caplog.set_level(logging.INFO, logger="verifier.audit")
+    async with _two_verifiers() as (fused, general, idp):
+        old_kid, old = idp._keys["ES256"]
+        new = ec.generate_private_key(ec.SECP256R1())
+        public = json.loads(jwt.get_algorithm_by_name("ES256").to_jwk(new.public_key()))
+        new_jwk = {**public, "kid": "new", "use": "sig"}
+        idp._jwks = {"keys": [*idp.jwks()["keys"], new_jwk]}
+        for app in (fused, general):
+            await app.keys.issuers[idp.issuer].refresh()
+        claims = _claims(idp)
+        cases = [
+            ("old key", _kidless(claims, old), old_kid),
+            ("new key", _kidless({**claims, "sub": "u2"}, new), "new"),
+            ("new key again: tried first", _kidless({**claims, "sub": "u3"}, new), "new"),
+            ("RS256: one key fits", _kidless(claims, idp._keys["RS256"][1], "RS256"), idp._keys["RS256"][0]),
+            ("forged", _forged(_kidless({**claims, "sub": "u4"}, new)), None),
+            ("a key not published", _kidless(claims, ec.generate_private_key(ec.SECP256R1())), None),
+        ]
+        for what, token, verified_by in cases:
+            attrs = _attrs(f"Bearer {token}")
+            results = []
+            for app in (fused, general):
+                caplog.clear()
+                decision, stable_until, later = await _decide(app, attrs)
+                lines = _audit_lines(caplog.records)
+                answer = _bytes(decision, attrs)
+                results.append((decision, stable_until, answer, later, lines, _counts(app), _held(app.pipeline)))
+            assert results[0] == results[1], what
+            decision, lines = results[0][0], results[0][4]
+            assert decision is not None, what  # held keys: answered without I/O
+            assert decision.allowed == (verified_by is not None), (what, decision)
+            assert [line.get("kid") for line in lines] == [verified_by], what
+            if verified_by is None:
+                assert decision.reason == "signature_invalid", what

@@ -738,7 +738,10 @@ class Pipeline:
             return self._refused(exc, credential, key, attrs, door, started, Seen(issuer, kid, alg), route)
         admitted = self._admit(principal, credential, key)
         allowed = admitted.allowed
-        self._record(attrs, door, allowed, started, key, issuer, kid, alg, principal.subject, principal.client_id)
+        # The kid of the key that verified it (`principal.kid`): a token without one names none itself.
+        self._record(
+            attrs, door, allowed, started, key, issuer, principal.kid, alg, principal.subject, principal.client_id
+        )
         now = self._clock.now()
         if admitted.mask & route_mask or route.upstream is not None or now >= allowed.renew_at:
             decision = self._now(admitted, attrs, routed, key)  # a check to run, the route's own answer, a renewal
@@ -851,7 +854,7 @@ class Pipeline:
             started,
             token_key,
             seen.issuer,
-            seen.kid,
+            principal.kid,  # the kid of the key that verified it, as `_first_seen_jwt` records
             seen.alg,
             principal.subject,
             principal.client_id,

@@ -442,13 +442,14 @@ async def test_the_background_refresh_loop_survives_a_hostile_jwks(
 # ---------------------------------------------------------------- lookup rules
 
 
-async def test_find_without_kid_needs_exactly_one_fitting_key(
+async def test_find_without_kid_offers_the_keys_fitting_the_alg(
     issuer_keys: IssuerKeys, fetcher: FakeFetcher, keys: SigningKeys
 ) -> None:
     fetcher.serve(JWKS_URL, {"keys": [public_jwk(keys.rs256, "a"), public_jwk(keys.rs_other, "b"),
                                       public_jwk(keys.es256, "c")]})
     await issuer_keys.refresh()
-    assert issuer_keys.find(None, "RS256") is None  # ambiguous
+    assert [k.kid for k in issuer_keys.kidless("RS256")] == ["a", "b"]  # a rotation overlap: both are tried
+    assert [k.kid for k in issuer_keys.kidless("ES256")] == ["c"]
     found = issuer_keys.find(None, "ES256")
     assert found is not None and found.kid == "c"
     assert issuer_keys.find(None, "EdDSA") is None

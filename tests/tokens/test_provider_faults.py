@@ -568,6 +568,22 @@ async def test_a_token_refused_under_a_key_since_withdrawn_is_refused_for_the_mi
     assert (await app.pipeline.decide(attrs_for(early), "test")).reason == "key_unknown"
 
 
+async def test_a_cached_token_without_kid_is_refused_once_the_key_that_verified_it_is_withdrawn(
+    jwks_document: dict[str, Any], mint: Mint
+) -> None:
+    """A token without a kid is remembered under the kid of the key that verified it: it was remembered under
+    none, so withdrawing that key (it leaked) left the token allowed from the cache until its `exp`."""
+    fetcher = serving_fetcher(jwks_document)
+    app = make_app(fetcher)
+    await app.keys.issuers[ISSUER].refresh()
+    kidless = mint(live_claims(), alg="ES256", kid=None)
+    assert (await app.pipeline.decide(attrs_for(kidless), "test")).allowed
+    assert (await app.pipeline.decide(attrs_for(kidless), "test")).allowed  # from the cache
+    fetcher.serve(JWKS_URL, {"keys": [k for k in jwks_document["keys"] if k["kid"] != KIDS["ES256"]]})
+    await app.keys.issuers[ISSUER].refresh()
+    assert (await app.pipeline.decide(attrs_for(kidless), "test")).reason == "key_unknown"
+
+
 # -- SERVING with cached keys after the provider dies ------------------------------------------------
 
 

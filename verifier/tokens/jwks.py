@@ -24,7 +24,7 @@ from verifier.observe.metrics import Metrics
 from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.settings import DEFAULT_MAX_JWKS_BYTES, DEFAULT_MAX_JWKS_KEYS, IssuerSettings
 from verifier.tokens.fetch import Fetcher, FetchResult, check_learned_url
-from verifier.tokens.keys import KeyError_, VerificationKey, parse_key_set
+from verifier.tokens.keys import ALG_KEY_TYPES, KeyError_, VerificationKey, parse_key_set
 
 log = logging.getLogger("verifier.jwks")
 
@@ -32,6 +32,12 @@ DEFAULT_JWKS_TTL_SECONDS = 600.0  # when the provider sends no Cache-Control max
 REFRESH_AHEAD_SECONDS = 5.0  # refetch this long before the keys' lifetime ends
 RETRY_AFTER_FAILURE_SECONDS = 1.0  # first retry after a failed fetch; doubles up to the cap
 MAX_RETRY_SECONDS = 30.0
+# Keys a token without a `kid` may be tried against (RFC 7515 section 4.1.4 makes `kid` optional): every held key
+# fitting its `alg`, as JOSE libraries do, so that a rotation overlap (the old key and the new one published side
+# by side) does not refuse the provider's new tokens. Bounded, so that a forged kid-less token costs at most this
+# many signature checks; an issuer publishing more keys for one alg has its kid-less tokens refused (`key_unknown`)
+# and a `config_warning` (`jwks_kidless_ambiguous`) logged, never only some of its keys tried.
+MAX_KIDLESS_KEYS = 4
 
 # Told (issuer, kids) when a good fetch no longer holds keys the previous one held (or holds other key
 # material under their kid): tokens verified under them, remembered by the token cache, must be judged again.
@@ -68,6 +74,9 @@ class IssuerKeys:
         # under one kid. Asked only when the kid's key in `_by_kid` does not fit the alg (rare).
         self._shared_kids: dict[str, tuple[VerificationKey, ...]] = {}
         self._keys: tuple[VerificationKey, ...] = ()
+        # alg -> the held keys fitting it, for tokens without a kid (`kidless`), the one that verified the last
+        # such token first. Filled on first use, emptied by every fetch; only algs of `ALG_KEY_TYPES` (bounded).
+        self._kidless: dict[str, tuple[VerificationKey, ...]] = {}
         self.metadata: Mapping[str, Any] = {}
         self._jwks_uri = settings.jwks_uri
         self._expires_at = 0.0
@@ -82,6 +91,7 @@ class IssuerKeys:
         if settings.static_jwks:  # jwks_file / jwks_inline: checked when the settings were loaded
             self._keys = self._parse(json.loads(settings.static_jwks))
             self._by_kid, self._shared_kids = _by_kid(self._keys)
+            self._warn_kidless(())
             # Never due (refresh_interval() is +Inf: the key-age alert cannot fire for keys on disk).
             self._fetched_at, self._expires_at = clock.monotonic(), math.inf
             self.ready.set()
@@ -92,15 +102,46 @@ class IssuerKeys:
         return tuple(k.kid for k in self._keys)
 
     def find(self, kid: str | None, alg: str) -> VerificationKey | None:
-        """The key for `kid` that fits `alg`; without a kid, the only key that fits, if exactly one."""
+        """The key for `kid` that fits `alg`; without a kid, the first of `kidless(alg)` (try them all: `verify`)."""
         if kid is not None:
             key = self._by_kid.get(kid)
             if key is not None and key.fits(alg):
                 return key
             shared = self._shared_kids.get(kid) if key is not None else None
             return next((k for k in shared if k.fits(alg)), None) if shared else None
-        fitting = [k for k in self._keys if k.fits(alg)]
-        return fitting[0] if len(fitting) == 1 else None
+        fitting = self.kidless(alg)
+        return fitting[0] if fitting else None
+
+    def _fitting(self, alg: str) -> tuple[VerificationKey, ...]:
+        """Every held key that fits `alg` (its type, curve and own `alg`, as for a token with a kid)."""
+        fitting = self._kidless.get(alg)
+        if fitting is None:
+            fitting = tuple(k for k in self._keys if k.fits(alg))
+            if alg in ALG_KEY_TYPES:  # an alg no key fits is not kept: the sender's words do not grow the dict
+                self._kidless[alg] = fitting
+        return fitting
+
+    def kidless(self, alg: str) -> tuple[VerificationKey, ...]:
+        """The keys a token without a kid is tried against, in order (the one that verified the last such token
+        first): every held key fitting `alg`; none when more than `MAX_KIDLESS_KEYS` fit (`ambiguous`)."""
+        fitting = self._fitting(alg)
+        return fitting if len(fitting) <= MAX_KIDLESS_KEYS else ()
+
+    def ambiguous(self, alg: str) -> bool:
+        """Whether more than `MAX_KIDLESS_KEYS` held keys fit `alg`: a token without a kid is then refused."""
+        return len(self._fitting(alg)) > MAX_KIDLESS_KEYS
+
+    def verify(self, alg: str, signing_input: bytes, signature: bytes) -> VerificationKey | None:
+        """The key among `kidless(alg)` whose signature this is (tried in order, at most `MAX_KIDLESS_KEYS`), or
+        None. The key that verified is tried first for the next token without a kid: after a rotation overlap
+        the new key signs them all, so each costs one signature check again."""
+        fitting = self.kidless(alg)
+        for index, key in enumerate(fitting):
+            if key.verify(alg, signing_input, signature):
+                if index:
+                    self._kidless[alg] = (key, *fitting[:index], *fitting[index + 1 :])
+                return key
+        return None
 
     def has_kid(self, kid: str | None) -> bool:
         """Whether a key with this kid is held (whatever its type)."""
@@ -204,6 +245,8 @@ class IssuerKeys:
         self._failures = 0
         before, self._keys = self._keys, keys
         self._by_kid, self._shared_kids = _by_kid(keys)
+        self._kidless = {}
+        self._warn_kidless(before)
         withdrawn = _withdrawn(before, keys)
         if withdrawn:
             kids = sorted(map(str, withdrawn))
@@ -219,6 +262,26 @@ class IssuerKeys:
         self._metrics.jwks_keys(self._label, len(keys))
         log.info("jwks loaded", extra={"event": "jwks_fetch", "issuer": issuer, "kids": [k.kid for k in keys]})
         self.ready.set()
+
+    def _warn_kidless(self, before: Sequence[VerificationKey]) -> None:
+        """Logs a `config_warning` for each allowed alg more than `MAX_KIDLESS_KEYS` held keys fit (tokens without
+        a kid refused), when the keys of `before` did not already have it logged: at start-up, and at the refresh
+        that brings it, not at every one."""
+        for alg in self.settings.algorithms:
+            count = sum(k.fits(alg) for k in self._keys)
+            if count > MAX_KIDLESS_KEYS and sum(k.fits(alg) for k in before) <= MAX_KIDLESS_KEYS:
+                log.warning(
+                    f"the JWKS holds {count} keys for {alg}, more than {MAX_KIDLESS_KEYS}: a token without a kid "
+                    "is refused (key_unknown), whichever key signed it; tokens with a kid are not affected. Have "
+                    "the provider put a kid in its tokens, or publish fewer keys",
+                    extra={
+                        "event": "config_warning",
+                        "code": "jwks_kidless_ambiguous",
+                        "issuer": self.settings.issuer,
+                        "alg": alg,
+                        "keys": count,
+                    },
+                )
 
     async def _fetch(self, timeout: float) -> tuple[tuple[VerificationKey, ...], FetchResult]:
         if not self._jwks_uri or (not self.settings.jwks_uri and not self.metadata):

@@ -27,7 +27,7 @@ from verifier.numbers import MAX_JSON_NUMBER, json_number
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.settings import IssuerSettings
 from verifier.tokens import jws
-from verifier.tokens.jwks import IssuerKeys, KeyStore, Tenants
+from verifier.tokens.jwks import MAX_KIDLESS_KEYS, IssuerKeys, KeyStore, Tenants
 from verifier.tokens.keys import VerificationKey
 
 _Tenant = tuple[Tenants, str]  # an issuer template's keys and the tenant a token's `iss` names
@@ -169,12 +169,22 @@ class JwtVerifier:
         if key is None:
             if keys.has_kid(kid):
                 raise AlgorithmRefused("alg does not fit the key")
+            if kid is None and keys.ambiguous(alg):
+                raise UnknownKey(f"token has no kid and the issuer publishes more than {MAX_KIDLESS_KEYS} {alg} keys")
             raise UnknownKey("no key for this token")
-        if not key.verify(alg, parsed.signing_input, parsed.signature):
-            raise BadSignature("signature verification failed")
+        if kid is not None:  # its kid's key alone: never another's (no kid confusion)
+            if not key.verify(alg, parsed.signing_input, parsed.signature):
+                raise BadSignature("signature verification failed")
+        else:  # no kid: each key that fits its alg, as pinned as for a kid, at most MAX_KIDLESS_KEYS
+            verified = keys.verify(alg, parsed.signing_input, parsed.signature)
+            if verified is None:
+                raise BadSignature("signature verification failed")
+            key = verified
         jws.remember(parsed)  # signed by the issuer: its header segment is no sender's own (see jws._HEADERS)
         check_claims(parsed.payload, parsed.header, settings, self._clock.now())
-        return principal_from_claims(parsed.payload, iss, kid=kid, alg=alg)
+        # The kid of the key that verified it (a token without one: its key's, if it has one), which the token cache
+        # is judged by when that key is withdrawn, and the audit line names.
+        return principal_from_claims(parsed.payload, iss, kid=key.kid, alg=alg)
 
     def verify_now(self, parsed: jws.CompactJWS) -> Principal | None:
         """Verifies with the keys held, without waiting; None when only a key refresh could tell.
