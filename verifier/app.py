@@ -515,7 +515,9 @@ class App:
         kid may now name another key (a rotation that keeps the kid, a provider with one key and no kid), with which
         a token refused under the old one was signed, and a token whose key is gone is refused for that, as a first
         sight is. A refusal does not say whose key it was (it would keep the sender's `iss` and `kid` alive): every
-        such one is judged afresh; those given before any key (not a JWS, an issuer not configured) stay."""
+        such one is judged afresh; those given before any key (not a JWS, an issuer not configured) stay. Told no kids
+        when a fetch only added keys: no verified token is forgotten, but a token without a kid refused under the keys
+        of before (a rotation overlap: none of them verified it) may verify under a new one, so the refusals go too."""
         self.positive.discard_where(lambda held: held.principal.issuer == issuer and held.principal.kid in kids)
         self.negative.discard_where(lambda refused: not isinstance(refused.error, _BEFORE_ANY_KEY))
 

@@ -584,6 +584,26 @@ async def test_a_cached_token_without_kid_is_refused_once_the_key_that_verified_
     assert (await app.pipeline.decide(attrs_for(kidless), "test")).reason == "key_unknown"
 
 
+async def test_a_token_without_kid_refused_in_a_rotation_overlap_is_taken_once_a_refresh_adds_its_key(
+    jwks_document: dict[str, Any], mint: Mint
+) -> None:
+    """Old and new key published, the token signed by a third not yet published: refused (bad signature) and
+    remembered. A refresh that only adds its key withdraws nothing, and the refusal must not outlive it."""
+    old, new, newest = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    rest = [k for k in jwks_document["keys"] if k["kid"] != KIDS["ES256"]]
+    fetcher = serving_fetcher({"keys": [public_jwk(old, "old"), public_jwk(new, "new"), *rest]})
+    app = make_app(fetcher)
+    await app.keys.issuers[ISSUER].refresh()
+    assert (await app.pipeline.decide(attrs_for(mint(live_claims(), kid=None, key=new)), "test")).allowed
+    early = mint(live_claims(sub="user-2"), kid=None, key=newest)
+    assert (await app.pipeline.decide(attrs_for(early), "test")).reason == "signature_invalid"
+    assert (await app.pipeline.decide(attrs_for(early), "test")).reason == "signature_invalid"  # remembered
+    published = [public_jwk(old, "old"), public_jwk(new, "new"), public_jwk(newest, "newest"), *rest]
+    fetcher.serve(JWKS_URL, {"keys": published})
+    await app.keys.issuers[ISSUER].refresh()
+    assert (await app.pipeline.decide(attrs_for(early), "test")).allowed
+
+
 # -- SERVING with cached keys after the provider dies ------------------------------------------------
 
 

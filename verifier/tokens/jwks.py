@@ -41,6 +41,8 @@ MAX_KIDLESS_KEYS = 4
 
 # Told (issuer, kids) when a good fetch no longer holds keys the previous one held (or holds other key
 # material under their kid): tokens verified under them, remembered by the token cache, must be judged again.
+# Told (issuer, no kids) when a good fetch adds keys and withdraws none: a token without a kid refused under
+# the keys of before (none of them verified it) may verify under a new one, so refusals are judged again too.
 Withdrawn = Callable[[str, frozenset[str | None]], None]
 
 
@@ -253,6 +255,8 @@ class IssuerKeys:
             log.warning("jwks keys withdrawn", extra={"event": "jwks_withdrawn", "issuer": issuer, "kids": kids})
             if self.on_withdrawn is not None:
                 self.on_withdrawn(issuer, withdrawn)
+        elif before and self.on_withdrawn is not None and _withdrawn(keys, before):  # keys added, none withdrawn
+            self.on_withdrawn(issuer, frozenset())
         ttl = result.max_age if result.max_age is not None else DEFAULT_JWKS_TTL_SECONDS
         ttl = min(max(ttl, self.settings.jwks_min_ttl_seconds), self.settings.jwks_max_ttl_seconds)
         now = self._clock.monotonic()
