@@ -553,3 +553,20 @@ async def test_a_logout_signed_with_a_key_rotated_in_during_the_refetch_cooldown
     clock.advance(31)  # the provider retries after the cooldown: the keys are fetched again
     assert (await post(app, token)).status == 200
     assert service.revocations.check(principal(sid="session-1")) is not None
+
+
+async def test_a_logout_without_kid_signed_by_the_new_key_of_a_rotation_overlap_is_applied(
+    app: App, service: RevocationService, mint: Mint, keys: SigningKeys, fetcher: FakeFetcher,
+    jwks_document: dict[str, Any],
+) -> None:
+    """The provider publishes its old RSA key and its new one: a logout token without a kid signed by the new one
+    is checked against both (as an access token is), not refused for want of one key."""
+    fetcher.serve(JWKS_URL, {"keys": [*jwks_document["keys"], public_jwk(keys.rs_other, "rotated-in")]})
+    forged = mint(logout_claims(jti="forged"), alg="RS256", kid=None, key=keys.rs_other, headers={"typ": "logout+jwt"})
+    head, body, sig = forged.split(".")
+    flipped = "A" if sig[100] != "A" else "B"  # one signature byte changed, in the middle (never padding bits)
+    refused = await post(app, f"{head}.{body}.{sig[:100]}{flipped}{sig[101:]}")
+    assert error_of(refused)["error_description"] == "signature does not verify"
+    token = mint(logout_claims(), alg="RS256", kid=None, key=keys.rs_other, headers={"typ": "logout+jwt"})
+    assert (await post(app, token)).status == 200
+    assert service.revocations.check(principal(sid="session-1")) is not None

@@ -53,7 +53,11 @@ async def check_signature(parsed: jws.CompactJWS, algorithms: Collection[str], k
     key = await keys.key_for(parsed.kid, parsed.alg, retry_while_cooling=True)
     if key is None:
         raise MessageRefused(Failed.KEY, "no key of the sender fits the kid and alg")
-    if not key.verify(parsed.alg, parsed.signing_input, parsed.signature):
+    if parsed.kid is None:  # each of the sender's keys that fits, as for an access token without a kid
+        verified = keys.verify(parsed.alg, parsed.signing_input, parsed.signature) is not None
+    else:
+        verified = key.verify(parsed.alg, parsed.signing_input, parsed.signature)
+    if not verified:
         raise MessageRefused(Failed.SIGNATURE, "signature does not verify")
 
 
