@@ -172,19 +172,18 @@ class JwtVerifier:
             if kid is None and keys.ambiguous(alg):
                 raise UnknownKey(f"token has no kid and the issuer publishes more than {MAX_KIDLESS_KEYS} {alg} keys")
             raise UnknownKey("no key for this token")
-        if kid is not None:  # its kid's key alone: never another's (no kid confusion)
-            if not key.verify(alg, parsed.signing_input, parsed.signature):
-                raise BadSignature("signature verification failed")
-        else:  # no kid: each key that fits its alg, as pinned as for a kid, at most MAX_KIDLESS_KEYS
+        if kid is None:  # each key that fits its alg, pinned as for a kid, at most MAX_KIDLESS_KEYS
             verified = keys.verify(alg, parsed.signing_input, parsed.signature)
             if verified is None:
                 raise BadSignature("signature verification failed")
-            key = verified
+            # The kid of the key that verified it (if it has one): the token cache forgets the token when that key
+            # is withdrawn, and the audit line names it.
+            kid = verified.kid
+        elif not key.verify(alg, parsed.signing_input, parsed.signature):  # its kid's key alone (no kid confusion)
+            raise BadSignature("signature verification failed")
         jws.remember(parsed)  # signed by the issuer: its header segment is no sender's own (see jws._HEADERS)
         check_claims(parsed.payload, parsed.header, settings, self._clock.now())
-        # The kid of the key that verified it (a token without one: its key's, if it has one), which the token cache
-        # is judged by when that key is withdrawn, and the audit line names.
-        return principal_from_claims(parsed.payload, iss, kid=key.kid, alg=alg)
+        return principal_from_claims(parsed.payload, iss, kid=kid, alg=alg)
 
     def verify_now(self, parsed: jws.CompactJWS) -> Principal | None:
         """Verifies with the keys held, without waiting; None when only a key refresh could tell.
