@@ -34,13 +34,14 @@ from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
 from verifier.errors import InvalidToken, StateUnavailable
+from verifier.generation import Generation
 from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
-from verifier.revocation import RevocationService, TokenRevoked, parse_revocation_config
+from verifier.revocation import Revocations, RevocationService, TokenRevoked, parse_revocation_config
 from verifier.revocation.entry import REFUSAL_CODES, Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.ssf import CredentialRevocation
-from verifier.revocation.subjects import SubjectError, subject_keys
+from verifier.revocation.subjects import MAX_IDENTIFIER_CHARS, SubjectError, subject_keys
 from verifier.settings import ConfigError, Settings
 from verifier.state.memory import MemoryState
 
@@ -1052,3 +1053,238 @@ async def test_a_session_revoked_naming_the_session_and_its_user_reaches_the_use
     assert service.revocations.check(principal(iat=NOW + 5)) is None  # issued after the event
     assert service.revocations.check(principal(sid="s-2", iat=NOW - 10)) is None  # another session of the user
     assert service.revocations.check(principal(sub="user-2", iat=NOW - 10)) is None
+
+
+# -- one token (jwt_id) and one client (complex application) ---------------------------------------------------
+
+OTHER_ISSUER = "https://other.example.test"
+
+
+def token_of(jti: str | None = "jti-1", client: str | None = None, sub: str = "user-1", iss: str = ISSUER,
+             **claims: Any) -> Principal:
+    """A caller whose token carries `jti` (None: none) and was issued to `client` (`sub=""`: client credentials)."""
+    caller = principal(sub=sub, iss=iss, jti=jti, client_id=client, **claims)
+    return caller._replace(client_id=client)
+
+
+def jwt_id(jti: str = "jti-1", iss: str = ISSUER) -> dict[str, str]:
+    return {"format": "jwt_id", "iss": iss, "jti": jti}
+
+
+def application(client: str = "svc-a", iss: str | None = None) -> dict[str, Any]:
+    member = {"format": "iss_sub", "iss": iss, "sub": client} if iss else {"format": "opaque", "id": client}
+    return {"format": "complex", "application": member}
+
+
+def test_a_jwt_id_names_one_token_and_a_complex_application_a_client() -> None:
+    assert subject_keys(jwt_id()) == (SubjectKey(KeyKind.JTI, "jti-1", ISSUER),)
+    assert subject_keys(application()) == (SubjectKey(KeyKind.CLIENT, "svc-a"),)
+    assert subject_keys(application(iss=ISSUER), session=True) == (SubjectKey(KeyKind.CLIENT, "svc-a", ISSUER),)
+    aliases = {"format": "aliases", "identifiers": [jwt_id("a"), jwt_id("b")]}
+    assert [k.value for k in subject_keys(aliases)] == ["a", "b"]
+    # Beside a user or a session the event is about them, as before: the client is not widened to.
+    assert subject_keys({"format": "complex", "user": USER, "application": application()["application"]}) == (
+        SubjectKey(KeyKind.ISS_SUB, "user-1", ISSUER),)
+    assert subject_keys({"format": "complex", "application": {"format": "uri", "uri": "https://app"}}) == ()
+    for bad in (
+        {"format": "jwt_id", "jti": "j"}, {"format": "jwt_id", "iss": ISSUER},
+        {"format": "jwt_id", "iss": 1, "jti": "j"},
+        jwt_id("j" * (MAX_IDENTIFIER_CHARS + 1)), jwt_id(iss="i" * (MAX_IDENTIFIER_CHARS + 1)),
+        application("c" * (MAX_IDENTIFIER_CHARS + 1)),
+        {"format": "complex", "application": {"format": "opaque"}},
+        {"format": "complex", "application": {"format": "iss_sub", "sub": "svc-a"}},
+        {"format": "complex", "application": {"id": "svc-a"}},
+        {"format": "complex", "application": application()},
+        {"format": "complex", "application": {"format": "aliases", "identifiers": [USER]}},
+        {"format": "complex", "application": "svc-a"},
+    ):
+        with pytest.raises(SubjectError):
+            subject_keys(bad)
+
+
+def test_jwt_id_and_client_keys_round_trip_and_describe_their_subject() -> None:
+    for key, subject in (
+        (SubjectKey(KeyKind.JTI, "j", ISSUER), jwt_id("j")),
+        (SubjectKey(KeyKind.CLIENT, "svc-a"), application()),
+        (SubjectKey(KeyKind.CLIENT, "svc-a", ISSUER), application(iss=ISSUER)),
+    ):
+        entry = Entry(id="e", key=key, effect=Effect.TOKEN_REVOKED, match=Match.ALL, event_time=1.0,
+                      expires_at=2.0, source="operator", event="operator")
+        assert Entry.from_json(entry.to_json()) == entry
+        assert key.describe() == subject and subject_keys(subject) == (key,)
+
+
+def index_with(clock: FrozenClock, *keys: SubjectKey, match: Match = Match.ALL) -> Revocations:
+    index = Revocations(clock)
+    index.replace(
+        Entry(id=f"e{i}", key=k, effect=Effect.TOKEN_REVOKED, match=match, event_time=NOW, expires_at=NOW + 60,
+              source="operator", event="operator")
+        for i, k in enumerate(keys)
+    )
+    return index
+
+
+def test_a_jwt_id_entry_refuses_that_token_at_that_issuer_only(clock: FrozenClock) -> None:
+    index = index_with(clock, SubjectKey(KeyKind.JTI, "jti-1", ISSUER))
+    refused = index.check(token_of("jti-1", iat=NOW + 20))  # an issuer's clock ahead: still the named token
+    assert isinstance(refused, TokenRevoked) and refused.code == "token_revoked" and refused.entry_id == "e0"
+    assert index.check(token_of("jti-2")) is None
+    assert index.check(token_of("jti-1", iss=OTHER_ISSUER)) is None
+    assert index.check(token_of(None)) is None  # no `jti`: not matched
+    assert index.check(token_of(5)) is None  # type: ignore[arg-type]  # not a string: not matched, not a crash
+    assert index.check(token_of("jti-1", sub="", client="svc-a")) is not None  # a client's token too
+    index.remove(["e0"])
+    assert index.check(token_of("jti-1")) is None
+
+
+def test_a_client_entry_refuses_the_clients_tokens_and_not_another_clients(clock: FrozenClock) -> None:
+    index = index_with(clock, SubjectKey(KeyKind.CLIENT, "svc-a"), SubjectKey(KeyKind.CLIENT, "svc-b", ISSUER))
+    assert index.check(token_of(sub="", client="svc-a")) is not None  # client credentials: no user
+    assert index.check(token_of(client="svc-a")) is not None  # a user's token issued to the client
+    assert index.check(token_of(sub="", client="svc-a", iss=OTHER_ISSUER)) is not None  # an opaque id: any issuer
+    assert index.check(token_of(sub="", client="svc-b")) is not None
+    assert index.check(token_of(sub="", client="svc-b", iss=OTHER_ISSUER)) is None  # iss_sub: that issuer only
+    assert index.check(token_of(sub="", client="svc-c")) is None
+    assert index.check(token_of(sub="svc-a", client="svc-c")) is None  # a user named like the client is no client
+    assert index.check(token_of(client=None)) is None
+
+
+def test_a_client_revoked_reaches_tokens_issued_until_then_and_disabled_all(clock: FrozenClock) -> None:
+    index = index_with(clock, SubjectKey(KeyKind.CLIENT, "svc-a"), match=Match.ISSUED_BEFORE)
+    assert index.check(token_of(sub="", client="svc-a", iat=NOW)) is not None
+    assert index.check(token_of(sub="", client="svc-a", iat=NOW + 1)) is None
+
+
+def test_the_revocation_check_refuses_a_jwt_id_and_a_client_with_their_entry(clock: FrozenClock) -> None:
+    index = index_with(clock, SubjectKey(KeyKind.JTI, "jti-9", ISSUER), SubjectKey(KeyKind.CLIENT, "svc-a"))
+    check = Revocation(index, with_roles=lambda p: p)
+    request = RequestAttributes(method="GET", scheme="https", host="api", path="/", headers={})
+    for caller in (token_of("jti-9"), token_of("x", sub="", client="svc-a")):
+        with pytest.raises(TokenRevoked):
+            check.check_now(caller, request, NO_POLICY)
+    assert check.check_now(token_of("x", sub="", client="svc-b"), request, NO_POLICY).client_id == "svc-b"
+
+
+def test_an_introspected_tokens_jti_and_client_id_are_matched(clock: FrozenClock) -> None:
+    from verifier.tokens.jwt import principal_from_claims  # the JWT one names `azp` when `client_id` is absent
+
+    index = index_with(clock, SubjectKey(KeyKind.JTI, "op-jti", ISSUER), SubjectKey(KeyKind.CLIENT, "svc-a"))
+    introspected = Principal(issuer=ISSUER, subject="", client_id="svc-z", scopes=(), roles=frozenset(),
+                             expires_at=NOW + 60, claims={"iss": ISSUER, "client_id": "svc-z", "jti": "op-jti"})
+    assert index.check(introspected) is not None
+    assert index.check(introspected._replace(claims={"iss": ISSUER, "client_id": "svc-z"})) is None
+    claims = {"iss": ISSUER, "azp": "svc-a", "sub": "u", "iat": NOW - 1, "exp": NOW + 60}
+    assert index.check(principal_from_claims(claims, ISSUER)) is not None
+
+
+async def test_kill_switch_refuses_one_token_by_its_jwt_id(service: RevocationService, clock: FrozenClock) -> None:
+    router = routes(service)
+    created = await router.dispatch(admin("POST", document={"subject": jwt_id("leaked"), "reason": "in a log"}))
+    assert created.status == 201
+    assert service.revocations.check(token_of("leaked", iat=NOW + 5)) is not None
+    assert service.revocations.check(token_of("another")) is None  # the user's other tokens pass
+    listed = body(await router.dispatch(admin("GET")))["entries"]
+    assert listed[0]["subject"] == jwt_id("leaked") and listed[0]["expires_at"] == NOW + ENTRY_LIFETIME
+    await router.dispatch(admin("DELETE", f"/v1/admin/revocations/{body(created)['id']}"))
+    assert service.revocations.check(token_of("leaked")) is None
+
+
+async def test_kill_switch_refuses_a_clients_tokens_while_another_clients_pass(
+    service: RevocationService, clock: FrozenClock
+) -> None:
+    router = routes(service)
+    assert (await router.dispatch(admin("POST", document={"subject": application("svc-a")}))).status == 201
+    refused = service.revocations.check(token_of(sub="", client="svc-a"))
+    assert refused is not None and refused.code == "token_revoked"
+    assert service.revocations.check(token_of(sub="", client="svc-b")) is None
+    clock.advance(1)
+    assert service.revocations.check(token_of(sub="", client="svc-a", iat=clock.now())) is None  # a new token
+    disabled = await router.dispatch(admin("POST", document={"subject": application("svc-b", ISSUER),
+                                                              "effect": "disable"}))
+    clock.advance(LIFETIME * 10)
+    refused = service.revocations.check(token_of(sub="", client="svc-b", iat=clock.now()))
+    assert refused is not None and refused.code == "account_disabled"
+    assert service.revocations.check(token_of(sub="", client="svc-b", iss=OTHER_ISSUER, iat=clock.now())) is None
+    assert [e["subject"] for e in body(await router.dispatch(admin("GET")))["entries"]] == [
+        application("svc-b", ISSUER)]  # the revoke expired with every token it could match
+    await router.dispatch(admin("DELETE", f"/v1/admin/revocations/{body(disabled)['id']}"))
+    assert service.revocations.check(token_of(sub="", client="svc-b", iat=clock.now())) is None
+
+
+@pytest.mark.parametrize("subject", [
+    jwt_id("j" * (MAX_IDENTIFIER_CHARS + 1)),
+    {"format": "jwt_id", "jti": "j"},
+    {"format": "complex", "application": {"format": "uri", "uri": "https://app"}},
+    {"format": "complex", "application": {"format": "opaque", "id": ""}},
+])
+async def test_kill_switch_refuses_a_bad_jwt_id_or_application(service: RevocationService, subject: Any) -> None:
+    answer = await routes(service).dispatch(admin("POST", document={"subject": subject}))
+    assert answer.status == 400 and body(answer)["error"] == "invalid_request"
+    assert len(service.revocations) == 0
+
+
+async def test_kill_switch_audits_a_jwt_id_and_a_client_entry_made_and_lifted(
+    service: RevocationService, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = routes(service)
+    with caplog.at_level("INFO", logger="verifier.audit"):
+        for subject in (jwt_id("leaked"), application("svc-a")):
+            created = await router.dispatch(admin("POST", document={"subject": subject}))
+            await router.dispatch(admin("DELETE", f"/v1/admin/revocations/{body(created)['id']}"))
+    lines = [(r.__dict__["event"], r.__dict__["subject"]) for r in caplog.records if r.name == "verifier.audit"]
+    assert lines == [("revocation_created", jwt_id("leaked")), ("revocation_lifted", jwt_id("leaked")),
+                     ("revocation_created", application("svc-a")), ("revocation_lifted", application("svc-a"))]
+
+
+async def test_a_jwt_id_or_client_entry_made_or_lifted_invalidates_remembered_answers(
+    clock: FrozenClock, provider: FakeFetcher, registry: CollectorRegistry
+) -> None:
+    generation = Generation()  # what the answer memos and the remembered decisions are checked against
+    svc = RevocationService(config(), state=MemoryState(clock), fetcher=provider, clock=clock,
+                            metrics=RevocationMetrics(registry, REFUSAL_CODES), session=no_http_session,
+                            admin_token=ADMIN, generation=generation)
+    await svc.start()
+    try:
+        router = routes(svc)
+        for subject in (jwt_id("leaked"), application("svc-a")):
+            before = generation.value
+            created = await router.dispatch(admin("POST", document={"subject": subject}))
+            assert generation.value > before
+            before = generation.value
+            await router.dispatch(admin("DELETE", f"/v1/admin/revocations/{body(created)['id']}"))
+            assert generation.value > before
+    finally:
+        await svc.stop()
+
+
+@pytest.mark.parametrize("event", [SESSION_REVOKED, CREDENTIAL_CHANGE, ACCOUNT_DISABLED])
+async def test_an_ssf_event_naming_a_jwt_id_refuses_that_token(
+    service: RevocationService, transmitter: SsfTransmitter, event: str
+) -> None:
+    body_ = {"event_timestamp": int(NOW) - 30, **({"change_type": "revoke"} if event == CREDENTIAL_CHANGE else {})}
+    assert (await push(service, transmitter.sign_set({event: body_}, jwt_id("stolen")))).status == 202
+    # issued after the event's time, authenticated after it: the named token all the same
+    assert service.revocations.check(token_of("stolen", iat=NOW, auth_time=NOW)) is not None
+    assert service.revocations.check(token_of("other", iat=NOW - 60, auth_time=NOW - 60)) is None
+
+
+async def test_an_ssf_event_naming_a_client_refuses_its_tokens_within_the_transmitters_issuers(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    assert (await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, application("svc-a")))).status == 202
+    refused = service.revocations.check(token_of(sub="", client="svc-a"))
+    assert refused is not None and refused.code == "account_disabled"
+    assert service.revocations.check(token_of(sub="", client="svc-b")) is None
+    assert service.revocations.check(token_of(sub="", client="svc-a", iss=OTHER_ISSUER)) is None  # out of scope
+    enabled = transmitter.sign_set({ACCOUNT_ENABLED: {}}, application("svc-a"))
+    assert (await push(service, enabled)).status == 202
+    assert service.revocations.check(token_of(sub="", client="svc-a")) is None
+
+
+async def test_an_ssf_jwt_id_or_client_of_another_issuer_is_acknowledged_and_ignored(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    for subject in (jwt_id("x", OTHER_ISSUER), application("svc-a", OTHER_ISSUER)):
+        assert (await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, subject))).status == 202
+    assert len(service.revocations) == 0
+    assert service.metrics.subjects_ignored.labels(TX)._value.get() == 2

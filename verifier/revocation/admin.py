@@ -9,9 +9,14 @@ that variable the API does not exist (404 on every route, so its presence is not
     {"subject": {"format": "iss_sub", "iss": "...", "sub": "..."}, "reason": "laptop stolen"}
     {"subject": {"format": "opaque", "id": "<sid>"}}                      # one session
     {"subject": {"format": "email", "email": "..."}, "effect": "disable"} # until lifted by DELETE
+    {"subject": {"format": "jwt_id", "iss": "...", "jti": "..."}}         # one token (OpenID SSF 1.0)
+    {"subject": {"format": "complex", "application": {"format": "opaque", "id": "<client_id>"}}}  # a client
+    {"subject": {"format": "complex", "application": {"format": "iss_sub", "iss": "...", "sub": "<client_id>"}}}
 
-`effect` is `revoke` (default: tokens issued until now are refused, a session's tokens all; the entry
-expires once all of them have) or `disable` (every token of the subject, until DELETE).
+`effect` is `revoke` (default: tokens issued until now are refused, a session's or a `jwt_id`'s tokens all; the
+entry expires once all of them have) or `disable` (every token of the subject, until DELETE). A client
+(`application`) is matched by the token's `client_id` (else `azp`), at any issuer for an `opaque` id, at the
+`iss` an `iss_sub` names; a `jwt_id` by the token's issuer and `jti` (a token without `jti` is never matched).
 
 Every entry made or lifted, and every caller refused, is a line on the audit log (`verifier.audit`) with the
 caller's address: one secret opens the API, so where it was used from is the only "who" there is. The
@@ -98,13 +103,18 @@ class KillSwitch:
         except SubjectError as exc:
             raise MalformedRequest(str(exc)) from exc
         if len(keys) != 1:
-            raise MalformedRequest("subject must name exactly one iss_sub, email or opaque (session) identifier")
+            raise MalformedRequest(
+                "subject must name exactly one iss_sub, email, opaque (session), jwt_id or complex application"
+                " identifier"
+            )
         key = keys[0]
         now = self._clock.now()
         if effect_name == "disable":
             effect, match, expires = Effect.ACCOUNT_DISABLED, Match.ALL, None
         else:
-            match = Match.ALL if key.kind is KeyKind.SID else Match.ISSUED_BEFORE
+            # A session's tokens, or the one token a `jwt_id` names, whatever their `iat` (an issuer's clock ahead
+            # of ours must not let the named token through); the others', those issued until now.
+            match = Match.ALL if key.kind in (KeyKind.SID, KeyKind.JTI) else Match.ISSUED_BEFORE
             effect, expires = Effect.TOKEN_REVOKED, now + self._entry_lifetime
         entry = Entry(
             id="op-" + secrets.token_urlsafe(12),

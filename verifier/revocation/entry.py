@@ -14,11 +14,14 @@ from typing import Any
 
 
 class KeyKind(enum.Enum):
-    """How a token is matched: by (iss, sub), by its `email` claim, or by its session (`sid`)."""
+    """How a token is matched: by (iss, sub), by its `email` claim, by its session (`sid`), by the token itself
+    (iss, `jti`), or by the client it was issued to (`client_id`, else `azp`)."""
 
     ISS_SUB = "iss_sub"
     EMAIL = "email"
     SID = "sid"
+    JTI = "jti"  # OpenID SSF 1.0 `jwt_id`: one token, by its issuer and `jti` (RFC 9068 section 2.2)
+    CLIENT = "client_id"  # SSF 1.0 `complex` subject's `application` member: a client's tokens
 
 
 class Effect(enum.Enum):
@@ -50,8 +53,9 @@ class Match(enum.Enum):
 class SubjectKey:
     """One lookup key. Emails are compared lower-cased.
 
-    `iss` is the issuer an ISS_SUB names; for EMAIL and SID it is the issuer the key is narrowed to
-    (a transmitter's `subjects_of`), or "" for the operator's keys, which reach every issuer.
+    `iss` is the issuer an ISS_SUB or JTI names; for EMAIL and SID it is the issuer the key is narrowed to
+    (a transmitter's `subjects_of`), or "" for the operator's keys, which reach every issuer; a CLIENT names
+    its issuer when its subject does (`iss_sub` inside `application`), else "" (narrowed as EMAIL and SID).
     """
 
     kind: KeyKind
@@ -67,12 +71,21 @@ class SubjectKey:
         """Parses the JSON form; raises ValueError/KeyError/TypeError when malformed."""
         return cls(KeyKind(data["kind"]), str(data["value"]), str(data.get("iss", "")))
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> dict[str, Any]:
         """The RFC 9493 subject identifier this key stands for (for the admin listing)."""
         if self.kind is KeyKind.ISS_SUB:
             return {"format": "iss_sub", "iss": self.iss, "sub": self.value}
         if self.kind is KeyKind.EMAIL:
             return {"format": "email", "email": self.value}
+        if self.kind is KeyKind.JTI:
+            return {"format": "jwt_id", "iss": self.iss, "jti": self.value}
+        if self.kind is KeyKind.CLIENT:
+            client = (
+                {"format": "iss_sub", "iss": self.iss, "sub": self.value}
+                if self.iss
+                else {"format": "opaque", "id": self.value}
+            )
+            return {"format": "complex", "application": client}
         return {"format": "opaque", "id": self.value}
 
 

@@ -1,7 +1,8 @@
 """The in-memory index every decision consults: synchronous, a few dict lookups, no I/O.
 
 `Revocations.check` runs on every decision, cache hits included, so it only reads dicts keyed by
-(iss, sub), `email` and `sid`; the store (memory or Redis) keeps the index in sync from outside.
+(iss, sub), `email`, `sid`, (iss, `jti`) and `client_id` (the last two only while some entry is keyed so); the
+store (memory or Redis) keeps the index in sync from outside.
 An entry whose every possible token has expired simply stops matching, before any purge runs.
 
 Until the first full load (`replace`) the index knows nothing, and "no entry" must not be believed:
@@ -84,6 +85,8 @@ class Revocations:
         self._entries: dict[str, Entry] = {}
         self._refusals: dict[tuple[KeyKind, str, str], list[Entry]] = {}
         self._overrides: dict[tuple[KeyKind, str, str], list[Entry]] = {}
+        # Entries per key kind: a token's `jti` and client are looked up only while some entry is keyed on them.
+        self._kinds: dict[KeyKind, int] = {}
         self._loaded = False  # set by the first full load: until then no answer can be known
         self._not_loaded = "revocation entries are not loaded yet"  # why not, when not
 
@@ -157,9 +160,8 @@ class Revocations:
             return None
         return tuple(sorted(found, key=lambda e: (e.event_time, e.id)))
 
-    @staticmethod
     def _keys_of(
-        principal: Principal, claims: Mapping[str, Any], *, for_overrides: bool
+        self, principal: Principal, claims: Mapping[str, Any], *, for_overrides: bool
     ) -> list[tuple[KeyKind, str, str]]:
         # A client-credentials token has no `sub` (its subject is ""): no user's entry reaches it.
         issuer = principal.issuer
@@ -173,6 +175,17 @@ class Revocations:
         if isinstance(email, str) and email and (not for_overrides or claims.get("email_verified") is True):
             lowered = email.lower()
             keys += ((KeyKind.EMAIL, lowered, ""), (KeyKind.EMAIL, lowered, issuer))
+        kinds = self._kinds
+        if kinds.get(KeyKind.JTI):
+            # One token: an RFC 9068 JWT's `jti`, an introspection answer's when it has one; none, no match.
+            jti = claims.get("jti")
+            if isinstance(jti, str) and jti:
+                keys.append((KeyKind.JTI, jti, issuer))
+        if kinds.get(KeyKind.CLIENT):
+            # The client it was issued to (`client_id`, else `azp`): its own tokens and its users' alike.
+            client = principal.client_id
+            if client:
+                keys += ((KeyKind.CLIENT, client, ""), (KeyKind.CLIENT, client, issuer))
         return keys
 
     # -- kept in sync by the store ---------------------------------------------------------------------
@@ -194,6 +207,7 @@ class Revocations:
             self._entries[entry.id] = entry
             table = self._overrides if entry.effect is Effect.CLAIMS_OVERRIDE else self._refusals
             table.setdefault(_lookup(entry.key), []).append(entry)
+            self._kinds[entry.key.kind] = self._kinds.get(entry.key.kind, 0) + 1
 
     def remove(self, ids: Iterable[str]) -> None:
         """Drops entries by id (unknown ids are ignored)."""
@@ -207,6 +221,7 @@ class Revocations:
         self._entries.clear()
         self._refusals.clear()
         self._overrides.clear()
+        self._kinds.clear()
         self.add(entries)
         self._loaded = True
 
@@ -239,6 +254,7 @@ class Revocations:
         old = self._entries.pop(entry_id, None)
         if old is None:
             return
+        self._kinds[old.key.kind] -= 1
         table = self._overrides if old.effect is Effect.CLAIMS_OVERRIDE else self._refusals
         key = _lookup(old.key)
         bucket = [e for e in table.get(key, ()) if e.id != entry_id]

@@ -32,9 +32,14 @@ The entries are stored as announced either way; the setting applies when they ar
 
 Other event types (verification, stream-updated, ...) are accepted and change nothing.
 
+A subject may also name one token (OpenID SSF 1.0 `jwt_id`: its `iss` and `jti`), refused by every event above
+that refuses, whatever its `iat`/`auth_time`; or a client (a `complex` subject with an `application` member and
+neither `user` nor `session`: the tokens whose `client_id`, else `azp`, it names), treated as a user's subject.
+
 A transmitter speaks only for the subjects of the issuers it is scoped to (`subjects_of`): an
-`iss_sub` subject of another issuer is acknowledged and ignored (and counted); a subject format
-without an issuer (`email`, `opaque` session ids) reaches the tokens of its scoped issuers only.
+`iss_sub` or `jwt_id` subject (or an `application` given as `iss_sub`) of another issuer is acknowledged and
+ignored (and counted); a subject format without an issuer (`email`, `opaque` session ids and client ids)
+reaches the tokens of its scoped issuers only.
 WebAuthn credentials are owned by (issuer, `sub`), so only an `iss_sub` subject disables them.
 """
 
@@ -286,7 +291,7 @@ def effects_of(verified: VerifiedSet, *, now: float, entry_lifetime: float) -> E
 
         if event_type == SESSION_REVOKED:
             for key in keys:
-                match = Match.ALL if key.kind is KeyKind.SID else Match.ISSUED_BEFORE
+                match = Match.ALL if key.kind in _ONE_OF_ITS_OWN else Match.ISSUED_BEFORE
                 add.append(entry(key, Effect.SESSION_REVOKED, match, until))
             users, outside = _scoped(session_user_keys(identifier), scope)
             ignored += outside
@@ -300,7 +305,11 @@ def effects_of(verified: VerifiedSet, *, now: float, entry_lifetime: float) -> E
                 raise SetRefused(INVALID_REQUEST, "credential-change credential_type is not a string")
             if change not in ("revoke", "delete"):
                 continue
-            add.extend(entry(k, Effect.CREDENTIAL_REVOKED, Match.AUTHENTICATED_BEFORE, until) for k in keys)
+            add.extend(
+                entry(k, Effect.CREDENTIAL_REVOKED, Match.ALL if k.kind is KeyKind.JTI else Match.AUTHENTICATED_BEFORE,
+                      until)
+                for k in keys
+            )
             ids = _credential_ids(body)
             if ids or credential_type in WEBAUTHN_CREDENTIAL_TYPES:
                 aaguid = "" if ids else _aaguid(body.get("fido2_aaguid"))
@@ -332,16 +341,21 @@ def effects_of(verified: VerifiedSet, *, now: float, entry_lifetime: float) -> E
     return Effects(tuple(add), tuple(lift), tuple(credentials), tuple(events), ignored)
 
 
+# Key kinds that name tokens of their own, not a user's tokens up to a time: a session's, one token's.
+_ONE_OF_ITS_OWN = frozenset({KeyKind.SID, KeyKind.JTI})
+
+
 def _scoped(keys: tuple[SubjectKey, ...], scope: tuple[str, ...]) -> tuple[tuple[SubjectKey, ...], int]:
     """The keys a transmitter scoped to `scope` may act on, and how many it may not.
 
-    An `iss_sub` names its issuer: kept when that issuer is in scope. A format without an issuer is
-    narrowed to one key per scoped issuer, so it matches only those issuers' tokens.
+    A key naming its issuer (`iss_sub`, `jwt_id`, an `application` given as `iss_sub`) is kept when that issuer is
+    in scope. A format without an issuer is narrowed to one key per scoped issuer, so it matches only those
+    issuers' tokens.
     """
     kept: list[SubjectKey] = []
     outside = 0
     for key in keys:
-        if key.kind is KeyKind.ISS_SUB:
+        if key.iss:
             if key.iss in scope:
                 kept.append(key)
             else:

@@ -2,9 +2,12 @@
 
 Supported formats (RFC 9493 section 3.2): `iss_sub` -> (iss, sub); `email` -> the `email` claim;
 `opaque` -> a session id (`sid`), as the admin API and CAEP session events use it; `aliases` -> each
-of its identifiers; and SSF 1.0's `complex` (section 3.3 of the SSF spec): its `session` member for a
-session event, else its `user` member. Other formats (`phone_number`, `account`, `did`, `uri`) name
-nothing a token carries and give no key.
+of its identifiers; OpenID SSF 1.0's `jwt_id` (section 3.2.1: `iss` + `jti`) -> one token, by its issuer and
+`jti` (RFC 9068 section 2.2); and SSF 1.0's `complex` (section 3.3 of the SSF spec): its `session` member for
+a session event, else its `user` member, else its `application` member -> the client the token was issued
+to (`client_id`, else `azp`): `opaque` names the client id (any issuer), `iss_sub` the issuer and, as `sub`,
+the client id. Other formats (`phone_number`, `account`, `did`, `uri`) name nothing a token carries and give
+no key.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def subject_keys(identifier: Any, *, session: bool = False, depth: int = 0) -> t
         return (SubjectKey(KeyKind.EMAIL, _member(identifier, "email").lower()),)
     if fmt == "opaque":
         return (SubjectKey(KeyKind.SID, _member(identifier, "id")),)
+    if fmt == "jwt_id":
+        return (SubjectKey(KeyKind.JTI, _member(identifier, "jti"), _member(identifier, "iss")),)
     if fmt in ("aliases", "complex") and depth > 0:  # RFC 9493 section 3.2.7, SSF 1.0 section 3.3: they do not nest
         raise SubjectError(f"a {fmt!r} subject inside another subject")
     if fmt == "aliases":
@@ -60,9 +65,26 @@ def subject_keys(identifier: Any, *, session: bool = False, depth: int = 0) -> t
                 raise SubjectError(f"complex subject member {str(name)[:40]!r} is not a subject identifier")
         members = [m for m in ("session", "user") if m in identifier]
         if not members:
-            return ()
+            # A client alone (a service's client-credentials tokens have no user); beside a user or a session the
+            # event is about them, as before.
+            return _application_keys(identifier["application"]) if "application" in identifier else ()
         chosen = "session" if session and "session" in members else ("user" if "user" in members else "session")
         return subject_keys(identifier[chosen], session=session, depth=1)
+    if not isinstance(fmt, str) or not fmt:
+        raise SubjectError("subject identifier has no format")
+    return ()
+
+
+def _application_keys(member: Mapping[str, Any]) -> tuple[SubjectKey, ...]:
+    """A `complex` subject's `application` member: the client an `opaque` id names (any issuer), or the client an
+    `iss_sub` names (its `sub`) at that issuer; () for a format that names no client id."""
+    fmt = member.get("format")
+    if fmt == "opaque":
+        return (SubjectKey(KeyKind.CLIENT, _member(member, "id")),)
+    if fmt == "iss_sub":
+        return (SubjectKey(KeyKind.CLIENT, _member(member, "sub"), _member(member, "iss")),)
+    if fmt in ("aliases", "complex"):
+        raise SubjectError(f"a {fmt!r} subject inside another subject")
     if not isinstance(fmt, str) or not fmt:
         raise SubjectError("subject identifier has no format")
     return ()
