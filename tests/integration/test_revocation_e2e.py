@@ -4,6 +4,7 @@ door and on a second replica sharing Redis within a second; the operator kill sw
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -338,3 +339,90 @@ async def test_a_replica_that_cannot_read_its_revocation_entries_is_not_ready_bu
 
 async def _reports(app: App, status: int) -> bool:
     return (await _health(app))[3:] == (status, status)
+
+
+def _jti(token: str) -> str:
+    part = token.split(".")[1]
+    return str(json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))["jti"])
+
+
+async def _until_refused(app: App, token: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while (await _forward(app, token))[0] != 401:
+        assert time.monotonic() < deadline, "never refused"
+        await asyncio.sleep(0.02)
+
+
+async def test_the_kill_switch_refuses_one_leaked_token_and_a_compromised_client_on_every_replica(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the real HTTP door: a `jwt_id` refuses that token (its user's others pass), a `complex` `application`
+    refuses the client's tokens (another client's pass), on the replica asked and, through Redis, on the other, every
+    door, though both answered them (remembered) before; lifting lets them through again."""
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", ADMIN_TOKEN)
+    redis = start_redis(tmp_path)
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    try:
+        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
+            async with _replica(idp, tx, redis.url) as one, _replica(idp, tx, redis.url) as two:
+                leaked, kept = idp.mint(sub="alice"), idp.mint(sub="alice")
+                client_a = idp.mint(sub=None, claims={"client_id": "svc-a"})
+                client_b = idp.mint(sub=None, claims={"client_id": "svc-b"})
+                for app in (one, two):
+                    for token in (leaked, kept, client_a, client_b):
+                        assert (await _forward(app, token))[0] == 200
+
+                ids = []
+                for subject in (
+                    {"format": "jwt_id", "iss": idp.issuer, "jti": _jti(leaked)},
+                    {"format": "complex", "application": {"format": "opaque", "id": "svc-a"}},
+                ):
+                    body = json.dumps({"subject": subject, "reason": "incident 7"}).encode()
+                    request = _admin_request(b"POST", COLLECTION, ADMIN_TOKEN, body)
+                    created = await http_exchange(one.ports.http, request)
+                    assert _status(created) == 201, created
+                    ids.append(json.loads(created.split(b"\r\n\r\n", 1)[1])["id"])
+
+                for app in (one, two):
+                    for token in (leaked, client_a):
+                        await _until_refused(app, token)
+                        status, challenge = await _forward(app, token)
+                        assert status == 401 and 'error="invalid_token"' in challenge and "revoked" in challenge
+                        assert await _grpc_both(app, token) == (False, 16)
+                    for token in (kept, client_b):
+                        assert (await _forward(app, token))[0] == 200
+                        assert (await _grpc_both(app, token))[0] is True
+
+                for entry_id in ids:
+                    target = COLLECTION + b"/" + entry_id.encode()
+                    lifted = await http_exchange(two.ports.http, _admin_request(b"DELETE", target, ADMIN_TOKEN))
+                    assert _status(lifted) == 204
+                deadline = time.monotonic() + 30
+                while (await _forward(one, leaked))[0] != 200 or (await _forward(one, client_a))[0] != 200:
+                    assert time.monotonic() < deadline, "never lifted on replica one"
+                    await asyncio.sleep(0.02)
+    finally:
+        await idp.stop()
+        redis.stop()
+
+
+async def test_an_ssf_event_naming_a_jwt_id_refuses_that_token_through_the_running_verifier() -> None:
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    try:
+        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
+            async with _replica(idp, tx, None) as app:
+                leaked, kept = idp.mint(sub="bob"), idp.mint(sub="bob")
+                assert (await _forward(app, leaked))[0] == 200
+                event = tx.sign_set(
+                    {SESSION_REVOKED: {"event_timestamp": int(time.time())}},
+                    sub_id={"format": "jwt_id", "iss": idp.issuer, "jti": _jti(leaked)},
+                )
+                url = f"http://127.0.0.1:{app.ports.http}/v1/ssf/events"
+                assert (await asyncio.to_thread(tx.push, url, event))[0] == 202
+                status, challenge = await _forward(app, leaked)
+                assert status == 401 and "session revoked" in challenge
+                assert (await _forward(app, kept))[0] == 200
+    finally:
+        await idp.stop()
