@@ -428,3 +428,32 @@ async def test_two_deployments_with_their_own_prefixes_on_one_redis_see_nothing_
     finally:
         await blue.stop()
         await green.stop()
+
+
+def refuses(service: RevocationService, caller: Principal) -> Callable[[], bool]:
+    return lambda: service.revocations.check(caller) is not None
+
+
+async def test_a_jwt_id_and_a_client_revoked_on_one_replica_are_refused_on_the_other_within_a_second(
+    replicas: Replicas,
+) -> None:
+    """The kill switch's one-token (`jwt_id`) and client (`complex` `application`) entries travel as the others do:
+    published, applied by the other replica within a second, read back by a replica started later."""
+    a, b = await replicas.start(), await replicas.start()
+    leaked = principal("user-7", jti="leaked-jti")
+    client = principal("", client_id="svc-a", jti="c-1")._replace(client_id="svc-a")
+    other_client = client._replace(client_id="svc-b")
+    for subject in (
+        {"format": "jwt_id", "iss": IDP, "jti": "leaked-jti"},
+        {"format": "complex", "application": {"format": "iss_sub", "iss": IDP, "sub": "svc-a"}},
+    ):
+        created = await router_of(a).dispatch(admin_request("POST", document={"subject": subject}))
+        assert created.status == 201, created.body
+    for service in (a, b):
+        await within(PROPAGATION_S, refuses(service, leaked))
+        await within(PROPAGATION_S, refuses(service, client))
+        assert service.revocations.check(principal("user-7", jti="other-jti")) is None
+        assert service.revocations.check(other_client) is None
+    late = await replicas.start()
+    assert late.revocations.check(leaked) is not None and late.revocations.check(client) is not None
+    assert late.revocations.check(other_client) is None
