@@ -306,6 +306,29 @@ def test_a_token_revoked_by_the_kill_switch_is_refused_by_the_gateway_within_max
     assert get(gateway, "/orders", tok).status == 401
 
 
+def test_a_token_revoked_by_its_jwt_id_or_client_is_refused_by_the_gateway_within_max_age(
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer
+) -> None:
+    """The kill switch's one token (`jwt_id`) and client (`complex` `application`): refused through every reusing
+    gateway within max_age, the user's other token and another client's passing."""
+    leaked = token(issuer)
+    kept = issuer.mint(sub=_sub(leaked), scope="read", jti=uuid.uuid4().hex)
+    client = f"svc-{uuid.uuid4().hex[:8]}"
+    service = issuer.mint(sub=None, client_id=client, scope="read", jti=uuid.uuid4().hex)
+    other = issuer.mint(sub=None, client_id=client + "-b", scope="read", jti=uuid.uuid4().hex)
+    assert [get(gateway, "/orders", t).status for t in (leaked, kept, service, other)] == [200] * 4  # now cached
+    _kill(verifier, {"format": "jwt_id", "iss": issuer.issuer, "jti": json.loads(_payload(leaked))["jti"]})
+    _kill(verifier, {"format": "complex", "application": {"format": "opaque", "id": client}})
+    revoked_at = time.monotonic()
+
+    sent = time.monotonic()
+    while get(gateway, "/orders", leaked).status == 200 or get(gateway, "/orders", service).status == 200:
+        assert sent - revoked_at <= MAX_AGE + 0.5, "gateway kept serving a revoked token"
+        time.sleep(0.1)
+        sent = time.monotonic()
+    assert [get(gateway, "/orders", t).status for t in (leaked, kept, service, other)] == [401, 200, 401, 200]
+
+
 @pytest.mark.parametrize(
     ("first", "then"),
     [
@@ -379,7 +402,10 @@ def _sub(tok: str) -> str:
 
 
 def _revoke(verifier: GatewayProcess, issuer: LocalIssuer, tok: str) -> None:
-    subject = {"format": "iss_sub", "iss": issuer.issuer, "sub": _sub(tok)}
+    _kill(verifier, {"format": "iss_sub", "iss": issuer.issuer, "sub": _sub(tok)})
+
+
+def _kill(verifier: GatewayProcess, subject: dict[str, object]) -> None:
     request = urllib.request.Request(
         f"{verifier.url}/v1/admin/revocations",
         data=json.dumps({"subject": subject, "reason": "test"}).encode(),
