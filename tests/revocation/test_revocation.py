@@ -1288,3 +1288,29 @@ async def test_an_ssf_jwt_id_or_client_of_another_issuer_is_acknowledged_and_ign
         assert (await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, subject))).status == 202
     assert len(service.revocations) == 0
     assert service.metrics.subjects_ignored.labels(TX)._value.get() == 2
+
+
+class ReadClaims(dict[str, Any]):
+    """Claims that remember which of them were read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def test_a_tokens_jti_and_client_are_looked_up_only_while_some_entry_is_keyed_on_them(clock: FrozenClock) -> None:
+    """The check stays a few dict lookups: without a jwt_id or client entry, none is made for them."""
+    index = index_with(clock, SubjectKey(KeyKind.ISS_SUB, "someone", ISSUER))
+    claims = ReadClaims(iss=ISSUER, sub="user-1", jti="jti-1", iat=NOW - 10, exp=NOW + 60)
+    caller = token_of()._replace(claims=claims, client_id="svc-a")
+    assert index.check(caller) is None and "jti" not in claims.read
+    index.add([Entry(id="j", key=SubjectKey(KeyKind.JTI, "jti-1", ISSUER), effect=Effect.TOKEN_REVOKED,
+                     match=Match.ALL, event_time=NOW, expires_at=None, source="operator", event="operator")])
+    assert index.check(caller) is not None and "jti" in claims.read
+    index.remove(["j"])
+    claims.read.clear()
+    assert index.check(caller) is None and "jti" not in claims.read

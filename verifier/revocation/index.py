@@ -85,8 +85,10 @@ class Revocations:
         self._entries: dict[str, Entry] = {}
         self._refusals: dict[tuple[KeyKind, str, str], list[Entry]] = {}
         self._overrides: dict[tuple[KeyKind, str, str], list[Entry]] = {}
-        # Entries per key kind: a token's `jti` and client are looked up only while some entry is keyed on them.
-        self._kinds: dict[KeyKind, int] = {}
+        # Entries keyed on a token (`jti`) and on a client: those keys are looked up only while there are some.
+        # Plain ints, read on every check: an enum-keyed dict would hash the enum in Python each time.
+        self._by_jti = 0
+        self._by_client = 0
         self._loaded = False  # set by the first full load: until then no answer can be known
         self._not_loaded = "revocation entries are not loaded yet"  # why not, when not
 
@@ -175,13 +177,12 @@ class Revocations:
         if isinstance(email, str) and email and (not for_overrides or claims.get("email_verified") is True):
             lowered = email.lower()
             keys += ((KeyKind.EMAIL, lowered, ""), (KeyKind.EMAIL, lowered, issuer))
-        kinds = self._kinds
-        if kinds.get(KeyKind.JTI):
+        if self._by_jti:
             # One token: an RFC 9068 JWT's `jti`, an introspection answer's when it has one; none, no match.
             jti = claims.get("jti")
             if isinstance(jti, str) and jti:
                 keys.append((KeyKind.JTI, jti, issuer))
-        if kinds.get(KeyKind.CLIENT):
+        if self._by_client:
             # The client it was issued to (`client_id`, else `azp`): its own tokens and its users' alike.
             client = principal.client_id
             if client:
@@ -207,7 +208,7 @@ class Revocations:
             self._entries[entry.id] = entry
             table = self._overrides if entry.effect is Effect.CLAIMS_OVERRIDE else self._refusals
             table.setdefault(_lookup(entry.key), []).append(entry)
-            self._kinds[entry.key.kind] = self._kinds.get(entry.key.kind, 0) + 1
+            self._count(entry.key.kind, 1)
 
     def remove(self, ids: Iterable[str]) -> None:
         """Drops entries by id (unknown ids are ignored)."""
@@ -221,7 +222,7 @@ class Revocations:
         self._entries.clear()
         self._refusals.clear()
         self._overrides.clear()
-        self._kinds.clear()
+        self._by_jti = self._by_client = 0
         self.add(entries)
         self._loaded = True
 
@@ -250,11 +251,17 @@ class Revocations:
             if e.effect is effect and e.source == source and _lookup(e.key) in wanted and e.event_time <= not_after
         ]
 
+    def _count(self, kind: KeyKind, change: int) -> None:
+        if kind is KeyKind.JTI:
+            self._by_jti += change
+        elif kind is KeyKind.CLIENT:
+            self._by_client += change
+
     def _remove_one(self, entry_id: str) -> None:
         old = self._entries.pop(entry_id, None)
         if old is None:
             return
-        self._kinds[old.key.kind] -= 1
+        self._count(old.key.kind, -1)
         table = self._overrides if old.effect is Effect.CLAIMS_OVERRIDE else self._refusals
         key = _lookup(old.key)
         bucket = [e for e in table.get(key, ()) if e.id != entry_id]
