@@ -1314,3 +1314,29 @@ def test_a_tokens_jti_and_client_are_looked_up_only_while_some_entry_is_keyed_on
     index.remove(["j"])
     claims.read.clear()
     assert index.check(caller) is None and "jti" not in claims.read
+
+
+async def test_jwt_id_and_client_entries_outlive_a_restart_in_the_durable_local_store(
+    clock: FrozenClock, provider: FakeFetcher, tmp_path: Any
+) -> None:
+    """Without Redis the kill switch's entries sit in the SQLite file: a restarted worker refuses the same tokens."""
+    from verifier.revocation.store import SqliteStore
+
+    def started() -> RevocationService:
+        return RevocationService(config(), state=MemoryState(clock), fetcher=provider, clock=clock,
+                                 metrics=RevocationMetrics(CollectorRegistry(), REFUSAL_CODES),
+                                 session=no_http_session, admin_token=ADMIN, store=SqliteStore(str(tmp_path)))
+
+    first = started()
+    await first.start()
+    for subject in (jwt_id("leaked"), application("svc-a", ISSUER)):
+        assert (await routes(first).dispatch(admin("POST", document={"subject": subject}))).status == 201
+    await first.stop()
+    second = started()
+    await second.start()
+    try:
+        assert second.revocations.check(token_of("leaked")) is not None
+        assert second.revocations.check(token_of("x", sub="", client="svc-a")) is not None
+        assert second.revocations.check(token_of("x", sub="", client="svc-b")) is None
+    finally:
+        await second.stop()
