@@ -47,7 +47,10 @@ def normalize_host(host: str) -> str:
     return host
 
 
-_DEFAULT_PORT_SUFFIXES = {"http": ":80", "https": ":443"}
+# The schemes a request or an origin is judged under, and the port each is on when none is written (RFC 3986
+# section 6.2.3): the one table, read by every module that leaves a default port out.
+DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEFAULT_PORT_SUFFIXES = {scheme: f":{port}" for scheme, port in DEFAULT_PORTS.items()}
 
 
 def normalize_authority(host: str, scheme: str) -> str:

@@ -29,6 +29,7 @@ from verifier.clock import Clock
 from verifier.config.dpop import DpopConfig
 from verifier.errors import InvalidDpopProof, MalformedToken, SenderConstraintFailed, UseDpopNonce
 from verifier.numbers import json_number
+from verifier.request import DEFAULT_PORTS
 from verifier.state.base import Purpose, SharedState
 from verifier.tokens.jws import b64url_decode, b64url_encode
 from verifier.tokens.keys import KeyError_, VerificationKey, parse_jwk
@@ -47,7 +48,6 @@ _THUMBPRINT_MEMBERS: dict[str, tuple[str, ...]] = {
     "OKP": ("crv", "kty", "x"),
     "oct": ("k", "kty"),
 }
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _NONCE_VERSION = b"\x01"
@@ -106,13 +106,13 @@ def normalize_htu(url: str) -> str:
     host = (parts.hostname or "").lower()
     if host.endswith("."):
         host = host[:-1]  # the same absolute name, as the doors spell the request's host (normalize_host)
-    if scheme not in _DEFAULT_PORTS or not host:
+    if scheme not in DEFAULT_PORTS or not host:
         raise ValueError("not an absolute http(s) URL")
     if ":" in host:
         host = f"[{host}]"
     userinfo = parts.netloc.rpartition("@")[0]
     netloc = (userinfo + "@" if userinfo else "") + host
-    if port is not None and port != _DEFAULT_PORTS[scheme]:
+    if port is not None and port != DEFAULT_PORTS[scheme]:
         netloc += f":{port}"
     path = _remove_dot_segments(_PERCENT.sub(_normalize_escape, parts.path) or "/")
     return f"{scheme}://{netloc}{path}"

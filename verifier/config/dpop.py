@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from verifier.config.base import Reader, is_loopback_host, read_fields, setting
-from verifier.request import a_label
+from verifier.request import DEFAULT_PORTS, a_label
 from verifier.tokens.keys import ALG_KEY_TYPES
 
 # Asymmetric only (RFC 9449 section 4.3 step 5: no `none`, no MAC). ES256 first: it is what most
@@ -28,7 +28,6 @@ DEFAULT_MAX_PROOF_BYTES = 8192
 # instant (`iat + iat_past_seconds`), and on a replica whose clock lags the one that first saw it, later still.
 JTI_TTL_MARGIN_SECONDS = 1.0
 MIN_NONCE_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output is weaker than it looks
-DEFAULT_PORTS = {"http": 80, "https": 443}  # an origin spelled without its port is on these
 
 
 def normalize_origin(url: str, *, allow_http: bool = False) -> str:

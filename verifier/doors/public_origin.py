@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-from verifier.config.dpop import DEFAULT_PORTS
+from verifier.request import DEFAULT_PORTS
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from verifier.errors import ProviderUnavailable
+from verifier.request import DEFAULT_PORTS
 from verifier.settings import url_problem
 
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)", re.IGNORECASE)
@@ -69,7 +70,7 @@ def url_origin(url: str) -> str:
         port = parts.port
     except ValueError:  # not a port: matches no origin
         return ""
-    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    default = DEFAULT_PORTS.get(parts.scheme.lower())
     host = (parts.hostname or "").lower()
     host = f"[{host}]" if ":" in host else host
     return f"{parts.scheme.lower()}://{host}" + (f":{port}" if port is not None and port != default else "")
