@@ -96,3 +96,30 @@ async def until_accepted(app: App, client_ports: Iterable[int]) -> None:
     while missing := wanted - {c._transport.get_extra_info("peername")[1] for c in app.forward_auth.connections}:
         assert time.monotonic() < deadline, f"{len(missing)} of {len(wanted)} connections not accepted"
         await asyncio.sleep(0.01)
+
+
+class Wire:
+    """The transport a connection writes to (no sockets: every answer is written synchronously here)."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.out: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def get_extra_info(self, name: str) -> Any:
+        return (self.peer, 40000) if name == "peername" else None
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...

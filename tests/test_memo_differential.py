@@ -46,6 +46,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from doorkit import Wire
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -116,32 +117,6 @@ def document(assertion_key: Path | None) -> dict[str, Any]:
     return config
 
 
-class Wire:
-    """The transport a connection writes to (no sockets: every answer is written synchronously here)."""
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def get_extra_info(self, name: str) -> Any:
-        return (PEER, 40000) if name == "peername" else None
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-
-
 class Keepalive:
     """One keep-alive connection to a forward-auth door, reopened when the door closed it."""
 
@@ -150,7 +125,7 @@ class Keepalive:
         self._open()
 
     def _open(self) -> None:
-        self.wire = Wire()
+        self.wire = Wire(PEER)
         self.connection = _Connection(self.door)
         self.connection.connection_made(self.wire)  # type: ignore[arg-type]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from doorkit import Wire
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ssf_transmitter import SESSION_REVOKED, SsfTransmitter
@@ -48,33 +49,6 @@ POLICIES = (
     ),
     PolicySettings(name="api", match=RouteMatch(path_prefix="/api"), require=Requirements(authenticated=True)),
 )
-
-
-class Wire:
-    """The transport a connection writes to (no sockets: every answer is written synchronously here)."""
-
-    def __init__(self, peer: str = PEER) -> None:
-        self.peer = peer
-        self.out: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def get_extra_info(self, name: str) -> Any:
-        return (self.peer, 40000) if name == "peername" else None
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
 
 
 class Client:
