@@ -269,3 +269,27 @@ def test_a_state_file_another_user_could_have_planted_is_refused(tmp_path: Path,
     assert result.returncode == 2
     line = _one_line(result.stderr)
     assert "state.path" in line and "revocations.sqlite3" in line
+
+
+@pytest.mark.parametrize("keys", [4, 5])
+def test_check_config_warns_of_a_static_jwks_where_a_token_without_kid_is_refused(keys: int, tmp_path: Path) -> None:
+    """A static JWKS (`jwks_inline`, `jwks_file`) with more ES256 keys than a kid-less token is tried against: start-up
+    logs `jwks_kidless_ambiguous`, and check-config, which an operator runs before deploying, said only "ok"."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    public = [ec.generate_private_key(ec.SECP256R1()).public_key() for _ in range(keys)]
+    jwks = {"keys": [{**ECAlgorithm.to_jwk(k, as_dict=True), "kid": f"k{i}"} for i, k in enumerate(public)]}
+    path = tmp_path / "verifier.yaml"
+    path.write_text(yaml.safe_dump({"issuers": [{**ISSUER, "jwks_inline": jwks}], "http": {"listen": "127.0.0.1:0"}}))
+    result = _verifier("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "jwks_kidless_ambiguous" in line]
+    if keys <= 4:
+        assert not warned, result.stderr
+    else:
+        assert warned == [
+            f"warning: issuers[{ISSUER['issuer']}]: the JWKS holds 5 keys for ES256, more than 4: a token without a "
+            "kid is refused (key_unknown), whichever key signed it; tokens with a kid are not affected. Have the "
+            "provider put a kid in its tokens, or publish fewer keys (jwks_kidless_ambiguous)"
+        ], result.stderr

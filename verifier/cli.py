@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -18,9 +19,12 @@ from typing import NoReturn
 
 from verifier import gc_policy, ports
 from verifier.app import App
+from verifier.config.issuer import DEFAULT_MAX_JWKS_KEYS
 from verifier.observe.audit import configure_logging
 from verifier.settings import ConfigError, IssuerSettings, Listen, Settings, config_warnings, load_settings
 from verifier.state import with_default_path
+from verifier.tokens.jwks import kidless_ambiguous, kidless_ambiguous_message
+from verifier.tokens.keys import parse_key_set
 from verifier.workers import accept_stop_signals
 
 log = logging.getLogger("verifier.cli")
@@ -161,8 +165,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return _config_error(exc)
     for warning in config_warnings(settings):
         print(f"warning: {warning}", file=sys.stderr)
+    for issuer, message in _static_key_warnings(settings):  # what start-up logs for keys on disk or in the YAML
+        print(f"warning: issuers[{issuer}]: {message}", file=sys.stderr)
     print(f"ok: {len(settings.issuers)} issuer(s)")
     return 0
+
+
+def _static_key_warnings(settings: Settings) -> list[tuple[str, str]]:
+    """`jwks_kidless_ambiguous` for each issuer whose keys are static (`jwks_file`, `jwks_inline`): start-up logs
+    it when it loads them; a fetched JWKS is only known once fetched."""
+    warnings = []
+    for issuer in settings.issuers:
+        if issuer.static_jwks:
+            keys, _ = parse_key_set(json.loads(issuer.static_jwks), max_keys=DEFAULT_MAX_JWKS_KEYS)
+            warnings += [
+                (issuer.issuer, f"{kidless_ambiguous_message(alg, count)} (jwks_kidless_ambiguous)")
+                for alg, count in kidless_ambiguous(keys, issuer.algorithms)
+            ]
+    return warnings
 
 
 def cmd_dev(args: argparse.Namespace) -> int:

@@ -271,13 +271,11 @@ class IssuerKeys:
         """Logs a `config_warning` for each allowed alg more than `MAX_KIDLESS_KEYS` held keys fit (tokens without
         a kid refused), when the keys of `before` did not already have it logged: at start-up, and at the refresh
         that brings it, not at every one."""
-        for alg in self.settings.algorithms:
-            count = sum(k.fits(alg) for k in self._keys)
-            if count > MAX_KIDLESS_KEYS and sum(k.fits(alg) for k in before) <= MAX_KIDLESS_KEYS:
+        already = {alg for alg, _ in kidless_ambiguous(before, self.settings.algorithms)}
+        for alg, count in kidless_ambiguous(self._keys, self.settings.algorithms):
+            if alg not in already:
                 log.warning(
-                    f"the JWKS holds {count} keys for {alg}, more than {MAX_KIDLESS_KEYS}: a token without a kid "
-                    "is refused (key_unknown), whichever key signed it; tokens with a kid are not affected. Have "
-                    "the provider put a kid in its tokens, or publish fewer keys",
+                    kidless_ambiguous_message(alg, count),
                     extra={
                         "event": "config_warning",
                         "code": "jwks_kidless_ambiguous",
@@ -363,6 +361,22 @@ class IssuerKeys:
                 self._failures += 1
                 log.exception("jwks refresh crashed", extra={"event": "jwks_fetch", "issuer": self.settings.issuer})
             await asyncio.sleep(self.next_refresh_in())
+
+
+def kidless_ambiguous(keys: Sequence[VerificationKey], algorithms: Sequence[str]) -> list[tuple[str, int]]:
+    """Each allowed alg that more than `MAX_KIDLESS_KEYS` of `keys` fit, with how many: a token of that alg
+    without a kid is refused (`key_unknown`), whichever key signed it."""
+    counts = ((alg, sum(k.fits(alg) for k in keys)) for alg in algorithms)
+    return [(alg, count) for alg, count in counts if count > MAX_KIDLESS_KEYS]
+
+
+def kidless_ambiguous_message(alg: str, count: int) -> str:
+    """The `jwks_kidless_ambiguous` warning's text (logged on a fetch; printed by `check-config` for a static JWKS)."""
+    return (
+        f"the JWKS holds {count} keys for {alg}, more than {MAX_KIDLESS_KEYS}: a token without a kid is refused "
+        "(key_unknown), whichever key signed it; tokens with a kid are not affected. Have the provider put a kid in "
+        "its tokens, or publish fewer keys"
+    )
 
 
 def _by_kid(
