@@ -214,7 +214,13 @@ def shared_state(config: StateConfig | None, clock: Clock) -> SharedState:
             return SqliteState(config.path, clock, replay=config.replay_bounds, buckets=buckets)
         return MemoryState(clock, max_entries=config.max_entries, replay=config.replay_bounds)
     client = redis_client(config.redis_url, password=config.password, timeout_seconds=config.timeout_seconds)
-    return RedisState(client, key_prefix=config.key_prefix, timeout_seconds=config.timeout_seconds)
+    return RedisState(
+        client,
+        key_prefix=config.key_prefix,
+        timeout_seconds=config.timeout_seconds,
+        replay=config.redis_replay_bounds,
+        clock=clock,
+    )
 
 
 def revocation_store(state: StateConfig | None) -> RevocationStore:
@@ -292,7 +298,7 @@ class App:
         )
         self.state = shared_state(settings.state, self.clock)
         local_state = self.state
-        if isinstance(local_state, MemoryState | SqliteState):  # bounded: full, it refuses (Redis has no bound)
+        if isinstance(local_state, MemoryState | SqliteState | RedisState):  # bounded: full, it refuses
             self.metrics.replay_store(lambda: local_state.full.refused)
         self.dpop = DpopVerifier(settings.dpop or DpopConfig(), self.state, self.clock)
         self.introspectors = {

@@ -287,8 +287,8 @@ class StateUnavailable(VerifierError):
 
 
 class ReplayStoreFull(StateUnavailable):
-    """The local replay store holds as many live one-time values of this purpose as it may: this one is
-    refused, not remembered, and no live one is forgotten to make room (that would let it be replayed). A
+    """The replay store (local, or Redis) holds as many live one-time values of this purpose as it may: this one
+    is refused, not remembered, and no live one is forgotten to make room (that would let it be replayed). A
     503 whose Retry-After is `retry_after`: the seconds until the purpose's oldest live values expire and
     make room (the client tries again then, with a fresh proof). `purpose` is a `Purpose` value."""
 

@@ -161,7 +161,7 @@ _REASONS = (
     Reason(
         "replay_store_full",
         Outcome.UNAVAILABLE,
-        "the local replay store's part for this purpose is full of live one-time values: try again (Retry-After)",
+        "the replay store's part for this purpose is full of live one-time values: try again (Retry-After)",
     ),
     Reason("internal_error", Outcome.UNAVAILABLE, "a bug, not a verdict (the traceback is logged)"),
     Reason("overloaded", Outcome.OVERLOADED, "the verifier is at its concurrency bound"),

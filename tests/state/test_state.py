@@ -636,6 +636,9 @@ async def test_a_redis_url_builds_a_redis_state(clock: FrozenClock, monkeypatch:
         ({"max_replay_entries": 40}, "state.webauthn_replay_share"),  # 2% of 40 is no place at all
         ({"max_replay_entries": 100, "webauthn_replay_share": 0.1, "revocation_replay_share": 0.005},
          "state.revocation_replay_share"),
+        ({"redis_max_replay_entries": 0}, "state.redis_max_replay_entries"),
+        ({"redis_url": "redis://x", "key_prefix": "a:", "redis_max_replay_entries": 40},
+         "state.webauthn_replay_share"),  # with Redis, the shares split Redis's bound: 2% of 40 is no place
         ({"redis": "redis://x"}, "state.redis"),
         ("redis://x", "state"),
     ],
@@ -656,6 +659,24 @@ def test_the_replay_bound_is_split_per_purpose_with_dpop_taking_the_rest() -> No
     assert StateConfig(max_replay_entries=1).replay_bounds == ReplayBounds(dpop=1, webauthn=1, revocation=1)
     with pytest.raises(ValueError):
         ReplayBounds(dpop=0, webauthn=1, revocation=1)
+
+
+async def test_with_redis_the_shares_split_redis_own_bound_and_the_root_hands_it_to_the_store(
+    clock: FrozenClock,
+) -> None:
+    """Redis's bound is every replica's together, so larger by default (4,000,000); the same shares split it,
+    and only it is checked against them with a redis_url (a small local bound beside Redis is no error)."""
+    assert parse_state_config(None).redis_replay_bounds == ReplayBounds(
+        dpop=3_840_000, webauthn=80_000, revocation=80_000
+    )
+    config = parse_state_config(
+        {"redis_url": "redis://127.0.0.1:1/0", "key_prefix": "v1:", "max_replay_entries": 40,
+         "redis_max_replay_entries": 10_000, "revocation_replay_share": 0.25}
+    )
+    assert config.redis_replay_bounds == ReplayBounds(dpop=7_300, webauthn=200, revocation=2_500)
+    state = shared_state(config, clock)
+    assert state._bounds == config.redis_replay_bounds  # type: ignore[attr-defined]
+    await state.close()
 
 
 def test_sqlite_replay_file_is_private_to_the_verifier_user(tmp_path: Path, clock: FrozenClock) -> None:

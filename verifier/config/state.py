@@ -8,8 +8,9 @@ state:                               # optional; without it (or without redis_ur
   timeout_seconds: 0.25              # per socket operation; past it the request fails closed (503)
   max_entries: 100000                # without redis_url: rate-limit buckets per process (idle ones go first)
   max_replay_entries: 1000000        # without redis_url: live one-time values, every purpose together
-  webauthn_replay_share: 0.02        # of them reserved for WebAuthn challenges (20,000); DPoP proofs get the rest
-  revocation_replay_share: 0.02      # of them reserved for SET and logout-token jtis (20,000)
+  redis_max_replay_entries: 4000000  # with redis_url: the same in Redis, every replica together
+  webauthn_replay_share: 0.02        # of the bound in use reserved for WebAuthn challenges; DPoP proofs get the rest
+  revocation_replay_share: 0.02      # of the bound in use reserved for SET and logout-token jtis
   # path: /var/lib/verifier          # only without redis_url: a directory for the durable local store
 ```
 
@@ -23,6 +24,9 @@ The replay keys are bounded per purpose (`Purpose`): DPoP proof `jti`s, which an
 can mint as fast as he likes, WebAuthn challenges, and revocation events (SET and logout-token `jti`s)
 each get their own part of `max_replay_entries`, and a part full of live values refuses new values of
 its purpose only (503 `replay_store_full`), so a flood of DPoP proofs never delays a revocation.
+With `redis_url` the same shares split `redis_max_replay_entries`, a bound every replica shares, counted in
+Redis itself (`verifier.state.redis`): a DPoP flood then stops at its part, below Redis's `maxmemory`, and
+the revocation writes still have room.
 """
 
 from __future__ import annotations
@@ -49,6 +53,13 @@ DEFAULT_MAX_REPLAY_ENTRIES = 1_000_000
 # the rest (96% by default). 2% of the default is 20,000 live values each: revocation events arrive a
 # few a second at most (an SET lives `max_age_seconds` + leeway, 300 s by default: ~66/s sustained to
 # fill it; a mass logout of 20,000 sessions at once still fits), WebAuthn challenges at human speed.
+# With Redis: live one-time values of every replica together, split by the same shares (DPoP 3,840,000). A
+# deployment's DPoP proofs at 58,000 a second for 66 s fill the DPoP part: several times a busy deployment's
+# peak. A replay key costs ~165 bytes in Redis 7.0 (measured with a 9-byte prefix), so a full bound is
+# ~660 MB; `maxmemory` must hold it with room to spare, or Redis is full (every write refused, revocations'
+# too) before the bound is: the verifier warns at start-up (`REDIS_BYTES_PER_REPLAY_KEY` below).
+DEFAULT_REDIS_MAX_REPLAY_ENTRIES = 4_000_000
+REDIS_BYTES_PER_REPLAY_KEY = 200  # the estimate the start-up check uses: the measured 165, a longer prefix
 DEFAULT_WEBAUTHN_REPLAY_SHARE = 0.02
 DEFAULT_REVOCATION_REPLAY_SHARE = 0.02
 MAX_REPLAY_SHARE = 0.25  # a fraction: a reserved part above a quarter leaves DPoP, the bulk, too little
@@ -61,7 +72,7 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class Purpose(enum.StrEnum):
-    """What a one-time value is for. Each purpose has its own bound in the local replay stores, so filling
+    """What a one-time value is for. Each purpose has its own bound in every replay store, so filling
     one never refuses another; the value is the `purpose` label of `verifier_replay_store_full_total`
     (three fixed values, never one a client chose)."""
 
@@ -72,7 +83,8 @@ class Purpose(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReplayBounds:
-    """Live one-time values a local replay store holds per purpose; each at least 1."""
+    """Live one-time values a replay store holds per purpose (a local one, or Redis for every replica); each at
+    least 1."""
 
     dpop: int
     webauthn: int
@@ -126,17 +138,23 @@ class StateConfig:
         unit="entries",
         doc="without redis_url: live one-time values held, all purposes; a full purpose's new ones get 503",
     )
+    redis_max_replay_entries: int = setting(
+        DEFAULT_REDIS_MAX_REPLAY_ENTRIES,
+        minimum=1,
+        unit="entries",
+        doc="with redis_url: live one-time values in Redis, all replicas and purposes; size maxmemory above it",
+    )
     webauthn_replay_share: float = setting(
         DEFAULT_WEBAUTHN_REPLAY_SHARE,
         maximum=MAX_REPLAY_SHARE,
         unit="fraction",
-        doc="of max_replay_entries, above 0: WebAuthn challenges' own part (DPoP proofs get the rest)",
+        doc="of the bound in use (max_replay_entries, with Redis redis_max_replay_entries), above 0: WebAuthn's part",
     )
     revocation_replay_share: float = setting(
         DEFAULT_REVOCATION_REPLAY_SHARE,
         maximum=MAX_REPLAY_SHARE,
         unit="fraction",
-        doc="of max_replay_entries, above 0: SET and logout-token jtis' own part (a DPoP flood never fills it)",
+        doc="of the bound in use, above 0: SET and logout-token jtis' own part (a DPoP flood never fills it)",
     )
     password: str | None = dataclasses.field(default=None, repr=False)  # read from `password_env`
     path: str | None = setting(
@@ -145,9 +163,18 @@ class StateConfig:
 
     @property
     def replay_bounds(self) -> ReplayBounds:
-        """`max_replay_entries` split per purpose."""
+        """`max_replay_entries` split per purpose (the local stores)."""
         return ReplayBounds.split(
             self.max_replay_entries,
+            webauthn_share=self.webauthn_replay_share,
+            revocation_share=self.revocation_replay_share,
+        )
+
+    @property
+    def redis_replay_bounds(self) -> ReplayBounds:
+        """`redis_max_replay_entries` split per purpose (Redis, every replica together)."""
+        return ReplayBounds.split(
+            self.redis_max_replay_entries,
             webauthn_share=self.webauthn_replay_share,
             revocation_share=self.revocation_replay_share,
         )
@@ -190,12 +217,14 @@ def parse_state_config(data: Any, path: str = "state") -> StateConfig:
         )
     if not values["timeout_seconds"] > 0:
         reader.problem("timeout_seconds", f"expected a number in (0, {MAX_TIMEOUT_SECONDS}]")
-    total = values["max_replay_entries"]
+    # The bound in use: Redis's with redis_url, the local stores' without.
+    total_key = "max_replay_entries" if url is None else "redis_max_replay_entries"
+    total = values[total_key]
     for key in ("webauthn_replay_share", "revocation_replay_share"):
         if not values[key] > 0:
             reader.problem(key, f"expected a fraction in (0, {MAX_REPLAY_SHARE}]")
         elif math.floor(total * values[key]) < 1:
-            reader.problem(key, f"{values[key]} of max_replay_entries ({total}) is not one entry: raise either")
+            reader.problem(key, f"{values[key]} of {total_key} ({total}) is not one entry: raise either")
     directory = values["path"]
     if directory is not None:
         if url is not None:

@@ -103,11 +103,12 @@ class _HotPath:
 
 
 class _ReplayStore:
-    """`verifier_replay_store_full_total{purpose}`: new one-time values the local replay store refused because
+    """`verifier_replay_store_full_total{purpose}`: new one-time values the replay store refused because
     their purpose's part was full of live ones (503 `replay_store_full`). `purpose` is one of the three
     `Purpose` values (dpop, webauthn, revocation), each always exported, never a value a client chose.
     Read from the store's own counts at each scrape (they are bumped on the event loop's thread, as the
-    scrape runs); 0 with Redis, which holds no such bound."""
+    scrape runs). With Redis the bound is every replica's together and each replica counts the refusals it
+    answered."""
 
     def __init__(self) -> None:
         self.refused: Callable[[], Mapping[Purpose, int]] = lambda: {}
@@ -115,7 +116,7 @@ class _ReplayStore:
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "verifier_replay_store_full",
-            "New one-time values refused because the local replay store's part for their purpose "
+            "New one-time values refused because the replay store's part for their purpose "
             "(dpop: DPoP proof jtis; webauthn: challenges; revocation: SET and logout-token jtis) was full.",
             labels=["purpose"],
         )
@@ -204,7 +205,7 @@ class Metrics:
         self.jwks_key_count.labels(issuer).set(count)
 
     def replay_store(self, refused_full: Callable[[], Mapping[Purpose, int]]) -> None:
-        """Exports the local replay store's counts, per purpose, of values refused because it was full."""
+        """Exports the replay store's counts, per purpose, of values refused because it was full."""
         self._replay_store.refused = refused_full
 
     def render(self) -> bytes:

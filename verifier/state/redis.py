@@ -1,18 +1,36 @@
-"""`SharedState` in Redis, for several replicas: one-time keys by `SET NX PX`, buckets by one Lua script.
+"""`SharedState` in Redis, for several replicas: one-time keys and buckets, each by one Lua script.
 
 Each operation is one round trip and atomic on the server, so two replicas racing on the same DPoP
 `jti` or the same bucket cannot both win. Every Redis failure (refused connection, timeout, error
 reply, unexpected answer) becomes `StateUnavailable`: the caller fails closed, never open.
 
-This store holds no bound of its own: Redis's `maxmemory` is the only one, for every purpose and for the
-revocation entries alike. Its `maxmemory-policy` decides what a full Redis does, and only `noeviction`
-is safe: every replay key carries a TTL (`SET ... PX`), so the `volatile-*` policies evict them as
-readily as the `allkeys-*` ones, and an evicted live key is a replay that passes (measured against
-redis-server 7.0 at `maxmemory 3mb`, 100,000 live DPoP keys written: 85,813-87,412 evicted and 172-176 of
-200 sampled replays accepted, under `volatile-lru`, `volatile-ttl` and `allkeys-lru` alike). Under `noeviction`
-a full Redis refuses the write (`OOM command not allowed`), which is `StateUnavailable`: 503, fail
-closed, no live key lost. `check_eviction_policy` reads the policy (`INFO memory`, which managed
-services leave open where `CONFIG` is not) and warns at start-up when it evicts.
+One-time keys are bounded per `Purpose` (`StateConfig.redis_replay_bounds`: `state.redis_max_replay_entries`
+split by the shares the local stores use), one bound every replica shares. Before, `SET key 1 NX PX ttl` was
+the whole of it and Redis's `maxmemory` the only bound: a client holding one DPoP-bound token could mint
+proofs with fresh `jti`s until Redis refused every write, the revocation purpose's (SET and logout-token
+`jti`s) with the rest, so a stolen token's holder could make its own revocation fail. Now `ONCE_SCRIPT` keeps,
+per purpose, one hash of counters (`{prefix}count:{purpose}`): keys created, per one-second slice of their
+expiry (a key expiring at t counts in the slice ending at or after t, so until up to a second after it is
+gone), and their total over the slices not yet ended. Counts only ever over-count (a key deleted early, a
+slice's keys past their own expiry): a purpose may refuse a little early, never admit past its bound. A
+purpose at its bound refuses a new key with `ReplayStoreFull` (503 `replay_store_full`, `Retry-After` the
+seconds until its oldest counted slice ends, counted in `verifier_replay_store_full_total{purpose}` by the
+replica that refused) and writes nothing; a replay is still a replay (False), and the other purposes are not
+touched: a DPoP flood stops at its part and the revocation purpose keeps its own. Time is Redis's (`TIME`),
+the same for every replica. Ended slices are dropped as the next call finds them (each slice once: amortised
+O(1)), and the hash expires with its last slice. Counters lost while keys live (a `FLUSHDB` of part of the
+keyspace, an operator's `DEL`) under-count until those keys expire; a restart loses both alike.
+
+The bound keeps a flood below Redis's memory only when `maxmemory` holds the whole bound with room to spare
+(~165 bytes a key in Redis 7.0); `check_eviction_policy` warns at start-up when it does not. Redis's
+`maxmemory-policy` decides what a full Redis does, and only `noeviction` is safe: every replay key carries a
+TTL (`SET ... PX`), so the `volatile-*` policies evict them as readily as the `allkeys-*` ones, and an
+evicted live key is a replay that passes (measured against redis-server 7.0 at `maxmemory 3mb`, 100,000 live
+DPoP keys written: 85,813-87,412 evicted and 172-176 of 200 sampled replays accepted, under `volatile-lru`,
+`volatile-ttl` and `allkeys-lru` alike). Under `noeviction` a full Redis refuses the write (`OOM command not
+allowed`), which is `StateUnavailable`: 503, fail closed, no live key lost. `check_eviction_policy` reads the
+policy (`INFO memory`, which managed services leave open where `CONFIG` is not) and warns at start-up when it
+evicts.
 """
 
 from __future__ import annotations
@@ -27,9 +45,16 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
-from verifier.config.state import DEFAULT_KEY_PREFIX, DEFAULT_TIMEOUT_SECONDS
+from verifier.clock import Clock, SystemClock
+from verifier.config.state import (
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_REDIS_MAX_REPLAY_ENTRIES,
+    DEFAULT_TIMEOUT_SECONDS,
+    REDIS_BYTES_PER_REPLAY_KEY,
+    ReplayBounds,
+)
 from verifier.errors import StateUnavailable
-from verifier.state.base import Purpose, TakeResult, check_bucket, take_result
+from verifier.state.base import FullLog, Purpose, TakeResult, check_bucket, retry_after, take_result
 
 # Mirrors verifier.state.base.refill / take_one / the bucket's expiry, atomically on the server.
 # KEYS[1] bucket; ARGV rate_per_second, burst, now (wall seconds). Returns {allowed, tokens as text}:
@@ -61,6 +86,60 @@ redis.call('PEXPIRE', KEYS[1], full_ms)
 return {allowed, string.format('%.17g', tokens)}
 """
 BUCKET_SCRIPT_SHA = hashlib.sha1(BUCKET_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+
+# A one-time key within its purpose's bound (see the module's docstring). KEYS[1] the key, KEYS[2] its purpose's
+# counters: a hash of 'n' (keys counted in live slices), 'lo' and 'hi' (the oldest and newest slices counted)
+# and one field per slice (its end in slices since the epoch -> keys counted). ARGV ttl (ms), bound, slice (ms).
+# Returns {status, ms until the oldest counted slice ends (when full), keys counted}: status 1 created, 0 a
+# replay, 2 refused (the purpose at its bound; nothing written but the dropping of ended slices).
+ONCE_SCRIPT = """
+local ttl = tonumber(ARGV[1])
+local bound = tonumber(ARGV[2])
+local slice = tonumber(ARGV[3])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local state = redis.call('HMGET', KEYS[2], 'n', 'lo', 'hi')
+local n = tonumber(state[1]) or 0
+local lo = tonumber(state[2])
+local hi = tonumber(state[3])
+if lo == nil or hi == nil or hi * slice <= now then
+  if state[1] or state[2] or state[3] then redis.call('DEL', KEYS[2]) end
+  n = 0
+  lo = nil
+  hi = nil
+elseif lo * slice <= now then
+  while lo < hi do
+    local field = string.format('%d', lo)
+    local count = redis.call('HGET', KEYS[2], field)
+    if count then
+      if lo * slice > now then break end
+      n = n - tonumber(count)
+      redis.call('HDEL', KEYS[2], field)
+    end
+    lo = lo + 1
+  end
+  redis.call('HSET', KEYS[2], 'n', string.format('%d', n), 'lo', string.format('%d', lo))
+end
+if n >= bound then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0, n} end
+  local wait = slice
+  if lo ~= nil then wait = lo * slice - now end
+  return {2, wait, n}
+end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ttl) then return {0, 0, n} end
+local mine = math.ceil((now + ttl) / slice)
+redis.call('HINCRBY', KEYS[2], string.format('%d', mine), 1)
+if lo == nil or mine < lo then lo = mine end
+if hi == nil or mine > hi then hi = mine end
+n = n + 1
+redis.call('HSET', KEYS[2], 'n', string.format('%d', n), 'lo', string.format('%d', lo), 'hi', string.format('%d', hi))
+redis.call('PEXPIRE', KEYS[2], hi * slice - now)
+return {1, 0, n}
+"""
+ONCE_SCRIPT_SHA = hashlib.sha1(ONCE_SCRIPT.encode(), usedforsecurity=False).hexdigest()
+SLICE_MS = 1000  # a counted key is counted until the end of its expiry's slice: up to this much longer
+CREATED, REPLAYED, FULL = 1, 0, 2  # ONCE_SCRIPT's statuses
+DEFAULT_REDIS_REPLAY_BOUNDS = ReplayBounds.split(DEFAULT_REDIS_MAX_REPLAY_ENTRIES)
 SAFE_EVICTION_POLICY = "noeviction"  # the one `maxmemory-policy` that never drops a live replay key
 
 log = logging.getLogger("verifier.state")
@@ -75,21 +154,45 @@ class RedisState:
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        replay: ReplayBounds = DEFAULT_REDIS_REPLAY_BOUNDS,
+        clock: Clock | None = None,
     ) -> None:
-        """`redis` is the root's client (`verifier.app.redis_client`), built with `timeout_seconds` per operation."""
+        """`redis` is the root's client (`verifier.app.redis_client`), built with `timeout_seconds` per operation;
+        `replay` the live one-time keys per purpose, every replica's together (`StateConfig.redis_replay_bounds`;
+        every replica must be given the same); `clock` paces the "full" log lines only (Redis keeps the time)."""
         self._prefix = key_prefix
         self._redis = redis
+        self._bounds = replay
+        self.full = FullLog(clock or SystemClock(), "redis")  # this replica's refusals
         # The whole call, connect and retry included, stays within this deadline.
         self._deadline = timeout_seconds * 4
 
+    @property
+    def refused_full(self) -> int:
+        """New one-time keys this replica refused because their purpose was at its bound."""
+        return self.full.total
+
     async def first_use(self, key: str, ttl_seconds: float, *, purpose: Purpose) -> bool:
-        """`SET key 1 NX PX ttl`: True when this call created the key. Redis holds no bound per `purpose` (its
-        only bound is `maxmemory`; at it, with `noeviction`, the write is refused: `StateUnavailable`)."""
+        """`SET key 1 NX PX ttl` within `purpose`'s bound, in one script: True when this call created the key,
+        False on a replay; `ReplayStoreFull` when `purpose` holds its bound of counted keys (nothing written)."""
         if not ttl_seconds > 0:
             raise ValueError("ttl_seconds must be positive")
         ttl_ms = max(1, math.ceil(ttl_seconds * 1000))
-        created = await self._call(self._redis.set(self._prefix + "once:" + key, b"1", nx=True, px=ttl_ms))
-        return created is True
+        bound = self._bounds.of(purpose)
+        keys = (self._prefix + "once:" + key, self._prefix + "count:" + purpose.value)
+        args = (str(ttl_ms), str(bound), str(SLICE_MS))
+        reply = await self._call(self._run(ONCE_SCRIPT, ONCE_SCRIPT_SHA, keys, args))
+        try:
+            status, wait_ms, held = (int(value) for value in reply)
+        except (TypeError, ValueError) as exc:
+            raise StateUnavailable("unexpected answer from shared state") from exc
+        if status == CREATED:
+            return True
+        if status == REPLAYED:
+            return False
+        if status != FULL:
+            raise StateUnavailable("unexpected answer from shared state")
+        raise self.full.refuse(purpose, held, bound, retry_after(wait_ms / 1000, 0.0, ttl_seconds))
 
     async def seen(self, key: str, *, purpose: Purpose) -> bool:
         """`EXISTS key`."""
@@ -100,7 +203,7 @@ class RedisState:
         check_bucket(rate_per_second, burst)
         bucket = self._prefix + "bucket:" + key
         args = (repr(float(rate_per_second)), str(burst), repr(float(now)))
-        reply = await self._call(self._run_bucket(bucket, args))
+        reply = await self._call(self._run(BUCKET_SCRIPT, BUCKET_SCRIPT_SHA, (bucket,), args))
         try:
             allowed_raw, tokens_raw = reply
             allowed = int(allowed_raw) == 1
@@ -109,12 +212,12 @@ class RedisState:
             raise StateUnavailable("unexpected answer from shared state") from exc
         return take_result(allowed, tokens, rate_per_second=rate_per_second, burst=burst)
 
-    async def _run_bucket(self, bucket: str, args: tuple[str, str, str]) -> Any:
+    async def _run(self, script: str, sha: str, keys: tuple[str, ...], args: tuple[str, ...]) -> Any:
         try:
-            return await self._redis.evalsha(BUCKET_SCRIPT_SHA, 1, bucket, *args)
+            return await self._redis.evalsha(sha, len(keys), *keys, *args)
         except NoScriptError:
             # EVAL runs the script and caches it under the same SHA for the next EVALSHA.
-            return await self._redis.eval(BUCKET_SCRIPT, 1, bucket, *args)
+            return await self._redis.eval(script, len(keys), *keys, *args)
 
     async def _call(self, operation: Any) -> Any:
         try:
@@ -125,7 +228,9 @@ class RedisState:
 
     async def check_eviction_policy(self) -> str | None:
         """Redis's `maxmemory-policy`, logged as a `config_warning` (`redis_evicts_replay_keys`) when it is not
-        `noeviction`; None when it cannot be read now (the caller asks again later)."""
+        `noeviction`; None when it cannot be read now (the caller asks again later). Also warns
+        (`redis_maxmemory_below_replay_bound`) when a `maxmemory` is set below what the replay bound's keys
+        take (`REDIS_BYTES_PER_REPLAY_KEY` each): Redis would then be full before a flood reaches the bound."""
         try:
             info = await self._call(self._redis.info("memory"))
             policy = info["maxmemory_policy"]
@@ -137,6 +242,25 @@ class RedisState:
                 "Redis evicts keys when full: live replay keys (DPoP proofs, SET and logout jtis, WebAuthn challenges) "
                 "can be dropped and replayed; set maxmemory-policy noeviction",
                 extra={"event": "config_warning", "code": "redis_evicts_replay_keys", "maxmemory_policy": policy},
+            )
+        try:
+            maxmemory = int(info.get("maxmemory", 0))
+        except (TypeError, ValueError):
+            maxmemory = 0
+        bound = sum(self._bounds.of(purpose) for purpose in Purpose)
+        needed = bound * REDIS_BYTES_PER_REPLAY_KEY
+        if 0 < maxmemory < needed:  # 0: no limit of Redis's own
+            log.warning(
+                "Redis's maxmemory is below what the replay bound's keys take: a flood of DPoP proofs can fill "
+                "Redis (every write refused, revocations' too) before its bound; raise maxmemory or lower "
+                "state.redis_max_replay_entries",
+                extra={
+                    "event": "config_warning",
+                    "code": "redis_maxmemory_below_replay_bound",
+                    "maxmemory": maxmemory,
+                    "redis_max_replay_entries": bound,
+                    "needed": needed,
+                },
             )
         return policy
 
