@@ -129,12 +129,13 @@ end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ttl) then return {0, 0, n} end
 local mine = math.ceil((now + ttl) / slice)
 redis.call('HINCRBY', KEYS[2], string.format('%d', mine), 1)
-if lo == nil or mine < lo then lo = mine end
-if hi == nil or mine > hi then hi = mine end
-n = n + 1
-redis.call('HSET', KEYS[2], 'n', string.format('%d', n), 'lo', string.format('%d', lo), 'hi', string.format('%d', hi))
-redis.call('PEXPIRE', KEYS[2], hi * slice - now)
-return {1, 0, n}
+redis.call('HINCRBY', KEYS[2], 'n', 1)
+if lo == nil or mine < lo then redis.call('HSET', KEYS[2], 'lo', string.format('%d', mine)) end
+if hi == nil or mine > hi then
+  redis.call('HSET', KEYS[2], 'hi', string.format('%d', mine))
+  redis.call('PEXPIRE', KEYS[2], mine * slice - now)
+end
+return {1, 0, n + 1}
 """
 ONCE_SCRIPT_SHA = hashlib.sha1(ONCE_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 SLICE_MS = 1000  # a counted key is counted until the end of its expiry's slice: up to this much longer
