@@ -120,6 +120,22 @@ DENY_BODY = json.dumps({"error": "invalid_token", "error_description": "the toke
 BIG_CLAIM_BYTES = 4096  # the `big-cached` answer's claim: a mapped header may be up to 4 KiB
 
 
+# The stand-in's `foreign` allow: the identity family (the signed assertion, a name twice) and names outside it that
+# an answer might carry, none of which a plugin may hand to the upstream or (but for the nonce) to the client.
+FOREIGN = (
+    ("X-Authenticated-Identity", "eyJhbGciOiJFUzI1NiJ9.e30.sig"),
+    ("X-Authenticated-Roles", "reader"),
+    ("x-authenticated-roles", "admin"),
+    ("X-Forwarded-User", "root"),
+    ("X-Consumer-Groups", "admins"),
+    ("X-Consumer-Username", "root"),
+    ("X-Remote-User", "root"),
+    ("Set-Cookie", "session=verifier"),
+    ("Location", "https://evil.example/"),
+    ("Access-Control-Allow-Origin", "*"),
+)
+
+
 class StandinVerifier:
     """A forward-auth stand-in: allows `Bearer good`, answers 401 otherwise; fault injection by token.
 
@@ -134,6 +150,9 @@ class StandinVerifier:
     nonce (allow with a DPoP-Nonce for the client), nonce-cached (allow with a new DPoP-Nonce each time and
     Cache-Control: private, max-age=30), http10 (HTTP/1.0 allow, body delimited by close),
     deny-cached (403 with Cache-Control: private, max-age=30), client (allow with an empty user id),
+    foreign (allow naming, besides identity, the signed assertion X-Authenticated-Identity, X-Authenticated-Roles
+    twice and headers outside the X-Authenticated- family for the upstream and the client: `FOREIGN`),
+    status=NNN (answers status NNN with a challenge, as an answer of no known meaning),
     crash (no answer: the connection closed and new ones refused, as when the verifier dies on the request);
     anything else: 401 with two challenges.
     """
@@ -233,6 +252,11 @@ class StandinVerifier:
         elif token == "nonce-cached":
             nonce = ("DPoP-Nonce", f"n-{next(self.nonces)}")
             self._send(h, 200, [*identity, nonce, ("Cache-Control", "private, max-age=30")], "")
+        elif token == "foreign":
+            self._send(h, 200, [*identity, *FOREIGN, ("Cache-Control", "no-store")], "")
+        elif token.startswith("status="):
+            challenge = ("WWW-Authenticate", 'Bearer realm="verifier"')
+            self._send(h, int(token.partition("=")[2]), [challenge, ("Cache-Control", "no-store")], "{}")
         elif token == "crash":  # the verifier dies holding this request: no answer, nothing accepted any more
             self.stop_accepting()
             h.close_connection = True

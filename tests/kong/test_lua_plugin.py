@@ -160,6 +160,49 @@ def test_client_supplied_identity_headers_are_stripped(start_nginx, echo_upstrea
     assert "x-consumer-id" not in h
 
 
+# What an allow hands on, the same rule as the Python plugin's (test_python_plugin.py, test_python_plugin_in_nginx.py):
+# the upstream gets the reserved identity family only (X-Authenticated-*, the signed assertion among it), a name the
+# answer repeats once with its last value; the client gets a DPoP nonce and rate-limit state only.
+FOREIGN_UPSTREAM = ("x-forwarded-user", "x-consumer-groups", "x-consumer-username", "x-remote-user", "set-cookie",
+                    "location", "access-control-allow-origin")
+FOREIGN_CLIENT = ("set-cookie", "location", "access-control-allow-origin", "x-forwarded-user", "x-authenticated-roles")
+
+
+def test_an_allow_hands_the_upstream_only_the_identity_family_and_the_client_none_of_it(
+    start_nginx, echo_upstream, standin_verifier
+):
+    base = start_nginx({"url": standin_verifier.url, "cache_entries": 0}, echo_upstream)
+
+    status, headers, body = call(base, headers={"Authorization": "Bearer foreign"})
+
+    assert status == 200
+    h = upstream_saw(body)["h"]
+    assert {k: v for k, v in h.items() if k.startswith("x-authenticated-")} == {
+        "x-authenticated-userid": ["user-1"],
+        "x-authenticated-scope": ["read write"],
+        "x-authenticated-issuer": ["http://127.0.0.1:9400"],
+        "x-authenticated-identity": ["eyJhbGciOiJFUzI1NiJ9.e30.sig"],
+        "x-authenticated-roles": ["admin"],
+    }
+    assert not [k for k in FOREIGN_UPSTREAM if k in h], h
+    assert not [k for k in FOREIGN_CLIENT if header(headers, k)], headers
+
+
+@pytest.mark.parametrize("answered", [600, 999])
+def test_an_answer_with_a_status_no_refusal_has_is_a_503(start_nginx, echo_upstream, standin_verifier, answered):
+    """A status Kong could not send (the verifier's answer has no meaning the plugin knows): the verifier is as
+    unavailable as when it answers nothing readable, 503, as the Python plugin answers an unknown status (never
+    Kong's 500 from kong.response.exit's own check, and never relayed)."""
+    base = start_nginx({"url": standin_verifier.url}, echo_upstream)
+
+    status, headers, body = call(base, headers={"Authorization": f"Bearer status={answered}"})
+
+    assert status == 503, (status, headers, body)
+    assert json.loads(body) == {"message": "Authorization service unavailable"}
+    assert header(headers, "WWW-Authenticate") == []
+    assert "verifier answered with status" in start_nginx.error_log_text()
+
+
 def test_spoofed_identity_is_stripped_even_when_failing_open(start_nginx, echo_upstream, dead_url):
     base = start_nginx({"url": dead_url, "fail_open": True}, echo_upstream)
 

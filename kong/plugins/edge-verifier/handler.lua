@@ -2,9 +2,10 @@
 -- request may pass, and hands the identity it proves to the upstream.
 --
 -- The plugin translates and decides nothing itself: the verifier's 2xx is an
--- allow, any other answer is relayed to the client as it came (status,
--- headers, body). A verifier that cannot be reached, or answers too late,
--- fails closed with 503; `fail_open` passes only when the connection failed
+-- allow, whose X-Authenticated-* headers (and nothing else) are set upstream;
+-- any other answer up to 599 is relayed to the client as it came (status,
+-- headers, body), one past it is a 503. A verifier that cannot be reached,
+-- or answers too late, fails closed with 503; `fail_open` passes only when the connection failed
 -- (never after a timeout: the credential may have been under check).
 --
 -- Uses only PDK functions present on every Kong 3.x, plus ngx.socket.tcp and
@@ -588,6 +589,14 @@ function EdgeVerifierHandler:access(conf)
         return
       end
       kong.log.err("verifier unavailable: ", err)
+      return kong.response.error(503, "Authorization service unavailable")
+    end
+    if res.status >= 600 then
+      -- a status no answer of the verifier has, and kong.response.exit could
+      -- not send (Kong's 500 from its own check): an answer this plugin cannot
+      -- act on is as unavailable as an unreadable one, never relayed nor kept
+      -- (the Python plugin answers the same)
+      kong.log.err("verifier unavailable: verifier answered with status ", res.status)
       return kong.response.error(503, "Authorization service unavailable")
     end
     decision = to_decision(res)
