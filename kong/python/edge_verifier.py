@@ -4,16 +4,19 @@ The slower twin of the Lua plugin in kong/plugins/edge-verifier: the same decisi
 call it makes (reading the request, setting a header, exiting) is a MessagePack RPC round trip over
 the plugin server's unix socket, on top of the gRPC call itself. See kong/python/README.md.
 
-The plugin translates and decides nothing: `allowed` sets the verifier's `upstream_headers` on the
-upstream request (client-sent `X-Authenticated-*`, `X-Kong-Consumer-*`, `X-Consumer-Groups`, method overrides
-(`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`, `X-Forwarded-Method`), underscore spellings of
-`X-Forwarded-*`, request targets (`X-Original-*`, `X-Rewrite-URL`,
+The plugin translates and decides nothing: `allowed` (with a 2xx `http_status`; another is a 503) sets the verifier's
+`upstream_headers` of the reserved `X-Authenticated-*` family (`for_upstream`: the Lua plugin's rule; any other name
+is not set, with a warning) on the upstream request (client-sent `X-Authenticated-*`, `X-Kong-Consumer-*`,
+`X-Consumer-Groups`, method overrides (`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`,
+`X-Forwarded-Method`), underscore spellings of `X-Forwarded-*`, request targets (`X-Original-*`, `X-Rewrite-URL`,
 `X-Forwarded-Uri`) and, when no Kong authenticator named a
 consumer, `X-Consumer-*` / `X-Credential-Identifier` / `X-Anonymous-Consumer` are cleared first, by name as
 well as every one seen, in any spelling with underscores) and authenticates the Kong consumer the verifier
 names (`X-Kong-Consumer-Username`, the verifier's `upstream.consumer`) as the Lua plugin does, through
-`kong.client.load_consumer` and `kong.client.authenticate`; a refusal is relayed with the verifier's
-status, `response_headers` and body. A request with more headers than can be read is refused (400), as
+`kong.client.load_consumer` and `kong.client.authenticate`, and hands the client only a DPoP nonce and rate-limit
+state (`for_client`); a refusal is relayed with the verifier's status, `response_headers` (but connection headers)
+and body, plus what the forward-auth door adds and the Lua plugin relays: `X-Verifier-Reason`, `Cache-Control`
+and the body's `Content-Type`. A request with more headers than can be read is refused (400), as
 by the Lua plugin: a spoofed identity header past the limit could not be seen to be cleared. A verifier
 that cannot be reached, or answers after the deadline, fails closed with 503; `fail_open` passes only
 when no connection to the verifier could be set up (the Check was never sent), never after a deadline or a
@@ -157,7 +160,28 @@ UNAVAILABLE_MESSAGE = "Authorization service unavailable"
 # kong.response.exit can send. A refusal outside them (an empty answer's 0, a 2xx) is an answer the plugin cannot act
 # on: unavailable, as an unreadable one, never a success for the client nor Kong's 500 from exit's own check.
 REFUSAL_STATUSES = range(300, 600)
+# The statuses of an allow: what the Lua plugin reads as one (a 2xx). An allow with another (none, a refusal's) is
+# an answer the plugin cannot act on: unavailable, never a pass.
+ALLOW_STATUSES = range(200, 300)
 REASON_HEADER = "X-Verifier-Reason"
+# Answer headers that describe a connection, not the answer (RFC 9110 section 7.6.1), or that nginx writes itself
+# on the way out, and nginx's auth-cache line: never relayed with a refusal, as by the Lua plugin (NOT_RELAYED).
+NOT_RELAYED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+                         "upgrade", "content-length", "date", "server", "x-accel-expires"})
+
+
+def for_upstream(lname: str) -> bool:
+    """Whether an allow's header (name lower-cased) may be set on the upstream request: the reserved identity family
+    only (X-Authenticated-*: the fixed four, mapped claims, and the signed assertion, which the verifier keeps under
+    the prefix), as the Lua plugin's to_decision. Every client copy of the family is cleared first, so the upstream
+    can trust it; any other name the answer gives (X-Consumer-*, Host, X-Forwarded-User) is not set."""
+    return lname.startswith(IDENTITY_PREFIX)
+
+
+def for_client(lname: str) -> bool:
+    """Whether an allow's header (name lower-cased) may be set on the client's answer: a fresh DPoP nonce (RFC 9449
+    section 8.2) and rate-limit state, as the Lua plugin's is_client_header; never Set-Cookie, Location and such."""
+    return lname == "dpop-nonce" or lname.startswith(("ratelimit", "x-ratelimit-"))
 
 
 class Backoff:
@@ -475,6 +499,8 @@ def _joined(headers: Sequence[verifier_pb2.Header]) -> dict[str, str]:
     out: dict[str, str] = {}
     spelling: dict[str, str] = {}
     for h in headers:
+        if h.name.lower() in NOT_RELAYED:
+            continue
         key = spelling.setdefault(h.name.lower(), h.name)
         out[key] = f"{out[key]}, {h.value}" if key in out else h.value
     return out
@@ -627,36 +653,51 @@ class Plugin:
                 kong.response.error(UNAVAILABLE_STATUS, UNAVAILABLE_MESSAGE)
                 return
             headers = _joined(answer.response_headers)
-            if answer.reason and not any(k.lower() == REASON_HEADER.lower() for k in headers):
-                # what the forward-auth door (and so the Lua plugin) tells the client
+            given = {k.lower() for k in headers}
+            # what the forward-auth door adds to a refusal, and so the Lua plugin tells the client: the reason, its
+            # reuse (a shared cache in front of Kong never keeps a refusal) and the body's type
+            if answer.reason and REASON_HEADER.lower() not in given:
                 headers[REASON_HEADER] = answer.reason
+            if "cache-control" not in given:
+                age = answer.cache_max_age_seconds
+                headers["Cache-Control"] = f"private, max-age={age}" if age > 0 else "no-store"
+            if answer.body and "content-type" not in given:
+                headers["Content-Type"] = "application/json"
             # always a string body: a nil inside the RPC's argument array would end Kong's unpack() early
             kong.response.exit(answer.http_status, answer.body, headers)
             return
 
-        seen: set[str] = set()
+        if answer.http_status not in ALLOW_STATUSES:
+            kong.log.err(f"verifier allowed with status {answer.http_status}, which is no allow's")
+            kong.response.error(UNAVAILABLE_STATUS, UNAVAILABLE_MESSAGE)
+            return
+
+        # a name the verifier repeats (in any spelling) keeps its last spelling and value, as the Lua plugin's
+        identity: dict[str, tuple[str, str]] = {}
         named: list[tuple[str, str]] = []
-        userid = ""
         for h in answer.upstream_headers:
             lname = h.name.lower()
             if lname in NAMING_HEADERS:
                 named.append((lname, h.value))
-                continue
-            if lname == USERID_HEADER:
-                userid = h.value
-            if lname in seen:
-                kong.service.request.add_header(h.name, h.value)
+            elif for_upstream(lname):
+                identity[lname] = (h.name, h.value)
             else:
-                seen.add(lname)
-                kong.service.request.set_header(h.name, h.value)
+                kong.log.warn(f"the verifier's answer names {h.name!r} for the upstream, outside X-Authenticated-*: "
+                              "not set")
+        for name, value in identity.values():
+            kong.service.request.set_header(name, value)
+        userid = identity[USERID_HEADER][1] if USERID_HEADER in identity else ""
         # a verifier whose proto has `answer_headers` (for the gateway, never the upstream) names the
         # consumer there; one without it, among upstream_headers (above)
         named += [(h.name.lower(), h.value) for h in getattr(answer, "answer_headers", ())
                   if h.name.lower() in NAMING_HEADERS]
         if named and not self._authenticate_named(kong, named, userid):
             return
-        for h in answer.response_headers:  # an allow may carry a DPoP-Nonce for the client
-            kong.response.set_header(h.name, h.value)
+        for h in answer.response_headers:  # an allow may carry a DPoP-Nonce and rate-limit state for the client
+            if for_client(h.name.lower()):
+                kong.response.set_header(h.name, h.value)
+            else:
+                kong.log.warn(f"the verifier's answer names {h.name!r} for the client on an allow: not set")
 
     def _authenticate_named(self, kong: Any, named: list[tuple[str, str]], userid: str) -> bool:
         """Authenticate the consumer the verifier named, or follow `consumer_not_found`; False when the

@@ -318,13 +318,14 @@ def ask_directly(v: GatewayProcess, authorization: str | None) -> verifier_pb2.C
         )
 
 
-def forward_auth_challenge(v: GatewayProcess, authorization: str | None) -> str:
+def forward_auth_challenge(v: GatewayProcess, authorization: str | None, name: str = "WWW-Authenticate") -> str:
+    """A header (the challenge, by default) of the forward-auth door's answer: what the Lua plugin relays."""
     conn = http.client.HTTPConnection("127.0.0.1", v.extra["http_port"], timeout=5)
     try:
         conn.request("GET", "/v1/forward-auth", headers={"Authorization": authorization} if authorization else {})
         r = conn.getresponse()
         r.read()
-        return str(r.getheader("WWW-Authenticate"))
+        return str(r.getheader(name))
     finally:
         conn.close()
 
@@ -468,7 +469,11 @@ def test_deny_exits_with_the_verifiers_status_headers_and_body(kong, verifier, p
     status, body, headers = exit_args
     assert status == direct.http_status == {"no-token": 401, "garbage": 401, "other-audience": 403}[case]
     assert body == direct.body
-    assert headers == {**{h.name: h.value for h in direct.response_headers}, "X-Verifier-Reason": direct.reason}
+    # the lines the forward-auth door adds to the same refusal, which the Lua plugin relays: its reuse and its
+    # body's type
+    reuse = forward_auth_challenge(verifier, authorization, "Cache-Control")
+    assert headers == {**{h.name: h.value for h in direct.response_headers}, "X-Verifier-Reason": direct.reason,
+                       "Cache-Control": reuse, **({"Content-Type": "application/json"} if body else {})}
     challenge = next(v for k, v in headers.items() if k.lower() == "www-authenticate")
     assert challenge.startswith('Bearer realm="verifier"')
     # the same challenge the forward-auth door, and so the Lua plugin, gives the client
@@ -1306,6 +1311,108 @@ def test_an_allow_hands_the_client_the_verifiers_nonce_and_ratelimit_headers_nev
     to_client = {args[0].lower(): args[1] for args in named(calls, "kong.response.set_header")}
     assert to_client == _ClientHeadersVerifier.SENT
     assert upstream_set(calls) == {"x-authenticated-userid": "user-1"}
+
+
+# --------------------------------------------------------------------------- what an answer may hand on
+# The Lua plugin's rule (handler.lua's to_decision), in one place in the plugin (`for_upstream`, `for_client`): an
+# allow sets the reserved identity family on the upstream request (X-Authenticated-*: the fixed four, mapped claims
+# and the signed assertion, which the verifier's configuration keeps under the prefix), a name repeated once with
+# its last value; it hands the client a DPoP nonce and rate-limit state. Any other name is not handed on (a
+# warning says so). The same through real nginx: test_python_plugin_in_nginx.py, and the Lua plugin's:
+# test_lua_plugin.py.
+
+ASSERTION = "eyJhbGciOiJFUzI1NiJ9.e30.sig"
+# outside the identity family: names an upstream (or a later plugin: acl reads X-Consumer-Groups) would trust
+FOREIGN_UPSTREAM = {"X-Forwarded-User": "root", "X-Consumer-Groups": "admins", "X-Consumer-Username": "root",
+                    "X-Remote-User": "root", "Host": "admin.example.test", "Authorization": "Bearer other"}
+FOREIGN_CLIENT = {"Set-Cookie": "session=verifier", "Location": "https://evil.example/",
+                  "Access-Control-Allow-Origin": "*", "X-Authenticated-Roles": "admin"}
+
+
+class _ForeignVerifier(verifier_pb2_grpc.VerifierServicer):
+    """Allows every request naming, besides the identity family (the assertion, a name twice in two spellings),
+    names outside it for the upstream and for the client."""
+
+    def Check(self, request: verifier_pb2.CheckRequest, context: grpc.ServicerContext) -> verifier_pb2.CheckResponse:
+        upstream = [("X-Authenticated-Userid", "user-1"), ("X-Authenticated-Identity", ASSERTION),
+                    ("X-Authenticated-Roles", "reader"), *FOREIGN_UPSTREAM.items(), ("x-authenticated-roles", "admin")]
+        client = [*FOREIGN_CLIENT.items(), ("DPoP-Nonce", "n-1"), ("RateLimit", '"default";r=9;t=60')]
+        return verifier_pb2.CheckResponse(
+            allowed=True, http_status=200, reason="ok",
+            upstream_headers=[verifier_pb2.Header(name=k, value=v) for k, v in upstream],
+            response_headers=[verifier_pb2.Header(name=k, value=v) for k, v in client],
+        )
+
+
+def warnings(calls: list[tuple[str, list[Any]]]) -> str:
+    return "\n".join(str(args) for args in named(calls, "kong.log.warn"))
+
+
+def test_an_allow_sets_only_the_identity_family_upstream_and_hands_the_client_only_its_own(kong):
+    with fake_verifier(_ForeignVerifier()) as target:
+        iid = start_instance(kong, grpc_target=target)
+        calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": "Bearer x"}))
+
+    assert not named(calls, "kong.response.exit") and not named(calls, "kong.response.error")
+    assert named(calls, "kong.service.request.set_header") == [
+        ["X-Authenticated-Userid", "user-1"],
+        ["X-Authenticated-Identity", ASSERTION],
+        ["x-authenticated-roles", "admin"],  # the last spelling and value, as setting one after another
+    ]
+    assert not named(calls, "kong.service.request.add_header")
+    assert named(calls, "kong.response.set_header") == [["DPoP-Nonce", "n-1"], ["RateLimit", '"default";r=9;t=60']]
+    said = warnings(calls)
+    for name in [*FOREIGN_UPSTREAM, *[k for k in FOREIGN_CLIENT if not k.startswith("X-Authenticated")]]:
+        assert name in said, (name, said)
+
+
+@pytest.mark.parametrize("answered", [0, 199, 302, 401, 503], ids=lambda s: f"allowed-with-{s}")
+def test_an_allow_with_a_status_no_allow_has_is_a_503(kong, answered):
+    """The Lua plugin reads the verifier's status: only a 2xx is an allow. An allow whose status says otherwise (or
+    none: a verifier that never set it) is an answer this plugin cannot act on: unavailable, never a pass."""
+    answer = verifier_pb2.CheckResponse(
+        allowed=True, http_status=answered, upstream_headers=[verifier_pb2.Header(name="X-Authenticated-Userid",
+                                                                                  value="user-1")])
+
+    class Answering(verifier_pb2_grpc.VerifierServicer):
+        def Check(self, request, context):
+            return answer
+
+    with fake_verifier(Answering()) as target:
+        iid = start_instance(kong, grpc_target=target)
+        calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": "Bearer x"}))
+
+    assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
+    assert not named(calls, "kong.service.request.set_header")
+
+
+def test_a_refusal_carries_the_doors_reuse_and_type_lines_and_never_connection_headers(kong):
+    """As the Lua plugin relays the forward-auth door's refusal: its Cache-Control (`private, max-age=N` for a
+    refusal the verifier lets be reused, else no-store) and Content-Type (a JSON body), never the answer's own
+    connection and length lines, nor nginx's X-Accel-Expires (handler.lua's NOT_RELAYED)."""
+    hop = {"Connection": "close", "Keep-Alive": "timeout=5", "Transfer-Encoding": "chunked", "Content-Length": "0",
+           "Upgrade": "h2c", "TE": "trailers", "Trailer": "X-T", "Proxy-Connection": "close", "Date": "yesterday",
+           "Server": "verifier", "X-Accel-Expires": "600"}
+    answer = verifier_pb2.CheckResponse(
+        allowed=False, http_status=403, reason="insufficient_scope", body='{"error":"insufficient_scope"}',
+        cache_max_age_seconds=30,
+        response_headers=[verifier_pb2.Header(name=k, value=v) for k, v in
+                          [("WWW-Authenticate", 'Bearer realm="verifier", error="insufficient_scope"'), *hop.items()]],
+    )
+
+    class Answering(verifier_pb2_grpc.VerifierServicer):
+        def Check(self, request, context):
+            return answer
+
+    with fake_verifier(Answering()) as target:
+        iid = start_instance(kong, grpc_target=target)
+        calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": "Bearer x"}))
+
+    status, headers = exited_headers(calls)
+    assert status == 403
+    assert headers == {"www-authenticate": 'Bearer realm="verifier", error="insufficient_scope"',
+                       "x-verifier-reason": "insufficient_scope", "cache-control": "private, max-age=30",
+                       "content-type": "application/json"}
 
 
 # --------------------------------------------------------------------------- channel pool (issue #24)

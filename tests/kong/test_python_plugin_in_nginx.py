@@ -136,6 +136,15 @@ def test_a_refusal_without_a_refusals_status_is_a_503(edge_to, upstream, answer)
         assert_unavailable(get(edge_to(target)), upstream)
 
 
+@pytest.mark.parametrize("answered", [0, 302, 401], ids=lambda s: f"allowed-with-{s}")
+def test_an_allow_without_an_allows_status_is_a_503(edge_to, upstream, answered):  # noqa: F811
+    """An allow the Lua plugin could not be given (only a 2xx is its allow): no identity reaches the upstream."""
+    answer = verifier_pb2.CheckResponse(allowed=True, http_status=answered,
+                                        upstream_headers=[header("X-Authenticated-Userid", "alice")])
+    with fake_verifier(Answering(answer)) as target:
+        assert_unavailable(get(edge_to(target)), upstream)
+
+
 # ------------------------------------------------------------------------------------------------ challenges
 
 
@@ -183,6 +192,52 @@ def test_an_allows_nonce_reaches_the_client_and_never_the_upstream(edge_to, upst
     (seen,) = upstream.requests
     assert seen.headers["x-authenticated-userid"] == "alice"
     assert "dpop-nonce" not in seen.headers
+
+
+def test_a_refusal_tells_the_client_its_reuse_and_type_as_the_lua_plugin_relays_them(edge_to, upstream):  # noqa: F811
+    answer = verifier_pb2.CheckResponse(
+        allowed=False, http_status=403, reason="insufficient_scope", body='{"error":"insufficient_scope"}',
+        cache_max_age_seconds=30,
+        response_headers=[header("WWW-Authenticate", 'Bearer realm="verifier", error="insufficient_scope"'),
+                          header("X-Accel-Expires", "600"), header("Server", "verifier")],
+    )
+    with fake_verifier(Answering(answer)) as target:
+        r = get(edge_to(target))
+
+    assert r.status == 403, (r.status, r.headers)
+    assert r.headers["cache-control"] == "private, max-age=30"
+    assert r.headers["content-type"] == "application/json"
+    assert "x-accel-expires" not in r.headers and r.headers.get("server") != "verifier", r.headers
+    assert upstream.requests == []
+
+
+ASSERTION = "eyJhbGciOiJFUzI1NiJ9.e30.sig"
+
+
+def test_an_allow_hands_the_upstream_only_the_identity_family_and_the_client_only_its_own(edge_to, upstream):  # noqa: F811
+    """The Lua plugin's rule (test_lua_plugin.py's test of the stand-in's `foreign` allow): X-Authenticated-* only for
+    the upstream, the signed assertion among them and a repeated name once with its last value; only the nonce and
+    the rate-limit state for the client."""
+    foreign = {"X-Forwarded-User": "root", "X-Consumer-Groups": "admins", "X-Consumer-Username": "root",
+               "X-Remote-User": "root", "Set-Cookie": "session=verifier", "Location": "https://evil.example/"}
+    answer = verifier_pb2.CheckResponse(
+        allowed=True, http_status=200, reason="ok",
+        upstream_headers=[header("X-Authenticated-Userid", "alice"), header("X-Authenticated-Identity", ASSERTION),
+                          header("X-Authenticated-Roles", "reader"), *[header(k, v) for k, v in foreign.items()],
+                          header("x-authenticated-roles", "admin")],
+        response_headers=[header("DPoP-Nonce", "n-3"), header("Set-Cookie", "session=verifier"),
+                          header("Location", "https://evil.example/"), header("Access-Control-Allow-Origin", "*")],
+    )
+    with fake_verifier(Answering(answer)) as target:
+        r = get(edge_to(target))
+
+    assert r.status == 200, (r.status, r.headers, r.body)
+    (seen,) = upstream.requests
+    assert {k: v for k, v in seen.headers.items() if k.startswith("x-authenticated-")} == {
+        "x-authenticated-userid": "alice", "x-authenticated-identity": ASSERTION, "x-authenticated-roles": "admin"}
+    assert not [k for k in foreign if k.lower() in seen.headers], seen.headers
+    assert r.headers["dpop-nonce"] == "n-3"
+    assert not [k for k in ("set-cookie", "location", "access-control-allow-origin") if k in r.headers], r.headers
 
 
 # ------------------------------------------------------------------------------------------------ consumers
