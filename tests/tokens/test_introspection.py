@@ -55,7 +55,7 @@ from verifier.tokens.introspection import (
     parse_introspection_config,
 )
 from verifier.tokens.introspection_breaker import BreakerState
-from verifier.tokens.introspection_client import ASSERTION_TYPE, HttpReply, HttpRequest
+from verifier.tokens.introspection_client import ASSERTION_TYPE, AnswerTooLarge, HttpReply, HttpRequest
 from verifier.tokens.introspection_http import IntrospectionHttpClient
 
 ISSUER = "https://issuer.example.test"
@@ -84,10 +84,13 @@ def active(**overrides: Any) -> dict[str, Any]:
 
 
 class FakeHttp:
-    """The seam, answering from `answers[token]`; `fault` is None, an int status, "timeout" or "down"."""
+    """The seam, answering from `answers[token]`; `fault` is None, an int status, "timeout" or "down"; a batch
+    holding a token of `poison` fails as it says: an int status, "malformed" (not JSON), "short" (one result
+    missing), "too_large" (`AnswerTooLarge`) or "timeout"."""
 
     def __init__(self) -> None:
         self.answers: dict[str, dict[str, Any]] = {}
+        self.poison: dict[str, int | str] = {}
         self.requests: list[HttpRequest] = []
         self.fault: int | str | None = None
         self.delay = 0.0
@@ -124,7 +127,18 @@ class FakeHttp:
             return HttpReply(200, json.dumps(self.discovery).encode())
         if request.url == BATCH_ENDPOINT:
             tokens = json.loads(request.body)["tokens"]
-            return HttpReply(200, json.dumps({"results": [self.answer(t) for t in tokens]}).encode())
+            results = [self.answer(t) for t in tokens]
+            for fault in (self.poison[t] for t in tokens if t in self.poison):
+                if isinstance(fault, int):
+                    return HttpReply(fault, b'{"error": "server_error"}')
+                if fault == "malformed":
+                    return HttpReply(200, b"<html>Internal error</html>")
+                if fault == "too_large":
+                    raise AnswerTooLarge("introspection provider answer too large")
+                if fault == "timeout":
+                    await asyncio.sleep(request.timeout + 5)
+                results.pop()  # "short"
+            return HttpReply(200, json.dumps({"results": results}).encode())
         return HttpReply(200, json.dumps(self.answer(form(request)["token"])).encode(self.encoding))
 
 
@@ -780,6 +794,138 @@ async def test_inactive_answers_do_not_count_as_provider_failures(make: MakeIntr
         with pytest.raises(InvalidToken):
             await check(introspector, f"garbage-{i}")
     assert introspector.breaker.state is BreakerState.CLOSED
+
+
+# -- a failed batch: split, so one token the provider fails for fails alone -------------------------------
+
+
+def batch_of(request: HttpRequest) -> list[str]:
+    tokens: list[str] = json.loads(request.body)["tokens"]
+    return tokens
+
+
+async def outcomes(introspector: Introspector, tokens: list[str]) -> dict[str, Any]:
+    results = await asyncio.gather(*(check(introspector, t) for t in tokens), return_exceptions=True)
+    return dict(zip(tokens, results, strict=True))
+
+
+@pytest.mark.parametrize("poison", [400, 413, 500, 502, "malformed", "short", "too_large"])
+async def test_a_batch_the_provider_fails_for_one_token_fails_that_token_alone(
+    make: MakeIntrospector, http: FakeHttp, registry: CollectorRegistry, poison: int | str
+) -> None:
+    """An attacker's token the provider chokes on (a 400, a 500, an answer that is not JSON or one result short)
+    used to fail every user's token that shared its batch window. Our own token alone tells the provider is up;
+    the batch is then split in halves down to the poison: the others get their answers, inactive ones cached."""
+    good = [f"user-{i}" for i in range(6)]
+    for i, token in enumerate(good):
+        http.answers[token] = active(sub=f"user-{i}")
+    http.poison["evil"] = poison
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0.01)
+    batch = [*good[:3], "evil", *good[3:], "gone"]
+    results = await outcomes(introspector, batch)
+    assert [results[t].subject for t in good] == [f"user-{i}" for i in range(6)]
+    assert isinstance(results["evil"], ProviderUnavailable)
+    assert isinstance(results["gone"], InvalidToken) and results["gone"].code == "token_inactive"
+    asked = [batch_of(r) for r in http.posts]
+    assert asked[0] == batch
+    (ours,) = asked[1]  # is the provider up? a token of our own, alone: nobody else's to choose
+    assert ours not in batch
+    # 8 tokens, one poison: the halves of 8, of the 4 holding it, of the 2 holding it. At most 2n - 2 in any case.
+    assert len(asked) == 2 + 6 <= 2 + 2 * len(batch) - 2
+    assert ["evil"] in asked
+    assert introspector.breaker.state is BreakerState.CLOSED
+    assert sample(registry, "verifier_introspection_failed_batches_total", handling="split") == 1
+    calls = len(http.posts)
+    with pytest.raises(InvalidToken, match="not active"):  # the inactive answer was kept: no call
+        await check(introspector, "gone")
+    assert len(http.posts) == calls
+    assert sample(registry, "verifier_introspection_cache_total", polarity="negative", result="hit") == 1
+
+
+async def test_a_batch_with_a_poison_token_in_each_half_still_answers_every_other_token(
+    make: MakeIntrospector, http: FakeHttp
+) -> None:
+    good = [f"user-{i}" for i in range(14)]
+    for token in good:
+        http.answers[token] = active()
+    http.poison.update({"evil-1": 500, "evil-2": 400})
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0.01)
+    batch = ["evil-1", *good, "evil-2"]
+    results = await outcomes(introspector, batch)
+    assert all(results[t].subject == "user-1" for t in good)
+    assert isinstance(results["evil-1"], ProviderUnavailable) and isinstance(results["evil-2"], ProviderUnavailable)
+    assert len(http.posts) <= 2 + 2 * len(batch) - 2
+
+
+@pytest.mark.parametrize("poison", [503, 504, 429, 408, "timeout"])
+async def test_a_batch_that_says_the_provider_is_down_or_throttling_is_not_asked_again(
+    make: MakeIntrospector, http: FakeHttp, registry: CollectorRegistry, poison: int | str
+) -> None:
+    """503, 504, 429, 408 and a timeout say the provider is overloaded, slow or throttling (and the batch's deadline
+    has passed, for a timeout): asking again, token by token, would multiply calls to a provider that cannot
+    take them. Every token fails, from one call, as before."""
+    for i in range(4):
+        http.answers[f"user-{i}"] = active()
+    http.poison["evil"] = poison
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0.01, timeout_seconds=0.1)
+    results = await outcomes(introspector, ["user-0", "user-1", "evil", "user-2", "user-3"])
+    assert all(isinstance(r, ProviderUnavailable) for r in results.values())
+    assert len(http.posts) == 1
+    assert sample(registry, "verifier_introspection_failed_batches_total", handling="failed") == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "split"), [(500, True), (502, True), (400, True), (503, False), ("timeout", False), ("down", False)]
+)
+async def test_a_provider_that_fails_every_call_still_fails_fast_and_opens_the_breaker(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock, fault: int | str, split: bool
+) -> None:
+    """A provider that is down fails our own token too: the batch fails as before, for one call more at most (a
+    failure one token may have caused), never one per token; the breaker opens once the window has passed without
+    an answer (4xx aside: a refusal is an answer), and then no call goes out."""
+    http.fault = fault
+    introspector = make(
+        batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0.01, timeout_seconds=0.1, breaker_failures=3
+    )
+    per_round: list[int] = []
+    for round_ in range(4):
+        calls = len(http.posts)
+        results = await outcomes(introspector, [f"user-{round_}-{i}" for i in range(8)])
+        assert all(isinstance(r, ProviderUnavailable) for r in results.values())
+        per_round.append(len(http.posts) - calls)
+        clock.advance(1)
+    first = batch_of(http.posts[0]) if fault != "timeout" else []
+    if split:
+        assert per_round[0] == 2 and len(batch_of(http.posts[1])) == 1  # the batch, then our own token: no more
+        assert batch_of(http.posts[1])[0] not in first
+    else:
+        assert per_round[0] == 1
+    assert all(n <= 2 for n in per_round)
+    if fault == 400:  # the provider answers (it refuses us): not a fault, never opens the breaker
+        assert introspector.breaker.state is BreakerState.CLOSED
+    else:
+        assert introspector.breaker.state is BreakerState.OPEN and per_round[-1] == 0
+
+
+async def test_a_steady_trickle_of_poison_tokens_neither_fails_users_nor_opens_the_breaker(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock
+) -> None:
+    """An attacker puts one token the provider fails for (500) in every batch window, for longer than the success
+    window (2 s): every batch used to fail, no call succeeded, and the breaker opened for every user. Now each
+    batch is split: the users' tokens are answered, the provider is seen answering, and the breaker stays closed."""
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0.01, breaker_failures=3)
+    for round_ in range(8):
+        users = [f"user-{round_}-{i}" for i in range(3)]
+        for token in users:
+            http.answers[token] = active()
+        http.poison[f"evil-{round_}"] = 500
+        calls = len(http.posts)
+        results = await outcomes(introspector, [users[0], f"evil-{round_}", *users[1:]])
+        assert [results[t].subject for t in users] == ["user-1"] * 3, round_
+        assert isinstance(results[f"evil-{round_}"], ProviderUnavailable)
+        assert len(http.posts) - calls <= 2 + 2 * 4 - 2
+        assert introspector.breaker.state is BreakerState.CLOSED, round_
+        clock.advance(1)
 
 
 # -- client authentication and endpoints ---------------------------------------------------------

@@ -7,6 +7,7 @@ answer was inactive is never served from the stale cache.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import urllib.parse
@@ -489,5 +490,56 @@ async def test_with_a_batch_endpoint_the_half_open_probe_is_a_batch_of_our_own_n
             assert intro.breaker.state is BreakerState.CLOSED  # one failure, within the window of the probe's answer
             assert await answered(intro, f"user-{cycle}") == "alice"
             await opened_by_the_attacker(intro, clock, tag=f"{cycle}-")
+    finally:
+        await intro.close()
+
+
+def crashing_batch_provider(asked: list[list[str]]) -> Callable[[bytes], Route]:
+    """`batch_provider`, but a batch holding an "evil" token crashes it (500: its bug, one token's doing)."""
+    answers = batch_provider(asked)
+
+    def answer(body: bytes) -> Route:
+        if any(t.startswith("evil") for t in json.loads(body)["tokens"]):
+            asked.append(json.loads(body)["tokens"])
+            return Route(b'{"error": "server_error"}', status=500, pause=0)
+        return answers(body)
+
+    return answer
+
+
+@pytest.mark.usefixtures("raw_secret")
+async def test_with_a_batch_endpoint_a_trickle_of_poison_tokens_fails_neither_users_nor_the_breaker(
+    raw_provider: RawProvider, introspection_http: IntrospectionHttpClient
+) -> None:
+    """Over the production HTTP client: an attacker's token in every batch window made the provider fail every
+    batch (500), every user's first-seen token with it, and, with no call answered for the success window, opened the
+    breaker. Each failed batch is now split: only the attacker's tokens fail, and the breaker stays closed."""
+    asked: list[list[str]] = []
+    raw_provider.routes["/batch"] = crashing_batch_provider(asked)
+    clock = FrozenClock()
+    config = parse_introspection_config(
+        {"client_id": "verifier", "client_secret_env": "VERIFIER_RAW_SECRET", "breaker_failures": 3,
+         "breaker_cooldown_seconds": 5, "batch_endpoint": raw_provider.url + "/batch", "batch_window_seconds": 0.01},
+        "issuers[0].introspection",
+        allow_insecure_http=True,
+    )
+    intro = build_introspector(
+        issuer=raw_provider.url, audiences=(AUDIENCE,), config=config, endpoint=raw_provider.url + "/introspect",
+        http=introspection_http, clock=clock, registry=CollectorRegistry(),
+    )
+    try:
+        for round_ in range(5):
+            users = [f"user-{round_}-{i}" for i in range(5)]
+            batch = [*users[:2], f"evil-{round_}", *users[2:]]
+            asked.clear()
+            results = await asyncio.gather(
+                *(intro.introspect(t, hashlib.sha256(t.encode()).digest()) for t in batch), return_exceptions=True
+            )
+            assert asked[0] == batch  # one batch, split once the provider answered our own token
+            assert [r.subject for r in results if not isinstance(r, BaseException)] == ["alice"] * 5
+            assert isinstance(results[2], ProviderUnavailable)
+            assert len(asked) <= 2 + 2 * len(batch) - 2
+            assert intro.breaker.state is BreakerState.CLOSED
+            clock.advance(1)
     finally:
         await intro.close()

@@ -327,6 +327,13 @@ class IntrospectionMetrics:
             ["issuer"],
             registry=registry,
         )
+        self.failed_batches = Counter(
+            "verifier_introspection_failed_batches_total",
+            "Batch calls of two tokens or more that failed, by handling: split (a failure one token may have caused, "
+            "the provider up: asked again in halves, each token its own answer) or failed (every token with it).",
+            ["issuer", "handling"],
+            registry=registry,
+        )
         self.cache = Counter(
             "verifier_introspection_cache_total",
             "Introspection cache lookups by issuer, polarity (positive, negative, stale) and result.",
@@ -356,6 +363,8 @@ class IssuerIntrospectionMetrics:
         self.calls = {result: metrics.calls.labels(issuer, result) for result in RESULTS}
         self.batch_size = metrics.batch_size.labels(issuer)
         self.coalesced = metrics.coalesced.labels(issuer)
+        self.batch_split = metrics.failed_batches.labels(issuer, "split")
+        self.batch_failed = metrics.failed_batches.labels(issuer, "failed")
         self.positive_hit = metrics.cache.labels(issuer, "positive", "hit")
         self.negative_hit = metrics.cache.labels(issuer, "negative", "hit")
         self.stale_hit = metrics.cache.labels(issuer, "stale", "hit")

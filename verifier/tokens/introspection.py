@@ -7,8 +7,11 @@ Per issuer, one `Introspector`:
   answers without `active` are never remembered.
 - single flight: concurrent requests for the same token share one provider call.
 - batching, with a batch endpoint: distinct tokens arriving within `batch_window_seconds` go in one call
-  (see `introspection_client`). Without one (RFC 7662: one token per POST) each first-seen token is
-  sent at once, within the in-flight bound: a window would only delay it.
+  (see `introspection_client`); a batch call that fails in a way one of its tokens may have caused (a 400, a
+  500, a malformed answer) is split in halves once the provider has answered a token of our own, so a token the
+  provider chokes on fails alone, not every token that shared its window (`BatchDispatcher`). Without one
+  (RFC 7662: one token per POST) each first-seen token is sent at once, within the in-flight bound: a window
+  would only delay it.
 - failure: a timeout, transport error or non-200 answer is `ProviderUnavailable` (503, fail closed),
   unless `serve_stale_on_error` lets a cached, still-valid active answer stand in; a circuit breaker
   stops calls to a provider that keeps failing (and has answered no call for a short window: failures for

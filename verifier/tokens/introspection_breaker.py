@@ -32,6 +32,13 @@ the same origin but often not from the same service (a CDN, a static file), so t
 while introspection is down; the client's own discovery of the introspection endpoint does go through the
 breaker and counts as an answer like any other call.
 
+With a batch endpoint, one such token in a batch fails the whole call, and every batch when the attacker puts one in
+each window: no call would succeed, and the window would no longer protect anyone. A failed batch that one of its
+tokens may have caused is asked again (`introspection_client.BatchDispatcher`): first our own token alone, whose answer
+counts as a success (the provider is up), then in halves, whose answers count too; only the calls holding the
+attacker's token fail. A provider that is down fails our token as well: one failure more per batch, so the circuit
+opens as before, and the batch is not split.
+
 Which call is the half-open probe is the client's choice (`ProviderClient.introspect`), from
 `failed_probes` (the probes that failed since the circuit last closed):
 

@@ -21,6 +21,14 @@ and by `verifier.devidp`:
 
 With `client_secret_post` and `private_key_jwt` the credentials go as members of the JSON object
 (`client_id`, `client_secret` / `client_assertion_type`, `client_assertion`).
+
+A batch call that fails in a way one of its tokens may have caused (`Suspect`: a 4xx but 408 and 429, a 5xx but
+503 and 504, a malformed or mismatched answer, an answer too large) is not every token's failure: once a batch of
+our own token alone has been answered (the provider is up), the batch is split in halves, each asked again, down to
+batches of one, so each token ends with its own answer or its own failure (`BatchDispatcher`). A provider that is
+down fails our token too and the batch fails as before: one extra call, not one per token. A timeout, a transport
+error, 503, 504, 408 and 429 are never split: they say the provider is down, slow or throttling, and every call
+asked again would wait out the same deadline.
 """
 
 from __future__ import annotations
@@ -77,6 +85,20 @@ def _status_result(status: int) -> str:
     if status >= 500:
         return "http_5xx"
     return "throttled" if status == 429 else "http_4xx"
+
+
+def _token_may_cause(status: int) -> bool:
+    """Whether a non-200 answer may be one token's doing (a refusal, a crash on its content), not the provider's
+    state: not 408, 429 (its deadline, its throttling), 503, 504 (overload, a gateway's timeout) or 1xx-3xx."""
+    if status >= 500:
+        return status not in (503, 504)
+    return status >= 400 and status not in (408, 429)
+
+
+class Suspect(ProviderUnavailable):
+    """A failed answer one of the call's tokens may have caused (`_token_may_cause`, malformed JSON, a batch answer
+    that does not match its batch): the same 503 as any provider failure, but a batch that fails with it is split
+    (`BatchDispatcher`) rather than failing every token in it."""
 
 
 class UnencodableAnswer(dict[str, Any]):
@@ -334,8 +356,9 @@ class ProviderClient:
             if self.breaker.state is not BreakerState.CLOSED:
                 raise
 
-    async def introspect_batch(self, tokens: Sequence[str]) -> list[dict[str, Any]]:
-        """One call to the batch endpoint for every token (see the module docstring for the protocol).
+    async def introspect_batch(self, tokens: Sequence[str], deadline: float | None = None) -> list[dict[str, Any]]:
+        """One call to the batch endpoint for every token (see the module docstring for the protocol), by
+        `deadline` (loop time; default: the timeout from now).
 
         When the breaker is half-open, a batch of our own token alone goes first as the probe, as in `introspect`:
         the first batch after the cool-down holds whichever tokens came first (in a flood, the attacker's), and
@@ -354,22 +377,33 @@ class ProviderClient:
         if self.breaker.state is BreakerState.HALF_OPEN:
             probe = self._probe_token()
             if probe is not None and probe not in tokens:
-                deadline = loops.kept(self._loop).time() + self.config.timeout_seconds
+                if deadline is None:
+                    deadline = loops.kept(self._loop).time() + self.config.timeout_seconds
                 await self._probe(build_for((probe,)), deadline)
         answer = await self._call(
             build_for(tokens), max_bytes=DEFAULT_MAX_RESPONSE_BYTES * max(1, len(tokens)), deadline=deadline
         )
         results = answer.get("results") if isinstance(answer, dict) else None
         if not isinstance(results, list) or len(results) != len(tokens):
-            raise ProviderUnavailable("batch introspection answer does not match the batch")
+            raise Suspect("batch introspection answer does not match the batch")
         if not all(isinstance(r, dict) for r in results):
-            raise ProviderUnavailable("batch introspection answer holds a non-object")
+            raise Suspect("batch introspection answer holds a non-object")
         for token, result in zip(tokens, results, strict=True):
             if result.get("active") is True:
                 self._known_good = token  # the half-open probe's token
         if type(answer) is UnencodableAnswer:  # which of them: each is refused on its own, the others stand
             results = [UnencodableAnswer(r) if holds_lone_surrogate(r) else r for r in results]
         return results
+
+    async def answers_batches(self, deadline: float) -> bool:
+        """Whether the batch endpoint answers a batch of our own made-up token alone (`_own_probe`: nobody else can
+        choose or know it; RFC 7662 section 2.2 makes it inactive) by `deadline`: is the provider up? Its answer is
+        dropped; the call counts in the metrics and the breaker as any other."""
+        try:
+            await self.introspect_batch((self._own_probe,), deadline)
+        except ProviderUnavailable:
+            return False
+        return True
 
     def start_introspect(self, token: str, deliver: Callable[[IntrospectionResult], None]) -> Callable[[], None] | None:
         """`introspect` without a coroutine, when it can begin at once (#24 goal 7): the endpoint and a
@@ -427,7 +461,9 @@ class ProviderClient:
     def _decode(self, reply: HttpReply) -> tuple[str, Any]:
         """The metrics result of an answer and its decoded JSON, or the `ProviderUnavailable` it is."""
         if reply.status != 200:
-            return _status_result(reply.status), ProviderUnavailable(f"HTTP {reply.status} from introspection provider")
+            status = reply.status
+            failed = Suspect if _token_may_cause(status) else ProviderUnavailable
+            return _status_result(status), failed(f"HTTP {status} from introspection provider")
         try:
             text = reply.body.decode()  # RFC 8259 section 8.1: UTF-8 (no guessing)
             answer = json.loads(text)
@@ -435,7 +471,7 @@ class ProviderClient:
                 answer = UnencodableAnswer(answer)  # rare: looked for only when an escape is there at all
             return "ok", answer
         except (ValueError, RecursionError):
-            return "malformed", ProviderUnavailable("introspection provider sent malformed JSON")
+            return "malformed", Suspect("introspection provider sent malformed JSON")
 
     def _account(self, result: str, probe: bool = False) -> None:
         """Counts one call's result and tells the breaker what it says about the provider (a `probe` of ours is
@@ -512,14 +548,47 @@ IntrospectionResult = dict[str, Any] | ProviderUnavailable
 
 
 class BatchDispatcher:
-    """One HTTP call to the provider's batch endpoint answers the whole batch."""
+    """One HTTP call to the provider's batch endpoint answers the whole batch; a batch that fails in a way one of its
+    tokens may have caused is split until each token has its own answer or its own failure.
+
+    The bound, per failed batch of n tokens: one call of our own token (is the provider up?), then at most 2n - 2
+    calls (the halves, down to batches of one: a binary tree with n leaves), fewer with few bad tokens (about
+    2 log2 n for one); at most twice what the provider would see from a verifier without a batch endpoint (a call
+    per token). All of them keep the batch's deadline, its in-flight slots and its breaker: a request waits no
+    longer than for one call, a provider that stops answering mid-way stops the splitting (a timeout, 503, an
+    open circuit are not split), and no window of time can pile up more than `max_in_flight` calls at once."""
 
     def __init__(self, client: ProviderClient) -> None:
         self._client = client
 
     async def dispatch(self, tokens: Sequence[str]) -> Sequence[IntrospectionResult]:
-        """One call; its failure is every token's failure."""
+        """The batch's results, in order; never raises `ProviderUnavailable`: a token's failure is its result."""
+        client = self._client
+        loop = client._loop = loops.kept(client._loop)
+        deadline = loop.time() + client.config.timeout_seconds  # the whole batch's, splits included
         try:
-            return await self._client.introspect_batch(tokens)
+            return await client.introspect_batch(tokens, deadline)
         except ProviderUnavailable as exc:
-            return [exc] * len(tokens)
+            if len(tokens) < 2:
+                return [exc]
+            # One of the tokens, or the provider? Our own token alone tells: a provider that fails it is down (or
+            # refuses us), and its failure is every token's, as before; one that answers it is up, and the batch's
+            # failure is one of its tokens' doing.
+            if not isinstance(exc, (Suspect, AnswerTooLarge)) or not await client.answers_batches(deadline):
+                client._metrics.batch_failed.inc()
+                return [exc] * len(tokens)
+            client._metrics.batch_split.inc()
+            return await self._split(tokens, deadline)
+
+    async def _split(self, tokens: Sequence[str], deadline: float) -> list[IntrospectionResult]:
+        half = len(tokens) // 2
+        first, second = await asyncio.gather(self._part(tokens[:half], deadline), self._part(tokens[half:], deadline))
+        return [*first, *second]
+
+    async def _part(self, tokens: Sequence[str], deadline: float) -> list[IntrospectionResult]:
+        try:
+            return list(await self._client.introspect_batch(tokens, deadline))
+        except ProviderUnavailable as exc:
+            if len(tokens) < 2 or not isinstance(exc, (Suspect, AnswerTooLarge)):
+                return [exc] * len(tokens)  # a batch of one: its token's own failure
+            return await self._split(tokens, deadline)
