@@ -731,3 +731,55 @@ def test_config_refuses_what_is_not_an_origin(origin: str, message: str) -> None
     assert str(refused.value).startswith("dpop.origins[1]: ")
     with pytest.raises(ValueError):
         DpopConfig(origins=("https://API.example.test",))  # in code: normalized, or refused
+
+
+
+# --- what a proof's htu is compared with: the URL the gateway reports, read as one URL --------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "path"),
+    [
+        # `#` never belongs in a request-target (RFC 9112 section 3.2), yet nginx and Kong pass it on: the URL built
+        # from it took all that follows for a fragment, so the proof for /orders passed for the whole target, which
+        # an upstream that resolves the dot segments after the `#` (Go's path.Clean) serves as /admin/users.
+        ("api.example.test", "/orders#/../../admin/users"),
+        ("api.example.test", "/orders#"),
+        # A Host the client chose (a route without hosts) ending in `#` or `?`: all that followed was a fragment or
+        # a query, so a proof for the origin's root passed for any path, `dpop.origins` or not.
+        ("api.example.test#", "/admin/users"),
+        ("api.example.test?", "/admin/users"),
+        ("api.example.test/", "/admin/users"),
+        ("user@api.example.test", "/orders"),
+        ("api.example.test\\", "/orders"),
+    ],
+)
+async def test_a_proof_never_passes_for_a_target_that_is_not_one_url(
+    clock: FrozenClock, state: MemoryState, keys: SigningKeys, host: str, path: str
+) -> None:
+    """A stolen proof made for one URL passed for another request: the request's URL was the reported host and path
+    joined, and a `#`, `?`, `/` or `@` in them moved where its path begins or ends. Such a request is refused
+    (`invalid_dpop_proof`) before its proof is looked at, so the proof's jti is not used up."""
+    for origins in ((), ("https://api.example.test",)):
+        verifier = DpopVerifier(DpopConfig(origins=origins), state, clock)
+        for htu in (URL, "https://api.example.test/"):  # a proof for what the joined URL was read as
+            proof = make_proof(keys.es256, htu=htu)
+            attrs = RequestAttributes("GET", "https", host, path, {"dpop": proof})
+            with pytest.raises(InvalidDpopProof, match="not one URL"):
+                await DpopBinding(verifier).check(_bound(keys), Credential(TokenScheme.DPOP, TOKEN), attrs, NO_POLICY)
+            await check(verifier, proof, jkt=jkt_of(keys.es256), url=htu)  # unused: still good for its own URL
+
+
+async def test_a_proof_passes_for_its_own_target_with_a_query_and_the_host_spellings_the_doors_send(
+    verifier: DpopVerifier, keys: SigningKeys
+) -> None:
+    """What the guard above lets through: a query (never part of htu, RFC 9449 section 4.3) even with a `#` in it,
+    a port, an IPv6 literal."""
+    for host, path, htu in (
+        ("api.example.test", "/orders?page=2#top", URL),
+        ("api.example.test:8443", "/orders", "https://api.example.test:8443/orders"),
+        ("[::1]:8443", "/orders", "https://[::1]:8443/orders"),
+    ):
+        attrs = RequestAttributes("GET", "https", host, path, {"dpop": make_proof(keys.es256, htu=htu)})
+        credential = Credential(TokenScheme.DPOP, TOKEN)
+        assert await DpopBinding(verifier).check(_bound(keys), credential, attrs, NO_POLICY) == _bound(keys)

@@ -508,6 +508,29 @@ def test_a_dpop_proof_made_for_another_host_is_refused_whatever_host_the_client_
     assert r.status == 200, (edge.name, r.status, r.body)
 
 
+def test_a_dpop_proof_for_a_path_does_not_pass_for_that_path_with_a_fragment_naming_another(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]
+) -> None:
+    """A stolen proof for GET /orders (RFC 9449: good for its htm and htu alone) was taken for `GET
+    /orders#/../profile`: the verifier read the URL it compares with htu from host and target joined, so all after
+    the `#` was a fragment, ignored (section 4.3). nginx and Kong pass the `#` on to the upstream, which may read the
+    target as /profile (Go's path.Clean on URL.Path): 200, another resource than the proof names (both readings fall
+    under one policy, so the route check had nothing to refuse). Now the verifier refuses a target with a `#`
+    (invalid_dpop_proof) before looking at the proof, whose jti stays unused: the same proof then passes for its own
+    /orders. Envoy refuses such a target itself (400)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = tokens("read", cnf={"jkt": thumbprint(public_jwk(key))})
+    scheme = edge.url.split("://", 1)[0]
+    proof = dpop_proof(key, "GET", f"{scheme}://{API_HOST}:{edge.port}/orders", tok)
+    headers = {"Host": f"{API_HOST}:{edge.port}", "Authorization": f"DPoP {tok}", "DPoP": proof}
+
+    status = raw_get(edge, "/orders#/../profile", headers)
+
+    assert status in (400, 401), (edge.name, status, [r.path for r in upstream.requests])
+    assert upstream.requests == []
+    assert raw_get(edge, "/orders", headers) == 200, edge.name  # the proof was not used up: its own URL passes
+
+
 @pytest.mark.parametrize("target", ["/orders", f"http://{EVIL_HOST}/orders"])
 def test_a_request_for_a_host_the_gateway_does_not_serve_is_refused_unjudged(
     edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], target: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 from verifier.binding.dpop import AcceptedProof
@@ -10,6 +11,10 @@ from verifier.credentials import Credential, TokenScheme
 from verifier.errors import InvalidDpopProof, InvalidToken, Scheme, SenderConstraintFailed
 from verifier.principal import Principal, confirmation
 from verifier.request import RequestAttributes
+
+# What may not appear in a request's authority for it to be read as one (RFC 3986 section 3.2: `/`, `?` and `#` end it,
+# `@` ends a userinfo; a backslash is `/` to WHATWG URL parsers); control characters and spaces neither.
+_NOT_IN_AUTHORITY = re.compile(r"[/?#@\\\x00-\x20\x7f]")
 
 
 class ProofVerifier(Protocol):
@@ -56,7 +61,14 @@ class DpopBinding(Check):
             return principal
         if self._verifier is None:
             raise InvalidDpopProof("DPoP is not enabled on this verifier")
-        url = f"{attrs.scheme}://{attrs.host}{attrs.path.split('?', 1)[0]}"
+        path = attrs.path.split("?", 1)[0]
+        if "#" in path or not attrs.host or _NOT_IN_AUTHORITY.search(attrs.host):
+            # Joined, the host and the path would not be read as this one URL: a `#` or `?` ends its path early, a
+            # `/` or `@` moves where the host ends. A proof for what the URL is read as (`/orders` for the target
+            # `/orders#/../../admin`; `https://api/` for `Host: api#`) would pass for a request an upstream serves
+            # as another. No request-target has a `#` (RFC 9112 section 3.2), no authority those characters.
+            raise InvalidDpopProof("the request is not one URL a proof's htu can name")
+        url = f"{attrs.scheme}://{attrs.host}{path}"
         proof = attrs.headers.get("dpop")
         token = credential.token
         accepted = await self._verifier.verify(
