@@ -349,11 +349,16 @@ def test_the_same_token_on_another_request_is_asked_again(
 
     method, path, host = then
     refused = get(gateway, path, tok, method=method, host=host)
-    assert refused.status == 403
+    # Dot segments: 403 where the gateway resolved them (Envoy), else 400 (upstreams read the raw target under two
+    # policies: /admin/users, or /orders/.. to one matching it as sent)
+    assert refused.status in ((400, 403) if "/../" in path else (403,)), (gateway, refused.status)
     assert asked(verifier) - before == 1
     # Asked again at once, the refusal is the same whether or not gateway kept it.
     again = get(gateway, path, tok, method=method, host=host)
-    assert (again.status, again.headers.get("www-authenticate")) == (403, refused.headers.get("www-authenticate"))
+    assert (again.status, again.headers.get("www-authenticate")) == (
+        refused.status,
+        refused.headers.get("www-authenticate"),
+    )
 
 
 def test_the_query_string_is_part_of_the_key(gateway: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:

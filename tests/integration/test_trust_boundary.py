@@ -188,6 +188,21 @@ def test_a_protected_path_with_backslashes_is_not_judged_as_the_public_one(
     assert all(p == "/health" for p in seen), (edge.name, target, status, seen)
 
 
+@pytest.mark.parametrize("target", ["/admin/secret/../../health", "/admin/secret/%2e%2e/%2E%2E/health"])
+def test_a_protected_path_with_dot_segments_is_not_judged_as_the_public_one(
+    edge: Edge, upstream: EchoUpstream, target: str
+) -> None:
+    """nginx (and Kong) pass the target on as the client sent it: `/admin/secret/../../health` reached the upstream
+    with no token, judged as the public /health, while Express mounts and Flask routes match the target as it came
+    (under /admin). Now refused as ambiguous (400). Envoy's path normalization makes it /health itself, which is
+    what its upstream then gets."""
+    status = raw_get(edge, target, {"Host": API_HOST})
+
+    assert status in (200, 400), (edge.name, target, status)
+    seen = [r.path for r in upstream.requests]
+    assert all(p == "/health" for p in seen), (edge.name, target, status, seen)
+
+
 @pytest.mark.parametrize("target", ["/health#/../admin/secret", "/health#/../orders"])
 def test_a_public_path_with_a_fragment_does_not_open_a_protected_one(
     edge: Edge, upstream: EchoUpstream, target: str

@@ -36,6 +36,7 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
     test_a_head_request_gets_the_policy_of_the_get_route_it_runs,
     test_a_method_override_never_reaches_the_upstream,
     test_a_protected_path_with_backslashes_is_not_judged_as_the_public_one,
+    test_a_protected_path_with_dot_segments_is_not_judged_as_the_public_one,
     test_a_public_path_with_a_fragment_does_not_open_a_protected_one,
     test_a_public_path_with_dot_segments_does_not_open_a_protected_one,
     test_a_role_or_scope_the_upstream_reads_as_another_never_reaches_it,

@@ -74,6 +74,35 @@ def test_a_path_upstreams_read_as_different_routes_is_ambiguous(path: str) -> No
     assert PolicySet((ADMIN, PUBLIC, REST)).match(_attrs("DELETE", path)) is AMBIGUOUS
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin/x/../../health",
+        "/admin/x/%2e%2e/%2E%2E/health",
+        "/admin/../health",
+        "/admin/x/../../health?q=1",
+        "/ADMIN/x/../../health",
+        "/./admin",
+        "/api/../admin",
+        "/health/../admin/x",
+    ],
+)
+def test_a_path_whose_dot_segments_lead_out_of_a_policy_is_ambiguous(path: str) -> None:
+    """nginx and Kong pass the target on as it came, and Express mounts and Flask routes match it so:
+    `/admin/x/../../health` is under /admin to them, /health to a server that resolves the dot segments. Judged as
+    /health alone, it reached an `/admin` handler with no token (the public policy); now it is refused. The other
+    way (`/./admin`, judged as /admin, a laxer route to those upstreams) likewise; the answer is remembered."""
+    policies = PolicySet((ADMIN, PUBLIC, REST))
+    for _ in range(2):
+        assert policies.match(_attrs("DELETE", path)) is AMBIGUOUS
+
+
+@pytest.mark.parametrize("path", ["/orders/x/../y", "/orders/./y", "/static/app.js", "/a/..b/c", "/.well/x"])
+def test_dot_segments_within_one_policy_are_not_ambiguous(path: str) -> None:
+    policy = PolicySet((ADMIN, PUBLIC, REST)).match(_attrs("GET", path))
+    assert policy is not None and policy is not AMBIGUOUS and policy.name == "rest"
+
+
 @pytest.mark.parametrize("host", ["public.example.test,admin.example.test", "ADMIN.example.test.,public.example.test"])
 def test_a_host_upstreams_read_as_different_hosts_is_ambiguous(host: str) -> None:
     """Two Host lines, joined by Envoy: an upstream may take either."""
@@ -89,7 +118,7 @@ def test_a_path_every_reading_of_which_meets_one_policy_is_not_ambiguous(path: s
     assert PolicySet((ADMIN, PUBLIC, REST)).match(_attrs("DELETE", path)) is not AMBIGUOUS
 
 
-@pytest.mark.parametrize("path", ["/admin/users", "//admin/users", "/./admin", "/%61dmin/x", "/api/../admin"])
+@pytest.mark.parametrize("path", ["/admin/users", "//admin/users", "/%61dmin/x"])
 def test_admin_policy_cannot_be_sidestepped_by_path_tricks(path: str) -> None:
     policy = PolicySet((ADMIN, PUBLIC, REST)).match(_attrs("DELETE", path))
     assert policy is not None and policy.name == "admin"
@@ -289,7 +318,7 @@ def test_a_hostile_auth_time_asks_for_a_fresh_authentication(value: object) -> N
         evaluate(ADMIN.require, _good(auth_time=value), NOW)
 
 
-@pytest.mark.parametrize("path", ["/admin/x", "/./admin/x", "//admin/x", "/%61dmin/x", "/public/../admin/x?q=1"])
+@pytest.mark.parametrize("path", ["/admin/x", "//admin/x", "/%61dmin/x", "/admin//x?q=1"])
 def test_remembered_route_is_the_same_policy_on_every_request(path: str) -> None:
     policies = PolicySet((ADMIN, PUBLIC, REST))
     first = policies.match(_attrs("DELETE", path))

@@ -1,7 +1,9 @@
 """Route policies: first match wins; an unmatched route is refused once any policy exists.
 
-Matching normalizes the path first (percent-decoding, `//`, dot segments), so `/./admin`,
-`//admin` and `/%61dmin` all meet the `/admin` policy instead of slipping past it to a laxer one.
+Matching normalizes the path first (percent-decoding, `//`, dot segments), so `//admin` and `/%61dmin` meet
+the `/admin` policy instead of slipping past it to a laxer one; a path whose other readings (an upstream's that
+keeps what normalizing drops: dot segments, `#`, `;parameters`, case; `other_readings`) meet another policy is
+refused as ambiguous (`/./admin`, `/admin/x/../../health`).
 Requirements are checked in an order that gives the client the most useful answer: authorization
 (roles, scopes: 403) before assurance (amr/acr/auth_time: an RFC 9470 step-up 401) before the
 sender constraint (a DPoP/mTLS 401).
@@ -45,8 +47,8 @@ def normalize_path(path: str, *, backslash_is_slash: bool = True) -> str:
 
 def other_readings(path: str, normal: str) -> set[str]:
     """The other ways an upstream may read `path` (no query; `normal`: `normalize_path(path)`), normalized
-    as `normalize_path`; empty for a lower-case path without `#`, `;`, `%25` or a backslash, which every upstream
-    reads one way.
+    as `normalize_path` (but the dot segments some keep); empty for a lower-case path without `#`, `;`, `%25`, a
+    backslash or a dot segment, which every upstream reads one way.
 
     - A `#` never belongs in a request-target (RFC 9112 section 3.2), yet nginx passes it on: one upstream
       drops what follows as a fragment (`normalize_path` does), another keeps it in the path and resolves
@@ -58,6 +60,9 @@ def other_readings(path: str, normal: str) -> set[str]:
     - IIS reads a backslash (`\\` or `%5C`) as `/` (`normalize_path` does); every other server takes it as a
       byte of its segment: `/admin/x\\..\\..\\health` is /health to IIS, under /admin to Go's ServeMux or an
       Express mount.
+    - Servers and gateways resolve dot segments (`..`, `%2e%2e`; RFC 3986 section 5.2.4, `normalize_path` does), but
+      Express mounts and Flask (Werkzeug) routes match the target as it came, and nginx and Kong pass it on as it
+      came: `/admin/x/../../health` is /health to the first, under /admin to the others.
     """
     readings: set[str] = set()
     variants = {path}
@@ -69,10 +74,23 @@ def other_readings(path: str, normal: str) -> set[str]:
         readings = {normalize_path(v) for v in variants}
     if "\\" in path or "%5C" in path or "%5c" in path:
         readings |= {normalize_path(v, backslash_is_slash=False) for v in variants}
+    if "." in path or "%2e" in path or "%2E" in path:
+        unresolved = _dot_segments_kept(path)
+        if unresolved is not None:
+            readings.add(unresolved)
     if normal != normal.lower() or any(r != r.lower() for r in readings):
         readings |= {r.lower() for r in readings} | {normal.lower()}
     readings.discard(normal)
     return readings
+
+
+def _dot_segments_kept(path: str) -> str | None:
+    """`path` (decoded, no query) as an upstream that leaves its dot segments alone reads it; None when it has none.
+    Express mounts and Flask routes match the target as sent: `/admin/x/../../health` is under /admin to them."""
+    decoded = urllib.parse.unquote(path.split("?", 1)[0].split("#", 1)[0])
+    if not any(segment in (".", "..") for segment in decoded.split("/")):
+        return None
+    return decoded if decoded.startswith("/") else "/" + decoded
 
 
 _PATH_PARAMETERS = re.compile(r";[^/]*")
