@@ -584,6 +584,34 @@ async def test_refuses_a_challenge_issued_for_another_request_or_subject(
     assert refused.code == code
 
 
+@pytest.mark.parametrize(
+    "presented_at",
+    [
+        "/payments/transfer/",  # Express (non-strict routing) serves it as /payments/transfer
+        "/payments/%74ransfer",  # the same path to every upstream that decodes
+        "/payments//transfer",
+        "/payments/./transfer",
+        "/payments/x/../transfer",
+        "/Payments/transfer",  # case-blind routers
+        "/payments/transfer;v=2",  # servlet path parameters
+        "/payments/transfer#x",
+        "/payments/transfer?",
+    ],
+)
+async def test_refuses_an_assertion_for_another_spelling_of_the_path_it_was_made_for(
+    enrolled: tuple[Harness, SoftAuthenticator], presented_at: str
+) -> None:
+    """The challenge binds the target as received, not the policy's normalized reading of it: an assertion made for
+    one spelling is refused for every other, even one an upstream serves as the same resource, so it never signs a
+    target whose other readings it did not see (the route check weighs those; `verifier.policy.rules`). The one
+    accepted is then the exact spelling, and only once."""
+    h, a = enrolled
+    header = await assertion_for(h, a, attrs(path="/payments/transfer"))
+    refused = await h.challenge(principal(), attrs(path=presented_at, assertion=header))
+    assert refused.code == "webauthn_challenge_mismatch"
+    await h.service.check_step_up(principal(), attrs(path="/payments/transfer", assertion=header))  # unused till now
+
+
 async def test_refuses_an_assertion_made_for_another_host_on_the_same_path(
     enrolled: tuple[Harness, SoftAuthenticator],
 ) -> None:
