@@ -462,6 +462,7 @@ class OpenIDProvider:
         resource: str = API_AUDIENCE,
         dpop_key: ec.EllipticCurvePrivateKey | None = None,
         cookies: dict[str, str] | None = None,
+        prompt: str | None = None,
     ) -> dict[str, Any]:
         """Log ``sub`` in and run the authorization-code grant (PKCE); return the token endpoint's JSON.
 
@@ -469,7 +470,8 @@ class OpenIDProvider:
         (the token's ``auth_time``); ``groups`` becomes the token's ``groups`` claim. With
         ``dpop_key`` the token is DPoP-bound (``cnf.jkt``). ``openid`` is added to ``scope`` for the
         login; the access token for ``resource`` carries the rest. ``cookies`` (a browser's jar, filled
-        here) keeps the provider's session for :meth:`end_session`.
+        here) keeps the provider's session for :meth:`end_session`. ``prompt="consent"`` with
+        ``offline_access`` in ``scope`` gets a refresh token too (``refresh_token`` in the answer).
         """
         verifier = secrets.token_urlsafe(48)
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
@@ -483,6 +485,7 @@ class OpenIDProvider:
             "state": state,
             "code_challenge": challenge,
             "code_challenge_method": "S256",
+            **({"prompt": prompt} if prompt else {}),
         })
         cookies = {} if cookies is None else cookies
         location = self._browse(f"/auth?{query}", cookies)

@@ -24,7 +24,7 @@ from rigs import provider_fixture
 from support import timed
 
 from verifier.app import build_introspector
-from verifier.errors import AudienceMismatch, InvalidToken, ProviderUnavailable
+from verifier.errors import AudienceMismatch, ClaimInvalid, InvalidToken, ProviderUnavailable, WrongTokenType
 from verifier.observe.audit import token_hash
 from verifier.principal import Principal
 from verifier.tokens.introspection import IntrospectionConfig, Introspector
@@ -128,6 +128,40 @@ async def test_a_revoked_token_is_inactive(op: OpenIDProvider, harness: Harness)
 async def test_a_token_for_another_audience_is_refused(op: OpenIDProvider, harness: Harness) -> None:
     with pytest.raises(AudienceMismatch):
         await introspect(harness.introspector(op, audiences=(API_AUDIENCE,)), op.opaque_token())
+
+
+def user_tokens_with_refresh(op: OpenIDProvider) -> dict[str, Any]:
+    """A user's login asking for offline access: an opaque access token for the opaque resource and a refresh token."""
+    answer = op.user_token_response(
+        "rt-user", scope="offline_access read write", prompt="consent", resource=OPAQUE_RESOURCE
+    )
+    assert answer.get("refresh_token"), answer
+    return answer
+
+
+async def test_a_refresh_token_is_not_an_access_token_even_when_aud_is_not_required(
+    op: OpenIDProvider, harness: Harness
+) -> None:
+    """RFC 6749 section 1.5: a refresh token is never presented to a resource server. node-oidc-provider answers one
+    as active with the user's `sub`, `client_id`, `scope` and an `exp` days away, but no `aud` and no `token_type`
+    (its access tokens' answers always name theirs): with `require_audience: false` (its opaque access tokens
+    without a resource indicator carry no `aud`) nothing else told the two apart, and a stolen refresh token was
+    taken as the user's access token, for as long as the refresh token lives."""
+    tokens = user_tokens_with_refresh(op)
+    answer = op.introspect(tokens["refresh_token"])
+    assert answer["active"] is True and answer["sub"] == "rt-user"
+    assert "aud" not in answer and "token_type" not in answer  # what the provider says of a refresh token
+    lax = harness.introspector(op, require_audience=False)
+    with pytest.raises(WrongTokenType) as caught:
+        await introspect(lax, tokens["refresh_token"])
+    assert caught.value.code == "token_type_invalid"
+    with pytest.raises(ClaimInvalid):  # aud required (the default): refused for its missing `aud` already
+        await introspect(harness.introspector(op), tokens["refresh_token"])
+    # The access token of the same login is the user's, whichever the setting.
+    access = op.introspect(tokens["access_token"])
+    assert access["token_type"] == "Bearer"
+    assert (await introspect(lax, tokens["access_token"])).subject == "rt-user"
+    assert (await introspect(harness.introspector(op), tokens["access_token"])).subject == "rt-user"
 
 
 async def test_revoked_after_caching_stays_active_until_the_positive_ttl_then_is_inactive(

@@ -395,6 +395,46 @@ async def test_an_answer_without_aud_is_accepted_when_audience_is_not_required(
     assert (await check(make(require_audience=False), "tok")).subject == "user-1"
 
 
+def oidc_provider_refresh_answer(**overrides: Any) -> dict[str, Any]:
+    """What node-oidc-provider answers for one of its refresh tokens: active, the user's `sub`, `scope` and `sid`, an
+    `exp` days away, and neither `aud` nor `token_type` (tests/integration/test_introspection_op.py shows it)."""
+    answer = active(aud=None, token_type=None, sid="s-1", scope="openid offline_access read", exp=int(NOW) + 14 * 86400)
+    answer.update(overrides)
+    return answer
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        oidc_provider_refresh_answer(),
+        oidc_provider_refresh_answer(token_type=""),
+        oidc_provider_refresh_answer(token_type=["Bearer"]),
+        oidc_provider_refresh_answer(aud=[]),
+        oidc_provider_refresh_answer(aud=[7]),
+        oidc_provider_refresh_answer(sub=None),
+    ],
+    ids=["as answered", "token_type empty", "token_type not a string", "aud empty", "aud of no string", "no sub"],
+)
+async def test_an_answer_naming_neither_aud_nor_token_type_is_refused_when_audience_is_not_required(
+    make: MakeIntrospector, http: FakeHttp, answer: dict[str, Any]
+) -> None:
+    """RFC 6749 section 1.5: a refresh token never goes to a resource server. With `require_audience: false`,
+    `token_type` is the only member that tells node-oidc-provider's access token answers from its refresh token
+    answers: one naming neither is refused, and not taken as the user's access token for the weeks it lives."""
+    http.answers["rt"] = answer
+    with pytest.raises(WrongTokenType) as caught:
+        await check(make(require_audience=False), "rt")
+    assert caught.value.code == "token_type_invalid"
+
+
+@pytest.mark.parametrize("token_type", ["Bearer", "bearer", "N_A", "urn:ietf:params:oauth:token-type:access_token"])
+async def test_an_answer_without_aud_naming_a_token_type_is_taken_when_audience_is_not_required(
+    make: MakeIntrospector, http: FakeHttp, token_type: str
+) -> None:
+    http.answers["tok"] = active(aud=None, token_type=token_type)
+    assert (await check(make(require_audience=False), "tok")).subject == "user-1"
+
+
 async def test_an_audience_in_a_list_is_enough(make: MakeIntrospector, http: FakeHttp) -> None:
     http.answers["tok"] = active(aud=["https://x.test", AUDIENCE])
     assert (await check(make(), "tok")).subject == "user-1"

@@ -102,7 +102,9 @@ class IntrospectionConfig:
         DEFAULT_STALE_TTL_SECONDS, doc="with serve_stale_on_error: how long past freshness an answer may serve",
         minimum=0, maximum=86_400, unit="seconds",
     )
-    require_audience: bool = setting(True, doc="an answer without `aud` is refused (RFC 7662 makes it optional)")
+    require_audience: bool = setting(
+        True, doc="an answer without `aud` is refused (RFC 7662 makes it optional); false: it must name a `token_type`"
+    )
     # Opaque tokens name no issuer: one issuer may take them, or several when every route trusts one
     # (else one provider would see another's bearer tokens). false: only this issuer's own JWTs are
     # introspected (introspect_jwts).

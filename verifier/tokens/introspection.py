@@ -19,7 +19,9 @@ Per issuer, one `Introspector`:
 
 RFC 7662 section 2.2: only `"active": true` (the JSON boolean) means active. The answer's members are
 read like a JWT access token's claims (`sub` or `client_id`, `scope`, `aud`, `exp`, `cnf`, `acr`...),
-and `aud` must name one of the issuer's audiences, as for a JWT.
+and `aud` must name one of the issuer's audiences, as for a JWT. A refresh or ID token answered active is
+refused: by `token_type` or `token_use` naming it, and, where `aud` may be absent (`require_audience: false`),
+by an answer naming neither `aud` nor `token_type` (node-oidc-provider's answer for a refresh token).
 """
 
 from __future__ import annotations
@@ -408,6 +410,11 @@ class Introspector:
         if not audiences:
             if self.config.require_audience:
                 raise ClaimInvalid("aud is required", claim="aud")
+            # Without `aud`, `token_type` is all that tells an access token from a refresh token: node-oidc-provider
+            # answers its refresh tokens active with the user's `sub` and `scope` but neither member (its access
+            # tokens' answers always name their type). An answer naming neither may be one: refused (RFC 6749 1.5).
+            if not (isinstance(token_type, str) and token_type):
+                raise WrongTokenType("an answer without aud names no token_type (perhaps a refresh token)")
         elif not any(a in self.audiences for a in audiences):
             raise AudienceMismatch("token is not for this audience")
         token_exp = exp if exp is not None else now + self.config.positive_ttl_seconds

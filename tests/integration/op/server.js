@@ -41,7 +41,8 @@
 // User tokens (authorization code + PKCE, client "web", redirect_uri WEB_REDIRECT_URI): JWT access
 // tokens for a resource carry sub (the account), auth_time, acr, amr (from the login, copied from the
 // authorization code by extraTokenClaims) and groups (as given at /__login). Client-credentials tokens
-// are unchanged.
+// are unchanged. A login asking for offline_access with prompt=consent gets an opaque refresh token too,
+// which the introspection endpoint answers active (sub, client_id, scope, exp; no aud, no token_type).
 // Logout: RP-initiated logout (GET end_session_endpoint, then POST the confirmation form with its xsrf
 // and logout=yes) ends the session; with backchannel_logout_uri the provider first POSTs a logout
 // token (typ logout+jwt, signed RS256 like the ID token, aud "web", sid and sub) there and logs
@@ -194,8 +195,9 @@ function buildProvider(config) {
       {
         client_id: WEB_CLIENT.client_id,
         client_secret: WEB_CLIENT.client_secret,
-        scope: `openid ${DEFAULT_SCOPE}`,
-        grant_types: ['authorization_code'],
+        scope: `openid offline_access ${DEFAULT_SCOPE}`,
+        // refresh_token: a login asking for offline_access with prompt=consent gets a refresh token too.
+        grant_types: ['authorization_code', 'refresh_token'],
         response_types: ['code'],
         redirect_uris: [WEB_CLIENT.redirect_uri],
         token_endpoint_auth_method: 'client_secret_basic',
@@ -204,7 +206,8 @@ function buildProvider(config) {
           : {}),
       },
     ],
-    scopes: DEFAULT_SCOPE.split(' '),
+    // offline_access (the provider's default, with openid): it issues refresh tokens, and answers for them.
+    scopes: ['openid', 'offline_access', ...DEFAULT_SCOPE.split(' ')],
     cookies: { keys: ['test-harness-cookie-key-not-secret'] },
     // Seconds; explicit so the provider does not warn about its defaults on every user login.
     ttl: {
