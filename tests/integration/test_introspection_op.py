@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from gateways import GatewayProcess, http_request, start_verifier
 from op_harness import (  # tests/integration is on sys.path (pytest rootdir-relative import)
     API_AUDIENCE,
     OPAQUE_RESOURCE,
@@ -162,6 +163,47 @@ async def test_a_refresh_token_is_not_an_access_token_even_when_aud_is_not_requi
     assert access["token_type"] == "Bearer"
     assert (await introspect(lax, tokens["access_token"])).subject == "rt-user"
     assert (await introspect(harness.introspector(op), tokens["access_token"])).subject == "rt-user"
+
+
+@pytest.fixture(scope="module")
+def lax_verifier(op: OpenIDProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """`python -m verifier serve` taking the provider's opaque tokens with `require_audience: false`."""
+    issuer = {
+        "issuer": op.issuer,
+        "audiences": [OPAQUE_RESOURCE],
+        "algorithms": ["ES256"],
+        "allow_insecure_http": True,
+        "introspection": {
+            "client_id": VERIFIER_CLIENT_ID,
+            "client_secret_env": "LAX_OP_SECRET",
+            "require_audience": False,
+        },
+    }
+    proc = start_verifier(
+        tmp_path_factory.mktemp("lax-aud"),
+        issuer=op.issuer,
+        extra_config={"issuers": [issuer]},
+        environment={"LAX_OP_SECRET": VERIFIER_CLIENT_SECRET},
+    )
+    yield proc
+    proc.stop()
+
+
+def test_a_stolen_refresh_token_is_refused_at_the_forward_auth_door(
+    lax_verifier: GatewayProcess, op: OpenIDProvider
+) -> None:
+    """The same attack through the door a gateway asks: the refresh token is a 401, the login's access token a 200."""
+    tokens = user_tokens_with_refresh(op)
+
+    def ask(token: str) -> tuple[int, str]:
+        headers = {"X-Forwarded-Method": "GET", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.test",
+                   "X-Forwarded-Uri": "/orders", "Authorization": f"Bearer {token}"}  # fmt: skip
+        answer = http_request(f"{lax_verifier.url}/v1/forward-auth", headers=headers)
+        return answer.status, answer.headers.get("x-verifier-reason", "")
+
+    assert ask(tokens["refresh_token"]) == (401, "token_type_invalid")
+    assert ask(tokens["refresh_token"]) == (401, "token_type_invalid")  # remembered, not taken the second time
+    assert ask(tokens["access_token"]) == (200, "ok")
 
 
 async def test_revoked_after_caching_stays_active_until_the_positive_ttl_then_is_inactive(
