@@ -337,6 +337,50 @@ async def test_email_subject_refuses_tokens_carrying_that_email(
     assert service.revocations.check(elsewhere) is None
 
 
+NFC_EMAIL = "Jos\u00e9.M\u00fcller@example.test"  # precomposed: what most systems send
+NFD_EMAIL = "jose\u0301.mu\u0308ller@EXAMPLE.test"  # the same address decomposed, as another system may keep it
+
+
+@pytest.mark.parametrize(("announced_as", "carried_as"), [(NFC_EMAIL, NFD_EMAIL), (NFD_EMAIL, NFC_EMAIL)])
+async def test_an_email_subject_reaches_the_same_address_in_another_unicode_normalization_form(
+    service: RevocationService, transmitter: SsfTransmitter, announced_as: str, carried_as: str
+) -> None:
+    """An address is the same address whether its accents come precomposed (NFC) or as combining marks (NFD): a
+    transmitter and the provider that spell it differently must not let the account's tokens through (was: the
+    SET was accepted, 202, and the compromised account's tokens kept passing)."""
+    subject = {"format": "email", "email": announced_as}
+    assert (await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, subject))).status == 202
+    refusal = service.revocations.check(principal(sub="zz", email=carried_as))
+    assert isinstance(refusal, TokenRevoked) and refusal.code == "account_disabled"
+    # Another address (without the accents) is another user's: untouched.
+    assert service.revocations.check(principal(sub="yy", email="jose.muller@example.test")) is None
+    # A claims announcement by email reaches the verified address in either form too.
+    later = {"claims": {"role": "none"}, "event_timestamp": int(NOW)}
+    await push(service, transmitter.sign_set({TOKEN_CLAIMS_CHANGE: later}, subject))
+    assert announced(service, principal(sub="u2", email=carried_as, email_verified=True)) == {"role": "none"}
+
+
+async def test_the_kill_switch_by_email_reaches_the_address_in_either_normalization_form(
+    service: RevocationService,
+) -> None:
+    router = routes(service)
+    created = await router.dispatch(admin("POST", document={"subject": {"format": "email", "email": NFD_EMAIL}}))
+    assert created.status == 201
+    assert isinstance(service.revocations.check(principal(sub="zz", email=NFC_EMAIL)), TokenRevoked)
+    assert service.revocations.check(principal(sub="yy", email="jose.muller@example.test")) is None
+
+
+async def test_an_email_entry_stored_in_another_normalization_form_still_matches() -> None:
+    """Entries stored before addresses were normalized (an NFD key in Redis or the SQLite file) still reach the
+    tokens, whichever form these carry."""
+    index = Revocations(FrozenClock())
+    entry = Entry(id="op-legacy", key=SubjectKey(KeyKind.EMAIL, NFD_EMAIL.lower()), effect=Effect.ACCOUNT_DISABLED,
+                  match=Match.ALL, event_time=NOW, expires_at=None, source="operator", event="operator")
+    index.replace([entry])
+    assert index.check(principal(sub="zz", email=NFC_EMAIL)) is not None
+    assert index.check(principal(sub="zz", email=NFD_EMAIL)) is not None
+
+
 @pytest.mark.parametrize(
     ("event", "expected"),
     [

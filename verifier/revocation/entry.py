@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,19 @@ class KeyKind(enum.Enum):
     SID = "sid"
     JTI = "jti"  # OpenID SSF 1.0 `jwt_id`: one token, by its issuer and `jti` (RFC 9068 section 2.2)
     CLIENT = "client_id"  # SSF 1.0 `complex` subject's `application` member: a client's tokens
+
+
+def email_key(email: str) -> str:
+    """An email address as entries are keyed and tokens looked up: lower-cased, its accents composed (Unicode NFC).
+
+    One address may come precomposed from one system and decomposed from another (`é` as U+00E9, or `e` and a
+    combining U+0301: canonically equivalent, the same text): compared as sent, an event in one form never
+    reached the tokens carrying the other, and the account stayed open. Only canonically equivalent spellings
+    meet: compatibility forms (full-width letters, ligatures) stay apart, as different addresses may use them.
+    """
+    if email.isascii():  # the common case: nothing to compose
+        return email.lower()
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", email).lower())
 
 
 class Effect(enum.Enum):
@@ -51,7 +65,7 @@ class Match(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SubjectKey:
-    """One lookup key. Emails are compared lower-cased.
+    """One lookup key. Emails are compared lower-cased and NFC-normalized (`email_key`).
 
     `iss` is the issuer an ISS_SUB or JTI names; for EMAIL and SID it is the issuer the key is narrowed to
     (a transmitter's `subjects_of`), or "" for the operator's keys, which reach every issuer; a CLIENT names

@@ -24,7 +24,7 @@ from verifier.numbers import json_number
 from verifier.observe import traceparent
 from verifier.observe.audit import trace_fields
 from verifier.principal import Principal
-from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey, email_key
 
 audit_log = logging.getLogger("verifier.audit")
 
@@ -175,8 +175,8 @@ class Revocations:
         email = claims.get("email")
         # An unverified email may be anyone's: good enough to refuse on, never to grant on.
         if isinstance(email, str) and email and (not for_overrides or claims.get("email_verified") is True):
-            lowered = email.lower()
-            keys += ((KeyKind.EMAIL, lowered, ""), (KeyKind.EMAIL, lowered, issuer))
+            address = email_key(email)  # lower-cased and NFC: as the entries' keys are
+            keys += ((KeyKind.EMAIL, address, ""), (KeyKind.EMAIL, address, issuer))
         if self._by_jti:
             # One token: an RFC 9068 JWT's `jti`, an introspection answer's when it has one; none, no match.
             jti = claims.get("jti")
@@ -272,4 +272,6 @@ class Revocations:
 
 
 def _lookup(key: SubjectKey) -> tuple[KeyKind, str, str]:
-    return (key.kind, key.value, key.iss)
+    # An email entry stored before addresses were normalized (Redis, the SQLite file) is indexed as tokens look up.
+    value = email_key(key.value) if key.kind is KeyKind.EMAIL else key.value
+    return (key.kind, value, key.iss)

@@ -1,6 +1,6 @@
 """RFC 9493 Subject Identifiers reduced to the lookup keys a token can be matched by.
 
-Supported formats (RFC 9493 section 3.2): `iss_sub` -> (iss, sub); `email` -> the `email` claim;
+Supported formats (RFC 9493 section 3.2): `iss_sub` -> (iss, sub); `email` -> the `email` claim (lower-cased, NFC);
 `opaque` -> a session id (`sid`), as the admin API and CAEP session events use it; `aliases` -> each
 of its identifiers; OpenID SSF 1.0's `jwt_id` (section 3.2.1: `iss` + `jti`) -> one token, by its issuer and
 `jti` (RFC 9068 section 2.2); and SSF 1.0's `complex` (section 3.3 of the SSF spec): its `session` member for
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from verifier.revocation.entry import KeyKind, SubjectKey
+from verifier.revocation.entry import KeyKind, SubjectKey, email_key
 
 MAX_ALIASES = 20  # identifiers in one `aliases` subject; more is an abuse, not an account
 MAX_IDENTIFIER_CHARS = 512  # characters in one identifier value
@@ -44,7 +44,7 @@ def subject_keys(identifier: Any, *, session: bool = False, depth: int = 0) -> t
     if fmt == "iss_sub":
         return (SubjectKey(KeyKind.ISS_SUB, _member(identifier, "sub"), _member(identifier, "iss")),)
     if fmt == "email":
-        return (SubjectKey(KeyKind.EMAIL, _member(identifier, "email").lower()),)
+        return (SubjectKey(KeyKind.EMAIL, email_key(_member(identifier, "email"))),)
     if fmt == "opaque":
         return (SubjectKey(KeyKind.SID, _member(identifier, "id")),)
     if fmt == "jwt_id":
