@@ -114,7 +114,7 @@ async def test_rotating_tokens_and_route_spellings_gives_no_fresh_bucket() -> No
             assert status == 200, headers
         # A fourth token, a fourth spelling: the same identity's bucket, empty.
         fresh = idp.mint(sub="greedy", scope="read", claims={"azp": "client-c", "roles": ["vip", "other"]})
-        raw = _request("/API/../api/w", fresh, host="api.example.test.")
+        raw = _request("/api/./w", fresh, host="api.example.test.")
         status, headers, _ = _parse(await http_exchange(port, raw))
         assert (status, headers.get("x-verifier-reason")) == (429, "rate_limited")
         # Another user of the same clients is untouched.
