@@ -473,6 +473,83 @@ async def test_credential_change_delete_naming_an_aaguid_disables_only_that_auth
             assert await _step_up(app, token, kept) == (200, "")
 
 
+async def _begin(app: App, token: str) -> tuple[int, dict[str, str], Any]:
+    return await _call(app, "POST", "/v1/webauthn/register/begin", token=token, body={})
+
+
+def _rfc9470(headers: Mapping[str, str], body: Any) -> None:
+    """The step-up challenge of RFC 9470 section 3: log in again (max_age=0) before enrolling."""
+    challenge = headers["www-authenticate"]
+    assert challenge.startswith("Bearer ") and 'error="insufficient_user_authentication"' in challenge, challenge
+    assert "max_age=0" in challenge and body["max_age"] == 0, (challenge, body)
+    assert headers["x-verifier-reason"] == "insufficient_user_authentication"
+
+
+async def test_a_token_authenticated_before_the_disable_cannot_enroll_the_thiefs_key(tmp_path: Path) -> None:
+    """The provider reports alice's key compromised as of `event_timestamp`; the thief, who used it to log in after
+    that (before the event reached us), holds a token the event's revocation entry does not reach. Once the key is
+    disabled that token enrolled the thief's own key with no assertion; it is now told to log in again."""
+    async with _providers() as (idp,), _ssf() as tx:
+        async with _verifier([_issuer(idp, leeway_seconds=0)], [_transmitter(tx, [idp.issuer])],
+                             webauthn=_webauthn(tmp_path)) as app:
+            now = int(time.time())
+            key = SoftAuthenticator()
+            assert await _register(app, idp.mint(sub="alice", claims={"auth_time": now - 600}), key) == 201
+            thiefs = idp.mint(sub="alice", claims={"auth_time": now - 60})
+            revoked = {"change_type": "revoke", "credential_type": "fido2-roaming", "event_timestamp": now - 120}
+            assert await _push(app, tx, {CREDENTIAL_CHANGE: revoked}, _user(idp, "alice")) == 202
+            assert await _step_up(app, thiefs, key) == (401, "webauthn_credential_disabled")
+            status, headers, body = await _begin(app, thiefs)
+            assert status == 401, body
+            _rfc9470(headers, body)
+            assert await _register(app, thiefs, SoftAuthenticator()) == 401
+            status, headers, body = await _call(app, "DELETE", f"/v1/webauthn/credentials/{key.id}", token=thiefs)
+            assert status == 401
+            _rfc9470(headers, body)
+
+            await asyncio.sleep(1.1)  # alice logs in again, after the disable
+            fresh = idp.mint(sub="alice", claims={"auth_time": int(time.time())})
+            new = SoftAuthenticator()
+            assert await _register(app, fresh, new) == 201
+            assert await _step_up(app, fresh, new) == (200, "")
+            status, headers, _ = await _begin(app, thiefs)  # a usable key again: an assertion from it decides
+            assert status == 401 and headers["x-verifier-reason"] == "webauthn_assertion_required"
+            # someone who never enrolled still enrolls with a token alone
+            assert await _register(app, idp.mint(sub="bob"), SoftAuthenticator()) == 201
+
+
+async def test_a_replica_the_credential_change_did_not_reach_refuses_the_stolen_token_too(tmp_path: Path) -> None:
+    """Two replicas share the credential store (each keeps its own revocation entries: no `state` section). The SSF
+    push reaches one: it disables the key in the shared store and refuses the stolen token (an entry); the other
+    has no entry, and let the stolen token enroll the thief's key. The disable time in the store now stops it."""
+    async with _providers() as (idp,), _ssf() as tx:
+        webauthn = _webauthn(tmp_path)
+        settings = {"webauthn": webauthn}
+        async with (
+            _verifier([_issuer(idp, leeway_seconds=0)], [_transmitter(tx, [idp.issuer])], **settings) as a,
+            _verifier([_issuer(idp, leeway_seconds=0)], [_transmitter(tx, [idp.issuer])], **settings) as b,
+        ):
+            now = int(time.time())
+            stolen = idp.mint(sub="alice", claims={"auth_time": now - 60})
+            key = SoftAuthenticator()
+            assert await _register(a, stolen, key) == 201
+            revoked = {"change_type": "revoke", "credential_type": "fido2-roaming", "event_timestamp": now - 30}
+            assert await _push(a, tx, {CREDENTIAL_CHANGE: revoked}, _user(idp, "alice")) == 202
+            assert (await _begin(a, stolen))[1]["x-verifier-reason"] == "credential_revoked"  # the entry, at a
+            status, headers, body = await _begin(b, stolen)
+            assert status == 401, body
+            _rfc9470(headers, body)
+            assert await _register(b, stolen, SoftAuthenticator()) == 401
+            _, _, listed = await _call(b, "GET", "/v1/webauthn/credentials", token=stolen)
+            assert [c["disabled"] for c in listed["credentials"]] == [True]
+
+            await asyncio.sleep(1.1)
+            fresh = idp.mint(sub="alice", claims={"auth_time": int(time.time())})
+            assert await _register(b, fresh, SoftAuthenticator()) == 201
+            status, headers, _ = await _begin(b, stolen)  # a usable key again: an assertion from it decides
+            assert status == 401 and headers["x-verifier-reason"] == "webauthn_assertion_required"
+
+
 # -- finding 7: the WebAuthn endpoints apply every forward-auth check -------------------------------------
 
 

@@ -37,6 +37,7 @@ from verifier.checks.trust import RouteTrust
 from verifier.clock import Clock, SystemClock
 from verifier.config.dpop import DpopConfig
 from verifier.config.introspection import IntrospectionConfig
+from verifier.config.issuer import MAX_LEEWAY_SECONDS
 from verifier.config.resource import ProtectedResourceConfig
 from verifier.config.revocation import REPLACE, RevocationConfig, check_transmitter_scopes
 from verifier.doors.admin_http import add_admin_routes
@@ -350,6 +351,8 @@ class App:
                 WebAuthnMetrics(self.metrics.registry),
                 realm=settings.realm,
                 trace_id=traced.trace_id,
+                # an authentication counts as after a revocation only past every issuer's clock skew allowance
+                leeway_seconds=max((i.leeway_seconds for i in settings.issuers), default=MAX_LEEWAY_SECONDS),
             )
         cache = settings.cache
         self.positive: ExpiringCache[Admitted] = ExpiringCache(cache.token_entries, self.clock, self.generation)

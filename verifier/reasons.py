@@ -149,6 +149,11 @@ _REASONS = (
     _registration("webauthn_algorithm_refused", "the credential's algorithm is not accepted"),
     _registration("webauthn_credential_limit", "the user has as many credentials as one may (50): delete one first"),
     Reason("webauthn_credential_exists", Outcome.CONFLICT, "this credential is already registered"),
+    Reason(
+        "webauthn_revoked_credential_kept",
+        Outcome.CONFLICT,
+        "the user's last credential disabled by a revocation is kept: register a new one first",
+    ),
     Reason("not_found", Outcome.NOT_FOUND, "no such entry or credential (the admin and WebAuthn endpoints)"),
     # load and dependencies: fail closed
     Reason("rate_limited", Outcome.RATE_LIMITED, "too many requests for this identity or role"),

@@ -70,13 +70,13 @@ def attrs(method: str = "POST", path: str = "/payments/transfer", assertion: str
 class Harness:
     """A service with a frozen clock, memory state, an in-memory SQLite store and a router."""
 
-    def __init__(self, origins: PublicOrigins | None = None, **config: Any) -> None:
+    def __init__(self, origins: PublicOrigins | None = None, *, leeway_seconds: float = 600, **config: Any) -> None:
         self.clock = FrozenClock()
         self.state = MemoryState(self.clock)
         self.registry = CollectorRegistry()
         self.config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=SECRET, **config)
         self.service = WebAuthnService(self.config, SqliteCredentialStore(":memory:"), self.state, self.clock,
-                                       WebAuthnMetrics(self.registry))
+                                       WebAuthnMetrics(self.registry), leeway_seconds=leeway_seconds)
         self.router = Router()
         self.judged: list[RequestAttributes] = []  # the requests `authenticate` was asked about
         add_webauthn_routes(self.router, self.service, self.authenticate, origins)
@@ -88,7 +88,11 @@ class Harness:
             raise MissingToken()
         if not value.startswith("Bearer token-"):
             raise InvalidToken("token signature does not verify", code="signature_invalid")
-        return principal(value.removeprefix("Bearer token-"))
+        # `token-alice` or `token-alice;auth_time=<epoch>;iat=<epoch>`: the token's times, as the provider set them
+        subject, *times = value.removeprefix("Bearer token-").split(";")
+        who = principal(subject)
+        claims = {k: float(v) for k, _, v in (t.partition("=") for t in times)}
+        return who._replace(claims={**who.claims, **claims}) if claims else who
 
     async def call(self, method: str, path: str, *, user: str | None = "alice", body: Any = None,
                    headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
@@ -388,9 +392,10 @@ async def test_a_stolen_token_alone_cannot_enroll_or_remove_keys_once_the_user_h
     assert status == 401 and headers["x-verifier-reason"] == "webauthn_assertion_required"
     _, _, listed = await h.call("GET", "/v1/webauthn/credentials")
     assert [c["id"] for c in listed["credentials"]] == [a.id]
-    # Once revocation disabled every key, the token enrolls again (the provider's login is the gate).
+    # Once revocation disabled every key, the token of before (stolen) does not enroll the thief's: only one that
+    # proves a login after the disable does (`test_after_a_revocation_*`).
     await h.service.disable_credentials(ISSUER, "alice", None)
-    assert await h.register(attacker) == 201
+    assert await h.register(attacker) == 401
 
 
 # --- attestation policy: trusted roots ------------------------------------------------------------------
@@ -1058,3 +1063,235 @@ async def test_refuses_a_client_data_origin_that_is_not_a_string(
     header = encode_header({**credential, "response": response})
     refused = await h.challenge(principal(), attrs(assertion=header))
     assert refused.code == "webauthn_assertion_malformed"
+
+
+# --- re-enrollment after a revocation -------------------------------------------------------------------
+#
+# The user's key is reported compromised and disabled (a CAEP credential-change); the thief also holds an access
+# token of the user from before, unexpired and unrevoked. Without a usable key there is no assertion to ask for:
+# what stands between that token and the thief's own key is a login after the disable (RFC 9470 step-up).
+
+LEEWAY = 30  # the harness's issuers' clock skew allowance (`leeway_seconds`)
+
+
+def _leeway_harness(**config: Any) -> Harness:
+    return Harness(leeway_seconds=LEEWAY, **config)
+
+
+@pytest.fixture
+async def revoked() -> Any:
+    """Alice enrolled a key at T-100 (logged in at T-200), the key was disabled at T; the clock is then at T+60."""
+    h = _leeway_harness()
+    h.clock.advance(-100)
+    key = SoftAuthenticator()
+    assert await h.register(key, user=f"alice;auth_time={h.clock.now() - 100}") == 201
+    h.clock.advance(100)
+    h.disabled_at = h.clock.now()  # type: ignore[attr-defined]
+    assert await h.service.disable_credentials(ISSUER, "alice", None) == 1
+    h.clock.advance(60)
+    yield h, key
+    await h.service.close()
+
+
+def _step_up_challenge(headers: Mapping[str, str], body: Any) -> None:
+    """RFC 9470 section 3: a Bearer challenge naming insufficient_user_authentication and max_age=0."""
+    challenge = headers["www-authenticate"]
+    assert challenge.startswith("Bearer "), challenge
+    assert 'error="insufficient_user_authentication"' in challenge and "max_age=0" in challenge, challenge
+    assert headers["x-verifier-reason"] == "insufficient_user_authentication"
+    assert body["error"] == "insufficient_user_authentication" and body["max_age"] == 0, body
+
+
+async def test_after_a_revocation_a_token_from_before_cannot_begin_a_registration(revoked: Any) -> None:
+    h, _ = revoked
+    t = h.disabled_at
+    for token in (f"alice;auth_time={t - 200};iat={t - 5}",  # stolen before the disable (iat as well)
+                  f"alice;auth_time={t - 200};iat={t + 50}",  # refreshed since: auth_time decides, not iat
+                  f"alice;iat={t - 5}",  # no auth_time: iat, before
+                  "alice"):  # no time at all: refused
+        status, headers, body = await h.call("POST", "/v1/webauthn/register/begin", user=token, body={})
+        assert status == 401, (token, body)
+        _step_up_challenge(headers, body)
+    thief = SoftAuthenticator()
+    assert await h.register(thief, user=f"alice;auth_time={t - 200}") == 401
+    _, _, listed = await h.call("GET", "/v1/webauthn/credentials")
+    assert [c["disabled"] for c in listed["credentials"]] == [True]  # nothing enrolled
+
+
+async def test_after_a_revocation_a_login_after_the_disable_enrolls_again(revoked: Any) -> None:
+    h, old = revoked
+    t = h.disabled_at
+    status, _, _ = await h.call("POST", "/v1/webauthn/register/begin", user=f"alice;auth_time={t + LEEWAY + 1}",
+                                body={})
+    assert status == 200
+    assert await h.register(SoftAuthenticator(), user=f"alice;auth_time={t + LEEWAY + 1}") == 201
+    _, _, listed = await h.call("GET", "/v1/webauthn/credentials")
+    assert [(c["id"] == old.id, c["disabled"]) for c in listed["credentials"]] == [(True, True), (False, False)]
+
+
+async def test_after_a_revocation_an_iat_after_the_disable_stands_in_for_auth_time(revoked: Any) -> None:
+    h, _ = revoked
+    assert await h.register(SoftAuthenticator(), user=f"alice;iat={h.disabled_at + LEEWAY + 1}") == 201
+
+
+async def test_after_a_revocation_a_login_within_the_leeway_of_the_disable_is_not_after_it(revoked: Any) -> None:
+    """The provider's clock may run ahead of ours by the leeway: a login stamped that close after the disable may
+    have happened before it, and is refused (erring on the side of a second login)."""
+    h, _ = revoked
+    t = h.disabled_at
+    for auth_time in (t, t + 1, t + LEEWAY):
+        status, headers, body = await h.call("POST", "/v1/webauthn/register/begin",
+                                             user=f"alice;auth_time={auth_time}", body={})
+        assert status == 401, auth_time
+        _step_up_challenge(headers, body)
+    status, _, _ = await h.call("POST", "/v1/webauthn/register/begin", user=f"alice;auth_time={t + LEEWAY + 1}",
+                                body={})
+    assert status == 200
+
+
+async def test_after_a_revocation_the_most_recent_disable_counts(revoked: Any) -> None:
+    """Two keys disabled at different times: a login between the two disables is before the last one."""
+    h, _ = revoked
+    t = h.disabled_at
+    fresh = f"alice;auth_time={t + LEEWAY + 1}"
+    assert await h.register(SoftAuthenticator(), user=fresh) == 201
+    h.clock.advance(600)
+    assert await h.service.disable_credentials(ISSUER, "alice", None) == 1
+    status, headers, body = await h.call("POST", "/v1/webauthn/register/begin", user=fresh, body={})
+    assert status == 401
+    _step_up_challenge(headers, body)
+    later = f"alice;auth_time={h.clock.now() + LEEWAY + 1}"
+    assert (await h.call("POST", "/v1/webauthn/register/begin", user=later, body={}))[0] == 200
+
+
+async def test_after_a_revocation_a_user_with_an_enabled_key_still_needs_an_assertion(revoked: Any) -> None:
+    h, _ = revoked
+    t = h.disabled_at
+    fresh = f"alice;auth_time={t + LEEWAY + 1}"
+    new = SoftAuthenticator()
+    assert await h.register(new, user=fresh) == 201
+    thief = SoftAuthenticator()
+    # a fresh login is no assertion: with a usable key, the key decides
+    status, headers, _ = await h.call("POST", "/v1/webauthn/register/begin", user=fresh, body={})
+    assert status == 401 and headers["x-verifier-reason"] == "webauthn_assertion_required"
+    assert headers["www-authenticate"].startswith("WebAuthn ")
+    assert await h.register(thief, user=fresh) == 401
+    assert await h.register(thief, user=fresh, proof=new) == 201
+    status, headers, _ = await h.call("DELETE", f"/v1/webauthn/credentials/{new.id}", user=fresh)
+    assert status == 401 and headers["x-verifier-reason"] == "webauthn_assertion_required"
+
+
+async def test_a_first_enrollment_still_needs_only_a_token() -> None:
+    h = _leeway_harness()
+    try:
+        for token in ("bob", f"bob;auth_time={h.clock.now() - 86400}"):  # no times at all; an old login
+            status, _, _ = await h.call("POST", "/v1/webauthn/register/begin", user=token, body={})
+            assert status == 200
+        assert await h.register(SoftAuthenticator(), user="bob") == 201
+    finally:
+        await h.service.close()
+
+
+async def test_after_a_revocation_deleting_needs_a_login_after_it_and_keeps_the_last_disabled_key() -> None:
+    """A token of before cannot delete the disabled keys (which would leave a user with no credential, whom a token
+    alone enrolls); a login after the disable deletes all but the last, the revocation's record."""
+    h = _leeway_harness()
+    try:
+        first, second = SoftAuthenticator(), SoftAuthenticator()
+        old = f"alice;auth_time={h.clock.now() - 10}"
+        assert await h.register(first, user=old) == 201
+        assert await h.register(second, user=old, proof=first) == 201
+        t = h.clock.now()
+        assert await h.service.disable_credentials(ISSUER, "alice", None) == 2
+        h.clock.advance(120)
+        for cid in (first.id, second.id):
+            status, headers, body = await h.call("DELETE", f"/v1/webauthn/credentials/{cid}", user=old)
+            assert status == 401
+            _step_up_challenge(headers, body)
+        fresh = f"alice;auth_time={t + LEEWAY + 1}"
+        assert (await h.call("DELETE", f"/v1/webauthn/credentials/{first.id}", user=fresh))[0] == 204
+        status, headers, body = await h.call("DELETE", f"/v1/webauthn/credentials/{second.id}", user=fresh)
+        assert status == 409 and body["error"] == "webauthn_revoked_credential_kept", body
+        assert await h.register(SoftAuthenticator(), user=old) == 401  # the record stands
+        # the user enrolls a new key with the fresh login, then removes the old one with an assertion from it
+        new = SoftAuthenticator()
+        assert await h.register(new, user=fresh) == 201
+        status, _, challenged = await h.call("DELETE", f"/v1/webauthn/credentials/{second.id}", user=fresh)
+        assert status == 401
+        proof = encode_header(new.get(challenged["publicKey"]["challenge"]))
+        status, _, _ = await h.call("DELETE", f"/v1/webauthn/credentials/{second.id}", user=fresh,
+                                    headers={"x-webauthn-assertion": proof})
+        assert status == 204
+    finally:
+        await h.service.close()
+
+
+async def test_after_a_revocation_a_replica_sharing_the_store_refuses_the_token_of_before(tmp_path: Any) -> None:
+    """Two replicas share the credential file: the one that did not receive the event (nor any revocation entry)
+    reads the disable time from the store and refuses the stolen token all the same."""
+    path = str(tmp_path / "webauthn.sqlite3")
+    clock = FrozenClock()
+    config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=SECRET)
+    replicas = []
+    for _ in range(2):
+        h = Harness()
+        h.clock = clock
+        h.service = WebAuthnService(config, SqliteCredentialStore(path), MemoryState(clock), clock,
+                                    WebAuthnMetrics(CollectorRegistry()), leeway_seconds=LEEWAY)
+        h.router = Router()
+        add_webauthn_routes(h.router, h.service, h.authenticate)
+        replicas.append(h)
+    a, b = replicas
+    try:
+        stolen = f"alice;auth_time={clock.now() - 60}"
+        assert await a.register(SoftAuthenticator(), user=stolen) == 201
+        t = clock.now()
+        assert await a.service.disable_credentials(ISSUER, "alice", None) == 1  # the event reached replica a
+        clock.advance(300)
+        for h in (a, b):
+            status, headers, body = await h.call("POST", "/v1/webauthn/register/begin", user=stolen, body={})
+            assert status == 401
+            _step_up_challenge(headers, body)
+        assert await b.register(SoftAuthenticator(), user=f"alice;auth_time={t + LEEWAY + 1}") == 201
+    finally:
+        for h in replicas:
+            await h.service.close()
+
+
+async def test_sqlite_store_from_before_disable_times_is_upgraded_on_open(tmp_path: Any) -> None:
+    """A file written before `disabled_at`: the column is added, and a credential disabled then counts as disabled
+    when the file was opened (its time is unknown: a token must show a login after the upgrade)."""
+    import sqlite3
+
+    path = str(tmp_path / "webauthn.sqlite3")
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE webauthn_credentials (
+            credential_id BLOB PRIMARY KEY, issuer TEXT NOT NULL, subject TEXT NOT NULL, public_key BLOB NOT NULL,
+            sign_count INTEGER NOT NULL, aaguid BLOB NOT NULL, transports TEXT NOT NULL DEFAULT '',
+            name TEXT NOT NULL DEFAULT '', attestation_format TEXT NOT NULL DEFAULT 'none',
+            user_verified INTEGER NOT NULL DEFAULT 0, backup_eligible INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL, last_used_at REAL, disabled INTEGER NOT NULL DEFAULT 0);
+        CREATE INDEX webauthn_credentials_user ON webauthn_credentials (issuer, subject);
+    """)
+    db.execute("INSERT INTO webauthn_credentials (credential_id, issuer, subject, public_key, sign_count, aaguid, "
+               "created_at, disabled) VALUES (x'01', ?, 'alice', x'00', 0, x'00', 1.0, 1)", (ISSUER,))
+    db.execute("INSERT INTO webauthn_credentials (credential_id, issuer, subject, public_key, sign_count, aaguid, "
+               "created_at, disabled) VALUES (x'02', ?, 'bob', x'00', 0, x'00', 1.0, 0)", (ISSUER,))
+    db.commit()
+    db.close()
+    store = SqliteCredentialStore(path, now=lambda: 1234.0)
+    try:
+        (alices,) = await store.for_user(ISSUER, "alice")
+        (bobs,) = await store.for_user(ISSUER, "bob")
+        assert alices.disabled and alices.disabled_at == 1234.0
+        assert not bobs.disabled and bobs.disabled_at is None
+        assert await store.disable(ISSUER, "bob", None, at=2000.0) == 1
+    finally:
+        await store.close()
+    again = SqliteCredentialStore(path, now=lambda: 9999.0)  # already upgraded: nothing changes
+    try:
+        assert [c.disabled_at for c in await again.for_user(ISSUER, "alice")] == [1234.0]
+        assert [c.disabled_at for c in await again.for_user(ISSUER, "bob")] == [2000.0]
+    finally:
+        await again.close()

@@ -57,3 +57,9 @@ class CredentialExists(VerifierError):
     """The credential is already registered (to this user or another): 409."""
 
     code = "webauthn_credential_exists"
+
+
+class RevokedCredentialKept(VerifierError):
+    """The user's last credential, disabled by a revocation, is its record (see `verifier.webauthn.service`): 409."""
+
+    code = "webauthn_revoked_credential_kept"

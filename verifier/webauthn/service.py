@@ -5,12 +5,22 @@ Built once by the composition root. The pipeline calls `check_step_up` for a rou
 HTTP (`begin_registration`, `complete_registration`, `credentials`, `delete_credential`): the methods
 return values or raise catalogued errors, never answers.
 
-A token alone enrolls a user's first credential. Once the user has a usable (enabled) credential,
-beginning another registration and deleting a credential need a step-up assertion from an enrolled
-credential too (the 401 carries the challenge): otherwise whoever stole the token could enroll their own
-key, or delete the user's keys and then enroll, and pass every step-up after that. A credential
-disabled by a revocation event no longer counts, so a user whose keys were all revoked enrolls again
-with a token (make the provider's login for that strong: `acr`/`amr`/`max_auth_age` policies).
+A token alone enrolls a user's first credential (a user with no credential at all). Once the user has a
+usable (enabled) credential, beginning another registration and deleting a credential need a step-up
+assertion from an enrolled credential too (the 401 carries the challenge): otherwise whoever stole the
+token could enroll their own key, or delete the user's keys and then enroll, and pass every step-up after
+that. A credential disabled by a revocation event (`disable_credentials`: a CAEP credential-change) no
+longer counts and cannot assert, and its disable time is stored with it. A user whose credentials are
+all disabled enrolls again, or deletes one of them, only with a token proving an authentication after
+the most recent disable: its `auth_time` (without one, its `iat`) later than that time plus the largest
+configured issuer leeway (`leeway_seconds`: the provider's clock may run ahead of ours by that much, so
+an authentication just before the disable must not pass for one after). Any other token is refused 401
+`insufficient_user_authentication` with an RFC 9470 challenge carrying `max_age=0`: the client logs the
+user in again at the provider. Otherwise a token stolen before the revocation (still unexpired: only the
+key was reported) would enroll the thief's key the moment the user's was disabled. And the last of those
+disabled credentials is not deleted (409 `webauthn_revoked_credential_kept`): it is the record of the
+revocation, without which the user would be back to a first enrollment a token alone may make; the user
+enrolls a new credential first, then deletes the old ones with an assertion from it.
 
 Credentials belong to users, (issuer, `sub`): a client-credentials token (no `sub`) is refused on
 every endpoint and step-up with 403 `webauthn_user_required`, whatever its `client_id`. Callers are
@@ -29,11 +39,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from verifier.clock import Clock
+from verifier.config.issuer import MAX_LEEWAY_SECONDS
 from verifier.config.webauthn import WebAuthnConfig
 from verifier.errors import Forbidden, NotFound
+from verifier.numbers import json_number
 from verifier.observe import traceparent
 from verifier.observe.audit import trace_fields
 from verifier.observe.metrics import WebAuthnMetrics
+from verifier.policy.rules import StepUpRequired
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.state.base import Purpose, SharedState
@@ -46,7 +59,13 @@ from verifier.webauthn.assertion import (
     user_handle,
 )
 from verifier.webauthn.challenge import ChallengeSigner, b64url, b64url_decode, subject_hash
-from verifier.webauthn.errors import AssertionRefused, CredentialExists, Offer, RegistrationRefused
+from verifier.webauthn.errors import (
+    AssertionRefused,
+    CredentialExists,
+    Offer,
+    RegistrationRefused,
+    RevokedCredentialKept,
+)
 from verifier.webauthn.registration import Registrar, parse_preferences
 from verifier.webauthn.store import CredentialStore, DuplicateCredential, StoredCredential
 
@@ -72,8 +91,12 @@ class WebAuthnService:
         *,
         realm: str = "verifier",
         trace_id: Callable[[Mapping[str, str]], str] = traceparent.trace_id,
+        leeway_seconds: float = MAX_LEEWAY_SECONDS,
     ) -> None:
+        """`leeway_seconds`: the clock skew allowed between the providers and us (the largest issuer leeway); an
+        authentication must be this much later than a revocation to count as after it."""
         self._config = config
+        self._leeway = leeway_seconds
         self._trace_id = trace_id  # the audit lines' trace: the current span's, else the gateway's traceparent
         self._store = store
         self._state = state
@@ -159,7 +182,7 @@ class WebAuthnService:
                     ids.append(b64url_decode(text))
                 except ValueError:
                     continue  # an id we never issued matches nothing
-        count = await self._store.disable(issuer, subject, ids)
+        count = await self._store.disable(issuer, subject, ids, at=self._clock.now())
         which: object = credential_ids if credential_ids is not None else (f"aaguid {aaguid}" if aaguid else "all")
         audit_log.info(
             "webauthn_credentials_disabled",
@@ -182,9 +205,27 @@ class WebAuthnService:
     async def _guard_enrolled(
         self, attrs: RequestAttributes, principal: Principal, existing: list[StoredCredential]
     ) -> None:
-        """A user who has a usable credential proves it before changing the set (see the module docstring)."""
+        """A user who has a usable credential proves it before changing the set; one whose credentials were all
+        disabled, a login after that (see the module docstring)."""
         if any(not c.disabled for c in existing):
             await self.check_step_up(principal, attrs)
+        elif existing:
+            self._require_login_after_revocation(principal, existing)
+
+    def _require_login_after_revocation(self, principal: Principal, disabled: list[StoredCredential]) -> None:
+        """Raises RFC 9470's `insufficient_user_authentication` (`max_age=0`) unless the token's `auth_time`, else
+        its `iat`, is later than the most recent disable plus the leeway (a disable of unknown time: now)."""
+        now = self._clock.now()
+        revoked_at = max(now if c.disabled_at is None else c.disabled_at for c in disabled)
+        claims = principal.claims
+        authenticated = json_number(claims.get("auth_time"))
+        if authenticated is None:
+            authenticated = json_number(claims.get("iat"))
+        if authenticated is not None and authenticated > revoked_at + self._leeway:
+            return
+        raise StepUpRequired(
+            "the user's WebAuthn credentials were revoked: log in again to enroll or remove one", max_age=0
+        )
 
     async def begin_registration(self, principal: Principal, document: Any, attrs: RequestAttributes) -> dict[str, Any]:
         """Creation options and the signed state for a new credential (`{"publicKey": ..., "state": ...}`)."""
@@ -279,6 +320,10 @@ class WebAuthnService:
         if not any(c.credential_id == raw_id for c in existing):
             raise NotFound()
         await self._guard_enrolled(attrs, principal, existing)
+        if len(existing) == 1 and existing[0].disabled:
+            raise RevokedCredentialKept(
+                "the last credential disabled by a revocation is kept: register a new credential first"
+            )
         if not await self._store.delete(principal.issuer, principal.subject, raw_id):
             raise NotFound()
         audit_log.info(

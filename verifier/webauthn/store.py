@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
@@ -40,6 +41,7 @@ class StoredCredential:
     created_at: float = 0.0  # epoch seconds
     last_used_at: float | None = None
     disabled: bool = False
+    disabled_at: float | None = None  # epoch seconds (this verifier's clock) of the revocation that disabled it
 
 
 class DuplicateCredential(Exception):
@@ -65,8 +67,9 @@ class CredentialStore(Protocol):
         """Removes one of the user's credentials; False when the user has no such credential."""
         ...
 
-    async def disable(self, issuer: str, subject: str, credential_ids: list[bytes] | None) -> int:
-        """Disables the listed credentials of the user (None: all of them); returns how many."""
+    async def disable(self, issuer: str, subject: str, credential_ids: list[bytes] | None, *, at: float) -> int:
+        """Disables the listed credentials of the user (None: all of them) as of `at` (epoch seconds: their
+        `disabled_at`; one disabled already keeps its own); returns how many."""
         ...
 
     async def use(self, credential_id: bytes, *, old_count: int, new_count: int, used_at: float) -> bool:
@@ -93,18 +96,25 @@ CREATE TABLE IF NOT EXISTS webauthn_credentials (
     backup_eligible INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     last_used_at REAL,
-    disabled INTEGER NOT NULL DEFAULT 0
+    disabled INTEGER NOT NULL DEFAULT 0,
+    disabled_at REAL
 );
 CREATE INDEX IF NOT EXISTS webauthn_credentials_user ON webauthn_credentials (issuer, subject);
 """
 _COLUMNS = (
     "credential_id, issuer, subject, public_key, sign_count, aaguid, transports, name, attestation_format, "
-    "user_verified, backup_eligible, created_at, last_used_at, disabled"
+    "user_verified, backup_eligible, created_at, last_used_at, disabled, disabled_at"
+)
+# A file from before `disabled_at`: the column is added on open, and a credential disabled then is taken as
+# disabled at that moment (when is unknown; erring late only asks its user for a fresher login to enroll again).
+_UPGRADE = (
+    "ALTER TABLE webauthn_credentials ADD COLUMN disabled_at REAL",
+    "UPDATE webauthn_credentials SET disabled_at = ? WHERE disabled = 1 AND disabled_at IS NULL",
 )
 
 
 def _row(row: tuple[object, ...]) -> StoredCredential:
-    (cid, issuer, subject, key, count, aaguid, transports, name, fmt, uv, be, created, used, disabled) = row
+    (cid, issuer, subject, key, count, aaguid, transports, name, fmt, uv, be, created, used, disabled, at) = row
     return StoredCredential(
         credential_id=bytes(cid),  # type: ignore[call-overload]
         issuer=str(issuer),
@@ -120,13 +130,15 @@ def _row(row: tuple[object, ...]) -> StoredCredential:
         created_at=float(created),  # type: ignore[arg-type]
         last_used_at=None if used is None else float(used),  # type: ignore[arg-type]
         disabled=bool(disabled),
+        disabled_at=None if at is None else float(at),  # type: ignore[arg-type]
     )
 
 
 class SqliteCredentialStore:
     """A `CredentialStore` in one SQLite file (or `:memory:` for tests), off the event loop."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, now: Callable[[], float] = time.time) -> None:
+        """`now`: the time a credential disabled in a file from before `disabled_at` is taken as disabled at."""
         # One connection shared by the worker threads, serialized by a lock: SQLite allows one writer
         # anyway, and `:memory:` exists only inside its one connection.
         self._db = sqlite3.connect(private_sqlite(path), check_same_thread=False, isolation_level=None)
@@ -134,7 +146,19 @@ class SqliteCredentialStore:
         with self._lock:
             if path != ":memory:":
                 self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
+            self._db.execute("BEGIN IMMEDIATE")  # one transaction: a replica opening the file beside sees all or none
+            try:
+                columns = [row[1] for row in self._db.execute("PRAGMA table_info(webauthn_credentials)")]
+                if columns and "disabled_at" not in columns:
+                    self._db.execute(_UPGRADE[0])
+                    self._db.execute(_UPGRADE[1], (now(),))
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         def locked() -> _T:
@@ -166,10 +190,11 @@ class SqliteCredentialStore:
             c.created_at,
             c.last_used_at,
             int(c.disabled),
+            c.disabled_at,
         )
 
         def insert(db: sqlite3.Connection) -> None:
-            db.execute(f"INSERT INTO webauthn_credentials ({_COLUMNS}) VALUES ({', '.join('?' * 14)})", values)  # noqa: S608
+            db.execute(f"INSERT INTO webauthn_credentials ({_COLUMNS}) VALUES ({', '.join('?' * 15)})", values)  # noqa: S608
 
         try:
             await self._run(insert)
@@ -213,21 +238,23 @@ class SqliteCredentialStore:
 
         return await self._run(remove)
 
-    async def disable(self, issuer: str, subject: str, credential_ids: list[bytes] | None) -> int:
-        """Disables the listed credentials of the user (None: all of them); returns how many."""
+    async def disable(self, issuer: str, subject: str, credential_ids: list[bytes] | None, *, at: float) -> int:
+        """Disables the listed credentials of the user (None: all of them) as of `at` (epoch seconds: their
+        `disabled_at`; one disabled already keeps its own); returns how many."""
 
         def update(db: sqlite3.Connection) -> int:
             if credential_ids is None:
                 return db.execute(
-                    "UPDATE webauthn_credentials SET disabled = 1 WHERE issuer = ? AND subject = ? AND disabled = 0",
-                    (issuer, subject),
+                    "UPDATE webauthn_credentials SET disabled = 1, disabled_at = ? "
+                    "WHERE issuer = ? AND subject = ? AND disabled = 0",
+                    (at, issuer, subject),
                 ).rowcount
             count = 0
             for cid in credential_ids:
                 count += db.execute(
-                    "UPDATE webauthn_credentials SET disabled = 1 "
+                    "UPDATE webauthn_credentials SET disabled = 1, disabled_at = ? "
                     "WHERE issuer = ? AND subject = ? AND credential_id = ? AND disabled = 0",
-                    (issuer, subject, cid),
+                    (at, issuer, subject, cid),
                 ).rowcount
             return count
 
