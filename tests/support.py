@@ -230,3 +230,20 @@ def made_under_umask_022(make: Callable[[], T]) -> T:
 def file_modes(directory: Any) -> dict[str, int]:
     """Each file's permission bits in `directory` (a pathlib.Path), by name."""
     return {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
+
+
+class SkewedClock:
+    """One replica's clock, `offset` seconds off `true` (the shared store's clock, as Redis keeps its own) and moving
+    with it: replicas whose clocks disagree, one shared replay store."""
+
+    def __init__(self, true: FrozenClock, offset: float) -> None:
+        self._true = true
+        self._offset = offset
+
+    def now(self) -> float:
+        """The true wall time, off by `offset`."""
+        return self._true.now() + self._offset
+
+    def monotonic(self) -> float:
+        """The true monotonic time."""
+        return self._true.monotonic()

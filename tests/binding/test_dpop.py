@@ -14,7 +14,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
-from support import FrozenClock
+from support import FrozenClock, SkewedClock
 from tokenkit import NOW, SigningKeys, b64, compact, private_jwk, public_jwk
 
 from verifier.binding import dpop as dpop_module
@@ -477,6 +477,47 @@ async def test_remembers_each_jti_for_the_whole_iat_window(keys: SigningKeys, cl
     config = DpopConfig(iat_past_seconds=30, iat_future_seconds=10)
     await check(DpopVerifier(config, Recording(clock), clock), make_proof(keys.es256))
     assert seen == [40 + JTI_TTL_MARGIN_SECONDS]  # the whole window, and its last instant
+
+
+async def test_a_proof_ahead_of_our_clock_is_remembered_until_its_last_acceptable_instant(
+    keys: SigningKeys, clock: FrozenClock
+) -> None:
+    """A proof is accepted until `iat + iat_past_seconds`, whenever it first arrived: its jti lives from its use
+    until then, `iat_future_seconds` more (a replica whose clock lags), and the margin."""
+    seen: list[float] = []
+
+    class Recording(MemoryState):
+        async def first_use(self, key: str, ttl_seconds: float, *, purpose: Purpose) -> bool:
+            seen.append(ttl_seconds)
+            return await super().first_use(key, ttl_seconds, purpose=purpose)
+
+    config = DpopConfig(iat_past_seconds=30, iat_future_seconds=10)
+    await check(DpopVerifier(config, Recording(clock), clock), make_proof(keys.es256, iat=NOW + 10))
+    await check(DpopVerifier(config, Recording(clock), clock), make_proof(keys.es256, iat=NOW - 30))
+    assert seen == [30 + 10 + 10 + JTI_TTL_MARGIN_SECONDS, 10 + JTI_TTL_MARGIN_SECONDS]
+
+
+async def test_a_replica_whose_clock_lags_refuses_a_replay_after_the_first_replicas_ttl_would_have_ended(
+    keys: SigningKeys, clock: FrozenClock
+) -> None:
+    """Two replicas share one replay store (on its own clock, as Redis counts a TTL); their clocks are just under
+    `iat_future_seconds` apart, the agreement the replicas' clocks must keep. The replica ahead accepts a proof
+    whose `iat` is as far ahead of it as allowed; the one behind accepts the same proof until its own clock reaches
+    `iat + iat_past_seconds`. Before, the jti lived `jti_ttl_seconds` (66 s) from its use on the replica ahead and
+    was gone ~4 s before the replica behind stopped accepting it: the replay, in that gap, was accepted."""
+    config = DpopConfig()
+    skew = config.iat_future_seconds - 0.1
+    shared = MemoryState(clock)
+    ahead = DpopVerifier(config, shared, SkewedClock(clock, skew))
+    behind = DpopVerifier(config, shared, clock)
+    proof = make_proof(keys.es256, iat=(NOW + skew) + config.iat_future_seconds)
+    await check(ahead, proof)
+    clock.advance(config.jti_ttl_seconds + 1)  # past the jti's old lifetime, inside `behind`'s window
+    with pytest.raises(InvalidDpopProof, match="replayed"):
+        await check(behind, proof)
+    clock.advance(config.iat_future_seconds)  # past every replica's window
+    with pytest.raises(InvalidDpopProof, match="too old"):
+        await check(behind, proof)
 
 
 # --- server nonces (RFC 9449 section 9) ----------------------------------------------------------

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
-from support import FrozenClock, trickled
+from prometheus_client import CollectorRegistry
+from support import FrozenClock, SkewedClock, trickled
 from tokenkit import (
     ISSUER,
     JWKS_URL,
@@ -26,6 +27,7 @@ from tokenkit import (
     SigningKeys,
     compact,
     issuer_settings,
+    make_issuer_keys,
     public_jwk,
 )
 
@@ -35,10 +37,18 @@ from verifier.config.state import Purpose, StateConfig
 from verifier.doors.logout_http import LOGOUT_PATH
 from verifier.doors.routes import HttpAnswer, HttpRequest
 from verifier.errors import StateUnavailable
+from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.revocation import RevocationService
-from verifier.revocation.logout import BACKCHANNEL_LOGOUT_EVENT, REFUSAL_CODES
+from verifier.revocation.logout import (
+    BACKCHANNEL_LOGOUT_EVENT,
+    REFUSAL_CODES,
+    BackchannelLogout,
+    LogoutRefused,
+    LogoutTokenVerifier,
+)
 from verifier.settings import ConfigError, Listen, Settings, parse_settings
+from verifier.state.memory import MemoryState
 
 CLIENT = "gateway-client"
 FORM = "application/x-www-form-urlencoded"
@@ -493,7 +503,7 @@ async def test_a_full_revocation_part_answers_503_with_the_seconds_until_it_has_
     clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
 ) -> None:
     """The revocation part of the local replay store (here one entry) full: the logout is 503 and its
-    Retry-After is when the jti held expires (its token's max_age + leeway, 10 s ago), not a fixed 1."""
+    Retry-After is when the jti held expires (its token's iat + max_age + leeway + 1, 10 s ago), not a fixed 1."""
     issuer = issuer_settings(backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,)))
     state = StateConfig(max_replay_entries=100, revocation_replay_share=0.01)
     settings = Settings(grpc=None, http=None, metrics=None, issuers=(issuer,), state=state)
@@ -504,7 +514,7 @@ async def test_a_full_revocation_part_answers_503_with_the_seconds_until_it_has_
     clock.advance(10)
     answer = await post(app, sign(mint, jti="second", iat=int(NOW) + 10, exp=int(NOW) + 130))
     assert issuer.backchannel_logout is not None
-    window = issuer.backchannel_logout.max_age_seconds + issuer.leeway_seconds
+    window = issuer.backchannel_logout.max_age_seconds + issuer.leeway_seconds + 1  # the first token's iat is NOW
     assert answer.status == 503 and dict(answer.headers)["retry-after"] == str(window - 10)
     assert json.loads(answer.body) == {"error": "temporarily_unavailable"}
 
@@ -570,3 +580,53 @@ async def test_a_logout_without_kid_signed_by_the_new_key_of_a_rotation_overlap_
     token = mint(logout_claims(), alg="RS256", kid=None, key=keys.rs_other, headers={"typ": "logout+jwt"})
     assert (await post(app, token)).status == 200
     assert service.revocations.check(principal(sid="session-1")) is not None
+
+
+# -- the jti is remembered until no replica accepts the token ---------------------------------------------------
+
+
+def receiver(clock: FrozenClock, offset: float, state: MemoryState, fetcher: FakeFetcher) -> BackchannelLogout:
+    """One replica's logout receiver (its clock `offset` seconds off the store's), on a shared replay store."""
+    settings = issuer_settings(algorithms=("ES256",), backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,)))
+    replica_clock = SkewedClock(clock, offset)
+    keys = make_issuer_keys(settings, fetcher, replica_clock)  # type: ignore[arg-type]
+
+    async def add(_: list[Any]) -> None:
+        return None
+
+    return BackchannelLogout(
+        LogoutTokenVerifier({ISSUER: (settings, keys)}, replica_clock), state=state, add=add,
+        metrics=RevocationMetrics(CollectorRegistry(), REFUSAL_CODES), clock=replica_clock, entry_lifetime=3600,
+    )
+
+
+async def test_a_logout_token_ahead_of_our_clock_is_refused_as_a_replay_until_its_last_acceptable_instant(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    """A logout token is accepted while its `iat` is at most the issuer's `leeway_seconds` (30) ahead and at most
+    `max_age_seconds` (300) old; without `exp`, nothing else ends it. One signed `leeway` ahead, received at once,
+    stays acceptable 330 s. Before, its jti lived 330 s from its receipt, and at that last instant the replay was
+    accepted again."""
+    logout = receiver(clock, 0, MemoryState(clock), fetcher)
+    token = sign(mint, iat=int(NOW) + 30, exp=None)
+    await logout.receive(token)
+    clock.advance(300 + 30)  # now - iat == max_age_seconds: still accepted, the old key just expired
+    with pytest.raises(LogoutRefused) as caught:
+        await logout.receive(token)
+    assert caught.value.code == "replay"
+
+
+async def test_a_replica_whose_clock_lags_refuses_a_replayed_logout_token(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    """Two replicas share the replay store (on its own clock), their clocks just under the issuer's `leeway_seconds`
+    apart. The one ahead receives a token signed as far ahead as it allows; the one behind accepts it until its own
+    clock is `max_age_seconds` past the `iat`. Before, the jti was gone ~29 s before that: the replay was accepted."""
+    shared = MemoryState(clock)
+    ahead, behind = receiver(clock, 29, shared, fetcher), receiver(clock, 0, shared, fetcher)
+    token = sign(mint, iat=int(NOW) + 29 + 30, exp=None)
+    await ahead.receive(token)
+    clock.advance(300 + 30 + 1)  # past the old key; `behind` sees the token 272 s old
+    with pytest.raises(LogoutRefused) as caught:
+        await behind.receive(token)
+    assert caught.value.code == "replay"

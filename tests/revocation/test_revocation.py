@@ -22,7 +22,7 @@ from ssf_transmitter import (
     TOKEN_CLAIMS_CHANGE,
     SsfTransmitter,
 )
-from support import FrozenClock, no_http_session
+from support import FrozenClock, SkewedClock, no_http_session
 from tokenkit import ISSUER, NOW, FakeFetcher, issuer_settings
 
 from verifier.app import SSF_USER_AGENT, App
@@ -508,6 +508,52 @@ async def test_refuses_a_replayed_jti(service: RevocationService, transmitter: S
     assert service.revocations.check(principal()) is None  # the replay changed nothing
 
 
+async def test_a_set_ahead_of_our_clock_is_refused_as_a_replay_until_its_last_acceptable_instant(
+    service: RevocationService, transmitter: SsfTransmitter, clock: FrozenClock
+) -> None:
+    """A SET is accepted while its `iat` is at most `leeway_seconds` ahead and at most `max_age_seconds` old: one
+    signed `leeway` ahead, pushed at once, stays acceptable `max_age` + `leeway` after its push. Before, its jti
+    lived `max_age` + `leeway` from the push, and at that last instant the replay was accepted again (202: an
+    account_enabled re-enables an account disabled since)."""
+    token = transmitter.sign_set({ACCOUNT_ENABLED: {}}, USER, iat=NOW + 30)
+    assert (await push(service, token)).status == 202
+    clock.advance(300 + 30)  # now - iat == max_age_seconds: still accepted, the old key just expired
+    replay = await push(service, token)
+    assert replay.status == 400 and body(replay)["err"] == "invalid_request"
+
+
+async def test_a_replica_whose_clock_lags_refuses_a_replayed_set_until_it_is_too_old_there(
+    clock: FrozenClock, provider: FakeFetcher, transmitter: SsfTransmitter
+) -> None:
+    """Two replicas share the replay store (on its own clock, as Redis counts a TTL), their clocks just under the
+    transmitter's `leeway_seconds` (30) apart. The replica ahead accepts a SET signed as far ahead as it allows; the
+    one behind accepts it until its own clock is `max_age_seconds` past the SET's `iat`. Before, the jti lived
+    `max_age` + `leeway` from its use on the replica ahead: gone ~29 s before the replica behind stopped accepting
+    the SET, and the replay, in that gap, was applied again (202)."""
+    shared = MemoryState(clock)
+
+    def replica(offset: float) -> RevocationService:
+        return RevocationService(
+            config(), state=shared, fetcher=provider, clock=SkewedClock(clock, offset),
+            metrics=RevocationMetrics(CollectorRegistry(), REFUSAL_CODES), session=no_http_session,
+        )
+
+    ahead, behind = replica(29), replica(0)
+    await ahead.start()
+    await behind.start()
+    try:
+        token = transmitter.sign_set({ACCOUNT_ENABLED: {}}, USER, iat=NOW + 29 + 30)
+        assert (await push(ahead, token)).status == 202
+        clock.advance(300 + 30 + 1)  # past the old key; `behind` sees the SET 272 s old
+        replay = await push(behind, token)
+        assert replay.status == 400 and body(replay)["err"] == "invalid_request"
+        clock.advance(29)  # past every replica's window: too old, whatever the store holds
+        assert (await push(behind, token)).status == 400
+    finally:
+        await ahead.stop()
+        await behind.stop()
+
+
 async def test_a_set_pushed_while_the_replay_store_is_full_is_503_applied_and_never_replayable(
     clock: FrozenClock, provider: FakeFetcher, transmitter: SsfTransmitter
 ) -> None:
@@ -524,8 +570,9 @@ async def test_a_set_pushed_while_the_replay_store_is_full_is_503_applied_and_ne
         assert (await push(svc, first)).status == 202
         clock.advance(10)
         answer = await push(svc, transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER))
-        # Retry-After: when the jti held expires and makes room (max_age_seconds 300 + leeway 30, 10 s ago)
-        assert answer.status == 503 and dict(answer.headers)["retry-after"] == str(300 + 30 - 10)
+        # Retry-After: when the jti held expires and makes room (its iat + max_age_seconds 300 + leeway 30 + 1,
+        # 10 s ago)
+        assert answer.status == 503 and dict(answer.headers)["retry-after"] == str(300 + 30 + 1 - 10)
         assert body(answer) == {"err": "temporarily_unavailable"}
         refused = svc.revocations.check(principal())
         assert refused is not None and refused.code == "account_disabled"  # applied; only the ack waits

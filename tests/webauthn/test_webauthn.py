@@ -24,10 +24,11 @@ from cryptography.x509.oid import NameOID
 from fido2 import cbor
 from fido2.webauthn import CollectedClientData
 from prometheus_client import CollectorRegistry
-from support import FrozenClock, file_modes, made_under_umask_022
+from support import FrozenClock, SkewedClock, file_modes, made_under_umask_022
 from webauthnkit import FLAGS, ORIGIN, RP_ID, SoftAuthenticator, b64u, encode_header, unb64u
 
 from verifier.config.state import ReplayBounds
+from verifier.config.webauthn import CLOCK_SKEW_SECONDS
 from verifier.doors.public_origin import PublicOrigins
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpRequest, Router
@@ -41,6 +42,7 @@ from verifier.state.base import Purpose
 from verifier.state.memory import MemoryState
 from verifier.webauthn import (
     AssertionRefused,
+    RegistrationRefused,
     SqliteCredentialStore,
     WebAuthnConfig,
     WebAuthnService,
@@ -1192,6 +1194,30 @@ async def test_a_first_enrollment_still_needs_only_a_token() -> None:
         await h.service.close()
 
 
+# --- replay keys outlive acceptance on every replica (clocks up to CLOCK_SKEW_SECONDS apart) -----------------
+
+
+async def test_a_used_challenge_is_refused_by_a_replica_whose_clock_lags_until_it_expires_there() -> None:
+    """Two replicas share the replay store (on its own clock), their clocks just under CLOCK_SKEW_SECONDS apart. The
+    replica ahead takes an assertion; the one behind still sees its challenge unexpired for that much longer. Before,
+    the challenge was remembered until a second past its expiry on the clock of the replica ahead (~28 s before
+    the other stopped accepting it): the same assertion, replayed in that gap, passed a second step-up (an
+    authenticator without a counter, as most passkeys are, shows no regression)."""
+    h = Harness()
+    try:
+        a = SoftAuthenticator(step=0)  # a counter that stays 0: nothing but the challenge refuses a replay
+        assert await h.register(a) == 201
+        ahead = WebAuthnService(h.config, h.service._store, h.state, SkewedClock(h.clock, CLOCK_SKEW_SECONDS - 1),
+                                WebAuthnMetrics(CollectorRegistry()))
+        header = await assertion_for(h, a, attrs())  # issued by the replica behind: it expires 120 s from now there
+        await ahead.check_step_up(principal(), attrs(assertion=header))
+        h.clock.advance(h.config.challenge_timeout_seconds - (CLOCK_SKEW_SECONDS - 1) + 2)  # old key gone
+        refused = await h.challenge(principal(), attrs(assertion=header))
+        assert refused.code == "webauthn_challenge_replayed"
+    finally:
+        await h.service.close()
+
+
 async def test_after_a_revocation_deleting_needs_a_login_after_it_and_keeps_the_last_disabled_key() -> None:
     """A token of before cannot delete the disabled keys (which would leave a user with no credential, whom a token
     alone enrolls); a login after the disable deletes all but the last, the revocation's record."""
@@ -1295,3 +1321,23 @@ async def test_sqlite_store_from_before_disable_times_is_upgraded_on_open(tmp_pa
         assert [c.disabled_at for c in await again.for_user(ISSUER, "bob")] == [2000.0]
     finally:
         await again.close()
+
+
+async def test_a_used_registration_state_is_refused_until_it_expires_on_every_replica() -> None:
+    """A registration begun on a replica whose clock runs ahead carries an `exp` that far ahead; completed on another,
+    its state was remembered `challenge_timeout_seconds` + 1 there and forgotten while still unexpired: the replay
+    reached the credential store (here refused only as a duplicate; after the user removed the key, it registered
+    the key again). Now it is remembered until no replica accepts it."""
+    h = Harness()
+    try:
+        ahead = WebAuthnService(h.config, h.service._store, h.state, SkewedClock(h.clock, CLOCK_SKEW_SECONDS - 1),
+                                WebAuthnMetrics(CollectorRegistry()))
+        begun = await ahead.begin_registration(principal(), {}, attrs())
+        document = {"state": begun["state"], "credential": SoftAuthenticator().create(begun["publicKey"]), "name": "k"}
+        await h.service.complete_registration(principal(), document)
+        h.clock.advance(h.config.challenge_timeout_seconds + 2)  # past the old key, the state still unexpired here
+        with pytest.raises(RegistrationRefused) as caught:
+            await h.service.complete_registration(principal(), document)
+        assert caught.value.code == "webauthn_state_replayed"
+    finally:
+        await h.service.close()

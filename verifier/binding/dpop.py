@@ -6,9 +6,10 @@ here, strictly and within a size bound: the key in the header is trusted only to
 is then pinned to the access token through `cnf.jkt` (RFC 9449 section 6.1).
 
 Replay (section 11.1): each proof's `jti` is remembered in `SharedState` for as long as its `iat`
-could still be accepted, keyed by a hash of the key thumbprint and the `jti`, so every replica refuses
-a second use. Server nonces (section 9) are stateless: an issue time and an HMAC over it, so any replica
-holding the shared secret can check a nonce another replica issued.
+could still be accepted on any replica (`DpopConfig.jti_ttl`: until `iat + iat_past_seconds`, and
+`iat_future_seconds` more for a replica whose clock lags), keyed by a hash of the key thumbprint and the
+`jti`, so every replica refuses a second use. Server nonces (section 9) are stateless: an issue time and
+an HMAC over it, so any replica holding the shared secret can check a nonce another replica issued.
 """
 
 from __future__ import annotations
@@ -366,7 +367,7 @@ class DpopVerifier:
         # bounded length, and no client-chosen text in shared state.
         digest = hashlib.sha256(f"{jkt}\x00{jti}".encode("utf-8", "surrogatepass")).digest()
         once = "dpop:jti:" + b64url_encode(digest)
-        if not await self._state.first_use(once, config.jti_ttl_seconds, purpose=_PURPOSE):
+        if not await self._state.first_use(once, config.jti_ttl(iat, now), purpose=_PURPOSE):
             raise InvalidDpopProof("DPoP proof replayed")
         return AcceptedProof(jkt, nonce_issued_at)
 

@@ -24,8 +24,8 @@ DEFAULT_IAT_FUTURE_SECONDS = 5.0
 DEFAULT_NONCE_LIFETIME_SECONDS = 300.0
 # Bytes; a proof with an RSA-4096 key is about 2.5 KiB, anything much larger is not a proof.
 DEFAULT_MAX_PROOF_BYTES = 8192
-# Seconds a `jti` is remembered past the span of `iat` values accepted: a proof still passes at the window's last
-# instant (`iat + iat_past_seconds`), and on a replica whose clock lags the one that first saw it, later still.
+# Seconds a `jti` is remembered past the last instant any replica accepts its proof (`DpopConfig.jti_ttl`): the
+# stores' rounding, and a proof still passing at the window's last instant (`iat + iat_past_seconds`).
 JTI_TTL_MARGIN_SECONDS = 1.0
 MIN_NONCE_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output is weaker than it looks
 
@@ -63,8 +63,8 @@ class DpopConfig:
     ```yaml
     dpop:
       algorithms: [ES256, ES384, EdDSA, RS256, PS256]  # allow-list for the proof's alg
-      iat_past_seconds: 60        # proof age accepted; also how long each jti is remembered
-      iat_future_seconds: 5       # client clock ahead of ours accepted
+      iat_past_seconds: 60        # proof age accepted; each jti is remembered until no replica accepts it
+      iat_future_seconds: 5       # client clock ahead of ours accepted; the replicas' clocks must agree within it
       require_nonce: false        # true: every proof must carry a nonce we issued (section 9)
       nonce_secret_env: VERIFIER_DPOP_NONCE_SECRET  # required with require_nonce; same on every replica
       nonce_lifetime_seconds: 300
@@ -95,10 +95,14 @@ class DpopConfig:
         minimum=1,
         maximum=3600,
         unit="seconds",
-        doc="proof age accepted; also how long each jti is remembered",
+        doc="proof age accepted; each jti is remembered until no replica accepts it",
     )
     iat_future_seconds: float = setting(
-        DEFAULT_IAT_FUTURE_SECONDS, minimum=0, maximum=600, unit="seconds", doc="client clock ahead of ours accepted"
+        DEFAULT_IAT_FUTURE_SECONDS,
+        minimum=0,
+        maximum=600,
+        unit="seconds",
+        doc="client clock ahead of ours accepted; the replicas' clocks must agree within it",
     )
     require_nonce: bool = setting(False, doc="every proof must carry a nonce we issued (RFC 9449 section 9)")
     nonce_secret_env: str = setting(
@@ -137,8 +141,19 @@ class DpopConfig:
 
     @property
     def jti_ttl_seconds(self) -> float:
-        """How long a `jti` must be remembered: the whole span of `iat` values we accept, and a margin past it."""
+        """How long the `jti` of a proof made now (`iat` = now) is remembered: `jti_ttl(now, now)`."""
         return self.iat_past_seconds + self.iat_future_seconds + JTI_TTL_MARGIN_SECONDS
+
+    def jti_ttl(self, iat: float, now: float) -> float:
+        """Seconds to remember the `jti` of a proof with this `iat` accepted at `now` (this replica's clock).
+
+        This replica accepts the proof until `iat + iat_past_seconds` on its clock, however early it first saw it
+        (`iat` up to `iat_future_seconds` ahead); a replica whose clock lags ours by up to `iat_future_seconds`
+        accepts it until that much later (replicas' clocks must agree within `iat_future_seconds`: the same bound
+        a server nonce from a replica ahead of ours is given); and a margin. Since the proof was accepted at `now`,
+        between `iat_future_seconds` + the margin and `iat_past_seconds` + 2 x `iat_future_seconds` + the margin.
+        """
+        return iat - now + self.jti_ttl_seconds
 
 
 def parse_dpop_config(data: Any, path: str = "dpop") -> DpopConfig:

@@ -45,16 +45,19 @@ DEFAULT_MAX_ENTRIES = 100_000  # memory store: rate-limit buckets held (idle one
 # Without Redis: live one-time values (DPoP `jti`s, WebAuthn challenges, SET and logout-token `jti`s)
 # held at once. Past it a new value is refused (503 replay_store_full), never a live one forgotten. A
 # worker serves at most a few thousand DPoP proofs a second and a DPoP `jti` lives 66 s by default
-# (`dpop.iat_past_seconds` + `iat_future_seconds` + 1): 4,000/s x 66 s = 264,000; four times that
-# leaves room for a burst or longer windows. ~100 bytes each in memory (~100 MB when full), ~145 in
+# (`dpop.iat_past_seconds` + `iat_future_seconds` + 1 for a proof made now), at most 71 s (one signed
+# `iat_future_seconds` ahead: `DpopConfig.jti_ttl`): 4,000/s x 71 s = 284,000; three and a
+# half times that leaves room for a burst or longer windows. ~100 bytes each in memory (~100 MB when full), ~145 in
 # the SQLite file (1 KB pages); both grow only as values arrive.
 DEFAULT_MAX_REPLAY_ENTRIES = 1_000_000
 # Shares of `max_replay_entries` reserved for the purposes a client cannot mint at will; DPoP proofs get
 # the rest (96% by default). 2% of the default is 20,000 live values each: revocation events arrive a
-# few a second at most (an SET lives `max_age_seconds` + leeway, 300 s by default: ~66/s sustained to
-# fill it; a mass logout of 20,000 sessions at once still fits), WebAuthn challenges at human speed.
+# few a second at most (an SET or logout-token `jti` lives until its `iat` + `max_age_seconds` + leeway + 1,
+# at most `max_age_seconds` + 2 x leeway + 1: 361 s for a logout token by default, ~55/s sustained to fill
+# it; a mass logout of 20,000 sessions at once still fits), WebAuthn challenges at human speed (a challenge
+# lives until its expiry + `verifier.config.webauthn.CLOCK_SKEW_SECONDS` + 1, at most 151 s by default).
 # With Redis: live one-time values of every replica together, split by the same shares (DPoP 3,840,000). A
-# deployment's DPoP proofs at 58,000 a second for 66 s fill the DPoP part: several times a busy deployment's
+# deployment's DPoP proofs at 54,000 a second for 71 s fill the DPoP part: several times a busy deployment's
 # peak. A replay key costs ~165 bytes in Redis 7.0 (measured with a 9-byte prefix), so a full bound is
 # ~660 MB; `maxmemory` must hold it with room to spare, or Redis is full (every write refused, revocations'
 # too) before the bound is: the verifier warns at start-up (`REDIS_BYTES_PER_REPLAY_KEY` below).

@@ -38,6 +38,11 @@ DEFAULT_RP_NAME = "edge-verifier"
 # 300 s for UV-required ceremonies at most; two minutes covers a PIN prompt and a slow tap.
 DEFAULT_CHALLENGE_TIMEOUT_SECONDS = 120
 MAX_CHALLENGE_TIMEOUT_SECONDS = 600  # seconds; a longer-lived challenge is a longer replay window
+# Seconds the replicas' clocks may disagree by (they must agree within it; the issuers' default leeway): a used
+# challenge or registration state is remembered until its expiry, and this long past it, so a replica whose clock
+# lags the one that took it, and still sees it unexpired, refuses its replay. No check of ours allows a leeway
+# on a challenge's expiry: this is all the margin, and at WebAuthn's human pace it costs the store next to nothing.
+CLOCK_SKEW_SECONDS = 30
 DEFAULT_SECRET_ENV = "VERIFIER_WEBAUTHN_SECRET"  # noqa: S105 - the variable's name, not a secret
 MIN_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output is weaker than it looks
 DEFAULT_SQLITE_PATH = "webauthn.sqlite3"

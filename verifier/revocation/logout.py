@@ -36,7 +36,15 @@ from verifier.config.issuer import IssuerSettings
 from verifier.errors import AlgorithmRefused, MalformedToken
 from verifier.observe.metrics import RevocationMetrics
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
-from verifier.revocation.signed import Failed, MessageRefused, check_signature, check_times, jti_key, jti_of
+from verifier.revocation.signed import (
+    Failed,
+    MessageRefused,
+    check_signature,
+    check_times,
+    jti_key,
+    jti_of,
+    jti_ttl,
+)
 from verifier.revocation.subjects import MAX_IDENTIFIER_CHARS
 from verifier.state.base import Purpose, SharedState
 from verifier.tokens import jws
@@ -91,7 +99,8 @@ class VerifiedLogout:
     iat: float
     sid: str  # "" when absent
     sub: str  # "" when absent
-    jti_ttl: float  # seconds the jti must be remembered: as long as the token could be accepted
+    max_age: float  # the issuer's `backchannel_logout.max_age_seconds`: the token is accepted until iat + max_age
+    leeway: float  # the issuer's `leeway_seconds`: the clock skew tolerated (replicas' clocks agree within it)
 
 
 LogoutIssuers = Mapping[str, tuple[IssuerSettings, IssuerKeys]]
@@ -167,7 +176,7 @@ class LogoutTokenVerifier:
         sub = _identifier(payload, "sub")
         if not sid and not sub:
             raise LogoutRefused(SUBJECT, "neither sid nor sub")
-        return VerifiedLogout(settings.issuer, jti, iat, sid, sub, float(config.max_age_seconds + leeway))
+        return VerifiedLogout(settings.issuer, jti, iat, sid, sub, float(config.max_age_seconds), float(leeway))
 
 
 def entries_of(verified: VerifiedLogout, *, now: float, entry_lifetime: float) -> tuple[Entry, ...]:
@@ -240,7 +249,8 @@ class BackchannelLogout:
         entries = entries_of(verified, now=self._clock.now(), entry_lifetime=self._entry_lifetime)
         await self._add(list(entries))
         # only now: a retry after a failure applies again
-        await self._state.first_use(key, verified.jti_ttl, purpose=Purpose.REVOCATION)
+        ttl = jti_ttl(verified.iat, now=self._clock.now(), leeway=verified.leeway, max_age=verified.max_age)
+        await self._state.first_use(key, ttl, purpose=Purpose.REVOCATION)
         self._metrics.logouts.labels(verified.issuer, "accepted").inc()
         audit_log.info(
             "backchannel_logout",

@@ -78,6 +78,18 @@ def check_times(payload: Mapping[str, Any], *, now: float, leeway: float, max_ag
     return iat
 
 
+def jti_ttl(iat: float, *, now: float, leeway: float, max_age: float) -> float:
+    """Seconds to remember, from `now`, the jti of a message `check_times` accepted with this `iat`.
+
+    It is accepted until `iat + max_age` on a replica's clock (an `exp` only ends that sooner; a message
+    without one is bounded by its `iat` alone), however early it first arrived (`iat` up to `leeway` ahead);
+    a replica whose clock lags this one's by up to `leeway` (the replicas' clocks must agree within it)
+    accepts it until that much later; and one second for the stores' rounding. At most `max_age` + twice
+    `leeway` + 1; at least one second (a claim made after the last instant, its effects slow to store).
+    """
+    return max(1.0, iat + max_age + leeway + 1.0 - now)
+
+
 def jti_of(payload: Mapping[str, Any]) -> str:
     """The message's `jti`; raises `MessageRefused` when it is missing, empty or too long."""
     jti = payload.get("jti")

@@ -55,7 +55,15 @@ from verifier.config.revocation import TransmitterConfig
 from verifier.errors import AlgorithmRefused, MalformedToken
 from verifier.numbers import json_number
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
-from verifier.revocation.signed import Failed, MessageRefused, check_signature, check_times, jti_key, jti_of
+from verifier.revocation.signed import (
+    Failed,
+    MessageRefused,
+    check_signature,
+    check_times,
+    jti_key,
+    jti_of,
+    jti_ttl,
+)
 from verifier.revocation.subjects import SubjectError, session_user_keys, subject_keys
 from verifier.state.base import Purpose, SharedState
 from verifier.tokens import jws
@@ -220,8 +228,11 @@ class SetVerifier:
         Two deliveries racing past `check_fresh` both apply the same effects (entry ids are
         deterministic), so losing the race here changes nothing. Raises `StateUnavailable`.
         """
-        ttl = verified.transmitter.max_age_seconds + verified.transmitter.leeway_seconds
-        await self._state.first_use(_jti_key(verified), float(ttl), purpose=Purpose.REVOCATION)
+        transmitter = verified.transmitter
+        ttl = jti_ttl(
+            verified.iat, now=self._clock.now(), leeway=transmitter.leeway_seconds, max_age=transmitter.max_age_seconds
+        )
+        await self._state.first_use(_jti_key(verified), ttl, purpose=Purpose.REVOCATION)
 
 
 def _jti_key(verified: VerifiedSet) -> str:

@@ -28,7 +28,7 @@ from fido2.cose import CoseKey
 from fido2.webauthn import AuthenticationResponse, CollectedClientData
 
 from verifier.clock import Clock
-from verifier.config.webauthn import WebAuthnConfig
+from verifier.config.webauthn import CLOCK_SKEW_SECONDS, WebAuthnConfig
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.state.base import Purpose, SharedState
@@ -179,7 +179,8 @@ class AssertionVerifier:
             raise AssertionRefused(
                 "the assertion signature does not verify", code="webauthn_signature_invalid"
             ) from exc
-        ttl = max(1.0, math.ceil(challenge.expires_at - now) + 1.0)
+        # accepted until `expires_at` (`ChallengeSigner.check`): on a lagging replica, up to CLOCK_SKEW_SECONDS later
+        ttl = math.ceil(challenge.expires_at - now) + 1.0 + CLOCK_SKEW_SECONDS
         if not await self._state.first_use(challenge.nonce_key, ttl, purpose=Purpose.WEBAUTHN):
             raise AssertionRefused("the challenge was already used", code="webauthn_challenge_replayed")
         return await self._count(credential, auth_data.counter, now)

@@ -40,7 +40,7 @@ from typing import Any
 
 from verifier.clock import Clock
 from verifier.config.issuer import MAX_LEEWAY_SECONDS
-from verifier.config.webauthn import WebAuthnConfig
+from verifier.config.webauthn import CLOCK_SKEW_SECONDS, WebAuthnConfig
 from verifier.errors import Forbidden, NotFound
 from verifier.numbers import json_number
 from verifier.observe import traceparent
@@ -263,8 +263,11 @@ class WebAuthnService:
                 subject=subject_hash(principal.issuer, principal.subject),
                 now=now,
             )
-            # The state is single-use too: a second complete with it is a replay.
-            ttl = float(self._config.challenge_timeout_seconds + 1)
+            # The state is single-use too: a second complete with it is a replay. Its `exp` is
+            # `challenge_timeout_seconds` past the clock of the replica that began it, which may run ahead of ours,
+            # and a replica whose clock lags accepts it until its own clock reaches `exp`: clocks agreeing within
+            # CLOCK_SKEW_SECONDS, no replica accepts it `challenge_timeout_seconds` + CLOCK_SKEW_SECONDS from now.
+            ttl = float(self._config.challenge_timeout_seconds + CLOCK_SKEW_SECONDS + 1)
             if not await self._state.first_use("webauthn-register:" + challenge, ttl, purpose=Purpose.WEBAUTHN):
                 raise RegistrationRefused("the registration state was already used", code="webauthn_state_replayed")
             # states begun below the limit (several in parallel) cannot complete past it
