@@ -220,6 +220,7 @@ def shared_state(config: StateConfig | None, clock: Clock) -> SharedState:
         key_prefix=config.key_prefix,
         timeout_seconds=config.timeout_seconds,
         replay=config.redis_replay_bounds,
+        max_buckets=config.redis_max_buckets,
         clock=clock,
     )
 
@@ -301,6 +302,8 @@ class App:
         local_state = self.state
         if isinstance(local_state, MemoryState | SqliteState | RedisState):  # bounded: full, it refuses
             self.metrics.replay_store(lambda: local_state.full.refused)
+        if isinstance(local_state, RedisState):  # its buckets are bounded too: full, it refuses a new one
+            self.metrics.bucket_store(lambda: local_state.buckets_refused)
         self.dpop = DpopVerifier(settings.dpop or DpopConfig(), self.state, self.clock)
         self.introspectors = {
             i.issuer: build_introspector(

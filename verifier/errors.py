@@ -286,6 +286,17 @@ class StateUnavailable(VerifierError):
     code = "state_unavailable"
 
 
+class BucketStoreFull(StateUnavailable):
+    """Redis holds as many rate-limit buckets as `state.redis_max_buckets` allows (every replica's together): a
+    new identity's first request is refused, fail closed, with the answer of unavailable state (503
+    `state_unavailable`, the code it keeps), its Retry-After `retry_after`: the seconds until the oldest counted
+    buckets expire. Identities whose bucket exists are served as before. Not a 429: the caller did nothing wrong."""
+
+    def __init__(self, description: str = "", *, retry_after: int) -> None:
+        super().__init__(description)
+        self.retry_after = retry_after
+
+
 class ReplayStoreFull(StateUnavailable):
     """The replay store (local, or Redis) holds as many live one-time values of this purpose as it may: this one
     is refused, not remembered, and no live one is forgotten to make room (that would let it be replayed). A

@@ -33,7 +33,7 @@ WINDOW = 66.0  # seconds: a DPoP jti's default TTL
 def replica(url: str, bounds: ReplayBounds = BOUNDS, key_prefix: str = "t:") -> RedisState:
     """One replica's store, on a client built as the composition root builds it."""
     client = redis_client(url, password=None, timeout_seconds=MAX_TIMEOUT_SECONDS)
-    return RedisState(client, key_prefix=key_prefix, timeout_seconds=MAX_TIMEOUT_SECONDS, replay=bounds)
+    return RedisState(client, key_prefix=key_prefix, timeout_seconds=MAX_TIMEOUT_SECONDS, replay=bounds, max_buckets=1)
 
 
 @pytest.fixture
@@ -216,8 +216,8 @@ async def test_the_verifier_warns_when_maxmemory_cannot_hold_the_bound(
     with caplog.at_level("WARNING", logger="verifier.state"):
         await raw.config_set("maxmemory", "0")  # no limit of Redis's own: nothing to say
         assert await a.check_eviction_policy() == "noeviction"
-        await raw.config_set("maxmemory", str(60 * 200 - 1))  # below the bound's 60 keys at 200 bytes
+        await raw.config_set("maxmemory", str(60 * 200 + 250 - 1))  # below the bound's 60 keys at 200, 1 bucket
         assert await a.check_eviction_policy() == "noeviction"
         await raw.config_set("maxmemory", "0")
     warned = [vars(r) for r in caplog.records if getattr(r, "code", "") == "redis_maxmemory_below_replay_bound"]
-    assert [(w["maxmemory"], w["redis_max_replay_entries"], w["needed"]) for w in warned] == [(11_999, 60, 12_000)]
+    assert [(w["maxmemory"], w["redis_max_replay_entries"], w["needed"]) for w in warned] == [(12_249, 60, 12_250)]

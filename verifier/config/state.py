@@ -9,6 +9,7 @@ state:                               # optional; without it (or without redis_ur
   max_entries: 100000                # without redis_url: rate-limit buckets per process (idle ones go first)
   max_replay_entries: 1000000        # without redis_url: live one-time values, every purpose together
   redis_max_replay_entries: 4000000  # with redis_url: the same in Redis, every replica together
+  redis_max_buckets: 1000000         # with redis_url: rate-limit buckets in Redis, every replica together
   webauthn_replay_share: 0.02        # of the bound in use reserved for WebAuthn challenges; DPoP proofs get the rest
   revocation_replay_share: 0.02      # of the bound in use reserved for SET and logout-token jtis
   # path: /var/lib/verifier          # only without redis_url: a directory for the durable local store
@@ -26,7 +27,9 @@ each get their own part of `max_replay_entries`, and a part full of live values 
 its purpose only (503 `replay_store_full`), so a flood of DPoP proofs never delays a revocation.
 With `redis_url` the same shares split `redis_max_replay_entries`, a bound every replica shares, counted in
 Redis itself (`verifier.state.redis`): a DPoP flood then stops at its part, below Redis's `maxmemory`, and
-the revocation writes still have room.
+the revocation writes still have room. The rate-limit buckets in Redis (one per identity) are bounded the same
+way by `redis_max_buckets`: a caller minting identities (many client credentials, a multi-tenant issuer) stops
+there, a new identity's first request refused (503, Retry-After), not at a full Redis that refuses every write.
 """
 
 from __future__ import annotations
@@ -63,6 +66,15 @@ DEFAULT_MAX_REPLAY_ENTRIES = 1_000_000
 # too) before the bound is: the verifier warns at start-up (`REDIS_BYTES_PER_REPLAY_KEY` below).
 DEFAULT_REDIS_MAX_REPLAY_ENTRIES = 4_000_000
 REDIS_BYTES_PER_REPLAY_KEY = 200  # the estimate the start-up check uses: the measured 165, a longer prefix
+# With Redis: rate-limit buckets (one per identity: issuer and sub, or client id) of every replica together.
+# A bucket lives until it would be full again (burst / rate: 1,000 s at 0.001/s) and is counted that long after
+# its creation, again when a take moves its expiry past that; so the bound is identities first seen within a
+# bucket's time-to-full, about 1,000 new ones a second sustained for 1,000 s: well above what a deployment's
+# own users and clients make. Past it a new identity's first request is refused (503, Retry-After), the
+# buckets that exist are served. A bucket key costs ~160 bytes in Redis 7.0 (a 32-hex-digit identity hash
+# behind a 9-byte prefix): ~200 MB when full, in `maxmemory`'s arithmetic with the replay keys'.
+DEFAULT_REDIS_MAX_BUCKETS = 1_000_000
+REDIS_BYTES_PER_BUCKET_KEY = 250  # the estimate the start-up check uses: the measured 215, a longer prefix
 DEFAULT_WEBAUTHN_REPLAY_SHARE = 0.02
 DEFAULT_REVOCATION_REPLAY_SHARE = 0.02
 MAX_REPLAY_SHARE = 0.25  # a fraction: a reserved part above a quarter leaves DPoP, the bulk, too little
@@ -146,6 +158,12 @@ class StateConfig:
         minimum=1,
         unit="entries",
         doc="with redis_url: live one-time values in Redis, all replicas and purposes; size maxmemory above it",
+    )
+    redis_max_buckets: int = setting(
+        DEFAULT_REDIS_MAX_BUCKETS,
+        minimum=1,
+        unit="entries",
+        doc="with redis_url: rate-limit buckets in Redis, all replicas; at it a new identity gets 503",
     )
     webauthn_replay_share: float = setting(
         DEFAULT_WEBAUTHN_REPLAY_SHARE,

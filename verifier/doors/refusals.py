@@ -19,7 +19,7 @@ import json
 
 from verifier.decision import Decision
 from verifier.doors.routes import HttpAnswer
-from verifier.errors import ReplayStoreFull, VerifierError
+from verifier.errors import BucketStoreFull, ReplayStoreFull, VerifierError
 from verifier.reasons import ALLOW, CATALOGUE, Outcome, Reason, Scheme
 
 STATUS_BY_OUTCOME = {
@@ -73,10 +73,11 @@ def challenge(scheme: Scheme, realm: str, params: dict[str, str | int]) -> str:
 
 
 def retry_after(error: Exception) -> str:
-    """The `Retry-After` of an unavailable answer: a full replay store knows when its purpose has room again;
-    anything else, `RETRY_AFTER_UNAVAILABLE`. Every answer that fails closed (the gateway's, the SSF and
-    logout endpoints') asks here."""
-    if isinstance(error, ReplayStoreFull):
+    """The `Retry-After` of an unavailable answer: a full replay store knows when its purpose has room again, and
+    Redis's buckets at their bound when their oldest counted ones expire; anything else,
+    `RETRY_AFTER_UNAVAILABLE`. Every answer that fails closed (the gateway's, the SSF and logout endpoints')
+    asks here."""
+    if isinstance(error, ReplayStoreFull | BucketStoreFull):
         return str(error.retry_after)
     return RETRY_AFTER_UNAVAILABLE
 

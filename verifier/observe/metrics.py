@@ -126,6 +126,23 @@ class _ReplayStore:
         yield family
 
 
+class _BucketStore:
+    """`verifier_rate_limit_store_full_total`: new identities' first requests refused because Redis held
+    `state.redis_max_buckets` rate-limit buckets (503 `state_unavailable`), counted by the replica that refused.
+    Read from the store's own count at each scrape; 0 with the local stores (they evict idle buckets instead)."""
+
+    def __init__(self) -> None:
+        self.refused: Callable[[], int] = lambda: 0
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "verifier_rate_limit_store_full",
+            "New identities refused because Redis held as many rate-limit buckets as state.redis_max_buckets allows.",
+        )
+        family.add_metric([], self.refused())
+        yield family
+
+
 class Metrics:
     """The verifier's metrics, registered in a registry of its own (no global state)."""
 
@@ -138,6 +155,8 @@ class Metrics:
         r.register(self._hot)
         self._replay_store = _ReplayStore()
         r.register(self._replay_store)
+        self._bucket_store = _BucketStore()
+        r.register(self._bucket_store)
         # The plain counts the first-seen path adds to itself (`verifier.pipeline`): token-cache lookups by
         # (cache, result), signature checks by (alg, result).
         self.hot_cache = self._hot.cache
@@ -207,6 +226,10 @@ class Metrics:
     def replay_store(self, refused_full: Callable[[], Mapping[Purpose, int]]) -> None:
         """Exports the replay store's counts, per purpose, of values refused because it was full."""
         self._replay_store.refused = refused_full
+
+    def bucket_store(self, refused_full: Callable[[], int]) -> None:
+        """Exports the count of new rate-limit buckets refused because Redis held its bound of them."""
+        self._bucket_store.refused = refused_full
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -1,4 +1,4 @@
-"""`SharedState` in Redis, for several replicas: one-time keys and buckets, each by one Lua script.
+"""`SharedState` in Redis, for several replicas: one-time keys and buckets, each by one Lua script, each bounded.
 
 Each operation is one round trip and atomic on the server, so two replicas racing on the same DPoP
 `jti` or the same bucket cannot both win. Every Redis failure (refused connection, timeout, error
@@ -21,8 +21,24 @@ the same for every replica. Ended slices are dropped as the next call finds them
 O(1)), and the hash expires with its last slice. Counters lost while keys live (a `FLUSHDB` of part of the
 keyspace, an operator's `DEL`) under-count until those keys expire; a restart loses both alike.
 
-The bound keeps a flood below Redis's memory only when `maxmemory` holds the whole bound with room to spare
-(~165 bytes a key in Redis 7.0); `check_eviction_policy` warns at start-up when it does not. Redis's
+Rate-limit buckets (one per identity: issuer and `sub`, or client id) are bounded the same way, by
+`state.redis_max_buckets`, every replica's together. A bucket lives until it would be full again (up to burst /
+rate, e.g. 3,000 s): bounded in time, not in number, so a caller who can mint identities (a multi-tenant issuer
+anyone can sign for, many client credentials) could create a bucket per identity until Redis refused every write,
+replay keys and revocation entries with the rest. `BUCKET_SCRIPT` now counts the buckets it creates in
+`{prefix}count:buckets` (the same hash of expiry slices as a purpose's): a new bucket is counted in the slice of
+its longest lifetime (now + burst / rate). Every take moves a bucket's expiry (`PEXPIRE` until full), so a bucket
+taken from again and again outlives that slice: when a take would set its expiry past the slice it is counted
+in (its field `c`), it is counted again in a later one (never refused for the bound: it exists). A live bucket
+is therefore always counted in a live slice, and counts only over-count (a bucket counted twice, one gone full
+early). At the bound a NEW identity's first take is refused with `BucketStoreFull`: 503 `state_unavailable`,
+fail closed as for an unreachable Redis, never a pass and never a 429 (the caller did nothing wrong),
+`Retry-After` the seconds until the oldest counted slice ends; nothing is written, and it is counted in
+`verifier_rate_limit_store_full_total` by the replica that refused. Identities whose bucket exists are served as
+their bucket says. Still one round trip per take. A bucket stored before this (no `c`) is counted when next taken.
+
+The bounds keep a flood below Redis's memory only when `maxmemory` holds both with room to spare (~165 bytes a
+replay key, ~215 a bucket in Redis 7.0); `check_eviction_policy` warns at start-up when it does not. Redis's
 `maxmemory-policy` decides what a full Redis does, and only `noeviction` is safe: every replay key carries a
 TTL (`SET ... PX`), so the `volatile-*` policies evict them as readily as the `allkeys-*` ones, and an
 evicted live key is a replay that passes (measured against redis-server 7.0 at `maxmemory 3mb`, 100,000 live
@@ -48,25 +64,38 @@ from redis.exceptions import NoScriptError, RedisError
 from verifier.clock import Clock, SystemClock
 from verifier.config.state import (
     DEFAULT_KEY_PREFIX,
+    DEFAULT_REDIS_MAX_BUCKETS,
     DEFAULT_REDIS_MAX_REPLAY_ENTRIES,
     DEFAULT_TIMEOUT_SECONDS,
+    REDIS_BYTES_PER_BUCKET_KEY,
     REDIS_BYTES_PER_REPLAY_KEY,
     ReplayBounds,
 )
-from verifier.errors import StateUnavailable
-from verifier.state.base import FullLog, Purpose, TakeResult, check_bucket, retry_after, take_result
+from verifier.errors import BucketStoreFull, StateUnavailable
+from verifier.state.base import FULL_LOG_SECONDS, FullLog, Purpose, TakeResult, check_bucket, retry_after, take_result
 
-# Mirrors verifier.state.base.refill / take_one / the bucket's expiry, atomically on the server.
-# KEYS[1] bucket; ARGV rate_per_second, burst, now (wall seconds). Returns {allowed, tokens as text}:
-# a Lua number returned to Redis would be truncated to an integer.
+# Mirrors verifier.state.base.refill / take_one / the bucket's expiry, atomically on the server, within the bound
+# of buckets (see the module's docstring). KEYS[1] the bucket, KEYS[2] the buckets' counters (the hash
+# ONCE_SCRIPT keeps per purpose, the same fields). ARGV rate_per_second, burst, now (wall seconds), bound, slice
+# (ms), life (ms: the longest a take sets the expiry to, burst / rate). The bucket's field 'c' is the slice it is
+# counted in. Returns {status, tokens as text (a Lua number returned to Redis would be truncated to an integer),
+# ms until the oldest counted slice ends (when refused)}: status 1 allowed, 0 denied, 2 refused (a new bucket
+# with the bound reached; nothing written but the dropping of ended slices).
 BUCKET_SCRIPT = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 't', 'ts')
+local bound = tonumber(ARGV[4])
+local slice = tonumber(ARGV[5])
+local life = tonumber(ARGV[6])
+local state = redis.call('HMGET', KEYS[1], 't', 'ts', 'c')
 local tokens = tonumber(state[1])
 local last = tonumber(state[2])
-if tokens == nil or last == nil then
+local counted = tonumber(state[3])
+local fresh = tokens == nil or last == nil
+local time = redis.call('TIME')
+local clock = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+if fresh then
   tokens = burst
   last = now
 end
@@ -81,9 +110,48 @@ if tokens >= 1 - 1e-9 then
 end
 local full_ms = math.ceil((burst - tokens) / rate * 1000)
 if full_ms < 1 then full_ms = 1 end
-redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 'ts', string.format('%.17g', last))
+if fresh or counted == nil or counted * slice < clock + full_ms then
+  local count = redis.call('HMGET', KEYS[2], 'n', 'lo', 'hi')
+  local n = tonumber(count[1]) or 0
+  local lo = tonumber(count[2])
+  local hi = tonumber(count[3])
+  if lo == nil or hi == nil or hi * slice <= clock then
+    if count[1] or count[2] or count[3] then redis.call('DEL', KEYS[2]) end
+    n = 0
+    lo = nil
+    hi = nil
+  elseif lo * slice <= clock then
+    while lo < hi do
+      local field = string.format('%d', lo)
+      local held = redis.call('HGET', KEYS[2], field)
+      if held then
+        if lo * slice > clock then break end
+        n = n - tonumber(held)
+        redis.call('HDEL', KEYS[2], field)
+      end
+      lo = lo + 1
+    end
+    redis.call('HSET', KEYS[2], 'n', string.format('%d', n), 'lo', string.format('%d', lo))
+  end
+  if fresh and n >= bound then
+    local wait = slice
+    if lo ~= nil then wait = lo * slice - clock end
+    return {2, '0', wait}
+  end
+  if life < full_ms then life = full_ms end
+  counted = math.ceil((clock + life) / slice)
+  redis.call('HINCRBY', KEYS[2], string.format('%d', counted), 1)
+  redis.call('HINCRBY', KEYS[2], 'n', 1)
+  if lo == nil or counted < lo then redis.call('HSET', KEYS[2], 'lo', string.format('%d', counted)) end
+  if hi == nil or counted > hi then
+    redis.call('HSET', KEYS[2], 'hi', string.format('%d', counted))
+    redis.call('PEXPIRE', KEYS[2], counted * slice - clock)
+  end
+end
+redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 'ts', string.format('%.17g', last),
+  'c', string.format('%d', counted))
 redis.call('PEXPIRE', KEYS[1], full_ms)
-return {allowed, string.format('%.17g', tokens)}
+return {allowed, string.format('%.17g', tokens), 0}
 """
 BUCKET_SCRIPT_SHA = hashlib.sha1(BUCKET_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
@@ -139,7 +207,8 @@ return {1, 0, n + 1}
 """
 ONCE_SCRIPT_SHA = hashlib.sha1(ONCE_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 SLICE_MS = 1000  # a counted key is counted until the end of its expiry's slice: up to this much longer
-CREATED, REPLAYED, FULL = 1, 0, 2  # ONCE_SCRIPT's statuses
+CREATED, REPLAYED, FULL = 1, 0, 2  # ONCE_SCRIPT's statuses (FULL is BUCKET_SCRIPT's refusal too)
+BUCKET_COUNTERS = "count:buckets"  # after the prefix: the buckets' counters (a purpose's are count:{purpose})
 DEFAULT_REDIS_REPLAY_BOUNDS = ReplayBounds.split(DEFAULT_REDIS_MAX_REPLAY_ENTRIES)
 SAFE_EVICTION_POLICY = "noeviction"  # the one `maxmemory-policy` that never drops a live replay key
 
@@ -156,15 +225,25 @@ class RedisState:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         replay: ReplayBounds = DEFAULT_REDIS_REPLAY_BOUNDS,
+        max_buckets: int = DEFAULT_REDIS_MAX_BUCKETS,
         clock: Clock | None = None,
     ) -> None:
         """`redis` is the root's client (`verifier.app.redis_client`), built with `timeout_seconds` per operation;
         `replay` the live one-time keys per purpose, every replica's together (`StateConfig.redis_replay_bounds`;
-        every replica must be given the same); `clock` paces the "full" log lines only (Redis keeps the time)."""
+        every replica must be given the same); `max_buckets` the rate-limit buckets, every replica's together
+        (`StateConfig.redis_max_buckets`, the same for every replica); `clock` paces the "full" log lines only
+        (Redis keeps the time)."""
+        if max_buckets < 1:
+            raise ValueError("max_buckets must be at least 1")
         self._prefix = key_prefix
         self._redis = redis
         self._bounds = replay
-        self.full = FullLog(clock or SystemClock(), "redis")  # this replica's refusals
+        self._max_buckets = max_buckets
+        self._clock = clock or SystemClock()
+        self.full = FullLog(self._clock, "redis")  # this replica's refusals
+        self.buckets_refused = 0  # new buckets this replica refused at the bound (`verifier_rate_limit_store_full`)
+        self._bucket_logged = 0  # `buckets_refused` when the last line was written
+        self._bucket_log_next = -math.inf  # monotonic: no "full" line before this
         # The whole call, connect and retry included, stays within this deadline.
         self._deadline = timeout_seconds * 4
 
@@ -200,18 +279,46 @@ class RedisState:
         return bool(await self._call(self._redis.exists(self._prefix + "once:" + key)))
 
     async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
-        """Token bucket in one atomic script (EVALSHA, loading the script once if Redis lost it)."""
+        """Token bucket in one atomic script (EVALSHA, loading the script once if Redis lost it), within the bound
+        of buckets: `BucketStoreFull` for a new bucket when every replica's buckets together are at it (nothing
+        written); a bucket that exists is served whatever the count."""
         check_bucket(rate_per_second, burst)
-        bucket = self._prefix + "bucket:" + key
-        args = (repr(float(rate_per_second)), str(burst), repr(float(now)))
-        reply = await self._call(self._run(BUCKET_SCRIPT, BUCKET_SCRIPT_SHA, (bucket,), args))
+        keys = (self._prefix + "bucket:" + key, self._prefix + BUCKET_COUNTERS)
+        life_ms = max(1, math.ceil(burst / rate_per_second * 1000))
+        args = (repr(float(rate_per_second)), str(burst), repr(float(now)), str(self._max_buckets), str(SLICE_MS),
+                str(life_ms))  # fmt: skip
+        reply = await self._call(self._run(BUCKET_SCRIPT, BUCKET_SCRIPT_SHA, keys, args))
         try:
-            allowed_raw, tokens_raw = reply
-            allowed = int(allowed_raw) == 1
+            status_raw, tokens_raw, wait_raw = reply
+            status = int(status_raw)
             tokens = float(tokens_raw)
+            wait_ms = int(wait_raw)
         except (TypeError, ValueError) as exc:
             raise StateUnavailable("unexpected answer from shared state") from exc
-        return take_result(allowed, tokens, rate_per_second=rate_per_second, burst=burst)
+        if status == FULL:
+            raise self._refuse_bucket(retry_after(wait_ms / 1000, 0.0, life_ms / 1000))
+        if status not in (0, 1):
+            raise StateUnavailable("unexpected answer from shared state")
+        return take_result(status == 1, tokens, rate_per_second=rate_per_second, burst=burst)
+
+    def _refuse_bucket(self, wait: int) -> BucketStoreFull:
+        """Counts a new bucket refused at the bound and logs it at most once per `FULL_LOG_SECONDS`."""
+        self.buckets_refused += 1
+        now = self._clock.monotonic()
+        if now >= self._bucket_log_next:
+            self._bucket_log_next = now + FULL_LOG_SECONDS
+            log.error(
+                "rate-limit buckets in Redis at their bound: refusing new identities (503) until buckets expire",
+                extra={
+                    "event": "rate_limit_store_full",
+                    "store": "redis",
+                    "redis_max_buckets": self._max_buckets,
+                    "retry_after": wait,
+                    "refused": self.buckets_refused - self._bucket_logged,
+                },
+            )
+            self._bucket_logged = self.buckets_refused
+        return BucketStoreFull("too many rate-limit buckets in flight; try again", retry_after=wait)
 
     async def _run(self, script: str, sha: str, keys: tuple[str, ...], args: tuple[str, ...]) -> Any:
         try:
@@ -231,7 +338,8 @@ class RedisState:
         """Redis's `maxmemory-policy`, logged as a `config_warning` (`redis_evicts_replay_keys`) when it is not
         `noeviction`; None when it cannot be read now (the caller asks again later). Also warns
         (`redis_maxmemory_below_replay_bound`) when a `maxmemory` is set below what the replay bound's keys
-        take (`REDIS_BYTES_PER_REPLAY_KEY` each): Redis would then be full before a flood reaches the bound."""
+        (`REDIS_BYTES_PER_REPLAY_KEY` each) and the buckets' bound (`REDIS_BYTES_PER_BUCKET_KEY` each) take
+        together: Redis would then be full before a flood reaches its bound."""
         try:
             info = await self._call(self._redis.info("memory"))
             policy = info["maxmemory_policy"]
@@ -249,17 +357,18 @@ class RedisState:
         except (TypeError, ValueError):
             maxmemory = 0
         bound = sum(self._bounds.of(purpose) for purpose in Purpose)
-        needed = bound * REDIS_BYTES_PER_REPLAY_KEY
+        needed = bound * REDIS_BYTES_PER_REPLAY_KEY + self._max_buckets * REDIS_BYTES_PER_BUCKET_KEY
         if 0 < maxmemory < needed:  # 0: no limit of Redis's own
             log.warning(
-                "Redis's maxmemory is below what the replay bound's keys take: a flood of DPoP proofs can fill "
-                "Redis (every write refused, revocations' too) before its bound; raise maxmemory or lower "
-                "state.redis_max_replay_entries",
+                "Redis's maxmemory is below what the replay bound's keys and the buckets' bound take: a flood of DPoP "
+                "proofs or of new identities can fill Redis (every write refused, revocations' too) before its "
+                "bound; raise maxmemory or lower state.redis_max_replay_entries or state.redis_max_buckets",
                 extra={
                     "event": "config_warning",
                     "code": "redis_maxmemory_below_replay_bound",
                     "maxmemory": maxmemory,
                     "redis_max_replay_entries": bound,
+                    "redis_max_buckets": self._max_buckets,
                     "needed": needed,
                 },
             )
