@@ -234,6 +234,7 @@ def test_wrk_sends_the_fixed_request_or_each_prebuilt_request_in_turn(
     rotation = [wire.http_request(wire.http_headers(f"t{i}"), addr) for i in range(3)]
     turn = load.wrk(url, workdir=tmp_path, duration_s=1, rotation=rotation, connections=2)
     assert turn.requests >= 3 and turn.refusals == 0
+    _settled(seen)
     assert set(seen) == {"Bearer t0", "Bearer t1", "Bearer t2"}
     assert max(seen.count(t) for t in set(seen)) - min(seen.count(t) for t in set(seen)) <= 2  # in turn
 
