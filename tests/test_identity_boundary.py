@@ -632,6 +632,25 @@ async def test_a_client_named_like_a_user_is_not_that_user(tmp_path: Path, monke
             assert (await _forward(app, client, "/read"))[0] == 200
 
 
+async def test_a_user_who_sets_the_mapped_email_unverified_is_not_granted_its_role() -> None:
+    """A role rule on `email` (`boss@corp.example` is admin) granted admin to anyone whose token carried the address:
+    at a provider that lets users set their own email (Keycloak's account console, a self-service profile) without
+    confirming it, a user typed in the boss's address and got `email_verified: false` (or none) and admin."""
+    rules = (RoleRule(role="admin", claim="email", values=("boss@corp.example",)),)
+    async with _providers() as (idp,):
+        issuer = IssuerSettings(issuer=idp.issuer, audiences=(DEV_AUDIENCE,), algorithms=("ES256",), roles=rules)
+        async with _verifier([issuer], policies=POLICIES) as app:
+            for unverified in ({}, {"email_verified": False}, {"email_verified": "true"}):
+                eve = idp.mint(sub="eve", claims={"email": "boss@corp.example", **unverified})
+                status, headers = await _forward(app, eve, "/admin")
+                assert (status, headers["x-verifier-reason"]) == (403, "role_missing"), unverified
+                status, headers = await _forward(app, eve, "/read")
+                assert status == 200 and headers.get("x-authenticated-roles", "") == ""
+            boss = idp.mint(sub="boss", claims={"email": "boss@corp.example", "email_verified": True})
+            status, headers = await _forward(app, boss, "/admin")
+            assert status == 200 and headers["x-authenticated-roles"] == "admin"
+
+
 async def test_client_and_user_rate_limit_buckets_are_separate() -> None:
     limits = RateLimitSettings(default=RateLimit(per_second=0.001, burst=2))
     async with _providers() as (idp,), _verifier([_issuer(idp)], rate_limits=limits) as app:

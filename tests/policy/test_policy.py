@@ -357,3 +357,19 @@ def test_roles_the_upstream_would_read_otherwise_are_left_out() -> None:
     """X-Authenticated-Roles joins roles with commas: `viewer,admin` would be admin there."""
     claims = {"roles": ["viewer,admin", "ad\x00min", " admin", "admin ", "ops", "Équipe", "", 3]}
     assert roles_of(claims) == {"ops", "Équipe"}
+
+
+@pytest.mark.parametrize(
+    ("claim", "value", "flag"),
+    [("email", "boss@corp.example", "email_verified"), ("phone_number", "+15550100", "phone_number_verified")],
+)
+def test_an_unverified_email_or_phone_number_grants_no_role(claim: str, value: str, flag: str) -> None:
+    """A role rule on `email` granted the role to any token carrying the address: a user who sets their own email
+    (or phone number) at the provider to the mapped one, which it does not verify (`email_verified` false or
+    absent), got the role. Good enough to refuse on, never to grant on: only `<claim>_verified: true` grants."""
+    mapper = RoleMapper((RoleRule(role="admin", claim=claim, values=(value,)),))
+    assert mapper.roles({claim: value}, "eve", (), frozenset()) == frozenset()
+    assert mapper.roles({claim: value, flag: False}, "eve", (), frozenset()) == frozenset()
+    assert mapper.roles({claim: value, flag: "true"}, "eve", (), frozenset()) == frozenset()
+    assert mapper.roles({claim: [value], flag: 1}, "eve", (), frozenset()) == frozenset()
+    assert mapper.roles({claim: value, flag: True}, "boss", (), frozenset()) == {"admin"}

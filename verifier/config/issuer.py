@@ -60,7 +60,9 @@ class RoleRule:
 
     role: str = setting(doc="the logical role granted")
     claim: str = setting(
-        "", doc='a list-of-strings or string claim, e.g. "groups"; a string is one value (scope, scp: split)'
+        "",
+        doc='a list-of-strings or string claim, e.g. "groups"; a string is one value (scope, scp: split); '
+        "email, phone_number: only with its _verified claim true",
     )
     values: tuple[str, ...] = setting((), doc="the claim must contain one of these")
     scope: str = setting("", doc="or: this scope is held")

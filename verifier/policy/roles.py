@@ -12,13 +12,20 @@ from verifier.settings import RoleRule
 # string claim is one value: split, a single-valued attribute a user may edit (`"Not platform-admins"`, a Keycloak
 # user attribute, a profile field) would hold the word `platform-admins` and grant its role.
 SPACE_SEPARATED_CLAIMS = frozenset({"scope", "scp"})
+# Claims a user sets at the provider, which says whether it checked them (OIDC Core 5.1): a rule on one grants only
+# when its `_verified` claim is `true`. An address a user typed in and never confirmed may be anyone's (the
+# mapped `boss@corp.example`): good enough to refuse on (revocation), never to grant on.
+VERIFIED_BY = {"email": "email_verified", "phone_number": "phone_number_verified"}
 
 
 class RoleMapper:
     """Applies an issuer's role rules to a token's claims."""
 
     def __init__(self, rules: tuple[RoleRule, ...]) -> None:
-        self._rules = tuple((r.role, r.claim, frozenset(r.values), r.scope, frozenset(r.subjects)) for r in rules)
+        self._rules = tuple(
+            (r.role, r.claim, frozenset(r.values), r.scope, frozenset(r.subjects), VERIFIED_BY.get(r.claim, ""))
+            for r in rules
+        )
 
     def roles(
         self, claims: Mapping[str, Any], subject: str, scopes: tuple[str, ...], base: frozenset[str]
@@ -27,8 +34,8 @@ class RoleMapper:
         if not self._rules:
             return base
         granted = set(base)
-        for role, claim, values, scope, subjects in self._rules:
-            if claim:
+        for role, claim, values, scope, subjects, verified in self._rules:
+            if claim and (not verified or claims.get(verified) is True):
                 value = claims.get(claim)
                 if isinstance(value, str):
                     items: Any = value.split(" ") if claim in SPACE_SEPARATED_CLAIMS else (value,)
