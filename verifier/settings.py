@@ -477,6 +477,7 @@ def config_warnings(settings: Settings) -> list[ConfigWarning]:
     return [
         *(ConfigWarning(kind="tenant_granted_roles", message=m) for m in _tenant_granted_roles(settings)),
         *_consumer_collisions(settings),
+        *_editable_role_claims(settings),
         *_registry_origin(settings),
         *([] if settings.readable_key_files == "refuse" else _readable_key_files(settings)),
         *_admin_on_shared_listener(settings, os.environ.get(ADMIN_TOKEN_ENV)),
@@ -642,6 +643,30 @@ def _consumer_collisions(settings: Settings) -> list[ConfigWarning]:
             "an email): a user who takes another's value becomes that Kong consumer; prefer sub"
         )))
     return warnings
+
+
+# OIDC Core 5.1's profile claims: the user's own to set at most providers (Keycloak's account console, a
+# self-service profile), the provider vouching for none of them. `email` and `phone_number` grant a role only
+# with their `_verified` claim true (`verifier.policy.roles.VERIFIED_BY`).
+_USER_EDITABLE_CLAIMS = frozenset({
+    "name", "given_name", "family_name", "middle_name", "nickname", "preferred_username", "profile", "picture",
+    "website", "gender", "birthdate", "zoneinfo", "locale", "address",
+})
+
+
+def _editable_role_claims(settings: Settings) -> list[ConfigWarning]:
+    """A role rule on a claim users may set themselves: a user who takes the mapped value (another's username, the
+    display name `Platform Admins`) takes the role."""
+    return [
+        ConfigWarning(kind="role_claim_editable", message=(
+            f"issuers[{i}].roles[{j}]: grants {rule.role!r} on the claim {rule.claim!r}, which users may be able to "
+            "set at the provider: one who takes a mapped value takes the role; map a claim the provider assigns "
+            "(groups, roles, sub)"
+        ))
+        for i, issuer in enumerate(settings.issuers)
+        for j, rule in enumerate(issuer.roles)
+        if rule.claim in _USER_EDITABLE_CLAIMS
+    ]
 
 
 def _check_opaque_introspection(

@@ -255,3 +255,19 @@ def test_check_config_warns_about_the_admin_api_on_a_non_loopback_forward_auth_l
     assert result.returncode == 0, result.stderr
     assert "warning: VERIFIER_ADMIN_TOKEN is set and the admin API shares http.listen (0.0.0.0:8080)" in result.stderr
     assert "set admin.listen" in result.stderr
+
+
+def test_a_role_rule_on_a_claim_users_set_themselves_is_said_at_start_up() -> None:
+    """A role rule on `preferred_username` (or `name`, `nickname`, ...): at a provider whose users edit their own
+    profile, a user who renames themselves to the mapped value gets the role. Not refused (some providers pin
+    usernames), but said, with the fix; `groups` and `email` (granted only when verified) are not."""
+    from verifier.settings import config_warnings
+
+    issuer = {"issuer": "https://idp.example.test", "audiences": ["api"], "algorithms": ["ES256"], "roles": [
+        {"role": "admin", "claim": "groups", "values": ["platform-admins"]},
+        {"role": "admin", "claim": "preferred_username", "values": ["root"]},
+        {"role": "ops", "claim": "email", "values": ["ops@corp.example"]},
+    ]}
+    settings = parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [issuer]})
+    (found,) = [w for w in config_warnings(settings) if w.kind == "role_claim_editable"]
+    assert "issuers[0].roles[1]" in found.message and "'preferred_username'" in found.message
