@@ -481,6 +481,45 @@ def test_two_host_lines_do_not_sidestep_the_admin_hosts_policy(
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        f"{API_HOST}:1@{ADMIN_HOST}",
+        f"{API_HOST}:@{ADMIN_HOST}",
+        f"{API_HOST}:80@{ADMIN_HOST}:80",
+        f"{API_HOST}:x@{ADMIN_HOST}",
+    ],
+)
+def test_a_host_with_userinfo_naming_the_admin_host_is_not_judged_as_the_api_host(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], host: str
+) -> None:
+    """RFC 9110 section 4.2.4: an http(s) authority has no userinfo. `Host: api.example.test:1@admin.example.test`
+    names the admin host to an upstream reading it as a URL's authority (Python's urlsplit, WHATWG URL), while a
+    gateway that routes `api.example.test:*` (Envoy's port wildcard, a prefix) and the verifier (the name before the
+    first `:`) took it for the API host. Refused, or the upstream gets a Host without the admin name."""
+    status = raw_get(edge, "/orders", [("Host", host), *bearer(tokens("read")).items()])
+
+    seen = [r.headers.get("host", "") for r in upstream.requests]
+    assert not [h for h in seen if ADMIN_HOST in h.lower()], (edge.name, host, status, seen)
+    assert status in (200, 400, 403, 421), (edge.name, host, status)
+
+
+@pytest.mark.parametrize(
+    "host", ["admin\u3002example\u3002test", "admin\uff0eexample\uff0etest", "\uff41dmin.example.test"]
+)
+def test_a_unicode_spelling_of_the_admin_host_does_not_pass_as_another_host(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], host: str
+) -> None:
+    """`Host: admin\u3002example\u3002test` (ideographic full stops, UTF-8 on the wire) is admin.example.test to a URL
+    parser applying IDNA (WHATWG URL, Python's idna codec); judged as the raw string it met no host policy and fell
+    to the laxer catch-all. Refused (nginx and Envoy serve no such host; the verifier reads its A-label, or none), or
+    judged under the admin host's policy: never served to a read token."""
+    status = raw_get(edge, "/orders", [("Host", host), *bearer(tokens("read")).items()])
+
+    assert status in (400, 403, 421), (edge.name, host, status)
+    assert upstream.requests == []
+
+
 @pytest.mark.parametrize("spoof", ["X-Forwarded-Host", "X-Original-Host"])
 def test_a_client_naming_another_host_still_gets_the_admin_hosts_policy(
     edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], spoof: str

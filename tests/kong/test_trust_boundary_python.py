@@ -36,6 +36,8 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
     test_a_client_sent_thumbprint_does_not_stand_in_for_a_certificate,
     test_a_dpop_proof_for_a_path_does_not_pass_for_that_path_with_a_fragment_naming_another,
     test_a_head_request_gets_the_policy_of_the_get_route_it_runs,
+    test_a_host_with_userinfo_naming_the_admin_host_is_not_judged_as_the_api_host,
+    test_a_unicode_spelling_of_the_admin_host_does_not_pass_as_another_host,
     test_a_method_override_never_reaches_the_upstream,
     test_a_protected_path_with_backslashes_is_not_judged_as_the_public_one,
     test_a_protected_path_with_dot_segments_is_not_judged_as_the_public_one,

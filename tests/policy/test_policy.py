@@ -111,6 +111,48 @@ def test_a_host_upstreams_read_as_different_hosts_is_ambiguous(host: str) -> Non
 
 
 @pytest.mark.parametrize(
+    "host",
+    [
+        "public.example.test:1@admin.example.test",  # userinfo: an upstream parsing a URL authority reads admin
+        "public.example.test:@admin.example.test",
+        "public.example.test@admin.example.test",
+        "public.example.test:443@admin.example.test:443",
+        "public.example.test:x",  # a port that is not digits
+        "[::1]x",
+        "%61dmin.example.test",  # percent-encoded: a WHATWG URL decodes it
+        "public.example.test,admin.example.test:1@x",
+        "public example.test",
+    ],
+)
+def test_a_host_that_is_not_a_name_and_a_port_is_ambiguous(host: str) -> None:
+    """RFC 9110 section 4.2.4 (no userinfo), RFC 3986 section 3.2.3 (a port is digits): the gateway and the verifier
+    read the name before the first `:`, an upstream parsing the Host as a URL's authority the one after `@`."""
+    assert PolicySet((ADMIN_HOST, OPEN)).match(_attrs("GET", "/", host=host)) is AMBIGUOUS
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "\uff21\uff24\uff2d\uff29\uff2e.example.test",  # full-width ADMIN
+        "admin\u3002example\u3002test",  # ideographic full stops
+        "admin\uff0eexample\uff0etest.",  # full-width full stops, and the trailing one
+        "Admin\u3002Example\u3002Test:8443",
+    ],
+)
+def test_a_unicode_spelling_of_a_host_gets_that_hosts_policy(host: str) -> None:
+    """IDNA (what a URL parser applies) maps full-width letters, U+3002 / U+FF0E dots and Unicode case to the host's
+    ASCII name: matched as the raw string, the spelling met no host policy and fell to a laxer one."""
+    assert PolicySet((ADMIN_HOST, OPEN)).match(_attrs("GET", "/", host=host)).name == "admin-host"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "host", ["[::1]:8443", "[::1]", "127.0.0.1:80", "public.example.test:", "", "a_b.example.test"]
+)
+def test_a_host_that_is_a_name_and_a_port_is_not_ambiguous(host: str) -> None:
+    assert PolicySet((ADMIN_HOST, OPEN)).match(_attrs("GET", "/", host=host)).name == "open"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
     "path",
     ["/admin;jsessionid=1/users", "/orders;v=2", "/orders#top", "/a;b/../c", "/Orders", "/admin/Users", "/100%25"],
 )

@@ -170,6 +170,35 @@ class CompiledPolicy:
         return path.startswith(self.path_prefix)
 
 
+def host_reading(host: str) -> str | None:
+    """The name a policy is matched on for one host as a door reported it (`normalize_authority`: `name[:port]`),
+    or None when it is not one: an upstream may read it as another host than the one judged.
+
+    - A userinfo (`api.example.test:1@admin.example.test`; RFC 9110 section 4.2.4: http(s) has none) or any port
+      but digits: the gateway (Envoy's `api.example.test:*`, a prefix) and the name before the first `:` say API
+      host, an upstream reading the Host as a URL's authority (Python's urlsplit, WHATWG URL) the admin host.
+    - Anything but a DNS name's characters or an IP literal (`%61dmin.example.test`, which a WHATWG URL decodes).
+    - A name not ASCII is matched in its A-label (`a_label`, the form policies also hold): IDNA maps full-width
+      and ideographic dots (U+FF0E, U+3002), full-width letters and Unicode case (`admin\u3002example\u3002test`) to
+      the name a URL parser reads; one without an A-label is None.
+    """
+    host = normalize_host(host.strip())
+    name = host_name(host)
+    port = host[len(name) :]
+    if port and not _PORT.fullmatch(port):
+        return None
+    if not name.isascii():
+        name = a_label(name)
+        if not name:
+            return None
+        name = name[:-1] if name.endswith(".") else name
+    return name if _HOST_NAME.fullmatch(name) else None
+
+
+_PORT = re.compile(r":[0-9]*")
+_HOST_NAME = re.compile(r"[a-z0-9._~-]*|\[[0-9a-f:.]+\]")  # a DNS name (lower-cased) or an IP literal; "": no Host
+
+
 def _but_a_trailing_slash(path: str, exact: str) -> bool:
     """`/admin/` for `/admin` and the reverse: Express (non-strict routing, its default) and Spring MVC before 6
     route both to the same handler, so an exact path that missed one would leave it to a laxer policy."""
@@ -242,18 +271,21 @@ class PolicySet:
         found = memo.get(key, _UNSEEN)
         if found is not _UNSEEN:
             return found  # type: ignore[return-value]
-        name, normal = host_name(host), normalize_path(path)
-        policy = self._match(method, name, normal)
-        # Another reading of the host (two Host lines that Envoy joined: `api.example.test,admin.example.test`,
-        # which an upstream may read as either) or of the path (`other_readings`) under another policy: an
-        # upstream could get another policy's route than the one judged. Refused.
-        names = {host_name(normalize_host(part.strip())) for part in host.split(",")} if "," in host else set()
-        paths = other_readings(path, normal)
-        if names or paths:
-            names.add(name)
-            paths.add(normal)
-            if any(self._match(method, n, p) is not policy for n in names for p in paths):
-                policy = AMBIGUOUS
+        normal = normalize_path(path)
+        # Each Host line (two that Envoy joined: `api.example.test,admin.example.test`, which an upstream may read as
+        # either) as the name a policy names; None for one that is not `name[:port]` (`host_reading`).
+        readings = [host_reading(part) for part in host.split(",")] if "," in host else [host_reading(host)]
+        names = {n for n in readings if n is not None}
+        policy: CompiledPolicy | None = AMBIGUOUS
+        if len(names) == len(set(readings)):  # no None among them
+            policy = self._match(method, min(names), normal)
+            # Another reading of the host or of the path (`other_readings`) under another policy: an upstream could
+            # get another policy's route than the one judged. Refused.
+            paths = other_readings(path, normal)
+            if len(names) > 1 or paths:
+                paths.add(normal)
+                if any(self._match(method, n, p) is not policy for n in names for p in paths):
+                    policy = AMBIGUOUS
         if len(memo) >= MAX_ROUTE_MEMO:
             memo.clear()  # attacker-chosen paths: bounded, and a clear is cheaper than an LRU on every hit
         memo[key] = policy
