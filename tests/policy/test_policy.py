@@ -130,6 +130,22 @@ def test_a_host_that_is_not_a_name_and_a_port_is_ambiguous(host: str) -> None:
     assert PolicySet((ADMIN_HOST, OPEN)).match(_attrs("GET", "/", host=host)) is AMBIGUOUS
 
 
+@pytest.mark.parametrize("host", ["127.1", "0x7f.0.0.1", "2130706433", "0177.0.0.1", "127.0.0.01", "[::1", "[1::1::1]"])
+def test_an_address_in_a_spelling_a_url_parser_reads_as_another_is_ambiguous(host: str) -> None:
+    """WHATWG URL reads a host ending in a number as an IPv4 address in inet_aton's spellings (`127.1` is 127.0.0.1):
+    a policy for 127.0.0.1 missed them all, and they fell to a laxer one."""
+    ip_host = PolicySettings(name="ip-host", match=RouteMatch(hosts=("127.0.0.1",)), require=Requirements())
+    assert PolicySet((ip_host, OPEN)).match(_attrs("GET", "/", host=host)) is AMBIGUOUS
+    assert PolicySet((ip_host, OPEN)).match(_attrs("GET", "/", host="127.0.0.1:8443")).name == "ip-host"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("host", ["[::1]", "[0:0::1]:8443", "[0000:0000:0000:0000:0000:0000:0000:0001]", "[0::1]"])
+def test_every_spelling_of_an_ipv6_literal_gets_its_policy(host: str) -> None:
+    ip_host = PolicySettings(name="ip-host", match=RouteMatch(hosts=("[0:0::1]",)), require=Requirements())
+    assert PolicySet((ip_host, OPEN)).match(_attrs("GET", "/", host=host)).name == "ip-host"  # type: ignore[union-attr]
+    assert PolicySet((ip_host, OPEN)).match(_attrs("GET", "/", host="[::2]")).name == "open"  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     "host",
     [

@@ -12,6 +12,7 @@ sender constraint (a DPoP/mTLS 401).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import posixpath
 import re
 import urllib.parse
@@ -192,9 +193,28 @@ def host_reading(host: str) -> str | None:
         if not name:
             return None
         name = name[:-1] if name.endswith(".") else name
-    return name if _HOST_NAME.fullmatch(name) else None
+    return ip_name(name) if _HOST_NAME.fullmatch(name) else None
 
 
+def ip_name(name: str) -> str | None:
+    """`name` (lower-case, a DNS name or an IP literal) with an address in one spelling; None for a number that is
+    not a dotted quad. An IPv6 literal compressed (`[0:0::1]` is `[::1]`, RFC 5952). A name whose last label is a
+    number (WHATWG URL's "ends in a number") is an IPv4 address to a URL parser, in any of inet_aton's spellings
+    (`127.1`, `0x7f.1`, `2130706433`, `010.0.0.1` octal): only a dotted quad without leading zeros is one spelling."""
+    if name.startswith("["):
+        try:
+            return f"[{ipaddress.IPv6Address(name[1:-1]).compressed}]"
+        except ValueError:
+            return None
+    if not _NUMBER.fullmatch(name.rpartition(".")[2]):
+        return name
+    try:
+        return str(ipaddress.IPv4Address(name))
+    except ValueError:
+        return None
+
+
+_NUMBER = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _PORT = re.compile(r":[0-9]*")
 _HOST_NAME = re.compile(r"[a-z0-9._~-]*|\[[0-9a-f:.]+\]")  # a DNS name (lower-cased) or an IP literal; "": no Host
 
@@ -210,7 +230,8 @@ def _hosts(hosts: Sequence[str]) -> frozenset[str]:
     written, `xn--bcher-kva.example` in `Host`): written as people write it, it met no request, and every request for
     it fell to a laxer policy."""
     names = {normalize_host(h) for h in hosts}
-    return frozenset(names | {a_label(n) for n in names} - {""})
+    names |= {a_label(n) for n in names}
+    return frozenset({ip_name(n) or n for n in names} - {""})
 
 
 def _methods(methods: Sequence[str]) -> frozenset[str]:
