@@ -169,8 +169,8 @@ class TokenExpired(InvalidToken):
 
 
 class TokenNotYetValid(InvalidToken):
-    """`nbf` or `iat` lies in the future (beyond leeway). `valid_from` (epoch seconds): when that claim stops
-    refusing the token, so that a remembered refusal does not outlive it (0.0: not said, not remembered)."""
+    """`nbf`, `iat` or `auth_time` lies in the future (beyond leeway). `valid_from` (epoch seconds): when that claim
+    stops refusing the token, so that a remembered refusal does not outlive it (0.0: not said, not remembered)."""
 
     code = "token_not_yet_valid"
 

@@ -80,7 +80,7 @@ _REASONS = (
     _token("tenant_not_allowed", "`iss` fits an issuer template, but its tenant is not on the allow-list"),
     _token("issuer_mismatch", "the introspection answer names another issuer"),
     _token("token_expired", "`exp` is in the past", reusable=False),
-    _token("token_not_yet_valid", "`nbf` or `iat` lies in the future", reusable=False),
+    _token("token_not_yet_valid", "`nbf`, `iat` or `auth_time` lies in the future", reusable=False),
     _token("claim_invalid", "a required claim is missing or has the wrong type or value"),
     _token("token_type_invalid", "`typ` says this is not an access token"),
     _token("token_inactive", "introspection says the token is not active"),

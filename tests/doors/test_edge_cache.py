@@ -104,6 +104,24 @@ async def test_max_auth_age_bounds_reuse() -> None:
         await _reused_until(app.ports.http, idp.mint(claims={"auth_time": auth_time}), auth_time + 100)
 
 
+async def test_an_auth_time_ahead_of_the_login_gets_no_allow_and_no_longer_reuse() -> None:
+    """A token whose `auth_time` lies in the future (beyond the leeway) was allowed on a `max_auth_age_seconds` route,
+    its allow reusable by the gateway for the whole ceiling on every request until that time: now a 401, never
+    reused. One whose `auth_time` is after its `iat` (within the leeway) is aged from its `iat`."""
+    policies = (
+        PolicySettings(name="fresh", match=RouteMatch(path_prefix="/"), require=Requirements(max_auth_age_seconds=100)),
+    )
+    async with running_verifier({"policies": policies, "edge_cache": EdgeCacheSettings(max_age_seconds=60)}) as (
+        app,
+        idp,
+    ):
+        now = int(time.time())
+        ahead = await http_exchange(app.ports.http, _request(idp.mint(claims={"auth_time": now + 86_400})))
+        assert ahead.startswith(b"HTTP/1.1 401") and _cache_control(ahead) == "no-store", ahead
+        iat = now - 95
+        await _reused_until(app.ports.http, idp.mint(claims={"iat": iat, "auth_time": now + 20}), iat + 100)
+
+
 async def test_grpc_check_carries_the_same_lifetime() -> None:
     async with running_verifier({"edge_cache": EdgeCacheSettings(max_age_seconds=7)}) as (app, idp):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:

@@ -8,7 +8,7 @@ from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
 from verifier.doors.refusals import refuse
 from verifier.errors import Forbidden, SenderConstraintFailed
 from verifier.policy.roles import RoleMapper
-from verifier.policy.rules import AMBIGUOUS, PolicySet, StepUpRequired, evaluate, normalize_path
+from verifier.policy.rules import AMBIGUOUS, PolicySet, StepUpRequired, auth_time_left, evaluate, normalize_path
 from verifier.principal import Principal, roles_of, scopes_of
 from verifier.request import RequestAttributes, host_name, normalize_host
 from verifier.settings import PolicySettings, Requirements, RoleRule, RouteMatch
@@ -367,6 +367,20 @@ def test_a_single_valued_claim_is_one_value_and_only_scope_lists_are_split() -> 
     assert mapper.roles({"groups": "platform-admins"}, "bob", (), frozenset()) == {"admin"}
     assert mapper.roles({"scp": "User.Read Mail.Admin"}, "bob", (), frozenset()) == {"mail-admin"}
     assert mapper.roles({"scope": "openid docs:write"}, "bob", (), frozenset()) == {"writer"}
+
+
+def test_an_auth_time_later_than_iat_is_aged_from_iat() -> None:
+    """A login cannot happen after the token it got was issued (OIDC Core 2: `auth_time` is when the user
+    authenticated). A token issued 901 s ago whose `auth_time` says "in a day" (a provider copying a client's or an
+    upstream's claim, a clock running ahead) passed a 900 s `max_auth_age_seconds` route until that day plus 900 s,
+    and a gateway was told it could reuse the allow as long: the age is counted from `iat` at the latest."""
+    stale = _good(auth_time=NOW + 86_400, iat=NOW - 901)
+    with pytest.raises(StepUpRequired, match="more recent"):
+        evaluate(ADMIN.require, stale, NOW)
+    assert auth_time_left(stale, ADMIN.require, NOW) == -1
+    fresh = _good(auth_time=NOW + 86_400, iat=NOW - 60)
+    evaluate(ADMIN.require, fresh, NOW)
+    assert auth_time_left(fresh, ADMIN.require, NOW) == 840  # iat + 900 - now: reuse ends with it, not a day later
 
 
 @pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=HOSTILE_IDS)

@@ -349,6 +349,18 @@ async def test_a_token_not_valid_before_the_leeway_is_still_refused(make: MakeIn
         await check(make(leeway=DEFAULT_LEEWAY_SECONDS), "postdated")
 
 
+async def test_an_answer_whose_auth_time_is_beyond_the_leeway_is_refused(
+    make: MakeIntrospector, http: FakeHttp
+) -> None:
+    """An opaque token's `auth_time` gets the JWT's treatment: a login in the future never ages out of a route's
+    `max_auth_age_seconds` (nor into an `authenticated_before` revocation). Within the leeway it is skew, taken."""
+    http.answers["ahead"] = active(auth_time=int(NOW) + DEFAULT_LEEWAY_SECONDS + 1)
+    with pytest.raises(TokenNotYetValid):
+        await check(make(leeway=DEFAULT_LEEWAY_SECONDS), "ahead")
+    http.answers["skewed"] = active(auth_time=int(NOW) + DEFAULT_LEEWAY_SECONDS)
+    assert (await check(make(leeway=DEFAULT_LEEWAY_SECONDS), "skewed")).subject == "user-1"
+
+
 async def test_a_token_issued_after_the_kill_switch_by_a_clock_running_ahead_is_refused(
     make: MakeIntrospector, http: FakeHttp, clock: FrozenClock
 ) -> None:

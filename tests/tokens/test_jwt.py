@@ -200,6 +200,10 @@ HOSTILE: list[tuple[str, Builder, type[VerifierError], str]] = [
      "token_not_yet_valid"),
     ("iat in the future", lambda m, k: m(claims(iat=int(NOW) + LEEWAY + 5)), TokenNotYetValid,
      "token_not_yet_valid"),
+    # A login in the future never ages: it passed every `max_auth_age_seconds` and escaped revocations of the
+    # logins before an event (`authenticated_before`) until then. Refused as a future `iat` is.
+    ("auth_time in the future", lambda m, k: m(claims(auth_time=int(NOW) + LEEWAY + 5)), TokenNotYetValid,
+     "token_not_yet_valid"),
     ("wrong issuer", lambda m, k: m(claims(iss="https://evil.test")), UnknownIssuer, "issuer_unknown"),
     ("issuer with a trailing slash", lambda m, k: m(claims(iss=ISSUER + "/")), UnknownIssuer, "issuer_unknown"),
     ("issuer in other case", lambda m, k: m(claims(iss=ISSUER.upper())), UnknownIssuer, "issuer_unknown"),

@@ -366,12 +366,21 @@ def check_reached(policies: tuple[PolicySettings, ...]) -> None:
 
 
 def auth_time_left(principal: Principal, require: Requirements, now: float) -> float | None:
-    """Seconds until `max_auth_age_seconds` would refuse this principal (None: no such bound)."""
+    """Seconds until `max_auth_age_seconds` would refuse this principal (None: no such bound).
+
+    The login is aged from `auth_time`, but never from later than the token's `iat`: a user authenticates before the
+    token is issued (OIDC Core section 2), so an `auth_time` after it (a provider copying a client's or an upstream's
+    claim, a clock running ahead) is not taken to make the login younger than its token. (An `auth_time` ahead of our
+    clock beyond the leeway is refused when the token is admitted.)"""
     if require.max_auth_age_seconds is None:
         return None
-    auth_time = json_number(principal.claims.get("auth_time"))
+    claims = principal.claims
+    auth_time = json_number(claims.get("auth_time"))
     if auth_time is None:  # missing, NaN (which passed every comparison), inf, 10**400: re-authenticate
         return 0.0
+    iat = json_number(claims.get("iat"))
+    if iat is not None and iat < auth_time:
+        auth_time = iat
     return auth_time + require.max_auth_age_seconds - now
 
 

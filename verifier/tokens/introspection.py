@@ -397,7 +397,12 @@ class Introspector:
         iat = _number(answer, "iat")
         if iat is not None and now + self.leeway_seconds < iat:
             raise TokenNotYetValid("token issued in the future", valid_from=iat - self.leeway_seconds)
-        _number(answer, "auth_time")  # read later by policies and revocation: a number or absent
+        # Read later by policies and revocation: a number or absent, not ahead beyond the leeway (a JWT's `auth_time`).
+        auth_time = _number(answer, "auth_time")
+        if auth_time is not None and now + self.leeway_seconds < auth_time:
+            raise TokenNotYetValid(
+                "authentication (auth_time) in the future", valid_from=auth_time - self.leeway_seconds
+            )
         sub = answer.get("sub")
         if sub is not None and not isinstance(sub, str):
             raise ClaimInvalid("sub is not a string", claim="sub")

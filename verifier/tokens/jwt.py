@@ -77,7 +77,12 @@ def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings:
     iat = _number(claims, "iat")
     if iat is not None and now + leeway < iat:
         raise TokenNotYetValid("token issued in the future", valid_from=iat - leeway)
-    _number(claims, "auth_time")  # read later by policies and revocation: a number or absent
+    # Read later by policies and revocation: a number or absent, and never ahead of our clock beyond the leeway (as
+    # `iat`): a login in the future never aged out of a route's `max_auth_age_seconds` (nor a gateway's reuse of its
+    # allow), and escaped every `authenticated_before` revocation, until that time.
+    auth_time = _number(claims, "auth_time")
+    if auth_time is not None and now + leeway < auth_time:
+        raise TokenNotYetValid("authentication (auth_time) in the future", valid_from=auth_time - leeway)
     sub = claims.get("sub")
     if sub is not None and not isinstance(sub, str):
         raise ClaimInvalid("sub is not a string", claim="sub")
