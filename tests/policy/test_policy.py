@@ -320,6 +320,29 @@ def test_weak_or_old_authentication_gets_an_rfc9470_challenge(over: dict[str, ob
     assert decision.cache_max_age == 0
 
 
+@pytest.mark.parametrize(
+    "over",
+    [{"amr": ["HWK"]}, {"amr": "HWK"}, {"amr": ["hwk "]}, {"amr": "hwk pwd"}, {"amr": "pwd hwk"},
+     {"amr": {"hwk": True}}, {"amr": [["hwk"]]}, {"amr": None}, {"amr": []},
+     {"acr": "PHR"}, {"acr": "urn:mace:incommon:iap:phr"}, {"acr": "phr phrh"}, {"acr": {"phr": 1}},
+     {"acr": [["phr"]]}, {"acr": None}, {"acr": 1}, {"acr": True}],
+    ids=repr,
+)
+def test_a_near_miss_amr_or_acr_is_a_step_up_never_an_allow(over: dict[str, object]) -> None:
+    """Methods and classes are compared exactly as configured: no case folding, no splitting of one string (`amr` is
+    an array, RFC 8176; `acr` one string, OIDC Core 2), no keys of an object, no nested arrays, no other spelling of
+    the class (a URI for `phr`): an operator who means an alias lists it. Each of these near misses is a 401 step-up."""
+    with pytest.raises(StepUpRequired):
+        evaluate(ADMIN.require, _good(**over), NOW)
+
+
+@pytest.mark.parametrize("over", [{"amr": "hwk"}, {"acr": ["pwd", "phrh"]}, {"amr": ["pwd", 7, "hwk"]}], ids=repr)
+def test_a_single_amr_string_or_an_acr_array_naming_a_required_value_passes(over: dict[str, object]) -> None:
+    """The lenient shapes that still name a required value exactly (a provider writing `amr` as one string, `acr` as
+    the array an ID token's `acr` request lists) pass: the value itself is what the route requires."""
+    evaluate(ADMIN.require, _good(**over), NOW)
+
+
 def test_auth_time_exactly_at_the_bound_is_refused_and_one_second_inside_passes() -> None:
     evaluate(ADMIN.require, _good(auth_time=NOW - 899), NOW)
     with pytest.raises(StepUpRequired):
