@@ -79,10 +79,12 @@ SHORTEST_REUSE = MAX_AGE - 1
 ATTEMPTS = 3
 ADMIN_TOKEN = "an-admin-secret-for-the-reuse-tests-0123"
 ADMIN_HOST = "admin.example.test"
+AUTH_AGE = 60  # the `recent` policy's max_auth_age_seconds
 POLICIES = [
     {"name": "admin-host", "match": {"hosts": [ADMIN_HOST]}, "require": {"roles_any": ["admin"]}},
     {"name": "admin", "match": {"path_prefix": "/admin"}, "require": {"roles_any": ["admin"]}},
     {"name": "writes", "match": {"methods": ["POST", "PUT", "PATCH", "DELETE"]}, "require": {"scopes_all": ["write"]}},
+    {"name": "recent", "match": {"path_prefix": "/recent"}, "require": {"max_auth_age_seconds": AUTH_AGE}},
     {"name": "rest", "match": {"path_prefix": "/"}, "require": {"authenticated": True}},
 ]
 
@@ -255,6 +257,32 @@ def limited_verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFacto
     )
     yield proc
     proc.stop()
+
+
+def test_an_allow_is_not_reused_past_the_authentication_age(
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer
+) -> None:
+    """A route's `max_auth_age_seconds` ends the gateway's reuse of an allow when the login ages out (the answer's
+    max-age is cut to what is left of it): a request sent after that is refused with the step-up challenge, never
+    served the cached pass. And a login in the future (`auth_time` ahead beyond the leeway) is refused outright: it
+    was allowed, and reused for the whole max-age on every request until that time."""
+    ahead = token(issuer, auth_time=int(time.time()) + 86_400)
+    assert [get(gateway, "/recent", ahead).status for _ in range(2)] == [401, 401]
+    for left in (0.8, 1.8):  # the login ages out inside the MAX_AGE reuse: the answer no-store, then max-age 1
+        auth_time = time.time() - AUTH_AGE + left
+        tok = token(issuer, auth_time=auth_time)
+        assert get(gateway, "/recent", tok).status == 200
+        ends = auth_time + AUTH_AGE
+        seen: list[tuple[float, int]] = []
+        while time.time() < ends + 1.5:
+            sent = time.time()
+            answer = get(gateway, "/recent", tok)
+            seen.append((sent - ends, answer.status))
+            if sent >= ends + 0.3:  # nginx counts whole seconds: the slack the other reuse tests allow
+                assert answer.status == 401, f"a cached allow served {sent - ends:.2f} s after the login aged out"
+                assert "insufficient_user_authentication" in answer.headers.get("www-authenticate", "")
+            time.sleep(0.05)
+        assert seen[-1][1] == 401, seen
 
 
 @pytest.mark.parametrize("name", ["nginx", "nginx-lua", "envoy"])
