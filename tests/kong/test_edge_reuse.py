@@ -184,6 +184,40 @@ def test_a_token_with_seconds_left_is_reused_while_valid_and_never_after_it_expi
     assert asked(verifier) - before == 2  # the refusal came from the verifier, not a stale allow
 
 
+def test_a_recent_login_route_is_reused_while_the_login_is_recent_and_never_after_it_ages_out(
+    start_nginx, echo_upstream, start_real_verifier, idp
+):
+    """`max_auth_age_seconds` bounds the plugin's reuse as `exp` does: the allow's max-age is cut to what is left of
+    the login, and the request after that gets the RFC 9470 challenge from the verifier, not the cached pass. A login
+    in the future (`auth_time` ahead of the clock, leeway 0) is refused, never cached as an allow."""
+    age = 60
+    policies = [{"name": "recent", "match": {"path_prefix": "/"}, "require": {"max_auth_age_seconds": age}}]
+    verifier = start_real_verifier(
+        {"edge_cache": {**EDGE_CACHE, "max_age_seconds": FAR_CEILING_S}, "policies": policies}
+    )
+    base = start_nginx({"url": forward_auth_url(verifier)}, echo_upstream, with_sha256=True)
+    path = "/api/recent-login"
+    ahead = idp.mint(claims={"auth_time": int(time.time()) + 3600})
+    assert [call(base, path, bearer(ahead))[0] for _ in range(2)] == [401, 401]
+
+    ends = int(time.time()) + SHORT_LIFE_S  # auth_time + age: the login ages out SHORT_LIFE_S from now
+    token = idp.mint(claims={"auth_time": ends - age})
+    before = asked(verifier)
+    statuses = [call(base, path, bearer(token))[0] for _ in range(REPEATS)]
+    assert statuses == [200] * REPEATS
+    assert asked(verifier) - before == 1  # the rest came from the plugin's cache
+    assert time.time() < ends, "the machine was too slow to send the repeats within the login's age"
+
+    time.sleep(max(0.0, ends - time.time()) + 1.2)  # past the login's age, and past any max-age it was given
+    status, headers, body = call(base, path, bearer(token))
+
+    assert status == 401
+    assert 'error="insufficient_user_authentication"' in headers["www-authenticate"]
+    assert f"max_age={age}" in headers["www-authenticate"]
+    assert json.loads(body)["error"] == "insufficient_user_authentication"
+    assert asked(verifier) - before == 2  # the refusal came from the verifier, not a stale allow
+
+
 def test_max_age_zero_sends_every_request_to_the_verifier(start_nginx, echo_upstream, start_real_verifier, idp):
     v = start_real_verifier({"edge_cache": {"max_age_seconds": 0, "refusal_max_age_seconds": 5}})
     base = start_nginx({"url": forward_auth_url(v)}, echo_upstream, with_sha256=True)
