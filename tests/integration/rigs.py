@@ -22,6 +22,7 @@ import pytest
 from doorkit import door_settings
 from gateways import GATEWAY_KINDS, EchoUpstream, GatewayProcess, LocalIssuer, start_gateway_for
 from op_harness import API_AUDIENCE, OpenIDProvider, start_provider
+from redis.asyncio import Redis
 from redis_harness import RedisServer, start_redis
 
 from verifier.app import App
@@ -56,6 +57,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = start_redis(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A plain client of `redis_server`, to look at what the verifier's stores wrote."""
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
 
 
 def provider_fixture(name: str, scope: str = "function") -> Any:

@@ -52,13 +52,6 @@ async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisState,
     await b.close()
 
 
-@pytest.fixture
-async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
 async def flood(
     state: RedisState, limit: int, *, start: int = 0, rate: float = RATE, burst: int = BURST, now: float = NOW
 ) -> tuple[int, StateUnavailable]:

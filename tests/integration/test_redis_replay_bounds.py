@@ -45,13 +45,6 @@ async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisState,
     await b.close()
 
 
-@pytest.fixture
-async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
 async def flood(state: RedisState, limit: int, ttl: float = WINDOW, start: int = 0) -> tuple[int, ReplayStoreFull]:
     """New DPoP keys until one is refused: (keys accepted, the refusal)."""
     for i in range(start, start + limit):

@@ -48,13 +48,6 @@ async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisState,
     await b.close()
 
 
-@pytest.fixture
-async def raw(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
-
-
 # --- first_use ------------------------------------------------------------------------------------
 
 

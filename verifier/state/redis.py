@@ -74,14 +74,63 @@ from verifier.config.state import (
 from verifier.errors import BucketStoreFull, StateUnavailable
 from verifier.state.base import FULL_LOG_SECONDS, FullLog, Purpose, TakeResult, check_bucket, retry_after, take_result
 
+# The counters both scripts below keep (see the module's docstring), as Lua functions each script starts with. A
+# counters hash holds 'n' (keys counted in live slices), 'lo' and 'hi' (the oldest and newest slices counted) and one
+# field per slice (its end in slices since the epoch -> keys counted); `clock` is Redis's (ms), `slice` in ms.
+# `settled` drops the slices that have ended (each once) and returns n, lo, hi; `counted` counts one key until
+# `ends` (ms) and returns its slice; `wait_ms` is how long until the oldest counted slice ends.
+SLICE_COUNTERS = """
+local function settled(counters, clock, slice)
+  local state = redis.call('HMGET', counters, 'n', 'lo', 'hi')
+  local n = tonumber(state[1]) or 0
+  local lo = tonumber(state[2])
+  local hi = tonumber(state[3])
+  if lo == nil or hi == nil or hi * slice <= clock then
+    if state[1] or state[2] or state[3] then redis.call('DEL', counters) end
+    return 0, nil, nil
+  end
+  if lo * slice <= clock then
+    while lo < hi do
+      local field = string.format('%d', lo)
+      local held = redis.call('HGET', counters, field)
+      if held then
+        if lo * slice > clock then break end
+        n = n - tonumber(held)
+        redis.call('HDEL', counters, field)
+      end
+      lo = lo + 1
+    end
+    redis.call('HSET', counters, 'n', string.format('%d', n), 'lo', string.format('%d', lo))
+  end
+  return n, lo, hi
+end
+local function counted(counters, clock, slice, ends, lo, hi)
+  local mine = math.ceil(ends / slice)
+  redis.call('HINCRBY', counters, string.format('%d', mine), 1)
+  redis.call('HINCRBY', counters, 'n', 1)
+  if lo == nil or mine < lo then redis.call('HSET', counters, 'lo', string.format('%d', mine)) end
+  if hi == nil or mine > hi then
+    redis.call('HSET', counters, 'hi', string.format('%d', mine))
+    redis.call('PEXPIRE', counters, mine * slice - clock)
+  end
+  return mine
+end
+local function wait_ms(lo, clock, slice)
+  if lo == nil then return slice end
+  return lo * slice - clock
+end
+local time = redis.call('TIME')
+local clock = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+"""
+
 # Mirrors verifier.state.base.refill / take_one / the bucket's expiry, atomically on the server, within the bound
-# of buckets (see the module's docstring). KEYS[1] the bucket, KEYS[2] the buckets' counters (the hash
-# ONCE_SCRIPT keeps per purpose, the same fields). ARGV rate_per_second, burst, now (wall seconds), bound, slice
-# (ms), life (ms: the longest a take sets the expiry to, burst / rate). The bucket's field 'c' is the slice it is
-# counted in. Returns {status, tokens as text (a Lua number returned to Redis would be truncated to an integer),
-# ms until the oldest counted slice ends (when refused)}: status 1 allowed, 0 denied, 2 refused (a new bucket
-# with the bound reached; nothing written but the dropping of ended slices).
-BUCKET_SCRIPT = """
+# of buckets (see the module's docstring). KEYS[1] the bucket, KEYS[2] the buckets' counters (SLICE_COUNTERS). ARGV
+# rate_per_second, burst, now (wall seconds), bound, slice (ms), life (ms: the longest a take sets the expiry to,
+# burst / rate). The bucket's field 'c' is the slice it is counted in. Returns {status, tokens as text (a Lua number
+# returned to Redis would be truncated to an integer), ms until the oldest counted slice ends (when refused)}:
+# status 1 allowed, 0 denied, 2 refused (a new bucket with the bound reached; nothing written but the dropping of
+# ended slices).
+BUCKET_SCRIPT = SLICE_COUNTERS + """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local now = tonumber(ARGV[3])
@@ -91,10 +140,8 @@ local life = tonumber(ARGV[6])
 local state = redis.call('HMGET', KEYS[1], 't', 'ts', 'c')
 local tokens = tonumber(state[1])
 local last = tonumber(state[2])
-local counted = tonumber(state[3])
+local mine = tonumber(state[3])
 local fresh = tokens == nil or last == nil
-local time = redis.call('TIME')
-local clock = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 if fresh then
   tokens = burst
   last = now
@@ -110,99 +157,34 @@ if tokens >= 1 - 1e-9 then
 end
 local full_ms = math.ceil((burst - tokens) / rate * 1000)
 if full_ms < 1 then full_ms = 1 end
-if fresh or counted == nil or counted * slice < clock + full_ms then
-  local count = redis.call('HMGET', KEYS[2], 'n', 'lo', 'hi')
-  local n = tonumber(count[1]) or 0
-  local lo = tonumber(count[2])
-  local hi = tonumber(count[3])
-  if lo == nil or hi == nil or hi * slice <= clock then
-    if count[1] or count[2] or count[3] then redis.call('DEL', KEYS[2]) end
-    n = 0
-    lo = nil
-    hi = nil
-  elseif lo * slice <= clock then
-    while lo < hi do
-      local field = string.format('%d', lo)
-      local held = redis.call('HGET', KEYS[2], field)
-      if held then
-        if lo * slice > clock then break end
-        n = n - tonumber(held)
-        redis.call('HDEL', KEYS[2], field)
-      end
-      lo = lo + 1
-    end
-    redis.call('HSET', KEYS[2], 'n', string.format('%d', n), 'lo', string.format('%d', lo))
-  end
-  if fresh and n >= bound then
-    local wait = slice
-    if lo ~= nil then wait = lo * slice - clock end
-    return {2, '0', wait}
-  end
+if fresh or mine == nil or mine * slice < clock + full_ms then
+  local n, lo, hi = settled(KEYS[2], clock, slice)
+  if fresh and n >= bound then return {2, '0', wait_ms(lo, clock, slice)} end
   if life < full_ms then life = full_ms end
-  counted = math.ceil((clock + life) / slice)
-  redis.call('HINCRBY', KEYS[2], string.format('%d', counted), 1)
-  redis.call('HINCRBY', KEYS[2], 'n', 1)
-  if lo == nil or counted < lo then redis.call('HSET', KEYS[2], 'lo', string.format('%d', counted)) end
-  if hi == nil or counted > hi then
-    redis.call('HSET', KEYS[2], 'hi', string.format('%d', counted))
-    redis.call('PEXPIRE', KEYS[2], counted * slice - clock)
-  end
+  mine = counted(KEYS[2], clock, slice, clock + life, lo, hi)
 end
 redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 'ts', string.format('%.17g', last),
-  'c', string.format('%d', counted))
+  'c', string.format('%d', mine))
 redis.call('PEXPIRE', KEYS[1], full_ms)
 return {allowed, string.format('%.17g', tokens), 0}
 """
 BUCKET_SCRIPT_SHA = hashlib.sha1(BUCKET_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
 # A one-time key within its purpose's bound (see the module's docstring). KEYS[1] the key, KEYS[2] its purpose's
-# counters: a hash of 'n' (keys counted in live slices), 'lo' and 'hi' (the oldest and newest slices counted)
-# and one field per slice (its end in slices since the epoch -> keys counted). ARGV ttl (ms), bound, slice (ms).
-# Returns {status, ms until the oldest counted slice ends (when full), keys counted}: status 1 created, 0 a
-# replay, 2 refused (the purpose at its bound; nothing written but the dropping of ended slices).
-ONCE_SCRIPT = """
+# counters (SLICE_COUNTERS). ARGV ttl (ms), bound, slice (ms). Returns {status, ms until the oldest counted slice
+# ends (when full), keys counted}: status 1 created, 0 a replay, 2 refused (the purpose at its bound; nothing written
+# but the dropping of ended slices).
+ONCE_SCRIPT = SLICE_COUNTERS + """
 local ttl = tonumber(ARGV[1])
 local bound = tonumber(ARGV[2])
 local slice = tonumber(ARGV[3])
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local state = redis.call('HMGET', KEYS[2], 'n', 'lo', 'hi')
-local n = tonumber(state[1]) or 0
-local lo = tonumber(state[2])
-local hi = tonumber(state[3])
-if lo == nil or hi == nil or hi * slice <= now then
-  if state[1] or state[2] or state[3] then redis.call('DEL', KEYS[2]) end
-  n = 0
-  lo = nil
-  hi = nil
-elseif lo * slice <= now then
-  while lo < hi do
-    local field = string.format('%d', lo)
-    local count = redis.call('HGET', KEYS[2], field)
-    if count then
-      if lo * slice > now then break end
-      n = n - tonumber(count)
-      redis.call('HDEL', KEYS[2], field)
-    end
-    lo = lo + 1
-  end
-  redis.call('HSET', KEYS[2], 'n', string.format('%d', n), 'lo', string.format('%d', lo))
-end
+local n, lo, hi = settled(KEYS[2], clock, slice)
 if n >= bound then
   if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0, n} end
-  local wait = slice
-  if lo ~= nil then wait = lo * slice - now end
-  return {2, wait, n}
+  return {2, wait_ms(lo, clock, slice), n}
 end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ttl) then return {0, 0, n} end
-local mine = math.ceil((now + ttl) / slice)
-redis.call('HINCRBY', KEYS[2], string.format('%d', mine), 1)
-redis.call('HINCRBY', KEYS[2], 'n', 1)
-if lo == nil or mine < lo then redis.call('HSET', KEYS[2], 'lo', string.format('%d', mine)) end
-if hi == nil or mine > hi then
-  redis.call('HSET', KEYS[2], 'hi', string.format('%d', mine))
-  redis.call('PEXPIRE', KEYS[2], mine * slice - now)
-end
+counted(KEYS[2], clock, slice, clock + ttl, lo, hi)
 return {1, 0, n + 1}
 """
 ONCE_SCRIPT_SHA = hashlib.sha1(ONCE_SCRIPT.encode(), usedforsecurity=False).hexdigest()
