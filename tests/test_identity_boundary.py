@@ -651,6 +651,37 @@ async def test_a_user_who_sets_the_mapped_email_unverified_is_not_granted_its_ro
             assert status == 200 and headers["x-authenticated-roles"] == "admin"
 
 
+async def test_a_keycloak_realm_role_at_its_nested_path_grants_the_route_and_nothing_else_does() -> None:
+    """Keycloak puts realm roles in `realm_access.roles`: a rule naming that path read a flat claim of that name,
+    which no token has, so every Keycloak user got 403 `role_missing` on the admin route, with nothing at start-up
+    or in the answer saying the rule could never match. Now the path is walked, object by object: the same role
+    under a sibling key, behind a list or inside a string is still refused."""
+    rules = (RoleRule(role="admin", claim="realm_access.roles", values=("admin",)),)
+    keycloak = {
+        "azp": "orders-web",
+        "typ": "Bearer",
+        "preferred_username": "alice",
+        "resource_access": {"account": {"roles": ["manage-account"]}},
+    }
+    async with _providers() as (idp,):
+        issuer = IssuerSettings(issuer=idp.issuer, audiences=(DEV_AUDIENCE,), algorithms=("ES256",), roles=rules)
+        async with _verifier([issuer], policies=POLICIES) as app:
+            alice = idp.mint(sub="alice", claims={**keycloak, "realm_access": {"roles": ["offline_access", "admin"]}})
+            status, headers = await _forward(app, alice, "/admin")
+            assert status == 200 and headers["x-authenticated-roles"] == "admin"
+            for shape in (
+                {"realm_access": {"groups": ["admin"]}},  # a sibling key
+                {"realm_access": [{"roles": ["admin"]}]},  # a list at the intermediate
+                {"realm_access": '{"roles": ["admin"]}'},  # a string at the intermediate
+                {"realm_access.roles": "not admin"},  # the exact name first: a string is one value
+            ):
+                eve = idp.mint(sub="eve", claims={**keycloak, **shape})
+                status, headers = await _forward(app, eve, "/admin")
+                assert (status, headers["x-verifier-reason"]) == (403, "role_missing"), shape
+                status, headers = await _forward(app, eve, "/read")
+                assert status == 200 and headers.get("x-authenticated-roles", "") == "", shape
+
+
 async def test_client_and_user_rate_limit_buckets_are_separate() -> None:
     limits = RateLimitSettings(default=RateLimit(per_second=0.001, burst=2))
     async with _providers() as (idp,), _verifier([_issuer(idp)], rate_limits=limits) as app:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from verifier.claimpath import claim_path_problem
 from verifier.config.base import (
     ConfigError,
     Reader,
@@ -400,6 +401,9 @@ def _role_rule(reader: Reader) -> RoleRule:
         raise ConfigError(f"{reader.path}: claim and values go together")
     if not (rule.claim or rule.scope or rule.subjects):
         raise ConfigError(f"{reader.path}: needs claim+values, scope or subjects")
+    problem = claim_path_problem(rule.claim) if rule.claim else ""
+    if problem:  # `realm_access..roles` would never match: every request refused its role, and nothing said why
+        reader.problem("claim", problem)
     return rule
 
 
@@ -655,8 +659,9 @@ _USER_EDITABLE_CLAIMS = frozenset({
 
 
 def _editable_role_claims(settings: Settings) -> list[ConfigWarning]:
-    """A role rule on a claim users may set themselves: a user who takes the mapped value (another's username, the
-    display name `Platform Admins`) takes the role."""
+    """A role rule on a claim users may set themselves, or on a member of one (`address.country`, `address.email`:
+    OIDC Core 5.1.1's address is the user's to type, and nothing vouches for a member of it): a user who takes the
+    mapped value (another's username, the display name `Platform Admins`) takes the role."""
     return [
         ConfigWarning(kind="role_claim_editable", message=(
             f"issuers[{i}].roles[{j}]: grants {rule.role!r} on the claim {rule.claim!r}, which users may be able to "
@@ -665,7 +670,7 @@ def _editable_role_claims(settings: Settings) -> list[ConfigWarning]:
         ))
         for i, issuer in enumerate(settings.issuers)
         for j, rule in enumerate(issuer.roles)
-        if rule.claim in _USER_EDITABLE_CLAIMS
+        if rule.claim.partition(".")[0] in _USER_EDITABLE_CLAIMS  # a path into one too: `address.country`
     ]
 
 

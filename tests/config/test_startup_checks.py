@@ -271,3 +271,78 @@ def test_a_role_rule_on_a_claim_users_set_themselves_is_said_at_start_up() -> No
     settings = parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [issuer]})
     (found,) = [w for w in config_warnings(settings) if w.kind == "role_claim_editable"]
     assert "issuers[0].roles[1]" in found.message and "'preferred_username'" in found.message
+
+
+def _with_role_claim(claim: str) -> dict[str, object]:
+    issuer = {
+        "issuer": "https://idp.example.test",
+        "audiences": ["api"],
+        "algorithms": ["ES256"],
+        "roles": [
+            {"role": "admin", "claim": "groups", "values": ["platform-admins"]},
+            {"role": "admin", "claim": claim, "values": ["admin"]},
+        ],
+    }
+    return {"http": {"listen": "127.0.0.1:0"}, "issuers": [issuer]}
+
+
+@pytest.mark.parametrize(
+    ("claim", "said"),
+    [
+        ("realm_access..roles", "a segment is empty"),
+        (".realm_access.roles", "a segment is empty"),
+        ("realm_access.roles.", "a segment is empty"),
+        ("a.b.c.d.e.f.g.h.i", "9 segments; at most 8"),
+    ],
+)
+def test_a_role_claim_path_that_could_never_match_is_refused_by_key(claim: str, said: str) -> None:
+    """A rule whose path has an empty segment or is deeper than any provider nests roles matched no token: every
+    request to a route requiring its role got 403, with nothing saying why. Now the key is named at start-up."""
+    with pytest.raises(ConfigError, match=rf"issuers\[0\]\.roles\[1\]\.claim: '{claim}' .*{said}"):
+        parse_settings(_with_role_claim(claim))
+
+
+@pytest.mark.parametrize("claim", ["realm_access.roles", "resource_access.my-api.roles", "https://example.com/roles"])
+def test_a_role_claim_path_or_a_name_with_dots_of_its_own_is_accepted(claim: str) -> None:
+    (rule,) = [r for r in parse_settings(_with_role_claim(claim)).issuers[0].roles if r.claim == claim]
+    assert rule.claim == claim
+
+
+def test_check_config_names_a_role_claim_path_that_could_never_match(tmp_path: Path) -> None:
+    result = _check_config(tmp_path, _with_role_claim("realm_access..roles"))
+    assert result.returncode == 2
+    assert "issuers[0].roles[1].claim: 'realm_access..roles' is not a claim name or dotted path" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        (
+            {"upstream": {"headers": [{"header": "X-Authenticated-Tenant", "claim": "org..tenant"}]}},
+            r"upstream\.headers\[0\]\.claim",
+        ),
+        ({"upstream": {"consumer": {"claim": "org..sub"}}}, r"upstream\.consumer\.claim"),
+    ],
+    ids=["upstream-header", "kong-consumer"],
+)
+def test_every_claim_the_config_names_is_checked_the_same_way(section: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key}: 'org\.\.\w+' is not a claim name or dotted path"):
+        parse_settings({**_with_role_claim("groups"), **section})
+
+
+def test_a_tenant_claim_path_that_could_never_match_is_refused_by_key() -> None:
+    template = {**TEMPLATE, "tenant_claim": "org..tid"}
+    with pytest.raises(ConfigError, match=r"issuers\[0\]\.tenant_claim: 'org\.\.tid' is not a claim name"):
+        parse_settings({"http": {"listen": "127.0.0.1:0"}, "issuers": [template]})
+
+
+def test_a_role_rule_on_a_member_of_a_claim_users_set_is_said_at_start_up() -> None:
+    """OIDC's `address` is the user's to type: a rule on `address.country` (or any member) is as editable as one on
+    `preferred_username`; a path into a claim the provider assigns (`realm_access.roles`) is not warned about."""
+    from verifier.settings import config_warnings
+
+    warned = config_warnings(parse_settings(_with_role_claim("address.country")))
+    (found,) = [w for w in warned if w.kind == "role_claim_editable"]
+    assert "issuers[0].roles[1]" in found.message and "'address.country'" in found.message
+    quiet = config_warnings(parse_settings(_with_role_claim("realm_access.roles")))
+    assert not [w for w in quiet if w.kind == "role_claim_editable"]

@@ -468,3 +468,51 @@ def test_an_unverified_email_or_phone_number_grants_no_role(claim: str, value: s
     assert mapper.roles({claim: value, flag: "true"}, "eve", (), frozenset()) == frozenset()
     assert mapper.roles({claim: [value], flag: 1}, "eve", (), frozenset()) == frozenset()
     assert mapper.roles({claim: value, flag: True}, "boss", (), frozenset()) == {"admin"}
+
+
+KEYCLOAK_RULES = (
+    RoleRule(role="admin", claim="realm_access.roles", values=("admin",)),
+    RoleRule(role="writer", claim="resource_access.orders-api.roles", values=("writer",)),
+    RoleRule(role="auth0-admin", claim="https://example.com/roles", values=("admin",)),
+)
+
+
+def test_a_keycloak_realm_or_client_role_at_its_dotted_path_grants_its_role() -> None:
+    """A rule on `realm_access.roles` read the flat claim of that name, which Keycloak never sends: it matched no
+    token, and a route requiring the role refused everyone with no hint why. A namespaced claim whose name holds dots
+    (`https://example.com/roles`, Auth0) is still read by its exact name."""
+    mapper = RoleMapper(KEYCLOAK_RULES)
+    token = {
+        "realm_access": {"roles": ["admin", "offline_access"]},
+        "resource_access": {"orders-api": {"roles": ["writer"]}, "account": {"roles": ["admin"]}},
+    }
+    assert mapper.roles(token, "alice", (), frozenset()) == {"admin", "writer"}
+    assert mapper.roles({"https://example.com/roles": ["admin"]}, "bob", (), frozenset()) == {"auth0-admin"}
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"realm_access": {"groups": ["admin"]}},  # the role under a sibling key
+        {"realm_access": [{"roles": ["admin"]}]},  # a list at an intermediate
+        {"realm_access": '{"roles": ["admin"]}'},  # a string at an intermediate
+        {"resource_access": {"account": {"roles": ["writer"]}}},  # another client's role
+        {"resource_access": {"orders-api": [{"roles": ["writer"]}]}},
+        {"realm_access": {"roles": "not admin"}},  # a string is one value
+    ],
+    ids=["sibling", "list", "string", "other-client", "list-deeper", "one-value"],
+)
+def test_a_role_anywhere_but_at_the_path_grants_nothing(claims: dict[str, object]) -> None:
+    assert RoleMapper(KEYCLOAK_RULES).roles(claims, "eve", (), frozenset()) == frozenset()
+
+
+def test_a_nested_email_needs_the_verified_flag_beside_it_not_the_top_level_one() -> None:
+    """The top-level `email_verified` vouches for the top-level `email` only: a rule on `contact.email` must not be
+    met by a user who typed the boss's address into a nested field while their own address is verified."""
+    mapper = RoleMapper((RoleRule(role="admin", claim="contact.email", values=("boss@corp.example",)),))
+    typed = {"contact": {"email": "boss@corp.example"}, "email": "eve@corp.example", "email_verified": True}
+    assert mapper.roles(typed, "eve", (), frozenset()) == frozenset()
+    unverified = {"contact": {"email": "boss@corp.example", "email_verified": False}}
+    assert mapper.roles(unverified, "eve", (), frozenset()) == frozenset()
+    vouched = {"contact": {"email": "boss@corp.example", "email_verified": True}}
+    assert mapper.roles(vouched, "boss", (), frozenset()) == {"admin"}

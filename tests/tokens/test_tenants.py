@@ -134,6 +134,19 @@ async def test_the_tenant_claim_must_name_the_tenant_of_iss_and_is_checked_befor
     assert (await verify(verifier, token(mint, "a", tid="a"))).issuer == tenant_issuer("a")
 
 
+async def test_a_tenant_claim_path_is_walked_like_every_claim_the_config_names(
+    provider: FakeFetcher, clock: FrozenClock, mint: Mint
+) -> None:
+    """`tenant_claim: org.tid` read a flat claim of that name, which no token had: every tenant's tokens were refused
+    `claim_invalid`. It is read like a role rule's claim now (`verifier.claimpath`): the exact name, else the path,
+    every step an object."""
+    verifier, _ = build(template(tenant_claim="org.tid"), provider, clock)
+    for org in ({"tid": "b"}, [{"tid": "a"}], '{"tid": "a"}', {"other": "a"}):
+        with pytest.raises(ClaimInvalid):
+            await verify(verifier, token(mint, "a", org=org))
+    assert (await verify(verifier, token(mint, "a", org={"tid": "a"}))).issuer == tenant_issuer("a")
+
+
 async def test_discovery_naming_another_issuer_is_refused_and_remembered_for_the_cooldown(
     provider: FakeFetcher, clock: FrozenClock, mint: Mint, jwks_document: dict[str, Any]
 ) -> None:

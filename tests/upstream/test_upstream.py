@@ -25,6 +25,7 @@ from support import FrozenClock
 from tokenkit import AUDIENCE, ISSUER, NOW, FakeFetcher, claims
 
 from verifier.app import App
+from verifier.claimpath import find_claim
 from verifier.config.base import ConfigError
 from verifier.config.upstream import ConsumerMapping, HeaderMapping, UpstreamConfig
 from verifier.doors.grpc import envoy_response, own_response
@@ -33,7 +34,7 @@ from verifier.request import RequestAttributes
 from verifier.settings import Settings, parse_settings
 from verifier.upstream import UpstreamAnswers, UpstreamIdentityTooLarge, wire_bytes, wire_chars
 from verifier.upstream.assertion import IdentityAssertions
-from verifier.upstream.claims import UpstreamClaimTooLarge, claim_at, header_value
+from verifier.upstream.claims import UpstreamClaimTooLarge, header_value
 from verifier.v1 import verifier_pb2
 
 ASSERTION_ISSUER = "https://verifier.internal"
@@ -174,12 +175,12 @@ def test_a_value_over_the_bound_is_refused_not_cut() -> None:
 
 def test_a_claim_is_found_by_its_exact_name_before_a_dotted_path() -> None:
     found = {"org": {"tenant_id": "t-1", "deep": {"er": 7}}, "https://example.test/tenant": "ns", "org.x": "flat"}
-    assert claim_at(found, "org.tenant_id") == "t-1"
-    assert claim_at(found, "org.deep.er") == 7
-    assert claim_at(found, "https://example.test/tenant") == "ns"
-    assert claim_at(found, "org.x") == "flat"
-    assert claim_at(found, "org.missing") is None
-    assert claim_at(found, "org.tenant_id.more") is None
+    assert find_claim(found, "org.tenant_id") == "t-1"
+    assert find_claim(found, "org.deep.er") == 7
+    assert find_claim(found, "https://example.test/tenant") == "ns"
+    assert find_claim(found, "org.x") == "flat"
+    assert find_claim(found, "org.missing") is None
+    assert find_claim(found, "org.tenant_id.more") is None
 
 
 def test_a_deeply_nested_claim_is_looked_up_without_recursion() -> None:
@@ -188,8 +189,8 @@ def test_a_deeply_nested_claim_is_looked_up_without_recursion() -> None:
     for _ in range(50_000):
         node["a"] = {}
         node = node["a"]
-    assert header_value(claim_at({"c": deep}, "c"), 4096, "c") is None  # an object: no header, no recursion
-    assert isinstance(claim_at({"c": deep}, "c." + ".".join(["a"] * 100)), dict)
+    assert header_value(find_claim({"c": deep}, "c"), 4096, "c") is None  # an object: no header, no recursion
+    assert isinstance(find_claim({"c": deep}, "c." + ".".join(["a"] * 100)), dict)
 
 
 # ------------------------------------------------------------------------------------------ configuration

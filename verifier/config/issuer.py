@@ -61,8 +61,9 @@ class RoleRule:
     role: str = setting(doc="the logical role granted")
     claim: str = setting(
         "",
-        doc='a list-of-strings or string claim, e.g. "groups"; a string is one value (scope, scp: split); '
-        "email, phone_number: only with its _verified claim true",
+        doc='a list-of-strings or string claim, e.g. "groups": its exact name, else a dotted path into nested '
+        "objects (realm_access.roles); a string is one value (scope, scp: split); email, phone_number: only with "
+        "its _verified claim true",
     )
     values: tuple[str, ...] = setting((), doc="the claim must contain one of these")
     scope: str = setting("", doc="or: this scope is held")
@@ -113,7 +114,9 @@ class IssuerSettings:
         unit="per minute",
         doc="discoveries of tenants not yet held, and held tenants' refetches for unknown kids; past it 503",
     )
-    tenant_claim: str = setting("", doc='this claim must equal the tenant in `iss` (Entra: "tid")')
+    tenant_claim: str = setting(
+        "", doc='this claim (its exact name, else a dotted path) must equal the tenant in `iss` (Entra: "tid")'
+    )
     jwks_file: str = setting("", doc="a JWKS on disk instead of discovery; re-read on SIGHUP")
     jwks_inline: str = setting("", doc="a JWKS object written in the YAML instead of discovery")
     static_jwks: str = ""  # the JSON of jwks_file or jwks_inline, read once at load (a reload re-reads it)

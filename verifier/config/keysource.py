@@ -15,6 +15,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from verifier.claimpath import claim_path_problem
 from verifier.config.base import ConfigError, Reader, check_url, record
 from verifier.config.issuer import (
     ANY_TENANT,
@@ -132,6 +133,9 @@ def check_key_source(settings: IssuerSettings, path: str) -> None:
                 f"{path}.max_tenants: {settings.max_tenants} is fewer than the {len(settings.tenants)} tenants "
                 "allowed (raise it to hold them all)"
             )
+        problem = claim_path_problem(settings.tenant_claim) if settings.tenant_claim else ""
+        if problem:
+            record(f"{path}.tenant_claim: {problem}")
         if settings.introspection is not None or settings.introspect_jwts:
             record(f"{path}.introspection: not supported with a {TENANT_PLACEHOLDER} issuer")
         if settings.backchannel_logout is not None:

@@ -33,6 +33,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from verifier.claimpath import claim_path_problem
 from verifier.config.base import ConfigError, Reader, check_url, read_fields, record, setting
 
 RESERVED_PREFIX = "x-authenticated-"  # only the verifier's allow answer sets these on the upstream request
@@ -169,8 +170,9 @@ def _mappings(reader: Reader, taken: set[str]) -> tuple[HeaderMapping, ...]:
         if name in taken:
             item.problem("header", f"{mapping.header!r} is mapped twice")
         taken.add(name)
-        if not all(mapping.claim.split(".")):
-            item.problem("claim", f"{mapping.claim!r} is not a claim name or dotted path")
+        problem = claim_path_problem(mapping.claim)
+        if problem:
+            item.problem("claim", problem)
         found.append(dataclasses.replace(mapping, header=name))
     return tuple(found)
 
@@ -248,6 +250,9 @@ def parse_upstream_config(data: Any, path: str = "upstream") -> UpstreamConfig:
     if consumer_reader is not None:
         consumer = ConsumerMapping(**read_fields(consumer_reader, ConsumerMapping))
         consumer_reader.done()
+        problem = claim_path_problem(consumer.claim)
+        if problem:
+            consumer_reader.problem("claim", problem)
     identity = None
     identity_reader = reader.child("identity_token")
     if identity_reader is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from verifier.claimpath import claim_steps, find_claim
 from verifier.principal import Principal, shared_roles
 from verifier.settings import RoleRule
 
@@ -14,18 +15,41 @@ from verifier.settings import RoleRule
 SPACE_SEPARATED_CLAIMS = frozenset({"scope", "scp"})
 # Claims a user sets at the provider, which says whether it checked them (OIDC Core 5.1): a rule on one grants only
 # when its `_verified` claim is `true`. An address a user typed in and never confirmed may be anyone's (the
-# mapped `boss@corp.example`): good enough to refuse on (revocation), never to grant on.
+# mapped `boss@corp.example`): good enough to refuse on (revocation), never to grant on. A path ending in one of them
+# (`contact.email`) needs the `_verified` member beside it (`contact.email_verified`): the top-level flag vouches for
+# the top-level claim only.
 VERIFIED_BY = {"email": "email_verified", "phone_number": "phone_number_verified"}
+
+
+def _verified_by(claim: str) -> str:
+    """The claim that must be `true` for a rule on `claim` to grant ("": none)."""
+    parent, dot, last = claim.rpartition(".")
+    verified = VERIFIED_BY.get(last, "")
+    return f"{parent}{dot}{verified}" if verified else ""
 
 
 class RoleMapper:
     """Applies an issuer's role rules to a token's claims."""
 
     def __init__(self, rules: tuple[RoleRule, ...]) -> None:
-        self._rules = tuple(
-            (r.role, r.claim, frozenset(r.values), r.scope, frozenset(r.subjects), VERIFIED_BY.get(r.claim, ""))
-            for r in rules
-        )
+        # A claim's path is split here, once (`verifier.claimpath`); a rule on a flat claim has no steps and costs
+        # what it did before paths existed.
+        compiled = []
+        for r in rules:
+            verified = _verified_by(r.claim)
+            compiled.append(
+                (
+                    r.role,
+                    r.claim,
+                    claim_steps(r.claim),
+                    frozenset(r.values),
+                    r.scope,
+                    frozenset(r.subjects),
+                    verified,
+                    claim_steps(verified),
+                )
+            )
+        self._rules = tuple(compiled)
 
     def roles(
         self, claims: Mapping[str, Any], subject: str, scopes: tuple[str, ...], base: frozenset[str]
@@ -34,9 +58,12 @@ class RoleMapper:
         if not self._rules:
             return base
         granted = set(base)
-        for role, claim, values, scope, subjects, verified in self._rules:
-            if claim and (not verified or claims.get(verified) is True):
-                value = claims.get(claim)
+        for role, claim, steps, values, scope, subjects, verified, verified_steps in self._rules:
+            if claim and (
+                not verified
+                or (find_claim(claims, verified, verified_steps) if verified_steps else claims.get(verified)) is True
+            ):
+                value = find_claim(claims, claim, steps) if steps else claims.get(claim)
                 if isinstance(value, str):
                     items: Any = value.split(" ") if claim in SPACE_SEPARATED_CLAIMS else (value,)
                 else:

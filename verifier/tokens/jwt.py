@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from verifier.claimpath import find_claim
 from verifier.clock import Clock
 from verifier.errors import (
     AlgorithmRefused,
@@ -163,7 +164,7 @@ class JwtVerifier:
             # A provider that signs every tenant's tokens with one key set (Entra) vouches for the
             # tenant only in this claim: it must name the tenant `iss` names.
             claim = settings.tenant_claim
-            if parsed.payload.get(claim) != tenant[1]:
+            if find_claim(parsed.payload, claim) != tenant[1]:  # its exact name, else a dotted path
                 raise ClaimInvalid(f"{claim} does not name the tenant of iss", claim=claim)
         return iss, settings, keys, tenant
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from verifier.claimpath import find_claim
 from verifier.config.upstream import HeaderMapping, RouteUpstream, UpstreamConfig
 from verifier.decision import Decision, Headers, allow
 from verifier.principal import Principal
 from verifier.upstream.assertion import IdentityAssertions
-from verifier.upstream.claims import UpstreamClaimTooLarge, UpstreamIdentityTooLarge, claim_at, header_value
+from verifier.upstream.claims import UpstreamClaimTooLarge, UpstreamIdentityTooLarge, header_value
 
 __all__ = [
     "UpstreamAnswers",
@@ -65,13 +66,13 @@ class UpstreamAnswers:
             return self._bounded(allow(principal, cache_max_age=ceiling))
         headers: list[tuple[str, str]] = []
         for mapping in variant.headers:
-            value = header_value(claim_at(principal.claims, mapping.claim), self._max, f"claim {mapping.claim!r}")
+            value = header_value(find_claim(principal.claims, mapping.claim), self._max, f"claim {mapping.claim!r}")
             if value is not None:
                 headers.append((mapping.header, value))
         answer: tuple[tuple[str, str], ...] = ()
         consumer = self._consumer
         if consumer is not None:
-            found = claim_at(principal.claims, consumer.claim)
+            found = find_claim(principal.claims, consumer.claim)
             value = None if isinstance(found, list) else header_value(found, self._max, f"claim {consumer.claim!r}")
             if value is not None:
                 answer = ((consumer.answer_header, value),)

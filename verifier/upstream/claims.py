@@ -1,4 +1,5 @@
-"""Claims as header values: found by name or dotted path, rendered so no value can forge a header.
+"""Claims as header values (found by name or dotted path, `verifier.claimpath`), rendered so no value can forge
+a header.
 
 The rules, in the order they apply (README, "What the upstream receives"):
 - a claim that is missing, null, an empty string or an object sends no header (an object has no one
@@ -20,7 +21,6 @@ The rules, in the order they apply (README, "What the upstream receives"):
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
 from verifier.decision import header_safe, list_element
@@ -37,21 +37,6 @@ class UpstreamIdentityTooLarge(UpstreamClaimTooLarge):
     """The identity headers together do not fit in `upstream.max_total_bytes`: refused, not cut."""
 
     code = "upstream_identity_too_large"
-
-
-def claim_at(claims: Mapping[str, Any], name: str) -> Any:
-    """The claim called `name`, else the value at its dotted path (`org.tenant_id`); None when absent.
-
-    The exact name comes first: namespaced claims (`https://example.com/tenant`) hold dots of their own.
-    """
-    if name in claims:
-        return claims[name]
-    value: Any = claims
-    for part in name.split("."):
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(part)
-    return value
 
 
 def _scalar(value: Any) -> str | None:
