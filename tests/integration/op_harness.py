@@ -21,8 +21,8 @@ resource                             ``aud``                      alg
 
 User tokens (:meth:`OpenIDProvider.user_token`) come from the authorization-code flow with PKCE:
 the harness logs a user in through the test-only ``POST /__login/:uid`` (chosen ``acr``, ``amr``,
-login time, ``groups``) instead of a login page, and the JWT access token carries ``sub``,
-``auth_time``, ``acr``, ``amr`` and ``groups``.
+login time, ``groups``, other ``claims``) instead of a login page, and the JWT access token carries
+``sub``, ``auth_time``, ``acr``, ``amr``, ``groups`` and those claims.
 
 Only stdlib HTTP is used for the provider's endpoints; ``cryptography`` and ``pyjwt`` generate keys
 and DPoP proofs.
@@ -459,6 +459,7 @@ class OpenIDProvider:
         auth_age_seconds: int = 0,
         scope: str = "read write",
         groups: list[str] | None = None,
+        claims: dict[str, Any] | None = None,
         resource: str = API_AUDIENCE,
         dpop_key: ec.EllipticCurvePrivateKey | None = None,
         cookies: dict[str, str] | None = None,
@@ -467,7 +468,8 @@ class OpenIDProvider:
         """Log ``sub`` in and run the authorization-code grant (PKCE); return the token endpoint's JSON.
 
         The login says ``acr``, ``amr`` (default ``["hwk"]``) and happened ``auth_age_seconds`` ago
-        (the token's ``auth_time``); ``groups`` becomes the token's ``groups`` claim. With
+        (the token's ``auth_time``); ``groups`` becomes the token's ``groups`` claim, ``claims`` (a
+        Keycloak-shaped ``{"realm_access": {"roles": [...]}}``) more claims of the access token. With
         ``dpop_key`` the token is DPoP-bound (``cnf.jkt``). ``openid`` is added to ``scope`` for the
         login; the access token for ``resource`` carries the rest. ``cookies`` (a browser's jar, filled
         here) keeps the provider's session for :meth:`end_session`. ``prompt="consent"`` with
@@ -498,6 +500,7 @@ class OpenIDProvider:
             "amr": ["hwk"] if amr is None else amr,
             "ts": int(time.time()) - auth_age_seconds,
             "groups": groups,
+            "claims": claims,
         }
         body = self._json("POST", f"/__login/{uid}", body=json.dumps(login).encode(), headers=_UNCOUNTED)
         location = str(body["returnTo"])

@@ -46,6 +46,7 @@ POLICIES: list[dict[str, Any]] = [
     },
     {"name": "roles", "match": {"path_prefix": "/roles"}, "require": {"roles_any": ["admin"]}},
     {"name": "ops", "match": {"path_prefix": "/ops"}, "require": {"roles_any": ["ops"]}},
+    {"name": "realm", "match": {"path_prefix": "/realm"}, "require": {"roles_any": ["realm-admin"]}},
     {"name": "scopes", "match": {"path_prefix": "/scopes"}, "require": {"scopes_all": ["write"]}},
     {"name": "amr", "match": {"path_prefix": "/amr"}, "require": {"amr_any": ["hwk"]}},
     {"name": "acr", "match": {"path_prefix": "/acr"}, "require": {"acr_any": ["phr", "phrh"]}},
@@ -56,6 +57,7 @@ POLICIES: list[dict[str, Any]] = [
 ROLES: list[dict[str, Any]] = [
     {"role": "admin", "claim": "groups", "values": [ADMIN_GROUP]},
     {"role": "ops", "subjects": ["carol"]},
+    {"role": "realm-admin", "claim": "realm_access.roles", "values": ["admin"]},  # Keycloak's realm roles
 ]
 DPOP = {"algorithms": ["ES256", "EdDSA"], "iat_past_seconds": 60}
 
@@ -192,6 +194,30 @@ def test_roles_from_the_groups_claim_allow_and_their_absence_is_403(
     assert "admin" in allowed.headers["x-authenticated-roles"].split(",")
     assert allowed.headers["x-authenticated-userid"] == "alice"
     _assert_forbidden(_ask(verifier, "/roles/x", op.user_token("bob", groups=["staff"])), "role_missing")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"realm_access": {"groups": ["admin"]}},  # the role under a sibling key
+        {"realm_access": [{"roles": ["admin"]}]},  # a list at the intermediate
+        {"realm_access": '{"roles": ["admin"]}'},  # a string at the intermediate
+        {"resource_access": {"realm_access": {"roles": ["admin"]}}},  # the path one level down
+    ],
+    ids=["sibling", "list", "string", "deeper"],
+)
+def test_a_keycloak_realm_role_at_its_nested_path_allows_and_nothing_else_there_does(
+    op: OpenIDProvider, verifier: GatewayProcess, shape: dict[str, Any]
+) -> None:
+    """A rule on `realm_access.roles` (where Keycloak puts realm roles) read a flat claim of that name that no token
+    has: every user got 403 `role_missing`, with nothing saying the rule could never match. The provider's real
+    access token, with the role nested as Keycloak nests it, now gets the role; the same role anywhere else does
+    not."""
+    keycloak = {"realm_access": {"roles": ["offline_access", "admin"]}}
+    allowed = _ask(verifier, "/realm/x", op.user_token("alice", claims=keycloak))
+    assert allowed.status == 200, allowed.body
+    assert "realm-admin" in allowed.headers["x-authenticated-roles"].split(",")
+    _assert_forbidden(_ask(verifier, "/realm/x", op.user_token("eve", claims=shape)), "role_missing")
 
 
 def test_roles_from_subjects_allow_that_user_only(op: OpenIDProvider, verifier: GatewayProcess) -> None:

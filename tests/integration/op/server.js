@@ -32,7 +32,8 @@
 //   POST /__faults         {"jwks": {"status": 503, "delay_ms": 0}, ...} answer an endpoint with an
 //                          error and/or delay it; {} clears every fault
 //   POST /__login/:uid     {"accountId": "alice", "acr": "phr", "amr": ["hwk"], "ts": 1700000000,
-//                           "groups": ["platform-admins"]}: finish the pending login interaction
+//                           "groups": ["platform-admins"], "claims": {"realm_access": {"roles": ["admin"]}}}:
+//                          finish the pending login interaction
 //                          `uid` (from the /auth redirect to /interaction/:uid) as that user, with that
 //                          authentication context and time, and grant consent to every requested scope
 //                          and resource; answers {"returnTo": ".../auth/:uid"} (GET it with the
@@ -40,7 +41,8 @@
 //
 // User tokens (authorization code + PKCE, client "web", redirect_uri WEB_REDIRECT_URI): JWT access
 // tokens for a resource carry sub (the account), auth_time, acr, amr (from the login, copied from the
-// authorization code by extraTokenClaims) and groups (as given at /__login). Client-credentials tokens
+// authorization code by extraTokenClaims), groups and any other claims (a Keycloak-shaped realm_access)
+// as given at /__login. Client-credentials tokens
 // are unchanged. A login asking for offline_access with prompt=consent gets an opaque refresh token too,
 // which the introspection endpoint answers active (sub, client_id, scope, exp; no aud, no token_type).
 // Logout: RP-initiated logout (GET end_session_endpoint, then POST the confirmation form with its xsrf
@@ -89,7 +91,7 @@ const COUNTED_ROUTES = {
 // every issued opaque token. This one keeps them in the process, across reloads (not restarts).
 const records = new Map(); // `${model}:${id}` -> { payload, expiresAt (ms) }
 const grantMembers = new Map(); // grantId -> Set of record keys
-// accountId -> { groups }: what /__login said about each user; kept across reloads like the records.
+// accountId -> { groups, claims }: what /__login said about each user; kept across reloads like the records.
 const accounts = new Map();
 
 class SharedMemoryAdapter {
@@ -228,7 +230,8 @@ function buildProvider(config) {
     extraTokenClaims: async (ctx, token) => {
       if (!token.accountId) return undefined;
       const code = ctx.oidc?.entities?.AuthorizationCode;
-      const claims = {};
+      // The login's own claims first: the ones below (what the provider says itself) win over them.
+      const claims = { ...(accounts.get(token.accountId)?.claims ?? {}) };
       if (code) {
         if (code.authTime !== undefined) claims.auth_time = code.authTime;
         if (code.acr !== undefined) claims.acr = code.acr;
@@ -368,7 +371,8 @@ async function finishLogin(uid, body) {
   const interaction = await provider.Interaction.find(uid);
   if (!interaction) throw new Error(`no pending interaction ${uid}`);
   const accountId = String(body.accountId ?? 'alice');
-  accounts.set(accountId, { groups: body.groups ?? undefined });
+  const claims = body.claims && typeof body.claims === 'object' && !Array.isArray(body.claims) ? body.claims : undefined;
+  accounts.set(accountId, { groups: body.groups ?? undefined, claims });
   const { params } = interaction;
   const grant = new provider.Grant({ accountId, clientId: params.client_id });
   if (params.scope) grant.addOIDCScope(params.scope);
