@@ -338,6 +338,27 @@ async def test_a_transmitter_cannot_add_the_scope_group_or_role_a_route_requires
             assert (status, headers["x-verifier-reason"]) == (403, "scope_missing")
 
 
+async def test_a_transmitter_cannot_add_a_realm_role_inside_a_nested_claim() -> None:
+    """With rules on nested paths, a token-claims-change that rewrites an object claim could raise a role hidden
+    inside it: `realm_access: {roles: [user, admin]}` announced for a token holding `{roles: [user]}` must not
+    grant admin; one taking admin away from a token that has it does take it away."""
+    rules = (RoleRule(role="admin", claim="realm_access.roles", values=("admin",)),)
+    async with _providers() as (idp,), _ssf() as tx:
+        issuer = IssuerSettings(issuer=idp.issuer, audiences=(DEV_AUDIENCE,), algorithms=("ES256",), roles=rules)
+        async with _verifier([issuer], [_transmitter(tx, [idp.issuer])], policies=POLICIES) as app:
+            mallory = idp.mint(sub="mallory", claims={"realm_access": {"roles": ["user"]}})
+            raised = {"realm_access": {"roles": ["user", "admin"]}}
+            assert await _push(app, tx, _claims_change(raised), _user(idp, "mallory")) == 202
+            status, headers = await _forward(app, mallory, "/admin/x")
+            assert (status, headers["x-verifier-reason"]) == (403, "role_missing")
+            alice = idp.mint(sub="alice", claims={"realm_access": {"roles": ["user", "admin"]}})
+            assert (await _forward(app, alice, "/admin/x"))[0] == 200
+            lowered = {"realm_access": {"roles": ["user"]}}
+            assert await _push(app, tx, _claims_change(lowered), _user(idp, "alice")) == 202
+            status, headers = await _forward(app, alice, "/admin/x")
+            assert (status, headers["x-verifier-reason"]) == (403, "role_missing")
+
+
 async def test_an_assurance_level_change_cannot_raise_acr_to_what_a_step_up_route_requires() -> None:
     async with _providers() as (idp,), _ssf() as tx:
         async with _verifier([_issuer(idp)], [_transmitter(tx, [idp.issuer])], policies=GRANTS) as app:
