@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -205,14 +205,15 @@ def redis_client(url: str, *, password: str | None, timeout_seconds: float, subs
     )
 
 
-def shared_state(config: StateConfig | None, clock: Clock) -> SharedState:
+def shared_state(config: StateConfig | None, clock: Clock, buckets: Mapping[str, int] | None = None) -> SharedState:
     """The configured store: Redis if a URL is set, else a file every process of this host shares (`path`:
-    replay keys outlive a worker), else a bounded in-memory store."""
+    replay keys outlive a worker), else a bounded in-memory store. `buckets`: with Redis, its bound of rate-limit
+    buckets per `issuers[]` entry (`Settings.redis_bucket_bounds`); None, `state.redis_max_buckets` for all."""
     if config is None or config.redis_url is None:
         config = config or StateConfig()
         if config.path:
-            buckets = MemoryState(clock, max_entries=config.max_entries)
-            return SqliteState(config.path, clock, replay=config.replay_bounds, buckets=buckets)
+            local = MemoryState(clock, max_entries=config.max_entries)
+            return SqliteState(config.path, clock, replay=config.replay_bounds, buckets=local)
         return MemoryState(clock, max_entries=config.max_entries, replay=config.replay_bounds)
     client = redis_client(config.redis_url, password=config.password, timeout_seconds=config.timeout_seconds)
     return RedisState(
@@ -220,7 +221,7 @@ def shared_state(config: StateConfig | None, clock: Clock) -> SharedState:
         key_prefix=config.key_prefix,
         timeout_seconds=config.timeout_seconds,
         replay=config.redis_replay_bounds,
-        max_buckets=config.redis_max_buckets,
+        max_buckets=config.redis_max_buckets if buckets is None else buckets,
         clock=clock,
     )
 
@@ -298,12 +299,12 @@ class App:
         self.jwt = JwtVerifier(
             {i.issuer: i for i in settings.issuers}, self.keys, self.clock, max_token_bytes=settings.max_token_bytes
         )
-        self.state = shared_state(settings.state, self.clock)
+        self.state = shared_state(settings.state, self.clock, settings.redis_bucket_bounds)
         local_state = self.state
         if isinstance(local_state, MemoryState | SqliteState | RedisState):  # bounded: full, it refuses
             self.metrics.replay_store(lambda: local_state.full.refused)
         if isinstance(local_state, RedisState):  # its buckets are bounded too: full, it refuses a new one
-            self.metrics.bucket_store(lambda: local_state.buckets_refused)
+            self.metrics.bucket_store(lambda: local_state.bucket_refusals)
         self.dpop = DpopVerifier(settings.dpop or DpopConfig(), self.state, self.clock)
         self.introspectors = {
             i.issuer: build_introspector(
@@ -406,7 +407,8 @@ class App:
             checks.append(RoutePolicy(self.clock, lambda issuer: self._discovered("authorization_endpoint", issuer)()))
             checks.append(WebAuthnStepUp(self.webauthn))
         if settings.rate_limits:
-            checks.append(RateLimit(RateLimiter(settings.rate_limits, self.state, self.clock)))
+            limiter = RateLimiter(settings.rate_limits, self.state, self.clock, configured=self.keys.configured)
+            checks.append(RateLimit(limiter))
         self.upstream = UpstreamAnswers(settings.upstream)  # keys parsed at start-up, by the settings
         self.pipeline = Pipeline(
             authenticators=authenticators,

@@ -287,10 +287,11 @@ class StateUnavailable(VerifierError):
 
 
 class BucketStoreFull(StateUnavailable):
-    """Redis holds as many rate-limit buckets as `state.redis_max_buckets` allows (every replica's together): a
-    new identity's first request is refused, fail closed, with the answer of unavailable state (503
-    `state_unavailable`, the code it keeps), its Retry-After `retry_after`: the seconds until the oldest counted
-    buckets expire. Identities whose bucket exists are served as before. Not a 429: the caller did nothing wrong."""
+    """Redis holds as many rate-limit buckets as its `issuers[]` entry's share of `state.redis_max_buckets` allows
+    (every replica's together): a new identity of that entry's first request is refused, fail closed, with the
+    answer of unavailable state (503 `state_unavailable`, the code it keeps), its Retry-After `retry_after`: the
+    seconds until the entry's oldest counted buckets expire. Identities whose bucket exists are served as before,
+    and other entries' new identities have their own share. Not a 429: the caller did nothing wrong."""
 
     def __init__(self, description: str = "", *, retry_after: int) -> None:
         super().__init__(description)

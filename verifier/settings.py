@@ -56,7 +56,13 @@ from verifier.config.policy import (
 )
 from verifier.config.resource import ProtectedResourceConfig, parse_protected_resource_config
 from verifier.config.revocation import RevocationConfig, check_transmitter_scopes, parse_revocation_config
-from verifier.config.state import StateConfig, parse_state_config
+from verifier.config.state import (
+    DEFAULT_REDIS_MAX_BUCKETS,
+    StateConfig,
+    parse_state_config,
+    split_bound,
+    split_problem,
+)
 from verifier.config.tracing import TracingConfig, parse_tracing_config
 from verifier.config.upstream import UpstreamConfig, parse_upstream_config
 from verifier.config.webauthn import WebAuthnConfig, parse_webauthn_config
@@ -311,6 +317,13 @@ class Settings:
     protected_resource: ProtectedResourceConfig | None = None  # RFC 9728: the default resource's metadata
     upstream: UpstreamConfig | None = None  # mapped claims, the Kong consumer, the identity assertion
     tracing: TracingConfig | None = None  # OpenTelemetry export (the file or OTEL_* variables); None: off
+
+    @property
+    def redis_bucket_bounds(self) -> dict[str, int]:
+        """`state.redis_max_buckets` split per `issuers[]` entry by `max_buckets_share` (entries without one: equal
+        parts of the rest); a template's tenants share their entry's part."""
+        total = self.state.redis_max_buckets if self.state is not None else DEFAULT_REDIS_MAX_BUCKETS
+        return split_bound(total, {i.issuer: i.max_buckets_share for i in self.issuers})
 
     @property
     def state_is_shared(self) -> bool:
@@ -761,6 +774,7 @@ def _parse_settings(data: Any) -> Settings:
             record(warning.message)
     check_admin_token(os.environ.get(ADMIN_TOKEN_ENV))
     _check_shared_state(settings)
+    _check_bucket_shares(settings)
     return settings
 
 
@@ -836,6 +850,21 @@ def check_admin_token(token: str | None) -> None:
         raise ConfigError(
             f"{ADMIN_TOKEN_ENV}: at least {MIN_ADMIN_TOKEN_CHARS} characters are required (got {len(token)})"
         )
+
+
+def _check_bucket_shares(settings: Settings) -> None:
+    """`issuers[].max_buckets_share` split Redis's bound of rate-limit buckets: only with `state.redis_url`, and
+    only when every entry's part comes to one bucket at least."""
+    shared = [n for n, i in enumerate(settings.issuers) if i.max_buckets_share > 0]
+    if settings.state is None or settings.state.redis_url is None:
+        for n in shared:
+            record(f"issuers[{n}].max_buckets_share: only meaningful with state.redis_url (Redis's bound)")
+        return
+    total = settings.state.redis_max_buckets
+    problem = split_problem(total, {i.issuer: i.max_buckets_share for i in settings.issuers})
+    if problem:
+        key = f"issuers[{shared[0]}].max_buckets_share" if shared else "state.redis_max_buckets"
+        record(f"{key}: state.redis_max_buckets split by issuer entry: {problem}; raise it or change the shares")
 
 
 def _check_shared_state(settings: Settings) -> None:

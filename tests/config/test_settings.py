@@ -507,3 +507,72 @@ def test_dpop_origins_from_resources_takes_the_origins_of_the_configured_resourc
     bare["dpop"] = {"origins_from_resources": True}
     with pytest.raises(ConfigError, match=r"dpop.origins_from_resources: no protected_resource.resource"):
         parse_settings(bare)
+
+
+# --- Redis's bound of rate-limit buckets, split per issuers[] entry -----------------------------------------
+
+
+def _two_issuers(state: dict[str, Any] | None, main: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """The example's issuer (the operator's own) and an open multi-tenant template, with `state` if given."""
+    document = _example()
+    own = document["issuers"][0]
+    document["issuers"] = [{**own, **main}, {**own, "issuer": "http://127.0.0.1:9401/{tenant}", "tenants": "any",
+                                             **template}]  # fmt: skip
+    if state is not None:
+        document["state"] = state
+    return document
+
+
+REDIS = {"redis_url": "redis://127.0.0.1:6379/0", "key_prefix": "v:"}
+
+
+def test_redis_s_bound_of_buckets_is_split_per_issuer_entry_equally_unless_a_share_is_set() -> None:
+    """Each `issuers[]` entry gets its own part of `state.redis_max_buckets` (a template's tenants share their
+    entry's): equal parts by default, `max_buckets_share` a fraction of it, the entries without one the rest."""
+    settings = parse_settings(_two_issuers({**REDIS, "redis_max_buckets": 1_000}, {}, {}))
+    assert settings.redis_bucket_bounds == {"http://127.0.0.1:9400": 500, "http://127.0.0.1:9401/{tenant}": 500}
+    settings = parse_settings(_two_issuers({**REDIS, "redis_max_buckets": 1_000}, {"max_buckets_share": 0.9}, {}))
+    assert settings.redis_bucket_bounds == {"http://127.0.0.1:9400": 900, "http://127.0.0.1:9401/{tenant}": 100}
+    settings = parse_settings(_two_issuers(None, {}, {"max_buckets_share": 0}))  # the default bound, halved
+    assert settings.redis_bucket_bounds == {"http://127.0.0.1:9400": 500_000, "http://127.0.0.1:9401/{tenant}": 500_000}
+    assert parse_settings(_example()).redis_bucket_bounds == {"http://127.0.0.1:9400": 1_000_000}  # one: all of it
+
+
+@pytest.mark.parametrize(
+    ("state", "main", "template", "problem"),
+    [
+        (REDIS, {"max_buckets_share": 1.5}, {}, "issuers[0].max_buckets_share: 1.5 is outside [0, 1]"),
+        (REDIS, {"max_buckets_share": -0.1}, {}, "issuers[0].max_buckets_share: -0.1 is outside [0, 1]"),
+        (
+            {**REDIS, "redis_max_buckets": 10},
+            {"max_buckets_share": 0.6},
+            {"max_buckets_share": 0.6},
+            "issuers[0].max_buckets_share: state.redis_max_buckets split by issuer entry: the shares come to more",
+        ),
+        (
+            {**REDIS, "redis_max_buckets": 10},
+            {"max_buckets_share": 1},
+            {},
+            "issuers[0].max_buckets_share: state.redis_max_buckets split by issuer entry: 0 of 10 left for 1 part",
+        ),
+        (
+            {**REDIS, "redis_max_buckets": 10},
+            {},
+            {"max_buckets_share": 0.05},
+            "issuers[1].max_buckets_share: state.redis_max_buckets split by issuer entry: 0.05 of 10 is not one entry",
+        ),
+        (
+            {**REDIS, "redis_max_buckets": 1},
+            {},
+            {},
+            "state.redis_max_buckets: state.redis_max_buckets split by issuer entry: 1 of 1 left for 2 part(s)",
+        ),
+        (None, {"max_buckets_share": 0.5}, {}, "issuers[0].max_buckets_share: only meaningful with state.redis_url"),
+    ],
+)
+def test_bucket_shares_that_cannot_give_each_issuer_entry_a_bucket_are_refused_at_start_up(
+    state: dict[str, Any] | None, main: dict[str, Any], template: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_settings(_two_issuers(state, main, template))
+    assert problem in str(refused.value)

@@ -15,17 +15,20 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import yaml
 from doorkit import http_exchange, running_verifier
 from redis.asyncio import Redis
 from redis_harness import RedisServer  # tests/integration is on sys.path
 
-from verifier.app import redis_client, revocation_store
+from verifier.app import App, redis_client, revocation_store
 from verifier.config.state import MAX_TIMEOUT_SECONDS, ReplayBounds, StateConfig
+from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 from verifier.errors import BucketStoreFull, StateUnavailable
 from verifier.revocation.entry import OPERATOR, Effect, Entry, KeyKind, Match, SubjectKey
-from verifier.settings import RateLimit, RateLimitSettings
+from verifier.settings import RateLimit, RateLimitSettings, load_settings
 from verifier.state.base import Purpose
 from verifier.state.redis import RedisState
 
@@ -36,7 +39,7 @@ RATE, BURST = 0.001, 3  # a bucket full again (and its key gone) ~3,000 s after 
 NOW = 1_700_000_000.0
 
 
-def replica(url: str, max_buckets: int = BUCKETS, bounds: ReplayBounds | None = None) -> RedisState:
+def replica(url: str, max_buckets: int | dict[str, int] = BUCKETS, bounds: ReplayBounds | None = None) -> RedisState:
     """One replica's store, on a client built as the composition root builds it."""
     client = redis_client(url, password=None, timeout_seconds=MAX_TIMEOUT_SECONDS)
     extra = {} if bounds is None else {"replay": bounds}
@@ -91,7 +94,7 @@ async def test_a_flood_of_identities_stops_at_the_bound_in_a_tight_redis_and_eve
         assert served == 2_000 - 2
         assert refused.code == "state_unavailable" and refused.outcome.value == "unavailable"
         assert 1 <= refused.retry_after <= BURST / RATE
-        assert state.buckets_refused == 1
+        assert state.bucket_refusals == {"": 1}  # one share: every take's
         # The identities whose bucket exists: served as their bucket says, never refused for the bound.
         assert (await state.take("rl:bystander", rate_per_second=RATE, burst=BURST, now=NOW + 1)).allowed
         assert not (await state.take("rl:victim", rate_per_second=RATE, burst=BURST, now=NOW + 1)).allowed
@@ -119,7 +122,7 @@ async def test_two_replicas_share_one_bound(replicas: tuple[RedisState, RedisSta
         with pytest.raises(BucketStoreFull):
             await state.take("rl:next", rate_per_second=RATE, burst=BURST, now=NOW)
         assert (await state.take("rl:0", rate_per_second=RATE, burst=BURST, now=NOW)).allowed  # an existing one
-    assert (a.buckets_refused, b.buckets_refused) == (1, 1)  # each replica counts its own refusals
+    assert a.bucket_refusals == b.bucket_refusals == {"": 1}  # each replica counts its own refusals
 
 
 async def test_concurrent_new_identities_on_two_replicas_never_pass_the_bound(
@@ -255,4 +258,85 @@ async def test_through_the_forward_auth_door_a_new_identity_past_the_bound_gets_
         assert "ratelimit" not in headers
         status, headers, _ = _parse(await http_exchange(port, _request(idp.mint(sub="alice"))))
         assert (status, headers["ratelimit"].split(";")[1]) == (200, "r=1")
-        assert b"verifier_rate_limit_store_full_total 1.0" in app.metrics.render()
+        assert f'verifier_rate_limit_store_full_total{{issuer="{idp.issuer}"}} 1.0'.encode() in app.metrics.render()
+
+
+async def test_an_issuer_entry_at_its_share_refuses_its_own_new_identities_only(
+    redis_server: RedisServer, raw: Redis
+) -> None:
+    """Two shares of the bound (`issuers[]` entries: 3 and 2 buckets). The entry whose caller mints identities
+    stops at its own 3, each further new identity refused (`BucketStoreFull`, Retry-After) and counted under its
+    entry; the other entry's new identities still get their buckets, up to its own 2, and the flooding entry's
+    existing identities are still served. Before, one bound for all: the flood took every place, the other
+    entry's first identity was refused."""
+    bounds = {"https://tenants.example.test/{tenant}": 3, "https://idp.example.test": 2}
+    open_entry, own = bounds
+    state = replica(redis_server.url, max_buckets=bounds)
+    try:
+        for i in range(20):  # the attacker: a new identity per take, at the open entry, until refused
+            try:
+                await state.take(f"rl:minted-{i}", rate_per_second=RATE, burst=BURST, now=NOW, share=open_entry)
+            except BucketStoreFull as refused:
+                served, full = i, refused
+                break
+        else:
+            pytest.fail("20 new identities at one entry, none refused")
+        for user in ("alice", "bob"):  # the operator's own issuer: its new users are served
+            assert (await state.take(f"rl:{user}", rate_per_second=RATE, burst=BURST, now=NOW, share=own)).allowed
+        assert served == 3 and 1 <= full.retry_after <= BURST / RATE
+        with pytest.raises(BucketStoreFull):  # its own share has its own end
+            await state.take("rl:carol", rate_per_second=RATE, burst=BURST, now=NOW, share=own)
+        with pytest.raises(BucketStoreFull):  # and the flood is still refused
+            await state.take("rl:minted-99", rate_per_second=RATE, burst=BURST, now=NOW + 1, share=open_entry)
+        existing = await state.take("rl:minted-0", rate_per_second=RATE, burst=BURST, now=NOW + 1, share=open_entry)
+        assert existing.allowed
+        assert state.bucket_refusals == {open_entry: 2, own: 1}
+        assert len(await raw.keys("t:bucket:*")) == 5 and len(await raw.keys("t:count:buckets:*")) == 2
+        with pytest.raises(ValueError):  # a share nobody configured is a caller's bug, never a bound of its own
+            await state.take("rl:x", rate_per_second=RATE, burst=BURST, now=NOW, share="https://other.example.test")
+    finally:
+        await state.close()
+
+
+async def test_through_the_forward_auth_door_a_flood_at_an_open_template_leaves_the_own_issuer_s_new_users_served(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The cross-tenant denial of service, through the forward-auth door on Redis: `redis_max_buckets: 6`, two
+    `issuers[]` entries (the operator's own issuer and a `tenants: any` template anyone can make a tenant of, so
+    mint users at will): 3 buckets each. The attacker's new identities, spread over two tenants, get 200 until
+    their entry's 3 are taken, then 503 `state_unavailable` with Retry-After; a new user of the operator's own
+    issuer still gets 200 and its budget (before: 503, the flood had taken every place); both entries are
+    counted apart in `verifier_rate_limit_store_full_total{issuer}`, never a tenant or a sub."""
+    idp = DevIdentityProvider(port=0, tenants=("contoso", "fabrikam"))
+    await idp.start()
+    entry = {"audiences": [DEV_AUDIENCE], "algorithms": ["ES256"], "allow_insecure_http": True}
+    config = {
+        "http": {"listen": "127.0.0.1:0"},
+        "issuers": [{"issuer": idp.issuer, **entry}, {"issuer": idp.issuer + "/{tenant}", "tenants": "any", **entry}],
+        "rate_limits": {"default": {"per_second": RATE, "burst": BURST}},
+        "state": {"redis_url": redis_server.url, "key_prefix": "tenants:", "redis_max_buckets": 6},
+    }
+    (tmp_path / "verifier.yaml").write_text(yaml.safe_dump(config))
+    app = App(load_settings(tmp_path / "verifier.yaml"))
+    await app.start()
+    try:
+        await asyncio.wait_for(app.keys.wait_ready(), 10)
+        port = app.ports.http or 0
+        answers = []
+        for i in range(8):  # the attacker: a fresh sub per request, at tenants of the open template
+            token = idp.mint(tenant=("contoso", "fabrikam")[i % 2], sub=f"minted-{i}")
+            answers.append(_parse(await http_exchange(port, _request(token))))
+        status, headers, _ = _parse(await http_exchange(port, _request(idp.mint(sub="alice"))))
+        assert (status, headers.get("x-verifier-reason")) == (200, "ok")
+        assert headers["ratelimit"] == '"default";r=2;t=1000'
+        assert [answer[0] for answer in answers] == [200, 200, 200, 503, 503, 503, 503, 503]
+        status, headers, _ = answers[3]
+        assert headers["x-verifier-reason"] == "state_unavailable" and 1 <= int(headers["retry-after"]) <= 3_000
+        assert _parse(await http_exchange(port, _request(idp.mint(tenant="contoso", sub="minted-0"))))[0] == 200
+        metrics = app.metrics.render().decode()
+        assert f'verifier_rate_limit_store_full_total{{issuer="{idp.issuer}/{{tenant}}"}} 5.0' in metrics
+        assert f'verifier_rate_limit_store_full_total{{issuer="{idp.issuer}"}} 0.0' in metrics
+        assert "contoso" not in metrics and "minted" not in metrics
+    finally:
+        await app.stop(grace=0)
+        await idp.stop()

@@ -24,7 +24,7 @@ def limiter() -> RateLimiter:
         default=RateLimit(per_second=1, burst=2),
         roles=(("reader", RateLimit(per_second=2, burst=2)), ("writer", RateLimit(per_second=3, burst=2))),
     )
-    return RateLimiter(settings, MemoryState(clock), clock)
+    return RateLimiter(settings, MemoryState(clock), clock, configured=str)
 
 
 async def test_changing_limit_class_does_not_give_a_fresh_bucket(limiter: RateLimiter) -> None:
@@ -42,3 +42,48 @@ async def test_other_identities_have_their_own_buckets(limiter: RateLimiter) -> 
     await limiter.check(alice(issuer="https://other.example.test"))
     await limiter.check(Principal(issuer="https://idp.example.test", subject="bob", client_id=None, scopes=(),
                                   roles=frozenset(), expires_at=2e9, claims={}))
+
+
+class _Shares:
+    """A state that records the share each take names, and serves it from a real memory store."""
+
+    def __init__(self, clock: FrozenClock) -> None:
+        self.memory = MemoryState(clock, max_entries=3)
+        self.shares: list[str] = []
+
+    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "") -> object:
+        self.shares.append(share)
+        return await self.memory.take(key, rate_per_second=rate_per_second, burst=burst, now=now, share=share)
+
+
+async def test_a_bucket_is_counted_in_its_issuer_entry_s_share_a_tenant_in_its_template_s() -> None:
+    """The share a take names is the `issuers[]` entry covering the principal's issuer (`KeyStore.configured`):
+    a template's tenants all name the template, never their own issuer (which anyone could mint)."""
+    clock = FrozenClock()
+    template = "https://login.example.test/{tenant}"
+
+    def configured(issuer: str) -> str:
+        return template if issuer.startswith("https://login.example.test/") else issuer
+
+    state = _Shares(clock)
+    limiter = RateLimiter(RateLimitSettings(default=RateLimit(per_second=1, burst=2)), state, clock,
+                          configured=configured)  # fmt: skip
+    for issuer in ("https://login.example.test/t1", "https://login.example.test/t2", "https://idp.example.test"):
+        await limiter.check(alice(issuer=issuer))
+    assert state.shares == [template, template, "https://idp.example.test"]
+
+
+async def test_without_redis_a_flood_of_identities_at_one_issuer_refuses_no_identity_of_another() -> None:
+    """The memory store's bound (`state.max_entries`, every issuer together) is never a refusal: past it the least
+    recently used bucket is forgotten and starts full again. So a caller minting identities at one issuer gets
+    another issuer's new and existing users no 503 and no 429, at most one more burst for them."""
+    clock = FrozenClock()
+    state = _Shares(clock)
+    limiter = RateLimiter(RateLimitSettings(default=RateLimit(per_second=1, burst=2)), state, clock, configured=str)
+    await limiter.check(alice())
+    for i in range(50):
+        minted = alice(issuer="https://login.example.test/open")._replace(subject=f"minted-{i}")
+        await limiter.check(minted)
+    await limiter.check(alice())  # forgotten under the flood: a full bucket again, never a refusal
+    await limiter.check(alice()._replace(subject="bob"))
+    assert state.memory.evictions == 50  # 48 by the flood, one each for alice and bob

@@ -126,6 +126,13 @@ class IssuerSettings:
     tls_ca_file: str = setting(
         "", doc="PEM CA bundle for discovery, JWKS and introspection TLS (default: the system's)"
     )
+    max_buckets_share: float = setting(
+        0.0,
+        maximum=1,
+        unit="fraction",
+        doc="with state.redis_url: this entry's part of redis_max_buckets (a template's tenants share it); "
+        "0: an equal part of what the entries' shares leave",
+    )
 
     @property
     def is_template(self) -> bool:

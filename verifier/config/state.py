@@ -30,6 +30,9 @@ Redis itself (`verifier.state.redis`): a DPoP flood then stops at its part, belo
 the revocation writes still have room. The rate-limit buckets in Redis (one per identity) are bounded the same
 way by `redis_max_buckets`: a caller minting identities (many client credentials, a multi-tenant issuer) stops
 there, a new identity's first request refused (503, Retry-After), not at a full Redis that refuses every write.
+That bound is split per `issuers[]` entry by `split_bound`, as the replay bound is per purpose
+(`issuers[].max_buckets_share`, the entries without one equal parts of the rest: `Settings.redis_bucket_bounds`),
+so identities minted at one issuer stop at its part and never take another issuer's places.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ import dataclasses
 import enum
 import math
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from verifier.config.base import Reader, read_fields, setting
@@ -71,8 +75,9 @@ REDIS_BYTES_PER_REPLAY_KEY = 200  # the estimate the start-up check uses: the me
 # its creation, again when a take moves its expiry past that; so the bound is identities first seen within a
 # bucket's time-to-full, about 1,000 new ones a second sustained for 1,000 s: well above what a deployment's
 # own users and clients make. Past it a new identity's first request is refused (503, Retry-After), the
-# buckets that exist are served. A bucket key costs ~160 bytes in Redis 7.0 (a 32-hex-digit identity hash
-# behind a 9-byte prefix): ~200 MB when full, in `maxmemory`'s arithmetic with the replay keys'.
+# buckets that exist are served; split per `issuers[]` entry (`split_bound`). A bucket key costs ~160 bytes in
+# Redis 7.0 (a 32-hex-digit identity hash behind a 9-byte prefix): ~200 MB when full, in `maxmemory`'s arithmetic
+# with the replay keys'.
 DEFAULT_REDIS_MAX_BUCKETS = 1_000_000
 REDIS_BYTES_PER_BUCKET_KEY = 250  # the estimate the start-up check uses: the measured 215, a longer prefix
 DEFAULT_WEBAUTHN_REPLAY_SHARE = 0.02
@@ -84,6 +89,7 @@ DEFAULT_KEY_PREFIX = "verifier:"  # namespace for every key this verifier writes
 DEFAULT_TIMEOUT_SECONDS = 0.25
 MAX_TIMEOUT_SECONDS = 5.0  # seconds; a slower answer holds the gateway's request too long
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+K = TypeVar("K")  # what a bound is split by: a purpose's name, an issuer entry
 
 
 class Purpose(enum.StrEnum):
@@ -121,11 +127,40 @@ class ReplayBounds:
         webauthn_share: float = DEFAULT_WEBAUTHN_REPLAY_SHARE,
         revocation_share: float = DEFAULT_REVOCATION_REPLAY_SHARE,
     ) -> ReplayBounds:
-        """`total` split: each reserved part its share (rounded down, at least 1), DPoP the rest (at least 1).
+        """`total` split by `split_bound`: each reserved part its share, DPoP the rest (at least 1).
         `parse_state_config` refuses a total too small for that, so only hand-built configs meet the floors."""
-        webauthn = max(1, math.floor(total * webauthn_share))
-        revocation = max(1, math.floor(total * revocation_share))
-        return cls(dpop=max(1, total - webauthn - revocation), webauthn=webauthn, revocation=revocation)
+        parts = split_bound(total, {"dpop": 0.0, "webauthn": webauthn_share, "revocation": revocation_share})
+        return cls(**parts)
+
+
+def split_bound(total: int, shares: Mapping[K, float]) -> dict[K, int]:
+    """`total` split into parts: a part with a share above 0 gets that fraction of it (rounded down, at least 1);
+    the parts whose share is 0 split what the others leave in equal parts (rounded down, at least 1). The replay
+    bounds' purposes (DPoP the rest) and the rate-limit buckets' issuer entries (`issuers[].max_buckets_share`,
+    the entries without one the rest) are split alike; `split_problem` says when the floors would be needed."""
+    parts = {key: max(1, math.floor(total * share)) for key, share in shares.items() if share > 0}
+    rest = [key for key, share in shares.items() if not share > 0]
+    if rest:
+        each = max(1, (total - sum(parts.values())) // len(rest))
+        parts.update(dict.fromkeys(rest, each))
+    return {key: parts[key] for key in shares}
+
+
+def split_problem(total: int, shares: Mapping[K, float]) -> str:
+    """Why `split_bound(total, shares)` cannot give every part one entry of its own within `total` (empty: it
+    can): a share below one entry, shares above the whole, or no entry left for the parts without a share."""
+    reserved = 0
+    for key, share in shares.items():
+        if share > 0:
+            if math.floor(total * share) < 1:
+                return f"{share} of {total} is not one entry ({key})"
+            reserved += math.floor(total * share)
+    if sum(share for share in shares.values() if share > 0) > 1 + 1e-9:
+        return f"the shares come to more than the whole ({total})"
+    rest = sum(1 for share in shares.values() if not share > 0)
+    if rest and total - reserved < rest:
+        return f"{total - reserved} of {total} left for {rest} part(s) without a share: not one entry each"
+    return ""
 
 
 DEFAULT_REPLAY_BOUNDS = ReplayBounds.split(DEFAULT_MAX_REPLAY_ENTRIES)
@@ -163,7 +198,8 @@ class StateConfig:
         DEFAULT_REDIS_MAX_BUCKETS,
         minimum=1,
         unit="entries",
-        doc="with redis_url: rate-limit buckets in Redis, all replicas; at it a new identity gets 503",
+        doc="with redis_url: rate-limit buckets in Redis, all replicas, split per issuers[] entry "
+        "(max_buckets_share); at its entry's part a new identity gets 503",
     )
     webauthn_replay_share: float = setting(
         DEFAULT_WEBAUTHN_REPLAY_SHARE,

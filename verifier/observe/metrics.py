@@ -127,19 +127,24 @@ class _ReplayStore:
 
 
 class _BucketStore:
-    """`verifier_rate_limit_store_full_total`: new identities' first requests refused because Redis held
-    `state.redis_max_buckets` rate-limit buckets (503 `state_unavailable`), counted by the replica that refused.
-    Read from the store's own count at each scrape; 0 with the local stores (they evict idle buckets instead)."""
+    """`verifier_rate_limit_store_full_total{issuer}`: new identities' first requests refused because Redis held
+    their `issuers[]` entry's share of `state.redis_max_buckets` rate-limit buckets (503 `state_unavailable`),
+    counted by the replica that refused. `issuer` is a configured entry (a template as written, never a tenant
+    or a `sub`), each always exported. Read from the store's own counts at each scrape; nothing with the local
+    stores (they evict idle buckets instead)."""
 
     def __init__(self) -> None:
-        self.refused: Callable[[], int] = lambda: 0
+        self.refused: Callable[[], Mapping[str, int]] = lambda: {}
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "verifier_rate_limit_store_full",
-            "New identities refused because Redis held as many rate-limit buckets as state.redis_max_buckets allows.",
+            "New identities refused because Redis held as many rate-limit buckets as their issuer entry's share "
+            "of state.redis_max_buckets allows.",
+            labels=["issuer"],
         )
-        family.add_metric([], self.refused())
+        for issuer, count in sorted(self.refused().items()):
+            family.add_metric([issuer], count)
         yield family
 
 
@@ -227,8 +232,9 @@ class Metrics:
         """Exports the replay store's counts, per purpose, of values refused because it was full."""
         self._replay_store.refused = refused_full
 
-    def bucket_store(self, refused_full: Callable[[], int]) -> None:
-        """Exports the count of new rate-limit buckets refused because Redis held its bound of them."""
+    def bucket_store(self, refused_full: Callable[[], Mapping[str, int]]) -> None:
+        """Exports the counts, per issuer entry, of new rate-limit buckets refused because Redis held that entry's
+        share of its bound."""
         self._bucket_store.refused = refused_full
 
     def render(self) -> bytes:

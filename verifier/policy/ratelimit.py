@@ -2,13 +2,16 @@
 
 The bucket key is a hash of issuer and caller (a user's `sub` or, for a client-credentials token, its
 `client_id`, in separate namespaces), one bucket per identity whatever its roles, so Redis never holds
-raw identities as keys; a caller gets the most generous of its roles' limits, else the default.
+raw identities as keys; a caller gets the most generous of its roles' limits, else the default. A new
+bucket takes a place in its `issuers[]` entry's share of Redis's bound (`Settings.redis_bucket_bounds`; a
+template's tenants share their entry's): identities minted at one issuer never take another's places.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 from verifier.clock import Clock
@@ -20,11 +23,16 @@ from verifier.settings import RateLimit, RateLimitSettings
 class RateLimiter:
     """Counts every request of an identity against its bucket."""
 
-    def __init__(self, settings: RateLimitSettings, state: Any, clock: Clock) -> None:
+    def __init__(
+        self, settings: RateLimitSettings, state: Any, clock: Clock, *, configured: Callable[[str], str]
+    ) -> None:
+        """`configured` names the `issuers[]` entry covering a principal's issuer (`KeyStore.configured`: itself,
+        or its template), the share of the bound of buckets its new bucket is counted in."""
         self._default = settings.default
         self._roles = dict(settings.roles)
         self._state = state
         self._clock = clock
+        self._configured = configured
 
     def limit_for(self, principal: Principal) -> tuple[str, RateLimit] | None:
         """The policy name and limit that applies (most generous role, else default)."""
@@ -47,7 +55,11 @@ class RateLimiter:
         # (or whose roles change) would get a fresh bucket per class (issue #26 G14).
         digest = hashlib.sha256(f"{principal.issuer}\x00{principal.caller}".encode()).hexdigest()[:32]
         result = await self._state.take(
-            f"rl:{digest}", rate_per_second=limit.per_second, burst=limit.burst, now=self._clock.now()
+            f"rl:{digest}",
+            rate_per_second=limit.per_second,
+            burst=limit.burst,
+            now=self._clock.now(),
+            share=self._configured(principal.issuer),
         )
         window = max(1, math.ceil(limit.burst / limit.per_second))
         reset = max(0, math.ceil(result.reset_seconds))

@@ -146,8 +146,9 @@ class MemoryState:
             table.purge(now)
         return replay_digest(key) in table.live
 
-    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
-        """Token bucket; `now` is wall-clock seconds."""
+    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "") -> TakeResult:
+        """Token bucket; `now` is wall-clock seconds. `share` is not used: this store never refuses a bucket (under
+        pressure it forgets the least recently used one, which starts full again)."""
         check_bucket(rate_per_second, burst)
         entry = self._buckets.pop(key, None)
         if entry is None or entry[2] <= now:

@@ -37,6 +37,16 @@ fail closed as for an unreachable Redis, never a pass and never a 429 (the calle
 `verifier_rate_limit_store_full_total` by the replica that refused. Identities whose bucket exists are served as
 their bucket says. Still one round trip per take. A bucket stored before this (no `c`) is counted when next taken.
 
+One bound for every issuer still let a caller who mints identities at one issuer (a `tenants: any` template, a
+self-service registration provider) take every place, and then every new identity of every other issuer, the
+operator's own included, got 503. So the bound is split per share, an `issuers[]` entry (a template's tenants
+share their entry's), as the replay bound is per purpose (`Settings.redis_bucket_bounds`, by
+`issuers[].max_buckets_share`): each share counts its buckets in its own hash (`{prefix}count:buckets:<16 hex
+digits of the entry's SHA-256>`), `take` names the share, and a share at its bound refuses its own new
+identities only (counted per share: `verifier_rate_limit_store_full_total{issuer}`). A bucket counted in
+`count:buckets` before the split is counted in its share's hash when a take next moves its expiry past its
+slice; until then its share under-counts it.
+
 The bounds keep a flood below Redis's memory only when `maxmemory` holds both with room to spare (~165 bytes a
 replay key, ~215 a bucket in Redis 7.0); `check_eviction_policy` warns at start-up when it does not. Redis's
 `maxmemory-policy` decides what a full Redis does, and only `noeviction` is safe: every replay key carries a
@@ -56,6 +66,7 @@ import contextlib
 import hashlib
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio import Redis
@@ -197,6 +208,15 @@ SAFE_EVICTION_POLICY = "noeviction"  # the one `maxmemory-policy` that never dro
 log = logging.getLogger("verifier.state")
 
 
+def bucket_counters(share: str) -> str:
+    """The key (after the prefix) of one share's bucket counters: `count:buckets` for the one share "", else
+    `count:buckets:` and 16 hex digits of the entry's SHA-256 (the same on every replica, whatever the order of
+    `issuers[]`)."""
+    if not share:
+        return BUCKET_COUNTERS
+    return BUCKET_COUNTERS + ":" + hashlib.sha256(share.encode()).hexdigest()[:16]
+
+
 class RedisState:
     """A `SharedState` every replica pointing at the same Redis (and prefix) shares."""
 
@@ -207,25 +227,29 @@ class RedisState:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         replay: ReplayBounds = DEFAULT_REDIS_REPLAY_BOUNDS,
-        max_buckets: int = DEFAULT_REDIS_MAX_BUCKETS,
+        max_buckets: int | Mapping[str, int] = DEFAULT_REDIS_MAX_BUCKETS,
         clock: Clock | None = None,
     ) -> None:
         """`redis` is the root's client (`verifier.app.redis_client`), built with `timeout_seconds` per operation;
         `replay` the live one-time keys per purpose, every replica's together (`StateConfig.redis_replay_bounds`;
-        every replica must be given the same); `max_buckets` the rate-limit buckets, every replica's together
-        (`StateConfig.redis_max_buckets`, the same for every replica); `clock` paces the "full" log lines only
-        (Redis keeps the time)."""
-        if max_buckets < 1:
-            raise ValueError("max_buckets must be at least 1")
+        every replica must be given the same); `max_buckets` the rate-limit buckets, every replica's together, per
+        share (`Settings.redis_bucket_bounds`: `issuers[]` entry -> its part of `state.redis_max_buckets`, the same
+        for every replica), or one number every take shares (the share ""); `clock` paces the "full" log lines
+        only (Redis keeps the time)."""
+        bounds = {"": max_buckets} if isinstance(max_buckets, int) else dict(max_buckets)
+        if not bounds or min(bounds.values()) < 1:
+            raise ValueError("max_buckets must be at least 1 for every share")
         self._prefix = key_prefix
         self._redis = redis
         self._bounds = replay
-        self._max_buckets = max_buckets
+        self._bucket_bounds = bounds
+        self._bucket_counters = {share: key_prefix + bucket_counters(share) for share in bounds}
         self._clock = clock or SystemClock()
         self.full = FullLog(self._clock, "redis")  # this replica's refusals
-        self.buckets_refused = 0  # new buckets this replica refused at the bound (`verifier_rate_limit_store_full`)
-        self._bucket_logged = 0  # `buckets_refused` when the last line was written
-        self._bucket_log_next = -math.inf  # monotonic: no "full" line before this
+        # new buckets this replica refused at their share's bound (`verifier_rate_limit_store_full_total{issuer}`)
+        self.bucket_refusals = dict.fromkeys(bounds, 0)
+        self._bucket_logged = dict.fromkeys(bounds, 0)  # `bucket_refusals` when the share's last line was written
+        self._bucket_log_next = dict.fromkeys(bounds, -math.inf)  # monotonic: no "full" line before this
         # The whole call, connect and retry included, stays within this deadline.
         self._deadline = timeout_seconds * 4
 
@@ -260,14 +284,18 @@ class RedisState:
         """`EXISTS key`."""
         return bool(await self._call(self._redis.exists(self._prefix + "once:" + key)))
 
-    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
-        """Token bucket in one atomic script (EVALSHA, loading the script once if Redis lost it), within the bound
-        of buckets: `BucketStoreFull` for a new bucket when every replica's buckets together are at it (nothing
-        written); a bucket that exists is served whatever the count."""
+    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "") -> TakeResult:
+        """Token bucket in one atomic script (EVALSHA, loading the script once if Redis lost it), within its
+        share's bound of buckets: `BucketStoreFull` for a new bucket when every replica's buckets of `share` (an
+        `issuers[]` entry) together are at it (nothing written); a bucket that exists is served whatever the
+        count. Another share's buckets never take this one's places."""
         check_bucket(rate_per_second, burst)
-        keys = (self._prefix + "bucket:" + key, self._prefix + BUCKET_COUNTERS)
+        bound = self._bucket_bounds.get(share)
+        if bound is None:
+            raise ValueError(f"no bucket share {share!r}")  # a caller's bug: shares are the configured entries
+        keys = (self._prefix + "bucket:" + key, self._bucket_counters[share])
         life_ms = max(1, math.ceil(burst / rate_per_second * 1000))
-        args = (repr(float(rate_per_second)), str(burst), repr(float(now)), str(self._max_buckets), str(SLICE_MS),
+        args = (repr(float(rate_per_second)), str(burst), repr(float(now)), str(bound), str(SLICE_MS),
                 str(life_ms))  # fmt: skip
         reply = await self._call(self._run(BUCKET_SCRIPT, BUCKET_SCRIPT_SHA, keys, args))
         try:
@@ -278,28 +306,31 @@ class RedisState:
         except (TypeError, ValueError) as exc:
             raise StateUnavailable("unexpected answer from shared state") from exc
         if status == FULL:
-            raise self._refuse_bucket(retry_after(wait_ms / 1000, 0.0, life_ms / 1000))
+            raise self._refuse_bucket(share, retry_after(wait_ms / 1000, 0.0, life_ms / 1000))
         if status not in (0, 1):
             raise StateUnavailable("unexpected answer from shared state")
         return take_result(status == 1, tokens, rate_per_second=rate_per_second, burst=burst)
 
-    def _refuse_bucket(self, wait: int) -> BucketStoreFull:
-        """Counts a new bucket refused at the bound and logs it at most once per `FULL_LOG_SECONDS`."""
-        self.buckets_refused += 1
+    def _refuse_bucket(self, share: str, wait: int) -> BucketStoreFull:
+        """Counts a new bucket refused at its share's bound and logs it at most once per `FULL_LOG_SECONDS` per
+        share (the entry, never a tenant or an identity)."""
+        self.bucket_refusals[share] += 1
         now = self._clock.monotonic()
-        if now >= self._bucket_log_next:
-            self._bucket_log_next = now + FULL_LOG_SECONDS
+        if now >= self._bucket_log_next[share]:
+            self._bucket_log_next[share] = now + FULL_LOG_SECONDS
             log.error(
-                "rate-limit buckets in Redis at their bound: refusing new identities (503) until buckets expire",
+                "rate-limit buckets in Redis at their issuer entry's bound: refusing its new identities (503) "
+                "until its buckets expire",
                 extra={
                     "event": "rate_limit_store_full",
                     "store": "redis",
-                    "redis_max_buckets": self._max_buckets,
+                    "issuer": share,
+                    "redis_max_buckets": self._bucket_bounds[share],
                     "retry_after": wait,
-                    "refused": self.buckets_refused - self._bucket_logged,
+                    "refused": self.bucket_refusals[share] - self._bucket_logged[share],
                 },
             )
-            self._bucket_logged = self.buckets_refused
+            self._bucket_logged[share] = self.bucket_refusals[share]
         return BucketStoreFull("too many rate-limit buckets in flight; try again", retry_after=wait)
 
     async def _run(self, script: str, sha: str, keys: tuple[str, ...], args: tuple[str, ...]) -> Any:
@@ -339,7 +370,8 @@ class RedisState:
         except (TypeError, ValueError):
             maxmemory = 0
         bound = sum(self._bounds.of(purpose) for purpose in Purpose)
-        needed = bound * REDIS_BYTES_PER_REPLAY_KEY + self._max_buckets * REDIS_BYTES_PER_BUCKET_KEY
+        max_buckets = sum(self._bucket_bounds.values())
+        needed = bound * REDIS_BYTES_PER_REPLAY_KEY + max_buckets * REDIS_BYTES_PER_BUCKET_KEY
         if 0 < maxmemory < needed:  # 0: no limit of Redis's own
             log.warning(
                 "Redis's maxmemory is below what the replay bound's keys and the buckets' bound take: a flood of DPoP "
@@ -350,7 +382,7 @@ class RedisState:
                     "code": "redis_maxmemory_below_replay_bound",
                     "maxmemory": maxmemory,
                     "redis_max_replay_entries": bound,
-                    "redis_max_buckets": self._max_buckets,
+                    "redis_max_buckets": max_buckets,
                     "needed": needed,
                 },
             )

@@ -235,9 +235,9 @@ class SqliteState:
         self._next_purge = self._clock.monotonic() + PURGE_SECONDS
         self._db.executemany(_TRIM, [(code, now) for code in PURPOSE_CODES.values()])
 
-    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float) -> TakeResult:
+    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "") -> TakeResult:
         """Token bucket, in this process's memory."""
-        return await self._buckets.take(key, rate_per_second=rate_per_second, burst=burst, now=now)
+        return await self._buckets.take(key, rate_per_second=rate_per_second, burst=burst, now=now, share=share)
 
     async def close(self) -> None:
         """Closes the file (its keys stay for the next process)."""
