@@ -196,7 +196,8 @@ class NotFound(VerifierError):
 
 
 class WrongTokenType(InvalidToken):
-    """`typ` says this is not an access token (e.g. an ID token presented as one)."""
+    """`typ` says this is not an access token (e.g. an ID token presented as one); for an introspection answer,
+    `token_type`, `typ` or `token_use` (a refresh token's answer, e.g.)."""
 
     code = "token_type_invalid"
 

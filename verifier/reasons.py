@@ -82,7 +82,10 @@ _REASONS = (
     _token("token_expired", "`exp` is in the past", reusable=False),
     _token("token_not_yet_valid", "`nbf`, `iat` or `auth_time` lies in the future", reusable=False),
     _token("claim_invalid", "a required claim is missing or has the wrong type or value"),
-    _token("token_type_invalid", "`typ` says this is not an access token"),
+    _token(
+        "token_type_invalid",
+        "`typ` (an introspection answer's `token_type`, `typ` or `token_use`) says this is not an access token",
+    ),
     _token("token_inactive", "introspection says the token is not active"),
     # revocation (SSF events, the kill switch): final, never reused
     _token("token_revoked", "the token was revoked", reusable=False),

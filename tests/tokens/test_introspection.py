@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from support import FrozenClock, count_loop_lookups
 
 from verifier.app import App, build_introspector
+from verifier.checks.introspect_jwts import IntrospectJwts
 from verifier.clock import SystemClock
 from verifier.config.introspection import (
     DEFAULT_BATCH_WINDOW_SECONDS,
@@ -33,6 +34,7 @@ from verifier.config.introspection import (
     DEFAULT_TIMEOUT_SECONDS,
 )
 from verifier.config.issuer import DEFAULT_LEEWAY_SECONDS
+from verifier.credentials import Credential, TokenScheme
 from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 from verifier.errors import (
     AudienceMismatch,
@@ -45,6 +47,7 @@ from verifier.errors import (
     WrongTokenType,
 )
 from verifier.observe.audit import token_hash
+from verifier.principal import Principal
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.index import Revocations
 from verifier.settings import ConfigError, parse_settings
@@ -171,9 +174,7 @@ MakeIntrospector = Callable[..., Introspector]
 
 
 @pytest.fixture
-async def make(
-    http: FakeHttp, clock: FrozenClock, registry: CollectorRegistry
-) -> AsyncIterator[MakeIntrospector]:
+async def make(http: FakeHttp, clock: FrozenClock, registry: CollectorRegistry) -> AsyncIterator[MakeIntrospector]:
     made: list[Introspector] = []
 
     def _make(
@@ -420,12 +421,9 @@ def oidc_provider_refresh_answer(**overrides: Any) -> dict[str, Any]:
     [
         oidc_provider_refresh_answer(),
         oidc_provider_refresh_answer(token_type=""),
-        oidc_provider_refresh_answer(token_type=["Bearer"]),
-        oidc_provider_refresh_answer(aud=[]),
-        oidc_provider_refresh_answer(aud=[7]),
         oidc_provider_refresh_answer(sub=None),
     ],
-    ids=["as answered", "token_type empty", "token_type not a string", "aud empty", "aud of no string", "no sub"],
+    ids=["as answered", "token_type empty", "no sub"],
 )
 async def test_an_answer_naming_neither_aud_nor_token_type_is_refused_when_audience_is_not_required(
     make: MakeIntrospector, http: FakeHttp, answer: dict[str, Any]
@@ -439,12 +437,151 @@ async def test_an_answer_naming_neither_aud_nor_token_type_is_refused_when_audie
     assert caught.value.code == "token_type_invalid"
 
 
-@pytest.mark.parametrize("token_type", ["Bearer", "bearer", "N_A", "urn:ietf:params:oauth:token-type:access_token"])
+@pytest.mark.parametrize(
+    "token_type", ["Bearer", "bearer", "access_token", "urn:ietf:params:oauth:token-type:access_token"]
+)
 async def test_an_answer_without_aud_naming_a_token_type_is_taken_when_audience_is_not_required(
     make: MakeIntrospector, http: FakeHttp, token_type: str
 ) -> None:
     http.answers["tok"] = active(aud=None, token_type=token_type)
     assert (await check(make(require_audience=False), "tok")).subject == "user-1"
+
+
+# What providers answer for tokens that are not access tokens, each naming its kind its own way.
+OTHER_KINDS = {
+    "token_type refresh_token": {"token_type": "refresh_token"},
+    "token_type Refresh": {"token_type": "Refresh"},
+    "token_type refresh (RFC 8693 URI)": {"token_type": "urn:ietf:params:oauth:token-type:refresh_token"},
+    "token_type id_token": {"token_type": "id_token"},
+    "token_type ID token (RFC 8693 URI)": {"token_type": "urn:ietf:params:oauth:token-type:id_token"},
+    "token_type N_A (RFC 8693: not an access token)": {"token_type": "N_A"},
+    "token_type PoP (no proof we can ask for)": {"token_type": "PoP"},
+    "token_type mac": {"token_type": "mac"},
+    "Keycloak refresh token (typ Refresh)": {"token_type": "Bearer", "typ": "Refresh"},
+    "Keycloak offline token (typ Offline)": {"token_type": "Bearer", "typ": "Offline"},
+    "Keycloak ID token (typ ID)": {"token_type": "Bearer", "typ": "ID"},
+    "typ Refresh alone": {"token_type": None, "typ": "Refresh"},
+    "typ refresh_token": {"typ": "refresh_token"},
+}
+
+
+@pytest.mark.parametrize(
+    ("aud", "require_audience"),
+    [(AUDIENCE, True), (AUDIENCE, False), (None, False)],  # without aud and required: refused for that already
+    ids=["aud required", "aud not required, with aud", "aud not required, without aud"],
+)
+@pytest.mark.parametrize("kind", list(OTHER_KINDS.values()), ids=list(OTHER_KINDS))
+async def test_an_answer_naming_another_kind_of_token_is_refused_whichever_the_audience_rule(
+    make: MakeIntrospector, http: FakeHttp, kind: dict[str, Any], aud: str | None, require_audience: bool
+) -> None:
+    """RFC 6749 section 1.5: a refresh token never goes to a resource server, nor does an ID token. A provider that
+    answers one active says what it is in `token_type` (RFC 7662) or `typ` (Keycloak: `Refresh`, `Offline`, `ID`),
+    each its own way: anything but an access token type is refused (an allow-list), and not taken as the user's
+    access token for as long as the refresh token lives. Before, only four spellings were refused and `typ` was not
+    read: a stolen Keycloak refresh token was the user's access token."""
+    http.answers["rt"] = active(aud=aud, **kind)
+    with pytest.raises(WrongTokenType) as caught:
+        await check(make(require_audience=require_audience), "rt")
+    assert caught.value.code == "token_type_invalid"
+
+
+JKT = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+# What providers answer for their access tokens.
+ACCESS_KINDS = {
+    "node-oidc-provider, Okta": {"token_type": "Bearer"},
+    "upper case": {"token_type": "BEARER"},
+    "access_token": {"token_type": "access_token"},
+    "RFC 8693 URI": {"token_type": "urn:ietf:params:oauth:token-type:access_token"},
+    "DPoP with its key": {"token_type": "DPoP", "cnf": {"jkt": JKT}},
+    "Keycloak access token": {"token_type": "Bearer", "typ": "Bearer"},
+    "Keycloak DPoP token": {"token_type": "DPoP", "typ": "DPoP", "cnf": {"jkt": JKT}},
+    "typ at+jwt (RFC 9068)": {"token_type": "Bearer", "typ": "at+jwt"},
+    "typ empty": {"token_type": "Bearer", "typ": ""},
+    "typ null": {"token_type": "Bearer", "typ": None},
+}
+# Answers whose `aud`, `token_type` or `typ` is of no type RFC 7662 (or Keycloak) gives it.
+MALFORMED = {
+    "aud a number": {"aud": 7},
+    "aud an object": {"aud": {"uri": AUDIENCE}},
+    "aud an empty list": {"aud": []},
+    "aud of no string": {"aud": [7]},
+    "aud with a number beside ours": {"aud": [AUDIENCE, 7]},
+    "aud with a null beside ours": {"aud": [AUDIENCE, None]},
+    "aud true": {"aud": True},
+    "token_type a list": {"token_type": ["Bearer"]},
+    "token_type a number": {"token_type": 1},
+    "typ an object": {"typ": {"kind": "Bearer"}},
+}
+EITHER_AUDIENCE_RULE = pytest.mark.parametrize(
+    "require_audience", [True, False], ids=["aud required", "aud not required"]
+)
+
+
+@pytest.mark.parametrize("kind", list(ACCESS_KINDS.values()), ids=list(ACCESS_KINDS))
+@EITHER_AUDIENCE_RULE
+async def test_an_answer_naming_an_access_token_type_is_taken(
+    make: MakeIntrospector, http: FakeHttp, kind: dict[str, Any], require_audience: bool
+) -> None:
+    http.answers["tok"] = active(**kind)
+    assert (await check(make(require_audience=require_audience), "tok")).subject == "user-1"
+
+
+@pytest.mark.parametrize("malformed", list(MALFORMED.values()), ids=list(MALFORMED))
+@EITHER_AUDIENCE_RULE
+async def test_a_malformed_aud_or_kind_is_refused_not_taken_as_absent(
+    make: MakeIntrospector, http: FakeHttp, malformed: dict[str, Any], require_audience: bool
+) -> None:
+    """RFC 7662 section 2.2: `aud` is a string or an array of strings. One that is neither (a number, an object, an
+    empty array, an array holding a non-string) is an answer we do not understand: counted as absent, it passed
+    wherever `aud` may be absent (`require_audience: false`), and a list with our audience beside junk passed
+    everywhere. Refused as malformed (`claim_invalid`), as is a `token_type` or `typ` that is not a string."""
+    http.answers["tok"] = active(**malformed)
+    with pytest.raises(ClaimInvalid) as caught:
+        await check(make(require_audience=require_audience), "tok")
+    assert caught.value.code == "claim_invalid"
+    assert caught.value.claim in malformed
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["rfc7662", "batch"])
+async def test_a_refused_refresh_token_is_remembered_and_not_asked_about_again(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock, registry: CollectorRegistry, batch: bool
+) -> None:
+    """A refused answer is remembered as an inactive one is (`negative_ttl_seconds`), on the RFC 7662 and the batch
+    path alike: where the pipeline does not remember a refusal (several opaque providers; `introspect_jwts`, a check
+    run on every request), a stolen refresh token replayed in a loop was one provider call per request."""
+    introspector = (
+        make(batch_endpoint=BATCH_ENDPOINT, negative_ttl_seconds=10) if batch else make(negative_ttl_seconds=10)
+    )
+    http.answers["rt"] = active(typ="Refresh")
+    http.answers["junk-aud"] = active(aud=[AUDIENCE, 7])
+    for token, refusal in (("rt", WrongTokenType), ("junk-aud", ClaimInvalid)):
+        for _ in range(3):
+            with pytest.raises(refusal):
+                await check(introspector, token)
+    assert http.tokens_asked() == ["rt", "junk-aud"]
+    assert sample(registry, "verifier_introspection_cache_total", polarity="negative", result="hit") == 4
+    clock.advance(10)
+    with pytest.raises(WrongTokenType):
+        await check(introspector, "rt")
+    assert http.tokens_asked() == ["rt", "junk-aud", "rt"]
+
+
+async def test_introspect_jwts_refuses_a_refresh_token_by_the_same_rule_once(
+    make: MakeIntrospector, http: FakeHttp
+) -> None:
+    """`introspect_jwts` asks the provider about a verified JWT on every request: the answer is read by the same rule
+    (a Keycloak refresh token, a JWT, answers `typ: Refresh`), and the refusal is remembered by the introspector, since
+    the pipeline keeps the JWT's own admission and runs the check again."""
+    introspector = make()
+    http.answers["eyJ.refresh.jwt"] = active(typ="Refresh")
+    check_jwts = IntrospectJwts(frozenset({ISSUER}), {ISSUER: introspector})
+    principal = Principal(ISSUER, "user-1", "client-1", (), frozenset(), NOW + 300, {"iss": ISSUER})
+    credential = Credential(TokenScheme.BEARER, "eyJ.refresh.jwt")
+    assert check_jwts.for_token(principal, credential)
+    for _ in range(2):
+        with pytest.raises(WrongTokenType):
+            await check_jwts.check(principal, credential, None, None)  # type: ignore[arg-type]  # unused by it
+    assert http.tokens_asked() == ["eyJ.refresh.jwt"]
 
 
 async def test_an_audience_in_a_list_is_enough(make: MakeIntrospector, http: FakeHttp) -> None:
@@ -673,9 +810,7 @@ async def test_an_inactive_answer_is_reused_for_the_negative_ttl(
 
 
 @pytest.mark.parametrize("fault", [503, 500, 401, "timeout", "down"], ids=str)
-async def test_failures_are_never_cached(
-    make: MakeIntrospector, http: FakeHttp, fault: int | str
-) -> None:
+async def test_failures_are_never_cached(make: MakeIntrospector, http: FakeHttp, fault: int | str) -> None:
     http.answers["tok"] = active()
     http.fault = fault
     introspector = make(timeout_seconds=0.05)
@@ -768,12 +903,20 @@ async def test_without_serve_stale_a_down_provider_fails_closed(
         await check(make(positive_ttl_seconds=60, timeout_seconds=0.05), "tok")
 
 
-async def test_a_revoked_token_is_not_served_stale(make: MakeIntrospector, http: FakeHttp, clock: FrozenClock) -> None:
+@pytest.mark.parametrize(
+    "later",
+    [{"active": False}, active(exp=int(NOW) + 3600, typ="Refresh"), active(exp=int(NOW) + 3600, aud=[AUDIENCE, 7])],
+    ids=["revoked", "now answered as a refresh token", "now answered malformed"],
+)
+async def test_a_revoked_token_is_not_served_stale(
+    make: MakeIntrospector, http: FakeHttp, clock: FrozenClock, later: dict[str, Any]
+) -> None:
+    """Nor is a token the provider now answers as another kind, or malformed: a refused answer drops the cached one."""
     http.answers["tok"] = active(exp=int(NOW) + 3600)
     introspector = make(positive_ttl_seconds=60, negative_ttl_seconds=5, serve_stale_on_error=True)
     await check(introspector, "tok")
     clock.advance(61)
-    http.answers["tok"] = {"active": False}
+    http.answers["tok"] = later
     with pytest.raises(InvalidToken):
         await check(introspector, "tok")
     clock.advance(6)
@@ -1018,7 +1161,9 @@ async def test_the_form_body_is_exactly_urlencode_of_the_token_and_the_credentia
     expected = urllib.parse.urlencode({"token": token, "token_type_hint": "access_token", **fields}).encode()
     assert http.posts[0].body == expected
     assert urllib.parse.parse_qs(http.posts[0].body.decode()) == {
-        "token": [token], "token_type_hint": ["access_token"], **{k: [v] for k, v in fields.items()}
+        "token": [token],
+        "token_type_hint": ["access_token"],
+        **{k: [v] for k, v in fields.items()},
     }
 
 
@@ -1283,9 +1428,7 @@ def test_private_key_jwt_reads_the_key_from_a_pem_file_or_an_env_var(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path = tmp_path / "client.pem"
     path.write_bytes(pem)
     from_file = parse_introspection_config(
@@ -1342,8 +1485,9 @@ async def test_dev_provider_batch_endpoint_answers_many_tokens_in_one_http_call(
     batch = devidp.issuer + "/introspect/batch"
     introspector = dev_introspector(devidp, introspection_http, registry, batch_endpoint=batch)
     try:
-        principals = await asyncio.gather(*(check(introspector, t) for t in [*tokens, *tokens, "garbage"]),
-                                          return_exceptions=True)
+        principals = await asyncio.gather(
+            *(check(introspector, t) for t in [*tokens, *tokens, "garbage"]), return_exceptions=True
+        )
     finally:
         await introspector.close()
     assert [getattr(p, "subject", None) for p in principals[:10]] == [f"user-{i}" for i in range(10)]

@@ -27,9 +27,9 @@ DEFAULT_MAX_IN_FLIGHT = 32  # concurrent calls to one provider: enough for a bur
 DEFAULT_BATCH_WINDOW_SECONDS = 0.001  # batch endpoint: 1 ms gathers a burst, short next to a round trip
 DEFAULT_MAX_BATCH_SIZE = 64  # tokens per batch call; a full batch is sent at once without waiting the window
 DEFAULT_POSITIVE_TTL_SECONDS = 60.0  # an active answer is reused this long at most (bounds revocation lag)
-DEFAULT_NEGATIVE_TTL_SECONDS = 10.0  # an inactive answer is reused this long (garbage floods cost nothing)
+DEFAULT_NEGATIVE_TTL_SECONDS = 10.0  # an inactive or refused answer is reused this long (garbage floods cost nothing)
 DEFAULT_POSITIVE_ENTRIES = 100_000  # active answers kept per issuer (bounded memory)
-DEFAULT_NEGATIVE_ENTRIES = 100_000  # inactive answers kept per issuer
+DEFAULT_NEGATIVE_ENTRIES = 100_000  # inactive or refused answers kept per issuer
 DEFAULT_STALE_TTL_SECONDS = 300.0  # with serve_stale_on_error: how long past freshness an answer may serve
 DEFAULT_BREAKER_FAILURES = 5  # consecutive failed calls that open the circuit
 DEFAULT_BREAKER_COOLDOWN_SECONDS = 5.0  # seconds the circuit stays open before one probe is let through
@@ -62,8 +62,11 @@ class IntrospectionConfig:
     private_key_file: str = ""  # the file `private_key` was read from, if any (its mode: verifier.private_files)
     assertion_alg: str = ""  # private_key_jwt: ES256, RS256 or EdDSA (derived from the key)
     assertion_ttl_seconds: int = setting(
-        DEFAULT_ASSERTION_TTL_SECONDS, doc="private_key_jwt: lifetime of a client assertion", minimum=5,
-        maximum=600, unit="seconds",
+        DEFAULT_ASSERTION_TTL_SECONDS,
+        doc="private_key_jwt: lifetime of a client assertion",
+        minimum=5,
+        maximum=600,
+        unit="seconds",
     )
     endpoint: str = setting("", doc="empty: `introspection_endpoint` from discovery")
     batch_endpoint: str = setting("", doc="a multi-token endpoint; empty: one POST per token")
@@ -74,36 +77,47 @@ class IntrospectionConfig:
         DEFAULT_MAX_IN_FLIGHT, doc="concurrent calls to the provider", minimum=1, maximum=10_000
     )
     batch_window_seconds: float = setting(
-        DEFAULT_BATCH_WINDOW_SECONDS, doc="with batch_endpoint: how long a burst is gathered into one call",
-        minimum=0, maximum=0.1,
+        DEFAULT_BATCH_WINDOW_SECONDS,
+        doc="with batch_endpoint: how long a burst is gathered into one call",
+        minimum=0,
+        maximum=0.1,
         unit="seconds",
     )
     max_batch_size: int = setting(
         DEFAULT_MAX_BATCH_SIZE, doc="with batch_endpoint: tokens per call", minimum=1, maximum=1000
     )
     positive_ttl_seconds: float = setting(
-        DEFAULT_POSITIVE_TTL_SECONDS, doc="an active answer is reused this long at most", minimum=0, maximum=86_400,
+        DEFAULT_POSITIVE_TTL_SECONDS,
+        doc="an active answer is reused this long at most",
+        minimum=0,
+        maximum=86_400,
         unit="seconds",
     )
     negative_ttl_seconds: float = setting(
-        DEFAULT_NEGATIVE_TTL_SECONDS, doc="an inactive answer is reused this long", minimum=0, maximum=3600,
+        DEFAULT_NEGATIVE_TTL_SECONDS,
+        doc="an inactive or refused answer (another kind of token, malformed) is reused this long",
+        minimum=0,
+        maximum=3600,
         unit="seconds",
     )
     positive_entries: int = setting(
         DEFAULT_POSITIVE_ENTRIES, doc="active answers kept", minimum=0, maximum=10_000_000, unit="entries"
     )
     negative_entries: int = setting(
-        DEFAULT_NEGATIVE_ENTRIES, doc="inactive answers kept", minimum=0, maximum=10_000_000, unit="entries"
+        DEFAULT_NEGATIVE_ENTRIES, doc="inactive or refused answers kept", minimum=0, maximum=10_000_000, unit="entries"
     )
-    serve_stale_on_error: bool = setting(
-        False, doc="provider down: answer from a still-valid cached active result"
-    )
+    serve_stale_on_error: bool = setting(False, doc="provider down: answer from a still-valid cached active result")
     stale_ttl_seconds: float = setting(
-        DEFAULT_STALE_TTL_SECONDS, doc="with serve_stale_on_error: how long past freshness an answer may serve",
-        minimum=0, maximum=86_400, unit="seconds",
+        DEFAULT_STALE_TTL_SECONDS,
+        doc="with serve_stale_on_error: how long past freshness an answer may serve",
+        minimum=0,
+        maximum=86_400,
+        unit="seconds",
     )
     require_audience: bool = setting(
-        True, doc="an answer without `aud` is refused (RFC 7662 makes it optional); false: it must name a `token_type`"
+        True,
+        doc="an answer without `aud` is refused (RFC 7662 makes it optional); false: it must name an access token "
+        "`token_type` (a malformed `aud` is refused either way)",
     )
     # Opaque tokens name no issuer: one issuer may take them, or several when every route trusts one
     # (else one provider would see another's bearer tokens). false: only this issuer's own JWTs are
@@ -115,14 +129,19 @@ class IntrospectionConfig:
         DEFAULT_BREAKER_FAILURES, doc="consecutive failed calls that open the circuit", minimum=1, maximum=1000
     )
     breaker_cooldown_seconds: float = setting(
-        DEFAULT_BREAKER_COOLDOWN_SECONDS, doc="the circuit stays open this long before one probe", minimum=0.1,
-        maximum=600, unit="seconds",
+        DEFAULT_BREAKER_COOLDOWN_SECONDS,
+        doc="the circuit stays open this long before one probe",
+        minimum=0.1,
+        maximum=600,
+        unit="seconds",
     )
     breaker_success_window_seconds: float = setting(
         DEFAULT_BREAKER_SUCCESS_WINDOW_SECONDS,
         doc="failures open the circuit only when no call succeeded for this long (before any did: since the first "
         "call; 0: the count alone)",
-        minimum=0, maximum=600, unit="seconds",
+        minimum=0,
+        maximum=600,
+        unit="seconds",
     )
 
 

@@ -19,9 +19,13 @@ Per issuer, one `Introspector`:
 
 RFC 7662 section 2.2: only `"active": true` (the JSON boolean) means active. The answer's members are
 read like a JWT access token's claims (`sub` or `client_id`, `scope`, `aud`, `exp`, `cnf`, `acr`...),
-and `aud` must name one of the issuer's audiences, as for a JWT. A refresh or ID token answered active is
-refused: by `token_type` or `token_use` naming it, and, where `aud` may be absent (`require_audience: false`),
-by an answer naming neither `aud` nor `token_type` (node-oidc-provider's answer for a refresh token).
+and `aud` must name one of the issuer's audiences, as for a JWT; an `aud` that is neither a string nor a
+non-empty list of strings is malformed, never absent. Only an access token's answer is taken (`_access_token_type`,
+an allow-list): a `token_type` or `typ` present must name an access token type (Bearer, DPoP, `access_token`...),
+a `token_use` present must be `access_token`, and, where `aud` may be absent (`require_audience: false`), the
+answer must name its `token_type` (node-oidc-provider's answer for a refresh token names neither). Anything else
+(a refresh or ID token: `refresh_token`, Keycloak's `typ: Refresh`, `id_token`, RFC 8693's `N_A`) is refused, and
+the refusal is remembered like an inactive answer (`negative_ttl_seconds`).
 """
 
 from __future__ import annotations
@@ -71,15 +75,28 @@ __all__ = [
 
 log = logging.getLogger("verifier.introspection")
 
-# Token types an introspection answer may name that are not access tokens (RFC 8693 section 3).
-_NOT_ACCESS_TOKENS = frozenset(
+# What an answer's `token_type` or `typ` may say (lowered): an access token's type, nothing else. RFC 7662 section
+# 2.2 means an access token type (RFC 6749 section 7.1; the IANA registry: `Bearer`, and `DPoP`, RFC 9449): what
+# node-oidc-provider, Keycloak, Okta and Hydra answer for access tokens. Some providers name the kind instead
+# (`access_token`, RFC 8693 section 3's URI), and Keycloak's answer carries its token's `typ` (`Bearer`, `DPoP`;
+# a JWT's RFC 9068 `at+jwt`). An allow-list, not a list of the other kinds: each provider names its refresh and
+# ID tokens its own way (`refresh_token`, Keycloak's `Refresh`, `Offline` and `ID`, `id_token`, RFC 8693's `N_A`:
+# "not an access token"), and a type we cannot hold to its proof (`PoP`, `mac`) must not pass as a bearer token.
+_ACCESS_TOKEN_TYPES = frozenset(
     {
-        "refresh_token",
-        "id_token",
-        "urn:ietf:params:oauth:token-type:refresh_token",
-        "urn:ietf:params:oauth:token-type:id_token",
+        "bearer",
+        "dpop",
+        "access_token",
+        "urn:ietf:params:oauth:token-type:access_token",
+        "at+jwt",
+        "application/at+jwt",
     }
 )
+# The members that name a token's kind, read by `_access_token_type`: RFC 7662's, and Keycloak's (its token's own).
+_KIND_MEMBERS = ("token_type", "typ")
+# A negative cache entry for an inactive answer: a hit raises a fresh `token_inactive` (an untracked value in a
+# cache of up to `negative_entries`; `verifier.tokens.cache`). Any other remembered refusal is its own error.
+_INACTIVE = True
 
 
 class _Cached(NamedTuple):
@@ -109,11 +126,50 @@ class _Pending(NamedTuple):
 
 
 def _audiences(value: Any) -> tuple[str, ...]:
+    """`aud`: a string or a non-empty array of strings (RFC 7662 section 2.2; RFC 7519 section 4.1.3), () when absent.
+    Anything else (a number, an object, `[]`, a list holding a non-string) is an answer we do not understand,
+    refused: counted as absent, it passed where `aud` may be absent (`require_audience: false`)."""
+    if value is None:
+        return ()
     if isinstance(value, str):
         return (value,)
-    if isinstance(value, list):
-        return tuple(v for v in value if isinstance(v, str))
-    return ()
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ClaimInvalid("aud is not a string or a non-empty list of strings", claim="aud")
+
+
+def _access_token_type(answer: Mapping[str, Any]) -> str | None:
+    """The answer's `token_type`, lowered (None: it names none), once every member that names the token's kind says
+    it is an access token: `token_type` and `typ` one of `_ACCESS_TOKEN_TYPES`, `token_use` `access_token`. Absent,
+    null or "" (Go's unset) says nothing. Raises `WrongTokenType` (`token_type_invalid`) for another kind,
+    `ClaimInvalid` for a member that is not a string. A DPoP token must name its key (RFC 9449 section 6.2)."""
+    token_type: str | None = None
+    for name in _KIND_MEMBERS:
+        value = answer.get(name)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise ClaimInvalid(f"{name} is not a string", claim=name)
+        lowered = value.lower()
+        if lowered not in _ACCESS_TOKEN_TYPES:
+            raise WrongTokenType(f"not an access token ({name})")
+        # RFC 9449 section 6.2: a DPoP token's answer names its key (`cnf.jkt`); without it no proof can be asked
+        # for, and the token would pass as a bearer token (`verifier.checks.dpop` keys on `cnf.jkt`).
+        if lowered == "dpop":
+            cnf = answer.get("cnf")
+            if not (isinstance(cnf, dict) and isinstance(cnf.get("jkt"), str)):
+                raise ClaimInvalid("a DPoP token names no key (cnf.jkt)", claim="cnf")
+        if name == "token_type":
+            token_type = lowered
+    # Ory Hydra (fosite) answers for its refresh tokens too, active, with the grant's `aud` and `token_type`: only
+    # `token_use` says which kind it is (Oathkeeper refuses any but access_token; "" is Go's unset).
+    token_use = answer.get("token_use")
+    if token_use is not None and token_use != "":
+        if not isinstance(token_use, str):
+            raise ClaimInvalid("token_use is not a string", claim="token_use")
+        if token_use.lower() != "access_token":
+            raise WrongTokenType("not an access token (token_use)")
+    return token_type
 
 
 def _number(answer: Mapping[str, Any], name: str) -> float | None:
@@ -173,7 +229,10 @@ class Introspector:
         self._batches = BatchDispatcher(self.client)  # with a batch endpoint
         self._per_token = not config.batch_endpoint  # else one POST per token (RFC 7662): no window, no batch
         self._positive: ExpiringCache[_Cached] = ExpiringCache(config.positive_entries, clock)
-        self._negative: ExpiringCache[bool] = ExpiringCache(config.negative_entries, clock)
+        # Refused tokens: `_INACTIVE`, or the refusal of an active answer that is no access token's (a refresh
+        # token's, a malformed one): each remembered, or a stolen refresh token would be asked about on every request
+        # where the pipeline does not remember it (several opaque providers, `introspect_jwts`).
+        self._negative: ExpiringCache[VerifierError | bool] = ExpiringCache(config.negative_entries, clock)
         # Single flight: the futures of every request waiting for one token's provider call.
         self._inflight: dict[bytes, list[asyncio.Future[_Verdict]]] = {}
         self._pending: list[_Pending] = []
@@ -200,9 +259,13 @@ class Introspector:
         if cached is not None and self._clock.now() < cached.fresh_until:
             self._metrics.positive_hit.inc()
             return cached.principal
-        if self._negative.get(token_hash) is not None:
+        refused = self._negative.get(token_hash)
+        if refused is not None:
             self._metrics.negative_hit.inc()
-            raise InvalidToken("token is not active", code="token_inactive")
+            if refused is _INACTIVE:
+                raise InvalidToken("token is not active", code="token_inactive")
+            assert isinstance(refused, VerifierError)
+            raise copy.copy(refused)  # a copy per raise: one exception object raised many times keeps each traceback
         if self._closed:
             raise ProviderUnavailable("introspection is shutting down")
         if len(token) > DEFAULT_MAX_TOKEN_BYTES:
@@ -344,11 +407,18 @@ class Introspector:
             if active is None:  # section 2.2: REQUIRED. An error object, another endpoint: no verdict, none kept
                 return self._settle(token_hash, ProviderUnavailable("introspection answer has no active member"))
             self._positive.discard(token_hash)  # revoked: never serve the old answer, even when stale
-            self._negative.put(token_hash, True, now + self.config.negative_ttl_seconds)
+            self._negative.put(token_hash, _INACTIVE, now + self.config.negative_ttl_seconds)
             return _Verdict(error=InvalidToken("token is not active", code="token_inactive"))
         try:
             principal, exp = self._principal(result, now)
         except VerifierError as exc:
+            # Every refusal of an active answer is the token's (another kind, malformed, expired, not for these
+            # audiences), remembered as an inactive answer is; one the clock alone lifts only until then.
+            until = now + self.config.negative_ttl_seconds
+            if isinstance(exc, TokenNotYetValid):
+                until = min(until, exc.valid_from)
+            self._positive.discard(token_hash)  # never served stale either
+            self._negative.put(token_hash, exc.with_traceback(None), until)
             return _Verdict(error=exc)
         fresh_until = principal.expires_at
         keep_until = (
@@ -364,25 +434,7 @@ class Introspector:
         iss = answer.get("iss")
         if iss is not None and iss != self.issuer:
             raise InvalidToken("introspection answer names another issuer", code="issuer_mismatch")
-        token_type = answer.get("token_type")
-        if isinstance(token_type, str):
-            lowered = token_type.lower()
-            if lowered in _NOT_ACCESS_TOKENS:
-                raise WrongTokenType("not an access token (token_type)")
-            # RFC 9449 section 6.2: a DPoP token's answer names its key (`cnf.jkt`); without it no proof can be
-            # asked for, and the token would pass as a bearer token (`verifier.checks.dpop` keys on `cnf.jkt`).
-            if lowered == "dpop":
-                cnf = answer.get("cnf")
-                if not (isinstance(cnf, dict) and isinstance(cnf.get("jkt"), str)):
-                    raise ClaimInvalid("a DPoP token names no key (cnf.jkt)", claim="cnf")
-        # Ory Hydra (fosite) answers for its refresh tokens too, active, with the grant's `aud` and `token_type`:
-        # only `token_use` says which kind it is (Oathkeeper refuses any but access_token; "" is Go's unset).
-        token_use = answer.get("token_use")
-        if token_use is not None and token_use != "":
-            if not isinstance(token_use, str):
-                raise ClaimInvalid("token_use is not a string", claim="token_use")
-            if token_use.lower() != "access_token":
-                raise WrongTokenType("not an access token (token_use)")
+        token_type = _access_token_type(answer)
         exp = _number(answer, "exp")
         if exp is not None and now >= exp:
             raise TokenExpired("token expired")
@@ -418,7 +470,7 @@ class Introspector:
             # Without `aud`, `token_type` is all that tells an access token from a refresh token: node-oidc-provider
             # answers its refresh tokens active with the user's `sub` and `scope` but neither member (its access
             # tokens' answers always name their type). An answer naming neither may be one: refused (RFC 6749 1.5).
-            if not (isinstance(token_type, str) and token_type):
+            if token_type is None:
                 raise WrongTokenType("an answer without aud names no token_type (perhaps a refresh token)")
         elif not any(a in self.audiences for a in audiences):
             raise AudienceMismatch("token is not for this audience")
