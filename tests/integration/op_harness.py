@@ -189,19 +189,23 @@ class OpenIDProvider:
         startup_timeout: float = STARTUP_TIMEOUT_S,
         issuer: str | None = None,
         access_token_sid: bool = False,
+        introspection_as: str | None = None,
     ) -> None:
         """Prepare (do not start) a provider; ``port`` defaults to a free one picked at :meth:`start`.
 
         ``issuer`` (e.g. ``http://127.0.0.1:<proxy>/tenant-a``) makes this provider one tenant behind a
         path-prefix proxy (``tenant_proxy.TenantProxy``): it answers under that path, and the harness
         reaches it through the proxy. ``access_token_sid``: user access tokens carry the session's
-        ``sid`` (as Keycloak's do; the provider's own JWT access tokens do not).
+        ``sid`` (as Keycloak's do; the provider's own JWT access tokens do not). ``introspection_as="keycloak"``:
+        active introspection answers name the token's kind as Keycloak's do (`typ` and `token_type`: ``Bearer``, a
+        refresh token's ``Refresh``), and a refresh token's names an audience (the grant's resource).
         """
         self.workdir = Path(workdir)
         self.port = port
         self._public_issuer = issuer
         self.access_token_ttl = access_token_ttl
         self.access_token_sid = access_token_sid
+        self.introspection_as = introspection_as
         self.backchannel_logout_uri: str | None = None
         self.startup_timeout = startup_timeout
         self.keys_file = self.workdir / "op-private-jwks.json"
@@ -281,9 +285,7 @@ class OpenIDProvider:
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
-                raise ProviderError(
-                    f"oidc-provider exited with {self._process.returncode}:\n{self._log_tail()}"
-                )
+                raise ProviderError(f"oidc-provider exited with {self._process.returncode}:\n{self._log_tail()}")
             try:
                 self.discovery()
                 return
@@ -316,6 +318,7 @@ class OpenIDProvider:
             "signing_kids": self._signing_kids,
             "access_token_ttl": self.access_token_ttl,
             "access_token_sid": self.access_token_sid,
+            "introspection_as": self.introspection_as,
             "backchannel_logout_uri": self.backchannel_logout_uri,
             **({"issuer": self._public_issuer} if self._public_issuer else {}),
             "clients": [
@@ -478,17 +481,19 @@ class OpenIDProvider:
         verifier = secrets.token_urlsafe(48)
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
         state = secrets.token_urlsafe(12)
-        query = urllib.parse.urlencode({
-            "client_id": WEB_CLIENT_ID,
-            "response_type": "code",
-            "redirect_uri": WEB_REDIRECT_URI,
-            "scope": f"openid {scope}".strip(),
-            "resource": resource,
-            "state": state,
-            "code_challenge": challenge,
-            "code_challenge_method": "S256",
-            **({"prompt": prompt} if prompt else {}),
-        })
+        query = urllib.parse.urlencode(
+            {
+                "client_id": WEB_CLIENT_ID,
+                "response_type": "code",
+                "redirect_uri": WEB_REDIRECT_URI,
+                "scope": f"openid {scope}".strip(),
+                "resource": resource,
+                "state": state,
+                "code_challenge": challenge,
+                "code_challenge_method": "S256",
+                **({"prompt": prompt} if prompt else {}),
+            }
+        )
         cookies = {} if cookies is None else cookies
         location = self._browse(f"/auth?{query}", cookies)
         uid = urllib.parse.urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1]

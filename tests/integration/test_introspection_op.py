@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ from op_harness import (  # tests/integration is on sys.path (pytest rootdir-rel
     VERIFIER_CLIENT_ID,
     VERIFIER_CLIENT_SECRET,
     OpenIDProvider,
+    start_provider,
 )
 from prometheus_client import CollectorRegistry
 from rigs import provider_fixture
@@ -165,28 +166,50 @@ async def test_a_refresh_token_is_not_an_access_token_even_when_aud_is_not_requi
     assert (await introspect(harness.introspector(op), tokens["access_token"])).subject == "rt-user"
 
 
+def opaque_verifier(
+    tmp_path_factory: pytest.TempPathFactory,
+    providers: Sequence[OpenIDProvider],
+    *,
+    require_audience: bool,
+    policies: Sequence[dict[str, Any]] = (),
+) -> GatewayProcess:
+    """`python -m verifier serve` taking each provider's opaque tokens for `OPAQUE_RESOURCE`."""
+    issuers = [
+        {
+            "issuer": provider.issuer,
+            "audiences": [OPAQUE_RESOURCE],
+            "algorithms": ["ES256"],
+            "allow_insecure_http": True,
+            "introspection": {
+                "client_id": VERIFIER_CLIENT_ID,
+                "client_secret_env": "OPAQUE_OP_SECRET",
+                "require_audience": require_audience,
+            },
+        }
+        for provider in providers
+    ]
+    return start_verifier(
+        tmp_path_factory.mktemp("opaque"),
+        issuer=providers[0].issuer,
+        extra_config={"issuers": issuers, **({"policies": list(policies)} if policies else {})},
+        environment={"OPAQUE_OP_SECRET": VERIFIER_CLIENT_SECRET},
+    )
+
+
 @pytest.fixture(scope="module")
 def lax_verifier(op: OpenIDProvider, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """`python -m verifier serve` taking the provider's opaque tokens with `require_audience: false`."""
-    issuer = {
-        "issuer": op.issuer,
-        "audiences": [OPAQUE_RESOURCE],
-        "algorithms": ["ES256"],
-        "allow_insecure_http": True,
-        "introspection": {
-            "client_id": VERIFIER_CLIENT_ID,
-            "client_secret_env": "LAX_OP_SECRET",
-            "require_audience": False,
-        },
-    }
-    proc = start_verifier(
-        tmp_path_factory.mktemp("lax-aud"),
-        issuer=op.issuer,
-        extra_config={"issuers": [issuer]},
-        environment={"LAX_OP_SECRET": VERIFIER_CLIENT_SECRET},
-    )
+    proc = opaque_verifier(tmp_path_factory, [op], require_audience=False)
     yield proc
     proc.stop()
+
+
+def ask(verifier: GatewayProcess, token: str, path: str = "/orders") -> tuple[int, str]:
+    """The forward-auth door's answer for a request to `path` bearing `token`: its status and reason."""
+    headers = {"X-Forwarded-Method": "GET", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.test",
+               "X-Forwarded-Uri": path, "Authorization": f"Bearer {token}"}  # fmt: skip
+    answer = http_request(f"{verifier.url}/v1/forward-auth", headers=headers)
+    return answer.status, answer.headers.get("x-verifier-reason", "")
 
 
 def test_a_stolen_refresh_token_is_refused_at_the_forward_auth_door(
@@ -194,16 +217,79 @@ def test_a_stolen_refresh_token_is_refused_at_the_forward_auth_door(
 ) -> None:
     """The same attack through the door a gateway asks: the refresh token is a 401, the login's access token a 200."""
     tokens = user_tokens_with_refresh(op)
+    assert ask(lax_verifier, tokens["refresh_token"]) == (401, "token_type_invalid")
+    assert ask(lax_verifier, tokens["refresh_token"]) == (401, "token_type_invalid")  # remembered, not taken again
+    assert ask(lax_verifier, tokens["access_token"]) == (200, "ok")
 
-    def ask(token: str) -> tuple[int, str]:
-        headers = {"X-Forwarded-Method": "GET", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.test",
-                   "X-Forwarded-Uri": "/orders", "Authorization": f"Bearer {token}"}  # fmt: skip
-        answer = http_request(f"{lax_verifier.url}/v1/forward-auth", headers=headers)
-        return answer.status, answer.headers.get("x-verifier-reason", "")
 
-    assert ask(tokens["refresh_token"]) == (401, "token_type_invalid")
-    assert ask(tokens["refresh_token"]) == (401, "token_type_invalid")  # remembered, not taken the second time
-    assert ask(tokens["access_token"]) == (200, "ok")
+@pytest.fixture(scope="module")
+def keycloak_op(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenIDProvider]:
+    """The provider answering introspection as Keycloak does: `typ` and `token_type` name the token's kind (a refresh
+    token's `Refresh`), and a refresh token's answer names an audience."""
+    provider = start_provider(tmp_path_factory, introspection_as="keycloak")
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["require_audience", "audience not required"])
+def keycloak_verifier(
+    request: pytest.FixtureRequest, keycloak_op: OpenIDProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """`python -m verifier serve` taking the Keycloak-like provider's opaque tokens, `require_audience` either way."""
+    proc = opaque_verifier(tmp_path_factory, [keycloak_op], require_audience=request.param)
+    yield proc
+    proc.stop()
+
+
+def test_a_stolen_refresh_token_introspected_as_keycloak_answers_is_refused_whichever_the_audience_rule(
+    keycloak_verifier: GatewayProcess, keycloak_op: OpenIDProvider
+) -> None:
+    """A provider that answers for its refresh tokens as Keycloak does: active, the user's `sub` and `scope`, an
+    audience, and the kind in `typ` and `token_type` ("Refresh", not a name the verifier refused: only four
+    spellings were, and `typ` was not read). A stolen refresh token was taken at the door as the user's access
+    token (200, with either `require_audience`); now it is a 401 `token_type_invalid`, remembered (the provider is
+    asked once), while the same login's access token (`typ: Bearer`) still passes."""
+    tokens = user_tokens_with_refresh(keycloak_op)
+    answer = keycloak_op.introspect(tokens["refresh_token"])
+    assert answer["active"] is True and answer["sub"] == "rt-user", answer
+    assert answer["typ"] == answer["token_type"] == "Refresh" and OPAQUE_RESOURCE in answer["aud"], answer
+    keycloak_op.reset_stats()
+    assert ask(keycloak_verifier, tokens["refresh_token"]) == (401, "token_type_invalid")
+    assert ask(keycloak_verifier, tokens["refresh_token"]) == (401, "token_type_invalid")
+    assert introspection_calls(keycloak_op) == 1
+    assert keycloak_op.introspect(tokens["access_token"])["typ"] == "Bearer"
+    assert ask(keycloak_verifier, tokens["access_token"]) == (200, "ok")
+
+
+@pytest.fixture(scope="module")
+def two_provider_verifier(
+    op: OpenIDProvider, keycloak_op: OpenIDProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """Two issuers taking opaque tokens, each trusted by its own routes (`/a/`, `/kc/`), `require_audience: false`:
+    the pipeline remembers no introspection refusal (one provider's word is not another's)."""
+    policies = [
+        {"name": "a", "match": {"path_prefix": "/a/"}, "require": {"issuers_any": [op.issuer]}},
+        {"name": "kc", "match": {"path_prefix": "/kc/"}, "require": {"issuers_any": [keycloak_op.issuer]}},
+    ]
+    proc = opaque_verifier(tmp_path_factory, [op, keycloak_op], require_audience=False, policies=policies)
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.parametrize("which", ["node-oidc-provider", "keycloak-like"])
+def test_a_stolen_refresh_token_replayed_is_asked_about_once_where_the_pipeline_remembers_no_refusal(
+    two_provider_verifier: GatewayProcess, op: OpenIDProvider, keycloak_op: OpenIDProvider, which: str
+) -> None:
+    """With several opaque-token issuers the pipeline does not remember an introspection refusal, and nor did the
+    introspector remember a refused active answer: a stolen refresh token replayed in a loop cost one provider call
+    per request (three here). The refusal is now remembered by the introspector (`negative_ttl_seconds`): one call."""
+    provider, path = (op, "/a/orders") if which == "node-oidc-provider" else (keycloak_op, "/kc/orders")
+    tokens = user_tokens_with_refresh(provider)
+    assert ask(two_provider_verifier, tokens["access_token"], path) == (200, "ok")
+    provider.reset_stats()
+    for _ in range(3):
+        assert ask(two_provider_verifier, tokens["refresh_token"], path) == (401, "token_type_invalid")
+    assert introspection_calls(provider) == 1
 
 
 async def test_revoked_after_caching_stays_active_until_the_positive_ttl_then_is_inactive(
@@ -223,9 +309,7 @@ async def test_revoked_after_caching_stays_active_until_the_positive_ttl_then_is
     assert introspection_calls(op) == 2
 
 
-async def test_concurrent_requests_for_one_token_make_one_provider_call(
-    op: OpenIDProvider, harness: Harness
-) -> None:
+async def test_concurrent_requests_for_one_token_make_one_provider_call(op: OpenIDProvider, harness: Harness) -> None:
     token = op.opaque_token()
     introspector = harness.introspector(op)
     await introspector.client.endpoint()  # discovery first, so only introspection is counted below

@@ -14,6 +14,7 @@
 //     "backchannel_logout_uri": "http://127.0.0.1:8080/v1/backchannel-logout",  // the web client's (Back-Channel
 //                                                    // Logout 1.0, sid required); loopback allowed (tests only)
 //     "access_token_sid": false                      // true: user access tokens carry `sid`, as Keycloak's do
+//     "introspection_as": null                       // "keycloak": answers name typ/token_type (Refresh) as Keycloak's
 //   }
 //
 // Resource indicators (RFC 8707) -> access tokens (RFC 9068 JWT, typ at+jwt, unless opaque):
@@ -164,6 +165,7 @@ function loadConfig() {
   config.signing_kids = config.signing_kids ?? {};
   config.backchannel_logout_uri = config.backchannel_logout_uri ?? null;
   config.access_token_sid = Boolean(config.access_token_sid);
+  config.introspection_as = config.introspection_as ?? null;
   config.clients = config.clients ?? [
     { client_id: 'app', client_secret: 'app-secret-for-tests-only', scope: DEFAULT_SCOPE },
     { client_id: 'verifier', client_secret: 'verifier-secret-for-tests-only', scope: DEFAULT_SCOPE },
@@ -287,6 +289,19 @@ function buildProvider(config) {
       },
     },
   });
+  // introspection_as "keycloak": active answers as Keycloak writes them (its AccessTokenIntrospectionProvider): the
+  // token's own `typ` ("Bearer", a refresh token's "Refresh"), repeated as `token_type`, and a refresh token's
+  // answer naming an audience (Keycloak's: its realm; here the grant's resource, the access token's audience).
+  if (config.introspection_as === 'keycloak') {
+    provider.use(async (ctx, next) => {
+      await next();
+      if (ctx.oidc?.route !== 'introspection' || ctx.body?.active !== true) return;
+      const refresh = ctx.oidc.entities.RefreshToken;
+      const typ = refresh ? 'Refresh' : 'Bearer';
+      Object.assign(ctx.body, { typ, token_type: typ });
+      if (refresh) ctx.body.aud = [].concat(refresh.resource ?? API_AUDIENCE);
+    });
+  }
   provider.on('backchannel.success', () => console.log('BACKCHANNEL_OK'));
   provider.on('backchannel.error', (_ctx, err) => console.log(`BACKCHANNEL_ERROR ${err.message}`));
   return provider;
