@@ -51,6 +51,7 @@ from verifier.errors import (
     VerifierError,
 )
 from verifier.observe import audit
+from verifier.observe.logsink import cut
 from verifier.observe.metrics import Metrics
 from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.policy.rules import AMBIGUOUS, PolicySet
@@ -70,6 +71,7 @@ MAX_MEMOIZED_REFUSALS = 512  # distinct static refusals kept pre-built (descript
 
 
 _NO_ROUTES: Mapping[int, Decision] = types.MappingProxyType({})
+_NO_EXTRA: Mapping[str, str] = types.MappingProxyType({})  # an audit line's further fields: none, as a rule
 
 
 class Admitted(NamedTuple):
@@ -740,8 +742,9 @@ class Pipeline:
         allowed = admitted.allowed
         # The kid of the key that verified it (`principal.kid`): a token without one names none itself.
         self._record(
-            attrs, door, allowed, started, key, issuer, principal.kid, alg, principal.subject, principal.client_id
-        )
+            attrs, door, allowed, started, key, issuer, principal.kid, alg, principal.subject, principal.client_id,
+            principal.other_client,
+        )  # fmt: skip
         now = self._clock.now()
         if admitted.mask & route_mask or route.upstream is not None or now >= allowed.renew_at:
             decision = self._now(admitted, attrs, routed, key)  # a check to run, the route's own answer, a renewal
@@ -858,6 +861,7 @@ class Pipeline:
             seen.alg,
             principal.subject,
             principal.client_id,
+            principal.other_client,
         )
         return admitted
 
@@ -936,8 +940,10 @@ class Pipeline:
         alg: str,
         subject: str,
         client_id: str | None = None,
+        other_client: str | None = None,
     ) -> None:
-        """Counts a signature check and writes its audit line; `token_key` is the token's own SHA-256 (`token_hash`)."""
+        """Counts a signature check and writes its audit line; `token_key` is the token's own SHA-256 (`token_hash`).
+        `other_client` is a token's second client (`verifier.principal.clients_of`), its `azp` on the line."""
         # A refused token's `iss` is its sender's words (any value, any length): only a verified token's issuer
         # is noted on the span, whose `verifier.issuer` values a trace backend indexes.
         trace_id = self._tracing.token_checked(attrs.headers, issuer if decision.allowed else "")
@@ -959,6 +965,8 @@ class Pipeline:
                 door=door,
                 client_id=client_id,  # with subject "", a client-credentials token: no user
                 trace_id=trace_id,
+                # Both clients the route judged, when the token names two: rare, so off the direct fast path.
+                **(_NO_EXTRA if other_client is None else {"azp": cut(other_client)}),
             )
 
 

@@ -8,12 +8,21 @@ client-credentials token (no `sub`) has the subject "" and is known by its `clie
 registered as `alice` never matches what is keyed on the user `alice`: `subjects:` role rules,
 revocation entries, WebAuthn credentials; and the rate limiter keys on `caller`, which keeps the two
 apart.
+
+Which client a token is for is read in one place, `clients_of`, and held with the principal: `client_id`
+(RFC 9068 section 2.2, RFC 7662 section 2.2, RFC 8693 section 4.3) and `azp` (OIDC Core 2). Most providers set one
+of them, or both to the same client; a token whose two differ (one client requesting a token in another's session,
+as a Keycloak token exchange can) names two clients, `client_id` and `other_client`, and every reader takes both:
+a route's `clients_any` must list each, a revocation naming either refuses it (README, "Which client a token
+is for").
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, NamedTuple
+
+from verifier.errors import ClaimInvalid
 
 
 class Principal(NamedTuple):
@@ -26,13 +35,14 @@ class Principal(NamedTuple):
 
     issuer: str
     subject: str  # `sub`; "" for a client-credentials token (no `sub`), which `client_id` names
-    client_id: str | None
+    client_id: str | None  # the client it was issued to (`clients_of`): `client_id`, else `azp`
     scopes: tuple[str, ...]
     roles: frozenset[str]
     expires_at: float  # epoch seconds; nothing derived from this principal outlives it
     claims: Mapping[str, Any]
     kid: str | None = None
     alg: str = ""
+    other_client: str | None = None  # a second client: `azp` when it names another than `client_id` (`clients_of`)
 
     @property
     def caller(self) -> str:
@@ -65,6 +75,32 @@ def shared_roles(roles: frozenset[str]) -> frozenset[str]:
             return roles
         held = _ROLE_SETS[roles] = roles
     return held
+
+
+def clients_of(claims: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The clients a token (or an introspection answer) names: `client_id`, else `azp`, and, when both are there and
+    differ, `azp` as the second: (None, None) for none. The one reading of both claims every check, revocation, the
+    rate limiter, the audit line and the upstream take, from the principal that holds it.
+
+    The same claim means the same party in both specs, the client that requested the token (RFC 9068 section 2.2,
+    RFC 8693 section 4.3; OIDC Core 2's authorized party): two different values are two clients, and which of them
+    is the one presenting it is the provider's to say, not ours, so the caller takes both. An empty string names
+    no client (absent); any other value that is not a string refuses the token (`claim_invalid`): no revocation
+    entry, allow-list or upstream header could name that client the same way."""
+    client_id = _client_claim(claims, "client_id")
+    azp = _client_claim(claims, "azp")
+    if client_id is None:
+        return azp, None
+    return client_id, azp if azp is not None and azp != client_id else None
+
+
+def _client_claim(claims: Mapping[str, Any], name: str) -> str | None:
+    value = claims.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ClaimInvalid(f"{name} is not a string", claim=name)
+    return value
 
 
 def scopes_of(claims: Mapping[str, Any]) -> tuple[str, ...]:

@@ -112,7 +112,12 @@ _REASONS = (
     _token("issuer_not_trusted", "the token's issuer is not trusted on this route (`issuers_any`)", reusable=False),
     _token("audience_not_trusted", "`aud` names none of this route's audiences or its `resource`", reusable=False),
     # authorization
-    Reason("client_not_allowed", _F, "the token's client (`azp`, else `client_id`) may not use this route", _SCOPE),
+    Reason(
+        "client_not_allowed",
+        _F,
+        "the token's client (`client_id`, else `azp`; each when they differ) may not use this route",
+        _SCOPE,
+    ),
     Reason("audience_mismatch", _F, "a valid token, not meant for this API", _SCOPE),
     Reason("forbidden", _F, "a policy refused the caller", _SCOPE),
     Reason("route_not_allowed", _F, "no policy covers this route", _SCOPE),

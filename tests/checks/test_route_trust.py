@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -40,6 +42,7 @@ def _policies(a: DevIdentityProvider, b: DevIdentityProvider) -> list[dict[str, 
         {"name": "tenant-b", "match": {"path_prefix": "/tenant-b/"}, "require": {"issuers_any": [b.issuer]}},
         {"name": "aud", "match": {"path_prefix": "/aud"}, "require": {"audiences_any": [ORDERS]}},
         {"name": "client", "match": {"path_prefix": "/client"}, "require": {"clients_any": ["mcp-client"]}},
+        {"name": "both", "match": {"path_prefix": "/both"}, "require": {"clients_any": ["mcp-client", "dev-client"]}},
         {"name": "rest", "match": {"path_prefix": "/"}},
     ]
 
@@ -144,14 +147,17 @@ async def test_audiences_any_takes_a_token_for_one_of_its_audiences_only(
 @pytest.mark.parametrize(
     ("claims", "allowed"),
     [
-        ({"azp": "mcp-client"}, True),  # azp names the client (client_id dev-client is ignored then)
-        ({"client_id": "mcp-client"}, True),  # no azp: client_id
+        ({"client_id": "mcp-client"}, True),
+        ({"client_id": None, "azp": "mcp-client"}, True),  # no client_id: azp (Keycloak, Entra v2)
+        ({"azp": "mcp-client", "client_id": "mcp-client"}, True),  # both, the same client (Keycloak service accounts)
         ({}, False),  # client_id dev-client
-        ({"azp": "other", "client_id": "mcp-client"}, False),  # azp first
-        ({"azp": ["mcp-client"]}, False),  # not a string: falls back to client_id dev-client
+        ({"azp": "mcp-client"}, False),  # client_id dev-client besides: two clients, dev-client not listed
+        ({"azp": "other", "client_id": "mcp-client"}, False),  # the same, the other way round
     ],
 )
-async def test_clients_any_reads_azp_then_client_id(tenants: Tenants, claims: dict[str, Any], allowed: bool) -> None:
+async def test_clients_any_admits_a_token_only_when_every_client_it_names_is_listed(
+    tenants: Tenants, claims: dict[str, Any], allowed: bool
+) -> None:
     app, a, _ = tenants
     status, headers = await _ask(app, "/client", a.mint(claims=claims))
     if allowed:
@@ -159,6 +165,106 @@ async def test_clients_any_reads_azp_then_client_id(tenants: Tenants, claims: di
     else:
         assert (status, headers["x-verifier-reason"]) == (403, "client_not_allowed")
         assert 'error="insufficient_scope"' in headers["www-authenticate"]
+
+
+# A token naming two clients: `client_id` (RFC 9068 2.2) one, `azp` (OIDC Core 2) another, as a Keycloak token
+# exchanged by one client for another's session (its service-account `client_id` mapper and its `azp`) carries.
+TWO_CLIENTS = {"client_id": "dev-client", "azp": "mcp-client"}
+ADMIN_TOKEN = "an-admin-token-for-the-route-trust-tests-0123"
+
+
+@pytest.mark.parametrize("kind", ["jwt", "opaque"])
+async def test_a_token_naming_two_clients_passes_a_route_for_one_of_them_only_if_it_lists_both(
+    tenants: Tenants, kind: str
+) -> None:
+    """The attacker's token, requested by dev-client in mcp-client's name (or the reverse), on a route for
+    mcp-client alone: it was admitted as mcp-client (`azp`) while revocation, the rate limit, the audit line and
+    the upstream knew it as dev-client (`client_id`)."""
+    app, a, b = tenants
+    for claims in (TWO_CLIENTS, {"client_id": "mcp-client", "azp": "dev-client"}):
+        token = a.mint(claims=claims) if kind == "jwt" else b.mint_opaque(claims=claims)
+        status, headers = await _ask(app, "/client", token)
+        assert (status, headers.get("x-verifier-reason")) == (403, "client_not_allowed"), claims
+        assert (await _ask(app, "/both/x", token))[0] == 200  # a route listing both clients takes it
+        assert (await _ask(app, "/rest", token))[0] == 200  # and a route naming no client
+
+
+async def test_the_audit_line_of_a_token_naming_two_clients_names_both(
+    tenants: Tenants, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The clients the route judged: `client_id`, and the other as `azp` (one line per token checked)."""
+    caplog.set_level(logging.INFO, logger="verifier.audit")
+    app, a, b = tenants
+    tokens = (a.mint(claims=TWO_CLIENTS), b.mint_opaque(claims=TWO_CLIENTS), a.mint(claims={"azp": "dev-client"}))
+    for token in tokens:
+        assert (await _ask(app, "/both", token))[0] == 200
+    lines = [json.loads("{" + r.__dict__["_json_fields"] + "}") for r in caplog.records
+             if r.name == "verifier.audit" and r.msg == "signature_check"]  # fmt: skip
+    assert [(line["client_id"], line.get("azp")) for line in lines] == [
+        ("dev-client", "mcp-client"), ("dev-client", "mcp-client"), ("dev-client", None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("claims", [{"azp": ["mcp-client"]}, {"client_id": 7, "azp": "mcp-client"}, {"azp": {}}])
+async def test_a_client_claim_that_is_not_a_string_refuses_the_token(tenants: Tenants, claims: dict[str, Any]) -> None:
+    """Not a client any entry, allow-list or upstream could name the same way: refused, whatever the route."""
+    app, a, b = tenants
+    for token in (a.mint(claims=claims), b.mint_opaque(claims=claims)):
+        for path in ("/client", "/rest"):
+            status, headers = await _ask(app, path, token)
+            assert (status, headers.get("x-verifier-reason")) == (401, "claim_invalid"), (claims, path)
+
+
+@pytest.fixture
+async def killable(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Tenants]:
+    """The tenants, the kill switch on the HTTP listener, and each token's `client_id` sent to the upstream."""
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", ADMIN_TOKEN)
+
+    def configure(a: DevIdentityProvider, b: DevIdentityProvider) -> dict[str, Any]:
+        issuers = [_issuer(a), _issuer(b, introspection=_introspection(b, "TRUST_SECRET_B"))]
+        upstream = {"headers": [{"header": "X-Authenticated-Client", "claim": "client_id"}]}
+        return {"issuers": issuers, "policies": _policies(a, b), "revocation": {"transmitters": []},
+                "upstream": upstream}  # fmt: skip
+
+    async with _serving(monkeypatch, configure) as running:
+        yield running
+
+
+async def _kill_client(app: App, client: str) -> None:
+    body = json.dumps({"subject": {"format": "complex", "application": {"format": "opaque", "id": client}}}).encode()
+    raw = (
+        f"POST /v1/admin/revocations HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    assert app.ports.http is not None
+    assert (await http_exchange(app.ports.http, raw)).startswith(b"HTTP/1.1 201")
+
+
+@pytest.mark.parametrize("kind", ["jwt", "opaque"])
+async def test_a_client_revoked_by_the_kill_switch_refuses_a_token_naming_it_as_either_client(
+    killable: Tenants, kind: str
+) -> None:
+    """mcp-client is revoked: the token dev-client requested in its name (`azp: mcp-client`) was still allowed, on
+    the route for mcp-client too, its upstream told `X-Authenticated-Client: dev-client`."""
+    app, a, b = killable
+    mint = (lambda c: a.mint(claims=c)) if kind == "jwt" else (lambda c: b.mint_opaque(claims=c))
+    named_by_azp, named_by_client_id, other = (
+        mint(TWO_CLIENTS),
+        mint({"client_id": "mcp-client", "azp": "dev-client"}),
+        mint({}),
+    )
+    for token in (named_by_azp, named_by_client_id, other):  # judged and cached before the revocation
+        status, headers = await _ask(app, "/both", token)
+        assert (status, headers["x-authenticated-client"]) == (
+            200,
+            "mcp-client" if token is named_by_client_id else "dev-client",
+        )
+    await _kill_client(app, "mcp-client")
+    for token in (named_by_azp, named_by_client_id):
+        for path in ("/both", "/rest", "/client"):
+            status, headers = await _ask(app, path, token)
+            assert status in (401, 403) and status != 200, (path, status)
+        assert (await _ask(app, "/rest", token))[1]["x-verifier-reason"] == "token_revoked"
+    assert (await _ask(app, "/rest", other))[0] == 200  # dev-client's own tokens pass
 
 
 def test_an_unknown_issuer_in_issuers_any_is_refused_at_start_up() -> None:

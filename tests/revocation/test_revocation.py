@@ -1372,6 +1372,27 @@ async def test_an_ssf_event_naming_a_client_refuses_its_tokens_within_the_transm
     assert service.revocations.check(token_of(sub="", client="svc-a")) is None
 
 
+@pytest.mark.parametrize("named", ["svc-a", "svc-b"])
+async def test_an_ssf_event_naming_either_client_of_a_token_naming_two_refuses_it(
+    service: RevocationService, transmitter: SsfTransmitter, named: str
+) -> None:
+    """A token requested by one client in another's name (`client_id` svc-a, `azp` svc-b): an event about either
+    refuses it. The `azp` one was missed: only `client_id` was looked up, while a route's `clients_any` read `azp`."""
+    from verifier.tokens.jwt import principal_from_claims  # the principal as a verified token has it
+
+    assert (await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, application(named)))).status == 202
+    base = {"iss": ISSUER, "iat": NOW - 10, "exp": NOW + 300}
+    for sub in ("", "user-1"):  # client credentials, and a user's token
+        claims = {**base, "client_id": "svc-a", "azp": "svc-b", **({"sub": sub} if sub else {})}
+        refused = service.revocations.check(principal_from_claims(claims, ISSUER))
+        assert refused is not None and refused.code == "account_disabled", sub
+    other = "svc-b" if named == "svc-a" else "svc-a"
+    assert service.revocations.check(principal_from_claims({**base, "client_id": other}, ISSUER)) is None
+    assert service.revocations.check(principal_from_claims({**base, "azp": other, "client_id": other}, ISSUER)) is None
+    assert service.revocations.check(principal_from_claims({**base, "client_id": "svc-c", "azp": "svc-d"},
+                                                           ISSUER)) is None  # fmt: skip
+
+
 async def test_an_ssf_jwt_id_or_client_of_another_issuer_is_acknowledged_and_ignored(
     service: RevocationService, transmitter: SsfTransmitter
 ) -> None:

@@ -568,6 +568,25 @@ async def test_the_assertion_verifies_against_the_published_jwks(
     assert token not in decision.http_head.decode()
 
 
+async def test_the_assertions_client_id_is_the_client_the_verifier_judged(
+    started: Started, mint: Any, tmp_path: Path
+) -> None:
+    """`client_id` in the assertion is the token's `client_id`, else its `azp` (as revocation and `clients_any`
+    read it); a listed `azp` is the token's own."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    identity = _identity(_pem(key, tmp_path / "id.pem"), claims=["sub", "client_id", "azp"])
+    app = await started(_document({"identity_token": identity}))
+    jwks = await _jwks(app)
+    for token_claims, expected in (
+        (claims(), {"client_id": "client-1"}),
+        (claims(client_id=None, azp="svc-b"), {"client_id": "svc-b", "azp": "svc-b"}),  # Keycloak, Entra v2
+        (claims(azp="svc-b"), {"client_id": "client-1", "azp": "svc-b"}),  # two clients: each in its claim
+    ):
+        decision = await app.pipeline.decide(_attrs(mint(token_claims)), "test")
+        decoded = _verify(_headers(decision)["x-authenticated-identity"], jwks, ORDERS, NOW)
+        assert {k: v for k, v in decoded.items() if k in ("client_id", "azp")} == expected, token_claims
+
+
 async def test_reuse_never_outlives_the_assertion_and_it_is_reminted_at_half_life(
     started: Started, mint: Any, tmp_path: Path
 ) -> None:

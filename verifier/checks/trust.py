@@ -6,7 +6,9 @@ gateway may reuse the answer. An issuer or audience the route does not trust is 
 (RFC 6750 section 3.1: the token is not valid for this resource; the challenge's `resource_metadata`
 tells the client which authorization servers and resource to ask for a new one, RFC 9728 and RFC 8707);
 a client the route does not admit is a 403 `insufficient_scope`: a new token for the same client
-would not help.
+would not help. A token naming two clients (`client_id` and a different `azp`, `verifier.principal.clients_of`)
+is admitted only when the route lists both: either may be the one presenting it, and the other is the one
+revocation, the rate limiter, the audit line and the upstream may know it by.
 """
 
 from __future__ import annotations
@@ -24,12 +26,6 @@ def _strings(value: object) -> Iterable[str]:
     if isinstance(value, str):
         return (value,)
     return (v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
-
-
-def client_of(principal: Principal) -> str | None:
-    """The client the token was issued to: `azp` (OIDC Core 2), else `client_id` (RFC 9068 2.2)."""
-    azp = principal.claims.get("azp")
-    return azp if isinstance(azp, str) and azp else principal.client_id
 
 
 class RouteTrust(Check):
@@ -58,6 +54,10 @@ class RouteTrust(Check):
             raise VerifierError("the token's issuer is not trusted on this route", code="issuer_not_trusted")
         if policy.audiences and not any(a in policy.audiences for a in _strings(principal.claims.get("aud"))):
             raise VerifierError("the token is not for this route's resource", code="audience_not_trusted")
-        if policy.clients and client_of(principal) not in policy.clients:
+        clients = policy.clients
+        if clients and (
+            principal.client_id not in clients
+            or (principal.other_client is not None and principal.other_client not in clients)
+        ):
             raise VerifierError("the token's client may not use this route", code="client_not_allowed")
         return principal

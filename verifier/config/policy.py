@@ -66,7 +66,9 @@ class Requirements:
         (), doc="only these issuers' tokens (configured, or concrete ones of a template; 401 issuer_not_trusted)"
     )
     audiences_any: tuple[str, ...] = setting((), doc="`aud` names one of these (401 audience_not_trusted)")
-    clients_any: tuple[str, ...] = setting((), doc="`azp`, else `client_id`, is one of these (403 client_not_allowed)")
+    clients_any: tuple[str, ...] = setting(
+        (), doc="`client_id`, else `azp`, is one of these, and a different `azp` too (403 client_not_allowed)"
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ that variable the API does not exist (404 on every route, so its presence is not
 
 `effect` is `revoke` (default: tokens issued until now are refused, a session's or a `jwt_id`'s tokens all; the
 entry expires once all of them have) or `disable` (every token of the subject, until DELETE). A client
-(`application`) is matched by the token's `client_id` (else `azp`), at any issuer for an `opaque` id, at the
+(`application`) is matched by the token's `client_id` or its `azp` (either), at any issuer for an `opaque` id, at the
 `iss` an `iss_sub` names; a `jwt_id` by the token's issuer and `jti` (a token without `jti` is never matched).
 
 Every entry made or lifted, and every caller refused, is a line on the audit log (`verifier.audit`) with the

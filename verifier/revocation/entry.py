@@ -16,7 +16,7 @@ from typing import Any
 
 class KeyKind(enum.Enum):
     """How a token is matched: by (iss, sub), by its `email` claim, by its session (`sid`), by the token itself
-    (iss, `jti`), or by the client it was issued to (`client_id`, else `azp`)."""
+    (iss, `jti`), or by the client it was issued to (`client_id` or `azp`: `verifier.principal.clients_of`)."""
 
     ISS_SUB = "iss_sub"
     EMAIL = "email"

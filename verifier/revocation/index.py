@@ -183,10 +183,14 @@ class Revocations:
             if isinstance(jti, str) and jti:
                 keys.append((KeyKind.JTI, jti, issuer))
         if self._by_client:
-            # The client it was issued to (`client_id`, else `azp`): its own tokens and its users' alike.
+            # The client it was issued to (`client_id`, else `azp`): its own tokens and its users' alike. A token
+            # naming two (`azp` another than `client_id`: `verifier.principal.clients_of`) is refused for either.
             client = principal.client_id
             if client:
                 keys += ((KeyKind.CLIENT, client, ""), (KeyKind.CLIENT, client, issuer))
+            other = principal.other_client
+            if other:
+                keys += ((KeyKind.CLIENT, other, ""), (KeyKind.CLIENT, other, issuer))
         return keys
 
     # -- kept in sync by the store ---------------------------------------------------------------------

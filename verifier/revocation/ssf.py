@@ -34,7 +34,7 @@ Other event types (verification, stream-updated, ...) are accepted and change no
 
 A subject may also name one token (OpenID SSF 1.0 `jwt_id`: its `iss` and `jti`), refused by every event above
 that refuses, whatever its `iat`/`auth_time`; or a client (a `complex` subject with an `application` member and
-neither `user` nor `session`: the tokens whose `client_id`, else `azp`, it names), treated as a user's subject.
+neither `user` nor `session`: the tokens whose `client_id` or `azp` it names), treated as a user's subject.
 
 A transmitter speaks only for the subjects of the issuers it is scoped to (`subjects_of`): an
 `iss_sub` or `jwt_id` subject (or an `application` given as `iss_sub`) of another issuer is acknowledged and

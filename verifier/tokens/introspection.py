@@ -54,7 +54,7 @@ from verifier.errors import (
 )
 from verifier.numbers import MAX_JSON_NUMBER, json_number
 from verifier.observe.metrics import IssuerIntrospectionMetrics
-from verifier.principal import Principal, roles_of, scopes_of
+from verifier.principal import Principal, clients_of, roles_of, scopes_of
 from verifier.settings import DEFAULT_MAX_TOKEN_BYTES
 from verifier.tokens.cache import ExpiringCache
 from verifier.tokens.introspection_breaker import Breaker
@@ -458,8 +458,7 @@ class Introspector:
         sub = answer.get("sub")
         if sub is not None and not isinstance(sub, str):
             raise ClaimInvalid("sub is not a string", claim="sub")
-        client_id = answer.get("client_id")
-        client = client_id if isinstance(client_id, str) and client_id else None
+        client, other_client = clients_of(answer)  # `client_id`, else `azp` (Keycloak answers with both)
         if not (sub or client):
             raise ClaimInvalid("token names no subject", claim="sub")
         subject = sub or ""  # a client is not a user: see `Principal`
@@ -486,6 +485,7 @@ class Introspector:
             roles=roles_of(claims),
             expires_at=min(token_exp, now + self.config.positive_ttl_seconds),
             claims=claims,
+            other_client=other_client,
         )
         return principal, token_exp
 

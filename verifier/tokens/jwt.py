@@ -25,7 +25,7 @@ from verifier.errors import (
     WrongTokenType,
 )
 from verifier.numbers import MAX_JSON_NUMBER, json_number
-from verifier.principal import Principal, roles_of, scopes_of
+from verifier.principal import Principal, clients_of, roles_of, scopes_of
 from verifier.settings import IssuerSettings
 from verifier.tokens import jws
 from verifier.tokens.jwks import MAX_KIDLESS_KEYS, IssuerKeys, KeyStore, Tenants
@@ -87,10 +87,10 @@ def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings:
     sub = claims.get("sub")
     if sub is not None and not isinstance(sub, str):
         raise ClaimInvalid("sub is not a string", claim="sub")
-    client_id = claims.get("client_id", claims.get("azp"))
     # An empty `sub` or client names nobody, as in an introspection answer: no caller for revocation entries,
-    # rate-limit buckets or the upstream's user header to be keyed on.
-    if not sub and not (isinstance(client_id, str) and client_id):
+    # rate-limit buckets or the upstream's user header to be keyed on. A client claim that is not a string refuses.
+    client = clients_of(claims)[0]
+    if not sub and client is None:
         raise ClaimInvalid("token names no subject", claim="sub")
     aud = claims.get("aud")
     if isinstance(aud, str):  # the common form: one audience, no list to walk
@@ -107,12 +107,11 @@ def principal_from_claims(
     claims: Mapping[str, Any], issuer: str, *, kid: str | None = None, alg: str = ""
 ) -> Principal:
     """Builds the principal of a verified token."""
-    client_id = claims.get("client_id", claims.get("azp"))
-    client = client_id if isinstance(client_id, str) else None
+    client, other_client = clients_of(claims)  # strings or absent (check_claims refused any other)
     sub = claims.get("sub")
     subject = sub if isinstance(sub, str) else ""  # a client is not a user: see `Principal`
     # Positional, in the field order of `Principal` (issuer, subject, client_id, scopes, roles, expires_at,
-    # claims, kid, alg): one is built for every first-seen token.
+    # claims, kid, alg, other_client): one is built for every first-seen token.
     return Principal(
         issuer,
         subject,
@@ -123,6 +122,7 @@ def principal_from_claims(
         claims,
         kid,
         alg,
+        other_client,
     )
 
 

@@ -6,7 +6,8 @@ thumbprint as `kid`, so assertions signed before a rotation stay verifiable unti
 
 Header `{"alg": ES256|EdDSA, "typ": "JWT", "kid": ...}`; claims `iss` (ours), `idp` (the token's issuer: `sub`
 is unique only within it), `aud`, `iat`, `exp`, `jti` and the configured ones copied from the judged principal
-(`scope` and `roles` as the verifier judged them).
+(`scope` and `roles` as the verifier judged them, `client_id` as revocation and the route's `clients_any` read it:
+the token's `client_id`, else its `azp`, `verifier.principal.clients_of`).
 The assertion never outlives the token it speaks for.
 """
 
@@ -84,9 +85,11 @@ class IdentityAssertions:
 
 
 def _claim(principal: Principal, name: str) -> Any:
-    """What the verifier judged for `sub`, `scope` and `roles`; any other claim as the token has it."""
+    """What the verifier judged for `sub`, `scope`, `roles` and `client_id`; any other claim as the token has it."""
     if name == "sub":
         return principal.subject or None
+    if name == "client_id":
+        return principal.client_id
     if name == "scope":
         return principal.scope or None
     if name == "roles":
