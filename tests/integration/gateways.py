@@ -159,6 +159,19 @@ def http_request(
         conn.close()
 
 
+def kill_switch(verifier_url: str, admin_token: str, subject: Mapping[str, object], reason: str = "test") -> None:
+    """The operator's revocation of `subject` (an RFC 9493 subject) through the verifier's kill switch, asked
+    directly at `verifier_url` (`POST /v1/admin/revocations`); asserts it was made (201)."""
+    answer = http_request(
+        f"{verifier_url}/v1/admin/revocations",
+        method="POST",
+        headers={"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"},
+        body=json.dumps({"subject": subject, "reason": reason}).encode(),
+        timeout=5,
+    )
+    assert answer.status == 201, (answer.status, answer.body)
+
+
 def wait_http_ok(url: str, *, timeout: float = READY_TIMEOUT_S, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Poll ``url`` until it answers 200; fail early if ``proc`` dies meanwhile."""
     deadline = time.monotonic() + timeout

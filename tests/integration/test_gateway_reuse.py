@@ -16,7 +16,6 @@ import concurrent.futures
 import http.client
 import json
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +35,7 @@ if __package__:
         HttpResult,
         LocalIssuer,
         http_request,
+        kill_switch,
         start_envoy,
         start_gateway_for,
         start_nginx,
@@ -52,6 +52,7 @@ else:  # tests/ is not a package: pytest put this directory on sys.path
         HttpResult,
         LocalIssuer,
         http_request,
+        kill_switch,
         start_envoy,
         start_gateway_for,
         start_nginx,
@@ -439,14 +440,7 @@ def _revoke(verifier: GatewayProcess, issuer: LocalIssuer, tok: str) -> None:
 
 
 def _kill(verifier: GatewayProcess, subject: dict[str, object]) -> None:
-    request = urllib.request.Request(
-        f"{verifier.url}/v1/admin/revocations",
-        data=json.dumps({"subject": subject, "reason": "test"}).encode(),
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=5) as answer:
-        assert answer.status == 201
+    kill_switch(verifier.url, ADMIN_TOKEN, subject)
 
 
 def _flood(url: str, count: int, credential: Callable[[int], str]) -> tuple[list[int], int]:
