@@ -273,7 +273,10 @@ async def test_assurance_level_change_overrides_acr_of_existing_tokens(
 async def test_token_claims_change_overrides_claims_but_never_identity_claims(
     service: RevocationService, transmitter: SsfTransmitter
 ) -> None:
-    event = {"claims": {"role": "guest", "groups": ["a"], "sub": "admin", "exp": 9e9}, "event_timestamp": int(NOW)}
+    # The clients too (`client_id`, `azp`): an announcement never says whom a token was issued to, so no route's
+    # `clients_any`, upstream or audit line reads a client the provider did not name.
+    event = {"claims": {"role": "guest", "groups": ["a"], "sub": "admin", "exp": 9e9, "client_id": "x", "azp": "y"},
+             "event_timestamp": int(NOW)}
     await push(service, transmitter.sign_set({TOKEN_CLAIMS_CHANGE: event}, USER))
     later = {"claims": {"role": "none"}, "event_timestamp": int(NOW) + 0}
     await push(service, transmitter.sign_set({TOKEN_CLAIMS_CHANGE: later}, {"format": "email", "email": "U@x.test"}))

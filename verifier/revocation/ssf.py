@@ -96,8 +96,11 @@ MAX_EVENTS_PER_SET = 10  # members of `events`; RFC 8417 sets are usually one ev
 MAX_CREDENTIAL_IDS = 50  # credential ids named by one credential-change event
 # CAEP 1.0 section 3.3 credential types that are WebAuthn credentials.
 WEBAUTHN_CREDENTIAL_TYPES = frozenset({"fido2-platform", "fido2-roaming", "fido-u2f"})
-# Claims a token-claims-change may not touch: they say who issued the token to whom and until when.
-PROTECTED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "client_id", "cnf", "sid", "auth_time"})
+# Claims a token-claims-change may not touch: they say who issued the token to whom and until when (both clients:
+# `client_id` and `azp`, `verifier.principal.clients_of`).
+PROTECTED_CLAIMS = frozenset(
+    {"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "client_id", "azp", "cnf", "sid", "auth_time"}
+)
 
 # RFC 8935 section 2.4 error codes
 INVALID_REQUEST = "invalid_request"
