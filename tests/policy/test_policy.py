@@ -97,6 +97,34 @@ def test_a_path_whose_dot_segments_lead_out_of_a_policy_is_ambiguous(path: str) 
         assert policies.match(_attrs("DELETE", path)) is AMBIGUOUS
 
 
+USERS = PolicySettings(name="users", match=RouteMatch(path="/admin/users"), require=Requirements(roles_any=("admin",)))
+OPENAPI = PolicySettings(
+    name="openapi", match=RouteMatch(path="/openapi.json"), require=Requirements(authenticated=False)
+)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/admin/users.json", "/admin/users.xml", "/admin/users.", "/Admin/Users.json", "/admin/users.tar.gz",
+     "/admin/users.json/", "/admin/users%2Ejson", "/health.json"],
+)
+def test_a_format_suffix_on_an_exact_policys_path_is_ambiguous(path: str) -> None:
+    """Rails routes `/admin/users(.:format)` and Spring MVC before 5.3 matched `/admin/users.*`: `/admin/users.json`
+    is the /admin/users handler to them. Judged by its own name, it met no exact policy and fell to the catch-all (a
+    read-only token on the admin users; `/health.json` with no token)."""
+    assert PolicySet((USERS, PUBLIC, OPENAPI, REST)).match(_attrs("GET", path)) is AMBIGUOUS
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [("/openapi.json", "openapi"), ("/admin/users", "users"), ("/admin/users/", "users"), ("/static/app.js", "rest"),
+     ("/admin/users/x.json", "rest"), ("/admin/usersx.json", "rest"), ("/.well-known/x", "rest"), ("/a.b/c", "rest")],
+)
+def test_a_dot_that_names_no_other_exact_policy_is_not_ambiguous(path: str, name: str) -> None:
+    """A file's own exact policy (`/openapi.json`), and a suffix whose stem no exact policy names, stay as they were."""
+    assert PolicySet((USERS, PUBLIC, OPENAPI, REST)).match(_attrs("GET", path)).name == name  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("path", ["/orders/x/../y", "/orders/./y", "/static/app.js", "/a/..b/c", "/.well/x"])
 def test_dot_segments_within_one_policy_are_not_ambiguous(path: str) -> None:
     policy = PolicySet((ADMIN, PUBLIC, REST)).match(_attrs("GET", path))

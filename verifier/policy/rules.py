@@ -2,8 +2,8 @@
 
 Matching normalizes the path first (percent-decoding, `//`, dot segments), so `//admin` and `/%61dmin` meet
 the `/admin` policy instead of slipping past it to a laxer one; a path whose other readings (an upstream's that
-keeps what normalizing drops: dot segments, `#`, `;parameters`, case; `other_readings`) meet another policy is
-refused as ambiguous (`/./admin`, `/admin/x/../../health`).
+keeps what normalizing drops: dot segments, `#`, `;parameters`, case; or drops a format suffix; `other_readings`)
+meet another policy is refused as ambiguous (`/./admin`, `/admin/x/../../health`, `/admin/users.json`).
 Requirements are checked in an order that gives the client the most useful answer: authorization
 (roles, scopes: 403) before assurance (amr/acr/auth_time: an RFC 9470 step-up 401) before the
 sender constraint (a DPoP/mTLS 401).
@@ -64,6 +64,7 @@ def other_readings(path: str, normal: str) -> set[str]:
     - Servers and gateways resolve dot segments (`..`, `%2e%2e`; RFC 3986 section 5.2.4, `normalize_path` does), but
       Express mounts and Flask (Werkzeug) routes match the target as it came, and nginx and Kong pass it on as it
       came: `/admin/x/../../health` is /health to the first, under /admin to the others.
+    (A format suffix some drop, `/admin/users.json`, is `_formats_dropped`'s.)
     """
     readings: set[str] = set()
     variants = {path}
@@ -92,6 +93,21 @@ def _dot_segments_kept(path: str) -> str | None:
     if not any(segment in (".", "..") for segment in decoded.split("/")):
         return None
     return decoded if decoded.startswith("/") else "/" + decoded
+
+
+def _formats_dropped(paths: set[str]) -> set[str]:
+    """`paths` (normalized) without the format suffix of their last segment, for those that have one: Rails routes
+    every path with an optional format (`/admin/users(.:format)`: from the last `.`, `/a/x.tar.gz` is /a/x.tar) and
+    Spring MVC before 5.3 matched `/a/x.*` to an `/a/x` mapping (from the first `.`: /a/x). `/admin/users.json` is
+    /admin/users to them, and an exact-path policy for /admin/users missed it: it fell to a laxer one. A `.` at the
+    start of the segment is its name (`/.well-known`), not a format."""
+    dropped: set[str] = set()
+    for path in paths:
+        head, _, last = path.rstrip("/").rpartition("/")  # Rails drops a trailing slash first
+        first = last.find(".", 1)
+        if first > 0:
+            dropped |= {f"{head}/{last[:first]}", f"{head}/{last[: last.rindex('.')]}"}
+    return dropped
 
 
 _PATH_PARAMETERS = re.compile(r";[^/]*")
@@ -303,6 +319,10 @@ class PolicySet:
             # Another reading of the host or of the path (`other_readings`) under another policy: an upstream could
             # get another policy's route than the one judged. Refused.
             paths = other_readings(path, normal)
+            if "." in normal:
+                # A format suffix dropped (`_formats_dropped`) counts where it names an exact path of a policy: one
+                # written for the file itself (`/openapi.json`) has no other route than its own name.
+                paths |= {p for p in _formats_dropped(paths | {normal}) if self._exact(method, names, p)}
             if len(names) > 1 or paths:
                 paths.add(normal)
                 if any(self._match(method, n, p) is not policy for n in names for p in paths):
@@ -311,6 +331,10 @@ class PolicySet:
             memo.clear()  # attacker-chosen paths: bounded, and a clear is cheaper than an LRU on every hit
         memo[key] = policy
         return policy
+
+    def _exact(self, method: str, names: set[str], path: str) -> bool:
+        """Whether `path` meets, on one of the hosts `names`, a policy by its exact `path`."""
+        return any((policy := self._match(method, n, path)) is not None and policy.path != "" for n in names)
 
     def _match(self, method: str, host: str, path: str) -> CompiledPolicy | None:
         for policy in self._policies:
