@@ -1,10 +1,11 @@
 """The fixtures the integration test modules share.
 
-- Gateway rigs: a module-scoped echo upstream and local issuer, and the autouse clearing of the upstream's
-  log. tests/integration/conftest.py offers `upstream` and `issuer` to every integration test (a module
-  defining its own keeps it); a module wanting the clearing imports `fresh_upstream_log` (autouse where it
-  is imported). tests/kong imports them by name from here. The gateways themselves are started by
-  `gateways.start_gateway` (one place for every shipped configuration).
+- Gateway rigs: a module-scoped echo upstream and local issuer, the real verifier trusting it
+  (`verifier_fixture`), and the autouse clearing of the upstream's log. tests/integration/conftest.py
+  offers `upstream` and `issuer` to every integration test (a module defining its own keeps it); a module
+  wanting the clearing imports `fresh_upstream_log` (autouse where it is imported). tests/kong imports them
+  by name from here. The gateways themselves are started by `gateways.start_gateway` (one place for every
+  shipped configuration).
 - A real redis-server of its own per test (`redis_server`, offered to all by conftest.py).
 - The real OpenID Provider (op_harness): `provider_fixture` makes a module's provider fixture, and
   `verifier_trusting` runs the verifier in this process trusting the provider's API tokens.
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 from doorkit import door_settings
-from gateways import GATEWAY_KINDS, EchoUpstream, GatewayProcess, LocalIssuer, start_gateway_for
+from gateways import GATEWAY_KINDS, EchoUpstream, GatewayProcess, LocalIssuer, start_gateway_for, start_verifier
 from op_harness import API_AUDIENCE, OpenIDProvider, start_provider
 from redis.asyncio import Redis
 from redis_harness import RedisServer, start_redis
@@ -80,6 +81,24 @@ def provider_fixture(name: str, scope: str = "function") -> Any:
             yield provider
         finally:
             provider.stop()
+
+    return running
+
+
+def verifier_fixture(name: str = "verifier", **extra_config: Any) -> Any:
+    """A module fixture named `name`: the real verifier (`start_verifier`) trusting the module's `issuer`, with
+    `extra_config` added to its configuration, stopped afterwards.
+
+    In a test module: `verifier = verifier_fixture(policies=POLICIES)`.
+    """
+
+    @pytest.fixture(name=name, scope="module")
+    def running(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+        proc = start_verifier(tmp_path_factory.mktemp(name), issuer=issuer.issuer, extra_config=extra_config)
+        try:
+            yield proc
+        finally:
+            proc.stop()
 
     return running
 
