@@ -21,6 +21,19 @@ def test_the_endpoint_turns_it_on_with_the_traces_path() -> None:
     assert config is not None
     assert config.traces_url == "http://127.0.0.1:4318/v1/traces"
     assert (config.service_name, config.sample_ratio, config.parent_based) == ("edge-verifier", 1.0, True)
+    assert config.honour_parent_sampled is False  # a client's traceparent does not choose what is recorded
+
+
+def test_honour_parent_sampled_is_an_opt_in_that_needs_a_parent_based_sampler() -> None:
+    config = parse({"otlp_endpoint": "http://127.0.0.1:4318", "honour_parent_sampled": True})
+    assert config is not None and config.honour_parent_sampled is True
+    environ = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    based = parse({"otlp_endpoint": "http://127.0.0.1:4318", "honour_parent_sampled": True}, environ)
+    assert based is not None and (based.honour_parent_sampled, based.parent_based, based.sample_ratio) == (
+        True,
+        True,
+        0.1,
+    )
 
 
 def test_the_standard_variables_turn_it_on_alone() -> None:
@@ -66,6 +79,17 @@ def test_the_standard_off_switches_win_over_the_file(environ: dict[str, str]) ->
         ({"otlp_endpoint": "https://c.test", "sample_ratio": 1.5}, {}, "tracing.sample_ratio: 1.5 is outside"),
         ({"otlp_endpoint": "https://c.test", "max_queue": 0}, {}, "tracing.max_queue: 0 is outside"),
         ({"otlp_endpoint": "https://c.test", "sample": 1}, {}, "tracing.sample: unknown key (did you mean"),
+        (
+            {"otlp_endpoint": "https://c.test", "honour_parent_sampled": "yes"},
+            {},
+            "tracing.honour_parent_sampled: expected true or false",
+        ),
+        (
+            {"otlp_endpoint": "https://c.test", "honour_parent_sampled": True},
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+            "tracing.honour_parent_sampled: true follows the parent's sampled flag, but "
+            "OTEL_TRACES_SAMPLER=traceidratio ignores it",
+        ),
         (
             {"otlp_endpoint": "https://c.test"},
             {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},

@@ -26,8 +26,9 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind
 
 from verifier.config.introspection import IntrospectionConfig
+from verifier.config.tracing import TracingConfig
 from verifier.decision import Decision
-from verifier.observe.otel import OtelTracing
+from verifier.observe.otel import OtelTracing, build_tracing, sampler
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -44,10 +45,16 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     spans.clear()
 
 
-def tracing(exporter: InMemorySpanExporter) -> OtelTracing:
+def tracing(exporter: InMemorySpanExporter, **options: Any) -> OtelTracing:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return OtelTracing(provider)
+    return OtelTracing(provider, **options)
+
+
+def configured(exporter: InMemorySpanExporter, **settings: Any) -> OtelTracing:
+    """Tracing as the composition root builds it from the `tracing` section (spans to `exporter`)."""
+    config = TracingConfig(traces_url="http://127.0.0.1:4318/v1/traces", **settings)
+    return build_tracing(config, SimpleSpanProcessor(exporter))
 
 
 def forward_auth(path: str, headers: Mapping[str, str]) -> bytes:
@@ -312,12 +319,15 @@ def test_a_verifier_without_tracing_never_loads_opentelemetry() -> None:
 async def test_a_decision_under_an_unsampled_gateway_span_records_nothing_but_names_its_trace(
     exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Parent-based sampling: the gateway said "not sampled", so neither the decision nor the introspection it
-    causes is exported; the audit line still names the gateway's trace."""
+    """Parent-based sampling, opted into (`honour_parent_sampled`): the gateway said "not sampled", so neither the
+    decision nor the introspection it causes is exported; the audit line still names the gateway's trace."""
     caplog.set_level(logging.INFO, logger="verifier.audit")
     config = IntrospectionConfig(client_id="verifier", client_secret=SECRET)
     unsampled = f"00-{TRACE}-{PARENT}-00"
-    async with running_verifier(tracing=tracing(exporter), introspection=config) as (app, idp):
+    async with running_verifier(tracing=tracing(exporter, honour_parent_sampled=True), introspection=config) as (
+        app,
+        idp,
+    ):
         assert app.ports.http is not None
         idp.introspection_client_secret = SECRET
         exporter.clear()  # the start-up key fetches
@@ -388,3 +398,106 @@ def test_the_otlp_exporter_imports_beside_envoys_api() -> None:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     assert OTLPSpanExporter is not None
+
+
+FORCED = f"00-{TRACE}-{PARENT}-01"  # what any client can send: "my caller recorded this, record yours too"
+
+
+def own_check(token: str) -> verifier_pb2.CheckRequest:
+    return verifier_pb2.CheckRequest(method="GET", host="api", path="/o", headers={"Authorization": f"Bearer {token}"})
+
+
+async def every_door_with(app: Any, idp: Any, parent: str) -> None:
+    """A first-seen JWT, its cached repeat, a refusal and an opaque token (an introspection fetch) at forward-auth;
+    the same token at Envoy's ext_authz (the parent in the checked request's headers, then in the call's metadata)
+    and at our own gRPC Check (in the metadata)."""
+    assert app.ports.http is not None and app.ports.grpc is not None
+    jwt = idp.mint(sub=SUBJECT)
+    for headers in (
+        {"Authorization": f"Bearer {jwt}", "traceparent": parent},
+        {"Authorization": f"Bearer {jwt}", "traceparent": parent},
+        {"Authorization": "Bearer not-a-token", "traceparent": parent},
+        {"Authorization": f"Bearer {idp.mint_opaque(sub=SUBJECT)}", "traceparent": parent},
+    ):
+        assert (await http_exchange(app.ports.http, forward_auth("/f", headers)))[:12] in (
+            b"HTTP/1.1 200",
+            b"HTTP/1.1 401",
+        )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+        envoy = ea_grpc.AuthorizationStub(channel)
+        await envoy.Check(envoy_request(idp.mint(), {"traceparent": parent}))
+        await envoy.Check(envoy_request(idp.mint(), {}), metadata=(("traceparent", parent),))
+        own = verifier_pb2_grpc.VerifierStub(channel)
+        await own.Check(own_check(idp.mint()), metadata=(("traceparent", parent),))
+
+
+def assert_one_span_per_door_under_the_parent(spans: list[ReadableSpan]) -> None:
+    """One decision span for each decision `every_door_with` asked for, each the `traceparent`'s child."""
+    assert [dict(s.attributes or {})["verifier.door"] for s in spans] == [
+        *["forward_auth"] * 4,
+        "ext_authz",
+        "ext_authz",
+        "grpc",
+    ]
+    assert all(s.context is not None and format(s.context.trace_id, "032x") == TRACE for s in spans)
+    assert all(s.parent is not None and format(s.parent.span_id, "016x") == PARENT for s in spans)
+
+
+async def test_a_clients_sampled_flag_does_not_make_the_verifier_record_its_requests(
+    exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attacker's view: `sample_ratio: 0` (nothing recorded), and a client at the edge sends `traceparent:
+    00-<id>-<id>-01` on every request, as the shipped gateways pass it. Following the flag made every one of its
+    decisions (and the introspection each opaque token caused) a span exported: the exporter's bill and the
+    verifier's CPU were the client's to spend. Now no door records anything; the audit lines still name the trace."""
+    caplog.set_level(logging.INFO, logger="verifier.audit")
+    config = IntrospectionConfig(client_id="verifier", client_secret=SECRET)
+    async with running_verifier(tracing=configured(exporter, sample_ratio=0.0), introspection=config) as (app, idp):
+        idp.introspection_client_secret = SECRET
+        await every_door_with(app, idp, FORCED)
+        await asyncio.sleep(0.2)
+    assert [s.name for s in exporter.get_finished_spans()] == []
+    lines = [json.loads("{" + r.__dict__["_json_fields"] + "}") for r in caplog.records if r.msg == "signature_check"]
+    assert lines and {line.get("trace_id") for line in lines} == {TRACE}  # the trace id continued: correlation
+
+
+async def test_a_client_cannot_keep_its_requests_out_of_the_traces_either(exporter: InMemorySpanExporter) -> None:
+    """`-00` from a client is not followed either: with `sample_ratio: 1` its decisions are recorded like any
+    other, under its trace id (correlation), on every door."""
+    async with running_verifier(tracing=configured(exporter, sample_ratio=1.0)) as (app, idp):
+        exporter.clear()  # the start-up key fetches
+        await every_door_with(app, idp, f"00-{TRACE}-{PARENT}-00")
+    assert_one_span_per_door_under_the_parent(decisions(exporter))
+
+
+async def test_honour_parent_sampled_follows_the_gateways_flag_on_every_door(exporter: InMemorySpanExporter) -> None:
+    """Opted in (a gateway in front replaces the client's traceparent with its own span): `-01` is recorded
+    whatever the ratio says, `-00` is not."""
+    config = IntrospectionConfig(client_id="verifier", client_secret=SECRET)
+    traced = configured(exporter, sample_ratio=0.0, honour_parent_sampled=True)
+    async with running_verifier(tracing=traced, introspection=config) as (app, idp):
+        idp.introspection_client_secret = SECRET
+        await every_door_with(app, idp, f"00-{TRACE}-{PARENT}-00")
+        await asyncio.sleep(0.2)
+        assert exporter.get_finished_spans() == ()
+        await every_door_with(app, idp, FORCED)
+        await wait_for_spans(exporter, "introspection", 1)
+    assert_one_span_per_door_under_the_parent(decisions(exporter))
+
+
+@pytest.mark.parametrize("flags", ["00", "01"])
+def test_the_verifiers_draw_decides_never_the_trace_id_the_client_chose(
+    exporter: InMemorySpanExporter, flags: str
+) -> None:
+    """A ratio over the trace id (OpenTelemetry's TraceIdRatioBased) is one the client can pick: a trace id whose
+    low 64 bits are 1 is under any ratio's bound. The verifier's own draw decides instead, whatever the flag."""
+    config = TracingConfig(traces_url="http://127.0.0.1:4318/v1/traces", sample_ratio=0.01)
+    provider = TracerProvider(sampler=sampler(config))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    draws = iter([0.5, 0.005])
+    traced = OtelTracing(provider, sample_ratio=0.01, draw=lambda: next(draws))
+    chosen = f"00-{'0' * 31}1-{PARENT}-{flags}"
+    for _ in range(2):
+        traced.decision("forward_auth", chosen, None, None).end(Decision(allowed=True, status=200, reason="ok"))
+    (kept,) = decisions(exporter)  # the second draw (0.005 < 0.01) only
+    assert kept.context is not None and kept.context.trace_id == 1

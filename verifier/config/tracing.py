@@ -4,7 +4,8 @@
 tracing:
   otlp_endpoint: "http://127.0.0.1:4318"   # the collector; spans go to {otlp_endpoint}/v1/traces
   service_name: edge-verifier              # resource attribute service.name
-  sample_ratio: 1.0                        # of new traces; a gateway's sampled flag is followed (parent-based)
+  sample_ratio: 1.0                        # of decisions kept (a parent's sampled flag is not followed unless:)
+  honour_parent_sampled: false             # follow the incoming traceparent's sampled flag (a tracing gateway's)
   export_timeout_seconds: 10               # per OTLP export call
   max_queue: 2048                          # spans waiting for export; past it spans are dropped, never waited for
 ```
@@ -18,6 +19,17 @@ tracing off whatever the file says. Only OTLP over HTTP with protobuf is spoken:
 `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL` or `OTEL_TRACES_EXPORTER` is refused at start-up rather than
 silently sending nowhere. The exporter itself still reads `OTEL_EXPORTER_OTLP_HEADERS`,
 `..._CERTIFICATE` and `..._COMPRESSION`.
+
+`honour_parent_sampled` (W3C Trace Context section 8.3, denial of service): by default the sampled flag of
+the `traceparent` a decision arrives with is not followed, either way. A client at the edge writes that
+header, and the shipped gateway configurations pass it as sent: following `-01` would let any client have
+every one of its requests recorded and exported whatever `sample_ratio` says (exporter cost, the verifier's
+CPU), and following `-00` would let it keep its requests out of the traces. The verifier's own ratio
+decides instead, by a random draw per decision (not from the trace id, which the client also chooses). The
+trace id is still continued, for correlation only. Turn it on only when the gateway in front replaces the
+client's `traceparent` with its own span (Envoy's OpenTelemetry tracer, nginx's otel module, Kong's
+opentelemetry plugin); it then needs a parent-based sampler (not `OTEL_TRACES_SAMPLER=always_on`,
+`always_off` or `traceidratio`, refused at start-up).
 
 The endpoint gets the outbound URL rule of every other URL here (https, or plain http on loopback: the
 collector sidecar). Spans carry no token and no subject, only the door, outcome, reason code, issuer and
@@ -33,7 +45,10 @@ from typing import Any
 from verifier.config.base import Reader, read_fields, record, setting, url_problem
 
 DEFAULT_SERVICE_NAME = "edge-verifier"
-DEFAULT_SAMPLE_RATIO = 1.0  # of traces the verifier starts; the parent's sampled flag decides the others
+DEFAULT_SAMPLE_RATIO = 1.0  # of decisions kept; a parent's sampled flag decides only with honour_parent_sampled
+# A client's traceparent reaches the verifier as sent through the shipped gateways: its sampled flag is not
+# followed unless the operator says a gateway in front sets it (W3C Trace Context section 8.3).
+DEFAULT_HONOUR_PARENT_SAMPLED = False
 # Seconds per OTLP export call; the OpenTelemetry SDK's own default. Export runs on the SDK's
 # background thread: a slow collector never delays a decision, its spans wait in the queue.
 DEFAULT_EXPORT_TIMEOUT_SECONDS = 10.0
@@ -70,7 +85,11 @@ class TracingConfig:
     )
     service_name: str = setting(DEFAULT_SERVICE_NAME, doc="the resource's service.name (else OTEL_SERVICE_NAME)")
     sample_ratio: float = setting(
-        DEFAULT_SAMPLE_RATIO, minimum=0, maximum=1, doc="new traces kept; a gateway's sampled flag is followed"
+        DEFAULT_SAMPLE_RATIO, minimum=0, maximum=1, doc="decisions kept (random draw); see honour_parent_sampled"
+    )
+    honour_parent_sampled: bool = setting(
+        DEFAULT_HONOUR_PARENT_SAMPLED,
+        doc="follow the incoming traceparent's sampled flag: only behind a gateway that sets its own span there",
     )
     export_timeout_seconds: float = setting(
         DEFAULT_EXPORT_TIMEOUT_SECONDS, minimum=0.1, maximum=120, unit="seconds", doc="per OTLP export call"
@@ -117,6 +136,11 @@ def parse_tracing_config(data: Any, environ: Mapping[str, str], path: str = "tra
         values["service_name"] = environ[ENV_SERVICE_NAME]
     if not reader.has("sample_ratio") and environ.get(ENV_SAMPLER):
         values["parent_based"], values["sample_ratio"] = _sampler(environ)
+        if values["honour_parent_sampled"] and not values["parent_based"]:
+            record(
+                f"{path}.honour_parent_sampled: true follows the parent's sampled flag, but "
+                f"{ENV_SAMPLER}={environ[ENV_SAMPLER].strip()} ignores it (use a parentbased_ sampler)"
+            )
     return TracingConfig(**values, traces_url=traces_url)
 
 

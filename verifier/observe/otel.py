@@ -6,15 +6,21 @@ verifier's tracer is its own, handed down, and an embedding program's tracing is
 
 The gateway's `traceparent` is parsed by `verifier.observe.traceparent` (strict W3C, bounded), not by
 the OpenTelemetry propagator: what does not parse starts a new trace, and nothing the client wrote
-is logged. Export runs on the SDK's background thread through a bounded queue (`max_queue`): a slow
-or absent collector costs dropped spans, never a slower decision.
+is logged. Its sampled flag is the sender's choice, and through the shipped gateways the sender is the
+client: unless the operator says a gateway sets it (`honour_parent_sampled`), the verifier replaces it with
+a draw of its own at `sample_ratio` before OpenTelemetry sees it (W3C Trace Context section 8.3). The trace
+id is kept (correlation); the draw never reads it (a ratio over the trace id is one the client can pick).
+
+Export runs on the SDK's background thread through a bounded queue (`max_queue`): a slow or absent
+collector costs dropped spans, never a slower decision.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Mapping
+import random
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from urllib.parse import urlsplit
 
@@ -117,13 +123,26 @@ class OtelTracing:
     """Spans from one tracer of the given provider (the composition root's; the tests' in-memory one).
 
     `parent_based`: the provider's sampler follows the parent's sampled flag (the default), so a decision
-    under an unsampled gateway span needs no span of its own.
+    under an unsampled parent needs no span of its own. `honour_parent_sampled`: the flag the gateway's
+    `traceparent` carries is that parent's; when False (the default: a client may have written it) it is
+    replaced by `draw() < sample_ratio`, the verifier's own decision (`draw`: uniform in [0, 1)).
     """
 
-    def __init__(self, provider: TracerProvider, *, parent_based: bool = True) -> None:
+    def __init__(
+        self,
+        provider: TracerProvider,
+        *,
+        parent_based: bool = True,
+        honour_parent_sampled: bool = False,
+        sample_ratio: float = 1.0,
+        draw: Callable[[], float] = random.random,  # sampling, not a secret: nothing to guess
+    ) -> None:
         self.provider = provider
         self._tracer = provider.get_tracer(INSTRUMENTATION)
-        self._parent_based = parent_based
+        self._parent_based = parent_based or not honour_parent_sampled
+        self._honour = honour_parent_sampled
+        self._ratio = sample_ratio
+        self._draw = draw
 
     def decision(self, door: str, parent: str | None, state: str | None, cached: str | None) -> DecisionSpan:
         """A SERVER span, child of the gateway's span when its `traceparent` parses (never the ambient
@@ -132,6 +151,9 @@ class OtelTracing:
         if found is None:
             context = otel_context.Context()
         else:
+            if not self._honour:  # the sender's flag is not ours to follow: our own draw stands in for it
+                kept = TraceFlags.SAMPLED if self._draw() < self._ratio else 0
+                found = found._replace(flags=(found.flags & ~TraceFlags.SAMPLED) | kept)
             remote = _remote_span(found, state)
             if not found.sampled and self._parent_based:
                 return _Unsampled(remote)
@@ -182,9 +204,10 @@ class OtelTracing:
 
 
 def sampler(config: TracingConfig) -> Sampler:
-    """The configured ratio of new traces; parent-based unless OTEL_TRACES_SAMPLER said otherwise."""
+    """The configured ratio of new traces; parent-based unless OTEL_TRACES_SAMPLER said otherwise. Always
+    parent-based when the gateway's flag is not honoured: `OtelTracing` has put its own draw in its place."""
     ratio = TraceIdRatioBased(config.sample_ratio)
-    return ParentBased(root=ratio) if config.parent_based else ratio
+    return ParentBased(root=ratio) if config.parent_based or not config.honour_parent_sampled else ratio
 
 
 def build_tracing(config: TracingConfig, processor: SpanProcessor | None = None) -> OtelTracing:
@@ -202,4 +225,9 @@ def build_tracing(config: TracingConfig, processor: SpanProcessor | None = None)
             export_timeout_millis=config.export_timeout_seconds * 1000,
         )
     provider.add_span_processor(processor)
-    return OtelTracing(provider, parent_based=config.parent_based)
+    return OtelTracing(
+        provider,
+        parent_based=config.parent_based,
+        honour_parent_sampled=config.honour_parent_sampled,
+        sample_ratio=config.sample_ratio,
+    )

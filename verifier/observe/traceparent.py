@@ -3,7 +3,8 @@
 Parsed strictly, section 3.2 (`traceparent`) and 3.3 (`tracestate`): a value that does not parse is
 ignored (the verifier starts a trace of its own), never an error answered to the gateway. These
 headers are correlation hints, never a trust decision: whoever sends them can only choose which
-trace a decision's span and audit line belong to, and ask for it to be sampled.
+trace a decision's span and audit line belong to. Their sampled flag is followed only when the
+operator says a gateway sets it (`tracing.honour_parent_sampled`, `verifier.observe.otel`).
 """
 
 from __future__ import annotations
