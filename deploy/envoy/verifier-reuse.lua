@@ -32,7 +32,8 @@ local MAX_TTL = 300 -- seconds; a ceiling on any reuse, whatever the verifier sa
 
 local CREDENTIAL_HEADERS = { "authorization", "dpop", "x-webauthn-assertion" }
 -- W3C trace context, passed so the verifier's decision span joins the request's trace; never part of the
--- cache key (the answer does not depend on it), never a decision input
+-- cache key (the answer does not depend on it), never a decision input. The client's, sampled flag
+-- included: the verifier's sample_ratio decides what is recorded (tracing.honour_parent_sampled: false)
 local TRACE_HEADERS = { "traceparent", "tracestate" }
 -- refusal headers relayed to the client (the rest of the verifier's answer stays here)
 local CLIENT_HEADERS = {

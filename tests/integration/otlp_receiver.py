@@ -6,9 +6,11 @@ from __future__ import annotations
 import gzip
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from gateways import _QuietHandler, _ServerThread
+import pytest
+from gateways import GatewayProcess, LocalIssuer, _QuietHandler, _ServerThread, start_verifier
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -81,3 +83,37 @@ class OtlpReceiver(_ServerThread):
         while len(self.named(name)) < count and time.monotonic() < deadline:
             time.sleep(0.05)
         return self.named(name)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[OtlpReceiver]:
+    """A module's OTLP receiver (a test module imports it by name)."""
+    server = OtlpReceiver()
+    yield server
+    server.stop()
+
+
+def exporting_verifier(**tracing: object) -> Any:
+    """A module fixture named `verifier` (the one the gateway rigs front): `verifier serve` trusting `issuer`,
+    exporting its spans to the module's `receiver` every 0.1 s, with `tracing` added to its `tracing` section.
+
+    In a test module: `verifier = exporting_verifier(sample_ratio=0.0)`.
+    """
+
+    @pytest.fixture(name="verifier", scope="module")
+    def running(
+        issuer: LocalIssuer, receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[GatewayProcess]:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export every 0.1 s (a standard variable the SDK reads)
+            proc = start_verifier(
+                tmp_path_factory.mktemp("verifier"),
+                issuer=issuer.issuer,
+                extra_config={"tracing": {"otlp_endpoint": receiver.url, **tracing}},
+            )
+        try:
+            yield proc
+        finally:
+            proc.stop()
+
+    return running

@@ -5,11 +5,9 @@ request is still judged."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from gateways import GatewayProcess, LocalIssuer, http_request, start_verifier
-from otlp_receiver import OtlpReceiver
+from gateways import LocalIssuer, http_request
+from otlp_receiver import OtlpReceiver, exporting_verifier, receiver  # noqa: F401
 
 # The shipped gateways in front of `verifier` (this module's: it exports spans), as the trust-boundary tests run them.
 from test_trust_boundary import Edge, edge  # noqa: F401
@@ -18,34 +16,12 @@ pytestmark = pytest.mark.integration
 
 PARENT = "1234567890abcdef"
 
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[OtlpReceiver]:
-    server = OtlpReceiver()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def verifier(
-    issuer: LocalIssuer,
-    receiver: OtlpReceiver,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[GatewayProcess]:
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # export every 0.1 s (a standard variable the SDK reads)
-        proc = start_verifier(
-            tmp_path_factory.mktemp("verifier"),
-            issuer=issuer.issuer,
-            extra_config={"tracing": {"otlp_endpoint": receiver.url}},
-        )
-    yield proc
-    proc.stop()
+verifier = exporting_verifier()
 
 
 def test_the_verifiers_decision_joins_the_clients_trace(
     edge: Edge,  # noqa: F811
-    receiver: OtlpReceiver,
+    receiver: OtlpReceiver,  # noqa: F811
     issuer: LocalIssuer,
 ) -> None:
     name, url = edge.name, edge.url
@@ -67,7 +43,7 @@ def test_the_verifiers_decision_joins_the_clients_trace(
 
 def test_a_malformed_traceparent_through_the_gateway_starts_a_new_trace(
     edge: Edge,  # noqa: F811
-    receiver: OtlpReceiver,
+    receiver: OtlpReceiver,  # noqa: F811
     issuer: LocalIssuer,
 ) -> None:
     url = edge.url
@@ -77,4 +53,3 @@ def test_a_malformed_traceparent_through_the_gateway_starts_a_new_trace(
     spans = receiver.wait_for("verifier.decide", before + 1)
     assert len(spans) == before + 1, spans[before:]
     assert spans[-1]["parent_span_id"] == "" and spans[-1]["trace_id"] != "f" * 32
-
