@@ -71,7 +71,6 @@ MAX_MEMOIZED_REFUSALS = 512  # distinct static refusals kept pre-built (descript
 
 
 _NO_ROUTES: Mapping[int, Decision] = types.MappingProxyType({})
-_NO_EXTRA: Mapping[str, str] = types.MappingProxyType({})  # an audit line's further fields: none, as a rule
 
 
 class Admitted(NamedTuple):
@@ -966,7 +965,7 @@ class Pipeline:
                 client_id=client_id,  # with subject "", a client-credentials token: no user
                 trace_id=trace_id,
                 # Both clients the route judged, when the token names two: rare, so off the direct fast path.
-                **(_NO_EXTRA if other_client is None else {"azp": cut(other_client)}),
+                azp=None if other_client is None else cut(other_client),
             )
 
 

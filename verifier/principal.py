@@ -87,15 +87,24 @@ def clients_of(claims: Mapping[str, Any]) -> tuple[str | None, str | None]:
     is the one presenting it is the provider's to say, not ours, so the caller takes both. An empty string names
     no client (absent); any other value that is not a string refuses the token (`claim_invalid`): no revocation
     entry, allow-list or upstream header could name that client the same way."""
-    client_id = _client_claim(claims, "client_id")
-    azp = _client_claim(claims, "azp")
+    client_id = claims.get("client_id")
+    azp = claims.get("azp")
+    # The common shapes first (one first-seen token each): one claim, or both naming the same client.
+    if azp is None or azp == client_id:
+        if client_id.__class__ is str and client_id:
+            return client_id, None
+        if client_id is None:
+            return None, None
+    elif client_id is None and azp.__class__ is str and azp:
+        return azp, None
+    client_id = _client_claim(client_id, "client_id")
+    azp = _client_claim(azp, "azp")
     if client_id is None:
         return azp, None
     return client_id, azp if azp is not None and azp != client_id else None
 
 
-def _client_claim(claims: Mapping[str, Any], name: str) -> str | None:
-    value = claims.get(name)
+def _client_claim(value: Any, name: str) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):

@@ -90,11 +90,15 @@ def signature_check(
     door: str,
     client_id: str | None = None,
     trace_id: str = "",
+    azp: str | None = None,
     **extra: Any,
 ) -> None:
-    """Writes the audit line for one signature check; `trace_id` (W3C, hex) when the decision has a trace."""
+    """Writes the audit line for one signature check; `trace_id` (W3C, hex) when the decision has a trace; `azp`
+    a token's second client (`verifier.principal.clients_of`), rare: such a line takes the general path."""
     if not audit_log.isEnabledFor(logging.INFO):
         return
+    if azp is not None:
+        extra = {"azp": azp, **extra}
     sink = _direct_sink
     direct = sink is not None and logging.root.handlers == [sink] and audit_log.propagate and not audit_log.handlers
     if direct and not extra:
