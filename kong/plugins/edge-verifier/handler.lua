@@ -24,6 +24,7 @@ local pcall = pcall
 local concat = table.concat
 local lower = string.lower
 local sub = string.sub
+local find = string.find
 local gsub = string.gsub
 local byte = string.byte
 local setmetatable = setmetatable
@@ -52,8 +53,10 @@ local USER_AGENT = "kong-edge-verifier/" .. EdgeVerifierHandler.VERSION
 local CREDENTIAL_HEADERS = { "Authorization", "DPoP", "X-WebAuthn-Assertion" }
 local CERT_THUMBPRINT_HEADER = "x-client-cert-thumbprint"
 
--- Request headers read (the PDK's ceiling); a request with more is refused,
--- since every one must be checked for spoofed identity.
+-- Request header lines read (the PDK's ceiling); a request with this many or
+-- more is refused, since every one must be checked for spoofed identity. The
+-- Python plugin, which cannot see truncation over the plugin server's RPC,
+-- refuses at this many lines: so does this one (both refuse the same requests).
 local MAX_REQUEST_HEADERS = 1000
 
 -- Identity the upstream may trust only because this plugin set it.
@@ -149,19 +152,70 @@ local function constants_for(conf)
 end
 
 
-local function header_values(v)
-  if type(v) == "table" then
-    return v
-  end
-  return { v }
-end
-
-
 local function joined(v)
   if type(v) == "table" then
     return concat(v, ", ")
   end
   return v
+end
+
+
+-- Whether `s` is well-formed UTF-8 (RFC 3629: no overlong form, no surrogate,
+-- nothing past U+10FFFF), as Python's decoder reads it.
+local function is_utf8(s)
+  if not find(s, "[\128-\255]") then
+    return true -- ASCII: what nearly every request is
+  end
+  local i, n = 1, #s
+  while i <= n do
+    local c = byte(s, i)
+    local len, lo, hi = 1, 0x80, 0xBF
+    if c < 0x80 then
+      len = 0
+    elseif c >= 0xC2 and c <= 0xDF then
+      len = 1
+    elseif c >= 0xE0 and c <= 0xEF then
+      len = 2
+      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len = 3
+      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
+    else
+      return false
+    end
+    for j = 1, len do
+      local b = byte(s, i + j)
+      if not b or b < lo or b > hi then
+        return false
+      end
+      lo, hi = 0x80, 0xBF
+    end
+    i = i + len + 1
+  end
+  return true
+end
+
+
+-- What of the request the verifier would be told that is not UTF-8, or nil.
+-- The Python plugin cannot tell the verifier such bytes (a gRPC string is
+-- UTF-8) and refuses the request (400): so does this one, with its words, so
+-- both plugins refuse the same requests. The upstream would get the raw bytes,
+-- which the verifier never judged as such.
+local function not_utf8(host, headers, uri)
+  if not is_utf8(host) then
+    return "the host"
+  end
+  for i = 1, #CREDENTIAL_HEADERS do
+    local name = lower(CREDENTIAL_HEADERS[i])
+    local v = headers[name]
+    if v ~= nil and not is_utf8(joined(v)) then
+      return "the " .. name .. " header"
+    end
+  end
+  if not is_utf8(uri) then
+    return "the request target"
+  end
+  return nil
 end
 
 
@@ -346,10 +400,10 @@ local function build_request(headers, method, scheme, host, port, uri, thumbprin
     local name = CREDENTIAL_HEADERS[i]
     local v = headers[lower(name)]
     if v ~= nil then
-      local values = header_values(v)
-      for j = 1, #values do
-        out[#out + 1] = { name, values[j] }
-      end
+      -- a repeated header as one field, its values comma-joined (RFC 9110
+      -- section 5.3): what the verifier reads (two proofs or credentials are
+      -- then refused, never one picked), and what the Python plugin sends it
+      out[#out + 1] = { name, joined(v) }
     end
   end
   if thumbprint then
@@ -542,7 +596,8 @@ end
 
 
 function EdgeVerifierHandler:access(conf)
-  local headers, herr = get_headers(MAX_REQUEST_HEADERS)
+  -- truncated: MAX_REQUEST_HEADERS lines or more
+  local headers, herr = get_headers(MAX_REQUEST_HEADERS - 1)
   if herr == "truncated" then
     -- a spoofed identity header past the limit could not be seen to be cleared
     return kong.response.exit(400, { message = "Too many request headers" })
@@ -576,6 +631,11 @@ function EdgeVerifierHandler:access(conf)
     -- never reused past what it meant (a token's exp), however slow it was
     local asked_at = ngx.now()
     local method, _, port, uri = request_line()
+    -- (only when asking: a reused answer was asked with bytes that passed)
+    local malformed = not_utf8(host, headers, uri)
+    if malformed then
+      return kong.response.exit(400, { message = malformed .. " is not UTF-8" })
+    end
     local res, err = http1.request(target, "GET",
                                    build_request(headers, method, scheme, host, port, uri, thumbprint),
                                    c.request_opts)
