@@ -693,6 +693,11 @@ class Plugin:
                   if h.name.lower() in NAMING_HEADERS]
         if named and not self._authenticate_named(kong, named, userid):
             return
+        if not named and not earlier and userid:
+            # no consumer named, none set by an earlier authenticator: the verified user id becomes a credential
+            # without consumer, as the Lua plugin does (rate-limiting's `limit_by: credential`, the log's
+            # `authenticated_entity`)
+            _value(kong.client.authenticate(None, {"id": userid}))
         for h in answer.response_headers:  # an allow may carry a DPoP-Nonce and rate-limit state for the client
             if for_client(h.name.lower()):
                 kong.response.set_header(h.name, h.value)

@@ -6,9 +6,10 @@ policies (test_trust_boundary.py's: a public /health, the admin host and /admin 
 /reports the `auditor` role, writes the `write` scope).
 
 For every request both plugins must give the client the same status (and, on a refusal, the same headers and body:
-challenge, reason), hand the upstream the same request (method, target, headers), and the outcome must be the one the
-verifier's rules give (`expect`): neither lets through what the verifier refuses. Whatever a client sends in the
-`X-Authenticated-*` family never reaches the upstream. A future divergence between the plugins fails here.
+challenge, reason), hand the upstream the same request (method, target, headers) and Kong the same credential, and
+the outcome must be the one the verifier's rules give (`expect`): neither lets through what the verifier refuses.
+Whatever a client sends in the `X-Authenticated-*` family never reaches the upstream. A future divergence between
+the plugins fails here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from gateways import LOOPBACK, EchoUpstream, GatewayProcess
+from gateways import LOOPBACK, EchoUpstream, GatewayProcess, http_request
 from python_edge import pluginserver, start_python_plugin  # noqa: F401 - fixtures, requested by name
 from replicas import dpop_proof, public_jwk
 from rigs import (  # noqa: F401 - fixtures, requested by name (fresh_upstream_log: autouse here too)
@@ -269,6 +270,9 @@ class Seen:
     answer_headers: dict[str, str]
     body: bytes
     upstream: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    # what Kong's plugins after this one key on: the consumer and credential it authenticated (rate-limiting's
+    # `limit_by: credential` / `consumer`, the log serializer's `authenticated_entity`)
+    authenticated: list[tuple[Any, Any]] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -320,7 +324,9 @@ def _through(port: int, case: Case, creds: dict[str, str], echo: EchoUpstream) -
     seen = [
         (r.method, r.path, {k: v for k, v in r.headers.items() if k not in CONNECTION_HEADERS}) for r in echo.requests
     ]
-    return Seen(status=status, answer_headers=answer, body=body, upstream=seen)
+    report = json.loads(http_request(f"http://{LOOPBACK}:{port}/__shim/authenticated").body)
+    authenticated = [(c["consumer"], c["credential"]) for c in report["calls"]]
+    return Seen(status=status, answer_headers=answer, body=body, upstream=seen, authenticated=authenticated)
 
 
 @pytest.fixture
@@ -368,6 +374,7 @@ def test_both_plugins_decide_the_same(
 
     # the same outcome through both
     assert _comparable(lua.upstream, rigs["lua"]) == _comparable(python.upstream, rigs["python"])
+    assert lua.authenticated == python.authenticated
     if case.differs:
         assert lua.status not in ALLOW and python.status not in ALLOW, case.differs
         return
