@@ -34,6 +34,7 @@ from test_python_plugin import PluginServer
 from test_trust_boundary import (  # noqa: F401 - fixtures, requested by name
     ADMIN_HOST,
     API_HOST,
+    BOUND_THUMBPRINT,
     tokens,
     verifier,
 )
@@ -53,8 +54,8 @@ CONNECTION_HEADERS = frozenset({"connection", "content-length"})
 @dataclass(frozen=True)
 class Case:
     """One hostile request: `target` as sent on the request line, `headers` line by line (a name may repeat),
-    "{token}" / "{admin}" / "{write}" / "{auditor}" / "{dpop}" / "{proof}" in a value replaced by a fresh credential,
-    "{port}" by the rig's port; `expect` the statuses the verifier's rules give."""
+    "{token}" / "{admin}" / "{write}" / "{auditor}" / "{dpop}" / "{proof}" / "{mtls}" in a value replaced by a
+    credential (`credentials`), "{port}" by the rig's port; `expect` the statuses the verifier's rules give."""
 
     id: str
     target: str
@@ -231,6 +232,20 @@ CORPUS: list[Case] = [
     Case("post-write", "/orders", _h(("Authorization", "Bearer {write}")), ALLOW, method="POST"),
     Case("post-read", "/orders", _h(BEARER), (403,), method="POST"),
     Case("lower-case-method", "/orders", _h(BEARER), (*REFUSED, 405), method="delete"),
+    Case("method-options", "/orders", _h(BEARER), ALLOW, method="OPTIONS"),
+    Case("method-patch-read", "/orders", _h(BEARER), (403,), method="PATCH"),
+    Case("method-trace", "/orders", _h(BEARER), (*REFUSED, 405, 200), method="TRACE"),
+    # ---- spacing and encoding inside values and targets
+    Case("authorization-double-space", "/orders", _h(("Authorization", "Bearer  {token}")), (*REFUSED, *ALLOW)),
+    Case("authorization-tab", "/orders", _h(("Authorization", "Bearer\t{token}")), (*REFUSED, *ALLOW)),
+    Case("authorization-trailing-space", "/orders", _h(("Authorization", "Bearer {token}   ")), ALLOW),
+    Case("target-encoded-nul", "/orders%00/admin", _h(BEARER), (*REFUSED, 200)),
+    Case("target-admin-encoded-nul", "/admin%00/secret", _h(BEARER), REFUSED),
+    Case("target-long-query", "/orders?" + "q=1&" * 2000, _h(BEARER), ALLOW),
+    Case("target-query-repeated", "/admin/secret?x=1&x=/health", _h(BEARER), (403,)),
+    Case("client-cert-thumbprint-spoof", "/orders", _h(("Authorization", "Bearer {mtls}"),
+                                                       ("X-Client-Cert-Thumbprint", BOUND_THUMBPRINT)), (401,)),
+    Case("forwarded-for-many", "/orders", _h(BEARER, ("X-Forwarded-For", ", ".join(["10.0.0.1"] * 500))), ALLOW),
     # ---- the identity family from the client
     Case("client-identity", "/orders",
          _h(BEARER, ("X-Authenticated-Userid", SPOOFED), ("X-Authenticated-Roles", SPOOFED),
@@ -341,6 +356,7 @@ def credentials(tokens: Callable[..., str]) -> Callable[..., dict[str, str]]:  #
         "write": tokens("read write"),
         "auditor": tokens("read", roles=["auditor"]),
         "dpop": dpop,
+        "mtls": tokens("read", cnf={"x5t#S256": BOUND_THUMBPRINT}),
     }
 
     def make(port: int, method: str = "GET", path: str = "/orders") -> dict[str, str]:
