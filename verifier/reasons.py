@@ -132,6 +132,11 @@ _REASONS = (
         _F,
         "the identity headers together (claims, assertion, fixed four) are over `upstream.max_total_bytes`",
     ),
+    Reason(
+        "upstream_consumer_unnamable",
+        _F,
+        "the `upstream.consumer` claim cannot be sent as it is (control characters, white space at an end)",
+    ),
     # assurance (RFC 9470) and WebAuthn step-up (a fresh challenge in every refusal)
     Reason("insufficient_user_authentication", _U, "authentication too weak or too old: step up", _STEP_UP),
     _assertion("webauthn_assertion_required", "the route needs a WebAuthn assertion bound to this request"),

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from gateways import LOOPBACK, EchoUpstream, GatewayProcess, http_request
+from gateways import LOOPBACK, EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_verifier
 from python_edge import pluginserver, start_python_plugin  # noqa: F401 - fixtures, requested by name
 from replicas import dpop_proof, public_jwk
 from rigs import (  # noqa: F401 - fixtures, requested by name (fresh_upstream_log: autouse here too)
@@ -35,6 +35,7 @@ from test_trust_boundary import (  # noqa: F401 - fixtures, requested by name
     ADMIN_HOST,
     API_HOST,
     BOUND_THUMBPRINT,
+    POLICIES,
     tokens,
     verifier,
 )
@@ -290,20 +291,27 @@ class Seen:
     authenticated: list[tuple[Any, Any]] = field(default_factory=list)
 
 
+def _start_rigs(
+    start_nginx: Any, server: PluginServer, v: GatewayProcess, upstream_port: int, consumers: tuple[dict[str, Any], ...]
+) -> dict[str, int]:
+    """Both plugins' rigs in front of verifier `v` and the upstream, as Kong runs them (`underscores_in_headers on`,
+    Kong's nginx template; `consumers` Kong's datastore), the Lua plugin with answer reuse off: every request reaches
+    the verifier. Name -> port."""
+    lua = start_nginx({"url": f"{v.url}/v1/forward-auth", "cache_entries": 0}, upstream_port,
+                      underscores_in_headers=True, consumers=consumers)  # fmt: skip
+    python = start_python_plugin(start_nginx, server, v, upstream_port, consumers=consumers)  # (underscores: on)
+    return {"lua": int(lua.rsplit(":", 1)[1]), "python": int(python.rsplit(":", 1)[1])}
+
+
 @pytest.fixture
 def rigs(
     start_nginx: Any,
     pluginserver: PluginServer,  # noqa: F811 - the imported fixture, requested by name
     verifier: GatewayProcess,  # noqa: F811
     upstream: EchoUpstream,  # noqa: F811
-) -> Iterator[dict[str, int]]:
-    """Both plugins' rigs in front of the same verifier and upstream, as Kong runs them (`underscores_in_headers on`,
-    Kong's nginx template), the Lua plugin with answer reuse off: every request reaches the verifier. Name -> port."""
-    lua = start_nginx(
-        {"url": f"{verifier.url}/v1/forward-auth", "cache_entries": 0}, upstream.port, underscores_in_headers=True
-    )
-    python = start_python_plugin(start_nginx, pluginserver, verifier, upstream.port, underscores_in_headers=True)
-    yield {"lua": int(lua.rsplit(":", 1)[1]), "python": int(python.rsplit(":", 1)[1])}
+) -> dict[str, int]:
+    """Both plugins' rigs in front of test_trust_boundary.py's verifier (no consumers named)."""
+    return _start_rigs(start_nginx, pluginserver, verifier, upstream.port, ())
 
 
 def _fill(value: str, creds: dict[str, str], port: int) -> str:
@@ -418,3 +426,61 @@ def _answer(seen: Seen) -> tuple[dict[str, str], Any]:
     except ValueError:
         body = seen.body
     return headers, body
+
+
+# ------------------------------------------------------------------------------------------------ Kong consumers
+
+ALICE = {"id": "0b7f2b4e-3c1e-4a57-9d0e-5a1f6f0a0001", "username": "alice", "custom_id": "cust-1"}
+MALLORY = {"id": "0b7f2b4e-3c1e-4a57-9d0e-5a1f6f0a0002", "username": "mallory", "custom_id": "cust-2"}
+
+
+@pytest.fixture(scope="module")
+def naming_verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:  # noqa: F811
+    """The verifier naming the Kong consumer by the token's `sub` (`upstream.consumer`, by username)."""
+    proc = start_verifier(tmp_path_factory.mktemp("naming"), issuer=issuer.issuer, extra_config={
+        "policies": POLICIES, "upstream": {"consumer": {"claim": "sub", "by": "username"}}})  # fmt: skip
+    yield proc
+    proc.stop()
+
+
+@pytest.mark.parametrize(
+    "sub",
+    [
+        "alice",  # a consumer Kong knows: authenticated, with Kong's X-Consumer-* headers
+        "bob",  # one it does not: refused (consumer_not_found: refuse)
+        ALICE["id"],  # another consumer's id: not that consumer
+        "Alice",  # another case of a username
+        # names that reached the gateway as another's: `alice` (the forward-auth door's header lost the space, so the
+        # Lua plugin authenticated alice, the Python plugin refused) and `mallory` (the verifier stripped the NUL:
+        # both authenticated mallory); the verifier now refuses them (upstream_consumer_unnamable)
+        "alice ",
+        "mallory\u0000",
+    ],
+)
+def test_both_plugins_name_the_same_consumer(
+    sub: str,
+    start_nginx: Any,
+    pluginserver: PluginServer,  # noqa: F811
+    naming_verifier: GatewayProcess,
+    upstream: EchoUpstream,  # noqa: F811
+    issuer: LocalIssuer,  # noqa: F811
+) -> None:
+    """The verifier names a consumer (`X-Kong-Consumer-Username`); both plugins find the same one, or refuse alike,
+    and a client's X-Consumer-* never stands in for it."""
+    rigs = _start_rigs(start_nginx, pluginserver, naming_verifier, upstream.port, (ALICE, MALLORY))
+    token = issuer.mint(sub=sub, scope="read")
+    spoof = (("X-Consumer-Username", "mallory"), ("X-Consumer-ID", MALLORY["id"]), ("X-Kong-Consumer-Username", "x"))
+    case = Case(f"consumer-{sub}", "/orders", _h(("Authorization", f"Bearer {token}"), *spoof), (200, 403))
+    seen = {name: _through(port, case, {}, upstream) for name, port in rigs.items()}
+
+    assert seen["lua"].status == seen["python"].status, (seen["lua"].body[:300], seen["python"].body[:300])
+    assert seen["lua"].status == (200 if sub == "alice" else 403), seen["lua"].body[:300]
+    if sub.strip() != sub or not sub.isprintable():
+        assert seen["lua"].answer_headers["x-verifier-reason"] == "upstream_consumer_unnamable"
+    assert _comparable(seen["lua"].upstream, rigs["lua"]) == _comparable(seen["python"].upstream, rigs["python"])
+    assert seen["lua"].authenticated == seen["python"].authenticated
+    if sub == "alice":
+        (consumer, _), *_ = seen["lua"].authenticated
+        assert consumer["id"] == ALICE["id"]
+        (_, _, headers), *_ = seen["lua"].upstream
+        assert headers["x-consumer-username"] == "alice" and headers["x-consumer-id"] == ALICE["id"]

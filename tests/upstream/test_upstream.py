@@ -505,6 +505,20 @@ async def test_the_consumer_is_answered_to_the_plugin_never_to_the_upstream(star
     assert client.allowed and client.answer_headers == ()
 
 
+@pytest.mark.parametrize("sub", ["mallory\x00", "mallory\r\n", "alice ", " alice", "alice\t"])
+async def test_a_consumer_name_the_answer_cannot_carry_as_it_is_is_refused(
+    started: Started, mint: Any, sub: str
+) -> None:
+    """Stripped of its control characters, `mallory\\x00` named the consumer `mallory`; HTTP drops white space at
+    either end of a field value, so the Kong Lua plugin read `alice ` as `alice`: another subject's consumer, with its
+    ACL groups and per-consumer plugins. Such a name is refused, never sent altered (an upstream header may be)."""
+    app = await started(_document({"consumer": {"claim": "sub", "by": "username"}}))
+    decision = await app.pipeline.decide(_attrs(mint(claims(sub=sub))), "test")
+    assert (decision.allowed, decision.status, decision.reason) == (False, 403, "upstream_consumer_unnamable")
+    inner = await app.pipeline.decide(_attrs(mint(claims(sub="mal lory"))), "test")  # inner white space stays
+    assert inner.answer_headers == (("x-kong-consumer-username", "mal lory"),)
+
+
 async def test_the_consumer_by_custom_id_from_a_nested_claim(started: Started, mint: Any) -> None:
     app = await started(_document({"consumer": {"claim": "org.customer", "by": "custom_id"}}))
     decision = await app.pipeline.decide(_attrs(mint(claims(org={"customer": "c-7"}))), "test")

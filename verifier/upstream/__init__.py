@@ -18,7 +18,12 @@ from verifier.config.upstream import HeaderMapping, RouteUpstream, UpstreamConfi
 from verifier.decision import Decision, Headers, allow
 from verifier.principal import Principal
 from verifier.upstream.assertion import IdentityAssertions
-from verifier.upstream.claims import UpstreamClaimTooLarge, UpstreamIdentityTooLarge, header_value
+from verifier.upstream.claims import (
+    UpstreamClaimTooLarge,
+    UpstreamIdentityTooLarge,
+    consumer_name,
+    header_value,
+)
 
 __all__ = [
     "UpstreamAnswers",
@@ -73,7 +78,7 @@ class UpstreamAnswers:
         consumer = self._consumer
         if consumer is not None:
             found = find_claim(principal.claims, consumer.claim)
-            value = None if isinstance(found, list) else header_value(found, self._max, f"claim {consumer.claim!r}")
+            value = None if isinstance(found, list) else consumer_name(found, self._max, f"claim {consumer.claim!r}")
             if value is not None:
                 answer = ((consumer.answer_header, value),)
         renew_at = math.inf

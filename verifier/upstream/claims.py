@@ -39,6 +39,23 @@ class UpstreamIdentityTooLarge(UpstreamClaimTooLarge):
     code = "upstream_identity_too_large"
 
 
+class UpstreamConsumerUnnamable(Forbidden):
+    """The claim naming the Kong consumer would not reach the gateway as it is: refused, never another name."""
+
+    code = "upstream_consumer_unnamable"
+
+
+def consumer_name(value: Any, max_bytes: int, what: str) -> str | None:
+    """The Kong consumer's name for `value` (as `header_value`), or None for none. A name the answer header cannot
+    carry exactly raises `UpstreamConsumerUnnamable`: with its control characters stripped (`mallory\x00` would name
+    `mallory`), or with white space at an end, which HTTP drops (`alice ` reached the forward-auth door's gateway as
+    `alice`), another subject's consumer would be named."""
+    name = header_value(value, max_bytes, what)
+    if name is not None and isinstance(value, str) and (name != value or name != name.strip(" \t")):
+        raise UpstreamConsumerUnnamable(f"{what} cannot be sent as it is to name the consumer")
+    return name
+
+
 def _scalar(value: Any) -> str | None:
     if isinstance(value, str):
         return header_safe(value)
