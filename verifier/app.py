@@ -235,6 +235,7 @@ def revocation_store(state: StateConfig | None) -> RevocationStore:
             redis_client(state.redis_url, password=password, timeout_seconds=timeout, subscriber=True),
             key_prefix=state.key_prefix,
             timeout_seconds=timeout,
+            replicas=state.redis_revocation_replicas,
         )
     if state is not None and state.path:  # survives a reload or a worker restart
         return SqliteStore(state.path)

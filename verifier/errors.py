@@ -299,6 +299,18 @@ class BucketStoreFull(StateUnavailable):
         self.retry_after = retry_after
 
 
+class RevocationNotReplicated(StateUnavailable):
+    """A revocation entry reached the Redis primary (and this replica's index) but fewer than
+    `state.redis_revocation_replicas` replicas confirmed it within the wait: a failover now could lose it, so its
+    sender is not acknowledged (503 `state_unavailable`, the code it keeps; an SSF transmitter or logout sender
+    retries, a polled SET is delivered again). `confirmed` of `replicas` replicas had it."""
+
+    def __init__(self, description: str = "", *, replicas: int, confirmed: int) -> None:
+        super().__init__(description)
+        self.replicas = replicas
+        self.confirmed = confirmed
+
+
 class ReplayStoreFull(StateUnavailable):
     """The replay store (local, or Redis) holds as many live one-time values of this purpose as it may: this one
     is refused, not remembered, and no live one is forgotten to make room (that would let it be replayed). A

@@ -12,6 +12,7 @@ state:                               # optional; without it (or without redis_ur
   redis_max_buckets: 1000000         # with redis_url: rate-limit buckets in Redis, every replica together
   webauthn_replay_share: 0.02        # of the bound in use reserved for WebAuthn challenges; DPoP proofs get the rest
   revocation_replay_share: 0.02      # of the bound in use reserved for SET and logout-token jtis
+  redis_revocation_replicas: 0       # with redis_url: Redis replicas that confirm a revocation (WAIT) before its 2xx
   # path: /var/lib/verifier          # only without redis_url: a directory for the durable local store
 ```
 
@@ -33,6 +34,13 @@ there, a new identity's first request refused (503, Retry-After), not at a full 
 That bound is split per `issuers[]` entry by `split_bound`, as the replay bound is per purpose
 (`issuers[].max_buckets_share`, the entries without one equal parts of the rest: `Settings.redis_bucket_bounds`),
 so identities minted at one issuer stop at its part and never take another issuer's places.
+
+Redis replicates asynchronously, so a revocation the primary took can be lost when a replica is promoted
+(Sentinel, a managed Redis's failover) before it had it, after its sender was acknowledged. With
+`redis_revocation_replicas` n > 0 every revocation write (SSF event, logout, kill switch) is followed by
+`WAIT n` (`verifier.revocation.store`): fewer confirmations and the sender gets 503 and retries, while the entry
+is in effect on the primary and this replica all the same. 0 (the default) asks nothing of replicas. The
+decision path never waits; the one-time keys (DPoP proofs and the rest) are not waited for.
 """
 
 from __future__ import annotations
@@ -83,6 +91,10 @@ REDIS_BYTES_PER_BUCKET_KEY = 250  # the estimate the start-up check uses: the me
 DEFAULT_WEBAUTHN_REPLAY_SHARE = 0.02
 DEFAULT_REVOCATION_REPLAY_SHARE = 0.02
 MAX_REPLAY_SHARE = 0.25  # a fraction: a reserved part above a quarter leaves DPoP, the bulk, too little
+# Redis replicas that must confirm a revocation write (WAIT) before its sender is acknowledged. 0: none asked
+# (a failover may lose an acknowledged revocation). Above 16 is a typo: Redis deployments run a handful.
+DEFAULT_REDIS_REVOCATION_REPLICAS = 0
+MAX_REDIS_REVOCATION_REPLICAS = 16
 DEFAULT_KEY_PREFIX = "verifier:"  # namespace for every key this verifier writes
 # Seconds per Redis socket operation (connect, write, read). Redis sits a LAN hop away; a request
 # waiting longer than this is better refused (503, fail closed) than left hanging at the gateway.
@@ -213,6 +225,13 @@ class StateConfig:
         unit="fraction",
         doc="of the bound in use, above 0: SET and logout-token jtis' own part (a DPoP flood never fills it)",
     )
+    redis_revocation_replicas: int = setting(
+        DEFAULT_REDIS_REVOCATION_REPLICAS,
+        minimum=0,
+        maximum=MAX_REDIS_REVOCATION_REPLICAS,
+        unit="replicas",
+        doc="with redis_url: replicas that must confirm a revocation (WAIT) before it is acknowledged; else 503",
+    )
     password: str | None = dataclasses.field(default=None, repr=False)  # read from `password_env`
     path: str | None = setting(
         None, doc="without redis_url: directory of the durable local store (SQLite: revocations, replay keys)"
@@ -259,6 +278,8 @@ def parse_state_config(data: Any, path: str = "state") -> StateConfig:
         values["password"] = os.environ.get(password_env)
         if not values["password"]:
             reader.problem("password_env", f"environment variable {password_env} is not set")
+    if values["redis_revocation_replicas"] and url is None:
+        reader.problem("redis_revocation_replicas", f"only meaningful with {path}.redis_url")
     prefix = values["key_prefix"]
     if prefix is None:
         values["key_prefix"] = DEFAULT_KEY_PREFIX

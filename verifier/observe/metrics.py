@@ -303,6 +303,12 @@ class RevocationMetrics:
             ["issuer", "result"],
             registry=registry,
         )
+        self.not_replicated = Counter(
+            "verifier_revocation_not_replicated_total",
+            "Revocation writes (SSF events, logouts, the kill switch) the Redis primary took but fewer than"
+            " state.redis_revocation_replicas replicas confirmed: applied here, not acknowledged (503, retried).",
+            registry=registry,
+        )
         self._refusal_children = {code: self.refusals.labels(code) for code in refusal_codes}  # exported at 0
 
     def refusal(self, code: str) -> None:

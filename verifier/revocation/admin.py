@@ -32,7 +32,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from verifier.clock import Clock
-from verifier.errors import InvalidToken, MalformedRequest, MissingToken, NotFound, VerifierError
+from verifier.errors import (
+    InvalidToken,
+    MalformedRequest,
+    MissingToken,
+    NotFound,
+    RevocationNotReplicated,
+    VerifierError,
+)
 from verifier.revocation.entry import OPERATOR, Effect, Entry, KeyKind, Match
 from verifier.revocation.index import Revocations
 from verifier.revocation.subjects import SubjectError, subject_keys
@@ -127,7 +134,11 @@ class KillSwitch:
             event=OPERATOR,
             reason=reason[:MAX_REASON_CHARS],
         )
-        await self._add([entry])
+        try:
+            await self._add([entry])
+        except RevocationNotReplicated:
+            _audit("revocation_created", entry, peer)  # in effect (the primary, this replica), though answered 503
+            raise
         _audit("revocation_created", entry, peer)
         return entry
 

@@ -19,7 +19,7 @@ import aiohttp
 from verifier.clock import Clock
 from verifier.config.issuer import MAX_LEEWAY_SECONDS
 from verifier.config.revocation import POLL, PUSH, RevocationConfig, TransmitterConfig
-from verifier.errors import ProviderUnavailable, StateUnavailable
+from verifier.errors import ProviderUnavailable, RevocationNotReplicated, StateUnavailable
 from verifier.generation import Generation
 from verifier.observe.metrics import RevocationMetrics, TransmitterKeyMetrics
 from verifier.observe.tracing import NO_TRACING, Tracing
@@ -213,8 +213,26 @@ class RevocationService:
                 wait = min(self.config.resync_interval_seconds, RESYNC_RETRY_SECONDS)
 
     async def add(self, entries: list[Entry]) -> None:
-        """Stores entries and applies them here at once (the other replicas hear of them by pub/sub)."""
-        await self._store.put(entries)
+        """Stores entries and applies them here at once (the other replicas hear of them by pub/sub).
+
+        Entries the primary took but too few Redis replicas confirmed (`RevocationNotReplicated`) are applied here
+        all the same (fail closed: this replica refuses what it was told of), counted, and the error raised on,
+        so the sender is not acknowledged and sends again."""
+        try:
+            await self._store.put(entries)
+        except RevocationNotReplicated as exc:
+            self._apply(entries, [])
+            self.metrics.not_replicated.inc()
+            log.error(
+                "revocation not confirmed by enough Redis replicas; not acknowledged, applied here",
+                extra={
+                    "event": "revocation_not_replicated",
+                    "entries": [e.id for e in entries],
+                    "replicas": exc.replicas,
+                    "confirmed": exc.confirmed,
+                },
+            )
+            raise
         self._apply(entries, [])
 
     async def remove(self, ids: list[str]) -> None:
@@ -229,9 +247,7 @@ class RevocationService:
         self.metrics.sets_received.labels(delivery).inc()
         try:
             verified = await self._verifier.verify(token, delivery=delivery)
-            effects = effects_of(
-                verified, now=self._clock.now(), entry_lifetime=self.entry_lifetime
-            )
+            effects = effects_of(verified, now=self._clock.now(), entry_lifetime=self.entry_lifetime)
             await self._verifier.check_fresh(verified)
         except SetRefused as exc:
             self.metrics.sets_refused.labels(delivery, "replay" if exc.replay else exc.err).inc()
@@ -298,4 +314,3 @@ class RevocationService:
             # pushed SET is retried after our 503.
             return None
         return Outcome(True)
-

@@ -23,6 +23,14 @@ started beside the old one during a reload sees the old one's last writes (it po
 
 Every Redis failure on a write becomes `StateUnavailable` (the event's sender retries); the
 subscriber reconnects on its own and never takes the replica down.
+
+Redis replicates asynchronously: a write the primary answered can die with it, and a replica promoted by
+Sentinel (or a managed Redis's failover) never saw it, while the transmitter, having had its 202, never resends.
+With `replicas` (`state.redis_revocation_replicas`) above 0, every `put` is followed on the same connection by
+`WAIT replicas REPLICA_WAIT_SECONDS`; fewer replicas confirming raises `RevocationNotReplicated` (a
+`StateUnavailable`: the sender is not acknowledged and retries) after the entry was written to the primary and
+published. Only `put` waits: a lift or an expiry lost in a failover brings an entry back (fail closed), and the
+decision path never writes here.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from verifier.config.state import DEFAULT_KEY_PREFIX
-from verifier.errors import StateUnavailable
+from verifier.errors import RevocationNotReplicated, StateUnavailable
 from verifier.private_files import REVOCATIONS_FILE, private_sqlite
 from verifier.revocation.entry import Entry
 
@@ -61,6 +69,10 @@ HEARTBEAT = b"verifier-revocations"
 SQLITE_FILE = REVOCATIONS_FILE  # in `state.path`
 SQLITE_POLL_SECONDS = 0.25  # how often a local store looks for another worker's writes
 SQLITE_BUSY_SECONDS = 5.0  # a write waits this long for another worker's transaction
+# Seconds `WAIT` gives the replicas to confirm a revocation write: replication within a region takes
+# milliseconds, and it must stay below the store's socket timeout (`DEFAULT_TIMEOUT_SECONDS`), or the
+# connection gives up before WAIT answers.
+REPLICA_WAIT_SECONDS = 0.5
 
 
 class Change(Protocol):
@@ -229,9 +241,14 @@ class RedisStore:
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        replicas: int = 0,
     ) -> None:
         """The root's clients (`verifier.app.redis_client`): `redis` for reads and writes, built with
-        `timeout_seconds` per operation; `subscriber`, a connection that blocks on reads by design."""
+        `timeout_seconds` per operation; `subscriber`, a connection that blocks on reads by design. `replicas`
+        (`state.redis_revocation_replicas`): how many Redis replicas must confirm a `put` (0: none asked)."""
+        if replicas < 0:
+            raise ValueError("replicas must be at least 0")
+        self.replicas = replicas
         self.hash_key = key_prefix + "revocations"
         self.channel = key_prefix + "revocations:changes"
         self._timeout = timeout_seconds
@@ -284,16 +301,25 @@ class RedisStore:
         await self._transaction(write, message)
 
     async def put(self, entries: Iterable[Entry]) -> None:
-        """HSET and PUBLISH in one MULTI."""
+        """HSET and PUBLISH in one MULTI; with `replicas`, then WAIT for them (`RevocationNotReplicated`)."""
         batch = list(entries)
         if not batch:
             return
         message = json.dumps({"add": [json.loads(e.to_json()) for e in batch]})
-        await self._call(
-            self._transaction(
-                lambda pipe: pipe.hset(self.hash_key, mapping={e.id: e.to_json() for e in batch}), message
+
+        def write(pipe: Any) -> None:
+            pipe.hset(self.hash_key, mapping={e.id: e.to_json() for e in batch})
+
+        if not self.replicas:
+            await self._call(self._transaction(write, message))
+            return
+        confirmed = await self._call(self._replicated(write, message))
+        if confirmed < self.replicas:
+            raise RevocationNotReplicated(
+                f"revocation written to the Redis primary but confirmed by {confirmed} of {self.replicas} replicas",
+                replicas=self.replicas,
+                confirmed=confirmed,
             )
-        )
 
     async def delete(self, ids: Iterable[str]) -> None:
         """HDEL and PUBLISH in one MULTI."""
@@ -308,6 +334,20 @@ class RedisStore:
             write(pipe)
             pipe.publish(self.channel, message)
             await pipe.execute()
+
+    async def _replicated(self, write: Callable[[Any], Any], message: str) -> int:
+        """MULTI, the write, PUBLISH, EXEC, then `WAIT replicas REPLICA_WAIT_SECONDS`, sent together on one
+        connection (WAIT counts the replicas that have this connection's writes): the replicas that confirmed."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command("MULTI")
+            write(pipe)
+            pipe.publish(self.channel, message)
+            pipe.execute_command("EXEC")
+            pipe.execute_command("WAIT", self.replicas, int(REPLICA_WAIT_SECONDS * 1000))
+            *_, executed, confirmed = await pipe.execute()
+        if not isinstance(executed, list) or any(isinstance(reply, Exception) for reply in executed):
+            raise StateUnavailable("revocation store refused the write")
+        return int(confirmed)
 
     async def subscribe(self) -> None:
         """SUBSCRIBE on a dedicated connection; raises `StateUnavailable`."""
