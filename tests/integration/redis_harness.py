@@ -55,9 +55,10 @@ def _ping(port: int) -> bool:
 class RedisServer:
     """One redis-server process; `url` stays the same across `stop()`/`start()` (same port)."""
 
-    def __init__(self, workdir: Path, binary: str) -> None:
+    def __init__(self, workdir: Path, binary: str, args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.binary = binary
+        self.args = args  # more redis-server options (e.g. `--replicaof 127.0.0.1 <port>`)
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -84,16 +85,25 @@ class RedisServer:
     def _spawn(self, port: int) -> bool:
         command = [
             self.binary,
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "no",
-            "--dir", str(self.workdir),
-            "--logfile", str(self.workdir / "redis.log"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--logfile",
+            str(self.workdir / "redis.log"),
+            *self.args,
         ]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:  # port taken, or a bad option
@@ -138,16 +148,16 @@ class RedisServer:
         self.stop()
 
 
-def start_redis(tmp_path: Path) -> RedisServer:
-    """Starts a throwaway redis-server under `tmp_path`; the caller must `stop()` it.
+def start_redis(tmp_path: Path, *args: str, name: str = "redis") -> RedisServer:
+    """Starts a throwaway redis-server under `tmp_path / name` with the options `args`; the caller must `stop()` it.
 
     Skips the test when redis-server is not installed; raises `RedisError` when it will not start.
     """
     binary = redis_binary()
     if binary is None:
         pytest.skip(f"redis-server not installed (run {SETUP_SCRIPT})")
-    workdir = tmp_path / "redis"
+    workdir = tmp_path / name
     workdir.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(workdir, binary)
+    server = RedisServer(workdir, binary, args)
     server.start()
     return server

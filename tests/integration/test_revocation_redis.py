@@ -42,8 +42,9 @@ RECONNECT_S = 30.0  # generous: a replica reconnects and reloads after a Redis r
 def principal(sub: str = "user-1", **claims: Any) -> Principal:
     now = time.time()
     values = {"iss": IDP, "sub": sub, "iat": now - 10, "exp": now + 300, **claims}
-    return Principal(issuer=IDP, subject=sub, client_id=None, scopes=(), roles=frozenset(),
-                     expires_at=values["exp"], claims=values)
+    return Principal(
+        issuer=IDP, subject=sub, client_id=None, scopes=(), roles=frozenset(), expires_at=values["exp"], claims=values
+    )
 
 
 @pytest.fixture
@@ -57,26 +58,48 @@ class Replicas:
 
     def __init__(self, redis_url: str, transmitter: SsfTransmitter) -> None:
         self.redis_url = redis_url
-        self.config = parse_revocation_config({"transmitters": [{
-            "issuer": transmitter.issuer, "audience": AUD, "delivery": "push", "algorithms": ["ES256"],
-            "subjects_of": [IDP],
-            "allow_insecure_http": True,
-        }], "resync_interval_seconds": 30})
+        self.config = parse_revocation_config(
+            {
+                "transmitters": [
+                    {
+                        "issuer": transmitter.issuer,
+                        "audience": AUD,
+                        "delivery": "push",
+                        "algorithms": ["ES256"],
+                        "subjects_of": [IDP],
+                        "allow_insecure_http": True,
+                    }
+                ],
+                "resync_interval_seconds": 30,
+            }
+        )
         self.started: list[tuple[RevocationService, SharedState, HttpSessions]] = []
         self.state_timeout = 1.0  # seconds per operation on the replay cache
         self.key_prefix = "verifier:"  # the deployment's namespace in Redis
+        self.revocation_replicas = 0  # state.redis_revocation_replicas
 
     async def start(self, redis_url: str | None = None, password: str | None = None) -> RevocationService:
         clock = SystemClock()
-        config = StateConfig(redis_url=redis_url or self.redis_url, password=password, key_prefix=self.key_prefix,
-                             timeout_seconds=self.state_timeout)
+        config = StateConfig(
+            redis_url=redis_url or self.redis_url,
+            password=password,
+            key_prefix=self.key_prefix,
+            timeout_seconds=self.state_timeout,
+            redis_revocation_replicas=self.revocation_replicas,
+        )
         state = shared_state(config, clock)
         sessions = HttpSessions()
         fetcher = HttpFetcher(sessions.providers)
-        service = RevocationService(self.config, store=revocation_store(config),
-                                    state=state, fetcher=fetcher,
-                                    clock=clock, metrics=RevocationMetrics(CollectorRegistry()), session=sessions.ssf,
-                                    admin_token=ADMIN)
+        service = RevocationService(
+            self.config,
+            store=revocation_store(config),
+            state=state,
+            fetcher=fetcher,
+            clock=clock,
+            metrics=RevocationMetrics(CollectorRegistry()),
+            session=sessions.ssf,
+            admin_token=ADMIN,
+        )
         await service.start()
         self.started.append((service, state, sessions))
         return service
@@ -193,8 +216,9 @@ async def test_a_late_replica_loads_existing_entries_before_start_returns(
     a = await replicas.start()
     token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-3"})
     assert (await router_of(a).dispatch(push_request(token))).status == 202
-    created = await router_of(a).dispatch(admin_request("POST", document={
-        "subject": {"format": "opaque", "id": "sess-1"}}))
+    created = await router_of(a).dispatch(
+        admin_request("POST", document={"subject": {"format": "opaque", "id": "sess-1"}})
+    )
     assert created.status == 201
     late = await replicas.start()
     assert late.revocations.check(principal("user-3")) is not None  # no waiting: loaded by start()
@@ -206,8 +230,11 @@ async def test_lifting_an_entry_on_one_replica_lifts_it_on_the_other(
     replicas: Replicas, transmitter: SsfTransmitter
 ) -> None:
     a, b = await replicas.start(), await replicas.start()
-    created = await router_of(a).dispatch(admin_request("POST", document={
-        "subject": {"format": "iss_sub", "iss": IDP, "sub": "user-4"}, "effect": "disable"}))
+    created = await router_of(a).dispatch(
+        admin_request(
+            "POST", document={"subject": {"format": "iss_sub", "iss": IDP, "sub": "user-4"}, "effect": "disable"}
+        )
+    )
     entry_id = json.loads(created.body)["id"]
     await within(PROPAGATION_S, lambda: b.revocations.check(principal("user-4")) is not None)
     assert (await router_of(b).dispatch(admin_request("DELETE", f"/v1/admin/revocations/{entry_id}"))).status == 204
@@ -234,9 +261,16 @@ async def test_a_dropped_subscription_is_followed_by_a_full_reload(
     from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 
     b = await replicas.start()
-    entry = Entry(id="written-behind-its-back", key=SubjectKey(KeyKind.ISS_SUB, "user-6", IDP),
-                  effect=Effect.ACCOUNT_DISABLED, match=Match.ALL, event_time=time.time(), expires_at=None,
-                  source="operator", event="operator")
+    entry = Entry(
+        id="written-behind-its-back",
+        key=SubjectKey(KeyKind.ISS_SUB, "user-6", IDP),
+        effect=Effect.ACCOUNT_DISABLED,
+        match=Match.ALL,
+        event_time=time.time(),
+        expires_at=None,
+        source="operator",
+        event="operator",
+    )
     client = Redis.from_url(redis_server.url)
     try:
         await client.hset("verifier:revocations", entry.id, entry.to_json())  # no publish: b cannot know
@@ -265,8 +299,11 @@ async def test_a_replica_cut_off_from_redis_stops_answering_from_entries_it_cann
         assert a.revocations.check(principal("user-9")) is None
         await client.execute_command("ACL", "SETUSER", "replica-a", "off")  # a can no longer reach Redis
         await client.execute_command("CLIENT", "KILL", "USER", "replica-a")
-        created = await router_of(b).dispatch(admin_request("POST", document={
-            "subject": {"format": "iss_sub", "iss": IDP, "sub": "user-9"}, "effect": "disable"}))
+        created = await router_of(b).dispatch(
+            admin_request(
+                "POST", document={"subject": {"format": "iss_sub", "iss": IDP, "sub": "user-9"}, "effect": "disable"}
+            )
+        )
         assert created.status == 201, created.body
         assert b.revocations.check(principal("user-9")) is not None
 
@@ -337,8 +374,11 @@ async def test_redis_restarted_empty_gets_the_entries_back_and_nobody_forgets(
     from redis.asyncio import Redis
 
     a, b = await replicas.start(), await replicas.start()
-    created = await router_of(a).dispatch(admin_request("POST", document={
-        "subject": {"format": "iss_sub", "iss": IDP, "sub": "user-7"}, "effect": "disable"}))
+    created = await router_of(a).dispatch(
+        admin_request(
+            "POST", document={"subject": {"format": "iss_sub", "iss": IDP, "sub": "user-7"}, "effect": "disable"}
+        )
+    )
     assert created.status == 201
     entry_id = json.loads(created.body)["id"]
     token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-8"})
@@ -348,6 +388,7 @@ async def test_redis_restarted_empty_gets_the_entries_back_and_nobody_forgets(
     redis_server.start()  # same port, nothing persisted: an empty Redis
     client = Redis.from_url(redis_server.url)
     try:
+
         async def stored() -> dict[bytes, bytes]:
             return await client.hgetall("verifier:revocations")
 
@@ -408,8 +449,11 @@ async def test_two_deployments_with_their_own_prefixes_on_one_redis_see_nothing_
     blue.key_prefix, green.key_prefix = "blue:", "green:"
     try:
         a, b = await blue.start(), await green.start()
-        created = await router_of(a).dispatch(admin_request("POST", document={
-            "subject": {"format": "iss_sub", "iss": IDP, "sub": "user-11"}, "effect": "disable"}))
+        created = await router_of(a).dispatch(
+            admin_request(
+                "POST", document={"subject": {"format": "iss_sub", "iss": IDP, "sub": "user-11"}, "effect": "disable"}
+            )
+        )
         entry_id = json.loads(created.body)["id"]
         token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-12"})
         assert (await router_of(a).dispatch(push_request(token))).status == 202

@@ -634,13 +634,30 @@ async def test_a_redis_url_builds_a_redis_state(clock: FrozenClock, monkeypatch:
         ({"revocation_replay_share": 0.3}, "state.revocation_replay_share"),  # DPoP, the bulk, would get too little
         ({"revocation_replay_share": "2%"}, "state.revocation_replay_share"),
         ({"max_replay_entries": 40}, "state.webauthn_replay_share"),  # 2% of 40 is no place at all
-        ({"max_replay_entries": 100, "webauthn_replay_share": 0.1, "revocation_replay_share": 0.005},
-         "state.revocation_replay_share"),
+        (
+            {"max_replay_entries": 100, "webauthn_replay_share": 0.1, "revocation_replay_share": 0.005},
+            "state.revocation_replay_share",
+        ),
         ({"redis_max_replay_entries": 0}, "state.redis_max_replay_entries"),
-        ({"redis_url": "redis://x", "key_prefix": "a:", "redis_max_replay_entries": 40},
-         "state.webauthn_replay_share"),  # with Redis, the shares split Redis's bound: 2% of 40 is no place
+        (
+            {"redis_url": "redis://x", "key_prefix": "a:", "redis_max_replay_entries": 40},
+            "state.webauthn_replay_share",
+        ),  # with Redis, the shares split Redis's bound: 2% of 40 is no place
         ({"redis": "redis://x"}, "state.redis"),
         ("redis://x", "state"),
+        ({"redis_revocation_replicas": 1}, "state.redis_revocation_replicas"),  # no Redis, no replicas to ask
+        (
+            {"redis_url": "redis://x", "key_prefix": "a:", "redis_revocation_replicas": -1},
+            "state.redis_revocation_replicas",
+        ),
+        (
+            {"redis_url": "redis://x", "key_prefix": "a:", "redis_revocation_replicas": 17},
+            "state.redis_revocation_replicas",
+        ),
+        (
+            {"redis_url": "redis://x", "key_prefix": "a:", "redis_revocation_replicas": "1"},
+            "state.redis_revocation_replicas",
+        ),
     ],
 )
 def test_settings_errors_name_the_key(data: Any, key: str) -> None:
@@ -670,13 +687,34 @@ async def test_with_redis_the_shares_split_redis_own_bound_and_the_root_hands_it
         dpop=3_840_000, webauthn=80_000, revocation=80_000
     )
     config = parse_state_config(
-        {"redis_url": "redis://127.0.0.1:1/0", "key_prefix": "v1:", "max_replay_entries": 40,
-         "redis_max_replay_entries": 10_000, "revocation_replay_share": 0.25}
+        {
+            "redis_url": "redis://127.0.0.1:1/0",
+            "key_prefix": "v1:",
+            "max_replay_entries": 40,
+            "redis_max_replay_entries": 10_000,
+            "revocation_replay_share": 0.25,
+        }
     )
     assert config.redis_replay_bounds == ReplayBounds(dpop=7_300, webauthn=200, revocation=2_500)
     state = shared_state(config, clock)
     assert state._bounds == config.redis_replay_bounds  # type: ignore[attr-defined]
     await state.close()
+
+
+async def test_redis_revocation_replicas_reaches_the_revocation_store_and_defaults_to_none() -> None:
+    """`state.redis_revocation_replicas`: 0 by default (no WAIT, the behaviour before it); what is set is what the
+    root hands the Redis revocation store."""
+    from verifier.app import revocation_store
+    from verifier.revocation.store import RedisStore
+
+    assert parse_state_config(None).redis_revocation_replicas == 0
+    for wanted in (0, 2):
+        config = parse_state_config(
+            {"redis_url": "redis://127.0.0.1:1/0", "key_prefix": "v1:", "redis_revocation_replicas": wanted}
+        )
+        store = revocation_store(config)
+        assert isinstance(store, RedisStore) and store.replicas == wanted
+        await store.close()
 
 
 def test_sqlite_replay_file_is_private_to_the_verifier_user(tmp_path: Path, clock: FrozenClock) -> None:

@@ -1,0 +1,322 @@
+"""A revocation is acknowledged only once the Redis replicas hold it (`state.redis_revocation_replicas`).
+
+Redis replicates asynchronously: the receiver wrote to the primary, answered 202 (RFC 8935) or 200/201, and
+a primary dying before a replica had the write left the promoted replica without it, the revoked tokens
+passing again on every replica, the transmitter never resending. With the setting above 0 the write is
+followed by `WAIT`; fewer confirmations and the sender gets 503 (an SSF transmitter and a logout sender retry,
+a polled SET is not acknowledged), while the entry refuses on this replica all the same and is counted.
+
+A real redis-server primary and a second one started `--replicaof` it on 127.0.0.1. The replica "not
+confirming" is SIGSTOP: still connected to the primary, acknowledging nothing, as a lagging or partitioned one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from redis_harness import RedisServer, start_redis
+from ssf_transmitter import ACCOUNT_DISABLED, SsfTransmitter
+from support import FrozenClock
+from test_revocation_redis import (
+    AUD,
+    IDP,
+    Replicas,
+    admin_request,
+    principal,
+    push_request,
+    router_of,
+)
+from tokenkit import ISSUER, NOW, FakeFetcher, Mint, issuer_settings
+
+from verifier.app import App
+from verifier.config.logout import BackchannelLogoutConfig
+from verifier.config.state import StateConfig
+from verifier.doors.logout_http import LOGOUT_PATH
+from verifier.doors.routes import HttpRequest
+from verifier.revocation import RevocationService, parse_revocation_config
+from verifier.revocation.logout import BACKCHANNEL_LOGOUT_EVENT
+from verifier.revocation.store import REPLICA_WAIT_SECONDS
+from verifier.settings import Settings
+from verifier.state.base import Purpose
+
+pytestmark = pytest.mark.integration
+
+SYNC_S = 30.0  # seconds for the replica's first full sync with the primary (a loaded machine)
+HASH = "verifier:revocations"
+CLIENT = "gateway-client"
+
+
+@pytest.fixture
+def replica(tmp_path: Path, redis_server: RedisServer) -> Iterator[RedisServer]:
+    """A redis-server replicating `redis_server`, in sync before the test starts."""
+    primary = SyncRedis.from_url(redis_server.url)
+    try:
+        primary.config_set("repl-diskless-sync-delay", 0)  # the first sync at once, not 5 s later
+    finally:
+        primary.close()
+    server = start_redis(tmp_path, "--replicaof", "127.0.0.1", str(redis_server.port), name="replica")
+    try:
+        _in_sync(server)
+        yield server
+    finally:
+        server.stop()
+
+
+def _in_sync(replica: RedisServer) -> None:
+    client = SyncRedis.from_url(replica.url, decode_responses=True)
+    try:
+        deadline = time.monotonic() + SYNC_S
+        while client.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "the replica never synced with the primary"
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def transmitter() -> Iterator[SsfTransmitter]:
+    with SsfTransmitter(audience=AUD) as tx:
+        yield tx
+
+
+@pytest.fixture
+async def group(redis_server: RedisServer, transmitter: SsfTransmitter) -> AsyncIterator[Replicas]:
+    """Verifier replicas on the primary, asking one Redis replica to confirm each revocation."""
+    replicas = Replicas(redis_server.url, transmitter)
+    replicas.revocation_replicas = 1
+    yield replicas
+    await replicas.stop()
+
+
+async def waits(server: RedisServer) -> int:
+    """How many WAIT commands the server has run."""
+    client = Redis.from_url(server.url, decode_responses=True)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return int(stats.get("cmdstat_wait", {}).get("calls", 0))
+
+
+def not_replicated(service: RevocationService) -> float:
+    return float(service.metrics.not_replicated._value.get())
+
+
+async def test_with_a_live_replica_a_pushed_set_is_202_and_the_replica_already_holds_the_entry(
+    group: Replicas, transmitter: SsfTransmitter, redis_server: RedisServer, replica: RedisServer
+) -> None:
+    a = await group.start()
+    token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-1"})
+    answer = await router_of(a).dispatch(push_request(token))
+    assert answer.status == 202, answer.body
+    client = Redis.from_url(replica.url)
+    try:  # no waiting: the 202 came after the replica confirmed
+        held = [json.loads(v)["key"] for k, v in (await client.hgetall(HASH)).items() if not k.startswith(b"~")]
+    finally:
+        await client.aclose()
+    assert len(held) == 1 and "user-1" in json.dumps(held)
+    assert await waits(redis_server) == 1
+    # the decision path and the one-time keys never wait
+    assert a.revocations.check(principal("user-1")) is not None
+    assert a.revocations.check(principal("user-2")) is None
+    await group.started[0][1].first_use("dpop-proof-jti", 10.0, purpose=Purpose.DPOP)
+    assert await waits(redis_server) == 1
+    assert not_replicated(a) == 0
+
+
+async def test_with_the_replica_not_confirming_a_pushed_set_is_503_refused_here_and_counted(
+    group: Replicas, transmitter: SsfTransmitter, replica: RedisServer
+) -> None:
+    a, b = await group.start(), await group.start()
+    token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-3"})
+    replica.pause()
+    try:
+        started = time.monotonic()
+        answer = await router_of(a).dispatch(push_request(token))
+        waited = time.monotonic() - started
+    finally:
+        replica.resume()
+    assert answer.status == 503, answer.body  # a 5xx: the transmitter retries (RFC 8935 section 2.4)
+    assert waited >= REPLICA_WAIT_SECONDS * 0.9  # it gave the replica its time
+    assert json.loads(answer.body) == {"err": "temporarily_unavailable"}
+    assert any(name == "retry-after" for name, _ in answer.headers)
+    assert not_replicated(a) == 1
+    refused = a.revocations.check(principal("user-3"))  # fail closed: in effect here all the same
+    assert refused is not None and refused.code == "account_disabled"
+    # the transmitter's retry, once the replica confirms: accepted (the jti was not marked received)
+    await _in_sync_again(replica)
+    retried = await router_of(b).dispatch(push_request(token))
+    assert retried.status == 202, retried.body
+    assert not_replicated(b) == 0
+
+
+async def _in_sync_again(replica: RedisServer) -> None:
+    client = Redis.from_url(replica.url, decode_responses=True, socket_timeout=5)
+    try:
+        deadline = time.monotonic() + SYNC_S
+        while (await client.info("replication")).get("master_link_status") != "up":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+async def test_with_the_replica_not_confirming_the_kill_switch_answers_503_and_refuses_here(
+    group: Replicas, replica: RedisServer
+) -> None:
+    a = await group.start()
+    replica.pause()
+    try:
+        created = await router_of(a).dispatch(
+            admin_request(
+                "POST", document={"subject": {"format": "iss_sub", "iss": IDP, "sub": "user-4"}, "effect": "disable"}
+            )
+        )
+    finally:
+        replica.resume()
+    assert created.status == 503, created.body
+    assert ("x-verifier-reason", "state_unavailable") in created.headers
+    assert any(name == "retry-after" for name, _ in created.headers)
+    assert a.revocations.check(principal("user-4")) is not None
+    assert not_replicated(a) == 1
+
+
+async def test_default_zero_asks_no_replica_and_acknowledges_as_before(
+    redis_server: RedisServer, transmitter: SsfTransmitter, replica: RedisServer
+) -> None:
+    """`state.redis_revocation_replicas: 0`: no WAIT, a replica that confirms nothing changes nothing."""
+    zero = Replicas(redis_server.url, transmitter)
+    zero.revocation_replicas = 0
+    try:
+        a = await zero.start()
+        token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-5"})
+        replica.pause()
+        try:
+            answer = await router_of(a).dispatch(push_request(token))
+            created = await router_of(a).dispatch(
+                admin_request(
+                    "POST",
+                    document={"subject": {"format": "iss_sub", "iss": IDP, "sub": "user-6"}, "effect": "disable"},
+                )
+            )
+        finally:
+            replica.resume()
+        assert answer.status == 202 and created.status == 201
+        assert await waits(redis_server) == 0
+        assert not_replicated(a) == 0
+    finally:
+        await zero.stop()
+
+
+async def test_with_the_replica_not_confirming_a_polled_set_is_not_acknowledged_until_it_does(
+    redis_server: RedisServer, transmitter: SsfTransmitter, replica: RedisServer
+) -> None:
+    """RFC 8936: a SET whose jti is not in `ack` (nor in `setErrs`, which is final) is delivered again."""
+    polling = Replicas(redis_server.url, transmitter)
+    polling.revocation_replicas = 1
+    polling.config = parse_revocation_config(
+        {
+            "transmitters": [
+                {
+                    "issuer": transmitter.issuer,
+                    "audience": AUD,
+                    "delivery": "poll",
+                    "algorithms": ["ES256"],
+                    "subjects_of": [IDP],
+                    "poll_interval_seconds": 0.1,
+                    "allow_insecure_http": True,
+                }
+            ],
+            "resync_interval_seconds": 30,
+        }
+    )
+    try:
+        replica.pause()
+        try:
+            a = await polling.start()
+            jti = transmitter.enqueue(
+                transmitter.sign_set({ACCOUNT_DISABLED: {}}, {"format": "iss_sub", "iss": IDP, "sub": "user-7"})
+            )
+            deadline = time.monotonic() + 10
+            while not_replicated(a) < 2:  # delivered, not confirmed, delivered again
+                assert time.monotonic() < deadline, "the SET was not delivered twice"
+                await asyncio.sleep(0.05)
+            assert jti not in transmitter.acked and jti not in transmitter.set_errs
+            assert a.revocations.check(principal("user-7")) is not None
+        finally:
+            replica.resume()
+        deadline = time.monotonic() + 10
+        while jti not in transmitter.acked:
+            assert time.monotonic() < deadline, "the SET was never acknowledged once the replica confirmed"
+            await asyncio.sleep(0.05)
+        assert jti not in transmitter.set_errs
+    finally:
+        await polling.stop()
+
+
+# -- back-channel logout (OpenID Connect Back-Channel Logout 1.0) -----------------------------------------------
+
+
+@pytest.fixture
+async def logout_app(redis_server: RedisServer, clock: FrozenClock, fetcher: FakeFetcher) -> AsyncIterator[App]:
+    """The root with one issuer accepting logout tokens, its state in the primary, one replica to confirm."""
+    issuer = issuer_settings(algorithms=("ES256",), backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,)))
+    state = StateConfig(redis_url=redis_server.url, key_prefix="verifier:", redis_revocation_replicas=1)
+    app = App(
+        Settings(grpc=None, http=None, metrics=None, issuers=(issuer,), state=state), clock=clock, fetcher=fetcher
+    )
+    assert app.revocation is not None
+    await app.revocation.resync()
+    yield app
+    await app.revocation.stop()
+    await app.state.close()
+
+
+def logout_request(mint: Mint, jti: str) -> HttpRequest:
+    claims = {
+        "iss": ISSUER,
+        "aud": CLIENT,
+        "iat": int(NOW),
+        "exp": int(NOW) + 120,
+        "jti": jti,
+        "sub": "user-8",
+        "events": {BACKCHANNEL_LOGOUT_EVENT: {}},
+    }
+    token = mint(claims, alg="ES256", headers={"typ": "logout+jwt"})
+    return HttpRequest(
+        "POST",
+        LOGOUT_PATH,
+        "",
+        {"content-type": "application/x-www-form-urlencoded"},
+        ("logout_token=" + token).encode(),
+    )
+
+
+async def test_with_the_replica_not_confirming_a_backchannel_logout_is_not_200_and_refuses_here(
+    logout_app: App, mint: Mint, replica: RedisServer
+) -> None:
+    service = logout_app.revocation
+    assert service is not None
+    who = principal("user-8")._replace(
+        issuer=ISSUER, claims={"iss": ISSUER, "sub": "user-8", "iat": NOW - 10, "exp": NOW + 300}
+    )
+    replica.pause()
+    try:
+        answer = await logout_app.router.dispatch(logout_request(mint, "logout-1"))
+    finally:
+        replica.resume()
+    assert answer.status == 503, answer.body  # the logout is not confirmed: not 200, the provider may retry
+    assert json.loads(answer.body)["error"] == "temporarily_unavailable"
+    assert ("cache-control", "no-store") in answer.headers
+    assert service.revocations.check(who) is not None
+    assert not_replicated(service) == 1
+    await _in_sync_again(replica)
+    retried = await logout_app.router.dispatch(logout_request(mint, "logout-1"))  # the same token, again
+    assert retried.status == 200, retried.body
