@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -163,9 +164,10 @@ async def test_with_the_replica_not_confirming_a_pushed_set_is_503_refused_here_
 
 
 async def test_with_the_replica_not_confirming_the_kill_switch_answers_503_and_refuses_here(
-    group: Replicas, replica: RedisServer
+    group: Replicas, replica: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     a = await group.start()
+    caplog.set_level(logging.INFO, logger="verifier.audit")
     replica.pause()
     try:
         created = await router_of(a).dispatch(
@@ -180,6 +182,8 @@ async def test_with_the_replica_not_confirming_the_kill_switch_answers_503_and_r
     assert any(name == "retry-after" for name, _ in created.headers)
     assert a.revocations.check(principal("user-4")) is not None
     assert not_replicated(a) == 1
+    # in effect, so on the audit log like any entry made, though answered 503
+    assert "revocation_created" in [r.getMessage() for r in caplog.records if r.name == "verifier.audit"]
 
 
 async def test_default_zero_asks_no_replica_and_acknowledges_as_before(
