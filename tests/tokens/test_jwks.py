@@ -164,10 +164,10 @@ async def test_a_failed_refresh_keeps_the_last_good_keys(
 
 @pytest.mark.parametrize(
     "document",
-    [{"keys": []}, {"keys": "nope"}, {"nokeys": []}, [], {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}],
-    ids=["empty", "keys-not-a-list", "no-keys-member", "array", "only-unusable-keys"],
+    [{"keys": "nope"}, {"nokeys": []}, [], {"keys": [None, "a", {"kty": "oct", "k": "c2VjcmV0"}]}, "<html>"],
+    ids=["keys-not-a-list", "no-keys-member", "array", "entries-not-jwks", "html-as-a-json-string"],
 )
-async def test_a_key_set_with_no_usable_key_is_a_failure_that_keeps_the_old_keys(
+async def test_a_document_that_is_not_a_key_set_is_a_failure_that_keeps_the_old_keys(
     issuer_keys: IssuerKeys, fetcher: FakeFetcher, document: Any
 ) -> None:
     await issuer_keys.refresh()
@@ -176,6 +176,27 @@ async def test_a_key_set_with_no_usable_key_is_a_failure_that_keeps_the_old_keys
     with pytest.raises(ProviderUnavailable):
         await issuer_keys.refresh()
     assert issuer_keys.kids == kids
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{"keys": []}, {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}, {"keys": [{"kty": "RSA", "n": 5}]}],
+    ids=["empty", "only-an-oct-key", "only-a-broken-jwk"],
+)
+async def test_a_key_set_with_no_usable_key_withdraws_every_key(
+    issuer_keys: IssuerKeys, fetcher: FakeFetcher, document: Any
+) -> None:
+    """A JWK Set of keys none of which is usable is a good fetch: the provider's word that none vouches now."""
+    withdrawn: list[frozenset[str | None]] = []
+    issuer_keys.on_withdrawn = lambda issuer, kids: withdrawn.append(kids)
+    await issuer_keys.refresh()
+    kids = issuer_keys.kids
+    fetcher.serve(JWKS_URL, document)
+    await issuer_keys.refresh()
+    assert issuer_keys.kids == ()
+    assert withdrawn == [frozenset(kids)]
+    assert issuer_keys.ready.is_set()
+    assert await issuer_keys.key_for(KIDS["ES256"], "ES256") is None  # key_unknown (401), not 503
 
 
 async def test_a_failed_first_fetch_is_not_ready_and_key_for_is_unavailable(

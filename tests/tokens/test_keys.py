@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa, x25519
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x25519
+from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
@@ -278,3 +283,86 @@ def test_an_ec_key_never_verifies_another_family_s_signature(keys: SigningKeys, 
     key = parse_jwk(public_jwk(keys.es256))
     assert not key.fits(alg)
     assert key.verify(alg, b"a.b", raw) is False  # HS256 has no verifier at all: still a plain "no"
+
+
+# ---------------------------------------------------------------- weak and mislabelled keys
+
+
+@pytest.mark.parametrize("exponent", [1, 2, 4, 65536], ids=["e=1", "e=2", "e=4", "e=65536"])
+def test_an_rsa_key_with_a_tiny_or_even_exponent_is_refused(keys: SigningKeys, exponent: int) -> None:
+    # e=1 makes the "signature" the padded message itself: anyone could sign. cryptography refuses e < 3 and even e.
+    jwk = {**public_jwk(keys.rs256, "rs"), "e": b64(exponent.to_bytes((exponent.bit_length() + 7) // 8, "big"))}
+    with pytest.raises(KeyError_, match="invalid RSA key"):
+        parse_jwk(jwk)
+
+
+def test_a_secp256k1_key_fits_no_algorithm_we_verify() -> None:
+    key = parse_jwk(public_jwk(ec.generate_private_key(ec.SECP256K1()), "k1"))
+    assert _fits(key) == set()  # never ES256 (P-256), though both are 256-bit curves
+
+
+def test_a_p384_point_labelled_p256_is_refused(keys: SigningKeys) -> None:
+    with pytest.raises(KeyError_, match="invalid EC key"):
+        parse_jwk({**public_jwk(keys.es384, "lie"), "crv": "P-256"})
+
+
+# ---------------------------------------------------------------- x5c (RFC 7517 section 4.7)
+
+
+EDWARDS_KEYS = (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)  # signed without a separate hash
+
+
+def _certificate(private_key: Any, subject_key: Any = None) -> str:
+    """A self-signed certificate (standard base64 DER, as in `x5c`) for `subject_key` (default: `private_key`)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "issuer.example.test")])
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key((subject_key or private_key).public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .sign(private_key, None if isinstance(private_key, EDWARDS_KEYS) else hashes.SHA256())
+    )
+    return base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode()
+
+
+@pytest.mark.parametrize("family", ["rs256", "es256", "eddsa"])
+def test_an_x5c_whose_certificate_holds_the_same_key_is_accepted(keys: SigningKeys, family: str) -> None:
+    private = getattr(keys, family)
+    assert parse_jwk(public_jwk(private, "x", x5c=[_certificate(private), _certificate(keys.es384)])).kid == "x"
+
+
+@pytest.mark.parametrize(
+    "x5c",
+    [
+        lambda k: [_certificate(k.rs_other)],  # another RSA key's certificate
+        lambda k: [_certificate(k.rs256, subject_key=k.rs_other)],  # signed by the key, but for another
+        lambda k: [_certificate(k.es256)],  # another key type
+        lambda k: [],
+        lambda k: _certificate(k.rs256),  # a string, not an array
+        lambda k: [5],
+        lambda k: ["not base64!"],
+        lambda k: [base64.b64encode(b"not a certificate").decode()],
+        lambda k: [_certificate(k.rs256).replace("+", "-").replace("/", "_").rstrip("=") + "-_"],  # base64url
+    ],
+    ids=[
+        "other-rsa-key",
+        "certifies-another-key",
+        "ec-key",
+        "empty",
+        "not-a-list",
+        "not-a-string",
+        "not-base64",
+        "not-a-certificate",
+        "base64url",
+    ],
+)
+def test_an_x5c_inconsistent_with_the_jwk_s_key_is_refused(keys: SigningKeys, x5c: Any) -> None:
+    # Another verifier (or a gateway) that trusts the certificate would check signatures with another key than
+    # ours: the JWK contradicts itself, so it is no key at all (RFC 7517 section 4.7: the first certificate's key
+    # MUST match the JWK's).
+    with pytest.raises(KeyError_, match="x5c"):
+        parse_jwk(public_jwk(keys.rs256, "rs", x5c=x5c(keys)))

@@ -530,6 +530,37 @@ async def test_a_cached_token_is_refused_once_its_key_is_withdrawn_from_the_jwks
     assert (await app.pipeline.decide(attrs_for(other), "test")).allowed  # a key still published: still good
 
 
+WITHDRAW_ALL: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = [
+    ("empty key set", lambda jwks: {"keys": []}),
+    ("only an oct key", lambda jwks: {"keys": [{"kty": "oct", "kid": "h", "k": "c2VjcmV0c2VjcmV0"}]}),
+    ("every key marked use enc", lambda jwks: {"keys": [{**k, "use": "enc"} for k in jwks["keys"]]}),
+]
+
+
+@pytest.mark.parametrize("withdraw", [c[1] for c in WITHDRAW_ALL], ids=[c[0] for c in WITHDRAW_ALL])
+async def test_a_provider_that_withdraws_every_key_has_the_tokens_they_signed_refused(
+    jwks_document: dict[str, Any], mint: Mint, withdraw: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    """Keycloak with its only key disabled after a leak serves `{"keys": []}`: a good fetch (a JWK Set, 200 OK)
+    that withdraws every key. The holder of the leaked key must see its tokens refused, cached or new, not
+    accepted for as long as the provider publishes no key."""
+    fetcher = serving_fetcher(jwks_document)
+    app = make_app(fetcher)
+    keys = app.keys.issuers[ISSUER]
+    await keys.refresh()
+    cached = mint(live_claims(), alg="ES256")
+    assert (await app.pipeline.decide(attrs_for(cached), "test")).allowed
+    fetcher.serve(JWKS_URL, withdraw(jwks_document))
+    await keys.refresh()  # a good fetch: no ProviderUnavailable
+    assert keys.kids == ()
+    for token in (cached, mint(live_claims(sub="user-2"), alg="ES256"), mint(live_claims(), alg="EdDSA")):
+        refused = await app.pipeline.decide(attrs_for(token), "test")
+        assert not refused.allowed and (refused.status, refused.reason) == (401, "key_unknown"), refused
+    fetcher.serve(JWKS_URL, jwks_document)  # the provider publishes keys again: they vouch again
+    await keys.refresh()
+    assert (await app.pipeline.decide(attrs_for(cached), "test")).allowed
+
+
 async def test_a_token_refused_under_a_kids_old_key_is_taken_once_the_kid_names_the_key_that_signed_it(
     jwks_document: dict[str, Any], mint: Mint
 ) -> None:

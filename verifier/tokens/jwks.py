@@ -91,7 +91,7 @@ class IssuerKeys:
         self._admit = admit
         self.on_withdrawn: Withdrawn | None = None
         if settings.static_jwks:  # jwks_file / jwks_inline: checked when the settings were loaded
-            self._keys = self._parse(json.loads(settings.static_jwks))
+            self._keys = self._parse(json.loads(settings.static_jwks), require_one=True)
             self._by_kid, self._shared_kids = _by_kid(self._keys)
             self._warn_kidless(())
             # Never due (refresh_interval() is +Inf: the key-age alert cannot fire for keys on disk).
@@ -290,7 +290,9 @@ class IssuerKeys:
             await self._discover(timeout)
         with self._tracing.fetch("jwks", "GET", self._jwks_uri):
             result = await self._fetcher.get_json(self._jwks_uri, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES)
-        return self._parse(result.document), result
+        # A JWK Set with no usable key is a good fetch that withdraws every key (a provider that disabled its
+        # only, leaked, key): refusing it and keeping the last keys would have them vouch for as long as it lasts.
+        return self._parse(result.document, require_one=False), result
 
     def _failed(self, error: ProviderUnavailable) -> None:
         self._failures += 1
@@ -325,14 +327,19 @@ class IssuerKeys:
         if not self.settings.jwks_uri:
             self._jwks_uri = jwks_uri
 
-    def _parse(self, document: Any) -> tuple[VerificationKey, ...]:
+    def _parse(self, document: Any, *, require_one: bool) -> tuple[VerificationKey, ...]:
         try:
-            keys, skipped = parse_key_set(document, max_keys=DEFAULT_MAX_JWKS_KEYS)
+            keys, skipped = parse_key_set(document, max_keys=DEFAULT_MAX_JWKS_KEYS, require_one=require_one)
         except KeyError_ as exc:
             raise ProviderUnavailable(str(exc)) from None
         for error in skipped:
             log.warning(
                 "jwks key skipped", extra={"event": "jwks_key_skipped", "issuer": self.settings.issuer, "error": error}
+            )
+        if not keys:
+            log.warning(
+                "jwks holds no usable signing key: every token of this issuer is refused (key_unknown)",
+                extra={"event": "jwks_no_keys", "issuer": self.settings.issuer, "skipped": len(skipped)},
             )
         return keys
 

@@ -7,14 +7,18 @@ an RSA key never verifies an ES256 token, an EC P-256 key never an ES384 token, 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, RSAPSSAlgorithm
 from jwt.exceptions import InvalidKeyError
 
@@ -164,14 +168,41 @@ def parse_jwk(jwk: Mapping[str, Any]) -> VerificationKey:
         raise KeyError_(f"invalid {kty} key") from exc
     if hasattr(key, "public_key") and not hasattr(key, "verify"):
         raise KeyError_("private key")  # pragma: no cover - private members are refused above
+    if "x5c" in jwk:
+        _check_x5c(jwk["x5c"], key)
     return VerificationKey(kid=kid, kty=str(kty), crv=crv, alg=alg, key=key)
 
 
-def parse_key_set(document: Any, *, max_keys: int) -> tuple[tuple[VerificationKey, ...], list[str]]:
+def _check_x5c(x5c: Any, key: Any) -> None:
+    """RFC 7517 section 4.7: the first certificate of `x5c` (standard base64 DER) must hold the JWK's own key.
+
+    We verify with the key the JWK's members give and never with a certificate, but a JWK whose certificate
+    names another key contradicts itself: a verifier trusting the certificate would check other signatures
+    than ours. So such a key is no key (fail closed); the chain itself is not validated.
+    """
+    if not isinstance(x5c, list) or not x5c or not isinstance(x5c[0], str):
+        raise KeyError_("x5c is not a non-empty array of certificates")
+    try:
+        der = base64.b64decode(x5c[0], validate=True)
+        certified = x509.load_der_x509_certificate(der).public_key()
+        same = certified.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) == key.public_bytes(
+            Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+        )
+    except (binascii.Error, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise KeyError_("x5c does not hold a certificate") from exc
+    if not same:
+        raise KeyError_("x5c certifies another key than the JWK's")
+
+
+def parse_key_set(
+    document: Any, *, max_keys: int, require_one: bool = True
+) -> tuple[tuple[VerificationKey, ...], list[str]]:
     """RFC 7517 section 5: a JWK Set's usable signing keys, and why each other key was skipped.
 
-    Raises `KeyError_` when the document is not a key set, holds more than `max_keys` keys, or
-    none of them can verify a signature.
+    Raises `KeyError_` when the document is not a key set, holds more than `max_keys` keys, or none of them
+    can verify a signature and either `require_one` (a key set configured on disk or in the YAML) or one of
+    its entries is not a JSON object (not a JWK at all: a broken document, not a key set). A fetched set of
+    JWKs none of which is usable is the provider's word that no key vouches any more: `require_one=False`.
     """
     if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
         raise KeyError_("JWKS is not a key set")
@@ -180,13 +211,15 @@ def parse_key_set(document: Any, *, max_keys: int) -> tuple[tuple[VerificationKe
         raise KeyError_(f"JWKS has {len(raw_keys)} keys (limit {max_keys})")
     keys: list[VerificationKey] = []
     skipped: list[str] = []
+    not_jwks = 0
     for raw in raw_keys:
         if not isinstance(raw, Mapping):
+            not_jwks += 1
             continue
         try:
             keys.append(parse_jwk(raw))
         except (KeyError_, TypeError, ValueError) as exc:
             skipped.append(str(exc))
-    if not keys:
+    if not keys and (require_one or not_jwks):
         raise KeyError_("JWKS has no usable signing keys")
     return tuple(keys), skipped
