@@ -23,6 +23,8 @@ class NotResponsible(Exception):
 
 
 NO_AUTHENTICATOR = "no authenticator takes this token (not a JWS, and no issuer introspects opaque tokens)"
+NO_AUTHENTICATOR_JWE = "an encrypted token (JWE) is not accepted, and no issuer introspects opaque tokens"
+JWE_DOTS = 4  # JWE compact serialization: header.key.iv.ciphertext.tag
 
 
 @dataclasses.dataclass(slots=True)
@@ -124,6 +126,9 @@ def issuer_not_trusted() -> VerifierError:
     return VerifierError("no issuer trusted on this route takes this token", code="issuer_not_trusted")
 
 
-def none_responsible() -> MalformedToken:
-    """The refusal when every authenticator said "not responsible"."""
+def none_responsible(token: str) -> MalformedToken:
+    """The refusal when every authenticator said "not responsible"; it names an encrypted JWT (a JWE, RFC 7516
+    section 7.1: five segments), whose `iss` no one can read here, so the client is told what it sent."""
+    if token.count(".") == JWE_DOTS and token.startswith(jws.JWS_START):
+        return MalformedToken(NO_AUTHENTICATOR_JWE)
     return MalformedToken(NO_AUTHENTICATOR)

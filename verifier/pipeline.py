@@ -689,7 +689,7 @@ class Pipeline:
                     return index
                 break
             else:
-                raise issuer_not_trusted() if untrusted else none_responsible()
+                raise issuer_not_trusted() if untrusted else none_responsible(credential.token)
             principal = self._with_roles(verified)
         except VerifierError as exc:
             return self._refused(exc, credential, key, attrs, door, started, seen, route)
@@ -802,7 +802,7 @@ class Pipeline:
                     continue
                 break
             else:
-                raise none_responsible()
+                raise none_responsible(credential.token)
             principal = self._with_roles(verified)
         except VerifierError as exc:
             # One provider's "inactive" is not another's: with several, the token is not remembered as bad.

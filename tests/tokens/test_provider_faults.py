@@ -354,6 +354,8 @@ class LocalProvider:
         self.status = 200
         self.hang = False
         self.body_override: bytes | None = None
+        self.redirect: tuple[str, int, str] | None = None  # (path, status, Location): that path answers a redirect
+        self.elsewhere_hits = 0  # requests to /elsewhere, where a redirect may point: a key set of the attacker's
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -361,10 +363,25 @@ class LocalProvider:
     def issuer(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def _discovery(self, _: web.Request) -> web.Response:
+    def _redirected(self, request: web.Request) -> web.Response | None:
+        if self.redirect is None or request.path != self.redirect[0]:
+            return None
+        return web.Response(status=self.redirect[1], headers={"Location": self.redirect[2]})
+
+    async def _elsewhere(self, _: web.Request) -> web.Response:
+        self.elsewhere_hits += 1
+        return web.Response(body=self.jwks_body, content_type="application/json")
+
+    async def _discovery(self, request: web.Request) -> web.Response:
+        redirected = self._redirected(request)
+        if redirected is not None:
+            return redirected
         return web.json_response({"issuer": self.issuer, "jwks_uri": self.issuer + "/jwks"})
 
-    async def _jwks(self, _: web.Request) -> web.StreamResponse:
+    async def _jwks(self, request: web.Request) -> web.StreamResponse:
+        redirected = self._redirected(request)
+        if redirected is not None:
+            return redirected
         if self.hang:
             await asyncio.sleep(3600)
         body = self.body_override if self.body_override is not None else self.jwks_body
@@ -374,6 +391,7 @@ class LocalProvider:
         app = web.Application()
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
         app.router.add_get("/jwks", self._jwks)
+        app.router.add_get("/elsewhere", self._elsewhere)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -442,6 +460,7 @@ async def test_real_fetcher_loads_keys_from_the_local_provider(
         ({"body_override": b"[" * 200_000}, "malformed JSON"),  # 200 kB of nesting: RecursionError caught
         ({"body_override": b'{"keys": [' + b'{"kty":"EC"},' * 200_000 + b"{}]}"}, "too large"),
         ({"body_override": b"\xff\xfe\x00garbage"}, "malformed JSON"),
+        ({"body_override": b"<!doctype html><html><form action=/login></form></html>"}, "malformed JSON"),
         ({"hang": True}, "timed out"),
     ],
 )
@@ -454,6 +473,25 @@ async def test_real_fetcher_turns_every_provider_fault_into_provider_unavailable
     outcome, elapsed = await _refresh_outcome(http_fetcher, local_provider.issuer, fetch_timeout_seconds=timeout)
     assert expected in outcome
     assert elapsed < 2 * timeout + SLACK
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("path", ["/.well-known/openid-configuration", "/jwks"])
+@pytest.mark.parametrize("target", ["same-host", "other-host", "https"])
+async def test_a_redirected_discovery_or_jwks_fetch_is_a_failure_and_never_followed(
+    local_provider: LocalProvider, http_fetcher: HttpFetcher, status: int, path: str, target: str
+) -> None:
+    """A provider (or whatever answers in its place) redirecting discovery or the JWKS elsewhere is not followed:
+    the keys come from the URL configured or discovered and checked, nowhere a Location names."""
+    elsewhere = {
+        "same-host": f"{local_provider.issuer}/elsewhere",
+        "other-host": f"http://localhost:{local_provider.port}/elsewhere",
+        "https": f"https://127.0.0.1:{local_provider.port}/elsewhere",
+    }[target]
+    local_provider.redirect = (path, status, elsewhere)
+    outcome, _ = await _refresh_outcome(http_fetcher, local_provider.issuer, fetch_timeout_seconds=RELAXED_TIMEOUT)
+    assert outcome == f"HTTP {status} from provider"
+    assert local_provider.elsewhere_hits == 0
 
 
 async def test_real_fetcher_connection_refused_is_provider_unavailable(http_fetcher: HttpFetcher) -> None:
