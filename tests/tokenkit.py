@@ -7,7 +7,9 @@ is always checked against an independent implementation, never against itself.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import datetime
 import json
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -15,7 +17,10 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from support import FrozenClock
 from support import b64url as b64
@@ -83,6 +88,26 @@ def public_jwk(private_key: Any, kid: str | None = None, **extra: Any) -> dict[s
         jwk["kid"] = kid
     jwk.update(extra)
     return dict(jwk)
+
+
+EDWARDS_KEYS = (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)  # signed without a separate hash
+
+
+def x5c_certificate(private_key: Any, subject_key: Any = None) -> str:
+    """A self-signed certificate (standard base64 DER, as in `x5c`) for `subject_key` (default: `private_key`)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "issuer.example.test")])
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key((subject_key or private_key).public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .sign(private_key, None if isinstance(private_key, EDWARDS_KEYS) else hashes.SHA256())
+    )
+    return base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode()
 
 
 def private_jwk(private_key: Any, kid: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import pytest
@@ -393,6 +394,22 @@ async def test_private_and_symmetric_keys_in_a_jwks_are_skipped(
     await issuer_keys.refresh()
     assert set(issuer_keys.kids) == {"good-ec", "good-rsa"}
     assert await issuer_keys.key_for("hmac", "HS256") is None
+
+
+async def test_a_private_key_in_a_jwks_is_never_echoed_in_the_log(
+    issuer_keys: IssuerKeys, fetcher: FakeFetcher, keys: SigningKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    leaked = [private_jwk(keys.rs256, "leaked-rsa"), private_jwk(keys.es256, "leaked-ec")]
+    fetcher.serve(JWKS_URL, {"keys": [*leaked, public_jwk(keys.eddsa, "good")]})
+    with caplog.at_level(logging.DEBUG):
+        await issuer_keys.refresh()
+    assert issuer_keys.kids == ("good",)
+    logged = " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert "jwks_key_skipped" in logged
+    for jwk in leaked:
+        for member in ("d", "p", "q", "dp", "dq", "qi"):
+            if member in jwk:
+                assert jwk[member] not in logged, member
 
 
 async def test_unusable_entries_are_skipped_and_the_rest_kept(

@@ -29,6 +29,7 @@ from tokenkit import (
     issuer_settings,
     make_verifier,
     public_jwk,
+    x5c_certificate,
 )
 
 from verifier.errors import (
@@ -131,6 +132,7 @@ def _rsa_pem(keys: SigningKeys) -> bytes:
 
 LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 HS256_HEADER = {"alg": "HS256", "kid": KIDS["RS256"], "typ": "at+jwt"}
+_STRANGER = ec.generate_private_key(ec.SECP256R1())  # an attacker's key, with a certificate of its own
 
 # (case id, token builder, expected error class, expected code)
 HOSTILE: list[tuple[str, Builder, type[VerifierError], str]] = [
@@ -155,6 +157,25 @@ HOSTILE: list[tuple[str, Builder, type[VerifierError], str]] = [
      lambda m, k: m(claims(), headers={"jwk": public_jwk(k.es256)}), AlgorithmRefused, "algorithm_refused"),
     ("crit header", lambda m, k: m(claims(), headers={"crit": ["http://example.test/x"]}), MalformedToken,
      "token_malformed"),
+    # x5c is never read: a token carrying a stranger's certificate, signed by the stranger, under the issuer's kid
+    # or without a kid, is checked against the issuer's keys only.
+    ("x5c header with the signer's own certificate",
+     lambda m, k: m(claims(), key=_STRANGER, headers={"x5c": [x5c_certificate(_STRANGER)]}), BadSignature,
+     "signature_invalid"),
+    ("x5c header without a kid", lambda m, k: m(claims(), key=_STRANGER, kid=None,
+                                                headers={"x5c": [x5c_certificate(_STRANGER)]}), BadSignature,
+     "signature_invalid"),
+    ("b64 false under crit", lambda m, k: compact({"alg": "ES256", "kid": "es-1", "b64": False, "crit": ["b64"]},
+                                                  b"unencoded payload"), MalformedToken, "token_malformed"),
+    ("alg with a trailing space", lambda m, k: compact({"alg": "ES256 ", "kid": "es-1"}, claims()),
+     AlgorithmRefused, "algorithm_refused"),
+    ("alg with a leading tab", lambda m, k: compact({"alg": "\tES256", "kid": "es-1"}, claims()),
+     AlgorithmRefused, "algorithm_refused"),
+    ("alg nOnE", lambda m, k: compact({"alg": "nOnE"}, claims(), b"x"), AlgorithmRefused, "algorithm_refused"),
+    ("alg none with a trailing space", lambda m, k: compact({"alg": "none "}, claims(), b"x"), AlgorithmRefused,
+     "algorithm_refused"),
+    ("alg es256 in lower case", lambda m, k: compact({"alg": "es256", "kid": "es-1"}, claims()), AlgorithmRefused,
+     "algorithm_refused"),
     ("kid with path characters", lambda m, k: m(claims(), kid="../../etc/passwd"), UnknownKey, "key_unknown"),
     ("kid with a NUL and a URL", lambda m, k: m(claims(), kid="\x00https://evil.test/k"), UnknownKey,
      "key_unknown"),

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x25519
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa, x25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
-from tokenkit import SigningKeys, b64, private_jwk, public_jwk
+from tokenkit import SigningKeys, b64, private_jwk, public_jwk, x5c_certificate
 
 from verifier.tokens.keys import ALG_KEY_TYPES, MIN_RSA_BITS, KeyError_, VerificationKey, parse_jwk
 
@@ -309,44 +305,24 @@ def test_a_p384_point_labelled_p256_is_refused(keys: SigningKeys) -> None:
 # ---------------------------------------------------------------- x5c (RFC 7517 section 4.7)
 
 
-EDWARDS_KEYS = (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)  # signed without a separate hash
-
-
-def _certificate(private_key: Any, subject_key: Any = None) -> str:
-    """A self-signed certificate (standard base64 DER, as in `x5c`) for `subject_key` (default: `private_key`)."""
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "issuer.example.test")])
-    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key((subject_key or private_key).public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .sign(private_key, None if isinstance(private_key, EDWARDS_KEYS) else hashes.SHA256())
-    )
-    return base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode()
-
-
 @pytest.mark.parametrize("family", ["rs256", "es256", "eddsa"])
 def test_an_x5c_whose_certificate_holds_the_same_key_is_accepted(keys: SigningKeys, family: str) -> None:
     private = getattr(keys, family)
-    assert parse_jwk(public_jwk(private, "x", x5c=[_certificate(private), _certificate(keys.es384)])).kid == "x"
+    assert parse_jwk(public_jwk(private, "x", x5c=[x5c_certificate(private), x5c_certificate(keys.es384)])).kid == "x"
 
 
 @pytest.mark.parametrize(
     "x5c",
     [
-        lambda k: [_certificate(k.rs_other)],  # another RSA key's certificate
-        lambda k: [_certificate(k.rs256, subject_key=k.rs_other)],  # signed by the key, but for another
-        lambda k: [_certificate(k.es256)],  # another key type
+        lambda k: [x5c_certificate(k.rs_other)],  # another RSA key's certificate
+        lambda k: [x5c_certificate(k.rs256, subject_key=k.rs_other)],  # signed by the key, but for another
+        lambda k: [x5c_certificate(k.es256)],  # another key type
         lambda k: [],
-        lambda k: _certificate(k.rs256),  # a string, not an array
+        lambda k: x5c_certificate(k.rs256),  # a string, not an array
         lambda k: [5],
         lambda k: ["not base64!"],
         lambda k: [base64.b64encode(b"not a certificate").decode()],
-        lambda k: [_certificate(k.rs256).replace("+", "-").replace("/", "_").rstrip("=") + "-_"],  # base64url
+        lambda k: [x5c_certificate(k.rs256).replace("+", "-").replace("/", "_").rstrip("=") + "-_"],  # base64url
     ],
     ids=[
         "other-rsa-key",
