@@ -21,14 +21,7 @@ from rigs import gateway_fixture
 pytestmark = pytest.mark.integration
 
 STRANGER = ec.generate_private_key(ec.SECP256R1())
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    """This module's own issuer: its key set is changed by the tests."""
-    server = LocalIssuer()
-    yield server
-    server.stop()
+# `issuer` (rigs, module-scoped: this module's own) has its key set changed by the tests, and restored.
 
 
 @pytest.fixture(scope="module")
