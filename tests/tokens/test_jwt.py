@@ -340,6 +340,21 @@ async def test_hs256_is_refused_even_when_an_issuer_lists_it(
     assert type(err) is AlgorithmRefused
 
 
+async def test_an_oct_key_published_under_the_rsa_key_s_kid_never_becomes_an_hmac_secret(
+    fetcher: FakeFetcher, clock: FrozenClock, keys: SigningKeys, mint: Mint
+) -> None:
+    # The secret is in the JWKS for anyone to read: an HS256 token MACed with it under the shared kid (even with
+    # HS256 forced into the allow-list) is refused, and the RSA key under that kid still verifies its own tokens.
+    secret = b"0123456789abcdef0123456789abcdef"
+    oct_key = {"kty": "oct", "kid": KIDS["RS256"], "alg": "HS256", "use": "sig", "k": b64(secret)}
+    fetcher.serve(JWKS_URL, {"keys": [oct_key, public_jwk(keys.rs256, KIDS["RS256"])]})
+    verifier, _ = make_verifier(issuer_settings(algorithms=("HS256", "RS256")), fetcher, clock)
+    assert type(await _refusal(verifier, _hs256(HS256_HEADER, claims(), secret))) is AlgorithmRefused
+    kidless = {"alg": "HS256", "typ": "at+jwt"}  # no key fits HS256, so none is tried
+    assert type(await _refusal(verifier, _hs256(kidless, claims(), secret))) is UnknownKey
+    assert (await _verify(verifier, mint(claims(), "RS256"))).kid == KIDS["RS256"]
+
+
 def test_settings_validation_refuses_hs256_in_an_allow_list() -> None:
     document = {
         "http": {"listen": "127.0.0.1:8080"},
