@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import socket
 import time
@@ -354,6 +355,7 @@ class LocalProvider:
         self.status = 200
         self.hang = False
         self.body_override: bytes | None = None
+        self.headers: dict[str, str] = {}  # added to the JWKS answer
         self.redirect: tuple[str, int, str] | None = None  # (path, status, Location): that path answers a redirect
         self.elsewhere_hits = 0  # requests to /elsewhere, where a redirect may point: a key set of the attacker's
         self.port = 0
@@ -385,7 +387,7 @@ class LocalProvider:
         if self.hang:
             await asyncio.sleep(3600)
         body = self.body_override if self.body_override is not None else self.jwks_body
-        return web.Response(status=self.status, body=body, content_type="application/json")
+        return web.Response(status=self.status, body=body, content_type="application/json", headers=self.headers)
 
     async def start(self) -> None:
         app = web.Application()
@@ -473,6 +475,17 @@ async def test_real_fetcher_turns_every_provider_fault_into_provider_unavailable
     outcome, elapsed = await _refresh_outcome(http_fetcher, local_provider.issuer, fetch_timeout_seconds=timeout)
     assert expected in outcome
     assert elapsed < 2 * timeout + SLACK
+
+
+async def test_a_gzip_bomb_jwks_is_refused_by_its_decompressed_size(
+    local_provider: LocalProvider, http_fetcher: HttpFetcher
+) -> None:
+    """64 MiB of JSON in 64 KiB of gzip: the bound is on what is decompressed, not on what is sent."""
+    local_provider.body_override = gzip.compress(b'{"keys": ["' + b"0" * (64 << 20) + b'"]}', 6)
+    local_provider.headers = {"Content-Encoding": "gzip"}
+    assert len(local_provider.body_override) < 1 << 20
+    outcome, _ = await _refresh_outcome(http_fetcher, local_provider.issuer, fetch_timeout_seconds=RELAXED_TIMEOUT)
+    assert outcome == "provider document too large"
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
