@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
+from jwt.algorithms import RSAAlgorithm
 from prometheus_client import CollectorRegistry
 from ssf_transmitter import (
     ACCOUNT_DISABLED,
@@ -51,6 +52,7 @@ LIFETIME = 3600
 ENTRY_LIFETIME = LIFETIME + 600  # entries outlive their tokens' exp by the longest leeway an issuer may be given
 ADMIN = "admin-secret-0123456789-abcdefghijkl"
 USER = {"format": "iss_sub", "iss": ISSUER, "sub": "user-1"}
+TX_RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def principal(sub: str = "user-1", iss: str = ISSUER, **claims: Any) -> Principal:
@@ -79,15 +81,21 @@ def transmitter(clock: FrozenClock) -> SsfTransmitter:
 def provider(transmitter: SsfTransmitter) -> FakeFetcher:
     fake = FakeFetcher()
     fake.serve(transmitter.configuration_url, transmitter.configuration())
-    fake.serve(transmitter.jwks_url, transmitter.jwks())
+    # beside its ES256 key, an RSA key the transmitter's `algorithms` (ES256) do not allow
+    rsa_jwk = {**RSAAlgorithm.to_jwk(TX_RSA.public_key(), as_dict=True), "kid": "tx-rsa", "use": "sig"}
+    fake.serve(transmitter.jwks_url, {"keys": [*transmitter.jwks()["keys"], rsa_jwk]})
     return fake
 
 
-def config(**overrides: Any) -> Any:
+def transmitter_section(**overrides: Any) -> dict[str, Any]:
     tx = {"issuer": TX, "audience": RECEIVER, "delivery": "push", "algorithms": ["ES256"], "max_age_seconds": 300,
           "subjects_of": [ISSUER]}
-    tx.update(overrides)
-    return parse_revocation_config({"transmitters": [tx], "max_token_lifetime_seconds": LIFETIME})
+    return {**tx, **overrides}
+
+
+def config(**overrides: Any) -> Any:
+    return parse_revocation_config({"transmitters": [transmitter_section(**overrides)],
+                                    "max_token_lifetime_seconds": LIFETIME})
 
 
 class Credentials:
@@ -194,6 +202,20 @@ async def test_the_refusal_is_audited_at_warning_with_the_event_jti(
         service.revocations.check(principal())
     records = [r for r in caplog.records if r.name == "verifier.audit"]
     assert records and records[-1].levelname == "WARNING" and records[-1].__dict__["jti"] == "set-jti-1"
+
+
+async def test_a_top_level_sub_never_names_the_subject(service: RevocationService, transmitter: SsfTransmitter) -> None:
+    """SSF 1.0 names the subject in `sub_id` (or the event's `subject`); RFC 9493 section 4.1: a receiver must not
+    rely on both `sub` and `sub_id`. A SET's top-level `sub` reaches nobody: beside `sub_id` it is ignored, and
+    alone the SET names no subject and is refused, so the transmitter hears of it."""
+    both = transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER, extra={"sub": "victim"})
+    assert (await push(service, both)).status == 202
+    assert service.revocations.check(principal()) is not None
+    assert service.revocations.check(principal(sub="victim")) is None
+    alone = transmitter.sign_set({ACCOUNT_DISABLED: {}}, extra={"sub": "victim"})
+    answer = await push(service, alone)
+    assert answer.status == 400 and body(answer)["err"] == "invalid_request"
+    assert service.revocations.check(principal(sub="victim")) is None
 
 
 async def test_subject_from_the_event_when_there_is_no_sub_id(
@@ -486,6 +508,29 @@ def _forgeries(tx: SsfTransmitter) -> dict[str, tuple[str, str]]:
         "not a JWS": ("garbage", "invalid_request"),
         "malformed subject": (tx.sign_set(ev, {"format": "iss_sub", "iss": ISSUER}), "invalid_request"),
         "no subject": (tx.sign_set(ev), "invalid_request"),
+        # RFC 8417 section 2.2 (jti, iat, aud, events) and the checks every signed message shares
+        "no jti": (tx.sign_set(ev, USER, extra={"jti": None}), "invalid_request"),
+        "empty jti": (tx.sign_set(ev, USER, extra={"jti": ""}), "invalid_request"),
+        "jti not a string": (tx.sign_set(ev, USER, extra={"jti": 7}), "invalid_request"),
+        "no iat": (tx.sign_set(ev, USER, extra={"iat": None}), "invalid_request"),
+        "expired": (tx.sign_set(ev, USER, extra={"exp": NOW - 3600}), "invalid_request"),
+        "no aud": (tx.sign_set(ev, USER, extra={"aud": None}), "invalid_audience"),
+        "aud list without us": (tx.sign_set(ev, USER, aud=["https://someone-else.test"]), "invalid_audience"),
+        "events empty": (tx.sign_set({}, USER), "invalid_request"),
+        "events a list": (tx.sign_set(ev, USER, extra={"events": [SESSION_REVOKED]}), "invalid_request"),
+        "too many events": (tx.sign_set({SESSION_REVOKED: {}, **{f"https://x.test/e{i}": {} for i in range(10)}},
+                                        USER), "invalid_request"),
+        "known event not an object": (tx.sign_set(ev, USER, extra={"events": {SESSION_REVOKED: "yes"}}),
+                                      "invalid_request"),
+        "another event not an object": (
+            tx.sign_set(ev, USER, extra={"events": {SESSION_REVOKED: {}, "https://x.test/other": "yes"}}),
+            "invalid_request"),
+        # token substitution: another kind of JWT signed with the transmitter's keys is not a SET
+        "an access token (typ at+jwt)": (tx.sign_set(ev, USER, typ="at+jwt"), "invalid_request"),
+        "a logout token (typ logout+jwt)": (tx.sign_set(ev, USER, typ="logout+jwt"), "invalid_request"),
+        "an ID token (typ JWT, nonce)": (tx.sign_set(ev, USER, typ="JWT", extra={"nonce": "n-0S6"}), "invalid_request"),
+        "RS256 by a transmitter key, off the ES256 allow-list": (
+            tx.sign_set(ev, USER, alg="RS256", key=TX_RSA, kid="tx-rsa"), "invalid_key"),
     }
 
 
@@ -500,6 +545,27 @@ async def test_refuses_a_forged_set_with_the_rfc8935_error_and_changes_nothing(
     assert dict(answer.headers)["content-type"] == "application/json"
     assert len(service.revocations) == 0
     assert service.revocations.check(principal()) is None
+
+
+async def test_a_set_from_a_polled_transmitter_pushed_to_us_is_refused(
+    clock: FrozenClock, provider: FakeFetcher, transmitter: SsfTransmitter
+) -> None:
+    """A transmitter configured for poll delivery (RFC 8936) is not a push transmitter (RFC 8935): its SET pushed
+    to `/v1/ssf/events`, well signed, is refused `invalid_issuer` while a push transmitter beside it is served."""
+    polled = SsfTransmitter(audience=RECEIVER, issuer="https://polled.example.test", now=clock.now)
+    provider.serve(polled.configuration_url, polled.configuration())
+    provider.serve(polled.jwks_url, polled.jwks())
+    sections = [transmitter_section(), transmitter_section(issuer=polled.issuer, delivery="poll")]
+    both = parse_revocation_config({"transmitters": sections, "max_token_lifetime_seconds": LIFETIME})
+    svc = RevocationService(
+        both, state=MemoryState(clock), fetcher=provider, clock=clock,
+        metrics=RevocationMetrics(CollectorRegistry(), REFUSAL_CODES), session=no_http_session,
+    )
+    await svc.resync()  # the index answers; no poller started (it would make outbound calls)
+    answer = await push(svc, polled.sign_set({ACCOUNT_DISABLED: {}}, USER))
+    assert answer.status == 400 and body(answer)["err"] == "invalid_issuer"
+    assert svc.revocations.check(principal()) is None
+    assert (await push(svc, transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER))).status == 202
 
 
 async def test_refuses_a_replayed_jti(service: RevocationService, transmitter: SsfTransmitter) -> None:

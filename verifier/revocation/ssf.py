@@ -4,8 +4,9 @@ A SET is the transmitter's proof of itself (RFC 8935 section 2: no other authent
 checked like an access token and more: compact JWS parsed strictly (`verifier.tokens.jws`), `typ`
 `secevent+jwt` (RFC 8417 section 2.3), `iss` a configured transmitter, `alg` on that transmitter's
 allow-list and pinned to its key type, signature against the transmitter's JWKS (found through
-`/.well-known/ssf-configuration`, SSF 1.0 section 7.2), `aud` ours, `iat` fresh, and `jti` never seen
-before by any replica. Refusals carry the RFC 8935 section 2.4 error codes.
+`/.well-known/ssf-configuration`, SSF 1.0 section 7.2), `aud` ours, `iat` fresh, `jti` never seen
+before by any replica, and `events` an object of one to ten events, each payload an object (RFC 8417 section
+2.2, whatever the event type). Refusals carry the RFC 8935 section 2.4 error codes.
 
 The event types understood (CAEP 1.0 section 3, RISC 1.0 section 2):
 
@@ -30,7 +31,8 @@ tokens' provider (a risk engine, an MDM) cannot add a scope, a group or a role, 
 the announced claims replace the token's, raises included (the spec's semantics, for the provider itself).
 The entries are stored as announced either way; the setting applies when they are, on every replica.
 
-Other event types (verification, stream-updated, ...) are accepted and change nothing.
+Other event types (verification, stream-updated, ...) are accepted and change nothing (a payload that is not
+an object refuses the SET).
 
 A subject may also name one token (OpenID SSF 1.0 `jwt_id`: its `iss` and `jti`), refused by every event above
 that refuses, whatever its `iat`/`auth_time`; or a client (a `complex` subject with an `application` member and
@@ -213,6 +215,10 @@ class SetVerifier:
         events = payload.get("events")
         if not isinstance(events, dict) or not events or len(events) > MAX_EVENTS_PER_SET:
             raise SetRefused(INVALID_REQUEST, "events missing")
+        # RFC 8417 section 2.2: each event's payload is a JSON object, an unknown event's too (one that is not
+        # made the whole SET malformed, and its known events were applied and acknowledged all the same).
+        if not all(isinstance(body, dict) for body in events.values()):
+            raise SetRefused(INVALID_REQUEST, "event payload is not an object")
         return VerifiedSet(transmitter, jti, iat, payload)
 
     async def check_fresh(self, verified: VerifiedSet) -> None:
