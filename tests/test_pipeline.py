@@ -149,6 +149,28 @@ async def test_dpop_bound_token_with_valid_proof_replay_missing_proof_and_downgr
         assert _parse(await http_exchange(port, req))[0] == 401
 
 
+async def test_an_unbound_token_with_the_dpop_scheme_and_two_dpop_headers_are_refused_at_the_door() -> None:
+    """RFC 9449 section 7.1: the DPoP scheme presents a DPoP-bound token; an unbound one (no `cnf.jkt`) is refused
+    even with a good proof (`token_not_dpop_bound`). Section 4.3 step 1: a request with two `DPoP` header fields
+    (each a good proof for the bound token) carries more than one proof and is refused; either alone passes."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jkt = thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())))
+    url = "https://api.example.test/orders"
+    async with running_verifier() as (app, idp):
+        port = app.ports.http
+        unbound = idp.mint()
+        req = _request("/orders", token=unbound, scheme="DPoP", extra=f"DPoP: {_proof(key, 'GET', url, unbound)}\r\n")
+        status, headers, _ = _parse(await http_exchange(port, req))
+        assert (status, headers["x-verifier-reason"]) == (401, "token_not_dpop_bound")
+        bound = idp.mint(claims={"cnf": {"jkt": jkt}})
+        first, second = _proof(key, "GET", url, bound), _proof(key, "GET", url, bound)
+        req = _request("/orders", token=bound, scheme="DPoP", extra=f"DPoP: {first}\r\nDPoP: {second}\r\n")
+        status, headers, _ = _parse(await http_exchange(port, req))
+        assert (status, headers["x-verifier-reason"]) == (401, "dpop_proof_invalid")
+        req = _request("/orders", token=bound, scheme="DPoP", extra=f"DPoP: {second}\r\n")
+        assert _parse(await http_exchange(port, req))[0] == 200
+
+
 async def test_a_full_replay_store_answers_503_try_again_and_still_refuses_the_remembered_proof() -> None:
     """Full of live DPoP jtis, the store refuses a new proof with 503 replay_store_full and Retry-After
     (the client tries again; not "replayed"), and never forgets the remembered one to make room: its replay

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from typing import Any
+from unittest import mock
 
 import jwt
 import pytest
@@ -395,6 +396,32 @@ async def test_refuses_an_alg_outside_the_allow_list(verifier: DpopVerifier, key
     header = {"typ": "dpop+jwt", "alg": alg, "jwk": public_jwk(keys.es256)}
     with pytest.raises(InvalidDpopProof, match="alg"):
         await check(verifier, compact(header, {"jti": "j", "htm": "GET", "htu": URL, "iat": NOW}))
+
+
+@pytest.mark.parametrize(
+    ("allowed", "alg"), [((), "RS512"), ((), "PS384"), (("ES256",), "RS256"), (("ES256",), "EdDSA")]
+)
+async def test_refuses_a_good_proof_whose_alg_is_off_the_configured_list(
+    state: MemoryState, clock: FrozenClock, keys: SigningKeys, allowed: tuple[str, ...], alg: str
+) -> None:
+    """Step 5: the allow-list decides, not what the key could verify: a proof well signed by its own key with an
+    algorithm we do not list (the defaults, or `algorithms: [ES256]`) is refused."""
+    config = DpopConfig(algorithms=allowed) if allowed else DpopConfig()
+    key = keys.for_alg(alg)
+    with pytest.raises(InvalidDpopProof, match="alg is not allowed"):
+        await check(DpopVerifier(config, state, clock), make_proof(key, alg=alg))
+
+
+async def test_the_cnf_jkt_and_ath_are_compared_in_constant_time(
+    verifier: DpopVerifier, keys: SigningKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps 11 and 12: `ath` and the token's `cnf.jkt` are compared with `hmac.compare_digest`."""
+    spy = mock.Mock(wraps=dpop_module.hmac.compare_digest)
+    monkeypatch.setattr(dpop_module.hmac, "compare_digest", spy)
+    jkt = jkt_of(keys.es256)
+    await check(verifier, make_proof(keys.es256), jkt=jkt)
+    ath = access_token_hash(TOKEN).encode()
+    assert {call.args for call in spy.call_args_list} >= {(jkt.encode(), jkt.encode()), (ath, ath)}
 
 
 async def test_refuses_an_hs256_proof_made_with_pyjwt(verifier: DpopVerifier, keys: SigningKeys) -> None:

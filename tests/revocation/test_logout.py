@@ -630,3 +630,81 @@ async def test_a_replica_whose_clock_lags_refuses_a_replayed_logout_token(
     with pytest.raises(LogoutRefused) as caught:
         await behind.receive(token)
     assert caught.value.code == "replay"
+
+
+# -- token substitution (section 2.4 explicit typing, section 2.6 steps 3 to 6) ---------------------------------
+
+
+def client_token(**claims: Any) -> dict[str, Any]:
+    """Claims the provider gives the client in another kind of token (an access token, an ID token) at NOW."""
+    base = {"iss": ISSUER, "aud": CLIENT, "sub": "user-1", "sid": "session-1", "iat": int(NOW), "exp": int(NOW) + 300}
+    return {**base, **claims}
+
+
+@pytest.mark.parametrize(
+    ("typ", "code"), [("at+jwt", "typ"), ("JWT", "events"), (None, "events")], ids=["at+jwt", "JWT", "no typ"]
+)
+async def test_an_access_token_posted_as_a_logout_token_is_refused(
+    app: App, service: RevocationService, mint: Mint, typ: str | None, code: str
+) -> None:
+    """The provider's access token for the client (its keys, `aud` the client id, `sub` and `sid`) is not a logout
+    token: typed `at+jwt` it is refused by its type; with a legacy type or none, for want of the logout event."""
+    claims = client_token(jti="at-1", scope="openid", client_id=CLIENT)
+    answer = await post(app, mint(claims, headers={"typ": typ}))
+    assert answer.status == 400 and error_of(answer)
+    assert counted(app, ISSUER, code) == 1
+    assert service.revocations.entries() == []
+
+
+async def test_an_id_token_posted_as_a_logout_token_is_refused(
+    app: App, service: RevocationService, mint: Mint
+) -> None:
+    """An ID token (OIDC Core 2: `aud` the client id, `sub`, `sid`, `nonce`, `at_hash`) has no logout event; one
+    given the event all the same is still refused by its `nonce` (section 2.6 step 6)."""
+    claims = client_token(jti="id-0", auth_time=int(NOW) - 5, nonce="n-0S6_WzA2Mj", at_hash="77QmUPtjPfzWtF2AnpK9RQ")
+    answer = await post(app, mint(claims, headers={"typ": "JWT"}))
+    assert answer.status == 400 and counted(app, ISSUER, "events") == 1
+    with_event = {**claims, "jti": "id-1", "events": {BACKCHANNEL_LOGOUT_EVENT: {}}}
+    answer = await post(app, mint(with_event, headers={"typ": "JWT"}))
+    assert answer.status == 400 and counted(app, ISSUER, "nonce") == 1
+    assert service.revocations.entries() == []
+
+
+@pytest.mark.parametrize("typ", ["logout+jwt", None], ids=["logout+jwt", "no typ"])
+async def test_a_logout_token_presented_as_an_access_token_at_the_forward_auth_door_is_refused(
+    typ: str | None,
+) -> None:
+    """A genuine logout token (the provider's key, `aud` the API's audience as well as the client's: the worst
+    case) presented as a Bearer token through the forward-auth door is 401 `token_type_invalid`, typed or not;
+    posted where it belongs, the same token is a valid logout (200)."""
+    import time
+
+    import jwt
+    from doorkit import http_exchange, running_verifier
+
+    from verifier.devidp import DEV_AUDIENCE
+
+    logout = BackchannelLogoutConfig(audiences=(DEV_AUDIENCE,))
+    async with running_verifier(backchannel_logout=logout) as (app, idp):
+        kid, private = idp._keys["ES256"]
+        now = int(time.time())
+        claims = {
+            "iss": idp.issuer,
+            "aud": DEV_AUDIENCE,
+            "sub": "someone-else",
+            "sid": "s-9",
+            "iat": now,
+            "exp": now + 120,
+            "jti": f"bcl-{typ}",
+            "events": {BACKCHANNEL_LOGOUT_EVENT: {}},
+        }
+        token = jwt.encode(claims, private, algorithm="ES256", headers={"kid": kid, **({"typ": typ} if typ else {})})
+        raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        answer = await http_exchange(app.ports.http, raw)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        assert b"x-verifier-reason: token_type_invalid\r\n" in answer
+        body = f"logout_token={token}".encode()
+        raw = (
+            f"POST {LOGOUT_PATH} HTTP/1.1\r\nHost: v\r\nContent-Type: {FORM}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        assert (await http_exchange(app.ports.http, raw)).startswith(b"HTTP/1.1 200 ")
