@@ -23,6 +23,7 @@ _.allowed_algorithms  # fido2 Fido2Server reads it
 # Config keys read by name through the shared field reader (verifier.config.base.read_fields).
 nonce_secret_env
 poll_authorization_env
+push_authorization_env
 private_key_file  # upstream.identity_token
 private_key_env
 otlp_endpoint  # tracing: read into the exporter's URL by name

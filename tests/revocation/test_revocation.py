@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from unittest import mock
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -40,6 +41,7 @@ from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.revocation import Revocations, RevocationService, TokenRevoked, parse_revocation_config
+from verifier.revocation import ssf as ssf_module
 from verifier.revocation.entry import REFUSAL_CODES, Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.subjects import MAX_IDENTIFIER_CHARS, SubjectError, subject_keys
@@ -130,8 +132,11 @@ async def service(
     await svc.stop()
 
 
-def set_request(token: str, content_type: str = "application/secevent+jwt") -> HttpRequest:
-    return HttpRequest("POST", "/v1/ssf/events", "", {"content-type": content_type}, token.encode())
+def set_request(
+    token: str, content_type: str = "application/secevent+jwt", authorization: str | None = None
+) -> HttpRequest:
+    headers = {"content-type": content_type, **({"authorization": authorization} if authorization is not None else {})}
+    return HttpRequest("POST", "/v1/ssf/events", "", headers, token.encode())
 
 
 async def push(service: RevocationService, token: str, **kwargs: Any) -> HttpAnswer:
@@ -545,6 +550,52 @@ async def test_refuses_a_forged_set_with_the_rfc8935_error_and_changes_nothing(
     assert dict(answer.headers)["content-type"] == "application/json"
     assert len(service.revocations) == 0
     assert service.revocations.check(principal()) is None
+
+
+PUSH_AUTHORIZATION = "Bearer push-secret-0123456789-abcdefghij"
+
+
+async def push_authenticated_service(
+    clock: FrozenClock, provider: FakeFetcher, monkeypatch: pytest.MonkeyPatch
+) -> RevocationService:
+    """A service whose one transmitter pushes with `Authorization: PUSH_AUTHORIZATION` (no loops started)."""
+    monkeypatch.setenv("VERIFIER_TEST_PUSH_AUTHORIZATION", PUSH_AUTHORIZATION)
+    svc = RevocationService(
+        config(push_authorization_env="VERIFIER_TEST_PUSH_AUTHORIZATION"), state=MemoryState(clock),
+        fetcher=provider, clock=clock, metrics=RevocationMetrics(CollectorRegistry(), REFUSAL_CODES),
+        session=no_http_session,
+    )
+    await svc.resync()
+    return svc
+
+
+@pytest.mark.parametrize(
+    "presented", [None, "", "Bearer wrong", PUSH_AUTHORIZATION[:-1], PUSH_AUTHORIZATION + "x", "bearer push-secret"]
+)
+async def test_a_push_without_the_transmitters_authorization_is_refused(
+    clock: FrozenClock, provider: FakeFetcher, transmitter: SsfTransmitter, monkeypatch: pytest.MonkeyPatch,
+    presented: str | None,
+) -> None:
+    """RFC 8935 section 4.1, SSF 1.0 `delivery.authorization_header`: with `push_authorization_env` set, a push whose
+    `Authorization` is not exactly that value is 400 `authentication_failed` and changes nothing, though its SET is
+    well signed (a replayed or leaked SET pushed by someone else); with it, the SET is applied (202)."""
+    svc = await push_authenticated_service(clock, provider, monkeypatch)
+    token = transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER)
+    answer = await push(svc, token, authorization=presented)
+    assert answer.status == 400 and body(answer)["err"] == "authentication_failed"
+    assert svc.revocations.check(principal()) is None
+    assert (await push(svc, token, authorization=PUSH_AUTHORIZATION)).status == 202
+    assert svc.revocations.check(principal()) is not None
+
+
+async def test_the_push_authorization_is_compared_in_constant_time(
+    clock: FrozenClock, provider: FakeFetcher, transmitter: SsfTransmitter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = await push_authenticated_service(clock, provider, monkeypatch)
+    spy = mock.Mock(wraps=ssf_module.hmac.compare_digest)
+    monkeypatch.setattr(ssf_module.hmac, "compare_digest", spy)
+    await push(svc, transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER), authorization="Bearer wrong")
+    assert spy.call_args_list[0].args == (b"Bearer wrong", PUSH_AUTHORIZATION.encode())
 
 
 async def test_a_set_from_a_polled_transmitter_pushed_to_us_is_refused(
@@ -1000,6 +1051,10 @@ def test_config_defaults_and_discovery_location() -> None:
     ({"what": 1}, "revocation.what"),
     ({"transmitters": [{"issuer": "https://a.test", "audience": "x", "delivery": "poll",
                         "poll_authorization_env": "VERIFIER_TEST_UNSET_ENV"}]}, "poll_authorization_env"),
+    ({"transmitters": [{"issuer": "https://a.test", "audience": "x",
+                        "push_authorization_env": "VERIFIER_TEST_UNSET_ENV"}]}, "push_authorization_env"),
+    ({"transmitters": [{"issuer": "https://a.test", "audience": "x", "delivery": "poll",
+                        "push_authorization_env": "PATH"}]}, "transmitters[0].push_authorization_env"),
 ])
 def test_config_errors_name_the_key(data: Any, names: str) -> None:
     with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("]", r"\]")):

@@ -18,6 +18,8 @@ revocation:
       # poll only: poll_interval_seconds (10), poll_endpoint_url (else the metadata's poll delivery),
       #            poll_authorization_env (env var holding a bearer token for the poll endpoint),
       #            max_events (100)
+      # push only: push_authorization_env (env var holding the exact Authorization header value the transmitter
+      #            sends, compared in constant time; unset: the SET's signature is its only authentication)
       # optional: discovery_url, jwks_uri, fetch_timeout_seconds (5), leeway_seconds (30)
 ```
 """
@@ -79,6 +81,13 @@ class TransmitterConfig:
     poll_endpoint_url: str = setting("", doc="poll: the endpoint (default: from the transmitter's metadata)")
     poll_authorization_env: str | None = setting(None, doc="poll: environment variable with a bearer token")
     poll_token: str | None = dataclasses.field(default=None, repr=False)  # read from poll_authorization_env
+    # RFC 8935 section 4.1: the transmitter may authenticate its push requests; SSF 1.0 has the receiver choose the
+    # `Authorization` header value the transmitter sends (the stream's `delivery.authorization_header`). Unset: the
+    # SET's signature is its only authentication.
+    push_authorization_env: str | None = setting(
+        None, doc="push: environment variable with the exact Authorization header the transmitter sends"
+    )
+    push_authorization: str | None = dataclasses.field(default=None, repr=False)  # read from push_authorization_env
     max_events: int = setting(DEFAULT_MAX_EVENTS, minimum=1, maximum=10_000, doc="poll: SETs asked for per poll")
     discovery_url: str = setting("", doc="default: SSF 1.0 section 7.2.1 well-known location under `issuer`")
     jwks_uri: str = setting("", doc="set to skip discovery (then poll needs poll_endpoint_url)")
@@ -161,10 +170,17 @@ def _transmitter(reader: Reader) -> TransmitterConfig:
         values["poll_token"] = os.environ.get(env)
         if not values["poll_token"]:
             reader.problem("poll_authorization_env", f"environment variable {env} is not set")
+    push_env = values["push_authorization_env"]
+    if push_env is not None:
+        values["push_authorization"] = os.environ.get(push_env)
+        if not values["push_authorization"]:
+            reader.problem("push_authorization_env", f"environment variable {push_env} is not set")
     if values["delivery"] == PUSH:
         for key in ("poll_interval_seconds", "poll_endpoint_url", "poll_authorization_env", "max_events"):
             if reader.has(key):
                 reader.problem(key, "only meaningful with delivery: poll")
+    elif reader.has("push_authorization_env"):
+        reader.problem("push_authorization_env", "only meaningful with delivery: push")
     elif values["jwks_uri"] and not values["poll_endpoint_url"]:
         reader.problem("poll_endpoint_url", "required when jwks_uri skips discovery")
     values["subjects_of"] = tuple(dict.fromkeys(subjects_of))

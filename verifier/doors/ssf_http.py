@@ -37,7 +37,7 @@ def add_ssf_routes(router: Router, service: RevocationService) -> None:
         except UnicodeDecodeError:
             return _set_error(INVALID_REQUEST, "SET is not ASCII")
         try:
-            await service.receive(token, delivery=PUSH)
+            await service.receive(token, delivery=PUSH, authorization=request.headers.get("authorization"))
         except SetRefused as exc:
             return _set_error(exc.err, exc.description)
         except (StateUnavailable, ProviderUnavailable) as exc:  # the store, or the transmitter's keys: retry

@@ -242,11 +242,13 @@ class RevocationService:
 
     # -- receiving SETs -----------------------------------------------------------------------------
 
-    async def receive(self, token: str, *, delivery: str) -> Effects:
-        """Verifies one SET, applies its events, then marks its jti; raises `SetRefused` or `StateUnavailable`."""
+    async def receive(self, token: str, *, delivery: str, authorization: str | None = None) -> Effects:
+        """Verifies one SET, applies its events, then marks its jti; raises `SetRefused` or `StateUnavailable`.
+
+        `authorization`: a push request's `Authorization` header (`TransmitterConfig.push_authorization`)."""
         self.metrics.sets_received.labels(delivery).inc()
         try:
-            verified = await self._verifier.verify(token, delivery=delivery)
+            verified = await self._verifier.verify(token, delivery=delivery, authorization=authorization)
             effects = effects_of(verified, now=self._clock.now(), entry_lifetime=self.entry_lifetime)
             await self._verifier.check_fresh(verified)
         except SetRefused as exc:

@@ -1,7 +1,8 @@
 """Security Event Tokens (RFC 8417) from SSF 1.0 transmitters: verified, then turned into entries.
 
-A SET is the transmitter's proof of itself (RFC 8935 section 2: no other authentication), so it is
-checked like an access token and more: compact JWS parsed strictly (`verifier.tokens.jws`), `typ`
+A SET is the transmitter's proof of itself (RFC 8935 section 2; a pushing transmitter's `Authorization`
+is checked too, in constant time, when `push_authorization_env` names one), so it is checked like an access
+token and more: compact JWS parsed strictly (`verifier.tokens.jws`), `typ`
 `secevent+jwt` (RFC 8417 section 2.3), `iss` a configured transmitter, `alg` on that transmitter's
 allow-list and pinned to its key type, signature against the transmitter's JWKS (found through
 `/.well-known/ssf-configuration`, SSF 1.0 section 7.2), `aud` ours, `iat` fresh, `jti` never seen
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 from collections.abc import Mapping
 from typing import Any
 
@@ -181,10 +183,11 @@ class SetVerifier:
         self._state = state
         self._clock = clock
 
-    async def verify(self, token: str, *, delivery: str | None = None) -> VerifiedSet:
+    async def verify(self, token: str, *, delivery: str | None = None, authorization: str | None = None) -> VerifiedSet:
         """Checks everything but replay; raises `SetRefused`.
 
-        `delivery` (push or poll), when given, must be the transmitter's configured delivery.
+        `delivery` (push or poll), when given, must be the transmitter's configured delivery. `authorization` is
+        the push request's `Authorization` header (None: absent), checked when the transmitter has one configured.
         """
         try:
             parsed = jws.parse(token, max_bytes=MAX_SET_BYTES)
@@ -200,6 +203,8 @@ class SetVerifier:
         if found is None or (delivery is not None and found[0].delivery != delivery):
             raise SetRefused(INVALID_ISSUER, "iss is not a configured transmitter")
         transmitter, keys = found
+        if transmitter.push_authorization is not None and not _same(authorization, transmitter.push_authorization):
+            raise SetRefused(AUTHENTICATION_FAILED, "the request's Authorization is not the transmitter's")
         now = self._clock.now()
         try:
             await check_signature(parsed, transmitter.algorithms, keys)
@@ -242,6 +247,12 @@ class SetVerifier:
             verified.iat, now=self._clock.now(), leeway=transmitter.leeway_seconds, max_age=transmitter.max_age_seconds
         )
         await self._state.first_use(_jti_key(verified), ttl, purpose=Purpose.REVOCATION)
+
+
+def _same(presented: str | None, expected: str) -> bool:
+    """Whether the push request's `Authorization` is the configured one, in constant time."""
+    given = (presented or "").encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(given, expected.encode("utf-8", "surrogateescape"))
 
 
 def _jti_key(verified: VerifiedSet) -> str:
