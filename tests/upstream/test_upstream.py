@@ -601,6 +601,37 @@ async def test_the_assertions_client_id_is_the_client_the_verifier_judged(
         assert {k: v for k, v in decoded.items() if k in ("client_id", "azp")} == expected, token_claims
 
 
+async def test_a_listed_dotted_path_is_copied_into_the_assertion_at_its_path(
+    started: Started, mint: Any, tmp_path: Path
+) -> None:
+    """`claims: [realm_access.roles]` copied nothing: only exact top-level names were read. The member is now copied
+    at its path (an upstream reads it as it would the token), an exact name holding dots still wins, and a whole
+    object listed beside one of its members is copied whole."""
+    listed = ["sub", "realm_access.roles", "resource_access.api.roles", "https://ns.example/a.b", "org", "org.id"]
+    identity = _identity(_pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "id.pem"), claims=listed)
+    app = await started(_document({"identity_token": identity}))
+    token_claims = claims(
+        realm_access={"roles": ["admin", "user"], "other": "not listed"},
+        resource_access={"api": {"roles": ["reader"]}, "web": {"roles": ["x"]}},
+        **{"https://ns.example/a.b": "flat"},
+        org={"id": "o-1", "name": "Org"},
+    )
+    decision = await app.pipeline.decide(_attrs(mint(token_claims)), "test")
+    decoded = _verify(_headers(decision)["x-authenticated-identity"], await _jwks(app), ORDERS, NOW)
+    assert decoded["realm_access"] == {"roles": ["admin", "user"]}
+    assert decoded["resource_access"] == {"api": {"roles": ["reader"]}}
+    assert decoded["https://ns.example/a.b"] == "flat" and decoded["org"] == {"id": "o-1", "name": "Org"}
+    absent = await app.pipeline.decide(_attrs(mint(claims(realm_access=["not", "an", "object"]))), "test")
+    assert "realm_access" not in _verify(_headers(absent)["x-authenticated-identity"], await _jwks(app), ORDERS, NOW)
+
+
+def test_a_listed_assertion_claim_is_checked_at_start_up(tmp_path: Path) -> None:
+    key = _pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "k.pem")
+    assert "segment is empty" in _problem(_document({"identity_token": _identity(key, claims=["realm_access..r"])}))
+    for claim in ("exp.x", "idp"):  # under a claim the verifier sets: overwritten, never seen
+        assert "set by the verifier itself" in _problem(_document({"identity_token": _identity(key, claims=[claim])}))
+
+
 async def test_reuse_never_outlives_the_assertion_and_it_is_reminted_at_half_life(
     started: Started, mint: Any, tmp_path: Path
 ) -> None:
@@ -637,6 +668,25 @@ async def test_the_assertion_never_outlives_the_token(started: Started, mint: An
     decision = await app.pipeline.decide(_attrs(mint(claims(exp=int(NOW) + 30))), "test")
     decoded = jwt.decode(_headers(decision)["x-authenticated-identity"], options={"verify_signature": False})
     assert decoded["exp"] == int(NOW) + 30
+
+
+async def test_a_token_past_its_exp_within_the_leeway_gets_no_assertion_born_expired(
+    started: Started, mint: Any, tmp_path: Path
+) -> None:
+    """Accepted within its issuer's leeway after `exp`, a token used to get an assertion whose `exp` (the token's)
+    was at or before its `iat`: an upstream verifying it refused a request the verifier let through. It is refused
+    as expired now (the assertion never outlives the token), and no answer carrying an assertion is reused past
+    its `exp`."""
+    identity = _identity(_pem(ec.generate_private_key(ec.SECP256R1()), tmp_path / "id.pem"))
+    app = await started(_document({"identity_token": identity}))
+    late = await app.pipeline.decide(_attrs(mint(claims(exp=int(NOW) - 5))), "test")
+    assert not late.allowed and late.status == 401 and late.reason == "token_expired", late
+    assert "x-authenticated-identity" not in _headers(late) and late.cache_max_age <= 0
+    # a token expiring within the second still gets one, valid past its `iat`, reused for no longer than it
+    near = await app.pipeline.decide(_attrs(mint(claims(exp=int(NOW) + 1))), "test")
+    decoded = jwt.decode(_headers(near)["x-authenticated-identity"], options={"verify_signature": False})
+    assert near.allowed and decoded["iat"] < decoded["exp"] == int(NOW) + 1
+    assert NOW + near.cache_max_age <= decoded["exp"]
 
 
 async def test_a_route_names_its_own_audience_and_adds_headers(started: Started, mint: Any, tmp_path: Path) -> None:

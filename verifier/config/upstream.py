@@ -50,8 +50,8 @@ DEFAULT_LIFETIME_SECONDS = 60
 MIN_LIFETIME_SECONDS = 10
 MAX_LIFETIME_SECONDS = 3600
 DEFAULT_IDENTITY_CLAIMS: tuple[str, ...] = ("sub", "scope", "roles")
-# Registered claims the verifier sets itself (RFC 7519 section 4.1): a listed claim may not replace them.
-RESERVED_CLAIMS = frozenset({"iss", "aud", "iat", "exp", "nbf", "jti"})
+# Registered claims the verifier sets itself (RFC 7519 section 4.1), and `idp`: a listed claim may not replace them.
+RESERVED_CLAIMS = frozenset({"iss", "aud", "iat", "exp", "nbf", "jti", "idp"})
 # Bytes of one header value (UTF-8). Upstream servers refuse request header lines past 8 KiB (nginx's
 # large_client_header_buffers, Node's 16 KiB for all headers), so 4 KiB leaves room for the rest.
 DEFAULT_MAX_VALUE_BYTES = 4096
@@ -110,7 +110,10 @@ class IdentityTokenConfig:
         unit="seconds",
         doc="`exp` - `iat`; re-minted at half-life, reuse never outlives it",
     )
-    claims: tuple[str, ...] = setting(DEFAULT_IDENTITY_CLAIMS, doc="copied from the token (scope, roles as judged)")
+    claims: tuple[str, ...] = setting(
+        DEFAULT_IDENTITY_CLAIMS,
+        doc="copied from the token (scope, roles as judged); a dotted path is copied at its path",
+    )
     private_key: SigningKey | None = dataclasses.field(default=None, repr=False, compare=False)
     previous_keys: tuple[PublicKey, ...] = dataclasses.field(default=(), repr=False, compare=False)
 
@@ -209,8 +212,13 @@ def _identity_token(reader: Reader, taken: set[str]) -> IdentityTokenConfig:
     taken.add(name)
     check_url(config.issuer, reader._key("issuer"), "assertion issuer", allow_insecure_http=True)
     for i, claim in enumerate(config.claims):
-        if claim in RESERVED_CLAIMS:
+        # a dotted path is copied at its path: one under a claim the verifier sets would be overwritten, unseen
+        if claim in RESERVED_CLAIMS or claim.split(".", 1)[0] in RESERVED_CLAIMS:
             reader.problem(f"claims[{i}]", f"{claim!r} is set by the verifier itself")
+        else:
+            problem = claim_path_problem(claim)
+            if problem:
+                reader.problem(f"claims[{i}]", problem)
     reader.done()
     key_name = reader._key("private_key_file" if reader.has("private_key_file") else "private_key_env")
     pem = _pem(reader)

@@ -8,7 +8,15 @@ Header `{"alg": ES256|EdDSA, "typ": "JWT", "kid": ...}`; claims `iss` (ours), `i
 is unique only within it), `aud`, `iat`, `exp`, `jti` and the configured ones copied from the judged principal
 (`scope` and `roles` as the verifier judged them, `client_id` as revocation and the route's `clients_any` read it:
 the token's `client_id`, else its `azp`, `verifier.principal.clients_of`).
-The assertion never outlives the token it speaks for.
+
+A listed claim is read as `verifier.claimpath` reads any claim the config names: the token's claim of that exact
+name, copied under it; else, for a dotted path, the member it names, copied at the same path (`realm_access.roles`
+arrives as `{"realm_access": {"roles": [...]}}`, the object holding only the listed members): an upstream reads
+the assertion as it would the token.
+
+The assertion never outlives the token it speaks for: its `exp` is at most the token's. A token already past its
+`exp` (accepted within its issuer's leeway) is refused as expired rather than given an assertion born expired
+(`exp` <= `iat`), which an upstream checking `exp` would refuse after the verifier let the request through.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 
 from verifier.binding.dpop import thumbprint
+from verifier.claimpath import claim_steps, find_claim
 from verifier.config.upstream import IdentityTokenConfig, PublicKey
+from verifier.errors import TokenExpired
 from verifier.principal import Principal
 from verifier.upstream.claims import UpstreamClaimTooLarge
 
@@ -57,13 +67,20 @@ class IdentityAssertions:
                 keys.append(jwk)
         self.jwks: bytes = json.dumps({"keys": keys}).encode()
         self._headers = {"kid": self.kid, "typ": "JWT"}
+        self._claims = tuple((name, claim_steps(name)) for name in config.claims)  # split once, at start-up
 
     def mint(self, principal: Principal, audience: str, now: float) -> tuple[str, int]:
         """A signed assertion for `principal` to `audience`, and its `exp` (never past the token's own)."""
         issued = int(now)
         expires = min(issued + self.config.lifetime_seconds, int(principal.expires_at))
+        if expires <= issued:  # past the token's `exp`, accepted within its leeway: no assertion born expired
+            raise TokenExpired("token expired: an identity assertion cannot outlive it")
         claims: dict[str, Any] = {}
-        for name in self.config.claims:
+        built: set[int] = set()  # the objects made here for dotted paths (never the token's own)
+        for name, steps in self._claims:
+            if steps and name not in principal.claims:
+                _put(claims, steps, find_claim(principal.claims, name, steps), built)
+                continue
             value = _claim(principal, name)
             if value is not None:
                 claims[name] = value
@@ -82,6 +99,23 @@ class IdentityAssertions:
         except (RecursionError, ValueError, TypeError) as exc:  # a listed claim nested past what JSON encodes
             raise UpstreamClaimTooLarge("a listed claim cannot be put in the identity assertion") from exc
         return token, expires
+
+
+def _put(claims: dict[str, Any], steps: tuple[str, ...], value: Any, built: set[int]) -> None:
+    """`value` at the path `steps` in `claims`, through objects made for it (none when absent: no member)."""
+    if value is None:
+        return
+    node = claims
+    for step in steps[:-1]:
+        child = node.get(step)
+        if child is None:
+            child = {}
+            built.add(id(child))
+            node[step] = child
+        elif id(child) not in built:  # the whole object was listed and copied: it holds this member already
+            return
+        node = child
+    node[steps[-1]] = value
 
 
 def _claim(principal: Principal, name: str) -> Any:
