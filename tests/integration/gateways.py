@@ -253,6 +253,7 @@ class SeenRequest:
     path: str
     headers: Mapping[str, str]
     body_length: int = 0
+    names: tuple[str, ...] = ()  # every header line's name as received, lower-cased, repeats kept
 
 
 class _EchoHandler(_QuietHandler):
@@ -262,7 +263,8 @@ class _EchoHandler(_QuietHandler):
         for name, value in self.headers.items():
             key = name.lower()
             merged[key] = f"{merged[key]}, {value}" if key in merged else value
-        seen = SeenRequest(method=self.command, path=self.path, headers=merged, body_length=len(body))
+        names = tuple(name.lower() for name in self.headers)  # a Message: every line, repeats kept
+        seen = SeenRequest(method=self.command, path=self.path, headers=merged, body_length=len(body), names=names)
         owner: EchoUpstream = self.server.owner  # type: ignore[attr-defined]
         owner._record(seen)
         echo = {"method": seen.method, "path": seen.path, "headers": merged, "body_length": len(body)}

@@ -62,6 +62,7 @@ ASSERTION_ISSUER = "https://verifier.internal"
 ORDERS = "https://orders.internal"
 BILLING = "https://billing.internal"
 MAX_VALUE_BYTES = 1024
+README = Path(__file__).resolve().parents[2] / "README.md"
 CLIENT_COPIES = {
     "X-Authenticated-Email": "boss@example.test",
     "X-Authenticated-Tenant": "another-tenant",
@@ -108,6 +109,7 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
             "match": {"path_prefix": "/billing"},
             "upstream": {"identity_token": {"audience": BILLING}},
         },
+        {"name": "public", "match": {"path_prefix": "/public"}, "require": {"authenticated": False}},
         {"name": "rest", "match": {"path_prefix": "/"}},
     ]
     proc = start_verifier(tmp, issuer=issuer.issuer, extra_config={"upstream": upstream_config, "policies": policies})
@@ -442,3 +444,150 @@ def test_a_reused_answer_never_outlives_its_assertion(
         (verified,) = upstream.verified
         assert isinstance(verified, dict), (edge.name, verified)
         upstream.clear()
+
+
+# ------------------------------------------------------------------------------------------ the upstream's side
+
+
+def _readme_snippet(url: str) -> Any:
+    """README's "verifying the assertion upstream" code, run as written, with this verifier's URL."""
+    text = README.read_text()
+    section = text[text.index("**The identity assertion**") : text.index("**Rotating the assertion key**")]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict[str, Any] = {}
+    exec(compile(code.replace("http://verifier:8080", url), str(README), "exec"), namespace)
+    return namespace["verified_caller"]
+
+
+def test_the_readmes_snippet_verifies_what_the_upstream_received_and_refuses_forgeries(
+    edge: Edge, upstream: VerifyingUpstream, issuer: LocalIssuer, verifier: GatewayProcess
+) -> None:
+    """The code README gives upstream developers, run against what the upstream received through each gateway:
+    it accepts the verifier's assertion, and refuses the client's forged one, another route's, one signed by
+    another key under the verifier's `kid`, and one MAC'd with HS256 (the algorithms are pinned)."""
+    verified_caller = _readme_snippet(verifier.url)
+    assertion = _through(edge, upstream, "/orders/1", issuer.mint(email="alice@example.test"))[
+        "x-authenticated-identity"
+    ]
+    claims = verified_caller(assertion)
+    assert (claims["idp"], claims["sub"], claims["email"]) == (issuer.issuer, "alice", "alice@example.test")
+    upstream.clear()
+    billing = _through(edge, upstream, "/billing/1", issuer.mint())["x-authenticated-identity"]
+    kid = jwt.get_unverified_header(assertion)["kid"]
+    payload = jwt.decode(assertion, options={"verify_signature": False})
+    foreign = jwt.encode(payload, ec.generate_private_key(ec.SECP256R1()), algorithm="ES256", headers={"kid": kid})
+    mac = jwt.encode(
+        payload, b"any secret an attacker picks, 32 bytes or more", algorithm="HS256", headers={"kid": kid}
+    )
+    for forged in (CLIENT_COPIES["X-Authenticated-Identity"], billing, foreign, mac):
+        with pytest.raises(jwt.PyJWTError):
+            verified_caller(forged)
+
+
+def test_one_assertion_with_one_jti_arrives_on_each_request_of_a_token_within_half_its_life(
+    edge: Edge, upstream: VerifyingUpstream, issuer: LocalIssuer
+) -> None:
+    """As README says: `jti` names the assertion, not a request (the verifier keeps it with the token's decision,
+    a gateway reuses the answer carrying it), so an upstream must not take it as single-use."""
+    token = issuer.mint()
+    seen = []
+    for _ in range(3):
+        _through(edge, upstream, "/orders/1", token)
+        (decoded,) = upstream.verified
+        assert isinstance(decoded, dict), (edge.name, decoded)
+        seen.append((decoded["jti"], decoded["iat"]))
+        upstream.clear()
+    assert len(set(seen)) == 1, (edge.name, seen)
+
+
+def test_a_token_past_its_exp_within_the_leeway_is_refused_not_sent_an_expired_assertion(
+    edge: Edge, upstream: VerifyingUpstream, issuer: LocalIssuer
+) -> None:
+    """The verifier accepts a token up to its issuer's leeway (30 s here) after `exp`; the assertion, whose `exp` is
+    the token's, was born expired, and the upstream refused a request the verifier had let through."""
+    token = issuer.mint(exp=int(time.time()) - 5)
+    r = http_request(f"{edge.url}/orders/1", headers={"Authorization": f"Bearer {token}"})
+    assert (r.status, r.headers.get("x-verifier-reason")) == (401, "token_expired"), (
+        edge.name,
+        r.status,
+        upstream.verified,
+    )
+    assert upstream.requests == []
+
+
+def _identity_lines(names: tuple[str, ...]) -> list[str]:
+    """The header lines an upstream (or a CGI-style framework, `_` read as `-`) takes as identity."""
+    return [n.replace("_", "-") for n in names if n.replace("_", "-").startswith(("x-authenticated-", "x-kong-"))]
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        "a@example.test\r\nX-Authenticated-Userid: root",
+        "a@example.test\r\n\r\nGET /admin HTTP/1.1\r\nHost: api",
+        "a@example.test\x00X-Authenticated-Roles: admin",
+        "a@example.test\x7f\x1b[0m\x0b\x0c",
+        "a@example.test, x-authenticated-userid: root",
+        "ünïcödé@例え.jp",
+        "a" * 300 + "@example.test",  # within max_value_bytes, and the assertion copying it too
+    ],
+    ids=["crlf-header", "request-split", "nul", "del-esc-vt-ff", "comma-colon", "non-ascii", "long"],
+)
+def test_an_attacker_chosen_claim_arrives_as_one_header_line_and_forges_none(
+    edge: Edge, upstream: VerifyingUpstream, issuer: LocalIssuer, email: str
+) -> None:
+    """A claim the user edits at the provider (here `email`, and a group name) reaches the upstream as exactly one
+    header line per mapping, minus its control characters (UTF-8 kept as is), and no header of its making: the
+    upstream gets the verifier's identity headers, each once, and its assertion still verifies."""
+    groups = ["ops", "x\r\nX-Authenticated-Roles: admin"]
+    token = issuer.mint(email=email, groups=groups, org={"tenant_id": "t-1\nX-Authenticated-Scope: all"})
+    r = http_request(f"{edge.url}/orders/1", headers={"Authorization": f"Bearer {token}", **CLIENT_COPIES})
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    lines = _identity_lines(seen.names)
+    assert sorted(lines) == sorted(
+        [
+            "x-authenticated-userid",
+            "x-authenticated-scope",
+            "x-authenticated-issuer",
+            "x-authenticated-email",
+            "x-authenticated-tenant",
+            "x-authenticated-groups",
+            "x-authenticated-identity",
+        ]
+    ), (edge.name, seen.names)
+    as_sent = seen.headers["x-authenticated-email"].encode("latin-1").decode("utf-8")  # http.server reads latin-1
+    assert as_sent == "".join(c for c in email if c >= " " and c != "\x7f"), (edge.name, as_sent)
+    assert seen.headers["x-authenticated-groups"] == "ops, xX-Authenticated-Roles: admin"
+    assert seen.headers["x-authenticated-tenant"] == "t-1X-Authenticated-Scope: all"
+    assert (seen.headers["x-authenticated-userid"], seen.headers["x-authenticated-scope"]) == ("alice", "read write")
+    (decoded,) = upstream.verified
+    assert isinstance(decoded, dict) and decoded["email"] == email, (edge.name, decoded)
+
+
+@pytest.mark.parametrize("credential", ["none", "garbage", "expired", "valid"])
+def test_a_public_route_never_passes_the_clients_identity_headers(
+    edge: Edge, upstream: VerifyingUpstream, issuer: LocalIssuer, credential: str
+) -> None:
+    """`/public` needs no token: the verifier's allow carries no identity (none with no token), and a gateway that
+    copied only the answer's headers would let the client's own X-Authenticated-Identity (and the rest) through to
+    an upstream that trusts them. Whatever the credential, the upstream sees none of the client's."""
+    tokens = {"none": None, "garbage": "not.a.token", "expired": issuer.mint(exp=int(time.time()) - 3600)}
+    token = tokens.get(credential, issuer.mint())
+    headers = {
+        **CLIENT_COPIES,
+        "X_Authenticated_Identity": "eyJhbGciOiJub25lIn0.e30.",
+        "X-Authenticated-Userid": "root",
+    }
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    r = http_request(f"{edge.url}/public/page", headers=headers)
+    assert r.status in (200, 401), (edge.name, r.status, r.body)
+    for seen in upstream.requests:
+        forged = {
+            n: seen.headers.get(n) for n in _identity_lines(seen.names) if seen.headers.get(n) in headers.values()
+        }
+        assert not forged, (edge.name, credential, forged)
+        assert seen.headers.get("x-authenticated-identity", "") != headers["X_Authenticated_Identity"]
+    if credential in ("none", "valid"):
+        assert r.status == 200 and len(upstream.requests) == 1, (edge.name, r.status)
