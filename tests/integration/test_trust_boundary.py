@@ -248,6 +248,35 @@ def test_the_public_path_itself_stays_public(edge: Edge, upstream: EchoUpstream)
     assert [s.path for s in upstream.requests] == ["/health"]
 
 
+@pytest.mark.parametrize("credential", ["none", "garbage", "valid"])
+def test_the_clients_identity_headers_never_reach_a_public_path(
+    edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str], credential: str
+) -> None:
+    """/health needs no token, so the verifier's answer there may carry no identity at all: the client's own
+    X-Authenticated-* (a forged assertion among them, in any spelling) must still never reach the upstream."""
+    forged = {
+        "X-Authenticated-Identity": "eyJhbGciOiJub25lIn0.eyJzdWIiOiJyb290In0.",
+        "X-Authenticated-Userid": "root",
+        "X-Authenticated-Roles": "admin",
+        "X_Authenticated_Scope": "all",
+        "X-Authenticated-Plan": "enterprise",  # a name no gateway sets itself: only the prefix rule removes it
+    }
+    token = {"none": None, "garbage": "not.a.token", "valid": tokens("read")}[credential]
+
+    r = http_request(f"{edge.url}/health", headers={**forged, **(bearer(token) if token else {})})
+
+    assert r.status in (200, 401), (edge.name, r.status, r.body)
+    for seen in upstream.requests:
+        arrived = {n.replace("_", "-"): v for n, v in seen.headers.items()}
+        assert not {n for n, v in arrived.items() if n.startswith("x-authenticated-") and v in forged.values()}, (
+            edge.name,
+            credential,
+            seen.headers,
+        )
+    if credential != "garbage":
+        assert r.status == 200 and len(upstream.requests) == 1, (edge.name, credential, r.status)
+
+
 # ------------------------------------------------------------------------------------------------ the method
 
 

@@ -308,6 +308,24 @@ def test_fail_open_lets_requests_pass_without_identity(start_nginx, echo_upstrea
     assert "fail_open lets the request pass" in start_nginx.error_log_text()
 
 
+def test_fail_open_passes_none_of_the_clients_identity_headers(start_nginx, echo_upstream, dead_url):
+    """A refusal turned into a pass (nothing reached the verifier): the client's own identity, its forged
+    assertion included, in any spelling, is cleared before the verifier is asked, so none of it arrives."""
+    base = start_nginx({"url": dead_url, "fail_open": True}, echo_upstream)
+    forged = {
+        "X-Authenticated-Identity": "eyJhbGciOiJub25lIn0.eyJzdWIiOiJib3NzIn0.",
+        "X-Authenticated-Userid": "root",
+        "X-Authenticated-Email": "boss@example.test",
+        "X_Authenticated_Roles": "admin",
+    }
+
+    status, _, body = call(base, headers={"Authorization": "Bearer good", **forged})
+
+    assert status == 200
+    seen = upstream_saw(body)["h"]
+    assert not [n for n in seen if n.replace("_", "-").startswith("x-authenticated-")], seen
+
+
 def test_fail_open_never_passes_a_request_whose_check_timed_out(start_nginx, echo_upstream, standin_verifier):
     # issue #26 G9: the request reached the verifier, which was still checking the credential;
     # only an unreachable verifier (nothing sent) may fail open

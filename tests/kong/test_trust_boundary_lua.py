@@ -53,6 +53,7 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
     test_every_spelling_of_the_admin_host_gets_the_admin_hosts_policy,
     test_identity_headers_spelled_with_underscores_never_reach_the_upstream,
     test_path_parameters_do_not_sidestep_the_admin_policy,
+    test_the_clients_identity_headers_never_reach_a_public_path,
     test_the_clients_words_for_what_the_verifier_is_told_never_reach_the_upstream,
     test_the_public_path_itself_stays_public,
     test_the_verifiers_roles_reach_the_upstream,
