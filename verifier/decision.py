@@ -287,7 +287,7 @@ def allow(
         if '"' in joined or "\\" in joined or " " in joined or joined.count(",") >= len(roles):
             joined = ",".join([list_element(header_safe(role)) for role in roles])
         elif not joined.isprintable():
-            joined = header_safe(joined)  # a control taken out makes no comma, quote or space
+            joined = header_safe(joined)  # a control replaced makes no comma, quote or space
         fixed += (("x-authenticated-roles", joined),)
     # Positional (the field order of `Decision`): one allow is built for every first-seen token.
     return Decision(
@@ -320,6 +320,8 @@ def smuggled_identity(decision: Decision, request_headers: Collection[str]) -> l
     return sorted({name for name in names if name not in ours})
 
 
+REPLACEMENT = "\ufffd"  # what a control character in a claim becomes in a header (`header_safe`)
+
 # An element that an RFC 9110 list reader (section 5.6.1) would not take as itself: holding the separator, a
 # quote or a backslash, or starting or ending with white space (trimmed as OWS).
 _NOT_BARE = re.compile(r'[,"\\]|^[ \t]|[ \t]$')
@@ -328,14 +330,32 @@ _NOT_BARE = re.compile(r'[,"\\]|^[ \t]|[ \t]$')
 def list_element(value: str) -> str:
     """One element of a comma-separated header list (already `header_safe`): as it is when it reads as itself,
     else as an RFC 9110 quoted-string (section 5.6.4). `user,admin` sent bare is the two roles `user` and
-    `admin` to the upstream, ` admin` is `admin`, and `"admin"` is `admin` to a reader that unquotes."""
-    if _NOT_BARE.search(value) is None:
+    `admin` to the upstream, ` admin` and `admin<NBSP>` are `admin`, and `"admin"` is `admin` to a reader that
+    unquotes."""
+    if _NOT_BARE.search(value) is None and not trimmed_edge(value):
         return value
+    return quoted_string(value)
+
+
+def quoted_string(value: str) -> str:
+    """`value` as an RFC 9110 quoted-string (section 5.6.4; an RFC 8941 sf-string when `value` is ASCII)."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def trimmed_edge(value: str) -> bool:
+    """Whether a reader may drop `value`'s first or last character as white space: a space (a gateway drops it as
+    OWS), or any character `str.isprintable` refuses (`header_safe` left no control): NBSP, U+3000, U+2028, a BOM,
+    which Python's `str.strip`, JavaScript's `trim` or Go's `strings.TrimSpace` take off."""
+    if not value:
+        return False
+    first, last = value[0], value[-1]
+    return first == " " or last == " " or not (first.isprintable() and last.isprintable())
+
+
 def header_safe(value: str) -> str:
-    """Claims go into headers: strip CR/LF and other controls so no claim can inject a header."""
-    if value.isprintable():  # the common case: nothing to strip (controls are never printable)
+    """Claims go into headers: each control character (C0 with CR, LF, NUL and HTAB, DEL, and C1: NEL is a line
+    break to some readers) is replaced by U+FFFD, so that no claim can start a header of its own, and none reads
+    as another value once its controls are gone (`admins<NUL>` taken out would be the group `admins`)."""
+    if value.isprintable():  # the common case: nothing to replace (controls are never printable)
         return value
-    return "".join(c for c in value if c >= " " and c != "\x7f")
+    return "".join(REPLACEMENT if c < " " or "\x7f" <= c <= "\x9f" else c for c in value)

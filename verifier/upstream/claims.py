@@ -4,11 +4,14 @@ a header.
 The rules, in the order they apply (README, "What the upstream receives"):
 - a claim that is missing, null, an empty string or an object sends no header (an object has no one
   obvious text form; map one of its members by a dotted path instead);
-- a string is sent as it is, minus control characters (CR, LF, NUL, DEL, ...: no value can start a
-  header of its own);
+- a string is sent as it is, minus control characters (CR, LF, NUL, DEL, C1 such as NEL, ...: no value can
+  start a header of its own); one starting or ending with white space (a space, NBSP, U+3000, U+2028, a BOM:
+  any character `str.isprintable` refuses), or starting with a double quote, as an RFC 9110 quoted-string
+  (`" boss@example.test"`): a gateway drops an edge space, an upstream may trim the rest, and either would
+  read another value (`boss@example.test`);
 - a number or a boolean is sent as its JSON text (`42`, `true`; `null` inside an array);
 - an array is its elements rendered as above, joined with ", "; an element holding a comma, a quote
-  or a backslash, or starting or ending with white space, as an RFC 9110 quoted-string (`"eng, admins"`:
+  or a backslash, or starting or ending with white space (as above), as an RFC 9110 quoted-string (`"eng, admins"`:
   bare, an upstream would read the two groups `eng` and `admins`); an array holding an array or an
   object sends no header;
 - a value longer than `upstream.max_value_bytes` (UTF-8) refuses the request with
@@ -23,7 +26,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from verifier.decision import header_safe, list_element
+from verifier.decision import header_safe, list_element, quoted_string, trimmed_edge
 from verifier.errors import Forbidden
 
 
@@ -86,6 +89,10 @@ def header_value(value: Any, max_bytes: int, what: str) -> str | None:
         rendered = _scalar(value)
         if rendered is None:
             return None
+        # A string that would not read as itself: a gateway drops an edge space and an upstream may trim others
+        # (` boss@example.test` is then boss@example.test), and a reader that unquotes takes `"x"` as x.
+        if isinstance(value, str) and (rendered[:1] == '"' or trimmed_edge(rendered)):
+            rendered = quoted_string(rendered)
         text = rendered
     if not text:
         return None
