@@ -83,6 +83,16 @@ def _write_key(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, path
 
 @pytest.fixture(scope="module")
 def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    proc = start_identity_verifier(issuer, tmp_path_factory)
+    yield proc
+    proc.stop()
+
+
+def start_identity_verifier(
+    issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory, *, consumer: bool = True
+) -> GatewayProcess:
+    """The verifier these tests run against; `consumer=False` names no Kong consumer (the Kong plugin rigs, which
+    know none, would refuse every request)."""
     tmp = tmp_path_factory.mktemp("identity")
     key_file = _write_key(ec.generate_private_key(ec.SECP256R1()), tmp / "identity.pem")
     upstream_config = {
@@ -112,9 +122,9 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
         {"name": "public", "match": {"path_prefix": "/public"}, "require": {"authenticated": False}},
         {"name": "rest", "match": {"path_prefix": "/"}},
     ]
-    proc = start_verifier(tmp, issuer=issuer.issuer, extra_config={"upstream": upstream_config, "policies": policies})
-    yield proc
-    proc.stop()
+    if not consumer:
+        del upstream_config["consumer"]
+    return start_verifier(tmp, issuer=issuer.issuer, extra_config={"upstream": upstream_config, "policies": policies})
 
 
 @pytest.fixture(scope="module")
