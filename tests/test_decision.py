@@ -172,6 +172,23 @@ def test_allow_headers_replace_cr_lf_and_controls_in_claims(hostile: str) -> Non
 
 
 @pytest.mark.parametrize(
+    ("subject", "header"),
+    [
+        ("alice", "alice"),
+        ("user 1", "user 1"),
+        (" root", '" root"'),
+        ("root\u00a0", '"root\u00a0"'),
+        ('"root"', '"\\"root\\""'),
+        ("ro\x00ot", "ro\ufffdot"),
+    ],
+    ids=["plain", "inner-space", "edge-space", "edge-nbsp", "quoted", "control"],
+)
+def test_a_subject_that_would_read_as_another_is_a_quoted_string(subject: str, header: str) -> None:
+    """` root` bare is `root` once a gateway drops the space: X-Authenticated-Userid names another user."""
+    assert dict(allow(_principal(subject=subject)).upstream_headers)["x-authenticated-userid"] == header
+
+
+@pytest.mark.parametrize(
     ("roles", "header"),
     [
         ({"user,admin"}, '"user,admin"'),

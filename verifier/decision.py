@@ -277,7 +277,7 @@ def allow(
     roles = tuple(sorted(principal.roles)) if principal.roles else ()
     subject, scope, issuer = principal.subject, " ".join(principal.scopes), principal.issuer
     fixed: Headers = (
-        ("x-authenticated-userid", subject if subject.isprintable() else header_safe(subject)),
+        ("x-authenticated-userid", _subject(subject)),
         ("x-authenticated-scope", scope if scope.isprintable() else header_safe(scope)),
         ("x-authenticated-issuer", issuer if issuer.isprintable() else header_safe(issuer)),
     )
@@ -305,6 +305,15 @@ def allow(
         min(principal.expires_at, renew_at + cache_max_age),  # fresh_until
         renew_at,
     )
+
+
+def _subject(subject: str) -> str:
+    """`sub` as X-Authenticated-Userid: controls replaced, and as a quoted-string when white space at an edge would
+    be trimmed by the gateway or the upstream (` alice` read as `alice`, another user), or it starts with a quote."""
+    if subject.isprintable() and subject[:1] not in (" ", '"') and subject[-1:] != " ":  # the common case
+        return subject
+    safe = header_safe(subject)
+    return quoted_string(safe) if safe[:1] == '"' or trimmed_edge(safe) else safe
 
 
 def smuggled_identity(decision: Decision, request_headers: Collection[str]) -> list[str]:

@@ -397,6 +397,21 @@ def test_client_identity_headers_do_not_pass_a_role_check(
     assert upstream.requests == []
 
 
+@pytest.mark.parametrize("sub", [" root", "root ", "root\u00a0", "\u3000root", "\ufeffroot", "root\u0000", '"root"'])
+def test_a_subject_the_upstream_would_trim_or_unquote_never_reads_as_another_user(
+    edge: Edge, upstream: EchoUpstream, issuer: LocalIssuer, sub: str
+) -> None:
+    """A provider whose `sub` a user can choose (a username): ` root` was sent bare, the gateway dropped the space
+    (OWS) and the upstream got `X-Authenticated-Userid: root`; NBSP, U+3000 and a BOM went to the upstream's trim,
+    and NUL was taken out. Now such a subject is a quoted-string (controls replaced by U+FFFD)."""
+    r = http_request(f"{edge.url}/orders", headers=bearer(issuer.mint(sub=sub, scope="read")))
+
+    assert r.status == 200, (edge.name, r.status, r.body)
+    (seen,) = upstream.requests
+    value = seen.headers["x-authenticated-userid"].encode("latin-1").decode("utf-8")  # http.server reads latin-1
+    assert "root" not in {value.strip(), value.strip().strip('"'), value.strip("\ufeff").strip()}, (edge.name, value)
+
+
 def test_the_verifiers_roles_reach_the_upstream(edge: Edge, upstream: EchoUpstream, tokens: Callable[..., str]) -> None:
     r = http_request(
         f"{edge.url}/admin/secret", headers={"X-Authenticated-Roles": "nobody", **bearer(tokens(roles=["admin"]))}

@@ -43,6 +43,7 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
     test_a_public_path_with_a_fragment_does_not_open_a_protected_one,
     test_a_public_path_with_dot_segments_does_not_open_a_protected_one,
     test_a_role_or_scope_the_upstream_reads_as_another_never_reaches_it,
+    test_a_subject_the_upstream_would_trim_or_unquote_never_reads_as_another_user,
     test_a_unicode_spelling_of_the_admin_host_does_not_pass_as_another_host,
     test_a_write_token_may_post,
     test_an_absolute_form_target_gets_the_policy_of_the_host_it_names,
