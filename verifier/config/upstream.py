@@ -13,7 +13,7 @@ upstream:
     previous_public_key_files: [/etc/verifier/identity-old.pub.pem]   # still published during a rotation
     audience: https://orders.internal
     lifetime_seconds: 60
-    claims: [sub, scope, roles, email, acr, amr]
+    claims: [sub, scope, roles, email, acr, amr, realm_access.roles]   # a dotted path: copied at its path
   max_value_bytes: 4096                     # a longer header value refuses the request (upstream_claim_too_large)
   max_total_bytes: 8192                     # all the identity headers together (upstream_identity_too_large);
                                             # unset, at least max_value_bytes
