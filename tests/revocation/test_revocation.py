@@ -825,6 +825,33 @@ async def test_kill_switch_refuses_a_bad_body(service: RevocationService, docume
     assert answer.status == 400 and body(answer)["error"] == "invalid_request"
 
 
+_OTHER = json.dumps({"format": "opaque", "id": "sess-of-nobody"})
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        json.dumps({"subject": USER}).encode("utf-16"),  # json.loads(bytes) would read it, a proxy in front would not
+        json.dumps({"subject": USER}).encode("utf-32"),
+        b"\xef\xbb\xbf" + json.dumps({"subject": USER}).encode(),  # a BOM: not JSON text (RFC 8259 section 8.1)
+        f'{{"subject": {_OTHER}, "subject": {json.dumps(USER)}}}'.encode(),  # the audit tool reads one, we another
+        f'{{"subject": {{"format": "iss_sub", "iss": "{ISSUER}", "sub": "user-1", "sub": "user-2"}}}}'.encode(),
+        f'{{"subject": {json.dumps(USER)}, "effect": "revoke", "effect": "disable"}}'.encode(),
+        f'{{"subject": {json.dumps(USER)}, "x": NaN}}'.encode(),
+        f'{{"subject": {json.dumps(USER)}, "x": -Infinity}}'.encode(),
+    ],
+    ids=["utf-16", "utf-32", "bom", "two-subjects", "two-subs", "two-effects", "nan", "infinity"],
+)
+async def test_kill_switch_refuses_a_body_that_reads_two_ways(service: RevocationService, raw: bytes) -> None:
+    """JSON is UTF-8 with unique member names and no NaN (RFC 8259): a body a reader in front of us (a proxy, a WAF,
+    an audit of the operator's requests) may read otherwise is refused 400 invalid_request, and makes no entry."""
+    request = HttpRequest("POST", "/v1/admin/revocations", "", {"authorization": f"Bearer {ADMIN}"}, raw)
+    answer = await routes(service).dispatch(request)
+    assert (answer.status, body(answer)["error"]) == (400, "invalid_request")
+    assert dict(answer.headers)["x-verifier-reason"] == "invalid_request"
+    assert len(service.revocations) == 0
+
+
 async def test_admin_api_is_404_when_the_env_var_is_unset(
     clock: FrozenClock, provider: FakeFetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:

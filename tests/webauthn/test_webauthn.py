@@ -350,6 +350,23 @@ async def test_refuses_malformed_registration_bodies(harness: Harness) -> None:
     assert status == 400 and body["error"] == "webauthn_registration_invalid"
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"residentKey": "preferred"}'.encode("utf-16"),
+        b"\xef\xbb\xbf{}",
+        b'{"residentKey": "required", "residentKey": "preferred"}',
+        b'{"x": NaN}',
+    ],
+    ids=["utf-16", "bom", "repeated-member", "nan"],
+)
+async def test_refuses_a_registration_body_that_reads_two_ways(harness: Harness, raw: bytes) -> None:
+    """RFC 8259: UTF-8, member names unique, no NaN; else 400 invalid_request (a proxy may read it otherwise)."""
+    headers = {"host": "localhost:9555", "authorization": "Bearer token-alice", "content-type": "application/json"}
+    answer = await harness.router.dispatch(HttpRequest("POST", "/v1/webauthn/register/begin", "", headers, raw))
+    assert (answer.status, json.loads(answer.body)["error"]) == (400, "invalid_request")
+
+
 async def test_a_user_cannot_register_credentials_without_bound(harness: Harness) -> None:
     # Each registration is a row in the shared registry and an entry in every step-up offer of the user: one
     # token holder (own endpoints are outside the gateway's rate limits) could otherwise grow both forever.
