@@ -62,7 +62,7 @@ from verifier.observe.metrics import (
     RevocationMetrics,
     WebAuthnMetrics,
 )
-from verifier.observe.scrape_auth import UNAUTHORIZED_HEADERS, scrape_authorized
+from verifier.observe.scrape_auth import PAGE_HEADERS, UNAUTHORIZED_HEADERS, scrape_authorized
 from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.pipeline import Admitted, Pipeline, Refused
 from verifier.policy.metadata import resource_documents
@@ -685,7 +685,9 @@ class App:
         async def metrics(request: web.Request) -> web.Response:
             if expected is not None and not scrape_authorized(request.headers.getall("Authorization", ()), expected):
                 return web.Response(status=401, headers=UNAUTHORIZED_HEADERS, text="unauthorized\n")
-            return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+            return web.Response(
+                body=self.metrics.render(), content_type="text/plain", charset="utf-8", headers=PAGE_HEADERS
+            )
 
         async def healthz(_: web.Request) -> web.Response:  # open, token or not: kubelet probes send no credentials
             ok = self.started()  # as the forward-auth listener's `/healthz`

@@ -78,6 +78,18 @@ async def test_a_head_request_to_metrics_needs_the_token_too() -> None:
         assert (await http_exchange(app.ports.metrics, raw, read_until_close=True)).startswith(b"HTTP/1.1 401")
 
 
+async def test_the_page_a_token_opens_is_never_stored_by_a_cache() -> None:
+    """The page behind the token says `Cache-Control: no-store` (RFC 9111 section 5.2.2.5), as the 401 does: a
+    browser or a proxy in front of the listener keeps no copy to hand to whoever asks next without the token."""
+    async with running_verifier(_with_token()) as (app, _):
+        assert app.ports.metrics is not None
+        for method in ("GET", "HEAD"):
+            raw = f"{method} /metrics HTTP/1.1\r\nHost: m\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+            answer = await http_exchange(app.ports.metrics, raw.encode(), read_until_close=True)
+            status, fields, _ = _status_headers_body(answer)
+            assert status == b"HTTP/1.1 200 OK" and b"cache-control: no-store" in fields, (method, fields)
+
+
 async def test_healthz_stays_open_for_probes_that_send_no_credentials() -> None:
     async with running_verifier(_with_token()) as (app, _):
         assert app.ports.metrics is not None

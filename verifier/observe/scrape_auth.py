@@ -16,6 +16,9 @@ from collections.abc import Sequence
 # The challenge of a refused scrape (RFC 6750 section 3): no `error`, so a missing and a wrong token read alike.
 CHALLENGE = 'Bearer realm="metrics"'
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": CHALLENGE, "Cache-Control": "no-store"}
+# The page itself: no browser or proxy in front of the listener keeps a copy to hand to whoever asks next without the
+# token (RFC 9111 section 5.2.2.5); Prometheus does not cache.
+PAGE_HEADERS = {"Cache-Control": "no-store"}
 
 
 def scrape_authorized(authorization: Sequence[str], token: bytes) -> bool:
