@@ -797,6 +797,34 @@ async def test_kill_switch_refuses_without_the_admin_credential(service: Revocat
     assert len(service.revocations) == 0
 
 
+@pytest.mark.parametrize(
+    ("headers", "query"),
+    [
+        ({}, f"access_token={ADMIN}"),  # RFC 6750 section 2.3: never read, it ends up in access logs
+        ({"authorization": f"Basic {ADMIN}"}, ""),  # the right secret under another scheme
+        ({"authorization": f"Bearer\t{ADMIN}"}, ""),
+        ({"authorization": ADMIN}, ""),
+        ({"authorization": f"Bearer {ADMIN}, Bearer {ADMIN}"}, ""),  # two headers, as the door joins them
+        ({"authorization": f"Bearer {ADMIN[:-1]}"}, ""),
+        ({"authorization": f"Bearer {ADMIN[:-1]}\u00ff"}, ""),  # the last byte wrong, not ASCII
+        ({"authorization": "Bearer " + " " * len(ADMIN)}, ""),
+        ({"authorization": "Bearer"}, ""),
+    ],
+    ids=["query", "basic", "tab", "no-scheme", "two-headers", "prefix", "last-byte", "blank", "scheme-only"],
+)
+async def test_kill_switch_takes_its_token_from_one_bearer_authorization_only(
+    service: RevocationService, headers: dict[str, str], query: str
+) -> None:
+    """Every other way of presenting the admin token, or a near miss, is 401 and audited; nothing is listed."""
+    router = routes(service)
+    await router.dispatch(admin("POST", document={"subject": USER}))
+    answer = await router.dispatch(HttpRequest("GET", "/v1/admin/revocations", query, headers, b""))
+    assert answer.status == 401 and b"entries" not in answer.body
+    assert dict(answer.headers)["cache-control"] == "no-store"
+    lower = HttpRequest("GET", "/v1/admin/revocations", "", {"authorization": f"bearer {ADMIN}"}, b"")
+    assert (await router.dispatch(lower)).status == 200  # RFC 9110 section 11.1: the scheme is case-insensitive
+
+
 async def test_kill_switch_answers_through_the_catalogue_mapping(service: RevocationService) -> None:
     """RFC 6750 section 3.1: no token is a bare challenge; a wrong one is invalid_token; every answer names its code."""
     router = routes(service)
