@@ -696,7 +696,9 @@ class App:
         app = web.Application()
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/healthz", healthz)
-        runner = web.AppRunner(app, access_log=None)
+        # Idle keep-alives closed as the doors close theirs: aiohttp's own default (3,630 s) let one `GET /healthz` hold
+        # a descriptor of the process the doors share for an hour.
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=self.settings.forward_auth.idle_timeout_seconds)
         await runner.setup()
         # Not a `web.TCPSite`: aiohttp has no header timeout (its keep-alive timer stops at a request's first
         # byte), so each connection's handler is wrapped in `_HeaderDeadline`, the forward-auth door's rule.
@@ -749,7 +751,8 @@ class _HeaderDeadline(asyncio.Protocol):
     request within `timeout`, from its opening for the first and from its first byte for the next ones,
     else it is closed (slowloris; `http.header_timeout_seconds`, as on the forward-auth door). A request has
     arrived when what was received ends with the blank line closing its headers (these are GETs: no body);
-    idle keep-alives between requests are aiohttp's to close."""
+    idle keep-alives between requests are aiohttp's to close, after `http.idle_timeout_seconds` (its
+    `keepalive_timeout`)."""
 
     def __init__(self, inner: asyncio.Protocol, timeout: float) -> None:
         self._inner = inner

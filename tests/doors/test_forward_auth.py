@@ -636,6 +636,29 @@ async def test_the_metrics_listener_closes_half_sent_requests_after_the_header_t
             writer.close()
 
 
+async def test_the_metrics_listener_closes_an_idle_keep_alive_after_the_idle_timeout() -> None:
+    """An idle keep-alive on the metrics listener is closed after `http.idle_timeout_seconds`, as on the doors.
+    aiohttp's own default is 3,630 s: one `GET /healthz` (no token needed) then silence held a descriptor of the
+    process the doors share for an hour, so 20,000 such connections (the descriptor limit) held for an hour left the
+    forward-auth listener unable to accept a gateway's connection (`accept_paused`)."""
+    async with running_verifier({"forward_auth": SHORT}) as (app, _):
+        assert app.ports.metrics is not None
+        connections = []
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.metrics)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: m\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert _status(head) in (200, 503)
+            await reader.readexactly(int(_header(head, "content-length") or 0))
+            connections.append((reader, writer))
+        try:
+            waits = [await _seconds_until_closed(reader) for reader, _ in connections]
+        finally:
+            for _, writer in connections:
+                writer.close()
+        assert all(w <= 1.5 for w in waits), waits  # idle_timeout_seconds=0.6
+
+
 async def test_the_admin_listener_keeps_the_doors_timeouts_and_size_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     """`admin.listen` is served by the forward-auth door's connections (`checks=False`): a half-sent request is
     closed after the header timeout, oversized headers get 431, an idle keep-alive is closed, and a check asked
