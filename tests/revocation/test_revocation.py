@@ -41,6 +41,7 @@ from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.revocation import Revocations, RevocationService, TokenRevoked, parse_revocation_config
+from verifier.revocation import admin as admin_module
 from verifier.revocation import ssf as ssf_module
 from verifier.revocation.entry import REFUSAL_CODES, Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.ssf import CredentialRevocation
@@ -823,6 +824,25 @@ async def test_kill_switch_takes_its_token_from_one_bearer_authorization_only(
     assert dict(answer.headers)["cache-control"] == "no-store"
     lower = HttpRequest("GET", "/v1/admin/revocations", "", {"authorization": f"bearer {ADMIN}"}, b"")
     assert (await router.dispatch(lower)).status == 200  # RFC 9110 section 11.1: the scheme is case-insensitive
+
+
+async def test_kill_switch_compares_its_token_in_time_that_depends_on_the_secret_alone(
+    service: RevocationService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hmac.compare_digest(presented, secret)`: CPython loops over its second argument, whatever the first's length,
+    so neither a shorter nor a longer guess, nor a right prefix, answers sooner (the secret's length stays unknown)."""
+    calls: list[tuple[bytes, bytes]] = []
+    real = admin_module.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(admin_module.hmac, "compare_digest", spy)
+    router = routes(service)
+    for guess in ("x", ADMIN[:-1], ADMIN + "x" * 100, ADMIN):
+        await router.dispatch(admin("GET", token=guess))
+    assert calls == [(g.encode(), ADMIN.encode()) for g in ("x", ADMIN[:-1], ADMIN + "x" * 100, ADMIN)]
 
 
 async def test_kill_switch_answers_through_the_catalogue_mapping(service: RevocationService) -> None:
