@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import hmac
 import socket
 import sys
 import threading
@@ -201,6 +202,20 @@ def count_loop_lookups(monkeypatch: Any) -> list[str]:
 
     monkeypatch.setattr(asyncio, "get_running_loop", counted)
     return lookups
+
+
+def compare_digest_calls(monkeypatch: Any) -> list[tuple[bytes, bytes]]:
+    """From now on (for the test), the arguments of every `hmac.compare_digest` call, in order: which one a secret
+    is compared as (CPython's loop runs over the second's length, whatever the first's)."""
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    return calls
 
 
 async def trickled(port: int, raw: bytes, piece: int, pause: float, timeout: float = 5.0) -> bytes:

@@ -9,6 +9,7 @@ import logging
 
 import pytest
 from doorkit import http_exchange, running_verifier
+from support import compare_digest_calls
 
 from verifier.config.metrics import MetricsAuthSettings
 from verifier.observe import scrape_auth
@@ -104,14 +105,7 @@ async def test_without_a_token_metrics_stays_open_as_before() -> None:
 
 
 async def test_the_token_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[bytes, bytes]] = []
-    real = scrape_auth.hmac.compare_digest
-
-    def spy(a: bytes, b: bytes) -> bool:
-        calls.append((a, b))
-        return real(a, b)
-
-    monkeypatch.setattr(scrape_auth.hmac, "compare_digest", spy)
+    calls = compare_digest_calls(monkeypatch)
     async with running_verifier(_with_token()) as (app, _):
         assert app.ports.metrics is not None
         assert (await _get(app.ports.metrics, "/metrics", f"Authorization: Bearer {WRONG}")).startswith(b"HTTP/1.1 401")

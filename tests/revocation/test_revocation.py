@@ -24,7 +24,7 @@ from ssf_transmitter import (
     TOKEN_CLAIMS_CHANGE,
     SsfTransmitter,
 )
-from support import FrozenClock, SkewedClock, no_http_session
+from support import FrozenClock, SkewedClock, compare_digest_calls, no_http_session
 from tokenkit import ISSUER, NOW, FakeFetcher, issuer_settings
 
 from verifier.app import SSF_USER_AGENT, App
@@ -41,7 +41,6 @@ from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.revocation import Revocations, RevocationService, TokenRevoked, parse_revocation_config
-from verifier.revocation import admin as admin_module
 from verifier.revocation import ssf as ssf_module
 from verifier.revocation.entry import REFUSAL_CODES, Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.ssf import CredentialRevocation
@@ -831,14 +830,7 @@ async def test_kill_switch_compares_its_token_in_time_that_depends_on_the_secret
 ) -> None:
     """`hmac.compare_digest(presented, secret)`: CPython loops over its second argument, whatever the first's length,
     so neither a shorter nor a longer guess, nor a right prefix, answers sooner (the secret's length stays unknown)."""
-    calls: list[tuple[bytes, bytes]] = []
-    real = admin_module.hmac.compare_digest
-
-    def spy(a: bytes, b: bytes) -> bool:
-        calls.append((a, b))
-        return real(a, b)
-
-    monkeypatch.setattr(admin_module.hmac, "compare_digest", spy)
+    calls = compare_digest_calls(monkeypatch)
     router = routes(service)
     for guess in ("x", ADMIN[:-1], ADMIN + "x" * 100, ADMIN):
         await router.dispatch(admin("GET", token=guess))
