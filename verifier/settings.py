@@ -845,7 +845,16 @@ def _check_admin_listener(settings: Settings) -> None:
 
 
 def check_admin_token(token: str | None) -> None:
-    """The admin API's bearer secret, when set, must be hard to guess; raises `ConfigError` otherwise."""
+    """The admin API's bearer secret, when set, must be hard to guess and presentable; raises `ConfigError` otherwise.
+
+    A presented token is read without its surrounding white space (RFC 9110 section 5.5), so one configured with some
+    (a Secret's file ending in a newline) would match no request, and one of white space alone would open to nobody:
+    a kill switch that is there until the incident it is for. The value is never quoted."""
+    if token and token != token.strip():
+        raise ConfigError(
+            f"{ADMIN_TOKEN_ENV}: surrounding white space (a trailing newline?) is not part of a presented token;"
+            " remove it"
+        )
     if token and len(token) < MIN_ADMIN_TOKEN_CHARS:
         raise ConfigError(
             f"{ADMIN_TOKEN_ENV}: at least {MIN_ADMIN_TOKEN_CHARS} characters are required (got {len(token)})"

@@ -25,6 +25,22 @@ def test_a_short_admin_token_is_refused(token: str, monkeypatch: pytest.MonkeyPa
         parse_settings(document(http="127.0.0.1:8080"))
 
 
+@pytest.mark.parametrize(
+    "token",
+    ["k" * 40 + "\n", "k" * 40 + " ", "\tk" + "k" * 40, " " * 40, "\n" * 40],
+    ids=["trailing-newline", "trailing-space", "leading-tab", "blank", "newlines"],
+)
+def test_an_admin_token_no_request_can_present_is_refused_at_start(token: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A presented token is read without its surrounding white space (RFC 9110 section 5.5), so a configured one
+    with some (a Secret's file ending in a newline, put in the environment) matched no request: the kill switch
+    started, and in the incident it was there for the operator's `Authorization: Bearer <token>` got 401. One made of
+    white space only opened to nobody either. Both are refused at start, naming the variable, never its value."""
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", token)
+    with pytest.raises(ConfigError, match="VERIFIER_ADMIN_TOKEN: surrounding white space") as refused:
+        parse_settings(document(http="127.0.0.1:8080"))
+    assert "k" * 40 not in str(refused.value)
+
+
 def test_a_long_admin_token_or_none_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "k" * 32)
     parse_settings(document(http="127.0.0.1:8080"))
