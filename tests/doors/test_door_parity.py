@@ -221,6 +221,20 @@ def as_own_spelled(req: Logical) -> bytes:
     return message.SerializeToString()  # type: ignore[no-any-return]
 
 
+def as_envoy_spelled(req: Logical) -> bytes:
+    """Envoy's CheckRequest from a caller of the gRPC port that is not Envoy: the map keyed by each header's
+    spelling (Envoy lower-cases the names; `Authorization` beside `authorization` is still two lines of one field)."""
+    request = ea.CheckRequest.FromString(as_envoy(req))
+    headers = request.attributes.request.http.headers
+    edge = (":method", ":path", ":authority", "x-forwarded-proto", "x-request-id")  # set by Envoy (as_envoy)
+    lines = [(n, v) for n, v in req.client_headers() if n.lower() not in edge]
+    for name, _ in lines:
+        headers.pop(name.lower(), None)
+    for name, value in lines:
+        headers[name] = value if name not in headers else f"{headers[name]},{value}"
+    return request.SerializeToString()  # type: ignore[no-any-return]
+
+
 def as_envoy_raw(req: Logical) -> bytes:
     """Envoy's CheckRequest with `encode_raw_headers: true`: every line apart in `header_map`, values as bytes."""
     request = ea.CheckRequest.FromString(as_envoy(req))
@@ -465,6 +479,8 @@ async def through_every_door(
             verdicts[door] = own_verdict(await app.grpc.check_own(as_own_spelled(req), None), req)
         elif door == "ext_authz":
             verdicts[door] = envoy_verdict(await app.grpc.check_envoy(as_envoy(req), None), req)
+        elif door == "ext_authz_spelled":
+            verdicts[door] = envoy_verdict(await app.grpc.check_envoy(as_envoy_spelled(req), None), req)
         else:
             verdicts[door] = envoy_verdict(await app.grpc.check_envoy(as_envoy_raw(req), None), req)
         if judged.seen:  # else answered from the forward-auth door's memo (the same bytes seen before)
@@ -472,7 +488,7 @@ async def through_every_door(
     return verdicts
 
 
-DOORS = ["kong", "nginx", "envoy_http", "grpc", "grpc_spelled", "ext_authz", "ext_authz_raw"]
+DOORS = ["kong", "nginx", "envoy_http", "grpc", "grpc_spelled", "ext_authz", "ext_authz_spelled", "ext_authz_raw"]
 
 
 # -- tokens --------------------------------------------------------------------------------------------------
@@ -736,5 +752,68 @@ async def test_our_own_check_joins_two_spellings_of_authorization_as_forward_aut
         )
         assert (own.allowed, own.status, own.reason) == (forward.allowed, forward.status, forward.reason)
         assert (own.status, own.reason) == (400, "invalid_request")
+    finally:
+        await app.stop(grace=0.1)
+
+
+# -- a hostile caller of Envoy's Check ------------------------------------------------------------------------
+
+VALID = "<valid>"  # replaced by a token the issuer signed
+HOSTILE_ENVOY = {
+    # name: (Envoy's form, the client's lines as Envoy presented them, the host and path the attributes say, the
+    # host and path in the request's own pseudo-headers (Envoy's :authority / :path; None: the same))
+    "Authorization in upper case": ("headers", [("Authorization", f"Bearer {VALID}")], None),
+    "two spellings, the valid one lower": ("headers", [("Authorization", "Bearer a.b.c"),
+                                                       ("authorization", f"Bearer {VALID}")], None),
+    "two spellings, the valid one upper": ("headers", [("AUTHORIZATION", f"Bearer {VALID}"),
+                                                       ("authorization", "Bearer a.b.c")], None),
+    "a raw line twice": ("header_map", [("authorization", f"Bearer {VALID}"), ("authorization", "Bearer a.b.c")], None),
+    "a raw line in upper case": ("header_map", [("AUTHORIZATION", f"Bearer {VALID}")], None),
+    "non-UTF-8 bytes in a raw value": ("header_map", [("authorization", "Bearer \xff\xfe\x80")], None),
+    ":authority and host naming another host": ("headers", [("authorization", f"Bearer {VALID}")],
+                                                ("api.example.test", "/api/x")),
+    ":path naming another path": ("headers", [("authorization", f"Bearer {VALID}")],
+                                  ("admin.example.test", "/public/x")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_ENVOY))
+@pytest.mark.parametrize(("host", "path"), [("admin.example.test", "/admin/users"), ("api.example.test", "/api/x")])
+async def test_a_hostile_envoy_check_is_decided_as_forward_auth_decides_the_request_it_describes(
+    fetcher: FakeFetcher, mint: Mint, case: str, host: str, path: str
+) -> None:
+    """A caller of the gRPC port that is not Envoy spells what Envoy never does: names in upper case (Envoy
+    lower-cases them), two spellings of Authorization, a raw line twice, bytes that are not UTF-8, pseudo-headers
+    that disagree with the attributes. Each is decided as forward-auth decides the request it describes (method,
+    host and path from the attributes, as forward-auth takes them from X-Forwarded-*, never from Host). Envoy's door
+    kept map names as sent: `Authorization` was no credential (401 `token_missing` for a valid token), and of
+    `Authorization` and `authorization` it judged the lower-case one alone (a valid token beside garbage allowed,
+    where two lines are 400 `invalid_request`)."""
+    form, lines, pseudo = HOSTILE_ENVOY[case]
+    token = mint(claims(sub="u", roles=["user"]))
+    lines = [(n, v.replace(VALID, token)) for n, v in lines]
+    authority, target = pseudo or (host, path)
+    app = await parity_app(fetcher)
+    try:
+        request = ea.CheckRequest()
+        request.attributes.source.address.socket_address.address = PEER
+        http = request.attributes.request.http
+        http.method, http.scheme, http.host, http.path = "GET", "https", host, path
+        own = [(":method", "GET"), (":path", target), (":authority", authority), ("host", authority),
+               ("x-forwarded-proto", "https")]  # fmt: skip
+        if form == "headers":
+            for name, value in [*own, *lines]:
+                http.headers[name] = value
+        else:
+            for name, value in [*own, *lines]:
+                http.header_map.headers.add(key=name, raw_value=value.encode("latin-1"))
+        envoy = envoy_verdict(await app.grpc.check_envoy(request.SerializeToString(), None), _NOBODY)
+        described = [("Host", authority), ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", host),
+                     ("X-Forwarded-Uri", path), ("X-Forwarded-Method", "GET"), *lines]  # fmt: skip
+        forward = forward_verdict(
+            await exchange(app.forward_auth, _http("GET /v1/forward-auth HTTP/1.1", described)), _NOBODY
+        )
+        assert (envoy.allowed, envoy.status, envoy.reason or "ok") == (forward.allowed, forward.status, forward.reason)
+        assert envoy.upstream == forward.upstream
     finally:
         await app.stop(grace=0.1)

@@ -129,11 +129,15 @@ def test_requests_that_differ_in_anything_the_answer_reads_never_share_a_key() -
             assert key_a != key_b, (a, b)  # different requests never share an answer
         else:
             alike.append((a, b))
-    # The same requests spelled differently: as Envoy's raw header map; as two messages merged (the later wins).
+    # The same requests spelled differently: as Envoy's raw header map; as two messages merged (the later wins); with
+    # a request id in a spelling Envoy never sends (kept in the key: another key, a miss; dropped from the
+    # attributes in any spelling, as it is from the key in Envoy's).
     assert alike == [
+        ("plain", "upper-case request id header"),
         ("plain", "raw header map"),
         ("another token", "merged with another token"),
         ("smuggled identity", "merged with a smuggled header"),
+        ("upper-case request id header", "raw header map"),
     ]
 
 

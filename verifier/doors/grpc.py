@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from verifier.decision import Decision, smuggled_identity
 from verifier.doors.answer_memo import AnswerMemo
-from verifier.doors.envoy_request import request_key
+from verifier.doors.envoy_request import PER_REQUEST_HEADERS, request_key
 from verifier.doors.refusals import GRPC_OK, grpc_code, sheds
 from verifier.observe.metrics import Metrics
 from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
@@ -69,16 +69,24 @@ def cert_thumbprint(url_encoded_pem: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
 
 
+def _joined(lines: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Header lines as one map: names lower-cased, a repeated name's values joined with ", " in the lines' order, as
+    the forward-auth door joins repeats (RFC 9110 section 5.3), so two credentials fail the credential's syntax
+    instead of one being picked. Joined once at the end, never onto the value so far: a 1 MiB message of 210,000
+    lines of one name copied its growing value 210,000 times (~5 s of the event loop, every caller's checks)."""
+    values: dict[str, list[str]] = {}
+    for name, value in lines:
+        values.setdefault(name.lower(), []).append(value)
+    return {name: repeats[0] if len(repeats) == 1 else ", ".join(repeats) for name, repeats in values.items()}
+
+
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
     """The map with lower-case names. Two spellings of one name (`Authorization` and `authorization`) are two lines
-    of one field: joined as the forward-auth door joins repeats (RFC 9110 section 5.3), in the names' order (a
-    map's own order is unspecified), so two credentials fail the credential's syntax instead of one being picked."""
-    lowered = {k.lower(): v for k, v in headers.items()}
+    of one field: joined (`_joined`) in the names' order (a map's own order is unspecified). Key by key: `items()`
+    of a protobuf map goes through the Mapping mixin's Python iteration (2x slower)."""
+    lowered = {name.lower(): headers[name] for name in headers}
     if len(lowered) != len(headers):
-        lowered = {}
-        for name in sorted(headers):
-            key, value = name.lower(), headers[name]
-            lowered[key] = value if key not in lowered else f"{lowered[key]}, {value}"
+        lowered = _joined((name, headers[name]) for name in sorted(headers))
     return lowered
 
 
@@ -135,17 +143,18 @@ class RequestMemo:
 
 
 def attributes_from_envoy(request: ea.CheckRequest) -> RequestAttributes:
-    """Envoy's `AttributeContext` -> attributes. Envoy sends lower-case header names."""
+    """Envoy's `AttributeContext` -> attributes."""
     http = request.attributes.request.http
-    fields = http.headers
-    # Key by key: `dict()` of a protobuf map goes through the Mapping mixin's Python iteration (2x slower).
-    headers: dict[str, str] = {key: fields[key] for key in fields}
+    # Envoy lower-cases the names; a caller that is not Envoy may not (`Authorization` beside `authorization`).
+    headers = _lower(http.headers)
     if not headers and http.header_map.headers:
-        # `encode_raw_headers: true` sends header_map instead (values as raw bytes).
-        for h in http.header_map.headers:
-            value = h.raw_value.decode("latin-1") if h.raw_value else h.value
-            key = h.key.lower()
-            headers[key] = value if key not in headers else f"{headers[key]}, {value}"
+        # `encode_raw_headers: true` sends header_map instead (values as raw bytes; a repeated line apart). Never
+        # both: `GrpcDoors.check_envoy` refuses a request with both (which one would Envoy have forwarded?).
+        headers = _joined(
+            (h.key, h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in http.header_map.headers
+        )
+    for name in PER_REQUEST_HEADERS:  # cleared from the key in Envoy's spelling (`request_key`); gone in any
+        headers.pop(name, None)
     source = request.attributes.source
     # Envoy's X-Forwarded-Proto (an edge Envoy, `use_remote_address`, sets it from the connection), as HTTP
     # mode reads it: over cleartext HTTP/2 `http.scheme` is the client's own `:scheme`, which can say https.
@@ -411,6 +420,12 @@ class GrpcDoors:
             # `request_key`, whose clearing makes the field present (an empty `http` then).
             await self._invalid(context, "envoy.service.auth.v3.CheckRequest describing an HTTP request")
             raise DecodeError("no attributes.request.http")  # abort raises; this is never reached
+        http = message.attributes.request.http
+        if http.headers and http.header_map.headers:
+            # Envoy sends one or the other (`encode_raw_headers`): both, disagreeing, and the door would judge one
+            # while the caller meant (or forwards) the other.
+            await self._invalid(context, "envoy.service.auth.v3.CheckRequest with its headers in one form")
+            raise DecodeError("both headers and header_map")  # abort raises; this is never reached
         key = request_key(message)
         memo = self._envoy_answers
         if memo is not None:
