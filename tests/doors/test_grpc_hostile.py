@@ -2,8 +2,8 @@
 fail closed with a stable code, keep answering everyone else, and never take a decision from call metadata.
 
 Message-level cases go through grpcio's generic calls with raw bytes; frame-level ones (HTTP/2 rapid reset, a
-client that never opens its flow-control window, exact `grpc-timeout` strings) need a raw HTTP/2 client, which the
-venv does not have (no `h2`): the transport's own bounds (`server_options`) are checked there instead.
+client that never opens its flow-control window, exact `grpc-timeout` strings) through `rawh2`, a raw HTTP/2 client
+(the venv has no `h2`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from doorkit import running_verifier, until_pending
 from envoy.service.auth.v3 import external_auth_pb2 as ea
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from rawh2 import INITIAL_WINDOW_SIZE, RawH2
 from support import timed
 from test_overload import _app as overload_app
 from tokenkit import DISCOVERY_URL, JWKS_URL, FakeFetcher, claims, discovery_document
 
-from verifier.doors.grpc import ENVOY_SERVICE, OWN_SERVICE, server_options
+from verifier.doors.grpc import ENVOY_SERVICE, OWN_SERVICE
 from verifier.v1 import verifier_pb2
 
 OWN = f"/{OWN_SERVICE}/Check"
@@ -215,17 +216,6 @@ def idp_free(descriptor: bytes) -> bool:
     return b"127.0.0.1" not in descriptor and b"/work/" not in descriptor and b"http://" not in descriptor
 
 
-def test_the_transport_bounds_a_flood_of_streams_and_resets() -> None:
-    """What bounds rapid reset (CVE-2023-44487) and a client that opens streams and never reads: per connection,
-    the streams in flight (SETTINGS_MAX_CONCURRENT_STREAMS); over all, the calls received and not yet taken,
-    past which a new one is refused in C (grpc's own mitigation, `max_pending_requests`, from 1.59.2 on)."""
-    options = dict(server_options(4, reuse_port=False, max_queued=128))
-    assert options["grpc.max_concurrent_streams"] == 4
-    assert options["grpc.server.max_pending_requests"] == options["grpc.server.max_pending_requests_hard_limit"] == 128
-    assert options["grpc.max_receive_message_length"] == MAX_MESSAGE
-    assert tuple(int(p) for p in grpc.__version__.split(".")[:2]) >= (1, 66)  # pyproject.toml pins >= 1.66
-
-
 def _spellings_own(*, one_name: bool) -> bytes:
     """Our CheckRequest as large as a message may be: one name in as many spellings as fit (two spellings are two
     lines of one field, joined), or as many distinct names of the same length (nothing to join)."""
@@ -295,3 +285,106 @@ async def test_one_name_in_every_spelling_costs_our_door_what_as_many_distinct_n
             assert verifier_pb2.CheckResponse.FromString(answer).reason == "token_missing"
             assert took - late < 3 * (plain_took - plain_late) + 0.05, (took, late, plain_took, plain_late)
             await _still_serves(channel, idp.mint(sub="carol"))
+
+
+async def _counted(app, port: int, calls):  # type: ignore[no-untyped-def]
+    """Counts the checks the door runs (remembered answers and decisions) into `calls[0]`; checks the count works."""
+    doors = app.grpc
+    recall, decide = doors._recall, doors._decider
+
+    def counted_recall(*args):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return recall(*args)
+
+    async def counted_decide(*args):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return await decide(*args)
+
+    doors._recall, doors._decider = counted_recall, counted_decide
+    client = await RawH2.open(port)
+    client.call(1, OWN, _own())
+    await client.read(lambda c: c.streams[1].ended)
+    client.close()
+    assert calls[0] >= 1
+
+
+@pytest.mark.parametrize(
+    ("timeout", "answered"),
+    [("0n", None), ("1n", None), ("0S", None), ("99999999H", True), ("99999999n", None), ("-1S", False),
+     ("1x", False), ("", False)],
+)  # fmt: skip
+async def test_an_exact_grpc_timeout_ends_the_call_in_time_or_gets_the_true_answer(
+    timeout: str, answered: bool | None
+) -> None:
+    """`grpc-timeout` as a client writes it, largest and smallest: `99999999H` (11,000 years) is answered; a spent
+    one ends the call (or, let through in time, gets the true answer); one that is no timeout is reset by the
+    transport. None waits, none gets another answer, and the door serves on."""
+    async with running_verifier() as (app, idp):
+        assert app.ports.grpc is not None
+        client = await RawH2.open(app.ports.grpc)
+        try:
+            client.call(1, OWN, _own(authorization=f"Bearer {idp.mint()}"), timeout=timeout)
+            await client.read(lambda c: c.streams[1].ended or c.streams[1].reset is not None)
+            stream = client.streams[1]
+            assert stream.ended or stream.reset is not None  # never a wait
+            if stream.data:
+                assert verifier_pb2.CheckResponse.FromString(stream.data[5:]).reason == "ok"
+            if answered is not None:
+                assert bool(stream.data) is answered
+        finally:
+            client.close()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            await _still_serves(channel, idp.mint(sub="carol"))
+
+
+async def test_streams_opened_and_reset_at_once_cost_the_door_nothing_and_it_serves_on() -> None:
+    """HTTP/2 rapid reset (CVE-2023-44487): 5,000 calls each reset as soon as sent, on one connection, past the
+    4-stream bound (a reset frees its stream at once). grpc's C core drops them before grpc.aio takes them (its
+    mitigation, from 1.59.2; pyproject.toml pins grpcio >= 1.66): not one reaches the door."""
+    async with running_verifier() as (app, idp):
+        assert app.ports.grpc is not None
+        calls = [0]
+        await _counted(app, app.ports.grpc, calls)
+        before = calls[0]
+        client = await RawH2.open(app.ports.grpc)
+        try:
+            message = _own(authorization=f"Bearer {idp.mint()}")
+            for i in range(5000):
+                client.call(1 + 2 * i, OWN, message)
+                client.reset(1 + 2 * i)
+                if i % 200 == 0:
+                    await client.writer.drain()
+            await client.writer.drain()
+            await client.read(lambda c: c.closed, timeout=2)
+        finally:
+            client.close()
+        assert calls[0] - before < 50, calls[0] - before
+        assert app.pipeline._pending == 0
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            await _still_serves(channel, idp.mint(sub="carol"))
+
+
+@pytest.mark.parametrize("acknowledged", [False, True])
+async def test_a_client_that_never_opens_its_window_holds_four_answers_at_most(acknowledged: bool) -> None:
+    """A client that announces a flow-control window of 0 and never opens it: the server cannot send an answer,
+    so each call's answer waits in its memory while the stream stays open. 200 calls on one connection: four are
+    held (SETTINGS_MAX_CONCURRENT_STREAMS), the rest refused by the transport, whether the client opened them
+    before acknowledging the bound or after; other callers are answered."""
+    async with running_verifier() as (app, idp):
+        assert app.ports.grpc is not None
+        client = await RawH2.open(app.ports.grpc, settings=((INITIAL_WINDOW_SIZE, 0),))
+        try:
+            if acknowledged:
+                await client.read(lambda c: False, timeout=0.5)  # the server's SETTINGS, acknowledged
+            message = _own(authorization=f"Bearer {idp.mint()}")
+            for i in range(200):
+                client.call(1 + 2 * i, OWN, message)
+            await client.read(lambda c: False, timeout=2)
+            streams = list(client.streams.values())
+            held = [s for s in streams if s.reset is None and not s.ended]
+            assert len(held) <= 4 and not any(s.data for s in streams)
+            assert len([s for s in streams if s.reset is not None]) >= 196
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+                await _still_serves(channel, idp.mint(sub="carol"))
+        finally:
+            client.close()
