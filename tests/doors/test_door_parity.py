@@ -817,3 +817,38 @@ async def test_a_hostile_envoy_check_is_decided_as_forward_auth_decides_the_requ
         assert envoy.upstream == forward.upstream
     finally:
         await app.stop(grace=0.1)
+
+
+async def test_an_empty_check_and_a_huge_credential_are_decided_as_forward_auth_decides_them(
+    fetcher: FakeFetcher,
+) -> None:
+    """Our empty CheckRequest, Envoy's with an empty `http`, and a forward-auth check with no header at all describe
+    one request (`GET /` on no host); a 900 KB Authorization is one malformed credential through every door."""
+    app = await parity_app(fetcher)
+    try:
+        bare = ea.CheckRequest()
+        bare.attributes.request.http.SetInParent()
+        verdicts = {
+            "grpc": own_verdict(await app.grpc.check_own(b"", None), _NOBODY),
+            "ext_authz": envoy_verdict(await app.grpc.check_envoy(bare.SerializeToString(), None), _NOBODY),
+            "kong": forward_verdict(
+                await exchange(app.forward_auth, _http("GET /v1/forward-auth HTTP/1.1", [])), _NOBODY
+            ),
+        }
+        agree(verdicts)
+        assert not verdicts["grpc"].allowed
+        huge = f"Bearer {'a.b.' * 225_000}"
+        own = verifier_pb2.CheckRequest(method="GET", scheme="https", host="api.example.test", path="/api/x")
+        own.headers["authorization"] = huge
+        envoy = ea.CheckRequest()
+        http = envoy.attributes.request.http
+        http.method, http.scheme, http.host, http.path = "GET", "https", "api.example.test", "/api/x"
+        http.headers["authorization"] = huge
+        verdicts = {
+            "grpc": own_verdict(await app.grpc.check_own(own.SerializeToString(), None), _NOBODY),
+            "ext_authz": envoy_verdict(await app.grpc.check_envoy(envoy.SerializeToString(), None), _NOBODY),
+        }
+        agree(verdicts)
+        assert (verdicts["grpc"].status, verdicts["grpc"].reason) == (401, "token_malformed")
+    finally:
+        await app.stop(grace=0.1)

@@ -12,7 +12,9 @@ them in the parsed message itself and serializes what is left. The door then tra
   pattern an attacker could plant in a header value or a path is looked for), everything else stays in the
   key, fields unknown to this version included (another key, never a shared one);
 - the cleared fields are gone from what the pipeline sees too (`x-request-id` is not among the headers a
-  check may read), so no check can come to depend on them without this module being changed.
+  check may read; `attributes_from_envoy` drops it in any spelling, a caller that is not Envoy may spell it
+  `X-Request-Id`, which stays in the key: another key, a miss), so no check can come to depend on them without
+  this module being changed.
 
 Left in the key: the source port. It is the downstream connection's, the same for every check of a keep-alive
 connection (HTTP/2: all of a client's); clearing it would cost every check ~6,700 instructions (a sixth of the
