@@ -19,6 +19,7 @@ from verifier.observe.metrics import IntrospectionMetrics, Metrics, RevocationMe
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
+README = REPO / "README.md"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "rules.test.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "verifier-dashboard.json"
 PROMETHEUS_OWN = {"up"}  # series Prometheus itself writes for every target
@@ -131,3 +132,32 @@ def test_the_dashboard_is_grafana_json() -> None:
     for panel in dashboard["panels"]:
         assert panel["targets"], panel["title"]
         assert all(t["expr"].strip() for t in panel["targets"])
+
+
+def _readme_section(start: str, end: str) -> str:
+    text = README.read_text()
+    return text[text.index(start) : text.index(end, text.index(start))]
+
+
+def test_the_readmes_metric_list_names_every_exported_metric_and_no_other() -> None:
+    """The list under "## Metrics" is hand-written: a new metric (or a renamed one) must be named there, by its own
+    name or by a `prefix_*` the paragraph gives."""
+    section = _readme_section("## Metrics", "**Who may scrape.**")
+    named = set(re.findall(r"`(verifier_[a-z0-9_]*\*?)", section))
+    exported = exported_names()
+    families = {re.sub(r"_(bucket|sum|count)$", "", n) if n + "_total" not in exported else n for n in exported}
+    unnamed = {
+        name
+        for name in families
+        if name not in named and not any(p.endswith("*") and name.startswith(p[:-1]) for p in named)
+    }
+    assert not unnamed, f"README's metric list lacks {sorted(unnamed)}"
+    unknown = {p for p in named if not any(n.startswith(p[:-1]) if p.endswith("*") else n == p for n in families)}
+    assert not unknown, f"README names metrics the verifier does not export: {sorted(unknown)}"
+
+
+def test_the_readmes_alert_list_names_every_alert() -> None:
+    alerts = {rule["alert"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]}
+    section = _readme_section("`deploy/prometheus/` has a scrape config", "## Tracing")
+    named = set(re.findall(r"`(Verifier[A-Za-z]+)`", section))
+    assert named == alerts, f"README's alert list: missing {sorted(alerts - named)}, unknown {sorted(named - alerts)}"
