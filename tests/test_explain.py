@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from verifier.devidp import DEV_AUDIENCE, DevIdentityProvider
 from verifier.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
 
 
 @pytest.fixture
@@ -294,7 +296,11 @@ def _with_upstream(path: Path, tmp_path: Path, **extra: Any) -> None:
     config["upstream"] = {
         "headers": [{"header": "X-Authenticated-Email", "claim": "email"}],
         "consumer": {"claim": "sub"},
-        "identity_token": {"issuer": "https://verifier.internal", "private_key_file": str(key), "audience": "https://o"},
+        "identity_token": {
+            "issuer": "https://verifier.internal",
+            "private_key_file": str(key),
+            "audience": "https://o",
+        },
     }
     config.update(extra)
     path.write_text(yaml.safe_dump(config))
@@ -367,7 +373,7 @@ async def test_explain_text_lists_the_allow_headers_and_whom_they_are_for(
         "          x-authenticated-userid: alice\n",
         "          x-authenticated-identity: <identity assertion, ",
         "          x-kong-consumer-username: alice (for the Kong plugin, not the upstream)",
-        "          ratelimit-policy: \"default\";q=5;w=5 (for the client's answer)",
+        '          ratelimit-policy: "default";q=5;w=5 (for the client\'s answer)',
         "          x-verifier-reason: ok (for the gateway)",
         "          cache-control: no-store (for the gateway)",
     ):
@@ -392,8 +398,11 @@ async def test_explain_shows_the_next_dpop_nonce_an_allow_hands_the_client(
 ) -> None:
     idp, path = provider
     config = yaml.safe_load(path.read_text())
-    config["dpop"] = {"require_nonce": True, "nonce_secret_env": "EXPLAIN_NONCE_KEY",
-                      "nonce_lifetime_seconds": NONCE_LIFETIME_S}
+    config["dpop"] = {
+        "require_nonce": True,
+        "nonce_secret_env": "EXPLAIN_NONCE_KEY",
+        "nonce_lifetime_seconds": NONCE_LIFETIME_S,
+    }
     path.write_text(yaml.safe_dump(config))
     monkeypatch.setenv("EXPLAIN_NONCE_KEY", "k" * 32)  # the same key on every replica (and for explain)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -408,8 +417,9 @@ async def test_explain_shows_the_next_dpop_nonce_an_allow_hands_the_client(
         return dpop_proof(key, "GET", url, token, nonce=nonce)
 
     sent_proof = proof(nonce)
-    code, out, err = await _explain(path, "--json", "--host", "api", "--path", "/x", "--dpop", sent_proof,
-                                    f"DPoP {token}")
+    code, out, err = await _explain(
+        path, "--json", "--host", "api", "--path", "/x", "--dpop", sent_proof, f"DPoP {token}"
+    )
     status, sent = await _service_head(path, token, "/x", f"DPoP {token}", f"dpop: {proof(nonce)}\r\n")
 
     assert code == 0 and status == "200", (out, err, sent)
@@ -446,3 +456,27 @@ def test_a_usage_error_never_echoes_a_token_read_as_options(
     out, err = capsys.readouterr()
     assert "error:" in err and "[redacted]" in err and not out, err
     assert TOKEN_LIKE not in err and TOKEN_LIKE[:24] not in err
+
+
+def _volatile(text: str) -> str:
+    """The parts of explain's text that differ from run to run: the provider's URL, key ids, fingerprint, size."""
+    text = re.sub(r"http://127\.0\.0\.1:\d+", "<issuer>", text)
+    text = re.sub(r"dev-(es256|rs256|eddsa)-[0-9a-f]+", r"dev-\1-<id>", text)
+    return re.sub(r"fingerprint [0-9a-f]{16}, \d+ bytes", "fingerprint <fp>, <n> bytes", text)
+
+
+async def test_the_readmes_explain_sample_is_what_explain_prints(provider: tuple[DevIdentityProvider, Path]) -> None:
+    """README's `verifier explain` sample (bob, a read/write token, on the admin route): each line it shows, in its
+    order, is a line explain prints for that request (`...` stands for lines left out)."""
+    found = re.search(r"```text\n\$ verifier explain [^\n]*--path (\S+) [^\n]*\n(.*?)```", README.read_text(), re.S)
+    assert found is not None, "README.md lost its `verifier explain` sample"
+    idp, config = provider
+    code, out, _ = await _explain(config, "--path", found.group(1), "--", idp.mint(sub="bob", scope="read write"))
+    assert code == 1
+    printed = [line.rstrip() for line in _volatile(out).splitlines()]
+    at = 0
+    for line in _volatile(found.group(2)).splitlines():
+        if line.strip() == "...":
+            continue
+        assert line.rstrip() in printed[at:], (line, printed)
+        at = printed.index(line.rstrip(), at) + 1

@@ -5,7 +5,7 @@ config.yaml in deploy/k8s/verifier-sidecar.yaml, and every ```yaml block of READ
 fragment (no `issuers`, or no listener) is checked inside a minimal configuration; the files the examples name
 (`/etc/verifier/...`, `/var/lib/verifier/...`) are made in a temporary directory. A setting renamed, removed or
 made stricter that breaks an example fails here. The README's configuration reference is also checked field by field
-in tests/test_readme.py.
+in tests/test_readme.py; tests/kong/test_deploy_files.py checks the deploy files against the gateways as well.
 """
 
 from __future__ import annotations
