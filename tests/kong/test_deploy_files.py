@@ -107,6 +107,29 @@ def test_every_yaml_file_parses(path):
     assert load_yaml_docs(path)
 
 
+def _readme_block(first_key: str) -> dict[str, Any]:
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL)
+    found = [block for block in map(yaml.safe_load, blocks) if next(iter(block)) == first_key]
+    assert len(found) == 1, f"README.md: one yaml block starting with {first_key}:"
+    return found[0]
+
+
+def test_the_readmes_kong_plugin_block_names_the_plugin_and_its_fields():
+    """README's Kong example (a declarative `plugins:` entry): the plugin's name and only fields its schema has."""
+    (plugin,) = _readme_block("plugins")["plugins"]
+    assert plugin["name"] == schema_name()
+    assert set(plugin["config"]) <= schema_config_fields(), set(plugin["config"]) - schema_config_fields()
+    assert plugin["config"]["url"].endswith(FORWARD_AUTH_PATH)
+
+
+def test_the_readmes_prometheus_block_is_the_shipped_scrape_job():
+    """README's scrape job excerpt (`scrape_configs:`) says what deploy/prometheus/prometheus.yml does."""
+    (excerpt,) = _readme_block("scrape_configs")["scrape_configs"]
+    shipped = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    job = next(j for j in shipped if j["job_name"] == excerpt["job_name"])
+    assert job["authorization"] == excerpt["authorization"]
+
+
 def test_the_schema_helpers_read_the_lua_schema():
     assert schema_name() == "edge-verifier"
     assert {"url", "timeout", "fail_open", "cache_entries"} <= schema_config_fields()
