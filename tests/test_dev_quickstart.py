@@ -113,3 +113,16 @@ def test_the_printed_grpcurl_request_is_allowed_as_alice(printed: list[str]) -> 
         answer = verifier_pb2_grpc.VerifierStub(channel).Check(request, timeout=10)
     assert answer.allowed and answer.http_status == 200 and answer.subject == "alice"
     assert ("x-authenticated-userid", "alice") in [(h.name, h.value) for h in answer.upstream_headers]
+
+
+def test_the_readme_names_the_ports_verifier_dev_listens_on_by_default() -> None:
+    from verifier.cli import build_parser
+
+    args = build_parser().parse_args(["dev"])
+    text = " ".join((REPO / "README.md").read_text().split())
+    expected = (
+        f"a local issuer on `127.0.0.1:{args.issuer_port}`",
+        f"forward-auth on `:{args.http_port}`, gRPC on `:{args.grpc_port}`, metrics on `:{args.metrics_port}`",
+    )
+    for phrase in expected:
+        assert phrase in text, phrase
