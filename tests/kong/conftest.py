@@ -363,6 +363,7 @@ def dead_url() -> str:
 
 # --------------------------------------------------------------------------- nginx
 
+
 def shipped_kong_header_buffers() -> str:
     """nginx's `large_client_header_buffers` as the shipped Kong settings set it (in deploy/docker-compose.yml,
     `KONG_NGINX_HTTP_LARGE_CLIENT_HEADER_BUFFERS`; deploy/k8s says the same, tests/kong/test_deploy_files.py): Kong
@@ -429,7 +430,8 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $http_host;
-            proxy_pass http://echo;
+            set $upstream_uri "";
+            proxy_pass {proxy_target};
         }}
     }}
 }}
@@ -454,6 +456,7 @@ class NginxRig:
         with_sha256: bool = False,
         underscores_in_headers: bool = False,
         external: dict[str, str] | None = None,
+        kong_upstream_uri: bool = False,
     ) -> str:
         """Starts nginx running the plugin with `plugin_conf` in front of 127.0.0.1:`upstream_port`.
 
@@ -468,6 +471,9 @@ class NginxRig:
         underscores_in_headers: let header names with `_` through (nginx drops them by default).
         external: {"socket", "name"}: run the external plugin `name` of the plugin server on unix socket `socket`
             instead of the Lua plugin, `plugin_conf` its configuration (tests/kong/python_edge.py).
+        kong_upstream_uri: send the upstream the target Kong 3.x's router builds (the path normalized as Kong's
+            router matched it, then escaped; the query as sent: kong_shim.lua's kong_upstream_target) instead of
+            the raw target, which nginx's `proxy_pass` without a URI passes on.
         Returns the base URL, "http://127.0.0.1:PORT".
         """
         modules = _module_dir()
@@ -484,6 +490,7 @@ class NginxRig:
                     "preauthenticated": preauthenticated,
                     "later": later,
                     "external": external,
+                    "kong_upstream_uri": kong_upstream_uri,
                 }
             )
         )
@@ -499,6 +506,7 @@ class NginxRig:
                 port=port,
                 underscores="on" if underscores_in_headers else "off",
                 header_buffers=shipped_kong_header_buffers(),
+                proxy_target="http://echo$upstream_uri" if kong_upstream_uri else "http://echo",
             )
         )
         error_log = Path(tmp, "error.log")

@@ -25,18 +25,34 @@ TIMEOUT_MS = 5000
 
 
 def start_python_plugin(
-    start_nginx: Any, server: PluginServer, verifier: Any, upstream_port: int, *,
-    underscores_in_headers: bool = True, consumers: tuple[dict[str, Any], ...] = (), **conf: Any,
+    start_nginx: Any,
+    server: PluginServer,
+    verifier: Any,
+    upstream_port: int,
+    *,
+    underscores_in_headers: bool = True,
+    consumers: tuple[dict[str, Any], ...] = (),
+    kong_upstream_uri: bool = False,
+    **conf: Any,
 ) -> str:
     """nginx running the Python plugin of `server` against `verifier`'s gRPC door (`conf` overrides its
     configuration) in front of 127.0.0.1:`upstream_port`; the base URL. `underscores_in_headers` is on by default,
-    as in Kong's own nginx template; `consumers`: Kong's datastore (conftest.py's `start_nginx`)."""
+    as in Kong's own nginx template; `consumers`: Kong's datastore, `kong_upstream_uri`: the upstream gets the target
+    Kong 3.x's router builds, not the raw one (conftest.py's `start_nginx`)."""
     # nginx's workers (nobody, under a root master) connect to the plugin server's socket
     os.chmod(server.prefix, 0o755)
     os.chmod(server.socket_path, 0o777)
     plugin_conf = {"grpc_target": grpc_target(verifier), "timeout": TIMEOUT_MS, **conf}
-    return str(start_nginx(plugin_conf, upstream_port, underscores_in_headers=underscores_in_headers,
-                           consumers=consumers, external={"socket": server.socket_path, "name": PLUGIN}))
+    return str(
+        start_nginx(
+            plugin_conf,
+            upstream_port,
+            underscores_in_headers=underscores_in_headers,
+            consumers=consumers,
+            external={"socket": server.socket_path, "name": PLUGIN},
+            kong_upstream_uri=kong_upstream_uri,
+        )
+    )
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ local authenticated_count = 0
 local MAX_RECORDED_CALLS = 100
 local preauthenticated     -- a consumer "an earlier plugin" authenticated
 local external             -- {socket, name}: an external plugin under a plugin server
+local kong_upstream_uri    -- true: the upstream gets the target Kong 3.x's router builds (kong_upstream_target)
 
 
 -- kong.db.schema.typedefs, as far as the schema uses it
@@ -315,6 +316,29 @@ local function kong_normalize(uri)
 end
 
 
+-- kong.tools.uri.escape of Kong 3.x: a byte normalizing decoded that may not
+-- stand in a request target as it is (a space, a control, a backslash, a quote,
+-- a byte past ASCII) percent-encoded again, upper-case.
+local function kong_escape(path)
+  return (path:gsub("[^%w!#$&'()*+,/:;=?@%[%]%-_.~%%]", function(c)
+    return string.format("%%%02X", c:byte())
+  end))
+end
+
+
+-- The target Kong 3.x's router sends upstream for a route with `strip_path:
+-- false` and a service without a path (deploy/kong/kong.yml): its router
+-- matches on kong.tools.uri.normalize(path, true) (kong/router/utils.lua's
+-- strip_uri_args), builds the upstream URI from that same normalized path
+-- (atc.lua's set_upstream_uri, get_upstream_uri_v0) and escapes it
+-- (runloop/handler.lua: var.upstream_uri = escape(match_t.upstream_uri)),
+-- the query appended as the client sent it. Not the raw target.
+local function kong_upstream_target()
+  local path, query = ngx.var.request_uri:match("^([^?]*)(.*)$")
+  return kong_escape(kong_normalize(path)) .. query
+end
+
+
 local function make_kong()
   local request = {
     get_header = function(name) return first(ngx.req.get_headers()[name]) end,
@@ -503,6 +527,8 @@ function _M.init(path)
     later = settings.later
   end
 
+  kong_upstream_uri = settings.kong_upstream_uri == true
+
   if type(settings.external) == "table" then
     external = settings.external
     conf = settings.plugin_conf or {}
@@ -593,6 +619,10 @@ end
 
 
 function _M.access()
+  if kong_upstream_uri then
+    -- Kong's router runs before any plugin's access phase
+    ngx.var.upstream_uri = kong_upstream_target()
+  end
   if preauthenticated then
     -- what an authenticator with a higher priority (key-auth) leaves behind
     kong.client.authenticate(preauthenticated, { id = "earlier-credential" })
