@@ -330,7 +330,9 @@ end
 
 -- What the verifier is told about the request (asked only when no answer is
 -- reused). Returns method, scheme, host, port, uri: the request target as the
--- client sent it (path and query, raw), which Kong's router passes upstream.
+-- client sent it (path and query, raw). Kong 3.x's router sends the upstream
+-- its normalized path, escaped, and the query as sent: one of the readings the
+-- verifier weighs (tests/kong/test_gateway_differential_lua.py).
 -- Never kong.request.get_path(): that is Kong's one normalized reading (dot
 -- segments resolved with `#` and `;` plain bytes), so `/admin/x#/../../health`
 -- would be judged as /health while an upstream that drops the fragment serves
