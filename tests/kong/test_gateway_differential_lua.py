@@ -11,8 +11,8 @@ host and raw target; the echo upstream's record must fall under what the read-on
 Each runs twice: with the upstream getting the target Kong 3.x's router builds (`kong-3-target`: the path Kong
 matched routes on, `kong.tools.uri.normalize`d: unreserved and other non-reserved percent-triplets decoded, dot
 segments removed, slashes merged; then escaped, the query as sent: tests/kong/shim/kong_shim.lua) while the plugin
-tells the verifier the raw target; and with the raw target passed on (`raw-target`, nginx's `proxy_pass` without a
-URI: a route whose target a later plugin or proxy does not rewrite).
+tells the verifier the raw target; and with the raw target passed on (`raw-target`: nginx's `proxy_pass` without a
+URI, what these rigs did before, and what the upstream gets where nothing between normalizes it).
 
 What the rig is not: Kong's router. It routes every path and Host to the one upstream (Kong's route names its
 `hosts` and `paths`: another Host, or a normalized path under none of them, is Kong's 404 before any plugin, so
