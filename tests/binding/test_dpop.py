@@ -7,7 +7,9 @@ independent implementation; the ones pyjwt refuses to make are built by hand wit
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 from unittest import mock
 
@@ -15,6 +17,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hostile_numbers import HOSTILE_IDS, HOSTILE_NUMBERS
+from jwt.algorithms import ECAlgorithm
 from support import FrozenClock, SkewedClock
 from tokenkit import NOW, SigningKeys, b64, compact, private_jwk, public_jwk
 
@@ -266,7 +269,7 @@ async def test_refuses_stale_or_future_iat(
         await check(verifier, make_proof(keys.es256, iat=NOW + offset))
 
 
-@pytest.mark.parametrize("iat", [None, "1700000000", True, float("nan")])
+@pytest.mark.parametrize("iat", [None, "1700000000", True])  # NaN: test_refuses_a_proof_that_reads_two_ways
 async def test_refuses_missing_or_malformed_iat(verifier: DpopVerifier, keys: SigningKeys, iat: Any) -> None:
     proof = make_proof(keys.es256, iat=iat) if iat is not None else make_proof(keys.es256, iat=None)
     with pytest.raises(InvalidDpopProof, match="iat"):
@@ -425,8 +428,9 @@ async def test_the_cnf_jkt_and_ath_are_compared_in_constant_time(
 
 
 async def test_refuses_an_hs256_proof_made_with_pyjwt(verifier: DpopVerifier, keys: SigningKeys) -> None:
-    proof = jwt.encode({"jti": "j"}, "k" * 32, algorithm="HS256",
-                       headers={"typ": "dpop+jwt", "jwk": public_jwk(keys.es256)})
+    proof = jwt.encode(
+        {"jti": "j"}, "k" * 32, algorithm="HS256", headers={"typ": "dpop+jwt", "jwk": public_jwk(keys.es256)}
+    )
     with pytest.raises(InvalidDpopProof, match="alg"):
         await check(verifier, proof)
 
@@ -461,6 +465,55 @@ async def test_accepts_typ_in_any_case(verifier: DpopVerifier, keys: SigningKeys
 async def test_refuses_malformed_proofs(verifier: DpopVerifier, proof: str) -> None:
     with pytest.raises(InvalidDpopProof):
         await check(verifier, proof)
+
+
+def signed_as_written(key: Any, header: bytes, claims: bytes) -> str:
+    """An ES256 proof over header and claims byte for byte as written (pyjwt would rewrite them), signed by `key`."""
+    signing_input = f"{b64(header)}.{b64(claims)}"
+    signature = ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input.encode(), key)
+    return f"{signing_input}.{b64(signature)}"
+
+
+ELSEWHERE = '"htu": "https://api.example.test/elsewhere"'
+# (header members, claims members) -> (header, claims) as sent; the members are a valid proof's, without braces
+READ_TWO_WAYS: dict[str, Callable[[str, str], tuple[bytes, bytes]]] = {
+    # two htu: a WAF or an upstream that reads the first sees a request to elsewhere; json.loads reads the last
+    "htu-last-real": lambda h, c: (f"{{{h}}}".encode(), f"{{{ELSEWHERE}, {c}}}".encode()),
+    "htu-first-real": lambda h, c: (f"{{{h}}}".encode(), f"{{{c}, {ELSEWHERE}}}".encode()),
+    "jti": lambda h, c: (f"{{{h}}}".encode(), f'{{"jti": "another-jti", {c}}}'.encode()),  # replay keyed on one
+    "jwk": lambda h, c: (f'{{"jwk": {{"kty": "EC"}}, {h}}}'.encode(), f"{{{c}}}".encode()),  # the signing key last
+    # a member twice inside the jwk: thumbprint and key read from the last x, another reader's from the first
+    "jwk-x": lambda h, c: (("{" + h.replace('"jwk": {', '"jwk": {"x": "AAAA", ') + "}").encode(), f"{{{c}}}".encode()),
+    "bom": lambda h, c: (f"{{{h}}}".encode(), f"\ufeff{{{c}}}".encode()),
+    "bom-header": lambda h, c: (f"\ufeff{{{h}}}".encode(), f"{{{c}}}".encode()),
+    "utf-16": lambda h, c: (f"{{{h}}}".encode(), f"{{{c}}}".encode("utf-16")),  # json.loads on bytes takes it
+    "utf-32-header": lambda h, c: (f"{{{h}}}".encode("utf-32"), f"{{{c}}}".encode()),
+    "nan": lambda h, c: (f"{{{h}}}".encode(), f'{{{c}, "exp": NaN}}'.encode()),  # in a claim nothing here reads
+    "nan-iat": lambda h, c: (f"{{{h}}}".encode(), f'{{{c}, "iat": NaN}}'.encode()),  # json_number refused it too
+    "infinity-header": lambda h, c: (f'{{{h}, "x": Infinity}}'.encode(), f"{{{c}}}".encode()),
+}
+
+
+@pytest.mark.parametrize("written", READ_TWO_WAYS.values(), ids=READ_TWO_WAYS.keys())
+async def test_refuses_a_proof_that_reads_two_ways(
+    verifier: DpopVerifier, keys: SigningKeys, written: Callable[[str, str], tuple[bytes, bytes]]
+) -> None:
+    """RFC 8259: a client-signed proof is refused unless every reader reads it alike (UTF-8, no BOM, unique member
+    names, no NaN), and refused as such: each proof is signed by the client's own key and otherwise valid."""
+    header = json.dumps({"typ": "dpop+jwt", "alg": "ES256", "jwk": public_jwk(keys.es256)})[1:-1]
+    claims = {"jti": str(uuid.uuid4()), "htm": "GET", "htu": URL, "iat": int(NOW), "ath": access_token_hash(TOKEN)}
+    proof = signed_as_written(keys.es256, *written(header, json.dumps(claims)[1:-1]))
+    with pytest.raises(InvalidDpopProof, match="not JSON read one way"):
+        await check(verifier, proof)
+
+
+async def test_accepts_a_proof_written_by_hand(verifier: DpopVerifier, keys: SigningKeys) -> None:
+    """The hand-written proofs above are valid but for what each test adds (so each is refused for that)."""
+    header = json.dumps({"typ": "dpop+jwt", "alg": "ES256", "jwk": public_jwk(keys.es256)}).encode()
+    claims = {"jti": str(uuid.uuid4()), "htm": "GET", "htu": URL, "iat": int(NOW), "ath": access_token_hash(TOKEN)}
+    assert await check(verifier, signed_as_written(keys.es256, header, json.dumps(claims).encode())) == jkt_of(
+        keys.es256
+    )
 
 
 async def test_refuses_an_unknown_critical_header(verifier: DpopVerifier, keys: SigningKeys) -> None:
@@ -799,7 +852,6 @@ def test_config_refuses_what_is_not_an_origin(origin: str, message: str) -> None
     assert str(refused.value).startswith("dpop.origins[1]: ")
     with pytest.raises(ValueError):
         DpopConfig(origins=("https://API.example.test",))  # in code: normalized, or refused
-
 
 
 # --- what a proof's htu is compared with: the URL the gateway reports, read as one URL --------------------------

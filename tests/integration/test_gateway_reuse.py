@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+from support import b64url
 
 from verifier.binding.dpop import thumbprint
 
@@ -229,6 +231,38 @@ def test_a_dpop_proof_replayed_within_max_age_is_refused_not_served_from_the_cac
     assert first.status == 200, first.body
     assert replayed.status == 401, "a captured DPoP request replayed through gateway's cache"
     assert asked(verifier) - before == 2
+
+
+def _proof_as_written(key: ec.EllipticCurvePrivateKey, claims: bytes) -> str:
+    """A DPoP proof whose claims are `claims` byte for byte (pyjwt would rewrite them), signed by the client's key."""
+    header = json.dumps({"typ": "dpop+jwt", "alg": "ES256", "jwk": public_jwk(key)}).encode()
+    signing_input = f"{b64url(header)}.{b64url(claims)}"
+    return f"{signing_input}.{b64url(ECAlgorithm(ECAlgorithm.SHA256).sign(signing_input.encode(), key))}"
+
+
+@pytest.mark.parametrize("written", ["htu-elsewhere-first", "htu-elsewhere-last", "utf-16"])
+def test_a_dpop_proof_that_reads_two_ways_is_refused_through_the_gateway(
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer, written: str
+) -> None:
+    """RFC 8259 / RFC 9449: a proof naming `htu` twice (a WAF or an upstream checking DPoP reads the first, json.loads
+    the last), or in UTF-16, signed by the token's own key, is 401 invalid_dpop_proof through the shipped gateway."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = token(issuer, cnf={"jkt": thumbprint(public_jwk(key))})
+    claims = json.loads(base64.urlsafe_b64decode(dpop_proof(key, "GET", f"{gateway}/orders", tok).split(".")[1] + "=="))
+    members = json.dumps(claims)[1:-1]
+    elsewhere = f'"htu": "{gateway}/admin/elsewhere"'
+    raw = {
+        "htu-elsewhere-first": f"{{{elsewhere}, {members}}}".encode(),
+        "htu-elsewhere-last": f"{{{members}, {elsewhere}}}".encode(),
+        "utf-16": f"{{{members}}}".encode("utf-16"),
+    }[written]
+    answer = http_request(
+        f"{gateway}/orders", headers={"Authorization": f"DPoP {tok}", "DPoP": _proof_as_written(key, raw)}
+    )
+    assert answer.status == 401, (answer.status, answer.body)
+    assert 'error="invalid_dpop_proof"' in answer.headers.get("www-authenticate", ""), answer.headers
+    fresh = dpop_proof(key, "GET", f"{gateway}/orders", tok)  # the same token and key with a proof read one way
+    assert http_request(f"{gateway}/orders", headers={"Authorization": f"DPoP {tok}", "DPoP": fresh}).status == 200
 
 
 @pytest.mark.parametrize("header", ["DPoP", "X-WebAuthn-Assertion"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -1082,6 +1083,94 @@ async def test_refuses_a_client_data_origin_that_is_not_a_string(
     header = encode_header({**credential, "response": response})
     refused = await h.challenge(principal(), attrs(assertion=header))
     assert refused.code == "webauthn_assertion_malformed"
+
+
+async def _fresh_assertion(h: Harness, a: SoftAuthenticator) -> dict[str, Any]:
+    """The authenticator's assertion for a fresh challenge bound to `attrs()`, as the browser sends it."""
+    refused = await h.challenge(principal(), attrs())
+    assert refused.offer is not None
+    return a.get(refused.offer.challenge)
+
+
+def _client_data_members(credential: Mapping[str, Any]) -> str:
+    """The members of a credential's clientDataJSON, without the braces (to write around them)."""
+    return json.dumps(json.loads(unb64u(credential["response"]["clientDataJSON"])))[1:-1]
+
+
+def _signed_with_client_data(a: SoftAuthenticator, credential: dict[str, Any], client_data: bytes) -> dict[str, Any]:
+    """`credential` with `client_data` as its clientDataJSON, byte for byte, signed again by the authenticator."""
+    response = dict(credential["response"])
+    auth_data = unb64u(response["authenticatorData"])
+    signature = a.key.sign(auth_data + hashlib.sha256(client_data).digest(), ec.ECDSA(hashes.SHA256()))
+    response.update(clientDataJSON=b64u(client_data), signature=b64u(signature))
+    return {**credential, "response": response}
+
+
+BOGUS_CHALLENGE = b64u(b"c" * 32)
+# clientDataJSON members -> clientDataJSON as a browser would never write it; fido2's json.loads reads the last member
+CLIENT_DATA_READ_TWO_WAYS = {
+    "challenge-twice": lambda members: f'{{"challenge": "{BOGUS_CHALLENGE}", {members}}}',
+    "origin-twice": lambda members: f'{{"origin": "https://evil.example", {members}}}',
+    "type-twice": lambda members: f'{{"type": "webauthn.create", {members}}}',
+    "nan": lambda members: f'{{{members}, "x": NaN}}',
+}
+
+
+@pytest.mark.parametrize("written", CLIENT_DATA_READ_TWO_WAYS.values(), ids=CLIENT_DATA_READ_TWO_WAYS.keys())
+async def test_refuses_a_signed_client_data_json_that_reads_two_ways(
+    enrolled: tuple[Harness, SoftAuthenticator], written: Any
+) -> None:
+    """RFC 8259 (section 5.8.1 clientDataJSON is JSON): two challenges or two origins, the real one last and signed
+    by the user's own authenticator, are webauthn_assertion_malformed, not one reading here and another elsewhere."""
+    h, a = enrolled
+    credential = await _fresh_assertion(h, a)
+    members = _client_data_members(credential)
+    header = encode_header(_signed_with_client_data(a, credential, written(members).encode()))
+    refused = await h.challenge(principal(), attrs(assertion=header))
+    assert refused.code == "webauthn_assertion_malformed"
+    assert "clientDataJSON" in str(refused)
+
+
+async def test_accepts_a_client_data_json_signed_again_as_written(enrolled: tuple[Harness, SoftAuthenticator]) -> None:
+    """The re-signing above makes a valid assertion: each refusal there is for the JSON alone."""
+    h, a = enrolled
+    credential = await _fresh_assertion(h, a)
+    members = _client_data_members(credential)
+    header = encode_header(_signed_with_client_data(a, credential, f"{{{members}}}".encode()))
+    await h.service.check_step_up(principal(), attrs(assertion=header))
+
+
+@pytest.mark.parametrize("written", ["bom", "repeated-member", "utf-16"])
+async def test_refuses_an_assertion_header_that_reads_two_ways(
+    enrolled: tuple[Harness, SoftAuthenticator], written: str
+) -> None:
+    """The header's own JSON (PublicKeyCredential.toJSON()) is the client's too: read one way or malformed."""
+    h, a = enrolled
+    text = json.dumps(await _fresh_assertion(h, a))
+    raw = {
+        "bom": b"\xef\xbb\xbf" + text.encode(),
+        "repeated-member": ('{"type": "public-key", ' + text[1:]).encode(),
+        "utf-16": text.encode("utf-16"),
+    }[written]
+    refused = await h.challenge(principal(), attrs(assertion=b64u(raw)))
+    assert refused.code == "webauthn_assertion_malformed"
+
+
+async def test_refuses_a_registration_whose_client_data_json_names_two_challenges(harness: Harness) -> None:
+    """Attestation `none` signs nothing over clientDataJSON: a registration naming a foreign challenge first and the
+    state's last (fido2 reads the last) is 400 webauthn_registration_invalid, not registered."""
+    a = SoftAuthenticator()
+    status, _, begun = await harness.call("POST", "/v1/webauthn/register/begin", body={})
+    assert status == 200
+    credential = a.create(begun["publicKey"])
+    client_data = f'{{"challenge": "{BOGUS_CHALLENGE}", {_client_data_members(credential)}}}'.encode()
+    credential["response"] = {**credential["response"], "clientDataJSON": b64u(client_data)}
+    status, _, body = await harness.call(
+        "POST",
+        "/v1/webauthn/register/complete",
+        body={"state": begun["state"], "credential": credential, "name": "key"},
+    )
+    assert (status, body["error"]) == (400, "webauthn_registration_invalid"), body
 
 
 # --- re-enrollment after a revocation -------------------------------------------------------------------

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from verifier import strict_json
 from verifier.clock import Clock
 from verifier.config.dpop import DpopConfig
 from verifier.errors import InvalidDpopProof, MalformedToken, SenderConstraintFailed, UseDpopNonce
@@ -153,10 +154,13 @@ class _Proof:
 
 
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """A proof's header or claims: client-made and client-signed, so read one way only (`verifier.strict_json`):
+    a proof naming `htu` (or `jwk`, `jti`) twice, in UTF-16 or with a BOM, or holding NaN is refused, not read
+    as its last member says while a WAF or an upstream checking the same proof reads the first."""
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidDpopProof(f"DPoP proof {what} is not JSON") from exc
+        value = strict_json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidDpopProof(f"DPoP proof {what} is not JSON read one way (RFC 8259)") from exc
     if not isinstance(value, dict):
         raise InvalidDpopProof(f"DPoP proof {what} is not a JSON object")
     return value

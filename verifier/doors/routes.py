@@ -11,6 +11,8 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from verifier import strict_json
+
 _PHRASES = {
     200: "OK",
     201: "Created",
@@ -42,11 +44,9 @@ class HttpRequest:
     peer: str = ""
 
     def json(self) -> Any:
-        """The body as JSON; raises ValueError when it is not, or is JSON read two ways (RFC 8259): not UTF-8
-        (`json.loads` on bytes also takes UTF-16 and UTF-32), an object naming a member twice (`json.loads` keeps
-        the last, a proxy or an audit tool in front may read the first), or NaN/Infinity (not JSON at all)."""
-        text = (self.body or b"null").decode("utf-8")  # a UnicodeDecodeError is a ValueError
-        return json.loads(text, object_pairs_hook=_unique_members, parse_constant=_not_json)
+        """The body as JSON; raises ValueError when it is not, or is JSON read two ways (`verifier.strict_json`):
+        not UTF-8, an object naming a member twice, or NaN/Infinity."""
+        return strict_json.loads(self.body or b"null")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,20 +74,6 @@ class HttpAnswer:
         if not keep_alive:
             lines.append("connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else self.body)
-
-
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """One JSON object, refused (ValueError) when it names a member twice (RFC 8259 section 4: names SHOULD be
-    unique; which value a reader takes is then up to the reader)."""
-    document = dict(pairs)
-    if len(document) != len(pairs):
-        raise ValueError("a member name is repeated")
-    return document
-
-
-def _not_json(constant: str) -> Any:
-    """`NaN`, `Infinity`, `-Infinity`: Python's extension, not JSON (RFC 8259 section 6)."""
-    raise ValueError(f"{constant} is not JSON")
 
 
 Handler = Callable[[HttpRequest, Mapping[str, str]], Awaitable[HttpAnswer]]

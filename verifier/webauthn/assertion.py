@@ -17,16 +17,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from fido2 import cbor
 from fido2.cose import CoseKey
 from fido2.webauthn import AuthenticationResponse, CollectedClientData
 
+from verifier import strict_json
 from verifier.clock import Clock
 from verifier.config.webauthn import CLOCK_SKEW_SECONDS, WebAuthnConfig
 from verifier.principal import Principal
@@ -81,9 +81,9 @@ def parse_assertion(header: str) -> AuthenticationResponse:
     if len(header) > MAX_ASSERTION_CHARS:
         raise _malformed("too large")
     try:
-        document = json.loads(b64url_decode(header.strip()))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise _malformed("not base64url-encoded JSON") from exc
+        document = strict_json.loads(b64url_decode(header.strip()))
+    except (ValueError, RecursionError) as exc:
+        raise _malformed("not base64url-encoded JSON read one way (RFC 8259)") from exc
     if not isinstance(document, dict) or not isinstance(document.get("response"), dict):
         raise _malformed("not a PublicKeyCredential")
     if document.get("type", "public-key") != "public-key":
@@ -100,11 +100,22 @@ def parse_assertion(header: str) -> AuthenticationResponse:
         # fido2's CBOR reader raises IndexError or struct.error on data cut short, RecursionError on data
         # nested too deep (authenticatorData with the ED flag and such extensions)
         raise _malformed(type(exc).__name__) from exc
+    check_client_data(bytes(response.response.client_data), _malformed)
     # fido2 keeps clientDataJSON's members as sent: an origin that is a list or an object is no origin
     # (and cannot be looked up in the allowed set).
     if not isinstance(response.response.client_data.origin, str):
         raise _malformed("clientDataJSON.origin is not a string")
     return response
+
+
+def check_client_data(client_data: bytes, refusal: Callable[[str], Exception]) -> None:
+    """clientDataJSON read one way only (`verifier.strict_json`), or `refusal(reason)` raised. fido2 parses it with
+    `json.loads`, which keeps the last of two `challenge`s or `origin`s: the browser's JSON, signed by the
+    authenticator, must not read as one challenge or origin here and as another to anyone else (section 5.8.1)."""
+    try:
+        strict_json.loads(client_data)
+    except (ValueError, RecursionError) as exc:
+        raise refusal("clientDataJSON is not JSON read one way (RFC 8259)") from exc
 
 
 def _response_members(response: Mapping[str, object]) -> list[tuple[str, object]]:

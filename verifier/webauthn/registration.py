@@ -38,6 +38,7 @@ from fido2.webauthn import (
 )
 
 from verifier.config.webauthn import WebAuthnConfig
+from verifier.webauthn.assertion import check_client_data
 from verifier.webauthn.challenge import ChallengeSigner, b64url
 from verifier.webauthn.errors import RegistrationRefused
 
@@ -194,6 +195,7 @@ class Registrar:
             raise RegistrationRefused("the registration does not verify: a binary member is not a base64url string")
         try:
             response = RegistrationResponse.from_dict(credential)
+            check_client_data(bytes(response.response.client_data), _does_not_verify)
             _check_attestation_object(response.response.attestation_object)
             auth_data = self._server.register_complete(
                 {"challenge": challenge, "user_verification": UserVerificationRequirement(uv)}, response
@@ -235,6 +237,10 @@ class Registrar:
             else (),
         )
         return registered, challenge
+
+
+def _does_not_verify(reason: str) -> RegistrationRefused:
+    return RegistrationRefused(f"the registration does not verify: {reason}")
 
 
 def _check_attestation_object(attestation: AttestationObject) -> None:
