@@ -466,7 +466,7 @@ class ProviderClient:
             return _status_result(status), failed(f"HTTP {status} from introspection provider")
         try:
             text = reply.body.decode()  # RFC 8259 section 8.1: UTF-8 (no guessing)
-            answer = json.loads(text)
+            answer = json.loads(text)  # the provider's: a repeated member is its last (see verifier.tokens.jws)
             if "\\u" in text and isinstance(answer, dict) and lone_surrogate(text, answer):
                 answer = UnencodableAnswer(answer)  # rare: looked for only when an escape is there at all
             return "ok", answer

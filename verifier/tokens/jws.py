@@ -4,6 +4,20 @@ Strict means: exactly three base64url segments with no padding and no stray char
 header and payload, a bounded size, and refusal of header parameters that would make us fetch or trust
 a key named by the token itself (`jku`, `x5u`, `jwk`; RFC 8725 section 3.10) or that we do not
 understand (`crit`, RFC 7515 section 4.1.11).
+
+Repeated member names are read as the last one, deliberately. RFC 7515 section 4 (and RFC 7519 section 4 for a
+JWT's claims) lets a JWS reader "either reject JWSs with duplicate Header Parameter names or use a JSON parser that
+returns only the lexically last duplicate member name"; `json.loads` is such a parser. Everything parsed here is
+the provider's: access tokens, logout tokens and SETs are signed by the issuer with a key from its JWKS, so the
+issuer, not the client holding the token, chose every byte, and a reader elsewhere that takes the first member
+would have to be fooled by the issuer itself. The access-token parse is the hot path (`_scan` is the C scanner;
+an `object_pairs_hook` would cost a Python call per object on every first-seen token). What section 5.2 step 3
+asks ("a UTF-8-encoded representation of a completely valid JSON object") holds all the same: UTF-16/32 fail
+the UTF-8 decode, a BOM fails the scan (`json.loads` refuses one in text), and NaN/Infinity, which Python reads
+though RFC 8259 section 6 has no such number, reach no decision: every claim read as a number goes through
+`verifier.numbers.json_number`, which refuses them. Introspection answers (`introspection_client`) are the
+provider's too, read alike. Client-made JSON (DPoP proofs, WebAuthn assertions and clientDataJSON, request bodies)
+is read one way only: `verifier.strict_json`.
 """
 
 from __future__ import annotations
