@@ -65,12 +65,17 @@ class RawH2:
 
     def call(self, stream: int, path: str, message: bytes, *, timeout: str | None = None) -> None:
         """A unary call on `stream`: HEADERS, then the message and END_STREAM."""
+        self.start(stream, path, timeout=timeout)
+        self.writer.write(frame(DATA, END_STREAM, stream, grpc_message(message)))
+
+    def start(self, stream: int, path: str, *, timeout: str | None = None, end_stream: bool = False) -> None:
+        """A call's HEADERS on `stream`, nothing after them (`end_stream`: a call that half-closes with no message)."""
         fields = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "verifier"),
                   ("content-type", "application/grpc"), ("te", "trailers")]  # fmt: skip
         if timeout is not None:
             fields.append(("grpc-timeout", timeout))
-        self.writer.write(frame(HEADERS, END_HEADERS, stream, header_block(fields)))
-        self.writer.write(frame(DATA, END_STREAM, stream, grpc_message(message)))
+        flags = END_HEADERS | (END_STREAM if end_stream else 0)
+        self.writer.write(frame(HEADERS, flags, stream, header_block(fields)))
         self.streams[stream] = Stream()
 
     def reset(self, stream: int, code: int = 0x8) -> None:

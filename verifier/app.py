@@ -607,6 +607,9 @@ class App:
                 tls=s.grpc.tls.read() if s.grpc.tls else None,
                 max_streams=s.grpc_max_concurrent_streams,
                 max_queued=s.grpc_max_queued_calls,
+                max_age=s.grpc_max_connection_age_seconds,
+                max_age_grace=s.grpc_max_connection_age_grace_seconds,
+                max_connections=s.grpc_max_connections,
             )
         if s.metrics is not None:
             self.ports.metrics = await self._start_metrics(

@@ -201,6 +201,19 @@ DEFAULT_GRPC_MAX_CONCURRENT_STREAMS = 4
 # (nearly) run out of time: 7% of capacity answered in time. At 128 (= 32 connections x 4: the issue's flood is never
 # refused) 77-88%; at 64, 81-83% but a 32-connection flood is refused too (docs/BENCHMARKS.md).
 DEFAULT_GRPC_MAX_QUEUED_CALLS = 128
+# Seconds a gRPC connection lives before the server sends GOAWAY (gRPC adds up to 10% of jitter), then seconds its
+# calls in flight have to finish before it is closed whatever it holds. grpc.aio never answers a call whose message
+# never arrives whole (a stream half-closed with none, HEADERS alone): the door's deadline cannot reach it, so only
+# the connection's end bounds it, and a caller holding only such calls held a descriptor and its memory for ever.
+# Gateways reconnect on GOAWAY without failing a call (Envoy's pool, grpcio's channels); a call takes at most
+# `deadline_seconds` (0.8 s) past the gateway's own timeout (Envoy's template: 2 s), well inside the grace.
+DEFAULT_GRPC_MAX_CONNECTION_AGE_SECONDS = 300.0
+DEFAULT_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS = 10.0
+# gRPC connections a worker accepts at once; past it a new one is closed as it is accepted. Each held a descriptor and
+# its memory without bound: a caller opening connections without end took the descriptors the other doors, the
+# issuers' fetches and Redis need. Envoy opens one connection per worker thread at least, more under load (4 streams
+# each): 4,096 is a large fleet's. Never above half the process's open-file limit (`verifier.doors.grpc`).
+DEFAULT_GRPC_MAX_CONNECTIONS = 4096
 DEFAULT_EDGE_MAX_AGE_SECONDS = 10  # seconds a gateway may reuse an allow; also bounds revocation reach
 DEFAULT_REFUSAL_MAX_AGE_SECONDS = 5  # seconds a gateway may reuse a refusal of a malformed/forged token
 
@@ -302,6 +315,18 @@ class Settings:
         maximum=1_000_000,
         doc="gRPC calls waiting for the door, all connections; past it new ones are refused (CANCELLED)",
     )
+    grpc_max_connections: int = setting(
+        DEFAULT_GRPC_MAX_CONNECTIONS, minimum=1, maximum=1_000_000,
+        doc="gRPC connections open at once per worker (at most half its open-file limit); more are closed at once",
+    )  # fmt: skip
+    grpc_max_connection_age_seconds: float = setting(
+        DEFAULT_GRPC_MAX_CONNECTION_AGE_SECONDS, minimum=1, maximum=86_400, unit="seconds",
+        doc="a gRPC connection's life (+10% jitter): then GOAWAY, and the client reconnects",
+    )  # fmt: skip
+    grpc_max_connection_age_grace_seconds: float = setting(
+        DEFAULT_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS, minimum=1, maximum=3600, unit="seconds",
+        doc="after GOAWAY, calls in flight finish within this; then the connection is closed, whatever it holds",
+    )  # fmt: skip
     deadline_seconds: float = setting(
         DEFAULT_DEADLINE_SECONDS,
         minimum=0.001,

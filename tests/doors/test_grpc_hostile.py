@@ -112,7 +112,8 @@ async def test_call_metadata_never_carries_a_decision() -> None:
 
 async def test_a_streaming_client_on_the_unary_check_is_judged_on_its_first_message_or_ends_at_its_deadline() -> None:
     """Two messages on the unary Check: the first is judged (the second, with a token, is never read). None at all:
-    grpc.aio never answers, so the call holds one of its connection's streams until the caller's deadline."""
+    grpc.aio never answers, so the call holds one of its connection's streams until the caller's deadline, or the
+    connection's age and grace without one (test_grpc_connection_age.py)."""
     async with running_verifier() as (app, idp):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
             stream = channel.stream_unary(OWN, request_serializer=None, response_deserializer=None)

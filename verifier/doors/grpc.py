@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import resource
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
@@ -38,7 +39,13 @@ from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
 from verifier.observe.tracing import Tracing
 from verifier.pipeline import Pipeline
 from verifier.request import RequestAttributes, normalize_authority
-from verifier.settings import DEFAULT_GRPC_MAX_CONCURRENT_STREAMS, DEFAULT_GRPC_MAX_QUEUED_CALLS
+from verifier.settings import (
+    DEFAULT_GRPC_MAX_CONCURRENT_STREAMS,
+    DEFAULT_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS,
+    DEFAULT_GRPC_MAX_CONNECTION_AGE_SECONDS,
+    DEFAULT_GRPC_MAX_CONNECTIONS,
+    DEFAULT_GRPC_MAX_QUEUED_CALLS,
+)
 from verifier.v1 import verifier_pb2
 
 OWN_SERVICE = "verifier.v1.Verifier"
@@ -282,11 +289,31 @@ class _GenericOnly:
         """Dropped on purpose (see the class)."""
 
 
+def connection_cap(max_connections: int) -> int:
+    """`max_connections`, at most half the process's open-file limit (the other doors, the issuers' fetches and
+    Redis keep the other half): a cap past the limit would not keep a caller from taking every descriptor."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max_connections if soft == resource.RLIM_INFINITY else max(1, min(max_connections, soft // 2))
+
+
 def server_options(
-    max_streams: int, *, reuse_port: bool, max_queued: int = DEFAULT_GRPC_MAX_QUEUED_CALLS
+    max_streams: int,
+    *,
+    reuse_port: bool,
+    max_queued: int = DEFAULT_GRPC_MAX_QUEUED_CALLS,
+    max_age: float = DEFAULT_GRPC_MAX_CONNECTION_AGE_SECONDS,
+    max_age_grace: float = DEFAULT_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS,
+    max_connections: int = DEFAULT_GRPC_MAX_CONNECTIONS,
 ) -> list[tuple[str, int]]:
     """The doors' grpc.aio server options (see `GrpcDoors.start`); bench/baselines.py runs its no-op with them."""
     return [
+        # Past it a new connection is closed as C core accepts it: the descriptors left are the process's own.
+        ("grpc.max_allowed_incoming_connections", connection_cap(max_connections)),
+        # A connection's life, then its calls' grace: the only bound on a call whose message never arrives whole
+        # (grpc.aio never runs the handler, so the door's deadline never starts) and on a connection holding such
+        # calls only. GOAWAY first: a gateway's pool opens the next connection and loses no call.
+        ("grpc.max_connection_age_ms", round(max_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(max_age_grace * 1000)),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_receive_message_length", 1 << 20),
         ("grpc.max_concurrent_streams", max_streams),
@@ -458,6 +485,9 @@ class GrpcDoors:
         tls: tuple[bytes, bytes, bytes | None] | None = None,
         max_streams: int = DEFAULT_GRPC_MAX_CONCURRENT_STREAMS,
         max_queued: int = DEFAULT_GRPC_MAX_QUEUED_CALLS,
+        max_age: float = DEFAULT_GRPC_MAX_CONNECTION_AGE_SECONDS,
+        max_age_grace: float = DEFAULT_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS,
+        max_connections: int = DEFAULT_GRPC_MAX_CONNECTIONS,
     ) -> int:
         """Builds the server and listens; returns the bound port.
 
@@ -480,8 +510,20 @@ class GrpcDoors:
         10-30% of its calls refused (grpc-python's callers got UNAVAILABLE "RST_STREAM with error code 7": its
         transparent retry, at most once, did not hide them). Without it the bound counts the streams the
         transport holds open, which is what the client counts.
+
+        `max_age` bounds a connection's life (GOAWAY, then `max_age_grace` for its calls in flight, then closed): a
+        call whose message never arrives whole never reaches the door, so nothing else ends it. `max_connections`
+        bounds the connections open at once (`connection_cap`): past it a new one is closed as it is accepted.
         """
-        server = grpc.aio.server(options=server_options(max_streams, reuse_port=reuse_port, max_queued=max_queued))
+        options = server_options(
+            max_streams,
+            reuse_port=reuse_port,
+            max_queued=max_queued,
+            max_age=max_age,
+            max_age_grace=max_age_grace,
+            max_connections=max_connections,
+        )
+        server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers(
             [
                 grpc.method_handlers_generic_handler(service, {"Check": handler})
