@@ -59,6 +59,24 @@ async def test_a_connection_holding_only_calls_that_never_finish_is_closed_withi
             assert verifier_pb2.CheckResponse.FromString(answer).allowed
 
 
+async def test_a_connection_that_never_sends_its_preface_is_closed_within_the_bound() -> None:
+    """A cleartext connection that sends nothing at all (no HTTP/2 preface): held until gRPC's handshake timeout
+    (120 s) at best; now closed with the others at its age and grace."""
+    async with running_verifier(SHORT) as (app, _):
+        assert app.ports.grpc is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", app.ports.grpc)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            while await asyncio.wait_for(reader.read(4096), BOUND + 3.0):  # the server's SETTINGS, then its end
+                pass
+        except TimeoutError:
+            raise AssertionError("held past the bound") from None
+        finally:
+            writer.close()
+        assert loop.time() - started < BOUND + 1.0
+
+
 async def test_a_call_with_no_message_and_no_deadline_ends_within_the_bound() -> None:
     """grpcio's own client, a stream of no messages on the unary Check and no deadline: it waited for ever; now the
     connection's end fails it (UNAVAILABLE), and the same channel's next call is answered on a new connection."""
