@@ -1443,12 +1443,14 @@ class _GatheringVerifier(verifier_pb2_grpc.VerifierServicer):
 
 
 @contextlib.contextmanager
-def stream_bounded_verifier(servicer: verifier_pb2_grpc.VerifierServicer, port: int = 0) -> Iterator[int]:
-    """A gRPC server with the verifier's own server options (SETTINGS_MAX_CONCURRENT_STREAMS = its default 4)
-    answering with `servicer`; yields its port."""
+def stream_bounded_verifier(
+    servicer: verifier_pb2_grpc.VerifierServicer, port: int = 0, **options: Any
+) -> Iterator[int]:
+    """A gRPC server with the verifier's own server options (SETTINGS_MAX_CONCURRENT_STREAMS = its default 4;
+    `options`: others of `server_options`) answering with `servicer`; yields its port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2 * BURST),
-        options=server_options(DEFAULT_GRPC_MAX_CONCURRENT_STREAMS, reuse_port=False),
+        options=server_options(DEFAULT_GRPC_MAX_CONCURRENT_STREAMS, reuse_port=False, **options),
     )
     verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
@@ -1496,6 +1498,32 @@ def test_the_channel_bound_holds_and_the_rest_wait_for_a_stream(pluginserver, ko
                    for calls in answers)
         assert servicer.peak == 2 * DEFAULT_GRPC_MAX_CONCURRENT_STREAMS
         assert established_to(port) == 2
+
+
+class _UnhurriedVerifier(verifier_pb2_grpc.VerifierServicer):
+    """Allows every Check after 0.3 s: Checks are in flight whenever a connection's age comes."""
+
+    def Check(self, request: verifier_pb2.CheckRequest, context: grpc.ServicerContext) -> verifier_pb2.CheckResponse:
+        time.sleep(0.3)
+        return verifier_pb2.CheckResponse(
+            allowed=True, http_status=200,
+            upstream_headers=[verifier_pb2.Header(name="X-Authenticated-Userid", value="app")],
+        )
+
+
+def test_checks_across_the_verifiers_connection_age_are_all_answered(pluginserver, kong):
+    """The verifier ends each gRPC connection at its age (GOAWAY, then a grace for the Checks in flight): the
+    plugin's channels reconnect and no Check fails (here ages of 1 s, ~3 of them; a grace of 0 fails some)."""
+    with stream_bounded_verifier(_UnhurriedVerifier(), max_age=1.0, max_age_grace=1.0) as port:
+        iid = start_instance(kong, grpc_target=f"127.0.0.1:{port}", timeout=10_000)
+        stop = time.monotonic() + 3.5
+        answers = []
+        while time.monotonic() < stop:
+            answers += burst(pluginserver, iid, 8)
+
+    assert len(answers) >= 8 * 5
+    assert all(named(calls, "kong.service.request.set_header") == [["X-Authenticated-Userid", "app"]]
+               for calls in answers), [named(calls, "kong.response.error") for calls in answers]
 
 
 def test_a_channel_whose_verifier_went_away_is_not_reused(kong, token):
