@@ -2,19 +2,20 @@
 
 An attacker wins when the gateway routes, or the upstream reads, another request than the one the verifier judged:
 another path (an encoded slash or dot, a `;` parameter, a doubled slash, a backslash, an encoded `?` or `#`, a
-format suffix), another host (an absolute-form target, a Host that disagrees with it, obs-fold, HTTP/2's `host`
-beside `:authority`), another method, or a second request smuggled in the body (`Transfer-Encoding` with
-`Content-Length`). Each request of the corpus goes byte for byte through every shipped configuration (real nginx,
-nginx with the Lua reuse plugin, real Envoy with ext_authz gRPC, HTTP and the reusing Lua filter) to the real
-verifier; what the echo upstream received is read as the upstreams it stands for would read it (`readings`:
-percent-decoded once and twice, `;parameters` and a `#...` dropped or kept, a backslash as `/`, case folded, dot
-segments resolved, a format suffix dropped) and must fall under the policy the token could pass: a read-only
-token never reaches an `/admin` path, the `/staff/users` handler or the admin host, nor writes; no token reaches
-nothing but /health.
+format suffix, white space at a segment's end), another host (an absolute-form target, a Host that disagrees with
+it, obs-fold, HTTP/2's `host` beside `:authority`), another method, or a second request smuggled in the body
+(`Transfer-Encoding` with `Content-Length`). Each request of the corpus goes byte for byte through every shipped
+configuration (real nginx, nginx with the Lua reuse plugin, real Envoy with ext_authz gRPC, HTTP and the reusing Lua
+filter) to the real verifier; what the echo upstream received is read as the upstreams it stands for would read it
+(`readings`: percent-decoded once and twice, `;parameters` and a `#...` dropped or kept, a backslash as `/`, case
+folded, dot segments resolved, white space at a segment's ends trimmed, a format suffix dropped) and must fall under
+the policy the token could pass: a read-only token never reaches an `/admin` path, the `/staff/users` handler or the
+admin host, nor writes; no token reaches nothing but /health.
 
-The corpus is a regression guard: every case but the format suffix (`test_a_format_suffix_...`, which reached the
-upstream's /staff/users handler with a read-only token) already ended in a refusal, a redirect or the upstream
-acting on what was judged.
+The corpus is a regression guard: every case but the format suffix (`test_a_format_suffix_...`) and white space at a
+segment's end (`test_white_space_...`: `/staff/users%20`, `/%20staff/users`, `/%09admin/x`), which reached the
+upstream's /staff/users or /admin handler with a read-only token, already ended in a refusal, a redirect or the
+upstream acting on what was judged.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def request(line: str, *, host: str | None = API_HOST, token: str = "", extra: s
 
 def readings(path: str) -> set[str]:
     """Every route an upstream may take `path` (the target it received) for, lower-cased: decoded once or twice,
-    `;parameters` and what follows a `#` dropped or kept, a backslash read as `/` or not, a format suffix dropped or
-    not, dot segments resolved or not (written independently of the verifier's own reading)."""
+    `;parameters` and what follows a `#` dropped or kept, a backslash read as `/` or not, white space at a segment's
+    ends trimmed or not, a format suffix dropped or not, dot segments resolved or not (written independently of the
+    verifier's own reading)."""
     routes: set[str] = set()
     target = path.split("?", 1)[0]
     for fragment in {target, target.split("#", 1)[0]}:
@@ -93,7 +95,10 @@ def readings(path: str) -> set[str]:
             once = urllib.parse.unquote(parameters)
             for decoded in {parameters, once, urllib.parse.unquote(once)}:
                 for slashed in {decoded, decoded.replace("\\", "/")}:
-                    for resolved in {slashed, posixpath.normpath("/" + slashed.lstrip("/"))}:
+                    trimmed = "/".join(segment.strip() for segment in slashed.split("/"))
+                    for resolved in {
+                        r for t in {slashed, trimmed} for r in (t, posixpath.normpath("/" + t.lstrip("/")))
+                    }:
                         stem, dot, _ = resolved.rpartition(".")
                         routes |= {resolved.lower()} | ({stem.lower()} if dot and "/" not in _ else set())
     return routes
@@ -126,6 +131,20 @@ def test_a_format_suffix_does_not_take_an_exact_paths_handler_to_a_laxer_policy(
     `/staff/users.*` to it: `/staff/users.json` is that handler with a JSON answer. The verifier judged it by its
     own name, which met no exact policy: the catch-all passed a read-only token (200, the target at the upstream)
     through every gateway, none of which changes the suffix. Now it is refused as ambiguous (400)."""
+    status = send(edge, request(f"GET {target} HTTP/1.1", token=read_token))
+
+    assert status == 400, (edge.name, target, status)
+    assert upstream.requests == [], (edge.name, target)
+
+
+@pytest.mark.parametrize("target", ["/staff/users%20", "/staff/users%09", "/staff/users%C2%A0", "/%20staff/users"])
+def test_white_space_at_a_segments_end_does_not_take_an_exact_paths_handler_to_a_laxer_policy(
+    edge: Edge, upstream: EchoUpstream, read_token: str, target: str
+) -> None:
+    """Spring's AntPathMatcher with trimTokens (before 4.3) and others trim the white space of a path segment:
+    `/staff/users%20` is the /staff/users handler to them. The verifier judged it by its own name (`/staff/users `),
+    which met no exact policy: the catch-all passed a read-only token (200, the target at the upstream) through every
+    gateway, none of which trims it. Now it is refused as ambiguous (400)."""
     status = send(edge, request(f"GET {target} HTTP/1.1", token=read_token))
 
     assert status == 400, (edge.name, target, status)
@@ -180,6 +199,12 @@ PATH_CORPUS = [
     "/staff/users%2F",
     "/staff/users%20",
     "/staff/users%09",
+    "/staff/users%0B",
+    "/staff/users%C2%A0",
+    "/staff/%20users",
+    "/staff%20/users",
+    "/%09admin/x",
+    "/staff/users.json%20",
     "/staff/users%23.json",
     "/staff/users%3F.json",
     "*",
@@ -222,6 +247,8 @@ PUBLIC_CORPUS = [
     "/HEALTH/../orders",
     "/health?/../orders",
     "/health%20",
+    "/health%09",
+    "/%20health/../orders",
     "/health%00",
     f"http://{ADMIN_HOST}/orders",
     f"http://{API_HOST}/health/../orders",

@@ -38,8 +38,12 @@ ADMIN = PolicySettings(
     name="admin",
     match=RouteMatch(path_prefix="/admin", methods=("POST", "PUT", "DELETE")),
     require=Requirements(
-        roles_any=("admin",), scopes_all=("write",), amr_any=("hwk",), acr_any=("phr", "phrh"),
-        max_auth_age_seconds=900, sender_constraint="dpop",
+        roles_any=("admin",),
+        scopes_all=("write",),
+        amr_any=("hwk",),
+        acr_any=("phr", "phrh"),
+        max_auth_age_seconds=900,
+        sender_constraint="dpop",
     ),
 )
 PUBLIC = PolicySettings(name="health", match=RouteMatch(path="/health"), require=Requirements(authenticated=False))
@@ -48,8 +52,17 @@ REST = PolicySettings(name="rest", match=RouteMatch(path_prefix="/"), require=Re
 
 @pytest.mark.parametrize(
     ("raw", "normal"),
-    [("/admin", "/admin"), ("//admin", "/admin"), ("/./admin", "/admin"), ("/x/../admin", "/admin"),
-     ("/%61dmin", "/admin"), ("/admin?x=/y", "/admin"), ("\\admin", "/admin"), ("/a/", "/a/"), ("", "/")],
+    [
+        ("/admin", "/admin"),
+        ("//admin", "/admin"),
+        ("/./admin", "/admin"),
+        ("/x/../admin", "/admin"),
+        ("/%61dmin", "/admin"),
+        ("/admin?x=/y", "/admin"),
+        ("\\admin", "/admin"),
+        ("/a/", "/a/"),
+        ("", "/"),
+    ],
 )
 def test_paths_are_normalized_before_matching(raw: str, normal: str) -> None:
     assert normalize_path(raw) == normal
@@ -61,8 +74,15 @@ def test_an_exact_path_covers_the_same_path_with_or_without_a_trailing_slash() -
     stats = PolicySettings(name="stats", match=RouteMatch(path="/admin/stats"), require=Requirements(roles_any=("a",)))
     slashed = PolicySettings(name="slashed", match=RouteMatch(path="/reports/"), require=Requirements(roles_any=("a",)))
     policies = PolicySet((stats, slashed, REST))
-    for path, name in (("/admin/stats", "stats"), ("/admin/stats/", "stats"), ("/reports", "slashed"),
-                       ("/reports/", "slashed"), ("/admin/stats/x", "rest"), ("/admin/statsx", "rest"), ("/", "rest")):
+    for path, name in (
+        ("/admin/stats", "stats"),
+        ("/admin/stats/", "stats"),
+        ("/reports", "slashed"),
+        ("/reports/", "slashed"),
+        ("/admin/stats/x", "rest"),
+        ("/admin/statsx", "rest"),
+        ("/", "rest"),
+    ):
         assert policies.match(_attrs("GET", path)).name == name, path  # type: ignore[union-attr]
 
 
@@ -105,8 +125,16 @@ OPENAPI = PolicySettings(
 
 @pytest.mark.parametrize(
     "path",
-    ["/admin/users.json", "/admin/users.xml", "/admin/users.", "/Admin/Users.json", "/admin/users.tar.gz",
-     "/admin/users.json/", "/admin/users%2Ejson", "/health.json"],
+    [
+        "/admin/users.json",
+        "/admin/users.xml",
+        "/admin/users.",
+        "/Admin/Users.json",
+        "/admin/users.tar.gz",
+        "/admin/users.json/",
+        "/admin/users%2Ejson",
+        "/health.json",
+    ],
 )
 def test_a_format_suffix_on_an_exact_policys_path_is_ambiguous(path: str) -> None:
     """Rails routes `/admin/users(.:format)` and Spring MVC before 5.3 matched `/admin/users.*`: `/admin/users.json`
@@ -117,12 +145,60 @@ def test_a_format_suffix_on_an_exact_policys_path_is_ambiguous(path: str) -> Non
 
 @pytest.mark.parametrize(
     ("path", "name"),
-    [("/openapi.json", "openapi"), ("/admin/users", "users"), ("/admin/users/", "users"), ("/static/app.js", "rest"),
-     ("/admin/users/x.json", "rest"), ("/admin/usersx.json", "rest"), ("/.well-known/x", "rest"), ("/a.b/c", "rest")],
+    [
+        ("/openapi.json", "openapi"),
+        ("/admin/users", "users"),
+        ("/admin/users/", "users"),
+        ("/static/app.js", "rest"),
+        ("/admin/users/x.json", "rest"),
+        ("/admin/usersx.json", "rest"),
+        ("/.well-known/x", "rest"),
+        ("/a.b/c", "rest"),
+    ],
 )
 def test_a_dot_that_names_no_other_exact_policy_is_not_ambiguous(path: str, name: str) -> None:
     """A file's own exact policy (`/openapi.json`), and a suffix whose stem no exact policy names, stay as they were."""
     assert PolicySet((USERS, PUBLIC, OPENAPI, REST)).match(_attrs("GET", path)).name == name  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin/users%20",
+        "/admin/users%09",
+        "/admin/users%20/",
+        "/admin/%20users",
+        "/admin/users%C2%A0",
+        "/admin/users%E2%80%83",
+        "/%20admin/x",
+        "/%09admin/users",
+        "/health%20",
+        "/admin/users%2520",
+    ],
+)
+def test_white_space_at_a_segments_end_on_another_policys_path_is_ambiguous(path: str) -> None:
+    """Spring's AntPathMatcher with trimTokens (before 4.3) and others trim the white space of a path segment:
+    `/admin/users%20` is the /admin/users handler to them, `/%20admin/x` under /admin. Judged by its own name, it met
+    no such policy and fell to the catch-all (a read-only token on the admin users; `/health%20` with no token)."""
+    policies = PolicySet((USERS, ADMIN, PUBLIC, OPENAPI, REST))
+    for _ in range(2):
+        assert policies.match(_attrs("DELETE", path)) is AMBIGUOUS
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/orders/x%20", "rest"),
+        ("/orders/%20x", "rest"),
+        ("/admin/x%20", "admin"),
+        ("/a%20b/c", "rest"),
+        ("/admin/users", "users"),
+    ],
+)
+def test_white_space_that_names_no_other_policy_is_not_ambiguous(path: str, name: str) -> None:
+    """White space whose trimmed reading meets the same policy (or none other) stays as it was."""
+    policy = PolicySet((USERS, ADMIN, PUBLIC, OPENAPI, REST)).match(_attrs("DELETE", path))
+    assert policy is not None and policy is not AMBIGUOUS and policy.name == name
 
 
 @pytest.mark.parametrize("path", ["/orders/x/../y", "/orders/./y", "/static/app.js", "/a/..b/c", "/.well/x"])
@@ -315,8 +391,12 @@ def test_scope_missing_is_403() -> None:
 
 def _good(**over: object) -> Principal:
     claims: dict[str, object] = {
-        "roles": {"admin"}, "scope": "read write", "amr": ["hwk", "pin"], "acr": "phr",
-        "auth_time": NOW - 60, "cnf": {"jkt": "abc"},
+        "roles": {"admin"},
+        "scope": "read write",
+        "amr": ["hwk", "pin"],
+        "acr": "phr",
+        "auth_time": NOW - 60,
+        "cnf": {"jkt": "abc"},
     }
     claims.update(over)
     return _principal(**claims)
@@ -328,8 +408,12 @@ def test_all_requirements_met_passes() -> None:
 
 @pytest.mark.parametrize(
     ("over", "description"),
-    [({"acr": "pwd"}, "stronger"), ({"amr": ["pwd"]}, "phishing-resistant"),
-     ({"auth_time": NOW - 901}, "more recent"), ({"auth_time": None}, "more recent")],
+    [
+        ({"acr": "pwd"}, "stronger"),
+        ({"amr": ["pwd"]}, "phishing-resistant"),
+        ({"auth_time": NOW - 901}, "more recent"),
+        ({"auth_time": None}, "more recent"),
+    ],
 )
 def test_weak_or_old_authentication_gets_an_rfc9470_challenge(over: dict[str, object], description: str) -> None:
     with pytest.raises(StepUpRequired) as info:
@@ -350,10 +434,25 @@ def test_weak_or_old_authentication_gets_an_rfc9470_challenge(over: dict[str, ob
 
 @pytest.mark.parametrize(
     "over",
-    [{"amr": ["HWK"]}, {"amr": "HWK"}, {"amr": ["hwk "]}, {"amr": "hwk pwd"}, {"amr": "pwd hwk"},
-     {"amr": {"hwk": True}}, {"amr": [["hwk"]]}, {"amr": None}, {"amr": []},
-     {"acr": "PHR"}, {"acr": "urn:mace:incommon:iap:phr"}, {"acr": "phr phrh"}, {"acr": {"phr": 1}},
-     {"acr": [["phr"]]}, {"acr": None}, {"acr": 1}, {"acr": True}],
+    [
+        {"amr": ["HWK"]},
+        {"amr": "HWK"},
+        {"amr": ["hwk "]},
+        {"amr": "hwk pwd"},
+        {"amr": "pwd hwk"},
+        {"amr": {"hwk": True}},
+        {"amr": [["hwk"]]},
+        {"amr": None},
+        {"amr": []},
+        {"acr": "PHR"},
+        {"acr": "urn:mace:incommon:iap:phr"},
+        {"acr": "phr phrh"},
+        {"acr": {"phr": 1}},
+        {"acr": [["phr"]]},
+        {"acr": None},
+        {"acr": 1},
+        {"acr": True},
+    ],
     ids=repr,
 )
 def test_a_near_miss_amr_or_acr_is_a_step_up_never_an_allow(over: dict[str, object]) -> None:
@@ -377,11 +476,19 @@ def test_auth_time_exactly_at_the_bound_is_refused_and_one_second_inside_passes(
         evaluate(ADMIN.require, _good(auth_time=NOW - 900), NOW)
 
 
-@pytest.mark.parametrize(("constraint", "cnf", "ok"), [
-    ("dpop", {"jkt": "a"}, True), ("dpop", {}, False), ("dpop", {"x5t#S256": "a"}, False),
-    ("mtls", {"x5t#S256": "a"}, True), ("mtls", {"jkt": "a"}, False),
-    ("any", {"jkt": "a"}, True), ("any", {"x5t#S256": "a"}, True), ("any", {}, False),
-])
+@pytest.mark.parametrize(
+    ("constraint", "cnf", "ok"),
+    [
+        ("dpop", {"jkt": "a"}, True),
+        ("dpop", {}, False),
+        ("dpop", {"x5t#S256": "a"}, False),
+        ("mtls", {"x5t#S256": "a"}, True),
+        ("mtls", {"jkt": "a"}, False),
+        ("any", {"jkt": "a"}, True),
+        ("any", {"x5t#S256": "a"}, True),
+        ("any", {}, False),
+    ],
+)
 def test_sender_constraint_requires_a_bound_token(constraint: str, cnf: dict[str, str], ok: bool) -> None:
     require = Requirements(sender_constraint=constraint)
     if ok:
@@ -392,12 +499,14 @@ def test_sender_constraint_requires_a_bound_token(constraint: str, cnf: dict[str
 
 
 def test_role_mapping_from_groups_scope_and_subjects_adds_to_a_roles_claim() -> None:
-    mapper = RoleMapper((
-        RoleRule(role="admin", claim="groups", values=("platform-admins",)),
-        RoleRule(role="billing-writer", scope="billing:write"),
-        RoleRule(role="ops", subjects=("alice",)),
-        RoleRule(role="never", claim="groups", values=("nobody",)),
-    ))
+    mapper = RoleMapper(
+        (
+            RoleRule(role="admin", claim="groups", values=("platform-admins",)),
+            RoleRule(role="billing-writer", scope="billing:write"),
+            RoleRule(role="ops", subjects=("alice",)),
+            RoleRule(role="never", claim="groups", values=("nobody",)),
+        )
+    )
     roles = mapper.roles({"groups": ["platform-admins", "x"]}, "alice", ("billing:write",), frozenset({"viewer"}))
     assert roles == {"viewer", "admin", "billing-writer", "ops"}
     assert mapper.roles({"groups": "platform-admins"}, "bob", (), frozenset()) == {"admin"}
@@ -408,11 +517,13 @@ def test_a_single_valued_claim_is_one_value_and_only_scope_lists_are_split() -> 
     """A string claim was split on spaces: a user-editable single-valued attribute mapped by a rule
     (`"Not platform-admins"`, a profile field, a Keycloak user attribute) held the word and granted the role.
     `scope` and `scp` are space-separated lists by definition (RFC 6749 section 3.3; Entra's `scp`)."""
-    mapper = RoleMapper((
-        RoleRule(role="admin", claim="groups", values=("platform-admins",)),
-        RoleRule(role="mail-admin", claim="scp", values=("Mail.Admin",)),
-        RoleRule(role="writer", claim="scope", values=("docs:write",)),
-    ))
+    mapper = RoleMapper(
+        (
+            RoleRule(role="admin", claim="groups", values=("platform-admins",)),
+            RoleRule(role="mail-admin", claim="scp", values=("Mail.Admin",)),
+            RoleRule(role="writer", claim="scope", values=("docs:write",)),
+        )
+    )
     assert mapper.roles({"groups": "Not platform-admins"}, "eve", (), frozenset()) == frozenset()
     assert mapper.roles({"groups": "platform-admins x"}, "eve", (), frozenset()) == frozenset()
     assert mapper.roles({"groups": "platform-admins"}, "bob", (), frozenset()) == {"admin"}
@@ -465,9 +576,14 @@ def test_route_memo_is_bounded_against_distinct_paths() -> None:
 
 @pytest.mark.parametrize(
     ("claims", "scopes"),
-    [({"scope": "read  write"}, ("read", "write")), ({"scope": "read ad\tmin"}, ("read",)),
-     ({"scope": "read\u00a0admin write"}, ("write",)), ({"scp": ["read", "read admin", "", 7]}, ("read",)),
-     ({"scp": "read ad\x00min"}, ("read",)), ({"scope": ["admin"]}, ())],
+    [
+        ({"scope": "read  write"}, ("read", "write")),
+        ({"scope": "read ad\tmin"}, ("read",)),
+        ({"scope": "read\u00a0admin write"}, ("write",)),
+        ({"scp": ["read", "read admin", "", 7]}, ("read",)),
+        ({"scp": "read ad\x00min"}, ("read",)),
+        ({"scope": ["admin"]}, ()),
+    ],
 )
 def test_scopes_the_upstream_would_read_otherwise_are_left_out(
     claims: dict[str, object], scopes: tuple[str, ...]

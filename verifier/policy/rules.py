@@ -2,8 +2,9 @@
 
 Matching normalizes the path first (percent-decoding, `//`, dot segments), so `//admin` and `/%61dmin` meet
 the `/admin` policy instead of slipping past it to a laxer one; a path whose other readings (an upstream's that
-keeps what normalizing drops: dot segments, `#`, `;parameters`, case; or drops a format suffix; `other_readings`)
-meet another policy is refused as ambiguous (`/./admin`, `/admin/x/../../health`, `/admin/users.json`).
+keeps what normalizing drops: dot segments, `#`, `;parameters`, case; or drops a format suffix, or trims white space
+from a segment; `other_readings`) meet another policy is refused as ambiguous (`/./admin`, `/admin/x/../../health`,
+`/admin/users.json`, `/admin/users%20`).
 Requirements are checked in an order that gives the client the most useful answer: authorization
 (roles, scopes: 403) before assurance (amr/acr/auth_time: an RFC 9470 step-up 401) before the
 sender constraint (a DPoP/mTLS 401).
@@ -36,6 +37,11 @@ def normalize_path(path: str, *, backslash_is_slash: bool = True) -> str:
     decoded = urllib.parse.unquote(raw)
     if backslash_is_slash:
         decoded = decoded.replace("\\", "/")
+    return _resolved(decoded)
+
+
+def _resolved(decoded: str) -> str:
+    """`decoded` (a decoded path) with its dot segments resolved and its `//` collapsed, its trailing slash kept."""
     if not decoded.startswith("/"):
         decoded = "/" + decoded
     normal = posixpath.normpath(decoded)
@@ -64,7 +70,8 @@ def other_readings(path: str, normal: str) -> set[str]:
     - Servers and gateways resolve dot segments (`..`, `%2e%2e`; RFC 3986 section 5.2.4, `normalize_path` does), but
       Express mounts and Flask (Werkzeug) routes match the target as it came, and nginx and Kong pass it on as it
       came: `/admin/x/../../health` is /health to the first, under /admin to the others.
-    (A format suffix some drop, `/admin/users.json`, is `_formats_dropped`'s.)
+    (A format suffix some drop, `/admin/users.json`, is `_formats_dropped`'s; white space some trim from a segment,
+    `/admin/users%20`, `_white_space_trimmed`'s.)
     """
     readings: set[str] = set()
     variants = {path}
@@ -110,6 +117,21 @@ def _formats_dropped(paths: set[str]) -> set[str]:
     return dropped
 
 
+def _white_space_trimmed(paths: set[str]) -> set[str]:
+    """`paths` (normalized) with the white space at the start and end of each segment trimmed (what `str.strip`
+    removes: space, tab, and the other Unicode white space), for those that have any, normalized again: Spring's
+    AntPathMatcher with trimTokens (before 4.3) and others trim path segments, so `/admin/users%20` and `/%09admin`
+    are /admin/users and /admin to them, while a policy for /admin/users missed the first and /admin the second."""
+    trimmed: set[str] = set()
+    for path in paths:
+        segments = path.split("/")
+        stripped = [segment.strip() for segment in segments]
+        if stripped != segments:
+            trimmed.add(_resolved("/".join(stripped)))
+    return trimmed
+
+
+_WHITE_SPACE = re.compile(r"\s")  # what `str.strip` removes (Unicode white space)
 _PATH_PARAMETERS = re.compile(r";[^/]*")
 MAX_ROUTE_MEMO = 4096  # (method, host, path) -> policy decisions remembered by `PolicySet.match`
 _UNSEEN = object()
@@ -323,6 +345,11 @@ class PolicySet:
                 # A format suffix dropped (`_formats_dropped`) counts where it names an exact path of a policy: one
                 # written for the file itself (`/openapi.json`) has no other route than its own name.
                 paths |= {p for p in _formats_dropped(paths | {normal}) if self._exact(method, names, p)}
+            if _WHITE_SPACE.search(normal) or any(_WHITE_SPACE.search(p) for p in paths):
+                # White space trimmed from a segment (`_white_space_trimmed`): `/admin/users%20` meets the policy of
+                # /admin/users there; and a format suffix before it (`/admin/users.json%20`) dropped too.
+                trimmed = _white_space_trimmed(paths | {normal})
+                paths |= trimmed | {p for p in _formats_dropped(trimmed) if self._exact(method, names, p)}
             if len(names) > 1 or paths:
                 paths.add(normal)
                 if any(self._match(method, n, p) is not policy for n in names for p in paths):
