@@ -192,6 +192,53 @@ def test_compose_declarative_config_points_the_plugin_at_the_verifier(compose):
     assert_plugin_points_at_verifier(declarative, verifier_config)
 
 
+def unguarded_routes(declarative: dict[str, Any]) -> list[str]:
+    """The routes of a Kong declarative config that reach the upstream of a service behind the plugin without the
+    plugin running: it is named neither on the route, nor on its service, nor globally."""
+    name = schema_name()
+
+    def guarded(entity: dict[str, Any]) -> bool:
+        return any(p.get("name") == name and p.get("enabled", True) for p in entity.get("plugins") or ())
+
+    if any(
+        p.get("name") == name and p.get("enabled", True) and not p.get("service") and not p.get("route")
+        for p in declarative.get("plugins") or ()
+    ):
+        return []
+    services = {s["name"]: s for s in declarative.get("services") or ()}
+    protected = {s.get("url") or s.get("host") for s in services.values() if guarded(s)}
+    routes = [(r, s) for s in services.values() for r in s.get("routes") or ()]
+    routes += [
+        (r, services.get((r.get("service") or {}).get("name", r.get("service"))))
+        for r in declarative.get("routes") or ()
+    ]
+    return [
+        str(route.get("name"))
+        for route, service in routes
+        if not guarded(route)
+        and (service is None or (not guarded(service) and (service.get("url") or service.get("host")) in protected))
+    ]
+
+
+def test_no_shipped_kong_route_reaches_a_protected_upstream_without_the_plugin(k8s):
+    """deploy/kong/kong.yml shipped `echo-open`: `/open`, no plugin, to the protected routes' upstream. Kong keeps `%2F`
+    encoded, so `/open%2F..%2Fapi/x` was routed there unjudged and an upstream that decodes it read /api/x. Neither
+    shipped declarative config (compose's, the k8s ConfigMap's) has a route to a protected upstream without it."""
+    shipped = {
+        "deploy/kong/kong.yml": load_yaml_docs(DEPLOY / "kong" / "kong.yml")[0],
+        "k8s kong-declarative": yaml.safe_load(k8s[("ConfigMap", "kong-declarative")]["data"]["kong.yml"]),
+    }
+    for where, declarative in shipped.items():
+        assert unguarded_routes(declarative) == [], where
+    leaky = {
+        "services": [
+            {"name": "a", "url": "http://u", "plugins": [{"name": schema_name()}], "routes": [{"name": "x"}]},
+            {"name": "b", "url": "http://u", "routes": [{"name": "open"}]},
+        ]
+    }
+    assert unguarded_routes(leaky) == ["open"]  # the check itself sees the shape that shipped
+
+
 def test_keycloak_realm_issues_tokens_the_verifier_accepts(compose):
     keycloak = compose["services"]["keycloak"]
     assert keycloak["image"].startswith("quay.io/keycloak/keycloak:")
