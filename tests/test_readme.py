@@ -16,6 +16,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def test_the_readme_configuration_reference_validates(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VERIFIER_IDP_SECRET", "s" * 32)
     monkeypatch.setenv("VERIFIER_WEBAUTHN_SECRET", "w" * 32)
+    monkeypatch.setenv("VERIFIER_SSF_PUSH_AUTHORIZATION", "Bearer " + "p" * 32)
     blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), re.DOTALL)
     reference = next(b for b in blocks if "issuers:" in b and "policies:" in b)
     # the files it names must be writable where it is loaded (the WebAuthn registry's directory is checked)

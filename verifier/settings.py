@@ -55,7 +55,7 @@ from verifier.config.policy import (
     trusted_among,
 )
 from verifier.config.resource import ProtectedResourceConfig, parse_protected_resource_config
-from verifier.config.revocation import RevocationConfig, check_transmitter_scopes, parse_revocation_config
+from verifier.config.revocation import PUSH, RevocationConfig, check_transmitter_scopes, parse_revocation_config
 from verifier.config.state import (
     DEFAULT_REDIS_MAX_BUCKETS,
     StateConfig,
@@ -524,6 +524,7 @@ def config_warnings(settings: Settings) -> list[ConfigWarning]:
         *([] if settings.readable_key_files == "refuse" else _readable_key_files(settings)),
         *_admin_on_shared_listener(settings, os.environ.get(ADMIN_TOKEN_ENV)),
         *_metrics_unauthenticated(settings),
+        *_push_unauthenticated(settings),
     ]
 
 
@@ -546,6 +547,29 @@ def _metrics_unauthenticated(settings: Settings) -> list[ConfigWarning]:
             ),
             fields=(("listen", metrics.address),),
         )
+    ]
+
+
+def _push_unauthenticated(settings: Settings) -> list[ConfigWarning]:
+    """A push transmitter without `push_authorization_env`: `POST /v1/ssf/events` takes any well-signed SET from
+    whoever reaches it, so one captured on its way (a proxy's log, a transmitter's retry queue) can be delivered
+    again by anyone (within `max_age_seconds`, and once per `jti`)."""
+    revocation = settings.revocation
+    if revocation is None:
+        return []
+    return [
+        ConfigWarning(
+            kind="push_unauthenticated",
+            message=(
+                f"revocation.transmitters[{i}] ({transmitter.issuer}): delivery push with no push_authorization_env: "
+                "POST /v1/ssf/events takes its SETs from whoever reaches it, the signature their only check, so a "
+                "captured SET can be delivered again by anyone; set push_authorization_env to an environment "
+                "variable holding the Authorization header value the stream's delivery.authorization_header names"
+            ),
+            fields=(("key", f"revocation.transmitters[{i}].push_authorization_env"),),
+        )
+        for i, transmitter in enumerate(revocation.transmitters)
+        if transmitter.delivery == PUSH and transmitter.push_authorization_env is None
     ]
 
 

@@ -119,6 +119,7 @@ def test_a_shipped_configuration_passes_check_config(name: str, tmp_path: Path) 
         "VERIFIER_IDP_SECRET": "s" * 32,
         "VERIFIER_WEBAUTHN_SECRET": "w" * 32,
         "VERIFIER_METRICS_TOKEN": "t" * 32,
+        "VERIFIER_SSF_PUSH_AUTHORIZATION": "Bearer " + "p" * 32,
     }
     result = subprocess.run(
         [sys.executable, "-m", "verifier", "check-config", str(path)],

@@ -362,3 +362,33 @@ def test_a_role_rule_on_a_member_of_a_claim_users_set_is_said_at_start_up() -> N
     assert "issuers[0].roles[1]" in found.message and "'address.country'" in found.message
     quiet = config_warnings(parse_settings(_with_role_claim("realm_access.roles")))
     assert not [w for w in quiet if w.kind == "role_claim_editable"]
+
+
+def _with_transmitter(**transmitter: object) -> dict[str, object]:
+    issuer = {"issuer": "https://idp.example.test", "audiences": ["api"], "algorithms": ["ES256"]}
+    sender = {"issuer": "https://idp.example.test", "audience": "https://verifier.example.test", **transmitter}
+    return {"http": {"listen": "127.0.0.1:0"}, "issuers": [issuer], "revocation": {"transmitters": [sender]}}
+
+
+def test_a_push_transmitter_without_push_authorization_is_said_at_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push transmitter with no `push_authorization_env`: `POST /v1/ssf/events` takes a well-signed SET from
+    whoever reaches it, so one captured on its way is delivered again by anyone. Not refused (a receiver reached only
+    by its transmitter has no need), but start-up and `check-config` say so, naming the key; a push transmitter with
+    it, and a poll one, are not warned about."""
+    from verifier.settings import config_warnings
+
+    (found,) = [w for w in config_warnings(parse_settings(_with_transmitter())) if w.kind == "push_unauthenticated"]
+    assert "revocation.transmitters[0] (https://idp.example.test)" in found.message
+    assert "set push_authorization_env" in found.message
+    assert dict(found.fields) == {"key": "revocation.transmitters[0].push_authorization_env"}
+    result = _check_config(tmp_path, _with_transmitter())
+    assert result.returncode == 0, result.stderr
+    assert "warning: revocation.transmitters[0] (https://idp.example.test): delivery push" in result.stderr
+    monkeypatch.setenv("VERIFIER_TEST_PUSH_AUTHORIZATION", "Bearer " + "p" * 32)
+    quiet = [
+        *config_warnings(parse_settings(_with_transmitter(push_authorization_env="VERIFIER_TEST_PUSH_AUTHORIZATION"))),
+        *config_warnings(parse_settings(_with_transmitter(delivery="poll"))),
+    ]
+    assert not [w for w in quiet if w.kind == "push_unauthenticated"]
