@@ -31,7 +31,7 @@ from verifier.app import SSF_USER_AGENT, App
 from verifier.checks.base import NO_POLICY
 from verifier.checks.revocation import Revocation
 from verifier.config.state import ReplayBounds
-from verifier.doors.admin_http import add_admin_routes
+from verifier.doors.admin_http import MAX_BODY_BYTES, add_admin_routes
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
@@ -889,6 +889,20 @@ async def test_kill_switch_refuses_a_body_that_reads_two_ways(service: Revocatio
     answer = await routes(service).dispatch(request)
     assert (answer.status, body(answer)["error"]) == (400, "invalid_request")
     assert dict(answer.headers)["x-verifier-reason"] == "invalid_request"
+    assert len(service.revocations) == 0
+
+
+async def test_kill_switch_names_its_reason_for_a_body_too_large(service: RevocationService) -> None:
+    """A body over the admin API's bound was answered 413 with no `x-verifier-reason` (and no challenge), while
+    every other refusal names its catalogued code: a gateway's log or an alert on the reason missed it. Now it is
+    the catalogue's `invalid_request` answer, still 413, and makes no entry."""
+    raw = json.dumps({"subject": USER, "reason": "x" * (MAX_BODY_BYTES + 1)}).encode()
+    request = HttpRequest("POST", "/v1/admin/revocations", "", {"authorization": f"Bearer {ADMIN}"}, raw)
+    answer = await routes(service).dispatch(request)
+    headers = dict(answer.headers)
+    assert (answer.status, body(answer)["error"]) == (413, "invalid_request")
+    assert headers["x-verifier-reason"] == "invalid_request" and headers["cache-control"] == "no-store"
+    assert headers["www-authenticate"].startswith('Bearer realm="verifier-admin", error="invalid_request"')
     assert len(service.revocations) == 0
 
 

@@ -8,6 +8,7 @@ none: 404), else to the forward-auth listener's.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -39,8 +40,9 @@ def add_admin_routes(router: Router, kill_switch: KillSwitch) -> None:
         return run
 
     async def create(request: HttpRequest, _: Mapping[str, str]) -> HttpAnswer:
-        if len(request.body) > MAX_BODY_BYTES:
-            return HttpAnswer.json(413, {"error": "invalid_request", "error_description": "body too large"})
+        if len(request.body) > MAX_BODY_BYTES:  # the catalogue's answer (and its reason), as 413 (RFC 9110 15.5.14)
+            answer = endpoint_answer(MalformedRequest("body too large"), realm=REALM)
+            return dataclasses.replace(answer, status=413)
         try:
             document: Any = request.json()
         except (ValueError, RecursionError) as exc:
