@@ -204,6 +204,24 @@ async def test_without_exp_the_iat_bound_suffices(app: App, mint: Mint) -> None:
     assert (await post(app, sign(mint, exp=None))).status == 200
 
 
+async def test_with_require_exp_a_logout_token_without_exp_is_refused(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    """Back-Channel Logout 1.0 errata set 1 makes `exp` REQUIRED: with `backchannel_logout.require_exp` a token
+    without one is refused 400 (code `exp`) and changes nothing; one with it is accepted as before. Default false
+    (the first edition's providers): `test_without_exp_the_iat_bound_suffices`."""
+    issuer = issuer_settings(
+        algorithms=("ES256",), backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,), require_exp=True)
+    )
+    strict = App(Settings(grpc=None, http=None, metrics=None, issuers=(issuer,)), clock=clock, fetcher=fetcher)
+    assert strict.revocation is not None
+    await strict.revocation.resync()
+    error_of(await post(strict, sign(mint, exp=None)))
+    assert counted(strict, ISSUER, "exp") == 1
+    assert strict.revocation.revocations.check(principal(sid="session-1")) is None
+    assert (await post(strict, sign(mint, jti="logout-2"))).status == 200
+
+
 async def test_a_replayed_jti_is_refused_and_changes_nothing(
     app: App, service: RevocationService, mint: Mint, clock: FrozenClock
 ) -> None:
@@ -458,6 +476,9 @@ def _config(logout: Any, **top: Any) -> dict[str, Any]:
 def test_config_reads_the_section() -> None:
     settings = parse_settings(_config({"audiences": [CLIENT], "max_age_seconds": 60}))
     assert settings.issuers[0].backchannel_logout == BackchannelLogoutConfig(audiences=(CLIENT,), max_age_seconds=60)
+    strict = parse_settings(_config({"audiences": [CLIENT], "require_exp": True})).issuers[0].backchannel_logout
+    assert strict is not None and strict.require_exp
+    assert not BackchannelLogoutConfig(audiences=(CLIENT,)).require_exp
 
 
 @pytest.mark.parametrize(

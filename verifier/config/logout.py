@@ -7,6 +7,7 @@ issuers:
     backchannel_logout:
       audiences: ["my-gateway-client"]   # the client ids the provider puts in a logout token's `aud`
       max_age_seconds: 300               # a logout token whose `iat` is older is refused
+      require_exp: false                 # true: a logout token without `exp` is refused (errata set 1)
 ```
 """
 
@@ -33,6 +34,12 @@ class BackchannelLogoutConfig:
         maximum=3600,
         unit="seconds",
         doc="a logout token whose `iat` is older is refused",
+    )
+    # Back-Channel Logout 1.0 errata set 1 (December 2023) makes `exp` REQUIRED in a logout token; the first
+    # edition did not, and a provider following it may leave `exp` out. Without it a token is still bounded by
+    # `max_age_seconds` and its `jti`; true refuses it (oidc-provider sends `exp`, 120 s out).
+    require_exp: bool = setting(
+        False, doc="true: a logout token without `exp` is refused (REQUIRED by errata set 1, December 2023)"
     )
 
 

@@ -7,6 +7,9 @@ another explicit type such as `at+jwt` or `secevent+jwt`), `iss` an issuer confi
 `backchannel_logout`, `alg` on that issuer's allow-list and pinned to its key type, signature against
 the issuer's JWKS (the access-token keys: same cache, same refresh), `aud` one of the configured client
 ids, `iat` neither in the future nor older than `max_age_seconds`, `exp` (when present) not passed,
+and present when the issuer's `backchannel_logout.require_exp` is true (errata set 1, December 2023, makes
+`exp` REQUIRED; the first edition did not, so a token without it is accepted by default, bounded by
+`max_age_seconds` and its `jti`: node-oidc-provider sends `exp` 120 s out),
 `jti` present and never seen by any replica, `events` holding the back-channel-logout member (an
 object), no `nonce` (so an ID token can never pass for one), and `sid` and/or `sub` (section 2.4).
 
@@ -164,6 +167,8 @@ class LogoutTokenVerifier:
                 raise LogoutRefused(AUDIENCE, "aud names none of the configured client ids")
             leeway = settings.leeway_seconds
             iat = check_times(payload, now=self._clock.now(), leeway=leeway, max_age=config.max_age_seconds)
+            if config.require_exp and "exp" not in payload:
+                raise LogoutRefused(EXPIRED, "exp missing (backchannel_logout.require_exp)")
             jti = jti_of(payload)
         except MessageRefused as exc:
             raise LogoutRefused(exc.failed.value, exc.description) from exc
