@@ -9,7 +9,8 @@ the issuer's JWKS (the access-token keys: same cache, same refresh), `aud` one o
 ids, `iat` neither in the future nor older than `max_age_seconds`, `exp` (when present) not passed,
 and present when the issuer's `backchannel_logout.require_exp` is true (errata set 1, December 2023, makes
 `exp` REQUIRED; the first edition did not, so a token without it is accepted by default, bounded by
-`max_age_seconds` and its `jti`: node-oidc-provider sends `exp` 120 s out),
+`max_age_seconds` and its `jti`: node-oidc-provider sends `exp` 120 s out, Keycloak since keycloak#25753, older
+Keycloak and Ory Hydra 2.2 none),
 `jti` present and never seen by any replica, `events` holding the back-channel-logout member (an
 object), no `nonce` (so an ID token can never pass for one), and `sid` and/or `sub` (section 2.4).
 
