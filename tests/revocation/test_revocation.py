@@ -6,7 +6,6 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
-from unittest import mock
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -41,7 +40,6 @@ from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.revocation import Revocations, RevocationService, TokenRevoked, parse_revocation_config
-from verifier.revocation import ssf as ssf_module
 from verifier.revocation.entry import REFUSAL_CODES, Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.subjects import MAX_IDENTIFIER_CHARS, SubjectError, subject_keys
@@ -592,10 +590,9 @@ async def test_the_push_authorization_is_compared_in_constant_time(
     clock: FrozenClock, provider: FakeFetcher, transmitter: SsfTransmitter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     svc = await push_authenticated_service(clock, provider, monkeypatch)
-    spy = mock.Mock(wraps=ssf_module.hmac.compare_digest)
-    monkeypatch.setattr(ssf_module.hmac, "compare_digest", spy)
+    calls = compare_digest_calls(monkeypatch)
     await push(svc, transmitter.sign_set({ACCOUNT_DISABLED: {}}, USER), authorization="Bearer wrong")
-    assert spy.call_args_list[0].args == (b"Bearer wrong", PUSH_AUTHORIZATION.encode())
+    assert calls[0] == (b"Bearer wrong", PUSH_AUTHORIZATION.encode())
 
 
 async def test_a_set_from_a_polled_transmitter_pushed_to_us_is_refused(
