@@ -448,9 +448,10 @@ class GrpcDoors:
             await self._invalid(context, "envoy.service.auth.v3.CheckRequest describing an HTTP request")
             raise DecodeError("no attributes.request.http")  # abort raises; this is never reached
         http = message.attributes.request.http
-        if http.headers and http.header_map.headers:
+        if http.HasField("header_map") and http.headers:
             # Envoy sends one or the other (`encode_raw_headers`): both, disagreeing, and the door would judge one
-            # while the caller meant (or forwards) the other.
+            # while the caller meant (or forwards) the other. A `header_map` beside `headers` is refused even when
+            # empty (Envoy never sends one with the other); asking its presence is a third of reading it.
             await self._invalid(context, "envoy.service.auth.v3.CheckRequest with its headers in one form")
             raise DecodeError("both headers and header_map")  # abort raises; this is never reached
         key = request_key(message)
