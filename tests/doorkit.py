@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -78,6 +79,28 @@ async def http_exchange(port: int, raw: bytes, *, read_until_close: bool = False
         return head + body
     finally:
         writer.close()
+
+
+async def held_open(port: int, sent: bytes = b"", *, tls: ssl.SSLContext | None = None, within: float) -> float | None:
+    """Connects to `port` (with `tls`, its handshake first), writes `sent` and then nothing, and reads whatever the
+    server sends until it closes the connection: the seconds from the connect to the close, or None if the server
+    still held it `within` seconds after the connect."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=tls, server_hostname="localhost" if tls else None
+    )
+    try:
+        writer.write(sent)
+        while await asyncio.wait_for(reader.read(4096), max(0.0, started + within - loop.time())):
+            pass
+    except TimeoutError:
+        return None
+    except (ConnectionError, ssl.SSLError):
+        pass  # closed with a reset, or mid-record
+    finally:
+        writer.close()
+    return loop.time() - started
 
 
 async def until_pending(app: App, checks: int) -> None:

@@ -610,6 +610,7 @@ class App:
                 max_age=s.grpc_max_connection_age_seconds,
                 max_age_grace=s.grpc_max_connection_age_grace_seconds,
                 max_connections=s.grpc_max_connections,
+                handshake_timeout=s.grpc_handshake_timeout_seconds,
             )
         if s.metrics is not None:
             self.ports.metrics = await self._start_metrics(

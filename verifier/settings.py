@@ -209,6 +209,11 @@ DEFAULT_GRPC_MAX_QUEUED_CALLS = 128
 # `deadline_seconds` (0.8 s) past the gateway's own timeout (Envoy's template: 2 s), well inside the grace.
 DEFAULT_GRPC_MAX_CONNECTION_AGE_SECONDS = 300.0
 DEFAULT_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS = 10.0
+# Seconds a new gRPC connection has, from its accept, to finish its TLS handshake (mTLS included) and send the HTTP/2
+# preface and its SETTINGS (gRPC core's GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS); then it is closed. gRPC's default was
+# 120 s: a caller opening connections and never sending a ClientHello (or stalling mid-handshake) held a place of
+# `grpc_max_connections` each for two minutes. Gateways send all of it in one round trip or two.
+DEFAULT_GRPC_HANDSHAKE_TIMEOUT_SECONDS = 10.0
 # gRPC connections a worker accepts at once; past it a new one is closed as it is accepted. Each held a descriptor and
 # its memory without bound: a caller opening connections without end took the descriptors the other doors, the
 # issuers' fetches and Redis need. Envoy opens one connection per worker thread at least, more under load (4 streams
@@ -326,6 +331,10 @@ class Settings:
     grpc_max_connection_age_grace_seconds: float = setting(
         DEFAULT_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS, minimum=1, maximum=3600, unit="seconds",
         doc="after GOAWAY, calls in flight finish within this; then the connection is closed, whatever it holds",
+    )  # fmt: skip
+    grpc_handshake_timeout_seconds: float = setting(
+        DEFAULT_GRPC_HANDSHAKE_TIMEOUT_SECONDS, minimum=0.1, maximum=600, unit="seconds",
+        doc="a new gRPC connection's TLS handshake, HTTP/2 preface and SETTINGS must arrive within this; else closed",
     )  # fmt: skip
     deadline_seconds: float = setting(
         DEFAULT_DEADLINE_SECONDS,

@@ -576,3 +576,18 @@ def test_bucket_shares_that_cannot_give_each_issuer_entry_a_bucket_are_refused_a
     with pytest.raises(ConfigError) as refused:
         parse_settings(_two_issuers(state, main, template))
     assert problem in str(refused.value)
+
+
+@pytest.mark.parametrize(("value", "accepted"), [(0, False), (0.05, False), (-1, False), (0.1, True), (10, True)])
+def test_the_grpc_handshake_timeout_is_checked_at_start_up(value: float, accepted: bool) -> None:
+    """`grpc_handshake_timeout_seconds` must be positive (0 would close every connection at once) and is read as
+    given; its default (10 s) replaces gRPC's 120 s."""
+    document = _example()
+    document["grpc_handshake_timeout_seconds"] = value
+    if accepted:
+        assert parse_settings(document).grpc_handshake_timeout_seconds == value
+    else:
+        with pytest.raises(ConfigError, match=r"grpc_handshake_timeout_seconds: .* is outside \[0\.1, 600\]"):
+            parse_settings(document)
+    del document["grpc_handshake_timeout_seconds"]
+    assert parse_settings(document).grpc_handshake_timeout_seconds == 10.0

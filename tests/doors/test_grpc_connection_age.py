@@ -13,8 +13,9 @@ import asyncio
 import resource
 
 import grpc
-from doorkit import running_verifier
-from rawh2 import DATA, RawH2, frame, grpc_message
+import pytest
+from doorkit import held_open, running_verifier
+from rawh2 import DATA, PREFACE, SETTINGS, RawH2, frame, grpc_message
 
 from verifier.doors.grpc import OWN_SERVICE, connection_cap
 from verifier.v1 import verifier_pb2
@@ -75,6 +76,47 @@ async def test_a_connection_that_never_sends_its_preface_is_closed_within_the_bo
         finally:
             writer.close()
         assert loop.time() - started < BOUND + 1.0
+
+
+HANDSHAKE, SLACK = 1.0, 2.0  # grpc_handshake_timeout_seconds below, and a loaded machine's lateness on top of it
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"", id="nothing"),
+        pytest.param(PREFACE[:10], id="half-a-preface"),
+        pytest.param(PREFACE, id="preface-no-settings"),
+    ],
+)
+async def test_a_cleartext_connection_without_its_preface_and_settings_is_closed_at_the_handshake_timeout(
+    sent: bytes,
+) -> None:
+    """gRPC's handshake timeout covers a cleartext connection too: its HTTP/2 preface and first SETTINGS frame must
+    come within `grpc_handshake_timeout_seconds` of the accept (C core closes the transport otherwise), well before
+    the connection's age (300 s by default, kept here)."""
+    async with running_verifier({"grpc_handshake_timeout_seconds": HANDSHAKE}) as (app, _):
+        assert app.ports.grpc is not None
+        took = await held_open(app.ports.grpc, sent, within=HANDSHAKE + SLACK)
+        assert took is not None, "held past the handshake timeout"
+        assert took >= HANDSHAKE * 0.8, took
+
+
+@pytest.mark.parametrize(
+    ("timeout", "sent"),
+    [
+        pytest.param(60.0, b"", id="long-timeout"),
+        pytest.param(HANDSHAKE, PREFACE + frame(SETTINGS, 0, 0), id="settings-in-time"),
+    ],
+)
+async def test_a_cleartext_connection_is_held_past_the_bound_above_when_the_timeout_does_not_apply(
+    timeout: float, sent: bytes
+) -> None:
+    """The contrast: a long handshake timeout holds the silent connection (gRPC's default held it 120 s), and a
+    client whose preface and SETTINGS came in time keeps its connection past the timeout."""
+    async with running_verifier({"grpc_handshake_timeout_seconds": timeout}) as (app, _):
+        assert app.ports.grpc is not None
+        assert await held_open(app.ports.grpc, sent, within=HANDSHAKE + SLACK) is None
 
 
 async def test_a_call_with_no_message_and_no_deadline_ends_within_the_bound() -> None:

@@ -15,7 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from doorkit import door_settings, running_verifier
+from doorkit import door_settings, held_open, running_verifier
+from rawh2 import PREFACE, SETTINGS, frame
 
 from verifier.settings import ConfigError, Listen, TlsSettings, parse_settings
 from verifier.v1 import verifier_pb2, verifier_pb2_grpc
@@ -155,6 +156,52 @@ async def test_a_stalled_tls_handshake_is_closed_after_the_header_timeout(pki: d
         finally:
             writer.close()
         assert loop.time() - started < 2.0
+
+
+HANDSHAKE = 1.0  # grpc_handshake_timeout_seconds in the tests below
+SLACK = 2.0  # a loaded machine's lateness on top of it
+
+
+@pytest.mark.parametrize(
+    "stall",
+    [
+        pytest.param(b"", id="no-client-hello"),
+        pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", id="half-a-client-hello"),
+        pytest.param(None, id="handshake-done-then-no-preface"),
+    ],
+)
+async def test_a_stalled_grpc_tls_connection_is_closed_after_the_handshake_timeout(
+    pki: dict[str, str], stall: bytes | None
+) -> None:
+    """A caller opening TLS connections to the gRPC port (mTLS here) that never sends its ClientHello, sends half of
+    it, or finishes the handshake and never sends the HTTP/2 preface: each held a place of `grpc_max_connections`
+    for gRPC's default handshake timeout (120 s; the connection's age starts only after the TLS handshake). Now
+    closed at `grpc_handshake_timeout_seconds`, counted from the accept."""
+    tls = TlsSettings(cert_file=pki["server_cert"], key_file=pki["server_key"], client_ca_file=pki["ca"])
+    options = {"grpc": Listen(host="127.0.0.1", port=0, tls=tls), "grpc_handshake_timeout_seconds": HANDSHAKE}
+    async with running_verifier(options) as (app, _):
+        assert app.ports.grpc is not None
+        client = _client_context(pki, "client") if stall is None else None
+        if client is not None:
+            client.set_alpn_protocols(["h2"])  # gRPC refuses a TLS connection without it
+        took = await held_open(app.ports.grpc, stall or b"", tls=client, within=HANDSHAKE + SLACK)
+        assert took is not None, "held past the handshake timeout"
+        assert took >= HANDSHAKE * 0.8, took  # the timeout closed it, not a refusal of the bytes
+        if stall is None:  # one that sends its preface and SETTINGS in time stays open past the timeout
+            greeting = PREFACE + frame(SETTINGS, 0, 0)
+            assert await held_open(app.ports.grpc, greeting, tls=client, within=HANDSHAKE + SLACK) is None
+
+
+async def test_a_stalled_grpc_tls_connection_is_held_for_a_long_handshake_timeout(pki: dict[str, str]) -> None:
+    """The contrast: with a handshake timeout of 60 s the same stalled connection is still open after the bound
+    above (what every stalled connection got before, for 120 s)."""
+    tls = TlsSettings(cert_file=pki["server_cert"], key_file=pki["server_key"], client_ca_file=pki["ca"])
+    options = {"grpc": Listen(host="127.0.0.1", port=0, tls=tls), "grpc_handshake_timeout_seconds": 60.0}
+    async with running_verifier(options) as (app, _):
+        assert app.ports.grpc is not None
+        assert await held_open(app.ports.grpc, b"\x16\x03\x01", within=HANDSHAKE + SLACK) is None
+
+
 async def _metrics(port: int, context: ssl.SSLContext | None) -> bytes:
     if context is None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -208,7 +255,7 @@ workers: 2
 http: {{listen: "127.0.0.1:{free_port()}"}}
 metrics:
   listen: "127.0.0.1:{metrics}"
-  tls: {{cert_file: "{pki['server_cert']}", key_file: "{pki['server_key']}", client_ca_file: "{pki['ca']}"}}
+  tls: {{cert_file: "{pki["server_cert"]}", key_file: "{pki["server_key"]}", client_ca_file: "{pki["ca"]}"}}
 issuers: [{{issuer: "{idp.issuer}", audiences: ["{DEV_AUDIENCE}"], algorithms: [ES256], allow_insecure_http: true}}]
 """
     )

@@ -40,6 +40,7 @@ from verifier.observe.tracing import Tracing
 from verifier.pipeline import Pipeline
 from verifier.request import RequestAttributes, normalize_authority
 from verifier.settings import (
+    DEFAULT_GRPC_HANDSHAKE_TIMEOUT_SECONDS,
     DEFAULT_GRPC_MAX_CONCURRENT_STREAMS,
     DEFAULT_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS,
     DEFAULT_GRPC_MAX_CONNECTION_AGE_SECONDS,
@@ -304,6 +305,7 @@ def server_options(
     max_age: float = DEFAULT_GRPC_MAX_CONNECTION_AGE_SECONDS,
     max_age_grace: float = DEFAULT_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS,
     max_connections: int = DEFAULT_GRPC_MAX_CONNECTIONS,
+    handshake_timeout: float = DEFAULT_GRPC_HANDSHAKE_TIMEOUT_SECONDS,
 ) -> list[tuple[str, int]]:
     """The doors' grpc.aio server options (see `GrpcDoors.start`); bench/baselines.py runs its no-op with them."""
     return [
@@ -314,6 +316,10 @@ def server_options(
         # calls only. GOAWAY first: a gateway's pool opens the next connection and loses no call.
         ("grpc.max_connection_age_ms", round(max_age * 1000)),
         ("grpc.max_connection_age_grace_ms", round(max_age_grace * 1000)),
+        # From the accept: the TLS handshake, then the client's HTTP/2 preface and SETTINGS (C core closes the
+        # transport if they have not come by then). The age above starts with the transport, after the TLS
+        # handshake: without this a stalled ClientHello held its place of `max_connections` for C core's 120 s.
+        ("grpc.server_handshake_timeout_ms", round(handshake_timeout * 1000)),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_receive_message_length", 1 << 20),
         ("grpc.max_concurrent_streams", max_streams),
@@ -489,6 +495,7 @@ class GrpcDoors:
         max_age: float = DEFAULT_GRPC_MAX_CONNECTION_AGE_SECONDS,
         max_age_grace: float = DEFAULT_GRPC_MAX_CONNECTION_AGE_GRACE_SECONDS,
         max_connections: int = DEFAULT_GRPC_MAX_CONNECTIONS,
+        handshake_timeout: float = DEFAULT_GRPC_HANDSHAKE_TIMEOUT_SECONDS,
     ) -> int:
         """Builds the server and listens; returns the bound port.
 
@@ -515,6 +522,7 @@ class GrpcDoors:
         `max_age` bounds a connection's life (GOAWAY, then `max_age_grace` for its calls in flight, then closed): a
         call whose message never arrives whole never reaches the door, so nothing else ends it. `max_connections`
         bounds the connections open at once (`connection_cap`): past it a new one is closed as it is accepted.
+        `handshake_timeout` bounds a new connection's TLS handshake, preface and SETTINGS, which come before any age.
         """
         options = server_options(
             max_streams,
@@ -523,6 +531,7 @@ class GrpcDoors:
             max_age=max_age,
             max_age_grace=max_age_grace,
             max_connections=max_connections,
+            handshake_timeout=handshake_timeout,
         )
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers(
