@@ -103,6 +103,9 @@ def verifier(issuer: LocalIssuer, tmp_path_factory: pytest.TempPathFactory) -> I
                 "policies": POLICIES,
                 "edge_cache": {"max_age_seconds": MAX_AGE, "refusal_max_age_seconds": MAX_AGE},
                 "revocation": {"transmitters": []},  # the kill switch alone
+                # the header a gateway overwrites with the client certificate's thumbprint: every shipped one
+                # clears the client's (none terminates mTLS), so a client naming a certificate must never pass
+                "mtls_thumbprint_header": "x-client-cert-thumbprint",
             },
         )
     yield proc
@@ -344,6 +347,43 @@ def test_a_rate_limited_identity_is_counted_on_every_request(
     assert asked(limited_verifier) - before == RATE_BURST + 2
 
 
+@pytest.mark.parametrize("name", ["nginx", "nginx-lua", "envoy"])
+def test_a_cached_allow_is_never_served_stale_once_the_verifier_is_gone(
+    name: str, issuer: LocalIssuer, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Past its max-age an allow is dead, whether or not the verifier can be asked again: with the verifier gone
+    (stopped, unreachable), a request for the answer it gave is the gateway's fail-closed 503, never the stale pass
+    (what nginx's proxy_cache_use_stale or a "serve stale on error" would make of it: a revoked token passing for as
+    long as the verifier is down)."""
+    work = tmp_path_factory.mktemp(f"{name}-stale")
+    proc = start_verifier(work, issuer=issuer.issuer, extra_config={"edge_cache": {"max_age_seconds": MAX_AGE}})
+    kind = "envoy-reuse" if name == "envoy" else name
+    try:
+        gw = start_gateway_for(kind, work, proc, upstream.port)
+        try:
+            for _ in range(ATTEMPTS):
+                tok, before = token(issuer), asked(proc)
+                assert get(gw.url, "/orders", tok).status == 200
+                stored = time.monotonic()  # the answer's max-age ends by stored + MAX_AGE
+                assert get(gw.url, "/orders", tok).status == 200
+                if asked(proc) - before == 1:
+                    break  # the second came from the gateway's cache
+                assert time.monotonic() - stored >= SHORTEST_REUSE, "the gateway asked again within the max-age"
+            else:
+                raise AssertionError(f"{ATTEMPTS} attempts stalled past the shortest reuse")
+            proc.stop()
+            time.sleep(max(0.0, stored + MAX_AGE + 0.3 - time.monotonic()))
+            upstream.clear()
+
+            answers = [get(gw.url, "/orders", tok) for _ in range(3)]
+        finally:
+            gw.stop()
+    finally:
+        proc.stop()
+    assert [(a.status, a.headers.get("retry-after")) for a in answers] == [(503, "1")] * 3, answers
+    assert upstream.requests == []
+
+
 def test_a_no_store_refusal_is_never_reused(gateway: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:
     tok = token(issuer)
     _revoke(verifier, issuer, tok)  # a revoked token's refusal is no-store: revocation may be lifted
@@ -424,6 +464,28 @@ def test_the_same_token_on_another_request_is_asked_again(
     )
 
 
+@pytest.mark.parametrize("spelled", ["/admin/../orders", "/admin/%2e%2e/orders", "/admin/%2E%2E/orders"])
+def test_a_target_that_normalizes_to_a_cached_path_never_gets_its_allow_unless_the_upstream_is_sent_that_path(
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer, upstream: EchoUpstream, spelled: str
+) -> None:
+    """Raw vs normalized: `/admin/../orders` is `/orders` once resolved, but an upstream reading the target as sent
+    serves it under the admin policy. nginx passes the raw target on (its key is `$request_uri`), so it must ask,
+    and the verifier refuses the two readings; Envoy resolves it before anything else (`normalize_path`), so its
+    upstream gets `/orders`, and the cached allow for `/orders` may serve it. Either way the upstream is only ever
+    sent a target the verifier judged: never the raw one on the strength of the normalized one's answer."""
+    tok = token(issuer)
+    assert get(gateway, "/orders", tok).status == 200  # now cached
+    upstream.clear()
+
+    answer = get(gateway, spelled, tok)
+
+    if answer.status == 200:
+        assert [seen.path for seen in upstream.requests] == ["/orders"], upstream.requests
+    else:
+        assert answer.status in (400, 403), (answer.status, answer.body)
+        assert upstream.requests == []
+
+
 def test_the_query_string_is_part_of_the_key(gateway: str, verifier: GatewayProcess, issuer: LocalIssuer) -> None:
     tok = token(issuer)
     before = asked(verifier)
@@ -441,6 +503,70 @@ def test_another_credential_never_gets_a_cached_allow(gateway: str, issuer: Loca
     assert get(gateway, "/orders", victim, scheme="Basic").status == 401
     no_auth = http_request(f"{gateway}/orders", headers={})
     assert no_auth.status == 401
+
+
+IDENTITY = ("x-authenticated-userid", "x-authenticated-scope", "x-authenticated-roles")
+#: What a caller without roles sends on its cache hits: another caller's identity, which must never reach the upstream
+SMUGGLED = {"X-Authenticated-Roles": "admin", "X-Authenticated-Scope": "read write admin"}
+
+
+def test_a_reused_allow_hands_the_upstream_its_own_callers_identity_never_another_nor_a_smuggled_one(
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer, upstream: EchoUpstream
+) -> None:
+    """Two callers on the same request, their answers reused in turn: every request reaches the upstream with its
+    own caller's X-Authenticated-* (the admin's roles never on the other's), and headers the other sends under the
+    identity names (its userid set to the admin's, a role, a scope) on a cache hit are the verifier's values or
+    gone, never the client's."""
+    for _ in range(ATTEMPTS):
+        admin = token(issuer, scope="read write", roles=["admin"])
+        plain = token(issuer)
+        expected = {
+            admin: (_sub(admin), "read write", "admin"),
+            plain: (_sub(plain), "read", None),
+        }
+        before = asked(verifier)
+        upstream.clear()
+        sent: list[str] = []
+        started = time.monotonic()
+        for tok in (admin, plain) * 3:
+            headers = {"Authorization": f"Bearer {tok}"}
+            if tok == plain:
+                headers.update(SMUGGLED, **{"X-Authenticated-Userid": _sub(admin)})
+            assert http_request(f"{gateway}/orders", headers=headers).status == 200
+            sent.append(tok)
+        elapsed = time.monotonic() - started
+        seen = [tuple(r.headers.get(name) for name in IDENTITY) for r in upstream.requests]
+        assert seen == [expected[tok] for tok in sent], "an upstream saw another caller's or a smuggled identity"
+        if asked(verifier) - before == 2:
+            return  # four of the six were cache hits
+        assert elapsed >= SHORTEST_REUSE, "the gateway asked again within the answers' max-age"
+    raise AssertionError(f"{ATTEMPTS} attempts stalled past the shortest reuse")
+
+
+def test_a_certificate_bound_token_never_passes_on_a_thumbprint_the_client_names(
+    gateway: str, verifier: GatewayProcess, issuer: LocalIssuer, upstream: EchoUpstream
+) -> None:
+    """RFC 8705: a token bound to a client certificate (`cnf.x5t#S256`), sent over a connection without one but with
+    X-Client-Cert-Thumbprint naming its certificate, is refused, and asked about every time (a sender-constrained
+    token's answer is never reusable, nor is its refusal). The verifier reads that header here (as it would behind a
+    gateway terminating mTLS): no gateway passes the client's own account of a certificate, nor serves a stored
+    answer for it."""
+    thumbprint = b64url(uuid.uuid4().bytes * 2)  # 32 bytes: what a SHA-256 of a certificate looks like
+    tok = token(issuer, cnf={"x5t#S256": thumbprint})
+    before = asked(verifier)
+    upstream.clear()
+
+    answers = [
+        http_request(
+            f"{gateway}/orders", headers={"Authorization": f"Bearer {tok}", "X-Client-Cert-Thumbprint": thumbprint}
+        )
+        for _ in range(3)
+    ]
+
+    assert [a.status for a in answers] == [401] * 3, [(a.status, a.body) for a in answers]
+    assert 'error="invalid_token"' in answers[-1].headers.get("www-authenticate", ""), answers[-1].headers
+    assert asked(verifier) - before == 3
+    assert upstream.requests == []
 
 
 def test_a_cached_refusal_does_not_refuse_another_token(
