@@ -276,16 +276,28 @@ def allow(
     """
     roles = tuple(sorted(principal.roles)) if principal.roles else ()
     subject, scope, issuer = principal.subject, " ".join(principal.scopes), principal.issuer
+    # Each one written by the same rule (`_identity_value`), the common case inline (one allow per first-seen
+    # token): printable, no edge space, no leading quote. Scopes and the issuer too: `scopes_of` keeps only
+    # printable scopes, but a scope `"admin"` (from a token's `scope`) read by an upstream that unquotes is `admin`.
     fixed: Headers = (
         (
             "x-authenticated-userid",
-            # the common case inline (one allow per first-seen token): printable, no edge space, no leading quote
             subject
             if subject.isprintable() and subject[:1] not in (" ", '"') and subject[-1:] != " "
-            else _subject(subject),
+            else _identity_value(subject),
         ),
-        ("x-authenticated-scope", scope if scope.isprintable() else header_safe(scope)),
-        ("x-authenticated-issuer", issuer if issuer.isprintable() else header_safe(issuer)),
+        (
+            "x-authenticated-scope",
+            scope
+            if scope.isprintable() and scope[:1] not in (" ", '"') and scope[-1:] != " "
+            else _identity_value(scope),
+        ),
+        (
+            "x-authenticated-issuer",
+            issuer
+            if issuer.isprintable() and issuer[:1] not in (" ", '"') and issuer[-1:] != " "
+            else _identity_value(issuer),
+        ),
     )
     if roles:
         joined = ",".join(roles)
@@ -313,10 +325,11 @@ def allow(
     )
 
 
-def _subject(subject: str) -> str:
-    """`sub` as X-Authenticated-Userid: controls replaced, and as a quoted-string when white space at an edge would
-    be trimmed by the gateway or the upstream (` alice` read as `alice`, another user), or it starts with a quote."""
-    safe = header_safe(subject)
+def _identity_value(value: str) -> str:
+    """A fixed identity header's value (`sub`, the scopes, the issuer): controls replaced, and as a quoted-string
+    when white space at an edge would be trimmed by the gateway or the upstream (` alice` read as `alice`, another
+    user), or it starts with a quote (`"admin"` is `admin` to a reader that unquotes)."""
+    safe = header_safe(value)
     return quoted_string(safe) if safe[:1] == '"' or trimmed_edge(safe) else safe
 
 

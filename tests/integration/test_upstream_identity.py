@@ -173,6 +173,14 @@ def _through(edge: Edge, upstream: EchoUpstream, path: str, token: str, **extra:
     return dict(seen.headers)
 
 
+def _unquoted(value: str) -> str:
+    """`value` as a reader that unquotes an RFC 9110 quoted-string (section 5.6.4) takes it; else as it is."""
+    value = value.strip(" \t")
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    return re.sub(r"\\(.)", r"\1", value[1:-1])
+
+
 def _verify(assertion: str, client: jwt.PyJWKClient, audience: str) -> dict[str, Any]:
     decoded: dict[str, Any] = jwt.decode(
         assertion,
@@ -626,6 +634,8 @@ def test_a_public_route_never_passes_the_clients_identity_headers(
         ({"groups": ["ops", "admins\u0000"]}, "x-authenticated-groups", "admins"),
         ({"email": "boss@example.test\u0000"}, "x-authenticated-email", "boss@example.test"),
         ({"email": "boss@\u0007example.test"}, "x-authenticated-email", "boss@example.test"),
+        ({"scope": '"admin"'}, "x-authenticated-scope", "admin"),
+        ({"scope": '"admin" '}, "x-authenticated-scope", "admin"),
     ],
     ids=[
         "space-before",
@@ -640,6 +650,8 @@ def test_a_public_route_never_passes_the_clients_identity_headers(
         "group-nul",
         "nul-after",
         "bel-inside",
+        "scope-quoted",
+        "scope-quoted-space-after",
     ],
 )
 def test_a_claim_with_white_space_at_an_edge_never_reads_upstream_as_the_trimmed_value(
@@ -650,10 +662,11 @@ def test_a_claim_with_white_space_at_an_edge_never_reads_upstream_as_the_trimmed
     (Python's str.strip, JavaScript's trim, Go's strings.TrimSpace) read another user's `boss@example.test`, or a
     group `admins` the user is not in. Such a value is sent as a quoted-string: read as itself by an RFC 9110
     reader, never as the trimmed one by a trimming one. A control character anywhere was taken out, which made
-    `boss@example.test<NUL>` the same `boss@example.test`: it is replaced by U+FFFD now."""
+    `boss@example.test<NUL>` the same `boss@example.test`: it is replaced by U+FFFD now. A token's `scope` of
+    `"admin"` sent bare was `admin` to an upstream that unquotes (RFC 9110 section 5.6.4) the header."""
     seen = _through(edge, upstream, "/orders/1", issuer.mint(**claims))
     value = seen.get(header, "").encode("latin-1").decode("utf-8")  # http.server reads latin-1
-    readings = {value.strip(), value.strip(" \t"), value.strip("\ufeff \t\u00a0").strip()}
+    readings = {value.strip(), value.strip(" \t"), value.strip("\ufeff \t\u00a0").strip(), _unquoted(value)}
     readings |= {item.strip() for item in value.split(",")} | {
         item.strip("\ufeff").strip() for item in value.split(",")
     }

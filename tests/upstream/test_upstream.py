@@ -291,6 +291,65 @@ async def test_mapped_claims_reach_the_upstream_headers_of_every_door(started: S
 
 
 @pytest.mark.parametrize(
+    ("field", "value", "header"),
+    [
+        ("scopes", ('"admin"',), '"\\"admin\\""'),
+        ("scopes", (" admin",), '" admin"'),
+        ("scopes", ("admin\u00a0",), '"admin\u00a0"'),
+        ("scopes", ("read", "ad\x00min"), "read ad\ufffdmin"),
+        ("scopes", ("read", "write"), "read write"),
+        ("issuer", '"https://idp.example.test"', '"\\"https://idp.example.test\\""'),
+        ("issuer", "https://idp.example.test ", '"https://idp.example.test "'),
+        ("issuer", "\u3000https://idp.example.test", '"\u3000https://idp.example.test"'),
+        (
+            "issuer",
+            "https://idp\r\nx-authenticated-userid: root",
+            "https://idp\ufffd\ufffdx-authenticated-userid: root",
+        ),
+        ("issuer", "https://idp.example.test", "https://idp.example.test"),
+    ],
+    ids=[
+        "scope-quoted",
+        "scope-edge-space",
+        "scope-edge-nbsp",
+        "scope-control",
+        "scope-plain",
+        "issuer-quoted",
+        "issuer-edge-space",
+        "issuer-edge-ideographic",
+        "issuer-crlf",
+        "issuer-plain",
+    ],
+)
+def test_the_scope_and_issuer_headers_are_written_like_the_userid(field: str, value: Any, header: str) -> None:
+    """Every X-Authenticated-* value by one rule: controls replaced by U+FFFD, and a value a reader would take as
+    another (an edge space a gateway drops, an NBSP an upstream trims, `"admin"` unquoted as `admin`) as an
+    RFC 9110 quoted-string. The scope and issuer headers were only stripped of controls."""
+    principal = Principal(
+        issuer="https://idp.example.test",
+        subject="alice",
+        client_id=None,
+        scopes=("read",),
+        roles=frozenset(),
+        expires_at=NOW + 60,
+        claims={},
+    )._replace(**{field: value})
+    name = "x-authenticated-scope" if field == "scopes" else "x-authenticated-issuer"
+    answer = UpstreamAnswers().answer(principal, UpstreamAnswers().default, 10, NOW)
+    assert _headers(answer)[name] == header
+
+
+async def test_a_token_scope_that_would_unquote_as_another_is_a_quoted_string(started: Started, mint: Any) -> None:
+    """A token's `scope` of `"admin"` is not the scope `admin` here (a policy asking for `admin` refuses it), and
+    must not read as `admin` upstream: sent bare, an upstream that unquotes the header got `admin`."""
+    app = await started(_document())
+    decision = await app.pipeline.decide(_attrs(mint(claims(scope='"admin" '))), "test")
+    assert decision.allowed, decision.reason
+    assert _headers(decision)["x-authenticated-scope"] == '"\\"admin\\""'
+    assert 'x-authenticated-scope: "\\"admin\\""\r\n' in decision.http_head.decode()
+
+
+@pytest.mark.parametrize(
     "claim", [{"email": "a\ud800b"}, {"sub": "user-\udc00"}, {"roles": ["r\ud800"]}], ids=["mapped", "sub", "roles"]
 )
 async def test_a_claim_holding_a_lone_surrogate_is_refused_and_answered_on_the_http_door(
