@@ -508,6 +508,9 @@ MALFORMED = {
     "aud with a number beside ours": {"aud": [AUDIENCE, 7]},
     "aud with a null beside ours": {"aud": [AUDIENCE, None]},
     "aud true": {"aud": True},
+    "aud empty": {"aud": ""},
+    "aud a list of empty": {"aud": [""]},
+    "aud a list of empties": {"aud": ["", ""]},
     "token_type a list": {"token_type": ["Bearer"]},
     "token_type a number": {"token_type": 1},
     "typ an object": {"typ": {"kind": "Bearer"}},
@@ -587,6 +590,8 @@ async def test_introspect_jwts_refuses_a_refresh_token_by_the_same_rule_once(
 async def test_an_audience_in_a_list_is_enough(make: MakeIntrospector, http: FakeHttp) -> None:
     http.answers["tok"] = active(aud=["https://x.test", AUDIENCE])
     assert (await check(make(), "tok")).subject == "user-1"
+    http.answers["tok2"] = active(aud=["", AUDIENCE])  # a list naming an audience is judged by the ones it names
+    assert (await check(make(), "tok2")).subject == "user-1"
 
 
 # -- single flight and batching ----------------------------------------------------------------

@@ -260,6 +260,17 @@ async def test_a_wrong_audience_is_a_403_not_a_401(verifier: JwtVerifier, mint: 
     assert err.oauth_error == "insufficient_scope"
 
 
+@pytest.mark.parametrize("aud", ["", [""], ["", ""], [7]], ids=["empty", "list-of-empty", "list-of-empties", "no-str"])
+async def test_an_aud_naming_no_audience_is_malformed_not_a_mismatch(
+    verifier: JwtVerifier, mint: Mint, aud: Any
+) -> None:
+    """`aud: ""` names no audience: refused as a malformed claim (401 claim_invalid, as `[]` is), not as a token for
+    another API (403), the same as an introspection answer's."""
+    err = await _refusal(verifier, mint(claims(aud=aud)))
+    assert isinstance(err, ClaimInvalid) and err.claim == "aud", f"{type(err).__name__}: {err}"
+    assert err.code == "claim_invalid" and err.outcome is not Outcome.FORBIDDEN
+
+
 @pytest.mark.parametrize(
     ("claim", "overrides"),
     [("exp", {"exp": None}), ("aud", {"aud": None}), ("sub", {"sub": None, "client_id": None}),
@@ -431,7 +442,7 @@ CLAIM_CASES: list[tuple[str, dict[str, Any], float, type[VerifierError] | None]]
     ("c_hash means ID token", {"c_hash": "x"}, 0, WrongTokenType),
     ("s_hash means ID token", {"s_hash": "x"}, 0, WrongTokenType),
     ("aud a number", {"aud": 5}, 0, ClaimInvalid),
-    ("aud list of non-strings", {"aud": [5, None]}, 0, AudienceMismatch),
+    ("aud list of non-strings", {"aud": [5, None]}, 0, ClaimInvalid),  # names no audience, as `[]`
     ("client_id not a string and no sub", {"sub": None, "client_id": 5}, 0, ClaimInvalid),
     # An empty `sub` or client names nobody (as an introspection answer's do): no caller to key revocation,
     # rate limits or the upstream's user on.

@@ -17,15 +17,15 @@ Per issuer, one `Introspector`:
   stops calls to a provider that keeps failing (and has answered no call for a short window: failures for
   some tokens alone never open it) and probes it back after a cool-down.
 
-RFC 7662 section 2.2: only `"active": true` (the JSON boolean) means active. The answer's members are
-read like a JWT access token's claims (`sub` or `client_id`, `scope`, `aud`, `exp`, `cnf`, `acr`...),
-and `aud` must name one of the issuer's audiences, as for a JWT; an `aud` that is neither a string nor a
-non-empty list of strings is malformed, never absent. Only an access token's answer is taken (`_access_token_type`,
-an allow-list): a `token_type` or `typ` present must name an access token type (Bearer, DPoP, `access_token`...),
-a `token_use` present must be `access_token`, and, where `aud` may be absent (`require_audience: false`), the
-answer must name its `token_type` (node-oidc-provider's answer for a refresh token names neither). Anything else
-(a refresh or ID token: `refresh_token`, Keycloak's `typ: Refresh`, `id_token`, RFC 8693's `N_A`) is refused, and
-the refusal is remembered like an inactive answer (`negative_ttl_seconds`).
+RFC 7662 section 2.2: only `"active": true` (the JSON boolean) means active. The answer's members are read like a
+JWT access token's claims (`sub` or `client_id`, `scope`, `aud`, `exp`, `cnf`, `acr`...), and `aud` must name one of
+the issuer's audiences, as for a JWT; an `aud` that is neither a string nor a non-empty list of strings, or that
+names no audience (`""`, `[""]`), is malformed, never absent. Only an access token's answer is taken
+(`_access_token_type`, an allow-list): a `token_type` or `typ` present must name an access token type (Bearer, DPoP,
+`access_token`...), a `token_use` present must be `access_token`, and, where `aud` may be absent (`require_audience:
+false`), the answer must name its `token_type` (node-oidc-provider's answer for a refresh token names neither).
+Anything else (a refresh or ID token: `refresh_token`, Keycloak's `typ: Refresh`, `id_token`, RFC 8693's `N_A`) is
+refused, and the refusal is remembered like an inactive answer (`negative_ttl_seconds`).
 """
 
 from __future__ import annotations
@@ -128,14 +128,17 @@ class _Pending(NamedTuple):
 def _audiences(value: Any) -> tuple[str, ...]:
     """`aud`: a string or a non-empty array of strings (RFC 7662 section 2.2; RFC 7519 section 4.1.3), () when absent.
     Anything else (a number, an object, `[]`, a list holding a non-string) is an answer we do not understand,
-    refused: counted as absent, it passed where `aud` may be absent (`require_audience: false`)."""
+    refused: counted as absent, it passed where `aud` may be absent (`require_audience: false`). So is one naming
+    no audience, `""` or a list of `""` only (Go's unset string): an answer that says nothing, not a mismatch
+    (`check_claims` refuses a JWT's the same way)."""
     if value is None:
         return ()
     if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        if value:
+            return (value,)
+    elif isinstance(value, list) and any(value) and all(isinstance(v, str) for v in value):
         return tuple(value)
-    raise ClaimInvalid("aud is not a string or a non-empty list of strings", claim="aud")
+    raise ClaimInvalid("aud is not a non-empty string or a list of strings naming an audience", claim="aud")
 
 
 def _access_token_type(answer: Mapping[str, Any]) -> str | None:

@@ -92,14 +92,20 @@ def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings:
     client = clients_of(claims)[0]
     if not sub and client is None:
         raise ClaimInvalid("token names no subject", claim="sub")
+    # An `aud` naming no audience (`""`, a list of no non-empty string) is malformed, like `[]`, not a mismatch: as
+    # an introspection answer's (`verifier.tokens.introspection._audiences`). Looked at only once no audience matched.
     aud = claims.get("aud")
     if isinstance(aud, str):  # the common form: one audience, no list to walk
         if aud not in settings.audiences:
+            if not aud:
+                raise ClaimInvalid("aud names no audience", claim="aud")
             raise AudienceMismatch("token is not for this audience")
         return
     if not isinstance(aud, list) or not aud:
         raise ClaimInvalid("aud is required", claim="aud")
     if not any(isinstance(a, str) and a in settings.audiences for a in aud):
+        if not any(isinstance(a, str) and a for a in aud):
+            raise ClaimInvalid("aud names no audience", claim="aud")
         raise AudienceMismatch("token is not for this audience")
 
 
