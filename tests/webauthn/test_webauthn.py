@@ -1113,6 +1113,7 @@ CLIENT_DATA_READ_TWO_WAYS = {
     "origin-twice": lambda members: f'{{"origin": "https://evil.example", {members}}}',
     "type-twice": lambda members: f'{{"type": "webauthn.create", {members}}}',
     "nan": lambda members: f'{{{members}, "x": NaN}}',
+    "lone-surrogate": lambda members: f'{{{members}, "x": "\\ud800"}}',  # no Unicode text (I-JSON, RFC 7493)
 }
 
 

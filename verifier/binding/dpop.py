@@ -156,7 +156,8 @@ class _Proof:
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     """A proof's header or claims: client-made and client-signed, so read one way only (`verifier.strict_json`):
     a proof naming `htu` (or `jwk`, `jti`) twice, in UTF-16 or with a BOM, or holding NaN is refused, not read
-    as its last member says while a WAF or an upstream checking the same proof reads the first."""
+    as its last member says while a WAF or an upstream checking the same proof reads the first; one holding a
+    lone surrogate (a `jti` of `"\\ud800"`, no Unicode text) is refused too."""
     try:
         value = strict_json.loads(raw)
     except (ValueError, RecursionError) as exc:

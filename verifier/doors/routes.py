@@ -45,7 +45,7 @@ class HttpRequest:
 
     def json(self) -> Any:
         """The body as JSON; raises ValueError when it is not, or is JSON read two ways (`verifier.strict_json`):
-        not UTF-8, an object naming a member twice, or NaN/Infinity."""
+        not UTF-8, an object naming a member twice, NaN/Infinity, or a lone surrogate escaped in a string."""
         return strict_json.loads(self.body or b"null")
 
 
