@@ -161,7 +161,7 @@ def push_request(token: str) -> HttpRequest:
 
 def admin_request(method: str, path: str = "/v1/admin/revocations", document: Any = None) -> HttpRequest:
     raw = json.dumps(document).encode() if document is not None else b""
-    return HttpRequest(method, path, "", {"authorization": f"Bearer {ADMIN}"}, raw)
+    return HttpRequest(method, path, "", {"authorization": f"Bearer {ADMIN}", "content-type": "application/json"}, raw)
 
 
 def router_of(service: RevocationService) -> Router:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -882,11 +883,45 @@ _OTHER = json.dumps({"format": "opaque", "id": "sess-of-nobody"})
 async def test_kill_switch_refuses_a_body_that_reads_two_ways(service: RevocationService, raw: bytes) -> None:
     """JSON is UTF-8 with unique member names and no NaN (RFC 8259): a body a reader in front of us (a proxy, a WAF,
     an audit of the operator's requests) may read otherwise is refused 400 invalid_request, and makes no entry."""
-    request = HttpRequest("POST", "/v1/admin/revocations", "", {"authorization": f"Bearer {ADMIN}"}, raw)
-    answer = await routes(service).dispatch(request)
+    headers = {"authorization": f"Bearer {ADMIN}", "content-type": "application/json"}
+    answer = await routes(service).dispatch(HttpRequest("POST", "/v1/admin/revocations", "", headers, raw))
     assert (answer.status, body(answer)["error"]) == (400, "invalid_request")
     assert dict(answer.headers)["x-verifier-reason"] == "invalid_request"
     assert len(service.revocations) == 0
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+     "application/jsonp", "text/json", "application/json-patch+json"],
+    ids=["missing", "empty", "text-plain", "form", "multipart", "jsonp", "text-json", "json-patch"],
+)
+async def test_kill_switch_refuses_a_body_that_is_not_declared_json(
+    service: RevocationService, content_type: str | None
+) -> None:
+    """A browser posts a form cross-site without asking (a CORS "simple" request): `<form enctype="text/plain">`
+    sends `{"subject": ...}` as its body. The kill switch read any body as JSON; now a POST must say
+    `application/json`, else 415 with the catalogue's `invalid_request` naming the type, and no entry."""
+    request = admin("POST", document={"subject": USER})
+    headers = dict(request.headers)
+    del headers["content-type"]
+    if content_type is not None:
+        headers["content-type"] = content_type
+    answer = await routes(service).dispatch(dataclasses.replace(request, headers=headers))
+    assert (answer.status, body(answer)["error"]) == (415, "invalid_request")
+    assert "Content-Type must be application/json" in body(answer)["error_description"]
+    assert dict(answer.headers)["x-verifier-reason"] == "invalid_request"
+    assert len(service.revocations) == 0
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "Application/JSON", "application/json; charset=utf-8"])
+async def test_kill_switch_takes_application_json_with_parameters(
+    service: RevocationService, content_type: str
+) -> None:
+    request = admin("POST", document={"subject": USER})
+    answer = await routes(service).dispatch(dataclasses.replace(request, headers={**request.headers,
+                                                                                   "content-type": content_type}))
+    assert answer.status == 201, body(answer)
 
 
 async def test_kill_switch_names_its_reason_for_a_body_too_large(service: RevocationService) -> None:

@@ -232,7 +232,8 @@ async def test_with_redis_a_dpop_flood_on_two_replicas_stops_at_its_part_and_eve
         assert (await replica.router.dispatch(pushed(a, f"user-{i}"))).status == 202
         assert (await replica.router.dispatch(logout(mint, f"logout-{i}"))).status == 200
     kill = {"subject": {"format": "iss_sub", "iss": ISSUER, "sub": "user-99"}}
-    admin = HttpRequest("POST", "/v1/admin/revocations", "", {"authorization": f"Bearer {ADMIN}"},
+    admin = HttpRequest("POST", "/v1/admin/revocations", "",
+                        {"authorization": f"Bearer {ADMIN}", "content-type": "application/json"},
                         json.dumps(kill).encode())
     assert (await a.router.dispatch(admin)).status == 201
     for subject, sid in (("user-0", None), ("user-1", "logout-0"), ("user-99", None)):

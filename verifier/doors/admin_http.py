@@ -1,9 +1,12 @@
 """The kill switch over HTTP: `POST/GET /v1/admin/revocations`, `DELETE /v1/admin/revocations/{id}`.
 
-Without an admin token the routes are not added at all (404 on every method, so the API's presence is
-not even disclosed). The `KillSwitch`'s refusals are answered by `verifier.doors.refusals`. The composition
-root adds them to the admin listener's router when `admin.listen` is set (the forward-auth listener then has
-none: 404), else to the forward-auth listener's.
+Without an admin token the routes are not added at all (404 on every method, so the API's presence is not even
+disclosed). `POST` takes `application/json` only (RFC 8259 section 11), else 415: a browser sends a cross-site
+form (`text/plain`, `application/x-www-form-urlencoded`, `multipart/form-data`) without asking, and one whose
+body is JSON must not reach the kill switch should the admin port ever be reachable from one. The `KillSwitch`'s
+refusals are answered by `verifier.doors.refusals`. The composition root adds them to the admin listener's
+router when `admin.listen` is set (the forward-auth listener then has none: 404), else to the forward-auth
+listener's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from verifier.errors import MalformedRequest, VerifierError
 from verifier.revocation.admin import KillSwitch
 
 COLLECTION = "/v1/admin/revocations"
+MEDIA_TYPE = "application/json"  # a POST's Content-Type, parameters (charset) aside
 MAX_BODY_BYTES = 16 * 1024  # bytes; a subject and a reason
 REALM = "verifier-admin"
 
@@ -43,6 +47,10 @@ def add_admin_routes(router: Router, kill_switch: KillSwitch) -> None:
         if len(request.body) > MAX_BODY_BYTES:  # the catalogue's answer (and its reason), as 413 (RFC 9110 15.5.14)
             answer = endpoint_answer(MalformedRequest("body too large"), realm=REALM)
             return dataclasses.replace(answer, status=413)
+        if request.headers.get("content-type", "").split(";", 1)[0].strip().lower() != MEDIA_TYPE:
+            # RFC 9110 section 15.5.16; the catalogue's answer (and its reason), as the 413 above
+            answer = endpoint_answer(MalformedRequest(f"Content-Type must be {MEDIA_TYPE}"), realm=REALM)
+            return dataclasses.replace(answer, status=415)
         try:
             document: Any = request.json()
         except (ValueError, RecursionError) as exc:
