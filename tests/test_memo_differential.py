@@ -480,7 +480,9 @@ async def change(pair: Pair, w: World, kind: str, arg: Any, clock: FrozenClock, 
     elif kind == "kill":
         for app in pair.apps():
             answer = await admin(app, "POST", "/v1/admin/revocations", KILL[arg])
-            pair.entries[id(app)].append(json.loads(answer.body)["id"])
+            assert app.revocation is not None  # a POST on a subject killed alike replaces its entry (a new id)
+            kept = [i for i in pair.entries[id(app)] if app.revocation.revocations.get(i) is not None]
+            pair.entries[id(app)] = [*kept, json.loads(answer.body)["id"]]
     elif kind == "lift":
         for app in pair.apps():
             ids = pair.entries[id(app)]

@@ -33,6 +33,7 @@ from test_revocation_redis import (
     principal,
     push_request,
     router_of,
+    within,
 )
 from tokenkit import ISSUER, NOW, FakeFetcher, Mint, issuer_settings
 
@@ -161,6 +162,7 @@ async def test_with_the_replica_not_confirming_a_pushed_set_is_503_refused_here_
     retried = await router_of(b).dispatch(push_request(token))
     assert retried.status == 202, retried.body
     assert not_replicated(b) == 0
+    assert len(await stored(redis_server)) == 1  # the retry's entry has the same id: stored once
 
 
 async def test_with_the_replica_not_confirming_the_kill_switch_answers_503_and_refuses_here(
@@ -184,6 +186,42 @@ async def test_with_the_replica_not_confirming_the_kill_switch_answers_503_and_r
     assert not_replicated(a) == 1
     # in effect, so on the audit log like any entry made, though answered 503
     assert "revocation_created" in [r.getMessage() for r in caplog.records if r.name == "verifier.audit"]
+
+
+async def stored(server: RedisServer) -> list[dict[str, object]]:
+    """The entries in the server's hash."""
+    client = Redis.from_url(server.url)
+    try:
+        return [json.loads(v) for k, v in (await client.hgetall(HASH)).items() if not k.startswith(b"~")]
+    finally:
+        await client.aclose()
+
+
+async def test_the_operators_retry_after_a_503_leaves_one_entry_everywhere_and_one_lift_lifts_it(
+    group: Replicas, redis_server: RedisServer, replica: RedisServer
+) -> None:
+    a, b = await group.start(), await group.start()
+    document = {"subject": {"format": "iss_sub", "iss": IDP, "sub": "user-10"}, "effect": "disable"}
+    replica.pause()
+    try:
+        refused = await router_of(a).dispatch(admin_request("POST", document=document))
+    finally:
+        replica.resume()
+    assert refused.status == 503, refused.body
+    await asyncio.to_thread(confirming, redis_server)
+    retried = await router_of(b).dispatch(admin_request("POST", document=document))  # the retry, on another replica
+    assert retried.status == 201, retried.body
+    entry_id = json.loads(retried.body)["id"]
+    assert [e["id"] for e in await stored(redis_server)] == [entry_id]
+    assert [e["id"] for e in await stored(replica)] == [entry_id]  # WAIT confirmed the retry: the replica has it
+    for service in (a, b):
+        listed = json.loads((await router_of(service).dispatch(admin_request("GET"))).body)["entries"]
+        assert [e["id"] for e in listed] == [entry_id]
+    lifted = await router_of(a).dispatch(admin_request("DELETE", f"/v1/admin/revocations/{entry_id}"))
+    assert lifted.status == 204
+    assert await stored(redis_server) == []
+    await within(5.0, lambda: b.revocations.check(principal("user-10")) is None)
+    assert a.revocations.check(principal("user-10")) is None
 
 
 async def test_default_zero_asks_no_replica_and_acknowledges_as_before(

@@ -241,7 +241,7 @@ async def test_a_logout_that_could_not_be_stored_is_503_and_its_retry_applies(
 ) -> None:
     token = sign(mint)
 
-    async def down(_: Any) -> None:
+    async def down(_: Any, **__: Any) -> None:
         raise StateUnavailable("store down")
 
     store = service._store

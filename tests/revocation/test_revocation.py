@@ -766,6 +766,31 @@ async def test_kill_switch_revokes_lists_and_lifts(service: RevocationService, c
     assert (await router.dispatch(admin("DELETE", f"/v1/admin/revocations/{entry_id}"))).status == 404
 
 
+async def test_kill_switch_posted_again_for_a_subject_keeps_one_entry_and_a_stale_lift_never_undoes_it(
+    service: RevocationService, clock: FrozenClock
+) -> None:
+    """An operator's retry (after a 503) or a second POST on the same subject and effect replaces the entry: one to
+    list, one to lift; the new one reaches what the old one did and more; a DELETE of the old id is 404."""
+    router = routes(service)
+    first = body(await router.dispatch(admin("POST", document={"subject": USER, "reason": "laptop stolen"})))["id"]
+    clock.advance(5)
+    issued_between = principal(iat=clock.now() - 1)
+    second = await router.dispatch(admin("POST", document={"subject": USER, "reason": "laptop stolen (retry)"}))
+    assert second.status == 201
+    listed = body(await router.dispatch(admin("GET")))["entries"]
+    assert [e["id"] for e in listed] == [body(second)["id"]] != [first]
+    assert listed[0]["reason"] == "laptop stolen (retry)" and listed[0]["event_time"] == clock.now()
+    assert service.revocations.check(issued_between) is not None  # issued after the first POST, before the second
+    assert (await router.dispatch(admin("DELETE", f"/v1/admin/revocations/{first}"))).status == 404
+    assert service.revocations.check(principal()) is not None
+    # another effect on the same subject is another entry; a lift of one leaves the other
+    disabled = body(await router.dispatch(admin("POST", document={"subject": USER, "effect": "disable"})))["id"]
+    assert len(body(await router.dispatch(admin("GET")))["entries"]) == 2
+    lifted = await router.dispatch(admin("DELETE", f"/v1/admin/revocations/{body(second)['id']}"))
+    assert lifted.status == 204
+    assert [e["id"] for e in body(await router.dispatch(admin("GET")))["entries"]] == [disabled]
+
+
 async def test_kill_switch_revokes_a_session(service: RevocationService) -> None:
     router = routes(service)
     answer = await router.dispatch(admin("POST", document={"subject": {"format": "opaque", "id": "sess-9"}}))

@@ -33,6 +33,17 @@ async def test_entries_outlive_the_store_that_wrote_them(tmp_path: Path) -> None
         await second.close()
 
 
+async def test_a_put_replacing_entries_removes_them_in_the_same_transaction(tmp_path: Path) -> None:
+    """The kill switch's entry posted again takes the old one's place: one write, never both nor neither."""
+    store = SqliteStore(str(tmp_path))
+    try:
+        await store.put([entry("op-old"), entry("op-other", "user-2")])
+        await store.put([entry("op-new")], replacing=["op-old", "op-new"])  # its own id is never removed
+        assert sorted(e.id for e in await store.sync([])) == ["op-new", "op-other"]
+    finally:
+        await store.close()
+
+
 async def test_every_commit_is_fsynced(tmp_path: Path) -> None:
     store = SqliteStore(str(tmp_path))
     try:

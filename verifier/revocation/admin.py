@@ -13,6 +13,11 @@ that variable the API does not exist (404 on every route, so its presence is not
     {"subject": {"format": "complex", "application": {"format": "opaque", "id": "<client_id>"}}}  # a client
     {"subject": {"format": "complex", "application": {"format": "iss_sub", "iss": "...", "sub": "<client_id>"}}}
 
+The operator's entry on a subject is one per `effect`: a `POST` naming a subject the operator already revoked (or
+disabled) the same way, a retry after a 503 among them, replaces that entry in the same write (a new id, its
+`event_time` never earlier, its life never shorter; the old id is gone: its `DELETE` answers 404), so a retry never
+leaves a second entry to list and to lift, and a lift of the old id can never undo the newer `POST`.
+
 `effect` is `revoke` (default: tokens issued until now are refused, a session's or a `jwt_id`'s tokens all; the
 entry expires once all of them have) or `disable` (every token of the subject, until DELETE). A client
 (`application`) is matched by the token's `client_id` or its `azp` (either), at any issuer for an `opaque` id, at the
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -58,7 +64,7 @@ class KillSwitch:
         *,
         token: str | None,
         revocations: Revocations,
-        add: Callable[[list[Entry]], Awaitable[None]],
+        add: Callable[[list[Entry], list[str]], Awaitable[None]],
         remove: Callable[[list[str]], Awaitable[None]],
         clock: Clock,
         entry_lifetime: float,
@@ -115,14 +121,18 @@ class KillSwitch:
                 " identifier"
             )
         key = keys[0]
-        now = self._clock.now()
+        effect = Effect.ACCOUNT_DISABLED if effect_name == "disable" else Effect.TOKEN_REVOKED
+        # The operator's entries on this subject with this effect: the new one takes their place (one entry, whatever
+        # the retries after a 503). It reaches every token they reached: never an earlier event, never a shorter life.
+        replaced = self._revocations.matching([key], effect, not_after=math.inf, source=OPERATOR)
+        now = max([self._clock.now(), *(e.event_time for e in map(self._revocations.get, replaced) if e)])
         if effect_name == "disable":
-            effect, match, expires = Effect.ACCOUNT_DISABLED, Match.ALL, None
+            match, expires = Match.ALL, None
         else:
             # A session's tokens, or the one token a `jwt_id` names, whatever their `iat` (an issuer's clock ahead
             # of ours must not let the named token through); the others', those issued until now.
             match = Match.ALL if key.kind in (KeyKind.SID, KeyKind.JTI) else Match.ISSUED_BEFORE
-            effect, expires = Effect.TOKEN_REVOKED, now + self._entry_lifetime
+            expires = now + self._entry_lifetime
         entry = Entry(
             id="op-" + secrets.token_urlsafe(12),
             key=key,
@@ -135,11 +145,11 @@ class KillSwitch:
             reason=reason[:MAX_REASON_CHARS],
         )
         try:
-            await self._add([entry])
+            await self._add([entry], replaced)
         except RevocationNotReplicated:
-            _audit("revocation_created", entry, peer)  # in effect (the primary, this replica), though answered 503
+            _audit("revocation_created", entry, peer, replaced)  # in effect (primary, this replica), answered 503
             raise
-        _audit("revocation_created", entry, peer)
+        _audit("revocation_created", entry, peer, replaced)
         return entry
 
     def entries(self) -> list[Entry]:
@@ -155,8 +165,9 @@ class KillSwitch:
         _audit("revocation_lifted", entry, peer)
 
 
-def _audit(event: str, entry: Entry, peer: str) -> None:
-    """One audit line: what the operator's caller (at `peer`) made or lifted, whoever's entry it was."""
+def _audit(event: str, entry: Entry, peer: str, replaced: list[str] | None = None) -> None:
+    """One audit line: what the operator's caller (at `peer`) made (in place of the entries `replaced`) or lifted,
+    whoever's entry it was."""
     audit_log.info(
         event,
         extra={
@@ -168,5 +179,6 @@ def _audit(event: str, entry: Entry, peer: str) -> None:
             "jti": entry.jti,
             "reason": entry.reason,
             "peer": peer,
+            **({"replaced": replaced} if replaced else {}),
         },
     )

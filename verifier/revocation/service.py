@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 
@@ -212,16 +212,17 @@ class RevocationService:
                     )
                 wait = min(self.config.resync_interval_seconds, RESYNC_RETRY_SECONDS)
 
-    async def add(self, entries: list[Entry]) -> None:
-        """Stores entries and applies them here at once (the other replicas hear of them by pub/sub).
+    async def add(self, entries: list[Entry], replacing: Sequence[str] = ()) -> None:
+        """Stores entries and applies them here at once (the other replicas hear of them by pub/sub); the ids
+        `replacing` (entries the new ones supersede) are removed in the same write.
 
         Entries the primary took but too few Redis replicas confirmed (`RevocationNotReplicated`) are applied here
         all the same (fail closed: this replica refuses what it was told of), counted, and the error raised on,
         so the sender is not acknowledged and sends again."""
         try:
-            await self._store.put(entries)
+            await self._store.put(entries, replacing=replacing)
         except RevocationNotReplicated as exc:
-            self._apply(entries, [])
+            self._apply(entries, list(replacing))
             self.metrics.not_replicated.inc()
             log.error(
                 "revocation not confirmed by enough Redis replicas; not acknowledged, applied here",
@@ -233,7 +234,7 @@ class RevocationService:
                 },
             )
             raise
-        self._apply(entries, [])
+        self._apply(entries, list(replacing))
 
     async def remove(self, ids: list[str]) -> None:
         """Removes entries everywhere."""

@@ -69,10 +69,14 @@ HEARTBEAT = b"verifier-revocations"
 SQLITE_FILE = REVOCATIONS_FILE  # in `state.path`
 SQLITE_POLL_SECONDS = 0.25  # how often a local store looks for another worker's writes
 SQLITE_BUSY_SECONDS = 5.0  # a write waits this long for another worker's transaction
+DELETE_SQL = "DELETE FROM entries WHERE id = ?"
 # Seconds `WAIT` gives the replicas to confirm a revocation write: replication within a region takes
 # milliseconds, and it must stay below the store's socket timeout (`DEFAULT_TIMEOUT_SECONDS`), or the
 # connection gives up before WAIT answers.
 REPLICA_WAIT_SECONDS = 0.5
+
+
+_Step = tuple[str, Sequence[tuple[str, ...]]]  # one SQL statement and the rows it runs for
 
 
 class Change(Protocol):
@@ -94,8 +98,9 @@ class RevocationStore(Protocol):
         """
         ...
 
-    async def put(self, entries: Iterable[Entry]) -> None:
-        """Adds or replaces entries and tells every replica; raises `StateUnavailable`."""
+    async def put(self, entries: Iterable[Entry], *, replacing: Iterable[str] = ()) -> None:
+        """Adds or replaces entries, removes the ids `replacing` in the same write, and tells every replica; raises
+        `StateUnavailable`."""
         ...
 
     async def delete(self, ids: Iterable[str]) -> None:
@@ -128,8 +133,10 @@ class MemoryStore:
         """Every entry (this store is the only copy: nothing can have been lost)."""
         return list(self._entries.values())
 
-    async def put(self, entries: Iterable[Entry]) -> None:
-        """Adds or replaces entries."""
+    async def put(self, entries: Iterable[Entry], *, replacing: Iterable[str] = ()) -> None:
+        """Adds or replaces entries, removes `replacing`."""
+        for entry_id in replacing:
+            self._entries.pop(entry_id, None)
         for entry in entries:
             self._entries[entry.id] = entry
 
@@ -169,14 +176,18 @@ class SqliteStore:
             raise StateUnavailable(f"revocation store {self.path} unusable: {exc}") from exc
         self._version: int | None = None
 
-    async def _run(self, sql: str, rows: Sequence[tuple[str, ...]] | None = None) -> list[Any]:
+    async def _run(self, sql: str, rows: Sequence[tuple[str, ...]] | None = None, *more: _Step) -> list[Any]:
+        """`sql` alone: a query's rows. With `rows`: `sql` for each, then each of `more` (SQL, rows): one
+        transaction."""
+
         def work() -> list[Any]:
             with self._lock:
                 if rows is None:
                     return self._db.execute(sql).fetchall()
                 with self._db:  # one transaction
                     self._db.execute("BEGIN IMMEDIATE")
-                    self._db.executemany(sql, rows)
+                    for statement, values in ((sql, rows), *more):
+                        self._db.executemany(statement, values)
                 return []
 
         try:
@@ -194,17 +205,18 @@ class SqliteStore:
                 log.warning("revocation entry unreadable", extra={"event": "revocation_store", "entry": entry_id})
         return entries
 
-    async def put(self, entries: Iterable[Entry]) -> None:
-        """INSERT OR REPLACE in one fsync'd transaction."""
+    async def put(self, entries: Iterable[Entry], *, replacing: Iterable[str] = ()) -> None:
+        """INSERT OR REPLACE (and DELETE `replacing`) in one fsync'd transaction."""
         rows = [(e.id, e.to_json()) for e in entries]
         if rows:
-            await self._run("INSERT OR REPLACE INTO entries (id, entry) VALUES (?, ?)", rows)
+            gone = [(i,) for i in set(replacing) - {r[0] for r in rows}]
+            await self._run("INSERT OR REPLACE INTO entries (id, entry) VALUES (?, ?)", rows, (DELETE_SQL, gone))
 
     async def delete(self, ids: Iterable[str]) -> None:
         """DELETE in one fsync'd transaction."""
         rows = [(i,) for i in ids]
         if rows:
-            await self._run("DELETE FROM entries WHERE id = ?", rows)
+            await self._run(DELETE_SQL, rows)
 
     async def subscribe(self) -> None:
         """Notes the file's version, so the first change by another worker is seen."""
@@ -300,15 +312,23 @@ class RedisStore:
 
         await self._transaction(write, message)
 
-    async def put(self, entries: Iterable[Entry]) -> None:
-        """HSET and PUBLISH in one MULTI; with `replicas`, then WAIT for them (`RevocationNotReplicated`)."""
+    async def put(self, entries: Iterable[Entry], *, replacing: Iterable[str] = ()) -> None:
+        """HSET (and HDEL `replacing`) and PUBLISH in one MULTI; with `replicas`, then WAIT for them
+        (`RevocationNotReplicated`)."""
         batch = list(entries)
         if not batch:
             return
-        message = json.dumps({"add": [json.loads(e.to_json()) for e in batch]})
+        ids = {e.id for e in batch}
+        gone = [i for i in replacing if i not in ids]
+        change: dict[str, Any] = {"add": [json.loads(e.to_json()) for e in batch]}
+        if gone:
+            change["remove"] = gone
+        message = json.dumps(change)
 
         def write(pipe: Any) -> None:
             pipe.hset(self.hash_key, mapping={e.id: e.to_json() for e in batch})
+            if gone:
+                pipe.hdel(self.hash_key, *gone)
 
         if not self.replicas:
             await self._call(self._transaction(write, message))
