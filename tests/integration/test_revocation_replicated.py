@@ -43,6 +43,7 @@ from verifier.config.state import StateConfig
 from verifier.doors.logout_http import LOGOUT_PATH
 from verifier.doors.routes import HttpRequest
 from verifier.revocation import RevocationService, parse_revocation_config
+from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.logout import BACKCHANNEL_LOGOUT_EVENT
 from verifier.revocation.store import REPLICA_WAIT_SECONDS
 from verifier.settings import Settings
@@ -222,6 +223,49 @@ async def test_the_operators_retry_after_a_503_leaves_one_entry_everywhere_and_o
     assert await stored(redis_server) == []
     await within(5.0, lambda: b.revocations.check(principal("user-10")) is None)
     assert a.revocations.check(principal("user-10")) is None
+
+
+async def test_lifting_a_claims_override_waits_for_the_replica_and_lifting_a_refusal_does_not(
+    group: Replicas, redis_server: RedisServer, replica: RedisServer
+) -> None:
+    """A lost lift of a refusal re-revokes (fail closed): not waited for. A claims override from a `replace`
+    transmitter may have raised a token's claims, and its lift, lost in a failover, would hand them back: the
+    operator is not told 204 before the replica has it."""
+    a = await group.start()
+    now = time.time()
+    override = Entry(
+        id="ev-raised-scope",
+        key=SubjectKey(KeyKind.ISS_SUB, "user-11", IDP),
+        effect=Effect.CLAIMS_OVERRIDE,
+        match=Match.ISSUED_BEFORE,
+        event_time=now,
+        expires_at=now + 600,
+        source="https://tx.example.test",
+        event="https://schemas.openid.net/secevent/caep/event-type/token-claims-change",
+        overrides={"scope": "read admin"},
+    )
+    await a.add([override])
+    created = await router_of(a).dispatch(
+        admin_request("POST", document={"subject": {"format": "iss_sub", "iss": IDP, "sub": "user-12"}})
+    )
+    assert created.status == 201, created.body
+    refusal = json.loads(created.body)["id"]
+    before = await waits(redis_server)
+    replica.pause()
+    try:
+        lifted_refusal = await router_of(a).dispatch(admin_request("DELETE", f"/v1/admin/revocations/{refusal}"))
+        assert await waits(redis_server) == before
+        lifted_override = await router_of(a).dispatch(admin_request("DELETE", f"/v1/admin/revocations/{override.id}"))
+    finally:
+        replica.resume()
+    assert lifted_refusal.status == 204, lifted_refusal.body
+    assert lifted_override.status == 503, lifted_override.body
+    assert ("x-verifier-reason", "state_unavailable") in lifted_override.headers
+    assert await waits(redis_server) == before + 1
+    assert not_replicated(a) == 1
+    # lifted all the same, on the primary and here: the override no longer applies
+    assert a.revocations.overrides(principal("user-11")) is None
+    assert await stored(redis_server) == []
 
 
 async def test_default_zero_asks_no_replica_and_acknowledges_as_before(

@@ -13,6 +13,10 @@ that variable the API does not exist (404 on every route, so its presence is not
     {"subject": {"format": "complex", "application": {"format": "opaque", "id": "<client_id>"}}}  # a client
     {"subject": {"format": "complex", "application": {"format": "iss_sub", "iss": "...", "sub": "<client_id>"}}}
 
+`DELETE` of a claims override (an SSF claims announcement) is confirmed by the Redis replicas as a `POST` is
+(`state.redis_revocation_replicas`; 503 when not, lifted all the same); a lift of a refusal is not waited for: lost in
+a failover, it only brings the refusal back (`verifier.revocation.store`).
+
 The operator's entry on a subject is one per `effect`: a `POST` naming a subject the operator already revoked (or
 disabled) the same way, a retry after a 503 among them, replaces that entry in the same write (a new id, its
 `event_time` never earlier, its life never shorter; the old id is gone: its `DELETE` answers 404), so a retry never
@@ -65,7 +69,7 @@ class KillSwitch:
         token: str | None,
         revocations: Revocations,
         add: Callable[[list[Entry], list[str]], Awaitable[None]],
-        remove: Callable[[list[str]], Awaitable[None]],
+        remove: Callable[[list[str], bool], Awaitable[None]],
         clock: Clock,
         entry_lifetime: float,
     ) -> None:
@@ -161,7 +165,13 @@ class KillSwitch:
         entry = self._revocations.get(entry_id)
         if entry is None:
             raise NotFound("no such revocation entry")
-        await self._remove([entry_id])
+        # A lost lift re-revokes (fail closed) but a claims override's could hand back claims it raised: it waits
+        # for the Redis replicas (`verifier.revocation.store`), 503 when they do not confirm (lifted all the same).
+        try:
+            await self._remove([entry_id], entry.effect is Effect.CLAIMS_OVERRIDE)
+        except RevocationNotReplicated:
+            _audit("revocation_lifted", entry, peer)
+            raise
         _audit("revocation_lifted", entry, peer)
 
 

@@ -223,22 +223,31 @@ class RevocationService:
             await self._store.put(entries, replacing=replacing)
         except RevocationNotReplicated as exc:
             self._apply(entries, list(replacing))
-            self.metrics.not_replicated.inc()
-            log.error(
-                "revocation not confirmed by enough Redis replicas; not acknowledged, applied here",
-                extra={
-                    "event": "revocation_not_replicated",
-                    "entries": [e.id for e in entries],
-                    "replicas": exc.replicas,
-                    "confirmed": exc.confirmed,
-                },
-            )
+            self._not_replicated([e.id for e in entries], exc)
             raise
         self._apply(entries, list(replacing))
 
-    async def remove(self, ids: list[str]) -> None:
-        """Removes entries everywhere."""
-        await self._store.delete(ids)
+    def _not_replicated(self, ids: list[str], exc: RevocationNotReplicated) -> None:
+        self.metrics.not_replicated.inc()
+        log.error(
+            "revocation not confirmed by enough Redis replicas; not acknowledged, applied here",
+            extra={
+                "event": "revocation_not_replicated",
+                "entries": ids,
+                "replicas": exc.replicas,
+                "confirmed": exc.confirmed,
+            },
+        )
+
+    async def remove(self, ids: list[str], replicated: bool = False) -> None:
+        """Removes entries everywhere; `replicated`, confirmed by the Redis replicas as `add` is, else removed here
+        all the same, counted and `RevocationNotReplicated` raised on."""
+        try:
+            await self._store.delete(ids, replicated=replicated)
+        except RevocationNotReplicated as exc:
+            self._apply([], ids)
+            self._not_replicated(ids, exc)
+            raise
         self._apply([], ids)
 
     # -- receiving SETs -----------------------------------------------------------------------------

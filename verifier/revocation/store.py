@@ -29,8 +29,13 @@ Sentinel (or a managed Redis's failover) never saw it, while the transmitter, ha
 With `replicas` (`state.redis_revocation_replicas`) above 0, every `put` is followed on the same connection by
 `WAIT replicas REPLICA_WAIT_SECONDS`; fewer replicas confirming raises `RevocationNotReplicated` (a
 `StateUnavailable`: the sender is not acknowledged and retries) after the entry was written to the primary and
-published. Only `put` waits: a lift or an expiry lost in a failover brings an entry back (fail closed), and the
-decision path never writes here.
+published. `put` waits, and `delete` when asked (`replicated`: the kill switch's lift of a claims override, below).
+What else is lost in a failover is fail closed: an expiry brings back an entry no live token can match, and the lift
+of a refusal (operator's or RISC account-enabled) brings the refusal back; ids are never reused by another
+revocation (the kill switch's are fresh, a SET's are its jti's), so a lost lift, nothing replaying it, can only
+re-revoke. A claims override (CAEP claims announcements) is not a refusal: from a `replace` transmitter it may have
+raised claims (a scope, a role, `acr`), so its lift taking those away is itself a revocation, and a lost one would
+hand them back: it waits as a `put` does. The decision path never writes here.
 """
 
 from __future__ import annotations
@@ -103,8 +108,9 @@ class RevocationStore(Protocol):
         `StateUnavailable`."""
         ...
 
-    async def delete(self, ids: Iterable[str]) -> None:
-        """Removes entries and tells every replica; raises `StateUnavailable`."""
+    async def delete(self, ids: Iterable[str], *, replicated: bool = False) -> None:
+        """Removes entries and tells every replica; raises `StateUnavailable`. `replicated`: as `put`, confirmed by
+        the Redis replicas (`RevocationNotReplicated`) when the store has any to ask."""
         ...
 
     async def listen(
@@ -140,7 +146,7 @@ class MemoryStore:
         for entry in entries:
             self._entries[entry.id] = entry
 
-    async def delete(self, ids: Iterable[str]) -> None:
+    async def delete(self, ids: Iterable[str], *, replicated: bool = False) -> None:
         """Removes entries."""
         for entry_id in ids:
             self._entries.pop(entry_id, None)
@@ -212,7 +218,7 @@ class SqliteStore:
             gone = [(i,) for i in set(replacing) - {r[0] for r in rows}]
             await self._run("INSERT OR REPLACE INTO entries (id, entry) VALUES (?, ?)", rows, (DELETE_SQL, gone))
 
-    async def delete(self, ids: Iterable[str]) -> None:
+    async def delete(self, ids: Iterable[str], *, replicated: bool = False) -> None:
         """DELETE in one fsync'd transaction."""
         rows = [(i,) for i in ids]
         if rows:
@@ -330,7 +336,18 @@ class RedisStore:
             if gone:
                 pipe.hdel(self.hash_key, *gone)
 
-        if not self.replicas:
+        await self._write(write, message, replicated=True)
+
+    async def delete(self, ids: Iterable[str], *, replicated: bool = False) -> None:
+        """HDEL and PUBLISH in one MULTI; `replicated`, then WAIT as `put` does."""
+        batch = list(ids)
+        if not batch:
+            return
+        message = json.dumps({"remove": batch})
+        await self._write(lambda pipe: pipe.hdel(self.hash_key, *batch), message, replicated=replicated)
+
+    async def _write(self, write: Callable[[Any], Any], message: str, *, replicated: bool) -> None:
+        if not (replicated and self.replicas):
             await self._call(self._transaction(write, message))
             return
         confirmed = await self._call(self._replicated(write, message))
@@ -340,14 +357,6 @@ class RedisStore:
                 replicas=self.replicas,
                 confirmed=confirmed,
             )
-
-    async def delete(self, ids: Iterable[str]) -> None:
-        """HDEL and PUBLISH in one MULTI."""
-        batch = list(ids)
-        if not batch:
-            return
-        message = json.dumps({"remove": batch})
-        await self._call(self._transaction(lambda pipe: pipe.hdel(self.hash_key, *batch), message))
 
     async def _transaction(self, write: Callable[[Any], Any], message: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
