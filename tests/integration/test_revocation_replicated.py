@@ -13,6 +13,7 @@ confirming" is SIGSTOP: still connected to the primary, acknowledging nothing, a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis_harness import RedisServer, start_redis
 from ssf_transmitter import ACCOUNT_DISABLED, SsfTransmitter
-from support import FrozenClock
+from support import FrozenClock, free_port
 from test_revocation_redis import (
     AUD,
     IDP,
@@ -52,6 +53,7 @@ from verifier.state.base import Purpose
 pytestmark = pytest.mark.integration
 
 SYNC_S = 30.0  # seconds for the replica's first full sync with the primary (a loaded machine)
+RELOAD_S = 30.0  # seconds for the verifiers to reconnect to a promoted primary and reload (backoff, a loaded machine)
 HASH = "verifier:revocations"
 CLIENT = "gateway-client"
 
@@ -266,6 +268,69 @@ async def test_lifting_a_claims_override_waits_for_the_replica_and_lifting_a_ref
     # lifted all the same, on the primary and here: the override no longer applies
     assert a.revocations.overrides(principal("user-11")) is None
     assert await stored(redis_server) == []
+
+
+def cut_off(replica: RedisServer) -> None:
+    """The replica loses its primary (a partition): it keeps its data set and receives nothing more. (SIGSTOP would
+    not do here: what the primary sent waits in the paused replica's socket and is applied once it runs again.)"""
+    client = SyncRedis.from_url(replica.url, socket_timeout=5)
+    try:
+        client.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # nobody there
+    finally:
+        client.close()
+
+
+def promoted(old_primary: RedisServer, replica: RedisServer) -> None:
+    """A failover: the primary dies with what only it had, its replica is promoted, and the verifiers' address
+    (the old primary's port, as a Sentinel-managed or managed Redis's endpoint) leads to the promoted data set."""
+    old_primary.stop()
+    client = SyncRedis.from_url(replica.url, socket_timeout=5)
+    try:
+        client.execute_command("REPLICAOF", "NO", "ONE")
+        client.config_set("repl-diskless-sync-delay", 0)
+    finally:
+        client.close()
+    old_primary.args = ("--replicaof", "127.0.0.1", str(replica.port))
+    old_primary.start()  # the same port, a copy of the promoted replica's data set
+    client = SyncRedis.from_url(old_primary.url, socket_timeout=5)
+    try:
+        deadline = time.monotonic() + SYNC_S
+        while client.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < deadline, "never synced with the promoted replica"
+            time.sleep(0.05)
+        client.execute_command("REPLICAOF", "NO", "ONE")
+    finally:
+        client.close()
+
+
+async def test_a_revocation_answered_503_survives_a_failover_to_a_replica_that_never_had_it(
+    redis_server: RedisServer, transmitter: SsfTransmitter, replica: RedisServer
+) -> None:
+    """The operator was told 503 and may never retry: the replica that applied the entry keeps it through the reload
+    from the promoted primary that lacks it, and writes it there again, so every replica refuses again."""
+    fast = Replicas(redis_server.url, transmitter)
+    fast.revocation_replicas = 1
+    fast.config = dataclasses.replace(fast.config, resync_interval_seconds=1)
+    try:
+        a, b = await fast.start(), await fast.start()
+        user = principal("user-13")
+        await asyncio.to_thread(cut_off, replica)
+        created = await router_of(a).dispatch(
+            admin_request(
+                "POST", document={"subject": {"format": "iss_sub", "iss": IDP, "sub": "user-13"}, "effect": "disable"}
+            )
+        )
+        assert created.status == 503, created.body
+        await within(5.0, lambda: b.revocations.check(user) is not None)  # heard of it from the primary
+        await asyncio.to_thread(promoted, redis_server, replica)
+        reloads = a.metrics.syncs.labels("ok")._value.get()
+        await within(RELOAD_S, lambda: a.metrics.syncs.labels("ok")._value.get() >= reloads + 2)
+        assert a.revocations.loaded
+        assert a.revocations.check(user) is not None, "the reload from the new primary dropped it"
+        assert ["user-13" in json.dumps(e["key"]) for e in await stored(redis_server)] == [True]  # written again
+        await within(RELOAD_S, lambda: b.revocations.loaded and b.revocations.check(user) is not None)
+    finally:
+        await fast.stop()
 
 
 async def test_default_zero_asks_no_replica_and_acknowledges_as_before(

@@ -35,14 +35,16 @@ from verifier.doors.admin_http import MAX_BODY_BYTES, add_admin_routes
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
-from verifier.errors import InvalidToken, StateUnavailable
+from verifier.errors import InvalidToken, RevocationNotReplicated, StateUnavailable
 from verifier.generation import Generation
 from verifier.observe.metrics import RevocationMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.revocation import Revocations, RevocationService, TokenRevoked, parse_revocation_config
+from verifier.revocation import service as service_module
 from verifier.revocation.entry import REFUSAL_CODES, Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.ssf import CredentialRevocation
+from verifier.revocation.store import MemoryStore
 from verifier.revocation.subjects import MAX_IDENTIFIER_CHARS, SubjectError, subject_keys
 from verifier.settings import ConfigError, Settings
 from verifier.state.memory import MemoryState
@@ -789,6 +791,52 @@ async def test_kill_switch_posted_again_for_a_subject_keeps_one_entry_and_a_stal
     lifted = await router.dispatch(admin("DELETE", f"/v1/admin/revocations/{body(second)['id']}"))
     assert lifted.status == 204
     assert [e["id"] for e in body(await router.dispatch(admin("GET")))["entries"]] == [disabled]
+
+
+class UnconfirmedStore(MemoryStore):
+    """The primary takes every write (this dict); while `confirming` is False no Redis replica confirms a put."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.confirming = False
+
+    async def put(self, entries: Any, *, replacing: Any = ()) -> None:
+        await super().put(entries, replacing=replacing)
+        if not self.confirming:
+            raise RevocationNotReplicated("not confirmed", replicas=1, confirmed=0)
+
+
+async def test_unconfirmed_entries_are_bounded_and_a_lift_from_elsewhere_is_never_undone(
+    clock: FrozenClock, provider: FakeFetcher, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_module, "MAX_UNCONFIRMED", 2)
+    store = UnconfirmedStore()
+    svc = RevocationService(
+        config(), state=MemoryState(clock), fetcher=provider, clock=clock, store=store,
+        metrics=RevocationMetrics(registry, REFUSAL_CODES), session=no_http_session, admin_token=ADMIN,
+    )
+    await svc.start()
+    try:
+        router = routes(svc)
+        for sub in ("user-1", "user-2", "user-3"):
+            answer = await router.dispatch(admin("POST", document={"subject": {**USER, "sub": sub}}))
+            assert answer.status == 503
+        assert len(svc._unconfirmed) == 2  # the oldest forgotten
+        await store.delete(list(store._entries))  # a failover to a primary that has none of them
+        await svc.resync()
+        assert svc.revocations.check(principal("user-1")) is None  # forgotten: dropped with the reload
+        assert svc.revocations.check(principal("user-3")) is not None  # kept, and written again
+        assert sorted(e.key.value for e in await store.sync([])) == ["user-2", "user-3"]
+        lifted = [e.id for e in svc.revocations.entries() if e.key.value == "user-2"]
+        svc._on_change([], lifted)  # another replica's lift, heard by pub/sub
+        await store.delete(lifted)
+        await svc.resync()
+        assert svc.revocations.check(principal("user-2")) is None
+        store.confirming = True
+        await svc.resync()  # written again and confirmed: nothing left to keep
+        assert svc._unconfirmed == {}
+    finally:
+        await svc.stop()
 
 
 async def test_kill_switch_revokes_a_session(service: RevocationService) -> None:

@@ -45,6 +45,9 @@ log = logging.getLogger("verifier.revocation")
 START_TIMEOUT_SECONDS = 10.0  # seconds start() keeps trying to load the entries before failing
 LOAD_RETRY_SECONDS = 0.2  # between attempts at the initial load
 RESYNC_RETRY_SECONDS = 1.0  # between reloads while the last one failed (the replica answers 503 meanwhile)
+# Changes this replica applied that the Redis replicas did not confirm, kept and sent again until they do: beyond
+# this many the oldest is forgotten (its sender was answered 503 and may still retry it).
+MAX_UNCONFIRMED = 10_000
 
 CredentialCallback = Callable[[CredentialRevocation], Awaitable[None]]  # disables WebAuthn credentials
 
@@ -96,6 +99,10 @@ class RevocationService:
         self._tasks: list[asyncio.Task[None]] = []
         self._session = session  # the poller's: the root builds it and closes it
         self._loading: list[tuple[list[Entry], list[str]]] | None = None  # changes seen during a reload
+        # Entries added (id -> entry) and lifted (id -> None) here that too few Redis replicas confirmed: a failover
+        # to a replica without them would make the reload undo them here too, so each reload keeps them here and
+        # writes them again, until the replicas confirm or another change (a lift, a new add) overtakes them.
+        self._unconfirmed: dict[str, Entry | None] = {}
 
     # -- for the lead --------------------------------------------------------------------------------
 
@@ -164,10 +171,40 @@ class RevocationService:
         finally:
             pending, self._loading = self._loading, None
         self.revocations.replace(entries)
+        if self._unconfirmed:  # before any await: not one request sees them undone
+            now = self._clock.now()
+            for entry_id, entry in list(self._unconfirmed.items()):
+                if entry is not None and not entry.live(now):
+                    del self._unconfirmed[entry_id]
+            self.revocations.add(e for e in self._unconfirmed.values() if e is not None)
+            self.revocations.remove(i for i, e in self._unconfirmed.items() if e is None)
         for added, removed in pending or ():
             self._apply(added, removed)
         self.metrics.syncs.labels("ok").inc()
         self.metrics.entries.set(len(self.revocations))
+        if self._unconfirmed:
+            await self._confirm()
+
+    async def _confirm(self) -> None:
+        """Writes the unconfirmed changes again (a primary promoted without them gets them back, the other replicas
+        hear of them) and forgets those the Redis replicas now confirm."""
+        added = [e for e in self._unconfirmed.values() if e is not None]
+        lifted = [i for i, e in self._unconfirmed.items() if e is None]
+        if added:
+            await self._write_again([e.id for e in added], self._store.put(added))
+        if lifted:
+            await self._write_again(lifted, self._store.delete(lifted, replicated=True))
+
+    async def _write_again(self, ids: list[str], write: Awaitable[None]) -> None:
+        try:
+            await write
+        except StateUnavailable as exc:
+            log.warning(
+                "revocation changes still not confirmed by the Redis replicas; kept here",
+                extra={"event": "revocation_not_replicated", "entries": ids, "error": exc.description},
+            )
+            return
+        self._confirmed(ids)
 
     def _unheard(self) -> None:
         """The subscription is broken or silent: others' entries may be going unheard, so the index refuses to
@@ -187,6 +224,30 @@ class RevocationService:
         self.revocations.add(added)
         self.revocations.remove(removed)
         self.metrics.entries.set(len(self.revocations))
+        if self._unconfirmed:  # an unconfirmed change overtaken by a newer one (this replica's own echo is not)
+            for entry in added:
+                if entry.id in self._unconfirmed and self._unconfirmed[entry.id] is None:
+                    del self._unconfirmed[entry.id]
+            for entry_id in removed:
+                if self._unconfirmed.get(entry_id) is not None:
+                    del self._unconfirmed[entry_id]
+
+    def _keep_unconfirmed(self, added: list[Entry], lifted: Sequence[str]) -> None:
+        """Remembers changes the Redis replicas did not confirm (`_unconfirmed`), the oldest forgotten beyond
+        `MAX_UNCONFIRMED`."""
+        for entry_id in lifted:
+            self._unconfirmed.pop(entry_id, None)
+            self._unconfirmed[entry_id] = None
+        for entry in added:
+            self._unconfirmed.pop(entry.id, None)
+            self._unconfirmed[entry.id] = entry
+        while len(self._unconfirmed) > MAX_UNCONFIRMED:
+            forgotten = next(iter(self._unconfirmed))
+            del self._unconfirmed[forgotten]
+            log.error(
+                "too many revocation changes not confirmed by the Redis replicas; forgetting the oldest",
+                extra={"event": "revocation_not_replicated", "entries": [forgotten]},
+            )
 
     async def _maintain(self) -> None:
         """Periodically reloads everything and drops entries no live token can match.
@@ -218,14 +279,18 @@ class RevocationService:
 
         Entries the primary took but too few Redis replicas confirmed (`RevocationNotReplicated`) are applied here
         all the same (fail closed: this replica refuses what it was told of), counted, and the error raised on,
-        so the sender is not acknowledged and sends again."""
+        so the sender is not acknowledged and sends again. They are also kept (`_unconfirmed`): a sender need not
+        retry, and after a failover to a replica that never had them the reloads would drop them, so each reload keeps
+        them here and writes them again until the replicas confirm them."""
         try:
             await self._store.put(entries, replacing=replacing)
         except RevocationNotReplicated as exc:
             self._apply(entries, list(replacing))
+            self._keep_unconfirmed(entries, replacing)
             self._not_replicated([e.id for e in entries], exc)
             raise
         self._apply(entries, list(replacing))
+        self._confirmed([e.id for e in entries])
 
     def _not_replicated(self, ids: list[str], exc: RevocationNotReplicated) -> None:
         self.metrics.not_replicated.inc()
@@ -246,9 +311,18 @@ class RevocationService:
             await self._store.delete(ids, replicated=replicated)
         except RevocationNotReplicated as exc:
             self._apply([], ids)
+            self._keep_unconfirmed([], ids)
             self._not_replicated(ids, exc)
             raise
         self._apply([], ids)
+        if replicated:
+            self._confirmed(ids)
+
+    def _confirmed(self, ids: list[str]) -> None:
+        """The Redis replicas confirmed these (a sender's retry): nothing left to keep."""
+        if self._unconfirmed:
+            for entry_id in ids:
+                self._unconfirmed.pop(entry_id, None)
 
     # -- receiving SETs -----------------------------------------------------------------------------
 

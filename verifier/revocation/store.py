@@ -29,11 +29,15 @@ Sentinel (or a managed Redis's failover) never saw it, while the transmitter, ha
 With `replicas` (`state.redis_revocation_replicas`) above 0, every `put` is followed on the same connection by
 `WAIT replicas REPLICA_WAIT_SECONDS`; fewer replicas confirming raises `RevocationNotReplicated` (a
 `StateUnavailable`: the sender is not acknowledged and retries) after the entry was written to the primary and
-published. `put` waits, and `delete` when asked (`replicated`: the kill switch's lift of a claims override, below).
-What else is lost in a failover is fail closed: an expiry brings back an entry no live token can match, and the lift
-of a refusal (operator's or RISC account-enabled) brings the refusal back; ids are never reused by another
-revocation (the kill switch's are fresh, a SET's are its jti's), so a lost lift, nothing replaying it, can only
-re-revoke. A claims override (CAEP claims announcements) is not a refusal: from a `replace` transmitter it may have
+published. A sender need not retry (an operator, a logout sender), and a failover to a replica without the entry
+makes every reload drop it: `verifier.revocation.service.RevocationService` keeps what was not confirmed and
+writes it again on each reload until `WAIT` confirms it.
+
+`put` waits, and `delete` when asked (`replicated`: the kill switch's lift of a claims override, below). What else
+is lost in a failover is fail closed: an expiry brings back an entry no live token can match, and the lift of a
+refusal (operator's or RISC account-enabled) brings the refusal back; ids are never reused by another revocation
+(the kill switch's are fresh, a SET's are its jti's), so a lift only ever removes the entry it named: lost, it re-
+revokes. A claims override (CAEP claims announcements) is not a refusal: from a `replace` transmitter it may have
 raised claims (a scope, a role, `acr`), so its lift taking those away is itself a revocation, and a lost one would
 hand them back: it waits as a `put` does. The decision path never writes here.
 """
