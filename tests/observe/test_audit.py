@@ -308,3 +308,46 @@ def test_any_record_past_the_bound_is_one_line_within_it() -> None:
     assert fields["route"].startswith("GET /\U0001f600") and fields["exc"].endswith("\U0001f600")
     short = logging.makeLogRecord({"name": "verifier.audit", "msg": "admin_refused", "peer": "127.0.0.1"})
     assert "truncated" not in json.loads(audit.JsonFormatter().format(short))
+
+
+@pytest.mark.timeout(20)
+def test_a_traceback_whose_last_character_does_not_fit_the_room_left_ends_the_line() -> None:
+    """A record past the bound whose cut line leaves a few characters of room for its traceback, the traceback
+    ending in a character whose escape is longer than that room (an emoji from the request in the exception's
+    message: twelve characters): halving a one-character tail kept it whole, and the formatter looped for ever
+    (the event loop with it). With no room left at all, the traceback's "…" mark alone took the line past the
+    bound. Every room from 0 to 200 characters is tried."""
+    many = {f"f{n:03d}": "a" * 300 for n in range(74)}  # cut to 200 each: a cut line of about 16.2 KiB
+    try:
+        raise ValueError("innermost \U0001f600")
+    except ValueError:
+        exc_info = sys.exc_info()
+    for pad in range(201):
+        record = logging.makeLogRecord(
+            {"name": "verifier", "levelno": logging.ERROR, "levelname": "ERROR", "msg": "endpoint failed", **many,
+             "path": "/" + "p" * pad}
+        )  # fmt: skip
+        record.exc_info = exc_info
+        line = audit.JsonFormatter().format(record)
+        assert len(line) + 1 <= logsink.MAX_LINE_BYTES and line.isascii() and "\n" not in line, pad
+        fields = json.loads(line)
+        assert fields["truncated"] is True and fields["exc"].startswith("\u2026"), pad
+
+
+def test_a_line_formatted_by_the_fallback_stays_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback for values that are not what the pipeline passes (`_pending_line_or_fallback`) writes them
+    with json.dumps: a long issuer beside such a value made a line of 240 KB, past what a container runtime keeps
+    as one record. Its long values are cut and the line says `truncated`, as the direct path's do."""
+    emoji = "\U0001f600"
+    with served() as out, frozen(monkeypatch, [CLOCK[0]] * 3, [0.0]):
+        _checks([{"subject": "before"}, {"subject": 42, "issuer": emoji * 20_000, "kid": b"k" * 30_000},
+                 {"subject": "after", "issuer": emoji * 20_000}])  # fmt: skip
+    text = out.getvalue()
+    assert text.isascii()
+    lines = text.splitlines()
+    assert all(len(line) + 1 <= logsink.MAX_LINE_BYTES for line in lines), [len(line) for line in lines]
+    fields = [json.loads(line) for line in lines]
+    assert [f["subject"] for f in fields] == ["before", 42, "after"]
+    assert fields[1]["truncated"] is True and fields[1]["issuer"].startswith(emoji * 200)
+    assert fields[1]["kid"].startswith("b'kkk") and fields[1]["token"] == audit.fingerprint(HASH)
+    assert "truncated" not in fields[0] and fields[2]["truncated"] is True

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from verifier.observe.logsink import MAX_LINE_BYTES, BufferedStderrHandler, JsonFormatter, cut
+from verifier.observe.logsink import CUT_CHARS, MAX_LINE_BYTES, BufferedStderrHandler, JsonFormatter, cut
 
 audit_log = logging.getLogger("verifier.audit")
 
@@ -199,9 +199,28 @@ def _pending_line_or_fallback(values: tuple[Any, ...]) -> str | None:
         }  # fmt: skip
         if trace_id:
             fields["trace_id"] = trace_id
-        return _line(values[0], json.dumps(fields, default=str)[1:-1])
+        body = json.dumps(fields, default=str)[1:-1]
+        for limit in (CUT_CHARS, _LAST_CUT_CHARS):  # past the bound: cut as `_fields` cuts, then shorter still
+            if len(body) <= _MAX_FIELDS_CHARS:
+                break
+            body = json.dumps({k: _short(v, limit) for k, v in fields.items()})[1:-1] + ', "truncated": true'
+        return _line(values[0], body)
     except Exception:
         return None
+
+
+_LAST_CUT_CHARS = 16  # every value of a fallback line this short fits the bound, whatever its escapes
+
+
+def _short(value: Any, limit: int) -> Any:
+    """A fallback line's value within `limit` characters: null, a boolean or a number as it is, unless written
+    longer; anything else as text, cut and marked."""
+    if value is None or isinstance(value, bool | float):
+        return value
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return value if isinstance(value, int) else text
+    return text[:limit] + "\u2026"
 
 
 _direct_sink: BufferedStderrHandler | None = None  # set by configure_logging: our own handler

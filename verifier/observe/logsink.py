@@ -75,25 +75,30 @@ _KEPT = ("time", "level", "logger", "msg", "event")
 
 def _bounded(out: dict[str, Any]) -> str:
     """The line of a record whose line would pass MAX_LINE_BYTES: its long values cut; lists and mappings that
-    still do not fit left out, then every field but the record's own; a traceback's end in the room left."""
+    still do not fit left out, then every field but the record's own; a traceback's end in the room left (room
+    for its field and its "…" mark is kept from the start: the mark alone must not take the line past the bound)."""
     exc = out.pop("exc", None)
+    limit = MAX_LINE_BYTES - (len(_EXC_FIELD) if isinstance(exc, str) else 0)
     cut_out = {k: v if k in _KEPT[:3] else _cut_any(v) for k, v in out.items()}
     cut_out["truncated"] = True
     line = json.dumps(cut_out, default=str)
-    if len(line) >= MAX_LINE_BYTES:
+    if len(line) >= limit:
         cut_out = {k: _ELLIPSIS if isinstance(v, list | dict) else v for k, v in cut_out.items()}
         line = json.dumps(cut_out, default=str)
-    if len(line) >= MAX_LINE_BYTES:
+    if len(line) >= limit:
         cut_out = {k: v for k, v in cut_out.items() if k in _KEPT or k == "truncated"}
         line = json.dumps(cut_out, default=str)
     if isinstance(exc, str):
-        room = MAX_LINE_BYTES - len(line) - len(', "exc": ""') - 8
-        tail = exc[-min(max(room, 0), EXC_TAIL_CHARS) :] if room > 0 else ""
+        room = limit - 1 - len(line)  # characters left for the traceback's end, escaped
+        tail = exc[-min(room, EXC_TAIL_CHARS) :] if room > 0 else ""
         while tail and len(json.dumps(tail)) - 2 > room:  # escapes take up to 12 characters each
-            tail = tail[len(tail) // 2 :]
+            tail = tail[max(len(tail) // 2, 1) :]  # a last character whose escape passes the room: none left
         cut_out["exc"] = _ELLIPSIS + tail
         line = json.dumps(cut_out, default=str)
     return line
+
+
+_EXC_FIELD = ', "exc": "\\u2026"'  # what a traceback's field adds to a line before the traceback's end
 
 
 FLUSH_INTERVAL_SECONDS = 0.2  # audit lines reach stderr at most this late (or when 64 KiB are waiting)
