@@ -351,3 +351,18 @@ def test_a_line_formatted_by_the_fallback_stays_within_the_bound(monkeypatch: py
     assert fields[1]["truncated"] is True and fields[1]["issuer"].startswith(emoji * 200)
     assert fields[1]["kid"].startswith("b'kkk") and fields[1]["token"] == audit.fingerprint(HASH)
     assert "truncated" not in fields[0] and fields[2]["truncated"] is True
+
+
+def test_a_line_with_a_second_client_stays_within_the_bound() -> None:
+    """A token naming two clients has its `azp` on the line, after the fields the bound was checked on: the
+    client's long path (an admitted token's route, not cut while the fields alone fit) and a 200-character `azp`
+    made a line past the bound. The bound counts the extra fields too."""
+    emoji = "\U0001f600"
+    for path_chars in (1_000, 1_300, 1_340, 1_400):
+        with served() as out:
+            _line(route="GET /" + emoji * path_chars, azp=emoji * 200 + "\u2026")
+        (line,) = out.getvalue().splitlines()
+        assert len(line) + 1 <= logsink.MAX_LINE_BYTES, (path_chars, len(line))
+        fields = json.loads(line)
+        assert fields["azp"].startswith(emoji * 200) and fields["route"].startswith("GET /" + emoji * 195)
+        assert fields.get("truncated", False) is (len(json.dumps(fields["route"])) < path_chars * 12)

@@ -14,7 +14,14 @@ import logging
 import time
 from typing import Any
 
-from verifier.observe.logsink import CUT_CHARS, MAX_LINE_BYTES, BufferedStderrHandler, JsonFormatter, cut
+from verifier.observe.logsink import (
+    CUT_CHARS,
+    MAX_LINE_BYTES,
+    BufferedStderrHandler,
+    JsonFormatter,
+    cut,
+    cut_any,
+)
 
 audit_log = logging.getLogger("verifier.audit")
 
@@ -112,10 +119,9 @@ def signature_check(
         )  # fmt: skip
         return
     fields = _fields(
-        issuer, kid, alg, subject, route, decision, reason, latency_seconds, token_hash_, door, client_id, trace_id
-    )
-    if extra:
-        fields += ", " + json.dumps(extra, default=str)[1:-1]
+        issuer, kid, alg, subject, route, decision, reason, latency_seconds, token_hash_, door, client_id, trace_id,
+        extra,
+    )  # fmt: skip
     if direct:
         sink.write_line(_line(time.time(), fields))  # type: ignore[union-attr]
         return
@@ -136,9 +142,12 @@ def _fields(
     door: str,
     client_id: str | None,
     trace_id: str,
+    extra: dict[str, Any] | None = None,
+    cut_: bool = False,
 ) -> str:
     # Its fields are written as JSON literals one by one (what json.dumps of the same dict writes, key for
     # key; the latency with its three decimals always written), without building the dict and an encoder.
+    # `extra`: fields after them (a token's `azp`), counted in the bound too; `cut_`: the values are cut already.
     fields = (
         f"{_opening(issuer, kid, alg, decision == 'allow')}"
         f'"subject": {_literal(subject)}, "route": {_literal(route)}, "decision": {_catalogued(decision)}, '
@@ -148,11 +157,18 @@ def _fields(
     )
     if trace_id:  # the gateway's trace (its traceparent), or the span's when tracing is on
         fields += f', "trace_id": {_literal(trace_id)}'
+    if extra:
+        fields += ", " + json.dumps(extra, default=str)[1:-1]
+    if cut_:
+        return fields + ', "truncated": true'
     if len(fields) > _MAX_FIELDS_CHARS:  # a forged token's iss and kid, the client's path: see logsink.MAX_LINE_BYTES
-        return _fields(
+        values = (
             cut(issuer), None if kid is None else cut(kid), cut(alg), cut(subject), cut(route), decision, reason,
             latency_seconds, token_hash_, door, None if client_id is None else cut(client_id), trace_id,
-        ) + ', "truncated": true'  # fmt: skip
+        )  # fmt: skip
+        fields = _fields(*values, None if extra is None else cut_any(extra), True)
+        if extra and len(fields) > _MAX_FIELDS_CHARS:  # extra fields that do not fit even cut: left out
+            fields = _fields(*values, None, True)
     return fields
 
 

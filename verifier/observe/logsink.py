@@ -31,13 +31,14 @@ def cut(value: str) -> str:
     return value if len(value) <= CUT_CHARS else value[:CUT_CHARS] + _ELLIPSIS
 
 
-def _cut_any(value: Any) -> Any:
+def cut_any(value: Any) -> Any:
+    """`value` with its long strings cut (`cut`) and its lists and mappings cut to CUT_CHARS items, nested ones too."""
     if isinstance(value, str):
         return cut(value)
     if isinstance(value, list | tuple):
-        return [_cut_any(v) for v in value[:CUT_CHARS]]
+        return [cut_any(v) for v in value[:CUT_CHARS]]
     if isinstance(value, dict):
-        return {cut(str(k)): _cut_any(v) for k, v in list(value.items())[:CUT_CHARS]}
+        return {cut(str(k)): cut_any(v) for k, v in list(value.items())[:CUT_CHARS]}
     return value
 
 
@@ -79,7 +80,7 @@ def _bounded(out: dict[str, Any]) -> str:
     for its field and its "…" mark is kept from the start: the mark alone must not take the line past the bound)."""
     exc = out.pop("exc", None)
     limit = MAX_LINE_BYTES - (len(_EXC_FIELD) if isinstance(exc, str) else 0)
-    cut_out = {k: v if k in _KEPT[:3] else _cut_any(v) for k, v in out.items()}
+    cut_out = {k: v if k in _KEPT[:3] else cut_any(v) for k, v in out.items()}
     cut_out["truncated"] = True
     line = json.dumps(cut_out, default=str)
     if len(line) >= limit:
