@@ -501,3 +501,60 @@ def test_the_verifiers_draw_decides_never_the_trace_id_the_client_chose(
         traced.decision("forward_auth", chosen, None, None).end(Decision(allowed=True, status=200, reason="ok"))
     (kept,) = decisions(exporter)  # the second draw (0.005 < 0.01) only
     assert kept.context is not None and kept.context.trace_id == 1
+
+
+DECISION_ATTRIBUTES = {
+    "verifier.door", "verifier.outcome", "verifier.reason", "http.response.status_code", "verifier.cache.hit",
+    "verifier.issuer",
+}  # fmt: skip
+
+
+async def test_no_span_attribute_is_a_value_the_client_chose(exporter: InMemorySpanExporter) -> None:
+    """The attacker's view of the trace backend, whose attribute values it indexes: the client's path, host,
+    method, user agent, a header of its own naming, a forged token's iss/kid/alg, an admitted token's subject, a
+    `tracestate` (well formed or not), on every door, first sight and cache hit. The decision span's attributes are
+    the fixed set, each value the code's, the catalogue's or a verified issuer: the same set of (name, value)
+    pairs whatever the client wrote."""
+    from doorkit import http_exchange as exchange
+
+    def forged(marker: str) -> str:
+        def b64(document: dict[str, Any]) -> str:
+            return base64.urlsafe_b64encode(json.dumps(document).encode()).rstrip(b"=").decode()
+
+        header, claims = {"alg": f"X{marker}", "kid": marker, "typ": marker}, {"iss": marker, "sub": marker}
+        return f"{b64(header)}.{b64(claims)}.AAAA"
+
+    async def send(app: Any, idp: Any, marker: str) -> None:
+        tokens = [forged(marker), idp.mint(sub=f"sub-{marker}", scope=f"read {marker}")]
+        state = {"tracestate": f"{marker}={marker},zz=" + marker * 40}  # too long: dropped whole
+        for token in tokens:
+            headers = {"Authorization": f"Bearer {token}", "traceparent": TRACEPARENT, "User-Agent": marker,
+                       "X-Forwarded-Host": f"{marker}.example", "X-Forwarded-Method": marker[:6].upper(),
+                       marker: marker, "tracestate": f"{marker}={marker}"}  # fmt: skip
+            for _ in range(2):  # first sight, then the cache's answer
+                await exchange(app.ports.http, forward_auth(f"/{marker}?q={marker}", headers))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            for token in tokens:
+                await ea_grpc.AuthorizationStub(channel).Check(
+                    envoy_request(token, {"traceparent": TRACEPARENT, "user-agent": marker, marker: marker, **state})
+                )
+                own = verifier_pb2.CheckRequest(
+                    method=marker, path=f"/{marker}", host=f"{marker}.example",
+                    headers={"authorization": f"Bearer {token}", "traceparent": TRACEPARENT, "user-agent": marker},
+                )  # fmt: skip
+                await verifier_pb2_grpc.VerifierStub(channel).Check(own)
+
+    def attributes() -> set[tuple[str, object]]:
+        return {pair for span in decisions(exporter) for pair in (span.attributes or {}).items()}
+
+    async with running_verifier(tracing=tracing(exporter)) as (app, idp):
+        first, second = "zqa" + "1" * 9, "zqb" + "2" * 9
+        await send(app, idp, first)
+        after_first = attributes()
+        exporter.clear()
+        await send(app, idp, second)
+        after_second = attributes()
+    assert {name for name, _ in after_first} == DECISION_ATTRIBUTES
+    assert after_second == after_first
+    assert ("verifier.issuer", idp.issuer) in after_first
+    assert first not in json.dumps(sorted(map(str, after_first)))
