@@ -10,7 +10,10 @@
 -- Contract with the verifier (the same as the Kong plugin's):
 --  * 200 is an allow: its X-Authenticated-* headers go to the upstream (the header_mutation filter in
 --    front of this one removed every client copy), its DPoP-Nonce / RateLimit-* go to the client;
---  * anything else is a refusal relayed as it came (status, challenge, reason, body);
+--  * anything else is a refusal relayed to the client (status, challenge, reason, body) with
+--    `Cache-Control: no-store`: the verifier's Cache-Control (and X-Accel-Expires) is meant for this cache,
+--    never for the client's (a browser keeping a reusable 401 for its max-age would refuse the user's next
+--    token: the key of a client's cache is the URL, not the Authorization header), as nginx answers;
 --  * a 431 (the credential headers past what the verifier reads; it has no reason) is a 431;
 --  * no answer at all (unreachable, timeout): 503, fail closed;
 --  * `Cache-Control: private, max-age=N` may be reused for N seconds, `no-store` never (DPoP, WebAuthn,
@@ -35,9 +38,10 @@ local CREDENTIAL_HEADERS = { "authorization", "dpop", "x-webauthn-assertion" }
 -- cache key (the answer does not depend on it), never a decision input. The client's, sampled flag
 -- included: the verifier's sample_ratio decides what is recorded (tracing.honour_parent_sampled: false)
 local TRACE_HEADERS = { "traceparent", "tracestate" }
--- refusal headers relayed to the client (the rest of the verifier's answer stays here)
+-- refusal headers relayed to the client (the rest of the verifier's answer stays here: its Cache-Control and
+-- X-Accel-Expires are for this cache; the client gets `Cache-Control: no-store`)
 local CLIENT_HEADERS = {
-  "www-authenticate", "dpop-nonce", "cache-control", "content-type", "retry-after",
+  "www-authenticate", "dpop-nonce", "content-type", "retry-after",
   "ratelimit", "ratelimit-policy", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset",
   "x-verifier-reason",
 }
@@ -170,8 +174,13 @@ local function ask(handle, headers, method, path, host, proto)
   return { status = response_headers[":status"], headers = response_headers, body = body or "" }
 end
 
+-- This filter's own 503: no answer of the verifier's (no reason), never to be stored by a client.
+local function unavailable(handle)
+  handle:respond({ [":status"] = "503", ["retry-after"] = "1", ["cache-control"] = "no-store" }, "")
+end
+
 local function relay_refusal(handle, answer)
-  local out = { [":status"] = answer.status }
+  local out = { [":status"] = answer.status, ["cache-control"] = "no-store" }
   for _, name in ipairs(CLIENT_HEADERS) do
     local value = answer.headers[name]
     if value ~= nil then
@@ -213,7 +222,8 @@ local function on_request(handle)
   local headers = handle:headers()
   for _, name in ipairs(CREDENTIAL_HEADERS) do
     if headers:getNumValues(name) > 1 then -- which one would the upstream read? refuse, as the verifier does
-      handle:respond({ [":status"] = "400", ["x-verifier-reason"] = "invalid_request" }, "")
+      handle:respond({ [":status"] = "400", ["x-verifier-reason"] = "invalid_request",
+                       ["cache-control"] = "no-store" }, "")
       return
     end
   end
@@ -234,7 +244,7 @@ local function on_request(handle)
   if answer == nil then
     answer = ask(handle, headers, method, path, host, proto)
     if answer == nil then
-      handle:respond({ [":status"] = "503", ["retry-after"] = "1" }, "") -- no reason: not the verifier's answer
+      unavailable(handle)
       return
     end
     local ttl = ttl_of(answer.headers["cache-control"])
@@ -256,7 +266,7 @@ function envoy_on_request(handle)
   local ok, err = pcall(on_request, handle)
   if not ok then
     handle:logErr("verifier-reuse.lua: " .. tostring(err))
-    handle:respond({ [":status"] = "503", ["retry-after"] = "1" }, "") -- no reason: not the verifier's answer
+    unavailable(handle)
   end
 end
 

@@ -15,14 +15,14 @@ well as every one seen, in any spelling with underscores) and authenticates the 
 names (`X-Kong-Consumer-Username`, the verifier's `upstream.consumer`) as the Lua plugin does, through
 `kong.client.load_consumer` and `kong.client.authenticate`, and hands the client only a DPoP nonce and rate-limit
 state (`for_client`); a refusal is relayed with the verifier's status, `response_headers` (but connection headers)
-and body, plus what the forward-auth door adds and the Lua plugin relays: `X-Verifier-Reason`, `Cache-Control`
-and the body's `Content-Type`. A request with more headers than can be read is refused (400), as
-by the Lua plugin: a spoofed identity header past the limit could not be seen to be cleared. A verifier
-that cannot be reached, or answers after the deadline, fails closed with 503; `fail_open` passes only
-when no connection to the verifier could be set up (the Check was never sent), never after a deadline or a
-connection lost under the call (a verifier that crashed on the request): the credential may have been under
-check. The client certificate thumbprint sent to the verifier comes only from the TLS
-connection Kong terminated, never from a request header.
+and body, plus what the forward-auth door adds and the Lua plugin relays: `X-Verifier-Reason` and the body's
+`Content-Type`, with `Cache-Control: no-store` (the verifier's reuse of a refusal is a gateway's, never the
+client's). A request with more headers than can be read is refused (400), as by the Lua plugin: a spoofed
+identity header past the limit could not be seen to be cleared. A verifier that cannot be reached, or answers
+after the deadline, fails closed with 503; `fail_open` passes only when no connection to the verifier could be set
+up (the Check was never sent), never after a deadline or a connection lost under the call (a verifier that crashed on
+the request): the credential may have been under check. The client certificate thumbprint sent to the verifier comes
+only from the TLS connection Kong terminated, never from a request header.
 
 Checks go over a small pool of gRPC channels per target (`VerifierClient`): the verifier allows 4
 streams per connection, and another connection is opened when every one is full, as Envoy does. After a
@@ -165,9 +165,14 @@ REFUSAL_STATUSES = range(300, 600)
 ALLOW_STATUSES = range(200, 300)
 REASON_HEADER = "X-Verifier-Reason"
 # Answer headers that describe a connection, not the answer (RFC 9110 section 7.6.1), or that nginx writes itself
-# on the way out, and nginx's auth-cache line: never relayed with a refusal, as by the Lua plugin (NOT_RELAYED).
+# on the way out, and the gateway's reuse lines (nginx's auth cache, a gateway's Cache-Control): never relayed with a
+# refusal, as by the Lua plugin (NOT_RELAYED). The client gets REFUSAL_CACHE_CONTROL instead.
 NOT_RELAYED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-                         "upgrade", "content-length", "date", "server", "x-accel-expires"})
+                         "upgrade", "content-length", "date", "server", "x-accel-expires", "cache-control"})
+# Every refusal's Cache-Control to the client, as nginx and the Lua plugin send it: the verifier's reuse of a refusal
+# (`cache_max_age_seconds`, `private, max-age=N` at its forward-auth door) is for a gateway; a browser keeping a 401 for
+# N seconds would refuse the user's next token (a client's cache is keyed by the URL, not the Authorization header).
+REFUSAL_CACHE_CONTROL = "no-store"
 
 
 def for_upstream(lname: str) -> bool:
@@ -654,13 +659,11 @@ class Plugin:
                 return
             headers = _joined(answer.response_headers)
             given = {k.lower() for k in headers}
-            # what the forward-auth door adds to a refusal, and so the Lua plugin tells the client: the reason, its
-            # reuse (a shared cache in front of Kong never keeps a refusal) and the body's type
+            # what the forward-auth door adds to a refusal, and so the Lua plugin tells the client: the reason, the
+            # body's type, and no-store (never the verifier's reuse, which is a gateway's)
             if answer.reason and REASON_HEADER.lower() not in given:
                 headers[REASON_HEADER] = answer.reason
-            if "cache-control" not in given:
-                age = answer.cache_max_age_seconds
-                headers["Cache-Control"] = f"private, max-age={age}" if age > 0 else "no-store"
+            headers["Cache-Control"] = REFUSAL_CACHE_CONTROL
             if answer.body and "content-type" not in given:
                 headers["Content-Type"] = "application/json"
             # always a string body: a nil inside the RPC's argument array would end Kong's unpack() early

@@ -281,10 +281,10 @@ class EchoUpstream(_ServerThread):
     the application.
     """
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, handler: type[_EchoHandler] = _EchoHandler) -> None:
         self._lock = threading.Lock()
         self._requests: list[SeenRequest] = []
-        super().__init__(_EchoHandler, port)
+        super().__init__(handler, port)
 
     def _record(self, seen: SeenRequest) -> None:
         with self._lock:

@@ -469,11 +469,10 @@ def test_deny_exits_with_the_verifiers_status_headers_and_body(kong, verifier, p
     status, body, headers = exit_args
     assert status == direct.http_status == {"no-token": 401, "garbage": 401, "other-audience": 403}[case]
     assert body == direct.body
-    # the lines the forward-auth door adds to the same refusal, which the Lua plugin relays: its reuse and its
-    # body's type
-    reuse = forward_auth_challenge(verifier, authorization, "Cache-Control")
+    # the lines the forward-auth door adds to the same refusal, which the Lua plugin relays: its reason and its
+    # body's type; and no-store, never the verifier's reuse (a gateway's, not the client's)
     assert headers == {**{h.name: h.value for h in direct.response_headers}, "X-Verifier-Reason": direct.reason,
-                       "Cache-Control": reuse, **({"Content-Type": "application/json"} if body else {})}
+                       "Cache-Control": "no-store", **({"Content-Type": "application/json"} if body else {})}
     challenge = next(v for k, v in headers.items() if k.lower() == "www-authenticate")
     assert challenge.startswith('Bearer realm="verifier"')
     # the same challenge the forward-auth door, and so the Lua plugin, gives the client
@@ -1386,13 +1385,13 @@ def test_an_allow_with_a_status_no_allow_has_is_a_503(kong, answered):
     assert not named(calls, "kong.service.request.set_header")
 
 
-def test_a_refusal_carries_the_doors_reuse_and_type_lines_and_never_connection_headers(kong):
-    """As the Lua plugin relays the forward-auth door's refusal: its Cache-Control (`private, max-age=N` for a
-    refusal the verifier lets be reused, else no-store) and Content-Type (a JSON body), never the answer's own
-    connection and length lines, nor nginx's X-Accel-Expires (handler.lua's NOT_RELAYED)."""
+def test_a_refusal_carries_no_store_and_the_doors_type_line_and_never_connection_or_reuse_headers(kong):
+    """As the Lua plugin relays the forward-auth door's refusal: `Cache-Control: no-store` (whatever reuse the verifier
+    allows a gateway: `cache_max_age_seconds`, or a Cache-Control of its own) and Content-Type (a JSON body), never
+    the answer's own connection and length lines, nor nginx's X-Accel-Expires (handler.lua's NOT_RELAYED)."""
     hop = {"Connection": "close", "Keep-Alive": "timeout=5", "Transfer-Encoding": "chunked", "Content-Length": "0",
            "Upgrade": "h2c", "TE": "trailers", "Trailer": "X-T", "Proxy-Connection": "close", "Date": "yesterday",
-           "Server": "verifier", "X-Accel-Expires": "600"}
+           "Server": "verifier", "X-Accel-Expires": "600", "Cache-Control": "private, max-age=30"}
     answer = verifier_pb2.CheckResponse(
         allowed=False, http_status=403, reason="insufficient_scope", body='{"error":"insufficient_scope"}',
         cache_max_age_seconds=30,
@@ -1411,7 +1410,7 @@ def test_a_refusal_carries_the_doors_reuse_and_type_lines_and_never_connection_h
     status, headers = exited_headers(calls)
     assert status == 403
     assert headers == {"www-authenticate": 'Bearer realm="verifier", error="insufficient_scope"',
-                       "x-verifier-reason": "insufficient_scope", "cache-control": "private, max-age=30",
+                       "x-verifier-reason": "insufficient_scope", "cache-control": "no-store",
                        "content-type": "application/json"}
 
 

@@ -194,7 +194,7 @@ def test_an_allows_nonce_reaches_the_client_and_never_the_upstream(edge_to, upst
     assert "dpop-nonce" not in seen.headers
 
 
-def test_a_refusal_tells_the_client_its_reuse_and_type_as_the_lua_plugin_relays_them(edge_to, upstream):  # noqa: F811
+def test_a_refusal_tells_the_client_no_store_and_its_type_as_the_lua_plugin_relays_them(edge_to, upstream):  # noqa: F811
     answer = verifier_pb2.CheckResponse(
         allowed=False, http_status=403, reason="insufficient_scope", body='{"error":"insufficient_scope"}',
         cache_max_age_seconds=30,
@@ -205,7 +205,7 @@ def test_a_refusal_tells_the_client_its_reuse_and_type_as_the_lua_plugin_relays_
         r = get(edge_to(target))
 
     assert r.status == 403, (r.status, r.headers)
-    assert r.headers["cache-control"] == "private, max-age=30"
+    assert r.headers["cache-control"] == "no-store"  # the verifier's reuse is a gateway's, never the client's
     assert r.headers["content-type"] == "application/json"
     assert "x-accel-expires" not in r.headers and r.headers.get("server") != "verifier", r.headers
     assert upstream.requests == []

@@ -113,6 +113,11 @@ local NOT_RELAYED = {
   -- for deploy/nginx's auth cache only: an nginx cache in front of Kong would
   -- honour it over `Cache-Control: private`
   ["x-accel-expires"] = true,
+  -- how long this plugin may reuse the answer, never the client: a browser
+  -- keeping a reusable 401 for its max-age would refuse the user's next token
+  -- (a client's cache is keyed by the URL, not Authorization); every refusal
+  -- goes out with `Cache-Control: no-store` instead, as nginx's
+  ["cache-control"] = true,
 }
 
 -- Headers of an allow answer meant for the client, not the upstream: a fresh
@@ -467,8 +472,8 @@ local function to_decision(res)
   end
 
   -- Relayed as it came, under the spelling the verifier used; repeated
-  -- headers stay repeated.
-  local headers, spelling, per_request = {}, {}, false
+  -- headers stay repeated; never to be stored by the client.
+  local headers, spelling, per_request = { ["Cache-Control"] = "no-store" }, {}, false
   local list = res.header_list
   local size = #res.body
   for i = 1, #list do
