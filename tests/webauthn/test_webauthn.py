@@ -99,7 +99,8 @@ class Harness:
 
     async def call(self, method: str, path: str, *, user: str | None = "alice", body: Any = None,
                    headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
-        all_headers = {"host": "localhost:9555", **(headers or {})}
+        all_headers = {"host": "localhost:9555", **({"content-type": "application/json"} if body is not None else {}),
+                       **(headers or {})}
         if user is not None:
             all_headers["authorization"] = f"Bearer token-{user}"
         raw = json.dumps(body).encode() if body is not None else b""
@@ -349,6 +350,33 @@ async def test_refuses_malformed_registration_bodies(harness: Harness) -> None:
         "POST", "/v1/webauthn/register/complete", body={"state": state, "credential": {"id": "x"}}
     )
     assert status == 400 and body["error"] == "webauthn_registration_invalid"
+
+
+@pytest.mark.parametrize("path", ["/v1/webauthn/register/begin", "/v1/webauthn/register/complete"])
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+     "application/json-patch+json", "text/plain; a=application/json"],
+)
+async def test_refuses_a_registration_body_that_a_cross_site_form_could_send(
+    harness: Harness, path: str, content_type: str | None
+) -> None:
+    """A browser sends a cross-site form (text/plain, urlencoded, multipart) without a preflight: its JSON body must
+    not reach the registry, which a cookie- or ambient-credential gateway would otherwise let enroll a key. 415 with
+    the catalogue's answer, as the admin door's POST; nothing is begun or stored."""
+    headers = {"host": "localhost:9555", "authorization": "Bearer token-alice"}
+    if content_type is not None:
+        headers["content-type"] = content_type
+    answer = await harness.router.dispatch(HttpRequest("POST", path, "", headers, b"{}"))
+    body = json.loads(answer.body)
+    assert (answer.status, body["error"], dict(answer.headers)["x-verifier-reason"]) == (
+        415, "invalid_request", "invalid_request"
+    ), answer
+    assert "application/json" in body["error_description"]
+    for accepted in ("application/json", "Application/JSON; charset=utf-8"):
+        headers["content-type"] = accepted
+        ok = await harness.router.dispatch(HttpRequest("POST", "/v1/webauthn/register/begin", "", headers, b"{}"))
+        assert ok.status == 200, ok
 
 
 @pytest.mark.parametrize(

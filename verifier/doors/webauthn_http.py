@@ -9,6 +9,10 @@
 | `GET /v1/webauthn/demo`                 | a same-origin demo page (when `demo: true`)            |
 | `POST /v1/webauthn/demo/protected/{n}`  | a step-up-protected echo the demo page calls           |
 
+The two `register` endpoints take `application/json` only (RFC 8259 section 11), else 415, as the admin door's
+POST: a browser sends a cross-site form (`text/plain`, `application/x-www-form-urlencoded`, `multipart/form-data`)
+without a preflight, and one whose body is JSON must not reach the registry.
+
 Every caller is authenticated first (`authenticate`: the forward-auth checks) and must be a user; the
 service's refusals are answered by `verifier.doors.refusals.endpoint_answer`, as the gateway's are.
 
@@ -20,6 +24,7 @@ a TLS-terminating gateway, `https://<public host>`), else on the caller's own `h
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import importlib.resources
 from collections.abc import Awaitable, Callable, Mapping
@@ -35,6 +40,7 @@ from verifier.webauthn.service import WebAuthnService, describe, require_user
 
 Authenticate = Callable[[HttpRequest, RequestAttributes], Awaitable[Principal]]
 Guarded = Callable[[HttpRequest, Mapping[str, str], Principal, RequestAttributes], Awaitable[HttpAnswer]]
+MEDIA_TYPE = "application/json"  # a register POST's Content-Type, parameters (charset) aside
 MAX_BODY_BYTES = 65536  # a registration response with an attestation chain is a few KiB
 
 
@@ -77,15 +83,26 @@ class _Endpoints:
     async def register_begin(
         self, request: HttpRequest, _: Mapping[str, str], principal: Principal, attrs: RequestAttributes
     ) -> HttpAnswer:
+        if (refused := self._unsupported(request)) is not None:
+            return refused
         options = await self._service.begin_registration(principal, _body(request), attrs)
         return HttpAnswer.json(200, options)
 
     async def register_complete(
         self, request: HttpRequest, _: Mapping[str, str], principal: Principal, __: RequestAttributes
     ) -> HttpAnswer:
+        if (refused := self._unsupported(request)) is not None:
+            return refused
         stored = await self._service.complete_registration(principal, _body(request))
         document = describe(stored)
         return HttpAnswer.json(201, document, (("location", f"/v1/webauthn/credentials/{document['id']}"),))
+
+    def _unsupported(self, request: HttpRequest) -> HttpAnswer | None:
+        """415 (RFC 9110 section 15.5.16) with the catalogue's answer and reason, unless the body is declared JSON."""
+        if request.headers.get("content-type", "").split(";", 1)[0].strip().lower() == MEDIA_TYPE:
+            return None
+        answer = endpoint_answer(MalformedRequest(f"Content-Type must be {MEDIA_TYPE}"), realm=self._service.realm)
+        return dataclasses.replace(answer, status=415)
 
     async def list(
         self, _: HttpRequest, __: Mapping[str, str], principal: Principal, ___: RequestAttributes
