@@ -515,7 +515,7 @@ async def test_a_token_authenticated_before_the_disable_cannot_enroll_the_thiefs
                              webauthn=_webauthn(tmp_path)) as app:
             now = int(time.time())
             key = SoftAuthenticator()
-            assert await _register(app, idp.mint(sub="alice", claims={"auth_time": now - 600}), key) == 201
+            assert await _register(app, idp.mint(sub="alice", claims={"auth_time": now - 200}), key) == 201
             thiefs = idp.mint(sub="alice", claims={"auth_time": now - 60})
             revoked = {"change_type": "revoke", "credential_type": "fido2-roaming", "event_timestamp": now - 120}
             assert await _push(app, tx, {CREDENTIAL_CHANGE: revoked}, _user(idp, "alice")) == 202

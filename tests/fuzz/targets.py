@@ -716,7 +716,9 @@ def _registration_service() -> Any:
     if built is not None:
         loop.run_until_complete(built["service"].close())
     clock = FrozenClock(_state["now"])
-    config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=b"s" * 32, secret_from_env=True)  # no warning
+    config = WebAuthnConfig(  # no warning; the stub's tokens carry no login time, and a first enrollment is the target
+        rp_id=RP_ID, origins=(ORIGIN,), secret=b"s" * 32, secret_from_env=True, first_enrollment_max_auth_age_seconds=0
+    )
     service = WebAuthnService(
         config, SqliteCredentialStore(":memory:"), MemoryState(clock), clock, WebAuthnMetrics(CollectorRegistry())
     )

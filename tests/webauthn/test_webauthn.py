@@ -94,8 +94,9 @@ class Harness:
         # `token-alice` or `token-alice;auth_time=<epoch>;iat=<epoch>`: the token's times, as the provider set them
         subject, *times = value.removeprefix("Bearer token-").split(";")
         who = principal(subject)
-        claims = {k: float(v) for k, _, v in (t.partition("=") for t in times)}
-        return who._replace(claims={**who.claims, **claims}) if claims else who
+        # a token without times was issued just now, as every provider's has an `iat`
+        claims = {k: float(v) for k, _, v in (t.partition("=") for t in times)} or {"iat": self.clock.now()}
+        return who._replace(claims={**who.claims, **claims})
 
     async def call(self, method: str, path: str, *, user: str | None = "alice", body: Any = None,
                    headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
@@ -168,6 +169,9 @@ def test_parses_a_full_webauthn_section(monkeypatch: pytest.MonkeyPatch) -> None
     assert config.secret == b"k" * 40 and config.secret_from_env
     assert config.timeout_ms == 60_000 and not config.user_verification_required
     assert config.sqlite_path == ":memory:"
+    assert config.first_enrollment_max_auth_age_seconds == 300  # safe by default: a first key needs a recent login
+    off = parse_webauthn_config({"rp_id": "localhost", "origins": [ORIGIN], "first_enrollment_max_auth_age_seconds": 0})
+    assert off.first_enrollment_max_auth_age_seconds == 0
 
 
 def test_draws_a_random_secret_per_process_when_the_variable_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,6 +199,10 @@ def test_draws_a_random_secret_per_process_when_the_variable_is_unset(monkeypatc
          "webauthn.challenge_timeout_seconds"),
         ({"rp_id": "localhost", "origins": [ORIGIN], "storage": {"path": "x"}}, "webauthn.storage.path"),
         ({"rp_id": "localhost", "origins": [ORIGIN], "demo": "yes"}, "webauthn.demo"),
+        ({"rp_id": "localhost", "origins": [ORIGIN], "first_enrollment_max_auth_age_seconds": 86401},
+         "webauthn.first_enrollment_max_auth_age_seconds"),
+        ({"rp_id": "localhost", "origins": [ORIGIN], "first_enrollment_max_auth_age_seconds": -1},
+         "webauthn.first_enrollment_max_auth_age_seconds"),
         ({"rp_id": "localhost", "origins": [ORIGIN], "secret_env": "SHORT_WEBAUTHN_SECRET"}, "webauthn.secret_env"),
     ],
 )
@@ -1245,7 +1253,7 @@ async def test_after_a_revocation_a_token_from_before_cannot_begin_a_registratio
     for token in (f"alice;auth_time={t - 200};iat={t - 5}",  # stolen before the disable (iat as well)
                   f"alice;auth_time={t - 200};iat={t + 50}",  # refreshed since: auth_time decides, not iat
                   f"alice;iat={t - 5}",  # no auth_time: iat, before
-                  "alice"):  # no time at all: refused
+                  "alice;iat=nan"):  # no time at all: refused
         status, headers, body = await h.call("POST", "/v1/webauthn/register/begin", user=token, body={})
         assert status == 401, (token, body)
         _step_up_challenge(headers, body)
@@ -1318,10 +1326,43 @@ async def test_after_a_revocation_a_user_with_an_enabled_key_still_needs_an_asse
     assert status == 401 and headers["x-verifier-reason"] == "webauthn_assertion_required"
 
 
-async def test_a_first_enrollment_still_needs_only_a_token() -> None:
+@pytest.mark.parametrize(
+    "times",
+    [
+        ";iat=nan",  # no login time at all (NaN is none)
+        ";auth_time={day_ago}",  # an old login, whatever the token's age
+        ";auth_time={day_ago};iat={now}",  # a token refreshed just now from a login of yesterday
+        ";iat={hour_ago}",  # no auth_time: the token's own issue time, an hour old
+        ";auth_time={now};iat={hour_ago}",  # a login after its token was issued is aged from the token
+    ],
+)
+async def test_a_stolen_token_cannot_enroll_a_first_key_without_a_recent_login(times: str) -> None:
+    """A user with no credential has no assertion to ask for: a stolen token alone would enroll the thief's key as
+    the user's first, and pass every step-up after that. The first enrollment needs a login at most
+    `first_enrollment_max_auth_age_seconds` old (default 300): its `auth_time`, else its `iat` (never later than
+    `iat`), answered 401 `insufficient_user_authentication` with max_age otherwise (RFC 9470 section 3)."""
     h = _leeway_harness()
     try:
-        for token in ("bob", f"bob;auth_time={h.clock.now() - 86400}"):  # no times at all; an old login
+        now = h.clock.now()
+        token = "bob" + times.format(now=now, day_ago=now - 86400, hour_ago=now - 3600)
+        status, headers, body = await h.call("POST", "/v1/webauthn/register/begin", user=token, body={})
+        assert (status, headers["x-verifier-reason"], body["max_age"]) == (401, "insufficient_user_authentication",
+                                                                          300), body
+        assert "max_age=300" in headers["www-authenticate"]
+        assert await h.register(SoftAuthenticator(), user=token) == 401
+        _, _, listed = await h.call("GET", "/v1/webauthn/credentials", user="bob")
+        assert listed == {"credentials": []}
+        for fresh in (f"bob;auth_time={now - 299}", f"bob;iat={now - 10}", f"bob;auth_time={now - 60};iat={now}"):
+            assert (await h.call("POST", "/v1/webauthn/register/begin", user=fresh, body={}))[0] == 200, fresh
+        assert await h.register(SoftAuthenticator(), user=f"bob;auth_time={now}") == 201
+    finally:
+        await h.service.close()
+
+
+async def test_a_first_enrollment_needs_only_a_token_when_the_operator_turns_the_login_age_off() -> None:
+    h = _leeway_harness(first_enrollment_max_auth_age_seconds=0)
+    try:
+        for token in ("bob;iat=nan", f"bob;auth_time={h.clock.now() - 86400}"):  # no times at all; an old login
             status, _, _ = await h.call("POST", "/v1/webauthn/register/begin", user=token, body={})
             assert status == 200
         assert await h.register(SoftAuthenticator(), user="bob") == 201
@@ -1467,7 +1508,8 @@ async def test_a_used_registration_state_is_refused_until_it_expires_on_every_re
     try:
         ahead = WebAuthnService(h.config, h.service._store, h.state, SkewedClock(h.clock, CLOCK_SKEW_SECONDS - 1),
                                 WebAuthnMetrics(CollectorRegistry()))
-        begun = await ahead.begin_registration(principal(), {}, attrs())
+        alice = principal()._replace(claims={**principal().claims, "iat": h.clock.now()})  # a token issued just now
+        begun = await ahead.begin_registration(alice, {}, attrs())
         document = {"state": begun["state"], "credential": SoftAuthenticator().create(begun["publicKey"]), "name": "k"}
         await h.service.complete_registration(principal(), document)
         h.clock.advance(h.config.challenge_timeout_seconds + 2)  # past the old key, the state still unexpired here

@@ -9,6 +9,7 @@ webauthn:
   attestation: none                      # none | trusted_roots
   trusted_roots_pem: ["-----BEGIN CERTIFICATE-----..."]   # with trusted_roots: the accepted roots
   challenge_timeout_seconds: 120         # lifetime of a challenge (and of a registration state)
+  first_enrollment_max_auth_age_seconds: 300   # a user's first credential needs a login this recent (0: off)
   secret_env: VERIFIER_WEBAUTHN_SECRET   # HMAC key for challenges and states
   storage: {sqlite_path: "/var/lib/verifier/webauthn.sqlite3"}
   demo: true                             # serve GET /v1/webauthn/demo (a same-origin test page)
@@ -43,6 +44,11 @@ MAX_CHALLENGE_TIMEOUT_SECONDS = 600  # seconds; a longer-lived challenge is a lo
 # lags the one that took it, and still sees it unexpired, refuses its replay. No check of ours allows a leeway
 # on a challenge's expiry: this is all the margin, and at WebAuthn's human pace it costs the store next to nothing.
 CLOCK_SKEW_SECONDS = 30
+# Seconds: a user's first credential needs a login at most this old (auth_time, else iat). No assertion can be asked
+# of a user with no credential, so without it a stolen token alone enrolls the thief's key, which then passes every
+# step-up. Five minutes covers a login followed by the enrollment it was made for.
+DEFAULT_FIRST_ENROLLMENT_MAX_AUTH_AGE_SECONDS = 300
+MAX_FIRST_ENROLLMENT_MAX_AUTH_AGE_SECONDS = 86400
 DEFAULT_SECRET_ENV = "VERIFIER_WEBAUTHN_SECRET"  # noqa: S105 - the variable's name, not a secret
 MIN_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output is weaker than it looks
 DEFAULT_SQLITE_PATH = "webauthn.sqlite3"
@@ -66,6 +72,13 @@ class WebAuthnConfig:
         maximum=MAX_CHALLENGE_TIMEOUT_SECONDS,
         unit="seconds",
         doc="lifetime of a challenge or registration state",
+    )
+    first_enrollment_max_auth_age_seconds: int = setting(
+        DEFAULT_FIRST_ENROLLMENT_MAX_AUTH_AGE_SECONDS,
+        minimum=0,
+        maximum=MAX_FIRST_ENROLLMENT_MAX_AUTH_AGE_SECONDS,
+        unit="seconds",
+        doc="a user's first credential needs a login (auth_time, else iat) at most this old; 0: a token alone",
     )
     secret_env: str = setting(
         DEFAULT_SECRET_ENV,
@@ -93,6 +106,10 @@ class WebAuthnConfig:
             raise ValueError(f"the secret must hold at least {MIN_SECRET_BYTES} bytes")
         if not 1 <= self.challenge_timeout_seconds <= MAX_CHALLENGE_TIMEOUT_SECONDS:
             raise ValueError(f"challenge_timeout_seconds must lie in [1, {MAX_CHALLENGE_TIMEOUT_SECONDS}]")
+        if not 0 <= self.first_enrollment_max_auth_age_seconds <= MAX_FIRST_ENROLLMENT_MAX_AUTH_AGE_SECONDS:
+            raise ValueError(
+                f"first_enrollment_max_auth_age_seconds must lie in [0, {MAX_FIRST_ENROLLMENT_MAX_AUTH_AGE_SECONDS}]"
+            )
 
     @property
     def user_verification_required(self) -> bool:

@@ -5,7 +5,12 @@ Built once by the composition root. The pipeline calls `check_step_up` for a rou
 HTTP (`begin_registration`, `complete_registration`, `credentials`, `delete_credential`): the methods
 return values or raise catalogued errors, never answers.
 
-A token alone enrolls a user's first credential (a user with no credential at all). Once the user has a
+A user with no credential at all has no assertion to give: a first enrollment needs a token proving a recent
+login instead, its `auth_time` (without one, its `iat`; never later than its `iat`) at most
+`first_enrollment_max_auth_age_seconds` old, else 401 `insufficient_user_authentication` with an RFC 9470
+challenge carrying that `max_age` (0 turns it off: a token alone enrolls a first credential). Otherwise a token
+stolen from a user who never enrolled would enroll the thief's key, and pass every step-up after that. Once the
+user has a
 usable (enabled) credential, beginning another registration and deleting a credential need a step-up
 assertion from an enrolled credential too (the 401 carries the challenge): otherwise whoever stole the
 token could enroll their own key, or delete the user's keys and then enroll, and pass every step-up after
@@ -211,6 +216,23 @@ class WebAuthnService:
             await self.check_step_up(principal, attrs)
         elif existing:
             self._require_login_after_revocation(principal, existing)
+        else:
+            self._require_recent_login(principal)
+
+    def _require_recent_login(self, principal: Principal) -> None:
+        """A first enrollment: raises RFC 9470's `insufficient_user_authentication` (`max_age`) unless the token's
+        `auth_time`, else its `iat`, and never later than its `iat`, is at most the configured age."""
+        max_age = self._config.first_enrollment_max_auth_age_seconds
+        if not max_age:
+            return
+        claims = principal.claims
+        issued = json_number(claims.get("iat"))
+        authenticated = json_number(claims.get("auth_time"))
+        if authenticated is None or (issued is not None and issued < authenticated):
+            authenticated = issued
+        if authenticated is not None and authenticated + max_age > self._clock.now():
+            return
+        raise StepUpRequired("enrolling a first WebAuthn credential needs a recent login", max_age=max_age)
 
     def _require_login_after_revocation(self, principal: Principal, disabled: list[StoredCredential]) -> None:
         """Raises RFC 9470's `insufficient_user_authentication` (`max_age=0`) unless the token's `auth_time`, else
