@@ -1142,6 +1142,31 @@ def _signed_with_client_data(a: SoftAuthenticator, credential: dict[str, Any], c
     return {**credential, "response": response}
 
 
+async def test_refuses_a_signed_registration_client_data_json_offered_as_an_assertion(
+    enrolled: tuple[Harness, SoftAuthenticator],
+) -> None:
+    """Section 7.2 step 11: clientDataJSON of a `webauthn.create` ceremony, over one of our own step-up challenges and
+    signed by the user's own key (a page that asked the authenticator to register), is no assertion; and a
+    registration's own clientDataJSON (its challenge the registration state's, not ours) is not one either."""
+    h, a = enrolled
+    credential = await _fresh_assertion(h, a)
+    created = _client_data_members(credential).replace('"webauthn.get"', '"webauthn.create"')
+    header = encode_header(_signed_with_client_data(a, credential, ("{" + created + "}").encode()))
+    refused = await h.challenge(principal(), attrs(assertion=header))
+    assert refused.code == "webauthn_client_data_invalid"
+    _, _, begun = await h.call("POST", "/v1/webauthn/register/begin", user="carol", body={})
+    registration = SoftAuthenticator().create(begun["publicKey"])["response"]["clientDataJSON"]
+    as_get = json.loads(unb64u(registration)) | {"type": "webauthn.get"}
+    header = encode_header(_signed_with_client_data(a, credential, json.dumps(as_get).encode()))
+    refused = await h.challenge(principal(), attrs(assertion=header))
+    assert refused.code == "webauthn_challenge_invalid"
+    # the user's own assertion, presented with a token of the same `sub` from another issuer
+    header = encode_header(credential)
+    refused = await h.challenge(principal(issuer="https://other.example.test"), attrs(assertion=header))
+    assert refused.code == "webauthn_challenge_mismatch"
+    await h.service.check_step_up(principal(), attrs(assertion=header))  # unused till now
+
+
 BOGUS_CHALLENGE = b64u(b"c" * 32)
 # clientDataJSON members -> clientDataJSON as a browser would never write it; fido2's json.loads reads the last member
 CLIENT_DATA_READ_TWO_WAYS = {
