@@ -435,6 +435,9 @@ def _issuer(reader: Reader) -> IssuerSettings:
         if getattr(settings, key):
             check_issuer_url(getattr(settings, key), f"{reader.path}.{key}", allow_insecure_http=insecure)
     check_key_source(settings, reader.path)
+    if settings.introspect_jwts and settings.introspection is None:
+        # Else every JWT of this issuer met no introspector and was refused with a 500, from the first request on.
+        reader.problem("introspect_jwts", "needs an introspection section (its client and endpoint) on this issuer")
     if settings.jwks_min_ttl_seconds > settings.jwks_max_ttl_seconds:
         raise ConfigError(f"{reader.path}.jwks_min_ttl_seconds: larger than jwks_max_ttl_seconds")
     reader.done()

@@ -483,6 +483,18 @@ def test_the_introspection_section_reports_every_problem_with_suggestions(monkey
     assert "issuers[0].introspection.serve_stale_on_error: expected true or false" in lines
 
 
+def test_introspect_jwts_without_an_introspection_section_is_refused_by_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`introspect_jwts: true` on an issuer with no `introspection` section passed start-up, then every JWT of that
+    issuer met no introspector and was answered 500, from the first request on: refused at start-up instead."""
+    document = _example()
+    document["issuers"][0]["introspect_jwts"] = True
+    with pytest.raises(ConfigError, match=r"^issuers\[0\]\.introspect_jwts: needs an introspection section"):
+        parse_settings(document)
+    monkeypatch.setenv("VERIFIER_IDP_SECRET", "s3cret")
+    document["issuers"][0]["introspection"] = {"client_id": "verifier", "client_secret_env": "VERIFIER_IDP_SECRET"}
+    assert parse_settings(document).issuers[0].introspect_jwts is True
+
+
 def test_dpop_origins_from_resources_takes_the_origins_of_the_configured_resource_identifiers() -> None:
     """Opt-in: `dpop.origins` from `protected_resource.resource` and `policies[].resource` (RFC 9728 identifiers,
     our public URLs), each origin once, default resource first. Off, or with no resource named, nothing is taken
