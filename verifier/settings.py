@@ -537,6 +537,34 @@ def config_warnings(settings: Settings) -> list[ConfigWarning]:
         *_admin_on_shared_listener(settings, os.environ.get(ADMIN_TOKEN_ENV)),
         *_metrics_unauthenticated(settings),
         *_push_unauthenticated(settings),
+        *_thumbprint_header_unguarded(settings),
+    ]
+
+
+# The one certificate thumbprint header the shipped gateways guard: the nginx templates clear it, Envoy's HTTP template
+# removes it (and forwards no other client header), the Kong plugin sets it only from a certificate it verified.
+GUARDED_THUMBPRINT_HEADER = "x-client-cert-thumbprint"
+
+
+def _thumbprint_header_unguarded(settings: Settings) -> list[ConfigWarning]:
+    """`mtls_thumbprint_header` naming a header the shipped gateways do not clear: behind the nginx templates (which
+    pass the client's headers to the auth request) a client that sends it names the certificate it holds, so a stolen
+    certificate-bound token is taken without the certificate's key. Not refused: a gateway of the operator's own may
+    overwrite that name on every request."""
+    name = settings.mtls_thumbprint_header
+    if not name or name == GUARDED_THUMBPRINT_HEADER:
+        return []
+    return [
+        ConfigWarning(
+            kind="thumbprint_header_unguarded",
+            message=(
+                f"mtls_thumbprint_header: {name!r} is not cleared by the shipped gateways (they guard only "
+                f"{GUARDED_THUMBPRINT_HEADER}): a client that sends it names the certificate a bound token is checked "
+                "against, unless the gateway in front overwrites it on every request; use "
+                f"{GUARDED_THUMBPRINT_HEADER}, or make sure your gateway sets (or removes) {name!r} itself"
+            ),
+            fields=(("key", "mtls_thumbprint_header"), ("header", name)),
+        )
     ]
 
 

@@ -392,3 +392,22 @@ def test_a_push_transmitter_without_push_authorization_is_said_at_start_up(
         *config_warnings(parse_settings(_with_transmitter(delivery="poll"))),
     ]
     assert not [w for w in quiet if w.kind == "push_unauthenticated"]
+
+
+def test_a_thumbprint_header_the_gateways_do_not_clear_is_said_at_start_up(tmp_path: Path) -> None:
+    """`mtls_thumbprint_header` naming another header than X-Client-Cert-Thumbprint: the nginx templates pass a
+    client's headers to the auth request and clear only that one, so a client could name the certificate a stolen
+    bound token is checked against. Start-up and `check-config` say so, naming the key; the guarded name (any case),
+    or none, is quiet."""
+    from verifier.settings import config_warnings
+
+    def found(header: str) -> list[object]:
+        settings = parse_settings({**document(http="127.0.0.1:0"), "mtls_thumbprint_header": header})
+        return [w for w in config_warnings(settings) if w.kind == "thumbprint_header_unguarded"]
+
+    (warning,) = found("X-SSL-Client-SHA256")
+    assert str(warning).startswith("mtls_thumbprint_header: 'x-ssl-client-sha256' is not cleared by the shipped")
+    assert found("X-Client-Cert-Thumbprint") == found("") == []
+    result = _check_config(tmp_path, {**document(http="127.0.0.1:8080"), "mtls_thumbprint_header": "x-cert-hash"})
+    assert result.returncode == 0, result.stderr
+    assert "warning: mtls_thumbprint_header: 'x-cert-hash' is not cleared" in result.stderr
