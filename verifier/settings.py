@@ -538,6 +538,37 @@ def config_warnings(settings: Settings) -> list[ConfigWarning]:
         *_metrics_unauthenticated(settings),
         *_push_unauthenticated(settings),
         *_thumbprint_header_unguarded(settings),
+        *_unregistered_methods(settings),
+    ]
+
+
+# The IANA HTTP Method Registry (RFC 9110 section 16.1), as of 2024: what clients send. Another token is legal (an
+# extension method), but more often a typo.
+REGISTERED_METHODS = frozenset({
+    "ACL", "BASELINE-CONTROL", "BIND", "CHECKIN", "CHECKOUT", "CONNECT", "COPY", "DELETE", "GET", "HEAD", "LABEL",
+    "LINK", "LOCK", "MERGE", "MKACTIVITY", "MKCALENDAR", "MKCOL", "MKREDIRECTREF", "MKWORKSPACE", "MOVE", "OPTIONS",
+    "ORDERPATCH", "PATCH", "POST", "PRI", "PROPFIND", "PROPPATCH", "PUT", "QUERY", "REBIND", "REPORT", "SEARCH",
+    "TRACE", "UNBIND", "UNCHECKOUT", "UNLINK", "UNLOCK", "UPDATE", "UPDATEREDIRECTREF", "VERSION-CONTROL",
+})  # fmt: skip
+
+
+def _unregistered_methods(settings: Settings) -> list[ConfigWarning]:
+    """A policy's `match.methods` entry no registered method spells (`DELET`): the policy never covers the requests
+    it was written for, which fall to the next policy that does (a laxer catch-all), or are refused. Not refused: an
+    extension method is a legal token."""
+    return [
+        ConfigWarning(
+            kind="method_unregistered",
+            message=(
+                f"policies[{i}].match.methods[{j}]: {method!r} is no registered HTTP method (a typo?): the policy "
+                f"({policy.name}) covers no request that uses another, and those fall to the next policy that covers "
+                "them; spell the method as clients send it (GET, POST, PUT, PATCH, DELETE, ...)"
+            ),
+            fields=(("key", f"policies[{i}].match.methods[{j}]"),),
+        )
+        for i, policy in enumerate(settings.policies or ())
+        for j, method in enumerate(policy.match.methods)
+        if method not in REGISTERED_METHODS
     ]
 
 

@@ -411,3 +411,26 @@ def test_a_thumbprint_header_the_gateways_do_not_clear_is_said_at_start_up(tmp_p
     result = _check_config(tmp_path, {**document(http="127.0.0.1:8080"), "mtls_thumbprint_header": "x-cert-hash"})
     assert result.returncode == 0, result.stderr
     assert "warning: mtls_thumbprint_header: 'x-cert-hash' is not cleared" in result.stderr
+
+
+def test_a_policy_method_no_client_sends_is_said_at_start_up(tmp_path: Path) -> None:
+    """A typo in `match.methods` (`DELET`) leaves the policy covering none of the requests it was written for: they
+    fall to the next policy (a laxer catch-all). An extension method is a legal token, so not refused, but start-up and
+    `check-config` say so, naming the key; registered methods, in any case, are quiet."""
+    from verifier.settings import config_warnings
+
+    def found(*methods: str) -> list[object]:
+        admin = {"name": "admin", "match": {"path_prefix": "/admin", "methods": list(methods)},
+                 "require": {"roles_any": ["admin"]}}
+        rest = {"name": "rest", "match": {"path_prefix": "/"}}
+        settings = parse_settings({**document(http="127.0.0.1:0"), "policies": [admin, rest]})
+        return [w for w in config_warnings(settings) if w.kind == "method_unregistered"]
+
+    (warning,) = found("GET", "DELET")
+    assert str(warning).startswith("policies[0].match.methods[1]: 'DELET' is no registered HTTP method")
+    assert "(admin)" in str(warning)
+    assert found("get", "Delete", "PATCH", "PROPFIND", "QUERY") == []
+    broken = {"name": "admin", "match": {"path_prefix": "/admin", "methods": ["PSOT"]}}
+    result = _check_config(tmp_path, {**document(http="127.0.0.1:8080"), "policies": [broken]})
+    assert result.returncode == 0, result.stderr
+    assert "warning: policies[0].match.methods[0]: 'PSOT' is no registered HTTP method" in result.stderr

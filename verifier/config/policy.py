@@ -39,7 +39,9 @@ class RouteMatch:
     hosts: tuple[str, ...] = setting(
         (), doc="host names without a port (lower-cased, no trailing dot; an IDN also as its xn-- form)"
     )
-    methods: tuple[str, ...] = setting((), doc="HTTP methods (upper-cased); GET also covers HEAD")
+    methods: tuple[str, ...] = setting(
+        (), doc="HTTP methods (upper-cased); GET also covers HEAD; an unregistered one (a typo?) is warned about"
+    )
     path_prefix: str = setting("", doc="the normalized path starts with this (starts with /)")
     path: str = setting("", doc="the normalized path is exactly this, give or take a trailing slash (no query)")
 
