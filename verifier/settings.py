@@ -38,6 +38,7 @@ from verifier.config.issuer import (
     DEFAULT_MAX_JWKS_BYTES,
     DEFAULT_MAX_JWKS_KEYS,
     SUPPORTED_ALGORITHMS,
+    WILDCARD_AUDIENCE,
     IssuerSettings,
     RoleRule,
 )
@@ -435,6 +436,9 @@ def _issuer(reader: Reader) -> IssuerSettings:
         if getattr(settings, key):
             check_issuer_url(getattr(settings, key), f"{reader.path}.{key}", allow_insecure_http=insecure)
     check_key_source(settings, reader.path)
+    for i, audience in enumerate(settings.audiences):
+        if audience == "*":  # compared exactly: only a token whose `aud` is the string "*" would meet it
+            reader.problem(f"audiences[{i}]", WILDCARD_AUDIENCE)
     if settings.introspect_jwts and settings.introspection is None:
         # Else every JWT of this issuer met no introspector and was refused with a 500, from the first request on.
         reader.problem("introspect_jwts", "needs an introspection section (its client and endpoint) on this issuer")

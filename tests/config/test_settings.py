@@ -495,6 +495,23 @@ def test_introspect_jwts_without_an_introspection_section_is_refused_by_key(monk
     assert parse_settings(document).issuers[0].introspect_jwts is True
 
 
+def test_a_wildcard_audience_is_refused_by_key() -> None:
+    """`audiences: ["*"]` reads as "any audience" but audiences are compared exactly: it took only tokens whose `aud`
+    is the string "*", which a provider letting clients name their audience issues to whoever asks. Refused, on an
+    issuer and in a policy's `audiences_any`; an audience merely containing `*` is a name like any other."""
+    document = _example()
+    document["issuers"][0]["audiences"] = ["https://api.example.test", "*"]
+    with pytest.raises(ConfigError, match=r"^issuers\[0\]\.audiences\[1\]: '\*' is no wildcard"):
+        parse_settings(document)
+    document = _example()
+    document["policies"] = [{"match": {"path_prefix": "/"}, "require": {"audiences_any": ["*"]}}]
+    with pytest.raises(ConfigError, match=r"^policies\[0\]\.require\.audiences_any\[0\]: '\*' is no wildcard"):
+        parse_settings(document)
+    document["policies"][0]["require"]["audiences_any"] = ["urn:api:*"]
+    document["issuers"][0]["audiences"] = ["urn:api:*"]
+    assert parse_settings(document).issuers[0].audiences == ("urn:api:*",)
+
+
 def test_dpop_origins_from_resources_takes_the_origins_of_the_configured_resource_identifiers() -> None:
     """Opt-in: `dpop.origins` from `protected_resource.resource` and `policies[].resource` (RFC 9728 identifiers,
     our public URLs), each origin once, default resource first. Off, or with no resource named, nothing is taken

@@ -16,6 +16,13 @@ SUPPORTED_ALGORITHMS = frozenset(
     {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
 )
 
+# `audiences: ["*"]` (or a policy's `audiences_any`): an operator's wildcard that is none. Audiences are compared
+# exactly, so it would take only tokens whose `aud` is the string "*", which a provider letting clients name their
+# audience (a token exchange, a dev IdP) issues to anyone who asks.
+WILDCARD_AUDIENCE = (
+    "'*' is no wildcard: audiences are compared exactly, so it takes only tokens whose aud is the string '*' (which "
+    "a provider letting clients name their audience would issue); name this API's audience"
+)
 DEFAULT_LEEWAY_SECONDS = 30  # seconds of clock skew tolerated on exp/nbf/iat
 # seconds: the most leeway an issuer may be given; revocation entries outlive their tokens' exp by this much
 MAX_LEEWAY_SECONDS = 600
@@ -75,7 +82,7 @@ class IssuerSettings:
     """One trusted token issuer."""
 
     issuer: str = setting(doc="exact `iss` value; discovery lives under it; https required")
-    audiences: tuple[str, ...] = setting(doc="at least one must appear in `aud`")
+    audiences: tuple[str, ...] = setting(doc="at least one must appear in `aud` (compared exactly: \"*\" is refused)")
     algorithms: tuple[str, ...] = setting(doc="allow-list; tokens with any other `alg` are refused")
     allow_insecure_http: bool = setting(False, doc="plain http on loopback (tests and local labs only)")
     leeway_seconds: int = setting(

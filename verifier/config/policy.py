@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from verifier.config.base import ConfigError, Reader, read_fields, setting, url_problem
+from verifier.config.issuer import WILDCARD_AUDIENCE
 from verifier.config.upstream import RouteUpstream, parse_route_upstream
 from verifier.request import a_label, host_name, normalize_host
 
@@ -154,6 +155,9 @@ def parse_policy(reader: Reader, index: int) -> PolicySettings:
                     f"{require_reader.path}.{key}: never met with authenticated: false (a request without a token "
                     "passes before it is looked at): drop one of the two"
                 )
+    for i, audience in enumerate(require.audiences_any):
+        if audience == "*":
+            require_reader.problem(f"audiences_any[{i}]", WILDCARD_AUDIENCE)
     require_reader.done()
     raw_upstream = reader.raw("upstream")
     upstream = None if raw_upstream is None else parse_route_upstream(raw_upstream, f"{reader.path}.upstream")
