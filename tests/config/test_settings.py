@@ -495,6 +495,21 @@ def test_introspect_jwts_without_an_introspection_section_is_refused_by_key(monk
     assert parse_settings(document).issuers[0].introspect_jwts is True
 
 
+def test_a_jwks_held_longer_than_a_day_is_refused_by_key() -> None:
+    """A key the provider withdraws (leaked) stays trusted until the JWKS is fetched again: `jwks_min_ttl_seconds`
+    (a floor over the provider's own short max-age) of a week let the key's holder mint accepted tokens for a week.
+    Both bounds stop at a day; a day is accepted."""
+    document = _example()
+    document["issuers"][0].update(jwks_min_ttl_seconds=604_800, jwks_max_ttl_seconds=604_800)
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(document)
+    lines = str(caught.value).splitlines()
+    assert "issuers[0].jwks_min_ttl_seconds: 604800 is outside [1, 86400]" in lines
+    assert "issuers[0].jwks_max_ttl_seconds: 604800 is outside [1, 86400]" in lines
+    document["issuers"][0].update(jwks_min_ttl_seconds=86_400, jwks_max_ttl_seconds=86_400)
+    assert parse_settings(document).issuers[0].jwks_min_ttl_seconds == 86_400
+
+
 def test_a_wildcard_audience_is_refused_by_key() -> None:
     """`audiences: ["*"]` reads as "any audience" but audiences are compared exactly: it took only tokens whose `aud`
     is the string "*", which a provider letting clients name their audience issues to whoever asks. Refused, on an

@@ -28,6 +28,9 @@ DEFAULT_LEEWAY_SECONDS = 30  # seconds of clock skew tolerated on exp/nbf/iat
 MAX_LEEWAY_SECONDS = 600
 DEFAULT_JWKS_MIN_TTL_SECONDS = 60.0  # floor on a provider's Cache-Control max-age for the JWKS
 DEFAULT_JWKS_MAX_TTL_SECONDS = 3600.0  # ceiling: refetch at least hourly even if told otherwise
+# seconds: the longest a JWKS may be held unrefetched (either bound). A key the provider withdraws (leaked) stays
+# trusted until the next fetch: a floor of a week let its holder mint accepted tokens for a week.
+MAX_JWKS_TTL_SECONDS = 86_400
 DEFAULT_JWKS_COOLDOWN_SECONDS = 30.0  # at most one unknown-kid refresh per issuer per this many s
 DEFAULT_FETCH_TIMEOUT_SECONDS = 5.0  # deadline on every discovery/JWKS call
 DEFAULT_MAX_JWKS_BYTES = 1 << 20  # 1 MiB: a JWKS larger than this is malformed, not a key set
@@ -92,10 +95,18 @@ class IssuerSettings:
     jwks_uri: str = setting("", doc="set to skip discovery")
     require_typ_at_jwt: bool = setting(False, doc="RFC 9068 strict mode: only `typ: at+jwt` is accepted")
     jwks_min_ttl_seconds: float = setting(
-        DEFAULT_JWKS_MIN_TTL_SECONDS, minimum=1, unit="seconds", doc="floor on the JWKS Cache-Control max-age"
+        DEFAULT_JWKS_MIN_TTL_SECONDS,
+        minimum=1,
+        maximum=MAX_JWKS_TTL_SECONDS,
+        unit="seconds",
+        doc="floor on the JWKS Cache-Control max-age",
     )
     jwks_max_ttl_seconds: float = setting(
-        DEFAULT_JWKS_MAX_TTL_SECONDS, minimum=1, unit="seconds", doc="ceiling: refetch at least this often"
+        DEFAULT_JWKS_MAX_TTL_SECONDS,
+        minimum=1,
+        maximum=MAX_JWKS_TTL_SECONDS,
+        unit="seconds",
+        doc="ceiling: refetch at least this often (a withdrawn key is trusted until then)",
     )
     jwks_cooldown_seconds: float = setting(
         DEFAULT_JWKS_COOLDOWN_SECONDS, unit="seconds", doc="at most one unknown-kid refresh per this many"
