@@ -543,6 +543,31 @@ def config_warnings(settings: Settings) -> list[ConfigWarning]:
         *_push_unauthenticated(settings),
         *_thumbprint_header_unguarded(settings),
         *_unregistered_methods(settings),
+        *_public_catch_all(settings),
+    ]
+
+
+def _public_catch_all(settings: Settings) -> list[ConfigWarning]:
+    """A policy with `authenticated: false` on every path (no `path`, `path_prefix` empty or `/`): every request the
+    policies above it miss passes without a token, so a typo in one of their matches (a path, a host, a method) leaves
+    that route public where it would otherwise be refused (an unmatched route is 403). Not refused: a public site with
+    a few protected routes is a choice; a CORS preflight policy (methods OPTIONS alone) is not warned about."""
+    return [
+        ConfigWarning(
+            kind="public_catch_all",
+            message=(
+                f"policies[{i}] ({policy.name}): authenticated: false on every path: a request no policy above it "
+                "matches passes without a token, so a typo in a protected policy's match (path, host, method) leaves "
+                "that route public; list the public paths one by one and end with a policy that requires a token "
+                "(path_prefix: /), or none (an unmatched route is refused)"
+            ),
+            fields=(("key", f"policies[{i}].require.authenticated"),),
+        )
+        for i, policy in enumerate(settings.policies or ())
+        if not policy.require.authenticated
+        and not policy.match.path
+        and policy.match.path_prefix.rstrip("/") == ""
+        and not (policy.match.methods and set(policy.match.methods) <= {"OPTIONS"})
     ]
 
 

@@ -434,3 +434,29 @@ def test_a_policy_method_no_client_sends_is_said_at_start_up(tmp_path: Path) -> 
     result = _check_config(tmp_path, {**document(http="127.0.0.1:8080"), "policies": [broken]})
     assert result.returncode == 0, result.stderr
     assert "warning: policies[0].match.methods[0]: 'PSOT' is no registered HTTP method" in result.stderr
+
+
+def test_a_public_catch_all_policy_is_said_at_start_up(tmp_path: Path) -> None:
+    """`authenticated: false` on every path: a request the protected policies above it miss (a typo in their path)
+    passes without a token, where it would otherwise be refused as unmatched. Start-up and `check-config` say so,
+    naming the key; a public path of its own, a catch-all requiring a token, and a CORS preflight policy are quiet."""
+    from verifier.settings import ConfigWarning, config_warnings
+
+    admin = {"name": "admin", "match": {"path_prefix": "/amdin"}, "require": {"roles_any": ["admin"]}}
+
+    def found(*policies: dict[str, object]) -> list[ConfigWarning]:
+        settings = parse_settings({**document(http="127.0.0.1:0"), "policies": [admin, *policies]})
+        return [w for w in config_warnings(settings) if w.kind == "public_catch_all"]
+
+    public = {"name": "rest", "require": {"authenticated": False}}
+    (warning,) = found({**public, "match": {"path_prefix": "/"}})
+    assert str(warning).startswith("policies[1] (rest): authenticated: false on every path")
+    assert dict(warning.fields) == {"key": "policies[1].require.authenticated"}
+    assert len(found({**public, "match": {"methods": ["GET"]}})) == 1
+    assert found({**public, "match": {"path": "/health"}}) == []
+    assert found({**public, "match": {"methods": ["OPTIONS"]}}) == []
+    assert found({"match": {"path_prefix": "/"}}) == []
+    result = _check_config(tmp_path, {**document(http="127.0.0.1:8080"),
+                                      "policies": [admin, {**public, "match": {"path_prefix": "/"}}]})
+    assert result.returncode == 0, result.stderr
+    assert "warning: policies[1] (rest): authenticated: false on every path" in result.stderr
