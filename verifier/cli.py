@@ -227,7 +227,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
                 f"  metrics       http://127.0.0.1:{app.ports.metrics}/metrics\n\n"
                 "Try:\n"
                 f"  curl -i -H {shlex.quote('Authorization: Bearer ' + token)} -H 'X-Forwarded-Uri: /hello' {http}\n"
-                f"  curl -i {http}      # no token: 401 with a Bearer challenge\n"
+                f"  curl -i {http} -H 'X-Forwarded-Uri: /hello'      # no token: 401 with a Bearer challenge\n"
                 f"  curl -s -X POST -d sub=bob -d scope=read {idp.issuer}/token   # another token\n"
                 f'  grpcurl -plaintext -d \'{{"method":"GET","path":"/hello","headers":'
                 f'{{"authorization":"Bearer {token}"}}}}\' 127.0.0.1:{app.ports.grpc} verifier.v1.Verifier/Check\n',

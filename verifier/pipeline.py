@@ -362,6 +362,7 @@ class Pipeline:
             realm=realm,
             route_params=default.challenge,
         )
+        self._default_challenge = default.challenge
         # Worked out once per route and per combination of checks, never per request.
         self._routes: dict[int, tuple[Route, int]] = {}  # id(policy) -> the route and its checks' bits
         self._no_policy = (default, self._mask(default))
@@ -528,6 +529,16 @@ class Pipeline:
         plan = self._plan(admitted.mask & self._own_endpoint[1])
         principal, _ = await self._run(admitted.principal, credential, attrs, OWN_ENDPOINT, plan.checks)
         return principal
+
+    def undescribed(self, header: str) -> Decision:
+        """A door's own early refusal: forward-auth asked with neither the declared family's path header (`header`)
+        nor a path after `/v1/forward-auth`, so which route to judge is unknown (judged as `/`, a public `/` passed
+        every request). Built once per door: the description names the header the gateway did not send."""
+        return refuse(
+            MalformedRequest(f"the gateway sent no {header} header and no path after /v1/forward-auth"),
+            realm=self._realm,
+            route_params=self._default_challenge,
+        )
 
     def known(self, attrs: RequestAttributes) -> str | None:
         """For a span's `cache.hit` (asked only when tracing is on): the issuer of the admitted token a

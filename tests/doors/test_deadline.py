@@ -96,7 +96,7 @@ async def test_forward_auth_answers_503_retry_later_before_the_gateway_gives_up(
     assert port is not None
 
     def exchange(token: str) -> Awaitable[bytes]:
-        raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n"
+        raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n"
         return http_exchange(port, raw.encode())
 
     answer, token = await in_time(exchange)

@@ -822,8 +822,9 @@ async def test_a_hostile_envoy_check_is_decided_as_forward_auth_decides_the_requ
 async def test_an_empty_check_and_a_huge_credential_are_decided_as_forward_auth_decides_them(
     fetcher: FakeFetcher,
 ) -> None:
-    """Our empty CheckRequest, Envoy's with an empty `http`, and a forward-auth check with no header at all describe
-    one request (`GET /` on no host); a 900 KB Authorization is one malformed credential through every door."""
+    """Our empty CheckRequest, Envoy's with an empty `http`, and a forward-auth check with no header at all (the
+    path `/` after the door's) describe one request (`GET /` on no host); a 900 KB Authorization is one malformed
+    credential through every door."""
     app = await parity_app(fetcher)
     try:
         bare = ea.CheckRequest()
@@ -832,11 +833,14 @@ async def test_an_empty_check_and_a_huge_credential_are_decided_as_forward_auth_
             "grpc": own_verdict(await app.grpc.check_own(b"", None), _NOBODY),
             "ext_authz": envoy_verdict(await app.grpc.check_envoy(bare.SerializeToString(), None), _NOBODY),
             "kong": forward_verdict(
-                await exchange(app.forward_auth, _http("GET /v1/forward-auth HTTP/1.1", [])), _NOBODY
+                await exchange(app.forward_auth, _http("GET /v1/forward-auth/ HTTP/1.1", [])), _NOBODY
             ),
         }
         agree(verdicts)
         assert not verdicts["grpc"].allowed
+        # With no path after the door's either, nothing tells the path: refused, never judged as `/` (`undescribed`).
+        untold = forward_verdict(await exchange(app.forward_auth, _http("GET /v1/forward-auth HTTP/1.1", [])), _NOBODY)
+        assert (untold.status, untold.reason) == (400, "invalid_request")
         huge = f"Bearer {'a.b.' * 225_000}"
         own = verifier_pb2.CheckRequest(method="GET", scheme="https", host="api.example.test", path="/api/x")
         own.headers["authorization"] = huge

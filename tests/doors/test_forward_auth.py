@@ -19,6 +19,7 @@ from verifier.doors.forward_auth import (
     FORWARDED_FAMILIES,
     X_FORWARDED,
     ForwardAuthDoor,
+    Undescribed,
     _Connection,
     attributes_from_http,
 )
@@ -37,7 +38,7 @@ from verifier.tokens.cache import ExpiringCache
 X_ORIGINAL = FORWARDED_FAMILIES["x-original"]
 
 
-def _request(token: str | None, extra: str = "", target: str = "/v1/forward-auth", method: str = "GET") -> bytes:
+def _request(token: str | None, extra: str = "", target: str = "/v1/forward-auth/", method: str = "GET") -> bytes:
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     return f"{method} {target} HTTP/1.1\r\nHost: verifier\r\n{auth}{extra}\r\n".encode()
 
@@ -133,7 +134,7 @@ async def test_keep_alive_and_pipelined_requests_are_answered_in_order() -> None
 
 async def test_http_1_0_without_keep_alive_is_closed_after_the_answer() -> None:
     async with running_verifier() as (app, _):
-        answer = await http_exchange(app.ports.http, b"GET /v1/forward-auth HTTP/1.0\r\n\r\n", read_until_close=True)
+        answer = await http_exchange(app.ports.http, b"GET /v1/forward-auth/ HTTP/1.0\r\n\r\n", read_until_close=True)
         assert _status(answer) == 401
         assert b"connection: close" in answer
 
@@ -336,8 +337,11 @@ def test_absent_family_headers_fall_back_to_this_request_never_to_the_other_fami
         "http",
         "10.0.0.1",
     )
-    bare = attributes_from_http("POST", b"/v1/forward-auth", headers, "", FORWARDED_FAMILIES[family])
+    bare = attributes_from_http("POST", b"/v1/forward-auth/", headers, "", FORWARDED_FAMILIES[family])
     assert (bare.method, bare.path) == ("POST", "/")
+    with pytest.raises(Undescribed) as undescribed:  # nothing tells the path: never judged as `/`
+        attributes_from_http("POST", b"/v1/forward-auth", headers, "", FORWARDED_FAMILIES[family])
+    assert undescribed.value.header == FORWARDED_FAMILIES[family].path
 
 
 @pytest.mark.parametrize("family", [X_FORWARDED, X_ORIGINAL])
@@ -391,6 +395,40 @@ async def test_a_client_cannot_choose_the_judged_route_through_the_door(
         assert _status(public) == 200
 
 
+# A public landing page and a protected route: a check judged as `/` passes.
+LANDING = (
+    PolicySettings(name="admin", match=RouteMatch(path_prefix="/admin"), require=Requirements(roles_any=("admin",))),
+    PolicySettings(name="landing", match=RouteMatch(path_prefix="/"), require=Requirements(authenticated=False)),
+)
+
+
+@pytest.mark.parametrize(
+    ("declared", "sent"), [("x-original", GATEWAY_X_FORWARDED), ("x-forwarded", GATEWAY_X_ORIGINAL)]
+)
+async def test_a_check_no_header_tells_the_path_of_is_refused_not_judged_as_the_root(
+    declared: str, sent: dict[str, str]
+) -> None:
+    # The verifier declares one family, its gateway sends the other (or an nginx location forgot the path header):
+    # every check came with the bare target and no declared path header, was judged `GET /` and passed the landing
+    # page's policy, /admin/users/7 with no token included.
+    options = {"policies": LANDING, "forward_auth": door_settings(forwarded_headers=declared)}
+    async with running_verifier(options) as (app, _):
+        header = FORWARDED_FAMILIES[declared].path
+        refused = await http_exchange(app.ports.http, _request(None, _wire(sent), target="/v1/forward-auth"))
+        assert (_status(refused), _header(refused, "x-verifier-reason")) == (400, "invalid_request"), refused
+        assert f"no {header} header" in refused.partition(b"\r\n\r\n")[2].decode()
+        metrics = app.metrics.render().decode()
+        assert 'reason="invalid_request"' in metrics
+        # The declared family's path header: judged as before.
+        described = _wire({**sent, header: "/admin/users/7"})
+        assert _status(await http_exchange(app.ports.http, _request(None, described, target="/v1/forward-auth"))) == 401
+        public = _wire({header: "/welcome"})
+        assert _status(await http_exchange(app.ports.http, _request(None, public, target="/v1/forward-auth"))) == 200
+        # The target's suffix (Envoy's path_prefix): judged as before.
+        for target, status in (("/v1/forward-auth/admin/users/7", 401), ("/v1/forward-auth/", 200)):
+            assert _status(await http_exchange(app.ports.http, _request(None, target=target))) == status, target
+
+
 def test_envoy_http_mode_appends_the_original_path_and_keeps_the_method() -> None:
     attrs = attributes_from_http("PUT", b"/v1/forward-auth/orders/7?x=1", {"host": "shop"}, "")
     assert (attrs.method, attrs.path, attrs.host) == ("PUT", "/orders/7?x=1", "shop")
@@ -398,7 +436,7 @@ def test_envoy_http_mode_appends_the_original_path_and_keeps_the_method() -> Non
 
 def test_forwarded_port_joins_the_host_unless_it_is_the_default() -> None:
     def host(**headers: str) -> str:
-        return attributes_from_http("GET", b"/v1/forward-auth", headers, "").host
+        return attributes_from_http("GET", b"/v1/forward-auth/", headers, "").host
 
     assert host(**{"x-forwarded-host": "api", "x-forwarded-port": "8443", "x-forwarded-proto": "https"}) == "api:8443"
     assert host(**{"x-forwarded-host": "api", "x-forwarded-port": "443", "x-forwarded-proto": "https"}) == "api"
@@ -447,7 +485,7 @@ HOST_SPELLINGS = ["ADMIN.example.test.", "admin.example.test:443", "Admin.Exampl
 async def test_a_host_policy_holds_for_every_spelling_of_the_host(family: str, header: str, spelling: str) -> None:
     options = {"policies": HOST_ROUTES, "forward_auth": door_settings(forwarded_headers=family)}
     async with running_verifier(options) as (app, _):
-        raw = f"GET /v1/forward-auth HTTP/1.1\r\n{header}: {spelling}\r\n\r\n".encode()
+        raw = f"GET /v1/forward-auth/ HTTP/1.1\r\n{header}: {spelling}\r\n\r\n".encode()
         if header != "Host":
             raw = raw.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nHost: verifier\r\n")
         answer = await http_exchange(app.ports.http, raw)
@@ -535,7 +573,7 @@ async def test_an_upgrade_request_gets_one_answer_that_closes_the_connection(ask
         good = idp.mint(sub="up")
         for token in (good, good, None):  # first-seen, cached, refused
             auth = f"Authorization: Bearer {token}\r\n" if token else ""
-            raw = ask.format("/v1/forward-auth", auth).encode() + b"GET /livez HTTP/1.1\r\nHost: v\r\n\r\n"
+            raw = ask.format("/v1/forward-auth/", auth).encode() + b"GET /livez HTTP/1.1\r\nHost: v\r\n\r\n"
             answers = await http_exchange(app.ports.http, raw, read_until_close=True)
             head, _, rest = answers.partition(b"\r\n\r\n")
             assert _status(head) == (200 if token else 401), answers

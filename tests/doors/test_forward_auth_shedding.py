@@ -21,7 +21,7 @@ from verifier.settings import DEFAULT_SHED_AFTER_SECONDS, ForwardAuthSettings, L
 PRODUCT_SHEDDING = {"forward_auth": ForwardAuthSettings(shed_after_seconds=DEFAULT_SHED_AFTER_SECONDS)}
 
 
-def _request(token: str, sub_path: str = "") -> bytes:
+def _request(token: str, sub_path: str = "/") -> bytes:
     return f"GET /v1/forward-auth{sub_path} HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
 
 
@@ -86,7 +86,7 @@ async def test_below_the_threshold_nothing_is_shed() -> None:
 
 async def test_a_garbage_or_missing_token_is_still_refused_not_shed() -> None:
     async with running_verifier(PRODUCT_SHEDDING) as (app, _):
-        requests = [_request("not-a-jwt"), b"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\n\r\n"]
+        requests = [_request("not-a-jwt"), b"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\n\r\n"]
 
         answers = await _held_flood(app, requests, hold=DEFAULT_SHED_AFTER_SECONDS + 0.2)
 

@@ -79,7 +79,7 @@ def _client_context(pki: dict[str, str], cert: str | None) -> ssl.SSLContext:
 async def _forward_auth(port: int, context: ssl.SSLContext, token: str) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="localhost")
     try:
-        writer.write(f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+        writer.write(f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
         await writer.drain()
         return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     finally:

@@ -923,10 +923,12 @@ def start_verifier(
     leeway_seconds: int = 30,
     extra_config: Mapping[str, Any] | None = None,
     environment: Mapping[str, str] | None = None,
+    http_settings: Mapping[str, Any] | None = None,
 ) -> GatewayProcess:
     """Run ``python -m verifier serve --config <tmp>.yaml`` and wait for ``GET /healthz`` to answer 200.
 
-    ``environment`` is added to this process's environment (secrets the config names by variable).
+    ``environment`` is added to this process's environment (secrets the config names by variable);
+    ``http_settings`` to its ``http`` section (whose ``listen`` is chosen here).
 
     The returned object's ``url`` is the HTTP door; ``extra`` holds ``grpc_port``, ``http_port``,
     ``metrics_port``.
@@ -939,7 +941,7 @@ def start_verifier(
         # Shedding (503 "overloaded" for a first-seen token once the loop has been busy 0.25 s) is proven in
         # tests/doors/test_forward_auth_shedding.py; here a loaded test machine that starves the verifier's
         # process for a moment must not turn one request into a 503.
-        "http": {"listen": f"{LOOPBACK}:{http_port}", "shed_after_seconds": SHED_AFTER_S},
+        "http": {"listen": f"{LOOPBACK}:{http_port}", "shed_after_seconds": SHED_AFTER_S, **(http_settings or {})},
         "metrics": {"listen": f"{LOOPBACK}:{metrics_port}"},
         "issuers": [
             {

@@ -90,7 +90,7 @@ class Served:
         return int(answer.split(b" ", 2)[1]), answer.split(b"\r\n\r\n", 1)[1]
 
     async def answer(self, token: str) -> tuple[int, bytes]:
-        raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
         return await self.request(raw)
 
     async def status(self, token: str) -> int:

@@ -335,3 +335,36 @@ def test_forward_auth_call_carries_the_original_request(
         assert seen["x-forwarded-host"] == "127.0.0.1"  # $host: no port, lower-case, no trailing dot
         assert seen["x-forwarded-port"] == gw.url.rsplit(":", 1)[1]
         assert "x-original-uri" not in seen and "x-original-method" not in seen
+
+
+def test_a_verifier_declaring_another_family_than_nginx_sends_refuses_instead_of_judging_the_root(
+    upstream: EchoUpstream, issuer: LocalIssuer, tmp_path: Path
+) -> None:
+    """The shipped nginx sends X-Forwarded-* (and clears X-Original-URI); a verifier told `x-original` got every check
+    with no path header and the bare target, judged it `GET /`, and the public landing page's policy let a protected
+    route through with no token. Now each check is refused, 400 `invalid_request`, and nothing reaches upstream."""
+    reason = verifier_unusable_reason()
+    if reason:
+        pytest.skip(f"real verifier not usable yet: {reason}")
+    policies = [
+        {"name": "admin", "match": {"path_prefix": "/admin"}, "require": {"roles_any": ["admin"]}},
+        {"name": "landing", "match": {"path_prefix": "/"}, "require": {"authenticated": False}},
+    ]
+    verifier = start_verifier(
+        tmp_path,
+        issuer=issuer.issuer,
+        extra_config={"policies": policies},
+        http_settings={"forwarded_headers": "x-original"},
+    )
+    try:
+        gw = start_nginx(tmp_path, verifier.extra["http_port"], upstream.port)
+        try:
+            for path in ("/admin/users/7", "/"):
+                r = http_request(f"{gw.url}{path}")
+                assert (r.status, r.headers.get("x-verifier-reason")) == (400, "invalid_request"), (path, r.headers)
+                assert 'error="invalid_request"' in r.headers.get("www-authenticate", ""), r.headers
+            assert upstream.requests == []
+        finally:
+            gw.stop()
+    finally:
+        verifier.stop()

@@ -59,7 +59,7 @@ issuers:
     )
 
     async def answer(token: str) -> tuple[int, str]:
-        raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
         reply = await http_exchange(http, raw)
         reason = next(
             (

@@ -162,10 +162,10 @@ async def test_prometheus_scrapes_both_workers_and_loads_the_rules(tmp_path: Pat
 
             await _until(workers_serving, "both workers SERVING")
             token = idp.mint(sub="alice")
-            request = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            request = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
             for _ in range(20):  # fresh connections: both workers decide some
                 assert (await http_exchange(http, request)).startswith(b"HTTP/1.1 200")
-            await http_exchange(http, b"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\n\r\n")  # one refusal
+            await http_exchange(http, b"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\n\r\n")  # one refusal
 
             async def ready() -> bool:
                 try:

@@ -46,7 +46,7 @@ async def _status(app: App, token: str) -> tuple[int, float]:
     """The answer's status, and the seconds it took less how long a loaded machine held this process (the
     verifier's) meanwhile: a loaded machine's delay is not the verifier's (support.timed)."""
     assert app.ports.http is not None
-    raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
     answer, took, late = await timed(http_exchange(app.ports.http, raw))
     return int(answer.split(b" ", 2)[1]), took - late
 

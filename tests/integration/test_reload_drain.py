@@ -79,7 +79,7 @@ class _Load:
         while not self.stop.is_set():
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
             try:
-                conn.request("GET", "/v1/forward-auth", headers=self.headers)
+                conn.request("GET", "/v1/forward-auth/", headers=self.headers)
                 self._record(conn.getresponse())
             except (OSError, http.client.HTTPException) as exc:
                 self._fail("fresh connection", exc)
@@ -91,7 +91,7 @@ class _Load:
         reused = False
         while not self.stop.is_set():
             try:
-                conn.request("GET", "/v1/forward-auth", headers=self.headers)
+                conn.request("GET", "/v1/forward-auth/", headers=self.headers)
                 response = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
@@ -143,7 +143,7 @@ def _check(port: int, token: str, timeout: float) -> int:
     """One forward-auth check on a new connection: the answer's status."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", "/v1/forward-auth", headers={"Authorization": f"Bearer {token}"})
+        conn.request("GET", "/v1/forward-auth/", headers={"Authorization": f"Bearer {token}"})
         return conn.getresponse().status
     finally:
         conn.close()

@@ -88,7 +88,7 @@ async def test_a_verifier_that_cannot_read_its_revocation_entries_answers_503_ne
             served.start()
             # The keys come from the provider, which is up: the worker decides, but without its entries.
             async def reason(token: str) -> tuple[int, str]:
-                raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+                raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
                 answer = await http_exchange(served.http, raw)
                 head = answer.split(b"\r\n\r\n", 1)[0].decode().lower().split("\r\n")
                 found = [line.split(":", 1)[1].strip() for line in head if line.startswith("x-verifier-reason:")]

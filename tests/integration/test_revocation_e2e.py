@@ -67,7 +67,7 @@ async def _replica(
 
 
 async def _forward(app: App, token: str) -> tuple[int, str]:
-    raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
     answer = await http_exchange(app.ports.http, raw)
     head = answer.split(b"\r\n\r\n")[0].decode().split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
@@ -230,7 +230,7 @@ async def test_with_admin_listen_the_kill_switch_is_served_there_only(
                     assert (await _forward(app, token))[0] == 200
 
                     # The admin listener is no forward-auth door: a check asked there is not answered.
-                    check = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n"
+                    check = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n"
                     assert _status(await http_exchange(app.ports.admin, check.encode())) == 404
 
                     denied = await http_exchange(app.ports.admin, _admin_request(b"POST", COLLECTION, "wrong", body))

@@ -54,7 +54,7 @@ async def test_two_workers_share_the_ports_and_stop_together(tmp_path: Path) -> 
         await _workers_up(proc, metrics, tmp_path)
         workers = _children(proc.pid)
         token = idp.mint()
-        raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
         for _ in range(40):  # fresh connections: the kernel spreads them over both workers
             assert (await http_exchange(http, raw)).startswith(b"HTTP/1.1 200")
         served = [forward_auth_decisions_at(metrics + i) for i in range(2)]
@@ -145,7 +145,7 @@ issuers:
         stderr=subprocess.DEVNULL,
     )
     token = idp.mint()
-    raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
 
     async def status() -> int:
         return int((await http_exchange(http, raw)).split(b" ", 2)[1])
@@ -242,7 +242,7 @@ async def test_every_worker_serves_the_admin_listener_and_its_kill_switch_reache
         ).stdout
         assert all(f"pid={pid}," in listening for pid in _children(proc.pid)), listening
         token = idp.mint(sub="mallory")
-        check = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        check = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
         assert (await http_exchange(http, check)).startswith(b"HTTP/1.1 200")
         body = json.dumps({"subject": {"format": "iss_sub", "iss": idp.issuer, "sub": "mallory"}}).encode()
         post = (

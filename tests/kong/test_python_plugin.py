@@ -322,7 +322,7 @@ def forward_auth_challenge(v: GatewayProcess, authorization: str | None, name: s
     """A header (the challenge, by default) of the forward-auth door's answer: what the Lua plugin relays."""
     conn = http.client.HTTPConnection("127.0.0.1", v.extra["http_port"], timeout=5)
     try:
-        conn.request("GET", "/v1/forward-auth", headers={"Authorization": authorization} if authorization else {})
+        conn.request("GET", "/v1/forward-auth/", headers={"Authorization": authorization} if authorization else {})
         r = conn.getresponse()
         r.read()
         return str(r.getheader(name))

@@ -272,7 +272,7 @@ async def test_a_hostile_request_cannot_make_an_audit_line_longer_than_a_log_rec
     token = _unsigned({"alg": "ES256", "kid": emoji * 200, "typ": "JWT"}, {"iss": emoji * 1000, "sub": emoji * 50})
     path = b"/" + b"\xe9" * 24_000
     request = (
-        b"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer " + token.encode()
+        b"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer " + token.encode()
         + b"\r\nX-Forwarded-Uri: " + path + b"\r\n\r\n"
     )  # fmt: skip
     with served() as out:

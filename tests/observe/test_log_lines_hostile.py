@@ -305,7 +305,7 @@ def test_no_line_the_pipeline_writes_carries_a_credential(
     dpop = f"{_segment({'typ': 'dpop+jwt', 'alg': 'ES256'})}.{_segment({'htm': 'GET'})}.{signature[::-1]}"
     cookie = f"session={signature[1:]}x"
     headers = {**header_values, "authorization": f"Bearer {token}", "dpop": dpop, "cookie": cookie}
-    target = b"/v1/forward-auth" + path.encode("utf-8", "surrogatepass")[:2000]
+    target = b"/v1/forward-auth" + (path.encode("utf-8", "surrogatepass")[:2000] or b"/")  # a path told
     attrs = attributes_from_http("GET", target, headers, "127.0.0.1")
     with served() as drain:
         loop.run_until_complete(asyncio.wait_for(app.pipeline.decide(attrs, "http"), 5))

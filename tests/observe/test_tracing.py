@@ -295,7 +295,7 @@ def test_a_verifier_without_tracing_never_loads_opentelemetry() -> None:
         async def main():
             async with running_verifier() as (app, idp):
                 raw = (
-                    "GET /v1/forward-auth HTTP/1.1\\r\\nHost: v\\r\\ntraceparent: 00-%s-%s-01\\r\\n"
+                    "GET /v1/forward-auth/ HTTP/1.1\\r\\nHost: v\\r\\ntraceparent: 00-%s-%s-01\\r\\n"
                     "Authorization: Bearer %s\\r\\n\\r\\n" % ("1" * 32, "2" * 16, idp.mint())
                 ).encode()
                 for _ in range(2):

@@ -720,7 +720,7 @@ async def test_a_logout_token_presented_as_an_access_token_at_the_forward_auth_d
             "events": {BACKCHANNEL_LOGOUT_EVENT: {}},
         }
         token = jwt.encode(claims, private, algorithm="ES256", headers={"kid": kid, **({"typ": typ} if typ else {})})
-        raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
         answer = await http_exchange(app.ports.http, raw)
         assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
         assert b"x-verifier-reason: token_type_invalid\r\n" in answer

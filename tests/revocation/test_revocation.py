@@ -1171,7 +1171,7 @@ async def test_the_verifier_refuses_tokens_that_outlive_its_revocations_at_the_d
         now = int(time.time())
         for exp, status, reason in ((now + 2 * LIFETIME, 401, "token_outlives_revocation"), (now + 600, 200, "ok")):
             token = idp.mint(claims={"iat": now, "exp": exp})
-            raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
             answer = await http_exchange(app.ports.http, raw)
             assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
             assert f"x-verifier-reason: {reason}\r\n".encode() in answer

@@ -74,7 +74,7 @@ async def test_an_opaque_token_is_sent_only_to_the_issuer_that_takes_opaque_toke
         await asyncio.wait_for(app.wait_serving(), 10)
 
         async def status(token: str) -> int:
-            raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
             assert app.ports.http is not None
             return int((await http_exchange(app.ports.http, raw)).split(b" ", 2)[1])
 

@@ -712,10 +712,10 @@ async def test_service_stays_serving_with_cached_keys_after_the_provider_dies(
             answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
         token = mint(live_claims(), alg="EdDSA")
-        raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+        raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
         assert (await http_exchange(app.ports.http, raw)).startswith(b"HTTP/1.1 200")
         stranger = mint(live_claims(), kid="not-cached")
-        raw = f"GET /v1/forward-auth HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {stranger}\r\n\r\n".encode()
+        raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {stranger}\r\n\r\n".encode()
         assert (await http_exchange(app.ports.http, raw)).startswith(b"HTTP/1.1 503")
     finally:
         await app.stop(grace=0.2)

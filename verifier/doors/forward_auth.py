@@ -14,8 +14,10 @@ other family is never read, not even as a fallback, since whatever a gateway doe
 - `x-original` (nginx style): `X-Original-Method`, `X-Original-URI`, `X-Original-Host`,
   `X-Original-Proto`; the client address is the peer's (no standard header names it).
 A header of the family that is absent falls back to this request: its own method (Envoy HTTP mode),
-what follows `/v1/forward-auth` in its target (Envoy appends the original path), else `/`; the `Host`
-header; scheme `http`. `X-Envoy-Original-Path`, `X-HTTP-Method-Override` and the like are never read.
+what follows `/v1/forward-auth` in its target (Envoy appends the original path); the `Host` header; scheme
+`http`. A check whose path neither tells (a gateway sending the other family, or without the path header) is
+refused, 400 `invalid_request` (`undescribed`), never judged as `/`. `X-Envoy-Original-Path`,
+`X-HTTP-Method-Override` and the like are never read.
 A header of the family sent twice (a gateway that adds its own beside the client's instead of overwriting it)
 is refused, 400 `invalid_request`: which of the two describes the request is unknown (`described_twice`).
 
@@ -130,6 +132,15 @@ FORWARDED_FAMILIES = {
 X_FORWARDED = FORWARDED_FAMILIES["x-forwarded"]
 
 
+class Undescribed(Exception):
+    """A check whose original path neither the declared family's path header nor a target suffix tells: judged as
+    `/` it was `GET /` for every request (a public `/` then passed them all), so it is refused (`undescribed`)."""
+
+    def __init__(self, header: str) -> None:
+        super().__init__(header)
+        self.header = header
+
+
 def attributes_from_http(
     method: str,
     target: bytes,
@@ -142,8 +153,13 @@ def attributes_from_http(
     get = headers.get
     path = get(family.path)
     if not path:
-        suffix = target[len(PREFIX) :].decode("latin-1") if target.startswith(PREFIX) else ""
-        path = suffix if suffix.startswith("/") else "/" + suffix.lstrip("?") if suffix else "/"
+        if target.startswith(PREFIX):
+            suffix = target[len(PREFIX) :].decode("latin-1")
+            if not suffix:
+                raise Undescribed(family.path)
+            path = suffix if suffix.startswith("/") else "/" + suffix.lstrip("?")
+        else:  # not a check (our own endpoints read the family's scheme and host alone)
+            path = "/"
     scheme = get(family.scheme, "http").lower()
     host = get(family.host)
     if host is None:
@@ -432,26 +448,30 @@ class _Connection(asyncio.Protocol):
             (b"/." in path or b"%2" in path) and _leaves_door(path)
         ):
             method = parser.get_method()
-            attrs = door.attributes(method.decode("latin-1"), url, self._headers, self._peer)
-            started = time.perf_counter()
-            if self._repeated and not self._repeated.isdisjoint(door.described_by):
-                self._push(door.described_twice(started, keep_alive, head=method == b"HEAD"), keep_alive)
-            elif method == b"HEAD":  # Envoy's HTTP ext_authz asks with the client's own method
-                self._push(self._loop.create_task(self._headless(attrs, started, keep_alive)), keep_alive)
-            elif door.clock.busy() > door.shed_after and door.costly(attrs):
-                self._push(door.shed(attrs, started, keep_alive), keep_alive)
-            elif door.tracing is not None:  # the one test tracing costs when off
-                self._push(door.decide_traced(attrs, started, keep_alive), keep_alive)
+            try:
+                attrs = door.attributes(method.decode("latin-1"), url, self._headers, self._peer)
+            except Undescribed as undescribed:  # the fallback taken, nothing told the path: never on the hot path
+                self._push(door.undescribed(undescribed, keep_alive, head=method == b"HEAD"), keep_alive)
             else:
-                decision, stable_until = door.decide_cached(attrs)
-                if decision is not None:
-                    door.observe(decision, started)
-                    answer = _answer(decision, keep_alive, attrs.headers)
-                    if stable_until and keep_alive:
-                        self._offer = (answer, stable_until, decision)
-                    self._push(answer, keep_alive)
+                started = time.perf_counter()
+                if self._repeated and not self._repeated.isdisjoint(door.described_by):
+                    self._push(door.described_twice(started, keep_alive, head=method == b"HEAD"), keep_alive)
+                elif method == b"HEAD":  # Envoy's HTTP ext_authz asks with the client's own method
+                    self._push(self._loop.create_task(self._headless(attrs, started, keep_alive)), keep_alive)
+                elif door.clock.busy() > door.shed_after and door.costly(attrs):
+                    self._push(door.shed(attrs, started, keep_alive), keep_alive)
+                elif door.tracing is not None:  # the one test tracing costs when off
+                    self._push(door.decide_traced(attrs, started, keep_alive), keep_alive)
                 else:
-                    self._push(self._loop.create_task(self._slow(attrs, started, keep_alive)), keep_alive, own=True)
+                    decision, stable_until = door.decide_cached(attrs)
+                    if decision is not None:
+                        door.observe(decision, started)
+                        answer = _answer(decision, keep_alive, attrs.headers)
+                        if stable_until and keep_alive:
+                            self._offer = (answer, stable_until, decision)
+                        self._push(answer, keep_alive)
+                    else:
+                        self._push(self._loop.create_task(self._slow(attrs, started, keep_alive)), keep_alive, own=True)
         elif path in (b"/healthz", b"/readyz"):
             head = parser.get_method() == b"HEAD"
             if (door.ready if path == b"/readyz" else door.started)():
@@ -694,6 +714,7 @@ class ForwardAuthDoor:
         self.connections: set[_Connection] = set()
         self.draining = False  # stopping: every answer closes its connection
         self.header_names: dict[bytes, str] = {}  # raw field name -> its lower-case text (`header_name`)
+        self._undescribed: Decision | None = None  # the refusal of a check no header told the path of (built once)
 
     def header_name(self, raw: bytes) -> str:
         """A field name as the attributes key it (lower-case text), kept for the next request while fewer
@@ -724,6 +745,18 @@ class ForwardAuthDoor:
         met a /public policy). The gRPC doors have one field for each, so there it cannot happen."""
         decision = self.pipeline.described_twice
         self.observe(decision, started)
+        answer = _answer(decision, keep_alive, {})
+        return answer[: answer.index(b"\r\n\r\n") + 4] if head else answer
+
+    def undescribed(self, undescribed: Undescribed, keep_alive: bool, *, head: bool = False) -> bytes:
+        """The refusal of a check whose original path nothing told (400 `invalid_request`), counted, never a check:
+        the gateway sends another family than `http.forwarded_headers` declares, or forgot the path header (an
+        nginx location without `proxy_set_header X-Forwarded-Uri $request_uri`). Judged as `/` it was `GET /` for
+        every request, and a public `/` passed them all. The description names the missing header."""
+        decision = self._undescribed
+        if decision is None:
+            decision = self._undescribed = self.pipeline.undescribed(undescribed.header)
+        self.observe(decision, time.perf_counter())
         answer = _answer(decision, keep_alive, {})
         return answer[: answer.index(b"\r\n\r\n") + 4] if head else answer
 
