@@ -745,3 +745,27 @@ def test_a_password_in_the_redis_urls_query_is_refused_as_in_its_user_part(url: 
         parse_state_config({"redis_url": url, "key_prefix": "a:"})
     assert str(refused.value).startswith("state.redis_url: ") and "password_env" in str(refused.value)
     assert "hunter2" not in str(refused.value)
+
+
+def test_a_worker_opening_the_file_while_another_holds_it_past_the_busy_timeout_waits_instead_of_failing(
+    tmp_path: Path,
+) -> None:
+    """Workers open the replay file together at start-up, each changing its journal mode and creating the schema
+    under the write lock; on a loaded host one holds it past BUSY_SECONDS (0.25 s), and a journal-mode change meeting
+    a lock is refused at once. The opener waits (OPEN_SECONDS) instead of failing its worker's start-up."""
+    import threading
+
+    from verifier.state import sqlite as sqlite_state
+
+    clock = FrozenClock(NOW)
+    asyncio.run(SqliteState(str(tmp_path), clock).close())  # the file exists, with its schema
+    holder = sqlite3.connect(str(tmp_path / SQLITE_FILE), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # another worker's long schema transaction
+    release = threading.Timer(4 * sqlite_state.BUSY_SECONDS, holder.rollback)
+    release.start()
+    try:
+        store = SqliteState(str(tmp_path), clock)  # raised StateUnavailable ("database is locked")
+    finally:
+        release.join()
+        holder.close()
+    asyncio.run(store.close())

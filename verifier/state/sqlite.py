@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 
 from verifier.clock import Clock
 from verifier.config.state import DEFAULT_REPLAY_BOUNDS, ReplayBounds
@@ -60,6 +61,11 @@ Buckets = MemoryState | None  # where `take` keeps this process's token buckets
 SQLITE_FILE = REPLAY_FILE  # in `state.path`
 CHECKPOINT_PAGES = 100  # the WAL is copied into the file every ~100 KB (~30 writes), ~0.1 ms each time
 BUSY_SECONDS = 0.25  # a write waits this long for another process's (they take microseconds), then 503
+# Opening the file (start-up) waits this long for the other workers opening it at the same time: each changes its
+# journal mode and creates the schema under the write lock, which a loaded host holds for longer than BUSY_SECONDS,
+# and a journal-mode change that meets another's lock is refused at once ("database is locked"), without waiting.
+OPEN_SECONDS = 10.0
+OPEN_RETRY_SECONDS = 0.05
 PURGE_SECONDS = 1.0  # expired keys are deleted about this often
 
 # A purpose's number in the file (the `purpose` column); never renumbered: files outlive versions. 0 is what
@@ -117,12 +123,19 @@ class SqliteState:
         self._purposes = {purpose: (PURPOSE_CODES[purpose], replay.of(purpose)) for purpose in Purpose}
         self._buckets = buckets or MemoryState(clock)
         self.full = FullLog(clock, "sqlite")
-        try:
-            self._db = self._open()
-        except sqlite3.OperationalError as exc:  # cannot open, locked past the busy timeout, I/O error
-            raise StateUnavailable(f"replay store {self.path} unusable: {exc}") from exc
-        except sqlite3.DatabaseError as exc:  # not a database, or corrupt (a power loss: writes are not fsync'd)
-            self._db = self._start_over(exc)
+        deadline = time.monotonic() + OPEN_SECONDS
+        while True:
+            try:
+                self._db = self._open()
+                break
+            except sqlite3.OperationalError as exc:  # cannot open, locked past the start-up wait, I/O error
+                if "locked" in str(exc) and time.monotonic() < deadline:  # another worker opening it: wait
+                    time.sleep(OPEN_RETRY_SECONDS)
+                    continue
+                raise StateUnavailable(f"replay store {self.path} unusable: {exc}") from exc
+            except sqlite3.DatabaseError as exc:  # not a database, or corrupt (a power loss: writes are not fsync'd)
+                self._db = self._start_over(exc)
+                break
         self._next_purge = 0.0  # monotonic
 
     def _open(self) -> sqlite3.Connection:
