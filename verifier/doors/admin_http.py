@@ -15,13 +15,12 @@ import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from verifier.doors.refusals import endpoint_answer
+from verifier.doors.refusals import endpoint_answer, not_json
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.errors import MalformedRequest, VerifierError
 from verifier.revocation.admin import KillSwitch
 
 COLLECTION = "/v1/admin/revocations"
-MEDIA_TYPE = "application/json"  # a POST's Content-Type, parameters (charset) aside
 MAX_BODY_BYTES = 16 * 1024  # bytes; a subject and a reason
 REALM = "verifier-admin"
 
@@ -47,10 +46,8 @@ def add_admin_routes(router: Router, kill_switch: KillSwitch) -> None:
         if len(request.body) > MAX_BODY_BYTES:  # the catalogue's answer (and its reason), as 413 (RFC 9110 15.5.14)
             answer = endpoint_answer(MalformedRequest("body too large"), realm=REALM)
             return dataclasses.replace(answer, status=413)
-        if request.headers.get("content-type", "").split(";", 1)[0].strip().lower() != MEDIA_TYPE:
-            # RFC 9110 section 15.5.16; the catalogue's answer (and its reason), as the 413 above
-            answer = endpoint_answer(MalformedRequest(f"Content-Type must be {MEDIA_TYPE}"), realm=REALM)
-            return dataclasses.replace(answer, status=415)
+        if (refused := not_json(request.headers, realm=REALM)) is not None:
+            return refused
         try:
             document: Any = request.json()
         except (ValueError, RecursionError) as exc:

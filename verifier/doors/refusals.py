@@ -15,11 +15,13 @@ call fails with RESOURCE_EXHAUSTED (`sheds()`), so a client backs off.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 
 from verifier.decision import Decision
 from verifier.doors.routes import HttpAnswer
-from verifier.errors import BucketStoreFull, ReplayStoreFull, VerifierError
+from verifier.errors import BucketStoreFull, MalformedRequest, ReplayStoreFull, VerifierError
 from verifier.reasons import ALLOW, CATALOGUE, Outcome, Reason, Scheme
 
 STATUS_BY_OUTCOME = {
@@ -186,3 +188,17 @@ def answer_table() -> str:
 
 if __name__ == "__main__":
     print(answer_table(), end="")
+
+
+JSON_MEDIA_TYPE = "application/json"  # a JSON POST's Content-Type, parameters (charset) aside
+
+
+def not_json(headers: Mapping[str, str], *, realm: str) -> HttpAnswer | None:
+    """415 (RFC 9110 section 15.5.16) with the catalogue's answer and reason, unless the request declares its body
+    `application/json` (RFC 8259 section 11); None when it does. For our endpoints taking a JSON POST (the kill
+    switch, WebAuthn registration): a browser sends a cross-site form (`text/plain`, urlencoded, multipart) without
+    a preflight, and one whose body is JSON must not reach them."""
+    if headers.get("content-type", "").split(";", 1)[0].strip().lower() == JSON_MEDIA_TYPE:
+        return None
+    answer = endpoint_answer(MalformedRequest(f"Content-Type must be {JSON_MEDIA_TYPE}"), realm=realm)
+    return dataclasses.replace(answer, status=415)

@@ -24,14 +24,13 @@ a TLS-terminating gateway, `https://<public host>`), else on the caller's own `h
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import importlib.resources
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from verifier.doors.public_origin import PublicOrigins
-from verifier.doors.refusals import endpoint_answer
+from verifier.doors.refusals import endpoint_answer, not_json
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.errors import MalformedRequest, VerifierError
 from verifier.principal import Principal
@@ -40,7 +39,6 @@ from verifier.webauthn.service import WebAuthnService, describe, require_user
 
 Authenticate = Callable[[HttpRequest, RequestAttributes], Awaitable[Principal]]
 Guarded = Callable[[HttpRequest, Mapping[str, str], Principal, RequestAttributes], Awaitable[HttpAnswer]]
-MEDIA_TYPE = "application/json"  # a register POST's Content-Type, parameters (charset) aside
 MAX_BODY_BYTES = 65536  # a registration response with an attestation chain is a few KiB
 
 
@@ -83,7 +81,7 @@ class _Endpoints:
     async def register_begin(
         self, request: HttpRequest, _: Mapping[str, str], principal: Principal, attrs: RequestAttributes
     ) -> HttpAnswer:
-        if (refused := self._unsupported(request)) is not None:
+        if (refused := not_json(request.headers, realm=self._service.realm)) is not None:
             return refused
         options = await self._service.begin_registration(principal, _body(request), attrs)
         return HttpAnswer.json(200, options)
@@ -91,18 +89,11 @@ class _Endpoints:
     async def register_complete(
         self, request: HttpRequest, _: Mapping[str, str], principal: Principal, __: RequestAttributes
     ) -> HttpAnswer:
-        if (refused := self._unsupported(request)) is not None:
+        if (refused := not_json(request.headers, realm=self._service.realm)) is not None:
             return refused
         stored = await self._service.complete_registration(principal, _body(request))
         document = describe(stored)
         return HttpAnswer.json(201, document, (("location", f"/v1/webauthn/credentials/{document['id']}"),))
-
-    def _unsupported(self, request: HttpRequest) -> HttpAnswer | None:
-        """415 (RFC 9110 section 15.5.16) with the catalogue's answer and reason, unless the body is declared JSON."""
-        if request.headers.get("content-type", "").split(";", 1)[0].strip().lower() == MEDIA_TYPE:
-            return None
-        answer = endpoint_answer(MalformedRequest(f"Content-Type must be {MEDIA_TYPE}"), realm=self._service.realm)
-        return dataclasses.replace(answer, status=415)
 
     async def list(
         self, _: HttpRequest, __: Mapping[str, str], principal: Principal, ___: RequestAttributes
