@@ -247,6 +247,24 @@ def file_modes(directory: Any) -> dict[str, int]:
     return {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
 
 
+def opened_together(path: Any, open_store: Callable[[], T], *, held_seconds: float = 0.5, openers: int = 3) -> list[T]:
+    """`openers` stores opened at once by as many threads (the workers of `verifier serve --workers N` at start-up)
+    while another worker, making the new SQLite file `path`, holds its write lock for `held_seconds`."""
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # a new file (no journal mode yet): its maker's lock refuses a change of mode
+    release = threading.Timer(held_seconds, holder.rollback)
+    release.start()
+    try:
+        with ThreadPoolExecutor(openers) as pool:
+            return [future.result() for future in [pool.submit(open_store) for _ in range(openers)]]
+    finally:
+        release.join()
+        holder.close()
+
+
 class SkewedClock:
     """One replica's clock, `offset` seconds off `true` (the shared store's clock, as Redis keeps its own) and moving
     with it: replicas whose clocks disagree, one shared replay store."""

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from verifier.private_files import exposed_mode
+from verifier.private_files import exposed_mode, open_sqlite
 from verifier.settings import ConfigError, config_warnings, parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,3 +212,19 @@ async def test_start_up_says_nothing_of_a_private_key(tmp_path: Path, caplog: py
         await app.start()
         await app.stop()
     assert [r for r in caplog.records if getattr(r, "event", "") == "config_warning"] == []
+
+
+def test_opening_a_sqlite_file_tries_again_only_while_it_is_locked(tmp_path: Path) -> None:
+    """Another worker's lock is waited out (the stores' tests); any other error fails the opening at once, and the
+    connection it was met on is closed."""
+    met: list[sqlite3.Connection] = []
+
+    def prepare(db: sqlite3.Connection) -> None:
+        met.append(db)
+        db.execute("SELECT * FROM nowhere")
+
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        open_sqlite(str(tmp_path / "x.sqlite3"), prepare, busy_seconds=0.1)
+    assert len(met) == 1
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        met[0].execute("SELECT 1")

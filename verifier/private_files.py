@@ -9,13 +9,21 @@ The private keys the settings name (a listener's `tls.key_file`, the identity as
 introspection client's `private_key_file`) are the operator's files: the verifier only says when others
 can read one (`exposed_mode`), and refuses it only when told to (`readable_key_files: refuse`), because a
 Kubernetes Secret volume is 0644 unless its `defaultMode` says otherwise.
+
+The SQLite stores open their files here (`open_sqlite`), made private first. The workers of `verifier serve
+--workers N` open the same files at once at start-up, and a journal-mode change that meets another worker's lock on
+a new file is refused at once ("database is locked"), whatever the busy timeout: the opening is tried again for up
+to OPEN_SECONDS, and start-up fails after that: a worker never runs without its store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import stat
+import time
+from collections.abc import Callable
 
 PRIVATE_MODE = 0o600
 SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
@@ -26,6 +34,12 @@ REPLAY_FILE = "replay.sqlite3"  # in `state.path`: replay keys
 # the key on purpose (Debian's ssl-cert; Kubernetes' fsGroup with a Secret's `defaultMode: 0440`).
 EXPOSING_BITS = 0o077
 ROOT_OWNED_EXPOSING_BITS = 0o037
+# Opening a SQLite file (start-up) waits this long for the other workers opening it at the same time: each changes
+# its journal mode and creates its schema under the write lock, which a loaded host holds for longer than a store's
+# busy timeout, and a journal-mode change that meets another's lock on a new file is refused without waiting.
+OPEN_SECONDS = 10.0
+OPEN_RETRY_SECONDS = 0.05
+_LOCKED = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # "database is locked", "database table is locked"
 
 
 def sqlite_problem(path: str) -> str:
@@ -65,6 +79,32 @@ def private_sqlite(path: str) -> str:
         with contextlib.suppress(OSError):
             os.chmod(path + suffix, PRIVATE_MODE)
     return path
+
+
+def open_sqlite(path: str, prepare: Callable[[sqlite3.Connection], None], *, busy_seconds: float) -> sqlite3.Connection:
+    """The SQLite file `path` (`private_sqlite`), connected in autocommit mode for any thread, each statement waiting
+    `busy_seconds` for another connection's lock, once `prepare` (journal mode, schema) has run on it.
+
+    A lock met while opening or preparing (another worker opening the file) is waited out, trying again every
+    OPEN_RETRY_SECONDS, for OPEN_SECONDS; then, or on any other error, the connection is closed and the
+    `sqlite3.Error` raised (the store's `StateUnavailable`: its worker does not start).
+    """
+    deadline = time.monotonic() + OPEN_SECONDS
+    while True:
+        db = sqlite3.connect(private_sqlite(path), isolation_level=None, check_same_thread=False, timeout=busy_seconds)
+        try:
+            prepare(db)
+            return db
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _LOCKED:  # none: raised by Python code
+                raise
+            if time.monotonic() >= deadline:
+                raise sqlite3.OperationalError(f"{exc}, still after {OPEN_SECONDS:g} s") from exc
+            time.sleep(OPEN_RETRY_SECONDS)
+        except BaseException:
+            db.close()
+            raise
 
 
 def exposed_mode(path: str) -> int | None:

@@ -8,9 +8,13 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
-from support import file_modes
+import pytest
+from support import file_modes, opened_together
 
+from verifier import private_files
+from verifier.errors import StateUnavailable
 from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
 from verifier.revocation.store import SQLITE_FILE, SqliteStore
 
@@ -107,3 +111,29 @@ async def test_the_file_and_its_wal_are_private_to_the_verifier_user(tmp_path: P
         assert SQLITE_FILE in modes and modes == dict.fromkeys(modes, 0o600)
     finally:
         await store.close()
+
+
+async def test_workers_opening_a_new_file_together_wait_for_the_one_making_it(tmp_path: Path) -> None:
+    """`verifier serve --workers N` starts its workers together, each opening the file; a journal-mode change meeting
+    the lock of the worker making it was refused at once ("database is locked", whatever the busy timeout), and that
+    worker's start-up failed. Each waits instead (`private_files.OPEN_SECONDS`), and they all share one file."""
+    stores = opened_together(tmp_path / SQLITE_FILE, lambda: SqliteStore(str(tmp_path)))
+    try:
+        await stores[0].put([entry("op-1")])
+        for store in stores:
+            assert [e.id for e in await store.sync([])] == ["op-1"]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+def test_a_file_still_locked_after_the_start_up_wait_fails_start_up(tmp_path: Path, monkeypatch: Any) -> None:
+    """Fail closed: a worker never runs without its revocation entries."""
+    monkeypatch.setattr(private_files, "OPEN_SECONDS", 0.2)
+    holder = sqlite3.connect(tmp_path / SQLITE_FILE, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StateUnavailable, match=r"revocation store .* unusable: database is locked, still after"):
+            SqliteStore(str(tmp_path))
+    finally:
+        holder.close()

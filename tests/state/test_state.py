@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import FrozenClock, file_modes, made_under_umask_022
+from support import FrozenClock, file_modes, made_under_umask_022, opened_together
 from tokenkit import NOW
 
 from verifier.app import shared_state
@@ -769,3 +769,15 @@ def test_a_worker_opening_the_file_while_another_holds_it_past_the_busy_timeout_
         release.join()
         holder.close()
     asyncio.run(store.close())
+
+
+async def test_workers_opening_a_new_file_together_wait_for_the_one_making_it(tmp_path: Path) -> None:
+    """As the revocation and credential stores (one `private_files.open_sqlite`): a new file, its maker's lock."""
+    stores = opened_together(tmp_path / SQLITE_FILE, lambda: SqliteState(str(tmp_path), FrozenClock(NOW)))
+    try:
+        assert await stores[0].first_use("k", 60, purpose=Purpose.DPOP)
+        for store in stores:
+            assert not await store.first_use("k", 60, purpose=Purpose.DPOP)
+    finally:
+        for store in stores:
+            await store.close()

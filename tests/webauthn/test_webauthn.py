@@ -25,16 +25,17 @@ from cryptography.x509.oid import NameOID
 from fido2 import cbor
 from fido2.webauthn import CollectedClientData
 from prometheus_client import CollectorRegistry
-from support import FrozenClock, SkewedClock, file_modes, made_under_umask_022
+from support import FrozenClock, SkewedClock, file_modes, made_under_umask_022, opened_together
 from webauthnkit import FLAGS, ORIGIN, RP_ID, SoftAuthenticator, b64u, encode_header, unb64u
 
+from verifier import private_files
 from verifier.config.state import ReplayBounds
 from verifier.config.webauthn import CLOCK_SKEW_SECONDS
 from verifier.doors.public_origin import PublicOrigins
 from verifier.doors.refusals import refuse
 from verifier.doors.routes import HttpRequest, Router
 from verifier.doors.webauthn_http import add_webauthn_routes
-from verifier.errors import InvalidToken, MissingToken, Outcome, ReplayStoreFull
+from verifier.errors import InvalidToken, MissingToken, Outcome, ReplayStoreFull, StateUnavailable
 from verifier.observe.metrics import WebAuthnMetrics
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
@@ -1522,6 +1523,36 @@ async def test_sqlite_store_from_before_disable_times_is_upgraded_on_open(tmp_pa
         assert [c.disabled_at for c in await again.for_user(ISSUER, "bob")] == [2000.0]
     finally:
         await again.close()
+
+
+async def test_workers_opening_a_new_registry_together_wait_for_the_one_making_it(tmp_path: Any) -> None:
+    """The workers of `verifier serve --workers N` open the registry together at start-up; a journal-mode change
+    meeting the lock of the worker making the file was refused at once ("database is locked", whatever the busy
+    timeout), and that worker's start-up failed. Each waits instead (`private_files.OPEN_SECONDS`)."""
+    path = tmp_path / "webauthn.sqlite3"
+    stores = opened_together(path, lambda: SqliteCredentialStore(str(path)))
+    try:
+        assert await stores[0].disable(ISSUER, "alice", None, at=1.0) == 0
+        for store in stores:
+            assert await store.for_user(ISSUER, "alice") == []
+    finally:
+        for store in stores:
+            await store.close()
+
+
+def test_a_registry_still_locked_after_the_start_up_wait_fails_start_up(tmp_path: Any, monkeypatch: Any) -> None:
+    """Fail closed, and said as the other stores say it (it was a bare sqlite3.OperationalError)."""
+    import sqlite3
+
+    monkeypatch.setattr(private_files, "OPEN_SECONDS", 0.2)
+    path = str(tmp_path / "webauthn.sqlite3")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StateUnavailable, match=r"credential store .* unusable: database is locked, still after"):
+            SqliteCredentialStore(path)
+    finally:
+        holder.close()
 
 
 async def test_a_used_registration_state_is_refused_until_it_expires_on_every_replica() -> None:

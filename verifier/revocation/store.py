@@ -60,7 +60,7 @@ from redis.exceptions import RedisError
 
 from verifier.config.state import DEFAULT_KEY_PREFIX
 from verifier.errors import RevocationNotReplicated, StateUnavailable
-from verifier.private_files import REVOCATIONS_FILE, private_sqlite
+from verifier.private_files import REVOCATIONS_FILE, open_sqlite
 from verifier.revocation.entry import Entry
 
 log = logging.getLogger("verifier.revocation")
@@ -169,19 +169,20 @@ class MemoryStore:
         self._entries.clear()
 
 
+def _prepare(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")  # fsync on every commit: a 202 means on disk
+    db.execute("CREATE TABLE IF NOT EXISTS entries (id TEXT PRIMARY KEY, entry TEXT NOT NULL)")
+
+
 class SqliteStore:
     """One host's durable store: a SQLite file shared by this host's workers (old and new, on a reload)."""
 
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, SQLITE_FILE)
         self._lock = threading.Lock()  # one connection, used from worker threads one at a time
-        try:
-            self._db = sqlite3.connect(
-                private_sqlite(self.path), isolation_level=None, check_same_thread=False, timeout=SQLITE_BUSY_SECONDS
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # fsync on every commit: a 202 means on disk
-            self._db.execute("CREATE TABLE IF NOT EXISTS entries (id TEXT PRIMARY KEY, entry TEXT NOT NULL)")
+        try:  # the other workers opening it at start-up are waited for (OPEN_SECONDS), then it fails
+            self._db = open_sqlite(self.path, _prepare, busy_seconds=SQLITE_BUSY_SECONDS)
         except sqlite3.Error as exc:
             raise StateUnavailable(f"revocation store {self.path} unusable: {exc}") from exc
         self._version: int | None = None

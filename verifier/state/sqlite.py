@@ -46,12 +46,11 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import time
 
 from verifier.clock import Clock
 from verifier.config.state import DEFAULT_REPLAY_BOUNDS, ReplayBounds
 from verifier.errors import StateUnavailable
-from verifier.private_files import REPLAY_FILE, private_sqlite
+from verifier.private_files import REPLAY_FILE, open_sqlite
 from verifier.state.base import FullLog, Purpose, TakeResult, replay_digest, retry_after
 from verifier.state.memory import MemoryState
 
@@ -61,11 +60,6 @@ Buckets = MemoryState | None  # where `take` keeps this process's token buckets
 SQLITE_FILE = REPLAY_FILE  # in `state.path`
 CHECKPOINT_PAGES = 100  # the WAL is copied into the file every ~100 KB (~30 writes), ~0.1 ms each time
 BUSY_SECONDS = 0.25  # a write waits this long for another process's (they take microseconds), then 503
-# Opening the file (start-up) waits this long for the other workers opening it at the same time: each changes its
-# journal mode and creates the schema under the write lock, which a loaded host holds for longer than BUSY_SECONDS,
-# and a journal-mode change that meets another's lock is refused at once ("database is locked"), without waiting.
-OPEN_SECONDS = 10.0
-OPEN_RETRY_SECONDS = 0.05
 PURGE_SECONDS = 1.0  # expired keys are deleted about this often
 
 # A purpose's number in the file (the `purpose` column); never renumbered: files outlive versions. 0 is what
@@ -109,6 +103,25 @@ _UPGRADE = (
 )
 
 
+def _prepare(db: sqlite3.Connection) -> None:
+    """The file's settings and schema (a file from before purposes upgraded), then a check of its pages."""
+    db.execute("PRAGMA page_size=1024")  # a new file's: each write logs ~3 KB of pages, not ~10
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=OFF")  # a sync under the write lock would stall every worker's loop
+    db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
+    with db:  # one transaction: a process opening the file beside this one sees all of it or none
+        db.execute("BEGIN IMMEDIATE")
+        columns = [row[1] for row in db.execute("PRAGMA table_info(seen)")]
+        if columns and "purpose" not in columns:
+            for statement in _UPGRADE:
+                db.execute(statement)
+        for statement in _SCHEMA:
+            db.execute(statement)
+    checked = db.execute("PRAGMA quick_check").fetchall()
+    if checked != [("ok",)]:
+        raise sqlite3.DatabaseError(f"quick_check: {checked[:3]}")
+
+
 class SqliteState:
     """Replay keys in a file every process of this host shares; buckets in this process's memory."""
 
@@ -123,45 +136,16 @@ class SqliteState:
         self._purposes = {purpose: (PURPOSE_CODES[purpose], replay.of(purpose)) for purpose in Purpose}
         self._buckets = buckets or MemoryState(clock)
         self.full = FullLog(clock, "sqlite")
-        deadline = time.monotonic() + OPEN_SECONDS
-        while True:
-            try:
-                self._db = self._open()
-                break
-            except sqlite3.OperationalError as exc:  # cannot open, locked past the start-up wait, I/O error
-                if "locked" in str(exc) and time.monotonic() < deadline:  # another worker opening it: wait
-                    time.sleep(OPEN_RETRY_SECONDS)
-                    continue
-                raise StateUnavailable(f"replay store {self.path} unusable: {exc}") from exc
-            except sqlite3.DatabaseError as exc:  # not a database, or corrupt (a power loss: writes are not fsync'd)
-                self._db = self._start_over(exc)
-                break
+        try:
+            self._db = self._open()
+        except sqlite3.OperationalError as exc:  # cannot open, locked past the start-up wait (OPEN_SECONDS), I/O error
+            raise StateUnavailable(f"replay store {self.path} unusable: {exc}") from exc
+        except sqlite3.DatabaseError as exc:  # not a database, or corrupt (a power loss: writes are not fsync'd)
+            self._db = self._start_over(exc)
         self._next_purge = 0.0  # monotonic
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(
-            private_sqlite(self.path), isolation_level=None, check_same_thread=False, timeout=BUSY_SECONDS
-        )
-        try:
-            db.execute("PRAGMA page_size=1024")  # a new file's: each write logs ~3 KB of pages, not ~10
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=OFF")  # a sync under the write lock would stall every worker's loop
-            db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
-            with db:  # one transaction: a process opening the file beside this one sees all of it or none
-                db.execute("BEGIN IMMEDIATE")
-                columns = [row[1] for row in db.execute("PRAGMA table_info(seen)")]
-                if columns and "purpose" not in columns:
-                    for statement in _UPGRADE:
-                        db.execute(statement)
-                for statement in _SCHEMA:
-                    db.execute(statement)
-            checked = db.execute("PRAGMA quick_check").fetchall()
-            if checked != [("ok",)]:
-                raise sqlite3.DatabaseError(f"quick_check: {checked[:3]}")
-        except sqlite3.Error:
-            db.close()
-            raise
-        return db
+        return open_sqlite(self.path, _prepare, busy_seconds=BUSY_SECONDS)
 
     def _start_over(self, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
         """Moves a damaged file aside and starts an empty one. Only a crash of the host damages it (the writes

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from verifier.errors import StateUnavailable
-from verifier.private_files import private_sqlite
+from verifier.private_files import open_sqlite
 
 _T = TypeVar("_T")
+BUSY_SECONDS = 5.0  # a statement waits this long for another worker's write, then `StateUnavailable`
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,26 +140,28 @@ class SqliteCredentialStore:
 
     def __init__(self, path: str, *, now: Callable[[], float] = time.time) -> None:
         """`now`: the time a credential disabled in a file from before `disabled_at` is taken as disabled at."""
-        # One connection shared by the worker threads, serialized by a lock: SQLite allows one writer
-        # anyway, and `:memory:` exists only inside its one connection.
-        self._db = sqlite3.connect(private_sqlite(path), check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        with self._lock:
+
+        def prepare(db: sqlite3.Connection) -> None:
             if path != ":memory:":
-                self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("BEGIN IMMEDIATE")  # one transaction: a replica opening the file beside sees all or none
-            try:
-                columns = [row[1] for row in self._db.execute("PRAGMA table_info(webauthn_credentials)")]
+                db.execute("PRAGMA journal_mode=WAL")
+            with db:  # one transaction: a replica opening the file beside sees all or none
+                db.execute("BEGIN IMMEDIATE")
+                columns = [row[1] for row in db.execute("PRAGMA table_info(webauthn_credentials)")]
                 if columns and "disabled_at" not in columns:
-                    self._db.execute(_UPGRADE[0])
-                    self._db.execute(_UPGRADE[1], (now(),))
+                    db.execute(_UPGRADE[0])
+                    db.execute(_UPGRADE[1], (now(),))
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
-                        self._db.execute(statement)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                        db.execute(statement)
+
+        # One connection shared by the worker threads, serialized by a lock: SQLite allows one writer
+        # anyway, and `:memory:` exists only inside its one connection. The other workers opening the file at
+        # start-up are waited for (OPEN_SECONDS), then it fails.
+        try:
+            self._db = open_sqlite(path, prepare, busy_seconds=BUSY_SECONDS)
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"credential store {path} unusable: {exc}") from exc
+        self._lock = threading.Lock()
 
     async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         def locked() -> _T:
