@@ -56,10 +56,10 @@ from verifier.app import App
 from verifier.binding.dpop import DpopVerifier
 from verifier.config.dpop import DpopConfig
 from verifier.credentials import Credential
-from verifier.doors.forward_auth import FORWARDED_FAMILIES, Undescribed, attributes_from_http
+from verifier.doors.forward_auth import FORWARDED_FAMILIES, attributes_from_http
 from verifier.doors.grpc import attributes_from_envoy, attributes_from_own, cert_thumbprint
 from verifier.errors import AlgorithmRefused, MalformedToken, VerifierError
-from verifier.request import RequestAttributes
+from verifier.request import RequestAttributes, Undescribed
 from verifier.settings import ConfigError, Settings, parse_settings
 from verifier.state.memory import MemoryState
 from verifier.tokens import jws
@@ -413,20 +413,34 @@ own_requests = st.builds(
 )
 
 
+def translated_or_untold(translate: Any, message: Any, path: str) -> RequestAttributes | None:
+    """The gRPC door's translation of `message`, or None when its path is empty: the one refusal it raises (the
+    door answers 400 `invalid_request`; judged as `/`, a public `/` let every path through)."""
+    if path:
+        return translate(message)  # type: ignore[no-any-return]
+    with pytest.raises(Undescribed):
+        translate(message)
+    return None
+
+
 @examples(200)
 @given(request=envoy_requests)
-def test_envoy_attributes_never_raise_and_pipeline_never_allows(
+def test_envoy_attributes_never_raise_but_on_no_path_and_pipeline_never_allows(
     request: ea.CheckRequest, app: App, loop: asyncio.AbstractEventLoop
 ) -> None:
-    decide(app, loop, attributes_from_envoy(request))
+    attrs = translated_or_untold(attributes_from_envoy, request, request.attributes.request.http.path)
+    if attrs is not None:
+        decide(app, loop, attrs)
 
 
 @examples(200)
 @given(request=own_requests)
-def test_own_attributes_never_raise_and_pipeline_never_allows(
+def test_own_attributes_never_raise_but_on_no_path_and_pipeline_never_allows(
     request: verifier_pb2.CheckRequest, app: App, loop: asyncio.AbstractEventLoop
 ) -> None:
-    decide(app, loop, attributes_from_own(request))
+    attrs = translated_or_untold(attributes_from_own, request, request.path)
+    if attrs is not None:
+        decide(app, loop, attrs)
 
 
 @examples(300)
@@ -434,15 +448,17 @@ def test_own_attributes_never_raise_and_pipeline_never_allows(
 def test_random_protobuf_bytes_parse_or_fail_cleanly(data: bytes, app: App, loop: asyncio.AbstractEventLoop) -> None:
     from google.protobuf.message import DecodeError
 
-    for message_type, translate in (
-        (ea.CheckRequest, attributes_from_envoy),
-        (verifier_pb2.CheckRequest, attributes_from_own),
+    for message_type, translate, path in (
+        (ea.CheckRequest, attributes_from_envoy, lambda m: m.attributes.request.http.path),
+        (verifier_pb2.CheckRequest, attributes_from_own, lambda m: m.path),
     ):
         try:
             message = message_type.FromString(data)
         except DecodeError:
             continue
-        decide(app, loop, translate(message))  # type: ignore[arg-type]
+        attrs = translated_or_untold(translate, message, path(message))
+        if attrs is not None:
+            decide(app, loop, attrs)
 
 
 @examples(300)
@@ -855,6 +871,11 @@ def test_envoy_door_refuses_random_check_requests(request: ea.CheckRequest, chan
     assert code == grpc.StatusCode.OK
     response = ea.CheckResponse.FromString(answer)
     assert response.status.code != 0 and response.HasField("denied_response")
+    if not http.path:  # nothing tells the path: refused as forward-auth refuses it, never judged as `/`
+        assert response.denied_response.status.code == 400
+        assert ("x-verifier-reason", "invalid_request") in [
+            (h.header.key, h.header.value) for h in response.denied_response.headers
+        ]
 
 
 @examples(80)
@@ -864,6 +885,8 @@ def test_own_door_refuses_random_check_requests(request: verifier_pb2.CheckReque
     assert code == grpc.StatusCode.OK
     response = verifier_pb2.CheckResponse.FromString(answer)
     assert not response.allowed and response.http_status in (400, 401, 403, 503)
+    if not request.path:  # nothing tells the path: refused as forward-auth refuses it, never judged as `/`
+        assert (response.http_status, response.reason) == (400, "invalid_request")
 
 
 @examples(120)

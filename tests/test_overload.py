@@ -71,7 +71,7 @@ async def test_grpc_overload_is_resource_exhausted_and_the_deadline_is_honoured(
 
             def request(kid: str) -> verifier_pb2.CheckRequest:
                 return verifier_pb2.CheckRequest(
-                    headers={"authorization": f"Bearer {mint(claims(), 'ES256', kid=kid)}"}
+                    path="/", headers={"authorization": f"Bearer {mint(claims(), 'ES256', kid=kid)}"}
                 )
 
             async def expired() -> grpc.StatusCode:

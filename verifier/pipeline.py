@@ -530,12 +530,13 @@ class Pipeline:
         principal, _ = await self._run(admitted.principal, credential, attrs, OWN_ENDPOINT, plan.checks)
         return principal
 
-    def undescribed(self, header: str) -> Decision:
-        """A door's own early refusal: forward-auth asked with neither the declared family's path header (`header`)
-        nor a path after `/v1/forward-auth`, so which route to judge is unknown (judged as `/`, a public `/` passed
-        every request). Built once per door: the description names the header the gateway did not send."""
+    def undescribed(self, missing: str) -> Decision:
+        """A door's own early refusal of a check whose original path nothing told (`verifier.request.Undescribed`):
+        forward-auth asked with neither the declared family's path header nor a path after `/v1/forward-auth`, or a
+        gRPC Check with an empty path, so which route to judge is unknown (judged as `/`, a public `/` passed every
+        request). Built once per door: the description names what the gateway did not send (`missing`)."""
         return refuse(
-            MalformedRequest(f"the gateway sent no {header} header and no path after /v1/forward-auth"),
+            MalformedRequest(f"the gateway sent {missing}"),
             realm=self._realm,
             route_params=self._default_challenge,
         )

@@ -12,6 +12,17 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 
+class Undescribed(Exception):
+    """A check whose original path nothing tells: forward-auth asked with neither the declared family's path header
+    nor a path after `/v1/forward-auth`, a gRPC Check whose path is empty. Judged as `/` it was `GET /` for every
+    request (a public `/` then passed them all), so every door refuses it, 400 `invalid_request`, never a check
+    (`Pipeline.undescribed`). `missing` names what the gateway did not send, as the refusal's description says it."""
+
+    def __init__(self, missing: str) -> None:
+        super().__init__(missing)
+        self.missing = missing
+
+
 class RequestAttributes(NamedTuple):
     """The original request as the gateway saw it. Header names are lower-case.
 

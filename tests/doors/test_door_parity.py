@@ -822,25 +822,45 @@ async def test_a_hostile_envoy_check_is_decided_as_forward_auth_decides_the_requ
 async def test_an_empty_check_and_a_huge_credential_are_decided_as_forward_auth_decides_them(
     fetcher: FakeFetcher,
 ) -> None:
-    """Our empty CheckRequest, Envoy's with an empty `http`, and a forward-auth check with no header at all (the
-    path `/` after the door's) describe one request (`GET /` on no host); a 900 KB Authorization is one malformed
+    """Our CheckRequest with only the path `/`, Envoy's likewise, and a forward-auth check with no header at all (the
+    path `/` after the door's) describe one request (`GET /` on no host). With no path at all (our empty
+    CheckRequest, Envoy's with an empty `http`, forward-auth with nothing after the door's), nothing tells the path:
+    every door refuses it alike, 400 `invalid_request` naming what its gateway did not send, never judged as `/`
+    (the gRPC doors judged it as `/`: a public `/` let every path through). A 900 KB Authorization is one malformed
     credential through every door."""
     app = await parity_app(fetcher)
     try:
-        bare = ea.CheckRequest()
-        bare.attributes.request.http.SetInParent()
+        root = ea.CheckRequest()
+        root.attributes.request.http.path = "/"
+        own_root = verifier_pb2.CheckRequest(path="/").SerializeToString()
         verdicts = {
-            "grpc": own_verdict(await app.grpc.check_own(b"", None), _NOBODY),
-            "ext_authz": envoy_verdict(await app.grpc.check_envoy(bare.SerializeToString(), None), _NOBODY),
+            "grpc": own_verdict(await app.grpc.check_own(own_root, None), _NOBODY),
+            "ext_authz": envoy_verdict(await app.grpc.check_envoy(root.SerializeToString(), None), _NOBODY),
             "kong": forward_verdict(
                 await exchange(app.forward_auth, _http("GET /v1/forward-auth/ HTTP/1.1", [])), _NOBODY
             ),
         }
         agree(verdicts)
         assert not verdicts["grpc"].allowed
-        # With no path after the door's either, nothing tells the path: refused, never judged as `/` (`undescribed`).
-        untold = forward_verdict(await exchange(app.forward_auth, _http("GET /v1/forward-auth HTTP/1.1", [])), _NOBODY)
-        assert (untold.status, untold.reason) == (400, "invalid_request")
+        bare = ea.CheckRequest()
+        bare.attributes.request.http.SetInParent()
+        untold = {
+            "grpc": own_verdict(await app.grpc.check_own(b"", None), _NOBODY),
+            "ext_authz": envoy_verdict(await app.grpc.check_envoy(bare.SerializeToString(), None), _NOBODY),
+            "kong": forward_verdict(
+                await exchange(app.forward_auth, _http("GET /v1/forward-auth HTTP/1.1", [])), _NOBODY
+            ),
+        }
+        missing = {door: (verdict.body or {}).pop("error_description") for door, verdict in untold.items()}
+        assert missing == {
+            "grpc": "the gateway sent no path (verifier.v1.CheckRequest.path)",
+            "ext_authz": "the gateway sent no path (attributes.request.http.path)",
+            "kong": "the gateway sent no x-forwarded-uri header and no path after /v1/forward-auth",
+        }
+        # Alike but for the description, in the body and the challenge.
+        agree({door: v._replace(challenge=tuple(c.replace(missing[door], "") for c in v.challenge))
+               for door, v in untold.items()})  # fmt: skip
+        assert (untold["grpc"].allowed, untold["grpc"].status, untold["grpc"].reason) == (False, 400, "invalid_request")
         huge = f"Bearer {'a.b.' * 225_000}"
         own = verifier_pb2.CheckRequest(method="GET", scheme="https", host="api.example.test", path="/api/x")
         own.headers["authorization"] = huge

@@ -126,7 +126,8 @@ async def test_grpc_check_carries_the_same_lifetime() -> None:
     async with running_verifier({"edge_cache": EdgeCacheSettings(max_age_seconds=7)}) as (app, idp):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
             stub = verifier_pb2_grpc.VerifierStub(channel)
-            ok = await stub.Check(verifier_pb2.CheckRequest(headers={"authorization": f"Bearer {idp.mint()}"}))
+            allowed = verifier_pb2.CheckRequest(path="/", headers={"authorization": f"Bearer {idp.mint()}"})
+            ok = await stub.Check(allowed)
             assert ok.allowed and ok.cache_max_age_seconds == 7
-            no = await stub.Check(verifier_pb2.CheckRequest())
+            no = await stub.Check(verifier_pb2.CheckRequest(path="/"))
             assert not no.allowed and no.cache_max_age_seconds == 0

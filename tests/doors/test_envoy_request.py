@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as ea
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from verifier.doors.envoy_request import request_key
 from verifier.doors.grpc import attributes_from_envoy
-from verifier.request import RequestAttributes
+from verifier.request import RequestAttributes, Undescribed
 
 TOKEN = "Bearer eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJjYXJvbCJ9.c2ln"
 CERT = "-----BEGIN%20CERTIFICATE-----%0AMIIB-----END%20CERTIFICATE-----%0A"
@@ -162,6 +163,7 @@ values = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_s
     serials=st.tuples(st.integers(0, 2**31), st.integers(0, 2**31)),
     other=st.lists(st.tuples(names, values), max_size=6),
 )
+@example(headers=[], path="", serials=(0, 0), other=[])  # no path: refused, never a key's shared `/`
 def test_equal_keys_mean_equal_attributes_and_only_the_request_id_header_is_dropped(
     headers: list[tuple[str, str]], path: str, serials: tuple[int, int], other: list[tuple[str, str]]
 ) -> None:
@@ -171,6 +173,12 @@ def test_equal_keys_mean_equal_attributes_and_only_the_request_id_header_is_drop
         request = envoy(serial, authorization="", path=path)
         request.attributes.request.http.headers.update(dict(extra))
         data = request.SerializeToString()
+        if not path:  # nothing tells the path: never translated (judged as `/`, a public `/` passed it), refused
+            with pytest.raises(Undescribed):
+                translated(data)
+            with pytest.raises(Undescribed):
+                attributes_from_envoy(ea.CheckRequest.FromString(data))
+            return
         key, attrs = translated(data)
         untouched = attributes_from_envoy(ea.CheckRequest.FromString(data))
         assert attrs == untouched._replace(headers={k: v for k, v in untouched.headers.items() if k != "x-request-id"})

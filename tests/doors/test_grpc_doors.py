@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import urllib.parse
 
 import grpc
 import pytest
-from doorkit import running_verifier
+from doorkit import http_exchange, running_verifier
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2 as ac
 from envoy.service.auth.v3 import external_auth_pb2 as ea
@@ -196,6 +197,48 @@ async def test_an_envoy_check_describing_no_http_request_is_invalid_argument_nev
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             # An HTTP request to the public route is still judged (and allowed) as before.
             assert (await envoy.Check(_envoy_request(None, "/", host="www.example.test"))).status.code == 0
+
+
+PUBLIC_ROOT = (
+    PolicySettings(name="admin", match=RouteMatch(path_prefix="/admin"), require=Requirements(roles_any=("admin",))),
+    PolicySettings(name="open", match=RouteMatch(path_prefix="/"), require=Requirements(authenticated=False)),
+)
+
+
+async def test_a_check_with_no_path_is_refused_400_on_both_grpc_doors_never_judged_as_the_public_root() -> None:
+    """A Check whose path is empty was judged as `/`: with a public `/`, a caller that left the path out had every
+    protected route let through with no token. Both gRPC doors now refuse it as forward-auth refuses a check whose
+    path nothing tells: 400 `invalid_request` naming the missing field, counted under the same labels."""
+    async with running_verifier({"policies": PUBLIC_ROOT}) as (app, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            own = verifier_pb2_grpc.VerifierStub(channel)
+            envoy = ea_grpc.AuthorizationStub(channel)
+            # The routes as configured: `/` public, /admin protected.
+            assert (await own.Check(verifier_pb2.CheckRequest(method="GET", host="api", path="/"))).allowed
+            assert (await envoy.Check(_envoy_request(None, "/"))).status.code == 0
+            assert not (await own.Check(verifier_pb2.CheckRequest(method="DELETE", host="api", path="/admin"))).allowed
+            assert (await envoy.Check(_envoy_request(None, "/admin"))).status.code == 16
+            for _ in range(2):  # the repeat too: nothing remembered lets it through
+                answer = await own.Check(verifier_pb2.CheckRequest(method="DELETE", host="api"))
+                assert (answer.allowed, answer.http_status, answer.reason) == (False, 400, "invalid_request")
+                described = json.loads(answer.body)["error_description"]
+                assert described == "the gateway sent no path (verifier.v1.CheckRequest.path)"
+                for spelled in (_envoy_request(None, ""), _envoy_request(None, "", extra={":path": "/admin"})):
+                    reply = await envoy.Check(spelled)
+                    assert reply.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                    denied = reply.denied_response
+                    assert denied.status.code == 400
+                    named = {h.header.key: h.header.value for h in denied.headers}
+                    assert named["x-verifier-reason"] == "invalid_request"
+                    assert json.loads(denied.body)["error_description"] == (
+                        "the gateway sent no path (attributes.request.http.path)"
+                    )
+        untold = await http_exchange(app.ports.http, b"GET /v1/forward-auth HTTP/1.1\r\nHost: verifier\r\n\r\n")
+        assert untold.startswith(b"HTTP/1.1 400")
+        counted = app.metrics.render().decode()
+        for door, refused in (("forward_auth", 1), ("grpc", 2), ("ext_authz", 4)):
+            line = f'verifier_decisions_total{{door="{door}",outcome="deny",reason="invalid_request"}} {refused}.0'
+            assert line in counted, door
 
 
 async def test_envoy_removes_every_identity_header_a_client_sent_that_the_answer_does_not_set() -> None:

@@ -84,6 +84,7 @@ async def test_bytes_that_are_not_a_check_request_are_invalid_argument(data: byt
                 assert verifier_pb2.CheckResponse.FromString(await check(_request(f"Bearer {token}"))).allowed
             else:
                 request = ea.CheckRequest()
+                request.attributes.request.http.path = "/"
                 request.attributes.request.http.headers["authorization"] = f"Bearer {token}"
                 answer = ea.CheckResponse.FromString(await check(request.SerializeToString()))
                 assert answer.status.code == 0

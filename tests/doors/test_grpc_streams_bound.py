@@ -132,7 +132,7 @@ async def test_a_flood_of_forged_tokens_past_the_bound_never_gets_an_allow_and_a
             stub = verifier_pb2_grpc.VerifierStub(channel)
 
             async def check(token: str) -> verifier_pb2.CheckResponse | grpc.StatusCode:
-                request = verifier_pb2.CheckRequest(headers={"authorization": f"Bearer {token}"})
+                request = verifier_pb2.CheckRequest(path="/", headers={"authorization": f"Bearer {token}"})
                 try:
                     return await stub.Check(request, timeout=20)
                 except grpc.aio.AioRpcError as exc:

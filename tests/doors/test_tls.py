@@ -111,12 +111,12 @@ async def test_mtls_on_both_listeners_admits_only_clients_with_a_certificate_fro
         options = (("grpc.ssl_target_name_override", "localhost"),)
         async with grpc.aio.secure_channel(f"127.0.0.1:{app.ports.grpc}", creds("client"), options=options) as ch:
             reply = await verifier_pb2_grpc.VerifierStub(ch).Check(
-                verifier_pb2.CheckRequest(headers={"authorization": f"Bearer {token}"}), timeout=5
+                verifier_pb2.CheckRequest(path="/", headers={"authorization": f"Bearer {token}"}), timeout=5
             )
             assert reply.allowed
         async with grpc.aio.secure_channel(f"127.0.0.1:{app.ports.grpc}", creds("rogue"), options=options) as ch:
             with pytest.raises(grpc.aio.AioRpcError):
-                await verifier_pb2_grpc.VerifierStub(ch).Check(verifier_pb2.CheckRequest(), timeout=5)
+                await verifier_pb2_grpc.VerifierStub(ch).Check(verifier_pb2.CheckRequest(path="/"), timeout=5)
 
 
 def test_tls_files_are_checked_at_start_up(pki: dict[str, str], tmp_path: Path) -> None:

@@ -259,17 +259,26 @@ def grpc_target(data: bytes) -> None:
     from google.protobuf.message import DecodeError
 
     from verifier.doors.grpc import attributes_from_envoy, attributes_from_own
+    from verifier.request import Undescribed
     from verifier.v1 import verifier_pb2
 
-    for message_type, translate in (
-        (ea.CheckRequest, attributes_from_envoy),
-        (verifier_pb2.CheckRequest, attributes_from_own),
+    for message_type, translate, path in (
+        (ea.CheckRequest, attributes_from_envoy, lambda m: m.attributes.request.http.path),
+        (verifier_pb2.CheckRequest, attributes_from_own, lambda m: m.path),
     ):
         try:
             message = message_type.FromString(data)
         except DecodeError:
             continue
-        _decide(translate(message))  # type: ignore[operator]
+        try:
+            attrs = translate(message)  # type: ignore[operator]
+        except Undescribed:  # the door answers 400 `invalid_request`: nothing told the path
+            if path(message):
+                raise InvariantBroken(f"a path was told and refused as untold: {path(message)!r}") from None
+            continue
+        if not path(message):
+            raise InvariantBroken(f"no path, judged as {attrs.path!r}")  # a public `/` passed every request
+        _decide(attrs)
 
 
 def settings_target(data: bytes) -> None:

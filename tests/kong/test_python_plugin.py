@@ -1568,7 +1568,7 @@ def test_channels_of_failed_calls_are_closed_and_the_pool_never_passes_its_bound
     real = grpc.insecure_channel
     monkeypatch.setattr(plugin.grpc, "insecure_channel", lambda *a, **kw: opened.append(real(*a, **kw)) or opened[-1])
     clock = FakeClock()
-    client, request = plugin.VerifierClient(clock=clock), verifier_pb2.CheckRequest(method="GET")
+    client, request = plugin.VerifierClient(clock=clock), verifier_pb2.CheckRequest(method="GET", path="/")
     dead = f"127.0.0.1:{free_port()}"
     backoff = plugin.Backoff(0.25, 5.0)
 
@@ -1734,8 +1734,8 @@ def _recording_client(monkeypatch: pytest.MonkeyPatch, spreads: list[float] | No
 def _try(client: Any, target: str, backoff: Any, timeout_s: float = 5.0) -> grpc.RpcError | None:
     """One Check through `client`: None when answered, else the error."""
     try:
-        client.check(target, verifier_pb2.CheckRequest(method="GET"), timeout_s=timeout_s, streams=4, max_channels=8,
-                     backoff=backoff)
+        client.check(target, verifier_pb2.CheckRequest(method="GET", path="/"), timeout_s=timeout_s, streams=4,
+                     max_channels=8, backoff=backoff)
     except grpc.RpcError as exc:
         return exc
     return None

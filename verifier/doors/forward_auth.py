@@ -65,7 +65,7 @@ from verifier.observe.metrics import Metrics
 from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
 from verifier.observe.tracing import DecisionSpan, Tracing
 from verifier.pipeline import Pipeline
-from verifier.request import RequestAttributes, normalize_authority
+from verifier.request import RequestAttributes, Undescribed, normalize_authority
 from verifier.settings import ForwardAuthSettings
 
 log = logging.getLogger("verifier.forward_auth")
@@ -132,15 +132,6 @@ FORWARDED_FAMILIES = {
 X_FORWARDED = FORWARDED_FAMILIES["x-forwarded"]
 
 
-class Undescribed(Exception):
-    """A check whose original path neither the declared family's path header nor a target suffix tells: judged as
-    `/` it was `GET /` for every request (a public `/` then passed them all), so it is refused (`undescribed`)."""
-
-    def __init__(self, header: str) -> None:
-        super().__init__(header)
-        self.header = header
-
-
 def attributes_from_http(
     method: str,
     target: bytes,
@@ -156,7 +147,7 @@ def attributes_from_http(
         if target.startswith(PREFIX):
             suffix = target[len(PREFIX) :].decode("latin-1")
             if not suffix:
-                raise Undescribed(family.path)
+                raise Undescribed(f"no {family.path} header and no path after /v1/forward-auth")
             path = suffix if suffix.startswith("/") else "/" + suffix.lstrip("?")
         else:  # not a check (our own endpoints read the family's scheme and host alone)
             path = "/"
@@ -755,7 +746,7 @@ class ForwardAuthDoor:
         every request, and a public `/` passed them all. The description names the missing header."""
         decision = self._undescribed
         if decision is None:
-            decision = self._undescribed = self.pipeline.undescribed(undescribed.header)
+            decision = self._undescribed = self.pipeline.undescribed(undescribed.missing)
         self.observe(decision, time.perf_counter())
         answer = _answer(decision, keep_alive, {})
         return answer[: answer.index(b"\r\n\r\n") + 4] if head else answer

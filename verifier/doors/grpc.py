@@ -7,7 +7,9 @@ message. Each door keys a request: our own by its bytes (the Kong plugin sends t
 request), Envoy's by the request without the fields Envoy fills anew for every call (`envoy_request`). The
 key finds the translation (parse + attributes, `RequestMemo`) and, while the pipeline says the same request
 would get the same answer bytes, the answer itself (`AnswerMemo`, as the forward-auth door: not for a
-refusal, a per-request check such as a rate limit, nor past a change of state).
+refusal, a per-request check such as a rate limit, nor past a change of state). A Check whose path is empty is
+answered 400 `invalid_request` (`GrpcDoors.undescribed`), as forward-auth answers a check whose path nothing tells:
+never judged as `/`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from verifier.observe.metrics import Metrics
 from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
 from verifier.observe.tracing import Tracing
 from verifier.pipeline import Pipeline
-from verifier.request import RequestAttributes, normalize_authority
+from verifier.request import RequestAttributes, Undescribed, normalize_authority
 from verifier.settings import (
     DEFAULT_GRPC_HANDSHAKE_TIMEOUT_SECONDS,
     DEFAULT_GRPC_MAX_CONCURRENT_STREAMS,
@@ -58,6 +60,9 @@ IDENTITY_HEADERS = (
     "x-authenticated-roles",
 )
 MAX_CERT_BYTES = 64 * 1024  # a PEM certificate chain larger than this is not one we thumbprint
+# What a Check with an empty path did not send, as its refusal says it (`Undescribed`): each door's field.
+OWN_UNTOLD = "no path (verifier.v1.CheckRequest.path)"
+ENVOY_UNTOLD = "no path (attributes.request.http.path)"
 
 
 def cert_thumbprint(url_encoded_pem: str) -> str:
@@ -99,13 +104,17 @@ def _lower(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 def attributes_from_own(request: verifier_pb2.CheckRequest) -> RequestAttributes:
-    """Our proto's request -> attributes."""
+    """Our proto's request -> attributes; raises `Undescribed` for an empty path (judged as `/`, a public `/` let
+    every path through: refused, as forward-auth refuses a check whose path nothing tells)."""
+    path = request.path
+    if not path:
+        raise Undescribed(OWN_UNTOLD)
     scheme = request.scheme.lower() or "http"
     return RequestAttributes(
         method=request.method.upper() or "GET",
         scheme=scheme,
         host=normalize_authority(request.host, scheme),
-        path=request.path or "/",
+        path=path,
         headers=_lower(request.headers),
         client_address=request.client_address,
         client_cert_thumbprint=request.client_cert_thumbprint,
@@ -135,7 +144,8 @@ class RequestMemo:
         return len(self._entries)
 
     def attributes(self, data: bytes) -> RequestAttributes:
-        """The attributes of a serialized `verifier.v1.CheckRequest`; raises DecodeError when it is not one."""
+        """The attributes of a serialized `verifier.v1.CheckRequest`; raises DecodeError when it is not one,
+        `Undescribed` when it names no path (never remembered: such a request is translated, and refused, each time)."""
         attrs = self._entries.get(data)
         if attrs is None:
             attrs = self.keep(data, attributes_from_own(verifier_pb2.CheckRequest.FromString(data)))
@@ -151,8 +161,11 @@ class RequestMemo:
 
 
 def attributes_from_envoy(request: ea.CheckRequest) -> RequestAttributes:
-    """Envoy's `AttributeContext` -> attributes."""
+    """Envoy's `AttributeContext` -> attributes; raises `Undescribed` for an empty path (as `attributes_from_own`)."""
     http = request.attributes.request.http
+    path = http.path
+    if not path:
+        raise Undescribed(ENVOY_UNTOLD)
     # Envoy lower-cases the names; a caller that is not Envoy may not (`Authorization` beside `authorization`).
     headers = _lower(http.headers)
     if not headers and http.header_map.headers:
@@ -171,7 +184,7 @@ def attributes_from_envoy(request: ea.CheckRequest) -> RequestAttributes:
         method=http.method.upper() or "GET",
         scheme=scheme,
         host=normalize_authority(http.host, scheme),
-        path=http.path or "/",
+        path=path,
         headers=headers,
         client_address=source.address.socket_address.address,
         # Envoy's own view of the TLS peer; a header could have come from the client.
@@ -361,6 +374,7 @@ class GrpcDoors:
         self._own_answers = remember() if remember is not None else None
         self._envoy_answers = remember() if remember is not None else None
         self._server: grpc.aio.Server | None = None
+        self._undescribed: dict[str, Decision] = {}  # door -> the refusal of a Check with no path (built once)
 
     async def _decide_traced(self, attrs: RequestAttributes, door: str, context: Any) -> tuple[Decision, float]:
         """A decision inside its span. The parent: the call's own `traceparent` metadata (the gateway's
@@ -412,6 +426,17 @@ class GrpcDoors:
         metrics.decision(door, hit.outcome, hit.reason, time.perf_counter() - started)
         return hit.answer
 
+    def undescribed(self, undescribed: Undescribed, door: str) -> Decision:
+        """The refusal of a Check whose path is empty (400 `invalid_request`, `Pipeline.undescribed`), counted, never a
+        check: judged as `/` it was `GET /` whatever the request, and a public `/` passed them all. An answer, not a
+        failed call, as forward-auth answers it: Envoy relays the 400 whatever its `failure_mode_allow`. Off the hot
+        path: a translation (a memo miss) raises it, and a refused request is never remembered."""
+        decision = self._undescribed.get(door)
+        if decision is None:
+            decision = self._undescribed[door] = self.pipeline.undescribed(undescribed.missing)
+        self.metrics.decision(door, decision.outcome, decision.reason, 0.0)
+        return decision
+
     @staticmethod
     async def _invalid(context: Any, what: str) -> None:
         """Bytes that are not the door's request: INVALID_ARGUMENT (raises)."""
@@ -432,6 +457,8 @@ class GrpcDoors:
         except DecodeError:
             await self._invalid(context, "verifier.v1.CheckRequest")
             raise  # abort raises; this is never reached
+        except Undescribed as undescribed:
+            return own_response(self.undescribed(undescribed, "grpc"))
         decision, until = await self._decider(attrs, "grpc", context)
         answer = own_response(decision)
         if until and memo is not None:
@@ -468,7 +495,10 @@ class GrpcDoors:
                 return remembered
         attrs = self._envoy_requests.get(key)
         if attrs is None:
-            attrs = self._envoy_requests.keep(key, attributes_from_envoy(message))
+            try:
+                attrs = self._envoy_requests.keep(key, attributes_from_envoy(message))
+            except Undescribed as undescribed:
+                return envoy_response(self.undescribed(undescribed, "ext_authz"))
         decision, until = await self._decider(attrs, "ext_authz", context)
         answer = envoy_response(decision, attrs.headers)
         if until and memo is not None:
