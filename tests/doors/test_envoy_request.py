@@ -10,10 +10,12 @@ import itertools
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as ea
-from hypothesis import example, given, settings
+from google.protobuf.message import DecodeError
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from verifier.doors.envoy_request import request_key
+from verifier.doors import envoy_request
+from verifier.doors.envoy_request import python_key, request_key
 from verifier.doors.grpc import attributes_from_envoy
 from verifier.request import RequestAttributes, Undescribed
 
@@ -49,11 +51,18 @@ def envoy(serial: int = 0, *, authorization: str = TOKEN, **changes: str) -> ea.
     return request
 
 
+@pytest.fixture(autouse=True, params=["native", "python"])
+def key_in(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with each of the two keys: the C one (`_envoy_key.c`) and the pure-Python one."""
+    if request.param == "python":
+        monkeypatch.setattr(envoy_request, "NATIVE", None)
+    return str(request.param)
+
+
 def translated(data: bytes) -> tuple[bytes, RequestAttributes]:
     """What the door does with the bytes: the key, and the attributes of the message the key is."""
-    message = ea.CheckRequest.FromString(data)
-    key = request_key(message)
-    return key, attributes_from_envoy(message)
+    key = request_key(data)
+    return key, attributes_from_envoy(ea.CheckRequest.FromString(key))
 
 
 def test_the_fields_envoy_fills_per_request_are_not_in_the_key() -> None:
@@ -156,7 +165,7 @@ names = st.sampled_from(["authorization", "x-request-id", "X-Request-Id", "x-aut
 values = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     headers=st.lists(st.tuples(names, values), max_size=6),
     path=values,
@@ -185,3 +194,155 @@ def test_equal_keys_mean_equal_attributes_and_only_the_request_id_header_is_drop
         assert seen.setdefault(key, attrs) == attrs
         keys.append(key)
     assert keys[0] == keys[1]  # the same request at another moment: one key
+
+
+# The key's own schema (protos/verifier/v1/envoy_key.proto) against Envoy's: every field declared, by number and
+# wire type, but the two Envoy fills per request; what the key does not look into kept whole, each occurrence.
+PER_REQUEST_FIELDS = {
+    ("envoy.service.auth.v3.AttributeContext.Request", 1),
+    ("envoy.service.auth.v3.AttributeContext.HttpRequest", 1),
+}
+
+
+def test_the_key_schema_declares_every_field_of_envoys_but_the_per_request_ones() -> None:
+    from google.protobuf.descriptor import FieldDescriptor
+
+    from verifier.v1 import envoy_key_pb2
+
+    pairs = [
+        (ea.CheckRequest.DESCRIPTOR, envoy_key_pb2.CheckRequest.DESCRIPTOR),
+        (
+            ea.CheckRequest.DESCRIPTOR.fields_by_name["attributes"].message_type,
+            envoy_key_pb2.AttributeContext.DESCRIPTOR,
+        ),
+    ]
+    attribute_context = pairs[1][0]
+    request = attribute_context.fields_by_name["request"].message_type
+    http = request.fields_by_name["http"].message_type
+    pairs += [
+        (request, envoy_key_pb2.Request.DESCRIPTOR),
+        (http, envoy_key_pb2.HttpRequest.DESCRIPTOR),
+        (http.fields_by_name["header_map"].message_type, envoy_key_pb2.HeaderMap.DESCRIPTOR),
+    ]
+    looked_into = {d.full_name for d, _ in pairs}
+    for envoys, ours in pairs:
+        declared = {f.number: f for f in ours.fields}
+        for field in envoys.fields:
+            if (envoys.full_name, field.number) in PER_REQUEST_FIELDS:
+                assert field.number not in declared, (envoys.full_name, field.name)
+                continue
+            mine = declared.pop(field.number)
+            assert mine.name == field.name, (envoys.full_name, field.name)
+            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.full_name in looked_into:
+                assert mine.type == FieldDescriptor.TYPE_MESSAGE and not mine.is_repeated, field.name
+            elif field.type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+                # kept as bytes, each occurrence (a message field merges them; each string's UTF-8 is checked)
+                assert mine.type == FieldDescriptor.TYPE_BYTES and mine.is_repeated, field.name
+            else:
+                assert (mine.type, mine.is_repeated) == (field.type, field.is_repeated), field.name
+        assert not declared, (envoys.full_name, sorted(declared))  # nothing Envoy's schema does not have
+
+
+def test_a_look_alike_planted_before_envoys_entry_is_passed_over_and_envoys_entry_still_dropped() -> None:
+    planted = _planted_entry()
+    keys = set()
+    for serial in (1, 2):
+        request = envoy(serial)
+        http = request.attributes.request.http
+        http.method = planted  # field 2, before the headers (3): the first candidate the search finds
+        data = request.SerializeToString()
+        assert data.find(b"\n\x0cx-request-id") < data.find(f"8e58bf45-431f-4a31-8b18-{serial:012x}".encode())
+        key, attrs = translated(data)
+        assert attrs.method == planted.upper() and "x-request-id" not in attrs.headers
+        keys.add(key)
+    assert len(keys) == 1
+
+
+def test_a_request_describing_no_http_request_stays_without_one_in_its_key() -> None:
+    """Removing a candidate entry must not make `http` present: the door refuses a request without it."""
+    request = ea.CheckRequest()
+    request.attributes.source.certificate = _planted_entry()
+    request.attributes.request.time.seconds = 1
+    key = request_key(request.SerializeToString())
+    assert not ea.CheckRequest.FromString(key).attributes.request.HasField("http")
+
+
+def test_the_key_is_envoys_message_without_its_per_request_fields() -> None:
+    request = envoy(5, certificate=CERT)
+    request.attributes.context_extensions["route"] = "orders"
+    request.attributes.metadata_context.filter_metadata["f"].fields["k"].string_value = "v"
+    request.attributes.tls_session.sni = "api.example.test"
+    http = request.attributes.request.http
+    http.query, http.fragment, http.size, http.body, http.raw_body = "a=1", "top", 12, "body", b"\xffraw"
+    expected = ea.CheckRequest()
+    expected.CopyFrom(request)
+    expected.attributes.request.ClearField("time")
+    expected.attributes.request.http.ClearField("id")
+    del expected.attributes.request.http.headers["x-request-id"]
+    assert ea.CheckRequest.FromString(request_key(request.SerializeToString())) == expected
+
+
+def test_bytes_that_are_no_check_request_are_refused_by_the_key() -> None:
+    for data in (b"\x0a\x05abc", b"\xff\xff\xff", b"\x0a\x02\x22\x05"):
+        with pytest.raises(DecodeError):
+            request_key(data)
+
+
+def test_the_c_key_is_built_here(key_in: str) -> None:
+    """`pip install -e .` (scripts/setup.sh) builds it; without it every cached ext_authz check costs ~3 us more."""
+    if key_in == "python":
+        pytest.skip("the C key's own question")
+    assert envoy_request.NATIVE is not None
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    headers=st.lists(st.tuples(names, values), max_size=6),
+    raw=st.booleans(),
+    serial=st.integers(0, 2**40),
+    tail=st.binary(max_size=24),
+    cut=st.integers(0, 400),
+)
+def test_the_c_key_and_the_python_key_are_one_message(
+    key_in: str, headers: list[tuple[str, str]], raw: bool, serial: int, tail: bytes, cut: int
+) -> None:
+    """Whatever the bytes (Envoy's, raw header maps, trailing garbage, cut short): where the C key takes them its key
+    parses as the Python key's message (fields unknown to Envoy's schema aside: the C key copies them), and where
+    either is no CheckRequest the door refuses both."""
+    native = envoy_request.NATIVE
+    if native is None:
+        pytest.skip("the C key is not built" if key_in == "native" else "one implementation")
+    if key_in == "python":
+        pytest.skip("run once")
+    request = envoy(serial)
+    http = request.attributes.request.http
+    if raw:
+        for name, value in headers:
+            http.header_map.headers.append(base_pb2.HeaderValue(key=name, raw_value=value.encode()))
+    else:
+        http.headers.update(dict(headers))
+    whole = request.SerializeToString()
+    for data in (whole, whole + tail, whole[:cut], tail):
+        c_key = native(data)
+        try:
+            py_key = python_key(data)
+        except DecodeError:
+            py_key = None
+        if c_key is None:  # the door falls back to the Python key: nothing to compare
+            continue
+        if py_key is None:  # the Python key refuses it: the C key must not parse as Envoy's message either
+            with pytest.raises(DecodeError):
+                ea.CheckRequest.FromString(c_key)
+            continue
+        try:
+            c_message = ea.CheckRequest.FromString(c_key)
+        except DecodeError:  # not Envoy's message deeper down: the door refuses it as it translates it
+            with pytest.raises(DecodeError):
+                ea.CheckRequest.FromString(py_key)
+            continue
+        py_message = ea.CheckRequest.FromString(py_key)
+        for message in (c_message, py_message):  # both keep what they do not look into; the C key more
+            message.DiscardUnknownFields()
+        assert c_message == py_message
+    if len(set(dict(headers))) == len(headers) and not raw:
+        assert native(whole) == python_key(whole)  # Envoy's own bytes: the very same key

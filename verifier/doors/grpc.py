@@ -466,28 +466,15 @@ class GrpcDoors:
         return answer
 
     async def check_envoy(self, request: bytes, context: Any) -> bytes:
-        """envoy.service.auth.v3.Authorization/Check, its request still serialized: parsed, then keyed without
-        the fields Envoy fills anew for every request (`request_key`); the key finds a remembered answer, else
-        the attributes, which are translated from the very message the key is (`RequestMemo`)."""
+        """envoy.service.auth.v3.Authorization/Check, its request still serialized: keyed without the fields Envoy
+        fills anew for every request (`request_key`, which never builds Envoy's whole message); the key finds a
+        remembered answer, else the attributes, which are translated from the key itself, parsed as Envoy's message
+        (`RequestMemo`): requests that share a key share everything that is judged."""
         try:
-            message = ea.CheckRequest.FromString(request)
+            key = request_key(request)
         except DecodeError:
             await self._invalid(context, "envoy.service.auth.v3.CheckRequest")
             raise  # abort raises; this is never reached
-        if not message.attributes.request.HasField("http"):
-            # No HTTP request described (Envoy's network ext_authz filter, one check per TCP connection): nothing
-            # to judge. Translated, it was `GET /` on no host, which a public route allowed. Asked before
-            # `request_key`, whose clearing makes the field present (an empty `http` then).
-            await self._invalid(context, "envoy.service.auth.v3.CheckRequest describing an HTTP request")
-            raise DecodeError("no attributes.request.http")  # abort raises; this is never reached
-        http = message.attributes.request.http
-        if http.HasField("header_map") and http.headers:
-            # Envoy sends one or the other (`encode_raw_headers`): both, disagreeing, and the door would judge one
-            # while the caller meant (or forwards) the other. A `header_map` beside `headers` is refused even when
-            # empty (Envoy never sends one with the other); asking its presence is a third of reading it.
-            await self._invalid(context, "envoy.service.auth.v3.CheckRequest with its headers in one form")
-            raise DecodeError("both headers and header_map")  # abort raises; this is never reached
-        key = request_key(message)
         memo = self._envoy_answers
         if memo is not None:
             remembered = self._recall(memo, key, "ext_authz")
@@ -495,6 +482,23 @@ class GrpcDoors:
                 return remembered
         attrs = self._envoy_requests.get(key)
         if attrs is None:
+            # Only a request that passed here is ever remembered, so what is refused below is refused every time.
+            try:
+                message = ea.CheckRequest.FromString(key)
+            except DecodeError:  # a field of Envoy's not what its schema says (a path that is not UTF-8)
+                await self._invalid(context, "envoy.service.auth.v3.CheckRequest")
+                raise  # abort raises; this is never reached
+            if not message.attributes.request.HasField("http"):
+                # No HTTP request described (Envoy's network ext_authz filter, one check per TCP connection):
+                # nothing to judge. Translated, it was `GET /` on no host, which a public route allowed.
+                await self._invalid(context, "envoy.service.auth.v3.CheckRequest describing an HTTP request")
+                raise DecodeError("no attributes.request.http")  # abort raises; this is never reached
+            if message.attributes.request.http.HasField("header_map") and message.attributes.request.http.headers:
+                # Envoy sends one or the other (`encode_raw_headers`): both, disagreeing, and the door would judge
+                # one while the caller meant (or forwards) the other. A `header_map` beside `headers` is refused even
+                # when empty (Envoy never sends one with the other).
+                await self._invalid(context, "envoy.service.auth.v3.CheckRequest with its headers in one form")
+                raise DecodeError("both headers and header_map")  # abort raises; this is never reached
             try:
                 attrs = self._envoy_requests.keep(key, attributes_from_envoy(message))
             except Undescribed as undescribed:

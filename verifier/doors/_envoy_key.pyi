@@ -1,0 +1,3 @@
+"""Types of the C key (verifier/doors/_envoy_key.c)."""
+
+def key(data: bytes, /) -> bytes | None: ...
