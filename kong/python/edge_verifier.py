@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import grpc
@@ -173,6 +174,13 @@ NOT_RELAYED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "
 # (`cache_max_age_seconds`, `private, max-age=N` at its forward-auth door) is for a gateway; a browser keeping a 401 for
 # N seconds would refuse the user's next token (a client's cache is keyed by the URL, not the Authorization header).
 REFUSAL_CACHE_CONTROL = "no-store"
+# What goes with an answer the plugin gives itself, with no refusal of the verifier's to relay (a request it refuses
+# before asking, an unknown consumer, its own failure), as the Lua plugin's: never to be kept by a browser or a shared
+# cache, since a retry may be answered otherwise. Its 503 (the verifier unreachable, too slow or unreadable) also says
+# when to retry, `Retry-After: 1`, as nginx's and Envoy's shipped configurations answer theirs. Handed to the PDK as a
+# dict of its own (the RPC packs a dict, not a read-only view).
+OWN_ANSWER_HEADERS = MappingProxyType({"Cache-Control": REFUSAL_CACHE_CONTROL})
+UNAVAILABLE_HEADERS = MappingProxyType({"Cache-Control": REFUSAL_CACHE_CONTROL, "Retry-After": "1"})
 
 
 def for_upstream(lname: str) -> bool:
@@ -608,15 +616,16 @@ class Plugin:
         try:
             self._access(kong)
         except MalformedRequest as exc:  # bytes that are not UTF-8 where they could not be cleared or told
-            kong.response.exit(MALFORMED_STATUS, {"message": str(exc)})
+            kong.response.exit(MALFORMED_STATUS, {"message": str(exc)}, dict(OWN_ANSWER_HEADERS))
         except Exception as exc:  # a PDK call's error (Kong's datastore down, say) or a bug: fail closed
             kong.log.err(f"edge-verifier failed: {type(exc).__name__}: {exc}")
-            kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE)
+            kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE, dict(OWN_ANSWER_HEADERS))
 
     def _access(self, kong: Any) -> None:
         headers = _value(kong.request.get_headers(MAX_REQUEST_HEADERS)) or {}
         if sum(len(_values(v)) for v in headers.values()) >= MAX_REQUEST_HEADERS:
-            kong.response.exit(TOO_MANY_HEADERS_STATUS, {"message": "Too many request headers"})
+            kong.response.exit(TOO_MANY_HEADERS_STATUS, {"message": "Too many request headers"},
+                               dict(OWN_ANSWER_HEADERS))
             return
         clear = dict.fromkeys((*IDENTITY_HEADERS, CONSUMER_GROUPS_HEADER, *NAMING_HEADERS, *METHOD_OVERRIDE_HEADERS))
         for name in headers:
@@ -649,13 +658,13 @@ class Plugin:
                 kong.log.warn(f"verifier unavailable: {why}; fail_open lets the request pass")
                 return
             kong.log.err(f"verifier unavailable: {why}")
-            kong.response.error(UNAVAILABLE_STATUS, UNAVAILABLE_MESSAGE)
+            kong.response.error(UNAVAILABLE_STATUS, UNAVAILABLE_MESSAGE, dict(UNAVAILABLE_HEADERS))
             return
 
         if not answer.allowed:
             if answer.http_status not in REFUSAL_STATUSES:
                 kong.log.err(f"verifier refused with status {answer.http_status}, which is no refusal's")
-                kong.response.error(UNAVAILABLE_STATUS, UNAVAILABLE_MESSAGE)
+                kong.response.error(UNAVAILABLE_STATUS, UNAVAILABLE_MESSAGE, dict(UNAVAILABLE_HEADERS))
                 return
             headers = _joined(answer.response_headers)
             given = {k.lower() for k in headers}
@@ -672,7 +681,7 @@ class Plugin:
 
         if answer.http_status not in ALLOW_STATUSES:
             kong.log.err(f"verifier allowed with status {answer.http_status}, which is no allow's")
-            kong.response.error(UNAVAILABLE_STATUS, UNAVAILABLE_MESSAGE)
+            kong.response.error(UNAVAILABLE_STATUS, UNAVAILABLE_MESSAGE, dict(UNAVAILABLE_HEADERS))
             return
 
         # a name the verifier repeats (in any spelling) keeps its last spelling and value, as the Lua plugin's
@@ -712,13 +721,13 @@ class Plugin:
         request was answered here."""
         if len(named) > 1:
             kong.log.err("the verifier's answer names more than one consumer")
-            kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE)
+            kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE, dict(OWN_ANSWER_HEADERS))
             return False
         ((header, value),) = named
         if header == CONSUMER_CUSTOM_ID_HEADER:
             # the PDK over the plugin server has no lookup by custom_id (the Lua plugin has)
             kong.log.err("the verifier names consumers by custom_id: only the Lua plugin can find them")
-            kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE)
+            kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE, dict(OWN_ANSWER_HEADERS))
             return False
         consumer = _value(kong.client.load_consumer(value, True)) if value else None
         if consumer and consumer.get("username") != value:
@@ -731,12 +740,12 @@ class Plugin:
             return True
         if self.consumer_not_found != "anonymous" or not self.anonymous:
             kong.log.info(f"verifier named the consumer with username '{value}', which Kong does not know: refused")
-            kong.response.error(UNKNOWN_CONSUMER_STATUS, UNKNOWN_CONSUMER_MESSAGE)
+            kong.response.error(UNKNOWN_CONSUMER_STATUS, UNKNOWN_CONSUMER_MESSAGE, dict(OWN_ANSWER_HEADERS))
             return False
         anonymous = _value(kong.client.load_consumer(self.anonymous, True))
         if not anonymous:
             kong.log.err(f"anonymous consumer '{self.anonymous}' is configured but doesn't exist")
-            kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE)
+            kong.response.error(UNEXPECTED_STATUS, UNEXPECTED_MESSAGE, dict(OWN_ANSWER_HEADERS))
             return False
         _authenticate(kong, anonymous, None, anonymous=True)
         return True

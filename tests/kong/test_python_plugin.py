@@ -83,6 +83,11 @@ STEP_FOR = {
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
 # PDK methods after which Kong never steps the event again: the request is answered.
 TERMINAL = {"kong.response.exit", "kong.response.error"}
+# The plugin's own answers (kong.response.error's arguments): never to be kept by a cache, a 503 saying when to retry
+OWN_ANSWER_HEADERS = {"Cache-Control": "no-store"}
+UNAVAILABLE_ANSWER = [[503, "Authorization service unavailable", {**OWN_ANSWER_HEADERS, "Retry-After": "1"}]]
+UNKNOWN_CONSUMER = [[403, "The verified identity is not a known consumer", OWN_ANSWER_HEADERS]]
+UNEXPECTED = [[500, "An unexpected error occurred", OWN_ANSWER_HEADERS]]
 
 
 def pluginserver_binary() -> str | None:
@@ -492,7 +497,7 @@ def test_unreachable_verifier_fails_closed_with_503(kong, token):
 
     calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": f"Bearer {token}"}))
 
-    assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
+    assert named(calls, "kong.response.error") == UNAVAILABLE_ANSWER
     assert not named(calls, "kong.service.request.set_header")
 
 
@@ -508,7 +513,7 @@ def test_killed_verifier_fails_closed_with_503(kong, provider, token, tmp_path):
 
         for _ in range(2):  # the channel's dead connection, then refused reconnects
             calls = kong.handle_event(iid, "access", request)
-            assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
+            assert named(calls, "kong.response.error") == UNAVAILABLE_ANSWER
     finally:
         own.stop()
 
@@ -573,7 +578,7 @@ def test_a_verifier_slower_than_the_deadline_fails_closed(kong, token):
             elapsed = time.monotonic() - started
 
     # 503 while the verifier still held its allow: the plugin did not wait for it
-    assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
+    assert named(calls, "kong.response.error") == UNAVAILABLE_ANSWER
     assert elapsed >= SLOW_TIMEOUT_MS / 1000  # the configured timeout, not the default
     assert elapsed - machine.late < SLOW_TIMEOUT_MS / 1000 + 1.5, (elapsed, machine.late)  # and not much longer
 
@@ -786,7 +791,7 @@ def test_fail_open_never_passes_a_request_whose_check_timed_out(kong, token):
         assert not named(first, "kong.response.error") and not named(first, "kong.response.exit")
         calls = kong.handle_event(iid, "access", request)
 
-    assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
+    assert named(calls, "kong.response.error") == UNAVAILABLE_ANSWER
 
 
 # A verifier that dies with the request in hand: its process exits inside `Check`, so the connection the check
@@ -824,7 +829,7 @@ def test_fail_open_never_passes_a_request_the_verifier_had_when_it_went_away(kon
     finally:
         dying.kill()
         dying.wait(timeout=10)
-    assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
+    assert named(calls, "kong.response.error") == UNAVAILABLE_ANSWER
     assert not named(calls, "kong.service.request.set_header")
 
 
@@ -863,8 +868,6 @@ def test_the_client_certificate_comes_from_kongs_own_tls_never_from_a_header(kon
 ALICE = {"id": "6f1b5b0e-4a4e-4c53-9a58-2b1f6a0e7c11", "username": "alice", "custom_id": "cust-9"}
 GUEST = {"id": "9e9e9e9e-0000-4000-8000-00000000a000", "username": "guest"}
 BOB = {"id": "0b0b0b0b-0000-4000-8000-000000000001", "username": "bob"}
-UNKNOWN_CONSUMER = [[403, "The verified identity is not a known consumer"]]
-UNEXPECTED = [[500, "An unexpected error occurred"]]
 # cleared on every request: how the verifier names a consumer, and the one a client claimed to be named by
 NAMES_CLEARED = {"x-kong-consumer-username": None, "x-kong-consumer-custom-id": None, "x-kong-consumer-id": None}
 
@@ -1046,7 +1049,7 @@ def test_a_pdk_call_that_fails_under_the_plugin_answers_500_never_a_pass(kong, n
     calls = kong.handle_event(iid, "access", request)
 
     assert time.monotonic() - started < RPC_TIMEOUT_S / 3
-    assert named(calls, "kong.response.error") == [[500, "An unexpected error occurred"]]
+    assert named(calls, "kong.response.error") == UNEXPECTED
     assert calls[-1][0] == "kong.response.error"
     assert not named(calls, "kong.client.authenticate")
 
@@ -1381,7 +1384,7 @@ def test_an_allow_with_a_status_no_allow_has_is_a_503(kong, answered):
         iid = start_instance(kong, grpc_target=target)
         calls = kong.handle_event(iid, "access", KongRequest(headers={"Authorization": "Bearer x"}))
 
-    assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
+    assert named(calls, "kong.response.error") == UNAVAILABLE_ANSWER
     assert not named(calls, "kong.service.request.set_header")
 
 
@@ -1532,7 +1535,7 @@ def test_a_channel_whose_verifier_went_away_is_not_reused(kong, token):
     with stream_bounded_verifier(_RecordingVerifier(), port):
         assert named(kong.handle_event(iid, "access", request), "kong.service.request.set_header")
     calls = kong.handle_event(iid, "access", request)
-    assert named(calls, "kong.response.error") == [[503, "Authorization service unavailable"]]
+    assert named(calls, "kong.response.error") == UNAVAILABLE_ANSWER
 
     with stream_bounded_verifier(_RecordingVerifier(), port):
         # back at once: a new connection, not the old channel's reconnect back-off (1 s and growing)
@@ -1640,7 +1643,6 @@ def refusing_verifier(port: int) -> Iterator[RefusingVerifier]:
         refuser.stop()
 
 
-UNAVAILABLE_ANSWER = [[503, "Authorization service unavailable"]]
 REFUSING_BACKOFF_MS = 2000  # long enough that a loaded machine sends many requests within it
 
 

@@ -120,6 +120,14 @@ local NOT_RELAYED = {
   ["cache-control"] = true,
 }
 
+-- What goes with an answer this plugin gives itself, with no verifier decision to relay (a request it
+-- refuses before asking, an unknown consumer, its own failure): never to be kept by a browser or a shared
+-- cache in front of Kong, since a retry may be answered otherwise. Its 503 (the verifier unreachable, too
+-- slow or unreadable) also says when to retry: `Retry-After: 1`, as nginx's and Envoy's shipped
+-- configurations answer theirs. Never changed (Kong's exit and error only read them).
+local OWN_ANSWER_HEADERS = { ["Cache-Control"] = "no-store" }
+local UNAVAILABLE_HEADERS = { ["Cache-Control"] = "no-store", ["Retry-After"] = "1" }
+
 -- Headers of an allow answer meant for the client, not the upstream: a fresh
 -- DPoP nonce (RFC 9449 section 8.2) and rate-limit state. An answer with any
 -- of them (allow or refusal) is about one request: never stored for another.
@@ -528,7 +536,7 @@ end
 
 local function unexpected(...)
   kong.log.err(...)
-  return kong.response.error(500, "An unexpected error occurred")
+  return kong.response.error(500, "An unexpected error occurred", OWN_ANSWER_HEADERS)
 end
 
 
@@ -548,7 +556,7 @@ local function authenticate_named(conf, decision, userid)
   if conf.consumer_not_found ~= "anonymous" then
     kong.log.info("verifier named the consumer with ", field, " '", value,
                   "', which Kong does not know: refused (consumer_not_found = refuse)")
-    return kong.response.error(403, "The verified identity is not a known consumer")
+    return kong.response.error(403, "The verified identity is not a known consumer", OWN_ANSWER_HEADERS)
   end
   local anonymous, aerr = consumers.load_anonymous(conf.anonymous)
   if aerr then
@@ -607,15 +615,14 @@ function EdgeVerifierHandler:access(conf)
   local headers, herr = get_headers(MAX_REQUEST_HEADERS - 1)
   if herr == "truncated" then
     -- a spoofed identity header past the limit could not be seen to be cleared
-    return kong.response.exit(400, { message = "Too many request headers" })
+    return kong.response.exit(400, { message = "Too many request headers" }, OWN_ANSWER_HEADERS)
   end
   local authorization, single_use, consumer_sent, sent_thumbprint = scan_headers(headers)
 
   local c = constants_for(conf)
   local target = c.target
   if not target then
-    kong.log.err("bad verifier url: ", c.target_err)
-    return kong.response.error(500, "An unexpected error occurred")
+    return unexpected("bad verifier url: ", c.target_err)
   end
 
   local scheme = var.scheme
@@ -641,7 +648,7 @@ function EdgeVerifierHandler:access(conf)
     -- (only when asking: a reused answer was asked with bytes that passed)
     local malformed = not_utf8(host, headers, uri)
     if malformed then
-      return kong.response.exit(400, { message = malformed .. " is not UTF-8" })
+      return kong.response.exit(400, { message = malformed .. " is not UTF-8" }, OWN_ANSWER_HEADERS)
     end
     local res, err = http1.request(target, "GET",
                                    build_request(headers, method, scheme, host, port, uri, thumbprint),
@@ -656,7 +663,7 @@ function EdgeVerifierHandler:access(conf)
         return
       end
       kong.log.err("verifier unavailable: ", err)
-      return kong.response.error(503, "Authorization service unavailable")
+      return kong.response.error(503, "Authorization service unavailable", UNAVAILABLE_HEADERS)
     end
     if res.status >= 600 then
       -- a status no answer of the verifier has, and kong.response.exit could
@@ -664,7 +671,7 @@ function EdgeVerifierHandler:access(conf)
       -- act on is as unavailable as an unreadable one, never relayed nor kept
       -- (the Python plugin answers the same)
       kong.log.err("verifier unavailable: verifier answered with status ", res.status)
-      return kong.response.error(503, "Authorization service unavailable")
+      return kong.response.error(503, "Authorization service unavailable", UNAVAILABLE_HEADERS)
     end
     decision = to_decision(res)
     if cache and not decision.per_request then
