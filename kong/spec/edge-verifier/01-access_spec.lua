@@ -33,8 +33,11 @@ local fixtures = {
               ngx.header["X-Authenticated-Userid"] = "user-1"
               ngx.header["X-Authenticated-Scope"] = "read write"
               ngx.header["X-Authenticated-Issuer"] = "http://issuer.test"
-              if names[auth] then
-                ngx.header[names[auth][1]] = names[auth][2]
+              local named = names[auth]
+              if named then
+                -- (no two closing square brackets in a row here: they would end the long string)
+                local name, value = named[1], named[2]
+                ngx.header[name] = value
               end
               return ngx.exit(200)
             end
@@ -192,6 +195,7 @@ for _, strategy in helpers.all_strategies() do
         })
         local body = assert.res_status(403, res)
         assert.same({ message = "The verified identity is not a known consumer" }, cjson.decode(body))
+        assert.equal("no-store", res.headers["Cache-Control"])  -- the consumer may exist on the next request
       end)
 
       it("passes a consumer Kong does not know as the anonymous consumer when configured", function()
@@ -229,6 +233,9 @@ for _, strategy in helpers.all_strategies() do
           headers = { host = "down.test", authorization = "Bearer good" },
         })
         assert.res_status(503, res)
+        -- never kept by a cache, and when to retry, as nginx's and Envoy's shipped configurations answer
+        assert.equal("no-store", res.headers["Cache-Control"])
+        assert.equal("1", res.headers["Retry-After"])
       end)
 
       it("fails open only when configured to", function()
