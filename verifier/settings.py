@@ -445,6 +445,10 @@ def _issuer(reader: Reader) -> IssuerSettings:
         reader.problem("introspect_jwts", "needs an introspection section (its client and endpoint) on this issuer")
     if settings.jwks_min_ttl_seconds > settings.jwks_max_ttl_seconds:
         raise ConfigError(f"{reader.path}.jwks_min_ttl_seconds: larger than jwks_max_ttl_seconds")
+    if settings.jwks_cooldown_seconds > settings.jwks_max_ttl_seconds:
+        # A template's tenant refreshes its keys when they go stale only once the cooldown is over: a longer cooldown
+        # kept a withdrawn key trusted past jwks_max_ttl_seconds.
+        reader.problem("jwks_cooldown_seconds", "larger than jwks_max_ttl_seconds (keys are refetched no sooner)")
     reader.done()
     return settings
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 import subprocess
 import sys
@@ -508,6 +509,29 @@ def test_a_jwks_held_longer_than_a_day_is_refused_by_key() -> None:
     assert "issuers[0].jwks_max_ttl_seconds: 604800 is outside [1, 86400]" in lines
     document["issuers"][0].update(jwks_min_ttl_seconds=86_400, jwks_max_ttl_seconds=86_400)
     assert parse_settings(document).issuers[0].jwks_min_ttl_seconds == 86_400
+
+
+def test_a_jwks_cooldown_longer_than_ten_minutes_or_the_max_ttl_is_refused_by_key() -> None:
+    """After a fetch, a token signed with a key the provider has just added (a rotation) is refused until the
+    unknown-kid cooldown is over: `jwks_cooldown_seconds` had no upper bound, so a day's cooldown refused a rotated
+    key for a day. Ten minutes at most, and no longer than `jwks_max_ttl_seconds` (a template's tenant refreshes
+    its stale keys only once the cooldown is over: a withdrawn key was trusted past the max TTL). Negative, NaN and
+    infinite values are refused as before; 0 (every unknown kid refetches) stays allowed."""
+    document = _example()
+    document["issuers"][0]["jwks_cooldown_seconds"] = 86_400
+    with pytest.raises(ConfigError, match=r"^issuers\[0\]\.jwks_cooldown_seconds: 86400 is outside \[0, 600\]$"):
+        parse_settings(document)
+    document["issuers"][0].update(jwks_cooldown_seconds=600, jwks_max_ttl_seconds=300)
+    with pytest.raises(ConfigError, match=r"^issuers\[0\]\.jwks_cooldown_seconds: larger than jwks_max_ttl_seconds"):
+        parse_settings(document)
+    for bad in (-1, math.nan, math.inf):
+        document["issuers"][0].update(jwks_cooldown_seconds=bad, jwks_max_ttl_seconds=3600)
+        with pytest.raises(ConfigError, match=r"^issuers\[0\]\.jwks_cooldown_seconds: "):
+            parse_settings(document)
+    document["issuers"][0]["jwks_cooldown_seconds"] = 600
+    assert parse_settings(document).issuers[0].jwks_cooldown_seconds == 600
+    document["issuers"][0]["jwks_cooldown_seconds"] = 0
+    assert parse_settings(document).issuers[0].jwks_cooldown_seconds == 0
 
 
 def test_a_wildcard_audience_is_refused_by_key() -> None:

@@ -32,6 +32,9 @@ DEFAULT_JWKS_MAX_TTL_SECONDS = 3600.0  # ceiling: refetch at least hourly even i
 # trusted until the next fetch: a floor of a week let its holder mint accepted tokens for a week.
 MAX_JWKS_TTL_SECONDS = 86_400
 DEFAULT_JWKS_COOLDOWN_SECONDS = 30.0  # at most one unknown-kid refresh per issuer per this many s
+# seconds: the longest cooldown. After any fetch a token signed with a key the provider has just added (a rotation)
+# is refused (key_unknown) until the cooldown is over: an hour's cooldown refused a rotated key for an hour.
+MAX_JWKS_COOLDOWN_SECONDS = 600
 DEFAULT_FETCH_TIMEOUT_SECONDS = 5.0  # deadline on every discovery/JWKS call
 DEFAULT_MAX_JWKS_BYTES = 1 << 20  # 1 MiB: a JWKS larger than this is malformed, not a key set
 DEFAULT_MAX_JWKS_KEYS = 100  # keys kept per issuer; more is a misconfiguration or an attack
@@ -109,7 +112,10 @@ class IssuerSettings:
         doc="ceiling: refetch at least this often (a withdrawn key is trusted until then)",
     )
     jwks_cooldown_seconds: float = setting(
-        DEFAULT_JWKS_COOLDOWN_SECONDS, unit="seconds", doc="at most one unknown-kid refresh per this many"
+        DEFAULT_JWKS_COOLDOWN_SECONDS,
+        maximum=MAX_JWKS_COOLDOWN_SECONDS,
+        unit="seconds",
+        doc="at most one unknown-kid refresh per this many; at most jwks_max_ttl_seconds",
     )
     fetch_timeout_seconds: float = setting(
         DEFAULT_FETCH_TIMEOUT_SECONDS, minimum=0.05, maximum=60, unit="seconds", doc="deadline on discovery/JWKS calls"
