@@ -519,7 +519,7 @@ async def test_a_head_request_to_health_or_a_side_door_is_answered_without_conte
     # RFC 9110 section 9.3.2: no content in an answer to HEAD. /healthz wrote "SERVING\n" and the small
     # endpoints their JSON (a 405 on a side door's route), which the client reads as the start of the next
     # answer on the connection: the GET pipelined behind got a garbled answer.
-    webauthn = WebAuthnConfig(rp_id="localhost", origins=("http://localhost:9555",), secret=b"s" * 32)
+    webauthn = WebAuthnConfig(rp_id="localhost", origins=("http://localhost:9555",), secret=b"s" * 32, demo=True)
     async with running_verifier({"webauthn": webauthn}) as (app, _):
         for target in (b"/healthz", b"/livez", b"/v1/webauthn/credentials", b"/v1/webauthn/demo"):
             answers = await http_exchange(

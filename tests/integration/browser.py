@@ -69,6 +69,7 @@ class WebAuthnSite:
             origins=(self.origin,),
             secret=os.urandom(32),
             sqlite_path=str(tmp_path / "webauthn.sqlite3"),
+            demo=True,  # the page the browser loads (off by default)
         )
         self.settings = Settings(
             grpc=None,

@@ -206,7 +206,9 @@ async def test_no_label_value_from_the_other_doors_is_one_a_client_chose(monkeyp
     options: dict[str, object] = {
         "revocation": RevocationConfig(transmitters=(transmitter,)),
         "admin": Listen(host="127.0.0.1", port=0),
-        "webauthn": WebAuthnConfig(rp_id="localhost", origins=("http://localhost:9555",), secret=b"s" * 32),
+        "webauthn": WebAuthnConfig(
+            rp_id="localhost", origins=("http://localhost:9555",), secret=b"s" * 32, demo=True  # its step-up echo
+        ),
     }
     logout = BackchannelLogoutConfig(audiences=(DEV_AUDIENCE,))
     async with running_verifier(options, backchannel_logout=logout) as (app, idp):

@@ -78,7 +78,8 @@ class Harness:
         self.clock = FrozenClock()
         self.state = MemoryState(self.clock)
         self.registry = CollectorRegistry()
-        self.config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=SECRET, **config)
+        # The demo routes on unless a test says otherwise: several tests below call its step-up echo.
+        self.config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=SECRET, **{"demo": True, **config})
         self.service = WebAuthnService(self.config, SqliteCredentialStore(":memory:"), self.state, self.clock,
                                        WebAuthnMetrics(self.registry), leeway_seconds=leeway_seconds)
         self.router = Router()
@@ -1060,6 +1061,27 @@ async def test_the_registry_judges_its_requests_on_the_declared_origin_the_host_
         header = encode_header(a.get(body["publicKey"]["challenge"]))
         status, _, _ = await h.call("POST", route, headers={"host": "api.example.test", "x-webauthn-assertion": header})
         assert status == 200
+    finally:
+        await h.service.close()
+
+
+async def test_the_demo_routes_are_off_unless_configured() -> None:
+    """A production deployment served a test page (GET /v1/webauthn/demo) and its step-up echo unless the operator
+    turned it off: `demo` now defaults to false, in the YAML and in code; `demo: true` turns it on."""
+    assert parse_webauthn_config({"rp_id": "localhost", "origins": [ORIGIN]}).demo is False
+    assert parse_webauthn_config({"rp_id": "localhost", "origins": [ORIGIN], "demo": True}).demo is True
+    config = WebAuthnConfig(rp_id=RP_ID, origins=(ORIGIN,), secret=SECRET)
+    assert config.demo is False
+    h = Harness()
+    await h.service.close()
+    h.service = WebAuthnService(config, SqliteCredentialStore(":memory:"), h.state, h.clock,
+                                WebAuthnMetrics(CollectorRegistry()))
+    h.router = Router()
+    add_webauthn_routes(h.router, h.service, h.authenticate)
+    try:
+        assert (await h.call("GET", "/v1/webauthn/demo", user=None))[0] == 404
+        assert (await h.call("POST", "/v1/webauthn/demo/protected/transfer"))[0] == 404
+        assert (await h.call("GET", "/v1/webauthn/credentials"))[0] == 200
     finally:
         await h.service.close()
 

@@ -12,7 +12,7 @@ webauthn:
   first_enrollment_max_auth_age_seconds: 300   # a user's first credential needs a login this recent (0: off)
   secret_env: VERIFIER_WEBAUTHN_SECRET   # HMAC key for challenges and states
   storage: {sqlite_path: "/var/lib/verifier/webauthn.sqlite3"}
-  demo: true                             # serve GET /v1/webauthn/demo (a same-origin test page)
+  demo: false                            # true: serve GET /v1/webauthn/demo (a same-origin test page; development)
 ```
 
 The secret signs every challenge and registration state. When `secret_env` names an unset variable
@@ -89,7 +89,10 @@ class WebAuthnConfig:
     sqlite_path: str = setting(
         DEFAULT_SQLITE_PATH, key="storage.sqlite_path", doc="the credential registry (or :memory:)"
     )
-    demo: bool = setting(True, doc="serve GET /v1/webauthn/demo (a same-origin test page)")
+    # Off unless asked for: a production deployment must not serve a test page (and its step-up echo) it never chose.
+    demo: bool = setting(
+        False, doc="serve GET /v1/webauthn/demo and its step-up echo (a same-origin test page, for development)"
+    )
 
     def __post_init__(self) -> None:
         if not self.rp_id:
