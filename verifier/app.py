@@ -449,6 +449,10 @@ class App:
         self.public_origins = PublicOrigins.declared(settings.dpop.origins if settings.dpop is not None else ())
         if self.webauthn is not None:
             add_webauthn_routes(self.router, self.webauthn, self._authenticate, self.public_origins)
+        # A policy matches on hosts: a check that tells no host (forward-auth without the family's host header, behind
+        # nginx its `Host` is the verifier's own name; a gRPC Check with an empty host) met none of its host's
+        # policies and fell to a laxer one. Every door refuses it (`verifier.request.Undescribed`).
+        hosts_named = any(p.match.hosts for p in settings.policies or ())
         self.forward_auth = ForwardAuthDoor(
             self.pipeline,
             self.metrics,
@@ -460,6 +464,7 @@ class App:
             tracing=tracing,
             # Remembered answers stand for cached tokens: with no token cache, every request is judged afresh.
             memo=AnswerMemo(self.clock, self.generation) if cache.token_entries > 0 else None,
+            hosts_named=hosts_named,
         )
         self.grpc = GrpcDoors(
             self.pipeline,
@@ -467,6 +472,7 @@ class App:
             self.ready,
             tracing,
             answers=(lambda: AnswerMemo(self.clock, self.generation)) if cache.token_entries > 0 else None,
+            hosts_named=hosts_named,
         )
         self.ports = BoundPorts()
         self._extras_ready = self.revocation is None

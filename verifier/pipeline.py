@@ -534,7 +534,8 @@ class Pipeline:
         """A door's own early refusal of a check whose original path nothing told (`verifier.request.Undescribed`):
         forward-auth asked with neither the declared family's path header nor a path after `/v1/forward-auth`, or a
         gRPC Check with an empty path, so which route to judge is unknown (judged as `/`, a public `/` passed every
-        request). Built once per door: the description names what the gateway did not send (`missing`)."""
+        request); or, when policies name hosts, forward-auth asked without the family's host header. Built once per
+        door and `missing`: the description names what the gateway did not send."""
         return refuse(
             MalformedRequest(f"the gateway sent {missing}"),
             realm=self._realm,

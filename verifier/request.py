@@ -16,7 +16,10 @@ class Undescribed(Exception):
     """A check whose original path nothing tells: forward-auth asked with neither the declared family's path header
     nor a path after `/v1/forward-auth`, a gRPC Check whose path is empty. Judged as `/` it was `GET /` for every
     request (a public `/` then passed them all), so every door refuses it, 400 `invalid_request`, never a check
-    (`Pipeline.undescribed`). `missing` names what the gateway did not send, as the refusal's description says it."""
+    (`Pipeline.undescribed`). Also, when policies name hosts, a check that tells no host: forward-auth without the
+    family's host header (judged on its `Host`, behind nginx the verifier's own upstream name), a gRPC Check with an
+    empty host; it met none of its host's policies and fell to a laxer one.
+    `missing` names what the gateway did not send, as the refusal's description says it."""
 
     def __init__(self, missing: str) -> None:
         super().__init__(missing)

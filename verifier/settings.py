@@ -256,7 +256,8 @@ class ForwardAuthSettings:
         DEFAULT_FORWARDED_HEADERS,
         choices=FORWARDED_HEADER_FAMILIES,
         doc="the ONE header family describing the original request; the other is ignored; a check without its path "
-        "header (nor a path after `/v1/forward-auth`) is refused 400 `invalid_request`",
+        "header (nor a path after `/v1/forward-auth`), or without its host header when a policy names hosts, is "
+        "refused 400 `invalid_request`",
     )
     header_timeout_seconds: float = setting(
         DEFAULT_HEADER_TIMEOUT_SECONDS, minimum=0.01, maximum=3600, unit="seconds", doc="a request must arrive within"

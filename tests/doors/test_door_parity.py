@@ -170,10 +170,11 @@ def as_nginx(req: Logical) -> bytes:
 
 def as_envoy_http(req: Logical) -> bytes:
     """Envoy's HTTP ext_authz mode (deploy/envoy/envoy-http.yaml.template): the client's method, the path appended
-    to `path_prefix`, Host as the client sent it, x-forwarded-method/-uri added and x-forwarded-proto set by the
-    edge; the client's other headers as `allowed_headers` lets them through (credentials, trace, identity)."""
-    own = [("Host", req.authority), ("X-Forwarded-Proto", req.scheme.lower()),
-           ("X-Forwarded-Method", req.method), ("X-Forwarded-Uri", req.target)]  # fmt: skip
+    to `path_prefix`, Host as the client sent it, x-forwarded-method/-uri/-host added (`headers_to_add`: the host
+    from `:authority`, which policies naming hosts need) and x-forwarded-proto set by the edge; the client's other
+    headers as `allowed_headers` lets them through (credentials, trace, identity)."""
+    own = [("Host", req.authority), ("X-Forwarded-Proto", req.scheme.lower()), ("X-Forwarded-Method", req.method),
+           ("X-Forwarded-Uri", req.target), ("X-Forwarded-Host", req.authority)]  # fmt: skip
     allowed = ("authorization", "dpop", "traceparent", "tracestate")
     rest = [(n, v) for n, v in req.client_headers() if n.lower() in allowed or n.lower().startswith("x-authenticated-")]
     return _http(f"{req.method} /v1/forward-auth{req.target} HTTP/1.1", [*own, *rest])
@@ -823,7 +824,9 @@ async def test_an_empty_check_and_a_huge_credential_are_decided_as_forward_auth_
     fetcher: FakeFetcher,
 ) -> None:
     """Our CheckRequest with only the path `/`, Envoy's likewise, and a forward-auth check with no header at all (the
-    path `/` after the door's) describe one request (`GET /` on no host). With no path at all (our empty
+    path `/` after the door's) describe one request (`GET /` on no host): the parity policies name hosts, so every
+    door refuses it alike, 400 `invalid_request` naming the host its gateway did not send (judged on no host, it met
+    none of its host's policies and fell to a laxer one). With no path at all (our empty
     CheckRequest, Envoy's with an empty `http`, forward-auth with nothing after the door's), nothing tells the path:
     every door refuses it alike, 400 `invalid_request` naming what its gateway did not send, never judged as `/`
     (the gRPC doors judged it as `/`: a public `/` let every path through). A 900 KB Authorization is one malformed
@@ -840,8 +843,15 @@ async def test_an_empty_check_and_a_huge_credential_are_decided_as_forward_auth_
                 await exchange(app.forward_auth, _http("GET /v1/forward-auth/ HTTP/1.1", [])), _NOBODY
             ),
         }
-        agree(verdicts)
-        assert not verdicts["grpc"].allowed
+        no_host = {door: (verdict.body or {}).pop("error_description") for door, verdict in verdicts.items()}
+        assert no_host == {
+            "grpc": "the gateway sent no host (verifier.v1.CheckRequest.host), and the policies name hosts",
+            "ext_authz": "the gateway sent no host (attributes.request.http.host), and the policies name hosts",
+            "kong": "the gateway sent no x-forwarded-host header, and the policies name hosts",
+        }
+        agree({door: v._replace(challenge=tuple(c.replace(no_host[door], "") for c in v.challenge))
+               for door, v in verdicts.items()})  # fmt: skip
+        assert (verdicts["grpc"].status, verdicts["grpc"].reason) == (400, "invalid_request")
         bare = ea.CheckRequest()
         bare.attributes.request.http.SetInParent()
         untold = {

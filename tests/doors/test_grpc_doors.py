@@ -241,6 +241,48 @@ async def test_a_check_with_no_path_is_refused_400_on_both_grpc_doors_never_judg
             assert line in counted, door
 
 
+# The admin host needs the admin role; every other host any signed-in user.
+ADMIN_HOST = (
+    PolicySettings(
+        name="admin-host", match=RouteMatch(hosts=("admin.example.test",)), require=Requirements(roles_any=("admin",))
+    ),
+    PolicySettings(name="signed-in", match=RouteMatch(path_prefix="/"), require=Requirements(authenticated=True)),
+)
+
+
+async def test_a_check_with_no_host_is_refused_400_on_both_grpc_doors_when_policies_name_hosts() -> None:
+    """A Check whose host is empty was judged on no host: it met none of the admin host's policies and fell to the
+    signed-in one, so any user's token passed whatever host the request was for. With policies naming hosts both
+    gRPC doors refuse it, 400 `invalid_request`, as forward-auth refuses a check without its host header."""
+    async with running_verifier({"policies": ADMIN_HOST}) as (app, idp):
+        mallory = {"authorization": f"Bearer {idp.mint(sub='mallory')}"}
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            own = verifier_pb2_grpc.VerifierStub(channel)
+            envoy = ea_grpc.AuthorizationStub(channel)
+            for _ in range(2):  # the repeat too: nothing remembered lets it through
+                answer = await own.Check(verifier_pb2.CheckRequest(method="GET", path="/users/7", headers=mallory))
+                assert (answer.allowed, answer.http_status, answer.reason) == (False, 400, "invalid_request")
+                assert json.loads(answer.body)["error_description"] == (
+                    "the gateway sent no host (verifier.v1.CheckRequest.host), and the policies name hosts"
+                )
+                reply = await envoy.Check(_envoy_request(mallory["authorization"][7:], "/users/7", host=""))
+                denied = reply.denied_response
+                assert (reply.status.code, denied.status.code) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], 400)
+                assert json.loads(denied.body)["error_description"] == (
+                    "the gateway sent no host (attributes.request.http.host), and the policies name hosts"
+                )
+            # The host told: the admin host's policy judges it; another host the signed-in one.
+            for host, allowed in (("admin.example.test", False), ("shop.example.test", True)):
+                told = verifier_pb2.CheckRequest(method="GET", host=host, path="/users/7", headers=mallory)
+                assert (await own.Check(told)).allowed is allowed, host
+                assert ((await envoy.Check(_envoy_request(mallory["authorization"][7:], host=host))).status.code == 0
+                        ) is allowed, host  # fmt: skip
+    async with running_verifier({"policies": PUBLIC_ROOT}) as (app, _):  # no policy names a host: judged as before
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+            own = verifier_pb2_grpc.VerifierStub(channel)
+            assert (await own.Check(verifier_pb2.CheckRequest(method="GET", path="/"))).allowed
+
+
 async def test_envoy_removes_every_identity_header_a_client_sent_that_the_answer_does_not_set() -> None:
     smuggled = {"x-authenticated-userid": "admin", "x-authenticated-tenant": "acme", "x-authenticated-roles": "admin"}
     async with running_verifier() as (app, idp):

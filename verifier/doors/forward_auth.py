@@ -16,7 +16,8 @@ other family is never read, not even as a fallback, since whatever a gateway doe
 A header of the family that is absent falls back to this request: its own method (Envoy HTTP mode),
 what follows `/v1/forward-auth` in its target (Envoy appends the original path); the `Host` header; scheme
 `http`. A check whose path neither tells (a gateway sending the other family, or without the path header) is
-refused, 400 `invalid_request` (`undescribed`), never judged as `/`. `X-Envoy-Original-Path`,
+refused, 400 `invalid_request` (`undescribed`), never judged as `/`; so is a check without the family's host
+header when a policy names hosts (its `Host` is the verifier's own name behind nginx). `X-Envoy-Original-Path`,
 `X-HTTP-Method-Override` and the like are never read.
 A header of the family sent twice (a gateway that adds its own beside the client's instead of overwriting it)
 is refused, 400 `invalid_request`: which of the two describes the request is unknown (`described_twice`).
@@ -139,8 +140,13 @@ def attributes_from_http(
     peer: str,
     family: ForwardedHeaders = X_FORWARDED,
     thumbprint_header: str = "",
+    hosts_named: bool = False,
 ) -> RequestAttributes:
-    """Builds the original request's attributes from a forward-auth request, reading only `family`."""
+    """Builds the original request's attributes from a forward-auth request, reading only `family`.
+
+    `hosts_named`: policies match on hosts, so a check must tell its host in the family's host header. Its `Host`
+    is the verifier's own upstream name behind nginx's auth_request (`$proxy_host`): judged on it, a request for a
+    host-scoped route met none of the host's policies and fell to a laxer one. Refused (`Undescribed`) instead."""
     get = headers.get
     path = get(family.path)
     if not path:
@@ -153,6 +159,8 @@ def attributes_from_http(
             path = "/"
     scheme = get(family.scheme, "http").lower()
     host = get(family.host)
+    if not host and hosts_named and target.startswith(PREFIX):
+        raise Undescribed(f"no {family.host} header, and the policies name hosts")
     if host is None:
         host = get("host", "")
     elif family.port:
@@ -441,7 +449,7 @@ class _Connection(asyncio.Protocol):
             method = parser.get_method()
             try:
                 attrs = door.attributes(method.decode("latin-1"), url, self._headers, self._peer)
-            except Undescribed as undescribed:  # the fallback taken, nothing told the path: never on the hot path
+            except Undescribed as undescribed:  # nothing told the path (or a host policies need): never the hot path
                 self._push(door.undescribed(undescribed, keep_alive, head=method == b"HEAD"), keep_alive)
             else:
                 started = time.perf_counter()
@@ -675,6 +683,7 @@ class ForwardAuthDoor:
         tracing: Tracing | None = None,
         memo: AnswerMemo | None = None,
         checks: bool = True,
+        hosts_named: bool = False,
     ) -> None:
         settings = settings or ForwardAuthSettings()
         # False: a listener of the router's endpoints alone (the admin listener, `admin.listen`): `/v1/forward-auth`
@@ -691,6 +700,7 @@ class ForwardAuthDoor:
             n for n in (family.method, family.path, family.host, family.port, family.scheme) if n
         )
         self.thumbprint_header = thumbprint_header
+        self.hosts_named = hosts_named  # a policy matches on hosts: a check must tell its host (`attributes_from_http`)
         self.header_timeout = settings.header_timeout_seconds
         self.idle_timeout = settings.idle_timeout_seconds
         self.tick = min(self.header_timeout, self.idle_timeout)  # a connection's timer wakes at least this often
@@ -705,7 +715,8 @@ class ForwardAuthDoor:
         self.connections: set[_Connection] = set()
         self.draining = False  # stopping: every answer closes its connection
         self.header_names: dict[bytes, str] = {}  # raw field name -> its lower-case text (`header_name`)
-        self._undescribed: Decision | None = None  # the refusal of a check no header told the path of (built once)
+        # The refusals of a check no header told the path or the host of, by what was missing (each built once).
+        self._undescribed: dict[str, Decision] = {}
 
     def header_name(self, raw: bytes) -> str:
         """A field name as the attributes key it (lower-case text), kept for the next request while fewer
@@ -717,7 +728,9 @@ class ForwardAuthDoor:
 
     def attributes(self, method: str, target: bytes, headers: dict[str, str], peer: str) -> RequestAttributes:
         """A request's attributes as this door reads them (its header family, its thumbprint header)."""
-        return attributes_from_http(method, target, headers, peer, self.family, self.thumbprint_header)
+        return attributes_from_http(
+            method, target, headers, peer, self.family, self.thumbprint_header, self.hosts_named
+        )
 
     def decide_cached(self, attrs: RequestAttributes) -> tuple[Decision | None, float]:
         """The answer from memory (None: the slow path), and until when it may be remembered (0.0: not)."""
@@ -743,10 +756,11 @@ class ForwardAuthDoor:
         """The refusal of a check whose original path nothing told (400 `invalid_request`), counted, never a check:
         the gateway sends another family than `http.forwarded_headers` declares, or forgot the path header (an
         nginx location without `proxy_set_header X-Forwarded-Uri $request_uri`). Judged as `/` it was `GET /` for
-        every request, and a public `/` passed them all. The description names the missing header."""
-        decision = self._undescribed
+        every request, and a public `/` passed them all. Likewise a check without the family's host header when
+        policies name hosts (`attributes_from_http`). The description names the missing header."""
+        decision = self._undescribed.get(undescribed.missing)
         if decision is None:
-            decision = self._undescribed = self.pipeline.undescribed(undescribed.missing)
+            decision = self._undescribed[undescribed.missing] = self.pipeline.undescribed(undescribed.missing)
         self.observe(decision, time.perf_counter())
         answer = _answer(decision, keep_alive, {})
         return answer[: answer.index(b"\r\n\r\n") + 4] if head else answer

@@ -63,6 +63,9 @@ MAX_CERT_BYTES = 64 * 1024  # a PEM certificate chain larger than this is not on
 # What a Check with an empty path did not send, as its refusal says it (`Undescribed`): each door's field.
 OWN_UNTOLD = "no path (verifier.v1.CheckRequest.path)"
 ENVOY_UNTOLD = "no path (attributes.request.http.path)"
+# And an empty host when policies name hosts: judged on no host, the request met none of its host's policies.
+OWN_NO_HOST = "no host (verifier.v1.CheckRequest.host), and the policies name hosts"
+ENVOY_NO_HOST = "no host (attributes.request.http.host), and the policies name hosts"
 
 
 def cert_thumbprint(url_encoded_pem: str) -> str:
@@ -103,12 +106,15 @@ def _lower(headers: Mapping[str, str]) -> dict[str, str]:
     return lowered
 
 
-def attributes_from_own(request: verifier_pb2.CheckRequest) -> RequestAttributes:
+def attributes_from_own(request: verifier_pb2.CheckRequest, hosts_named: bool = False) -> RequestAttributes:
     """Our proto's request -> attributes; raises `Undescribed` for an empty path (judged as `/`, a public `/` let
-    every path through: refused, as forward-auth refuses a check whose path nothing tells)."""
+    every path through: refused, as forward-auth refuses a check whose path nothing tells), and, with `hosts_named`
+    (a policy matches on hosts), for an empty host (it met none of its host's policies, and fell to a laxer one)."""
     path = request.path
     if not path:
         raise Undescribed(OWN_UNTOLD)
+    if hosts_named and not request.host:
+        raise Undescribed(OWN_NO_HOST)
     scheme = request.scheme.lower() or "http"
     return RequestAttributes(
         method=request.method.upper() or "GET",
@@ -135,9 +141,16 @@ class RequestMemo:
     another key: a miss, translated as before.
     """
 
-    def __init__(self, max_entries: int = MAX_MEMO_REQUESTS, max_bytes: int = MAX_MEMO_REQUEST_BYTES) -> None:
+    def __init__(
+        self,
+        max_entries: int = MAX_MEMO_REQUESTS,
+        max_bytes: int = MAX_MEMO_REQUEST_BYTES,
+        *,
+        hosts_named: bool = False,
+    ) -> None:
         self._entries: dict[bytes, RequestAttributes] = {}
         self._max_entries, self._max_bytes = max_entries, max_bytes
+        self._hosts_named = hosts_named  # `attributes_from_own`: an empty host is refused
         self.get = self._entries.get  # the remembered attributes of a key, or None (a C call on the hot path)
 
     def __len__(self) -> int:
@@ -145,10 +158,12 @@ class RequestMemo:
 
     def attributes(self, data: bytes) -> RequestAttributes:
         """The attributes of a serialized `verifier.v1.CheckRequest`; raises DecodeError when it is not one,
-        `Undescribed` when it names no path (never remembered: such a request is translated, and refused, each time)."""
+        `Undescribed` when it names no path, or no host a policy needs (never remembered: such a request is translated,
+        and refused, each time)."""
         attrs = self._entries.get(data)
         if attrs is None:
-            attrs = self.keep(data, attributes_from_own(verifier_pb2.CheckRequest.FromString(data)))
+            request = verifier_pb2.CheckRequest.FromString(data)
+            attrs = self.keep(data, attributes_from_own(request, self._hosts_named))
         return attrs
 
     def keep(self, key: bytes, attrs: RequestAttributes) -> RequestAttributes:
@@ -160,12 +175,15 @@ class RequestMemo:
         return attrs
 
 
-def attributes_from_envoy(request: ea.CheckRequest) -> RequestAttributes:
-    """Envoy's `AttributeContext` -> attributes; raises `Undescribed` for an empty path (as `attributes_from_own`)."""
+def attributes_from_envoy(request: ea.CheckRequest, hosts_named: bool = False) -> RequestAttributes:
+    """Envoy's `AttributeContext` -> attributes; raises `Undescribed` for an empty path, or an empty host with
+    `hosts_named` (as `attributes_from_own`)."""
     http = request.attributes.request.http
     path = http.path
     if not path:
         raise Undescribed(ENVOY_UNTOLD)
+    if hosts_named and not http.host:
+        raise Undescribed(ENVOY_NO_HOST)
     # Envoy lower-cases the names; a caller that is not Envoy may not (`Authorization` beside `authorization`).
     headers = _lower(http.headers)
     if not headers and http.header_map.headers:
@@ -356,6 +374,8 @@ class GrpcDoors:
         ready: Callable[[], bool],
         tracing: Tracing | None = None,
         answers: Callable[[], AnswerMemo] | None = None,
+        *,
+        hosts_named: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.tracing = tracing
@@ -364,17 +384,19 @@ class GrpcDoors:
         self.metrics = metrics
         self.ready = ready
         self.health = health.aio.HealthServicer()
-        self._own_requests = RequestMemo()
+        self.hosts_named = hosts_named  # a policy matches on hosts: a Check with an empty host is refused
+        self._own_requests = RequestMemo(hosts_named=hosts_named)
         # Envoy's: a quarter of our own door's entries (1,024 keys of at most 8 KiB, their attributes as large
         # again: ~16 MiB of attacker-chosen requests at most); a repeat is answered by the answer memo first.
-        self._envoy_requests = RequestMemo(max_entries=MAX_MEMO_REQUESTS // 4)
+        self._envoy_requests = RequestMemo(max_entries=MAX_MEMO_REQUESTS // 4, hosts_named=hosts_named)
         # Remembered answers, one memo per door (their keys are different messages; None: every call is
         # decided). Not with tracing: each call has its span.
         remember = answers if tracing is None else None
         self._own_answers = remember() if remember is not None else None
         self._envoy_answers = remember() if remember is not None else None
         self._server: grpc.aio.Server | None = None
-        self._undescribed: dict[str, Decision] = {}  # door -> the refusal of a Check with no path (built once)
+        # (door, what was missing) -> the refusal of a Check with no path, or no host a policy needs (built once)
+        self._undescribed: dict[tuple[str, str], Decision] = {}
 
     async def _decide_traced(self, attrs: RequestAttributes, door: str, context: Any) -> tuple[Decision, float]:
         """A decision inside its span. The parent: the call's own `traceparent` metadata (the gateway's
@@ -431,9 +453,10 @@ class GrpcDoors:
         check: judged as `/` it was `GET /` whatever the request, and a public `/` passed them all. An answer, not a
         failed call, as forward-auth answers it: Envoy relays the 400 whatever its `failure_mode_allow`. Off the hot
         path: a translation (a memo miss) raises it, and a refused request is never remembered."""
-        decision = self._undescribed.get(door)
+        key = (door, undescribed.missing)
+        decision = self._undescribed.get(key)
         if decision is None:
-            decision = self._undescribed[door] = self.pipeline.undescribed(undescribed.missing)
+            decision = self._undescribed[key] = self.pipeline.undescribed(undescribed.missing)
         self.metrics.decision(door, decision.outcome, decision.reason, 0.0)
         return decision
 
@@ -500,7 +523,7 @@ class GrpcDoors:
                 await self._invalid(context, "envoy.service.auth.v3.CheckRequest with its headers in one form")
                 raise DecodeError("both headers and header_map")  # abort raises; this is never reached
             try:
-                attrs = self._envoy_requests.keep(key, attributes_from_envoy(message))
+                attrs = self._envoy_requests.keep(key, attributes_from_envoy(message, self.hosts_named))
             except Undescribed as undescribed:
                 return envoy_response(self.undescribed(undescribed, "ext_authz"))
         decision, until = await self._decider(attrs, "ext_authz", context)
