@@ -169,12 +169,26 @@ async def test_a_logout_with_sid_only_reaches_only_tokens_naming_the_session(
     assert check(principal()) is None  # documented limit: a sid-less token cannot be tied to the session
 
 
-async def test_a_provider_clock_running_ahead_never_reaches_tokens_issued_after_the_logout_arrived(
+async def test_a_provider_clock_running_ahead_reaches_the_tokens_it_issued_before_the_logout(
     app: App, service: RevocationService, mint: Mint
 ) -> None:
+    """The provider's clock 20 s ahead of ours stamps the logout and its tokens alike: a token it issued 15 s before
+    the logout (iat NOW + 5 on its clock) is the logged-out session's. Cut at our clock's NOW, the logout missed it
+    and it worked until it expired; a login after the logout (iat NOW + 21) is not reached."""
     assert (await post(app, sign(mint, sid=None, iat=int(NOW) + 20))).status == 200  # within the leeway
     assert service.revocations.check(principal(iat=NOW)) is not None
-    assert service.revocations.check(principal(iat=NOW + 5)) is None
+    assert service.revocations.check(principal(iat=NOW + 5)) is not None
+    assert service.revocations.check(principal(iat=NOW + 20)) is not None  # at the logout: refused
+    assert service.revocations.check(principal(iat=NOW + 21)) is None
+
+
+async def test_a_logout_stamped_far_ahead_reaches_no_further_than_the_leeway(
+    app: App, service: RevocationService, mint: Mint
+) -> None:
+    leeway = issuer_settings().leeway_seconds
+    assert (await post(app, sign(mint, sid=None, iat=int(NOW) + leeway))).status == 200  # the furthest accepted
+    (entry, *_) = service.revocations.entries()
+    assert entry.event_time == NOW + leeway
 
 
 async def test_the_entries_go_once_every_token_they_could_reach_has_expired(

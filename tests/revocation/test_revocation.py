@@ -1762,3 +1762,90 @@ async def test_jwt_id_and_client_entries_outlive_a_restart_in_the_durable_local_
         assert second.revocations.check(token_of("x", sub="", client="svc-b")) is None
     finally:
         await second.stop()
+
+
+# -- matching: an accepted event must reach the tokens it names -----------------------------------------------------
+
+
+@pytest.mark.parametrize("spelling", [ISSUER + "/", ISSUER.replace("issuer.example", "Issuer.EXAMPLE"),
+                                      ISSUER.upper().replace("HTTPS://", "https://") + "/"])
+async def test_an_event_naming_the_issuer_in_another_spelling_still_reaches_its_tokens(
+    service: RevocationService, transmitter: SsfTransmitter, registry: CollectorRegistry, spelling: str
+) -> None:
+    """The same issuer URL with a trailing slash, or its host in another case (RFC 3986 section 6.2.2.1): the
+    transmitter's own issuer, which it speaks for. Taken as another issuer, the account-disabled event was
+    acknowledged (202), counted as ignored, and the lost account's tokens kept working until they expired."""
+    subject = {"format": "iss_sub", "iss": spelling, "sub": "user-1"}
+    assert (await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, subject))).status == 202
+    refused = service.revocations.check(principal())
+    assert refused is not None and refused.code == "account_disabled"
+    assert registry.get_sample_value("verifier_ssf_subjects_ignored_total", {"transmitter": TX}) is None
+    assert [e.key.iss for e in service.revocations.entries()] == [ISSUER]  # as tokens name it
+
+
+async def test_an_issuer_differing_in_its_path_case_is_another_issuer(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    """Only the scheme and host are case-insensitive: a path in another case is another issuer (a tenant's)."""
+    other = {"format": "iss_sub", "iss": ISSUER + "/Tenant", "sub": "user-1"}
+    assert (await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, other))).status == 202
+    assert len(service.revocations) == 0
+
+
+@pytest.mark.parametrize("subject", [
+    {"format": "phone_number", "phone_number": "+12065550100"},
+    {"format": "account", "uri": "acct:user-1@issuer.example.test"},
+    {"format": "did", "url": "did:example:123"},
+    {"format": "uri", "uri": "https://issuer.example.test/users/user-1"},
+    {"format": "complex", "device": {"format": "opaque", "id": "laptop-7"}},
+    {"format": "complex", "tenant": {"format": "opaque", "id": "t1"}},
+    {"format": "complex", "user": {"format": "phone_number", "phone_number": "+12065550100"}},
+    {"format": "aliases", "identifiers": [{"format": "did", "url": "did:example:123"}]},
+])
+@pytest.mark.parametrize("event", [ACCOUNT_DISABLED, SESSION_REVOKED])
+async def test_an_event_whose_subject_names_no_token_we_can_match_is_refused_not_acknowledged(
+    service: RevocationService, transmitter: SsfTransmitter, subject: dict[str, Any], event: str
+) -> None:
+    """A subject format the verifier cannot match tokens by: acknowledged (202) it changed nothing, and the
+    transmitter believed the account disabled while its tokens kept working. Refused 400 invalid_request, the
+    transmitter sees the event was not acted on (and can send it in a format we match)."""
+    answer = await push(service, transmitter.sign_set({event: {}}, subject))
+    assert answer.status == 400 and body(answer)["err"] == "invalid_request"
+    assert "not supported" in body(answer)["description"]
+    assert len(service.revocations) == 0
+
+
+async def test_aliases_with_one_member_we_match_are_applied_the_rest_ignored(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    subject = {"format": "aliases", "identifiers": [{"format": "phone_number", "phone_number": "+12065550100"}, USER]}
+    assert (await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, subject))).status == 202
+    refused = service.revocations.check(principal())
+    assert refused is not None and refused.code == "account_disabled"
+
+
+@pytest.mark.parametrize("event", [
+    {CREDENTIAL_CHANGE: {"change_type": "revoke", "credential_type": "password", "event_timestamp": int(NOW) + 10}},
+    {SESSION_REVOKED: {"event_timestamp": int(NOW) + 10}},
+])
+async def test_a_transmitter_clock_ahead_of_ours_still_reaches_the_tokens_issued_before_its_event(
+    service: RevocationService, transmitter: SsfTransmitter, event: dict[str, Any]
+) -> None:
+    """The provider's clock runs 10 s ahead of ours (within the leeway). The attacker logs in with the stolen password
+    2 s before the user changes it: the token's iat and auth_time are NOW + 8 on the provider's clock, its
+    credential-change is stamped NOW + 10. Cut at our clock's NOW, the event missed that token, which worked until
+    it expired; a login after the change (NOW + 11) is not reached."""
+    token = transmitter.sign_set(event, USER, iat=NOW + 10)
+    assert (await push(service, token)).status == 202
+    refused = service.revocations.check(principal(iat=NOW + 8, auth_time=NOW + 8))
+    assert refused is not None
+    assert service.revocations.check(principal(iat=NOW + 11, auth_time=NOW + 11)) is None
+
+
+async def test_an_event_stamped_far_ahead_reaches_no_further_than_the_transmitters_leeway(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    event = {SESSION_REVOKED: {"event_timestamp": int(NOW) + 10**6}}
+    assert (await push(service, transmitter.sign_set(event, USER))).status == 202
+    (entry,) = service.revocations.entries()
+    assert entry.event_time == NOW + service.config.transmitters[0].leeway_seconds

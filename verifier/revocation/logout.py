@@ -187,8 +187,10 @@ class LogoutTokenVerifier:
 
 def entries_of(verified: VerifiedLogout, *, now: float, entry_lifetime: float) -> tuple[Entry, ...]:
     """The entries a logout makes (see the module's table); their ids are the same on every delivery."""
-    # The provider's clock may run ahead: a logout never reaches tokens issued after it arrived.
-    event_time = min(verified.iat, now)
+    # The provider's clock stamps the logout and its tokens alike: a logout stamped ahead of our clock (at most the
+    # issuer's leeway: `check_times`) reaches the tokens the provider issued before it. Cut at our `now`, those issued
+    # in the seconds before the logout escaped it.
+    event_time = min(verified.iat, now + verified.leeway)
     keys: list[tuple[SubjectKey, Match]] = []
     if verified.sid:
         keys.append((SubjectKey(KeyKind.SID, verified.sid, verified.issuer), Match.ALL))

@@ -42,7 +42,10 @@ neither `user` nor `session`: the tokens whose `client_id` or `azp` it names), t
 A transmitter speaks only for the subjects of the issuers it is scoped to (`subjects_of`): an
 `iss_sub` or `jwt_id` subject (or an `application` given as `iss_sub`) of another issuer is acknowledged and
 ignored (and counted); a subject format without an issuer (`email`, `opaque` session ids and client ids)
-reaches the tokens of its scoped issuers only.
+reaches the tokens of its scoped issuers only. An `iss` spelling a scoped issuer with a trailing slash or its
+scheme and host in another case (RFC 3986 section 6.2.2.1) names that issuer, as its tokens spell it. A known
+event whose subject gives no key at all (a format no token is matched by) refuses the SET (`invalid_request`):
+acknowledged, it would change nothing while the transmitter took the account as handled.
 WebAuthn credentials are owned by (issuer, `sub`), so only an `iss_sub` subject disables them.
 """
 
@@ -284,11 +287,17 @@ def effects_of(verified: VerifiedSet, *, now: float, entry_lifetime: float) -> E
             keys = subject_keys(identifier, session=event_type == SESSION_REVOKED)
         except SubjectError as exc:
             raise SetRefused(INVALID_REQUEST, str(exc)) from exc
+        if not keys:
+            # A format no token can be matched by (`phone_number`, `did`, a `complex` naming only a device, ...):
+            # acknowledged, the transmitter would take the account as disabled while its tokens kept working.
+            raise SetRefused(INVALID_REQUEST, f"subject format {_format_of(identifier)!r} is not supported")
         keys, outside = _scoped(keys, scope)
         ignored += outside
         stamp = json_number(body.get("event_timestamp"))  # unreadable: ignored, the SET's iat stands in
-        # A transmitter's clock may run ahead: an event never reaches tokens issued after it arrived.
-        event_time = min(stamp if stamp is not None else verified.iat, now)
+        # The event's time on the transmitter's clock, the tokens' `iat`/`auth_time` on the provider's: a clock running
+        # ahead of ours stamps both ahead, so the event is taken as stamped, up to `leeway_seconds` ahead (as far as
+        # the SET's `iat` may be). Cut at our `now`, the tokens issued in the seconds before it escaped the event.
+        event_time = min(stamp if stamp is not None else verified.iat, now + verified.transmitter.leeway_seconds)
         until = event_time + entry_lifetime
         why = _reason_text(body.get("reason_admin") or body.get("reason_user") or body.get("reason") or "")
 
@@ -389,11 +398,32 @@ def _scoped(keys: tuple[SubjectKey, ...], scope: tuple[str, ...]) -> tuple[tuple
         if key.iss:
             if key.iss in scope:
                 kept.append(key)
+                continue
+            # The same issuer spelled with a trailing slash or its host in another case: the tokens' spelling.
+            same = [issuer for issuer in scope if _issuer_form(issuer) == _issuer_form(key.iss)]
+            if same:
+                kept.extend(SubjectKey(key.kind, key.value, issuer) for issuer in same)
             else:
                 outside += 1
         else:
             kept.extend(SubjectKey(key.kind, key.value, issuer) for issuer in scope)
     return tuple(kept), outside
+
+
+def _issuer_form(issuer: str) -> str:
+    """An issuer URL compared case-insensitively in its scheme and host, without trailing slashes (RFC 3986
+    section 6.2.2.1); its path and query stay as they are (a tenant's issuer differs from another's by them)."""
+    scheme, sep, rest = issuer.partition("://")
+    if not sep:
+        return issuer.rstrip("/")
+    host, slash, path = rest.partition("/")
+    return f"{scheme.lower()}://{host.lower()}{slash}{path}".rstrip("/")
+
+
+def _format_of(identifier: Any) -> str:
+    """The format a subject identifier names, for a refusal's description (bounded)."""
+    fmt = identifier.get("format") if isinstance(identifier, Mapping) else None
+    return fmt[:40] if isinstance(fmt, str) else ""
 
 
 def _aaguid(value: Any) -> str:

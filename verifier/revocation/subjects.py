@@ -6,8 +6,8 @@ of its identifiers; OpenID SSF 1.0's `jwt_id` (section 3.2.1: `iss` + `jti`) -> 
 `jti` (RFC 9068 section 2.2); and SSF 1.0's `complex` (section 3.3 of the SSF spec): its `session` member for
 a session event, else its `user` member, else its `application` member -> the client the token was issued
 to (`client_id` or `azp`, either): `opaque` names the client id (any issuer), `iss_sub` the issuer and, as `sub`,
-the client id. Other formats (`phone_number`, `account`, `did`, `uri`) name nothing a token carries and give
-no key.
+the client id. Other formats (`phone_number`, `account`, `did`, `uri`) name nothing a token is matched by and give
+no key (an event naming only such a subject is refused: `verifier.revocation.ssf.effects_of`).
 """
 
 from __future__ import annotations
