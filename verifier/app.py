@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -164,6 +164,18 @@ class HttpSessions:
         await self.introspection.close()
         for client in self._introspection_tls.values():
             await client.close()
+
+
+def _token_issuers(issuers: Iterable[IssuerSettings]) -> list[str]:
+    """The issuers tokens may name: each configured one, a template's listed tenants each (`tenants: any` names
+    none in advance)."""
+    names: list[str] = []
+    for issuer in issuers:
+        if issuer.is_template:
+            names += [issuer.for_tenant(t).issuer for t in issuer.tenants if not issuer.any_tenant]
+        else:
+            names.append(issuer.issuer)
+    return names
 
 
 def build_introspector(
@@ -345,6 +357,7 @@ class App:
                 on_credential_revoked=self._credentials_revoked,
                 tracing=traced,
                 generation=self.generation,
+                issuers=_token_issuers(settings.issuers),
             )
         self.webauthn: WebAuthnService | None = None
         if settings.webauthn is not None:

@@ -1849,3 +1849,28 @@ async def test_an_event_stamped_far_ahead_reaches_no_further_than_the_transmitte
     assert (await push(service, transmitter.sign_set(event, USER))).status == 202
     (entry,) = service.revocations.entries()
     assert entry.event_time == NOW + service.config.transmitters[0].leeway_seconds
+
+
+@pytest.mark.parametrize("subject", [
+    {"format": "iss_sub", "iss": ISSUER + "/", "sub": "user-1"},
+    {"format": "iss_sub", "iss": ISSUER.upper().replace("HTTPS://", "HTTPS://"), "sub": "user-1"},
+    {"format": "jwt_id", "iss": ISSUER + "/", "jti": "jti-1"},
+])
+async def test_the_kill_switch_keys_an_issuer_in_another_spelling_as_its_tokens_name_it(
+    clock: FrozenClock, provider: FakeFetcher, monkeypatch: pytest.MonkeyPatch, subject: dict[str, Any]
+) -> None:
+    """The operator revokes a stolen laptop's user typing the issuer with a trailing slash (or in capitals): the
+    entry was made (201) and listed, and reached none of the user's tokens, which name the issuer as configured."""
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", ADMIN)
+    tenants = issuer_settings(issuer="https://login.example.test/{tenant}/v2.0", tenants=("t1",))
+    settings = Settings(grpc=None, http=None, metrics=None, issuers=(issuer_settings(), tenants), revocation=config())
+    app = App(settings, clock=clock, fetcher=provider)
+    assert app.revocation is not None
+    await app.revocation.resync()
+    created = await routes(app.revocation).dispatch(admin("POST", document={"subject": subject}))
+    assert created.status == 201
+    refused = app.revocation.revocations.check(principal(jti="jti-1"))
+    assert refused is not None and refused.code == "token_revoked"
+    tenant = {"format": "iss_sub", "iss": "https://LOGIN.example.test/t1/v2.0/", "sub": "user-1"}
+    assert (await routes(app.revocation).dispatch(admin("POST", document={"subject": tenant}))).status == 201
+    assert app.revocation.revocations.check(principal(iss="https://login.example.test/t1/v2.0")) is not None

@@ -25,7 +25,9 @@ leaves a second entry to list and to lift, and a lift of the old id can never un
 `effect` is `revoke` (default: tokens issued until now are refused, a session's or a `jwt_id`'s tokens all; the
 entry expires once all of them have) or `disable` (every token of the subject, until DELETE). A client
 (`application`) is matched by the token's `client_id` or its `azp` (either), at any issuer for an `opaque` id, at the
-`iss` an `iss_sub` names; a `jwt_id` by the token's issuer and `jti` (a token without `jti` is never matched).
+`iss` an `iss_sub` names; a `jwt_id` by the token's issuer and `jti` (a token without `jti` is never matched). An
+`iss` spelling a configured issuer otherwise (a trailing slash, its host in capitals: `issuer_form`) is keyed as
+that issuer.
 
 Every entry made or lifted, and every caller refused, is a line on the audit log (`verifier.audit`) with the
 caller's address: one secret opens the API, so where it was used from is the only "who" there is. The
@@ -38,7 +40,7 @@ import hmac
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from verifier.clock import Clock
@@ -50,7 +52,7 @@ from verifier.errors import (
     RevocationNotReplicated,
     VerifierError,
 )
-from verifier.revocation.entry import OPERATOR, Effect, Entry, KeyKind, Match
+from verifier.revocation.entry import OPERATOR, Effect, Entry, KeyKind, Match, SubjectKey, issuer_form
 from verifier.revocation.index import Revocations
 from verifier.revocation.subjects import SubjectError, subject_keys
 from verifier.settings import check_admin_token
@@ -72,8 +74,15 @@ class KillSwitch:
         remove: Callable[[list[str], bool], Awaitable[None]],
         clock: Clock,
         entry_lifetime: float,
+        issuers: Iterable[str] = (),
     ) -> None:
         check_admin_token(token)
+        # The configured issuers (a template's listed tenants each), by `issuer_form`: a subject's `iss` in another
+        # spelling of one of them is keyed as its tokens name it.
+        self._issuers = frozenset(issuers)
+        self._forms: dict[str, list[str]] = {}
+        for issuer in self._issuers:
+            self._forms.setdefault(issuer_form(issuer), []).append(issuer)
         self._token = token.encode() if token else None
         self._revocations = revocations
         self._add = add
@@ -124,7 +133,7 @@ class KillSwitch:
                 "subject must name exactly one iss_sub, email, opaque (session), jwt_id or complex application"
                 " identifier"
             )
-        key = keys[0]
+        key = self._spelled_as_configured(keys[0])
         effect = Effect.ACCOUNT_DISABLED if effect_name == "disable" else Effect.TOKEN_REVOKED
         # The operator's entries on this subject with this effect: the new one takes their place (one entry, whatever
         # the retries after a 503). It reaches every token they reached: never an earlier event, never a shorter life.
@@ -155,6 +164,15 @@ class KillSwitch:
             raise
         _audit("revocation_created", entry, peer, replaced)
         return entry
+
+    def _spelled_as_configured(self, key: SubjectKey) -> SubjectKey:
+        """`key` naming its issuer as the configured issuer it spells (a trailing slash, a host in capitals), else
+        as given: an entry on `https://idp.example/` would be listed and reach none of `https://idp.example`'s
+        tokens."""
+        if not key.iss or key.iss in self._issuers:
+            return key
+        same = self._forms.get(issuer_form(key.iss), ())
+        return SubjectKey(key.kind, key.value, same[0]) if len(same) == 1 else key
 
     def entries(self) -> list[Entry]:
         """Every live entry, events' and operators'."""

@@ -38,6 +38,17 @@ def email_key(email: str) -> str:
     return unicodedata.normalize("NFC", unicodedata.normalize("NFC", email).lower())
 
 
+def issuer_form(issuer: str) -> str:
+    """An issuer URL compared case-insensitively in its scheme and host, without trailing slashes (RFC 3986
+    section 6.2.2.1): how an event's or the operator's spelling is matched to a configured issuer's. Its path and
+    query stay as they are (a tenant's issuer differs from another's by them)."""
+    scheme, sep, rest = issuer.partition("://")
+    if not sep:
+        return issuer.rstrip("/")
+    host, slash, path = rest.partition("/")
+    return f"{scheme.lower()}://{host.lower()}{slash}{path}".rstrip("/")
+
+
 class Effect(enum.Enum):
     """What an entry does to a matching token; the refusals' values are their stable codes."""
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import aiohttp
 
@@ -69,6 +69,7 @@ class RevocationService:
         admin_token: str | None = None,
         tracing: Tracing = NO_TRACING,
         generation: Generation | None = None,
+        issuers: Iterable[str] = (),
     ) -> None:
         self.config = config
         # How long after its event an entry lasts: a token it can match lives `max_token_lifetime_seconds` at most
@@ -95,6 +96,7 @@ class RevocationService:
             remove=self.remove,
             clock=clock,
             entry_lifetime=self.entry_lifetime,
+            issuers=issuers,  # the token issuers, for the kill switch's spelling of an `iss`
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._session = session  # the poller's: the root builds it and closes it

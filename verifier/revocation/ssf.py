@@ -61,7 +61,7 @@ from verifier.clock import Clock
 from verifier.config.revocation import TransmitterConfig
 from verifier.errors import AlgorithmRefused, MalformedToken
 from verifier.numbers import json_number
-from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey, issuer_form
 from verifier.revocation.signed import (
     Failed,
     MessageRefused,
@@ -400,7 +400,7 @@ def _scoped(keys: tuple[SubjectKey, ...], scope: tuple[str, ...]) -> tuple[tuple
                 kept.append(key)
                 continue
             # The same issuer spelled with a trailing slash or its host in another case: the tokens' spelling.
-            same = [issuer for issuer in scope if _issuer_form(issuer) == _issuer_form(key.iss)]
+            same = [issuer for issuer in scope if issuer_form(issuer) == issuer_form(key.iss)]
             if same:
                 kept.extend(SubjectKey(key.kind, key.value, issuer) for issuer in same)
             else:
@@ -408,16 +408,6 @@ def _scoped(keys: tuple[SubjectKey, ...], scope: tuple[str, ...]) -> tuple[tuple
         else:
             kept.extend(SubjectKey(key.kind, key.value, issuer) for issuer in scope)
     return tuple(kept), outside
-
-
-def _issuer_form(issuer: str) -> str:
-    """An issuer URL compared case-insensitively in its scheme and host, without trailing slashes (RFC 3986
-    section 6.2.2.1); its path and query stay as they are (a tenant's issuer differs from another's by them)."""
-    scheme, sep, rest = issuer.partition("://")
-    if not sep:
-        return issuer.rstrip("/")
-    host, slash, path = rest.partition("/")
-    return f"{scheme.lower()}://{host.lower()}{slash}{path}".rstrip("/")
 
 
 def _format_of(identifier: Any) -> str:
