@@ -1874,3 +1874,16 @@ async def test_the_kill_switch_keys_an_issuer_in_another_spelling_as_its_tokens_
     tenant = {"format": "iss_sub", "iss": "https://LOGIN.example.test/t1/v2.0/", "sub": "user-1"}
     assert (await routes(app.revocation).dispatch(admin("POST", document={"subject": tenant}))).status == 201
     assert app.revocation.revocations.check(principal(iss="https://login.example.test/t1/v2.0")) is not None
+
+
+async def test_an_account_enabled_stamped_before_the_disable_does_not_lift_it_when_both_are_stamped_ahead(
+    service: RevocationService, transmitter: SsfTransmitter
+) -> None:
+    """The provider's clock 10 s ahead: it disables the account at NOW + 10, after enabling it at NOW + 5, and the
+    two arrive out of order. Both cut at our NOW, the older enable lifted the newer disable."""
+    disable = transmitter.sign_set({ACCOUNT_DISABLED: {"event_timestamp": int(NOW) + 10}}, USER, iat=NOW + 10)
+    enable = transmitter.sign_set({ACCOUNT_ENABLED: {"event_timestamp": int(NOW) + 5}}, USER, iat=NOW + 5)
+    assert (await push(service, disable)).status == 202
+    assert (await push(service, enable)).status == 202
+    refused = service.revocations.check(principal())
+    assert refused is not None and refused.code == "account_disabled"
