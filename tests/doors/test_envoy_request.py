@@ -288,6 +288,49 @@ def test_bytes_that_are_no_check_request_are_refused_by_the_key() -> None:
             request_key(data)
 
 
+def _padded(value: int, size: int) -> bytes:
+    """`value` as a varint of `size` bytes (continuation bits on zero bytes): the same number, spelled longer."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    while len(out) < size:
+        out[-1] |= 0x80
+        out.append(0)
+    return bytes(out)
+
+
+def _spelled(where: str, size: int) -> bytes:
+    """A CheckRequest whose tag or length `where` is spelled in `size` bytes (the others in one)."""
+
+    def field(tag: int, body: bytes, name: str) -> bytes:
+        tag_size, length_size = (size if where == f"{name} {part}" else 1 for part in ("tag", "length"))
+        return _padded(tag, tag_size) + _padded(len(body), length_size) + body
+
+    http = field(0x0A, b"1", "id") + b"\x2a\x01/"  # HttpRequest: id, path "/"
+    request = field(0x0A, b"\x08\x01", "time") + field(0x12, http, "http")  # Request: time, http
+    return field(0x0A, field(0x22, request, "request"), "attributes")
+
+
+@pytest.mark.parametrize("size", [6, 10])
+@pytest.mark.parametrize(
+    "where", ["attributes tag", "attributes length", "http tag", "http length", "time tag", "time length", "id tag"]
+)
+def test_a_tag_or_length_over_five_bytes_is_refused_by_both_keys(where: str, size: int) -> None:
+    """Protobuf's parser refuses a tag or a length spelled in more than 5 bytes: so must the key, also where it
+    writes that tag and length anew or leaves the field out (the C key took up to 10: a request Envoy's parser
+    refuses was translated)."""
+    for fine in (1, 5):
+        key = request_key(_spelled(where, fine))
+        assert ea.CheckRequest.FromString(key) == ea.CheckRequest.FromString(request_key(_spelled(where, 1)))
+    data = _spelled(where, size)
+    with pytest.raises(DecodeError):
+        ea.CheckRequest.FromString(data)
+    with pytest.raises(DecodeError):
+        request_key(data)
+
+
 def test_the_c_key_is_built_here(key_in: str) -> None:
     """`pip install -e .` (scripts/setup.sh) builds it; without it every cached ext_authz check costs ~3 us more."""
     if key_in == "python":

@@ -25,6 +25,7 @@ def main() -> None:
         targets.load()
         import verifier.binding.dpop
         import verifier.credentials
+        import verifier.doors.envoy_request
         import verifier.doors.forward_auth
         import verifier.doors.grpc
         import verifier.doors.logout_http

@@ -281,6 +281,68 @@ def grpc_target(data: bytes) -> None:
         _decide(attrs)
 
 
+# The five messages the C key walks (verifier/doors/_envoy_key.c), outermost first: the field that holds the next.
+_ENVOY_KEY_LEVELS = (b"\x0a", b"\x22", b"\x12", b"\x6a")  # attributes (1), request (4), http (2), header_map (13)
+
+
+def _envoy_key_input(data: bytes) -> bytes:
+    """Bytes -> a CheckRequest: raw when the first byte is even, else `data[2:]` as the body of the message
+    `data[1] % 5` levels down (0: the CheckRequest itself, 4: a HeaderMap), so the fuzzer starts inside the walk."""
+    if not data or data[0] % 2 == 0:
+        return data[1:]
+    body = data[2:]
+    for tag in reversed(_ENVOY_KEY_LEVELS[: data[1] % 5 if len(data) > 1 else 0]):
+        size, length = len(body), bytearray()
+        while size >= 0x80:
+            length.append(size & 0x7F | 0x80)
+            size >>= 7
+        body = tag + bytes(length) + bytes([size]) + body
+    return body
+
+
+def _envoy_message(key: bytes) -> Any:
+    from envoy.service.auth.v3 import external_auth_pb2 as ea
+    from google.protobuf.message import DecodeError
+
+    try:
+        return ea.CheckRequest.FromString(key)
+    except DecodeError:
+        return None
+
+
+def envoy_key_target(data: bytes) -> None:
+    from google.protobuf.message import DecodeError
+
+    from verifier.doors.envoy_request import NATIVE, python_key
+
+    message = _envoy_key_input(data)
+    try:
+        py_key: bytes | None = python_key(message)
+    except DecodeError:
+        py_key = None
+    if NATIVE is None:  # not built here: only the Python key to run
+        return
+    c_key = NATIVE(message)
+    if c_key is None:  # the door falls back to the Python key
+        return
+    if not isinstance(c_key, bytes):
+        raise InvariantBroken(f"the C key returned {type(c_key).__name__}")
+    c_message = _envoy_message(c_key)
+    if py_key is None:
+        if c_message is not None:
+            raise InvariantBroken("the Python key refuses the bytes, the C key parses as Envoy's CheckRequest")
+        return
+    py_message = _envoy_message(py_key)
+    if (c_message is None) != (py_message is None):  # the door refuses both keys as it translates them, or neither
+        raise InvariantBroken(f"only one key parses as Envoy's CheckRequest: C {c_key!r}, Python {py_key!r}")
+    if c_message is None:
+        return
+    for parsed in (c_message, py_message):  # both keep what they do not look into; the C key more
+        parsed.DiscardUnknownFields()
+    if c_message != py_message:
+        raise InvariantBroken(f"the keys are two messages: C {c_key!r}, Python {py_key!r}")
+
+
 def settings_target(data: bytes) -> None:
     import yaml
 
@@ -866,6 +928,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "token": token_target,
     "forward_auth": forward_auth_target,
     "grpc": grpc_target,
+    "envoy_key": envoy_key_target,
     "settings": settings_target,
     "introspection": introspection_target,
     "ssf": ssf_target,
@@ -909,6 +972,31 @@ def _registration_seeds() -> list[bytes]:
             b"\x01" + b"".join(len(part).to_bytes(2, "big") + part for part in parts) + authenticator.credential_id
         )
         seeds.append(b"\x00" + json.dumps({"state": "@STATE@", "credential": credential, "name": "k"}).encode())
+    return seeds
+
+
+def _envoy_key_seeds() -> list[bytes]:
+    """A check as Envoy sends it (its per-request fields, a map and a raw header map), whole and each message of the
+    walk on its own."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.auth.v3 import external_auth_pb2 as ea
+
+    request = ea.CheckRequest()
+    attributes = request.attributes
+    attributes.source.address.socket_address.address = "192.0.2.10"
+    attributes.source.address.socket_address.port_value = 40000
+    attributes.request.time.seconds = 1_796_300_000
+    http = attributes.request.http
+    http.id, http.method, http.host, http.path = "1000000", "GET", "api.example.test", "/api/orders/42"
+    http.headers.update({"x-request-id": "8e58bf45-431f-4a31-8b18-000000000001", "authorization": "Bearer x"})
+    http.header_map.headers.append(base_pb2.HeaderValue(key="x-request-id", raw_value=b"id-1"))
+    http.header_map.headers.append(base_pb2.HeaderValue(key="authorization", raw_value=b"Bearer x"))
+    seeds = [b"\x00" + request.SerializeToString()]
+    inner: Any = request
+    for level, field in enumerate(("attributes", "request", "http", "header_map")):
+        seeds.append(bytes([1, level]) + inner.SerializeToString())
+        inner = getattr(inner, field)
+    seeds.append(bytes([1, 4]) + inner.SerializeToString())
     return seeds
 
 
@@ -1035,6 +1123,8 @@ def seeds(name: str) -> list[bytes]:
         http = ac.AttributeContext.HttpRequest(method="GET", path="/a", host="h", headers={"authorization": "Bearer x"})
         message = ea.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(http=http)))
         return [message.SerializeToString()]
+    if name == "envoy_key":
+        return _envoy_key_seeds()
     return {
         "credentials": [b"Bearer abc.def.ghi", b"DPoP eyJ.e30.c2ln", b"Basic dTpw"],
         "jws": [token, b"\x00eyJhbGciOiJFUzI1NiJ9.e30.c2ln"],

@@ -14,7 +14,8 @@
  * copied field by field with their lengths written anew. The result is a serialization of Envoy's message without
  * those fields, which the door parses and translates itself (so equal keys are one message). Anything this walk does
  * not take as a well-formed message at those five levels (a group, a varint or length running past the end, a
- * field number 0) gives None: the pure-Python key decides (and refuses what is not a CheckRequest).
+ * field number 0, a tag or length over 5 bytes) gives None: the pure-Python key decides (and refuses what is not a
+ * CheckRequest).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -29,11 +30,15 @@
 static const unsigned char REQUEST_ID[] = "\n\x0cx-request-id"; /* field 1, 12 bytes: the name */
 #define REQUEST_ID_LEN 14
 
-/* Reads a varint at *p (below end) into *value; 0 when it runs past the end or past 10 bytes. */
-static int read_varint(const unsigned char **p, const unsigned char *end, unsigned long long *value) {
+/*
+ * Reads a varint of at most `max` bytes (10: a value; 5: a tag or a length, as protobuf's parsers take them, which
+ * refuse longer ones even where the value is small) at *p (below end) into *value; 0 when it runs past the end or
+ * past `max` bytes.
+ */
+static int read_varint(const unsigned char **p, const unsigned char *end, unsigned long long *value, int max) {
     unsigned long long v = 0;
     int shift = 0;
-    while (*p < end && shift < 70) {
+    while (*p < end && shift < 7 * max) { /* shift <= 63 */
         unsigned char b = *(*p)++;
         v |= (unsigned long long)(b & 0x7F) << shift;
         if (!(b & 0x80)) {
@@ -98,14 +103,14 @@ static Py_ssize_t copy(int level, const unsigned char *p, const unsigned char *e
     while (p < end) {
         const unsigned char *field = p;
         unsigned long long tag, value;
-        if (!read_varint(&p, end, &tag) || tag > 0xFFFFFFFFULL || (tag >> 3) == 0)
+        if (!read_varint(&p, end, &tag, 5) || tag > 0xFFFFFFFFULL || (tag >> 3) == 0)
             return -1;
         unsigned long long number = tag >> 3;
         int wire = (int)(tag & 7);
         const unsigned char *body = p;
         switch (wire) {
         case 0:
-            if (!read_varint(&p, end, &value))
+            if (!read_varint(&p, end, &value, 10))
                 return -1;
             break;
         case 1:
@@ -119,7 +124,7 @@ static Py_ssize_t copy(int level, const unsigned char *p, const unsigned char *e
             p += 4;
             break;
         case 2:
-            if (!read_varint(&p, end, &value) || value > (unsigned long long)(end - p))
+            if (!read_varint(&p, end, &value, 5) || value > (unsigned long long)(end - p))
                 return -1;
             body = p;
             p += value;
