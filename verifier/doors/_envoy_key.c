@@ -188,7 +188,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_envoy_key", "The Envoy door's key, in C (verifier/doors/envoy_request.py).", -1, methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_envoy_key",
+    .m_doc = "The Envoy door's key, in C (verifier/doors/envoy_request.py).",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__envoy_key(void) { return PyModule_Create(&module_def); }
