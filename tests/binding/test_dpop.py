@@ -933,6 +933,36 @@ async def test_a_proof_never_passes_for_a_target_that_is_not_one_url(
             await check(verifier, proof, jkt=jkt_of(keys.es256), url=htu)  # unused: still good for its own URL
 
 
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        # The scheme a gateway reports (X-Forwarded-Proto, Envoy's) is joined as text too: one that passes the client's
+        # own header on (Traefik's `forwardedHeaders.insecure`, a Kong `trusted_ips` of everyone) let it name a whole
+        # URL, whose `#` or `?` made the real host and path a fragment or a query.
+        "https://api.example.test/orders#",
+        "https://api.example.test/orders?",
+        "https://api.example.test/orders#x",
+        "HTTPS://api.example.test/orders?",
+        "https:",
+        "ftp",
+        "",
+    ],
+)
+async def test_a_proof_never_passes_for_a_scheme_that_is_not_http_or_https(
+    clock: FrozenClock, state: MemoryState, keys: SigningKeys, scheme: str
+) -> None:
+    """A stolen, unused proof for `GET https://api.example.test/orders` passed for `GET /admin/users` on any host once
+    the reported scheme was `https://api.example.test/orders#`: the joined URL read as the proof's, `dpop.origins`
+    or not. A scheme that is not `http` or `https` is refused before the proof is read (its jti stays unused)."""
+    for origins in ((), ("https://api.example.test",)):
+        verifier = DpopVerifier(DpopConfig(origins=origins), state, clock)
+        proof = make_proof(keys.es256)
+        attrs = RequestAttributes("GET", scheme, "admin.example.test", "/admin/users", {"dpop": proof})
+        with pytest.raises(InvalidDpopProof, match="not one URL"):
+            await DpopBinding(verifier).check(_bound(keys), Credential(TokenScheme.DPOP, TOKEN), attrs, NO_POLICY)
+        await check(verifier, proof, jkt=jkt_of(keys.es256))  # unused: still good for its own URL
+
+
 async def test_a_proof_passes_for_its_own_target_with_a_query_and_the_host_spellings_the_doors_send(
     verifier: DpopVerifier, keys: SigningKeys
 ) -> None:

@@ -10,11 +10,13 @@ from verifier.checks.base import Check, Passed, Route
 from verifier.credentials import Credential, TokenScheme
 from verifier.errors import InvalidDpopProof, InvalidToken, Scheme, SenderConstraintFailed
 from verifier.principal import Principal, confirmation
-from verifier.request import RequestAttributes
+from verifier.request import DEFAULT_PORTS, RequestAttributes
 
 # What may not appear in a request's authority for it to be read as one (RFC 3986 section 3.2: `/`, `?` and `#` end it,
 # `@` ends a userinfo; a backslash is `/` to WHATWG URL parsers); control characters and spaces neither.
 _NOT_IN_AUTHORITY = re.compile(r"[/?#@\\\x00-\x20\x7f]")
+# The schemes a request's URL may have (the doors report them lower-cased); anything else is text that ends the URL.
+_SCHEMES = frozenset(DEFAULT_PORTS)
 
 
 class ProofVerifier(Protocol):
@@ -62,11 +64,13 @@ class DpopBinding(Check):
         if self._verifier is None:
             raise InvalidDpopProof("DPoP is not enabled on this verifier")
         path = attrs.path.split("?", 1)[0]
-        if "#" in path or not attrs.host or _NOT_IN_AUTHORITY.search(attrs.host):
-            # Joined, the host and the path would not be read as this one URL: a `#` or `?` ends its path early, a
+        if "#" in path or not attrs.host or _NOT_IN_AUTHORITY.search(attrs.host) or attrs.scheme not in _SCHEMES:
+            # Joined, the scheme, host and path would not be read as this one URL: a `#` or `?` ends its path early, a
             # `/` or `@` moves where the host ends. A proof for what the URL is read as (`/orders` for the target
-            # `/orders#/../../admin`; `https://api/` for `Host: api#`) would pass for a request an upstream serves
-            # as another. No request-target has a `#` (RFC 9112 section 3.2), no authority those characters.
+            # `/orders#/../../admin`; `https://api/` for `Host: api#`; `https://api/orders` for the scheme
+            # `https://api/orders#` a gateway passed on from the client's X-Forwarded-Proto) would pass for a request
+            # an upstream serves as another. No request-target has a `#` (RFC 9112 section 3.2), no authority those
+            # characters, and a scheme is `http` or `https`.
             raise InvalidDpopProof("the request is not one URL a proof's htu can name")
         url = f"{attrs.scheme}://{attrs.host}{path}"
         proof = attrs.headers.get("dpop")
