@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from support import FrozenClock
 
@@ -87,3 +89,28 @@ async def test_without_redis_a_flood_of_identities_at_one_issuer_refuses_no_iden
     await limiter.check(alice())  # forgotten under the flood: a full bucket again, never a refusal
     await limiter.check(alice()._replace(subject="bob"))
     assert state.memory.evictions == 50  # 48 by the flood, one each for alice and bob
+
+
+# An RFC 8941 sf-string (printable ASCII, `"` and `\` escaped) and the draft's parameters after it.
+_SF_POLICY = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*";q=\d+;w=\d+')
+_SF_LEFT = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*";r=\d+;t=\d+')
+
+
+async def test_ratelimit_headers_name_any_role_as_a_valid_structured_field_string() -> None:
+    # The policy is named after the role that set the limit, a config key the IdP's role names dictate (Entra group
+    # names, say): a quote, a backslash or a non-ASCII letter went into the header as it is, so a client's
+    # structured-field parser refused the whole header (draft-ietf-httpapi-ratelimit-headers; RFC 8941 3.3.3).
+    names = ('a"b', "x y\\z", "Prüfer", "50%", "Pr%C3%BCfer", "tab\there")
+    clock = FrozenClock()
+    settings = RateLimitSettings(roles=tuple((name, RateLimit(per_second=1, burst=5)) for name in names))
+    limiter = RateLimiter(settings, MemoryState(clock), clock, configured=str)
+    labels = []
+    for name in names:
+        headers = dict(await limiter.check(alice(name)._replace(subject=name)))
+        assert _SF_POLICY.fullmatch(headers["ratelimit-policy"]), headers
+        assert _SF_LEFT.fullmatch(headers["ratelimit"]), headers
+        labels.append(headers["ratelimit-policy"].partition(";")[0])
+    assert len(set(labels)) == len(names)  # no two roles read as one policy
+    assert labels[:3] == ['"a\\"b"', '"x y\\\\z"', '"Pr%C3%BCfer"']
+    plain = dict(await limiter.check(alice("reader")._replace(subject="r")))
+    assert plain == {}  # no limit for this role and no default: no headers

@@ -5,19 +5,32 @@ The bucket key is a hash of issuer and caller (a user's `sub` or, for a client-c
 raw identities as keys; a caller gets the most generous of its roles' limits, else the default. A new
 bucket takes a place in its `issuers[]` entry's share of Redis's bound (`Settings.redis_bucket_bounds`; a
 template's tenants share their entry's): identities minted at one issuer never take another's places.
+The headers name the policy by its role as an RFC 8941 sf-string (`policy_label`), worked out at start-up.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 from verifier.clock import Clock
+from verifier.decision import quoted_string
 from verifier.errors import RateLimited
 from verifier.principal import Principal
 from verifier.settings import RateLimit, RateLimitSettings
+
+_NOT_SF_TEXT = re.compile(r"[^\x20-\x7e]|%")  # what an sf-string cannot hold, and `%` (the escape below)
+
+
+def policy_label(name: str) -> str:
+    """A role's name as the RateLimit headers' policy name: an RFC 8941 sf-string (section 3.3.3), which holds
+    printable ASCII only, `"` and `\\` escaped. Any other character (and `%`) is percent-encoded as UTF-8, so
+    `Prüfer` reads `"Pr%C3%BCfer"` and no two roles read as one."""
+    encoded = _NOT_SF_TEXT.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), name)
+    return quoted_string(encoded)
 
 
 class RateLimiter:
@@ -28,22 +41,21 @@ class RateLimiter:
     ) -> None:
         """`configured` names the `issuers[]` entry covering a principal's issuer (`KeyStore.configured`: itself,
         or its template), the share of the bound of buckets its new bucket is counted in."""
-        self._default = settings.default
-        self._roles = dict(settings.roles)
+        self._default = None if settings.default is None else (policy_label("default"), settings.default)
+        self._roles = {role: (policy_label(role), limit) for role, limit in settings.roles}
         self._state = state
         self._clock = clock
         self._configured = configured
 
     def limit_for(self, principal: Principal) -> tuple[str, RateLimit] | None:
-        """The policy name and limit that applies (most generous role, else default)."""
+        """The policy's name in the headers (`policy_label`) and the limit that applies (most generous role, else
+        default)."""
         best: tuple[str, RateLimit] | None = None
         for role in principal.roles:
-            limit = self._roles.get(role)
-            if limit is not None and (best is None or limit.per_second > best[1].per_second):
-                best = (role, limit)
-        if best is None and self._default is not None:
-            best = ("default", self._default)
-        return best
+            labelled = self._roles.get(role)
+            if labelled is not None and (best is None or labelled[1].per_second > best[1].per_second):
+                best = labelled
+        return self._default if best is None else best
 
     async def check(self, principal: Principal) -> tuple[tuple[str, str], ...]:
         """Takes one token; returns the RateLimit headers, or raises `RateLimited` with them."""
@@ -65,8 +77,8 @@ class RateLimiter:
         reset = max(0, math.ceil(result.reset_seconds))
         # draft-ietf-httpapi-ratelimit-headers: RateLimit-Policy names the quota, RateLimit what is left.
         headers = (
-            ("ratelimit-policy", f'"{name}";q={limit.burst};w={window}'),
-            ("ratelimit", f'"{name}";r={max(0, result.remaining)};t={reset}'),
+            ("ratelimit-policy", f"{name};q={limit.burst};w={window}"),
+            ("ratelimit", f"{name};r={max(0, result.remaining)};t={reset}"),
         )
         if not result.allowed:
             retry = max(1, math.ceil(result.retry_after_seconds))
