@@ -236,6 +236,23 @@ async def test_with_require_exp_a_logout_token_without_exp_is_refused(
     assert (await post(strict, sign(mint, jti="logout-2"))).status == 200
 
 
+async def test_with_require_exp_a_logout_token_with_a_null_exp_is_refused(
+    clock: FrozenClock, fetcher: FakeFetcher, mint: Mint
+) -> None:
+    """`"exp": null` is no expiry (the time checks read it as absent): `require_exp` refuses it as it refuses a
+    token without the member, not lets it through unbounded by any `exp`."""
+    issuer = issuer_settings(
+        algorithms=("ES256",), backchannel_logout=BackchannelLogoutConfig(audiences=(CLIENT,), require_exp=True)
+    )
+    strict = App(Settings(grpc=None, http=None, metrics=None, issuers=(issuer,)), clock=clock, fetcher=fetcher)
+    assert strict.revocation is not None
+    await strict.revocation.resync()
+    token = mint({**logout_claims(), "exp": None}, alg="ES256", headers={"typ": "logout+jwt"})
+    error_of(await post(strict, token))
+    assert counted(strict, ISSUER, "exp") == 1
+    assert strict.revocation.revocations.check(principal(sid="session-1")) is None
+
+
 async def test_a_replayed_jti_is_refused_and_changes_nothing(
     app: App, service: RevocationService, mint: Mint, clock: FrozenClock
 ) -> None:

@@ -168,7 +168,7 @@ class LogoutTokenVerifier:
                 raise LogoutRefused(AUDIENCE, "aud names none of the configured client ids")
             leeway = settings.leeway_seconds
             iat = check_times(payload, now=self._clock.now(), leeway=leeway, max_age=config.max_age_seconds)
-            if config.require_exp and "exp" not in payload:
+            if config.require_exp and payload.get("exp") is None:  # `null` is no exp either (`check_times`)
                 raise LogoutRefused(EXPIRED, "exp missing (backchannel_logout.require_exp)")
             jti = jti_of(payload)
         except MessageRefused as exc:
