@@ -388,7 +388,7 @@ class GrpcDoors:
         self._own_requests = RequestMemo(hosts_named=hosts_named)
         # Envoy's: a quarter of our own door's entries (1,024 keys of at most 8 KiB, their attributes as large
         # again: ~16 MiB of attacker-chosen requests at most); a repeat is answered by the answer memo first.
-        self._envoy_requests = RequestMemo(max_entries=MAX_MEMO_REQUESTS // 4, hosts_named=hosts_named)
+        self._envoy_requests = RequestMemo(max_entries=MAX_MEMO_REQUESTS // 4)  # translated by `check_envoy`
         # Remembered answers, one memo per door (their keys are different messages; None: every call is
         # decided). Not with tracing: each call has its span.
         remember = answers if tracing is None else None
@@ -449,10 +449,11 @@ class GrpcDoors:
         return hit.answer
 
     def undescribed(self, undescribed: Undescribed, door: str) -> Decision:
-        """The refusal of a Check whose path is empty (400 `invalid_request`, `Pipeline.undescribed`), counted, never a
-        check: judged as `/` it was `GET /` whatever the request, and a public `/` passed them all. An answer, not a
-        failed call, as forward-auth answers it: Envoy relays the 400 whatever its `failure_mode_allow`. Off the hot
-        path: a translation (a memo miss) raises it, and a refused request is never remembered."""
+        """The refusal of a Check whose path is empty, or whose host is when policies name hosts (400 `invalid_request`,
+        `Pipeline.undescribed`), counted, never a check: judged as `/` it was `GET /` whatever the request, and a public
+        `/` passed them all. An answer, not a failed call, as forward-auth answers it: Envoy relays the 400 whatever its
+        `failure_mode_allow`. Off the hot path: a translation (a memo miss) raises it, and a refused request is never
+        remembered."""
         key = (door, undescribed.missing)
         decision = self._undescribed.get(key)
         if decision is None:
