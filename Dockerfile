@@ -1,13 +1,15 @@
 # Small, non-root image of the verifier.
 FROM python:3.11-slim AS build
-# gcc for the one compiled part (setup.py: the Envoy door's key); the image that runs gets the wheel, not gcc
+# gcc for the compiled parts (setup.py: the Envoy door's key, the forward-auth door's parse); the image that runs gets
+# the wheel, not gcc
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY verifier ./verifier
 RUN pip wheel --no-cache-dir --wheel-dir /wheels . \
   && python -c "import sys, zipfile, glob; w = glob.glob('/wheels/edge_verifier-*.whl')[0]; \
-sys.exit(0 if any('_envoy_key' in n and n.endswith('.so') for n in zipfile.ZipFile(w).namelist()) else 'no C key')"
+names = zipfile.ZipFile(w).namelist(); \
+sys.exit(0 if all(any(m in n and n.endswith('.so') for n in names) for m in ('_envoy_key', '_http_head')) else 'no C parts')"
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home verifier

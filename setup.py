@@ -1,8 +1,10 @@
-"""The one compiled part: the Envoy door's key (verifier/doors/_envoy_key.c). Everything else is in pyproject.toml.
+"""The compiled parts: the Envoy door's key (verifier/doors/_envoy_key.c) and the forward-auth door's parse of a whole
+bodyless request (verifier/doors/_http_head.c). Everything else is in pyproject.toml.
 
-Optional: where it cannot be built (no C compiler) the verifier runs the same key in pure Python
-(verifier/doors/envoy_request.py), slower; tests/doors/test_envoy_request.py fails where it was not built, so CI
-never measures or ships the slow one unnoticed.
+Optional: where they cannot be built (no C compiler) the verifier runs the same key in pure Python
+(verifier/doors/envoy_request.py) and parses every request with llhttp (httptools), slower;
+tests/doors/test_envoy_request.py and tests/doors/test_http_head.py fail where they were not built, so CI never
+measures or ships the slow path unnoticed.
 """
 
 from setuptools import Extension, setup
@@ -14,6 +16,12 @@ setup(
             sources=["verifier/doors/_envoy_key.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
             optional=True,
-        )
+        ),
+        Extension(
+            "verifier.doors._http_head",
+            sources=["verifier/doors/_http_head.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            optional=True,
+        ),
     ]
 )

@@ -235,6 +235,44 @@ def forward_auth_target(data: bytes) -> None:
     check_http_answers(answer)
 
 
+def _http_head_input(data: bytes) -> bytes:
+    """Bytes -> a request: raw when the first byte is even, else a gateway's request (`data[1]` picks it) edited by
+    each 3 bytes after (replace, insert or delete at a position), so a run without coverage of the C (not
+    instrumented) still spends its inputs near the subset's edges."""
+    from doors.test_http_head import GATEWAY_REQUESTS
+
+    if not data or data[0] % 2 == 0:
+        return data[1:]
+    request = bytearray(GATEWAY_REQUESTS[data[1] % len(GATEWAY_REQUESTS)] if len(data) > 1 else b"")
+    for at in range(2, len(data) - 2, 3):
+        op, where, byte = data[at] % 3, data[at + 1] * 7 % (len(request) + 1), data[at + 2]
+        if op == 0 and where < len(request):
+            request[where] = byte
+        elif op == 1:
+            request.insert(where, byte)
+        elif where < len(request):
+            del request[where]
+    return bytes(request)
+
+
+def http_head_target(data: bytes) -> None:
+    """The forward-auth door's C parse of a whole bodyless request (verifier/doors/_http_head.c) against llhttp:
+    wherever the C answers, llhttp makes the same one keep-alive request of the bytes (method, target, fields)."""
+    from doors.test_http_head import llhttp
+
+    from verifier.doors.forward_auth import MAX_HEADERS, WHOLE_HEAD
+
+    if WHOLE_HEAD is None:  # not built here: every request goes to llhttp
+        return
+    data = _http_head_input(data)
+    taken = WHOLE_HEAD(data, MAX_HEADERS)
+    if taken is None:
+        return
+    expected = llhttp(data)
+    if taken != expected:
+        raise InvariantBroken(f"the C parse gives {taken!r}, llhttp {expected!r}")
+
+
 def check_http_answers(answer: bytes) -> None:
     """Each answer is a well-formed HTTP/1.1 response, and none allows anything."""
     rest = answer
@@ -929,6 +967,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "forward_auth": forward_auth_target,
     "grpc": grpc_target,
     "envoy_key": envoy_key_target,
+    "http_head": http_head_target,
     "settings": settings_target,
     "introspection": introspection_target,
     "ssf": ssf_target,
@@ -1125,6 +1164,10 @@ def seeds(name: str) -> list[bytes]:
         return [message.SerializeToString()]
     if name == "envoy_key":
         return _envoy_key_seeds()
+    if name == "http_head":
+        from doors.test_http_head import GATEWAY_REQUESTS, NEAR_MISSES
+
+        return [*GATEWAY_REQUESTS, *NEAR_MISSES.values()]
     return {
         "credentials": [b"Bearer abc.def.ghi", b"DPoP eyJ.e30.c2ln", b"Basic dTpw"],
         "jws": [token, b"\x00eyJhbGciOiJFUzI1NiJ9.e30.c2ln"],

@@ -69,6 +69,13 @@ from verifier.pipeline import Pipeline
 from verifier.request import RequestAttributes, Undescribed, normalize_authority
 from verifier.settings import ForwardAuthSettings
 
+try:  # one whole bodyless keep-alive request parsed in one call (verifier/doors/_http_head.c, built by `pip install`)
+    from verifier.doors._http_head import head as _native_head
+
+    WHOLE_HEAD: Callable[[bytes, int], tuple[bytes, bytes, dict[str, str]] | None] | None = _native_head
+except ImportError:  # not built (no C compiler): every request goes to llhttp
+    WHOLE_HEAD = None
+
 log = logging.getLogger("verifier.forward_auth")
 
 DOOR = "forward_auth"
@@ -260,11 +267,24 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._reading:  # the rest of a request llhttp has begun
+            self._feed(data)
+            return
         memo = self._door.memo
-        if memo is not None and not self._reading and not self._pending:
+        if memo is not None and not self._pending:
             self._received_at_boundary(memo, data)
         else:
+            self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Bytes that start a request: one whole bodyless keep-alive request is parsed in C (`_http_head.c`, which
+        takes only a strict subset of what llhttp takes, and says None for anything else), the rest by llhttp."""
+        whole_head = WHOLE_HEAD  # read here: a test sets it to None to take llhttp's path alone
+        whole = whole_head(data, MAX_HEADERS) if whole_head is not None and len(data) <= MAX_HEADER_BYTES else None
+        if whole is None:
             self._feed(data)
+        else:  # never fed to llhttp, which stays at the start of a message
+            self._whole(*whole)
 
     def _feed(self, data: bytes) -> None:
         """Parses what arrived; the callbacks below answer each complete request."""
@@ -311,7 +331,7 @@ class _Connection(asyncio.Protocol):
             return
         completed = self._completed
         self._taken_offer()  # none left over from an earlier request
-        self._feed(data)
+        self._parse(data)
         offer = self._taken_offer()  # what the parse just above offered, if anything
         if (
             offer is not None
@@ -433,20 +453,35 @@ class _Connection(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        parser = self._parser
+        # An upgrade is answered as any request, but closes: the bytes after it are not HTTP to llhttp (`_feed`).
+        self._complete(parser.get_method(), parser.should_keep_alive() and not parser.should_upgrade())
+
+    def _whole(self, method: bytes, url: bytes, headers: dict[str, str]) -> None:
+        """A request `_http_head.c` parsed whole (`_received_at_boundary`): what the callbacks above record of it,
+        then answered as they answer. It kept its connection open, had no body and no field twice; llhttp, never
+        fed it, is still at the start of a message."""
+        self._url = url
+        self._headers = headers
+        self._repeated = _NONE_REPEATED
+        self._body = []
+        self._complete(method, True)
+
+    def _complete(self, method: bytes, keep_alive: bool) -> None:
+        """Answers the request just read (`keep_alive`: as its parse says, before the door's draining)."""
         self._reading = False
         self._completed += 1
         if self._closing:
             return  # requests pipelined behind a "Connection: close" are not answered
-        parser = self._parser
         door = self._door
-        # An upgrade is answered as any request, but closes: the bytes after it are not HTTP to llhttp (`_feed`).
-        keep_alive = parser.should_keep_alive() and not door.draining and not parser.should_upgrade()
+        keep_alive = keep_alive and not door.draining
         url = self._url
         path = url.split(b"?", 1)[0]
-        if door.checks and (path == PREFIX or path.startswith(PREFIX + b"/")) and not (
-            (b"/." in path or b"%2" in path) and _leaves_door(path)
+        if (
+            door.checks
+            and (path == PREFIX or path.startswith(PREFIX + b"/"))
+            and not ((b"/." in path or b"%2" in path) and _leaves_door(path))
         ):
-            method = parser.get_method()
             try:
                 attrs = door.attributes(method.decode("latin-1"), url, self._headers, self._peer)
             except Undescribed as undescribed:  # nothing told the path (or a host policies need): never the hot path
@@ -472,18 +507,16 @@ class _Connection(asyncio.Protocol):
                     else:
                         self._push(self._loop.create_task(self._slow(attrs, started, keep_alive)), keep_alive, own=True)
         elif path in (b"/healthz", b"/readyz"):
-            head = parser.get_method() == b"HEAD"
+            head = method == b"HEAD"
             if (door.ready if path == b"/readyz" else door.started)():
                 self._push(_closing(_HEALTH_OK_HEAD if head else _HEALTH_OK, keep_alive), keep_alive)
             else:
                 self._push(_closing(_HEALTH_NOT_HEAD if head else _HEALTH_NOT, keep_alive), keep_alive)
         elif path == b"/livez":
-            self._push(
-                _closing(_HEALTH_OK_HEAD if parser.get_method() == b"HEAD" else _HEALTH_OK, keep_alive), keep_alive
-            )
+            self._push(_closing(_HEALTH_OK_HEAD if method == b"HEAD" else _HEALTH_OK, keep_alive), keep_alive)
         elif door.router:
             request = HttpRequest(
-                method=parser.get_method().decode("latin-1"),
+                method=method.decode("latin-1"),
                 path=path.decode("latin-1"),
                 query=url.partition(b"?")[2].decode("latin-1"),
                 headers=self._headers,

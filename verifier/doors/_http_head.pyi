@@ -1,0 +1,3 @@
+"""Types of the C parse of a whole bodyless request (verifier/doors/_http_head.c)."""
+
+def head(data: bytes, max_headers: int, /) -> tuple[bytes, bytes, dict[str, str]] | None: ...
