@@ -185,7 +185,8 @@ async def test_a_bucket_stored_before_the_bound_is_counted_when_next_taken(
 ) -> None:
     """A bucket written by the script before the bound (no count field) is served, and counted from then on."""
     a, _ = replicas
-    await raw.hset("t:bucket:old", mapping={"t": "2", "ts": repr(NOW)})
+    seconds, microseconds = await raw.time()  # the script refills on Redis's clock
+    await raw.hset("t:bucket:old", mapping={"t": "2", "ts": repr(seconds + microseconds / 1e6)})
     await raw.pexpire("t:bucket:old", 100_000)
     assert (await a.take("rl:x", rate_per_second=RATE, burst=BURST, now=NOW)).allowed
     assert int(await raw.hget("t:count:buckets", "n")) == 1

@@ -4,6 +4,7 @@ and a Redis that is down or hung makes every call fail closed (StateUnavailable)
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +15,10 @@ from support import FrozenClock, timed
 
 from verifier.app import redis_client
 from verifier.config.state import MAX_TIMEOUT_SECONDS
-from verifier.errors import StateUnavailable
+from verifier.errors import RateLimited, StateUnavailable
+from verifier.policy.ratelimit import RateLimiter
+from verifier.principal import Principal
+from verifier.settings import RateLimit, RateLimitSettings
 from verifier.state.base import Purpose
 from verifier.state.memory import MemoryState
 from verifier.state.redis import RedisState
@@ -109,17 +113,27 @@ async def test_concurrent_takes_never_exceed_the_burst(replicas: tuple[RedisStat
     assert sum(r.allowed for r in results) == 7
 
 
-async def test_the_script_mirrors_the_memory_bucket_exactly(replicas: tuple[RedisState, RedisState]) -> None:
+async def test_the_script_mirrors_the_memory_bucket_exactly(
+    replicas: tuple[RedisState, RedisState], raw: Redis
+) -> None:
+    """Real waits drive the refills (the script reads Redis's clock); each take is replayed on a memory store at the
+    time the script used (the bucket's `ts`), so both must answer alike, to the microsecond."""
     a, b = replicas
     memory = MemoryState(FrozenClock(NOW))
-    steps = [0, 0, 0, 0.4, 0.5, 0.5, 1.999, 2.0, 2.0, 10, 10, 10, 10, 9, 12.25]  # seconds after NOW
-    for i, offset in enumerate(steps):
-        expected = await memory.take("m", rate_per_second=0.5, burst=3, now=NOW + offset)
-        got = await (a if i % 2 else b).take("m", rate_per_second=0.5, burst=3, now=NOW + offset)
-        assert got.allowed == expected.allowed and got.remaining == expected.remaining, offset
+    rate, burst = 5.0, 3  # a token back every 200 ms
+    waits = [0, 0, 0, 0.05, 0.05, 0, 0.15, 0.05, 0, 0.7, 0, 0, 0, 0.1, 0.25]  # seconds before each take
+    outcomes = []
+    for i, wait in enumerate(waits):
+        await asyncio.sleep(wait)
+        got = await (a if i % 2 else b).take("m", rate_per_second=rate, burst=burst, now=NOW)
+        at = float(await raw.hget("t:bucket:m", "ts"))  # Redis's time at this take (the key lives >= 200 ms)
+        expected = await memory.take("m", rate_per_second=rate, burst=burst, now=at)
+        assert got.allowed == expected.allowed and got.remaining == expected.remaining, i
         assert got.retry_after_seconds == pytest.approx(expected.retry_after_seconds, abs=1e-6)
         assert got.reset_seconds == pytest.approx(expected.reset_seconds, abs=1e-6)
-        assert got.limit == 3
+        assert got.limit == burst
+        outcomes.append(got.allowed)
+    assert outcomes[:3] == [True] * 3 and True in outcomes[outcomes.index(False) :]  # the burst, a refusal, a refill
 
 
 async def test_a_bucket_key_expires_when_the_bucket_would_be_full(
@@ -133,10 +147,64 @@ async def test_a_bucket_key_expires_when_the_bucket_would_be_full(
 
 async def test_takes_survive_redis_losing_the_script(replicas: tuple[RedisState, RedisState], raw: Redis) -> None:
     a, b = replicas
-    assert (await a.take("s", rate_per_second=1, burst=2, now=NOW)).allowed
+    # a token per 1,000 s: none comes back between the takes (the script reads Redis's clock, not `now`)
+    assert (await a.take("s", rate_per_second=0.001, burst=2, now=NOW)).allowed
     await raw.script_flush()
-    assert (await b.take("s", rate_per_second=1, burst=2, now=NOW)).allowed  # EVALSHA misses, EVAL runs
-    assert not (await a.take("s", rate_per_second=1, burst=2, now=NOW)).allowed
+    assert (await b.take("s", rate_per_second=0.001, burst=2, now=NOW)).allowed  # EVALSHA misses, EVAL runs
+    assert not (await a.take("s", rate_per_second=0.001, burst=2, now=NOW)).allowed
+
+
+# --- Redis's clock, not the replicas' ----------------------------------------------------------------
+
+SKEW = 3600.0  # seconds a replica's clock runs ahead
+CALLER = Principal(issuer="https://idp.example.test", subject="alice", client_id=None, scopes=(), roles=frozenset(),
+                   expires_at=2e9, claims={})  # fmt: skip
+
+
+def limiter(state: RedisState, limit: RateLimit, clock: FrozenClock) -> RateLimiter:
+    """A replica's rate limiter on `state`, its wall clock `clock`."""
+    return RateLimiter(RateLimitSettings(default=limit), state, clock, configured=lambda issuer: "")  # the one share
+
+
+async def drain(rl: RateLimiter, most: int) -> None:
+    """Takes until refused, at most `most` takes."""
+    for _ in range(most):
+        try:
+            await rl.check(CALLER)
+        except RateLimited:
+            return
+    pytest.fail(f"{most} takes, none refused")
+
+
+async def test_a_replica_whose_clock_runs_ahead_gets_no_extra_tokens(
+    replicas: tuple[RedisState, RedisState],
+) -> None:
+    """The bucket refills on Redis's clock (TIME in the script). Before, each replica passed its own clock: one an
+    hour ahead found an hour's refill in a bucket the others had just drained, a full burst more for that caller."""
+    a, b = replicas
+    limit = RateLimit(per_second=0.5, burst=3)  # a token per 2 s: none comes back while the test runs
+    on_time = limiter(a, limit, FrozenClock(time.time()))
+    ahead = limiter(b, limit, FrozenClock(time.time() + SKEW))
+    await drain(on_time, limit.burst + 1)
+    with pytest.raises(RateLimited) as refused:  # before: allowed, with r=2 (the bucket full again, less this one)
+        await ahead.check(CALLER)
+    assert refused.value.retry_after == 2
+    assert dict(refused.value.headers) == {"ratelimit-policy": '"default";q=3;w=6', "ratelimit": '"default";r=0;t=6'}
+
+
+async def test_a_replica_whose_clock_runs_ahead_does_not_stall_the_refill_on_the_others(
+    replicas: tuple[RedisState, RedisState],
+) -> None:
+    """Before, the bucket kept the newest time a replica passed: after one take on a replica an hour ahead, the
+    replicas on time found no time elapsed for an hour, the caller refused until its tokens expired."""
+    a, b = replicas
+    limit = RateLimit(per_second=10, burst=10)  # a token back every 100 ms; the key lives until full (1 s)
+    on_time = limiter(a, limit, FrozenClock(time.time()))
+    await limiter(b, limit, FrozenClock(time.time() + SKEW)).check(CALLER)
+    await drain(on_time, 50)
+    await asyncio.sleep(0.2)  # two tokens' worth on Redis's clock (the key still there); on the replica's, none
+    headers = dict(await on_time.check(CALLER))  # before: refused (no time elapsed until the hour had passed)
+    assert headers["ratelimit-policy"] == '"default";q=10;w=1' and headers["ratelimit"].startswith('"default";r=')
 
 
 # --- failing closed -------------------------------------------------------------------------------

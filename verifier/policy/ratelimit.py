@@ -6,6 +6,8 @@ raw identities as keys; a caller gets the most generous of its roles' limits, el
 bucket takes a place in its `issuers[]` entry's share of Redis's bound (`Settings.redis_bucket_bounds`; a
 template's tenants share their entry's): identities minted at one issuer never take another's places.
 The headers name the policy by its role as an RFC 8941 sf-string (`policy_label`), worked out at start-up.
+A bucket refills on the state's clock: this limiter's (injected) in memory, Redis's own when shared, so a replica
+whose clock is off neither gets extra tokens nor stalls the refill on the others (`verifier.state.redis`).
 """
 
 from __future__ import annotations

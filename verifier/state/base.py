@@ -73,9 +73,10 @@ class SharedState(Protocol):
     async def take(self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "") -> TakeResult:
         """Takes one token from the bucket `key` (size `burst`, refilled at `rate_per_second`).
 
-        `now` is wall-clock seconds (comparable across replicas); `share` the `issuers[]` entry whose part of a
-        bound of buckets a new bucket takes a place in (Redis's; the local stores hold no such bound). Raises
-        `StateUnavailable` when the bucket cannot be read (fail closed: never an allow).
+        `now` is wall-clock seconds, the local stores' time (Redis refills on its own clock, the same for every
+        replica, and does not use it); `share` the `issuers[]` entry whose part of a bound of buckets a new bucket
+        takes a place in (Redis's; the local stores hold no such bound). Raises `StateUnavailable` when the bucket
+        cannot be read (fail closed: never an allow).
         """
         ...
 

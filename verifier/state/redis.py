@@ -37,6 +37,12 @@ fail closed as for an unreachable Redis, never a pass and never a 429 (the calle
 `verifier_rate_limit_store_full_total` by the replica that refused. Identities whose bucket exists are served as
 their bucket says. Still one round trip per take. A bucket stored before this (no `c`) is counted when next taken.
 
+A bucket refills on Redis's clock (`TIME` in the script), as the counters do. Before, each replica passed its
+own (`now`): with several replicas on one Redis, one whose clock ran ahead found that much refill in a bucket the
+others had just drained (up to a burst more for its caller), and as the bucket kept the newest time it was given,
+the replicas on time then found no time elapsed until their clocks caught up (the caller refused meanwhile, up to
+the skew). The in-memory and SQLite stores (one process) keep the injected clock.
+
 One bound for every issuer still let a caller who mints identities at one issuer (a `tenants: any` template, a
 self-service registration provider) take every place, and then every new identity of every other issuer, the
 operator's own included, got 503. So the bound is split per share, an `issuers[]` entry (a template's tenants
@@ -135,19 +141,19 @@ local clock = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 """
 
 # Mirrors verifier.state.base.refill / take_one / the bucket's expiry, atomically on the server, within the bound
-# of buckets (see the module's docstring). KEYS[1] the bucket, KEYS[2] the buckets' counters (SLICE_COUNTERS). ARGV
-# rate_per_second, burst, now (wall seconds), bound, slice (ms), life (ms: the longest a take sets the expiry to,
-# burst / rate). The bucket's field 'c' is the slice it is counted in. Returns {status, tokens as text (a Lua number
-# returned to Redis would be truncated to an integer), ms until the oldest counted slice ends (when refused)}:
-# status 1 allowed, 0 denied, 2 refused (a new bucket with the bound reached; nothing written but the dropping of
-# ended slices).
+# of buckets (see the module's docstring), on Redis's clock: `now` is TIME in seconds (to the microsecond), never a
+# replica's. KEYS[1] the bucket, KEYS[2] the buckets' counters (SLICE_COUNTERS). ARGV rate_per_second, burst, bound,
+# slice (ms), life (ms: the longest a take sets the expiry to, burst / rate). The bucket's field 'c' is the slice it
+# is counted in. Returns {status, tokens as text (a Lua number returned to Redis would be truncated to an integer),
+# ms until the oldest counted slice ends (when refused)}: status 1 allowed, 0 denied, 2 refused (a new bucket with
+# the bound reached; nothing written but the dropping of ended slices).
 BUCKET_SCRIPT = SLICE_COUNTERS + """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-local bound = tonumber(ARGV[4])
-local slice = tonumber(ARGV[5])
-local life = tonumber(ARGV[6])
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local bound = tonumber(ARGV[3])
+local slice = tonumber(ARGV[4])
+local life = tonumber(ARGV[5])
 local state = redis.call('HMGET', KEYS[1], 't', 'ts', 'c')
 local tokens = tonumber(state[1])
 local last = tonumber(state[2])
@@ -285,18 +291,18 @@ class RedisState:
         return bool(await self._call(self._redis.exists(self._prefix + "once:" + key)))
 
     async def take(self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "") -> TakeResult:
-        """Token bucket in one atomic script (EVALSHA, loading the script once if Redis lost it), within its
-        share's bound of buckets: `BucketStoreFull` for a new bucket when every replica's buckets of `share` (an
-        `issuers[]` entry) together are at it (nothing written); a bucket that exists is served whatever the
-        count. Another share's buckets never take this one's places."""
+        """Token bucket in one atomic script (EVALSHA, loading the script once if Redis lost it), refilled on
+        Redis's clock (`now`, this replica's, is not used: see the module's docstring), within its share's bound of
+        buckets: `BucketStoreFull` for a new bucket when every replica's buckets of `share` (an `issuers[]` entry)
+        together are at it (nothing written); a bucket that exists is served whatever the count. Another share's
+        buckets never take this one's places."""
         check_bucket(rate_per_second, burst)
         bound = self._bucket_bounds.get(share)
         if bound is None:
             raise ValueError(f"no bucket share {share!r}")  # a caller's bug: shares are the configured entries
         keys = (self._prefix + "bucket:" + key, self._bucket_counters[share])
         life_ms = max(1, math.ceil(burst / rate_per_second * 1000))
-        args = (repr(float(rate_per_second)), str(burst), repr(float(now)), str(bound), str(SLICE_MS),
-                str(life_ms))  # fmt: skip
+        args = (repr(float(rate_per_second)), str(burst), str(bound), str(SLICE_MS), str(life_ms))
         reply = await self._call(self._run(BUCKET_SCRIPT, BUCKET_SCRIPT_SHA, keys, args))
         try:
             status_raw, tokens_raw, wait_raw = reply
