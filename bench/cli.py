@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"unrecognized arguments: {flag} (an option of: {', '.join(owners)})")
     out = Path(args.out) if args.out else RESULTS_DIR / time.strftime("%Y%m%d-%H%M%S")
     print(f"bench: results in {out}", file=sys.stderr)
+    if getattr(args, "pin", False):
+        servers, generators = procs.pin()
+        print(f"bench: pinned: servers on CPU {sorted(servers)}, generators on {sorted(generators)}", file=sys.stderr)
     nested = bool(kinds) or len(suites) > 1
     if kinds:
         ctx = Context(out=out, quick=args.quick, args=args, servers=procs.Servers(out))
@@ -77,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
         choices=GRPC_CLIENTS,
         help="gRPC open loops (C generator): Envoy's connection pool, another connection when every one's streams "
         "are in use (pool, default), or fixed connections queueing the rest (fixed, a grpc C-core channel each)",
+    )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="servers on the last CPU, load generators and the bench on the others (a server's tail is its own)",
     )
     for flag, (kind, text, owners) in suite_options().items():
         p.add_argument(flag, type=kind, help=f"{text} [{', '.join(owners)}]")

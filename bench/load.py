@@ -40,7 +40,7 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from bench import openloop, wire
+from bench import openloop, procs, wire
 from bench.wire import Door
 
 DRAIN_S = 2.0  # after the schedule ends, how long late requests may still complete
@@ -343,7 +343,7 @@ def run(spec: LoadSpec, *, on_window: Callable[[float, float], None] | None = No
 
 def _handshake(cmd: list[str], spec: LoadSpec, on_window: Callable[[float, float], None] | None) -> str:
     """Start a generator that prints ``ready``, tell it ``go <perf_counter start>``, return its output."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(procs.placed("generator", cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
         proc.kill()
@@ -424,7 +424,7 @@ class ToolResult:
 def _reaped(cmd: list[str], timeout: float) -> tuple[str, float]:
     """Run ``cmd``; its output and its CPU seconds (the reaped child's rusage)."""
     t0 = os.times()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(procs.placed("generator", cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:

@@ -29,6 +29,31 @@ START_TIMEOUT_S = 30.0
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+# `--pin` (`pin`): the servers (verifier, baselines, provider) on the last CPU, the load generators and the bench
+# itself on the others, so a server's latency tail is its own and not the generator's preemption of it (a 2-core
+# host: one core each). None: the scheduler places every process (the default).
+PINNED: tuple[frozenset[int], frozenset[int]] | None = None
+
+
+def pin() -> tuple[frozenset[int], frozenset[int]]:
+    """Pins from now on (`PINNED`): (the servers' CPUs, the generators' CPUs); this process goes to the generators'."""
+    global PINNED
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit(f"--pin needs 2 CPUs or more, this process may use {len(cpus)}")
+    PINNED = frozenset(cpus[-1:]), frozenset(cpus[:-1])
+    os.sched_setaffinity(0, PINNED[1])
+    return PINNED
+
+
+def placed(role: str, cmd: Sequence[str]) -> list[str]:
+    """`cmd` pinned as a "server" or a "generator" under `--pin` (`taskset` execs it: the same pid), else as is."""
+    if PINNED is None:
+        return list(cmd)
+    cpus = PINNED[0] if role == "server" else PINNED[1]
+    return ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
+
+
 def free_port() -> int:
     """An ephemeral loopback port (closed again: a small race we accept for a bench)."""
     with socket.socket() as s:
@@ -207,7 +232,7 @@ class Servers:
         self.out.mkdir(parents=True, exist_ok=True)
         logf = (self.out / log).open("ab")
         proc = subprocess.Popen(
-            list(cmd), stdout=logf, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})}
+            placed("server", cmd), stdout=logf, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})}
         )
         self.procs.append(proc)
         return proc
