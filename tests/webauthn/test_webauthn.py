@@ -64,11 +64,11 @@ def principal(subject: str = "alice", issuer: str = ISSUER) -> Principal:
 
 
 def attrs(method: str = "POST", path: str = "/payments/transfer", assertion: str | None = None,
-          host: str = "api.example.test") -> RequestAttributes:
+          host: str = "api.example.test", scheme: str = "https") -> RequestAttributes:
     headers = {"authorization": "Bearer x"}
     if assertion is not None:
         headers["x-webauthn-assertion"] = assertion
-    return RequestAttributes(method=method, scheme="https", host=host, path=path, headers=headers)
+    return RequestAttributes(method=method, scheme=scheme, host=host, path=path, headers=headers)
 
 
 class Harness:
@@ -549,7 +549,7 @@ async def test_a_missing_assertion_is_answered_with_a_bound_challenge(
     assert body["publicKey"]["allowCredentials"] == [{"type": "public-key", "id": a.id, "transports": ["usb"]}]
     raw = unb64u(refused.offer.challenge)  # type: ignore[union-attr]
     ChallengeSigner(SECRET).check(raw, subject=subject_hash(ISSUER, "alice"),
-                                  request=request_hash("POST", "api.example.test", "/payments/transfer"),
+                                  request=request_hash("POST", "https", "api.example.test", "/payments/transfer"),
                                   now=h.clock.now())
 
 
@@ -686,6 +686,18 @@ async def test_refuses_an_assertion_made_for_another_host_on_the_same_path(
     await h.service.check_step_up(principal(), attrs(host="Payments.Example.Test", assertion=same_host_other_case))
 
 
+async def test_refuses_an_assertion_made_for_https_on_the_same_request_over_http(
+    enrolled: tuple[Harness, SoftAuthenticator],
+) -> None:
+    """An assertion made for an https request, presented with the same method, host and path over plain http (where
+    anyone on the way reads it), is refused; the same one over https passes, once."""
+    h, a = enrolled
+    header = await assertion_for(h, a, attrs(scheme="https"))
+    refused = await h.challenge(principal(), attrs(scheme="http", assertion=header))
+    assert refused.code == "webauthn_challenge_mismatch" and "scheme" in refused.description
+    await h.service.check_step_up(principal(), attrs(scheme="HTTPS", assertion=header))
+
+
 async def test_refuses_an_expired_challenge(enrolled: tuple[Harness, SoftAuthenticator]) -> None:
     h, a = enrolled
     header = await assertion_for(h, a, attrs())
@@ -697,7 +709,8 @@ async def test_refuses_an_expired_challenge(enrolled: tuple[Harness, SoftAuthent
 async def test_refuses_a_challenge_this_verifier_did_not_sign(enrolled: tuple[Harness, SoftAuthenticator]) -> None:
     h, a = enrolled
     forged = ChallengeSigner(b"x" * 32).issue(
-        subject=subject_hash(ISSUER, "alice"), request=request_hash("POST", "api.example.test", "/payments/transfer"),
+        subject=subject_hash(ISSUER, "alice"),
+        request=request_hash("POST", "https", "api.example.test", "/payments/transfer"),
         expires_at=int(h.clock.now()) + 60,
     )
     for challenge in (b64u(forged), b64u(os.urandom(32))):

@@ -3,8 +3,8 @@
 The client sends `X-WebAuthn-Assertion: <base64url of PublicKeyCredential.toJSON() as JSON>`. Each
 step of section 7.2 that applies at the edge is one check with a stable code, in this order:
 parse (`webauthn_assertion_malformed`), `type` is webauthn.get (step 11), the challenge is ours,
-unexpired and bound to this subject, method, host and path (step 12), the origin is allowed (step 13), the
-credential belongs to the token's subject and is enabled (steps 5-6), rpIdHash (step 15), UP and UV
+unexpired and bound to this subject, method, scheme, host and path (step 12), the origin is allowed (step 13),
+the credential belongs to the token's subject and is enabled (steps 5-6), rpIdHash (step 15), UP and UV
 (steps 16-17), the signature (step 21), single use of the challenge, and the sign counter (step 22).
 
 The challenge is consumed only after the signature verifies, so a stolen but unsigned challenge cannot
@@ -68,8 +68,8 @@ def user_handle(issuer: str, subject: str) -> bytes:
 
 
 def binding(attrs: RequestAttributes) -> bytes:
-    """The request hash a challenge is bound to: method, host and the path with its query, as received."""
-    return request_hash(attrs.method, attrs.host, attrs.path or "/")
+    """The request hash a challenge is bound to: method, scheme, host and the path with its query, as received."""
+    return request_hash(attrs.method, attrs.scheme, attrs.host, attrs.path or "/")
 
 
 def _malformed(reason: str) -> AssertionRefused:

@@ -6,8 +6,9 @@ the key every replica shares, and names what it was issued for:
 
     version (1) | expiry, epoch seconds (8) | nonce (16) | subject hash (16) | request hash (16) | tag (32)
 
-The subject hash is SHA-256 over issuer and subject; the request hash is SHA-256 over method, host
-and path, so an assertion made for one virtual host is refused on another with the same path.
+The subject hash is SHA-256 over issuer and subject; the request hash is SHA-256 over method, scheme, host
+and path, so an assertion made for one virtual host is refused on another with the same path, and one made for an
+https request is refused for the same request over plain http (where it could have been read on the way).
 Any replica can check a challenge another replica issued; `SharedState.first_use` keyed by the nonce
 makes each one single-use across replicas. A registration's state (section 7.1) round-trips through
 the client the same way: a signed JSON document bound to the subject, with an expiry.
@@ -33,7 +34,9 @@ _HASH_BYTES = 16  # truncated SHA-256: binding, not secrecy; 128 bits rules out 
 _TAG_BYTES = 32  # full HMAC-SHA256 tag
 _HEAD = struct.Struct(">BQ")
 CHALLENGE_BYTES = _HEAD.size + _NONCE_BYTES + 2 * _HASH_BYTES + _TAG_BYTES
-_CHALLENGE_CONTEXT = b"verifier/webauthn/step-up/v2\x00"  # v2: the request hash covers the host
+# v2: the request hash covers the host; v3: and the scheme (a v2 challenge in flight at an upgrade is refused as
+# invalid: the client asks again and gets a v3 one)
+_CHALLENGE_CONTEXT = b"verifier/webauthn/step-up/v3\x00"
 _STATE_CONTEXT = b"verifier/webauthn/register/v1\x00"
 MAX_STATE_CHARS = 4096  # a state is a few hundred characters; anything longer is not ours
 
@@ -61,9 +64,10 @@ def subject_hash(issuer: str, subject: str) -> bytes:
     return hashlib.sha256(b"subject\x00" + issuer.encode() + b"\x00" + subject.encode()).digest()[:_HASH_BYTES]
 
 
-def request_hash(method: str, host: str, path: str) -> bytes:
-    """The 16-byte digest of what a step-up challenge is bound to: method, host (case-insensitive) and path."""
-    text = "\x00".join((method.upper(), host.lower(), path))
+def request_hash(method: str, scheme: str, host: str, path: str) -> bytes:
+    """The 16-byte digest of what a step-up challenge is bound to: method, scheme and host (case-insensitive) and
+    path."""
+    text = "\x00".join((method.upper(), scheme.lower(), host.lower(), path))
     return hashlib.sha256(b"request\x00" + text.encode()).digest()[:_HASH_BYTES]
 
 
@@ -119,7 +123,7 @@ class ChallengeSigner:
             raise AssertionRefused("the challenge was issued to another user", code="webauthn_challenge_mismatch")
         if not hmac.compare_digest(bound_request, request):
             raise AssertionRefused(
-                "the challenge was issued for another method, host or path", code="webauthn_challenge_mismatch"
+                "the challenge was issued for another method, scheme, host or path", code="webauthn_challenge_mismatch"
             )
         return Challenge(raw=raw, expires_at=expires_at, nonce=nonce, subject=bound_subject, request=bound_request)
 

@@ -124,7 +124,7 @@ class WebAuthnService:
     async def check_step_up(self, principal: Principal, attrs: RequestAttributes) -> None:
         """Returns when the request carries a valid assertion bound to it; else raises `AssertionRefused`.
 
-        The refusal always carries a fresh challenge for this subject, method, host and path.
+        The refusal always carries a fresh challenge for this subject, method, scheme, host and path.
         """
         require_user(principal)
         header = attrs.headers.get(ASSERTION_HEADER, "")
@@ -145,7 +145,7 @@ class WebAuthnService:
         )
 
     async def offer(self, principal: Principal, attrs: RequestAttributes) -> Offer:
-        """A fresh challenge bound to this subject, method, host and path, with the subject's credentials."""
+        """A fresh challenge bound to this subject, method, scheme, host and path, with the subject's credentials."""
         raw = self._signer.issue(
             subject=subject_hash(principal.issuer, principal.subject),
             request=binding(attrs),
