@@ -180,6 +180,39 @@ async def test_explain_says_why_a_path_read_as_two_routes_is_refused(
     assert report["route"]["policy"] is None and "different policies" in report["route"]["summary"]
 
 
+async def test_explain_without_a_host_says_what_the_doors_say_when_policies_name_hosts(
+    provider: tuple[DevIdentityProvider, Path],
+) -> None:
+    idp, config = provider
+    settings = yaml.safe_load(config.read_text())
+    settings["policies"].insert(
+        0, {"name": "admin-host", "match": {"hosts": ["admin.example.test"]}, "require": {"roles_any": ["admin"]}}
+    )
+    config.write_text(yaml.safe_dump(settings))
+    token = idp.mint(sub="bob", claims={"scope": "read"})
+    code, out, err = await _explain(config, "--json", "--path", "/hello", token)
+    assert token not in out and token not in err
+    report = json.loads(out)
+    assert code == 1
+    # Not judged as a request to no host (it met none of the host's policies and fell to everything-else):
+    # refused before any check, as the forward-auth door refuses a check without X-Forwarded-Host.
+    assert (report["answer"]["status"], report["answer"]["reason"]) == (400, "invalid_request")
+    assert report["principal"] is None and report["route"]["policy"] is None
+    assert report["checks"][0]["step"] == "request" and report["checks"][0]["result"] == "failed"
+    assert "--host" in report["checks"][0]["detail"] and "policies name hosts" in report["checks"][0]["detail"]
+    assert {c["result"] for c in report["checks"][1:]} == {"not run"}
+    service = await _service_answer(config, token, "/hello")
+    assert (int(service["status"]), service["x-verifier-reason"]) == (400, "invalid_request")
+    assert service.get("www-authenticate", "") == report["answer"]["www_authenticate"]
+    code, out, _err = await _explain(config, "--path", "/hello", token)
+    assert code == 1 and "answer    400 invalid_request (refused)" in out and "pass --host" in out
+    # With the host told, the host's policy judges it.
+    code, out, _err = await _explain(config, "--json", "--host", "admin.example.test", "--path", "/hello", token)
+    report = json.loads(out)
+    assert code == 1 and report["route"]["policy"] == "admin-host"
+    assert (report["answer"]["status"], report["answer"]["reason"]) == (403, "role_missing")
+
+
 async def test_explain_text_names_issuer_key_checks_route_and_answer(
     provider: tuple[DevIdentityProvider, Path],
 ) -> None:

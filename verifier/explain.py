@@ -20,11 +20,12 @@ from typing import Any
 
 from verifier.app import App
 from verifier.decision import Decision
-from verifier.doors.forward_auth import attributes_from_http
+from verifier.doors.forward_auth import X_FORWARDED, attributes_from_http
 from verifier.errors import ClaimInvalid, VerifierError
 from verifier.observe.audit import fingerprint, token_hash
 from verifier.policy.rules import AMBIGUOUS, CompiledPolicy
 from verifier.principal import Principal
+from verifier.request import Undescribed
 from verifier.settings import IssuerSettings, Settings
 from verifier.tokens import jws
 
@@ -302,10 +303,19 @@ async def explain(
         "x-forwarded-proto": scheme,
     }
     if host:
-        headers["host"] = host
+        headers[X_FORWARDED.host] = host
     if dpop:
         headers["dpop"] = dpop
-    attrs = attributes_from_http(method, b"/v1/forward-auth", headers, "127.0.0.1")
+    token = authorization.split(" ", 1)[1] if " " in authorization else authorization
+    try:  # as the forward-auth door reads a check, refusing one that tells no host when policies name hosts
+        attrs = attributes_from_http(
+            method, b"/v1/forward-auth", headers, "127.0.0.1", hosts_named=app.forward_auth.hosts_named
+        )
+    except Undescribed as untold:  # the doors' refusal, before any check: no keys to fetch for it
+        try:
+            return _untold(app, settings, method.upper(), path, token, app.pipeline.undescribed(untold.missing))
+        finally:
+            await app.stop(grace=0)
     app.keys.start()
     try:
         wait = max((i.fetch_timeout_seconds for i in settings.issuers), default=5.0) + KEYS_GRACE_SECONDS
@@ -326,7 +336,6 @@ async def explain(
             notes.append("RateLimit counts this request: explain took one from the identity's budget "
                          + ("(the service's, in Redis)" if shared else "(its own, in memory)"))
         now = app.clock.now()
-        token = authorization.split(" ", 1)[1] if " " in authorization else authorization
         report = _report(app, settings, attrs.method, attrs.host, attrs.path, token, decision, steps, now)
     finally:
         await app.stop(grace=0)
@@ -348,25 +357,7 @@ def _report(
     token_event = next((d for s, d in steps if s == "token"), None)
     route_event = next((d for s, d in steps if s == "route"), None)
     refusals = [d["error"] for s, d in steps if s == "refused"]
-    parsed = None
-    if jws.looks_like_jws(token):
-        try:
-            parsed = app.jwt.parse(token)
-        except VerifierError:
-            parsed = None
-    iss = parsed.payload.get("iss") if parsed is not None else None
-    configured = app.keys.configured(iss) if isinstance(iss, str) else ""  # a tenant's: its template
-    issuer = next((i for i in settings.issuers if i.issuer == (configured or iss)), None)
-    keys = app.keys.get(iss) if issuer is not None and isinstance(iss, str) else None
-    token_info: dict[str, Any] = {
-        "fingerprint": fingerprint(token_hash(token)),
-        "bytes": len(token.encode()),
-        "kind": "JWT" if parsed is not None else ("opaque" if app.introspectors else "unparseable"),
-        "issuer": iss if isinstance(iss, str) else "",
-        "kid": parsed.kid if parsed is not None else None,
-        "alg": parsed.alg if parsed is not None else "",
-        "jwks_uri": (keys.metadata.get("jwks_uri") or issuer.jwks_uri) if keys is not None and issuer else "",
-    }
+    token_info, parsed, issuer = _token_info(app, settings, token)
     principal: Principal | None = token_event.get("principal") if token_event else None
     token_error: VerifierError | None = token_event.get("error") if token_event else None
     if token_event is None and refusals:
@@ -402,6 +393,51 @@ def _report(
         }
         if principal is not None
         else None,
+        answer=_answer(decision, _assertion_header(settings)),
+        notes=[],
+    )
+
+
+def _token_info(
+    app: App, settings: Settings, token: str
+) -> tuple[dict[str, Any], jws.CompactJWS | None, IssuerSettings | None]:
+    """What the report says of the token (never the token itself): its fingerprint, kind, issuer and key; the
+    parsed token and its configured issuer, for the checks' details."""
+    parsed = None
+    if jws.looks_like_jws(token):
+        try:
+            parsed = app.jwt.parse(token)
+        except VerifierError:
+            parsed = None
+    iss = parsed.payload.get("iss") if parsed is not None else None
+    configured = app.keys.configured(iss) if isinstance(iss, str) else ""  # a tenant's: its template
+    issuer = next((i for i in settings.issuers if i.issuer == (configured or iss)), None)
+    keys = app.keys.get(iss) if issuer is not None and isinstance(iss, str) else None
+    token_info: dict[str, Any] = {
+        "fingerprint": fingerprint(token_hash(token)),
+        "bytes": len(token.encode()),
+        "kind": "JWT" if parsed is not None else ("opaque" if app.introspectors else "unparseable"),
+        "issuer": iss if isinstance(iss, str) else "",
+        "kid": parsed.kid if parsed is not None else None,
+        "alg": parsed.alg if parsed is not None else "",
+        "jwks_uri": (keys.metadata.get("jwks_uri") or issuer.jwks_uri) if keys is not None and issuer else "",
+    }
+    return token_info, parsed, issuer
+
+
+def _untold(app: App, settings: Settings, method: str, path: str, token: str, decision: Decision) -> Report:
+    """The report of a request that tells no host when policies name hosts: every door refuses such a check
+    (`verifier.request.Undescribed`, 400 `invalid_request`) before the token or any policy is looked at."""
+    token_info, parsed, issuer = _token_info(app, settings, token)
+    details = _token_details(parsed, issuer, app, app.clock.now())
+    why = "no host, and the policies name hosts: the doors refuse a check that tells none (pass --host)"
+    return Report(
+        request={"method": method, "host": "", "path": path},
+        token=token_info,
+        checks=[Check("request", "failed", f"{why}: {decision.reason}")]
+        + [Check(name, "not run", details.get(name, "")) for name, _ in TOKEN_CHECKS],
+        route={"policy": None, "summary": "not matched: the request tells no host (pass --host)"},
+        principal=None,
         answer=_answer(decision, _assertion_header(settings)),
         notes=[],
     )

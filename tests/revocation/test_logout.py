@@ -377,6 +377,7 @@ def _forgeries(mint: Mint, keys: SigningKeys) -> dict[str, tuple[str, str]]:
         "empty nonce": (sign(mint, nonce=""), "nonce"),
         "neither sid nor sub": (sign(mint, sid=None, sub=None), "subject"),
         "sid not a string": (sign(mint, sid=["session-1"]), "subject"),
+        "sid a number": (sign(mint, sid=1), "subject"),  # as an access token's (`check_claims`): never "1"
         "empty sub": (sign(mint, sub="", sid=None), "subject"),
         "sid too long": (sign(mint, sid="s" * 513), "subject"),
         "payload not JSON": (compact({"alg": "ES256", "kid": es}, b"not json"), "malformed"),

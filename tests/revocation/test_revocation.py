@@ -1177,6 +1177,27 @@ async def test_the_verifier_refuses_tokens_that_outlive_its_revocations_at_the_d
             assert f"x-verifier-reason: {reason}\r\n".encode() in answer
 
 
+async def test_a_token_whose_sid_is_a_number_never_escapes_a_session_revocation_at_the_door(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A session revocation names the session as a string (SSF `opaque` id, a logout token's `sid`): a token whose
+    `sid` is the number 123 was keyed on no session and passed the revocation of "123". OIDC's `sid` is a string: such
+    a token is refused at validation (401 `claim_invalid`), whatever the entries."""
+    from doorkit import http_exchange, running_verifier
+
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", ADMIN)
+    async with running_verifier({"revocation": parse_revocation_config({})}) as (app, idp):
+        assert app.revocation is not None
+        revoke = admin("POST", document={"subject": {"format": "opaque", "id": "123"}})
+        assert (await routes(app.revocation).dispatch(revoke)).status == 201
+        for sid, reason in (("123", "token_revoked"), (123, "claim_invalid"), (123.0, "claim_invalid")):
+            token = idp.mint(claims={"sid": sid})
+            raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            answer = await http_exchange(app.ports.http, raw)
+            assert answer.startswith(b"HTTP/1.1 401 "), (sid, answer[:200])
+            assert f"x-verifier-reason: {reason}\r\n".encode() in answer, (sid, answer[:400])
+
+
 # -- pieces ------------------------------------------------------------------------------------------------------
 
 

@@ -240,6 +240,9 @@ HOSTILE: list[tuple[str, Builder, type[VerifierError], str]] = [
     ("exp a boolean", lambda m, k: m(claims(exp=True)), ClaimInvalid, "claim_invalid"),
     ("no sub and no client", lambda m, k: m(claims(sub=None, client_id=None)), ClaimInvalid, "claim_invalid"),
     ("sub not a string", lambda m, k: m(claims(sub=42)), ClaimInvalid, "claim_invalid"),
+    # A session revocation names the session "123": a token whose `sid` is the number 123 escaped it.
+    ("sid a number", lambda m, k: m(claims(sid=123)), ClaimInvalid, "claim_invalid"),
+    ("sid a list", lambda m, k: m(claims(sid=["s-1"])), ClaimInvalid, "claim_invalid"),
 ]
 
 
@@ -274,7 +277,7 @@ async def test_an_aud_naming_no_audience_is_malformed_not_a_mismatch(
 @pytest.mark.parametrize(
     ("claim", "overrides"),
     [("exp", {"exp": None}), ("aud", {"aud": None}), ("sub", {"sub": None, "client_id": None}),
-     ("exp", {"exp": "soon"}), ("nbf", {"nbf": "now"}), ("iat", {"iat": [1]})],
+     ("exp", {"exp": "soon"}), ("nbf", {"nbf": "now"}), ("iat", {"iat": [1]}), ("sid", {"sid": 123})],
 )
 async def test_claim_errors_name_the_claim(verifier: JwtVerifier, mint: Mint, claim: str, overrides: dict) -> None:
     err = await _refusal(verifier, mint(claims(**overrides)))

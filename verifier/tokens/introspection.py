@@ -461,6 +461,9 @@ class Introspector:
         sub = answer.get("sub")
         if sub is not None and not isinstance(sub, str):
             raise ClaimInvalid("sub is not a string", claim="sub")
+        sid = answer.get("sid")  # a string, as a JWT's (`check_claims`): any other escaped every session revocation
+        if sid is not None and not isinstance(sid, str):
+            raise ClaimInvalid("sid is not a string", claim="sid")
         client, other_client = clients_of(answer)  # `client_id`, else `azp` (Keycloak answers with both)
         if not (sub or client):
             raise ClaimInvalid("token names no subject", claim="sub")

@@ -87,6 +87,11 @@ def check_claims(claims: Mapping[str, Any], header: Mapping[str, Any], settings:
     sub = claims.get("sub")
     if sub is not None and not isinstance(sub, str):
         raise ClaimInvalid("sub is not a string", claim="sub")
+    # `sid` is a string (OIDC Front-/Back-Channel Logout, SSF's `opaque` session id): one of another type (`123`) was
+    # never the session a revocation names ("123"), and a token naming it escaped every session revocation.
+    sid = claims.get("sid")
+    if sid is not None and not isinstance(sid, str):
+        raise ClaimInvalid("sid is not a string", claim="sid")
     # An empty `sub` or client names nobody, as in an introspection answer: no caller for revocation entries,
     # rate-limit buckets or the upstream's user header to be keyed on. A client claim that is not a string refuses.
     client = clients_of(claims)[0]
