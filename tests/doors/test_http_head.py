@@ -126,6 +126,9 @@ NEAR_MISSES = {
     "HTTP/1.0 keep-alive": b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
     "connection close": b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
     "connection two tokens": b"GET / HTTP/1.1\r\nConnection: keep-alive, te\r\n\r\n",
+    # llhttp reads Proxy-Connection as Connection: "close" there closes the connection (the C took it as keep-alive)
+    "proxy-connection close": b"GET / HTTP/1.1\r\nProxy-Connection: close\r\n\r\n",
+    "proxy-connection two tokens": b"GET / HTTP/1.1\r\nproxy-connection: keep-alive, close\r\n\r\n",
     "upgrade": b"GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
     "upgrade alone": b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
     "chunked": b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -195,6 +198,7 @@ _NAMES = st.one_of(
             b"authorization",
             b"X-Forwarded-Uri",
             b"Connection",
+            b"Proxy-Connection",
             b"Content-Length",
             b"Transfer-Encoding",
             b"Upgrade",

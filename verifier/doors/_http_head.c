@@ -15,8 +15,9 @@
  *   then CRLF, which is the last byte of `data`: one request, no body, nothing after it.
  *
  * And: no name twice (any case), at most `max_headers` fields; no Transfer-Encoding, no Upgrade; Content-Length only
- * as "0"; Connection only as "keep-alive" (any case). So the request keeps its connection open, has no body, and
- * the door's llhttp parser, never fed it, stays at the start of a message for the next one.
+ * as "0"; Connection, and Proxy-Connection (which llhttp reads as Connection: "close" closes), only as "keep-alive"
+ * (any case). So the request keeps its connection open, has no body, and the door's llhttp parser, never fed it,
+ * stays at the start of a message for the next one.
  *
  * What it gives is what the callbacks build: the method and the target as bytes (llhttp's `get_method()` and
  * `on_url`), the fields as a dict of the name in lower case to the value decoded as Latin-1 (`on_headers_complete`).
@@ -115,7 +116,9 @@ static PyObject *fields(const unsigned char *p, const unsigned char *end, Py_ssi
             goto outside;
         if (equals_lower(name, name_len, "content-length") && !(value_len == 1 && value[0] == '0'))
             goto outside;
-        if (equals_lower(name, name_len, "connection") && !equals_lower(value, value_len, "keep-alive"))
+        /* llhttp reads Proxy-Connection as it reads Connection ("close" closes): the same rule for both */
+        if ((equals_lower(name, name_len, "connection") || equals_lower(name, name_len, "proxy-connection")) &&
+            !equals_lower(value, value_len, "keep-alive"))
             goto outside;
         PyObject *key = lower_name(name, name_len);
         if (key == NULL)
