@@ -16,6 +16,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from sourcetree import parse
+
 ROOT = Path(__file__).resolve().parent.parent / "verifier"
 METRIC_TYPES = {"Counter", "Gauge", "Histogram", "Summary", "Info", "Enum"}
 METRICS_MODULE = "observe/metrics.py"
@@ -57,7 +59,7 @@ CLIENT_CONSTRUCTORS = {
 
 
 def _sources() -> dict[str, ast.Module]:
-    return {str(path.relative_to(ROOT)): ast.parse(path.read_text(), str(path)) for path in ROOT.rglob("*.py")}
+    return {str(path.relative_to(ROOT)): parse(path) for path in ROOT.rglob("*.py")}
 
 
 def _metric_constructors(tree: ast.Module) -> list[int]:

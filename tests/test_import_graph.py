@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from sourcetree import parse
+
 PACKAGE = Path(__file__).resolve().parent.parent / "verifier"
 
 
@@ -40,7 +42,7 @@ def import_graph() -> dict[str, set[str]]:
     modules = _modules()
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(parse(path)):
             for target in _imported(node):
                 while target:  # `a.b.c` runs `a.b.c`, `a.b` and `a`; a name imported from a module is no module
                     if target in modules and target != name and not name.startswith(target + "."):

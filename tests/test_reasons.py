@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+from sourcetree import parse
 
 import verifier
 from verifier.decision import Decision
@@ -84,7 +85,7 @@ def test_every_code_the_source_raises_is_catalogued() -> None:
         rel = path.relative_to(PACKAGE).as_posix()
         if rel.startswith("v1/"):
             continue  # generated protobuf code
-        tree = ast.parse(path.read_text(), str(path))
+        tree = parse(path)
         constants = _string_constants(tree)
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef):
@@ -218,7 +219,7 @@ def test_services_do_not_speak_http(package: str) -> None:
     """The handlers live in verifier/doors/; the services return values or raise catalogued errors."""
     offenders = []
     for path in sorted((PACKAGE / package).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parse(path)):
             names = (
                 [node.module or ""]
                 if isinstance(node, ast.ImportFrom)
