@@ -42,7 +42,7 @@ from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.revocation import Revocations, RevocationService, TokenRevoked, parse_revocation_config
 from verifier.revocation import service as service_module
-from verifier.revocation.entry import REFUSAL_CODES, Effect, Entry, KeyKind, Match, SubjectKey
+from verifier.revocation.entry import REFUSAL_CODES, Effect, Entry, KeyKind, Match, SubjectKey, email_key
 from verifier.revocation.ssf import CredentialRevocation
 from verifier.revocation.store import MemoryStore
 from verifier.revocation.subjects import MAX_IDENTIFIER_CHARS, SubjectError, subject_keys
@@ -410,6 +410,56 @@ async def test_an_email_entry_stored_in_another_normalization_form_still_matches
     index.replace([entry])
     assert index.check(principal(sub="zz", email=NFC_EMAIL)) is not None
     assert index.check(principal(sub="zz", email=NFD_EMAIL)) is not None
+
+
+UNICODE_DOMAIN_EMAIL = "Ann@B\u00fccher.Example"  # the domain in Unicode labels (U-labels)
+A_LABEL_EMAIL = "ann@XN--BCHER-KVA.example"  # the same domain as a directory may keep it: its A-label (RFC 5890)
+
+
+@pytest.mark.parametrize(
+    ("announced_as", "carried_as"), [(UNICODE_DOMAIN_EMAIL, A_LABEL_EMAIL), (A_LABEL_EMAIL, UNICODE_DOMAIN_EMAIL)]
+)
+async def test_an_email_subject_reaches_the_same_internationalized_domain_in_either_spelling(
+    service: RevocationService, transmitter: SsfTransmitter, announced_as: str, carried_as: str
+) -> None:
+    """`ann@bücher.example` and `ann@xn--bcher-kva.example` are one mailbox: an event naming it in one spelling
+    must refuse the tokens carrying the other (was: the SET was accepted, 202, and the tokens kept passing)."""
+    subject = {"format": "email", "email": announced_as}
+    assert (await push(service, transmitter.sign_set({ACCOUNT_DISABLED: {}}, subject))).status == 202
+    refusal = service.revocations.check(principal(sub="zz", email=carried_as))
+    assert isinstance(refusal, TokenRevoked) and refusal.code == "account_disabled"
+    # Another domain is another mailbox, and the local part is no domain: both untouched.
+    assert service.revocations.check(principal(sub="yy", email="ann@bucher.example")) is None
+    assert service.revocations.check(principal(sub="yy", email="bob@b\u00fccher.example")) is None
+
+
+def test_domains_meet_only_in_their_own_a_labels() -> None:
+    """Punycode as it is, no IDNA 2003 mapping: `straße.de` is not `strasse.de` (two registrable domains, which
+    a grant by email must not merge); the local part keeps its Unicode; case and NFC meet as before."""
+    assert email_key("a@Stra\u00dfe.de") == "a@xn--strae-oqa.de" != email_key("a@strasse.de")
+    assert email_key("J\u00f6rg@b\u00fccher.example") == "j\u00f6rg@xn--bcher-kva.example"
+    assert email_key("a@bu\u0308cher.example") == email_key("a@B\u00dcCHER.example") == "a@xn--bcher-kva.example"
+    assert email_key("no-domain-\u00fc") == "no-domain-\u00fc"
+
+
+async def test_the_kill_switch_by_email_reaches_an_internationalized_domain_in_either_spelling(
+    service: RevocationService,
+) -> None:
+    router = routes(service)
+    created = await router.dispatch(admin("POST", document={"subject": {"format": "email", "email": A_LABEL_EMAIL}}))
+    assert created.status == 201
+    assert isinstance(service.revocations.check(principal(sub="zz", email=UNICODE_DOMAIN_EMAIL)), TokenRevoked)
+
+
+async def test_an_email_entry_stored_with_a_unicode_domain_still_matches() -> None:
+    """Entries stored before domains were keyed by their A-labels (Redis, the SQLite file) reach either spelling."""
+    index = Revocations(FrozenClock())
+    entry = Entry(id="op-legacy-idn", key=SubjectKey(KeyKind.EMAIL, UNICODE_DOMAIN_EMAIL.lower()),
+                  effect=Effect.ACCOUNT_DISABLED, match=Match.ALL, event_time=NOW, expires_at=None,
+                  source="operator", event="operator")
+    index.replace([entry])
+    assert index.check(principal(sub="zz", email=A_LABEL_EMAIL)) is not None
+    assert index.check(principal(sub="zz", email=UNICODE_DOMAIN_EMAIL)) is not None
 
 
 @pytest.mark.parametrize(

@@ -32,10 +32,25 @@ def email_key(email: str) -> str:
     combining U+0301: canonically equivalent, the same text): compared as sent, an event in one form never
     reached the tokens carrying the other, and the account stayed open. Only canonically equivalent spellings
     meet: compatibility forms (full-width letters, ligatures) stay apart, as different addresses may use them.
+
+    An internationalized domain is one domain in two spellings: its Unicode labels (`bücher.example`) and their
+    ASCII A-labels (`xn--bcher-kva.example`, RFC 5890 / RFC 3492), which a directory or a transmitter may keep
+    instead. Keys carry the A-labels: each non-ASCII label of the domain, lower-cased and NFC, Punycode-encoded as
+    it is (no IDNA 2003 mapping, which would make `straße` `strasse`: another domain). The local part is no domain
+    and keeps its Unicode.
     """
-    if email.isascii():  # the common case: nothing to compose
+    if email.isascii():  # the common case: nothing to compose, and a domain already in A-labels
         return email.lower()
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", email).lower())
+    composed = unicodedata.normalize("NFC", unicodedata.normalize("NFC", email).lower())
+    local, at, domain = composed.rpartition("@")
+    if not at or domain.isascii():
+        return composed
+    return f"{local}@{'.'.join(_a_label(label) for label in domain.split('.'))}"
+
+
+def _a_label(label: str) -> str:
+    """One domain label in its ASCII form: itself when ASCII, else `xn--` and its Punycode (RFC 3492)."""
+    return label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
 
 
 def issuer_form(issuer: str) -> str:
