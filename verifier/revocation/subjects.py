@@ -1,14 +1,13 @@
 """RFC 9493 Subject Identifiers reduced to the lookup keys a token can be matched by.
 
-Supported formats (RFC 9493 section 3.2): `iss_sub` -> (iss, sub); `email` -> the `email` claim (lower-cased,
-NFC, its domain in A-labels); `opaque` -> a session id (`sid`), as the admin API and CAEP session events use it; `aliases` -> each
-of its identifiers; OpenID SSF 1.0's `jwt_id` (section 3.2.1: `iss` + `jti`) -> one token, by its issuer and
-`jti` (RFC 9068 section 2.2); and SSF 1.0's `complex` (section 3.3 of the SSF spec): its `session` member for
-a session event, else its `user` member, else its `application` member -> the client the token was issued
-to (`client_id` or `azp`, either): `opaque` names the client id (any issuer), `iss_sub` the issuer and, as `sub`,
-the client id. Other formats (`phone_number`, `account`, `did`, `uri`) name nothing a token is matched by and give
-no key (an event naming only such a subject is refused: `verifier.revocation.ssf.effects_of`).
-"""
+Supported formats (RFC 9493 section 3.2): `iss_sub` -> (iss, sub); `email` -> the `email` claim (lower-cased, NFC,
+its domain in A-labels); `opaque` -> a session id (`sid`), as the admin API and CAEP session events use it;
+`aliases` -> each of its identifiers; OpenID SSF 1.0's `jwt_id` (section 3.2.1: `iss` + `jti`) -> one token, by its
+issuer and `jti` (RFC 9068 section 2.2); and SSF 1.0's `complex` (section 3.3 of the SSF spec): its `session`
+member for a session event, else its `user` member, else its `application` member -> the client the token was
+issued to (`client_id` or `azp`, either): `opaque` names the client id (any issuer), `iss_sub` the issuer and, as
+`sub`, the client id. Other formats (`phone_number`, `account`, `did`, `uri`) name nothing a token is matched by
+and give no key (an event naming only such a subject is refused: `verifier.revocation.ssf.effects_of`). """
 
 from __future__ import annotations
 
