@@ -122,6 +122,12 @@ def _token(idp: DevIdentityProvider, case: str) -> tuple[str, str]:
         return idp.mint(sub="bob"), "/admin/users"
     if case == "client-not-allowed":
         return idp.mint(sub="bob"), "/mcp"  # client_id dev-client
+    if case == "sid-not-a-string":  # a session no revocation could name: refused beside `sub`, not as syntax
+        return idp.mint(sub="alice", scope="read", claims={"sid": 123}), "/hello"
+    if case == "azp-not-a-string":
+        return idp.mint(sub="alice", scope="read", claims={"azp": 7}), "/hello"
+    if case == "auth-time-not-a-number":
+        return idp.mint(sub="alice", scope="read", claims={"auth_time": "yesterday"}), "/hello"
     return "eyJhbGciOiJFUzI1NiJ9.not-json.c2ln", "/hello"  # malformed
 
 
@@ -132,6 +138,9 @@ CASES: dict[str, dict[str, Any]] = {
     "role-missing": {"status": 403, "reason": "role_missing", "failed": "policy"},
     "client-not-allowed": {"status": 403, "reason": "client_not_allowed", "failed": "route trust"},
     "malformed": {"status": 401, "reason": "token_malformed", "failed": "syntax"},
+    "sid-not-a-string": {"status": 401, "reason": "claim_invalid", "failed": "sub"},
+    "azp-not-a-string": {"status": 401, "reason": "claim_invalid", "failed": "sub"},
+    "auth-time-not-a-number": {"status": 401, "reason": "claim_invalid", "failed": "nbf/iat"},
 }
 
 
@@ -513,3 +522,15 @@ async def test_the_readmes_explain_sample_is_what_explain_prints(provider: tuple
             continue
         assert line.rstrip() in printed[at:], (line, printed)
         at = printed.index(line.rstrip(), at) + 1
+
+
+def test_a_tenant_claim_that_names_another_tenant_fails_the_issuer_step() -> None:
+    """An issuer's `tenant_claim` (Entra's `tid`) vouches for the tenant `iss` names: jwt.py checks it with the
+    issuer, so explain files its refusal there, not under syntax; another claim of that name elsewhere does not."""
+    from verifier.errors import ClaimInvalid
+    from verifier.explain import _token_checks
+
+    error = ClaimInvalid("tid does not name the tenant of iss", claim="tid")
+    checks = {c.step: c.result for c in _token_checks(error, {}, tenant_claim="tid")}
+    assert checks["issuer"] == "failed" and checks["syntax"] == "passed" and checks["aud"] == "not run"
+    assert {c.step: c.result for c in _token_checks(error, {})}["syntax"] == "failed"  # no tenant claim configured

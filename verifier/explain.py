@@ -45,7 +45,12 @@ TOKEN_CHECKS: tuple[tuple[str, frozenset[str]], ...] = (
     ("sub", frozenset()),
     ("aud", frozenset({"audience_mismatch"})),
 )
-_CLAIM_CHECK = {"exp": "exp", "nbf": "nbf/iat", "iat": "nbf/iat", "sub": "sub", "aud": "aud"}
+# The claims jwt.check_claims reads beside each step: `auth_time` with the times, the session and client claims
+# with `sub` (who the token names). A claim the issuer's `tenant_claim` names is the issuer step's.
+_CLAIM_CHECK = {
+    "exp": "exp", "nbf": "nbf/iat", "iat": "nbf/iat", "auth_time": "nbf/iat",
+    "sub": "sub", "sid": "sub", "client_id": "sub", "azp": "sub", "aud": "aud",
+}
 
 
 def _after_token_step(code: str) -> str:
@@ -158,7 +163,8 @@ def _token_details(
         "nbf/iat": f"nbf {_when(claims.get('nbf'), now)}, iat {_when(claims.get('iat'), now)}"
         if "nbf" in claims
         else f"iat {_when(claims.get('iat'), now)}",
-        "sub": f"sub {claims.get('sub')!r}",
+        "sub": ", ".join(f"{name} {claims.get(name)!r}" for name in ("sub", "sid", "client_id", "azp")
+                         if name == "sub" or name in claims),
         "aud": f"aud {claims.get('aud')!r}",
     }
     if issuer is not None:
@@ -172,12 +178,12 @@ def _token_details(
     return details
 
 
-def _token_checks(error: VerifierError | None, details: Mapping[str, str]) -> list[Check]:
+def _token_checks(error: VerifierError | None, details: Mapping[str, str], tenant_claim: str = "") -> list[Check]:
     failed = ""
     if error is not None:
         failed = next((name for name, codes in TOKEN_CHECKS if error.code in codes), "")
         if isinstance(error, ClaimInvalid):
-            failed = _CLAIM_CHECK.get(error.claim, failed)
+            failed = "issuer" if tenant_claim and error.claim == tenant_claim else _CLAIM_CHECK.get(error.claim, failed)
         failed = failed or "syntax"
     checks, reached = [], True
     for name, _ in TOKEN_CHECKS:
@@ -365,7 +371,8 @@ def _report(
     if token_info["kind"] == "opaque":  # RFC 7662: the provider's answer is the whole token check
         checks = [_introspection_check(principal, token_error)]
     else:
-        checks = _token_checks(token_error, _token_details(parsed, issuer, app, now))
+        tenant_claim = issuer.tenant_claim if issuer is not None else ""
+        checks = _token_checks(token_error, _token_details(parsed, issuer, app, now), tenant_claim)
     policy = route_event["policy"] if route_event else None
     if settings.policies is None:
         summary = "no route policies configured: any valid token is allowed"
