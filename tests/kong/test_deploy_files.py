@@ -439,3 +439,16 @@ def test_kong_reads_a_token_and_a_proof_of_the_verifiers_bounds_each_on_one_line
         token = config.get("max_token_bytes", DEFAULT_MAX_TOKEN_BYTES)
         proof = (config.get("dpop") or {}).get("max_proof_bytes", DEFAULT_MAX_PROOF_BYTES)
         assert len("Authorization: DPoP \r\n") + token <= line and len("DPoP: \r\n") + proof <= line
+
+
+def test_k8s_replicas_share_one_replay_state_or_there_is_one(k8s):
+    """Without `state.redis_url` each pod's verifier keeps DPoP proof `jti`s in its own SQLite file under /tmp
+    (`workers: 1` counts as shared state, so DPoP is on). With two replicas behind the Service, a proof and its
+    token accepted by one pod were accepted again by the other within `dpop.iat_past_seconds` (RFC 9449 section
+    11.1): a captured DPoP request replayed until it lands on the pod that has not seen it. Several replicas need a
+    Redis every pod shares."""
+    (deployment,) = [d for (kind, _), d in k8s.items() if kind == "Deployment"]
+    replicas = deployment["spec"].get("replicas", 1)
+    config = yaml.safe_load(k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"])
+    shared = bool((config.get("state") or {}).get("redis_url"))
+    assert replicas == 1 or shared, f"{replicas} replicas, each with its own DPoP replay cache"
