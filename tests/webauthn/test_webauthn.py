@@ -7,6 +7,7 @@ verifier is checked against structures it did not make itself.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import hashlib
@@ -1004,6 +1005,20 @@ async def test_disabled_credentials_are_refused_and_not_offered(
     assert refused.code == "webauthn_credential_disabled"
     assert refused.offer is not None and refused.offer.public_key["allowCredentials"] == []
     _, _, listed = await h.call("GET", "/v1/webauthn/credentials")
+    assert listed["credentials"][0]["disabled"] is True
+
+
+async def test_a_credential_id_named_in_standard_base64_disables_that_credential(harness: Harness) -> None:
+    """A transmitter may name a credential in standard base64 (RFC 4648 section 4: `+`, `/`, padded), as providers
+    that store the ids so do: the same bytes in the other alphabet. Read as no id at all, the reported key stayed
+    enabled (and passed every step-up) while the credential-change was acknowledged."""
+    a = SoftAuthenticator()
+    a.credential_id = b"\xfb\xff\xbf" + os.urandom(14)  # `+/+/` in standard base64, `-_-_` in base64url
+    assert await harness.register(a) == 201
+    standard = base64.b64encode(a.credential_id).decode()
+    assert "+" in standard and "/" in standard and standard.endswith("=")
+    assert await harness.service.disable_credentials(ISSUER, "alice", [standard]) == 1
+    _, _, listed = await harness.call("GET", "/v1/webauthn/credentials")
     assert listed["credentials"][0]["disabled"] is True
 
 

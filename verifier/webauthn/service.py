@@ -82,6 +82,7 @@ _USER_REQUIRED = "webauthn_user_required"  # a client-credentials token has no c
 
 
 MAX_CREDENTIALS_PER_USER = 50  # registered credentials (disabled ones too) one user may have
+_STANDARD_ALPHABET = str.maketrans("+/", "-_")  # RFC 4648 section 4's two characters, as section 5 spells them
 
 class WebAuthnService:
     """Step-up assertions bound to the request, and the credential registry (see the module docstring)."""
@@ -175,8 +176,8 @@ class WebAuthnService:
     async def disable_credentials(
         self, issuer: str, subject: str, credential_ids: list[str] | None, *, aaguid: str = ""
     ) -> int:
-        """Disables the user's listed credentials (base64url ids; None: all, or all of one authenticator
-        model when `aaguid`, 32 hex digits, is given). Returns how many changed."""
+        """Disables the user's listed credentials (base64url ids, or the same bytes in standard base64; None: all,
+        or all of one authenticator model when `aaguid`, 32 hex digits, is given). Returns how many changed."""
         ids: list[bytes] | None = None
         if credential_ids is None and aaguid:
             ids = [c.credential_id for c in await self._store.for_user(issuer, subject) if c.aaguid.hex() == aaguid]
@@ -184,7 +185,9 @@ class WebAuthnService:
             ids = []
             for text in credential_ids:
                 try:
-                    ids.append(b64url_decode(text))
+                    # A transmitter may keep the ids in standard base64 (`+`, `/`): the alphabets differ in those
+                    # two characters alone, so the id is the same bytes, never another credential's.
+                    ids.append(b64url_decode(text.translate(_STANDARD_ALPHABET)))
                 except ValueError:
                     continue  # an id we never issued matches nothing
         count = await self._store.disable(issuer, subject, ids, at=self._clock.now())
