@@ -84,6 +84,7 @@ _USER_REQUIRED = "webauthn_user_required"  # a client-credentials token has no c
 MAX_CREDENTIALS_PER_USER = 50  # registered credentials (disabled ones too) one user may have
 _STANDARD_ALPHABET = str.maketrans("+/", "-_")  # RFC 4648 section 4's two characters, as section 5 spells them
 
+
 class WebAuthnService:
     """Step-up assertions bound to the request, and the credential registry (see the module docstring)."""
 
