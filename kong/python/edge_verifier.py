@@ -753,7 +753,9 @@ class Plugin:
     def _check_request(self, kong: Any, headers: Mapping[str, Any]) -> verifier_pb2.CheckRequest:
         scheme = _utf8(str(_value(kong.request.get_scheme())), "the scheme")
         host = _utf8(_judged_host(str(_value(kong.request.get_host())), headers.get("host")), "the host")
-        port = _value(kong.request.get_port())
+        # The port the client reached: Kong's listening port or the one `port_maps` maps it to (`80:8000` behind a
+        # Kubernetes Service), as Kong tells the upstream; a client's X-Forwarded-Port only from `trusted_ips`.
+        port = _value(kong.request.get_forwarded_port())
         if port and int(port) != DEFAULT_PORTS.get(scheme):
             host = f"{host}:{int(port)}"
         credentials = {}

@@ -457,6 +457,7 @@ class NginxRig:
         underscores_in_headers: bool = False,
         external: dict[str, str] | None = None,
         kong_upstream_uri: bool = False,
+        public_port: int | None = None,
     ) -> str:
         """Starts nginx running the plugin with `plugin_conf` in front of 127.0.0.1:`upstream_port`.
 
@@ -474,6 +475,8 @@ class NginxRig:
         kong_upstream_uri: send the upstream the target Kong 3.x's router builds (the path normalized as Kong's
             router matched it, then escaped; the query as sent: kong_shim.lua's kong_upstream_target) instead of
             the raw target, which nginx's `proxy_pass` without a URI passes on.
+        public_port: Kong's `port_maps` maps the rig's listening port to this one (`80:8000` behind a Kubernetes
+            Service): what `kong.request.get_forwarded_port` answers.
         Returns the base URL, "http://127.0.0.1:PORT".
         """
         modules = _module_dir()
@@ -491,6 +494,7 @@ class NginxRig:
                     "later": later,
                     "external": external,
                     "kong_upstream_uri": kong_upstream_uri,
+                    "host_ports": {str(port): public_port} if public_port else {},
                 }
             )
         )

@@ -33,12 +33,13 @@ def start_python_plugin(
     underscores_in_headers: bool = True,
     consumers: tuple[dict[str, Any], ...] = (),
     kong_upstream_uri: bool = False,
+    public_port: int | None = None,
     **conf: Any,
 ) -> str:
     """nginx running the Python plugin of `server` against `verifier`'s gRPC door (`conf` overrides its
     configuration) in front of 127.0.0.1:`upstream_port`; the base URL. `underscores_in_headers` is on by default,
     as in Kong's own nginx template; `consumers`: Kong's datastore, `kong_upstream_uri`: the upstream gets the target
-    Kong 3.x's router builds, not the raw one (conftest.py's `start_nginx`)."""
+    Kong 3.x's router builds, not the raw one, `public_port`: Kong's `port_maps` (conftest.py's `start_nginx`)."""
     # nginx's workers (nobody, under a root master) connect to the plugin server's socket
     os.chmod(server.prefix, 0o755)
     os.chmod(server.socket_path, 0o777)
@@ -51,6 +52,7 @@ def start_python_plugin(
             consumers=consumers,
             external={"socket": server.socket_path, "name": PLUGIN},
             kong_upstream_uri=kong_upstream_uri,
+            public_port=public_port,
         )
     )
 

@@ -321,6 +321,23 @@ def test_k8s_kong_loads_the_plugin_and_points_it_at_the_sidecar(k8s):
     assert_plugin_points_at_verifier(declarative, verifier_config)
 
 
+def test_k8s_kong_maps_every_service_port_to_the_one_it_listens_on(k8s):
+    """Clients reach the Service's port (80), Kong listens on its container's (8000): without `port_maps` the plugin
+    told the verifier 8000 (`kong.request.get_forwarded_port` answers the listening port), and every DPoP proof for
+    `http://api.example.test/...` was refused for naming no port. Each Service port maps to its target's."""
+    spec = pod_spec(k8s)
+    kong = container(spec, "kong")
+    env = {e["name"]: e["value"] for e in kong["env"]}
+    maps = dict(pair.strip().split(":") for pair in env.get("KONG_PORT_MAPS", "").split(",") if pair.strip())
+    listening = {p["name"]: p["containerPort"] for p in kong["ports"]}
+    proxy_listen = {int(part.split(":")[-1].split()[0]) for part in env["KONG_PROXY_LISTEN"].split(",")}
+    service = k8s[("Service", "kong-proxy")]
+    for port in service["spec"]["ports"]:
+        target = listening[port["targetPort"]] if isinstance(port["targetPort"], str) else port["targetPort"]
+        assert target in proxy_listen, port
+        assert maps.get(str(port["port"])) == str(target), (port, env.get("KONG_PORT_MAPS"))
+
+
 # --------------------------------------------------------------------------- read-only root, probes
 
 

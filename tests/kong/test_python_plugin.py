@@ -149,6 +149,7 @@ class KongRequest:
             "kong.request.get_scheme": self.scheme,
             "kong.request.get_host": self.host,
             "kong.request.get_port": self.port,
+            "kong.request.get_forwarded_port": self.port,  # no port_maps, no trusted_ips here
             "kong.request.get_path_with_query": self.path_with_query,
             "kong.client.get_ip": self.client_ip,
             "kong.client.tls.get_full_client_certificate_chain": self.client_cert_pem,

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from gateways import EchoUpstream, GatewayProcess, http_request
 from kong_rig_limits import (  # noqa: F401 - what the rig cannot run, skipped with the reason, and what it can
     test_a_client_description_of_the_request_never_reaches_the_upstream,
@@ -18,6 +19,7 @@ from kong_rig_limits import (  # noqa: F401 - what the rig cannot run, skipped w
     test_a_dpop_proof_made_for_another_host_is_refused_whatever_host_the_client_names,
     test_a_request_for_a_host_the_gateway_does_not_serve_is_refused_unjudged,
 )
+from replicas import dpop_proof, public_jwk
 from rigs import (  # noqa: F401 - fixtures, requested by name (fresh_upstream_log: autouse here too)
     fresh_upstream_log,
     issuer,
@@ -63,6 +65,8 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
     verifier,
 )
 
+from verifier.binding.dpop import thumbprint
+
 pytestmark = pytest.mark.integration
 
 
@@ -80,6 +84,34 @@ def edge(
         underscores_in_headers=request.param == "underscores-in-headers-on",
     )
     yield Edge(name=f"kong-lua[{request.param}]", url=base)
+
+
+@pytest.fixture
+def mapped_edge(start_nginx: Any, verifier: GatewayProcess, upstream: EchoUpstream) -> Edge:  # noqa: F811
+    """The plugin's rig as Kong runs behind a Kubernetes Service: clients reach port 80, Kong listens on another
+    (`port_maps: 80:<its port>`, as deploy/k8s/verifier-sidecar.yaml's KONG_PORT_MAPS)."""
+    base = start_nginx({"url": f"{verifier.url}/v1/forward-auth", "cache_entries": 0}, upstream.port, public_port=80)
+    return Edge(name="kong-lua[port_maps 80]", url=base)
+
+
+def test_behind_port_maps_a_proof_for_the_public_url_passes_and_one_for_kongs_own_port_does_not(
+    mapped_edge: Edge, upstream: EchoUpstream, tokens: Any  # noqa: F811
+) -> None:
+    """Behind a port mapping clients name no port (`http://api.example.test/orders`): the plugin tells the verifier
+    the port Kong's `port_maps` maps its own to (`kong.request.get_forwarded_port`), so the DPoP proof the client
+    made for the URL it used passes, and one naming Kong's listening port, which no client reached, is refused.
+    Before, the plugin told Kong's listening port: every legitimate proof there was refused (invalid_dpop_proof)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = tokens("read", cnf={"jkt": thumbprint(public_jwk(key))})
+
+    def sent(url: str) -> int:
+        return raw_get(mapped_edge, "/orders", {"Host": API_HOST, "Authorization": f"DPoP {tok}",
+                                                "DPoP": dpop_proof(key, "GET", url, tok)})
+
+    assert sent(f"http://{API_HOST}:{mapped_edge.port}/orders") == 401, mapped_edge.name
+    assert upstream.requests == []
+    assert sent(f"http://{API_HOST}/orders") == 200, mapped_edge.name
+    assert [r.path for r in upstream.requests] == ["/orders"]
 
 
 def test_client_kong_consumer_headers_never_reach_the_upstream(

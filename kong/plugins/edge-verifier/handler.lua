@@ -350,9 +350,14 @@ end
 -- segments resolved with `#` and `;` plain bytes), so `/admin/x#/../../health`
 -- would be judged as /health while an upstream that drops the fragment serves
 -- /admin/x; the verifier weighs every reading of the raw path itself.
+-- The port is the one the client reached: Kong's listening port, or the one
+-- `port_maps` maps it to (`80:8000` behind a Kubernetes Service, whose clients
+-- name no port) -- else DPoP's htu and WebAuthn's request binding name a port
+-- no client used. Kong reads a client's X-Forwarded-Port only from
+-- `trusted_ips`, as for the upstream's X-Forwarded-Port.
 local function request_line()
   local req = kong.request
-  return req.get_method(), req.get_scheme(), req.get_port(), var.request_uri
+  return req.get_method(), req.get_scheme(), req.get_forwarded_port(), var.request_uri
 end
 
 

@@ -50,6 +50,10 @@ local MAX_RECORDED_CALLS = 100
 local preauthenticated     -- a consumer "an earlier plugin" authenticated
 local external             -- {socket, name}: an external plugin under a plugin server
 local kong_upstream_uri    -- true: the upstream gets the target Kong 3.x's router builds (kong_upstream_target)
+-- Kong's `port_maps` (`80:8000`: clients reach port 80, Kong listens on
+-- 8000) as kong/pdk/request.lua's HOST_PORTS: listening port -> public port.
+-- No `trusted_ips` (Kong's default): no client's X-Forwarded-Port is read.
+local host_ports = {}
 
 
 -- kong.db.schema.typedefs, as far as the schema uses it
@@ -353,6 +357,10 @@ local function make_kong()
     get_scheme = function() return ngx.var.scheme end,
     get_host = function() return ngx.var.host end,
     get_port = function() return tonumber(ngx.var.server_port) end,
+    get_forwarded_port = function()
+      local port = tonumber(ngx.var.server_port)
+      return host_ports[port] or port
+    end,
     get_path_with_query = function() return ngx.var.request_uri or "" end,
   }
 
@@ -528,6 +536,9 @@ function _M.init(path)
   end
 
   kong_upstream_uri = settings.kong_upstream_uri == true
+  for listening, public in pairs(settings.host_ports or {}) do
+    host_ports[tonumber(listening)] = public
+  end
 
   if type(settings.external) == "table" then
     external = settings.external
