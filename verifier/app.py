@@ -358,6 +358,7 @@ class App:
                 tracing=traced,
                 generation=self.generation,
                 issuers=_token_issuers(settings.issuers),
+                leeway_seconds=max((i.leeway_seconds for i in settings.issuers), default=0.0),
             )
         self.webauthn: WebAuthnService | None = None
         if settings.webauthn is not None:

@@ -195,6 +195,30 @@ def _status(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1])
 
 
+async def test_the_kill_switch_reaches_a_token_issued_before_it_on_a_provider_clock_running_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A provider whose clock runs 20 s ahead of ours (within the issuer's 30 s leeway) issued the stolen token just
+    before the operator's POST: its `iat` is in our future. The kill switch cut at our now, and the token kept
+    passing after the 201. It now reaches the tokens issued up to the issuers' largest leeway past our now
+    (tests/revocation/test_revocation.py: one issued beyond passes)."""
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", ADMIN_TOKEN)
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    try:
+        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
+            async with _replica(idp, tx, None) as app:
+                now = int(time.time())
+                stolen = idp.mint(sub="mallory", claims={"iat": now + 20, "nbf": now + 20, "exp": now + 600})
+                assert (await _forward(app, stolen))[0] == 200
+                body = json.dumps({"subject": {"format": "iss_sub", "iss": idp.issuer, "sub": "mallory"}}).encode()
+                created = await http_exchange(app.ports.http, _admin_request(b"POST", COLLECTION, ADMIN_TOKEN, body))
+                assert _status(created) == 201
+                assert (await _forward(app, stolen))[0] == 401
+    finally:
+        await idp.stop()
+
+
 async def test_with_admin_listen_the_kill_switch_is_served_there_only(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

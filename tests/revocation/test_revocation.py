@@ -818,6 +818,31 @@ async def test_kill_switch_revokes_lists_and_lifts(service: RevocationService, c
     assert (await router.dispatch(admin("DELETE", f"/v1/admin/revocations/{entry_id}"))).status == 404
 
 
+async def test_a_revoke_reaches_tokens_stamped_up_to_the_issuers_leeway_past_our_clock(
+    clock: FrozenClock, provider: FakeFetcher, registry: CollectorRegistry
+) -> None:
+    """A provider's clock may run ahead of ours by its issuer's leeway (its tokens' `iat` that far in our future
+    still pass): a `revoke` reaches the tokens stamped up to the issuers' largest leeway past our now, issued before
+    the POST on such a clock, and no further; a session's and a `disable` are unchanged (all tokens)."""
+    svc = RevocationService(
+        config(), state=MemoryState(clock), fetcher=provider, clock=clock,
+        metrics=RevocationMetrics(registry, REFUSAL_CODES), session=no_http_session, admin_token=ADMIN,
+        leeway_seconds=30,
+    )
+    await svc.start()
+    try:
+        router = routes(svc)
+        created = await router.dispatch(admin("POST", document={"subject": USER}))
+        assert created.status == 201
+        assert svc.revocations.check(principal(iat=clock.now() + 25)) is not None  # issued before, 25 s ahead
+        assert svc.revocations.check(principal(iat=clock.now() + 30)) is not None
+        assert svc.revocations.check(principal(iat=clock.now() + 31)) is None  # issued after the POST
+        listed = body(await router.dispatch(admin("GET")))["entries"]
+        assert listed[0]["event_time"] == clock.now() + 30
+    finally:
+        await svc.stop()
+
+
 async def test_kill_switch_posted_again_for_a_subject_keeps_one_entry_and_a_stale_lift_never_undoes_it(
     service: RevocationService, clock: FrozenClock
 ) -> None:

@@ -22,12 +22,12 @@ disabled) the same way, a retry after a 503 among them, replaces that entry in t
 `event_time` never earlier, its life never shorter; the old id is gone: its `DELETE` answers 404), so a retry never
 leaves a second entry to list and to lift, and a lift of the old id can never undo the newer `POST`.
 
-`effect` is `revoke` (default: tokens issued until now are refused, a session's or a `jwt_id`'s tokens all; the
-entry expires once all of them have) or `disable` (every token of the subject, until DELETE). A client
-(`application`) is matched by the token's `client_id` or its `azp` (either), at any issuer for an `opaque` id, at the
-`iss` an `iss_sub` names; a `jwt_id` by the token's issuer and `jti` (a token without `jti` is never matched). An
-`iss` spelling a configured issuer otherwise (a trailing slash, its host in capitals: `issuer_form`) is keyed as
-that issuer.
+`effect` is `revoke` (default: tokens issued until now are refused, on the issuer's clock: up to the issuers' largest
+`leeway_seconds` past ours; a session's or a `jwt_id`'s tokens all; the entry expires once all of them have) or
+`disable` (every token of the subject, until DELETE). A client (`application`) is matched by the token's `client_id`
+or its `azp` (either), at any issuer for an `opaque` id, at the `iss` an `iss_sub` names; a `jwt_id` by the token's
+issuer and `jti` (a token without `jti` is never matched). An `iss` spelling a configured issuer otherwise (a trailing
+slash, its host in capitals: `issuer_form`) is keyed as that issuer.
 
 Every entry made or lifted, and every caller refused, is a line on the audit log (`verifier.audit`) with the
 caller's address: one secret opens the API, so where it was used from is the only "who" there is. The
@@ -75,6 +75,7 @@ class KillSwitch:
         clock: Clock,
         entry_lifetime: float,
         issuers: Iterable[str] = (),
+        leeway_seconds: float = 0.0,
     ) -> None:
         check_admin_token(token)
         # The configured issuers (a template's listed tenants each), by `issuer_form`: a subject's `iss` in another
@@ -89,6 +90,10 @@ class KillSwitch:
         self._remove = remove
         self._clock = clock
         self._entry_lifetime = entry_lifetime  # `RevocationService.entry_lifetime`
+        # The issuers' largest `leeway_seconds`: how far ahead of ours a provider's clock may run while its tokens
+        # pass (their `iat` up to that far in our future). A `revoke` reaches the tokens issued up to that far past
+        # our now: a token issued before the POST on a clock running ahead must not escape it.
+        self._leeway = leeway_seconds
 
     @property
     def enabled(self) -> bool:
@@ -138,14 +143,16 @@ class KillSwitch:
         # The operator's entries on this subject with this effect: the new one takes their place (one entry, whatever
         # the retries after a 503). It reaches every token they reached: never an earlier event, never a shorter life.
         replaced = self._revocations.matching([key], effect, not_after=math.inf, source=OPERATOR)
-        now = max([self._clock.now(), *(e.event_time for e in map(self._revocations.get, replaced) if e)])
         if effect_name == "disable":
-            match, expires = Match.ALL, None
+            match, ahead = Match.ALL, 0.0
         else:
             # A session's tokens, or the one token a `jwt_id` names, whatever their `iat` (an issuer's clock ahead
-            # of ours must not let the named token through); the others', those issued until now.
+            # of ours must not let the named token through); the others', those issued until now on the issuer's
+            # clock: up to its leeway past ours (a token issued meanwhile is refused too: its holder signs in again).
             match = Match.ALL if key.kind in (KeyKind.SID, KeyKind.JTI) else Match.ISSUED_BEFORE
-            expires = now + self._entry_lifetime
+            ahead = self._leeway if match is Match.ISSUED_BEFORE else 0.0
+        now = max([self._clock.now() + ahead, *(e.event_time for e in map(self._revocations.get, replaced) if e)])
+        expires = None if effect_name == "disable" else now + self._entry_lifetime
         entry = Entry(
             id="op-" + secrets.token_urlsafe(12),
             key=key,

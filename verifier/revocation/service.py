@@ -70,6 +70,7 @@ class RevocationService:
         tracing: Tracing = NO_TRACING,
         generation: Generation | None = None,
         issuers: Iterable[str] = (),
+        leeway_seconds: float = 0.0,
     ) -> None:
         self.config = config
         # How long after its event an entry lasts: a token it can match lives `max_token_lifetime_seconds` at most
@@ -97,6 +98,7 @@ class RevocationService:
             clock=clock,
             entry_lifetime=self.entry_lifetime,
             issuers=issuers,  # the token issuers, for the kill switch's spelling of an `iss`
+            leeway_seconds=leeway_seconds,  # the token issuers' largest: how far ahead their clocks may run
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._session = session  # the poller's: the root builds it and closes it
