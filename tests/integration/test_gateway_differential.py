@@ -84,16 +84,17 @@ def request(line: str, *, host: str | None = API_HOST, token: str = "", extra: s
 
 
 def readings(path: str) -> set[str]:
-    """Every route an upstream may take `path` (the target it received) for, lower-cased: decoded once or twice,
-    `;parameters` and what follows a `#` dropped or kept, a backslash read as `/` or not, white space at a segment's
-    ends trimmed or not, a format suffix dropped or not, dot segments resolved or not (written independently of the
-    verifier's own reading)."""
+    """Every route an upstream may take `path` (the target it received) for, lower-cased: decoded once or twice or with
+    IIS's `%uNNNN` escapes decoded too, `;parameters` and what follows a `#` dropped or kept, a backslash read as `/`
+    or not, white space at a segment's ends trimmed or not, a format suffix dropped or not, dot segments resolved or
+    not (written independently of the verifier's own reading)."""
     routes: set[str] = set()
     target = path.split("?", 1)[0]
     for fragment in {target, target.split("#", 1)[0]}:
         for parameters in {fragment, re.sub(r";[^/]*", "", fragment)}:
             once = urllib.parse.unquote(parameters)
-            for decoded in {parameters, once, urllib.parse.unquote(once)}:
+            iis = urllib.parse.unquote(re.sub(r"%[uU]([0-9a-fA-F]{4})", lambda m: chr(int(m[1], 16)), parameters))
+            for decoded in {parameters, once, urllib.parse.unquote(once), iis}:
                 for slashed in {decoded, decoded.replace("\\", "/")}:
                     trimmed = "/".join(segment.strip() for segment in slashed.split("/"))
                     for resolved in {
@@ -207,6 +208,10 @@ PATH_CORPUS = [
     "/staff/users.json%20",
     "/staff/users%23.json",
     "/staff/users%3F.json",
+    "/%u0061dmin/x",
+    "/%U0041DMIN/x",
+    "/staff/user%u0073",
+    "/health/%u002e%u002e/admin/x",
     "*",
     "admin/x",
     f"http://{API_HOST}/admin/x",

@@ -97,6 +97,32 @@ def test_a_path_upstreams_read_as_different_routes_is_ambiguous(path: str) -> No
 @pytest.mark.parametrize(
     "path",
     [
+        "/%u0061dmin/x",
+        "/%U0061DMIN/x",
+        "/admi%u006E",
+        "/health/%u002e%u002e/admin",
+        "/health%u002f..%u002fadmin/x",
+        "/health%u005c..%u005cadmin/x",
+        "/%25u0061dmin/x",
+    ],
+)
+def test_a_path_iis_reads_with_its_percent_u_escapes_decoded_is_ambiguous(path: str) -> None:
+    """IIS (http.sys, `PercentUAllowed` on by default) and ASP.NET's `HttpUtility.UrlDecode` decode `%uNNNN`:
+    `/%u0061dmin/x` is /admin/x to them, a segment named `%u0061dmin` to everyone else. nginx and Kong refuse the
+    escape (400), Envoy passes it on as sent: judged as that segment, it met the catch-all and reached IIS's /admin
+    handler with a read-only token. Now refused."""
+    assert PolicySet((ADMIN, PUBLIC, REST)).match(_attrs("DELETE", path)) is AMBIGUOUS
+
+
+@pytest.mark.parametrize("path", ["/orders/%u0041", "/%u00", "/%u", "/x%ud800", "/%uD83D%uDE00", "/%u0000"])
+def test_a_percent_u_escape_within_one_policy_is_not_ambiguous(path: str) -> None:
+    policy = PolicySet((ADMIN, PUBLIC, REST)).match(_attrs("DELETE", path))
+    assert policy is not None and policy is not AMBIGUOUS and policy.name == "rest"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
         "/admin/x/../../health",
         "/admin/x/%2e%2e/%2E%2E/health",
         "/admin/../health",

@@ -64,6 +64,9 @@ def other_readings(path: str, normal: str) -> set[str]:
       segments: `/x/..;/admin` is /admin to them, a segment named `..;` to everyone else.
     - Express, ASP.NET Core and IIS route case-blind: `/ADMIN` is /admin to them.
     - An application that decodes the path its framework already decoded reads `/%2561dmin` as /admin.
+    - IIS (http.sys, `PercentUAllowed` on by default) and ASP.NET's `HttpUtility.UrlDecode` decode `%uNNNN`:
+      `/%u0061dmin` is /admin to them, a segment of its own to everyone else (nginx and Kong refuse it, Envoy passes
+      it on as sent).
     - IIS reads a backslash (`\\` or `%5C`) as `/` (`normalize_path` does); every other server takes it as a
       byte of its segment: `/admin/x\\..\\..\\health` is /health to IIS, under /admin to Go's ServeMux or an
       Express mount.
@@ -75,11 +78,13 @@ def other_readings(path: str, normal: str) -> set[str]:
     """
     readings: set[str] = set()
     variants = {path}
-    if "#" in path or ";" in path or "%25" in path:
+    if "#" in path or ";" in path or "%25" in path or "%u" in path or "%U" in path:
         variants = {path, path.replace("#", "%23")}  # the fragment dropped (normalize_path), or kept as data
         variants |= {_PATH_PARAMETERS.sub("", v) for v in variants}
         if "%25" in path:
             variants |= {urllib.parse.unquote(v.split("?", 1)[0]) for v in variants}  # decoded twice
+        if any("%u" in v or "%U" in v for v in variants):
+            variants |= {_PERCENT_U.sub(_percent_u_decoded, v) for v in variants}  # IIS's %uNNNN decoded
         readings = {normalize_path(v) for v in variants}
     if "\\" in path or "%5C" in path or "%5c" in path:
         readings |= {normalize_path(v, backslash_is_slash=False) for v in variants}
@@ -91,6 +96,12 @@ def other_readings(path: str, normal: str) -> set[str]:
         readings |= {r.lower() for r in readings} | {normal.lower()}
     readings.discard(normal)
     return readings
+
+
+def _percent_u_decoded(escape: re.Match[str]) -> str:
+    """One `%uNNNN` escape (`_PERCENT_U`) as the UTF-8 percent-encoding `normalize_path` decodes (`%u002f`: `%2F`); a
+    lone surrogate (`%ud800`) as bytes that decode to U+FFFD."""
+    return urllib.parse.quote(chr(int(escape[1], 16)), safe="", errors="surrogatepass")
 
 
 def _dot_segments_kept(path: str) -> str | None:
@@ -133,6 +144,7 @@ def _white_space_trimmed(paths: set[str]) -> set[str]:
 
 _WHITE_SPACE = re.compile(r"\s")  # what `str.strip` removes (Unicode white space)
 _PATH_PARAMETERS = re.compile(r";[^/]*")
+_PERCENT_U = re.compile(r"%[uU]([0-9a-fA-F]{4})")  # IIS's escape of one UTF-16 code unit
 MAX_ROUTE_MEMO = 4096  # (method, host, path) -> policy decisions remembered by `PolicySet.match`
 _UNSEEN = object()
 
