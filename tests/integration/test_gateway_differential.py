@@ -12,8 +12,9 @@ folded, dot segments resolved, white space at a segment's ends trimmed, a format
 the policy the token could pass: a read-only token never reaches an `/admin` path, the `/staff/users` handler or the
 admin host, nor writes; no token reaches nothing but /health.
 
-The corpus is a regression guard: every case but the format suffix (`test_a_format_suffix_...`) and white space at a
-segment's end (`test_white_space_...`: `/staff/users%20`, `/%20staff/users`, `/%09admin/x`), which reached the
+The corpus is a regression guard: every case but the format suffix (`test_a_format_suffix_...`), white space at a
+segment's end (`test_white_space_...`: `/staff/users%20`, `/%20staff/users`, `/%09admin/x`), IIS's `%uNNNN` escapes
+(`/%u0061dmin/x`, through Envoy) and a format suffix decoded twice (`/staff/users%252ejson`), which reached the
 upstream's /staff/users or /admin handler with a read-only token, already ended in a refusal, a redirect or the
 upstream acting on what was judged.
 """
@@ -211,6 +212,8 @@ PATH_CORPUS = [
     "/%u0061dmin/x",
     "/%U0041DMIN/x",
     "/staff/user%u0073",
+    "/staff/users%252ejson",
+    "/staff/users%u002ejson",
     "/health/%u002e%u002e/admin/x",
     "*",
     "admin/x",

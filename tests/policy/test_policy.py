@@ -160,12 +160,16 @@ OPENAPI = PolicySettings(
         "/admin/users.json/",
         "/admin/users%2Ejson",
         "/health.json",
+        "/admin/users%252ejson",
+        "/admin/users%u002ejson",
+        "/health%252ejson",
     ],
 )
 def test_a_format_suffix_on_an_exact_policys_path_is_ambiguous(path: str) -> None:
     """Rails routes `/admin/users(.:format)` and Spring MVC before 5.3 matched `/admin/users.*`: `/admin/users.json`
     is the /admin/users handler to them. Judged by its own name, it met no exact policy and fell to the catch-all (a
-    read-only token on the admin users; `/health.json` with no token)."""
+    read-only token on the admin users; `/health.json` with no token). So is a dot only another reading has (decoded
+    twice, `%252e`; IIS's `%u002e`): the path as judged had none, and its readings' suffixes went unweighed."""
     assert PolicySet((USERS, PUBLIC, OPENAPI, REST)).match(_attrs("GET", path)) is AMBIGUOUS
 
 

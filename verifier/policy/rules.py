@@ -353,9 +353,10 @@ class PolicySet:
             # Another reading of the host or of the path (`other_readings`) under another policy: an upstream could
             # get another policy's route than the one judged. Refused.
             paths = other_readings(path, normal)
-            if "." in normal:
+            if "." in normal or any("." in p for p in paths):
                 # A format suffix dropped (`_formats_dropped`) counts where it names an exact path of a policy: one
-                # written for the file itself (`/openapi.json`) has no other route than its own name.
+                # written for the file itself (`/openapi.json`) has no other route than its own name. A dot only
+                # another reading has (`/admin/users%252ejson` decoded twice) counts as well.
                 paths |= {p for p in _formats_dropped(paths | {normal}) if self._exact(method, names, p)}
             if _WHITE_SPACE.search(normal) or any(_WHITE_SPACE.search(p) for p in paths):
                 # White space trimmed from a segment (`_white_space_trimmed`): `/admin/users%20` meets the policy of
