@@ -379,7 +379,7 @@ def _report(
     elif policy is None:
         summary = "no policy matches this request: refused (route_not_allowed)"
     elif policy is AMBIGUOUS:
-        summary = "the path or host reads as routes of different policies: refused (invalid_request)"
+        summary = "the path, host or method reads as routes of different policies: refused (invalid_request)"
         policy = None
     else:
         summary = _policy_summary(policy)

@@ -351,7 +351,7 @@ class Pipeline:
             route_params=default.challenge,
         )
         self._ambiguous_path = refuse(
-            MalformedRequest("the request host or path reads as different routes"),
+            MalformedRequest("the request host, path or method reads as different routes"),
             realm=realm,
             route_params=default.challenge,
         )

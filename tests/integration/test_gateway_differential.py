@@ -44,6 +44,12 @@ POLICIES = [
     {"name": "admin", "match": {"path_prefix": "/admin"}, "require": {"roles_any": ["admin"]}},
     # An exact path: the handler of one route (Rails `get "/staff/users"`, a Spring `@GetMapping`).
     {"name": "staff-users", "match": {"path": "/staff/users"}, "require": {"roles_any": ["admin"]}},
+    # Deleting an order takes more than writing one: a POST the application takes for a DELETE must meet this.
+    {
+        "name": "order-deletes",
+        "match": {"path_prefix": "/orders", "methods": ["DELETE"]},
+        "require": {"roles_any": ["admin"]},
+    },
     {"name": "writes", "match": {"methods": ["POST", "PUT", "PATCH", "DELETE"]}, "require": {"scopes_all": ["write"]}},
     {"name": "rest", "match": {"path_prefix": "/"}, "require": {"authenticated": True}},
 ]
@@ -58,6 +64,12 @@ edge = gateway_fixture("edge", wrap=lambda kind, url: Edge(name=kind, url=url))
 def read_token(issuer: LocalIssuer) -> str:
     """A valid token with no role and the `read` scope: the catch-all's, nothing more."""
     return issuer.mint(sub="alice", scope="read")
+
+
+@pytest.fixture(scope="module")
+def write_token(issuer: LocalIssuer) -> str:
+    """A valid token with the `write` scope and no role: it may POST an order, never delete one."""
+    return issuer.mint(sub="bob", scope="read write")
 
 
 def send(edge: Edge, request: bytes, timeout: float = 5.0) -> int:
@@ -380,6 +392,22 @@ def test_no_framing_host_or_method_trick_gets_past_what_was_judged(
     assert not acted, (edge.name, case, status, acted)
     assert not [r for r in seen if "/admin" in r.path], (edge.name, case, status)
     assert len(seen) <= 1, (edge.name, case, status, [r.path for r in seen])
+
+
+@pytest.mark.parametrize(
+    "query", ["_method=DELETE", "_method=delete", "x=1&_method=DELETE", "%5Fmethod=DELETE", ".method=DELETE"]
+)
+def test_a_post_whose_query_names_another_method_is_not_judged_as_a_post(
+    edge: Edge, upstream: EchoUpstream, write_token: str, query: str
+) -> None:
+    """Symfony and Laravel (and Express's method-override reading the query) carry out `POST /orders/1?_method=DELETE`
+    as a DELETE. Every shipped gateway removes the override headers but passes the query on: judged as the POST it came
+    as, a token that may only write deleted the order. The same POST without the parameter still passes."""
+    status = send(edge, request(f"POST /orders/1?{query} HTTP/1.1", token=write_token, extra="Content-Length: 0\r\n"))
+    assert not upstream.requests, (edge.name, query, status, [(r.method, r.path) for r in upstream.requests])
+
+    plain = send(edge, request("POST /orders/1?x=1 HTTP/1.1", token=write_token, extra="Content-Length: 0\r\n"))
+    assert plain == 200, (edge.name, plain)
 
 
 # ------------------------------------------------------------------------------------------------ HTTP/2 (Envoy)

@@ -33,11 +33,13 @@ from rigs import (  # noqa: F401 - fixtures, requested by name (fresh_upstream_l
 from test_gateway_differential import (  # noqa: F401 - fixtures and tests, collected here against this `edge`
     read_token,
     test_a_format_suffix_does_not_take_an_exact_paths_handler_to_a_laxer_policy,
+    test_a_post_whose_query_names_another_method_is_not_judged_as_a_post,
     test_no_framing_host_or_method_trick_gets_past_what_was_judged,
     test_no_spelling_of_a_protected_target_gets_a_read_only_token_to_it,
     test_no_spelling_of_the_public_path_opens_another_route_without_a_token,
     test_the_exact_path_itself_and_a_file_below_it_keep_their_policies,
     verifier,
+    write_token,
 )
 from test_trust_boundary import Edge
 

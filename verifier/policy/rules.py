@@ -4,7 +4,8 @@ Matching normalizes the path first (percent-decoding, `//`, dot segments), so `/
 the `/admin` policy instead of slipping past it to a laxer one; a path whose other readings (an upstream's that
 keeps what normalizing drops: dot segments, `#`, `;parameters`, case; or drops a format suffix, or trims white space
 from a segment; `other_readings`) meet another policy is refused as ambiguous (`/./admin`, `/admin/x/../../health`,
-`/admin/users.json`, `/admin/users%20`).
+`/admin/users.json`, `/admin/users%20`); so is a POST whose `_method` query parameter (Symfony, Laravel) names a
+method under another policy.
 Requirements are checked in an order that gives the client the most useful answer: authorization
 (roles, scopes: 403) before assurance (amr/acr/auth_time: an RFC 9470 step-up 401) before the
 sender constraint (a DPoP/mTLS 401).
@@ -102,6 +103,18 @@ def _percent_u_decoded(escape: re.Match[str]) -> str:
     """One `%uNNNN` escape (`_PERCENT_U`) as the UTF-8 percent-encoding `normalize_path` decodes (`%u002f`: `%2F`); a
     lone surrogate (`%ud800`) as bytes that decode to U+FFFD."""
     return urllib.parse.quote(chr(int(escape[1], 16)), safe="", errors="surrogatepass")
+
+
+def _method_overrides(query: str) -> set[str]:
+    """The methods a POST's query tells the application to take it for instead, upper-cased as they do: Symfony and
+    Laravel read `_method` from the query (when no X-HTTP-Method-Override header says one; every shipped gateway
+    removes it), Express's method-override with a query getter (`methodOverride("_method")`) too. PHP names a query
+    key as `_method` with its leading spaces dropped and a `.` or space within it made `_` (`.method`, `+_method`)."""
+    overrides: set[str] = set()
+    for key, value in urllib.parse.parse_qsl(query):  # an empty value overrides nothing
+        if key.lstrip(" ").replace(".", "_").replace(" ", "_") == "_method":
+            overrides.add(value.upper())
+    return overrides
 
 
 def _dot_segments_kept(path: str) -> str | None:
@@ -332,11 +345,23 @@ class PolicySet:
         its host or path fall under different policies, so the request is refused).
 
         The doors normalized the host (`normalize_host`); a policy names hosts, not ports, so
-        `admin.example.test:443` and `:8443` meet the policy for `admin.example.test`. The answer is a
-        function of (method, host, path before the query) alone: remembered in a bounded memo, so a
-        gateway's repeated routes skip the normalization and the scan.
+        `admin.example.test:443` and `:8443` meet the policy for `admin.example.test`. A POST whose query names
+        another method (`_method_overrides`) under another policy is `AMBIGUOUS` too.
         """
-        method, host, path = attrs.method, attrs.host, attrs.path.partition("?")[0]
+        method, host = attrs.method, attrs.host
+        path, _, query = attrs.path.partition("?")
+        policy = self._memo.get((method, host, path), _UNSEEN)
+        if policy is _UNSEEN:
+            policy = self._route(method, host, path)
+        if query and method == "POST" and ("method" in query or "%" in query):
+            for override in _method_overrides(query):
+                if self._route(override, host, path) is not policy:
+                    return AMBIGUOUS
+        return policy  # type: ignore[return-value]
+
+    def _route(self, method: str, host: str, path: str) -> CompiledPolicy | None:
+        """`match` of (method, host, path before the query): remembered in a bounded memo, so a gateway's repeated
+        routes skip the normalization and the scan."""
         key = (method, host, path)
         memo = self._memo
         found = memo.get(key, _UNSEEN)
