@@ -86,6 +86,19 @@ def test_an_exact_path_covers_the_same_path_with_or_without_a_trailing_slash() -
         assert policies.match(_attrs("GET", path)).name == name, path  # type: ignore[union-attr]
 
 
+def test_a_path_a_prefix_with_its_slash_covers_once_a_slash_is_added_is_ambiguous() -> None:
+    """Express (non-strict routing, its default) gives `/ops` to the root handler of a router mounted at `/ops/`: a
+    `path_prefix: /ops/` does not cover `/ops`, which fell to the catch-all, and a read-only token reached the ops
+    router. Refused as ambiguous; `/ops/`, `/ops/x` stay the prefix's and `/opsx` the catch-all's."""
+    ops = PolicySettings(name="ops", match=RouteMatch(path_prefix="/ops/"), require=Requirements(roles_any=("ops",)))
+    policies = PolicySet((ops, PUBLIC, REST))
+    assert policies.match(_attrs("GET", "/ops")) is AMBIGUOUS
+    assert policies.match(_attrs("GET", "/./ops")) is AMBIGUOUS
+    for path, name in (("/ops/", "ops"), ("/ops/x", "ops"), ("/opsx", "rest"), ("/health", "health"),
+                       ("/health/", "health"), ("/", "rest"), ("/orders", "rest")):
+        assert policies.match(_attrs("GET", path)).name == name, path  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     "path", ["/health#/../admin", "/x/..;/admin", "/.;/admin/x", "/health;x", "/ADMIN", "/%41dmin", "/%2561dmin"]
 )

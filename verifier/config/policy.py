@@ -43,7 +43,11 @@ class RouteMatch:
     methods: tuple[str, ...] = setting(
         (), doc="HTTP methods (upper-cased); GET also covers HEAD; an unregistered one (a typo?) is warned about"
     )
-    path_prefix: str = setting("", doc="the normalized path starts with this (starts with /)")
+    path_prefix: str = setting(
+        "",
+        doc="the normalized path starts with this (starts with /); one ending in / makes the path without that slash"
+        " ambiguous (400) when another policy has it",
+    )
     path: str = setting("", doc="the normalized path is exactly this, give or take a trailing slash (no query)")
 
 

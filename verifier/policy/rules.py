@@ -1,11 +1,11 @@
 """Route policies: first match wins; an unmatched route is refused once any policy exists.
 
-Matching normalizes the path first (percent-decoding, `//`, dot segments), so `//admin` and `/%61dmin` meet
-the `/admin` policy instead of slipping past it to a laxer one; a path whose other readings (an upstream's that
-keeps what normalizing drops: dot segments, `#`, `;parameters`, case; or drops a format suffix, or trims white space
-from a segment; `other_readings`) meet another policy is refused as ambiguous (`/./admin`, `/admin/x/../../health`,
-`/admin/users.json`, `/admin/users%20`); so is a POST whose `_method` query parameter (Symfony, Laravel) names a
-method under another policy.
+Matching normalizes the path first (percent-decoding, `//`, dot segments), so `//admin` and `/%61dmin` meet the
+`/admin` policy instead of slipping past it to a laxer one; a path whose other readings (an upstream's that keeps what
+normalizing drops: dot segments, `#`, `;parameters`, case; or drops a format suffix, or trims white space from a
+segment; `other_readings`; or adds a trailing slash) meet another policy is refused as ambiguous (`/./admin`,
+`/admin/x/../../health`, `/admin/users.json`, `/admin/users%20`, `/admin` beside a `path_prefix: /admin/`); so is a
+POST whose `_method` query parameter (Symfony, Laravel) names a method under another policy.
 Requirements are checked in an order that gives the client the most useful answer: authorization
 (roles, scopes: 403) before assurance (amr/acr/auth_time: an RFC 9470 step-up 401) before the
 sender constraint (a DPoP/mTLS 401).
@@ -388,6 +388,10 @@ class PolicySet:
                 # /admin/users there; and a format suffix before it (`/admin/users.json%20`) dropped too.
                 trimmed = _white_space_trimmed(paths | {normal})
                 paths |= trimmed | {p for p in _formats_dropped(trimmed) if self._exact(method, names, p)}
+            if not normal.endswith("/"):
+                # Express (non-strict routing, its default) gives `/ops` to the root of a router mounted at `/ops/`:
+                # a prefix written with its slash that missed it left it to a laxer policy.
+                paths.add(normal + "/")
             if len(names) > 1 or paths:
                 paths.add(normal)
                 if any(self._match(method, n, p) is not policy for n in names for p in paths):
