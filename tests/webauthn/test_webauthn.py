@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from fido2 import cbor
 from fido2.webauthn import CollectedClientData
 from prometheus_client import CollectorRegistry
-from support import FrozenClock, SkewedClock, file_modes, made_under_umask_022, opened_together
+from support import FrozenClock, SkewedClock, b64url, file_modes, made_under_umask_022, opened_together
 from webauthnkit import FLAGS, ORIGIN, RP_ID, SoftAuthenticator, b64u, encode_header, unb64u
 
 from verifier import private_files
@@ -1022,6 +1022,22 @@ async def test_a_credential_id_named_in_standard_base64_disables_that_credential
     assert listed["credentials"][0]["disabled"] is True
 
 
+async def test_a_credential_change_naming_only_ids_that_read_as_none_disables_every_key_of_the_user(
+    harness: Harness,
+) -> None:
+    """A credential-change naming ids none of which reads as a credential id (`fido2:...`, `%%%`): which key changed
+    cannot be told, and disabling none left the reported key passing every step-up. All the user's keys are
+    disabled (as an authenticator model no key has); another user's stay. One readable id keeps it to that id."""
+    first = SoftAuthenticator()
+    assert await harness.register(first) == 201
+    assert await harness.register(SoftAuthenticator(), proof=first) == 201
+    assert await harness.register(SoftAuthenticator(), user="bob") == 201
+    assert await harness.service.disable_credentials(ISSUER, "alice", ["fido2:key-1", "%%%", ""]) == 2
+    _, _, bobs = await harness.call("GET", "/v1/webauthn/credentials", user="bob")
+    assert bobs["credentials"][0]["disabled"] is False
+    assert await harness.service.disable_credentials(ISSUER, "bob", ["%%%", b64url(b"not-bobs-key")]) == 0
+
+
 async def test_disable_all_credentials_of_a_subject(harness: Harness) -> None:
     first = SoftAuthenticator()
     assert await harness.register(first) == 201
@@ -1624,3 +1640,13 @@ async def test_a_used_registration_state_is_refused_until_it_expires_on_every_re
         assert caught.value.code == "webauthn_state_replayed"
     finally:
         await h.service.close()
+
+
+@pytest.mark.parametrize("text", ["%%%", "a%bc", "ab cd", "ab\ncd", "fido2:key-1", "a", "abc=d"])
+def test_base64url_with_a_character_outside_its_alphabet_is_refused_not_dropped(text: str) -> None:
+    """`urlsafe_b64decode` drops what is not in the alphabet: `%%%` read as no bytes, `a%bc` as `abc`; an id, a state
+    or an assertion header so spelled was read as another value instead of refused."""
+    from verifier.webauthn.challenge import b64url_decode
+
+    with pytest.raises(ValueError, match="not base64url"):
+        b64url_decode(text)

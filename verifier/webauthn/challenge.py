@@ -47,16 +47,21 @@ def b64url(data: bytes) -> str:
 
 
 def b64url_decode(text: str) -> bytes:
-    """Decodes base64url with or without padding; raises `ValueError` on anything else."""
+    """Decodes base64url with or without padding; raises `ValueError` on anything else: a character outside the
+    alphabet too (`urlsafe_b64decode` drops those, so `%%%` read as no bytes and `a%b` as `ab`)."""
     if not isinstance(text, str) or not text.isascii():
         raise ValueError("not base64url")
     stripped = text.rstrip("=")
     if any(c in "+/" for c in stripped):
         raise ValueError("not base64url")
     try:
-        return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
+        padded = (stripped + "=" * (-len(stripped) % 4)).translate(_TO_BASE64).encode("ascii")
+        return binascii.a2b_base64(padded, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError("not base64url") from exc
+
+
+_TO_BASE64 = str.maketrans("-_", "+/")
 
 
 def subject_hash(issuer: str, subject: str) -> bytes:

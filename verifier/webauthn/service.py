@@ -177,8 +177,9 @@ class WebAuthnService:
     async def disable_credentials(
         self, issuer: str, subject: str, credential_ids: list[str] | None, *, aaguid: str = ""
     ) -> int:
-        """Disables the user's listed credentials (base64url ids, or the same bytes in standard base64; None: all,
-        or all of one authenticator model when `aaguid`, 32 hex digits, is given). Returns how many changed."""
+        """Disables the user's listed credentials (base64url ids, or the same bytes in standard base64; None, or a
+        list none of which reads as an id: all; all of one authenticator model when `aaguid`, 32 hex digits, is
+        given). Returns how many changed."""
         ids: list[bytes] | None = None
         if credential_ids is None and aaguid:
             ids = [c.credential_id for c in await self._store.for_user(issuer, subject) if c.aaguid.hex() == aaguid]
@@ -188,9 +189,15 @@ class WebAuthnService:
                 try:
                     # A transmitter may keep the ids in standard base64 (`+`, `/`): the alphabets differ in those
                     # two characters alone, so the id is the same bytes, never another credential's.
-                    ids.append(b64url_decode(text.translate(_STANDARD_ALPHABET)))
+                    raw = b64url_decode(text.translate(_STANDARD_ALPHABET))
                 except ValueError:
                     continue  # an id we never issued matches nothing
+                if raw:  # "" names no credential
+                    ids.append(raw)
+            if not ids:
+                # Named, and none readable as an id: which key changed cannot be told, so every key of the user is
+                # disabled (as an authenticator model no key has widens to all): a reported key must not stay usable.
+                ids = None
         count = await self._store.disable(issuer, subject, ids, at=self._clock.now())
         which: object = credential_ids if credential_ids is not None else (f"aaguid {aaguid}" if aaguid else "all")
         audit_log.info(
