@@ -86,6 +86,20 @@ def test_an_exact_path_covers_the_same_path_with_or_without_a_trailing_slash() -
         assert policies.match(_attrs("GET", path)).name == name, path  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("path", ["/adm%C4%B1n/users", "/%C5%BFtaff", "/\u017ftaff/x", "/ADM%C4%B0N/users"])
+def test_a_path_a_case_blind_router_folds_onto_another_policy_is_ambiguous(path: str) -> None:
+    """ASP.NET Core compares routes with `OrdinalIgnoreCase` (Java's `equalsIgnoreCase` alike): each character's
+    simple upper case, so `/adm\u0131n` (dotless i) and `/\u017ftaff` (long s) reach the /admin and /staff
+    handlers there. `str.lower` leaves both as sent, so they met the catch-all and a read-only token reached those
+    handlers. Refused as ambiguous now; a Unicode path no fold moves stays the catch-all's."""
+    staff = PolicySettings(name="staff", match=RouteMatch(path_prefix="/staff"), require=Requirements(roles_any=("s",)))
+    admin = PolicySettings(name="adm", match=RouteMatch(path_prefix="/admin"), require=Requirements(roles_any=("a",)))
+    policies = PolicySet((admin, staff, REST))
+    assert policies.match(_attrs("GET", path)) is AMBIGUOUS
+    assert policies.match(_attrs("GET", "/caf%C3%A9/menu")).name == "rest"  # type: ignore[union-attr]
+    assert policies.match(_attrs("GET", "/%C3%85dmin")).name == "rest"  # type: ignore[union-attr]
+
+
 def test_a_path_a_prefix_with_its_slash_covers_once_a_slash_is_added_is_ambiguous() -> None:
     """Express (non-strict routing, its default) gives `/ops` to the root handler of a router mounted at `/ops/`: a
     `path_prefix: /ops/` does not cover `/ops`, which fell to the catch-all, and a read-only token reached the ops

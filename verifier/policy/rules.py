@@ -63,7 +63,8 @@ def other_readings(path: str, normal: str) -> set[str]:
       the dot segments after it (Go's `path.Clean` of `URL.Path`): `/health#/../admin` is /admin to it.
     - Servlet containers (Tomcat, Jetty, Spring) drop a segment's `;parameters` before resolving dot
       segments: `/x/..;/admin` is /admin to them, a segment named `..;` to everyone else.
-    - Express, ASP.NET Core and IIS route case-blind: `/ADMIN` is /admin to them.
+    - Express, ASP.NET Core and IIS route case-blind: `/ADMIN` is /admin to them, and to ASP.NET Core `/adm\u0131n`
+      (dotless i) and `/\u017ftaff` (long s) are /admin and /staff (`_case_blind`).
     - An application that decodes the path its framework already decoded reads `/%2561dmin` as /admin.
     - IIS (http.sys, `PercentUAllowed` on by default) and ASP.NET's `HttpUtility.UrlDecode` decode `%uNNNN`:
       `/%u0061dmin` is /admin to them, a segment of its own to everyone else (nginx and Kong refuse it, Envoy passes
@@ -93,10 +94,27 @@ def other_readings(path: str, normal: str) -> set[str]:
         unresolved = _dot_segments_kept(path)
         if unresolved is not None:
             readings.add(unresolved)
-    if normal != normal.lower() or any(r != r.lower() for r in readings):
-        readings |= {r.lower() for r in readings} | {normal.lower()}
+    if normal != _case_blind(normal) or any(r != _case_blind(r) for r in readings):
+        readings |= {_case_blind(r) for r in readings} | {_case_blind(normal)}
     readings.discard(normal)
     return readings
+
+
+def _case_blind(path: str) -> str:
+    """`path` as a case-blind router compares it. ASCII: lower-cased. Beyond it, each character's simple upper case
+    lower-cased, as .NET's `OrdinalIgnoreCase` (ASP.NET Core's routes) and Java's `equalsIgnoreCase` fold them:
+    `/adm\u0131n` (dotless i) and `/\u017ftaff` (long s) are /admin and /staff there; `str.lower` leaves both."""
+    if path.isascii():
+        return path.lower()
+    return "".join(_simple_fold(c) for c in path)
+
+
+def _simple_fold(c: str) -> str:
+    """One character's simple (one-character) upper case, then its simple lower case: Java's `equalsIgnoreCase` takes
+    `\u0130` (I with a dot) for `i` too; `str.lower` gives it two characters (`i` and a combining dot)."""
+    upper = c.upper()
+    lower = (upper if len(upper) == 1 else c).lower()
+    return lower[0] if len(lower) > 1 else lower
 
 
 def _percent_u_decoded(escape: re.Match[str]) -> str:
