@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -1057,6 +1058,27 @@ async def test_a_batch_with_a_poison_token_in_each_half_still_answers_every_othe
     assert all(results[t].subject == "user-1" for t in good)
     assert isinstance(results["evil-1"], ProviderUnavailable) and isinstance(results["evil-2"], ProviderUnavailable)
     assert len(http.posts) <= 2 + 2 * len(batch) - 2
+
+
+async def test_a_split_batch_keeps_the_batch_s_deadline_not_one_per_call(
+    make: MakeIntrospector, http: FakeHttp
+) -> None:
+    """The halves of a failed batch, and our own token's call before them, share the batch's deadline: a provider
+    answering each call in 0.3 s took five calls in a row (the batch, ours, three levels of halves), 1.5 s, against
+    a 0.5 s timeout, because `introspect_batch` dropped the deadline it was given and gave each call its own. The
+    tokens not answered by then fail (503), at the deadline."""
+    good = [f"user-{i}" for i in range(7)]
+    for token in good:
+        http.answers[token] = active()
+    http.poison["evil"] = 400
+    http.delay = 0.3
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0.01, timeout_seconds=0.5)
+    started = time.monotonic()
+    results = await outcomes(introspector, [*good[:3], "evil", *good[3:]])
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.1, elapsed  # the deadline (0.5 s) and a window, not five calls of 0.3 s
+    assert isinstance(results["evil"], ProviderUnavailable)
+    assert any(isinstance(results[t], ProviderUnavailable) for t in good)  # not all answered by the deadline
 
 
 @pytest.mark.parametrize("poison", [503, 504, 429, 408, "timeout"])

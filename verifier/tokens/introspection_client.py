@@ -373,7 +373,7 @@ class ProviderClient:
 
             return build
 
-        deadline = None
+        # `deadline` as given: a split batch's halves keep the whole batch's (`BatchDispatcher`)
         if self.breaker.state is BreakerState.HALF_OPEN:
             probe = self._probe_token()
             if probe is not None and probe not in tokens:
