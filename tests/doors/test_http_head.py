@@ -179,6 +179,16 @@ def test_the_field_bound_is_the_doors() -> None:
     assert taken is not None and len(taken[2]) == MAX_HEADERS
 
 
+def test_a_negative_field_bound_is_refused_not_taken_as_none() -> None:
+    """`max_headers` below 0 bounds nothing: a request without fields was answered under it. The door passes
+    MAX_HEADERS; any caller passing less than 0 gets a ValueError."""
+    if WHOLE_HEAD is None:
+        pytest.skip("the C parse is not built here (test_the_c_parse_is_built_here says why)")
+    with pytest.raises(ValueError, match="max_headers >= 0"):
+        WHOLE_HEAD(b"GET / HTTP/1.1\r\n\r\n", -1)
+    assert WHOLE_HEAD(b"GET / HTTP/1.1\r\n\r\n", 0) == (b"GET", b"/", {})
+
+
 _METHODS = st.sampled_from([b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"PROPFIND", b"get"])
 _SEPARATORS = st.sampled_from([b" ", b" ", b" ", b"  ", b"\t"])
 _TARGET_BYTES = st.binary(min_size=0, max_size=24).map(lambda b: bytes(c % 0x80 + (c >= 0xF0) * 0x80 for c in b))

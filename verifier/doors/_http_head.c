@@ -158,6 +158,10 @@ static PyObject *head(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t max_headers = PyLong_AsSsize_t(args[1]);
     if (max_headers == -1 && PyErr_Occurred())
         return NULL;
+    if (max_headers < 0) { /* no bound to keep: a request is not answered here (was: one without fields was) */
+        PyErr_SetString(PyExc_ValueError, "head() takes max_headers >= 0");
+        return NULL;
+    }
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     const unsigned char *end = data + PyBytes_GET_SIZE(args[0]);
     const unsigned char *p = data;
