@@ -751,11 +751,11 @@ class Plugin:
         return True
 
     def _check_request(self, kong: Any, headers: Mapping[str, Any]) -> verifier_pb2.CheckRequest:
-        scheme = _utf8(str(_value(kong.request.get_scheme())), "the scheme")
+        # The scheme and port the client used, read alike: Kong's own, or a trusted proxy's (`trusted_ips`:
+        # X-Forwarded-Proto/-Port of a TLS-terminating load balancer) or `port_maps`', as Kong tells the upstream.
+        scheme = _utf8(str(_value(kong.request.get_forwarded_scheme())), "the scheme")
         host = _utf8(_judged_host(str(_value(kong.request.get_host())), headers.get("host")), "the host")
-        # The port the client reached: Kong's listening port or the one `port_maps` maps it to (`80:8000` behind a
-        # Kubernetes Service), as Kong tells the upstream; a client's X-Forwarded-Port only from `trusted_ips`.
-        port = _value(kong.request.get_forwarded_port())
+        port = _value(kong.request.get_forwarded_port())  # `port_maps`: `80:8000` behind a Kubernetes Service
         if port and int(port) != DEFAULT_PORTS.get(scheme):
             host = f"{host}:{int(port)}"
         credentials = {}

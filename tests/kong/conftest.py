@@ -458,6 +458,7 @@ class NginxRig:
         external: dict[str, str] | None = None,
         kong_upstream_uri: bool = False,
         public_port: int | None = None,
+        trusted_proxy: bool = False,
     ) -> str:
         """Starts nginx running the plugin with `plugin_conf` in front of 127.0.0.1:`upstream_port`.
 
@@ -477,6 +478,8 @@ class NginxRig:
             the raw target, which nginx's `proxy_pass` without a URI passes on.
         public_port: Kong's `port_maps` maps the rig's listening port to this one (`80:8000` behind a Kubernetes
             Service): what `kong.request.get_forwarded_port` answers.
+        trusted_proxy: Kong's `trusted_ips` takes the rig's client for a proxy: its X-Forwarded-Proto/-Port are what
+            `kong.request.get_forwarded_scheme`/`_port` answer (a TLS-terminating load balancer in front).
         Returns the base URL, "http://127.0.0.1:PORT".
         """
         modules = _module_dir()
@@ -495,6 +498,7 @@ class NginxRig:
                     "external": external,
                     "kong_upstream_uri": kong_upstream_uri,
                     "host_ports": {str(port): public_port} if public_port else {},
+                    "trusted_proxy": trusted_proxy,
                 }
             )
         )

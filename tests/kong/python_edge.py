@@ -34,12 +34,14 @@ def start_python_plugin(
     consumers: tuple[dict[str, Any], ...] = (),
     kong_upstream_uri: bool = False,
     public_port: int | None = None,
+    trusted_proxy: bool = False,
     **conf: Any,
 ) -> str:
-    """nginx running the Python plugin of `server` against `verifier`'s gRPC door (`conf` overrides its
-    configuration) in front of 127.0.0.1:`upstream_port`; the base URL. `underscores_in_headers` is on by default,
-    as in Kong's own nginx template; `consumers`: Kong's datastore, `kong_upstream_uri`: the upstream gets the target
-    Kong 3.x's router builds, not the raw one, `public_port`: Kong's `port_maps` (conftest.py's `start_nginx`)."""
+    """nginx running the Python plugin of `server` against `verifier`'s gRPC door (`conf` overrides its configuration)
+    in front of 127.0.0.1:`upstream_port`; the base URL. `underscores_in_headers` is on by default, as in Kong's
+    own nginx template; `consumers`: Kong's datastore, `kong_upstream_uri`: the upstream gets the target Kong
+    3.x's router builds, not the raw one, `public_port`: Kong's `port_maps`, `trusted_proxy`: its `trusted_ips`
+    (conftest.py's `start_nginx`)."""
     # nginx's workers (nobody, under a root master) connect to the plugin server's socket
     os.chmod(server.prefix, 0o755)
     os.chmod(server.socket_path, 0o777)
@@ -53,6 +55,7 @@ def start_python_plugin(
             external={"socket": server.socket_path, "name": PLUGIN},
             kong_upstream_uri=kong_upstream_uri,
             public_port=public_port,
+            trusted_proxy=trusted_proxy,
         )
     )
 

@@ -107,6 +107,10 @@ class KongRequest:
     scheme: str = "http"
     host: str = "api.example.test"
     port: int = 8000
+    # what kong.request.get_forwarded_scheme/_port answer: Kong's own, unless a trusted proxy (trusted_ips) or
+    # port_maps says otherwise
+    forwarded_scheme: str | None = None
+    forwarded_port: int | None = None
     path_with_query: str = "/api/items?limit=5"
     client_ip: str = "203.0.113.9"
     client_cert_pem: str = ""  # what nginx's $ssl_client_raw_cert holds when Kong terminated mutual TLS
@@ -149,7 +153,8 @@ class KongRequest:
             "kong.request.get_scheme": self.scheme,
             "kong.request.get_host": self.host,
             "kong.request.get_port": self.port,
-            "kong.request.get_forwarded_port": self.port,  # no port_maps, no trusted_ips here
+            "kong.request.get_forwarded_scheme": self.forwarded_scheme or self.scheme,
+            "kong.request.get_forwarded_port": self.forwarded_port or self.port,
             "kong.request.get_path_with_query": self.path_with_query,
             "kong.client.get_ip": self.client_ip,
             "kong.client.tls.get_full_client_certificate_chain": self.client_cert_pem,
@@ -707,6 +712,20 @@ def test_the_clients_words_for_what_the_verifier_is_told_never_reach_the_upstrea
     (sent,) = servicer.requests[-1:]
     assert sent.method == "GET"
     assert spoof.lower() in cleared(calls)
+
+
+def test_behind_a_trusted_tls_proxy_the_verifier_is_told_the_scheme_and_port_the_client_used(kong, recording_verifier):
+    """A load balancer in `trusted_ips` terminates TLS and sends Kong plain http on 8000 with X-Forwarded-Proto https
+    and -Port 443: Kong's forwarded scheme and port are https and 443, the URL the client used (a DPoP proof names
+    it). Told Kong's own scheme beside the forwarded port, the verifier judged `http://api.example.test:443/...`
+    and every such proof was refused; told Kong's own both, `http://api.example.test:8000/...`."""
+    servicer, target = recording_verifier
+    iid = start_instance(kong, grpc_target=target)
+    request = KongRequest(headers={"Authorization": "Bearer x"}, forwarded_scheme="https", forwarded_port=443)
+    kong.handle_event(iid, "access", request)
+
+    (sent,) = servicer.requests[-1:]
+    assert (sent.scheme, sent.host) == ("https", "api.example.test")
 
 
 def test_kongs_own_forwarded_headers_are_left_to_kong(kong, recording_verifier):

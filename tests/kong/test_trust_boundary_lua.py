@@ -114,6 +114,35 @@ def test_behind_port_maps_a_proof_for_the_public_url_passes_and_one_for_kongs_ow
     assert [r.path for r in upstream.requests] == ["/orders"]
 
 
+@pytest.fixture
+def proxied_edge(start_nginx: Any, verifier: GatewayProcess, upstream: EchoUpstream) -> Edge:  # noqa: F811
+    """The plugin's rig behind a TLS-terminating load balancer Kong trusts (`trusted_ips`): plain http to Kong, the
+    client's https in X-Forwarded-Proto and -Port."""
+    base = start_nginx({"url": f"{verifier.url}/v1/forward-auth", "cache_entries": 0}, upstream.port,
+                       trusted_proxy=True)
+    return Edge(name="kong-lua[trusted proxy]", url=base)
+
+
+def test_behind_a_trusted_tls_proxy_a_proof_for_the_https_url_passes(
+    proxied_edge: Edge, upstream: EchoUpstream, tokens: Any  # noqa: F811
+) -> None:
+    """The client used `https://api.example.test/orders` (its proof says so); the load balancer sent Kong plain http
+    with X-Forwarded-Proto https and -Port 443. The plugin tells the verifier the scheme and the port alike, as
+    Kong's `get_forwarded_*` give them: https and 443. Told Kong's own scheme beside the forwarded port, the verifier
+    judged `http://api.example.test:443/orders` and refused the proof; a proof naming plain http is refused."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    tok = tokens("read", cnf={"jkt": thumbprint(public_jwk(key))})
+
+    def sent(url: str) -> int:
+        return raw_get(proxied_edge, "/orders", {"Host": API_HOST, "X-Forwarded-Proto": "https",
+                                                 "X-Forwarded-Port": "443", "Authorization": f"DPoP {tok}",
+                                                 "DPoP": dpop_proof(key, "GET", url, tok)})
+
+    assert sent(f"http://{API_HOST}/orders") == 401, proxied_edge.name
+    assert sent(f"https://{API_HOST}/orders") == 200, proxied_edge.name
+    assert [r.path for r in upstream.requests] == ["/orders"]
+
+
 def test_client_kong_consumer_headers_never_reach_the_upstream(
     edge: Edge,
     upstream: EchoUpstream,  # noqa: F811

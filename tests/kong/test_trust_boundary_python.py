@@ -66,6 +66,7 @@ from test_trust_boundary import (  # noqa: F401 - fixtures and tests, collected 
 )
 from test_trust_boundary_lua import (  # noqa: F401 - Kong's own cases, collected here against this `edge`
     test_a_protected_path_with_a_fragment_is_not_judged_as_the_public_one,
+    test_behind_a_trusted_tls_proxy_a_proof_for_the_https_url_passes,
     test_behind_port_maps_a_proof_for_the_public_url_passes_and_one_for_kongs_own_port_does_not,
     test_client_kong_consumer_headers_never_reach_the_upstream,
 )
@@ -99,3 +100,16 @@ def mapped_edge(
     """The plugin's rig behind a port mapping (`port_maps: 80:<its port>`; test_trust_boundary_lua.py's)."""
     base = start_python_plugin(start_nginx, pluginserver, verifier, upstream.port, public_port=80)
     return Edge(name=f"kong-python[{request.node.callspec.params['pluginserver']},port_maps 80]", url=base)
+
+
+@pytest.fixture
+def proxied_edge(
+    request: pytest.FixtureRequest,
+    start_nginx: Any,
+    pluginserver: PluginServer,  # noqa: F811
+    verifier: GatewayProcess,  # noqa: F811
+    upstream: EchoUpstream,  # noqa: F811
+) -> Edge:
+    """The plugin's rig behind a TLS-terminating load balancer Kong trusts (test_trust_boundary_lua.py's)."""
+    base = start_python_plugin(start_nginx, pluginserver, verifier, upstream.port, trusted_proxy=True)
+    return Edge(name=f"kong-python[{request.node.callspec.params['pluginserver']},trusted proxy]", url=base)

@@ -350,14 +350,15 @@ end
 -- segments resolved with `#` and `;` plain bytes), so `/admin/x#/../../health`
 -- would be judged as /health while an upstream that drops the fragment serves
 -- /admin/x; the verifier weighs every reading of the raw path itself.
--- The port is the one the client reached: Kong's listening port, or the one
--- `port_maps` maps it to (`80:8000` behind a Kubernetes Service, whose clients
--- name no port) -- else DPoP's htu and WebAuthn's request binding name a port
--- no client used. Kong reads a client's X-Forwarded-Port only from
--- `trusted_ips`, as for the upstream's X-Forwarded-Port.
-local function request_line()
+-- The scheme and port the verifier is told: the ones the client used, read
+-- alike -- Kong's own, the port `port_maps` maps Kong's to (`80:8000` behind a
+-- Kubernetes Service, whose clients name no port), or a trusted proxy's
+-- X-Forwarded-Proto/-Port (`trusted_ips`: a TLS-terminating load balancer),
+-- as Kong tells the upstream. Else DPoP's htu and WebAuthn's request binding
+-- name a URL no client used.
+local function told_origin()
   local req = kong.request
-  return req.get_method(), req.get_scheme(), req.get_forwarded_port(), var.request_uri
+  return req.get_forwarded_scheme(), tostring(req.get_forwarded_port())
 end
 
 
@@ -630,17 +631,17 @@ function EdgeVerifierHandler:access(conf)
     return unexpected("bad verifier url: ", c.target_err)
   end
 
-  local scheme = var.scheme
-  local thumbprint = thumbprint_for(conf, sent_thumbprint, scheme)
+  -- a client certificate is on Kong's own TLS connection only
+  local thumbprint = thumbprint_for(conf, sent_thumbprint, var.scheme)
+  local scheme, port = told_origin()
 
   local host = judged_host()
   local cache = not single_use and c.cache
   local key, decision
   if cache then
-    -- everything the answer depends on, read from nginx as it holds it: the
-    -- verifier is told method, scheme, host, port, path and query, each a
-    -- function of these (kong.request reads the same variables)
-    key = decision_cache.key(get_method(), scheme, host, var.server_port, var.request_uri,
+    -- everything the answer depends on: the verifier is told method, scheme,
+    -- host, port, path and query, each a function of these
+    key = decision_cache.key(get_method(), scheme, host, port, var.request_uri,
                              var.args, authorization, thumbprint)
     decision = decision_cache.get(cache, key)
   end
@@ -649,7 +650,7 @@ function EdgeVerifierHandler:access(conf)
     -- the verifier's max-age counts from here, not from its answer's arrival:
     -- never reused past what it meant (a token's exp), however slow it was
     local asked_at = ngx.now()
-    local method, _, port, uri = request_line()
+    local method, uri = kong.request.get_method(), var.request_uri
     -- (only when asking: a reused answer was asked with bytes that passed)
     local malformed = not_utf8(host, headers, uri)
     if malformed then

@@ -54,6 +54,10 @@ local kong_upstream_uri    -- true: the upstream gets the target Kong 3.x's rout
 -- 8000) as kong/pdk/request.lua's HOST_PORTS: listening port -> public port.
 -- No `trusted_ips` (Kong's default): no client's X-Forwarded-Port is read.
 local host_ports = {}
+-- Kong's `trusted_ips` as all or nothing: true, every peer is a trusted proxy
+-- (the rig's client stands for a TLS-terminating load balancer), whose
+-- X-Forwarded-Proto/-Port kong/pdk/request.lua's get_forwarded_* then take.
+local trusted_proxy = false
 
 
 -- kong.db.schema.typedefs, as far as the schema uses it
@@ -357,7 +361,15 @@ local function make_kong()
     get_scheme = function() return ngx.var.scheme end,
     get_host = function() return ngx.var.host end,
     get_port = function() return tonumber(ngx.var.server_port) end,
+    get_forwarded_scheme = function()
+      local sent = trusted_proxy and first(ngx.req.get_headers()["x-forwarded-proto"])
+      return sent and sent:lower() or ngx.var.scheme
+    end,
     get_forwarded_port = function()
+      local sent = trusted_proxy and tonumber(first(ngx.req.get_headers()["x-forwarded-port"]), 10)
+      if sent and sent >= 1 and sent <= 65535 then
+        return sent
+      end
       local port = tonumber(ngx.var.server_port)
       return host_ports[port] or port
     end,
@@ -536,6 +548,7 @@ function _M.init(path)
   end
 
   kong_upstream_uri = settings.kong_upstream_uri == true
+  trusted_proxy = settings.trusted_proxy == true
   for listening, public in pairs(settings.host_ports or {}) do
     host_ports[tonumber(listening)] = public
   end
