@@ -400,3 +400,35 @@ def test_looking_up_keys_never_refuses(provider: FakeFetcher, clock: FrozenClock
     assert store.get(tenant_issuer("b")) is None and store.get(tenant_issuer("a")) is None
     assert store.configured(tenant_issuer("b")) == "" and store.configured(tenant_issuer("a")) == TEMPLATE
     assert provider.total == 0
+
+
+async def test_a_held_tenant_s_keys_are_refreshed_when_stale_though_no_token_asks_for_them(
+    provider: FakeFetcher, clock: FrozenClock, mint: Mint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configured issuer's keys are refetched by its refresh loop, so a key its provider withdraws forgets the
+    tokens it signed within `jwks_max_ttl_seconds`. A tenant's were refetched only when a token of the tenant was
+    verified: the pipeline answers a token it has admitted from its token cache, never asking for the keys, so a
+    tenant whose callers all held cached tokens kept a withdrawn (leaked) key's tokens admitted until their `exp`.
+    The key store's refresh loop sweeps the held tenants too."""
+    import asyncio
+
+    from verifier.tokens import tenants as tenants_module
+
+    monkeypatch.setattr(tenants_module, "TENANT_SWEEP_SECONDS", 0.01)
+    tenants = TenantKeys(template(jwks_max_ttl_seconds=60), provider, clock, Metrics())
+    store = KeyStore({}, [tenants])
+    verifier = JwtVerifier({}, store, clock, max_token_bytes=MAX_TOKEN_BYTES)
+    await verify(verifier, token(mint, "a"))
+    assert provider.total == 2  # discovery and JWKS
+    store.start()
+    try:
+        await asyncio.sleep(0.05)
+        assert provider.total == 2  # fresh: nothing refetched
+        clock.advance(120)  # past the tenant keys' lifetime; no token of the tenant comes
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if provider.total == 3:
+                break
+        assert provider.total == 3  # its JWKS refetched
+    finally:
+        await store.stop()

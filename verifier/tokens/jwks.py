@@ -431,6 +431,10 @@ class Tenants(Protocol):
         """The tenant's keys, fetched on first use."""
         ...
 
+    async def run(self) -> None:
+        """Keeps the held tenants' keys fresh until cancelled."""
+        ...
+
     async def stop(self) -> None:
         """Cancels fetches in flight."""
         ...
@@ -489,9 +493,11 @@ class KeyStore:
             template.on_withdrawn = callback
 
     def start(self) -> None:
-        """Starts every issuer's background refresh loop (the first iteration fetches at once)."""
+        """Starts every issuer's background refresh loop (the first iteration fetches at once), and each template's,
+        which refreshes its held tenants' keys (their tokens answered from the token cache never ask for them)."""
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(keys.run()) for keys in self.issuers.values()]
+        self._tasks += [loop.create_task(template.run()) for template in self.templates]
 
     @property
     def ready(self) -> bool:

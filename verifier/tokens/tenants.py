@@ -27,9 +27,12 @@ from verifier.errors import ProviderUnavailable, TenantNotAllowed
 from verifier.observe.metrics import Metrics
 from verifier.observe.tracing import NO_TRACING, Tracing
 from verifier.tokens.fetch import Fetcher, url_origin
-from verifier.tokens.jwks import IssuerKeys, Withdrawn
+from verifier.tokens.jwks import REFRESH_AHEAD_SECONDS, IssuerKeys, Withdrawn
 
 SECONDS_PER_MINUTE = 60.0
+# How often `run` looks for held tenants whose keys are due: `IssuerKeys.stale` turns true this long before their
+# lifetime ends, so a sweep this often starts each refetch by then, as a configured issuer's own loop does.
+TENANT_SWEEP_SECONDS = REFRESH_AHEAD_SECONDS
 
 
 def _retrieved(task: asyncio.Task[IssuerKeys]) -> None:
@@ -85,6 +88,17 @@ class TenantKeys:
             if keys.stale:
                 keys.refresh_in_background()
         return keys
+
+    async def run(self) -> None:
+        """Keeps the held tenants' keys fresh until cancelled (`KeyStore.start`), as each configured issuer's loop
+        does (`IssuerKeys.run`). `held` refreshes a tenant's stale keys only when a token of it is verified, and the
+        pipeline answers a token it admitted from its token cache: a tenant whose callers all held cached tokens
+        never refetched, and a key its provider withdrew (leaked) kept their tokens admitted until their `exp`."""
+        while True:
+            for keys in list(self._held.values()):
+                if keys.stale:
+                    keys.refresh_in_background()  # single flight, at most one try per cooldown
+            await asyncio.sleep(TENANT_SWEEP_SECONDS)
 
     async def keys_for(self, tenant: str) -> IssuerKeys:
         """The tenant's keys, discovered and fetched on first use; `ProviderUnavailable` when that cannot be."""
