@@ -66,6 +66,19 @@ async def _replica(
         await app.stop(grace=0.2)
 
 
+@contextlib.asynccontextmanager
+async def _lone_replica() -> AsyncIterator[tuple[DevIdentityProvider, SsfTransmitter, App]]:
+    """A development provider, a push transmitter and one replica without Redis: the common case here."""
+    idp = DevIdentityProvider(port=free_port())
+    await idp.start()
+    try:
+        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
+            async with _replica(idp, tx, None) as app:
+                yield idp, tx, app
+    finally:
+        await idp.stop()
+
+
 async def _forward(app: App, token: str) -> tuple[int, str]:
     raw = f"GET /v1/forward-auth/ HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
     answer = await http_exchange(app.ports.http, raw)
@@ -135,31 +148,25 @@ async def test_session_revoked_event_refuses_on_every_door_and_on_a_second_repli
 
 async def test_kill_switch_needs_the_admin_token_and_then_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "s3cret-admin-token-for-tests-01234567")
-    idp = DevIdentityProvider(port=free_port())
-    await idp.start()
-    try:
-        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
-            async with _replica(idp, tx, None) as app:
-                token = idp.mint(sub="mallory")
-                assert (await _forward(app, token))[0] == 200
-                body = json.dumps(
-                    {"subject": {"format": "iss_sub", "iss": idp.issuer, "sub": "mallory"}, "reason": "lost key"}
-                ).encode()
-                request = (
-                    b"POST /v1/admin/revocations HTTP/1.1\r\nHost: v\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n" % len(body)
-                )
-                denied = await http_exchange(app.ports.http, request + b"Authorization: Bearer wrong\r\n\r\n" + body)
-                assert denied.startswith(b"HTTP/1.1 401")
-                assert (await _forward(app, token))[0] == 200
-                created = await http_exchange(
-                    app.ports.http,
-                    request + b"Authorization: Bearer s3cret-admin-token-for-tests-01234567\r\n\r\n" + body,
-                )
-                assert created.startswith(b"HTTP/1.1 201")
-                assert (await _forward(app, token))[0] == 401
-    finally:
-        await idp.stop()
+    async with _lone_replica() as (idp, _, app):
+        token = idp.mint(sub="mallory")
+        assert (await _forward(app, token))[0] == 200
+        body = json.dumps(
+            {"subject": {"format": "iss_sub", "iss": idp.issuer, "sub": "mallory"}, "reason": "lost key"}
+        ).encode()
+        request = (
+            b"POST /v1/admin/revocations HTTP/1.1\r\nHost: v\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n" % len(body)
+        )
+        denied = await http_exchange(app.ports.http, request + b"Authorization: Bearer wrong\r\n\r\n" + body)
+        assert denied.startswith(b"HTTP/1.1 401")
+        assert (await _forward(app, token))[0] == 200
+        created = await http_exchange(
+            app.ports.http,
+            request + b"Authorization: Bearer s3cret-admin-token-for-tests-01234567\r\n\r\n" + body,
+        )
+        assert created.startswith(b"HTTP/1.1 201")
+        assert (await _forward(app, token))[0] == 401
 
 
 ADMIN_TOKEN = "s3cret-admin-token-for-tests-01234567"
@@ -203,20 +210,14 @@ async def test_the_kill_switch_reaches_a_token_issued_before_it_on_a_provider_cl
     passing after the 201. It now reaches the tokens issued up to the issuers' largest leeway past our now
     (tests/revocation/test_revocation.py: one issued beyond passes)."""
     monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", ADMIN_TOKEN)
-    idp = DevIdentityProvider(port=free_port())
-    await idp.start()
-    try:
-        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
-            async with _replica(idp, tx, None) as app:
-                now = int(time.time())
-                stolen = idp.mint(sub="mallory", claims={"iat": now + 20, "nbf": now + 20, "exp": now + 600})
-                assert (await _forward(app, stolen))[0] == 200
-                body = json.dumps({"subject": {"format": "iss_sub", "iss": idp.issuer, "sub": "mallory"}}).encode()
-                created = await http_exchange(app.ports.http, _admin_request(b"POST", COLLECTION, ADMIN_TOKEN, body))
-                assert _status(created) == 201
-                assert (await _forward(app, stolen))[0] == 401
-    finally:
-        await idp.stop()
+    async with _lone_replica() as (idp, _, app):
+        now = int(time.time())
+        stolen = idp.mint(sub="mallory", claims={"iat": now + 20, "nbf": now + 20, "exp": now + 600})
+        assert (await _forward(app, stolen))[0] == 200
+        body = json.dumps({"subject": {"format": "iss_sub", "iss": idp.issuer, "sub": "mallory"}}).encode()
+        created = await http_exchange(app.ports.http, _admin_request(b"POST", COLLECTION, ADMIN_TOKEN, body))
+        assert _status(created) == 201
+        assert (await _forward(app, stolen))[0] == 401
 
 
 async def test_with_admin_listen_the_kill_switch_is_served_there_only(
@@ -284,17 +285,11 @@ async def test_without_admin_listen_the_kill_switch_stays_on_the_forward_auth_li
 ) -> None:
     """Unchanged when `admin.listen` is unset: no admin listener, the API beside forward-auth (trailing slash too)."""
     monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", ADMIN_TOKEN)
-    idp = DevIdentityProvider(port=free_port())
-    await idp.start()
-    try:
-        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
-            async with _replica(idp, tx, None) as app:
-                assert app.ports.admin is None and app.admin is None
-                listed = await http_exchange(app.ports.http, _admin_request(b"GET", COLLECTION + b"/", ADMIN_TOKEN))
-                assert _status(listed) == 200
-                assert _status(await http_exchange(app.ports.http, _admin_request(b"GET", COLLECTION, "x"))) == 401
-    finally:
-        await idp.stop()
+    async with _lone_replica() as (_, _, app):
+        assert app.ports.admin is None and app.admin is None
+        listed = await http_exchange(app.ports.http, _admin_request(b"GET", COLLECTION + b"/", ADMIN_TOKEN))
+        assert _status(listed) == 200
+        assert _status(await http_exchange(app.ports.http, _admin_request(b"GET", COLLECTION, "x"))) == 401
 
 
 async def _health(app: App) -> tuple[int, int, int, int, int]:
@@ -432,21 +427,15 @@ async def test_the_kill_switch_refuses_one_leaked_token_and_a_compromised_client
 
 
 async def test_an_ssf_event_naming_a_jwt_id_refuses_that_token_through_the_running_verifier() -> None:
-    idp = DevIdentityProvider(port=free_port())
-    await idp.start()
-    try:
-        with SsfTransmitter(audience=RECEIVER_AUD) as tx:
-            async with _replica(idp, tx, None) as app:
-                leaked, kept = idp.mint(sub="bob"), idp.mint(sub="bob")
-                assert (await _forward(app, leaked))[0] == 200
-                event = tx.sign_set(
-                    {SESSION_REVOKED: {"event_timestamp": int(time.time())}},
-                    sub_id={"format": "jwt_id", "iss": idp.issuer, "jti": _jti(leaked)},
-                )
-                url = f"http://127.0.0.1:{app.ports.http}/v1/ssf/events"
-                assert (await asyncio.to_thread(tx.push, url, event))[0] == 202
-                status, challenge = await _forward(app, leaked)
-                assert status == 401 and "session revoked" in challenge
-                assert (await _forward(app, kept))[0] == 200
-    finally:
-        await idp.stop()
+    async with _lone_replica() as (idp, tx, app):
+        leaked, kept = idp.mint(sub="bob"), idp.mint(sub="bob")
+        assert (await _forward(app, leaked))[0] == 200
+        event = tx.sign_set(
+            {SESSION_REVOKED: {"event_timestamp": int(time.time())}},
+            sub_id={"format": "jwt_id", "iss": idp.issuer, "jti": _jti(leaked)},
+        )
+        url = f"http://127.0.0.1:{app.ports.http}/v1/ssf/events"
+        assert (await asyncio.to_thread(tx.push, url, event))[0] == 202
+        status, challenge = await _forward(app, leaked)
+        assert status == 401 and "session revoked" in challenge
+        assert (await _forward(app, kept))[0] == 200

@@ -7,7 +7,7 @@ here is the plugin's rig, with answer reuse off so that every request reaches th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -87,20 +87,27 @@ def edge(
 
 
 @pytest.fixture
-def mapped_edge(start_nginx: Any, verifier: GatewayProcess, upstream: EchoUpstream) -> Edge:  # noqa: F811
-    """The plugin's rig as Kong runs behind a Kubernetes Service: clients reach port 80, Kong listens on another
-    (`port_maps: 80:<its port>`, as deploy/k8s/verifier-sidecar.yaml's KONG_PORT_MAPS)."""
-    base = start_nginx({"url": f"{verifier.url}/v1/forward-auth", "cache_entries": 0}, upstream.port, public_port=80)
-    return Edge(name="kong-lua[port_maps 80]", url=base)
+def fronted_edge(start_nginx: Any, verifier: GatewayProcess, upstream: EchoUpstream) -> Callable[..., Edge]:  # noqa: F811
+    """fronted_edge(label, **rig): the plugin's rig with what stands in front of Kong (conftest.py's `start_nginx`):
+    `public_port=80`, Kong behind a Kubernetes Service (`port_maps: 80:<its port>`, as
+    deploy/k8s/verifier-sidecar.yaml's KONG_PORT_MAPS); `trusted_proxy=True`, behind a TLS-terminating load
+    balancer in `trusted_ips` (plain http to Kong, the client's https in X-Forwarded-Proto and -Port)."""
+
+    def edge(label: str, **rig: Any) -> Edge:
+        base = start_nginx({"url": f"{verifier.url}/v1/forward-auth", "cache_entries": 0}, upstream.port, **rig)
+        return Edge(name=f"kong-lua[{label}]", url=base)
+
+    return edge
 
 
 def test_behind_port_maps_a_proof_for_the_public_url_passes_and_one_for_kongs_own_port_does_not(
-    mapped_edge: Edge, upstream: EchoUpstream, tokens: Any  # noqa: F811
+    fronted_edge: Callable[..., Edge], upstream: EchoUpstream, tokens: Any  # noqa: F811
 ) -> None:
     """Behind a port mapping clients name no port (`http://api.example.test/orders`): the plugin tells the verifier
     the port Kong's `port_maps` maps its own to (`kong.request.get_forwarded_port`), so the DPoP proof the client
     made for the URL it used passes, and one naming Kong's listening port, which no client reached, is refused.
     Before, the plugin told Kong's listening port: every legitimate proof there was refused (invalid_dpop_proof)."""
+    mapped_edge = fronted_edge("port_maps 80", public_port=80)
     key = ec.generate_private_key(ec.SECP256R1())
     tok = tokens("read", cnf={"jkt": thumbprint(public_jwk(key))})
 
@@ -114,22 +121,14 @@ def test_behind_port_maps_a_proof_for_the_public_url_passes_and_one_for_kongs_ow
     assert [r.path for r in upstream.requests] == ["/orders"]
 
 
-@pytest.fixture
-def proxied_edge(start_nginx: Any, verifier: GatewayProcess, upstream: EchoUpstream) -> Edge:  # noqa: F811
-    """The plugin's rig behind a TLS-terminating load balancer Kong trusts (`trusted_ips`): plain http to Kong, the
-    client's https in X-Forwarded-Proto and -Port."""
-    base = start_nginx({"url": f"{verifier.url}/v1/forward-auth", "cache_entries": 0}, upstream.port,
-                       trusted_proxy=True)
-    return Edge(name="kong-lua[trusted proxy]", url=base)
-
-
 def test_behind_a_trusted_tls_proxy_a_proof_for_the_https_url_passes(
-    proxied_edge: Edge, upstream: EchoUpstream, tokens: Any  # noqa: F811
+    fronted_edge: Callable[..., Edge], upstream: EchoUpstream, tokens: Any  # noqa: F811
 ) -> None:
     """The client used `https://api.example.test/orders` (its proof says so); the load balancer sent Kong plain http
     with X-Forwarded-Proto https and -Port 443. The plugin tells the verifier the scheme and the port alike, as
     Kong's `get_forwarded_*` give them: https and 443. Told Kong's own scheme beside the forwarded port, the verifier
     judged `http://api.example.test:443/orders` and refused the proof; a proof naming plain http is refused."""
+    proxied_edge = fronted_edge("trusted proxy", trusted_proxy=True)
     key = ec.generate_private_key(ec.SECP256R1())
     tok = tokens("read", cnf={"jkt": thumbprint(public_jwk(key))})
 

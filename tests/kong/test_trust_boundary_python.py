@@ -8,7 +8,7 @@ imported; only the gateway differs. The plugin has no answer reuse: every reques
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -90,26 +90,17 @@ def edge(
 
 
 @pytest.fixture
-def mapped_edge(
+def fronted_edge(
     request: pytest.FixtureRequest,
     start_nginx: Any,
     pluginserver: PluginServer,  # noqa: F811
     verifier: GatewayProcess,  # noqa: F811
     upstream: EchoUpstream,  # noqa: F811
-) -> Edge:
-    """The plugin's rig behind a port mapping (`port_maps: 80:<its port>`; test_trust_boundary_lua.py's)."""
-    base = start_python_plugin(start_nginx, pluginserver, verifier, upstream.port, public_port=80)
-    return Edge(name=f"kong-python[{request.node.callspec.params['pluginserver']},port_maps 80]", url=base)
+) -> Callable[..., Edge]:
+    """fronted_edge(label, **rig): the plugin's rig with what stands in front of Kong (test_trust_boundary_lua.py's)."""
 
+    def edge(label: str, **rig: Any) -> Edge:
+        base = start_python_plugin(start_nginx, pluginserver, verifier, upstream.port, **rig)
+        return Edge(name=f"kong-python[{request.node.callspec.params['pluginserver']},{label}]", url=base)
 
-@pytest.fixture
-def proxied_edge(
-    request: pytest.FixtureRequest,
-    start_nginx: Any,
-    pluginserver: PluginServer,  # noqa: F811
-    verifier: GatewayProcess,  # noqa: F811
-    upstream: EchoUpstream,  # noqa: F811
-) -> Edge:
-    """The plugin's rig behind a TLS-terminating load balancer Kong trusts (test_trust_boundary_lua.py's)."""
-    base = start_python_plugin(start_nginx, pluginserver, verifier, upstream.port, trusted_proxy=True)
-    return Edge(name=f"kong-python[{request.node.callspec.params['pluginserver']},trusted proxy]", url=base)
+    return edge

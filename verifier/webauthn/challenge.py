@@ -17,7 +17,6 @@ the client the same way: a signed JSON document bound to the subject, with an ex
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import hashlib
 import hmac
@@ -26,6 +25,8 @@ import os
 import struct
 from typing import Any
 
+from verifier.errors import MalformedToken
+from verifier.tokens import jws
 from verifier.webauthn.errors import AssertionRefused, RegistrationRefused
 
 _VERSION = 1
@@ -48,20 +49,13 @@ def b64url(data: bytes) -> str:
 
 def b64url_decode(text: str) -> bytes:
     """Decodes base64url with or without padding; raises `ValueError` on anything else: a character outside the
-    alphabet too (`urlsafe_b64decode` drops those, so `%%%` read as no bytes and `a%b` as `ab`)."""
+    alphabet too (`jws.b64url_decode`, strict; `urlsafe_b64decode` drops those, so `%%%` read as no bytes)."""
     if not isinstance(text, str) or not text.isascii():
         raise ValueError("not base64url")
-    stripped = text.rstrip("=")
-    if any(c in "+/" for c in stripped):
-        raise ValueError("not base64url")
     try:
-        padded = (stripped + "=" * (-len(stripped) % 4)).translate(_TO_BASE64).encode("ascii")
-        return binascii.a2b_base64(padded, strict_mode=True)
-    except (binascii.Error, ValueError) as exc:
+        return jws.b64url_decode(text.rstrip("=").encode("ascii"))
+    except MalformedToken as exc:
         raise ValueError("not base64url") from exc
-
-
-_TO_BASE64 = str.maketrans("-_", "+/")
 
 
 def subject_hash(issuer: str, subject: str) -> bytes:
