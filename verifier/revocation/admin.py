@@ -148,7 +148,8 @@ class KillSwitch:
         else:
             # A session's tokens, or the one token a `jwt_id` names, whatever their `iat` (an issuer's clock ahead
             # of ours must not let the named token through); the others', those issued until now on the issuer's
-            # clock: up to its leeway past ours (a token issued meanwhile is refused too: its holder signs in again).
+            # clock: up to the issuers' largest leeway past ours (a token issued meanwhile is refused too: its holder
+            # signs in again).
             match = Match.ALL if key.kind in (KeyKind.SID, KeyKind.JTI) else Match.ISSUED_BEFORE
             ahead = self._leeway if match is Match.ISSUED_BEFORE else 0.0
         now = max([self._clock.now() + ahead, *(e.event_time for e in map(self._revocations.get, replaced) if e)])
