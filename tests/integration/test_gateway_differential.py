@@ -44,6 +44,8 @@ POLICIES = [
     {"name": "admin", "match": {"path_prefix": "/admin"}, "require": {"roles_any": ["admin"]}},
     # An exact path: the handler of one route (Rails `get "/staff/users"`, a Spring `@GetMapping`).
     {"name": "staff-users", "match": {"path": "/staff/users"}, "require": {"roles_any": ["admin"]}},
+    # A prefix with its slash: the routes of a router mounted at /ops/ (Express), whose root handler `/ops` reaches.
+    {"name": "ops", "match": {"path_prefix": "/ops/"}, "require": {"roles_any": ["admin"]}},
     # Deleting an order takes more than writing one: a POST the application takes for a DELETE must meet this.
     {
         "name": "order-deletes",
@@ -100,7 +102,9 @@ def readings(path: str) -> set[str]:
     """Every route an upstream may take `path` (the target it received) for, lower-cased: decoded once or twice or with
     IIS's `%uNNNN` escapes decoded too, `;parameters` and what follows a `#` dropped or kept, a backslash read as `/`
     or not, white space at a segment's ends trimmed or not, a format suffix dropped or not, dot segments resolved or
-    not (written independently of the verifier's own reading)."""
+    not, a slash added at the end or not (Express's non-strict routing), and each case-folded as Python lower-cases and
+    as Java's `equalsIgnoreCase` and .NET's `OrdinalIgnoreCase` fold (written independently of the verifier's own
+    reading)."""
     routes: set[str] = set()
     target = path.split("?", 1)[0]
     for fragment in {target, target.split("#", 1)[0]}:
@@ -114,14 +118,30 @@ def readings(path: str) -> set[str]:
                         r for t in {slashed, trimmed} for r in (t, posixpath.normpath("/" + t.lstrip("/")))
                     }:
                         stem, dot, _ = resolved.rpartition(".")
-                        routes |= {resolved.lower()} | ({stem.lower()} if dot and "/" not in _ else set())
+                        for route in {resolved, resolved + "/"} | ({stem} if dot and "/" not in _ else set()):
+                            routes |= {route.lower(), _ignore_case(route)}
     return routes
 
 
+def _ignore_case(route: str) -> str:
+    """`route` as Java's `equalsIgnoreCase` compares it, character by character: `Character.toUpperCase` (one
+    character to one: the dotless i and the long s become I and S), then `Character.toLowerCase` (the I with a dot
+    becomes i)."""
+    folded = []
+    for c in route:
+        upper = c.upper() if len(c.upper()) == 1 else c
+        lower = upper.lower()
+        folded.append(lower if len(lower) == 1 else lower[0])
+    return "".join(folded)
+
+
 def _read_token_may_act_on(seen: SeenRequest) -> bool:
-    """Whether a read-only token may have this done: no admin host, no /admin or /staff/users route, no write."""
+    """Whether a read-only token may have this done: no admin host, no /admin, /ops/ or /staff/users route, no
+    write."""
     host = seen.headers.get("host", "").lower()
-    protected = any(r.startswith("/admin") or r.rstrip("/") == "/staff/users" for r in readings(seen.path))
+    protected = any(
+        r.startswith(("/admin", "/ops/")) or r.rstrip("/") == "/staff/users" for r in readings(seen.path)
+    )
     return ADMIN_HOST not in host and not protected and seen.method.upper() not in WRITES
 
 
@@ -163,6 +183,32 @@ def test_white_space_at_a_segments_end_does_not_take_an_exact_paths_handler_to_a
 
     assert status == 400, (edge.name, target, status)
     assert upstream.requests == [], (edge.name, target)
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/ops", 400),  # Express gives it to the root handler of the router mounted at /ops/
+        ("/ops/", 403),
+        ("/ops/x", 403),
+        ("/opsx", 200),
+        ("/adm%C4%B1n/x", 400),  # the dotless i: /admin/x to ASP.NET Core's and Java's case-blind routes
+        ("/%C5%BFtaff/users", 400),  # the long s: /staff/users to them
+        ("/caf%C3%A9/menu", 200),  # Unicode no fold moves: the catch-all's
+    ],
+)
+def test_a_slash_added_or_a_unicode_case_fold_does_not_take_a_path_to_a_laxer_policy(
+    edge: Edge, upstream: EchoUpstream, read_token: str, target: str, expected: int
+) -> None:
+    """Two readings of a path that only an upstream makes: Express (non-strict routing, its default) routes `/ops` to
+    the router mounted at `/ops/`, which a `path_prefix: /ops/` does not cover; ASP.NET Core (`OrdinalIgnoreCase`) and
+    Java's `equalsIgnoreCase` fold `\u0131` and `\u017f` onto i and s, which `str.lower` does not. Each passed a
+    read-only token to a protected handler through every shipped gateway (none changes either); now refused as
+    ambiguous (400), while the prefix's own paths stay its (403) and the paths no reading moves the catch-all's."""
+    status = send(edge, request(f"GET {target} HTTP/1.1", token=read_token))
+
+    assert status == expected, (edge.name, target, status)
+    assert [r.path for r in upstream.requests] == ([target] if expected == 200 else []), edge.name
 
 
 @pytest.mark.parametrize(("target", "expected"), [("/staff/users", 403), ("/staff/users/x.json", 200)])
@@ -235,6 +281,17 @@ PATH_CORPUS = [
     f"http://{API_HOST}:80/health/../admin",
     f"http://{API_HOST}@{ADMIN_HOST}/orders",
     f"http://{API_HOST}/staff/users.json",
+    "/ops",
+    "/OPS",
+    "/ops;x",
+    "/ops.json",
+    "/ops%20",
+    "/x/../ops",
+    "/adm%C4%B1n/x",
+    "/ADM%C4%B0N/x",
+    "/%C5%BFtaff/users",
+    "/staff/u%C5%BFers",
+    "/adm%25C4%25B1n/x",
 ]
 
 

@@ -34,6 +34,7 @@ from test_gateway_differential import (  # noqa: F401 - fixtures and tests, coll
     read_token,
     test_a_format_suffix_does_not_take_an_exact_paths_handler_to_a_laxer_policy,
     test_a_post_whose_query_names_another_method_is_not_judged_as_a_post,
+    test_a_slash_added_or_a_unicode_case_fold_does_not_take_a_path_to_a_laxer_policy,
     test_no_framing_host_or_method_trick_gets_past_what_was_judged,
     test_no_spelling_of_a_protected_target_gets_a_read_only_token_to_it,
     test_no_spelling_of_the_public_path_opens_another_route_without_a_token,

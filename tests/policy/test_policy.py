@@ -108,6 +108,9 @@ def test_a_path_a_prefix_with_its_slash_covers_once_a_slash_is_added_is_ambiguou
     policies = PolicySet((ops, PUBLIC, REST))
     assert policies.match(_attrs("GET", "/ops")) is AMBIGUOUS
     assert policies.match(_attrs("GET", "/./ops")) is AMBIGUOUS
+    # The slash added to every other reading too: case-folded, white space trimmed, `;parameters` dropped.
+    for path in ("/OPS", "/ops%20", "/ops;x", "/Ops%09"):
+        assert policies.match(_attrs("GET", path)) is AMBIGUOUS, path
     for path, name in (("/ops/", "ops"), ("/ops/x", "ops"), ("/opsx", "rest"), ("/health", "health"),
                        ("/health/", "health"), ("/", "rest"), ("/orders", "rest")):
         assert policies.match(_attrs("GET", path)).name == name, path  # type: ignore[union-attr]

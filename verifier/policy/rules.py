@@ -406,10 +406,10 @@ class PolicySet:
                 # /admin/users there; and a format suffix before it (`/admin/users.json%20`) dropped too.
                 trimmed = _white_space_trimmed(paths | {normal})
                 paths |= trimmed | {p for p in _formats_dropped(trimmed) if self._exact(method, names, p)}
-            if not normal.endswith("/"):
-                # Express (non-strict routing, its default) gives `/ops` to the root of a router mounted at `/ops/`:
-                # a prefix written with its slash that missed it left it to a laxer policy.
-                paths.add(normal + "/")
+            # Express (non-strict routing, its default) gives `/ops` to the root of a router mounted at `/ops/`: a
+            # prefix written with its slash that missed it left it to a laxer policy. Every reading (`/OPS` folded,
+            # `/ops%20` trimmed), not only the normal one.
+            paths |= {p + "/" for p in (*paths, normal) if not p.endswith("/")}
             if len(names) > 1 or paths:
                 paths.add(normal)
                 if any(self._match(method, n, p) is not policy for n in names for p in paths):
