@@ -118,8 +118,9 @@ def readings(path: str) -> set[str]:
                         r for t in {slashed, trimmed} for r in (t, posixpath.normpath("/" + t.lstrip("/")))
                     }:
                         stem, dot, _ = resolved.rpartition(".")
-                        for route in {resolved, resolved + "/"} | ({stem} if dot and "/" not in _ else set()):
-                            routes |= {route.lower(), _ignore_case(route)}
+                        for route in {resolved} | ({stem} if dot and "/" not in _ else set()):
+                            route_slashed = {route, route + "/"}
+                            routes |= {r.lower() for r in route_slashed} | {_ignore_case(r) for r in route_slashed}
     return routes
 
 

@@ -111,6 +111,10 @@ def test_a_path_a_prefix_with_its_slash_covers_once_a_slash_is_added_is_ambiguou
     # The slash added to every other reading too: case-folded, white space trimmed, `;parameters` dropped.
     for path in ("/OPS", "/ops%20", "/ops;x", "/Ops%09"):
         assert policies.match(_attrs("GET", path)) is AMBIGUOUS, path
+    # Rails routes a scope `/ops/` as `/ops(.:format)`: `/ops.json` is the router's root there.
+    assert policies.match(_attrs("GET", "/ops.json")) is AMBIGUOUS
+    for path, name in (("/ops/x.json", "ops"), ("/opsx.json", "rest"), ("/x.json", "rest")):
+        assert policies.match(_attrs("GET", path)).name == name, path  # type: ignore[union-attr]
     for path, name in (("/ops/", "ops"), ("/ops/x", "ops"), ("/opsx", "rest"), ("/health", "health"),
                        ("/health/", "health"), ("/", "rest"), ("/orders", "rest")):
         assert policies.match(_attrs("GET", path)).name == name, path  # type: ignore[union-attr]

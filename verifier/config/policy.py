@@ -46,7 +46,7 @@ class RouteMatch:
     path_prefix: str = setting(
         "",
         doc="the normalized path starts with this (starts with /); one ending in / makes the path without that slash"
-        " ambiguous (400) when another policy has it",
+        " (and with a format suffix: /ops.json) ambiguous (400) when another policy has it",
     )
     path: str = setting("", doc="the normalized path is exactly this, give or take a trailing slash (no query)")
 

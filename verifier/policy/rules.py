@@ -420,8 +420,17 @@ class PolicySet:
         return policy
 
     def _exact(self, method: str, names: set[str], path: str) -> bool:
-        """Whether `path` meets, on one of the hosts `names`, a policy by its exact `path`."""
-        return any((policy := self._match(method, n, path)) is not None and policy.path != "" for n in names)
+        """Whether `path` names, on one of the hosts `names`, a policy's own handler: the policy's exact `path`, or the
+        root of a `path_prefix` written with its slash (Rails routes a scope `/ops/` as `/ops(.:format)`, so
+        `/ops.json` is that router's root there)."""
+        for n in names:
+            policy = self._match(method, n, path)
+            if policy is not None and policy.path != "":
+                return True
+            rooted = self._match(method, n, path + "/")
+            if rooted is not None and rooted.path_prefix == path + "/" and not rooted.path:
+                return True
+        return False
 
     def _match(self, method: str, host: str, path: str) -> CompiledPolicy | None:
         for policy in self._policies:
