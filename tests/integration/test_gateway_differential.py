@@ -111,7 +111,10 @@ def readings(path: str) -> set[str]:
         for parameters in {fragment, re.sub(r";[^/]*", "", fragment)}:
             once = urllib.parse.unquote(parameters)
             iis = urllib.parse.unquote(re.sub(r"%[uU]([0-9a-fA-F]{4})", lambda m: chr(int(m[1], 16)), parameters))
-            for decoded in {parameters, once, urllib.parse.unquote(once), iis}:
+            # The target's bytes (raw ones arrive here as latin-1 characters) decoded once, as UTF-8: what ASP.NET Core
+            # and a servlet container route on for a raw `\xc4\xb1` (the dotless i) as for `%C4%B1`.
+            as_utf8 = urllib.parse.unquote_to_bytes(parameters.encode("latin-1", "replace")).decode("utf-8", "replace")
+            for decoded in {parameters, once, urllib.parse.unquote(once), iis, as_utf8}:
                 for slashed in {decoded, decoded.replace("\\", "/")}:
                     trimmed = "/".join(segment.strip() for segment in slashed.split("/"))
                     for resolved in {
@@ -293,6 +296,9 @@ PATH_CORPUS = [
     "/%C5%BFtaff/users",
     "/staff/u%C5%BFers",
     "/adm%25C4%25B1n/x",
+    "/adm\xc4\xb1n/x",  # the dotless i as raw UTF-8 bytes (latin-1 here: one byte each)
+    "/\xc5\xbftaff/users",
+    "/ADM\xc4\xb0N/x",
 ]
 
 

@@ -100,6 +100,20 @@ def test_a_path_a_case_blind_router_folds_onto_another_policy_is_ambiguous(path:
     assert policies.match(_attrs("GET", "/%C3%85dmin")).name == "rest"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("path", ["/adm\xc4\xb1n/users", "/\xc5\xbftaff", "/ADM\xc4\xb0N/x", "/adm%C4\xb1n/x"])
+def test_raw_utf8_bytes_a_case_blind_router_folds_onto_another_policy_are_ambiguous(path: str) -> None:
+    """nginx passes raw bytes beyond ASCII in the target, and the forward-auth door reads them as latin-1 (one
+    character a byte): `/adm\xc4\xb1n` was two characters to the verifier, met the catch-all, and a read-only token
+    reached ASP.NET Core's /admin handler, which decodes the bytes as UTF-8 (the dotless i) and folds it. Refused as
+    ambiguous now; raw UTF-8 no fold moves stays the catch-all's, and so does a gRPC door's Unicode string."""
+    staff = PolicySettings(name="staff", match=RouteMatch(path_prefix="/staff"), require=Requirements(roles_any=("s",)))
+    admin = PolicySettings(name="adm", match=RouteMatch(path_prefix="/admin"), require=Requirements(roles_any=("a",)))
+    policies = PolicySet((admin, staff, REST))
+    assert policies.match(_attrs("GET", path)) is AMBIGUOUS
+    for other in ("/caf\xc3\xa9/menu", "/caf\u00e9/menu", "/\u00c5dmin", "/\xc3\x85dmin"):
+        assert policies.match(_attrs("GET", other)).name == "rest", other  # type: ignore[union-attr]
+
+
 def test_a_path_a_prefix_with_its_slash_covers_once_a_slash_is_added_is_ambiguous() -> None:
     """Express (non-strict routing, its default) gives `/ops` to the root handler of a router mounted at `/ops/`: a
     `path_prefix: /ops/` does not cover `/ops`, which fell to the catch-all, and a read-only token reached the ops

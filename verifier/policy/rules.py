@@ -66,6 +66,8 @@ def other_readings(path: str, normal: str) -> set[str]:
     - Express, ASP.NET Core and IIS route case-blind: `/ADMIN` is /admin to them, and to ASP.NET Core `/adm\u0131n`
       (dotless i) and `/\u017ftaff` (long s) are /admin and /staff (`_case_blind`).
     - An application that decodes the path its framework already decoded reads `/%2561dmin` as /admin.
+    - Raw bytes beyond ASCII, which nginx passes on and the forward-auth door reads as latin-1, are UTF-8 to ASP.NET
+      Core, servlet containers and Go (`_bytes_as_utf8`): `/adm\xc4\xb1n` is their /adm\u0131n, folded to /admin.
     - IIS (http.sys, `PercentUAllowed` on by default) and ASP.NET's `HttpUtility.UrlDecode` decode `%uNNNN`:
       `/%u0061dmin` is /admin to them, a segment of its own to everyone else (nginx and Kong refuse it, Envoy passes
       it on as sent).
@@ -94,6 +96,10 @@ def other_readings(path: str, normal: str) -> set[str]:
         unresolved = _dot_segments_kept(path)
         if unresolved is not None:
             readings.add(unresolved)
+    if not path.isascii():
+        utf8 = _bytes_as_utf8(path)
+        if utf8 is not None:
+            readings.add(utf8)
     if normal != _case_blind(normal) or any(r != _case_blind(r) for r in readings):
         readings |= {_case_blind(r) for r in readings} | {_case_blind(normal)}
     readings.discard(normal)
@@ -133,6 +139,19 @@ def _method_overrides(query: str) -> set[str]:
         if key.lstrip(" ").replace(".", "_").replace(" ", "_") == "_method":
             overrides.add(value.upper())
     return overrides
+
+
+def _bytes_as_utf8(path: str) -> str | None:
+    """`path` (no query) read as a server that decodes the target's bytes as UTF-8 reads it (ASP.NET Core, servlet
+    containers, Go), normalized; None for a path that is not bytes. nginx passes raw bytes beyond ASCII on, and the
+    forward-auth door reads them as latin-1 (one character a byte): `/adm\xc4\xb1n` stays two characters there,
+    while those servers read the dotless i, as for `%C4%B1`, and fold it onto /admin. A path from a gRPC door is
+    already characters (a protobuf string): a character beyond U+00FF says so."""
+    try:
+        raw = path.split("?", 1)[0].split("#", 1)[0].encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+    return _resolved(urllib.parse.unquote_to_bytes(raw).decode("utf-8", "replace").replace("\\", "/"))
 
 
 def _dot_segments_kept(path: str) -> str | None:
