@@ -102,9 +102,9 @@ def readings(path: str) -> set[str]:
     """Every route an upstream may take `path` (the target it received) for, lower-cased: decoded once or twice or with
     IIS's `%uNNNN` escapes decoded too, `;parameters` and what follows a `#` dropped or kept, a backslash read as `/`
     or not, white space at a segment's ends trimmed or not, a format suffix dropped or not, dot segments resolved or
-    not, a slash added at the end or not (Express's non-strict routing), and each case-folded as Python lower-cases and
-    as Java's `equalsIgnoreCase` and .NET's `OrdinalIgnoreCase` fold (written independently of the verifier's own
-    reading)."""
+    not, cut at a NUL or not (a C string), a slash added at the end or not (Express's non-strict routing), and each
+    case-folded as Python lower-cases and as Java's `equalsIgnoreCase` and .NET's `OrdinalIgnoreCase` fold (written
+    independently of the verifier's own reading)."""
     routes: set[str] = set()
     target = path.split("?", 1)[0]
     for fragment in {target, target.split("#", 1)[0]}:
@@ -121,7 +121,8 @@ def readings(path: str) -> set[str]:
                         r for t in {slashed, trimmed} for r in (t, posixpath.normpath("/" + t.lstrip("/")))
                     }:
                         stem, dot, _ = resolved.rpartition(".")
-                        for route in {resolved} | ({stem} if dot and "/" not in _ else set()):
+                        cut = resolved.split("\x00", 1)[0]  # what a C string reads: up to the first NUL
+                        for route in {resolved, cut} | ({stem} if dot and "/" not in _ else set()):
                             route_slashed = {route, route + "/"}
                             routes |= {r.lower() for r in route_slashed} | {_ignore_case(r) for r in route_slashed}
     return routes
@@ -299,6 +300,10 @@ PATH_CORPUS = [
     "/adm\xc4\xb1n/x",  # the dotless i as raw UTF-8 bytes (latin-1 here: one byte each)
     "/\xc5\xbftaff/users",
     "/ADM\xc4\xb0N/x",
+    "/staff/users%00",
+    "/staff/users%00.json",
+    "/staff/users%2500",
+    "/ops%00",
 ]
 
 

@@ -114,6 +114,19 @@ def test_raw_utf8_bytes_a_case_blind_router_folds_onto_another_policy_are_ambigu
         assert policies.match(_attrs("GET", other)).name == "rest", other  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("path", ["/staff/users%2500", "/staff/users%00", "/staff/users%2500.json", "/ops%2500"])
+def test_a_path_a_c_string_cuts_at_a_nul_onto_another_policy_is_ambiguous(path: str) -> None:
+    """An upstream that reads the path as a C string stops at a NUL: `/staff/users%2500`, decoded twice, is the
+    /staff/users handler to one that also decodes what its framework decoded (nginx and Envoy refuse a `%00`, not a
+    `%2500`). It met the catch-all, and through every shipped gateway a read-only token reached that handler there.
+    Refused as ambiguous now; a NUL that cuts nothing onto another policy stays the catch-all's."""
+    staff = PolicySettings(name="staff", match=RouteMatch(path="/staff/users"), require=Requirements(roles_any=("s",)))
+    ops = PolicySettings(name="ops", match=RouteMatch(path_prefix="/ops/"), require=Requirements(roles_any=("o",)))
+    policies = PolicySet((staff, ops, REST))
+    assert policies.match(_attrs("GET", path)) is AMBIGUOUS
+    assert policies.match(_attrs("GET", "/orders%2500")).name == "rest"  # type: ignore[union-attr]
+
+
 def test_a_path_a_prefix_with_its_slash_covers_once_a_slash_is_added_is_ambiguous() -> None:
     """Express (non-strict routing, its default) gives `/ops` to the root handler of a router mounted at `/ops/`: a
     `path_prefix: /ops/` does not cover `/ops`, which fell to the catch-all, and a read-only token reached the ops

@@ -425,6 +425,9 @@ class PolicySet:
                 # /admin/users there; and a format suffix before it (`/admin/users.json%20`) dropped too.
                 trimmed = _white_space_trimmed(paths | {normal})
                 paths |= trimmed | {p for p in _formats_dropped(trimmed) if self._exact(method, names, p)}
+            if "\x00" in normal or any("\x00" in p for p in paths):
+                # A NUL (decoded twice: `%2500`; nginx and Envoy refuse a `%00`): a C string ends there.
+                paths |= {_resolved(p.partition("\x00")[0]) for p in (*paths, normal) if "\x00" in p}
             # Express (non-strict routing, its default) gives `/ops` to the root of a router mounted at `/ops/`: a
             # prefix written with its slash that missed it left it to a laxer policy. Every reading (`/OPS` folded,
             # `/ops%20` trimmed), not only the normal one.
