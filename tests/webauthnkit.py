@@ -59,11 +59,12 @@ class SoftAuthenticator:
         fmt: str = "none",
         att_stmt: Mapping[str, Any] | None = None,
         signer: Any = None,
+        cross_origin: bool = False,
     ) -> dict[str, Any]:
         """navigator.credentials.create(): a RegistrationResponseJSON."""
         self.user_handle = unb64u(public_key["user"]["id"])
         client_data = CollectedClientData.create(
-            type="webauthn.create", challenge=public_key["challenge"], origin=origin
+            type="webauthn.create", challenge=public_key["challenge"], origin=origin, cross_origin=cross_origin
         )
         auth_data = AuthenticatorData.create(
             hashlib.sha256(rp_id.encode()).digest(),

@@ -297,6 +297,7 @@ def _tamper_state(state: str) -> str:
         ("state_of_another_user", "webauthn_state_invalid"),
         ("state_expired", "webauthn_state_expired"),
         ("wrong_origin", "webauthn_registration_invalid"),
+        ("cross_origin", "webauthn_registration_invalid"),  # made in a cross-origin iframe (section 7.1 step 10)
         ("wrong_rp_id", "webauthn_registration_invalid"),
         ("no_user_verification", "webauthn_registration_invalid"),
         ("challenge_of_another_ceremony", "webauthn_registration_invalid"),
@@ -306,6 +307,7 @@ async def test_refuses_a_registration_that_does_not_verify(harness: Harness, cas
     a = SoftAuthenticator()
     create: dict[str, Any] = {
         "wrong_origin": {"origin": "http://localhost:1234"},
+        "cross_origin": {"cross_origin": True},
         "wrong_rp_id": {"rp_id": "example.com"},
         "no_user_verification": {"flags": FLAGS.UP},
     }.get(case, {})

@@ -196,6 +196,10 @@ class Registrar:
         try:
             response = RegistrationResponse.from_dict(credential)
             check_client_data(bytes(response.response.client_data), _does_not_verify)
+            # section 7.1 step 10: crossOrigin per the RP's policy; this RP takes no ceremony run in a cross-origin
+            # iframe (the assertion is refused alike, `verifier.webauthn.assertion`); fido2 does not look at it
+            if response.response.client_data.cross_origin is not False:
+                raise _does_not_verify("a cross-origin registration is not accepted")
             _check_attestation_object(response.response.attestation_object)
             auth_data = self._server.register_complete(
                 {"challenge": challenge, "user_verification": UserVerificationRequirement(uv)}, response
