@@ -286,6 +286,62 @@ async def test_account_purged_refuses_until_every_token_then_alive_has_expired(
     assert service.revocations.check(principal(iat=clock.now())) is None
 
 
+RISC = "https://schemas.openid.net/secevent/risc/event-type/"
+
+
+@pytest.mark.parametrize(("event", "code"), [("sessions-revoked", "session_revoked"),
+                                             ("identifier-recycled", "account_disabled")])
+async def test_risc_sessions_revoked_and_identifier_recycled_refuse_tokens_issued_at_or_before_the_event(
+    service: RevocationService, transmitter: SsfTransmitter, clock: FrozenClock, event: str, code: str
+) -> None:
+    """RISC 1.0 sessions-revoked (CAEP session-revoked's predecessor) ends the account's sessions; identifier-recycled
+    gives the identifier to someone else: the tokens issued before belong to the former owner, those after to the
+    new one. Both were acknowledged and ignored."""
+    token = transmitter.sign_set({RISC + event: {"event_timestamp": int(NOW) - 5}}, USER)
+    assert (await push(service, token)).status == 202
+    refused = service.revocations.check(principal(iat=NOW - 5))
+    assert refused is not None and refused.code == code
+    assert service.revocations.check(principal(iat=NOW - 4)) is None  # issued after the event
+    assert service.revocations.check(principal(sub="user-2", iat=NOW - 10)) is None
+    clock.advance(ENTRY_LIFETIME + 1)  # over once every token then alive has expired
+    assert service.revocations.check(principal(iat=NOW - 10)) is None
+
+
+@pytest.mark.parametrize("event", [ACCOUNT_PURGED, RISC + "identifier-recycled"])
+async def test_account_enabled_never_lifts_a_purge_or_a_recycled_identifier(
+    service: RevocationService, transmitter: SsfTransmitter, event: str
+) -> None:
+    """account-enabled lifts what account-disabled and credential-compromise did, nothing else: a purged account's
+    tokens, or a recycled identifier's former owner's, are not its new owner's to re-enable."""
+    await push(service, transmitter.sign_set({event: {"event_timestamp": int(NOW) - 5}}, USER))
+    await push(service, transmitter.sign_set({ACCOUNT_ENABLED: {}}, USER))
+    assert service.revocations.check(principal(iat=NOW - 10)) is not None
+
+
+async def test_events_not_acted_on_are_acknowledged_counted_and_logged_as_unhandled(
+    service: RevocationService, transmitter: SsfTransmitter, registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RFC 8935 section 2: a SET is acknowledged (202) whatever its events; the ones the receiver does not act on
+    are counted (bounded labels) and named in the log line, so an operator sees a transmitter sending them."""
+    events = {RISC + "recovery-activated": {}, RISC + "identifier-changed": {"new-value": "a@example.test"},
+              "https://example.test/event/custom": {}, SESSION_REVOKED: {}}
+    with caplog.at_level(logging.INFO, logger="verifier.revocation"):
+        assert (await push(service, transmitter.sign_set(events, USER))).status == 202
+    value = registry.get_sample_value
+    assert value("verifier_ssf_events_unhandled_total", {"event": "recovery-activated"}) == 1
+    assert value("verifier_ssf_events_unhandled_total", {"event": "identifier-changed"}) == 1
+    assert value("verifier_ssf_events_unhandled_total", {"event": "other"}) == 1
+    assert value("verifier_ssf_events_unhandled_total", {"event": "session-revoked"}) is None
+    (line,) = [r for r in caplog.records if r.getMessage() == "ssf set accepted"]
+    assert line.__dict__["unhandled"] == [RISC + "recovery-activated", RISC + "identifier-changed",
+                                          "https://example.test/event/custom"]
+    assert len(service.revocations) == 1  # the session-revoked only
+    verification = {"https://schemas.openid.net/secevent/ssf/event-type/verification": {"state": "x"}}
+    assert (await push(service, transmitter.sign_set(verification))).status == 202  # acknowledging is its handling
+    assert value("verifier_ssf_events_unhandled_total", {"event": "verification"}) is None
+
+
 async def test_assurance_level_change_overrides_acr_of_existing_tokens(
     service: RevocationService, transmitter: SsfTransmitter
 ) -> None:

@@ -268,6 +268,12 @@ class RevocationMetrics:
         self.events = Counter(
             "verifier_ssf_events_total", "Events in accepted SETs, by event type.", ["event"], registry=registry
         )
+        self.events_unhandled = Counter(
+            "verifier_ssf_events_unhandled_total",
+            "Events in accepted SETs acknowledged and not acted on, by event type (other: not a RISC/CAEP type).",
+            ["event"],
+            registry=registry,
+        )
         self.refusals = Counter(
             "verifier_revocation_refusals_total",
             "Requests refused because of a revocation, by code.",

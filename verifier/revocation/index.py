@@ -14,7 +14,7 @@ raises `StateUnavailable` (503, fail closed) until the entries are in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from verifier.clock import Clock
@@ -246,13 +246,26 @@ class Revocations:
         now = self._clock.now()
         return [e.id for e in self._entries.values() if not e.live(now)]
 
-    def matching(self, keys: Iterable[SubjectKey], effect: Effect, *, not_after: float, source: str) -> list[str]:
-        """Ids of `effect` entries from `source` on these keys whose event is at or before `not_after`."""
+    def matching(
+        self,
+        keys: Iterable[SubjectKey],
+        effect: Effect,
+        *,
+        not_after: float,
+        source: str,
+        events: Collection[str] | None = None,
+    ) -> list[str]:
+        """Ids of `effect` entries from `source` on these keys whose event is at or before `not_after` (and, when
+        `events` is given, whose event type is one of them)."""
         wanted = {_lookup(k) for k in keys}
         return [
             e.id
             for e in self._entries.values()
-            if e.effect is effect and e.source == source and _lookup(e.key) in wanted and e.event_time <= not_after
+            if e.effect is effect
+            and e.source == source
+            and _lookup(e.key) in wanted
+            and e.event_time <= not_after
+            and (events is None or e.event in events)
         ]
 
     def _count(self, kind: KeyKind, change: int) -> None:

@@ -28,6 +28,7 @@ from verifier.revocation.entry import Effect, Entry
 from verifier.revocation.index import Revocations
 from verifier.revocation.poll import Outcome, Poller
 from verifier.revocation.ssf import (
+    LIFTED_BY_ACCOUNT_ENABLED,
     CredentialRevocation,
     Effects,
     SetRefused,
@@ -349,7 +350,11 @@ class RevocationService:
         lifted: list[str] = []
         for key, event_time in effects.lift:
             lifted += self.revocations.matching(
-                [key], Effect.ACCOUNT_DISABLED, not_after=event_time, source=verified.transmitter.issuer
+                [key],
+                Effect.ACCOUNT_DISABLED,
+                not_after=event_time,
+                source=verified.transmitter.issuer,
+                events=LIFTED_BY_ACCOUNT_ENABLED,
             )
         if effects.add:
             await self.add(list(effects.add))
@@ -363,6 +368,8 @@ class RevocationService:
             self.metrics.subjects_ignored.labels(verified.transmitter.issuer).inc(effects.ignored)
         for event in effects.events:
             self.metrics.events.labels(short_name(event)).inc()
+        for event in effects.unhandled:
+            self.metrics.events_unhandled.labels(short_name(event)).inc()
         log.info(
             "ssf set accepted",
             extra={
@@ -374,6 +381,7 @@ class RevocationService:
                 "entries": [e.id for e in effects.add],
                 "lifted": lifted,
                 "ignored_subjects": effects.ignored,
+                "unhandled": list(effects.unhandled),
             },
         )
         return effects

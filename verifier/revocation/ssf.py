@@ -23,7 +23,12 @@ The event types understood (CAEP 1.0 section 3, RISC 1.0 section 2):
 | caep token-claims-change | `claims` override the token's for tokens issued at or before the event (*) |
 | risc account-disabled, credential-compromise | every token of the subject, until account-enabled |
 | risc account-purged | every token of the subject, until every token then alive has expired |
-| risc account-enabled | lifts the transmitter's account-disabled entries on the subject |
+| risc sessions-revoked (deprecated for caep | the subject's tokens issued at or before the event (a session's or a |
+|   session-revoked) | `jwt_id`'s: all), until every token then alive has expired |
+| risc identifier-recycled | `account_disabled` for the tokens issued at or before the event (the former |
+|   | owner's), until every token then alive has expired; the new owner's tokens pass |
+| risc account-enabled | lifts the transmitter's account-disabled and credential-compromise entries on |
+|   | the subject (never a purge's or a recycled identifier's) |
 
 (*) As the transmitter's `claims_change` says, applied by `verifier.checks.revocation`: `restrict` (the
 default) only takes away, a claim keeping what both the token and the announcement hold (the values of both
@@ -32,8 +37,11 @@ tokens' provider (a risk engine, an MDM) cannot add a scope, a group or a role, 
 the announced claims replace the token's, raises included (the spec's semantics, for the provider itself).
 The entries are stored as announced either way; the setting applies when they are, on every replica.
 
-Other event types (verification, stream-updated, ...) are accepted and change nothing (a payload that is not
-an object refuses the SET).
+Other event types are acknowledged (RFC 8935: 202) and change nothing (a payload that is not an object refuses the
+SET). SSF's stream events (verification, stream-updated) are handled by that; any other (RISC
+account-credential-change-required, identifier-changed, recovery-*, opt-*, CAEP device-compliance-change, a
+private type, ...) is `unhandled`: counted (`verifier_ssf_events_unhandled_total`, by its name when catalogued
+below, else `other`) and named in the SET's log line.
 
 A subject may also name one token (OpenID SSF 1.0 `jwt_id`: its `iss` and `jti`), refused by every event above
 that refuses, whatever its `iat`/`auth_time`; or a client (a `complex` subject with an `application` member and
@@ -86,6 +94,8 @@ ACCOUNT_DISABLED = RISC + "account-disabled"
 ACCOUNT_PURGED = RISC + "account-purged"
 ACCOUNT_ENABLED = RISC + "account-enabled"
 CREDENTIAL_COMPROMISE = RISC + "credential-compromise"
+SESSIONS_REVOKED = RISC + "sessions-revoked"  # RISC 1.0 section 2.7, deprecated for CAEP session-revoked
+IDENTIFIER_RECYCLED = RISC + "identifier-recycled"
 KNOWN_EVENTS = (
     SESSION_REVOKED,
     CREDENTIAL_CHANGE,
@@ -95,6 +105,32 @@ KNOWN_EVENTS = (
     ACCOUNT_PURGED,
     ACCOUNT_ENABLED,
     CREDENTIAL_COMPROMISE,
+    SESSIONS_REVOKED,
+    IDENTIFIER_RECYCLED,
+)
+# The entries account-enabled lifts: an account disabled, not one purged or an identifier given to someone else.
+LIFTED_BY_ACCOUNT_ENABLED = frozenset({ACCOUNT_DISABLED, CREDENTIAL_COMPROMISE})
+SSF = "https://schemas.openid.net/secevent/ssf/event-type/"
+# SSF 1.0 section 8.1 stream events: acknowledging them is all a receiver does.
+STREAM_EVENTS = frozenset({SSF + "verification", SSF + "stream-updated"})
+# The other event types of RISC 1.0 and CAEP 1.0, named in metrics (a bounded set); anything else is `other`.
+CATALOGUED_EVENTS = frozenset(
+    {
+        RISC + name
+        for name in (
+            "account-credential-change-required",
+            "identifier-changed",
+            "opt-in",
+            "opt-out-initiated",
+            "opt-out-cancelled",
+            "opt-out-effective",
+            "recovery-activated",
+            "recovery-information-changed",
+        )
+    }
+    | {CAEP + name for name in ("device-compliance-change", "session-established", "session-presented")}
+    | {CAEP + "risk-level-change"}
+    | STREAM_EVENTS
 )
 
 SET_TYP = "secevent+jwt"  # RFC 8417 section 2.3 (also accepted with the `application/` prefix)
@@ -163,6 +199,7 @@ class Effects:
     lift: tuple[tuple[SubjectKey, float], ...] = ()  # account-enabled: (key, event time)
     credentials: tuple[CredentialRevocation, ...] = ()
     events: tuple[str, ...] = ()  # the event type URIs, in order
+    unhandled: tuple[str, ...] = ()  # those acknowledged and not acted on (neither known nor a stream event)
     ignored: int = 0  # subject identifiers outside the transmitter's `subjects_of`
 
 
@@ -329,13 +366,14 @@ def effects_of(verified: VerifiedSet, *, now: float, entry_lifetime: float) -> E
                 overrides=overrides,
             )
 
-        if event_type == SESSION_REVOKED:
+        if event_type in (SESSION_REVOKED, SESSIONS_REVOKED):
             for key in keys:
                 match = Match.ALL if key.kind in _ONE_OF_ITS_OWN else Match.ISSUED_BEFORE
                 add.append(entry(key, Effect.SESSION_REVOKED, match, until))
-            users, outside = _scoped(session_user_keys(identifier), scope)
-            ignored += outside
-            add.extend(entry(k, Effect.SESSION_REVOKED, Match.SESSIONLESS_ISSUED_BEFORE, until) for k in users)
+            if event_type == SESSION_REVOKED:  # RISC's names an account, never one of its sessions
+                users, outside = _scoped(session_user_keys(identifier), scope)
+                ignored += outside
+                add.extend(entry(k, Effect.SESSION_REVOKED, Match.SESSIONLESS_ISSUED_BEFORE, until) for k in users)
         elif event_type == CREDENTIAL_CHANGE:
             change = body.get("change_type")
             if not isinstance(change, str):
@@ -376,9 +414,15 @@ def effects_of(verified: VerifiedSet, *, now: float, entry_lifetime: float) -> E
             add.extend(entry(k, Effect.ACCOUNT_DISABLED, Match.ALL, None) for k in keys)
         elif event_type == ACCOUNT_PURGED:
             add.extend(entry(k, Effect.ACCOUNT_DISABLED, Match.ALL, until) for k in keys)
+        elif event_type == IDENTIFIER_RECYCLED:
+            add.extend(
+                entry(k, Effect.ACCOUNT_DISABLED, Match.ALL if k.kind is KeyKind.JTI else Match.ISSUED_BEFORE, until)
+                for k in keys
+            )
         elif event_type == ACCOUNT_ENABLED:
             lift.extend((k, event_time) for k in keys)
-    return Effects(tuple(add), tuple(lift), tuple(credentials), tuple(events), ignored)
+    unhandled = tuple(e for e in events if e not in KNOWN_EVENTS and e not in STREAM_EVENTS)
+    return Effects(tuple(add), tuple(lift), tuple(credentials), tuple(events), ignored=ignored, unhandled=unhandled)
 
 
 # Key kinds that name tokens of their own, not a user's tokens up to a time: a session's, one token's.
@@ -443,5 +487,5 @@ def _reason_text(reason: Any) -> str:
 
 
 def short_name(event_type: str) -> str:
-    """A bounded metric label for an event type: its last path segment if known, else `other`."""
-    return event_type.rsplit("/", 1)[-1] if event_type in KNOWN_EVENTS else "other"
+    """A bounded metric label for an event type: its last path segment if known or catalogued, else `other`."""
+    return event_type.rsplit("/", 1)[-1] if event_type in KNOWN_EVENTS or event_type in CATALOGUED_EVENTS else "other"
