@@ -21,6 +21,7 @@ from verifier.config.base import (
     Reader,
     check_url,
     collecting,
+    header_secret_problem,
     is_loopback_host,
     read_fields,
     record,
@@ -1004,12 +1005,15 @@ def check_admin_token(token: str | None) -> None:
 
     A presented token is read without its surrounding white space (RFC 9110 section 5.5), so one configured with some
     (a Secret's file ending in a newline) would match no request, and one of white space alone would open to nobody:
-    a kill switch that is there until the incident it is for. The value is never quoted."""
+    a kill switch that is there until the incident it is for. So would one holding a non-ASCII or control character
+    (`header_secret_problem`). The value is never quoted."""
     if token and token != token.strip():
         raise ConfigError(
             f"{ADMIN_TOKEN_ENV}: surrounding white space (a trailing newline?) is not part of a presented token;"
             " remove it"
         )
+    if token and (problem := header_secret_problem(token)):
+        raise ConfigError(f"{ADMIN_TOKEN_ENV}: {problem}")
     if token and len(token) < MIN_ADMIN_TOKEN_CHARS:
         raise ConfigError(
             f"{ADMIN_TOKEN_ENV}: at least {MIN_ADMIN_TOKEN_CHARS} characters are required (got {len(token)})"

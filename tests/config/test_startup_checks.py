@@ -41,6 +41,23 @@ def test_an_admin_token_no_request_can_present_is_refused_at_start(token: str, m
     assert "k" * 40 not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "token",
+    ["é" * 40, "k" * 39 + "ключ", "k" * 20 + "\x1b" + "k" * 20, "k" * 20 + "\x7f" + "k" * 20],
+    ids=["latin", "cyrillic", "esc", "del"],
+)
+def test_an_admin_token_that_is_not_printable_ascii_is_refused_at_start(
+    token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token arrives in an HTTP header, whose bytes the doors read as Latin-1 (RFC 9110 section 5.5: field values
+    are ASCII in practice): a UTF-8 `é` configured was the bytes C3 A9, presented it read as `Ã©`, so the kill switch
+    started and no request could ever open it. Refused at start, naming the variable, never its value."""
+    monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", token)
+    with pytest.raises(ConfigError, match=r"VERIFIER_ADMIN_TOKEN: .*printable ASCII") as refused:
+        parse_settings(document(http="127.0.0.1:8080"))
+    assert token not in str(refused.value)
+
+
 def test_a_long_admin_token_or_none_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VERIFIER_ADMIN_TOKEN", "k" * 32)
     parse_settings(document(http="127.0.0.1:8080"))

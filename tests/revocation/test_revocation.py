@@ -695,6 +695,21 @@ async def test_a_push_without_the_transmitters_authorization_is_refused(
     assert svc.revocations.check(principal()) is not None
 
 
+@pytest.mark.parametrize("value", ["Bearer " + "é" * 32, "Bearer ключ-0123456789-abcdefghijkl",
+                                   "Bearer push-secret-0123456789\n", "Bearer push\x01secret-0123456789"])
+def test_a_push_authorization_no_request_can_present_is_refused_at_start(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The configured value is compared with the push's `Authorization` header, which the doors read as Latin-1
+    bytes with its surrounding white space dropped (RFC 9110 section 5.5): a UTF-8 secret, one ending in a newline
+    or holding a control character never matched, and every pushed SET was refused `authentication_failed`."""
+    monkeypatch.setenv("VERIFIER_TEST_PUSH_AUTHORIZATION", value)
+    with pytest.raises(ConfigError, match=r"transmitters\[0\]\.push_authorization_env: ") as refused:
+        parse_revocation_config({"transmitters": [{"issuer": "https://a.test", "audience": "x",
+                                                   "push_authorization_env": "VERIFIER_TEST_PUSH_AUTHORIZATION"}]})
+    assert value.strip() not in str(refused.value)
+
+
 async def test_the_push_authorization_is_compared_in_constant_time(
     clock: FrozenClock, provider: FakeFetcher, transmitter: SsfTransmitter, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -187,6 +187,20 @@ def collecting(parse: Callable[[Any], T], data: Any) -> T:
 
 
 
+def header_secret_problem(value: str) -> str:
+    """What keeps a configured secret compared with an HTTP header from ever matching one (never quoting it), or "".
+
+    The doors read a header's bytes as Latin-1 and without its surrounding white space (RFC 9110 section 5.5: field
+    values are ASCII in practice): a UTF-8 `é` configured is the bytes C3 A9, presented it reads as `Ã©`; a trailing
+    newline or a control character is never presented. Such a secret is refused at start, not discovered at the
+    first request it turns away."""
+    if value != value.strip():
+        return "surrounding white space (a trailing newline?) is not part of a presented header; remove it"
+    if not (value.isascii() and value.isprintable()):
+        return "must be printable ASCII (an HTTP header carries it; a non-ASCII or control character never matches)"
+    return ""
+
+
 def is_loopback_host(host: str) -> bool:
     """Whether `host` names this machine: the only place plain http is allowed."""
     if host == "localhost":

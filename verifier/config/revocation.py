@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from verifier.config.base import ConfigError, Reader, check_url, read_fields, setting
+from verifier.config.base import ConfigError, Reader, check_url, header_secret_problem, read_fields, setting
 from verifier.config.issuer import (
     DEFAULT_FETCH_TIMEOUT_SECONDS,
     DEFAULT_LEEWAY_SECONDS,
@@ -85,7 +85,8 @@ class TransmitterConfig:
     # `Authorization` header value the transmitter sends (the stream's `delivery.authorization_header`). Unset: the
     # SET's signature is its only authentication.
     push_authorization_env: str | None = setting(
-        None, doc="push: environment variable with the exact Authorization header the transmitter sends"
+        None,
+        doc="push: environment variable with the exact Authorization header the transmitter sends (printable ASCII)",
     )
     push_authorization: str | None = dataclasses.field(default=None, repr=False)  # read from push_authorization_env
     max_events: int = setting(DEFAULT_MAX_EVENTS, minimum=1, maximum=10_000, doc="poll: SETs asked for per poll")
@@ -175,6 +176,8 @@ def _transmitter(reader: Reader) -> TransmitterConfig:
         values["push_authorization"] = os.environ.get(push_env)
         if not values["push_authorization"]:
             reader.problem("push_authorization_env", f"environment variable {push_env} is not set")
+        elif problem := header_secret_problem(values["push_authorization"]):
+            reader.problem("push_authorization_env", f"{push_env}: {problem}")
     if values["delivery"] == PUSH:
         for key in ("poll_interval_seconds", "poll_endpoint_url", "poll_authorization_env", "max_events"):
             if reader.has(key):
