@@ -1,8 +1,9 @@
 """Every verifier configuration the repository ships passes `verifier check-config`, with only the warnings meant.
 
 Shipped: deploy/verifier.yaml (also with its commented Keycloak role rules switched on), the Kubernetes ConfigMap's
-config.yaml in deploy/k8s/verifier-sidecar.yaml, and every ```yaml block of README.md. A README block that is a
-fragment (no `issuers`, or no listener) is checked inside a minimal configuration; the files the examples name
+config.yaml in deploy/k8s/verifier-sidecar.yaml and in verifier-sidecar-ha.yaml, and every ```yaml block of
+README.md. A README block that is a fragment (no `issuers`, or no listener) is checked inside a minimal
+configuration; the files the examples name
 (`/etc/verifier/...`, `/var/lib/verifier/...`) are made in a temporary directory. A setting renamed, removed or
 made stricter that breaks an example fails here. The README's configuration reference is also checked field by field
 in tests/test_readme.py; tests/kong/test_deploy_files.py checks the deploy files against the gateways as well.
@@ -22,6 +23,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from k8skit import HA, SIDECAR, load_manifest, verifier_config_text
 from support import make_certificate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,11 +52,9 @@ def _with_roles_on(text: str) -> str:
 
 def _shipped() -> dict[str, str]:
     deploy = (REPO / "deploy" / "verifier.yaml").read_text()
-    sidecar = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "verifier-sidecar.yaml").read_text()))
     configs = {"deploy/verifier.yaml": deploy, "deploy/verifier.yaml+roles": _with_roles_on(deploy)}
-    configs["deploy/k8s/verifier-sidecar.yaml"] = next(
-        doc["data"]["config.yaml"] for doc in sidecar if doc["metadata"]["name"] == "edge-verifier-config"
-    )
+    for manifest in (SIDECAR, HA):
+        configs[str(manifest.relative_to(REPO))] = verifier_config_text(load_manifest(manifest))
     for index, block in enumerate(_readme_blocks()):
         first = next(iter(yaml.safe_load(block)))
         if first not in NOT_VERIFIER:
@@ -120,6 +120,7 @@ def test_a_shipped_configuration_passes_check_config(name: str, tmp_path: Path) 
         "VERIFIER_WEBAUTHN_SECRET": "w" * 32,
         "VERIFIER_METRICS_TOKEN": "t" * 32,
         "VERIFIER_SSF_PUSH_AUTHORIZATION": "Bearer " + "p" * 32,
+        "VERIFIER_REDIS_PASSWORD": "r" * 32,
     }
     result = subprocess.run(
         [sys.executable, "-m", "verifier", "check-config", str(path)],

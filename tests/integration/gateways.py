@@ -954,13 +954,25 @@ def start_verifier(
         ],
         **(extra_config or {}),
     }
+    return run_verifier(work, config, environment=environment)
+
+
+def run_verifier(
+    work: Path, config: Mapping[str, Any], *, environment: Mapping[str, str] | None = None
+) -> GatewayProcess:
+    """Run ``python -m verifier serve`` with ``config`` as it is (written to ``work``, an existing directory) and
+    wait for ``GET /healthz`` to answer 200. Its ``grpc``, ``http`` and ``metrics`` listen on loopback ports, which
+    the returned object's ``extra`` names as :func:`start_verifier`'s does."""
+    ports = {
+        f"{door}_port": int(str(config[door]["listen"]).rpartition(":")[2]) for door in ("grpc", "http", "metrics")
+    }
     config_path = work / "verifier.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     gw = GatewayProcess(
         name="verifier",
-        url=f"http://{LOOPBACK}:{http_port}",
+        url=f"http://{LOOPBACK}:{ports['http_port']}",
         proc=_spawn(
             [sys.executable, "-m", "verifier", "serve", "--config", str(config_path)],
             work / "verifier.log",
@@ -969,7 +981,7 @@ def start_verifier(
         ),
         log_path=work / "verifier.log",
         config_path=config_path,
-        extra={"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port},
+        extra=ports,
     )
     return _wait_ready(gw, f"{gw.url}/healthz")
 
@@ -1002,6 +1014,8 @@ def with_a_half_aged_nonce(
         if time.monotonic() - began < STRICT_NONCE_LIFETIME:
             return context, result
     raise AssertionError(f"no round of a nonce's first and next use took under {STRICT_NONCE_LIFETIME} s")
+
+
 #: What a client sends under the names of the verifier's headers for the client, hoping to get them back.
 CLIENT_COPIES = {
     "dpop-nonce": "client-chosen-nonce",

@@ -1,7 +1,8 @@
 """Several verifier replicas behind one gateway, sharing a real Redis: the rig for test_replicas.py.
 
 - :func:`start_replicas` runs N ``python -m verifier serve`` processes with the same issuer and the same
-  extra config (a ``state.redis_url``, a ``webauthn`` section with one ``sqlite_path``...).
+  extra config (a ``state.redis_url``, a ``webauthn`` section with one ``sqlite_path``...);
+  :func:`start_replicas_with` N of whatever its callable starts (a shipped config, say).
 - :func:`start_nginx_pool` runs Debian's nginx with ``auth_request`` to a round-robin ``upstream`` of the
   replicas' forward-auth ports; the protected application is a second nginx server block that answers 200,
   so nothing in this process (and its GIL) sits on the request path but the clients.
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -145,10 +147,15 @@ def start_replicas(
     tmp_path: Path, *, issuer: str, count: int = 2, extra_config: Mapping[str, Any] | None = None
 ) -> list[GatewayProcess]:
     """Start ``count`` verifiers with identical config (each on its own ports); stop them all on failure."""
+    return start_replicas_with(lambda: start_verifier(tmp_path, issuer=issuer, extra_config=extra_config), count)
+
+
+def start_replicas_with(start: Callable[[], GatewayProcess], count: int) -> list[GatewayProcess]:
+    """``count`` verifiers, each started by ``start()`` (its own ports); stop them all on failure."""
     started: list[GatewayProcess] = []
     try:
         for _ in range(count):
-            started.append(start_verifier(tmp_path, issuer=issuer, extra_config=extra_config))
+            started.append(start())
     except BaseException:
         for replica in started:
             replica.stop()
@@ -204,6 +211,13 @@ def forward_auth(
     if authorization is not None:
         sent["Authorization"] = authorization
     return http_request(f"{replica.url}/v1/forward-auth", headers=sent, timeout=5.0)
+
+
+def dpop_call(token: str, proof: str) -> Callable[[GatewayProcess], HttpResult]:
+    """``POST https://api.example.test/orders/7`` with this token and proof, at whichever replica is given."""
+    return functools.partial(
+        forward_auth, authorization=f"DPoP {token}", method="POST", uri="/orders/7", headers={"DPoP": proof}
+    )
 
 
 def public_jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:

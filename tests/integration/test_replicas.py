@@ -13,7 +13,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,12 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from gateways import GatewayProcess, HttpResult, LocalIssuer, http_request, verifier_unusable_reason
+from gateways import GatewayProcess, LocalIssuer, http_request, verifier_unusable_reason
 from redis_harness import RedisServer
 from replicas import (
     API_HOST,
     Planned,
+    dpop_call,
     dpop_proof,
     forward_auth,
     forward_auth_decisions,
@@ -222,13 +223,6 @@ def test_a_replica_killed_under_load_costs_only_in_flight_requests_and_never_all
 # --- DPoP replay across replicas ----------------------------------------------------------------------
 
 
-def _dpop_call(token: str, proof: str) -> Callable[[GatewayProcess], HttpResult]:
-    """``POST https://api.example.test/orders/7`` with this token and proof, at whichever replica is given."""
-    return functools.partial(
-        forward_auth, authorization=f"DPoP {token}", method="POST", uri="/orders/7", headers={"DPoP": proof}
-    )
-
-
 def test_a_dpop_proof_accepted_by_one_replica_is_a_replay_at_the_other(
     issuer: LocalIssuer, pair: list[GatewayProcess]
 ) -> None:
@@ -237,7 +231,7 @@ def test_a_dpop_proof_accepted_by_one_replica_is_a_replay_at_the_other(
     token = issuer.mint(cnf={"jkt": thumbprint(public_jwk(key))})
     url = f"https://{API_HOST}/orders/7"
     for first, second in ((a, b), (b, a)):
-        call = _dpop_call(token, dpop_proof(key, "POST", url, token))
+        call = dpop_call(token, dpop_proof(key, "POST", url, token))
         accepted = call(first)
         assert accepted.status == 200, accepted
         replayed = call(second)
@@ -245,7 +239,7 @@ def test_a_dpop_proof_accepted_by_one_replica_is_a_replay_at_the_other(
         assert replayed.headers["www-authenticate"].startswith('DPoP realm="verifier", error="invalid_dpop_proof"')
         assert call(first).status == 401  # and on the replica that accepted it
     # Many replays raced at both replicas: exactly one wins.
-    call = _dpop_call(token, dpop_proof(key, "POST", url, token))
+    call = dpop_call(token, dpop_proof(key, "POST", url, token))
     with ThreadPoolExecutor(max_workers=16) as pool:
         statuses = list(pool.map(lambda i: call(pair[i % 2]).status, range(32)))
     assert sorted(statuses) == [200] + [401] * 31, statuses

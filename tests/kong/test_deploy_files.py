@@ -9,6 +9,7 @@ file the compose services mount or build from exists.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,18 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from k8skit import (
+    HA,
+    SIDECAR,
+    Manifest,
+    container,
+    load_manifest,
+    pod_spec,
+    redis_conf,
+    secret_env,
+    verifier_config_text,
+    workload,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -46,12 +59,16 @@ def load_yaml_docs(path: Path) -> list[Any]:
 
 def check_config(text: str, tmp_path: Path) -> str:
     """Runs `verifier check-config` on `text`; returns what it printed (its warnings). A `metrics.token_file` the
-    deployment mounts from a Secret is replaced by a file here holding a token."""
+    deployment mounts from a Secret is replaced by a file here holding a token; a `state.password_env` it sets from
+    a Secret is set here."""
     config = yaml.safe_load(text)
     if (config.get("metrics") or {}).get("token_file"):
         token = tmp_path / "metrics-token"
         token.write_text("t" * 64 + "\n")
         text = text.replace(config["metrics"]["token_file"], str(token))
+    environment = dict(os.environ)
+    if (config.get("state") or {}).get("password_env"):
+        environment[config["state"]["password_env"]] = "p" * 32
     path = tmp_path / "verifier.yaml"
     path.write_text(text)
     result = subprocess.run(
@@ -60,6 +77,7 @@ def check_config(text: str, tmp_path: Path) -> str:
         capture_output=True,
         text=True,
         timeout=60,
+        env=environment,
     )
     assert result.returncode == 0, result.stderr or result.stdout
     return result.stderr + result.stdout
@@ -265,20 +283,21 @@ def test_keycloak_realm_issues_tokens_the_verifier_accepts(compose):
 # --------------------------------------------------------------------------- kubernetes
 
 
+@pytest.fixture(scope="module", params=[SIDECAR, HA], ids=lambda p: p.name)
+def k8s(request: pytest.FixtureRequest) -> Manifest:
+    """Each shipped Kubernetes file: every check of this section holds for the single-replica one and the highly
+    available one alike."""
+    return load_manifest(request.param)
+
+
 @pytest.fixture(scope="module")
-def k8s() -> dict[tuple[str, str], dict[str, Any]]:
-    docs = load_yaml_docs(DEPLOY / "k8s" / "verifier-sidecar.yaml")
-    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+def sidecar() -> Manifest:
+    return load_manifest(SIDECAR)
 
 
-def pod_spec(k8s: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
-    (deployment,) = [d for (kind, _), d in k8s.items() if kind == "Deployment"]
-    return dict(deployment["spec"]["template"]["spec"])
-
-
-def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
-    (c,) = [c for c in spec["containers"] if c["name"] == name]
-    return dict(c)
+@pytest.fixture(scope="module")
+def ha() -> Manifest:
+    return load_manifest(HA)
 
 
 def test_k8s_verifier_is_a_non_root_sidecar_with_a_healthz_readiness_probe(k8s):
@@ -296,7 +315,7 @@ def test_k8s_verifier_is_a_non_root_sidecar_with_a_healthz_readiness_probe(k8s):
 
 
 def test_k8s_verifier_config_is_valid_and_listens_on_loopback(k8s, tmp_path):
-    text = k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"]
+    text = verifier_config_text(k8s)
     check_config(text, tmp_path)
     config = yaml.safe_load(text)
     assert config["http"]["listen"].startswith("127.0.0.1:")
@@ -316,7 +335,7 @@ def test_k8s_kong_loads_the_plugin_and_points_it_at_the_sidecar(k8s):
     assert spec["securityContext"]["runAsNonRoot"] is True
 
     declarative = yaml.safe_load(k8s[("ConfigMap", "kong-declarative")]["data"]["kong.yml"])
-    verifier_config = yaml.safe_load(k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"])
+    verifier_config = yaml.safe_load(verifier_config_text(k8s))
     assert Path(env["KONG_DECLARATIVE_CONFIG"]).parent.as_posix() in mounts
     assert_plugin_points_at_verifier(declarative, verifier_config)
 
@@ -349,12 +368,12 @@ def _needs_temp_dir(config: dict[str, Any]) -> bool:
 
 def test_k8s_verifier_has_a_writable_temporary_directory_on_its_read_only_root(k8s):
     """readOnlyRootFilesystem and no writable /tmp: `verifier serve` could not make its state directory and
-    never started (state.path unset in the shipped config)."""
+    never started (state.path unset in the shipped config). The file with Redis keeps the /tmp all the same."""
     spec = pod_spec(k8s)
     verifier = container(spec, "verifier")
     assert verifier["securityContext"]["readOnlyRootFilesystem"] is True
-    config = yaml.safe_load(k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"])
-    assert _needs_temp_dir(config)
+    config = yaml.safe_load(verifier_config_text(k8s))
+    assert _needs_temp_dir(config) or config["state"]["redis_url"]
     mounts = {m["mountPath"]: m for m in verifier["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert "/tmp" in mounts and not mounts["/tmp"].get("readOnly"), "no writable /tmp for the verifier"
@@ -410,7 +429,7 @@ def test_k8s_metrics_answer_only_the_bearer_of_a_token_from_a_secret_only_the_ve
     from verifier.config.base import is_loopback_host
     from verifier.private_files import ROOT_OWNED_EXPOSING_BITS
 
-    text = k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"]
+    text = verifier_config_text(k8s)
     metrics = yaml.safe_load(text)["metrics"]
     assert not is_loopback_host(metrics["listen"].rpartition(":")[0].strip("[]"))
     assert "token_env" not in metrics and "token" not in metrics
@@ -450,7 +469,7 @@ def test_kong_reads_a_token_and_a_proof_of_the_verifiers_bounds_each_on_one_line
     line = _buffer_bytes(in_compose)
     configs = [
         yaml.safe_load((DEPLOY / "verifier.yaml").read_text()),
-        yaml.safe_load(k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"]),
+        yaml.safe_load(verifier_config_text(k8s)),
     ]
     for config in configs:
         token = config.get("max_token_bytes", DEFAULT_MAX_TOKEN_BYTES)
@@ -464,8 +483,184 @@ def test_k8s_replicas_share_one_replay_state_or_there_is_one(k8s):
     token accepted by one pod were accepted again by the other within `dpop.iat_past_seconds` (RFC 9449 section
     11.1): a captured DPoP request replayed until it lands on the pod that has not seen it. Several replicas need a
     Redis every pod shares."""
-    (deployment,) = [d for (kind, _), d in k8s.items() if kind == "Deployment"]
-    replicas = deployment["spec"].get("replicas", 1)
-    config = yaml.safe_load(k8s[("ConfigMap", "edge-verifier-config")]["data"]["config.yaml"])
+    replicas = workload(k8s)["spec"].get("replicas", 1)
+    config = yaml.safe_load(verifier_config_text(k8s))
     shared = bool((config.get("state") or {}).get("redis_url"))
     assert replicas == 1 or shared, f"{replicas} replicas, each with its own DPoP replay cache"
+
+
+def test_k8s_the_single_replica_file_stays_one_pod_without_redis_and_points_at_the_ha_file(sidecar, ha):
+    """verifier-sidecar.yaml: one pod, its state its own (no Redis to share); its `replicas` comment names the
+    highly available file, which runs several pods sharing a Redis."""
+    assert workload(sidecar)["spec"]["replicas"] == 1
+    assert "state" not in yaml.safe_load(verifier_config_text(sidecar))
+    comment = SIDECAR.read_text().split("  replicas: 1")[0].rsplit("spec:", 1)[1]
+    assert HA.name in comment, comment
+    assert workload(ha)["spec"]["replicas"] >= 3  # one lost, one drained, one serving
+    assert yaml.safe_load(verifier_config_text(ha))["state"]["redis_url"]
+
+
+# --------------------------------------------------------------------------- the highly available file
+
+
+def _without(mapping: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in mapping.items() if k not in keys}
+
+
+def test_k8s_ha_verifier_config_is_the_single_replica_ones_with_a_shared_state(sidecar, ha, tmp_path):
+    """The HA ConfigMap's verifier config is the sidecar's, `state` added: a Redis (`redis_url`, no password in it),
+    the password from the environment, this deployment's own `key_prefix`; and `revocation`, the kill switch the
+    replicas share through it. `verifier check-config` takes it."""
+    from verifier.config.state import parse_state_config
+
+    text = verifier_config_text(ha)
+    check_config(text, tmp_path)
+    config = yaml.safe_load(text)
+    assert _without(config, "state", "revocation") == yaml.safe_load(verifier_config_text(sidecar))
+    assert config["revocation"] == {}
+    state = config["state"]
+    url = urlsplit(state["redis_url"])
+    assert url.scheme in ("redis", "rediss") and url.hostname and not url.password and not url.username
+    assert state["key_prefix"] and state["key_prefix"] != "verifier:"  # its own, not the default every install has
+    assert parse_state_config({**state, "password_env": "PATH"}).redis_url == state["redis_url"]
+
+
+def test_k8s_ha_redis_service_is_where_the_verifier_config_points(ha):
+    """redis_url's host is the shipped Redis Service, its port the Service's, which reaches the Redis container's port,
+    the one redis.conf listens on; the Service selects the Redis StatefulSet's pods (one of them)."""
+    url = urlsplit(yaml.safe_load(verifier_config_text(ha))["state"]["redis_url"])
+    service = ha[("Service", url.hostname)]
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == url.port]
+    redis = workload(ha, "StatefulSet")
+    assert redis["spec"]["replicas"] == 1
+    labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert redis["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert not service["spec"]["selector"].items() <= workload(ha)["spec"]["template"]["metadata"]["labels"].items()
+    server = container(pod_spec(ha, "StatefulSet"), "redis")
+    (listening,) = [
+        p for p in server["ports"] if p["name"] == port["targetPort"] or p["containerPort"] == port["targetPort"]
+    ]
+    assert redis_conf(ha)["port"] == [str(listening["containerPort"])]
+    policy = ha[("NetworkPolicy", url.hostname)]  # only Kong's pods (the verifiers) reach it
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ((rule,),) = [r["from"] for r in policy["spec"]["ingress"]]
+    assert rule["podSelector"]["matchLabels"] == workload(ha)["spec"]["selector"]["matchLabels"]
+    assert [p["port"] for r in policy["spec"]["ingress"] for p in r["ports"]] == [listening["containerPort"]]
+
+
+def test_k8s_ha_redis_password_is_one_secret_for_the_verifier_and_redis(ha):
+    """The verifier reads Redis's password from the variable `state.password_env` names, set from a Secret; Redis
+    requires the same Secret's key (`--requirepass`, expanded by Kubernetes from its own variable); redis-cli's
+    probe too. Never a literal, never in the URL (the verifier refuses that)."""
+    state = yaml.safe_load(verifier_config_text(ha))["state"]
+    verifier = secret_env(container(pod_spec(ha), "verifier"))
+    secret = verifier[state["password_env"]]
+    server = container(pod_spec(ha, "StatefulSet"), "redis")
+    command = [*server.get("command", []), *server.get("args", [])]
+    variable = command[command.index("--requirepass") + 1]
+    assert variable.startswith("$(") and variable.endswith(")"), variable
+    assert secret_env(server)[variable[2:-1]] == secret
+    assert secret_env(server)["REDISCLI_AUTH"] == secret
+    assert "requirepass" not in redis_conf(ha)
+    optional = {
+        e["name"]: e["valueFrom"]["secretKeyRef"].get("optional", False)
+        for e in container(pod_spec(ha), "verifier")["env"]
+    }
+    assert optional[state["password_env"]] is False  # a verifier without it refuses its config
+
+
+def _bytes(size: str) -> int:
+    """A redis.conf memory size ("384mb", "1gb", "1000000") in bytes, as Redis reads it."""
+    units = {"kb": 1000, "k": 1000, "mb": 1000**2, "m": 1000**2, "gb": 1000**3, "g": 1000**3}
+    units |= {"kib": 1024, "mib": 1024**2, "gib": 1024**3}
+    m = re.fullmatch(r"(\d+)([a-z]*)", size.lower())
+    assert m, size
+    return int(m.group(1)) * units.get(m.group(2), 1)
+
+
+def _quantity(size: str) -> int:
+    """A Kubernetes memory quantity ("768Mi") in bytes."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|K|M|G)?", size)
+    assert m, size
+    return int(m.group(1)) * {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "K": 1000, "M": 1000**2, "G": 1000**3}.get(
+        m.group(2) or "", 1
+    )
+
+
+def test_k8s_ha_redis_never_evicts_holds_the_verifiers_bounds_and_keeps_them_across_a_restart(ha):
+    """What the verifier needs of Redis (README, "State and durability"; `verifier.state.redis`): `noeviction`, since
+    every replay key has a TTL and any other policy drops live ones (their replays pass); a `maxmemory` above the
+    bounds' keys at the verifier's own estimates (below it, the verifier warns: `redis_maxmemory_below_replay_bound`),
+    inside the container's memory limit; the append-only file, fsynced every second, on a persistent volume."""
+    from verifier.config.state import (
+        DEFAULT_REDIS_MAX_BUCKETS,
+        DEFAULT_REDIS_MAX_REPLAY_ENTRIES,
+        REDIS_BYTES_PER_BUCKET_KEY,
+        REDIS_BYTES_PER_REPLAY_KEY,
+    )
+    from verifier.state.redis import SAFE_EVICTION_POLICY
+
+    conf = redis_conf(ha)
+    state = yaml.safe_load(verifier_config_text(ha))["state"]
+    assert conf["maxmemory-policy"] == [SAFE_EVICTION_POLICY]
+    needed = (
+        state.get("redis_max_replay_entries", DEFAULT_REDIS_MAX_REPLAY_ENTRIES) * REDIS_BYTES_PER_REPLAY_KEY
+        + state.get("redis_max_buckets", DEFAULT_REDIS_MAX_BUCKETS) * REDIS_BYTES_PER_BUCKET_KEY
+    )
+    (maxmemory,) = conf["maxmemory"]
+    assert _bytes(maxmemory) >= needed * 1.25, (maxmemory, needed)  # with room for the revocation entries
+    server = container(pod_spec(ha, "StatefulSet"), "redis")
+    assert _quantity(server["resources"]["limits"]["memory"]) >= _bytes(maxmemory) * 1.5  # the AOF rewrite's fork
+    assert conf["appendonly"] == ["yes"] and conf["appendfsync"] == ["everysec"]
+    (data,) = conf["dir"]
+    (mount,) = [m for m in server["volumeMounts"] if m["mountPath"] == data]
+    assert not mount.get("readOnly")
+    claims = [c["metadata"]["name"] for c in workload(ha, "StatefulSet")["spec"]["volumeClaimTemplates"]]
+    assert mount["name"] in claims  # a persistent volume, not an emptyDir
+
+
+def test_k8s_ha_redis_runs_non_root_on_a_read_only_root(ha):
+    spec = pod_spec(ha, "StatefulSet")
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+    assert spec["automountServiceAccountToken"] is False
+    sc = container(spec, "redis")["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_k8s_ha_kong_declarative_config_is_the_single_replica_files(sidecar, ha):
+    """Kong routes and asks the verifier the same way in both files: scaling out changes nothing Kong does."""
+    assert ha[("ConfigMap", "kong-declarative")] == sidecar[("ConfigMap", "kong-declarative")]
+    assert ha[("Service", "kong-proxy")] == sidecar[("Service", "kong-proxy")]
+
+
+def test_k8s_ha_pod_is_the_single_replica_pod_but_for_redis_and_spreading(sidecar, ha):
+    """The same pod, security settings, probes, volumes and Kong container included; the HA pod adds only the
+    anti-affinity and the verifier's variables from Secrets (Redis's password, the optional kill-switch token)."""
+    one, many = pod_spec(sidecar), pod_spec(ha)
+    assert _without(many, "affinity", "containers") == _without(one, "containers")
+    assert container(many, "kong") == container(one, "kong")
+    assert _without(container(many, "verifier"), "env") == _without(container(one, "verifier"), "env")
+    assert "env" not in container(one, "verifier")
+    assert set(secret_env(container(many, "verifier"))) == {
+        yaml.safe_load(verifier_config_text(ha))["state"]["password_env"],
+        "VERIFIER_ADMIN_TOKEN",
+    }
+    assert _without(workload(ha)["spec"], "replicas", "template") == _without(
+        workload(sidecar)["spec"], "replicas", "template"
+    )
+    assert workload(ha)["spec"]["template"]["metadata"] == workload(sidecar)["spec"]["template"]["metadata"]
+
+
+def test_k8s_ha_pods_spread_over_nodes_and_a_drain_keeps_most_of_them(ha):
+    """Preferred anti-affinity on the node for Kong's own pods, and a PodDisruptionBudget over the same pods that lets
+    a drain take one at a time."""
+    deployment = workload(ha)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (term,) = pod_spec(ha)["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    (budget,) = [d for (kind, _), d in ha.items() if kind == "PodDisruptionBudget"]
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert budget["spec"]["maxUnavailable"] == 1 < deployment["spec"]["replicas"]
