@@ -32,6 +32,9 @@ DEFAULT_JWKS_TTL_SECONDS = 600.0  # when the provider sends no Cache-Control max
 REFRESH_AHEAD_SECONDS = 5.0  # refetch this long before the keys' lifetime ends
 RETRY_AFTER_FAILURE_SECONDS = 1.0  # first retry after a failed fetch; doubles up to the cap
 MAX_RETRY_SECONDS = 30.0
+# The floor on the time between two rediscoveries (the provider's jwks_uri looked up again after a failed JWKS fetch
+# or an unknown kid a refetch did not find): at most one per `jwks_cooldown_seconds`, and never more often than this.
+MIN_REDISCOVERY_SECONDS = 1.0
 # Keys a token without a `kid` may be tried against (RFC 7515 section 4.1.4 makes `kid` optional): every held key
 # fitting its `alg`, as JOSE libraries do, so that a rotation overlap (the old key and the new one published side
 # by side) does not refuse the provider's new tokens. Bounded, so that a forged kid-less token costs at most this
@@ -81,6 +84,11 @@ class IssuerKeys:
         self._kidless: dict[str, tuple[VerificationKey, ...]] = {}
         self.metadata: Mapping[str, Any] = {}
         self._jwks_uri = settings.jwks_uri
+        # Discovery is run again (rate-limited: `_rediscovery_due`) once the jwks_uri it named failed or a kid a
+        # refetch from it did not find is asked for: a provider that moved its JWKS is followed, as Kong's
+        # openid-connect plugin does; the old keys stay until the new ones are fetched.
+        self._rediscover = False
+        self._discovered_at = -math.inf
         self._expires_at = 0.0
         self._fetched_at: float | None = None
         self._last_attempt = -1e18
@@ -174,13 +182,23 @@ class IssuerKeys:
             # on a token whose kid may be a real new key.
             raise ProviderUnavailable("too many key refreshes for this issuer; retry later")
         await self.refresh()  # ProviderUnavailable propagates: 503, never a verdict on the token
-        return self.find(kid, alg)
+        key = self.find(kid, alg)
+        if key is None and kid is not None and kid not in self._by_kid and not self.settings.jwks_uri:
+            # Still unknown: the provider may have moved its JWKS (the old jwks_uri still answering its old keys).
+            # Discovery is asked again (rate-limited: `_rediscovery_due`; a template's tenant also takes from its
+            # budget), and a new jwks_uri it names is fetched; the keys held stay until then.
+            self._rediscover = True
+            if self._inflight is not None or (self._rediscovery_due() and (self._admit is None or self._admit())):
+                await self.refresh(relocate=True)
+                key = self.find(kid, alg)
+        return key
 
-    async def refresh(self) -> None:
-        """Fetches the keys once, however many callers ask at the same time (single flight)."""
+    async def refresh(self, *, relocate: bool = False) -> None:
+        """Fetches the keys once, however many callers ask at the same time (single flight). `relocate`: run
+        discovery first, and fetch only when it names another jwks_uri (a fetch in flight is joined instead)."""
         task = self._inflight
         if task is None or task.done():  # a fetch that just ended (its callback not yet run) is not this one
-            task = self._start()
+            task = self._start(relocate=relocate)
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -191,8 +209,8 @@ class IssuerKeys:
             # verdict on the token, and never a cancellation the caller did not ask for.
             raise ProviderUnavailable("issuer keys fetch was cancelled; retry later") from None
 
-    def _start(self) -> asyncio.Task[None]:
-        task = self._inflight = asyncio.get_running_loop().create_task(self._refresh())
+    def _start(self, *, relocate: bool = False) -> asyncio.Task[None]:
+        task = self._inflight = asyncio.get_running_loop().create_task(self._refresh(relocate=relocate))
         task.add_done_callback(self._settled)
         return task
 
@@ -229,13 +247,15 @@ class IssuerKeys:
         if not task.cancelled():
             task.exception()  # retrieved: a failure is already logged and counted
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, *, relocate: bool = False) -> None:
         self._last_attempt = self._clock.monotonic()
         timeout = self.settings.fetch_timeout_seconds
         issuer = self.settings.issuer
         try:
             # One deadline for discovery and JWKS together, whatever the fetcher does on its own.
             async with asyncio.timeout(timeout):
+                if relocate and not await self._relocated(timeout):
+                    return  # discovery names the jwks_uri just fetched: nothing new to fetch
                 keys, result = await self._fetch(timeout)
         except TimeoutError:
             error = ProviderUnavailable("issuer keys fetch timed out")
@@ -245,6 +265,7 @@ class IssuerKeys:
             self._failed(exc)
             raise
         self._failures = 0
+        self._rediscover = False
         before, self._keys = self._keys, keys
         self._by_kid, self._shared_kids = _by_kid(keys)
         self._kidless = {}
@@ -285,8 +306,31 @@ class IssuerKeys:
                     },
                 )
 
+    def _rediscovery_due(self) -> bool:
+        """Whether discovery is to be run before the next JWKS fetch: never for a configured jwks_uri; before the
+        first good fetch, whenever none was found or the last try failed (as ever); after it, once the jwks_uri
+        failed or a kid stayed unknown (`_rediscover`), at most once per `jwks_cooldown_seconds` (floor
+        `MIN_REDISCOVERY_SECONDS`)."""
+        if self.settings.jwks_uri:
+            return False
+        if not self._jwks_uri or (self._rediscover and self._fetched_at is None):
+            return True
+        interval = max(self.settings.jwks_cooldown_seconds, MIN_REDISCOVERY_SECONDS)
+        return self._rediscover and self._clock.monotonic() - self._discovered_at >= interval
+
+    async def _relocated(self, timeout: float) -> bool:
+        """Runs discovery again (when due); whether it named another jwks_uri than the one held."""
+        if not self._rediscovery_due():
+            return False
+        held = self._jwks_uri
+        await self._discover(timeout)
+        if self._jwks_uri == held:
+            self._rediscover = False  # the jwks_uri just fetched is still the provider's
+            return False
+        return True
+
     async def _fetch(self, timeout: float) -> tuple[tuple[VerificationKey, ...], FetchResult]:
-        if not self._jwks_uri or (not self.settings.jwks_uri and not self.metadata):
+        if self._rediscovery_due():
             await self._discover(timeout)
         with self._tracing.fetch("jwks", "GET", self._jwks_uri):
             result = await self._fetcher.get_json(self._jwks_uri, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES)
@@ -297,8 +341,7 @@ class IssuerKeys:
     def _failed(self, error: ProviderUnavailable) -> None:
         self._failures += 1
         self._metrics.jwks_fetch(self._label, "error")
-        if self.settings.jwks_uri == "" and self._fetched_at is None:
-            self.metadata = {}  # rediscover next time
+        self._rediscover = not self.settings.jwks_uri  # the provider may have moved its JWKS: `_rediscovery_due`
         log.warning(
             "jwks fetch failed",
             extra={
@@ -310,6 +353,7 @@ class IssuerKeys:
         )
 
     async def _discover(self, timeout: float) -> None:
+        self._discovered_at = self._clock.monotonic()
         with self._tracing.fetch("discovery", "GET", self.settings.discovery):
             result = await self._fetcher.get_json(
                 self.settings.discovery, timeout=timeout, max_bytes=DEFAULT_MAX_JWKS_BYTES
@@ -325,6 +369,16 @@ class IssuerKeys:
         )
         self.metadata = doc
         if not self.settings.jwks_uri:
+            if self._jwks_uri and jwks_uri != self._jwks_uri:
+                log.warning(
+                    "jwks_uri moved: the keys are fetched from the new one (the old keys kept until then)",
+                    extra={
+                        "event": "jwks_uri_moved",
+                        "issuer": self.settings.issuer,
+                        "old": self._jwks_uri,
+                        "new": jwks_uri,
+                    },
+                )
             self._jwks_uri = jwks_uri
 
     def _parse(self, document: Any, *, require_one: bool) -> tuple[VerificationKey, ...]:
