@@ -686,6 +686,32 @@ async def test_a_token_without_kid_refused_in_a_rotation_overlap_is_taken_once_a
     assert (await app.pipeline.decide(attrs_for(early), "test")).allowed
 
 
+@pytest.mark.parametrize("first_alg", [None, "PS256"], ids=["published-without-alg", "published-for-another-alg"])
+async def test_a_cached_token_is_refused_once_its_key_is_republished_for_another_alg_only(
+    jwks_document: dict[str, Any], keys: SigningKeys, mint: Mint, first_alg: str | None
+) -> None:
+    """A key republished with `alg: RS256` (first without an `alg`, or with `PS256`) no longer vouches for PS256
+    tokens: the PS256 token it verified, remembered by the token cache, was still admitted until its `exp` (the
+    key's material was unchanged, so the refresh withdrew nothing). Its RS256 token passes again."""
+    rest = [k for k in jwks_document["keys"] if k["kid"] != KIDS["RS256"]]
+    first = public_jwk(keys.rs256, "rsa", **({"alg": first_alg} if first_alg else {}))
+    fetcher = serving_fetcher({"keys": [first, *rest]})
+    app = make_app(fetcher, algorithms=("ES256", "RS256", "PS256", "EdDSA"))
+    issuer_keys = app.keys.issuers[ISSUER]
+    await issuer_keys.refresh()
+    pss = mint(live_claims(), alg="PS256", kid="rsa")
+    assert (await app.pipeline.decide(attrs_for(pss), "test")).allowed
+    assert (await app.pipeline.decide(attrs_for(pss), "test")).allowed  # from the cache
+    pkcs = mint(live_claims(sub="user-2"), alg="RS256", kid="rsa")
+    if first_alg is None:
+        assert (await app.pipeline.decide(attrs_for(pkcs), "test")).allowed
+    fetcher.serve(JWKS_URL, {"keys": [public_jwk(keys.rs256, "rsa", alg="RS256"), *rest]})
+    await issuer_keys.refresh()
+    refused = await app.pipeline.decide(attrs_for(pss), "test")
+    assert not refused.allowed and (refused.status, refused.reason) == (401, "algorithm_refused"), refused
+    assert (await app.pipeline.decide(attrs_for(pkcs), "test")).allowed  # the alg the key still allows
+
+
 # -- SERVING with cached keys after the provider dies ------------------------------------------------
 
 

@@ -43,7 +43,8 @@ MIN_REDISCOVERY_SECONDS = 1.0
 MAX_KIDLESS_KEYS = 4
 
 # Told (issuer, kids) when a good fetch no longer holds keys the previous one held (or holds other key
-# material under their kid): tokens verified under them, remembered by the token cache, must be judged again.
+# material under their kid, or the same key with an `alg` that allows fewer algs): tokens verified under them,
+# remembered by the token cache, must be judged again.
 # Told (issuer, no kids) when a good fetch adds keys and withdraws none: a token without a kid refused under
 # the keys of before (none of them verified it) may verify under a new one, so refusals are judged again too.
 Withdrawn = Callable[[str, frozenset[str | None]], None]
@@ -273,7 +274,10 @@ class IssuerKeys:
         withdrawn = _withdrawn(before, keys)
         if withdrawn:
             kids = sorted(map(str, withdrawn))
-            log.warning("jwks keys withdrawn", extra={"event": "jwks_withdrawn", "issuer": issuer, "kids": kids})
+            log.warning(
+                "jwks keys withdrawn (or their alg narrowed)",
+                extra={"event": "jwks_withdrawn", "issuer": issuer, "kids": kids},
+            )
             if self.on_withdrawn is not None:
                 self.on_withdrawn(issuer, withdrawn)
         elif before and self.on_withdrawn is not None and _withdrawn(keys, before):  # keys added, none withdrawn
@@ -459,11 +463,22 @@ def _identity(key: VerificationKey) -> tuple[str | None, bytes]:
 
 
 def _withdrawn(before: Sequence[VerificationKey], after: Sequence[VerificationKey]) -> frozenset[str | None]:
-    """The kids of keys held `before` that `after` does not hold (the same kid with other key material counts)."""
+    """The kids of keys held `before` that `after` does not hold (the same kid with other key material counts), or
+    holds only for fewer algs: a key republished with an `alg` (first without one, or with another) no longer vouches
+    for the tokens it verified under the algs it left, so its kid counts as withdrawn (the tokens it verified under
+    its remaining alg are judged afresh, and pass again)."""
     if not before:
         return frozenset()
-    kept = {_identity(k) for k in after}
-    return frozenset(k.kid for k in before if _identity(k) not in kept)
+    kept: dict[tuple[str | None, bytes], set[str | None]] = {}
+    for key in after:
+        kept.setdefault(_identity(key), set()).add(key.alg)
+    return frozenset(k.kid for k in before if not _allows(kept.get(_identity(k)), k.alg))
+
+
+def _allows(algs: set[str | None] | None, alg: str | None) -> bool:
+    """Whether a key published with these `alg` members (None: no `alg`, every alg of its type) still allows every
+    alg that one published with `alg` allowed."""
+    return algs is not None and (None in algs or alg in algs)
 
 
 class Tenants(Protocol):
