@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -341,6 +342,53 @@ async def test_keys_of_other_types_sharing_a_kid_each_verify_their_own_alg(
     assert type(await _refusal(verifier, mint(claims(), "EdDSA", kid="shared"))) is AlgorithmRefused
     forged = mint(claims(), "ES256", kid="shared", key=ec.generate_private_key(ec.SECP256R1()))
     assert type(await _refusal(verifier, forged)) is BadSignature
+
+
+async def test_two_keys_of_one_type_under_one_kid_refuse_that_kid_and_leave_the_others_usable(
+    settings: IssuerSettings,
+    fetcher: FakeFetcher,
+    clock: FrozenClock,
+    keys: SigningKeys,
+    mint: Mint,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The last key listed under the kid won, silently: a token signed by the other was refused (or, listed the other
+    # way round, accepted) by the order of the set. Neither is guessed now: the kid is refused, and said once a fetch.
+    other = ec.generate_private_key(ec.SECP256R1())
+    published = [public_jwk(keys.es256, "dup"), public_jwk(other, "dup"), public_jwk(keys.rs256, "rsa")]
+    fetcher.serve(JWKS_URL, {"keys": published})
+    verifier, issuer_keys = make_verifier(settings, fetcher, clock)
+    with caplog.at_level(logging.WARNING, logger="verifier.jwks"):
+        await issuer_keys.refresh()
+        clock.advance(settings.jwks_cooldown_seconds)
+        for key in (keys.es256, other):
+            token = mint(claims(), "ES256", kid="dup", key=key)
+            err = await _refusal(verifier, token)
+            assert type(err) is UnknownKey and err.code == "key_unknown", err
+            with pytest.raises(UnknownKey):  # told at once, on the path that never awaits
+                verifier.verify_now(verifier.parse(token))
+        assert fetcher.calls[JWKS_URL] == 1  # refetching would not help: no refetch for the kid
+        assert (await _verify(verifier, mint(claims(), "RS256", kid="rsa"))).kid == "rsa"
+        # Nor is either tried for a token without a kid (unknown: it refetches, once per cooldown).
+        assert type(await _refusal(verifier, mint(claims(), "ES256", kid=None))) is UnknownKey
+        assert issuer_keys.kids == ("rsa",)
+        await issuer_keys.refresh()
+    logged = [r for r in caplog.records if getattr(r, "event", "") == "jwks_kid_ambiguous"]
+    assert len(logged) == fetcher.calls[JWKS_URL] == 3  # once per fetch, not per token
+    assert all(getattr(r, "kids", None) == ["dup"] for r in logged)
+    fetcher.serve(JWKS_URL, {"keys": [public_jwk(keys.es256, "dup"), public_jwk(keys.rs256, "rsa")]})
+    await issuer_keys.refresh()  # the provider mends its set: the kid is usable again
+    assert (await _verify(verifier, mint(claims(), "ES256", kid="dup"))).kid == "dup"
+
+
+async def test_one_key_listed_twice_under_its_kid_is_no_ambiguity(
+    fetcher: FakeFetcher, clock: FrozenClock, keys: SigningKeys, mint: Mint
+) -> None:
+    published = [public_jwk(keys.rs256, "rsa", alg="RS256"), public_jwk(keys.rs256, "rsa", alg="PS256")]
+    fetcher.serve(JWKS_URL, {"keys": published})
+    verifier, _ = make_verifier(issuer_settings(algorithms=("RS256", "PS256")), fetcher, clock)
+    for alg in ("RS256", "PS256"):
+        assert (await _verify(verifier, mint(claims(), alg, kid="rsa"))).kid == "rsa"
 
 
 async def test_hs256_is_refused_even_when_an_issuer_lists_it(

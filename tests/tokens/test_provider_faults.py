@@ -712,6 +712,24 @@ async def test_a_cached_token_is_refused_once_its_key_is_republished_for_another
     assert (await app.pipeline.decide(attrs_for(pkcs), "test")).allowed  # the alg the key still allows
 
 
+async def test_a_cached_token_is_refused_once_a_second_key_of_its_type_is_published_under_its_kid(
+    jwks_document: dict[str, Any], mint: Mint
+) -> None:
+    """A kid under which the set publishes two keys of one type is refused: the tokens it verified before, remembered
+    by the token cache, are judged afresh too (its key is still listed, but no longer held)."""
+    fetcher = serving_fetcher(jwks_document)
+    app = make_app(fetcher)
+    await app.keys.issuers[ISSUER].refresh()
+    cached = mint(live_claims(), alg="ES256")
+    assert (await app.pipeline.decide(attrs_for(cached), "test")).allowed
+    second = public_jwk(ec.generate_private_key(ec.SECP256R1()), KIDS["ES256"])
+    fetcher.serve(JWKS_URL, {"keys": [*jwks_document["keys"], second]})
+    await app.keys.issuers[ISSUER].refresh()
+    refused = await app.pipeline.decide(attrs_for(cached), "test")
+    assert not refused.allowed and (refused.status, refused.reason) == (401, "key_unknown"), refused
+    assert (await app.pipeline.decide(attrs_for(mint(live_claims(), alg="EdDSA")), "test")).allowed
+
+
 # -- SERVING with cached keys after the provider dies ------------------------------------------------
 
 

@@ -80,6 +80,9 @@ class IssuerKeys:
         # under one kid. Asked only when the kid's key in `_by_kid` does not fit the alg (rare).
         self._shared_kids: dict[str, tuple[VerificationKey, ...]] = {}
         self._keys: tuple[VerificationKey, ...] = ()
+        # Kids under which the set publishes two keys of one type (other key material): which one signed is not
+        # ours to guess, so neither is held (`_parse`) and a token naming the kid is refused (`key_unknown`).
+        self._ambiguous: frozenset[str] = frozenset()
         # alg -> the held keys fitting it, for tokens without a kid (`kidless`), the one that verified the last
         # such token first. Filled on first use, emptied by every fetch; only algs of `ALG_KEY_TYPES` (bounded).
         self._kidless: dict[str, tuple[VerificationKey, ...]] = {}
@@ -100,7 +103,7 @@ class IssuerKeys:
         self._admit = admit
         self.on_withdrawn: Withdrawn | None = None
         if settings.static_jwks:  # jwks_file / jwks_inline: checked when the settings were loaded
-            self._keys = self._parse(json.loads(settings.static_jwks), require_one=True)
+            self._keys, self._ambiguous = self._parse(json.loads(settings.static_jwks), require_one=True)
             self._by_kid, self._shared_kids = _by_kid(self._keys)
             self._warn_kidless(())
             # Never due (refresh_interval() is +Inf: the key-age alert cannot fire for keys on disk).
@@ -155,8 +158,12 @@ class IssuerKeys:
         return None
 
     def has_kid(self, kid: str | None) -> bool:
-        """Whether a key with this kid is held (whatever its type)."""
-        return kid in self._by_kid
+        """Whether a key with this kid is held (whatever its type), or the kid is `ambiguous_kid`."""
+        return kid in self._by_kid or kid in self._ambiguous
+
+    def ambiguous_kid(self, kid: str) -> bool:
+        """Whether the set publishes two keys of one type under `kid`: its tokens are refused, no refetch asked."""
+        return kid in self._ambiguous
 
     async def key_for(self, kid: str | None, alg: str, *, retry_while_cooling: bool = False) -> VerificationKey | None:
         """Finds the key, refreshing at most once per cooldown when the kid is unknown.
@@ -167,8 +174,8 @@ class IssuerKeys:
         rotates its key, and the event signed with the new key must be judged later, not thrown away.
         """
         key = self.find(kid, alg)
-        if key is not None or (kid is not None and kid in self._by_kid) or self.settings.static_jwks:
-            return key  # a known kid of the wrong type, or keys from a file: refreshing would not help
+        if key is not None or self.has_kid(kid) or self.settings.static_jwks:
+            return key  # a known kid of the wrong type, an ambiguous one, keys from a file: refreshing would not help
         cooling = self._clock.monotonic() - self._last_attempt < self.settings.jwks_cooldown_seconds
         if cooling and self._inflight is None:
             if self._failures:
@@ -257,7 +264,7 @@ class IssuerKeys:
             async with asyncio.timeout(timeout):
                 if relocate and not await self._relocated(timeout):
                     return  # discovery names the jwks_uri just fetched: nothing new to fetch
-                keys, result = await self._fetch(timeout)
+                (keys, ambiguous), result = await self._fetch(timeout)
         except TimeoutError:
             error = ProviderUnavailable("issuer keys fetch timed out")
             self._failed(error)
@@ -267,7 +274,7 @@ class IssuerKeys:
             raise
         self._failures = 0
         self._rediscover = False
-        before, self._keys = self._keys, keys
+        before, self._keys, self._ambiguous = self._keys, keys, ambiguous
         self._by_kid, self._shared_kids = _by_kid(keys)
         self._kidless = {}
         self._warn_kidless(before)
@@ -333,7 +340,7 @@ class IssuerKeys:
             return False
         return True
 
-    async def _fetch(self, timeout: float) -> tuple[tuple[VerificationKey, ...], FetchResult]:
+    async def _fetch(self, timeout: float) -> tuple[tuple[tuple[VerificationKey, ...], frozenset[str]], FetchResult]:
         if self._rediscovery_due():
             await self._discover(timeout)
         with self._tracing.fetch("jwks", "GET", self._jwks_uri):
@@ -385,7 +392,8 @@ class IssuerKeys:
                 )
             self._jwks_uri = jwks_uri
 
-    def _parse(self, document: Any, *, require_one: bool) -> tuple[VerificationKey, ...]:
+    def _parse(self, document: Any, *, require_one: bool) -> tuple[tuple[VerificationKey, ...], frozenset[str]]:
+        """The set's usable keys, and the kids left out because two keys of one type share them (`ambiguous_kids`)."""
         try:
             keys, skipped = parse_key_set(document, max_keys=DEFAULT_MAX_JWKS_KEYS, require_one=require_one)
         except KeyError_ as exc:
@@ -394,12 +402,19 @@ class IssuerKeys:
             log.warning(
                 "jwks key skipped", extra={"event": "jwks_key_skipped", "issuer": self.settings.issuer, "error": error}
             )
+        ambiguous = ambiguous_kids(keys)
+        if ambiguous:  # once per fetch
+            log.warning(
+                "jwks publishes two keys of one type under one kid: tokens naming it are refused (key_unknown)",
+                extra={"event": "jwks_kid_ambiguous", "issuer": self.settings.issuer, "kids": sorted(ambiguous)},
+            )
+            keys = tuple(k for k in keys if k.kid not in ambiguous)
         if not keys:
             log.warning(
                 "jwks holds no usable signing key: every token of this issuer is refused (key_unknown)",
                 extra={"event": "jwks_no_keys", "issuer": self.settings.issuer, "skipped": len(skipped)},
             )
-        return keys
+        return keys, ambiguous
 
     def next_refresh_in(self) -> float:
         """Seconds until the background loop should fetch again."""
@@ -447,7 +462,8 @@ def kidless_ambiguous_message(alg: str, count: int) -> str:
 def _by_kid(
     keys: Sequence[VerificationKey],
 ) -> tuple[dict[str, VerificationKey], dict[str, tuple[VerificationKey, ...]]]:
-    """Each kid's key (the last one under it), and every key of the kids that several keys share."""
+    """Each kid's key (the last one under it), and every key of the kids that several keys share (of other types,
+    or the same key listed twice: `ambiguous_kids` were left out)."""
     by_kid = {k.kid: k for k in keys if k.kid is not None}
     shared: dict[str, tuple[VerificationKey, ...]] = {}
     if len(by_kid) < sum(k.kid is not None for k in keys):
@@ -456,6 +472,20 @@ def _by_kid(
                 shared[key.kid] = (*shared.get(key.kid, ()), key)
         shared = {kid: held for kid, held in shared.items() if len(held) > 1}
     return by_kid, shared
+
+
+def ambiguous_kids(keys: Sequence[VerificationKey]) -> frozenset[str]:
+    """The kids under which `keys` hold two keys of one type (`kty`) with other key material. RFC 7517 section 4.5
+    lets keys of different types share a kid (the token's alg picks one); of two of one type the last one listed won,
+    silently. The same key listed twice (with another `alg`, say) is no ambiguity."""
+    seen: dict[tuple[str, str], bytes] = {}
+    ambiguous: set[str] = set()
+    for key in keys:
+        if key.kid is not None:
+            material = _identity(key)[1]
+            if seen.setdefault((key.kid, key.kty), material) != material:
+                ambiguous.add(key.kid)
+    return frozenset(ambiguous)
 
 
 def _identity(key: VerificationKey) -> tuple[str | None, bytes]:

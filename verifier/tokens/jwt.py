@@ -184,6 +184,8 @@ class JwtVerifier:
     ) -> Principal:
         alg, kid = parsed.alg, parsed.kid
         if key is None:
+            if kid is not None and keys.ambiguous_kid(kid):
+                raise UnknownKey("the issuer publishes two keys of one type under this kid")
             if keys.has_kid(kid):
                 raise AlgorithmRefused("alg does not fit the key")
             if kid is None and keys.ambiguous(alg):
