@@ -235,7 +235,6 @@ async def test_a_token_bound_by_a_confirmation_method_the_verifier_cannot_check_
             {"jwk": {"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}},
             {"kid": "pop-key-1"},
             {"x5t": "abc123"},
-            {"jkt": None},
             "abc123",
             ["jkt"],
         ):
@@ -249,6 +248,24 @@ async def test_a_token_bound_by_a_confirmation_method_the_verifier_cannot_check_
         token = idp.mint(scope="read", claims={"cnf": {"x5t#S256": "abc123", "x5t": "sha1"}})
         extra = "X-Client-Cert-Thumbprint: abc123\r\n"
         assert _parse(await http_exchange(port, _request("/api/x", token=token, extra=extra)))[0] == 200
+
+
+async def test_a_cnf_jkt_that_binds_to_no_key_is_refused_alike_under_either_scheme() -> None:
+    """`cnf: {"jkt": null}` (or `""`, or a number) is a malformed binding: 401 `claim_invalid` (RFC 6750
+    `invalid_token`) under Bearer and DPoP alike. Before, Bearer got `sender_constraint_failed` (the DPoP check let it
+    by; the certificate check refused it), DPoP `token_not_dpop_bound`, and `""` under DPoP had its proof checked."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    url = "https://api.example.test/api/x"
+    async with running_verifier({"policies": POLICIES}) as (app, idp):
+        port = app.ports.http
+        for jkt in (None, "", 42):
+            token = idp.mint(scope="read", claims={"cnf": {"jkt": jkt}})
+            dpop = f"DPoP: {_proof(key, 'GET', url, token)}\r\n"
+            for scheme, extra in (("Bearer", ""), ("DPoP", dpop)):
+                req = _request("/api/x", token=token, scheme=scheme, extra=extra)
+                status, headers, _ = _parse(await http_exchange(port, req))
+                assert (status, headers.get("x-verifier-reason")) == (401, "claim_invalid"), (jkt, scheme)
+                assert 'error="invalid_token"' in headers.get("www-authenticate", ""), (jkt, scheme, headers)
 
 
 async def test_an_allow_under_a_rate_limit_tells_the_client_what_is_left() -> None:

@@ -26,7 +26,7 @@ from verifier.checks.base import NO_POLICY, Passed
 from verifier.checks.dpop import DpopBinding
 from verifier.config.dpop import DEFAULT_ALGORITHMS, JTI_TTL_MARGIN_SECONDS, DpopConfig, parse_dpop_config
 from verifier.credentials import Credential, TokenScheme
-from verifier.errors import InvalidDpopProof, SenderConstraintFailed, StateUnavailable, UseDpopNonce
+from verifier.errors import ClaimInvalid, InvalidDpopProof, SenderConstraintFailed, StateUnavailable, UseDpopNonce
 from verifier.principal import Principal
 from verifier.request import RequestAttributes
 from verifier.settings import ConfigError
@@ -801,6 +801,40 @@ async def test_a_hostile_number_as_iat_is_an_invalid_proof(
     """#18 F11: `iat` of 10**400 answered 503 with a traceback (math.isfinite overflowed)."""
     with pytest.raises(InvalidDpopProof):
         await check(verifier, make_proof(keys.es256, iat=value))
+
+
+# --- a malformed binding (cnf.jkt not a non-empty string) ------------------------------------------
+
+MALFORMED_JKTS = [None, "", 42, ["jkt"], {}]
+MALFORMED_JKT_IDS = ["null", "empty", "number", "list", "object"]
+
+
+@pytest.mark.parametrize("scheme", [TokenScheme.BEARER, TokenScheme.DPOP], ids=["bearer", "dpop"])
+@pytest.mark.parametrize("jkt", MALFORMED_JKTS, ids=MALFORMED_JKT_IDS)
+async def test_a_cnf_jkt_that_is_not_a_non_empty_string_is_a_malformed_binding_under_either_scheme(
+    verifier: DpopVerifier, keys: SigningKeys, jkt: Any, scheme: TokenScheme
+) -> None:
+    """`cnf: {"jkt": null}` was let by as a bearer token under the Bearer scheme (only the certificate check, later
+    in the chain, refused it: `sender_constraint_failed`) and refused as unbound under DPoP (`token_not_dpop_bound`);
+    `""` was taken as bound, its proof checked in full. One rule now: a malformed binding, `claim_invalid`."""
+    principal = Principal("https://issuer.test", "user-1", None, (), frozenset(), NOW + 600, {"cnf": {"jkt": jkt}})
+    attrs = RequestAttributes("GET", "https", "api.example.test", "/orders", {"dpop": make_proof(keys.es256)})
+    credential = Credential(scheme, TOKEN)
+    check = DpopBinding(verifier)
+    assert check.for_token(principal, credential)
+    with pytest.raises(ClaimInvalid) as caught:
+        await check.check(principal, credential, attrs, NO_POLICY)
+    err = caught.value
+    assert (err.code, err.oauth_error, err.claim) == ("claim_invalid", "invalid_token", "cnf")
+
+
+async def test_an_empty_expected_jkt_is_a_malformed_binding_refused_before_the_proof(
+    verifier: DpopVerifier, keys: SigningKeys
+) -> None:
+    proof = make_proof(keys.es256)
+    with pytest.raises(ClaimInvalid):
+        await accept(verifier, proof, jkt="")
+    assert await check(verifier, proof, jkt=jkt_of(keys.es256)) == jkt_of(keys.es256)  # its jti not used up
 
 
 # --- our own origins (dpop.origins) ---------------------------------------------------------------

@@ -99,7 +99,7 @@ BEARER = Credential(TokenScheme.BEARER, "t")
         {"kid": "pop-key-1"},  # RFC 7800 section 3.4
         {"jku": "https://client.example/jwks"},  # RFC 7800 section 3.5
         {"x5t": "sha1-thumbprint"},  # not RFC 8705's x5t#S256
-        {"jkt": None},  # names DPoP, binds to no key (the DPoP check lets a Bearer presentation of it by)
+        {"jkt": None},  # names DPoP, binds to no key (the DPoP check, run first, refuses it as malformed)
         "abc",
         ["jkt"],
         42,

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from verifier import strict_json
 from verifier.clock import Clock
 from verifier.config.dpop import DpopConfig
-from verifier.errors import InvalidDpopProof, MalformedToken, SenderConstraintFailed, UseDpopNonce
+from verifier.errors import ClaimInvalid, InvalidDpopProof, MalformedToken, SenderConstraintFailed, UseDpopNonce
 from verifier.numbers import json_number
 from verifier.request import DEFAULT_PORTS
 from verifier.state.base import Purpose, SharedState
@@ -65,6 +65,14 @@ MAX_PROOF_RSA_EXPONENT_BITS = 33  # bits of public exponent: clients use 65537 (
 # Proof keys parsed, by the JWK's whole content: a client signs every proof with the same key, and parsing it
 # (the curve point checked) and its thumbprint cost ~23 us a proof. A flood of new keys only evicts entries.
 PROOF_KEYS_HELD = 1024
+
+
+def malformed_binding() -> ClaimInvalid:
+    """The refusal of a token whose `cnf` has a `jkt` that is not a non-empty string (null, "", a number): it binds
+    to no key, so it is a malformed binding (401 `claim_invalid`, RFC 6750 `invalid_token`), never an unbound token
+    to be taken as a bearer one, nor a bound one whose proof is looked at. The one rule of the DPoP check
+    (`verifier.checks.dpop`) and of `DpopVerifier.verify`."""
+    return ClaimInvalid("token cnf.jkt is not a key thumbprint", claim="cnf")
 
 
 def thumbprint(jwk: Mapping[str, Any]) -> str:
@@ -305,7 +313,8 @@ class DpopVerifier:
         `proof` is the raw `DPoP` header value (None when absent; several headers joined with commas
         count as several proofs); `url` is the request's absolute URL (query and fragment ignored);
         `expected_jkt` is the token's `cnf.jkt`, or None when the token is not DPoP-bound (then the
-        caller decides what an unbound token presented with a proof means; RFC 9449 section 7.2).
+        caller decides what an unbound token presented with a proof means; RFC 9449 section 7.2); an empty
+        one is a malformed binding (`malformed_binding`: `ClaimInvalid`).
 
         Raises `InvalidDpopProof` for a missing, malformed, mis-signed, stale, mismatched or replayed
         proof; `UseDpopNonce` (carrying a fresh nonce) when a server nonce is required and missing or
@@ -315,6 +324,8 @@ class DpopVerifier:
         the proof is not called a replay).
         """
         config = self._config
+        if expected_jkt is not None and (not isinstance(expected_jkt, str) or not expected_jkt):
+            raise malformed_binding()  # "" binds to no key: refused before the proof is looked at
         if proof is None or not proof.strip():
             raise InvalidDpopProof("DPoP proof missing")
         proof = proof.strip()

@@ -41,6 +41,7 @@ class CertificateBinding(Check):
             raise SenderConstraintFailed("token cnf is not a JSON object")
         if X5T_S256 in cnf:
             check_certificate_binding(cnf, attrs.client_cert_thumbprint)
-        elif cnf.get(DPOP_JKT) is None:  # a `jkt` of null binds to no key (another type: the DPoP check refuses it)
+        elif cnf.get(DPOP_JKT) is None:  # a `jkt` of null binds to no key (the DPoP check, run first, refuses any
+            # `jkt` that is not a non-empty string as a malformed binding: `verifier.binding.dpop.malformed_binding`)
             raise SenderConstraintFailed("token is bound by a confirmation method this verifier does not check")
         return principal

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
-from verifier.binding.dpop import AcceptedProof
+from verifier.binding.dpop import AcceptedProof, malformed_binding
 from verifier.checks.base import Check, Passed, Route
 from verifier.credentials import Credential, TokenScheme
 from verifier.errors import InvalidDpopProof, InvalidToken, Scheme, SenderConstraintFailed
@@ -51,16 +51,18 @@ class DpopBinding(Check):
     ) -> Principal | Passed:
         """Raises unless the request carries a valid proof by the key the token is bound to; an allow whose
         proof's server nonce is getting old hands the client the next one (`DPoP-Nonce`, RFC 9449 section 8.2)."""
-        jkt = confirmation(principal).get("jkt")
-        if credential.scheme is TokenScheme.DPOP:
-            if not isinstance(jkt, str):
+        cnf = confirmation(principal)
+        jkt = cnf.get("jkt")
+        if not isinstance(jkt, str) or not jkt:
+            if "jkt" in cnf:  # null, "", a number: binds to no key, under either scheme (`malformed_binding`)
+                raise malformed_binding()
+            if credential.scheme is TokenScheme.DPOP:
                 raise InvalidToken("token is not DPoP-bound", code="token_not_dpop_bound")  # a DPoP challenge
-        elif jkt is not None:
+            return principal
+        if credential.scheme is not TokenScheme.DPOP:
             raise SenderConstraintFailed(
                 "a DPoP-bound token must be presented with the DPoP scheme", scheme=Scheme.DPOP
             )
-        else:
-            return principal
         if self._verifier is None:
             raise InvalidDpopProof("DPoP is not enabled on this verifier")
         path = attrs.path.split("?", 1)[0]
