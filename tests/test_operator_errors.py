@@ -271,6 +271,25 @@ def test_a_state_file_another_user_could_have_planted_is_refused(tmp_path: Path,
     assert "state.path" in line and "revocations.sqlite3" in line
 
 
+def test_check_config_warns_of_a_static_jwks_with_two_keys_of_one_type_under_one_kid(tmp_path: Path) -> None:
+    """Start-up refuses tokens naming such a kid (`jwks_kid_ambiguous`: which key signed is not ours to guess);
+    check-config, which an operator runs before deploying, says so for a static JWKS, and not for one key listed
+    twice."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    one, other = (ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key(), as_dict=True) for _ in "ab")
+    for keys, expected in (([one, other], ["dup"]), ([one, one], [])):
+        jwks = {"keys": [{**k, "kid": "dup"} for k in keys] + [{**other, "kid": "fine"}]}
+        path = tmp_path / "verifier.yaml"
+        config = {"issuers": [{**ISSUER, "jwks_inline": jwks}], "http": {"listen": "127.0.0.1:0"}}
+        path.write_text(yaml.safe_dump(config))
+        result = _verifier("check-config", str(path))
+        assert result.returncode == 0, result.stderr
+        warned = [line for line in result.stderr.splitlines() if "jwks_kid_ambiguous" in line]
+        assert [line.rpartition(": ")[2] for line in warned] == expected, result.stderr
+
+
 @pytest.mark.parametrize("keys", [4, 5])
 def test_check_config_warns_of_a_static_jwks_where_a_token_without_kid_is_refused(keys: int, tmp_path: Path) -> None:
     """A static JWKS (`jwks_inline`, `jwks_file`) with more ES256 keys than a kid-less token is tried against: start-up

@@ -23,7 +23,7 @@ from verifier.config.issuer import DEFAULT_MAX_JWKS_KEYS
 from verifier.observe.audit import configure_logging
 from verifier.settings import ConfigError, IssuerSettings, Listen, Settings, config_warnings, load_settings
 from verifier.state import with_default_path
-from verifier.tokens.jwks import kidless_ambiguous, kidless_ambiguous_message
+from verifier.tokens.jwks import AMBIGUOUS_KID_MESSAGE, ambiguous_kids, kidless_ambiguous, kidless_ambiguous_message
 from verifier.tokens.keys import parse_key_set
 from verifier.workers import accept_stop_signals
 
@@ -172,8 +172,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _static_key_warnings(settings: Settings) -> list[tuple[str, str]]:
-    """`jwks_kidless_ambiguous` for each issuer whose keys are static (`jwks_file`, `jwks_inline`): start-up logs
-    it when it loads them; a fetched JWKS is only known once fetched."""
+    """`jwks_kidless_ambiguous` and `jwks_kid_ambiguous` for each issuer whose keys are static (`jwks_file`,
+    `jwks_inline`): start-up logs them when it loads them; a fetched JWKS is only known once fetched."""
     warnings = []
     for issuer in settings.issuers:
         if issuer.static_jwks:
@@ -181,6 +181,10 @@ def _static_key_warnings(settings: Settings) -> list[tuple[str, str]]:
             warnings += [
                 (issuer.issuer, f"{kidless_ambiguous_message(alg, count)} (jwks_kidless_ambiguous)")
                 for alg, count in kidless_ambiguous(keys, issuer.algorithms)
+            ]
+            warnings += [
+                (issuer.issuer, f"{AMBIGUOUS_KID_MESSAGE} (jwks_kid_ambiguous): {kid}")
+                for kid in sorted(ambiguous_kids(keys))
             ]
     return warnings
 

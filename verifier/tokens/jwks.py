@@ -41,6 +41,7 @@ MIN_REDISCOVERY_SECONDS = 1.0
 # many signature checks; an issuer publishing more keys for one alg has its kid-less tokens refused (`key_unknown`)
 # and a `config_warning` (`jwks_kidless_ambiguous`) logged, never only some of its keys tried.
 MAX_KIDLESS_KEYS = 4
+AMBIGUOUS_KID_MESSAGE = "jwks publishes two keys of one type under one kid: tokens naming it are refused (key_unknown)"
 
 # Told (issuer, kids) when a good fetch no longer holds keys the previous one held (or holds other key
 # material under their kid, or the same key with an `alg` that allows fewer algs): tokens verified under them,
@@ -405,7 +406,7 @@ class IssuerKeys:
         ambiguous = ambiguous_kids(keys)
         if ambiguous:  # once per fetch
             log.warning(
-                "jwks publishes two keys of one type under one kid: tokens naming it are refused (key_unknown)",
+                AMBIGUOUS_KID_MESSAGE,
                 extra={"event": "jwks_kid_ambiguous", "issuer": self.settings.issuer, "kids": sorted(ambiguous)},
             )
             keys = tuple(k for k in keys if k.kid not in ambiguous)
