@@ -356,7 +356,8 @@ class Pipeline:
             route_params=default.challenge,
         )
         # A door's own early refusal: forward-auth asked with a header of its declared family twice (the gateway
-        # added its own beside the client's instead of overwriting it), so which request to judge is unknown.
+        # added its own beside the client's instead of overwriting it), Envoy's with its x-forwarded-proto twice
+        # (`verifier.request.DescribedTwice`), so which request to judge is unknown.
         self.described_twice = refuse(
             MalformedRequest("the gateway described the request twice"),
             realm=realm,

@@ -26,6 +26,18 @@ class Undescribed(Exception):
         self.missing = missing
 
 
+class DescribedTwice(Exception):
+    """An Envoy check in which `x-forwarded-proto`, the one header that door reads the request's description from,
+    came more than once: a comma in its value (Envoy joins a repeat so, in either header form; two `header_map` lines
+    or two spellings of the name, joined by the door). Which one describes the request is unknown: refused, 400
+    `invalid_request`, never a check (`Pipeline.described_twice`), as forward-auth refuses a header of its declared
+    family sent twice (which it tells from its lines, without this exception). `name` is the header."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
 class RequestAttributes(NamedTuple):
     """The original request as the gateway saw it. Header names are lower-case.
 

@@ -886,3 +886,75 @@ async def test_an_empty_check_and_a_huge_credential_are_decided_as_forward_auth_
         assert (verdicts["grpc"].status, verdicts["grpc"].reason) == (401, "token_malformed")
     finally:
         await app.stop(grace=0.1)
+
+
+# -- a header the Envoy door reads once, sent twice ------------------------------------------------------------
+
+READ_ONCE = {
+    # header: (the path, the Authorization line, the two values: each alone would be judged)
+    "x-forwarded-proto": ("/api/x", f"Bearer {VALID}", ("https", "http")),
+    "authorization": ("/api/x", None, (f"Bearer {VALID}", "Bearer a.b.c")),
+    "dpop": ("/dpop/x", f"DPoP {VALID}", ("<proof>", "<proof>")),
+}
+ENVOY_FORMS = ["header_map", "headers joined", "headers spelled twice", "one line"]
+
+
+@pytest.mark.parametrize("form", ENVOY_FORMS)
+@pytest.mark.parametrize("header", list(READ_ONCE))
+async def test_a_header_the_envoy_door_reads_once_sent_twice_is_refused_as_forward_auth_refuses_it(
+    fetcher: FakeFetcher, mint: Mint, header: str, form: str
+) -> None:
+    """Envoy's door reads `x-forwarded-proto` (the scheme), Authorization and DPoP once each. Sent twice (two
+    `header_map` lines; joined with "," in Envoy's map; two spellings of the name in the map), each is refused as
+    forward-auth refuses the same header on two lines: the same status, error code, description and challenge. Before,
+    Envoy's door joined two X-Forwarded-Proto lines into the scheme `https, http` and allowed the request, where
+    forward-auth refuses its family's header twice (400 `invalid_request`, the gateway described the request twice).
+    One `header_map` entry holding both values (`one line`) is refused too: real Envoy (1.40) joins two
+    X-Forwarded-Proto lines into one such entry (`https,http`, an inline header of its own), so the door cannot tell it
+    from a list the client sent on one line, which forward-auth judges as one scheme (no policy reads it; DPoP
+    refuses it)."""
+    path, authorization, values = READ_ONCE[header]
+    token = mint(claims(sub="holder", cnf={"jkt": thumbprint(DPOP_JWK)}) if header == "dpop" else claims())
+    proofs = [Logical("GET", "https", "api.example.test", None, path, (f"DPoP {token}",), "valid", ()).dpop()
+              for _ in values]  # fmt: skip
+    twice = [(header, v.replace(VALID, token).replace("<proof>", proofs[i] or "")) for i, v in enumerate(values)]
+    if form == "one line":
+        twice = [(header, ", ".join(v for _, v in twice))]
+    lines = [("authorization", authorization.replace(VALID, token))] if authorization else []
+    app = await parity_app(fetcher)
+    try:
+        request = ea.CheckRequest()
+        request.attributes.source.address.socket_address.address = PEER
+        http = request.attributes.request.http
+        http.method, http.scheme, http.host, http.path = "GET", "https", "api.example.test", path
+        own = [(":method", "GET"), (":path", path), (":authority", "api.example.test")]
+        if header != "x-forwarded-proto":
+            own.append(("x-forwarded-proto", "https"))
+        if form in ("header_map", "one line"):
+            for name, value in [*own, *lines, *twice]:
+                http.header_map.headers.add(key=name, raw_value=value.encode("latin-1"))
+        else:
+            for name, value in [*own, *lines]:
+                http.headers[name] = value
+            if form == "headers joined":
+                http.headers[header] = ",".join(v for _, v in twice)
+            else:
+                http.headers[header], http.headers[header.upper()] = (v for _, v in twice)
+        envoy = envoy_verdict(await app.grpc.check_envoy(request.SerializeToString(), None), _NOBODY)
+        described = [("Host", "v"), ("X-Forwarded-Host", "api.example.test"), ("X-Forwarded-Uri", path),
+                     ("X-Forwarded-Method", "GET"), *lines, *twice]  # fmt: skip
+        if header != "x-forwarded-proto":
+            described.append(("X-Forwarded-Proto", "https"))
+        forward = forward_verdict(
+            await exchange(app.forward_auth, _http("GET /v1/forward-auth HTTP/1.1", described)), _NOBODY
+        )
+        if form == "one line" and header == "x-forwarded-proto":
+            assert forward.allowed  # one line to forward-auth, one scheme `https, http` (the divergence kept)
+            assert (envoy.status, envoy.reason) == (400, "invalid_request")
+            return
+        agree({"ext_authz": envoy, "kong": forward})
+        assert not forward.allowed and forward.status in (400, 401), forward
+        if header == "x-forwarded-proto":
+            assert (envoy.status, envoy.reason) == (400, "invalid_request")
+    finally:
+        await app.stop(grace=0.1)

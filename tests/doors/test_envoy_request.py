@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from verifier.doors import envoy_request
 from verifier.doors.envoy_request import python_key, request_key
 from verifier.doors.grpc import attributes_from_envoy
-from verifier.request import RequestAttributes, Undescribed
+from verifier.request import DescribedTwice, RequestAttributes, Undescribed
 
 TOKEN = "Bearer eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJjYXJvbCJ9.c2ln"
 CERT = "-----BEGIN%20CERTIFICATE-----%0AMIIB-----END%20CERTIFICATE-----%0A"
@@ -154,6 +154,26 @@ def test_requests_that_differ_in_anything_the_answer_reads_never_share_a_key() -
 def test_a_raw_header_map_loses_its_request_id_too() -> None:
     assert translated(_raw_header_map(TOKEN, 1))[0] == translated(_raw_header_map(TOKEN, 2))[0]
     assert "x-request-id" not in translated(_raw_header_map(TOKEN, 1))[1].headers
+
+
+@pytest.mark.parametrize("form", ["header_map", "headers"])
+def test_a_header_read_once_sent_twice_reaches_the_translation_twice_and_is_refused(form: str) -> None:
+    """Each key keeps every line it does not drop (Envoy's x-request-id), so two X-Forwarded-Proto lines in a raw
+    header map, or Envoy's map joining them with ",", come to the translation as two, which refuses them
+    (`DescribedTwice`); two Authorization lines are joined for the credential check to refuse, as forward-auth does."""
+    request = ea.CheckRequest.FromString(
+        _raw_header_map(TOKEN, 3) if form == "header_map" else envoy(3).SerializeToString()
+    )
+    http = request.attributes.request.http
+    if form == "header_map":
+        http.header_map.headers.add(key="x-forwarded-proto", raw_value=b"http")
+    else:
+        http.headers["x-forwarded-proto"] = "https,http"
+    with pytest.raises(DescribedTwice):
+        translated(request.SerializeToString())
+    request = ea.CheckRequest.FromString(_raw_header_map(TOKEN, 3))
+    request.attributes.request.http.header_map.headers.add(key="authorization", raw_value=b"Bearer a.b.c")
+    assert translated(request.SerializeToString())[1].headers["authorization"] == f"{TOKEN}, Bearer a.b.c"
 
 
 def test_another_connection_is_another_key() -> None:
@@ -338,9 +358,13 @@ def test_the_c_key_is_built_here(key_in: str) -> None:
     assert envoy_request.NATIVE is not None
 
 
+# ... and the headers a door reads once (`DescribedTwice`): both keys keep each line, so a repeat reaches the door.
+key_names = st.sampled_from(["authorization", "x-request-id", "X-Request-Id", "dpop", "x-forwarded-proto", "host"])
+
+
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    headers=st.lists(st.tuples(names, values), max_size=6),
+    headers=st.lists(st.tuples(key_names, values), max_size=6),
     raw=st.booleans(),
     serial=st.integers(0, 2**40),
     tail=st.binary(max_size=24),

@@ -297,7 +297,7 @@ def grpc_target(data: bytes) -> None:
     from google.protobuf.message import DecodeError
 
     from verifier.doors.grpc import attributes_from_envoy, attributes_from_own
-    from verifier.request import Undescribed
+    from verifier.request import DescribedTwice, Undescribed
     from verifier.v1 import verifier_pb2
 
     for message_type, translate, path in (
@@ -313,6 +313,8 @@ def grpc_target(data: bytes) -> None:
         except Undescribed:  # the door answers 400 `invalid_request`: nothing told the path
             if path(message):
                 raise InvariantBroken(f"a path was told and refused as untold: {path(message)!r}") from None
+            continue
+        except DescribedTwice:  # the door answers 400 `invalid_request`: x-forwarded-proto came twice
             continue
         if not path(message):
             raise InvariantBroken(f"no path, judged as {attrs.path!r}")  # a public `/` passed every request

@@ -663,8 +663,11 @@ def start_envoy(
     log_level: str = "warn",
     downstream_tls: Mapping[str, str] | None = None,
     lua_file: Path | None = None,
+    edit: Callable[[str], str] | None = None,
 ) -> GatewayProcess:
     """Run Envoy in front of ``upstream_port`` and wait until its admin ``/ready`` says LIVE.
+
+    ``edit`` rewrites the rendered configuration (a test's variant of a shipped template).
 
     ``downstream_tls`` (``cert_file``, ``key_file``, ``ca_file``: PEM paths) makes the listener of a
     rendered template terminate TLS and verify client certificates from that CA (optional ones, so a
@@ -713,6 +716,8 @@ def start_envoy(
         rendered = yaml.safe_dump(config, sort_keys=False)
     if downstream_tls is not None:
         rendered = _with_downstream_tls(rendered, downstream_tls)
+    if edit is not None:
+        rendered = edit(rendered)
     config_path.write_text(rendered)
     argv = [
         str(envoy_binary()),

@@ -21,8 +21,10 @@ import hashlib
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 
@@ -31,9 +33,25 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 if __package__:
-    from .gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_gateway_for, start_verifier
+    from .gateways import (
+        EchoUpstream,
+        GatewayProcess,
+        LocalIssuer,
+        http_request,
+        start_envoy,
+        start_gateway_for,
+        start_verifier,
+    )
 else:  # tests/ is not a package: pytest put this directory on sys.path
-    from gateways import EchoUpstream, GatewayProcess, LocalIssuer, http_request, start_gateway_for, start_verifier
+    from gateways import (
+        EchoUpstream,
+        GatewayProcess,
+        LocalIssuer,
+        http_request,
+        start_envoy,
+        start_gateway_for,
+        start_verifier,
+    )
 
 from rigs import fresh_upstream_log  # noqa: F401 - autouse: each test sees only its own requests
 from support import b64url
@@ -198,6 +216,62 @@ def test_an_unreadable_authorization_header_reaches_the_client_as_400_invalid_re
     assert r.headers["x-verifier-reason"] == "invalid_request"
     assert 'error="invalid_request"' in r.headers["www-authenticate"]
     assert upstream.requests == []
+
+
+def _raw_get(url: str, lines: list[tuple[str, str]]) -> tuple[int, bytes]:
+    """One HTTP/1.1 GET /orders with `lines` as written (repeats kept: `http_request` takes a dict): its status and
+    the whole answer."""
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        head = "".join(f"{n}: {v}\r\n" for n, v in lines)
+        sock.sendall(f"GET /orders HTTP/1.1\r\nHost: api.example.test\r\n{head}Connection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+@pytest.mark.parametrize("raw_headers", [False, True])
+def test_an_x_forwarded_proto_sent_twice_through_a_non_edge_envoy_is_refused(
+    raw_headers: bool,
+    verifier: GatewayProcess,
+    upstream: EchoUpstream,
+    issuer: LocalIssuer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The gRPC template behind a proxy of its own (`use_remote_address: false`: the client's X-Forwarded-Proto
+    passes), with and without `encode_raw_headers`. Envoy joins two X-Forwarded-Proto lines into one `https,http`
+    in either form (an inline header of its own, even in `header_map`), which the door judged as one scheme and
+    allowed; forward-auth refuses the family's header twice. Refused alike (400 `invalid_request`); one line passes.
+    Envoy sends one form only: with `encode_raw_headers` `headers` stays empty."""
+
+    def edit(rendered: str) -> str:
+        rendered, edge = re.subn(r"(?m)^(\s+)use_remote_address: true$", r"\1use_remote_address: false", rendered)
+        assert edge == 1
+        if raw_headers:
+            marker = "transport_api_version: V3\n"
+            assert rendered.count(marker) == 1
+            indent = rendered.split(marker)[0].rsplit("\n", 1)[1]
+            rendered = rendered.replace(marker, f"{marker}{indent}encode_raw_headers: true\n")
+        return rendered
+
+    gw = start_envoy(
+        tmp_path_factory.mktemp("envoy-non-edge"),
+        "grpc",
+        verifier.extra["grpc_port"],
+        upstream_port=upstream.port,
+        edit=edit,
+    )
+    try:
+        bearer = ("Authorization", f"Bearer {issuer.mint()}")
+        status, answer = _raw_get(gw.url, [bearer, ("X-Forwarded-Proto", "https"), ("X-Forwarded-Proto", "http")])
+        assert status == 400, answer
+        assert b"x-verifier-reason: invalid_request" in answer.lower(), answer
+        assert upstream.requests == []
+        status, answer = _raw_get(gw.url, [bearer, ("X-Forwarded-Proto", "https")])
+        assert status == 200, answer
+    finally:
+        gw.stop()
 
 
 # ------------------------------------------------------------------------------------------------ WebAuthn

@@ -781,7 +781,8 @@ class ForwardAuthDoor:
         """The refusal of a request whose declared family came twice (400 `invalid_request`), counted, never a
         check: the gateway added its header beside the client's instead of overwriting it, and joined (RFC 9110
         section 5.3) the two would be judged as one request while the upstream gets another (`/public, /admin`
-        met a /public policy). The gRPC doors have one field for each, so there it cannot happen."""
+        met a /public policy). The gRPC doors have one field for each, but for the one header Envoy's reads, its
+        `x-forwarded-proto`: refused alike there (`verifier.request.DescribedTwice`)."""
         decision = self.pipeline.described_twice
         self.observe(decision, started)
         answer = _answer(decision, keep_alive, {})

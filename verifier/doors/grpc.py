@@ -40,7 +40,7 @@ from verifier.observe.metrics import Metrics
 from verifier.observe.traceparent import TRACEPARENT, TRACESTATE
 from verifier.observe.tracing import Tracing
 from verifier.pipeline import Pipeline
-from verifier.request import RequestAttributes, Undescribed, normalize_authority
+from verifier.request import DescribedTwice, RequestAttributes, Undescribed, normalize_authority
 from verifier.settings import (
     DEFAULT_GRPC_HANDSHAKE_TIMEOUT_SECONDS,
     DEFAULT_GRPC_MAX_CONCURRENT_STREAMS,
@@ -66,6 +66,8 @@ ENVOY_UNTOLD = "no path (attributes.request.http.path)"
 # And an empty host when policies name hosts: judged on no host, the request met none of its host's policies.
 OWN_NO_HOST = "no host (verifier.v1.CheckRequest.host), and the policies name hosts"
 ENVOY_NO_HOST = "no host (attributes.request.http.host), and the policies name hosts"
+# The header Envoy's door reads the request's description from (its scheme), which must come once (`DescribedTwice`).
+FORWARDED_PROTO = "x-forwarded-proto"
 
 
 def cert_thumbprint(url_encoded_pem: str) -> str:
@@ -177,7 +179,7 @@ class RequestMemo:
 
 def attributes_from_envoy(request: ea.CheckRequest, hosts_named: bool = False) -> RequestAttributes:
     """Envoy's `AttributeContext` -> attributes; raises `Undescribed` for an empty path, or an empty host with
-    `hosts_named` (as `attributes_from_own`)."""
+    `hosts_named` (as `attributes_from_own`), and `DescribedTwice` for an `x-forwarded-proto` sent more than once."""
     http = request.attributes.request.http
     path = http.path
     if not path:
@@ -197,7 +199,15 @@ def attributes_from_envoy(request: ea.CheckRequest, hosts_named: bool = False) -
     source = request.attributes.source
     # Envoy's X-Forwarded-Proto (an edge Envoy, `use_remote_address`, sets it from the connection), as HTTP
     # mode reads it: over cleartext HTTP/2 `http.scheme` is the client's own `:scheme`, which can say https.
-    scheme = (headers.get("x-forwarded-proto") or http.scheme).lower() or "http"
+    forwarded = headers.get(FORWARDED_PROTO)
+    if forwarded is not None and "," in forwarded:
+        # Sent twice. Envoy joins a repeated x-forwarded-proto with "," into one entry in either form (an inline
+        # header of its own; Envoy 1.40 sent `https,http` for two lines, in `header_map` too); two lines of a caller's
+        # `header_map` are joined above with ", ", two spellings of the name by `_lower`. No scheme has a comma, and
+        # which one the gateway meant is unknown: refused, as forward-auth refuses its family's X-Forwarded-Proto
+        # twice (`https, http` judged as one scheme was neither). Checked on a translation only (a memo miss).
+        raise DescribedTwice(FORWARDED_PROTO)
+    scheme = (forwarded or http.scheme).lower() or "http"
     return RequestAttributes(
         method=http.method.upper() or "GET",
         scheme=scheme,
@@ -461,6 +471,14 @@ class GrpcDoors:
         self.metrics.decision(door, decision.outcome, decision.reason, 0.0)
         return decision
 
+    def described_twice(self, door: str) -> Decision:
+        """The refusal of a check in which a header the door reads once came more than once (`DescribedTwice`; 400
+        `invalid_request`, forward-auth's `described_twice`), counted, never a check. Off the hot path, as
+        `undescribed`: a translation raises it, and a refused request is never remembered."""
+        decision = self.pipeline.described_twice
+        self.metrics.decision(door, decision.outcome, decision.reason, 0.0)
+        return decision
+
     @staticmethod
     async def _invalid(context: Any, what: str) -> None:
         """Bytes that are not the door's request: INVALID_ARGUMENT (raises)."""
@@ -527,6 +545,8 @@ class GrpcDoors:
                 attrs = self._envoy_requests.keep(key, attributes_from_envoy(message, self.hosts_named))
             except Undescribed as undescribed:
                 return envoy_response(self.undescribed(undescribed, "ext_authz"))
+            except DescribedTwice:
+                return envoy_response(self.described_twice("ext_authz"))
         decision, until = await self._decider(attrs, "ext_authz", context)
         answer = envoy_response(decision, attrs.headers)
         if until and memo is not None:
