@@ -176,6 +176,40 @@ def test_a_header_read_once_sent_twice_reaches_the_translation_twice_and_is_refu
     assert translated(request.SerializeToString())[1].headers["authorization"] == f"{TOKEN}, Bearer a.b.c"
 
 
+def _both_forms(merged: bool) -> bytes:
+    """`headers` holding only Envoy's x-request-id entry beside a raw `header_map`: in one HttpRequest, or in two
+    messages the parser merges into one."""
+    request = envoy(4, authorization="")
+    http = request.attributes.request.http
+    assert set(http.headers) == {"x-request-id", "x-forwarded-proto"}
+    del http.headers["x-forwarded-proto"]
+    raw = ea.CheckRequest()
+    raw.attributes.request.http.header_map.headers.add(key="authorization", raw_value=TOKEN.encode())
+    if merged:
+        return request.SerializeToString() + raw.SerializeToString()  # type: ignore[no-any-return]
+    request.MergeFrom(raw)
+    return request.SerializeToString()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_both_header_forms_keep_the_request_id_entry_so_the_door_sees_both(key_in: str, merged: bool) -> None:
+    """Envoy sends `headers` or `header_map`, never both; the door refuses both (`GrpcDoors.check_envoy`), but it
+    judges the key's message, and the keys dropped Envoy's x-request-id entry from `headers`: one holding only it
+    was no form beside the raw map, which was judged. Both keys now keep the entry of a request with both forms (the
+    C key leaves such a request to the Python key, which keeps it whole), so the door sees, and refuses, both."""
+    data = _both_forms(merged)
+    if key_in == "native":
+        assert envoy_request.NATIVE is not None and envoy_request.NATIVE(data) is None
+    http = ea.CheckRequest.FromString(request_key(data)).attributes.request.http
+    assert http.HasField("header_map") and dict(http.headers) == {
+        "x-request-id": "8e58bf45-431f-4a31-8b18-000000000004"
+    }
+    # one form alone: the entry is dropped, as before, by either key
+    one = ea.CheckRequest.FromString(data)
+    one.attributes.request.http.ClearField("header_map")
+    assert not ea.CheckRequest.FromString(request_key(one.SerializeToString())).attributes.request.http.headers
+
+
 def test_another_connection_is_another_key() -> None:
     """The source port stays in the key (clearing it costs every check more than the miss it spares)."""
     assert translated(envoy(1).SerializeToString())[0] != translated(envoy(1, port="40001").SerializeToString())[0]
@@ -365,13 +399,13 @@ key_names = st.sampled_from(["authorization", "x-request-id", "X-Request-Id", "d
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     headers=st.lists(st.tuples(key_names, values), max_size=6),
-    raw=st.booleans(),
+    form=st.sampled_from(["headers", "header_map", "both"]),
     serial=st.integers(0, 2**40),
     tail=st.binary(max_size=24),
     cut=st.integers(0, 400),
 )
 def test_the_c_key_and_the_python_key_are_one_message(
-    key_in: str, headers: list[tuple[str, str]], raw: bool, serial: int, tail: bytes, cut: int
+    key_in: str, headers: list[tuple[str, str]], form: str, serial: int, tail: bytes, cut: int
 ) -> None:
     """Whatever the bytes (Envoy's, raw header maps, trailing garbage, cut short): where the C key takes them its key
     parses as the Python key's message (fields unknown to Envoy's schema aside: the C key copies them), and where
@@ -383,12 +417,17 @@ def test_the_c_key_and_the_python_key_are_one_message(
         pytest.skip("run once")
     request = envoy(serial)
     http = request.attributes.request.http
+    raw = form != "headers"
+    if form == "header_map":  # as Envoy sends it (`encode_raw_headers`): no `headers`
+        http.ClearField("headers")
     if raw:
         for name, value in headers:
             http.header_map.headers.append(base_pb2.HeaderValue(key=name, raw_value=value.encode()))
     else:
         http.headers.update(dict(headers))
     whole = request.SerializeToString()
+    if form == "both" and headers:  # both forms, which Envoy never sends: left to the Python key, which keeps both
+        assert native(whole) is None
     for data in (whole, whole + tail, whole[:cut], tail):
         c_key = native(data)
         try:
@@ -411,5 +450,5 @@ def test_the_c_key_and_the_python_key_are_one_message(
         for message in (c_message, py_message):  # both keep what they do not look into; the C key more
             message.DiscardUnknownFields()
         assert c_message == py_message
-    if len(set(dict(headers))) == len(headers) and not raw:
+    if form == "header_map" or (len(set(dict(headers))) == len(headers) and not raw):
         assert native(whole) == python_key(whole)  # Envoy's own bytes: the very same key

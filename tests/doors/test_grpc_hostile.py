@@ -270,6 +270,20 @@ async def test_an_envoy_check_with_both_header_forms_is_invalid_argument_whichev
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await _raw(channel, ENVOY)(request.SerializeToString(), timeout=10)
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # `headers` holding only an x-request-id entry (which the key drops) beside a raw map: both forms too
+            # (judged on the raw map before); in one message and in two the parser merges.
+            request = _envoy()
+            request.attributes.request.http.headers["x-request-id"] = "r-1"
+            raw = ea.CheckRequest()
+            raw.attributes.request.http.header_map.headers.add(
+                key="authorization", raw_value=f"Bearer {token}".encode()
+            )
+            merged = request.SerializeToString() + raw.SerializeToString()
+            request.MergeFrom(raw)
+            for data in (request.SerializeToString(), merged):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await _raw(channel, ENVOY)(data, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             await _still_serves(channel, token)
 
 

@@ -15,7 +15,10 @@
  * those fields, which the door parses and translates itself (so equal keys are one message). Anything this walk does
  * not take as a well-formed message at those five levels (a group, a varint or length running past the end, a
  * field number 0, a tag or length over 5 bytes) gives None: the pure-Python key decides (and refuses what is not a
- * CheckRequest).
+ * CheckRequest). So does a request with both header forms (HttpRequest.headers and .header_map, in any of the
+ * HttpRequest messages it holds: the parser merges them): Envoy never sends both, and the door refuses both only if
+ * it sees both, so their x-request-id entry is not left out (the Python key keeps it too); left out, a `headers`
+ * holding only it was an empty map beside header_map, one form.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -26,6 +29,11 @@
 #define REQUEST 2
 #define HTTP_REQUEST 3
 #define HEADER_MAP 4
+
+/* The header forms seen anywhere in the walk (`copy`'s `forms`). */
+#define HEADERS_SEEN 1
+#define HEADER_MAP_SEEN 2
+#define BOTH_FORMS (HEADERS_SEEN | HEADER_MAP_SEEN)
 
 static const unsigned char REQUEST_ID[] = "\n\x0cx-request-id"; /* field 1, 12 bytes: the name */
 #define REQUEST_ID_LEN 14
@@ -96,9 +104,9 @@ static int nested(int level, unsigned long long number, const unsigned char *p, 
 
 /*
  * Copies the message in [p, end) at `level` to `out` (NULL: only counts); returns the bytes written, or -1 when the
- * walk does not take it as a message.
+ * walk does not take it as a message. Adds to *forms the header forms an HttpRequest holds.
  */
-static Py_ssize_t copy(int level, const unsigned char *p, const unsigned char *end, unsigned char *out) {
+static Py_ssize_t copy(int level, const unsigned char *p, const unsigned char *end, unsigned char *out, int *forms) {
     Py_ssize_t written = 0;
     while (p < end) {
         const unsigned char *field = p;
@@ -134,6 +142,8 @@ static Py_ssize_t copy(int level, const unsigned char *p, const unsigned char *e
         }
         if ((level == REQUEST || level == HTTP_REQUEST) && number == 1)
             continue; /* Request.time, HttpRequest.id: per request */
+        if (level == HTTP_REQUEST && (number == 3 || number == 13))
+            *forms |= number == 3 ? HEADERS_SEEN : HEADER_MAP_SEEN;
         int inner = wire == 2 ? nested(level, number, body, (size_t)(p - body)) : -1;
         if (inner == -2)
             continue; /* Envoy's x-request-id entry */
@@ -143,14 +153,14 @@ static Py_ssize_t copy(int level, const unsigned char *p, const unsigned char *e
             written += p - field;
             continue;
         }
-        Py_ssize_t size = copy(inner, body, p, NULL);
+        Py_ssize_t size = copy(inner, body, p, NULL, forms);
         if (size < 0)
             return -1;
         size_t tag_size = varint_size(tag);
         if (out != NULL) {
             unsigned char *w = write_varint(out + written, tag);
             w = write_varint(w, (unsigned long long)size);
-            if (copy(inner, body, p, w) != size)
+            if (copy(inner, body, p, w, forms) != size)
                 return -1;
         }
         written += (Py_ssize_t)(tag_size + varint_size((unsigned long long)size)) + size;
@@ -166,13 +176,14 @@ static PyObject *key(PyObject *module, PyObject *arg) {
     }
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(arg);
     const unsigned char *end = data + PyBytes_GET_SIZE(arg);
-    Py_ssize_t size = copy(CHECK_REQUEST, data, end, NULL);
-    if (size < 0)
-        Py_RETURN_NONE;
+    int forms = 0;
+    Py_ssize_t size = copy(CHECK_REQUEST, data, end, NULL, &forms);
+    if (size < 0 || forms == BOTH_FORMS)
+        Py_RETURN_NONE; /* not a message here, or both header forms: the Python key */
     PyObject *result = PyBytes_FromStringAndSize(NULL, size);
     if (result == NULL)
         return NULL;
-    if (copy(CHECK_REQUEST, data, end, (unsigned char *)PyBytes_AS_STRING(result)) != size) {
+    if (copy(CHECK_REQUEST, data, end, (unsigned char *)PyBytes_AS_STRING(result), &forms) != size) {
         Py_DECREF(result);
         PyErr_SetString(PyExc_RuntimeError, "envoy key: the two passes disagree");
         return NULL;
@@ -183,7 +194,7 @@ static PyObject *key(PyObject *module, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"key", key, METH_O,
      "key(data: bytes) -> bytes | None: a serialized Envoy CheckRequest without its per-request fields; None when "
-     "the bytes are not a message at the levels walked."},
+     "the bytes are not a message at the levels walked, or hold both header forms."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -58,7 +58,7 @@ def request_key(data: bytes) -> bytes:
     """The key of a serialized `envoy.service.auth.v3.CheckRequest`: its serialization without the per-request
     fields (which parses as one); raises DecodeError when the bytes are not one. The C key where it was built and
     takes the bytes (it copies what it does not look into, so a key may still fail to parse as Envoy's message: the
-    door refuses that one as it translates it), else `python_key`."""
+    door refuses that one as it translates it), else `python_key` (a request with both header forms: `_remove`)."""
     if NATIVE is not None:
         key = NATIVE(data)
         if key is not None:
@@ -83,11 +83,18 @@ def python_key(data: bytes) -> bytes:
 
 
 def _remove(message: envoy_key_pb2.CheckRequest, entry: bytes) -> None:
-    """Removes the header entries equal to `entry` (map entries and a raw header map's), if the request has any."""
+    """Removes the header entries equal to `entry` (map entries or a raw header map's), if the request has any. None
+    from a request with both forms (`headers` and a `header_map`, which Envoy never sends together): the door refuses
+    it only if it sees both, and removed, a `headers` holding only the entry was no form at all (the C key leaves such
+    a request to this one)."""
     request = message.attributes.request
     if not request.HasField("http"):  # asked first: touching `http` of a request without one would add one
         return
     http = request.http
-    for entries in (http.headers, http.header_map.headers) if http.HasField("header_map") else (http.headers,):
-        while entry in entries:
-            entries.remove(entry)
+    entries = http.headers
+    if http.HasField("header_map"):
+        if entries:
+            return
+        entries = http.header_map.headers
+    while entry in entries:
+        entries.remove(entry)

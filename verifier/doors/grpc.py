@@ -538,7 +538,8 @@ class GrpcDoors:
             if message.attributes.request.http.HasField("header_map") and message.attributes.request.http.headers:
                 # Envoy sends one or the other (`encode_raw_headers`): both, disagreeing, and the door would judge
                 # one while the caller meant (or forwards) the other. A `header_map` beside `headers` is refused even
-                # when empty (Envoy never sends one with the other).
+                # when empty (Envoy never sends one with the other), and beside a `headers` holding only x-request-id
+                # (the keys keep that entry of a request with both forms: `envoy_request._remove`).
                 await self._invalid(context, "envoy.service.auth.v3.CheckRequest with its headers in one form")
                 raise DecodeError("both headers and header_map")  # abort raises; this is never reached
             try:
