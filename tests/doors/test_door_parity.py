@@ -958,3 +958,41 @@ async def test_a_header_the_envoy_door_reads_once_sent_twice_is_refused_as_forwa
             assert (envoy.status, envoy.reason) == (400, "invalid_request")
     finally:
         await app.stop(grace=0.1)
+
+
+@pytest.mark.parametrize("method", ["GET, DELETE", "DELETE,GET", " DELETE", "DELETE "])
+async def test_a_method_told_twice_in_one_line_or_with_white_space_is_refused_through_every_door(
+    fetcher: FakeFetcher, mint: Mint, method: str
+) -> None:
+    """A read-only admin token on `/admin/users`: DELETE needs the `write` scope (policy admin-write). Forward-auth
+    refuses two X-Forwarded-Method lines (400); one line `GET, DELETE` (a gateway appending its own to the client's in
+    one line, as RFC 9110 section 5.3 joins two) met no policy naming methods and passed on the plain admin policy
+    while the upstream served the DELETE, through every door (our own and Envoy's `method` likewise). Now each method
+    it holds is a reading of the route (ambiguous under two policies: 400 `invalid_request`). ` DELETE` (forward-auth's
+    parser trims it; a caller of a gRPC door need not) is judged as DELETE by every door (403 `scope_missing`)."""
+    token = mint(claims(sub="reader", roles=["admin"], scope="read"))
+    app = await parity_app(fetcher)
+    try:
+        lines = [("Host", "v"), ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "api.example.test"),
+                 ("X-Forwarded-Uri", "/admin/users"), ("X-Forwarded-Method", method),
+                 ("Authorization", f"Bearer {token}")]  # fmt: skip
+        own = verifier_pb2.CheckRequest(
+            method=method, scheme="https", host="api.example.test", path="/admin/users", client_address=PEER
+        )
+        own.headers["authorization"] = f"Bearer {token}"
+        envoy = ea.CheckRequest()
+        http = envoy.attributes.request.http
+        http.method, http.scheme, http.host, http.path = method, "https", "api.example.test", "/admin/users"
+        http.headers.update({"authorization": f"Bearer {token}", "x-forwarded-proto": "https"})
+        verdicts = {
+            "kong": forward_verdict(
+                await exchange(app.forward_auth, _http("GET /v1/forward-auth HTTP/1.1", lines)), _NOBODY
+            ),
+            "grpc": own_verdict(await app.grpc.check_own(own.SerializeToString(), None), _NOBODY),
+            "ext_authz": envoy_verdict(await app.grpc.check_envoy(envoy.SerializeToString(), None), _NOBODY),
+        }
+        agree(verdicts)
+        expected = (403, "scope_missing") if method.strip() == "DELETE" else (400, "invalid_request")
+        assert (verdicts["kong"].status, verdicts["kong"].reason) == expected
+    finally:
+        await app.stop(grace=0.1)

@@ -325,6 +325,20 @@ def test_a_host_that_is_not_a_name_and_a_port_is_ambiguous(host: str) -> None:
     assert PolicySet((ADMIN_HOST, OPEN)).match(_attrs("GET", "/", host=host)) is AMBIGUOUS
 
 
+@pytest.mark.parametrize("method", ["GET, DELETE", "DELETE,GET", "GET,", " DELETE", "DELETE\t", "GET, GET, DELETE"])
+def test_a_method_told_twice_or_with_white_space_is_read_as_each_method_it_holds(method: str) -> None:
+    """`GET, DELETE` (a gateway that appended its X-Forwarded-Method to the client's in one line, which forward-auth
+    refuses on two) or ` DELETE` (a caller of a gRPC door; forward-auth's parser trims it) met no policy naming
+    methods and fell to the catch-all: a read token passed where DELETE needs write. Each reading (and an empty one)
+    as for two Host lines: under different policies, ambiguous; one policy for all, that one."""
+    policies = PolicySet((ADMIN, PUBLIC, REST))
+    expected = policies.match(_attrs("DELETE", "/admin/x")) if method.strip() == "DELETE" else AMBIGUOUS
+    assert policies.match(_attrs(method, "/admin/x")) is expected
+    assert policies.match(_attrs(method, "/api/x")) is (
+        AMBIGUOUS if method == "GET," else policies.match(_attrs("GET", "/api/x"))
+    )
+
+
 @pytest.mark.parametrize("host", ["127.1", "0x7f.0.0.1", "2130706433", "0177.0.0.1", "127.0.0.01", "[::1", "[1::1::1]"])
 def test_an_address_in_a_spelling_a_url_parser_reads_as_another_is_ambiguous(host: str) -> None:
     """WHATWG URL reads a host ending in a number as an IPv4 address in inet_aton's spellings (`127.1` is 127.0.0.1):
@@ -389,6 +403,9 @@ def test_a_post_whose_query_overrides_its_method_into_another_policy_is_ambiguou
     policies = PolicySet((DELETES, REST))
     for _ in range(2):  # the route is remembered without its query: the override is weighed every time
         assert policies.match(_attrs("POST", path)) is AMBIGUOUS
+        # a POST told twice in one line, or with a blank (each reading a POST: `_route`), is overridden alike
+        assert policies.match(_attrs("POST, POST", path)) is AMBIGUOUS
+        assert policies.match(_attrs(" POST", path)) is AMBIGUOUS
 
 
 @pytest.mark.parametrize(

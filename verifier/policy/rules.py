@@ -390,7 +390,7 @@ class PolicySet:
         policy = self._memo.get((method, host, path), _UNSEEN)
         if policy is _UNSEEN:
             policy = self._route(method, host, path)
-        if query and method == "POST" and ("method" in query or "%" in query):
+        if query and "POST" in method and ("method" in query or "%" in query):  # `POST, POST` too (`_route`)
             for override in _method_overrides(query):
                 if self._route(override, host, path) is not policy:
                     return AMBIGUOUS
@@ -404,6 +404,19 @@ class PolicySet:
         found = memo.get(key, _UNSEEN)
         if found is not _UNSEEN:
             return found  # type: ignore[return-value]
+        if "," in method or method != method.strip(" \t"):
+            # A method told twice in one line (`GET, DELETE`: a gateway that appended its X-Forwarded-Method to the
+            # client's, as RFC 9110 section 5.3 joins two lines, which forward-auth refuses) or with white space a
+            # reader trims (` DELETE` from a caller of a gRPC door): each reading, as each Host reading. It met no
+            # policy naming methods, and fell to a laxer one while the upstream served the DELETE. Readings under
+            # different policies (or an empty one) are ambiguous.
+            methods = {m.strip(" \t") for m in method.split(",")}
+            routes = [self._route(m, host, path) for m in sorted(methods) if m]
+            route = routes[0] if "" not in methods and all(r is routes[0] for r in routes) else AMBIGUOUS
+            if len(memo) >= MAX_ROUTE_MEMO:
+                memo.clear()
+            memo[key] = route
+            return route
         normal = normalize_path(path)
         # Each Host line (two that Envoy joined: `api.example.test,admin.example.test`, which an upstream may read as
         # either) as the name a policy names; None for one that is not `name[:port]` (`host_reading`).
