@@ -31,7 +31,7 @@ from verifier.checks.dpop import DpopBinding
 from verifier.checks.introspect_jwts import IntrospectJwts
 from verifier.checks.policy import RoutePolicy
 from verifier.checks.rate_limit import RateLimit
-from verifier.checks.revocation import Revocation
+from verifier.checks.revocation import Revocation, TokenAgeBound
 from verifier.checks.step_up import WebAuthnStepUp
 from verifier.checks.trust import RouteTrust
 from verifier.clock import Clock, SystemClock
@@ -417,6 +417,8 @@ class App:
                     ),
                 )
             )
+            # An allow for a token without `exp` is not reused past the age at which the check above refuses it.
+            checks.append(TokenAgeBound(float(self.revocation.config.max_token_lifetime_seconds)))
         checks.append(CertificateBinding())
         if policies.enabled:
             checks.append(RoutePolicy(self.clock, lambda issuer: self._discovered("authorization_endpoint", issuer)()))

@@ -1323,6 +1323,53 @@ async def test_the_verifier_refuses_tokens_that_outlive_its_revocations_at_the_d
             assert f"x-verifier-reason: {reason}\r\n".encode() in answer
 
 
+async def test_an_allow_for_a_token_without_exp_is_not_reused_past_the_age_its_revocation_bound_refuses_it_at() -> None:
+    """A token without `exp` (an introspection answer: RFC 7662 makes it optional) is refused once older than
+    `max_token_lifetime_seconds` (`token_outlives_revocation`). An allow given 10 s before that was reusable for the
+    answer's whole freshness (the introspection's positive TTL, a minute): by the gateway (`max-age`) and by the doors'
+    answer memos (`decide_cached_stable`), past the moment the verifier itself refuses the token. The composition
+    root's checks now bound the reuse by that moment."""
+    import time
+
+    from doorkit import running_verifier
+
+    from verifier.authenticators import Seen
+    from verifier.observe.metrics import Metrics
+    from verifier.pipeline import Pipeline
+    from verifier.principal import NO_ROLES
+    from verifier.tokens.cache import ExpiringCache
+
+    class Introspected:
+        """What `OpaqueIntrospection` hands the pipeline for an answer without `exp`, issued `LIFETIME - 10` s ago."""
+
+        sends_to = None
+
+        def verify_now(self, token: str, seen: Seen) -> Principal:
+            now = time.time()
+            claims = {"iss": ISSUER, "sub": "user-1", "iat": now - (LIFETIME - 10)}
+            return Principal(ISSUER, "user-1", None, (), NO_ROLES, now + 60, claims)
+
+        async def verify(self, token: str, token_hash: bytes, seen: Seen) -> Principal:
+            return self.verify_now(token, seen)
+
+    bounded = parse_revocation_config({"max_token_lifetime_seconds": LIFETIME})
+    async with running_verifier({"revocation": bounded}) as (app, _):
+        checks = app.pipeline._checks  # as the composition root lists them
+        for edge_max_age in (60, 0):
+            pipeline = Pipeline(
+                authenticators=[Introspected()], checks=checks, positive=ExpiringCache(10, app.clock),
+                negative=ExpiringCache(10, app.clock), clock=app.clock, metrics=Metrics(), realm="test",
+                negative_ttl=10, audit_enabled=False, edge_max_age=edge_max_age,
+            )  # fmt: skip
+            attrs = RequestAttributes("GET", "https", "api", "/", {"authorization": "Bearer opaque-token"})
+            first = pipeline.decide_cached(attrs)
+            assert first is not None and first.allowed, first
+            assert first.cache_max_age <= 10
+            again, until = pipeline.decide_cached_stable(attrs)  # a cached token: offered to the answer memos
+            assert again is not None and again.allowed and again.cache_max_age <= 10
+            assert until <= time.time() + 10
+
+
 async def test_a_token_whose_sid_is_a_number_never_escapes_a_session_revocation_at_the_door(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from verifier.checks.base import Check, Route
 from verifier.clock import Clock
+from verifier.credentials import Credential
 from verifier.errors import ClaimInvalid, VerifierError
 from verifier.numbers import json_number
 from verifier.principal import Principal, roles_of, scopes_of
@@ -124,6 +125,33 @@ class Revocation(Check):
         claims = announced_claims(principal.claims, announced, self._may_raise)
         changed = principal._replace(claims=claims, scopes=scopes_of(claims), roles=roles_of(claims))
         return self._with_roles(changed)
+
+
+class TokenAgeBound(Check):
+    """How long an allow for a token without `exp` may be reused: until `Revocation` refuses it for its age.
+
+    `Revocation` refuses such a token (an introspection answer: RFC 7662 makes `exp` optional) once `now - iat` passes
+    `max_lifetime`, a moment its answer's freshness (the positive TTL) may outlast: the gateway (`max-age`) and the
+    doors' answer memos (`Pipeline.decide_cached_stable`) reused the allow past it. A check of its own, not
+    `Revocation.reuse_left`: only such tokens have it in their plan (`for_token`, asked once at admission), so a
+    cached JWT's answer costs nothing more. It refuses nothing itself."""
+
+    def __init__(self, max_lifetime: float) -> None:
+        self._max_lifetime = max_lifetime
+
+    def for_token(self, principal: Principal, credential: Credential) -> bool:
+        """A token without `exp` but with `iat`: the one whose refusal comes with its age."""
+        claims = principal.claims
+        return json_number(claims.get("exp")) is None and json_number(claims.get("iat")) is not None
+
+    def reuse_left(self, principal: Principal, route: Route, now: float) -> float | None:
+        """Seconds until the token is older than `max_lifetime`."""
+        iat = json_number(principal.claims.get("iat"))
+        return None if iat is None else iat + self._max_lifetime - now
+
+    def check_now(self, principal: Principal, attrs: RequestAttributes, route: Route) -> Principal:
+        """Passes: `Revocation` refuses."""
+        return principal
 
 
 _ABSENT: Any = object()  # an announcement naming `scope` leaves out the token's `scp`, and the other way round
