@@ -4,6 +4,8 @@ and a Redis that is down or hung makes every call fail closed (StateUnavailable)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -359,3 +361,25 @@ async def test_the_running_verifier_warns_at_start_up_when_its_redis_evicts(
             await app.stop(grace=0.1)
     warned = [r for r in caplog.records if getattr(r, "code", "") == "redis_evicts_replay_keys"]
     assert [getattr(r, "maxmemory_policy", None) for r in warned] == ["volatile-ttl"]
+
+
+async def test_a_take_under_another_limit_keeps_the_bucket_until_full_under_each(
+    replicas: tuple[RedisState, RedisState], raw: Redis
+) -> None:
+    """An identity's tokens may carry roles of different limits, all taking from its one bucket. Before, the key's
+    expiry was set by the limit of the take that set it: a take under a quick limit (a bucket of 1, a token back
+    every 0.25 s) expired the bucket in a quarter second, and the next take under the default found a whole new
+    burst. Now the key lives until the bucket would be full under every configured limit."""
+    a, _ = replicas
+    settings = RateLimitSettings(
+        default=RateLimit(per_second=0.001, burst=5), roles=(("partner", RateLimit(per_second=4, burst=1)),)
+    )
+    rl = RateLimiter(settings, a, FrozenClock(time.time()), configured=lambda issuer: "")
+    await drain(rl, 6)
+    with contextlib.suppress(RateLimited):
+        await rl.check(CALLER._replace(roles=frozenset({"partner"})))
+    key = "t:bucket:rl:" + hashlib.sha256(b"https://idp.example.test\x00sub:alice").hexdigest()[:32]
+    assert await raw.pttl(key) > 4_000_000  # (5 - <0.01 tokens) / 0.001 per second: before, at most 250 ms
+    await asyncio.sleep(0.4)
+    with pytest.raises(RateLimited):  # before: allowed, a new bucket of 5
+        await rl.check(CALLER)

@@ -11,6 +11,7 @@ from verifier.errors import RateLimited
 from verifier.policy.ratelimit import RateLimiter
 from verifier.principal import Principal
 from verifier.settings import RateLimit, RateLimitSettings
+from verifier.state.base import Limits
 from verifier.state.memory import MemoryState
 
 
@@ -53,9 +54,13 @@ class _Shares:
         self.memory = MemoryState(clock, max_entries=3)
         self.shares: list[str] = []
 
-    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "") -> object:
+    async def take(
+        self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "", hold: Limits = ()
+    ) -> object:
         self.shares.append(share)
-        return await self.memory.take(key, rate_per_second=rate_per_second, burst=burst, now=now, share=share)
+        return await self.memory.take(
+            key, rate_per_second=rate_per_second, burst=burst, now=now, share=share, hold=hold
+        )
 
 
 async def test_a_bucket_is_counted_in_its_issuer_entry_s_share_a_tenant_in_its_template_s() -> None:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from doorkit import http_exchange, running_verifier
@@ -138,3 +139,24 @@ async def test_the_429_tells_the_budget_and_nothing_of_the_identity() -> None:
         raw = (json.dumps(headers) + body.decode()).lower()
         for secret in ("secret-subject-7", "secret-client-9", "who@example.test", idp.issuer.lower()):
             assert secret not in raw
+
+
+async def test_a_token_of_another_limit_does_not_empty_the_bucket_early() -> None:
+    """One bucket per identity, but its tokens may carry roles of different limits (a user holding a token with
+    the `partner` role and one without): the bucket is kept until it would be full under each limit. Before, a
+    take under the quick limit (a token back every 0.25 s, a bucket of 1) let the bucket expire a quarter second
+    later, and the next take under the default found it gone: a whole new default burst, as often as the caller
+    liked (5 requests every 0.3 s where the most generous limit allows 2)."""
+    limits = RateLimitSettings(
+        default=RateLimit(per_second=0.001, burst=5), roles=(("partner", RateLimit(per_second=4, burst=1)),)
+    )
+    async with running_verifier({"rate_limits": limits}) as (app, idp):
+        port = app.ports.http
+        plain = idp.mint(sub="mixer")
+        partner = idp.mint(sub="mixer", claims={"roles": ["partner"]})
+        statuses = [_parse(await http_exchange(port, _request("/x", plain)))[0] for _ in range(6)]
+        assert statuses == [200] * 5 + [429]
+        await http_exchange(port, _request("/x", partner))  # a take under the quick limit (allowed or not)
+        await asyncio.sleep(0.4)  # the quick limit's bucket would be full again: the default's is not
+        status, headers, _ = _parse(await http_exchange(port, _request("/x", plain)))
+        assert (status, headers.get("x-verifier-reason")) == (429, "rate_limited")

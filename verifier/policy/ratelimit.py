@@ -45,6 +45,11 @@ class RateLimiter:
         or its template), the share of the bound of buckets its new bucket is counted in."""
         self._default = None if settings.default is None else (policy_label("default"), settings.default)
         self._roles = {role: (policy_label(role), limit) for role, limit in settings.roles}
+        # Every limit one identity's bucket may be taken under (its tokens' roles differ, or change): the bucket is
+        # kept until it would be full under each (`verifier.state.base.full_in`); empty when there is one limit.
+        every = [limit for _, limit in self._roles.values()] + ([settings.default] if settings.default else [])
+        limits = {(limit.per_second, limit.burst) for limit in every}
+        self._hold: tuple[tuple[float, int], ...] = tuple(sorted(limits)) if len(limits) > 1 else ()
         self._state = state
         self._clock = clock
         self._configured = configured
@@ -74,6 +79,7 @@ class RateLimiter:
             burst=limit.burst,
             now=self._clock.now(),
             share=self._configured(principal.issuer),
+            hold=self._hold,
         )
         window = max(1, math.ceil(limit.burst / limit.per_second))
         reset = max(0, math.ceil(result.reset_seconds))

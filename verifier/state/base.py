@@ -36,6 +36,7 @@ def replay_digest(key: str) -> bytes:
 
 log = logging.getLogger("verifier.state")
 
+Limits = tuple[tuple[float, int], ...]  # token buckets' (rate per second, burst)
 FULL_LOG_SECONDS = 10.0  # monotonic seconds between two "replay store full" log lines (with the count between)
 
 
@@ -70,13 +71,17 @@ class SharedState(Protocol):
         """
         ...
 
-    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "") -> TakeResult:
+    async def take(
+        self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "", hold: Limits = ()
+    ) -> TakeResult:
         """Takes one token from the bucket `key` (size `burst`, refilled at `rate_per_second`).
 
         `now` is wall-clock seconds, the local stores' time (Redis refills on its own clock, the same for every
         replica, and does not use it); `share` the `issuers[]` entry whose part of a bound of buckets a new bucket
-        takes a place in (Redis's; the local stores hold no such bound). Raises `StateUnavailable` when the bucket
-        cannot be read (fail closed: never an allow).
+        takes a place in (Redis's; the local stores hold no such bound); `hold` the other limits (rate, burst) the
+        same bucket may be taken under: it is kept until it would be full under each (`full_in`), not only under
+        this take's, so a forgotten bucket is never fuller than the one it replaced. Raises `StateUnavailable` when
+        the bucket cannot be read (fail closed: never an allow).
         """
         ...
 
@@ -104,6 +109,18 @@ def refill(tokens: float, last: float, now: float, *, rate_per_second: float, bu
 
 # Tokens; float arithmetic may leave a bucket at 0.9999999999 when it should hold exactly one token.
 EPSILON = 1e-9
+
+
+def full_in(tokens: float, rate_per_second: float, burst: int, hold: Limits) -> float:
+    """Seconds until a bucket holding `tokens` is full under its take's limit and under each of `hold`: until
+    then it must be kept. A bucket is one identity's whatever the limit of the token presented (the roles it
+    carries), and one forgotten starts full under the next take's limit: kept only until full under a quick
+    limit (a bucket of 1 refilled in a quarter second), the next take under a slow one found a whole new burst,
+    again and again."""
+    seconds = (burst - tokens) / rate_per_second
+    for rate, size in hold:
+        seconds = max(seconds, (size - tokens) / rate)
+    return seconds
 
 
 def take_one(tokens: float) -> tuple[bool, float]:

@@ -34,10 +34,11 @@ whose end has passed is dropped whole (`set.difference_update`, in C), so purgin
 per value, and every value in the set is live: a lookup is one set membership test. A value is
 remembered for its TTL and up to a second more (never less).
 
-Token buckets (rate limits) sit in an LRU order, bounded by `max_entries`; a bucket idle long enough to
-be full again is worth nothing and goes first, and under pressure the least recently used bucket is
-evicted (counted in `evictions`). That opens no replay: a forgotten bucket starts full again, so its
-client gets at most one more burst, which is a rate limit's tolerance, not a security boundary.
+Token buckets (rate limits) sit in an LRU order, bounded by `max_entries`; a bucket idle long enough to be full
+again (under every limit it may be taken under: `verifier.state.base.full_in`) is worth nothing and goes first,
+and under pressure the least recently used bucket is evicted (counted in `evictions`). That opens no replay: a
+forgotten bucket starts full again, so its client gets at most one more burst, which is a rate limit's tolerance,
+not a security boundary.
 
 Use Redis for several replicas: this store is never shared between processes.
 """
@@ -53,9 +54,11 @@ from verifier.config.state import DEFAULT_MAX_ENTRIES as MAX_ENTRIES
 from verifier.config.state import DEFAULT_REPLAY_BOUNDS, ReplayBounds
 from verifier.state.base import (
     FullLog,
+    Limits,
     Purpose,
     TakeResult,
     check_bucket,
+    full_in,
     refill,
     replay_digest,
     retry_after,
@@ -146,7 +149,9 @@ class MemoryState:
             table.purge(now)
         return replay_digest(key) in table.live
 
-    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "") -> TakeResult:
+    async def take(
+        self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "", hold: Limits = ()
+    ) -> TakeResult:
         """Token bucket; `now` is wall-clock seconds. `share` is not used: this store never refuses a bucket (under
         pressure it forgets the least recently used one, which starts full again)."""
         check_bucket(rate_per_second, burst)
@@ -160,7 +165,7 @@ class MemoryState:
         while len(self._buckets) >= self._max:
             self._buckets.popitem(last=False)
             self.evictions += 1
-        full_at = last + (burst - tokens) / rate_per_second
+        full_at = last + full_in(tokens, rate_per_second, burst, hold)
         self._buckets[key] = (tokens, last, full_at)  # most recently used last
         return take_result(allowed, tokens, rate_per_second=rate_per_second, burst=burst)
 

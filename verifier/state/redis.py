@@ -22,20 +22,21 @@ O(1)), and the hash expires with its last slice. Counters lost while keys live (
 keyspace, an operator's `DEL`) under-count until those keys expire; a restart loses both alike.
 
 Rate-limit buckets (one per identity: issuer and `sub`, or client id) are bounded the same way, by
-`state.redis_max_buckets`, every replica's together. A bucket lives until it would be full again (up to burst /
-rate, e.g. 3,000 s): bounded in time, not in number, so a caller who can mint identities (a multi-tenant issuer
-anyone can sign for, many client credentials) could create a bucket per identity until Redis refused every write,
-replay keys and revocation entries with the rest. `BUCKET_SCRIPT` now counts the buckets it creates in
-`{prefix}count:buckets` (the same hash of expiry slices as a purpose's): a new bucket is counted in the slice of
-its longest lifetime (now + burst / rate). Every take moves a bucket's expiry (`PEXPIRE` until full), so a bucket
-taken from again and again outlives that slice: when a take would set its expiry past the slice it is counted
-in (its field `c`), it is counted again in a later one (never refused for the bound: it exists). A live bucket
-is therefore always counted in a live slice, and counts only over-count (a bucket counted twice, one gone full
-early). At the bound a NEW identity's first take is refused with `BucketStoreFull`: 503 `state_unavailable`,
-fail closed as for an unreachable Redis, never a pass and never a 429 (the caller did nothing wrong),
-`Retry-After` the seconds until the oldest counted slice ends; nothing is written, and it is counted in
-`verifier_rate_limit_store_full_total` by the replica that refused. Identities whose bucket exists are served as
-their bucket says. Still one round trip per take. A bucket stored before this (no `c`) is counted when next taken.
+`state.redis_max_buckets`, every replica's together. A bucket lives until it would be full again under every
+configured limit (`verifier.state.base.full_in`: up to the longest burst / rate, e.g. 3,000 s): bounded in time,
+not in number, so a caller who can mint identities (a multi-tenant issuer anyone can sign for, many client
+credentials) could create a bucket per identity until Redis refused every write, replay keys and revocation
+entries with the rest. `BUCKET_SCRIPT` now counts the buckets it creates in `{prefix}count:buckets` (the same hash
+of expiry slices as a purpose's): a new bucket is counted in the slice of its longest lifetime (now + burst /
+rate). Every take moves a bucket's expiry (`PEXPIRE` until full), so a bucket taken from again and again outlives
+that slice: when a take would set its expiry past the slice it is counted in (its field `c`), it is counted again
+in a later one (never refused for the bound: it exists). A live bucket is therefore always counted in a live
+slice, and counts only over-count (a bucket counted twice, one gone full early). At the bound a NEW identity's
+first take is refused with `BucketStoreFull`: 503 `state_unavailable`, fail closed as for an unreachable Redis,
+never a pass and never a 429 (the caller did nothing wrong), `Retry-After` the seconds until the oldest counted
+slice ends; nothing is written, and it is counted in `verifier_rate_limit_store_full_total` by the replica that
+refused. Identities whose bucket exists are served as their bucket says. Still one round trip per take. A bucket
+stored before this (no `c`) is counted when next taken.
 
 A bucket refills on Redis's clock (`TIME` in the script), as the counters do. Before, each replica passed its
 own (`now`): with several replicas on one Redis, one whose clock ran ahead found that much refill in a bucket the
@@ -89,7 +90,17 @@ from verifier.config.state import (
     ReplayBounds,
 )
 from verifier.errors import BucketStoreFull, StateUnavailable
-from verifier.state.base import FULL_LOG_SECONDS, FullLog, Purpose, TakeResult, check_bucket, retry_after, take_result
+from verifier.state.base import (
+    FULL_LOG_SECONDS,
+    FullLog,
+    Limits,
+    Purpose,
+    TakeResult,
+    check_bucket,
+    full_in,
+    retry_after,
+    take_result,
+)
 
 # The counters both scripts below keep (see the module's docstring), as Lua functions each script starts with. A
 # counters hash holds 'n' (keys counted in live slices), 'lo' and 'hi' (the oldest and newest slices counted) and one
@@ -143,7 +154,8 @@ local clock = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 # Mirrors verifier.state.base.refill / take_one / the bucket's expiry, atomically on the server, within the bound
 # of buckets (see the module's docstring), on Redis's clock: `now` is TIME in seconds (to the microsecond), never a
 # replica's. KEYS[1] the bucket, KEYS[2] the buckets' counters (SLICE_COUNTERS). ARGV rate_per_second, burst, bound,
-# slice (ms), life (ms: the longest a take sets the expiry to, burst / rate). The bucket's field 'c' is the slice it
+# slice (ms), life (ms: the longest a take sets the expiry to, burst / rate), then the other limits' rate and burst
+# pairs the bucket is kept full under (`verifier.state.base.full_in`). The bucket's field 'c' is the slice it
 # is counted in. Returns {status, tokens as text (a Lua number returned to Redis would be truncated to an integer),
 # ms until the oldest counted slice ends (when refused)}: status 1 allowed, 0 denied, 2 refused (a new bucket with
 # the bound reached; nothing written but the dropping of ended slices).
@@ -173,6 +185,10 @@ if tokens >= 1 - 1e-9 then
   tokens = math.max(0, tokens - 1)
 end
 local full_ms = math.ceil((burst - tokens) / rate * 1000)
+for i = 6, #ARGV - 1, 2 do
+  local held = math.ceil((tonumber(ARGV[i + 1]) - tokens) / tonumber(ARGV[i]) * 1000)
+  if held > full_ms then full_ms = held end
+end
 if full_ms < 1 then full_ms = 1 end
 if fresh or mine == nil or mine * slice < clock + full_ms then
   local n, lo, hi = settled(KEYS[2], clock, slice)
@@ -290,7 +306,9 @@ class RedisState:
         """`EXISTS key`."""
         return bool(await self._call(self._redis.exists(self._prefix + "once:" + key)))
 
-    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "") -> TakeResult:
+    async def take(
+        self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "", hold: Limits = ()
+    ) -> TakeResult:
         """Token bucket in one atomic script (EVALSHA, loading the script once if Redis lost it), refilled on
         Redis's clock (`now`, this replica's, is not used: see the module's docstring), within its share's bound of
         buckets: `BucketStoreFull` for a new bucket when every replica's buckets of `share` (an `issuers[]` entry)
@@ -301,8 +319,10 @@ class RedisState:
         if bound is None:
             raise ValueError(f"no bucket share {share!r}")  # a caller's bug: shares are the configured entries
         keys = (self._prefix + "bucket:" + key, self._bucket_counters[share])
-        life_ms = max(1, math.ceil(burst / rate_per_second * 1000))
-        args = (repr(float(rate_per_second)), str(burst), str(bound), str(SLICE_MS), str(life_ms))
+        life_ms = max(1, math.ceil(full_in(0.0, rate_per_second, burst, hold) * 1000))
+        args: tuple[str, ...] = (repr(float(rate_per_second)), str(burst), str(bound), str(SLICE_MS), str(life_ms))
+        for rate, size in hold:
+            args += (repr(float(rate)), str(size))
         reply = await self._call(self._run(BUCKET_SCRIPT, BUCKET_SCRIPT_SHA, keys, args))
         try:
             status_raw, tokens_raw, wait_raw = reply

@@ -51,7 +51,7 @@ from verifier.clock import Clock
 from verifier.config.state import DEFAULT_REPLAY_BOUNDS, ReplayBounds
 from verifier.errors import StateUnavailable
 from verifier.private_files import REPLAY_FILE, open_sqlite
-from verifier.state.base import FullLog, Purpose, TakeResult, replay_digest, retry_after
+from verifier.state.base import FullLog, Limits, Purpose, TakeResult, replay_digest, retry_after
 from verifier.state.memory import MemoryState
 
 log = logging.getLogger("verifier.state")
@@ -232,9 +232,13 @@ class SqliteState:
         self._next_purge = self._clock.monotonic() + PURGE_SECONDS
         self._db.executemany(_TRIM, [(code, now) for code in PURPOSE_CODES.values()])
 
-    async def take(self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "") -> TakeResult:
+    async def take(
+        self, key: str, *, rate_per_second: float, burst: int, now: float, share: str = "", hold: Limits = ()
+    ) -> TakeResult:
         """Token bucket, in this process's memory."""
-        return await self._buckets.take(key, rate_per_second=rate_per_second, burst=burst, now=now, share=share)
+        return await self._buckets.take(
+            key, rate_per_second=rate_per_second, burst=burst, now=now, share=share, hold=hold
+        )
 
     async def close(self) -> None:
         """Closes the file (its keys stay for the next process)."""
