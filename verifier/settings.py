@@ -551,6 +551,29 @@ def config_warnings(settings: Settings) -> list[ConfigWarning]:
         *_thumbprint_header_unguarded(settings),
         *_unregistered_methods(settings),
         *_public_catch_all(settings),
+        *_rate_limit_without_default(settings),
+    ]
+
+
+def _rate_limit_without_default(settings: Settings) -> list[ConfigWarning]:
+    """Rate limits by role without a default: an identity whose token holds none of the roles is not limited at all,
+    so the limit binds only while a caller presents a token with its role, and one of another client (Keycloak's
+    client roles) or with fewer scopes (roles that follow scopes) escapes it. Not refused: limiting a few roles (the
+    rest upstream) is a choice; the warning names it."""
+    limits = settings.rate_limits
+    if limits is None or limits.default is not None or not limits.roles:
+        return []
+    names = ", ".join(role for role, _ in limits.roles)
+    return [
+        ConfigWarning(
+            kind="rate_limit_without_default",
+            message=(
+                f"rate_limits.default is not set: an identity holding none of the roles ({names}) is not rate "
+                "limited at all, so a caller escapes a role's limit with a token that lacks the role (another "
+                "client's, fewer scopes); set rate_limits.default to the limit of an identity without those roles"
+            ),
+            fields=(("key", "rate_limits.default"),),
+        )
     ]
 
 

@@ -477,3 +477,24 @@ def test_a_public_catch_all_policy_is_said_at_start_up(tmp_path: Path) -> None:
                                       "policies": [admin, {**public, "match": {"path_prefix": "/"}}]})
     assert result.returncode == 0, result.stderr
     assert "warning: policies[1] (rest): authenticated: false on every path" in result.stderr
+
+
+def test_rate_limits_by_role_without_a_default_are_said_at_start_up(tmp_path: Path) -> None:
+    """`rate_limits.roles` without `default`: an identity whose token carries none of the roles is not limited at
+    all, so a caller whose limited role is missing from a token (one of another client: Keycloak's client roles,
+    fewer scopes where roles follow scopes) escapes the limit. Start-up and `check-config` say so; a default is
+    quiet."""
+    from verifier.settings import ConfigWarning, config_warnings
+
+    def found(limits: dict[str, object]) -> list[ConfigWarning]:
+        settings = parse_settings({**document(http="127.0.0.1:0"), "rate_limits": limits})
+        return [w for w in config_warnings(settings) if w.kind == "rate_limit_without_default"]
+
+    by_role = {"roles": {"trial": {"per_second": 1, "burst": 5}}}
+    (warning,) = found(by_role)
+    assert str(warning).startswith("rate_limits.default is not set: an identity holding none of the roles (trial)")
+    assert dict(warning.fields) == {"key": "rate_limits.default"}
+    assert found({**by_role, "default": {"per_second": 1, "burst": 5}}) == []
+    result = _check_config(tmp_path, {**document(http="127.0.0.1:8080"), "rate_limits": by_role})
+    assert result.returncode == 0, result.stderr
+    assert "warning: rate_limits.default is not set" in result.stderr
