@@ -119,3 +119,18 @@ async def test_ratelimit_headers_name_any_role_as_a_valid_structured_field_strin
     assert labels[:3] == ['"a\\"b"', '"x y\\\\z"', '"Pr%C3%BCfer"']
     plain = dict(await limiter.check(alice("reader")._replace(subject="r")))
     assert plain == {}  # no limit for this role and no default: no headers
+
+
+def test_of_two_roles_as_fast_the_larger_burst_wins_whatever_the_order() -> None:
+    """"The most generous role wins" compared the rate alone: of two roles with the same rate, the one a frozenset
+    happened to list first won (its order follows the strings' hashes, another in each process), so a user holding
+    both got the larger burst on one replica and the smaller on the next, under another policy name."""
+    clock = FrozenClock(1_700_000_000.0)
+    for i in range(16):  # with a hash-ordered pick, each pair fails half the time
+        small, large = f"team-{i}", f"partner-{i}"
+        settings = RateLimitSettings(
+            roles=((small, RateLimit(per_second=10, burst=5)), (large, RateLimit(per_second=10, burst=100)))
+        )
+        limiter = RateLimiter(settings, MemoryState(clock), clock, configured=str)
+        chosen = limiter.limit_for(alice(small, large))
+        assert chosen is not None and chosen[1].burst == 100, (small, large)

@@ -44,10 +44,14 @@ class RateLimiter:
         """`configured` names the `issuers[]` entry covering a principal's issuer (`KeyStore.configured`: itself,
         or its template), the share of the bound of buckets its new bucket is counted in."""
         self._default = None if settings.default is None else (policy_label("default"), settings.default)
-        self._roles = {role: (policy_label(role), limit) for role, limit in settings.roles}
+        # Each role's rank among the roles, most generous last: the rate, then the burst, then the name (two roles
+        # alike pick one, the same in every process), so `limit_for` compares one int, and never leaves the pick to
+        # the order of a principal's frozenset (its strings' hashes, another order in each process).
+        ordered = sorted(settings.roles, key=lambda item: (item[1].per_second, item[1].burst, item[0]))
+        self._roles = {role: (rank, (policy_label(role), limit)) for rank, (role, limit) in enumerate(ordered)}
         # Every limit one identity's bucket may be taken under (its tokens' roles differ, or change): the bucket is
         # kept until it would be full under each (`verifier.state.base.full_in`); empty when there is one limit.
-        every = [limit for _, limit in self._roles.values()] + ([settings.default] if settings.default else [])
+        every = [limit for _, limit in settings.roles] + ([settings.default] if settings.default else [])
         limits = {(limit.per_second, limit.burst) for limit in every}
         self._hold: tuple[tuple[float, int], ...] = tuple(sorted(limits)) if len(limits) > 1 else ()
         self._state = state
@@ -55,14 +59,14 @@ class RateLimiter:
         self._configured = configured
 
     def limit_for(self, principal: Principal) -> tuple[str, RateLimit] | None:
-        """The policy's name in the headers (`policy_label`) and the limit that applies (most generous role, else
-        default)."""
-        best: tuple[str, RateLimit] | None = None
+        """The policy's name in the headers (`policy_label`) and the limit that applies: the most generous role's
+        (the higher rate, then the larger burst), else the default."""
+        best: tuple[int, tuple[str, RateLimit]] | None = None
         for role in principal.roles:
-            labelled = self._roles.get(role)
-            if labelled is not None and (best is None or labelled[1].per_second > best[1].per_second):
-                best = labelled
-        return self._default if best is None else best
+            ranked = self._roles.get(role)
+            if ranked is not None and (best is None or ranked[0] > best[0]):
+                best = ranked
+        return self._default if best is None else best[1]
 
     async def check(self, principal: Principal) -> tuple[tuple[str, str], ...]:
         """Takes one token; returns the RateLimit headers, or raises `RateLimited` with them."""
