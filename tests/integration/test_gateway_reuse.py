@@ -787,3 +787,31 @@ def test_an_error_in_envoys_reuse_filter_fails_closed(
         gw.stop()
     assert (answer.status, answer.headers.get("retry-after")) == (503, "1")
     assert upstream.requests == []
+
+
+def test_a_token_of_a_quick_role_gives_no_fresh_burst_through_the_gateway(
+    issuer: LocalIssuer, upstream: EchoUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """One identity, two tokens: one without roles (the default, a burst of RATE_BURST back in 1,000 s each) and one
+    with a quick role (a bucket of 1, a token back every 0.25 s). Before, one request with the quick token let the
+    bucket lapse a quarter second later, and the next with the plain token found a whole new burst through nginx,
+    as often as the caller liked. Now the bucket is kept until it would be full under every limit."""
+    work = tmp_path_factory.mktemp("quick-role")
+    limits = {"default": {"per_second": 0.001, "burst": RATE_BURST}, "roles": {"quick": {"per_second": 4, "burst": 1}}}
+    proc = start_verifier(work, issuer=issuer.issuer, extra_config={"rate_limits": limits})
+    try:
+        gw = start_gateway_for("nginx", work, proc, upstream.port)
+        try:
+            sub = f"user-{uuid.uuid4().hex[:8]}"
+            plain = issuer.mint(sub=sub, scope="read", jti=uuid.uuid4().hex)
+            quick = issuer.mint(sub=sub, scope="read", jti=uuid.uuid4().hex, roles=["quick"])
+            drained = [get(gw.url, "/orders", plain).status for _ in range(RATE_BURST + 1)]
+            get(gw.url, "/orders", quick)  # one take under the quick limit, allowed or not
+            time.sleep(0.5)
+            after = get(gw.url, "/orders", plain)
+        finally:
+            gw.stop()
+    finally:
+        proc.stop()
+    assert drained == [200] * RATE_BURST + [429]
+    assert (after.status, after.headers.get("x-verifier-reason")) == (429, "rate_limited")  # before: 200
