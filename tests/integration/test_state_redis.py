@@ -383,3 +383,22 @@ async def test_a_take_under_another_limit_keeps_the_bucket_until_full_under_each
     await asyncio.sleep(0.4)
     with pytest.raises(RateLimited):  # before: allowed, a new bucket of 5
         await rl.check(CALLER)
+
+
+async def test_a_take_under_the_largest_burst_holds_the_bucket_for_no_slower_limit(
+    replicas: tuple[RedisState, RedisState], raw: Redis
+) -> None:
+    """Only a limit of a larger burst can hand out more than the take's own when the bucket is gone: a take under
+    the largest keeps (and counts, against `redis_max_buckets`) its bucket for its own time to full, however slow a
+    smaller limit is. Before, every bucket was counted for the slowest limit's burst / rate (3,000 s here, not 2)."""
+    a, _ = replicas
+    settings = RateLimitSettings(
+        default=RateLimit(per_second=10, burst=20), roles=(("batch", RateLimit(per_second=0.001, burst=3)),)
+    )
+    rl = RateLimiter(settings, a, FrozenClock(time.time()), configured=lambda issuer: "")
+    for _ in range(19):  # 1 token left: below the batch limit's burst
+        await rl.check(CALLER)
+    key = "t:bucket:rl:" + hashlib.sha256(b"https://idp.example.test\x00sub:alice").hexdigest()[:32]
+    assert await raw.pttl(key) <= 2_000  # (20 - 1) / 10 per second
+    counted_until_ms = int(await raw.hget(key, "c")) * 1000  # the end of the slice the bucket is counted in
+    assert counted_until_ms - time.time() * 1000 <= 4_000  # its life (2 s) and a slice, not the batch limit's 3,000 s

@@ -23,6 +23,7 @@ from verifier.decision import quoted_string
 from verifier.errors import RateLimited
 from verifier.principal import Principal
 from verifier.settings import RateLimit, RateLimitSettings
+from verifier.state.base import Limits
 
 _NOT_SF_TEXT = re.compile(r"[^\x20-\x7e]|%")  # what an sf-string cannot hold, and `%` (the escape below)
 
@@ -35,6 +36,9 @@ def policy_label(name: str) -> str:
     return quoted_string(encoded)
 
 
+Chosen = tuple[str, RateLimit, Limits]  # a policy's label, its limit, the larger-burst limits a take holds for
+
+
 class RateLimiter:
     """Counts every request of an identity against its bucket."""
 
@@ -43,25 +47,30 @@ class RateLimiter:
     ) -> None:
         """`configured` names the `issuers[]` entry covering a principal's issuer (`KeyStore.configured`: itself,
         or its template), the share of the bound of buckets its new bucket is counted in."""
-        self._default = None if settings.default is None else (policy_label("default"), settings.default)
+        # The limits one identity's bucket may be taken under (its tokens' roles differ, or change). A take keeps the
+        # bucket until it would be full under each limit of a larger burst than its own (`verifier.state.base.full_in`):
+        # forgotten sooner, the next take under that limit would find a whole new, larger burst. A smaller one gives
+        # nothing the caller could not have by presenting this token. Worked out once per limit: empty for the largest.
+        every = [limit for _, limit in settings.roles] + ([settings.default] if settings.default else [])
+        limits = {(limit.per_second, limit.burst) for limit in every}
+
+        def labelled(name: str, limit: RateLimit) -> Chosen:
+            return policy_label(name), limit, tuple(sorted(held for held in limits if held[1] > limit.burst))
+
+        self._default = None if settings.default is None else labelled("default", settings.default)
         # Each role's rank among the roles, most generous last: the rate, then the burst, then the name (two roles
         # alike pick one, the same in every process), so `limit_for` compares one int, and never leaves the pick to
         # the order of a principal's frozenset (its strings' hashes, another order in each process).
         ordered = sorted(settings.roles, key=lambda item: (item[1].per_second, item[1].burst, item[0]))
-        self._roles = {role: (rank, (policy_label(role), limit)) for rank, (role, limit) in enumerate(ordered)}
-        # Every limit one identity's bucket may be taken under (its tokens' roles differ, or change): the bucket is
-        # kept until it would be full under each (`verifier.state.base.full_in`); empty when there is one limit.
-        every = [limit for _, limit in settings.roles] + ([settings.default] if settings.default else [])
-        limits = {(limit.per_second, limit.burst) for limit in every}
-        self._hold: tuple[tuple[float, int], ...] = tuple(sorted(limits)) if len(limits) > 1 else ()
+        self._roles = {role: (rank, labelled(role, limit)) for rank, (role, limit) in enumerate(ordered)}
         self._state = state
         self._clock = clock
         self._configured = configured
 
-    def limit_for(self, principal: Principal) -> tuple[str, RateLimit] | None:
-        """The policy's name in the headers (`policy_label`) and the limit that applies: the most generous role's
-        (the higher rate, then the larger burst), else the default."""
-        best: tuple[int, tuple[str, RateLimit]] | None = None
+    def limit_for(self, principal: Principal) -> Chosen | None:
+        """The policy's name in the headers (`policy_label`), the limit that applies (the most generous role's: the
+        higher rate, then the larger burst; else the default) and the limits its take keeps the bucket for."""
+        best: tuple[int, Chosen] | None = None
         for role in principal.roles:
             ranked = self._roles.get(role)
             if ranked is not None and (best is None or ranked[0] > best[0]):
@@ -73,7 +82,7 @@ class RateLimiter:
         chosen = self.limit_for(principal)
         if chosen is None:
             return ()
-        name, limit = chosen
+        name, limit, hold = chosen
         # One bucket per identity: keyed by the limit class too, a user whose tokens carry different roles
         # (or whose roles change) would get a fresh bucket per class (issue #26 G14).
         digest = hashlib.sha256(f"{principal.issuer}\x00{principal.caller}".encode()).hexdigest()[:32]
@@ -83,7 +92,7 @@ class RateLimiter:
             burst=limit.burst,
             now=self._clock.now(),
             share=self._configured(principal.issuer),
-            hold=self._hold,
+            hold=hold,
         )
         window = max(1, math.ceil(limit.burst / limit.per_second))
         reset = max(0, math.ceil(result.reset_seconds))

@@ -79,8 +79,9 @@ class SharedState(Protocol):
         `now` is wall-clock seconds, the local stores' time (Redis refills on its own clock, the same for every
         replica, and does not use it); `share` the `issuers[]` entry whose part of a bound of buckets a new bucket
         takes a place in (Redis's; the local stores hold no such bound); `hold` the other limits (rate, burst) the
-        same bucket may be taken under: it is kept until it would be full under each (`full_in`), not only under
-        this take's, so a forgotten bucket is never fuller than the one it replaced. Raises `StateUnavailable` when
+        same bucket may be taken under with a larger burst (`verifier.policy.ratelimit`): it is kept until it would
+        be full under each (`full_in`), not only under this take's, so a forgotten bucket is never fuller than the
+        one it replaced. Raises `StateUnavailable` when
         the bucket cannot be read (fail closed: never an allow).
         """
         ...

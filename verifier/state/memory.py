@@ -35,10 +35,10 @@ per value, and every value in the set is live: a lookup is one set membership te
 remembered for its TTL and up to a second more (never less).
 
 Token buckets (rate limits) sit in an LRU order, bounded by `max_entries`; a bucket idle long enough to be full
-again (under every limit it may be taken under: `verifier.state.base.full_in`) is worth nothing and goes first,
-and under pressure the least recently used bucket is evicted (counted in `evictions`). That opens no replay: a
-forgotten bucket starts full again, so its client gets at most one more burst, which is a rate limit's tolerance,
-not a security boundary.
+again (under its take's limit and any of a larger burst: `verifier.state.base.full_in`) is worth nothing and goes
+first, and under pressure the least recently used bucket is evicted (counted in `evictions`). That opens no
+replay: a forgotten bucket starts full again, so its client gets at most one more burst, which is a rate limit's
+tolerance, not a security boundary.
 
 Use Redis for several replicas: this store is never shared between processes.
 """

@@ -22,21 +22,21 @@ O(1)), and the hash expires with its last slice. Counters lost while keys live (
 keyspace, an operator's `DEL`) under-count until those keys expire; a restart loses both alike.
 
 Rate-limit buckets (one per identity: issuer and `sub`, or client id) are bounded the same way, by
-`state.redis_max_buckets`, every replica's together. A bucket lives until it would be full again under every
-configured limit (`verifier.state.base.full_in`: up to the longest burst / rate, e.g. 3,000 s): bounded in time,
-not in number, so a caller who can mint identities (a multi-tenant issuer anyone can sign for, many client
-credentials) could create a bucket per identity until Redis refused every write, replay keys and revocation
-entries with the rest. `BUCKET_SCRIPT` now counts the buckets it creates in `{prefix}count:buckets` (the same hash
-of expiry slices as a purpose's): a new bucket is counted in the slice of its longest lifetime (now + burst /
-rate). Every take moves a bucket's expiry (`PEXPIRE` until full), so a bucket taken from again and again outlives
-that slice: when a take would set its expiry past the slice it is counted in (its field `c`), it is counted again
-in a later one (never refused for the bound: it exists). A live bucket is therefore always counted in a live
-slice, and counts only over-count (a bucket counted twice, one gone full early). At the bound a NEW identity's
-first take is refused with `BucketStoreFull`: 503 `state_unavailable`, fail closed as for an unreachable Redis,
-never a pass and never a 429 (the caller did nothing wrong), `Retry-After` the seconds until the oldest counted
-slice ends; nothing is written, and it is counted in `verifier_rate_limit_store_full_total` by the replica that
-refused. Identities whose bucket exists are served as their bucket says. Still one round trip per take. A bucket
-stored before this (no `c`) is counted when next taken.
+`state.redis_max_buckets`, every replica's together. A bucket lives until it would be full again under its take's
+limit and each configured one of a larger burst (`verifier.state.base.full_in`: up to burst / rate, e.g. 3,000 s):
+bounded in time, not in number, so a caller who can mint identities (a multi-tenant issuer anyone can sign for,
+many client credentials) could create a bucket per identity until Redis refused every write, replay keys and
+revocation entries with the rest. `BUCKET_SCRIPT` now counts the buckets it creates in `{prefix}count:buckets`
+(the same hash of expiry slices as a purpose's): a new bucket is counted in the slice of its longest lifetime (now
++ burst / rate). Every take moves a bucket's expiry (`PEXPIRE` until full), so a bucket taken from again and again
+outlives that slice: when a take would set its expiry past the slice it is counted in (its field `c`), it is
+counted again in a later one (never refused for the bound: it exists). A live bucket is therefore always counted
+in a live slice, and counts only over-count (a bucket counted twice, one gone full early). At the bound a NEW
+identity's first take is refused with `BucketStoreFull`: 503 `state_unavailable`, fail closed as for an
+unreachable Redis, never a pass and never a 429 (the caller did nothing wrong), `Retry-After` the seconds until
+the oldest counted slice ends; nothing is written, and it is counted in `verifier_rate_limit_store_full_total` by
+the replica that refused. Identities whose bucket exists are served as their bucket says. Still one round trip per
+take. A bucket stored before this (no `c`) is counted when next taken.
 
 A bucket refills on Redis's clock (`TIME` in the script), as the counters do. Before, each replica passed its
 own (`now`): with several replicas on one Redis, one whose clock ran ahead found that much refill in a bucket the
