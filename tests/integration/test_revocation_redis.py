@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,7 +17,7 @@ from ssf_transmitter import ACCOUNT_DISABLED, SESSION_REVOKED, TOKEN_CLAIMS_CHAN
 from verifier.app import HttpSessions, revocation_store, shared_state
 from verifier.checks.base import NO_POLICY
 from verifier.checks.revocation import Revocation
-from verifier.clock import SystemClock
+from verifier.clock import Clock, SystemClock
 from verifier.doors.admin_http import add_admin_routes
 from verifier.doors.routes import HttpAnswer, HttpRequest, Router
 from verifier.doors.ssf_http import add_ssf_routes
@@ -78,8 +79,10 @@ class Replicas:
         self.key_prefix = "verifier:"  # the deployment's namespace in Redis
         self.revocation_replicas = 0  # state.redis_revocation_replicas
 
-    async def start(self, redis_url: str | None = None, password: str | None = None) -> RevocationService:
-        clock = SystemClock()
+    async def start(
+        self, redis_url: str | None = None, password: str | None = None, clock: Clock | None = None
+    ) -> RevocationService:
+        clock = clock or SystemClock()
         config = StateConfig(
             redis_url=redis_url or self.redis_url,
             password=password,
@@ -501,3 +504,71 @@ async def test_a_jwt_id_and_a_client_revoked_on_one_replica_are_refused_on_the_o
     late = await replicas.start()
     assert late.revocations.check(leaked) is not None and late.revocations.check(client) is not None
     assert late.revocations.check(other_client) is None
+
+
+class AheadClock(SystemClock):
+    """A replica's wall clock `offset` seconds ahead of the others' (and Redis's)."""
+
+    def __init__(self, offset: float) -> None:
+        self._offset = offset
+
+    def now(self) -> float:  # type: ignore[override]
+        return time.time() + self._offset
+
+
+async def test_a_replica_whose_clock_runs_ahead_does_not_expire_entries_for_the_others(
+    replicas: Replicas, transmitter: SsfTransmitter, redis_server: RedisServer
+) -> None:
+    """Expired entries are dropped from Redis by whichever replica's maintenance finds them expired: on its own clock,
+    a replica two days ahead deleted every live entry for every replica (and told them so), and the revoked tokens
+    passed on the replicas whose clocks are right. Redis's clock decides what is deleted."""
+    a = await replicas.start()
+    created = await router_of(a).dispatch(
+        admin_request("POST", document={"subject": {"format": "iss_sub", "iss": IDP, "sub": "user-9"}})
+    )
+    assert created.status == 201, created.body
+    assert a.revocations.check(principal("user-9")) is not None
+    replicas.config = dataclasses.replace(replicas.config, resync_interval_seconds=1)
+    ahead = await replicas.start(clock=AheadClock(2 * 86400.0))  # past every entry's expiry on its clock
+    resyncs = ahead.metrics.syncs.labels("ok")
+    before = resyncs._value.get()
+    await within(RECONNECT_S, lambda: resyncs._value.get() >= before + 2)  # its maintenance ran at least once
+    await asyncio.sleep(0.2)  # any removal it published has reached `a`
+    assert a.revocations.check(principal("user-9")) is not None
+    late = await replicas.start()  # a replica loading now still finds it in Redis
+    assert late.revocations.check(principal("user-9")) is not None
+
+
+async def test_entries_expired_on_redis_clock_are_removed_and_the_removal_reaches_every_replica(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    """The other side: an entry past its expiry (and the grace) on Redis's clock is deleted and its removal
+    published; one not yet expired there, or without an expiry, is kept whatever the caller's clock says."""
+    from redis.asyncio import Redis
+
+    from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+    from verifier.revocation.store import EXPIRY_GRACE_SECONDS, RedisStore
+
+    a = await replicas.start()
+    url = redis_server.url
+    store = RedisStore(Redis.from_url(url), Redis.from_url(url), key_prefix=replicas.key_prefix)
+    now = time.time()
+
+    def entry(name: str, expires_at: float | None) -> Entry:
+        key = SubjectKey(KeyKind.ISS_SUB, name, IDP)
+        return Entry(
+            id="op-" + name, key=key, effect=Effect.TOKEN_REVOKED, match=Match.ALL, event_time=now - 10,
+            expires_at=expires_at, source="operator", event="operator",
+        )
+
+    gone, live, forever = entry("gone", now - EXPIRY_GRACE_SECONDS - 5), entry("live", now + 100), entry("ever", None)
+    try:
+        await store.put([gone, live, forever])
+        await within(PROPAGATION_S, lambda: a.revocations.get(gone.id) is not None)
+        removed = await store.expire([gone.id, live.id, forever.id, "op-unknown"])
+        assert removed == [gone.id]
+        await within(PROPAGATION_S, lambda: a.revocations.get(gone.id) is None)
+        assert a.revocations.get(live.id) is not None and a.revocations.get(forever.id) is not None
+        assert {e.id for e in await store.sync([])} == {live.id, forever.id}
+    finally:
+        await store.close()

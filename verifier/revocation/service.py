@@ -265,9 +265,8 @@ class RevocationService:
             await asyncio.sleep(wait)
             expired = self.revocations.expired()
             try:
-                if expired:
-                    await self._store.delete(expired)
-                    self._apply([], expired)
+                if expired:  # on the store's clock (Redis's), not ours: ours may run ahead of the others'
+                    self._apply([], await self._store.expire(expired))
                 await self.resync()
                 wait = self.config.resync_interval_seconds
             except StateUnavailable as exc:

@@ -21,6 +21,10 @@ started beside the old one during a reload sees the old one's last writes (it po
 `data_version`). Every write is committed with `synchronous=FULL` (fsync'd) before it returns, so a
 202 to a transmitter means the entry is on disk.
 
+Entries past their expiry are dropped from Redis by whichever replica's maintenance finds them so, but only once
+Redis's clock agrees (`EXPIRE_SCRIPT`, `EXPIRY_GRACE_SECONDS`): on the replica's own clock, one running ahead deleted
+every live entry for every replica.
+
 Every Redis failure on a write becomes `StateUnavailable` (the event's sender retries); the
 subscriber reconnects on its own and never takes the replica down.
 
@@ -83,6 +87,33 @@ DELETE_SQL = "DELETE FROM entries WHERE id = ?"
 # milliseconds, and it must stay below the store's socket timeout (`DEFAULT_TIMEOUT_SECONDS`), or the
 # connection gives up before WAIT answers.
 REPLICA_WAIT_SECONDS = 0.5
+# An entry is dropped from Redis once its `expires_at` is this far past on Redis's clock (`EXPIRE_SCRIPT`), never on
+# the clock of the replica whose maintenance found it expired: one replica's clock running ahead (by a day, say)
+# deleted every live entry for every replica, and the replicas whose clocks are right let the revoked tokens pass.
+# The margin covers replicas' clocks behind Redis's; each replica stops matching an entry on its own clock anyway.
+EXPIRY_GRACE_SECONDS = 60.0
+EXPIRE_BATCH = 500  # ids per `EXPIRE_SCRIPT` call
+# KEYS[1] the entries' hash; ARGV[1] the changes' channel, ARGV[2] the grace (seconds), ARGV[3..] entry ids. Deletes
+# the entries whose `expires_at` (seconds) is at least the grace before Redis's TIME, publishes their removal as
+# `RedisStore.delete` does, and returns their ids.
+EXPIRE_SCRIPT = """
+local time = redis.call('TIME')
+local cutoff = tonumber(time[1]) + tonumber(time[2]) / 1000000 - tonumber(ARGV[2])
+local removed = {}
+for i = 3, #ARGV do
+  local text = redis.call('HGET', KEYS[1], ARGV[i])
+  if text then
+    local ok, entry = pcall(cjson.decode, text)
+    local expires = ok and type(entry) == 'table' and entry['expires_at']
+    if type(expires) == 'number' and expires <= cutoff then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+      removed[#removed + 1] = ARGV[i]
+    end
+  end
+end
+if #removed > 0 then redis.call('PUBLISH', ARGV[1], cjson.encode({remove = removed})) end
+return removed
+"""
 
 
 _Step = tuple[str, Sequence[tuple[str, ...]]]  # one SQL statement and the rows it runs for
@@ -115,6 +146,11 @@ class RevocationStore(Protocol):
     async def delete(self, ids: Iterable[str], *, replicated: bool = False) -> None:
         """Removes entries and tells every replica; raises `StateUnavailable`. `replicated`: as `put`, confirmed by
         the Redis replicas (`RevocationNotReplicated`) when the store has any to ask."""
+        ...
+
+    async def expire(self, ids: Sequence[str]) -> list[str]:
+        """Removes those of `ids` whose entry has expired on the store's clock (and tells every replica): the ones
+        removed. Raises `StateUnavailable`."""
         ...
 
     async def listen(
@@ -154,6 +190,11 @@ class MemoryStore:
         """Removes entries."""
         for entry_id in ids:
             self._entries.pop(entry_id, None)
+
+    async def expire(self, ids: Sequence[str]) -> list[str]:
+        """Removes them (one process, one clock: the caller's)."""
+        await self.delete(ids)
+        return list(ids)
 
     async def subscribe(self) -> None:
         """Nothing to subscribe to."""
@@ -228,6 +269,11 @@ class SqliteStore:
         rows = [(i,) for i in ids]
         if rows:
             await self._run(DELETE_SQL, rows)
+
+    async def expire(self, ids: Sequence[str]) -> list[str]:
+        """Removes them (one host's workers, one clock: the caller's)."""
+        await self.delete(ids)
+        return list(ids)
 
     async def subscribe(self) -> None:
         """Notes the file's version, so the first change by another worker is seen."""
@@ -350,6 +396,18 @@ class RedisStore:
             return
         message = json.dumps({"remove": batch})
         await self._write(lambda pipe: pipe.hdel(self.hash_key, *batch), message, replicated=replicated)
+
+    async def expire(self, ids: Sequence[str]) -> list[str]:
+        """HDEL (and PUBLISH) those of `ids` whose `expires_at` is `EXPIRY_GRACE_SECONDS` past on Redis's clock, in
+        one script (`EXPIRE_SCRIPT`): the ones removed."""
+        removed: list[str] = []
+        for start in range(0, len(ids), EXPIRE_BATCH):  # a replica far ahead names every entry: Redis not held long
+            batch = ids[start : start + EXPIRE_BATCH]
+            reply = await self._call(
+                self._redis.eval(EXPIRE_SCRIPT, 1, self.hash_key, self.channel, repr(EXPIRY_GRACE_SECONDS), *batch)
+            )
+            removed += (i.decode() if isinstance(i, bytes) else str(i) for i in reply or ())
+        return removed
 
     async def _write(self, write: Callable[[Any], Any], message: str, *, replicated: bool) -> None:
         if not (replicated and self.replicas):
