@@ -20,8 +20,9 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from verifier.authenticators import Authenticator, JwtAuthenticator, OpaqueIntrospection
 from verifier.binding.dpop import DpopVerifier
@@ -202,7 +203,9 @@ def redis_client(url: str, *, password: str | None, timeout_seconds: float, subs
 
     One retry, only for a broken pooled connection (Redis restarted); never on a timeout, where the
     command may already have run and a retry could burn a jti or a token twice. A `subscriber`'s
-    connection blocks on reads by design: no read timeout on it.
+    connection blocks on reads by design: no read timeout on it. The retry names its errors: redis-py's
+    `Retry` retries timeouts too by default, whatever `retry_on_timeout` says (a fresh DPoP proof sent to a busy
+    Redis was answered "replayed", its first run having marked the `jti`).
     """
     if subscriber:
         return Redis.from_url(url, password=password, socket_connect_timeout=timeout_seconds, decode_responses=False)
@@ -212,7 +215,7 @@ def redis_client(url: str, *, password: str | None, timeout_seconds: float, subs
         socket_timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
         retry_on_timeout=False,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         decode_responses=False,
     )
 

@@ -363,6 +363,7 @@ async def test_the_running_verifier_warns_at_start_up_when_its_redis_evicts(
     assert [getattr(r, "maxmemory_policy", None) for r in warned] == ["volatile-ttl"]
 
 
+<<<<<<< HEAD
 async def test_a_take_under_another_limit_keeps_the_bucket_until_full_under_each(
     replicas: tuple[RedisState, RedisState], raw: Redis
 ) -> None:
@@ -402,3 +403,37 @@ async def test_a_take_under_the_largest_burst_holds_the_bucket_for_no_slower_lim
     assert await raw.pttl(key) <= 2_000  # (20 - 1) / 10 per second
     counted_until_ms = int(await raw.hget(key, "c")) * 1000  # the end of the slice the bucket is counted in
     assert counted_until_ms - time.time() * 1000 <= 4_000  # its life (2 s) and a slice, not the batch limit's 3,000 s
+=======
+# Holds Redis (single-threaded) busy for ARGV[1] ms on Redis's own clock, as a slow command or a fork would.
+BUSY_SCRIPT = """
+local t = redis.call('TIME')
+local start = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+repeat
+  t = redis.call('TIME')
+until tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 - start >= tonumber(ARGV[1])
+return 1
+"""
+
+
+async def test_a_command_that_timed_out_is_not_sent_again(redis_server: RedisServer, raw: Redis) -> None:
+    """A Redis slower than `timeout_seconds` (busy, not down): the command was queued and runs once Redis gets to it.
+    Sent again on a new connection, it ran twice: a fresh DPoP proof was answered "replayed" (the first run had
+    marked its jti) and a bucket lost two tokens for one request. Only a broken connection is retried; a timeout is
+    `StateUnavailable` (503)."""
+    timeout = 0.5
+    state = replica(redis_server.url, key_prefix="slow:", timeout_seconds=timeout)
+    try:
+        assert await state.first_use("warm", 10, purpose=DPOP)  # a pooled connection, the script loaded
+        for attempt in range(3):  # a loaded machine may start the command late; each round uses a fresh key
+            busy = asyncio.create_task(raw.eval(BUSY_SCRIPT, 0, str(int(timeout * 1000 * 1.6))))
+            await asyncio.sleep(0.1)  # the busy script runs: what is sent now waits behind it
+            key = f"fresh-{attempt}"
+            try:
+                first = await state.first_use(key, 10, purpose=DPOP)
+            except StateUnavailable:
+                first = None
+            await busy
+            assert first is not False, "a fresh key answered as a replay: the timed-out command was sent again"
+    finally:
+        await state.close()
+>>>>>>> 333454d (state: a Redis command that timed out is not sent again (only a broken connection is retried))
