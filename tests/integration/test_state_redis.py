@@ -363,7 +363,6 @@ async def test_the_running_verifier_warns_at_start_up_when_its_redis_evicts(
     assert [getattr(r, "maxmemory_policy", None) for r in warned] == ["volatile-ttl"]
 
 
-<<<<<<< HEAD
 async def test_a_take_under_another_limit_keeps_the_bucket_until_full_under_each(
     replicas: tuple[RedisState, RedisState], raw: Redis
 ) -> None:
@@ -403,7 +402,8 @@ async def test_a_take_under_the_largest_burst_holds_the_bucket_for_no_slower_lim
     assert await raw.pttl(key) <= 2_000  # (20 - 1) / 10 per second
     counted_until_ms = int(await raw.hget(key, "c")) * 1000  # the end of the slice the bucket is counted in
     assert counted_until_ms - time.time() * 1000 <= 4_000  # its life (2 s) and a slice, not the batch limit's 3,000 s
-=======
+
+
 # Holds Redis (single-threaded) busy for ARGV[1] ms on Redis's own clock, as a slow command or a fork would.
 BUSY_SCRIPT = """
 local t = redis.call('TIME')
@@ -436,4 +436,3 @@ async def test_a_command_that_timed_out_is_not_sent_again(redis_server: RedisSer
             assert first is not False, "a fresh key answered as a replay: the timed-out command was sent again"
     finally:
         await state.close()
->>>>>>> 333454d (state: a Redis command that timed out is not sent again (only a broken connection is retried))
