@@ -572,3 +572,151 @@ async def test_entries_expired_on_redis_clock_are_removed_and_the_removal_reache
         assert {e.id for e in await store.sync([])} == {live.id, forever.id}
     finally:
         await store.close()
+
+
+async def test_redis_restarted_from_an_older_snapshot_gets_the_later_entries_back(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    """Redis's default persistence is a periodic RDB snapshot: restarted after a crash, it loads the last one, epoch
+    and all, without the revocations taken since. The epoch matched, so every replica adopted the older hash and the
+    later entries passed everywhere. The replicas that saw the hash further along see it went back and restore."""
+    from redis.asyncio import Redis
+
+    a, b = await replicas.start(), await replicas.start()
+    client = Redis.from_url(redis_server.url)
+    try:
+
+        async def revoke(sub: str) -> str:
+            document = {"subject": {"format": "iss_sub", "iss": IDP, "sub": sub}, "effect": "disable"}
+            created = await router_of(a).dispatch(admin_request("POST", document=document))
+            assert created.status == 201, created.body
+            await within(PROPAGATION_S, lambda: b.revocations.check(principal(sub)) is not None)
+            return str(json.loads(created.body)["id"])
+
+        await revoke("user-s1")
+        assert await client.save()  # the snapshot a restart loads
+        later = await revoke("user-s2")  # taken after it
+        redis_server.stop()  # without saving (no save points): the snapshot is what comes back
+        redis_server.start()
+        await client.aclose()
+        client = Redis.from_url(redis_server.url)
+        assert await client.hexists("verifier:revocations", "~epoch")  # not empty: the epoch came back too
+
+        deadline = time.monotonic() + RECONNECT_S
+        watched_until = None  # once it is back, keep watching 1.5 s more: every replica resyncs meanwhile
+        while watched_until is None or time.monotonic() < watched_until:
+            for replica in (a, b):
+                for sub in ("user-s1", "user-s2"):
+                    assert _does_not_pass(replica, principal(sub)), f"a replica forgot {sub}'s entry"
+            if watched_until is None and await client.hexists("verifier:revocations", later):
+                watched_until = time.monotonic() + 1.5
+            assert watched_until or time.monotonic() < deadline, "the later entry never came back into Redis"
+            await asyncio.sleep(0.05)
+        late = await replicas.start()
+        assert late.revocations.check(principal("user-s2")) is not None
+    finally:
+        await client.aclose()
+
+
+async def test_an_entry_lifted_after_the_snapshot_does_not_come_back_with_it(
+    replicas: Replicas, redis_server: RedisServer
+) -> None:
+    """The older snapshot still holds an entry lifted on purpose since: the replicas restoring the later entries
+    delete it again (they saw it deleted after the version Redis went back to), so the lift holds everywhere."""
+    from redis.asyncio import Redis
+
+    a, b = await replicas.start(), await replicas.start()
+    client = Redis.from_url(redis_server.url)
+    try:
+
+        async def revoke(sub: str) -> str:
+            document = {"subject": {"format": "iss_sub", "iss": IDP, "sub": sub}, "effect": "disable"}
+            created = await router_of(a).dispatch(admin_request("POST", document=document))
+            assert created.status == 201, created.body
+            await within(PROPAGATION_S, lambda: b.revocations.check(principal(sub)) is not None)
+            return str(json.loads(created.body)["id"])
+
+        lifted = await revoke("user-l1")
+        await revoke("user-l2")
+        assert await client.save()  # the snapshot holds user-l1's entry
+        answer = await router_of(b).dispatch(admin_request("DELETE", f"/v1/admin/revocations/{lifted}"))
+        assert answer.status == 204  # lifted on purpose after the snapshot
+        await within(PROPAGATION_S, lambda: a.revocations.check(principal("user-l1")) is None)
+        later = await revoke("user-l3")
+        redis_server.stop()
+        redis_server.start()
+        await client.aclose()
+        client = Redis.from_url(redis_server.url)
+        assert await client.hexists("verifier:revocations", lifted)  # back with the snapshot
+
+        deadline = time.monotonic() + RECONNECT_S
+        while await client.hexists("verifier:revocations", lifted) or not await client.hexists(
+            "verifier:revocations", later
+        ):
+            assert time.monotonic() < deadline, "the lift or the later entry was not restored into Redis"
+            await asyncio.sleep(0.05)
+        for replica in (a, b):
+            await within(RECONNECT_S, lambda r=replica: _decides(r, principal("user-l1")))  # type: ignore[misc]
+        await asyncio.sleep(1.5)  # every replica reloads meanwhile: the lift stays
+        late = await replicas.start()
+        for replica in (a, b, late):
+            assert replica.revocations.check(principal("user-l1")) is None, "the lifted entry came back"
+            assert replica.revocations.check(principal("user-l2")) is not None
+            assert replica.revocations.check(principal("user-l3")) is not None
+        assert not await client.hexists("verifier:revocations", lifted)
+    finally:
+        await client.aclose()
+
+
+async def test_after_a_rollback_a_write_is_refused_and_two_stores_restoring_at_once_converge(
+    redis_server: RedisServer,
+) -> None:
+    """A store that saw the hash further along refuses to write into the older one (its write would take a version
+    the replicas already saw and hide the rollback from them); two stores restoring at once both get their entries
+    back, past every version either saw, and write on."""
+    from redis.asyncio import Redis
+
+    from verifier.revocation.entry import Effect, Entry, KeyKind, Match, SubjectKey
+    from verifier.revocation.store import VERSION_FIELD, RedisStore
+
+    url = redis_server.url
+    now = time.time()
+
+    def entry(name: str) -> Entry:
+        key = SubjectKey(KeyKind.ISS_SUB, name, IDP)
+        return Entry(
+            id="op-" + name,
+            key=key,
+            effect=Effect.TOKEN_REVOKED,
+            match=Match.ALL,
+            event_time=now - 10,
+            expires_at=now + 300,
+            source="operator",
+            event="operator",
+        )
+
+    a, b = (RedisStore(Redis.from_url(url), Redis.from_url(url), key_prefix="roll:") for _ in range(2))
+    client = Redis.from_url(url)
+    try:
+        await a.sync([])
+        await a.put([entry("old")])
+        await b.sync([])  # both saw the hash with op-old
+        await b.put([entry("b-only")])
+        await a.put([entry("a-only")])
+        await b.sync([])  # b saw a-only's version too
+        held_a, held_b = await a.sync([]), await b.sync([])
+        await client.hset("roll:revocations", mapping={VERSION_FIELD: b"1"})  # went back: only op-old left
+        await client.hdel("roll:revocations", "op-a-only", "op-b-only")
+        with pytest.raises(StateUnavailable):
+            await b.put([entry("new")])
+        assert not await client.hexists("roll:revocations", "op-new")
+        synced = await asyncio.gather(a.sync(held_a), b.sync(held_b))
+        expected = {"op-old", "op-a-only", "op-b-only"}
+        assert {e.id for e in synced[0]} >= expected and {e.id for e in synced[1]} >= expected
+        assert int(await client.hget("roll:revocations", VERSION_FIELD)) > 4
+        await b.put([entry("new")])  # writes on
+        assert {e.id for e in await a.sync([])} == expected | {"op-new"}
+    finally:
+        await client.aclose()
+        await a.close()
+        await b.close()

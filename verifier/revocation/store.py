@@ -15,6 +15,17 @@ field, written once by whoever finds it missing. A reload that finds no epoch, o
 the one this replica last saw, means Redis lost the hash: the replica first writes back every entry
 it holds (ids are deterministic, so several replicas restoring at once agree), then adopts the hash.
 
+A Redis restarted from an older RDB snapshot (its default persistence), or a failover to a replica behind, comes back
+with the epoch the replicas know but without the changes made since. Every write (`WRITE_SCRIPT`, `EXPIRE_SCRIPT`)
+therefore also bumps a `~version` field and publishes the new version with the change; each replica remembers the
+highest version it saw (its writes, the changes it heard, its reloads). A reload that finds a lower one is a
+rollback: the replica writes back every entry it holds and deletes again the ids it saw deleted (`MAX_TOMBSTONES`;
+a lift made after the snapshot must not come back with it), with a version past the one it remembers, then adopts
+the hash. A write by a replica that remembers a higher version than Redis holds is refused (`StateUnavailable`), so
+no write after a rollback reuses a version and hides it; its next reload restores. (A replica that never saw the
+later versions, one started after the rollback, writes on: a replica that did, reloading only after those writes
+reached its version, misses the rollback.) The restore also runs on the empty-Redis path above.
+
 Without Redis, entries live in a SQLite file (`SqliteStore`) in `state.path`, or in a directory the
 supervisor keeps for its lifetime: a reloaded or restarted worker reads them back, and a worker
 started beside the old one during a reload sees the old one's last writes (it polls the file's
@@ -73,6 +84,10 @@ DEFAULT_TIMEOUT_SECONDS = 1.0  # seconds per Redis operation; writes are off the
 RECONNECT_MIN_SECONDS = 0.1  # first wait before resubscribing; doubles up to the cap
 RECONNECT_MAX_SECONDS = 5.0
 EPOCH_FIELD = b"~epoch"  # in the entries' hash; entry ids start with "ev-" or "op-", never "~"
+VERSION_FIELD = b"~version"  # in the entries' hash: bumped by every write (`WRITE_SCRIPT`, `EXPIRE_SCRIPT`)
+# Ids this replica saw deleted (lifts, never expiries) and not added again since: deleted again when Redis is found
+# rolled back (its snapshot may predate the deletion; ids are never reused). Beyond this many the oldest is forgotten.
+MAX_TOMBSTONES = 10_000
 LISTEN_POLL_SECONDS = 1.0  # the subscriber wakes at least this often (heartbeat, cancellation)
 # A subscription that has heard nothing from Redis (not even the PONG of the heartbeat PING sent after each silent
 # poll) for this long is taken as lost: a partition that drops packets without a reset never raises, and the
@@ -93,14 +108,17 @@ REPLICA_WAIT_SECONDS = 0.5
 # The margin covers replicas' clocks behind Redis's; each replica stops matching an entry on its own clock anyway.
 EXPIRY_GRACE_SECONDS = 60.0
 EXPIRE_BATCH = 500  # ids per `EXPIRE_SCRIPT` call
-# KEYS[1] the entries' hash; ARGV[1] the changes' channel, ARGV[2] the grace (seconds), ARGV[3..] entry ids. Deletes
-# the entries whose `expires_at` (seconds) is at least the grace before Redis's TIME, publishes their removal as
-# `RedisStore.delete` does, and returns their ids.
+# KEYS[1] the entries' hash; ARGV[1] the changes' channel, ARGV[2] the grace (seconds), ARGV[3] the highest version
+# the caller saw, ARGV[4..] entry ids. Deletes the entries whose `expires_at` (seconds) is at least the grace before
+# Redis's TIME, bumps the version and publishes their removal (as `expired`: no tombstone), and returns their ids.
+# Nothing is done in a hash whose version is below the caller's (rolled back: the caller's reload restores it).
 EXPIRE_SCRIPT = """
+local current = tonumber(redis.call('HGET', KEYS[1], '~version') or '0')
+if current < tonumber(ARGV[3]) then return {} end
 local time = redis.call('TIME')
 local cutoff = tonumber(time[1]) + tonumber(time[2]) / 1000000 - tonumber(ARGV[2])
 local removed = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local text = redis.call('HGET', KEYS[1], ARGV[i])
   if text then
     local ok, entry = pcall(cjson.decode, text)
@@ -111,8 +129,34 @@ for i = 3, #ARGV do
     end
   end
 end
-if #removed > 0 then redis.call('PUBLISH', ARGV[1], cjson.encode({remove = removed})) end
+if #removed > 0 then
+  local version = redis.call('HINCRBY', KEYS[1], '~version', 1)
+  redis.call('PUBLISH', ARGV[1], cjson.encode({version = version, expired = removed}))
+end
 return removed
+"""
+# KEYS[1] the entries' hash; ARGV[1] the changes' channel, ARGV[2] the highest version the caller saw, ARGV[3] a new
+# epoch (set if missing) for a restore, '' for a plain write, ARGV[4] the change's JSON object, ARGV[5] n, ARGV[6 ..
+# 5 + 2n] id and JSON of each entry to set, then the ids to delete. A plain write into a hash whose version is below
+# the caller's is refused (rolled back); otherwise the version becomes one past the higher of the two, and the change
+# is published with it. Returns the new version.
+WRITE_SCRIPT = """
+local current = tonumber(redis.call('HGET', KEYS[1], '~version') or '0')
+local floor = tonumber(ARGV[2])
+if current < floor and ARGV[3] == '' then
+  return redis.error_reply('ROLLBACK revocation hash at version ' .. current .. ', seen at ' .. floor)
+end
+local i = 6
+for _ = 1, tonumber(ARGV[5]) do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+for j = i, #ARGV do redis.call('HDEL', KEYS[1], ARGV[j]) end
+if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], '~epoch', ARGV[3]) end
+local version = math.max(current, floor) + 1
+redis.call('HSET', KEYS[1], '~version', version)
+redis.call('PUBLISH', ARGV[1], '{"version":' .. string.format('%d', version) .. ',' .. string.sub(ARGV[4], 2))
+return version
 """
 
 
@@ -327,6 +371,8 @@ class RedisStore:
         self._reconnected = False
         self._heard = 0.0  # the loop's time the subscription last heard from Redis
         self._epoch: bytes | None = None  # the hash's epoch at this replica's last reload
+        self._version = 0  # the highest `~version` this replica saw (its writes, changes heard, reloads)
+        self._tombstones: dict[str, None] = {}  # ids seen deleted (`MAX_TOMBSTONES`), oldest first
 
     async def _call(self, operation: Awaitable[Any]) -> Any:
         try:
@@ -336,20 +382,32 @@ class RedisStore:
             raise StateUnavailable(f"revocation store unavailable: {type(exc).__name__}") from exc
 
     async def sync(self, held: list[Entry]) -> list[Entry]:
-        """HGETALL; when the hash lost its epoch (Redis restarted empty), `held` is written back first."""
+        """HGETALL; when the hash lost its epoch (Redis restarted empty) or went back to a version below the highest
+        this replica saw (an older snapshot, a replica behind), `held` is written back first."""
         raw: dict[bytes, bytes] = await self._call(self._redis.hgetall(self.hash_key))
         epoch = raw.pop(EPOCH_FIELD, None)
-        if epoch is None or (self._epoch is not None and epoch != self._epoch):
+        version = _version(raw.pop(VERSION_FIELD, None))
+        lost = epoch is None or (self._epoch is not None and epoch != self._epoch)
+        if lost or version < self._version:
             log.warning(
-                "revocation store lost its entries; restoring the ones this replica holds",
-                extra={"event": "revocation_store_restored", "entries": len(held)},
+                "revocation store lost its entries; restoring the ones this replica holds"
+                if lost
+                else "revocation store went back to an older state; restoring the entries this replica holds",
+                extra={
+                    "event": "revocation_store_restored",
+                    "entries": len(held),
+                    "version": version,
+                    "seen_version": self._version,
+                },
             )
-            await self._call(self._restore(held))
+            self._seen(await self._call(self._restore(held)))
             raw = await self._call(self._redis.hgetall(self.hash_key))
             epoch = raw.pop(EPOCH_FIELD, None)
-            if epoch is None:  # flushed again between the two calls: try on the next reload
+            version = _version(raw.pop(VERSION_FIELD, None))
+            if epoch is None or version < self._version:  # lost again between the two calls: on the next reload
                 raise StateUnavailable("revocation store lost its entries while restoring them")
         self._epoch = epoch
+        self._seen(version)
         entries: list[Entry] = []
         for field, value in raw.items():
             try:
@@ -358,16 +416,23 @@ class RedisStore:
                 log.warning("revocation entry unreadable", extra={"event": "revocation_store", "entry": repr(field)})
         return entries
 
-    async def _restore(self, held: list[Entry]) -> None:
-        """HSET every held entry and HSETNX a new epoch, published like any write, in one MULTI."""
-        message = json.dumps({"add": [json.loads(e.to_json()) for e in held]})
+    def _seen(self, version: int, added: Iterable[Entry] = (), removed: Iterable[str] = ()) -> None:
+        """Notes a version of the hash, and the entries added and ids deleted by the change that made it."""
+        self._version = max(self._version, version)
+        for entry in added:
+            self._tombstones.pop(entry.id, None)
+        for entry_id in removed:
+            self._tombstones.pop(entry_id, None)
+            self._tombstones[entry_id] = None
+        while len(self._tombstones) > MAX_TOMBSTONES:
+            del self._tombstones[next(iter(self._tombstones))]
 
-        def write(pipe: Any) -> None:
-            if held:
-                pipe.hset(self.hash_key, mapping={e.id: e.to_json() for e in held})
-            pipe.hsetnx(self.hash_key, EPOCH_FIELD, secrets.token_hex(16))
-
-        await self._transaction(write, message)
+    async def _restore(self, held: list[Entry]) -> int:
+        """Writes every held entry back, deletes again the ids seen deleted (`MAX_TOMBSTONES`), sets a new epoch if
+        missing, and publishes it all like any write (`WRITE_SCRIPT`): the new version."""
+        ids = {e.id for e in held}
+        gone = [i for i in self._tombstones if i not in ids]
+        return int(await self._script(held, gone, secrets.token_hex(16)))
 
     async def put(self, entries: Iterable[Entry], *, replacing: Iterable[str] = ()) -> None:
         """HSET (and HDEL `replacing`) and PUBLISH in one MULTI; with `replicas`, then WAIT for them
@@ -377,25 +442,14 @@ class RedisStore:
             return
         ids = {e.id for e in batch}
         gone = [i for i in replacing if i not in ids]
-        change: dict[str, Any] = {"add": [json.loads(e.to_json()) for e in batch]}
-        if gone:
-            change["remove"] = gone
-        message = json.dumps(change)
-
-        def write(pipe: Any) -> None:
-            pipe.hset(self.hash_key, mapping={e.id: e.to_json() for e in batch})
-            if gone:
-                pipe.hdel(self.hash_key, *gone)
-
-        await self._write(write, message, replicated=True)
+        await self._write(batch, gone, replicated=True)
 
     async def delete(self, ids: Iterable[str], *, replicated: bool = False) -> None:
         """HDEL and PUBLISH in one MULTI; `replicated`, then WAIT as `put` does."""
         batch = list(ids)
         if not batch:
             return
-        message = json.dumps({"remove": batch})
-        await self._write(lambda pipe: pipe.hdel(self.hash_key, *batch), message, replicated=replicated)
+        await self._write([], batch, replicated=replicated)
 
     async def expire(self, ids: Sequence[str]) -> list[str]:
         """HDEL (and PUBLISH) those of `ids` whose `expires_at` is `EXPIRY_GRACE_SECONDS` past on Redis's clock, in
@@ -404,16 +458,19 @@ class RedisStore:
         for start in range(0, len(ids), EXPIRE_BATCH):  # a replica far ahead names every entry: Redis not held long
             batch = ids[start : start + EXPIRE_BATCH]
             reply = await self._call(
-                self._redis.eval(EXPIRE_SCRIPT, 1, self.hash_key, self.channel, repr(EXPIRY_GRACE_SECONDS), *batch)
+                self._redis.eval(
+                    EXPIRE_SCRIPT, 1, self.hash_key, self.channel, repr(EXPIRY_GRACE_SECONDS), self._version, *batch
+                )
             )
             removed += (i.decode() if isinstance(i, bytes) else str(i) for i in reply or ())
         return removed
 
-    async def _write(self, write: Callable[[Any], Any], message: str, *, replicated: bool) -> None:
+    async def _write(self, added: list[Entry], removed: list[str], *, replicated: bool) -> None:
         if not (replicated and self.replicas):
-            await self._call(self._transaction(write, message))
+            self._seen(int(await self._call(self._script(added, removed))), added, removed)
             return
-        confirmed = await self._call(self._replicated(write, message))
+        version, confirmed = await self._call(self._replicated(added, removed))
+        self._seen(version, added, removed)
         if confirmed < self.replicas:
             raise RevocationNotReplicated(
                 f"revocation written to the Redis primary but confirmed by {confirmed} of {self.replicas} replicas",
@@ -421,25 +478,26 @@ class RedisStore:
                 confirmed=confirmed,
             )
 
-    async def _transaction(self, write: Callable[[Any], Any], message: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            write(pipe)
-            pipe.publish(self.channel, message)
-            await pipe.execute()
+    def _script_args(self, added: list[Entry], removed: list[str], epoch: str) -> list[Any]:
+        """`WRITE_SCRIPT`'s keys and arguments (the count of keys first)."""
+        change: dict[str, Any] = {"add": [json.loads(e.to_json()) for e in added]}
+        if removed:
+            change["remove"] = removed
+        pairs = [text for e in added for text in (e.id, e.to_json())]
+        return [1, self.hash_key, self.channel, self._version, epoch, json.dumps(change), len(added), *pairs, *removed]
 
-    async def _replicated(self, write: Callable[[Any], Any], message: str) -> int:
-        """MULTI, the write, PUBLISH, EXEC, then `WAIT replicas REPLICA_WAIT_SECONDS`, sent together on one
-        connection (WAIT counts the replicas that have this connection's writes): the replicas that confirmed."""
+    async def _script(self, added: list[Entry], removed: list[str], epoch: str = "") -> Any:
+        """`WRITE_SCRIPT`: the new version; `epoch`, a restore's (never refused)."""
+        return await self._redis.eval(WRITE_SCRIPT, *self._script_args(added, removed, epoch))
+
+    async def _replicated(self, added: list[Entry], removed: list[str]) -> tuple[int, int]:
+        """`WRITE_SCRIPT`, then `WAIT replicas REPLICA_WAIT_SECONDS`, sent together on one connection (WAIT counts
+        the replicas that have this connection's writes): the new version and the replicas that confirmed."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.execute_command("MULTI")
-            write(pipe)
-            pipe.publish(self.channel, message)
-            pipe.execute_command("EXEC")
+            pipe.eval(WRITE_SCRIPT, *self._script_args(added, removed, ""))
             pipe.execute_command("WAIT", self.replicas, int(REPLICA_WAIT_SECONDS * 1000))
-            *_, executed, confirmed = await pipe.execute()
-        if not isinstance(executed, list) or any(isinstance(reply, Exception) for reply in executed):
-            raise StateUnavailable("revocation store refused the write")
-        return int(confirmed)
+            version, confirmed = await pipe.execute()
+        return int(version), int(confirmed)
 
     async def subscribe(self) -> None:
         """SUBSCRIBE on a dedicated connection; raises `StateUnavailable`."""
@@ -498,7 +556,8 @@ class RedisStore:
                 continue
             if message is None or message.get("type") != "message":
                 continue
-            added, removed = _decode(message.get("data"))
+            version, added, removed, lifted = _decode(message.get("data"))
+            self._seen(version, added, lifted)
             if added or removed:
                 on_change(added, removed)
 
@@ -513,12 +572,24 @@ class RedisStore:
             await self._redis.aclose()
 
 
-def _decode(data: Any) -> tuple[list[Entry], list[str]]:
+def _version(raw: bytes | None) -> int:
+    """The hash's `~version` (0 when missing or unreadable)."""
+    try:
+        return int(raw) if raw is not None else 0
+    except ValueError:
+        return 0
+
+
+def _decode(data: Any) -> tuple[int, list[Entry], list[str], list[str]]:
+    """A published change: its version, the entries added, the ids removed, and of those the ones deleted (not
+    expired)."""
     try:
         document = json.loads(data)
+        version = int(document.get("version", 0))
         added = [Entry.from_json(json.dumps(item)) for item in document.get("add", [])]
-        removed = [str(i) for i in document.get("remove", [])]
+        lifted = [str(i) for i in document.get("remove", [])]
+        removed = lifted + [str(i) for i in document.get("expired", [])]
     except (ValueError, TypeError, AttributeError):
         log.warning("revocation change unreadable", extra={"event": "revocation_store"})
-        return [], []
-    return added, removed
+        return 0, [], [], []
+    return version, added, removed, lifted
