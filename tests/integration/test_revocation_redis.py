@@ -574,6 +574,15 @@ async def test_entries_expired_on_redis_clock_are_removed_and_the_removal_reache
         await store.close()
 
 
+async def _revoke_seen(a: RevocationService, b: RevocationService, sub: str) -> str:
+    """The kill switch's `disable` of `sub`, taken at replica `a` and waited for at `b`: the entry's id."""
+    document = {"subject": {"format": "iss_sub", "iss": IDP, "sub": sub}, "effect": "disable"}
+    created = await router_of(a).dispatch(admin_request("POST", document=document))
+    assert created.status == 201, created.body
+    await within(PROPAGATION_S, lambda: b.revocations.check(principal(sub)) is not None)
+    return str(json.loads(created.body)["id"])
+
+
 async def test_redis_restarted_from_an_older_snapshot_gets_the_later_entries_back(
     replicas: Replicas, redis_server: RedisServer
 ) -> None:
@@ -585,17 +594,9 @@ async def test_redis_restarted_from_an_older_snapshot_gets_the_later_entries_bac
     a, b = await replicas.start(), await replicas.start()
     client = Redis.from_url(redis_server.url)
     try:
-
-        async def revoke(sub: str) -> str:
-            document = {"subject": {"format": "iss_sub", "iss": IDP, "sub": sub}, "effect": "disable"}
-            created = await router_of(a).dispatch(admin_request("POST", document=document))
-            assert created.status == 201, created.body
-            await within(PROPAGATION_S, lambda: b.revocations.check(principal(sub)) is not None)
-            return str(json.loads(created.body)["id"])
-
-        await revoke("user-s1")
+        await _revoke_seen(a, b, "user-s1")
         assert await client.save()  # the snapshot a restart loads
-        later = await revoke("user-s2")  # taken after it
+        later = await _revoke_seen(a, b, "user-s2")  # taken after it
         redis_server.stop()  # without saving (no save points): the snapshot is what comes back
         redis_server.start()
         await client.aclose()
@@ -628,21 +629,13 @@ async def test_an_entry_lifted_after_the_snapshot_does_not_come_back_with_it(
     a, b = await replicas.start(), await replicas.start()
     client = Redis.from_url(redis_server.url)
     try:
-
-        async def revoke(sub: str) -> str:
-            document = {"subject": {"format": "iss_sub", "iss": IDP, "sub": sub}, "effect": "disable"}
-            created = await router_of(a).dispatch(admin_request("POST", document=document))
-            assert created.status == 201, created.body
-            await within(PROPAGATION_S, lambda: b.revocations.check(principal(sub)) is not None)
-            return str(json.loads(created.body)["id"])
-
-        lifted = await revoke("user-l1")
-        await revoke("user-l2")
+        lifted = await _revoke_seen(a, b, "user-l1")
+        await _revoke_seen(a, b, "user-l2")
         assert await client.save()  # the snapshot holds user-l1's entry
         answer = await router_of(b).dispatch(admin_request("DELETE", f"/v1/admin/revocations/{lifted}"))
         assert answer.status == 204  # lifted on purpose after the snapshot
         await within(PROPAGATION_S, lambda: a.revocations.check(principal("user-l1")) is None)
-        later = await revoke("user-l3")
+        later = await _revoke_seen(a, b, "user-l3")
         redis_server.stop()
         redis_server.start()
         await client.aclose()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
-from support import FrozenClock
+from support import FrozenClock, serve_on_loopback
 from tokenkit import MAX_TOKEN_BYTES, Mint, SigningKeys, claims, issuer_settings, public_jwk
 
 from verifier.app import HttpSessions
@@ -60,11 +60,7 @@ class MovingProvider:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/{tail:.*}", self._answer)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_on_loopback(app)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from doorkit import door_settings, http_exchange
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
-from support import FrozenClock, timed
+from support import FrozenClock, serve_on_loopback, timed
 from tokenkit import (
     DISCOVERY_URL,
     ISSUER,
@@ -394,11 +394,7 @@ class LocalProvider:
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
         app.router.add_get("/jwks", self._jwks)
         app.router.add_get("/elsewhere", self._elsewhere)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_on_loopback(app)
 
     async def stop(self) -> None:
         if self._runner is not None:
