@@ -29,6 +29,7 @@ from verifier.checks.introspect_jwts import IntrospectJwts
 from verifier.clock import SystemClock
 from verifier.config.introspection import (
     DEFAULT_BATCH_WINDOW_SECONDS,
+    DEFAULT_MAX_BATCHES_IN_FLIGHT,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_NEGATIVE_TTL_SECONDS,
     DEFAULT_POSITIVE_TTL_SECONDS,
@@ -710,6 +711,78 @@ async def test_a_full_batch_is_sent_without_waiting_for_the_window(make: MakeInt
     assert len(http.posts) == 2
 
 
+def batch_tokens(request: HttpRequest) -> list[str]:
+    return list(json.loads(request.body)["tokens"])
+
+
+async def turns(n: int) -> None:
+    """n turns of the loop: each token below arrives in a turn of its own, as requests from different connections."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_with_the_batch_calls_at_their_bound_tokens_arriving_in_turns_gather_into_one_call(
+    make: MakeIntrospector, http: FakeHttp
+) -> None:
+    """Group commit (#24 goal 7): with `max_batches_in_flight` batch calls under way, tokens that arrive one loop turn
+    apart (a window of 0 would send each at the end of its own turn) share the next call."""
+    for token in ("warm", "a", "b", "c", "d"):
+        http.answers[token] = active()
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0, max_batches_in_flight=1)
+    http.delay = 0.2
+    await check(introspector, "warm")  # a call's duration, learned: ~0.2 s
+    first = asyncio.ensure_future(check(introspector, "a"))
+    await turns(3)
+    assert [batch_tokens(r) for r in http.posts[1:]] == [["a"]]  # no call under way: sent at once
+    rest = []
+    for token in ("b", "c", "d"):
+        rest.append(asyncio.ensure_future(check(introspector, token)))
+        await turns(3)
+    async with asyncio.timeout(2):
+        await asyncio.gather(first, *rest)
+    assert [batch_tokens(r) for r in http.posts[1:]] == [["a"], ["b", "c", "d"]]
+
+
+async def test_below_the_bound_a_token_is_not_held_for_the_calls_under_way(
+    make: MakeIntrospector, http: FakeHttp
+) -> None:
+    for token in ("warm", "a", "b"):
+        http.answers[token] = active()
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0, max_batches_in_flight=2)
+    http.delay = 0.2
+    await check(introspector, "warm")
+    first = asyncio.ensure_future(check(introspector, "a"))
+    await turns(3)
+    second = asyncio.ensure_future(check(introspector, "b"))
+    await turns(3)
+    assert [batch_tokens(r) for r in http.posts[1:]] == [["a"], ["b"]]  # one under way of two: b went at once
+    async with asyncio.timeout(2):
+        await asyncio.gather(first, second)
+
+
+async def test_a_slow_provider_does_not_hold_gathered_tokens_for_a_whole_call(
+    make: MakeIntrospector, http: FakeHttp
+) -> None:
+    """The gathering is bounded (25 ms), not the end of a call under way: a provider answering in 1 s would
+    otherwise double every gathered token's wait."""
+    for token in ("warm", "a", "b"):
+        http.answers[token] = active()
+    introspector = make(batch_endpoint=BATCH_ENDPOINT, batch_window_seconds=0, max_batches_in_flight=1)
+    http.delay = 1.0
+    await check(introspector, "warm")
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(check(introspector, "a"))
+    await turns(3)
+    began = loop.time()
+    second = asyncio.ensure_future(check(introspector, "b"))
+    while len(http.posts) < 3 and loop.time() - began < 0.9:
+        await asyncio.sleep(0.005)
+    assert [batch_tokens(r) for r in http.posts[1:]] == [["a"], ["b"]]
+    assert loop.time() - began < 0.5  # about 25 ms; "a" is still under way
+    async with asyncio.timeout(3):
+        await asyncio.gather(first, second)
+
+
 async def test_in_flight_provider_calls_are_bounded(make: MakeIntrospector, http: FakeHttp) -> None:
     peak = 0
     current = 0
@@ -1353,6 +1426,7 @@ def test_the_readme_example_parses_with_documented_defaults(secret_env: str) -> 
     assert parsed.timeout_seconds == DEFAULT_TIMEOUT_SECONDS
     assert parsed.max_in_flight == DEFAULT_MAX_IN_FLIGHT
     assert parsed.batch_window_seconds == DEFAULT_BATCH_WINDOW_SECONDS
+    assert parsed.max_batches_in_flight == DEFAULT_MAX_BATCHES_IN_FLIGHT
     assert parsed.negative_ttl_seconds == DEFAULT_NEGATIVE_TTL_SECONDS
     assert parsed.serve_stale_on_error is False
     assert SECRET not in repr(parsed)
@@ -1370,6 +1444,7 @@ def test_every_key_parses(secret_env: str) -> None:
             "max_in_flight": 8,
             "batch_window_seconds": 0.002,
             "max_batch_size": 10,
+            "max_batches_in_flight": 2,
             "positive_ttl_seconds": 30,
             "negative_ttl_seconds": 5,
             "positive_entries": 10,
@@ -1387,7 +1462,8 @@ def test_every_key_parses(secret_env: str) -> None:
     assert parsed.client_auth is ClientAuth.CLIENT_SECRET_POST
     assert parsed.batch_endpoint.endswith("/batch")
     assert parsed.serve_stale_on_error and not parsed.require_audience
-    assert parsed.max_batch_size == 10 and parsed.breaker_success_window_seconds == 3
+    assert parsed.max_batch_size == 10 and parsed.max_batches_in_flight == 2
+    assert parsed.breaker_success_window_seconds == 3
 
 
 @pytest.mark.parametrize(

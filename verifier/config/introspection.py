@@ -26,6 +26,10 @@ DEFAULT_TIMEOUT_SECONDS = 2.0  # seconds per provider call, queueing included: a
 DEFAULT_MAX_IN_FLIGHT = 32  # concurrent calls to one provider: enough for a burst, too few to flatten it
 DEFAULT_BATCH_WINDOW_SECONDS = 0.001  # batch endpoint: 1 ms gathers a burst, short next to a round trip
 DEFAULT_MAX_BATCH_SIZE = 64  # tokens per batch call; a full batch is sent at once without waiting the window
+# Batch calls under way at once before new tokens gather for the next (group commit): below it a token goes at the end
+# of its loop turn, at it the end of a call sends what gathered meanwhile. Each gathered token waits at most about a
+# call's duration / 4 at a steady rate, and none waits at a low one.
+DEFAULT_MAX_BATCHES_IN_FLIGHT = 4
 DEFAULT_POSITIVE_TTL_SECONDS = 60.0  # an active answer is reused this long at most (bounds revocation lag)
 DEFAULT_NEGATIVE_TTL_SECONDS = 10.0  # an inactive or refused answer is reused this long (garbage floods cost nothing)
 DEFAULT_POSITIVE_ENTRIES = 100_000  # active answers kept per issuer (bounded memory)
@@ -85,6 +89,12 @@ class IntrospectionConfig:
     )
     max_batch_size: int = setting(
         DEFAULT_MAX_BATCH_SIZE, doc="with batch_endpoint: tokens per call", minimum=1, maximum=1000
+    )
+    max_batches_in_flight: int = setting(
+        DEFAULT_MAX_BATCHES_IN_FLIGHT,
+        doc="with batch_endpoint: batch calls under way before tokens gather for the next (a full batch goes at once)",
+        minimum=1,
+        maximum=10_000,
     )
     positive_ttl_seconds: float = setting(
         DEFAULT_POSITIVE_TTL_SECONDS,

@@ -6,7 +6,10 @@ Per issuer, one `Introspector`:
   `negative_ttl_seconds`; both bounded and keyed by the token's SHA-256. Transport failures, 5xx and
   answers without `active` are never remembered.
 - single flight: concurrent requests for the same token share one provider call.
-- batching, with a batch endpoint: distinct tokens arriving within `batch_window_seconds` go in one call
+- batching, with a batch endpoint (group commit): distinct tokens arriving within `batch_window_seconds` go in one
+  call while fewer than `max_batches_in_flight` batch calls are under way; at that bound they gather for a K-th of
+  a call's recent duration (at most 25 ms), so at a steady rate each call carries what came in its share of a round
+  trip and the provider sees a few calls at a time, not one per token (#24 goal 7: the verifier's CPU per token)
   (see `introspection_client`); a batch call that fails in a way one of its tokens may have caused (a 400, a
   500, a malformed answer) is split in halves once the provider has answered a token of our own, so a token the
   provider chokes on fails alone, not every token that shared its window (`BatchDispatcher`). Without one
@@ -187,6 +190,9 @@ def _number(answer: Mapping[str, Any], name: str) -> float | None:
     return number
 
 
+_MAX_GATHER_SECONDS = 0.025  # the longest a token gathers while the batch calls are at their bound (a slow provider)
+
+
 class Introspector:
     """Introspects one issuer's opaque tokens, with caches, single flight, batching and a breaker."""
 
@@ -240,6 +246,8 @@ class Introspector:
         self._inflight: dict[bytes, list[asyncio.Future[_Verdict]]] = {}
         self._pending: list[_Pending] = []
         self._timer: asyncio.Handle | None = None
+        self._batch_calls = 0  # batch calls under way (`_flush`): at `max_batches_in_flight`, tokens gather
+        self._call_seconds = 0.0  # a batch call's recent duration (a moving average), for the gathering
         self._tasks: set[asyncio.Task[None]] = set()  # batch calls
         # One token's call (no batch endpoint), by its hash: it removes itself when done, so no done
         # callback (a loop turn per token) is needed to forget it.
@@ -294,14 +302,22 @@ class Introspector:
     # -- batching --------------------------------------------------------------------------
 
     def _enqueue(self, pending: _Pending) -> None:
+        """Group commit: below `max_batches_in_flight` batch calls under way, the pending tokens go after the window
+        (at the end of this loop turn when it is 0). At it, they gather for a K-th of a batch call's recent duration
+        (K the bound, at most `_MAX_GATHER_SECONDS`): at a steady rate about K calls stay under way, each with what
+        came in its share of a round trip, and no token waits longer than that share. A full batch goes at once
+        either way (`max_in_flight` still bounds the calls)."""
         self._pending.append(pending)
         if len(self._pending) >= self.config.max_batch_size:
             self._flush_now()
         elif self._timer is None:
             loop = self._loop  # set by `introspect`, on this loop: no lookup (a getpid() on CPython 3.11)
             assert loop is not None
-            window = self.config.batch_window_seconds
-            self._timer = loop.call_later(window, self._flush_now) if window > 0 else loop.call_soon(self._flush_now)
+            config = self.config
+            wait = config.batch_window_seconds
+            if self._batch_calls >= config.max_batches_in_flight:
+                wait = max(wait, min(self._call_seconds / config.max_batches_in_flight, _MAX_GATHER_SECONDS))
+            self._timer = loop.call_later(wait, self._flush_now) if wait > 0 else loop.call_soon(self._flush_now)
 
     def _flush_now(self) -> None:
         if self._timer is not None:
@@ -309,10 +325,11 @@ class Introspector:
             self._timer = None
         batch, self._pending = self._pending, []
         if batch:
+            self._batch_calls += 1
             self._start(self._flush(batch))
 
     def _start(self, call: Coroutine[Any, Any, None]) -> None:
-        loop = self._loop  # `_flush_now` runs from `introspect` or from its batch timer: on this loop
+        loop = self._loop  # `_flush_now` runs from `introspect`, its batch timer or a call's end: on this loop
         assert loop is not None
         task = loop.create_task(call)
         self._tasks.add(task)
@@ -353,6 +370,18 @@ class Introspector:
         self._deliver(token_hash, result)
 
     async def _flush(self, batch: list[_Pending]) -> None:
+        """One batch call (`_flush_now` counted it in `_batch_calls`), timed for the gathering (`_enqueue`)."""
+        loop = self._loop
+        assert loop is not None
+        began = loop.time()
+        try:
+            await self._dispatch(batch)
+        finally:
+            self._batch_calls -= 1
+            took = loop.time() - began
+            self._call_seconds = took if not self._call_seconds else 0.8 * self._call_seconds + 0.2 * took
+
+    async def _dispatch(self, batch: list[_Pending]) -> None:
         self._metrics.batch_size.observe(len(batch))
         results: list[IntrospectionResult]
         try:
