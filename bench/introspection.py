@@ -4,9 +4,11 @@ The provider is verifier/devidp.py in a process of its own (bench/idp.py) with `
 (``--delay``, default 0.02), so every introspection call takes at least that long. Three targets,
 alternated per scenario, all at the forward-auth door: ``verifier batch off`` (``introspection:
 {endpoint}``: one POST per distinct token, single flight and caches in front of it), ``verifier batch
-on`` (plus ``batch_endpoint``), and ``naive`` (bench/baselines.py ``introspect``: one provider call per
-request, nothing cached). Three scenarios, each an open loop at ``--rate`` checks/s (default 1,000; 64
-keep-alive connections so that a 20 ms answer does not queue on its connection):
+on`` (the default configuration, client id and secret only: both endpoints from the provider's discovery,
+its ``introspection_batch_endpoint`` included, so batch mode is on by default), and ``naive``
+(bench/baselines.py ``introspect``: one provider call per request, nothing cached). Three scenarios, each an
+open loop at ``--rate`` checks/s (default 1,000; 64 keep-alive connections so that a 20 ms answer does not queue
+on its connection):
 
 * ``hot``      -- 100 live tokens, cycled (a fresh 100 per target, so nothing is cached before the run);
 * ``distinct`` -- a pool of 10,000 live tokens, each sent once;
@@ -106,12 +108,13 @@ def run(ctx: Context) -> None:
     pool = iter(provider.opaque)
     base = f"{provider.url}/introspect"
     intro = f'    introspection: {{client_id: {idp.CLIENT_ID}, client_secret_env: {idp.SECRET_ENV}, endpoint: "{base}"'
-    batch = intro + f', batch_endpoint: "{base}/batch"}}\n'
+    batch = intro + f', batch_endpoint: "{base}/batch"}}\n'  # a tree of before the batch endpoint was discovered
+    default = f"    introspection: {{client_id: {idp.CLIENT_ID}, client_secret_env: {idp.SECRET_ENV}}}\n"
     targets = {
         "verifier batch off": ctx.servers.start_verifier(
             provider.url, name="verifier batch off", issuer_yaml=intro + "}\n"
         ),
-        "verifier batch on": ctx.servers.start_verifier(provider.url, name="verifier batch on", issuer_yaml=batch),
+        "verifier batch on": ctx.servers.start_verifier(provider.url, name="verifier batch on", issuer_yaml=default),
     }
     if "naive" in names:
         targets["naive"] = ctx.servers.start_baseline("introspect", issuer=provider.url).renamed("naive")

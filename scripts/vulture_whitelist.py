@@ -36,6 +36,7 @@ _.reset_counts
 _.introspection_calls
 _.batch_calls
 _.batch_tokens
+_.tokens_asked
 
 # The memory store's eviction count: how an operator (and the tests) see a table filling up.
 _.evictions

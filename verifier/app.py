@@ -332,6 +332,7 @@ class App:
                 clock=self.clock,
                 registry=self.metrics.registry,
                 discovered_endpoint=self._discovered("introspection_endpoint", i.issuer),
+                discovered_batch_endpoint=self._discovered("introspection_batch_endpoint", i.issuer),
                 discovery_url=i.discovery,
                 leeway_seconds=i.leeway_seconds,
             )

@@ -61,7 +61,7 @@ class DevIdentityProvider:
         self._opaque: dict[str, dict[str, Any]] = {}  # opaque token -> its RFC 7662 answer (without active)
         self.introspection_calls = 0  # POST /introspect requests, authenticated or not
         self.batch_calls = 0  # POST /introspect/batch requests
-        self.batch_tokens = 0  # tokens asked about across all batch calls
+        self.batch_tokens = 0  # tokens asked about across all batch calls (authenticated or not, answered or not)
         self.fail_status: int | None = None  # answer both introspection endpoints with this status (faults)
         self.delay_seconds = 0.0  # wait this long before answering them (faults)
         self.jwks_delay_seconds = 0.0  # wait this long before answering `/jwks` (a slow provider)
@@ -218,6 +218,11 @@ class DevIdentityProvider:
         """Revokes an opaque token (RFC 7009 semantics: introspection says inactive from now on)."""
         self._opaque.pop(token, None)
 
+    @property
+    def tokens_asked(self) -> int:
+        """Tokens asked about at either endpoint: a POST each at `/introspect`, or in a batch (authenticated or not)."""
+        return self.introspection_calls + self.batch_tokens
+
     def introspection_answer(self, token: str) -> dict[str, Any]:
         """The RFC 7662 section 2.2 answer for `token` (inactive: only `{"active": false}`, section 2.2)."""
         answer = self._opaque.get(token)
@@ -276,25 +281,26 @@ class DevIdentityProvider:
 
     async def _introspect_batch(self, request: web.Request) -> web.Response:
         self.batch_calls += 1
-        fault = await self._fault()
-        if fault is not None:
-            return fault
         try:
             data = await request.json()
         except ValueError:
-            return web.json_response({"error": "invalid_request"}, status=400)
+            data = None
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        if isinstance(tokens, list):
+            self.batch_tokens += len(tokens)  # asked about, whatever the answer (a fault, a refusal)
+        fault = await self._fault()
+        if fault is not None:
+            return fault
         if not isinstance(data, dict):
             return web.json_response({"error": "invalid_request"}, status=400)
         if not self._client_authenticated(request, data):
             return web.json_response({"error": "invalid_client"}, status=401)
-        tokens = data.get("tokens")
         if (
             not isinstance(tokens, list)
             or len(tokens) > MAX_BATCH_TOKENS
             or not all(isinstance(t, str) and t for t in tokens)
         ):
             return web.json_response({"error": "invalid_request"}, status=400)
-        self.batch_tokens += len(tokens)
         results = [self.introspection_answer(t) for t in tokens]
         return web.json_response({"results": results}, headers={"Cache-Control": "no-store"})
 

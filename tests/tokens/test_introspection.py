@@ -1306,6 +1306,72 @@ async def test_the_endpoint_comes_from_discovery_when_not_configured(make: MakeI
     assert http.posts[0].url == ISSUER + "/discovered"
 
 
+async def test_a_batch_endpoint_named_by_discovery_is_used_by_default(make: MakeIntrospector, http: FakeHttp) -> None:
+    """#24 goal 7: batch mode by default where the provider offers it (`introspection_batch_endpoint`)."""
+    http.discovery = {
+        "issuer": ISSUER, "introspection_endpoint": ENDPOINT, "introspection_batch_endpoint": BATCH_ENDPOINT
+    }
+    for token in ("first", "a", "b"):
+        http.answers[token] = active()
+    introspector = make(endpoint="")
+    await check(introspector, "first")  # learns both endpoints; its own call is one POST
+    await asyncio.gather(check(introspector, "a"), check(introspector, "b"))
+    assert [r.url for r in http.posts] == [ENDPOINT, BATCH_ENDPOINT]
+    assert batch_tokens(http.posts[1]) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("named", "options"),
+    [
+        (BATCH_ENDPOINT, {"batch": False}),  # the operator's opt-out
+        ("https://elsewhere.example.test/introspect/batch", {}),  # another origin: the secret would go there
+        ("http://issuer.example.test/introspect/batch", {}),  # a downgrade to plain http
+        (BATCH_ENDPOINT, {"endpoint": ENDPOINT}),  # the RFC 7662 endpoint is configured: discovery is not read
+    ],
+)
+async def test_a_discovered_batch_endpoint_is_not_used_where_it_may_not_be(
+    make: MakeIntrospector, http: FakeHttp, named: str, options: dict[str, Any]
+) -> None:
+    http.discovery = {"issuer": ISSUER, "introspection_endpoint": ENDPOINT, "introspection_batch_endpoint": named}
+    for token in ("first", "a", "b"):
+        http.answers[token] = active()
+    introspector = make(**{"endpoint": "", **options})
+    await check(introspector, "first")
+    await asyncio.gather(check(introspector, "a"), check(introspector, "b"))
+    assert [r.url for r in http.posts] == [ENDPOINT] * 3
+
+
+async def test_a_batch_endpoint_in_the_key_stores_discovery_is_used(http: FakeHttp, clock: FrozenClock) -> None:
+    for token in ("first", "a", "b"):
+        http.answers[token] = active()
+    introspector = build_introspector(
+        issuer=ISSUER,
+        audiences=(AUDIENCE,),
+        config=config(endpoint=""),
+        endpoint=None,
+        clock=clock,
+        registry=CollectorRegistry(),
+        http=http,
+        discovered_endpoint=lambda: ENDPOINT,
+        discovered_batch_endpoint=lambda: BATCH_ENDPOINT,
+    )
+    try:
+        await check(introspector, "first")
+        await asyncio.gather(check(introspector, "a"), check(introspector, "b"))
+    finally:
+        await introspector.close()
+    assert [r.method for r in http.requests] == ["POST", "POST"]  # nothing fetched: the key store's metadata
+    assert [r.url for r in http.posts] == [ENDPOINT, BATCH_ENDPOINT]
+
+
+def test_batch_false_beside_a_batch_endpoint_is_refused(secret_env: str) -> None:
+    with pytest.raises(ConfigError, match="batch: false"):
+        parse_introspection_config(
+            {"client_id": "v", "client_secret_env": secret_env, "batch_endpoint": BATCH_ENDPOINT, "batch": False},
+            "issuers[0].introspection",
+        )
+
+
 async def test_discovery_naming_another_issuer_is_refused(make: MakeIntrospector, http: FakeHttp) -> None:
     http.discovery = {"issuer": "https://evil.example.test", "introspection_endpoint": ISSUER + "/x"}
     with pytest.raises(ProviderUnavailable, match="issuer"):
@@ -1427,6 +1493,7 @@ def test_the_readme_example_parses_with_documented_defaults(secret_env: str) -> 
     assert parsed.max_in_flight == DEFAULT_MAX_IN_FLIGHT
     assert parsed.batch_window_seconds == DEFAULT_BATCH_WINDOW_SECONDS
     assert parsed.max_batches_in_flight == DEFAULT_MAX_BATCHES_IN_FLIGHT
+    assert parsed.batch is True
     assert parsed.negative_ttl_seconds == DEFAULT_NEGATIVE_TTL_SECONDS
     assert parsed.serve_stale_on_error is False
     assert SECRET not in repr(parsed)
@@ -1606,7 +1673,7 @@ async def test_dev_provider_standard_endpoint_is_found_by_discovery_and_counts_c
     devidp: DevIdentityProvider, introspection_http: IntrospectionHttpClient, registry: CollectorRegistry
 ) -> None:
     opaque = devidp.mint_opaque(sub=None, client_id="svc")
-    introspector = dev_introspector(devidp, introspection_http, registry)
+    introspector = dev_introspector(devidp, introspection_http, registry, batch=False)  # its batch endpoint: below
     try:
         results = await asyncio.gather(*(check(introspector, opaque) for _ in range(20)))
         assert {(p.subject, p.client_id) for p in results} == {("", "svc")}
@@ -1617,6 +1684,21 @@ async def test_dev_provider_standard_endpoint_is_found_by_discovery_and_counts_c
         assert devidp.introspection_calls == 2
     finally:
         await introspector.close()
+
+
+async def test_dev_provider_batch_endpoint_is_used_by_default_once_discovery_names_it(
+    devidp: DevIdentityProvider, introspection_http: IntrospectionHttpClient, registry: CollectorRegistry
+) -> None:
+    """Over real HTTP: the first token goes alone (discovery learns both endpoints), the next ones in one batch."""
+    first, *rest = (devidp.mint_opaque(sub=f"user-{i}") for i in range(6))
+    introspector = dev_introspector(devidp, introspection_http, registry)
+    try:
+        assert (await check(introspector, first)).subject == "user-0"
+        principals = await asyncio.gather(*(check(introspector, t) for t in rest))
+    finally:
+        await introspector.close()
+    assert [p.subject for p in principals] == [f"user-{i}" for i in range(1, 6)]
+    assert (devidp.introspection_calls, devidp.batch_calls, devidp.batch_tokens) == (1, 1, 5)
 
 
 async def test_dev_provider_refuses_a_wrong_client_secret(

@@ -82,9 +82,9 @@ async def test_an_opaque_token_is_sent_only_to_the_issuer_that_takes_opaque_toke
         b.reset_counts()
         assert await status(b.mint_opaque(sub="bob")) == 200
         assert await status(a.mint_opaque(sub="alice")) == 401  # A's opaque tokens are not taken
-        assert a.introspection_calls == 0, "an opaque token was disclosed to an issuer that did not take it"
-        assert b.introspection_calls == 2
+        assert a.tokens_asked == 0, "an opaque token was disclosed to an issuer that did not take it"
+        assert b.tokens_asked == 2
         await status(a.mint(sub="alice"))  # A still introspects its own JWTs (the dev IdP calls them inactive)
-        assert a.introspection_calls == 1 and b.introspection_calls == 2
+        assert a.tokens_asked == 1 and b.tokens_asked == 2
     finally:
         await app.stop(grace=0.2)

@@ -73,7 +73,10 @@ class IntrospectionConfig:
         unit="seconds",
     )
     endpoint: str = setting("", doc="empty: `introspection_endpoint` from discovery")
-    batch_endpoint: str = setting("", doc="a multi-token endpoint; empty: one POST per token")
+    batch_endpoint: str = setting(
+        "", doc="a multi-token endpoint; empty: the provider's `introspection_batch_endpoint`, else one POST per token"
+    )
+    batch: bool = setting(True, doc="false: one POST per token even where discovery names a batch endpoint")
     timeout_seconds: float = setting(
         DEFAULT_TIMEOUT_SECONDS, doc="per provider call, queueing included", minimum=0.01, maximum=60, unit="seconds"
     )
@@ -237,6 +240,8 @@ def parse_introspection_config(
     fields = read_fields(f, IntrospectionConfig, client_id=client_id)
     fields["endpoint"] = _url(f, "endpoint", fields["endpoint"], allow_insecure_http)
     fields["batch_endpoint"] = _url(f, "batch_endpoint", fields["batch_endpoint"], allow_insecure_http)
+    if fields["batch_endpoint"] and not fields["batch"]:
+        raise ConfigError(f"{f._key('batch')}: false, with a batch_endpoint set: drop one of them")
     f.done()
     return IntrospectionConfig(
         **fields,

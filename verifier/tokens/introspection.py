@@ -209,6 +209,7 @@ class Introspector:
         breaker: Breaker,
         discovered_endpoint: Callable[[], str] | None = None,
         discovery_url: str = "",
+        discovered_batch_endpoint: Callable[[], str] | None = None,
         leeway_seconds: float = 0.0,
     ) -> None:
         """Endpoint, first found wins: `config.endpoint`, `endpoint`, `discovered_endpoint()` (a late-bound
@@ -230,13 +231,13 @@ class Introspector:
             endpoint=endpoint,
             discovered_endpoint=discovered_endpoint,
             discovery_url=discovery_url or issuer.rstrip("/") + "/.well-known/openid-configuration",
+            discovered_batch_endpoint=discovered_batch_endpoint,
             http=http,
             clock=clock,
             breaker=self.breaker,
             metrics=metrics,
         )
         self._batches = BatchDispatcher(self.client)  # with a batch endpoint
-        self._per_token = not config.batch_endpoint  # else one POST per token (RFC 7662): no window, no batch
         self._positive: ExpiringCache[_Cached] = ExpiringCache(config.positive_entries, clock)
         # Refused tokens: `_INACTIVE`, or the refusal of an active answer that is no access token's (a refresh
         # token's, a malformed one): each remembered, or a stolen refresh token would be asked about on every request
@@ -288,7 +289,7 @@ class Introspector:
         if waiters is None:
             self._metrics.miss.inc()
             self._inflight[token_hash] = [future]
-            if self._per_token:
+            if not self.client.batch_url:  # one POST per token (RFC 7662): no window, no batch
                 if not self._start_now(token, token_hash):
                     self._calls[token_hash] = loop.create_task(self._one(token, token_hash))
             else:

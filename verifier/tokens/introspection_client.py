@@ -54,7 +54,7 @@ from verifier.config.introspection import (
 )
 from verifier.errors import ProviderUnavailable
 from verifier.observe.metrics import IssuerIntrospectionMetrics
-from verifier.tokens.fetch import check_learned_url
+from verifier.tokens.fetch import check_learned_url, url_origin
 from verifier.tokens.introspection_breaker import Breaker, BreakerState
 from verifier.tokens.jws import holds_lone_surrogate, lone_surrogate
 
@@ -242,6 +242,7 @@ class ProviderClient:
         endpoint: str | None,
         discovered_endpoint: Callable[[], str] | None,
         discovery_url: str,
+        discovered_batch_endpoint: Callable[[], str] | None = None,
         http: IntrospectionHttp,
         clock: Clock,
         breaker: Breaker,
@@ -251,6 +252,8 @@ class ProviderClient:
         self.config = config
         self._endpoint = config.endpoint or endpoint or ""
         self._discovered = discovered_endpoint
+        self._discovered_batch = discovered_batch_endpoint
+        self.batch_url = config.batch_endpoint  # or the provider's, learned with the RFC 7662 endpoint (`_learn_batch`)
         self._discovery_url = discovery_url
         self._http = http
         self._clock = clock
@@ -289,6 +292,7 @@ class ProviderClient:
             known = self._discovered()
             if known:
                 self._endpoint = check_learned_url(known, issuer=self.issuer, what="introspection_endpoint")
+                self._learn_batch(self._discovered_batch() if self._discovered_batch is not None else None, known)
                 return known
         if self._discovering is None:
             self._discovering = asyncio.get_running_loop().create_task(self._discover())
@@ -305,7 +309,26 @@ class ProviderClient:
         # OIDC Discovery section 4.3: the document must name exactly the issuer we asked about.
         if not isinstance(doc, dict) or doc.get("issuer") != self.issuer:
             raise ProviderUnavailable("discovery issuer does not match the configured issuer")
-        return check_learned_url(doc.get("introspection_endpoint"), issuer=self.issuer, what="introspection_endpoint")
+        endpoint = doc.get("introspection_endpoint")
+        endpoint = check_learned_url(endpoint, issuer=self.issuer, what="introspection_endpoint")
+        self._learn_batch(doc.get("introspection_batch_endpoint"), endpoint)
+        return endpoint
+
+    def _learn_batch(self, value: object, endpoint: str) -> None:
+        """Batch mode by default where the provider offers it (#24 goal 7): the batch endpoint its discovery metadata
+        names (`introspection_batch_endpoint`: this verifier's batch protocol, not a registered name; the development
+        provider's), taken with the RFC 7662 endpoint it came with, unless `batch: false` or one is configured. It must
+        be on that endpoint's origin (the client secret goes to both) and pass the outbound URL rule; else it is
+        logged and every token keeps its own POST."""
+        if not value or not self.config.batch or self.config.batch_endpoint:
+            return
+        try:
+            self.batch_url = check_learned_url(
+                value, issuer=self.issuer, what="introspection_batch_endpoint", origin=url_origin(endpoint)
+            )
+        except ProviderUnavailable as exc:
+            event = {"event": "introspection_batch_refused", "issuer": self.issuer}
+            log.warning("batch endpoint not used: %s", exc, extra=event)
 
     async def introspect(self, token: str) -> dict[str, Any]:
         """One RFC 7662 section 2.1 request; the decoded section 2.2 answer (any JSON object).
@@ -363,7 +386,7 @@ class ProviderClient:
         When the breaker is half-open, a batch of our own token alone goes first as the probe, as in `introspect`:
         the first batch after the cool-down holds whichever tokens came first (in a flood, the attacker's), and
         one token the provider fails for fails the whole batch."""
-        url = self.config.batch_endpoint
+        url = self.batch_url
 
         def build_for(asked: Sequence[str]) -> Callable[[], tuple[str, str, Headers, bytes]]:
             def build() -> tuple[str, str, Headers, bytes]:
