@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import ipaddress
+import json
 import socket
 import ssl
 import time
@@ -742,12 +743,17 @@ class Primed:
 
 @contextlib.asynccontextmanager
 async def primed(
-    client: IntrospectionHttpClient, answers: list[Answer], timeout: float = PATIENCE, in_flight: int = 64
+    client: IntrospectionHttpClient,
+    answers: list[Answer],
+    timeout: float = PATIENCE,
+    in_flight: int = 64,
+    batch: bool = False,
 ) -> AsyncIterator[Primed]:
     """An introspector on the production client whose pool holds one open connection (a first token,
-    answered `ok(LIVE)`, opened it); the peer then answers `answers` in turn (the last one repeats)."""
+    answered `ok(LIVE)`, opened it); the peer then answers `answers` in turn (the last one repeats). With
+    `batch`, the endpoint is a batch endpoint (the first token's answer a batch of one)."""
     registry = CollectorRegistry()
-    async with Peer([ok(LIVE), *answers]) as peer:
+    async with Peer([ok(b'{"results": [%s]}' % LIVE if batch else LIVE), *answers]) as peer:
         introspector = build_introspector(
             issuer="http://127.0.0.1",
             audiences=("aud",),
@@ -755,6 +761,7 @@ async def primed(
                 client_id="verifier",
                 client_secret="s" * 16,
                 endpoint=peer.url,
+                batch_endpoint=peer.url + "/batch" if batch else "",
                 timeout_seconds=timeout,
                 max_in_flight=in_flight,
             ),
@@ -797,6 +804,36 @@ async def test_a_first_seen_token_on_a_pooled_connection_is_asked_without_a_task
         assert made == []  # the request written and the answer settled by callbacks, no task between
         assert it.peer.connections == 1 and len(it.peer.requests) == 2
         assert it.calls("ok") == 2
+
+
+BOB = b'{"active": true, "sub": "bob", "aud": "aud"}'
+
+
+async def test_a_batch_on_a_pooled_connection_is_asked_without_a_task(client: IntrospectionHttpClient) -> None:
+    """#24 goal 7: the batch path as lean as one token's: written and settled by callbacks (`_start_batch`)."""
+    async with primed(client, [ok(b'{"results": [%s, %s]}' % (LIVE, BOB))], batch=True) as it:
+        alice, bob = asyncio.ensure_future(it.subject("a")), asyncio.ensure_future(it.subject("b"))
+        with counting_tasks() as made:
+            assert [await alice, await bob] == ["alice", "bob"]
+        assert made == []
+        assert it.peer.connections == 1 and len(it.peer.requests) == 2
+        assert json.loads(it.peer.requests[1].split(b"\r\n\r\n", 1)[1])["tokens"] == ["a", "b"]
+        assert it.calls("ok") == 2
+
+
+async def test_a_batch_begun_at_once_whose_answer_is_suspect_is_split(client: IntrospectionHttpClient) -> None:
+    """The callback path hands a failed batch to the dispatcher: our own token first (the provider is up), then the
+    halves, each token with its own answer, as the coroutine path does."""
+    inactive = ok(b'{"results": [{"active": false}]}')
+    one_live = ok(b'{"results": [%s]}' % LIVE)
+    async with primed(client, [ok(b"<html>oops</html>"), inactive, one_live], batch=True) as it:
+        alice, other = asyncio.ensure_future(it.subject("a")), asyncio.ensure_future(it.subject("b"))
+        assert [await alice, await other] == ["alice", "alice"]
+        bodies = [json.loads(r.split(b"\r\n\r\n", 1)[1])["tokens"] for r in it.peer.requests[1:]]
+        assert bodies[0] == ["a", "b"] and len(bodies[1]) == 1 and bodies[1][0] not in ("a", "b")
+        assert sorted(map(tuple, bodies[2:])) == [("a",), ("b",)]
+        labels = {"issuer": "http://127.0.0.1", "handling": "split"}
+        assert it.registry.get_sample_value("verifier_introspection_failed_batches_total", labels) == 1
 
 
 @pytest.mark.parametrize(

@@ -254,6 +254,7 @@ class Introspector:
         # callback (a loop turn per token) is needed to forget it.
         self._calls: dict[bytes, asyncio.Task[None]] = {}
         self._started: dict[bytes, Callable[[], None]] = {}  # calls begun without a task: their cancel
+        self._batch_cancels: set[Callable[[], None]] = set()  # batch calls begun without a task (`_start_batch`)
         self._closed = False
         # The loop of the last `introspect` (its futures' and tasks'): kept while it runs, since one process runs
         # one loop at a time and an introspector is used from one thread.
@@ -327,7 +328,8 @@ class Introspector:
         batch, self._pending = self._pending, []
         if batch:
             self._batch_calls += 1
-            self._start(self._flush(batch))
+            if not self._start_batch(batch):
+                self._start(self._flush(batch))
 
     def _start(self, call: Coroutine[Any, Any, None]) -> None:
         loop = self._loop  # `_flush_now` runs from `introspect`, its batch timer or a call's end: on this loop
@@ -370,23 +372,69 @@ class Introspector:
         self._calls.pop(token_hash, None)
         self._deliver(token_hash, result)
 
+    def _start_batch(self, batch: list[_Pending]) -> bool:
+        """One batch call begun at once, when the client can (`ProviderClient.start_introspect_batch`): its answers
+        are settled and handed to the waiters in the callback that reads them, as `_start_now` does for one token.
+        A failed call of several tokens goes on in a task (`BatchDispatcher.failed`: split, or every token's
+        failure). False: not begun (`_flush` then)."""
+        loop = self._loop
+        assert loop is not None
+        began = loop.time()
+        ended = False
+        cancel: Callable[[], None] | None = None  # bound below, unless the call ends before `start` returns
+
+        def answered(results: list[dict[str, Any]] | ProviderUnavailable) -> None:
+            nonlocal ended
+            ended = True
+            if cancel is not None:
+                self._batch_cancels.discard(cancel)
+            self._batch_ended(loop.time() - began)
+            if isinstance(results, ProviderUnavailable):
+                if len(batch) < 2:
+                    self._deliver(batch[0].token_hash, results)
+                else:
+                    deadline = began + self.config.timeout_seconds  # the whole batch's, splits included
+                    self._start(self._dispatch(batch, failure=(results, deadline)))
+                return
+            for pending, result in zip(batch, results, strict=True):
+                self._deliver(pending.token_hash, result)
+
+        cancel = self.client.start_introspect_batch([p.token for p in batch], answered)
+        if cancel is None:
+            return False
+        self._metrics.batch_size.observe(len(batch))
+        if not ended:
+            self._batch_cancels.add(cancel)
+        return True
+
+    def _batch_ended(self, took: float) -> None:
+        """A batch call is over: one fewer under way, and its duration in the moving average (`_enqueue`)."""
+        self._batch_calls -= 1
+        self._call_seconds = took if not self._call_seconds else 0.8 * self._call_seconds + 0.2 * took
+
     async def _flush(self, batch: list[_Pending]) -> None:
         """One batch call (`_flush_now` counted it in `_batch_calls`), timed for the gathering (`_enqueue`)."""
         loop = self._loop
         assert loop is not None
         began = loop.time()
+        self._metrics.batch_size.observe(len(batch))
         try:
             await self._dispatch(batch)
         finally:
-            self._batch_calls -= 1
-            took = loop.time() - began
-            self._call_seconds = took if not self._call_seconds else 0.8 * self._call_seconds + 0.2 * took
+            self._batch_ended(loop.time() - began)
 
-    async def _dispatch(self, batch: list[_Pending]) -> None:
-        self._metrics.batch_size.observe(len(batch))
+    async def _dispatch(
+        self, batch: list[_Pending], failure: tuple[ProviderUnavailable, float] | None = None
+    ) -> None:
+        """The batch's call and its answers to the waiters; after `failure` (the first call's, and the batch's
+        deadline), only what follows it: the split, or every token's failure."""
         results: list[IntrospectionResult]
+        tokens = [p.token for p in batch]
         try:
-            answers = await self._batches.dispatch([p.token for p in batch])
+            if failure is None:
+                answers = await self._batches.dispatch(tokens)
+            else:
+                answers = await self._batches.failed(tokens, *failure)
             if len(answers) != len(batch):
                 raise ProviderUnavailable("introspection dispatcher answered a different number of tokens")
             results = list(answers)
@@ -537,8 +585,9 @@ class Introspector:
         tasks = [*self._tasks, *self._calls.values()]
         self._calls.clear()
         started, self._started = self._started, {}
-        for cancel in started.values():
+        for cancel in [*started.values(), *self._batch_cancels]:
             cancel()  # their waiters are failed below
+        self._batch_cancels.clear()
         for task in tasks:
             task.cancel()
         for task in tasks:

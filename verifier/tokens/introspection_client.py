@@ -218,6 +218,7 @@ def client_credentials(config: IntrospectionConfig, audience: str, now: float) -
 
 
 FORM = ("Content-Type", "application/x-www-form-urlencoded")
+JSON = ("Content-Type", "application/json")
 
 
 _UNRESERVED = string.ascii_letters + string.digits + "_.-~"  # what quote_plus leaves as it is
@@ -276,10 +277,14 @@ class ProviderClient:
         # A private_key_jwt assertion is fresh per call (its jti, iat and exp).
         self._fixed: tuple[Headers, str] | None = None
         self._post_headers: Headers = ()
+        self._batch_fields: dict[str, str] = {}  # a batch body's members beside `tokens` (`start_introspect_batch`)
+        self._batch_headers: Headers = ()
         if config.client_auth is not ClientAuth.PRIVATE_KEY_JWT:
             headers, fields = client_credentials(config, "", 0.0)
             self._fixed = headers, urllib.parse.urlencode({"token_type_hint": "access_token", **fields})
             self._post_headers = (*headers, FORM)
+            self._batch_fields = {"token_type_hint": "access_token", **fields}
+            self._batch_headers = (*headers, JSON)
         # A seam that keeps its deadline and can begin an exchange at once: `start_introspect`.
         start = getattr(http, "start", None) if self._seam_keeps_deadline else None
         self._start = cast(StartsExchanges, start) if callable(start) else None
@@ -392,7 +397,7 @@ class ProviderClient:
             def build() -> tuple[str, str, Headers, bytes]:
                 headers, fields = client_credentials(self.config, url, self._clock.now())
                 body = json.dumps({"tokens": list(asked), "token_type_hint": "access_token", **fields}).encode()
-                return "POST", url, (*headers, ("Content-Type", "application/json")), body
+                return "POST", url, (*headers, JSON), body
 
             return build
 
@@ -406,6 +411,10 @@ class ProviderClient:
         answer = await self._call(
             build_for(tokens), max_bytes=DEFAULT_MAX_RESPONSE_BYTES * max(1, len(tokens)), deadline=deadline
         )
+        return self._batch_results(tokens, answer)
+
+    def _batch_results(self, tokens: Sequence[str], answer: Any) -> list[dict[str, Any]]:
+        """Each token's answer from a batch call's decoded JSON; `Suspect` when it does not match the batch."""
         results = answer.get("results") if isinstance(answer, dict) else None
         if not isinstance(results, list) or len(results) != len(tokens):
             raise Suspect("batch introspection answer does not match the batch")
@@ -417,6 +426,58 @@ class ProviderClient:
         if type(answer) is UnencodableAnswer:  # which of them: each is refused on its own, the others stand
             results = [UnencodableAnswer(r) if holds_lone_surrogate(r) else r for r in results]
         return results
+
+    def start_introspect_batch(
+        self, tokens: Sequence[str], deliver: Callable[[list[dict[str, Any]] | ProviderUnavailable], None]
+    ) -> Callable[[], None] | None:
+        """`introspect_batch` without a coroutine, when it can begin at once (`start_introspect`'s conditions, and
+        the batch endpoint known): the batch is written now and `deliver` gets each token's answer, or the call's
+        `ProviderUnavailable` (the caller splits a `Suspect` batch: `BatchDispatcher.failed`), in the callback that
+        reads the answer. Returns a function that drops the call, or None having done nothing."""
+        start = self._start
+        url = self.batch_url
+        if (
+            start is None
+            or self._fixed is None
+            or not url
+            or self.breaker.state is not BreakerState.CLOSED
+            or not self._slots.take_now()
+        ):
+            return None
+        body = json.dumps({"tokens": tokens, **self._batch_fields}).encode()
+        max_bytes = DEFAULT_MAX_RESPONSE_BYTES * max(1, len(tokens))
+        request = HttpRequest("POST", url, self._batch_headers, body, self.config.timeout_seconds, max_bytes)
+
+        def answered(outcome: HttpReply | ProviderUnavailable) -> None:
+            self._slots.give_back()
+            results: list[dict[str, Any]] | ProviderUnavailable
+            try:
+                if isinstance(outcome, ProviderUnavailable):
+                    self._account(_failure_result(outcome))
+                    results = outcome
+                else:
+                    result, answer = self._decode(outcome)
+                    self._account(result)
+                    results = answer if isinstance(answer, ProviderUnavailable) else self._batch_results(tokens, answer)
+            except ProviderUnavailable as exc:  # a `Suspect` answer
+                results = exc
+            except Exception:  # a bug: fail closed, never leave a waiter hanging (as the coroutine path)
+                log.exception("introspection call failed", extra={"event": "introspection_error"})
+                results = ProviderUnavailable("introspection failed")
+            deliver(results)
+
+        drop = start(request, answered)
+        if drop is None:
+            self._slots.release()
+            return None
+        self.breaker.allow()  # closed: True
+
+        def cancel() -> None:
+            if drop():
+                self._slots.release()
+                self.breaker.release()
+
+        return cancel
 
     async def answers_batches(self, deadline: float) -> bool:
         """Whether the batch endpoint answers a batch of our own made-up token alone (`_own_probe`: nobody else can
@@ -592,16 +653,23 @@ class BatchDispatcher:
         try:
             return await client.introspect_batch(tokens, deadline)
         except ProviderUnavailable as exc:
-            if len(tokens) < 2:
-                return [exc]
-            # One of the tokens, or the provider? Our own token alone tells: a provider that fails it is down (or
-            # refuses us), and its failure is every token's, as before; one that answers it is up, and the batch's
-            # failure is one of its tokens' doing.
-            if not isinstance(exc, (Suspect, AnswerTooLarge)) or not await client.answers_batches(deadline):
-                client._metrics.batch_failed.inc()
-                return [exc] * len(tokens)
-            client._metrics.batch_split.inc()
-            return await self._split(tokens, deadline)
+            return await self.failed(tokens, exc, deadline)
+
+    async def failed(
+        self, tokens: Sequence[str], exc: ProviderUnavailable, deadline: float
+    ) -> Sequence[IntrospectionResult]:
+        """The batch's results after its call failed with `exc` (here, or begun by `start_introspect_batch`)."""
+        client = self._client
+        if len(tokens) < 2:
+            return [exc]
+        # One of the tokens, or the provider? Our own token alone tells: a provider that fails it is down (or
+        # refuses us), and its failure is every token's, as before; one that answers it is up, and the batch's
+        # failure is one of its tokens' doing.
+        if not isinstance(exc, (Suspect, AnswerTooLarge)) or not await client.answers_batches(deadline):
+            client._metrics.batch_failed.inc()
+            return [exc] * len(tokens)
+        client._metrics.batch_split.inc()
+        return await self._split(tokens, deadline)
 
     async def _split(self, tokens: Sequence[str], deadline: float) -> list[IntrospectionResult]:
         half = len(tokens) // 2
