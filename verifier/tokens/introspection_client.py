@@ -41,7 +41,7 @@ import secrets
 import string
 import urllib.parse
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 import jwt
 
@@ -59,6 +59,7 @@ from verifier.tokens.introspection_breaker import Breaker, BreakerState
 from verifier.tokens.jws import holds_lone_surrogate, lone_surrogate
 
 log = logging.getLogger("verifier.introspection")
+_R = TypeVar("_R")  # what a call begun at once hands its caller (`ProviderClient._begin`)
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 section 2.2
 MAX_DISCOVERY_BYTES = 1 << 20  # 1 MiB: a larger discovery document is malformed
@@ -434,50 +435,14 @@ class ProviderClient:
         the batch endpoint known): the batch is written now and `deliver` gets each token's answer, or the call's
         `ProviderUnavailable` (the caller splits a `Suspect` batch: `BatchDispatcher.failed`), in the callback that
         reads the answer. Returns a function that drops the call, or None having done nothing."""
-        start = self._start
         url = self.batch_url
-        if (
-            start is None
-            or self._fixed is None
-            or not url
-            or self.breaker.state is not BreakerState.CLOSED
-            or not self._slots.take_now()
-        ):
+        start = self._startable(url)
+        if start is None:
             return None
         body = json.dumps({"tokens": tokens, **self._batch_fields}).encode()
         max_bytes = DEFAULT_MAX_RESPONSE_BYTES * max(1, len(tokens))
         request = HttpRequest("POST", url, self._batch_headers, body, self.config.timeout_seconds, max_bytes)
-
-        def answered(outcome: HttpReply | ProviderUnavailable) -> None:
-            self._slots.give_back()
-            results: list[dict[str, Any]] | ProviderUnavailable
-            try:
-                if isinstance(outcome, ProviderUnavailable):
-                    self._account(_failure_result(outcome))
-                    results = outcome
-                else:
-                    result, answer = self._decode(outcome)
-                    self._account(result)
-                    results = answer if isinstance(answer, ProviderUnavailable) else self._batch_results(tokens, answer)
-            except ProviderUnavailable as exc:  # a `Suspect` answer
-                results = exc
-            except Exception:  # a bug: fail closed, never leave a waiter hanging (as the coroutine path)
-                log.exception("introspection call failed", extra={"event": "introspection_error"})
-                results = ProviderUnavailable("introspection failed")
-            deliver(results)
-
-        drop = start(request, answered)
-        if drop is None:
-            self._slots.release()
-            return None
-        self.breaker.allow()  # closed: True
-
-        def cancel() -> None:
-            if drop():
-                self._slots.release()
-                self.breaker.release()
-
-        return cancel
+        return self._begin(start, request, lambda answer: self._batch_results(tokens, answer), deliver)
 
     async def answers_batches(self, deadline: float) -> bool:
         """Whether the batch endpoint answers a batch of our own made-up token alone (`_own_probe`: nobody else can
@@ -497,37 +462,67 @@ class ProviderClient:
         answer: no task, no loop turn between the answer and its waiters. The same request, deadline,
         metrics and breaker accounting as `introspect`. Returns a function that drops the call (`deliver`
         is then never called; the breaker is released), or None having done nothing: then `introspect`."""
-        start = self._start
-        if (
-            start is None
-            or self._fixed is None
-            or not self._endpoint
-            or self.breaker.state is not BreakerState.CLOSED  # allow() without side effects: a probe goes the long way
-            or not self._slots.take_now()
-        ):
+        start = self._startable(self._endpoint)
+        if start is None:
             return None
+        assert self._fixed is not None
         body = _form_body(token, self._fixed[1])
         request = HttpRequest(
             "POST", self._endpoint, self._post_headers, body, self.config.timeout_seconds, DEFAULT_MAX_RESPONSE_BYTES
         )
 
+        def settle(answer: Any) -> IntrospectionResult:
+            if not isinstance(answer, dict):
+                return ProviderUnavailable("introspection answer is not a JSON object")
+            if answer.get("active") is True:
+                self._known_good = token  # the half-open probe's token (`introspect`)
+            return answer
+
+        return self._begin(start, request, settle, deliver)
+
+    def _startable(self, url: str) -> StartsExchanges | None:
+        """The seam's `start` with an in-flight slot taken, when a call to `url` can begin at once: a seam that can
+        start exchanges, a client secret (a private_key_jwt assertion is made per call), the URL known, the breaker
+        closed (`allow()` without side effects: a probe goes the long way). None: nothing taken."""
+        start = self._start
+        if (
+            start is None
+            or self._fixed is None
+            or not url
+            or self.breaker.state is not BreakerState.CLOSED
+            or not self._slots.take_now()
+        ):
+            return None
+        return start
+
+    def _begin(
+        self,
+        start: StartsExchanges,
+        request: HttpRequest,
+        settle: Callable[[Any], _R],
+        deliver: Callable[[_R | ProviderUnavailable], None],
+    ) -> Callable[[], None] | None:
+        """Writes `request` (its slot taken by `_startable`); the callback that reads the answer counts it, tells the
+        breaker, and hands `deliver` what `settle` makes of the decoded JSON, or the call's `ProviderUnavailable`
+        (`settle` may raise one: a `Suspect` answer). Returns the call's drop, or None having released the slot."""
+
         def answered(outcome: HttpReply | ProviderUnavailable) -> None:
             self._slots.give_back()
-            answer: Any = outcome
+            result: _R | ProviderUnavailable
             try:
                 if isinstance(outcome, ProviderUnavailable):
                     self._account(_failure_result(outcome))
+                    result = outcome
                 else:
-                    result, answer = self._decode(outcome)
-                    self._account(result)
-                    if result == "ok" and not isinstance(answer, dict):
-                        answer = ProviderUnavailable("introspection answer is not a JSON object")
-                    elif result == "ok" and answer.get("active") is True:
-                        self._known_good = token  # the half-open probe's token (`introspect`)
+                    status, answer = self._decode(outcome)
+                    self._account(status)
+                    result = answer if isinstance(answer, ProviderUnavailable) else settle(answer)
+            except ProviderUnavailable as exc:
+                result = exc
             except Exception:  # a bug: fail closed, never leave a waiter hanging (as the coroutine path)
                 log.exception("introspection call failed", extra={"event": "introspection_error"})
-                answer = ProviderUnavailable("introspection failed")
-            deliver(answer)
+                result = ProviderUnavailable("introspection failed")
+            deliver(result)
 
         drop = start(request, answered)
         if drop is None:
