@@ -29,7 +29,7 @@ DEFAULT_MAX_BATCH_SIZE = 64  # tokens per batch call; a full batch is sent at on
 # Batch calls under way at once before new tokens gather for the next (group commit): below it a token goes after the
 # window, at it the tokens gather for a quarter of a call's recent duration (at most 25 ms) and go together. So
 # batching adds at most a quarter of the provider's own latency, and nothing at a low rate. #24 goal 7, measured
-# against a 20 ms provider at 1,000 tokens/s: 4 gives ~5.6 tokens a call and 0.65-0.81x the CPU per token of one POST
+# against a 20 ms provider at 1,000 tokens/s: 4 gives ~5.4 tokens a call and 0.65-0.81x the CPU per token of one POST
 # per token, p99 +5-6 ms; 8 gives ~2.8 tokens a call, 0.85-0.94x, p99 +2-3 ms (docs/BENCHMARKS.md).
 DEFAULT_MAX_BATCHES_IN_FLIGHT = 4
 DEFAULT_POSITIVE_TTL_SECONDS = 60.0  # an active answer is reused this long at most (bounds revocation lag)
